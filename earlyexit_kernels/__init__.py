@@ -1,0 +1,35 @@
+"""earlyexit_kernels: batched early exit for BERT-like encoders, with the batch compacted on the device.
+
+    import earlyexit_kernels as eek
+    model = eek.patch(model, eek.Patience(2))
+    out = model(input_ids=ids, attention_mask=mask)
+    out.logits, out.exit_layer, out.layers_run
+
+The public contract is ``shared/spec/API.md``; the semantics of each exit method are
+``shared/spec/EXIT_METHODS.md``.
+"""
+
+from .backends import backend_status, backends
+from .hf_patch import SUPPORTED_MODELS, EarlyExitOutput, is_patched, patch, unpatch
+from .policies import DACT, Entropy, ExitPolicy, MaxProb, Patience, QExit, Scheduled, SkipGates, Voting
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DACT",
+    "EarlyExitOutput",
+    "Entropy",
+    "ExitPolicy",
+    "MaxProb",
+    "Patience",
+    "QExit",
+    "SUPPORTED_MODELS",
+    "Scheduled",
+    "SkipGates",
+    "Voting",
+    "backend_status",
+    "backends",
+    "is_patched",
+    "patch",
+    "unpatch",
+]

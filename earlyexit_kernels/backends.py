@@ -1,0 +1,90 @@
+"""Which implementation of the exit step and the compaction gather runs.
+
+``"torch"`` (the reference in plain PyTorch) is always there. The fast backends
+(``"triton"``, ``"cuda"``, ``"cpp"``) register themselves here when their kernels
+are importable; ``backends()`` says which are, ``backend_status()`` why not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import compaction, exit_rules
+
+__all__ = ["Backend", "BACKEND_NAMES", "backends", "backend_status", "register_backend", "resolve_backend"]
+
+BACKEND_NAMES = ("torch", "cpp", "triton", "cuda")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The two per-layer operations of the engine, for one implementation.
+
+    ``exit_step(policy, layer, num_layers, logits, halting_logit, state)`` and
+    ``compact(hidden, mask, index, seq_len)`` have the signatures of
+    :func:`earlyexit_kernels.exit_rules.exit_step` and
+    :func:`earlyexit_kernels.compaction.compact`. ``devices`` lists the device types
+    the backend runs on.
+    """
+
+    name: str
+    exit_step: Callable
+    compact: Callable
+    devices: tuple[str, ...]
+
+
+_REGISTRY: dict[str, Backend] = {
+    "torch": Backend("torch", exit_rules.exit_step, compaction.compact, devices=("cpu", "cuda")),
+}
+_UNAVAILABLE: dict[str, str] = {
+    "cpp": "the C++ kernels are not in this version of earlyexit_kernels",
+    "triton": "the Triton kernels are not in this version of earlyexit_kernels",
+    "cuda": "the CUDA kernels are not in this version of earlyexit_kernels",
+}
+# Fastest first; "auto" takes the first one available for the tensors' device.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+
+
+def register_backend(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+    _UNAVAILABLE.pop(backend.name, None)
+
+
+def mark_unavailable(name: str, reason: str) -> None:
+    _UNAVAILABLE[name] = reason
+
+
+def backends() -> dict[str, bool]:
+    """Which backends can run here: ``{"torch": True, "cpp": bool, "triton": bool, "cuda": bool}``."""
+    return {name: name in _REGISTRY for name in BACKEND_NAMES}
+
+
+def backend_status() -> dict[str, str]:
+    """For every backend, ``"available"`` or the reason it is not."""
+    return {name: "available" if name in _REGISTRY else _UNAVAILABLE.get(name, "unknown") for name in BACKEND_NAMES}
+
+
+def check_backend_name(name: str) -> None:
+    if name != "auto" and name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of 'auto', {', '.join(repr(n) for n in BACKEND_NAMES)}; got {name!r}")
+
+
+def resolve_backend(name: str, device: torch.device) -> Backend:
+    """The backend to use for tensors on ``device``; ``RuntimeError`` if ``name`` cannot run there."""
+    check_backend_name(name)
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+            if candidate in _REGISTRY and device.type in _REGISTRY[candidate].devices:
+                return _REGISTRY[candidate]
+        return _REGISTRY["torch"]
+    if name not in _REGISTRY:
+        raise RuntimeError(f"backend {name!r} is not available: {_UNAVAILABLE.get(name, 'unknown reason')}")
+    backend = _REGISTRY[name]
+    if device.type not in backend.devices:
+        raise RuntimeError(
+            f"backend {name!r} runs on {', '.join(backend.devices)} tensors but the model is on {device.type}"
+        )
+    return backend

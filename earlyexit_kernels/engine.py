@@ -1,0 +1,219 @@
+"""The batched early-exit loop: each sequence leaves on its own, the batch shrinks on the device.
+
+Per layer: run it on the active rows only; compute the exit heads on their [CLS]
+state; apply the policy (the backend's ``exit_step``); write each exiting row's
+logits, exit layer and layers run at its original position; then compact hidden
+states, 2-D mask, policy state and the index map (stable order) and trim the
+padding no active row needs. The decisions stay on the device; the only host
+read-back is the number of survivors (with the longest extent), at most once per
+layer and never on a layer where the policy cannot exit.
+
+The engine is model-agnostic: it drives an :class:`EncoderAdapter` (see
+:mod:`earlyexit_kernels.hf_patch` for BERT, ALBERT and RoBERTa).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .backends import Backend
+from .compaction import layer_attention_mask, survivor_index, trim, valid_extent
+from .exit_rules import can_exit_before_last, init_state
+from .heads import ExitHeads
+from .policies import ExitPolicy, Scheduled, SkipGates
+
+__all__ = ["EncoderAdapter", "ExitResult", "run_early_exit"]
+
+
+class EncoderAdapter(Protocol):
+    """What the engine needs from an encoder classifier."""
+
+    num_layers: int
+    num_labels: int
+    hidden_size: int
+    attn_implementation: str
+
+    def run_layer(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Encoder layer ``index`` (0-based) on ``hidden`` [n, S, H] with a 4-D mask or None."""
+
+    def pool(self, cls_hidden: torch.Tensor) -> torch.Tensor:
+        """The shared pooler: [n, H] -> [n, H]."""
+
+    def classify(self, layer: int, pooled: torch.Tensor) -> torch.Tensor:
+        """The head of 1-based ``layer``: [n, H] -> [n, C]."""
+
+
+@dataclass
+class ExitResult:
+    """What the loop produced for a batch of B sequences (shapes in the field comments)."""
+
+    logits: torch.Tensor  # [B, C], model dtype
+    exit_layer: torch.Tensor  # [B] int64, 1..L
+    layers_run: torch.Tensor  # [B] int64
+    all_logits: torch.Tensor | None = None  # [L, B, C] with all_exits
+    all_halting: torch.Tensor | None = None  # [L, B] halting probabilities (QExit, DACT)
+    all_skipped: torch.Tensor | None = None  # [L, B] bool (SkipGates)
+    host_syncs: int = 0
+
+
+def _scheduled_exit_counts(policy: ExitPolicy, num_layers: int) -> list[int] | None:
+    if not isinstance(policy, Scheduled):
+        return None
+    return torch.bincount(policy.exit_layers.cpu(), minlength=num_layers + 1).tolist()
+
+
+def run_early_exit(
+    adapter: EncoderAdapter,
+    heads: ExitHeads,
+    policy: ExitPolicy,
+    backend: Backend,
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    all_exits: bool = False,
+) -> ExitResult:
+    """Run the encoder layers with early exit on ``hidden`` [B, S, H] (the embeddings).
+
+    ``mask`` is the 2-D attention mask [B, S] or None for no padding. With
+    ``all_exits=True`` nothing is compacted: every layer runs on every row, every head
+    is recorded, and the outputs are what the policy decides from them.
+    """
+    num_layers, num_labels = adapter.num_layers, adapter.num_labels
+    batch, _, hidden_size = hidden.shape
+    device, dtype = hidden.device, hidden.dtype
+
+    out_logits = torch.zeros(batch, num_labels, dtype=dtype, device=device)
+    out_exit = torch.full((batch,), num_layers, dtype=torch.long, device=device)
+    out_runs = torch.zeros(batch, dtype=torch.long, device=device)
+    result = ExitResult(out_logits, out_exit, out_runs)
+    if batch == 0:
+        if all_exits:
+            result.all_logits = torch.zeros(num_layers, 0, num_labels, dtype=dtype, device=device)
+        return result
+
+    state = init_state(policy, batch, num_labels, hidden_size, num_layers, device, pooled_dtype=dtype)
+    halting_head = heads.halting_head(policy)
+    gates = heads.gates if isinstance(policy, SkipGates) else None
+    scheduled_counts = _scheduled_exit_counts(policy, num_layers)
+    if scheduled_counts is not None:
+        result.host_syncs += 1
+
+    rows = torch.arange(batch, device=device)  # original position of each active row
+    runs = torch.zeros(batch, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    extents = None
+    if mask is not None:
+        extents = valid_extent(mask)
+        longest, padded = (int(v) for v in torch.stack([extents.max(), (mask == 0).sum()]).tolist())
+        result.host_syncs += 1
+        if padded == 0:
+            mask, extents = None, None  # no padding: layers run without a mask, as in Hugging Face
+        elif not all_exits:
+            hidden, mask = trim(hidden, mask, max(longest, 1))
+    layer_mask = layer_attention_mask(mask, adapter.attn_implementation, dtype)
+
+    if all_exits:
+        result.all_logits = torch.empty(num_layers, batch, num_labels, dtype=dtype, device=device)
+        if halting_head is not None:
+            result.all_halting = torch.empty(num_layers, batch, dtype=torch.float32, device=device)
+        if gates is not None:
+            result.all_skipped = torch.zeros(num_layers, batch, dtype=torch.bool, device=device)
+
+    for layer in range(1, num_layers + 1):
+        active = hidden.shape[0]
+        ran = None  # rows that ran this layer, when SkipGates let some skip
+        if gates is not None and 2 <= layer <= num_layers - 1:
+            gate = torch.sigmoid(gates[layer - 1](hidden[:, 0]).squeeze(-1).float())
+            skip = gate >= policy.skip_threshold
+            ran = ~skip
+            if all_exits:
+                result.all_skipped[layer - 1] = skip
+                hidden = torch.where(skip[:, None, None], hidden, adapter.run_layer(layer - 1, hidden, layer_mask))
+            else:
+                running = int(ran.sum())
+                result.host_syncs += 1
+                if running == active:
+                    hidden = adapter.run_layer(layer - 1, hidden, layer_mask)
+                elif running > 0:
+                    run_rows = survivor_index(ran, running)
+                    sub_mask = None if mask is None else mask.index_select(0, run_rows)
+                    sub = adapter.run_layer(
+                        layer - 1,
+                        hidden.index_select(0, run_rows),
+                        layer_attention_mask(sub_mask, adapter.attn_implementation, dtype),
+                    )
+                    hidden = hidden.index_copy(0, run_rows, sub)
+                else:
+                    continue  # every active row skips: no layer, no head, no exit
+            runs = runs + ran.long()
+        else:
+            hidden = adapter.run_layer(layer - 1, hidden, layer_mask)
+            runs = runs + 1
+
+        pooled = adapter.pool(hidden[:, 0])
+        logits = adapter.classify(layer, pooled)
+        halting = None
+        if halting_head is not None:
+            halting = halting_head(pooled, state.get("prev_pooled"))
+            if "prev_pooled" in state:
+                state["prev_pooled"] = pooled
+        exits, returned, new_state = backend.exit_step(policy, layer, num_layers, logits, halting, state)
+        if ran is not None:
+            exits = exits & ran
+            new_state = {k: torch.where(_rows_like(ran, v), v, state[k]) for k, v in new_state.items()}
+        state = new_state
+
+        if all_exits:
+            result.all_logits[layer - 1] = logits
+            if result.all_halting is not None:
+                result.all_halting[layer - 1] = torch.sigmoid(halting.float())
+            exits = exits & ~done
+            done = done | exits
+        _write_back(result, rows, exits, returned, layer, runs)
+
+        if all_exits or layer == num_layers:
+            continue
+        if not can_exit_before_last(policy, layer) or (scheduled_counts is not None and scheduled_counts[layer] == 0):
+            continue
+        keep = ~exits
+        if extents is None:
+            survivors, longest = int(keep.sum()), hidden.shape[1]
+        else:
+            stats = torch.stack([keep.sum(), torch.where(keep, extents, torch.zeros_like(extents)).max()])
+            survivors, longest = (int(v) for v in stats.tolist())
+        result.host_syncs += 1
+        if survivors == 0:
+            break
+        if survivors < active:
+            index = survivor_index(keep, survivors)
+            hidden, mask = backend.compact(hidden, mask, index, max(longest, 1))
+            rows, runs = rows.index_select(0, index), runs.index_select(0, index)
+            state = {k: v.index_select(0, index) for k, v in state.items()}
+            if extents is not None:
+                extents = extents.index_select(0, index)
+            layer_mask = layer_attention_mask(mask, adapter.attn_implementation, dtype)
+    return result
+
+
+def _rows_like(row_mask: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    return row_mask.view(-1, *([1] * (value.dim() - 1)))
+
+
+def _write_back(
+    result: ExitResult,
+    rows: torch.Tensor,
+    exits: torch.Tensor,
+    returned: torch.Tensor,
+    layer: int,
+    runs: torch.Tensor,
+) -> None:
+    """Scatter the exiting rows' outputs to their original positions, without a host sync."""
+    current = result.logits.index_select(0, rows)
+    result.logits.index_copy_(0, rows, torch.where(exits[:, None], returned.to(current.dtype), current))
+    current_exit = result.exit_layer.index_select(0, rows)
+    result.exit_layer.index_copy_(0, rows, torch.where(exits, torch.full_like(current_exit, layer), current_exit))
+    current_runs = result.layers_run.index_select(0, rows)
+    result.layers_run.index_copy_(0, rows, torch.where(exits, runs, current_runs))

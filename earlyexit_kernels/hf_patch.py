@@ -1,0 +1,303 @@
+"""The Hugging Face drop-in: ``eek.patch(model, policy)`` and ``eek.unpatch(model)``.
+
+All knowledge of the Hugging Face classes lives in this module: one small adapter
+per architecture tells the engine how to embed, run layer ``i``, pool and classify.
+Supported: ``BertForSequenceClassification``, ``AlbertForSequenceClassification``
+(shared layer groups, embedding projection) and ``RobertaForSequenceClassification``
+(its classification head), with eager or SDPA attention.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import (
+    AlbertForSequenceClassification,
+    BertForSequenceClassification,
+    RobertaForSequenceClassification,
+)
+from transformers.utils import ModelOutput
+
+from .backends import check_backend_name, resolve_backend
+from .engine import run_early_exit
+from .heads import ExitHeads
+from .policies import ExitPolicy
+
+__all__ = ["EarlyExitOutput", "patch", "unpatch", "is_patched", "SUPPORTED_MODELS"]
+
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+
+
+@dataclass
+class EarlyExitOutput(ModelOutput):
+    """Output of a patched model's forward.
+
+    logits: [B, C], what each sequence's exit decided (the model's dtype).
+    exit_layer: [B] int64 in 1..L, the layer after which the sequence left.
+    layers_run: [B] int64, layers computed (differs from exit_layer only with SkipGates).
+    all_logits: [L, B, C], every head on every layer (``return_all_exits=True`` or training).
+    all_halting: [L, B], the halting probabilities (QExit's lambda_i, DACT's h_i).
+    all_skipped: [L, B] bool, which layers SkipGates skipped.
+    host_syncs: how many times the forward read a value back to the host.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    exit_layer: torch.Tensor | None = None
+    layers_run: torch.Tensor | None = None
+    all_logits: torch.Tensor | None = None
+    all_halting: torch.Tensor | None = None
+    all_skipped: torch.Tensor | None = None
+    host_syncs: int | None = None
+
+
+class _Adapter:
+    """Shared part of the architecture adapters (see :class:`earlyexit_kernels.engine.EncoderAdapter`)."""
+
+    def __init__(self, model: nn.Module, heads: ExitHeads | None):
+        config = model.config
+        self.model = model
+        self.heads = heads
+        self.num_layers = config.num_hidden_layers
+        self.num_labels = config.num_labels
+        self.hidden_size = config.hidden_size
+        self.attn_implementation = config._attn_implementation
+        self.vocab_size = config.vocab_size
+
+    def classify(self, layer: int, pooled: torch.Tensor) -> torch.Tensor:
+        pooled = self.classifier_dropout(pooled)
+        if layer == self.num_layers:
+            return self.final_classifier(pooled)
+        return self.heads.classifiers[layer - 1](pooled)
+
+
+class _BertAdapter(_Adapter):
+    def __init__(self, model, heads):
+        super().__init__(model, heads)
+        self.base = model.bert
+        self.final_classifier = model.classifier
+        self.classifier_dropout = model.dropout
+
+    def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds):
+        return self.base.embeddings(
+            input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
+        )
+
+    def run_layer(self, index, hidden, attention_mask):
+        return self.base.encoder.layer[index](hidden, attention_mask)
+
+    def pool(self, cls_hidden):
+        return self.base.pooler.activation(self.base.pooler.dense(cls_hidden))
+
+
+class _RobertaAdapter(_BertAdapter):
+    def __init__(self, model, heads):
+        _Adapter.__init__(self, model, heads)
+        self.base = model.roberta
+        self.head = model.classifier
+        self.final_classifier = model.classifier.out_proj
+        self.classifier_dropout = model.classifier.dropout
+
+    def pool(self, cls_hidden):
+        return torch.tanh(self.head.dense(self.head.dropout(cls_hidden)))
+
+
+class _AlbertAdapter(_Adapter):
+    def __init__(self, model, heads):
+        super().__init__(model, heads)
+        self.base = model.albert
+        self.final_classifier = model.classifier
+        self.classifier_dropout = model.dropout
+        self.layers_per_group = self.num_layers / model.config.num_hidden_groups
+
+    def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds):
+        embeddings = self.base.embeddings(
+            input_ids, position_ids=position_ids, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds
+        )
+        return self.base.encoder.embedding_hidden_mapping_in(embeddings)
+
+    def run_layer(self, index, hidden, attention_mask):
+        group = self.base.encoder.albert_layer_groups[int(index / self.layers_per_group)]
+        return group(hidden, attention_mask)
+
+    def pool(self, cls_hidden):
+        return self.base.pooler_activation(self.base.pooler(cls_hidden))
+
+
+SUPPORTED_MODELS: dict[type, type[_Adapter]] = {
+    BertForSequenceClassification: _BertAdapter,
+    AlbertForSequenceClassification: _AlbertAdapter,
+    RobertaForSequenceClassification: _RobertaAdapter,
+}
+
+_HEADS = "early_exit_heads"
+_DETACHED_HEADS = "_eek_detached_heads"
+
+
+def _adapter_class(model) -> type[_Adapter]:
+    for cls in type(model).__mro__:
+        if cls in SUPPORTED_MODELS:
+            return SUPPORTED_MODELS[cls]
+    names = ", ".join(c.__name__ for c in SUPPORTED_MODELS)
+    raise TypeError(f"eek.patch supports {names}; got {type(model).__name__}")
+
+
+def is_patched(model) -> bool:
+    return "forward" in vars(model) and getattr(model, "_eek_policy", None) is not None
+
+
+def patch(model: nn.Module, policy: ExitPolicy, backend: str = "auto") -> nn.Module:
+    """Give ``model`` early exit with ``policy``, in place; returns the same model.
+
+    Adds the per-layer heads (initialised from the model's classifier) and any head
+    the policy needs. On a patched model it swaps the policy and keeps the heads.
+    ``backend`` is ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``.
+    """
+    adapter_cls = _adapter_class(model)
+    if not isinstance(policy, ExitPolicy):
+        raise TypeError(
+            f"policy must be an exit policy such as eek.Entropy(0.3) or eek.Patience(2); got {type(policy).__name__}"
+        )
+    check_backend_name(backend)
+    config = model.config
+    if config._attn_implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"early exit runs with attn_implementation 'eager' or 'sdpa'; the model uses "
+            f"{config._attn_implementation!r}: load it with attn_implementation='sdpa'"
+        )
+    policy.check_fits(config.num_hidden_layers, config.num_labels)
+    if backend != "auto":
+        resolve_backend(backend, next(model.parameters()).device)
+
+    heads = getattr(model, _HEADS, None)
+    if heads is None:
+        heads = vars(model).get(_DETACHED_HEADS)
+    if heads is None:
+        probe = adapter_cls(model, None)
+        heads = ExitHeads(config.hidden_size, config.num_hidden_layers, probe.final_classifier)
+    heads.ensure_for(policy)
+    heads.train(model.training)
+    vars(model).pop(_DETACHED_HEADS, None)
+    model.add_module(_HEADS, heads)
+    model._eek_policy = policy
+    model._eek_backend = backend
+    model._eek_adapter = adapter_cls(model, heads)
+    model.forward = types.MethodType(_patched_forward, model)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the original forward; the heads are kept aside for a later ``patch``."""
+    if not is_patched(model):
+        raise ValueError("unpatch: the model is not patched by eek.patch")
+    del model.forward
+    heads = getattr(model, _HEADS)
+    del model._modules[_HEADS]
+    vars(model)[_DETACHED_HEADS] = heads
+    for name in ("_eek_policy", "_eek_backend", "_eek_adapter"):
+        delattr(model, name)
+    return model
+
+
+def _check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds, vocab_size):
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    if input_ids is not None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point:
+            raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        shape = tuple(input_ids.shape)
+    else:
+        if inputs_embeds.dim() != 3:
+            raise ValueError(f"inputs_embeds must be [batch, seq_len, hidden], got shape {tuple(inputs_embeds.shape)}")
+        shape = tuple(inputs_embeds.shape[:2])
+    for name, tensor in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"{name} must have the shape of input_ids {shape}, got {tuple(tensor.shape)}; "
+                f"pad or truncate it to the same [batch, seq_len]"
+            )
+    if shape[0] and shape[1] == 0:
+        raise ValueError("sequences must hold at least one token ([CLS]); got seq_len 0")
+    if input_ids is not None and input_ids.numel():
+        low, high = torch.stack([input_ids.min(), input_ids.max()]).tolist()
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"input_ids must lie in 0..{vocab_size - 1} (the vocabulary), got values in {low}..{high}")
+    return shape
+
+
+def _sequence_classification_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss Hugging Face's sequence classifiers compute, on the exit logits."""
+    num_labels = config.num_labels
+    problem = config.problem_type
+    if problem is None:
+        if num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    if problem == "regression":
+        return nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float().view(-1))
+    if problem == "single_label_classification":
+        return nn.functional.cross_entropy(logits.view(-1, num_labels).float(), labels.view(-1))
+    return nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+def _patched_forward(
+    self,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    token_type_ids: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    return_all_exits: bool = False,
+    return_dict: bool | None = None,
+    **kwargs,
+):
+    """Early-exit forward of a patched model; see :class:`EarlyExitOutput`.
+
+    In training mode every layer runs on every row (as with ``return_all_exits=True``)
+    so that each head gets its gradient.
+    """
+    for flag in ("output_attentions", "output_hidden_states"):
+        if kwargs.pop(flag, False):
+            raise ValueError(f"{flag}=True is not available with early exit; call eek.unpatch(model) first")
+    if kwargs:
+        raise TypeError(f"unexpected arguments for an early-exit forward: {', '.join(sorted(kwargs))}")
+    adapter = self._eek_adapter
+    batch, _ = _check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds, adapter.vocab_size)
+    if hasattr(self._eek_policy, "check_batch"):
+        self._eek_policy.check_batch(batch)
+
+    all_exits = return_all_exits or self.training
+    device = next(self.parameters()).device
+    backend = resolve_backend(self._eek_backend, device)
+    if batch == 0:
+        hidden = torch.zeros(0, 1, adapter.hidden_size, dtype=adapter.final_classifier.weight.dtype, device=device)
+        mask = None
+    else:
+        hidden = adapter.embed(input_ids, token_type_ids, position_ids, inputs_embeds)
+        mask = attention_mask
+    result = run_early_exit(
+        adapter, self.early_exit_heads, self._eek_policy, backend, hidden, mask, all_exits=all_exits
+    )
+    loss = None
+    if labels is not None:
+        loss = _sequence_classification_loss(self.config, result.logits, labels)
+    out = EarlyExitOutput(
+        loss=loss,
+        logits=result.logits,
+        exit_layer=result.exit_layer,
+        layers_run=result.layers_run,
+        all_logits=result.all_logits,
+        all_halting=result.all_halting,
+        all_skipped=result.all_skipped,
+        host_syncs=result.host_syncs + (input_ids is not None and batch > 0),
+    )
+    return out if return_dict is not False else out.to_tuple()
