@@ -9,11 +9,13 @@ The public contract is ``shared/spec/API.md``; the semantics of each exit method
 ``shared/spec/EXIT_METHODS.md``.
 """
 
-from .backends import backend_status, backends
+from .backend_registry import _load_optional_backends, backend_status, backends
 from .hf_patch import SUPPORTED_MODELS, EarlyExitOutput, is_patched, patch, unpatch
 from .policies import DACT, Entropy, ExitPolicy, MaxProb, Patience, QExit, Scheduled, SkipGates, Voting
 
 __version__ = "0.1.0"
+
+_load_optional_backends()
 
 __all__ = [
     "DACT",

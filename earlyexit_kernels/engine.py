@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from .backends import Backend
+from .backend_registry import Backend
 from .compaction import layer_attention_mask, survivor_index, trim, valid_extent
 from .exit_rules import can_exit_before_last, init_state
 from .heads import ExitHeads
@@ -101,6 +101,8 @@ def run_early_exit(
     if scheduled_counts is not None:
         result.host_syncs += 1
 
+    # A fused head + exit step is only for inference: training needs the model's dropout.
+    fused = backend.head_exit_step is not None and not torch.is_grad_enabled() and hasattr(adapter, "head_weights")
     rows = torch.arange(batch, device=device)  # original position of each active row
     runs = torch.zeros(batch, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -153,14 +155,19 @@ def run_early_exit(
             hidden = adapter.run_layer(layer - 1, hidden, layer_mask)
             runs = runs + 1
 
-        pooled = adapter.pool(hidden[:, 0])
-        logits = adapter.classify(layer, pooled)
-        halting = None
-        if halting_head is not None:
-            halting = halting_head(pooled, state.get("prev_pooled"))
-            if "prev_pooled" in state:
-                state["prev_pooled"] = pooled
-        exits, returned, new_state = backend.exit_step(policy, layer, num_layers, logits, halting, state)
+        if fused:
+            exits, returned, logits, halting, new_state = backend.head_exit_step(
+                policy, layer, num_layers, hidden[:, 0], *adapter.head_weights(layer), state, halting_head
+            )
+        else:
+            pooled = adapter.pool(hidden[:, 0])
+            logits = adapter.classify(layer, pooled)
+            halting = None
+            if halting_head is not None:
+                halting = halting_head(pooled, state.get("prev_pooled"))
+                if "prev_pooled" in state:
+                    state["prev_pooled"] = pooled
+            exits, returned, new_state = backend.exit_step(policy, layer, num_layers, logits, halting, state)
         if ran is not None:
             exits = exits & ran
             new_state = {k: torch.where(_rows_like(ran, v), v, state[k]) for k, v in new_state.items()}

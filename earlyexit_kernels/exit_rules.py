@@ -37,7 +37,7 @@ from .policies import (
     layer_value,
 )
 
-__all__ = ["init_state", "exit_step", "can_exit_before_last", "entropy"]
+__all__ = ["init_state", "exit_step", "head_exit_step", "can_exit_before_last", "entropy"]
 
 State = dict[str, torch.Tensor]
 
@@ -195,3 +195,33 @@ def exit_step(
     if layer >= num_layers:
         exits = torch.ones_like(exits)
     return exits, returned, state
+
+
+def head_exit_step(
+    policy: ExitPolicy,
+    layer: int,
+    num_layers: int,
+    cls_hidden: torch.Tensor,
+    pooler_weight: torch.Tensor,
+    pooler_bias: torch.Tensor,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor,
+    state: State,
+    halting_fn=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, State]:
+    """The default head followed by :func:`exit_step`: what a fused kernel computes.
+
+    ``cls_hidden`` [n, H] (may be a strided view of the hidden states),
+    ``pooler_weight`` [H, H], ``pooler_bias`` [H], ``head_weight`` [C, H], ``head_bias`` [C].
+    ``halting_fn(pooled, previous_pooled)`` gives the halting logit [n] for policies with a
+    halting head. Returns ``(exits [n] bool, returned_logits [n, C] float32,
+    logits [n, C] in the input dtype, pooled [n, H] in the input dtype, state)``; the state's
+    ``prev_pooled`` (QExit) is advanced to ``pooled``.
+    """
+    pooled = torch.tanh(torch.nn.functional.linear(cls_hidden, pooler_weight, pooler_bias))
+    logits = torch.nn.functional.linear(pooled, head_weight, head_bias)
+    halting = halting_fn(pooled, state.get("prev_pooled")) if halting_fn is not None else None
+    exits, returned, state = exit_step(policy, layer, num_layers, logits, halting, state)
+    if "prev_pooled" in state:
+        state["prev_pooled"] = pooled
+    return exits, returned, logits, halting, state

@@ -21,7 +21,7 @@ from transformers import (
 )
 from transformers.utils import ModelOutput
 
-from .backends import check_backend_name, resolve_backend
+from .backend_registry import check_backend_name, resolve_backend
 from .engine import run_early_exit
 from .heads import ExitHeads
 from .policies import ExitPolicy
@@ -67,6 +67,11 @@ class _Adapter:
         self.attn_implementation = config._attn_implementation
         self.vocab_size = config.vocab_size
 
+    def head_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(W_p, b_p, W_i, b_i)`` of the default head at 1-based ``layer``, for fused kernels."""
+        head = self.final_classifier if layer == self.num_layers else self.heads.classifiers[layer - 1]
+        return self.pooler_linear.weight, self.pooler_linear.bias, head.weight, head.bias
+
     def classify(self, layer: int, pooled: torch.Tensor) -> torch.Tensor:
         pooled = self.classifier_dropout(pooled)
         if layer == self.num_layers:
@@ -80,6 +85,7 @@ class _BertAdapter(_Adapter):
         self.base = model.bert
         self.final_classifier = model.classifier
         self.classifier_dropout = model.dropout
+        self.pooler_linear = self.base.pooler.dense
 
     def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds):
         return self.base.embeddings(
@@ -100,6 +106,7 @@ class _RobertaAdapter(_BertAdapter):
         self.head = model.classifier
         self.final_classifier = model.classifier.out_proj
         self.classifier_dropout = model.classifier.dropout
+        self.pooler_linear = model.classifier.dense
 
     def pool(self, cls_hidden):
         return torch.tanh(self.head.dense(self.head.dropout(cls_hidden)))
@@ -112,6 +119,7 @@ class _AlbertAdapter(_Adapter):
         self.final_classifier = model.classifier
         self.classifier_dropout = model.dropout
         self.layers_per_group = self.num_layers / model.config.num_hidden_groups
+        self.pooler_linear = self.base.pooler
 
     def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds):
         embeddings = self.base.embeddings(

@@ -28,12 +28,18 @@ class Backend:
     :func:`earlyexit_kernels.exit_rules.exit_step` and
     :func:`earlyexit_kernels.compaction.compact`. ``devices`` lists the device types
     the backend runs on.
+
+    ``head_exit_step``, when a backend has it, fuses the default head with the exit
+    step; it has the signature of :func:`earlyexit_kernels.exit_rules.head_exit_step`
+    and the engine uses it at inference instead of the model's pooler and classifier
+    modules.
     """
 
     name: str
     exit_step: Callable
     compact: Callable
     devices: tuple[str, ...]
+    head_exit_step: Callable | None = None
 
 
 _REGISTRY: dict[str, Backend] = {
@@ -88,3 +94,15 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
             f"backend {name!r} runs on {', '.join(backend.devices)} tensors but the model is on {device.type}"
         )
     return backend
+
+
+def _load_optional_backends() -> None:
+    """Import the fast backends; each registers itself or says why it cannot run."""
+    import importlib
+
+    for module in ("cpp_backend", "triton_backend"):
+        try:
+            importlib.import_module(f"{__package__}.{module}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__package__}.{module}":
+                raise
