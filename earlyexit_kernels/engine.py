@@ -155,7 +155,9 @@ def run_early_exit(
             hidden = adapter.run_layer(layer - 1, hidden, layer_mask)
             runs = runs + 1
 
-        if fused:
+        # The last layer runs the model's own pooler and classifier, so a sequence that runs
+        # every layer gets exactly the unpatched model's logits whatever the backend.
+        if fused and layer < num_layers:
             exits, returned, logits, halting, new_state = backend.head_exit_step(
                 policy, layer, num_layers, hidden[:, 0], *adapter.head_weights(layer), state, halting_head
             )

@@ -1,0 +1,140 @@
+"""``make demo``: train exit heads on the package's task, then compare early exit with the full model.
+
+Trains a small BERT with PABEE's weighted loss on :mod:`earlyexit_kernels.demo_task`,
+classifies a held-out set with the full (unpatched) model and with early exit under
+Patience, Entropy and MaxProb, and prints accuracy, mean layers run and the
+wall-clock speed-up over the full model, all measured in this run at batch 32.
+Runs on a CUDA GPU when there is one, else on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+import earlyexit_kernels as eek
+
+from .demo_task import VOCAB_SIZE, batches, make_split
+from .training import train_exit_heads
+
+EVAL_BATCH = 32
+
+
+def build_model(device: torch.device, seed: int) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        intermediate_size=512,
+        max_position_embeddings=64,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification._from_config(config, attn_implementation="sdpa").to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def classify(model, split, device, repeats: int):
+    """Predictions, exit layers and the median wall-clock time over ``repeats`` passes at batch 32."""
+    chunks = [{k: v.to(device) for k, v in b.items()} for b in batches(split, EVAL_BATCH)]
+    times, outputs = [], None
+    for _ in range(repeats + 1):  # the first pass warms up
+        _sync(device)
+        start = time.perf_counter()
+        outputs = [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]) for b in chunks]
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    logits = torch.cat([o.logits for o in outputs]).float().cpu()
+    num_layers = model.config.num_hidden_layers
+    exit_layer = torch.cat(
+        [o.exit_layer if "exit_layer" in o else torch.full((len(o.logits),), num_layers) for o in outputs]
+    )
+    return logits.argmax(-1), exit_layer.cpu(), statistics.median(times[1:])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-size", type=int, default=6144)
+    parser.add_argument("--test-size", type=int, default=1024)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    train = make_split(args.train_size, seed=args.seed)
+    test = make_split(args.test_size, seed=args.seed + 1)
+
+    model = build_model(device, args.seed)
+    eek.patch(model, eek.Patience(2))
+    start = time.perf_counter()
+    losses = train_exit_heads(
+        model,
+        [{k: v.to(device) for k, v in b.items()} for b in batches(train, 32, shuffle_seed=args.seed)],
+        method="pabee",
+        epochs=args.epochs,
+        lr=1e-3,
+    )
+    print(
+        f"trained backbone and exit heads (PABEE loss) in {time.perf_counter() - start:.0f} s, final loss {losses[-1]:.3f}"
+    )
+    model.eval()
+
+    eek.unpatch(model)
+    full_pred, _, full_time = classify(model, test, device, args.repeats)
+    labels, hard = test["labels"], test["hard"]
+    rows = [("full model", full_pred, torch.full_like(labels, model.config.num_hidden_layers), full_time)]
+    policies = [
+        eek.Patience(1),
+        eek.Patience(2),
+        eek.Patience(3),
+        eek.Entropy(0.05),
+        eek.Entropy(0.2),
+        eek.Entropy(0.4),
+        eek.MaxProb(0.99),
+        eek.MaxProb(0.95),
+        eek.MaxProb(0.9),
+    ]
+    for policy in policies:
+        eek.patch(model, policy)
+        pred, exit_layer, elapsed = classify(model, test, device, args.repeats)
+        rows.append((_describe(policy), pred, exit_layer, elapsed))
+
+    header = f"{'method':<22}{'accuracy':>9}{'easy':>7}{'hard':>7}{'layers':>8}{'easy':>6}{'hard':>6}{'speed-up':>10}"
+    print(f"\nheld-out set: {len(labels)} sequences ({int(hard.sum())} hard), batch {EVAL_BATCH}")
+    print(header)
+    print("-" * len(header))
+    for name, pred, exit_layer, elapsed in rows:
+        correct = (pred == labels).float()
+        layers = exit_layer.float()
+        print(
+            f"{name:<22}{100 * correct.mean():>8.1f}%{100 * correct[~hard].mean():>6.1f}%{100 * correct[hard].mean():>6.1f}%"
+            f"{layers.mean():>8.2f}{layers[~hard].mean():>6.2f}{layers[hard].mean():>6.2f}{full_time / elapsed:>9.2f}x"
+        )
+    print("\nlayers: mean layers run (of 6); speed-up: wall-clock time of the full model / this method, same run.")
+
+
+def _describe(policy) -> str:
+    if isinstance(policy, eek.Patience):
+        return f"Patience({policy.patience})"
+    if isinstance(policy, eek.Entropy):
+        return f"Entropy({policy.threshold:g})"
+    return f"MaxProb({policy.threshold:g})"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Training losses on hand-checked tensors, and short runs that must lower them."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_batch, tiny_model
+
+import earlyexit_kernels as eek
+from earlyexit_kernels.training import deebert_stage2_loss, pabee_loss, per_layer_loss, train_exit_heads
+
+
+def test_pabee_loss_weights_layer_i_by_i():
+    # Layer 1 predicts uniformly (CE = ln 2), layer 2 is certain and right (CE ~ 0).
+    all_logits = torch.tensor([[[0.0, 0.0]], [[0.0, 50.0]]])
+    labels = torch.tensor([1])
+    assert per_layer_loss(all_logits, labels).tolist() == pytest.approx([math.log(2), 0.0], abs=1e-6)
+    assert pabee_loss(all_logits, labels).item() == pytest.approx((1 * math.log(2) + 2 * 0.0) / 3, abs=1e-6)
+
+
+def test_deebert_stage2_loss_leaves_out_the_final_classifier():
+    all_logits = torch.tensor([[[0.0, 0.0]], [[0.0, 0.0]], [[50.0, 0.0]]])
+    labels = torch.tensor([1])
+    assert deebert_stage2_loss(all_logits, labels).item() == pytest.approx(2 * math.log(2), abs=1e-6)
+
+
+def test_regression_heads_use_mean_squared_error():
+    all_logits = torch.tensor([[[1.0], [2.0]], [[0.0], [0.0]]])
+    labels = torch.tensor([0.0, 0.0])
+    assert per_layer_loss(all_logits, labels).tolist() == pytest.approx([2.5, 0.0])
+
+
+def _data(batches=4, size=8, labels=None):
+    out = []
+    for seed in range(batches):
+        ids, mask, _ = tiny_batch(size, 10, seed=seed)
+        out.append(
+            {"input_ids": ids, "attention_mask": mask, "labels": torch.arange(size) % 3 if labels is None else labels}
+        )
+    return out
+
+
+def test_pabee_training_lowers_the_loss():
+    model = eek.patch(tiny_model("bert"), eek.Patience(1))
+    data = _data()
+    losses = train_exit_heads(model, data, method="pabee", epochs=6, lr=3e-3, warmup_fraction=0.0, progress=False)
+    assert sum(losses[-4:]) < 0.8 * sum(losses[:4])
+    assert not model.training
+
+
+def test_deebert_stage2_trains_only_the_internal_heads():
+    model = eek.patch(tiny_model("albert"), eek.Entropy(0.3))
+    backbone = {k: v.clone() for k, v in model.state_dict().items() if "early_exit_heads" not in k}
+    heads_before = [h.weight.clone() for h in model.early_exit_heads.classifiers]
+    # The frozen features of a random model hardly differ between rows: a skewed label
+    # distribution gives the heads something to learn from them.
+    data = _data(labels=torch.tensor([0, 0, 0, 0, 0, 0, 1, 2]))
+    losses = train_exit_heads(model, data, method="deebert", epochs=6, lr=3e-2, warmup_fraction=0.0, progress=False)
+    assert sum(losses[-4:]) < 0.8 * sum(losses[:4])
+    for name, value in model.state_dict().items():
+        if name in backbone:
+            assert torch.equal(value, backbone[name]), f"{name} changed in stage 2"
+    assert all(not torch.equal(h.weight, w) for h, w in zip(model.early_exit_heads.classifiers, heads_before))
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_training_arguments_are_checked():
+    model = eek.patch(tiny_model("bert"), eek.Patience(1))
+    with pytest.raises(ValueError, match="method"):
+        train_exit_heads(model, _data(1), method="fastbert")
+    with pytest.raises(ValueError, match="patched"):
+        train_exit_heads(tiny_model("bert"), _data(1))
