@@ -2,12 +2,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test lint format demo bench clean
+.PHONY: setup test lint format demo clean
+
+# `test` runs cuda-check (end of file) only where nvcc is found.
+NVCC ?= $(shell command -v nvcc 2>/dev/null)
+CUDA_CHECK := $(if $(NVCC),cuda-check,)
 
 setup:
 	@VENV=$(VENV) bash scripts/setup_env.sh
 
-test: setup lint
+test: setup lint $(CUDA_CHECK)
 	$(PY) -m pytest -q python_tests
 
 lint: setup
@@ -24,3 +28,8 @@ demo: setup
 
 clean:
 	rm -rf build *.egg-info $(VENV)
+
+# Compile the CUDA kernels (no GPU needed); fails on errors or register spills.
+.PHONY: cuda-check
+cuda-check:
+	NVCC=$(or $(NVCC),nvcc) bash scripts/check_cuda_compile.sh

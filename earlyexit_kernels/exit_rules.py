@@ -208,15 +208,15 @@ def head_exit_step(
     head_bias: torch.Tensor,
     state: State,
     halting_fn=None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, State]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, State]:
     """The default head followed by :func:`exit_step`: what a fused kernel computes.
 
     ``cls_hidden`` [n, H] (may be a strided view of the hidden states),
     ``pooler_weight`` [H, H], ``pooler_bias`` [H], ``head_weight`` [C, H], ``head_bias`` [C].
     ``halting_fn(pooled, previous_pooled)`` gives the halting logit [n] for policies with a
     halting head. Returns ``(exits [n] bool, returned_logits [n, C] float32,
-    logits [n, C] in the input dtype, pooled [n, H] in the input dtype, state)``; the state's
-    ``prev_pooled`` (QExit) is advanced to ``pooled``.
+    logits [n, C] in the input dtype, halting_logit [n] or None, state)``; the state's
+    ``prev_pooled`` (QExit) is advanced to the pooled vector.
     """
     pooled = torch.tanh(torch.nn.functional.linear(cls_hidden, pooler_weight, pooler_bias))
     logits = torch.nn.functional.linear(pooled, head_weight, head_bias)
