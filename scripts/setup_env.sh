@@ -34,6 +34,9 @@ missing=()
 for module in safetensors numpy pytest setuptools wheel; do
     "$VENV/bin/python" -c "import $module" >/dev/null 2>&1 || missing+=("$module")
 done
+# Triton kernels (run on the CPU through TRITON_INTERPRET=1 in the tests); GPU images ship it with torch.
+# Triton publishes Linux wheels only.
+[[ "$(uname -s)" != Linux ]] || "$VENV/bin/python" -c "import triton" >/dev/null 2>&1 || missing+=("triton>=3.6,<4")
 "$VENV/bin/python" -c "import ruff" >/dev/null 2>&1 || command -v ruff >/dev/null 2>&1 || missing+=("ruff")
 if ((${#missing[@]})); then
     echo "setup: installing ${missing[*]}"

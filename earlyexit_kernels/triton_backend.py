@@ -1,0 +1,34 @@
+"""The ``"triton"`` backend: fused exit step and compaction gather written in Triton.
+
+Imported by :func:`earlyexit_kernels.backend_registry._load_optional_backends`. When
+``triton`` cannot be imported the backend is marked unavailable with the reason and
+nothing else happens. The kernels run on CUDA tensors; with ``TRITON_INTERPRET=1``
+(Triton's CPU interpreter, for tests) they also run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .backend_registry import Backend, mark_unavailable, register_backend
+
+
+def _register() -> None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        mark_unavailable("triton", f"triton is not installed or cannot be imported ({err})")
+        return
+    try:
+        from .triton_kernels.compact import compact
+        from .triton_kernels.exit_step import exit_step, head_exit_step
+    except Exception as err:  # an incompatible triton or torch: say why instead of failing the import
+        mark_unavailable("triton", f"the Triton kernels could not be loaded ({type(err).__name__}: {err})")
+        return
+    devices = ("cuda",)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        devices = ("cuda", "cpu")
+    register_backend(Backend("triton", exit_step, compact, devices=devices, head_exit_step=head_exit_step))
+
+
+_register()

@@ -1,0 +1,535 @@
+"""The Triton exit step against the PyTorch reference (exit_rules), in fp32, fp16 and bf16.
+
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by
+conftest.py). The interpreter is slow, so the shapes below are a covering subset of
+B in {1, 3, 17, 64, 257}, H in {64, 384, 768, 1024}, C in {1, 2, 3, 7}, not the product.
+
+Every kernel output starts poisoned (NaN / sentinels, twice with different values),
+so an element the kernel does not write fails the comparison.
+
+Tolerances: the kernel is compared with an fp64 reference; its error may be at most
+twice the error of the same PyTorch computation run in the low precision (plus a few
+units in the last place). In fp32 decisions and integer state equal the reference
+exactly; float state matches to a few ulps (exp/sigmoid implementations differ in the
+last bit). In fp16/bf16 a decision may differ from the fp64 decision only where the
+fp64 decision quantity lies within rounding (the tolerance above) of its threshold.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import earlyexit_kernels as eek  # noqa: E402
+from earlyexit_kernels import compaction, exit_rules  # noqa: E402
+from earlyexit_kernels.heads import LambdaHaltingHead  # noqa: E402
+from earlyexit_kernels.triton_kernels import exit_step as tk  # noqa: E402
+from earlyexit_kernels.triton_kernels._common import poisoned_outputs  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: masked -inf lanes
+
+CPU = torch.device("cpu")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+NUM_LAYERS = 6
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_policy(name: str, batch: int):
+    g = torch.Generator().manual_seed(7)
+    return {
+        "entropy": lambda: eek.Entropy(0.6),
+        "entropy_norm_per_layer": lambda: eek.Entropy((0.2, 0.5, 0.4, 0.3, 0.6, 0.1), normalized=True),
+        "maxprob": lambda: eek.MaxProb(0.6),
+        "maxprob_temp": lambda: eek.MaxProb((0.5, 0.6, 0.7, 0.5, 0.6, 0.7), temperature=(0.5, 1.0, 2.0, 1.5, 0.7, 1.2)),
+        "patience": lambda: eek.Patience(2),
+        "patience_reg": lambda: eek.Patience(1, regression_threshold=0.5),
+        "qexit": lambda: eek.QExit(0.4),
+        "qexit_stochastic": lambda: eek.QExit(0.5, stochastic=True, seed=3),
+        "voting": lambda: eek.Voting(2),
+        "dact": lambda: eek.DACT(),
+        "skipgates": lambda: eek.SkipGates(entropy_threshold=0.7),
+        "scheduled": lambda: eek.Scheduled(torch.randint(1, NUM_LAYERS + 1, (batch,), generator=g)),
+    }[name]()
+
+
+def make_head(hidden: int, labels: int, dtype, seed: int):
+    """Pooler and classifier weights whose logits spread over a few units."""
+    g = torch.Generator().manual_seed(seed)
+    wp = (torch.randn(hidden, hidden, generator=g) * (1.5 / math.sqrt(hidden))).to(dtype)
+    bp = (torch.randn(hidden, generator=g) * 0.1).to(dtype)
+    wi = (torch.randn(labels, hidden, generator=g) * (2.5 / math.sqrt(hidden))).to(dtype)
+    bi = (torch.randn(labels, generator=g) * 0.2).to(dtype)
+    return wp, bp, wi, bi
+
+
+def make_cls(batch: int, hidden: int, dtype, seed: int, layout: str = "strided"):
+    """[CLS] rows as a non-contiguous view: of [B, S, H] hidden states, or transposed."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "strided":
+        full = torch.randn(batch, 5, hidden, generator=g).to(dtype)
+        return full[:, 0]
+    full = torch.randn(hidden, batch + 3, generator=g).to(dtype)
+    return full.t()[1 : batch + 1]  # stride (1, B + 3)
+
+
+def halting_fn_for(policy, hidden: int, dtype, seed: int):
+    if not policy.needs_halting_head:
+        return None
+    torch.manual_seed(seed)
+    if isinstance(policy, eek.QExit):
+        head = LambdaHaltingHead(hidden, "concat", 1)
+        torch.nn.init.normal_(head.out.weight, std=1.0)
+    else:
+        head = torch.nn.Linear(hidden, 1)
+        torch.nn.init.normal_(head.weight, std=2.0 / math.sqrt(hidden))
+    head = head.to(dtype).eval()
+
+    def fn(pooled, previous):
+        with torch.no_grad():
+            if isinstance(head, LambdaHaltingHead):
+                return head(pooled, previous)
+            return head(pooled).squeeze(-1)
+
+    fn.head = head
+    return fn
+
+
+def random_state(policy, batch: int, labels: int, hidden: int, dtype, seed: int):
+    """A plausible mid-run state, so one step exercises every branch."""
+    g = torch.Generator().manual_seed(seed)
+    state = exit_rules.init_state(policy, batch, labels, hidden, NUM_LAYERS, CPU, pooled_dtype=dtype)
+    if "counter" in state:
+        state["counter"] = torch.randint(0, 2, (batch,), generator=g, dtype=torch.int32)
+    if "prev_pred" in state:
+        state["prev_pred"] = torch.randint(-1, labels, (batch,), generator=g)
+    if "prev_value" in state:
+        state["prev_value"] = torch.randn(batch, generator=g)
+    if "cdf" in state:
+        lam = torch.rand(batch, generator=g) * 0.4
+        state["cdf"], state["remaining"] = lam, 1.0 - lam
+        state["prev_pooled"] = torch.tanh(torch.randn(batch, hidden, generator=g)).to(dtype)
+    if "votes" in state:
+        state["votes"] = torch.randint(0, 2, (batch, labels), generator=g, dtype=torch.int32)
+        state["prob_sum"] = torch.rand(batch, labels, generator=g)
+    if "accumulated" in state:
+        acc = torch.rand(batch, labels, generator=g)
+        state["accumulated"] = acc / acc.sum(-1, keepdim=True)
+        state["pi"] = torch.rand(batch, generator=g) * 0.8 + 0.1
+    return state
+
+
+def poisoned(fn, *args):
+    """Run ``fn(*args)`` with every kernel output pre-filled by two different sentinels; both runs must agree."""
+    with poisoned_outputs("a"):
+        first = fn(*args)
+    with poisoned_outputs("b"):
+        second = fn(*args)
+    _assert_identical(first, second)
+    return first
+
+
+def _assert_identical(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_identical(a[k], b[k])
+    elif isinstance(a, (tuple, list)):
+        for x, y in zip(a, b, strict=True):
+            _assert_identical(x, y)
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    else:
+        assert a == b
+
+
+def ulps_close(actual, expected, ulps: int = 8):
+    """Float32 state: equal up to a few units in the last place (of the value, or of 1 for probabilities)."""
+    torch.testing.assert_close(actual, expected, rtol=ulps * 2**-23, atol=ulps * 2**-23, equal_nan=True)
+
+
+def assert_state_equal_fp32(state_k, state_r):
+    assert state_k.keys() == state_r.keys()
+    for key, ref in state_r.items():
+        got = state_k[key]
+        assert got.dtype == ref.dtype and got.shape == ref.shape, key
+        if ref.dtype.is_floating_point and key != "uniforms":
+            ulps_close(got.float(), ref.float())
+        else:
+            assert torch.equal(got, ref), key
+
+
+def decision_quantity(policy, layer, logits, halting, state):
+    """The quantity each decision compares with its threshold, in float64: ``(q, threshold)``.
+
+    For the argmax rules (Patience, Voting) it is the gap between the two largest logits:
+    the decision is ambiguous when that gap is within rounding of 0.
+    """
+    z = logits.double()
+    if isinstance(policy, (eek.Entropy, eek.SkipGates)):
+        thr = policy.threshold if isinstance(policy, eek.Entropy) else policy.entropy_threshold
+        logp = torch.log_softmax(z, -1)
+        q = -(logp.exp() * logp).sum(-1)
+        if policy.normalized:
+            q = q / math.log(z.shape[-1])
+        return q, eek.policies.layer_value(thr, layer)
+    if isinstance(policy, eek.MaxProb):
+        t = 1.0 if policy.temperature is None else eek.policies.layer_value(policy.temperature, layer)
+        return torch.softmax(z / t, -1).amax(-1), eek.policies.layer_value(policy.threshold, layer)
+    if isinstance(policy, eek.Patience) and policy.is_regression:
+        return (z[:, 0] - state["prev_value"].double()).abs(), policy.regression_threshold
+    if isinstance(policy, (eek.Patience, eek.Voting)):
+        top = z.topk(2, -1).values
+        return top[:, 0] - top[:, 1], 0.0
+    if isinstance(policy, eek.QExit):
+        lam = torch.sigmoid(halting.double())
+        if policy.stochastic:
+            return lam - state["uniforms"][:, layer - 1].double(), 0.0
+        return state["cdf"].double() + lam * state["remaining"].double(), policy.q
+    if isinstance(policy, eek.DACT):
+        pi_prev, acc_prev = state["pi"].double(), state["accumulated"].double()
+        acc = pi_prev[:, None] * torch.softmax(z, -1) + (1 - pi_prev[:, None]) * acc_prev
+        pi = torch.sigmoid(halting.double()) * pi_prev
+        left = NUM_LAYERS - layer
+        top = acc.topk(2, -1).values
+        return top[:, 0] * (1 - pi) ** left - top[:, 1] - left * pi, 0.0
+    return None, None
+
+
+def assert_decisions_within_rounding(exits, exits64, q64, threshold, tol):
+    """In low precision a decision may differ from the fp64 one only where q64 is within tol of the threshold."""
+    differ = exits != exits64
+    if differ.any():
+        gap = (q64[differ] - threshold).abs()
+        assert bool((gap <= tol).all()), (
+            f"{int(differ.sum())} decisions differ from fp64 with |q - threshold| up to {gap.max().item():.3g} "
+            f"> rounding tolerance {tol:.3g}"
+        )
+    return differ
+
+
+def rounding_tol(dtype, err_torch, scale):
+    """Kernel error bound: twice PyTorch's own low-precision error, at least a few ulps of the dtype."""
+    return 2.0 * float(err_torch) + 4.0 * torch.finfo(dtype).eps * max(float(scale), 1e-3)
+
+
+# ----------------------------------------------------------------------------- the rule checker itself
+
+
+def test_near_threshold_rule_rejects_far_mismatch_and_accepts_near_one():
+    q64 = torch.tensor([0.10, 0.50, 0.9000, 0.5004], dtype=torch.float64)
+    exits64 = q64 < 0.5
+    near = exits64.clone()
+    near[3] = ~near[3]  # q = 0.5004: within 1e-3 of the threshold
+    assert assert_decisions_within_rounding(near, exits64, q64, 0.5, 1e-3).sum() == 1
+    far = exits64.clone()
+    far[2] = ~far[2]  # q = 0.9: far from the threshold
+    with pytest.raises(AssertionError, match="decisions differ"):
+        assert_decisions_within_rounding(far, exits64, q64, 0.5, 1e-3)
+
+
+# ----------------------------------------------------------------------------- fused head + exit step, fp32 chains
+
+FP32_CASES = [
+    # policy, B, H, C
+    ("entropy", 3, 384, 3),
+    ("entropy_norm_per_layer", 17, 64, 7),
+    ("maxprob", 1, 64, 2),
+    ("maxprob_temp", 64, 768, 2),
+    ("patience", 257, 64, 3),
+    ("patience_reg", 17, 384, 1),
+    ("qexit", 3, 1024, 1),
+    ("qexit_stochastic", 64, 64, 2),
+    ("voting", 17, 768, 7),
+    ("dact", 64, 384, 2),
+    ("skipgates", 1, 1024, 3),
+    ("scheduled", 257, 64, 1),
+]
+
+
+@pytest.mark.parametrize("name,batch,hidden,labels", FP32_CASES)
+def test_head_exit_step_fp32_matches_reference_over_layers(name, batch, hidden, labels):
+    """Several layers in a row, each backend on its own state: decisions and state equal in fp32."""
+    policy = make_policy(name, batch)
+    state_r = exit_rules.init_state(policy, batch, labels, hidden, NUM_LAYERS, CPU)
+    state_k = dict(state_r)
+    halting_fn = halting_fn_for(policy, hidden, torch.float32, seed=5)
+    layers = (1, 2, 3) if batch > 100 else (1, 2, 3, NUM_LAYERS)
+    for step, layer in enumerate(layers):
+        wp, bp, wi, bi = make_head(hidden, labels, torch.float32, seed=10 + step)
+        cls = make_cls(
+            batch, hidden, torch.float32, seed=20 + step, layout="strided" if step % 2 == 0 else "transposed"
+        )
+        ref = exit_rules.head_exit_step(policy, layer, NUM_LAYERS, cls, wp, bp, wi, bi, state_r, halting_fn)
+        got = poisoned(tk.head_exit_step, policy, layer, NUM_LAYERS, cls, wp, bp, wi, bi, dict(state_k), halting_fn)
+        exits_r, returned_r, logits_r, halting_r, state_r = ref
+        exits_k, returned_k, logits_k, halting_k, state_k = got
+        assert exits_k.dtype == torch.bool and returned_k.dtype == torch.float32 and logits_k.dtype == torch.float32
+        assert torch.equal(exits_k, exits_r), f"layer {layer}"
+        if layer == NUM_LAYERS:
+            assert bool(exits_k.all())
+        torch.testing.assert_close(logits_k, logits_r, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(returned_k, returned_r, rtol=1e-5, atol=1e-5)
+        if halting_r is not None:
+            torch.testing.assert_close(halting_k, halting_r, rtol=1e-5, atol=1e-5)
+        assert state_k.keys() == state_r.keys()
+        for key, ref_v in state_r.items():
+            assert state_k[key].dtype == ref_v.dtype, key
+            if ref_v.dtype.is_floating_point:
+                torch.testing.assert_close(state_k[key], ref_v, rtol=1e-5, atol=1e-5)
+            else:
+                assert torch.equal(state_k[key], ref_v), key
+
+
+# ----------------------------------------------------------------------------- fused head + exit step, fp16 / bf16
+
+LOWP_CASES = [
+    ("entropy", 64, 768, 3),
+    ("maxprob_temp", 17, 1024, 2),
+    ("patience", 257, 384, 7),
+    ("patience_reg", 17, 64, 1),
+    ("qexit", 17, 768, 2),
+    ("qexit_stochastic", 1, 384, 1),
+    ("voting", 64, 64, 3),
+    ("dact", 64, 384, 7),
+    ("entropy_norm_per_layer", 257, 1024, 7),
+    ("scheduled", 3, 64, 1),
+]
+
+
+@pytest.mark.parametrize("dtype_name", ["fp16", "bf16"])
+@pytest.mark.parametrize("name,batch,hidden,labels", LOWP_CASES)
+def test_head_exit_step_low_precision_within_rounding(dtype_name, name, batch, hidden, labels):
+    dtype = DTYPES[dtype_name]
+    policy = make_policy(name, batch)
+    layer = NUM_LAYERS - 1
+    wp, bp, wi, bi = make_head(hidden, labels, dtype, seed=31)
+    cls = make_cls(batch, hidden, dtype, seed=32)
+    state = random_state(policy, batch, labels, hidden, dtype, seed=33)
+    halting_fn = halting_fn_for(policy, hidden, dtype, seed=34)
+
+    # fp64 reference on the same (rounded) inputs, and PyTorch in the low precision.
+    w64 = [t.double() for t in (wp, bp, wi, bi)]
+    pooled64 = torch.tanh(torch.nn.functional.linear(cls.double(), w64[0], w64[1]))
+    logits64 = torch.nn.functional.linear(pooled64, w64[2], w64[3])
+    halting64 = None
+    if halting_fn is not None:
+        halting64 = _halting64(halting_fn, pooled64, state.get("prev_pooled"))
+    ref = exit_rules.head_exit_step(policy, layer, NUM_LAYERS, cls, wp, bp, wi, bi, dict(state), halting_fn)
+    got = poisoned(lambda: tk.head_exit_step(policy, layer, NUM_LAYERS, cls, wp, bp, wi, bi, dict(state), halting_fn))
+    exits_t, returned_t, logits_t, halting_t, state_t = ref
+    exits_k, returned_k, logits_k, halting_k, state_k = got
+
+    assert logits_k.dtype == dtype and returned_k.dtype == torch.float32 and exits_k.dtype == torch.bool
+    assert state_k.keys() == state_t.keys()
+    for key in state_t:
+        assert state_k[key].dtype == state_t[key].dtype and state_k[key].shape == state_t[key].shape, key
+
+    # Logits: the kernel's error against fp64 is bounded by PyTorch's own low-precision error.
+    err_t = (logits_t.double() - logits64).abs().max()
+    err_k = (logits_k.double() - logits64).abs().max()
+    tol = rounding_tol(dtype, err_t, logits64.abs().max())
+    assert err_k <= tol, f"kernel logits error {err_k:.3g} > {tol:.3g} (PyTorch {dtype_name}: {err_t:.3g})"
+    if "prev_pooled" in state_k:
+        p_err_t = (state_t["prev_pooled"].double() - pooled64).abs().max()
+        p_err_k = (state_k["prev_pooled"].double() - pooled64).abs().max()
+        assert p_err_k <= rounding_tol(dtype, p_err_t, 1.0)
+
+    # Decisions: only near the threshold may they differ from the fp64 decision.
+    q64, thr = decision_quantity(policy, layer, logits64, halting64, state)
+    exits64, _, state64 = exit_rules.exit_step(policy, layer, NUM_LAYERS, logits64, halting64, dict(state))
+    if q64 is None:  # Scheduled: exact
+        assert torch.equal(exits_k, exits64)
+        return
+    q_t, _ = decision_quantity(policy, layer, logits_t, halting_t, state)
+    q_tol = rounding_tol(dtype, (q_t - q64).abs().max(), q64.abs().max())
+    assert_decisions_within_rounding(exits_t, exits64, q64, thr, q_tol)  # PyTorch obeys the rule too
+    differ = assert_decisions_within_rounding(exits_k, exits64, q64, thr, q_tol)
+    assert int(differ.sum()) <= max(2, batch // 8), "too many decisions changed by rounding"
+
+    # Returned logits (log-scores for Voting, ln a for DACT) close to fp64 except on ambiguous rows.
+    ambiguous = (q64 - thr).abs() <= q_tol
+    _, returned64, _ = exit_rules.exit_step(policy, layer, NUM_LAYERS, logits64, halting64, dict(state))
+    clear = ~ambiguous[:, None] & torch.isfinite(returned64)
+    r_err_t = ((returned_t.double() - returned64.double()).abs() * clear).nan_to_num().max()
+    r_err_k = ((returned_k.double() - returned64.double()).abs() * clear).nan_to_num().max()
+    assert r_err_k <= rounding_tol(dtype, r_err_t, returned64[clear].abs().max() if clear.any() else 1.0)
+
+    # Integer state may differ only on the rows whose decision quantity is ambiguous.
+    for key, ref_v in state64.items():
+        got_v = state_k[key]
+        if not ref_v.dtype.is_floating_point:
+            rows_differ = (got_v != ref_v).reshape(batch, -1).any(-1)
+            assert not bool((rows_differ & ~ambiguous).any()), key
+        elif key not in ("uniforms", "prev_pooled"):
+            s_err_t = (state_t[key].double() - ref_v.double()).abs().max()
+            s_err_k = (got_v.double() - ref_v.double()).abs().max()
+            assert s_err_k <= rounding_tol(dtype, s_err_t, 1.0), key
+
+
+def _halting64(halting_fn, pooled64, prev_pooled):
+    """The halting head evaluated in float64 on the fp64 pooled vector."""
+    head64 = copy.deepcopy(halting_fn.head).double()
+    with torch.no_grad():
+        if isinstance(head64, LambdaHaltingHead):
+            return head64(pooled64, prev_pooled.double())
+        return head64(pooled64).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- exit step alone (given logits)
+
+STEP_CASES = [
+    # policy, B, C, dtype
+    ("entropy", 257, 7, "fp16"),
+    ("entropy_norm_per_layer", 3, 2, "bf16"),
+    ("maxprob_temp", 17, 3, "fp32"),
+    ("patience", 64, 2, "bf16"),
+    ("patience_reg", 1, 1, "fp16"),
+    ("qexit", 257, 1, "fp32"),
+    ("qexit_stochastic", 17, 2, "fp16"),
+    ("voting", 3, 7, "fp32"),
+    ("dact", 257, 3, "bf16"),
+    ("skipgates", 64, 3, "fp32"),
+    ("scheduled", 17, 2, "fp16"),
+]
+
+
+def _logits_with_nonfinite(batch, labels, dtype, seed):
+    """Strided [B, C] logits (every other column of a wider tensor) with NaN / inf rows."""
+    g = torch.Generator().manual_seed(seed)
+    wide = (torch.randn(batch, 2 * labels, generator=g) * 2.0).to(dtype)
+    z = wide[:, ::2]
+    if batch >= 3:
+        z[1, 0] = float("nan")
+        z[2, labels - 1] = float("inf")
+    return z
+
+
+@pytest.mark.parametrize("name,batch,labels,dtype_name", STEP_CASES)
+def test_exit_step_equals_reference_on_same_logits(name, batch, labels, dtype_name):
+    """Given the same logits both sides compute in fp32: decisions and integer state are identical."""
+    dtype = DTYPES[dtype_name]
+    policy = make_policy(name, batch)
+    g = torch.Generator().manual_seed(50)
+    for layer in (2, NUM_LAYERS):
+        z = _logits_with_nonfinite(batch, labels, dtype, seed=layer)
+        state = random_state(policy, batch, labels, 16, dtype, seed=51)
+        halting = None
+        if policy.needs_halting_head:
+            halting = (torch.randn(batch, generator=g) * 2).to(dtype)
+            if batch >= 4:
+                halting[3] = float("nan")
+        exits_r, returned_r, state_r = exit_rules.exit_step(policy, layer, NUM_LAYERS, z, halting, dict(state))
+        exits_k, returned_k, state_k = poisoned(
+            lambda z=z, halting=halting, state=state, layer=layer: tk.exit_step(
+                policy, layer, NUM_LAYERS, z, halting, dict(state)
+            )
+        )
+        assert torch.equal(exits_k, exits_r)
+        torch.testing.assert_close(returned_k, returned_r, rtol=8 * 2**-23, atol=1e-7, equal_nan=True)
+        assert_state_equal_fp32(state_k, state_r)
+        if batch >= 3 and layer < NUM_LAYERS and name != "scheduled":  # a schedule ignores the logits
+            assert not bool(exits_k[1]) and not bool(exits_k[2]), "a non-finite row exited"
+
+
+@pytest.mark.parametrize("name", ["entropy", "patience", "voting", "dact"])
+def test_exit_step_with_survivors_matches_survivor_index(name):
+    batch, labels = 257, 3
+    policy = make_policy(name, batch)
+    state = random_state(policy, batch, labels, 16, torch.float32, seed=60)
+    z = torch.randn(batch, labels, generator=torch.Generator().manual_seed(61)) * 3
+    halting = torch.randn(batch) if policy.needs_halting_head else None
+    exits_r, _, _ = exit_rules.exit_step(policy, 3, NUM_LAYERS, z, halting, dict(state))
+    exits, _, _, order, count = poisoned(
+        lambda: tk.exit_step_with_survivors(policy, 3, NUM_LAYERS, z, halting, dict(state))
+    )
+    assert torch.equal(exits, exits_r)
+    keep = ~exits_r
+    m = int(keep.sum())
+    assert 0 < m < batch, "test data should make some rows exit and some stay"
+    assert count.dtype == torch.int64 and count.shape == (1,) and int(count) == m
+    assert order.dtype == torch.int64
+    assert torch.equal(order[:m], compaction.survivor_index(keep, m))
+    assert torch.equal(order[m:], torch.nonzero(exits_r).squeeze(1).flip(0))
+
+
+def test_head_exit_step_with_survivors_and_empty_batch():
+    policy = eek.Entropy(0.6)
+    wp, bp, wi, bi = make_head(64, 3, torch.float32, seed=70)
+    cls = make_cls(0, 64, torch.float32, seed=71)
+    exits, returned, logits, halting, state, order, count = tk.head_exit_step_with_survivors(
+        policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, {}
+    )
+    assert exits.shape == (0,) and returned.shape == (0, 3) and logits.shape == (0, 3)
+    assert order.shape == (0,) and int(count) == 0 and halting is None and state == {}
+
+
+def test_gpu_block_sizes_under_interpreter(monkeypatch):
+    """The GPU launch configuration (several column tiles, 64-wide K loop) on a small case."""
+    monkeypatch.setattr(tk, "FORCE_GPU_BLOCKS", True)
+    policy = eek.Voting(1)
+    wp, bp, wi, bi = make_head(384, 7, torch.float32, seed=80)
+    cls = make_cls(17, 384, torch.float32, seed=81)
+    state = random_state(policy, 17, 7, 384, torch.float32, seed=82)
+    ref = exit_rules.head_exit_step(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, dict(state))
+    got = poisoned(lambda: tk.head_exit_step(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, dict(state)))
+    assert torch.equal(got[0], ref[0])
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- torch.library registration
+
+_CPU_OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+def _decide_args(z, state):
+    return (z, None, None, None, None, state["counter"], state["prev_pred"], None, None, None, tk.PATIENCE_CLS, 2, 4)
+
+
+def test_opcheck_cpu():
+    """Schema, autograd registration and fake (meta) kernels. The AOT-dispatch checks trace the
+    kernel launch, which Triton's interpreter cannot do with fake tensors: they run on CUDA below."""
+    policy = eek.Patience(1)
+    state = random_state(policy, 5, 3, 16, torch.float32, seed=90)
+    z = torch.randn(5, 3)
+    scalars = (0.0, 0.0, 0.0, 0.0, 1, 0, False, False, False, False, True)
+    torch.library.opcheck(
+        torch.ops.earlyexit.exit_decide.default, _decide_args(z, state) + scalars, test_utils=_CPU_OPCHECK
+    )
+    cls = make_cls(5, 64, torch.float32, seed=91)
+    wp, bp, wi, _ = make_head(64, 3, torch.float32, seed=92)
+    torch.library.opcheck(torch.ops.earlyexit.exit_head.default, (cls, wp, bp, wi, True), test_utils=_CPU_OPCHECK)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="full opcheck and torch.compile need CUDA: "
+    "the Triton interpreter cannot trace kernel launches with fake tensors",
+)
+def test_opcheck_and_compile_cuda():
+    dev = torch.device("cuda")
+    policy = eek.Patience(1)
+    state = {k: v.to(dev) for k, v in random_state(policy, 5, 3, 16, torch.float32, seed=90).items()}
+    z = torch.randn(5, 3, device=dev)
+    scalars = (0.0, 0.0, 0.0, 0.0, 1, 0, False, False, False, False, True)
+    torch.library.opcheck(torch.ops.earlyexit.exit_decide.default, _decide_args(z, state) + scalars)
+    wp, bp, wi, bi = (t.to(dev) for t in make_head(64, 3, torch.float32, seed=92))
+    cls = make_cls(5, 64, torch.float32, seed=91).to(dev)
+    torch.library.opcheck(torch.ops.earlyexit.exit_head.default, (cls, wp, bp, wi, True))
+
+    for policy in (eek.Entropy(0.6), eek.Patience(1), eek.Voting(2)):
+        st = exit_rules.init_state(policy, 5, 3, 64, NUM_LAYERS, dev)
+
+        def step(cls, st, policy=policy):
+            return tk.head_exit_step(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, st)
+
+        compiled = torch.compile(step, fullgraph=True)
+        got = compiled(cls, dict(st))
+        ref = exit_rules.head_exit_step(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, dict(st))
+        assert torch.equal(got[0], ref[0])
+        torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)
