@@ -1,0 +1,70 @@
+// earlyexit_kernels._C: the schemas of the C++ operators and their CPU kernels.
+//
+// The ops live in the `earlyexit` namespace, which the Triton backend also uses from
+// Python (torch.library.triton_op), so they are prefixed `cpp_` and registered as a
+// library fragment. The CUDA kernels are registered by bindings_cuda.cpp, compiled
+// only in a CUDA build (EEK_WITH_CUDA). Python adds the fake (meta) kernels.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY_FRAGMENT(earlyexit, m) {
+  // The default head: pooled = tanh(W_p x + b_p) and logits = W pooled + b, in x's dtype.
+  m.def(
+      "cpp_head(Tensor cls_hidden, Tensor pooler_weight, Tensor pooler_bias, Tensor head_weight, Tensor head_bias)"
+      " -> (Tensor pooled, Tensor logits)");
+  // The exit rule on given logits. state: the policy's state tensors in the order of
+  // cpp_backend.STATE_KEYS; returns the updated ones in the same order. With the write-back
+  // tensors given, the exiting rows' returned logits, exit layer and runs are scattered to
+  // rows[i] of the batch outputs.
+  m.def(
+      "cpp_exit_step(Tensor logits, Tensor? halting, Tensor[] state, int kind, int flags, int layer, int num_layers,"
+      " int int_param, float scalar, Tensor per_layer, Tensor? rows=None, Tensor? runs=None,"
+      " Tensor(a!)? out_logits=None, Tensor(b!)? out_exit_layer=None, Tensor(c!)? out_layers_run=None)"
+      " -> (Tensor exits, Tensor returned, Tensor[] state, Tensor survivors, Tensor count)");
+  // The head fused with the exit rule (policies without a halting head).
+  m.def(
+      "cpp_head_exit_step(Tensor cls_hidden, Tensor pooler_weight, Tensor pooler_bias, Tensor head_weight,"
+      " Tensor head_bias, Tensor? halting, Tensor[] state, int kind, int flags, int layer, int num_layers,"
+      " int int_param, float scalar, Tensor per_layer, Tensor? rows=None, Tensor? runs=None,"
+      " Tensor(a!)? out_logits=None, Tensor(b!)? out_exit_layer=None, Tensor(c!)? out_layers_run=None)"
+      " -> (Tensor exits, Tensor returned, Tensor logits, Tensor pooled, Tensor[] state, Tensor survivors,"
+      " Tensor count)");
+  // Gather rows `index` of hidden [n, S, H] and mask [n, S], keep the first seq_len positions.
+  // The second output is an empty tensor when mask is None.
+  m.def("cpp_compact(Tensor hidden, Tensor? mask, Tensor index, int seq_len) -> (Tensor hidden, Tensor mask)");
+}
+
+TORCH_LIBRARY_IMPL(earlyexit, CPU, m) {
+  m.impl("cpp_head", &eek::head_cpu);
+  m.impl("cpp_exit_step", &eek::exit_step_cpu);
+  m.impl("cpp_head_exit_step", &eek::head_exit_step_cpu);
+  m.impl("cpp_compact", &eek::compact_cpu);
+}
+
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+#define EEK_CONCAT_(a, b) a##b
+#define EEK_CONCAT(a, b) EEK_CONCAT_(a, b)
+#define EEK_STR_(a) #a
+#define EEK_STR(a) EEK_STR_(a)
+#ifndef EEK_TORCH_VERSION
+#define EEK_TORCH_VERSION "unknown"
+#endif
+
+// A plain Python module: importing it runs the registrations above.
+extern "C" PyObject* EEK_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, EEK_STR(TORCH_EXTENSION_NAME),
+                                          "earlyexit_kernels C++ operators (torch.ops.earlyexit.cpp_*)", -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#ifdef EEK_WITH_CUDA
+  PyModule_AddIntConstant(module, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(module, "WITH_CUDA", 0);
+#endif
+  PyModule_AddStringConstant(module, "TORCH_VERSION", EEK_TORCH_VERSION);
+  return module;
+}

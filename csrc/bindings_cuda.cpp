@@ -1,0 +1,170 @@
+// The CUDA kernels of the earlyexit::cpp_* operators (schemas in bindings.cpp). Compiled
+// only in a CUDA build (setup.py defines EEK_WITH_CUDA); the kernels themselves are in
+// csrc/cuda/*.cu, plain CUDA C++ without torch headers, launched on the current stream.
+#ifdef EEK_WITH_CUDA
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "cuda/launchers.h"
+#include "ops.h"
+
+namespace eek {
+namespace {
+
+cuda::DType dtype_of(at::ScalarType t, const char* name) {
+  switch (t) {
+    case at::kFloat:
+      return cuda::kF32;
+    case at::kHalf:
+      return cuda::kF16;
+    case at::kBFloat16:
+      return cuda::kBF16;
+    default:
+      TORCH_CHECK(false, name, ": float32, float16 or bfloat16 expected, got ", t);
+  }
+  return cuda::kF32;
+}
+
+void check_launch(cudaError_t err, const char* name) {
+  TORCH_CHECK(err == cudaSuccess, name, ": CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+struct HeadInputs {
+  at::Tensor x, wp, bp, w, b, pooled, logits;
+  cuda::HeadPtrs ptrs;
+};
+
+HeadInputs head_inputs(const at::Tensor& cls_hidden, const at::Tensor& pooler_weight, const at::Tensor& pooler_bias,
+                       const at::Tensor& head_weight, const at::Tensor& head_bias) {
+  check_head_args(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias);
+  TORCH_CHECK(cls_hidden.is_cuda(), "cpp_head (CUDA): tensors must be on a CUDA device");
+  HeadInputs in;
+  in.x = (cls_hidden.size(1) > 1 && cls_hidden.stride(1) != 1) ? cls_hidden.contiguous() : cls_hidden;
+  in.wp = pooler_weight.contiguous();
+  in.bp = pooler_bias.contiguous();
+  in.w = head_weight.contiguous();
+  in.b = head_bias.contiguous();
+  const int64_t n = in.x.size(0), H = in.x.size(1), C = in.w.size(0);
+  in.pooled = at::empty({n, H}, cls_hidden.options());
+  in.logits = at::empty({n, C}, cls_hidden.options());
+  cuda::HeadPtrs& p = in.ptrs;
+  p.x = in.x.data_ptr();
+  p.x_stride = in.x.stride(0);
+  p.wp = in.wp.data_ptr();
+  p.bp = in.bp.data_ptr();
+  p.w = in.w.data_ptr();
+  p.b = in.b.data_ptr();
+  p.H = H;
+  p.pooled = in.pooled.data_ptr();
+  p.logits = in.logits.data_ptr();
+  return in;
+}
+
+cuda::RulePtrs rule_ptrs(ExitCall& call) {
+  cuda::RulePtrs r;
+  r.halting = call.halting.defined() ? call.halting.data_ptr<float>() : nullptr;
+  r.exits = call.exits.data_ptr<bool>();
+  r.returned = call.returned.data_ptr<float>();
+  r.survivors = call.survivors.numel() > 0 ? call.survivors.data_ptr<int64_t>() : nullptr;
+  r.count = call.count.data_ptr<int64_t>();
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor> head_cuda(const at::Tensor& cls_hidden, const at::Tensor& pooler_weight,
+                                             const at::Tensor& pooler_bias, const at::Tensor& head_weight,
+                                             const at::Tensor& head_bias) {
+  c10::cuda::CUDAGuard guard(cls_hidden.device());
+  HeadInputs in = head_inputs(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias);
+  RuleParams params{};
+  check_launch(cuda::launch_head_exit(dtype_of(in.x.scalar_type(), "cpp_head"), in.x.size(0), in.w.size(0),
+                                      &in.ptrs, nullptr, 0, params, StateArgs{}, WriteBack{}, nullptr,
+                                      c10::cuda::getCurrentCUDAStream().stream()),
+               "cpp_head");
+  return {in.pooled, in.logits};
+}
+
+ExitResult exit_step_cuda(const at::Tensor& logits, EEK_EXIT_ARGS) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_cuda(), "cpp_exit_step (CUDA): logits must be [n, C] on a GPU");
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "cpp_exit_step: logits must be floating point");
+  c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor z = logits;
+  const auto t = z.scalar_type();
+  if (t != at::kFloat && t != at::kHalf && t != at::kBFloat16) z = z.to(at::kFloat);
+  if (z.size(1) > 1 && z.stride(1) != 1) z = z.contiguous();
+  const int64_t n = z.size(0), C = z.size(1);
+  ExitCall call = prepare_exit_call(n, C, z.device(), halting, state, kind, flags, layer, num_layers, int_param,
+                                    scalar, per_layer, rows, runs, out_logits, out_exit_layer, out_layers_run);
+  cuda::RulePtrs r = rule_ptrs(call);
+  check_launch(cuda::launch_head_exit(dtype_of(z.scalar_type(), "cpp_exit_step"), n, C, nullptr, z.data_ptr(),
+                                      z.stride(0), call.params, call.state, call.write_back, &r,
+                                      c10::cuda::getCurrentCUDAStream().stream()),
+               "cpp_exit_step");
+  return {call.exits, call.returned, call.new_state, call.survivors, call.count};
+}
+
+HeadExitResult head_exit_step_cuda(const at::Tensor& cls_hidden, const at::Tensor& pooler_weight,
+                                   const at::Tensor& pooler_bias, const at::Tensor& head_weight,
+                                   const at::Tensor& head_bias, EEK_EXIT_ARGS) {
+  c10::cuda::CUDAGuard guard(cls_hidden.device());
+  HeadInputs in = head_inputs(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias);
+  const int64_t n = in.x.size(0), C = in.w.size(0);
+  ExitCall call = prepare_exit_call(n, C, in.x.device(), halting, state, kind, flags, layer, num_layers, int_param,
+                                    scalar, per_layer, rows, runs, out_logits, out_exit_layer, out_layers_run);
+  cuda::RulePtrs r = rule_ptrs(call);
+  check_launch(cuda::launch_head_exit(dtype_of(in.x.scalar_type(), "cpp_head_exit_step"), n, C, &in.ptrs, nullptr, 0,
+                                      call.params, call.state, call.write_back, &r,
+                                      c10::cuda::getCurrentCUDAStream().stream()),
+               "cpp_head_exit_step");
+  return {call.exits, call.returned, in.logits, in.pooled, call.new_state, call.survivors, call.count};
+}
+
+std::tuple<at::Tensor, at::Tensor> compact_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>& mask,
+                                                const at::Tensor& index, int64_t seq_len) {
+  TORCH_CHECK(hidden.dim() == 3 && hidden.is_cuda(), "cpp_compact (CUDA): hidden must be [n, S, H] on a GPU");
+  TORCH_CHECK(index.dim() == 1 && index.device() == hidden.device(),
+              "cpp_compact: index must be 1-D on the hidden states' device");
+  TORCH_CHECK(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt,
+              "cpp_compact: index must be int64 or int32");
+  TORCH_CHECK(seq_len >= 0, "cpp_compact: seq_len must be >= 0");
+  c10::cuda::CUDAGuard guard(hidden.device());
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int64_t n = hidden.size(0), S = hidden.size(1), H = hidden.size(2);
+  const int64_t L = std::min(seq_len, S), m = index.size(0);
+  at::Tensor idx = index.to(at::kLong).contiguous();
+  at::Tensor h = (hidden.stride(2) == 1 || H <= 1) && (hidden.stride(1) == H || S <= 1) ? hidden : hidden.contiguous();
+  at::Tensor out = at::empty({m, L, H}, hidden.options());
+  const int64_t es = static_cast<int64_t>(h.element_size());
+  check_launch(cuda::launch_compact(h.data_ptr(), h.stride(0) * es, n, out.data_ptr(), L * H * es,
+                                    idx.data_ptr<int64_t>(), m, stream),
+               "cpp_compact");
+  at::Tensor out_mask;
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == n && mask->size(1) == S && mask->device() == hidden.device(),
+                "cpp_compact: mask must be [n, S] on the hidden states' device");
+    at::Tensor mk = (mask->stride(1) == 1 || S <= 1) ? *mask : mask->contiguous();
+    out_mask = at::empty({m, L}, mask->options());
+    const int64_t mes = static_cast<int64_t>(mk.element_size());
+    check_launch(cuda::launch_compact(mk.data_ptr(), mk.stride(0) * mes, n, out_mask.data_ptr(), L * mes,
+                                      idx.data_ptr<int64_t>(), m, stream),
+                 "cpp_compact");
+  } else {
+    out_mask = at::empty({0}, hidden.options().dtype(at::kLong));
+  }
+  return {out, out_mask};
+}
+
+}  // namespace
+}  // namespace eek
+
+TORCH_LIBRARY_IMPL(earlyexit, CUDA, m) {
+  m.impl("cpp_head", &eek::head_cuda);
+  m.impl("cpp_exit_step", &eek::exit_step_cuda);
+  m.impl("cpp_head_exit_step", &eek::head_exit_step_cuda);
+  m.impl("cpp_compact", &eek::compact_cuda);
+}
+
+#endif  // EEK_WITH_CUDA

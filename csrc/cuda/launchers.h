@@ -1,0 +1,49 @@
+// Launchers of the CUDA kernels: plain C++ over raw pointers and a cudaStream_t, no torch.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "../common/exit_rule.h"
+
+namespace eek {
+namespace cuda {
+
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+// The default head: pooled = tanh(wp x + bp), logits = w pooled + b (all in `dtype`).
+struct HeadPtrs {
+  const void* x = nullptr;  // [n, H], row stride x_stride (elements), unit stride over H
+  int64_t x_stride = 0;
+  const void* wp = nullptr;  // [H, H] contiguous
+  const void* bp = nullptr;  // [H]
+  const void* w = nullptr;   // [C, H] contiguous
+  const void* b = nullptr;   // [C]
+  int64_t H = 0;
+  void* pooled = nullptr;  // [n, H] out
+  void* logits = nullptr;  // [n, C] out
+};
+
+// Outputs of the rule.
+struct RulePtrs {
+  const float* halting = nullptr;  // [n] float32, or null
+  bool* exits = nullptr;           // [n]
+  float* returned = nullptr;       // [n, C]
+  int64_t* survivors = nullptr;    // [n] (params.flags & kSurvivors), padded with -1
+  int64_t* count = nullptr;        // [] survivors, -1 without kSurvivors
+};
+
+// head != null && rule == null: the head only. head != null && rule != null: fused.
+// head == null: the rule on `logits` [n, C] (row stride logits_stride, in `dtype`).
+cudaError_t launch_head_exit(DType dtype, int64_t n, int64_t C, const HeadPtrs* head, const void* logits,
+                             int64_t logits_stride, const RuleParams& params, const StateArgs& state,
+                             const WriteBack& write_back, const RulePtrs* rule, cudaStream_t stream);
+
+// Output row i (row_bytes, contiguous) = the first row_bytes of source row index[i]
+// (source rows src_row_stride bytes apart, n of them). 16-byte copies when aligned.
+cudaError_t launch_compact(const void* src, int64_t src_row_stride, int64_t n, void* dst, int64_t row_bytes,
+                           const int64_t* index, int64_t m, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace eek

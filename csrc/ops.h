@@ -1,0 +1,31 @@
+// The operators of earlyexit_kernels._C (schemas in bindings.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common/exit_op.h"
+
+namespace eek {
+
+#define EEK_EXIT_ARGS                                                                                                  \
+  const std::optional<at::Tensor>&halting, const std::vector<at::Tensor>&state, int64_t kind, int64_t flags,          \
+      int64_t layer, int64_t num_layers, int64_t int_param, double scalar, const at::Tensor &per_layer,                \
+      const std::optional<at::Tensor>&rows, const std::optional<at::Tensor>&runs,                                     \
+      const std::optional<at::Tensor>&out_logits, const std::optional<at::Tensor>&out_exit_layer,                     \
+      const std::optional<at::Tensor>&out_layers_run
+
+std::tuple<at::Tensor, at::Tensor> head_cpu(const at::Tensor& cls_hidden, const at::Tensor& pooler_weight,
+                                            const at::Tensor& pooler_bias, const at::Tensor& head_weight,
+                                            const at::Tensor& head_bias);
+ExitResult exit_step_cpu(const at::Tensor& logits, EEK_EXIT_ARGS);
+HeadExitResult head_exit_step_cpu(const at::Tensor& cls_hidden, const at::Tensor& pooler_weight,
+                                  const at::Tensor& pooler_bias, const at::Tensor& head_weight,
+                                  const at::Tensor& head_bias, EEK_EXIT_ARGS);
+std::tuple<at::Tensor, at::Tensor> compact_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>& mask,
+                                               const at::Tensor& index, int64_t seq_len);
+
+}  // namespace eek
