@@ -10,8 +10,13 @@ Runs on a CUDA GPU when there is one, else on the CPU.
 from __future__ import annotations
 
 import argparse
+import datetime
+import io
+import platform
 import statistics
+import sys
 import time
+from contextlib import redirect_stdout
 
 import torch
 from transformers import BertConfig, BertForSequenceClassification
@@ -68,11 +73,40 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-size", type=int, default=6144)
     parser.add_argument("--test-size", type=int, default=1024)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", help="also write the report to this file, with the date and versions")
     args = parser.parse_args(argv)
+    report = io.StringIO()
+    with redirect_stdout(_Tee(report)):
+        run(args)
+    if args.output:
+        import transformers
 
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        header = (
+            f"# python -m earlyexit_kernels.demo {' '.join(sys.argv[1:] if argv is None else argv)}, {stamp}\n"
+            f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}, transformers {transformers.__version__}, earlyexit_kernels {eek.__version__}\n"
+        )
+        with open(args.output, "w") as f:
+            f.write(header + report.getvalue())
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, copy: io.StringIO):
+        self.console, self.copy = sys.stdout, copy
+
+    def write(self, text: str) -> int:
+        self.copy.write(text)
+        return self.console.write(text)
+
+    def flush(self) -> None:
+        self.console.flush()
+
+
+def run(args) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")

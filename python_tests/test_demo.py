@@ -1,0 +1,46 @@
+"""The demo task is reproducible and mixes easy and hard sequences; the demo runs end to end."""
+
+import torch
+
+from earlyexit_kernels import demo
+from earlyexit_kernels.demo_task import CLS, KEYWORDS, NOT, PAD, SEP, TaskConfig, make_split
+
+
+def test_the_task_is_reproducible_from_its_seed():
+    first, again, other = make_split(64, seed=3), make_split(64, seed=3), make_split(64, seed=4)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["input_ids"], other["input_ids"])
+
+
+def test_sequences_are_padded_and_framed_by_cls_and_sep():
+    config = TaskConfig()
+    split = make_split(200, seed=0, config=config)
+    lengths = split["attention_mask"].sum(1)
+    assert lengths.min() >= config.min_len and lengths.max() <= config.max_len and len(set(lengths.tolist())) > 5
+    for ids, length in zip(split["input_ids"], lengths):
+        assert ids[0] == CLS and ids[length - 1] == SEP and (ids[length:] == PAD).all()
+
+
+def test_easy_sequences_hold_one_class_and_hard_ones_both():
+    split = make_split(400, seed=0)
+    hard = split["hard"]
+    assert 0.4 < hard.float().mean() < 0.6 and 0.4 < split["labels"].float().mean() < 0.6
+    for ids, label, is_hard in zip(split["input_ids"], split["labels"], hard):
+        counts = [int(torch.isin(ids, k).sum()) for k in KEYWORDS]
+        negated = int((ids == NOT).sum()) % 2
+        if is_hard:
+            assert abs(counts[0] - counts[1]) == 1 and min(counts) >= 1
+            majority = int(counts[1] > counts[0])
+            assert label == majority ^ negated
+        else:
+            assert counts[1 - label] == 0 and counts[label] >= 3 and negated == 0
+
+
+def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, capsys):
+    report = tmp_path / "demo.txt"
+    demo.main(["--train-size", "128", "--test-size", "64", "--epochs", "1", "--repeats", "1", "--output", str(report)])
+    printed = capsys.readouterr().out
+    for name in ("full model", "Patience(2)", "Entropy(0.2)", "MaxProb(0.9)", "speed-up"):
+        assert name in printed
+    text = report.read_text()
+    assert text.startswith("# python -m earlyexit_kernels.demo") and "full model" in text
