@@ -145,7 +145,21 @@ def _extensions():
         _note(f"building the CPU kernels only: {why_not}")
     from torch.utils.cpp_extension import is_ninja_available
 
-    build_ext = BuildExtension.with_options(use_ninja=is_ninja_available())
+    class BuildWithCpuFallback(BuildExtension):
+        """A CUDA build that fails (compiler, headers, toolkit) falls back to the CPU kernels."""
+
+        def build_extension(self, extension):
+            try:
+                super().build_extension(extension)
+            except Exception as err:  # noqa: BLE001 - any failure of the CUDA part
+                if why_not is not None or _flag("EARLYEXIT_FORCE_CUDA_BUILD"):
+                    raise
+                _note(f"the CUDA kernels failed to build ({type(err).__name__}: {err}); building the CPU kernels only")
+                extension.sources = [s for s in extension.sources if s in cpu_sources]
+                extension.define_macros = [m for m in extension.define_macros if m[0] != "EEK_WITH_CUDA"]
+                super().build_extension(extension)
+
+    build_ext = BuildWithCpuFallback.with_options(use_ninja=is_ninja_available())
     return [ext], {"build_ext": build_ext}
 
 
