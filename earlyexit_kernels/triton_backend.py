@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from .backend_registry import Backend, mark_unavailable, register_backend
 
 
@@ -28,6 +30,12 @@ def _register() -> None:
     devices = ("cuda",)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         devices = ("cuda", "cpu")
+    elif not torch.cuda.is_available():
+        mark_unavailable(
+            "triton",
+            "no CUDA GPU: the Triton kernels run on CUDA tensors (TRITON_INTERPRET=1 runs them in Triton's CPU interpreter)",
+        )
+        return
     register_backend(Backend("triton", exit_step, compact, devices=devices, head_exit_step=head_exit_step))
 
 
