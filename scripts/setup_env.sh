@@ -28,20 +28,31 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
 fi
 
 # Install only what is missing, so an offline GPU image with everything present fetches nothing.
-missing=()
+has() { "$VENV/bin/python" -c "import $1" >/dev/null 2>&1; }
+required=()
 "$VENV/bin/python" -c "import transformers, sys; sys.exit(int(transformers.__version__.split('.')[0]) != 5)" \
-    >/dev/null 2>&1 || missing+=("transformers>=5.17,<6")
-for module in safetensors numpy pytest setuptools wheel; do
-    "$VENV/bin/python" -c "import $module" >/dev/null 2>&1 || missing+=("$module")
+    >/dev/null 2>&1 || required+=("transformers>=5.17,<6")
+for module in safetensors numpy tqdm pytest setuptools wheel; do
+    has "$module" || required+=("$module")
 done
-# Triton kernels (run on the CPU through TRITON_INTERPRET=1 in the tests); GPU images ship it with torch.
-# Triton publishes Linux wheels only.
-[[ "$(uname -s)" != Linux ]] || "$VENV/bin/python" -c "import triton" >/dev/null 2>&1 || missing+=("triton>=3.6,<4")
-"$VENV/bin/python" -c "import ruff" >/dev/null 2>&1 || command -v ruff >/dev/null 2>&1 || missing+=("ruff")
-if ((${#missing[@]})); then
-    echo "setup: installing ${missing[*]}"
-    "${PIP[@]}" install "${missing[@]}"
+if ((${#required[@]})); then
+    echo "setup: installing ${required[*]}"
+    "${PIP[@]}" install "${required[@]}"
 fi
+
+# Optional: without them the package still works and the tests that need them are skipped.
+# Triton kernels run on the CPU through TRITON_INTERPRET=1 in the tests; GPU images ship
+# Triton with torch. Triton publishes Linux wheels only.
+optional=()
+[[ "$(uname -s)" != Linux ]] || has triton || optional+=("triton>=3.6,<4")
+has ruff || command -v ruff >/dev/null 2>&1 || optional+=("ruff")
+for package in matplotlib datasets pytest_benchmark; do
+    has "$package" || optional+=("${package//_/-}")
+done
+for package in "${optional[@]}"; do
+    echo "setup: installing $package (optional)"
+    "${PIP[@]}" install "$package" || echo "setup: could not install $package; what needs it is skipped"
+done
 
 echo "setup: building and installing earlyexit_kernels"
 "${PIP[@]}" install --no-build-isolation --no-deps -e .
