@@ -51,7 +51,8 @@ for package in matplotlib datasets pytest_benchmark; do
 done
 for package in "${optional[@]}"; do
     echo "setup: installing $package (optional)"
-    "${PIP[@]}" install "$package" || echo "setup: could not install $package; what needs it is skipped"
+    "${PIP[@]}" install --retries 1 --timeout 15 "$package" \
+        || echo "setup: could not install $package; what needs it is skipped"
 done
 
 echo "setup: building and installing earlyexit_kernels"
