@@ -10,8 +10,17 @@ The public contract is ``shared/spec/API.md``; the semantics of each exit method
 """
 
 from .backend_registry import _load_optional_backends, backend_status, backends
-from .hf_patch import SUPPORTED_MODELS, EarlyExitOutput, is_patched, patch, unpatch
+from .hf_patch import (
+    SUPPORTED_MODELS,
+    EarlyExitOutput,
+    is_patched,
+    patch,
+    set_training_objective,
+    training_objective,
+    unpatch,
+)
 from .policies import DACT, Entropy, ExitPolicy, MaxProb, Patience, QExit, Scheduled, SkipGates, Voting
+from .saving import from_pretrained
 
 __version__ = "0.1.0"
 
@@ -31,7 +40,10 @@ __all__ = [
     "Voting",
     "backend_status",
     "backends",
+    "from_pretrained",
     "is_patched",
     "patch",
+    "set_training_objective",
+    "training_objective",
     "unpatch",
 ]

@@ -56,6 +56,8 @@ class ExitResult:
     all_logits: torch.Tensor | None = None  # [L, B, C] with all_exits
     all_halting: torch.Tensor | None = None  # [L, B] halting probabilities (QExit, DACT)
     all_skipped: torch.Tensor | None = None  # [L, B] bool (SkipGates)
+    all_halting_logits: torch.Tensor | None = None  # [L, B] float32, the halting head's logits before the sigmoid
+    all_gates: torch.Tensor | None = None  # [L, B] float32 gate probabilities (SkipGates; 0 on layers 1 and L)
     host_syncs: int = 0
 
 
@@ -74,12 +76,18 @@ def run_early_exit(
     mask: torch.Tensor | None,
     *,
     all_exits: bool = False,
+    train_gates: bool = False,
 ) -> ExitResult:
     """Run the encoder layers with early exit on ``hidden`` [B, S, H] (the embeddings).
 
     ``mask`` is the 2-D attention mask [B, S] or None for no padding. With
     ``all_exits=True`` nothing is compacted: every layer runs on every row, every head
     is recorded, and the outputs are what the policy decides from them.
+
+    ``train_gates=True`` (with ``all_exits``; SmartBERT's stage 1, training only) mixes
+    each gated layer as ``(1 - g') * Layer(h) + g' * h`` with the straight-through hard
+    gate ``g' = g + (1[g >= r] - g).detach()``, so the gates get a gradient; the values
+    equal those of the hard skip up to rounding. Inference never takes this path.
     """
     num_layers, num_labels = adapter.num_layers, adapter.num_labels
     batch, _, hidden_size = hidden.shape
@@ -121,8 +129,10 @@ def run_early_exit(
         result.all_logits = torch.empty(num_layers, batch, num_labels, dtype=dtype, device=device)
         if halting_head is not None:
             result.all_halting = torch.empty(num_layers, batch, dtype=torch.float32, device=device)
+            result.all_halting_logits = torch.empty(num_layers, batch, dtype=torch.float32, device=device)
         if gates is not None:
             result.all_skipped = torch.zeros(num_layers, batch, dtype=torch.bool, device=device)
+            result.all_gates = torch.zeros(num_layers, batch, dtype=torch.float32, device=device)
 
     for layer in range(1, num_layers + 1):
         active = hidden.shape[0]
@@ -133,7 +143,13 @@ def run_early_exit(
             ran = ~skip
             if all_exits:
                 result.all_skipped[layer - 1] = skip
-                hidden = torch.where(skip[:, None, None], hidden, adapter.run_layer(layer - 1, hidden, layer_mask))
+                result.all_gates[layer - 1] = gate
+                if train_gates:
+                    hard = gate + (skip.float() - gate).detach()
+                    mix = hard.to(hidden.dtype)[:, None, None]
+                    hidden = (1 - mix) * adapter.run_layer(layer - 1, hidden, layer_mask) + mix * hidden
+                else:
+                    hidden = torch.where(skip[:, None, None], hidden, adapter.run_layer(layer - 1, hidden, layer_mask))
             else:
                 running = int(ran.sum())
                 result.host_syncs += 1
@@ -179,6 +195,7 @@ def run_early_exit(
             result.all_logits[layer - 1] = logits
             if result.all_halting is not None:
                 result.all_halting[layer - 1] = torch.sigmoid(halting.float())
+                result.all_halting_logits[layer - 1] = halting.float()
             exits = exits & ~done
             done = done | exits
         _write_back(result, rows, exits, returned, layer, runs)

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from .policies import ExitPolicy, QExit
+from .policies import DACT, ExitPolicy, QExit, SkipGates
 
 __all__ = ["ExitHeads", "LambdaHaltingHead", "LinearHaltingHead"]
 
@@ -113,6 +113,26 @@ class ExitHeads(nn.Module):
             self.gates = nn.ModuleList(
                 [_constant_linear(self.hidden_size, _GATE_INITIAL) for _ in range(self.num_layers)]
             ).to(**where)
+
+    def describe(self) -> dict:
+        """Which heads exist, as plain values (saved next to the model by ``save_pretrained``)."""
+        return {
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "qexit_halting": list(self.qexit_halting_config) if self.qexit_halting is not None else None,
+            "dact_halting": self.dact_halting is not None,
+            "gates": self.gates is not None,
+        }
+
+    def add_described(self, description: dict) -> None:
+        """Add the heads a :meth:`describe` result lists (their values are loaded afterwards)."""
+        if description.get("qexit_halting"):
+            combine, blocks = description["qexit_halting"]
+            self.ensure_for(QExit(combine=combine, lambda_layers=int(blocks)))
+        if description.get("dact_halting"):
+            self.ensure_for(DACT())
+        if description.get("gates") and self.gates is None:
+            self.ensure_for(SkipGates(entropy_threshold=0.0))
 
     def halting_head(self, policy: ExitPolicy) -> nn.Module | None:
         if isinstance(policy, QExit):

@@ -24,9 +24,18 @@ from transformers.utils import ModelOutput
 from .backend_registry import check_backend_name, resolve_backend
 from .engine import run_early_exit
 from .heads import ExitHeads
-from .policies import ExitPolicy
+from .losses import Objective, objective
+from .policies import ExitPolicy, SkipGates
 
-__all__ = ["EarlyExitOutput", "patch", "unpatch", "is_patched", "SUPPORTED_MODELS"]
+__all__ = [
+    "EarlyExitOutput",
+    "patch",
+    "unpatch",
+    "is_patched",
+    "set_training_objective",
+    "training_objective",
+    "SUPPORTED_MODELS",
+]
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 
@@ -42,6 +51,11 @@ class EarlyExitOutput(ModelOutput):
     all_halting: [L, B], the halting probabilities (QExit's lambda_i, DACT's h_i).
     all_skipped: [L, B] bool, which layers SkipGates skipped.
     host_syncs: how many times the forward read a value back to the host.
+    all_halting_logits: [L, B] float32, the halting head's logits before the sigmoid (what
+        the exit rule reads; for an exact offline replay, see :mod:`earlyexit_kernels.calibration`).
+    all_gates: [L, B] float32, SmartBERT's gate probabilities (0 on layers 1 and L).
+    loss: with ``labels``: in training mode the loss of the objective chosen with
+        :func:`set_training_objective` (when one is set), else Hugging Face's loss on ``logits``.
     """
 
     loss: torch.Tensor | None = None
@@ -52,6 +66,8 @@ class EarlyExitOutput(ModelOutput):
     all_halting: torch.Tensor | None = None
     all_skipped: torch.Tensor | None = None
     host_syncs: int | None = None
+    all_halting_logits: torch.Tensor | None = None
+    all_gates: torch.Tensor | None = None
 
 
 class _Adapter:
@@ -157,12 +173,15 @@ def is_patched(model) -> bool:
     return "forward" in vars(model) and getattr(model, "_eek_policy", None) is not None
 
 
-def patch(model: nn.Module, policy: ExitPolicy, backend: str = "auto") -> nn.Module:
+def patch(model: nn.Module, policy: ExitPolicy, backend: str = "auto", *, objective: str | None = None) -> nn.Module:
     """Give ``model`` early exit with ``policy``, in place; returns the same model.
 
     Adds the per-layer heads (initialised from the model's classifier) and any head
     the policy needs. On a patched model it swaps the policy and keeps the heads.
     ``backend`` is ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``.
+    ``objective`` (optional) is a training method name, as in
+    :func:`set_training_objective`. ``model.save_pretrained(path)`` of a patched model
+    also writes the exit heads and the policy (see :func:`earlyexit_kernels.from_pretrained`).
     """
     adapter_cls = _adapter_class(model)
     if not isinstance(policy, ExitPolicy):
@@ -194,7 +213,63 @@ def patch(model: nn.Module, policy: ExitPolicy, backend: str = "auto") -> nn.Mod
     model._eek_backend = backend
     model._eek_adapter = adapter_cls(model, heads)
     model.forward = types.MethodType(_patched_forward, model)
+    model.save_pretrained = types.MethodType(_patched_save_pretrained, model)
+    if objective is not None:
+        set_training_objective(model, objective)
     return model
+
+
+def set_training_objective(model: nn.Module, method: str | None, **loss_kwargs) -> nn.Module:
+    """Choose the loss a patched model returns in training mode when it gets ``labels``.
+
+    ``method`` is a name of :data:`earlyexit_kernels.losses.OBJECTIVES` (``"pabee"``,
+    ``"deebert_stage1"``, ``"deebert_stage2"``, ``"fastbert"``, ``"palbert"``,
+    ``"ensemble"``, ``"dact"``, ``"smartbert_stage1"``, ``"smartbert_stage2"``) or None for
+    Hugging Face's loss on the exit logits (the default). ``loss_kwargs`` go to the loss
+    (``beta=``, ``tau=``, ...). With it a user's own ``transformers.Trainer`` script trains
+    the exit heads: ``Trainer`` passes ``labels`` and reads ``outputs.loss``. Methods that
+    train only part of the model (``trains`` of the objective) need the rest frozen, e.g.
+    with :func:`earlyexit_kernels.training.select_trainable`. Returns the model.
+    """
+    if not is_patched(model):
+        raise ValueError("set_training_objective needs a model patched with eek.patch")
+    if method is None:
+        model._eek_objective = None
+        return model
+    chosen = objective(method)
+    _check_objective_policy(chosen, model._eek_policy)
+    model._eek_objective = (chosen, dict(loss_kwargs))
+    return model
+
+
+def training_objective(model: nn.Module) -> tuple[Objective, dict] | None:
+    """The ``(objective, loss_kwargs)`` chosen with :func:`set_training_objective`, or None."""
+    return getattr(model, "_eek_objective", None)
+
+
+def _check_objective_policy(chosen: Objective, policy: ExitPolicy) -> None:
+    if chosen.policy is not None and type(policy).__name__ != chosen.policy:
+        raise ValueError(
+            f"the {chosen.name} loss needs the model patched with eek.{chosen.policy}(...) (for its "
+            f"{'gates' if chosen.policy == 'SkipGates' else 'halting head'}), but the policy is "
+            f"{type(policy).__name__}; call eek.patch(model, eek.{chosen.policy}(...)) first"
+        )
+
+
+def _patched_save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+    """``save_pretrained`` of a patched model: the model as Hugging Face saves it, without the
+    exit heads, then the heads (safetensors) and the policy (JSON) next to it."""
+    from .saving import save_exit_heads
+
+    heads = self._modules.pop(_HEADS)
+    try:
+        if state_dict is not None:
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(_HEADS + ".")}
+        type(self).save_pretrained(self, save_directory, *args, state_dict=state_dict, **kwargs)
+    finally:
+        self._modules[_HEADS] = heads
+    if kwargs.get("is_main_process", True):
+        save_exit_heads(self, save_directory)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -202,6 +277,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     if not is_patched(model):
         raise ValueError("unpatch: the model is not patched by eek.patch")
     del model.forward
+    vars(model).pop("save_pretrained", None)
     heads = getattr(model, _HEADS)
     del model._modules[_HEADS]
     vars(model)[_DETACHED_HEADS] = heads
@@ -276,6 +352,7 @@ def _patched_forward(
     for flag in ("output_attentions", "output_hidden_states"):
         if kwargs.pop(flag, False):
             raise ValueError(f"{flag}=True is not available with early exit; call eek.unpatch(model) first")
+    kwargs.pop("num_items_in_batch", None)  # transformers.Trainer's loss kwarg; the losses here are means
     if kwargs:
         raise TypeError(f"unexpected arguments for an early-exit forward: {', '.join(sorted(kwargs))}")
     adapter = self._eek_adapter
@@ -292,11 +369,23 @@ def _patched_forward(
     else:
         hidden = adapter.embed(input_ids, token_type_ids, position_ids, inputs_embeds)
         mask = attention_mask
+    train_gates = self.training and torch.is_grad_enabled() and isinstance(self._eek_policy, SkipGates)
     result = run_early_exit(
-        adapter, self.early_exit_heads, self._eek_policy, backend, hidden, mask, all_exits=all_exits
+        adapter,
+        self.early_exit_heads,
+        self._eek_policy,
+        backend,
+        hidden,
+        mask,
+        all_exits=all_exits,
+        train_gates=train_gates,
     )
     loss = None
-    if labels is not None:
+    chosen = getattr(self, "_eek_objective", None)
+    if self.training and chosen is not None and (labels is not None or not chosen[0].needs_labels):
+        _check_objective_policy(chosen[0], self._eek_policy)
+        loss = chosen[0](result, labels, **chosen[1])
+    elif labels is not None:
         loss = _sequence_classification_loss(self.config, result.logits, labels)
     out = EarlyExitOutput(
         loss=loss,
@@ -307,5 +396,7 @@ def _patched_forward(
         all_halting=result.all_halting,
         all_skipped=result.all_skipped,
         host_syncs=result.host_syncs + (input_ids is not None and batch > 0),
+        all_halting_logits=result.all_halting_logits,
+        all_gates=result.all_gates,
     )
     return out if return_dict is not False else out.to_tuple()

@@ -1,13 +1,18 @@
-"""Training the exit heads: PABEE's weighted loss and DeeBERT's second stage.
+"""Training the exit heads: a self-contained loop over the losses of :mod:`earlyexit_kernels.losses`.
 
-Both work on ``all_logits`` [L, B, C], which a patched model returns in training
-mode (or with ``return_all_exits=True``):
+Every loss works on what a patched model returns in training mode (or with
+``return_all_exits=True``):
 
     model.train()
     out = model(input_ids=ids, attention_mask=mask)
     loss = pabee_loss(out.all_logits, labels)
 
-``train_exit_heads`` is a small self-contained loop around them.
+:func:`train_exit_heads` is a small loop around them (one method per call; DeeBERT
+and SmartBERT are two calls, one per stage). Inside a Hugging Face ``Trainer``, choose
+the loss with ``eek.set_training_objective(model, method)`` instead: the patched
+forward then returns it as ``outputs.loss`` in training mode.
+
+The loss functions are re-exported here so that older imports keep working.
 """
 
 from __future__ import annotations
@@ -18,36 +23,49 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from .hf_patch import is_patched
+from .hf_patch import _check_objective_policy, is_patched
+from .losses import (
+    ALIASES,
+    OBJECTIVES,
+    dact_loss,
+    deebert_stage1_loss,
+    deebert_stage2_loss,
+    ensemble_loss,
+    fastbert_loss,
+    objective,
+    pabee_loss,
+    per_layer_loss,
+    per_sample_loss,
+    pondernet_loss,
+    smartbert_stage1_loss,
+    smartbert_stage2_loss,
+)
 
-__all__ = ["per_layer_loss", "pabee_loss", "deebert_stage2_loss", "freeze_backbone", "train_exit_heads", "METHODS"]
+__all__ = [
+    "per_layer_loss",
+    "per_sample_loss",
+    "pabee_loss",
+    "deebert_stage1_loss",
+    "deebert_stage2_loss",
+    "fastbert_loss",
+    "pondernet_loss",
+    "ensemble_loss",
+    "dact_loss",
+    "smartbert_stage1_loss",
+    "smartbert_stage2_loss",
+    "freeze_backbone",
+    "select_trainable",
+    "train_exit_heads",
+    "METHODS",
+    "OPTIMIZERS",
+    "SCHEDULES",
+]
 
-METHODS = ("pabee", "deebert")
-
-
-def per_layer_loss(all_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``CE_i`` (MSE for a regression head, C == 1) of every layer's head: [L, B, C] -> [L]."""
-    num_layers, batch, num_labels = all_logits.shape
-    logits = all_logits.float()
-    if num_labels == 1:
-        target = labels.float().view(1, batch).expand(num_layers, batch)
-        return ((logits.squeeze(-1) - target) ** 2).mean(dim=1)
-    flat = nn.functional.cross_entropy(
-        logits.reshape(-1, num_labels), labels.view(1, batch).expand(num_layers, batch).reshape(-1), reduction="none"
-    )
-    return flat.view(num_layers, batch).mean(dim=1)
-
-
-def pabee_loss(all_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """PABEE: ``sum_i i * CE_i / sum_i i`` over all L heads (deeper heads weigh more)."""
-    losses = per_layer_loss(all_logits, labels)
-    weights = torch.arange(1, losses.shape[0] + 1, dtype=losses.dtype, device=losses.device)
-    return (weights * losses).sum() / weights.sum()
-
-
-def deebert_stage2_loss(all_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """DeeBERT stage 2: ``sum_{i<L} CE_i``, the internal heads only (the final classifier is frozen)."""
-    return per_layer_loss(all_logits[:-1], labels).sum()
+#: method names accepted by :func:`train_exit_heads` (and their aliases)
+METHODS = tuple(OBJECTIVES) + tuple(ALIASES)
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("linear", "cosine", "constant")
+_TRAINS = ("all", "heads", "backbone")
 
 
 def freeze_backbone(model: nn.Module) -> list[nn.Parameter]:
@@ -62,11 +80,62 @@ def freeze_backbone(model: nn.Module) -> list[nn.Parameter]:
     return trainable
 
 
+def _heads_parameters(model) -> list[nn.Parameter]:
+    """The internal classifiers and halting heads (not the gates)."""
+    heads = model.early_exit_heads
+    gates = {id(p) for p in heads.gates.parameters()} if heads.gates is not None else set()
+    return [p for p in heads.parameters() if id(p) not in gates]
+
+
+def select_trainable(model: nn.Module, trains: str) -> list[nn.Parameter]:
+    """Set ``requires_grad`` for one of ``"all"``, ``"heads"``, ``"backbone"``; returns the trainable parameters.
+
+    ``"heads"``: the internal classifiers of layers ``1..L-1`` and the halting heads
+    (backbone, final classifier and gates frozen). ``"backbone"``: the backbone, the
+    final classifier and the skip gates (internal classifiers and halting heads frozen).
+    ``"all"``: everything.
+    """
+    if not is_patched(model):
+        raise ValueError("select_trainable needs a model patched with eek.patch")
+    if trains not in _TRAINS:
+        raise ValueError(f"trains must be one of {', '.join(_TRAINS)}; got {trains!r}")
+    heads = {id(p) for p in _heads_parameters(model)}
+    for parameter in model.parameters():
+        if trains == "all":
+            flag = True
+        else:
+            flag = (id(parameter) in heads) == (trains == "heads")
+        parameter.requires_grad_(flag)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def _batches(data) -> Iterable[Mapping[str, torch.Tensor]]:
     if isinstance(data, Mapping):
         yield data
     else:
         yield from data
+
+
+def _optimizer(name: str, parameters, lr: float, weight_decay: float):
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(parameters, lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
+def _schedule(name: str, total: int, warmup: int):
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if name == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if name == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+
+    return factor
 
 
 def train_exit_heads(
@@ -79,46 +148,55 @@ def train_exit_heads(
     weight_decay: float = 0.01,
     warmup_fraction: float = 0.1,
     max_grad_norm: float = 1.0,
+    optimizer: str = "adamw",
+    schedule: str = "linear",
+    trains: str | None = None,
+    loss_kwargs: Mapping | None = None,
     progress: bool = True,
 ) -> list[float]:
-    """Train a patched model's exit heads; returns the loss of every step.
+    """Train a patched model with one method's loss; returns the loss of every step.
 
     ``batches``: a re-iterable of dicts with ``input_ids``, ``labels`` and optionally
-    ``attention_mask`` and ``token_type_ids`` (a ``DataLoader`` works). ``method``:
-    ``"pabee"`` trains the backbone and every head jointly on PABEE's weighted loss;
-    ``"deebert"`` is DeeBERT's stage 2, with the fine-tuned backbone and final
-    classifier frozen during the loop (their ``requires_grad`` is restored after).
-    AdamW with linear warm-up and decay.
+    ``attention_mask`` and ``token_type_ids`` (a ``DataLoader`` works; ``labels`` may be
+    left out for ``"fastbert"``). ``method``: a name of
+    :data:`earlyexit_kernels.losses.OBJECTIVES` (``"pabee"``, ``"deebert_stage1"``,
+    ``"deebert_stage2"`` (alias ``"deebert"``), ``"fastbert"``, ``"palbert"`` (alias
+    ``"pondernet"``), ``"ensemble"``, ``"dact"``, ``"smartbert_stage1"``,
+    ``"smartbert_stage2"``). ``"palbert"`` needs the model patched with ``eek.QExit``,
+    ``"dact"`` with ``eek.DACT`` and ``"smartbert_stage1"`` with ``eek.SkipGates`` (their
+    halting head or gates). ``trains``: which parameters learn, ``"all"`` (joint),
+    ``"heads"`` (head-only) or ``"backbone"``; by default the method's own (see
+    :func:`select_trainable`); the others are frozen during the loop and their
+    ``requires_grad`` is restored after. ``optimizer``: ``"adamw"``, ``"adam"`` or
+    ``"sgd"`` (momentum 0.9); ``schedule``: linear warm-up over ``warmup_fraction`` of
+    the steps, then ``"linear"`` decay, ``"cosine"`` decay or ``"constant"``.
+    ``loss_kwargs`` go to the loss (``beta=``, ``tau=``, ``lam=``, ``diversity=``).
+    ``progress``: a tqdm bar on a terminal.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    chosen = objective(method)
     if not is_patched(model):
         raise ValueError("train_exit_heads needs a model patched with eek.patch")
+    _check_objective_policy(chosen, model._eek_policy)
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
     requires_grad = {p: p.requires_grad for p in model.parameters()}
-    if method == "deebert":
-        parameters = freeze_backbone(model)
-        loss_fn = deebert_stage2_loss
-    else:
-        parameters = [p for p in model.parameters() if p.requires_grad]
-        loss_fn = pabee_loss
+    loss_kwargs = dict(loss_kwargs or {})
     steps_per_epoch = sum(1 for _ in _batches(batches))
     total = max(1, steps_per_epoch * epochs)
     warmup = int(total * warmup_fraction)
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-
-    def schedule(step):
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    bar = _progress(total, f"training exit heads ({method})", progress)
     was_training = model.training
-    model.train()
+    bar = None
     losses = []
     try:
+        parameters = select_trainable(model, trains or chosen.trains)
+        opt = _optimizer(optimizer, parameters, lr, weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(schedule, total, warmup))
+        bar = _progress(total, f"training ({chosen.name})", progress)
+        model.train()
         for _ in range(epochs):
             for batch in _batches(batches):
                 out = model(
@@ -126,19 +204,20 @@ def train_exit_heads(
                     attention_mask=batch.get("attention_mask"),
                     token_type_ids=batch.get("token_type_ids"),
                 )
-                loss = loss_fn(out.all_logits, batch["labels"])
+                loss = chosen(out, batch.get("labels"), **loss_kwargs)
                 if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"the {method} loss is {loss.item()} at step {len(losses)}; lower lr")
-                optimizer.zero_grad(set_to_none=True)
+                    raise FloatingPointError(f"the {chosen.name} loss is {loss.item()} at step {len(losses)}; lower lr")
+                opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-                optimizer.step()
+                opt.step()
                 scheduler.step()
                 losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         model.train(was_training)
         for parameter, flag in requires_grad.items():
             parameter.requires_grad_(flag)

@@ -38,9 +38,38 @@ def test_easy_sequences_hold_one_class_and_hard_ones_both():
 
 def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, capsys):
     report = tmp_path / "demo.txt"
-    demo.main(["--train-size", "128", "--test-size", "64", "--epochs", "1", "--repeats", "1", "--output", str(report)])
+    demo.main(
+        [
+            "--train-size",
+            "128",
+            "--test-size",
+            "64",
+            "--epochs",
+            "1",
+            "--repeats",
+            "1",
+            "--method-train-size",
+            "64",
+            "--val-size",
+            "64",
+            "--method-repeats",
+            "1",
+            "--output",
+            str(report),
+        ]
+    )
     printed = capsys.readouterr().out
-    for name in ("full model", "Patience(2)", "Entropy(0.2)", "MaxProb(0.9)", "speed-up"):
+    for name in ("full model", "Patience(2)", "Entropy(0.2)", "MaxProb(0.9)", "speed-up", "methods side by side"):
         assert name in printed
+    for method in (
+        "pabee: Patience(",
+        "deebert: Entropy(",
+        "fastbert: Entropy(",
+        "palbert: QExit(q=",
+        "ensemble: Voting(",
+        "dact: DACT()",
+        "smartbert: SkipGates(",
+    ):
+        assert method in printed
     text = report.read_text()
     assert text.startswith("# python -m earlyexit_kernels.demo") and "full model" in text

@@ -46,7 +46,7 @@ fi
 optional=()
 [[ "$(uname -s)" != Linux ]] || has triton || optional+=("triton>=3.6,<4")
 has ruff || command -v ruff >/dev/null 2>&1 || optional+=("ruff")
-for package in matplotlib datasets pytest_benchmark; do
+for package in matplotlib datasets accelerate pytest_benchmark; do
     has "$package" || optional+=("${package//_/-}")
 done
 for package in "${optional[@]}"; do

@@ -1,0 +1,71 @@
+"""After a short training on the package's task, each method exits earlier on easy than on hard sequences."""
+
+import pytest
+import torch
+
+from earlyexit_kernels import exit_quality
+from earlyexit_kernels.calibration import candidates, record_exits, replay
+from earlyexit_kernels.demo_task import batches, make_split
+
+LAYERS = 4
+# DACT is left out here: its halting head learns to stop where more layers stop paying off, and
+# the tiny model of this test never learns the hard sequences (depth does not pay off there), so
+# it halts on them early, rightly. The full-size run of `python -m earlyexit_kernels.exit_quality`
+# (README, "Exit quality") measures DACT's easy and hard exits on a model that learnt them.
+METHODS = [m for m in exit_quality.METHODS if m != "dact"]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    train = batches(make_split(1024, seed=0), 32, shuffle_seed=0)
+    base = exit_quality.train_base(train, seed=0, epochs=3, lr=2e-3, hidden=64, layers=LAYERS)
+    test = make_split(512, seed=1)
+    return base, train[:16], test
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_easy_sequences_exit_earlier_than_hard_ones(trained, method):
+    base, train, test = trained
+    model = exit_quality.train_method(method, base, train, epochs=1, lr=1e-3, heads_lr=3e-3)
+    record = record_exits(model, batches(test, 128))
+    # the candidate of the method's policy family closest to half the depth
+    results = [replay(policy, record) for policy in candidates(record, count=30)]
+    result = min(results, key=lambda r: abs(r.layers_run.float().mean().item() - (1 + LAYERS) / 2))
+    hard = test["hard"]
+    layers = result.layers_run.float()
+    assert layers[~hard].mean() < layers[hard].mean(), method
+    easy_accuracy = (result.logits.argmax(-1) == test["labels"])[~hard].float().mean()
+    assert easy_accuracy > 0.95
+
+
+def test_readme_table_is_generated_from_the_csv(tmp_path):
+    rows = []
+    for method in ("pabee", "dact"):
+        for k in (1, 2):
+            rows.append(
+                dict.fromkeys(exit_quality.FIELDS, 0.5)
+                | {
+                    "method": method,
+                    "kind": "static",
+                    "policy": f"cut after layer {k}",
+                    "mean_layers": k,
+                    "beats_static": 0,
+                }
+            )
+        rows.append(
+            dict.fromkeys(exit_quality.FIELDS, 0.75)
+            | {"method": method, "kind": "curve", "policy": "X", "mean_layers": 1.5, "beats_static": 1}
+        )
+        rows.append(
+            dict.fromkeys(exit_quality.FIELDS, 0.625)
+            | {"method": method, "kind": "operating", "policy": "Y", "mean_layers": 1.5, "beats_static": 1}
+        )
+    csv_path = tmp_path / "q.csv"
+    exit_quality.write_csv(rows, str(csv_path), ["--test"])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{exit_quality.MARK_START}\nold\n{exit_quality.MARK_END}\nend\n")
+    exit_quality.main(["--from-csv", str(csv_path), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("end\n")
+    assert "| pabee | `Y` | 62.5% | 62.5% / 62.5% | 1.50 |" in text and "| 1 / 1 |" in text
