@@ -144,13 +144,21 @@ def head_exit_step(
 ):
     """:func:`earlyexit_kernels.exit_rules.head_exit_step` on the C++/CUDA kernels.
 
-    Without a halting head the head and the rule run as one op; with one, the head op
-    gives the pooled vector the halting head (a Python module) reads, then the rule runs.
+    On CUDA, without a halting head the head and the rule run as one op; with one, the
+    head op gives the pooled vector the halting head (a Python module) reads, then the
+    rule runs. On the CPU the head is torch's GEMM and the rule the C++ op.
     """
     lowered = lower_policy(policy, num_layers)
     state_list = [state[k] for k in lowered.state_in]
     rule_args = (lowered.kind, lowered.flags, layer, num_layers, lowered.int_param, lowered.scalar, lowered.per_layer)
-    if halting_fn is not None:
+    if not cls_hidden.is_cuda:
+        # On the CPU torch's BLAS GEMM beats the C++ head's own dot products from about
+        # 32 rows up (2-4x at 128; benchmarks/results/cpu): the head runs there, the rule in C++.
+        pooled = torch.tanh(torch.nn.functional.linear(cls_hidden, pooler_weight, pooler_bias))
+        logits = torch.nn.functional.linear(pooled, head_weight, head_bias)
+        halting = halting_fn(pooled, state.get("prev_pooled")) if halting_fn is not None else None
+        exits, returned, new_state, _, _ = torch.ops.earlyexit.cpp_exit_step(logits, halting, state_list, *rule_args)
+    elif halting_fn is not None:
         pooled, logits = torch.ops.earlyexit.cpp_head(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias)
         halting = halting_fn(pooled, state.get("prev_pooled"))
         exits, returned, new_state, _, _ = torch.ops.earlyexit.cpp_exit_step(logits, halting, state_list, *rule_args)
