@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Everything a session with a GPU machine should run, in one call, writing under $OUT:
+# build with CUDA, the test suite natively on the GPU, compute-sanitizer on the kernel
+# tests, the microbenchmarks and the end-to-end benchmark. Each step logs to its own
+# file and a failing step does not stop the others; the summary lists the exit codes.
+#
+#   OUT=/tmp/out bash scripts/gpu_session.sh            # everything
+#   OUT=/tmp/out STEPS="build tests" bash scripts/gpu_session.sh
+set -uo pipefail
+OUT=${OUT:?set OUT to the folder for logs and results}
+STEPS=${STEPS:-"build tests sanitizer micro bench"}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+summary="$OUT/summary.txt"
+: >"$summary"
+
+step() {
+    local name=$1
+    shift
+    local start=$SECONDS
+    "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$summary"
+}
+
+nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+for s in $STEPS; do
+    case $s in
+    build) step build env EARLYEXIT_FORCE_CUDA_BUILD=1 make setup ;;
+    tests) step tests "$PY" -m pytest -q python_tests -x -ra ;;
+    sanitizer)
+        # The csrc CUDA kernels have no CUDA tests yet; the Triton ones run natively on a GPU.
+        step memcheck compute-sanitizer --tool memcheck "$PY" -m pytest -q python_tests/test_triton_compact.py -x
+        step racecheck compute-sanitizer --tool racecheck "$PY" -m pytest -q python_tests/test_triton_exit_step.py -x -k fp32
+        ;;
+    micro) step micro "$PY" -m pytest -q benchmarks/bench_triton_micro.py benchmarks/bench_cpu_micro.py --benchmark-json="$OUT/micro.json" ;;
+    bench) step bench "$PY" -m earlyexit_kernels.bench --device cuda --output-dir "$OUT/bench" ;;
+    *) echo "unknown step $s" | tee -a "$summary" ;;
+    esac
+done
+cat "$summary"
