@@ -1,0 +1,218 @@
+"""``python -m earlyexit_kernels.bench``: the end-to-end sweep, the microbenchmarks, the CSV and the plots.
+
+    python -m earlyexit_kernels.bench                      # defaults for the device (see --help)
+    python -m earlyexit_kernels.bench --smoke --output-dir /tmp/b   # seconds: checks the suite runs
+
+Writes ``<output-dir>/bench.csv`` (schema: :mod:`.results`), ``meta.json`` (command,
+duration, load) and the plots (:mod:`.plots`). ``python -m earlyexit_kernels.bench.report``
+turns committed CSVs into the README's results section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .micro import compact_fn, exit_step_fn, fast_backends, micro_impls
+from .models import ARCHITECTURES, SIZES, build_model, pad_token_id
+from .patterns import geometric, scheduled, standard_patterns
+from .plots import make_plots
+from .results import environment, write_csv
+from .runner import measure_pattern
+from .timing import percentiles, time_loop, timed_call
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _names(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    for name in names:
+        if name not in ARCHITECTURES:
+            raise argparse.ArgumentTypeError(f"unknown model {name!r}; choose from {', '.join(ARCHITECTURES)}")
+    return names
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(prog="python -m earlyexit_kernels.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument(
+        "--size", choices=sorted(SIZES), help="model size preset (models.py); default: base on CUDA, small on CPU"
+    )
+    parser.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32, 64, 128])
+    parser.add_argument("--seq-lens", type=_ints, default=[128, 512])
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        help="the shortest sequence length runs every batch size; longer ones only while B*S <= this "
+        "(default: no limit on CUDA, 4096 on CPU)",
+    )
+    parser.add_argument("--models", type=_names, default=["bert"], help="architectures of the full sweep")
+    parser.add_argument(
+        "--spot-models", type=_names, default=["albert", "roberta"], help="spot checks: 3 patterns at --spot-batch"
+    )
+    parser.add_argument("--spot-batch", type=int, default=32)
+    parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per method (p20/p50/p80 over them)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
+    parser.add_argument("--no-micro", action="store_true", help="skip the exit-step and compaction microbenchmarks")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny model, B in {1, 4}, S = 16, one repetition, 1 thread"
+    )
+    parser.add_argument("--output-dir", type=Path, help="default: benchmarks/results/<device type>")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.smoke:
+        args.size, args.batch_sizes, args.seq_lens, args.repeats, args.spot_batch = "tiny", [1, 4], [16], 1, 4
+        # One thread: two OpenMP threads on a busy 2-core machine make tiny ops ~25x slower.
+        args.threads = args.threads or 1
+    args.size = args.size or ("base" if device.type == "cuda" else "small")
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    if args.max_tokens is None and device.type != "cuda" and not args.smoke:
+        args.max_tokens = 4096
+    args.output_dir = args.output_dir or Path("benchmarks") / "results" / device.type
+    return args
+
+
+def _grid(args) -> list[tuple[int, int]]:
+    shortest = min(args.seq_lens)
+    return [
+        (s, b)
+        for s in args.seq_lens
+        for b in args.batch_sizes
+        if s == shortest or args.max_tokens is None or b * s <= args.max_tokens
+    ]
+
+
+def _micro_rows(args, device, dtype, size) -> list[dict]:
+    rows = []
+    seq_len = min(args.seq_lens)
+    target = 0.002 if args.smoke else 0.02  # seconds per timed loop
+    for kind in ("exit_step", "compact"):
+        for impl in micro_impls(device):
+            for batch in args.batch_sizes:
+                if kind == "exit_step":
+                    fn = exit_step_fn(impl, batch, seq_len, size.hidden, size.layers, device, dtype)
+                else:
+                    fn, _ = compact_fn(impl, batch, seq_len, size.hidden, device, dtype)
+                once, _ = timed_call(fn, device)
+                iterations = max(3, min(2000, int(target / max(once, 1e-7))))
+                samples = [time_loop(fn, device, iterations) for _ in range(max(args.repeats, 3))]
+                stats = percentiles(samples)
+                rows.append(
+                    {
+                        "kind": kind,
+                        "method": impl,
+                        "backend": impl,
+                        "B": batch,
+                        "S": seq_len,
+                        "L": size.layers,
+                        "pattern": "Entropy(0.3)" if kind == "exit_step" else "keep 1/2, trim 1/8",
+                        "t_p20_s": stats["p20"],
+                        "t_p50_s": stats["p50"],
+                        "t_p80_s": stats["p80"],
+                        "repeats": len(samples),
+                    }
+                )
+    return rows
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    size = SIZES[args.size]
+    eek_backends = [*fast_backends(device), "torch"]
+    grid = _grid(args)
+    spot_seq = min(args.seq_lens)
+    tasks = []  # (arch, S, B, pattern)
+    for arch in args.models:
+        for s, b in grid:
+            tasks += [(arch, s, b, p) for p in standard_patterns(b, size.layers, s)]
+    for arch in args.spot_models:
+        if arch in args.models:
+            continue
+        b = args.spot_batch
+        spot = [scheduled(b, size.layers, 0.0, spot_seq), scheduled(b, size.layers, 0.5, spot_seq)]
+        tasks += [(arch, spot_seq, b, p) for p in (*spot, geometric(b, size.layers, spot_seq))]
+
+    from tqdm import tqdm
+
+    env = environment(device)
+    common = {"config": size.label, "dtype": args.dtype, "attn": args.attn}
+    rows: list[dict] = []
+    models = {}
+    total = len(tasks) + (0 if args.no_micro else 1)
+    with torch.inference_mode(), tqdm(total=total, disable=args.no_progress, unit="cfg", file=sys.stderr) as bar:
+        for arch, s, b, pattern in tasks:
+            load = {"load_1m": f"{os.getloadavg()[0]:.2f}"}
+            bar.set_description(f"{arch} B={b} S={s} {pattern.name}")
+            if arch not in models:
+                models[arch] = build_model(
+                    arch, size, max(args.seq_lens), device=device.type, dtype=dtype, attn=args.attn
+                )
+            model = models[arch]
+            measured = measure_pattern(
+                model,
+                pattern,
+                seq_len=s,
+                vocab=size.vocab,
+                pad_id=pad_token_id(arch),
+                device=device,
+                dtype=dtype,
+                eek_backends=eek_backends,
+                repeats=args.repeats,
+                measure_memory=not args.no_memory,
+            )
+            rows += [{**env, **common, **load, "model": arch, **row} for row in measured]
+            bar.update()
+        if not args.no_micro:
+            bar.set_description("microbenchmarks")
+            rows += [{**env, **common, "model": "-", **row} for row in _micro_rows(args, device, dtype, size)]
+            bar.update()
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    threads_before = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start, load_before = time.time(), os.getloadavg()
+    try:
+        rows = run(args)
+    finally:
+        torch.set_num_threads(threads_before)
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "bench.csv", rows)
+    plots = make_plots(rows, out)
+    meta = {
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "seconds": round(time.time() - start, 1),
+        "load_avg_before": [round(v, 2) for v in load_before],
+        "load_avg_after": [round(v, 2) for v in os.getloadavg()],
+        "rows": len(rows),
+        "plots": [p.name for p in plots],
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {out / 'bench.csv'} ({len(rows)} rows), {', '.join(p.name for p in plots)} in {meta['seconds']} s")
+    bad = [r for r in rows if r.get("check") not in (None, "ok")]
+    for r in bad:
+        print(
+            f"CHECK FAILED: {r['model']} {r['method']}/{r['backend']} B={r['B']} S={r['S']} {r['pattern']}: {r['check']}"
+        )
+    return 1 if bad else 0

@@ -1,0 +1,75 @@
+"""The two ideals an early-exit forward is compared with.
+
+``ideal_layers = L * B / sum(exit_layer)``: the speed-up if time were proportional to the
+number of (sequence, layer) evaluations. It is what the papers report.
+
+``ideal_shape``: the speed-up if the only cost were the encoder layers, each run at the
+shape it really has after compaction and trimming. With ``n_l`` the sequences still
+active at layer ``l`` (``exit_layer >= l``) and ``S_l`` the longest of their lengths
+(``S`` without padding), and ``t(n, s)`` the measured time of one encoder layer on
+``[n, s, H]`` (with the padding mask when the pattern is padded)::
+
+    ideal_shape = L * t(B, S) / sum_l t(n_l, S_l)
+
+The full model runs every layer at ``(B, S)``. Small batches use the hardware worse, so
+``ideal_shape`` is below ``ideal_layers`` when the batch shrinks to a few rows, and above
+it when trimming the padding saves more than the row count says. Embeddings, heads and
+the exit step are left out of both: they are what the engine must keep small.
+
+The layer times are measured in the same repetitions as the methods (each repetition
+times every method once and every needed layer shape once), so both see the same
+machine load; ``t`` is the median over the repetitions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..compaction import layer_attention_mask
+from .patterns import ExitPattern
+
+__all__ = ["ideal_layers", "active_shapes", "layer_probe", "shape_probes", "ideal_shape"]
+
+
+def ideal_layers(pattern: ExitPattern, num_layers: int) -> float:
+    return num_layers * pattern.exit_layers.numel() / float(pattern.exit_layers.sum())
+
+
+def active_shapes(pattern: ExitPattern, num_layers: int, seq_len: int) -> list[tuple[int, int]]:
+    """``(n_l, S_l)`` for ``l = 1..L`` (only layers some sequence still runs)."""
+    shapes = []
+    for layer in range(1, num_layers + 1):
+        active = pattern.exit_layers >= layer
+        n = int(active.sum())
+        if n == 0:
+            break
+        s = int(pattern.lengths[active].max()) if pattern.padded else seq_len
+        shapes.append((n, s))
+    return shapes
+
+
+def layer_probe(adapter, n: int, s: int, padded: bool, device: torch.device, dtype: torch.dtype):
+    """A no-argument callable running encoder layer 0 on ``[n, s, H]`` (masked when ``padded``)."""
+    hidden = torch.randn(n, s, adapter.hidden_size, device=device, dtype=dtype)
+    mask = None
+    if padded:  # one padded position per row: the masked kernel path, as the engine runs it
+        mask = torch.ones(n, s, dtype=torch.long, device=device)
+        if s > 1:
+            mask[:, -1] = 0
+    layer_mask = layer_attention_mask(mask, adapter.attn_implementation, dtype)
+    return lambda: adapter.run_layer(0, hidden, layer_mask)
+
+
+def shape_probes(pattern: ExitPattern, num_layers: int, seq_len: int, adapter, device, dtype) -> dict:
+    """``{(n, s): callable}`` for the full shape ``(B, S)`` and every active shape of ``pattern``."""
+    batch = pattern.exit_layers.numel()
+    shapes = {(batch, seq_len), *active_shapes(pattern, num_layers, seq_len)}
+    return {shape: layer_probe(adapter, *shape, pattern.padded, device, dtype) for shape in sorted(shapes)}
+
+
+def ideal_shape(pattern: ExitPattern, num_layers: int, seq_len: int, layer_time: dict) -> float:
+    """The shape-aware ideal from ``layer_time[(n, s)]``, the measured seconds of one layer."""
+    batch = pattern.exit_layers.numel()
+    full = num_layers * layer_time[(batch, seq_len)]
+    early = sum(layer_time[shape] for shape in active_shapes(pattern, num_layers, seq_len))
+    return full / early

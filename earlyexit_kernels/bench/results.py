@@ -1,0 +1,133 @@
+"""The suite's long-format CSV: one row per (what was timed, configuration).
+
+``kind`` is ``e2e`` (a whole forward), ``exit_step`` or ``compact`` (microbenchmarks).
+Times are seconds per forward (per call for the micro rows), p20/p50/p80 over the
+repetitions. For ``e2e`` rows:
+
+- ``speedup_vs_full`` = p50 of ``full`` / p50 of the row (``bs1``: over the same B sequences);
+- ``ideal_layers``, ``ideal_shape`` and ``ratio_ideal_*`` = speed-up / ideal (see :mod:`.ideal`);
+- ``host_syncs``: read-backs to the host in one forward (the engine's ``out.host_syncs``,
+  the baselines counted the same way; blank for ``full``, whose syncs inside Hugging Face
+  are not counted), ``syncs_per_layer`` = ``host_syncs / L``;
+- ``nonlayer_p50_s``: p50 of the same call with every encoder layer an identity;
+  ``nonlayer_overhead`` = (its excess over the full model's) / the full model's p50 time;
+- ``peak_mem_bytes``: see :func:`.timing.peak_memory`; ``peak_mem_vs_full`` its ratio to
+  the full model's;
+- ``check``: ``ok`` when the row's exit layers equal the pattern and its logits match the
+  naive baseline's (and, at f = 0, the full model's), else what differed.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+__all__ = ["COLUMNS", "environment", "write_csv", "read_csv"]
+
+COLUMNS = [
+    "kind",
+    "method",
+    "backend",
+    "model",
+    "config",
+    "dtype",
+    "attn",
+    "B",
+    "S",
+    "L",
+    "f",
+    "f_actual",
+    "pattern",
+    "t_p20_s",
+    "t_p50_s",
+    "t_p80_s",
+    "repeats",
+    "speedup_vs_full",
+    "ideal_layers",
+    "ideal_shape",
+    "ratio_ideal_layers",
+    "ratio_ideal_shape",
+    "host_syncs",
+    "syncs_per_layer",
+    "nonlayer_p50_s",
+    "nonlayer_overhead",
+    "peak_mem_bytes",
+    "peak_mem_vs_full",
+    "check",
+    "device",
+    "device_name",
+    "threads",
+    "load_1m",
+    "torch",
+    "triton",
+    "transformers",
+    "earlyexit_kernels",
+    "timestamp",
+]
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    """The columns that describe where and with what the suite ran."""
+    import transformers
+
+    import earlyexit_kernels
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{_cpu_name()} ({os.cpu_count()} cores)"
+    return {
+        "device": device.type,
+        "device_name": name,
+        "threads": torch.get_num_threads(),
+        "load_1m": f"{os.getloadavg()[0]:.2f}",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "transformers": transformers.__version__,
+        "earlyexit_kernels": earlyexit_kernels.__version__,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row.get(k)) for k in COLUMNS})
+
+
+def read_csv(path: Path) -> list[dict]:
+    with Path(path).open(newline="") as f:
+        return list(csv.DictReader(f))

@@ -1,0 +1,61 @@
+"""The benchmark suite's smoke run: ``python -m earlyexit_kernels.bench --smoke`` must keep working.
+
+A tiny model and one repetition: this checks the suite runs end to end, that every
+method agrees with the pattern and the naive baseline (the suite's own ``check``
+column), that the CSV has its columns and that the plots and the README section are
+produced. It times nothing meaningful.
+"""
+
+import csv
+
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+from earlyexit_kernels.bench import cli, report  # noqa: E402
+from earlyexit_kernels.bench.results import COLUMNS  # noqa: E402
+
+
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "cpu"
+    status = cli.main(["--smoke", "--device", "cpu", "--output-dir", str(out), "--no-progress"])
+    assert status == 0
+
+    with (out / "bench.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        rows = list(reader)
+    e2e = [r for r in rows if r["kind"] == "e2e"]
+    methods = {(r["method"], r["backend"]) for r in e2e}
+    assert {("full", "hf"), ("eek", "torch"), ("naive", "torch"), ("bs1", "torch")} <= methods
+    assert {r["model"] for r in e2e} == {"bert", "albert", "roberta"}
+    assert {r["pattern"] for r in e2e if r["model"] == "bert"} >= {
+        "sched-f0.00",
+        "sched-f0.25",
+        "sched-f0.50",
+        "sched-f0.75",
+        "geometric-p0.10",
+        "padded-geometric",
+    }
+    assert all(r["check"] == "ok" for r in e2e)
+    for r in e2e:
+        assert float(r["t_p50_s"]) > 0 and float(r["ideal_layers"]) >= 1.0
+        if r["method"] != "full":
+            assert int(r["host_syncs"]) >= 1
+    # f is what the pattern saves: sched-f0.50 on the 4-layer smoke model at B = 4 runs 8 of 16 layer evaluations.
+    half = next(r for r in e2e if r["pattern"] == "sched-f0.50" and r["B"] == "4")
+    assert float(half["f_actual"]) == 0.5 and float(half["ideal_layers"]) == 2.0
+    assert {r["kind"] for r in rows} == {"e2e", "exit_step", "compact"}
+
+    for name in ("speedup_vs_f.png", "exit_step_vs_batch.png", "meta.json"):
+        assert (out / name).stat().st_size > 0
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\ntext\n")
+    assert report.main([str(out / "bench.csv"), "--readme", str(readme)]) == 0
+    first = readme.read_text()
+    assert first.startswith("# title") and report.START in first and report.END in first
+    assert "| bert | 16 | 4 |" in first
+    assert report.main([str(out / "bench.csv"), "--readme", str(readme)]) == 0
+    assert readme.read_text().count(report.START) == 1
