@@ -61,14 +61,10 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def classify(model, split, device, repeats: int):
     """Predictions, exit layers and the median wall-clock time over ``repeats`` passes at batch 32."""
-    chunks = [{k: v.to(device) for k, v in b.items()} for b in batches(split, EVAL_BATCH)]
     times, outputs = [], None
     for _ in range(repeats + 1):  # the first pass warms up
-        _sync(device)
-        start = time.perf_counter()
-        outputs = [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]) for b in chunks]
-        _sync(device)
-        times.append(time.perf_counter() - start)
+        elapsed, outputs = _timed_pass(model, split, device)
+        times.append(elapsed)
     logits = torch.cat([o.logits for o in outputs]).float().cpu()
     num_layers = model.config.num_hidden_layers
     layers_run = torch.cat(

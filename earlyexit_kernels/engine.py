@@ -198,11 +198,15 @@ def run_early_exit(
                 result.all_halting_logits[layer - 1] = halting.float()
             exits = exits & ~done
             done = done | exits
+        # Where nobody can leave, there is nothing to write back and no count to read.
+        may_exit = layer == num_layers or (
+            can_exit_before_last(policy, layer) and (scheduled_counts is None or scheduled_counts[layer] > 0)
+        )
+        if not may_exit:
+            continue
         _write_back(result, rows, exits, returned, layer, runs)
 
         if all_exits or layer == num_layers:
-            continue
-        if not can_exit_before_last(policy, layer) or (scheduled_counts is not None and scheduled_counts[layer] == 0):
             continue
         keep = ~exits
         if extents is None:
