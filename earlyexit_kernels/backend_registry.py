@@ -33,6 +33,11 @@ class Backend:
     step; it has the signature of :func:`earlyexit_kernels.exit_rules.head_exit_step`
     and the engine uses it at inference instead of the model's pooler and classifier
     modules.
+
+    ``exit_step_write_back`` and ``head_exit_step_write_back`` (signatures of
+    :mod:`earlyexit_kernels.write_back`) also write the exiting rows' outputs and give
+    the survivor order and count: what the engine calls on a layer where rows may exit.
+    Without them the engine runs the backend's exit step, then the PyTorch write-back.
     """
 
     name: str
@@ -40,6 +45,8 @@ class Backend:
     compact: Callable
     devices: tuple[str, ...]
     head_exit_step: Callable | None = None
+    exit_step_write_back: Callable | None = None
+    head_exit_step_write_back: Callable | None = None
 
 
 _REGISTRY: dict[str, Backend] = {

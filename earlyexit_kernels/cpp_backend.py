@@ -24,8 +24,17 @@ import torch
 
 from . import backend_registry
 from .policies import DACT, Entropy, ExitPolicy, MaxProb, Patience, QExit, Scheduled, SkipGates, Voting
+from .write_back import WriteBack
 
-__all__ = ["exit_step", "head_exit_step", "compact", "lower_policy", "LOAD_ERROR"]
+__all__ = [
+    "exit_step",
+    "head_exit_step",
+    "exit_step_write_back",
+    "head_exit_step_write_back",
+    "compact",
+    "lower_policy",
+    "LOAD_ERROR",
+]
 
 # Kinds and flags: csrc/common/exit_rule.h.
 KIND_ENTROPY, KIND_MAXPROB, KIND_PATIENCE, KIND_PATIENCE_REG = 0, 1, 2, 3
@@ -112,22 +121,73 @@ def _updated(state: dict, lowered: LoweredPolicy, new_state) -> dict:
     return state
 
 
+def _rule_args(lowered: LoweredPolicy, layer: int, num_layers: int, target: WriteBack | None) -> tuple:
+    """The op arguments after the state list; with ``target`` the survivors and the write-back."""
+    flags = lowered.flags if target is None else lowered.flags | FLAG_SURVIVORS
+    args = (lowered.kind, flags, layer, num_layers, lowered.int_param, lowered.scalar, lowered.per_layer)
+    if target is None:
+        return args
+    return (*args, target.rows, target.runs, target.logits, target.exit_layer, target.layers_run)
+
+
+def _survivor_stats(exits: torch.Tensor, count: torch.Tensor, extents: torch.Tensor | None) -> torch.Tensor:
+    """``(count, longest extent of a staying row)`` as in :func:`earlyexit_kernels.write_back.write_back`."""
+    count = count.reshape(1)
+    if extents is None or exits.numel() == 0:
+        return torch.nn.functional.pad(count, (0, 1))
+    return torch.cat([count, torch.where(exits, 0, extents).amax().reshape(1)])
+
+
+def _exit_step(policy, layer, num_layers, logits, halting_logit, state, target):
+    lowered = lower_policy(policy, num_layers)
+    exits, returned, new_state, order, count = torch.ops.earlyexit.cpp_exit_step(
+        logits, halting_logit, [state[k] for k in lowered.state_in], *_rule_args(lowered, layer, num_layers, target)
+    )
+    return exits, returned, _updated(state, lowered, new_state), order, count
+
+
 def exit_step(policy, layer, num_layers, logits, halting_logit, state):
     """:func:`earlyexit_kernels.exit_rules.exit_step` on the C++/CUDA kernels."""
+    exits, returned, state, _, _ = _exit_step(policy, layer, num_layers, logits, halting_logit, state, None)
+    return exits, returned, state
+
+
+def exit_step_write_back(policy, layer, num_layers, logits, halting_logit, state, target):
+    """:func:`earlyexit_kernels.write_back.exit_step_write_back` on the C++/CUDA kernels (one op)."""
+    exits, _, state, order, count = _exit_step(policy, layer, num_layers, logits, halting_logit, state, target)
+    return exits, state, order, _survivor_stats(exits, count, target.extents)
+
+
+def _head_exit_step(
+    policy, layer, num_layers, cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias, state, halting_fn, target
+):
     lowered = lower_policy(policy, num_layers)
-    exits, returned, new_state, _, _ = torch.ops.earlyexit.cpp_exit_step(
-        logits,
-        halting_logit,
-        [state[k] for k in lowered.state_in],
-        lowered.kind,
-        lowered.flags,
-        layer,
-        num_layers,
-        lowered.int_param,
-        lowered.scalar,
-        lowered.per_layer,
-    )
-    return exits, returned, _updated(state, lowered, new_state)
+    state_list = [state[k] for k in lowered.state_in]
+    rule_args = _rule_args(lowered, layer, num_layers, target)
+    if not cls_hidden.is_cuda:
+        # On the CPU torch's BLAS GEMM beats the C++ head's own dot products from about
+        # 32 rows up (2-4x at 128; benchmarks/results/cpu): the head runs there, the rule in C++.
+        pooled = torch.tanh(torch.nn.functional.linear(cls_hidden, pooler_weight, pooler_bias))
+        logits = torch.nn.functional.linear(pooled, head_weight, head_bias)
+        halting = halting_fn(pooled, state.get("prev_pooled")) if halting_fn is not None else None
+        exits, returned, new_state, order, count = torch.ops.earlyexit.cpp_exit_step(
+            logits, halting, state_list, *rule_args
+        )
+    elif halting_fn is not None:
+        pooled, logits = torch.ops.earlyexit.cpp_head(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias)
+        halting = halting_fn(pooled, state.get("prev_pooled"))
+        exits, returned, new_state, order, count = torch.ops.earlyexit.cpp_exit_step(
+            logits, halting, state_list, *rule_args
+        )
+    else:
+        halting = None
+        exits, returned, logits, pooled, new_state, order, count = torch.ops.earlyexit.cpp_head_exit_step(
+            cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias, None, state_list, *rule_args
+        )
+    state = _updated(state, lowered, new_state)
+    if "prev_pooled" in state:
+        state["prev_pooled"] = pooled
+    return exits, returned, logits, halting, state, order, count
 
 
 def head_exit_step(
@@ -148,29 +208,39 @@ def head_exit_step(
     head op gives the pooled vector the halting head (a Python module) reads, then the
     rule runs. On the CPU the head is torch's GEMM and the rule the C++ op.
     """
-    lowered = lower_policy(policy, num_layers)
-    state_list = [state[k] for k in lowered.state_in]
-    rule_args = (lowered.kind, lowered.flags, layer, num_layers, lowered.int_param, lowered.scalar, lowered.per_layer)
-    if not cls_hidden.is_cuda:
-        # On the CPU torch's BLAS GEMM beats the C++ head's own dot products from about
-        # 32 rows up (2-4x at 128; benchmarks/results/cpu): the head runs there, the rule in C++.
-        pooled = torch.tanh(torch.nn.functional.linear(cls_hidden, pooler_weight, pooler_bias))
-        logits = torch.nn.functional.linear(pooled, head_weight, head_bias)
-        halting = halting_fn(pooled, state.get("prev_pooled")) if halting_fn is not None else None
-        exits, returned, new_state, _, _ = torch.ops.earlyexit.cpp_exit_step(logits, halting, state_list, *rule_args)
-    elif halting_fn is not None:
-        pooled, logits = torch.ops.earlyexit.cpp_head(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias)
-        halting = halting_fn(pooled, state.get("prev_pooled"))
-        exits, returned, new_state, _, _ = torch.ops.earlyexit.cpp_exit_step(logits, halting, state_list, *rule_args)
-    else:
-        halting = None
-        exits, returned, logits, pooled, new_state, _, _ = torch.ops.earlyexit.cpp_head_exit_step(
-            cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias, None, state_list, *rule_args
-        )
-    state = _updated(state, lowered, new_state)
-    if "prev_pooled" in state:
-        state["prev_pooled"] = pooled
-    return exits, returned, logits, halting, state
+    return _head_exit_step(
+        policy,
+        layer,
+        num_layers,
+        cls_hidden,
+        pooler_weight,
+        pooler_bias,
+        head_weight,
+        head_bias,
+        state,
+        halting_fn,
+        None,
+    )[:5]
+
+
+def head_exit_step_write_back(
+    policy, layer, num_layers, cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias, state, halting_fn, target
+):
+    """:func:`earlyexit_kernels.write_back.head_exit_step_write_back` on the C++/CUDA kernels."""
+    exits, _, _, _, state, order, count = _head_exit_step(
+        policy,
+        layer,
+        num_layers,
+        cls_hidden,
+        pooler_weight,
+        pooler_bias,
+        head_weight,
+        head_bias,
+        state,
+        halting_fn,
+        target,
+    )
+    return exits, state, order, _survivor_stats(exits, count, target.extents)
 
 
 def compact(hidden, mask, index, seq_len):
@@ -254,6 +324,13 @@ def _register_fakes() -> None:
 # ---------------------------------------------------------------------------------------
 # Loading and registration.
 
+_OPS = {
+    "exit_step": exit_step,
+    "compact": compact,
+    "head_exit_step": head_exit_step,
+    "exit_step_write_back": exit_step_write_back,
+    "head_exit_step_write_back": head_exit_step_write_back,
+}
 LOAD_ERROR: str | None = None
 WITH_CUDA = False
 
@@ -293,9 +370,7 @@ def _register() -> None:
         backend_registry.mark_unavailable("cuda", LOAD_ERROR)
         return
     _register_fakes()
-    backend_registry.register_backend(
-        backend_registry.Backend("cpp", exit_step, compact, devices=("cpu",), head_exit_step=head_exit_step)
-    )
+    backend_registry.register_backend(backend_registry.Backend("cpp", devices=("cpu",), **_OPS))
     if not WITH_CUDA:
         backend_registry.mark_unavailable(
             "cuda", "earlyexit_kernels._C was built without the CUDA kernels (no CUDA torch or no nvcc at build time)"
@@ -303,9 +378,7 @@ def _register() -> None:
     elif not torch.cuda.is_available():
         backend_registry.mark_unavailable("cuda", "the CUDA kernels are built but no CUDA GPU is available")
     else:
-        backend_registry.register_backend(
-            backend_registry.Backend("cuda", exit_step, compact, devices=("cuda",), head_exit_step=head_exit_step)
-        )
+        backend_registry.register_backend(backend_registry.Backend("cuda", devices=("cuda",), **_OPS))
 
 
 _register()

@@ -1,12 +1,13 @@
 """The batched early-exit loop: each sequence leaves on its own, the batch shrinks on the device.
 
 Per layer: run it on the active rows only; compute the exit heads on their [CLS]
-state; apply the policy (the backend's ``exit_step``); write each exiting row's
-logits, exit layer and layers run at its original position; then compact hidden
-states, 2-D mask, policy state and the index map (stable order) and trim the
-padding no active row needs. The decisions stay on the device; the only host
-read-back is the number of survivors (with the longest extent), at most once per
-layer and never on a layer where the policy cannot exit.
+state; apply the policy and write each exiting row's logits, exit layer and layers
+run at its original position (the backend's ``exit_step_write_back``, one fused
+launch where the backend has it); then compact hidden states, 2-D mask, policy
+state and the index map (stable order) and trim the padding no active row needs.
+The decisions stay on the device; the only host read-back is the number of
+survivors with the longest extent, at most once per layer and never on a layer
+where the policy cannot exit.
 
 The engine is model-agnostic: it drives an :class:`EncoderAdapter` (see
 :mod:`earlyexit_kernels.hf_patch` for BERT, ALBERT and RoBERTa).
@@ -24,6 +25,7 @@ from .compaction import layer_attention_mask, survivor_index, trim, valid_extent
 from .exit_rules import can_exit_before_last, init_state
 from .heads import ExitHeads
 from .policies import ExitPolicy, Scheduled, SkipGates
+from .write_back import WriteBack, write_back
 
 __all__ = ["EncoderAdapter", "ExitResult", "run_early_exit"]
 
@@ -171,54 +173,63 @@ def run_early_exit(
             hidden = adapter.run_layer(layer - 1, hidden, layer_mask)
             runs = runs + 1
 
-        # The last layer runs the model's own pooler and classifier, so a sequence that runs
-        # every layer gets exactly the unpatched model's logits whatever the backend.
-        if fused and layer < num_layers:
-            exits, returned, logits, halting, new_state = backend.head_exit_step(
-                policy, layer, num_layers, hidden[:, 0], *adapter.head_weights(layer), state, halting_head
-            )
-        else:
-            pooled = adapter.pool(hidden[:, 0])
-            logits = adapter.classify(layer, pooled)
-            halting = None
-            if halting_head is not None:
-                halting = halting_head(pooled, state.get("prev_pooled"))
-                if "prev_pooled" in state:
-                    state["prev_pooled"] = pooled
-            exits, returned, new_state = backend.exit_step(policy, layer, num_layers, logits, halting, state)
-        if ran is not None:
-            exits = exits & ran
-            new_state = {k: torch.where(_rows_like(ran, v), v, state[k]) for k, v in new_state.items()}
-        state = new_state
-
-        if all_exits:
-            result.all_logits[layer - 1] = logits
-            if result.all_halting is not None:
-                result.all_halting[layer - 1] = torch.sigmoid(halting.float())
-                result.all_halting_logits[layer - 1] = halting.float()
-            exits = exits & ~done
-            done = done | exits
         # Where nobody can leave, there is nothing to write back and no count to read.
         may_exit = layer == num_layers or (
             can_exit_before_last(policy, layer) and (scheduled_counts is None or scheduled_counts[layer] > 0)
         )
-        if not may_exit:
-            continue
-        _write_back(result, rows, exits, returned, layer, runs)
+        settled = may_exit and ran is None and not all_exits
+        # The last layer runs the model's own pooler and classifier, so a sequence that runs
+        # every layer gets exactly the unpatched model's logits whatever the backend.
+        if settled:
+            target = WriteBack(rows, runs, extents, out_logits, out_exit, out_runs)
+            if fused and layer < num_layers and backend.head_exit_step_write_back is not None:
+                _, state, order, stats = backend.head_exit_step_write_back(
+                    policy, layer, num_layers, hidden[:, 0], *adapter.head_weights(layer), state, halting_head, target
+                )
+            else:
+                logits, halting = _head_outputs(adapter, layer, hidden, halting_head, state)
+                if backend.exit_step_write_back is not None:
+                    _, state, order, stats = backend.exit_step_write_back(
+                        policy, layer, num_layers, logits, halting, state, target
+                    )
+                else:
+                    exits, returned, state = backend.exit_step(policy, layer, num_layers, logits, halting, state)
+                    order, stats = write_back(target, exits, returned, layer)
+        elif fused and layer < num_layers:
+            exits, returned, logits, halting, new_state = backend.head_exit_step(
+                policy, layer, num_layers, hidden[:, 0], *adapter.head_weights(layer), state, halting_head
+            )
+        else:
+            logits, halting = _head_outputs(adapter, layer, hidden, halting_head, state)
+            exits, returned, new_state = backend.exit_step(policy, layer, num_layers, logits, halting, state)
+        if not settled:
+            if ran is not None:
+                exits = exits & ran
+                new_state = {k: torch.where(_rows_like(ran, v), v, state[k]) for k, v in new_state.items()}
+            state = new_state
+            if all_exits:
+                result.all_logits[layer - 1] = logits
+                if result.all_halting is not None:
+                    result.all_halting[layer - 1] = torch.sigmoid(halting.float())
+                    result.all_halting_logits[layer - 1] = halting.float()
+                exits = exits & ~done
+                done = done | exits
+            if not may_exit:
+                continue
+            order, stats = write_back(
+                WriteBack(rows, runs, extents, out_logits, out_exit, out_runs), exits, returned, layer
+            )
 
         if all_exits or layer == num_layers:
             continue
-        keep = ~exits
+        survivors, longest = stats.tolist()
         if extents is None:
-            survivors, longest = int(keep.sum()), hidden.shape[1]
-        else:
-            stats = torch.stack([keep.sum(), torch.where(keep, extents, torch.zeros_like(extents)).max()])
-            survivors, longest = (int(v) for v in stats.tolist())
+            longest = hidden.shape[1]
         result.host_syncs += 1
         if survivors == 0:
             break
         if survivors < active:
-            index = survivor_index(keep, survivors)
+            index = order[:survivors]
             hidden, mask = backend.compact(hidden, mask, index, max(longest, 1))
             rows, runs = rows.index_select(0, index), runs.index_select(0, index)
             state = {k: v.index_select(0, index) for k, v in state.items()}
@@ -228,22 +239,17 @@ def run_early_exit(
     return result
 
 
+def _head_outputs(adapter, layer: int, hidden: torch.Tensor, halting_head, state) -> tuple:
+    """The model's own pooler and head of ``layer`` on the [CLS] rows, and the halting logit."""
+    pooled = adapter.pool(hidden[:, 0])
+    logits = adapter.classify(layer, pooled)
+    halting = None
+    if halting_head is not None:
+        halting = halting_head(pooled, state.get("prev_pooled"))
+        if "prev_pooled" in state:
+            state["prev_pooled"] = pooled
+    return logits, halting
+
+
 def _rows_like(row_mask: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return row_mask.view(-1, *([1] * (value.dim() - 1)))
-
-
-def _write_back(
-    result: ExitResult,
-    rows: torch.Tensor,
-    exits: torch.Tensor,
-    returned: torch.Tensor,
-    layer: int,
-    runs: torch.Tensor,
-) -> None:
-    """Scatter the exiting rows' outputs to their original positions, without a host sync."""
-    current = result.logits.index_select(0, rows)
-    result.logits.index_copy_(0, rows, torch.where(exits[:, None], returned.to(current.dtype), current))
-    current_exit = result.exit_layer.index_select(0, rows)
-    result.exit_layer.index_copy_(0, rows, torch.where(exits, torch.full_like(current_exit, layer), current_exit))
-    current_runs = result.layers_run.index_select(0, rows)
-    result.layers_run.index_copy_(0, rows, torch.where(exits, runs, current_runs))

@@ -23,7 +23,12 @@ def _register() -> None:
         return
     try:
         from .triton_kernels.compact import compact
-        from .triton_kernels.exit_step import exit_step, head_exit_step
+        from .triton_kernels.exit_step import (
+            exit_step,
+            exit_step_write_back,
+            head_exit_step,
+            head_exit_step_write_back,
+        )
     except Exception as err:  # an incompatible triton or torch: say why instead of failing the import
         mark_unavailable("triton", f"the Triton kernels could not be loaded ({type(err).__name__}: {err})")
         return
@@ -36,7 +41,17 @@ def _register() -> None:
             "no CUDA GPU: the Triton kernels run on CUDA tensors (TRITON_INTERPRET=1 runs them in Triton's CPU interpreter)",
         )
         return
-    register_backend(Backend("triton", exit_step, compact, devices=devices, head_exit_step=head_exit_step))
+    register_backend(
+        Backend(
+            "triton",
+            exit_step,
+            compact,
+            devices=devices,
+            head_exit_step=head_exit_step,
+            exit_step_write_back=exit_step_write_back,
+            head_exit_step_write_back=head_exit_step_write_back,
+        )
+    )
 
 
 _register()

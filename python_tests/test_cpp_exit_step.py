@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import earlyexit_kernels as eek
-from earlyexit_kernels import compaction, cpp_backend, engine, exit_rules
+from earlyexit_kernels import compaction, cpp_backend, exit_rules
+from earlyexit_kernels.write_back import WriteBack, write_back
 
 L = 6
 CPU = torch.device("cpu")
@@ -296,7 +297,7 @@ def test_write_back_and_survivors(dtype):
         out_logits = torch.full((batch, num_labels), math.nan, dtype=dtype)
         out_exit = torch.full((batch,), -7, dtype=torch.long)
         out_runs = torch.full((batch,), -9, dtype=torch.long)
-        ref = engine.ExitResult(out_logits.clone(), out_exit.clone(), out_runs.clone())
+        ref = WriteBack(rows, runs, None, out_logits.clone(), out_exit.clone(), out_runs.clone())
         exits, ret, _, survivors, count = torch.ops.earlyexit.cpp_exit_step(
             z,
             None,
@@ -316,7 +317,7 @@ def test_write_back_and_survivors(dtype):
         )
         ref_exits, ref_ret, _ = exit_rules.exit_step(policy, layer, L, z, None, {})
         assert torch.equal(exits, ref_exits)
-        engine._write_back(ref, rows, ref_exits, ref_ret, layer, runs)
+        write_back(ref, ref_exits, ref_ret, layer)
         torch.testing.assert_close(out_logits, ref.logits, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(out_exit, ref.exit_layer)
         assert torch.equal(out_runs, ref.layers_run)

@@ -28,6 +28,7 @@ from earlyexit_kernels import compaction, exit_rules  # noqa: E402
 from earlyexit_kernels.heads import LambdaHaltingHead  # noqa: E402
 from earlyexit_kernels.triton_kernels import exit_step as tk  # noqa: E402
 from earlyexit_kernels.triton_kernels._common import poisoned_outputs  # noqa: E402
+from earlyexit_kernels.write_back import WriteBack  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: masked -inf lanes
 
@@ -488,7 +489,19 @@ _CPU_OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
 def _decide_args(z, state):
-    return (z, None, None, None, None, state["counter"], state["prev_pred"], None, None, None, tk.PATIENCE_CLS, 2, 4)
+    """Patience at layer 2 of 4 with the write-back into a batch of 8: every kind of argument."""
+    n, labels = z.shape
+    device = z.device
+    rows = torch.tensor([6, 0, 3, 7, 2], device=device)[:n]
+    runs = torch.full((n,), 2, dtype=torch.long, device=device)
+    extents = torch.tensor([5, 9, 2, 7, 4], device=device)[:n]
+    outs = (
+        torch.zeros(8, labels, device=device),
+        torch.zeros(8, dtype=torch.long, device=device),
+        torch.zeros(8, dtype=torch.long, device=device),
+    )
+    state_args = (None, None, state["counter"], state["prev_pred"], None, None)
+    return (z, None, None, *state_args, None, rows, runs, extents, *outs, tk.PATIENCE_CLS, 2, 4)
 
 
 def test_opcheck_cpu():
@@ -497,13 +510,45 @@ def test_opcheck_cpu():
     policy = eek.Patience(1)
     state = random_state(policy, 5, 3, 16, torch.float32, seed=90)
     z = torch.randn(5, 3)
-    scalars = (0.0, 0.0, 0.0, 0.0, 1, 0, False, False, False, False, True)
+    scalars = (0.0, 0.0, 0.0, 0.0, 1, 0, False, False, False, False, True, True)
     torch.library.opcheck(
         torch.ops.earlyexit.exit_decide.default, _decide_args(z, state) + scalars, test_utils=_CPU_OPCHECK
     )
     cls = make_cls(5, 64, torch.float32, seed=91)
     wp, bp, wi, _ = make_head(64, 3, torch.float32, seed=92)
     torch.library.opcheck(torch.ops.earlyexit.exit_head.default, (cls, wp, bp, wi, True), test_utils=_CPU_OPCHECK)
+
+
+@pytest.mark.parametrize("write_back", [False, True], ids=["step", "step_write_back"])
+def test_compile_fullgraph_captures_one_exit_step_cpu(write_back):
+    """Dynamo captures a whole exit step as one graph (no graph break, no host sync) and runs it.
+
+    The ``eager`` compiler backend runs the captured graph as it is; Inductor and AOT
+    tracing need CUDA (below) because the interpreter cannot run on fake tensors.
+    """
+    policy = eek.Patience(1)
+    wp, bp, wi, bi = make_head(64, 3, torch.float32, seed=92)
+    cls = make_cls(5, 64, torch.float32, seed=91)
+    state = random_state(policy, 5, 3, 64, torch.float32, seed=90)
+
+    def buffers():
+        rows = torch.tensor([6, 0, 3, 7, 2])
+        outs = (torch.zeros(8, 3), torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long))
+        return WriteBack(rows, torch.full((5,), 2), None, *outs)
+
+    def step(cls, state, target):
+        if write_back:
+            return tk.head_exit_step_write_back(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, state, None, target)
+        return tk.head_exit_step(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, state)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    target_c, target_e = buffers(), buffers()
+    got = compiled(cls, dict(state), target_c)
+    ref = step(cls, dict(state), target_e)
+    assert torch.equal(got[0], ref[0])
+    for a, b in zip(target_c[3:], target_e[3:]):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.skipif(
@@ -516,7 +561,7 @@ def test_opcheck_and_compile_cuda():
     policy = eek.Patience(1)
     state = {k: v.to(dev) for k, v in random_state(policy, 5, 3, 16, torch.float32, seed=90).items()}
     z = torch.randn(5, 3, device=dev)
-    scalars = (0.0, 0.0, 0.0, 0.0, 1, 0, False, False, False, False, True)
+    scalars = (0.0, 0.0, 0.0, 0.0, 1, 0, False, False, False, False, True, True)
     torch.library.opcheck(torch.ops.earlyexit.exit_decide.default, _decide_args(z, state) + scalars)
     wp, bp, wi, bi = (t.to(dev) for t in make_head(64, 3, torch.float32, seed=92))
     cls = make_cls(5, 64, torch.float32, seed=91).to(dev)
@@ -533,3 +578,18 @@ def test_opcheck_and_compile_cuda():
         ref = exit_rules.head_exit_step(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, dict(st))
         assert torch.equal(got[0], ref[0])
         torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)
+
+    def settle(cls, st, target, policy=policy):
+        return tk.head_exit_step_write_back(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, st, None, target)
+
+    def buffers():
+        rows = torch.tensor([6, 0, 3, 7, 2], device=dev)
+        outs = (torch.zeros(8, 3, device=dev), torch.zeros(8, dtype=torch.long, device=dev))
+        return WriteBack(rows, torch.full((5,), 2, device=dev), None, outs[0], outs[1], outs[1].clone())
+
+    target_c, target_e = buffers(), buffers()
+    got = torch.compile(settle, fullgraph=True)(cls, dict(st), target_c)
+    ref = settle(cls, dict(st), target_e)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[3], ref[3])
+    for a, b in zip(target_c[3:], target_e[3:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

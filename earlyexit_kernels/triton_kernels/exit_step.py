@@ -41,9 +41,17 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..policies import DACT, Entropy, ExitPolicy, MaxProb, Patience, QExit, Scheduled, SkipGates, Voting, layer_value
+from ..write_back import WriteBack
 from ._common import interpreting, new_empty, next_pow2
 
-__all__ = ["exit_step", "head_exit_step", "exit_step_with_survivors", "head_exit_step_with_survivors"]
+__all__ = [
+    "exit_step",
+    "head_exit_step",
+    "exit_step_with_survivors",
+    "head_exit_step_with_survivors",
+    "exit_step_write_back",
+    "head_exit_step_write_back",
+]
 
 State = dict[str, torch.Tensor]
 
@@ -169,6 +177,14 @@ def _decide_kernel(
     vi_out,
     surv_ptr,
     count_ptr,
+    rows_ptr,
+    runs_ptr,
+    ext_ptr,
+    out_logits_ptr,
+    stride_out_n,
+    stride_out_c,
+    out_exit_ptr,
+    out_runs_ptr,
     n,
     C,
     layer,
@@ -187,6 +203,8 @@ def _decide_kernel(
     FROM_PARTIALS: tl.constexpr,
     FORCE_EXIT: tl.constexpr,
     SURVIVORS: tl.constexpr,
+    WRITE_BACK: tl.constexpr,
+    HAS_EXTENTS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -195,6 +213,7 @@ def _decide_kernel(
     c_ok = cs < C
     kept = tl.sum(tl.zeros((BLOCK_M,), dtype=tl.int32), axis=0)
     dropped = tl.sum(tl.zeros((BLOCK_M,), dtype=tl.int32), axis=0)
+    longest = tl.sum(tl.zeros((BLOCK_M,), dtype=tl.int64), axis=0)
     for start in range(0, n, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         r_ok = rows < n
@@ -318,7 +337,22 @@ def _decide_kernel(
         tl.store(returned_ptr + rc, returned, mask=m2)
         tl.store(exits_ptr + rows, exits, mask=r_ok)
 
+        if WRITE_BACK:  # the exiting rows' outputs, at their original positions
+            leaving = r_ok & exits
+            dst = tl.load(rows_ptr + rows, mask=leaving, other=0)
+            tl.store(
+                out_logits_ptr + dst[:, None] * stride_out_n + cs[None, :] * stride_out_c,
+                returned.to(out_logits_ptr.dtype.element_ty),
+                mask=leaving[:, None] & c_ok[None, :],
+            )
+            tl.store(out_exit_ptr + dst, tl.zeros((BLOCK_M,), dtype=tl.int64) + layer, mask=leaving)
+            tl.store(out_runs_ptr + dst, tl.load(runs_ptr + rows, mask=leaving, other=0), mask=leaving)
+
         if SURVIVORS:
+            if HAS_EXTENTS:
+                staying = r_ok & ~exits
+                extent = tl.load(ext_ptr + rows, mask=staying, other=0).to(tl.int64)
+                longest = tl.maximum(longest, tl.max(tl.where(staying, extent, 0), axis=0))
             keep = (r_ok & ~exits).to(tl.int32)
             gone = (r_ok & exits).to(tl.int32)
             pos_keep = kept + tl.cumsum(keep, axis=0) - 1
@@ -329,6 +363,7 @@ def _decide_kernel(
             dropped += tl.sum(gone, axis=0)
     if SURVIVORS:
         tl.store(count_ptr, kept.to(tl.int64))
+        tl.store(count_ptr + 1, longest)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -431,11 +466,11 @@ def _decide_shapes(n: int, num_labels: int, policy_code: int, from_partials: boo
         shape = (rows, num_labels) if slot in ("vf", "vi") else (rows,)
         shapes.append((shape, _SLOT_DTYPES[slot]))
     shapes.append(((n if survivors else 0,), torch.int64))
-    shapes.append(((1 if survivors else 0,), torch.int64))
+    shapes.append(((2 if survivors else 0,), torch.int64))
     return shapes
 
 
-@triton_op("earlyexit::exit_decide", mutates_args=())
+@triton_op("earlyexit::exit_decide", mutates_args=("out_logits", "out_exit_layer", "out_layers_run"))
 def exit_decide(
     src: torch.Tensor,
     head_bias: torch.Tensor | None,
@@ -447,6 +482,12 @@ def exit_decide(
     vf: torch.Tensor | None,
     vi: torch.Tensor | None,
     aux: torch.Tensor | None,
+    rows: torch.Tensor | None,
+    runs: torch.Tensor | None,
+    extents: torch.Tensor | None,
+    out_logits: torch.Tensor,
+    out_exit_layer: torch.Tensor,
+    out_layers_run: torch.Tensor,
     policy_code: int,
     layer: int,
     num_layers: int,
@@ -461,6 +502,7 @@ def exit_decide(
     stochastic: bool,
     from_partials: bool,
     survivors: bool,
+    write_back: bool,
 ) -> tuple[
     torch.Tensor,
     torch.Tensor,
@@ -476,9 +518,14 @@ def exit_decide(
 ]:
     """The policy's decision on logits ``src`` [n, C] (or partial logits [T, n, C] plus ``head_bias``).
 
-    Returns ``(exits, returned, logits, f0, f1, i32, i64, vf, vi, survivor_index, survivor_count)``;
+    Returns ``(exits, returned, logits, f0, f1, i32, i64, vf, vi, survivor_index, survivor_stats)``;
     state slots the policy does not use, ``logits`` without partials and the survivor
-    outputs when not asked for have 0 rows.
+    outputs when not asked for have 0 rows. ``survivor_stats`` is ``(count, longest extent
+    of a staying row)``, the extent 0 without ``extents``.
+
+    With ``write_back`` the exiting rows' returned logits, ``layer`` and ``runs`` go to
+    ``out_logits`` [B, C], ``out_exit_layer`` [B] and ``out_layers_run`` [B] at positions
+    ``rows`` (the outputs may be empty otherwise).
     """
     device = src.device
     n, num_labels = src.shape[-2], src.shape[-1]
@@ -506,6 +553,11 @@ def exit_decide(
     aux_t = aux if aux is not None else dummy
     aux_n = aux_t.stride(0) if aux is not None else 0
     aux_l = aux_t.stride(1) if (aux is not None and aux_t.dim() == 2) else 0
+    if write_back and (rows is None or runs is None):
+        raise ValueError("exit_decide: write_back needs rows and runs")
+    if write_back and not survivors:
+        raise ValueError("exit_decide: write_back comes with the survivor outputs")
+    has_extents = survivors and extents is not None
     block_m = min(256 if interpreting() else 128, max(16, next_pow2(n)))
     wrap_triton(_decide_kernel)[(1,)](
         src,
@@ -525,6 +577,14 @@ def exit_decide(
         *out_ptrs,
         surv if survivors and n > 0 else dummy,
         count if survivors else dummy,
+        rows if write_back else dummy,
+        runs if write_back else dummy,
+        extents if has_extents else dummy,
+        out_logits if write_back else dummy,
+        out_logits.stride(0) if write_back else 0,
+        out_logits.stride(1) if write_back else 0,
+        out_exit_layer if write_back else dummy,
+        out_layers_run if write_back else dummy,
         n,
         num_labels,
         layer,
@@ -543,6 +603,8 @@ def exit_decide(
         FROM_PARTIALS=from_partials,
         FORCE_EXIT=layer >= num_layers,
         SURVIVORS=survivors,
+        WRITE_BACK=write_back,
+        HAS_EXTENTS=has_extents,
         BLOCK_M=block_m,
         BLOCK_C=max(2, next_pow2(num_labels)),
         num_warps=4,
@@ -562,6 +624,12 @@ def _exit_decide_fake(
     vf,
     vi,
     aux,
+    rows,
+    runs,
+    extents,
+    out_logits,
+    out_exit_layer,
+    out_layers_run,
     policy_code,
     layer,
     num_layers,
@@ -576,6 +644,7 @@ def _exit_decide_fake(
     stochastic,
     from_partials,
     survivors,
+    write_back,
 ):
     n, num_labels = src.shape[-2], src.shape[-1]
     logits_dtype = head_bias.dtype if (from_partials and head_bias is not None) else torch.float32
@@ -616,6 +685,7 @@ def _decide(
     state: State,
     from_partials: bool,
     survivors: bool,
+    target: WriteBack | None = None,
 ):
     code = _policy_code(policy)
     threshold = temperature = reg_threshold = q = 0.0
@@ -646,6 +716,14 @@ def _decide(
         aux = state["uniforms"]
     elif code == SCHEDULED:
         aux = state["exit_layers"]
+    if target is None:
+        rows = runs = extents = None
+        out_logits = new_empty((0, src.shape[-1]), torch.float32, src.device)
+        out_exit = out_runs = new_empty((0,), torch.int64, src.device)
+    else:
+        _check_target(target, src.shape[-2], src.shape[-1], src.device)
+        rows, runs, extents = target.rows, target.runs, target.extents
+        out_logits, out_exit, out_runs = target.logits, target.exit_layer, target.layers_run
     outs = torch.ops.earlyexit.exit_decide(
         src,
         head_bias,
@@ -657,6 +735,12 @@ def _decide(
         state_in.get("vf"),
         state_in.get("vi"),
         aux,
+        rows,
+        runs,
+        extents,
+        out_logits,
+        out_exit,
+        out_runs,
         code,
         layer,
         num_layers,
@@ -670,13 +754,40 @@ def _decide(
         has_temperature,
         stochastic,
         from_partials,
-        survivors,
+        survivors or target is not None,
+        target is not None,
     )
     exits, returned, logits = outs[0], outs[1], outs[2]
     new_state = dict(state)
     for slot, key in slots.items():
         new_state[key] = outs[3 + _SLOT_ORDER.index(slot)]
     return exits, returned, logits, new_state, outs[9], outs[10]
+
+
+def _check_target(target: WriteBack, n: int, num_labels: int, device: torch.device) -> None:
+    """The kernel indexes raw pointers with these: a wrong shape or dtype must fail here."""
+    for name, t, dtype, shape in (
+        ("rows", target.rows, torch.int64, (n,)),
+        ("runs", target.runs, torch.int64, (n,)),
+        ("extents", target.extents, torch.int64, (n,)),
+        ("exit_layer", target.exit_layer, torch.int64, None),
+        ("layers_run", target.layers_run, torch.int64, None),
+    ):
+        if t is None and name == "extents":
+            continue
+        if t.dtype != dtype or (shape is not None and tuple(t.shape) != shape) or t.device != device:
+            raise ValueError(
+                f"WriteBack.{name} must be {dtype} [{shape[0] if shape else 'B'}] on {device}, "
+                f"got {t.dtype} {list(t.shape)} on {t.device}"
+            )
+    batch = target.exit_layer.shape[0]
+    if target.logits.shape != (batch, num_labels) or target.layers_run.shape != (batch,):
+        raise ValueError(
+            f"WriteBack outputs must be logits [B, {num_labels}], exit_layer [B] and layers_run [B]; got "
+            f"{list(target.logits.shape)}, {list(target.exit_layer.shape)}, {list(target.layers_run.shape)}"
+        )
+    if target.logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"WriteBack.logits must be float32, float16 or bfloat16, got {target.logits.dtype}")
 
 
 def exit_step_with_survivors(
@@ -691,12 +802,29 @@ def exit_step_with_survivors(
 
     ``order[:count]`` are the rows that stay (not exiting), in increasing order: the
     same as ``compaction.survivor_index(~exits, count)``. ``order[count:]`` are the
-    exiting rows in decreasing order, so every element is defined.
+    exiting rows in decreasing order, so every element is defined. ``count`` is
+    ``stats[:1]`` of :func:`exit_step_write_back`.
     """
     exits, returned, _, state, order, count = _decide(
         policy, layer, num_layers, logits, None, halting_logit, state, from_partials=False, survivors=True
     )
-    return exits, returned, state, order, count
+    return exits, returned, state, order, count[:1]
+
+
+def exit_step_write_back(
+    policy: ExitPolicy,
+    layer: int,
+    num_layers: int,
+    logits: torch.Tensor,
+    halting_logit: torch.Tensor | None,
+    state: State,
+    target: WriteBack,
+) -> tuple[torch.Tensor, State, torch.Tensor, torch.Tensor]:
+    """Triton version of :func:`earlyexit_kernels.write_back.exit_step_write_back`: one launch."""
+    exits, _, _, state, order, stats = _decide(
+        policy, layer, num_layers, logits, None, halting_logit, state, False, True, target
+    )
+    return exits, state, order, stats
 
 
 def exit_step(
@@ -726,6 +854,7 @@ def _head(
     state,
     halting_fn,
     survivors,
+    target=None,
 ):
     dtypes = {t.dtype for t in (cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias)}
     if len(dtypes) != 1:
@@ -735,12 +864,12 @@ def _head(
     want_pooled = halting_fn is not None or "prev_pooled" in state
     zpart, pooled = torch.ops.earlyexit.exit_head(cls_hidden, pooler_weight, pooler_bias, head_weight, want_pooled)
     halting = halting_fn(pooled, state.get("prev_pooled")) if halting_fn is not None else None
-    exits, returned, logits, state, order, count = _decide(
-        policy, layer, num_layers, zpart, head_bias, halting, state, from_partials=True, survivors=survivors
+    exits, returned, logits, state, order, stats = _decide(
+        policy, layer, num_layers, zpart, head_bias, halting, state, True, survivors, target
     )
     if "prev_pooled" in state:
         state["prev_pooled"] = pooled
-    return exits, returned, logits, halting, state, order, count
+    return exits, returned, logits, halting, state, order, stats
 
 
 def head_exit_step(
@@ -785,7 +914,7 @@ def head_exit_step_with_survivors(
     halting_fn=None,
 ):
     """:func:`head_exit_step` plus ``(order, count)`` as in :func:`exit_step_with_survivors`."""
-    return _head(
+    *results, stats = _head(
         policy,
         layer,
         num_layers,
@@ -798,3 +927,35 @@ def head_exit_step_with_survivors(
         halting_fn,
         True,
     )
+    return (*results, stats[:1])
+
+
+def head_exit_step_write_back(
+    policy: ExitPolicy,
+    layer: int,
+    num_layers: int,
+    cls_hidden: torch.Tensor,
+    pooler_weight: torch.Tensor,
+    pooler_bias: torch.Tensor,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor,
+    state: State,
+    halting_fn,
+    target: WriteBack,
+) -> tuple[torch.Tensor, State, torch.Tensor, torch.Tensor]:
+    """Triton version of :func:`earlyexit_kernels.write_back.head_exit_step_write_back`: two launches."""
+    exits, _, _, _, state, order, stats = _head(
+        policy,
+        layer,
+        num_layers,
+        cls_hidden,
+        pooler_weight,
+        pooler_bias,
+        head_weight,
+        head_bias,
+        state,
+        halting_fn,
+        True,
+        target,
+    )
+    return exits, state, order, stats

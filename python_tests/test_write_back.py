@@ -1,0 +1,187 @@
+"""Each backend's fused exit step + write-back equals the reference: exit step, then write_back.
+
+The output buffers start poisoned, so a row written at the wrong position, a row written
+that did not exit, or an exiting row left unwritten shows up as a difference.
+"""
+
+import pytest
+import torch
+
+import earlyexit_kernels as eek
+from earlyexit_kernels import backend_registry, exit_rules
+from earlyexit_kernels.heads import LambdaHaltingHead
+from earlyexit_kernels.write_back import WriteBack, exit_step_write_back, head_exit_step_write_back, write_back
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: masked -inf lanes
+
+FAST = [name for name in ("cpp", "triton") if eek.backends()[name]]
+BATCH, ACTIVE, LABELS, HIDDEN, LAYERS = 17, 11, 3, 64, 4
+
+
+def _policies():
+    planned = torch.randint(2, LAYERS + 1, (ACTIVE,), generator=torch.Generator().manual_seed(5))
+    return {
+        "entropy": eek.Entropy(0.8),
+        "maxprob": eek.MaxProb(0.6, temperature=1.5),
+        "patience": eek.Patience(1),
+        "patience_regression": eek.Patience(1, regression_threshold=0.5),
+        "qexit": eek.QExit(0.75),
+        "voting": eek.Voting(2),
+        "dact": eek.DACT(),
+        "scheduled": eek.Scheduled(planned),
+    }
+
+
+def _fresh_target(extents: bool, dtype=torch.float32, labels: int = LABELS, seed: int = 0) -> WriteBack:
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(BATCH, generator=g)[:ACTIVE]
+    runs = torch.randint(1, 3, (ACTIVE,), generator=g)
+    ext = torch.randint(1, 40, (ACTIVE,), generator=g) if extents else None
+    return WriteBack(
+        rows,
+        runs,
+        ext,
+        torch.full((BATCH, labels), 1234.5, dtype=dtype),
+        torch.full((BATCH,), -7, dtype=torch.long),
+        torch.full((BATCH,), -9, dtype=torch.long),
+    )
+
+
+def _clone(target: WriteBack) -> WriteBack:
+    return WriteBack(*(t.clone() if t is not None else None for t in target))
+
+
+def _logits(policy, seed: int) -> torch.Tensor:
+    labels = 1 if getattr(policy, "is_regression", False) else LABELS
+    return torch.randn(ACTIVE, labels, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def _state_after_layer_one(policy, halting):
+    state = exit_rules.init_state(policy, ACTIVE, _logits(policy, 1).shape[1], HIDDEN, LAYERS, torch.device("cpu"))
+    return exit_rules.exit_step(policy, 1, LAYERS, _logits(policy, 1), halting, state)[2]
+
+
+def _assert_same(got, ref, target_got, target_ref):
+    exits, state, order, stats = got
+    exits_r, state_r, order_r, stats_r = ref
+    assert torch.equal(exits, exits_r)
+    assert stats.dtype == torch.int64 and stats.shape == (2,)
+    assert torch.equal(stats, stats_r), (stats, stats_r)
+    count = int(stats_r[0])
+    assert torch.equal(order[:count], order_r[:count])
+    assert order.dtype == torch.int64 and order.shape == (ACTIVE,)  # order[count:] is unspecified
+    torch.testing.assert_close(target_got.logits, target_ref.logits, rtol=1e-6, atol=1e-6)
+    assert torch.equal(target_got.exit_layer, target_ref.exit_layer)
+    assert torch.equal(target_got.layers_run, target_ref.layers_run)
+    assert state.keys() == state_r.keys()
+    for key in state_r:
+        torch.testing.assert_close(state[key], state_r[key], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("extents", [False, True], ids=["no_padding", "padded"])
+@pytest.mark.parametrize("name", list(_policies()))
+def test_exit_step_write_back_matches_reference(backend, extents, name):
+    policy = _policies()[name]
+    fast = backend_registry.resolve_backend(backend, torch.device("cpu"))
+    halting = torch.randn(ACTIVE, generator=torch.Generator().manual_seed(2)) if policy.needs_halting_head else None
+    state = _state_after_layer_one(policy, halting)
+    logits = _logits(policy, 3)
+    target_ref = _fresh_target(extents, labels=logits.shape[1])
+    target_got = _fresh_target(extents, labels=logits.shape[1])
+    ref = exit_step_write_back(policy, 2, LAYERS, logits, halting, dict(state), target_ref)
+    got = fast.exit_step_write_back(policy, 2, LAYERS, logits, halting, dict(state), target_got)
+    _assert_same(got, ref, target_got, target_ref)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_write_back_mixes_exits_and_stays(backend):
+    """The policies above leave some rows and keep others at layer 2, so the comparison bites."""
+    fast = backend_registry.resolve_backend(backend, torch.device("cpu"))
+    for name in ("entropy", "maxprob", "patience", "qexit", "voting", "scheduled"):
+        policy = _policies()[name]
+        halting = torch.randn(ACTIVE, generator=torch.Generator().manual_seed(2)) if policy.needs_halting_head else None
+        exits, _, _, stats = fast.exit_step_write_back(
+            policy, 2, LAYERS, _logits(policy, 3), halting, _state_after_layer_one(policy, halting), _fresh_target(True)
+        )
+        assert 0 < int(stats[0]) < ACTIVE, name
+        assert int(stats[0]) == int((~exits).sum())
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_last_layer_writes_every_row(backend):
+    fast = backend_registry.resolve_backend(backend, torch.device("cpu"))
+    policy = eek.Entropy(0.0)
+    target = _fresh_target(True)
+    state = exit_rules.init_state(policy, ACTIVE, LABELS, HIDDEN, LAYERS, torch.device("cpu"))
+    exits, _, _, stats = fast.exit_step_write_back(policy, LAYERS, LAYERS, _logits(policy, 4), None, state, target)
+    assert bool(exits.all()) and stats.tolist() == [0, 0]
+    written = torch.zeros(BATCH, dtype=torch.bool)
+    written[target.rows] = True
+    assert torch.equal(target.exit_layer == LAYERS, written)
+    assert torch.equal(target.layers_run[target.rows], target.runs)
+    assert bool((target.logits[~written] == 1234.5).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("name", ["entropy", "qexit", "voting"])
+def test_head_exit_step_write_back_matches_reference(backend, name, dtype):
+    policy = _policies()[name]
+    fast = backend_registry.resolve_backend(backend, torch.device("cpu"))
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(ACTIVE, 5, HIDDEN, generator=g).to(dtype)
+    cls = hidden[:, 0]  # strided, as the engine passes it
+    wp, bp = (
+        (torch.randn(HIDDEN, HIDDEN, generator=g) * 0.2).to(dtype),
+        (torch.randn(HIDDEN, generator=g) * 0.1).to(dtype),
+    )
+    wi, bi = (
+        (torch.randn(LABELS, HIDDEN, generator=g) * 0.5).to(dtype),
+        (torch.randn(LABELS, generator=g) * 0.1).to(dtype),
+    )
+    halting_fn = None
+    if policy.needs_halting_head:
+        halting_fn = LambdaHaltingHead(HIDDEN, "concat", 1).to(dtype)
+    state = exit_rules.init_state(policy, ACTIVE, LABELS, HIDDEN, LAYERS, torch.device("cpu"), pooled_dtype=dtype)
+    target_ref, target_got = _fresh_target(True, dtype), _fresh_target(True, dtype)
+    with torch.no_grad():
+        ref = head_exit_step_write_back(policy, 2, LAYERS, cls, wp, bp, wi, bi, dict(state), halting_fn, target_ref)
+        got = fast.head_exit_step_write_back(
+            policy, 2, LAYERS, cls, wp, bp, wi, bi, dict(state), halting_fn, target_got
+        )
+    if dtype == torch.float32:
+        _assert_same(got, ref, target_got, target_ref)
+        return
+    # bf16: a decision may flip only within rounding; where both agree, the outputs agree.
+    agree = got[0] == ref[0]
+    assert float(agree.float().mean()) >= 0.8
+    rows = target_ref.rows[agree & ref[0]]
+    torch.testing.assert_close(target_got.logits[rows], target_ref.logits[rows], rtol=2e-2, atol=2e-2)
+    assert torch.equal(target_got.exit_layer[rows], target_ref.exit_layer[rows])
+
+
+def test_reference_write_back_empty_batch():
+    target = WriteBack(
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(4, LABELS),
+        torch.zeros(4, dtype=torch.long),
+        torch.zeros(4, dtype=torch.long),
+    )
+    order, stats = write_back(target, torch.zeros(0, dtype=torch.bool), torch.zeros(0, LABELS), 2)
+    assert order.shape == (0,) and stats.tolist() == [0, 0]
+
+
+@pytest.mark.skipif(not eek.backends()["triton"], reason="triton is not available")
+def test_triton_write_back_rejects_bad_buffers():
+    fast = backend_registry.resolve_backend("triton", torch.device("cpu"))
+    policy = eek.Entropy(0.8)
+    state = exit_rules.init_state(policy, ACTIVE, LABELS, HIDDEN, LAYERS, torch.device("cpu"))
+    target = _fresh_target(False)._replace(rows=torch.arange(ACTIVE, dtype=torch.int32))
+    with pytest.raises(ValueError, match="WriteBack.rows must be torch.int64"):
+        fast.exit_step_write_back(policy, 2, LAYERS, _logits(policy, 3), None, state, target)
+    target = _fresh_target(False)._replace(logits=torch.zeros(BATCH, LABELS + 1))
+    with pytest.raises(ValueError, match="WriteBack outputs must be logits"):
+        fast.exit_step_write_back(policy, 2, LAYERS, _logits(policy, 3), None, state, target)
