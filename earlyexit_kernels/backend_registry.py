@@ -57,7 +57,10 @@ _UNAVAILABLE: dict[str, str] = {
     "triton": "the Triton kernels are not in this version of earlyexit_kernels",
     "cuda": "the CUDA kernels are not in this version of earlyexit_kernels",
 }
-# Fastest first; "auto" takes the first one available for the tensors' device.
+# "auto": where several of _AUTO_MEASURED can run, the fastest by measurement
+# (backend_choice); otherwise the first available of _AUTO_ORDER. Triton on the CPU is
+# the interpreter, for tests only: never "auto".
+_AUTO_MEASURED = {"cuda": ("cuda", "triton")}
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 
 
@@ -85,10 +88,32 @@ def check_backend_name(name: str) -> None:
         raise ValueError(f"backend must be one of 'auto', {', '.join(repr(n) for n in BACKEND_NAMES)}; got {name!r}")
 
 
-def resolve_backend(name: str, device: torch.device) -> Backend:
-    """The backend to use for tensors on ``device``; ``RuntimeError`` if ``name`` cannot run there."""
+def _runs_on(name: str, device: torch.device) -> bool:
+    return name in _REGISTRY and device.type in _REGISTRY[name].devices
+
+
+def resolve_backend(
+    name: str,
+    device: torch.device,
+    *,
+    dtype: torch.dtype | None = None,
+    hidden_size: int | None = None,
+    num_labels: int | None = None,
+) -> Backend:
+    """The backend to use for tensors on ``device``; ``RuntimeError`` if ``name`` cannot run there.
+
+    For ``"auto"`` with ``dtype``, ``hidden_size`` and ``num_labels`` given, where more
+    than one fast backend can run on the device (Triton and the CUDA C++ kernels on a
+    GPU), the choice is the faster one as timed by :mod:`earlyexit_kernels.backend_choice`.
+    """
     check_backend_name(name)
     if name == "auto":
+        measured = [n for n in _AUTO_MEASURED.get(device.type, ()) if _runs_on(n, device)]
+        if len(measured) > 1 and None not in (dtype, hidden_size, num_labels):
+            from .backend_choice import choose
+
+            key = (str(device), str(dtype).removeprefix("torch."), int(hidden_size), int(num_labels))
+            return choose([_REGISTRY[n] for n in measured], key)
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
             if candidate in _REGISTRY and device.type in _REGISTRY[candidate].devices:
                 return _REGISTRY[candidate]

@@ -362,7 +362,13 @@ def _patched_forward(
 
     all_exits = return_all_exits or self.training
     device = next(self.parameters()).device
-    backend = resolve_backend(self._eek_backend, device)
+    backend = resolve_backend(
+        self._eek_backend,
+        device,
+        dtype=adapter.final_classifier.weight.dtype,
+        hidden_size=adapter.hidden_size,
+        num_labels=adapter.num_labels,
+    )
     if batch == 0:
         hidden = torch.zeros(0, 1, adapter.hidden_size, dtype=adapter.final_classifier.weight.dtype, device=device)
         mask = None

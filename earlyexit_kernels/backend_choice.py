@@ -1,0 +1,110 @@
+"""How ``backend="auto"`` chooses between fast backends: by timing them on this machine.
+
+On a GPU both the Triton kernels and the CUDA C++ kernels can serve a model; which is
+faster depends on the GPU, the dtype and the hidden size. The first time "auto" meets
+a (device, dtype, hidden size, labels) combination with more than one candidate, it
+times one layer's bookkeeping on each: the fused head + exit step + write-back on 64
+rows and the compaction gather of half of them at S = 128. The fastest is kept for
+the rest of the process; :func:`auto_choices` shows what was measured.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from .exit_rules import init_state
+from .policies import Entropy
+from .write_back import WriteBack
+
+__all__ = ["auto_choices", "choose", "step_seconds"]
+
+ChoiceKey = tuple[str, str, int, int]  # device, dtype, hidden size, labels
+
+_CHOICES: dict[ChoiceKey, tuple[str, dict[str, float]]] = {}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_seconds(
+    backend,
+    device: torch.device,
+    dtype: torch.dtype,
+    hidden_size: int,
+    num_labels: int,
+    *,
+    batch: int = 64,
+    seq_len: int = 128,
+    repeats: int = 20,
+) -> float:
+    """Median seconds of one layer's bookkeeping on ``backend`` (warm, synchronized)."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    hidden = rand(batch, seq_len, hidden_size)
+    weights = (
+        rand(hidden_size, hidden_size, scale=hidden_size**-0.5),
+        rand(hidden_size),
+        rand(num_labels, hidden_size, scale=hidden_size**-0.5),
+        rand(num_labels),
+    )
+    mask = torch.ones(batch, seq_len, dtype=torch.long, device=device)
+    keep = torch.arange(0, batch, 2, device=device)
+    policy = Entropy(0.5 * math.log(max(num_labels, 2)))
+    layers = 12
+
+    def one_layer():
+        state = init_state(policy, batch, num_labels, hidden_size, layers, device, pooled_dtype=dtype)
+        target = WriteBack(
+            torch.arange(batch, device=device),
+            torch.ones(batch, dtype=torch.long, device=device),
+            None,
+            torch.zeros(batch, num_labels, dtype=dtype, device=device),
+            torch.zeros(batch, dtype=torch.long, device=device),
+            torch.zeros(batch, dtype=torch.long, device=device),
+        )
+        if backend.head_exit_step_write_back is not None:
+            backend.head_exit_step_write_back(policy, 1, layers, hidden[:, 0], *weights, state, None, target)
+        elif backend.head_exit_step is not None:
+            backend.head_exit_step(policy, 1, layers, hidden[:, 0], *weights, state)
+        else:
+            logits = torch.nn.functional.linear(
+                torch.tanh(torch.nn.functional.linear(hidden[:, 0], *weights[:2])), *weights[2:]
+            )
+            backend.exit_step(policy, 1, layers, logits, None, state)
+        backend.compact(hidden, mask, keep, seq_len)
+
+    for _ in range(3):  # compiles the kernels
+        one_layer()
+    times = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        one_layer()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def choose(candidates: list, key: ChoiceKey, measure: Callable[..., float] = step_seconds):
+    """The candidate with the smallest ``measure``; measured once per ``key`` and process."""
+    by_name = {backend.name: backend for backend in candidates}
+    if key not in _CHOICES:
+        device, dtype = torch.device(key[0]), getattr(torch, key[1])
+        seconds = {name: measure(backend, device, dtype, key[2], key[3]) for name, backend in by_name.items()}
+        _CHOICES[key] = (min(seconds, key=seconds.get), seconds)
+    return by_name[_CHOICES[key][0]]
+
+
+def auto_choices() -> dict[ChoiceKey, tuple[str, dict[str, float]]]:
+    """What "auto" measured so far: ``{(device, dtype, H, C): (chosen, {backend: seconds})}``."""
+    return dict(_CHOICES)
