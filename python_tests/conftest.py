@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random BERT, ALBERT and RoBERTa classifiers and their inputs."""
 
+import copy
 import os
 
 import torch
@@ -18,6 +19,8 @@ from transformers import (  # noqa: E402
     RobertaConfig,
     RobertaForSequenceClassification,
 )
+
+from earlyexit_kernels.write_back import WriteBack  # noqa: E402
 
 VOCAB = 97
 ARCHITECTURES = ("bert", "albert", "roberta")
@@ -66,3 +69,45 @@ def tiny_batch(batch: int = 6, seq_len: int = 12, *, seed: int = 1, padded: bool
 @pytest.fixture(params=ARCHITECTURES)
 def arch(request):
     return request.param
+
+
+# The Triton kernels' tests build their inputs on the CPU. Where there is a GPU the
+# kernels run natively on it; under the interpreter they run on the CPU tensors as is.
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _moved(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        base = value._base
+        if base is not None and base.is_contiguous() and base.storage_offset() == 0 and value.device != device:
+            # Keep a strided view strided: move its buffer, then take the same view of it.
+            return base.to(device).as_strided(value.shape, value.stride(), value.storage_offset())
+        return value.to(device)
+    if isinstance(value, torch.nn.Module):
+        return copy.deepcopy(value).to(device)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # WriteBack and other named tuples
+        return type(value)(*(_moved(v, device) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_moved(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    return value
+
+
+def on_kernel_device(fn):
+    """``fn`` run on KERNEL_DEVICE: tensor (and module) arguments go there, results come back
+    to the CPU, and the buffers of a ``WriteBack`` argument, written in place, are copied back.
+    Views keep their strides."""
+    if KERNEL_DEVICE.type == "cpu":
+        return fn
+
+    def call(*args, **kwargs):
+        moved_args, moved_kwargs = _moved(args, KERNEL_DEVICE), _moved(kwargs, KERNEL_DEVICE)
+        result = fn(*moved_args, **moved_kwargs)
+        for original, moved in zip((*args, *kwargs.values()), (*moved_args, *moved_kwargs.values())):
+            if isinstance(original, WriteBack):
+                for buffer, written in zip(original[3:], moved[3:]):
+                    buffer.copy_(written)
+        return _moved(result, torch.device("cpu"))
+
+    return call

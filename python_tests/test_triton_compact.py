@@ -5,6 +5,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from conftest import on_kernel_device  # noqa: E402
+
 from earlyexit_kernels import compaction  # noqa: E402
 from earlyexit_kernels.triton_kernels import compact as tc  # noqa: E402
 from earlyexit_kernels.triton_kernels._common import poisoned_outputs  # noqa: E402
@@ -45,9 +47,9 @@ def test_compact_matches_reference(n, s, h, dtype, mask_kind, kept, seq_len, lay
     index = torch.tensor(kept, dtype=index_dtype)
     ref_h, ref_m = compaction.compact(hidden, mask, index.long(), seq_len)
     with poisoned_outputs("a"):
-        got_h, got_m = tc.compact(hidden, mask, index, seq_len)
+        got_h, got_m = on_kernel_device(tc.compact)(hidden, mask, index, seq_len)
     with poisoned_outputs("b"):
-        got_h2, got_m2 = tc.compact(hidden, mask, index, seq_len)
+        got_h2, got_m2 = on_kernel_device(tc.compact)(hidden, mask, index, seq_len)
     for got, got2 in ((got_h, got_h2), (got_m, got_m2)):
         if got is not None:
             assert torch.equal(got, got2)
@@ -66,7 +68,7 @@ def test_compact_gpu_block_sizes_under_interpreter(monkeypatch, h):
     hidden, mask = _inputs(6, 19, h, torch.float16, "bool", "strided")
     index = torch.tensor([5, 1, 2])
     with poisoned_outputs("a"):
-        got_h, got_m = tc.compact(hidden, mask, index, 17)
+        got_h, got_m = on_kernel_device(tc.compact)(hidden, mask, index, 17)
     ref_h, ref_m = compaction.compact(hidden, mask, index, 17)
     assert torch.equal(got_h, ref_h) and torch.equal(got_m, ref_m)
 
@@ -74,7 +76,7 @@ def test_compact_gpu_block_sizes_under_interpreter(monkeypatch, h):
 def test_compact_empty_index():
     hidden, mask = _inputs(4, 6, 64, torch.float32, "long", "contiguous")
     index = torch.zeros(0, dtype=torch.long)
-    got_h, got_m = tc.compact(hidden, mask, index, 5)
+    got_h, got_m = on_kernel_device(tc.compact)(hidden, mask, index, 5)
     ref_h, ref_m = compaction.compact(hidden, mask, index, 5)
     assert got_h.shape == ref_h.shape and got_m.shape == ref_m.shape
 
@@ -86,6 +88,7 @@ def test_compact_rejects_bad_shapes():
         tc.compact(torch.zeros(2, 3, 4), None, torch.tensor([0.0]), 3)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the CUDA test below checks this")
 def test_compact_opcheck_cpu():
     """Schema, autograd registration, fake kernel (AOT-dispatch checks need CUDA, see test_triton_exit_step)."""
     hidden, mask = _inputs(5, 6, 32, torch.float32, "bool", "contiguous")

@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import tiny_batch, tiny_model  # noqa: E402
+from conftest import KERNEL_DEVICE, tiny_batch, tiny_model  # noqa: E402
 
 import earlyexit_kernels as eek  # noqa: E402
 from earlyexit_kernels.exit_rules import entropy  # noqa: E402
@@ -69,6 +69,9 @@ def _prepare(model, policy, seed):
 
 
 def _compare(model, policy, ids, mask, tt, atol=1e-5):
+    """Both backends on KERNEL_DEVICE (the GPU if there is one, else the CPU with the interpreter)."""
+    model.to(KERNEL_DEVICE)
+    ids, mask, tt = (t.to(KERNEL_DEVICE) for t in (ids, mask, tt))
     ref = _run(model, policy, "torch", ids, mask, tt)
     got = _run(model, policy, "triton", ids, mask, tt)
     assert torch.equal(got.exit_layer, ref.exit_layer), (got.exit_layer, ref.exit_layer)
@@ -136,6 +139,7 @@ def test_engine_triton_unfused_path_with_grad_enabled():
     assert len(set(ref.exit_layer.tolist())) > 1
 
 
+@pytest.mark.skipif(KERNEL_DEVICE.type != "cpu", reason="the interpreter is for machines without a GPU")
 def test_triton_backend_registered_for_cpu_under_interpreter():
     status = eek.backend_status()
     assert status["triton"] == "available", status

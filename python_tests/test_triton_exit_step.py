@@ -23,6 +23,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from conftest import KERNEL_DEVICE, on_kernel_device  # noqa: E402
+
 import earlyexit_kernels as eek  # noqa: E402
 from earlyexit_kernels import compaction, exit_rules  # noqa: E402
 from earlyexit_kernels.heads import LambdaHaltingHead  # noqa: E402
@@ -266,7 +268,19 @@ def test_head_exit_step_fp32_matches_reference_over_layers(name, batch, hidden, 
             batch, hidden, torch.float32, seed=20 + step, layout="strided" if step % 2 == 0 else "transposed"
         )
         ref = exit_rules.head_exit_step(policy, layer, NUM_LAYERS, cls, wp, bp, wi, bi, state_r, halting_fn)
-        got = poisoned(tk.head_exit_step, policy, layer, NUM_LAYERS, cls, wp, bp, wi, bi, dict(state_k), halting_fn)
+        got = poisoned(
+            on_kernel_device(tk.head_exit_step),
+            policy,
+            layer,
+            NUM_LAYERS,
+            cls,
+            wp,
+            bp,
+            wi,
+            bi,
+            dict(state_k),
+            halting_fn,
+        )
         exits_r, returned_r, logits_r, halting_r, state_r = ref
         exits_k, returned_k, logits_k, halting_k, state_k = got
         assert exits_k.dtype == torch.bool and returned_k.dtype == torch.float32 and logits_k.dtype == torch.float32
@@ -321,7 +335,11 @@ def test_head_exit_step_low_precision_within_rounding(dtype_name, name, batch, h
     if halting_fn is not None:
         halting64 = _halting64(halting_fn, pooled64, state.get("prev_pooled"))
     ref = exit_rules.head_exit_step(policy, layer, NUM_LAYERS, cls, wp, bp, wi, bi, dict(state), halting_fn)
-    got = poisoned(lambda: tk.head_exit_step(policy, layer, NUM_LAYERS, cls, wp, bp, wi, bi, dict(state), halting_fn))
+    got = poisoned(
+        lambda: on_kernel_device(tk.head_exit_step)(
+            policy, layer, NUM_LAYERS, cls, wp, bp, wi, bi, dict(state), halting_fn
+        )
+    )
     exits_t, returned_t, logits_t, halting_t, state_t = ref
     exits_k, returned_k, logits_k, halting_k, state_k = got
 
@@ -426,7 +444,7 @@ def test_exit_step_equals_reference_on_same_logits(name, batch, labels, dtype_na
                 halting[3] = float("nan")
         exits_r, returned_r, state_r = exit_rules.exit_step(policy, layer, NUM_LAYERS, z, halting, dict(state))
         exits_k, returned_k, state_k = poisoned(
-            lambda z=z, halting=halting, state=state, layer=layer: tk.exit_step(
+            lambda z=z, halting=halting, state=state, layer=layer: on_kernel_device(tk.exit_step)(
                 policy, layer, NUM_LAYERS, z, halting, dict(state)
             )
         )
@@ -446,7 +464,7 @@ def test_exit_step_with_survivors_matches_survivor_index(name):
     halting = torch.randn(batch) if policy.needs_halting_head else None
     exits_r, _, _ = exit_rules.exit_step(policy, 3, NUM_LAYERS, z, halting, dict(state))
     exits, _, _, order, count = poisoned(
-        lambda: tk.exit_step_with_survivors(policy, 3, NUM_LAYERS, z, halting, dict(state))
+        lambda: on_kernel_device(tk.exit_step_with_survivors)(policy, 3, NUM_LAYERS, z, halting, dict(state))
     )
     assert torch.equal(exits, exits_r)
     keep = ~exits_r
@@ -462,7 +480,7 @@ def test_head_exit_step_with_survivors_and_empty_batch():
     policy = eek.Entropy(0.6)
     wp, bp, wi, bi = make_head(64, 3, torch.float32, seed=70)
     cls = make_cls(0, 64, torch.float32, seed=71)
-    exits, returned, logits, halting, state, order, count = tk.head_exit_step_with_survivors(
+    exits, returned, logits, halting, state, order, count = on_kernel_device(tk.head_exit_step_with_survivors)(
         policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, {}
     )
     assert exits.shape == (0,) and returned.shape == (0, 3) and logits.shape == (0, 3)
@@ -477,7 +495,7 @@ def test_gpu_block_sizes_under_interpreter(monkeypatch):
     cls = make_cls(17, 384, torch.float32, seed=81)
     state = random_state(policy, 17, 7, 384, torch.float32, seed=82)
     ref = exit_rules.head_exit_step(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, dict(state))
-    got = poisoned(lambda: tk.head_exit_step(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, dict(state)))
+    got = poisoned(lambda: on_kernel_device(tk.head_exit_step)(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, dict(state)))
     assert torch.equal(got[0], ref[0])
     torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
@@ -504,6 +522,10 @@ def _decide_args(z, state):
     return (z, None, None, *state_args, None, rows, runs, extents, *outs, tk.PATIENCE_CLS, 2, 4)
 
 
+_CPU_ONLY = pytest.mark.skipif(KERNEL_DEVICE.type != "cpu", reason="with a GPU the CUDA test below checks this")
+
+
+@_CPU_ONLY
 def test_opcheck_cpu():
     """Schema, autograd registration and fake (meta) kernels. The AOT-dispatch checks trace the
     kernel launch, which Triton's interpreter cannot do with fake tensors: they run on CUDA below."""
@@ -519,6 +541,7 @@ def test_opcheck_cpu():
     torch.library.opcheck(torch.ops.earlyexit.exit_head.default, (cls, wp, bp, wi, True), test_utils=_CPU_OPCHECK)
 
 
+@_CPU_ONLY
 @pytest.mark.parametrize("write_back", [False, True], ids=["step", "step_write_back"])
 def test_compile_fullgraph_captures_one_exit_step_cpu(write_back):
     """Dynamo captures a whole exit step as one graph (no graph break, no host sync) and runs it.

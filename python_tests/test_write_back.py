@@ -6,6 +6,7 @@ that did not exit, or an exiting row left unwritten shows up as a difference.
 
 import pytest
 import torch
+from conftest import KERNEL_DEVICE, on_kernel_device
 
 import earlyexit_kernels as eek
 from earlyexit_kernels import backend_registry, exit_rules
@@ -30,6 +31,21 @@ def _policies():
         "dact": eek.DACT(),
         "scheduled": eek.Scheduled(planned),
     }
+
+
+def _fast(name: str):
+    """The backend's two write-back functions; Triton's run on KERNEL_DEVICE (the GPU if there is one)."""
+    if name != "triton":
+        return backend_registry.resolve_backend(name, torch.device("cpu"))
+    backend = backend_registry.resolve_backend(name, KERNEL_DEVICE)
+    return backend_registry.Backend(
+        name,
+        backend.exit_step,
+        backend.compact,
+        ("cpu",),
+        exit_step_write_back=on_kernel_device(backend.exit_step_write_back),
+        head_exit_step_write_back=on_kernel_device(backend.head_exit_step_write_back),
+    )
 
 
 def _fresh_target(extents: bool, dtype=torch.float32, labels: int = LABELS, seed: int = 0) -> WriteBack:
@@ -83,7 +99,7 @@ def _assert_same(got, ref, target_got, target_ref):
 @pytest.mark.parametrize("name", list(_policies()))
 def test_exit_step_write_back_matches_reference(backend, extents, name):
     policy = _policies()[name]
-    fast = backend_registry.resolve_backend(backend, torch.device("cpu"))
+    fast = _fast(backend)
     halting = torch.randn(ACTIVE, generator=torch.Generator().manual_seed(2)) if policy.needs_halting_head else None
     state = _state_after_layer_one(policy, halting)
     logits = _logits(policy, 3)
@@ -97,7 +113,7 @@ def test_exit_step_write_back_matches_reference(backend, extents, name):
 @pytest.mark.parametrize("backend", FAST)
 def test_write_back_mixes_exits_and_stays(backend):
     """The policies above leave some rows and keep others at layer 2, so the comparison bites."""
-    fast = backend_registry.resolve_backend(backend, torch.device("cpu"))
+    fast = _fast(backend)
     for name in ("entropy", "maxprob", "patience", "qexit", "voting", "scheduled"):
         policy = _policies()[name]
         halting = torch.randn(ACTIVE, generator=torch.Generator().manual_seed(2)) if policy.needs_halting_head else None
@@ -110,7 +126,7 @@ def test_write_back_mixes_exits_and_stays(backend):
 
 @pytest.mark.parametrize("backend", FAST)
 def test_last_layer_writes_every_row(backend):
-    fast = backend_registry.resolve_backend(backend, torch.device("cpu"))
+    fast = _fast(backend)
     policy = eek.Entropy(0.0)
     target = _fresh_target(True)
     state = exit_rules.init_state(policy, ACTIVE, LABELS, HIDDEN, LAYERS, torch.device("cpu"))
@@ -128,7 +144,7 @@ def test_last_layer_writes_every_row(backend):
 @pytest.mark.parametrize("name", ["entropy", "qexit", "voting"])
 def test_head_exit_step_write_back_matches_reference(backend, name, dtype):
     policy = _policies()[name]
-    fast = backend_registry.resolve_backend(backend, torch.device("cpu"))
+    fast = _fast(backend)
     g = torch.Generator().manual_seed(11)
     hidden = torch.randn(ACTIVE, 5, HIDDEN, generator=g).to(dtype)
     cls = hidden[:, 0]  # strided, as the engine passes it
@@ -176,7 +192,7 @@ def test_reference_write_back_empty_batch():
 
 @pytest.mark.skipif(not eek.backends()["triton"], reason="triton is not available")
 def test_triton_write_back_rejects_bad_buffers():
-    fast = backend_registry.resolve_backend("triton", torch.device("cpu"))
+    fast = _fast("triton")
     policy = eek.Entropy(0.8)
     state = exit_rules.init_state(policy, ACTIVE, LABELS, HIDDEN, LAYERS, torch.device("cpu"))
     target = _fresh_target(False)._replace(rows=torch.arange(ACTIVE, dtype=torch.int32))
