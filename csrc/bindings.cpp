@@ -15,22 +15,23 @@ TORCH_LIBRARY_FRAGMENT(earlyexit, m) {
       "cpp_head(Tensor cls_hidden, Tensor pooler_weight, Tensor pooler_bias, Tensor head_weight, Tensor head_bias)"
       " -> (Tensor pooled, Tensor logits)");
   // The exit rule on given logits. state: the policy's state tensors in the order of
-  // cpp_backend.STATE_KEYS; returns the updated ones in the same order. With the write-back
+  // cpp_backend.STATE_KEYS; returns the updated ones in the same order as state0 and state1
+  // (empty where the policy has fewer). With the write-back
   // tensors given, the exiting rows' returned logits, exit layer and runs are scattered to
   // rows[i] of the batch outputs.
   m.def(
       "cpp_exit_step(Tensor logits, Tensor? halting, Tensor[] state, int kind, int flags, int layer, int num_layers,"
       " int int_param, float scalar, Tensor per_layer, Tensor? rows=None, Tensor? runs=None,"
       " Tensor(a!)? out_logits=None, Tensor(b!)? out_exit_layer=None, Tensor(c!)? out_layers_run=None)"
-      " -> (Tensor exits, Tensor returned, Tensor[] state, Tensor survivors, Tensor count)");
+      " -> (Tensor exits, Tensor returned, Tensor state0, Tensor state1, Tensor survivors, Tensor count)");
   // The head fused with the exit rule (policies without a halting head).
   m.def(
       "cpp_head_exit_step(Tensor cls_hidden, Tensor pooler_weight, Tensor pooler_bias, Tensor head_weight,"
       " Tensor head_bias, Tensor? halting, Tensor[] state, int kind, int flags, int layer, int num_layers,"
       " int int_param, float scalar, Tensor per_layer, Tensor? rows=None, Tensor? runs=None,"
       " Tensor(a!)? out_logits=None, Tensor(b!)? out_exit_layer=None, Tensor(c!)? out_layers_run=None)"
-      " -> (Tensor exits, Tensor returned, Tensor logits, Tensor pooled, Tensor[] state, Tensor survivors,"
-      " Tensor count)");
+      " -> (Tensor exits, Tensor returned, Tensor logits, Tensor pooled, Tensor state0, Tensor state1,"
+      " Tensor survivors, Tensor count)");
   // Gather rows `index` of hidden [n, S, H] and mask [n, S], keep the first seq_len positions.
   // The second output is an empty tensor when mask is None.
   m.def("cpp_compact(Tensor hidden, Tensor? mask, Tensor index, int seq_len) -> (Tensor hidden, Tensor mask)");

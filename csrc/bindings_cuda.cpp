@@ -103,7 +103,7 @@ ExitResult exit_step_cuda(const at::Tensor& logits, EEK_EXIT_ARGS) {
                                       z.stride(0), call.params, call.state, call.write_back, &r,
                                       c10::cuda::getCurrentCUDAStream().stream()),
                "cpp_exit_step");
-  return {call.exits, call.returned, call.new_state, call.survivors, call.count};
+  return exit_result(call);
 }
 
 HeadExitResult head_exit_step_cuda(const at::Tensor& cls_hidden, const at::Tensor& pooler_weight,
@@ -119,7 +119,7 @@ HeadExitResult head_exit_step_cuda(const at::Tensor& cls_hidden, const at::Tenso
                                       call.params, call.state, call.write_back, &r,
                                       c10::cuda::getCurrentCUDAStream().stream()),
                "cpp_head_exit_step");
-  return {call.exits, call.returned, in.logits, in.pooled, call.new_state, call.survivors, call.count};
+  return head_exit_result(call, in.logits, in.pooled);
 }
 
 std::tuple<at::Tensor, at::Tensor> compact_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>& mask,

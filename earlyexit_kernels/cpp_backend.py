@@ -115,9 +115,10 @@ def lower_policy(policy: ExitPolicy, num_layers: int) -> LoweredPolicy:
     return LoweredPolicy(kind, flags, int_param, float(scalar), per_layer, state_in, state_out)
 
 
-def _updated(state: dict, lowered: LoweredPolicy, new_state) -> dict:
+def _updated(state: dict, lowered: LoweredPolicy, state0: torch.Tensor, state1: torch.Tensor) -> dict:
+    """The state with the op's outputs ``state0``, ``state1`` under the policy's keys."""
     state = dict(state)
-    state.update(zip(lowered.state_out, new_state))
+    state.update(zip(lowered.state_out, (state0, state1)))
     return state
 
 
@@ -140,10 +141,10 @@ def _survivor_stats(exits: torch.Tensor, count: torch.Tensor, extents: torch.Ten
 
 def _exit_step(policy, layer, num_layers, logits, halting_logit, state, target):
     lowered = lower_policy(policy, num_layers)
-    exits, returned, new_state, order, count = torch.ops.earlyexit.cpp_exit_step(
+    exits, returned, state0, state1, order, count = torch.ops.earlyexit.cpp_exit_step(
         logits, halting_logit, [state[k] for k in lowered.state_in], *_rule_args(lowered, layer, num_layers, target)
     )
-    return exits, returned, _updated(state, lowered, new_state), order, count
+    return exits, returned, _updated(state, lowered, state0, state1), order, count
 
 
 def exit_step(policy, layer, num_layers, logits, halting_logit, state):
@@ -170,21 +171,21 @@ def _head_exit_step(
         pooled = torch.tanh(torch.nn.functional.linear(cls_hidden, pooler_weight, pooler_bias))
         logits = torch.nn.functional.linear(pooled, head_weight, head_bias)
         halting = halting_fn(pooled, state.get("prev_pooled")) if halting_fn is not None else None
-        exits, returned, new_state, order, count = torch.ops.earlyexit.cpp_exit_step(
+        exits, returned, state0, state1, order, count = torch.ops.earlyexit.cpp_exit_step(
             logits, halting, state_list, *rule_args
         )
     elif halting_fn is not None:
         pooled, logits = torch.ops.earlyexit.cpp_head(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias)
         halting = halting_fn(pooled, state.get("prev_pooled"))
-        exits, returned, new_state, order, count = torch.ops.earlyexit.cpp_exit_step(
+        exits, returned, state0, state1, order, count = torch.ops.earlyexit.cpp_exit_step(
             logits, halting, state_list, *rule_args
         )
     else:
         halting = None
-        exits, returned, logits, pooled, new_state, order, count = torch.ops.earlyexit.cpp_head_exit_step(
+        exits, returned, logits, pooled, state0, state1, order, count = torch.ops.earlyexit.cpp_head_exit_step(
             cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias, None, state_list, *rule_args
         )
-    state = _updated(state, lowered, new_state)
+    state = _updated(state, lowered, state0, state1)
     if "prev_pooled" in state:
         state["prev_pooled"] = pooled
     return exits, returned, logits, halting, state, order, count
@@ -254,6 +255,12 @@ def compact(hidden, mask, index, seq_len):
 
 
 def _fake_state(kind: int, logits_like: torch.Tensor, n: int, num_labels: int) -> list[torch.Tensor]:
+    """state0 and state1 (csrc/common/exit_op.h): empty float32 where the policy has fewer."""
+    state = _fake_state_used(kind, logits_like, n, num_labels)
+    return state + [logits_like.new_empty((0,), dtype=torch.float32) for _ in range(2 - len(state))]
+
+
+def _fake_state_used(kind: int, logits_like: torch.Tensor, n: int, num_labels: int) -> list[torch.Tensor]:
     def new(shape, dtype):
         return logits_like.new_empty(shape, dtype=dtype)
 
@@ -275,7 +282,7 @@ def _fake_rule_outputs(like: torch.Tensor, n: int, num_labels: int, kind: int, f
     returned = like.new_empty((n, num_labels), dtype=torch.float32)
     survivors = like.new_empty((n if flags & FLAG_SURVIVORS else 0,), dtype=torch.int64)
     count = like.new_empty((), dtype=torch.int64)
-    return exits, returned, _fake_state(kind, like, n, num_labels), survivors, count
+    return exits, returned, *_fake_state(kind, like, n, num_labels), survivors, count
 
 
 def _register_fakes() -> None:
@@ -309,8 +316,9 @@ def _register_fakes() -> None:
     ):
         n, h = cls_hidden.shape
         c = head_weight.shape[0]
-        exits, returned, new_state, survivors, count = _fake_rule_outputs(cls_hidden, n, c, kind, flags)
-        return exits, returned, cls_hidden.new_empty((n, c)), cls_hidden.new_empty((n, h)), new_state, survivors, count
+        exits, returned, state0, state1, survivors, count = _fake_rule_outputs(cls_hidden, n, c, kind, flags)
+        logits, pooled = cls_hidden.new_empty((n, c)), cls_hidden.new_empty((n, h))
+        return exits, returned, logits, pooled, state0, state1, survivors, count
 
     @torch.library.register_fake("earlyexit::cpp_compact")
     def _(hidden, mask, index, seq_len):

@@ -298,7 +298,7 @@ def test_write_back_and_survivors(dtype):
         out_exit = torch.full((batch,), -7, dtype=torch.long)
         out_runs = torch.full((batch,), -9, dtype=torch.long)
         ref = WriteBack(rows, runs, None, out_logits.clone(), out_exit.clone(), out_runs.clone())
-        exits, ret, _, survivors, count = torch.ops.earlyexit.cpp_exit_step(
+        exits, ret, _, _, survivors, count = torch.ops.earlyexit.cpp_exit_step(
             z,
             None,
             [],
@@ -334,7 +334,7 @@ def test_count_is_minus_one_without_survivor_flag():
     out = torch.ops.earlyexit.cpp_exit_step(
         torch.randn(5, 3), None, [], lowered.kind, lowered.flags, 1, L, 0, 0.0, lowered.per_layer
     )
-    assert out[3].numel() == 0 and int(out[4]) == -1
+    assert out[4].numel() == 0 and int(out[5]) == -1
 
 
 def test_bad_arguments_raise():
@@ -359,3 +359,63 @@ def test_empty_batch():
     state = exit_rules.init_state(policy, 0, 3, 8, L, CPU)
     exits, ret, new_state = cpp_backend.exit_step(policy, 1, L, torch.empty(0, 3), None, state)
     assert exits.shape == (0,) and ret.shape == (0, 3) and new_state["votes"].shape == (0, 3)
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library registration: the ops run for real on the CPU, so every opcheck test runs.
+
+
+def _op_args(policy, write_back: bool):
+    """cpp_exit_step's arguments at layer 2 of L for 5 rows of a batch of 8 (write-back optional)."""
+    lowered = cpp_backend.lower_policy(policy, L)
+    state = exit_rules.init_state(policy, 5, 3, 8, L, CPU)
+    halting = torch.randn(5) if policy.needs_halting_head else None
+    flags = lowered.flags | cpp_backend.FLAG_SURVIVORS
+    args = (torch.randn(5, 3), halting, [state[k] for k in lowered.state_in], lowered.kind, flags, 2, L)
+    args += (lowered.int_param, lowered.scalar, lowered.per_layer)
+    if write_back:
+        outs = (torch.zeros(8, 3), torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long))
+        args += (torch.tensor([6, 0, 3, 7, 2]), torch.full((5,), 2), *outs)
+    return args
+
+
+@pytest.mark.parametrize("write_back", [False, True], ids=["step", "write_back"])
+@pytest.mark.parametrize("policy", [eek.Entropy(0.6), eek.Patience(1), eek.QExit(0.4), eek.Voting(2)], ids=repr)
+def test_opcheck_exit_step(policy, write_back):
+    torch.library.opcheck(torch.ops.earlyexit.cpp_exit_step.default, _op_args(policy, write_back))
+
+
+def test_opcheck_head_and_compact():
+    g = torch.Generator().manual_seed(3)
+    x, wp, bp = torch.randn(5, 16, generator=g), torch.randn(16, 16, generator=g), torch.randn(16, generator=g)
+    w, b = torch.randn(3, 16, generator=g), torch.randn(3, generator=g)
+    torch.library.opcheck(torch.ops.earlyexit.cpp_head.default, (x, wp, bp, w, b))
+    policy_args = _op_args(eek.Patience(1), write_back=True)[2:]
+    torch.library.opcheck(torch.ops.earlyexit.cpp_head_exit_step.default, (x, wp, bp, w, b, None, *policy_args))
+    hidden, mask = torch.randn(5, 7, 16, generator=g), torch.ones(5, 7, dtype=torch.long)
+    torch.library.opcheck(torch.ops.earlyexit.cpp_compact.default, (hidden, mask, torch.tensor([0, 3]), 4))
+
+
+def test_compile_fullgraph_exit_step_write_back():
+    """Inductor compiles a function around one fused step with write-back, as one graph."""
+    policy = eek.Patience(1)
+    logits = torch.randn(5, 3)
+    state = exit_rules.init_state(policy, 5, 3, 8, L, CPU)
+
+    def buffers():
+        outs = (torch.zeros(8, 3), torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long))
+        return WriteBack(torch.tensor([6, 0, 3, 7, 2]), torch.full((5,), 2), torch.arange(3, 8), *outs)
+
+    def step(logits, state, target):
+        return cpp_backend.exit_step_write_back(policy, 2, L, logits, None, state, target)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    target_c, target_e = buffers(), buffers()
+    state_c = exit_rules.exit_step(policy, 1, L, logits, None, dict(state))[2]
+    got = compiled(logits, dict(state_c), target_c)
+    ref = step(logits, dict(state_c), target_e)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[3], ref[3])
+    assert int(got[3][0]) == int((~ref[0]).sum()) < 5  # the same logits twice: some rows exit
+    for a, b in zip(target_c[3:], target_e[3:]):
+        assert torch.equal(a, b)

@@ -3,6 +3,10 @@
 # compile error or on any register spill in the kernels. No GPU and no CUDA torch needed:
 # the .cu files include no torch headers.
 #
+# With TORCH_CUDA_INCLUDE set to the include/ folder of a CUDA build of torch (unzip it
+# from the wheel: `pip download torch==<version> --no-deps`, then `unzip whl 'torch/include/*'`),
+# the CUDA binding csrc/bindings_cuda.cpp, which needs c10/cuda, is syntax-checked too.
+#
 # Usage: scripts/check_cuda_compile.sh   (NVCC=/path/to/nvcc, CUDA_ARCHS="80 90" to override)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,4 +45,15 @@ for src in "${SOURCES[@]}"; do
         fi
     done
 done
+if [[ -n "${TORCH_CUDA_INCLUDE:-}" ]]; then
+    cuda_include="$(dirname "$(dirname "$(readlink -f "$(command -v "$NVCC")")")")/include"
+    [[ -f "$cuda_include/cuda_runtime_api.h" ]] || cuda_include=$(find / -path /proc -prune -o -name cuda_runtime_api.h -path '*cuda*/include/*' -print -quit 2>/dev/null | xargs -r dirname)
+    if "${CXX:-g++}" -std=c++17 -fsyntax-only -w -DEEK_WITH_CUDA=1 -Icsrc -I"$TORCH_CUDA_INCLUDE" \
+        -I"$TORCH_CUDA_INCLUDE/torch/csrc/api/include" -I"$cuda_include" csrc/bindings_cuda.cpp; then
+        echo "cuda-check: csrc/bindings_cuda.cpp compiles against $TORCH_CUDA_INCLUDE"
+    else
+        echo "cuda-check: csrc/bindings_cuda.cpp FAILED against $TORCH_CUDA_INCLUDE" >&2
+        status=1
+    fi
+fi
 exit $status

@@ -10,7 +10,8 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 STAMP="$VENV/.eek-setup-done"
 
-if [[ -f "$STAMP" && "$STAMP" -nt setup.py && "$STAMP" -nt pyproject.toml ]]; then
+# Done already, unless the build inputs (setup.py, pyproject.toml, csrc/) changed since.
+if [[ -f "$STAMP" && "$STAMP" -nt setup.py && "$STAMP" -nt pyproject.toml && -z "$(find csrc -newer "$STAMP" -print -quit)" ]]; then
     exit 0
 fi
 

@@ -196,9 +196,27 @@ inline ExitCall prepare_exit_call(int64_t n, int64_t C, const at::Device& device
   return call;
 }
 
-using ExitResult = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor>;
+// The new state as two tensors (every policy has at most two; an unused one is empty): a
+// Tensor[] output would keep torch.compile from functionalizing the ops' write-back.
+using ExitResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using HeadExitResult =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor>;
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+inline at::Tensor new_state_at(const ExitCall& call, size_t i) {
+  if (i < call.new_state.size()) return call.new_state[i];
+  return at::empty({0}, call.exits.options().dtype(at::kFloat));
+}
+
+// (exits, returned, state0, state1, survivors, count)
+inline ExitResult exit_result(const ExitCall& call) {
+  return {call.exits, call.returned, new_state_at(call, 0), new_state_at(call, 1), call.survivors, call.count};
+}
+
+// (exits, returned, logits, pooled, state0, state1, survivors, count)
+inline HeadExitResult head_exit_result(const ExitCall& call, const at::Tensor& logits, const at::Tensor& pooled) {
+  return {call.exits,           call.returned,         logits,         pooled,
+          new_state_at(call, 0), new_state_at(call, 1), call.survivors, call.count};
+}
 
 // Checks shared by the head ops; returns the row stride of cls_hidden (unit stride over H required,
 // otherwise the caller makes it contiguous first).

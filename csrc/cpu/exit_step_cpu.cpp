@@ -253,7 +253,7 @@ ExitResult exit_step_cpu(const at::Tensor& logits, EEK_EXIT_ARGS) {
     using scalar_t = decltype(tag);
     run_cpu<scalar_t>(&call, n, C, z.data_ptr<scalar_t>(), z.stride(0), nullptr);
   });
-  return {call.exits, call.returned, call.new_state, call.survivors, call.count};
+  return exit_result(call);
 }
 
 HeadExitResult head_exit_step_cpu(const at::Tensor& cls_hidden, const at::Tensor& pooler_weight,
@@ -268,7 +268,7 @@ HeadExitResult head_exit_step_cpu(const at::Tensor& cls_hidden, const at::Tensor
     auto a = head_args<scalar_t>(in.x, in.wp, in.bp, in.w, in.b, in.pooled, in.logits);
     run_cpu<scalar_t>(&call, n, C, nullptr, 0, &a);
   });
-  return {call.exits, call.returned, in.logits, in.pooled, call.new_state, call.survivors, call.count};
+  return head_exit_result(call, in.logits, in.pooled);
 }
 
 }  // namespace eek
