@@ -95,14 +95,19 @@ def _moved(value, device: torch.device):
 
 
 def on_kernel_device(fn):
-    """``fn`` run on KERNEL_DEVICE: tensor (and module) arguments go there, results come back
+    """``fn`` run on KERNEL_DEVICE, see :func:`on_device`."""
+    return on_device(fn, KERNEL_DEVICE)
+
+
+def on_device(fn, device: torch.device):
+    """``fn`` run on ``device``: tensor (and module) arguments go there, results come back
     to the CPU, and the buffers of a ``WriteBack`` argument, written in place, are copied back.
     Views keep their strides."""
-    if KERNEL_DEVICE.type == "cpu":
+    if device.type == "cpu":
         return fn
 
     def call(*args, **kwargs):
-        moved_args, moved_kwargs = _moved(args, KERNEL_DEVICE), _moved(kwargs, KERNEL_DEVICE)
+        moved_args, moved_kwargs = _moved(args, device), _moved(kwargs, device)
         result = fn(*moved_args, **moved_kwargs)
         for original, moved in zip((*args, *kwargs.values()), (*moved_args, *moved_kwargs.values())):
             if isinstance(original, WriteBack):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import on_device
 
 import earlyexit_kernels as eek
 from earlyexit_kernels import compaction, cpp_backend
@@ -10,6 +11,7 @@ if not eek.backends()["cpp"]:
     pytest.fail(f"the C++ backend must be built for these tests: {eek.backend_status()['cpp']}", pytrace=False)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CPU = torch.device("cpu")
 
 
 def _inputs(n, seq, hidden, dtype, seed):
@@ -22,15 +24,25 @@ def _inputs(n, seq, hidden, dtype, seed):
     return states, mask, index
 
 
-def _check(hidden, mask, index, seq_len):
+def _check(hidden, mask, index, seq_len, device=CPU):
     ref_h, ref_m = compaction.compact(hidden, mask, index, seq_len)
-    got_h, got_m = cpp_backend.compact(hidden, mask, index, seq_len)
+    got_h, got_m = on_device(cpp_backend.compact, device)(hidden, mask, index, seq_len)
     assert got_h.dtype == ref_h.dtype and got_h.shape == ref_h.shape and got_h.is_contiguous()
     assert torch.equal(got_h, ref_h)
     if mask is None:
         assert got_m is None
     else:
         assert got_m.dtype == ref_m.dtype and torch.equal(got_m, ref_m)
+
+
+@pytest.mark.skipif(not eek.backends()["cuda"], reason="needs the CUDA kernels")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_compact_matches_reference(dtype):
+    for n in (1, 17, 257):
+        for hidden, seq in [(64, 7), (768, 5), (1024, 3)]:
+            states, mask, index = _inputs(n, seq, hidden, dtype, seed=n + hidden)
+            _check(states, mask, index, seq, torch.device("cuda"))
+            _check(states, None, index, seq - 1, torch.device("cuda"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

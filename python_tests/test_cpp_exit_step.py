@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import on_device
 
 import earlyexit_kernels as eek
 from earlyexit_kernels import compaction, cpp_backend, exit_rules
@@ -80,7 +81,9 @@ def _assert_state_equal(ref, got):
             assert torch.equal(got[key], ref[key]), key
 
 
-def _run_both(policy, batch, num_labels, dtype, contiguous=True, seed=0):
+def _run_both(policy, batch, num_labels, dtype, contiguous=True, seed=0, device=CPU):
+    """The kernels (on ``device``: the CPU or, with the CUDA build, the GPU) against the reference, layer by layer."""
+    exit_step = on_device(cpp_backend.exit_step, device)
     generator = torch.Generator().manual_seed(seed)
     ref_state = exit_rules.init_state(policy, batch, num_labels, 8, L, CPU)
     got_state = dict(ref_state)
@@ -89,7 +92,7 @@ def _run_both(policy, batch, num_labels, dtype, contiguous=True, seed=0):
         z = _logits(batch, num_labels, layer, generator, dtype, contiguous)
         h = _halting(batch, layer, generator) if policy.needs_halting_head else None
         ref_exits, ref_ret, ref_state = exit_rules.exit_step(policy, layer, L, z, h, ref_state)
-        exits, ret, got_state = cpp_backend.exit_step(policy, layer, L, z, h, got_state)
+        exits, ret, got_state = exit_step(policy, layer, L, z, h, got_state)
         assert exits.dtype == torch.bool and ret.dtype == torch.float32
         assert torch.equal(exits, ref_exits), f"layer {layer}: {exits.tolist()} != {ref_exits.tolist()}"
         torch.testing.assert_close(ret, ref_ret, rtol=2e-6, atol=1e-6, equal_nan=True)
@@ -105,6 +108,16 @@ def test_exit_step_matches_reference_fp32(name, factory, labels):
         for num_labels in labels:
             exits_before_last += _run_both(factory(batch), batch, num_labels, torch.float32, seed=batch + num_labels)
     assert exits_before_last > 0, "the inputs never exercise an early exit"
+
+
+@pytest.mark.skipif(not eek.backends()["cuda"], reason=f"CUDA kernels: {eek.backend_status()['cuda']}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_exit_step_matches_reference(dtype):
+    cuda = torch.device("cuda")
+    for _, factory, labels in POLICIES:
+        for batch in (1, 17, 257):
+            _run_both(factory(batch), batch, labels[-1], dtype, seed=batch, device=cuda)
+        _run_both(factory(17), 17, labels[-1], dtype, contiguous=False, seed=5, device=cuda)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -6,7 +6,7 @@ that did not exit, or an exiting row left unwritten shows up as a difference.
 
 import pytest
 import torch
-from conftest import KERNEL_DEVICE, on_kernel_device
+from conftest import KERNEL_DEVICE, on_device
 
 import earlyexit_kernels as eek
 from earlyexit_kernels import backend_registry, exit_rules
@@ -15,7 +15,8 @@ from earlyexit_kernels.write_back import WriteBack, exit_step_write_back, head_e
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: masked -inf lanes
 
-FAST = [name for name in ("cpp", "triton") if eek.backends()[name]]
+FAST = [name for name in ("cpp", "cuda", "triton") if eek.backends()[name]]
+DEVICES = {"cpp": torch.device("cpu"), "cuda": torch.device("cuda"), "triton": KERNEL_DEVICE}
 BATCH, ACTIVE, LABELS, HIDDEN, LAYERS = 17, 11, 3, 64, 4
 
 
@@ -34,17 +35,16 @@ def _policies():
 
 
 def _fast(name: str):
-    """The backend's two write-back functions; Triton's run on KERNEL_DEVICE (the GPU if there is one)."""
-    if name != "triton":
-        return backend_registry.resolve_backend(name, torch.device("cpu"))
-    backend = backend_registry.resolve_backend(name, KERNEL_DEVICE)
+    """The backend's two write-back functions on its device, taking and giving CPU tensors."""
+    device = DEVICES[name]
+    backend = backend_registry.resolve_backend(name, device)
     return backend_registry.Backend(
         name,
         backend.exit_step,
         backend.compact,
         ("cpu",),
-        exit_step_write_back=on_kernel_device(backend.exit_step_write_back),
-        head_exit_step_write_back=on_kernel_device(backend.head_exit_step_write_back),
+        exit_step_write_back=on_device(backend.exit_step_write_back, device),
+        head_exit_step_write_back=on_device(backend.head_exit_step_write_back, device),
     )
 
 

@@ -31,8 +31,10 @@ for s in $STEPS; do
     build) step build env EARLYEXIT_FORCE_CUDA_BUILD=1 make setup ;;
     tests) step tests "$PY" -m pytest -q python_tests -x -ra ;;
     sanitizer)
-        # The csrc CUDA kernels have no CUDA tests yet; the Triton ones run natively on a GPU.
+        # The Triton kernels' tests and the CUDA C++ kernels' tests (test_cuda_*) natively.
         step memcheck compute-sanitizer --tool memcheck "$PY" -m pytest -q python_tests/test_triton_compact.py -x
+        step memcheck_cpp compute-sanitizer --tool memcheck "$PY" -m pytest -q -x -k cuda \
+            python_tests/test_cpp_exit_step.py python_tests/test_cpp_compact.py
         step racecheck compute-sanitizer --tool racecheck "$PY" -m pytest -q python_tests/test_triton_exit_step.py -x -k fp32
         ;;
     auto)
