@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -96,13 +97,25 @@ def step_seconds(
 
 
 def choose(candidates: list, key: ChoiceKey, measure: Callable[..., float] = step_seconds):
-    """The candidate with the smallest ``measure``; measured once per ``key`` and process."""
+    """The candidate with the smallest ``measure``; measured once per ``key`` and process.
+
+    A candidate whose measurement fails counts as infinitely slow (with a warning); when
+    every one fails the answer is None and the caller falls back to the reference.
+    """
     by_name = {backend.name: backend for backend in candidates}
     if key not in _CHOICES:
         device, dtype = torch.device(key[0]), getattr(torch, key[1])
-        seconds = {name: measure(backend, device, dtype, key[2], key[3]) for name, backend in by_name.items()}
-        _CHOICES[key] = (min(seconds, key=seconds.get), seconds)
-    return by_name[_CHOICES[key][0]]
+        seconds = {}
+        for name, backend in by_name.items():
+            try:
+                seconds[name] = measure(backend, device, dtype, key[2], key[3])
+            except Exception as err:  # a backend that cannot run here must not break "auto"
+                warnings.warn(f"earlyexit_kernels: backend {name!r} failed while timed for 'auto': {err}", stacklevel=2)
+                seconds[name] = math.inf
+        fastest = min(seconds, key=seconds.get)
+        _CHOICES[key] = (fastest if math.isfinite(seconds[fastest]) else None, seconds)
+    chosen = _CHOICES[key][0]
+    return by_name[chosen] if chosen is not None else None
 
 
 def auto_choices() -> dict[ChoiceKey, tuple[str, dict[str, float]]]:

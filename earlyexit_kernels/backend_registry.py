@@ -113,7 +113,8 @@ def resolve_backend(
             from .backend_choice import choose
 
             key = (str(device), str(dtype).removeprefix("torch."), int(hidden_size), int(num_labels))
-            return choose([_REGISTRY[n] for n in measured], key)
+            chosen = choose([_REGISTRY[n] for n in measured], key)
+            return chosen if chosen is not None else _REGISTRY["torch"]
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
             if candidate in _REGISTRY and device.type in _REGISTRY[candidate].devices:
                 return _REGISTRY[candidate]

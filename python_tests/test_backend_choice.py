@@ -74,3 +74,26 @@ def test_patched_model_resolves_auto_with_its_shape(measured_on_cpu, monkeypatch
         model(input_ids=ids, attention_mask=mask, token_type_ids=tt)
     assert {c[1:] for c in calls} == {("cpu", torch.float32, 32, 3)}
     assert backend_choice.auto_choices()[("cpu", "float32", 32, 3)][0] == "torch"
+
+
+def test_a_backend_failing_its_measurement_is_not_chosen(measured_on_cpu, monkeypatch):
+    def measure(backend, *shape):
+        if backend.name == "cpp":
+            raise RuntimeError("no kernel image for this GPU")
+        return 5.0
+
+    monkeypatch.setattr(backend_choice.choose, "__defaults__", (measure,))
+    with pytest.warns(UserWarning, match="'cpp' failed while timed"):
+        chosen = backend_registry.resolve_backend("auto", CPU, dtype=torch.float32, hidden_size=64, num_labels=3)
+    assert chosen.name == "torch"
+
+
+def test_auto_falls_back_to_torch_when_every_measurement_fails(measured_on_cpu, monkeypatch):
+    def measure(backend, *shape):
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr(backend_choice.choose, "__defaults__", (measure,))
+    with pytest.warns(UserWarning):
+        chosen = backend_registry.resolve_backend("auto", CPU, dtype=torch.float16, hidden_size=64, num_labels=3)
+    assert chosen.name == "torch"
+    assert backend_choice.auto_choices()[("cpu", "float16", 64, 3)][0] is None
