@@ -432,3 +432,10 @@ def test_compile_fullgraph_exit_step_write_back():
     assert int(got[3][0]) == int((~ref[0]).sum()) < 5  # the same logits twice: some rows exit
     for a, b in zip(target_c[3:], target_e[3:]):
         assert torch.equal(a, b)
+
+
+def test_write_back_rejects_rows_outside_the_batch():
+    args = list(_op_args(eek.Entropy(0.6), write_back=True))
+    args[10] = torch.tensor([6, 0, 3, 8, 2])  # the batch has 8 rows
+    with pytest.raises(RuntimeError, match=r"rows must index the batch of 8, got values in \[0, 8\]"):
+        torch.ops.earlyexit.cpp_exit_step(*args)

@@ -201,3 +201,21 @@ def test_triton_write_back_rejects_bad_buffers():
     target = _fresh_target(False)._replace(logits=torch.zeros(BATCH, LABELS + 1))
     with pytest.raises(ValueError, match="WriteBack outputs must be logits"):
         fast.exit_step_write_back(policy, 2, LAYERS, _logits(policy, 3), None, state, target)
+
+
+@pytest.mark.skipif(not eek.backends()["triton"], reason="triton is not available")
+def test_triton_write_back_never_writes_outside_the_batch():
+    """The kernel cannot check indices without a host sync; it skips a bad one instead of writing past B."""
+    fast = _fast("triton")
+    policy = eek.Entropy(10.0)  # every row exits
+    state = exit_rules.init_state(policy, ACTIVE, LABELS, HIDDEN, LAYERS, torch.device("cpu"))
+    target = _fresh_target(False)
+    rows = target.rows.clone()
+    rows[3] = BATCH + 5
+    rows[7] = -1
+    target = target._replace(rows=rows)
+    fast.exit_step_write_back(policy, 2, LAYERS, _logits(policy, 3), None, state, target)
+    good = torch.ones(ACTIVE, dtype=torch.bool)
+    good[[3, 7]] = False
+    assert bool((target.exit_layer[rows[good]] == 2).all())
+    assert int((target.exit_layer == 2).sum()) == ACTIVE - 2

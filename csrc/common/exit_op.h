@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -184,6 +185,12 @@ inline ExitCall prepare_exit_call(int64_t n, int64_t C, const at::Device& device
     TORCH_CHECK(r.dim() == 1 && r.size(0) == n && ru.dim() == 1 && ru.size(0) == n && r.device() == device &&
                     ru.device() == device,
                 "cpp_exit_step: rows and runs must be [", n, "] on the logits' device");
+    if (device.is_cpu() && n > 0) {  // on a GPU this would sync; the kernel skips such rows instead
+      const int64_t* p = r.data_ptr<int64_t>();
+      const auto [lo, hi] = std::minmax_element(p, p + n);
+      TORCH_CHECK(*lo >= 0 && *hi < B, "cpp_exit_step: rows must index the batch of ", B, ", got values in [", *lo,
+                  ", ", *hi, "]");
+    }
     WriteBack& wb = call.write_back;
     wb.logits = ol.data_ptr();
     wb.out_dtype = out_dtype_code(ol.scalar_type());
@@ -192,6 +199,7 @@ inline ExitCall prepare_exit_call(int64_t n, int64_t C, const at::Device& device
     wb.layers_run = orun.data_ptr<int64_t>();
     wb.rows = r.data_ptr<int64_t>();
     wb.runs = ru.data_ptr<int64_t>();
+    wb.batch = B;
   }
   return call;
 }

@@ -84,6 +84,7 @@ struct WriteBack {
   int64_t* layers_run = nullptr;     // [B]
   const int64_t* rows = nullptr;     // [n] original position of each active row
   const int64_t* runs = nullptr;     // [n] layers run so far
+  int64_t batch = 0;                 // B: a row index outside [0, B) is not written
 };
 
 #if defined(__CUDACC__)

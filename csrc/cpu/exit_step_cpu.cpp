@@ -139,8 +139,8 @@ void run_cpu(ExitCall* call, int64_t n, int64_t C, const T* logits, int64_t logi
         float* out = returned + row * C;
         const bool e = apply_rule(call->params, call->state, row, zf.data() + r * C, h, out);
         exits[row] = e;
-        if (e && wb.logits != nullptr) {
-          const int64_t dst = wb.rows[row];
+        const int64_t dst = (e && wb.logits != nullptr) ? wb.rows[row] : -1;
+        if (dst >= 0 && dst < wb.batch) {
           for (int64_t c = 0; c < C; ++c) store_out(wb, dst * wb.logits_stride + c, out[c]);
           wb.exit_layer[dst] = call->params.layer;
           wb.layers_run[dst] = wb.runs[row];

@@ -151,8 +151,8 @@ __device__ __forceinline__ void finish_row(const KernelArgs& a, int64_t row, con
   const bool exits = apply_rule(a.params, a.state, row, z, halting, returned);
   a.rule.exits[row] = exits;
   const WriteBack& wb = a.write_back;
-  if (exits && wb.logits != nullptr) {
-    const int64_t dst = wb.rows[row];
+  const int64_t dst = (exits && wb.logits != nullptr) ? wb.rows[row] : -1;
+  if (dst >= 0 && dst < wb.batch) {
     for (int64_t c = 0; c < a.C; ++c) store_out(wb, dst * wb.logits_stride + c, returned[c]);
     wb.exit_layer[dst] = a.params.layer;
     wb.layers_run[dst] = wb.runs[row];

@@ -185,6 +185,7 @@ def _decide_kernel(
     stride_out_c,
     out_exit_ptr,
     out_runs_ptr,
+    batch_out,
     n,
     C,
     layer,
@@ -340,6 +341,7 @@ def _decide_kernel(
         if WRITE_BACK:  # the exiting rows' outputs, at their original positions
             leaving = r_ok & exits
             dst = tl.load(rows_ptr + rows, mask=leaving, other=0)
+            leaving = leaving & (dst >= 0) & (dst < batch_out)  # a bad index must not write out of bounds
             tl.store(
                 out_logits_ptr + dst[:, None] * stride_out_n + cs[None, :] * stride_out_c,
                 returned.to(out_logits_ptr.dtype.element_ty),
@@ -553,10 +555,13 @@ def exit_decide(
     aux_t = aux if aux is not None else dummy
     aux_n = aux_t.stride(0) if aux is not None else 0
     aux_l = aux_t.stride(1) if (aux is not None and aux_t.dim() == 2) else 0
-    if write_back and (rows is None or runs is None):
-        raise ValueError("exit_decide: write_back needs rows and runs")
-    if write_back and not survivors:
-        raise ValueError("exit_decide: write_back comes with the survivor outputs")
+    if write_back:
+        if rows is None or runs is None:
+            raise ValueError("exit_decide: write_back needs rows and runs")
+        if not survivors:
+            raise ValueError("exit_decide: write_back comes with the survivor outputs")
+        target = WriteBack(rows, runs, extents, out_logits, out_exit_layer, out_layers_run)
+        _check_target(target, n, num_labels, device)
     has_extents = survivors and extents is not None
     block_m = min(256 if interpreting() else 128, max(16, next_pow2(n)))
     wrap_triton(_decide_kernel)[(1,)](
@@ -585,6 +590,7 @@ def exit_decide(
         out_logits.stride(1) if write_back else 0,
         out_exit_layer if write_back else dummy,
         out_layers_run if write_back else dummy,
+        out_exit_layer.shape[0] if write_back else 0,
         n,
         num_labels,
         layer,
@@ -721,7 +727,6 @@ def _decide(
         out_logits = new_empty((0, src.shape[-1]), torch.float32, src.device)
         out_exit = out_runs = new_empty((0,), torch.int64, src.device)
     else:
-        _check_target(target, src.shape[-2], src.shape[-1], src.device)
         rows, runs, extents = target.rows, target.runs, target.extents
         out_logits, out_exit, out_runs = target.logits, target.exit_layer, target.layers_run
     outs = torch.ops.earlyexit.exit_decide(
