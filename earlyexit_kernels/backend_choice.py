@@ -99,12 +99,16 @@ def step_seconds(
 def choose(candidates: list, key: ChoiceKey, measure: Callable[..., float] = step_seconds):
     """The candidate with the smallest ``measure``; measured once per ``key`` and process.
 
-    A candidate whose measurement fails counts as infinitely slow (with a warning); when
-    every one fails the answer is None and the caller falls back to the reference.
+    A candidate whose measurement fails counts as infinitely slow (with a warning). The
+    answer is None, and nothing is kept, when every measurement fails (it may be passing,
+    such as running out of memory) or when the stream is being captured into a CUDA graph,
+    where timing is impossible; the caller then takes its static order.
     """
     by_name = {backend.name: backend for backend in candidates}
     if key not in _CHOICES:
         device, dtype = torch.device(key[0]), getattr(torch, key[1])
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
         seconds = {}
         for name, backend in by_name.items():
             try:
@@ -113,9 +117,10 @@ def choose(candidates: list, key: ChoiceKey, measure: Callable[..., float] = ste
                 warnings.warn(f"earlyexit_kernels: backend {name!r} failed while timed for 'auto': {err}", stacklevel=2)
                 seconds[name] = math.inf
         fastest = min(seconds, key=seconds.get)
-        _CHOICES[key] = (fastest if math.isfinite(seconds[fastest]) else None, seconds)
-    chosen = _CHOICES[key][0]
-    return by_name[chosen] if chosen is not None else None
+        if not math.isfinite(seconds[fastest]):
+            return None
+        _CHOICES[key] = (fastest, seconds)
+    return by_name[_CHOICES[key][0]]
 
 
 def auto_choices() -> dict[ChoiceKey, tuple[str, dict[str, float]]]:

@@ -114,7 +114,8 @@ def resolve_backend(
 
             key = (str(device), str(dtype).removeprefix("torch."), int(hidden_size), int(num_labels))
             chosen = choose([_REGISTRY[n] for n in measured], key)
-            return chosen if chosen is not None else _REGISTRY["torch"]
+            if chosen is not None:
+                return chosen
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
             if candidate in _REGISTRY and device.type in _REGISTRY[candidate].devices:
                 return _REGISTRY[candidate]

@@ -112,7 +112,10 @@ def on_device(fn, device: torch.device):
         for original, moved in zip((*args, *kwargs.values()), (*moved_args, *moved_kwargs.values())):
             if isinstance(original, WriteBack):
                 for buffer, written in zip(original[3:], moved[3:]):
-                    buffer.copy_(written)
+                    if buffer._base is not None and written._base is not None:
+                        buffer._base.copy_(written._base)  # all of the buffer the view lies in
+                    else:
+                        buffer.copy_(written)
         return _moved(result, torch.device("cpu"))
 
     return call

@@ -725,7 +725,7 @@ def _decide(
     if target is None:
         rows = runs = extents = None
         out_logits = new_empty((0, src.shape[-1]), torch.float32, src.device)
-        out_exit = out_runs = new_empty((0,), torch.int64, src.device)
+        out_exit, out_runs = new_empty((0,), torch.int64, src.device), new_empty((0,), torch.int64, src.device)
     else:
         rows, runs, extents = target.rows, target.runs, target.extents
         out_logits, out_exit, out_runs = target.logits, target.exit_layer, target.layers_run
@@ -770,7 +770,7 @@ def _decide(
 
 
 def _check_target(target: WriteBack, n: int, num_labels: int, device: torch.device) -> None:
-    """The kernel indexes raw pointers with these: a wrong shape or dtype must fail here."""
+    """The kernel indexes raw pointers with these: a wrong shape, dtype or layout must fail here."""
     for name, t, dtype, shape in (
         ("rows", target.rows, torch.int64, (n,)),
         ("runs", target.runs, torch.int64, (n,)),
@@ -785,12 +785,16 @@ def _check_target(target: WriteBack, n: int, num_labels: int, device: torch.devi
                 f"WriteBack.{name} must be {dtype} [{shape[0] if shape else 'B'}] on {device}, "
                 f"got {t.dtype} {list(t.shape)} on {t.device}"
             )
+        if not t.is_contiguous():
+            raise ValueError(f"WriteBack.{name} must be contiguous (the kernel reads it with unit stride)")
     batch = target.exit_layer.shape[0]
     if target.logits.shape != (batch, num_labels) or target.layers_run.shape != (batch,):
         raise ValueError(
             f"WriteBack outputs must be logits [B, {num_labels}], exit_layer [B] and layers_run [B]; got "
             f"{list(target.logits.shape)}, {list(target.exit_layer.shape)}, {list(target.layers_run.shape)}"
         )
+    if target.logits.device != device:
+        raise ValueError(f"WriteBack.logits must be on {device}, got {target.logits.device}")
     if target.logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"WriteBack.logits must be float32, float16 or bfloat16, got {target.logits.dtype}")
 
