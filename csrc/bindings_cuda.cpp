@@ -33,24 +33,16 @@ void check_launch(cudaError_t err, const char* name) {
   TORCH_CHECK(err == cudaSuccess, name, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
 
-struct HeadInputs {
-  at::Tensor x, wp, bp, w, b, pooled, logits;
+struct HeadInputs : HeadTensors {
   cuda::HeadPtrs ptrs;
 };
 
 HeadInputs head_inputs(const at::Tensor& cls_hidden, const at::Tensor& pooler_weight, const at::Tensor& pooler_bias,
                        const at::Tensor& head_weight, const at::Tensor& head_bias) {
-  check_head_args(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias);
   TORCH_CHECK(cls_hidden.is_cuda(), "cpp_head (CUDA): tensors must be on a CUDA device");
   HeadInputs in;
-  in.x = (cls_hidden.size(1) > 1 && cls_hidden.stride(1) != 1) ? cls_hidden.contiguous() : cls_hidden;
-  in.wp = pooler_weight.contiguous();
-  in.bp = pooler_bias.contiguous();
-  in.w = head_weight.contiguous();
-  in.b = head_bias.contiguous();
-  const int64_t n = in.x.size(0), H = in.x.size(1), C = in.w.size(0);
-  in.pooled = at::empty({n, H}, cls_hidden.options());
-  in.logits = at::empty({n, C}, cls_hidden.options());
+  static_cast<HeadTensors&>(in) = head_tensors(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias);
+  const int64_t H = in.x.size(1);
   cuda::HeadPtrs& p = in.ptrs;
   p.x = in.x.data_ptr();
   p.x_stride = in.x.stride(0);

@@ -19,7 +19,7 @@ import torch
 
 from .exit_rules import init_state
 from .policies import Entropy
-from .write_back import WriteBack
+from .write_back import WriteBack, write_back
 
 __all__ = ["auto_choices", "choose", "step_seconds"]
 
@@ -62,25 +62,26 @@ def step_seconds(
     policy = Entropy(0.5 * math.log(max(num_labels, 2)))
     layers = 12
 
+    # The step returns a new state and writes the same values each time: both are reused.
+    state = init_state(policy, batch, num_labels, hidden_size, layers, device, pooled_dtype=dtype)
+    target = WriteBack(
+        torch.arange(batch, device=device),
+        torch.ones(batch, dtype=torch.long, device=device),
+        None,
+        torch.zeros(batch, num_labels, dtype=dtype, device=device),
+        torch.zeros(batch, dtype=torch.long, device=device),
+        torch.zeros(batch, dtype=torch.long, device=device),
+    )
+
     def one_layer():
-        state = init_state(policy, batch, num_labels, hidden_size, layers, device, pooled_dtype=dtype)
-        target = WriteBack(
-            torch.arange(batch, device=device),
-            torch.ones(batch, dtype=torch.long, device=device),
-            None,
-            torch.zeros(batch, num_labels, dtype=dtype, device=device),
-            torch.zeros(batch, dtype=torch.long, device=device),
-            torch.zeros(batch, dtype=torch.long, device=device),
-        )
         if backend.head_exit_step_write_back is not None:
             backend.head_exit_step_write_back(policy, 1, layers, hidden[:, 0], *weights, state, None, target)
-        elif backend.head_exit_step is not None:
-            backend.head_exit_step(policy, 1, layers, hidden[:, 0], *weights, state)
-        else:
+        else:  # as the engine runs a backend without a fused head
             logits = torch.nn.functional.linear(
                 torch.tanh(torch.nn.functional.linear(hidden[:, 0], *weights[:2])), *weights[2:]
             )
-            backend.exit_step(policy, 1, layers, logits, None, state)
+            exits, returned, _ = backend.exit_step(policy, 1, layers, logits, None, state)
+            write_back(target, exits, returned, 1)
         backend.compact(hidden, mask, keep, seq_len)
 
     for _ in range(3):  # compiles the kernels

@@ -160,8 +160,9 @@ def exit_step_write_back(policy, layer, num_layers, logits, halting_logit, state
 
 
 def _head_exit_step(
-    policy, layer, num_layers, cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias, state, halting_fn, target
+    target, policy, layer, num_layers, cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias, state, halting_fn
 ):
+    """The head and the rule; with ``target`` the rule also writes back and lists the survivors."""
     lowered = lower_policy(policy, num_layers)
     state_list = [state[k] for k in lowered.state_in]
     rule_args = _rule_args(lowered, layer, num_layers, target)
@@ -192,16 +193,7 @@ def _head_exit_step(
 
 
 def head_exit_step(
-    policy,
-    layer,
-    num_layers,
-    cls_hidden,
-    pooler_weight,
-    pooler_bias,
-    head_weight,
-    head_bias,
-    state,
-    halting_fn=None,
+    policy, layer, num_layers, cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias, state, halting_fn=None
 ):
     """:func:`earlyexit_kernels.exit_rules.head_exit_step` on the C++/CUDA kernels.
 
@@ -210,6 +202,7 @@ def head_exit_step(
     rule runs. On the CPU the head is torch's GEMM and the rule the C++ op.
     """
     return _head_exit_step(
+        None,
         policy,
         layer,
         num_layers,
@@ -220,7 +213,6 @@ def head_exit_step(
         head_bias,
         state,
         halting_fn,
-        None,
     )[:5]
 
 
@@ -229,6 +221,7 @@ def head_exit_step_write_back(
 ):
     """:func:`earlyexit_kernels.write_back.head_exit_step_write_back` on the C++/CUDA kernels."""
     exits, _, _, _, state, order, count = _head_exit_step(
+        target,
         policy,
         layer,
         num_layers,
@@ -239,7 +232,6 @@ def head_exit_step_write_back(
         head_bias,
         state,
         halting_fn,
-        target,
     )
     return exits, state, order, _survivor_stats(exits, count, target.extents)
 

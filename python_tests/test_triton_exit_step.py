@@ -455,36 +455,46 @@ def test_exit_step_equals_reference_on_same_logits(name, batch, labels, dtype_na
             assert not bool(exits_k[1]) and not bool(exits_k[2]), "a non-finite row exited"
 
 
+def _write_back_target(active: int, batch: int, labels: int) -> WriteBack:
+    outs = (torch.zeros(batch, labels), torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long))
+    return WriteBack(torch.arange(active), torch.ones(active, dtype=torch.long), None, *outs)
+
+
 @pytest.mark.parametrize("name", ["entropy", "patience", "voting", "dact"])
-def test_exit_step_with_survivors_matches_survivor_index(name):
+def test_exit_step_write_back_order_matches_survivor_index(name):
     batch, labels = 257, 3
     policy = make_policy(name, batch)
     state = random_state(policy, batch, labels, 16, torch.float32, seed=60)
     z = torch.randn(batch, labels, generator=torch.Generator().manual_seed(61)) * 3
     halting = torch.randn(batch) if policy.needs_halting_head else None
     exits_r, _, _ = exit_rules.exit_step(policy, 3, NUM_LAYERS, z, halting, dict(state))
-    exits, _, _, order, count = poisoned(
-        lambda: on_kernel_device(tk.exit_step_with_survivors)(policy, 3, NUM_LAYERS, z, halting, dict(state))
+    target = _write_back_target(batch, batch, labels)
+    exits, _, order, stats = poisoned(
+        lambda: on_kernel_device(tk.exit_step_write_back)(policy, 3, NUM_LAYERS, z, halting, dict(state), target)
     )
     assert torch.equal(exits, exits_r)
     keep = ~exits_r
     m = int(keep.sum())
     assert 0 < m < batch, "test data should make some rows exit and some stay"
-    assert count.dtype == torch.int64 and count.shape == (1,) and int(count) == m
+    assert stats.dtype == torch.int64 and stats.shape == (2,) and int(stats[0]) == m
     assert order.dtype == torch.int64
     assert torch.equal(order[:m], compaction.survivor_index(keep, m))
     assert torch.equal(order[m:], torch.nonzero(exits_r).squeeze(1).flip(0))
 
 
-def test_head_exit_step_with_survivors_and_empty_batch():
+def test_head_exit_step_and_write_back_on_an_empty_batch():
     policy = eek.Entropy(0.6)
     wp, bp, wi, bi = make_head(64, 3, torch.float32, seed=70)
     cls = make_cls(0, 64, torch.float32, seed=71)
-    exits, returned, logits, halting, state, order, count = on_kernel_device(tk.head_exit_step_with_survivors)(
+    exits, returned, logits, halting, state = on_kernel_device(tk.head_exit_step)(
         policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, {}
     )
     assert exits.shape == (0,) and returned.shape == (0, 3) and logits.shape == (0, 3)
-    assert order.shape == (0,) and int(count) == 0 and halting is None and state == {}
+    assert halting is None and state == {}
+    exits, state, order, stats = on_kernel_device(tk.head_exit_step_write_back)(
+        policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, {}, None, _write_back_target(0, 4, 3)
+    )
+    assert exits.shape == (0,) and order.shape == (0,) and int(stats[0]) == 0 and state == {}
 
 
 def test_gpu_block_sizes_under_interpreter(monkeypatch):

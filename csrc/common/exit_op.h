@@ -245,4 +245,26 @@ inline void check_head_args(const at::Tensor& x, const at::Tensor& wp, const at:
   }
 }
 
+// The head's inputs as the kernels read them (unit stride over H, contiguous weights) and
+// its new outputs pooled [n, H] and logits [n, C]; the CPU and the CUDA ops share it.
+struct HeadTensors {
+  at::Tensor x, wp, bp, w, b, pooled, logits;
+};
+
+inline HeadTensors head_tensors(const at::Tensor& cls_hidden, const at::Tensor& pooler_weight,
+                                const at::Tensor& pooler_bias, const at::Tensor& head_weight,
+                                const at::Tensor& head_bias) {
+  check_head_args(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias);
+  HeadTensors in;
+  in.x = (cls_hidden.size(1) > 1 && cls_hidden.stride(1) != 1) ? cls_hidden.contiguous() : cls_hidden;
+  in.wp = pooler_weight.contiguous();
+  in.bp = pooler_bias.contiguous();
+  in.w = head_weight.contiguous();
+  in.b = head_bias.contiguous();
+  const int64_t n = in.x.size(0), H = in.x.size(1), C = in.w.size(0);
+  in.pooled = at::empty({n, H}, cls_hidden.options());
+  in.logits = at::empty({n, C}, cls_hidden.options());
+  return in;
+}
+
 }  // namespace eek

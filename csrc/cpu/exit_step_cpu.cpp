@@ -210,24 +210,10 @@ void dispatch_float3(at::ScalarType t, const char* name, F&& f) {
   }
 }
 
-struct HeadInputs {
-  at::Tensor x, wp, bp, w, b, pooled, logits;
-};
-
-HeadInputs head_inputs(const at::Tensor& cls_hidden, const at::Tensor& pooler_weight, const at::Tensor& pooler_bias,
-                       const at::Tensor& head_weight, const at::Tensor& head_bias) {
-  check_head_args(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias);
+HeadTensors head_inputs(const at::Tensor& cls_hidden, const at::Tensor& pooler_weight, const at::Tensor& pooler_bias,
+                        const at::Tensor& head_weight, const at::Tensor& head_bias) {
   TORCH_CHECK(cls_hidden.device().is_cpu(), "cpp_head (CPU): tensors must be on the CPU");
-  HeadInputs in;
-  in.x = (cls_hidden.size(1) > 1 && cls_hidden.stride(1) != 1) ? cls_hidden.contiguous() : cls_hidden;
-  in.wp = pooler_weight.contiguous();
-  in.bp = pooler_bias.contiguous();
-  in.w = head_weight.contiguous();
-  in.b = head_bias.contiguous();
-  const int64_t n = in.x.size(0), H = in.x.size(1), C = in.w.size(0);
-  in.pooled = at::empty({n, H}, cls_hidden.options());
-  in.logits = at::empty({n, C}, cls_hidden.options());
-  return in;
+  return head_tensors(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias);
 }
 
 }  // namespace
@@ -235,7 +221,7 @@ HeadInputs head_inputs(const at::Tensor& cls_hidden, const at::Tensor& pooler_we
 std::tuple<at::Tensor, at::Tensor> head_cpu(const at::Tensor& cls_hidden, const at::Tensor& pooler_weight,
                                             const at::Tensor& pooler_bias, const at::Tensor& head_weight,
                                             const at::Tensor& head_bias) {
-  HeadInputs in = head_inputs(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias);
+  HeadTensors in = head_inputs(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias);
   dispatch_float3(in.x.scalar_type(), "cpp_head", [&](auto tag) {
     using scalar_t = decltype(tag);
     auto a = head_args<scalar_t>(in.x, in.wp, in.bp, in.w, in.b, in.pooled, in.logits);
@@ -259,7 +245,7 @@ ExitResult exit_step_cpu(const at::Tensor& logits, EEK_EXIT_ARGS) {
 HeadExitResult head_exit_step_cpu(const at::Tensor& cls_hidden, const at::Tensor& pooler_weight,
                                   const at::Tensor& pooler_bias, const at::Tensor& head_weight,
                                   const at::Tensor& head_bias, EEK_EXIT_ARGS) {
-  HeadInputs in = head_inputs(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias);
+  HeadTensors in = head_inputs(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias);
   const int64_t n = in.x.size(0), C = in.w.size(0);
   ExitCall call = prepare_exit_call(n, C, in.x.device(), halting, state, kind, flags, layer, num_layers, int_param,
                                     scalar, per_layer, rows, runs, out_logits, out_exit_layer, out_layers_run);

@@ -47,8 +47,6 @@ from ._common import interpreting, new_empty, next_pow2
 __all__ = [
     "exit_step",
     "head_exit_step",
-    "exit_step_with_survivors",
-    "head_exit_step_with_survivors",
     "exit_step_write_back",
     "head_exit_step_write_back",
 ]
@@ -690,9 +688,9 @@ def _decide(
     halting_logit: torch.Tensor | None,
     state: State,
     from_partials: bool,
-    survivors: bool,
     target: WriteBack | None = None,
 ):
+    """One decide launch; with ``target`` it also writes back and orders the survivors."""
     code = _policy_code(policy)
     threshold = temperature = reg_threshold = q = 0.0
     patience = min_votes = 0
@@ -759,7 +757,7 @@ def _decide(
         has_temperature,
         stochastic,
         from_partials,
-        survivors or target is not None,
+        target is not None,
         target is not None,
     )
     exits, returned, logits = outs[0], outs[1], outs[2]
@@ -799,27 +797,6 @@ def _check_target(target: WriteBack, n: int, num_labels: int, device: torch.devi
         raise ValueError(f"WriteBack.logits must be float32, float16 or bfloat16, got {target.logits.dtype}")
 
 
-def exit_step_with_survivors(
-    policy: ExitPolicy,
-    layer: int,
-    num_layers: int,
-    logits: torch.Tensor,
-    halting_logit: torch.Tensor | None,
-    state: State,
-) -> tuple[torch.Tensor, torch.Tensor, State, torch.Tensor, torch.Tensor]:
-    """:func:`exit_step` plus, from the same launch, ``(order [n] int64, count [1] int64)``.
-
-    ``order[:count]`` are the rows that stay (not exiting), in increasing order: the
-    same as ``compaction.survivor_index(~exits, count)``. ``order[count:]`` are the
-    exiting rows in decreasing order, so every element is defined. ``count`` is
-    ``stats[:1]`` of :func:`exit_step_write_back`.
-    """
-    exits, returned, _, state, order, count = _decide(
-        policy, layer, num_layers, logits, None, halting_logit, state, from_partials=False, survivors=True
-    )
-    return exits, returned, state, order, count[:1]
-
-
 def exit_step_write_back(
     policy: ExitPolicy,
     layer: int,
@@ -829,9 +806,13 @@ def exit_step_write_back(
     state: State,
     target: WriteBack,
 ) -> tuple[torch.Tensor, State, torch.Tensor, torch.Tensor]:
-    """Triton version of :func:`earlyexit_kernels.write_back.exit_step_write_back`: one launch."""
+    """Triton version of :func:`earlyexit_kernels.write_back.exit_step_write_back`: one launch.
+
+    ``order[:count]`` are the rows that stay, in increasing order; ``order[count:]`` are the
+    exiting rows in decreasing order, so every element is defined.
+    """
     exits, _, _, state, order, stats = _decide(
-        policy, layer, num_layers, logits, None, halting_logit, state, False, True, target
+        policy, layer, num_layers, logits, None, halting_logit, state, False, target
     )
     return exits, state, order, stats
 
@@ -846,25 +827,15 @@ def exit_step(
 ) -> tuple[torch.Tensor, torch.Tensor, State]:
     """Triton version of :func:`earlyexit_kernels.exit_rules.exit_step` (same arguments and results)."""
     exits, returned, _, state, _, _ = _decide(
-        policy, layer, num_layers, logits, None, halting_logit, state, from_partials=False, survivors=False
+        policy, layer, num_layers, logits, None, halting_logit, state, from_partials=False
     )
     return exits, returned, state
 
 
 def _head(
-    policy,
-    layer,
-    num_layers,
-    cls_hidden,
-    pooler_weight,
-    pooler_bias,
-    head_weight,
-    head_bias,
-    state,
-    halting_fn,
-    survivors,
-    target=None,
+    target, policy, layer, num_layers, cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias, state, halting_fn
 ):
+    """Both launches; with ``target`` the decision also writes back and orders the survivors."""
     dtypes = {t.dtype for t in (cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias)}
     if len(dtypes) != 1:
         raise TypeError(
@@ -874,7 +845,7 @@ def _head(
     zpart, pooled = torch.ops.earlyexit.exit_head(cls_hidden, pooler_weight, pooler_bias, head_weight, want_pooled)
     halting = halting_fn(pooled, state.get("prev_pooled")) if halting_fn is not None else None
     exits, returned, logits, state, order, stats = _decide(
-        policy, layer, num_layers, zpart, head_bias, halting, state, True, survivors, target
+        policy, layer, num_layers, zpart, head_bias, halting, state, True, target
     )
     if "prev_pooled" in state:
         state["prev_pooled"] = pooled
@@ -895,6 +866,7 @@ def head_exit_step(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, State]:
     """Triton version of :func:`earlyexit_kernels.exit_rules.head_exit_step` (same arguments and results)."""
     exits, returned, logits, halting, state, _, _ = _head(
+        None,
         policy,
         layer,
         num_layers,
@@ -905,38 +877,8 @@ def head_exit_step(
         head_bias,
         state,
         halting_fn,
-        False,
     )
     return exits, returned, logits, halting, state
-
-
-def head_exit_step_with_survivors(
-    policy: ExitPolicy,
-    layer: int,
-    num_layers: int,
-    cls_hidden: torch.Tensor,
-    pooler_weight: torch.Tensor,
-    pooler_bias: torch.Tensor,
-    head_weight: torch.Tensor,
-    head_bias: torch.Tensor,
-    state: State,
-    halting_fn=None,
-):
-    """:func:`head_exit_step` plus ``(order, count)`` as in :func:`exit_step_with_survivors`."""
-    *results, stats = _head(
-        policy,
-        layer,
-        num_layers,
-        cls_hidden,
-        pooler_weight,
-        pooler_bias,
-        head_weight,
-        head_bias,
-        state,
-        halting_fn,
-        True,
-    )
-    return (*results, stats[:1])
 
 
 def head_exit_step_write_back(
@@ -954,6 +896,7 @@ def head_exit_step_write_back(
 ) -> tuple[torch.Tensor, State, torch.Tensor, torch.Tensor]:
     """Triton version of :func:`earlyexit_kernels.write_back.head_exit_step_write_back`: two launches."""
     exits, _, _, _, state, order, stats = _head(
+        target,
         policy,
         layer,
         num_layers,
@@ -964,7 +907,5 @@ def head_exit_step_write_back(
         head_bias,
         state,
         halting_fn,
-        True,
-        target,
     )
     return exits, state, order, stats
