@@ -27,7 +27,7 @@ from .heads import ExitHeads
 from .policies import ExitPolicy, Scheduled, SkipGates
 from .write_back import WriteBack, write_back
 
-__all__ = ["EncoderAdapter", "ExitResult", "run_early_exit"]
+__all__ = ["EncoderAdapter", "ExitResult", "can_fuse_head", "head_and_exit_step", "run_early_exit"]
 
 
 class EncoderAdapter(Protocol):
@@ -111,8 +111,7 @@ def run_early_exit(
     if scheduled_counts is not None:
         result.host_syncs += 1
 
-    # A fused head + exit step is only for inference: training needs the model's dropout.
-    fused = backend.head_exit_step is not None and not torch.is_grad_enabled() and hasattr(adapter, "head_weights")
+    fused = can_fuse_head(backend, adapter)
     rows = torch.arange(batch, device=device)  # original position of each active row
     runs = torch.zeros(batch, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -195,13 +194,10 @@ def run_early_exit(
                 else:
                     exits, returned, state = backend.exit_step(policy, layer, num_layers, logits, halting, state)
                     order, stats = write_back(target, exits, returned, layer)
-        elif fused and layer < num_layers:
-            exits, returned, logits, halting, new_state = backend.head_exit_step(
-                policy, layer, num_layers, hidden[:, 0], *adapter.head_weights(layer), state, halting_head
-            )
         else:
-            logits, halting = _head_outputs(adapter, layer, hidden, halting_head, state)
-            exits, returned, new_state = backend.exit_step(policy, layer, num_layers, logits, halting, state)
+            exits, returned, logits, halting, new_state = head_and_exit_step(
+                adapter, backend, policy, layer, hidden, halting_head, state, fused=fused
+            )
         if not settled:
             if ran is not None:
                 exits = exits & ran
@@ -237,6 +233,42 @@ def run_early_exit(
                 extents = extents.index_select(0, index)
             layer_mask = layer_attention_mask(mask, adapter.attn_implementation, dtype)
     return result
+
+
+def can_fuse_head(backend: Backend, adapter: EncoderAdapter) -> bool:
+    """Whether ``backend`` may run the default head fused with the exit step.
+
+    Only for inference: training needs the model's dropout and a differentiable head.
+    """
+    return backend.head_exit_step is not None and not torch.is_grad_enabled() and hasattr(adapter, "head_weights")
+
+
+def head_and_exit_step(
+    adapter: EncoderAdapter,
+    backend: Backend,
+    policy: ExitPolicy,
+    layer: int,
+    hidden: torch.Tensor,
+    halting_head,
+    state: dict,
+    *,
+    fused: bool,
+) -> tuple:
+    """The exit heads of 1-based ``layer`` on the [CLS] rows of ``hidden`` [n, S, H], then the policy's step.
+
+    With ``fused`` (see :func:`can_fuse_head`) the backend's fused head runs on layers
+    before the last; the last layer always runs the model's own pooler and classifier.
+    Returns ``(exits [n] bool, returned [n, C] float32, logits [n, C], halting [n] or
+    None, state)``, as :func:`earlyexit_kernels.exit_rules.head_exit_step`.
+    """
+    num_layers = adapter.num_layers
+    if fused and layer < num_layers:
+        return backend.head_exit_step(
+            policy, layer, num_layers, hidden[:, 0], *adapter.head_weights(layer), state, halting_head
+        )
+    logits, halting = _head_outputs(adapter, layer, hidden, halting_head, state)
+    exits, returned, state = backend.exit_step(policy, layer, num_layers, logits, halting, state)
+    return exits, returned, logits, halting, state
 
 
 def _head_outputs(adapter, layer: int, hidden: torch.Tensor, halting_head, state) -> tuple:
