@@ -10,6 +10,7 @@ The public contract is ``shared/spec/API.md``; the semantics of each exit method
 """
 
 from .backend_registry import _load_optional_backends, backend_status, backends
+from .classify import Prediction, classify
 from .hf_patch import (
     SUPPORTED_MODELS,
     EarlyExitOutput,
@@ -32,6 +33,7 @@ __all__ = [
     "Entropy",
     "ExitPolicy",
     "MaxProb",
+    "Prediction",
     "Patience",
     "QExit",
     "SUPPORTED_MODELS",
@@ -40,6 +42,7 @@ __all__ = [
     "Voting",
     "backend_status",
     "backends",
+    "classify",
     "from_pretrained",
     "is_patched",
     "patch",

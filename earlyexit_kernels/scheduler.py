@@ -1,0 +1,274 @@
+"""The continuous engine's scheduling policy: which layer runs next, on which rows, in which shape.
+
+Pure bookkeeping on the host, no tensors: the runner (:mod:`earlyexit_kernels.continuous`)
+executes what this module hands it and reports back which rows go on to which layer.
+
+Every sequence in flight waits in the queue of the next layer it has to run. A layer
+call takes rows from one queue and pads them to a shape from two fixed sets
+(:class:`ShapeBuckets`): a row count and a padded length. The rows of one call are
+grouped by length: a call padded to length ``S`` takes the rows whose length bucket is
+``S`` first, then shorter ones to fill the rows left, and never a longer one.
+
+The rule, applied before every layer call (:meth:`LayerScheduler.decide`):
+
+1. **Overdue first.** When the row that has waited longest in its queue has waited
+   ``max_wait`` layer calls or more, the next call is its layer, padded to its length
+   bucket, oldest rows of that bucket first; so it runs now.
+2. **The deepest full call.** Otherwise, from the last layer down, the first layer
+   with a full call: the smallest padded length ``S`` for which the rows of bucket
+   ``<= S`` fill :meth:`ShapeBuckets.capacity` rows with at least ``min_token_fill``
+   of the call's token slots holding real tokens. Deep layers first keep the number
+   of sequences in flight low and let them leave soonest.
+3. **Admit.** Otherwise, while there is input and fewer than ``max_in_flight``
+   sequences are in flight, new sequences are embedded into layer 1 (up to the room
+   left), and the rule starts again.
+4. **The fullest call.** Otherwise (input drained, or memory full) the call whose
+   real tokens fill the largest share of a full call's slots, the deepest on ties.
+
+Guarantees. Every call runs at least one row, so the stream drains. A row waits at
+most ``max_wait + max_in_flight`` layer calls in a queue (:attr:`LayerScheduler.wait_bound`):
+once overdue, each call serves the oldest overdue row, and only the rows that entered
+their queue before it (fewer than ``max_in_flight``) can be served first. At most
+``max_in_flight`` sequences are in flight.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import insort
+from dataclasses import dataclass, field
+from itertools import accumulate
+
+__all__ = ["Admit", "Call", "LayerScheduler", "ShapeBuckets"]
+
+
+def _row_counts(max_batch_size: int) -> tuple[int, ...]:
+    counts = [c for c in (1, 2, 4, 8, 16, 32) if c < max_batch_size]
+    counts += list(range(48, max_batch_size, 16))
+    return tuple(counts) + (max_batch_size,)
+
+
+@dataclass(frozen=True)
+class ShapeBuckets:
+    """The fixed shapes of a layer call: row counts and padded lengths.
+
+    Row counts: 1, 2, 4, 8, 16, 32, then every multiple of 16, up to ``max_batch_size``
+    (always included). Padded lengths: every multiple of ``length_step`` up to
+    ``max_length`` (always included). ``max_tokens`` (optional) caps rows x padded
+    length of a call, like serving systems' ``max_batch_tokens``.
+    """
+
+    max_batch_size: int
+    max_length: int
+    length_step: int = 16
+    max_tokens: int | None = None
+    row_counts: tuple[int, ...] = field(init=False)
+    lengths: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_length", "length_step"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_tokens is not None:
+            if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+                raise ValueError(f"max_tokens must be an integer >= 1 or None, got {self.max_tokens!r}")
+            if self.max_tokens < self.max_length:
+                raise ValueError(
+                    f"max_tokens={self.max_tokens} cannot hold one sequence of max_length={self.max_length}; "
+                    f"raise max_tokens or lower max_length"
+                )
+        object.__setattr__(self, "row_counts", _row_counts(self.max_batch_size))
+        lengths = tuple(range(self.length_step, self.max_length, self.length_step)) + (self.max_length,)
+        object.__setattr__(self, "lengths", lengths)
+
+    def padded_length(self, length: int) -> int:
+        """The smallest padded length that holds ``length`` tokens."""
+        if not 1 <= length <= self.max_length:
+            raise ValueError(f"a sequence of {length} tokens does not fit 1..max_length={self.max_length}")
+        return min(math.ceil(length / self.length_step) * self.length_step, self.max_length)
+
+    def padded_rows(self, rows: int) -> int:
+        """The smallest row count that holds ``rows`` rows."""
+        return next(c for c in self.row_counts if c >= rows)
+
+    def capacity(self, padded_length: int) -> int:
+        """Rows a call padded to ``padded_length`` may take: a row count within ``max_tokens``."""
+        limit = self.max_batch_size
+        if self.max_tokens is not None:
+            limit = min(limit, self.max_tokens // padded_length)
+        return max(c for c in self.row_counts if c <= max(limit, 1))
+
+
+@dataclass(frozen=True)
+class Call:
+    """One layer call: run 1-based ``layer`` on ``rows``, padded to ``padded_rows`` x ``padded_length``."""
+
+    layer: int
+    padded_length: int
+    rows: tuple[int, ...]
+    padded_rows: int
+
+
+@dataclass(frozen=True)
+class Admit:
+    """Embed up to ``count`` new sequences into layer 1."""
+
+    count: int
+
+
+@dataclass(order=True)
+class _Waiting:
+    length: int
+    since: int  # the layer call count when the row entered its queue
+    row: int
+
+
+@dataclass
+class _Window:
+    """The best call at one layer: rows ``[start, end)`` of its length-sorted queue."""
+
+    start: int
+    end: int
+    padded_length: int
+    score: float  # real tokens / (capacity x padded length)
+    full: bool
+
+
+class LayerScheduler:
+    """One length-sorted queue per layer; :meth:`decide` applies the rule of the module docstring.
+
+    Rows are the runner's integers (its slots). ``add`` puts a new sequence into
+    layer 1, ``requeue`` a survivor into the next layer it must run, ``release`` frees
+    a sequence that left. The runner calls :meth:`decide` until it returns None.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        buckets: ShapeBuckets,
+        max_in_flight: int,
+        max_wait: int | None = None,
+        min_token_fill: float = 0.85,
+    ):
+        if not isinstance(max_in_flight, int) or max_in_flight < buckets.max_batch_size:
+            raise ValueError(
+                f"max_in_flight must be an integer >= max_batch_size={buckets.max_batch_size}, got {max_in_flight!r}"
+            )
+        if not 0.0 < min_token_fill <= 1.0:
+            raise ValueError(f"min_token_fill must lie in (0, 1], got {min_token_fill!r}")
+        self.num_layers = num_layers
+        self.buckets = buckets
+        self.max_in_flight = max_in_flight
+        self.max_wait = 16 * num_layers if max_wait is None else max_wait
+        if self.max_wait < 1:
+            raise ValueError(f"max_wait must be >= 1, got {self.max_wait!r}")
+        self.min_token_fill = min_token_fill
+        # queues[layer]: the rows waiting for that layer, sorted by (length, arrival)
+        self._queues: list[list[_Waiting]] = [[] for _ in range(num_layers + 1)]
+        self._best: list[_Window | None] = [None] * (num_layers + 1)  # cached per layer, None when stale
+        self.in_flight = 0
+        self.calls = 0
+
+    @property
+    def wait_bound(self) -> int:
+        """The most layer calls a row can wait in one queue."""
+        return self.max_wait + self.max_in_flight
+
+    @property
+    def room(self) -> int:
+        return self.max_in_flight - self.in_flight
+
+    def waiting(self, layer: int) -> int:
+        return len(self._queues[layer])
+
+    def add(self, row: int, length: int) -> None:
+        """A new sequence of ``length`` tokens enters layer 1."""
+        if self.in_flight >= self.max_in_flight:
+            raise RuntimeError("LayerScheduler.add: max_in_flight sequences are already in flight")
+        self.in_flight += 1
+        self.requeue(row, 1, length)
+
+    def requeue(self, row: int, layer: int, length: int) -> None:
+        """``row`` (``length`` tokens) waits for 1-based ``layer``."""
+        self.buckets.padded_length(length)  # validates the length
+        insort(self._queues[layer], _Waiting(length, self.calls, row))
+        self._best[layer] = None
+
+    def release(self, row: int) -> None:
+        """``row`` left the encoder."""
+        self.in_flight -= 1
+
+    def discard(self, rows) -> int:
+        """Remove waiting ``rows`` (e.g. a client went away) and release them; returns how many were found."""
+        rows = set(rows)
+        found = 0
+        for layer, queue in enumerate(self._queues):
+            kept = [w for w in queue if w.row not in rows]
+            if len(kept) != len(queue):
+                found += len(queue) - len(kept)
+                self._queues[layer] = kept
+                self._best[layer] = None
+        self.in_flight -= found
+        return found
+
+    def decide(self, can_admit: bool) -> Call | Admit | None:
+        """The next action: a :class:`Call`, an :class:`Admit` (only with ``can_admit``), or None when idle."""
+        overdue = self._overdue()
+        if overdue is not None:
+            return self._take(*overdue)
+        windows = [(layer, self._window(layer)) for layer in range(self.num_layers, 0, -1) if self._queues[layer]]
+        for layer, window in windows:
+            if window.full:
+                return self._take(layer, window)
+        if can_admit and self.room > 0:
+            return Admit(self.room)
+        if not windows:
+            return None
+        layer, window = max(windows, key=lambda lw: lw[1].score)  # max keeps the first (deepest) on ties
+        return self._take(layer, window)
+
+    def _overdue(self) -> tuple[int, _Window] | None:
+        oldest = None
+        for layer in range(1, self.num_layers + 1):
+            for position, waiting in enumerate(self._queues[layer]):
+                if oldest is None or waiting.since < oldest[2].since:
+                    oldest = (layer, position, waiting)
+        if oldest is None or self.calls - oldest[2].since < self.max_wait:
+            return None
+        layer, position, waiting = oldest
+        queue = self._queues[layer]
+        padded_length = self.buckets.padded_length(waiting.length)
+        capacity = self.buckets.capacity(padded_length)
+        # The overdue row, the rows of its bucket just above it, and shorter ones below.
+        end = position + 1
+        while end < len(queue) and end - position < capacity and queue[end].length <= padded_length:
+            end += 1
+        start = max(0, end - capacity)
+        return layer, _Window(start, end, padded_length, 0.0, False)
+
+    def _window(self, layer: int) -> _Window:
+        """The best call at ``layer``: the window of the sorted queue with the most real tokens per slot."""
+        if self._best[layer] is not None:
+            return self._best[layer]
+        queue = self._queues[layer]
+        prefix = list(accumulate((w.length for w in queue), initial=0))
+        best = None
+        for end in range(len(queue), 0, -1):
+            padded_length = self.buckets.padded_length(queue[end - 1].length)
+            capacity = self.buckets.capacity(padded_length)
+            start = max(0, end - capacity)
+            score = (prefix[end] - prefix[start]) / (capacity * padded_length)
+            if best is None or score > best.score:
+                full = end - start == capacity and score >= self.min_token_fill
+                best = _Window(start, end, padded_length, score, full)
+        self._best[layer] = best
+        return best
+
+    def _take(self, layer: int, window: _Window) -> Call:
+        queue = self._queues[layer]
+        rows = tuple(w.row for w in queue[window.start : window.end])
+        del queue[window.start : window.end]
+        self._best[layer] = None
+        self.calls += 1
+        return Call(layer, window.padded_length, rows, self.buckets.padded_rows(len(rows)))
