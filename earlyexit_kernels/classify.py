@@ -62,6 +62,9 @@ def classify(
     calls through ``torch.compile`` (True, or a dict of its options, e.g.
     ``{"mode": "reduce-overhead"}`` on a GPU). ``max_in_flight``, ``length_step``: see
     :class:`earlyexit_kernels.continuous.ContinuousEngine`.
+
+    Memory: at most ``2 * max_in_flight`` inputs (and one tokenizing chunk of
+    ``max_batch_size``) are read and not yet yielded at any time.
     """
     engine = ContinuousEngine(
         model,
@@ -83,13 +86,19 @@ def _predictions(engine: ContinuousEngine, inputs, tokenizer, ordered: bool, pro
 
         bar = tqdm(total=total, unit="seq", desc="eek.classify")
     encoded = _encode(iter(inputs), tokenizer, engine.max_length, chunk=engine.buckets.max_batch_size)
+    # Read ahead: enough pending to fill the engine, and no more than 2 x max_in_flight
+    # inputs read and not yet yielded (pending, in flight, or exited and waiting for their turn).
     read_ahead = engine.scheduler.max_in_flight
     waiting: dict[int, Prediction] = {}
     next_index = 0
     exhausted = False
     try:
         while True:
-            while not exhausted and engine.pending < read_ahead:
+            while (
+                not exhausted
+                and engine.pending < read_ahead
+                and engine.pending + engine.in_flight + len(waiting) < 2 * read_ahead
+            ):
                 item = next(encoded, None)
                 if item is None:
                     exhausted = True
