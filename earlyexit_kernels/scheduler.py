@@ -37,7 +37,8 @@ from __future__ import annotations
 import math
 from bisect import insort
 from dataclasses import dataclass, field
-from itertools import accumulate
+
+import numpy as np
 
 __all__ = ["Admit", "Call", "LayerScheduler", "ShapeBuckets"]
 
@@ -126,13 +127,22 @@ class _Waiting:
 
 @dataclass
 class _Window:
-    """The best call at one layer: rows ``[start, end)`` of its length-sorted queue."""
+    """A call at one layer: rows ``[start, end)`` of its length-sorted queue."""
 
     start: int
     end: int
     padded_length: int
     score: float  # real tokens / (capacity x padded length)
-    full: bool
+
+
+@dataclass
+class _Choices:
+    """The best call at one layer (``best``) and its best full call meeting ``min_token_fill`` (or None)."""
+
+    best: _Window
+    full: _Window | None
+    oldest: int  # position of the row that has waited longest
+    since: int  # when it entered the queue
 
 
 class LayerScheduler:
@@ -166,7 +176,10 @@ class LayerScheduler:
         self.min_token_fill = min_token_fill
         # queues[layer]: the rows waiting for that layer, sorted by (length, arrival)
         self._queues: list[list[_Waiting]] = [[] for _ in range(num_layers + 1)]
-        self._best: list[_Window | None] = [None] * (num_layers + 1)  # cached per layer, None when stale
+        self._choices: list[_Choices | None] = [None] * (num_layers + 1)  # cached per layer, None when stale
+        lengths = range(buckets.max_length + 1)
+        self._padded = np.array([buckets.padded_length(max(n, 1)) for n in lengths])  # by a row's length
+        self._capacity = np.array([buckets.capacity(p) for p in self._padded])
         self.in_flight = 0
         self.calls = 0
 
@@ -193,7 +206,7 @@ class LayerScheduler:
         """``row`` (``length`` tokens) waits for 1-based ``layer``."""
         self.buckets.padded_length(length)  # validates the length
         insort(self._queues[layer], _Waiting(length, self.calls, row))
-        self._best[layer] = None
+        self._choices[layer] = None
 
     def release(self, row: int) -> None:
         """``row`` left the encoder."""
@@ -208,67 +221,66 @@ class LayerScheduler:
             if len(kept) != len(queue):
                 found += len(queue) - len(kept)
                 self._queues[layer] = kept
-                self._best[layer] = None
+                self._choices[layer] = None
         self.in_flight -= found
         return found
 
     def decide(self, can_admit: bool) -> Call | Admit | None:
         """The next action: a :class:`Call`, an :class:`Admit` (only with ``can_admit``), or None when idle."""
-        overdue = self._overdue()
-        if overdue is not None:
-            return self._take(*overdue)
-        windows = [(layer, self._window(layer)) for layer in range(self.num_layers, 0, -1) if self._queues[layer]]
-        for layer, window in windows:
-            if window.full:
-                return self._take(layer, window)
+        layers = [(layer, self._layer_choices(layer)) for layer in range(self.num_layers, 0, -1) if self._queues[layer]]
+        if not layers:
+            return Admit(self.room) if can_admit and self.room > 0 else None
+        layer, oldest = min(layers, key=lambda lc: lc[1].since)
+        if self.calls - oldest.since >= self.max_wait:
+            return self._take(layer, self._around(layer, oldest.oldest))
+        for layer, choices in layers:
+            if choices.full is not None:
+                return self._take(layer, choices.full)
         if can_admit and self.room > 0:
             return Admit(self.room)
-        if not windows:
-            return None
-        layer, window = max(windows, key=lambda lw: lw[1].score)  # max keeps the first (deepest) on ties
-        return self._take(layer, window)
+        layer, choices = max(layers, key=lambda lc: lc[1].best.score)  # max keeps the first (deepest) on ties
+        return self._take(layer, choices.best)
 
-    def _overdue(self) -> tuple[int, _Window] | None:
-        oldest = None
-        for layer in range(1, self.num_layers + 1):
-            for position, waiting in enumerate(self._queues[layer]):
-                if oldest is None or waiting.since < oldest[2].since:
-                    oldest = (layer, position, waiting)
-        if oldest is None or self.calls - oldest[2].since < self.max_wait:
-            return None
-        layer, position, waiting = oldest
+    def _around(self, layer: int, position: int) -> _Window:
+        """A call for the overdue row at ``position``: its bucket's rows just above it, then shorter ones."""
         queue = self._queues[layer]
-        padded_length = self.buckets.padded_length(waiting.length)
-        capacity = self.buckets.capacity(padded_length)
-        # The overdue row, the rows of its bucket just above it, and shorter ones below.
+        length = queue[position].length
+        padded_length, capacity = int(self._padded[length]), int(self._capacity[length])
         end = position + 1
         while end < len(queue) and end - position < capacity and queue[end].length <= padded_length:
             end += 1
-        start = max(0, end - capacity)
-        return layer, _Window(start, end, padded_length, 0.0, False)
+        return _Window(max(0, end - capacity), end, padded_length, 0.0)
 
-    def _window(self, layer: int) -> _Window:
-        """The best call at ``layer``: the window of the sorted queue with the most real tokens per slot."""
-        if self._best[layer] is not None:
-            return self._best[layer]
+    def _layer_choices(self, layer: int) -> _Choices:
+        """Every window of ``capacity`` consecutive rows of the sorted queue, scored; cached until it changes."""
+        if self._choices[layer] is not None:
+            return self._choices[layer]
         queue = self._queues[layer]
-        prefix = list(accumulate((w.length for w in queue), initial=0))
-        best = None
-        for end in range(len(queue), 0, -1):
-            padded_length = self.buckets.padded_length(queue[end - 1].length)
-            capacity = self.buckets.capacity(padded_length)
-            start = max(0, end - capacity)
-            score = (prefix[end] - prefix[start]) / (capacity * padded_length)
-            if best is None or score > best.score:
-                full = end - start == capacity and score >= self.min_token_fill
-                best = _Window(start, end, padded_length, score, full)
-        self._best[layer] = best
-        return best
+        lengths = np.fromiter((w.length for w in queue), dtype=np.int64, count=len(queue))
+        since = np.fromiter((w.since for w in queue), dtype=np.int64, count=len(queue))
+        prefix = np.concatenate([[0], np.cumsum(lengths)])
+        # The window ending at row end - 1 is padded to that row's bucket (the queue is sorted).
+        ends = np.arange(1, len(queue) + 1)
+        padded, capacity = self._padded[lengths], self._capacity[lengths]
+        starts = np.maximum(0, ends - capacity)
+        scores = (prefix[ends] - prefix[starts]) / (capacity * padded)
+        full_scores = np.where((ends - starts == capacity) & (scores >= self.min_token_fill), scores, -1.0)
+
+        def window(i: int) -> _Window:
+            return _Window(int(starts[i]), int(ends[i]), int(padded[i]), float(scores[i]))
+
+        last = len(queue) - 1  # on ties, the window of the longest rows
+        best = window(last - int(np.argmax(scores[::-1])))
+        full_at = last - int(np.argmax(full_scores[::-1]))
+        full = window(full_at) if full_scores[full_at] >= 0 else None
+        oldest = int(np.argmin(since))
+        self._choices[layer] = _Choices(best, full, oldest, int(since[oldest]))
+        return self._choices[layer]
 
     def _take(self, layer: int, window: _Window) -> Call:
         queue = self._queues[layer]
         rows = tuple(w.row for w in queue[window.start : window.end])
         del queue[window.start : window.end]
-        self._best[layer] = None
+        self._choices[layer] = None
         self.calls += 1
         return Call(layer, window.padded_length, rows, self.buckets.padded_rows(len(rows)))
