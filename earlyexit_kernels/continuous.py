@@ -129,8 +129,6 @@ class ContinuousEngine:
         self.buckets = ShapeBuckets(max_batch_size, max_length, min(length_step, max_length), max_tokens)
         if max_in_flight is None:
             max_in_flight = 16 * max_batch_size
-        if max_wait is None:
-            max_wait = 4 * self.num_layers * max(1, max_in_flight // max_batch_size)
         self.scheduler = LayerScheduler(self.num_layers, self.buckets, max_in_flight, max_wait)
         self.max_length = max_length
         self.page_size = max(2, self.buckets.length_step)  # page 0 holds the zero and the scratch token

@@ -3,27 +3,28 @@
 Pure bookkeeping on the host, no tensors: the runner (:mod:`earlyexit_kernels.continuous`)
 executes what this module hands it and reports back which rows go on to which layer.
 
-Every sequence in flight waits in the queue of the next layer it has to run. A layer
-call takes rows from one queue and pads them to a shape from two fixed sets
-(:class:`ShapeBuckets`): a row count and a padded length. The rows of one call are
-grouped by length: a call padded to length ``S`` takes the rows whose length bucket is
-``S`` first, then shorter ones to fill the rows left, and never a longer one.
+Every sequence in flight waits in the queue of the next layer it has to run, sorted
+by length. A layer call takes consecutive rows of one sorted queue (a *window*) and pads
+them to a shape from two fixed sets (:class:`ShapeBuckets`): a row count and a padded
+length, the bucket of the window's longest row. So rows taken together have similar
+lengths and padding is only what their bucket needs. A window's *token fill* is its real
+tokens over the slots of a full call at its padded length (``capacity x length``): it
+counts both missing rows and padding.
 
 The rule, applied before every layer call (:meth:`LayerScheduler.decide`):
 
 1. **Overdue first.** When the row that has waited longest in its queue has waited
-   ``max_wait`` layer calls or more, the next call is its layer, padded to its length
-   bucket, oldest rows of that bucket first; so it runs now.
+   ``max_wait`` layer calls or more, the next call is its layer and its bucket: the row,
+   the rows of its bucket just longer than it, then shorter ones.
 2. **The deepest full call.** Otherwise, from the last layer down, the first layer
-   with a full call: the smallest padded length ``S`` for which the rows of bucket
-   ``<= S`` fill :meth:`ShapeBuckets.capacity` rows with at least ``min_token_fill``
-   of the call's token slots holding real tokens. Deep layers first keep the number
-   of sequences in flight low and let them leave soonest.
+   with a full window (``capacity`` rows) whose token fill is at least
+   ``min_token_fill``; the best such window of that layer. Deep layers first keep the
+   number of sequences in flight low and let them leave soonest.
 3. **Admit.** Otherwise, while there is input and fewer than ``max_in_flight``
    sequences are in flight, new sequences are embedded into layer 1 (up to the room
    left), and the rule starts again.
-4. **The fullest call.** Otherwise (input drained, or memory full) the call whose
-   real tokens fill the largest share of a full call's slots, the deepest on ties.
+4. **The fullest call.** Otherwise (input drained, or memory full) the window with the
+   largest token fill over all layers, the deepest on ties.
 
 Guarantees. Every call runs at least one row, so the stream drains. A row waits at
 most ``max_wait + max_in_flight`` layer calls in a queue (:attr:`LayerScheduler.wait_bound`):
@@ -151,6 +152,9 @@ class LayerScheduler:
     Rows are the runner's integers (its slots). ``add`` puts a new sequence into
     layer 1, ``requeue`` a survivor into the next layer it must run, ``release`` frees
     a sequence that left. The runner calls :meth:`decide` until it returns None.
+
+    ``max_wait`` defaults to ``4 * num_layers * (max_in_flight // max_batch_size)``
+    layer calls: about four passes of every sequence in flight through every layer.
     """
 
     def __init__(
@@ -170,7 +174,7 @@ class LayerScheduler:
         self.num_layers = num_layers
         self.buckets = buckets
         self.max_in_flight = max_in_flight
-        self.max_wait = 16 * num_layers if max_wait is None else max_wait
+        self.max_wait = 4 * num_layers * (max_in_flight // buckets.max_batch_size) if max_wait is None else max_wait
         if self.max_wait < 1:
             raise ValueError(f"max_wait must be >= 1, got {self.max_wait!r}")
         self.min_token_fill = min_token_fill
