@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from bisect import insort
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -119,8 +120,7 @@ class Admit:
     count: int
 
 
-@dataclass(order=True)
-class _Waiting:
+class _Waiting(NamedTuple):  # a tuple: sorted by (length, arrival) with C comparisons
     length: int
     since: int  # the layer call count when the row entered its queue
     row: int
