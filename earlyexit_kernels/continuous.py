@@ -188,6 +188,20 @@ class ContinuousEngine:
                 )
         self._pending.append(_Sequence(key, input_ids, token_type_ids))
 
+    def cancel(self, keys) -> int:
+        """Drop the sequences with these keys, pending or in flight (e.g. their client went away).
+
+        Call between steps. Returns how many were found.
+        """
+        keys = set(keys)
+        pending = len(self._pending)
+        self._pending = [s for s in self._pending if s.key not in keys]
+        slots = [slot for slot, key in enumerate(self._keys) if key is not None and key in keys]
+        self.scheduler.discard(slots)
+        for slot in slots:
+            self._free(slot)
+        return pending - len(self._pending) + len(slots)
+
     @property
     def pending(self) -> int:
         """Sequences submitted and not embedded yet."""
@@ -347,11 +361,14 @@ class ContinuousEngine:
         return first
 
     def _release(self, slot: int) -> None:
+        self._free(slot)
+        self.scheduler.release(slot)
+
+    def _free(self, slot: int) -> None:
         pages = self._page_table[slot, : math.ceil(int(self._lengths[slot]) / self.page_size)]
         self._free_pages.extend(int(p) for p in pages)
         self._keys[slot] = None
         self._free_slots.append(slot)
-        self.scheduler.release(slot)
 
 
 @dataclass
