@@ -126,13 +126,18 @@ def test_each_prediction_equals_the_model_on_that_sequence_alone(arch, name):
         assert any(p.layers_run < p.exit_layer for p in predictions), "some layers should be skipped"
 
 
-def test_the_torch_backend_gives_the_same_predictions_as_the_default():
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("name", ["entropy", "qexit", "voting"])
+def test_every_backend_gives_the_predictions_of_the_model_alone(backend, name):
+    if not eek.backends()[backend]:
+        pytest.skip(f"backend {backend!r}: {eek.backend_status()[backend]}")
     items = _sequences(24, seed=2)
-    model, _ = spread_model("bert", "entropy", items)
-    fast = list(eek.classify(model, items, max_batch_size=8))
-    eek.patch(model, model._eek_policy, backend="torch")
-    reference = list(eek.classify(model, items, max_batch_size=8))
-    assert [p.exit_layer for p in fast] == [p.exit_layer for p in reference]
+    model, policy = spread_model("bert", name, items)
+    eek.patch(model, policy, backend=backend)
+    for prediction, item in zip(eek.classify(model, items, max_batch_size=8), items):
+        alone = _alone(model, item)
+        assert prediction.exit_layer == int(alone.exit_layer)
+        torch.testing.assert_close(prediction.logits, alone.logits[0], rtol=0, atol=1e-5)
 
 
 def test_bfloat16_predictions_match_within_its_rounding():
