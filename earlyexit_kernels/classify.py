@@ -49,6 +49,8 @@ def classify(
     compile: bool | dict = False,
     max_in_flight: int | None = None,
     length_step: int = 8,
+    read_ahead: int | None = None,
+    admission: str = "length",
 ) -> Iterator[Prediction]:
     """Classify every item of ``inputs`` with the patched ``model``; a generator of :class:`Prediction`.
 
@@ -60,11 +62,15 @@ def classify(
     says so); default what the model's positions hold. ``ordered``: yield in input order
     (True) or as sequences exit (False). ``progress``: a tqdm bar. ``compile``: layer
     calls through ``torch.compile`` (True, or a dict of its options, e.g.
-    ``{"mode": "reduce-overhead"}`` on a GPU). ``max_in_flight``, ``length_step``: see
-    :class:`earlyexit_kernels.continuous.ContinuousEngine`.
+    ``{"mode": "reduce-overhead"}`` on a GPU). ``max_in_flight``, ``length_step``,
+    ``admission`` (here ``"length"`` by default): see
+    :class:`earlyexit_kernels.continuous.ContinuousEngine`. ``read_ahead``: how many
+    tokenized inputs wait for admission (default ``8 * max_in_flight``); the length sweep
+    picks from them.
 
-    Memory: at most ``2 * max_in_flight`` inputs (and one tokenizing chunk of
-    ``max_batch_size``) are read and not yet yielded at any time.
+    Memory: at most ``read_ahead + max_in_flight`` inputs (and one tokenizing chunk of
+    ``max_batch_size``) are read and not yet yielded at any time; only ``max_in_flight``
+    of them hold hidden states.
     """
     engine = ContinuousEngine(
         model,
@@ -74,11 +80,16 @@ def classify(
         length_step=length_step,
         max_in_flight=max_in_flight,
         compile=compile,
+        admission=admission,
     )
-    return _predictions(engine, inputs, tokenizer, ordered, progress)
+    if read_ahead is None:
+        read_ahead = 8 * engine.scheduler.max_in_flight
+    if not isinstance(read_ahead, int) or isinstance(read_ahead, bool) or read_ahead < 1:
+        raise ValueError(f"read_ahead must be an integer >= 1, got {read_ahead!r}")
+    return _predictions(engine, inputs, tokenizer, ordered, progress, read_ahead)
 
 
-def _predictions(engine: ContinuousEngine, inputs, tokenizer, ordered: bool, progress: bool):
+def _predictions(engine: ContinuousEngine, inputs, tokenizer, ordered: bool, progress: bool, read_ahead: int):
     total = len(inputs) if hasattr(inputs, "__len__") else None
     bar = None
     if progress:
@@ -86,9 +97,9 @@ def _predictions(engine: ContinuousEngine, inputs, tokenizer, ordered: bool, pro
 
         bar = tqdm(total=total, unit="seq", desc="eek.classify")
     encoded = _encode(iter(inputs), tokenizer, engine.max_length, chunk=engine.buckets.max_batch_size)
-    # Read ahead: enough pending to fill the engine, and no more than 2 x max_in_flight
-    # inputs read and not yet yielded (pending, in flight, or exited and waiting for their turn).
-    read_ahead = engine.scheduler.max_in_flight
+    # Read ahead: up to read_ahead pending, and no more than read_ahead + max_in_flight inputs
+    # read and not yet yielded (pending, in flight, or exited and waiting for their turn).
+    limit = read_ahead + engine.scheduler.max_in_flight
     waiting: dict[int, Prediction] = {}
     next_index = 0
     exhausted = False
@@ -97,7 +108,7 @@ def _predictions(engine: ContinuousEngine, inputs, tokenizer, ordered: bool, pro
             while (
                 not exhausted
                 and engine.pending < read_ahead
-                and engine.pending + engine.in_flight + len(waiting) < 2 * read_ahead
+                and engine.pending + engine.in_flight + len(waiting) < limit
             ):
                 item = next(encoded, None)
                 if item is None:

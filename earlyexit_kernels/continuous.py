@@ -24,7 +24,9 @@ where the policy cannot exit read nothing back.
 
 from __future__ import annotations
 
+import itertools
 import math
+from bisect import bisect_left, insort
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,6 +81,10 @@ class ContinuousEngine:
     docstring). ``max_wait``: layer calls after which a waiting row is served first
     (default ``4 * num_layers * max_in_flight // max_batch_size``). ``compile``: run
     every layer call through ``torch.compile`` (``True``, or a dict of its options).
+    ``admission``: which pending sequences enter first: ``"fifo"`` (arrival order, for
+    serving) or ``"length"`` (a sweep over lengths, ascending and wrapping around, for
+    throughput: sequences that enter together have similar lengths, so calls pad less; a
+    pending sequence waits at most two sweeps, each of at most ``max_length`` admissions).
 
     ``submit`` queues sequences; each ``step`` embeds new ones or runs one layer call and
     returns the sequences that exited.
@@ -95,6 +101,7 @@ class ContinuousEngine:
         max_in_flight: int | None = None,
         max_wait: int | None = None,
         compile: bool | dict = False,
+        admission: str = "fifo",
     ):
         from .hf_patch import is_patched
 
@@ -168,7 +175,12 @@ class ContinuousEngine:
             options = compile if isinstance(compile, dict) else {}
             self._run_layer = _compiled_layer_call(self.adapter, options)
 
-        self._pending: list[_Sequence] = []
+        if admission not in ("fifo", "length"):
+            raise ValueError(f"admission must be 'fifo' or 'length', got {admission!r}")
+        self.admission = admission
+        self._pending: list[tuple[int, int, _Sequence]] = []  # (length, arrival, sequence)
+        self._arrivals = itertools.count()
+        self._sweep = 0  # admission="length": the shortest length the next admission takes
         self.stats = EngineStats()
 
     # ------------------------------------------------------------------ submission
@@ -186,7 +198,11 @@ class ContinuousEngine:
                 raise ValueError(
                     f"sequence {key!r}: token_type_ids has {len(token_type_ids)} entries for {len(input_ids)} tokens"
                 )
-        self._pending.append(_Sequence(key, input_ids, token_type_ids))
+        entry = (len(input_ids), next(self._arrivals), _Sequence(key, input_ids, token_type_ids))
+        if self.admission == "length":
+            insort(self._pending, entry)
+        else:
+            self._pending.append(entry)
 
     def cancel(self, keys) -> int:
         """Drop the sequences with these keys, pending or in flight (e.g. their client went away).
@@ -195,7 +211,7 @@ class ContinuousEngine:
         """
         keys = set(keys)
         pending = len(self._pending)
-        self._pending = [s for s in self._pending if s.key not in keys]
+        self._pending = [entry for entry in self._pending if entry[2].key not in keys]
         slots = [slot for slot, key in enumerate(self._keys) if key is not None and key in keys]
         self.scheduler.discard(slots)
         for slot in slots:
@@ -224,8 +240,7 @@ class ContinuousEngine:
         if action is None:
             return []
         if isinstance(action, Admit):
-            admitted, self._pending = self._pending[: action.count], self._pending[action.count :]
-            self._admit(admitted)
+            self._admit(self._take_pending(action.count))
             return []
         return self._run_call(action)
 
@@ -246,6 +261,23 @@ class ContinuousEngine:
         pages = self._free_pages[-count:]
         del self._free_pages[-count:]
         return pages
+
+    def _take_pending(self, count: int) -> list[_Sequence]:
+        """The next ``count`` pending sequences: the oldest, or (admission="length") the next in a length sweep."""
+        if self.admission == "fifo":
+            taken, self._pending = self._pending[:count], self._pending[count:]
+            return [entry[2] for entry in taken]
+        # A sweep over lengths, ascending, wrapping to the shortest: sequences admitted together
+        # have similar lengths, so the layer queues hold runs of similar lengths to batch.
+        start = bisect_left(self._pending, (self._sweep, -1))
+        taken = self._pending[start : start + count]
+        del self._pending[start : start + count]
+        if len(taken) < count:
+            wrapped = self._pending[: count - len(taken)]
+            del self._pending[: len(wrapped)]
+            taken += wrapped
+        self._sweep = taken[-1][0] + 1
+        return [entry[2] for entry in taken]
 
     def _admit(self, sequences: list[_Sequence]) -> None:
         # Embed in length-sorted chunks of at most max_batch_size rows, each padded to its longest.

@@ -208,9 +208,10 @@ def test_a_generator_is_read_lazily():
             pulled += 1
             yield item
 
-    first = list(itertools.islice(eek.classify(model, endless(), max_batch_size=4, max_in_flight=8), 20))
+    stream = eek.classify(model, endless(), max_batch_size=4, max_in_flight=8, read_ahead=16)
+    first = list(itertools.islice(stream, 20))
     assert [p.index for p in first] == list(range(20))
-    assert pulled <= 20 + 2 * 8 + 4  # what was yielded, 2 x max_in_flight, one tokenizing chunk
+    assert pulled <= 20 + 16 + 8 + 4  # yielded, read_ahead + max_in_flight, one tokenizing chunk
 
 
 def test_an_empty_stream_yields_nothing():
@@ -302,3 +303,32 @@ def test_a_right_padded_token_input_is_stripped_of_its_padding():
         (prediction,) = eek.classify(model, [padded])
     alone = _alone(model, {"input_ids": [2, 7, 9]})
     torch.testing.assert_close(prediction.logits, alone.logits[0], rtol=0, atol=1e-5)
+
+
+def test_length_admission_sweeps_lengths_and_starves_no_one():
+    model = eek.patch(tiny_model("bert", num_layers=2), eek.Patience(1))
+    engine = ContinuousEngine(model, max_batch_size=4, max_in_flight=4, admission="length")
+    admitted = []
+    admit = engine._admit
+    engine._admit = lambda sequences: (admitted.append([len(s.input_ids) for s in sequences]), admit(sequences))
+    lengths = [30, 3, 30, 12, 30, 7, 30, 30, 20, 30, 30, 5]
+    for key, length in enumerate(lengths):
+        engine.submit(key, [5] * length)
+    assert sorted(done.key for done in engine.run()) == list(range(len(lengths)))
+    assert admitted[0] == [3, 5, 7, 12]  # the shortest first, together
+    assert admitted[1][0] == 20 and admitted[1] == sorted(admitted[1])  # on from where the sweep stopped
+
+
+def test_length_admission_wraps_around_to_sequences_shorter_than_the_sweep():
+    model = eek.patch(tiny_model("bert", num_layers=2), eek.Patience(1))
+    engine = ContinuousEngine(model, max_batch_size=4, max_in_flight=4, admission="length")
+    for key in range(4):
+        engine.submit(key, [5] * 30)
+    engine.step()  # the sweep now stands past 30
+    engine.submit(4, [5] * 3)
+    for key in range(5, 9):
+        engine.submit(key, [5] * 30)  # as long as the last ones: the sweep has passed them too
+    finished = []
+    while len(finished) < 5:
+        finished += [done.key for done in engine.step()]
+    assert 4 in finished  # the short one went in with the next admission
