@@ -368,15 +368,17 @@ class ContinuousEngine:
         wire = torch.float64 if self.dtype == torch.float64 else torch.float32
         result = torch.cat([c.to(wire) for c in columns], dim=1).cpu()
         self.stats.host_syncs += 1
-        exited = result[:, 0].numpy() > 0
+        table = result.numpy()
+        exited = table[:, 0] > 0
+        next_layers = table[:, -1].astype(np.int64) if next_layer is not None else None
+        logits = result[:, 1 : 1 + self.num_labels].to(self.dtype).unbind(0)  # host-side, one op for all rows
         finished = []
         for row, slot in enumerate(call.rows):
             if exited[row]:
-                logits = result[row, 1 : 1 + self.num_labels].to(self.dtype, copy=True)
-                finished.append(Finished(self._keys[slot], logits, layer, self._runs[slot]))
+                finished.append(Finished(self._keys[slot], logits[row], layer, self._runs[slot]))
                 self._release(slot)
             else:
-                target = layer + 1 if next_layer is None else int(result[row, -1])
+                target = layer + 1 if next_layers is None else int(next_layers[row])
                 self.scheduler.requeue(slot, target, int(self._lengths[slot]))
         return finished
 
