@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test lint format demo clean
+.PHONY: setup test test-ray lint format demo clean
 
 # `test` runs cuda-check (end of file) only where nvcc is found.
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
@@ -13,6 +13,10 @@ setup:
 
 test: setup lint $(CUDA_CHECK)
 	$(PY) -m pytest -q python_tests
+
+# The slower tests on a local Ray instance (killed actor, failing rows); `test` runs the rest.
+test-ray: setup
+	$(PY) -m pytest -q python_tests/test_ray.py -m ray
 
 lint: setup
 	@if $(PY) -m ruff --version >/dev/null 2>&1; then \
