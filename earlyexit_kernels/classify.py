@@ -149,7 +149,11 @@ def _encode(items: Iterator, tokenizer, max_length: int, chunk: int):
             elif isinstance(item, (tuple, list)):
                 if len(item) != 2 or not all(isinstance(text, str) for text in item):
                     raise TypeError(f"input {start + i}: a text pair must be two strings, got {item!r}")
-                pairs.append(i)
+                if item[1]:
+                    pairs.append(i)
+                else:  # as tokenizer(text, ""), which ignores an empty second text
+                    batch[i] = item[0]
+                    texts.append(i)
             elif isinstance(item, dict):
                 encoded[i] = _token_ids(item, start + i, max_length, truncated)
             else:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-__all__ = ["EarlyExitClassifier", "classify_files", "OUTPUT_COLUMNS"]
+__all__ = ["EarlyExitClassifier", "classify_files", "input_files", "read_dataset", "OUTPUT_COLUMNS"]
 
 OUTPUT_COLUMNS = ("label", "score", "exit_layer", "layers_run", "error")
 READERS = {
@@ -159,11 +159,8 @@ def _from_pandas(frame, form):
     return pa.Table.from_pandas(frame, preserve_index=False)
 
 
-def read_dataset(path: str):
-    """A Ray dataset of ``path``: a file or a folder of CSV, TSV, JSON lines or Parquet files."""
-    import ray.data
-    from pyarrow import csv as pa_csv
-
+def input_files(path: str) -> tuple[str, list[str]]:
+    """The format and the files of ``path`` (a file, or a folder of files of one format); no Ray needed."""
     source = Path(path)
     if not source.exists():
         raise FileNotFoundError(f"input {path} does not exist")
@@ -175,8 +172,16 @@ def read_dataset(path: str):
             f"found {sorted(suffixes) or 'none of them'}"
         )
     suffix = suffixes.pop()
+    return suffix, [str(p) for p in files if p.suffix.lower() == suffix]
+
+
+def read_dataset(path: str):
+    """A Ray dataset of ``path``: a file or a folder of CSV, TSV, JSON lines or Parquet files."""
+    import ray.data
+    from pyarrow import csv as pa_csv
+
+    suffix, paths = input_files(path)
     reader = getattr(ray.data, READERS[suffix])
-    paths = [str(p) for p in files if p.suffix.lower() == suffix]
     if suffix == ".tsv":
         return reader(paths, parse_options=pa_csv.ParseOptions(delimiter="\t"))
     return reader(paths)

@@ -119,3 +119,60 @@ def on_device(fn, device: torch.device):
         return _moved(result, torch.device("cpu"))
 
     return call
+
+
+WORDS = [f"w{i}" for i in range(60)]
+
+
+def word_texts(count, seed=0, longest=30):
+    """Texts of 0..``longest`` words of the saved classifier's vocabulary."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(0, longest))) for _ in range(count)]
+
+
+@pytest.fixture(scope="session")
+def saved_classifier(tmp_path_factory):
+    """A folder with a patched tiny BERT (Entropy, exits spread over its 4 layers) and its tokenizer.
+
+    The heads are perturbed and the threshold lies midway between two of layer 1's
+    entropies around their median on ``word_texts(300, seed=1)``.
+    """
+    from transformers import BertTokenizerFast
+
+    import earlyexit_kernels as eek
+    from earlyexit_kernels.exit_rules import entropy
+
+    path = tmp_path_factory.mktemp("classifier")
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    torch.manual_seed(0)
+    labels = {0: "neg", 1: "neutral", 2: "pos"}
+    config = BertConfig(
+        vocab_size=5 + len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+    )
+    model = BertForSequenceClassification._from_config(config, attn_implementation="sdpa").eval()
+    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    eek.patch(model, eek.Entropy(0.0))
+    with torch.no_grad():
+        model.bert.pooler.dense.weight.add_(torch.randn_like(model.bert.pooler.dense.weight) * 0.5)
+        for head in model.early_exit_heads.classifiers:
+            head.weight.add_(torch.randn_like(head.weight))
+        values = set()
+        for text in word_texts(300, seed=1):
+            out = model(**tokenizer(text, return_tensors="pt"), return_all_exits=True)
+            values.add(float(entropy(out.all_logits[0, 0])))
+    values = sorted(values)
+    middle = len(values) // 2
+    eek.patch(model, eek.Entropy((values[middle - 1] + values[middle]) / 2))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -6,72 +6,30 @@ ones carry the ``ray`` mark and run with ``make test-ray``.
 """
 
 import os
-import random
 import signal
 import threading
 import time
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from conftest import word_texts
+from transformers import BertTokenizerFast
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.exit_rules import entropy
 
 pd = pytest.importorskip("pandas", reason="the Ray integration works on pandas batches")
 pa = pytest.importorskip("pyarrow", reason="the Ray integration reads and writes files through pyarrow")
 
 from earlyexit_kernels.ray import EarlyExitClassifier  # noqa: E402
 
-WORDS = [f"w{i}" for i in range(60)]
-
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A patched tiny BERT saved with its tokenizer; its heads are perturbed so exits spread."""
-    path = tmp_path_factory.mktemp("model")
-    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    torch.manual_seed(0)
-    labels = {0: "neg", 1: "neutral", 2: "pos"}
-    config = BertConfig(
-        vocab_size=5 + len(WORDS),
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=3,
-        id2label=labels,
-        label2id={v: k for k, v in labels.items()},
-    )
-    model = BertForSequenceClassification._from_config(config, attn_implementation="sdpa").eval()
-    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
-    eek.patch(model, eek.Entropy(0.0))
-    with torch.no_grad():
-        model.bert.pooler.dense.weight.add_(torch.randn_like(model.bert.pooler.dense.weight) * 0.5)
-        for head in model.early_exit_heads.classifiers:
-            head.weight.add_(torch.randn_like(head.weight))
-        # A threshold midway between two of layer 1's entropies around their median: exits spread.
-        entropies = sorted(
-            {
-                float(entropy(model(**tokenizer(t, return_tensors="pt"), return_all_exits=True).all_logits[0, 0]))
-                for t in _texts(300, seed=1)
-            }
-        )
-        middle = len(entropies) // 2
-    eek.patch(model, eek.Entropy((entropies[middle - 1] + entropies[middle]) / 2))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-def _texts(count, seed=0, longest=30):
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(0, longest))) for _ in range(count)]
+def model_dir(saved_classifier):
+    return saved_classifier
 
 
 def test_the_class_adds_the_columns_each_equal_to_the_model_alone(model_dir):
-    frame = pd.DataFrame({"id": range(40), "text": _texts(300, seed=1)[:40]})
+    frame = pd.DataFrame({"id": range(40), "text": word_texts(300, seed=1)[:40]})
     out = EarlyExitClassifier(model_dir)(frame)
     assert list(out.columns) == ["id", "text", "label", "score", "exit_layer", "layers_run", "error"]
     model = eek.from_pretrained(model_dir)
@@ -100,7 +58,7 @@ def test_null_text_is_classified_as_empty_and_a_bad_row_gets_an_error(model_dir)
 
 def test_batches_keep_their_form(model_dir):
     classifier = EarlyExitClassifier(model_dir)
-    table = pa.table({"text": _texts(5)})
+    table = pa.table({"text": word_texts(5)})
     assert isinstance(classifier(table), pa.Table)
     as_numpy = classifier({"text": table.column("text").to_numpy(zero_copy_only=False)})
     assert isinstance(as_numpy, dict) and len(as_numpy["exit_layer"]) == 5
@@ -125,7 +83,7 @@ def local_ray():
 def test_ray_with_two_actors_gives_the_local_answers_for_every_row(model_dir, tmp_path, local_ray):
     from earlyexit_kernels.ray import classify_files
 
-    frame = pd.DataFrame({"id": range(300), "text": _texts(300, seed=1)})
+    frame = pd.DataFrame({"id": range(300), "text": word_texts(300, seed=1)})
     frame.to_csv(tmp_path / "input.csv", index=False)
     summary = classify_files(model_dir, str(tmp_path / "input.csv"), str(tmp_path / "out"), workers=2, batch_size=64)
     assert summary == {"rows": 300, "errors": 0, "output": str(tmp_path / "out")}
@@ -155,7 +113,7 @@ class _PidReporting(EarlyExitClassifier):
 def test_an_actor_killed_mid_run_is_restarted_and_no_row_is_lost_or_repeated(model_dir, tmp_path, local_ray):
     import ray.data
 
-    frame = pd.DataFrame({"id": range(2000), "text": _texts(2000, seed=2, longest=10)})
+    frame = pd.DataFrame({"id": range(2000), "text": word_texts(2000, seed=2, longest=10)})
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
     dataset = ray.data.from_pandas(frame).map_batches(
@@ -193,7 +151,7 @@ def test_an_actor_killed_mid_run_is_restarted_and_no_row_is_lost_or_repeated(mod
 def test_rows_that_fail_do_not_abort_the_job_and_are_counted(model_dir, tmp_path, local_ray):
     from earlyexit_kernels.ray import classify_files
 
-    texts = _texts(100, seed=3, longest=5)
+    texts = word_texts(100, seed=3, longest=5)
     texts[7] = "w1 " * 40
     pd.DataFrame({"text": texts}).to_json(tmp_path / "input.jsonl", orient="records", lines=True)
     summary = classify_files(
@@ -202,3 +160,16 @@ def test_rows_that_fail_do_not_abort_the_job_and_are_counted(model_dir, tmp_path
     assert summary["rows"] == 100 and summary["errors"] == 1
     written = pd.read_parquet(tmp_path / "out")
     assert "over max_length=16" in written.error[7]
+
+
+@pytest.mark.ray
+def test_the_command_line_runs_on_ray(model_dir, tmp_path, local_ray, capsys):
+    from earlyexit_kernels.cli import main
+
+    pd.DataFrame({"text": word_texts(50, seed=4)}).to_parquet(tmp_path / "in.parquet")
+    status = main(["classify", model_dir, str(tmp_path / "in.parquet"), str(tmp_path / "out"), "--engine", "ray"])
+    assert status == 0
+    assert "classified 50 rows on Ray (2 workers)" in capsys.readouterr().err
+    written = pd.read_parquet(tmp_path / "out")
+    local = EarlyExitClassifier(model_dir)(pd.DataFrame({"text": word_texts(50, seed=4)}))
+    assert written.exit_layer.tolist() == local.exit_layer.tolist()

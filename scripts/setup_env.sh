@@ -48,7 +48,7 @@ optional=()
 [[ "$(uname -s)" != Linux ]] || has triton || optional+=("triton>=3.6,<4")
 has ruff || command -v ruff >/dev/null 2>&1 || optional+=("ruff")
 has ray.data || optional+=("ray[data]>=2.40")  # earlyexit_kernels.ray; its tests are skipped without it
-for package in matplotlib datasets accelerate pytest_benchmark; do
+for package in matplotlib datasets accelerate pytest_benchmark pyarrow pandas; do
     has "$package" || optional+=("${package//_/-}")
 done
 for package in "${optional[@]}"; do
