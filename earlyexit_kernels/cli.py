@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     classify.add_argument("--workers", type=int, default=2, help="--engine ray: actors (default: 2)")
     classify.add_argument("--address", default=None, help="--engine ray: a Ray cluster (default: start one here)")
+    classify.add_argument("--gpus-per-worker", type=float, default=0, help="--engine ray: GPUs per actor (e.g. 1)")
     classify.set_defaults(run=_classify)
     return parser
 
@@ -292,6 +293,7 @@ def _classify_on_ray(args) -> int:
         args.output,
         workers=args.workers,
         address=args.address,
+        num_gpus=args.gpus_per_worker,
         text_column=args.text_column,
         pair_column=args.pair_column,
         policy=args.policy,
