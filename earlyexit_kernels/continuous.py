@@ -426,16 +426,21 @@ class EngineStats:
 
 
 def _compiled_layer_call(adapter, options: dict):
-    """``adapter.run_layer`` through ``torch.compile``, one graph per layer call shape.
+    """A layer call through ``torch.compile``: one graph per call shape, shared by every layer.
 
-    Shapes come from the scheduler's fixed sets, so the number of graphs is bounded:
-    Dynamo's recompile limit is raised to hold them all, and ``dynamic=False`` keeps
-    each graph static (what CUDA graphs, ``mode="reduce-overhead"``, need).
+    The layer's module is an argument of the compiled function, so the layers (same code,
+    their own weights) share a graph. Shapes come from the scheduler's fixed sets, so the
+    number of graphs is bounded: Dynamo's recompile limit is raised to hold them all, and
+    ``dynamic=False`` keeps each graph static (what CUDA graphs, ``mode="reduce-overhead"``,
+    need).
     """
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4096)
     torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 4096)
-    options = {"dynamic": False, **options}
-    compiled = torch.compile(adapter.run_layer, **options)
-    return compiled
+    compiled = torch.compile(_call_module, **{"dynamic": False, **options})
+    return lambda index, hidden, mask: compiled(adapter.layer_module(index), hidden, mask)
+
+
+def _call_module(module, hidden, mask):
+    return module(hidden, mask)

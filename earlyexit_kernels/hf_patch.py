@@ -109,7 +109,11 @@ class _BertAdapter(_Adapter):
         )
 
     def run_layer(self, index, hidden, attention_mask):
-        return self.base.encoder.layer[index](hidden, attention_mask)
+        return self.layer_module(index)(hidden, attention_mask)
+
+    def layer_module(self, index):
+        """The module that runs encoder layer ``index`` (0-based): ``run_layer`` calls it."""
+        return self.base.encoder.layer[index]
 
     def pool(self, cls_hidden):
         return self.base.pooler.activation(self.base.pooler.dense(cls_hidden))
@@ -144,8 +148,11 @@ class _AlbertAdapter(_Adapter):
         return self.base.encoder.embedding_hidden_mapping_in(embeddings)
 
     def run_layer(self, index, hidden, attention_mask):
-        group = self.base.encoder.albert_layer_groups[int(index / self.layers_per_group)]
-        return group(hidden, attention_mask)
+        return self.layer_module(index)(hidden, attention_mask)
+
+    def layer_module(self, index):
+        """The layer group that runs encoder layer ``index`` (0-based): ALBERT shares it between layers."""
+        return self.base.encoder.albert_layer_groups[int(index / self.layers_per_group)]
 
     def pool(self, cls_hidden):
         return self.base.pooler_activation(self.base.pooler(cls_hidden))
