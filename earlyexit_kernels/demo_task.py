@@ -80,3 +80,36 @@ def batches(split: dict[str, torch.Tensor], batch_size: int, *, shuffle_seed: in
         {k: v[order[start : start + batch_size]] for k, v in split.items() if k != "hard"}
         for start in range(0, size, batch_size)
     ]
+
+
+def token_names() -> list[str]:
+    """A word for every token id: the demo task as text, for tools that start from text."""
+    names = ["[PAD]", "[CLS]", "[SEP]", "not"]
+    names += [f"pos{i}" if i < 8 else f"neg{i}" for i in range(4, FILLER_START)]
+    return names + [f"w{i}" for i in range(FILLER_START, VOCAB_SIZE)]
+
+
+def tokenizer():
+    """A fast tokenizer whose words are :func:`token_names`: ``tokenizer(texts(split))`` gives the split's ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {name: i for i, name in enumerate(token_names())}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[PAD]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", model_max_length=512
+    )
+
+
+def texts(split: dict[str, torch.Tensor]) -> list[str]:
+    """The split's sequences as text (without [CLS], [SEP] and padding, which the tokenizer adds)."""
+    names = token_names()
+    out = []
+    for ids, mask in zip(split["input_ids"], split["attention_mask"]):
+        body = ids[1 : int(mask.sum()) - 1].tolist()
+        out.append(" ".join(names[t] for t in body))
+    return out

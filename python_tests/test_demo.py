@@ -36,28 +36,15 @@ def test_easy_sequences_hold_one_class_and_hard_ones_both():
             assert counts[1 - label] == 0 and counts[label] >= 3 and negated == 0
 
 
+SMALL = [
+    "--train-size", "128", "--test-size", "64", "--epochs", "1", "--repeats", "1",
+    "--method-train-size", "64", "--val-size", "64", "--method-repeats", "1",
+]  # fmt: skip
+
+
 def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, capsys):
     report = tmp_path / "demo.txt"
-    demo.main(
-        [
-            "--train-size",
-            "128",
-            "--test-size",
-            "64",
-            "--epochs",
-            "1",
-            "--repeats",
-            "1",
-            "--method-train-size",
-            "64",
-            "--val-size",
-            "64",
-            "--method-repeats",
-            "1",
-            "--output",
-            str(report),
-        ]
-    )
+    demo.main([*SMALL, "--cache-dir", str(tmp_path / "cache"), "--output", str(report)])
     printed = capsys.readouterr().out
     for name in ("full model", "Patience(2)", "Entropy(0.2)", "MaxProb(0.9)", "speed-up", "methods side by side"):
         assert name in printed
@@ -71,5 +58,28 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, capsys):
         "smartbert: SkipGates(",
     ):
         assert method in printed
+    for runner in ("pipeline, full model", "per-batch early exit", "eek.classify"):
+        assert runner in printed.split("as a stream")[1]
     text = report.read_text()
     assert text.startswith("# python -m earlyexit_kernels.demo") and "full model" in text
+
+
+def test_a_second_run_loads_what_the_first_trained(tmp_path, capsys):
+    cache = str(tmp_path / "cache")
+    demo.main([*SMALL, "--cache-dir", cache])
+    first = capsys.readouterr().out
+    assert "saved to" in first and "trained 2 steps" in first
+    demo.main([*SMALL, "--cache-dir", cache])
+    second = capsys.readouterr().out
+    assert "loaded the trained backbone and exit heads from" in second
+    assert "each loaded from the cache" in second
+    table = [line for line in first.splitlines() if line.startswith(("pabee:", "dact:"))]
+    again = [line for line in second.splitlines() if line.startswith(("pabee:", "dact:"))]
+    assert [line[:80] for line in table] == [line[:80] for line in again]  # same models, same answers
+
+
+def test_a_speed_up_beyond_its_ideal_or_within_its_noise_is_not_reported():
+    assert str(demo.Speedup([1.5, 1.6, 1.7], ideal=2.0)).startswith("1.60x [1.54-1.66] of 2.00x")
+    assert demo.Speedup([2.7, 2.7, 2.7], ideal=6 / 4.45).noise.startswith("noisy: 2.70x is beyond the ideal 1.35x")
+    assert demo.Speedup([0.6, 1.1, 1.6], ideal=2.0).noise.startswith("noisy: range 0.80-1.40x is wider")
+    assert demo.Speedup([1.5, 1.6, 1.7], ideal=1.50).noise is None  # 1.6 is within 10% of its ideal
