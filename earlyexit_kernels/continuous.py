@@ -416,9 +416,11 @@ class EngineStats:
     slots: int = 0  # padded_rows x padded_length, summed over calls
     tokens: int = 0  # real tokens, summed over calls
     host_syncs: int = 0
+    largest_call: int = 0  # the most slots (padded_rows x padded_length) of one call
 
     def record_call(self, call, tokens: int) -> None:
         self.calls += 1
+        self.largest_call = max(self.largest_call, call.padded_rows * call.padded_length)
         self.rows += len(call.rows)
         self.padded_rows += call.padded_rows
         self.slots += call.padded_rows * call.padded_length
