@@ -1,125 +1,164 @@
-"""The stream benchmark: a corpus classified five ways in one run, against the ideal.
+"""The stream benchmark (issue 10): one corpus classified five ways in one run, against the ideal.
 
-    python -m earlyexit_kernels.bench.stream --output-dir benchmarks/results
+    python -m earlyexit_kernels.bench.stream                 # -> benchmarks/results/stream_<device>.{csv,md,png}
+    python -m earlyexit_kernels.bench stream --out DIR       # the same, through the suite's entry point
+    python -m earlyexit_kernels.bench.stream --from-csv benchmarks/results/stream_cpu.csv   # the table again
 
-The workload. Token lengths follow a log-normal with median 28 and sigma 0.55, clipped to
-4..256: about 89% of the sequences hold 10-60 tokens, 8% more than 60, a tail to 256 (the
-shape of sentence-classification sets such as SST-2, MNLI, QQP). Texts are random words of
-a generated vocabulary, one token each, with ``[CLS]`` and ``[SEP]``. The model is a random
-BERT whose exit heads and pooler are perturbed so that predictions differ from layer to
-layer; the ``Entropy`` threshold is the ``q``-quantile of the heads' entropies on a
-calibration sample, so a chosen share of the layer evaluations is saved, and exits spread
-over the layers.
+**The workload.** Token lengths (``[CLS]`` and ``[SEP]`` included) follow a log-normal
+with median 28 and sigma 0.55, rounded and clipped to 4..256 (:func:`stream_lengths`):
+about 89% of the sequences hold 10-60 tokens, 9% more than 60, 0.3% more than 128, a
+tail to 256: the shape of sentence-classification sets such as SST-2, MNLI or QQP. The
+texts are random words of a generated vocabulary (``vocab.txt`` written to a temporary
+folder, ``BertTokenizerFast``: no download), one token per word, in a seeded random
+order.
 
-The methods, same sequences, same weights, interleaved repetitions:
+**The model.** A random BERT (``BertForSequenceClassification``, SDPA attention,
+``initializer_range`` 0.1 so that the ``[CLS]`` state depends on the text: at the default
+0.02 it varies by 2-6% across texts, at 0.1 by about 40%). Its classifiers are set so
+that exits spread over the layers, as in a trained model: the head of layer ``l`` reads
+a random direction of the pooled ``[CLS]`` state, standardised over the stream, with a
+margin that grows with depth (``scale * l / L``); the model's own classifier is built
+the same way at ``l = L``, so the unpatched model and the last layer agree. The policy is
+``Entropy(t)``, with ``t`` calibrated on the stream so that a chosen share of the layer
+evaluations is saved (``1 - mean exit layer / L``), and placed mid-way across the
+widest gap between the stream's entropies near it, so that the rounding of another
+batch composition cannot move a sequence across it.
 
-(a) ``pipeline("text-classification", batch_size=32)`` on the unpatched model, in stream
-    order (tokenizing included: it is what a Hugging Face user runs);
-(b) the unpatched model on length-sorted batches of ``max_batch_size`` (token ids ready);
-(c) the per-batch early exit, ``model(...)`` on the same batches as (b);
-(d) ``eek.classify`` on the token ids (the continuous engine);
-(e) ``eek.classify(compile=True)``, after a warm-up pass whose time is reported apart.
+**The methods**, same sequences, same weights, interleaved repetitions (the order
+rotates from one repetition to the next):
 
-The ideal is (b)'s time per token-layer times the tokens and layers each sequence needs
-(its length x its exit layer). Fill is the mean rows per layer call over
-``max_batch_size``: for (c) from its exit layers (a batch's layer call holds the rows still
-active), for (d) from the engine's counts. Token fill is the real tokens over the padded
-slots the layer calls computed (for (c), each call trimmed to its longest active row). Hidden-state memory: (b)/(c) the largest layer
-input ``[B, S, H]``; (d) the engine's token pool at its peak plus the largest call.
+(a) ``transformers.pipeline("text-classification", batch_size=32)`` on the unpatched
+    model, the texts in stream order (tokenising included);
+(b) the unpatched model on length-sorted batches of ``max_batch_size`` (tensors ready);
+(c) the per-batch early exit: the patched ``model(...)`` on the same batches as (b);
+(d) ``eek.classify(model, texts, tokenizer=tok, max_batch_size=...)`` (tokenising included);
+(e) the same with ``compile=True``, after a warm-up pass over the same stream, timed
+    and reported apart; Dynamo's ``unique_graphs`` counter is read before and after the
+    measured passes.
+
+**The figures.** Sequences/s: the p50 of the repetitions (p20 and p80 beside it). The
+ideal: (b)'s time per real token-layer (its time over the stream's tokens times ``L``)
+times the tokens and layers each sequence needs (its length times its exit layer). Fill:
+the mean rows per layer call over ``max_batch_size`` (for (c) from its exit layers: a
+batch's layer call holds the rows still in it; for (d)/(e) the engine's counts); token
+fill: real tokens over the slots (rows x padded length) the layer calls computed; host
+syncs per layer call (for (c) the ``host_syncs`` of its outputs, for (d)/(e) the
+engine's). Peak memory: in one more (untimed) pass per method, the process's peak
+resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) above its resident set
+at the start of the pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import csv
+import gc
 import math
+import os
 import random
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["StreamConfig", "make_stream", "run"]
+__all__ = ["StreamConfig", "markdown", "run", "stream_lengths"]
+
+METHODS = {
+    "a": "(a) pipeline, unpatched",
+    "b": "(b) unpatched, sorted batches",
+    "c": "(c) per-batch early exit",
+    "d": "(d) eek.classify",
+    "e": "(e) eek.classify(compile=True)",
+}
+
+COLUMNS = [
+    "device",
+    "threads",
+    "model",
+    "sequences",
+    "tokens",
+    "max_batch_size",
+    "policy",
+    "target_saved",
+    "saved_layer_share",
+    "mean_exit_layer",
+    "exit_histogram",
+    "method",
+    "seq_per_s",
+    "seq_per_s_p20",
+    "seq_per_s_p80",
+    "repeats",
+    "vs_a",
+    "vs_c",
+    "of_ideal",
+    "ideal_seq_per_s",
+    "layer_calls",
+    "fill",
+    "padded_row_fill",
+    "token_fill",
+    "host_syncs_per_call",
+    "peak_mib",
+    "compile_warmup_s",
+    "graphs_warmup",
+    "graphs_measured",
+    "exit_mismatches_vs_c",
+    "max_logit_diff_vs_c",
+    "load_before",
+    "load_after",
+]
 
 
 @dataclass
 class StreamConfig:
-    sequences: int = 4096
+    sequences: int = 2048
     hidden: int = 256
-    layers: int = 6
+    layers: int = 12
     heads: int = 4
+    init_range: float = 0.1
+    margin_scale: float = 8.0  # the last layer's margin, in standard deviations of its direction
     max_batch_size: int = 64
     pipeline_batch: int = 32
     repeats: int = 3
-    quantiles: tuple[float, ...] = (0.5, 0.3, 0.15)  # main run: the first
+    saved: tuple[float, ...] = (0.5, 0.0, 0.25, 0.75)  # shares of layer evaluations saved; the first is the main run
     compile: bool = True
-    compile_length_step: int = 16
+    memory: bool = True
     threads: int | None = None
     seed: int = 0
 
 
+# ---------------------------------------------------------------------------- workload
+
+
 def stream_lengths(count: int, seed: int) -> list[int]:
+    """Token lengths (special tokens included): log-normal, median 28, sigma 0.55, clipped to 4..256."""
     rng = random.Random(seed)
     return [min(max(round(math.exp(rng.gauss(math.log(28), 0.55))), 4), 256) for _ in range(count)]
 
 
-def make_stream(config: StreamConfig, folder: Path):
-    """The tokenizer, the texts, their token ids and the unpatched model."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+def make_corpus(config: StreamConfig, folder: Path):
+    """The tokenizer, the texts and their token ids (one token per word: lengths as drawn)."""
+    from transformers import BertTokenizerFast
 
-    words = [f"w{i}" for i in range(2000)]
+    words = [f"w{i}" for i in range(4000)]
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
     tokenizer = BertTokenizerFast(vocab_file=str(vocab))
     rng = random.Random(config.seed + 1)
-    texts = [" ".join(rng.choice(words) for _ in range(n - 2)) for n in stream_lengths(config.sequences, config.seed)]
+    lengths = stream_lengths(config.sequences, config.seed)
+    texts = [" ".join(rng.choice(words) for _ in range(n - 2)) for n in lengths]
     ids = tokenizer(texts)["input_ids"]
-    torch.manual_seed(config.seed)
-    bert = BertConfig(
-        vocab_size=len(words) + 5,
-        hidden_size=config.hidden,
-        num_hidden_layers=config.layers,
-        num_attention_heads=config.heads,
-        intermediate_size=4 * config.hidden,
-        max_position_embeddings=512,
-        num_labels=2,
-    )
-    model = BertForSequenceClassification._from_config(bert, attn_implementation="sdpa").eval()
-    return tokenizer, texts, ids, model
+    assert [len(i) for i in ids] == lengths, "a word did not map to one token"
+    return tokenizer, texts, ids
 
 
-def calibrated_policies(model, ids, quantiles, seed: int):
-    """Perturb the heads, then one Entropy threshold per quantile of the heads' entropies."""
-    import earlyexit_kernels as eek
-    from earlyexit_kernels.exit_rules import entropy
-
-    eek.patch(model, eek.Entropy(0.0))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        pooler = model._eek_adapter.pooler_linear.weight
-        pooler.add_(torch.randn(pooler.shape, generator=generator) / math.sqrt(pooler.shape[1]))
-        for head in model.early_exit_heads.classifiers:
-            head.weight.add_(torch.randn(head.weight.shape, generator=generator) * 0.5)
-        values = []
-        for sequence in ids[:256]:
-            out = model(input_ids=torch.tensor([sequence]), return_all_exits=True)
-            values += entropy(out.all_logits[:-1, 0]).tolist()
-    values = sorted(set(values))
-    policies = []
-    for q in quantiles:
-        # Midway across the widest gap between two data points near the quantile, so that the
-        # rounding of another batch composition cannot move a sequence across the threshold.
-        k = max(1, min(len(values) - 1, round(q * len(values))))
-        window = range(max(1, k - len(values) // 50), min(len(values), k + len(values) // 50 + 1))
-        k = max(window, key=lambda j: values[j] - values[j - 1])
-        policies.append(eek.Entropy((values[k - 1] + values[k]) / 2))
-    return policies
-
-
-def _batches(ids, size):
+def sorted_batches(ids: list[list[int]], size: int):
+    """Length-sorted batches of ``size``: ``(positions, input_ids, attention_mask)``."""
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = []
     for start in range(0, len(order), size):
@@ -134,157 +173,174 @@ def _batches(ids, size):
     return out
 
 
-def _timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
+def make_models(config: StreamConfig, vocab_size: int, batches):
+    """The unpatched model and a patched copy (same weights), heads set so that exits spread.
 
+    Returns ``(unpatched, patched, entropies)``: ``entropies`` [N, L - 1] of the exit heads
+    of layers 1..L-1 on the stream, for the calibration of the threshold.
+    """
+    from transformers import BertConfig, BertForSequenceClassification
 
-def run(config: StreamConfig, output_dir: Path, progress=print) -> list[dict]:
-    """Run the benchmark; write ``stream.csv`` and ``stream.md`` (and ``stream.png``) under ``output_dir``."""
     import earlyexit_kernels as eek
-    from earlyexit_kernels.continuous import ContinuousEngine
+    from earlyexit_kernels.exit_rules import entropy
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer, texts, ids, model = make_stream(config, Path(folder))
-    from transformers import pipeline
+    torch.manual_seed(config.seed)
+    bert = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=config.hidden,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
+        intermediate_size=4 * config.hidden,
+        max_position_embeddings=512,
+        initializer_range=config.init_range,
+        num_labels=2,
+    )
+    model = BertForSequenceClassification._from_config(bert, attn_implementation="sdpa").eval()
+    count = sum(len(rows) for rows, _, _ in batches)
+    pooled = torch.zeros(config.layers, count, config.hidden)
+    with torch.no_grad():
+        for rows, input_ids, mask in batches:
+            out = model.bert(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+            for layer in range(config.layers):
+                pooled[layer, rows] = model.bert.pooler(out.hidden_states[layer + 1])
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    weights = []
+    for layer in range(config.layers):
+        direction = torch.randn(config.hidden, generator=generator)
+        direction /= direction.norm()
+        z = pooled[layer] @ direction
+        mean, std = z.mean(), z.std().clamp_min(1e-6)
+        margin = config.margin_scale * (layer + 1) / config.layers
+        # logit_1 - logit_0 = margin * (z - mean) / std
+        weight = torch.stack([-direction, direction]) * (margin / (2 * std))
+        bias = torch.stack([mean, -mean]) * (margin / (2 * std))
+        weights.append((weight, bias))
+    with torch.no_grad():
+        model.classifier.weight.copy_(weights[-1][0])
+        model.classifier.bias.copy_(weights[-1][1])
+    patched = copy.deepcopy(model)
+    eek.patch(patched, eek.Entropy(0.0))
+    with torch.no_grad():
+        for layer, head in enumerate(patched.early_exit_heads.classifiers):
+            head.weight.copy_(weights[layer][0])
+            head.bias.copy_(weights[layer][1])
+        entropies = torch.stack(
+            [entropy(pooled[layer] @ weights[layer][0].T + weights[layer][1]) for layer in range(config.layers - 1)],
+            dim=1,
+        )
+    return model, patched, entropies
 
-    policies = calibrated_policies(model, ids, config.quantiles, config.seed)
-    batches = _batches(ids, config.max_batch_size)
-    inputs = [{"input_ids": sequence} for sequence in ids]
-    tokens = [len(sequence) for sequence in ids]
-    rows_out = []
-    for index, policy in enumerate(policies):
-        main = index == 0
-        eek.patch(model, policy)
-        progress(f"stream: {policy!r} ({'main run' if main else 'exit-rate sweep'})")
 
-        def unpatched_pipeline(policy=policy):
-            eek.unpatch(model)
-            try:
-                classifier = pipeline("text-classification", model=model, tokenizer=tokenizer, device="cpu")
-                return classifier(texts, batch_size=config.pipeline_batch)
-            finally:
-                eek.patch(model, policy)
+def exit_layers_at(entropies: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The exit layer of each sequence under ``Entropy(threshold)``: the first head below it, else L."""
+    below = entropies < threshold
+    layers = entropies.shape[1] + 1
+    first = torch.where(below.any(dim=1), below.int().argmax(dim=1) + 1, layers)
+    return first
 
-        def full_batches(policy=policy):
-            eek.unpatch(model)
-            try:
-                with torch.no_grad():
-                    return [model(input_ids=i, attention_mask=m).logits for _, i, m in batches]
-            finally:
-                eek.patch(model, policy)
 
-        def early_batches():
-            with torch.no_grad():
-                return [model(input_ids=i, attention_mask=m) for _, i, m in batches]
+def calibrate(entropies: torch.Tensor, saved: float) -> float:
+    """The ``Entropy`` threshold saving about ``saved`` of the layer evaluations, mid-way across a wide gap."""
+    if saved <= 0:
+        return 0.0  # nothing exits: every sequence runs every layer
+    layers = entropies.shape[1] + 1
+    values = torch.unique(entropies.flatten()).tolist()  # sorted
+    low, high = 1, len(values) - 1  # the threshold between values[k - 1] and values[k]
 
-        engines = {}
+    def share(k: int) -> float:
+        threshold = (values[k - 1] + values[k]) / 2
+        return 1 - exit_layers_at(entropies, threshold).float().mean().item() / layers
 
-        def continuous(compiled=False, engines=engines):
-            engine = ContinuousEngine(
-                model,
-                max_batch_size=config.max_batch_size,
-                compile=compiled,
-                admission="length",
-                length_step=config.compile_length_step if compiled else 8,
-            )
-            engines["compiled" if compiled else "eager"] = engine
-            from earlyexit_kernels.classify import _predictions
+    while low < high:  # the smallest k whose share reaches the target (share grows with k)
+        middle = (low + high) // 2
+        if share(middle) >= saved:
+            high = middle
+        else:
+            low = middle + 1
+    spread = max(1, len(values) // 200)
+    window = range(max(1, low - spread), min(len(values), low + spread + 1))
+    k = max(window, key=lambda j: values[j] - values[j - 1])
+    return (values[k - 1] + values[k]) / 2
 
-            return list(_predictions(engine, inputs, None, True, False, 8 * engine.scheduler.max_in_flight))
 
-        methods = {"(b) full, sorted batches": full_batches, "(c) per-batch early exit": early_batches}
-        methods["(d) eek.classify"] = continuous
-        if main:
-            methods = {"(a) pipeline, full": unpatched_pipeline, **methods}
-        compile_warmup = None
-        if main and config.compile:
-            from torch._dynamo.utils import counters
+# ---------------------------------------------------------------------------- measuring
 
-            compile_warmup, _ = _timed(lambda: continuous(True))
-            methods["(e) eek.classify(compile=True)"] = lambda: continuous(True)
-        for fn in methods.values():
-            fn()  # warm-up: first-call costs are not the method's
-        times = {name: [] for name in methods}
-        results = {}
-        graphs_before = None
-        for _ in range(config.repeats):
-            for name, fn in methods.items():
-                if name.startswith("(e)") and graphs_before is None:
-                    graphs_before = counters["stats"]["unique_graphs"]
-                elapsed, results[name] = _timed(fn)
-                times[name].append(elapsed)
-        recompiles = None if graphs_before is None else counters["stats"]["unique_graphs"] - graphs_before
 
-        early = results["(c) per-batch early exit"]
-        exit_layers = torch.zeros(len(ids), dtype=torch.long)
-        syncs_c = calls_c = rows_c = slots_c = real_c = 0
-        for (rows, _, _), out in zip(batches, early):
-            exit_layers[rows] = out.exit_layer
-            lengths = torch.tensor([tokens[i] for i in rows])
-            for layer in range(1, config.layers + 1):
-                active = out.exit_layer >= layer
-                if active.any():  # a layer call on the active rows, trimmed to the longest of them
-                    calls_c, rows_c = calls_c + 1, rows_c + int(active.sum())
-                    slots_c += int(active.sum()) * int(lengths[active].max())
-                    real_c += int(lengths[active].sum())
-            syncs_c += out.host_syncs
-        streamed = results["(d) eek.classify"]
-        assert [p.exit_layer for p in streamed] == exit_layers.tolist(), "(d) and (c) disagree on exit layers"
-        full_time = statistics.median(times["(b) full, sorted batches"])
-        per_token_layer = full_time / (sum(tokens) * config.layers)
-        ideal_time = per_token_layer * sum(t * int(e) for t, e in zip(tokens, exit_layers))
-        mean_layers = exit_layers.float().mean().item()
-        reference = statistics.median(times.get("(a) pipeline, full", times["(b) full, sorted batches"]))
-        largest_batch = max(i.numel() for _, i, _ in batches) * config.hidden * 4
-        for name, samples in times.items():
-            p20, p50, p80 = (_quantile(samples, q) for q in (0.2, 0.5, 0.8))
-            row = {
-                "method": name,
-                "policy": repr(policy),
-                "sequences": len(ids),
-                "mean_layers": round(mean_layers, 3),
-                "layers": config.layers,
-                "saved_layer_share": round(1 - mean_layers / config.layers, 3),
-                "seq_per_s": round(len(ids) / p50, 1),
-                "seq_per_s_p20": round(len(ids) / p80, 1),
-                "seq_per_s_p80": round(len(ids) / p20, 1),
-                "ideal_seq_per_s": round(len(ids) / ideal_time, 1),
-                "of_ideal": round(ideal_time / p50, 3),
-                "vs_reference": round(reference / p50, 3),
-                "fill": "",
-                "token_fill": "",
-                "host_syncs_per_call": "",
-                "hidden_state_mib": "",
-                "compile_warmup_s": "",
-                "new_graphs_after_warmup": "",
-            }
-            if name.startswith("(c)"):
-                row.update(fill=round(rows_c / calls_c / config.max_batch_size, 3))
-                row.update(token_fill=round(real_c / slots_c, 3))
-                row.update(host_syncs_per_call=round(syncs_c / calls_c, 3))
-                row.update(hidden_state_mib=round(largest_batch / 2**20, 2))
-            if name.startswith(("(d)", "(e)")):
-                stats = engines["compiled" if name.startswith("(e)") else "eager"].stats
-                row.update(fill=round(stats.rows / stats.calls / config.max_batch_size, 3))
-                row.update(token_fill=round(stats.tokens / stats.slots, 3))
-                row.update(host_syncs_per_call=round(stats.host_syncs / stats.calls, 3))
-                engine = engines["compiled" if name.startswith("(e)") else "eager"]
-                pool = engine._pool.numel() * engine._pool.element_size()
-                largest_call = stats.largest_call * config.hidden * engine._pool.element_size()
-                row.update(hidden_state_mib=round((pool + largest_call) / 2**20, 2))
-            if name.startswith("(b)"):
-                row.update(hidden_state_mib=round(largest_batch / 2**20, 2))
-            if name.startswith("(e)"):
-                row.update(compile_warmup_s=round(compile_warmup, 1), new_graphs_after_warmup=recompiles)
-            rows_out.append(row)
-            progress(f"  {name}: {row['seq_per_s']} seq/s ({row['vs_reference']}x), fill {row['fill']}")
-    _write(rows_out, output_dir, config)
-    return rows_out
+def _rss_mib() -> float | None:
+    try:
+        with open("/proc/self/status") as file:
+            for line in file:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def peak_memory_mib(fn: Callable[[], object]) -> float | None:
+    """Peak resident set during ``fn()`` above the resident set before it (MiB); None where Linux cannot tell."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as file:
+            file.write("5")  # resets VmHWM to the current resident set
+    except OSError:
+        return _sampled_peak(fn)
+    before = _rss_mib()
+    fn()
+    with open("/proc/self/status") as file:
+        peak = next(int(line.split()[1]) / 1024 for line in file if line.startswith("VmHWM:"))
+    return peak - before
+
+
+def _sampled_peak(fn) -> float | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    import threading
+
+    process = psutil.Process()
+    before = process.memory_info().rss
+    peak = [before]
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(0.002):
+            peak[0] = max(peak[0], process.memory_info().rss)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return (peak[0] - before) / 2**20
+
+
+@contextlib.contextmanager
+def recorded_engines():
+    """The engines ``eek.classify`` builds inside the block (for their counts; nothing else changes)."""
+    import importlib
+
+    classify_module = importlib.import_module("earlyexit_kernels.classify")  # the package's name is the function
+
+    original = getattr(classify_module, "ContinuousEngine", None)
+    made: list = []
+    if original is None:
+        yield made
+        return
+
+    class Recording(original):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    classify_module.ContinuousEngine = Recording
+    try:
+        yield made
+    finally:
+        classify_module.ContinuousEngine = original
 
 
 def _quantile(samples, q):
@@ -295,72 +351,412 @@ def _quantile(samples, q):
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def _write(rows, output_dir: Path, config: StreamConfig) -> None:
-    with open(output_dir / "stream.csv", "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def run(config: StreamConfig, output_dir: Path, name: str = "stream_cpu", progress=print) -> list[dict]:
+    """Run the benchmark; writes ``<name>.csv``, ``<name>.md`` and (with matplotlib) ``<name>.png``."""
+    from transformers import pipeline
+    from transformers.utils import logging as hf_logging
+
+    import earlyexit_kernels as eek
+
+    threads_before = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        start = time.perf_counter()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            tokenizer, texts, ids = make_corpus(config, Path(folder))
+        batches = sorted_batches(ids, config.max_batch_size)
+        unpatched, model, entropies = make_models(config, len(tokenizer), batches)
+        tokens = torch.tensor([len(i) for i in ids])
+        total_tokens = int(tokens.sum())
+        hf_logging.set_verbosity_error()
+        classifier = pipeline("text-classification", model=unpatched, tokenizer=tokenizer, device="cpu")
+        started_tokenizing = time.perf_counter()
+        for i in range(0, len(texts), config.max_batch_size):
+            tokenizer(texts[i : i + config.max_batch_size])
+        tokenize_s = time.perf_counter() - started_tokenizing
+        progress(
+            f"stream: {len(ids)} sequences, {total_tokens} tokens; model ready in {time.perf_counter() - start:.1f} s"
+        )
+        common = {
+            "device": "cpu",
+            "threads": torch.get_num_threads(),
+            "model": f"random BERT H{config.hidden} L{config.layers} heads {config.heads}",
+            "sequences": len(ids),
+            "tokens": total_tokens,
+            "max_batch_size": config.max_batch_size,
+        }
+        engines: dict[str, list] = {}
+
+        def method_a():
+            return classifier(texts, batch_size=config.pipeline_batch)
+
+        def method_b():
+            with torch.no_grad():
+                return [unpatched(input_ids=i, attention_mask=m).logits for _, i, m in batches]
+
+        def method_c():
+            with torch.no_grad():
+                return [model(input_ids=i, attention_mask=m) for _, i, m in batches]
+
+        def streamed(compiled: bool):
+            def method():
+                with recorded_engines() as made:
+                    out = list(
+                        eek.classify(
+                            model, texts, tokenizer=tokenizer, max_batch_size=config.max_batch_size, compile=compiled
+                        )
+                    )
+                engines["e" if compiled else "d"] = [engine.stats for engine in made]
+                return out
+
+            return method
+
+        runners = {"a": method_a, "b": method_b, "c": method_c, "d": streamed(False), "e": streamed(True)}
+        rows: list[dict] = []
+        first = True
+        for saved in config.saved:
+            threshold = calibrate(entropies, saved)
+            policy = eek.Entropy(threshold)
+            eek.patch(model, policy)
+            exits = exit_layers_at(entropies, threshold) if threshold > 0 else torch.full_like(tokens, config.layers)
+            keys = ["a", "b", "c", "d"] if first else ["b", "c", "d"]
+            if config.compile:
+                keys.append("e")
+            load_before = os.getloadavg()[0]
+            progress(f"stream: {policy!r}, target saved {saved}: {', '.join(keys)}")
+            if first:  # first-call costs (thread pools, allocator) are no method's
+                head = sorted_batches(ids[:256], config.max_batch_size)
+                with torch.no_grad():
+                    classifier(texts[:256], batch_size=config.pipeline_batch)
+                    for _, i, m in head:
+                        unpatched(input_ids=i, attention_mask=m)
+                        model(input_ids=i, attention_mask=m)
+                list(eek.classify(model, texts[:256], tokenizer=tokenizer, max_batch_size=config.max_batch_size))
+            warmup = graphs_warmup = None
+            if "e" in keys:
+                graphs_start = _graphs()
+                began = time.perf_counter()
+                runners["e"]()
+                warmup, graphs_warmup = time.perf_counter() - began, _graphs() - graphs_start
+                progress(f"  (e) warm-up: {warmup:.1f} s, {graphs_warmup} graphs compiled")
+            times: dict[str, list[float]] = {k: [] for k in keys}
+            results: dict[str, object] = {}
+            graphs_measured = 0
+            for repeat in range(config.repeats):
+                turn = repeat % len(keys)
+                for key in keys[turn:] + keys[:turn]:
+                    before = _graphs() if key == "e" else 0
+                    began = time.perf_counter()
+                    results[key] = runners[key]()
+                    times[key].append(time.perf_counter() - began)
+                    if key == "e":
+                        graphs_measured += _graphs() - before
+            peaks = {}
+            if config.memory and first:
+                for key in keys:
+                    peaks[key] = peak_memory_mib(runners[key])
+            load_after = os.getloadavg()[0]
+
+            # What (c) did, from its outputs.
+            early = results["c"]
+            exit_c = torch.zeros(len(ids), dtype=torch.long)
+            logits_c = torch.zeros(len(ids), 2)
+            calls_c = rows_c = slots_c = real_c = syncs_c = 0
+            for (positions, _, _), out in zip(batches, early):
+                exit_c[positions] = out.exit_layer
+                logits_c[positions] = out.logits.float()
+                lengths = tokens[positions]
+                syncs_c += int(out.host_syncs or 0)
+                for layer in range(1, config.layers + 1):
+                    active = out.exit_layer >= layer
+                    n = int(active.sum())
+                    if n:  # a layer call on the rows still in the batch, trimmed to the longest of them
+                        calls_c, rows_c = calls_c + 1, rows_c + n
+                        slots_c += n * int(lengths[active].max())
+                        real_c += int(lengths[active].sum())
+            if threshold > 0 and not torch.equal(exit_c, exits):
+                progress(f"  note: (c) differs from the calibration on {int((exit_c != exits).sum())} exits")
+            exits = exit_c
+            mean_layers = exits.float().mean().item()
+            histogram = torch.bincount(exits, minlength=config.layers + 1)[1:].tolist()
+            per_token_layer = statistics.median(times["b"]) / (total_tokens * config.layers)
+            ideal = per_token_layer * int((tokens * exits).sum())
+            p50 = {k: statistics.median(v) for k, v in times.items()}
+            if first:
+                reference_a = p50["a"]
+            for key in keys:
+                samples = times[key]
+                row = {
+                    **common,
+                    "policy": repr(policy),
+                    "target_saved": saved,
+                    "saved_layer_share": round(1 - mean_layers / config.layers, 4),
+                    "mean_exit_layer": round(mean_layers, 3),
+                    "exit_histogram": "/".join(map(str, histogram)),
+                    "method": METHODS[key],
+                    "seq_per_s": round(len(ids) / p50[key], 1),
+                    "seq_per_s_p20": round(len(ids) / _quantile(samples, 0.8), 1),
+                    "seq_per_s_p80": round(len(ids) / _quantile(samples, 0.2), 1),
+                    "repeats": len(samples),
+                    "vs_a": round(reference_a / p50[key], 3),
+                    "vs_c": round(p50["c"] / p50[key], 3),
+                    "of_ideal": round(ideal / p50[key], 3),
+                    "ideal_seq_per_s": round(len(ids) / ideal, 1),
+                    "peak_mib": "" if peaks.get(key) is None else round(peaks[key], 1),
+                    "load_before": round(load_before, 2),
+                    "load_after": round(load_after, 2),
+                }
+                if key == "c":
+                    row.update(
+                        layer_calls=calls_c,
+                        fill=round(rows_c / calls_c / config.max_batch_size, 4),
+                        padded_row_fill=round(rows_c / calls_c / config.max_batch_size, 4),
+                        token_fill=round(real_c / slots_c, 4),
+                        host_syncs_per_call=round(syncs_c / calls_c, 4),
+                    )
+                if key in ("d", "e"):
+                    stats = engines.get(key) or []
+                    if stats:
+                        calls = sum(s.calls for s in stats)
+                        row.update(
+                            layer_calls=calls,
+                            fill=round(sum(s.rows for s in stats) / calls / config.max_batch_size, 4),
+                            padded_row_fill=round(sum(s.padded_rows for s in stats) / calls / config.max_batch_size, 4),
+                            token_fill=round(sum(s.tokens for s in stats) / sum(s.slots for s in stats), 4),
+                            host_syncs_per_call=round(sum(s.host_syncs for s in stats) / calls, 4),
+                        )
+                    predictions = results[key]
+                    exit_k = torch.tensor([p.exit_layer for p in predictions])
+                    logits_k = torch.stack([p.logits.float() for p in predictions])
+                    row.update(
+                        exit_mismatches_vs_c=int((exit_k != exits).sum()),
+                        max_logit_diff_vs_c=f"{(logits_k - logits_c).abs().max().item():.2e}",
+                    )
+                if key == "e":
+                    row.update(
+                        compile_warmup_s=round(warmup, 1), graphs_warmup=graphs_warmup, graphs_measured=graphs_measured
+                    )
+                rows.append({column: row.get(column, "") for column in COLUMNS})
+                progress(
+                    f"  {METHODS[key]}: {row['seq_per_s']} seq/s, {row['vs_a']}x (a), {row['of_ideal']} of ideal, "
+                    f"fill {row.get('fill', '')}"
+                )
+            first = False
+        seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads_before)
+    csv_path = output_dir / f"{name}.csv"
+    with open(csv_path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    main = [r for r in rows if r["policy"] == rows[0]["policy"]]
+    note = (
+        f"Command: `python -m earlyexit_kernels.bench.stream {' '.join(_argv(config))}`".rstrip()
+        + f" ({seconds:.0f} s in all; tokenising the stream alone: {tokenize_s:.2f} s)."
+    )
+    (output_dir / f"{name}.md").write_text(markdown(csv_path, note=note))
+    with contextlib.suppress(ImportError):
+        plot(csv_path, output_dir / f"{name}.png")
+    return rows
+
+
+def _argv(config: StreamConfig) -> list[str]:
+    defaults, out = StreamConfig(), []
+    for field_name, flag in (
+        ("sequences", "--sequences"),
+        ("hidden", "--hidden"),
+        ("layers", "--layers"),
+        ("repeats", "--repeats"),
+        ("threads", "--threads"),
+    ):
+        value = getattr(config, field_name)
+        if value != getattr(defaults, field_name):
+            out += [flag, str(value)]
+    return out
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def _read(csv_path: Path) -> list[dict]:
+    with open(csv_path) as file:
+        return list(csv.DictReader(file))
+
+
+def markdown(csv_path: Path, note: str = "") -> str:
+    """The README section's table (and the target checks), from the CSV alone."""
+    rows = _read(csv_path)
+    main = [r for r in rows if r["target_saved"] == rows[0]["target_saved"]]
+    first = main[0]
+    histogram = first["exit_histogram"].split("/")
+    n = int(first["sequences"])
+    by_key = {r["method"][:3]: r for r in main}
     lines = [
-        f"Stream of {config.sequences} sequences (median 28 tokens, tail to 256), random BERT "
-        f"hidden {config.hidden}, {config.layers} layers, `max_batch_size` {config.max_batch_size}, "
-        f"policy `{rows[0]['policy']}`: mean {rows[0]['mean_layers']} of {config.layers} layers. "
-        f"p50 of {config.repeats} interleaved repetitions (p20-p80 in brackets); speed-up against (a).",
+        f"Stream of {n} sequences ({first['tokens']} tokens; lengths log-normal, median 28, 89% in 10-60 tokens, "
+        f"tail to 256), {first['model']} (exits spread by calibrated heads), `max_batch_size` "
+        f"{first['max_batch_size']}, {first['device']} with {first['threads']} threads. Policy `{first['policy']}`: "
+        f"mean exit layer {first['mean_exit_layer']}, {float(first['saved_layer_share']):.0%} of the layer "
+        f"evaluations saved; sequences exiting at layers 1..{len(histogram)}: {' / '.join(histogram)}. "
+        f"Sequences/s: p50 of {first['repeats']} interleaved repetitions [p20-p80]; load average "
+        f"{first['load_before']} before, {first['load_after']} after.",
         "",
-        "| method | sequences/s | vs (a) | of ideal | fill | token fill | host syncs / call | hidden-state MiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | sequences/s | vs (a) | vs (c) | of ideal | fill | token fill | host syncs / layer call | peak MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in main:
+        fill, token_fill = _percent(r["fill"]), _percent(r["token_fill"])
         lines.append(
-            f"| {r['method']} | {r['seq_per_s']} ({r['seq_per_s_p20']}-{r['seq_per_s_p80']}) | "
-            f"{r['vs_reference']}x | {r['of_ideal']} | {r['fill']} | {r['token_fill']} | {r['host_syncs_per_call']} | "
-            f"{r['hidden_state_mib']} |"
+            f"| {r['method']} | {r['seq_per_s']} [{r['seq_per_s_p20']}-{r['seq_per_s_p80']}] | {r['vs_a']}x | "
+            f"{r['vs_c']}x | {r['of_ideal']} | {fill} | {token_fill} | {r['host_syncs_per_call']} | {r['peak_mib']} |"
         )
-    compiled = [r for r in main if r["compile_warmup_s"] != ""]
-    if compiled:
+    ideal = first["ideal_seq_per_s"]
+    lines += [
+        "",
+        f"Ideal: {ideal} sequences/s ((b)'s time per real token-layer times the tokens x exit layers the stream "
+        f"needs). Fill: rows per layer call / `max_batch_size`; token fill: real tokens / computed slots. Peak: "
+        f"resident set above the start of an untimed pass.",
+    ]
+    if "(e)" in by_key:
+        e = by_key["(e)"]
+        lines.append(
+            f"(e): warm-up pass {e['compile_warmup_s']} s ({e['graphs_warmup']} graphs compiled), not counted; "
+            f"graphs compiled during the {e['repeats']} measured passes: {e['graphs_measured']}."
+        )
+    mismatches = [
+        f"{r['method'][:3]} {r['exit_mismatches_vs_c']} exits differ, logits within {r['max_logit_diff_vs_c']}"
+        for r in main
+        if r["exit_mismatches_vs_c"] != ""
+    ]
+    if mismatches:
+        lines.append("Against (c): " + "; ".join(mismatches) + ".")
+    sweep = sorted({r["target_saved"] for r in rows}, key=float)
+    if len(sweep) > 1:
+        methods = [m for m in METHODS.values() if m[:3] != "(a)" and any(r["method"] == m for r in rows)]
         lines += [
             "",
-            f"(e): warm-up (compiling every shape met) {compiled[0]['compile_warmup_s']} s, not counted; "
-            f"graphs compiled during the measured passes: {compiled[0]['new_graphs_after_warmup']}.",
+            "Exit-rate sweep (sequences/s, p50; (a) runs the full model: "
+            f"{by_key['(a)']['seq_per_s'] if '(a)' in by_key else '-'} sequences/s):",
+            "",
+            "| layers saved | "
+            + " | ".join(m.split(" ", 1)[0] for m in methods)
+            + " | ideal | (d) / (c) | (d) of ideal | (d) fill | (c) fill |",
+            "| --- | " + " | ".join("---" for _ in methods) + " | --- | --- | --- | --- | --- |",
         ]
-    (output_dir / "stream.md").write_text("\n".join(lines) + "\n")
-    try:
-        _plot(rows, output_dir / "stream.png")
-    except ImportError:
-        pass
+        for target in sweep:
+            group = {r["method"][:3]: r for r in rows if r["target_saved"] == target}
+            any_row = next(iter(group.values()))
+            cells = [group[m[:3]]["seq_per_s"] if m[:3] in group else "" for m in methods]
+            d, c = group.get("(d)"), group.get("(c)")
+            tail = [
+                any_row["ideal_seq_per_s"],
+                d["vs_c"] if d else "",
+                d["of_ideal"] if d else "",
+                _percent(d["fill"]) if d else "",
+                _percent(c["fill"]) if c else "",
+            ]
+            share = f"{float(any_row['saved_layer_share']):.0%}"
+            lines.append("| " + " | ".join([share, *cells, *map(str, tail)]) + " |")
+    lines += ["", "Targets (issue 10), main run:", ""] + _targets(by_key)
+    if note:
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
 
 
-def _plot(rows, path: Path) -> None:
+def _targets(by_key: dict) -> list[str]:
+    def value(key, column):
+        row = by_key.get(key)
+        return float(row[column]) if row and row[column] != "" else None
+
+    checks = [
+        ("(d) >= 5x (a)", value("(d)", "vs_a"), 5.0, "x"),
+        ("(d) >= 1.0x (c)", value("(d)", "vs_c"), 1.0, "x"),
+        ("(d) >= 0.95 of the ideal", value("(d)", "of_ideal"), 0.95, ""),
+        ("(d) fill >= 90%", value("(d)", "fill"), 0.90, ""),
+        ("(e) >= 1.15x (d)", _ratio(value("(e)", "seq_per_s"), value("(d)", "seq_per_s")), 1.15, "x"),
+        ("(d) <= 1 host sync per layer call", value("(d)", "host_syncs_per_call"), 1.0, "max"),
+    ]
+    out = []
+    for label, measured, target, unit in checks:
+        if measured is None:
+            out.append(f"- {label}: not measured")
+            continue
+        met = measured <= target if unit == "max" else measured >= target
+        shown = f"{measured:.3g}{'x' if unit == 'x' else ''}"
+        out.append(f"- {label}: {shown}, {'met' if met else 'missed'}")
+    c_fill = value("(c)", "fill")
+    if c_fill is not None:
+        out.append(f"- (c)'s fill, for comparison: {c_fill:.1%}")
+    return out
+
+
+def _percent(text: str) -> str:
+    return f"{float(text):.1%}" if text else ""
+
+
+def _ratio(a, b):
+    return None if a is None or b is None else a / b
+
+
+def plot(csv_path: Path, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for method in ("(b) full, sorted batches", "(c) per-batch early exit", "(d) eek.classify"):
-        points = sorted((r["saved_layer_share"], r["seq_per_s"]) for r in rows if r["method"] == method)
-        axis.plot(*zip(*points), marker="o", label=method)
-    ideal = sorted({(r["saved_layer_share"], r["ideal_seq_per_s"]) for r in rows})
+    rows = _read(csv_path)
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    for method in list(METHODS.values())[1:]:
+        points = sorted((float(r["saved_layer_share"]), float(r["seq_per_s"])) for r in rows if r["method"] == method)
+        if points:
+            axis.plot(*zip(*points), marker="o", label=method)
+    ideal = sorted({(float(r["saved_layer_share"]), float(r["ideal_seq_per_s"])) for r in rows})
     axis.plot(*zip(*ideal), linestyle="--", color="grey", label="ideal")
+    pipeline_rows = [r for r in rows if r["method"] == METHODS["a"]]
+    if pipeline_rows:
+        axis.axhline(float(pipeline_rows[0]["seq_per_s"]), color="black", linestyle=":", label=METHODS["a"])
     axis.set_xlabel("share of layer evaluations saved by early exit")
     axis.set_ylabel("sequences / s")
-    axis.legend()
+    axis.set_title(f"{rows[0]['sequences']} sequences, {rows[0]['model']}, {rows[0]['device']}", fontsize=9)
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", default=None, help="default: a new folder under /tmp")
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m earlyexit_kernels.bench.stream", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--output-dir", "--out", type=Path, default=Path("benchmarks") / "results")
+    parser.add_argument("--name", default="stream_cpu", help="file names: <name>.csv, .md, .png")
     parser.add_argument("--sequences", type=int, default=StreamConfig.sequences)
     parser.add_argument("--hidden", type=int, default=StreamConfig.hidden)
     parser.add_argument("--layers", type=int, default=StreamConfig.layers)
     parser.add_argument("--max-batch-size", type=int, default=StreamConfig.max_batch_size)
     parser.add_argument("--repeats", type=int, default=StreamConfig.repeats)
-    parser.add_argument("--quantiles", default=",".join(map(str, StreamConfig.quantiles)))
+    parser.add_argument(
+        "--saved", default=",".join(map(str, StreamConfig.saved)), help="shares of layers saved; the first: main run"
+    )
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--from-csv", type=Path, help="print the markdown of an existing CSV and stop")
     args = parser.parse_args(argv)
+    if args.from_csv:
+        print(markdown(args.from_csv), end="")
+        return 0
     config = StreamConfig(
         sequences=args.sequences,
         hidden=args.hidden,
@@ -368,15 +764,15 @@ def main(argv=None) -> None:
         heads=max(1, args.hidden // 64),
         max_batch_size=args.max_batch_size,
         repeats=args.repeats,
-        quantiles=tuple(float(q) for q in args.quantiles.split(",")),
+        saved=tuple(float(q) for q in args.saved.split(",")),
         compile=not args.no_compile,
+        memory=not args.no_memory,
         threads=args.threads,
     )
-    output = Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="eek-stream-"))
-    run(config, output)
-    print((output / "stream.md").read_text())
-    print(f"written to {output}")
+    run(config, args.output_dir, name=args.name)
+    print((args.output_dir / f"{args.name}.md").read_text(), end="")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
