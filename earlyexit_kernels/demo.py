@@ -27,8 +27,8 @@ import argparse
 import copy
 import datetime
 import io
+import math
 import platform
-import statistics
 import sys
 import time
 import warnings
@@ -318,10 +318,10 @@ def _stream(model, test, device, args) -> None:
     )
     reference = times["pipeline, full model"]
     for name, samples in times.items():
-        rate = [len(text) / t for t in samples]
+        rate = Speedup([len(text) / t for t in samples], ideal=math.inf)  # its quantiles
         speedup = Speedup([r / t for r, t in zip(reference, samples)], ideal if name != "pipeline, full model" else 1.0)
         vs = "" if name == "pipeline, full model" else f"  vs pipeline {speedup}"
-        print(f"  {name:<22}{statistics.median(rate):>8.0f}/s [{min(rate):.0f}-{max(rate):.0f}]{vs}")
+        print(f"  {name:<22}{rate.quantile(0.5):>8.0f}/s [{rate.quantile(0.2):.0f}-{rate.quantile(0.8):.0f}]{vs}")
     print(
         f"  (per-batch early exit: token ids in, batches of {EVAL_BATCH} as in the table; eek.classify: "
         f"the continuous engine, layer calls of up to {EVAL_BATCH} rows; ideal vs pipeline "
