@@ -108,3 +108,56 @@ def test_compact_opcheck_and_compile_cuda():
     got = compiled(hidden, mask, index)
     ref = compaction.compact(hidden, mask, index, 4)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_compact_non_contiguous_index(index_dtype):
+    """An index that is a strided view (every other element, or a column) gathers the rows it names."""
+    hidden, mask = _inputs(9, 7, 64, torch.float32, "bool", "contiguous")
+    wide = torch.tensor([8, -1, 2, -1, 5, -1, 0, -1], dtype=index_dtype)
+    for index in (wide[::2], torch.tensor([[7, 1], [3, 1], [4, 1]], dtype=index_dtype)[:, 0]):
+        assert not index.is_contiguous()
+        ref_h, ref_m = compaction.compact(hidden, mask, index.long(), 6)
+        with poisoned_outputs("a"):
+            got_h, got_m = on_kernel_device(tc.compact)(hidden, mask, index, 6)
+        assert torch.equal(got_h, ref_h) and torch.equal(got_m, ref_m)
+
+
+def test_compact_rejects_index_on_another_device_or_not_1d():
+    hidden = torch.randn(3, 4, 8)
+    with pytest.raises(ValueError, match="1-D"):
+        tc.compact(hidden, None, torch.tensor([[0, 1]]), 4)
+    with pytest.raises(ValueError, match="device"):
+        tc.compact(hidden, None, torch.tensor([0, 1], device="meta"), 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (a [n, S, H] tensor past 2^31 elements)")
+def test_compact_past_two_to_the_31_elements_cuda():
+    """B * S * H > 2^31 (int32 offsets would wrap): the last rows and positions land where they belong."""
+    n, s, h = 2048, 1040, 1024  # 2.18e9 elements, 4.4 GB in fp16
+    assert n * s * h > 2**31
+    if torch.cuda.mem_get_info()[0] < 6 * 2**30:
+        pytest.skip("needs 6 GiB of free GPU memory")
+    hidden = torch.empty(n, s, h, dtype=torch.float16, device="cuda")
+    hidden.view(n, -1)[:, :8].copy_(torch.arange(n, device="cuda")[:, None].half())  # row marks
+    hidden[:, -1, -4:] = torch.arange(n, device="cuda")[:, None].half() / 2048
+    mask = torch.ones(n, s, dtype=torch.bool, device="cuda")
+    index = torch.tensor([n - 1, 0, n - 2, 1500], device="cuda")
+    got_h, got_m = tc.compact(hidden, mask, index, s)
+    for i, row in enumerate(index.tolist()):  # bit for bit (the rest of the buffer is not initialized)
+        assert torch.equal(got_h[i].view(torch.int16), hidden[row].view(torch.int16)), row
+        assert float(got_h[i, 0, 0]) == row and float(got_h[i, -1, -1]) == row / 2048
+    assert bool(got_m.all())
+    del hidden, got_h
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (tensors on cuda:1, cuda:0 current)")
+def test_compact_on_second_gpu():
+    torch.cuda.set_device(0)
+    hidden, mask = _inputs(17, 16, 768, torch.bfloat16, "bool", "strided")
+    index = torch.tensor([1, 4, 5, 9, 16])
+    ref_h, ref_m = compaction.compact(hidden, mask, index, 11)
+    got_h, got_m = tc.compact(hidden.to("cuda:1"), mask.to("cuda:1"), index.to("cuda:1"), 11)
+    assert got_h.device == torch.device("cuda", 1) and torch.cuda.current_device() == 0
+    assert torch.equal(got_h.cpu(), ref_h) and torch.equal(got_m.cpu(), ref_m)

@@ -23,7 +23,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from conftest import KERNEL_DEVICE, on_kernel_device  # noqa: E402
+from conftest import KERNEL_DEVICE, on_device, on_kernel_device  # noqa: E402
 
 import earlyexit_kernels as eek  # noqa: E402
 from earlyexit_kernels import compaction, exit_rules  # noqa: E402
@@ -528,8 +528,12 @@ def _decide_args(z, state):
         torch.zeros(8, dtype=torch.long, device=device),
         torch.zeros(8, dtype=torch.long, device=device),
     )
-    state_args = (None, None, state["counter"], state["prev_pred"], None, None)
+    state_args = (state["prev_pred"], state["counter"])
     return (z, None, None, *state_args, None, rows, runs, extents, *outs, tk.PATIENCE_CLS, 2, 4)
+
+
+# fa, fb, patience, flags: the write-back, and the returned logits too
+_DECIDE_SCALARS = (0.0, 0.0, 1, tk.F_WRITE_BACK | tk.F_RETURNED)
 
 
 _CPU_ONLY = pytest.mark.skipif(KERNEL_DEVICE.type != "cpu", reason="with a GPU the CUDA test below checks this")
@@ -542,9 +546,8 @@ def test_opcheck_cpu():
     policy = eek.Patience(1)
     state = random_state(policy, 5, 3, 16, torch.float32, seed=90)
     z = torch.randn(5, 3)
-    scalars = (0.0, 0.0, 0.0, 0.0, 1, 0, False, False, False, False, True, True)
     torch.library.opcheck(
-        torch.ops.earlyexit.exit_decide.default, _decide_args(z, state) + scalars, test_utils=_CPU_OPCHECK
+        torch.ops.earlyexit.exit_decide.default, _decide_args(z, state) + _DECIDE_SCALARS, test_utils=_CPU_OPCHECK
     )
     cls = make_cls(5, 64, torch.float32, seed=91)
     wp, bp, wi, _ = make_head(64, 3, torch.float32, seed=92)
@@ -594,8 +597,7 @@ def test_opcheck_and_compile_cuda():
     policy = eek.Patience(1)
     state = {k: v.to(dev) for k, v in random_state(policy, 5, 3, 16, torch.float32, seed=90).items()}
     z = torch.randn(5, 3, device=dev)
-    scalars = (0.0, 0.0, 0.0, 0.0, 1, 0, False, False, False, False, True, True)
-    torch.library.opcheck(torch.ops.earlyexit.exit_decide.default, _decide_args(z, state) + scalars)
+    torch.library.opcheck(torch.ops.earlyexit.exit_decide.default, _decide_args(z, state) + _DECIDE_SCALARS)
     wp, bp, wi, bi = (t.to(dev) for t in make_head(64, 3, torch.float32, seed=92))
     cls = make_cls(5, 64, torch.float32, seed=91).to(dev)
     torch.library.opcheck(torch.ops.earlyexit.exit_head.default, (cls, wp, bp, wi, True))
@@ -626,3 +628,294 @@ def test_opcheck_and_compile_cuda():
     assert torch.equal(got[0], ref[0]) and torch.equal(got[3], ref[3])
     for a, b in zip(target_c[3:], target_e[3:]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- hardening (issue 11)
+
+
+NAN_CASES = [
+    ("entropy", 2),
+    ("entropy", 3),
+    ("maxprob_temp", 2),
+    ("patience", 2),
+    ("patience", 3),
+    ("patience_reg", 1),
+    ("qexit", 1),
+    ("qexit", 2),
+    ("voting", 2),
+    ("voting", 3),
+    ("dact", 2),
+    ("skipgates", 2),
+]
+
+
+@pytest.mark.parametrize("name,labels", NAN_CASES)
+def test_non_finite_logits_never_crash_and_match_reference(name, labels):
+    """All-NaN rows (with C = 2 the interpreter's argmax used to raise), partly NaN and inf rows."""
+    policy = make_policy(name, 6)
+    z = torch.randn(6, labels, generator=torch.Generator().manual_seed(3)) * 2
+    z[0] = float("nan")
+    z[1, 0] = float("nan")
+    z[2, -1] = float("inf")
+    z[3] = float("-inf")
+    state = random_state(policy, 6, labels, 16, torch.float32, seed=4)
+    halting = torch.randn(6) if policy.needs_halting_head else None
+    if halting is not None:
+        halting[4] = float("nan")
+    for layer in (2, NUM_LAYERS):
+        ref = exit_rules.exit_step(policy, layer, NUM_LAYERS, z, halting, dict(state))
+        got = on_kernel_device(tk.exit_step)(policy, layer, NUM_LAYERS, z, halting, dict(state))
+        assert torch.equal(got[0], ref[0]), (layer, got[0], ref[0])
+        torch.testing.assert_close(got[1], ref[1], rtol=8 * 2**-23, atol=1e-7, equal_nan=True)
+        assert_state_equal_fp32(got[2], ref[2])
+
+
+@pytest.mark.parametrize("name", ["patience", "voting", "dact"])
+def test_head_with_a_nan_row_matches_reference(name):
+    """The fused head on a [CLS] row of NaN (C = 2): NaN logits, no crash, the reference's decisions."""
+    policy = make_policy(name, 5)
+    wp, bp, wi, bi = make_head(64, 2, torch.float32, seed=5)
+    cls = make_cls(5, 64, torch.float32, seed=6)
+    cls[2] = float("nan")
+    state = random_state(policy, 5, 2, 64, torch.float32, seed=7)
+    halting_fn = halting_fn_for(policy, 64, torch.float32, seed=8)
+    ref = exit_rules.head_exit_step(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, dict(state), halting_fn)
+    got = on_kernel_device(tk.head_exit_step)(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, dict(state), halting_fn)
+    assert bool(torch.isnan(got[2][2]).all()) and not bool(got[0][2])
+    assert torch.equal(got[0], ref[0])
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_strided_biases():
+    """Pooler and head biases as strided views (every other / every third element of a buffer)."""
+    policy = eek.Voting(1)
+    wp, _, wi, _ = make_head(64, 3, torch.float32, seed=90)
+    g = torch.Generator().manual_seed(91)
+    bp = (torch.randn(128, generator=g) * 0.5)[::2]
+    bi = (torch.randn(9, generator=g) * 2.0)[::3]
+    assert bp.stride(0) == 2 and bi.stride(0) == 3
+    cls = make_cls(9, 64, torch.float32, seed=92)
+    state = random_state(policy, 9, 3, 64, torch.float32, seed=93)
+    ref = exit_rules.head_exit_step(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, dict(state))
+    got = on_kernel_device(tk.head_exit_step)(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, dict(state))
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[0], ref[0])
+    assert_state_equal_fp32(got[4], ref[4])
+
+
+def _target(active, batch, labels, dtype=torch.float32, extents=True):
+    g = torch.Generator().manual_seed(active)
+    rows = torch.randperm(batch, generator=g)[:active]
+    return WriteBack(
+        rows,
+        torch.randint(1, 4, (active,), generator=g),
+        torch.randint(1, 30, (active,), generator=g) if extents else None,
+        torch.zeros(batch, labels, dtype=dtype),
+        torch.zeros(batch, dtype=torch.long),
+        torch.zeros(batch, dtype=torch.long),
+    )
+
+
+def _copy(target):
+    return WriteBack(*(t.clone() if t is not None else None for t in target))
+
+
+OPS_PATH_POLICIES = ["entropy_norm_per_layer", "maxprob_temp", "patience", "patience_reg", "qexit_stochastic", "dact"]
+
+
+@pytest.mark.parametrize("name", OPS_PATH_POLICIES)
+def test_eager_launches_equal_the_registered_ops(name, monkeypatch):
+    """Eager calls launch directly; torch.compile runs the registered ops: both give the same bits."""
+    batch, labels, hidden = 17, 1 if name == "patience_reg" else 3, 64
+    policy = make_policy(name, batch)
+    wp, bp, wi, bi = make_head(hidden, labels, torch.float32, seed=100)
+    cls = make_cls(batch, hidden, torch.float32, seed=101)
+    state = random_state(policy, batch, labels, hidden, torch.float32, seed=102)
+    halting_fn = halting_fn_for(policy, hidden, torch.float32, seed=103)
+    z = torch.randn(batch, labels, generator=torch.Generator().manual_seed(104)) * 2
+    halting = torch.randn(batch) if policy.needs_halting_head else None
+    target = _target(batch, 40, labels)
+
+    def run_all():
+        t1, t2 = _copy(target), _copy(target)
+        return (
+            on_kernel_device(tk.exit_step)(policy, 3, NUM_LAYERS, z, halting, dict(state)),
+            on_kernel_device(tk.head_exit_step)(policy, 3, NUM_LAYERS, cls, wp, bp, wi, bi, dict(state), halting_fn),
+            on_kernel_device(tk.exit_step_write_back)(policy, 3, NUM_LAYERS, z, halting, dict(state), t1),
+            on_kernel_device(tk.head_exit_step_write_back)(
+                policy, 3, NUM_LAYERS, cls, wp, bp, wi, bi, dict(state), halting_fn, t2
+            ),
+            t1,
+            t2,
+        )
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an eager call went through the registered op")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.ops.earlyexit, "exit_decide", forbidden)
+        m.setattr(torch.ops.earlyexit, "exit_head", forbidden)
+        direct = poisoned(run_all)
+    monkeypatch.setattr(tk, "_use_ops", lambda: True)
+    through_ops = poisoned(run_all)
+    _assert_identical(direct, through_ops)
+
+
+def test_a_dispatch_mode_sees_the_ops():
+    """Under a dispatch mode (fake tensors, make_fx, op counting) the wrappers call the registered ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Recording(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    policy = eek.Entropy(0.6)
+    wp, bp, wi, bi = make_head(64, 3, torch.float32, seed=110)
+    cls = make_cls(5, 64, torch.float32, seed=111)
+    hidden = torch.randn(5, 6, 32)
+    with Recording():
+        tk.head_exit_step_write_back(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, {}, None, _target(5, 8, 3))
+        from earlyexit_kernels.triton_kernels import compact as tc
+
+        tc.compact(hidden, None, torch.tensor([0, 3]), 4)
+    assert {"exit_head", "exit_decide", "compact"} <= set(seen), seen
+
+
+def _kernel_spy(monkeypatch, module, name, launches):
+    """Record every launch of ``module.name`` as (kernel name, positional args, kwargs, guard device)."""
+    kernel = getattr(module, name)
+    original = kernel.run
+
+    def run(*args, grid, warmup, **kwargs):
+        launches.append((name, args, kwargs, _GUARD[-1] if _GUARD else None))
+        return original(*args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", run)
+    return kernel
+
+
+_GUARD: list = []
+
+
+def _param_names(kernel):
+    if hasattr(kernel, "arg_names"):  # the interpreter
+        return kernel.arg_names, set(kernel.kwargs.get("do_not_specialize") or ())
+    names = [p.name for p in kernel.params]
+    return names, {p.name for p in kernel.params if p.do_not_specialize}
+
+
+def test_per_call_integers_do_not_make_new_kernel_variants(monkeypatch):
+    """Triton compiles one variant per specialization key: an integer equal to 1 or a multiple
+    of 16 gets its own. The row count, layer, layers left, batch size and trimmed length change
+    from call to call and must not be in the key (computed here as Triton computes it)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    from earlyexit_kernels.triton_kernels import compact as tc
+
+    monkeypatch.setattr(tc, "FORCE_GPU_BLOCKS", True)  # a block of 4 positions for every length below
+    launches = []
+    kernels = {
+        "_head_kernel": _kernel_spy(monkeypatch, tk, "_head_kernel", launches),
+        "_decide_kernel": _kernel_spy(monkeypatch, tk, "_decide_kernel", launches),
+        "_compact_kernel": _kernel_spy(monkeypatch, tc, "_compact_kernel", launches),
+    }
+    policy = eek.Patience(1)
+    wp, bp, wi, bi = make_head(64, 3, torch.float32, seed=120)
+    hidden = torch.randn(16, 40, 1024)
+    # rows 1, 2, 15, 16 (one block of 16 rows), layers 1, 16, 17 of 33, batches 1, 32, 33, 48
+    for n, layer, batch, length in ((1, 1, 1, 4), (2, 16, 32, 16), (15, 17, 33, 17), (16, 32, 48, 33)):
+        cls = torch.randn(n, 5, 64)[:, 0]
+        state = exit_rules.init_state(policy, n, 3, 64, 33, CPU)
+        target = WriteBack(
+            torch.arange(n),
+            torch.ones(n, dtype=torch.long),
+            None,
+            torch.zeros(batch, 3),
+            torch.zeros(batch, dtype=torch.long),
+            torch.zeros(batch, dtype=torch.long),
+        )
+        tk.head_exit_step_write_back(policy, layer, 33, cls, wp, bp, wi, bi, state, None, target)
+        tc.compact(hidden[:2], None, torch.tensor([1, 0]), length)
+    keys: dict[str, set] = {}
+    for name, args, kwargs, _ in launches:
+        names, unspecialized = _param_names(kernels[name])
+        spec = tuple(
+            native_specialize_impl(BaseBackend, value, False, names[i] not in unspecialized, True)
+            for i, value in enumerate(args)
+        )
+        keys.setdefault(name, set()).add((spec, tuple(sorted(kwargs.items()))))
+    assert set(keys) == set(kernels)
+    for name, variants in keys.items():
+        assert len(variants) == 1, f"{name}: {len(variants)} compiled variants for one configuration"
+
+
+def test_every_launch_runs_under_its_tensors_device(monkeypatch):
+    """Triton launches on the current device: each launch must be inside a guard for its tensors'
+    device (checked here by recording the guard; on two GPUs by test_model_on_second_gpu)."""
+    import contextlib
+
+    from earlyexit_kernels.triton_kernels import compact as tc
+
+    @contextlib.contextmanager
+    def recording_guard(tensor):
+        _GUARD.append(tensor.device)
+        try:
+            yield
+        finally:
+            _GUARD.pop()
+
+    monkeypatch.setattr(tk, "device_guard", recording_guard)
+    monkeypatch.setattr(tc, "device_guard", recording_guard)
+    launches = []
+    _kernel_spy(monkeypatch, tk, "_head_kernel", launches)
+    _kernel_spy(monkeypatch, tk, "_decide_kernel", launches)
+    _kernel_spy(monkeypatch, tc, "_compact_kernel", launches)
+    policy = eek.Entropy(0.6)
+    wp, bp, wi, bi = make_head(64, 3, torch.float32, seed=130)
+    cls = make_cls(5, 64, torch.float32, seed=131)
+    tk.head_exit_step_write_back(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, {}, None, _target(5, 8, 3))
+    tk.exit_step(policy, 2, NUM_LAYERS, torch.randn(5, 3), None, {})
+    tc.compact(torch.randn(4, 6, 32), None, torch.tensor([0, 3]), 4)
+    assert [name for name, *_ in launches] == ["_head_kernel", "_decide_kernel", "_decide_kernel", "_compact_kernel"]
+    for name, args, _, guarded in launches:
+        assert guarded is not None and guarded == args[0].device, name
+
+
+_TWO_GPUS = pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs two CUDA devices (a model on cuda:1 while cuda:0 is current)"
+)
+
+
+@_TWO_GPUS
+def test_model_on_second_gpu():
+    """Tensors on cuda:1 while cuda:0 is current: every kernel runs on cuda:1 and reads the right memory."""
+    dev = torch.device("cuda", 1)
+    torch.cuda.set_device(0)
+    for name in ("entropy", "patience", "dact"):
+        policy = make_policy(name, 17)
+        wp, bp, wi, bi = make_head(384, 3, torch.float32, seed=140)
+        cls = make_cls(17, 384, torch.float32, seed=141)
+        state = random_state(policy, 17, 3, 384, torch.float32, seed=142)
+        halting_fn = halting_fn_for(policy, 384, torch.float32, seed=143)
+        ref = exit_rules.head_exit_step(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, dict(state), halting_fn)
+        got = on_device(tk.head_exit_step, dev)(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, dict(state), halting_fn)
+        assert torch.cuda.current_device() == 0
+        assert torch.equal(got[0], ref[0])
+        torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)
+        target, expected = _target(17, 40, 3), _target(17, 40, 3)
+        got_wb = on_device(tk.exit_step_write_back, dev)(policy, 2, NUM_LAYERS, ref[2], ref[3], dict(state), target)
+        exits, _, order, stats = write_back_reference(policy, ref[2], ref[3], dict(state), expected)
+        assert torch.equal(got_wb[0], exits) and torch.equal(got_wb[3], stats)
+        for a, b in zip(target[3:], expected[3:]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def write_back_reference(policy, logits, halting, state, target):
+    from earlyexit_kernels import write_back as wb
+
+    return wb.exit_step_write_back(policy, 2, NUM_LAYERS, logits, halting, state, target)

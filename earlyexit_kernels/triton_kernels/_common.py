@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton kernels: interpreter detection and output allocation."""
+"""Helpers shared by the Triton kernels: interpreter detection, launch routing, device
+guard and output allocation."""
 
 from __future__ import annotations
 
@@ -6,15 +7,50 @@ import contextlib
 import os
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["interpreting", "new_empty", "poisoned_outputs", "next_pow2"]
+__all__ = ["cdiv", "interpreting", "new_empty", "poisoned_outputs", "next_pow2", "device_guard", "use_ops"]
+
+_NO_GUARD = contextlib.nullcontext()
 
 _POISON: list[str | None] = [None]
 
 
+# Read once: Triton decides at import (when the kernels are decorated) whether it interprets.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1`` when it was imported)."""
+    return _INTERPRETING
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` on the host (``triton.cdiv`` is a constexpr function, slow to call from Python)."""
+    return -(-a // b)
+
+
+def use_ops() -> bool:
+    """Whether a wrapper must call its registered ``torch.library`` op instead of launching.
+
+    Under ``torch.compile`` (Dynamo traces the op, Inductor sees its kernels) and under
+    any dispatch mode (fake tensors, ``make_fx``, modes that count or record ops), which
+    must see the op. In plain eager mode the wrappers launch directly: the op's argument
+    handling costs more host time than the kernels take on the GPU.
+    """
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+
+
+def device_guard(tensor: torch.Tensor):
+    """Context for a launch on ``tensor``'s device.
+
+    Triton launches on the current device and its current stream: a model on ``cuda:1``
+    while device 0 is current would otherwise run its kernels on device 0, reading the
+    wrong memory. On the CPU (the interpreter) there is nothing to switch.
+    """
+    if tensor.is_cuda:
+        return torch.cuda.device(tensor.device)
+    return _NO_GUARD
 
 
 def next_pow2(value: int) -> int:
