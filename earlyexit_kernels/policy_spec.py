@@ -7,6 +7,7 @@ arguments (numbers, strings, True/False/None, lists and tuples of them).
 from __future__ import annotations
 
 import ast
+import inspect
 
 from .policies import DACT, Entropy, ExitPolicy, MaxProb, Patience, QExit, SkipGates, Voting
 
@@ -14,7 +15,10 @@ __all__ = ["POLICY_NAMES", "parse_policy"]
 
 _POLICIES = {cls.__name__: cls for cls in (Entropy, MaxProb, Patience, QExit, Voting, DACT, SkipGates)}
 POLICY_NAMES = tuple(_POLICIES)
-_EXAMPLES = 'e.g. "Entropy(0.3)", "Patience(2)", "MaxProb(0.9)", "QExit(q=0.5)", "Voting(3)", "DACT()"'
+_EXAMPLES = (
+    f"one of {', '.join(POLICY_NAMES)} with literal arguments, "
+    'e.g. "Entropy(0.3)", "Patience(2)", "MaxProb(0.9)", "QExit(q=0.5)", "Voting(3)", "DACT()"'
+)
 
 
 def parse_policy(text: str) -> ExitPolicy:
@@ -33,7 +37,10 @@ def parse_policy(text: str) -> ExitPolicy:
         raise ValueError(f"the policy {text!r} must be a policy name and its arguments, {_EXAMPLES}")
     name = node.func.id
     if name == "Scheduled":
-        raise ValueError("Scheduled replays exit layers per batch position and cannot be given on a command line")
+        raise ValueError(
+            "Scheduled replays exit layers per batch position and cannot be given as text; "
+            f"use one of {', '.join(POLICY_NAMES)}"
+        )
     if name not in _POLICIES:
         raise ValueError(f"unknown policy {name!r}; the policies are {', '.join(POLICY_NAMES)}")
     try:
@@ -47,7 +54,21 @@ def parse_policy(text: str) -> ExitPolicy:
         raise ValueError(
             f"the arguments of {text!r} must be literals (numbers, strings, True/False, lists); {_EXAMPLES}"
         ) from None
+    signature = inspect.signature(_POLICIES[name])
+    unknown = [keyword for keyword in kwargs if keyword not in signature.parameters]
     try:
-        return _POLICIES[name](*args, **kwargs)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+        signature.bind(*args, **kwargs)
     except TypeError as error:
-        raise ValueError(f"{text}: {error}") from None
+        raise ValueError(f"{text.strip()}: {error}; write {_signature(name)}") from None
+    return _POLICIES[name](*args, **kwargs)
+
+
+def _signature(name: str) -> str:
+    """``Entropy(threshold, normalized=False)``: how the policy ``name`` takes its arguments."""
+    arguments = []
+    for parameter in inspect.signature(_POLICIES[name]).parameters.values():
+        default = parameter.default
+        arguments.append(parameter.name if default is inspect.Parameter.empty else f"{parameter.name}={default!r}")
+    return f"{name}({', '.join(arguments)})"
