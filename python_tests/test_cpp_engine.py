@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import tiny_batch, tiny_model
+from threshold_helpers import assert_clear_of_threshold, midway, qexit_cdfs
 
 import earlyexit_kernels as eek
 
@@ -12,37 +13,34 @@ if not eek.backends()["cpp"]:
 L = 4
 
 
-def _mid_gap(values: torch.Tensor) -> float:
-    """A threshold in the middle of the widest gap between the middle values, so that
-    no value lies within rounding of it and both sides are populated."""
-    v = torch.sort(values.flatten().double()).values
-    lo, hi = len(v) // 4, max(len(v) // 4 + 1, 3 * len(v) // 4)
-    gaps = v[lo + 1 : hi + 1] - v[lo:hi]
-    i = int(torch.argmax(gaps)) + lo
-    return float((v[i] + v[i + 1]) / 2)
+def _all_exits(arch, policy, batch, attn="eager"):
+    """Every head on every layer through the torch backend (heads as ``_run`` builds them)."""
+    return _run(arch, policy, "torch", batch, attn, all_exits=True)
 
 
-def _all_exit_logits(arch, batch, num_labels=3):
-    model = tiny_model(arch, num_labels=num_labels, num_layers=L)
-    eek.patch(model, eek.Patience(1), backend="torch")
-    ids, mask, tt = batch
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, token_type_ids=tt, return_all_exits=True).all_logits
+# The untrained tiny models' entropies lie within 2e-4 of ln 3, their neighbours 1e-5 apart; the
+# C++ rule rounds as the reference op by op, so a margin of 8 float32 ulps of ln 3 is clear.
+MARGIN = 1e-6
 
 
 def _policies(arch, batch):
-    z = _all_exit_logits(arch, batch).float()
+    """Thresholds midway between the values each rule meets on every layer (SkipGates on its own
+    hidden states, QExit on its halting head's cumulative probabilities)."""
+    z = _all_exits(arch, eek.Patience(1), batch).all_logits.float()
     log_p = z.log_softmax(-1)
     entropy = -(log_p.exp() * log_p).sum(-1)
     max_prob = z.softmax(-1).amax(-1)
+    skipping = _all_exits(arch, eek.SkipGates(entropy_threshold=0.5), batch).all_logits.float().log_softmax(-1)
+    skip_entropy = -(skipping.exp() * skipping).sum(-1)
+    cdf = qexit_cdfs(_all_exits(arch, eek.QExit(0.5), batch).all_halting)[:-1]
     return [
-        eek.Entropy(_mid_gap(entropy)),
-        eek.MaxProb(_mid_gap(max_prob)),
+        eek.Entropy(midway(entropy, min_margin=MARGIN)),
+        eek.MaxProb(midway(max_prob, min_margin=MARGIN)),
         eek.Patience(1),
         eek.Voting(2),
-        eek.QExit(0.25),
+        eek.QExit(midway(cdf, min_margin=MARGIN)),
         eek.DACT(),
-        eek.SkipGates(entropy_threshold=_mid_gap(entropy)),
+        eek.SkipGates(entropy_threshold=midway(skip_entropy, min_margin=MARGIN)),
         eek.Scheduled(torch.tensor([1, 4, 2, 3, 3, 1, 4])),
     ]
 
@@ -60,6 +58,7 @@ def test_engine_cpp_matches_torch(arch, attn):
     batch = tiny_batch(7, 10, seed=4)
     early = 0
     for policy in _policies(arch, batch):
+        assert_clear_of_threshold(policy, _all_exits(arch, policy, batch, attn), L, MARGIN)
         ref = _run(arch, policy, "torch", batch, attn)
         got = _run(arch, policy, "cpp", batch, attn)
         name = type(policy).__name__

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from conftest import on_device
+from threshold_helpers import decision_quantity
 
 import earlyexit_kernels as eek
 from earlyexit_kernels import compaction, cpp_backend, exit_rules
@@ -12,6 +13,7 @@ from earlyexit_kernels.write_back import WriteBack, write_back
 
 L = 6
 CPU = torch.device("cpu")
+CLEAR = 1e-6  # no decision quantity this close to its threshold: 8 float32 ulps of 1, beyond expf's error
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -81,6 +83,18 @@ def _assert_state_equal(ref, got):
             assert torch.equal(got[key], ref[key]), key
 
 
+def _assert_clear(policy, layer, z, h, state):
+    """Exact decisions are only defined where no value lies within rounding of its threshold
+    (CUDA's expf and the reference's vectorised exp differ in the last bits). The argmax of given
+    logits (Patience, Voting) involves no rounding: ties go to the first label everywhere."""
+    if layer == L or isinstance(policy, eek.Voting) or (isinstance(policy, eek.Patience) and not policy.is_regression):
+        return
+    q, threshold = decision_quantity(policy, layer, L, z, h, state)
+    if q is not None and torch.isfinite(q).any():
+        margin = float((q[torch.isfinite(q)] - threshold).abs().min())
+        assert margin > CLEAR, f"{policy} layer {layer}: a value {margin:.3g} from its threshold"
+
+
 def _run_both(policy, batch, num_labels, dtype, contiguous=True, seed=0, device=CPU):
     """The kernels (on ``device``: the CPU or, with the CUDA build, the GPU) against the reference, layer by layer."""
     exit_step = on_device(cpp_backend.exit_step, device)
@@ -91,6 +105,7 @@ def _run_both(policy, batch, num_labels, dtype, contiguous=True, seed=0, device=
     for layer in range(1, L + 1):
         z = _logits(batch, num_labels, layer, generator, dtype, contiguous)
         h = _halting(batch, layer, generator) if policy.needs_halting_head else None
+        _assert_clear(policy, layer, z, h, ref_state)
         ref_exits, ref_ret, ref_state = exit_rules.exit_step(policy, layer, L, z, h, ref_state)
         exits, ret, got_state = exit_step(policy, layer, L, z, h, got_state)
         assert exits.dtype == torch.bool and ret.dtype == torch.float32
