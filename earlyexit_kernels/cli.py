@@ -9,6 +9,7 @@ import argparse
 import math
 import sys
 import time
+import warnings
 from collections import deque
 from pathlib import Path
 
@@ -22,8 +23,9 @@ class CliError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    program = "eek" if Path(sys.argv[0]).name == "eek" else "python -m earlyexit_kernels"
     parser = argparse.ArgumentParser(
-        prog="python -m earlyexit_kernels", description="Early-exit inference for Hugging Face encoder classifiers."
+        prog=program, description="Early-exit inference for Hugging Face encoder classifiers."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     classify = commands.add_parser(
@@ -33,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Classify every row of INPUT with the early-exit model MODEL and write OUTPUT: every input column, "
             "then label (the id2label name of the prediction; empty for a regression head), score (its "
             "probability; the predicted value for a regression head), exit_layer and layers_run. INPUT and "
-            "OUTPUT are .csv, .tsv, .jsonl or .parquet. OUTPUT is written in chunks as rows are classified; "
-            "after an interruption, --resume continues it."
+            "OUTPUT are .csv, .tsv, .jsonl or .parquet. Empty or null texts are classified as the empty text "
+            "(a warning names their rows). OUTPUT is written in chunks as rows are classified; after an "
+            "interruption, the same command with --resume continues it (OUTPUT.eek-progress.json records "
+            "what is done). Errors: one line starting with 'error:', exit status 2."
         ),
     )
     classify.add_argument(
@@ -46,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("input", metavar="INPUT", help="the file to classify (.csv, .tsv, .jsonl, .parquet)")
     classify.add_argument("output", metavar="OUTPUT", help="the file to write (.csv, .tsv, .jsonl, .parquet)")
     classify.add_argument("--text-column", default="text", help="column holding the texts (default: text)")
-    classify.add_argument("--pair-column", default=None, help="column holding the second text of a pair")
+    classify.add_argument("--pair-column", default=None, help="column holding the second text of a pair (optional)")
     classify.add_argument(
         "--policy",
         default=None,
@@ -54,18 +58,29 @@ def build_parser() -> argparse.ArgumentParser:
         "needed for a plain classifier, replaces a saved model's policy",
     )
     classify.add_argument("--backend", default=None, help="auto, torch, cpp, triton or cuda (default: the saved one)")
-    classify.add_argument("--max-batch-size", type=int, default=64, help="most rows per layer call (default: 64)")
-    classify.add_argument("--max-tokens", type=int, default=None, help="most rows x padded length per layer call")
+    classify.add_argument(
+        "--max-batch-size", type=int, default=64, metavar="N", help="most rows per layer call (default: 64)"
+    )
+    classify.add_argument(
+        "--max-tokens", type=int, default=None, metavar="N", help="most rows x padded length per layer call"
+    )
     classify.add_argument(
         "--max-length",
         type=int,
         default=None,
+        metavar="N",
         help="longer texts are truncated (default: what the model's positions hold)",
     )
     classify.add_argument("--compile", action="store_true", help="run the layer calls through torch.compile")
-    classify.add_argument("--resume", action="store_true", help="continue an OUTPUT an interrupted run left")
+    classify.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the OUTPUT an interrupted run of the same command left, from its first row not written",
+    )
     classify.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    classify.add_argument("--chunk-rows", type=int, default=4096, help="rows read and written at a time")
+    classify.add_argument(
+        "--chunk-rows", type=int, default=4096, metavar="N", help="rows read and written at a time (default: 4096)"
+    )
     classify.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -91,13 +106,19 @@ def main(argv=None) -> int:
 
     hf_logging.disable_progress_bar()  # the weights' loading bar is not ours to show
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.run(args)
     except CliError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: run again with --resume to continue", file=sys.stderr)
         return 130
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def load_model(path: str, policy_text: str | None = None, backend: str | None = None):
@@ -116,6 +137,12 @@ def load_model(path: str, policy_text: str | None = None, backend: str | None = 
         policy = parse_policy(policy_text) if policy_text is not None else None
     except ValueError as error:
         raise CliError(f"--policy: {error}") from None
+    architectures = _architectures(folder / "config.json")
+    if architectures and not any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise CliError(
+            f"MODEL {path} holds a {', '.join(architectures)}, not a sequence classifier; give a "
+            f"*ForSequenceClassification model (BERT, ALBERT or RoBERTa)"
+        )
     if policy is None and not (folder / CONFIG_FILE).is_file():
         raise CliError(f"MODEL {path} is a plain Hugging Face model: pass --policy, e.g. --policy 'Entropy(0.3)'")
     try:
@@ -124,17 +151,41 @@ def load_model(path: str, policy_text: str | None = None, backend: str | None = 
         raise CliError(f"MODEL {path} is not a supported classifier: {error}") from None
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         raise CliError(f"cannot load MODEL {path}: {error}") from None
+    # Without tokenizer files, AutoTokenizer builds a tokenizer of special tokens only, silently.
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES) and not any(folder.glob("*.model")):
+        raise CliError(
+            f"MODEL {path} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
+            f"save the model's tokenizer there with tokenizer.save_pretrained({path!r})"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError, TypeError) as error:
         raise CliError(
             f"MODEL {path} has no usable tokenizer ({error}); save one there with tokenizer.save_pretrained"
         ) from None
+    if len(tokenizer) > model.config.vocab_size:
+        raise CliError(
+            f"the tokenizer in MODEL {path} has {len(tokenizer)} tokens but the model's vocabulary only "
+            f"{model.config.vocab_size}: it is not this model's tokenizer"
+        )
     return model, tokenizer
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
+
+
+def _architectures(config_path: Path) -> list[str]:
+    import json
+
+    try:
+        architectures = json.loads(config_path.read_text()).get("architectures")
+    except (OSError, ValueError, AttributeError) as error:
+        raise CliError(f"{config_path} is not a readable model configuration ({error})") from None
+    return [name for name in architectures or () if isinstance(name, str)]
+
+
 def _classify(args) -> int:
-    from .table_io import TableError, table_format
+    from .table_io import TableError, need_pyarrow, table_format
 
     for name in ("max_batch_size", "chunk_rows", "workers"):
         if getattr(args, name) < 1:
@@ -144,6 +195,7 @@ def _classify(args) -> int:
     try:
         table_format(args.input)
         table_format(args.output)
+        need_pyarrow()  # before the model is loaded
     except TableError as error:
         raise CliError(str(error)) from None
     try:
@@ -154,24 +206,23 @@ def _classify(args) -> int:
 
 def _classify_locally(args) -> int:
     from .classify import classify
-    from .labels import labels_and_scores
     from .table_io import ChunkWriter, read_chunks
 
-    model, tokenizer = load_model(args.model, args.policy, args.backend)
-    writer = ChunkWriter(args.output, resume=args.resume, overwrite=args.overwrite)
-    first_row = writer.rows_done
-    frames: deque = deque()
-    empty_rows: list[int] = []
+    # The input is checked before the (slower) model is loaded and before OUTPUT is touched.
+    text_columns = [name for name in (args.text_column, args.pair_column) if name]
     columns = _Columns(args.text_column, args.pair_column)
+    first_chunk = read_chunks(args.input, 1, text_columns=text_columns)
+    columns.check(next(first_chunk), args.input)
+    first_chunk.close()
+    model, tokenizer = load_model(args.model, args.policy, args.backend)
+    tables: deque = deque()  # input chunks whose rows are being classified, in order
 
-    def inputs():
-        row = first_row
-        for table in read_chunks(args.input, args.chunk_rows, skip_rows=first_row):
-            frame = table.to_pandas()
-            columns.check(frame, args.input)
-            frames.append(frame)
-            yield from columns.items(frame, row, empty_rows)
-            row += len(frame)
+    def inputs():  # read from the first row not yet written, once iterated (after the writer exists)
+        first_row = row = writer.rows_done
+        for table in read_chunks(args.input, args.chunk_rows, skip_rows=first_row, text_columns=text_columns):
+            tables.append(table)
+            yield from columns.items(table, row)
+            row += table.num_rows
 
     show_progress = sys.stderr.isatty() if args.progress is None else args.progress
     try:
@@ -185,27 +236,19 @@ def _classify_locally(args) -> int:
             compile=args.compile,
             progress=show_progress,
         )
-    except ValueError as error:
+    except ValueError as error:  # the engine's options, checked before OUTPUT is touched
         raise CliError(str(error)) from None
+    run = {"input": str(Path(args.input).resolve()), "text_column": args.text_column, "pair_column": args.pair_column}
+    writer = ChunkWriter(args.output, resume=args.resume, overwrite=args.overwrite, run=run)
+    first_row = writer.rows_done
     start, done, layers, ready = time.perf_counter(), 0, 0, []
 
     def flush(final: bool = False):
         nonlocal ready
-        while frames and (len(ready) >= len(frames[0]) or final):
-            frame = frames.popleft()
-            chunk, ready = ready[: len(frame)], ready[len(frame) :]
-            out = frame.copy()
-            if chunk:
-                import torch
-
-                labels, scores = labels_and_scores(torch.stack([p.logits for p in chunk]), model.config)
-                out["label"], out["score"] = labels, scores
-                out["exit_layer"] = [p.exit_layer for p in chunk]
-                out["layers_run"] = [p.layers_run for p in chunk]
-            else:
-                for name in OUTPUT_COLUMNS:
-                    out[name] = []
-            writer.write(out)
+        while tables and (len(ready) >= tables[0].num_rows or final):
+            table = tables.popleft()
+            chunk, ready = ready[: table.num_rows], ready[table.num_rows :]
+            writer.write(_with_predictions(table, chunk, model.config))
 
     for prediction in predictions:
         ready.append(prediction)
@@ -215,59 +258,97 @@ def _classify_locally(args) -> int:
     flush(final=True)
     writer.finish()
     elapsed = time.perf_counter() - start
-    if empty_rows:
-        shown = ", ".join(map(str, empty_rows[:20])) + (", ..." if len(empty_rows) > 20 else "")
-        print(
-            f"warning: {len(empty_rows)} rows have an empty or null {args.text_column} and were classified as "
-            f"the empty text (rows {shown}; row 0 is the first data row)",
-            file=sys.stderr,
-        )
+    columns.warn_about_empty_texts()
     mean = f", mean exit layer {layers / done:.2f} of {model.config.num_hidden_layers}" if done else ""
+    resumed = f" (resumed after row {first_row})" if first_row else ""
     print(
-        f"classified {done} rows in {elapsed:.1f} s ({done / max(elapsed, 1e-9):.0f} rows/s){mean} -> {args.output}",
+        f"classified {done} rows{resumed} in {elapsed:.1f} s ({done / max(elapsed, 1e-9):.0f} rows/s){mean} "
+        f"-> {args.output}",
         file=sys.stderr,
     )
     return 0
 
 
+def _with_predictions(table, predictions, config):
+    """``table`` with the columns label, score, exit_layer, layers_run of its ``predictions``."""
+    import pyarrow as pa
+    import torch
+
+    from .labels import labels_and_scores
+
+    if predictions:
+        labels, scores = labels_and_scores(torch.stack([p.logits for p in predictions]), config)
+    else:
+        labels, scores = [], []
+    values = {
+        "label": pa.array(labels, pa.string()),
+        "score": pa.array(scores, pa.float64()),
+        "exit_layer": pa.array([p.exit_layer for p in predictions], pa.int64()),
+        "layers_run": pa.array([p.layers_run for p in predictions], pa.int64()),
+    }
+    for name in OUTPUT_COLUMNS:
+        table = table.append_column(name, values[name])
+    return table
+
+
 class _Columns:
-    """The text (and pair) columns of the input, checked once, read row by row."""
+    """The text (and pair) columns of the input, checked, read row by row; empty texts counted."""
 
     def __init__(self, text: str, pair: str | None):
         self.text, self.pair = text, pair
-        self.checked = False
+        self.empty_count, self.empty_rows = 0, []  # the first rows only: a file may have millions
 
-    def check(self, frame, path: str) -> None:
-        if self.checked:
+    def check(self, table, path: str) -> None:
+        if table.num_columns == 0 and table.num_rows == 0:  # an empty JSON lines file
             return
+        names = table.column_names
         for name in (self.text, self.pair):
-            if name is not None and name not in frame.columns:
+            if name is not None and name not in names:
                 option = "--text-column" if name == self.text else "--pair-column"
-                raise CliError(f"{path} has no column {name!r} ({option}); its columns are {list(frame.columns)}")
-        taken = [name for name in OUTPUT_COLUMNS if name in frame.columns]
+                raise CliError(f"{path} has no column {name!r} ({option}); its columns are {names}")
+        taken = [name for name in OUTPUT_COLUMNS if name in names]
         if taken:
             raise CliError(f"{path} already has the column(s) {taken} that the output adds; rename them")
-        self.checked = True
 
-    def items(self, frame, first_row: int, empty_rows: list[int]):
-        texts = frame[self.text].tolist()
-        pairs = frame[self.pair].tolist() if self.pair else None
+    def items(self, table, first_row: int):
+        if not table.num_rows:
+            return
+        texts = table.column(self.text).to_pylist()
+        pairs = table.column(self.pair).to_pylist() if self.pair else None
         for offset, text in enumerate(texts):
             row = first_row + offset
-            item = [self._text(text, self.text, row, empty_rows)]
-            if pairs is not None:
-                item.append(self._text(pairs[offset], self.pair, row, empty_rows))
-            yield item[0] if len(item) == 1 else tuple(item)
+            text = self._text(text, self.text, row)
+            if pairs is None:
+                empty = not text.strip()
+                item = text
+            else:
+                pair = self._text(pairs[offset], self.pair, row)
+                empty = not text.strip() or not pair.strip()
+                item = (text, pair)
+            if empty:
+                self.empty_count += 1
+                if len(self.empty_rows) < 20:
+                    self.empty_rows.append(row)
+            yield item
 
     @staticmethod
-    def _text(value, column: str, row: int, empty_rows: list[int]) -> str:
+    def _text(value, column: str, row: int) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
-            value = ""
+            return ""
         if not isinstance(value, str):
             raise CliError(f"row {row}: column {column!r} holds {type(value).__name__} {value!r}, not text")
-        if not value.strip() and (not empty_rows or empty_rows[-1] != row):
-            empty_rows.append(row)
         return value
+
+    def warn_about_empty_texts(self) -> None:
+        if not self.empty_count:
+            return
+        shown = ", ".join(map(str, self.empty_rows)) + (", ..." if self.empty_count > len(self.empty_rows) else "")
+        where = f"{self.text!r}" + (f" or {self.pair!r}" if self.pair else "")
+        print(
+            f"warning: {self.empty_count} rows have an empty or null {where} and were classified as the empty "
+            f"text, not dropped (rows {shown}; row 0 is the first data row)",
+            file=sys.stderr,
+        )
 
 
 def _classify_on_ray(args) -> int:

@@ -2,17 +2,26 @@
 
 Reading never holds more than one chunk: pyarrow's streaming CSV and JSON readers and
 Parquet's row-group batches. CSV and TSV columns are read as text, so what is written
-back is what was read ("007" stays "007").
+back is what was read ("007" stays "007"). A file with no rows still gives one empty
+chunk with its columns, so that the output keeps them.
 
-Writing is resumable. After each chunk is fully on disk, a progress file next to the
-output (``OUTPUT.eek-progress.json``, replaced atomically) records how many input rows
-are done and how many bytes of the output hold them. ``--resume`` truncates the output to
-that many bytes (dropping a chunk that was half written when the run was killed) and
-skips that many input rows, so no row is lost or written twice, whatever a half-written
-line looked like (a CSV field may hold newlines). Parquet has its footer at the end, so it
-is written as one complete part file per chunk in ``OUTPUT.eek-parts/`` (each renamed
-into place when complete) and assembled into OUTPUT at the end. The progress file and
-the parts folder are removed when the run finishes.
+Writing is resumable, whatever a killed run left behind:
+
+- CSV, TSV, JSON lines: after each chunk is appended and fsynced, a progress file next to
+  the output (``OUTPUT.eek-progress.json``, fsynced, then renamed into place) records how
+  many input rows are done and how many bytes of the output hold them. ``--resume``
+  truncates the output to that many bytes and skips that many input rows. What a kill
+  leaves after the recorded bytes (half a CSV line, half a JSON line, or a whole chunk
+  whose progress was not yet recorded) is cut off and written again; the output is never
+  parsed to find where it ends (a quoted CSV field may hold newlines).
+- Parquet has its footer at the end, so a half-written file cannot be appended to. Each
+  chunk is written as a complete part file ``OUTPUT.eek-parts/part-NNNNNN.parquet``
+  (written under a temporary name, then renamed): a part either exists whole or not at
+  all, and the rows done are the rows of the parts. ``finish`` assembles the parts into a
+  temporary file renamed onto OUTPUT, removes the progress file, then the parts.
+
+The progress file also records what the run was started with (``run``: input and
+columns); a resume with something else is refused, since its row count would not apply.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["FORMATS", "TableError", "read_chunks", "ChunkWriter", "table_format"]
+__all__ = ["FORMATS", "TableError", "need_pyarrow", "read_chunks", "ChunkWriter", "table_format"]
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
 
@@ -38,24 +47,29 @@ def table_format(path: str) -> str:
     return FORMATS[suffix]
 
 
-def _pyarrow():
+def need_pyarrow() -> None:
     try:
         import pyarrow  # noqa: F401
     except ImportError as error:
         raise TableError("reading and writing tables needs pyarrow: pip install 'earlyexit_kernels[cli]'") from error
 
 
-def read_chunks(path: str, chunk_rows: int = 4096, skip_rows: int = 0) -> Iterator:
-    """pyarrow Tables of at most ``chunk_rows`` rows of ``path``, after the first ``skip_rows``."""
-    _pyarrow()
+def read_chunks(path: str, chunk_rows: int = 4096, skip_rows: int = 0, text_columns=()) -> Iterator:
+    """pyarrow Tables of at most ``chunk_rows`` rows of ``path``, after the first ``skip_rows``.
+
+    ``text_columns`` of a JSON lines file are read as strings whatever their first values
+    (a text column that starts with nulls would otherwise be typed null and fail later).
+    At least one Table is yielded: an empty one with the file's columns if no row is left.
+    """
+    need_pyarrow()
     import pyarrow as pa
 
     kind = table_format(path)
     if not Path(path).is_file():
         raise TableError(f"input {path} does not exist or is not a file")
     try:
-        batches = _batches(path, kind, chunk_rows)
-        pending, pending_rows = [], 0
+        schema, batches, skip_rows = _open(path, kind, chunk_rows, skip_rows, text_columns)
+        pending, pending_rows, yielded = [], 0, False
         for batch in batches:
             if skip_rows:
                 dropped = min(skip_rows, batch.num_rows)
@@ -67,106 +81,168 @@ def read_chunks(path: str, chunk_rows: int = 4096, skip_rows: int = 0) -> Iterat
                 batch = batch.slice(take)
                 if pending_rows == chunk_rows:
                     yield pa.Table.from_batches(pending)
-                    pending, pending_rows = [], 0
-        if pending:
-            yield pa.Table.from_batches(pending)
+                    pending, pending_rows, yielded = [], 0, True
+        if pending or not yielded:
+            yield pa.Table.from_batches(pending, schema=schema)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, UnicodeDecodeError) as error:
         raise TableError(f"cannot read {path} as {kind}: {error}") from error
 
 
-def _batches(path: str, kind: str, chunk_rows: int):
+def _open(path: str, kind: str, chunk_rows: int, skip_rows: int, text_columns):
+    """(schema, record batches, rows still to skip) of ``path``."""
     import pyarrow as pa
     import pyarrow.csv as pa_csv
     import pyarrow.json as pa_json
     import pyarrow.parquet as pq
 
     if kind == "parquet":
-        yield from pq.ParquetFile(path).iter_batches(batch_size=chunk_rows)
-    elif kind == "jsonl":
-        yield from pa_json.open_json(path)
-    else:
-        parse = pa_csv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", newlines_in_values=True)
-        with pa_csv.open_csv(path, parse_options=parse) as probe:
+        file = pq.ParquetFile(path)
+        groups, first = [], 0
+        for group in range(file.metadata.num_row_groups):
+            rows = file.metadata.row_group(group).num_rows
+            if first + rows <= skip_rows:  # a resume skips whole row groups without reading them
+                first += rows
+            else:
+                groups.append(group)
+        return file.schema_arrow, file.iter_batches(batch_size=chunk_rows, row_groups=groups), skip_rows - first
+    if kind == "jsonl":
+        if not _has_a_record(path):
+            return pa.schema([]), iter(()), 0  # no record: a valid, empty JSON lines file
+        with pa_json.open_json(path) as probe:
             names = probe.schema.names
-        text = pa_csv.ConvertOptions(column_types={name: pa.string() for name in names}, strings_can_be_null=False)
-        yield from pa_csv.open_csv(path, parse_options=parse, convert_options=text)
+        text = pa.schema([(name, pa.string()) for name in text_columns if name in names])
+        parse = pa_json.ParseOptions(explicit_schema=text, unexpected_field_behavior="infer")
+        reader = pa_json.open_json(path, parse_options=parse)
+        schema = pa.schema([reader.schema.field(name) for name in names])  # the explicit fields come first
+        return schema, (batch.select(names) for batch in reader), skip_rows
+    parse = pa_csv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", newlines_in_values=True)
+    with pa_csv.open_csv(path, parse_options=parse) as probe:
+        names = probe.schema.names
+    text = pa_csv.ConvertOptions(column_types={name: pa.string() for name in names}, strings_can_be_null=False)
+    reader = pa_csv.open_csv(path, parse_options=parse, convert_options=text)
+    return reader.schema, reader, skip_rows
+
+
+def _has_a_record(path: str) -> bool:
+    """Whether the JSON lines file has a line that is not blank; reads up to the first one."""
+    with open(path, "rb") as file:
+        return any(line.strip() for line in file)
 
 
 class ChunkWriter:
-    """Appends chunks (pandas DataFrames) to ``path`` and records progress; see the module docstring."""
+    """Appends chunks (pyarrow Tables) to ``path`` and records progress; see the module docstring.
 
-    def __init__(self, path: str, *, resume: bool = False, overwrite: bool = False):
-        _pyarrow()
+    ``resume``: continue what a previous run with the same ``run`` left (from the start if
+    it left nothing). ``overwrite``: replace an existing ``path``. ``rows_done``: input
+    rows already in the output.
+    """
+
+    def __init__(self, path: str, *, resume: bool = False, overwrite: bool = False, run: dict | None = None):
+        need_pyarrow()
         self.path = Path(path)
         self.kind = table_format(path)
         self.progress_path = self.path.with_name(self.path.name + ".eek-progress.json")
         self.parts = self.path.with_name(self.path.name + ".eek-parts")
+        self.run = run or {}
         self.rows_done, self.bytes_done = 0, 0
-        self._schema = None
         if resume and self.progress_path.exists():
-            progress = json.loads(self.progress_path.read_text())
-            self.rows_done, self.bytes_done = progress["rows"], progress["bytes"]
-            if self.kind == "parquet":
-                self._drop_incomplete_parts()
-            else:
-                with open(self.path, "r+b") as file:
-                    file.truncate(self.bytes_done)
-        elif resume:
+            self._resume()
+        elif resume and self.path.exists():
             raise TableError(
-                f"nothing to resume: {self.progress_path.name} is missing (the run that wrote {path} finished, "
-                f"or never started); run without --resume"
+                f"nothing to resume: {path} has no {self.progress_path.name}, so the run that wrote it finished "
+                f"(or it was not written by this command); pass --overwrite instead of --resume to write it anew"
             )
-        else:
-            if self.path.exists() and not overwrite:
+        else:  # a new run (or a resume of a run killed before it wrote anything)
+            if (self.path.exists() or self.progress_path.exists()) and not overwrite:
                 raise TableError(f"output {path} exists; pass --resume to continue it or --overwrite to replace it")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.kind == "parquet":
                 self._clear_parts()
                 self.parts.mkdir()
+                self.path.unlink(missing_ok=True)
             else:
                 self.path.write_bytes(b"")
             self._save_progress()
 
-    def write(self, frame) -> None:
-        """Append ``frame``'s rows; progress is recorded once they are on disk."""
-        import pyarrow as pa
+    def _resume(self) -> None:
+        try:
+            progress = json.loads(self.progress_path.read_text())
+            rows, size, run = int(progress["rows"]), int(progress["bytes"]), progress.get("run", {})
+        except (ValueError, KeyError, TypeError, OSError) as error:
+            raise TableError(
+                f"cannot resume: {self.progress_path} is unreadable ({error}); pass --overwrite to start anew"
+            ) from None
+        if run != self.run:
+            changed = sorted(key for key in {*run, *self.run} if run.get(key) != self.run.get(key))
+            raise TableError(
+                f"cannot resume {self.path}: it was started with "
+                + ", ".join(f"{key}={run.get(key)!r}" for key in changed)
+                + ", not "
+                + ", ".join(f"{key}={self.run.get(key)!r}" for key in changed)
+                + "; resume with the same arguments, or pass --overwrite to start anew"
+            )
+        if self.kind == "parquet":
+            self.parts.mkdir(exist_ok=True)
+            for temporary in self.parts.glob(".part-*"):
+                temporary.unlink()
+            self.rows_done = sum(self._part_rows(part) for part in self._complete_parts())
+            return
+        if not self.path.is_file() or self.path.stat().st_size < size:
+            raise TableError(
+                f"cannot resume: {self.path} is shorter than the {size} bytes its progress file records "
+                f"(it was changed since); pass --overwrite to start anew"
+            )
+        with open(self.path, "r+b") as file:
+            file.truncate(size)
+        self.rows_done, self.bytes_done = rows, size
 
-        table = pa.Table.from_pandas(frame, preserve_index=False)
+    def write(self, table) -> None:
+        """Append ``table``'s rows; progress is recorded once they are on disk."""
         if self.kind == "parquet":
             self._write_part(table)
         else:
             with open(self.path, "ab") as file:
-                file.write(self._encode(table, frame, header=self.bytes_done == 0))
+                file.write(self._encode(table, header=self.bytes_done == 0))
                 file.flush()
                 os.fsync(file.fileno())
                 self.bytes_done = file.tell()
-        self.rows_done += len(frame)
+        self.rows_done += table.num_rows
         self._save_progress()
 
     def finish(self) -> None:
-        """Assemble the Parquet parts into the output; remove the progress file."""
+        """Assemble the Parquet parts into the output; remove the progress file (and the parts)."""
         if self.kind == "parquet":
             import pyarrow.parquet as pq
 
-            parts = self._complete_parts()
+            temporary = self.path.with_name(self.path.name + ".eek-tmp")
             writer = None
             try:
-                for part in parts:
+                for part in self._complete_parts():
                     table = pq.read_table(part)
                     if writer is None:
-                        writer = pq.ParquetWriter(self.path, table.schema)
+                        writer = pq.ParquetWriter(temporary, table.schema)
                     writer.write_table(table.cast(writer.schema))
             finally:
                 if writer is not None:
                     writer.close()
-            if not parts:
-                self._write_empty_parquet()
-            self._clear_parts()
-        self.progress_path.unlink(missing_ok=True)
+            if writer is None:
+                import pyarrow as pa
 
-    def _encode(self, table, frame, header: bool) -> bytes:
-        if self.kind == "jsonl":
-            text = frame.to_json(orient="records", lines=True, force_ascii=False)
+                pq.write_table(pa.table({}), temporary)
+            os.replace(temporary, self.path)
+        # Progress goes before the parts: killed in between, the output is complete and
+        # nothing is left to resume (leftover parts are cleared by the next run).
+        self.progress_path.unlink(missing_ok=True)
+        self._clear_parts()
+
+    def _encode(self, table, header: bool) -> bytes:
+        if self.kind == "jsonl":  # pyarrow writes no JSON; pandas does, with Arrow types kept (ints stay ints)
+            import pandas as pd
+
+            frame = table.to_pandas(types_mapper=pd.ArrowDtype)
+            text = frame.to_json(
+                orient="records", lines=True, force_ascii=False, date_format="iso", double_precision=15
+            )
             return (text if text.endswith("\n") or not text else text + "\n").encode()
         import pyarrow as pa
         import pyarrow.csv as pa_csv
@@ -179,22 +255,21 @@ class ChunkWriter:
     def _write_part(self, table) -> None:
         import pyarrow.parquet as pq
 
-        index = len(self._complete_parts())
+        parts = self._complete_parts()
+        index = int(parts[-1].name[len("part-") : -len(".parquet")]) + 1 if parts else 0
         temporary = self.parts / f".part-{index:06d}.parquet.tmp"
         pq.write_table(table, temporary)
+        _fsync(temporary)
         os.replace(temporary, self.parts / f"part-{index:06d}.parquet")
 
     def _complete_parts(self) -> list[Path]:
         return sorted(self.parts.glob("part-*.parquet")) if self.parts.exists() else []
 
-    def _drop_incomplete_parts(self) -> None:
-        """Every renamed part is complete: the rows done are theirs; a part still being written goes."""
+    @staticmethod
+    def _part_rows(part: Path) -> int:
         import pyarrow.parquet as pq
 
-        self.parts.mkdir(exist_ok=True)
-        for temporary in self.parts.glob(".part-*"):
-            temporary.unlink()
-        self.rows_done = sum(pq.ParquetFile(part).metadata.num_rows for part in self._complete_parts())
+        return pq.ParquetFile(part).metadata.num_rows
 
     def _clear_parts(self) -> None:
         if self.parts.exists():
@@ -202,13 +277,13 @@ class ChunkWriter:
                 entry.unlink()
             self.parts.rmdir()
 
-    def _write_empty_parquet(self) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.table({}), self.path)
-
     def _save_progress(self) -> None:
         temporary = self.progress_path.with_name(self.progress_path.name + ".tmp")
-        temporary.write_text(json.dumps({"rows": self.rows_done, "bytes": self.bytes_done}))
+        temporary.write_text(json.dumps({"rows": self.rows_done, "bytes": self.bytes_done, "run": self.run}))
+        _fsync(temporary)
         os.replace(temporary, self.progress_path)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())

@@ -16,12 +16,22 @@ from transformers import BertTokenizerFast
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.cli import main
-from earlyexit_kernels.policy_spec import parse_policy
 
-pd = pytest.importorskip("pandas", reason="the command line reads and writes tables through pandas and pyarrow")
+pd = pytest.importorskip("pandas", reason="the command line writes JSON lines through pandas")
 pytest.importorskip("pyarrow", reason="the command line reads and writes tables through pyarrow")
 
 FORMATS = ("csv", "tsv", "jsonl", "parquet")
+# The tiny model's ops are microseconds: more than one thread only waits for the others,
+# badly so on a busy machine. Subprocesses get the same through OMP_NUM_THREADS.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _write(frame, path: Path):
@@ -44,17 +54,27 @@ def _read(path: Path):
     return pd.read_parquet(path)
 
 
-def _expected(model_dir, texts, pairs=None):
-    model = eek.from_pretrained(model_dir)
-    tokenizer = BertTokenizerFast.from_pretrained(model_dir)
+_EXPECTED_CACHE = {}
+
+
+def _expected_of_saved(folder, texts):
+    """``_expected`` of the saved model as saved, computed once per texts (several tests share them)."""
+    key = (folder, tuple(texts))
+    if key not in _EXPECTED_CACHE:
+        _EXPECTED_CACHE[key] = _expected(eek.from_pretrained(folder), folder, texts)
+    return _EXPECTED_CACHE[key]
+
+
+def _expected(model, folder, texts, pairs=None):
+    """(label, score, exit_layer, layers_run) of ``model`` on each text alone."""
+    tokenizer = BertTokenizerFast.from_pretrained(folder)
     rows = []
     for i, text in enumerate(texts):
         with torch.no_grad():
             out = model(**tokenizer(*((text, pairs[i]) if pairs else (text,)), return_tensors="pt"))
         probabilities = out.logits[0].softmax(-1)
-        rows.append(
-            (model.config.id2label[int(probabilities.argmax())], float(probabilities.max()), int(out.exit_layer))
-        )
+        label = model.config.id2label[int(probabilities.argmax())]
+        rows.append((label, float(probabilities.max()), int(out.exit_layer), int(out.layers_run)))
     return rows
 
 
@@ -64,15 +84,18 @@ def _run(*argv):
 
 @pytest.mark.parametrize("kind_in, kind_out", [(k, k) for k in FORMATS] + [("csv", "parquet"), ("parquet", "jsonl")])
 def test_every_row_gets_the_model_s_own_answer(saved_classifier, tmp_path, kind_in, kind_out):
-    texts = word_texts(120, seed=1)
-    source = _write(pd.DataFrame({"id": range(120), "text": texts}), tmp_path / f"in.{kind_in}")
+    texts = word_texts(100, seed=1)
+    source = _write(pd.DataFrame({"id": range(100), "text": texts}), tmp_path / f"in.{kind_in}")
     target = tmp_path / f"out.{kind_out}"
-    assert _run("classify", saved_classifier, source, target, "--chunk-rows", 32) == 0
+    assert _run("classify", saved_classifier, source, target, "--chunk-rows", 32, "--no-progress") == 0
     out = _read(target)
     assert list(out.columns) == ["id", "text", "label", "score", "exit_layer", "layers_run"]
-    assert [int(i) for i in out.id] == list(range(120))
-    for (label, score, exit_layer), row in zip(_expected(saved_classifier, texts), out.itertuples()):
-        assert row.label == label and row.exit_layer == exit_layer == row.layers_run
+    assert [int(i) for i in out.id] == list(range(100))
+    assert [str(t) for t in out.text] == texts
+    for (label, score, exit_layer, layers_run), row in zip(
+        _expected_of_saved(saved_classifier, texts), out.itertuples()
+    ):
+        assert (row.label, row.exit_layer, row.layers_run) == (label, exit_layer, layers_run)
         assert row.score == pytest.approx(score, abs=1e-6)
     assert out.exit_layer.nunique() >= 2
     assert not Path(str(target) + ".eek-progress.json").exists()
@@ -83,64 +106,138 @@ def test_text_pairs(saved_classifier, tmp_path):
     source = _write(pd.DataFrame({"q": first, "d": second}), tmp_path / "in.jsonl")
     _run("classify", saved_classifier, source, tmp_path / "out.jsonl", "--text-column", "q", "--pair-column", "d")
     out = _read(tmp_path / "out.jsonl")
+    expected = _expected(eek.from_pretrained(saved_classifier), saved_classifier, first, second)
     assert [tuple(r) for r in out[["label", "exit_layer"]].itertuples(index=False)] == [
-        (label, exit_layer) for label, _, exit_layer in _expected(saved_classifier, first, second)
+        (label, exit_layer) for label, _, exit_layer, _ in expected
     ]
 
 
-def test_a_plain_classifier_needs_a_policy(saved_classifier, tmp_path):
+def test_skip_gates_write_the_layers_they_ran(saved_classifier, tmp_path):
+    # Untrained gates say 0.1: a skip threshold of 0.05 skips layers 2 and 3 of every sequence; the
+    # saved model's threshold lets about half of them exit at layer 1, the others run layers 1 and 4.
+    threshold = eek.from_pretrained(saved_classifier)._eek_policy.threshold
+    policy = f"SkipGates(skip_threshold=0.05, entropy_threshold={threshold!r})"
+    texts = word_texts(40, seed=8)
+    source = _write(pd.DataFrame({"text": texts}), tmp_path / "in.csv")
+    assert _run("classify", saved_classifier, source, tmp_path / "out.csv", "--policy", policy) == 0
+    out = _read(tmp_path / "out.csv")
+    model = eek.from_pretrained(saved_classifier, eek.SkipGates(0.05, threshold))
+    expected = _expected(model, saved_classifier, texts)
+    assert [tuple(r) for r in out[["label", "exit_layer", "layers_run"]].itertuples(index=False)] == [
+        (label, exit_layer, layers_run) for label, _, exit_layer, layers_run in expected
+    ]
+    assert (out.layers_run < out.exit_layer).any()
+
+
+def test_policy_replaces_the_saved_one(saved_classifier, tmp_path):
+    source = _write(pd.DataFrame({"text": word_texts(30, seed=2)}), tmp_path / "in.csv")
+    assert _run("classify", saved_classifier, source, tmp_path / "out.csv", "--policy", "Entropy(0.0)") == 0
+    assert set(_read(tmp_path / "out.csv").exit_layer) == {4}  # an entropy is never below 0: no early exit
+
+
+def test_a_plain_classifier_needs_a_policy(saved_classifier, tmp_path, capsys):
     plain = tmp_path / "plain"
-    model = eek.from_pretrained(saved_classifier)
-    eek.unpatch(model).save_pretrained(plain)
+    eek.unpatch(eek.from_pretrained(saved_classifier)).save_pretrained(plain)
     BertTokenizerFast.from_pretrained(saved_classifier).save_pretrained(plain)
     source = _write(pd.DataFrame({"text": word_texts(10)}), tmp_path / "in.csv")
     assert _run("classify", plain, source, tmp_path / "a.csv") == 2
+    assert "plain Hugging Face model: pass --policy" in capsys.readouterr().err
     assert _run("classify", plain, source, tmp_path / "b.csv", "--policy", "Patience(2)") == 0
     assert set(_read(tmp_path / "b.csv").exit_layer) <= {3, 4}  # Patience(2) leaves at layer 3 at the earliest
 
 
+def test_a_regression_head_writes_its_value_as_score(tmp_path):
+    from conftest import WORDS
+    from transformers import BertConfig, BertForSequenceClassification
+
+    folder = tmp_path / "regression"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=65, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_labels=1
+    )
+    model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(folder)
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    texts = word_texts(8, seed=3)
+    source = _write(pd.DataFrame({"text": texts}), tmp_path / "in.parquet")
+    policy = "Patience(1, regression_threshold=0.1)"
+    assert _run("classify", folder, source, tmp_path / "out.parquet", "--policy", policy) == 0
+    out = _read(tmp_path / "out.parquet")
+    tokenizer = BertTokenizerFast.from_pretrained(folder)
+    eek.patch(model, eek.Patience(1, regression_threshold=0.1))
+    with torch.no_grad():
+        alone = [model(**tokenizer(t, return_tensors="pt")) for t in texts]
+    assert out.label.isna().all()
+    assert out.score.tolist() == pytest.approx([float(o.logits[0, 0]) for o in alone], abs=1e-5)
+    assert out.exit_layer.tolist() == [int(o.exit_layer) for o in alone]
+
+
 def test_empty_and_null_texts_are_classified_as_empty_and_named(saved_classifier, tmp_path, capsys):
-    source = _write(pd.DataFrame({"text": ["w1 w2", None, "", "w3"]}), tmp_path / "in.jsonl")
+    source = _write(pd.DataFrame({"text": ["w1 w2", None, "", "w3", "  "]}), tmp_path / "in.jsonl")
     assert _run("classify", saved_classifier, source, tmp_path / "out.csv") == 0
     out = _read(tmp_path / "out.csv")
-    assert len(out) == 4 and out.exit_layer[1] == out.exit_layer[2]
+    assert len(out) == 5 and out.text.tolist() == ["w1 w2", "", "", "w3", "  "]
+    alone = _expected_of_saved(saved_classifier, [""])[0]
+    assert (out.label[1], out.exit_layer[1]) == (out.label[2], out.exit_layer[2]) == (alone[0], alone[2])
     err = capsys.readouterr().err
-    assert "2 rows have an empty or null text" in err and "(rows 1, 2;" in err
+    assert "warning: 3 rows have an empty or null 'text' and were classified as the empty text" in err
+    assert "(rows 1, 2, 4;" in err
+
+
+def test_long_texts_are_truncated_with_a_one_line_warning(saved_classifier, tmp_path, capsys):
+    source = _write(pd.DataFrame({"text": ["w1 w2", "w3 " * 20]}), tmp_path / "in.csv")
+    assert _run("classify", saved_classifier, source, tmp_path / "out.csv", "--max-length", 8) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("warning")] == [
+        "warning: input 1 (and maybe others) is longer than max_length=8 tokens and is truncated; raise "
+        "max_length (up to what the model's positions hold) to keep more"
+    ]
+
+
+def test_an_input_without_rows_gives_an_output_with_its_columns(saved_classifier, tmp_path):
+    source = tmp_path / "in.csv"
+    source.write_text("id,text\n")
+    assert _run("classify", saved_classifier, source, tmp_path / "out.csv") == 0
+    assert (tmp_path / "out.csv").read_text().splitlines() == ['"id","text","label","score","exit_layer","layers_run"']
 
 
 def _interrupt_after(monkeypatch, chunks):
-    """Make the writer die after ``chunks`` chunks, as a killed run would."""
+    """Make the writer stop after ``chunks`` chunks with a KeyboardInterrupt (Ctrl-C)."""
     from earlyexit_kernels import table_io
 
     write = table_io.ChunkWriter.write
     calls = {"n": 0}
 
-    def dying(self, frame):
+    def dying(self, table):
         if calls["n"] == chunks:
             raise KeyboardInterrupt
         calls["n"] += 1
-        write(self, frame)
+        write(self, table)
 
     monkeypatch.setattr(table_io.ChunkWriter, "write", dying)
 
 
 @pytest.mark.parametrize("kind", FORMATS)
-def test_resume_after_an_interruption_loses_and_repeats_no_row(saved_classifier, tmp_path, monkeypatch, kind):
-    texts = word_texts(300, seed=6)
-    source = _write(pd.DataFrame({"id": range(300), "text": texts}), tmp_path / f"in.{kind}")
+def test_resume_after_an_interruption_loses_and_repeats_no_row(saved_classifier, tmp_path, monkeypatch, capsys, kind):
+    texts = word_texts(150, seed=6)
+    source = _write(pd.DataFrame({"id": range(150), "text": texts}), tmp_path / f"in.{kind}")
     whole, cut = tmp_path / f"whole.{kind}", tmp_path / f"cut.{kind}"
-    assert _run("classify", saved_classifier, source, whole, "--chunk-rows", 40) == 0
+    assert _run("classify", saved_classifier, source, whole, "--chunk-rows", 20) == 0
 
     with monkeypatch.context() as patch:
         _interrupt_after(patch, 3)
-        assert _run("classify", saved_classifier, source, cut, "--chunk-rows", 40) == 130
-    # A chunk half written when the run was killed:
+        assert _run("classify", saved_classifier, source, cut, "--chunk-rows", 20) == 130
+    assert "run again with --resume" in capsys.readouterr().err
+    # Killed in the middle of writing the next chunk:
     if kind == "parquet":
         (tmp_path / f"cut.{kind}.eek-parts" / ".part-000003.parquet.tmp").write_bytes(b"PAR1 half a file")
     else:
         with open(cut, "ab") as file:
-            file.write(b'"301","w1 w2","pos",0.5')
-    assert _run("classify", saved_classifier, source, cut, "--chunk-rows", 40, "--resume") == 0
+            file.write(b'"60","w1 w2\nw3","pos",0.5')
+    assert _run("classify", saved_classifier, source, cut, "--chunk-rows", 32, "--resume") == 0
+    assert "classified 90 rows (resumed after row 60)" in capsys.readouterr().err
     if kind == "parquet":
         pd.testing.assert_frame_equal(_read(cut), _read(whole))
     else:
@@ -148,24 +245,47 @@ def test_resume_after_an_interruption_loses_and_repeats_no_row(saved_classifier,
 
 
 def test_resume_after_a_real_kill(saved_classifier, tmp_path):
-    texts = word_texts(2000, seed=7)
-    source = _write(pd.DataFrame({"id": range(2000), "text": texts}), tmp_path / "in.csv")
-    whole, cut = tmp_path / "whole.csv", tmp_path / "cut.csv"
-    command = [sys.executable, "-m", "earlyexit_kernels", "classify", saved_classifier, source]
-    subprocess.run([*command, str(whole), "--chunk-rows", "50"], check=True, capture_output=True)
+    texts = word_texts(400, seed=7)
+    source = _write(pd.DataFrame({"id": range(400), "text": texts}), tmp_path / "in.jsonl")
+    whole, cut = tmp_path / "whole.jsonl", tmp_path / "cut.jsonl"
+    assert _run("classify", saved_classifier, source, whole, "--chunk-rows", 20) == 0
 
-    run = subprocess.Popen([*command, str(cut), "--chunk-rows", "50"], stderr=subprocess.DEVNULL)
+    command = [sys.executable, "-m", "earlyexit_kernels", "classify", saved_classifier, source, str(cut)]
+    run = subprocess.Popen([*command, "--chunk-rows", "20"], stderr=subprocess.DEVNULL, env=ONE_THREAD)
     progress = Path(str(cut) + ".eek-progress.json")
-    deadline = time.time() + 60
+    deadline = time.time() + 120
     while time.time() < deadline and run.poll() is None:
-        if progress.exists() and json.loads(progress.read_text() or '{"rows": 0}')["rows"] >= 200:
+        if progress.exists() and json.loads(progress.read_text())["rows"] >= 60:
             os.kill(run.pid, signal.SIGKILL)
             break
-        time.sleep(0.01)
+        time.sleep(0.005)
     run.wait()
     assert run.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    subprocess.run([*command, str(cut), "--chunk-rows", "50", "--resume"], check=True, capture_output=True)
+    assert 60 <= json.loads(progress.read_text())["rows"] < 400
+    assert _run("classify", saved_classifier, source, cut, "--chunk-rows", 20, "--resume") == 0
     assert cut.read_bytes() == whole.read_bytes()
+
+
+def test_the_module_runs_as_a_program(saved_classifier, tmp_path):
+    source = _write(pd.DataFrame({"text": word_texts(5)}), tmp_path / "in.csv")
+    done = subprocess.run(
+        [sys.executable, "-m", "earlyexit_kernels", "classify", saved_classifier, source, str(tmp_path / "o.csv")],
+        capture_output=True,
+        text=True,
+        env=ONE_THREAD,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "classified 5 rows" in done.stderr and "Traceback" not in done.stderr
+    assert len(_read(tmp_path / "o.csv")) == 5
+
+
+def test_usage_errors_exit_with_status_2(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["classify"])
+    assert stopped.value.code == 2 and "MODEL, INPUT, OUTPUT" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:
+        main(["classify", "m", "i.csv", "o.csv", "--max-batch-size", "many"])
+    assert stopped.value.code == 2 and "invalid int value: 'many'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -173,17 +293,24 @@ def test_resume_after_a_real_kill(saved_classifier, tmp_path):
     [
         (
             lambda m, s, t: ("classify", m, s, t, "--text-column", "body"),
-            "no column 'body'.*columns are \\['id', 'text'\\]",
+            r"has no column 'body' \(--text-column\); its columns are \['id', 'text'\]",
         ),
-        (lambda m, s, t: ("classify", m, s, t, "--policy", "Entropy(tau=0.3)"), "--policy: Entropy"),
+        (lambda m, s, t: ("classify", m, s, t, "--pair-column", "second"), r"no column 'second' \(--pair-column\)"),
+        (lambda m, s, t: ("classify", m, s, t, "--policy", "Entropy(tau=0.3)"), "--policy: .*'tau'.*Entropy\\(thr"),
+        (lambda m, s, t: ("classify", m, s, t, "--policy", "Softmax(0.3)"), "unknown policy 'Softmax'; the poli"),
         (
             lambda m, s, t: ("classify", m, s, t, "--policy", "__import__('os')"),
-            "--policy: the arguments|unknown policy",
+            "--policy: unknown policy '__import__'",
         ),
+        (lambda m, s, t: ("classify", m, s, t, "--policy", "Scheduled([1])"), "--policy: Scheduled"),
         (lambda m, s, t: ("classify", m, s, str(t).replace(".csv", ".xlsx")), "unknown format .xlsx"),
         (lambda m, s, t: ("classify", m, s + ".missing.csv", t), "does not exist"),
-        (lambda m, s, t: ("classify", Path(m).parent, s, t), "no config.json"),
-        (lambda m, s, t: ("classify", m, s, t, "--resume"), "nothing to resume"),
+        (lambda m, s, t: ("classify", Path(m).parent, s, t), "has no config.json"),
+        (lambda m, s, t: ("classify", Path(m) / "config.json", s, t), "is not a folder"),
+        (lambda m, s, t: ("classify", m, s, t, "--max-batch-size", 0), "--max-batch-size must be at least 1"),
+        (lambda m, s, t: ("classify", m, s, t, "--max-tokens", 0), "max_tokens must be an integer >= 1"),
+        (lambda m, s, t: ("classify", m, s, t, "--max-length", 65), r"max_length must be an integer in 1\.\.64"),
+        (lambda m, s, t: ("classify", m, s, t, "--backend", "gpu"), "backend must be one of 'auto'"),
     ],
 )
 def test_bad_input_gets_one_clear_line_and_status_2(saved_classifier, tmp_path, capsys, make_args, message):
@@ -192,6 +319,7 @@ def test_bad_input_gets_one_clear_line_and_status_2(saved_classifier, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
     assert re.search(message, err[0]), err[0]
+    assert not (tmp_path / "out.csv").exists()
 
 
 def test_an_unreadable_file_and_an_existing_output_are_refused(saved_classifier, tmp_path, capsys):
@@ -204,6 +332,26 @@ def test_an_unreadable_file_and_an_existing_output_are_refused(saved_classifier,
     assert _run("classify", saved_classifier, source, tmp_path / "exists.csv") == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "exists.csv").read_text() == "x\n"
+    assert _run("classify", saved_classifier, source, tmp_path / "exists.csv", "--resume") == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert _run("classify", saved_classifier, source, tmp_path / "exists.csv", "--overwrite") == 0
+    assert len(_read(tmp_path / "exists.csv")) == 1
+
+
+def test_resume_with_another_input_is_refused(saved_classifier, tmp_path, monkeypatch, capsys):
+    first = _write(pd.DataFrame({"text": word_texts(80)}), tmp_path / "a.csv")
+    second = _write(pd.DataFrame({"text": word_texts(80)}), tmp_path / "b.csv")
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 1)
+        assert _run("classify", saved_classifier, first, tmp_path / "out.csv", "--chunk-rows", 20) == 130
+    assert _run("classify", saved_classifier, second, tmp_path / "out.csv", "--resume") == 2
+    assert re.search(r"error: cannot resume .*a\.csv'?, not input=.*b\.csv", capsys.readouterr().err)
+
+
+def test_a_resume_of_a_run_killed_before_writing_starts_from_the_first_row(saved_classifier, tmp_path):
+    source = _write(pd.DataFrame({"text": word_texts(5)}), tmp_path / "in.csv")
+    assert _run("classify", saved_classifier, source, tmp_path / "out.csv", "--resume") == 0
+    assert len(_read(tmp_path / "out.csv")) == 5
 
 
 def test_a_value_that_is_not_text_is_refused_with_its_row(saved_classifier, tmp_path, capsys):
@@ -216,58 +364,35 @@ def test_a_value_that_is_not_text_is_refused_with_its_row(saved_classifier, tmp_
     assert "changed from string to number in row 1" in capsys.readouterr().err
 
 
-def test_a_model_folder_that_is_not_a_supported_classifier(tmp_path, capsys):
-    from transformers import GPT2Config, GPT2ForSequenceClassification
+def test_an_input_that_already_has_an_output_column_is_refused(saved_classifier, tmp_path, capsys):
+    source = _write(pd.DataFrame({"text": ["w1"], "label": ["pos"]}), tmp_path / "in.csv")
+    assert _run("classify", saved_classifier, source, tmp_path / "out.csv") == 2
+    assert "already has the column(s) ['label'] that the output adds; rename them" in capsys.readouterr().err
 
-    folder = tmp_path / "gpt2"
-    GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(folder)
+
+def test_model_folders_that_are_not_supported_classifiers(saved_classifier, tmp_path, capsys):
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2ForSequenceClassification
+
     source = _write(pd.DataFrame({"text": ["w1"]}), tmp_path / "in.csv")
-    assert _run("classify", folder, source, tmp_path / "out.csv", "--policy", "Entropy(0.3)") == 2
+    gpt2 = tmp_path / "gpt2"
+    GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(gpt2)
+    assert _run("classify", gpt2, source, tmp_path / "out.csv", "--policy", "Entropy(0.3)") == 2
     assert "not a supported classifier" in capsys.readouterr().err
 
+    masked = tmp_path / "masked"
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertForMaskedLM(config).save_pretrained(masked)
+    assert _run("classify", masked, source, tmp_path / "out.csv", "--policy", "Entropy(0.3)") == 2
+    assert "holds a BertForMaskedLM, not a sequence classifier" in capsys.readouterr().err
 
-def test_the_module_runs_as_a_program(saved_classifier, tmp_path):
-    source = _write(pd.DataFrame({"text": word_texts(5)}), tmp_path / "in.csv")
-    done = subprocess.run(
-        [sys.executable, "-m", "earlyexit_kernels", "classify", saved_classifier, source, str(tmp_path / "o.csv")],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "classified 5 rows" in done.stderr
-    bad = subprocess.run([sys.executable, "-m", "earlyexit_kernels", "classify"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "MODEL" in bad.stderr
+    no_tokenizer = tmp_path / "no_tokenizer"
+    eek.from_pretrained(saved_classifier).save_pretrained(no_tokenizer)
+    assert _run("classify", no_tokenizer, source, tmp_path / "out.csv") == 2
+    assert "has no tokenizer (none of tokenizer.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("Entropy(0.3)", eek.Entropy(0.3)),
-        ("Entropy(threshold=[0.1, 0.2], normalized=True)", eek.Entropy((0.1, 0.2), normalized=True)),
-        ("Patience(2)", eek.Patience(2)),
-        ("QExit(q=0.4, combine='subtract')", eek.QExit(0.4, combine="subtract")),
-        ("DACT", eek.DACT()),
-        (" Voting(3) ", eek.Voting(3)),
-        ("SkipGates(entropy_threshold=0.2)", eek.SkipGates(entropy_threshold=0.2)),
-    ],
-)
-def test_policies_are_parsed_from_text(text, expected):
-    assert parse_policy(text) == expected
-
-
-@pytest.mark.parametrize(
-    "text, message",
-    [
-        ("Entropy(", "cannot parse"),
-        ("Softmax(0.3)", "unknown policy 'Softmax'; the policies are Entropy, MaxProb"),
-        ("Entropy(x)", "must be literals"),
-        ("Entropy(**{'threshold': 1})", "must be literals"),
-        ("os.system('ls')", "must be a policy name"),
-        ("Scheduled([1, 2])", "Scheduled"),
-        ("Patience(patience=0)", "patience must be an integer >= 1"),
-        ("Voting(K=2)", "unexpected keyword argument 'K'"),
-    ],
-)
-def test_bad_policy_text_says_what_to_fix(text, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
-        parse_policy(text)
+def test_without_pyarrow_the_command_line_says_what_to_install(saved_classifier, tmp_path, monkeypatch, capsys):
+    source = _write(pd.DataFrame({"text": ["w1"]}), tmp_path / "in.csv")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    assert _run("classify", saved_classifier, source, tmp_path / "out.csv") == 2
+    assert "pip install 'earlyexit_kernels[cli]'" in capsys.readouterr().err
