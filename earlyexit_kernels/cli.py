@@ -202,6 +202,10 @@ def _classify(args) -> int:
         return _classify_locally(args)
     except TableError as error:
         raise CliError(str(error)) from None
+    except OSError as error:  # reading errors are TableErrors: this is OUTPUT (a full disk, no permission)
+        progress = Path(args.output + ".eek-progress.json")
+        kept = "; the rows written so far are kept: run again with --resume" if progress.exists() else ""
+        raise CliError(f"cannot write {args.output}: {error}{kept}") from None
 
 
 def _classify_locally(args) -> int:

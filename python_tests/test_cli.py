@@ -279,6 +279,29 @@ def test_the_module_runs_as_a_program(saved_classifier, tmp_path):
     assert len(_read(tmp_path / "o.csv")) == 5
 
 
+def test_engine_options_reach_the_engine(saved_classifier, tmp_path, monkeypatch):
+    classify_module = sys.modules["earlyexit_kernels.classify"]  # eek.classify is the function
+    real, seen = classify_module.classify, {}
+
+    def recording(model, inputs, **options):
+        seen.update(options)
+        return real(model, inputs, **{**options, "compile": False, "progress": False})
+
+    monkeypatch.setattr(classify_module, "classify", recording)
+    source = _write(pd.DataFrame({"text": word_texts(5)}), tmp_path / "in.csv")
+    argv = ["--max-batch-size", 8, "--max-tokens", 512, "--max-length", 32, "--compile", "--progress"]
+    assert _run("classify", saved_classifier, source, tmp_path / "out.csv", *argv) == 0
+    assert {k: seen[k] for k in ("max_batch_size", "max_tokens", "max_length", "compile", "progress")} == {
+        "max_batch_size": 8,
+        "max_tokens": 512,
+        "max_length": 32,
+        "compile": True,
+        "progress": True,
+    }
+    assert _run("classify", saved_classifier, source, tmp_path / "out2.csv", "--no-progress") == 0
+    assert seen["progress"] is False and seen["compile"] is False and seen["max_tokens"] is None
+
+
 def test_usage_errors_exit_with_status_2(capsys):
     with pytest.raises(SystemExit) as stopped:
         main(["classify"])
@@ -311,6 +334,7 @@ def test_usage_errors_exit_with_status_2(capsys):
         (lambda m, s, t: ("classify", m, s, t, "--max-tokens", 0), "max_tokens must be an integer >= 1"),
         (lambda m, s, t: ("classify", m, s, t, "--max-length", 65), r"max_length must be an integer in 1\.\.64"),
         (lambda m, s, t: ("classify", m, s, t, "--backend", "gpu"), "backend must be one of 'auto'"),
+        (lambda m, s, t: ("classify", m, s, s + "/out.csv"), r"cannot write .*in\.csv/out\.csv: \[Errno"),
     ],
 )
 def test_bad_input_gets_one_clear_line_and_status_2(saved_classifier, tmp_path, capsys, make_args, message):
