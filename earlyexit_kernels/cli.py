@@ -210,14 +210,16 @@ def _classify(args) -> int:
 
 def _classify_locally(args) -> int:
     from .classify import classify
-    from .table_io import ChunkWriter, read_chunks
+    from .table_io import ChunkWriter, check_writable, read_chunks
 
     # The input is checked before the (slower) model is loaded and before OUTPUT is touched.
     text_columns = [name for name in (args.text_column, args.pair_column) if name]
     columns = _Columns(args.text_column, args.pair_column)
     first_chunk = read_chunks(args.input, 1, text_columns=text_columns)
-    columns.check(next(first_chunk), args.input)
+    probe = next(first_chunk)
     first_chunk.close()
+    columns.check(probe, args.input)
+    check_writable(args.output, probe)
     model, tokenizer = load_model(args.model, args.policy, args.backend)
     tables: deque = deque()  # input chunks whose rows are being classified, in order
 

@@ -31,7 +31,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["FORMATS", "TableError", "need_pyarrow", "read_chunks", "ChunkWriter", "table_format"]
+__all__ = ["FORMATS", "TableError", "check_writable", "need_pyarrow", "read_chunks", "ChunkWriter", "table_format"]
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
 
@@ -202,7 +202,7 @@ class ChunkWriter:
             self._write_part(table)
         else:
             with open(self.path, "ab") as file:
-                file.write(self._encode(table, header=self.bytes_done == 0))
+                file.write(_encode(self.kind, table, header=self.bytes_done == 0, path=self.path))
                 file.flush()
                 os.fsync(file.fileno())
                 self.bytes_done = file.tell()
@@ -235,23 +235,6 @@ class ChunkWriter:
         self.progress_path.unlink(missing_ok=True)
         self._clear_parts()
 
-    def _encode(self, table, header: bool) -> bytes:
-        if self.kind == "jsonl":  # pyarrow writes no JSON; pandas does, with Arrow types kept (ints stay ints)
-            import pandas as pd
-
-            frame = table.to_pandas(types_mapper=pd.ArrowDtype)
-            text = frame.to_json(
-                orient="records", lines=True, force_ascii=False, date_format="iso", double_precision=15
-            )
-            return (text if text.endswith("\n") or not text else text + "\n").encode()
-        import pyarrow as pa
-        import pyarrow.csv as pa_csv
-
-        sink = pa.BufferOutputStream()
-        options = pa_csv.WriteOptions(include_header=header, delimiter="\t" if self.kind == "tsv" else ",")
-        pa_csv.write_csv(table, sink, write_options=options)
-        return sink.getvalue().to_pybytes()
-
     def _write_part(self, table) -> None:
         import pyarrow.parquet as pq
 
@@ -282,6 +265,39 @@ class ChunkWriter:
         temporary.write_text(json.dumps({"rows": self.rows_done, "bytes": self.bytes_done, "run": self.run}))
         _fsync(temporary)
         os.replace(temporary, self.progress_path)
+
+
+def check_writable(path: str, table) -> None:
+    """``TableError`` if the columns of ``table`` cannot be written to ``path``'s format (lists to CSV...)."""
+    need_pyarrow()
+    kind = table_format(path)
+    if kind != "parquet":
+        _encode(kind, table.slice(0, 1), header=True, path=path)
+
+
+def _encode(kind: str, table, header: bool, path) -> bytes:
+    import pyarrow as pa
+
+    try:
+        if kind == "jsonl":  # pyarrow writes no JSON; pandas does, with Arrow types kept (ints stay ints)
+            import pandas as pd
+
+            frame = table.to_pandas(types_mapper=pd.ArrowDtype)
+            text = frame.to_json(
+                orient="records", lines=True, force_ascii=False, date_format="iso", double_precision=15
+            )
+            return (text if text.endswith("\n") or not text else text + "\n").encode()
+        import pyarrow.csv as pa_csv
+
+        sink = pa.BufferOutputStream()
+        options = pa_csv.WriteOptions(include_header=header, delimiter="\t" if kind == "tsv" else ",")
+        pa_csv.write_csv(table, sink, write_options=options)
+        return sink.getvalue().to_pybytes()
+    except (pa.ArrowException, ValueError, TypeError, OverflowError) as error:
+        columns = ", ".join(f"{field.name}: {field.type}" for field in table.schema)
+        raise TableError(
+            f"cannot write the columns ({columns}) as {kind} to {path}: {error}; write OUTPUT as .parquet instead"
+        ) from None
 
 
 def _fsync(path: Path) -> None:

@@ -378,6 +378,15 @@ def test_a_resume_of_a_run_killed_before_writing_starts_from_the_first_row(saved
     assert len(_read(tmp_path / "out.csv")) == 5
 
 
+def test_columns_the_output_format_cannot_hold(saved_classifier, tmp_path, capsys):
+    source = _write(pd.DataFrame({"tags": [["a", "b"], []], "text": ["w1", "w2"]}), tmp_path / "in.parquet")
+    assert _run("classify", saved_classifier, source, tmp_path / "out.csv") == 2
+    assert "cannot write the columns (tags: list<element: string>" in capsys.readouterr().err
+    assert not (tmp_path / "out.csv").exists()
+    assert _run("classify", saved_classifier, source, tmp_path / "out.jsonl") == 0
+    assert _read(tmp_path / "out.jsonl").tags.tolist() == [["a", "b"], []]
+
+
 def test_a_value_that_is_not_text_is_refused_with_its_row(saved_classifier, tmp_path, capsys):
     source = _write(pd.DataFrame({"text": [7, 42]}), tmp_path / "in.parquet")
     assert _run("classify", saved_classifier, source, tmp_path / "out.csv") == 2

@@ -10,7 +10,7 @@ pa = pytest.importorskip("pyarrow", reason="earlyexit_kernels.table_io reads and
 pytest.importorskip("pandas", reason="earlyexit_kernels.table_io writes JSON lines through pandas")
 import pyarrow.parquet as pq  # noqa: E402
 
-from earlyexit_kernels.table_io import ChunkWriter, TableError, read_chunks  # noqa: E402
+from earlyexit_kernels.table_io import ChunkWriter, TableError, check_writable, read_chunks  # noqa: E402
 
 FORMATS = ("csv", "tsv", "jsonl", "parquet")
 # Texts a hand-written parser gets wrong: separators, quotes, newlines inside a field, "007", non-ASCII.
@@ -297,3 +297,15 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, kind):
     fresh.write(chunks[0])
     fresh.finish()
     assert _read_back(tmp_path / f"fresh.{kind}").num_rows == 3
+
+
+def test_columns_a_format_cannot_hold_are_found_before_writing(tmp_path):
+    nested = pa.table({"tags": pa.array([["a", "b"]]), "text": ["w1"]})
+    for kind in ("csv", "tsv"):
+        with pytest.raises(TableError, match=rf"tags: list<item: string>.*as {kind}.*write OUTPUT as \.parquet"):
+            check_writable(str(tmp_path / f"out.{kind}"), nested)
+    check_writable(str(tmp_path / "out.jsonl"), nested)
+    check_writable(str(tmp_path / "out.parquet"), nested)
+    with pytest.raises(TableError, match="as jsonl"):
+        check_writable(str(tmp_path / "out.jsonl"), pa.table({"raw": pa.array([b"\xff"])}))
+    assert not list(tmp_path.iterdir())
