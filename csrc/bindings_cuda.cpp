@@ -1,6 +1,7 @@
 // The CUDA kernels of the earlyexit::cpp_* operators (schemas in bindings.cpp). Compiled
 // only in a CUDA build (setup.py defines EEK_WITH_CUDA); the kernels themselves are in
-// csrc/cuda/*.cu, plain CUDA C++ without torch headers, launched on the current stream.
+// csrc/cuda/*.cu, plain CUDA C++ without torch headers, launched on the current stream of
+// the tensors' device (a guard makes it current for the call).
 #ifdef EEK_WITH_CUDA
 
 #include <c10/cuda/CUDAGuard.h>
@@ -34,6 +35,7 @@ void check_launch(cudaError_t err, const char* name) {
 }
 
 struct HeadInputs : HeadTensors {
+  at::Tensor partials;  // [head_tiles(H), n, C] float32: each feature tile's share of the logits
   cuda::HeadPtrs ptrs;
 };
 
@@ -42,7 +44,8 @@ HeadInputs head_inputs(const at::Tensor& cls_hidden, const at::Tensor& pooler_we
   TORCH_CHECK(cls_hidden.is_cuda(), "cpp_head (CUDA): tensors must be on a CUDA device");
   HeadInputs in;
   static_cast<HeadTensors&>(in) = head_tensors(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias);
-  const int64_t H = in.x.size(1);
+  const int64_t n = in.x.size(0), H = in.x.size(1), C = in.w.size(0);
+  in.partials = at::empty({cuda::head_tiles(H), n, C}, in.x.options().dtype(at::kFloat));
   cuda::HeadPtrs& p = in.ptrs;
   p.x = in.x.data_ptr();
   p.x_stride = in.x.stride(0);
@@ -53,6 +56,7 @@ HeadInputs head_inputs(const at::Tensor& cls_hidden, const at::Tensor& pooler_we
   p.H = H;
   p.pooled = in.pooled.data_ptr();
   p.logits = in.logits.data_ptr();
+  p.partials = in.partials.data_ptr<float>();
   return in;
 }
 

@@ -96,3 +96,32 @@ def test_compact_poisoned_allocations():
     finally:
         torch.use_deterministic_algorithms(old_mode)
         det.fill_uninitialized_memory = old_fill
+
+
+@pytest.mark.skipif(not eek.backends()["cuda"], reason="needs the CUDA kernels (a [n, S, H] tensor past 2^31 elements)")
+def test_cuda_compact_past_two_to_the_31_elements():
+    """B * S * H > 2^31 (int32 offsets would wrap): the last rows and positions land where they belong."""
+    n, s, h = 2048, 1040, 1024  # 2.18e9 elements, 4.4 GB in fp16
+    assert n * s * h > 2**31
+    if torch.cuda.mem_get_info()[0] < 6 * 2**30:
+        pytest.skip("needs 6 GiB of free GPU memory")
+    hidden = torch.empty(n, s, h, dtype=torch.float16, device="cuda")
+    hidden.view(n, -1)[:, :8].copy_(torch.arange(n, device="cuda")[:, None].half())  # row marks
+    hidden[:, -1, -4:] = torch.arange(n, device="cuda")[:, None].half() / 2048
+    mask = torch.ones(n, s, dtype=torch.bool, device="cuda")
+    index = torch.tensor([n - 1, 0, n - 2, 1500], device="cuda")
+    got_h, got_m = cpp_backend.compact(hidden, mask, index, s)
+    for i, row in enumerate(index.tolist()):  # bit for bit (the rest of the buffer is not initialized)
+        assert torch.equal(got_h[i].view(torch.int16), hidden[row].view(torch.int16)), row
+        assert float(got_h[i, 0, 0]) == row and float(got_h[i, -1, -1]) == row / 2048
+    assert bool(got_m.all())
+    del hidden, got_h
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not eek.backends()["cuda"], reason="needs two CUDA devices")
+def test_cuda_compact_on_second_gpu():
+    torch.cuda.set_device(0)
+    states, mask, index = _inputs(17, 9, 768, torch.float16, seed=8)
+    _check(states, mask, index, 7, torch.device("cuda", 1))
+    assert torch.cuda.current_device() == 0

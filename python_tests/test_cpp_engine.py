@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import tiny_batch, tiny_model
-from threshold_helpers import assert_clear_of_threshold, midway, qexit_cdfs
+from threshold_helpers import assert_clear_of_threshold, midway, qexit_cdfs, randomize_heads
 
 import earlyexit_kernels as eek
 
@@ -109,3 +109,79 @@ def test_engine_low_precision_runs_and_mostly_agrees(dtype):
     # rows that left at the same layer got the same head on the same hidden state
     torch.testing.assert_close(got.logits[same].float(), ref.logits[same].float(), rtol=0.05, atol=0.05)
     assert int(same.sum()) >= 5
+
+
+# ---------------------------------------------------------------------------------------
+# Spread decisions (randomized heads, thresholds midway between the values met): on the CPU
+# with backend="cpp", on a GPU with backend="cuda", and with the model on a second GPU.
+
+_CUDA = pytest.mark.skipif(not eek.backends()["cuda"], reason=f"CUDA kernels: {eek.backend_status()['cuda']}")
+_TWO_GPUS = pytest.mark.skipif(
+    not eek.backends()["cuda"] or torch.cuda.device_count() < 2,
+    reason="needs the CUDA kernels and two GPUs (a model on cuda:1 while cuda:0 is current)",
+)
+SPREAD_BATCH, SPREAD_SEED = 9, 21
+
+
+def _with_heads(model, policy, device, batch):
+    """``policy`` attached (torch backend) with randomized heads; its all-exits output on ``device``."""
+    eek.patch(model, policy, backend="torch")
+    randomize_heads(model, SPREAD_SEED)
+    model.to(device)
+    ids, mask, tt = (t.to(device) for t in batch)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, token_type_ids=tt, return_all_exits=True)
+
+
+def _spread_policies(model, device, batch):
+    z = _with_heads(model, eek.Entropy(0.5), device, batch).all_logits.float().cpu()
+    log_p = z.log_softmax(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    max_prob = z.softmax(-1).amax(-1)
+    cdf = qexit_cdfs(_with_heads(model, eek.QExit(0.5), device, batch).all_halting.cpu())[:-1]
+    skipping = _with_heads(model, eek.SkipGates(0.5, entropy_threshold=0.5), device, batch).all_logits
+    log_s = skipping.float().cpu().log_softmax(-1)
+    skip_entropy = -(log_s.exp() * log_s).sum(-1)
+    return [
+        eek.Entropy(midway(entropy, entropy[0])),
+        eek.MaxProb(midway(max_prob, max_prob[0])),
+        eek.Patience(1),
+        eek.Voting(2),
+        eek.QExit(midway(cdf, cdf[1])),
+        eek.DACT(),
+        eek.SkipGates(0.5, entropy_threshold=midway(skip_entropy, skip_entropy[0])),
+        eek.Scheduled(torch.tensor([1, 4, 2, 3, 3, 1, 4, 2, 2], device=device)),
+    ]
+
+
+@pytest.mark.parametrize(
+    "backend,where",
+    [("cpp", "cpu"), pytest.param("cuda", "cuda", marks=_CUDA), pytest.param("cuda", "cuda:1", marks=_TWO_GPUS)],
+)
+def test_engine_spread_decisions(arch, backend, where):
+    """Every policy end to end against backend="torch" on the same device, exits spread over the
+    layers; on cuda:1 the current device stays cuda:0."""
+    device = torch.device(where)
+    if device.type == "cuda":
+        torch.cuda.set_device(0)
+    batch = tiny_batch(SPREAD_BATCH, 10, seed=4)
+    model = tiny_model(arch, num_labels=3, num_layers=L)
+    spread = 0
+    for policy in _spread_policies(model, device, batch):
+        assert_clear_of_threshold(policy, _with_heads(model, policy, device, batch), L)
+        ids, mask, tt = (t.to(device) for t in batch)
+        outs = {}
+        for name in ("torch", backend):
+            eek.patch(model, policy, backend=name)
+            with torch.no_grad():
+                outs[name] = model(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+        ref, got = outs["torch"], outs[backend]
+        label = type(policy).__name__
+        assert got.logits.device == device
+        assert torch.equal(got.exit_layer, ref.exit_layer), (label, got.exit_layer, ref.exit_layer)
+        assert torch.equal(got.layers_run, ref.layers_run), label
+        torch.testing.assert_close(got.logits, ref.logits, rtol=1e-4, atol=1e-5, msg=label)
+        spread += len(set(ref.exit_layer.tolist())) > 1
+        if device.type == "cuda":
+            assert torch.cuda.current_device() == 0
+    assert spread >= 5, "the data should spread the exits over the layers"

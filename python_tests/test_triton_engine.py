@@ -8,7 +8,13 @@ import torch
 pytest.importorskip("triton")
 
 from conftest import KERNEL_DEVICE, tiny_batch, tiny_model  # noqa: E402
-from threshold_helpers import assert_clear_of_threshold, midway, qexit_cdfs, smallest_margin  # noqa: E402
+from threshold_helpers import (  # noqa: E402
+    assert_clear_of_threshold,
+    midway,
+    qexit_cdfs,
+    randomize_heads,
+    smallest_margin,
+)
 
 import earlyexit_kernels as eek  # noqa: E402
 from earlyexit_kernels.exit_rules import entropy  # noqa: E402
@@ -18,26 +24,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter
 BATCH, SEQ, LAYERS = 9, 12, 4
 
 
-def _randomize_heads(model, seed):
-    """Distinct per-layer heads, halting heads and gates, so exits differ between rows and layers."""
-    g = torch.Generator().manual_seed(seed)
-    heads = model.early_exit_heads
-    with torch.no_grad():
-        for module in list(heads.classifiers) + [heads.qexit_halting, heads.dact_halting]:
-            if module is None:
-                continue
-            for p in module.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.6)
-        if heads.gates is not None:
-            for gate in heads.gates:
-                gate.weight.copy_(torch.randn(gate.weight.shape, generator=g) * 0.5)
-                gate.bias.fill_(0.0)
-
-
 def _all_exits(model, policy, seed, ids, mask, tt):
     """Every head on every layer, through the torch backend, with ``policy``'s heads randomized."""
     eek.patch(model, policy, backend="torch")
-    _randomize_heads(model, seed)
+    randomize_heads(model, seed)
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask, token_type_ids=tt, return_all_exits=True)
 
@@ -201,3 +191,26 @@ def test_engine_triton_under_autocast_albert():
         assert torch.equal(got.exit_layer, ref.exit_layer), (got.exit_layer, ref.exit_layer)
         assert len(set(ref.exit_layer.tolist())) > 1
         torch.testing.assert_close(got.logits.float(), ref.logits.float(), rtol=0.02, atol=0.02)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (a model on cuda:1, cuda:0 current)")
+def test_engine_triton_model_on_second_gpu():
+    """Triton launches on the current device: with the model on cuda:1 and cuda:0 current, every
+    kernel must still run on cuda:1 (and read cuda:1's memory)."""
+    torch.cuda.set_device(0)
+    model = tiny_model("bert", num_labels=3, num_layers=LAYERS)
+    ids, mask, tt = tiny_batch(BATCH, SEQ)
+    thresholds = _thresholds(model, ids, mask, tt, seed=11)
+    device = torch.device("cuda", 1)
+    for name in ("entropy", "patience", "qexit", "voting"):
+        policy = _policies(thresholds)[name]
+        _prepare(model, policy, 11, ids, mask, tt)
+        model.to(device)
+        args = (ids.to(device), mask.to(device), tt.to(device))
+        with torch.no_grad():
+            ref = _run(model, policy, "torch", *args)
+            got = _run(model, policy, "triton", *args)
+        assert got.logits.device == device and torch.cuda.current_device() == 0
+        assert torch.equal(got.exit_layer, ref.exit_layer), (name, got.exit_layer, ref.exit_layer)
+        torch.testing.assert_close(got.logits, ref.logits, rtol=1e-5, atol=1e-5)
+        model.cpu()

@@ -24,6 +24,23 @@ from earlyexit_kernels.policies import layer_value
 MIN_MARGIN = 1e-4
 
 
+def randomize_heads(model, seed: int) -> None:
+    """Distinct per-layer heads, halting heads and gates, so that exits differ between rows and
+    layers (the tiny models' own heads give near-uniform predictions)."""
+    g = torch.Generator().manual_seed(seed)
+    heads = model.early_exit_heads
+    with torch.no_grad():
+        for module in list(heads.classifiers) + [heads.qexit_halting, heads.dact_halting]:
+            if module is None:
+                continue
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.6)
+        if heads.gates is not None:
+            for gate in heads.gates:
+                gate.weight.copy_(torch.randn(gate.weight.shape, generator=g) * 0.5)
+                gate.bias.fill_(0.0)
+
+
 def midway(values: torch.Tensor, around: torch.Tensor | None = None, min_margin: float = MIN_MARGIN) -> float:
     """The middle of the widest gap between neighbouring ``values`` (every value the rule will
     meet) within the middle half of ``around`` (default: of ``values``): both sides stay

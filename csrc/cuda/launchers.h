@@ -12,6 +12,11 @@ namespace cuda {
 
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
+// Pooled features per block of the head kernel: the head's partial logits come in
+// head_tiles(H) tiles of this many features.
+constexpr int64_t kHeadTile = 64;
+EEK_HD int64_t head_tiles(int64_t H) { return (H + kHeadTile - 1) / kHeadTile; }
+
 // The default head: pooled = tanh(wp x + bp), logits = w pooled + b (all in `dtype`).
 struct HeadPtrs {
   const void* x = nullptr;  // [n, H], row stride x_stride (elements), unit stride over H
@@ -23,6 +28,7 @@ struct HeadPtrs {
   int64_t H = 0;
   void* pooled = nullptr;  // [n, H] out
   void* logits = nullptr;  // [n, C] out
+  float* partials = nullptr;  // [head_tiles(H), n, C] float32 scratch (the caller allocates it)
 };
 
 // Outputs of the rule.
