@@ -11,7 +11,11 @@
 # but the generated c10/cuda/impl/cuda_cmake_macros.h, which is stood in for here. Set
 # TORCH_CUDA_INCLUDE=none to skip this check.
 #
-# The kernels' logic is tested on the CPU by python_tests/test_cuda_kernels.py (a CPU
+# Last, compile the Triton kernels for sm_80/sm_90 with Triton's own compiler
+# (python_tests/triton_compile_check.py; no GPU needed): the CPU suite runs them in Triton's
+# interpreter, which accepts code the compiler rejects. Skipped where triton is missing.
+#
+# The CUDA kernels' logic is tested on the CPU by python_tests/test_cuda_kernels.py (a CPU
 # emulation of the CUDA execution model); on a GPU by the same tests and scripts/gpu_session.sh.
 #
 # Usage: scripts/check_cuda_compile.sh   (NVCC=/path/to/nvcc, CUDA_ARCHS="80 90" to override)
@@ -55,10 +59,10 @@ for src in "${SOURCES[@]}"; do
     done
 done
 
+PY=.venv/bin/python
+[[ -x "$PY" ]] || PY=$(command -v python3 || true)
 TORCH_CUDA_INCLUDE=${TORCH_CUDA_INCLUDE:-}
 if [[ -z "$TORCH_CUDA_INCLUDE" ]]; then
-    PY=.venv/bin/python
-    [[ -x "$PY" ]] || PY=$(command -v python3 || true)
     if [[ -n "$PY" ]]; then
         TORCH_CUDA_INCLUDE=$("$PY" -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'include'))" 2>/dev/null || true)
     fi
@@ -83,5 +87,11 @@ else
         echo "cuda-check: csrc/bindings_cuda.cpp FAILED against $TORCH_CUDA_INCLUDE" >&2
         status=1
     fi
+fi
+
+if [[ -n "$PY" ]] && "$PY" -c "import triton" >/dev/null 2>&1; then
+    "$PY" python_tests/triton_compile_check.py || status=1
+else
+    echo "cuda-check: triton not importable: the Triton kernels not compiled" >&2
 fi
 exit $status
