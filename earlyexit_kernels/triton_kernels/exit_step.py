@@ -968,12 +968,12 @@ def _head_inputs(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias)
     """The head's tensors in one dtype: under autocast the autocast dtype (what ``F.linear``
     computes in there, as in the reference), otherwise they must already share one."""
     tensors = (cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias)
-    dtype = cls_hidden.dtype
     if torch._C._is_any_autocast_enabled():
         device_type = cls_hidden.device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-            return tuple(t if t.dtype == dtype or t.dtype == torch.float64 else t.to(dtype) for t in tensors)
+        if torch.is_autocast_enabled(device_type):  # autocast leaves float64 alone
+            fast = torch.get_autocast_dtype(device_type)
+            tensors = tuple(t if t.dtype == fast or t.dtype == torch.float64 else t.to(fast) for t in tensors)
+    dtype = tensors[0].dtype
     for t in tensors[1:]:
         if t.dtype != dtype:
             raise TypeError(
