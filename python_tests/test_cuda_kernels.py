@@ -68,8 +68,11 @@ class Ops:
         self.ns = torch.ops.earlyexit if where == "gpu" else emulation.load()
 
     def __call__(self, name, *args, outs=()):
-        """Run op ``name``; the tensors in ``outs`` (written in place by the op) are copied back."""
-        moved = [self._move(a) for a in args]
+        """Run op ``name``; the tensors in ``outs`` (written in place by the op) are copied back.
+        ``per_layer`` stays on the CPU, as the op requires."""
+        schema = getattr(torch.ops.earlyexit, name).default._schema
+        names = [a.name for a in schema.arguments]
+        moved = [a if names[i] == "per_layer" else self._move(a) for i, a in enumerate(args)]
         result = getattr(self.ns, name)(*moved)
         for original in outs:
             index = next(i for i, a in enumerate(args) if a is original)
@@ -207,6 +210,9 @@ def test_head_exit_step_with_write_back_and_survivors(ops, name, policy, labels,
             torch.testing.assert_close(returned, ref[1], rtol=1e-4, atol=1e-5)
             ref_exits, ref_returned = ref[0], ref[1]
         else:  # decisions on the kernel's own logits, which test_head_matches_reference checks
+            q, threshold = decision_quantity(policy, layer, L, logits, None, state)
+            if layer < L and q is not None and not isinstance(policy, (eek.Patience, eek.Voting)):
+                assert float((q - threshold).abs().min()) > 1e-6  # expf and exp differ in the last bits
             ref_exits, ref_returned, _ = exit_rules.exit_step(policy, layer, L, logits, None, dict(state))
             assert torch.equal(exits, ref_exits)
             torch.testing.assert_close(returned, ref_returned, rtol=1e-6, atol=1e-6)
