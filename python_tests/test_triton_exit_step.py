@@ -94,6 +94,7 @@ def halting_fn_for(policy, hidden: int, dtype, seed: int):
     head = head.to(dtype).eval()
 
     def fn(pooled, previous):
+        head.to(pooled.device)  # where the kernels run (a GPU, or the CPU under the interpreter)
         with torch.no_grad():
             if isinstance(head, LambdaHaltingHead):
                 return head(pooled, previous)
@@ -381,7 +382,7 @@ def test_head_exit_step_low_precision_within_rounding(dtype_name, name, batch, h
 
 def _halting64(halting_fn, pooled64, prev_pooled):
     """The halting head evaluated in float64 on the fp64 pooled vector."""
-    head64 = copy.deepcopy(halting_fn.head).double()
+    head64 = copy.deepcopy(halting_fn.head).cpu().double()
     with torch.no_grad():
         if isinstance(head64, LambdaHaltingHead):
             return head64(pooled64, prev_pooled.double())
