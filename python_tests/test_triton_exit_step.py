@@ -764,15 +764,16 @@ def test_a_dispatch_mode_sees_the_ops():
             seen.append(func.overloadpacket.__name__)
             return func(*args, **(kwargs or {}))
 
-    policy = eek.Entropy(0.6)
-    wp, bp, wi, bi = make_head(64, 3, torch.float32, seed=110)
-    cls = make_cls(5, 64, torch.float32, seed=111)
-    hidden = torch.randn(5, 6, 32)
-    with Recording():
-        tk.head_exit_step_write_back(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, {}, None, _target(5, 8, 3))
-        from earlyexit_kernels.triton_kernels import compact as tc
+    from earlyexit_kernels.triton_kernels import compact as tc
 
-        tc.compact(hidden, None, torch.tensor([0, 3]), 4)
+    policy = eek.Entropy(0.6)
+    weights = [t.to(KERNEL_DEVICE) for t in make_head(64, 3, torch.float32, seed=110)]
+    cls = make_cls(5, 64, torch.float32, seed=111).to(KERNEL_DEVICE)
+    hidden = torch.randn(5, 6, 32, device=KERNEL_DEVICE)
+    target = WriteBack(*(t.to(KERNEL_DEVICE) if t is not None else None for t in _target(5, 8, 3)))
+    with Recording():
+        tk.head_exit_step_write_back(policy, 2, NUM_LAYERS, cls, *weights, {}, None, target)
+        tc.compact(hidden, None, torch.tensor([0, 3], device=KERNEL_DEVICE), 4)
     assert {"exit_head", "exit_decide", "compact"} <= set(seen), seen
 
 
@@ -816,22 +817,23 @@ def test_per_call_integers_do_not_make_new_kernel_variants(monkeypatch):
         "_compact_kernel": _kernel_spy(monkeypatch, tc, "_compact_kernel", launches),
     }
     policy = eek.Patience(1)
-    wp, bp, wi, bi = make_head(64, 3, torch.float32, seed=120)
-    hidden = torch.randn(16, 40, 1024)
+    dev = KERNEL_DEVICE
+    weights = [t.to(dev) for t in make_head(64, 3, torch.float32, seed=120)]
+    hidden = torch.randn(16, 40, 1024, device=dev)
     # rows 1, 2, 15, 16 (one block of 16 rows), layers 1, 16, 17 of 33, batches 1, 32, 33, 48
     for n, layer, batch, length in ((1, 1, 1, 4), (2, 16, 32, 16), (15, 17, 33, 17), (16, 32, 48, 33)):
-        cls = torch.randn(n, 5, 64)[:, 0]
-        state = exit_rules.init_state(policy, n, 3, 64, 33, CPU)
+        cls = torch.randn(n, 5, 64, device=dev)[:, 0]
+        state = exit_rules.init_state(policy, n, 3, 64, 33, dev)
         target = WriteBack(
-            torch.arange(n),
-            torch.ones(n, dtype=torch.long),
+            torch.arange(n, device=dev),
+            torch.ones(n, dtype=torch.long, device=dev),
             None,
-            torch.zeros(batch, 3),
-            torch.zeros(batch, dtype=torch.long),
-            torch.zeros(batch, dtype=torch.long),
+            torch.zeros(batch, 3, device=dev),
+            torch.zeros(batch, dtype=torch.long, device=dev),
+            torch.zeros(batch, dtype=torch.long, device=dev),
         )
-        tk.head_exit_step_write_back(policy, layer, 33, cls, wp, bp, wi, bi, state, None, target)
-        tc.compact(hidden[:2], None, torch.tensor([1, 0]), length)
+        tk.head_exit_step_write_back(policy, layer, 33, cls, *weights, state, None, target)
+        tc.compact(hidden[:2], None, torch.tensor([1, 0], device=dev), length)
     keys: dict[str, set] = {}
     for name, args, kwargs, _ in launches:
         names, unspecialized = _param_names(kernels[name])
@@ -867,11 +869,13 @@ def test_every_launch_runs_under_its_tensors_device(monkeypatch):
     _kernel_spy(monkeypatch, tk, "_decide_kernel", launches)
     _kernel_spy(monkeypatch, tc, "_compact_kernel", launches)
     policy = eek.Entropy(0.6)
-    wp, bp, wi, bi = make_head(64, 3, torch.float32, seed=130)
-    cls = make_cls(5, 64, torch.float32, seed=131)
-    tk.head_exit_step_write_back(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, {}, None, _target(5, 8, 3))
-    tk.exit_step(policy, 2, NUM_LAYERS, torch.randn(5, 3), None, {})
-    tc.compact(torch.randn(4, 6, 32), None, torch.tensor([0, 3]), 4)
+    dev = KERNEL_DEVICE
+    weights = [t.to(dev) for t in make_head(64, 3, torch.float32, seed=130)]
+    cls = make_cls(5, 64, torch.float32, seed=131).to(dev)
+    target = WriteBack(*(t.to(dev) if t is not None else None for t in _target(5, 8, 3)))
+    tk.head_exit_step_write_back(policy, 2, NUM_LAYERS, cls, *weights, {}, None, target)
+    tk.exit_step(policy, 2, NUM_LAYERS, torch.randn(5, 3, device=dev), None, {})
+    tc.compact(torch.randn(4, 6, 32, device=dev), None, torch.tensor([0, 3], device=dev), 4)
     assert [name for name, *_ in launches] == ["_head_kernel", "_decide_kernel", "_decide_kernel", "_compact_kernel"]
     for name, args, _, guarded in launches:
         assert guarded is not None and guarded == args[0].device, name
