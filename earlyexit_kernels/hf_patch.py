@@ -50,7 +50,9 @@ class EarlyExitOutput(ModelOutput):
     all_logits: [L, B, C], every head on every layer (``return_all_exits=True`` or training).
     all_halting: [L, B], the halting probabilities (QExit's lambda_i, DACT's h_i).
     all_skipped: [L, B] bool, which layers SkipGates skipped.
-    host_syncs: how many times the forward read a value back to the host.
+    host_syncs: (an attribute, not a field) how many times the forward read a value back to
+        the host. It stays out of the output's fields so that ``pipeline`` unbatching and
+        ``Trainer``'s gathering, which treat every field as a per-row tensor, never see an int.
     all_halting_logits: [L, B] float32, the halting head's logits before the sigmoid (what
         the exit rule reads; for an exact offline replay, see :mod:`earlyexit_kernels.calibration`).
     all_gates: [L, B] float32, SmartBERT's gate probabilities (0 on layers 1 and L).
@@ -65,9 +67,10 @@ class EarlyExitOutput(ModelOutput):
     all_logits: torch.Tensor | None = None
     all_halting: torch.Tensor | None = None
     all_skipped: torch.Tensor | None = None
-    host_syncs: int | None = None
     all_halting_logits: torch.Tensor | None = None
     all_gates: torch.Tensor | None = None
+
+    host_syncs = None  # not annotated, so not a dataclass field (see the docstring)
 
 
 class _Adapter:
@@ -221,6 +224,7 @@ def patch(model: nn.Module, policy: ExitPolicy, backend: str = "auto", *, object
     model._eek_adapter = adapter_cls(model, heads)
     model.forward = types.MethodType(_patched_forward, model)
     model.save_pretrained = types.MethodType(_patched_save_pretrained, model)
+    _hide_extras_from_trainer(config)
     if objective is not None:
         set_training_objective(model, objective)
     return model
@@ -269,12 +273,14 @@ def _patched_save_pretrained(self, save_directory, *args, state_dict=None, **kwa
     from .saving import save_exit_heads
 
     heads = self._modules.pop(_HEADS)
+    _restore_trainer_keys(self.config)
     try:
         if state_dict is not None:
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith(_HEADS + ".")}
         type(self).save_pretrained(self, save_directory, *args, state_dict=state_dict, **kwargs)
     finally:
         self._modules[_HEADS] = heads
+        _hide_extras_from_trainer(self.config)
     if kwargs.get("is_main_process", True):
         save_exit_heads(self, save_directory)
 
@@ -290,7 +296,35 @@ def unpatch(model: nn.Module) -> nn.Module:
     vars(model)[_DETACHED_HEADS] = heads
     for name in ("_eek_policy", "_eek_backend", "_eek_adapter"):
         delattr(model, name)
+    _restore_trainer_keys(model.config)
     return model
+
+
+# ``Trainer.predict``/``evaluate`` hand ``compute_metrics`` every output field not named in
+# ``config.keys_to_ignore_at_inference``; without this a metric written for the plain model
+# (``predictions.argmax(-1)``) would get a tuple. ``trainer.predict(ds, ignore_keys=[])``
+# still returns ``exit_layer`` and ``layers_run``.
+_TRAINER_HIDDEN_KEYS = tuple(f for f in EarlyExitOutput.__dataclass_fields__ if f not in ("loss", "logits"))
+_SAVED_TRAINER_KEYS = "_eek_saved_keys_to_ignore_at_inference"
+
+
+def _hide_extras_from_trainer(config) -> None:
+    if _SAVED_TRAINER_KEYS in vars(config):
+        return
+    own = vars(config).get("keys_to_ignore_at_inference")
+    object.__setattr__(config, _SAVED_TRAINER_KEYS, own)
+    before = list(getattr(config, "keys_to_ignore_at_inference", ["past_key_values"]))
+    config.keys_to_ignore_at_inference = before + [k for k in _TRAINER_HIDDEN_KEYS if k not in before]
+
+
+def _restore_trainer_keys(config) -> None:
+    if _SAVED_TRAINER_KEYS not in vars(config):
+        return
+    own = vars(config).pop(_SAVED_TRAINER_KEYS)
+    if own is None:
+        vars(config).pop("keys_to_ignore_at_inference", None)
+    else:
+        config.keys_to_ignore_at_inference = own
 
 
 def _check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds, vocab_size):
@@ -408,8 +442,8 @@ def _patched_forward(
         all_logits=result.all_logits,
         all_halting=result.all_halting,
         all_skipped=result.all_skipped,
-        host_syncs=result.host_syncs + (input_ids is not None and batch > 0),
         all_halting_logits=result.all_halting_logits,
         all_gates=result.all_gates,
     )
+    out.host_syncs = result.host_syncs + (input_ids is not None and batch > 0)
     return out if return_dict is not False else out.to_tuple()
