@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import os
 import platform
 import sys
 import time
@@ -53,7 +54,6 @@ from .calibration import (
     accuracy_curve,
     calibrate,
     candidates,
-    describe,
     interpolate_baseline,
     plot_curve,
     record_exits,
@@ -61,6 +61,7 @@ from .calibration import (
     static_baseline,
 )
 from .demo_task import batches, make_split
+from .policy_spec import parse_policy
 from .training import train_exit_heads
 
 __all__ = ["METHODS", "train_method", "train_base", "evaluate_method", "main"]
@@ -170,7 +171,7 @@ def _row(method, kind, policy, record: ExitRecord, hard, baseline):
     return {
         "method": method,
         "kind": kind,
-        "policy": describe(policy),
+        "policy": repr(policy),  # the exact code that builds it (the README table rounds it)
         **{k: round(v, 5) for k, v in stats.items()},
         "static_accuracy": round(static, 5),
         "beats_static": int(stats["accuracy"] > static + 1e-9),
@@ -231,11 +232,19 @@ def readme_table(csv_path: str) -> str:
             return f"{100 * float(r[key]):.1f}%"
 
         out.append(
-            f"| {method} | `{op['policy']}` | {pct('accuracy')} | {pct('easy_accuracy')} / {pct('hard_accuracy')} "
+            f"| {method} | `{_table_code(op['policy'])}` | {pct('accuracy')} | {pct('easy_accuracy')} / {pct('hard_accuracy')} "
             f"| {float(op['mean_layers']):.2f} | {float(op['easy_layers']):.2f} / {float(op['hard_layers']):.2f} "
             f"| {pct('static_accuracy')} | {above} / {len(inner)} |"
         )
     return "\n".join(out)
+
+
+def _table_code(text: str) -> str:
+    """A CSV's policy text as the code that builds it, thresholds to 4 significant digits."""
+    try:
+        return parse_policy(text).to_code(4)
+    except ValueError:
+        return text
 
 
 def update_readme(readme: str, csv_path: str) -> None:
@@ -251,7 +260,8 @@ def update_readme(readme: str, csv_path: str) -> None:
         f.write(f"{head}{MARK_START}\n{note}\n\n{table}\n\n{MARK_END}{tail}")
 
 
-def run(args) -> list[dict]:
+def run(args, save=None) -> list[dict]:
+    """Train and evaluate every method of ``args``; ``save(rows)`` gets the rows so far after each method."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -285,6 +295,8 @@ def run(args) -> list[dict]:
             method, model, val_batches, test_batches, test["hard"], args.max_drop
         )
         rows += method_rows
+        if save is not None:
+            save(rows)
         curves[method] = curve
         baseline = baseline or method_baseline
         op = method_rows[-1]
@@ -353,11 +365,25 @@ def main(argv=None) -> None:
             parser.error("--from-csv needs --readme")
         update_readme(args.readme, args.from_csv)
         return
-    rows = run(args)
-    if args.output:
-        write_csv(rows, args.output, argv)
-        if args.readme:
-            update_readme(args.readme, args.output)
+    if args.readme and not args.output:
+        parser.error("--readme needs --output (the CSV the table is generated from) or --from-csv")
+    for folder in (args.plot_dir, *(os.path.dirname(p) for p in (args.output, args.plot) if p)):
+        if folder:
+            os.makedirs(folder, exist_ok=True)  # before the training, not after it
+    if not (args.output or args.plot or args.plot_dir):
+        print(
+            "no --output, --plot or --plot-dir: the results are only printed; e.g. --output exit_quality.csv "
+            "--plot exit_quality.png keeps them",
+            flush=True,
+        )
+
+    def save(rows):
+        if args.output:
+            write_csv(rows, args.output, argv)  # rewritten after every method, so an interrupted run keeps its rows
+
+    run(args, save)
+    if args.output and args.readme:
+        update_readme(args.readme, args.output)
 
 
 if __name__ == "__main__":

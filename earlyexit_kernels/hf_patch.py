@@ -388,7 +388,9 @@ def _patched_forward(
     """Early-exit forward of a patched model; see :class:`EarlyExitOutput`.
 
     In training mode every layer runs on every row (as with ``return_all_exits=True``)
-    so that each head gets its gradient.
+    so that each head gets its gradient. Whenever grad is enabled and a parameter requires
+    it, the forward takes the differentiable ``"torch"`` ops whatever the backend chosen
+    (the same decisions; the fused ops have no backward).
     """
     for flag in ("output_attentions", "output_hidden_states"):
         if kwargs.pop(flag, False):
@@ -403,8 +405,11 @@ def _patched_forward(
 
     all_exits = return_all_exits or self.training
     device = next(self.parameters()).device
+    # The fused ops (cpp, triton, cuda) have no autograd formula: whenever a gradient can flow,
+    # the reference ops run instead, so the returned logits and loss are differentiable.
+    differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
     backend = resolve_backend(
-        self._eek_backend,
+        "torch" if differentiable else self._eek_backend,
         device,
         dtype=adapter.final_classifier.weight.dtype,
         hidden_size=adapter.hidden_size,

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import earlyexit_kernels as eek
 from earlyexit_kernels import exit_quality
 from earlyexit_kernels.calibration import candidates, record_exits, replay
 from earlyexit_kernels.demo_task import batches, make_split
@@ -69,3 +70,47 @@ def test_readme_table_is_generated_from_the_csv(tmp_path):
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("end\n")
     assert "| pabee | `Y` | 62.5% | 62.5% / 62.5% | 1.50 |" in text and "| 1 / 1 |" in text
+
+
+def test_the_table_prints_each_operating_point_as_rounded_code(tmp_path):
+    rows = [
+        dict.fromkeys(exit_quality.FIELDS, 0.5)
+        | {"method": "smartbert", "kind": "static", "policy": "cut after layer 1", "mean_layers": 1},
+        dict.fromkeys(exit_quality.FIELDS, 0.5)
+        | {"method": "smartbert", "kind": "operating", "policy": repr(eek.SkipGates(entropy_threshold=0.38741234))},
+    ]
+    csv_path = tmp_path / "q.csv"
+    exit_quality.write_csv(rows, str(csv_path), [])
+    assert "| smartbert | `SkipGates(entropy_threshold=0.3874)` |" in exit_quality.readme_table(str(csv_path))
+
+
+def test_missing_folders_are_made_first_and_rows_are_written_per_method(tmp_path, monkeypatch, capsys):
+    trained = []
+    real_train_method = exit_quality.train_method
+
+    def train_method(method, *args, **kwargs):
+        if trained:  # the second method fails: the first one's rows must already be on disk
+            raise KeyboardInterrupt
+        trained.append(method)
+        return real_train_method(method, *args, **kwargs)
+
+    monkeypatch.setattr(exit_quality, "train_method", train_method)
+    output = tmp_path / "new" / "quality.csv"
+    plots = tmp_path / "plots" / "per-method"
+    argv = ["--output", str(output), "--plot-dir", str(plots), "--methods", "pabee", "deebert"]
+    argv += ["--train-size", "64", "--method-train-size", "32", "--val-size", "32", "--test-size", "32"]
+    argv += ["--base-epochs", "1", "--hidden", "32", "--layers", "3", "--threads", "1"]
+    with pytest.raises(KeyboardInterrupt):
+        exit_quality.main(argv)
+    assert trained == ["pabee"]
+    text = output.read_text()
+    assert "\npabee,operating,Patience(" in text and "\ndeebert," not in text
+    assert (plots / "pabee.png").stat().st_size > 0
+
+
+def test_the_bare_command_says_it_keeps_nothing(monkeypatch, capsys):
+    monkeypatch.setattr(exit_quality, "run", lambda args, save=None: [])
+    exit_quality.main([])
+    assert "the results are only printed" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        exit_quality.main(["--readme", "README.md"])  # the table needs a CSV

@@ -118,3 +118,64 @@ def test_the_trainer_keys_stay_out_of_the_saved_config_and_leave_with_unpatch(sa
 
     eek.unpatch(model)
     assert "keys_to_ignore_at_inference" not in vars(model.config)
+
+
+def _backends_here():
+    names = ["auto", "torch", "cpp"]
+    if eek.backends().get("triton"):
+        names.append("triton")
+    return names
+
+
+@pytest.mark.parametrize("backend", _backends_here())
+@pytest.mark.parametrize(
+    "policy", [eek.Entropy(0.3), eek.Patience(1), eek.QExit(0.5), eek.SkipGates(entropy_threshold=0.3)], ids=repr
+)
+def test_returned_logits_are_differentiable_whenever_grad_is_enabled_on_every_backend(backend, policy):
+    from conftest import tiny_batch, tiny_model
+
+    model = eek.patch(tiny_model("bert", num_layers=3), policy, backend=backend)
+    ids, mask, types = tiny_batch(4, 8)
+    labels = torch.tensor([0, 1, 2, 0])
+    for mode in (model.train, model.eval):
+        mode()
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
+        assert out.logits.requires_grad
+        out.loss.backward()
+        heads = [*model.classifier.parameters(), *model.early_exit_heads.classifiers.parameters()]
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in heads)
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.bert.encoder.parameters())
+
+
+def test_under_no_grad_the_chosen_backend_still_runs():
+    from conftest import tiny_batch, tiny_model
+
+    model = eek.patch(tiny_model("bert", num_layers=3), eek.Entropy(0.3), backend="cpp").eval()
+    ids, mask, _ = tiny_batch(4, 8)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+    assert not out.logits.requires_grad
+
+
+def test_a_trainer_without_an_objective_trains_with_the_default_backend(saved_classifier, tmp_path):
+    model = eek.from_pretrained(saved_classifier)  # backend "auto": cpp on this CPU
+    tokenizer = AutoTokenizer.from_pretrained(saved_classifier)
+    texts = word_texts(16, seed=7)
+    data = _Rows(tokenizer, texts, [i % 3 for i in range(16)])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=2,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+    )
+    Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer).train()
+
+    moved = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+    assert any(name.startswith("early_exit_heads.") for name in moved)
+    assert any(name.startswith("bert.encoder.") for name in moved)
