@@ -46,6 +46,7 @@ __all__ = [
     "interpolate_baseline",
     "calibrate",
     "describe",
+    "distinct_digits",
     "print_curve",
     "plot_curve",
 ]
@@ -353,44 +354,44 @@ def calibrate(
         print(f"calibration target: {target}; full model {100 * full_accuracy:.2f}%")
         print_curve(curve)
         print(
-            f"chosen: {describe(best.policy)}: {100 * best.accuracy:.2f}% at {best.mean_layers:.2f} layers"
-            + ("" if feasible else " (target not met)")
+            f"chosen: {describe(best.policy, distinct_digits([p.policy for p in curve]))}: "
+            f"{100 * best.accuracy:.2f}% at {best.mean_layers:.2f} layers" + ("" if feasible else " (target not met)")
         )
     if plot:
         plot_curve(curve, plot, full_accuracy=full_accuracy, baseline=static_baseline(record), chosen=best)
     return result
 
 
-def _short(value) -> str:
-    if isinstance(value, tuple):
-        return "(" + ", ".join(f"{v:.4g}" for v in value) + ")"
-    return f"{value:.4g}"
+def describe(policy: ExitPolicy, digits: int | None = 4) -> str:
+    """The code that builds ``policy``, floats rounded to ``digits`` significant digits (None: exact).
+
+    ``Entropy(0.2131)``, ``Patience(2)``, ``QExit(q=0.41)``, ``SkipGates(entropy_threshold=0.3874)``:
+    valid Python, as :meth:`ExitPolicy.to_code` writes it.
+    """
+    return policy.to_code(digits)
 
 
-def describe(policy: ExitPolicy) -> str:
-    """A short name with the calibrated value: ``Entropy(0.213)``, ``Patience(2)``, ``QExit(q=0.41)``."""
-    if isinstance(policy, Entropy):
-        return f"Entropy({_short(policy.threshold)}{', normalized' if policy.normalized else ''})"
-    if isinstance(policy, SkipGates):
-        return f"SkipGates(entropy={_short(policy.entropy_threshold)})"
-    if isinstance(policy, MaxProb):
-        return f"MaxProb({_short(policy.threshold)})"
-    if isinstance(policy, Patience):
-        return f"Patience({policy.patience})"
-    if isinstance(policy, Voting):
-        return f"Voting({policy.min_votes})"
-    if isinstance(policy, QExit):
-        return f"QExit(q={policy.q:.4g})"
-    return f"{type(policy).__name__}()"
+def distinct_digits(policies: Sequence[ExitPolicy], start: int = 4) -> int | None:
+    """The fewest significant digits (at least ``start``) that print distinct policies distinctly.
+
+    None when only the exact text does (17 digits are always enough for a float).
+    """
+    exact = len({repr(p) for p in policies})
+    for digits in range(start, 18):
+        if len({p.to_code(digits) for p in policies}) == exact:
+            return digits
+    return None
 
 
 def print_curve(curve: Sequence[CurvePoint], file=None) -> None:
-    """Print the accuracy-vs-layers table, cheapest first."""
-    print(f"{'policy':<34}{'accuracy':>10}{'layers':>9}{'exit':>7}", file=file)
-    for point in sorted(curve, key=lambda p: (p.mean_layers, p.accuracy)):
+    """Print the accuracy-vs-layers table, cheapest first, with enough digits to tell the policies apart."""
+    digits = distinct_digits([p.policy for p in curve])
+    names = [describe(p.policy, digits) for p in curve]
+    width = max([34, *(len(n) + 2 for n in names)])
+    print(f"{'policy':<{width}}{'accuracy':>10}{'layers':>9}{'exit':>7}", file=file)
+    for name, point in sorted(zip(names, curve), key=lambda item: (item[1].mean_layers, item[1].accuracy)):
         print(
-            f"{describe(point.policy):<34}{100 * point.accuracy:>9.2f}%{point.mean_layers:>9.3f}"
-            f"{point.mean_exit_layer:>7.2f}",
+            f"{name:<{width}}{100 * point.accuracy:>9.2f}%{point.mean_layers:>9.3f}{point.mean_exit_layer:>7.2f}",
             file=file,
         )
 

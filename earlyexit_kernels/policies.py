@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, replace
 
 import torch
 
@@ -36,6 +36,8 @@ def _is_real(value) -> bool:
 
 def _per_layer_floats(owner: str, name: str, value, *, low: float, high: float, low_open: bool):
     """Normalise a float-or-sequence field to a float or a tuple of floats, checking the range."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        value = value.item()  # a 0-d tensor is one number, not a sequence
     values = list(value) if isinstance(value, (Sequence, torch.Tensor)) and not isinstance(value, str) else [value]
     if not values:
         raise ValueError(f"{owner}: {name} must be a number or a non-empty sequence of numbers, got an empty sequence")
@@ -70,6 +72,15 @@ def _require_distribution(owner: str, num_labels: int) -> None:
         )
 
 
+def _round(value, digits: int):
+    """``value`` (a float, a tuple of floats, anything else) with its floats at ``digits`` significant digits."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, tuple):
+        return tuple(_round(v, digits) for v in value)
+    return value
+
+
 def layer_value(value, layer: int) -> float:
     """The value that applies at 1-based ``layer`` of a float-or-per-layer field."""
     return value[layer - 1] if isinstance(value, tuple) else value
@@ -89,8 +100,62 @@ class ExitPolicy:
         if self.needs_distribution:
             _require_distribution(type(self).__name__, num_labels)
 
+    def to_code(self, digits: int | None = None) -> str:
+        """The Python code that builds this policy: ``Entropy(0.3)``, ``SkipGates(entropy_threshold=0.3)``.
 
-@dataclass(frozen=True)
+        Required fields are written positionally, the others as keywords and only where
+        they differ from their default. With ``digits=None`` floats are written exactly
+        (``eval`` in the namespace of ``earlyexit_kernels`` gives an equal policy, and
+        :func:`earlyexit_kernels.policy_spec.parse_policy` reads it); ``digits`` rounds
+        them to that many significant digits, for tables.
+        """
+
+        if digits is not None:
+            # the fewest digits from ``digits`` on whose rounded values still build a valid policy
+            # (0.999999 rounds to 1, which QExit refuses)
+            for tried in range(digits, 17):
+                rounded = {
+                    f.name: _round(getattr(self, f.name), tried) for f in fields(self) if f.name != "exit_layers"
+                }
+                try:
+                    replace(self, **rounded)
+                except ValueError:
+                    continue
+                digits = tried
+                break
+            else:
+                digits = None
+
+        def number(value) -> str:
+            if isinstance(value, float):
+                return repr(value) if digits is None else f"{value:.{digits}g}"
+            if isinstance(value, tuple):
+                inner = ", ".join(number(v) for v in value)
+                return f"({inner},)" if len(value) == 1 else f"({inner})"
+            if isinstance(value, torch.Tensor):
+                return repr(value.tolist())
+            return repr(value)
+
+        arguments = []
+        keywords_only = False
+        for f in fields(self):
+            value = getattr(self, f.name)
+            required = f.default is MISSING and f.default_factory is MISSING
+            if required and not keywords_only:
+                arguments.append(number(value))
+                continue
+            keywords_only = True
+            default = f.default
+            if not required and (value is default or (type(value) is type(default) and value == default)):
+                continue
+            arguments.append(f"{f.name}={number(value)}")
+        return f"{type(self).__name__}({', '.join(arguments)})"
+
+    def __repr__(self) -> str:
+        return self.to_code()
+
+
+@dataclass(frozen=True, repr=False)
 class Entropy(ExitPolicy):
     """DeeBERT: exit when the entropy of the layer's prediction is below ``threshold``.
 
@@ -116,7 +181,7 @@ class Entropy(ExitPolicy):
         _check_per_layer_length("Entropy", "threshold", self.threshold, num_layers)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class MaxProb(ExitPolicy):
     """RightTool: exit when the largest class probability reaches ``threshold``.
 
@@ -148,13 +213,14 @@ class MaxProb(ExitPolicy):
             _check_per_layer_length("MaxProb", "temperature", self.temperature, num_layers)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Patience(ExitPolicy):
     """PABEE: exit once ``patience`` consecutive layers agree with the one before them.
 
     Classification compares argmax predictions; regression (``num_labels == 1``) needs
     ``regression_threshold`` and counts layers whose output moved by less than it.
-    The earliest exit is layer ``patience + 1``.
+    The earliest exit is layer ``patience + 1``, so on ``L`` layers ``patience`` lies in
+    ``1..L-1``; ``L - 1`` is met at the last layer only (no early exit).
     """
 
     patience: int
@@ -188,13 +254,22 @@ class Patience(ExitPolicy):
                 "(0.1 is the published setting for STS-B)"
             )
         if self.patience >= num_layers:
+            if num_layers == 1:
+                allowed = "Patience compares a layer with the one before it and needs at least 2 layers"
+            elif num_layers == 2:
+                allowed = "use patience=1 (met at layer 2, the last: a 2-layer model cannot exit earlier with Patience)"
+            else:
+                allowed = (
+                    f"use a patience in 1..{num_layers - 1} (patience={num_layers - 1} is met at the last layer "
+                    f"only; {num_layers - 2} is the largest that can exit earlier)"
+                )
             raise ValueError(
-                f"Patience: patience={self.patience} can never be met before the last of {num_layers} layers "
-                f"(the earliest exit is layer patience + 1); use a patience below {num_layers}"
+                f"Patience: patience={self.patience} can never be met on a {num_layers}-layer model (it is met at "
+                f"layer patience + 1 at the earliest); {allowed}"
             )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class QExit(ExitPolicy):
     """PALBERT's deterministic Q-exit over PonderNet halting probabilities.
 
@@ -229,9 +304,13 @@ class QExit(ExitPolicy):
             raise ValueError(f"QExit: stochastic must be True or False, got {self.stochastic!r}")
         if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
             raise ValueError(f"QExit: seed must be an integer, got {self.seed!r}")
+        if not -(2**63) <= self.seed < 2**64:
+            raise ValueError(
+                f"QExit: seed must lie in -2**63..2**64 - 1 (what torch.Generator.manual_seed takes), got {self.seed!r}"
+            )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Voting(ExitPolicy):
     """Ensemble of internal classifiers: exit once one class has ``min_votes`` votes.
 
@@ -262,7 +341,7 @@ class Voting(ExitPolicy):
             )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class DACT(ExitPolicy):
     """Differentiable adaptive computation time (Eyzaguirre et al. 2021).
 
@@ -282,7 +361,7 @@ class DACT(ExitPolicy):
             )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class SkipGates(ExitPolicy):
     """SmartBERT: skip layers whose gate says so, exit by entropy on the layers that run.
 
@@ -319,7 +398,7 @@ class SkipGates(ExitPolicy):
         _check_per_layer_length("SkipGates", "entropy_threshold", self.entropy_threshold, num_layers)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class Scheduled(ExitPolicy):
     """Replay a given exit pattern: sequence ``b`` exits after layer ``exit_layers[b]``.
 
