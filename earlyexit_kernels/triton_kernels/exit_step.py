@@ -257,8 +257,9 @@ def _decide_kernel(
         bad = tl.where(m2 & ~(tl.abs(z) <= _FLT_MAX), 1, 0)
         finite = tl.sum(bad, axis=1) == 0
         # argmax never sees NaN: a non-finite row's prediction is not used (and an all-NaN
-        # row would make the interpreter's argmax raise).
-        z_arg = tl.where(c_ok[None, :] & finite[:, None], z, float("-inf"))
+        # row would make the interpreter's argmax raise). Rows past n are masked too: from
+        # the partials they hold the bias, NaN when the bias is.
+        z_arg = tl.where(m2 & finite[:, None], z, float("-inf"))
         returned = z
 
         if POLICY == 0 or POLICY == 1 or POLICY == 5 or POLICY == 6:
@@ -343,7 +344,7 @@ def _decide_kernel(
             # A NaN in the accumulated state (never from valid steps) tops topk in the
             # reference, so the margin is NaN and the row stays; argmax never sees it.
             acc_nan = tl.sum(tl.where(m2 & (accd != accd), 1, 0), axis=1) > 0
-            am = tl.where(c_ok[None, :] & ~acc_nan[:, None], accd, float("-inf"))
+            am = tl.where(m2 & ~acc_nan[:, None], accd, float("-inf"))
             i1 = tl.argmax(am, axis=1)
             t1 = tl.max(am, axis=1)
             t2 = tl.max(tl.where(cs[None, :] == i1[:, None], float("-inf"), am), axis=1)
