@@ -18,7 +18,7 @@ The loss functions are re-exported here so that older imports keep working.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -157,8 +157,10 @@ def train_exit_heads(
     """Train a patched model with one method's loss; returns the loss of every step.
 
     ``batches``: a re-iterable of dicts with ``input_ids``, ``labels`` and optionally
-    ``attention_mask`` and ``token_type_ids`` (a ``DataLoader`` works; ``labels`` may be
-    left out for ``"fastbert"``). ``method``: a name of
+    ``attention_mask`` and ``token_type_ids`` (a list or a ``DataLoader``; ``labels`` may be
+    left out for ``"fastbert"``). A one-shot iterator (a generator) is read into memory
+    for one epoch; with ``epochs > 1`` it raises ``ValueError``, as does an epoch that
+    finds no batches. ``method``: a name of
     :data:`earlyexit_kernels.losses.OBJECTIVES` (``"pabee"``, ``"deebert_stage1"``,
     ``"deebert_stage2"`` (alias ``"deebert"``), ``"fastbert"``, ``"palbert"`` (alias
     ``"pondernet"``), ``"ensemble"``, ``"dact"``, ``"smartbert_stage1"``,
@@ -183,9 +185,21 @@ def train_exit_heads(
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
+    if isinstance(batches, Iterator):
+        # a generator or an iterator can be read once: one epoch, held in memory so that the
+        # schedule knows its length
+        if epochs > 1:
+            raise ValueError(
+                f"batches is a one-shot iterator ({type(batches).__name__}): it can be read only once, so "
+                f"epochs={epochs} would train on nothing after the first epoch; pass a list or a DataLoader "
+                f"(re-iterable), or epochs=1"
+            )
+        batches = list(batches)
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     loss_kwargs = dict(loss_kwargs or {})
     steps_per_epoch = sum(1 for _ in _batches(batches))
+    if steps_per_epoch == 0:
+        raise ValueError("train_exit_heads got no batches: batches is empty (or an iterable already read)")
     total = max(1, steps_per_epoch * epochs)
     warmup = int(total * warmup_fraction)
     was_training = model.training
@@ -197,7 +211,8 @@ def train_exit_heads(
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(schedule, total, warmup))
         bar = _progress(total, f"training ({chosen.name})", progress)
         model.train()
-        for _ in range(epochs):
+        for epoch in range(epochs):
+            steps_before = len(losses)
             for batch in _batches(batches):
                 out = model(
                     input_ids=batch["input_ids"],
@@ -215,6 +230,12 @@ def train_exit_heads(
                 losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
+            if len(losses) == steps_before:
+                raise ValueError(
+                    f"epoch {epoch + 1} of {epochs} found no batches ({steps_per_epoch} when they were counted "
+                    f"before the training): batches must give the same batches on every pass; pass a list or a "
+                    f"DataLoader"
+                )
     finally:
         if bar is not None:
             bar.close()

@@ -70,3 +70,34 @@ def test_training_arguments_are_checked():
         train_exit_heads(model, _data(1), method="no-such-method")
     with pytest.raises(ValueError, match="patched"):
         train_exit_heads(tiny_model("bert"), _data(1))
+
+
+def test_a_generator_trains_one_epoch_and_a_second_epoch_is_refused():
+    model = eek.patch(tiny_model("bert"), eek.Patience(1))
+    data = _data(3)
+    losses = train_exit_heads(model, (batch for batch in data), method="pabee", progress=False)
+    assert len(losses) == 3  # every batch of the generator, once
+    with pytest.raises(ValueError, match="one-shot iterator.*epochs=2"):
+        train_exit_heads(model, (batch for batch in data), method="pabee", epochs=2, progress=False)
+    with pytest.raises(ValueError, match="no batches"):
+        train_exit_heads(model, [], method="pabee", progress=False)
+
+
+class _FewPasses:
+    """Re-iterable in form (``iter`` gives a fresh iterator) but empty after ``passes`` passes."""
+
+    def __init__(self, batches, passes):
+        self.batches, self.passes = list(batches), passes
+
+    def __iter__(self):
+        self.passes -= 1
+        return iter(self.batches if self.passes >= 0 else [])
+
+
+def test_an_epoch_that_finds_no_batches_raises():
+    model = eek.patch(tiny_model("bert"), eek.Patience(1))
+    # one pass counts the steps, one is the first epoch: the second epoch finds nothing
+    with pytest.raises(ValueError, match="epoch 2 of 2 found no batches"):
+        train_exit_heads(model, _FewPasses(_data(2), passes=2), method="pabee", epochs=2, progress=False)
+    with pytest.raises(ValueError, match="no batches"):
+        train_exit_heads(model, _FewPasses(_data(2), passes=0), method="pabee", progress=False)
