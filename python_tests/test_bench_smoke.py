@@ -59,3 +59,32 @@ def test_bench_smoke(tmp_path):
     assert "| bert | 16 | 4 |" in first
     assert report.main([str(out / "bench.csv"), "--readme", str(readme)]) == 0
     assert readme.read_text().count(report.START) == 1
+
+
+def test_the_default_output_folder_is_a_new_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = cli.parse_args(["--device", "cpu"]).output_dir
+    assert first.parent.name == "bench-results" and first.name.startswith("cpu-")
+    first.mkdir(parents=True)
+    second = cli.parse_args(["--device", "cpu"]).output_dir
+    assert second != first and not second.exists()  # never an earlier run's folder (benchmarks/results/cpu)
+
+
+def test_peak_memory_keeps_the_profiler_log_off_stderr(capfd):
+    import os
+
+    import torch
+
+    from earlyexit_kernels.bench.timing import _PROFILER_LOG, peak_memory
+
+    x = torch.randn(64, 64)
+
+    def call():
+        os.write(2, b"USDT:2026-11-22 13:56:07 8460:8460 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        os.write(2, b"a warning of the call itself\n")
+        return x @ x
+
+    assert peak_memory(call, torch.device("cpu")) >= x.numel() * 4
+    err = capfd.readouterr().err
+    assert "a warning of the call itself" in err
+    assert not any(_PROFILER_LOG.match(line.encode()) for line in err.splitlines()), err

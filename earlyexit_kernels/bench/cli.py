@@ -1,6 +1,6 @@
 """``python -m earlyexit_kernels.bench``: the end-to-end sweep, the microbenchmarks, the CSV and the plots.
 
-    python -m earlyexit_kernels.bench                      # defaults for the device (see --help)
+    python -m earlyexit_kernels.bench                      # defaults for the device (see --help) -> bench-results/<device>-<time>/
     python -m earlyexit_kernels.bench --smoke --output-dir /tmp/b   # seconds: checks the suite runs
 
 Writes ``<output-dir>/bench.csv`` (schema: :mod:`.results`), ``meta.json`` (command,
@@ -70,7 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--smoke", action="store_true", help="tiny model, B in {1, 4}, S = 16, one repetition, 1 thread"
     )
-    parser.add_argument("--output-dir", type=Path, help="default: benchmarks/results/<device type>")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        help="default: a new folder bench-results/<device type>-<UTC time> under the current folder "
+        "(the committed results are in benchmarks/results/<device type>)",
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -83,8 +88,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     if args.max_tokens is None and device.type != "cuda" and not args.smoke:
         args.max_tokens = 4096
-    args.output_dir = args.output_dir or Path("benchmarks") / "results" / device.type
+    args.output_dir = args.output_dir or _fresh_folder(Path("bench-results"), device.type)
     return args
+
+
+def _fresh_folder(parent: Path, name: str) -> Path:
+    """``parent/<name>-<UTC time>``, with a suffix if that exists already: never an earlier run's folder."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    candidate, n = parent / f"{name}-{stamp}", 1
+    while candidate.exists():
+        n += 1
+        candidate = parent / f"{name}-{stamp}-{n}"
+    return candidate
 
 
 def _grid(args) -> list[tuple[int, int]]:

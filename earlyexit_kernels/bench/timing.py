@@ -10,12 +10,19 @@ was allocated when it started:
   recorded by ``torch.profiler`` with ``profile_memory=True``, in time order (the
   process RSS is useless here: glibc keeps freed pages, so its high-water mark does
   not move after the first large run). Only the torch allocator is counted, not
-  Python objects. ``None`` when the profiler does not expose the events.
+  Python objects. ``None`` when the profiler does not expose the events. The
+  profiler's own log lines (``profiler_start``/``profiler_stop``, two per call with some
+  torch builds, written by C++ to file descriptor 2) are kept off the terminal; anything
+  else written to stderr during the call is passed on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import re
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -72,7 +79,7 @@ def peak_memory(fn: Callable, device: torch.device) -> int | None:
     try:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _without_profiler_logs(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
         events = [
             (e.start_ns(), e.nbytes())
@@ -88,3 +95,34 @@ def peak_memory(fn: Callable, device: torch.device) -> int | None:
         current += nbytes
         peak = max(peak, current)
     return peak
+
+
+#: a log line of the profiler's C++ side (kineto): ``USDT:2026-11-22 13:56:07 8460:8460 X.cpp:52] profiler_start``
+_PROFILER_LOG = re.compile(rb"^[A-Z]+:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \w+\.cpp:\d+\] ")
+
+
+@contextlib.contextmanager
+def _without_profiler_logs():
+    """Send file descriptor 2 to a temporary file meanwhile; pass on what is not a profiler log line."""
+    import sys
+
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2: nothing to keep quiet
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            kept = b"".join(line for line in sink.read().splitlines(keepends=True) if not _PROFILER_LOG.match(line))
+            if kept:
+                os.write(2, kept)
