@@ -183,6 +183,24 @@ def is_patched(model) -> bool:
     return "forward" in vars(model) and getattr(model, "_eek_policy", None) is not None
 
 
+def policy_of(model) -> ExitPolicy:
+    """The exit policy a model patched with :func:`patch` runs now (``ValueError`` if it is not patched)."""
+    if not is_patched(model):
+        raise ValueError("policy_of: the model is not patched; call eek.patch(model, policy) first")
+    return model._eek_policy
+
+
+def backend_of(model) -> str:
+    """The backend a patched model was given: ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``.
+
+    With ``"auto"`` the choice is made per device and shape on the first forward;
+    :func:`earlyexit_kernels.backend_choice.auto_choices` shows what it chose.
+    """
+    if not is_patched(model):
+        raise ValueError("backend_of: the model is not patched; call eek.patch(model, policy) first")
+    return model._eek_backend
+
+
 def patch(model: nn.Module, policy: ExitPolicy, backend: str = "auto", *, objective: str | None = None) -> nn.Module:
     """Give ``model`` early exit with ``policy``, in place; returns the same model.
 

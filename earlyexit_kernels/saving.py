@@ -105,10 +105,38 @@ def _realign(model) -> None:
                 tensor.data = tensor.data.clone()
 
 
+#: ``from_pretrained`` keyword arguments that also say where Hugging Face finds a file
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
+def _resolve(path, filename: str, kwargs: dict) -> str | None:
+    """The local path of ``filename`` in ``path`` (a folder or a Hub model id), or None when it has none.
+
+    Found the way ``transformers`` finds a model's files (:func:`transformers.utils.cached_file`):
+    a local folder, else the Hugging Face cache, downloading when online; ``HF_HUB_OFFLINE=1``
+    and ``local_files_only=True`` read the cache only.
+    """
+    if os.path.isdir(path):
+        subfolder = kwargs.get("subfolder") or ""
+        candidate = os.path.join(path, subfolder, filename)
+        return candidate if os.path.isfile(candidate) else None
+    from transformers.utils import cached_file
+
+    hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    return cached_file(
+        str(path),
+        filename,
+        _raise_exceptions_for_missing_entries=False,
+        **hub,
+    )
+
+
 def from_pretrained(path, policy: ExitPolicy | None = None, *, backend: str | None = None, model_class=None, **kwargs):
     """Load a model saved by a patched model's ``save_pretrained``, patched, with its heads and policy.
 
-    ``policy`` and ``backend`` replace the saved ones when given. ``model_class`` is the
+    ``path`` is a local folder or a Hugging Face Hub model id: the exit files are found the
+    way ``transformers`` finds the model's (the Hub's cache included, offline with
+    ``HF_HUB_OFFLINE=1``). ``policy`` and ``backend`` replace the saved ones when given. ``model_class`` is the
     Hugging Face class used to load the model (default
     ``AutoModelForSequenceClassification``); ``kwargs`` go to its ``from_pretrained``
     (``attn_implementation``, ``dtype``, ``device_map``, ...); the attention implementation
@@ -122,9 +150,9 @@ def from_pretrained(path, policy: ExitPolicy | None = None, *, backend: str | No
 
     if model_class is None:
         from transformers import AutoModelForSequenceClassification as model_class
-    config_path = os.path.join(path, CONFIG_FILE)
+    config_path = _resolve(path, CONFIG_FILE, kwargs)
     saved = None
-    if os.path.isfile(config_path):
+    if config_path is not None:
         with open(config_path) as f:
             saved = json.load(f)
         if saved.get("format_version") != FORMAT_VERSION:
@@ -135,7 +163,8 @@ def from_pretrained(path, policy: ExitPolicy | None = None, *, backend: str | No
             kwargs.setdefault("attn_implementation", saved["attn_implementation"])
     elif policy is None:
         raise ValueError(
-            f"{path} holds no {CONFIG_FILE} (not saved from a patched model): pass the policy to patch it with"
+            f"{path} holds no {CONFIG_FILE} (not saved from a patched model): pass the policy to patch it with, "
+            f"e.g. eek.from_pretrained({str(path)!r}, eek.Entropy(0.3))"
         )
     model = model_class.from_pretrained(path, **kwargs)
     _realign(model)
@@ -150,7 +179,10 @@ def from_pretrained(path, policy: ExitPolicy | None = None, *, backend: str | No
     probe = _adapter_class(model)(model, None)
     heads = ExitHeads(model.config.hidden_size, model.config.num_hidden_layers, probe.final_classifier)
     heads.add_described(description)
-    state = load_file(os.path.join(path, HEADS_FILE))
+    heads_path = _resolve(path, HEADS_FILE, kwargs)
+    if heads_path is None:
+        raise ValueError(f"{path} has {CONFIG_FILE} but no {HEADS_FILE}: save the patched model again")
+    state = load_file(heads_path)
     heads.load_state_dict(state, strict=True)
     vars(model)[_DETACHED_HEADS] = heads
     patch(model, policy if policy is not None else policy_from_dict(saved["policy"]), backend or saved["backend"])
