@@ -17,7 +17,8 @@ calibrated over entropy thresholds, ``Patience`` over ``1..L-1``, ``QExit`` over
 gates, ``MaxProb`` over thresholds; ``DACT`` has no knob and gives one point).
 Accuracies are fractions in [0, 1]; ``max_drop`` is in accuracy points (percent).
 "full model" is the last layer's head on every sequence (under ``SkipGates``, with the
-recorded gates' skips). Classification heads only (num_labels >= 2).
+recorded gates' skips). Classification heads only (num_labels >= 2): for a regression
+head, :func:`replay` candidate policies on one :func:`record_exits` and choose by hand.
 """
 
 from __future__ import annotations
@@ -267,7 +268,12 @@ def _check_classification(record: ExitRecord) -> None:
     if record.labels is None:
         raise ValueError("calibration needs labels in the batches")
     if record.all_logits.shape[-1] < 2:
-        raise ValueError("calibration measures accuracy and needs a classification head (num_labels >= 2)")
+        raise ValueError(
+            "calibration measures accuracy and needs a classification head (num_labels >= 2); the model is a "
+            "regression head (num_labels == 1): choose Patience's regression_threshold or QExit's q by hand, "
+            "e.g. with calibration.replay(policy, calibration.record_exits(model, batches)), which gives each "
+            "candidate's predictions and layers run"
+        )
 
 
 def accuracy_curve(record: ExitRecord, policies: Sequence[ExitPolicy]) -> list[CurvePoint]:

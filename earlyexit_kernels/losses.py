@@ -273,6 +273,15 @@ class Objective:
     regression: bool = True
     defaults: dict = field(default_factory=dict)
 
+    def check_head(self, num_labels: int) -> None:
+        """``ValueError`` when this loss has no form for a regression head (``num_labels == 1``)."""
+        if not self.regression and num_labels == 1:
+            regression = ", ".join(o.name for o in OBJECTIVES.values() if o.regression)
+            raise ValueError(
+                f"the {self.name} loss needs a classification head (num_labels >= 2) but the model is a "
+                f"regression head (num_labels == 1); the methods with a squared-error form are {regression}"
+            )
+
     def __call__(self, output, labels, **kwargs) -> torch.Tensor:
         """The loss of a training forward's ``output`` (``EarlyExitOutput`` or the engine's ``ExitResult``)."""
         args = [output.all_logits]
@@ -286,8 +295,7 @@ class Objective:
             args.append(value)
         if self.needs_labels and labels is None:
             raise ValueError(f"the {self.name} loss needs labels")
-        if not self.regression and output.all_logits.shape[-1] == 1:
-            raise ValueError(f"the {self.name} loss needs a classification head (num_labels >= 2)")
+        self.check_head(output.all_logits.shape[-1])
         return self.loss(*args, labels, **{**self.defaults, **kwargs})
 
 
@@ -301,7 +309,15 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("palbert", pondernet_loss, inputs=("halting",), policy="QExit"),
         Objective("ensemble", ensemble_loss, regression=False),
         Objective("dact", dact_loss, inputs=("halting",), policy="DACT", regression=False),
-        Objective("smartbert_stage1", smartbert_stage1_loss, inputs=("gates",), trains="backbone", policy="SkipGates"),
+        # SkipGates exits by entropy, a classification rule: SmartBERT's stage 1 has no regression form
+        Objective(
+            "smartbert_stage1",
+            smartbert_stage1_loss,
+            inputs=("gates",),
+            trains="backbone",
+            policy="SkipGates",
+            regression=False,
+        ),
         Objective("smartbert_stage2", smartbert_stage2_loss, trains="heads"),
     )
 }

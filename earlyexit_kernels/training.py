@@ -178,6 +178,7 @@ def train_exit_heads(
     chosen = objective(method)
     if not is_patched(model):
         raise ValueError("train_exit_heads needs a model patched with eek.patch")
+    chosen.check_head(model.config.num_labels)
     _check_objective_policy(chosen, model._eek_policy)
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
