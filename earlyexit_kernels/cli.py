@@ -1,4 +1,5 @@
-"""The command line: ``python -m earlyexit_kernels classify MODEL INPUT OUTPUT`` (also ``eek classify``).
+"""The command line: ``python -m earlyexit_kernels classify MODEL INPUT OUTPUT`` and
+``python -m earlyexit_kernels serve MODEL`` (also ``eek classify``, ``eek serve``).
 
 Errors a user can fix are one line on stderr starting with ``error:`` and exit status 2.
 """
@@ -97,7 +98,59 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--address", default=None, help="--engine ray: a Ray cluster (default: start one here)")
     classify.add_argument("--gpus-per-worker", type=float, default=0, help="--engine ray: GPUs per actor (e.g. 1)")
     classify.set_defaults(run=_classify)
+    _add_serve_command(commands)
     return parser
+
+
+def _add_serve_command(commands) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve the model over HTTP (POST /predict)",
+        description=(
+            "Serve MODEL over HTTP: POST /predict (the request and answer shapes of text-embeddings-inference, "
+            "plus exit_layer and layers_run), GET /health, GET /info, GET /metrics (Prometheus). Sequences of all "
+            "requests in flight share the continuous early-exit engine; each request is answered when its last "
+            "sequence exits. SIGTERM or Ctrl-C: stop taking requests, answer those in flight, exit."
+        ),
+    )
+    serve.add_argument(
+        "model", metavar="MODEL", help="as for classify: a patched save_pretrained folder, or a plain one with --policy"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+    serve.add_argument("--policy", default=None, help='exit policy, e.g. "Entropy(0.3)" (default: the saved one)')
+    serve.add_argument("--backend", default=None, help="auto, torch, cpp, triton or cuda (default: the saved one)")
+    serve.add_argument(
+        "--max-batch-size", type=int, default=64, metavar="N", help="most rows per layer call (default: 64)"
+    )
+    serve.add_argument(
+        "--max-tokens", type=int, default=None, metavar="N", help="most rows x padded length per layer call"
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="most sequences waiting or in flight; beyond it requests get 429 at once (default: 1024)",
+    )
+    serve.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most tokens per text (default: the model's positions)",
+    )
+    serve.add_argument("--compile", action="store_true", help="run the layer calls through torch.compile")
+    serve.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run N replicas on Ray Serve (needs ray[serve]) instead of one process",
+    )
+    serve.add_argument("--address", default=None, help="--replicas: a Ray cluster (default: start one here)")
+    serve.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
+    serve.set_defaults(run=_serve)
 
 
 def main(argv=None) -> int:
@@ -395,4 +448,56 @@ def _classify_on_ray(args) -> int:
         f"{summary['errors']} rows could not be classified (see the error column) -> {args.output}",
         file=sys.stderr,
     )
+    return 0
+
+
+def _serve(args) -> int:
+    try:
+        import uvicorn
+
+        from .server import create_app
+    except ImportError as error:
+        raise CliError(
+            f"serving needs starlette, uvicorn and prometheus_client: pip install 'earlyexit_kernels[serve]' ({error})"
+        ) from None
+    for name in ("max_batch_size", "max_queue", "port"):
+        value = getattr(args, name)
+        if value < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    options = dict(
+        max_batch_size=args.max_batch_size,
+        max_tokens=args.max_tokens,
+        max_queue=args.max_queue,
+        max_length=args.max_length,
+        compile=args.compile,
+    )
+    if args.replicas is not None:
+        return _serve_on_ray(args, options)
+    model, tokenizer = load_model(args.model, args.policy, args.backend)
+    try:
+        app = create_app(model, tokenizer, model_id=args.model, **options)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    # uvicorn handles SIGTERM/SIGINT: it stops listening, waits for the requests in flight,
+    # then the app's shutdown drains the engine.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=None)
+    return 0
+
+
+def _serve_on_ray(args, options: dict) -> int:
+    try:
+        import ray
+        from ray import serve
+
+        from .server.ray_serve import serve_application
+    except ImportError as error:
+        raise CliError(f"--replicas needs Ray Serve: pip install 'ray[serve]' ({error})") from None
+    if args.replicas < 1:
+        raise CliError(f"--replicas must be >= 1, got {args.replicas}")
+    load_model(args.model, args.policy, args.backend)  # fail here, not inside a replica
+    ray.init(address=args.address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = serve_application(args.model, replicas=args.replicas, policy=args.policy, backend=args.backend, **options)
+    print(f"serving {args.model} with {args.replicas} replicas on http://{args.host}:{args.port}", file=sys.stderr)
+    serve.run(app, name="earlyexit", route_prefix="/", blocking=True)
     return 0

@@ -48,7 +48,9 @@ optional=()
 [[ "$(uname -s)" != Linux ]] || has triton || optional+=("triton>=3.6,<4")
 has ruff || command -v ruff >/dev/null 2>&1 || optional+=("ruff")
 has ray.data || optional+=("ray[data]>=2.40")  # earlyexit_kernels.ray; its tests are skipped without it
-for package in matplotlib datasets accelerate pytest_benchmark pyarrow pandas; do
+has ray.serve || optional+=("ray[serve]>=2.40")  # `eek serve --replicas`
+# the server (earlyexit_kernels.server) and its tests' HTTP client
+for package in matplotlib datasets accelerate pytest_benchmark pyarrow pandas starlette uvicorn prometheus_client httpx; do
     has "$package" || optional+=("${package//_/-}")
 done
 for package in "${optional[@]}"; do

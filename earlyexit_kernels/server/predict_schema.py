@@ -1,0 +1,130 @@
+"""The ``POST /predict`` request and answer, in text-embeddings-inference's shapes.
+
+Request: ``{"inputs": ..., "truncate": false, "raw_scores": false}`` where ``inputs`` is
+
+- a text: ``"I liked it"``;
+- a text pair: ``["first text", "second text"]`` (one or two strings);
+- a batch: ``[["a text"], ["first", "second"], ...]`` (lists of one or two strings).
+
+Answer: for one input, a list of ``{"score", "label"}`` over every label, highest score
+first (softmax probabilities, or the raw logits with ``raw_scores``); for a batch, one
+such list per input, in input order. Each entry also carries the input's ``exit_layer``
+and ``layers_run``, which clients written for text-embeddings-inference ignore.
+
+Errors are ``{"error": message, "error_type": kind}`` with the status codes of
+text-embeddings-inference: 400 (malformed JSON, empty input), 422 (a wrong shape), 413
+(too long without ``truncate``, too many inputs), 429 (queue full), 503 (shutting down).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["PredictRequest", "RequestError", "format_answer", "parse_predict_request"]
+
+
+class RequestError(Exception):
+    """A request the server refuses: ``status``, ``error_type`` and a message saying what to change."""
+
+    def __init__(self, status: int, error_type: str, message: str):
+        super().__init__(message)
+        self.status, self.error_type, self.message = status, error_type, message
+
+    def body(self) -> dict:
+        return {"error": self.message, "error_type": self.error_type}
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """``sequences``: (text, second text or None) per input. ``batched``: the answer is a list of lists."""
+
+    sequences: list[tuple[str, str | None]]
+    batched: bool
+    truncate: bool
+    raw_scores: bool
+
+
+_SHAPES = 'a text "...", a pair ["...", "..."], or a batch [["..."], ["...", "..."], ...]'
+
+
+def parse_predict_request(raw: bytes) -> PredictRequest:
+    """The request body -> :class:`PredictRequest`; :class:`RequestError` says what is wrong."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RequestError(400, "Validation", f'the body is not valid JSON ({error}); send {{"inputs": ...}}') from None
+    if not isinstance(body, dict) or "inputs" not in body:
+        raise RequestError(422, "Validation", f'the body must be a JSON object with "inputs": {_SHAPES}')
+    unknown = sorted(set(body) - {"inputs", "truncate", "raw_scores", "truncation_direction"})
+    if unknown:
+        raise RequestError(
+            422, "Validation", f"unknown field(s) {', '.join(unknown)}; /predict takes inputs, truncate, raw_scores"
+        )
+    truncate, raw_scores = _flag(body, "truncate"), _flag(body, "raw_scores")
+    if body.get("truncation_direction", "Right") != "Right":
+        raise RequestError(422, "Validation", 'truncation_direction: only "Right" is supported')
+    inputs = body["inputs"]
+    if isinstance(inputs, str):
+        return PredictRequest([_sequence([inputs], 0)], False, truncate, raw_scores)
+    if not isinstance(inputs, list):
+        raise RequestError(422, "Validation", f"inputs must be {_SHAPES}; got {type(inputs).__name__}")
+    if not inputs:
+        raise RequestError(400, "Empty", "inputs is an empty list; send at least one text")
+    if all(isinstance(item, str) for item in inputs):
+        if len(inputs) > 2:
+            raise RequestError(
+                422,
+                "Validation",
+                f"inputs is a list of {len(inputs)} strings; a pair has 2. For a batch, wrap each "
+                f'text in a list: [["text 1"], ["text 2"], ...]',
+            )
+        return PredictRequest([_sequence(inputs, 0)], False, truncate, raw_scores)
+    sequences = []
+    for index, item in enumerate(inputs):
+        if not isinstance(item, list):
+            raise RequestError(
+                422, "Validation", f"inputs[{index}] must be a list of one or two strings in a batch ({_SHAPES})"
+            )
+        sequences.append(_sequence(item, index))
+    return PredictRequest(sequences, True, truncate, raw_scores)
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise RequestError(422, "Validation", f"{name} must be true or false, got {json.dumps(value)}")
+    return value
+
+
+def _sequence(texts: list, index: int) -> tuple[str, str | None]:
+    if not 1 <= len(texts) <= 2 or not all(isinstance(text, str) for text in texts):
+        raise RequestError(
+            422,
+            "Validation",
+            f"input {index} must be one text or a pair of two texts (strings), got {json.dumps(texts)}",
+        )
+    if texts[0] == "":
+        raise RequestError(400, "Empty", f"input {index} is an empty text; send at least one character")
+    return texts[0], (texts[1] if len(texts) == 2 else None)
+
+
+def format_answer(logits: torch.Tensor, exit_layer: int, layers_run: int, id2label: dict, raw_scores: bool) -> list:
+    """One input's answer: ``{"score", "label", "exit_layer", "layers_run"}`` per label, best first.
+
+    ``logits``: [C]. A regression head (C = 1) answers its value as the score.
+    """
+    logits = logits.float()
+    scores = logits if raw_scores or logits.numel() == 1 else logits.softmax(-1)
+    order = torch.argsort(scores, descending=True, stable=True).tolist()
+    values = scores.tolist()
+    return [
+        {"score": values[c], "label": _label(id2label, c), "exit_layer": exit_layer, "layers_run": layers_run}
+        for c in order
+    ]
+
+
+def _label(id2label: dict, index: int) -> str:
+    return str(id2label.get(index, id2label.get(str(index), f"LABEL_{index}")))
