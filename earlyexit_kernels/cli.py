@@ -149,6 +149,13 @@ def _add_serve_command(commands) -> None:
         help="run N replicas on Ray Serve (needs ray[serve]) instead of one process",
     )
     serve.add_argument("--address", default=None, help="--replicas: a Ray cluster (default: start one here)")
+    serve.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch's CPU threads for the layer calls (default: torch's choice, one per core)",
+    )
     serve.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
     serve.set_defaults(run=_serve)
 
@@ -471,6 +478,12 @@ def _serve(args) -> int:
         max_length=args.max_length,
         compile=args.compile,
     )
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CliError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.replicas is not None:
         return _serve_on_ray(args, options)
     model, tokenizer = load_model(args.model, args.policy, args.backend)

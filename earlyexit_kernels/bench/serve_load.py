@@ -1,0 +1,258 @@
+"""Load benchmark of the HTTP server, on loopback: ``python -m earlyexit_kernels.bench.serve_load``.
+
+Two servers of the same model (a random BERT whose exit heads are set so that exits
+spread over the layers, as in :mod:`earlyexit_kernels.bench.stream`), each a real
+``python -m earlyexit_kernels serve`` process on 127.0.0.1:
+
+- ``early_exit``: ``Entropy`` with the threshold that saves about half the layers;
+- ``never_exit``: ``Entropy(0.0)``, which never exits: the same server and engine, every
+  sequence runs every layer (what a server without early exit does).
+
+The client (this process, asyncio + httpx) sends one text per request from the stream
+workload (lengths: log-normal, median 28 tokens, tail to 256) at concurrency 1, 8, 32 and
+128, a bounded number of requests per level (and at most ``--max-seconds`` each), and
+reports requests/s and p50/p99 latency. Then, on each server, easy requests (texts the
+early-exit policy lets leave at layer 1 or 2) and hard ones (texts that run every layer)
+arrive together, interleaved, at concurrency 32: their median latencies show whether an
+easy request waits for the hard one that arrived with it.
+
+Client and server share this machine's cores; figures are wall-clock on loopback.
+Writes ``serve_load_<name>.csv`` and ``.md`` under ``--output-dir`` (default: a new
+folder under the system's temporary directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .stream import StreamConfig, calibrate, exit_layers_at, make_corpus, make_models, sorted_batches
+
+COLUMNS = ["server", "workload", "concurrency", "requests", "req_per_s", "p50_ms", "p99_ms", "mean_exit_layer"]
+
+
+@dataclass
+class LoadConfig:
+    sequences: int = 1024
+    hidden: int = 256
+    layers: int = 12
+    concurrency: tuple[int, ...] = (1, 8, 32, 128)
+    requests: int = 256  # per level (a quarter of it at concurrency 1)
+    max_seconds: float = 30.0  # per level
+    max_batch_size: int = 64
+    saved: float = 0.5
+    server_threads: int = max(1, (os.cpu_count() or 2) - 1)
+    seed: int = 0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def prepare(config: LoadConfig, folder: Path):
+    """Save the patched model with its tokenizer; returns (folder, texts, threshold, offline exit layers)."""
+    stream = StreamConfig(sequences=config.sequences, hidden=config.hidden, layers=config.layers, seed=config.seed)
+    tokenizer, texts, ids = make_corpus(stream, folder)
+    _, patched, entropies = make_models(stream, tokenizer.vocab_size, sorted_batches(ids, config.max_batch_size))
+    threshold = calibrate(entropies, config.saved)
+    model_dir = folder / "model"
+    patched.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir, texts, threshold, exit_layers_at(entropies, threshold)
+
+
+class ServerProcess:
+    """``python -m earlyexit_kernels serve`` on a free port, stopped with SIGTERM."""
+
+    def __init__(self, model_dir: Path, policy: str, max_batch_size: int, threads: int):
+        import httpx
+
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        port = self.url.rsplit(":", 1)[1]
+        command = [sys.executable, "-m", "earlyexit_kernels", "serve", str(model_dir), "--port", port]
+        command += ["--policy", policy, "--max-batch-size", str(max_batch_size), "--max-queue", "4096"]
+        # One thread: the client takes the other core; a 2-thread layer call would wait at each
+        # barrier for a core the client holds (latencies of 100+ ms on 2 cores).
+        command += ["--log-level", "warning", "--threads", str(threads)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start: {self.process.stderr.read().decode()[-2000:]}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(60)
+
+
+async def _load(url: str, texts: list[str], concurrency: int, max_seconds: float):
+    """Send each text once, ``concurrency`` at a time; returns (latencies in s, exit layers, wall s)."""
+    import httpx
+
+    latencies: list[float | None] = [None] * len(texts)
+    exits: list[int | None] = [None] * len(texts)
+    next_index = 0
+    stop_at = time.perf_counter() + max_seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+
+        async def worker():
+            nonlocal next_index
+            while next_index < len(texts) and time.perf_counter() < stop_at:
+                index = next_index
+                next_index += 1
+                started = time.perf_counter()
+                response = await client.post("/predict", json={"inputs": texts[index]})
+                response.raise_for_status()
+                latencies[index] = time.perf_counter() - started
+                exits[index] = response.json()[0]["exit_layer"]
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    done = [i for i, latency in enumerate(latencies) if latency is not None]
+    return [latencies[i] for i in done], [exits[i] for i in done], wall, done
+
+
+def _row(server: str, workload: str, concurrency: int, latencies, exits, wall) -> dict:
+    ordered = torch.tensor(sorted(latencies), dtype=torch.float64)
+    return dict(
+        server=server,
+        workload=workload,
+        concurrency=concurrency,
+        requests=len(latencies),
+        req_per_s=round(len(latencies) / wall, 2),
+        p50_ms=round(float(ordered.quantile(0.5)) * 1000, 1),
+        p99_ms=round(float(ordered.quantile(0.99)) * 1000, 1),
+        mean_exit_layer=round(sum(exits) / len(exits), 2),
+    )
+
+
+def run(config: LoadConfig, output_dir: Path, name: str = "cpu", progress=print) -> list[dict]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = output_dir / f"serve_load_{name}.csv"
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir, texts, threshold, offline_exits = prepare(config, Path(scratch))
+        easy = [t for t, layer in zip(texts, offline_exits.tolist(), strict=True) if layer <= 2]
+        hard = [t for t, layer in zip(texts, offline_exits.tolist(), strict=True) if layer == config.layers]
+        pairs = min(len(easy), len(hard), config.requests // 2)
+        mixed = [text for pair in zip(easy[:pairs], hard[:pairs], strict=True) for text in pair]
+        progress(
+            f"threshold {threshold:.6g}: offline mean exit layer {offline_exits.float().mean():.2f} of {config.layers}; "
+            f"{len(easy)} easy, {len(hard)} hard texts"
+        )
+        rows = []
+        with open(csv_path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+            writer.writeheader()
+            for server_name, policy in (("early_exit", f"Entropy({threshold!r})"), ("never_exit", "Entropy(0.0)")):
+                server = ServerProcess(model_dir, policy, config.max_batch_size, config.server_threads)
+                try:
+                    asyncio.run(_load(server.url, texts[:16], 4, 30))  # warm-up
+                    for concurrency in config.concurrency:
+                        count = config.requests // 4 if concurrency == 1 else config.requests
+                        latencies, exits, wall, _ = asyncio.run(
+                            _load(server.url, texts[:count], concurrency, config.max_seconds)
+                        )
+                        row = _row(server_name, "stream", concurrency, latencies, exits, wall)
+                        rows.append(row)
+                        writer.writerow(row)
+                        handle.flush()
+                        progress(f"{server_name} c={concurrency}: {row}")
+                    latencies, exits, wall, done = asyncio.run(_load(server.url, mixed, 32, config.max_seconds))
+                    for kind, parity in (("easy", 0), ("hard", 1)):
+                        picked = [k for k, i in enumerate(done) if i % 2 == parity]
+                        row = _row(
+                            server_name,
+                            f"{kind} (with {'hard' if parity == 0 else 'easy'})",
+                            32,
+                            [latencies[k] for k in picked],
+                            [exits[k] for k in picked],
+                            wall,
+                        )
+                        row["req_per_s"] = ""  # shares the wall time with the other half
+                        rows.append(row)
+                        writer.writerow(row)
+                        progress(f"{server_name} mixed: {row}")
+                finally:
+                    server.stop()
+    (output_dir / f"serve_load_{name}.md").write_text(markdown(rows, config))
+    return rows
+
+
+def markdown(rows: list[dict], config: LoadConfig) -> str:
+    by = {(r["server"], r["workload"], int(r["concurrency"])): r for r in rows}
+    lines = [
+        f"Random BERT, H = {config.hidden}, L = {config.layers}; one text per request from the stream workload; "
+        f"`max_batch_size` {config.max_batch_size}; client and server on the same {os.cpu_count()}-core machine, "
+        f"loopback; the server runs {config.server_threads} torch thread(s) (`--threads`), the client has the rest.",
+        "",
+        "| concurrency | early exit req/s | p50 ms | p99 ms | mean exit layer | never exit req/s | p50 ms | p99 ms | "
+        "req/s ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for concurrency in config.concurrency:
+        e, n = by.get(("early_exit", "stream", concurrency)), by.get(("never_exit", "stream", concurrency))
+        if e is None or n is None:
+            continue
+        ratio = float(e["req_per_s"]) / float(n["req_per_s"])
+        lines.append(
+            f"| {concurrency} | {e['req_per_s']} | {e['p50_ms']} | {e['p99_ms']} | {e['mean_exit_layer']} | "
+            f"{n['req_per_s']} | {n['p50_ms']} | {n['p99_ms']} | {ratio:.2f}x |"
+        )
+    lines += ["", "Easy and hard requests arriving together (interleaved, concurrency 32):", ""]
+    lines += ["| server | requests | p50 ms | p99 ms | mean exit layer |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        if r["workload"] != "stream":
+            lines.append(
+                f"| {r['server']}, {r['workload']} | {r['requests']} | {r['p50_ms']} | {r['p99_ms']} | "
+                f"{r['mean_exit_layer']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", type=Path, default=None, help="default: a new temporary folder")
+    parser.add_argument("--name", default="cpu", help="file name suffix (default: cpu)")
+    parser.add_argument("--requests", type=int, default=LoadConfig.requests, help="requests per level")
+    parser.add_argument("--max-seconds", type=float, default=LoadConfig.max_seconds, help="cap per level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(LoadConfig.concurrency))
+    parser.add_argument("--layers", type=int, default=LoadConfig.layers)
+    parser.add_argument("--hidden", type=int, default=LoadConfig.hidden)
+    args = parser.parse_args(argv)
+    config = LoadConfig(
+        requests=args.requests,
+        max_seconds=args.max_seconds,
+        concurrency=tuple(args.concurrency),
+        layers=args.layers,
+        hidden=args.hidden,
+    )
+    output_dir = args.output_dir or Path(tempfile.mkdtemp(prefix="eek-serve-load-"))
+    run(config, output_dir, args.name)
+    print((output_dir / f"serve_load_{args.name}.md").read_text())
+    print(f"written to {output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
