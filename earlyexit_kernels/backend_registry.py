@@ -62,6 +62,8 @@ _UNAVAILABLE: dict[str, str] = {
 # the interpreter, for tests only: never "auto".
 _AUTO_MEASURED = {"cuda": ("cuda", "triton")}
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+# The fast kernels take these; other dtypes (float64) run on "torch".
+FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def register_backend(backend: Backend) -> None:
@@ -105,8 +107,17 @@ def resolve_backend(
     For ``"auto"`` with ``dtype``, ``hidden_size`` and ``num_labels`` given, where more
     than one fast backend can run on the device (Triton and the CUDA C++ kernels on a
     GPU), the choice is the faster one as timed by :mod:`earlyexit_kernels.backend_choice`.
+    A ``dtype`` the fast kernels do not take (float64) runs on ``"torch"``: ``"auto"`` picks
+    it, another fast backend's name raises ``RuntimeError`` saying so.
     """
     check_backend_name(name)
+    if name != "torch" and dtype is not None and dtype not in FAST_DTYPES:
+        if name == "auto":
+            return _REGISTRY["torch"]
+        raise RuntimeError(
+            f"backend {name!r} runs float32, float16 and bfloat16 models, not {str(dtype).removeprefix('torch.')}; "
+            f"use backend='torch' (or 'auto', which picks it for this dtype)"
+        )
     if name == "auto":
         measured = [n for n in _AUTO_MEASURED.get(device.type, ()) if _runs_on(n, device)]
         if len(measured) > 1 and None not in (dtype, hidden_size, num_labels):

@@ -15,6 +15,7 @@ The engine is model-agnostic: it drives an :class:`EncoderAdapter` (see
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -94,14 +95,25 @@ def run_early_exit(
     num_layers, num_labels = adapter.num_layers, adapter.num_labels
     batch, _, hidden_size = hidden.shape
     device, dtype = hidden.device, hidden.dtype
+    out_dtype = _output_dtype(dtype, device)
 
-    out_logits = torch.zeros(batch, num_labels, dtype=dtype, device=device)
+    # The exiting rows' logits are gathered in float32 (float64 for a float64 model) and
+    # rounded to the output dtype once, at the end, keeping each row's argmax.
+    wide = torch.float64 if out_dtype == torch.float64 else torch.float32
+    out_logits = torch.zeros(batch, num_labels, dtype=wide, device=device)
     out_exit = torch.full((batch,), num_layers, dtype=torch.long, device=device)
     out_runs = torch.zeros(batch, dtype=torch.long, device=device)
     result = ExitResult(out_logits, out_exit, out_runs)
     if batch == 0:
+        result.logits = out_logits.to(out_dtype)
         if all_exits:
-            result.all_logits = torch.zeros(num_layers, 0, num_labels, dtype=dtype, device=device)
+            result.all_logits = torch.zeros(num_layers, 0, num_labels, dtype=out_dtype, device=device)
+            if heads.halting_head(policy) is not None:
+                result.all_halting = torch.zeros(num_layers, 0, device=device)
+                result.all_halting_logits = torch.zeros(num_layers, 0, device=device)
+            if isinstance(policy, SkipGates) and heads.gates is not None:
+                result.all_skipped = torch.zeros(num_layers, 0, dtype=torch.bool, device=device)
+                result.all_gates = torch.zeros(num_layers, 0, device=device)
         return result
 
     state = init_state(policy, batch, num_labels, hidden_size, num_layers, device, pooled_dtype=dtype)
@@ -116,18 +128,22 @@ def run_early_exit(
     runs = torch.zeros(batch, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     extents = None
+    length_multiple = getattr(adapter, "length_multiple", 1)
     if mask is not None:
+        # A row with no attended token attends to every position (eager attention spreads it
+        # evenly): it keeps the full length, so its logits stay the unpatched model's.
         extents = valid_extent(mask)
+        extents = torch.where(extents > 0, extents, mask.shape[1])
         longest, padded = (int(v) for v in torch.stack([extents.max(), (mask == 0).sum()]).tolist())
         result.host_syncs += 1
         if padded == 0:
             mask, extents = None, None  # no padding: layers run without a mask, as in Hugging Face
         elif not all_exits:
-            hidden, mask = trim(hidden, mask, max(longest, 1))
+            hidden, mask = trim(hidden, mask, _kept_length(longest, hidden.shape[1], length_multiple))
     layer_mask = layer_attention_mask(mask, adapter.attn_implementation, dtype)
 
     if all_exits:
-        result.all_logits = torch.empty(num_layers, batch, num_labels, dtype=dtype, device=device)
+        result.all_logits = torch.empty(num_layers, batch, num_labels, dtype=out_dtype, device=device)
         if halting_head is not None:
             result.all_halting = torch.empty(num_layers, batch, dtype=torch.float32, device=device)
             result.all_halting_logits = torch.empty(num_layers, batch, dtype=torch.float32, device=device)
@@ -226,21 +242,61 @@ def run_early_exit(
             break
         if survivors < active:
             index = order[:survivors]
-            hidden, mask = backend.compact(hidden, mask, index, max(longest, 1))
+            hidden, mask = backend.compact(hidden, mask, index, _kept_length(longest, hidden.shape[1], length_multiple))
             rows, runs = rows.index_select(0, index), runs.index_select(0, index)
             state = {k: v.index_select(0, index) for k, v in state.items()}
             if extents is not None:
                 extents = extents.index_select(0, index)
             layer_mask = layer_attention_mask(mask, adapter.attn_implementation, dtype)
+    result.logits = _round_keeping_argmax(out_logits, out_dtype)
     return result
+
+
+def _output_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of the model's own logits: its classifier (a Linear) runs in the autocast dtype
+    inside autocast (which leaves float64 alone), else in the model's dtype."""
+    if dtype != torch.float64 and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
+
+
+def _kept_length(longest: int, length: int, multiple: int) -> int:
+    """The length to trim ``length`` positions to: ``longest`` (at least 1) rounded up to a multiple
+    of ``multiple`` (the feed-forward chunk of the layers, which refuse other lengths), at most ``length``."""
+    return min(-(-max(longest, 1) // multiple) * multiple, length)
+
+
+def _round_keeping_argmax(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``logits`` [B, C] in ``dtype`` with each row's argmax unchanged.
+
+    Rounding to a narrower dtype can make the top two values equal (Voting's log-scores at a
+    tie broken by the probability sums differ by less than a bfloat16 step), and argmax then
+    picks the first; there the top value is raised by one step of ``dtype``.
+    """
+    if logits.dtype == dtype:
+        return logits
+    rounded = logits.to(dtype)
+    if rounded.numel() == 0 or rounded.shape[-1] < 2:
+        return rounded
+    winner = logits.argmax(dim=-1, keepdim=True)
+    top = rounded.gather(-1, winner)
+    tied = rounded.argmax(dim=-1, keepdim=True) != winner
+    raised = torch.nextafter(top.detach(), torch.full_like(top, math.inf)) - top.detach()
+    return rounded.scatter(-1, winner, top + torch.where(tied, raised, torch.zeros_like(raised)))
 
 
 def can_fuse_head(backend: Backend, adapter: EncoderAdapter) -> bool:
     """Whether ``backend`` may run the default head fused with the exit step.
 
-    Only for inference: training needs the model's dropout and a differentiable head.
+    Only for inference: training needs the model's dropout (also under ``torch.no_grad()``,
+    as in Monte-Carlo dropout) and a differentiable head.
     """
-    return backend.head_exit_step is not None and not torch.is_grad_enabled() and hasattr(adapter, "head_weights")
+    return (
+        backend.head_exit_step is not None
+        and not torch.is_grad_enabled()
+        and not getattr(adapter, "training", False)
+        and hasattr(adapter, "head_weights")
+    )
 
 
 def head_and_exit_step(

@@ -9,7 +9,8 @@ still active, in float32, without a host sync:
 
 Shapes: ``logits`` [n, C] in any float dtype; ``halting_logit`` [n] (the halting
 head's output before the sigmoid; ``None`` unless the policy has a halting head);
-``exits`` bool [n]; ``returned_logits`` float32 [n, C]; every state tensor has the
+``exits`` bool [n]; ``returned_logits`` float32 [n, C] (the logits themselves where the rule
+returns them and they are float64); every state tensor has the
 rows in its first dimension, so compaction gathers it like the hidden states.
 
 A non-finite logit (or halting logit) never lets a sequence exit on that layer.
@@ -127,7 +128,7 @@ def exit_step(
     """Apply ``policy`` at 1-based ``layer``; see the module docstring for shapes."""
     z = logits.float()
     finite = torch.isfinite(z).all(dim=-1)
-    returned = z
+    returned = logits if logits.dtype == torch.float64 else z  # a float64 model's own logits, unrounded
     state = dict(state)
 
     if isinstance(policy, Entropy):

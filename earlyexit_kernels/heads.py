@@ -98,9 +98,13 @@ class ExitHeads(nn.Module):
         self.dact_halting: LinearHaltingHead | None = None
         self.gates: nn.ModuleList | None = None
 
-    def ensure_for(self, policy: ExitPolicy) -> None:
-        """Add the heads ``policy`` needs and that are not there yet."""
-        reference = self.classifiers[0].weight if len(self.classifiers) else None
+    def ensure_for(self, policy: ExitPolicy, like: torch.Tensor | None = None) -> None:
+        """Add the heads ``policy`` needs and that are not there yet.
+
+        New heads take the device and dtype of ``like`` (the model's classifier weight), else
+        of the heads already here (a one-layer model has no per-layer classifier to copy them from).
+        """
+        reference = like if like is not None else next(self.parameters(), None)
         where = dict(device=reference.device, dtype=reference.dtype) if reference is not None else {}
         if isinstance(policy, QExit):
             config = (policy.combine, policy.lambda_layers)
