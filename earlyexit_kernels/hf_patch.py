@@ -9,7 +9,7 @@ Supported: ``BertForSequenceClassification``, ``AlbertForSequenceClassification`
 
 from __future__ import annotations
 
-import types
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -83,8 +83,26 @@ class _Adapter:
         self.num_layers = config.num_hidden_layers
         self.num_labels = config.num_labels
         self.hidden_size = config.hidden_size
-        self.attn_implementation = config._attn_implementation
         self.vocab_size = config.vocab_size
+        # Layers refuse a length that is not a multiple of their feed-forward chunk: trimming rounds up to it.
+        self.length_multiple = max(int(getattr(config, "chunk_size_feed_forward", 0) or 0), 1)
+
+    _attn_override: str | None = None
+
+    @property
+    def attn_implementation(self) -> str:
+        """Read on every use: ``model.set_attn_implementation`` may change it after patching."""
+        return self._attn_override or self.model.config._attn_implementation
+
+    @attn_implementation.setter
+    def attn_implementation(self, value: str | None) -> None:
+        """Force the masks of another implementation (tests); None reads the config again."""
+        self._attn_override = value
+
+    @property
+    def training(self) -> bool:
+        """Whether the model is in training mode (dropout on): the fused heads have no dropout."""
+        return self.model.training
 
     def head_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(W_p, b_p, W_i, b_i)`` of the default head at 1-based ``layer``, for fused kernels."""
@@ -218,34 +236,56 @@ def patch(model: nn.Module, policy: ExitPolicy, backend: str = "auto", *, object
         )
     check_backend_name(backend)
     config = model.config
-    if config._attn_implementation not in SUPPORTED_ATTENTION:
-        raise ValueError(
-            f"early exit runs with attn_implementation 'eager' or 'sdpa'; the model uses "
-            f"{config._attn_implementation!r}: load it with attn_implementation='sdpa'"
-        )
+    _check_config(config)
     policy.check_fits(config.num_hidden_layers, config.num_labels)
+    classifier = adapter_cls(model, None).final_classifier
     if backend != "auto":
-        resolve_backend(backend, next(model.parameters()).device)
+        resolve_backend(backend, classifier.weight.device, dtype=classifier.weight.dtype)
 
     heads = getattr(model, _HEADS, None)
     if heads is None:
         heads = vars(model).get(_DETACHED_HEADS)
     if heads is None:
-        probe = adapter_cls(model, None)
-        heads = ExitHeads(config.hidden_size, config.num_hidden_layers, probe.final_classifier)
-    heads.ensure_for(policy)
+        heads = ExitHeads(config.hidden_size, config.num_hidden_layers, classifier)
+    # Heads kept aside by unpatch did not follow the model's .to()/.half() since: they do now.
+    heads.to(device=classifier.weight.device, dtype=classifier.weight.dtype)
+    heads.ensure_for(policy, like=classifier.weight)
     heads.train(model.training)
     vars(model).pop(_DETACHED_HEADS, None)
     model.add_module(_HEADS, heads)
     model._eek_policy = policy
     model._eek_backend = backend
     model._eek_adapter = adapter_cls(model, heads)
-    model.forward = types.MethodType(_patched_forward, model)
-    model.save_pretrained = types.MethodType(_patched_save_pretrained, model)
+    model.forward = _bind(_patched_forward, model)
+    model.save_pretrained = _bind(_patched_save_pretrained, model)
     _hide_extras_from_trainer(config)
     if objective is not None:
         set_training_objective(model, objective)
     return model
+
+
+def _check_config(config) -> None:
+    """Refuse a configuration early exit cannot run as Hugging Face does (at patch and at every forward)."""
+    if config._attn_implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"early exit runs with attn_implementation 'eager' or 'sdpa'; the model uses "
+            f"{config._attn_implementation!r}: load it with attn_implementation='sdpa' "
+            f"(or call model.set_attn_implementation('sdpa'))"
+        )
+    if getattr(config, "is_decoder", False):
+        raise ValueError(
+            "config.is_decoder=True: Hugging Face runs this classifier with a causal attention mask, and early "
+            "exit runs the encoder bidirectionally only; use a model with is_decoder=False or leave it unpatched"
+        )
+
+
+def _bind(function, model: nn.Module):
+    """``function`` bound to ``model``, picklable: a bound method pickles as ``getattr(model, name)``,
+    which cannot find the patched forward while the model itself is being unpickled."""
+    bound = functools.partial(function, model)
+    bound.__name__ = function.__name__.removeprefix("_patched_")
+    bound.__doc__ = function.__doc__
+    return bound
 
 
 def set_training_objective(model: nn.Module, method: str | None, **loss_kwargs) -> nn.Module:
@@ -385,7 +425,9 @@ def _sequence_classification_loss(config, logits: torch.Tensor, labels: torch.Te
         else:
             problem = "multi_label_classification"
     if problem == "regression":
-        return nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float().view(-1))
+        if num_labels == 1:
+            return nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float().view(-1))
+        return nn.functional.mse_loss(logits.float(), labels.float())  # one target per output, as HF
     if problem == "single_label_classification":
         return nn.functional.cross_entropy(logits.view(-1, num_labels).float(), labels.view(-1))
     return nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float())
@@ -417,6 +459,7 @@ def _patched_forward(
     if kwargs:
         raise TypeError(f"unexpected arguments for an early-exit forward: {', '.join(sorted(kwargs))}")
     adapter = self._eek_adapter
+    _check_config(self.config)
     batch, _ = _check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds, adapter.vocab_size)
     if hasattr(self._eek_policy, "check_batch"):
         self._eek_policy.check_batch(batch)
