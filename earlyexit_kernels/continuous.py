@@ -34,7 +34,7 @@ import torch
 
 from .backend_registry import resolve_backend
 from .compaction import layer_attention_mask
-from .engine import can_fuse_head, head_and_exit_step
+from .engine import _round_keeping_argmax, can_fuse_head, head_and_exit_step
 from .exit_rules import can_exit_before_last, init_state
 from .policies import Scheduled, SkipGates
 from .scheduler import Admit, LayerScheduler, ShapeBuckets
@@ -362,7 +362,7 @@ class ContinuousEngine:
             return []
 
         # The one read-back of the call.
-        columns = [exits[:n, None], returned[:n].to(self.dtype)]
+        columns = [exits[:n, None], returned[:n]]
         if next_layer is not None:
             columns.append(next_layer[:, None])
         wire = torch.float64 if self.dtype == torch.float64 else torch.float32
@@ -371,7 +371,9 @@ class ContinuousEngine:
         table = result.numpy()
         exited = table[:, 0] > 0
         next_layers = table[:, -1].astype(np.int64) if next_layer is not None else None
-        logits = result[:, 1 : 1 + self.num_labels].to(self.dtype).unbind(0)  # host-side, one op for all rows
+        # Rounded to the model dtype on the host, once for all rows, keeping each row's argmax
+        # (as the per-batch engine does: Voting's tie-broken log-scores can round to equal values).
+        logits = _round_keeping_argmax(result[:, 1 : 1 + self.num_labels], self.dtype).unbind(0)
         finished = []
         for row, slot in enumerate(call.rows):
             if exited[row]:

@@ -294,3 +294,19 @@ def test_under_cpu_autocast_the_patched_model_returns_the_unpatched_dtype(arch, 
         out = model(input_ids=ids, attention_mask=mask)
     assert reference.dtype == torch.bfloat16 and out.logits.dtype == reference.dtype
     assert torch.equal(out.logits, reference)  # full depth: the model's own classifier, in autocast
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_voting_logits_argmax_is_the_prediction_in_the_continuous_engine_too(dtype):
+    biases = [[6.0, 0.0], [6.0, 0.0], [0.0, 6.0625], [0.0, 6.0625]]
+    model = tiny_model(num_labels=2).to(dtype)
+    eek.patch(model, eek.Voting(3), backend="torch")
+    constant_heads(model, biases)
+    ids, mask, _ = tiny_batch(3, 6)
+    inputs = [{"input_ids": row[m.bool()]} for row, m in zip(ids, mask, strict=True)]
+
+    predictions = list(eek.classify(model.eval(), inputs))
+
+    assert [p.exit_layer for p in predictions] == [4, 4, 4]
+    assert all(p.logits.dtype == dtype for p in predictions)
+    assert [int(p.logits.argmax()) for p in predictions] == [1, 1, 1]
