@@ -11,9 +11,9 @@ spread over the layers, as in :mod:`earlyexit_kernels.bench.stream`), each a rea
 The client (this process, asyncio + httpx) sends one text per request from the stream
 workload (lengths: log-normal, median 28 tokens, tail to 256) at concurrency 1, 8, 32 and
 128, a bounded number of requests per level (and at most ``--max-seconds`` each), and
-reports requests/s and p50/p99 latency. Then, on each server, easy requests (texts the
-early-exit policy lets leave at layer 1 or 2) and hard ones (texts that run every layer)
-arrive together, interleaved, at concurrency 32: their median latencies show whether an
+reports requests/s and p50/p99 latency. Then, on each server, easy requests (the quarter of
+texts the early-exit policy lets leave earliest) and hard ones (the quarter that leave
+latest) arrive together, interleaved, at concurrency 32: their median latencies show whether an
 easy request waits for the hard one that arrived with it.
 
 Client and server share this machine's cores; figures are wall-clock on loopback.
@@ -152,13 +152,16 @@ def run(config: LoadConfig, output_dir: Path, name: str = "cpu", progress=print)
     csv_path = output_dir / f"serve_load_{name}.csv"
     with tempfile.TemporaryDirectory() as scratch:
         model_dir, texts, threshold, offline_exits = prepare(config, Path(scratch))
-        easy = [t for t, layer in zip(texts, offline_exits.tolist(), strict=True) if layer <= 2]
-        hard = [t for t, layer in zip(texts, offline_exits.tolist(), strict=True) if layer == config.layers]
+        # Easy: the quarter of texts that leave earliest under the policy; hard: the latest quarter.
+        order = sorted(range(len(texts)), key=lambda i: (int(offline_exits[i]), i))
+        quarter = len(texts) // 4
+        easy, hard = [texts[i] for i in order[:quarter]], [texts[i] for i in order[-quarter:]]
         pairs = min(len(easy), len(hard), config.requests // 2)
         mixed = [text for pair in zip(easy[:pairs], hard[:pairs], strict=True) for text in pair]
         progress(
             f"threshold {threshold:.6g}: offline mean exit layer {offline_exits.float().mean():.2f} of {config.layers}; "
-            f"{len(easy)} easy, {len(hard)} hard texts"
+            f"easy texts exit by layer {int(offline_exits[order[quarter - 1]])}, hard ones from layer "
+            f"{int(offline_exits[order[-quarter]])}"
         )
         rows = []
         with open(csv_path, "w", newline="") as handle:
