@@ -4,14 +4,14 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: setup test test-ray lint format demo clean
 
-# `test` runs cuda-check (end of file) only where nvcc is found.
+# `test` runs cuda-check (end of file) only where nvcc is found, triton-check where Triton is installed.
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
 CUDA_CHECK := $(if $(NVCC),cuda-check,)
 
 setup:
 	@VENV=$(VENV) bash scripts/setup_env.sh
 
-test: setup lint $(CUDA_CHECK)
+test: setup lint $(CUDA_CHECK) triton-check
 	$(PY) -m pytest -q python_tests
 
 # The slower tests on a local Ray instance (killed actor, failing rows); `test` runs the rest.
@@ -37,3 +37,13 @@ clean:
 .PHONY: cuda-check
 cuda-check:
 	NVCC=$(or $(NVCC),nvcc) bash scripts/check_cuda_compile.sh
+
+# Compile every Triton kernel for sm_80 and sm_90 (no GPU needed); fails on errors or any
+# stack frame (register spills). `make triton-check-table` rewrites the committed table.
+.PHONY: triton-check triton-check-table
+triton-check: setup
+	@if $(PY) -c "import triton" >/dev/null 2>&1; then $(PY) python_tests/triton_compile_check.py; \
+	else echo "triton-check: triton not installed, skipped"; fi
+
+triton-check-table: setup
+	$(PY) python_tests/triton_compile_check.py --write benchmarks/results/triton_check.md

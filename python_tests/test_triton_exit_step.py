@@ -489,7 +489,7 @@ def test_head_exit_step_and_write_back_on_an_empty_batch():
 
 
 def test_gpu_block_sizes_under_interpreter(monkeypatch):
-    """The GPU launch configuration (several column tiles, 64-wide K loop) on a small case."""
+    """The GPU launch configuration (several column tiles, the fp32 head's 32-wide K loop) on a small case."""
     monkeypatch.setattr(tk, "FORCE_GPU_BLOCKS", True)
     policy = eek.Voting(1)
     wp, bp, wi, bi = make_head(384, 7, torch.float32, seed=80)

@@ -82,7 +82,9 @@ def _blocks(seq_len: int, hidden: int) -> tuple[int, int, int]:
         return min(64, next_pow2(max(seq_len, 1))), block_h, 1
     # About 4096 elements per program: 8 positions x 512 features, wide contiguous rows.
     block_s = max(1, min(next_pow2(max(seq_len, 1)), 4096 // block_h))
-    return block_s, block_h, 4
+    # 1024-wide rows on 4 warps left a 24-byte stack frame on sm_90 with an int64 row stride
+    # (make triton-check); on 8 warps: 48 registers, no stack, on sm_80 and sm_90.
+    return block_s, block_h, 8 if block_h >= 1024 else 4
 
 
 def _run_compact(wrap, hidden, mask, index, seq_len: int, placeholders: bool):

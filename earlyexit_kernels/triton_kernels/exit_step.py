@@ -402,11 +402,16 @@ def _direct(kernel):
 
 
 @functools.lru_cache(maxsize=4096)
-def _head_blocks(n: int, hidden: int) -> tuple[int, int, int, int]:
+def _head_blocks(n: int, hidden: int, dot_fp32: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the head kernel; BLOCK_N depends on H only."""
     if interpreting() and not FORCE_GPU_BLOCKS:
         # Fewer, larger programs: the interpreter's cost is per program and per op.
         return min(128, max(16, next_pow2(n))), min(256, max(16, next_pow2(hidden))), 256, 1
+    if dot_fp32:
+        # The fp32 (IEEE) dot holds its operands in registers: 64-wide k tiles on 4 warps
+        # spilled on sm_80 (255 registers, 544-byte stack; make triton-check). Half the k tile
+        # on twice the warps: 80 registers on sm_80, 112 on sm_90, no stack.
+        return min(64, max(16, next_pow2(n))), 64, 32, 8
     return min(64, max(16, next_pow2(n))), 64, 64, 4
 
 
@@ -442,7 +447,7 @@ def _run_head(wrap, cls_hidden, pooler_weight, pooler_bias, head_weight, want_po
         pooled = new_empty((0, hidden), cls_hidden.dtype, device) if placeholders else None
     if n == 0:
         return zpart, pooled
-    block_m, block_n, block_k, warps = _head_blocks(n, hidden)
+    block_m, block_n, block_k, warps = _head_blocks(n, hidden, _dot_fp32(cls_hidden.dtype))
     with device_guard(cls_hidden):
         wrap(_head_kernel)[(cdiv(n, block_m), tiles)](
             cls_hidden,
