@@ -80,8 +80,13 @@ def run_early_exit(
     *,
     all_exits: bool = False,
     train_gates: bool = False,
+    mask_summary: tuple[torch.Tensor, int, int] | None = None,
 ) -> ExitResult:
     """Run the encoder layers with early exit on ``hidden`` [B, S, H] (the embeddings).
+
+    ``mask_summary``: ``(mask_extents(mask), longest, padded)`` when the caller has read the
+    two numbers back already (with its own checks, in one read-back); else the engine reads
+    them (``longest``: the largest extent, ``padded``: masked positions).
 
     ``mask`` is the 2-D attention mask [B, S] or None for no padding. With
     ``all_exits=True`` nothing is compacted: every layer runs on every row, every head
@@ -130,12 +135,12 @@ def run_early_exit(
     extents = None
     length_multiple = getattr(adapter, "length_multiple", 1)
     if mask is not None:
-        # A row with no attended token attends to every position (eager attention spreads it
-        # evenly): it keeps the full length, so its logits stay the unpatched model's.
-        extents = valid_extent(mask)
-        extents = torch.where(extents > 0, extents, mask.shape[1])
-        longest, padded = (int(v) for v in torch.stack([extents.max(), (mask == 0).sum()]).tolist())
-        result.host_syncs += 1
+        if mask_summary is None:
+            extents = mask_extents(mask)
+            longest, padded = (int(v) for v in torch.stack([extents.max(), (mask == 0).sum()]).tolist())
+            result.host_syncs += 1
+        else:
+            extents, longest, padded = mask_summary
         if padded == 0:
             mask, extents = None, None  # no padding: layers run without a mask, as in Hugging Face
         elif not all_exits:
@@ -283,6 +288,16 @@ def _round_keeping_argmax(logits: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     tied = rounded.argmax(dim=-1, keepdim=True) != winner
     raised = torch.nextafter(top.detach(), torch.full_like(top, math.inf)) - top.detach()
     return rounded.scatter(-1, winner, top + torch.where(tied, raised, torch.zeros_like(raised)))
+
+
+def mask_extents(mask: torch.Tensor) -> torch.Tensor:
+    """[B] the length each row keeps when the batch is trimmed: its last attended position + 1.
+
+    A row with no attended token attends to every position (eager attention spreads it
+    evenly): it keeps the full length, so its logits stay the unpatched model's.
+    """
+    extents = valid_extent(mask)
+    return torch.where(extents > 0, extents, mask.shape[1])
 
 
 def can_fuse_head(backend: Backend, adapter: EncoderAdapter) -> bool:

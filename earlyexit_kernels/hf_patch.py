@@ -22,7 +22,7 @@ from transformers import (
 from transformers.utils import ModelOutput
 
 from .backend_registry import check_backend_name, resolve_backend
-from .engine import run_early_exit
+from .engine import mask_extents, run_early_exit
 from .heads import ExitHeads
 from .losses import Objective, objective
 from .policies import ExitPolicy, SkipGates
@@ -385,7 +385,7 @@ def _restore_trainer_keys(config) -> None:
         config.keys_to_ignore_at_inference = own
 
 
-def _check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds, vocab_size):
+def _check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds):
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids or inputs_embeds")
     if input_ids is not None:
@@ -406,11 +406,29 @@ def _check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds, voca
             )
     if shape[0] and shape[1] == 0:
         raise ValueError("sequences must hold at least one token ([CLS]); got seq_len 0")
+    return shape
+
+
+def _read_input_summary(input_ids, attention_mask, batch: int, vocab_size: int):
+    """The forward's one read-back before the layers: the ids' range (checked here, before the
+    embedding, where an id out of range would fail deep in a GPU kernel) and the mask's longest
+    extent and padded count, for the engine. Returns ``(mask_summary or None, read-backs)``."""
+    values = []
     if input_ids is not None and input_ids.numel():
-        low, high = torch.stack([input_ids.min(), input_ids.max()]).tolist()
+        values += [input_ids.min(), input_ids.max()]
+    extents = None
+    if attention_mask is not None and batch > 0:
+        extents = mask_extents(attention_mask)
+        values += [extents.max(), (attention_mask == 0).sum()]
+    if not values:
+        return None, 0
+    read = torch.stack([v.to(values[0].device, torch.long) for v in values]).tolist()
+    if input_ids is not None and input_ids.numel():
+        low, high = read[0], read[1]
         if low < 0 or high >= vocab_size:
             raise ValueError(f"input_ids must lie in 0..{vocab_size - 1} (the vocabulary), got values in {low}..{high}")
-    return shape
+    summary = None if extents is None else (extents, int(read[-2]), int(read[-1]))
+    return summary, 1
 
 
 def _sequence_classification_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -460,7 +478,8 @@ def _patched_forward(
         raise TypeError(f"unexpected arguments for an early-exit forward: {', '.join(sorted(kwargs))}")
     adapter = self._eek_adapter
     _check_config(self.config)
-    batch, _ = _check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds, adapter.vocab_size)
+    batch, _ = _check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds)
+    mask_summary, input_read_backs = _read_input_summary(input_ids, attention_mask, batch, adapter.vocab_size)
     if hasattr(self._eek_policy, "check_batch"):
         self._eek_policy.check_batch(batch)
 
@@ -492,6 +511,7 @@ def _patched_forward(
         mask,
         all_exits=all_exits,
         train_gates=train_gates,
+        mask_summary=mask_summary,
     )
     loss = None
     chosen = getattr(self, "_eek_objective", None)
@@ -511,5 +531,5 @@ def _patched_forward(
         all_halting_logits=result.all_halting_logits,
         all_gates=result.all_gates,
     )
-    out.host_syncs = result.host_syncs + (input_ids is not None and batch > 0)
+    out.host_syncs = result.host_syncs + input_read_backs
     return out if return_dict is not False else out.to_tuple()

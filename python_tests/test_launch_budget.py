@@ -1,0 +1,170 @@
+"""What the per-batch engine launches and reads back per layer, outside the encoder layer.
+
+Each op dispatched is a kernel launch on a GPU and each read-back a host sync; counting
+them on the CPU gives what a GPU would pay per layer for the exit heads, the decision, the
+write-back, the compaction and the mask. The budgets are today's counts, per backend and
+policy, at B = 64 (lengths up to 60 tokens): a change that adds a launch or a sync to the
+hot path fails here and must say why. View ops (no launch) are not counted, nor the
+embeddings and the layers themselves (the model's own work).
+
+- ``prologue``: before layer 1 (input checks, the padding extent, the mask);
+- ``quiet``: a layer where the policy cannot exit (no read-back, no write-back);
+- ``exiting``: a layer where rows may leave (one read-back: survivors and longest length).
+"""
+
+import collections
+import contextlib
+
+import pytest
+import torch
+from test_classify import _sequences, spread_model
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import earlyexit_kernels as eek
+from earlyexit_kernels.exit_rules import can_exit_before_last
+
+VIEWS = {"view", "slice", "select", "unsqueeze", "squeeze", "expand", "t", "transpose", "permute", "detach", "alias"}
+VIEWS |= {"lift_fresh", "_unsafe_view", "as_strided", "_reshape_alias"}
+READ_BACKS = ("cpu", "item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+class _Counting(TorchDispatchMode):
+    """Ops and read-backs, split by the encoder layer that came before them (0: the prologue)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.defaultdict(collections.Counter)
+        self.read_backs = collections.Counter()
+        self.paused = False
+        self.layer = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.paused and name not in VIEWS:
+            self.ops[self.layer][name] += 1
+        return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def uncounted(self):
+        self.paused = True
+        try:
+            yield
+        finally:
+            self.paused = False
+
+
+def measure(name: str, backend: str, monkeypatch):
+    """Per layer (0 = prologue): (ops, read-backs), and the policy."""
+    items = _sequences(64, seed=1, longest=60)
+    model, policy = spread_model("bert", name, items)
+    eek.patch(model, policy, backend=backend)
+    longest = max(len(item["input_ids"]) for item in items)
+    ids = torch.zeros(len(items), longest, dtype=torch.long)
+    mask = torch.zeros(len(items), longest, dtype=torch.long)
+    for row, item in enumerate(items):
+        ids[row, : len(item["input_ids"])] = torch.tensor(item["input_ids"])
+        mask[row, : len(item["input_ids"])] = 1
+    counting = _Counting()
+    adapter = model._eek_adapter
+    run_layer, embed = adapter.run_layer, adapter.embed
+
+    def layer_uncounted(index, hidden, layer_mask):
+        with counting.uncounted():
+            out = run_layer(index, hidden, layer_mask)
+        counting.layer = index + 1
+        return out
+
+    def embed_uncounted(*args):
+        with counting.uncounted():
+            return embed(*args)
+
+    monkeypatch.setattr(adapter, "run_layer", layer_uncounted)
+    monkeypatch.setattr(adapter, "embed", embed_uncounted)
+    for method in READ_BACKS:
+        original = getattr(torch.Tensor, method)
+
+        def counted(self, *args, _original=original, **kwargs):
+            if not counting.paused:
+                counting.read_backs[counting.layer] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    with torch.no_grad(), counting:
+        out = model(input_ids=ids, attention_mask=mask)
+    monkeypatch.undo()
+    layers = model.config.num_hidden_layers
+    per_layer = {layer: (sum(counting.ops[layer].values()), counting.read_backs[layer]) for layer in range(layers + 1)}
+    return per_layer, policy, out, counting.ops
+
+
+# Launches (ops less allocations) at most: prologue, a quiet layer, an exiting layer; and the
+# read-backs of the whole forward (B = 64, five layers, exits spread over them).
+BUDGET = {
+    ("entropy", "torch"): (24, 0, 46, 5),
+    ("entropy", "cpp"): (24, 0, 17, 5),
+    ("entropy", "triton"): (24, 0, 11, 5),
+    ("maxprob", "torch"): (24, 0, 43, 5),
+    ("maxprob", "cpp"): (24, 0, 17, 5),
+    ("maxprob", "triton"): (24, 0, 11, 5),
+    ("patience", "torch"): (26, 18, 48, 4),
+    ("patience", "cpp"): (26, 5, 19, 4),
+    ("patience", "triton"): (26, 3, 13, 4),
+    ("voting", "torch"): (26, 33, 63, 4),
+    ("voting", "cpp"): (26, 5, 19, 4),
+    ("voting", "triton"): (26, 3, 13, 4),
+    ("qexit", "torch"): (27, 0, 58, 5),
+    ("qexit", "cpp"): (27, 0, 24, 5),
+    ("qexit", "triton"): (27, 0, 18, 5),
+    ("dact", "torch"): (26, 0, 64, 5),
+    ("dact", "cpp"): (26, 0, 20, 5),
+    ("dact", "triton"): (26, 0, 14, 5),
+    # SkipGates: a gated layer that every row skips calls no layer, so its count lands with the
+    # layer before; each gated layer reads back how many rows run it.
+    ("skipgates", "torch"): (24, 0, 69, 6),
+    ("skipgates", "cpp"): (24, 0, 42, 6),
+    ("skipgates", "triton"): (24, 0, 36, 6),
+}
+ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty"}  # no kernel on a GPU
+
+
+def launches(counter) -> int:
+    return sum(n for op, n in counter.items() if op not in ALLOCATIONS)
+
+
+def observed(name: str, backend: str, monkeypatch) -> dict:
+    """Launches and read-backs: the prologue's, and the most of a quiet and of an exiting layer."""
+    per_layer, policy, out, ops = measure(name, backend, monkeypatch)
+    layers = len(per_layer) - 1
+    ran = int(out.exit_layer.max())
+    seen = {"prologue": (launches(ops[0]), per_layer[0][1]), "quiet": (0, 0), "exiting": (0, 0)}
+    for layer in range(1, min(ran, layers)):  # the last layer is the model's own head
+        kind = "exiting" if can_exit_before_last(policy, layer) else "quiet"
+        previous = seen[kind]
+        seen[kind] = (max(previous[0], launches(ops[layer])), max(previous[1], per_layer[layer][1]))
+    seen["forward read-backs"] = sum(r for _, r in per_layer.values())
+    return seen
+
+
+@pytest.mark.parametrize("name, backend", sorted(BUDGET))
+def test_launches_and_read_backs_per_layer_stay_within_budget(name, backend, monkeypatch):
+    if not eek.backends()[backend]:
+        pytest.skip(f"backend {backend!r}: {eek.backend_status()[backend]}")
+    prologue, quiet, exiting, forward = BUDGET[name, backend]
+
+    seen = observed(name, backend, monkeypatch)
+
+    assert seen["prologue"][0] <= prologue and seen["prologue"][1] == 1, seen
+    assert seen["quiet"][0] <= quiet and seen["quiet"][1] == 0, seen
+    assert seen["exiting"][0] <= exiting, seen
+    if name != "skipgates":
+        assert seen["exiting"][1] <= 1, seen
+    assert seen["forward read-backs"] <= forward, seen
+
+
+def test_the_triton_path_launches_three_kernels_on_a_quiet_layer(monkeypatch):
+    # The runs counter, the fused head, the decision: nothing is read back or compacted.
+    if not eek.backends()["triton"]:
+        pytest.skip(eek.backend_status()["triton"])
+    per_layer, _, _, ops = measure("patience", "triton", monkeypatch)  # Patience(1): layer 1 cannot exit
+    assert {op for op, n in ops[1].items() if op not in ALLOCATIONS} == {"add", "exit_head", "exit_decide"}
+    assert per_layer[1][1] == 0
