@@ -18,9 +18,14 @@ deebert    stage 2: heads on sum_{i<L} CE_i, frozen     Entropy (threshold)
 fastbert   self-distillation of the heads, frozen       Entropy normalized (threshold)
 palbert    PonderNet loss, jointly, Lambda head         QExit (q)
 ensemble   sum_i CE_i + diversity, jointly              Voting (min votes)
-dact       DACT loss (tau 0.05), jointly, halting head  DACT (none: one point)
+dact       DACT loss, jointly, 3 epochs, once per tau    DACT (none: tau is the knob)
 smartbert  stage 1 backbone + gates, then stage 2       SkipGates (entropy threshold)
 =========  ==========================================  ===========================
+
+Halting heads and gates train at their own learning rate (``--halting-lr``, the default
+of :func:`~earlyexit_kernels.training.train_exit_heads`). DACT has no inference knob: it
+trades accuracy for layers through the ponder weight ``tau`` of its loss, so it is trained
+once per ``--dact-taus`` value (rows ``dact(tau=...)``) and its curve joins those points.
 
 For every method every candidate value of its knob is replayed on the recorded exits of
 the held-out test split (:mod:`earlyexit_kernels.calibration`): the accuracy-vs-mean-layers
@@ -29,6 +34,10 @@ curve. The static baseline is the same model cut after layer ``k`` for every seq
 *beats* it when its accuracy is higher at equal mean layers. The operating point of each
 method is calibrated on a separate validation split (fewest layers with at most
 ``--max-drop`` points below the full model) and then measured on the test split.
+
+The label check: on this task easy sequences are easy whatever their label, so their mean
+exit layer should not depend on it; the table flags a method whose easy sequences of one
+label exit more than ``LABEL_GAP_FLAG`` (half a layer) later than those of the other.
 
 The CSV holds one row per curve point (``kind=curve``), per static cut (``kind=static``)
 and per operating point (``kind=operating``); ``--readme`` rewrites the table between the
@@ -62,9 +71,9 @@ from .calibration import (
 )
 from .demo_task import batches, make_split
 from .policy_spec import parse_policy
-from .training import train_exit_heads
+from .training import HALTING_LR, train_exit_heads
 
-__all__ = ["METHODS", "train_method", "train_base", "evaluate_method", "main"]
+__all__ = ["METHODS", "DACT_TAUS", "train_method", "train_base", "evaluate_method", "runs_of", "main"]
 
 #: method -> the policy it is patched with for training and evaluation
 METHODS = {
@@ -76,8 +85,13 @@ METHODS = {
     "dact": lambda: eek.DACT(),
     "smartbert": lambda: eek.SkipGates(entropy_threshold=0.1),
 }
-#: loss arguments of the methods' training here (the spec leaves DACT's tau to the task)
-LOSS_KWARGS = {"dact": {"tau": 0.05}}
+#: DACT's ponder weights: one training each, the points of its curve
+DACT_TAUS = (0.01, 0.05, 0.1)
+#: epochs of each method's training where it needs more than ``--epochs``: DACT's halting
+#: head moves its logit by 2-4 before a sequence can leave early
+METHOD_EPOCHS = {"dact": 3}
+#: easy sequences of two labels exiting further apart than this (mean layers) are flagged
+LABEL_GAP_FLAG = 0.5
 MARK_START = "<!-- exit-quality-table:start -->"
 MARK_END = "<!-- exit-quality-table:end -->"
 
@@ -118,14 +132,28 @@ def train_base(
     return model
 
 
-def train_method(method: str, base, train_batches, *, epochs: int, lr: float, heads_lr: float):
-    """A copy of ``base`` trained with ``method``'s loss(es), patched with its policy, in eval mode."""
+def train_method(
+    method: str,
+    base,
+    train_batches,
+    *,
+    epochs: int,
+    lr: float,
+    heads_lr: float,
+    halting_lr: float | None = HALTING_LR,
+    loss_kwargs: dict | None = None,
+):
+    """A copy of ``base`` trained with ``method``'s loss(es), patched with its policy, in eval mode.
+
+    ``epochs`` is raised to :data:`METHOD_EPOCHS` where the method needs more;
+    ``loss_kwargs`` go to the method's loss (DACT's ``tau``).
+    """
     import copy
 
     model = copy.deepcopy(base)
     policy = METHODS[method]()
     eek.patch(model, policy)
-    common = dict(epochs=epochs, progress=False)
+    common = dict(epochs=max(epochs, METHOD_EPOCHS.get(method, 1)), halting_lr=halting_lr, progress=False)
     if method in ("deebert", "fastbert"):
         name = "deebert_stage2" if method == "deebert" else "fastbert"
         train_exit_heads(model, train_batches, method=name, lr=heads_lr, **common)
@@ -133,8 +161,19 @@ def train_method(method: str, base, train_batches, *, epochs: int, lr: float, he
         train_exit_heads(model, train_batches, method="smartbert_stage1", lr=lr, **common)
         train_exit_heads(model, train_batches, method="smartbert_stage2", lr=heads_lr, **common)
     else:
-        train_exit_heads(model, train_batches, method=method, lr=lr, loss_kwargs=LOSS_KWARGS.get(method), **common)
+        train_exit_heads(model, train_batches, method=method, lr=lr, loss_kwargs=loss_kwargs, **common)
     return model.eval()
+
+
+def runs_of(methods, taus=DACT_TAUS) -> list[tuple[str, str, dict | None]]:
+    """``(run name, method, loss kwargs)`` of each training: DACT once per ``tau``."""
+    runs = []
+    for method in methods:
+        if method == "dact":
+            runs += [(f"dact(tau={tau:g})", method, {"tau": tau}) for tau in taus]
+        else:
+            runs.append((method, method, None))
+    return runs
 
 
 def evaluate_method(method: str, model, val_batches, test_batches, hard: torch.Tensor, max_drop: float):
@@ -143,25 +182,50 @@ def evaluate_method(method: str, model, val_batches, test_batches, hard: torch.T
     curve = accuracy_curve(record, candidates(record))
     baseline = static_baseline(record)
     chosen = calibrate(record_exits(model, val_batches), max_drop=max_drop).policy
+    agreeing = _hard_wrong_agreeing(record, hard)
     rows = []
     for point in curve:
         rows.append(_row(method, "curve", point.policy, record, hard, baseline))
     for k, _ in baseline:
         rows.append(_static_row(method, k, record, hard))
     rows.append(_row(method, "operating", chosen, record, hard, baseline))
+    for row in rows:
+        row["hard_wrong_agreeing"] = agreeing
     return rows, curve, baseline
+
+
+def _hard_wrong_agreeing(record: ExitRecord, hard: torch.Tensor, layer: int = 2) -> float:
+    """Of the hard sequences wrong at head ``layer``, the share whose heads 1..layer all gave that answer.
+
+    Where this is high, agreement between consecutive heads (PABEE, voting) is no
+    evidence of a right answer on the hard sequences.
+    """
+    predictions = record.all_logits[:layer].float().argmax(-1)  # [layer, N]
+    wrong = hard & (predictions[-1] != record.labels)
+    if not bool(wrong.any()):
+        return 0.0
+    agree = (predictions == predictions[-1]).all(0)
+    return round((agree & wrong).sum().item() / wrong.sum().item(), 5)
 
 
 def _split_stats(result, labels, hard):
     correct = (result.logits.argmax(-1) == labels).float()
     layers = result.layers_run.float()
+    easy = ~hard
+
+    def easy_layers_of(label):
+        chosen = easy & (labels == label)
+        return layers[chosen].mean().item() if bool(chosen.any()) else float("nan")
+
     return {
         "accuracy": correct.mean().item(),
-        "easy_accuracy": correct[~hard].mean().item(),
+        "easy_accuracy": correct[easy].mean().item(),
         "hard_accuracy": correct[hard].mean().item(),
         "mean_layers": layers.mean().item(),
-        "easy_layers": layers[~hard].mean().item(),
+        "easy_layers": layers[easy].mean().item(),
         "hard_layers": layers[hard].mean().item(),
+        "easy_layers_label0": easy_layers_of(0),
+        "easy_layers_label1": easy_layers_of(1),
     }
 
 
@@ -204,8 +268,11 @@ FIELDS = [
     "mean_layers",
     "easy_layers",
     "hard_layers",
+    "easy_layers_label0",
+    "easy_layers_label1",
     "static_accuracy",
     "beats_static",
+    "hard_wrong_agreeing",
 ]
 
 
@@ -216,8 +283,8 @@ def readme_table(csv_path: str) -> str:
     rows = list(csv.DictReader(lines))
     out = [
         "| method | operating point | accuracy | easy / hard acc. | mean layers | easy / hard layers "
-        "| static cut at equal layers | curve points above static |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| easy layers, label 0 / 1 | static cut at equal layers | curve points above static |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
@@ -234,9 +301,16 @@ def readme_table(csv_path: str) -> str:
         out.append(
             f"| {method} | `{_table_code(op['policy'])}` | {pct('accuracy')} | {pct('easy_accuracy')} / {pct('hard_accuracy')} "
             f"| {float(op['mean_layers']):.2f} | {float(op['easy_layers']):.2f} / {float(op['hard_layers']):.2f} "
-            f"| {pct('static_accuracy')} | {above} / {len(inner)} |"
+            f"| {_by_label(op)} | {pct('static_accuracy')} | {above} / {len(inner)} |"
         )
     return "\n".join(out)
+
+
+def _by_label(row) -> str:
+    """Easy sequences' mean layers per label, flagged where they differ by more than :data:`LABEL_GAP_FLAG`."""
+    first, second = float(row["easy_layers_label0"]), float(row["easy_layers_label1"])
+    flag = " **label-dependent**" if abs(first - second) > LABEL_GAP_FLAG else ""
+    return f"{first:.2f} / {second:.2f}{flag}"
 
 
 def _table_code(text: str) -> str:
@@ -286,33 +360,43 @@ def run(args, save=None) -> list[dict]:
         flush=True,
     )
     rows, curves, baseline = [], {}, None
-    for method in args.methods:
+    for name, method, loss_kwargs in runs_of(args.methods, args.dact_taus):
         t0 = time.perf_counter()
         model = train_method(
-            method, base, method_batches, epochs=args.epochs, lr=args.method_lr, heads_lr=args.heads_lr
+            method,
+            base,
+            method_batches,
+            epochs=args.epochs,
+            lr=args.method_lr,
+            heads_lr=args.heads_lr,
+            halting_lr=args.halting_lr,
+            loss_kwargs=loss_kwargs,
         )
         method_rows, curve, method_baseline = evaluate_method(
-            method, model, val_batches, test_batches, test["hard"], args.max_drop
+            name, model, val_batches, test_batches, test["hard"], args.max_drop
         )
         rows += method_rows
         if save is not None:
             save(rows)
-        curves[method] = curve
+        # DACT's curve joins its trainings' points, one per tau
+        curves.setdefault(method, []).extend(curve)
         baseline = baseline or method_baseline
         op = method_rows[-1]
         print(
-            f"{method:<10} trained in {time.perf_counter() - t0:4.0f} s; operating point {op['policy']}: "
-            f"{100 * op['accuracy']:.1f}% at {op['mean_layers']:.2f} layers (easy {op['easy_layers']:.2f}, "
-            f"hard {op['hard_layers']:.2f}); static cut {100 * op['static_accuracy']:.1f}%",
+            f"{name:<16} trained in {time.perf_counter() - t0:4.0f} s; operating point {op['policy']}: "
+            f"{100 * op['accuracy']:.1f}% at {op['mean_layers']:.2f} layers (easy {op['easy_layers']:.2f}: "
+            f"label 0 {op['easy_layers_label0']:.2f}, label 1 {op['easy_layers_label1']:.2f}; hard "
+            f"{op['hard_layers']:.2f}); static cut {100 * op['static_accuracy']:.1f}%; hard sequences wrong at "
+            f"layer 2 with heads 1-2 agreeing: {100 * op['hard_wrong_agreeing']:.0f}%",
             flush=True,
         )
         if args.plot_dir:
             plot_curve(
                 curve,
-                f"{args.plot_dir}/{method}.png",
+                f"{args.plot_dir}/{name}.png",
                 baseline=method_baseline,
                 full_accuracy=method_baseline[-1][1],
-                title=method,
+                title=name,
             )
     if args.plot:
         plot_curve(curves, args.plot, baseline=baseline, title="accuracy vs mean layers (static cut: PABEE model)")
@@ -353,6 +437,12 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the base fine-tuning")
     parser.add_argument("--method-lr", type=float, default=5e-4, help="learning rate of joint training")
     parser.add_argument("--heads-lr", type=float, default=3e-3, help="learning rate of head-only training")
+    parser.add_argument(
+        "--halting-lr", type=float, default=HALTING_LR, help="learning rate of the halting heads and gates"
+    )
+    parser.add_argument(
+        "--dact-taus", type=float, nargs="+", default=list(DACT_TAUS), help="DACT's ponder weights, one training each"
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=6)

@@ -55,8 +55,10 @@ __all__ = [
     "smartbert_stage2_loss",
     "freeze_backbone",
     "select_trainable",
+    "parameter_groups",
     "train_exit_heads",
     "METHODS",
+    "HALTING_LR",
     "OPTIMIZERS",
     "SCHEDULES",
 ]
@@ -66,6 +68,12 @@ METHODS = tuple(OBJECTIVES) + tuple(ALIASES)
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("linear", "cosine", "constant")
 _TRAINS = ("all", "heads", "backbone")
+#: default learning rate of the halting heads (QExit, DACT) and SmartBERT's gates. They
+#: start from a constant output (zero weights), far from where they must end: DACT's
+#: halting logit starts at 2.2 and must move by 2-4 before any sequence can leave before
+#: the last layers, which the backbone's learning rate (1e-5 to 1e-3) does not do in a
+#: few hundred steps.
+HALTING_LR = 3e-3
 
 
 def freeze_backbone(model: nn.Module) -> list[nn.Parameter]:
@@ -85,6 +93,34 @@ def _heads_parameters(model) -> list[nn.Parameter]:
     heads = model.early_exit_heads
     gates = {id(p) for p in heads.gates.parameters()} if heads.gates is not None else set()
     return [p for p in heads.parameters() if id(p) not in gates]
+
+
+def _halting_parameters(model) -> list[nn.Parameter]:
+    """The halting heads (QExit's Lambda layer, DACT's linear head) and SmartBERT's gates."""
+    heads = model.early_exit_heads
+    modules = [heads.qexit_halting, heads.dact_halting, heads.gates]
+    return [p for module in modules if module is not None for p in module.parameters()]
+
+
+def parameter_groups(
+    model: nn.Module, lr: float, halting_lr: float | None = HALTING_LR, parameters: list[nn.Parameter] | None = None
+) -> list[dict]:
+    """Optimizer parameter groups: the halting heads and gates at ``halting_lr``, the rest at ``lr``.
+
+    ``parameters``: the trainable ones (default: those of ``model`` that require grad).
+    For an optimizer of your own, e.g. a ``Trainer``'s:
+    ``Trainer(..., optimizers=(torch.optim.AdamW(parameter_groups(model, lr=2e-5)), None))``.
+    """
+    if not is_patched(model):
+        raise ValueError("parameter_groups needs a model patched with eek.patch")
+    if parameters is None:
+        parameters = [p for p in model.parameters() if p.requires_grad]
+    if halting_lr is None:
+        return [{"params": parameters, "lr": lr}]
+    halting = {id(p) for p in _halting_parameters(model)}
+    rest = [p for p in parameters if id(p) not in halting]
+    own = [p for p in parameters if id(p) in halting]
+    return [group for group in ({"params": rest, "lr": lr}, {"params": own, "lr": halting_lr}) if group["params"]]
 
 
 def select_trainable(model: nn.Module, trains: str) -> list[nn.Parameter]:
@@ -116,12 +152,13 @@ def _batches(data) -> Iterable[Mapping[str, torch.Tensor]]:
         yield from data
 
 
-def _optimizer(name: str, parameters, lr: float, weight_decay: float):
+def _optimizer(name: str, groups: list[dict], weight_decay: float):
+    """``groups``: parameter groups, each with its ``lr``."""
     if name == "adamw":
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(groups, weight_decay=weight_decay)
     if name == "adam":
-        return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
-    return torch.optim.SGD(parameters, lr=lr, momentum=0.9, weight_decay=weight_decay)
+        return torch.optim.Adam(groups, weight_decay=weight_decay)
+    return torch.optim.SGD(groups, momentum=0.9, weight_decay=weight_decay)
 
 
 def _schedule(name: str, total: int, warmup: int):
@@ -145,6 +182,7 @@ def train_exit_heads(
     method: str = "pabee",
     epochs: int = 1,
     lr: float = 2e-5,
+    halting_lr: float | None = HALTING_LR,
     weight_decay: float = 0.01,
     warmup_fraction: float = 0.1,
     max_grad_norm: float = 1.0,
@@ -172,6 +210,11 @@ def train_exit_heads(
     ``requires_grad`` is restored after. ``optimizer``: ``"adamw"``, ``"adam"`` or
     ``"sgd"`` (momentum 0.9); ``schedule``: linear warm-up over ``warmup_fraction`` of
     the steps, then ``"linear"`` decay, ``"cosine"`` decay or ``"constant"``.
+    ``halting_lr``: the learning rate of the halting heads (QExit, DACT) and SmartBERT's
+    gates when they train (:data:`HALTING_LR`, 3e-3, by default; ``None``: ``lr`` like the
+    rest). They start from a constant output and must move far (see :data:`HALTING_LR`);
+    at the backbone's rate DACT's head barely moves and DACT runs nearly every layer. The
+    schedule scales both rates alike.
     ``loss_kwargs`` go to the loss (``beta=``, ``tau=``, ``lam=``, ``diversity=``).
     ``progress``: a tqdm bar on a terminal.
     """
@@ -184,6 +227,10 @@ def train_exit_heads(
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
+    if halting_lr is not None and not (
+        isinstance(halting_lr, (int, float)) and math.isfinite(halting_lr) and halting_lr > 0
+    ):
+        raise ValueError(f"halting_lr must be a positive number or None (the same as lr); got {halting_lr!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
     if isinstance(batches, Iterator):
@@ -208,7 +255,7 @@ def train_exit_heads(
     losses = []
     try:
         parameters = select_trainable(model, trains or chosen.trains)
-        opt = _optimizer(optimizer, parameters, lr, weight_decay)
+        opt = _optimizer(optimizer, parameter_groups(model, lr, halting_lr, parameters), weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(schedule, total, warmup))
         bar = _progress(total, f"training ({chosen.name})", progress)
         model.train()

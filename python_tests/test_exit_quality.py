@@ -114,3 +114,56 @@ def test_the_bare_command_says_it_keeps_nothing(monkeypatch, capsys):
     assert "the results are only printed" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         exit_quality.main(["--readme", "README.md"])  # the table needs a CSV
+
+
+def test_dact_is_trained_once_per_tau():
+    runs = exit_quality.runs_of(["pabee", "dact"], taus=(0.01, 0.1))
+    assert runs == [
+        ("pabee", "pabee", None),
+        ("dact(tau=0.01)", "dact", {"tau": 0.01}),
+        ("dact(tau=0.1)", "dact", {"tau": 0.1}),
+    ]
+
+
+def _operating_row(method, label0, label1):
+    return dict.fromkeys(exit_quality.FIELDS, 0.5) | {
+        "method": method,
+        "kind": "operating",
+        "policy": "Y",
+        "easy_layers_label0": label0,
+        "easy_layers_label1": label1,
+    }
+
+
+def test_easy_sequences_exiting_by_label_are_flagged(tmp_path):
+    static = dict.fromkeys(exit_quality.FIELDS, 0.5) | {"kind": "static", "policy": "cut after layer 1"}
+    rows = [
+        static | {"method": "follows_difficulty"},
+        _operating_row("follows_difficulty", 2.0, 2.4),  # 0.4 apart: below the half layer
+        static | {"method": "follows_label"},
+        _operating_row("follows_label", 2.0, 2.6),  # 0.6 apart
+    ]
+    csv_path = tmp_path / "q.csv"
+    exit_quality.write_csv(rows, str(csv_path), [])
+    table = exit_quality.readme_table(str(csv_path))
+    assert "| 2.00 / 2.40 |" in table
+    assert "| 2.00 / 2.60 **label-dependent** |" in table
+
+
+def test_agreement_on_wrong_answers_of_hard_sequences():
+    from earlyexit_kernels.calibration import ExitRecord
+
+    right, wrong = [5.0, 0.0], [0.0, 5.0]  # label 0
+    # heads 1 and 2 on four hard sequences and one easy one: hard 0 and 1 are wrong at layer 2,
+    # and only hard 0 had the same wrong answer at layer 1; the easy one is wrong at both and not counted
+    layer1 = [wrong, right, right, wrong, wrong]
+    layer2 = [wrong, wrong, right, right, wrong]
+    record = ExitRecord(
+        all_logits=torch.tensor([layer1, layer2, layer2]),
+        labels=torch.zeros(5, dtype=torch.long),
+        all_halting_logits=None,
+        all_skipped=None,
+        policy=eek.Patience(1),
+    )
+    hard = torch.tensor([True, True, True, True, False])
+    assert exit_quality._hard_wrong_agreeing(record, hard) == 0.5

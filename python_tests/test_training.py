@@ -101,3 +101,48 @@ def test_an_epoch_that_finds_no_batches_raises():
         train_exit_heads(model, _FewPasses(_data(2), passes=2), method="pabee", epochs=2, progress=False)
     with pytest.raises(ValueError, match="no batches"):
         train_exit_heads(model, _FewPasses(_data(2), passes=0), method="pabee", progress=False)
+
+
+def _halting_step(model, method, **kwargs):
+    """How far one step moves the halting head (or the gates) and one internal classifier, at most."""
+    heads = model.early_exit_heads
+    halting = heads.dact_halting or heads.qexit_halting or heads.gates
+    before = [p.detach().clone() for p in halting.parameters()]
+    classifier = heads.classifiers[0].weight.detach().clone()
+    train_exit_heads(model, _data(1), method=method, warmup_fraction=0.0, schedule="constant", progress=False, **kwargs)
+    moved = max((p - b).abs().max().item() for p, b in zip(halting.parameters(), before))
+    return moved, (heads.classifiers[0].weight - classifier).abs().max().item()
+
+
+@pytest.mark.parametrize(
+    ("policy", "method"),
+    [(eek.DACT(), "dact"), (eek.QExit(0.5), "palbert"), (eek.SkipGates(entropy_threshold=0.3), "smartbert_stage1")],
+)
+def test_halting_heads_and_gates_learn_at_their_own_rate(policy, method):
+    # Adam's first step moves every parameter by about its learning rate, whatever the gradient's size.
+    torch.manual_seed(0)
+    model = eek.patch(tiny_model("bert"), policy)
+    halting_moved, classifier_moved = _halting_step(model, method, lr=1e-5, weight_decay=0.0)
+    assert 1.5e-3 < halting_moved < 6e-3  # the default halting_lr, 3e-3
+    assert classifier_moved < 3e-5  # lr, 1e-5
+    model = eek.patch(tiny_model("bert"), policy)
+    halting_moved, _ = _halting_step(model, method, lr=1e-5, halting_lr=None, weight_decay=0.0)
+    assert halting_moved < 3e-5  # halting_lr=None: the same rate as the rest
+
+
+def test_a_bad_halting_lr_is_refused():
+    model = eek.patch(tiny_model("bert"), eek.DACT())
+    for bad in (0.0, -1e-3, float("nan"), "3e-3"):
+        with pytest.raises(ValueError, match="halting_lr"):
+            train_exit_heads(model, _data(1), method="dact", halting_lr=bad, progress=False)
+
+
+def test_parameter_groups_give_an_optimizer_of_ones_own_the_halting_rate():
+    from earlyexit_kernels.training import parameter_groups
+
+    model = eek.patch(tiny_model("bert"), eek.DACT())
+    groups = parameter_groups(model, lr=2e-5)
+    assert [g["lr"] for g in groups] == [2e-5, 3e-3]
+    assert set(map(id, groups[1]["params"])) == set(map(id, model.early_exit_heads.dact_halting.parameters()))
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    torch.optim.AdamW(groups)  # what a Trainer's optimizers=(optimizer, None) takes
