@@ -377,7 +377,7 @@ def _methods_side_by_side(base, train_batches, test, device, args) -> None:
                 method,
                 base,
                 method_batches,
-                epochs=1,
+                epochs=METHOD_EPOCHS.get(method, 1),
                 lr=5e-4,
                 heads_lr=3e-3,
                 loss_kwargs=METHOD_LOSS_KWARGS.get(method),
