@@ -6,6 +6,11 @@ repetition times the unpatched model and then the patched one back to back and k
 their ratio, so slow phases of the machine hit both sides alike.
 
     python benchmarks/paired_overhead.py --batch-sizes 1,32,64 --repeats 15
+    python benchmarks/paired_overhead.py --batch-sizes 1 --policy "Entropy(1e-9)"
+
+By default nothing exits through ``Scheduled`` (every sequence scheduled for the last
+layer), which needs no exit head before it; ``--policy`` takes a policy that must compute
+its head on every layer and, at a tiny threshold, lets nothing leave either.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.bench import models, patterns
+from earlyexit_kernels.policy_spec import parse_policy
 
 
 def paired_ratios(model, ids, mask, policy, backend: str, repeats: int, warmup: int = 2) -> list[float]:
@@ -46,6 +52,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--backend", default="cpp")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--policy", default="scheduled", help='"scheduled", or a policy, e.g. "Entropy(1e-9)"')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     size = models.SIZES["small"]
@@ -57,10 +64,11 @@ def main(argv=None) -> int:
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         pattern = patterns.scheduled(batch, size.layers, 0.0, args.seq_len)
         ids, mask = patterns.make_inputs(pattern, args.seq_len, size.vocab, 0, "cpu")
-        ratios = paired_ratios(model, ids, mask, eek.Scheduled(pattern.exit_layers), args.backend, args.repeats)
+        policy = eek.Scheduled(pattern.exit_layers) if args.policy == "scheduled" else parse_policy(args.policy)
+        ratios = paired_ratios(model, ids, mask, policy, args.backend, args.repeats)
         p20, _, _, p80 = statistics.quantiles(ratios, n=5)
         print(
-            f"B={batch}: eek/full p50 {statistics.median(ratios):.3f} (p20 {p20:.3f}, p80 {p80:.3f}), n={len(ratios)}"
+            f"B={batch} {policy!r:.40}: eek/full p50 {statistics.median(ratios):.3f} (p20 {p20:.3f}, p80 {p80:.3f}), n={len(ratios)}"
         )
     return 0
 

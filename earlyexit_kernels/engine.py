@@ -198,6 +198,8 @@ def run_early_exit(
             can_exit_before_last(policy, layer) and (scheduled_counts is None or scheduled_counts[layer] > 0)
         )
         settled = may_exit and ran is None and not all_exits
+        if not may_exit and not all_exits and isinstance(policy, Scheduled):
+            continue  # its decisions need no head, and nobody leaves here: the head would be wasted
         # The last layer runs the model's own pooler and classifier, so a sequence that runs
         # every layer gets exactly the unpatched model's logits whatever the backend.
         if settled:

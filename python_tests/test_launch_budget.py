@@ -17,6 +17,7 @@ import contextlib
 
 import pytest
 import torch
+from conftest import tiny_batch, tiny_model
 from test_classify import _sequences, spread_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -64,6 +65,12 @@ def measure(name: str, backend: str, monkeypatch):
     for row, item in enumerate(items):
         ids[row, : len(item["input_ids"])] = torch.tensor(item["input_ids"])
         mask[row, : len(item["input_ids"])] = 1
+    per_layer, out, ops = count(model, ids, mask, monkeypatch)
+    return per_layer, policy, out, ops
+
+
+def count(model, ids, mask, monkeypatch):
+    """Per layer (0 = prologue) of one forward of a patched model: (ops, read-backs), the output, the ops."""
     counting = _Counting()
     adapter = model._eek_adapter
     run_layer, embed = adapter.run_layer, adapter.embed
@@ -94,7 +101,7 @@ def measure(name: str, backend: str, monkeypatch):
     monkeypatch.undo()
     layers = model.config.num_hidden_layers
     per_layer = {layer: (sum(counting.ops[layer].values()), counting.read_backs[layer]) for layer in range(layers + 1)}
-    return per_layer, policy, out, counting.ops
+    return per_layer, out, counting.ops
 
 
 # Launches (ops less allocations) at most: prologue, a quiet layer, an exiting layer; and the
@@ -168,3 +175,19 @@ def test_the_triton_path_launches_three_kernels_on_a_quiet_layer(monkeypatch):
     per_layer, _, _, ops = measure("patience", "triton", monkeypatch)  # Patience(1): layer 1 cannot exit
     assert {op for op, n in ops[1].items() if op not in ALLOCATIONS} == {"add", "exit_head", "exit_decide"}
     assert per_layer[1][1] == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_scheduled_runs_no_head_where_nobody_is_scheduled_to_leave(backend, monkeypatch):
+    # Scheduled decides from its schedule alone: a layer where nobody is scheduled to leave
+    # only counts the layers run (the batch-size-1 overhead of a model where nothing exits).
+    if not eek.backends()[backend]:
+        pytest.skip(eek.backend_status()[backend])
+    model = eek.patch(tiny_model("bert", num_layers=4), eek.Scheduled([2, 4, 4]), backend=backend)
+    ids, mask, _ = tiny_batch(3, 12, seed=0)
+    per_layer, out, ops = count(model, ids, mask, monkeypatch)
+    assert out.exit_layer.tolist() == [2, 4, 4]
+    assert {op for op, n in ops[1].items() if op not in ALLOCATIONS} == {"add"}  # layer 1: nobody leaves
+    assert {op for op, n in ops[3].items() if op not in ALLOCATIONS} == {"add"}  # layer 3: nobody leaves
+    assert per_layer[1][1] == per_layer[3][1] == 0
+    assert launches(ops[2]) > 1 and per_layer[2][1] == 1  # layer 2: the head, the decision, one read-back
