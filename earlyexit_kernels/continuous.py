@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from .backend_registry import resolve_backend
-from .compaction import layer_attention_mask
 from .engine import _round_keeping_argmax, can_fuse_head, head_and_exit_step
 from .exit_rules import can_exit_before_last, init_state
 from .policies import Scheduled, SkipGates
@@ -192,6 +191,8 @@ class ContinuousEngine:
             raise ValueError(
                 f"sequence {key!r} has {len(input_ids)} tokens; it must have 1..{self.max_length} (max_length)"
             )
+        if token_type_ids is not None and not getattr(self.adapter, "uses_token_type_ids", True):
+            raise TypeError(f"sequence {key!r}: {type(self.model).__name__} takes no token_type_ids; leave them out")
         if token_type_ids is not None:
             token_type_ids = [int(t) for t in token_type_ids]
             if len(token_type_ids) != len(input_ids):
@@ -336,14 +337,14 @@ class ContinuousEngine:
         hidden = self._pool.index_select(0, read).view(call.padded_rows, call.padded_length, hidden_size)
         mask = read.view(call.padded_rows, call.padded_length) != _NULL
         mask[:, 0] = True  # pad rows attend to their first (zero) token instead of nothing
-        layer_mask = layer_attention_mask(mask, self.adapter.attn_implementation, self.dtype)
+        layer_mask = self.adapter.layer_mask(mask, self.dtype)
         hidden = self._run_layer(layer - 1, hidden, layer_mask)
         self._pool.index_copy_(0, write, hidden.reshape(-1, hidden_size))
 
         state = {k: v.index_select(0, slot_index) for k, v in self._state.items()}
         fused = can_fuse_head(self.backend, self.adapter)
         exits, returned, _, _, state = head_and_exit_step(
-            self.adapter, self.backend, self.policy, layer, hidden, self._halting_head, state, fused=fused
+            self.adapter, self.backend, self.policy, layer, hidden, self._halting_head, state, fused=fused, mask=mask
         )
         real = slot_index[:n]
         for key, value in self._state.items():

@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 
 from .backend_registry import Backend
-from .compaction import layer_attention_mask, survivor_index, trim, valid_extent
+from .compaction import survivor_index, trim, valid_extent
 from .exit_rules import can_exit_before_last, init_state
 from .heads import ExitHeads
 from .policies import ExitPolicy, Scheduled, SkipGates
@@ -39,11 +39,18 @@ class EncoderAdapter(Protocol):
     hidden_size: int
     attn_implementation: str
 
-    def run_layer(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Encoder layer ``index`` (0-based) on ``hidden`` [n, S, H] with a 4-D mask or None."""
+    def layer_mask(self, mask: torch.Tensor | None, dtype: torch.dtype):
+        """What ``run_layer`` takes as its mask, built from the 2-D mask [n, S] or None (no padding).
 
-    def pool(self, cls_hidden: torch.Tensor) -> torch.Tensor:
-        """The shared pooler: [n, H] -> [n, H]."""
+        Called again after every compaction or trimming of the batch."""
+
+    def run_layer(self, index: int, hidden: torch.Tensor, attention_mask) -> torch.Tensor:
+        """Encoder layer ``index`` (0-based) on ``hidden`` [n, S, H] with the mask of ``layer_mask``."""
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The shared pooler: [n, S, H] (with the 2-D mask [n, S] or None) -> [n, H].
+
+        [CLS] families read row 0 only; a mean pooling averages the valid tokens."""
 
     def classify(self, layer: int, pooled: torch.Tensor) -> torch.Tensor:
         """The head of 1-based ``layer``: [n, H] -> [n, C]."""
@@ -145,7 +152,7 @@ def run_early_exit(
             mask, extents = None, None  # no padding: layers run without a mask, as in Hugging Face
         elif not all_exits:
             hidden, mask = trim(hidden, mask, _kept_length(longest, hidden.shape[1], length_multiple))
-    layer_mask = layer_attention_mask(mask, adapter.attn_implementation, dtype)
+    layer_mask = adapter.layer_mask(mask, dtype)
 
     if all_exits:
         result.all_logits = torch.empty(num_layers, batch, num_labels, dtype=out_dtype, device=device)
@@ -183,7 +190,7 @@ def run_early_exit(
                     sub = adapter.run_layer(
                         layer - 1,
                         hidden.index_select(0, run_rows),
-                        layer_attention_mask(sub_mask, adapter.attn_implementation, dtype),
+                        adapter.layer_mask(sub_mask, dtype),
                     )
                     hidden = hidden.index_copy(0, run_rows, sub)
                 else:
@@ -209,7 +216,7 @@ def run_early_exit(
                     policy, layer, num_layers, hidden[:, 0], *adapter.head_weights(layer), state, halting_head, target
                 )
             else:
-                logits, halting = _head_outputs(adapter, layer, hidden, halting_head, state)
+                logits, halting = _head_outputs(adapter, layer, hidden, halting_head, state, mask)
                 if backend.exit_step_write_back is not None:
                     _, state, order, stats = backend.exit_step_write_back(
                         policy, layer, num_layers, logits, halting, state, target
@@ -219,7 +226,7 @@ def run_early_exit(
                     order, stats = write_back(target, exits, returned, layer)
         else:
             exits, returned, logits, halting, new_state = head_and_exit_step(
-                adapter, backend, policy, layer, hidden, halting_head, state, fused=fused
+                adapter, backend, policy, layer, hidden, halting_head, state, fused=fused, mask=mask
             )
         if not settled:
             if ran is not None:
@@ -254,7 +261,7 @@ def run_early_exit(
             state = {k: v.index_select(0, index) for k, v in state.items()}
             if extents is not None:
                 extents = extents.index_select(0, index)
-            layer_mask = layer_attention_mask(mask, adapter.attn_implementation, dtype)
+            layer_mask = adapter.layer_mask(mask, dtype)
     result.logits = _round_keeping_argmax(out_logits, out_dtype)
     return result
 
@@ -326,11 +333,13 @@ def head_and_exit_step(
     state: dict,
     *,
     fused: bool,
+    mask: torch.Tensor | None = None,
 ) -> tuple:
     """The exit heads of 1-based ``layer`` on the [CLS] rows of ``hidden`` [n, S, H], then the policy's step.
 
     With ``fused`` (see :func:`can_fuse_head`) the backend's fused head runs on layers
     before the last; the last layer always runs the model's own pooler and classifier.
+    ``mask``: the 2-D mask [n, S] of ``hidden`` (None: no padding), for a pooling that reads it.
     Returns ``(exits [n] bool, returned [n, C] float32, logits [n, C], halting [n] or
     None, state)``, as :func:`earlyexit_kernels.exit_rules.head_exit_step`.
     """
@@ -339,14 +348,14 @@ def head_and_exit_step(
         return backend.head_exit_step(
             policy, layer, num_layers, hidden[:, 0], *adapter.head_weights(layer), state, halting_head
         )
-    logits, halting = _head_outputs(adapter, layer, hidden, halting_head, state)
+    logits, halting = _head_outputs(adapter, layer, hidden, halting_head, state, mask)
     exits, returned, state = backend.exit_step(policy, layer, num_layers, logits, halting, state)
     return exits, returned, logits, halting, state
 
 
-def _head_outputs(adapter, layer: int, hidden: torch.Tensor, halting_head, state) -> tuple:
-    """The model's own pooler and head of ``layer`` on the [CLS] rows, and the halting logit."""
-    pooled = adapter.pool(hidden[:, 0])
+def _head_outputs(adapter, layer: int, hidden: torch.Tensor, halting_head, state, mask=None) -> tuple:
+    """The model's own pooler and head of ``layer`` on ``hidden`` [n, S, H], and the halting logit."""
+    pooled = adapter.pool(hidden, mask)
     logits = adapter.classify(layer, pooled)
     halting = None
     if halting_head is not None:

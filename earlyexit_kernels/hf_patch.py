@@ -1,10 +1,9 @@
 """The Hugging Face drop-in: ``eek.patch(model, policy)`` and ``eek.unpatch(model)``.
 
-All knowledge of the Hugging Face classes lives in this module: one small adapter
-per architecture tells the engine how to embed, run layer ``i``, pool and classify.
-Supported: ``BertForSequenceClassification``, ``AlbertForSequenceClassification``
-(shared layer groups, embedding projection) and ``RobertaForSequenceClassification``
-(its classification head), with eager or SDPA attention.
+The patching lives here; the knowledge of each Hugging Face family lives in
+:mod:`earlyexit_kernels.models`: one small adapter per architecture tells the engine how to
+embed, build a layer's mask, run layer ``i``, pool and classify. ``SUPPORTED_MODELS`` (re-exported
+from there) lists the supported classes.
 """
 
 from __future__ import annotations
@@ -14,17 +13,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import (
-    AlbertForSequenceClassification,
-    BertForSequenceClassification,
-    RobertaForSequenceClassification,
-)
 from transformers.utils import ModelOutput
 
 from .backend_registry import check_backend_name, resolve_backend
 from .engine import mask_extents, run_early_exit
 from .heads import ExitHeads
 from .losses import Objective, objective
+from .models import SUPPORTED_MODELS, AlbertAdapter, BertAdapter, EncoderAdapterBase, RobertaAdapter, adapter_class
 from .policies import ExitPolicy, SkipGates
 
 __all__ = [
@@ -37,7 +32,7 @@ __all__ = [
     "SUPPORTED_MODELS",
 ]
 
-SUPPORTED_ATTENTION = ("eager", "sdpa")
+SUPPORTED_ATTENTION = ("eager", "sdpa")  # of the BERT-like families; each adapter names its own
 
 
 @dataclass
@@ -73,128 +68,18 @@ class EarlyExitOutput(ModelOutput):
     host_syncs = None  # not annotated, so not a dataclass field (see the docstring)
 
 
-class _Adapter:
-    """Shared part of the architecture adapters (see :class:`earlyexit_kernels.engine.EncoderAdapter`)."""
-
-    def __init__(self, model: nn.Module, heads: ExitHeads | None):
-        config = model.config
-        self.model = model
-        self.heads = heads
-        self.num_layers = config.num_hidden_layers
-        self.num_labels = config.num_labels
-        self.hidden_size = config.hidden_size
-        self.vocab_size = config.vocab_size
-        # Layers refuse a length that is not a multiple of their feed-forward chunk: trimming rounds up to it.
-        self.length_multiple = max(int(getattr(config, "chunk_size_feed_forward", 0) or 0), 1)
-
-    _attn_override: str | None = None
-
-    @property
-    def attn_implementation(self) -> str:
-        """Read on every use: ``model.set_attn_implementation`` may change it after patching."""
-        return self._attn_override or self.model.config._attn_implementation
-
-    @attn_implementation.setter
-    def attn_implementation(self, value: str | None) -> None:
-        """Force the masks of another implementation (tests); None reads the config again."""
-        self._attn_override = value
-
-    @property
-    def training(self) -> bool:
-        """Whether the model is in training mode (dropout on): the fused heads have no dropout."""
-        return self.model.training
-
-    def head_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(W_p, b_p, W_i, b_i)`` of the default head at 1-based ``layer``, for fused kernels."""
-        head = self.final_classifier if layer == self.num_layers else self.heads.classifiers[layer - 1]
-        return self.pooler_linear.weight, self.pooler_linear.bias, head.weight, head.bias
-
-    def classify(self, layer: int, pooled: torch.Tensor) -> torch.Tensor:
-        pooled = self.classifier_dropout(pooled)
-        if layer == self.num_layers:
-            return self.final_classifier(pooled)
-        return self.heads.classifiers[layer - 1](pooled)
-
-
-class _BertAdapter(_Adapter):
-    def __init__(self, model, heads):
-        super().__init__(model, heads)
-        self.base = model.bert
-        self.final_classifier = model.classifier
-        self.classifier_dropout = model.dropout
-        self.pooler_linear = self.base.pooler.dense
-
-    def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds):
-        return self.base.embeddings(
-            input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
-        )
-
-    def run_layer(self, index, hidden, attention_mask):
-        return self.layer_module(index)(hidden, attention_mask)
-
-    def layer_module(self, index):
-        """The module that runs encoder layer ``index`` (0-based): ``run_layer`` calls it."""
-        return self.base.encoder.layer[index]
-
-    def pool(self, cls_hidden):
-        return self.base.pooler.activation(self.base.pooler.dense(cls_hidden))
-
-
-class _RobertaAdapter(_BertAdapter):
-    def __init__(self, model, heads):
-        _Adapter.__init__(self, model, heads)
-        self.base = model.roberta
-        self.head = model.classifier
-        self.final_classifier = model.classifier.out_proj
-        self.classifier_dropout = model.classifier.dropout
-        self.pooler_linear = model.classifier.dense
-
-    def pool(self, cls_hidden):
-        return torch.tanh(self.head.dense(self.head.dropout(cls_hidden)))
-
-
-class _AlbertAdapter(_Adapter):
-    def __init__(self, model, heads):
-        super().__init__(model, heads)
-        self.base = model.albert
-        self.final_classifier = model.classifier
-        self.classifier_dropout = model.dropout
-        self.layers_per_group = self.num_layers / model.config.num_hidden_groups
-        self.pooler_linear = self.base.pooler
-
-    def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds):
-        embeddings = self.base.embeddings(
-            input_ids, position_ids=position_ids, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds
-        )
-        return self.base.encoder.embedding_hidden_mapping_in(embeddings)
-
-    def run_layer(self, index, hidden, attention_mask):
-        return self.layer_module(index)(hidden, attention_mask)
-
-    def layer_module(self, index):
-        """The layer group that runs encoder layer ``index`` (0-based): ALBERT shares it between layers."""
-        return self.base.encoder.albert_layer_groups[int(index / self.layers_per_group)]
-
-    def pool(self, cls_hidden):
-        return self.base.pooler_activation(self.base.pooler(cls_hidden))
-
-
-SUPPORTED_MODELS: dict[type, type[_Adapter]] = {
-    BertForSequenceClassification: _BertAdapter,
-    AlbertForSequenceClassification: _AlbertAdapter,
-    RobertaForSequenceClassification: _RobertaAdapter,
-}
+# The adapters live in :mod:`earlyexit_kernels.models`; the old private names stay for callers.
+_Adapter = EncoderAdapterBase
+_BertAdapter = BertAdapter
+_RobertaAdapter = RobertaAdapter
+_AlbertAdapter = AlbertAdapter
 
 _HEADS = "early_exit_heads"
 _DETACHED_HEADS = "_eek_detached_heads"
 
 
-def _adapter_class(model) -> type[_Adapter]:
-    for cls in type(model).__mro__:
-        if cls in SUPPORTED_MODELS:
-            return SUPPORTED_MODELS[cls]
-    names = ", ".join(c.__name__ for c in SUPPORTED_MODELS)
-    raise TypeError(f"eek.patch supports {names}; got {type(model).__name__}")
+def _adapter_class(model) -> type[EncoderAdapterBase]:
+    return adapter_class(model)
 
 
 def is_patched(model) -> bool:
@@ -236,7 +121,7 @@ def patch(model: nn.Module, policy: ExitPolicy, backend: str = "auto", *, object
         )
     check_backend_name(backend)
     config = model.config
-    _check_config(config)
+    _check_config(config, adapter_cls)
     policy.check_fits(config.num_hidden_layers, config.num_labels)
     classifier = adapter_cls(model, None).final_classifier
     if backend != "auto":
@@ -264,13 +149,15 @@ def patch(model: nn.Module, policy: ExitPolicy, backend: str = "auto", *, object
     return model
 
 
-def _check_config(config) -> None:
+def _check_config(config, adapter_cls: type[EncoderAdapterBase]) -> None:
     """Refuse a configuration early exit cannot run as Hugging Face does (at patch and at every forward)."""
-    if config._attn_implementation not in SUPPORTED_ATTENTION:
+    accepted = adapter_cls.attention_implementations
+    if config._attn_implementation not in accepted:
+        names = " or ".join(repr(a) for a in accepted)
         raise ValueError(
-            f"early exit runs with attn_implementation 'eager' or 'sdpa'; the model uses "
-            f"{config._attn_implementation!r}: load it with attn_implementation='sdpa' "
-            f"(or call model.set_attn_implementation('sdpa'))"
+            f"early exit runs {type(config).__name__.removesuffix('Config')} with attn_implementation {names}; "
+            f"the model uses {config._attn_implementation!r}: load it with attn_implementation={accepted[-1]!r} "
+            f"(or call model.set_attn_implementation({accepted[-1]!r}))"
         )
     if getattr(config, "is_decoder", False):
         raise ValueError(
@@ -477,7 +364,12 @@ def _patched_forward(
     if kwargs:
         raise TypeError(f"unexpected arguments for an early-exit forward: {', '.join(sorted(kwargs))}")
     adapter = self._eek_adapter
-    _check_config(self.config)
+    _check_config(self.config, type(adapter))
+    if token_type_ids is not None and not adapter.uses_token_type_ids:
+        raise TypeError(
+            f"{type(self).__name__} takes no token_type_ids (as its own forward); leave them out "
+            f"(tokenizer(..., return_token_type_ids=False))"
+        )
     batch, _ = _check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds)
     mask_summary, input_read_backs = _read_input_summary(input_ids, attention_mask, batch, adapter.vocab_size)
     if hasattr(self._eek_policy, "check_batch"):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import VOCAB, tiny_batch, tiny_model
-from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertForSequenceClassification
+from transformers import BertConfig, BertModel, MPNetConfig, MPNetForSequenceClassification
 
 import earlyexit_kernels as eek
 
@@ -234,9 +234,9 @@ def test_heads_are_parameters_of_the_model():
 
 
 def test_unsupported_model_raises_type_error_naming_the_supported_classes():
-    config = DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=64)
-    with pytest.raises(TypeError, match="BertForSequenceClassification.*AlbertForSequenceClassification"):
-        eek.patch(DistilBertForSequenceClassification(config), eek.Entropy(0.5))
+    config = MPNetConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    with pytest.raises(TypeError, match="BertForSequenceClassification.*DistilBertForSequenceClassification"):
+        eek.patch(MPNetForSequenceClassification(config), eek.Entropy(0.5))
     config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
     with pytest.raises(TypeError, match="RobertaForSequenceClassification"):
         eek.patch(BertModel(config), eek.Entropy(0.5))

@@ -40,7 +40,7 @@ class BaselineResult:
 
 
 def _heads(adapter, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-    return adapter.classify(layer, adapter.pool(hidden[:, 0]))
+    return adapter.classify(layer, adapter.pool(hidden, None))
 
 
 def naive_batched(adapter, policy: ExitPolicy, input_ids: torch.Tensor, mask: torch.Tensor) -> BaselineResult:

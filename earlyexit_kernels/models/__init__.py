@@ -1,0 +1,55 @@
+"""The supported encoder families: one adapter per Hugging Face sequence classifier.
+
+``SUPPORTED_MODELS`` maps each Hugging Face class to its adapter; :func:`adapter_class`
+finds the adapter of a model (``TypeError`` naming the supported classes otherwise).
+"""
+
+from __future__ import annotations
+
+from transformers import (
+    AlbertForSequenceClassification,
+    BertForSequenceClassification,
+    CamembertForSequenceClassification,
+    DistilBertForSequenceClassification,
+    ElectraForSequenceClassification,
+    RobertaForSequenceClassification,
+    XLMRobertaForSequenceClassification,
+)
+
+from .albert import AlbertAdapter
+from .base import EncoderAdapterBase, TanhPoolerHead
+from .bert import BertAdapter
+from .distilbert import DistilBertAdapter
+from .electra import ElectraAdapter
+from .roberta import RobertaAdapter
+
+__all__ = [
+    "SUPPORTED_MODELS",
+    "adapter_class",
+    "EncoderAdapterBase",
+    "TanhPoolerHead",
+    "BertAdapter",
+    "AlbertAdapter",
+    "RobertaAdapter",
+    "DistilBertAdapter",
+    "ElectraAdapter",
+]
+
+SUPPORTED_MODELS: dict[type, type[EncoderAdapterBase]] = {
+    BertForSequenceClassification: BertAdapter,
+    AlbertForSequenceClassification: AlbertAdapter,
+    RobertaForSequenceClassification: RobertaAdapter,
+    XLMRobertaForSequenceClassification: RobertaAdapter,
+    CamembertForSequenceClassification: RobertaAdapter,
+    DistilBertForSequenceClassification: DistilBertAdapter,
+    ElectraForSequenceClassification: ElectraAdapter,
+}
+
+
+def adapter_class(model) -> type[EncoderAdapterBase]:
+    """The adapter class of ``model`` (its class or a parent in :data:`SUPPORTED_MODELS`)."""
+    for cls in type(model).__mro__:
+        if cls in SUPPORTED_MODELS:
+            return SUPPORTED_MODELS[cls]
+    names = ", ".join(c.__name__ for c in SUPPORTED_MODELS)
+    raise TypeError(f"eek.patch supports {names}; got {type(model).__name__}")

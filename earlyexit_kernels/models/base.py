@@ -1,0 +1,99 @@
+"""The shared part of the architecture adapters.
+
+An adapter tells the engine (:mod:`earlyexit_kernels.engine`, :mod:`earlyexit_kernels.continuous`)
+how to embed a batch, build the mask a layer takes, run encoder layer ``i``, pool and classify,
+for one Hugging Face family, exactly as that family's own forward does.
+
+Fused heads: the fast backends (cpp, triton, cuda) fuse the exit head with the exit step, and
+their kernels implement one head only: ``logits = W_i tanh(W_p x + b_p) + b_i`` on the [CLS]
+row ``x`` (BERT's and ALBERT's pooler, RoBERTa's classification head). A family whose head has
+exactly that form mixes in :class:`TanhPoolerHead`, which provides ``head_weights``; the engine
+fuses only when an adapter has ``head_weights`` (:func:`earlyexit_kernels.engine.can_fuse_head`).
+Every other head (DistilBERT's ReLU, ELECTRA's GELU) has no ``head_weights``: its head runs in
+PyTorch (``pool`` then ``classify``) and the backend's ``exit_step`` takes the decision, which
+every backend has. Giving such a family ``head_weights`` would silently compute a tanh pooler
+that the model does not have.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..compaction import layer_attention_mask
+from ..heads import ExitHeads
+
+__all__ = ["EncoderAdapterBase", "TanhPoolerHead"]
+
+
+class EncoderAdapterBase:
+    """Shared part of the architecture adapters (see :class:`earlyexit_kernels.engine.EncoderAdapter`).
+
+    A subclass sets ``final_classifier`` (the model's own last linear layer) and
+    ``classifier_dropout`` and defines ``embed``, ``layer_module`` and ``pool_cls``.
+    """
+
+    #: the ``attn_implementation`` values this family's adapter runs exactly as Hugging Face does.
+    attention_implementations: tuple[str, ...] = ("eager", "sdpa")
+    #: whether the family's forward takes ``token_type_ids``.
+    uses_token_type_ids: bool = True
+
+    def __init__(self, model: nn.Module, heads: ExitHeads | None):
+        config = model.config
+        self.model = model
+        self.heads = heads
+        self.num_layers = config.num_hidden_layers
+        self.num_labels = config.num_labels
+        self.hidden_size = config.hidden_size
+        self.vocab_size = config.vocab_size
+        # Layers refuse a length that is not a multiple of their feed-forward chunk: trimming rounds up to it.
+        self.length_multiple = max(int(getattr(config, "chunk_size_feed_forward", 0) or 0), 1)
+
+    _attn_override: str | None = None
+
+    @property
+    def attn_implementation(self) -> str:
+        """Read on every use: ``model.set_attn_implementation`` may change it after patching."""
+        return self._attn_override or self.model.config._attn_implementation
+
+    @attn_implementation.setter
+    def attn_implementation(self, value: str | None) -> None:
+        """Force the masks of another implementation (tests); None reads the config again."""
+        self._attn_override = value
+
+    @property
+    def training(self) -> bool:
+        """Whether the model is in training mode (dropout on): the fused heads have no dropout."""
+        return self.model.training
+
+    def layer_mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """The mask ``run_layer`` takes, from the 2-D mask [n, S] (None: no padding).
+
+        The engine calls it again whenever rows leave or padding is trimmed.
+        """
+        return layer_attention_mask(mask, self.attn_implementation, dtype)
+
+    def run_layer(self, index: int, hidden: torch.Tensor, attention_mask) -> torch.Tensor:
+        return self.layer_module(index)(hidden, attention_mask)
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The pooled vector of every row of ``hidden`` [n, S, H]: here the pooler on the [CLS] row."""
+        return self.pool_cls(hidden[:, 0])
+
+    def classify(self, layer: int, pooled: torch.Tensor) -> torch.Tensor:
+        pooled = self.classifier_dropout(pooled)
+        if layer == self.num_layers:
+            return self.final_classifier(pooled)
+        return self.heads.classifiers[layer - 1](pooled)
+
+
+class TanhPoolerHead:
+    """Mixin of the families whose head is ``W_i tanh(W_p x + b_p) + b_i`` on [CLS]: fused on fast backends.
+
+    The subclass sets ``pooler_linear`` (``W_p``, ``b_p``).
+    """
+
+    def head_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(W_p, b_p, W_i, b_i)`` of the default head at 1-based ``layer``, for fused kernels."""
+        head = self.final_classifier if layer == self.num_layers else self.heads.classifiers[layer - 1]
+        return self.pooler_linear.weight, self.pooler_linear.bias, head.weight, head.bias

@@ -1,0 +1,273 @@
+"""Every supported encoder family keeps the package's guarantees (tiny random models, built offline).
+
+(a) a policy that never exits gives exactly the unpatched model's logits; (b) the early-exit
+path agrees with the all-exits path; (c) compaction and padding trimming give what each row
+run alone gives; (d) save_pretrained / from_pretrained round trips; (e) the continuous engine
+gives the per-batch engine's labels and exit layers; (f) the training loss has gradients.
+"""
+
+import pytest
+import torch
+from transformers import (
+    AlbertConfig,
+    AlbertForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    CamembertConfig,
+    CamembertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    ElectraConfig,
+    ElectraForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    XLMRobertaConfig,
+    XLMRobertaForSequenceClassification,
+)
+
+import earlyexit_kernels as eek
+from earlyexit_kernels.exit_rules import entropy
+from earlyexit_kernels.models import SUPPORTED_MODELS, TanhPoolerHead, adapter_class
+
+VOCAB = 97
+NUM_LAYERS = 3
+FAMILIES = ("bert", "albert", "roberta", "xlm_roberta", "camembert", "distilbert", "electra")
+FUSED = {"bert", "albert", "roberta", "xlm_roberta", "camembert"}
+WITH_TOKEN_TYPES = {"bert", "albert", "electra"}  # RoBERTa-likes have type_vocab_size 1
+
+
+def tiny_family(family: str, *, attn: str = "eager", seed: int = 0, num_labels: int = 3):
+    """A small random classifier of ``family`` in eval mode (hidden 32, 2 heads, 3 layers)."""
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+    )
+    roberta_like = dict(pad_token_id=1, type_vocab_size=1, **common)
+    builders = {
+        "bert": lambda: (BertForSequenceClassification, BertConfig(**common)),
+        "albert": lambda: (
+            AlbertForSequenceClassification,
+            AlbertConfig(embedding_size=16, num_hidden_groups=1, classifier_dropout_prob=0.1, **common),
+        ),
+        "roberta": lambda: (RobertaForSequenceClassification, RobertaConfig(**roberta_like)),
+        "xlm_roberta": lambda: (XLMRobertaForSequenceClassification, XLMRobertaConfig(**roberta_like)),
+        "camembert": lambda: (CamembertForSequenceClassification, CamembertConfig(**roberta_like)),
+        "distilbert": lambda: (
+            DistilBertForSequenceClassification,
+            DistilBertConfig(
+                vocab_size=VOCAB,
+                dim=32,
+                n_layers=NUM_LAYERS,
+                n_heads=2,
+                hidden_dim=48,
+                max_position_embeddings=64,
+                num_labels=num_labels,
+                dropout=0.1,
+                attention_dropout=0.1,
+                seq_classif_dropout=0.1,
+            ),
+        ),
+        "electra": lambda: (ElectraForSequenceClassification, ElectraConfig(embedding_size=16, **common)),
+    }
+    model_class, config = builders[family]()
+    model = model_class._from_config(config, attn_implementation=attn).eval()
+    # Random classifier weights large enough that the heads disagree from layer to layer.
+    generator = torch.Generator().manual_seed(seed + 11)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return model
+
+
+def tiny_inputs(family: str, batch: int = 6, seq_len: int = 12, *, seed: int = 1, padded: bool = True):
+    """Keyword inputs: ids (pad token in the padding), a right-padded mask (row 0 full), token types."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq_len), generator=generator)
+    mask = torch.ones(batch, seq_len, dtype=torch.long)
+    if padded:
+        lengths = torch.randint(2, seq_len + 1, (batch,), generator=generator)
+        lengths[0] = seq_len
+        mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
+        ids = ids.masked_fill(mask == 0, 1 if family in ("roberta", "xlm_roberta", "camembert") else 0)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if family in WITH_TOKEN_TYPES:
+        inputs["token_type_ids"] = torch.randint(0, 2, (batch, seq_len), generator=generator)
+    return inputs
+
+
+def spread_heads(model, seed: int = 0) -> None:
+    """Give the internal exit heads distinct values so that sequences leave at different layers."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for head in model.early_exit_heads.classifiers:
+            head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 3.0)
+            head.bias.copy_(torch.randn(head.bias.shape, generator=generator) * 0.5)
+
+
+def spread_threshold(model, inputs) -> float:
+    """An entropy threshold near the median of the internal heads' entropies: exits spread over layers."""
+    with torch.no_grad():
+        all_logits = model(**inputs, return_all_exits=True).all_logits
+    values = entropy(all_logits[:-1].float()).flatten().sort().values
+    middle = len(values) // 2
+    return float(values[middle - 1] + values[middle]) / 2
+
+
+def backends():
+    available = eek.backends()
+    return [name for name in ("torch", "cpp") if available[name]]
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+def test_every_family_is_registered_with_the_right_adapter(family):
+    model = tiny_family(family)
+    assert type(model) in SUPPORTED_MODELS
+    adapter = adapter_class(model)
+    # The fused kernels implement the tanh pooler only: other heads must not offer its weights.
+    assert issubclass(adapter, TanhPoolerHead) == (family in FUSED)
+    assert hasattr(adapter, "head_weights") == (family in FUSED)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("padded", [True, False])
+def test_a_policy_that_never_exits_gives_exactly_the_unpatched_logits(family, attn, padded, backend):
+    if not eek.backends()[backend]:
+        pytest.skip(f"backend {backend!r} unavailable")
+    model = tiny_family(family, attn=attn)
+    inputs = tiny_inputs(family, 7, 12, padded=padded)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        eek.patch(model, eek.Entropy(0.0), backend=backend)
+        spread_heads(model)
+        out = model(**inputs)
+    assert torch.equal(out.logits, reference)
+    assert out.exit_layer.tolist() == [NUM_LAYERS] * 7
+
+
+def test_the_early_exit_path_agrees_with_the_all_exits_path(family):
+    model = tiny_family(family, seed=2)
+    inputs = tiny_inputs(family, 16, 12, seed=3)
+    eek.patch(model, eek.Entropy(0.0), backend="torch")
+    spread_heads(model, seed=2)
+    eek.patch(model, eek.Entropy(spread_threshold(model, inputs)))
+    with torch.no_grad():
+        early = model(**inputs)
+        full = model(**inputs, return_all_exits=True)
+    assert torch.equal(early.exit_layer, full.exit_layer)
+    assert len(set(early.exit_layer.tolist())) >= 2, "the test needs exits spread over layers"
+    torch.testing.assert_close(early.logits, full.logits, rtol=1e-4, atol=1e-5)
+    picked = full.all_logits[early.exit_layer - 1, torch.arange(16)]
+    torch.testing.assert_close(early.logits, picked, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_compaction_and_trimming_give_what_each_row_alone_gives(family, backend):
+    if not eek.backends()[backend]:
+        pytest.skip(f"backend {backend!r} unavailable")
+    if backend == "triton" and family not in ("roberta", "distilbert"):
+        pytest.skip("triton runs in its interpreter here: one fused and one unfused family suffice")
+    model = tiny_family(family, seed=4)
+    inputs = tiny_inputs(family, 12, 14, seed=5)
+    eek.patch(model, eek.Entropy(0.0), backend="torch")
+    spread_heads(model, seed=4)
+    eek.patch(model, eek.Entropy(spread_threshold(model, inputs)), backend=backend)
+    with torch.no_grad():
+        out = model(**inputs)
+        lengths = inputs["attention_mask"].sum(1).tolist()
+        for row, length in enumerate(lengths):
+            alone = model(**{k: v[row : row + 1, :length] for k, v in inputs.items()})
+            assert int(alone.exit_layer) == int(out.exit_layer[row]), row
+            torch.testing.assert_close(out.logits[row], alone.logits[0], rtol=1e-4, atol=1e-5)
+    assert len(set(out.exit_layer.tolist())) >= 2, "the test needs rows leaving at different layers"
+    assert len(set(lengths)) >= 3, "the test needs mixed lengths"
+
+
+def test_save_pretrained_and_from_pretrained_round_trip(family, tmp_path):
+    model = tiny_family(family, seed=6)
+    inputs = tiny_inputs(family, 8, 10, seed=7)
+    eek.patch(model, eek.QExit(), backend="torch")  # a halting head is saved too
+    eek.patch(model, eek.Patience(1), backend="torch")
+    spread_heads(model, seed=6)
+    model.save_pretrained(tmp_path)
+    loaded = eek.from_pretrained(tmp_path)
+    assert type(loaded) is type(model) and repr(eek.policy_of(loaded)) == repr(eek.policy_of(model))
+    before, after = model.state_dict(), loaded.state_dict()
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    with torch.no_grad():
+        a, b = model(**inputs, return_all_exits=True), loaded(**inputs, return_all_exits=True)
+        c, d = model(**inputs), loaded(**inputs)
+    assert torch.equal(a.all_logits, b.all_logits)
+    assert torch.equal(c.logits, d.logits) and torch.equal(c.exit_layer, d.exit_layer)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_the_continuous_engine_gives_the_per_batch_labels_and_exit_layers(family, backend):
+    if not eek.backends()[backend]:
+        pytest.skip(f"backend {backend!r} unavailable")
+    model = tiny_family(family, seed=8)
+    inputs = tiny_inputs(family, 16, 16, seed=9)
+    eek.patch(model, eek.Entropy(0.0), backend="torch")
+    spread_heads(model, seed=8)
+    eek.patch(model, eek.Entropy(spread_threshold(model, inputs)), backend=backend)
+    lengths = inputs["attention_mask"].sum(1).tolist()
+    items = []
+    for row, length in enumerate(lengths):
+        item = {"input_ids": inputs["input_ids"][row, :length].tolist()}
+        if "token_type_ids" in inputs:
+            item["token_type_ids"] = inputs["token_type_ids"][row, :length].tolist()
+        items.append(item)
+    with torch.no_grad():
+        batched = model(**inputs)
+    predictions = list(eek.classify(model, items, max_batch_size=4, max_in_flight=8))
+    assert [p.exit_layer for p in predictions] == batched.exit_layer.tolist()
+    assert [int(p.logits.argmax()) for p in predictions] == batched.logits.argmax(-1).tolist()
+    torch.testing.assert_close(torch.stack([p.logits for p in predictions]), batched.logits, rtol=1e-4, atol=1e-5)
+    assert len({p.exit_layer for p in predictions}) >= 2
+
+
+def test_the_training_loss_has_gradients(family):
+    model = tiny_family(family, seed=10)
+    inputs = tiny_inputs(family, 6, 10, seed=11)
+    eek.patch(model, eek.Patience(1), objective="pabee")
+    model.train()
+    out = model(**inputs, labels=torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert out.all_logits.shape == (NUM_LAYERS, 6, 3)
+    out.loss.backward()
+    for head in model.early_exit_heads.classifiers:
+        assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    adapter = model._eek_adapter
+    assert adapter.final_classifier.weight.grad.abs().sum() > 0
+    first_layer = next(adapter.layer_module(0).parameters())
+    assert first_layer.grad is not None and first_layer.grad.abs().sum() > 0
+
+
+def test_distilbert_refuses_token_type_ids():
+    model = tiny_family("distilbert")
+    eek.patch(model, eek.Entropy(0.0))
+    inputs = tiny_inputs("distilbert", 2, 5)
+    with pytest.raises(TypeError, match="token_type_ids"):
+        model(**inputs, token_type_ids=torch.zeros_like(inputs["input_ids"]))
+    with pytest.raises(TypeError, match="token_type_ids"):
+        list(eek.classify(model, [{"input_ids": [5, 6, 7], "token_type_ids": [0, 0, 0]}]))
+
+
+def test_an_attention_implementation_the_adapter_cannot_run_is_refused_at_patch(family):
+    model = tiny_family(family)
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="attn_implementation 'eager' or 'sdpa'.*load it with"):
+        eek.patch(model, eek.Entropy(0.0))
