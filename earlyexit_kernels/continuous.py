@@ -170,6 +170,11 @@ class ContinuousEngine:
         self._offsets = np.arange(self.page_size, dtype=np.int64)
         self._run_layer = self.adapter.run_layer
         self.compiled = bool(compile)
+        if compile and not getattr(self.adapter, "layer_call_is_module_call", True):
+            raise ValueError(
+                f"compile=True compiles one encoder layer module called as layer(hidden, mask); "
+                f"{type(model).__name__}'s layers need more arguments: leave compile off"
+            )
         if compile:
             options = compile if isinstance(compile, dict) else {}
             self._run_layer = _compiled_layer_call(self.adapter, options)
@@ -303,7 +308,9 @@ class ContinuousEngine:
                 self._runs[slot] = 0
                 self._keys[slot] = seq.key
                 slots.append(slot)
-            hidden = self.adapter.embed(ids.to(self.device), types.to(self.device), None, None)
+            lengths = torch.tensor([len(seq.input_ids) for seq in chunk])
+            valid_mask = (torch.arange(longest)[None, :] < lengths[:, None]).long().to(self.device)
+            hidden = self.adapter.embed(ids.to(self.device), types.to(self.device), None, None, valid_mask)
             token_index, valid = self._token_index(slots, longest)
             rows = torch.from_numpy(np.flatnonzero(valid)).to(self.device)
             target = torch.from_numpy(token_index.reshape(-1)).to(self.device).index_select(0, rows)

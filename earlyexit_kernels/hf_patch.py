@@ -391,7 +391,7 @@ def _patched_forward(
         hidden = torch.zeros(0, 1, adapter.hidden_size, dtype=adapter.final_classifier.weight.dtype, device=device)
         mask = None
     else:
-        hidden = adapter.embed(input_ids, token_type_ids, position_ids, inputs_embeds)
+        hidden = adapter.embed(input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask)
         mask = attention_mask
     train_gates = self.training and torch.is_grad_enabled() and isinstance(self._eek_policy, SkipGates)
     result = run_early_exit(

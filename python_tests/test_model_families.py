@@ -15,6 +15,8 @@ from transformers import (
     BertForSequenceClassification,
     CamembertConfig,
     CamembertForSequenceClassification,
+    DebertaV2Config,
+    DebertaV2ForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
     ElectraConfig,
@@ -31,9 +33,10 @@ from earlyexit_kernels.models import SUPPORTED_MODELS, TanhPoolerHead, adapter_c
 
 VOCAB = 97
 NUM_LAYERS = 3
-FAMILIES = ("bert", "albert", "roberta", "xlm_roberta", "camembert", "distilbert", "electra")
+FAMILIES = ("bert", "albert", "roberta", "xlm_roberta", "camembert", "distilbert", "electra", "deberta_v2")
+ATTENTION = {"deberta_v2": ("eager",)}  # the others: eager and sdpa
 FUSED = {"bert", "albert", "roberta", "xlm_roberta", "camembert"}
-WITH_TOKEN_TYPES = {"bert", "albert", "electra"}  # RoBERTa-likes have type_vocab_size 1
+WITH_TOKEN_TYPES = {"bert", "albert", "electra", "deberta_v2"}  # RoBERTa-likes have type_vocab_size 1
 
 
 def tiny_family(family: str, *, attn: str = "eager", seed: int = 0, num_labels: int = 3):
@@ -76,6 +79,27 @@ def tiny_family(family: str, *, attn: str = "eager", seed: int = 0, num_labels: 
             ),
         ),
         "electra": lambda: (ElectraForSequenceClassification, ElectraConfig(embedding_size=16, **common)),
+        # DeBERTa-v3's layout (buckets, log positions, shared keys, both disentangled terms) with
+        # the v2 convolution after layer 1 and token types, so that every path runs.
+        "deberta_v2": lambda: (
+            DebertaV2ForSequenceClassification,
+            DebertaV2Config(
+                relative_attention=True,
+                position_buckets=8,
+                max_relative_positions=16,
+                pos_att_type=["p2c", "c2p"],
+                share_att_key=True,
+                norm_rel_ebd="layer_norm",
+                position_biased_input=False,
+                conv_kernel_size=3,
+                conv_act="gelu",
+                type_vocab_size=2,
+                pooler_hidden_size=32,
+                pooler_hidden_act="gelu",
+                pooler_dropout=0.1,
+                **common,
+            ),
+        ),
     }
     model_class, config = builders[family]()
     model = model_class._from_config(config, attn_implementation=attn).eval()
@@ -146,6 +170,8 @@ def test_every_family_is_registered_with_the_right_adapter(family):
 def test_a_policy_that_never_exits_gives_exactly_the_unpatched_logits(family, attn, padded, backend):
     if not eek.backends()[backend]:
         pytest.skip(f"backend {backend!r} unavailable")
+    if attn not in ATTENTION.get(family, ("eager", "sdpa")):
+        pytest.skip(f"{family} has its own attention code: eager only")
     model = tiny_family(family, attn=attn)
     inputs = tiny_inputs(family, 7, 12, padded=padded)
     with torch.no_grad():
@@ -269,5 +295,6 @@ def test_distilbert_refuses_token_type_ids():
 def test_an_attention_implementation_the_adapter_cannot_run_is_refused_at_patch(family):
     model = tiny_family(family)
     model.config._attn_implementation = "flex_attention"
-    with pytest.raises(ValueError, match="attn_implementation 'eager' or 'sdpa'.*load it with"):
+    accepted = " or ".join(repr(a) for a in ATTENTION.get(family, ("eager", "sdpa")))
+    with pytest.raises(ValueError, match=f"attn_implementation {accepted}; .*load it with"):
         eek.patch(model, eek.Entropy(0.0))

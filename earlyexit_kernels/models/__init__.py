@@ -10,6 +10,7 @@ from transformers import (
     AlbertForSequenceClassification,
     BertForSequenceClassification,
     CamembertForSequenceClassification,
+    DebertaV2ForSequenceClassification,
     DistilBertForSequenceClassification,
     ElectraForSequenceClassification,
     RobertaForSequenceClassification,
@@ -19,6 +20,7 @@ from transformers import (
 from .albert import AlbertAdapter
 from .base import EncoderAdapterBase, TanhPoolerHead
 from .bert import BertAdapter
+from .deberta_v2 import DebertaV2Adapter
 from .distilbert import DistilBertAdapter
 from .electra import ElectraAdapter
 from .roberta import RobertaAdapter
@@ -33,6 +35,7 @@ __all__ = [
     "RobertaAdapter",
     "DistilBertAdapter",
     "ElectraAdapter",
+    "DebertaV2Adapter",
 ]
 
 SUPPORTED_MODELS: dict[type, type[EncoderAdapterBase]] = {
@@ -43,6 +46,7 @@ SUPPORTED_MODELS: dict[type, type[EncoderAdapterBase]] = {
     CamembertForSequenceClassification: RobertaAdapter,
     DistilBertForSequenceClassification: DistilBertAdapter,
     ElectraForSequenceClassification: ElectraAdapter,
+    DebertaV2ForSequenceClassification: DebertaV2Adapter,
 }
 
 

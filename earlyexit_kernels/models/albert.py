@@ -15,7 +15,7 @@ class AlbertAdapter(TanhPoolerHead, EncoderAdapterBase):
         self.layers_per_group = self.num_layers / model.config.num_hidden_groups
         self.pooler_linear = self.base.pooler
 
-    def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds):
+    def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask=None):
         embeddings = self.base.embeddings(
             input_ids, position_ids=position_ids, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds
         )

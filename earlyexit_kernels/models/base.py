@@ -30,13 +30,18 @@ class EncoderAdapterBase:
     """Shared part of the architecture adapters (see :class:`earlyexit_kernels.engine.EncoderAdapter`).
 
     A subclass sets ``final_classifier`` (the model's own last linear layer) and
-    ``classifier_dropout`` and defines ``embed``, ``layer_module`` and ``pool_cls``.
+    ``classifier_dropout`` and defines ``embed(input_ids, token_type_ids, position_ids,
+    inputs_embeds, attention_mask=None)`` (the 2-D mask, for families whose embeddings read
+    it), ``layer_module`` and ``pool_cls``; it overrides ``layer_mask``, ``run_layer`` or
+    ``pool`` where the family's layers or pooling need more than BERT's.
     """
 
     #: the ``attn_implementation`` values this family's adapter runs exactly as Hugging Face does.
     attention_implementations: tuple[str, ...] = ("eager", "sdpa")
     #: whether the family's forward takes ``token_type_ids``.
     uses_token_type_ids: bool = True
+    #: whether ``run_layer(i, h, m)`` is ``layer_module(i)(h, m)`` (what the continuous engine compiles).
+    layer_call_is_module_call: bool = True
 
     def __init__(self, model: nn.Module, heads: ExitHeads | None):
         config = model.config

@@ -13,7 +13,7 @@ class BertAdapter(TanhPoolerHead, EncoderAdapterBase):
         self.classifier_dropout = model.dropout
         self.pooler_linear = self.base.pooler.dense
 
-    def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds):
+    def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask=None):
         return self.base.embeddings(
             input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
         )

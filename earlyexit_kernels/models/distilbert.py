@@ -19,7 +19,7 @@ class DistilBertAdapter(EncoderAdapterBase):
         self.final_classifier = model.classifier
         self.classifier_dropout = model.dropout
 
-    def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds):
+    def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask=None):
         # token_type_ids: refused by the patched forward when given; the continuous engine passes zeros.
         return self.base.embeddings(input_ids, inputs_embeds, position_ids)
 

@@ -15,7 +15,7 @@ class ElectraAdapter(EncoderAdapterBase):
         self.final_classifier = model.classifier.out_proj
         self.classifier_dropout = model.classifier.dropout
 
-    def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds):
+    def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask=None):
         embeddings = self.base.embeddings(
             input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
         )
