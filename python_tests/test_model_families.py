@@ -21,6 +21,8 @@ from transformers import (
     DistilBertForSequenceClassification,
     ElectraConfig,
     ElectraForSequenceClassification,
+    ModernBertConfig,
+    ModernBertForSequenceClassification,
     RobertaConfig,
     RobertaForSequenceClassification,
     XLMRobertaConfig,
@@ -33,7 +35,18 @@ from earlyexit_kernels.models import SUPPORTED_MODELS, TanhPoolerHead, adapter_c
 
 VOCAB = 97
 NUM_LAYERS = 3
-FAMILIES = ("bert", "albert", "roberta", "xlm_roberta", "camembert", "distilbert", "electra", "deberta_v2")
+FAMILIES = (
+    "bert",
+    "albert",
+    "roberta",
+    "xlm_roberta",
+    "camembert",
+    "distilbert",
+    "electra",
+    "deberta_v2",
+    "modernbert",
+    "modernbert_mean",
+)
 ATTENTION = {"deberta_v2": ("eager",)}  # the others: eager and sdpa
 FUSED = {"bert", "albert", "roberta", "xlm_roberta", "camembert"}
 WITH_TOKEN_TYPES = {"bert", "albert", "electra", "deberta_v2"}  # RoBERTa-likes have type_vocab_size 1
@@ -53,6 +66,31 @@ def tiny_family(family: str, *, attn: str = "eager", seed: int = 0, num_labels: 
         hidden_dropout_prob=0.1,
         attention_probs_dropout_prob=0.1,
     )
+
+    def modernbert(pooling):
+        config = ModernBertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=NUM_LAYERS,
+            num_attention_heads=2,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            num_labels=num_labels,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=2,
+            cls_token_id=2,
+            sep_token_id=2,
+            global_attn_every_n_layers=2,
+            local_attention=8,
+            classifier_pooling=pooling,
+            attention_dropout=0.1,
+            mlp_dropout=0.1,
+            embedding_dropout=0.1,
+            classifier_dropout=0.1,
+        )
+        return ModernBertForSequenceClassification, config
+
     roberta_like = dict(pad_token_id=1, type_vocab_size=1, **common)
     builders = {
         "bert": lambda: (BertForSequenceClassification, BertConfig(**common)),
@@ -81,6 +119,9 @@ def tiny_family(family: str, *, attn: str = "eager", seed: int = 0, num_labels: 
         "electra": lambda: (ElectraForSequenceClassification, ElectraConfig(embedding_size=16, **common)),
         # DeBERTa-v3's layout (buckets, log positions, shared keys, both disentangled terms) with
         # the v2 convolution after layer 1 and token types, so that every path runs.
+        # Layers 1 and 3 global, 2 local with a window (8) shorter than the sequences.
+        "modernbert": lambda: modernbert("cls"),
+        "modernbert_mean": lambda: modernbert("mean"),
         "deberta_v2": lambda: (
             DebertaV2ForSequenceClassification,
             DebertaV2Config(
@@ -292,9 +333,20 @@ def test_distilbert_refuses_token_type_ids():
         list(eek.classify(model, [{"input_ids": [5, 6, 7], "token_type_ids": [0, 0, 0]}]))
 
 
-def test_an_attention_implementation_the_adapter_cannot_run_is_refused_at_patch(family):
+@pytest.mark.parametrize("implementation", ["flex_attention", "flash_attention_2"])
+def test_an_attention_implementation_the_adapter_cannot_run_is_refused_at_patch(family, implementation):
     model = tiny_family(family)
-    model.config._attn_implementation = "flex_attention"
+    model.config._attn_implementation = implementation
     accepted = " or ".join(repr(a) for a in ATTENTION.get(family, ("eager", "sdpa")))
     with pytest.raises(ValueError, match=f"attn_implementation {accepted}; .*load it with"):
         eek.patch(model, eek.Entropy(0.0))
+
+
+@pytest.mark.parametrize("family", ["deberta_v2", "modernbert"])
+def test_the_continuous_engine_refuses_to_compile_layers_that_take_more_than_a_mask(family):
+    from earlyexit_kernels.continuous import ContinuousEngine
+
+    model = tiny_family(family)
+    eek.patch(model, eek.Entropy(0.0))
+    with pytest.raises(ValueError, match="compile=True"):
+        ContinuousEngine(model, max_batch_size=4, max_in_flight=8, compile=True)

@@ -13,6 +13,7 @@ from transformers import (
     DebertaV2ForSequenceClassification,
     DistilBertForSequenceClassification,
     ElectraForSequenceClassification,
+    ModernBertForSequenceClassification,
     RobertaForSequenceClassification,
     XLMRobertaForSequenceClassification,
 )
@@ -23,6 +24,7 @@ from .bert import BertAdapter
 from .deberta_v2 import DebertaV2Adapter
 from .distilbert import DistilBertAdapter
 from .electra import ElectraAdapter
+from .modernbert import ModernBertAdapter
 from .roberta import RobertaAdapter
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "DistilBertAdapter",
     "ElectraAdapter",
     "DebertaV2Adapter",
+    "ModernBertAdapter",
 ]
 
 SUPPORTED_MODELS: dict[type, type[EncoderAdapterBase]] = {
@@ -47,6 +50,7 @@ SUPPORTED_MODELS: dict[type, type[EncoderAdapterBase]] = {
     DistilBertForSequenceClassification: DistilBertAdapter,
     ElectraForSequenceClassification: ElectraAdapter,
     DebertaV2ForSequenceClassification: DebertaV2Adapter,
+    ModernBertForSequenceClassification: ModernBertAdapter,
 }
 
 

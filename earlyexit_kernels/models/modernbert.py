@@ -1,0 +1,78 @@
+"""``ModernBertForSequenceClassification``: rotary position embeddings, local (sliding-window)
+and global attention layers (``config.layer_types``), the final norm, ``classifier_pooling``
+``"cls"`` or ``"mean"``.
+
+The layers run as ``ModernBertModel.forward`` runs them: each layer gets the mask of its type,
+built by Hugging Face's own ``create_bidirectional_mask`` / ``create_bidirectional_sliding_window_mask``
+from the current 2-D mask, and the rotary ``(cos, sin)`` of its type for positions ``0..S-1``;
+both are rebuilt when the batch is compacted or trimmed (cached while the mask and shape stay).
+The exit head at a layer is the model's head on that layer's output:
+``classifier_i(drop(head(pool(final_norm(h)))))``, where ``pool`` is the [CLS] row or the mean
+over the valid tokens. Not the tanh pooler, so never fused (see :mod:`earlyexit_kernels.models.base`).
+Accepted attention: eager and SDPA (flash attention would need the unpadded layout).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.masking_utils import create_bidirectional_mask, create_bidirectional_sliding_window_mask
+
+from .base import EncoderAdapterBase
+
+
+class ModernBertAdapter(EncoderAdapterBase):
+    uses_token_type_ids = False
+    # run_layer passes the rotary embeddings: the continuous engine's compile=True refuses it.
+    layer_call_is_module_call = False
+
+    def __init__(self, model, heads):
+        super().__init__(model, heads)
+        config = model.config
+        if config.classifier_pooling not in ("cls", "mean"):
+            raise ValueError(f"classifier_pooling must be 'cls' or 'mean', got {config.classifier_pooling!r}")
+        self.base = model.model
+        self.head = model.head
+        self.final_classifier = model.classifier
+        self.classifier_dropout = model.drop
+        self.mean_pooling = config.classifier_pooling == "mean"
+        self._cache = None  # (mask, shape, masks by layer type, rotary by layer type)
+
+    def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask=None):
+        if position_ids is not None:
+            raise ValueError("early exit runs ModernBERT with positions 0..S-1; leave position_ids out")
+        return self.base.embeddings(input_ids=input_ids, inputs_embeds=inputs_embeds)
+
+    def layer_mask(self, mask, dtype):
+        """The 2-D mask (or None): ``run_layer`` builds each layer type's mask and rotary table from it."""
+        return mask
+
+    def layer_module(self, index):
+        return self.base.layers[index]
+
+    def _context(self, hidden, mask):
+        cache = self._cache
+        if cache is not None and cache[0] is mask and cache[1] == tuple(hidden.shape) and cache[2] == hidden.dtype:
+            return cache[3], cache[4]
+        kwargs = {"config": self.model.config, "inputs_embeds": hidden, "attention_mask": mask}
+        masks = {
+            "full_attention": create_bidirectional_mask(**kwargs),
+            "sliding_attention": create_bidirectional_sliding_window_mask(**kwargs),
+        }
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        rotary = {t: self.base.rotary_emb(hidden, positions, t) for t in set(self.model.config.layer_types)}
+        self._cache = (mask, tuple(hidden.shape), hidden.dtype, masks, rotary)
+        return masks, rotary
+
+    def run_layer(self, index, hidden, attention_mask):
+        masks, rotary = self._context(hidden, attention_mask)
+        layer = self.base.layers[index]
+        kind = layer.attention_type
+        return layer(hidden, attention_mask=masks[kind], position_embeddings=rotary[kind])
+
+    def pool(self, hidden, mask=None):
+        if not self.mean_pooling:
+            return self.head(self.base.final_norm(hidden[:, 0]))
+        hidden = self.base.final_norm(hidden)
+        if mask is None:
+            mask = torch.ones(hidden.shape[:2], device=hidden.device, dtype=torch.bool)
+        return self.head((hidden * mask.unsqueeze(-1)).sum(dim=1) / mask.sum(dim=1, keepdim=True))
