@@ -323,10 +323,11 @@ def test_the_training_loss_has_gradients(family):
     assert first_layer.grad is not None and first_layer.grad.abs().sum() > 0
 
 
-def test_distilbert_refuses_token_type_ids():
-    model = tiny_family("distilbert")
+@pytest.mark.parametrize("family", ["distilbert", "modernbert"])
+def test_families_without_token_types_refuse_them(family):
+    model = tiny_family(family)
     eek.patch(model, eek.Entropy(0.0))
-    inputs = tiny_inputs("distilbert", 2, 5)
+    inputs = tiny_inputs(family, 2, 5)
     with pytest.raises(TypeError, match="token_type_ids"):
         model(**inputs, token_type_ids=torch.zeros_like(inputs["input_ids"]))
     with pytest.raises(TypeError, match="token_type_ids"):
