@@ -201,7 +201,8 @@ def load_model(path: str, policy_text: str | None = None, backend: str | None = 
     if architectures and not any(name.endswith("ForSequenceClassification") for name in architectures):
         raise CliError(
             f"MODEL {path} holds a {', '.join(architectures)}, not a sequence classifier; give a "
-            f"*ForSequenceClassification model (BERT, ALBERT or RoBERTa)"
+            f"*ForSequenceClassification model of a supported family (eek.SUPPORTED_MODELS: BERT, ALBERT, "
+            f"RoBERTa, XLM-RoBERTa, CamemBERT, DistilBERT, ELECTRA, DeBERTa-v2, ModernBERT)"
         )
     if policy is None and not (folder / CONFIG_FILE).is_file():
         raise CliError(f"MODEL {path} is a plain Hugging Face model: pass --policy, e.g. --policy 'Entropy(0.3)'")
