@@ -351,3 +351,16 @@ def test_the_continuous_engine_refuses_to_compile_layers_that_take_more_than_a_m
     eek.patch(model, eek.Entropy(0.0))
     with pytest.raises(ValueError, match="compile=True"):
         ContinuousEngine(model, max_batch_size=4, max_in_flight=8, compile=True)
+
+
+def test_modernbert_follows_a_change_of_attention_implementation_after_patching():
+    model = tiny_family("modernbert", attn="sdpa")
+    inputs = tiny_inputs("modernbert", 4, 12, padded=False)
+    eek.patch(model, eek.Entropy(0.0))
+    with torch.no_grad():
+        model(**inputs)
+        model.set_attn_implementation("eager")
+        out = model(**inputs)
+        eek.unpatch(model)
+        reference = model(**inputs).logits
+    assert torch.equal(out.logits, reference)

@@ -35,7 +35,7 @@ class ModernBertAdapter(EncoderAdapterBase):
         self.final_classifier = model.classifier
         self.classifier_dropout = model.drop
         self.mean_pooling = config.classifier_pooling == "mean"
-        self._cache = None  # (mask, shape, masks by layer type, rotary by layer type)
+        self._cache = None  # (mask, key, masks by layer type, rotary by layer type)
 
     def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask=None):
         if position_ids is not None:
@@ -50,9 +50,11 @@ class ModernBertAdapter(EncoderAdapterBase):
         return self.base.layers[index]
 
     def _context(self, hidden, mask):
+        # Keyed on everything the masks and tables depend on (set_attn_implementation may change it).
+        key = (tuple(hidden.shape), hidden.dtype, hidden.device, self.model.config._attn_implementation)
         cache = self._cache
-        if cache is not None and cache[0] is mask and cache[1] == tuple(hidden.shape) and cache[2] == hidden.dtype:
-            return cache[3], cache[4]
+        if cache is not None and cache[0] is mask and cache[1] == key:
+            return cache[2], cache[3]
         kwargs = {"config": self.model.config, "inputs_embeds": hidden, "attention_mask": mask}
         masks = {
             "full_attention": create_bidirectional_mask(**kwargs),
@@ -60,7 +62,7 @@ class ModernBertAdapter(EncoderAdapterBase):
         }
         positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         rotary = {t: self.base.rotary_emb(hidden, positions, t) for t in set(self.model.config.layer_types)}
-        self._cache = (mask, tuple(hidden.shape), hidden.dtype, masks, rotary)
+        self._cache = (mask, key, masks, rotary)
         return masks, rotary
 
     def run_layer(self, index, hidden, attention_mask):
