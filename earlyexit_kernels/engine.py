@@ -23,7 +23,7 @@ import torch
 
 from .backend_registry import Backend
 from .compaction import survivor_index, trim, valid_extent
-from .exit_rules import can_exit_before_last, init_state
+from .exit_rules import can_exit_before_last, init_state, needs_head_when_none_can_exit
 from .heads import ExitHeads
 from .policies import ExitPolicy, Scheduled, SkipGates
 from .write_back import WriteBack, write_back
@@ -205,8 +205,8 @@ def run_early_exit(
             can_exit_before_last(policy, layer) and (scheduled_counts is None or scheduled_counts[layer] > 0)
         )
         settled = may_exit and ran is None and not all_exits
-        if not may_exit and not all_exits and isinstance(policy, Scheduled):
-            continue  # its decisions need no head, and nobody leaves here: the head would be wasted
+        if not may_exit and not all_exits and not needs_head_when_none_can_exit(policy):
+            continue  # nobody leaves here and the state needs no head: the head would be wasted
         # The last layer runs the model's own pooler and classifier, so a sequence that runs
         # every layer gets exactly the unpatched model's logits whatever the backend.
         if settled:

@@ -38,7 +38,14 @@ from .policies import (
     layer_value,
 )
 
-__all__ = ["init_state", "exit_step", "head_exit_step", "can_exit_before_last", "entropy"]
+__all__ = [
+    "init_state",
+    "exit_step",
+    "head_exit_step",
+    "can_exit_before_last",
+    "needs_head_when_none_can_exit",
+    "entropy",
+]
 
 State = dict[str, torch.Tensor]
 
@@ -90,6 +97,15 @@ def init_state(
         policy.check_batch(batch_size)
         return {"exit_layers": policy.exit_layers.to(device)}
     return {}
+
+
+def needs_head_when_none_can_exit(policy: ExitPolicy) -> bool:
+    """Whether the policy's state advances from the heads even on a layer where nobody can leave.
+
+    Patience counts agreements, Voting votes, QExit and DACT accumulate; ``Scheduled``
+    decides from its schedule alone, so the engine skips its head on such a layer.
+    """
+    return not isinstance(policy, Scheduled)
 
 
 def can_exit_before_last(policy: ExitPolicy, layer: int) -> bool:
