@@ -16,10 +16,10 @@ import time
 import torch
 
 import earlyexit_kernels as eek
-from earlyexit_kernels import cpp_backend
+from earlyexit_kernels.backends import cpp_backend
+from earlyexit_kernels.backends.write_back import WriteBack
 from earlyexit_kernels.bench import models
-from earlyexit_kernels.exit_rules import init_state
-from earlyexit_kernels.write_back import WriteBack
+from earlyexit_kernels.methods.exit_rules import init_state
 
 
 class _Identity(torch.nn.Module):

@@ -32,7 +32,8 @@ triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton micro-benchmarks need a CUDA GPU")
 
 import earlyexit_kernels as eek  # noqa: E402
-from earlyexit_kernels import compaction, exit_rules  # noqa: E402
+from earlyexit_kernels.backends import compaction  # noqa: E402
+from earlyexit_kernels.methods import exit_rules  # noqa: E402
 
 RESULTS_DIR = Path(__file__).parent / "results"
 HIDDEN, LAYERS, SEQ = 768, 12, 128
@@ -122,7 +123,7 @@ def _halting():
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("policy_name", ["entropy", "maxprob", "patience", "qexit", "voting", "dact", "scheduled"])
 def test_exit_step(benchmark, policy_name, batch, labels, impl):
-    from earlyexit_kernels.triton_kernels import exit_step as tk
+    from earlyexit_kernels.backends.triton_kernels import exit_step as tk
 
     policy = _policy(policy_name, batch)
     cls, wp, bp, wi, bi = _head_inputs(batch, labels)
@@ -150,7 +151,7 @@ def test_exit_step(benchmark, policy_name, batch, labels, impl):
 @pytest.mark.parametrize("impl", ["triton", "index_select", "bool_mask"])
 @pytest.mark.parametrize("batch", BATCHES)
 def test_compact(benchmark, batch, impl):
-    from earlyexit_kernels.triton_kernels.compact import compact as triton_compact
+    from earlyexit_kernels.backends.triton_kernels.compact import compact as triton_compact
 
     g = torch.Generator(device="cuda").manual_seed(1)
     hidden = torch.randn(batch, SEQ, HIDDEN, device="cuda", dtype=DTYPE, generator=g)

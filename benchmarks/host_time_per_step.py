@@ -54,8 +54,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import earlyexit_kernels as eek  # noqa: E402
-from earlyexit_kernels import exit_rules  # noqa: E402
-from earlyexit_kernels.write_back import WriteBack  # noqa: E402
+from earlyexit_kernels.backends.write_back import WriteBack  # noqa: E402
+from earlyexit_kernels.methods import exit_rules  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -125,9 +125,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
 
-    from earlyexit_kernels import cpp_backend
-    from earlyexit_kernels.triton_kernels import compact as tc
-    from earlyexit_kernels.triton_kernels import exit_step as tk
+    from earlyexit_kernels.backends import cpp_backend
+    from earlyexit_kernels.backends.triton_kernels import compact as tc
+    from earlyexit_kernels.backends.triton_kernels import exit_step as tk
 
     b, h, c, layers = args.batch, args.hidden, args.labels, args.layers
     dtype = torch.float16

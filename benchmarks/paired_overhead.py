@@ -23,7 +23,7 @@ import torch
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.bench import models, patterns
-from earlyexit_kernels.policy_spec import parse_policy
+from earlyexit_kernels.methods.policy_spec import parse_policy
 
 
 def paired_ratios(model, ids, mask, policy, backend: str, repeats: int, warmup: int = 2) -> list[float]:

@@ -2,7 +2,7 @@
 
 The stream benchmark (``earlyexit_kernels.bench.stream``) measured a mean fill of 82% (rows
 per layer call over ``max_batch_size``) on a stream of 1024 sequences. This script drives
-:class:`earlyexit_kernels.scheduler.LayerScheduler` exactly as the runner does (admit up to
+:class:`earlyexit_kernels.engine.scheduler.LayerScheduler` exactly as the runner does (admit up to
 the room left, run the call it hands out, requeue survivors, release exits) over streams of
 the same lengths (``bench.stream.stream_lengths``) and exit layers drawn from that run's
 distribution, and reports what sets the fill: the stream's length against ``max_in_flight``
@@ -18,7 +18,7 @@ import argparse
 import random
 
 from earlyexit_kernels.bench.stream import stream_lengths
-from earlyexit_kernels.scheduler import Admit, LayerScheduler, ShapeBuckets
+from earlyexit_kernels.engine.scheduler import Admit, LayerScheduler, ShapeBuckets
 
 # Sequences exiting at layers 1..12 in the committed stream run (benchmarks/results/stream_cpu.md).
 EXITS_PER_LAYER = (0, 25, 73, 124, 204, 231, 122, 127, 114, 0, 4, 0)

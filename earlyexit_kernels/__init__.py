@@ -9,9 +9,9 @@ The public contract is ``shared/spec/API.md``; the semantics of each exit method
 ``shared/spec/EXIT_METHODS.md``.
 """
 
-from .backend_registry import _load_optional_backends, backend_status, backends
-from .classify import Prediction, classify
-from .hf_patch import (
+from earlyexit_kernels.backends.registry import _load_optional_backends, backend_status, backends
+from earlyexit_kernels.engine.classify import Prediction, classify
+from earlyexit_kernels.integrations.hf_patch import (
     SUPPORTED_MODELS,
     EarlyExitOutput,
     backend_of,
@@ -22,8 +22,18 @@ from .hf_patch import (
     training_objective,
     unpatch,
 )
-from .policies import DACT, Entropy, ExitPolicy, MaxProb, Patience, QExit, Scheduled, SkipGates, Voting
-from .saving import from_pretrained
+from earlyexit_kernels.integrations.loading import from_pretrained
+from earlyexit_kernels.methods.policies import (
+    DACT,
+    Entropy,
+    ExitPolicy,
+    MaxProb,
+    Patience,
+    QExit,
+    Scheduled,
+    SkipGates,
+    Voting,
+)
 
 __version__ = "0.1.0"
 

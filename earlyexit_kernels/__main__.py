@@ -1,7 +1,7 @@
-"""``python -m earlyexit_kernels``: see :mod:`earlyexit_kernels.cli`."""
+"""``python -m earlyexit_kernels``: see :mod:`earlyexit_kernels.integrations.cli`."""
 
 import sys
 
-from .cli import main
+from earlyexit_kernels.integrations.cli import main
 
 sys.exit(main())

@@ -20,7 +20,7 @@ from transformers import (  # noqa: E402
     RobertaForSequenceClassification,
 )
 
-from earlyexit_kernels.write_back import WriteBack  # noqa: E402
+from earlyexit_kernels.backends.write_back import WriteBack  # noqa: E402
 
 VOCAB = 97
 ARCHITECTURES = ("bert", "albert", "roberta")
@@ -142,7 +142,7 @@ def saved_classifier(tmp_path_factory):
     from transformers import BertTokenizerFast
 
     import earlyexit_kernels as eek
-    from earlyexit_kernels.exit_rules import entropy
+    from earlyexit_kernels.methods.exit_rules import entropy
 
     path = tmp_path_factory.mktemp("classifier")
     (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")

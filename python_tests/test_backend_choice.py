@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import earlyexit_kernels as eek
-from earlyexit_kernels import backend_choice, backend_registry
+from earlyexit_kernels.backends import choice as backend_choice
+from earlyexit_kernels.backends import registry as backend_registry
 
 pytestmark = pytest.mark.skipif(not eek.backends()["cpp"], reason="needs the C++ backend as a second candidate")
 

@@ -9,8 +9,8 @@ from conftest import tiny_model
 from test_classify import _alone, _sequences
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.background import BackgroundEngine, QueueFull
-from earlyexit_kernels.continuous import ContinuousEngine
+from earlyexit_kernels.engine.background import BackgroundEngine, QueueFull
+from earlyexit_kernels.engine.continuous import ContinuousEngine
 
 
 def _model():

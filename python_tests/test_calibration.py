@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.calibration import (
+from earlyexit_kernels.training.calibration import (
     accuracy_curve,
     calibrate,
     candidates,

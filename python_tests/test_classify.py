@@ -14,8 +14,8 @@ import torch
 from conftest import VOCAB, tiny_model
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.continuous import ContinuousEngine
-from earlyexit_kernels.exit_rules import entropy
+from earlyexit_kernels.engine.continuous import ContinuousEngine
+from earlyexit_kernels.methods.exit_rules import entropy
 
 NUM_LAYERS = 5
 

@@ -15,7 +15,7 @@ from conftest import word_texts
 from transformers import BertTokenizerFast
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.cli import main
+from earlyexit_kernels.integrations.cli import main
 
 pd = pytest.importorskip("pandas", reason="the command line writes JSON lines through pandas")
 pytest.importorskip("pyarrow", reason="the command line reads and writes tables through pyarrow")
@@ -205,7 +205,7 @@ def test_an_input_without_rows_gives_an_output_with_its_columns(saved_classifier
 
 def _interrupt_after(monkeypatch, chunks):
     """Make the writer stop after ``chunks`` chunks with a KeyboardInterrupt (Ctrl-C)."""
-    from earlyexit_kernels import table_io
+    from earlyexit_kernels.integrations import table_io
 
     write = table_io.ChunkWriter.write
     calls = {"n": 0}
@@ -280,7 +280,7 @@ def test_the_module_runs_as_a_program(saved_classifier, tmp_path):
 
 
 def test_engine_options_reach_the_engine(saved_classifier, tmp_path, monkeypatch):
-    classify_module = sys.modules["earlyexit_kernels.classify"]  # eek.classify is the function
+    classify_module = sys.modules["earlyexit_kernels.engine.classify"]  # eek.classify is the function
     real, seen = classify_module.classify, {}
 
     def recording(model, inputs, **options):

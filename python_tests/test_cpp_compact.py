@@ -5,7 +5,7 @@ import torch
 from conftest import on_device
 
 import earlyexit_kernels as eek
-from earlyexit_kernels import compaction, cpp_backend
+from earlyexit_kernels.backends import compaction, cpp_backend
 
 if not eek.backends()["cpp"]:
     pytest.fail(f"the C++ backend must be built for these tests: {eek.backend_status()['cpp']}", pytrace=False)

@@ -88,7 +88,7 @@ def test_engine_regression_head():
 
 
 def test_auto_prefers_cpp_on_cpu():
-    from earlyexit_kernels.backend_registry import resolve_backend
+    from earlyexit_kernels.backends.registry import resolve_backend
 
     assert resolve_backend("auto", torch.device("cpu")).name == "cpp"
 

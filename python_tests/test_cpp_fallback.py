@@ -19,7 +19,7 @@ PROBE = textwrap.dedent(
         warnings.simplefilter("always")
         import earlyexit_kernels as eek
         import importlib
-        importlib.import_module("earlyexit_kernels.cpp_backend")  # a second import: no second warning
+        importlib.import_module("earlyexit_kernels.backends.cpp_backend")  # a second import: no second warning
     import torch
     from conftest import tiny_batch, tiny_model
     ids, mask, tt = tiny_batch(5, 8)

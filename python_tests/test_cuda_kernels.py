@@ -25,8 +25,9 @@ import torch
 from threshold_helpers import decision_quantity
 
 import earlyexit_kernels as eek
-from earlyexit_kernels import compaction, cpp_backend, exit_rules
-from earlyexit_kernels.write_back import WriteBack, write_back
+from earlyexit_kernels.backends import compaction, cpp_backend
+from earlyexit_kernels.backends.write_back import WriteBack, write_back
+from earlyexit_kernels.methods import exit_rules
 
 sys.path.insert(0, str(Path(__file__).parent / "cuda_emulation"))
 import emulation  # noqa: E402

@@ -2,8 +2,8 @@
 
 import torch
 
-from earlyexit_kernels import demo
-from earlyexit_kernels.demo_task import CLS, KEYWORDS, NOT, PAD, SEP, TaskConfig, make_split
+from earlyexit_kernels.demo import report as demo
+from earlyexit_kernels.demo.task import CLS, KEYWORDS, NOT, PAD, SEP, TaskConfig, make_split
 
 
 def test_the_task_is_reproducible_from_its_seed():

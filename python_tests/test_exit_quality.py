@@ -4,14 +4,14 @@ import pytest
 import torch
 
 import earlyexit_kernels as eek
-from earlyexit_kernels import exit_quality
-from earlyexit_kernels.calibration import candidates, record_exits, replay
-from earlyexit_kernels.demo_task import batches, make_split
+from earlyexit_kernels.bench import exit_quality
+from earlyexit_kernels.demo.task import batches, make_split
+from earlyexit_kernels.training.calibration import candidates, record_exits, replay
 
 LAYERS = 4
 # DACT is left out here: its halting head learns to stop where more layers stop paying off, and
 # the tiny model of this test never learns the hard sequences (depth does not pay off there), so
-# it halts on them early, rightly. The full-size run of `python -m earlyexit_kernels.exit_quality`
+# it halts on them early, rightly. The full-size run of `python -m earlyexit_kernels.bench.exit_quality`
 # (README, "Exit quality") measures DACT's easy and hard exits on a model that learnt them.
 METHODS = [m for m in exit_quality.METHODS if m != "dact"]
 
@@ -151,7 +151,7 @@ def test_easy_sequences_exiting_by_label_are_flagged(tmp_path):
 
 
 def test_agreement_on_wrong_answers_of_hard_sequences():
-    from earlyexit_kernels.calibration import ExitRecord
+    from earlyexit_kernels.training.calibration import ExitRecord
 
     right, wrong = [5.0, 0.0], [0.0, 5.0]  # label 0
     # heads 1 and 2 on four hard sequences and one easy one: hard 0 and 1 are wrong at layer 2,

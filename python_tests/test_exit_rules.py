@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.exit_rules import can_exit_before_last, entropy, exit_step, init_state
+from earlyexit_kernels.methods.exit_rules import can_exit_before_last, entropy, exit_step, init_state
 
 L = 6
 

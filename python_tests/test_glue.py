@@ -7,7 +7,7 @@ import torch
 
 datasets = pytest.importorskip("datasets")
 
-from earlyexit_kernels.glue import GLUE_TASKS, glue_batches, load_glue  # noqa: E402
+from earlyexit_kernels.training.glue import GLUE_TASKS, glue_batches, load_glue  # noqa: E402
 
 WORDS = ["good", "bad", "movie", "the", "a", "is", "cat", "sat", "on", "mat", "not", "dog"]
 

@@ -22,7 +22,7 @@ from test_classify import _sequences, spread_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.exit_rules import can_exit_before_last
+from earlyexit_kernels.methods.exit_rules import can_exit_before_last
 
 VIEWS = {"view", "slice", "select", "unsqueeze", "squeeze", "expand", "t", "transpose", "permute", "detach", "alias"}
 VIEWS |= {"lift_fresh", "_unsafe_view", "as_strided", "_reshape_alias"}

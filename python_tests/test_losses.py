@@ -7,8 +7,8 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 import earlyexit_kernels as eek
-from earlyexit_kernels import losses
-from earlyexit_kernels.exit_rules import exit_step, init_state
+from earlyexit_kernels.methods import losses
+from earlyexit_kernels.methods.exit_rules import exit_step, init_state
 from earlyexit_kernels.training import pabee_loss as reexported_pabee_loss
 from earlyexit_kernels.training import train_exit_heads
 

@@ -30,7 +30,7 @@ from transformers import (
 )
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.exit_rules import entropy
+from earlyexit_kernels.methods.exit_rules import entropy
 from earlyexit_kernels.models import SUPPORTED_MODELS, TanhPoolerHead, adapter_class
 
 VOCAB = 97
@@ -345,7 +345,7 @@ def test_an_attention_implementation_the_adapter_cannot_run_is_refused_at_patch(
 
 @pytest.mark.parametrize("family", ["deberta_v2", "modernbert"])
 def test_the_continuous_engine_refuses_to_compile_layers_that_take_more_than_a_mask(family):
-    from earlyexit_kernels.continuous import ContinuousEngine
+    from earlyexit_kernels.engine.continuous import ContinuousEngine
 
     model = tiny_family(family)
     eek.patch(model, eek.Entropy(0.0))

@@ -5,7 +5,7 @@ import re
 import pytest
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.policy_spec import POLICY_NAMES, parse_policy
+from earlyexit_kernels.methods.policy_spec import POLICY_NAMES, parse_policy
 
 
 @pytest.mark.parametrize(

@@ -164,7 +164,7 @@ def test_rows_that_fail_do_not_abort_the_job_and_are_counted(model_dir, tmp_path
 
 @pytest.mark.ray
 def test_the_command_line_runs_on_ray(model_dir, tmp_path, local_ray, capsys):
-    from earlyexit_kernels.cli import main
+    from earlyexit_kernels.integrations.cli import main
 
     pd.DataFrame({"text": word_texts(50, seed=4)}).to_parquet(tmp_path / "in.parquet")
     status = main(["classify", model_dir, str(tmp_path / "in.parquet"), str(tmp_path / "out"), "--engine", "ray"])

@@ -5,9 +5,9 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.calibration import calibrate, record_exits, replay
-from earlyexit_kernels.losses import OBJECTIVES
+from earlyexit_kernels.methods.losses import OBJECTIVES
 from earlyexit_kernels.training import train_exit_heads
+from earlyexit_kernels.training.calibration import calibrate, record_exits, replay
 
 
 def _batches(count=2):

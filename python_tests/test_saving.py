@@ -8,7 +8,7 @@ from conftest import tiny_batch, tiny_model
 from transformers import AutoModelForSequenceClassification
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.saving import CONFIG_FILE, HEADS_FILE, policy_from_dict, policy_to_dict
+from earlyexit_kernels.integrations.exit_files import CONFIG_FILE, HEADS_FILE, policy_from_dict, policy_to_dict
 
 POLICIES = [
     eek.Entropy(0.3),

@@ -26,8 +26,8 @@ pytest.importorskip("prometheus_client", reason="the server needs prometheus_cli
 httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx")
 
 import earlyexit_kernels as eek  # noqa: E402
-from earlyexit_kernels.cli import load_model  # noqa: E402
-from earlyexit_kernels.server import create_app  # noqa: E402
+from earlyexit_kernels.integrations.model_folder import load_model  # noqa: E402
+from earlyexit_kernels.integrations.server import create_app  # noqa: E402
 
 
 class RunningServer:
@@ -334,7 +334,7 @@ def test_replicas_on_ray_serve_answer_like_one_server(saved_classifier, model_an
     serve = pytest.importorskip("ray.serve", reason="Ray Serve replicas need ray[serve]")
     import socket
 
-    from earlyexit_kernels.server.ray_serve import serve_application
+    from earlyexit_kernels.integrations.server.ray_serve import serve_application
 
     model, tokenizer = model_and_tokenizer
     texts = [t or "w2" for t in word_texts(24, seed=13)]

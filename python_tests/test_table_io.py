@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-pa = pytest.importorskip("pyarrow", reason="earlyexit_kernels.table_io reads and writes through pyarrow")
-pytest.importorskip("pandas", reason="earlyexit_kernels.table_io writes JSON lines through pandas")
+pa = pytest.importorskip("pyarrow", reason="earlyexit_kernels.integrations.table_io reads and writes through pyarrow")
+pytest.importorskip("pandas", reason="earlyexit_kernels.integrations.table_io writes JSON lines through pandas")
 import pyarrow.parquet as pq  # noqa: E402
 
-from earlyexit_kernels.table_io import ChunkWriter, TableError, check_writable, read_chunks  # noqa: E402
+from earlyexit_kernels.integrations.table_io import ChunkWriter, TableError, check_writable, read_chunks  # noqa: E402
 
 FORMATS = ("csv", "tsv", "jsonl", "parquet")
 # Texts a hand-written parser gets wrong: separators, quotes, newlines inside a field, "007", non-ASCII.

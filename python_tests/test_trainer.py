@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 import earlyexit_kernels as eek
-from earlyexit_kernels import losses
+from earlyexit_kernels.methods import losses
 
 
 class _Rows(torch.utils.data.Dataset):

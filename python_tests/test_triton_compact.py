@@ -7,9 +7,9 @@ pytest.importorskip("triton")
 
 from conftest import on_kernel_device  # noqa: E402
 
-from earlyexit_kernels import compaction  # noqa: E402
-from earlyexit_kernels.triton_kernels import compact as tc  # noqa: E402
-from earlyexit_kernels.triton_kernels._common import poisoned_outputs  # noqa: E402
+from earlyexit_kernels.backends import compaction  # noqa: E402
+from earlyexit_kernels.backends.triton_kernels import compact as tc  # noqa: E402
+from earlyexit_kernels.backends.triton_kernels._common import poisoned_outputs  # noqa: E402
 
 CASES = [
     # n, S, H, dtype, mask kind, kept rows, seq_len, layout

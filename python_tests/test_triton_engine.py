@@ -17,7 +17,7 @@ from threshold_helpers import (  # noqa: E402
 )
 
 import earlyexit_kernels as eek  # noqa: E402
-from earlyexit_kernels.exit_rules import entropy  # noqa: E402
+from earlyexit_kernels.methods.exit_rules import entropy  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: masked -inf lanes
 
@@ -152,7 +152,7 @@ def test_engine_triton_unfused_path_with_grad_enabled():
 def test_triton_backend_registered_for_cpu_under_interpreter():
     status = eek.backend_status()
     assert status["triton"] == "available", status
-    from earlyexit_kernels.backend_registry import resolve_backend
+    from earlyexit_kernels.backends.registry import resolve_backend
 
     backend = resolve_backend("triton", torch.device("cpu"))
     assert backend.head_exit_step is not None

@@ -27,11 +27,12 @@ import threshold_helpers  # noqa: E402
 from conftest import KERNEL_DEVICE, on_device, on_kernel_device  # noqa: E402
 
 import earlyexit_kernels as eek  # noqa: E402
-from earlyexit_kernels import compaction, exit_rules  # noqa: E402
-from earlyexit_kernels.heads import LambdaHaltingHead  # noqa: E402
-from earlyexit_kernels.triton_kernels import exit_step as tk  # noqa: E402
-from earlyexit_kernels.triton_kernels._common import poisoned_outputs  # noqa: E402
-from earlyexit_kernels.write_back import WriteBack  # noqa: E402
+from earlyexit_kernels.backends import compaction  # noqa: E402
+from earlyexit_kernels.backends.triton_kernels import exit_step as tk  # noqa: E402
+from earlyexit_kernels.backends.triton_kernels._common import poisoned_outputs  # noqa: E402
+from earlyexit_kernels.backends.write_back import WriteBack  # noqa: E402
+from earlyexit_kernels.engine.heads import LambdaHaltingHead  # noqa: E402
+from earlyexit_kernels.methods import exit_rules  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: masked -inf lanes
 
@@ -764,7 +765,7 @@ def test_a_dispatch_mode_sees_the_ops():
             seen.append(func.overloadpacket.__name__)
             return func(*args, **(kwargs or {}))
 
-    from earlyexit_kernels.triton_kernels import compact as tc
+    from earlyexit_kernels.backends.triton_kernels import compact as tc
 
     policy = eek.Entropy(0.6)
     weights = [t.to(KERNEL_DEVICE) for t in make_head(64, 3, torch.float32, seed=110)]
@@ -807,7 +808,7 @@ def test_per_call_integers_do_not_make_new_kernel_variants(monkeypatch):
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
 
-    from earlyexit_kernels.triton_kernels import compact as tc
+    from earlyexit_kernels.backends.triton_kernels import compact as tc
 
     monkeypatch.setattr(tc, "FORCE_GPU_BLOCKS", True)  # a block of 4 positions for every length below
     launches = []
@@ -852,7 +853,7 @@ def test_every_launch_runs_under_its_tensors_device(monkeypatch):
     device (checked here by recording the guard; on two GPUs by test_model_on_second_gpu)."""
     import contextlib
 
-    from earlyexit_kernels.triton_kernels import compact as tc
+    from earlyexit_kernels.backends.triton_kernels import compact as tc
 
     @contextlib.contextmanager
     def recording_guard(tensor):
@@ -911,6 +912,6 @@ def test_model_on_second_gpu():
 
 
 def write_back_reference(policy, logits, halting, state, target):
-    from earlyexit_kernels import write_back as wb
+    from earlyexit_kernels.backends import write_back as wb
 
     return wb.exit_step_write_back(policy, 2, NUM_LAYERS, logits, halting, state, target)

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 import earlyexit_kernels as eek
-from earlyexit_kernels import exit_rules
+from earlyexit_kernels.methods import exit_rules
 
 AVAILABLE = [name for name, ok in eek.backends().items() if ok and name != "cuda"]
 

@@ -9,9 +9,10 @@ import torch
 from conftest import KERNEL_DEVICE, on_device
 
 import earlyexit_kernels as eek
-from earlyexit_kernels import backend_registry, exit_rules
-from earlyexit_kernels.heads import LambdaHaltingHead
-from earlyexit_kernels.write_back import WriteBack, exit_step_write_back, head_exit_step_write_back, write_back
+from earlyexit_kernels.backends import registry as backend_registry
+from earlyexit_kernels.backends.write_back import WriteBack, exit_step_write_back, head_exit_step_write_back, write_back
+from earlyexit_kernels.engine.heads import LambdaHaltingHead
+from earlyexit_kernels.methods import exit_rules
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: masked -inf lanes
 

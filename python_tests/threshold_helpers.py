@@ -17,8 +17,8 @@ import math
 import torch
 
 import earlyexit_kernels as eek
-from earlyexit_kernels import exit_rules
-from earlyexit_kernels.policies import layer_value
+from earlyexit_kernels.methods import exit_rules
+from earlyexit_kernels.methods.policies import layer_value
 
 # Far above the rounding differences between backends (a few fp32 ulps of values <= ln C).
 MIN_MARGIN = 1e-4

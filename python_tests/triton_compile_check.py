@@ -34,8 +34,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from earlyexit_kernels.triton_kernels import compact as tc  # noqa: E402
-from earlyexit_kernels.triton_kernels import exit_step as tk  # noqa: E402
+from earlyexit_kernels.backends.triton_kernels import compact as tc  # noqa: E402
+from earlyexit_kernels.backends.triton_kernels import exit_step as tk  # noqa: E402
 
 
 def compile_kernel(kernel, types: dict, constexprs: dict, arch: int, num_warps: int = 4):

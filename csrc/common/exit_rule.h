@@ -1,6 +1,6 @@
 // The per-row exit rule of every policy: plain C++ shared by the CPU and the CUDA kernels.
 //
-// This is the C++ form of earlyexit_kernels/exit_rules.py::exit_step (itself the
+// This is the C++ form of earlyexit_kernels/methods/exit_rules.py::exit_step (itself the
 // executable form of shared/spec/EXIT_METHODS.md). No torch headers here: the file
 // is included by .cu files that must compile without the torch CUDA headers.
 //
@@ -21,7 +21,7 @@
 
 namespace eek {
 
-// Policy kinds, as lowered by earlyexit_kernels/cpp_backend.py.
+// Policy kinds, as lowered by earlyexit_kernels/backends/cpp_backend.py.
 enum Kind : int {
   kEntropy = 0,      // Entropy and SkipGates (the exit part)
   kMaxProb = 1,

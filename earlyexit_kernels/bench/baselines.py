@@ -1,13 +1,13 @@
 """The baselines the early-exit engine is compared with, each its own loop over the HF layers.
 
-Both reuse the patched model's adapter (:mod:`earlyexit_kernels.hf_patch`) only to reach
+Both reuse the patched model's adapter (:mod:`earlyexit_kernels.integrations.hf_patch`) only to reach
 the model's own modules (embeddings, encoder layer ``i``, pooler, classifiers and the
 per-layer heads ``eek.patch`` added), so they run the same weights, dtype and attention
 implementation as the engine and the full model. Neither uses the engine.
 
 ``naive_batched``: what the batched ports of FastBERT/DeeBERT do. After each layer the
 heads run as modules, the exit step is the eager PyTorch reference
-(:func:`earlyexit_kernels.exit_rules.exit_step`), the exiting rows are written back with
+(:func:`earlyexit_kernels.methods.exit_rules.exit_step`), the exiting rows are written back with
 boolean indexing and the batch is compacted with ``h = h[keep]`` (hidden states, mask,
 row map and policy state), every layer, with no padding trimming. Every boolean index
 reads the number of selected rows back to the host: it is counted as one host sync, like
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compaction import layer_attention_mask
-from ..exit_rules import exit_step, init_state
-from ..policies import ExitPolicy, Scheduled
+from earlyexit_kernels.backends.compaction import layer_attention_mask
+from earlyexit_kernels.methods.exit_rules import exit_step, init_state
+from earlyexit_kernels.methods.policies import ExitPolicy, Scheduled
 
 __all__ = ["BaselineResult", "naive_batched", "batch_size_one", "single_sequence_inputs"]
 

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from .micro import compact_fn, exit_step_fn, fast_backends, micro_impls
-from .models import ARCHITECTURES, SIZES, build_model, pad_token_id
-from .patterns import geometric, scheduled, standard_patterns
-from .plots import make_plots
-from .results import environment, write_csv
-from .runner import measure_pattern
-from .timing import percentiles, time_loop, timed_call
+from earlyexit_kernels.bench.micro import compact_fn, exit_step_fn, fast_backends, micro_impls
+from earlyexit_kernels.bench.models import ARCHITECTURES, SIZES, build_model, pad_token_id
+from earlyexit_kernels.bench.patterns import geometric, scheduled, standard_patterns
+from earlyexit_kernels.bench.plots import make_plots
+from earlyexit_kernels.bench.results import environment, write_csv
+from earlyexit_kernels.bench.runner import measure_pattern
+from earlyexit_kernels.bench.timing import percentiles, time_loop, timed_call
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from ..compaction import layer_attention_mask
-from .patterns import ExitPattern
+from earlyexit_kernels.backends.compaction import layer_attention_mask
+from earlyexit_kernels.bench.patterns import ExitPattern
 
 __all__ = ["ideal_layers", "active_shapes", "layer_probe", "shape_probes", "ideal_shape"]
 

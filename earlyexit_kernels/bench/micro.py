@@ -4,7 +4,7 @@ Exit step (the head on the [CLS] state, then the policy's rule), on ``[B, S, H]`
 states, policy ``Entropy(0.3)``, 2 labels:
 
 - ``cpp`` / ``triton`` / ``cuda``: the backend's fused ``head_exit_step``;
-- ``torch``: :func:`earlyexit_kernels.exit_rules.head_exit_step` (the eager reference, as
+- ``torch``: :func:`earlyexit_kernels.methods.exit_rules.head_exit_step` (the eager reference, as
   one function);
 - ``naive``: the model's pooler and classifier modules, then the eager exit step, then the
   boolean-mask write-back of the exiting rows, as :func:`.baselines.naive_batched` does.
@@ -12,7 +12,7 @@ states, policy ``Entropy(0.3)``, 2 labels:
 Compaction (keep every other row, trim 1/8 of the positions):
 
 - ``cpp`` / ``triton`` / ``cuda``: the backend's gather kernel;
-- ``torch``: :func:`earlyexit_kernels.compaction.compact` (``index_select`` + slice);
+- ``torch``: :func:`earlyexit_kernels.backends.compaction.compact` (``index_select`` + slice);
 - ``naive``: ``hidden[keep]`` and ``mask[keep]`` (boolean indexing, no trimming).
 
 Used by the suite (the exit-step plot) and by ``benchmarks/bench_cpu_micro.py``
@@ -26,9 +26,10 @@ from collections.abc import Callable
 
 import torch
 
-from .. import compaction, exit_rules
-from ..backend_registry import backends, resolve_backend
-from ..policies import Entropy
+from earlyexit_kernels.backends import compaction
+from earlyexit_kernels.backends.registry import backends, resolve_backend
+from earlyexit_kernels.methods import exit_rules
+from earlyexit_kernels.methods.policies import Entropy
 
 __all__ = ["MICRO_POLICY", "fast_backends", "micro_impls", "exit_step_fn", "compact_fn"]
 

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .stream import StreamConfig, calibrate, make_corpus, make_models, sorted_batches
+from earlyexit_kernels.bench.stream import StreamConfig, calibrate, make_corpus, make_models, sorted_batches
 
 COLUMNS = ["engine", "workers", "rows", "wall_s", "seq_per_s", "vs_local", "mean_exit_layer", "same_as_local"]
 

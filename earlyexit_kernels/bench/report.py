@@ -17,7 +17,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from .results import read_csv
+from earlyexit_kernels.bench.results import read_csv
 
 __all__ = ["render", "replace_section", "main"]
 

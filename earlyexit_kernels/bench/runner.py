@@ -23,12 +23,11 @@ from dataclasses import dataclass
 import torch
 
 import earlyexit_kernels as eek
-
-from ..policies import Scheduled
-from .baselines import batch_size_one, naive_batched, single_sequence_inputs
-from .ideal import ideal_layers, ideal_shape, shape_probes
-from .patterns import ExitPattern, make_inputs
-from .timing import peak_memory, percentiles, timed_call
+from earlyexit_kernels.bench.baselines import batch_size_one, naive_batched, single_sequence_inputs
+from earlyexit_kernels.bench.ideal import ideal_layers, ideal_shape, shape_probes
+from earlyexit_kernels.bench.patterns import ExitPattern, make_inputs
+from earlyexit_kernels.bench.timing import peak_memory, percentiles, timed_call
+from earlyexit_kernels.methods.policies import Scheduled
 
 __all__ = ["Method", "measure_pattern"]
 

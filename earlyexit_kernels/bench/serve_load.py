@@ -37,7 +37,14 @@ from pathlib import Path
 
 import torch
 
-from .stream import StreamConfig, calibrate, exit_layers_at, make_corpus, make_models, sorted_batches
+from earlyexit_kernels.bench.stream import (
+    StreamConfig,
+    calibrate,
+    exit_layers_at,
+    make_corpus,
+    make_models,
+    sorted_batches,
+)
 
 COLUMNS = ["server", "workload", "concurrency", "requests", "req_per_s", "p50_ms", "p99_ms", "mean_exit_layer"]
 

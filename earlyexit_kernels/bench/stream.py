@@ -182,7 +182,7 @@ def make_models(config: StreamConfig, vocab_size: int, batches):
     from transformers import BertConfig, BertForSequenceClassification
 
     import earlyexit_kernels as eek
-    from earlyexit_kernels.exit_rules import entropy
+    from earlyexit_kernels.methods.exit_rules import entropy
 
     torch.manual_seed(config.seed)
     bert = BertConfig(
@@ -323,7 +323,7 @@ def recorded_engines():
     """The engines ``eek.classify`` builds inside the block (for their counts; nothing else changes)."""
     import importlib
 
-    classify_module = importlib.import_module("earlyexit_kernels.classify")  # the package's name is the function
+    classify_module = importlib.import_module("earlyexit_kernels.engine.classify")  # the package's name is the function
 
     original = getattr(classify_module, "ContinuousEngine", None)
     made: list = []

@@ -18,14 +18,14 @@ from transformers import (
     XLMRobertaForSequenceClassification,
 )
 
-from .albert import AlbertAdapter
-from .base import EncoderAdapterBase, TanhPoolerHead
-from .bert import BertAdapter
-from .deberta_v2 import DebertaV2Adapter
-from .distilbert import DistilBertAdapter
-from .electra import ElectraAdapter
-from .modernbert import ModernBertAdapter
-from .roberta import RobertaAdapter
+from earlyexit_kernels.models.albert import AlbertAdapter
+from earlyexit_kernels.models.base import EncoderAdapterBase, TanhPoolerHead
+from earlyexit_kernels.models.bert import BertAdapter
+from earlyexit_kernels.models.deberta_v2 import DebertaV2Adapter
+from earlyexit_kernels.models.distilbert import DistilBertAdapter
+from earlyexit_kernels.models.electra import ElectraAdapter
+from earlyexit_kernels.models.modernbert import ModernBertAdapter
+from earlyexit_kernels.models.roberta import RobertaAdapter
 
 __all__ = [
     "SUPPORTED_MODELS",

@@ -3,7 +3,7 @@ pooler on [CLS] (fused on fast backends)."""
 
 from __future__ import annotations
 
-from .base import EncoderAdapterBase, TanhPoolerHead
+from earlyexit_kernels.models.base import EncoderAdapterBase, TanhPoolerHead
 
 
 class AlbertAdapter(TanhPoolerHead, EncoderAdapterBase):

@@ -1,6 +1,6 @@
 """The shared part of the architecture adapters.
 
-An adapter tells the engine (:mod:`earlyexit_kernels.engine`, :mod:`earlyexit_kernels.continuous`)
+An adapter tells the engine (:mod:`earlyexit_kernels.engine.batch_loop`, :mod:`earlyexit_kernels.engine.continuous`)
 how to embed a batch, build the mask a layer takes, run encoder layer ``i``, pool and classify,
 for one Hugging Face family, exactly as that family's own forward does.
 
@@ -8,7 +8,7 @@ Fused heads: the fast backends (cpp, triton, cuda) fuse the exit head with the e
 their kernels implement one head only: ``logits = W_i tanh(W_p x + b_p) + b_i`` on the [CLS]
 row ``x`` (BERT's and ALBERT's pooler, RoBERTa's classification head). A family whose head has
 exactly that form mixes in :class:`TanhPoolerHead`, which provides ``head_weights``; the engine
-fuses only when an adapter has ``head_weights`` (:func:`earlyexit_kernels.engine.can_fuse_head`).
+fuses only when an adapter has ``head_weights`` (:func:`earlyexit_kernels.engine.batch_loop.can_fuse_head`).
 Every other head (DistilBERT's ReLU, ELECTRA's GELU) has no ``head_weights``: its head runs in
 PyTorch (``pool`` then ``classify``) and the backend's ``exit_step`` takes the decision, which
 every backend has. Giving such a family ``head_weights`` would silently compute a tanh pooler
@@ -20,14 +20,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..compaction import layer_attention_mask
-from ..heads import ExitHeads
+from earlyexit_kernels.backends.compaction import layer_attention_mask
+from earlyexit_kernels.engine.heads import ExitHeads
 
 __all__ = ["EncoderAdapterBase", "TanhPoolerHead"]
 
 
 class EncoderAdapterBase:
-    """Shared part of the architecture adapters (see :class:`earlyexit_kernels.engine.EncoderAdapter`).
+    """Shared part of the architecture adapters (see :class:`earlyexit_kernels.engine.batch_loop.EncoderAdapter`).
 
     A subclass sets ``final_classifier`` (the model's own last linear layer) and
     ``classifier_dropout`` and defines ``embed(input_ids, token_type_ids, position_ids,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import EncoderAdapterBase, TanhPoolerHead
+from earlyexit_kernels.models.base import EncoderAdapterBase, TanhPoolerHead
 
 
 class BertAdapter(TanhPoolerHead, EncoderAdapterBase):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from transformers.activations import ACT2FN
 
-from .base import EncoderAdapterBase
+from earlyexit_kernels.models.base import EncoderAdapterBase
 
 
 class DebertaV2Adapter(EncoderAdapterBase):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import EncoderAdapterBase
+from earlyexit_kernels.models.base import EncoderAdapterBase
 
 
 class DistilBertAdapter(EncoderAdapterBase):

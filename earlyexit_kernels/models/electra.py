@@ -4,7 +4,7 @@ the head is ``out_proj(dropout(gelu(dense(dropout(h_cls)))))``. GELU, not tanh: 
 
 from __future__ import annotations
 
-from .base import EncoderAdapterBase
+from earlyexit_kernels.models.base import EncoderAdapterBase
 
 
 class ElectraAdapter(EncoderAdapterBase):

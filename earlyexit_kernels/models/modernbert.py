@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from transformers.masking_utils import create_bidirectional_mask, create_bidirectional_sliding_window_mask
 
-from .base import EncoderAdapterBase
+from earlyexit_kernels.models.base import EncoderAdapterBase
 
 
 class ModernBertAdapter(EncoderAdapterBase):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import EncoderAdapterBase
-from .bert import BertAdapter
+from earlyexit_kernels.models.base import EncoderAdapterBase
+from earlyexit_kernels.models.bert import BertAdapter
 
 
 class RobertaAdapter(BertAdapter):

@@ -1,0 +1,394 @@
+"""The C++ backend (``"cpp"``, CPU) and the CUDA backend (``"cuda"``): ``earlyexit_kernels._C``.
+
+The compiled extension defines ``torch.ops.earlyexit.cpp_head``, ``cpp_exit_step``,
+``cpp_head_exit_step`` and ``cpp_compact`` (schemas in ``csrc/bindings.cpp``). This
+module lowers an exit policy to what the kernels take (a kind, flags, two scalars and a
+per-layer float32 tensor ``[2, L]`` of thresholds and temperatures), wraps the ops with
+exactly the signatures of :func:`earlyexit_kernels.methods.exit_rules.exit_step`,
+:func:`earlyexit_kernels.methods.exit_rules.head_exit_step` and
+:func:`earlyexit_kernels.backends.compaction.compact`, and registers the backends.
+
+When ``_C`` is missing or cannot be loaded (not built, built for another torch), it
+warns once with the reason and marks ``"cpp"`` and ``"cuda"`` unavailable; the package
+keeps working with the other backends.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from earlyexit_kernels.backends import registry as backend_registry
+from earlyexit_kernels.backends.write_back import WriteBack
+from earlyexit_kernels.methods.policies import (
+    DACT,
+    Entropy,
+    ExitPolicy,
+    MaxProb,
+    Patience,
+    QExit,
+    Scheduled,
+    SkipGates,
+    Voting,
+)
+
+__all__ = [
+    "exit_step",
+    "head_exit_step",
+    "exit_step_write_back",
+    "head_exit_step_write_back",
+    "compact",
+    "lower_policy",
+    "LOAD_ERROR",
+]
+
+# Kinds and flags: csrc/common/exit_rule.h.
+KIND_ENTROPY, KIND_MAXPROB, KIND_PATIENCE, KIND_PATIENCE_REG = 0, 1, 2, 3
+KIND_QEXIT, KIND_VOTING, KIND_DACT, KIND_SCHEDULED = 4, 5, 6, 7
+FLAG_NORMALIZED, FLAG_TEMPERATURE, FLAG_STOCHASTIC, FLAG_SURVIVORS = 1, 2, 4, 8
+
+# State keys each kind reads and writes, in the order of the op's state list.
+STATE_KEYS: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    KIND_ENTROPY: ((), ()),
+    KIND_MAXPROB: ((), ()),
+    KIND_PATIENCE: (("prev_pred", "counter"), ("prev_pred", "counter")),
+    KIND_PATIENCE_REG: (("prev_value", "counter"), ("prev_value", "counter")),
+    KIND_QEXIT: (("cdf", "remaining"), ("cdf", "remaining")),
+    KIND_VOTING: (("votes", "prob_sum"), ("votes", "prob_sum")),
+    KIND_DACT: (("accumulated", "pi"), ("accumulated", "pi")),
+    KIND_SCHEDULED: (("exit_layers",), ()),
+}
+
+
+@dataclass(frozen=True)
+class LoweredPolicy:
+    """What the kernels take for one policy on a model of ``num_layers`` layers."""
+
+    kind: int
+    flags: int
+    int_param: int
+    scalar: float
+    per_layer: torch.Tensor  # float32 [2, L] on the CPU: threshold, temperature per layer
+    state_in: tuple[str, ...]
+    state_out: tuple[str, ...]
+
+
+def _per_layer_row(value, width: int) -> list[float]:
+    if value is None:
+        return [1.0] * width
+    if isinstance(value, tuple):
+        return list(value) + [float("nan")] * (width - len(value))
+    return [float(value)] * width
+
+
+@functools.lru_cache(maxsize=128)
+def lower_policy(policy: ExitPolicy, num_layers: int) -> LoweredPolicy:
+    """Lower ``policy`` to the kernels' kind enum, flags, scalars and per-layer tensor."""
+    flags, int_param, scalar = 0, 0, 0.0
+    threshold = temperature = None
+    if isinstance(policy, (Entropy, SkipGates)):
+        kind = KIND_ENTROPY
+        threshold = policy.threshold if isinstance(policy, Entropy) else policy.entropy_threshold
+        flags |= FLAG_NORMALIZED if policy.normalized else 0
+    elif isinstance(policy, MaxProb):
+        kind, threshold, temperature = KIND_MAXPROB, policy.threshold, policy.temperature
+        flags |= FLAG_TEMPERATURE if policy.temperature is not None else 0
+    elif isinstance(policy, Patience):
+        int_param = policy.patience
+        if policy.is_regression:
+            kind, scalar = KIND_PATIENCE_REG, policy.regression_threshold
+        else:
+            kind = KIND_PATIENCE
+    elif isinstance(policy, QExit):
+        kind, scalar = KIND_QEXIT, policy.q
+        flags |= FLAG_STOCHASTIC if policy.stochastic else 0
+    elif isinstance(policy, Voting):
+        kind, int_param = KIND_VOTING, policy.min_votes
+    elif isinstance(policy, DACT):
+        kind = KIND_DACT
+    elif isinstance(policy, Scheduled):
+        kind = KIND_SCHEDULED
+    else:
+        raise TypeError(f"unknown exit policy {type(policy).__name__}")
+    width = max(num_layers, *(len(v) for v in (threshold, temperature) if isinstance(v, tuple)), 1)
+    # float32 like the reference's comparison of a float32 tensor with a Python float.
+    per_layer = torch.tensor(
+        [_per_layer_row(threshold, width), _per_layer_row(temperature, width)], dtype=torch.float32
+    )
+    state_in, state_out = STATE_KEYS[kind]
+    if flags & FLAG_STOCHASTIC:
+        state_in = (*state_in, "uniforms")
+    return LoweredPolicy(kind, flags, int_param, float(scalar), per_layer, state_in, state_out)
+
+
+def _updated(state: dict, lowered: LoweredPolicy, state0: torch.Tensor, state1: torch.Tensor) -> dict:
+    """The state with the op's outputs ``state0``, ``state1`` under the policy's keys."""
+    state = dict(state)
+    state.update(zip(lowered.state_out, (state0, state1)))
+    return state
+
+
+def _rule_args(lowered: LoweredPolicy, layer: int, num_layers: int, target: WriteBack | None) -> tuple:
+    """The op arguments after the state list; with ``target`` the survivors and the write-back."""
+    flags = lowered.flags if target is None else lowered.flags | FLAG_SURVIVORS
+    args = (lowered.kind, flags, layer, num_layers, lowered.int_param, lowered.scalar, lowered.per_layer)
+    if target is None:
+        return args
+    return (*args, target.rows, target.runs, target.logits, target.exit_layer, target.layers_run)
+
+
+def _survivor_stats(exits: torch.Tensor, count: torch.Tensor, extents: torch.Tensor | None) -> torch.Tensor:
+    """``(count, longest extent of a staying row)`` as in :func:`earlyexit_kernels.backends.write_back.write_back`."""
+    count = count.reshape(1)
+    if extents is None or exits.numel() == 0:
+        return torch.nn.functional.pad(count, (0, 1))
+    return torch.cat([count, torch.where(exits, 0, extents).amax().reshape(1)])
+
+
+def _exit_step(policy, layer, num_layers, logits, halting_logit, state, target):
+    lowered = lower_policy(policy, num_layers)
+    exits, returned, state0, state1, order, count = torch.ops.earlyexit.cpp_exit_step(
+        logits, halting_logit, [state[k] for k in lowered.state_in], *_rule_args(lowered, layer, num_layers, target)
+    )
+    return exits, returned, _updated(state, lowered, state0, state1), order, count
+
+
+def exit_step(policy, layer, num_layers, logits, halting_logit, state):
+    """:func:`earlyexit_kernels.methods.exit_rules.exit_step` on the C++/CUDA kernels."""
+    exits, returned, state, _, _ = _exit_step(policy, layer, num_layers, logits, halting_logit, state, None)
+    return exits, returned, state
+
+
+def exit_step_write_back(policy, layer, num_layers, logits, halting_logit, state, target):
+    """:func:`earlyexit_kernels.backends.write_back.exit_step_write_back` on the C++/CUDA kernels (one op)."""
+    exits, _, state, order, count = _exit_step(policy, layer, num_layers, logits, halting_logit, state, target)
+    return exits, state, order, _survivor_stats(exits, count, target.extents)
+
+
+def _head_exit_step(
+    target, policy, layer, num_layers, cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias, state, halting_fn
+):
+    """The head and the rule; with ``target`` the rule also writes back and lists the survivors."""
+    lowered = lower_policy(policy, num_layers)
+    state_list = [state[k] for k in lowered.state_in]
+    rule_args = _rule_args(lowered, layer, num_layers, target)
+    if not cls_hidden.is_cuda:
+        # On the CPU torch's BLAS GEMM beats the C++ head's own dot products from about
+        # 32 rows up (2-4x at 128; benchmarks/results/cpu): the head runs there, the rule in C++.
+        pooled = torch.tanh(torch.nn.functional.linear(cls_hidden, pooler_weight, pooler_bias))
+        logits = torch.nn.functional.linear(pooled, head_weight, head_bias)
+        halting = halting_fn(pooled, state.get("prev_pooled")) if halting_fn is not None else None
+        exits, returned, state0, state1, order, count = torch.ops.earlyexit.cpp_exit_step(
+            logits, halting, state_list, *rule_args
+        )
+    elif halting_fn is not None:
+        pooled, logits = torch.ops.earlyexit.cpp_head(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias)
+        halting = halting_fn(pooled, state.get("prev_pooled"))
+        exits, returned, state0, state1, order, count = torch.ops.earlyexit.cpp_exit_step(
+            logits, halting, state_list, *rule_args
+        )
+    else:
+        halting = None
+        exits, returned, logits, pooled, state0, state1, order, count = torch.ops.earlyexit.cpp_head_exit_step(
+            cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias, None, state_list, *rule_args
+        )
+    state = _updated(state, lowered, state0, state1)
+    if "prev_pooled" in state:
+        state["prev_pooled"] = pooled
+    return exits, returned, logits, halting, state, order, count
+
+
+def head_exit_step(
+    policy, layer, num_layers, cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias, state, halting_fn=None
+):
+    """:func:`earlyexit_kernels.methods.exit_rules.head_exit_step` on the C++/CUDA kernels.
+
+    On CUDA, without a halting head the head and the rule run as one op; with one, the
+    head op gives the pooled vector the halting head (a Python module) reads, then the
+    rule runs. On the CPU the head is torch's GEMM and the rule the C++ op.
+    """
+    return _head_exit_step(
+        None,
+        policy,
+        layer,
+        num_layers,
+        cls_hidden,
+        pooler_weight,
+        pooler_bias,
+        head_weight,
+        head_bias,
+        state,
+        halting_fn,
+    )[:5]
+
+
+def head_exit_step_write_back(
+    policy, layer, num_layers, cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias, state, halting_fn, target
+):
+    """:func:`earlyexit_kernels.backends.write_back.head_exit_step_write_back` on the C++/CUDA kernels."""
+    exits, _, _, _, state, order, count = _head_exit_step(
+        target,
+        policy,
+        layer,
+        num_layers,
+        cls_hidden,
+        pooler_weight,
+        pooler_bias,
+        head_weight,
+        head_bias,
+        state,
+        halting_fn,
+    )
+    return exits, state, order, _survivor_stats(exits, count, target.extents)
+
+
+def compact(hidden, mask, index, seq_len):
+    """:func:`earlyexit_kernels.backends.compaction.compact` on the C++/CUDA gather kernels."""
+    out, out_mask = torch.ops.earlyexit.cpp_compact(hidden, mask, index, int(seq_len))
+    return out, (out_mask if mask is not None else None)
+
+
+# ---------------------------------------------------------------------------------------
+# Fake (meta) kernels, for torch.compile and FakeTensor tracing.
+
+
+def _fake_state(kind: int, logits_like: torch.Tensor, n: int, num_labels: int) -> list[torch.Tensor]:
+    """state0 and state1 (csrc/common/exit_op.h): empty float32 where the policy has fewer."""
+    state = _fake_state_used(kind, logits_like, n, num_labels)
+    return state + [logits_like.new_empty((0,), dtype=torch.float32) for _ in range(2 - len(state))]
+
+
+def _fake_state_used(kind: int, logits_like: torch.Tensor, n: int, num_labels: int) -> list[torch.Tensor]:
+    def new(shape, dtype):
+        return logits_like.new_empty(shape, dtype=dtype)
+
+    if kind == KIND_PATIENCE:
+        return [new((n,), torch.int64), new((n,), torch.int32)]
+    if kind == KIND_PATIENCE_REG:
+        return [new((n,), torch.float32), new((n,), torch.int32)]
+    if kind == KIND_QEXIT:
+        return [new((n,), torch.float32), new((n,), torch.float32)]
+    if kind == KIND_VOTING:
+        return [new((n, num_labels), torch.int32), new((n, num_labels), torch.float32)]
+    if kind == KIND_DACT:
+        return [new((n, num_labels), torch.float32), new((n,), torch.float32)]
+    return []
+
+
+def _fake_rule_outputs(like: torch.Tensor, n: int, num_labels: int, kind: int, flags: int):
+    exits = like.new_empty((n,), dtype=torch.bool)
+    returned = like.new_empty((n, num_labels), dtype=torch.float32)
+    survivors = like.new_empty((n if flags & FLAG_SURVIVORS else 0,), dtype=torch.int64)
+    count = like.new_empty((), dtype=torch.int64)
+    return exits, returned, *_fake_state(kind, like, n, num_labels), survivors, count
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("earlyexit::cpp_head")
+    def _(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias):
+        n, h = cls_hidden.shape
+        return cls_hidden.new_empty((n, h)), cls_hidden.new_empty((n, head_weight.shape[0]))
+
+    @torch.library.register_fake("earlyexit::cpp_exit_step")
+    def _(logits, halting, state, kind, flags, layer, num_layers, int_param, scalar, per_layer, *args, **kwargs):
+        return _fake_rule_outputs(logits, logits.shape[0], logits.shape[1], kind, flags)
+
+    @torch.library.register_fake("earlyexit::cpp_head_exit_step")
+    def _(
+        cls_hidden,
+        pooler_weight,
+        pooler_bias,
+        head_weight,
+        head_bias,
+        halting,
+        state,
+        kind,
+        flags,
+        layer,
+        num_layers,
+        int_param,
+        scalar,
+        per_layer,
+        *args,
+        **kwargs,
+    ):
+        n, h = cls_hidden.shape
+        c = head_weight.shape[0]
+        exits, returned, state0, state1, survivors, count = _fake_rule_outputs(cls_hidden, n, c, kind, flags)
+        logits, pooled = cls_hidden.new_empty((n, c)), cls_hidden.new_empty((n, h))
+        return exits, returned, logits, pooled, state0, state1, survivors, count
+
+    @torch.library.register_fake("earlyexit::cpp_compact")
+    def _(hidden, mask, index, seq_len):
+        m = index.shape[0]
+        length = min(seq_len, hidden.shape[1])
+        out = hidden.new_empty((m, length, hidden.shape[2]))
+        out_mask = mask.new_empty((m, length)) if mask is not None else hidden.new_empty((0,), dtype=torch.int64)
+        return out, out_mask
+
+
+# ---------------------------------------------------------------------------------------
+# Loading and registration.
+
+_OPS = {
+    "exit_step": exit_step,
+    "compact": compact,
+    "head_exit_step": head_exit_step,
+    "exit_step_write_back": exit_step_write_back,
+    "head_exit_step_write_back": head_exit_step_write_back,
+}
+LOAD_ERROR: str | None = None
+WITH_CUDA = False
+
+
+def _load() -> str | None:
+    """Import _C and check it; None on success, otherwise the reason it cannot be used."""
+    global WITH_CUDA
+    try:
+        ext = importlib.import_module("earlyexit_kernels._C")
+    except ImportError as err:
+        if isinstance(err, ModuleNotFoundError) and err.name == "earlyexit_kernels._C":
+            return (
+                "the C++ extension earlyexit_kernels._C is not built "
+                "(install with `pip install --no-build-isolation -e .` where torch is installed)"
+            )
+        return f"the C++ extension earlyexit_kernels._C failed to load: {err}"
+    except OSError as err:
+        return f"the C++ extension earlyexit_kernels._C failed to load: {err}"
+    built_for = getattr(ext, "TORCH_VERSION", "unknown")
+    if built_for != torch.__version__:
+        return (
+            f"the C++ extension earlyexit_kernels._C was built for torch {built_for} but torch "
+            f"{torch.__version__} is installed; rebuild with `pip install --no-build-isolation -e .`"
+        )
+    if not hasattr(torch.ops.earlyexit, "cpp_exit_step"):
+        return "the C++ extension earlyexit_kernels._C loaded but did not register its operators"
+    WITH_CUDA = bool(getattr(ext, "WITH_CUDA", 0))
+    return None
+
+
+def _register() -> None:
+    global LOAD_ERROR
+    LOAD_ERROR = _load()
+    if LOAD_ERROR is not None:
+        warnings.warn(f"earlyexit_kernels: C++ backend unavailable: {LOAD_ERROR}", RuntimeWarning, stacklevel=2)
+        backend_registry.mark_unavailable("cpp", LOAD_ERROR)
+        backend_registry.mark_unavailable("cuda", LOAD_ERROR)
+        return
+    _register_fakes()
+    backend_registry.register_backend(backend_registry.Backend("cpp", devices=("cpu",), **_OPS))
+    if not WITH_CUDA:
+        backend_registry.mark_unavailable(
+            "cuda", "earlyexit_kernels._C was built without the CUDA kernels (no CUDA torch or no nvcc at build time)"
+        )
+    elif not torch.cuda.is_available():
+        backend_registry.mark_unavailable("cuda", "the CUDA kernels are built but no CUDA GPU is available")
+    else:
+        backend_registry.register_backend(backend_registry.Backend("cuda", devices=("cuda",), **_OPS))
+
+
+_register()

@@ -1,0 +1,1087 @@
+"""Fused exit step in Triton: default head, softmax, every policy's criterion and state update.
+
+Two launches per layer at most:
+
+1. ``_head_kernel`` (only for :func:`head_exit_step`): for the active rows it reads
+   the [CLS] row of each sequence through a strided ``[n, H]`` view and computes
+   ``pooled = tanh(W_p h + b_p)`` (fp32 accumulation) and, in the same program, the
+   partial logits ``pooled[:, tile] @ W_i[:, tile]^T`` of its column tile of
+   ``pooled``. Partials go to a small fp32 buffer ``[T, n, C]`` (no atomics, so the
+   result does not depend on scheduling).
+2. ``_decide_kernel``: sums the partials, adds ``b_i``, rounds the logits to the
+   model dtype (what :func:`earlyexit_kernels.methods.exit_rules.exit_step` receives), and
+   applies the policy: softmax, entropy / max-probability / patience / Q-exit /
+   voting / DACT / schedule, non-finite handling, forced exit at the last layer,
+   the new state and, optionally, the write-back and the stable survivor order and count.
+
+For QExit and DACT the halting head (an arbitrary small MLP) runs in PyTorch between
+the two launches: ``halting_fn(pooled, state.get("prev_pooled"))``.
+
+:func:`exit_step` and :func:`head_exit_step` have the signatures and return
+conventions of :func:`earlyexit_kernels.methods.exit_rules.exit_step` and
+:func:`earlyexit_kernels.methods.exit_rules.head_exit_step`. No host sync happens inside:
+every decision stays on the device.
+
+Host cost. In eager mode the wrappers launch the kernels themselves (one Python call,
+the outputs a step needs and nothing else). The same launchers are registered with
+``torch.library`` as ``earlyexit::exit_head`` and ``earlyexit::exit_decide``; those ops
+are what runs under ``torch.compile`` and under any dispatch mode (fake tensors,
+``make_fx``, op counting), which must see one op per launch. In eager mode a fused step
+costs about 17 us of host time on a 2-core CPU, the registered ops about 120 us
+(``benchmarks/host_time_per_step.py``, kernel launches stubbed).
+Per-call integers (row count, layer, ...) are ``do_not_specialize``: otherwise Triton
+compiles a new variant whenever one of them equals 1 or is a multiple of 16.
+Every launch runs on the device of its tensors (Triton launches on the current device).
+
+Numerics: fp32 accumulation for fp32/fp16/bf16 inputs. fp32 inputs use IEEE fp32
+products (``input_precision="ieee"``, no TF32). Under the Triton interpreter bf16
+tiles are widened to fp32 before ``tl.dot`` because the interpreter's ``dot`` treats
+bf16 as integers; the products of bf16 values are exact in fp32, so this changes
+nothing but the operand type. ``pooled`` is rounded to the input dtype before the
+second product, as in the reference. Under autocast the head runs in the autocast
+dtype, as ``F.linear`` does in the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from earlyexit_kernels.backends.triton_kernels._common import (
+    cdiv,
+    device_guard,
+    interpreting,
+    new_empty,
+    next_pow2,
+    use_ops,
+)
+from earlyexit_kernels.backends.write_back import WriteBack
+from earlyexit_kernels.methods.policies import (
+    DACT,
+    Entropy,
+    ExitPolicy,
+    MaxProb,
+    Patience,
+    QExit,
+    Scheduled,
+    SkipGates,
+    Voting,
+)
+
+__all__ = [
+    "exit_step",
+    "head_exit_step",
+    "exit_step_write_back",
+    "head_exit_step_write_back",
+]
+
+State = dict[str, torch.Tensor]
+
+# Policy codes (constexpr in the kernel).
+ENTROPY, MAXPROB, PATIENCE_CLS, PATIENCE_REG, QEXIT, VOTING, DACT_CODE, SCHEDULED = range(8)
+
+# Bits of the decision's ``flags``.
+F_NORMALIZED, F_TEMPERATURE, F_STOCHASTIC, F_PARTIALS, F_WRITE_BACK, F_RETURNED, F_LOGITS = (1 << i for i in range(7))
+
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
+# Tests set this to run the GPU block sizes under the interpreter too.
+FORCE_GPU_BLOCKS = False
+
+# Integer arguments that change from call to call: never specialized (see the module doc).
+HEAD_PER_CALL = ("n",)
+DECIDE_PER_CALL = ("n", "layer", "layers_left", "batch_out", "int_param")
+
+# Looked up at each call, so that a benchmark can route eager calls through the ops.
+_use_ops = use_ops
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _tanh(x):
+    t = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit(do_not_specialize=HEAD_PER_CALL)
+def _head_kernel(
+    h_ptr,
+    stride_hn,
+    stride_hk,
+    wp_ptr,
+    stride_wpo,
+    stride_wpi,
+    bp_ptr,
+    stride_bp,
+    wi_ptr,
+    stride_wic,
+    stride_wik,
+    pooled_ptr,
+    zpart_ptr,
+    n,
+    H,
+    C,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    WRITE_POOLED: tl.constexpr,
+):
+    """Program (pid_m, pid_n): rows pid_m*BLOCK_M.., pooled columns pid_n*BLOCK_N.."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < n
+    col_ok = cols < H
+    row_off = rows.to(tl.int64) * stride_hn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < H
+        x = tl.load(h_ptr + row_off[:, None] + k[None, :] * stride_hk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(
+            wp_ptr + cols[None, :] * stride_wpo + k[:, None] * stride_wpi,
+            mask=col_ok[None, :] & k_ok[:, None],
+            other=0.0,
+        )
+        if DOT_FP32:
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
+    pre = acc + tl.load(bp_ptr + cols * stride_bp, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    pooled = _tanh(pre).to(wi_ptr.dtype.element_ty)
+    if WRITE_POOLED:
+        tl.store(
+            pooled_ptr + rows.to(tl.int64)[:, None] * H + cols[None, :],
+            pooled,
+            mask=row_ok[:, None] & col_ok[None, :],
+        )
+
+    cs = tl.arange(0, BLOCK_C)
+    w2 = tl.load(
+        wi_ptr + cs[None, :] * stride_wic + cols[:, None] * stride_wik,
+        mask=(cs < C)[None, :] & col_ok[:, None],
+        other=0.0,
+    )
+    if DOT_FP32:
+        z = tl.dot(pooled.to(tl.float32), w2.to(tl.float32), input_precision="ieee")
+    else:
+        z = tl.dot(pooled, w2)
+    tl.store(
+        zpart_ptr + (pid_n * n).to(tl.int64) * C + rows[:, None] * C + cs[None, :],
+        z,
+        mask=row_ok[:, None] & (cs < C)[None, :],
+    )
+
+
+@triton.jit(do_not_specialize=DECIDE_PER_CALL)
+def _decide_kernel(
+    src_ptr,
+    stride_sn,
+    stride_sc,
+    num_tiles,
+    bias_ptr,
+    stride_b,
+    logits_ptr,
+    returned_ptr,
+    exits_ptr,
+    halt_ptr,
+    stride_halt,
+    s0_ptr,
+    s1_ptr,
+    s0_out,
+    s1_out,
+    aux_ptr,
+    stride_aux_n,
+    stride_aux_l,
+    order_ptr,
+    stats_ptr,
+    rows_ptr,
+    runs_ptr,
+    ext_ptr,
+    out_logits_ptr,
+    stride_out_n,
+    stride_out_c,
+    out_exit_ptr,
+    out_runs_ptr,
+    batch_out,
+    n,
+    C,
+    layer,
+    layers_left,
+    fa,
+    fb,
+    int_param,
+    POLICY: tl.constexpr,
+    NORMALIZED: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    FROM_PARTIALS: tl.constexpr,
+    STORE_LOGITS: tl.constexpr,
+    STORE_RETURNED: tl.constexpr,
+    FORCE_EXIT: tl.constexpr,
+    WRITE_BACK: tl.constexpr,
+    HAS_EXTENTS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """One program walks all rows in blocks of BLOCK_M, so the survivor list is in stable order.
+
+    Policy state: two slots ``s0``, ``s1`` (in and out) whose meaning depends on POLICY:
+    Patience (prev_pred | prev_value, counter), QExit (cdf, remaining), Voting (votes,
+    prob_sum; [n, C]), DACT (pi, accumulated [n, C]). ``fa``, ``fb``: Entropy (threshold,
+    ln C), MaxProb (threshold, temperature), Patience regression (threshold, -), QExit
+    (q, -). ``int_param``: Patience's patience, Voting's minimum votes.
+    """
+    cs = tl.arange(0, BLOCK_C)
+    c_ok = cs < C
+    kept = tl.sum(tl.zeros((BLOCK_M,), dtype=tl.int32), axis=0)
+    dropped = tl.sum(tl.zeros((BLOCK_M,), dtype=tl.int32), axis=0)
+    longest = tl.sum(tl.zeros((BLOCK_M,), dtype=tl.int64), axis=0)
+    for start in range(0, n, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        r_ok = rows < n
+        m2 = r_ok[:, None] & c_ok[None, :]
+        rc = rows[:, None] * C + cs[None, :]  # offsets into contiguous [n, C] buffers
+
+        if FROM_PARTIALS:
+            acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+            for t in range(0, num_tiles):
+                acc += tl.load(src_ptr + t * n * C + rc, mask=m2, other=0.0)
+            acc += tl.load(bias_ptr + cs * stride_b, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+            lg = acc.to(logits_ptr.dtype.element_ty)
+            if STORE_LOGITS:
+                tl.store(logits_ptr + rc, lg, mask=m2)
+            z = lg.to(tl.float32)
+        else:
+            z = tl.load(src_ptr + rows[:, None] * stride_sn + cs[None, :] * stride_sc, mask=m2, other=0.0).to(
+                tl.float32
+            )
+
+        bad = tl.where(m2 & ~(tl.abs(z) <= _FLT_MAX), 1, 0)
+        finite = tl.sum(bad, axis=1) == 0
+        # argmax never sees NaN: a non-finite row's prediction is not used (and an all-NaN
+        # row would make the interpreter's argmax raise). Rows past n are masked too: from
+        # the partials they hold the bias, NaN when the bias is.
+        z_arg = tl.where(m2 & finite[:, None], z, float("-inf"))
+        returned = z
+
+        if POLICY == 0 or POLICY == 1 or POLICY == 5 or POLICY == 6:
+            zs = z
+            if POLICY == 1:
+                if HAS_TEMPERATURE:
+                    zs = z / fb
+            zm = tl.where(c_ok[None, :], zs, float("-inf"))
+            mx = tl.max(zm, axis=1)
+            sh = zm - mx[:, None]
+            e = tl.exp(sh)
+            den = tl.sum(e, axis=1)
+
+        if POLICY == 0:  # Entropy (SkipGates uses the same rule)
+            logp = sh - tl.log(den)[:, None]
+            p = tl.exp(logp)
+            ent = -tl.sum(tl.where(c_ok[None, :], p * logp, 0.0), axis=1)
+            if NORMALIZED:
+                ent = ent / fb
+            exits = finite & (ent < fa)
+        elif POLICY == 1:  # MaxProb
+            max_p = 1.0 / den
+            exits = finite & (max_p >= fa)
+        elif POLICY == 2:  # Patience, classification: s0 prev_pred (int64), s1 counter (int32)
+            pred = tl.argmax(z_arg, axis=1).to(tl.int64)
+            pred = tl.where(finite, pred, -1)
+            prev = tl.load(s0_ptr + rows, mask=r_ok, other=-1)
+            agrees = (pred == prev) & finite
+            counter = tl.load(s1_ptr + rows, mask=r_ok, other=0)
+            counter = tl.where(agrees, counter + 1, 0)
+            tl.store(s0_out + rows, pred, mask=r_ok)
+            tl.store(s1_out + rows, counter, mask=r_ok)
+            exits = counter == int_param
+        elif POLICY == 3:  # Patience, regression: s0 prev_value, s1 counter
+            value = tl.sum(tl.where((cs == 0)[None, :], z, 0.0), axis=1)
+            prev_v = tl.load(s0_ptr + rows, mask=r_ok, other=0.0)
+            agrees = tl.abs(value - prev_v) < fa
+            counter = tl.load(s1_ptr + rows, mask=r_ok, other=0)
+            counter = tl.where(agrees, counter + 1, 0)
+            tl.store(s0_out + rows, value, mask=r_ok)
+            tl.store(s1_out + rows, counter, mask=r_ok)
+            exits = counter == int_param
+        elif POLICY == 4:  # QExit: s0 cdf, s1 remaining
+            hl = tl.load(halt_ptr + rows * stride_halt, mask=r_ok, other=0.0).to(tl.float32)
+            valid = tl.abs(hl) <= _FLT_MAX
+            lam = tl.where(valid, tl.sigmoid(hl), 0.0)
+            cdf = tl.load(s0_ptr + rows, mask=r_ok, other=0.0)
+            rem = tl.load(s1_ptr + rows, mask=r_ok, other=0.0)
+            cdf = cdf + lam * rem
+            rem = rem * (1.0 - lam)
+            tl.store(s0_out + rows, cdf, mask=r_ok)
+            tl.store(s1_out + rows, rem, mask=r_ok)
+            if STOCHASTIC:
+                u = tl.load(aux_ptr + rows * stride_aux_n + (layer - 1) * stride_aux_l, mask=r_ok, other=2.0)
+                exits = valid & finite & (u < lam)
+            else:
+                exits = valid & finite & (cdf > fa)
+        elif POLICY == 5:  # Voting: s0 votes [n, C] (int32), s1 prob_sum [n, C]
+            pred = tl.argmax(z_arg, axis=1)
+            vote = ((cs[None, :] == pred[:, None]) & finite[:, None]).to(tl.int32)
+            probs = tl.where(finite[:, None], e / den[:, None], 0.0)
+            votes = tl.load(s0_ptr + rc, mask=m2, other=0) + vote
+            psum = tl.load(s1_ptr + rc, mask=m2, other=0.0) + probs
+            tl.store(s0_out + rc, votes, mask=m2)
+            tl.store(s1_out + rc, psum, mask=m2)
+            score = votes.to(tl.float32) + psum / (layer + 1.0)
+            total = tl.sum(tl.where(c_ok[None, :], score, 0.0), axis=1)
+            returned = tl.log(score) - tl.log(total)[:, None]
+            top = tl.max(tl.where(c_ok[None, :], votes, -1), axis=1)
+            exits = finite & (top >= int_param)
+        elif POLICY == 6:  # DACT: s0 pi, s1 accumulated [n, C]
+            hl = tl.load(halt_ptr + rows * stride_halt, mask=r_ok, other=0.0).to(tl.float32)
+            valid = finite & (tl.abs(hl) <= _FLT_MAX)
+            pi_prev = tl.load(s0_ptr + rows, mask=r_ok, other=1.0)
+            acc_prev = tl.load(s1_ptr + rc, mask=m2, other=0.0)
+            acc_new = pi_prev[:, None] * (e / den[:, None]) + (1.0 - pi_prev)[:, None] * acc_prev
+            pi_new = tl.sigmoid(hl) * pi_prev
+            accd = tl.where(valid[:, None], acc_new, acc_prev)
+            pi = tl.where(valid, pi_new, pi_prev)
+            tl.store(s1_out + rc, accd, mask=m2)
+            tl.store(s0_out + rows, pi, mask=r_ok)
+            # A NaN in the accumulated state (never from valid steps) tops topk in the
+            # reference, so the margin is NaN and the row stays; argmax never sees it.
+            acc_nan = tl.sum(tl.where(m2 & (accd != accd), 1, 0), axis=1) > 0
+            am = tl.where(m2 & ~acc_nan[:, None], accd, float("-inf"))
+            i1 = tl.argmax(am, axis=1)
+            t1 = tl.max(am, axis=1)
+            t2 = tl.max(tl.where(cs[None, :] == i1[:, None], float("-inf"), am), axis=1)
+            base = 1.0 - pi
+            power = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+            for _ in range(0, layers_left):
+                power = power * base
+            margin = t1 * power - t2 - layers_left * pi
+            exits = valid & ~acc_nan & (margin > 0)
+            returned = tl.log(accd)
+        else:  # Scheduled
+            planned = tl.load(aux_ptr + rows * stride_aux_n, mask=r_ok, other=0)
+            exits = planned == layer
+
+        if FORCE_EXIT:
+            exits = r_ok
+        if STORE_RETURNED:
+            tl.store(returned_ptr + rc, returned, mask=m2)
+        tl.store(exits_ptr + rows, exits, mask=r_ok)
+
+        if WRITE_BACK:  # the exiting rows' outputs at their original positions, the survivors in order
+            leaving = r_ok & exits
+            dst = tl.load(rows_ptr + rows, mask=leaving, other=0)
+            leaving = leaving & (dst >= 0) & (dst < batch_out)  # a bad index must not write out of bounds
+            tl.store(
+                out_logits_ptr + dst[:, None] * stride_out_n + cs[None, :] * stride_out_c,
+                returned.to(out_logits_ptr.dtype.element_ty),
+                mask=leaving[:, None] & c_ok[None, :],
+            )
+            tl.store(out_exit_ptr + dst, tl.zeros((BLOCK_M,), dtype=tl.int64) + layer, mask=leaving)
+            tl.store(out_runs_ptr + dst, tl.load(runs_ptr + rows, mask=leaving, other=0), mask=leaving)
+
+            if HAS_EXTENTS:
+                staying = r_ok & ~exits
+                extent = tl.load(ext_ptr + rows, mask=staying, other=0).to(tl.int64)
+                longest = tl.maximum(longest, tl.max(tl.where(staying, extent, 0), axis=0))
+            keep = (r_ok & ~exits).to(tl.int32)
+            gone = (r_ok & exits).to(tl.int32)
+            pos_keep = kept + tl.cumsum(keep, axis=0) - 1
+            pos_gone = n - 1 - (dropped + tl.cumsum(gone, axis=0) - 1)
+            pos = tl.where(keep > 0, pos_keep, pos_gone)
+            tl.store(order_ptr + pos, rows.to(tl.int64), mask=r_ok)
+            kept += tl.sum(keep, axis=0)
+            dropped += tl.sum(gone, axis=0)
+    if WRITE_BACK:
+        tl.store(stats_ptr, kept.to(tl.int64))
+        tl.store(stats_ptr + 1, longest)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _direct(kernel):
+    return kernel
+
+
+@functools.lru_cache(maxsize=4096)
+def _head_blocks(n: int, hidden: int, dot_fp32: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the head kernel; BLOCK_N depends on H only."""
+    if interpreting() and not FORCE_GPU_BLOCKS:
+        # Fewer, larger programs: the interpreter's cost is per program and per op.
+        return min(128, max(16, next_pow2(n))), min(256, max(16, next_pow2(hidden))), 256, 1
+    if dot_fp32:
+        # The fp32 (IEEE) dot holds its operands in registers: 64-wide k tiles on 4 warps
+        # spilled on sm_80 (255 registers, 544-byte stack; make triton-check). Half the k tile
+        # on twice the warps: 80 registers on sm_80, 112 on sm_90, no stack.
+        return min(64, max(16, next_pow2(n))), 64, 32, 8
+    return min(64, max(16, next_pow2(n))), 64, 64, 4
+
+
+@functools.lru_cache(maxsize=256)
+def _num_tiles(hidden: int) -> int:
+    return cdiv(hidden, _head_blocks(1, hidden)[1])
+
+
+@functools.lru_cache(maxsize=4096)
+def _decide_blocks(n: int, num_labels: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_C) of the decision kernel."""
+    return min(256 if interpreting() else 128, max(16, next_pow2(n))), max(2, next_pow2(num_labels))
+
+
+def _dot_fp32(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
+
+
+def _run_head(wrap, cls_hidden, pooler_weight, pooler_bias, head_weight, want_pooled: bool, placeholders: bool):
+    """Allocate and launch the head: ``(partial logits [T, n, C] fp32, pooled [n, H] or None)``.
+
+    ``wrap`` is :func:`torch.library.wrap_triton` inside the registered op, the identity
+    otherwise; with ``placeholders`` an output not asked for is an empty tensor, not None.
+    """
+    n, hidden = cls_hidden.shape
+    num_labels = head_weight.shape[0]
+    device = cls_hidden.device
+    tiles = _num_tiles(hidden)
+    zpart = new_empty((tiles, n, num_labels), torch.float32, device)
+    if want_pooled:
+        pooled = new_empty((n, hidden), cls_hidden.dtype, device)
+    else:
+        pooled = new_empty((0, hidden), cls_hidden.dtype, device) if placeholders else None
+    if n == 0:
+        return zpart, pooled
+    block_m, block_n, block_k, warps = _head_blocks(n, hidden, _dot_fp32(cls_hidden.dtype))
+    with device_guard(cls_hidden):
+        wrap(_head_kernel)[(cdiv(n, block_m), tiles)](
+            cls_hidden,
+            cls_hidden.stride(0),
+            cls_hidden.stride(1),
+            pooler_weight,
+            pooler_weight.stride(0),
+            pooler_weight.stride(1),
+            pooler_bias,
+            pooler_bias.stride(0),
+            head_weight,
+            head_weight.stride(0),
+            head_weight.stride(1),
+            pooled if want_pooled else zpart,
+            zpart,
+            n,
+            hidden,
+            num_labels,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            BLOCK_C=max(16, next_pow2(num_labels)),
+            DOT_FP32=_dot_fp32(cls_hidden.dtype),
+            WRITE_POOLED=want_pooled,
+            num_warps=warps,
+        )
+    return zpart, pooled
+
+
+@triton_op("earlyexit::exit_head", mutates_args=())
+def exit_head(
+    cls_hidden: torch.Tensor,
+    pooler_weight: torch.Tensor,
+    pooler_bias: torch.Tensor,
+    head_weight: torch.Tensor,
+    want_pooled: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(partial logits [T, n, C] fp32, pooled [n, H] or [0, H])`` of the default head."""
+    return _run_head(wrap_triton, cls_hidden, pooler_weight, pooler_bias, head_weight, want_pooled, True)
+
+
+@exit_head.register_fake
+def _exit_head_fake(cls_hidden, pooler_weight, pooler_bias, head_weight, want_pooled):
+    n, hidden = cls_hidden.shape
+    zpart = cls_hidden.new_empty((_num_tiles(hidden), n, head_weight.shape[0]), dtype=torch.float32)
+    pooled = cls_hidden.new_empty((n if want_pooled else 0, hidden))
+    return zpart, pooled
+
+
+# Each policy's state in the kernel's two slots: (key, dtype, one value per label).
+_SLOTS: dict[int, tuple[tuple[str, torch.dtype, bool], ...]] = {
+    PATIENCE_CLS: (("prev_pred", torch.int64, False), ("counter", torch.int32, False)),
+    PATIENCE_REG: (("prev_value", torch.float32, False), ("counter", torch.int32, False)),
+    QEXIT: (("cdf", torch.float32, False), ("remaining", torch.float32, False)),
+    VOTING: (("votes", torch.int32, True), ("prob_sum", torch.float32, True)),
+    DACT_CODE: (("pi", torch.float32, False), ("accumulated", torch.float32, True)),
+}
+
+
+def _decide_outputs(n: int, num_labels: int, code: int, flags: int, logits_dtype, empty, placeholders: bool):
+    """``(exits, returned, logits, s0, s1, order, stats)`` of a decision; what the flags do not
+    ask for is None, or an empty tensor (0 rows) with ``placeholders``. ``empty(shape, dtype)``
+    allocates."""
+    none = (lambda shape, dtype: empty((0, *shape[1:]), dtype)) if placeholders else (lambda shape, dtype: None)
+    pair = (n, num_labels)
+    exits = empty((n,), torch.bool)
+    returned = (empty if flags & F_RETURNED else none)(pair, torch.float32)
+    logits = (empty if flags & F_LOGITS else none)(pair, logits_dtype)
+    slots = _SLOTS.get(code)
+    if slots is None:
+        s0, s1 = none((n,), torch.float32), none((n,), torch.float32)
+    else:
+        (_, dtype0, wide0), (_, dtype1, wide1) = slots
+        s0, s1 = empty(pair if wide0 else (n,), dtype0), empty(pair if wide1 else (n,), dtype1)
+    if flags & F_WRITE_BACK:
+        order, stats = empty((n,), torch.int64), empty((2,), torch.int64)
+    else:
+        order, stats = none((n,), torch.int64), none((2,), torch.int64)
+    return exits, returned, logits, s0, s1, order, stats
+
+
+def _empty(device, shape, dtype):
+    return new_empty(shape, dtype, device)
+
+
+def _run_decide(
+    wrap,
+    src,
+    head_bias,
+    halting,
+    s0,
+    s1,
+    aux,
+    rows,
+    runs,
+    extents,
+    out_logits,
+    out_exit_layer,
+    out_layers_run,
+    code: int,
+    layer: int,
+    num_layers: int,
+    fa: float,
+    fb: float,
+    int_param: int,
+    flags: int,
+    placeholders: bool,
+):
+    """Allocate and launch one decision; see :func:`exit_decide` for the arguments and results."""
+    device = src.device
+    n, num_labels = src.shape[-2], src.shape[-1]
+    from_partials = bool(flags & F_PARTIALS)
+    write_back = bool(flags & F_WRITE_BACK)
+    logits_dtype = head_bias.dtype if from_partials else torch.float32
+    outs = _decide_outputs(n, num_labels, code, flags, logits_dtype, functools.partial(_empty, device), placeholders)
+    exits, returned, logits, s0_out, s1_out, order, stats = outs
+    if code in _SLOTS and (s0 is None or s1 is None):
+        raise ValueError(f"exit_decide: policy code {code} needs its two state tensors")
+    if code in (QEXIT, DACT_CODE) and halting is None:
+        raise ValueError(f"exit_decide: policy code {code} needs the halting logit")
+    if (code == SCHEDULED or (code == QEXIT and flags & F_STOCHASTIC)) and aux is None:
+        raise ValueError(f"exit_decide: policy code {code} needs its per-row schedule or uniforms")
+    if write_back:
+        if rows is None or runs is None:
+            raise ValueError("exit_decide: the write-back needs rows and runs")
+        _check_target(rows, runs, extents, out_logits, out_exit_layer, out_layers_run, n, num_labels, device)
+    if n == 0:  # nothing to decide; the survivor count and longest extent are 0
+        if write_back:
+            stats.zero_()
+        return outs
+    dummy = src  # the kernel never dereferences the pointers its constexprs switch off
+    if from_partials:
+        stride_sn, stride_sc, tiles = num_labels, 1, src.shape[0]
+    else:
+        stride_sn, stride_sc, tiles = src.stride(0), src.stride(1), 1
+    has_extents = write_back and extents is not None
+    block_m, block_c = _decide_blocks(n, num_labels)
+    with device_guard(src):
+        wrap(_decide_kernel)[(1,)](
+            src,
+            stride_sn,
+            stride_sc,
+            tiles,
+            head_bias if from_partials else dummy,
+            head_bias.stride(0) if from_partials else 0,
+            logits if logits is not None and logits.numel() else dummy,
+            returned if returned is not None and returned.numel() else dummy,
+            exits,
+            halting if halting is not None else dummy,
+            halting.stride(0) if halting is not None else 0,
+            s0 if s0 is not None else dummy,
+            s1 if s1 is not None else dummy,
+            s0_out if s0 is not None else dummy,
+            s1_out if s1 is not None else dummy,
+            aux if aux is not None else dummy,
+            aux.stride(0) if aux is not None else 0,
+            aux.stride(1) if aux is not None and aux.dim() == 2 else 0,
+            order if write_back else dummy,
+            stats if write_back else dummy,
+            rows if write_back else dummy,
+            runs if write_back else dummy,
+            extents if has_extents else dummy,
+            out_logits if write_back else dummy,
+            out_logits.stride(0) if write_back else 0,
+            out_logits.stride(1) if write_back else 0,
+            out_exit_layer if write_back else dummy,
+            out_layers_run if write_back else dummy,
+            out_exit_layer.shape[0] if write_back else 0,
+            n,
+            num_labels,
+            layer,
+            max(num_layers - layer, 0),
+            fa,
+            fb,
+            int_param,
+            POLICY=code,
+            NORMALIZED=bool(flags & F_NORMALIZED),
+            HAS_TEMPERATURE=bool(flags & F_TEMPERATURE),
+            STOCHASTIC=bool(flags & F_STOCHASTIC),
+            FROM_PARTIALS=from_partials,
+            STORE_LOGITS=bool(flags & F_LOGITS) and from_partials,
+            STORE_RETURNED=bool(flags & F_RETURNED),
+            FORCE_EXIT=layer >= num_layers,
+            WRITE_BACK=write_back,
+            HAS_EXTENTS=has_extents,
+            BLOCK_M=block_m,
+            BLOCK_C=block_c,
+            num_warps=4,
+        )
+    return outs
+
+
+@triton_op("earlyexit::exit_decide", mutates_args=("out_logits", "out_exit_layer", "out_layers_run"))
+def exit_decide(
+    src: torch.Tensor,
+    head_bias: torch.Tensor | None,
+    halting: torch.Tensor | None,
+    s0: torch.Tensor | None,
+    s1: torch.Tensor | None,
+    aux: torch.Tensor | None,
+    rows: torch.Tensor | None,
+    runs: torch.Tensor | None,
+    extents: torch.Tensor | None,
+    out_logits: torch.Tensor,
+    out_exit_layer: torch.Tensor,
+    out_layers_run: torch.Tensor,
+    code: int,
+    layer: int,
+    num_layers: int,
+    fa: float,
+    fb: float,
+    int_param: int,
+    flags: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The policy's decision on logits ``src`` [n, C] (or partial logits [T, n, C] plus ``head_bias``).
+
+    ``s0``, ``s1``: the policy's state in the kernel's two slots (``_SLOTS``); ``aux``:
+    Scheduled's exit layers or stochastic QExit's uniforms; ``fa``, ``fb``, ``int_param``:
+    the policy's parameters at this layer (see ``_decide_kernel``); ``flags``: ``F_*`` bits.
+
+    Returns ``(exits, returned, logits, s0, s1, order, stats)``; outputs the flags do not
+    ask for (``F_RETURNED``, ``F_LOGITS``, ``F_WRITE_BACK``) and unused state slots have 0
+    rows. ``stats`` is ``(count, longest extent of a staying row)``, the extent 0 without
+    ``extents``; ``order[:count]`` are the staying rows in increasing order, the rest the
+    exiting rows in decreasing order.
+
+    With ``F_WRITE_BACK`` the exiting rows' returned logits, ``layer`` and ``runs`` go to
+    ``out_logits`` [B, C], ``out_exit_layer`` [B] and ``out_layers_run`` [B] at positions
+    ``rows`` (the outputs may be empty otherwise).
+    """
+    return _run_decide(
+        wrap_triton,
+        src,
+        head_bias,
+        halting,
+        s0,
+        s1,
+        aux,
+        rows,
+        runs,
+        extents,
+        out_logits,
+        out_exit_layer,
+        out_layers_run,
+        code,
+        layer,
+        num_layers,
+        fa,
+        fb,
+        int_param,
+        flags,
+        True,
+    )
+
+
+@exit_decide.register_fake
+def _exit_decide_fake(
+    src,
+    head_bias,
+    halting,
+    s0,
+    s1,
+    aux,
+    rows,
+    runs,
+    extents,
+    out_logits,
+    out_exit_layer,
+    out_layers_run,
+    code,
+    layer,
+    num_layers,
+    fa,
+    fb,
+    int_param,
+    flags,
+):
+    n, num_labels = src.shape[-2], src.shape[-1]
+    logits_dtype = head_bias.dtype if (flags & F_PARTIALS) else torch.float32
+    return _decide_outputs(
+        n, num_labels, code, flags, logits_dtype, lambda shape, dtype: src.new_empty(shape, dtype=dtype), True
+    )
+
+
+def _check_target(rows, runs, extents, logits, exit_layer, layers_run, n: int, num_labels: int, device) -> None:
+    """The kernel indexes raw pointers with these: a wrong shape, dtype or layout must fail here."""
+    i64 = torch.int64
+    batch = exit_layer.shape[0] if exit_layer.dim() == 1 else -1
+    if (
+        rows.dtype == i64
+        and runs.dtype == i64
+        and exit_layer.dtype == i64
+        and layers_run.dtype == i64
+        and rows.shape == (n,)
+        and runs.shape == (n,)
+        and layers_run.shape == (batch,)
+        and logits.shape == (batch, num_labels)
+        and rows.is_contiguous()
+        and runs.is_contiguous()
+        and exit_layer.is_contiguous()
+        and layers_run.is_contiguous()
+        and rows.device == device
+        and runs.device == device
+        and exit_layer.device == device
+        and layers_run.device == device
+        and logits.device == device
+        and logits.dtype in _OUT_DTYPES
+        and (
+            extents is None
+            or (extents.dtype == i64 and extents.shape == (n,) and extents.is_contiguous() and extents.device == device)
+        )
+    ):
+        return
+    _explain_target(rows, runs, extents, logits, exit_layer, layers_run, n, num_labels, device)
+
+
+_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _explain_target(rows, runs, extents, logits, exit_layer, layers_run, n, num_labels, device) -> None:
+    """Raise the ``ValueError`` that says what is wrong with a write-back target."""
+    for name, t, batch_sized in (
+        ("rows", rows, False),
+        ("runs", runs, False),
+        ("extents", extents, False),
+        ("exit_layer", exit_layer, True),
+        ("layers_run", layers_run, True),
+    ):
+        if t is None:
+            continue
+        if t.dtype != torch.int64 or t.dim() != 1 or (not batch_sized and t.shape[0] != n) or t.device != device:
+            raise ValueError(
+                f"WriteBack.{name} must be {torch.int64} [{'B' if batch_sized else n}] on {device}, "
+                f"got {t.dtype} {list(t.shape)} on {t.device}"
+            )
+        if not t.is_contiguous():
+            raise ValueError(f"WriteBack.{name} must be contiguous (the kernel reads it with unit stride)")
+    if logits.shape != (exit_layer.shape[0], num_labels) or layers_run.shape != exit_layer.shape:
+        raise ValueError(
+            f"WriteBack outputs must be logits [B, {num_labels}], exit_layer [B] and layers_run [B]; got "
+            f"{list(logits.shape)}, {list(exit_layer.shape)}, {list(layers_run.shape)}"
+        )
+    if logits.device != device:
+        raise ValueError(f"WriteBack.logits must be on {device}, got {logits.device}")
+    raise ValueError(f"WriteBack.logits must be float32, float16 or bfloat16, got {logits.dtype}")
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+
+def _policy_code(policy: ExitPolicy) -> int:
+    if isinstance(policy, (Entropy, SkipGates)):
+        return ENTROPY
+    if isinstance(policy, MaxProb):
+        return MAXPROB
+    if isinstance(policy, Patience):
+        return PATIENCE_REG if policy.is_regression else PATIENCE_CLS
+    if isinstance(policy, QExit):
+        return QEXIT
+    if isinstance(policy, Voting):
+        return VOTING
+    if isinstance(policy, DACT):
+        return DACT_CODE
+    if isinstance(policy, Scheduled):
+        return SCHEDULED
+    raise TypeError(f"unknown exit policy {type(policy).__name__}")
+
+
+class _Lowered(NamedTuple):
+    """A policy as the decision kernel takes it (per layer: ``fa[layer - 1]``, ``fb[layer - 1]``)."""
+
+    code: int
+    flags: int
+    fa: tuple[float, ...]
+    fb: tuple[float, ...]
+    int_param: int
+    aux_key: str | None
+
+
+def _per_layer(value, num_layers: int) -> tuple[float, ...]:
+    if isinstance(value, tuple):
+        return tuple(float(v) for v in value)
+    return (float(value),) * max(num_layers, 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _lower(policy: ExitPolicy, num_layers: int) -> _Lowered:
+    code = _policy_code(policy)
+    fa = fb = 0.0
+    flags = int_param = 0
+    aux_key = None
+    if isinstance(policy, (Entropy, SkipGates)):
+        fa = policy.threshold if isinstance(policy, Entropy) else policy.entropy_threshold
+        flags |= F_NORMALIZED if policy.normalized else 0  # fb = ln C, known at the call
+    elif isinstance(policy, MaxProb):
+        fa = policy.threshold
+        if policy.temperature is not None:
+            flags |= F_TEMPERATURE
+            fb = policy.temperature
+    elif isinstance(policy, Patience):
+        int_param = policy.patience
+        if policy.is_regression:
+            fa = policy.regression_threshold
+    elif isinstance(policy, QExit):
+        fa = policy.q
+        if policy.stochastic:
+            flags |= F_STOCHASTIC
+            aux_key = "uniforms"
+    elif isinstance(policy, Voting):
+        int_param = policy.min_votes
+    elif isinstance(policy, Scheduled):
+        aux_key = "exit_layers"
+    return _Lowered(code, flags, _per_layer(fa, num_layers), _per_layer(fb, num_layers), int(int_param), aux_key)
+
+
+def _state_slot(state: State, key: str, dtype: torch.dtype, wide: bool, n: int) -> torch.Tensor:
+    try:
+        t = state[key]
+    except KeyError:
+        raise ValueError(f"the policy's state has no {key!r}") from None
+    if t.shape[0] != n or t.dim() != (2 if wide else 1):
+        raise ValueError(
+            f"state {key!r} must have {n} rows{' of one value per label' if wide else ''}, got {list(t.shape)}"
+        )
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _decide(
+    policy: ExitPolicy,
+    layer: int,
+    num_layers: int,
+    src: torch.Tensor,
+    head_bias: torch.Tensor | None,
+    halting_logit: torch.Tensor | None,
+    state: State,
+    flags: int,
+    target: WriteBack | None = None,
+):
+    """One decision launch: ``(exits, returned, logits, new state, order, stats)``, each None
+    where the flags do not ask for it. With ``target`` it writes back and orders the survivors."""
+    low = _lower(policy, num_layers)
+    code = low.code
+    n, num_labels = src.shape[-2], src.shape[-1]
+    fa, fb = low.fa[layer - 1], low.fb[layer - 1]
+    if low.flags & F_NORMALIZED:
+        fb = math.log(num_labels) if num_labels > 1 else 1.0
+    flags |= low.flags
+    slots = _SLOTS.get(code)
+    s0 = s1 = None
+    if slots is not None:
+        s0 = _state_slot(state, *slots[0], n)
+        s1 = _state_slot(state, *slots[1], n)
+    halting = None
+    if code == QEXIT or code == DACT_CODE:
+        if halting_logit is None:
+            raise ValueError(f"{type(policy).__name__} needs a halting logit")
+        halting = halting_logit
+    aux = None
+    if low.aux_key is not None:
+        aux = state[low.aux_key]
+        if aux.shape[0] != n:
+            raise ValueError(f"state {low.aux_key!r} must have {n} rows, got {list(aux.shape)}")
+    if target is not None:
+        flags |= F_WRITE_BACK
+        rows, runs, extents, out_logits, out_exit, out_runs = target
+    else:
+        rows = runs = extents = out_logits = out_exit = out_runs = None
+    args = (src, head_bias, halting, s0, s1, aux, rows, runs, extents)
+    scalars = (code, layer, num_layers, fa, fb, low.int_param, flags)
+    if _use_ops():
+        if target is None:
+            out_logits = new_empty((0, num_labels), torch.float32, src.device)
+            out_exit = new_empty((0,), torch.int64, src.device)
+            out_runs = new_empty((0,), torch.int64, src.device)
+        outs = torch.ops.earlyexit.exit_decide(*args, out_logits, out_exit, out_runs, *scalars)
+    else:
+        outs = _run_decide(_direct, *args, out_logits, out_exit, out_runs, *scalars, False)
+    exits, returned, logits, s0_out, s1_out, order, stats = outs
+    new_state = dict(state)
+    if slots is not None:
+        new_state[slots[0][0]] = s0_out
+        new_state[slots[1][0]] = s1_out
+    if not flags & F_RETURNED:
+        returned = None
+    if not flags & F_LOGITS:
+        logits = None
+    return exits, returned, logits, new_state, order, stats
+
+
+def exit_step_write_back(
+    policy: ExitPolicy,
+    layer: int,
+    num_layers: int,
+    logits: torch.Tensor,
+    halting_logit: torch.Tensor | None,
+    state: State,
+    target: WriteBack,
+) -> tuple[torch.Tensor, State, torch.Tensor, torch.Tensor]:
+    """Triton version of :func:`earlyexit_kernels.backends.write_back.exit_step_write_back`: one launch.
+
+    ``order[:count]`` are the rows that stay, in increasing order; ``order[count:]`` are the
+    exiting rows in decreasing order, so every element is defined.
+    """
+    exits, _, _, state, order, stats = _decide(policy, layer, num_layers, logits, None, halting_logit, state, 0, target)
+    return exits, state, order, stats
+
+
+def exit_step(
+    policy: ExitPolicy,
+    layer: int,
+    num_layers: int,
+    logits: torch.Tensor,
+    halting_logit: torch.Tensor | None,
+    state: State,
+) -> tuple[torch.Tensor, torch.Tensor, State]:
+    """Triton version of :func:`earlyexit_kernels.methods.exit_rules.exit_step` (same arguments and results)."""
+    exits, returned, _, state, _, _ = _decide(policy, layer, num_layers, logits, None, halting_logit, state, F_RETURNED)
+    return exits, returned, state
+
+
+def _head_inputs(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias):
+    """The head's tensors in one dtype: under autocast the autocast dtype (what ``F.linear``
+    computes in there, as in the reference), otherwise they must already share one."""
+    tensors = (cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias)
+    if torch._C._is_any_autocast_enabled():
+        device_type = cls_hidden.device.type
+        if torch.is_autocast_enabled(device_type):  # autocast leaves float64 alone
+            fast = torch.get_autocast_dtype(device_type)
+            tensors = tuple(t if t.dtype == fast or t.dtype == torch.float64 else t.to(fast) for t in tensors)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t.dtype != dtype:
+            raise TypeError(
+                "head_exit_step: hidden states and head weights must share one dtype, got "
+                f"{sorted({str(x.dtype) for x in tensors})}"
+            )
+    return tensors
+
+
+def _head(
+    target, policy, layer, num_layers, cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias, state, halting_fn
+):
+    """Both launches; with ``target`` the decision also writes back and orders the survivors."""
+    cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias = _head_inputs(
+        cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias
+    )
+    want_pooled = halting_fn is not None or "prev_pooled" in state
+    if _use_ops():
+        zpart, pooled = torch.ops.earlyexit.exit_head(cls_hidden, pooler_weight, pooler_bias, head_weight, want_pooled)
+    else:
+        zpart, pooled = _run_head(_direct, cls_hidden, pooler_weight, pooler_bias, head_weight, want_pooled, False)
+    halting = halting_fn(pooled, state.get("prev_pooled")) if halting_fn is not None else None
+    flags = F_PARTIALS if target is not None else F_PARTIALS | F_RETURNED | F_LOGITS
+    exits, returned, logits, state, order, stats = _decide(
+        policy, layer, num_layers, zpart, head_bias, halting, state, flags, target
+    )
+    if "prev_pooled" in state:
+        state["prev_pooled"] = pooled
+    return exits, returned, logits, halting, state, order, stats
+
+
+def head_exit_step(
+    policy: ExitPolicy,
+    layer: int,
+    num_layers: int,
+    cls_hidden: torch.Tensor,
+    pooler_weight: torch.Tensor,
+    pooler_bias: torch.Tensor,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor,
+    state: State,
+    halting_fn=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, State]:
+    """Triton version of :func:`earlyexit_kernels.methods.exit_rules.head_exit_step` (same arguments and results)."""
+    exits, returned, logits, halting, state, _, _ = _head(
+        None,
+        policy,
+        layer,
+        num_layers,
+        cls_hidden,
+        pooler_weight,
+        pooler_bias,
+        head_weight,
+        head_bias,
+        state,
+        halting_fn,
+    )
+    return exits, returned, logits, halting, state
+
+
+def head_exit_step_write_back(
+    policy: ExitPolicy,
+    layer: int,
+    num_layers: int,
+    cls_hidden: torch.Tensor,
+    pooler_weight: torch.Tensor,
+    pooler_bias: torch.Tensor,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor,
+    state: State,
+    halting_fn,
+    target: WriteBack,
+) -> tuple[torch.Tensor, State, torch.Tensor, torch.Tensor]:
+    """Triton version of :func:`earlyexit_kernels.backends.write_back.head_exit_step_write_back`: two launches."""
+    exits, _, _, _, state, order, stats = _head(
+        target,
+        policy,
+        layer,
+        num_layers,
+        cls_hidden,
+        pooler_weight,
+        pooler_bias,
+        head_weight,
+        head_bias,
+        state,
+        halting_fn,
+    )
+    return exits, state, order, stats

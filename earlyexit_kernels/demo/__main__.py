@@ -1,0 +1,3 @@
+from earlyexit_kernels.demo.report import main
+
+main()

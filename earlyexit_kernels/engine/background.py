@@ -1,0 +1,151 @@
+"""The continuous engine on a thread of its own, fed by a queue: what a server puts behind its event loop.
+
+    worker = BackgroundEngine(model, max_batch_size=64, max_queue=1024)
+    future = worker.submit(input_ids, token_type_ids)    # concurrent.futures.Future[Finished]
+    finished = future.result()                           # or asyncio.wrap_future(future)
+    worker.cancel(future)                                # the client went away
+    worker.close(drain=True)                             # finish what was submitted, then stop
+
+Only the engine thread touches the engine: ``submit`` and ``cancel`` post commands that
+the thread applies between two steps, so a caller never waits for a layer call.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from concurrent.futures import Future, InvalidStateError
+
+from earlyexit_kernels.engine.continuous import ContinuousEngine, Finished
+
+__all__ = ["BackgroundEngine", "QueueFull"]
+
+
+class QueueFull(RuntimeError):
+    """``max_queue`` sequences are already waiting or in flight: try again later."""
+
+
+class BackgroundEngine:
+    """Run a :class:`ContinuousEngine` on a daemon thread; ``engine_kwargs`` go to it.
+
+    ``max_queue``: most sequences submitted and not finished; ``submit`` beyond it raises
+    :class:`QueueFull` at once instead of growing memory. A sequence's future resolves to
+    its :class:`earlyexit_kernels.engine.continuous.Finished` as soon as it exits.
+    """
+
+    def __init__(self, model, *, max_queue: int = 4096, **engine_kwargs):
+        if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 1:
+            raise ValueError(f"max_queue must be an integer >= 1, got {max_queue!r}")
+        self._model, self._engine_kwargs = model, engine_kwargs
+        self.engine = ContinuousEngine(model, **engine_kwargs)
+        self.max_queue = max_queue
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._futures: dict[int, Future] = {}  # touched by the engine thread only
+        self._keys = itertools.count()
+        self._lock = threading.Lock()
+        self._outstanding = 0
+        self._closing = False
+        self._stopping: bool | None = None  # None, or whether to drain before stopping
+        self._thread = threading.Thread(target=self._loop, name="eek-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def outstanding(self) -> int:
+        """Sequences submitted and not finished (queued, embedded or in flight)."""
+        return self._outstanding
+
+    def submit(self, input_ids, token_type_ids=None) -> Future:
+        """Queue one tokenized sequence; returns a future of its :class:`Finished`."""
+        if not 1 <= len(input_ids) <= self.engine.max_length:
+            raise ValueError(f"a sequence must have 1..{self.engine.max_length} tokens, got {len(input_ids)}")
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("the engine is shutting down and takes no new sequences")
+            if self._outstanding >= self.max_queue:
+                raise QueueFull(f"{self._outstanding} sequences are already queued (max_queue={self.max_queue})")
+            self._outstanding += 1
+        future: Future = Future()
+        future.eek_key = next(self._keys)
+        self._inbox.put(("submit", future, list(input_ids), token_type_ids))
+        return future
+
+    def cancel(self, future: Future) -> None:
+        """Drop the sequence of ``future`` unless it has finished; the future is cancelled."""
+        if future.cancel():
+            self._inbox.put(("cancel", future))
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking sequences; with ``drain`` finish those submitted, else cancel them; join the thread."""
+        with self._lock:
+            self._closing = True
+        self._inbox.put(("stop", drain))
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                # Block only when there is nothing to run.
+                self._apply(self._inbox.get(block=self.engine.idle and self._stopping is None))
+                while True:
+                    self._apply(self._inbox.get_nowait())
+            except queue.Empty:
+                pass
+            if self._stopping is not None and self.engine.idle:
+                return
+            try:
+                finished = self.engine.step()
+            except Exception as error:  # every waiting client must hear of it
+                self._fail_all(error)
+                continue
+            for done in finished:
+                future = self._futures.pop(done.key, None)
+                if future is not None:
+                    self._settle(future, result=done)
+
+    def _apply(self, command) -> None:
+        kind, value = command[0], command[1]
+        if kind == "submit":
+            future, ids, types = value, command[2], command[3]
+            if future.cancelled():
+                self._settle(future)
+                return
+            try:
+                self.engine.submit(future.eek_key, ids, types)
+            except ValueError as error:
+                self._settle(future, error=error)
+                return
+            self._futures[future.eek_key] = future
+        elif kind == "cancel":
+            if self._futures.pop(value.eek_key, None) is not None:
+                self.engine.cancel([value.eek_key])
+                self._settle(value)
+        elif kind == "stop":
+            self._stopping = value
+            if not value:
+                futures = list(self._futures.values())
+                self.engine.cancel(list(self._futures))
+                self._futures.clear()
+                for future in futures:
+                    future.cancel()
+                    self._settle(future)
+
+    def _settle(self, future: Future, *, result: Finished | None = None, error: Exception | None = None) -> None:
+        """Give ``future`` its outcome (a cancelled one keeps none) and free its place in the queue."""
+        try:
+            if error is not None:
+                future.set_exception(error)
+            elif result is not None:
+                future.set_result(result)
+        except InvalidStateError:
+            pass  # cancelled by its caller meanwhile
+        with self._lock:
+            self._outstanding -= 1
+
+    def _fail_all(self, error: Exception) -> None:
+        """A step raised: fail every sequence waiting and start from a fresh engine."""
+        futures = list(self._futures.values())
+        self._futures.clear()
+        self.engine = ContinuousEngine(self._model, **self._engine_kwargs)
+        for future in futures:
+            self._settle(future, error=error)

@@ -1,0 +1,369 @@
+"""The batched early-exit loop: each sequence leaves on its own, the batch shrinks on the device.
+
+Per layer: run it on the active rows only; compute the exit heads on their [CLS]
+state; apply the policy and write each exiting row's logits, exit layer and layers
+run at its original position (the backend's ``exit_step_write_back``, one fused
+launch where the backend has it); then compact hidden states, 2-D mask, policy
+state and the index map (stable order) and trim the padding no active row needs.
+The decisions stay on the device; the only host read-back is the number of
+survivors with the longest extent, at most once per layer and never on a layer
+where the policy cannot exit.
+
+The engine is model-agnostic: it drives an :class:`EncoderAdapter` (see
+:mod:`earlyexit_kernels.integrations.hf_patch` for BERT, ALBERT and RoBERTa).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from earlyexit_kernels.backends.compaction import survivor_index, trim, valid_extent
+from earlyexit_kernels.backends.registry import Backend
+from earlyexit_kernels.backends.write_back import WriteBack, write_back
+from earlyexit_kernels.engine.heads import ExitHeads
+from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state, needs_head_when_none_can_exit
+from earlyexit_kernels.methods.policies import ExitPolicy, Scheduled, SkipGates
+
+__all__ = ["EncoderAdapter", "ExitResult", "can_fuse_head", "head_and_exit_step", "run_early_exit"]
+
+
+class EncoderAdapter(Protocol):
+    """What the engine needs from an encoder classifier."""
+
+    num_layers: int
+    num_labels: int
+    hidden_size: int
+    attn_implementation: str
+
+    def layer_mask(self, mask: torch.Tensor | None, dtype: torch.dtype):
+        """What ``run_layer`` takes as its mask, built from the 2-D mask [n, S] or None (no padding).
+
+        Called again after every compaction or trimming of the batch."""
+
+    def run_layer(self, index: int, hidden: torch.Tensor, attention_mask) -> torch.Tensor:
+        """Encoder layer ``index`` (0-based) on ``hidden`` [n, S, H] with the mask of ``layer_mask``."""
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The shared pooler: [n, S, H] (with the 2-D mask [n, S] or None) -> [n, H].
+
+        [CLS] families read row 0 only; a mean pooling averages the valid tokens."""
+
+    def classify(self, layer: int, pooled: torch.Tensor) -> torch.Tensor:
+        """The head of 1-based ``layer``: [n, H] -> [n, C]."""
+
+
+@dataclass
+class ExitResult:
+    """What the loop produced for a batch of B sequences (shapes in the field comments)."""
+
+    logits: torch.Tensor  # [B, C], model dtype
+    exit_layer: torch.Tensor  # [B] int64, 1..L
+    layers_run: torch.Tensor  # [B] int64
+    all_logits: torch.Tensor | None = None  # [L, B, C] with all_exits
+    all_halting: torch.Tensor | None = None  # [L, B] halting probabilities (QExit, DACT)
+    all_skipped: torch.Tensor | None = None  # [L, B] bool (SkipGates)
+    all_halting_logits: torch.Tensor | None = None  # [L, B] float32, the halting head's logits before the sigmoid
+    all_gates: torch.Tensor | None = None  # [L, B] float32 gate probabilities (SkipGates; 0 on layers 1 and L)
+    host_syncs: int = 0
+
+
+def _scheduled_exit_counts(policy: ExitPolicy, num_layers: int) -> list[int] | None:
+    if not isinstance(policy, Scheduled):
+        return None
+    return torch.bincount(policy.exit_layers.cpu(), minlength=num_layers + 1).tolist()
+
+
+def run_early_exit(
+    adapter: EncoderAdapter,
+    heads: ExitHeads,
+    policy: ExitPolicy,
+    backend: Backend,
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    all_exits: bool = False,
+    train_gates: bool = False,
+    mask_summary: tuple[torch.Tensor, int, int] | None = None,
+) -> ExitResult:
+    """Run the encoder layers with early exit on ``hidden`` [B, S, H] (the embeddings).
+
+    ``mask_summary``: ``(mask_extents(mask), longest, padded)`` when the caller has read the
+    two numbers back already (with its own checks, in one read-back); else the engine reads
+    them (``longest``: the largest extent, ``padded``: masked positions).
+
+    ``mask`` is the 2-D attention mask [B, S] or None for no padding. With
+    ``all_exits=True`` nothing is compacted: every layer runs on every row, every head
+    is recorded, and the outputs are what the policy decides from them.
+
+    ``train_gates=True`` (with ``all_exits``; SmartBERT's stage 1, training only) mixes
+    each gated layer as ``(1 - g') * Layer(h) + g' * h`` with the straight-through hard
+    gate ``g' = g + (1[g >= r] - g).detach()``, so the gates get a gradient; the values
+    equal those of the hard skip up to rounding. Inference never takes this path.
+    """
+    num_layers, num_labels = adapter.num_layers, adapter.num_labels
+    batch, _, hidden_size = hidden.shape
+    device, dtype = hidden.device, hidden.dtype
+    out_dtype = _output_dtype(dtype, device)
+
+    # The exiting rows' logits are gathered in float32 (float64 for a float64 model) and
+    # rounded to the output dtype once, at the end, keeping each row's argmax.
+    wide = torch.float64 if out_dtype == torch.float64 else torch.float32
+    out_logits = torch.zeros(batch, num_labels, dtype=wide, device=device)
+    out_exit = torch.full((batch,), num_layers, dtype=torch.long, device=device)
+    out_runs = torch.zeros(batch, dtype=torch.long, device=device)
+    result = ExitResult(out_logits, out_exit, out_runs)
+    if batch == 0:
+        result.logits = out_logits.to(out_dtype)
+        if all_exits:
+            result.all_logits = torch.zeros(num_layers, 0, num_labels, dtype=out_dtype, device=device)
+            if heads.halting_head(policy) is not None:
+                result.all_halting = torch.zeros(num_layers, 0, device=device)
+                result.all_halting_logits = torch.zeros(num_layers, 0, device=device)
+            if isinstance(policy, SkipGates) and heads.gates is not None:
+                result.all_skipped = torch.zeros(num_layers, 0, dtype=torch.bool, device=device)
+                result.all_gates = torch.zeros(num_layers, 0, device=device)
+        return result
+
+    state = init_state(policy, batch, num_labels, hidden_size, num_layers, device, pooled_dtype=dtype)
+    halting_head = heads.halting_head(policy)
+    gates = heads.gates if isinstance(policy, SkipGates) else None
+    scheduled_counts = _scheduled_exit_counts(policy, num_layers)
+    if scheduled_counts is not None:
+        result.host_syncs += 1
+
+    fused = can_fuse_head(backend, adapter)
+    rows = torch.arange(batch, device=device)  # original position of each active row
+    runs = torch.zeros(batch, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    extents = None
+    length_multiple = getattr(adapter, "length_multiple", 1)
+    if mask is not None:
+        if mask_summary is None:
+            extents = mask_extents(mask)
+            longest, padded = (int(v) for v in torch.stack([extents.max(), (mask == 0).sum()]).tolist())
+            result.host_syncs += 1
+        else:
+            extents, longest, padded = mask_summary
+        if padded == 0:
+            mask, extents = None, None  # no padding: layers run without a mask, as in Hugging Face
+        elif not all_exits:
+            hidden, mask = trim(hidden, mask, _kept_length(longest, hidden.shape[1], length_multiple))
+    layer_mask = adapter.layer_mask(mask, dtype)
+
+    if all_exits:
+        result.all_logits = torch.empty(num_layers, batch, num_labels, dtype=out_dtype, device=device)
+        if halting_head is not None:
+            result.all_halting = torch.empty(num_layers, batch, dtype=torch.float32, device=device)
+            result.all_halting_logits = torch.empty(num_layers, batch, dtype=torch.float32, device=device)
+        if gates is not None:
+            result.all_skipped = torch.zeros(num_layers, batch, dtype=torch.bool, device=device)
+            result.all_gates = torch.zeros(num_layers, batch, dtype=torch.float32, device=device)
+
+    for layer in range(1, num_layers + 1):
+        active = hidden.shape[0]
+        ran = None  # rows that ran this layer, when SkipGates let some skip
+        if gates is not None and 2 <= layer <= num_layers - 1:
+            gate = torch.sigmoid(gates[layer - 1](hidden[:, 0]).squeeze(-1).float())
+            skip = gate >= policy.skip_threshold
+            ran = ~skip
+            if all_exits:
+                result.all_skipped[layer - 1] = skip
+                result.all_gates[layer - 1] = gate
+                if train_gates:
+                    hard = gate + (skip.float() - gate).detach()
+                    mix = hard.to(hidden.dtype)[:, None, None]
+                    hidden = (1 - mix) * adapter.run_layer(layer - 1, hidden, layer_mask) + mix * hidden
+                else:
+                    hidden = torch.where(skip[:, None, None], hidden, adapter.run_layer(layer - 1, hidden, layer_mask))
+            else:
+                running = int(ran.sum())
+                result.host_syncs += 1
+                if running == active:
+                    hidden = adapter.run_layer(layer - 1, hidden, layer_mask)
+                elif running > 0:
+                    run_rows = survivor_index(ran, running)
+                    sub_mask = None if mask is None else mask.index_select(0, run_rows)
+                    sub = adapter.run_layer(
+                        layer - 1,
+                        hidden.index_select(0, run_rows),
+                        adapter.layer_mask(sub_mask, dtype),
+                    )
+                    hidden = hidden.index_copy(0, run_rows, sub)
+                else:
+                    continue  # every active row skips: no layer, no head, no exit
+            runs = runs + ran.long()
+        else:
+            hidden = adapter.run_layer(layer - 1, hidden, layer_mask)
+            runs = runs + 1
+
+        # Where nobody can leave, there is nothing to write back and no count to read.
+        may_exit = layer == num_layers or (
+            can_exit_before_last(policy, layer) and (scheduled_counts is None or scheduled_counts[layer] > 0)
+        )
+        settled = may_exit and ran is None and not all_exits
+        if not may_exit and not all_exits and not needs_head_when_none_can_exit(policy):
+            continue  # nobody leaves here and the state needs no head: the head would be wasted
+        # The last layer runs the model's own pooler and classifier, so a sequence that runs
+        # every layer gets exactly the unpatched model's logits whatever the backend.
+        if settled:
+            target = WriteBack(rows, runs, extents, out_logits, out_exit, out_runs)
+            if fused and layer < num_layers and backend.head_exit_step_write_back is not None:
+                _, state, order, stats = backend.head_exit_step_write_back(
+                    policy, layer, num_layers, hidden[:, 0], *adapter.head_weights(layer), state, halting_head, target
+                )
+            else:
+                logits, halting = _head_outputs(adapter, layer, hidden, halting_head, state, mask)
+                if backend.exit_step_write_back is not None:
+                    _, state, order, stats = backend.exit_step_write_back(
+                        policy, layer, num_layers, logits, halting, state, target
+                    )
+                else:
+                    exits, returned, state = backend.exit_step(policy, layer, num_layers, logits, halting, state)
+                    order, stats = write_back(target, exits, returned, layer)
+        else:
+            exits, returned, logits, halting, new_state = head_and_exit_step(
+                adapter, backend, policy, layer, hidden, halting_head, state, fused=fused, mask=mask
+            )
+        if not settled:
+            if ran is not None:
+                exits = exits & ran
+                new_state = {k: torch.where(_rows_like(ran, v), v, state[k]) for k, v in new_state.items()}
+            state = new_state
+            if all_exits:
+                result.all_logits[layer - 1] = logits
+                if result.all_halting is not None:
+                    result.all_halting[layer - 1] = torch.sigmoid(halting.float())
+                    result.all_halting_logits[layer - 1] = halting.float()
+                exits = exits & ~done
+                done = done | exits
+            if not may_exit:
+                continue
+            order, stats = write_back(
+                WriteBack(rows, runs, extents, out_logits, out_exit, out_runs), exits, returned, layer
+            )
+
+        if all_exits or layer == num_layers:
+            continue
+        survivors, longest = stats.tolist()
+        if extents is None:
+            longest = hidden.shape[1]
+        result.host_syncs += 1
+        if survivors == 0:
+            break
+        if survivors < active:
+            index = order[:survivors]
+            hidden, mask = backend.compact(hidden, mask, index, _kept_length(longest, hidden.shape[1], length_multiple))
+            rows, runs = rows.index_select(0, index), runs.index_select(0, index)
+            state = {k: v.index_select(0, index) for k, v in state.items()}
+            if extents is not None:
+                extents = extents.index_select(0, index)
+            layer_mask = adapter.layer_mask(mask, dtype)
+    result.logits = _round_keeping_argmax(out_logits, out_dtype)
+    return result
+
+
+def _output_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of the model's own logits: its classifier (a Linear) runs in the autocast dtype
+    inside autocast (which leaves float64 alone), else in the model's dtype."""
+    if dtype != torch.float64 and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
+
+
+def _kept_length(longest: int, length: int, multiple: int) -> int:
+    """The length to trim ``length`` positions to: ``longest`` (at least 1) rounded up to a multiple
+    of ``multiple`` (the feed-forward chunk of the layers, which refuse other lengths), at most ``length``."""
+    return min(-(-max(longest, 1) // multiple) * multiple, length)
+
+
+def _round_keeping_argmax(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``logits`` [B, C] in ``dtype`` with each row's argmax unchanged.
+
+    Rounding to a narrower dtype can make the top two values equal (Voting's log-scores at a
+    tie broken by the probability sums differ by less than a bfloat16 step), and argmax then
+    picks the first; there the top value is raised by one step of ``dtype``.
+    """
+    if logits.dtype == dtype:
+        return logits
+    rounded = logits.to(dtype)
+    if rounded.numel() == 0 or rounded.shape[-1] < 2:
+        return rounded
+    winner = logits.argmax(dim=-1, keepdim=True)
+    top = rounded.gather(-1, winner)
+    tied = rounded.argmax(dim=-1, keepdim=True) != winner
+    raised = torch.nextafter(top.detach(), torch.full_like(top, math.inf)) - top.detach()
+    return rounded.scatter(-1, winner, top + torch.where(tied, raised, torch.zeros_like(raised)))
+
+
+def mask_extents(mask: torch.Tensor) -> torch.Tensor:
+    """[B] the length each row keeps when the batch is trimmed: its last attended position + 1.
+
+    A row with no attended token attends to every position (eager attention spreads it
+    evenly): it keeps the full length, so its logits stay the unpatched model's.
+    """
+    extents = valid_extent(mask)
+    return torch.where(extents > 0, extents, mask.shape[1])
+
+
+def can_fuse_head(backend: Backend, adapter: EncoderAdapter) -> bool:
+    """Whether ``backend`` may run the default head fused with the exit step.
+
+    Only for inference: training needs the model's dropout (also under ``torch.no_grad()``,
+    as in Monte-Carlo dropout) and a differentiable head.
+    """
+    return (
+        backend.head_exit_step is not None
+        and not torch.is_grad_enabled()
+        and not getattr(adapter, "training", False)
+        and hasattr(adapter, "head_weights")
+    )
+
+
+def head_and_exit_step(
+    adapter: EncoderAdapter,
+    backend: Backend,
+    policy: ExitPolicy,
+    layer: int,
+    hidden: torch.Tensor,
+    halting_head,
+    state: dict,
+    *,
+    fused: bool,
+    mask: torch.Tensor | None = None,
+) -> tuple:
+    """The exit heads of 1-based ``layer`` on the [CLS] rows of ``hidden`` [n, S, H], then the policy's step.
+
+    With ``fused`` (see :func:`can_fuse_head`) the backend's fused head runs on layers
+    before the last; the last layer always runs the model's own pooler and classifier.
+    ``mask``: the 2-D mask [n, S] of ``hidden`` (None: no padding), for a pooling that reads it.
+    Returns ``(exits [n] bool, returned [n, C] float32, logits [n, C], halting [n] or
+    None, state)``, as :func:`earlyexit_kernels.methods.exit_rules.head_exit_step`.
+    """
+    num_layers = adapter.num_layers
+    if fused and layer < num_layers:
+        return backend.head_exit_step(
+            policy, layer, num_layers, hidden[:, 0], *adapter.head_weights(layer), state, halting_head
+        )
+    logits, halting = _head_outputs(adapter, layer, hidden, halting_head, state, mask)
+    exits, returned, state = backend.exit_step(policy, layer, num_layers, logits, halting, state)
+    return exits, returned, logits, halting, state
+
+
+def _head_outputs(adapter, layer: int, hidden: torch.Tensor, halting_head, state, mask=None) -> tuple:
+    """The model's own pooler and head of ``layer`` on ``hidden`` [n, S, H], and the halting logit."""
+    pooled = adapter.pool(hidden, mask)
+    logits = adapter.classify(layer, pooled)
+    halting = None
+    if halting_head is not None:
+        halting = halting_head(pooled, state.get("prev_pooled"))
+        if "prev_pooled" in state:
+            state["prev_pooled"] = pooled
+    return logits, halting
+
+
+def _rows_like(row_mask: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    return row_mask.view(-1, *([1] * (value.dim() - 1)))

@@ -1,0 +1,458 @@
+"""The continuous early-exit engine: one queue per layer, every layer call full and fixed-shape.
+
+Sequences are submitted as token ids; the engine embeds them, runs the layer calls that
+:class:`earlyexit_kernels.engine.scheduler.LayerScheduler` hands it, and returns each sequence
+as it exits. It executes, it does not decide: the exit rule of every layer is the
+per-batch engine's (:func:`earlyexit_kernels.engine.batch_loop.head_and_exit_step` on the model's
+backend), the choice of layer, rows and shape is the scheduler's.
+
+What a sequence in flight holds, on the device:
+
+- its hidden states, in a paged token pool ``[pages x page_size, H]`` (``page_size`` is
+  the scheduler's length step), so memory follows the tokens in flight, not
+  ``max_in_flight x max_length``; a layer call gathers its rows into
+  ``[padded_rows, padded_length, H]`` with one ``index_select`` and writes the valid
+  positions back with one ``index_copy_``; pad positions read a zero token and write
+  to a scratch token;
+- its policy state (the per-batch engine's state, one row per slot).
+
+On the host: its length, pages, layers run, and the next layer it must run. A layer
+call reads back once: for each real row whether it exited, its logits, and (SkipGates)
+the next layer it runs, every layer its gates skip going by without a call. Layers
+where the policy cannot exit read nothing back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from bisect import bisect_left, insort
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from earlyexit_kernels.backends.registry import resolve_backend
+from earlyexit_kernels.engine.batch_loop import _round_keeping_argmax, can_fuse_head, head_and_exit_step
+from earlyexit_kernels.engine.scheduler import Admit, LayerScheduler, ShapeBuckets
+from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state
+from earlyexit_kernels.methods.policies import Scheduled, SkipGates
+
+__all__ = ["ContinuousEngine", "Finished", "model_max_length"]
+
+_NULL, _SCRATCH = 0, 1  # token rows of the pool: always zero (read by pad positions); written by pad positions
+
+
+@dataclass
+class Finished:
+    """A sequence that left the encoder: ``key`` as submitted, ``logits`` [C] on the CPU (model dtype)."""
+
+    key: object
+    logits: torch.Tensor
+    exit_layer: int
+    layers_run: int
+
+
+@dataclass
+class _Sequence:
+    key: object
+    input_ids: list[int]
+    token_type_ids: list[int] | None
+
+
+def model_max_length(model) -> int:
+    """The longest sequence the model's position embeddings hold."""
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None) or 512
+    if type(model).__name__.startswith(("Roberta", "XLMRoberta", "Camembert")):
+        limit -= (config.pad_token_id or 0) + 1  # positions start after the padding index
+    return int(limit)
+
+
+class ContinuousEngine:
+    """Run a patched model's early exit over a stream of sequences with per-layer refill.
+
+    ``max_batch_size``: most rows per layer call. ``max_tokens``: most rows x padded
+    length per layer call (None: no limit). ``max_length``: longest sequence accepted
+    (default: what the model's position embeddings hold). ``length_step``: padded
+    lengths are its multiples. ``max_in_flight``: most sequences embedded at a time
+    (default ``16 * max_batch_size``; memory is the tokens in flight, see the module
+    docstring). ``max_wait``: layer calls after which a waiting row is served first
+    (default ``4 * num_layers * max_in_flight // max_batch_size``). ``compile``: run
+    every layer call through ``torch.compile`` (``True``, or a dict of its options).
+    ``admission``: which pending sequences enter first: ``"fifo"`` (arrival order, for
+    serving) or ``"length"`` (a sweep over lengths, ascending and wrapping around, for
+    throughput: sequences that enter together have similar lengths, so calls pad less; a
+    pending sequence waits at most two sweeps, each of at most ``max_length`` admissions).
+
+    ``submit`` queues sequences; each ``step`` embeds new ones or runs one layer call and
+    returns the sequences that exited.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        max_batch_size: int = 64,
+        max_tokens: int | None = None,
+        max_length: int | None = None,
+        length_step: int = 8,
+        max_in_flight: int | None = None,
+        max_wait: int | None = None,
+        compile: bool | dict = False,
+        admission: str = "fifo",
+    ):
+        from earlyexit_kernels.integrations.hf_patch import is_patched
+
+        if not is_patched(model):
+            raise ValueError("the continuous engine needs a model patched with eek.patch(model, policy)")
+        if model.training:
+            raise ValueError("the model is in training mode; call model.eval() before classifying")
+        self.policy = model._eek_policy
+        if isinstance(self.policy, Scheduled):
+            raise ValueError(
+                "Scheduled replays exit layers given per batch position and has no meaning over a stream; "
+                "use a threshold policy (e.g. eek.Entropy(0.3)) or call the model on batches"
+            )
+        self.model = model
+        self.adapter = model._eek_adapter
+        self.heads = model.early_exit_heads
+        self.num_layers = self.adapter.num_layers
+        self.num_labels = self.adapter.num_labels
+        hidden_size = self.adapter.hidden_size
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, self.adapter.final_classifier.weight.dtype
+        self.backend = resolve_backend(
+            model._eek_backend, self.device, dtype=self.dtype, hidden_size=hidden_size, num_labels=self.num_labels
+        )
+        limit = model_max_length(model)
+        if max_length is None:
+            max_length = limit
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or not 1 <= max_length <= limit:
+            raise ValueError(f"max_length must be an integer in 1..{limit} (the model's positions), got {max_length!r}")
+        if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        self.buckets = ShapeBuckets(max_batch_size, max_length, min(length_step, max_length), max_tokens)
+        if max_in_flight is None:
+            max_in_flight = 16 * max_batch_size
+        self.scheduler = LayerScheduler(self.num_layers, self.buckets, max_in_flight, max_wait)
+        self.max_length = max_length
+        self.page_size = max(2, self.buckets.length_step)  # page 0 holds the zero and the scratch token
+        self.pad_token_id = getattr(model.config, "pad_token_id", None) or 0
+
+        # Slots: one per sequence in flight, plus the last one for pad rows.
+        slots = max_in_flight + 1
+        self._free_slots = list(range(max_in_flight - 1, -1, -1))
+        self._pad_slot = max_in_flight
+        self._pages_per_slot = math.ceil(max_length / self.page_size)
+        self._page_table = np.zeros((slots, self._pages_per_slot), dtype=np.int64)
+        self._lengths = np.ones(slots, dtype=np.int64)
+        self._runs = [0] * slots
+        self._keys: list[object] = [None] * slots
+        # Page 0 holds the zero token and the scratch token; sequences' pages are added on demand.
+        self._pool = torch.zeros(self.page_size, hidden_size, dtype=self.dtype, device=self.device)
+        self._free_pages: list[int] = []
+        self._lengths[self._pad_slot] = 0  # pad rows: every position reads the zero token, writes the scratch one
+        with torch.no_grad():
+            template = init_state(
+                self.policy, 1, self.num_labels, hidden_size, self.num_layers, self.device, self.dtype
+            )
+        self._state = {k: v.expand(slots, *v.shape[1:]).clone() for k, v in template.items()}
+        self._state_template = template
+        self._halting_head = self.heads.halting_head(self.policy)
+        self._gates = None
+        if isinstance(self.policy, SkipGates):
+            gates = self.heads.gates
+            self._gates = (
+                torch.cat([g.weight for g in gates]).detach(),  # [L, H]: gate i is read before layer i + 1
+                torch.cat([g.bias for g in gates]).detach(),
+            )
+        self._offsets = np.arange(self.page_size, dtype=np.int64)
+        self._run_layer = self.adapter.run_layer
+        self.compiled = bool(compile)
+        if compile and not getattr(self.adapter, "layer_call_is_module_call", True):
+            raise ValueError(
+                f"compile=True compiles one encoder layer module called as layer(hidden, mask); "
+                f"{type(model).__name__}'s layers need more arguments: leave compile off"
+            )
+        if compile:
+            options = compile if isinstance(compile, dict) else {}
+            self._run_layer = _compiled_layer_call(self.adapter, options)
+
+        if admission not in ("fifo", "length"):
+            raise ValueError(f"admission must be 'fifo' or 'length', got {admission!r}")
+        self.admission = admission
+        self._pending: list[tuple[int, int, _Sequence]] = []  # (length, arrival, sequence)
+        self._arrivals = itertools.count()
+        self._sweep = 0  # admission="length": the shortest length the next admission takes
+        self.stats = EngineStats()
+
+    # ------------------------------------------------------------------ submission
+
+    def submit(self, key, input_ids, token_type_ids=None) -> None:
+        """Queue one sequence (token ids, special tokens included, at most ``max_length``)."""
+        input_ids = [int(t) for t in input_ids]
+        if not 1 <= len(input_ids) <= self.max_length:
+            raise ValueError(
+                f"sequence {key!r} has {len(input_ids)} tokens; it must have 1..{self.max_length} (max_length)"
+            )
+        if token_type_ids is not None and not getattr(self.adapter, "uses_token_type_ids", True):
+            raise TypeError(f"sequence {key!r}: {type(self.model).__name__} takes no token_type_ids; leave them out")
+        if token_type_ids is not None:
+            token_type_ids = [int(t) for t in token_type_ids]
+            if len(token_type_ids) != len(input_ids):
+                raise ValueError(
+                    f"sequence {key!r}: token_type_ids has {len(token_type_ids)} entries for {len(input_ids)} tokens"
+                )
+        entry = (len(input_ids), next(self._arrivals), _Sequence(key, input_ids, token_type_ids))
+        if self.admission == "length":
+            insort(self._pending, entry)
+        else:
+            self._pending.append(entry)
+
+    def cancel(self, keys) -> int:
+        """Drop the sequences with these keys, pending or in flight (e.g. their client went away).
+
+        Call between steps. Returns how many were found.
+        """
+        keys = set(keys)
+        pending = len(self._pending)
+        self._pending = [entry for entry in self._pending if entry[2].key not in keys]
+        slots = [slot for slot, key in enumerate(self._keys) if key is not None and key in keys]
+        self.scheduler.discard(slots)
+        for slot in slots:
+            self._free(slot)
+        return pending - len(self._pending) + len(slots)
+
+    @property
+    def pending(self) -> int:
+        """Sequences submitted and not embedded yet."""
+        return len(self._pending)
+
+    @property
+    def in_flight(self) -> int:
+        return self.scheduler.in_flight
+
+    @property
+    def idle(self) -> bool:
+        return not self._pending and self.scheduler.in_flight == 0
+
+    # ------------------------------------------------------------------ stepping
+
+    @torch.no_grad()
+    def step(self) -> list[Finished]:
+        """Embed new sequences or run one layer call; returns the sequences that exited."""
+        action = self.scheduler.decide(can_admit=bool(self._pending))
+        if action is None:
+            return []
+        if isinstance(action, Admit):
+            self._admit(self._take_pending(action.count))
+            return []
+        return self._run_call(action)
+
+    def run(self):
+        """Step until every submitted sequence has exited, yielding them as they do."""
+        while not self.idle:
+            yield from self.step()
+
+    # ------------------------------------------------------------------ internals
+
+    def _allocate_pages(self, count: int) -> list[int]:
+        if len(self._free_pages) < count:
+            pages_now = self._pool.shape[0] // self.page_size
+            grow = max(count - len(self._free_pages), pages_now)  # at least double: amortised copies
+            extra = torch.zeros(grow * self.page_size, self._pool.shape[1], dtype=self.dtype, device=self.device)
+            self._pool = torch.cat([self._pool, extra])
+            self._free_pages.extend(range(pages_now + grow - 1, pages_now - 1, -1))
+        pages = self._free_pages[-count:]
+        del self._free_pages[-count:]
+        return pages
+
+    def _take_pending(self, count: int) -> list[_Sequence]:
+        """The next ``count`` pending sequences: the oldest, or (admission="length") the next in a length sweep."""
+        if self.admission == "fifo":
+            taken, self._pending = self._pending[:count], self._pending[count:]
+            return [entry[2] for entry in taken]
+        # A sweep over lengths, ascending, wrapping to the shortest: sequences admitted together
+        # have similar lengths, so the layer queues hold runs of similar lengths to batch.
+        start = bisect_left(self._pending, (self._sweep, -1))
+        taken = self._pending[start : start + count]
+        del self._pending[start : start + count]
+        if len(taken) < count:
+            wrapped = self._pending[: count - len(taken)]
+            del self._pending[: len(wrapped)]
+            taken += wrapped
+        self._sweep = taken[-1][0] + 1
+        return [entry[2] for entry in taken]
+
+    def _admit(self, sequences: list[_Sequence]) -> None:
+        # Embed in length-sorted chunks of at most max_batch_size rows, each padded to its longest.
+        sequences = sorted(sequences, key=lambda s: len(s.input_ids))
+        size = self.buckets.max_batch_size
+        for start in range(0, len(sequences), size):
+            chunk = sequences[start : start + size]
+            longest = len(chunk[-1].input_ids)
+            ids = torch.full((len(chunk), longest), self.pad_token_id, dtype=torch.long)
+            types = torch.zeros((len(chunk), longest), dtype=torch.long)
+            slots = []
+            for row, seq in enumerate(chunk):
+                ids[row, : len(seq.input_ids)] = torch.tensor(seq.input_ids)
+                if seq.token_type_ids is not None:
+                    types[row, : len(seq.token_type_ids)] = torch.tensor(seq.token_type_ids)
+                slot = self._free_slots.pop()
+                length = len(seq.input_ids)
+                pages = self._allocate_pages(math.ceil(length / self.page_size))
+                self._page_table[slot, : len(pages)] = pages
+                self._page_table[slot, len(pages) :] = _NULL
+                self._lengths[slot] = length
+                self._runs[slot] = 0
+                self._keys[slot] = seq.key
+                slots.append(slot)
+            lengths = torch.tensor([len(seq.input_ids) for seq in chunk])
+            valid_mask = (torch.arange(longest)[None, :] < lengths[:, None]).long().to(self.device)
+            hidden = self.adapter.embed(ids.to(self.device), types.to(self.device), None, None, valid_mask)
+            token_index, valid = self._token_index(slots, longest)
+            rows = torch.from_numpy(np.flatnonzero(valid)).to(self.device)
+            target = torch.from_numpy(token_index.reshape(-1)).to(self.device).index_select(0, rows)
+            self._pool.index_copy_(0, target, hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows))
+            slot_index = torch.tensor(slots, device=self.device)
+            for key, value in self._state.items():
+                value.index_copy_(0, slot_index, self._state_template[key].expand(len(slots), *value.shape[1:]))
+            for slot in slots:
+                self.scheduler.add(slot, int(self._lengths[slot]))
+        self.stats.admitted += len(sequences)
+
+    def _token_index(self, slots: list[int], padded_length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pool rows of each slot's first ``padded_length`` positions [n, S], and which are valid."""
+        pages = self._page_table[slots, : math.ceil(padded_length / self.page_size)]
+        index = (pages[:, :, None] * self.page_size + self._offsets).reshape(len(slots), -1)[:, :padded_length]
+        valid = np.arange(padded_length) < self._lengths[slots][:, None]
+        return np.where(valid, index, _NULL), valid
+
+    def _run_call(self, call) -> list[Finished]:
+        layer, n = call.layer, len(call.rows)
+        slots = list(call.rows) + [self._pad_slot] * (call.padded_rows - n)
+        token_index, valid = self._token_index(slots, call.padded_length)
+        write_index = np.where(valid, token_index, _SCRATCH)
+        # One host-to-device copy: read positions, write positions, slots.
+        packed = np.concatenate([token_index.reshape(-1), write_index.reshape(-1), np.asarray(slots)])
+        packed = torch.from_numpy(packed).to(self.device, non_blocking=True)
+        tokens = token_index.size
+        read, write, slot_index = packed[:tokens], packed[tokens : 2 * tokens], packed[2 * tokens :]
+
+        hidden_size = self._pool.shape[1]
+        hidden = self._pool.index_select(0, read).view(call.padded_rows, call.padded_length, hidden_size)
+        mask = read.view(call.padded_rows, call.padded_length) != _NULL
+        mask[:, 0] = True  # pad rows attend to their first (zero) token instead of nothing
+        layer_mask = self.adapter.layer_mask(mask, self.dtype)
+        hidden = self._run_layer(layer - 1, hidden, layer_mask)
+        self._pool.index_copy_(0, write, hidden.reshape(-1, hidden_size))
+
+        state = {k: v.index_select(0, slot_index) for k, v in self._state.items()}
+        fused = can_fuse_head(self.backend, self.adapter)
+        exits, returned, _, _, state = head_and_exit_step(
+            self.adapter, self.backend, self.policy, layer, hidden, self._halting_head, state, fused=fused, mask=mask
+        )
+        real = slot_index[:n]
+        for key, value in self._state.items():
+            value.index_copy_(0, real, state[key][:n])
+        for slot in call.rows:
+            self._runs[slot] += 1
+        self.stats.record_call(call, int(valid[:n].sum()))
+
+        next_layer = None
+        if self._gates is not None and layer < self.num_layers:
+            next_layer = self._next_run_layer(hidden[:n, 0], layer)
+        may_exit = layer == self.num_layers or can_exit_before_last(self.policy, layer)
+        if not may_exit and next_layer is None:
+            for slot in call.rows:
+                self.scheduler.requeue(slot, layer + 1, int(self._lengths[slot]))
+            return []
+
+        # The one read-back of the call.
+        columns = [exits[:n, None], returned[:n]]
+        if next_layer is not None:
+            columns.append(next_layer[:, None])
+        wire = torch.float64 if self.dtype == torch.float64 else torch.float32
+        result = torch.cat([c.to(wire) for c in columns], dim=1).cpu()
+        self.stats.host_syncs += 1
+        table = result.numpy()
+        exited = table[:, 0] > 0
+        next_layers = table[:, -1].astype(np.int64) if next_layer is not None else None
+        # Rounded to the model dtype on the host, once for all rows, keeping each row's argmax
+        # (as the per-batch engine does: Voting's tie-broken log-scores can round to equal values).
+        logits = _round_keeping_argmax(result[:, 1 : 1 + self.num_labels], self.dtype).unbind(0)
+        finished = []
+        for row, slot in enumerate(call.rows):
+            if exited[row]:
+                finished.append(Finished(self._keys[slot], logits[row], layer, self._runs[slot]))
+                self._release(slot)
+            else:
+                target = layer + 1 if next_layers is None else int(next_layers[row])
+                self.scheduler.requeue(slot, target, int(self._lengths[slot]))
+        return finished
+
+    def _next_run_layer(self, cls_hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """SkipGates: the next layer each row runs after ``layer``; layers whose gate skips go by."""
+        last = self.num_layers
+        if layer + 1 >= last:
+            return torch.full((cls_hidden.shape[0],), last, device=cls_hidden.device)
+        weight, bias = self._gates
+        # Gates of layers layer + 1 .. L - 1 on the same [CLS] state: a skipped layer leaves it as it is.
+        gates = torch.sigmoid(torch.nn.functional.linear(cls_hidden, weight[layer : last - 1], bias[layer : last - 1]))
+        runs = gates.float() < self.policy.skip_threshold
+        first = torch.where(runs.any(dim=1), runs.int().argmax(dim=1) + layer + 1, last)
+        return first
+
+    def _release(self, slot: int) -> None:
+        self._free(slot)
+        self.scheduler.release(slot)
+
+    def _free(self, slot: int) -> None:
+        pages = self._page_table[slot, : math.ceil(int(self._lengths[slot]) / self.page_size)]
+        self._free_pages.extend(int(p) for p in pages)
+        self._keys[slot] = None
+        self._free_slots.append(slot)
+
+
+@dataclass
+class EngineStats:
+    """What the engine did: layer calls, rows and tokens they held, host read-backs."""
+
+    admitted: int = 0
+    calls: int = 0
+    rows: int = 0
+    padded_rows: int = 0
+    slots: int = 0  # padded_rows x padded_length, summed over calls
+    tokens: int = 0  # real tokens, summed over calls
+    host_syncs: int = 0
+    largest_call: int = 0  # the most slots (padded_rows x padded_length) of one call
+
+    def record_call(self, call, tokens: int) -> None:
+        self.calls += 1
+        self.largest_call = max(self.largest_call, call.padded_rows * call.padded_length)
+        self.rows += len(call.rows)
+        self.padded_rows += call.padded_rows
+        self.slots += call.padded_rows * call.padded_length
+        self.tokens += tokens
+
+
+def _compiled_layer_call(adapter, options: dict):
+    """A layer call through ``torch.compile``: one graph per call shape, shared by every layer.
+
+    The layer's module is an argument of the compiled function, so the layers (same code,
+    their own weights) share a graph. Shapes come from the scheduler's fixed sets, so the
+    number of graphs is bounded: Dynamo's recompile limit is raised to hold them all, and
+    ``dynamic=False`` keeps each graph static (what CUDA graphs, ``mode="reduce-overhead"``,
+    need).
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4096)
+    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 4096)
+    compiled = torch.compile(_call_module, **{"dynamic": False, **options})
+    return lambda index, hidden, mask: compiled(adapter.layer_module(index), hidden, mask)
+
+
+def _call_module(module, hidden, mask):
+    return module(hidden, mask)

@@ -1,0 +1,455 @@
+"""The command line: ``python -m earlyexit_kernels classify MODEL INPUT OUTPUT`` and
+``python -m earlyexit_kernels serve MODEL`` (also ``eek classify``, ``eek serve``).
+
+Errors a user can fix are one line on stderr starting with ``error:`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import warnings
+from collections import deque
+from pathlib import Path
+
+from earlyexit_kernels.integrations.model_folder import ModelFolderError, load_model
+
+__all__ = ["CliError", "build_parser", "main"]
+
+OUTPUT_COLUMNS = ("label", "score", "exit_layer", "layers_run")
+
+
+class CliError(Exception):
+    """A problem with what the user asked for; the message says what to change."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    program = "eek" if Path(sys.argv[0]).name == "eek" else "python -m earlyexit_kernels"
+    parser = argparse.ArgumentParser(
+        prog=program, description="Early-exit inference for Hugging Face encoder classifiers."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    classify = commands.add_parser(
+        "classify",
+        help="classify the texts of a file",
+        description=(
+            "Classify every row of INPUT with the early-exit model MODEL and write OUTPUT: every input column, "
+            "then label (the id2label name of the prediction; empty for a regression head), score (its "
+            "probability; the predicted value for a regression head), exit_layer and layers_run. INPUT and "
+            "OUTPUT are .csv, .tsv, .jsonl or .parquet. Empty or null texts are classified as the empty text "
+            "(a warning names their rows). OUTPUT is written in chunks as rows are classified; after an "
+            "interruption, the same command with --resume continues it (OUTPUT.eek-progress.json records "
+            "what is done). Errors: one line starting with 'error:', exit status 2."
+        ),
+    )
+    classify.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a save_pretrained folder of a patched model, or a plain "
+        "Hugging Face classifier folder with --policy; its tokenizer is read from it",
+    )
+    classify.add_argument("input", metavar="INPUT", help="the file to classify (.csv, .tsv, .jsonl, .parquet)")
+    classify.add_argument("output", metavar="OUTPUT", help="the file to write (.csv, .tsv, .jsonl, .parquet)")
+    classify.add_argument("--text-column", default="text", help="column holding the texts (default: text)")
+    classify.add_argument("--pair-column", default=None, help="column holding the second text of a pair (optional)")
+    classify.add_argument(
+        "--policy",
+        default=None,
+        help='exit policy, e.g. "Entropy(0.3)" or "Patience(2)": '
+        "needed for a plain classifier, replaces a saved model's policy",
+    )
+    classify.add_argument("--backend", default=None, help="auto, torch, cpp, triton or cuda (default: the saved one)")
+    classify.add_argument(
+        "--max-batch-size", type=int, default=64, metavar="N", help="most rows per layer call (default: 64)"
+    )
+    classify.add_argument(
+        "--max-tokens", type=int, default=None, metavar="N", help="most rows x padded length per layer call"
+    )
+    classify.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        metavar="N",
+        help="longer texts are truncated (default: what the model's positions hold)",
+    )
+    classify.add_argument("--compile", action="store_true", help="run the layer calls through torch.compile")
+    classify.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the OUTPUT an interrupted run of the same command left, from its first row not written",
+    )
+    classify.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    classify.add_argument(
+        "--chunk-rows", type=int, default=4096, metavar="N", help="rows read and written at a time (default: 4096)"
+    )
+    classify.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a progress bar (default: when stderr is a terminal)",
+    )
+    classify.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local (default), or ray: Ray Data actors, OUTPUT a folder of part files",
+    )
+    classify.add_argument("--workers", type=int, default=2, help="--engine ray: actors (default: 2)")
+    classify.add_argument("--address", default=None, help="--engine ray: a Ray cluster (default: start one here)")
+    classify.add_argument("--gpus-per-worker", type=float, default=0, help="--engine ray: GPUs per actor (e.g. 1)")
+    classify.set_defaults(run=_classify)
+    _add_serve_command(commands)
+    return parser
+
+
+def _add_serve_command(commands) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve the model over HTTP (POST /predict)",
+        description=(
+            "Serve MODEL over HTTP: POST /predict (the request and answer shapes of text-embeddings-inference, "
+            "plus exit_layer and layers_run), GET /health, GET /info, GET /metrics (Prometheus). Sequences of all "
+            "requests in flight share the continuous early-exit engine; each request is answered when its last "
+            "sequence exits. SIGTERM or Ctrl-C: stop taking requests, answer those in flight, exit."
+        ),
+    )
+    serve.add_argument(
+        "model", metavar="MODEL", help="as for classify: a patched save_pretrained folder, or a plain one with --policy"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+    serve.add_argument("--policy", default=None, help='exit policy, e.g. "Entropy(0.3)" (default: the saved one)')
+    serve.add_argument("--backend", default=None, help="auto, torch, cpp, triton or cuda (default: the saved one)")
+    serve.add_argument(
+        "--max-batch-size", type=int, default=64, metavar="N", help="most rows per layer call (default: 64)"
+    )
+    serve.add_argument(
+        "--max-tokens", type=int, default=None, metavar="N", help="most rows x padded length per layer call"
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="most sequences waiting or in flight; beyond it requests get 429 at once (default: 1024)",
+    )
+    serve.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most tokens per text (default: the model's positions)",
+    )
+    serve.add_argument("--compile", action="store_true", help="run the layer calls through torch.compile")
+    serve.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run N replicas on Ray Serve (needs ray[serve]) instead of one process",
+    )
+    serve.add_argument("--address", default=None, help="--replicas: a Ray cluster (default: start one here)")
+    serve.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch's CPU threads for the layer calls (default: torch's choice, one per core)",
+    )
+    serve.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
+    serve.set_defaults(run=_serve)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the weights' loading bar is not ours to show
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.run(args)
+    except (CliError, ModelFolderError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run again with --resume to continue", file=sys.stderr)
+        return 130
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _classify(args) -> int:
+    from earlyexit_kernels.integrations.table_io import TableError, need_pyarrow, table_format
+
+    for name in ("max_batch_size", "chunk_rows", "workers"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.engine == "ray":  # reads files or folders; OUTPUT is a folder (Parquet unless named .csv / .jsonl)
+        return _classify_on_ray(args)
+    try:
+        table_format(args.input)
+        table_format(args.output)
+        need_pyarrow()  # before the model is loaded
+    except TableError as error:
+        raise CliError(str(error)) from None
+    try:
+        return _classify_locally(args)
+    except TableError as error:
+        raise CliError(str(error)) from None
+    except OSError as error:  # reading errors are TableErrors: this is OUTPUT (a full disk, no permission)
+        progress = Path(args.output + ".eek-progress.json")
+        kept = "; the rows written so far are kept: run again with --resume" if progress.exists() else ""
+        raise CliError(f"cannot write {args.output}: {error}{kept}") from None
+
+
+def _classify_locally(args) -> int:
+    from earlyexit_kernels.engine.classify import classify
+    from earlyexit_kernels.integrations.table_io import ChunkWriter, check_writable, read_chunks
+
+    # The input is checked before the (slower) model is loaded and before OUTPUT is touched.
+    text_columns = [name for name in (args.text_column, args.pair_column) if name]
+    columns = _Columns(args.text_column, args.pair_column)
+    first_chunk = read_chunks(args.input, 1, text_columns=text_columns)
+    probe = next(first_chunk)
+    first_chunk.close()
+    columns.check(probe, args.input)
+    check_writable(args.output, probe)
+    model, tokenizer = load_model(args.model, args.policy, args.backend)
+    tables: deque = deque()  # input chunks whose rows are being classified, in order
+
+    def inputs():  # read from the first row not yet written, once iterated (after the writer exists)
+        first_row = row = writer.rows_done
+        for table in read_chunks(args.input, args.chunk_rows, skip_rows=first_row, text_columns=text_columns):
+            tables.append(table)
+            yield from columns.items(table, row)
+            row += table.num_rows
+
+    show_progress = sys.stderr.isatty() if args.progress is None else args.progress
+    try:
+        predictions = classify(
+            model,
+            inputs(),
+            tokenizer=tokenizer,
+            max_batch_size=args.max_batch_size,
+            max_tokens=args.max_tokens,
+            max_length=args.max_length,
+            compile=args.compile,
+            progress=show_progress,
+        )
+    except ValueError as error:  # the engine's options, checked before OUTPUT is touched
+        raise CliError(str(error)) from None
+    run = {"input": str(Path(args.input).resolve()), "text_column": args.text_column, "pair_column": args.pair_column}
+    writer = ChunkWriter(args.output, resume=args.resume, overwrite=args.overwrite, run=run)
+    first_row = writer.rows_done
+    start, done, layers, ready = time.perf_counter(), 0, 0, []
+
+    def flush(final: bool = False):
+        nonlocal ready
+        while tables and (len(ready) >= tables[0].num_rows or final):
+            table = tables.popleft()
+            chunk, ready = ready[: table.num_rows], ready[table.num_rows :]
+            writer.write(_with_predictions(table, chunk, model.config))
+
+    for prediction in predictions:
+        ready.append(prediction)
+        done += 1
+        layers += prediction.exit_layer
+        flush()
+    flush(final=True)
+    writer.finish()
+    elapsed = time.perf_counter() - start
+    columns.warn_about_empty_texts()
+    mean = f", mean exit layer {layers / done:.2f} of {model.config.num_hidden_layers}" if done else ""
+    resumed = f" (resumed after row {first_row})" if first_row else ""
+    print(
+        f"classified {done} rows{resumed} in {elapsed:.1f} s ({done / max(elapsed, 1e-9):.0f} rows/s){mean} "
+        f"-> {args.output}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _with_predictions(table, predictions, config):
+    """``table`` with the columns label, score, exit_layer, layers_run of its ``predictions``."""
+    import pyarrow as pa
+    import torch
+
+    from earlyexit_kernels.integrations.labels import labels_and_scores
+
+    if predictions:
+        labels, scores = labels_and_scores(torch.stack([p.logits for p in predictions]), config)
+    else:
+        labels, scores = [], []
+    values = {
+        "label": pa.array(labels, pa.string()),
+        "score": pa.array(scores, pa.float64()),
+        "exit_layer": pa.array([p.exit_layer for p in predictions], pa.int64()),
+        "layers_run": pa.array([p.layers_run for p in predictions], pa.int64()),
+    }
+    for name in OUTPUT_COLUMNS:
+        table = table.append_column(name, values[name])
+    return table
+
+
+class _Columns:
+    """The text (and pair) columns of the input, checked, read row by row; empty texts counted."""
+
+    def __init__(self, text: str, pair: str | None):
+        self.text, self.pair = text, pair
+        self.empty_count, self.empty_rows = 0, []  # the first rows only: a file may have millions
+
+    def check(self, table, path: str) -> None:
+        if table.num_columns == 0 and table.num_rows == 0:  # an empty JSON lines file
+            return
+        names = table.column_names
+        for name in (self.text, self.pair):
+            if name is not None and name not in names:
+                option = "--text-column" if name == self.text else "--pair-column"
+                raise CliError(f"{path} has no column {name!r} ({option}); its columns are {names}")
+        taken = [name for name in OUTPUT_COLUMNS if name in names]
+        if taken:
+            raise CliError(f"{path} already has the column(s) {taken} that the output adds; rename them")
+
+    def items(self, table, first_row: int):
+        if not table.num_rows:
+            return
+        texts = table.column(self.text).to_pylist()
+        pairs = table.column(self.pair).to_pylist() if self.pair else None
+        for offset, text in enumerate(texts):
+            row = first_row + offset
+            text = self._text(text, self.text, row)
+            if pairs is None:
+                empty = not text.strip()
+                item = text
+            else:
+                pair = self._text(pairs[offset], self.pair, row)
+                empty = not text.strip() or not pair.strip()
+                item = (text, pair)
+            if empty:
+                self.empty_count += 1
+                if len(self.empty_rows) < 20:
+                    self.empty_rows.append(row)
+            yield item
+
+    @staticmethod
+    def _text(value, column: str, row: int) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        if not isinstance(value, str):
+            raise CliError(f"row {row}: column {column!r} holds {type(value).__name__} {value!r}, not text")
+        return value
+
+    def warn_about_empty_texts(self) -> None:
+        if not self.empty_count:
+            return
+        shown = ", ".join(map(str, self.empty_rows)) + (", ..." if self.empty_count > len(self.empty_rows) else "")
+        where = f"{self.text!r}" + (f" or {self.pair!r}" if self.pair else "")
+        print(
+            f"warning: {self.empty_count} rows have an empty or null {where} and were classified as the empty "
+            f"text, not dropped (rows {shown}; row 0 is the first data row)",
+            file=sys.stderr,
+        )
+
+
+def _classify_on_ray(args) -> int:
+    if args.resume:
+        raise CliError("--resume is for the local engine; a Ray run writes its OUTPUT folder anew")
+    try:
+        from earlyexit_kernels.integrations.ray_data import classify_files
+    except ImportError as error:
+        raise CliError(f"--engine ray needs Ray Data: pip install 'earlyexit_kernels[ray]' ({error})") from None
+    if Path(args.output).exists() and not args.overwrite:
+        raise CliError(f"output {args.output} exists; pass --overwrite to replace it")
+    load_model(args.model, args.policy, args.backend)  # the actors load it too: fail here, with a clear message
+    try:
+        from earlyexit_kernels.integrations.ray_data import input_files
+
+        input_files(args.input)  # a missing file or an unknown format: say so before starting Ray
+    except (FileNotFoundError, ValueError) as error:
+        raise CliError(str(error)) from None
+    start = time.perf_counter()
+    summary = classify_files(
+        args.model,
+        args.input,
+        args.output,
+        workers=args.workers,
+        address=args.address,
+        num_gpus=args.gpus_per_worker,
+        text_column=args.text_column,
+        pair_column=args.pair_column,
+        policy=args.policy,
+        max_batch_size=args.max_batch_size,
+        max_length=args.max_length,
+        backend=args.backend,
+        compile=args.compile,
+    )
+    elapsed = time.perf_counter() - start
+    print(
+        f"classified {summary['rows']} rows on Ray ({args.workers} workers) in {elapsed:.1f} s; "
+        f"{summary['errors']} rows could not be classified (see the error column) -> {args.output}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _serve(args) -> int:
+    try:
+        import uvicorn
+
+        from earlyexit_kernels.integrations.server import create_app
+    except ImportError as error:
+        raise CliError(
+            f"serving needs starlette, uvicorn and prometheus_client: pip install 'earlyexit_kernels[serve]' ({error})"
+        ) from None
+    for name in ("max_batch_size", "max_queue", "port"):
+        value = getattr(args, name)
+        if value < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    options = dict(
+        max_batch_size=args.max_batch_size,
+        max_tokens=args.max_tokens,
+        max_queue=args.max_queue,
+        max_length=args.max_length,
+        compile=args.compile,
+    )
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CliError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.replicas is not None:
+        return _serve_on_ray(args, options)
+    model, tokenizer = load_model(args.model, args.policy, args.backend)
+    try:
+        app = create_app(model, tokenizer, model_id=args.model, **options)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    # uvicorn handles SIGTERM/SIGINT: it stops listening, waits for the requests in flight,
+    # then the app's shutdown drains the engine.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=None)
+    return 0
+
+
+def _serve_on_ray(args, options: dict) -> int:
+    try:
+        import ray
+        from ray import serve
+
+        from earlyexit_kernels.integrations.server.ray_serve import serve_application
+    except ImportError as error:
+        raise CliError(f"--replicas needs Ray Serve: pip install 'ray[serve]' ({error})") from None
+    if args.replicas < 1:
+        raise CliError(f"--replicas must be >= 1, got {args.replicas}")
+    load_model(args.model, args.policy, args.backend)  # fail here, not inside a replica
+    ray.init(address=args.address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = serve_application(args.model, replicas=args.replicas, policy=args.policy, backend=args.backend, **options)
+    print(f"serving {args.model} with {args.replicas} replicas on http://{args.host}:{args.port}", file=sys.stderr)
+    serve.run(app, name="earlyexit", route_prefix="/", blocking=True)
+    return 0

@@ -1,0 +1,84 @@
+"""A patched model and its tokenizer from a folder, as the command line, the server and Ray load them.
+
+The folder is a ``save_pretrained`` folder of a patched model (policy and heads
+included) or a plain Hugging Face classifier with a policy given as text
+(``"Entropy(0.3)"``); the tokenizer is read from the same folder. Whatever is wrong
+with it is a :class:`ModelFolderError` whose message says what to change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["ModelFolderError", "load_model"]
+
+
+class ModelFolderError(ValueError):
+    """The model folder cannot be used; the message says what to change."""
+
+
+def load_model(path: str, policy_text: str | None = None, backend: str | None = None):
+    """A patched model and its tokenizer from ``path``; ``ModelFolderError`` saying what is wrong otherwise."""
+    from transformers import AutoTokenizer
+
+    from earlyexit_kernels.integrations.exit_files import CONFIG_FILE
+    from earlyexit_kernels.integrations.loading import from_pretrained
+    from earlyexit_kernels.methods.policy_spec import parse_policy
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelFolderError(f"MODEL {path} is not a folder; give one written by save_pretrained")
+    if not (folder / "config.json").is_file():
+        raise ModelFolderError(f"MODEL {path} has no config.json: it is not a Hugging Face model folder")
+    try:
+        policy = parse_policy(policy_text) if policy_text is not None else None
+    except ValueError as error:
+        raise ModelFolderError(f"--policy: {error}") from None
+    architectures = _architectures(folder / "config.json")
+    if architectures and not any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise ModelFolderError(
+            f"MODEL {path} holds a {', '.join(architectures)}, not a sequence classifier; give a "
+            f"*ForSequenceClassification model of a supported family (eek.SUPPORTED_MODELS: BERT, ALBERT, "
+            f"RoBERTa, XLM-RoBERTa, CamemBERT, DistilBERT, ELECTRA, DeBERTa-v2, ModernBERT)"
+        )
+    if policy is None and not (folder / CONFIG_FILE).is_file():
+        raise ModelFolderError(
+            f"MODEL {path} is a plain Hugging Face model: pass --policy, e.g. --policy 'Entropy(0.3)'"
+        )
+    try:
+        model = from_pretrained(str(folder), policy, backend=backend)
+    except TypeError as error:
+        raise ModelFolderError(f"MODEL {path} is not a supported classifier: {error}") from None
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise ModelFolderError(f"cannot load MODEL {path}: {error}") from None
+    # Without tokenizer files, AutoTokenizer builds a tokenizer of special tokens only, silently.
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES) and not any(folder.glob("*.model")):
+        raise ModelFolderError(
+            f"MODEL {path} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
+            f"save the model's tokenizer there with tokenizer.save_pretrained({path!r})"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelFolderError(
+            f"MODEL {path} has no usable tokenizer ({error}); save one there with tokenizer.save_pretrained"
+        ) from None
+    if len(tokenizer) > model.config.vocab_size:
+        raise ModelFolderError(
+            f"the tokenizer in MODEL {path} has {len(tokenizer)} tokens but the model's vocabulary only "
+            f"{model.config.vocab_size}: it is not this model's tokenizer"
+        )
+    return model, tokenizer
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
+
+
+def _architectures(config_path: Path) -> list[str]:
+    import json
+
+    try:
+        architectures = json.loads(config_path.read_text()).get("architectures")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ModelFolderError(f"{config_path} is not a readable model configuration ({error})") from None
+    return [name for name in architectures or () if isinstance(name, str)]

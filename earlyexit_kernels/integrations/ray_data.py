@@ -1,0 +1,248 @@
+"""Early exit on Ray Data: a callable class for ``Dataset.map_batches``, and files in, files out.
+
+    from earlyexit_kernels.integrations.ray_data import EarlyExitClassifier
+    ds = ds.map_batches(EarlyExitClassifier, fn_constructor_kwargs={"model": path, "text_column": "text"},
+                        concurrency=2, batch_size=4096, batch_format="pandas")
+
+Each actor loads the model once and runs the continuous engine (:func:`eek.classify`)
+over every batch Ray hands it, so its layer calls stay full; larger ``batch_size``
+values leave fewer partial calls at the end of each batch. Ray is optional: this module
+imports it only when used.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+__all__ = ["EarlyExitClassifier", "classify_files", "input_files", "read_dataset", "OUTPUT_COLUMNS"]
+
+OUTPUT_COLUMNS = ("label", "score", "exit_layer", "layers_run", "error")
+READERS = {
+    ".csv": "read_csv",
+    ".tsv": "read_csv",
+    ".jsonl": "read_json",
+    ".json": "read_json",
+    ".parquet": "read_parquet",
+}
+
+
+class EarlyExitClassifier:
+    """Callable class for ``map_batches``: adds ``label``, ``score``, ``exit_layer``, ``layers_run``, ``error``.
+
+    ``model``: a ``save_pretrained`` directory of a patched model, or a plain Hugging Face
+    classifier directory with ``policy`` (an ``eek`` policy or a string such as
+    ``"Entropy(0.3)"``); the tokenizer is read from it. ``text_column`` (and
+    ``pair_column`` for pairs) hold the texts. ``max_batch_size``, ``max_length``,
+    ``compile``: as in :func:`eek.classify`; ``backend`` replaces the saved one.
+    ``device``: default ``"cuda"`` when the actor sees a GPU (``num_gpus=1`` in
+    ``map_batches``), else ``"cpu"``. ``truncation=False`` refuses texts over
+    ``max_length`` instead of truncating them.
+
+    A null text is classified as the empty string. A row that cannot be classified (a
+    value that is not text, or too long without truncation) keeps the job going: its
+    outputs are null and ``error`` says why; on every other row ``error`` is null.
+    Batches may be pandas DataFrames, pyarrow Tables or dicts of numpy arrays; the
+    result has the same form.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        text_column: str = "text",
+        pair_column: str | None = None,
+        policy=None,
+        max_batch_size: int = 64,
+        max_length: int | None = None,
+        backend: str | None = None,
+        compile: bool = False,
+        device: str | None = None,
+        truncation: bool = True,
+    ):
+        import torch
+        from transformers import AutoTokenizer
+
+        from earlyexit_kernels.integrations.loading import from_pretrained
+
+        if isinstance(policy, str):
+            from earlyexit_kernels.methods.policy_spec import parse_policy
+
+            policy = parse_policy(policy)
+        self.model = from_pretrained(model, policy, backend=backend)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model.to(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.text_column, self.pair_column = text_column, pair_column
+        self.options = dict(max_batch_size=max_batch_size, max_length=max_length, compile=compile)
+        self.truncation = truncation
+
+    def __call__(self, batch):
+        import pandas as pd
+
+        frame, form = _as_pandas(batch)
+        for column in (self.text_column, self.pair_column):
+            if column is not None and column not in frame.columns:
+                raise KeyError(f"no column {column!r} in the batch; its columns are {list(frame.columns)}")
+        rows, errors = self._inputs(frame)
+        outputs = {name: [None] * len(frame) for name in OUTPUT_COLUMNS}
+        outputs["error"] = errors
+        if rows:
+            from earlyexit_kernels.engine.classify import classify
+            from earlyexit_kernels.integrations.labels import labels_and_scores
+
+            positions, items = zip(*rows)
+            predictions = list(classify(self.model, items, tokenizer=self.tokenizer, **self.options))
+            import torch
+
+            labels, scores = labels_and_scores(torch.stack([p.logits for p in predictions]), self.model.config)
+            for position, prediction, label, score in zip(positions, predictions, labels, scores):
+                outputs["label"][position] = label
+                outputs["score"][position] = score
+                outputs["exit_layer"][position] = prediction.exit_layer
+                outputs["layers_run"][position] = prediction.layers_run
+        result = frame.copy()
+        for name in OUTPUT_COLUMNS:
+            dtype = {"exit_layer": "Int64", "layers_run": "Int64", "score": "Float64"}.get(name, "string")
+            result[name] = pd.array(outputs[name], dtype=dtype)
+        return _from_pandas(result, form)
+
+    def _inputs(self, frame) -> tuple[list[tuple[int, object]], list[str | None]]:
+        """``(position, text or pair)`` for every row that can be classified, and the error of each row."""
+        import pandas as pd
+
+        limit = self.options["max_length"] or self.tokenizer.model_max_length
+        errors: list[str | None] = [None] * len(frame)
+        rows = []
+        texts = frame[self.text_column].tolist()
+        pairs = frame[self.pair_column].tolist() if self.pair_column else [None] * len(texts)
+        for position, (text, pair) in enumerate(zip(texts, pairs)):
+            item = []
+            for name, value in ((self.text_column, text), (self.pair_column, pair)):
+                if name is None:
+                    continue
+                if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+                    value = ""
+                if not isinstance(value, str):
+                    errors[position] = f"{name} is not text ({type(value).__name__})"
+                    break
+                item.append(value)
+            if errors[position] is not None:
+                continue
+            if not self.truncation:
+                count = len(self.tokenizer(*item)["input_ids"])
+                if count > limit:
+                    errors[position] = f"{count} tokens, over max_length={limit} (truncation is off)"
+                    continue
+            rows.append((position, item[0] if len(item) == 1 else tuple(item)))
+        return rows, errors
+
+
+def _as_pandas(batch):
+    import pandas as pd
+
+    if isinstance(batch, pd.DataFrame):
+        return batch, "pandas"
+    if isinstance(batch, dict):
+        return pd.DataFrame({k: list(v) for k, v in batch.items()}), "numpy"
+    return batch.to_pandas(), "pyarrow"
+
+
+def _from_pandas(frame, form):
+    if form == "pandas":
+        return frame
+    if form == "numpy":
+        return {name: frame[name].to_numpy() for name in frame.columns}
+    import pyarrow as pa
+
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def input_files(path: str) -> tuple[str, list[str]]:
+    """The format and the files of ``path`` (a file, or a folder of files of one format); no Ray needed."""
+    source = Path(path)
+    if not source.exists():
+        raise FileNotFoundError(f"input {path} does not exist")
+    files = sorted(p for p in source.iterdir() if p.is_file()) if source.is_dir() else [source]
+    suffixes = {p.suffix.lower() for p in files if p.suffix.lower() in READERS}
+    if len(suffixes) != 1:
+        raise ValueError(
+            f"input {path} must be a .csv, .tsv, .jsonl or .parquet file, or a folder of one of them; "
+            f"found {sorted(suffixes) or 'none of them'}"
+        )
+    suffix = suffixes.pop()
+    return suffix, [str(p) for p in files if p.suffix.lower() == suffix]
+
+
+def read_dataset(path: str):
+    """A Ray dataset of ``path``: a file or a folder of CSV, TSV, JSON lines or Parquet files."""
+    import ray.data
+    from pyarrow import csv as pa_csv
+
+    suffix, paths = input_files(path)
+    reader = getattr(ray.data, READERS[suffix])
+    if suffix == ".tsv":
+        return reader(paths, parse_options=pa_csv.ParseOptions(delimiter="\t"))
+    return reader(paths)
+
+
+def classify_files(
+    model: str,
+    input_path: str,
+    output_path: str,
+    *,
+    workers: int = 2,
+    address: str | None = None,
+    batch_size: int = 4096,
+    num_gpus: float = 0,
+    num_cpus: float | None = None,
+    **classifier_kwargs,
+) -> dict:
+    """Classify ``input_path`` on Ray with ``workers`` actors and write ``output_path``; returns a summary.
+
+    Without ``address`` a local Ray instance is started. ``output_path`` is a folder of
+    part files: Parquet, or CSV / JSON lines when its name ends in ``.csv`` / ``.jsonl``.
+    Input order is kept. An actor that dies is restarted and its batch run again, so every
+    input row is written exactly once. ``num_cpus`` per actor defaults to one, or less
+    where the cluster's CPUs could not also run the reading and writing tasks (actors
+    holding every CPU would wait forever for their input).
+    """
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)  # None: a local instance on this machine
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    if num_cpus is None:
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        num_cpus = 1.0 if num_gpus else min(1.0, max(0.25, (cpus - 1.0) / workers))
+    dataset = read_dataset(input_path)
+    classified = dataset.map_batches(
+        EarlyExitClassifier,
+        fn_constructor_kwargs={"model": model, **classifier_kwargs},
+        concurrency=workers,
+        batch_size=batch_size,
+        batch_format="pandas",
+        num_gpus=num_gpus,
+        num_cpus=num_cpus,
+        max_restarts=-1,  # an actor that dies comes back ...
+        max_task_retries=-1,  # ... and its batch runs again
+    )
+    suffix = Path(output_path).suffix.lower()
+    writer = {".csv": "write_csv", ".jsonl": "write_json"}.get(suffix, "write_parquet")
+    getattr(classified, writer)(output_path)
+    written = _read_written(output_path, writer)
+    return {"rows": len(written), "errors": int(written["error"].notna().sum()), "output": output_path}
+
+
+def _read_written(output_path: str, writer: str):
+    import pandas as pd
+
+    parts = sorted(p for p in Path(output_path).iterdir() if p.is_file() and not p.name.startswith("."))
+    if writer == "write_parquet":
+        return pd.concat([pd.read_parquet(p, columns=["error"]) for p in parts], ignore_index=True)
+    if writer == "write_csv":
+        return pd.concat([pd.read_csv(p, usecols=["error"]) for p in parts], ignore_index=True)
+    return pd.concat([pd.read_json(p, lines=True) for p in parts], ignore_index=True)

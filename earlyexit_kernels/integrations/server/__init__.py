@@ -1,0 +1,18 @@
+"""HTTP serving: a classification server whose batcher is the continuous early-exit engine.
+
+``python -m earlyexit_kernels serve MODEL`` runs it (see :mod:`earlyexit_kernels.integrations.cli`);
+:func:`create_app` builds the ASGI app for a patched model and its tokenizer;
+:mod:`earlyexit_kernels.integrations.server.ray_serve` runs replicas of it on Ray Serve. Needs the
+``serve`` extra (``pip install earlyexit_kernels[serve]``: starlette, uvicorn,
+prometheus_client).
+"""
+
+from earlyexit_kernels.integrations.server.app import create_app
+from earlyexit_kernels.integrations.server.predict_schema import (
+    PredictRequest,
+    RequestError,
+    format_answer,
+    parse_predict_request,
+)
+
+__all__ = ["PredictRequest", "RequestError", "create_app", "format_answer", "parse_predict_request"]

@@ -1,0 +1,51 @@
+"""Replicas of the server on Ray Serve, for more than one process or machine.
+
+    from earlyexit_kernels.integrations.server.ray_serve import serve_application
+    app = serve_application("path/to/model", replicas=2)     # a bound Serve application
+    ray.serve.run(app, route_prefix="/")                      # same endpoints as one server
+
+Each replica loads the model once and runs the app of :func:`earlyexit_kernels.integrations.server.create_app`
+(its own engine thread); Ray Serve's proxy spreads requests over the replicas. On GPUs,
+give each replica one: ``ray_actor_options={"num_gpus": 1}`` (not measured here: this
+project's machines have no GPU). Needs ``ray[serve]``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["serve_application"]
+
+
+def serve_application(
+    model_dir: str,
+    *,
+    replicas: int = 1,
+    policy: str | None = None,
+    backend: str | None = None,
+    ray_actor_options: dict | None = None,
+    **app_options,
+):
+    """A Ray Serve application of ``replicas`` copies of the server for the model in ``model_dir``.
+
+    ``policy``, ``backend``: as on the command line (``"Entropy(0.3)"``; default the saved
+    ones). ``app_options`` go to :func:`earlyexit_kernels.integrations.server.create_app`
+    (``max_batch_size``, ``max_tokens``, ``max_queue``, ``max_length``, ``compile``).
+    """
+    try:
+        from ray import serve
+    except ImportError as error:
+        raise ImportError(f"serving on Ray needs Ray Serve: pip install 'ray[serve]' ({error})") from None
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+        raise ValueError(f"replicas must be an integer >= 1, got {replicas!r}")
+
+    def build_app():
+        from earlyexit_kernels.integrations.model_folder import load_model
+        from earlyexit_kernels.integrations.server.app import create_app
+
+        model, tokenizer = load_model(model_dir, policy, backend)
+        return create_app(model, tokenizer, model_id=model_dir, **app_options)
+
+    ingress = serve.ingress(build_app)(type("EarlyExitServer", (), {}))
+    deployment = serve.deployment(
+        ingress, name="EarlyExitServer", num_replicas=replicas, ray_actor_options=ray_actor_options or {"num_cpus": 1}
+    )
+    return deployment.bind()

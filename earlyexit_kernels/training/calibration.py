@@ -1,0 +1,457 @@
+"""Calibrate an exit policy on a validation set: pick the threshold (patience, q, votes) for a target.
+
+Every head runs once on the validation set (``return_all_exits=True``); each candidate
+policy is then replayed offline on the recorded logits and halting logits with
+:func:`earlyexit_kernels.methods.exit_rules.exit_step`, the step the engine applies, in the same
+order and with the same state, so the replay makes exactly the decisions of the
+patched model's all-exits forward (``out.exit_layer``, ``out.layers_run``) on that data.
+
+    result = calibrate(model, val_batches, max_drop=1.0)        # (a) fewest layers, <= 1 point lost
+    result = calibrate(model, val_batches, target_layers=3.0)   # (b) best accuracy at <= 3 layers
+    eek.patch(model, result.policy)
+    print_curve(result.curve); plot_curve(result.curve, "curve.png", full_accuracy=result.full_accuracy)
+
+The family of candidates is that of the model's current policy (an ``Entropy`` model is
+calibrated over entropy thresholds, ``Patience`` over ``1..L-1``, ``QExit`` over ``q``,
+``Voting`` over ``1..L``, ``SkipGates`` over its entropy threshold with the recorded
+gates, ``MaxProb`` over thresholds; ``DACT`` has no knob and gives one point).
+Accuracies are fractions in [0, 1]; ``max_drop`` is in accuracy points (percent).
+"full model" is the last layer's head on every sequence (under ``SkipGates``, with the
+recorded gates' skips). Classification heads only (num_labels >= 2): for a regression
+head, :func:`replay` candidate policies on one :func:`record_exits` and choose by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from earlyexit_kernels.methods.exit_rules import entropy, exit_step, init_state
+from earlyexit_kernels.methods.policies import (
+    DACT,
+    Entropy,
+    ExitPolicy,
+    MaxProb,
+    Patience,
+    QExit,
+    Scheduled,
+    SkipGates,
+    Voting,
+)
+
+__all__ = [
+    "ExitRecord",
+    "Replay",
+    "CurvePoint",
+    "Calibration",
+    "record_exits",
+    "replay",
+    "candidates",
+    "accuracy_curve",
+    "static_baseline",
+    "interpolate_baseline",
+    "calibrate",
+    "describe",
+    "distinct_digits",
+    "print_curve",
+    "plot_curve",
+]
+
+
+@dataclass
+class ExitRecord:
+    """Everything a replay needs, for N sequences of a model with L layers and C classes.
+
+    ``all_logits`` [L, N, C] (the model's dtype), ``labels`` [N] or None,
+    ``all_halting_logits`` [L, N] float32 (QExit, DACT) or None, ``all_skipped`` [L, N]
+    bool (SkipGates) or None, and the ``policy`` they were recorded under (it fixed the
+    halting head and the gates).
+    """
+
+    all_logits: torch.Tensor
+    labels: torch.Tensor | None
+    all_halting_logits: torch.Tensor | None
+    all_skipped: torch.Tensor | None
+    policy: ExitPolicy
+
+    @property
+    def num_layers(self) -> int:
+        return self.all_logits.shape[0]
+
+    def subset(self, rows: torch.Tensor) -> ExitRecord:
+        """The record of the sequences selected by ``rows`` (indices or a bool mask [N])."""
+
+        def pick(t, dim=1):
+            return None if t is None else t.index_select(dim, _as_index(rows))
+
+        return ExitRecord(
+            pick(self.all_logits),
+            pick(self.labels, 0),
+            pick(self.all_halting_logits),
+            pick(self.all_skipped),
+            self.policy,
+        )
+
+
+def _as_index(rows: torch.Tensor) -> torch.Tensor:
+    return rows.nonzero().squeeze(-1) if rows.dtype == torch.bool else rows.long()
+
+
+@dataclass
+class Replay:
+    """What a policy decides on a record: ``logits`` [N, C] float32, ``exit_layer`` and ``layers_run`` [N]."""
+
+    logits: torch.Tensor
+    exit_layer: torch.Tensor
+    layers_run: torch.Tensor
+
+
+@dataclass
+class CurvePoint:
+    """One candidate: its policy, accuracy (fraction) and mean layers run (and mean exit layer)."""
+
+    policy: ExitPolicy
+    accuracy: float
+    mean_layers: float
+    mean_exit_layer: float
+
+
+@dataclass
+class Calibration:
+    """The chosen policy, its accuracy and mean layers on the validation data, the full
+    model's accuracy, whether the target was met, the target, and the whole curve."""
+
+    policy: ExitPolicy
+    accuracy: float
+    mean_layers: float
+    full_accuracy: float
+    met: bool
+    target: str
+    curve: list[CurvePoint]
+
+
+def _batches(data) -> Iterable[Mapping[str, torch.Tensor]]:
+    if isinstance(data, Mapping):
+        yield data
+    else:
+        yield from data
+
+
+@torch.no_grad()
+def record_exits(model, batches) -> ExitRecord:
+    """Run every layer and head of a patched model on ``batches`` once (eval mode) and record them.
+
+    ``batches``: dicts with ``input_ids`` and optionally ``attention_mask``,
+    ``token_type_ids``, ``labels``. The record is kept on the CPU.
+    """
+    from earlyexit_kernels.integrations.hf_patch import is_patched
+
+    if not is_patched(model):
+        raise ValueError("record_exits needs a model patched with eek.patch")
+    policy = model._eek_policy
+    if isinstance(policy, Scheduled):
+        raise ValueError("a Scheduled policy cannot be calibrated; patch the model with the policy to calibrate")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    logits, halting, skipped, labels = [], [], [], []
+    try:
+        for batch in _batches(batches):
+            out = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=None if batch.get("attention_mask") is None else batch["attention_mask"].to(device),
+                token_type_ids=None if batch.get("token_type_ids") is None else batch["token_type_ids"].to(device),
+                return_all_exits=True,
+            )
+            logits.append(out.all_logits.cpu())
+            if out.all_halting_logits is not None:
+                halting.append(out.all_halting_logits.cpu())
+            if out.all_skipped is not None:
+                skipped.append(out.all_skipped.cpu())
+            if batch.get("labels") is not None:
+                labels.append(batch["labels"].cpu())
+    finally:
+        model.train(was_training)
+    if not logits:
+        raise ValueError("record_exits got no batches")
+    return ExitRecord(
+        torch.cat(logits, dim=1),
+        torch.cat(labels) if labels else None,
+        torch.cat(halting, dim=1) if halting else None,
+        torch.cat(skipped, dim=1) if skipped else None,
+        policy,
+    )
+
+
+def replay(policy: ExitPolicy, record: ExitRecord) -> Replay:
+    """The decisions of ``policy`` on ``record``: what the engine's all-exits forward returns."""
+    num_layers, batch, num_labels = record.all_logits.shape
+    policy.check_fits(num_layers, num_labels)
+    if policy.needs_halting_head and record.all_halting_logits is None:
+        raise ValueError(f"{type(policy).__name__} needs halting logits: record the model patched with it")
+    if isinstance(policy, QExit) != isinstance(record.policy, QExit) and policy.needs_halting_head:
+        raise ValueError("QExit and DACT use different halting heads: record the model patched with the same kind")
+    if isinstance(policy, SkipGates) and record.all_skipped is None:
+        raise ValueError("SkipGates needs the recorded gates: record the model patched with SkipGates")
+    if isinstance(policy, SkipGates) and policy.skip_threshold != record.policy.skip_threshold:
+        raise ValueError("the skip threshold changes the hidden states: record the model with the same skip_threshold")
+    device = record.all_logits.device
+    state = init_state(policy, batch, num_labels, 1, num_layers, device)
+    out_logits = torch.zeros(batch, num_labels, dtype=torch.float32, device=device)
+    out_exit = torch.full((batch,), num_layers, dtype=torch.long, device=device)
+    out_runs = torch.zeros(batch, dtype=torch.long, device=device)
+    runs = torch.zeros(batch, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    gated = isinstance(policy, SkipGates)
+    for layer in range(1, num_layers + 1):
+        ran = None
+        if gated and 2 <= layer <= num_layers - 1:
+            ran = ~record.all_skipped[layer - 1]
+            runs = runs + ran.long()
+        else:
+            runs = runs + 1
+        halting = None
+        if policy.needs_halting_head:
+            halting = record.all_halting_logits[layer - 1]
+        exits, returned, new_state = exit_step(policy, layer, num_layers, record.all_logits[layer - 1], halting, state)
+        if ran is not None:
+            exits = exits & ran
+            new_state = {
+                k: torch.where(ran.view(-1, *([1] * (v.dim() - 1))), v, state[k]) for k, v in new_state.items()
+            }
+        state = new_state
+        exits = exits & ~done
+        done = done | exits
+        out_logits = torch.where(exits[:, None], returned.float(), out_logits)
+        out_exit = torch.where(exits, torch.full_like(out_exit, layer), out_exit)
+        out_runs = torch.where(exits, runs, out_runs)
+    return Replay(out_logits, out_exit, out_runs)
+
+
+def _quantile_grid(values: torch.Tensor, count: int) -> list[float]:
+    values = values[torch.isfinite(values)].float()
+    if values.numel() == 0:
+        return []
+    if values.numel() > 1_000_000:
+        values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]]
+    grid = torch.quantile(values.double(), torch.linspace(0, 1, count, dtype=torch.float64))
+    return sorted({float(v) for v in grid})
+
+
+def candidates(record: ExitRecord, policy: ExitPolicy | None = None, *, count: int = 60) -> list[ExitPolicy]:
+    """The candidate policies of ``policy``'s family (default: the recorded policy's) for this record."""
+    policy = record.policy if policy is None else policy
+    num_layers = record.num_layers
+    inner = record.all_logits[:-1].float()  # the internal heads decide the early exits
+    if isinstance(policy, (Entropy, SkipGates)):
+        h = entropy(inner)
+        if policy.normalized:
+            h = h / math.log(record.all_logits.shape[-1])
+        # Exit when H < tau: tau = 0 never exits early, a tau above every entropy exits at once.
+        thresholds = [0.0] + [v for v in _quantile_grid(h, count) if v > 0] + [float(h.max()) * 1.001 + 1e-6]
+        if isinstance(policy, SkipGates):
+            return [dataclasses.replace(policy, entropy_threshold=t) for t in thresholds]
+        return [Entropy(t, normalized=policy.normalized) for t in thresholds]
+    if isinstance(policy, MaxProb):
+        probs = torch.softmax(inner, dim=-1).amax(-1)
+        return [MaxProb(t, temperature=policy.temperature) for t in _quantile_grid(probs, count) + [1.0]]
+    if isinstance(policy, Patience):
+        return [Patience(p, regression_threshold=policy.regression_threshold) for p in range(1, num_layers)]
+    if isinstance(policy, Voting):
+        return [Voting(k) for k in range(1, num_layers + 1)]
+    if isinstance(policy, QExit):
+        lam = torch.sigmoid(record.all_halting_logits[:-1].float())
+        cdf = 1.0 - torch.cumprod(1.0 - lam, dim=0)
+        qs = [min(max(v, 1e-6), 1 - 1e-6) for v in _quantile_grid(cdf, count)] + [1 - 1e-6]
+        return [dataclasses.replace(policy, q=q, stochastic=False) for q in sorted(set(qs))]
+    if isinstance(policy, DACT):
+        return [DACT()]
+    raise ValueError(f"cannot calibrate a {type(policy).__name__} policy")
+
+
+def _check_classification(record: ExitRecord) -> None:
+    if record.labels is None:
+        raise ValueError("calibration needs labels in the batches")
+    if record.all_logits.shape[-1] < 2:
+        raise ValueError(
+            "calibration measures accuracy and needs a classification head (num_labels >= 2); the model is a "
+            "regression head (num_labels == 1): choose Patience's regression_threshold or QExit's q by hand, "
+            "e.g. with calibration.replay(policy, calibration.record_exits(model, batches)), which gives each "
+            "candidate's predictions and layers run"
+        )
+
+
+def accuracy_curve(record: ExitRecord, policies: Sequence[ExitPolicy]) -> list[CurvePoint]:
+    """Accuracy and mean layers run of every policy in ``policies``, replayed on ``record``."""
+    _check_classification(record)
+    labels = record.labels
+    points = []
+    for policy in policies:
+        result = replay(policy, record)
+        correct = (result.logits.argmax(-1) == labels).float().mean().item()
+        points.append(
+            CurvePoint(
+                policy, correct, result.layers_run.float().mean().item(), result.exit_layer.float().mean().item()
+            )
+        )
+    return points
+
+
+def static_baseline(record: ExitRecord) -> list[tuple[int, float]]:
+    """``(k, accuracy)`` of cutting the model after layer ``k`` for every sequence (head k), k = 1..L."""
+    _check_classification(record)
+    predictions = record.all_logits.float().argmax(-1)
+    return [(k + 1, (predictions[k] == record.labels).float().mean().item()) for k in range(record.num_layers)]
+
+
+def interpolate_baseline(baseline: Sequence[tuple[int, float]], mean_layers: float) -> float:
+    """The static baseline's accuracy at ``mean_layers``, linear between the neighbouring layers."""
+    layers = [k for k, _ in baseline]
+    accs = [a for _, a in baseline]
+    if mean_layers <= layers[0]:
+        return accs[0]
+    if mean_layers >= layers[-1]:
+        return accs[-1]
+    low = int(math.floor(mean_layers))
+    high = low + 1
+    frac = mean_layers - low
+    return accs[low - 1] * (1 - frac) + accs[high - 1] * frac
+
+
+def calibrate(
+    model_or_record,
+    batches=None,
+    *,
+    max_drop: float | None = None,
+    target_layers: float | None = None,
+    policy: ExitPolicy | None = None,
+    count: int = 60,
+    verbose: bool = False,
+    plot: str | None = None,
+) -> Calibration:
+    """Choose the policy's threshold on validation data for one target.
+
+    ``model_or_record``: a patched model (then ``batches`` is the validation data) or an
+    :class:`ExitRecord`. Exactly one target: ``max_drop`` (points): the fewest mean layers
+    run with accuracy at least ``full - max_drop``; ``target_layers``: the best accuracy
+    with at most that many mean layers run. Ties go to the more accurate, then the
+    cheaper candidate. ``policy``: the family and fixed fields (default: the recorded
+    policy). When no candidate meets the target, the closest one is returned with
+    ``met=False`` and a warning. ``verbose`` prints the curve, ``plot`` saves it.
+    """
+    if (max_drop is None) == (target_layers is None):
+        raise ValueError("give exactly one target: max_drop (accuracy points) or target_layers (mean layers)")
+    if max_drop is not None and not max_drop >= 0:
+        raise ValueError(f"max_drop must be >= 0 accuracy points, got {max_drop!r}")
+    record = model_or_record if isinstance(model_or_record, ExitRecord) else record_exits(model_or_record, batches)
+    _check_classification(record)
+    curve = accuracy_curve(record, candidates(record, policy, count=count))
+    full_accuracy = static_baseline(record)[-1][1]
+    if max_drop is not None:
+        floor = full_accuracy - max_drop / 100.0 - 1e-12
+        feasible = [p for p in curve if p.accuracy >= floor]
+        target = f"accuracy >= {100 * full_accuracy:.2f}% - {max_drop:g} points"
+        pool = feasible or sorted(curve, key=lambda p: -p.accuracy)[:1]
+        best = min(pool, key=lambda p: (p.mean_layers, -p.accuracy))
+    else:
+        feasible = [p for p in curve if p.mean_layers <= target_layers + 1e-12]
+        target = f"mean layers <= {target_layers:g}"
+        pool = feasible or sorted(curve, key=lambda p: p.mean_layers)[:1]
+        best = max(pool, key=lambda p: (p.accuracy, -p.mean_layers))
+    if not feasible:
+        warnings.warn(f"calibrate: no candidate meets {target}; returning the closest", stacklevel=2)
+    result = Calibration(best.policy, best.accuracy, best.mean_layers, full_accuracy, bool(feasible), target, curve)
+    if verbose:
+        print(f"calibration target: {target}; full model {100 * full_accuracy:.2f}%")
+        print_curve(curve)
+        print(
+            f"chosen: {describe(best.policy, distinct_digits([p.policy for p in curve]))}: "
+            f"{100 * best.accuracy:.2f}% at {best.mean_layers:.2f} layers" + ("" if feasible else " (target not met)")
+        )
+    if plot:
+        plot_curve(curve, plot, full_accuracy=full_accuracy, baseline=static_baseline(record), chosen=best)
+    return result
+
+
+def describe(policy: ExitPolicy, digits: int | None = 4) -> str:
+    """The code that builds ``policy``, floats rounded to ``digits`` significant digits (None: exact).
+
+    ``Entropy(0.2131)``, ``Patience(2)``, ``QExit(q=0.41)``, ``SkipGates(entropy_threshold=0.3874)``:
+    valid Python, as :meth:`ExitPolicy.to_code` writes it.
+    """
+    return policy.to_code(digits)
+
+
+def distinct_digits(policies: Sequence[ExitPolicy], start: int = 4) -> int | None:
+    """The fewest significant digits (at least ``start``) that print distinct policies distinctly.
+
+    None when only the exact text does (17 digits are always enough for a float).
+    """
+    exact = len({repr(p) for p in policies})
+    for digits in range(start, 18):
+        if len({p.to_code(digits) for p in policies}) == exact:
+            return digits
+    return None
+
+
+def print_curve(curve: Sequence[CurvePoint], file=None) -> None:
+    """Print the accuracy-vs-layers table, cheapest first, with enough digits to tell the policies apart."""
+    digits = distinct_digits([p.policy for p in curve])
+    names = [describe(p.policy, digits) for p in curve]
+    width = max([34, *(len(n) + 2 for n in names)])
+    print(f"{'policy':<{width}}{'accuracy':>10}{'layers':>9}{'exit':>7}", file=file)
+    for name, point in sorted(zip(names, curve), key=lambda item: (item[1].mean_layers, item[1].accuracy)):
+        print(
+            f"{name:<{width}}{100 * point.accuracy:>9.2f}%{point.mean_layers:>9.3f}{point.mean_exit_layer:>7.2f}",
+            file=file,
+        )
+
+
+def plot_curve(
+    curves,
+    path: str,
+    *,
+    full_accuracy: float | None = None,
+    baseline: Sequence[tuple[int, float]] | None = None,
+    chosen: CurvePoint | None = None,
+    title: str = "accuracy vs mean layers run",
+) -> str | None:
+    """Save accuracy against mean layers run as an image; returns ``path``, or None without matplotlib.
+
+    ``curves``: one curve (a list of :class:`CurvePoint`) or a dict ``{label: curve}``.
+    ``baseline``: the static cut-at-layer-k accuracies, drawn dashed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("plot_curve: matplotlib is not installed (pip install matplotlib); no plot written", stacklevel=2)
+        return None
+    if not isinstance(curves, Mapping):
+        curves = {"early exit": curves}
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    if baseline is not None:
+        ax.plot([k for k, _ in baseline], [100 * a for _, a in baseline], "k--o", ms=3, label="static: cut at layer k")
+    for label, curve in curves.items():
+        points = sorted(curve, key=lambda p: p.mean_layers)
+        ax.plot([p.mean_layers for p in points], [100 * p.accuracy for p in points], "-o", ms=3, label=label)
+    if full_accuracy is not None:
+        ax.axhline(100 * full_accuracy, color="grey", lw=0.8, label="full model")
+    if chosen is not None:
+        ax.plot([chosen.mean_layers], [100 * chosen.accuracy], "r*", ms=12, label="chosen")
+    ax.set_xlabel("mean layers run")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

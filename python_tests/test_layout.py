@@ -1,0 +1,151 @@
+"""The package's layout: subpackages in layers, no import cycles, the public names where users find them.
+
+Imports are read from the source (every ``import`` statement, those inside functions
+too), so a cycle that only a lazy import hides is found as well.
+"""
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+import earlyexit_kernels as eek
+
+PACKAGE_DIR = Path(eek.__file__).resolve().parent
+ROOT = "earlyexit_kernels"
+
+#: each subpackage and the layer it sits in; a module imports (at import time) only from
+#: its own layer or the ones below
+LAYERS = {
+    "methods": 0,
+    "backends": 1,
+    "engine": 2,
+    "models": 3,
+    "integrations": 4,
+    "training": 5,
+    "demo": 6,
+    "bench": 7,
+}
+#: what may sit directly in the package folder: the facade, ``python -m earlyexit_kernels``
+#: and ``earlyexit_kernels.ray``, the public name of the Ray Data integration
+TOP_LEVEL_MODULES = {"__init__", "__main__", "ray"}
+
+
+def module_name(path: Path) -> str:
+    parts = [ROOT, *path.relative_to(PACKAGE_DIR).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in PACKAGE_DIR.rglob("*.py")}
+
+
+def imports_of(path: Path, *, lazy: bool) -> set[str]:
+    """The package's modules that ``path`` imports, with the packages whose ``__init__`` that runs.
+
+    ``lazy=False``: only the imports that run when the module is imported (not those inside
+    functions or classes' methods).
+    """
+    tree = ast.parse(path.read_text())
+    current = module_name(path)
+    is_package = path.name == "__init__.py"
+    statements = ast.walk(tree) if lazy else tree.body
+    found = set()
+    for node in statements:
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = current.split(".") if is_package else current.split(".")[:-1]
+                base = base[: len(base) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module
+            targets = [source] + [f"{source}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            if target in MODULES:
+                parts = target.split(".")
+                # importing a.b.c runs the __init__ of a.b too (the root's is the facade, left out)
+                found.update(".".join(parts[:i]) for i in range(2, len(parts) + 1))
+    # a module's own packages have run their __init__ before it runs: no edge to them
+    ancestors = {".".join(current.split(".")[:i]) for i in range(1, current.count(".") + 2)}
+    return {m for m in found if m in MODULES and m not in ancestors}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def layer_of(module: str) -> int | None:
+    parts = module.split(".")
+    return LAYERS.get(parts[1]) if len(parts) > 1 else None
+
+
+def test_find_cycle_finds_one_and_only_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_cycles_lazy_imports_included():
+    graph = {m: imports_of(p, lazy=True) for m, p in MODULES.items() if m != ROOT}
+    assert find_cycle(graph) is None
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if layer_of(m) is not None))
+def test_modules_import_only_their_own_layer_or_lower(module):
+    upward = sorted(
+        target
+        for target in imports_of(MODULES[module], lazy=False)
+        if layer_of(target) is None or layer_of(target) > layer_of(module)
+    )
+    assert not upward, f"{module} imports {upward}, above its layer"
+
+
+def test_package_folder_holds_only_the_facade_and_subpackages():
+    top = {p.stem for p in PACKAGE_DIR.glob("*.py")}
+    assert top == TOP_LEVEL_MODULES
+    subpackages = {p.parent.name for p in PACKAGE_DIR.glob("*/__init__.py")}
+    assert subpackages == set(LAYERS)
+
+
+def test_every_module_imports():
+    """An optional dependency (starlette, matplotlib, ...) may be missing; the package's own may not."""
+    for module in MODULES:
+        if module.endswith("__main__"):
+            continue
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name is None or err.name.split(".")[0] == ROOT:
+                raise
+
+
+def test_public_names_stay_where_users_import_them():
+    from earlyexit_kernels.ray import EarlyExitClassifier
+    from earlyexit_kernels.training import pabee_loss, train_exit_heads
+
+    assert EarlyExitClassifier.__module__ == "earlyexit_kernels.integrations.ray_data"
+    assert train_exit_heads.__module__ == "earlyexit_kernels.training.train"
+    assert pabee_loss.__module__ == "earlyexit_kernels.methods.losses"
+    for name in eek.__all__:
+        assert getattr(eek, name) is not None
