@@ -12,7 +12,7 @@ LAYERS = 4
 # DACT is left out here: its halting head learns to stop where more layers stop paying off, and
 # the tiny model of this test never learns the hard sequences (depth does not pay off there), so
 # it halts on them early, rightly. The full-size run of `python -m earlyexit_kernels.bench.exit_quality`
-# (README, "Exit quality") measures DACT's easy and hard exits on a model that learnt them.
+# (docs/benchmarks.md, "Exit quality") measures DACT's easy and hard exits on a model that learnt them.
 METHODS = [m for m in exit_quality.METHODS if m != "dact"]
 
 

@@ -14,5 +14,5 @@ and the two ideals (:mod:`.ideal`): the layer count ``L*B/sum(exit_layer)`` and 
 shape-aware ideal built from the measured time of one layer at each active batch size
 and trimmed sequence length. Exit patterns are in :mod:`.patterns`, exit-step and
 compaction microbenchmarks in :mod:`.micro`, the CSV schema in :mod:`.results`, the
-plots in :mod:`.plots` and the README table in :mod:`.report`.
+plots in :mod:`.plots` and the results section of ``docs/benchmarks.md`` in :mod:`.report`.
 """

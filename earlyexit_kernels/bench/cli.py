@@ -5,7 +5,7 @@
 
 Writes ``<output-dir>/bench.csv`` (schema: :mod:`.results`), ``meta.json`` (command,
 duration, load) and the plots (:mod:`.plots`). ``python -m earlyexit_kernels.bench.report``
-turns committed CSVs into the README's results section.
+turns committed CSVs into the results section of ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations

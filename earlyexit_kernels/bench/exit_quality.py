@@ -1,7 +1,7 @@
 """Exit quality of every method on the package's task: accuracy against mean layers, and the static baseline.
 
     python -m earlyexit_kernels.bench.exit_quality --output benchmarks/results/exit_quality_cpu.csv \\
-        --plot benchmarks/results/exit_quality_cpu.png --readme README.md
+        --plot benchmarks/results/exit_quality_cpu.png --readme docs/benchmarks.md
 
 A 6-layer BERT (hidden 128, as in ``make demo``) is first fine-tuned once with PABEE's
 loss (``--base-method``; in a one-thread run with ``CE_L`` alone, DeeBERT's stage 1, this
@@ -41,7 +41,7 @@ label exit more than ``LABEL_GAP_FLAG`` (half a layer) later than those of the o
 
 The CSV holds one row per curve point (``kind=curve``), per static cut (``kind=static``)
 and per operating point (``kind=operating``); ``--readme`` rewrites the table between the
-``exit-quality`` markers of the README from that CSV (``--from-csv`` does only that).
+``exit-quality`` markers of a Markdown file (``docs/benchmarks.md``) from that CSV (``--from-csv`` does only that).
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def _row(method, kind, policy, record: ExitRecord, hard, baseline):
     return {
         "method": method,
         "kind": kind,
-        "policy": repr(policy),  # the exact code that builds it (the README table rounds it)
+        "policy": repr(policy),  # the exact code that builds it (the table rounds it)
         **{k: round(v, 5) for k, v in stats.items()},
         "static_accuracy": round(static, 5),
         "beats_static": int(stats["accuracy"] > static + 1e-9),
@@ -276,7 +276,7 @@ FIELDS = [
 
 
 def readme_table(csv_path: str) -> str:
-    """The README table, generated from the committed CSV."""
+    """The exit-quality table of ``docs/benchmarks.md``, generated from the committed CSV."""
     with open(csv_path) as f:
         lines = [line for line in f if not line.startswith("#")]
     rows = list(csv.DictReader(lines))
@@ -425,8 +425,8 @@ def main(argv=None) -> None:
     parser.add_argument("--output", help="CSV file for the results")
     parser.add_argument("--plot", help="image with every method's curve")
     parser.add_argument("--plot-dir", help="also one image per method (curve and static baseline) in this folder")
-    parser.add_argument("--readme", help="rewrite the exit-quality table of this README from the CSV")
-    parser.add_argument("--from-csv", help="only regenerate the README table from this CSV")
+    parser.add_argument("--readme", help="rewrite the exit-quality table of this Markdown file (docs/benchmarks.md) from the CSV")
+    parser.add_argument("--from-csv", help="only regenerate the table from this CSV")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--train-size", type=int, default=6144, help="examples of the base fine-tuning")
     parser.add_argument("--method-train-size", type=int, default=3072, help="examples each method trains on")

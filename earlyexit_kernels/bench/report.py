@@ -1,7 +1,7 @@
-"""``python -m earlyexit_kernels.bench.report``: the README's results section, from committed CSVs.
+"""``python -m earlyexit_kernels.bench.report``: the results section of ``docs/benchmarks.md``, from committed CSVs.
 
     python -m earlyexit_kernels.bench.report                       # print the markdown
-    python -m earlyexit_kernels.bench.report --readme README.md    # replace the section in place
+    python -m earlyexit_kernels.bench.report --readme docs/benchmarks.md    # replace the section in place
 
 Reads ``benchmarks/results/*/bench.csv`` (or the CSVs given) and writes everything
 between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` (appended at the end of the

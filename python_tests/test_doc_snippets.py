@@ -1,6 +1,6 @@
-"""Every ```python block of the README runs as written, on a small random model built offline.
+"""Every ```python block of the README and of docs/ runs as written, on a small random model built offline.
 
-The README says what its snippets assume (section "Use"): ``path`` is a folder with a
+The documents say what their snippets assume (README "Use", docs/usage.md "Patch a model"): ``path`` is a folder with a
 sequence classifier and its tokenizer, ``ids``/``mask`` a tokenized batch, ``texts`` a list of
 strings, ``batches``/``val_batches`` lists of dicts with ``input_ids``, ``attention_mask`` and
 ``labels``. :data:`PREAMBLES` builds exactly those names (and ``model`` where a section goes on
@@ -9,6 +9,7 @@ WordPiece tokenizer, saved in ``tmp_path``. Each block runs in ``tmp_path`` (so 
 snippets write, such as ``"out"`` or ``"curve.png"``, land there) in a fresh namespace.
 Blocks that need a GPU, a Ray cluster or the Hugging Face Hub are skipped with the reason;
 a block in a section this file does not know fails, so a new snippet gets a preamble.
+Blocks are named by document, section heading and ordinal in the section.
 """
 
 import re
@@ -17,14 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPOSITORY = Path(__file__).resolve().parents[1]
+DOCUMENTS = [REPOSITORY / "README.md", *sorted((REPOSITORY / "docs").glob("*.md"))]
 WORDS = "good bad great awful fine movie film plot actor scene not very really the a is was and but it".split()
 
 
-def _blocks():
-    """``(section, ordinal in the section, code)`` of every ```python block, in README order."""
+def _blocks(document: Path):
+    """``(document, section, ordinal in the section, code)`` of every ```python block of ``document``, in order."""
+    name = str(document.relative_to(REPOSITORY))
     section, counts, blocks = None, {}, []
-    lines = README.read_text().splitlines()
+    lines = document.read_text().splitlines()
     i = 0
     while i < len(lines):
         line = lines[i]
@@ -35,7 +38,7 @@ def _blocks():
             end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
             ordinal = counts.get(section, 0)
             counts[section] = ordinal + 1
-            blocks.append((section, ordinal, "\n".join(lines[i + 1 : end])))
+            blocks.append((name, section, ordinal, "\n".join(lines[i + 1 : end])))
             i = end
         i += 1
     return blocks
@@ -87,7 +90,7 @@ def _batches(tokenizer, count, seed):
 
 
 def _common(tmp_path):
-    """The names the README's snippets assume (section "Use")."""
+    """The names the snippets assume (README "Use", docs/usage.md "Patch a model")."""
     import earlyexit_kernels as eek
 
     path = str(tmp_path / "model")
@@ -159,44 +162,49 @@ def _skip(reason):
 
 #: (section, ordinal) -> what the block needs beyond the common names, or why it is skipped
 PREAMBLES = {
-    ("Use", 0): lambda ns: None,  # imports and loads the model itself from ``path``
-    ("Use", 1): lambda ns: None,
-    ("Use", 2): _skip(
+    ("README.md", "Use", 0): lambda ns: None,  # loads the model itself from ``path``
+    ("docs/usage.md", "Patch a model", 0): lambda ns: None,
+    ("docs/usage.md", "Patch a model", 1): lambda ns: None,
+    ("docs/usage.md", "Patch a model", 2): _skip(
         "needs the Hugging Face Hub; the same resolution runs offline on a local Hub cache in "
         "test_from_pretrained_hub.py"
     ),
-    ("Use", 3): _gpu,
-    ("Many sequences: `eek.classify` and the continuous engine", 0): _with_model,
-    ("On a Ray cluster", 0): _skip("needs a Ray cluster and S3 storage; python_tests/test_ray.py runs a local Ray"),
-    ("Training the heads", 0): _with_model,
-    ("Training the heads", 1): _trainer,
-    ("Save and load", 0): _with_model,
-    ("Calibration", 0): _with_model,
-    ("GLUE from local files", 0): _glue,
-    ("Backends", 0): lambda ns: None,
+    ("docs/usage.md", "Patch a model", 3): _gpu,
+    ("docs/usage.md", "Save and load", 0): _with_model,
+    ("docs/usage.md", "Backends", 0): lambda ns: None,
+    ("docs/serving.md", "Many sequences: `eek.classify` and the continuous engine", 0): _with_model,
+    ("docs/serving.md", "On a Ray cluster", 0): _skip(
+        "needs a Ray cluster and S3 storage; python_tests/test_ray.py runs a local Ray"
+    ),
+    ("docs/training.md", "Training the heads", 0): _with_model,
+    ("docs/training.md", "Training the heads", 1): _trainer,
+    ("docs/training.md", "Calibration", 0): _with_model,
+    ("docs/training.md", "GLUE from local files", 0): _glue,
 }
 
-BLOCKS = _blocks()
+BLOCKS = [block for document in DOCUMENTS for block in _blocks(document)]
 
 
 def test_every_block_has_a_preamble():
-    known = {(section, ordinal) for section, ordinal, _ in BLOCKS}
-    assert known == set(PREAMBLES), "add the new README block to PREAMBLES (or drop the stale entry)"
+    known = {(document, section, ordinal) for document, section, ordinal, _ in BLOCKS}
+    assert known == set(PREAMBLES), "add the new block to PREAMBLES (or drop the stale entry)"
 
 
-@pytest.mark.parametrize(("section", "ordinal", "code"), BLOCKS, ids=[f"{s}-{o}" for s, o, _ in BLOCKS])
-def test_readme_block_runs(section, ordinal, code, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("document", "section", "ordinal", "code"), BLOCKS, ids=[f"{d}-{s}-{o}" for d, s, o, _ in BLOCKS]
+)
+def test_block_runs(document, section, ordinal, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    if (section, ordinal) not in PREAMBLES:
-        pytest.fail(f"README block {ordinal} of section {section!r} has no preamble in this file")
+    if (document, section, ordinal) not in PREAMBLES:
+        pytest.fail(f"{document}: block {ordinal} of section {section!r} has no preamble in this file")
     ns = _common(tmp_path)
-    PREAMBLES[(section, ordinal)](ns)
-    exec(compile(code, f"README.md[{section}#{ordinal}]", "exec"), ns)  # noqa: S102 - the point of the test
+    PREAMBLES[(document, section, ordinal)](ns)
+    exec(compile(code, f"{document}[{section}#{ordinal}]", "exec"), ns)  # noqa: S102 - the point of the test
 
 
 @pytest.mark.parametrize("flag", ["output_hidden_states", "output_attentions"])
 def test_what_the_readme_says_of_hidden_states_and_attentions(flag, tmp_path):
-    """README, "Use": these flags raise ValueError on a patched model, and unpatch gives them back."""
+    """docs/usage.md, "Patch a model": these flags raise ValueError on a patched model, and unpatch gives them back."""
     ns = _common(tmp_path)
     model = _patched_model(ns)
     with pytest.raises(ValueError, match=f"{flag}=True is not available with early exit"):
