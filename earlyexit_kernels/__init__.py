@@ -5,8 +5,8 @@
     out = model(input_ids=ids, attention_mask=mask)
     out.logits, out.exit_layer, out.layers_run
 
-The public contract is ``shared/spec/API.md``; the semantics of each exit method are
-``shared/spec/EXIT_METHODS.md``.
+The public API is described in ``docs/api.md``; the semantics of each exit method in
+``docs/exit_methods.md``; the package's layout in ``docs/architecture.md``.
 """
 
 from earlyexit_kernels.backends.registry import _load_optional_backends, backend_status, backends

@@ -1,7 +1,7 @@
 // The per-row exit rule of every policy: plain C++ shared by the CPU and the CUDA kernels.
 //
 // This is the C++ form of earlyexit_kernels/methods/exit_rules.py::exit_step (itself the
-// executable form of shared/spec/EXIT_METHODS.md). No torch headers here: the file
+// executable form of docs/exit_methods.md). No torch headers here: the file
 // is included by .cu files that must compile without the torch CUDA headers.
 //
 // Arithmetic follows the reference operation by operation in float32 (one rounding

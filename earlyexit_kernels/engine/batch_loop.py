@@ -9,8 +9,8 @@ The decisions stay on the device; the only host read-back is the number of
 survivors with the longest extent, at most once per layer and never on a layer
 where the policy cannot exit.
 
-The engine is model-agnostic: it drives an :class:`EncoderAdapter` (see
-:mod:`earlyexit_kernels.integrations.hf_patch` for BERT, ALBERT and RoBERTa).
+The engine is model-agnostic: it drives an :class:`EncoderAdapter` (one per Hugging Face
+family in :mod:`earlyexit_kernels.models`).
 """
 
 from __future__ import annotations

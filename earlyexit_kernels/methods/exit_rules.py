@@ -1,6 +1,6 @@
 """The exit step in plain PyTorch: every policy's criterion and per-sequence state.
 
-This module is the executable form of ``shared/spec/EXIT_METHODS.md`` and the
+This module is the executable form of ``docs/exit_methods.md`` and the
 reference every fast backend is tested against. It works on the rows that are
 still active, in float32, without a host sync:
 

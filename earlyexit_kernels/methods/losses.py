@@ -1,4 +1,4 @@
-"""Training losses of every exit method (``shared/spec/EXIT_METHODS.md``, "Training losses").
+"""Training losses of every exit method (``docs/exit_methods.md``).
 
 All of them work on what a patched model returns in training mode (or with
 ``return_all_exits=True``), for ``L`` layers, ``B`` sequences and ``C`` classes:

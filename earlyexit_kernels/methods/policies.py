@@ -4,7 +4,7 @@ Every policy is a frozen dataclass validated when it is built (bad values raise
 ``ValueError``). What can only be checked against a model (one threshold per
 layer, a regression head, the length of a schedule) is checked by
 :meth:`ExitPolicy.check_fits` when the policy is attached with ``eek.patch``.
-The semantics of each rule are in ``shared/spec/EXIT_METHODS.md``; the
+The semantics of each rule are in ``docs/exit_methods.md``; the
 executable form is :mod:`earlyexit_kernels.methods.exit_rules`.
 """
 

@@ -1,0 +1,116 @@
+"""The documentation is complete inside the repository: links resolve, nothing points outside it.
+
+A user who clones the repository has the README and ``docs/`` only: every relative link
+must reach a file of the repository (and a heading, when it names one), every document must
+be reachable from the index, and no text may send the reader to files the repository does
+not ship.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+
+import earlyexit_kernels as eek
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+DOCS = REPOSITORY / "docs"
+DOCUMENTS = [REPOSITORY / "README.md", *sorted(DOCS.glob("*.md"))]
+LINK = re.compile(r"(?<!\!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
+#: the names of the pages an index must list
+EXPECTED_PAGES = {
+    "index.md",
+    "usage.md",
+    "exit_methods.md",
+    "api.md",
+    "serving.md",
+    "training.md",
+    "architecture.md",
+    "extending.md",
+    "benchmarks.md",
+    "development.md",
+}
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    text = re.sub(r"[`*_]|\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip().lower())
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def anchors(document: Path) -> set[str]:
+    found, in_code = set(), False
+    for line in document.read_text().splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and (match := re.match(r"^#{1,6} (.+)$", line)):
+            found.add(slug(match.group(1)))
+    return found
+
+
+def links(document: Path) -> list[str]:
+    text = re.sub(r"```.*?```", "", document.read_text(), flags=re.S)
+    return [a or b for a, b in LINK.findall(text)]
+
+
+def test_slug_follows_github():
+    assert slug("Many sequences: `eek.classify` and the continuous engine") == (
+        "many-sequences-eekclassify-and-the-continuous-engine"
+    )
+    assert slug("Batch size 1") == "batch-size-1"
+
+
+def test_the_docs_folder_has_every_page():
+    assert {p.name for p in DOCS.glob("*.md")} == EXPECTED_PAGES
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: str(p.relative_to(REPOSITORY)))
+def test_relative_links_resolve(document):
+    broken = []
+    for target in links(document):
+        if re.match(r"^[a-z]+:", target):
+            continue  # http(s), mailto: outside the repository by intent
+        path, _, anchor = target.partition("#")
+        resolved = (document.parent / path).resolve() if path else document
+        if not resolved.exists() or REPOSITORY not in (resolved, *resolved.parents):
+            broken.append(target)
+        elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
+            broken.append(target)
+    assert not broken, f"{document.name}: links that do not resolve: {broken}"
+
+
+def test_every_page_is_reachable_from_the_readme():
+    readme_targets = {(REPOSITORY / t.partition("#")[0]).resolve() for t in links(REPOSITORY / "README.md")}
+    assert (DOCS / "index.md").resolve() in readme_targets
+    index_targets = {(DOCS / t.partition("#")[0]).resolve() for t in links(DOCS / "index.md")}
+    missing = sorted(p.name for p in DOCS.glob("*.md") if p.name != "index.md" and p.resolve() not in index_targets)
+    assert not missing, f"docs/index.md does not link {missing}"
+
+
+def _shipped_text_files():
+    for folder, patterns in (
+        (REPOSITORY, ("README.md", "Makefile", "setup.py", "pyproject.toml")),
+        (DOCS, ("*.md",)),
+        (REPOSITORY / "earlyexit_kernels", ("**/*.py",)),
+        (REPOSITORY / "csrc", ("**/*.h", "**/*.cpp", "**/*.cu")),
+        (REPOSITORY / "scripts", ("*",)),
+        (REPOSITORY / "benchmarks", ("*.py", "results/**/*.md")),
+    ):
+        for pattern in patterns:
+            yield from (p for p in folder.glob(pattern) if p.is_file())
+
+
+def test_nothing_points_outside_the_repository():
+    """The package was specified in files outside it; what ships must not send users there."""
+    outside = re.compile(r"shared/spec|\.\./shared|EXIT_METHODS\.md|API\.md")
+    offenders = [
+        str(p.relative_to(REPOSITORY)) for p in _shipped_text_files() if outside.search(p.read_text(errors="replace"))
+    ]
+    assert not offenders
+
+
+def test_the_api_page_names_every_public_name():
+    text = (DOCS / "api.md").read_text()
+    missing = [name for name in eek.__all__ if not re.search(rf"\b{re.escape(name)}\b", text)]
+    assert not missing, f"docs/api.md does not describe {missing}"
