@@ -14,8 +14,10 @@ returns them and they are float64); every state tensor has the
 rows in its first dimension, so compaction gathers it like the hidden states.
 
 A non-finite logit (or halting logit) never lets a sequence exit on that layer.
-How each rule treats it: Patience breaks the streak; Voting casts no vote; QExit
-and DACT leave their state unchanged on that layer. At the last layer every
+How each rule treats it: Patience breaks the streak; Voting casts no vote; DACT
+leaves its state unchanged on that layer; QExit leaves its state unchanged when the
+halting logit is non-finite (its state does not read the class logits, which then
+only block the exit). At the last layer every
 sequence exits, whatever its head says.
 """
 
