@@ -1,6 +1,7 @@
 """The benchmark suite's smoke run: ``python -m earlyexit_kernels.bench --smoke`` must keep working.
 
-A tiny model and one repetition: this checks the suite runs end to end, that every
+A tiny model and one repetition: this checks the suite runs end to end on every family
+(the BERT sweep, the spot rows of ALBERT, RoBERTa, DistilBERT, DeBERTa-v3 and ModernBERT), that every
 method agrees with the pattern and the naive baseline (the suite's own ``check``
 column), that the CSV has its columns and that the plots and the README section are
 produced. It times nothing meaningful.
@@ -14,7 +15,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 from earlyexit_kernels.bench import cli, report  # noqa: E402
-from earlyexit_kernels.bench.results import COLUMNS  # noqa: E402
+from earlyexit_kernels.bench.results import COLUMNS, write_csv  # noqa: E402
 
 
 def test_bench_smoke(tmp_path):
@@ -29,7 +30,15 @@ def test_bench_smoke(tmp_path):
     e2e = [r for r in rows if r["kind"] == "e2e"]
     methods = {(r["method"], r["backend"]) for r in e2e}
     assert {("full", "hf"), ("eek", "torch"), ("naive", "torch"), ("bs1", "torch")} <= methods
-    assert {r["model"] for r in e2e} == {"bert", "albert", "roberta"}
+    assert {r["model"] for r in e2e} == {"bert", "albert", "roberta", "distilbert", "deberta_v3", "modernbert"}
+    # Every family runs every method; DeBERTa-v3 runs eager attention (the package's only one for it), the full
+    # model too, and the CSV says so.
+    for model in ("distilbert", "deberta_v3", "modernbert"):
+        mine = [r for r in e2e if r["model"] == model]
+        assert {(r["method"], r["backend"]) for r in mine} == methods
+        assert {r["pattern"] for r in mine} == {"sched-f0.00", "sched-f0.50", "geometric-p0.10"}
+        assert {r["attn"] for r in mine} == {"eager" if model == "deberta_v3" else "sdpa"}
+        assert all(r["nonlayer_p50_s"] != "" for r in mine)
     assert {r["pattern"] for r in e2e if r["model"] == "bert"} >= {
         "sched-f0.00",
         "sched-f0.25",
@@ -57,8 +66,33 @@ def test_bench_smoke(tmp_path):
     first = readme.read_text()
     assert first.startswith("# title") and report.START in first and report.END in first
     assert "| bert | 16 | 4 |" in first
+    assert "| deberta_v3 (eager attention) | 16 | 4 |" in first and "| modernbert | 16 | 4 |" in first
+    assert "Speed-up over the full model, deberta_v3 (eager attention), S = 16:" in first
     assert report.main([str(out / "bench.csv"), "--readme", str(readme)]) == 0
     assert readme.read_text().count(report.START) == 1
+
+    # Two CSVs of one machine (the sweep and the families, as committed): one section, each CSV's settings.
+    sweep, families = tmp_path / "sweep" / "bench.csv", tmp_path / "families" / "bench.csv"
+    write_csv(sweep, [r for r in rows if r["model"] in ("bert", "-")])
+    write_csv(families, [{**r, "repeats": "3"} for r in e2e if r["model"] not in ("bert", "albert", "roberta")])
+    assert report.main([str(sweep), str(families), "--readme", str(readme)]) == 0
+    both = readme.read_text()
+    assert both.count("### ") == 1 and both.count("(UTC)") == 2
+    assert "`families/bench.csv` (distilbert, deberta_v3, modernbert): measured" in both
+    assert "p50 of 3 interleaved repetitions; the other settings as above" in both
+    assert "| bert | 16 | 4 |" in both and "| deberta_v3 (eager attention) | 16 | 4 |" in both
+
+
+def test_models_none_runs_no_sweep():
+    args = cli.parse_args(["--device", "cpu", "--models", "none", "--spot-models", "distilbert,modernbert"])
+    assert args.models == [] and args.spot_models == ["distilbert", "modernbert"]
+    assert cli.parse_args(["--device", "cpu"]).spot_models == [
+        "albert",
+        "roberta",
+        "distilbert",
+        "deberta_v3",
+        "modernbert",
+    ]
 
 
 def test_the_default_output_folder_is_a_new_one(tmp_path, monkeypatch):

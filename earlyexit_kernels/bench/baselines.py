@@ -1,9 +1,12 @@
 """The baselines the early-exit engine is compared with, each its own loop over the HF layers.
 
-Both reuse the patched model's adapter (:mod:`earlyexit_kernels.integrations.hf_patch`) only to reach
-the model's own modules (embeddings, encoder layer ``i``, pooler, classifiers and the
-per-layer heads ``eek.patch`` added), so they run the same weights, dtype and attention
-implementation as the engine and the full model. Neither uses the engine.
+Both reuse the patched model's adapter (:mod:`earlyexit_kernels.integrations.hf_patch`, one per
+family: :mod:`earlyexit_kernels.models`) only to reach the model's own modules the way its
+family's forward does (embeddings, the mask a layer takes, encoder layer ``i``, pooling,
+classifiers and the per-layer heads ``eek.patch`` added), so they run the same weights, dtype
+and attention implementation as the engine and the full model, on every supported family
+(no BERT internals: no ``.bert.encoder.layer``, no pooler, no token types, no 4-D mask of their
+own). Neither uses the engine.
 
 ``naive_batched``: what the batched ports of FastBERT/DeeBERT do. After each layer the
 heads run as modules, the exit step is the eager PyTorch reference
@@ -25,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 
-from earlyexit_kernels.backends.compaction import layer_attention_mask
 from earlyexit_kernels.methods.exit_rules import exit_step, init_state
 from earlyexit_kernels.methods.policies import ExitPolicy, Scheduled
 
@@ -39,28 +41,29 @@ class BaselineResult:
     host_syncs: int
 
 
-def _heads(adapter, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-    return adapter.classify(layer, adapter.pool(hidden, None))
+def _heads(adapter, layer: int, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's head of ``layer`` on ``hidden`` [n, S, H]; ``mask`` [n, S] for a pooling that reads it."""
+    return adapter.classify(layer, adapter.pool(hidden, mask))
 
 
 def naive_batched(adapter, policy: ExitPolicy, input_ids: torch.Tensor, mask: torch.Tensor) -> BaselineResult:
     """Batched early exit with eager exit step and boolean-index compaction (see the module doc)."""
     num_layers, num_labels = adapter.num_layers, adapter.num_labels
-    hidden = adapter.embed(input_ids, None, None, None)
+    hidden = adapter.embed(input_ids, None, None, None, mask)  # DeBERTa's embeddings read the mask
     batch, _, hidden_size = hidden.shape
     device, dtype = hidden.device, hidden.dtype
     out_logits = torch.zeros(batch, num_labels, dtype=dtype, device=device)
     out_exit = torch.full((batch,), num_layers, dtype=torch.long, device=device)
     syncs = 1
     if bool((mask == 0).any()):
-        layer_mask = layer_attention_mask(mask, adapter.attn_implementation, dtype)
+        layer_mask = adapter.layer_mask(mask, dtype)
     else:
         mask = layer_mask = None
     state = init_state(policy, batch, num_labels, hidden_size, num_layers, device, pooled_dtype=dtype)
     rows = torch.arange(batch, device=device)
     for layer in range(1, num_layers + 1):
         hidden = adapter.run_layer(layer - 1, hidden, layer_mask)
-        logits = _heads(adapter, layer, hidden)
+        logits = _heads(adapter, layer, hidden, mask)
         exits, returned, state = exit_step(policy, layer, num_layers, logits, None, state)
         leaving = rows[exits]
         out_logits[leaving] = returned[exits].to(dtype)
@@ -74,7 +77,7 @@ def naive_batched(adapter, policy: ExitPolicy, input_ids: torch.Tensor, mask: to
         syncs += 2 + len(state)
         if mask is not None:
             mask = mask[keep]
-            layer_mask = layer_attention_mask(mask, adapter.attn_implementation, dtype)
+            layer_mask = adapter.layer_mask(mask, dtype)
             syncs += 1
         if hidden.shape[0] == 0:
             break

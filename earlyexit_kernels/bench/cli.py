@@ -35,6 +35,9 @@ def _ints(text: str) -> list[int]:
 
 
 def _names(text: str) -> list[str]:
+    """Comma-separated architectures; ``none`` (or nothing) for none."""
+    if text.strip().lower() in ("", "none"):
+        return []
     names = [v.strip() for v in text.split(",") if v.strip()]
     for name in names:
         if name not in ARCHITECTURES:
@@ -58,12 +61,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the shortest sequence length runs every batch size; longer ones only while B*S <= this "
         "(default: no limit on CUDA, 4096 on CPU)",
     )
-    parser.add_argument("--models", type=_names, default=["bert"], help="architectures of the full sweep")
     parser.add_argument(
-        "--spot-models", type=_names, default=["albert", "roberta"], help="spot checks: 3 patterns at --spot-batch"
+        "--models", type=_names, default=["bert"], help="architectures of the full sweep (none: no sweep)"
+    )
+    parser.add_argument(
+        "--spot-models",
+        type=_names,
+        default=["albert", "roberta", "distilbert", "deberta_v3", "modernbert"],
+        help="spot checks: 3 patterns at --spot-batch (none: no spot checks)",
     )
     parser.add_argument("--spot-batch", type=int, default=32)
-    parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
+    parser.add_argument(
+        "--attn",
+        choices=["sdpa", "eager"],
+        default="sdpa",
+        help="attention of every method; deberta_v3 always runs eager (the CSV's attn column says so)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per method (p20/p50/p80 over them)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
     parser.add_argument("--no-micro", action="store_true", help="skip the exit-step and compaction microbenchmarks")
@@ -166,7 +179,7 @@ def run(args) -> list[dict]:
     from tqdm import tqdm
 
     env = environment(device)
-    common = {"config": size.label, "dtype": args.dtype, "attn": args.attn}
+    common = {"config": size.label, "dtype": args.dtype}
     rows: list[dict] = []
     models = {}
     total = len(tasks) + (0 if args.no_micro else 1)
@@ -191,11 +204,13 @@ def run(args) -> list[dict]:
                 repeats=args.repeats,
                 measure_memory=not args.no_memory,
             )
-            rows += [{**env, **common, **load, "model": arch, **row} for row in measured]
+            attn = {"attn": model.config._attn_implementation}  # deberta_v3: eager whatever --attn says
+            rows += [{**env, **common, **attn, **load, "model": arch, **row} for row in measured]
             bar.update()
         if not args.no_micro:
             bar.set_description("microbenchmarks")
-            rows += [{**env, **common, "model": "-", **row} for row in _micro_rows(args, device, dtype, size)]
+            micro = _micro_rows(args, device, dtype, size)
+            rows += [{**env, **common, "attn": args.attn, "model": "-", **row} for row in micro]
             bar.update()
     return rows
 

@@ -11,6 +11,12 @@ active at layer ``l`` (``exit_layer >= l``) and ``S_l`` the longest of their len
 
     ideal_shape = L * t(B, S) / sum_l t(n_l, S_l)
 
+For a family whose layers differ (ModernBERT: global and sliding-window layers,
+``config.layer_types``), ``t`` is the time of one period of the layer types (layers
+``0..p-1``) instead of one layer: every ``t`` is then ``p`` times the mean layer time of that
+shape, which cancels in the ratio. The probes run through the family's adapter (its mask,
+its ``run_layer``), as the engine does.
+
 The full model runs every layer at ``(B, S)``. Small batches use the hardware worse, so
 ``ideal_shape`` is below ``ideal_layers`` when the batch shrinks to a few rows, and above
 it when trimming the padding saves more than the row count says. Embeddings, heads and
@@ -25,10 +31,9 @@ from __future__ import annotations
 
 import torch
 
-from earlyexit_kernels.backends.compaction import layer_attention_mask
 from earlyexit_kernels.bench.patterns import ExitPattern
 
-__all__ = ["ideal_layers", "active_shapes", "layer_probe", "shape_probes", "ideal_shape"]
+__all__ = ["ideal_layers", "active_shapes", "probe_layers", "layer_probe", "shape_probes", "ideal_shape"]
 
 
 def ideal_layers(pattern: ExitPattern, num_layers: int) -> float:
@@ -48,16 +53,33 @@ def active_shapes(pattern: ExitPattern, num_layers: int, seq_len: int) -> list[t
     return shapes
 
 
+def probe_layers(adapter) -> list[int]:
+    """The encoder layers a probe runs: ``[0]``, or one period of ``config.layer_types`` when they differ."""
+    kinds = list(getattr(adapter.model.config, "layer_types", None) or [])
+    if len(set(kinds)) <= 1:
+        return [0]
+    period = next(p for p in range(1, len(kinds) + 1) if all(k == kinds[i % p] for i, k in enumerate(kinds)))
+    return list(range(period))
+
+
 def layer_probe(adapter, n: int, s: int, padded: bool, device: torch.device, dtype: torch.dtype):
-    """A no-argument callable running encoder layer 0 on ``[n, s, H]`` (masked when ``padded``)."""
+    """A no-argument callable running the :func:`probe_layers` on ``[n, s, H]`` (masked when ``padded``)."""
     hidden = torch.randn(n, s, adapter.hidden_size, device=device, dtype=dtype)
     mask = None
     if padded:  # one padded position per row: the masked kernel path, as the engine runs it
         mask = torch.ones(n, s, dtype=torch.long, device=device)
         if s > 1:
             mask[:, -1] = 0
-    layer_mask = layer_attention_mask(mask, adapter.attn_implementation, dtype)
-    return lambda: adapter.run_layer(0, hidden, layer_mask)
+    layer_mask = adapter.layer_mask(mask, dtype)
+    layers = probe_layers(adapter)
+    if layers == [0]:
+        return lambda: adapter.run_layer(0, hidden, layer_mask)
+
+    def run():
+        for index in layers:  # each on the same input: the time of the layers, not of a chain
+            adapter.run_layer(index, hidden, layer_mask)
+
+    return run
 
 
 def shape_probes(pattern: ExitPattern, num_layers: int, seq_len: int, adapter, device, dtype) -> dict:

@@ -7,12 +7,19 @@ Reads ``benchmarks/results/*/bench.csv`` (or the CSVs given) and writes everythi
 between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` (appended at the end of the
 file when the markers are missing). Nothing in that section is typed by hand: rerun
 this script after a new sweep.
+
+CSVs measured on the same machine (``device_name``) share one section: one Targets table
+and the speed-up tables of every model, with the settings of each CSV stated (and its
+command and duration, from the ``meta.json`` beside it); what a later CSV shares with the
+first is said once. A model that ran with another attention than the CSV's ``--attn``
+(DeBERTa-v3: eager only) is named with its attention in every table.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -64,7 +71,10 @@ def _speedup_table(rows: list[dict], backends: list[str]) -> list[str]:
     return lines
 
 
-def _targets_table(rows: list[dict], backend: str) -> list[str]:
+def _targets_table(rows: list[dict], backend: str, labels: dict | None = None) -> list[str]:
+    """One line per (model, S, B) with ``eek`` rows of ``backend``; ``labels[model]`` names the model."""
+    labels = labels or {}
+    order = _models_in_order(rows)
     lines = [
         "| model | S | B | overhead at f = 0 (p50) | added non-layer time at f = 0 | "
         "eek / shape ideal, f = 0.25 / 0.5 / 0.75 | eek / shape ideal, geometric / padded | "
@@ -76,7 +86,7 @@ def _targets_table(rows: list[dict], backend: str) -> list[str]:
         if r["method"] == "eek" and r["backend"] == backend:
             groups[(r["model"], int(r["S"]), int(r["B"]))][r["pattern"]] = r
     fulls = {(r["model"], int(r["S"]), int(r["B"]), r["pattern"]): r for r in rows if r["method"] == "full"}
-    for (model, s, b), pats in sorted(groups.items(), key=lambda kv: (kv[0][0] != "bert", kv[0])):
+    for (model, s, b), pats in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1:])):
         f0 = pats.get("sched-f0.00")
         overhead = "" if f0 is None else f"{(1 / float(f0['speedup_vs_full']) - 1) * 100:+.1f}%"
         nonlayer = (
@@ -94,7 +104,9 @@ def _targets_table(rows: list[dict], backend: str) -> list[str]:
         if f0 is not None:
             full = fulls.get((model, s, b, "sched-f0.00"), {})
             mem = f"{_mib(f0.get('peak_mem_bytes'))} / {_mib(full.get('peak_mem_bytes'))}"
-        lines.append(f"| {model} | {s} | {b} | {overhead} | {nonlayer} | {sched} | {spread} | {mem} |")
+        lines.append(
+            f"| {labels.get(model, model)} | {s} | {b} | {overhead} | {nonlayer} | {sched} | {spread} | {mem} |"
+        )
     return lines
 
 
@@ -125,6 +137,89 @@ def _micro_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _models_in_order(rows: list[dict]) -> list[str]:
+    """The models of ``rows``, ``bert`` first, then in the order they first appear."""
+    order = []
+    for r in rows:
+        if r["model"] not in order:
+            order.append(r["model"])
+    return sorted(order, key=lambda m: m != "bert")
+
+
+def _meta(path: Path) -> dict:
+    """The ``meta.json`` written beside ``path`` by the suite ({} when there is none)."""
+    try:
+        return json.loads((Path(path).parent / "meta.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _attention(e2e: list[dict], meta: dict) -> tuple[str, dict]:
+    """The run's ``--attn`` (meta.json, else the most common) and ``{model: attn}`` of the models that differ."""
+    counts = defaultdict(int)
+    for r in e2e:
+        counts[r["attn"]] += 1
+    main = meta.get("settings", {}).get("attn") or max(counts, key=counts.get)
+    other = {}
+    for r in e2e:
+        if r["attn"] != main:
+            other.setdefault(r["model"], r["attn"])
+    return main, other
+
+
+def _settings(e2e: list[dict], attention: str) -> list[list[tuple[str, str]]]:
+    """How a CSV was measured: groups (written ``; ``-separated) of ``(key, text)`` pieces (``, ``-separated)."""
+    first = e2e[0]
+    return [
+        [
+            ("config", f"model size `{first['config']}` (random weights, 2 labels)"),
+            ("dtype", first["dtype"]),
+            ("attention", attention),
+            ("threads", f"torch threads: {first['threads']}"),
+            ("repeats", f"p50 of {first['repeats']} interleaved repetitions"),
+        ],
+        [
+            (
+                "versions",
+                f"torch {first['torch']}, transformers {first['transformers']}, triton {first['triton'] or '-'}",
+            )
+        ],
+    ]
+
+
+def _source_lines(sources: list[tuple[Path, list[dict]]], relative_to: Path) -> list[str]:
+    """How each CSV of one machine was measured; what a later one shares with the first is said once."""
+    lines, reference = [], None
+    for path, e2e in sources:
+        meta = _meta(path)
+        loads = sorted({r["load_1m"] for r in e2e}, key=float)
+        main, other = _attention(e2e, meta)
+        attention = f"attention `{main}`"
+        if other:
+            notes = "; ".join(f"`{m}`: `{a}` for every method, the full model included" for m, a in other.items())
+            attention += f" ({notes})"
+        groups = _settings(e2e, attention)
+        if reference is None:
+            reference = {key: text for group in groups for key, text in group}
+            kept = [[text for _, text in group] for group in groups]
+        else:
+            kept = [[text for key, text in group if reference.get(key) != text] for group in groups]
+            shared = "the other settings as above" if any(kept) else "the settings above"
+            kept.append([shared])
+        described = "; ".join(", ".join(group) for group in kept if group)
+        loads_text = f"1-minute load average at each configuration's start: {loads[0]}-{loads[-1]}"
+        text = f"easured {e2e[0]['timestamp']} (UTC); {described}; {loads_text}."
+        if len(sources) > 1:
+            text = f"`{os.path.relpath(path, relative_to)}` ({', '.join(_models_in_order(e2e))}): m{text}"
+        else:
+            text = f"M{text}"
+        if meta.get("argv") is not None and "seconds" in meta:
+            command = " ".join(["python -m earlyexit_kernels.bench", *meta["argv"]])
+            text += f" Written by `{command}` in {float(meta['seconds']):.0f} s."
+        lines += [text, ""]
+    return lines
+
+
 def render(csv_paths: list[Path], relative_to: Path) -> str:
     out = [START, "## Results", ""]
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
@@ -137,40 +232,57 @@ def render(csv_paths: list[Path], relative_to: Path) -> str:
         "(FastBERT/DeeBERT batched ports); `bs1`: one sequence at a time with a Python `if` (the research code). "
         "Ideals and patterns: `earlyexit_kernels/bench/ideal.py`, `patterns.py`.",
     ]
+    machines: dict[str, list[tuple[Path, list[dict]]]] = defaultdict(list)
+    micro: dict[str, list[dict]] = defaultdict(list)
     for path in csv_paths:
         rows = read_csv(path)
         e2e = [r for r in rows if r["kind"] == "e2e"]
         if not e2e:
             continue
-        meta = e2e[0]
+        machines[e2e[0]["device_name"]].append((Path(path), e2e))
+        micro[e2e[0]["device_name"]] += [r for r in rows if r["kind"] != "e2e"]
+    for device, sources in machines.items():
+        e2e = []
+        labels: dict[str, str] = {}
+        seen = defaultdict(int)
+        for _, rows in sources:
+            for model in {r["model"] for r in rows}:
+                seen[model] += 1
+        for path, rows in sources:
+            _, other = _attention(rows, _meta(path))
+            folder = Path(path).parent.name
+            for r in rows:
+                label = r["model"]
+                if r["model"] in other:
+                    label += f" ({other[r['model']]} attention)"
+                if seen[r["model"]] > 1:  # the same model in several CSVs: keep them apart
+                    label += f" [{folder}]"
+                labels[label] = label
+                e2e.append({**r, "model": label})
         backends = _eek_backends(e2e)
-        loads = sorted({r["load_1m"] for r in rows})
+        out += ["", f"### {device}", ""]
+        out += _source_lines(sources, relative_to)
         out += [
-            "",
-            f"### {meta['device_name']}",
-            "",
-            f"Measured {meta['timestamp']} (UTC); model size `{meta['config']}` (random weights, 2 labels), "
-            f"{meta['dtype']}, attention `{meta['attn']}`, torch threads: {meta['threads']}, p50 of {meta['repeats']} "
-            f"interleaved repetitions; torch {meta['torch']}, transformers {meta['transformers']}, "
-            f"triton {meta['triton'] or '-'}; 1-minute load average at each configuration's start: "
-            f"{min(loads, key=float)}-{max(loads, key=float)}.",
-            "",
             f"Targets (`eek` with `{backends[0]}`): overhead at f = 0 (goal <= 2%; measured end to end, and as the "
             "time the engine adds around the layers, timed with every encoder layer replaced by an identity) and "
             "speed-up / shape-aware ideal (goal >= 0.95 at B = 32):",
             "",
         ]
-        out += _targets_table(e2e, backends[0])
-        for model in sorted({r["model"] for r in e2e}, key=lambda m: m != "bert"):
+        out += _targets_table(e2e, backends[0], labels)
+        for model in _models_in_order(e2e):
             for s in sorted({int(r["S"]) for r in e2e if r["model"] == model}):
                 sel = [r for r in e2e if r["model"] == model and int(r["S"]) == s]
                 out += ["", f"Speed-up over the full model, {model}, S = {s}:", ""]
                 out += _speedup_table(sel, backends)
-        out += _micro_table([r for r in rows if r["kind"] != "e2e"])
-        folder = os.path.relpath(Path(path).parent, relative_to)
-        for name, alt in (("speedup_vs_f.png", "speed-up vs f"), ("exit_step_vs_batch.png", "exit step vs batch size")):
-            if (Path(path).parent / name).exists():
-                out += ["", f"![{alt}]({folder}/{name})"]
+        out += _micro_table(micro[device])
+        for path, _ in sources:
+            folder = os.path.relpath(Path(path).parent, relative_to)
+            for name, alt in (
+                ("speedup_vs_f.png", "speed-up vs f"),
+                ("exit_step_vs_batch.png", "exit step vs batch size"),
+            ):
+                if (Path(path).parent / name).exists():
+                    out += ["", f"![{alt}]({folder}/{name})"]
     out += ["", END]
     return "\n".join(out) + "\n"
 

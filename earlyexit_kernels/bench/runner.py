@@ -10,7 +10,11 @@ ideal needs (:mod:`.ideal`). Peak memory is measured in a separate, untimed call
 (embeddings, heads, exit steps, compaction, write-back and Python only), timed in
 ``repeats`` further interleaved rounds; ``nonlayer_overhead`` is its excess over the full
 model's, as a fraction of the full model's time. It measures what a method adds around
-the layers without the noise of the layers' own time.
+the layers without the noise of the layers' own time. The layers are found through the
+family's adapter (:func:`earlyexit_kernels.models.adapter_class`), so this works for every
+supported family; what an adapter computes per layer outside the layer module (DeBERTa's
+square mask and relative positions, ModernBERT's masks and rotary tables when the shape
+changes) counts as non-layer time, as it is time the method adds.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers.models.deberta_v2.modeling_deberta_v2 import DebertaV2Layer
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.bench.baselines import batch_size_one, naive_batched, single_sequence_inputs
@@ -28,6 +33,7 @@ from earlyexit_kernels.bench.ideal import ideal_layers, ideal_shape, shape_probe
 from earlyexit_kernels.bench.patterns import ExitPattern, make_inputs
 from earlyexit_kernels.bench.timing import peak_memory, percentiles, timed_call
 from earlyexit_kernels.methods.policies import Scheduled
+from earlyexit_kernels.models import adapter_class
 
 __all__ = ["Method", "measure_pattern"]
 
@@ -58,10 +64,20 @@ def _methods(model, adapter, policy, ids, mask, pattern: ExitPattern, eek_backen
 
 
 def _layer_modules(model) -> list[torch.nn.Module]:
-    base = model.base_model
-    if hasattr(base.encoder, "albert_layer_groups"):
-        return list(base.encoder.albert_layer_groups)
-    return list(base.encoder.layer)
+    """The distinct modules that run the encoder layers of ``model`` (ALBERT: its shared layer groups)."""
+    adapter = adapter_class(model)(model, None)
+    modules: dict[int, torch.nn.Module] = {}
+    for index in range(model.config.num_hidden_layers):
+        module = adapter.layer_module(index)
+        modules.setdefault(id(module), module)
+    return list(modules.values())
+
+
+def _identity(module: torch.nn.Module):
+    """A forward for ``module`` that returns its input in the form the module's own forward returns."""
+    if isinstance(module, DebertaV2Layer):  # (output, attention probabilities or None)
+        return lambda hidden, *args, **kwargs: (hidden, None)
+    return lambda hidden, *args, **kwargs: hidden
 
 
 @contextmanager
@@ -69,7 +85,7 @@ def layers_as_identity(model):
     """Inside: every encoder layer (ALBERT: layer group) of ``model`` returns its input unchanged."""
     modules = _layer_modules(model)
     for module in modules:
-        module.forward = lambda hidden, *args, **kwargs: hidden
+        module.forward = _identity(module)
     try:
         yield
     finally:
