@@ -282,7 +282,8 @@ def render(csv_paths: list[Path], relative_to: Path) -> str:
                 ("exit_step_vs_batch.png", "exit step vs batch size"),
             ):
                 if (Path(path).parent / name).exists():
-                    out += ["", f"![{alt}]({folder}/{name})"]
+                    label = f"{alt}, {Path(path).parent.name}" if len(sources) > 1 else alt
+                    out += ["", f"![{label}]({folder}/{name})"]
     out += ["", END]
     return "\n".join(out) + "\n"
 
