@@ -425,7 +425,9 @@ def main(argv=None) -> None:
     parser.add_argument("--output", help="CSV file for the results")
     parser.add_argument("--plot", help="image with every method's curve")
     parser.add_argument("--plot-dir", help="also one image per method (curve and static baseline) in this folder")
-    parser.add_argument("--readme", help="rewrite the exit-quality table of this Markdown file (docs/benchmarks.md) from the CSV")
+    parser.add_argument(
+        "--readme", help="rewrite the exit-quality table of this Markdown file (docs/benchmarks.md) from the CSV"
+    )
     parser.add_argument("--from-csv", help="only regenerate the table from this CSV")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--train-size", type=int, default=6144, help="examples of the base fine-tuning")
