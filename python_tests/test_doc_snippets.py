@@ -164,12 +164,12 @@ def _skip(reason):
 PREAMBLES = {
     ("README.md", "Use", 0): lambda ns: None,  # loads the model itself from ``path``
     ("docs/usage.md", "Patch a model", 0): lambda ns: None,
-    ("docs/usage.md", "Patch a model", 1): lambda ns: None,
-    ("docs/usage.md", "Patch a model", 2): _skip(
+    ("docs/usage.md", "Backend, outputs, the Hub and devices", 0): lambda ns: None,
+    ("docs/usage.md", "Backend, outputs, the Hub and devices", 1): _skip(
         "needs the Hugging Face Hub; the same resolution runs offline on a local Hub cache in "
         "test_from_pretrained_hub.py"
     ),
-    ("docs/usage.md", "Patch a model", 3): _gpu,
+    ("docs/usage.md", "Backend, outputs, the Hub and devices", 2): _gpu,
     ("docs/usage.md", "Save and load", 0): _with_model,
     ("docs/usage.md", "Backends", 0): lambda ns: None,
     ("docs/serving.md", "Many sequences: `eek.classify` and the continuous engine", 0): _with_model,
@@ -204,7 +204,7 @@ def test_block_runs(document, section, ordinal, code, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("flag", ["output_hidden_states", "output_attentions"])
 def test_what_the_readme_says_of_hidden_states_and_attentions(flag, tmp_path):
-    """docs/usage.md, "Patch a model": these flags raise ValueError on a patched model, and unpatch gives them back."""
+    """docs/usage.md, "Backend, outputs, the Hub and devices": these flags raise ValueError on a patched model, and unpatch gives them back."""
     ns = _common(tmp_path)
     model = _patched_model(ns)
     with pytest.raises(ValueError, match=f"{flag}=True is not available with early exit"):

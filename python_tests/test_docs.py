@@ -114,3 +114,11 @@ def test_the_api_page_names_every_public_name():
     text = (DOCS / "api.md").read_text()
     missing = [name for name in eek.__all__ if not re.search(rf"\b{re.escape(name)}\b", text)]
     assert not missing, f"docs/api.md does not describe {missing}"
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/usage.md"])
+def test_the_supported_models_tables_list_every_supported_class(document):
+    """A user decides from these tables whether their model is supported; none may be left out."""
+    text = (REPOSITORY / document).read_text()
+    missing = [cls.__name__ for cls in eek.SUPPORTED_MODELS if f"`{cls.__name__}`" not in text]
+    assert not missing, f"{document}'s supported-models table lacks {missing}"
