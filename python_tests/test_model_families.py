@@ -364,3 +364,19 @@ def test_modernbert_follows_a_change_of_attention_implementation_after_patching(
         eek.unpatch(model)
         reference = model(**inputs).logits
     assert torch.equal(out.logits, reference)
+
+
+def test_a_mask_buffer_refilled_in_place_between_forwards_is_read_again(family):
+    """Serving code reuses one input buffer per batch: nothing built from the last mask may be kept."""
+    model = tiny_family(family)
+    eek.patch(model, eek.Entropy(0.0))  # nothing exits: full-depth logits, comparable with the plain model
+    first, second = tiny_inputs(family, seed=1), tiny_inputs(family, seed=2)
+    assert not torch.equal(first["attention_mask"], second["attention_mask"])
+    buffer = {name: tensor.clone() for name, tensor in first.items()}
+    with torch.no_grad():
+        model(**buffer)
+        for name, tensor in buffer.items():
+            tensor.copy_(second[name])
+        refilled = model(**buffer).logits
+        fresh = model(**{name: tensor.clone() for name, tensor in second.items()}).logits
+    torch.testing.assert_close(refilled, fresh, rtol=0, atol=0)

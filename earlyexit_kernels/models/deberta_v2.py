@@ -4,7 +4,8 @@ positions, the optional convolution after layer 1, the ``ContextPooler`` head.
 The layers run as ``DebertaV2Encoder.forward`` runs them: the [n, 1, S, S] mask ``m_i m_j``
 (``encoder.get_attention_mask``), the relative positions of the current length
 (``encoder.get_rel_pos``, with ``position_buckets`` and ``max_relative_positions``), the
-relative embeddings (``encoder.get_rel_embedding``), and after layer 1 the convolution
+relative embeddings (``encoder.get_rel_embedding``), built once per forward and again after
+each compaction or trim (:class:`LayerInputs`), and after layer 1 the convolution
 (``conv_kernel_size > 0``), which reads the layer's input and the 2-D mask. The embeddings are
 multiplied by the mask, as Hugging Face does. The head is
 ``classifier(dropout(act(dense(dropout(h_cls)))))`` (``pooler_hidden_act``, GELU by default):
@@ -51,25 +52,48 @@ class DebertaV2Adapter(EncoderAdapterBase):
         )
 
     def layer_mask(self, mask, dtype):
-        """The 2-D mask as integers (or None): ``run_layer`` builds the square mask and positions from it."""
-        return None if mask is None else mask.to(torch.long)
+        """What the layers take beside the hidden states until the batch next changes: the 2-D mask
+        as integers (or None), and on first use the square mask, the relative positions and the
+        relative embeddings, built once as ``DebertaV2Encoder.forward`` builds them once."""
+        return LayerInputs(None if mask is None else mask.to(torch.long))
 
     def layer_module(self, index):
         return self.encoder.layer[index]
 
+    def _build(self, hidden, inputs):
+        mask = inputs.mask
+        if mask is None:  # Hugging Face's default mask: every position
+            mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        inputs.flat = mask
+        inputs.square = self.encoder.get_attention_mask(mask)
+        inputs.relative_pos = self.encoder.get_rel_pos(hidden)
+        inputs.rel_embeddings = self.encoder.get_rel_embedding()
+        inputs.shape = hidden.shape[:2]
+
     def run_layer(self, index, hidden, attention_mask):
-        if attention_mask is None:  # Hugging Face's default mask: every position
-            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
-        square = self.encoder.get_attention_mask(attention_mask)
-        relative_pos = self.encoder.get_rel_pos(hidden)
+        inputs = attention_mask if isinstance(attention_mask, LayerInputs) else LayerInputs(attention_mask)
+        if inputs.shape != hidden.shape[:2]:
+            self._build(hidden, inputs)
         out, _ = self.encoder.layer[index](
-            hidden, square, relative_pos=relative_pos, rel_embeddings=self.encoder.get_rel_embedding()
+            hidden, inputs.square, relative_pos=inputs.relative_pos, rel_embeddings=inputs.rel_embeddings
         )
         if index == 0 and self.encoder.conv is not None:
-            out = self.encoder.conv(hidden, out, attention_mask)
+            out = self.encoder.conv(hidden, out, inputs.flat)
         return out
 
     def pool_cls(self, cls_hidden):
         # ContextPooler.forward on the [CLS] row, as it computes it
         pooler = self.pooler
         return ACT2FN[pooler.config.pooler_hidden_act](pooler.dense(pooler.dropout(cls_hidden)))
+
+
+class LayerInputs:
+    """One :meth:`DebertaV2Adapter.layer_mask`: the 2-D mask, and what is built from it for hidden
+    states of ``shape`` [n, S]. The engine asks for a new one whenever rows leave or padding is
+    trimmed, and every forward starts with a new one, so nothing outlives the forward that
+    passed the mask (nor the parameters the relative embeddings were computed from)."""
+
+    def __init__(self, mask):
+        self.mask = mask
+        self.shape = None
+        self.flat = self.square = self.relative_pos = self.rel_embeddings = None

@@ -5,7 +5,7 @@ and global attention layers (``config.layer_types``), the final norm, ``classifi
 The layers run as ``ModernBertModel.forward`` runs them: each layer gets the mask of its type,
 built by Hugging Face's own ``create_bidirectional_mask`` / ``create_bidirectional_sliding_window_mask``
 from the current 2-D mask, and the rotary ``(cos, sin)`` of its type for positions ``0..S-1``;
-both are rebuilt when the batch is compacted or trimmed (cached while the mask and shape stay).
+both are built once per forward and again when the batch is compacted or trimmed (:class:`LayerInputs`).
 The exit head at a layer is the model's head on that layer's output:
 ``classifier_i(drop(head(pool(final_norm(h)))))``, where ``pool`` is the [CLS] row or the mean
 over the valid tokens. Not the tanh pooler, so never fused (see :mod:`earlyexit_kernels.models.base`).
@@ -35,7 +35,6 @@ class ModernBertAdapter(EncoderAdapterBase):
         self.final_classifier = model.classifier
         self.classifier_dropout = model.drop
         self.mean_pooling = config.classifier_pooling == "mean"
-        self._cache = None  # (mask, key, masks by layer type, rotary by layer type)
 
     def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask=None):
         if position_ids is not None:
@@ -43,33 +42,30 @@ class ModernBertAdapter(EncoderAdapterBase):
         return self.base.embeddings(input_ids=input_ids, inputs_embeds=inputs_embeds)
 
     def layer_mask(self, mask, dtype):
-        """The 2-D mask (or None): ``run_layer`` builds each layer type's mask and rotary table from it."""
-        return mask
+        """What the layers take beside the hidden states until the batch next changes: the 2-D mask
+        [n, S] (or None), and on first use each layer type's mask and rotary table built from it."""
+        return LayerInputs(mask)
 
     def layer_module(self, index):
         return self.base.layers[index]
 
-    def _context(self, hidden, mask):
-        # Keyed on everything the masks and tables depend on (set_attn_implementation may change it).
-        key = (tuple(hidden.shape), hidden.dtype, hidden.device, self.model.config._attn_implementation)
-        cache = self._cache
-        if cache is not None and cache[0] is mask and cache[1] == key:
-            return cache[2], cache[3]
-        kwargs = {"config": self.model.config, "inputs_embeds": hidden, "attention_mask": mask}
-        masks = {
+    def _build(self, hidden, inputs):
+        kwargs = {"config": self.model.config, "inputs_embeds": hidden, "attention_mask": inputs.mask}
+        inputs.masks = {
             "full_attention": create_bidirectional_mask(**kwargs),
             "sliding_attention": create_bidirectional_sliding_window_mask(**kwargs),
         }
         positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        rotary = {t: self.base.rotary_emb(hidden, positions, t) for t in set(self.model.config.layer_types)}
-        self._cache = (mask, key, masks, rotary)
-        return masks, rotary
+        inputs.rotary = {t: self.base.rotary_emb(hidden, positions, t) for t in set(self.model.config.layer_types)}
+        inputs.shape = hidden.shape[:2]
 
     def run_layer(self, index, hidden, attention_mask):
-        masks, rotary = self._context(hidden, attention_mask)
+        inputs = attention_mask if isinstance(attention_mask, LayerInputs) else LayerInputs(attention_mask)
+        if inputs.shape != hidden.shape[:2]:
+            self._build(hidden, inputs)
         layer = self.base.layers[index]
         kind = layer.attention_type
-        return layer(hidden, attention_mask=masks[kind], position_embeddings=rotary[kind])
+        return layer(hidden, attention_mask=inputs.masks[kind], position_embeddings=inputs.rotary[kind])
 
     def pool(self, hidden, mask=None):
         if not self.mean_pooling:
@@ -78,3 +74,19 @@ class ModernBertAdapter(EncoderAdapterBase):
         if mask is None:
             mask = torch.ones(hidden.shape[:2], device=hidden.device, dtype=torch.bool)
         return self.head((hidden * mask.unsqueeze(-1)).sum(dim=1) / mask.sum(dim=1, keepdim=True))
+
+
+class LayerInputs:
+    """One :meth:`ModernBertAdapter.layer_mask`: the 2-D mask, and the masks and rotary tables built
+    from it for hidden states of ``shape`` [n, S].
+
+    The engine asks for a new one whenever rows leave or padding is trimmed, and every forward
+    starts with a new one: nothing built from a mask outlives the forward that passed it (a
+    caller may refill the same mask tensor in place for its next batch).
+    """
+
+    def __init__(self, mask):
+        self.mask = mask
+        self.shape = None
+        self.masks = None
+        self.rotary = None
