@@ -8,6 +8,7 @@ produced. It times nothing meaningful.
 """
 
 import csv
+import re
 
 import pytest
 
@@ -81,6 +82,9 @@ def test_bench_smoke(tmp_path):
     assert "`families/bench.csv` (distilbert, deberta_v3, modernbert): measured" in both
     assert "p50 of 3 interleaved repetitions; the other settings as above" in both
     assert "| bert | 16 | 4 |" in both and "| deberta_v3 (eager attention) | 16 | 4 |" in both
+    # A spot row times f = 0.5 only of the three fractions: the others keep their places as dashes.
+    spot = next(line for line in both.splitlines() if line.startswith("| deberta_v3 (eager attention) | 16 | 4 |"))
+    assert re.search(r"\| – / [0-9.]+ / – \| [0-9.]+ / – \|", spot), spot
 
 
 def test_models_none_runs_no_sweep():

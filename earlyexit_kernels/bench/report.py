@@ -94,11 +94,14 @@ def _targets_table(rows: list[dict], backend: str, labels: dict | None = None) -
             if f0 is None or f0.get("nonlayer_overhead") in (None, "")
             else f"{float(f0['nonlayer_overhead']) * 100:+.2f}%"
         )
+        # A pattern the run did not time (the spot rows time three) keeps its place as a dash.
         sched = " / ".join(
-            _f(pats[p]["ratio_ideal_shape"]) for p in ("sched-f0.25", "sched-f0.50", "sched-f0.75") if p in pats
+            _f(pats[p]["ratio_ideal_shape"]) if p in pats else "–"
+            for p in ("sched-f0.25", "sched-f0.50", "sched-f0.75")
         )
         spread = " / ".join(
-            _f(r["ratio_ideal_shape"]) for p, r in pats.items() if p.startswith(("geometric", "padded"))
+            next((_f(r["ratio_ideal_shape"]) for p, r in pats.items() if p.startswith(prefix)), "–")
+            for prefix in ("geometric", "padded")
         )
         mem = ""
         if f0 is not None:
