@@ -243,3 +243,34 @@ def test_kernel_write_back_never_writes_outside_the_batch(backend):
     assert int((target.exit_layer == 2).sum()) == ACTIVE - 2
     for buffer, sentinel in zip(guarded, (1234.5, -7, -9)):
         assert bool((buffer[:4] == sentinel).all()) and bool((buffer[-4:] == sentinel).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, "model"], ids=["out_fp32", "out_model_dtype"])
+@pytest.mark.parametrize("backend", FAST)
+def test_head_write_back_writes_the_logits_head_exit_step_returns(backend, dtype, out_dtype):
+    """In bf16/fp16 the written logits are the head's logits rounded to the model dtype, bit for bit
+    what ``head_exit_step`` returns (and decides on): with every row forced to exit (last layer) the
+    whole batch is compared. H = 64 with weights large enough that the fp32 sums are not representable
+    in the model dtype, so an unrounded write-back differs."""
+    device = DEVICES[backend]
+    resolved = backend_registry.resolve_backend(backend, device)
+    step = on_device(resolved.head_exit_step, device)
+    settle = on_device(resolved.head_exit_step_write_back, device)
+    g = torch.Generator().manual_seed(21)
+    cls = torch.randn(ACTIVE, 5, HIDDEN, generator=g).to(dtype)[:, 0]
+    wp = (torch.randn(HIDDEN, HIDDEN, generator=g) * 0.3).to(dtype)
+    bp = (torch.randn(HIDDEN, generator=g) * 0.1).to(dtype)
+    wi = (torch.randn(LABELS, HIDDEN, generator=g) * 0.7).to(dtype)
+    bi = (torch.randn(LABELS, generator=g) * 0.1).to(dtype)
+    policy = eek.Entropy(0.5)
+    state = exit_rules.init_state(policy, ACTIVE, LABELS, HIDDEN, LAYERS, torch.device("cpu"))
+    target = _fresh_target(False, dtype if out_dtype == "model" else out_dtype)
+    with torch.no_grad():
+        _, returned, logits, _, _ = step(policy, LAYERS, LAYERS, cls, wp, bp, wi, bi, dict(state))
+        exits, _, _, stats = settle(policy, LAYERS, LAYERS, cls, wp, bp, wi, bi, dict(state), None, target)
+    assert bool(exits.all()) and int(stats[0]) == 0
+    assert logits.dtype == dtype
+    assert torch.equal(returned, logits.to(returned.dtype))  # Entropy returns the logits themselves
+    written = target.logits[target.rows]
+    assert torch.equal(written, logits.to(written.dtype)), (written - logits.to(written.dtype)).abs().max()

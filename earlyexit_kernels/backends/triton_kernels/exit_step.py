@@ -262,7 +262,9 @@ def _decide_kernel(
             for t in range(0, num_tiles):
                 acc += tl.load(src_ptr + t * n * C + rc, mask=m2, other=0.0)
             acc += tl.load(bias_ptr + cs * stride_b, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-            lg = acc.to(logits_ptr.dtype.element_ty)
+            # Rounded to the model dtype, which is the bias's: logits_ptr is a placeholder of
+            # another dtype when the logits are not stored (the write-back path).
+            lg = acc.to(bias_ptr.dtype.element_ty)
             if STORE_LOGITS:
                 tl.store(logits_ptr + rc, lg, mask=m2)
             z = lg.to(tl.float32)
