@@ -16,6 +16,7 @@ forward then returns it as ``outputs.loss`` in training mode.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
@@ -23,12 +24,17 @@ from torch import nn
 
 from earlyexit_kernels.integrations.hf_patch import _check_objective_policy, is_patched
 from earlyexit_kernels.methods.losses import ALIASES, OBJECTIVES, objective
+from earlyexit_kernels.training.cached_heads import cache_exit_inputs, cache_reason, cached_exits
 
 __all__ = [
     "freeze_backbone",
     "select_trainable",
     "parameter_groups",
     "train_exit_heads",
+    "TrainingLog",
+    "default_lr",
+    "DEFAULT_LR",
+    "DEFAULT_EPOCHS",
     "METHODS",
     "HALTING_LR",
     "OPTIMIZERS",
@@ -46,6 +52,14 @@ _TRAINS = ("all", "heads", "backbone")
 #: the last layers, which the backbone's learning rate (1e-5 to 1e-3) does not do in a
 #: few hundred steps.
 HALTING_LR = 3e-3
+#: the learning rate of each ``trains`` mode when none is given. The heads alone start from
+#: the final classifier's weights on inputs they were not trained for and must move far:
+#: at 2e-5 (a fine-tuning rate) the internal heads of a fine-tuned MiniLM-L6 stayed at
+#: chance on Rotten Tomatoes (docs/training.md has the sweep).
+DEFAULT_LR = {"heads": 1e-3, "all": 2e-5, "backbone": 2e-5}
+#: the number of epochs when none is given: on cached exit inputs an epoch costs
+#: milliseconds to seconds, through the forward it costs a pass of the model.
+DEFAULT_EPOCHS = {"cached": 30, "forward": 1}
 
 
 def freeze_backbone(model: nn.Module) -> list[nn.Parameter]:
@@ -147,13 +161,41 @@ def _schedule(name: str, total: int, warmup: int):
     return factor
 
 
+class TrainingLog(list):
+    """The loss of every training step (a list of floats), and how the training went.
+
+    ``val_losses``: the validation loss after every epoch (empty without validation data);
+    ``best_epoch``: the 1-based epoch whose heads were kept (the last one without validation
+    data); ``stopped_early``: whether early stopping ended the training before ``epochs``;
+    ``epochs_run``; ``cached``: whether the fast path trained on cached exit inputs;
+    ``lr``: the learning rate used; ``seconds``: the wall-clock time of the call.
+    """
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.val_losses: list[float] = []
+        self.best_epoch = 0
+        self.stopped_early = False
+        self.epochs_run = 0
+        self.cached = False
+        self.lr = 0.0
+        self.seconds = 0.0
+
+
+def default_lr(trains: str) -> float:
+    """The learning rate :func:`train_exit_heads` uses for ``trains`` when none is given (:data:`DEFAULT_LR`)."""
+    if trains not in DEFAULT_LR:
+        raise ValueError(f"trains must be one of {', '.join(_TRAINS)}; got {trains!r}")
+    return DEFAULT_LR[trains]
+
+
 def train_exit_heads(
     model: nn.Module,
     batches,
     *,
     method: str = "pabee",
-    epochs: int = 1,
-    lr: float = 2e-5,
+    epochs: int | None = None,
+    lr: float | None = None,
     halting_lr: float | None = HALTING_LR,
     weight_decay: float = 0.01,
     warmup_fraction: float = 0.1,
@@ -163,25 +205,50 @@ def train_exit_heads(
     trains: str | None = None,
     loss_kwargs: Mapping | None = None,
     progress: bool = True,
-) -> list[float]:
-    """Train a patched model with one method's loss; returns the loss of every step.
+    val_batches=None,
+    early_stopping: int | None = 3,
+    cached: bool | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+) -> TrainingLog:
+    """Train a patched model with one method's loss; returns the loss of every step (a :class:`TrainingLog`).
 
     ``batches``: a re-iterable of dicts with ``input_ids``, ``labels`` and optionally
     ``attention_mask`` and ``token_type_ids`` (a list or a ``DataLoader``; ``labels`` may be
-    left out for ``"fastbert"``). A one-shot iterator (a generator) is read into memory
-    for one epoch; with ``epochs > 1`` it raises ``ValueError``, as does an epoch that
-    finds no batches. ``method``: a name of
-    :data:`earlyexit_kernels.methods.losses.OBJECTIVES` (``"pabee"``, ``"deebert_stage1"``,
-    ``"deebert_stage2"`` (alias ``"deebert"``), ``"fastbert"``, ``"palbert"`` (alias
-    ``"pondernet"``), ``"ensemble"``, ``"dact"``, ``"smartbert_stage1"``,
+    left out for ``"fastbert"``, which distils the final classifier). A one-shot iterator (a
+    generator) is read into memory; without the cached path it trains one epoch, and with
+    ``epochs > 1`` it raises ``ValueError``, as does an epoch that finds no batches.
+    ``method``: a name of :data:`earlyexit_kernels.methods.losses.OBJECTIVES` (``"pabee"``,
+    ``"deebert_stage1"``, ``"deebert_stage2"`` (alias ``"deebert"``), ``"fastbert"``,
+    ``"palbert"`` (alias ``"pondernet"``), ``"ensemble"``, ``"dact"``, ``"smartbert_stage1"``,
     ``"smartbert_stage2"``). ``"palbert"`` needs the model patched with ``eek.QExit``,
     ``"dact"`` with ``eek.DACT`` and ``"smartbert_stage1"`` with ``eek.SkipGates`` (their
     halting head or gates). ``trains``: which parameters learn, ``"all"`` (joint),
     ``"heads"`` (head-only) or ``"backbone"``; by default the method's own (see
     :func:`select_trainable`); the others are frozen during the loop and their
-    ``requires_grad`` is restored after. ``optimizer``: ``"adamw"``, ``"adam"`` or
-    ``"sgd"`` (momentum 0.9); ``schedule``: linear warm-up over ``warmup_fraction`` of
-    the steps, then ``"linear"`` decay, ``"cosine"`` decay or ``"constant"``.
+    ``requires_grad`` is restored after.
+
+    Defaults that converge (``docs/training.md`` has the measurements): ``lr=None`` is
+    :data:`DEFAULT_LR` of the ``trains`` mode (1e-3 for the heads alone, 2e-5 when the
+    backbone learns); ``epochs=None`` is :data:`DEFAULT_EPOCHS` (30 on the cached path, 1
+    through the forward).
+
+    Cached fast path (:mod:`earlyexit_kernels.training.cached_heads`): when only the exit
+    heads learn (``trains="heads"``, or a method whose own mode it is), the frozen model runs
+    once over ``batches`` (and ``val_batches``) and every epoch trains the internal heads (and
+    the halting head of QExit or DACT) on the cached inputs, in shuffled batches of
+    ``batch_size`` rows (default: the size of the first batch; ``seed`` fixes the order).
+    ``cached=None`` takes it where it is valid, ``True`` requires it (``ValueError`` saying why
+    not), ``False`` trains through the forward.
+
+    Early stopping: with ``val_batches`` (the same form as ``batches``), the method's loss on
+    them is measured after every epoch (eval mode); the training stops after
+    ``early_stopping`` epochs without a lower loss (None: never) and the trainable parameters
+    of the best epoch are restored. Without validation data the schedule ends the training:
+    linear warm-up over ``warmup_fraction`` of the steps, then ``"linear"`` decay to zero,
+    ``"cosine"`` decay or ``"constant"``. ``optimizer``: ``"adamw"``, ``"adam"`` or ``"sgd"``
+    (momentum 0.9).
+
     ``halting_lr``: the learning rate of the halting heads (QExit, DACT) and SmartBERT's
     gates when they train (:data:`HALTING_LR`, 3e-3, by default; ``None``: ``lr`` like the
     rest). They start from a constant output and must move far (see :data:`HALTING_LR`);
@@ -190,13 +257,21 @@ def train_exit_heads(
     ``loss_kwargs`` go to the loss (``beta=``, ``tau=``, ``lam=``, ``diversity=``).
     ``progress``: a tqdm bar on a terminal.
     """
+    started = time.perf_counter()
     chosen = objective(method)
     if not is_patched(model):
         raise ValueError("train_exit_heads needs a model patched with eek.patch")
     chosen.check_head(model.config.num_labels)
     _check_objective_policy(chosen, model._eek_policy)
-    if epochs < 1:
+    trains = trains or chosen.trains
+    if trains not in _TRAINS:
+        raise ValueError(f"trains must be one of {', '.join(_TRAINS)}; got {trains!r}")
+    if epochs is not None and epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if lr is None:
+        lr = default_lr(trains)
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"lr must be a number >= 0 (None: the default of the trains mode); got {lr!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
     if halting_lr is not None and not (
@@ -205,64 +280,182 @@ def train_exit_heads(
         raise ValueError(f"halting_lr must be a positive number or None (the same as lr); got {halting_lr!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
-    if isinstance(batches, Iterator):
-        # a generator or an iterator can be read once: one epoch, held in memory so that the
-        # schedule knows its length
-        if epochs > 1:
+    if early_stopping is not None and early_stopping < 1:
+        raise ValueError(f"early_stopping must be >= 1 epochs or None (never stop early); got {early_stopping!r}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 rows; got {batch_size!r}")
+    one_shot = isinstance(batches, Iterator)
+    if one_shot:
+        batches = list(batches)  # a generator can be read once: held in memory
+    if isinstance(val_batches, Iterator):
+        val_batches = list(val_batches)
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    loss_kwargs = dict(loss_kwargs or {})
+    was_training = model.training
+    log = TrainingLog()
+    log.lr = lr
+    try:
+        parameters = select_trainable(model, trains)
+        reason = cache_reason(model, chosen, parameters)
+        if cached and reason is not None:
+            raise ValueError(f"cached=True but the cached path cannot train the {chosen.name} loss here: {reason}")
+        log.cached = reason is None and cached is not False
+        if epochs is None:
+            epochs = DEFAULT_EPOCHS["cached" if log.cached else "forward"]
+        if one_shot and epochs > 1 and not log.cached:
             raise ValueError(
-                f"batches is a one-shot iterator ({type(batches).__name__}): it can be read only once, so "
+                f"batches is a one-shot iterator (a generator): it can be read only once, so "
                 f"epochs={epochs} would train on nothing after the first epoch; pass a list or a DataLoader "
                 f"(re-iterable), or epochs=1"
             )
-        batches = list(batches)
-    requires_grad = {p: p.requires_grad for p in model.parameters()}
-    loss_kwargs = dict(loss_kwargs or {})
-    steps_per_epoch = sum(1 for _ in _batches(batches))
-    if steps_per_epoch == 0:
-        raise ValueError("train_exit_heads got no batches: batches is empty (or an iterable already read)")
-    total = max(1, steps_per_epoch * epochs)
-    warmup = int(total * warmup_fraction)
-    was_training = model.training
-    bar = None
-    losses = []
-    try:
-        parameters = select_trainable(model, trains or chosen.trains)
+        if log.cached:
+            source = _CachedSource(model, batches, val_batches, batch_size, seed, progress)
+        else:
+            source = _ForwardSource(model, batches, val_batches)
+        steps_per_epoch = source.steps_per_epoch
+        if steps_per_epoch == 0:
+            raise ValueError("train_exit_heads got no batches: batches is empty (or an iterable already read)")
+        total = max(1, steps_per_epoch * epochs)
         opt = _optimizer(optimizer, parameter_groups(model, lr, halting_lr, parameters), weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(schedule, total, warmup))
-        bar = _progress(total, f"training ({chosen.name})", progress)
-        model.train()
-        for epoch in range(epochs):
-            steps_before = len(losses)
-            for batch in _batches(batches):
-                out = model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch.get("attention_mask"),
-                    token_type_ids=batch.get("token_type_ids"),
-                )
-                loss = chosen(out, batch.get("labels"), **loss_kwargs)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(schedule, total, int(total * warmup_fraction)))
+        _train_epochs(
+            model,
+            chosen,
+            loss_kwargs,
+            source,
+            opt,
+            scheduler,
+            parameters,
+            epochs,
+            max_grad_norm,
+            early_stopping,
+            log,
+            progress,
+        )
+    finally:
+        model.train(was_training)
+        for parameter, flag in requires_grad.items():
+            parameter.requires_grad_(flag)
+    log.seconds = time.perf_counter() - started
+    return log
+
+
+def _train_epochs(
+    model, chosen, loss_kwargs, source, opt, scheduler, parameters, epochs, max_grad_norm, early_stopping, log, progress
+) -> None:
+    """The loop: ``epochs`` passes over ``source``, with early stopping on its validation loss."""
+    bar = _progress(source.steps_per_epoch * epochs, f"training ({chosen.name})", progress)
+    best_loss, best_state, since_best = math.inf, None, 0
+    try:
+        for epoch in range(1, epochs + 1):
+            model.train()
+            steps_before = len(log)
+            for out, labels in source.epoch(epoch):
+                loss = chosen(out, labels, **loss_kwargs)
                 if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"the {chosen.name} loss is {loss.item()} at step {len(losses)}; lower lr")
+                    raise FloatingPointError(f"the {chosen.name} loss is {loss.item()} at step {len(log)}; lower lr")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
                 opt.step()
                 scheduler.step()
-                losses.append(loss.item())
+                log.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-            if len(losses) == steps_before:
+            if len(log) == steps_before:
                 raise ValueError(
-                    f"epoch {epoch + 1} of {epochs} found no batches ({steps_per_epoch} when they were counted "
+                    f"epoch {epoch} of {epochs} found no batches ({source.steps_per_epoch} when they were counted "
                     f"before the training): batches must give the same batches on every pass; pass a list or a "
                     f"DataLoader"
                 )
+            log.epochs_run = epoch
+            if not source.has_validation:
+                log.best_epoch = epoch
+                continue
+            model.eval()
+            val_loss = source.validation_loss(chosen, loss_kwargs)
+            log.val_losses.append(val_loss)
+            bar.set_postfix(loss=f"{log[-1]:.4f}", val=f"{val_loss:.4f}")
+            if val_loss < best_loss - 1e-6 * abs(best_loss):
+                best_loss, since_best, log.best_epoch = val_loss, 0, epoch
+                best_state = [p.detach().clone() for p in parameters]
+            else:
+                since_best += 1
+                if early_stopping is not None and since_best >= early_stopping:
+                    log.stopped_early = epoch < epochs
+                    break
     finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
-        for parameter, flag in requires_grad.items():
-            parameter.requires_grad_(flag)
-    return losses
+        bar.close()
+    if best_state is not None and log.best_epoch != log.epochs_run:
+        with torch.no_grad():
+            for parameter, value in zip(parameters, best_state):
+                parameter.copy_(value)
+
+
+class _ForwardSource:
+    """Training batches through the model's forward (every layer on every row, in training mode)."""
+
+    def __init__(self, model, batches, val_batches):
+        self.model, self.batches, self.val_batches = model, batches, val_batches
+        self.steps_per_epoch = sum(1 for _ in _batches(batches))
+        self.has_validation = val_batches is not None
+
+    def _forward(self, batch):
+        return self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            token_type_ids=batch.get("token_type_ids"),
+            return_all_exits=True,
+        )
+
+    def epoch(self, epoch: int):
+        for batch in _batches(self.batches):
+            yield self._forward(batch), batch.get("labels")
+
+    @torch.no_grad()
+    def validation_loss(self, chosen, loss_kwargs) -> float:
+        total, rows = 0.0, 0
+        for batch in _batches(self.val_batches):
+            n = batch["input_ids"].shape[0]
+            total += chosen(self._forward(batch), batch.get("labels"), **loss_kwargs).item() * n
+            rows += n
+        if rows == 0:
+            raise ValueError("val_batches holds no rows")
+        return total / rows
+
+
+class _CachedSource:
+    """Training batches of cached exit inputs: the frozen model ran once over the data."""
+
+    def __init__(self, model, batches, val_batches, batch_size, seed, progress):
+        self.model = model
+        self.train = cache_exit_inputs(model, batches, progress=progress, description="caching exit inputs")
+        self.val = None
+        if val_batches is not None:
+            self.val = cache_exit_inputs(model, val_batches, progress=progress, description="caching validation")
+        if batch_size is None:
+            first = next(iter(_batches(batches)))
+            batch_size = int(first["input_ids"].shape[0])
+        self.batch_size = max(1, batch_size)
+        self.seed = seed
+        self.steps_per_epoch = -(-self.train.num_rows // self.batch_size)
+        self.has_validation = self.val is not None
+
+    def epoch(self, epoch: int):
+        order = torch.randperm(self.train.num_rows, generator=torch.Generator().manual_seed(self.seed + epoch))
+        labels = self.train.labels
+        for start in range(0, self.train.num_rows, self.batch_size):
+            rows = order[start : start + self.batch_size]
+            yield cached_exits(self.model, self.train, rows), None if labels is None else labels[rows]
+
+    @torch.no_grad()
+    def validation_loss(self, chosen, loss_kwargs) -> float:
+        total = 0.0
+        for start in range(0, self.val.num_rows, 1024):
+            rows = torch.arange(start, min(start + 1024, self.val.num_rows))
+            labels = None if self.val.labels is None else self.val.labels[rows]
+            total += chosen(cached_exits(self.model, self.val, rows), labels, **loss_kwargs).item() * len(rows)
+        return total / self.val.num_rows
 
 
 def _progress(total: int, description: str, enabled: bool):
