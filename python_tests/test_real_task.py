@@ -9,10 +9,10 @@ import csv
 
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import BertTokenizer
 
 from earlyexit_kernels.demo import real_task
-from python_tests.conftest import tiny_model
 
 CATEGORIES = ["fresh", "rotten", "plot"]
 
