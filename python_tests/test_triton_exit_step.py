@@ -505,7 +505,15 @@ def test_gpu_block_sizes_under_interpreter(monkeypatch):
 
 # ----------------------------------------------------------------------------- torch.library registration
 
-_CPU_OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor")
+# With the AOT-dispatch checks: under the interpreter the ops are opaque custom ops (see
+# _common.register_op), so AOTAutograd traces their fake kernels, with dynamic sizes too.
+_CPU_OPCHECK = (
+    "test_schema",
+    "test_autograd_registration",
+    "test_faketensor",
+    "test_aot_dispatch_static",
+    "test_aot_dispatch_dynamic",
+)
 
 
 def _decide_args(z, state):
@@ -533,8 +541,9 @@ _CPU_ONLY = pytest.mark.skipif(KERNEL_DEVICE.type != "cpu", reason="with a GPU t
 
 @_CPU_ONLY
 def test_opcheck_cpu():
-    """Schema, autograd registration and fake (meta) kernels. The AOT-dispatch checks trace the
-    kernel launch, which Triton's interpreter cannot do with fake tensors: they run on CUDA below."""
+    """Schema, autograd registration, fake (meta) kernels and AOTAutograd with static and dynamic
+    sizes (the op as one node: Triton's interpreter cannot launch on fake tensors; the traced
+    launch itself is checked by test_launchers_trace_with_symbolic_sizes and on CUDA below)."""
     policy = eek.Patience(1)
     state = random_state(policy, 5, 3, 16, torch.float32, seed=90)
     z = torch.randn(5, 3)
@@ -544,6 +553,102 @@ def test_opcheck_cpu():
     cls = make_cls(5, 64, torch.float32, seed=91)
     wp, bp, wi, _ = make_head(64, 3, torch.float32, seed=92)
     torch.library.opcheck(torch.ops.earlyexit.exit_head.default, (cls, wp, bp, wi, True), test_utils=_CPU_OPCHECK)
+
+
+class _RecordedLaunch:
+    """Stands in for ``wrap_triton``: records ``kernel[grid](*args, **kwargs)`` instead of launching."""
+
+    def __init__(self, launches):
+        self.launches = launches
+
+    def __call__(self, kernel):
+        return _RecordedLaunch._Indexed(self.launches, kernel)
+
+    class _Indexed:
+        def __init__(self, launches, kernel):
+            self.launches, self.kernel = launches, kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
+
+
+@pytest.mark.parametrize("gpu_blocks", [False, True], ids=["interpreter_blocks", "gpu_blocks"])
+def test_launchers_trace_with_symbolic_sizes(monkeypatch, gpu_blocks):
+    """On a GPU, torch.compile with dynamic shapes (compaction changes n every layer) runs the
+    ops' launchers on fake tensors whose sizes are SymInts. The block sizes must come out as plain
+    ints without hashing a SymInt (an lru_cache on n raised ``unhashable type: non-nested SymInt``)
+    and without specializing the graph to one n: here n traced as 5 stays symbolic."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    monkeypatch.setattr(tk, "FORCE_GPU_BLOCKS", gpu_blocks)
+    launches = []
+    record = _RecordedLaunch(launches)
+    policy = eek.Patience(1)
+    wp, bp, wi, bi = make_head(64, 3, torch.float32, seed=92)
+    cls = make_cls(5, 64, torch.float32, seed=91).contiguous()
+    state = random_state(policy, 5, 3, 64, torch.float32, seed=90)
+
+    def step(cls, wp, bp, wi, bi, prev_pred, counter):
+        zpart, _ = tk._run_head(record, cls, wp, bp, wi, False, True)
+        s = (prev_pred, counter)
+        return tk._run_decide(
+            record,
+            zpart,
+            bi,
+            None,
+            *s,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            tk.PATIENCE_CLS,
+            2,
+            4,
+            0.0,
+            0.0,
+            1,
+            tk.F_PARTIALS | tk.F_LOGITS | tk.F_RETURNED,
+            True,
+        )
+
+    make_fx(step, tracing_mode="symbolic")(cls, wp, bp, wi, bi, state["prev_pred"], state["counter"])
+    assert len(launches) == 2
+    for _, _, kwargs in launches:
+        constexprs = {k: v for k, v in kwargs.items() if k.isupper() or k == "num_warps"}
+        assert all(type(v) in (int, bool) for v in constexprs.values()), constexprs
+    (head_grid, head_args, head_kw), (_, _, decide_kw) = launches
+    assert head_kw["BLOCK_M"] == tk._head_blocks(5, 64, True)[0]
+    assert decide_kw["BLOCK_M"] == tk._decide_blocks(5, 3)[0] and decide_kw["BLOCK_C"] == 4
+    assert any(isinstance(a, torch.SymInt) for a in head_args), "n was specialized to a constant"
+    assert isinstance(head_grid[0], torch.SymInt), "the grid was specialized to one n"
+
+
+@_CPU_ONLY
+def test_compile_aot_eager_with_a_dynamic_batch_cpu():
+    """The user's view of the same defect: a compiled exit step called at two batch sizes with the
+    batch dimension dynamic (AOTAutograd, as Inductor uses it; ``aot_eager`` runs on the CPU)."""
+    policy = eek.Patience(1)
+    wp, bp, wi, bi = make_head(64, 3, torch.float32, seed=92)
+
+    def step(cls, st):
+        return tk.head_exit_step(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, st)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for batch in (5, 9):
+        cls = make_cls(batch, 64, torch.float32, seed=batch)
+        st = random_state(policy, batch, 3, 64, torch.float32, seed=batch)
+        torch._dynamo.mark_dynamic(cls, 0)
+        for value in st.values():
+            torch._dynamo.mark_dynamic(value, 0)
+        got = compiled(cls, dict(st))
+        ref = exit_rules.head_exit_step(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, dict(st))
+        assert torch.equal(got[0], ref[0])
+        torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)
+        assert torch.equal(got[4]["counter"], ref[4]["counter"])
 
 
 @_CPU_ONLY

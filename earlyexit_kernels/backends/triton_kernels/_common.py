@@ -7,9 +7,20 @@ import contextlib
 import os
 
 import torch
+from torch.library import triton_op
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["cdiv", "interpreting", "new_empty", "poisoned_outputs", "next_pow2", "device_guard", "use_ops"]
+__all__ = [
+    "cdiv",
+    "interpreting",
+    "new_empty",
+    "poisoned_outputs",
+    "next_pow2",
+    "pow2_bucket",
+    "device_guard",
+    "use_ops",
+    "register_op",
+]
 
 _NO_GUARD = contextlib.nullcontext()
 
@@ -41,6 +52,20 @@ def use_ops() -> bool:
     return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 
+def register_op(name: str, *, mutates_args):
+    """``torch.library.triton_op`` on a GPU; an opaque ``torch.library.custom_op`` under the interpreter.
+
+    A ``triton_op`` is decomposed into its kernel launches when AOTAutograd traces it (so
+    Inductor sees the kernels); the traced launch then runs on fake tensors. Triton's
+    interpreter runs kernels on real memory only, so under it the op stays one node of the
+    graph and its kernels run when the graph runs. Schema, fake kernel and eager behaviour
+    are the same.
+    """
+    if interpreting():
+        return torch.library.custom_op(name, mutates_args=mutates_args)
+    return triton_op(name, mutates_args=mutates_args)
+
+
 def device_guard(tensor: torch.Tensor):
     """Context for a launch on ``tensor``'s device.
 
@@ -55,6 +80,25 @@ def device_guard(tensor: torch.Tensor):
 
 def next_pow2(value: int) -> int:
     return 1 << max(int(value) - 1, 0).bit_length()
+
+
+def pow2_bucket(value, low: int, high: int | None = None) -> int:
+    """The smallest power of two ``>= value``, clamped to ``[low, high]``, as a plain int.
+
+    ``value`` may be a ``SymInt``: a size traced with dynamic shapes (``torch.compile``,
+    AOTAutograd), where the registered ops run their launchers on fake tensors. It is then
+    only compared with powers of two, so the trace guards on the bucket (``n <= 32``), not on
+    the value: hashing it (``functools.lru_cache``) raises, ``int()`` would specialize the
+    graph to one size.
+    """
+    if type(value) is int:
+        bucket = next_pow2(value)
+        bucket = max(bucket, low)
+        return bucket if high is None else min(bucket, high)
+    bucket = low
+    while (high is None or bucket < high) and value > bucket:
+        bucket *= 2
+    return bucket
 
 
 def new_empty(shape, dtype: torch.dtype, device) -> torch.Tensor:

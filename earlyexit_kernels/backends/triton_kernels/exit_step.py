@@ -30,7 +30,10 @@ are what runs under ``torch.compile`` and under any dispatch mode (fake tensors,
 costs about 17 us of host time on a 2-core CPU, the registered ops about 120 us
 (``benchmarks/host_time_per_step.py``, kernel launches stubbed).
 Per-call integers (row count, layer, ...) are ``do_not_specialize``: otherwise Triton
-compiles a new variant whenever one of them equals 1 or is a multiple of 16.
+compiles a new variant whenever one of them equals 1 or is a multiple of 16. Block sizes
+are powers of two chosen from the row count and H by comparison only
+(:func:`~earlyexit_kernels.backends.triton_kernels._common.pow2_bucket`), so the launchers
+also run traced with dynamic shapes, where those sizes are SymInts.
 Every launch runs on the device of its tensors (Triton launches on the current device).
 
 Numerics: fp32 accumulation for fp32/fp16/bf16 inputs. fp32 inputs use IEEE fp32
@@ -51,14 +54,15 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from earlyexit_kernels.backends.triton_kernels._common import (
     cdiv,
     device_guard,
     interpreting,
     new_empty,
-    next_pow2,
+    pow2_bucket,
+    register_op,
     use_ops,
 )
 from earlyexit_kernels.backends.write_back import WriteBack
@@ -420,29 +424,30 @@ def _direct(kernel):
     return kernel
 
 
-@functools.lru_cache(maxsize=4096)
-def _head_blocks(n: int, hidden: int, dot_fp32: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the head kernel; BLOCK_N depends on H only."""
+def _head_blocks(n, hidden, dot_fp32: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the head kernel; BLOCK_N depends on H only.
+
+    ``n`` and ``hidden`` may be SymInts (the op traced with dynamic shapes): the block sizes
+    come from :func:`pow2_bucket`, never from a cache keyed on them.
+    """
     if interpreting() and not FORCE_GPU_BLOCKS:
         # Fewer, larger programs: the interpreter's cost is per program and per op.
-        return min(128, max(16, next_pow2(n))), min(256, max(16, next_pow2(hidden))), 256, 1
+        return pow2_bucket(n, 16, 128), pow2_bucket(hidden, 16, 256), 256, 1
     if dot_fp32:
         # The fp32 (IEEE) dot holds its operands in registers: 64-wide k tiles on 4 warps
         # spilled on sm_80 (255 registers, 544-byte stack; make triton-check). Half the k tile
         # on twice the warps: 80 registers on sm_80, 112 on sm_90, no stack.
-        return min(64, max(16, next_pow2(n))), 64, 32, 8
-    return min(64, max(16, next_pow2(n))), 64, 64, 4
+        return pow2_bucket(n, 16, 64), 64, 32, 8
+    return pow2_bucket(n, 16, 64), 64, 64, 4
 
 
-@functools.lru_cache(maxsize=256)
-def _num_tiles(hidden: int) -> int:
+def _num_tiles(hidden) -> int:
     return cdiv(hidden, _head_blocks(1, hidden)[1])
 
 
-@functools.lru_cache(maxsize=4096)
-def _decide_blocks(n: int, num_labels: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_C) of the decision kernel."""
-    return min(256 if interpreting() else 128, max(16, next_pow2(n))), max(2, next_pow2(num_labels))
+def _decide_blocks(n, num_labels) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_C) of the decision kernel (``n``, ``num_labels`` may be SymInts)."""
+    return pow2_bucket(n, 16, 256 if interpreting() else 128), pow2_bucket(num_labels, 2)
 
 
 def _dot_fp32(dtype: torch.dtype) -> bool:
@@ -488,7 +493,7 @@ def _run_head(wrap, cls_hidden, pooler_weight, pooler_bias, head_weight, want_po
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_K=block_k,
-            BLOCK_C=max(16, next_pow2(num_labels)),
+            BLOCK_C=pow2_bucket(num_labels, 16),
             DOT_FP32=_dot_fp32(cls_hidden.dtype),
             WRITE_POOLED=want_pooled,
             num_warps=warps,
@@ -496,7 +501,7 @@ def _run_head(wrap, cls_hidden, pooler_weight, pooler_bias, head_weight, want_po
     return zpart, pooled
 
 
-@triton_op("earlyexit::exit_head", mutates_args=())
+@register_op("earlyexit::exit_head", mutates_args=())
 def exit_head(
     cls_hidden: torch.Tensor,
     pooler_weight: torch.Tensor,
@@ -659,7 +664,7 @@ def _run_decide(
     return outs
 
 
-@triton_op("earlyexit::exit_decide", mutates_args=("out_logits", "out_exit_layer", "out_layers_run"))
+@register_op("earlyexit::exit_decide", mutates_args=("out_logits", "out_exit_layer", "out_layers_run"))
 def exit_decide(
     src: torch.Tensor,
     head_bias: torch.Tensor | None,
