@@ -11,6 +11,7 @@ The public API is described in ``docs/api.md``; the semantics of each exit metho
 
 from earlyexit_kernels.backends.registry import _load_optional_backends, backend_status, backends
 from earlyexit_kernels.engine.classify import Prediction, classify
+from earlyexit_kernels.engine.rerank import Ranked, rerank
 from earlyexit_kernels.integrations.hf_patch import (
     SUPPORTED_MODELS,
     EarlyExitOutput,
@@ -28,9 +29,11 @@ from earlyexit_kernels.methods.policies import (
     Entropy,
     ExitPolicy,
     MaxProb,
+    MultiLabelConfidence,
     Patience,
     QExit,
     Scheduled,
+    ScoreBand,
     SkipGates,
     Voting,
 )
@@ -45,11 +48,14 @@ __all__ = [
     "Entropy",
     "ExitPolicy",
     "MaxProb",
+    "MultiLabelConfidence",
     "Prediction",
+    "Ranked",
     "Patience",
     "QExit",
     "SUPPORTED_MODELS",
     "Scheduled",
+    "ScoreBand",
     "SkipGates",
     "Voting",
     "backend_of",
@@ -60,6 +66,7 @@ __all__ = [
     "is_patched",
     "patch",
     "policy_of",
+    "rerank",
     "set_training_objective",
     "training_objective",
     "unpatch",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from earlyexit_kernels.backends import compaction
+from earlyexit_kernels.backends.reference_rules import with_reference_rules
 from earlyexit_kernels.methods import exit_rules
 
 __all__ = ["Backend", "BACKEND_NAMES", "backends", "backend_status", "register_backend", "resolve_backend"]
@@ -68,7 +69,9 @@ FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def register_backend(backend: Backend) -> None:
-    _REGISTRY[backend.name] = backend
+    """Make ``backend`` available; policies its kernels do not lower run the reference step
+    (:mod:`earlyexit_kernels.backends.reference_rules`)."""
+    _REGISTRY[backend.name] = with_reference_rules(backend)
     _UNAVAILABLE.pop(backend.name, None)
 
 

@@ -131,6 +131,7 @@ def patch(model: nn.Module, policy: ExitPolicy, backend: str = "auto", *, object
     config = model.config
     _check_config(config, adapter_cls)
     policy.check_fits(config.num_hidden_layers, config.num_labels)
+    policy.check_problem_type(getattr(config, "problem_type", None))
     classifier = adapter_cls(model, None).final_classifier
     if backend != "auto":
         resolve_backend(backend, classifier.weight.device, dtype=classifier.weight.dtype)

@@ -32,9 +32,11 @@ from earlyexit_kernels.methods.policies import (
     Entropy,
     ExitPolicy,
     MaxProb,
+    MultiLabelConfidence,
     Patience,
     QExit,
     Scheduled,
+    ScoreBand,
     SkipGates,
     Voting,
     layer_value,
@@ -206,6 +208,13 @@ def exit_step(
         margin = top2[:, 0] * (1.0 - pi) ** layers_left - top2[:, 1] - layers_left * pi
         exits = valid & (margin > 0)
         returned = torch.log(acc)
+    elif isinstance(policy, MultiLabelConfidence):
+        exits = finite & (z.abs() >= policy.margin(layer)).all(dim=-1)
+    elif isinstance(policy, ScoreBand):
+        score = z[:, 0]
+        low = score <= policy.low if policy.low is not None else torch.zeros_like(finite)
+        high = score >= policy.high if policy.high is not None else torch.zeros_like(finite)
+        exits = finite & (low | high)
     elif isinstance(policy, Scheduled):
         exits = state["exit_layers"] == layer
     else:

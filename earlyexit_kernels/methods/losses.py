@@ -8,7 +8,8 @@ All of them work on what a patched model returns in training mode (or with
   already squashed by the sigmoid;
 - ``all_gates`` [L, B]: SmartBERT's gate probabilities ``g_i`` (only layers ``2..L-1``
   have a gate; the rows of layers 1 and L are ignored);
-- ``labels`` [B]: class indices (int64), or targets (float) for a regression head.
+- ``labels`` [B]: class indices (int64), or targets (float) for a regression head; for a
+  multi-label head [B, C] of 0/1 per label (float), with a binary cross-entropy per label.
 
 Every loss returns a scalar float32 tensor. ``CE_i`` below is the cross-entropy of
 ``z_i`` against the label averaged over the batch (the mean squared error for a
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "is_multi_label_target",
     "per_sample_loss",
     "per_layer_loss",
     "pabee_loss",
@@ -54,10 +56,26 @@ __all__ = [
 _EPS = 1e-12
 
 
+def is_multi_label_target(labels: torch.Tensor | None, num_labels: int) -> bool:
+    """Whether ``labels`` are multi-label targets: [B, C] with C == ``num_labels`` >= 2, one 0/1 per label.
+
+    (A one-output head's targets, [B] or [B, 1], stay regression targets.)
+    """
+    return labels is not None and num_labels > 1 and labels.dim() == 2 and labels.shape[-1] == num_labels
+
+
 def per_sample_loss(all_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``CE_{i,b}`` (squared error for a regression head, C == 1): [L, B, C], [B] -> [L, B] float32."""
+    """``CE_{i,b}`` (squared error for a regression head, C == 1): [L, B, C], [B] -> [L, B] float32.
+
+    Multi-label targets ``labels`` [B, C] (0/1 per label, see :func:`is_multi_label_target`):
+    the binary cross-entropy of each label's sigmoid, averaged over the labels (as Hugging
+    Face's ``BCEWithLogitsLoss`` for ``problem_type="multi_label_classification"``).
+    """
     num_layers, batch, num_labels = all_logits.shape
     logits = all_logits.float()
+    if is_multi_label_target(labels, num_labels):
+        target = labels.float()[None].expand_as(logits)
+        return nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1)
     if num_labels == 1:
         target = labels.float().view(1, batch).expand(num_layers, batch)
         return (logits.squeeze(-1) - target) ** 2
@@ -91,15 +109,27 @@ def deebert_stage2_loss(all_logits: torch.Tensor, labels: torch.Tensor) -> torch
     return per_layer_loss(all_logits[:-1], labels).sum()
 
 
-def fastbert_loss(all_logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+def fastbert_loss(
+    all_logits: torch.Tensor, labels: torch.Tensor | None = None, *, multi_label: bool | None = None
+) -> torch.Tensor:
     """FastBERT self-distillation: ``sum_{i<L} mean_b KL(p_L || p_i)``; needs no labels.
 
     The teacher ``p_L`` (the final classifier) is detached: only the internal heads
-    ``1..L-1`` learn from it. ``labels`` is accepted and ignored. Regression head (C == 1):
-    ``sum_{i<L} mean_b (z_i - z_L)^2`` with the teacher detached (our extension).
+    ``1..L-1`` learn from it. ``labels`` is not used except to tell multi-label targets.
+    Regression head (C == 1): ``sum_{i<L} mean_b (z_i - z_L)^2`` with the teacher detached
+    (our extension). Multi-label heads (``multi_label=True``, or ``labels`` [B, C] floats):
+    the KL between the teacher's and the student's Bernoulli ``sigmoid(z_c)`` of every
+    label, averaged over the labels, ``sum_{i<L} mean_b mean_c KL(q_{L,c} || q_{i,c})``.
     """
     logits = all_logits.float()
     teacher, students = logits[-1].detach(), logits[:-1]
+    if multi_label is None:
+        multi_label = is_multi_label_target(labels, logits.shape[-1])
+    if multi_label:
+        log_t, log_not_t = nn.functional.logsigmoid(teacher), nn.functional.logsigmoid(-teacher)
+        log_s, log_not_s = nn.functional.logsigmoid(students), nn.functional.logsigmoid(-students)
+        kl = log_t.exp() * (log_t - log_s) + log_not_t.exp() * (log_not_t - log_not_s)  # [L-1, B, C]
+        return kl.mean(-1).mean(dim=1).sum()
     if logits.shape[-1] == 1:
         return ((students - teacher) ** 2).squeeze(-1).mean(dim=1).sum()
     log_p_teacher = torch.log_softmax(teacher, dim=-1)
@@ -273,6 +303,15 @@ class Objective:
     regression: bool = True
     defaults: dict = field(default_factory=dict)
 
+    def check_labels(self, labels: torch.Tensor | None, num_labels: int) -> None:
+        """``ValueError`` when this loss has no form for multi-label targets ``labels`` [B, C]."""
+        if not self.regression and is_multi_label_target(labels, num_labels):
+            multi = ", ".join(o.name for o in OBJECTIVES.values() if o.regression)
+            raise ValueError(
+                f"the {self.name} loss reads a softmax over the classes and has no multi-label form (labels "
+                f"[B, C] of 0/1 per label); the methods with a per-label sigmoid form are {multi}"
+            )
+
     def check_head(self, num_labels: int) -> None:
         """``ValueError`` when this loss has no form for a regression head (``num_labels == 1``)."""
         if not self.regression and num_labels == 1:
@@ -296,6 +335,7 @@ class Objective:
         if self.needs_labels and labels is None:
             raise ValueError(f"the {self.name} loss needs labels")
         self.check_head(output.all_logits.shape[-1])
+        self.check_labels(labels, output.all_logits.shape[-1])
         return self.loss(*args, labels, **{**self.defaults, **kwargs})
 
 

@@ -27,7 +27,13 @@ __all__ = [
     "DACT",
     "SkipGates",
     "Scheduled",
+    "MultiLabelConfidence",
+    "ScoreBand",
+    "MULTI_LABEL",
 ]
+
+#: ``config.problem_type`` of a multi-label classifier (independent sigmoid outputs)
+MULTI_LABEL = "multi_label_classification"
 
 
 def _is_real(value) -> bool:
@@ -81,6 +87,11 @@ def _round(value, digits: int):
     return value
 
 
+def _compares_classes(policy) -> bool:
+    """Patience on a classification head compares argmax predictions."""
+    return isinstance(policy, Patience) and not policy.is_regression
+
+
 def layer_value(value, layer: int) -> float:
     """The value that applies at 1-based ``layer`` of a float-or-per-layer field."""
     return value[layer - 1] if isinstance(value, tuple) else value
@@ -99,6 +110,20 @@ class ExitPolicy:
         """Raise ``ValueError`` when the policy cannot run on a model of this shape."""
         if self.needs_distribution:
             _require_distribution(type(self).__name__, num_labels)
+
+    def check_problem_type(self, problem_type: str | None) -> None:
+        """Raise ``ValueError`` when the policy's rule means nothing for ``config.problem_type``.
+
+        A multi-label model's outputs are independent sigmoids: a rule that reads a softmax
+        over the labels or their argmax is refused, naming :class:`MultiLabelConfidence`.
+        """
+        if problem_type == MULTI_LABEL and (self.needs_distribution or _compares_classes(self)):
+            raise ValueError(
+                f"{type(self).__name__} reads a softmax (or the argmax) over the labels, which means nothing for a "
+                f"multi-label model (config.problem_type={MULTI_LABEL!r}: one independent sigmoid per label); "
+                f"use eek.MultiLabelConfidence(0.9) (every label's probability at most 0.1 or at least 0.9), "
+                f"QExit or Scheduled"
+            )
 
     def to_code(self, digits: int | None = None) -> str:
         """The Python code that builds this policy: ``Entropy(0.3)``, ``SkipGates(entropy_threshold=0.3)``.
@@ -435,4 +460,77 @@ class Scheduled(ExitPolicy):
             raise ValueError(
                 f"Scheduled: exit_layers has {self.exit_layers.numel()} entries but the batch has {batch_size} "
                 f"sequences; give one exit layer per sequence"
+            )
+
+
+@dataclass(frozen=True, repr=False)
+class MultiLabelConfidence(ExitPolicy):
+    """Multi-label heads: exit when every label is decided with probability ``threshold``.
+
+    With ``p_c = sigmoid(z_c)`` per label, a row exits when ``max(p_c, 1 - p_c) >= threshold``
+    for every label ``c``, computed on the logits as ``|z_c| >= ln(threshold / (1 - threshold))``
+    (float32; the same set in exact arithmetic, without the sigmoid's rounding). ``threshold``
+    is one float or one per layer in [0.5, 1]: 0.5 exits at once, 1 never early. For models
+    with ``config.problem_type == "multi_label_classification"`` only.
+    """
+
+    threshold: float | tuple[float, ...]
+
+    def __post_init__(self):
+        object.__setattr__(
+            self,
+            "threshold",
+            _per_layer_floats("MultiLabelConfidence", "threshold", self.threshold, low=0.5, high=1.0, low_open=False),
+        )
+
+    def check_fits(self, num_layers, num_labels):
+        _check_per_layer_length("MultiLabelConfidence", "threshold", self.threshold, num_layers)
+
+    def check_problem_type(self, problem_type):
+        if problem_type != MULTI_LABEL:
+            raise ValueError(
+                f"MultiLabelConfidence is for multi-label models (config.problem_type={MULTI_LABEL!r}, one "
+                f"sigmoid per label) but the model's problem_type is {problem_type!r}; for a single-label "
+                f"classifier use eek.MaxProb or eek.Entropy, or set config.problem_type={MULTI_LABEL!r} if the "
+                f"model was trained with a sigmoid per label"
+            )
+
+    def margin(self, layer: int) -> float:
+        """``ln(t / (1 - t))`` for this layer's threshold ``t``: the smallest ``|z_c|`` that counts as decided."""
+        t = layer_value(self.threshold, layer)
+        return math.inf if t >= 1.0 else math.log(t / (1.0 - t))
+
+
+@dataclass(frozen=True, repr=False)
+class ScoreBand(ExitPolicy):
+    """Single-output heads (cross-encoder rerankers, ``num_labels == 1``): exit when the score is settled.
+
+    A row exits when its raw score (the logit) is ``<= low`` (confidently irrelevant) or
+    ``>= high`` (confidently relevant); either bound may be None (never that side), not
+    both. For a probability ``p`` after the sigmoid, pass ``ln(p / (1 - p))``. A row that
+    leaves early reports its layer's score, as the other rules report their logits.
+    """
+
+    low: float | None = None
+    high: float | None = None
+
+    def __post_init__(self):
+        for name in ("low", "high"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not _is_real(value) or not math.isfinite(value):
+                raise ValueError(f"ScoreBand: {name} must be a finite number or None, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.low is None and self.high is None:
+            raise ValueError("ScoreBand: give low (leave when the score is at most low), high, or both")
+        if self.low is not None and self.high is not None and not self.low < self.high:
+            raise ValueError(f"ScoreBand: low must be below high, got low={self.low!r}, high={self.high!r}")
+
+    def check_fits(self, num_layers, num_labels):
+        if num_labels != 1:
+            raise ValueError(
+                f"ScoreBand reads one score per row (num_labels == 1, a cross-encoder or regression head) but the "
+                f"model has num_labels={num_labels}; for classifiers use eek.MaxProb, eek.Entropy or, for "
+                f"multi-label models, eek.MultiLabelConfidence"
             )

@@ -9,11 +9,25 @@ from __future__ import annotations
 import ast
 import inspect
 
-from earlyexit_kernels.methods.policies import DACT, Entropy, ExitPolicy, MaxProb, Patience, QExit, SkipGates, Voting
+from earlyexit_kernels.methods.policies import (
+    DACT,
+    Entropy,
+    ExitPolicy,
+    MaxProb,
+    MultiLabelConfidence,
+    Patience,
+    QExit,
+    ScoreBand,
+    SkipGates,
+    Voting,
+)
 
 __all__ = ["POLICY_NAMES", "parse_policy"]
 
-_POLICIES = {cls.__name__: cls for cls in (Entropy, MaxProb, Patience, QExit, Voting, DACT, SkipGates)}
+_POLICIES = {
+    cls.__name__: cls
+    for cls in (Entropy, MaxProb, Patience, QExit, Voting, DACT, SkipGates, MultiLabelConfidence, ScoreBand)
+}
 POLICY_NAMES = tuple(_POLICIES)
 _EXAMPLES = (
     f"one of {', '.join(POLICY_NAMES)} with literal arguments, "

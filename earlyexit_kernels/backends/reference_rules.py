@@ -1,0 +1,57 @@
+"""Rules the fast kernels do not lower run on the reference step, inside any backend.
+
+``MultiLabelConfidence`` and ``ScoreBand`` are state-free comparisons of the logits
+with a threshold; the C++/CUDA and Triton kernels have no code for them. A fast
+backend registered through :func:`earlyexit_kernels.backends.registry.register_backend`
+is wrapped here: for these policies each of its per-layer functions runs the
+plain-PyTorch functions of :mod:`earlyexit_kernels.methods.exit_rules` and
+:mod:`earlyexit_kernels.backends.write_back` (the head as ``F.linear``, the rule, the
+write-back), so the decisions and logits are the reference's exactly; every other
+policy goes to the backend's kernels unchanged. The compaction gather stays the
+backend's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from earlyexit_kernels.backends import write_back
+from earlyexit_kernels.methods import exit_rules
+from earlyexit_kernels.methods.policies import MultiLabelConfidence, ScoreBand
+
+__all__ = ["REFERENCE_ONLY", "runs_on_reference", "with_reference_rules"]
+
+#: policies every fast backend runs with the reference step
+REFERENCE_ONLY = (MultiLabelConfidence, ScoreBand)
+
+_REFERENCE = {
+    "exit_step": exit_rules.exit_step,
+    "head_exit_step": exit_rules.head_exit_step,
+    "exit_step_write_back": write_back.exit_step_write_back,
+    "head_exit_step_write_back": write_back.head_exit_step_write_back,
+}
+
+
+def runs_on_reference(policy) -> bool:
+    """Whether a fast backend runs ``policy`` with the reference step (see the module docstring)."""
+    return isinstance(policy, REFERENCE_ONLY)
+
+
+def _routed(fast, reference):
+    @functools.wraps(fast)
+    def step(policy, *args, **kwargs):
+        return (reference if isinstance(policy, REFERENCE_ONLY) else fast)(policy, *args, **kwargs)
+
+    step.fast = fast
+    return step
+
+
+def with_reference_rules(backend):
+    """``backend`` (a :class:`earlyexit_kernels.backends.registry.Backend`) with its exit steps routed."""
+    changes = {}
+    for name, reference in _REFERENCE.items():
+        fast = getattr(backend, name)
+        if fast is not None and fast is not reference and not hasattr(fast, "fast"):
+            changes[name] = _routed(fast, reference)
+    return dataclasses.replace(backend, **changes)
