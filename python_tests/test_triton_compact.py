@@ -90,9 +90,16 @@ def test_compact_rejects_bad_shapes():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the CUDA test below checks this")
 def test_compact_opcheck_cpu():
-    """Schema, autograd registration, fake kernel (AOT-dispatch checks need CUDA, see test_triton_exit_step)."""
+    """Schema, autograd registration, fake kernel, AOTAutograd with static and dynamic sizes (the
+    op as one node under the interpreter, see test_triton_exit_step.test_opcheck_cpu)."""
     hidden, mask = _inputs(5, 6, 32, torch.float32, "bool", "contiguous")
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    utils = (
+        "test_schema",
+        "test_autograd_registration",
+        "test_faketensor",
+        "test_aot_dispatch_static",
+        "test_aot_dispatch_dynamic",
+    )
     torch.library.opcheck(
         torch.ops.earlyexit.compact.default, (hidden, mask, torch.tensor([0, 3]), 4), test_utils=utils
     )

@@ -20,14 +20,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from earlyexit_kernels.backends.triton_kernels._common import (
     cdiv,
     device_guard,
     interpreting,
     new_empty,
-    next_pow2,
+    pow2_bucket,
+    register_op,
     use_ops,
 )
 
@@ -82,13 +83,13 @@ def _compact_kernel(
         tl.store(mask_out_ptr + r.to(tl.int64) * seq_len + ss, mv, mask=s_ok)
 
 
-def _blocks(seq_len: int, hidden: int) -> tuple[int, int, int]:
-    """(BLOCK_S, BLOCK_H, num_warps)."""
-    block_h = min(1024, next_pow2(max(hidden, 1)))
+def _blocks(seq_len, hidden) -> tuple[int, int, int]:
+    """(BLOCK_S, BLOCK_H, num_warps); the sizes may be SymInts (traced with dynamic shapes)."""
+    block_h = pow2_bucket(hidden, 1, 1024)
     if interpreting() and not FORCE_GPU_BLOCKS:
-        return min(64, next_pow2(max(seq_len, 1))), block_h, 1
+        return pow2_bucket(seq_len, 1, 64), block_h, 1
     # About 4096 elements per program: 8 positions x 512 features, wide contiguous rows.
-    block_s = max(1, min(next_pow2(max(seq_len, 1)), 4096 // block_h))
+    block_s = pow2_bucket(seq_len, 1, 4096 // block_h)
     # 1024-wide rows on 4 warps left a 24-byte stack frame on sm_90 with an int64 row stride
     # (make triton-check); on 8 warps: 48 registers, no stack, on sm_80 and sm_90.
     return block_s, block_h, 8 if block_h >= 1024 else 4
@@ -133,7 +134,7 @@ def _run_compact(wrap, hidden, mask, index, seq_len: int, placeholders: bool):
     return out, mask_out
 
 
-@triton_op("earlyexit::compact", mutates_args=())
+@register_op("earlyexit::compact", mutates_args=())
 def compact_op(
     hidden: torch.Tensor, mask: torch.Tensor | None, index: torch.Tensor, seq_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
