@@ -1,7 +1,7 @@
 """The batched early-exit loop: each sequence leaves on its own, the batch shrinks on the device.
 
-Per layer: run it on the active rows only; compute the exit heads on their [CLS]
-state; apply the policy and write each exiting row's logits, exit layer and layers
+Per layer: run it on the active rows only; compute the exit heads on what they read
+(the adapter's ``exit_input``: [CLS] row or masked mean); apply the policy and write each exiting row's logits, exit layer and layers
 run at its original position (the backend's ``exit_step_write_back``, one fused
 launch where the backend has it); then compact hidden states, 2-D mask, policy
 state and the index map (stable order) and trim the padding no active row needs.
@@ -48,12 +48,17 @@ class EncoderAdapter(Protocol):
         """Encoder layer ``index`` (0-based) on ``hidden`` [n, S, H] with the mask of ``layer_mask``."""
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """The shared pooler: [n, S, H] (with the 2-D mask [n, S] or None) -> [n, H].
+        """The model's own pooler: [n, S, H] (with the 2-D mask [n, S] or None) -> [n, H].
 
         [CLS] families read row 0 only; a mean pooling averages the valid tokens."""
 
+    def exit_input(self, layer: int, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """What the head of 1-based ``layer`` reads: [n, S, H] (2-D mask [n, S] or None) -> [n, H].
+
+        ``pool`` at layer L; before it the chosen pooling, then the model's pooler for ``head="model"``."""
+
     def classify(self, layer: int, pooled: torch.Tensor) -> torch.Tensor:
-        """The head of 1-based ``layer``: [n, H] -> [n, C]."""
+        """The head of 1-based ``layer`` on its ``exit_input``: [n, H] -> [n, C]."""
 
 
 @dataclass
@@ -213,7 +218,14 @@ def run_early_exit(
             target = WriteBack(rows, runs, extents, out_logits, out_exit, out_runs)
             if fused and layer < num_layers and backend.head_exit_step_write_back is not None:
                 _, state, order, stats = backend.head_exit_step_write_back(
-                    policy, layer, num_layers, hidden[:, 0], *adapter.head_weights(layer), state, halting_head, target
+                    policy,
+                    layer,
+                    num_layers,
+                    adapter.pooled_hidden(hidden, mask),
+                    *adapter.head_weights(layer),
+                    state,
+                    halting_head,
+                    target,
                 )
             else:
                 logits, halting = _head_outputs(adapter, layer, hidden, halting_head, state, mask)
@@ -310,7 +322,8 @@ def mask_extents(mask: torch.Tensor) -> torch.Tensor:
 
 
 def can_fuse_head(backend: Backend, adapter: EncoderAdapter) -> bool:
-    """Whether ``backend`` may run the default head fused with the exit step.
+    """Whether ``backend`` may run the internal heads fused with the exit step: a tanh-pooler family
+    with ``head="model"`` (either pooling: the kernels read ``adapter.pooled_hidden``).
 
     Only for inference: training needs the model's dropout (also under ``torch.no_grad()``,
     as in Monte-Carlo dropout) and a differentiable head.
@@ -319,7 +332,7 @@ def can_fuse_head(backend: Backend, adapter: EncoderAdapter) -> bool:
         backend.head_exit_step is not None
         and not torch.is_grad_enabled()
         and not getattr(adapter, "training", False)
-        and hasattr(adapter, "head_weights")
+        and getattr(adapter, "fuses_internal_heads", hasattr(adapter, "head_weights"))
     )
 
 
@@ -335,10 +348,11 @@ def head_and_exit_step(
     fused: bool,
     mask: torch.Tensor | None = None,
 ) -> tuple:
-    """The exit heads of 1-based ``layer`` on the [CLS] rows of ``hidden`` [n, S, H], then the policy's step.
+    """The exit heads of 1-based ``layer`` on ``hidden`` [n, S, H], then the policy's step.
 
     With ``fused`` (see :func:`can_fuse_head`) the backend's fused head runs on layers
-    before the last; the last layer always runs the model's own pooler and classifier.
+    before the last, on ``adapter.pooled_hidden`` (the [CLS] rows or their masked mean); the
+    last layer always runs the model's own pooler and classifier.
     ``mask``: the 2-D mask [n, S] of ``hidden`` (None: no padding), for a pooling that reads it.
     Returns ``(exits [n] bool, returned [n, C] float32, logits [n, C], halting [n] or
     None, state)``, as :func:`earlyexit_kernels.methods.exit_rules.head_exit_step`.
@@ -346,7 +360,13 @@ def head_and_exit_step(
     num_layers = adapter.num_layers
     if fused and layer < num_layers:
         return backend.head_exit_step(
-            policy, layer, num_layers, hidden[:, 0], *adapter.head_weights(layer), state, halting_head
+            policy,
+            layer,
+            num_layers,
+            adapter.pooled_hidden(hidden, mask),
+            *adapter.head_weights(layer),
+            state,
+            halting_head,
         )
     logits, halting = _head_outputs(adapter, layer, hidden, halting_head, state, mask)
     exits, returned, state = backend.exit_step(policy, layer, num_layers, logits, halting, state)
@@ -354,8 +374,8 @@ def head_and_exit_step(
 
 
 def _head_outputs(adapter, layer: int, hidden: torch.Tensor, halting_head, state, mask=None) -> tuple:
-    """The model's own pooler and head of ``layer`` on ``hidden`` [n, S, H], and the halting logit."""
-    pooled = adapter.pool(hidden, mask)
+    """The head of ``layer`` on ``hidden`` [n, S, H] (``exit_input`` then ``classify``), and the halting logit."""
+    pooled = adapter.exit_input(layer, hidden, mask)
     logits = adapter.classify(layer, pooled)
     halting = None
     if halting_head is not None:

@@ -1,21 +1,41 @@
 """The modules that ``eek.patch`` adds to a model: per-layer classifiers, halting head, skip gates.
 
-Default head (PABEE's): ``z_i = W_i . tanh(W_p h_i + b_p) + b_i`` with the model's own
-pooler ``(W_p, b_p)`` shared by all layers. The classifiers of layers ``1..L-1`` live
-here; layer ``L`` uses the model's own classifier, so a sequence that runs every
-layer gets exactly the unpatched model's logits.
+An exit head of layer ``i < L`` is two steps (see :mod:`earlyexit_kernels.models.base`):
+the adapter's ``exit_input`` (a pooling of the layer's tokens, ``"cls"`` or ``"mean"``,
+then for the ``"model"`` form the model's own pooler, no trainable head parameter) and
+``classifiers[i - 1]`` on that vector. With ``form="model"`` (the default) the classifier
+is a Linear initialised from the model's own, e.g. PABEE's
+``z_i = W_i . tanh(W_p h_i + b_p) + b_i`` with the model's pooler ``(W_p, b_p)`` shared by
+all layers; with ``form="mlp"`` it is an :class:`MLPExitHead` on the pooled token vector.
+Layer ``L`` always uses the model's own pooling and classifier, so a sequence that runs
+every layer gets exactly the unpatched model's logits.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from earlyexit_kernels.methods.policies import DACT, ExitPolicy, QExit, SkipGates
 
-__all__ = ["ExitHeads", "LambdaHaltingHead", "LinearHaltingHead"]
+__all__ = [
+    "HEAD_FORMS",
+    "HEAD_POOLINGS",
+    "ExitHeadConfig",
+    "ExitHeads",
+    "LambdaHaltingHead",
+    "LinearHaltingHead",
+    "MLPExitHead",
+    "check_head_choice",
+]
+
+#: what an internal exit head reads: the [CLS] row or the mean of the valid tokens.
+HEAD_POOLINGS = ("cls", "mean")
+#: the form of an internal exit head: the model's own head (pooler + Linear) or a small MLP.
+HEAD_FORMS = ("model", "mlp")
 
 # Untrained halting heads and gates start from a constant output: QExit from the
 # PonderNet prior lambda_p = 0.1, DACT from h = 0.9 (pi decays slowly, so the
@@ -72,6 +92,50 @@ class LinearHaltingHead(nn.Module):
         return self.out(pooled).squeeze(-1)
 
 
+@dataclass(frozen=True)
+class ExitHeadConfig:
+    """How the internal exit heads (layers ``1..L-1``) of a patched model read a layer.
+
+    ``pooling``: ``"cls"`` or ``"mean"`` (masked mean over the valid tokens).
+    ``head``: ``"model"`` (the model's own head form) or ``"mlp"`` (:class:`MLPExitHead`).
+    ``mlp_hidden``: the MLP's width (None with ``head="model"``).
+    """
+
+    pooling: str
+    head: str
+    mlp_hidden: int | None = None
+
+
+def check_head_choice(pooling: str | None, head: str | None, mlp_hidden: int | None) -> None:
+    """Refuse a pooling, head form or MLP width ``eek.patch`` cannot build, saying what to pass."""
+    if pooling is not None and pooling not in HEAD_POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(map(repr, HEAD_POOLINGS))} (or None); got {pooling!r}")
+    if head is not None and head not in HEAD_FORMS:
+        raise ValueError(f"head must be one of {', '.join(map(repr, HEAD_FORMS))} (or None); got {head!r}")
+    if mlp_hidden is not None:
+        if isinstance(mlp_hidden, bool) or not isinstance(mlp_hidden, int) or mlp_hidden < 1:
+            raise ValueError(f"mlp_hidden must be a positive int (the MLP head's width); got {mlp_hidden!r}")
+        if head == "model":
+            raise ValueError('mlp_hidden is the width of head="mlp"; it has no meaning with head="model"')
+
+
+class MLPExitHead(nn.Module):
+    """A small exit head on a pooled token vector: ``LayerNorm -> Linear(H, m) -> GELU -> Linear(m, C)``.
+
+    [n, H] -> [n, C]. The LayerNorm puts the token vectors of every layer (whose scales differ
+    from layer to layer) on one scale; the head starts untrained (PyTorch's default init).
+    """
+
+    def __init__(self, hidden_size: int, width: int, num_labels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size)
+        self.dense = nn.Linear(hidden_size, width)
+        self.out = nn.Linear(width, num_labels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(nn.functional.gelu(self.dense(self.norm(x))))
+
+
 class ExitHeads(nn.Module):
     """Exit heads of a patched model.
 
@@ -79,24 +143,55 @@ class ExitHeads(nn.Module):
     the halting head of QExit (the Lambda layer) or DACT, ``gates[i]`` the skip gate
     read before layer ``i + 1`` (only ``2 <= i + 1 <= L - 1`` are used). Heads are
     added on demand by :meth:`ensure_for`, so swapping policies keeps what was trained.
+
+    ``pooling`` and ``form`` (``head=`` of ``eek.patch``, see :class:`ExitHeadConfig`) say how
+    the classifiers read a layer; ``form="model"`` classifiers are Linears initialised from
+    ``final_classifier``, ``form="mlp"`` ones :class:`MLPExitHead` of width ``mlp_hidden``
+    (default ``hidden_size``).
     """
 
-    def __init__(self, hidden_size: int, num_layers: int, final_classifier: nn.Linear):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_layers: int,
+        final_classifier: nn.Linear,
+        *,
+        pooling: str = "cls",
+        form: str = "model",
+        mlp_hidden: int | None = None,
+    ):
         super().__init__()
         self.hidden_size = hidden_size
         self.num_layers = num_layers
+        self.pooling = pooling
         self.classifiers = nn.ModuleList()
-        for _ in range(num_layers - 1):
-            head = nn.Linear(final_classifier.in_features, final_classifier.out_features)
-            head.to(device=final_classifier.weight.device, dtype=final_classifier.weight.dtype)
-            with torch.no_grad():
-                head.weight.copy_(final_classifier.weight)
-                head.bias.copy_(final_classifier.bias)
-            self.classifiers.append(head)
+        self.set_form(form, mlp_hidden, final_classifier)
         self.qexit_halting: LambdaHaltingHead | None = None
         self.qexit_halting_config: tuple[str, int] | None = None
         self.dact_halting: LinearHaltingHead | None = None
         self.gates: nn.ModuleList | None = None
+
+    @property
+    def config(self) -> ExitHeadConfig:
+        return ExitHeadConfig(self.pooling, self.form, self.mlp_hidden)
+
+    def set_form(self, form: str, mlp_hidden: int | None, final_classifier: nn.Linear) -> None:
+        """Build the classifiers of layers ``1..L-1`` in ``form`` (replacing those of another form)."""
+        check_head_choice(None, form, mlp_hidden if form == "mlp" else None)
+        width = (mlp_hidden or self.hidden_size) if form == "mlp" else None
+        where = dict(device=final_classifier.weight.device, dtype=final_classifier.weight.dtype)
+        heads = []
+        for _ in range(self.num_layers - 1):
+            if form == "mlp":
+                head = MLPExitHead(self.hidden_size, width, final_classifier.out_features).to(**where)
+            else:
+                head = nn.Linear(final_classifier.in_features, final_classifier.out_features).to(**where)
+                with torch.no_grad():
+                    head.weight.copy_(final_classifier.weight)
+                    head.bias.copy_(final_classifier.bias)
+            heads.append(head)
+        self.classifiers = nn.ModuleList(heads)
+        self.form, self.mlp_hidden = form, width
 
     def ensure_for(self, policy: ExitPolicy, like: torch.Tensor | None = None) -> None:
         """Add the heads ``policy`` needs and that are not there yet.
@@ -123,6 +218,9 @@ class ExitHeads(nn.Module):
         return {
             "hidden_size": self.hidden_size,
             "num_layers": self.num_layers,
+            "pooling": self.pooling,
+            "form": self.form,
+            "mlp_hidden": self.mlp_hidden,
             "qexit_halting": list(self.qexit_halting_config) if self.qexit_halting is not None else None,
             "dact_halting": self.dact_halting is not None,
             "gates": self.gates is not None,

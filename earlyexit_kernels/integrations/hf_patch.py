@@ -17,7 +17,7 @@ from transformers.utils import ModelOutput
 
 from earlyexit_kernels.backends.registry import check_backend_name, resolve_backend
 from earlyexit_kernels.engine.batch_loop import mask_extents, run_early_exit
-from earlyexit_kernels.engine.heads import ExitHeads
+from earlyexit_kernels.engine.heads import ExitHeadConfig, ExitHeads, check_head_choice
 from earlyexit_kernels.integrations.exit_files import save_exit_heads
 from earlyexit_kernels.methods.losses import Objective, objective
 from earlyexit_kernels.methods.policies import ExitPolicy, SkipGates
@@ -33,6 +33,7 @@ from earlyexit_kernels.models import (
 __all__ = [
     "EarlyExitOutput",
     "patch",
+    "head_config",
     "unpatch",
     "is_patched",
     "set_training_objective",
@@ -112,15 +113,32 @@ def backend_of(model) -> str:
     return model._eek_backend
 
 
-def patch(model: nn.Module, policy: ExitPolicy, backend: str = "auto", *, objective: str | None = None) -> nn.Module:
+def patch(
+    model: nn.Module,
+    policy: ExitPolicy,
+    backend: str = "auto",
+    *,
+    objective: str | None = None,
+    pooling: str | None = None,
+    head: str | None = None,
+    mlp_hidden: int | None = None,
+) -> nn.Module:
     """Give ``model`` early exit with ``policy``, in place; returns the same model.
 
-    Adds the per-layer heads (initialised from the model's classifier) and any head
-    the policy needs. On a patched model it swaps the policy and keeps the heads.
+    Adds the per-layer heads of layers ``1..L-1`` and any head the policy needs. On a
+    patched model it swaps the policy and keeps the heads.
     ``backend`` is ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``.
     ``objective`` (optional) is a training method name, as in
     :func:`set_training_objective`. ``model.save_pretrained(path)`` of a patched model
     also writes the exit heads and the policy (see :func:`earlyexit_kernels.from_pretrained`).
+
+    How the internal heads read a layer (see :func:`head_config`): ``pooling`` is ``"cls"``
+    (the [CLS] row) or ``"mean"`` (the mean of the valid tokens); ``head`` is ``"model"`` (the
+    model's own head form, a Linear per layer initialised from its classifier) or ``"mlp"``
+    (an untrained ``LayerNorm -> Linear(H, mlp_hidden) -> GELU -> Linear(mlp_hidden, C)`` per
+    layer, ``mlp_hidden`` defaulting to H). None keeps what a patched model has, else the
+    family's default (the model's own pooling, ``"model"``). A new form (or MLP width) builds
+    new heads for layers ``1..L-1``. Layer ``L`` always runs the model's own pooling and classifier.
     """
     adapter_cls = _adapter_class(model)
     if not isinstance(policy, ExitPolicy):
@@ -135,12 +153,16 @@ def patch(model: nn.Module, policy: ExitPolicy, backend: str = "auto", *, object
     classifier = adapter_cls(model, None).final_classifier
     if backend != "auto":
         resolve_backend(backend, classifier.weight.device, dtype=classifier.weight.dtype)
+    check_head_choice(pooling, head, mlp_hidden)
 
     heads = getattr(model, _HEADS, None)
     if heads is None:
         heads = vars(model).get(_DETACHED_HEADS)
     if heads is None:
-        heads = ExitHeads(config.hidden_size, config.num_hidden_layers, classifier)
+        heads = ExitHeads(
+            config.hidden_size, config.num_hidden_layers, classifier, pooling=adapter_cls.default_pooling(config)
+        )
+    _reconfigure(heads, classifier, pooling, head, mlp_hidden)
     # Heads kept aside by unpatch did not follow the model's .to()/.half() since: they do now.
     heads.to(device=classifier.weight.device, dtype=classifier.weight.dtype)
     heads.ensure_for(policy, like=classifier.weight)
@@ -156,6 +178,28 @@ def patch(model: nn.Module, policy: ExitPolicy, backend: str = "auto", *, object
     if objective is not None:
         set_training_objective(model, objective)
     return model
+
+
+def _reconfigure(heads: ExitHeads, classifier: nn.Module, pooling, head, mlp_hidden) -> None:
+    """Apply the choices given to ``patch`` on heads that exist; None keeps what they have."""
+    form = head or heads.form
+    if mlp_hidden is not None and form != "mlp":
+        raise ValueError('mlp_hidden is the width of head="mlp"; pass head="mlp" with it')
+    if form != heads.form or (mlp_hidden is not None and mlp_hidden != heads.mlp_hidden):
+        heads.set_form(form, mlp_hidden, classifier)
+    if pooling is not None:
+        heads.pooling = pooling
+
+
+def head_config(model: nn.Module) -> ExitHeadConfig:
+    """How the internal exit heads of a patched model read a layer: ``ExitHeadConfig(pooling, head, mlp_hidden)``.
+
+    ``pooling`` is ``"cls"`` or ``"mean"``, ``head`` is ``"model"`` or ``"mlp"``, ``mlp_hidden``
+    the MLP's width (None for ``"model"``). Chosen at :func:`patch`, saved by ``save_pretrained``.
+    """
+    if not is_patched(model):
+        raise ValueError("head_config: the model is not patched; call eek.patch(model, policy) first")
+    return getattr(model, _HEADS).config
 
 
 def _check_config(config, adapter_cls: type[EncoderAdapterBase]) -> None:

@@ -103,8 +103,17 @@ def from_pretrained(path, policy: ExitPolicy | None = None, *, backend: str | No
         model.config.hidden_size,
     ):
         raise ValueError(f"{config_path}: the exit heads were saved for another model shape")
-    probe = _adapter_class(model)(model, None)
-    heads = ExitHeads(model.config.hidden_size, model.config.num_hidden_layers, probe.final_classifier)
+    adapter_cls = _adapter_class(model)
+    probe = adapter_cls(model, None)
+    heads = ExitHeads(
+        model.config.hidden_size,
+        model.config.num_hidden_layers,
+        probe.final_classifier,
+        # files saved before the head choice existed: the family's default, as they ran
+        pooling=description.get("pooling") or adapter_cls.default_pooling(model.config),
+        form=description.get("form") or "model",
+        mlp_hidden=description.get("mlp_hidden"),
+    )
     heads.add_described(description)
     heads_path = _resolve(path, HEADS_FILE, kwargs)
     if heads_path is None:

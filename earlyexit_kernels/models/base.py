@@ -13,6 +13,14 @@ Every other head (DistilBERT's ReLU, ELECTRA's GELU) has no ``head_weights``: it
 PyTorch (``pool`` then ``classify``) and the backend's ``exit_step`` takes the decision, which
 every backend has. Giving such a family ``head_weights`` would silently compute a tanh pooler
 that the model does not have.
+
+Exit inputs: the internal head of layer ``i < L`` is ``classify(i, exit_input(i, hidden, mask))``.
+``exit_input`` pools the layer's token vectors (``pooled_hidden``: the [CLS] row or the masked
+mean, after the family's final norm where it has one) and, for the ``"model"`` head form,
+applies the model's own pooler to it (``pool_vector``); for the ``"mlp"`` form it is the
+pooled token vector itself. It holds no trainable head parameter: those belong to
+``classify`` (``heads.classifiers[i - 1]``). Layer ``L`` always reads the model's own
+``pool``. The fused kernels take ``pooled_hidden`` (any row stride) in place of the [CLS] row.
 """
 
 from __future__ import annotations
@@ -23,7 +31,22 @@ from torch import nn
 from earlyexit_kernels.backends.compaction import layer_attention_mask
 from earlyexit_kernels.engine.heads import ExitHeads
 
-__all__ = ["EncoderAdapterBase", "TanhPoolerHead"]
+__all__ = ["EncoderAdapterBase", "TanhPoolerHead", "masked_mean"]
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean of each row's valid token vectors: ``hidden`` [n, S, H], ``mask`` [n, S] or None -> [n, H].
+
+    Padding is never read (a non-finite value there cannot leak in); a row with no valid token
+    gives zeros. Half-precision inputs are summed in float32.
+    """
+    if mask is None:
+        return hidden.mean(dim=1)
+    valid = mask.unsqueeze(-1) != 0
+    wide = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    total = torch.where(valid, hidden, hidden.new_zeros(())).sum(dim=1, dtype=wide)
+    count = valid.sum(dim=1).clamp(min=1).to(wide)
+    return (total / count).to(hidden.dtype)
 
 
 class EncoderAdapterBase:
@@ -82,10 +105,60 @@ class EncoderAdapterBase:
         return self.layer_module(index)(hidden, attention_mask)
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The pooled vector of every row of ``hidden`` [n, S, H]: here the pooler on the [CLS] row."""
+        """The model's own pooled vector of every row of ``hidden`` [n, S, H]: here the pooler on the [CLS] row."""
         return self.pool_cls(hidden[:, 0])
 
+    @classmethod
+    def default_pooling(cls, config) -> str:
+        """The pooling of the internal exit heads when ``eek.patch`` is given none: the model's own."""
+        return "cls"
+
+    @property
+    def head_pooling(self) -> str:
+        """``"cls"`` or ``"mean"``: what the internal exit heads pool (see :class:`~earlyexit_kernels.engine.heads.ExitHeads`)."""
+        return self.heads.pooling if self.heads is not None else self.default_pooling(self.model.config)
+
+    @property
+    def head_form(self) -> str:
+        """``"model"`` or ``"mlp"``: the form of the internal exit heads."""
+        return self.heads.form if self.heads is not None else "model"
+
+    @property
+    def fuses_internal_heads(self) -> bool:
+        """Whether the internal heads have the form the fused kernels compute (a tanh-pooler family, ``"model"``)."""
+        return hasattr(self, "head_weights") and self.head_form == "model"
+
+    def token_vectors(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The token vectors the model's head pools, from a layer's output [n, S, H] (ModernBERT: its final norm)."""
+        return hidden
+
+    def pooled_hidden(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """[n, H]: the internal heads' pooling (``head_pooling``) of ``token_vectors(hidden)``.
+
+        For ``"cls"`` a strided view of the [CLS] rows; what the fused kernels read."""
+        if self.head_pooling == "mean":
+            return masked_mean(self.token_vectors(hidden), mask)
+        return self.token_vectors(hidden[:, :1])[:, 0]
+
+    def pool_vector(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The model's own head before its last Linear, on a pooled token vector [n, H] -> [n, H]."""
+        return self.pool_cls(pooled)
+
+    def exit_input(self, layer: int, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """What the head of 1-based ``layer`` reads: ``hidden`` [n, S, H], 2-D ``mask`` [n, S] or None -> [n, H].
+
+        Layer ``L``: the model's own ``pool``. Before it: ``pooled_hidden``, then for the ``"model"``
+        form the model's pooler (``pool_vector``). No trainable head parameter is applied here
+        (a cache of these vectors trains ``heads.classifiers[layer - 1]`` through :meth:`classify`);
+        the halting heads read the same vector.
+        """
+        if layer == self.num_layers:
+            return self.pool(hidden, mask)
+        pooled = self.pooled_hidden(hidden, mask)
+        return self.pool_vector(pooled) if self.head_form == "model" else pooled
+
     def classify(self, layer: int, pooled: torch.Tensor) -> torch.Tensor:
+        """The head of 1-based ``layer`` on its ``exit_input`` [n, H] -> logits [n, C] (dropout in training)."""
         pooled = self.classifier_dropout(pooled)
         if layer == self.num_layers:
             return self.final_classifier(pooled)
@@ -99,6 +172,7 @@ class TanhPoolerHead:
     """
 
     def head_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(W_p, b_p, W_i, b_i)`` of the default head at 1-based ``layer``, for fused kernels."""
+        """``(W_p, b_p, W_i, b_i)`` of the ``"model"``-form head at 1-based ``layer``, for fused kernels
+        (which read ``pooled_hidden``: the [CLS] row or the masked mean)."""
         head = self.final_classifier if layer == self.num_layers else self.heads.classifiers[layer - 1]
         return self.pooler_linear.weight, self.pooler_linear.bias, head.weight, head.bias

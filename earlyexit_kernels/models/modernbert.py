@@ -6,9 +6,9 @@ The layers run as ``ModernBertModel.forward`` runs them: each layer gets the mas
 built by Hugging Face's own ``create_bidirectional_mask`` / ``create_bidirectional_sliding_window_mask``
 from the current 2-D mask, and the rotary ``(cos, sin)`` of its type for positions ``0..S-1``;
 both are built once per forward and again when the batch is compacted or trimmed (:class:`LayerInputs`).
-The exit head at a layer is the model's head on that layer's output:
+The exit head at a layer is by default the model's head on that layer's output:
 ``classifier_i(drop(head(pool(final_norm(h)))))``, where ``pool`` is the [CLS] row or the mean
-over the valid tokens. Not the tanh pooler, so never fused (see :mod:`earlyexit_kernels.models.base`).
+over the valid tokens (``classifier_pooling`` by default, ``pooling=`` of ``eek.patch`` otherwise). Not the tanh pooler, so never fused (see :mod:`earlyexit_kernels.models.base`).
 Accepted attention: eager and SDPA (flash attention would need the unpadded layout).
 """
 
@@ -66,6 +66,16 @@ class ModernBertAdapter(EncoderAdapterBase):
         layer = self.base.layers[index]
         kind = layer.attention_type
         return layer(hidden, attention_mask=inputs.masks[kind], position_embeddings=inputs.rotary[kind])
+
+    @classmethod
+    def default_pooling(cls, config) -> str:
+        return config.classifier_pooling
+
+    def token_vectors(self, hidden):
+        return self.base.final_norm(hidden)
+
+    def pool_vector(self, pooled):
+        return self.head(pooled)
 
     def pool(self, hidden, mask=None):
         if not self.mean_pooling:
