@@ -1,10 +1,13 @@
 """Training the exit heads and calibrating thresholds.
 
-    from earlyexit_kernels.training import train_exit_heads
+    from earlyexit_kernels.training import fit_exit_heads, train_exit_heads
+    result = fit_exit_heads(model, train_batches, val_batches, method="heads", max_drop=1.0)
     train_exit_heads(model, batches, method="pabee", epochs=3)
 
-:mod:`.train` is the training loop, :mod:`.calibration` picks thresholds from recorded
-exits, :mod:`.glue` reads GLUE tasks from local files. The losses themselves are in
+:mod:`.fit` trains with a method's recipe (:mod:`.recipes`), calibrates and patches;
+:mod:`.train` is the training loop, :mod:`.cached_heads` its fast path for head-only
+training, :mod:`.calibration` picks thresholds from recorded exits, :mod:`.glue` reads GLUE
+tasks from local files. The losses themselves are in
 :mod:`earlyexit_kernels.methods.losses`; they are re-exported here.
 """
 
@@ -21,11 +24,18 @@ from earlyexit_kernels.methods.losses import (
     smartbert_stage1_loss,
     smartbert_stage2_loss,
 )
+from earlyexit_kernels.training.cached_heads import ExitInputCache, cache_exit_inputs, cached_exits, cached_record
+from earlyexit_kernels.training.fit import FitResult, StageResult, fit_exit_heads, split_validation
+from earlyexit_kernels.training.recipes import RECIPES, Recipe, Stage, recipe
 from earlyexit_kernels.training.train import (
+    DEFAULT_EPOCHS,
+    DEFAULT_LR,
     HALTING_LR,
     METHODS,
     OPTIMIZERS,
     SCHEDULES,
+    TrainingLog,
+    default_lr,
     freeze_backbone,
     parameter_groups,
     select_trainable,
@@ -33,6 +43,22 @@ from earlyexit_kernels.training.train import (
 )
 
 __all__ = [
+    "DEFAULT_EPOCHS",
+    "DEFAULT_LR",
+    "ExitInputCache",
+    "FitResult",
+    "RECIPES",
+    "Recipe",
+    "Stage",
+    "StageResult",
+    "TrainingLog",
+    "cache_exit_inputs",
+    "cached_exits",
+    "cached_record",
+    "default_lr",
+    "fit_exit_heads",
+    "recipe",
+    "split_validation",
     "HALTING_LR",
     "METHODS",
     "OPTIMIZERS",

@@ -32,7 +32,7 @@ import torch
 from earlyexit_kernels.methods.losses import Objective
 from earlyexit_kernels.methods.policies import QExit
 
-__all__ = ["ExitInputCache", "CachedExits", "cache_exit_inputs", "cached_exits", "cache_reason"]
+__all__ = ["ExitInputCache", "CachedExits", "cache_exit_inputs", "cached_exits", "cached_record", "cache_reason"]
 
 
 @dataclass
@@ -68,11 +68,13 @@ class ExitInputCache:
 @dataclass
 class CachedExits:
     """What a training forward returns, as far as the losses read it: ``all_logits`` [L, n, C],
-    ``all_halting`` [L, n] (sigmoid of the halting logits) or None, ``all_gates`` None."""
+    ``all_halting`` [L, n] (sigmoid of the halting logits) or None, ``all_gates`` None,
+    ``all_halting_logits`` [L, n] float32 or None."""
 
     all_logits: torch.Tensor
     all_halting: torch.Tensor | None = None
     all_gates: torch.Tensor | None = None
+    all_halting_logits: torch.Tensor | None = None
 
 
 def cache_reason(model, chosen: Objective, trainable: Iterable[torch.nn.Parameter]) -> str | None:
@@ -210,7 +212,7 @@ def cached_exits(model, cache: ExitInputCache, rows: torch.Tensor | None = None)
     logits = [adapter.classify(layer, inputs[:, layer - 1]) for layer in range(1, num_layers)]
     all_logits = torch.stack([*(z.to(final.dtype) for z in logits), final])
     halting_head = heads.halting_head(model._eek_policy)
-    all_halting = None
+    all_halting = all_halting_logits = None
     if halting_head is not None:
         if cache.halting_inputs is None:
             raise ValueError("the cache holds no halting-head inputs: cache it with the model patched with this policy")
@@ -221,8 +223,39 @@ def cached_exits(model, cache: ExitInputCache, rows: torch.Tensor | None = None)
         for layer in range(num_layers):
             halting.append(halting_head(pooled[:, layer], previous if reads_previous else None).float())
             previous = pooled[:, layer]
-        all_halting = torch.sigmoid(torch.stack(halting))
-    return CachedExits(all_logits, all_halting)
+        all_halting_logits = torch.stack(halting)
+        all_halting = torch.sigmoid(all_halting_logits)
+    return CachedExits(all_logits, all_halting, None, all_halting_logits)
+
+
+@torch.no_grad()
+def cached_record(model, cache: ExitInputCache, chunk: int = 4096):
+    """The :class:`earlyexit_kernels.training.calibration.ExitRecord` of ``cache`` without a forward.
+
+    What :func:`earlyexit_kernels.training.calibration.record_exits` records on the batches the
+    cache was made from (the heads in eval mode), for calibrating right after training on
+    cached inputs. Not for ``SkipGates`` (the cache has no skips): record that one with a forward.
+    """
+    from earlyexit_kernels.methods.policies import SkipGates
+    from earlyexit_kernels.training.calibration import ExitRecord
+
+    policy = model._eek_policy
+    if isinstance(policy, SkipGates):
+        raise ValueError("a SkipGates record needs the gates' skips: use calibration.record_exits(model, batches)")
+    was_training = model.training
+    model.eval()
+    logits, halting = [], []
+    try:
+        for start in range(0, cache.num_rows, chunk):
+            out = cached_exits(model, cache, torch.arange(start, min(start + chunk, cache.num_rows)))
+            logits.append(out.all_logits.cpu())
+            if out.all_halting_logits is not None:
+                halting.append(out.all_halting_logits.cpu())
+    finally:
+        model.train(was_training)
+    return ExitRecord(
+        torch.cat(logits, dim=1), cache.labels, torch.cat(halting, dim=1) if halting else None, None, policy
+    )
 
 
 def _progress(total, description: str, enabled: bool):

@@ -16,9 +16,21 @@ calibrated over entropy thresholds, ``Patience`` over ``1..L-1``, ``QExit`` over
 ``Voting`` over ``1..L``, ``SkipGates`` over its entropy threshold with the recorded
 gates, ``MaxProb`` over thresholds; ``DACT`` has no knob and gives one point).
 Accuracies are fractions in [0, 1]; ``max_drop`` is in accuracy points (percent).
+A multi-label model (labels [N, C] of 0/1, ``MultiLabelConfidence`` over its threshold) is
+measured by micro-F1 in place of accuracy, see :func:`micro_f1`.
 "full model" is the last layer's head on every sequence (under ``SkipGates``, with the
 recorded gates' skips). Classification heads only (num_labels >= 2): for a regression
 head, :func:`replay` candidate policies on one :func:`record_exits` and choose by hand.
+
+What is measured: ``target="accuracy"`` against the labels, ``target="agreement"`` against
+the full model's own predictions (no labels needed; the full model scores 1.0), ``"auto"``
+(the default) the first when the batches have labels, else the second. ``metric=`` plugs
+in another score ``metric(logits [N, C] float32, references) -> float`` (higher is better).
+
+Calibration says when it saves little: a :class:`CalibrationWarning` (also in
+``result.warnings``) when the chosen policy saves less than ``min_saving`` of the layers
+(``result.saves_little``) or when internal heads score within ``chance_margin`` of always
+predicting the most frequent class (``result.heads_at_chance``).
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ from earlyexit_kernels.methods.policies import (
     Entropy,
     ExitPolicy,
     MaxProb,
+    MultiLabelConfidence,
     Patience,
     QExit,
     Scheduled,
@@ -45,6 +58,8 @@ from earlyexit_kernels.methods.policies import (
 )
 
 __all__ = [
+    "CalibrationWarning",
+    "TARGETS",
     "ExitRecord",
     "Replay",
     "CurvePoint",
@@ -52,6 +67,10 @@ __all__ = [
     "record_exits",
     "replay",
     "candidates",
+    "accuracy",
+    "micro_f1",
+    "references",
+    "chance_score",
     "accuracy_curve",
     "static_baseline",
     "interpolate_baseline",
@@ -59,8 +78,16 @@ __all__ = [
     "describe",
     "distinct_digits",
     "print_curve",
+    "compact_curve",
     "plot_curve",
 ]
+
+#: what calibration can measure a candidate against (see :func:`calibrate`)
+TARGETS = ("auto", "accuracy", "agreement")
+
+
+class CalibrationWarning(UserWarning):
+    """Calibration found that early exit saves little here: the heads are at chance or the policy runs nearly every layer."""
 
 
 @dataclass
@@ -123,8 +150,20 @@ class CurvePoint:
 
 @dataclass
 class Calibration:
-    """The chosen policy, its accuracy and mean layers on the validation data, the full
-    model's accuracy, whether the target was met, the target, and the whole curve."""
+    """The outcome of :func:`calibrate` on the validation data.
+
+    ``policy``: the chosen policy; ``accuracy``: its score (a fraction: accuracy, agreement
+    with the full model or the ``metric``'s value); ``mean_layers``: its mean layers run;
+    ``full_accuracy``: the full model's score (1.0 for agreement); ``met``: whether the target
+    was met (False: the closest candidate was returned); ``target``: the target in words;
+    ``curve``: every candidate. ``measure``: ``"accuracy"``, ``"agreement"`` or the metric's
+    name; ``num_layers``: L; ``layer_scores``: the score of cutting every sequence after layer
+    ``k`` (the head of layer k alone), k = 1..L; ``chance``: the score of always predicting
+    the most frequent reference class (None when it does not apply); ``heads_at_chance``:
+    the layers ``1..L-1`` whose head scores at most ``chance + chance_margin``;
+    ``saves_little``: the policy saves less than ``min_saving`` of the layers;
+    ``warnings``: the messages warned (empty when all is well).
+    """
 
     policy: ExitPolicy
     accuracy: float
@@ -133,6 +172,33 @@ class Calibration:
     met: bool
     target: str
     curve: list[CurvePoint]
+    measure: str = "accuracy"
+    num_layers: int = 0
+    layer_scores: list[float] = dataclasses.field(default_factory=list)
+    chance: float | None = None
+    heads_at_chance: list[int] = dataclasses.field(default_factory=list)
+    saves_little: bool = False
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def saved_fraction(self) -> float:
+        """The fraction of layers the policy saves on the validation data: ``1 - mean_layers / L``."""
+        return 1.0 - self.mean_layers / self.num_layers if self.num_layers else 0.0
+
+    def summary(self) -> str:
+        """A few lines: the target, the full model, the chosen policy and every warning."""
+        lines = [
+            f"calibration target: {self.target} ({self.measure}); full model {100 * self.full_accuracy:.2f}%",
+            "per-layer "
+            + self.measure
+            + ": "
+            + " ".join(f"{k}:{100 * a:.1f}" for k, a in enumerate(self.layer_scores, 1))
+            + ("" if self.chance is None else f" (chance {100 * self.chance:.1f})"),
+            f"chosen: {describe(self.policy, distinct_digits([p.policy for p in self.curve]))}: "
+            f"{100 * self.accuracy:.2f}% at {self.mean_layers:.2f} of {self.num_layers} layers "
+            f"(saves {100 * self.saved_fraction:.0f}%)" + ("" if self.met else " (target not met)"),
+        ]
+        return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
 
 def _batches(data) -> Iterable[Mapping[str, torch.Tensor]]:
@@ -271,12 +337,44 @@ def candidates(record: ExitRecord, policy: ExitPolicy | None = None, *, count: i
         return [dataclasses.replace(policy, q=q, stochastic=False) for q in sorted(set(qs))]
     if isinstance(policy, DACT):
         return [DACT()]
+    if isinstance(policy, MultiLabelConfidence):
+        # A row exits when its least decided label has |z| >= ln(t / (1 - t)): the grid is over that |z|.
+        least = inner.abs().amin(-1)
+        margins = [m for m in _quantile_grid(least, count) if m > 0]
+        thresholds = [0.5] + [1.0 / (1.0 + math.exp(-m)) for m in margins] + [1.0]
+        return [MultiLabelConfidence(t) for t in sorted(set(thresholds))]
     raise ValueError(f"cannot calibrate a {type(policy).__name__} policy")
 
 
-def _check_classification(record: ExitRecord) -> None:
-    if record.labels is None:
-        raise ValueError("calibration needs labels in the batches")
+def _is_multi_label(record: ExitRecord) -> bool:
+    """Multi-label records: labels [N, C] of 0/1 per label, or recorded under MultiLabelConfidence."""
+    labelled = record.labels is not None and record.labels.dim() == 2
+    return labelled or isinstance(record.policy, MultiLabelConfidence)
+
+
+def micro_f1(logits: torch.Tensor, references: torch.Tensor) -> float:
+    """Micro-F1 of multi-label ``logits`` [N, C] against 0/1 ``references`` [N, C]: a label is
+    predicted when ``sigmoid(z) > 0.5`` (``z > 0``); ``2 TP / (2 TP + FP + FN)`` over every
+    (row, label), 1.0 when nothing is predicted nor true."""
+    predicted, true = logits.float() > 0, references > 0.5
+    tp = (predicted & true).sum().item()
+    wrong = (predicted ^ true).sum().item()
+    return 1.0 if tp + wrong == 0 else 2 * tp / (2 * tp + wrong)
+
+
+def _check_classification(record: ExitRecord, labels: bool = True) -> None:
+    if labels and record.labels is None:
+        raise ValueError(
+            "calibration against accuracy needs labels in the batches; without labels calibrate against the "
+            "full model's predictions: calibrate(..., target='agreement')"
+        )
+    if _is_multi_label(record):
+        if record.labels is not None and record.labels.shape[-1] != record.all_logits.shape[-1]:
+            raise ValueError(
+                f"multi-label labels must be [N, C] with C = {record.all_logits.shape[-1]} (the model's labels), "
+                f"got {list(record.labels.shape)}"
+            )
+        return
     if record.all_logits.shape[-1] < 2:
         raise ValueError(
             "calibration measures accuracy and needs a classification head (num_labels >= 2); the model is a "
@@ -286,27 +384,72 @@ def _check_classification(record: ExitRecord) -> None:
         )
 
 
-def accuracy_curve(record: ExitRecord, policies: Sequence[ExitPolicy]) -> list[CurvePoint]:
-    """Accuracy and mean layers run of every policy in ``policies``, replayed on ``record``."""
-    _check_classification(record)
-    labels = record.labels
+def accuracy(logits: torch.Tensor, references: torch.Tensor) -> float:
+    """The default metric: the fraction of rows whose argmax of ``logits`` [N, C] equals ``references`` [N];
+    for multi-label references [N, C], :func:`micro_f1`."""
+    if references.dim() == 2:
+        return micro_f1(logits, references)
+    return (logits.argmax(-1) == references).float().mean().item()
+
+
+def _resolve_target(record: ExitRecord, target: str) -> str:
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
+    if target == "auto":
+        return "accuracy" if record.labels is not None else "agreement"
+    return target
+
+
+def references(record: ExitRecord, target: str = "auto") -> torch.Tensor:
+    """What candidates are scored against: the labels (``"accuracy"``) or the full model's
+    predicted classes [N] (``"agreement"``; under SkipGates with the recorded skips)."""
+    target = _resolve_target(record, target)
+    _check_classification(record, labels=target == "accuracy")
+    if target == "accuracy":
+        return record.labels
+    if _is_multi_label(record):
+        return (record.all_logits[-1].float() > 0).float()
+    return record.all_logits[-1].float().argmax(-1)
+
+
+def accuracy_curve(
+    record: ExitRecord, policies: Sequence[ExitPolicy], *, target: str = "auto", metric=None
+) -> list[CurvePoint]:
+    """Score and mean layers run of every policy in ``policies``, replayed on ``record``.
+
+    ``target`` and ``metric`` as in :func:`calibrate` (default: accuracy against the labels).
+    """
+    refs = references(record, target)
+    metric = metric or accuracy
     points = []
     for policy in policies:
         result = replay(policy, record)
-        correct = (result.logits.argmax(-1) == labels).float().mean().item()
         points.append(
             CurvePoint(
-                policy, correct, result.layers_run.float().mean().item(), result.exit_layer.float().mean().item()
+                policy,
+                float(metric(result.logits, refs)),
+                result.layers_run.float().mean().item(),
+                result.exit_layer.float().mean().item(),
             )
         )
     return points
 
 
-def static_baseline(record: ExitRecord) -> list[tuple[int, float]]:
-    """``(k, accuracy)`` of cutting the model after layer ``k`` for every sequence (head k), k = 1..L."""
-    _check_classification(record)
-    predictions = record.all_logits.float().argmax(-1)
-    return [(k + 1, (predictions[k] == record.labels).float().mean().item()) for k in range(record.num_layers)]
+def static_baseline(record: ExitRecord, *, target: str = "auto", metric=None) -> list[tuple[int, float]]:
+    """``(k, score)`` of cutting the model after layer ``k`` for every sequence (head k), k = 1..L."""
+    refs = references(record, target)
+    metric = metric or accuracy
+    return [(k + 1, float(metric(record.all_logits[k].float(), refs))) for k in range(record.num_layers)]
+
+
+def chance_score(refs: torch.Tensor, num_labels: int, metric=None) -> float | None:
+    """The score of always predicting the most frequent class of ``refs`` [N] (None when ``refs`` are not class ids)."""
+    if refs.dim() != 1 or refs.dtype.is_floating_point or refs.numel() == 0:
+        return None
+    majority = int(torch.bincount(refs.long(), minlength=num_labels).argmax())
+    constant = torch.zeros(refs.shape[0], num_labels)
+    constant[:, majority] = 1.0
+    return float((metric or accuracy)(constant, refs))
 
 
 def interpolate_baseline(baseline: Sequence[tuple[int, float]], mean_layers: float) -> float:
@@ -333,49 +476,108 @@ def calibrate(
     count: int = 60,
     verbose: bool = False,
     plot: str | None = None,
+    target: str = "auto",
+    metric=None,
+    min_saving: float = 0.10,
+    chance_margin: float = 0.02,
 ) -> Calibration:
     """Choose the policy's threshold on validation data for one target.
 
     ``model_or_record``: a patched model (then ``batches`` is the validation data) or an
     :class:`ExitRecord`. Exactly one target: ``max_drop`` (points): the fewest mean layers
-    run with accuracy at least ``full - max_drop``; ``target_layers``: the best accuracy
+    run with a score at least ``full - max_drop``; ``target_layers``: the best score
     with at most that many mean layers run. Ties go to the more accurate, then the
     cheaper candidate. ``policy``: the family and fixed fields (default: the recorded
     policy). When no candidate meets the target, the closest one is returned with
-    ``met=False`` and a warning. ``verbose`` prints the curve, ``plot`` saves it.
+    ``met=False`` and a warning. ``verbose`` prints a compact curve (:func:`compact_curve`)
+    and the summary, ``plot`` saves the curve.
+
+    ``target``: ``"accuracy"`` (against the labels), ``"agreement"`` (against the full
+    model's predictions: no labels needed, the full model scores 1.0) or ``"auto"`` (accuracy
+    when the batches have labels, else agreement). ``metric``: a function
+    ``metric(logits [N, C] float32, references [N]) -> float`` (higher is better) used in
+    place of accuracy; references are the labels or the full model's predicted classes.
+
+    It warns (:class:`CalibrationWarning`, message with the numbers, also kept in
+    ``result.warnings``) when the chosen policy saves less than ``min_saving`` (a fraction,
+    default 0.10) of the layers (``result.saves_little``), and when internal heads score
+    at most ``chance_margin`` (a fraction, default 0.02) above always predicting the most
+    frequent class (``result.heads_at_chance``: their layers), so that a policy running at
+    full depth with untrained heads never passes silently as ``met=True``.
     """
     if (max_drop is None) == (target_layers is None):
         raise ValueError("give exactly one target: max_drop (accuracy points) or target_layers (mean layers)")
     if max_drop is not None and not max_drop >= 0:
         raise ValueError(f"max_drop must be >= 0 accuracy points, got {max_drop!r}")
+    if not 0.0 <= min_saving <= 1.0:
+        raise ValueError(f"min_saving must be a fraction of the layers in [0, 1], got {min_saving!r}")
+    if not chance_margin >= 0.0:
+        raise ValueError(f"chance_margin must be a fraction >= 0, got {chance_margin!r}")
     record = model_or_record if isinstance(model_or_record, ExitRecord) else record_exits(model_or_record, batches)
-    _check_classification(record)
-    curve = accuracy_curve(record, candidates(record, policy, count=count))
-    full_accuracy = static_baseline(record)[-1][1]
+    measure = _resolve_target(record, target)
+    refs = references(record, measure)
+    measure_name = getattr(metric, "__name__", "metric") if metric is not None else measure
+    curve = accuracy_curve(record, candidates(record, policy, count=count), target=measure, metric=metric)
+    baseline = static_baseline(record, target=measure, metric=metric)
+    full_accuracy = baseline[-1][1]
     if max_drop is not None:
         floor = full_accuracy - max_drop / 100.0 - 1e-12
         feasible = [p for p in curve if p.accuracy >= floor]
-        target = f"accuracy >= {100 * full_accuracy:.2f}% - {max_drop:g} points"
+        goal = f"{measure_name} >= {100 * full_accuracy:.2f}% - {max_drop:g} points"
         pool = feasible or sorted(curve, key=lambda p: -p.accuracy)[:1]
         best = min(pool, key=lambda p: (p.mean_layers, -p.accuracy))
     else:
         feasible = [p for p in curve if p.mean_layers <= target_layers + 1e-12]
-        target = f"mean layers <= {target_layers:g}"
+        goal = f"mean layers <= {target_layers:g}"
         pool = feasible or sorted(curve, key=lambda p: p.mean_layers)[:1]
         best = max(pool, key=lambda p: (p.accuracy, -p.mean_layers))
     if not feasible:
-        warnings.warn(f"calibrate: no candidate meets {target}; returning the closest", stacklevel=2)
-    result = Calibration(best.policy, best.accuracy, best.mean_layers, full_accuracy, bool(feasible), target, curve)
+        warnings.warn(f"calibrate: no candidate meets {goal}; returning the closest", stacklevel=2)
+    result = Calibration(
+        best.policy,
+        best.accuracy,
+        best.mean_layers,
+        full_accuracy,
+        bool(feasible),
+        goal,
+        curve,
+        measure=measure_name,
+        num_layers=record.num_layers,
+        layer_scores=[score for _, score in baseline],
+        chance=chance_score(refs, record.all_logits.shape[-1], metric),
+    )
+    _check_savings(result, min_saving, chance_margin)
+    for message in result.warnings:
+        warnings.warn(message, CalibrationWarning, stacklevel=2)
     if verbose:
-        print(f"calibration target: {target}; full model {100 * full_accuracy:.2f}%")
-        print_curve(curve)
-        print(
-            f"chosen: {describe(best.policy, distinct_digits([p.policy for p in curve]))}: "
-            f"{100 * best.accuracy:.2f}% at {best.mean_layers:.2f} layers" + ("" if feasible else " (target not met)")
-        )
+        print_curve(compact_curve(curve, chosen=best))
+        print(result.summary())
     if plot:
-        plot_curve(curve, plot, full_accuracy=full_accuracy, baseline=static_baseline(record), chosen=best)
+        plot_curve(curve, plot, full_accuracy=full_accuracy, baseline=baseline, chosen=best)
     return result
+
+
+def _check_savings(result: Calibration, min_saving: float, chance_margin: float) -> None:
+    """Fill ``heads_at_chance``, ``saves_little`` and ``warnings`` of ``result``."""
+    internal = list(enumerate(result.layer_scores[:-1], 1))
+    if result.chance is not None:
+        result.heads_at_chance = [k for k, score in internal if score <= result.chance + chance_margin]
+    if result.heads_at_chance:
+        scores = ", ".join(f"layer {k}: {100 * result.layer_scores[k - 1]:.1f}%" for k in result.heads_at_chance)
+        result.warnings.append(
+            f"calibrate: {len(result.heads_at_chance)} of {len(internal)} internal heads score at chance on the "
+            f"validation data ({result.measure}; always predicting the most frequent class scores "
+            f"{100 * result.chance:.1f}%, margin {100 * chance_margin:g} points): {scores}. Train the heads "
+            f"(earlyexit_kernels.training.fit_exit_heads, or train_exit_heads with the default lr of its trains mode)"
+        )
+    if result.saved_fraction < min_saving:
+        result.saves_little = True
+        result.warnings.append(
+            f"calibrate: the chosen policy {describe(result.policy)} runs {result.mean_layers:.2f} of "
+            f"{result.num_layers} layers on average and saves {100 * result.saved_fraction:.1f}% of them, less "
+            f"than min_saving={100 * min_saving:g}% ({result.target}: {100 * result.accuracy:.2f}% against "
+            f"{100 * result.full_accuracy:.2f}% for the full model); early exit barely pays here"
+        )
 
 
 def describe(policy: ExitPolicy, digits: int | None = 4) -> str:
@@ -410,6 +612,23 @@ def print_curve(curve: Sequence[CurvePoint], file=None) -> None:
             f"{name:<{width}}{100 * point.accuracy:>9.2f}%{point.mean_layers:>9.3f}{point.mean_exit_layer:>7.2f}",
             file=file,
         )
+
+
+def compact_curve(curve: Sequence[CurvePoint], rows: int = 12, chosen: CurvePoint | None = None) -> list[CurvePoint]:
+    """At most ``rows`` points of ``curve`` for printing: its Pareto front (no other point is both
+    cheaper and more accurate), thinned evenly by mean layers, with its two ends and ``chosen`` kept."""
+    ordered = sorted(curve, key=lambda p: (p.mean_layers, -p.accuracy))
+    front, best = [], -math.inf
+    for point in ordered:
+        if point.accuracy > best:
+            front.append(point)
+            best = point.accuracy
+    if len(front) > rows:
+        picks = {round(i * (len(front) - 1) / (rows - 1)) for i in range(rows)}
+        front = [p for i, p in enumerate(front) if i in picks]
+    if chosen is not None and all(p is not chosen for p in front):
+        front.append(chosen)
+    return sorted(front, key=lambda p: (p.mean_layers, p.accuracy))
 
 
 def plot_curve(

@@ -24,7 +24,7 @@ from torch import nn
 
 from earlyexit_kernels.integrations.hf_patch import _check_objective_policy, is_patched
 from earlyexit_kernels.methods.losses import ALIASES, OBJECTIVES, objective
-from earlyexit_kernels.training.cached_heads import cache_exit_inputs, cache_reason, cached_exits
+from earlyexit_kernels.training.cached_heads import ExitInputCache, cache_exit_inputs, cache_reason, cached_exits
 
 __all__ = [
     "freeze_backbone",
@@ -239,7 +239,10 @@ def train_exit_heads(
     the halting head of QExit or DACT) on the cached inputs, in shuffled batches of
     ``batch_size`` rows (default: the size of the first batch; ``seed`` fixes the order).
     ``cached=None`` takes it where it is valid, ``True`` requires it (``ValueError`` saying why
-    not), ``False`` trains through the forward.
+    not), ``False`` trains through the forward. ``batches`` and ``val_batches`` may also be an
+    :class:`~earlyexit_kernels.training.cached_heads.ExitInputCache` made by
+    ``cache_exit_inputs(model, batches)`` (to train several times on one pass of the model;
+    the default ``batch_size`` is then 32).
 
     Early stopping: with ``val_batches`` (the same form as ``batches``), the method's loss on
     them is measured after every epoch (eval mode); the training stops after
@@ -297,6 +300,10 @@ def train_exit_heads(
     try:
         parameters = select_trainable(model, trains)
         reason = cache_reason(model, chosen, parameters)
+        if reason is not None and (isinstance(batches, ExitInputCache) or isinstance(val_batches, ExitInputCache)):
+            raise ValueError(f"batches is an ExitInputCache, but the {chosen.name} loss cannot train on it: {reason}")
+        if cached is False and isinstance(batches, ExitInputCache):
+            raise ValueError("batches is an ExitInputCache: it trains on the cached path only (cached=None or True)")
         if cached and reason is not None:
             raise ValueError(f"cached=True but the cached path cannot train the {chosen.name} loss here: {reason}")
         log.cached = reason is None and cached is not False
@@ -424,18 +431,29 @@ class _ForwardSource:
         return total / rows
 
 
+def _as_cache(model, batches, progress: bool, description: str) -> ExitInputCache:
+    if isinstance(batches, ExitInputCache):
+        if batches.num_layers != model.config.num_hidden_layers:
+            raise ValueError(
+                f"the cache holds {batches.num_layers} layers but the model has {model.config.num_hidden_layers}"
+            )
+        return batches
+    return cache_exit_inputs(model, batches, progress=progress, description=description)
+
+
 class _CachedSource:
     """Training batches of cached exit inputs: the frozen model ran once over the data."""
 
     def __init__(self, model, batches, val_batches, batch_size, seed, progress):
         self.model = model
-        self.train = cache_exit_inputs(model, batches, progress=progress, description="caching exit inputs")
+        self.train = _as_cache(model, batches, progress, "caching exit inputs")
         self.val = None
         if val_batches is not None:
-            self.val = cache_exit_inputs(model, val_batches, progress=progress, description="caching validation")
+            self.val = _as_cache(model, val_batches, progress, "caching validation")
         if batch_size is None:
-            first = next(iter(_batches(batches)))
-            batch_size = int(first["input_ids"].shape[0])
+            batch_size = 32
+            if not isinstance(batches, ExitInputCache):
+                batch_size = int(next(iter(_batches(batches)))["input_ids"].shape[0])
         self.batch_size = max(1, batch_size)
         self.seed = seed
         self.steps_per_epoch = -(-self.train.num_rows // self.batch_size)

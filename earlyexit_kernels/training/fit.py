@@ -1,0 +1,234 @@
+"""One call from a classifier to a calibrated early-exit model: train with a method's recipe, calibrate, patch.
+
+    from earlyexit_kernels.training import fit_exit_heads
+    result = fit_exit_heads(model, train_batches, val_batches, method="heads", max_drop=1.0)
+    print(result.summary())          # stages, the calibrated point, warnings
+    model(...)                       # patched with result.policy
+
+This is what ``eek fit`` runs. The recipes are in :mod:`earlyexit_kernels.training.recipes`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from earlyexit_kernels.integrations.hf_patch import patch
+from earlyexit_kernels.methods.policies import SkipGates
+from earlyexit_kernels.training.cached_heads import ExitInputCache, cache_exit_inputs, cached_record
+from earlyexit_kernels.training.calibration import Calibration, calibrate, record_exits
+from earlyexit_kernels.training.recipes import Recipe, recipe
+from earlyexit_kernels.training.train import TrainingLog, train_exit_heads
+
+__all__ = ["StageResult", "FitResult", "fit_exit_heads", "split_validation"]
+
+
+@dataclass
+class StageResult:
+    """How one stage went: its loss name, what it trained, the learning rate and the
+    :class:`~earlyexit_kernels.training.train.TrainingLog` (per-step losses, validation
+    losses, epochs run, whether early stopping ended it, cached or not, seconds)."""
+
+    objective: str
+    trains: str
+    lr: float
+    log: TrainingLog
+
+    def describe(self) -> str:
+        log = self.log
+        path = "cached inputs" if log.cached else "full forward"
+        val = f", best val loss {min(log.val_losses):.4f} at epoch {log.best_epoch}" if log.val_losses else ""
+        stop = " (stopped early)" if log.stopped_early else ""
+        return (
+            f"{self.objective} ({self.trains}, lr {self.lr:g}, {path}): {log.epochs_run} epochs, "
+            f"{len(log)} steps, last loss {log[-1]:.4f}{val}{stop}, {log.seconds:.1f} s"
+        )
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit_exit_heads` did.
+
+    ``method``: the recipe's name; ``policy``: the calibrated policy the model is now patched
+    with; ``calibration``: the :class:`~earlyexit_kernels.training.calibration.Calibration`
+    on the validation data (its ``curve``, ``accuracy``, ``mean_layers``, ``full_accuracy``,
+    ``warnings``, ``heads_at_chance``, ``saves_little``); ``stages``: one
+    :class:`StageResult` per training stage; ``labels``: whether labels were used (False:
+    self-distillation and agreement); ``validation``: ``"given"`` or ``"split"`` (the last
+    ``validation_fraction`` of the training batches); ``seconds``: wall-clock of the call.
+    """
+
+    method: str
+    policy: object
+    calibration: Calibration
+    stages: list[StageResult] = field(default_factory=list)
+    labels: bool = True
+    validation: str = "given"
+    seconds: float = 0.0
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.calibration.warnings
+
+    def summary(self) -> str:
+        lines = [f"method {self.method}: {'labels' if self.labels else 'no labels (self-distillation)'}"]
+        lines += [f"  stage {i}: {s.describe()}" for i, s in enumerate(self.stages, 1)]
+        lines.append(self.calibration.summary())
+        lines.append(f"fit took {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def _as_list(batches) -> list[Mapping[str, torch.Tensor]]:
+    if isinstance(batches, Mapping):
+        return [batches]
+    if isinstance(batches, Iterator):
+        return list(batches)
+    return batches
+
+
+def _has_labels(batches) -> bool:
+    first = next(iter(batches), None)
+    if first is None:
+        raise ValueError("fit_exit_heads got no training batches")
+    return first.get("labels") is not None
+
+
+def _without_labels(batches) -> list[dict]:
+    return [{k: v for k, v in batch.items() if k != "labels"} for batch in batches]
+
+
+def split_validation(batches, fraction: float = 0.15) -> tuple[list, list]:
+    """``(train, validation)``: the last ``fraction`` of ``batches`` (at least one batch) held out."""
+    batches = list(batches)
+    if len(batches) < 2:
+        raise ValueError(
+            f"fit_exit_heads needs validation data: pass val_batches, or at least 2 training batches to hold "
+            f"some out (got {len(batches)})"
+        )
+    held = min(len(batches) - 1, max(1, math.ceil(fraction * len(batches))))
+    return batches[:-held], batches[-held:]
+
+
+def fit_exit_heads(
+    model,
+    train_batches,
+    val_batches=None,
+    *,
+    method: str = "heads",
+    labels: bool | None = None,
+    max_drop: float | None = 1.0,
+    target_layers: float | None = None,
+    target: str = "auto",
+    epochs: int | None = None,
+    lr: float | None = None,
+    validation_fraction: float = 0.15,
+    min_saving: float = 0.10,
+    backend: str = "auto",
+    progress: bool = True,
+    verbose: bool = False,
+    seed: int = 0,
+) -> FitResult:
+    """Train the exit heads of ``model`` with ``method``'s recipe, calibrate on validation data, patch.
+
+    ``model``: a Hugging Face sequence classifier (patched or not; unpatched, it is patched
+    here with the recipe's policy and the family's default heads; patched, its heads' pooling
+    and form are kept and the recipe's policy is swapped in). ``train_batches`` and
+    ``val_batches``: lists (or ``DataLoader``s) of dicts with ``input_ids`` [B, T] and
+    optionally ``attention_mask``, ``token_type_ids`` [B, T] and ``labels`` [B]. Without
+    ``val_batches`` the last ``validation_fraction`` of the training batches is held out
+    (``result.validation == "split"``). ``method``: a name of
+    :data:`~earlyexit_kernels.training.recipes.RECIPES`: ``"heads"`` (default: head-only on the
+    frozen model, the cached path, seconds to minutes), ``"fastbert"``, ``"deebert"``,
+    ``"pabee"``, ``"palbert"``, ``"ensemble"``, ``"dact"``, ``"smartbert"`` (the joint ones run
+    full forwards and take an epoch of the model per joint stage).
+
+    ``labels``: None uses them when the batches have them; False ignores them: the head
+    stages distil the final classifier (``fastbert``) and calibration measures agreement with
+    the full model; a recipe with a stage that needs labels raises ``ValueError``.
+    ``max_drop`` (points, default 1.0) or ``target_layers`` choose the calibrated point;
+    ``target``: ``"auto"``, ``"accuracy"`` or ``"agreement"`` (see
+    :func:`~earlyexit_kernels.training.calibration.calibrate`, like ``min_saving``). ``epochs``
+    and ``lr`` override every head-only stage's defaults (None: the recipe's). Early stopping
+    on the validation loss applies to every stage. ``backend``: passed to ``eek.patch``.
+    Returns a :class:`FitResult`; the model is left patched with the calibrated policy, in
+    eval mode.
+    """
+    started = time.perf_counter()
+    chosen: Recipe = recipe(method)
+    if (max_drop is None) == (target_layers is None):
+        raise ValueError("give exactly one target: max_drop (accuracy points) or target_layers (mean layers)")
+    train_batches = _as_list(train_batches)
+    use_labels = _has_labels(train_batches) if labels is None else bool(labels)
+    if use_labels and not _has_labels(train_batches):
+        raise ValueError("labels=True but the training batches have no 'labels'")
+    validation = "given"
+    if val_batches is None:
+        train_batches, val_batches = split_validation(train_batches, validation_fraction)
+        validation = "split"
+    val_batches = _as_list(val_batches)
+    if not use_labels:
+        if chosen.needs_labels:
+            stage = next(s for s in chosen.stages if s.unlabelled is None)
+            raise ValueError(
+                f"the {chosen.name} recipe has a stage that needs labels ({stage.objective}); without labels use "
+                f"method='heads' or 'fastbert' (self-distillation from the final classifier)"
+            )
+        train_batches, val_batches = _without_labels(train_batches), _without_labels(val_batches)
+        if target == "auto":
+            target = "agreement"
+
+    policy = chosen.make_policy()
+    patch(model, policy, backend)  # a patched model keeps its heads (pooling, form) and takes the recipe's policy
+    stages = []
+    caches: dict[str, ExitInputCache] = {}
+    for stage in chosen.stages:
+        name = stage.objective if use_labels else stage.unlabelled
+        head_only = stage.trains == "heads"
+        stage_lr = lr if (lr is not None and head_only) else stage.lr
+        stage_epochs = epochs if (epochs is not None and head_only) else stage.epochs
+        if head_only and "train" not in caches:
+            # one pass of the frozen model serves the head-only stage and the calibration after it
+            caches["train"] = cache_exit_inputs(model, train_batches, progress=progress, description="caching train")
+            caches["val"] = cache_exit_inputs(model, val_batches, progress=progress, description="caching validation")
+        log = train_exit_heads(
+            model,
+            caches["train"] if head_only else train_batches,
+            method=name,
+            trains=stage.trains,
+            lr=stage_lr,
+            epochs=stage_epochs,
+            loss_kwargs=stage.loss_kwargs,
+            val_batches=caches["val"] if head_only else val_batches,
+            progress=progress,
+            seed=seed,
+        )
+        stages.append(StageResult(name, stage.trains, log.lr, log))
+        if not head_only:
+            caches.clear()  # the backbone learnt: what the heads read has changed
+    model.eval()
+    if "val" in caches and not isinstance(policy, SkipGates):
+        record = cached_record(model, caches["val"])
+    else:
+        record = record_exits(model, val_batches)
+    calibration = calibrate(
+        record,
+        max_drop=max_drop,
+        target_layers=target_layers,
+        target=target,
+        min_saving=min_saving,
+        verbose=verbose,
+    )
+    patch(model, calibration.policy, backend)
+    return FitResult(
+        chosen.name,
+        calibration.policy,
+        calibration,
+        stages,
+        use_labels,
+        validation,
+        time.perf_counter() - started,
+    )
