@@ -25,6 +25,7 @@ from earlyexit_kernels.backends.compaction import survivor_index, trim, valid_ex
 from earlyexit_kernels.backends.registry import Backend
 from earlyexit_kernels.backends.write_back import WriteBack, write_back
 from earlyexit_kernels.engine.heads import ExitHeads
+from earlyexit_kernels.engine.module_weights import fusable_head_weights
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state, needs_head_when_none_can_exit
 from earlyexit_kernels.methods.policies import ExitPolicy, Scheduled, SkipGates
 
@@ -333,6 +334,7 @@ def can_fuse_head(backend: Backend, adapter: EncoderAdapter) -> bool:
         and not torch.is_grad_enabled()
         and not getattr(adapter, "training", False)
         and getattr(adapter, "fuses_internal_heads", hasattr(adapter, "head_weights"))
+        and fusable_head_weights(adapter)  # not with quantized Linear layers: their modules run
     )
 
 

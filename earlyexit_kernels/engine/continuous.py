@@ -34,6 +34,7 @@ import torch
 
 from earlyexit_kernels.backends.registry import resolve_backend
 from earlyexit_kernels.engine.batch_loop import _round_keeping_argmax, can_fuse_head, head_and_exit_step
+from earlyexit_kernels.engine.module_weights import float_bias, float_weight, linear_compute_dtype
 from earlyexit_kernels.engine.scheduler import Admit, LayerScheduler, ShapeBuckets
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state
 from earlyexit_kernels.methods.policies import Scheduled, SkipGates
@@ -102,7 +103,7 @@ class ContinuousEngine:
         compile: bool | dict = False,
         admission: str = "fifo",
     ):
-        from earlyexit_kernels.integrations.hf_patch import is_patched
+        from earlyexit_kernels.integrations.hf_patch import current_adapter, is_patched
 
         if not is_patched(model):
             raise ValueError("the continuous engine needs a model patched with eek.patch(model, policy)")
@@ -115,13 +116,13 @@ class ContinuousEngine:
                 "use a threshold policy (e.g. eek.Entropy(0.3)) or call the model on batches"
             )
         self.model = model
-        self.adapter = model._eek_adapter
+        self.adapter = current_adapter(model)  # rebuilt if the model was quantized after patching
         self.heads = model.early_exit_heads
         self.num_layers = self.adapter.num_layers
         self.num_labels = self.adapter.num_labels
         hidden_size = self.adapter.hidden_size
         parameter = next(model.parameters())
-        self.device, self.dtype = parameter.device, self.adapter.final_classifier.weight.dtype
+        self.device, self.dtype = parameter.device, linear_compute_dtype(self.adapter.final_classifier)
         self.backend = resolve_backend(
             model._eek_backend, self.device, dtype=self.dtype, hidden_size=hidden_size, num_labels=self.num_labels
         )
@@ -164,8 +165,8 @@ class ContinuousEngine:
         if isinstance(self.policy, SkipGates):
             gates = self.heads.gates
             self._gates = (
-                torch.cat([g.weight for g in gates]).detach(),  # [L, H]: gate i is read before layer i + 1
-                torch.cat([g.bias for g in gates]).detach(),
+                torch.cat([float_weight(g) for g in gates]),  # [L, H]: gate i is read before layer i + 1
+                torch.cat([float_bias(g) for g in gates]),  # (dequantized where the gates are quantized)
             )
         self._offsets = np.arange(self.page_size, dtype=np.int64)
         self._run_layer = self.adapter.run_layer

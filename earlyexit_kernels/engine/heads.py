@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from earlyexit_kernels.engine.module_weights import float_bias, float_weight, linear_compute_dtype, linear_device
 from earlyexit_kernels.methods.policies import DACT, ExitPolicy, QExit, SkipGates
 
 __all__ = [
@@ -179,7 +180,7 @@ class ExitHeads(nn.Module):
         """Build the classifiers of layers ``1..L-1`` in ``form`` (replacing those of another form)."""
         check_head_choice(None, form, mlp_hidden if form == "mlp" else None)
         width = (mlp_hidden or self.hidden_size) if form == "mlp" else None
-        where = dict(device=final_classifier.weight.device, dtype=final_classifier.weight.dtype)
+        where = dict(device=linear_device(final_classifier), dtype=linear_compute_dtype(final_classifier))
         heads = []
         for _ in range(self.num_layers - 1):
             if form == "mlp":
@@ -187,8 +188,8 @@ class ExitHeads(nn.Module):
             else:
                 head = nn.Linear(final_classifier.in_features, final_classifier.out_features).to(**where)
                 with torch.no_grad():
-                    head.weight.copy_(final_classifier.weight)
-                    head.bias.copy_(final_classifier.bias)
+                    head.weight.copy_(float_weight(final_classifier))
+                    head.bias.copy_(float_bias(final_classifier))
             heads.append(head)
         self.classifiers = nn.ModuleList(heads)
         self.form, self.mlp_hidden = form, width

@@ -18,6 +18,7 @@ from transformers.utils import ModelOutput
 from earlyexit_kernels.backends.registry import check_backend_name, resolve_backend
 from earlyexit_kernels.engine.batch_loop import mask_extents, run_early_exit
 from earlyexit_kernels.engine.heads import ExitHeadConfig, ExitHeads, check_head_choice
+from earlyexit_kernels.engine.module_weights import linear_compute_dtype, linear_device, module_paths, replaced_modules
 from earlyexit_kernels.integrations.exit_files import save_exit_heads
 from earlyexit_kernels.methods.losses import Objective, objective
 from earlyexit_kernels.methods.policies import ExitPolicy, SkipGates
@@ -152,7 +153,7 @@ def patch(
     policy.check_problem_type(getattr(config, "problem_type", None))
     classifier = adapter_cls(model, None).final_classifier
     if backend != "auto":
-        resolve_backend(backend, classifier.weight.device, dtype=classifier.weight.dtype)
+        resolve_backend(backend, linear_device(classifier), dtype=linear_compute_dtype(classifier))
     check_head_choice(pooling, head, mlp_hidden)
 
     heads = getattr(model, _HEADS, None)
@@ -164,14 +165,17 @@ def patch(
         )
     _reconfigure(heads, classifier, pooling, head, mlp_hidden)
     # Heads kept aside by unpatch did not follow the model's .to()/.half() since: they do now.
-    heads.to(device=classifier.weight.device, dtype=classifier.weight.dtype)
-    heads.ensure_for(policy, like=classifier.weight)
+    # (linear_device/linear_compute_dtype: the classifier may be quantized, see engine.module_weights)
+    where = dict(device=linear_device(classifier), dtype=linear_compute_dtype(classifier))
+    heads.to(**where)
+    heads.ensure_for(policy, like=torch.empty(0, **where))
     heads.train(model.training)
     vars(model).pop(_DETACHED_HEADS, None)
     model.add_module(_HEADS, heads)
     model._eek_policy = policy
     model._eek_backend = backend
     model._eek_adapter = adapter_cls(model, heads)
+    model._eek_adapter_paths = module_paths(model._eek_adapter, model)
     model.forward = _bind(_patched_forward, model)
     model.save_pretrained = _bind(_patched_save_pretrained, model)
     _hide_extras_from_trainer(config)
@@ -200,6 +204,21 @@ def head_config(model: nn.Module) -> ExitHeadConfig:
     if not is_patched(model):
         raise ValueError("head_config: the model is not patched; call eek.patch(model, policy) first")
     return getattr(model, _HEADS).config
+
+
+def current_adapter(model: nn.Module) -> EncoderAdapterBase:
+    """The adapter of a patched model, rebuilt where a module it holds is no longer the model's.
+
+    ``torch.ao.quantization.quantize_dynamic`` after ``eek.patch`` copies the model and swaps
+    its Linear layers (the classifier, the pooler's) for quantized ones; the adapter must then
+    read the quantized ones, as the unpatched quantized model does.
+    """
+    adapter = model._eek_adapter
+    paths = vars(model).get("_eek_adapter_paths")
+    if paths is None or replaced_modules(adapter, model, paths):
+        adapter = type(adapter)(model, getattr(model, _HEADS))
+        model._eek_adapter, model._eek_adapter_paths = adapter, module_paths(adapter, model)
+    return adapter
 
 
 def _check_config(config, adapter_cls: type[EncoderAdapterBase]) -> None:
@@ -292,6 +311,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     vars(model)[_DETACHED_HEADS] = heads
     for name in ("_eek_policy", "_eek_backend", "_eek_adapter"):
         delattr(model, name)
+    vars(model).pop("_eek_adapter_paths", None)
     _restore_trainer_keys(model.config)
     return model
 
@@ -414,7 +434,7 @@ def _patched_forward(
     kwargs.pop("num_items_in_batch", None)  # transformers.Trainer's loss kwarg; the losses here are means
     if kwargs:
         raise TypeError(f"unexpected arguments for an early-exit forward: {', '.join(sorted(kwargs))}")
-    adapter = self._eek_adapter
+    adapter = current_adapter(self)
     _check_config(self.config, type(adapter))
     if token_type_ids is not None and not adapter.uses_token_type_ids:
         raise TypeError(
@@ -434,12 +454,13 @@ def _patched_forward(
     backend = resolve_backend(
         "torch" if differentiable else self._eek_backend,
         device,
-        dtype=adapter.final_classifier.weight.dtype,
+        dtype=linear_compute_dtype(adapter.final_classifier),
         hidden_size=adapter.hidden_size,
         num_labels=adapter.num_labels,
     )
     if batch == 0:
-        hidden = torch.zeros(0, 1, adapter.hidden_size, dtype=adapter.final_classifier.weight.dtype, device=device)
+        dtype = linear_compute_dtype(adapter.final_classifier)
+        hidden = torch.zeros(0, 1, adapter.hidden_size, dtype=dtype, device=device)
         mask = None
     else:
         hidden = adapter.embed(input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask)
