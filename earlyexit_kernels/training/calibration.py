@@ -389,7 +389,7 @@ def accuracy(logits: torch.Tensor, references: torch.Tensor) -> float:
     for multi-label references [N, C], :func:`micro_f1`."""
     if references.dim() == 2:
         return micro_f1(logits, references)
-    return (logits.argmax(-1) == references).float().mean().item()
+    return (logits.argmax(-1) == references).double().mean().item()
 
 
 def _resolve_target(record: ExitRecord, target: str) -> str:
