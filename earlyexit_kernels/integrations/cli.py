@@ -1,5 +1,6 @@
 """The command line: ``python -m earlyexit_kernels classify MODEL INPUT OUTPUT`` and
-``python -m earlyexit_kernels serve MODEL`` (also ``eek classify``, ``eek serve``).
+``python -m earlyexit_kernels serve MODEL`` (also ``eek classify``, ``eek serve``); ``fit`` and
+``evaluate`` are in :mod:`earlyexit_kernels.integrations.fit_cli`.
 
 Errors a user can fix are one line on stderr starting with ``error:`` and exit status 2.
 """
@@ -8,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 import warnings
 from collections import deque
 from pathlib import Path
 
+from earlyexit_kernels.integrations.fit_cli import add_commands as add_fit_commands
 from earlyexit_kernels.integrations.model_folder import ModelFolderError, load_model
 
 __all__ = ["CliError", "build_parser", "main"]
@@ -37,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Classify every row of INPUT with the early-exit model MODEL and write OUTPUT: every input column, "
             "then label (the id2label name of the prediction; empty for a regression head), score (its "
-            "probability; the predicted value for a regression head), exit_layer and layers_run. INPUT and "
+            "probability; the predicted value for a regression head), exit_layer and layers_run; a multi-label "
+            "model writes as label the labels of probability above 0.5 (comma-separated), as score the highest "
+            "label probability, and a last column scores with every label's probability (JSON). INPUT and "
             "OUTPUT are .csv, .tsv, .jsonl or .parquet. Empty or null texts are classified as the empty text "
             "(a warning names their rows). OUTPUT is written in chunks as rows are classified; after an "
             "interruption, the same command with --resume continues it (OUTPUT.eek-progress.json records "
@@ -101,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--gpus-per-worker", type=float, default=0, help="--engine ray: GPUs per actor (e.g. 1)")
     classify.set_defaults(run=_classify)
     _add_serve_command(commands)
+    add_fit_commands(commands)  # fit, evaluate
     return parser
 
 
@@ -157,6 +163,18 @@ def _add_serve_command(commands) -> None:
         default=None,
         metavar="N",
         help="torch's CPU threads for the layer calls (default: torch's choice, one per core)",
+    )
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but /health (401 otherwise); default: the "
+        "EEK_API_KEY environment variable, else no key",
+    )
+    serve.add_argument(
+        "--max-client-batch-size",
+        type=int,
+        default=None,
+        help="most inputs (or rerank texts) in one request; more get 413 naming this limit (default: --max-queue)",
     )
     serve.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
     serve.set_defaults(run=_serve)
@@ -275,11 +293,14 @@ def _classify_locally(args) -> int:
 
 
 def _with_predictions(table, predictions, config):
-    """``table`` with the columns label, score, exit_layer, layers_run of its ``predictions``."""
+    """``table`` with the columns label, score, exit_layer, layers_run of its ``predictions``
+    (and, for a multi-label model, scores: every label's probability as a JSON object)."""
+    import json
+
     import pyarrow as pa
     import torch
 
-    from earlyexit_kernels.integrations.labels import labels_and_scores
+    from earlyexit_kernels.integrations.labels import is_multi_label, label_probabilities, labels_and_scores
 
     if predictions:
         labels, scores = labels_and_scores(torch.stack([p.logits for p in predictions]), config)
@@ -293,6 +314,9 @@ def _with_predictions(table, predictions, config):
     }
     for name in OUTPUT_COLUMNS:
         table = table.append_column(name, values[name])
+    if is_multi_label(config):  # every label with its probability, as a JSON object per row
+        probabilities = label_probabilities(torch.stack([p.logits for p in predictions]), config) if predictions else []
+        table = table.append_column("scores", pa.array([json.dumps(p) for p in probabilities], pa.string()))
     return table
 
 
@@ -416,7 +440,11 @@ def _serve(args) -> int:
         max_queue=args.max_queue,
         max_length=args.max_length,
         compile=args.compile,
+        api_key=args.api_key if args.api_key is not None else os.environ.get("EEK_API_KEY") or None,
+        max_client_batch_size=args.max_client_batch_size,
     )
+    if args.max_client_batch_size is not None and args.max_client_batch_size < 1:
+        raise CliError(f"--max-client-batch-size must be >= 1, got {args.max_client_batch_size}")
     if args.threads is not None:
         if args.threads < 1:
             raise CliError(f"--threads must be >= 1, got {args.threads}")

@@ -1,0 +1,394 @@
+"""``eek fit MODEL TRAIN_FILE OUTPUT_DIR`` and ``eek evaluate MODEL FILE``: from a data file to a served model.
+
+``fit`` trains the exit heads of a fine-tuned classifier on the rows of a data file
+(labelled, or not: then the heads learn to agree with the model's own final classifier),
+calibrates the exit threshold on validation rows and writes a patched model folder that
+``eek classify`` and ``eek serve`` load. ``evaluate`` measures such a folder on a data
+file: accuracy (with labels) or agreement with the full model (without), mean layers,
+the exit histogram and sequences/s.
+
+Errors a user can fix are one line on stderr starting with ``error:`` and exit status 2,
+as for the other commands (:mod:`earlyexit_kernels.integrations.cli`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["FitError", "add_commands", "fit_folder", "fit_model", "METHODS"]
+
+#: ``--method`` names, those of :data:`earlyexit_kernels.training.recipes.RECIPES` (not imported here: the
+#: command line is a lower layer); ``heads`` trains the internal heads of the frozen model (the default)
+METHODS = ("heads", "fastbert", "deebert", "pabee", "palbert", "ensemble", "dact", "smartbert")
+#: the methods that train without labels (self-distillation from the final classifier)
+UNLABELLED_METHODS = ("heads", "fastbert")
+
+
+class FitError(ValueError):
+    """A problem with what the user asked ``fit`` or ``evaluate`` for; the message says what to change."""
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def add_commands(commands) -> None:
+    """Add ``fit`` and ``evaluate`` to the subcommands of ``eek``."""
+    _add_fit(commands)
+    _add_evaluate(commands)
+
+
+def _add_data_options(parser, *, for_fit: bool) -> None:
+    parser.add_argument("--text-column", default="text", help="column holding the texts (default: text)")
+    parser.add_argument("--pair-column", default=None, help="column holding the second text of a pair (optional)")
+    parser.add_argument(
+        "--label-column",
+        default=None,
+        help="column holding the labels: the model's label names or class ids 0..C-1 (default: label, when "
+        + (
+            "the file has it; without labels the heads learn the model's own predictions)"
+            if for_fit
+            else "the file has it; without labels, agreement with the full model is measured)"
+        ),
+    )
+    parser.add_argument(
+        "--max-length", type=int, default=None, metavar="N", help="longer texts are truncated (default: the model's)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, metavar="N", help="torch's CPU threads (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars (default: when stderr is a terminal)",
+    )
+
+
+def _add_fit(commands) -> None:
+    fit = commands.add_parser(
+        "fit",
+        help="train and calibrate the exit heads of a classifier on a data file",
+        description=(
+            "Train the exit heads of the fine-tuned classifier MODEL on TRAIN_FILE (.csv, .tsv, .jsonl, "
+            ".parquet), calibrate the exit threshold on validation rows (the fewest mean layers within "
+            "--max-drop accuracy points of the full model) and write OUTPUT_DIR: a patched model folder with "
+            "its tokenizer, which `eek classify`, `eek serve`, `eek evaluate` and eek.from_pretrained load. "
+            "Without a label column the heads learn to agree with the model's own final classifier and the "
+            "threshold is calibrated on that agreement. Errors: one line starting with 'error:', exit status 2."
+        ),
+    )
+    fit.add_argument("model", metavar="MODEL", help="a Hugging Face *ForSequenceClassification folder, fine-tuned")
+    fit.add_argument("train", metavar="TRAIN_FILE", help="the training rows (.csv, .tsv, .jsonl, .parquet)")
+    fit.add_argument("output", metavar="OUTPUT_DIR", help="the folder to write the patched model to")
+    _add_data_options(fit, for_fit=True)
+    fit.add_argument(
+        "--method",
+        choices=METHODS,
+        default="heads",
+        help="heads (default): train only the internal heads of the frozen model, fast; the others train the "
+        "backbone too with their own loss (docs/exit_methods.md) and need labels",
+    )
+    fit.add_argument(
+        "--pooling", choices=("cls", "mean"), default=None, help="what the heads read (default: per family)"
+    )
+    fit.add_argument("--head", choices=("model", "mlp"), default=None, help="the heads' form (default: per family)")
+    fit.add_argument(
+        "--max-drop",
+        type=float,
+        default=1.0,
+        metavar="POINTS",
+        help="most accuracy (or agreement) points below the full model on the validation rows (default: 1)",
+    )
+    held = fit.add_mutually_exclusive_group()
+    held.add_argument("--validation", default=None, metavar="FILE", help="validation rows, same columns")
+    held.add_argument(
+        "--validation-split",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="hold out this fraction of TRAIN_FILE for validation (default: 0.1 without --validation)",
+    )
+    fit.add_argument("--epochs", type=int, default=None, help="training epochs (default: the method's recipe)")
+    fit.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's recipe)")
+    fit.add_argument("--batch-size", type=int, default=32, metavar="N", help="rows per training step (default: 32)")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the validation split and the training order")
+    fit.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
+    fit.set_defaults(run=_fit_command)
+
+
+def _add_evaluate(commands) -> None:
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="accuracy, mean layers and speed of an early-exit model on a data file",
+        description=(
+            "Classify every row of FILE with the early-exit model MODEL, batch by batch on length-sorted "
+            "batches, and print accuracy (with a label column) or agreement with the full model (without), "
+            "mean layers run, the exit layer histogram and sequences/s. --compare also runs the unpatched "
+            "model on the same batches, interleaved, and prints its sequences/s and the speed-up."
+        ),
+    )
+    evaluate.add_argument("model", metavar="MODEL", help="a patched model folder (e.g. written by eek fit)")
+    evaluate.add_argument("data", metavar="FILE", help="the rows to classify (.csv, .tsv, .jsonl, .parquet)")
+    _add_data_options(evaluate, for_fit=False)
+    evaluate.add_argument("--policy", default=None, help='exit policy replacing the saved one, e.g. "Entropy(0.3)"')
+    evaluate.add_argument("--backend", default=None, help="auto, torch, cpp, triton or cuda (default: the saved one)")
+    evaluate.add_argument("--batch-size", type=int, default=32, metavar="N", help="rows per batch (default: 32)")
+    evaluate.add_argument(
+        "--compare", action="store_true", help="time the unpatched model on the same batches too, interleaved"
+    )
+    evaluate.set_defaults(run=_evaluate_command)
+
+
+def _errors_to_exit_status(run):
+    """Run ``run()``; a user's error is one line on stderr and status 2."""
+    from earlyexit_kernels.integrations.labelled_data import DataError
+    from earlyexit_kernels.integrations.model_folder import ModelFolderError
+
+    try:
+        return run()
+    except (FitError, DataError, ModelFolderError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _fit_command(args) -> int:
+    return _errors_to_exit_status(lambda: _fit(args))
+
+
+def _evaluate_command(args) -> int:
+    return _errors_to_exit_status(lambda: _evaluate(args))
+
+
+def _common_checks(args) -> None:
+    for name in ("batch_size", "max_length", "threads", "epochs"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise FitError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _progress_on(args) -> bool:
+    return sys.stderr.isatty() if args.progress is None else args.progress
+
+
+def _fit(args) -> int:
+    from earlyexit_kernels.integrations.labelled_data import read_labelled, split_rows
+
+    _common_checks(args)
+    if args.lr is not None and not args.lr > 0:
+        raise FitError(f"--lr must be positive, got {args.lr}")
+    if not args.max_drop >= 0:
+        raise FitError(f"--max-drop must be >= 0 accuracy points, got {args.max_drop}")
+    output = Path(args.output)
+    if output.exists() and not (output.is_dir() and not any(output.iterdir())) and not args.overwrite:
+        raise FitError(f"OUTPUT_DIR {output} exists; pass --overwrite to replace it")
+    # The data is read and checked before the (slower) model is loaded.
+    label_column = args.label_column or "label"
+    columns = dict(text_column=args.text_column, pair_column=args.pair_column, label_column=label_column)
+    train = read_labelled(args.train, **columns, label_required=args.label_column is not None)
+    if args.validation is not None:
+        validation = read_labelled(args.validation, **columns, label_required=train.labels is not None)
+        if train.labels is None and validation.labels is not None:
+            validation.labels = None  # the heads learn agreement: calibrate on agreement too
+    else:
+        rest, held = split_rows(len(train), args.validation_split or 0.1, args.seed)
+        train, validation = train.subset(rest), train.subset(held)
+    if train.labels is None:
+        if args.method not in UNLABELLED_METHODS:
+            raise FitError(
+                f"--method {args.method} trains with labels and {args.train} has none (no column {label_column!r}); "
+                f"use --method heads, or give the label column with --label-column"
+            )
+        print(
+            f"{args.train} has no column {label_column!r}: the heads learn the model's own predictions and the "
+            f"threshold is calibrated on agreement with the full model",
+            file=sys.stderr,
+        )
+    model, tokenizer = _load_classifier(args.model)
+    report = fit_model(
+        model,
+        tokenizer,
+        train,
+        validation,
+        method=args.method,
+        pooling=args.pooling,
+        head=args.head,
+        max_drop=args.max_drop,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+        progress=_progress_on(args),
+    )
+    for line in report.summary():
+        print(line)
+    _save(model, tokenizer, report, output, overwrite=args.overwrite, source=args.model)
+    print(f"wrote {output}: eek classify {output} INPUT OUTPUT, eek serve {output}, eek evaluate {output} FILE")
+    return 0
+
+
+def _load_classifier(path: str):
+    """A fine-tuned classifier and its tokenizer from ``path`` (patched or not): checked, in eval mode."""
+    from earlyexit_kernels.integrations.model_folder import load_model
+
+    model, tokenizer = load_model(path, "Entropy(0.0)")
+    if model.config.num_labels < 2:
+        raise FitError(
+            f"MODEL {path} is a regression head (num_labels == 1): eek fit calibrates on accuracy and needs a "
+            f"classifier (num_labels >= 2)"
+        )
+    return model.eval(), tokenizer
+
+
+def _save(model, tokenizer, report, output: Path, *, overwrite: bool, source: str) -> None:
+    """Write the folder under a temporary name beside ``output``, then rename it into place."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        (partial / "eek_fit.json").write_text(json.dumps({"source_model": source, **report.as_dict()}, indent=2))
+        if output.exists():
+            if not overwrite and any(output.iterdir()):
+                raise FitError(f"OUTPUT_DIR {output} appeared while fitting; pass --overwrite to replace it")
+            shutil.rmtree(output)
+        os.replace(partial, output)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _evaluate(args) -> int:
+    import copy
+
+    import earlyexit_kernels as eek
+    from earlyexit_kernels.integrations.evaluation import evaluate
+    from earlyexit_kernels.integrations.labelled_data import (
+        encode,
+        label_ids,
+        length_sorted_batches,
+        read_labelled,
+    )
+    from earlyexit_kernels.integrations.model_folder import load_model
+
+    _common_checks(args)
+    data = read_labelled(
+        args.data,
+        text_column=args.text_column,
+        pair_column=args.pair_column,
+        label_column=args.label_column or "label",
+        label_required=args.label_column is not None,
+    )
+    model, tokenizer = load_model(args.model, args.policy, args.backend)
+    model.eval()
+    labels = label_ids(data, model.config) if data.labels is not None else None
+    encoded = encode(tokenizer, data, _max_length(args.max_length, model, tokenizer))
+    _warn_truncated(encoded)
+    batches = length_sorted_batches(encoded, labels, args.batch_size)
+    full = None
+    if args.compare or labels is None:  # agreement needs the full model's answers
+        full = eek.unpatch(copy.deepcopy(model))
+    result = evaluate(model, batches, full_model=full, progress=_progress_on(args))
+    if not args.compare:
+        result.full_seconds = None  # ran for agreement only, not asked to be timed
+    print(f"policy: {eek.policy_of(model).to_code(4)}")
+    for line in result.summary():
+        print(line)
+    return 0
+
+
+def _max_length(asked: int | None, model, tokenizer) -> int:
+    positions = getattr(model.config, "max_position_embeddings", 512)
+    limit = min(positions, tokenizer.model_max_length or positions)
+    if asked is None:
+        return limit
+    if asked > limit:
+        raise FitError(f"--max-length {asked} is more than the model's positions hold ({limit})")
+    return asked
+
+
+def _warn_truncated(encoded) -> None:
+    if encoded.truncated:
+        print(
+            f"warning: {encoded.truncated} texts are longer than {encoded.max_length} tokens and were truncated",
+            file=sys.stderr,
+        )
+
+
+# -- what fit does, for the command line and the demo --------------------------------------------
+
+
+def fit_model(
+    model,
+    tokenizer,
+    train,
+    validation,
+    *,
+    method: str = "heads",
+    pooling: str | None = None,
+    head: str | None = None,
+    max_drop: float = 1.0,
+    epochs: int | None = None,
+    lr: float | None = None,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+):
+    """Train and calibrate the exit heads of ``model`` in place; what ``eek fit`` does between reading and writing.
+
+    ``model``: a patched classifier (any policy; it is re-patched with the method's).
+    ``train``, ``validation``: :class:`~earlyexit_kernels.integrations.labelled_data.LabelledTexts`;
+    without labels the heads learn the final classifier's predictions and the threshold is
+    calibrated on agreement with it. Returns the :class:`~earlyexit_kernels.integrations.fit_training.FitReport`; the model ends patched
+    with the calibrated policy, in eval mode.
+    """
+    from earlyexit_kernels.integrations.labelled_data import encode, label_ids
+
+    if method not in METHODS:
+        raise FitError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
+    length = _max_length(max_length, model, tokenizer)
+    train_ids = label_ids(train, model.config) if train.labels is not None else None
+    val_ids = label_ids(validation, model.config) if validation.labels is not None else None
+    if (train_ids is None) != (val_ids is None):
+        raise FitError("the training rows and the validation rows must both have labels, or neither")
+    if train_ids is None and method not in UNLABELLED_METHODS:
+        raise FitError(f"--method {method} trains with labels; without labels use --method heads")
+    encoded_train, encoded_val = encode(tokenizer, train, length), encode(tokenizer, validation, length)
+    for encoded in (encoded_train, encoded_val):
+        _warn_truncated(encoded)
+    from earlyexit_kernels.integrations import fit_training
+
+    return fit_training.train_and_calibrate(
+        model,
+        encoded_train,
+        train_ids,
+        encoded_val,
+        val_ids,
+        method=method,
+        pooling=pooling,
+        head=head,
+        max_drop=max_drop,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+    )
+
+
+def fit_folder(model_path: str, train, validation, output: str, **options):
+    """:func:`fit_model` on the classifier folder ``model_path``, saved to ``output`` (replaced)."""
+    model, tokenizer = _load_classifier(model_path)
+    report = fit_model(model, tokenizer, train, validation, **options)
+    _save(model, tokenizer, report, Path(output), overwrite=True, source=model_path)
+    return report

@@ -1,0 +1,300 @@
+"""``eek fit MODEL TRAIN_FILE OUTPUT_DIR`` and ``eek evaluate MODEL FILE``: a data file in, a served model out."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import WORDS, word_texts
+from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+
+import earlyexit_kernels as eek
+from earlyexit_kernels.integrations.cli import main
+from earlyexit_kernels.integrations.labelled_data import (
+    DataError,
+    LabelledTexts,
+    encode,
+    label_ids,
+    length_sorted_batches,
+    split_rows,
+)
+
+pd = pytest.importorskip("pandas", reason="the data files are written with pandas")
+pytest.importorskip("pyarrow", reason="the command line reads tables through pyarrow")
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+LABELS = {0: "neg", 1: "pos"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _label_of(text: str) -> str:
+    """The task: "pos" when the text has more words of the first half of the vocabulary."""
+    words = text.split()
+    first = sum(int(w[1:]) < 30 for w in words)
+    return "pos" if 2 * first > len(words) else "neg"
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """A plain (unpatched) tiny BERT classifier folder with named labels and its tokenizer."""
+    path = tmp_path_factory.mktemp("plain")
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=5 + len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+        id2label=LABELS,
+        label2id={v: k for k, v in LABELS.items()},
+    )
+    model = BertForSequenceClassification._from_config(config, attn_implementation="sdpa").eval()
+    model.save_pretrained(path)
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    return str(path)
+
+
+def _frame(count: int, seed: int, labels: str | None = "names"):
+    texts = [t or "w1" for t in word_texts(count, seed=seed, longest=20)]
+    frame = pd.DataFrame({"id": range(count), "text": texts})
+    if labels == "names":
+        frame["label"] = [_label_of(t) for t in texts]
+    elif labels == "ids":
+        frame["label"] = [int(_label_of(t) == "pos") for t in texts]
+    return frame
+
+
+def _write(frame, path: Path) -> str:
+    kind = path.suffix[1:]
+    if kind in ("csv", "tsv"):
+        frame.to_csv(path, index=False, sep="\t" if kind == "tsv" else ",")
+    elif kind == "jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    else:
+        frame.to_parquet(path, index=False)
+    return str(path)
+
+
+def _run(*argv):
+    return main([str(a) for a in argv])
+
+
+FAST = ("--epochs", "2", "--no-progress")
+
+
+def _accuracy_of(folder: str, frame) -> tuple[float, float]:
+    """(accuracy, mean layers) of the saved early-exit model on ``frame``, one text at a time."""
+    model = eek.from_pretrained(folder).eval()
+    tokenizer = BertTokenizerFast.from_pretrained(folder)
+    right, layers = 0, 0
+    with torch.no_grad():
+        for text, label in zip(frame.text, frame.label):
+            out = model(**tokenizer(text, return_tensors="pt"))
+            right += model.config.id2label[int(out.logits.argmax())] == label
+            layers += int(out.layers_run)
+    return right / len(frame), layers / len(frame)
+
+
+def test_fit_writes_a_calibrated_folder_that_classify_and_evaluate_load(classifier, tmp_path, capsys):
+    train = _write(_frame(160, seed=1), tmp_path / "train.csv")
+    out = tmp_path / "fitted"
+    assert _run("fit", classifier, train, out, *FAST) == 0
+    printed = capsys.readouterr().out
+    assert "calibrated on 16 validation rows" in printed  # 10% of 160 held out by default
+    assert "chosen: Entropy(" in printed and "mean layers of 4" in printed
+    summary = json.loads((out / "eek_fit.json").read_text())
+    assert summary["method"] == "heads" and summary["target"] == "accuracy" and summary["train_rows"] == 144
+    model = eek.from_pretrained(str(out))
+    assert eek.policy_of(model).to_code(4) == summary["policy"]
+    assert not any(p.name.startswith(".fitted") for p in tmp_path.iterdir())  # no temporary folder left
+
+    test = _write(_frame(60, seed=2), tmp_path / "test.parquet")
+    unlabelled = _write(pd.read_parquet(test).drop(columns="label"), tmp_path / "unlabelled.parquet")
+    assert _run("classify", out, unlabelled, tmp_path / "pred.csv", "--no-progress") == 0
+    assert len(pd.read_csv(tmp_path / "pred.csv")) == 60
+    capsys.readouterr()
+    assert _run("evaluate", out, test, "--label-column", "label", "--no-progress", "--batch-size", 7) == 0
+    printed = capsys.readouterr().out
+    accuracy, layers = _accuracy_of(str(out), pd.read_parquet(test))
+    assert f"accuracy: {100 * accuracy:.2f}%" in printed
+    assert f"mean layers run: {layers:.2f} of 4" in printed
+    assert "exit layer histogram:" in printed and "layer  4:" in printed
+    assert "sequences/s" in printed and "full model, same batches" not in printed
+
+
+def test_without_labels_the_heads_learn_the_model_s_answers_and_agreement_is_calibrated(classifier, tmp_path, capsys):
+    frame = _frame(120, seed=3, labels=None)
+    train = _write(frame, tmp_path / "train.jsonl")
+    validation = _write(_frame(40, seed=4, labels=None), tmp_path / "val.parquet")
+    out = tmp_path / "fitted"
+    assert _run("fit", classifier, train, out, "--validation", validation, *FAST) == 0
+    captured = capsys.readouterr()
+    assert "has no column 'label': the heads learn the model's own predictions" in captured.err
+    assert "agreement with the full model on validation" in captured.out
+    summary = json.loads((out / "eek_fit.json").read_text())
+    assert summary["target"] == "agreement" and summary["validation_rows"] == 40 and summary["train_rows"] == 120
+    assert summary["accuracy"] >= 0.99 - 0.01 * 1.0  # --max-drop 1 point of agreement (full agrees with itself)
+
+    assert _run("evaluate", out, train, "--compare", "--no-progress") == 0
+    printed = capsys.readouterr().out
+    assert "agreement with the full model:" in printed and "accuracy:" not in printed
+    assert "full model, same batches:" in printed and "speed-up" in printed
+
+
+def test_labels_as_class_ids_and_a_validation_split(classifier, tmp_path, capsys):
+    train = _write(_frame(100, seed=5, labels="ids"), tmp_path / "train.tsv")
+    out = tmp_path / "fitted"
+    assert _run("fit", classifier, train, out, "--validation-split", "0.25", "--method", "fastbert", *FAST) == 0
+    summary = json.loads((out / "eek_fit.json").read_text())
+    assert (summary["train_rows"], summary["validation_rows"], summary["method"]) == (75, 25, "fastbert")
+    assert summary["stages"][0].startswith("fastbert (heads")
+
+
+def test_a_joint_method_trains_the_backbone_and_keeps_its_policy_family(classifier, tmp_path):
+    train = _write(_frame(64, seed=6), tmp_path / "train.csv")
+    out = tmp_path / "fitted"
+    assert _run("fit", classifier, train, out, "--method", "pabee", *FAST) == 0
+    model = eek.from_pretrained(str(out))
+    assert type(eek.policy_of(model)).__name__ == "Patience"
+    plain = BertForSequenceClassification.from_pretrained(classifier)
+    # PABEE trains the backbone too: the saved weights are not the original ones
+    assert not torch.equal(
+        model.bert.encoder.layer[0].output.dense.weight, plain.bert.encoder.layer[0].output.dense.weight
+    )
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no text column", "has no column 'sentence' (--text-column); its columns are ['id', 'text', 'label']"),
+        ("unreadable file", "cannot read"),
+        ("unknown format", "unknown format .txt"),
+        ("labels not the model's", "which are neither the model's label names ('neg', 'pos'"),
+        ("missing label column", "has no column 'gold' (--label-column)"),
+        ("a method that needs labels", "--method pabee trains with labels"),
+        ("not a classifier", "not a sequence classifier"),
+        ("not a folder", "is not a folder"),
+        ("output exists", "exists; pass --overwrite"),
+        ("bad split", "--validation-split must lie strictly between 0 and 1"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_status_2(classifier, tmp_path, capsys, case, message):
+    frame = _frame(40, seed=7)
+    data = _write(frame, tmp_path / "train.csv")
+    model, output, extra = classifier, tmp_path / "out", []
+    if case == "no text column":
+        extra = ["--text-column", "sentence"]
+    elif case == "unreadable file":
+        data = tmp_path / "broken.parquet"
+        data.write_bytes(b"not a parquet file at all")
+    elif case == "unknown format":
+        data = tmp_path / "train.txt"
+        data.write_text("text\nw1\n")
+    elif case == "labels not the model's":
+        frame["label"] = ["good" if label == "pos" else "bad" for label in frame.label]
+        data = _write(frame, tmp_path / "renamed.jsonl")
+    elif case == "missing label column":
+        extra = ["--label-column", "gold"]
+    elif case == "a method that needs labels":
+        data = _write(frame.drop(columns="label"), tmp_path / "unlabelled.csv")
+        extra = ["--method", "pabee"]
+    elif case == "not a classifier":
+        model = tmp_path / "encoder"
+        BertModel.from_pretrained(classifier).save_pretrained(model)
+        BertTokenizerFast.from_pretrained(classifier).save_pretrained(model)
+    elif case == "not a folder":
+        model = tmp_path / "nothing"
+    elif case == "output exists":
+        output.mkdir()
+        (output / "keep.txt").write_text("mine")
+    elif case == "bad split":
+        extra = ["--validation-split", "1.5"]
+    assert _run("fit", model, data, output, *extra, *FAST) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    if case == "output exists":
+        assert (output / "keep.txt").read_text() == "mine"
+
+
+def test_evaluate_refuses_labels_of_another_task(classifier, tmp_path, capsys):
+    train = _write(_frame(60, seed=8), tmp_path / "train.csv")
+    assert _run("fit", classifier, train, tmp_path / "fitted", *FAST) == 0
+    other = _write(pd.DataFrame({"text": ["w1 w2", "w3"], "label": ["spam", "ham"]}), tmp_path / "other.csv")
+    capsys.readouterr()
+    assert _run("evaluate", tmp_path / "fitted", other, "--no-progress") == 2
+    assert "holds the labels 'ham', 'spam', which are neither" in capsys.readouterr().err
+
+
+def test_labels_are_names_or_class_ids():
+    config = BertConfig(num_labels=3, id2label={0: "a", 1: "b", 2: "c"})
+    data = LabelledTexts(["x"] * 3, None, ["c", "a", "b"], "f.csv", "label")
+    assert label_ids(data, config).tolist() == [2, 0, 1]
+    data.labels = ["2", "0", "1"]  # a CSV file's ids are text
+    assert label_ids(data, config).tolist() == [2, 0, 1]
+    data.labels = [2, 0, 1]
+    assert label_ids(data, config).tolist() == [2, 0, 1]
+    data.labels = [3, 0, 1]
+    with pytest.raises(DataError, match="nor class ids 0..2"):
+        label_ids(data, config)
+    data.labels = ["a", None, "b"]
+    with pytest.raises(DataError, match="1 rows have no label"):
+        label_ids(data, config)
+
+
+def test_the_validation_split_is_fixed_by_its_seed_and_disjoint():
+    rest, held = split_rows(50, 0.2, seed=3)
+    assert (rest, held) == split_rows(50, 0.2, seed=3) and held != split_rows(50, 0.2, seed=4)[1]
+    assert len(held) == 10 and sorted(rest + held) == list(range(50))
+    with pytest.raises(DataError, match="leaves 0 validation"):
+        split_rows(3, 0.1)
+
+
+def test_length_sorted_batches_keep_each_row_s_tokens(classifier):
+    tokenizer = BertTokenizerFast.from_pretrained(classifier)
+    texts = word_texts(23, seed=9)
+    encoded = encode(tokenizer, LabelledTexts(texts, None, None, "f"), max_length=12)
+    assert encoded.truncated == sum(len(tokenizer(t)["input_ids"]) > 12 for t in texts) > 0
+    batches = length_sorted_batches(encoded, torch.arange(23), batch_size=5)
+    assert [len(b["rows"]) for b in batches] == [5, 5, 5, 5, 3]
+    widths = [b["input_ids"].shape[1] for b in batches]
+    assert widths == sorted(widths, reverse=True)
+    for batch in batches:
+        assert torch.equal(batch["labels"], batch["rows"])
+        for row, ids, mask in zip(batch["rows"], batch["input_ids"], batch["attention_mask"]):
+            assert ids[mask.bool()].tolist() == encoded.input_ids[row]
+
+
+def test_fit_as_a_command(classifier, tmp_path, capsys):
+    train = _write(_frame(80, seed=10), tmp_path / "train.csv")
+    out = tmp_path / "fitted"
+    command = [sys.executable, "-m", "earlyexit_kernels", "fit", classifier, train, str(out), *FAST]
+    fit = subprocess.run(command, capture_output=True, text=True, env=ONE_THREAD)
+    assert fit.returncode == 0, fit.stderr
+    assert "chosen:" in fit.stdout and (out / "eek_fit.json").is_file()
+    assert "Traceback" not in fit.stderr
+    assert _run("evaluate", out, train, "--compare", "--no-progress") == 0
+    printed = capsys.readouterr().out
+    assert "accuracy:" in printed and "speed-up" in printed
+    assert _run("evaluate", out, tmp_path / "absent.csv") == 2
+    assert capsys.readouterr().err.startswith("error: input")
+
+
+def test_the_command_line_offers_every_recipe():
+    from earlyexit_kernels.integrations.fit_cli import METHODS, UNLABELLED_METHODS
+    from earlyexit_kernels.training.recipes import RECIPES
+
+    assert METHODS == tuple(RECIPES)
+    assert UNLABELLED_METHODS == tuple(name for name, r in RECIPES.items() if not r.needs_labels)
