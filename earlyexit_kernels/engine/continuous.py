@@ -33,7 +33,12 @@ import numpy as np
 import torch
 
 from earlyexit_kernels.backends.registry import resolve_backend
-from earlyexit_kernels.engine.batch_loop import _round_keeping_argmax, can_fuse_head, head_and_exit_step
+from earlyexit_kernels.engine.batch_loop import (
+    _output_dtype,
+    _round_keeping_argmax,
+    can_fuse_head,
+    head_and_exit_step,
+)
 from earlyexit_kernels.engine.module_weights import float_bias, float_weight, linear_compute_dtype
 from earlyexit_kernels.engine.scheduler import Admit, LayerScheduler, ShapeBuckets
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state
@@ -382,7 +387,8 @@ class ContinuousEngine:
         next_layers = table[:, -1].astype(np.int64) if next_layer is not None else None
         # Rounded to the model dtype on the host, once for all rows, keeping each row's argmax
         # (as the per-batch engine does: Voting's tie-broken log-scores can round to equal values).
-        logits = _round_keeping_argmax(result[:, 1 : 1 + self.num_labels], self.dtype).unbind(0)
+        out_dtype = _output_dtype(self.dtype, self.device)  # the autocast dtype inside autocast, as the model
+        logits = _round_keeping_argmax(result[:, 1 : 1 + self.num_labels], out_dtype).unbind(0)
         finished = []
         for row, slot in enumerate(call.rows):
             if exited[row]:
