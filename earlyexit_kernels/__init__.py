@@ -9,39 +9,74 @@ The public API is described in ``docs/api.md``; the semantics of each exit metho
 ``docs/exit_methods.md``; the package's layout in ``docs/architecture.md``.
 """
 
-from earlyexit_kernels.backends.registry import _load_optional_backends, backend_status, backends
-from earlyexit_kernels.engine.classify import Prediction, classify
-from earlyexit_kernels.engine.rerank import Ranked, rerank
-from earlyexit_kernels.integrations.hf_patch import (
-    SUPPORTED_MODELS,
-    EarlyExitOutput,
-    backend_of,
-    head_config,
-    is_patched,
-    patch,
-    policy_of,
-    set_training_objective,
-    training_objective,
-    unpatch,
-)
-from earlyexit_kernels.integrations.loading import from_pretrained
-from earlyexit_kernels.methods.policies import (
-    DACT,
-    Entropy,
-    ExitPolicy,
-    MaxProb,
-    MultiLabelConfidence,
-    Patience,
-    QExit,
-    Scheduled,
-    ScoreBand,
-    SkipGates,
-    Voting,
-)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from earlyexit_kernels.backends.registry import backend_status
+    from earlyexit_kernels.engine.classify import Prediction, classify
+    from earlyexit_kernels.engine.rerank import Ranked, rerank
+    from earlyexit_kernels.integrations.hf_patch import (
+        SUPPORTED_MODELS,
+        EarlyExitOutput,
+        backend_of,
+        head_config,
+        is_patched,
+        patch,
+        policy_of,
+        set_training_objective,
+        training_objective,
+        unpatch,
+    )
+    from earlyexit_kernels.integrations.loading import from_pretrained
+    from earlyexit_kernels.methods.policies import (
+        DACT,
+        Entropy,
+        ExitPolicy,
+        MaxProb,
+        MultiLabelConfidence,
+        Patience,
+        QExit,
+        Scheduled,
+        ScoreBand,
+        SkipGates,
+        Voting,
+    )
+
+# Public name -> the module that defines it. The package imports nothing at ``import
+# earlyexit_kernels`` (torch, transformers and the kernels take seconds to import, and the command
+# line's --help needs none of them): a name is imported on first use (PEP 562). A new public
+# name goes here and in __all__.
+_EXPORTS = {
+    "backend_status": "earlyexit_kernels.backends.registry",
+    "Prediction": "earlyexit_kernels.engine.classify",
+    "classify": "earlyexit_kernels.engine.classify",
+    "Ranked": "earlyexit_kernels.engine.rerank",
+    "rerank": "earlyexit_kernels.engine.rerank",
+    "SUPPORTED_MODELS": "earlyexit_kernels.integrations.hf_patch",
+    "EarlyExitOutput": "earlyexit_kernels.integrations.hf_patch",
+    "backend_of": "earlyexit_kernels.integrations.hf_patch",
+    "head_config": "earlyexit_kernels.integrations.hf_patch",
+    "is_patched": "earlyexit_kernels.integrations.hf_patch",
+    "patch": "earlyexit_kernels.integrations.hf_patch",
+    "policy_of": "earlyexit_kernels.integrations.hf_patch",
+    "set_training_objective": "earlyexit_kernels.integrations.hf_patch",
+    "training_objective": "earlyexit_kernels.integrations.hf_patch",
+    "unpatch": "earlyexit_kernels.integrations.hf_patch",
+    "from_pretrained": "earlyexit_kernels.integrations.loading",
+    "DACT": "earlyexit_kernels.methods.policies",
+    "Entropy": "earlyexit_kernels.methods.policies",
+    "ExitPolicy": "earlyexit_kernels.methods.policies",
+    "MaxProb": "earlyexit_kernels.methods.policies",
+    "MultiLabelConfidence": "earlyexit_kernels.methods.policies",
+    "Patience": "earlyexit_kernels.methods.policies",
+    "QExit": "earlyexit_kernels.methods.policies",
+    "Scheduled": "earlyexit_kernels.methods.policies",
+    "ScoreBand": "earlyexit_kernels.methods.policies",
+    "SkipGates": "earlyexit_kernels.methods.policies",
+    "Voting": "earlyexit_kernels.methods.policies",
+}
 
 __version__ = "0.1.0"
-
-_load_optional_backends()
 
 __all__ = [
     "DACT",
@@ -73,3 +108,31 @@ __all__ = [
     "training_objective",
     "unpatch",
 ]
+
+
+# The subpackage ``backends`` shares its name with the function ``backends``. Importing a
+# subpackage sets it as an attribute of this package the first time; imported here (it
+# holds only a docstring), the later imports of its modules leave the function alone.
+import earlyexit_kernels.backends  # noqa: E402, F401
+
+
+def backends() -> dict[str, bool]:
+    """Which backends can run here: see :func:`earlyexit_kernels.backends.registry.backends`."""
+    from earlyexit_kernels.backends.registry import backends as available
+
+    return available()
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

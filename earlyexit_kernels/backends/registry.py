@@ -3,6 +3,8 @@
 ``"torch"`` (the reference in plain PyTorch) is always there. The fast backends
 (``"triton"``, ``"cuda"``, ``"cpp"``) register themselves here when their kernels
 are importable; ``backends()`` says which are, ``backend_status()`` why not.
+They are imported on the first question asked here, not at ``import earlyexit_kernels``:
+importing Triton and registering the ops takes seconds.
 """
 
 from __future__ import annotations
@@ -81,11 +83,13 @@ def mark_unavailable(name: str, reason: str) -> None:
 
 def backends() -> dict[str, bool]:
     """Which backends can run here: ``{"torch": True, "cpp": bool, "triton": bool, "cuda": bool}``."""
+    _load_optional_backends()
     return {name: name in _REGISTRY for name in BACKEND_NAMES}
 
 
 def backend_status() -> dict[str, str]:
     """For every backend, ``"available"`` or the reason it is not."""
+    _load_optional_backends()
     return {name: "available" if name in _REGISTRY else _UNAVAILABLE.get(name, "unknown") for name in BACKEND_NAMES}
 
 
@@ -95,6 +99,7 @@ def check_backend_name(name: str) -> None:
 
 
 def _runs_on(name: str, device: torch.device) -> bool:
+    _load_optional_backends()
     return name in _REGISTRY and device.type in _REGISTRY[name].devices
 
 
@@ -115,6 +120,7 @@ def resolve_backend(
     it, another fast backend's name raises ``RuntimeError`` saying so.
     """
     check_backend_name(name)
+    _load_optional_backends()
     if name != "torch" and dtype is not None and dtype not in FAST_DTYPES:
         if name == "auto":
             return _REGISTRY["torch"]
@@ -145,8 +151,14 @@ def resolve_backend(
     return backend
 
 
+_LOADED = [False]
+
+
 def _load_optional_backends() -> None:
-    """Import the fast backends; each registers itself or says why it cannot run."""
+    """Import the fast backends once; each registers itself or says why it cannot run."""
+    if _LOADED[0]:
+        return
+    _LOADED[0] = True
     import importlib
 
     for module in ("cpp_backend", "triton_backend"):

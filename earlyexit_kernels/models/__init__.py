@@ -2,29 +2,24 @@
 
 ``SUPPORTED_MODELS`` maps each Hugging Face class to its adapter; :func:`adapter_class`
 finds the adapter of a model (``TypeError`` naming the supported classes otherwise).
+
+Nothing here imports a Hugging Face modeling module: those take seconds (each pulls in
+``transformers.modeling_utils``), and ``import earlyexit_kernels`` must stay fast. The
+mapping knows the classes by name and imports one when it is looked up or iterated; a
+model passed to :func:`adapter_class` has imported its own already. The DeBERTa-v2 and
+ModernBERT adapters, which import parts of ``transformers`` at import, load on first use.
 """
 
 from __future__ import annotations
 
-from transformers import (
-    AlbertForSequenceClassification,
-    BertForSequenceClassification,
-    CamembertForSequenceClassification,
-    DebertaV2ForSequenceClassification,
-    DistilBertForSequenceClassification,
-    ElectraForSequenceClassification,
-    ModernBertForSequenceClassification,
-    RobertaForSequenceClassification,
-    XLMRobertaForSequenceClassification,
-)
+import importlib
+from collections.abc import Iterator, Mapping
 
 from earlyexit_kernels.models.albert import AlbertAdapter
 from earlyexit_kernels.models.base import EncoderAdapterBase, TanhPoolerHead
 from earlyexit_kernels.models.bert import BertAdapter
-from earlyexit_kernels.models.deberta_v2 import DebertaV2Adapter
 from earlyexit_kernels.models.distilbert import DistilBertAdapter
 from earlyexit_kernels.models.electra import ElectraAdapter
-from earlyexit_kernels.models.modernbert import ModernBertAdapter
 from earlyexit_kernels.models.roberta import RobertaAdapter
 
 __all__ = [
@@ -41,17 +36,65 @@ __all__ = [
     "ModernBertAdapter",
 ]
 
-SUPPORTED_MODELS: dict[type, type[EncoderAdapterBase]] = {
-    BertForSequenceClassification: BertAdapter,
-    AlbertForSequenceClassification: AlbertAdapter,
-    RobertaForSequenceClassification: RobertaAdapter,
-    XLMRobertaForSequenceClassification: RobertaAdapter,
-    CamembertForSequenceClassification: RobertaAdapter,
-    DistilBertForSequenceClassification: DistilBertAdapter,
-    ElectraForSequenceClassification: ElectraAdapter,
-    DebertaV2ForSequenceClassification: DebertaV2Adapter,
-    ModernBertForSequenceClassification: ModernBertAdapter,
+#: Hugging Face class name -> (adapter module under earlyexit_kernels.models, adapter class name)
+_FAMILIES: dict[str, tuple[str, str]] = {
+    "BertForSequenceClassification": ("bert", "BertAdapter"),
+    "AlbertForSequenceClassification": ("albert", "AlbertAdapter"),
+    "RobertaForSequenceClassification": ("roberta", "RobertaAdapter"),
+    "XLMRobertaForSequenceClassification": ("roberta", "RobertaAdapter"),
+    "CamembertForSequenceClassification": ("roberta", "RobertaAdapter"),
+    "DistilBertForSequenceClassification": ("distilbert", "DistilBertAdapter"),
+    "ElectraForSequenceClassification": ("electra", "ElectraAdapter"),
+    "DebertaV2ForSequenceClassification": ("deberta_v2", "DebertaV2Adapter"),
+    "ModernBertForSequenceClassification": ("modernbert", "ModernBertAdapter"),
 }
+
+#: adapters whose modules are imported on first use
+_LAZY_ADAPTERS = {"DebertaV2Adapter": "deberta_v2", "ModernBertAdapter": "modernbert"}
+
+
+def _adapter(class_name: str) -> type[EncoderAdapterBase]:
+    module, adapter = _FAMILIES[class_name]
+    return getattr(importlib.import_module(f"{__name__}.{module}"), adapter)
+
+
+def _hugging_face_class(class_name: str) -> type:
+    import transformers
+
+    return getattr(transformers, class_name)
+
+
+class SupportedModels(Mapping):
+    """Hugging Face class -> the adapter class that runs it (a read-only mapping).
+
+    Looking a class up compares it with the ``transformers`` class of the same name (so a
+    subclass or a look-alike of another module is not a key); iterating imports every
+    family's modeling module.
+    """
+
+    def names(self) -> tuple[str, ...]:
+        """The supported class names, without importing anything."""
+        return tuple(_FAMILIES)
+
+    def __getitem__(self, cls) -> type[EncoderAdapterBase]:
+        name = getattr(cls, "__name__", None)
+        if name not in _FAMILIES or not str(getattr(cls, "__module__", "")).startswith("transformers."):
+            raise KeyError(cls)
+        if _hugging_face_class(name) is not cls:
+            raise KeyError(cls)
+        return _adapter(name)
+
+    def __iter__(self) -> Iterator[type]:
+        return (_hugging_face_class(name) for name in _FAMILIES)
+
+    def __len__(self) -> int:
+        return len(_FAMILIES)
+
+    def __repr__(self) -> str:
+        return f"SupportedModels({', '.join(_FAMILIES)})"
+
+
+SUPPORTED_MODELS = SupportedModels()
 
 
 def adapter_class(model) -> type[EncoderAdapterBase]:
@@ -59,5 +102,10 @@ def adapter_class(model) -> type[EncoderAdapterBase]:
     for cls in type(model).__mro__:
         if cls in SUPPORTED_MODELS:
             return SUPPORTED_MODELS[cls]
-    names = ", ".join(c.__name__ for c in SUPPORTED_MODELS)
-    raise TypeError(f"eek.patch supports {names}; got {type(model).__name__}")
+    raise TypeError(f"eek.patch supports {', '.join(_FAMILIES)}; got {type(model).__name__}")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_ADAPTERS:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY_ADAPTERS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
