@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from concurrent.futures import Future, InvalidStateError
 
 from earlyexit_kernels.engine.continuous import ContinuousEngine, Finished
@@ -56,7 +57,11 @@ class BackgroundEngine:
         return self._outstanding
 
     def submit(self, input_ids, token_type_ids=None) -> Future:
-        """Queue one tokenized sequence; returns a future of its :class:`Finished`."""
+        """Queue one tokenized sequence; returns a future of its :class:`Finished`.
+
+        The future's ``eek_taken`` is set to ``time.perf_counter()`` when the engine thread
+        takes the sequence (between two steps), for a server's queue-time header.
+        """
         if not 1 <= len(input_ids) <= self.engine.max_length:
             raise ValueError(f"a sequence must have 1..{self.engine.max_length} tokens, got {len(input_ids)}")
         with self._lock:
@@ -110,6 +115,7 @@ class BackgroundEngine:
             if future.cancelled():
                 self._settle(future)
                 return
+            future.eek_taken = time.perf_counter()  # the engine thread took it (between two steps)
             try:
                 self.engine.submit(future.eek_key, ids, types)
             except ValueError as error:

@@ -1,4 +1,4 @@
-"""The HTTP app: ``POST /predict``, ``GET /health``, ``GET /info``, ``GET /metrics``.
+"""The HTTP app: ``POST /predict``, ``POST /rerank``, ``POST /``, ``GET /health``, ``GET /info``, ``GET /metrics``.
 
 The app is Starlette (a small, well-kept ASGI toolkit: no request-model layer to pay
 for, and the same app runs under uvicorn or inside Ray Serve). The event loop only
@@ -6,20 +6,36 @@ parses, tokenizes (in a worker thread) and waits: the layer calls run on the
 :class:`earlyexit_kernels.engine.background.BackgroundEngine` thread, whose continuous engine
 batches the sequences of every request in flight. Each sequence is answered as soon as
 it exits; a request is answered when its last sequence has.
+
+Routes: ``/predict`` (text-embeddings-inference's shape, :mod:`.predict_schema`),
+``/rerank`` (its reranking shape for one-output cross-encoders, :mod:`.rerank_schema`),
+``/`` (the Hugging Face Inference API's text classification, what
+``huggingface_hub.InferenceClient(base_url=...).text_classification`` sends,
+:mod:`.inference_api_schema`). Every answer of these carries ``x-total-time``,
+``x-tokenization-time``, ``x-queue-time`` and ``x-inference-time`` headers (milliseconds,
+see :class:`_Timings`). With ``api_key`` every route but ``/health`` needs
+``Authorization: Bearer <api_key>`` (401 otherwise).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import hmac
 import time
+from dataclasses import dataclass
 
 from earlyexit_kernels.engine.background import BackgroundEngine, QueueFull
+from earlyexit_kernels.integrations.server.inference_api_schema import (
+    format_inference_api_answer,
+    parse_inference_api_request,
+)
 from earlyexit_kernels.integrations.server.predict_schema import (
-    PredictRequest,
     RequestError,
     format_answer,
     parse_predict_request,
 )
+from earlyexit_kernels.integrations.server.rerank_schema import format_rerank_answer, parse_rerank_request
 
 __all__ = ["create_app"]
 
@@ -34,13 +50,19 @@ def create_app(
     max_queue: int = 1024,
     max_length: int | None = None,
     compile: bool | dict = False,
+    api_key: str | None = None,
+    max_client_batch_size: int | None = None,
 ):
     """A Starlette app serving the patched ``model``; the engine starts with the app.
 
     ``max_queue``: most sequences submitted and not finished; a request that does not fit
-    gets 429 at once. ``max_length``: most tokens per sequence (default what the model's
-    positions hold); longer texts get 413 unless the request says ``truncate``. Other
-    options as :class:`earlyexit_kernels.engine.continuous.ContinuousEngine`.
+    gets 429 at once. ``max_client_batch_size``: most inputs (or rerank texts) in one
+    request (default ``max_queue``); a bigger request gets 413 naming the limit, a smaller
+    one is split over as many layer calls as ``max_batch_size`` needs. ``max_length``:
+    most tokens per sequence (default what the model's positions hold); longer texts get
+    413 unless the request says ``truncate``. ``api_key``: when given, every route but
+    ``/health`` needs ``Authorization: Bearer <api_key>``. Other options as
+    :class:`earlyexit_kernels.engine.continuous.ContinuousEngine`.
     """
     from contextlib import asynccontextmanager
 
@@ -48,10 +70,20 @@ def create_app(
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
+    if api_key is not None and (not isinstance(api_key, str) or not api_key):
+        raise ValueError("api_key must be a non-empty string or None")
+    if max_client_batch_size is None:
+        max_client_batch_size = max_queue
+    if (
+        not isinstance(max_client_batch_size, int)
+        or isinstance(max_client_batch_size, bool)
+        or max_client_batch_size < 1
+    ):
+        raise ValueError(f"max_client_batch_size must be an integer >= 1, got {max_client_batch_size!r}")
     engine_options = dict(
         max_batch_size=max_batch_size, max_tokens=max_tokens, max_length=max_length, compile=compile, admission="fifo"
     )
-    state = _ServerState(model, tokenizer, model_id, max_queue, engine_options)
+    state = _ServerState(model, tokenizer, model_id, max_queue, max_client_batch_size, engine_options)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -62,20 +94,79 @@ def create_app(
             # uvicorn gets here after the requests in flight were answered (SIGTERM included).
             await asyncio.to_thread(state.stop)
 
-    async def predict(request):
-        started = time.perf_counter()
+    def authorized(request) -> bool:
+        if api_key is None:
+            return True
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+    def unauthorized():
+        state.metrics.requests.labels("401").inc()
+        return JSONResponse(
+            {
+                "error": "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                "error_type": "Unauthorized",
+            },
+            status_code=401,
+            headers={"www-authenticate": "Bearer"},
+        )
+
+    def guarded(handler):
+        async def route(request):
+            if not authorized(request):
+                return unauthorized()
+            return await handler(request)
+
+        return route
+
+    async def answer(request, parse, run):
+        """Parse the body, run its sequences, format: the common path of the POST routes."""
+        timings = _Timings(time.perf_counter())
         try:
-            parsed = parse_predict_request(await request.body())
-            answers = await state.predict(parsed, request)
+            parsed = parse(await request.body())
+            finished = await state.run(parsed, request, timings)
+            if finished is None:  # the client went away; nobody reads this
+                state.metrics.requests.labels("499").inc()
+                return Response(status_code=499)
+            body = run(parsed, finished)
         except RequestError as error:
             state.metrics.requests.labels(str(error.status)).inc()
-            return JSONResponse(error.body(), status_code=error.status)
-        if answers is None:  # the client went away; nobody reads this
-            state.metrics.requests.labels("499").inc()
-            return Response(status_code=499)
+            return JSONResponse(error.body(), status_code=error.status, headers=timings.headers())
         state.metrics.requests.labels("200").inc()
-        state.metrics.latency.observe(time.perf_counter() - started)
-        return JSONResponse(answers if parsed.batched else answers[0])
+        state.metrics.latency.observe(time.perf_counter() - timings.arrived)
+        return JSONResponse(body, headers=timings.headers())
+
+    async def predict(request):
+        def formatted(parsed, finished):
+            answers = [
+                format_answer(
+                    done.logits, done.exit_layer, done.layers_run, state.id2label, parsed.raw_scores, state.multi_label
+                )
+                for done in finished
+            ]
+            return answers if parsed.batched else answers[0]
+
+        return await answer(request, parse_predict_request, formatted)
+
+    async def rerank(request):
+        def parse(raw):
+            if state.num_labels != 1:
+                raise RequestError(
+                    400,
+                    "Validation",
+                    f"/rerank needs a cross-encoder with one output (num_labels == 1); this model has "
+                    f"num_labels={state.num_labels}: use /predict",
+                )
+            return parse_rerank_request(raw)
+
+        return await answer(request, parse, format_rerank_answer)
+
+    async def inference_api(request):
+        def formatted(parsed, finished):
+            return format_inference_api_answer(parsed, finished, state.id2label, state.multi_label)
+
+        return await answer(request, parse_inference_api_request, formatted)
 
     async def health(request):
         if state.healthy():
@@ -90,32 +181,76 @@ def create_app(
         return Response(body, media_type=content_type)
 
     routes = [
-        Route("/predict", predict, methods=["POST"]),
+        Route("/predict", guarded(predict), methods=["POST"]),
+        Route("/rerank", guarded(rerank), methods=["POST"]),
+        Route("/", guarded(inference_api), methods=["POST"]),
         Route("/health", health, methods=["GET"]),
-        Route("/info", info, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
+        Route("/info", guarded(info), methods=["GET"]),
+        Route("/metrics", guarded(metrics), methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.eek = state
     return app
 
 
+@dataclass
+class _Timings:
+    """Where a request's time went, as text-embeddings-inference's headers (milliseconds).
+
+    ``x-tokenization-time``: tokenizing its texts. ``x-queue-time``: from when its texts were
+    tokenized until the engine thread took its last sequence (the thread takes new sequences
+    between two layer calls). ``x-inference-time``: from then until its last sequence left
+    the encoder (waiting for room in the running batch included). ``x-total-time``: from
+    the request's arrival to its answer.
+    """
+
+    arrived: float
+    tokenized: float | None = None
+    taken: float | None = None
+    done: float | None = None
+
+    def headers(self) -> dict[str, str]:
+        now = time.perf_counter()
+        spans = {
+            "x-tokenization-time": (self.arrived, self.tokenized),
+            "x-queue-time": (self.tokenized, self.taken),
+            "x-inference-time": (self.taken, self.done),
+            "x-total-time": (self.arrived, now),
+        }
+        return {
+            name: str(round(1000 * (end - start))) for name, (start, end) in spans.items() if None not in (start, end)
+        }
+
+
 class _ServerState:
     """The model, tokenizer, engine thread and metrics behind one app."""
 
-    def __init__(self, model, tokenizer, model_id: str, max_queue: int, engine_options: dict):
+    def __init__(
+        self, model, tokenizer, model_id: str, max_queue: int, max_client_batch_size: int, engine_options: dict
+    ):
         from earlyexit_kernels.engine.continuous import model_max_length
+        from earlyexit_kernels.integrations.labels import is_multi_label
         from earlyexit_kernels.integrations.server.metrics import ServerMetrics
 
         if tokenizer is None:
             raise ValueError("the server needs the model's tokenizer")
-        self.model, self.tokenizer, self.model_id = model.eval(), tokenizer, model_id
-        self.max_queue, self.engine_options = max_queue, engine_options
+        self.model, self.model_id = model.eval(), model_id
+        # One tokenizer per truncation side: the side is the tokenizer's attribute, and
+        # requests are tokenized on worker threads at the same time.
+        self.tokenizers = {"Right": copy.deepcopy(tokenizer), "Left": copy.deepcopy(tokenizer)}
+        self.tokenizers["Right"].truncation_side = "right"
+        self.tokenizers["Left"].truncation_side = "left"
+        self.max_queue, self.max_client_batch_size = max_queue, max_client_batch_size
+        self.engine_options = engine_options
         self.max_length = engine_options["max_length"] or model_max_length(model)
+        config = model.config
+        self.id2label = config.id2label or {}
+        self.num_labels = config.num_labels
+        self.multi_label = is_multi_label(config)
         self.worker: BackgroundEngine | None = None
         self.accepting = False
         self.metrics = ServerMetrics(
-            model.config.num_hidden_layers,
+            config.num_hidden_layers,
             engine_stats=lambda: self.worker.engine.stats,
             queue_depth=lambda: 0 if self.worker is None else self.worker.outstanding,
         )
@@ -136,33 +271,46 @@ class _ServerState:
     def info(self) -> dict:
         config = self.model.config
         labels = config.id2label or {}
+        if self.multi_label:
+            kind = "multi_label_classification"
+        elif config.num_labels == 1:
+            kind = "single_output (regression or reranking: /rerank)"
+        else:
+            kind = "single_label_classification"
         return {
             "model_id": self.model_id,
             "model_type": config.model_type,
             "architecture": type(self.model).__name__,
+            "problem_type": kind,
             "num_layers": config.num_hidden_layers,
             "labels": [str(labels.get(i, labels.get(str(i), f"LABEL_{i}"))) for i in range(config.num_labels)],
             "policy": repr(self.model._eek_policy),
             "backend": self.model._eek_backend,
             "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
             "max_batch_size": self.engine_options["max_batch_size"],
+            "max_client_batch_size": self.max_client_batch_size,
             "max_tokens": self.engine_options["max_tokens"],
             "max_length": self.max_length,
             "max_queue": self.max_queue,
         }
 
-    async def predict(self, request: PredictRequest, http_request) -> list | None:
-        """Each input's answer, or None when the client disconnected first (its sequences are dropped)."""
+    async def run(self, request, http_request, timings: _Timings) -> list | None:
+        """Each sequence's :class:`Finished` for ``request`` (anything with ``sequences``,
+        ``truncate`` and ``truncation_direction``), or None when the client disconnected first
+        (its sequences are then dropped). Fills ``timings``."""
         if not self.accepting or self.worker is None:
             raise RequestError(503, "Unhealthy", "the server is shutting down; send the request to another replica")
-        if len(request.sequences) > self.max_queue:
+        count = len(request.sequences)
+        if count > self.max_client_batch_size:
+            limit = "--max-client-batch-size" if self.max_client_batch_size != self.max_queue else "--max-queue"
             raise RequestError(
                 413,
                 "Validation",
-                f"the request holds {len(request.sequences)} inputs; this server takes at most "
-                f"{self.max_queue} at a time (--max-queue): split it",
+                f"the request holds {count} inputs; this server takes at most {self.max_client_batch_size} in one "
+                f"request ({limit}): split it",
             )
         encoded = await asyncio.to_thread(self._tokenize, request)
+        timings.tokenized = time.perf_counter()
         futures = []
         try:
             for ids, types in encoded:
@@ -190,17 +338,19 @@ class _ServerState:
             finished = answered.result()
         except Exception as error:  # the engine failed on a step holding these sequences
             raise RequestError(500, "Backend", f"the model failed on this request: {error}") from None
-        labels = self.model.config.id2label or {}
-        answers = []
+        timings.done = time.perf_counter()
+        taken = [getattr(future, "eek_taken", None) for future in futures]
+        if taken and None not in taken:
+            timings.taken = max(taken)
         for done in finished:
             self.metrics.record_sequence(done.exit_layer, done.layers_run)
-            answers.append(format_answer(done.logits, done.exit_layer, done.layers_run, labels, request.raw_scores))
-        return answers
+        return finished
 
-    def _tokenize(self, request: PredictRequest) -> list[tuple[list[int], list[int] | None]]:
+    def _tokenize(self, request) -> list[tuple[list[int], list[int] | None]]:
+        tokenizer = self.tokenizers[getattr(request, "truncation_direction", "Right")]
         encoded = []
         for index, (text, pair) in enumerate(request.sequences):
-            tokens = self.tokenizer(text, pair, truncation=request.truncate, max_length=self.max_length)
+            tokens = tokenizer(text, pair, truncation=request.truncate, max_length=self.max_length)
             ids = tokens["input_ids"]
             if len(ids) > self.max_length:
                 raise RequestError(

@@ -1,13 +1,16 @@
 """The ``POST /predict`` request and answer, in text-embeddings-inference's shapes.
 
-Request: ``{"inputs": ..., "truncate": false, "raw_scores": false}`` where ``inputs`` is
+Request: ``{"inputs": ..., "truncate": false, "raw_scores": false, "truncation_direction": "Right"}``
+where ``inputs`` is
 
 - a text: ``"I liked it"``;
 - a text pair: ``["first text", "second text"]`` (one or two strings);
 - a batch: ``[["a text"], ["first", "second"], ...]`` (lists of one or two strings).
 
-Answer: for one input, a list of ``{"score", "label"}`` over every label, highest score
-first (softmax probabilities, or the raw logits with ``raw_scores``); for a batch, one
+``truncate`` cuts a text longer than the model takes, at its end (``"Right"``) or its
+start (``"Left"``). Answer: for one input, a list of ``{"score", "label"}`` over every
+label, highest score first (softmax probabilities; for a multi-label model each label's
+sigmoid probability; the raw logits with ``raw_scores``); for a batch, one
 such list per input, in input order. Each entry also carries the input's ``exit_layer``
 and ``layers_run``, which clients written for text-embeddings-inference ignore.
 
@@ -23,7 +26,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PredictRequest", "RequestError", "format_answer", "parse_predict_request"]
+__all__ = [
+    "PredictRequest",
+    "RequestError",
+    "flag",
+    "format_answer",
+    "parse_predict_request",
+    "truncation_direction",
+]
 
 
 class RequestError(Exception):
@@ -45,6 +55,7 @@ class PredictRequest:
     batched: bool
     truncate: bool
     raw_scores: bool
+    truncation_direction: str = "Right"
 
 
 _SHAPES = 'a text "...", a pair ["...", "..."], or a batch [["..."], ["...", "..."], ...]'
@@ -63,12 +74,11 @@ def parse_predict_request(raw: bytes) -> PredictRequest:
         raise RequestError(
             422, "Validation", f"unknown field(s) {', '.join(unknown)}; /predict takes inputs, truncate, raw_scores"
         )
-    truncate, raw_scores = _flag(body, "truncate"), _flag(body, "raw_scores")
-    if body.get("truncation_direction", "Right") != "Right":
-        raise RequestError(422, "Validation", 'truncation_direction: only "Right" is supported')
+    truncate, raw_scores = flag(body, "truncate"), flag(body, "raw_scores")
+    direction = truncation_direction(body)
     inputs = body["inputs"]
     if isinstance(inputs, str):
-        return PredictRequest([_sequence([inputs], 0)], False, truncate, raw_scores)
+        return PredictRequest([_sequence([inputs], 0)], False, truncate, raw_scores, direction)
     if not isinstance(inputs, list):
         raise RequestError(422, "Validation", f"inputs must be {_SHAPES}; got {type(inputs).__name__}")
     if not inputs:
@@ -81,7 +91,7 @@ def parse_predict_request(raw: bytes) -> PredictRequest:
                 f"inputs is a list of {len(inputs)} strings; a pair has 2. For a batch, wrap each "
                 f'text in a list: [["text 1"], ["text 2"], ...]',
             )
-        return PredictRequest([_sequence(inputs, 0)], False, truncate, raw_scores)
+        return PredictRequest([_sequence(inputs, 0)], False, truncate, raw_scores, direction)
     sequences = []
     for index, item in enumerate(inputs):
         if not isinstance(item, list):
@@ -89,10 +99,21 @@ def parse_predict_request(raw: bytes) -> PredictRequest:
                 422, "Validation", f"inputs[{index}] must be a list of one or two strings in a batch ({_SHAPES})"
             )
         sequences.append(_sequence(item, index))
-    return PredictRequest(sequences, True, truncate, raw_scores)
+    return PredictRequest(sequences, True, truncate, raw_scores, direction)
 
 
-def _flag(body: dict, name: str) -> bool:
+def truncation_direction(body: dict) -> str:
+    """``"Right"`` (cut a long text's end, the default) or ``"Left"`` (its start), as text-embeddings-inference."""
+    direction = body.get("truncation_direction", "Right")
+    if direction not in ("Left", "Right"):
+        raise RequestError(
+            422, "Validation", f'truncation_direction must be "Left" or "Right", got {json.dumps(direction)}'
+        )
+    return direction
+
+
+def flag(body: dict, name: str) -> bool:
+    """The boolean field ``name`` of ``body`` (False when absent); 422 when it is not a boolean."""
     value = body.get(name, False)
     if not isinstance(value, bool):
         raise RequestError(422, "Validation", f"{name} must be true or false, got {json.dumps(value)}")
@@ -111,13 +132,25 @@ def _sequence(texts: list, index: int) -> tuple[str, str | None]:
     return texts[0], (texts[1] if len(texts) == 2 else None)
 
 
-def format_answer(logits: torch.Tensor, exit_layer: int, layers_run: int, id2label: dict, raw_scores: bool) -> list:
+def format_answer(
+    logits: torch.Tensor,
+    exit_layer: int,
+    layers_run: int,
+    id2label: dict,
+    raw_scores: bool,
+    multi_label: bool = False,
+) -> list:
     """One input's answer: ``{"score", "label", "exit_layer", "layers_run"}`` per label, best first.
 
-    ``logits``: [C]. A regression head (C = 1) answers its value as the score.
+    ``logits``: [C]. Scores are the softmax; with ``multi_label`` each label's sigmoid
+    (independent labels); with ``raw_scores`` the logits. A regression head (C = 1)
+    answers its value as the score.
     """
     logits = logits.float()
-    scores = logits if raw_scores or logits.numel() == 1 else logits.softmax(-1)
+    if raw_scores or (logits.numel() == 1 and not multi_label):
+        scores = logits
+    else:
+        scores = torch.sigmoid(logits) if multi_label else logits.softmax(-1)
     order = torch.argsort(scores, descending=True, stable=True).tolist()
     values = scores.tolist()
     return [

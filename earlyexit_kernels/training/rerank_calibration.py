@@ -1,0 +1,157 @@
+"""Calibrate ``ScoreBand`` for a cross-encoder reranker so the top of each ranking stays the full model's.
+
+The candidates of one query are scored as ``(query, passage)`` rows; a row may leave early
+when its score is already low (``ScoreBand(low)``). What matters is the head of the
+ranking: the measure is the **recall of the full model's top k**, per query the fraction
+of the full model's ``k`` best candidates that are still among the ``k`` best under early
+exit, averaged over the queries (``k = min(k, candidates)``). No labels are needed.
+
+    record = calibration.record_exits(model, batches)        # rows of every query's pairs
+    result = calibrate_rerank(record, groups, k=10, min_recall=0.99)
+    eek.patch(model, result.policy)
+
+``groups`` [N] gives each row's query (any integers; rows of one query need not be
+adjacent). The candidates are ``ScoreBand(low=t)`` for ``t`` over the quantiles of the
+internal heads' scores (keeping the ``high`` of ``policy`` when it has one), plus a ``low``
+below every score (never early). Each is replayed with
+:func:`earlyexit_kernels.training.calibration.replay`: the decisions of the patched model.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from earlyexit_kernels.methods.policies import ScoreBand
+from earlyexit_kernels.training.calibration import ExitRecord, replay
+
+__all__ = ["RerankPoint", "RerankCalibration", "top_k_recall", "ndcg_at", "rerank_candidates", "calibrate_rerank"]
+
+
+@dataclass
+class RerankPoint:
+    """One candidate policy: recall of the full model's top k (a fraction) and mean layers run."""
+
+    policy: ScoreBand
+    recall: float
+    mean_layers: float
+
+
+@dataclass
+class RerankCalibration:
+    """The chosen policy, its recall and mean layers, whether the target was met, the target and the curve."""
+
+    policy: ScoreBand
+    recall: float
+    mean_layers: float
+    met: bool
+    target: str
+    curve: list[RerankPoint]
+
+
+def _group_rows(groups: torch.Tensor) -> list[torch.Tensor]:
+    groups = torch.as_tensor(groups).reshape(-1)
+    return [(groups == g).nonzero().squeeze(-1) for g in torch.unique(groups)]
+
+
+def top_k_recall(scores: torch.Tensor, full_scores: torch.Tensor, groups: torch.Tensor, k: int = 10) -> float:
+    """Mean over queries of ``|top_k(scores) & top_k(full_scores)| / min(k, n_query)``.
+
+    ``scores``, ``full_scores``: [N]; ``groups``: [N] query of each row. Ties in a top k
+    go to the earlier row, as :func:`earlyexit_kernels.engine.rerank.rank_order` does.
+    """
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    recalls = []
+    for rows in _group_rows(groups):
+        size = min(k, rows.numel())
+        top = set(_top(scores[rows], size))
+        full = set(_top(full_scores[rows], size))
+        recalls.append(len(top & full) / size)
+    return sum(recalls) / len(recalls)
+
+
+def _top(values: torch.Tensor, size: int) -> list[int]:
+    order = sorted(range(values.numel()), key=lambda i: (-float(values[i]), i))
+    return order[:size]
+
+
+def rerank_candidates(record: ExitRecord, policy: ScoreBand | None = None, *, count: int = 60) -> list[ScoreBand]:
+    """``ScoreBand(low=t)`` (with ``policy.high``) for ``t`` over the internal heads' score quantiles."""
+    high = policy.high if policy is not None else None
+    inner = record.all_logits[:-1, :, 0].float().reshape(-1)
+    inner = inner[torch.isfinite(inner)]
+    if inner.numel() == 0:
+        raise ValueError("the record has no finite scores from the internal heads (a one-layer model?)")
+    grid = torch.quantile(inner.double(), torch.linspace(0, 1, count, dtype=torch.float64)).tolist()
+    never = float(inner.min()) - 1.0
+    lows = sorted({never, *grid})
+    if high is not None:
+        lows = [t for t in lows if t < high]
+    return [ScoreBand(low=t, high=high) for t in lows]
+
+
+def calibrate_rerank(
+    record: ExitRecord,
+    groups: torch.Tensor,
+    *,
+    k: int = 10,
+    min_recall: float | None = None,
+    target_layers: float | None = None,
+    policy: ScoreBand | None = None,
+    count: int = 60,
+) -> RerankCalibration:
+    """Choose ``ScoreBand(low)`` on a record of (query, passage) rows for one target.
+
+    ``min_recall`` (a fraction): the fewest mean layers run whose recall of the full
+    model's top ``k`` is at least it; ``target_layers``: the best recall with at most that
+    many mean layers. Ties go to the higher recall, then the cheaper. When nothing meets
+    the target, the closest candidate comes back with ``met=False`` and a warning.
+    """
+    if (min_recall is None) == (target_layers is None):
+        raise ValueError("give exactly one target: min_recall (a fraction) or target_layers (mean layers)")
+    if min_recall is not None and not 0.0 <= min_recall <= 1.0:
+        raise ValueError(f"min_recall must be a fraction in [0, 1], got {min_recall!r}")
+    if record.all_logits.shape[-1] != 1:
+        raise ValueError(
+            f"calibrate_rerank is for one-output cross-encoders (num_labels == 1); the record has "
+            f"{record.all_logits.shape[-1]} outputs: use calibration.calibrate"
+        )
+    groups = torch.as_tensor(groups).reshape(-1)
+    if groups.numel() != record.all_logits.shape[1]:
+        raise ValueError(f"groups has {groups.numel()} entries for {record.all_logits.shape[1]} rows; give one per row")
+    full = record.all_logits[-1, :, 0].float()
+    curve = []
+    for candidate in rerank_candidates(record, policy, count=count):
+        result = replay(candidate, record)
+        recall = top_k_recall(result.logits[:, 0], full, groups, k)
+        curve.append(RerankPoint(candidate, recall, result.layers_run.float().mean().item()))
+    if min_recall is not None:
+        feasible = [p for p in curve if p.recall >= min_recall - 1e-12]
+        target = f"recall of the full model's top {k} >= {min_recall:g}"
+        pool = feasible or sorted(curve, key=lambda p: -p.recall)[:1]
+        best = min(pool, key=lambda p: (p.mean_layers, -p.recall))
+    else:
+        feasible = [p for p in curve if p.mean_layers <= target_layers + 1e-12]
+        target = f"mean layers <= {target_layers:g}"
+        pool = feasible or sorted(curve, key=lambda p: p.mean_layers)[:1]
+        best = max(pool, key=lambda p: (p.recall, -p.mean_layers))
+    if not feasible:
+        warnings.warn(f"calibrate_rerank: no candidate meets {target}; returning the closest", stacklevel=2)
+    return RerankCalibration(best.policy, best.recall, best.mean_layers, bool(feasible), target, curve)
+
+
+def ndcg_at(scores: torch.Tensor, relevance: torch.Tensor, groups: torch.Tensor, k: int = 10) -> float:
+    """Mean over queries of nDCG@k of the ranking by ``scores`` [N] against graded ``relevance`` [N]."""
+    values = []
+    for rows in _group_rows(groups):
+        gains = relevance[rows].float()
+        order = _top(scores[rows], min(k, rows.numel()))
+        ideal = sorted(gains.tolist(), reverse=True)[: len(order)]
+        dcg = sum((2 ** float(gains[i]) - 1) / math.log2(r + 2) for r, i in enumerate(order))
+        best = sum((2**g - 1) / math.log2(r + 2) for r, g in enumerate(ideal))
+        values.append(dcg / best if best > 0 else 1.0)
+    return sum(values) / len(values)
