@@ -183,3 +183,68 @@ def test_policy_text_round_trips():
     assert repr(eek.MultiLabelConfidence((0.9, 0.8))) == "MultiLabelConfidence((0.9, 0.8))"
     state = init_state(eek.MultiLabelConfidence(0.9), 3, 2, 8, 4, torch.device("cpu"))
     assert state == {}
+
+
+@pytest.fixture(scope="module")
+def multi_label_dir(tmp_path_factory):
+    from served_models import multi_label_folder
+
+    return multi_label_folder(tmp_path_factory.mktemp("multi_label"))
+
+
+def expected_rows(model_dir, texts):
+    """Per text: (labels above 0.5 joined by ",", highest probability, every label's probability, exit layer)."""
+    from transformers import BertTokenizerFast
+
+    model = eek.from_pretrained(model_dir)
+    tokenizer = BertTokenizerFast.from_pretrained(model_dir)
+    names = [model.config.id2label[c] for c in range(model.config.num_labels)]
+    rows = []
+    with torch.no_grad():
+        for text in texts:
+            alone = model(**tokenizer(text, return_tensors="pt"))
+            p = torch.sigmoid(alone.logits[0].float())
+            chosen = ",".join(n for n, v in zip(names, p.tolist(), strict=True) if v > 0.5)
+            rows.append((chosen, float(p.max()), dict(zip(names, p.tolist(), strict=True)), int(alone.exit_layer[0])))
+    return rows
+
+
+def check_rows(out, expected):
+    import json
+
+    for row, (chosen, top, every, exit_layer) in zip(out.itertuples(), expected, strict=True):
+        assert ("" if row.label is None or row.label != row.label else row.label) == chosen
+        assert row.score == pytest.approx(top, abs=1e-6)
+        assert json.loads(row.scores) == pytest.approx(every, abs=1e-6)
+        assert row.exit_layer == exit_layer
+    assert out.exit_layer.nunique() >= 2
+
+
+def test_the_command_line_writes_every_label_with_its_probability(multi_label_dir, tmp_path):
+    pd = pytest.importorskip("pandas", reason="the command line reads and writes tables through pandas/pyarrow")
+    pytest.importorskip("pyarrow", reason="the command line reads and writes tables through pyarrow")
+    from conftest import word_texts
+
+    from earlyexit_kernels.integrations.cli import main
+
+    texts = [t or "w0" for t in word_texts(40, seed=6)]
+    pd.DataFrame({"text": texts}).to_json(tmp_path / "in.jsonl", orient="records", lines=True)
+    assert (
+        main(["classify", multi_label_dir, str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), "--no-progress"])
+        == 0
+    )
+    out = pd.read_json(tmp_path / "out.jsonl", orient="records", lines=True, dtype={"label": str})
+    assert list(out.columns) == ["text", "label", "score", "exit_layer", "layers_run", "scores"]
+    check_rows(out, expected_rows(multi_label_dir, texts))
+
+
+def test_ray_data_writes_every_label_with_its_probability(multi_label_dir):
+    pd = pytest.importorskip("pandas", reason="the Ray integration works on pandas batches")
+    from conftest import word_texts
+
+    from earlyexit_kernels.ray import EarlyExitClassifier
+
+    texts = [t or "w0" for t in word_texts(40, seed=6)]
+    out = EarlyExitClassifier(multi_label_dir)(pd.DataFrame({"text": texts}))
+    assert list(out.columns) == ["text", "label", "score", "exit_layer", "layers_run", "error", "scores"]
+    check_rows(out, expected_rows(multi_label_dir, texts))

@@ -12,6 +12,7 @@ imports it only when used.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -28,7 +29,8 @@ READERS = {
 
 
 class EarlyExitClassifier:
-    """Callable class for ``map_batches``: adds ``label``, ``score``, ``exit_layer``, ``layers_run``, ``error``.
+    """Callable class for ``map_batches``: adds ``label``, ``score``, ``exit_layer``, ``layers_run``, ``error``
+    (and ``scores`` for a multi-label model, see :func:`earlyexit_kernels.integrations.labels.labels_and_scores`).
 
     ``model``: a ``save_pretrained`` directory of a patched model, or a plain Hugging Face
     classifier directory with ``policy`` (an ``eek`` policy or a string such as
@@ -88,15 +90,23 @@ class EarlyExitClassifier:
         rows, errors = self._inputs(frame)
         outputs = {name: [None] * len(frame) for name in OUTPUT_COLUMNS}
         outputs["error"] = errors
+        from earlyexit_kernels.integrations.labels import is_multi_label
+
+        multi_label = is_multi_label(self.model.config)
+        every_label = [None] * len(frame)
         if rows:
             from earlyexit_kernels.engine.classify import classify
-            from earlyexit_kernels.integrations.labels import labels_and_scores
+            from earlyexit_kernels.integrations.labels import label_probabilities, labels_and_scores
 
             positions, items = zip(*rows)
             predictions = list(classify(self.model, items, tokenizer=self.tokenizer, **self.options))
             import torch
 
-            labels, scores = labels_and_scores(torch.stack([p.logits for p in predictions]), self.model.config)
+            logits = torch.stack([p.logits for p in predictions])
+            labels, scores = labels_and_scores(logits, self.model.config)
+            if multi_label:
+                for position, probabilities in zip(positions, label_probabilities(logits, self.model.config)):
+                    every_label[position] = json.dumps(probabilities)
             for position, prediction, label, score in zip(positions, predictions, labels, scores):
                 outputs["label"][position] = label
                 outputs["score"][position] = score
@@ -106,6 +116,8 @@ class EarlyExitClassifier:
         for name in OUTPUT_COLUMNS:
             dtype = {"exit_layer": "Int64", "layers_run": "Int64", "score": "Float64"}.get(name, "string")
             result[name] = pd.array(outputs[name], dtype=dtype)
+        if multi_label:  # every label with its probability, as a JSON object per row
+            result["scores"] = pd.array(every_label, dtype="string")
         return _from_pandas(result, form)
 
     def _inputs(self, frame) -> tuple[list[tuple[int, object]], list[str | None]]:
