@@ -176,6 +176,7 @@ PREAMBLES = {
     ("docs/serving.md", "On a Ray cluster", 0): _skip(
         "needs a Ray cluster and S3 storage; python_tests/test_ray.py runs a local Ray"
     ),
+    ("docs/training.md", "Fit in one call", 0): _with_model,
     ("docs/training.md", "Training the heads", 0): _with_model,
     ("docs/training.md", "Training the heads", 1): _trainer,
     ("docs/training.md", "Calibration", 0): _with_model,
