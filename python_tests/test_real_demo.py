@@ -105,24 +105,13 @@ def test_the_real_task_benchmark_writes_its_csv_and_its_section(tiny_task, tmp_p
     readme.write_text(
         f"# Benchmarks\n\nbefore\n\n{real_task_quality.MARK_START}\nSTALE SECTION\n{real_task_quality.MARK_END}\n\nafter\n"
     )
-    real_task_quality.main(
-        [
-            "--runs",
-            "heads (mean, mlp)",
-            "pabee",
-            "--joint-train-rows",
-            "64",
-            "--output",
-            str(csv_path),
-            "--readme",
-            str(readme),
-        ]
-    )
+    common = ["--joint-train-rows", "64", "--output", str(csv_path), "--readme", str(readme)]
+    real_task_quality.main(["--runs", "pabee", *common])
+    real_task_quality.main(["--runs", "heads (mean, mlp)", *common, "--append"])  # one CSV from two invocations
     comments, rows = real_task_quality._read_csv(str(csv_path))
-    assert comments[0].startswith("python -m earlyexit_kernels.bench.real_task_quality --runs")
+    assert [c.split(" --")[1] for c in comments if c.startswith("python")] == ["runs pabee", "runs heads (mean, mlp)"]
     operating = [r for r in rows if r["kind"] == "operating"]
-    assert [r["run"] for r in operating] == ["heads (mean, mlp)", "pabee"]
-    assert [int(r["train_rows"]) for r in operating] == [192, 64]
+    assert [(r["run"], int(r["train_rows"])) for r in operating] == [("pabee", 64), ("heads (mean, mlp)", 192)]
     for r in operating:
         statics = [row for row in rows if row["kind"] == "static" and row["run"] == r["run"]]
         assert [int(s["layer"]) for s in statics] == [1, 2, 3, 4]
@@ -131,4 +120,4 @@ def test_the_real_task_benchmark_writes_its_csv_and_its_section(tiny_task, tmp_p
         assert (r["why"] != "") == (float(r["saved_fraction"]) < real_task_quality.LITTLE_SAVING)
     text = readme.read_text()
     assert text.startswith("# Benchmarks\n\nbefore\n\n") and text.endswith("\n\nafter\n") and "STALE" not in text
-    assert "| heads (mean, mlp) | `" in text and "| pabee | `" in text
+    assert 0 < text.index("| heads (mean, mlp) | `") < text.index("| pabee | `")  # in the order of RUNS

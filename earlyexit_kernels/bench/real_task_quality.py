@@ -246,13 +246,19 @@ def _why(row: dict, num_layers: int) -> str:
     return "; ".join(parts)
 
 
-def write_csv(rows: list[dict], path: str, argv: list[str], seconds: float | None = None) -> None:
+def write_csv(
+    rows: list[dict], path: str, argv: list[str], seconds: float | None = None, kept: tuple[list, list] = ([], [])
+) -> None:
+    """Write ``rows`` after ``kept`` (the comment lines and rows of an earlier run, ``--append``)."""
     import transformers
 
     import earlyexit_kernels as eek
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    comments, old_rows = kept
     with open(path, "w", newline="") as f:
+        for line in comments:
+            f.write(f"# {line}\n")
         f.write(f"# python -m earlyexit_kernels.bench.real_task_quality {' '.join(argv)}, {stamp}\n")
         f.write(
             f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
@@ -261,6 +267,7 @@ def write_csv(rows: list[dict], path: str, argv: list[str], seconds: float | Non
         )
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
+        writer.writerows(old_rows)
         writer.writerows(rows)
 
 
@@ -284,7 +291,11 @@ def _curve_at(points: list[dict], layers: float) -> float | None:
 def render_markdown(csv_path: str) -> str:
     """The real-task section of ``docs/benchmarks.md``, generated from the CSV."""
     comments, rows = _read_csv(csv_path)
-    operating = [r for r in rows if r["kind"] == "operating"]
+    order = list(RUNS)
+    operating = sorted(
+        (r for r in rows if r["kind"] == "operating"),
+        key=lambda r: order.index(r["run"]) if r["run"] in order else len(order),
+    )
     lines = [f"Generated from `{csv_path}` by `python -m earlyexit_kernels.bench.real_task_quality`, run as:", ""]
     lines += ["```", *comments, "```", ""]
     lines += [
@@ -358,6 +369,11 @@ def main(argv=None) -> None:
         "--joint-train-rows", type=int, default=2048, help="training rows of the joint methods (default: 2048)"
     )
     parser.add_argument("--max-drop", type=float, default=1.0, help="calibration target, accuracy points")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the other runs of an existing --output CSV (one CSV from several shorter invocations)",
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--cache-dir", help="where the fine-tuned MiniLM is cached (default: real_task's)")
     args = parser.parse_args(argv)
@@ -373,10 +389,14 @@ def main(argv=None) -> None:
         if path and os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
     started = time.perf_counter()
+    kept = ([], [])
+    if args.append and args.output and os.path.exists(args.output):
+        comments, old_rows = _read_csv(args.output)
+        kept = (comments, [r for r in old_rows if r["run"] not in args.runs])
 
     def save(rows):
         if args.output:
-            write_csv(rows, args.output, argv, time.perf_counter() - started)
+            write_csv(rows, args.output, argv, time.perf_counter() - started, kept)
 
     run(args, save)
     if args.output:
