@@ -6,7 +6,10 @@
 Reads ``benchmarks/results/*/bench.csv`` (or the CSVs given) and writes everything
 between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` (appended at the end of the
 file when the markers are missing). Nothing in that section is typed by hand: rerun
-this script after a new sweep.
+this script after a new sweep. With ``--readme`` it also rewrites the real-task exit-quality
+section from ``benchmarks/results/real_task_cpu.csv`` when that CSV exists and the file has the
+section's markers
+(:mod:`earlyexit_kernels.bench.real_task_quality`).
 
 CSVs measured on the same machine (``device_name``) share one section: one Targets table
 and the speed-up tables of every model, with the settings of each CSV stated (and its
@@ -29,6 +32,8 @@ from earlyexit_kernels.bench.results import read_csv
 __all__ = ["render", "replace_section", "main"]
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+#: the CSV of ``python -m earlyexit_kernels.bench.real_task_quality``, whose section ``--readme`` also rewrites
+REAL_TASK_CSV = "benchmarks/results/real_task_cpu.csv"
 
 
 def _f(value, fmt="{:.2f}"):
@@ -314,6 +319,12 @@ def main(argv=None) -> int:
     if args.readme:
         args.readme.write_text(replace_section(args.readme.read_text(), section))
         print(f"updated {args.readme}")
+        from earlyexit_kernels.bench.real_task_quality import MARK_START, update_readme
+
+        # the real-task exit quality has its own section (where the file has its markers), from its own CSV
+        if Path(REAL_TASK_CSV).is_file() and MARK_START in args.readme.read_text():
+            update_readme(str(args.readme), REAL_TASK_CSV)
+            print(f"updated the real-task section of {args.readme} from {REAL_TASK_CSV}")
     else:
         print(section, end="")
     return 0
