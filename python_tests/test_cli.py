@@ -200,7 +200,7 @@ def test_an_input_without_rows_gives_an_output_with_its_columns(saved_classifier
     source = tmp_path / "in.csv"
     source.write_text("id,text\n")
     assert _run("classify", saved_classifier, source, tmp_path / "out.csv") == 0
-    assert (tmp_path / "out.csv").read_text().splitlines() == ['"id","text","label","score","exit_layer","layers_run"']
+    assert (tmp_path / "out.csv").read_text().splitlines() == ["id,text,label,score,exit_layer,layers_run"]
 
 
 def _interrupt_after(monkeypatch, chunks):
@@ -302,6 +302,23 @@ def test_engine_options_reach_the_engine(saved_classifier, tmp_path, monkeypatch
     assert seen["progress"] is False and seen["compile"] is False and seen["max_tokens"] is None
 
 
+def test_threads_sets_torch_s_threads_for_the_run(saved_classifier, tmp_path, monkeypatch):
+    classify_module = sys.modules["earlyexit_kernels.engine.classify"]
+    real, seen = classify_module.classify, []
+
+    def recording(model, inputs, **options):
+        seen.append(torch.get_num_threads())
+        return real(model, inputs, **options)
+
+    monkeypatch.setattr(classify_module, "classify", recording)
+    source = _write(pd.DataFrame({"text": word_texts(5)}), tmp_path / "in.csv")
+    try:
+        assert _run("classify", saved_classifier, source, tmp_path / "out.csv", "--threads", 2) == 0
+    finally:
+        torch.set_num_threads(1)  # this module's setting (see _one_thread)
+    assert seen == [2]
+
+
 def test_usage_errors_exit_with_status_2(capsys):
     with pytest.raises(SystemExit) as stopped:
         main(["classify"])
@@ -334,6 +351,8 @@ def test_usage_errors_exit_with_status_2(capsys):
         (lambda m, s, t: ("classify", m, s, t, "--max-tokens", 0), "max_tokens must be an integer >= 1"),
         (lambda m, s, t: ("classify", m, s, t, "--max-length", 65), r"max_length must be an integer in 1\.\.64"),
         (lambda m, s, t: ("classify", m, s, t, "--backend", "gpu"), "backend must be one of 'auto'"),
+        (lambda m, s, t: ("classify", m, s, t, "--threads", 0), "--threads must be >= 1, got 0"),
+        (lambda m, s, t: ("classify", m, s, t, "--threads", 2, "--engine", "ray"), "--threads .* --engine local"),
         (lambda m, s, t: ("classify", m, s, s + "/out.csv"), r"cannot write .*in\.csv/out\.csv: \[Errno"),
     ],
 )

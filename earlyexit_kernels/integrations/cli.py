@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--workers", type=int, default=2, help="--engine ray: actors (default: 2)")
     classify.add_argument("--address", default=None, help="--engine ray: a Ray cluster (default: start one here)")
     classify.add_argument("--gpus-per-worker", type=float, default=0, help="--engine ray: GPUs per actor (e.g. 1)")
+    classify.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch's CPU threads for the layer calls, --engine local (default: torch's choice, one per core)",
+    )
     classify.set_defaults(run=_classify)
     _add_serve_command(commands)
     add_fit_commands(commands)  # fit, evaluate
@@ -197,6 +204,17 @@ def main(argv=None) -> int:
         return 130
 
 
+def _set_threads(threads: int | None) -> None:
+    """``--threads``: torch's intra-op CPU threads (None: leave torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise CliError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr)
 
@@ -208,7 +226,10 @@ def _classify(args) -> int:
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be at least 1")
     if args.engine == "ray":  # reads files or folders; OUTPUT is a folder (Parquet unless named .csv / .jsonl)
+        if args.threads is not None:
+            raise CliError("--threads sets this process's threads: use it with --engine local")
         return _classify_on_ray(args)
+    _set_threads(args.threads)
     try:
         table_format(args.input)
         table_format(args.output)
@@ -445,12 +466,7 @@ def _serve(args) -> int:
     )
     if args.max_client_batch_size is not None and args.max_client_batch_size < 1:
         raise CliError(f"--max-client-batch-size must be >= 1, got {args.max_client_batch_size}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise CliError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     if args.replicas is not None:
         return _serve_on_ray(args, options)
     model, tokenizer = load_model(args.model, args.policy, args.backend)

@@ -287,17 +287,36 @@ def _encode(kind: str, table, header: bool, path) -> bytes:
                 orient="records", lines=True, force_ascii=False, date_format="iso", double_precision=15
             )
             return (text if text.endswith("\n") or not text else text + "\n").encode()
-        import pyarrow.csv as pa_csv
-
-        sink = pa.BufferOutputStream()
-        options = pa_csv.WriteOptions(include_header=header, delimiter="\t" if kind == "tsv" else ",")
-        pa_csv.write_csv(table, sink, write_options=options)
-        return sink.getvalue().to_pybytes()
+        return _delimited(table, "\t" if kind == "tsv" else ",", header)
     except (pa.ArrowException, ValueError, TypeError, OverflowError) as error:
         columns = ", ".join(f"{field.name}: {field.type}" for field in table.schema)
         raise TableError(
             f"cannot write the columns ({columns}) as {kind} to {path}: {error}; write OUTPUT as .parquet instead"
         ) from None
+
+
+def _delimited(table, delimiter: str, header: bool) -> bytes:
+    """CSV / TSV text of ``table``: a field is quoted only when its text needs it (a delimiter,
+    a quote or a line break in it), so numbers are never quoted, nor the input's text columns
+    that hold numbers (read as text to keep "007"). Each value is formatted by Arrow, as
+    pyarrow's CSV writer formats it; pyarrow's writer itself quotes every string."""
+    import csv
+    import io
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    columns = []
+    for column in table.columns:
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            column = pc.cast(column, pa.string())  # raises for lists and structs: not CSV
+        columns.append(["" if value is None else value for value in column.to_pylist()])
+    out = io.StringIO()
+    writer = csv.writer(out, delimiter=delimiter, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+    if header:
+        writer.writerow(table.column_names)
+    writer.writerows(zip(*columns))
+    return out.getvalue().encode()
 
 
 def _fsync(path: Path) -> None:
