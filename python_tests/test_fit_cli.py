@@ -113,7 +113,7 @@ def test_fit_writes_a_calibrated_folder_that_classify_and_evaluate_load(classifi
     out = tmp_path / "fitted"
     assert _run("fit", classifier, train, out, *FAST) == 0
     printed = capsys.readouterr().out
-    assert "calibrated on 16 validation rows" in printed  # 10% of 160 held out by default
+    assert "on 144 rows and calibrated them on 16 validation rows" in printed  # 10% of 160 held out by default
     assert "chosen: Entropy(" in printed and "mean layers of 4" in printed
     summary = json.loads((out / "eek_fit.json").read_text())
     assert summary["method"] == "heads" and summary["target"] == "accuracy" and summary["train_rows"] == 144

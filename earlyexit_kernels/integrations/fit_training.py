@@ -25,6 +25,8 @@ class FitReport:
 
     ``accuracy`` / ``full_accuracy`` are on the validation rows, fractions; with
     ``target == "agreement"`` they are agreement with the full model (and full is 1.0).
+    ``train_seconds``: the training stages; ``calibrate_seconds``: the rest of the fit (the
+    frozen model's passes over the rows, the calibration).
     """
 
     method: str
@@ -53,8 +55,10 @@ class FitReport:
         """The lines ``eek fit`` prints: the compact curve, then the chosen point."""
         what = "agreement with the full model" if self.target == "agreement" else "accuracy"
         lines = [
-            f"trained the exit heads ({self.method}) on {self.train_rows} rows in {self.train_seconds:.1f} s; "
-            f"calibrated on {self.validation_rows} validation rows in {self.calibrate_seconds:.1f} s"
+            f"fitted the exit heads ({self.method}) on {self.train_rows} rows and calibrated them on "
+            f"{self.validation_rows} validation rows in {self.train_seconds + self.calibrate_seconds:.1f} s "
+            f"({self.train_seconds:.1f} s in the training stages; the rest: the model's passes over the rows "
+            f"and the calibration)"
         ]
         lines += [f"  stage {i}: {stage}" for i, stage in enumerate(self.stages, start=1)]
         if self.layer_scores:
