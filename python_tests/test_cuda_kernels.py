@@ -302,3 +302,60 @@ def test_compact(ops, dtype):
         assert torch.equal(got_h, ref_h)
         if m is not None:
             assert torch.equal(got_m, ref_m)
+
+
+# ----------------------------------------------------------------------------- shared memory per architecture
+
+A100_OPTIN, H100_OPTIN = 163 * 1024, 227 * 1024  # a block's opt-in dynamic shared memory
+
+
+def test_cuda_head_shared_memory_per_architecture():
+    """The CUDA head stages 8 [CLS] rows: fp32 heads past H = 5152 do not fit an A100's blocks
+    (H = 7200 on an H100); the backend runs such heads in PyTorch instead of failing to launch."""
+    assert cpp_backend.cuda_head_fits(5152, torch.float32, A100_OPTIN)
+    assert not cpp_backend.cuda_head_fits(5160, torch.float32, A100_OPTIN)
+    assert not cpp_backend.cuda_head_fits(6144, torch.float32, A100_OPTIN)
+    assert cpp_backend.cuda_head_fits(6144, torch.float32, H100_OPTIN)
+    assert cpp_backend.cuda_head_fits(6144, torch.bfloat16, A100_OPTIN)
+    assert not cpp_backend.cuda_head_fits(7208, torch.float32, H100_OPTIN)
+
+
+@pytest.mark.skipif(emulation.reason() is not None, reason=f"CUDA emulation: {emulation.reason()}")
+@pytest.mark.parametrize("dtype, hidden", [(torch.float32, 1536), (torch.float16, 3072)], ids=["fp32", "fp16"])
+def test_emulated_head_launch_obeys_the_architecture_s_shared_memory(monkeypatch, dtype, hidden):
+    """The emulation takes the opt-in limit as a parameter (an H100's by default): at a limit
+    that holds exactly ``hidden`` the head launches, 8 features more and it is refused, as
+    ``cuda_head_fits`` predicts (past 48 KiB, where the launcher must raise the kernel's limit)."""
+    ops = emulation.load()
+    limit = cpp_backend.cuda_head_shared_bytes(hidden, dtype)
+    assert limit > 48 * 1024
+    monkeypatch.setenv("EEK_EMU_OPTIN_SHARED_BYTES", str(limit))
+    g = torch.Generator().manual_seed(3)
+    for width, fits in ((hidden, True), (hidden + 8, False)):
+        assert cpp_backend.cuda_head_fits(width, dtype, limit) is fits
+        weights = _head_weights(width, 2, dtype, g)
+        x = _cls(1, width, dtype, g)
+        if fits:
+            pooled, logits = ops.cpp_head(x, *weights)
+            assert pooled.shape == (1, width) and logits.shape == (1, 2)
+        else:
+            with pytest.raises(RuntimeError, match="CUDA launch failed"):
+                ops.cpp_head(x, *weights)
+
+
+@pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
+def test_cuda_backend_runs_a_head_too_wide_for_shared_memory_in_torch():
+    """On a GPU: the first fp32 width the CUDA head cannot stage on this device still runs
+    (the head in PyTorch, the rule in CUDA) and decides as the reference."""
+    device = torch.device("cuda")
+    optin = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    hidden = next(h for h in range(4096, 16384, 8) if not cpp_backend.cuda_head_fits(h, torch.float32, optin))
+    g = torch.Generator().manual_seed(4)
+    wp, bp, wi, bi = (t.to(device) for t in _head_weights(hidden, 3, torch.float32, g))
+    x = _cls(5, hidden, torch.float32, g).to(device)
+    policy = eek.Entropy(0.5)
+    state = exit_rules.init_state(policy, 5, 3, hidden, L, device)
+    got = cpp_backend.head_exit_step(policy, 2, L, x, wp, bp, wi, bi, dict(state))
+    ref = exit_rules.head_exit_step(policy, 2, L, x, wp, bp, wi, bi, dict(state))
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[0], ref[0])

@@ -626,21 +626,18 @@ def test_launchers_trace_with_symbolic_sizes(monkeypatch, gpu_blocks):
     assert isinstance(head_grid[0], torch.SymInt), "the grid was specialized to one n"
 
 
-@_CPU_ONLY
-def test_compile_aot_eager_with_a_dynamic_batch_cpu():
-    """The user's view of the same defect: a compiled exit step called at two batch sizes with the
-    batch dimension dynamic (AOTAutograd, as Inductor uses it; ``aot_eager`` runs on the CPU)."""
+def _compiled_at_two_batch_sizes(device: torch.device, compiler: str):
     policy = eek.Patience(1)
-    wp, bp, wi, bi = make_head(64, 3, torch.float32, seed=92)
+    wp, bp, wi, bi = (t.to(device) for t in make_head(64, 3, torch.float32, seed=92))
 
     def step(cls, st):
         return tk.head_exit_step(policy, 2, NUM_LAYERS, cls, wp, bp, wi, bi, st)
 
     torch._dynamo.reset()
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(step, backend=compiler, fullgraph=True)
     for batch in (5, 9):
-        cls = make_cls(batch, 64, torch.float32, seed=batch)
-        st = random_state(policy, batch, 3, 64, torch.float32, seed=batch)
+        cls = make_cls(batch, 64, torch.float32, seed=batch).to(device)
+        st = {k: v.to(device) for k, v in random_state(policy, batch, 3, 64, torch.float32, seed=batch).items()}
         torch._dynamo.mark_dynamic(cls, 0)
         for value in st.values():
             torch._dynamo.mark_dynamic(value, 0)
@@ -649,6 +646,19 @@ def test_compile_aot_eager_with_a_dynamic_batch_cpu():
         assert torch.equal(got[0], ref[0])
         torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)
         assert torch.equal(got[4]["counter"], ref[4]["counter"])
+
+
+@_CPU_ONLY
+def test_compile_aot_eager_with_a_dynamic_batch_cpu():
+    """The user's view of the same defect: a compiled exit step called at two batch sizes with the
+    batch dimension dynamic (AOTAutograd, as Inductor uses it; ``aot_eager`` runs on the CPU)."""
+    _compiled_at_two_batch_sizes(CPU, "aot_eager")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor compiles Triton kernels for a GPU")
+def test_compile_inductor_with_a_dynamic_batch_cuda():
+    """On a GPU the ops are triton_ops: Inductor traces their launchers with a symbolic batch."""
+    _compiled_at_two_batch_sizes(torch.device("cuda"), "inductor")
 
 
 @_CPU_ONLY

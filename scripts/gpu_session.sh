@@ -10,7 +10,7 @@
 #   OUT=/tmp/out STEPS="build tests" bash scripts/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder for logs and results}
-STEPS=${STEPS:-"build tests gpu_tests sanitizer auto host micro bench"}
+STEPS=${STEPS:-"build tests gpu_tests defects sanitizer auto host micro bench"}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -50,6 +50,23 @@ for s in $STEPS; do
         step gpu_triton "$PY" -m pytest -q -rs -k "second_gpu or two_to_the_31 or cuda" \
             python_tests/test_triton_engine.py python_tests/test_triton_exit_step.py python_tests/test_triton_compact.py
         ;;
+    defects)
+        # The checks of docs/development.md "GPU-path defects found by reading" that need a GPU.
+        # 8: this device's opt-in shared memory per block and the widest head the CUDA kernel
+        # stages per dtype (wider ones run the head in PyTorch; the test runs the first of them).
+        step shared_memory "$PY" -c "import torch; from earlyexit_kernels.backends import cpp_backend as b
+p = torch.cuda.get_device_properties(0); optin = p.shared_memory_per_block_optin
+print(p.name, 'sm_%d%d' % (p.major, p.minor), 'opt-in shared memory per block:', optin, 'bytes')
+for d in (torch.float32, torch.float16, torch.bfloat16):
+    print(d, 'widest CUDA head: H =', max(h for h in range(8, 65536, 8) if b.cuda_head_fits(h, d, optin)))"
+        step wide_head "$PY" -m pytest -q -rs python_tests/test_cuda_kernels.py -k too_wide_for_shared_memory
+        # 1: torch.compile with dynamic shapes (Inductor, the triton_op decomposition) and the
+        # full opcheck on CUDA.
+        step dynamic_shapes "$PY" -m pytest -q -rs python_tests/test_triton_exit_step.py \
+            -k "opcheck_and_compile_cuda or symbolic_sizes or dynamic_batch_cuda"
+        # 2: the write-back's logits equal head_exit_step's bit for bit in bf16/fp16 (cuda, triton).
+        step write_back_rounding "$PY" -m pytest -q -rs python_tests/test_write_back.py -k writes_the_logits
+        ;;
     sanitizer)
         # memcheck: the Triton kernels (compaction, exit step), the write-back tests (every
         # backend) and the CUDA C++ kernels.
@@ -65,7 +82,7 @@ for s in $STEPS; do
         ;;
     auto)
         # What backend="auto" measures and picks on this GPU for BERT-base shapes.
-        step auto "$PY" -c "import torch; from earlyexit_kernels import backend_choice as c, backend_registry as r
+        step auto "$PY" -c "import torch; from earlyexit_kernels.backends import choice as c, registry as r
 for d in (torch.float16, torch.bfloat16, torch.float32):
     r.resolve_backend('auto', torch.device('cuda'), dtype=d, hidden_size=768, num_labels=2)
 for key, (name, secs) in c.auto_choices().items():

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from earlyexit_kernels.backends import compaction
 from earlyexit_kernels.backends import registry as backend_registry
 from earlyexit_kernels.backends.write_back import WriteBack
 from earlyexit_kernels.methods.policies import (
@@ -169,6 +170,34 @@ def exit_step_write_back(policy, layer, num_layers, logits, halting_logit, state
     return exits, state, order, _survivor_stats(exits, count, target.extents)
 
 
+# The CUDA head's block layout (csrc/cuda/exit_step.cu, launchers.h): kRows rows staged whole.
+CUDA_HEAD_ROWS, CUDA_HEAD_TILE = 8, 64
+
+
+def cuda_head_shared_bytes(hidden: int, dtype: torch.dtype) -> int:
+    """Dynamic shared memory of one CUDA head block: ``kRows`` [CLS] rows of ``hidden``
+    features (padded to 16 bytes) and their pooled values in one feature tile."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return -(-CUDA_HEAD_ROWS * hidden * size // 16) * 16 + CUDA_HEAD_ROWS * CUDA_HEAD_TILE * size
+
+
+@functools.lru_cache(maxsize=16)
+def _optin_shared_bytes(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def cuda_head_fits(hidden: int, dtype: torch.dtype, optin_bytes: int) -> bool:
+    """Whether the CUDA head can run for ``hidden`` on a GPU whose blocks may use ``optin_bytes``
+    of shared memory (an A100: 163 KiB, so fp32 up to H = 5152; an H100: 227 KiB, H = 7200)."""
+    return cuda_head_shared_bytes(hidden, dtype) <= optin_bytes
+
+
+def _torch_head(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias):
+    """``(pooled, logits)`` of the default head in PyTorch (the reference's computation)."""
+    pooled = torch.tanh(torch.nn.functional.linear(cls_hidden, pooler_weight, pooler_bias))
+    return pooled, torch.nn.functional.linear(pooled, head_weight, head_bias)
+
+
 def _head_exit_step(
     target, policy, layer, num_layers, cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias, state, halting_fn
 ):
@@ -176,11 +205,14 @@ def _head_exit_step(
     lowered = lower_policy(policy, num_layers)
     state_list = [state[k] for k in lowered.state_in]
     rule_args = _rule_args(lowered, layer, num_layers, target)
-    if not cls_hidden.is_cuda:
+    if not cls_hidden.is_cuda or not cuda_head_fits(
+        cls_hidden.shape[1], cls_hidden.dtype, _optin_shared_bytes(cls_hidden.device)
+    ):
         # On the CPU torch's BLAS GEMM beats the C++ head's own dot products from about
         # 32 rows up (2-4x at 128; benchmarks/results/cpu): the head runs there, the rule in C++.
-        pooled = torch.tanh(torch.nn.functional.linear(cls_hidden, pooler_weight, pooler_bias))
-        logits = torch.nn.functional.linear(pooled, head_weight, head_bias)
+        # On a GPU whose shared memory cannot stage the CUDA head's rows (fp32 with a large H
+        # on an A100), the head runs in PyTorch too instead of failing to launch.
+        pooled, logits = _torch_head(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias)
         halting = halting_fn(pooled, state.get("prev_pooled")) if halting_fn is not None else None
         exits, returned, state0, state1, order, count = torch.ops.earlyexit.cpp_exit_step(
             logits, halting, state_list, *rule_args
@@ -247,7 +279,12 @@ def head_exit_step_write_back(
 
 
 def compact(hidden, mask, index, seq_len):
-    """:func:`earlyexit_kernels.backends.compaction.compact` on the C++/CUDA gather kernels."""
+    """:func:`earlyexit_kernels.backends.compaction.compact` on the C++/CUDA gather kernels.
+
+    Under ``torch.compile`` the gather is traced as PyTorch ops instead: the op's ``int`` length
+    would make Dynamo compile one graph per trimmed length."""
+    if torch.compiler.is_compiling():
+        return compaction.compact(hidden, mask, index, seq_len)
     out, out_mask = torch.ops.earlyexit.cpp_compact(hidden, mask, index, int(seq_len))
     return out, (out_mask if mask is not None else None)
 

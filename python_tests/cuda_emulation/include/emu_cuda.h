@@ -53,7 +53,13 @@ using std::min;
 
 namespace emu {
 
-constexpr int kOptinSharedBytes = 227 * 1024;  // an H100's opt-in limit
+// The device's opt-in limit on a block's dynamic shared memory: an H100's (227 KiB) unless
+// EEK_EMU_OPTIN_SHARED_BYTES says otherwise (an A100: 166912 = 163 KiB), read at each query so
+// that a test can emulate another architecture.
+inline int optin_shared_bytes() {
+  const char* value = std::getenv("EEK_EMU_OPTIN_SHARED_BYTES");
+  return value != nullptr && *value != '\0' ? std::atoi(value) : 227 * 1024;
+}
 constexpr size_t kStackBytes = 128 * 1024;
 
 struct Barrier {
