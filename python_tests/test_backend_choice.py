@@ -56,6 +56,23 @@ def test_auto_without_shape_uses_the_static_order(measured_on_cpu, monkeypatch):
     assert backend_registry.resolve_backend("auto", CPU).name == "cpp"
 
 
+def test_auto_times_the_batch_sizes_a_shrinking_batch_sees(measured_on_cpu, monkeypatch):
+    """A backend faster at 64 rows but slower at 256 (the CUDA head against Triton's at large
+    batches) is not chosen: "auto" times every size of TIMED_BATCHES, not 64 rows only."""
+    seen = []
+
+    def step_seconds(backend, device, dtype, hidden_size, num_labels, *, batch=64, **_):
+        seen.append((backend.name, batch))
+        per_row = {"cpp": 1.0 if batch <= 64 else 4.0, "torch": 1.5}[backend.name]
+        return per_row * batch * 1e-6
+
+    monkeypatch.setattr(backend_choice, "step_seconds", step_seconds)
+    chosen = backend_registry.resolve_backend("auto", CPU, dtype=torch.float32, hidden_size=64, num_labels=3)
+    assert chosen.name == "torch"
+    assert sorted(seen) == sorted((name, b) for name in ("cpp", "torch") for b in backend_choice.TIMED_BATCHES)
+    assert 256 in backend_choice.TIMED_BATCHES and 64 in backend_choice.TIMED_BATCHES
+
+
 def test_step_seconds_times_a_real_layer():
     for name in ("cpp", "torch"):
         backend = backend_registry.resolve_backend(name, CPU)

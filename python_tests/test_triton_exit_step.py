@@ -503,6 +503,26 @@ def test_gpu_block_sizes_under_interpreter(monkeypatch):
     torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["entropy", "patience", "voting", "dact"])
+def test_decision_on_many_programs_with_gpu_blocks(monkeypatch, name):
+    """Without the write-back the decision runs one program per 128 rows (three for 257 rows)
+    and equals the reference; with it one program lists the survivors in 256-row blocks."""
+    monkeypatch.setattr(tk, "FORCE_GPU_BLOCKS", True)
+    assert tk._decide_launch(257, 3, False) == (128, 4, 3, 4)
+    assert tk._decide_launch(257, 3, True) == (256, 4, 1, 8)
+    assert tk._decide_launch(40, 3, True) == (64, 4, 1, 4)
+    policy = make_policy(name, 257)
+    state = random_state(policy, 257, 3, 16, torch.float32, seed=83)
+    z = torch.randn(257, 3, generator=torch.Generator().manual_seed(84)) * 2
+    halting = torch.randn(257, generator=torch.Generator().manual_seed(85)) if policy.needs_halting_head else None
+    ref = exit_rules.exit_step(policy, 2, NUM_LAYERS, z, halting, dict(state))
+    got = poisoned(lambda: on_kernel_device(tk.exit_step)(policy, 2, NUM_LAYERS, z, halting, dict(state)))
+    assert torch.equal(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5, equal_nan=True)
+    for key in ref[2]:
+        torch.testing.assert_close(got[2][key], ref[2][key], rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- torch.library registration
 
 # With the AOT-dispatch checks: under the interpreter the ops are opaque custom ops (see
@@ -621,7 +641,7 @@ def test_launchers_trace_with_symbolic_sizes(monkeypatch, gpu_blocks):
         assert all(type(v) in (int, bool) for v in constexprs.values()), constexprs
     (head_grid, head_args, head_kw), (_, _, decide_kw) = launches
     assert head_kw["BLOCK_M"] == tk._head_blocks(5, 64, True)[0]
-    assert decide_kw["BLOCK_M"] == tk._decide_blocks(5, 3)[0] and decide_kw["BLOCK_C"] == 4
+    assert decide_kw["BLOCK_M"] == tk._decide_launch(5, 3, False)[0] and decide_kw["BLOCK_C"] == 4
     assert any(isinstance(a, torch.SymInt) for a in head_args), "n was specialized to a constant"
     assert isinstance(head_grid[0], torch.SymInt), "the grid was specialized to one n"
 

@@ -139,9 +139,12 @@ def decide_variants():
         (arch, policy, slots, block_m, combination)
         for arch in (90, 80)
         for policy, slots in SLOTS.items()
-        for block_m in (16, 128)
+        for block_m in (16, 128, 256)
         for combination in ((True, True), (True, False), (False, True), (False, False))
     ):
+        launch = tk._decide_launch(block_m, 3, write_back)
+        if launch[0] != block_m:  # 256-row blocks are the write-back's only
+            continue
         if True:
             types = {name: "i32" for name in ints}
             types.update(fa="fp32", fb="fp32", exits_ptr="*i1", returned_ptr="*fp32", halt_ptr="*bf16")
@@ -166,7 +169,16 @@ def decide_variants():
             )
             what = f"{'partials' if partials else 'logits'}{', write-back' if write_back else ''}"
             name = POLICY_NAMES[policy]
-            yield "decide", f"{name}, {what}, BLOCK_M {block_m}", tk._decide_kernel, types, constexprs, arch, 4
+            warps = launch[3]
+            yield (
+                "decide",
+                f"{name}, {what}, BLOCK_M {block_m}, {warps} warps",
+                tk._decide_kernel,
+                types,
+                constexprs,
+                arch,
+                warps,
+            )
 
 
 def compact_variants():

@@ -86,7 +86,11 @@ for d in (torch.float32, torch.float16, torch.bfloat16):
 for d in (torch.float16, torch.bfloat16, torch.float32):
     r.resolve_backend('auto', torch.device('cuda'), dtype=d, hidden_size=768, num_labels=2)
 for key, (name, secs) in c.auto_choices().items():
-    print(key, name, {k: round(v * 1e6, 1) for k, v in secs.items()}, 'us')"
+    print(key, name, {k: round(v * 1e6, 1) for k, v in secs.items()}, 'us (sum over batches', c.TIMED_BATCHES, ')')
+# 7: the crossover: each candidate per batch size (fp16, H = 768, 2 labels).
+for b in (1, 16, 64, 256, 1024):
+    print('batch', b, {n: round(c.step_seconds(r.resolve_backend(n, torch.device('cuda')), torch.device('cuda'),
+          torch.float16, 768, 2, batch=b) * 1e6, 1) for n in ('cuda', 'triton')}, 'us')"
         ;;
     host)
         # Host time per exit step: launches stubbed (CPU tensors), then real launches on the GPU.

@@ -3,9 +3,13 @@
 On a GPU both the Triton kernels and the CUDA C++ kernels can serve a model; which is
 faster depends on the GPU, the dtype and the hidden size. The first time "auto" meets
 a (device, dtype, hidden size, labels) combination with more than one candidate, it
-times one layer's bookkeeping on each: the fused head + exit step + write-back on 64
-rows and the compaction gather of half of them at S = 128. The fastest is kept for
-the rest of the process; :func:`auto_choices` shows what was measured.
+times one layer's bookkeeping on each: the fused head + exit step + write-back and the
+compaction gather of half the rows at S = 128, at each batch size of ``TIMED_BATCHES``
+(a batch of 256 whose active rows shrink to 64 and 16 as sequences exit), and keeps the
+backend with the smallest sum for the rest of the process; :func:`auto_choices` shows what
+was measured. Timing at 64 rows only missed the crossover: the CUDA head (8 rows per block
+on CUDA cores, W_p read n/8 times) can win at 64 rows and lose to Triton's tensor-core head
+at 256.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from earlyexit_kernels.backends.write_back import WriteBack, write_back
 from earlyexit_kernels.methods.exit_rules import init_state
 from earlyexit_kernels.methods.policies import Entropy
 
-__all__ = ["auto_choices", "choose", "step_seconds"]
+__all__ = ["auto_choices", "choose", "sequence_seconds", "step_seconds", "TIMED_BATCHES"]
 
 ChoiceKey = tuple[str, str, int, int]  # device, dtype, hidden size, labels
 
@@ -97,7 +101,16 @@ def step_seconds(
     return times[len(times) // 2]
 
 
-def choose(candidates: list, key: ChoiceKey, measure: Callable[..., float] = step_seconds):
+#: The batch sizes "auto" times each candidate at (one layer at each).
+TIMED_BATCHES = (256, 64, 16)
+
+
+def sequence_seconds(backend, device: torch.device, dtype: torch.dtype, hidden_size: int, num_labels: int) -> float:
+    """Seconds of one layer's bookkeeping at each batch size of ``TIMED_BATCHES``, summed."""
+    return sum(step_seconds(backend, device, dtype, hidden_size, num_labels, batch=batch) for batch in TIMED_BATCHES)
+
+
+def choose(candidates: list, key: ChoiceKey, measure: Callable[..., float] = sequence_seconds):
     """The candidate with the smallest ``measure``; measured once per ``key`` and process.
 
     A candidate whose measurement fails counts as infinitely slow (with a warning). The

@@ -8,7 +8,8 @@ Two launches per layer at most:
    partial logits ``pooled[:, tile] @ W_i[:, tile]^T`` of its column tile of
    ``pooled``. Partials go to a small fp32 buffer ``[T, n, C]`` (no atomics, so the
    result does not depend on scheduling).
-2. ``_decide_kernel``: sums the partials, adds ``b_i``, rounds the logits to the
+2. ``_decide_kernel`` (one program per block of rows; one program with the write-back,
+   whose survivor list is a scan): sums the partials, adds ``b_i``, rounds the logits to the
    model dtype (what :func:`earlyexit_kernels.methods.exit_rules.exit_step` receives), and
    applies the policy: softmax, entropy / max-probability / patience / Q-exit /
    voting / DACT / schedule, non-finite handling, forced exit at the last layer,
@@ -242,7 +243,9 @@ def _decide_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """One program walks all rows in blocks of BLOCK_M, so the survivor list is in stable order.
+    """Program p decides rows p*BLOCK_M.. (and every num_programs-th block after). With the
+    write-back one program walks all rows in blocks of BLOCK_M, so the survivor list is in
+    stable order.
 
     Policy state: two slots ``s0``, ``s1`` (in and out) whose meaning depends on POLICY:
     Patience (prev_pred | prev_value, counter), QExit (cdf, remaining), Voting (votes,
@@ -255,7 +258,7 @@ def _decide_kernel(
     kept = tl.sum(tl.zeros((BLOCK_M,), dtype=tl.int32), axis=0)
     dropped = tl.sum(tl.zeros((BLOCK_M,), dtype=tl.int32), axis=0)
     longest = tl.sum(tl.zeros((BLOCK_M,), dtype=tl.int64), axis=0)
-    for start in range(0, n, BLOCK_M):
+    for start in range(tl.program_id(0) * BLOCK_M, n, BLOCK_M * tl.num_programs(0)):
         rows = start + tl.arange(0, BLOCK_M)
         r_ok = rows < n
         m2 = r_ok[:, None] & c_ok[None, :]
@@ -445,9 +448,21 @@ def _num_tiles(hidden) -> int:
     return cdiv(hidden, _head_blocks(1, hidden)[1])
 
 
-def _decide_blocks(n, num_labels) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_C) of the decision kernel (``n``, ``num_labels`` may be SymInts)."""
-    return pow2_bucket(n, 16, 256 if interpreting() else 128), pow2_bucket(num_labels, 2)
+def _decide_launch(n, num_labels, write_back: bool) -> tuple[int, int, object, int]:
+    """(BLOCK_M, BLOCK_C, programs, num_warps) of the decision kernel (sizes may be SymInts).
+
+    Without the write-back rows are independent: one program per BLOCK_M rows. The write-back
+    lists the survivors in order, a scan over the rows: one program walks them, in blocks of
+    up to 256 rows on 8 warps on a GPU (512-row blocks left a 16-byte stack frame for Voting on
+    sm_90; make triton-check).
+    """
+    gpu = not interpreting() or FORCE_GPU_BLOCKS
+    block_c = pow2_bucket(num_labels, 2)
+    if write_back:
+        block_m = pow2_bucket(n, 16, 256)
+        return block_m, block_c, 1, 8 if gpu and block_m >= 256 else 4
+    block_m = pow2_bucket(n, 16, 128 if gpu else 256)
+    return block_m, block_c, cdiv(n, block_m), 4
 
 
 def _dot_fp32(dtype: torch.dtype) -> bool:
@@ -608,9 +623,9 @@ def _run_decide(
     else:
         stride_sn, stride_sc, tiles = src.stride(0), src.stride(1), 1
     has_extents = write_back and extents is not None
-    block_m, block_c = _decide_blocks(n, num_labels)
+    block_m, block_c, programs, warps = _decide_launch(n, num_labels, write_back)
     with device_guard(src):
-        wrap(_decide_kernel)[(1,)](
+        wrap(_decide_kernel)[(programs,)](
             src,
             stride_sn,
             stride_sc,
@@ -659,7 +674,7 @@ def _run_decide(
             HAS_EXTENTS=has_extents,
             BLOCK_M=block_m,
             BLOCK_C=block_c,
-            num_warps=4,
+            num_warps=warps,
         )
     return outs
 
