@@ -506,11 +506,12 @@ def test_gpu_block_sizes_under_interpreter(monkeypatch):
 @pytest.mark.parametrize("name", ["entropy", "patience", "voting", "dact"])
 def test_decision_on_many_programs_with_gpu_blocks(monkeypatch, name):
     """Without the write-back the decision runs one program per 128 rows (three for 257 rows)
-    and equals the reference; with it one program lists the survivors in 256-row blocks."""
+    and equals the reference; with it one program lists the survivors in 256-row blocks on 8
+    warps. The block sizes do not depend on n (see the cold-start test below)."""
     monkeypatch.setattr(tk, "FORCE_GPU_BLOCKS", True)
     assert tk._decide_launch(257, 3, False) == (128, 4, 3, 4)
     assert tk._decide_launch(257, 3, True) == (256, 4, 1, 8)
-    assert tk._decide_launch(40, 3, True) == (64, 4, 1, 4)
+    assert tk._decide_launch(40, 3, True) == (256, 4, 1, 8)
     policy = make_policy(name, 257)
     state = random_state(policy, 257, 3, 16, torch.float32, seed=83)
     z = torch.randn(257, 3, generator=torch.Generator().manual_seed(84)) * 2
@@ -981,6 +982,56 @@ def test_per_call_integers_do_not_make_new_kernel_variants(monkeypatch):
     assert set(keys) == set(kernels)
     for name, variants in keys.items():
         assert len(variants) == 1, f"{name}: {len(variants)} compiled variants for one configuration"
+
+
+def _specialization_keys(launches, kernels) -> dict[str, set]:
+    """Per kernel, the distinct (specialization, constexprs) keys Triton would compile."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    keys: dict[str, set] = {}
+    for name, args, kwargs, _ in launches:
+        names, unspecialized = _param_names(kernels[name])
+        spec = tuple(
+            native_specialize_impl(BaseBackend, value, False, names[i] not in unspecialized, True)
+            for i, value in enumerate(args)
+        )
+        keys.setdefault(name, set()).add((spec, tuple(sorted(kwargs.items()))))
+    return keys
+
+
+@pytest.mark.parametrize("write_back", [False, True], ids=["step", "write_back"])
+def test_row_counts_and_lengths_do_not_make_new_variants_on_a_gpu(monkeypatch, write_back):
+    """The cold start: with the GPU's block sizes, row counts in different powers of two (1 to
+    300, as compaction leaves them) and masks of any length (a multiple of 16 or not) launch one
+    compiled variant per kernel; block sizes chosen from n and a specialized mask stride compiled
+    15-25 variants over a process's first batches."""
+    from earlyexit_kernels.backends.triton_kernels import compact as tc
+
+    monkeypatch.setattr(tk, "FORCE_GPU_BLOCKS", True)
+    monkeypatch.setattr(tc, "FORCE_GPU_BLOCKS", True)
+    launches = []
+    kernels = {
+        "_head_kernel": _kernel_spy(monkeypatch, tk, "_head_kernel", launches),
+        "_decide_kernel": _kernel_spy(monkeypatch, tk, "_decide_kernel", launches),
+        "_compact_kernel": _kernel_spy(monkeypatch, tc, "_compact_kernel", launches),
+    }
+    policy = eek.Entropy(0.6)
+    dev = KERNEL_DEVICE
+    weights = [t.to(dev) for t in make_head(64, 3, torch.float32, seed=121)]
+    for n, full, length in ((1, 33, 4), (17, 48, 16), (40, 64, 47), (100, 40, 33), (300, 96, 80)):
+        cls = torch.randn(n, 5, 64, device=dev)[:, 0]
+        if write_back:
+            target = WriteBack(*(t.to(dev) if t is not None else None for t in _write_back_target(n, n + 3, 3)))
+            tk.head_exit_step_write_back(policy, 2, NUM_LAYERS, cls, *weights, {}, None, target)
+        else:
+            tk.head_exit_step(policy, 2, NUM_LAYERS, cls, *weights, {})
+        hidden, mask = torch.randn(3, full, 32, device=dev), torch.ones(3, full, dtype=torch.long, device=dev)
+        tc.compact(hidden, mask, torch.tensor([2, 0], device=dev), length)
+    keys = _specialization_keys(launches, kernels)
+    assert set(keys) == set(kernels)
+    for name, variants in keys.items():
+        assert len(variants) == 1, f"{name}: {len(variants)} compiled variants for one model"
 
 
 def test_every_launch_runs_under_its_tensors_device(monkeypatch):

@@ -80,10 +80,10 @@ def resource_usage(compiled, arch: int) -> dict:
 
 
 def head_variants():
-    # The launcher's GPU blocks (tk._head_blocks) for few rows and for many, at BERT-base's H.
+    # The launcher's GPU blocks (tk._head_blocks, the same for every row count) at BERT-base's H.
     for arch in (90, 80):
         for dtype, dot_fp32 in (("fp16", False), ("bf16", False), ("fp32", True)):
-            for rows in (16, 64):
+            for rows in (64,):
                 block_m, block_n, block_k, warps = tk._head_blocks(rows, 768, dot_fp32)
                 for write_pooled in (True, False):
                     types = {
@@ -132,18 +132,18 @@ POLICY_NAMES = {
 
 
 def decide_variants():
-    # The launcher's GPU blocks: BLOCK_M = 16..128 by row count, BLOCK_C = next power of 2 of C.
+    # The launcher's GPU blocks: BLOCK_M 128 (256 with the write-back), BLOCK_C = next power of 2 of C.
     ints = ("stride_sn", "stride_sc", "num_tiles", "stride_b", "stride_halt", "stride_aux_n", "stride_aux_l")
     ints += ("stride_out_n", "stride_out_c", "batch_out", "n", "C", "layer", "layers_left", "int_param")
     for arch, policy, (s0, s1), block_m, (partials, write_back) in (
         (arch, policy, slots, block_m, combination)
         for arch in (90, 80)
         for policy, slots in SLOTS.items()
-        for block_m in (16, 128, 256)
+        for block_m in (128, 256)
         for combination in ((True, True), (True, False), (False, True), (False, False))
     ):
         launch = tk._decide_launch(block_m, 3, write_back)
-        if launch[0] != block_m:  # 256-row blocks are the write-back's only
+        if launch[0] != block_m:  # the block size the launcher takes for this path only
             continue
         if True:
             types = {name: "i32" for name in ints}

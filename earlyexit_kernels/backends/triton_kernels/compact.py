@@ -37,8 +37,10 @@ __all__ = ["compact"]
 # Tests set this to run the GPU block sizes under the interpreter too.
 FORCE_GPU_BLOCKS = False
 
-# Integer arguments that change from call to call (the trimmed length): never specialized.
-COMPACT_PER_CALL = ("seq_len", "s_blocks")
+# Integer arguments that change from call to call (the trimmed length, and the mask's row
+# stride, the untrimmed length): never specialized, or each value that is or is not a
+# multiple of 16 compiles another variant.
+COMPACT_PER_CALL = ("seq_len", "s_blocks", "stride_mn")
 
 # Looked up at each call, so that a benchmark can route eager calls through the op.
 _use_ops = use_ops
@@ -88,8 +90,9 @@ def _blocks(seq_len, hidden) -> tuple[int, int, int]:
     block_h = pow2_bucket(hidden, 1, 1024)
     if interpreting() and not FORCE_GPU_BLOCKS:
         return pow2_bucket(seq_len, 1, 64), block_h, 1
-    # About 4096 elements per program: 8 positions x 512 features, wide contiguous rows.
-    block_s = pow2_bucket(seq_len, 1, 4096 // block_h)
+    # About 4096 elements per program: 8 positions x 512 features, wide contiguous rows. Not
+    # from seq_len: one variant per hidden size, whatever the trimming does to the length.
+    block_s = 4096 // block_h
     # 1024-wide rows on 4 warps left a 24-byte stack frame on sm_90 with an int64 row stride
     # (make triton-check); on 8 warps: 48 registers, no stack, on sm_80 and sm_90.
     return block_s, block_h, 8 if block_h >= 1024 else 4

@@ -436,12 +436,15 @@ def _head_blocks(n, hidden, dot_fp32: bool = False) -> tuple[int, int, int, int]
     if interpreting() and not FORCE_GPU_BLOCKS:
         # Fewer, larger programs: the interpreter's cost is per program and per op.
         return pow2_bucket(n, 16, 128), pow2_bucket(hidden, 16, 256), 256, 1
+    # On a GPU BLOCK_M does not depend on n: a block size per row count compiled a new variant
+    # whenever compaction moved n into another power of two (the cold start of a process). For
+    # few rows the head is bound by reading W_p, which a 64-row tile does not change.
     if dot_fp32:
         # The fp32 (IEEE) dot holds its operands in registers: 64-wide k tiles on 4 warps
         # spilled on sm_80 (255 registers, 544-byte stack; make triton-check). Half the k tile
         # on twice the warps: 80 registers on sm_80, 112 on sm_90, no stack.
-        return pow2_bucket(n, 16, 64), 64, 32, 8
-    return pow2_bucket(n, 16, 64), 64, 64, 4
+        return 64, 64, 32, 8
+    return 64, 64, 64, 4
 
 
 def _num_tiles(hidden) -> int:
@@ -453,16 +456,17 @@ def _decide_launch(n, num_labels, write_back: bool) -> tuple[int, int, object, i
 
     Without the write-back rows are independent: one program per BLOCK_M rows. The write-back
     lists the survivors in order, a scan over the rows: one program walks them, in blocks of
-    up to 256 rows on 8 warps on a GPU (512-row blocks left a 16-byte stack frame for Voting on
+    256 rows on 8 warps on a GPU (512-row blocks left a 16-byte stack frame for Voting on
     sm_90; make triton-check).
     """
-    gpu = not interpreting() or FORCE_GPU_BLOCKS
     block_c = pow2_bucket(num_labels, 2)
-    if write_back:
+    if interpreting() and not FORCE_GPU_BLOCKS:
         block_m = pow2_bucket(n, 16, 256)
-        return block_m, block_c, 1, 8 if gpu and block_m >= 256 else 4
-    block_m = pow2_bucket(n, 16, 128 if gpu else 256)
-    return block_m, block_c, cdiv(n, block_m), 4
+        return block_m, block_c, 1 if write_back else cdiv(n, block_m), 4
+    # On a GPU the block sizes do not depend on n (one variant per policy, see _head_blocks).
+    if write_back:
+        return 256, block_c, 1, 8
+    return 128, block_c, cdiv(n, 128), 4
 
 
 def _dot_fp32(dtype: torch.dtype) -> bool:
