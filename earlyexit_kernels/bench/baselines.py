@@ -42,8 +42,8 @@ class BaselineResult:
 
 
 def _heads(adapter, layer: int, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The model's head of ``layer`` on ``hidden`` [n, S, H]; ``mask`` [n, S] for a pooling that reads it."""
-    return adapter.classify(layer, adapter.pool(hidden, mask))
+    """The exit head of ``layer`` on ``hidden`` [n, S, H]; ``mask`` [n, S] for a pooling that reads it."""
+    return adapter.classify(layer, adapter.exit_input(layer, hidden, mask))
 
 
 def naive_batched(adapter, policy: ExitPolicy, input_ids: torch.Tensor, mask: torch.Tensor) -> BaselineResult:

@@ -5,7 +5,8 @@
 ``AutoModelForSequenceClassification.from_pretrained(path)`` loads it as the original
 model) and, next to it, the two files written here: ``early_exit_heads.safetensors``
 (the per-layer classifiers, halting heads and gates) and ``early_exit_config.json``
-(the policy, the backend, which heads exist and the training objective).
+(the policy, the backend, which heads exist, the internal heads' pooling, form and MLP
+width, and the training objective).
 :func:`earlyexit_kernels.integrations.loading.from_pretrained` reads them back.
 
 Policies are stored field by field: floats as JSON numbers (Python writes the shortest
