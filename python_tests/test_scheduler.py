@@ -171,3 +171,103 @@ def test_discarded_rows_leave_their_queue_and_free_their_room():
 def test_max_in_flight_must_hold_a_full_call():
     with pytest.raises(ValueError, match="max_in_flight"):
         LayerScheduler(2, ShapeBuckets(8, 64), max_in_flight=4)
+
+
+def test_exact_shapes_are_every_row_count_and_length():
+    buckets = ShapeBuckets.exact(max_batch_size=5, max_length=40)
+    assert buckets.row_counts == (1, 2, 3, 4, 5) and buckets.lengths == tuple(range(1, 41))
+    assert [buckets.padded_length(n) for n in (1, 17, 40)] == [1, 17, 40]
+    assert [buckets.padded_rows(n) for n in (1, 3, 5)] == [1, 3, 5]
+
+
+# The per-batch loop on length-sorted batches, and the guarantee that the engine's calls are never costlier.
+
+
+def _per_batch_calls(lengths, exits, batch):
+    """The per-batch loop's layer calls on the length-sorted batches of ``batch``: (layer, rows), rows sorted."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    calls = []
+    for start in range(0, len(order), batch):
+        cohort = order[start : start + batch]
+        for layer in range(1, max(exits[i] for i in cohort) + 1):
+            calls.append((layer, tuple(i for i in cohort if exits[i] >= layer)))
+    return calls
+
+
+def _engine_calls(scheduler, lengths, exits):
+    """The whole stream admitted at once (as eek.classify does with a stream it holds), driven to the end."""
+    calls, next_input = [], 0
+    while True:
+        action = scheduler.decide(can_admit=next_input < len(lengths))
+        if action is None:
+            return calls
+        if isinstance(action, Admit):
+            rows = list(range(next_input, min(len(lengths), next_input + action.count)))
+            # eek.classify's length sweep: the shortest pending first
+            scheduler.admit(rows, [lengths[r] for r in rows])
+            next_input += len(rows)
+            continue
+        calls.append((action.layer, action.rows))
+        for row in action.rows:
+            if exits[row] == action.layer:
+                scheduler.release(row)
+            else:
+                scheduler.requeue(row, action.layer + 1, lengths[row])
+
+
+def _cost(calls, lengths, call_cost):
+    return sum(call_cost + len(rows) * max(lengths[r] for r in rows) for _, rows in calls)
+
+
+def _sorted_stream(count, num_layers, seed, exit_rate):
+    rng = random.Random(seed)
+    lengths = sorted(min(max(round(math.exp(rng.gauss(math.log(28), 0.55))), 3), 256) for _ in range(count))
+    exits = [rng.randint(1, num_layers - 1) if rng.random() < exit_rate else num_layers for _ in range(count)]
+    return lengths, exits
+
+
+@pytest.mark.parametrize("count", [32, 100, 600])
+@pytest.mark.parametrize("exit_rate", [0.0, 0.75])
+@pytest.mark.parametrize("call_cost", [0.0, 32.0, 1000.0])
+def test_calls_never_cost_more_than_the_per_batch_loops(count, exit_rate, call_cost):
+    """In the cost model (call_cost + rows x longest), layer by layer and in all, on the same batches."""
+    num_layers, batch = 6, 16
+    lengths, exits = _sorted_stream(count, num_layers, seed=count, exit_rate=exit_rate)
+    scheduler = LayerScheduler(num_layers, ShapeBuckets.exact(batch, 256), max_in_flight=4 * batch, call_cost=call_cost)
+    engine = _engine_calls(scheduler, lengths, exits)
+    baseline = _per_batch_calls(lengths, exits, batch)
+    for layer in range(1, num_layers + 1):
+        mine = [c for c in engine if c[0] == layer]
+        theirs = [c for c in baseline if c[0] == layer]
+        assert sorted(r for _, rows in mine for r in rows) == sorted(r for _, rows in theirs for r in rows)
+        assert _cost(mine, lengths, call_cost) <= _cost(theirs, lengths, call_cost)
+        assert len(mine) <= len(theirs)
+        # A call is whole per-batch calls merged: none is split.
+        call_of = {r: i for i, (_, rows) in enumerate(mine) for r in rows}
+        assert all(len({call_of[r] for r in rows}) == 1 for _, rows in theirs)
+    if exit_rate == 0.0:  # nothing to merge: exactly the per-batch loop's calls
+        assert sorted(engine) == sorted(baseline)
+
+
+def test_survivors_of_several_batches_merge_into_one_call_where_it_pays():
+    num_layers, batch = 3, 8
+    lengths = [10] * 32  # four batches of equal lengths: merging adds no padding
+    exits = [1 if i % 4 else 3 for i in range(32)]  # a quarter of each batch goes on
+    scheduler = LayerScheduler(num_layers, ShapeBuckets.exact(batch, 64), max_in_flight=32, call_cost=0.0)
+    calls = _engine_calls(scheduler, lengths, exits)
+    assert [len(rows) for layer, rows in calls if layer > 1] == [8, 8]  # 4 x 2 survivors, one call per layer
+    assert len(_per_batch_calls(lengths, exits, batch)) == 4 * 3
+
+
+def test_a_merge_that_adds_more_padding_than_a_call_costs_is_not_made():
+    lengths = [4] * 8 + [60] * 8  # two batches, far apart in length
+    exits = [1 if i % 2 else 2 for i in range(16)]  # half of each goes on to layer 2
+    for call_cost, layer_2_calls in ((10.0, 2), (1000.0, 1)):  # padding added by merging: 4 rows x 56 tokens
+        scheduler = LayerScheduler(2, ShapeBuckets.exact(8, 64), max_in_flight=16, call_cost=call_cost)
+        calls = _engine_calls(scheduler, lengths, exits)
+        assert len([c for c in calls if c[0] == 2]) == layer_2_calls
+
+
+def test_a_bad_call_cost_is_refused():
+    with pytest.raises(ValueError, match="call_cost"):
+        LayerScheduler(2, ShapeBuckets(8, 64), max_in_flight=8, call_cost=-1)

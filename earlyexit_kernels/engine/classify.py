@@ -48,7 +48,7 @@ def classify(
     progress: bool = False,
     compile: bool | dict = False,
     max_in_flight: int | None = None,
-    length_step: int = 8,
+    length_step: int | None = None,
     read_ahead: int | None = None,
     admission: str = "length",
 ) -> Iterator[Prediction]:

@@ -1,4 +1,4 @@
-"""The continuous early-exit engine: one queue per layer, every layer call full and fixed-shape.
+"""The continuous early-exit engine: one queue per layer, layer calls refilled across batches.
 
 Sequences are submitted as token ids; the engine embeds them, runs the layer calls that
 :class:`earlyexit_kernels.engine.scheduler.LayerScheduler` hands it, and returns each sequence
@@ -8,8 +8,7 @@ backend), the choice of layer, rows and shape is the scheduler's.
 
 What a sequence in flight holds, on the device:
 
-- its hidden states, in a paged token pool ``[pages x page_size, H]`` (``page_size`` is
-  the scheduler's length step), so memory follows the tokens in flight, not
+- its hidden states, in a paged token pool ``[pages x 16, H]``, so memory follows the tokens in flight, not
   ``max_in_flight x max_length``; a layer call gathers its rows into
   ``[padded_rows, padded_length, H]`` with one ``index_select`` and writes the valid
   positions back with one ``index_copy_``; pad positions read a zero token and write
@@ -80,8 +79,13 @@ class ContinuousEngine:
 
     ``max_batch_size``: most rows per layer call. ``max_tokens``: most rows x padded
     length per layer call (None: no limit). ``max_length``: longest sequence accepted
-    (default: what the model's position embeddings hold). ``length_step``: padded
-    lengths are its multiples. ``max_in_flight``: most sequences embedded at a time
+    (default: what the model's position embeddings hold). Shapes: eager calls run their
+    exact rows and lengths; with ``compile`` they come from fixed sets (row counts 1, 2,
+    4, ..., lengths in steps of ``length_step``, default 8), one graph each.
+    ``length_step`` given without ``compile``: eager lengths padded to its multiples too.
+    ``call_cost``: what a layer call costs beyond its tokens, in tokens, for the
+    scheduler's merges (default ``32 * (128 / hidden_size) ** 2``, measured on a CPU).
+    ``max_in_flight``: most sequences embedded at a time
     (default ``16 * max_batch_size``; memory is the tokens in flight, see the module
     docstring). ``max_wait``: layer calls after which a waiting row is served first
     (default ``4 * num_layers * max_in_flight // max_batch_size``). ``compile``: run
@@ -102,11 +106,12 @@ class ContinuousEngine:
         max_batch_size: int = 64,
         max_tokens: int | None = None,
         max_length: int | None = None,
-        length_step: int = 8,
+        length_step: int | None = None,
         max_in_flight: int | None = None,
         max_wait: int | None = None,
         compile: bool | dict = False,
         admission: str = "fifo",
+        call_cost: float | None = None,
     ):
         from earlyexit_kernels.integrations.hf_patch import current_adapter, is_patched
 
@@ -138,12 +143,26 @@ class ContinuousEngine:
             raise ValueError(f"max_length must be an integer in 1..{limit} (the model's positions), got {max_length!r}")
         if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
-        self.buckets = ShapeBuckets(max_batch_size, max_length, min(length_step, max_length), max_tokens)
+        if length_step is not None and (
+            not isinstance(length_step, int) or isinstance(length_step, bool) or length_step < 1
+        ):
+            raise ValueError(f"length_step must be an integer >= 1 or None, got {length_step!r}")
+        # Fixed shapes buy something only where a graph is reused (torch.compile, CUDA graphs);
+        # eager calls run their exact rows and lengths.
+        fixed_shapes = bool(compile)
+        if length_step is None:
+            length_step = 8 if fixed_shapes else 1
+        self.buckets = ShapeBuckets(
+            max_batch_size, max_length, min(length_step, max_length), max_tokens, bucket_rows=fixed_shapes
+        )
         if max_in_flight is None:
             max_in_flight = 16 * max_batch_size
-        self.scheduler = LayerScheduler(self.num_layers, self.buckets, max_in_flight, max_wait)
+        if call_cost is None:
+            # A call's fixed cost is time (the host, dispatch, the exit step); a token's grows as H^2.
+            call_cost = 32.0 * (128 / hidden_size) ** 2
+        self.scheduler = LayerScheduler(self.num_layers, self.buckets, max_in_flight, max_wait, call_cost)
         self.max_length = max_length
-        self.page_size = max(2, self.buckets.length_step)  # page 0 holds the zero and the scratch token
+        self.page_size = 16  # tokens per page of the pool; page 0 holds the zero and the scratch token
         self.pad_token_id = getattr(model.config, "pad_token_id", None) or 0
 
         # Slots: one per sequence in flight, plus the last one for pad rows.
@@ -189,8 +208,9 @@ class ContinuousEngine:
             raise ValueError(f"admission must be 'fifo' or 'length', got {admission!r}")
         self.admission = admission
         self._pending: list[tuple[int, int, _Sequence]] = []  # (length, arrival, sequence)
-        self._arrivals = itertools.count()
-        self._sweep = 0  # admission="length": the shortest length the next admission takes
+        self._next_arrival = 0
+        # admission="length": (length, arrival) of the last sequence taken, and the arrivals the sweep takes
+        self._sweep, self._cutoff = (0, -1), 0
         self.stats = EngineStats()
 
     # ------------------------------------------------------------------ submission
@@ -210,7 +230,8 @@ class ContinuousEngine:
                 raise ValueError(
                     f"sequence {key!r}: token_type_ids has {len(token_type_ids)} entries for {len(input_ids)} tokens"
                 )
-        entry = (len(input_ids), next(self._arrivals), _Sequence(key, input_ids, token_type_ids))
+        entry = (len(input_ids), self._next_arrival, _Sequence(key, input_ids, token_type_ids))
+        self._next_arrival += 1
         if self.admission == "length":
             insort(self._pending, entry)
         else:
@@ -280,21 +301,26 @@ class ContinuousEngine:
             taken, self._pending = self._pending[:count], self._pending[count:]
             return [entry[2] for entry in taken]
         # A sweep over lengths, ascending, wrapping to the shortest: sequences admitted together
-        # have similar lengths, so the layer queues hold runs of similar lengths to batch.
-        start = bisect_left(self._pending, (self._sweep, -1))
-        taken = self._pending[start : start + count]
-        del self._pending[start : start + count]
-        if len(taken) < count:
-            wrapped = self._pending[: count - len(taken)]
-            del self._pending[: len(wrapped)]
-            taken += wrapped
-        self._sweep = taken[-1][0] + 1
+        # have similar lengths, so the layer queues hold runs of similar lengths to batch. A sweep
+        # takes only what was pending when it began (arrivals before its cutoff): later ones wait
+        # for the next sweep, so a stream of one length cannot hold the sweep where it is.
+        start = bisect_left(self._pending, (self._sweep[0], self._sweep[1] + 1))
+        in_sweep = (entry for entry in itertools.islice(self._pending, start, None) if entry[1] < self._cutoff)
+        taken = list(itertools.islice(in_sweep, count))
+        if len(taken) < count:  # the sweep is over: the next one begins at the shortest
+            self._cutoff = self._next_arrival
+            chosen = {entry[1] for entry in taken}
+            taken += [entry for entry in self._pending if entry[1] not in chosen][: count - len(taken)]
+        chosen = {entry[1] for entry in taken}
+        self._pending = [entry for entry in self._pending if entry[1] not in chosen]
+        self._sweep = taken[-1][:2]
         return [entry[2] for entry in taken]
 
     def _admit(self, sequences: list[_Sequence]) -> None:
         # Embed in length-sorted chunks of at most max_batch_size rows, each padded to its longest.
         sequences = sorted(sequences, key=lambda s: len(s.input_ids))
         size = self.buckets.max_batch_size
+        admitted: list[int] = []
         for start in range(0, len(sequences), size):
             chunk = sequences[start : start + size]
             longest = len(chunk[-1].input_ids)
@@ -324,8 +350,8 @@ class ContinuousEngine:
             slot_index = torch.tensor(slots, device=self.device)
             for key, value in self._state.items():
                 value.index_copy_(0, slot_index, self._state_template[key].expand(len(slots), *value.shape[1:]))
-            for slot in slots:
-                self.scheduler.add(slot, int(self._lengths[slot]))
+            admitted += slots
+        self.scheduler.admit(admitted, [int(self._lengths[slot]) for slot in admitted])
         self.stats.admitted += len(sequences)
 
     def _token_index(self, slots: list[int], padded_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -348,8 +374,10 @@ class ContinuousEngine:
 
         hidden_size = self._pool.shape[1]
         hidden = self._pool.index_select(0, read).view(call.padded_rows, call.padded_length, hidden_size)
-        mask = read.view(call.padded_rows, call.padded_length) != _NULL
-        mask[:, 0] = True  # pad rows attend to their first (zero) token instead of nothing
+        mask = None  # no padding in the call: the layer runs without a mask, as Hugging Face does
+        if self.compiled or not valid.all():  # compiled: one graph per shape, the mask always given
+            mask = read.view(call.padded_rows, call.padded_length) != _NULL
+            mask[:, 0] = True  # pad rows attend to their first (zero) token instead of nothing
         layer_mask = self.adapter.layer_mask(mask, self.dtype)
         hidden = self._run_layer(layer - 1, hidden, layer_mask)
         self._pool.index_copy_(0, write, hidden.reshape(-1, hidden_size))

@@ -3,49 +3,65 @@
 Pure bookkeeping on the host, no tensors: the runner (:mod:`earlyexit_kernels.engine.continuous`)
 executes what this module hands it and reports back which rows go on to which layer.
 
-Every sequence in flight waits in the queue of the next layer it has to run, sorted
-by length. A layer call takes consecutive rows of one sorted queue (a *window*) and pads
-them to a shape from two fixed sets (:class:`ShapeBuckets`): a row count and a padded
-length, the bucket of the window's longest row. So rows taken together have similar
-lengths and padding is only what their bucket needs. A window's *token fill* is its real
-tokens over the slots of a full call at its padded length (``capacity x length``): it
-counts both missing rows and padding.
+**Shapes** (:class:`ShapeBuckets`). A layer call runs its rows padded to the longest of
+them. Eager execution runs exactly that: as many rows as the call holds, as long as its
+longest row (``bucket_rows=False``, ``length_step=1``). Compiled execution (``torch.compile``,
+CUDA graphs) reuses one graph per shape, so there the shapes come from two small fixed sets:
+row counts 1, 2, 4, ..., and lengths in steps of ``length_step``.
 
-The rule, applied before every layer call (:meth:`LayerScheduler.decide`):
+**Cohorts and groups.** An admission's sequences are sorted by length and cut into
+*cohorts* of at most ``max_batch_size`` rows (:meth:`LayerScheduler.admit`): exactly the
+length-sorted batches the per-batch loop would run. A cohort's rows waiting for one layer
+form a *group*: the rows the per-batch loop would run in one call of that layer (its
+survivors). A layer call runs one group or several whole groups merged; a group is never
+split.
 
-1. **Overdue first.** When the row that has waited longest in its queue has waited
-   ``max_wait`` layer calls or more, the next call is its layer and its bucket: the row,
-   the rows of its bucket just longer than it, then shorter ones.
-2. **The deepest full call.** Otherwise, from the last layer down, the first layer
-   with a full window (``capacity`` rows) whose token fill is at least
-   ``min_token_fill``; the best such window of that layer. Deep layers first keep the
-   number of sequences in flight low and let them leave soonest.
-3. **Admit.** Otherwise, while there is input and fewer than ``max_in_flight``
-   sequences are in flight, new sequences are embedded into layer 1 (up to the room
-   left), and the rule starts again.
-4. **The fullest call.** Otherwise (input drained, or memory full) the window with the
-   largest token fill over all layers, the deepest on ties.
+**Merging.** A call costs ``call_cost + rows x length`` (in token slots; the length
+padded, the rows not: a row count's padding is a compiled graph's, not work the
+per-batch loop would avoid): ``call_cost`` is what a layer call costs beyond its tokens
+(dispatch, the exit step, the host's work), expressed in tokens. The groups of a layer, in length order, are
+packed greedily from the shortest: a group joins the call before it when the merged call
+fits (``capacity`` rows at its length) and costs no more than the two apart.
 
-Guarantees. Every call runs at least one row, so the stream drains. A row waits at
-most ``max_wait + max_in_flight`` layer calls in a queue (:attr:`LayerScheduler.wait_bound`):
-once overdue, each call serves the oldest overdue row, and only the rows that entered
-their queue before it (fewer than ``max_in_flight``) can be served first. At most
-``max_in_flight`` sequences are in flight.
+**The rule**, before every layer call (:meth:`LayerScheduler.decide`):
+
+1. **Overdue first.** When the group that has waited longest has waited ``max_wait``
+   layer calls or more, the next call is the one holding it.
+2. **The deepest closed call.** A planned call is *closed* when it cannot gain rows: it
+   is full, or a later group in length order could not join it; and none of its cohorts
+   has rows waiting at a shallower layer (a layer-skipping policy may still send some).
+   From the last layer down, the fullest closed call of the first layer that has one.
+   Deep layers first keep the sequences in flight few and let them leave soonest.
+3. **Admit.** Otherwise, while there is input and room for at least one full cohort,
+   new sequences are embedded into layer 1, whole cohorts (up to the room left).
+4. **Drain.** Otherwise, with input still coming but no room, the fullest call of the
+   deepest layer (it frees room soonest); with no input, the fullest call of the
+   shallowest layer (its survivors may still merge with the groups waiting deeper).
+
+**Guarantees.** Every call runs at least one row, so the stream drains. Every call is a
+union of whole groups merged only where the cost model says the merge costs no more, so
+on the same cohorts the calls of each layer cost at most what the per-batch loop's calls
+cost, in the cost model (a coarsening of its calls); where no merge pays, the engine runs
+exactly the per-batch loop's calls. With eager shapes and ``eek.classify``'s length
+admission, a stream whose sequences all wait for admission at the start is cut into the
+same cohorts as sorting the whole stream would. A group waits at most ``max_wait +
+max_in_flight`` layer calls in a queue (:attr:`LayerScheduler.wait_bound`): once overdue,
+each call serves the oldest overdue group, and only the groups that entered their queue
+before it (fewer than ``max_in_flight``) can be served first. At most ``max_in_flight``
+sequences are in flight.
 """
 
 from __future__ import annotations
 
 import math
-from bisect import insort
 from dataclasses import dataclass, field
-from typing import NamedTuple
-
-import numpy as np
 
 __all__ = ["Admit", "Call", "LayerScheduler", "ShapeBuckets"]
 
 
-def _row_counts(max_batch_size: int) -> tuple[int, ...]:
+def _row_counts(max_batch_size: int, bucket_rows: bool) -> tuple[int, ...]:
+    if not bucket_rows:
+        return tuple(range(1, max_batch_size + 1))
     counts = [c for c in (1, 2, 4, 8, 16, 32) if c < max_batch_size]
     counts += list(range(48, max_batch_size, 16))
     return tuple(counts) + (max_batch_size,)
@@ -53,20 +69,27 @@ def _row_counts(max_batch_size: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class ShapeBuckets:
-    """The fixed shapes of a layer call: row counts and padded lengths.
+    """The shapes of a layer call: row counts and padded lengths.
 
-    Row counts: 1, 2, 4, 8, 16, 32, then every multiple of 16, up to ``max_batch_size``
-    (always included). Padded lengths: every multiple of ``length_step`` up to
-    ``max_length`` (always included). ``max_tokens`` (optional) caps rows x padded
-    length of a call, like serving systems' ``max_batch_tokens``.
+    With ``bucket_rows`` (compiled calls), row counts 1, 2, 4, 8, 16, 32, then every
+    multiple of 16, up to ``max_batch_size`` (always included); without, every count (a
+    call runs its exact rows). Padded lengths: every multiple of ``length_step`` up to
+    ``max_length`` (always included); ``length_step=1`` runs exact lengths. ``max_tokens``
+    (optional) caps rows x padded length of a call, like serving systems' ``max_batch_tokens``.
     """
 
     max_batch_size: int
     max_length: int
     length_step: int = 16
     max_tokens: int | None = None
+    bucket_rows: bool = True
     row_counts: tuple[int, ...] = field(init=False)
     lengths: tuple[int, ...] = field(init=False)
+
+    @classmethod
+    def exact(cls, max_batch_size: int, max_length: int, max_tokens: int | None = None) -> ShapeBuckets:
+        """Every call in its exact shape: what eager execution wants."""
+        return cls(max_batch_size, max_length, 1, max_tokens, bucket_rows=False)
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_length", "length_step"):
@@ -81,7 +104,7 @@ class ShapeBuckets:
                     f"max_tokens={self.max_tokens} cannot hold one sequence of max_length={self.max_length}; "
                     f"raise max_tokens or lower max_length"
                 )
-        object.__setattr__(self, "row_counts", _row_counts(self.max_batch_size))
+        object.__setattr__(self, "row_counts", _row_counts(self.max_batch_size, self.bucket_rows))
         lengths = tuple(range(self.length_step, self.max_length, self.length_step)) + (self.max_length,)
         object.__setattr__(self, "lengths", lengths)
 
@@ -93,6 +116,8 @@ class ShapeBuckets:
 
     def padded_rows(self, rows: int) -> int:
         """The smallest row count that holds ``rows`` rows."""
+        if not self.bucket_rows:
+            return rows
         return next(c for c in self.row_counts if c >= rows)
 
     def capacity(self, padded_length: int) -> int:
@@ -120,41 +145,38 @@ class Admit:
     count: int
 
 
-class _Waiting(NamedTuple):  # a tuple: sorted by (length, arrival) with C comparisons
-    length: int
-    since: int  # the layer call count when the row entered its queue
-    row: int
+@dataclass
+class _Group:
+    """The rows of one cohort waiting for one layer."""
+
+    cohort: int
+    rows: list[int]
+    longest: int  # padded length of its longest row
+    since: int  # the layer call count when its first row entered the queue
 
 
 @dataclass
-class _Window:
-    """A call at one layer: rows ``[start, end)`` of its length-sorted queue."""
+class _Planned:
+    """A call the plan of one layer holds: whole groups, merged."""
 
-    start: int
-    end: int
+    groups: list[_Group]
+    rows: int
     padded_length: int
-    score: float  # real tokens / (capacity x padded length)
-
-
-@dataclass
-class _Choices:
-    """The best call at one layer (``best``) and its best full call meeting ``min_token_fill`` (or None)."""
-
-    best: _Window
-    full: _Window | None
-    oldest: int  # position of the row that has waited longest
-    since: int  # when it entered the queue
+    closed: bool
 
 
 class LayerScheduler:
-    """One length-sorted queue per layer; :meth:`decide` applies the rule of the module docstring.
+    """One queue of groups per layer; :meth:`decide` applies the rule of the module docstring.
 
-    Rows are the runner's integers (its slots). ``add`` puts a new sequence into
-    layer 1, ``requeue`` a survivor into the next layer it must run, ``release`` frees
-    a sequence that left. The runner calls :meth:`decide` until it returns None.
+    Rows are the runner's integers (its slots). :meth:`admit` puts one admission's new
+    sequences into layer 1 (cut into cohorts), :meth:`add` one sequence (a cohort of
+    its own), :meth:`requeue` a survivor into the next layer it must run, :meth:`release`
+    frees a sequence that left. The runner calls :meth:`decide` until it returns None.
 
     ``max_wait`` defaults to ``4 * num_layers * (max_in_flight // max_batch_size)``
     layer calls: about four passes of every sequence in flight through every layer.
+    ``call_cost``: what a layer call costs beyond its tokens, in tokens (see the module
+    docstring); 0 merges only groups whose merge adds no padding.
     """
 
     def __init__(
@@ -163,27 +185,28 @@ class LayerScheduler:
         buckets: ShapeBuckets,
         max_in_flight: int,
         max_wait: int | None = None,
-        min_token_fill: float = 0.85,
+        call_cost: float = 32.0,
     ):
         if not isinstance(max_in_flight, int) or max_in_flight < buckets.max_batch_size:
             raise ValueError(
                 f"max_in_flight must be an integer >= max_batch_size={buckets.max_batch_size}, got {max_in_flight!r}"
             )
-        if not 0.0 < min_token_fill <= 1.0:
-            raise ValueError(f"min_token_fill must lie in (0, 1], got {min_token_fill!r}")
+        if not (isinstance(call_cost, (int, float)) and not isinstance(call_cost, bool) and call_cost >= 0):
+            raise ValueError(f"call_cost must be a number >= 0 (tokens), got {call_cost!r}")
         self.num_layers = num_layers
         self.buckets = buckets
         self.max_in_flight = max_in_flight
         self.max_wait = 4 * num_layers * (max_in_flight // buckets.max_batch_size) if max_wait is None else max_wait
         if self.max_wait < 1:
             raise ValueError(f"max_wait must be >= 1, got {self.max_wait!r}")
-        self.min_token_fill = min_token_fill
-        # queues[layer]: the rows waiting for that layer, sorted by (length, arrival)
-        self._queues: list[list[_Waiting]] = [[] for _ in range(num_layers + 1)]
-        self._choices: list[_Choices | None] = [None] * (num_layers + 1)  # cached per layer, None when stale
-        lengths = range(buckets.max_length + 1)
-        self._padded = np.array([buckets.padded_length(max(n, 1)) for n in lengths])  # by a row's length
-        self._capacity = np.array([buckets.capacity(p) for p in self._padded])
+        self.call_cost = float(call_cost)
+        # groups[layer][cohort]: that cohort's rows waiting for that layer
+        self._groups: list[dict[int, _Group]] = [{} for _ in range(num_layers + 1)]
+        self._plans: list[list[_Planned] | None] = [None] * (num_layers + 1)  # cached per layer, None when stale
+        self._cohort_of: dict[int, int] = {}
+        self._length_of: dict[int, int] = {}
+        self._waiting_in: dict[int, dict[int, int]] = {}  # cohort -> {layer: rows waiting}
+        self._cohorts = 0
         self.in_flight = 0
         self.calls = 0
 
@@ -197,94 +220,169 @@ class LayerScheduler:
         return self.max_in_flight - self.in_flight
 
     def waiting(self, layer: int) -> int:
-        return len(self._queues[layer])
+        return sum(len(group.rows) for group in self._groups[layer].values())
+
+    def cohorts(self, lengths: list[int]) -> list[list[int]]:
+        """Positions of ``lengths`` cut into cohorts: sorted by length, consecutive, each a call's capacity."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        out: list[list[int]] = []
+        for i in order:
+            padded = self.buckets.padded_length(lengths[i])
+            if out and len(out[-1]) < self.buckets.capacity(padded):
+                out[-1].append(i)
+            else:
+                out.append([i])
+        return out
+
+    def admit(self, rows: list[int], lengths: list[int]) -> None:
+        """New sequences (``rows``, of ``lengths`` tokens) enter layer 1, cut into cohorts."""
+        if self.in_flight + len(rows) > self.max_in_flight:
+            raise RuntimeError(f"LayerScheduler.admit: {len(rows)} more rows exceed max_in_flight")
+        for cohort in self.cohorts(lengths):
+            self._new_cohort([rows[i] for i in cohort], [lengths[i] for i in cohort])
 
     def add(self, row: int, length: int) -> None:
-        """A new sequence of ``length`` tokens enters layer 1."""
+        """A new sequence of ``length`` tokens enters layer 1, a cohort of its own."""
         if self.in_flight >= self.max_in_flight:
             raise RuntimeError("LayerScheduler.add: max_in_flight sequences are already in flight")
-        self.in_flight += 1
-        self.requeue(row, 1, length)
+        self._new_cohort([row], [length])
+
+    def _new_cohort(self, rows: list[int], lengths: list[int]) -> None:
+        for length in lengths:
+            self.buckets.padded_length(length)  # validates the length
+        cohort = self._cohorts
+        self._cohorts += 1
+        self.in_flight += len(rows)
+        for row, length in zip(rows, lengths):
+            self._cohort_of[row] = cohort
+            self._length_of[row] = length
+            self.requeue(row, 1, length)
 
     def requeue(self, row: int, layer: int, length: int) -> None:
-        """``row`` (``length`` tokens) waits for 1-based ``layer``."""
-        self.buckets.padded_length(length)  # validates the length
-        insort(self._queues[layer], _Waiting(length, self.calls, row))
-        self._choices[layer] = None
+        """``row`` (``length`` tokens) waits for 1-based ``layer``, in its cohort's group there."""
+        padded = self.buckets.padded_length(length)
+        cohort = self._cohort_of[row]
+        group = self._groups[layer].get(cohort)
+        if group is None:
+            group = self._groups[layer][cohort] = _Group(cohort, [], padded, self.calls)
+        group.rows.append(row)
+        group.longest = max(group.longest, padded)
+        counts = self._waiting_in.setdefault(cohort, {})
+        counts[layer] = counts.get(layer, 0) + 1
+        self._stale_from(layer)
 
     def release(self, row: int) -> None:
         """``row`` left the encoder."""
         self.in_flight -= 1
+        self._forget(row)
+
+    def _forget(self, row: int) -> None:
+        cohort = self._cohort_of.pop(row)
+        del self._length_of[row]
+        counts = self._waiting_in.get(cohort)
+        if counts is not None and not counts:
+            del self._waiting_in[cohort]
 
     def discard(self, rows) -> int:
         """Remove waiting ``rows`` (e.g. a client went away) and release them; returns how many were found."""
         rows = set(rows)
-        found = 0
-        for layer, queue in enumerate(self._queues):
-            kept = [w for w in queue if w.row not in rows]
-            if len(kept) != len(queue):
-                found += len(queue) - len(kept)
-                self._queues[layer] = kept
-                self._choices[layer] = None
-        self.in_flight -= found
-        return found
+        found = []
+        for layer, groups in enumerate(self._groups):
+            for cohort, group in list(groups.items()):
+                kept = [row for row in group.rows if row not in rows]
+                if len(kept) == len(group.rows):
+                    continue
+                found += [row for row in group.rows if row in rows]
+                self._waiting_in[cohort][layer] -= len(group.rows) - len(kept)
+                if not self._waiting_in[cohort][layer]:
+                    del self._waiting_in[cohort][layer]
+                if kept:
+                    group.rows = kept
+                    group.longest = max(self.buckets.padded_length(self._length_of[row]) for row in kept)
+                else:
+                    del groups[cohort]
+                self._stale_from(layer)
+        for row in found:
+            self.release(row)
+        return len(found)
+
+    def _stale_from(self, layer: int) -> None:
+        # A layer's plan reads which cohorts wait at shallower layers: deeper plans go stale too.
+        for deeper in range(layer, self.num_layers + 1):
+            self._plans[deeper] = None
+
+    # ------------------------------------------------------------------ deciding
 
     def decide(self, can_admit: bool) -> Call | Admit | None:
         """The next action: a :class:`Call`, an :class:`Admit` (only with ``can_admit``), or None when idle."""
-        layers = [(layer, self._layer_choices(layer)) for layer in range(self.num_layers, 0, -1) if self._queues[layer]]
+        layers = [layer for layer in range(self.num_layers, 0, -1) if self._groups[layer]]
+        full_cohort = self.buckets.max_batch_size
         if not layers:
-            return Admit(self.room) if can_admit and self.room > 0 else None
-        layer, oldest = min(layers, key=lambda lc: lc[1].since)
+            return Admit(self._admit_count()) if can_admit and self.room > 0 else None
+        oldest_layer, oldest = min(
+            ((layer, group) for layer in layers for group in self._groups[layer].values()), key=lambda lg: lg[1].since
+        )
         if self.calls - oldest.since >= self.max_wait:
-            return self._take(layer, self._around(layer, oldest.oldest))
-        for layer, choices in layers:
-            if choices.full is not None:
-                return self._take(layer, choices.full)
-        if can_admit and self.room > 0:
-            return Admit(self.room)
-        layer, choices = max(layers, key=lambda lc: lc[1].best.score)  # max keeps the first (deepest) on ties
-        return self._take(layer, choices.best)
+            planned = next(p for p in self._plan(oldest_layer) if oldest in p.groups)
+            return self._take(oldest_layer, planned)
+        for layer in layers:
+            closed = [p for p in self._plan(layer) if p.closed]
+            if closed:
+                return self._take(layer, max(closed, key=lambda p: p.rows))  # max keeps the first on ties
+        if can_admit and self.room >= full_cohort:
+            return Admit(self._admit_count())
+        layer = layers[0] if can_admit else layers[-1]
+        return self._take(layer, max(self._plan(layer), key=lambda p: p.rows))
 
-    def _around(self, layer: int, position: int) -> _Window:
-        """A call for the overdue row at ``position``: its bucket's rows just above it, then shorter ones."""
-        queue = self._queues[layer]
-        length = queue[position].length
-        padded_length, capacity = int(self._padded[length]), int(self._capacity[length])
-        end = position + 1
-        while end < len(queue) and end - position < capacity and queue[end].length <= padded_length:
-            end += 1
-        return _Window(max(0, end - capacity), end, padded_length, 0.0)
+    def _admit_count(self) -> int:
+        """The room, in whole cohorts where there is room for one."""
+        size = self.buckets.max_batch_size
+        return self.room - self.room % size if self.room >= size else self.room
 
-    def _layer_choices(self, layer: int) -> _Choices:
-        """Every window of ``capacity`` consecutive rows of the sorted queue, scored; cached until it changes."""
-        if self._choices[layer] is not None:
-            return self._choices[layer]
-        queue = self._queues[layer]
-        lengths = np.fromiter((w.length for w in queue), dtype=np.int64, count=len(queue))
-        since = np.fromiter((w.since for w in queue), dtype=np.int64, count=len(queue))
-        prefix = np.concatenate([[0], np.cumsum(lengths)])
-        # The window ending at row end - 1 is padded to that row's bucket (the queue is sorted).
-        ends = np.arange(1, len(queue) + 1)
-        padded, capacity = self._padded[lengths], self._capacity[lengths]
-        starts = np.maximum(0, ends - capacity)
-        scores = (prefix[ends] - prefix[starts]) / (capacity * padded)
-        full_scores = np.where((ends - starts == capacity) & (scores >= self.min_token_fill), scores, -1.0)
+    def _cost(self, rows: int, padded_length: int) -> float:
+        return self.call_cost + rows * padded_length
 
-        def window(i: int) -> _Window:
-            return _Window(int(starts[i]), int(ends[i]), int(padded[i]), float(scores[i]))
+    def _plan(self, layer: int) -> list[_Planned]:
+        """The calls of ``layer``: its groups in length order, packed greedily; cached until it changes."""
+        if self._plans[layer] is not None:
+            return self._plans[layer]
+        groups = sorted(self._groups[layer].values(), key=lambda g: (g.longest, g.since, g.cohort))
+        plan: list[_Planned] = []
+        for group in groups:
+            rows = len(group.rows)
+            if plan:
+                last = plan[-1]
+                merged_rows = last.rows + rows
+                merged_length = max(last.padded_length, group.longest)
+                if merged_rows <= self.buckets.capacity(merged_length) and self._cost(
+                    merged_rows, merged_length
+                ) <= self._cost(last.rows, last.padded_length) + self._cost(rows, group.longest):
+                    last.groups.append(group)
+                    last.rows, last.padded_length = merged_rows, merged_length
+                    continue
+                last.closed = True  # a later group could not join it
+            plan.append(_Planned([group], rows, group.longest, False))
+        for planned in plan:
+            if planned.rows >= self.buckets.capacity(planned.padded_length):
+                planned.closed = True
+            if planned.closed and layer > 1:
+                planned.closed = not any(self._waits_below(group.cohort, layer) for group in planned.groups)
+        self._plans[layer] = plan
+        return plan
 
-        last = len(queue) - 1  # on ties, the window of the longest rows
-        best = window(last - int(np.argmax(scores[::-1])))
-        full_at = last - int(np.argmax(full_scores[::-1]))
-        full = window(full_at) if full_scores[full_at] >= 0 else None
-        oldest = int(np.argmin(since))
-        self._choices[layer] = _Choices(best, full, oldest, int(since[oldest]))
-        return self._choices[layer]
+    def _waits_below(self, cohort: int, layer: int) -> bool:
+        return any(at < layer for at in self._waiting_in.get(cohort, ()))
 
-    def _take(self, layer: int, window: _Window) -> Call:
-        queue = self._queues[layer]
-        rows = tuple(w.row for w in queue[window.start : window.end])
-        del queue[window.start : window.end]
-        self._choices[layer] = None
+    def _take(self, layer: int, planned: _Planned) -> Call:
+        rows: list[int] = []
+        for group in planned.groups:
+            del self._groups[layer][group.cohort]
+            counts = self._waiting_in[group.cohort]
+            counts[layer] -= len(group.rows)
+            if not counts[layer]:
+                del counts[layer]
+            rows += group.rows
+        rows.sort(key=lambda row: self._length_of[row])
+        self._stale_from(layer)
         self.calls += 1
-        return Call(layer, window.padded_length, rows, self.buckets.padded_rows(len(rows)))
+        return Call(layer, planned.padded_length, tuple(rows), self.buckets.padded_rows(len(rows)))
