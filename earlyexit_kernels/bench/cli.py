@@ -91,7 +91,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--stack",
+        action="store_true",
+        help="instead of the sweep: the stack table on the real task (fp32, int8, bf16, compile, each without and "
+        "with early exit; ONNX Runtime and OpenVINO where installed), see earlyexit_kernels.bench.stack",
+    )
+    parser.add_argument("--stack-texts", type=int, help="--stack: the first N test texts (default: all 2,500)")
+    parser.add_argument("--stack-no-compile", action="store_true", help="--stack: leave out the compile rows")
     args = parser.parse_args(argv)
+    args.argv = argv
     device = torch.device(args.device)
     if args.smoke:
         args.size, args.batch_sizes, args.seq_lens, args.repeats, args.spot_batch = "tiny", [1, 4], [16], 1, 4
@@ -217,6 +226,10 @@ def run(args) -> list[dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.stack:
+        from earlyexit_kernels.bench.stack import run as run_stack
+
+        return run_stack(args)
     threads_before = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

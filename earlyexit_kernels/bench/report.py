@@ -325,6 +325,12 @@ def main(argv=None) -> int:
         if Path(REAL_TASK_CSV).is_file() and MARK_START in args.readme.read_text():
             update_readme(str(args.readme), REAL_TASK_CSV)
             print(f"updated the real-task section of {args.readme} from {REAL_TASK_CSV}")
+        from earlyexit_kernels.bench import stack_report
+
+        # the stack table (bench --stack) has its own section too, where the file has its markers
+        if Path(stack_report.STACK_CSV).is_file() and stack_report.START in args.readme.read_text():
+            stack_report.update_readme(args.readme)
+            print(f"updated the stack section of {args.readme} from {stack_report.STACK_CSV}")
     else:
         print(section, end="")
     return 0

@@ -1,0 +1,368 @@
+"""``python -m earlyexit_kernels.bench --stack``: early exit on top of int8, bf16 and torch.compile, beside
+ONNX Runtime and OpenVINO.
+
+The real task (:mod:`earlyexit_kernels.demo.real_task`): all-MiniLM-L6-v2 fine-tuned on Rotten
+Tomatoes, its exit heads fitted and the exit threshold calibrated on the validation split as
+``make demo`` does (:data:`earlyexit_kernels.demo.real_demo.FIT_OPTIONS`, the same cached folder).
+Every configuration classifies the same test texts in the same length-sorted batches of 32:
+
+- ``fp32``, ``int8`` (``torch.ao.quantization.quantize_dynamic`` of every Linear), ``bf16``
+  (``model.to(torch.bfloat16)``) and ``compile`` (``torch.compile(model, dynamic=True)``,
+  inductor), each as the unpatched model and with early exit (the fitted model, quantized,
+  cast or compiled the same way: patch, then quantize);
+- peers, where the packages are installed (bench-only, never a dependency of the package):
+  ONNX Runtime on the exported graph with its transformer optimizer (BERT fusions), fp32 and
+  dynamic int8 (``onnxruntime.quantization.quantize_dynamic``); OpenVINO on the exported graph,
+  fp32 (``INFERENCE_PRECISION_HINT=f32``: on a CPU with bf16 instructions its default is bf16).
+
+After one warm-up pass of each (compilation, allocations), the timed passes are interleaved:
+repetition ``r`` runs every configuration once over all batches, in an order rotated by ``r``.
+Ratios are paired within a repetition and reported as p20 / p50 / p80 over the repetitions.
+Accuracy, mean layers and the layer ideal (L / mean layers) come from the warm-up pass.
+:mod:`earlyexit_kernels.bench.stack_report` turns the CSV into the section of ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["Config", "measure", "peer_configs", "peer_status", "rows_of", "run", "torch_configs"]
+
+BATCH = 32
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+FIELDS = [
+    "config",
+    "base",
+    "early_exit",
+    "texts",
+    "accuracy",
+    "mean_layers",
+    "layer_ideal",
+    "t_p20_s",
+    "t_p50_s",
+    "t_p80_s",
+    "texts_per_s",
+    "vs_fp32_p20",
+    "vs_fp32_p50",
+    "vs_fp32_p80",
+    "vs_base_p20",
+    "vs_base_p50",
+    "vs_base_p80",
+    "vs_ort_int8_p20",
+    "vs_ort_int8_p50",
+    "vs_ort_int8_p80",
+    "repeats",
+]
+
+
+@dataclass
+class Config:
+    """One way to classify a batch: ``run(batch) -> (logits [n, C] float32, layers run [n] or None)``.
+
+    ``base``: the configuration without early exit that this one adds early exit to (itself otherwise).
+    """
+
+    name: str
+    base: str
+    early_exit: bool
+    run: Callable[[dict], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def peer_status() -> dict[str, str]:
+    """For each peer package, ``"installed"`` or why the stack skips its rows."""
+    status = {}
+    for package in ("onnx", "onnxruntime", "openvino"):
+        status[package] = "installed" if importlib.util.find_spec(package) else f"not installed (pip install {package})"
+    return status
+
+
+def _torch_config(name: str, base: str, model) -> Config:
+    early = hasattr(model, "_eek_policy") or "early exit" in name
+
+    def run(batch):
+        out = model(**{name: batch[name] for name in INPUTS})
+        layers = getattr(out, "layers_run", None)
+        return out.logits.float(), layers
+
+    return Config(name, base, early, run)
+
+
+def torch_configs(patched, full, *, compile_models: bool = True) -> list[Config]:
+    """fp32, int8, bf16 and compile, each without and with early exit (``patched``: the fitted model)."""
+    int8 = {nn.Linear}
+    configs = [
+        _torch_config("fp32", "fp32", full),
+        _torch_config("fp32 + early exit", "fp32", patched),
+        _torch_config("int8", "int8", torch.ao.quantization.quantize_dynamic(full, int8, dtype=torch.qint8)),
+        _torch_config(
+            "int8 + early exit", "int8", torch.ao.quantization.quantize_dynamic(patched, int8, dtype=torch.qint8)
+        ),
+        _torch_config("bf16", "bf16", copy.deepcopy(full).to(torch.bfloat16)),
+        _torch_config("bf16 + early exit", "bf16", copy.deepcopy(patched).to(torch.bfloat16)),
+    ]
+    if compile_models:
+        configs += [
+            _torch_config("compile", "compile", torch.compile(copy.deepcopy(full), dynamic=True)),
+            _torch_config("compile + early exit", "compile", torch.compile(copy.deepcopy(patched), dynamic=True)),
+        ]
+    return configs
+
+
+def _export_onnx(full, batch: dict, folder: Path) -> Path:
+    path = folder / "model.onnx"
+    names = list(INPUTS)
+    axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    axes["logits"] = {0: "batch"}
+    inputs = tuple(batch[name][:2] for name in names)
+    kwargs = dict(input_names=names, output_names=["logits"], dynamic_axes=axes, opset_version=17)
+    try:
+        torch.onnx.export(full, inputs, str(path), dynamo=False, **kwargs)
+    except TypeError:  # a torch whose exporter has no dynamo= switch
+        torch.onnx.export(full, inputs, str(path), **kwargs)
+    return path
+
+
+def _numpy_inputs(batch: dict) -> dict:
+    return {name: batch[name].numpy() for name in INPUTS}
+
+
+def peer_configs(full, sample: dict, folder: Path, threads: int) -> tuple[list[Config], dict[str, str]]:
+    """ONNX Runtime fp32 and int8 on the optimized graph, OpenVINO fp32: the peers that are installed.
+
+    Returns the configurations and, per peer, what was done or why it was skipped.
+    """
+    status = peer_status()
+    notes, configs = {}, []
+    if status["onnx"] != "installed":
+        return [], {"onnxruntime": status["onnx"], "openvino": status["onnx"]}
+    exported = _export_onnx(full, sample, folder)
+    config = full.config
+    if status["onnxruntime"] == "installed":
+        import onnxruntime
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.transformers import optimizer
+
+        optimized = folder / "model-optimized.onnx"
+        fused = optimizer.optimize_model(
+            str(exported), model_type="bert", num_heads=config.num_attention_heads, hidden_size=config.hidden_size
+        )
+        fused.save_model_to_file(str(optimized))
+        quantized = folder / "model-optimized-int8.onnx"
+        import onnx
+
+        # (the fused ops are of another domain: shape inference cannot type their outputs)
+        extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+        quantize_dynamic(str(optimized), str(quantized), weight_type=QuantType.QInt8, extra_options=extra)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        # Its threads would otherwise spin after each run and take the cores from the next configuration.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for name, path in (("ONNX Runtime fp32", optimized), ("ONNX Runtime int8", quantized)):
+            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            configs.append(Config(name, name, False, _ort_run(session)))
+        notes["onnxruntime"] = (
+            f"onnxruntime {onnxruntime.__version__}: transformers optimizer (model_type bert, fusions: "
+            f"{_fusions(fused)}), int8 by quantize_dynamic (QInt8 weights)"
+        )
+    else:
+        notes["onnxruntime"] = status["onnxruntime"]
+    if status["openvino"] == "installed":
+        import openvino
+
+        core = openvino.Core()
+        compiled = core.compile_model(
+            core.read_model(str(exported)),
+            "CPU",
+            {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"},
+        )
+        configs.append(Config("OpenVINO fp32", "OpenVINO fp32", False, _openvino_run(compiled)))
+        notes["openvino"] = f"openvino {openvino.__version__}: the exported graph, INFERENCE_PRECISION_HINT f32"
+    else:
+        notes["openvino"] = status["openvino"]
+    return configs, notes
+
+
+def _fusions(optimized) -> str:
+    counts = optimized.get_fused_operator_statistics()
+    return ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "none"
+
+
+def _ort_run(session):
+    def run(batch):
+        return torch.from_numpy(session.run(["logits"], _numpy_inputs(batch))[0]).float(), None
+
+    return run
+
+
+def _openvino_run(compiled):
+    output = compiled.output(0)
+
+    def run(batch):
+        return torch.from_numpy(compiled(_numpy_inputs(batch))[output]).float(), None
+
+    return run
+
+
+def measure(configs: list[Config], batches: list[dict], labels: torch.Tensor, repeats: int, num_layers: int):
+    """One warm-up pass of every configuration (accuracy, layers), then ``repeats`` interleaved timed passes.
+
+    Returns ``{name: {"accuracy", "mean_layers", "seconds": [per repetition]}}``.
+    """
+    results = {}
+    with torch.inference_mode():
+        for config in configs:
+            correct, layers = 0, 0.0
+            for batch in batches:
+                logits, run = config.run(batch)
+                correct += int((logits.argmax(-1) == batch["labels"]).sum())
+                layers += float(run.float().sum()) if run is not None else num_layers * len(logits)
+            results[config.name] = {
+                "accuracy": correct / len(labels),
+                "mean_layers": layers / len(labels),
+                "seconds": [],
+            }
+        for rep in range(repeats):
+            shift = rep % len(configs)
+            for config in configs[shift:] + configs[:shift]:
+                start = time.perf_counter()
+                for batch in batches:
+                    config.run(batch)
+                results[config.name]["seconds"].append(time.perf_counter() - start)
+    return results
+
+
+def _quantiles(values: list[float]) -> tuple[float, float, float]:
+    ordered = torch.tensor(sorted(values), dtype=torch.float64)
+    return tuple(float(torch.quantile(ordered, q)) for q in (0.2, 0.5, 0.8))
+
+
+def rows_of(configs: list[Config], results: dict, num_layers: int, texts: int) -> list[dict]:
+    """One CSV row per configuration: accuracy, layers, pass time and paired ratios (p20 / p50 / p80)."""
+
+    def ratios(name: str, reference: str | None):
+        if reference is None or reference not in results or reference == name:
+            return {}
+        paired = [a / b for a, b in zip(results[reference]["seconds"], results[name]["seconds"])]
+        return dict(zip(("p20", "p50", "p80"), _quantiles(paired)))
+
+    rows = []
+    for config in configs:
+        measured = results[config.name]
+        p20, p50, p80 = _quantiles(measured["seconds"])
+        row = {
+            "config": config.name,
+            "base": config.base,
+            "early_exit": int(config.early_exit),
+            "texts": texts,
+            "accuracy": round(measured["accuracy"], 5),
+            "mean_layers": round(measured["mean_layers"], 4),
+            "layer_ideal": round(num_layers / measured["mean_layers"], 4) if config.early_exit else "",
+            "t_p20_s": round(p20, 4),
+            "t_p50_s": round(p50, 4),
+            "t_p80_s": round(p80, 4),
+            "texts_per_s": round(texts / p50, 1),
+            "repeats": len(measured["seconds"]),
+        }
+        for prefix, reference in (
+            ("vs_fp32", "fp32"),
+            ("vs_base", config.base if config.early_exit else None),
+            ("vs_ort_int8", "ONNX Runtime int8" if config.early_exit else None),
+        ):
+            for q, value in ratios(config.name, reference).items():
+                row[f"{prefix}_{q}"] = round(value, 3)
+        rows.append({field: row.get(field, "") for field in FIELDS})
+    return rows
+
+
+def cpu_flags() -> dict[str, bool]:
+    """Whether this CPU has bf16 and int8 matrix instructions (from /proc/cpuinfo; False elsewhere)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split())
+    except (OSError, IndexError):
+        flags = set()
+    return {name: name in flags for name in ("avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni")}
+
+
+def load_task(texts: int | None):
+    """The fitted early-exit model, the unpatched fine-tuned model, the test batches and their labels."""
+    import earlyexit_kernels as eek
+    from earlyexit_kernels.demo.real_demo import FIT_OPTIONS, fitted_folder
+    from earlyexit_kernels.demo.real_task import FineTuneRecipe, fine_tuned_minilm, load_rotten_tomatoes
+    from earlyexit_kernels.integrations.labelled_data import LabelledTexts, encode, length_sorted_batches
+
+    splits = load_rotten_tomatoes()
+    _, tokenizer, info = fine_tuned_minilm(FineTuneRecipe(), progress=False)
+    folder = fitted_folder(info["path"], dict(FIT_OPTIONS))
+    if not (folder / "eek_fit.json").is_file():
+        raise SystemExit(
+            f"the stack benchmark runs the exit heads `make demo` fits; none in {folder}: run `make demo` first"
+        )
+    patched = eek.from_pretrained(str(folder)).eval()
+    full = eek.unpatch(copy.deepcopy(patched))
+    test = splits["test"]
+    count = len(test) if texts is None else min(texts, len(test))
+    data = LabelledTexts(test.texts[:count], None, test.labels[:count], "test", "label")
+    labels = torch.tensor(test.labels[:count])
+    batches = length_sorted_batches(encode(tokenizer, data, FIT_OPTIONS["max_length"]), labels, BATCH)
+    return patched, full, batches, labels, str(folder)
+
+
+def run(args) -> int:
+    """The stack run of the bench CLI (``--stack``): writes ``stack.csv`` and ``stack_meta.json`` to ``--output-dir``."""
+    import earlyexit_kernels as eek
+
+    threads = args.threads or 2
+    torch.set_num_threads(threads)
+    start, load_before = time.time(), os.getloadavg()
+    patched, full, batches, labels, folder = load_task(args.stack_texts)
+    configs = torch_configs(patched, full, compile_models=not args.stack_no_compile)
+    with tempfile.TemporaryDirectory() as scratch:
+        peers, notes = peer_configs(full, batches[0], Path(scratch), threads)
+        configs += peers
+        layers = full.config.num_hidden_layers
+        results = measure(configs, batches, labels, args.repeats, layers)
+    rows = rows_of(configs, results, layers, len(labels))
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "stack.csv", "w") as handle:
+        handle.write(",".join(FIELDS) + "\n")
+        for row in rows:
+            handle.write(",".join(str(row[f]) for f in FIELDS) + "\n")
+    meta = {
+        "command": "python -m earlyexit_kernels.bench " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
+        "model": "all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes (demo.real_task), exit heads of make demo",
+        "fitted_folder": Path(folder).name,
+        "policy": eek.policy_of(patched).to_code(4),
+        "batches": f"{len(batches)} length-sorted batches of {BATCH}",
+        "threads": threads,
+        "repeats": args.repeats,
+        "seconds": round(time.time() - start, 1),
+        "load_avg_before": [round(v, 2) for v in load_before],
+        "load_avg_after": [round(v, 2) for v in os.getloadavg()],
+        "device_name": platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": cpu_flags(),
+        "torch": torch.__version__,
+        "peers": notes,
+    }
+    (out / "stack_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {out / 'stack.csv'} ({len(rows)} rows) in {meta['seconds']} s")
+    for row in rows:
+        print(
+            f"  {row['config']:<22} acc {row['accuracy']:.4f}  layers {row['mean_layers']:.2f}  "
+            f"p50 {row['t_p50_s']:.2f} s  vs base {row['vs_base_p50'] or '-'}  vs fp32 {row['vs_fp32_p50'] or '-'}"
+        )
+    return 0

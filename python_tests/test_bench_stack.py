@@ -1,0 +1,100 @@
+"""The stack benchmark's bookkeeping (bench/stack.py, bench/stack_report.py) on a tiny model: what each
+configuration runs, paired ratios, the targets table; the ONNX Runtime / OpenVINO peers where installed."""
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import tiny_batch, tiny_model
+
+import earlyexit_kernels as eek
+from earlyexit_kernels.bench import stack, stack_report
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
+
+
+def batches_and_labels():
+    batches = []
+    for seed, (rows, length) in enumerate([(5, 10), (4, 7)]):  # the peers run shapes other than the export's
+        ids, mask, types = tiny_batch(rows, length, seed=seed)
+        batches.append(
+            {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": torch.arange(rows) % 3}
+        )
+    return batches, torch.cat([b["labels"] for b in batches])
+
+
+def test_each_torch_configuration_classifies_and_counts_the_layers_its_rows_ran():
+    full = tiny_model("bert")
+    patched = eek.patch(tiny_model("bert"), eek.Entropy(0.0), backend="torch")
+    configs = stack.torch_configs(patched, full, compile_models=False)
+    assert [c.name for c in configs] == [
+        "fp32",
+        "fp32 + early exit",
+        "int8",
+        "int8 + early exit",
+        "bf16",
+        "bf16 + early exit",
+    ]
+    assert [c.base for c in configs] == ["fp32", "fp32", "int8", "int8", "bf16", "bf16"]
+    batches, labels = batches_and_labels()
+    results = stack.measure(configs, batches, labels, repeats=2, num_layers=4)
+    with torch.no_grad():
+        expected = sum(
+            int((full(**{k: b[k] for k in stack.INPUTS}).logits.argmax(-1) == b["labels"]).sum()) for b in batches
+        )
+    assert results["fp32"]["accuracy"] == results["fp32 + early exit"]["accuracy"] == expected / len(labels)
+    assert results["fp32 + early exit"]["mean_layers"] == 4.0  # Entropy(0) never exits
+    assert all(len(r["seconds"]) == 2 for r in results.values())
+
+
+def test_ratios_are_paired_within_a_repetition_and_the_report_states_the_targets(tmp_path):
+    configs = [
+        stack.Config("fp32", "fp32", False, None),
+        stack.Config("int8", "int8", False, None),
+        stack.Config("int8 + early exit", "int8", True, None),
+        stack.Config("ONNX Runtime int8", "ONNX Runtime int8", False, None),
+    ]
+    # repetition 2 ran everything twice as slow: paired ratios do not move
+    seconds = {"fp32": [4.0, 8.0], "int8": [2.0, 4.0], "int8 + early exit": [1.0, 2.0], "ONNX Runtime int8": [1.5, 3.0]}
+    results = {name: {"accuracy": 0.5, "mean_layers": 2.0, "seconds": s} for name, s in seconds.items()}
+    rows = stack.rows_of(configs, results, num_layers=6, texts=10)
+    early = rows[2]
+    assert early["vs_base_p20"] == early["vs_base_p50"] == early["vs_base_p80"] == 2.0
+    assert early["vs_fp32_p50"] == 4.0 and early["vs_ort_int8_p50"] == 1.5 and early["layer_ideal"] == 3.0
+    assert rows[1]["vs_base_p50"] == "" and rows[0]["vs_fp32_p50"] == ""
+
+    folder = tmp_path / "stack_cpu"
+    folder.mkdir()
+    with open(folder / "stack.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, stack.FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    (folder / "stack_meta.json").write_text(json.dumps({"cpu_flags": {"amx_bf16": True}, "command": "cmd"}))
+    section = stack_report.render(folder / "stack.csv")
+    assert "| early exit + int8 vs int8 alone ≥ 1.8x | 2.00 x | met |" in section
+    assert "| early exit + int8 vs ONNX Runtime int8 ≥ 1.5x | 1.50 x | met |" in section
+    assert "| early exit + int8: speed-up / layer ideal ≥ 0.9 | 0.67  | missed |" in section
+    assert "bf16 instructions: yes" in section
+    readme = tmp_path / "benchmarks.md"
+    readme.write_text("# Benchmarks\n")
+    stack_report.update_readme(readme, folder / "stack.csv")
+    stack_report.update_readme(readme, folder / "stack.csv")
+    assert readme.read_text().count(stack_report.START) == 1
+
+
+def test_peers_give_the_model_logits(tmp_path):
+    for package in ("onnx", "onnxruntime", "openvino"):
+        pytest.importorskip(package, reason=f"{package} is not installed (bench-only, optional)")
+    full = tiny_model("bert", num_labels=2)
+    batches, _ = batches_and_labels()
+    configs, notes = stack.peer_configs(full, batches[0], tmp_path, threads=1)
+    assert [c.name for c in configs] == ["ONNX Runtime fp32", "ONNX Runtime int8", "OpenVINO fp32"]
+    assert "Attention" in notes["onnxruntime"]  # the optimizer fused the attention
+    with torch.no_grad():
+        expected = full(**{k: batches[1][k] for k in stack.INPUTS}).logits
+    for config, atol in zip(configs, (1e-5, 2e-2, 1e-5)):
+        torch.testing.assert_close(config.run(batches[1])[0], expected, rtol=0, atol=atol)
