@@ -193,6 +193,7 @@ class ContinuousEngine:
                 torch.cat([float_bias(g) for g in gates]),  # (dequantized where the gates are quantized)
             )
         self._offsets = np.arange(self.page_size, dtype=np.int64)
+        self._resident: _Resident | None = None
         self._run_layer = self.adapter.run_layer
         self.compiled = bool(compile)
         if compile and not getattr(self.adapter, "layer_call_is_module_call", True):
@@ -363,24 +364,13 @@ class ContinuousEngine:
 
     def _run_call(self, call) -> list[Finished]:
         layer, n = call.layer, len(call.rows)
-        slots = list(call.rows) + [self._pad_slot] * (call.padded_rows - n)
-        token_index, valid = self._token_index(slots, call.padded_length)
-        write_index = np.where(valid, token_index, _SCRATCH)
-        # One host-to-device copy: read positions, write positions, slots.
-        packed = np.concatenate([token_index.reshape(-1), write_index.reshape(-1), np.asarray(slots)])
-        packed = torch.from_numpy(packed).to(self.device, non_blocking=True)
-        tokens = token_index.size
-        read, write, slot_index = packed[:tokens], packed[tokens : 2 * tokens], packed[2 * tokens :]
-
-        hidden_size = self._pool.shape[1]
-        hidden = self._pool.index_select(0, read).view(call.padded_rows, call.padded_length, hidden_size)
-        mask = None  # no padding in the call: the layer runs without a mask, as Hugging Face does
-        if self.compiled or not valid.all():  # compiled: one graph per shape, the mask always given
-            mask = read.view(call.padded_rows, call.padded_length) != _NULL
-            mask[:, 0] = True  # pad rows attend to their first (zero) token instead of nothing
+        hidden, mask, slot_index, valid = self._call_inputs(call)
         layer_mask = self.adapter.layer_mask(mask, self.dtype)
         hidden = self._run_layer(layer - 1, hidden, layer_mask)
-        self._pool.index_copy_(0, write, hidden.reshape(-1, hidden_size))
+        if self.compiled:
+            self._write(list(call.rows) + [self._pad_slot] * (call.padded_rows - n), hidden)
+        else:  # kept where it is: the next call often runs these rows again (a batch's next layer)
+            self._resident = _Resident(hidden, list(call.rows), {slot: row for row, slot in enumerate(call.rows)})
 
         state = {k: v.index_select(0, slot_index) for k, v in self._state.items()}
         fused = can_fuse_head(self.backend, self.adapter)
@@ -439,15 +429,83 @@ class ContinuousEngine:
         first = torch.where(runs.any(dim=1), runs.int().argmax(dim=1) + layer + 1, last)
         return first
 
+    def _call_inputs(self, call):
+        """``(hidden [padded_rows, padded_length, H], mask [padded_rows, padded_length] or None
+        (no padding), slots [padded_rows] on the device, valid [padded_rows, padded_length] on the host)``.
+
+        From the last call's output where it holds every row (no copy when the rows are the
+        same, a row gather otherwise), else from the pool."""
+        n = len(call.rows)
+        slots = list(call.rows) + [self._pad_slot] * (call.padded_rows - n)
+        valid = np.arange(call.padded_length) < self._lengths[slots][:, None]
+        resident = self._resident
+        if (
+            resident is not None
+            and call.padded_rows == n
+            and call.padded_length <= resident.hidden.shape[1]
+            and all(slot in resident.rows for slot in call.rows)
+        ):
+            self._flush(keep=set(call.rows))
+            positions = [resident.rows[slot] for slot in call.rows]
+            hidden = resident.hidden
+            if positions != list(range(hidden.shape[0])):
+                hidden = hidden.index_select(0, torch.tensor(positions, device=self.device))
+            if call.padded_length < hidden.shape[1]:
+                hidden = hidden[:, : call.padded_length].contiguous()
+            slot_index = torch.tensor(slots, device=self.device)
+            mask = None if valid.all() else torch.from_numpy(valid).to(self.device)
+            return hidden, mask, slot_index, valid
+        self._flush()
+        token_index, _ = self._token_index(slots, call.padded_length)
+        # One host-to-device copy: read positions and slots.
+        packed = torch.from_numpy(np.concatenate([token_index.reshape(-1), np.asarray(slots)]))
+        packed = packed.to(self.device, non_blocking=True)
+        read, slot_index = packed[: token_index.size], packed[token_index.size :]
+        hidden = self._pool.index_select(0, read).view(call.padded_rows, call.padded_length, -1)
+        mask = None  # no padding in the call: the layer runs without a mask, as Hugging Face does
+        if self.compiled or not valid.all():  # compiled: one graph per shape, the mask always given
+            mask = read.view(call.padded_rows, call.padded_length) != _NULL
+            mask[:, 0] = True  # pad rows attend to their first (zero) token instead of nothing
+        return hidden, mask, slot_index, valid
+
+    def _write(self, slots: list[int], hidden: torch.Tensor, skip: set | None = None) -> None:
+        """Valid positions of ``hidden`` [len(slots), S, H] into the pool; pad positions, and the rows
+        of the slots in ``skip``, to the scratch token (one ``index_copy_``)."""
+        token_index, valid = self._token_index(slots, hidden.shape[1])
+        if skip:
+            valid &= np.array([slot not in skip for slot in slots])[:, None]
+        write = torch.from_numpy(np.where(valid, token_index, _SCRATCH).reshape(-1)).to(self.device)
+        self._pool.index_copy_(0, write, hidden.reshape(-1, hidden.shape[-1]))
+
+    def _flush(self, keep: set | None = None) -> None:
+        """Write the last call's output rows still in flight to the pool (but those in ``keep``, read from it next)."""
+        resident, self._resident = self._resident, None
+        if resident is None or not set(resident.rows) - (keep or set()):
+            return
+        skip = set(resident.slots) - set(resident.rows) | (keep or set())  # gone, or read from the output next
+        self._write(resident.slots, resident.hidden, skip)
+
     def _release(self, slot: int) -> None:
         self._free(slot)
         self.scheduler.release(slot)
 
     def _free(self, slot: int) -> None:
+        if self._resident is not None:
+            self._resident.rows.pop(slot, None)  # gone: neither written back nor read
         pages = self._page_table[slot, : math.ceil(int(self._lengths[slot]) / self.page_size)]
         self._free_pages.extend(int(p) for p in pages)
         self._keys[slot] = None
         self._free_slots.append(slot)
+
+
+@dataclass
+class _Resident:
+    """The last call's output, not yet written to the pool: ``hidden`` [n, S, H] of ``slots``;
+    ``rows``: slot -> row of those still in flight."""
+
+    hidden: torch.Tensor
+    slots: list[int]
+    rows: dict[int, int]
 
 
 @dataclass
