@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import inspect
 import json
 import time
@@ -27,22 +28,28 @@ import torch
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.demo.real_task import fine_tuned_minilm, load_rotten_tomatoes, tokenize
-from earlyexit_kernels.training import cache_exit_inputs, cached_record, fit_exit_heads, train_exit_heads
+from earlyexit_kernels.training import (
+    ExitInputCache,
+    cache_exit_inputs,
+    cached_record,
+    fit_exit_heads,
+    train_exit_heads,
+)
 from earlyexit_kernels.training.calibration import calibrate, record_exits, replay
 
 
-def batches(tokenizer, split, size: int, *, sort: bool, seed: int = 0, max_length: int = 128):
-    """Dicts of ``size`` rows: by length (cheap caching, evaluation) or shuffled (training through the forward)."""
-    if sort:
-        order = sorted(range(len(split)), key=lambda i: len(split.texts[i]))
-    else:
-        order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed)).tolist()
+def batches(tokenizer, split, size: int, *, shuffle: bool = False, seed: int = 0, max_length: int = 128):
+    """Dicts of ``size`` rows of similar length (little padding); with ``shuffle`` the batches come in a
+    random order (training through the forward)."""
+    order = sorted(range(len(split)), key=lambda i: len(split.texts[i]))
     out = []
     for start in range(0, len(order), size):
         rows = order[start : start + size]
         batch = dict(tokenize(tokenizer, [split.texts[i] for i in rows], max_length))
         batch["labels"] = torch.tensor([split.labels[i] for i in rows])
         out.append(batch)
+    if shuffle:
+        out = [out[i] for i in torch.randperm(len(out), generator=torch.Generator().manual_seed(seed)).tolist()]
     return out
 
 
@@ -64,10 +71,22 @@ def test_point(record, policy) -> dict:
 
 def lr_sweep(args, base, data, out: Path) -> None:
     model = eek.patch(copy.deepcopy(base), eek.Entropy(0.0), **head_choice(args))
-    start = time.perf_counter()
-    caches = {name: cache_exit_inputs(model, data[name], progress=False) for name in ("train", "validation", "test")}
-    cache_seconds = time.perf_counter() - start
+    key = "-".join(f"{k}={v}" for k, v in sorted(head_choice(args).items())) or "default"
+    stored = Path(args.cache_dir) / f"exit-inputs-{key}-{args.train_rows or 'all'}.pt" if args.cache_dir else None
+    if stored is not None and stored.is_file():
+        saved = torch.load(stored)
+        caches = {name: ExitInputCache(**fields) for name, fields in saved["caches"].items()}
+        cache_seconds = saved["seconds"]
+    else:
+        start = time.perf_counter()
+        caches = {n: cache_exit_inputs(model, data[n], progress=False) for n in ("train", "validation", "test")}
+        cache_seconds = time.perf_counter() - start
+        if stored is not None:
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"caches": {n: vars(c) for n, c in caches.items()}, "seconds": cache_seconds}, stored)
     print(f"cached train/validation/test exit inputs in {cache_seconds:.1f} s")
+    # the heads' steps are tiny: more threads only add synchronisation (and contention on a shared machine)
+    torch.set_num_threads(1)
     for lr in [float(v) for v in args.lrs.split(",")]:
         model = eek.patch(copy.deepcopy(base), eek.Entropy(0.0), **head_choice(args))
         log = train_exit_heads(
@@ -95,6 +114,37 @@ def lr_sweep(args, base, data, out: Path) -> None:
             "heads_at_chance": chosen.heads_at_chance,
             "policy": chosen.policy.to_code(4),
             "val_accuracy": chosen.accuracy,
+            "val_mean_layers": chosen.mean_layers,
+            "warnings": len(chosen.warnings),
+            **test_point(cached_record(model, caches["test"]), chosen.policy),
+        }
+        print(json.dumps(row))
+        with open(out / "lr_sweep.jsonl", "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+    if args.distill:
+        # self-distillation without labels on the same cache, calibrated on agreement
+        model = eek.patch(copy.deepcopy(base), eek.Entropy(0.0), **head_choice(args))
+        unlabelled = {name: dataclasses.replace(caches[name], labels=None) for name in ("train", "validation")}
+        log = train_exit_heads(
+            model,
+            unlabelled["train"],
+            method="fastbert",
+            epochs=args.epochs,
+            val_batches=unlabelled["validation"],
+            progress=False,
+        )
+        chosen = calibrate(cached_record(model, unlabelled["validation"]), max_drop=1.0)
+        row = {
+            "part": "distill",
+            **head_choice(args),
+            "lr": log.lr,
+            "epochs_run": log.epochs_run,
+            "best_epoch": log.best_epoch,
+            "train_seconds": round(log.seconds, 1),
+            "measure": chosen.measure,
+            "val_layer_agreement": [round(a, 4) for a in chosen.layer_scores],
+            "policy": chosen.policy.to_code(4),
+            "val_agreement": chosen.accuracy,
             "val_mean_layers": chosen.mean_layers,
             "warnings": len(chosen.warnings),
             **test_point(cached_record(model, caches["test"]), chosen.policy),
@@ -152,18 +202,24 @@ def main(argv=None) -> None:
     parser.add_argument("--pooling", default=None, help="cls or mean (eek.patch's pooling=)")
     parser.add_argument("--head", default=None, help="model or mlp (eek.patch's head=)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache-dir", default=None, help="lr-sweep: keep the cached exit inputs here between runs")
+    parser.add_argument("--no-distill", dest="distill", action="store_false", help="lr-sweep: skip the fastbert row")
+    parser.add_argument("--train-rows", type=int, default=None, help="train on the first N rows of the train split")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     splits = load_rotten_tomatoes()
+    if args.train_rows:
+        train = splits["train"]
+        splits["train"] = type(train)(train.texts[: args.train_rows], train.labels[: args.train_rows])
     base, tokenizer, info = fine_tuned_minilm(progress=False)
     print(f"fine-tuned MiniLM: {info}")
     data = {
-        "train": batches(tokenizer, splits["train"], 64, sort=True),
-        "train_shuffled": batches(tokenizer, splits["train"], 32, sort=False, seed=1),
-        "validation": batches(tokenizer, splits["validation"], 64, sort=True),
-        "test": batches(tokenizer, splits["test"], 64, sort=True),
+        "train": batches(tokenizer, splits["train"], 64),
+        "train_shuffled": batches(tokenizer, splits["train"], 32, shuffle=True, seed=1),
+        "validation": batches(tokenizer, splits["validation"], 64),
+        "test": batches(tokenizer, splits["test"], 64),
     }
     (lr_sweep if args.part == "lr-sweep" else recipes)(args, base, data, out)
 

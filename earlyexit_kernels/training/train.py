@@ -383,7 +383,7 @@ def _train_epochs(
             val_loss = source.validation_loss(chosen, loss_kwargs)
             log.val_losses.append(val_loss)
             bar.set_postfix(loss=f"{log[-1]:.4f}", val=f"{val_loss:.4f}")
-            if val_loss < best_loss - 1e-6 * abs(best_loss):
+            if best_state is None or val_loss < best_loss - 1e-6 * abs(best_loss):
                 best_loss, since_best, log.best_epoch = val_loss, 0, epoch
                 best_state = [p.detach().clone() for p in parameters]
             else:
