@@ -263,7 +263,9 @@ def write_csv(
         f.write(
             f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
             f"threads, torch {torch.__version__}, transformers {transformers.__version__}, earlyexit_kernels "
-            f"{eek.__version__}" + ("" if seconds is None else f", {seconds:.0f} s") + "\n"
+            f"{eek.__version__}"
+            + ("" if seconds is None else f", {seconds:.0f} s")
+            + f", load average {os.getloadavg()[0]:.1f} at the end\n"
         )
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
