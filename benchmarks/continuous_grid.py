@@ -3,7 +3,7 @@
     flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/continuous_grid.py --part tiny
     .venv/bin/python benchmarks/continuous_grid.py --report      # the table again, from every part's CSV
 
-Each ``--part`` writes ``benchmarks/results/continuous_grid/<part>.csv`` (one row per cell, the
+Each ``--part`` writes ``benchmarks/results/continuous_grid/<part>-t<threads>.csv`` (one row per cell, the
 command in its ``command`` column); ``--report`` (and every part) rewrites ``README.md`` beside
 them from all the parts' CSVs.
 
@@ -286,7 +286,7 @@ def main(argv=None) -> int:
             rows += measure(cell, threads, args.repeats)
         command += f"  ({time.perf_counter() - began:.0f} s)"
         args.out.mkdir(parents=True, exist_ok=True)
-        with open(args.out / f"{args.part}.csv", "w", newline="") as file:
+        with open(args.out / f"{args.part}-t{'-'.join(map(str, threads))}.csv", "w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=COLUMNS)
             writer.writeheader()
             writer.writerows({**row, "part": args.part, "command": command} for row in rows)
