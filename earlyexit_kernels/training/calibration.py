@@ -567,8 +567,10 @@ def _check_savings(result: Calibration, min_saving: float, chance_margin: float)
         result.warnings.append(
             f"calibrate: {len(result.heads_at_chance)} of {len(internal)} internal heads score at chance on the "
             f"validation data ({result.measure}; always predicting the most frequent class scores "
-            f"{100 * result.chance:.1f}%, margin {100 * chance_margin:g} points): {scores}. Train the heads "
-            f"(earlyexit_kernels.training.fit_exit_heads, or train_exit_heads with the default lr of its trains mode)"
+            f"{100 * result.chance:.1f}%, margin {100 * chance_margin:g} points): {scores}. Untrained heads: train "
+            f"them (earlyexit_kernels.training.fit_exit_heads, or train_exit_heads with the default lr of its trains "
+            f"mode); trained heads that stay at chance read too little of the layer: patch with pooling='mean' "
+            f"(and head='mlp')"
         )
     if result.saved_fraction < min_saving:
         result.saves_little = True
