@@ -212,6 +212,10 @@ def test_fit_exit_heads_trains_calibrates_and_patches():
     result = fit_exit_heads(model, _data(batches=6), method="heads", labels=False, progress=False)
     assert not result.labels and result.validation == "split" and result.calibration.measure == "agreement"
     assert result.stages[0].objective == "fastbert" and result.calibration.full_accuracy == 1.0
+    result = fit_exit_heads(tiny_model("bert", num_layers=4), _data(batches=4), target_layers=2.0, progress=False)
+    assert result.calibration.target == "mean layers <= 2" and result.calibration.mean_layers <= 2.0
+    with pytest.raises(ValueError, match="not both"):
+        fit_exit_heads(tiny_model("bert"), _data(), max_drop=1.0, target_layers=2.0, progress=False)
     with pytest.raises(ValueError, match="needs labels"):
         fit_exit_heads(tiny_model("bert"), _data(batches=4, labels=False), method="pabee", progress=False)
     with pytest.raises(ValueError, match="method must be one of"):

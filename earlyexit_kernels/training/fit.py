@@ -120,7 +120,7 @@ def fit_exit_heads(
     *,
     method: str = "heads",
     labels: bool | None = None,
-    max_drop: float | None = 1.0,
+    max_drop: float | None = None,
     target_layers: float | None = None,
     target: str = "auto",
     epochs: int | None = None,
@@ -149,7 +149,7 @@ def fit_exit_heads(
     ``labels``: None uses them when the batches have them; False ignores them: the head
     stages distil the final classifier (``fastbert``) and calibration measures agreement with
     the full model; a recipe with a stage that needs labels raises ``ValueError``.
-    ``max_drop`` (points, default 1.0) or ``target_layers`` choose the calibrated point;
+    ``max_drop`` (points; 1.0 when neither is given) or ``target_layers`` chooses the calibrated point;
     ``target``: ``"auto"``, ``"accuracy"`` or ``"agreement"`` (see
     :func:`~earlyexit_kernels.training.calibration.calibrate`, like ``min_saving``). ``epochs``
     and ``lr`` override every head-only stage's defaults (None: the recipe's). Early stopping
@@ -159,8 +159,10 @@ def fit_exit_heads(
     """
     started = time.perf_counter()
     chosen: Recipe = recipe(method)
-    if (max_drop is None) == (target_layers is None):
-        raise ValueError("give exactly one target: max_drop (accuracy points) or target_layers (mean layers)")
+    if max_drop is not None and target_layers is not None:
+        raise ValueError("give one target: max_drop (accuracy points) or target_layers (mean layers), not both")
+    if max_drop is None and target_layers is None:
+        max_drop = 1.0
     train_batches = _as_list(train_batches)
     use_labels = _has_labels(train_batches) if labels is None else bool(labels)
     if use_labels and not _has_labels(train_batches):
