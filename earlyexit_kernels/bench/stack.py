@@ -219,28 +219,37 @@ def _openvino_run(compiled):
 def measure(configs: list[Config], batches: list[dict], labels: torch.Tensor, repeats: int, num_layers: int):
     """One warm-up pass of every configuration (accuracy, layers), then ``repeats`` interleaved timed passes.
 
-    Returns ``{name: {"accuracy", "mean_layers", "seconds": [per repetition]}}``.
+    Returns ``{name: {"accuracy", "mean_layers", "warmup_s", "seconds": [per repetition]}}``; a
+    configuration whose warm-up raised gets ``{"error": message}`` instead and is not timed.
     """
     results = {}
     with torch.inference_mode():
         for config in configs:
-            correct, layers = 0, 0.0
-            for batch in batches:
-                logits, run = config.run(batch)
-                correct += int((logits.argmax(-1) == batch["labels"]).sum())
-                layers += float(run.float().sum()) if run is not None else num_layers * len(logits)
+            correct, layers, start = 0, 0.0, time.perf_counter()
+            try:
+                for batch in batches:
+                    logits, run = config.run(batch)
+                    correct += int((logits.argmax(-1) == batch["labels"]).sum())
+                    layers += float(run.float().sum()) if run is not None else num_layers * len(logits)
+            except Exception as error:  # reported in the run's notes, not fatal to the other rows
+                results[config.name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
+                continue
             results[config.name] = {
                 "accuracy": correct / len(labels),
                 "mean_layers": layers / len(labels),
+                "warmup_s": round(time.perf_counter() - start, 1),
                 "seconds": [],
             }
+            print(f"  warm-up {config.name}: {results[config.name]['warmup_s']} s", file=sys.stderr, flush=True)
+        timed = [config for config in configs if "error" not in results[config.name]]
         for rep in range(repeats):
-            shift = rep % len(configs)
-            for config in configs[shift:] + configs[:shift]:
+            shift = rep % len(timed)
+            for config in timed[shift:] + timed[:shift]:
                 start = time.perf_counter()
                 for batch in batches:
                     config.run(batch)
                 results[config.name]["seconds"].append(time.perf_counter() - start)
+            print(f"  repetition {rep + 1} of {repeats} done", file=sys.stderr, flush=True)
     return results
 
 
@@ -253,7 +262,7 @@ def rows_of(configs: list[Config], results: dict, num_layers: int, texts: int) -
     """One CSV row per configuration: accuracy, layers, pass time and paired ratios (p20 / p50 / p80)."""
 
     def ratios(name: str, reference: str | None):
-        if reference is None or reference not in results or reference == name:
+        if reference is None or "seconds" not in results.get(reference, {}) or reference == name:
             return {}
         paired = [a / b for a, b in zip(results[reference]["seconds"], results[name]["seconds"])]
         return dict(zip(("p20", "p50", "p80"), _quantiles(paired)))
@@ -261,6 +270,8 @@ def rows_of(configs: list[Config], results: dict, num_layers: int, texts: int) -
     rows = []
     for config in configs:
         measured = results[config.name]
+        if "error" in measured:
+            continue
         p20, p50, p80 = _quantiles(measured["seconds"])
         row = {
             "config": config.name,
@@ -294,6 +305,14 @@ def cpu_flags() -> dict[str, bool]:
     except (OSError, IndexError):
         flags = set()
     return {name: name in flags for name in ("avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni")}
+
+
+def _cpu_name() -> str:
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("model name"))
+        return line.split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def load_task(texts: int | None):
@@ -330,7 +349,10 @@ def run(args) -> int:
     patched, full, batches, labels, folder = load_task(args.stack_texts)
     configs = torch_configs(patched, full, compile_models=not args.stack_no_compile)
     with tempfile.TemporaryDirectory() as scratch:
-        peers, notes = peer_configs(full, batches[0], Path(scratch), threads)
+        try:
+            peers, notes = peer_configs(full, batches[0], Path(scratch), threads)
+        except Exception as error:  # an exporter or optimizer this version cannot run: the torch rows stay
+            peers, notes = [], {"peers": f"failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}"}
         configs += peers
         layers = full.config.num_hidden_layers
         results = measure(configs, batches, labels, args.repeats, layers)
@@ -352,11 +374,13 @@ def run(args) -> int:
         "seconds": round(time.time() - start, 1),
         "load_avg_before": [round(v, 2) for v in load_before],
         "load_avg_after": [round(v, 2) for v in os.getloadavg()],
-        "device_name": platform.processor() or platform.machine(),
+        "device_name": _cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_flags": cpu_flags(),
         "torch": torch.__version__,
         "peers": notes,
+        "warmup_s": {name: r["warmup_s"] for name, r in results.items() if "warmup_s" in r},
+        "failed": {name: r["error"] for name, r in results.items() if "error" in r},
     }
     (out / "stack_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"wrote {out / 'stack.csv'} ({len(rows)} rows) in {meta['seconds']} s")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 from pathlib import Path
 
 __all__ = ["STACK_CSV", "render", "update_readme"]
@@ -42,7 +43,7 @@ def render(csv_path: str | Path, relative_to: Path | None = None) -> str:
     meta_path = csv_path.with_name("stack_meta.json")
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     by_name = {r["config"]: r for r in rows}
-    shown = csv_path if relative_to is None else Path(*[".."] * len(relative_to.parts), csv_path)
+    shown = csv_path if relative_to is None else Path(os.path.relpath(csv_path.resolve(), relative_to.resolve()))
     flags = meta.get("cpu_flags", {})
     bf16 = flags.get("avx512_bf16") or flags.get("amx_bf16")
     out = [
