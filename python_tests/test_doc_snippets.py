@@ -170,6 +170,7 @@ PREAMBLES = {
         "test_from_pretrained_hub.py"
     ),
     ("docs/usage.md", "Backend, outputs, the Hub and devices", 2): _gpu,
+    ("docs/usage.md", "Exit heads: pooling and form", 0): lambda ns: None,
     ("docs/usage.md", "Save and load", 0): _with_model,
     ("docs/usage.md", "Backends", 0): lambda ns: None,
     ("docs/serving.md", "Many sequences: `eek.classify` and the continuous engine", 0): _with_model,
