@@ -219,24 +219,49 @@ def test_an_empty_stream_yields_nothing():
     assert list(eek.classify(model, [])) == []
 
 
-def test_at_most_one_read_back_per_layer_call_and_fixed_shapes():
+def _recorded_calls(engine):
+    calls = []
+    run_call = engine._run_call
+
+    def recording(call):
+        calls.append(call)
+        return run_call(call)
+
+    engine._run_call = recording
+    return calls
+
+
+def test_eager_calls_run_their_exact_rows_and_lengths_with_at_most_one_read_back():
     items = _sequences(64, seed=6)
     model, _ = spread_model("bert", "entropy", items)
     engine = ContinuousEngine(model, max_batch_size=8, max_in_flight=32)
     for index, item in enumerate(items):
         engine.submit(index, item["input_ids"], item["token_type_ids"])
-    shapes = set()
-    run_call = engine._run_call
-
-    def recording(call):
-        shapes.add((call.padded_rows, call.padded_length))
-        return run_call(call)
-
-    engine._run_call = recording
-    assert len(list(engine.run())) == 64
+    calls = _recorded_calls(engine)
+    finished = list(engine.run())
+    assert len(finished) == 64
     assert engine.stats.host_syncs <= engine.stats.calls
-    assert {rows for rows, _ in shapes} <= set(engine.buckets.row_counts)
-    assert {length for _, length in shapes} <= set(engine.buckets.lengths)
+    assert all(call.padded_rows == len(call.rows) for call in calls)  # no pad rows
+    # no pad length: each call as long as its longest row, which the engine's token count shows
+    lengths = [len(item["input_ids"]) for item in items]
+    assert engine.stats.tokens == sum(lengths[done.key] * done.layers_run for done in finished)
+    assert engine.stats.slots == sum(len(c.rows) * c.padded_length for c in calls)
+    assert len({c.padded_length for c in calls}) > 8  # lengths other than multiples of a step
+
+
+def test_compiled_calls_take_their_shapes_from_the_fixed_sets():
+    items = _sequences(37, seed=6)  # the last batch holds 5 rows: padded to 8
+    model = eek.patch(tiny_model("bert", num_layers=3, attn="sdpa"), eek.Patience(1))
+    engine = ContinuousEngine(model, max_batch_size=8, max_in_flight=16, compile=True)
+    assert engine.buckets.row_counts == (1, 2, 4, 8) and engine.buckets.length_step == 8
+    engine._run_layer = engine.adapter.run_layer  # the shapes are the scheduler's: no need to compile here
+    for index, item in enumerate(items):
+        engine.submit(index, item["input_ids"])
+    calls = _recorded_calls(engine)
+    assert len(list(engine.run())) == 37
+    assert {c.padded_rows for c in calls} <= {1, 2, 4, 8}
+    assert {c.padded_length for c in calls} <= set(range(8, 65, 8))
+    assert any(c.padded_rows > len(c.rows) for c in calls)  # some were padded to a row count
 
 
 def test_layers_where_nobody_can_exit_read_nothing_back():
