@@ -194,6 +194,7 @@ class ContinuousEngine:
             )
         self._offsets = np.arange(self.page_size, dtype=np.int64)
         self._resident: _Resident | None = None
+        self._fused: bool | None = None  # whether the backend runs the heads fused, decided at the first call
         self._run_layer = self.adapter.run_layer
         self.compiled = bool(compile)
         if compile and not getattr(self.adapter, "layer_call_is_module_call", True):
@@ -373,9 +374,18 @@ class ContinuousEngine:
             self._resident = _Resident(hidden, list(call.rows), {slot: row for row, slot in enumerate(call.rows)})
 
         state = {k: v.index_select(0, slot_index) for k, v in self._state.items()}
-        fused = can_fuse_head(self.backend, self.adapter)
+        if self._fused is None:  # once, inside the first step (no grad): it reads every head's weights
+            self._fused = can_fuse_head(self.backend, self.adapter)
         exits, returned, _, _, state = head_and_exit_step(
-            self.adapter, self.backend, self.policy, layer, hidden, self._halting_head, state, fused=fused, mask=mask
+            self.adapter,
+            self.backend,
+            self.policy,
+            layer,
+            hidden,
+            self._halting_head,
+            state,
+            fused=self._fused,
+            mask=mask,
         )
         real = slot_index[:n]
         for key, value in self._state.items():
@@ -389,8 +399,7 @@ class ContinuousEngine:
             next_layer = self._next_run_layer(hidden[:n, 0], layer)
         may_exit = layer == self.num_layers or can_exit_before_last(self.policy, layer)
         if not may_exit and next_layer is None:
-            for slot in call.rows:
-                self.scheduler.requeue(slot, layer + 1, int(self._lengths[slot]))
+            self.scheduler.requeue_many(list(call.rows), layer + 1, self._lengths[list(call.rows)].tolist())
             return []
 
         # The one read-back of the call.
@@ -408,13 +417,16 @@ class ContinuousEngine:
         out_dtype = _output_dtype(self.dtype, self.device)  # the autocast dtype inside autocast, as the model
         logits = _round_keeping_argmax(result[:, 1 : 1 + self.num_labels], out_dtype).unbind(0)
         finished = []
+        survivors: dict[int, list[int]] = {}  # next layer -> slots
         for row, slot in enumerate(call.rows):
             if exited[row]:
                 finished.append(Finished(self._keys[slot], logits[row], layer, self._runs[slot]))
                 self._release(slot)
             else:
                 target = layer + 1 if next_layers is None else int(next_layers[row])
-                self.scheduler.requeue(slot, target, int(self._lengths[slot]))
+                survivors.setdefault(target, []).append(slot)
+        for target, slots in survivors.items():
+            self.scheduler.requeue_many(slots, target, self._lengths[slots].tolist())
         return finished
 
     def _next_run_layer(self, cls_hidden: torch.Tensor, layer: int) -> torch.Tensor:

@@ -125,6 +125,8 @@ class ShapeBuckets:
         limit = self.max_batch_size
         if self.max_tokens is not None:
             limit = min(limit, self.max_tokens // padded_length)
+        if not self.bucket_rows:
+            return max(limit, 1)
         return max(c for c in self.row_counts if c <= max(limit, 1))
 
 
@@ -256,10 +258,20 @@ class LayerScheduler:
         for row, length in zip(rows, lengths):
             self._cohort_of[row] = cohort
             self._length_of[row] = length
-            self.requeue(row, 1, length)
+        self.requeue_many(rows, 1, lengths)
 
     def requeue(self, row: int, layer: int, length: int) -> None:
         """``row`` (``length`` tokens) waits for 1-based ``layer``, in its cohort's group there."""
+        self._enqueue(row, layer, length)
+        self._stale_from(layer)
+
+    def requeue_many(self, rows: list[int], layer: int, lengths: list[int]) -> None:
+        """:meth:`requeue` of several rows into one layer."""
+        for row, length in zip(rows, lengths):
+            self._enqueue(row, layer, length)
+        self._stale_from(layer)
+
+    def _enqueue(self, row: int, layer: int, length: int) -> None:
         padded = self.buckets.padded_length(length)
         cohort = self._cohort_of[row]
         group = self._groups[layer].get(cohort)
@@ -269,7 +281,6 @@ class LayerScheduler:
         group.longest = max(group.longest, padded)
         counts = self._waiting_in.setdefault(cohort, {})
         counts[layer] = counts.get(layer, 0) + 1
-        self._stale_from(layer)
 
     def release(self, row: int) -> None:
         """``row`` left the encoder."""
