@@ -155,13 +155,16 @@ void run_cpu(ExitCall* call, int64_t n, int64_t C, const T* logits, int64_t logi
   }
   int64_t kept = 0;
   int64_t* survivors = call->survivors.data_ptr<int64_t>();
+  // survivors[0..kept): the staying rows in increasing order; then the exiting rows in
+  // decreasing order, so that the list is a permutation (the engine gathers by all of it).
   for (int64_t row = 0; row < n; ++row) {
     if (!exits[row]) {
       if (survivors != nullptr) survivors[kept] = row;
       ++kept;
+    } else if (survivors != nullptr) {
+      survivors[n - 1 - (row - kept)] = row;
     }
   }
-  if (survivors != nullptr) std::fill(survivors + kept, survivors + n, int64_t(-1));
   call->count.fill_(survivors != nullptr ? kept : int64_t(-1));
 }
 

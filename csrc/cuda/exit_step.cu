@@ -332,7 +332,8 @@ __global__ void __launch_bounds__(kRuleThreads) rule_kernel(const KernelArgs a, 
 }
 
 // One block walks all rows, kScanThreads at a time: the rule on each, then the stable list of
-// the rows that stay: survivors[0..count) in increasing order, the rest -1.
+// the rows that stay: survivors[0..count) in increasing order, then the exiting rows in
+// decreasing order (a permutation: the engine gathers the bookkeeping by all of it).
 template <typename T, bool kPartials>
 __global__ void __launch_bounds__(kScanThreads) rule_scan_kernel(const KernelArgs a, const T* logits, int64_t stride) {
   __shared__ int warp_offsets[kScanThreads / 32];
@@ -361,11 +362,15 @@ __global__ void __launch_bounds__(kScanThreads) rule_scan_kernel(const KernelArg
       if (lane == 31) chunk_total = inclusive;
     }
     __syncthreads();
-    if (keep) survivors[base + warp_offsets[warp] + before] = i;
+    const int64_t kept_before = base + warp_offsets[warp] + before;  // staying rows before row i
+    if (keep) {
+      survivors[kept_before] = i;
+    } else if (i < a.n) {
+      survivors[a.n - 1 - (i - kept_before)] = i;
+    }
     base += chunk_total;
     __syncthreads();
   }
-  for (int64_t i = base + threadIdx.x; i < a.n; i += kScanThreads) survivors[i] = -1;
   if (threadIdx.x == 0) *a.rule.count = base;
 }
 

@@ -43,9 +43,9 @@ def write_back(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Write the rows with ``exits`` [n] bool to ``target``; return ``(order, stats)``.
 
-    ``returned`` [n, C]: the logits the exiting rows report. ``order`` [n] int64:
-    ``order[:count]`` are the staying rows in increasing order (what follows is
-    unspecified). ``stats`` [2] int64: ``(count, longest)``, ``longest`` being the largest
+    ``returned`` [n, C]: the logits the exiting rows report. ``order`` [n] int64, a
+    permutation of the rows: ``order[:count]`` are the staying rows in increasing order
+    (the engine gathers the rows' bookkeeping by all of it before it reads ``count``). ``stats`` [2] int64: ``(count, longest)``, ``longest`` being the largest
     extent of a staying row (0 when ``extents`` is None or nobody stays).
     """
     dst = target.rows

@@ -261,6 +261,13 @@ def run_early_exit(
 
         if all_exits or layer == num_layers:
             continue
+        # The per-row bookkeeping is put in survivor order before the count is read (``order``
+        # is a permutation, the staying rows first): these gathers queue on the device while
+        # the host waits, and after the read-back only the hidden-state and mask gather and the
+        # layer mask are launched (the rest are slices).
+        rows_in_order, runs_in_order = rows.index_select(0, order), runs.index_select(0, order)
+        state_in_order = {k: v.index_select(0, order) for k, v in state.items()}
+        extents_in_order = extents.index_select(0, order) if extents is not None else None
         survivors, longest = stats.tolist()
         if extents is None:
             longest = hidden.shape[1]
@@ -270,10 +277,10 @@ def run_early_exit(
         if survivors < active:
             index = order[:survivors]
             hidden, mask = backend.compact(hidden, mask, index, _kept_length(longest, hidden.shape[1], length_multiple))
-            rows, runs = rows.index_select(0, index), runs.index_select(0, index)
-            state = {k: v.index_select(0, index) for k, v in state.items()}
+            rows, runs = rows_in_order[:survivors], runs_in_order[:survivors]
+            state = {k: v[:survivors] for k, v in state_in_order.items()}
             if extents is not None:
-                extents = extents.index_select(0, index)
+                extents = extents_in_order[:survivors]
             layer_mask = adapter.layer_mask(mask, dtype)
     result.logits = _round_keeping_argmax(out_logits, out_dtype)
     return result
