@@ -173,6 +173,7 @@ PREAMBLES = {
     ("docs/usage.md", "Exit heads: pooling and form", 0): lambda ns: None,
     ("docs/usage.md", "Save and load", 0): _with_model,
     ("docs/usage.md", "Backends", 0): lambda ns: None,
+    ("docs/usage.md", "Combining with int8, bf16 and torch.compile", 0): _with_model,
     ("docs/serving.md", "Many sequences: `eek.classify` and the continuous engine", 0): _with_model,
     ("docs/serving.md", "On a Ray cluster", 0): _skip(
         "needs a Ray cluster and S3 storage; python_tests/test_ray.py runs a local Ray"
