@@ -128,6 +128,9 @@ def _export_onnx(full, batch: dict, folder: Path) -> Path:
     axes["logits"] = {0: "batch"}
     inputs = tuple(batch[name][:2] for name in names)
     kwargs = dict(input_names=names, output_names=["logits"], dynamic_axes=axes, opset_version=17)
+    # ONNX Runtime's optimizer fuses the attention of the eager graph (not of SDPA's)
+    full = copy.deepcopy(full)
+    full.set_attn_implementation("eager")
     try:
         torch.onnx.export(full, inputs, str(path), dynamo=False, **kwargs)
     except TypeError:  # a torch whose exporter has no dynamo= switch
