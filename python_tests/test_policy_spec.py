@@ -27,6 +27,8 @@ from earlyexit_kernels.methods.policy_spec import POLICY_NAMES, parse_policy
         ("DACT", eek.DACT()),
         ("SkipGates(entropy_threshold=0.3)", eek.SkipGates(entropy_threshold=0.3)),
         ("SkipGates(skip_threshold=0.7, entropy_threshold=(0.2, 0.3))", eek.SkipGates(0.7, (0.2, 0.3))),
+        ("MultiLabelConfidence(0.9)", eek.MultiLabelConfidence(0.9)),
+        ("ScoreBand(low=-2.0)", eek.ScoreBand(low=-2.0)),
     ],
 )
 def test_policies_are_parsed_from_text(text, expected):
@@ -34,7 +36,17 @@ def test_policies_are_parsed_from_text(text, expected):
 
 
 def test_every_policy_but_scheduled_can_be_named():
-    assert set(POLICY_NAMES) == {"Entropy", "MaxProb", "Patience", "QExit", "Voting", "DACT", "SkipGates"}
+    assert set(POLICY_NAMES) == {
+        "Entropy",
+        "MaxProb",
+        "Patience",
+        "QExit",
+        "Voting",
+        "DACT",
+        "SkipGates",
+        "MultiLabelConfidence",
+        "ScoreBand",
+    }
 
 
 @pytest.mark.parametrize(
