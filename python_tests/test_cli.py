@@ -263,7 +263,13 @@ def test_resume_after_a_real_kill(saved_classifier, tmp_path):
     assert run.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert 60 <= json.loads(progress.read_text())["rows"] < 400
     assert _run("classify", saved_classifier, source, cut, "--chunk-rows", 20, "--resume") == 0
-    assert cut.read_bytes() == whole.read_bytes()
+    # The resumed stream batches its rows with other partners than the whole run did, and
+    # eager layer calls run the exact rows: a score may differ in its last bits, nothing else.
+    resumed, uninterrupted = _read(cut), _read(whole)
+    assert list(resumed.id) == list(range(400))
+    exact = ["id", "text", "label", "exit_layer", "layers_run"]
+    pd.testing.assert_frame_equal(resumed[exact], uninterrupted[exact])
+    assert resumed.score.to_numpy() == pytest.approx(uninterrupted.score.to_numpy(), abs=1e-6)
 
 
 def test_the_module_runs_as_a_program(saved_classifier, tmp_path):
