@@ -79,6 +79,11 @@ def test_ratios_are_paired_within_a_repetition_and_the_report_states_the_targets
     assert "| early exit + int8 vs ONNX Runtime int8 ≥ 1.5x | 1.50 x | met |" in section
     assert "| early exit + int8: speed-up / layer ideal ≥ 0.9 | 0.67  | missed |" in section
     assert "bf16 instructions: yes" in section
+    assert "Where that time goes" not in section
+    (folder / stack_report.PROFILE_NAME).write_text("# python benchmarks/early_exit_profile.py\nlayers 0.8 s\n")
+    section = stack_report.render(folder / "stack.csv")
+    assert "(`python benchmarks/early_exit_profile.py`: encoder layers" in section
+    assert "\n    layers 0.8 s\n" in section
     readme = tmp_path / "benchmarks.md"
     readme.write_text("# Benchmarks\n")
     stack_report.update_readme(readme, folder / "stack.csv")

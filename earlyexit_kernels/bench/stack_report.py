@@ -22,6 +22,7 @@ __all__ = ["STACK_CSV", "render", "update_readme"]
 
 STACK_CSV = "benchmarks/results/stack_cpu/stack.csv"
 START, END = "<!-- stack:start -->", "<!-- stack:end -->"
+PROFILE_NAME = "early_exit_profile.txt"  # benchmarks/early_exit_profile.py, beside the CSV
 
 
 def _ratio(row: dict, prefix: str) -> str:
@@ -92,12 +93,21 @@ def render(csv_path: str | Path, relative_to: Path | None = None) -> str:
         out += [
             "",
             "Where a ratio falls short of its layer ideal: the early-exit pass's time beyond its base's share "
-            "of layers (p50 pass time minus the base's p50 × mean layers / L; the exit heads, the per-layer "
-            "read-back and compaction, and the part of the embeddings that does not shrink with the layers) is "
+            "of layers (p50 pass time minus the base's p50 × mean layers / L) is "
             + "; ".join(extra)
             + ". It stays about the same whatever the layers cost, so the cheaper the layers (int8, bf16), "
             "the larger its share and the further the ratio falls below the ideal.",
         ]
+        profile = csv_path.with_name(PROFILE_NAME)
+        if profile.is_file():
+            lines = profile.read_text().splitlines()
+            command = lines[0].lstrip("# ") if lines and lines[0].startswith("#") else "?"
+            out += [
+                "",
+                f"Where that time goes, fp32 (`{command}`: encoder layers timed by hooks, token-rows counted):",
+                "",
+                *(f"    {line}" for line in lines[1:]),
+            ]
     out += ["", END]
     return "\n".join(out) + "\n"
 
