@@ -266,9 +266,22 @@ class LayerScheduler:
         self._stale_from(layer)
 
     def requeue_many(self, rows: list[int], layer: int, lengths: list[int]) -> None:
-        """:meth:`requeue` of several rows into one layer."""
+        """:meth:`requeue` of several rows into one layer (in order; one group update per cohort)."""
+        by_cohort: dict[int, tuple[list[int], list[int]]] = {}
         for row, length in zip(rows, lengths):
-            self._enqueue(row, layer, length)
+            cohort_rows, cohort_lengths = by_cohort.setdefault(self._cohort_of[row], ([], []))
+            cohort_rows.append(row)
+            cohort_lengths.append(length)
+        for cohort, (cohort_rows, cohort_lengths) in by_cohort.items():
+            self.buckets.padded_length(min(cohort_lengths))  # refuses a length outside 1..max_length
+            padded = self.buckets.padded_length(max(cohort_lengths))  # padding is monotone in the length
+            group = self._groups[layer].get(cohort)
+            if group is None:
+                group = self._groups[layer][cohort] = _Group(cohort, [], padded, self.calls)
+            group.rows.extend(cohort_rows)
+            group.longest = max(group.longest, padded)
+            counts = self._waiting_in.setdefault(cohort, {})
+            counts[layer] = counts.get(layer, 0) + len(cohort_rows)
         self._stale_from(layer)
 
     def _enqueue(self, row: int, layer: int, length: int) -> None:
