@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from earlyexit_kernels.methods.policies import DACT, Voting
+
 __all__ = ["Evaluation", "evaluate", "histogram_lines"]
 
 
@@ -31,7 +33,8 @@ class Evaluation:
     layer. ``seconds`` / ``full_seconds``: wall-clock of the timed passes.
     ``full_depth_max_diff``: largest absolute difference between the logits of sequences
     that ran every layer and the full model's (0.0: bit-exact; None when none ran every
-    layer or without the full model).
+    layer, without the full model, or under ``Voting`` and ``DACT``, whose answer at the last
+    layer combines every layer's head).
     """
 
     count: int
@@ -133,6 +136,9 @@ def evaluate(model, batches: list[dict], *, full_model=None, progress: bool = Fa
     exits = torch.zeros(count, dtype=torch.long)
     layers_run = torch.zeros(count, dtype=torch.long)
     max_diff, any_full_depth = 0.0, False
+    # Voting and DACT answer at the last layer with a combination of every layer's head: no
+    # logits of the unpatched model to compare with.
+    comparable = not isinstance(getattr(model, "_eek_policy", None), (Voting, DACT))
     from tqdm.auto import tqdm
 
     bar = tqdm(total=count, desc="evaluating", unit="seq", disable=None if progress else True, leave=False)
@@ -157,8 +163,8 @@ def evaluate(model, batches: list[dict], *, full_model=None, progress: bool = Fa
             _sync(device)
             full_seconds += time.perf_counter() - start
             full_predictions[rows] = full.float().argmax(-1).cpu()
-            deep = (out.exit_layer == num_layers).to(full.device)
-            if deep.any():
+            deep = ((out.exit_layer == num_layers) & (out.layers_run == num_layers)).to(full.device)
+            if comparable and deep.any():
                 any_full_depth = True
                 max_diff = max(max_diff, float((out.logits[deep].float() - full[deep].float()).abs().max()))
         bar.update(n)
