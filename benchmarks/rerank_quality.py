@@ -42,10 +42,8 @@ import math
 import os
 import platform
 import random
-import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -54,7 +52,7 @@ from pathlib import Path
 import torch
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.demo.real_task import cache_root, data_file, minilm_path
+from earlyexit_kernels.demo.real_task import cache_root, data_file, minilm_path, save_atomically
 from earlyexit_kernels.training import cache_exit_inputs, cached_record, train_exit_heads
 from earlyexit_kernels.training.calibration import replay
 from earlyexit_kernels.training.rerank_calibration import calibrate_rerank, ndcg_at, top_k_recall
@@ -208,20 +206,7 @@ def fine_tuned_cross_encoder(args, material: Material):
         "first_loss": round(statistics.mean(losses[:20]), 4),
         "last_loss": round(statistics.mean(losses[-20:]), 4),
     }
-    # as real_task.fine_tuned_minilm: write into a temporary folder, rename it into place when complete
-    root.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
-    try:
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        (partial / "fine_tune.json").write_text(json.dumps(info))
-        try:
-            partial.rename(target)
-        except OSError:  # another run finished first: keep its copy
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    save_atomically(model, tokenizer, target, {"fine_tune.json": json.dumps(info)})
     return model.eval(), tokenizer, {**info, "cached": False, "path": str(target)}
 
 

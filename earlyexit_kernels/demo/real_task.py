@@ -40,6 +40,7 @@ __all__ = [
     "fine_tuned_minilm",
     "load_rotten_tomatoes",
     "minilm_path",
+    "save_atomically",
     "tokenize",
 ]
 
@@ -165,19 +166,31 @@ def fine_tuned_minilm(
 
     start = time.perf_counter()
     model = _fine_tune(recipe, tokenizer, progress)
-    root.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    save_atomically(model, tokenizer, target)
+    return model.eval(), tokenizer, {"cached": False, "seconds": time.perf_counter() - start, "path": str(target)}
+
+
+def save_atomically(model, tokenizer, target: Path, extra: dict[str, str] | None = None) -> None:
+    """``save_pretrained`` of ``model`` and ``tokenizer`` (and ``extra``: file name -> text) into ``target``.
+
+    Written into a temporary folder beside it and renamed into place when complete, so an
+    interrupted run never leaves a half-written cache; when another run finished first, its
+    copy is kept.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
+        for name, text in (extra or {}).items():
+            (partial / name).write_text(text)
         try:
             partial.rename(target)
-        except OSError:  # another run finished first: keep its copy
+        except OSError:
             if not (target / "config.json").is_file():
                 raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    return model.eval(), tokenizer, {"cached": False, "seconds": time.perf_counter() - start, "path": str(target)}
 
 
 def _fine_tune(recipe: FineTuneRecipe, tokenizer, progress: bool):
