@@ -941,9 +941,6 @@ def test_per_call_integers_do_not_make_new_kernel_variants(monkeypatch):
     """Triton compiles one variant per specialization key: an integer equal to 1 or a multiple
     of 16 gets its own. The row count, layer, layers left, batch size and trimmed length change
     from call to call and must not be in the key (computed here as Triton computes it)."""
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import BaseBackend
-
     from earlyexit_kernels.backends.triton_kernels import compact as tc
 
     monkeypatch.setattr(tc, "FORCE_GPU_BLOCKS", True)  # a block of 4 positions for every length below
@@ -971,14 +968,7 @@ def test_per_call_integers_do_not_make_new_kernel_variants(monkeypatch):
         )
         tk.head_exit_step_write_back(policy, layer, 33, cls, *weights, state, None, target)
         tc.compact(hidden[:2], None, torch.tensor([1, 0], device=dev), length)
-    keys: dict[str, set] = {}
-    for name, args, kwargs, _ in launches:
-        names, unspecialized = _param_names(kernels[name])
-        spec = tuple(
-            native_specialize_impl(BaseBackend, value, False, names[i] not in unspecialized, True)
-            for i, value in enumerate(args)
-        )
-        keys.setdefault(name, set()).add((spec, tuple(sorted(kwargs.items()))))
+    keys = _specialization_keys(launches, kernels)
     assert set(keys) == set(kernels)
     for name, variants in keys.items():
         assert len(variants) == 1, f"{name}: {len(variants)} compiled variants for one configuration"
