@@ -10,32 +10,19 @@ Then the exit step of one layer alone at one row, with the head on torch's BLAS 
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.backends import cpp_backend
 from earlyexit_kernels.backends.write_back import WriteBack
 from earlyexit_kernels.bench import models
+from earlyexit_kernels.bench.timing import median_us
 from earlyexit_kernels.methods.exit_rules import init_state
 
 
 class _Identity(torch.nn.Module):
     def forward(self, hidden, *args, **kwargs):
         return hidden
-
-
-def _median_us(fn, repeats: int) -> float:
-    for _ in range(20):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(samples)
 
 
 def forward_host_time(repeats: int = 300) -> None:
@@ -46,11 +33,11 @@ def forward_host_time(repeats: int = 300) -> None:
     ids = torch.randint(5, 90, (1, 128))
     mask = torch.ones(1, 128, dtype=torch.long)
     with torch.inference_mode():
-        full = _median_us(lambda: model(input_ids=ids, attention_mask=mask), repeats)
+        full = median_us(lambda: model(input_ids=ids, attention_mask=mask), repeats, warmup=20)
         print(f"bert L{size.layers} H{size.hidden}, B = 1, S = 128, identity layers: unpatched {full:.0f} us")
         for policy in (eek.Scheduled([size.layers]), eek.Entropy(1e-9)):
             eek.patch(model, policy, backend="cpp")
-            patched = _median_us(lambda: model(input_ids=ids, attention_mask=mask), repeats)
+            patched = median_us(lambda: model(input_ids=ids, attention_mask=mask), repeats, warmup=20)
             added = patched - full
             print(f"  {policy!r}: {patched:.0f} us, added {added:.0f} us ({added / size.layers:.1f} us per layer)")
             eek.unpatch(model)
@@ -87,7 +74,7 @@ def exit_step_time(hidden_size: int = 256, repeats: int = 3000) -> None:
     with torch.inference_mode():
         print(
             f"exit step of one layer, one row, H = {hidden_size}: head on BLAS + C++ rule + write-back "
-            f"{_median_us(blas, repeats):.1f} us; fused C++ head and rule {_median_us(fused, repeats):.1f} us"
+            f"{median_us(blas, repeats, warmup=20):.1f} us; fused C++ head and rule {median_us(fused, repeats, warmup=20):.1f} us"
         )
 
 

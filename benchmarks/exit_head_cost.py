@@ -12,27 +12,15 @@ encoder layer, median of ``--repeats`` calls.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.backends.registry import resolve_backend
+from earlyexit_kernels.bench.timing import median_us
 from earlyexit_kernels.engine.batch_loop import can_fuse_head, head_and_exit_step
 from earlyexit_kernels.methods.exit_rules import init_state
-
-
-def _median_us(fn, repeats: int) -> float:
-    for _ in range(5):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(samples)
 
 
 def main() -> None:
@@ -55,7 +43,7 @@ def main() -> None:
     adapter = model._eek_adapter
     layer_mask = adapter.layer_mask(mask, hidden.dtype)
     with torch.no_grad():
-        layer_us = _median_us(lambda: adapter.run_layer(0, hidden, layer_mask), max(args.repeats // 5, 5))
+        layer_us = median_us(lambda: adapter.run_layer(0, hidden, layer_mask), max(args.repeats // 5, 5))
     print(f"B={args.batch} S={args.length} H=384, {args.threads} threads; one encoder layer: {layer_us:.0f} us")
     print(f"{'pooling':8} {'head':6} {'backend':8} {'fused':6} {'head+exit step (us)':>20} {'% of a layer':>13}")
     for pooling in ("cls", "mean"):
@@ -75,7 +63,7 @@ def main() -> None:
 
                 with torch.no_grad():
                     fused = can_fuse_head(backend, adapter)
-                    us = _median_us(step, args.repeats)
+                    us = median_us(step, args.repeats)
                 print(f"{pooling:8} {head:6} {backend_name:8} {str(fused):6} {us:20.0f} {100 * us / layer_us:12.1f}%")
 
 

@@ -22,13 +22,14 @@ import contextlib
 import math
 import os
 import re
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
 
 import torch
 
-__all__ = ["synchronize", "timed_call", "percentiles", "peak_memory", "time_loop"]
+__all__ = ["synchronize", "timed_call", "percentiles", "peak_memory", "time_loop", "median_us"]
 
 
 def synchronize(device: torch.device) -> None:
@@ -53,6 +54,18 @@ def time_loop(fn: Callable, device: torch.device, iterations: int) -> float:
         fn()
     synchronize(device)
     return (time.perf_counter() - start) / iterations
+
+
+def median_us(fn: Callable, repeats: int, warmup: int = 5) -> float:
+    """Median microseconds of ``repeats`` separately timed calls of ``fn()`` after ``warmup`` untimed ones (CPU)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(samples)
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
