@@ -69,6 +69,13 @@ def test_point(record, policy) -> dict:
     }
 
 
+def _emit(row: dict, path: Path) -> None:
+    """Print ``row`` and append it to the JSON-lines file ``path``."""
+    print(json.dumps(row))
+    with open(path, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
 def lr_sweep(args, base, data, out: Path) -> None:
     model = eek.patch(copy.deepcopy(base), eek.Entropy(0.0), **head_choice(args))
     key = "-".join(f"{k}={v}" for k, v in sorted(head_choice(args).items())) or "default"
@@ -118,9 +125,7 @@ def lr_sweep(args, base, data, out: Path) -> None:
             "warnings": len(chosen.warnings),
             **test_point(cached_record(model, caches["test"]), chosen.policy),
         }
-        print(json.dumps(row))
-        with open(out / "lr_sweep.jsonl", "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        _emit(row, out / "lr_sweep.jsonl")
     if args.distill:
         # self-distillation without labels on the same cache, calibrated on agreement
         model = eek.patch(copy.deepcopy(base), eek.Entropy(0.0), **head_choice(args))
@@ -149,9 +154,7 @@ def lr_sweep(args, base, data, out: Path) -> None:
             "warnings": len(chosen.warnings),
             **test_point(cached_record(model, caches["test"]), chosen.policy),
         }
-        print(json.dumps(row))
-        with open(out / "lr_sweep.jsonl", "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        _emit(row, out / "lr_sweep.jsonl")
 
 
 def recipes(args, base, data, out: Path) -> None:
@@ -187,9 +190,7 @@ def recipes(args, base, data, out: Path) -> None:
             "warnings": result.warnings,
             **test_point(record, result.policy),
         }
-        print(json.dumps(row))
-        with open(out / "recipes.jsonl", "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        _emit(row, out / "recipes.jsonl")
 
 
 def main(argv=None) -> None:
