@@ -27,6 +27,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+from earlyexit_kernels.bench import markdown_sections
 from earlyexit_kernels.bench.results import read_csv
 
 __all__ = ["render", "replace_section", "main"]
@@ -297,11 +298,7 @@ def render(csv_paths: list[Path], relative_to: Path) -> str:
 
 
 def replace_section(text: str, section: str) -> str:
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        return head + section.rstrip("\n") + tail
-    return text.rstrip("\n") + "\n\n" + section
+    return markdown_sections.replace_section(text, START, END, section)
 
 
 def main(argv=None) -> int:

@@ -18,6 +18,8 @@ import json
 import os
 from pathlib import Path
 
+from earlyexit_kernels.bench.markdown_sections import replace_section
+
 __all__ = ["STACK_CSV", "render", "update_readme"]
 
 STACK_CSV = "benchmarks/results/stack_cpu/stack.csv"
@@ -115,15 +117,9 @@ def render(csv_path: str | Path, relative_to: Path | None = None) -> str:
 def update_readme(readme: str | Path, csv_path: str | Path = STACK_CSV) -> None:
     """Rewrite the stack section of ``readme`` (appended under its own heading when the markers are missing)."""
     readme = Path(readme)
-    text = readme.read_text()
-    section = render(csv_path, readme.parent).rstrip("\n")
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n## Early exit with int8, bf16 and torch.compile\n\n" + section + "\n"
-    readme.write_text(text)
+    section = render(csv_path, readme.parent)
+    heading = "Early exit with int8, bf16 and torch.compile"
+    readme.write_text(replace_section(readme.read_text(), START, END, section, heading))
 
 
 def main(argv=None) -> int:
