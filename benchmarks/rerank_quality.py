@@ -299,6 +299,29 @@ def full_rank(full, tokenizer, query: Query, max_length: int) -> list[int]:
     return sorted(range(len(logits)), key=lambda i: (-logits[i], i))
 
 
+def _interleaved(items: list, calls: dict, repeats: int, what: str) -> dict:
+    """Seconds per repetition of each of the two ``calls`` over ``items``, interleaved item by item
+    (the order alternating), after two untimed items."""
+    for item in items[:2]:  # warm-up
+        for call in calls.values():
+            call(item)
+    totals = {name: [] for name in calls}
+    for rep in range(repeats):
+        spent = dict.fromkeys(calls, 0.0)
+        for i, item in enumerate(items):
+            pair = list(calls.items())
+            if (rep + i) % 2:
+                pair.reverse()
+            for name, call in pair:
+                start = time.perf_counter()
+                call(item)
+                spent[name] += time.perf_counter() - start
+        for name in totals:
+            totals[name].append(spent[name])
+        log(f"{what}, repetition {rep + 1}/{repeats}: " + ", ".join(f"{n} {s:.2f} s" for n, s in spent.items()))
+    return totals
+
+
 def time_requests(model, full, tokenizer, queries: list[Query], args) -> dict:
     """Per query, ``eek.rerank`` against the unpatched model, interleaved query by query (order alternating)."""
 
@@ -310,48 +333,14 @@ def time_requests(model, full, tokenizer, queries: list[Query], args) -> dict:
     def theirs(q):
         return full_rank(full, tokenizer, q, args.max_length)
 
-    for q in queries[:2]:  # warm-up
-        ours(q), theirs(q)
-    totals = {"eek.rerank": [], "unpatched": []}
-    for rep in range(args.repeats):
-        spent = {"eek.rerank": 0.0, "unpatched": 0.0}
-        for i, q in enumerate(queries):
-            pair = [("eek.rerank", ours), ("unpatched", theirs)]
-            if (rep + i) % 2:
-                pair.reverse()
-            for name, call in pair:
-                start = time.perf_counter()
-                call(q)
-                spent[name] += time.perf_counter() - start
-        for name in totals:
-            totals[name].append(spent[name])
-        log(f"requests, repetition {rep + 1}/{args.repeats}: " + ", ".join(f"{n} {s:.2f} s" for n, s in spent.items()))
-    return totals
+    return _interleaved(queries, {"eek.rerank": ours, "unpatched": theirs}, args.repeats, "requests")
 
 
 def time_batches(model, full, batches, args) -> dict:
     """The patched model against the unpatched one on the same length-sorted batches, interleaved batch by batch."""
     with torch.no_grad():
-        for batch in batches[:2]:
-            model(**batch), full(**batch)
-        totals = {"patched": [], "unpatched": []}
-        for rep in range(args.repeats):
-            spent = {"patched": 0.0, "unpatched": 0.0}
-            for i, batch in enumerate(batches):
-                pair = [("patched", model), ("unpatched", full)]
-                if (rep + i) % 2:
-                    pair.reverse()
-                for name, m in pair:
-                    start = time.perf_counter()
-                    m(**batch)
-                    spent[name] += time.perf_counter() - start
-            for name in totals:
-                totals[name].append(spent[name])
-            log(
-                f"batches, repetition {rep + 1}/{args.repeats}: "
-                + ", ".join(f"{n} {s:.2f} s" for n, s in spent.items())
-            )
-    return totals
+        calls = {"patched": lambda batch: model(**batch), "unpatched": lambda batch: full(**batch)}
+        return _interleaved(batches, calls, args.repeats, "batches")
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -262,8 +262,7 @@ class LayerScheduler:
 
     def requeue(self, row: int, layer: int, length: int) -> None:
         """``row`` (``length`` tokens) waits for 1-based ``layer``, in its cohort's group there."""
-        self._enqueue(row, layer, length)
-        self._stale_from(layer)
+        self.requeue_many([row], layer, [length])
 
     def requeue_many(self, rows: list[int], layer: int, lengths: list[int]) -> None:
         """:meth:`requeue` of several rows into one layer (in order; one group update per cohort)."""
@@ -283,17 +282,6 @@ class LayerScheduler:
             counts = self._waiting_in.setdefault(cohort, {})
             counts[layer] = counts.get(layer, 0) + len(cohort_rows)
         self._stale_from(layer)
-
-    def _enqueue(self, row: int, layer: int, length: int) -> None:
-        padded = self.buckets.padded_length(length)
-        cohort = self._cohort_of[row]
-        group = self._groups[layer].get(cohort)
-        if group is None:
-            group = self._groups[layer][cohort] = _Group(cohort, [], padded, self.calls)
-        group.rows.append(row)
-        group.longest = max(group.longest, padded)
-        counts = self._waiting_in.setdefault(cohort, {})
-        counts[layer] = counts.get(layer, 0) + 1
 
     def release(self, row: int) -> None:
         """``row`` left the encoder."""
