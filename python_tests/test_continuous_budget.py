@@ -66,6 +66,16 @@ def _measure(name, backend, monkeypatch, calls=3):
             counting.paused = False
 
     engine._run_layer = layer_not_counted
+    run_packed_layer = engine._run_packed_layer
+
+    def packed_layer_not_counted(index, hidden, positions, mask):
+        counting.paused = True
+        try:
+            return run_packed_layer(index, hidden, positions, mask)
+        finally:
+            counting.paused = False
+
+    engine._run_packed_layer = packed_layer_not_counted
     read_backs = collections.Counter()
     for method in READ_BACKS:
         original = getattr(torch.Tensor, method)

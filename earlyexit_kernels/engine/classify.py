@@ -51,6 +51,7 @@ def classify(
     length_step: int | None = None,
     read_ahead: int | None = None,
     admission: str = "length",
+    packed: bool | None = None,
 ) -> Iterator[Prediction]:
     """Classify every item of ``inputs`` with the patched ``model``; a generator of :class:`Prediction`.
 
@@ -81,6 +82,7 @@ def classify(
         max_in_flight=max_in_flight,
         compile=compile,
         admission=admission,
+        packed=packed,
     )
     if read_ahead is None:
         read_ahead = 8 * engine.scheduler.max_in_flight

@@ -42,10 +42,14 @@ from earlyexit_kernels.engine.module_weights import float_bias, float_weight, li
 from earlyexit_kernels.engine.scheduler import Admit, LayerScheduler, ShapeBuckets
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state
 from earlyexit_kernels.methods.policies import Scheduled, SkipGates
+from earlyexit_kernels.models.packed_layer import run_packed, splits_into_token_parts
 
 __all__ = ["ContinuousEngine", "Finished", "model_max_length"]
 
 _NULL, _SCRATCH = 0, 1  # token rows of the pool: always zero (read by pad positions); written by pad positions
+# Below this share of real tokens, packed execution of a layer call pays for its gathers and scatters
+# (measured on a CPU at H 128 and 384: break-even near 0.85, 2x at 0.4).
+PACK_BELOW_FILL = 0.75
 
 
 @dataclass
@@ -83,6 +87,10 @@ class ContinuousEngine:
     exact rows and lengths; with ``compile`` they come from fixed sets (row counts 1, 2,
     4, ..., lengths in steps of ``length_step``, default 8), one graph each.
     ``length_step`` given without ``compile``: eager lengths padded to its multiples too.
+    ``packed``: run a layer call's token-wise parts on its real tokens only
+    (:mod:`earlyexit_kernels.models.packed_layer`; BERT-style layers, eager): ``None`` (default)
+    where real tokens are under ``PACK_BELOW_FILL`` of the call's positions, ``True`` on every
+    call with padding, ``False`` never.
     ``call_cost``: what a layer call costs beyond its tokens, in tokens, for the
     scheduler's merges (default ``32 * (128 / hidden_size) ** 2``, measured on a CPU).
     ``max_in_flight``: most sequences embedded at a time
@@ -112,6 +120,7 @@ class ContinuousEngine:
         compile: bool | dict = False,
         admission: str = "fifo",
         call_cost: float | None = None,
+        packed: bool | None = None,
     ):
         from earlyexit_kernels.integrations.hf_patch import current_adapter, is_patched
 
@@ -206,6 +215,25 @@ class ContinuousEngine:
             options = compile if isinstance(compile, dict) else {}
             self._run_layer = _compiled_layer_call(self.adapter, options)
 
+        if packed not in (None, True, False):
+            raise ValueError(f"packed must be None (where it pays), True or False, got {packed!r}")
+        packable = not compile and all(
+            getattr(self.adapter, "layer_call_is_module_call", True)
+            and splits_into_token_parts(self.adapter.layer_module(index))
+            for index in range(self.num_layers)
+        )
+        if packed and not packable:
+            raise ValueError(
+                "packed=True runs BERT-style layers (attention.self.query/key/value, intermediate, output) "
+                f"eagerly; {type(model).__name__}'s layers are not split so"
+                + (" and compile is on" if compile else "")
+                + ": leave packed at None"
+            )
+        self._pack_below = 0.0 if not packable or packed is False else (math.inf if packed else PACK_BELOW_FILL)
+        self._run_packed_layer = lambda index, hidden, positions, layer_mask: run_packed(
+            self.adapter.layer_module(index), hidden, positions, layer_mask
+        )
+
         if admission not in ("fifo", "length"):
             raise ValueError(f"admission must be 'fifo' or 'length', got {admission!r}")
         self.admission = admission
@@ -290,8 +318,12 @@ class ContinuousEngine:
         if len(self._free_pages) < count:
             pages_now = self._pool.shape[0] // self.page_size
             grow = max(count - len(self._free_pages), pages_now)  # at least double: amortised copies
-            extra = torch.zeros(grow * self.page_size, self._pool.shape[1], dtype=self.dtype, device=self.device)
-            self._pool = torch.cat([self._pool, extra])
+            # Uninitialised: a page is read only at the positions its sequence wrote (others read page 0).
+            pool = torch.empty(
+                (pages_now + grow) * self.page_size, self._pool.shape[1], dtype=self.dtype, device=self.device
+            )
+            pool[: self._pool.shape[0]] = self._pool
+            self._pool = pool
             self._free_pages.extend(range(pages_now + grow - 1, pages_now - 1, -1))
         pages = self._free_pages[-count:]
         del self._free_pages[-count:]
@@ -321,39 +353,44 @@ class ContinuousEngine:
     def _admit(self, sequences: list[_Sequence]) -> None:
         # Embed in length-sorted chunks of at most max_batch_size rows, each padded to its longest.
         sequences = sorted(sequences, key=lambda s: len(s.input_ids))
+        lengths = [len(seq.input_ids) for seq in sequences]
+        page_counts = [-(-length // self.page_size) for length in lengths]
+        pages = self._allocate_pages(sum(page_counts))  # one growth of the pool for the whole admission
         size = self.buckets.max_batch_size
         admitted: list[int] = []
         for start in range(0, len(sequences), size):
             chunk = sequences[start : start + size]
-            longest = len(chunk[-1].input_ids)
-            ids = torch.full((len(chunk), longest), self.pad_token_id, dtype=torch.long)
-            types = torch.zeros((len(chunk), longest), dtype=torch.long)
+            longest = lengths[start + len(chunk) - 1]
+            ids = np.full((len(chunk), longest), self.pad_token_id, dtype=np.int64)
+            types = np.zeros((len(chunk), longest), dtype=np.int64)
             slots = []
             for row, seq in enumerate(chunk):
-                ids[row, : len(seq.input_ids)] = torch.tensor(seq.input_ids)
+                length = lengths[start + row]
+                ids[row, :length] = seq.input_ids
                 if seq.token_type_ids is not None:
-                    types[row, : len(seq.token_type_ids)] = torch.tensor(seq.token_type_ids)
+                    types[row, :length] = seq.token_type_ids
                 slot = self._free_slots.pop()
-                length = len(seq.input_ids)
-                pages = self._allocate_pages(math.ceil(length / self.page_size))
-                self._page_table[slot, : len(pages)] = pages
-                self._page_table[slot, len(pages) :] = _NULL
+                count = page_counts[start + row]
+                self._page_table[slot, :count] = pages[-count:]
+                self._page_table[slot, count:] = _NULL
+                del pages[-count:]
                 self._lengths[slot] = length
                 self._runs[slot] = 0
                 self._keys[slot] = seq.key
                 slots.append(slot)
-            lengths = torch.tensor([len(seq.input_ids) for seq in chunk])
-            valid_mask = (torch.arange(longest)[None, :] < lengths[:, None]).long().to(self.device)
-            hidden = self.adapter.embed(ids.to(self.device), types.to(self.device), None, None, valid_mask)
-            token_index, valid = self._token_index(slots, longest)
-            rows = torch.from_numpy(np.flatnonzero(valid)).to(self.device)
-            target = torch.from_numpy(token_index.reshape(-1)).to(self.device).index_select(0, rows)
-            self._pool.index_copy_(0, target, hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows))
+            valid = np.arange(longest) < np.asarray(lengths[start : start + len(chunk)])[:, None]
+            valid_mask = torch.from_numpy(valid.astype(np.int64)).to(self.device)
+            hidden = self.adapter.embed(
+                torch.from_numpy(ids).to(self.device), torch.from_numpy(types).to(self.device), None, None, valid_mask
+            )
+            token_index, _ = self._token_index(slots, longest)
+            write = torch.from_numpy(token_index[valid]).to(self.device)
+            self._pool.index_copy_(0, write, hidden[torch.from_numpy(valid).to(self.device)])
             slot_index = torch.tensor(slots, device=self.device)
             for key, value in self._state.items():
                 value.index_copy_(0, slot_index, self._state_template[key].expand(len(slots), *value.shape[1:]))
             admitted += slots
-        self.scheduler.admit(admitted, [int(self._lengths[slot]) for slot in admitted])
+        self.scheduler.admit(admitted, lengths)
         self.stats.admitted += len(sequences)
 
     def _token_index(self, slots: list[int], padded_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -365,13 +402,24 @@ class ContinuousEngine:
 
     def _run_call(self, call) -> list[Finished]:
         layer, n = call.layer, len(call.rows)
-        hidden, mask, slot_index, valid = self._call_inputs(call)
-        layer_mask = self.adapter.layer_mask(mask, self.dtype)
-        hidden = self._run_layer(layer - 1, hidden, layer_mask)
+        inputs = self._call_inputs(call)
+        hidden, mask, slot_index = inputs.hidden, inputs.mask, inputs.slot_index
+        if inputs.layer_mask is None:
+            inputs.layer_mask = self.adapter.layer_mask(mask, self.dtype)
+        if mask is not None and inputs.tokens < self._pack_below * mask.numel():
+            if inputs.positions is None:
+                inputs.positions = torch.from_numpy(np.flatnonzero(inputs.valid)).to(self.device)
+            hidden = self._run_packed_layer(layer - 1, hidden, inputs.positions, inputs.layer_mask)
+            self.stats.packed_calls += 1
+        else:
+            hidden = self._run_layer(layer - 1, hidden, inputs.layer_mask)
         if self.compiled:
             self._write(list(call.rows) + [self._pad_slot] * (call.padded_rows - n), hidden)
         else:  # kept where it is: the next call often runs these rows again (a batch's next layer)
-            self._resident = _Resident(hidden, list(call.rows), {slot: row for row, slot in enumerate(call.rows)})
+            inputs.hidden = None
+            self._resident = _Resident(
+                hidden, list(call.rows), {slot: row for row, slot in enumerate(call.rows)}, inputs
+            )
 
         state = {k: v.index_select(0, slot_index) for k, v in self._state.items()}
         if self._fused is None:  # once, inside the first step (no grad): it reads every head's weights
@@ -392,7 +440,7 @@ class ContinuousEngine:
             value.index_copy_(0, real, state[key][:n])
         for slot in call.rows:
             self._runs[slot] += 1
-        self.stats.record_call(call, int(valid[:n].sum()))
+        self.stats.record_call(call, inputs.tokens)
 
         next_layer = None
         if self._gates is not None and layer < self.num_layers:
@@ -414,12 +462,20 @@ class ContinuousEngine:
         next_layers = table[:, -1].astype(np.int64) if next_layer is not None else None
         # Rounded to the model dtype on the host, once for all rows, keeping each row's argmax
         # (as the per-batch engine does: Voting's tie-broken log-scores can round to equal values).
+        if next_layers is None and not exited.any():
+            self.scheduler.requeue_many(list(call.rows), layer + 1, self._lengths[list(call.rows)].tolist())
+            return []
         out_dtype = _output_dtype(self.dtype, self.device)  # the autocast dtype inside autocast, as the model
-        logits = _round_keeping_argmax(result[:, 1 : 1 + self.num_labels], out_dtype).unbind(0)
+        leaving = np.flatnonzero(exited)
+        logits = result[:, 1 : 1 + self.num_labels]
+        if len(leaving) < n:  # on the host: the rows that exit
+            logits = torch.from_numpy(table[leaving, 1 : 1 + self.num_labels])
+        logits = _round_keeping_argmax(logits, out_dtype)
+        logits = dict(zip(leaving.tolist(), logits.unbind(0)))
         finished = []
         survivors: dict[int, list[int]] = {}  # next layer -> slots
         for row, slot in enumerate(call.rows):
-            if exited[row]:
+            if row in logits:
                 finished.append(Finished(self._keys[slot], logits[row], layer, self._runs[slot]))
                 self._release(slot)
             else:
@@ -441,16 +497,26 @@ class ContinuousEngine:
         first = torch.where(runs.any(dim=1), runs.int().argmax(dim=1) + layer + 1, last)
         return first
 
-    def _call_inputs(self, call):
-        """``(hidden [padded_rows, padded_length, H], mask [padded_rows, padded_length] or None
-        (no padding), slots [padded_rows] on the device, valid [padded_rows, padded_length] on the host)``.
-
-        From the last call's output where it holds every row (no copy when the rows are the
-        same, a row gather otherwise), else from the pool."""
+    def _call_inputs(self, call) -> _CallInputs:
+        """What a layer call reads: from the last call's output where it holds every row (the
+        output itself, and the last call's masks, when the rows are the same; a row gather
+        otherwise), else from the pool."""
         n = len(call.rows)
+        resident = self._resident
+        if (
+            resident is not None
+            and resident.slots == list(call.rows)
+            and len(resident.rows) == n
+            and call.padded_length == resident.hidden.shape[1]
+            and call.padded_rows == n
+        ):  # the same rows as the last call (a cohort's next layer): its inputs hold
+            self._resident = None
+            inputs = resident.inputs
+            inputs.hidden = resident.hidden
+            return inputs
         slots = list(call.rows) + [self._pad_slot] * (call.padded_rows - n)
         valid = np.arange(call.padded_length) < self._lengths[slots][:, None]
-        resident = self._resident
+        tokens = int(valid[:n].sum())
         if (
             resident is not None
             and call.padded_rows == n
@@ -466,7 +532,7 @@ class ContinuousEngine:
                 hidden = hidden[:, : call.padded_length].contiguous()
             slot_index = torch.tensor(slots, device=self.device)
             mask = None if valid.all() else torch.from_numpy(valid).to(self.device)
-            return hidden, mask, slot_index, valid
+            return _CallInputs(hidden, mask, slot_index, valid, tokens)
         self._flush()
         token_index, _ = self._token_index(slots, call.padded_length)
         # One host-to-device copy: read positions and slots.
@@ -478,7 +544,7 @@ class ContinuousEngine:
         if self.compiled or not valid.all():  # compiled: one graph per shape, the mask always given
             mask = read.view(call.padded_rows, call.padded_length) != _NULL
             mask[:, 0] = True  # pad rows attend to their first (zero) token instead of nothing
-        return hidden, mask, slot_index, valid
+        return _CallInputs(hidden, mask, slot_index, valid, tokens)
 
     def _write(self, slots: list[int], hidden: torch.Tensor, skip: set | None = None) -> None:
         """Valid positions of ``hidden`` [len(slots), S, H] into the pool; pad positions, and the rows
@@ -511,13 +577,31 @@ class ContinuousEngine:
 
 
 @dataclass
+class _CallInputs:
+    """A layer call's inputs: ``hidden`` [padded_rows, padded_length, H]; ``mask`` [padded_rows,
+    padded_length] or None (no padding) and ``layer_mask``, the layer's form of it (None until
+    built); ``slot_index`` [padded_rows] on the device; ``valid`` [padded_rows, padded_length]
+    on the host; ``tokens``: the real rows' valid positions; ``positions``: their flat indices
+    on the device (built for packed calls)."""
+
+    hidden: torch.Tensor | None
+    mask: torch.Tensor | None
+    slot_index: torch.Tensor
+    valid: np.ndarray
+    tokens: int
+    layer_mask: object = None
+    positions: torch.Tensor | None = None  # flat positions of the valid tokens [T], for packed calls
+
+
+@dataclass
 class _Resident:
     """The last call's output, not yet written to the pool: ``hidden`` [n, S, H] of ``slots``;
-    ``rows``: slot -> row of those still in flight."""
+    ``rows``: slot -> row of those still in flight; ``inputs``: that call's inputs (no hidden)."""
 
     hidden: torch.Tensor
     slots: list[int]
     rows: dict[int, int]
+    inputs: _CallInputs
 
 
 @dataclass
@@ -531,6 +615,7 @@ class EngineStats:
     slots: int = 0  # padded_rows x padded_length, summed over calls
     tokens: int = 0  # real tokens, summed over calls
     host_syncs: int = 0
+    packed_calls: int = 0  # layer calls run on their real tokens only
     largest_call: int = 0  # the most slots (padded_rows x padded_length) of one call
 
     def record_call(self, call, tokens: int) -> None:

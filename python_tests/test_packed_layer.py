@@ -1,0 +1,81 @@
+"""Packed execution: a BERT-style layer run on its valid tokens only equals the layer on the padded batch.
+
+:func:`earlyexit_kernels.models.packed_layer.run_packed` is the fast path, the layer module itself the
+reference; the continuous engine runs it where a call pads much (``packed=None``), on every padded
+call (``packed=True``) or never (``packed=False``), with the same predictions as each sequence alone.
+"""
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_classify import _alone, _sequences, spread_model
+
+import earlyexit_kernels as eek
+from earlyexit_kernels.backends.compaction import layer_attention_mask
+from earlyexit_kernels.engine.continuous import ContinuousEngine
+from earlyexit_kernels.models.packed_layer import run_packed, splits_into_token_parts
+
+
+def _padded_batch(width, lengths, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    longest = max(lengths)
+    mask = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
+    return torch.randn(len(lengths), longest, width, generator=generator), mask
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_packed_layer_equals_the_layer_at_every_valid_position(arch, attn):
+    model = tiny_model(arch, attn=attn)
+    layer = model.base_model.encoder.layer[1]
+    hidden, mask = _padded_batch(32, [17, 3, 9, 1, 12])
+    layer_mask = layer_attention_mask(mask, attn, torch.float32)
+    positions = torch.nonzero(mask.reshape(-1)).squeeze(1)
+    with torch.no_grad():
+        reference = layer(hidden, layer_mask)
+        packed = run_packed(layer, hidden, positions, layer_mask)
+    torch.testing.assert_close(packed[mask], reference[mask], rtol=0, atol=1e-6)
+    assert torch.count_nonzero(packed[~mask]) == 0  # padding holds zeros, never stale values
+
+
+def test_only_bert_style_layers_split_into_token_parts():
+    assert splits_into_token_parts(tiny_model("bert").bert.encoder.layer[0])
+    assert splits_into_token_parts(tiny_model("roberta").roberta.encoder.layer[0])
+    albert = tiny_model("albert").albert.encoder.albert_layer_groups[0].albert_layers[0]
+    assert not splits_into_token_parts(albert)
+
+
+@pytest.mark.parametrize("packed", [True, False, None])
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_packed_and_padded_calls_give_the_predictions_of_the_model_alone(arch, packed):
+    items = _sequences(40, seed=4, longest=48)
+    model, _ = spread_model(arch, "entropy", items)
+    engine = ContinuousEngine(model, max_batch_size=8, max_in_flight=16, packed=packed)
+    for index, item in enumerate(items):
+        engine.submit(index, item["input_ids"], item["token_type_ids"])
+    finished = sorted(engine.run(), key=lambda done: done.key)
+    assert [done.key for done in finished] == list(range(len(items)))
+    for done, item in zip(finished, items):
+        alone = _alone(model, item)
+        assert done.exit_layer == int(alone.exit_layer)
+        torch.testing.assert_close(done.logits, alone.logits[0], rtol=0, atol=1e-5)
+    padded_calls = engine.stats.calls - engine.stats.packed_calls
+    if packed is True:
+        assert engine.stats.packed_calls > 0
+    elif packed is False:
+        assert engine.stats.packed_calls == 0
+    else:  # only the calls whose real tokens are under the threshold: some, not all
+        assert 0 < engine.stats.packed_calls and padded_calls > 0
+
+
+def test_packed_is_refused_where_layers_do_not_split_or_calls_are_compiled():
+    items = _sequences(4, seed=1)
+    model, _ = spread_model("albert", "entropy", items)
+    with pytest.raises(ValueError, match="not split so"):
+        ContinuousEngine(model, packed=True)
+    model, _ = spread_model("bert", "entropy", items)
+    with pytest.raises(ValueError, match="compile is on"):
+        ContinuousEngine(model, packed=True, compile=True)
+    with pytest.raises(ValueError, match="packed must be"):
+        ContinuousEngine(model, packed="yes")
+    list(eek.classify(model, items, packed=False))  # accepted by classify too
