@@ -384,8 +384,10 @@ class ContinuousEngine:
                 torch.from_numpy(ids).to(self.device), torch.from_numpy(types).to(self.device), None, None, valid_mask
             )
             token_index, _ = self._token_index(slots, longest)
-            write = torch.from_numpy(token_index[valid]).to(self.device)
-            self._pool.index_copy_(0, write, hidden[torch.from_numpy(valid).to(self.device)])
+            flat = np.flatnonzero(valid)
+            read_write = torch.from_numpy(np.concatenate([flat, token_index.reshape(-1)[flat]])).to(self.device)
+            rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, read_write[: flat.size])
+            self._pool.index_copy_(0, read_write[flat.size :], rows)
             slot_index = torch.tensor(slots, device=self.device)
             for key, value in self._state.items():
                 value.index_copy_(0, slot_index, self._state_template[key].expand(len(slots), *value.shape[1:]))
@@ -447,7 +449,7 @@ class ContinuousEngine:
             next_layer = self._next_run_layer(hidden[:n, 0], layer)
         may_exit = layer == self.num_layers or can_exit_before_last(self.policy, layer)
         if not may_exit and next_layer is None:
-            self.scheduler.requeue_many(list(call.rows), layer + 1, self._lengths[list(call.rows)].tolist())
+            self.scheduler.requeue_many(list(call.rows), layer + 1, inputs.lengths)
             return []
 
         # The one read-back of the call.
@@ -460,11 +462,11 @@ class ContinuousEngine:
         table = result.numpy()
         exited = table[:, 0] > 0
         next_layers = table[:, -1].astype(np.int64) if next_layer is not None else None
-        # Rounded to the model dtype on the host, once for all rows, keeping each row's argmax
-        # (as the per-batch engine does: Voting's tie-broken log-scores can round to equal values).
         if next_layers is None and not exited.any():
-            self.scheduler.requeue_many(list(call.rows), layer + 1, self._lengths[list(call.rows)].tolist())
+            self.scheduler.requeue_many(list(call.rows), layer + 1, inputs.lengths)
             return []
+        # Rounded to the model dtype on the host, once for the rows that exit, keeping each row's argmax
+        # (as the per-batch engine does: Voting's tie-broken log-scores can round to equal values).
         out_dtype = _output_dtype(self.dtype, self.device)  # the autocast dtype inside autocast, as the model
         leaving = np.flatnonzero(exited)
         logits = result[:, 1 : 1 + self.num_labels]
@@ -515,8 +517,9 @@ class ContinuousEngine:
             inputs.hidden = resident.hidden
             return inputs
         slots = list(call.rows) + [self._pad_slot] * (call.padded_rows - n)
-        valid = np.arange(call.padded_length) < self._lengths[slots][:, None]
-        tokens = int(valid[:n].sum())
+        lengths = self._lengths[slots]
+        valid = np.arange(call.padded_length) < lengths[:, None]
+        tokens, lengths = int(valid[:n].sum()), lengths[:n].tolist()
         if (
             resident is not None
             and call.padded_rows == n
@@ -532,7 +535,7 @@ class ContinuousEngine:
                 hidden = hidden[:, : call.padded_length].contiguous()
             slot_index = torch.tensor(slots, device=self.device)
             mask = None if valid.all() else torch.from_numpy(valid).to(self.device)
-            return _CallInputs(hidden, mask, slot_index, valid, tokens)
+            return _CallInputs(hidden, mask, slot_index, valid, tokens, lengths)
         self._flush()
         token_index, _ = self._token_index(slots, call.padded_length)
         # One host-to-device copy: read positions and slots.
@@ -544,7 +547,7 @@ class ContinuousEngine:
         if self.compiled or not valid.all():  # compiled: one graph per shape, the mask always given
             mask = read.view(call.padded_rows, call.padded_length) != _NULL
             mask[:, 0] = True  # pad rows attend to their first (zero) token instead of nothing
-        return _CallInputs(hidden, mask, slot_index, valid, tokens)
+        return _CallInputs(hidden, mask, slot_index, valid, tokens, lengths)
 
     def _write(self, slots: list[int], hidden: torch.Tensor, skip: set | None = None) -> None:
         """Valid positions of ``hidden`` [len(slots), S, H] into the pool; pad positions, and the rows
@@ -581,7 +584,8 @@ class _CallInputs:
     """A layer call's inputs: ``hidden`` [padded_rows, padded_length, H]; ``mask`` [padded_rows,
     padded_length] or None (no padding) and ``layer_mask``, the layer's form of it (None until
     built); ``slot_index`` [padded_rows] on the device; ``valid`` [padded_rows, padded_length]
-    on the host; ``tokens``: the real rows' valid positions; ``positions``: their flat indices
+    on the host; ``tokens``: the real rows' valid positions; ``lengths``: the real rows'
+    lengths; ``positions``: their flat indices
     on the device (built for packed calls)."""
 
     hidden: torch.Tensor | None
@@ -589,6 +593,7 @@ class _CallInputs:
     slot_index: torch.Tensor
     valid: np.ndarray
     tokens: int
+    lengths: list[int]
     layer_mask: object = None
     positions: torch.Tensor | None = None  # flat positions of the valid tokens [T], for packed calls
 
