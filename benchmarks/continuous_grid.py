@@ -25,7 +25,8 @@ interleaved repetitions (the order rotates), median seconds:
 exits (target >= 0.97), and ``classify of ideal`` when half the layers are saved (target >= 0.9):
 the ideal is ``unpatched``'s time per real token-layer times the tokens x exit layers the
 stream needs. ``token_fill``: real tokens over the slots (rows x padded length) the engine's
-layer calls computed; ``calls``: its layer calls (``per_batch``'s beside it).
+layer calls held (a packed call computes its token-wise parts on the real tokens only);
+``calls``: its layer calls, of which ``packed`` ran packed (``per_batch``'s calls beside them).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ COLUMNS = [
     "classify_of_ideal",
     "token_fill",
     "classify_calls",
+    "packed_calls",
     "per_batch_calls",
     "exit_mismatches",
     "repeats",
@@ -186,6 +188,7 @@ def measure(cell: Cell, threads: list[int], repeats: int, layers: int = 12, prog
                     "classify_of_ideal": round(ideal / seconds["classify"], 3),
                     "token_fill": round(sum(s.tokens for s in stats) / sum(s.slots for s in stats), 3),
                     "classify_calls": sum(s.calls for s in stats),
+                    "packed_calls": sum(s.packed_calls for s in stats),
                     "per_batch_calls": per_batch_calls,
                     "exit_mismatches": int((classify_exits != exits).sum()),
                     "repeats": repeats,
@@ -223,7 +226,7 @@ def markdown(rows: list[dict]) -> str:
         "`max_batch_size` 32; sequences/s are medians of interleaved repetitions.",
         "",
         "| model | sequences | threads | layers saved | exited early | unpatched /s | per-batch /s | classify /s "
-        "| vs per-batch | vs unpatched | of ideal | token fill | calls (per-batch) |",
+        "| vs per-batch | vs unpatched | of ideal | token fill | calls (packed; per-batch) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     met, missed = [], []
@@ -235,7 +238,7 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['model']} | {r['sequences']} | {r['threads']} | {float(r['saved_layer_share']):.0%} "
             f"| {float(r['exited_early']):.0%} | {r['unpatched_seq_s']} | {r['per_batch_seq_s']} "
             f"| {r['classify_seq_s']} | {r['classify_vs_per_batch']}x | {vs_unpatched} | {of_ideal} "
-            f"| {float(r['token_fill']):.1%} | {r['classify_calls']} ({r['per_batch_calls']}) |"
+            f"| {float(r['token_fill']):.1%} | {r['classify_calls']} ({r.get('packed_calls', '-')}; {r['per_batch_calls']}) |"
         )
         cell = f"{r['model']} n={r['sequences']} t={r['threads']} saved={float(r['saved_layer_share']):.0%}"
         checks = [("vs per-batch", float(r["classify_vs_per_batch"]), 1.0)]
