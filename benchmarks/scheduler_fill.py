@@ -1,7 +1,7 @@
 """The continuous engine's layer calls against the per-batch loop's, by simulation of its scheduler alone (no model).
 
 Drives :class:`earlyexit_kernels.engine.scheduler.LayerScheduler` exactly as the runner does
-under ``eek.classify`` (read-ahead of ``8 * max_in_flight`` inputs, the length sweep, whole
+under ``eek.classify`` (read-ahead of ``32 * max_in_flight`` inputs, the length sweep, whole
 cohorts admitted, survivors requeued, exits released) over streams of the stream
 benchmark's lengths (``bench.stream.stream_lengths``), with exit layers drawn from a
 committed stream run's distribution (about half the layer evaluations saved) or nothing
@@ -42,7 +42,7 @@ def per_batch(lengths: list[int], exits: list[int], batch: int) -> tuple[int, in
 def continuous(lengths: list[int], exits: list[int], batch: int, call_cost: float) -> tuple[int, int]:
     """(layer calls, slots) of the scheduler driven as ``eek.classify`` drives it."""
     count, in_flight = len(lengths), 16 * batch
-    read_ahead = 8 * in_flight
+    read_ahead = 32 * in_flight  # eek.classify's default
     scheduler = LayerScheduler(LAYERS, ShapeBuckets.exact(batch, 256), in_flight, call_cost=call_cost)
     pending: list[tuple[int, int]] = []  # (length, arrival), sorted
     sweep, cutoff, next_input = (0, -1), 0, 0

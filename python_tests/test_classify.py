@@ -320,6 +320,17 @@ def test_a_model_that_cannot_stream_is_refused():
         eek.classify(model, [])
 
 
+def test_the_engine_takes_token_ids_as_integers_only():
+    engine = ContinuousEngine(eek.patch(tiny_model("bert", num_layers=2), eek.Patience(1)))
+    for ids in ([2, 7, 9], (2, 7, 9), torch.tensor([2, 7, 9]), torch.tensor([2, 7, 9], dtype=torch.int32)):
+        engine.submit("ok", ids)
+    assert engine.pending == 4
+    with pytest.raises(TypeError, match="input_ids must be a flat sequence of integers"):
+        engine.submit("floats", [2.0, 7.5])
+    with pytest.raises(TypeError, match="token_type_ids must be a flat sequence of integers"):
+        engine.submit("types", [2, 7], token_type_ids=[[0, 1]])
+
+
 def test_a_right_padded_token_input_is_stripped_of_its_padding():
     model = eek.patch(tiny_model("bert", num_layers=2), eek.Patience(1))
     padded = {"input_ids": [2, 7, 9, 0, 0], "attention_mask": [1, 1, 1, 0, 0]}

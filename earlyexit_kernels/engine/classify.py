@@ -64,9 +64,9 @@ def classify(
     (True) or as sequences exit (False). ``progress``: a tqdm bar. ``compile``: layer
     calls through ``torch.compile`` (True, or a dict of its options, e.g.
     ``{"mode": "reduce-overhead"}`` on a GPU). ``max_in_flight``, ``length_step``,
-    ``admission`` (here ``"length"`` by default): see
+    ``admission`` (here ``"length"`` by default), ``packed``: see
     :class:`earlyexit_kernels.engine.continuous.ContinuousEngine`. ``read_ahead``: how many
-    tokenized inputs wait for admission (default ``8 * max_in_flight``); the length sweep
+    tokenized inputs wait for admission (default ``32 * max_in_flight``); the length sweep
     picks from them.
 
     Memory: at most ``read_ahead + max_in_flight`` inputs (and one tokenizing chunk of
@@ -85,7 +85,8 @@ def classify(
         packed=packed,
     )
     if read_ahead is None:
-        read_ahead = 8 * engine.scheduler.max_in_flight
+        # Wide: the length sweep's batches pad less and exit together more the more it sees.
+        read_ahead = 32 * engine.scheduler.max_in_flight
     if not isinstance(read_ahead, int) or isinstance(read_ahead, bool) or read_ahead < 1:
         raise ValueError(f"read_ahead must be an integer >= 1, got {read_ahead!r}")
     return _predictions(engine, inputs, tokenizer, ordered, progress, read_ahead)

@@ -23,7 +23,6 @@ where the policy cannot exit read nothing back.
 
 from __future__ import annotations
 
-import itertools
 import math
 from bisect import bisect_left, insort
 from dataclasses import dataclass
@@ -65,8 +64,21 @@ class Finished:
 @dataclass
 class _Sequence:
     key: object
-    input_ids: list[int]
-    token_type_ids: list[int] | None
+    input_ids: np.ndarray  # [length] int64: compact, since a long read-ahead holds many
+    token_type_ids: np.ndarray | None
+
+
+def _token_array(key, name: str, values) -> np.ndarray:
+    """``values`` (a list, tuple, array or 1-D tensor of integers) as a 1-D int64 array."""
+    array = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values)
+    if array.size == 0:
+        return array.astype(np.int64).reshape(-1)
+    if array.ndim != 1 or array.dtype.kind not in "iu":
+        raise TypeError(
+            f"sequence {key!r}: {name} must be a flat sequence of integers (token ids), "
+            f"got {array.dtype} of shape {array.shape}"
+        )
+    return array.astype(np.int64, copy=False)
 
 
 def model_max_length(model) -> int:
@@ -247,7 +259,7 @@ class ContinuousEngine:
 
     def submit(self, key, input_ids, token_type_ids=None) -> None:
         """Queue one sequence (token ids, special tokens included, at most ``max_length``)."""
-        input_ids = [int(t) for t in input_ids]
+        input_ids = _token_array(key, "input_ids", input_ids)
         if not 1 <= len(input_ids) <= self.max_length:
             raise ValueError(
                 f"sequence {key!r} has {len(input_ids)} tokens; it must have 1..{self.max_length} (max_length)"
@@ -255,7 +267,7 @@ class ContinuousEngine:
         if token_type_ids is not None and not getattr(self.adapter, "uses_token_type_ids", True):
             raise TypeError(f"sequence {key!r}: {type(self.model).__name__} takes no token_type_ids; leave them out")
         if token_type_ids is not None:
-            token_type_ids = [int(t) for t in token_type_ids]
+            token_type_ids = _token_array(key, "token_type_ids", token_type_ids)
             if len(token_type_ids) != len(input_ids):
                 raise ValueError(
                     f"sequence {key!r}: token_type_ids has {len(token_type_ids)} entries for {len(input_ids)} tokens"
@@ -338,15 +350,32 @@ class ContinuousEngine:
         # have similar lengths, so the layer queues hold runs of similar lengths to batch. A sweep
         # takes only what was pending when it began (arrivals before its cutoff): later ones wait
         # for the next sweep, so a stream of one length cannot hold the sweep where it is.
-        start = bisect_left(self._pending, (self._sweep[0], self._sweep[1] + 1))
-        in_sweep = (entry for entry in itertools.islice(self._pending, start, None) if entry[1] < self._cutoff)
-        taken = list(itertools.islice(in_sweep, count))
-        if len(taken) < count:  # the sweep is over: the next one begins at the shortest
+        pending = self._pending
+        start = bisect_left(pending, (self._sweep[0], self._sweep[1] + 1))
+        chosen: list[int] = []  # positions in pending, in the order taken
+        for position in range(start, len(pending)):
+            if pending[position][1] < self._cutoff:
+                chosen.append(position)
+                if len(chosen) == count:
+                    break
+        if len(chosen) < count:  # the sweep is over: the next one begins at the shortest
             self._cutoff = self._next_arrival
-            chosen = {entry[1] for entry in taken}
-            taken += [entry for entry in self._pending if entry[1] not in chosen][: count - len(taken)]
-        chosen = {entry[1] for entry in taken}
-        self._pending = [entry for entry in self._pending if entry[1] not in chosen]
+            in_sweep = set(chosen)
+            for position in range(len(pending)):
+                if position not in in_sweep:
+                    chosen.append(position)
+                    if len(chosen) == count:
+                        break
+        taken = [pending[position] for position in chosen]
+        # Deleted as contiguous runs, from the last: the sweep takes a run or two of the sorted list.
+        runs: list[list[int]] = []
+        for position in sorted(chosen):
+            if runs and runs[-1][1] == position:
+                runs[-1][1] += 1
+            else:
+                runs.append([position, position + 1])
+        for begin, end in reversed(runs):
+            del pending[begin:end]
         self._sweep = taken[-1][:2]
         return [entry[2] for entry in taken]
 
@@ -574,7 +603,7 @@ class ContinuousEngine:
         if self._resident is not None:
             self._resident.rows.pop(slot, None)  # gone: neither written back nor read
         pages = self._page_table[slot, : math.ceil(int(self._lengths[slot]) / self.page_size)]
-        self._free_pages.extend(int(p) for p in pages)
+        self._free_pages.extend(pages.tolist())
         self._keys[slot] = None
         self._free_slots.append(slot)
 
