@@ -1,6 +1,6 @@
 """Packed execution: a BERT-style layer run on its valid tokens only equals the layer on the padded batch.
 
-:func:`earlyexit_kernels.models.packed_layer.run_packed` is the fast path, the layer module itself the
+:func:`earlyexit_kernels.engine.packed_layer.run_packed` is the fast path, the layer module itself the
 reference; the continuous engine runs it where a call pads much (``packed=None``), on every padded
 call (``packed=True``) or never (``packed=False``), with the same predictions as each sequence alone.
 """
@@ -13,7 +13,7 @@ from test_classify import _alone, _sequences, spread_model
 import earlyexit_kernels as eek
 from earlyexit_kernels.backends.compaction import layer_attention_mask
 from earlyexit_kernels.engine.continuous import ContinuousEngine
-from earlyexit_kernels.models.packed_layer import run_packed, splits_into_token_parts
+from earlyexit_kernels.engine.packed_layer import run_packed, splits_into_token_parts
 
 
 def _padded_batch(width, lengths, seed=0):

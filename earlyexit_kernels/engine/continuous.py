@@ -38,10 +38,10 @@ from earlyexit_kernels.engine.batch_loop import (
     head_and_exit_step,
 )
 from earlyexit_kernels.engine.module_weights import float_bias, float_weight, linear_compute_dtype
+from earlyexit_kernels.engine.packed_layer import run_packed, splits_into_token_parts
 from earlyexit_kernels.engine.scheduler import Admit, LayerScheduler, ShapeBuckets
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state
 from earlyexit_kernels.methods.policies import Scheduled, SkipGates
-from earlyexit_kernels.models.packed_layer import run_packed, splits_into_token_parts
 
 __all__ = ["ContinuousEngine", "Finished", "model_max_length"]
 
@@ -100,7 +100,7 @@ class ContinuousEngine:
     4, ..., lengths in steps of ``length_step``, default 8), one graph each.
     ``length_step`` given without ``compile``: eager lengths padded to its multiples too.
     ``packed``: run a layer call's token-wise parts on its real tokens only
-    (:mod:`earlyexit_kernels.models.packed_layer`; BERT-style layers, eager): ``None`` (default)
+    (:mod:`earlyexit_kernels.engine.packed_layer`; BERT-style layers, eager): ``None`` (default)
     where real tokens are under ``PACK_BELOW_FILL`` of the call's positions, ``True`` on every
     call with padding, ``False`` never.
     ``call_cost``: what a layer call costs beyond its tokens, in tokens, for the
