@@ -79,3 +79,21 @@ def test_packed_is_refused_where_layers_do_not_split_or_calls_are_compiled():
     with pytest.raises(ValueError, match="packed must be"):
         ContinuousEngine(model, packed="yes")
     list(eek.classify(model, items, packed=False))  # accepted by classify too
+
+
+def test_a_layer_with_forward_hooks_runs_through_its_module_so_they_fire():
+    items = _sequences(24, seed=5, longest=48)
+    model, _ = spread_model("bert", "entropy", items)
+    seen = []
+    handle = model.bert.encoder.layer[0].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    try:
+        engine = ContinuousEngine(model, max_batch_size=8, max_in_flight=16, packed=True)
+        for index, item in enumerate(items):
+            engine.submit(index, item["input_ids"], item["token_type_ids"])
+        finished = list(engine.run())
+    finally:
+        handle.remove()
+    first_layer_calls = len(seen)
+    assert first_layer_calls == 3  # 24 sequences in calls of 8: every layer-1 call ran the module
+    assert engine.stats.packed_calls > 0  # the other layers, without hooks, ran packed
+    assert len(finished) == len(items)

@@ -38,7 +38,7 @@ from earlyexit_kernels.engine.batch_loop import (
     head_and_exit_step,
 )
 from earlyexit_kernels.engine.module_weights import float_bias, float_weight, linear_compute_dtype
-from earlyexit_kernels.engine.packed_layer import run_packed, splits_into_token_parts
+from earlyexit_kernels.engine.packed_layer import has_forward_hooks, run_packed, splits_into_token_parts
 from earlyexit_kernels.engine.scheduler import Admit, LayerScheduler, ShapeBuckets
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state
 from earlyexit_kernels.methods.policies import Scheduled, SkipGates
@@ -242,9 +242,7 @@ class ContinuousEngine:
                 + ": leave packed at None"
             )
         self._pack_below = 0.0 if not packable or packed is False else (math.inf if packed else PACK_BELOW_FILL)
-        self._run_packed_layer = lambda index, hidden, positions, layer_mask: run_packed(
-            self.adapter.layer_module(index), hidden, positions, layer_mask
-        )
+        self._run_packed_layer = self._packed_layer_call
 
         if admission not in ("fifo", "length"):
             raise ValueError(f"admission must be 'fifo' or 'length', got {admission!r}")
@@ -441,7 +439,6 @@ class ContinuousEngine:
             if inputs.positions is None:
                 inputs.positions = torch.from_numpy(np.flatnonzero(inputs.valid)).to(self.device)
             hidden = self._run_packed_layer(layer - 1, hidden, inputs.positions, inputs.layer_mask)
-            self.stats.packed_calls += 1
         else:
             hidden = self._run_layer(layer - 1, hidden, inputs.layer_mask)
         if self.compiled:
@@ -515,6 +512,14 @@ class ContinuousEngine:
         for target, slots in survivors.items():
             self.scheduler.requeue_many(slots, target, self._lengths[slots].tolist())
         return finished
+
+    def _packed_layer_call(self, index: int, hidden: torch.Tensor, positions: torch.Tensor, layer_mask):
+        """Layer ``index`` packed, or through its module where forward hooks are registered (they must run)."""
+        module = self.adapter.layer_module(index)
+        if has_forward_hooks(module):
+            return self._run_layer(index, hidden, layer_mask)
+        self.stats.packed_calls += 1
+        return run_packed(module, hidden, positions, layer_mask)
 
     def _next_run_layer(self, cls_hidden: torch.Tensor, layer: int) -> torch.Tensor:
         """SkipGates: the next layer each row runs after ``layer``; layers whose gate skips go by."""

@@ -19,7 +19,7 @@ import sys
 import torch
 from torch import nn
 
-__all__ = ["run_packed", "splits_into_token_parts"]
+__all__ = ["has_forward_hooks", "run_packed", "splits_into_token_parts"]
 
 
 def splits_into_token_parts(layer: nn.Module) -> bool:
@@ -37,6 +37,18 @@ def splits_into_token_parts(layer: nn.Module) -> bool:
         and not getattr(layer, "add_cross_attention", False)
         and not getattr(layer, "chunk_size_feed_forward", 0)
         and not getattr(self_attention, "is_causal", False)
+    )
+
+
+def has_forward_hooks(layer: nn.Module) -> bool:
+    """Whether calling ``layer`` runs forward hooks (its own or global ones): a packed call would skip them."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(
+        layer._forward_hooks
+        or layer._forward_pre_hooks
+        or torch_module._global_forward_hooks
+        or torch_module._global_forward_pre_hooks
     )
 
 
