@@ -43,6 +43,9 @@ def test_only_bert_style_layers_split_into_token_parts():
     assert splits_into_token_parts(tiny_model("roberta").roberta.encoder.layer[0])
     albert = tiny_model("albert").albert.encoder.albert_layer_groups[0].albert_layers[0]
     assert not splits_into_token_parts(albert)
+    relative = tiny_model("bert").bert.encoder.layer[0]
+    relative.attention.self.distance_embedding = torch.nn.Embedding(7, 16)  # older transformers' relative positions
+    assert not splits_into_token_parts(relative)
 
 
 @pytest.mark.parametrize("packed", [True, False, None])

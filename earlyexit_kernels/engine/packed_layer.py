@@ -23,7 +23,8 @@ __all__ = ["has_forward_hooks", "run_packed", "splits_into_token_parts"]
 
 
 def splits_into_token_parts(layer: nn.Module) -> bool:
-    """Whether ``layer`` has the BERT-style structure :func:`run_packed` runs (and no cross-attention)."""
+    """Whether ``layer`` has the BERT-style structure :func:`run_packed` runs (and no cross-attention,
+    no relative positions)."""
     attention = getattr(layer, "attention", None)
     self_attention = getattr(attention, "self", None)
     return (
@@ -37,6 +38,10 @@ def splits_into_token_parts(layer: nn.Module) -> bool:
         and not getattr(layer, "add_cross_attention", False)
         and not getattr(layer, "chunk_size_feed_forward", 0)
         and not getattr(self_attention, "is_causal", False)
+        # older transformers: relative position scores inside the attention, or no attention interface
+        and not hasattr(self_attention, "distance_embedding")
+        and getattr(getattr(self_attention, "config", None), "position_embedding_type", "absolute") == "absolute"
+        and hasattr(sys.modules.get(type(self_attention).__module__), "eager_attention_forward")
     )
 
 
