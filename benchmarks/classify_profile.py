@@ -21,7 +21,14 @@ from pathlib import Path
 import torch
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.bench.stream import StreamConfig, calibrate, make_corpus, make_models, sorted_batches
+from earlyexit_kernels.bench.stream import (
+    StreamConfig,
+    calibrate,
+    make_corpus,
+    make_models,
+    run_on_batches,
+    sorted_batches,
+)
 
 KERNELS = {
     "<built-in method torch._C._nn.linear>": "linear",
@@ -64,14 +71,10 @@ def main() -> None:
     items = [{"input_ids": i} for i in ids]
 
     def run_unpatched():
-        with torch.no_grad():
-            for _, i, m in batches:
-                unpatched(input_ids=i, attention_mask=m)
+        run_on_batches(unpatched, batches)
 
     def run_per_batch():
-        with torch.no_grad():
-            for _, i, m in batches:
-                model(input_ids=i, attention_mask=m)
+        run_on_batches(model, batches)
 
     def run_classify():
         list(eek.classify(model, items, max_batch_size=32))

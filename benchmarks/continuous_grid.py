@@ -50,6 +50,7 @@ from earlyexit_kernels.bench.stream import (
     make_corpus,
     make_models,
     recorded_engines,
+    run_on_batches,
     sorted_batches,
 )
 
@@ -129,12 +130,10 @@ def measure(cell: Cell, threads: list[int], repeats: int, layers: int = 12, prog
                 eek.patch(model, eek.Entropy(threshold))
 
                 def run_unpatched():
-                    with torch.no_grad():
-                        return [unpatched(input_ids=i, attention_mask=m).logits for _, i, m in batches]
+                    return run_on_batches(unpatched, batches)
 
                 def run_per_batch():
-                    with torch.no_grad():
-                        return [model(input_ids=i, attention_mask=m) for _, i, m in batches]
+                    return run_on_batches(model, batches)
 
                 def run_classify():
                     with recorded_engines() as made:

@@ -27,14 +27,11 @@ SHAPES = [(48, 40), (48, 44), (48, 46), (64, 24), (128, 30), (256, 28)]  # (long
 ROWS = 32
 
 
-def _best_seconds(fn, rounds: int = 3, calls: int = 10) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        began = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - began) / calls)
-    return best
+def _seconds_per_call(fn, calls: int = 10) -> float:
+    began = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - began) / calls
 
 
 def measure(hidden: int, longest: int, short: int) -> tuple[float, float, float]:
@@ -62,7 +59,7 @@ def measure(hidden: int, longest: int, short: int) -> tuple[float, float, float]
         times = {padded: [], packed: []}
         for _ in range(3):
             for fn in (padded, packed):
-                times[fn].append(_best_seconds(fn, rounds=1))
+                times[fn].append(_seconds_per_call(fn))
     return float(mask.float().mean()), min(times[padded]), min(times[packed])
 
 

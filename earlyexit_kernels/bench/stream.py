@@ -173,6 +173,12 @@ def sorted_batches(ids: list[list[int]], size: int):
     return out
 
 
+def run_on_batches(model, batches) -> list:
+    """``model``'s outputs on each of ``batches`` (from :func:`sorted_batches`), without gradients."""
+    with torch.no_grad():
+        return [model(input_ids=ids, attention_mask=mask) for _, ids, mask in batches]
+
+
 def make_models(config: StreamConfig, vocab_size: int, batches):
     """The unpatched model and a patched copy (same weights), heads set so that exits spread.
 
@@ -402,12 +408,10 @@ def run(config: StreamConfig, output_dir: Path, name: str = "stream_cpu", progre
             return classifier(texts, batch_size=config.pipeline_batch)
 
         def method_b():
-            with torch.no_grad():
-                return [unpatched(input_ids=i, attention_mask=m).logits for _, i, m in batches]
+            return run_on_batches(unpatched, batches)
 
         def method_c():
-            with torch.no_grad():
-                return [model(input_ids=i, attention_mask=m) for _, i, m in batches]
+            return run_on_batches(model, batches)
 
         def streamed(compiled: bool):
             def method():

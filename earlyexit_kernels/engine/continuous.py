@@ -618,9 +618,9 @@ class _CallInputs:
     """A layer call's inputs: ``hidden`` [padded_rows, padded_length, H]; ``mask`` [padded_rows,
     padded_length] or None (no padding) and ``layer_mask``, the layer's form of it (None until
     built); ``slot_index`` [padded_rows] on the device; ``valid`` [padded_rows, padded_length]
-    on the host; ``tokens``: the real rows' valid positions; ``lengths``: the real rows'
-    lengths; ``positions``: their flat indices
-    on the device (built for packed calls)."""
+    on the host; ``tokens``: how many positions of the real rows are valid; ``lengths``: the
+    real rows' lengths; ``positions``: the flat indices of the valid positions [T] on the device
+    (built for packed calls)."""
 
     hidden: torch.Tensor | None
     mask: torch.Tensor | None
@@ -629,7 +629,7 @@ class _CallInputs:
     tokens: int
     lengths: list[int]
     layer_mask: object = None
-    positions: torch.Tensor | None = None  # flat positions of the valid tokens [T], for packed calls
+    positions: torch.Tensor | None = None
 
 
 @dataclass
