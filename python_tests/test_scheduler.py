@@ -271,3 +271,87 @@ def test_a_merge_that_adds_more_padding_than_a_call_costs_is_not_made():
 def test_a_bad_call_cost_is_refused():
     with pytest.raises(ValueError, match="call_cost"):
         LayerScheduler(2, ShapeBuckets(8, 64), max_in_flight=8, call_cost=-1)
+
+
+# advance: every row of a call goes on to the next layer.
+
+
+def _drive(scheduler, lengths, exits, *, advance, can_admit_every=1):
+    """Like ``_engine_calls``, the rows of a call that nobody leaves going on through ``advance`` or,
+    for the rule's own queues, through ``requeue_many``. Returns the calls and how many were held."""
+    calls, next_input, held, step = [], 0, 0, 0
+    while True:
+        step += 1
+        can_admit = next_input < len(lengths) and step % can_admit_every == 0
+        action = scheduler.decide(can_admit=can_admit)
+        if action is None:
+            if next_input < len(lengths):
+                continue
+            return calls, held
+        if isinstance(action, Admit):
+            rows = list(range(next_input, min(len(lengths), next_input + action.count)))
+            scheduler.admit(rows, [lengths[r] for r in rows])
+            next_input += len(rows)
+            continue
+        calls.append(action)
+        if action.layer < scheduler.num_layers and all(exits[row] > action.layer for row in action.rows):
+            if advance:
+                scheduler.advance(action)
+                held += scheduler._ready is not None
+            else:
+                scheduler.requeue_many(list(action.rows), action.layer + 1, [lengths[r] for r in action.rows])
+            continue
+        for row in action.rows:
+            if exits[row] == action.layer:
+                scheduler.release(row)
+            else:
+                scheduler.requeue(row, action.layer + 1, lengths[row])
+
+
+@pytest.mark.parametrize("exit_rate", [0.0, 0.3, 0.75])
+@pytest.mark.parametrize("max_wait", [None, 3])
+@pytest.mark.parametrize("max_tokens", [None, 640])
+def test_advance_makes_the_calls_the_queues_would(exit_rate, max_wait, max_tokens):
+    num_layers = 5
+    rng = random.Random(7)
+    lengths = [min(max(round(math.exp(rng.gauss(math.log(28), 0.55))), 3), 120) for _ in range(700)]
+    exits = [rng.randint(1, num_layers - 1) if rng.random() < exit_rate else num_layers for _ in lengths]
+    runs = []
+    for advance in (False, True):
+        buckets = ShapeBuckets.exact(16, 128, max_tokens)
+        scheduler = LayerScheduler(num_layers, buckets, max_in_flight=64, max_wait=max_wait)
+        runs.append(_drive(scheduler, lengths, exits, advance=advance, can_admit_every=3))
+        assert scheduler.in_flight == 0
+    (queued, _), (advanced, held) = runs
+    assert advanced == queued
+    if exit_rate < 0.5:
+        assert held > 0  # full cohorts that nobody left went on without the queues
+
+
+def test_a_call_held_by_advance_gives_up_a_discarded_row():
+    scheduler = LayerScheduler(3, ShapeBuckets.exact(4, 16), max_in_flight=4)
+    assert scheduler.decide(can_admit=True) == Admit(4)
+    scheduler.admit([0, 1, 2, 3], [5, 6, 7, 8])
+    first = scheduler.decide(can_admit=False)
+    assert first == Call(1, 8, (0, 1, 2, 3), 4)
+    scheduler.advance(first)
+    assert scheduler.waiting(2) == 4
+    assert scheduler.discard([2]) == 1
+    assert scheduler.decide(can_admit=False) == Call(2, 8, (0, 1, 3), 3)
+    assert scheduler.in_flight == 3
+
+
+def test_a_call_held_by_advance_goes_back_to_its_queue_when_other_rows_are_queued():
+    scheduler = LayerScheduler(3, ShapeBuckets.exact(2, 16), max_in_flight=4)
+    scheduler.admit([0, 1, 2, 3], [4, 4, 9, 9])
+    first = scheduler.decide(can_admit=False)  # layer 1, rows 0 and 1
+    scheduler.requeue_many(list(first.rows), 2, [4, 4])
+    second = scheduler.decide(can_admit=False)  # the deepest closed call: layer 2
+    assert second == Call(2, 4, (0, 1), 2)
+    third = scheduler.decide(can_admit=False)
+    assert third == Call(1, 9, (2, 3), 2)
+    scheduler.advance(third)  # nothing queued at layer 2 or deeper: held as the next call
+    assert scheduler._ready == Call(2, 9, (2, 3), 2)
+    scheduler.requeue_many([0, 1], 3, [4, 4])  # ... until rows 0, 1 are queued deeper
+    assert scheduler.decide(can_admit=False) == Call(3, 4, (0, 1), 2)  # the deepest closed call first
+    assert scheduler.decide(can_admit=False) == Call(2, 9, (2, 3), 2)

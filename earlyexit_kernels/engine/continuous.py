@@ -475,29 +475,36 @@ class ContinuousEngine:
             next_layer = self._next_run_layer(hidden[:n, 0], layer)
         may_exit = layer == self.num_layers or can_exit_before_last(self.policy, layer)
         if not may_exit and next_layer is None:
-            self.scheduler.requeue_many(list(call.rows), layer + 1, inputs.lengths)
+            self.scheduler.advance(call)
             return []
 
-        # The one read-back of the call.
-        columns = [exits[:n, None], returned[:n]]
-        if next_layer is not None:
-            columns.append(next_layer[:, None])
+        # The one read-back of the call (on the CPU the outputs are read where they are).
         wire = torch.float64 if self.dtype == torch.float64 else torch.float32
-        result = torch.cat([c.to(wire) for c in columns], dim=1).cpu()
         self.stats.host_syncs += 1
-        table = result.numpy()
-        exited = table[:, 0] > 0
-        next_layers = table[:, -1].astype(np.int64) if next_layer is not None else None
-        if next_layers is None and not exited.any():
-            self.scheduler.requeue_many(list(call.rows), layer + 1, inputs.lengths)
-            return []
+        if self.device.type == "cpu":
+            exited = exits[:n].numpy()
+            next_layers = next_layer.numpy().astype(np.int64) if next_layer is not None else None
+            if next_layers is None and not exited.any():
+                self.scheduler.advance(call)
+                return []
+            logits = returned[:n].to(wire)
+        else:
+            columns = [exits[:n, None], returned[:n]]
+            if next_layer is not None:
+                columns.append(next_layer[:, None])
+            table = torch.cat([c.to(wire) for c in columns], dim=1).cpu().numpy()
+            exited = table[:, 0] > 0
+            next_layers = table[:, -1].astype(np.int64) if next_layer is not None else None
+            if next_layers is None and not exited.any():
+                self.scheduler.advance(call)
+                return []
+            logits = torch.from_numpy(table[:, 1 : 1 + self.num_labels])
         # Rounded to the model dtype on the host, once for the rows that exit, keeping each row's argmax
         # (as the per-batch engine does: Voting's tie-broken log-scores can round to equal values).
         out_dtype = _output_dtype(self.dtype, self.device)  # the autocast dtype inside autocast, as the model
         leaving = np.flatnonzero(exited)
-        logits = result[:, 1 : 1 + self.num_labels]
-        if len(leaving) < n:  # on the host: the rows that exit
-            logits = torch.from_numpy(table[leaving, 1 : 1 + self.num_labels])
+        if len(leaving) < n:  # the rows that exit
+            logits = logits[torch.from_numpy(leaving)]
         logits = _round_keeping_argmax(logits, out_dtype)
         logits = dict(zip(leaving.tolist(), logits.unbind(0)))
         finished = []
@@ -509,6 +516,9 @@ class ContinuousEngine:
             else:
                 target = layer + 1 if next_layers is None else int(next_layers[row])
                 survivors.setdefault(target, []).append(slot)
+        if not finished and list(survivors) == [layer + 1]:
+            self.scheduler.advance(call)  # layer-skipping rows that all run the next layer
+            return finished
         for target, slots in survivors.items():
             self.scheduler.requeue_many(slots, target, self._lengths[slots].tolist())
         return finished
@@ -551,9 +561,8 @@ class ContinuousEngine:
             inputs.hidden = resident.hidden
             return inputs
         slots = list(call.rows) + [self._pad_slot] * (call.padded_rows - n)
-        lengths = self._lengths[slots]
-        valid = np.arange(call.padded_length) < lengths[:, None]
-        tokens, lengths = int(valid[:n].sum()), lengths[:n].tolist()
+        valid = np.arange(call.padded_length) < self._lengths[slots][:, None]
+        tokens = int(valid[:n].sum())
         if (
             resident is not None
             and call.padded_rows == n
@@ -569,7 +578,7 @@ class ContinuousEngine:
                 hidden = hidden[:, : call.padded_length].contiguous()
             slot_index = torch.tensor(slots, device=self.device)
             mask = None if valid.all() else torch.from_numpy(valid).to(self.device)
-            return _CallInputs(hidden, mask, slot_index, valid, tokens, lengths)
+            return _CallInputs(hidden, mask, slot_index, valid, tokens)
         self._flush()
         token_index, _ = self._token_index(slots, call.padded_length)
         # One host-to-device copy: read positions and slots.
@@ -581,7 +590,7 @@ class ContinuousEngine:
         if self.compiled or not valid.all():  # compiled: one graph per shape, the mask always given
             mask = read.view(call.padded_rows, call.padded_length) != _NULL
             mask[:, 0] = True  # pad rows attend to their first (zero) token instead of nothing
-        return _CallInputs(hidden, mask, slot_index, valid, tokens, lengths)
+        return _CallInputs(hidden, mask, slot_index, valid, tokens)
 
     def _write(self, slots: list[int], hidden: torch.Tensor, skip: set | None = None) -> None:
         """Valid positions of ``hidden`` [len(slots), S, H] into the pool; pad positions, and the rows
@@ -618,16 +627,14 @@ class _CallInputs:
     """A layer call's inputs: ``hidden`` [padded_rows, padded_length, H]; ``mask`` [padded_rows,
     padded_length] or None (no padding) and ``layer_mask``, the layer's form of it (None until
     built); ``slot_index`` [padded_rows] on the device; ``valid`` [padded_rows, padded_length]
-    on the host; ``tokens``: how many positions of the real rows are valid; ``lengths``: the
-    real rows' lengths; ``positions``: the flat indices of the valid positions [T] on the device
-    (built for packed calls)."""
+    on the host; ``tokens``: how many positions of the real rows are valid; ``positions``: the
+    flat indices of the valid positions [T] on the device (built for packed calls)."""
 
     hidden: torch.Tensor | None
     mask: torch.Tensor | None
     slot_index: torch.Tensor
     valid: np.ndarray
     tokens: int
-    lengths: list[int]
     layer_mask: object = None
     positions: torch.Tensor | None = None
 

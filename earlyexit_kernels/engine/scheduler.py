@@ -38,6 +38,13 @@ fits (``capacity`` rows at its length) and costs no more than the two apart.
    deepest layer (it frees room soonest); with no input, the fullest call of the
    shallowest layer (its survivors may still merge with the groups waiting deeper).
 
+**Going on at once.** When every row of a call goes on to the next layer, the runner calls
+:meth:`LayerScheduler.advance`, which is :meth:`~LayerScheduler.requeue_many` of them all but
+for one case: where the rule would take exactly those rows next (the call was one full cohort,
+nothing waits at that layer or deeper, nothing is overdue), they are held as the next call
+instead of queued, and :meth:`~LayerScheduler.decide` returns it. The calls are the same; a
+cohort that nobody leaves runs its layers as the per-batch loop does, without the queues.
+
 **Guarantees.** Every call runs at least one row, so the stream drains. Every call is a
 union of whole groups merged only where the cost model says the merge costs no more, so
 on the same cohorts the calls of each layer cost at most what the per-batch loop's calls
@@ -211,6 +218,8 @@ class LayerScheduler:
         self._cohorts = 0
         self.in_flight = 0
         self.calls = 0
+        self._last: tuple[Call, int | None] | None = None  # the last call taken and its cohort (None: merged)
+        self._ready: Call | None = None  # the next call, held by advance
 
     @property
     def wait_bound(self) -> int:
@@ -222,7 +231,8 @@ class LayerScheduler:
         return self.max_in_flight - self.in_flight
 
     def waiting(self, layer: int) -> int:
-        return sum(len(group.rows) for group in self._groups[layer].values())
+        held = len(self._ready.rows) if self._ready is not None and self._ready.layer == layer else 0
+        return held + sum(len(group.rows) for group in self._groups[layer].values())
 
     def cohorts(self, lengths: list[int]) -> list[list[int]]:
         """Positions of ``lengths`` cut into cohorts: sorted by length, consecutive, each a call's capacity."""
@@ -250,6 +260,7 @@ class LayerScheduler:
         self._new_cohort([row], [length])
 
     def _new_cohort(self, rows: list[int], lengths: list[int]) -> None:
+        self._queue_ready()
         for length in lengths:
             self.buckets.padded_length(length)  # validates the length
         cohort = self._cohorts
@@ -266,6 +277,7 @@ class LayerScheduler:
 
     def requeue_many(self, rows: list[int], layer: int, lengths: list[int]) -> None:
         """:meth:`requeue` of several rows into one layer (in order; one group update per cohort)."""
+        self._queue_ready()  # the queues change: the rule decides again
         by_cohort: dict[int, tuple[list[int], list[int]]] = {}
         for row, length in zip(rows, lengths):
             cohort_rows, cohort_lengths = by_cohort.setdefault(self._cohort_of[row], ([], []))
@@ -283,6 +295,38 @@ class LayerScheduler:
             counts[layer] = counts.get(layer, 0) + len(cohort_rows)
         self._stale_from(layer)
 
+    def advance(self, call: Call) -> None:
+        """Every row of ``call`` goes on to the next layer: :meth:`requeue_many` of them all, or (where
+        :meth:`decide` would take exactly those rows next) held as the next call."""
+        following = self._following(call)
+        if following is None:
+            self.requeue_many(list(call.rows), call.layer + 1, [self._length_of[row] for row in call.rows])
+        else:
+            self._ready = following
+
+    def _following(self, call: Call) -> Call | None:
+        """The call :meth:`decide` would return after :meth:`requeue_many` of ``call``'s rows into the next
+        layer, where that needs no queue: ``call`` was the last call taken, one cohort with no other row
+        waiting, full (no group could join it: closed), nothing waits at the next layer or deeper (so it
+        is the deepest closed call) and no group is overdue. Else None."""
+        layer = call.layer + 1
+        if layer > self.num_layers or self._last is None or self._last[0] is not call:
+            return None
+        cohort = self._last[1]
+        if cohort is None or self._waiting_in.get(cohort) or len(call.rows) < self.buckets.capacity(call.padded_length):
+            return None
+        if any(self._groups[deeper] for deeper in range(layer, self.num_layers + 1)):
+            return None
+        if any(self.calls - group.since >= self.max_wait for groups in self._groups for group in groups.values()):
+            return None
+        return Call(layer, call.padded_length, call.rows, call.padded_rows)
+
+    def _queue_ready(self) -> None:
+        """The call held by :meth:`advance`, back into its queue as a group (its rows are to change)."""
+        ready, self._ready = self._ready, None
+        if ready is not None:
+            self.requeue_many(list(ready.rows), ready.layer, [self._length_of[row] for row in ready.rows])
+
     def release(self, row: int) -> None:
         """``row`` left the encoder."""
         self.in_flight -= 1
@@ -298,6 +342,8 @@ class LayerScheduler:
     def discard(self, rows) -> int:
         """Remove waiting ``rows`` (e.g. a client went away) and release them; returns how many were found."""
         rows = set(rows)
+        if self._ready is not None and rows.intersection(self._ready.rows):
+            self._queue_ready()
         found = []
         for layer, groups in enumerate(self._groups):
             for cohort, group in list(groups.items()):
@@ -327,6 +373,11 @@ class LayerScheduler:
 
     def decide(self, can_admit: bool) -> Call | Admit | None:
         """The next action: a :class:`Call`, an :class:`Admit` (only with ``can_admit``), or None when idle."""
+        if self._ready is not None:  # held by advance: what the rule takes next
+            call, self._ready = self._ready, None
+            self.calls += 1
+            self._last = (call, self._last[1])
+            return call
         layers = [layer for layer in range(self.num_layers, 0, -1) if self._groups[layer]]
         full_cohort = self.buckets.max_batch_size
         if not layers:
@@ -397,4 +448,6 @@ class LayerScheduler:
         rows.sort(key=lambda row: self._length_of[row])
         self._stale_from(layer)
         self.calls += 1
-        return Call(layer, planned.padded_length, tuple(rows), self.buckets.padded_rows(len(rows)))
+        call = Call(layer, planned.padded_length, tuple(rows), self.buckets.padded_rows(len(rows)))
+        self._last = (call, planned.groups[0].cohort if len(planned.groups) == 1 else None)
+        return call
