@@ -100,3 +100,21 @@ def test_a_layer_with_forward_hooks_runs_through_its_module_so_they_fire():
     assert first_layer_calls == 3  # 24 sequences in calls of 8: every layer-1 call ran the module
     assert engine.stats.packed_calls > 0  # the other layers, without hooks, ran packed
     assert len(finished) == len(items)
+
+
+def test_transformers_own_output_capturing_hooks_do_not_stop_packed_calls():
+    items = _sequences(24, seed=6, longest=48)
+    model, _ = spread_model("bert", "entropy", items)
+    with torch.no_grad():
+        # a first forward that collects hidden states installs them on every layer
+        model.bert(input_ids=torch.tensor([items[0]["input_ids"]]), output_hidden_states=True)
+    assert model.bert.encoder.layer[0]._forward_hooks  # idle outside output_hidden_states
+    engine = ContinuousEngine(model, max_batch_size=8, max_in_flight=16, packed=True)
+    for index, item in enumerate(items):
+        engine.submit(index, item["input_ids"], item["token_type_ids"])
+    finished = sorted(engine.run(), key=lambda done: done.key)
+    assert engine.stats.packed_calls > 0
+    for done, item in zip(finished, items):
+        alone = _alone(model, item)
+        assert done.exit_layer == int(alone.exit_layer)
+        torch.testing.assert_close(done.logits, alone.logits[0], rtol=0, atol=1e-5)

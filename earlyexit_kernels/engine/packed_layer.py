@@ -46,15 +46,27 @@ def splits_into_token_parts(layer: nn.Module) -> bool:
 
 
 def has_forward_hooks(layer: nn.Module) -> bool:
-    """Whether calling ``layer`` runs forward hooks (its own or global ones): a packed call would skip them."""
+    """Whether calling ``layer`` runs forward hooks (its own or global ones) that would do something:
+    a packed call would skip them. transformers' own output-capturing hook (installed on every layer
+    at a model's first forward) does nothing outside a forward that collects hidden states."""
     from torch.nn.modules import module as torch_module
 
-    return bool(
-        layer._forward_hooks
-        or layer._forward_pre_hooks
-        or torch_module._global_forward_hooks
-        or torch_module._global_forward_pre_hooks
-    )
+    hooks = [
+        *layer._forward_hooks.values(),
+        *layer._forward_pre_hooks.values(),
+        *torch_module._global_forward_hooks.values(),
+        *torch_module._global_forward_pre_hooks.values(),
+    ]
+    return any(not _idle_output_capture(hook) for hook in hooks)
+
+
+def _idle_output_capture(hook) -> bool:
+    """Whether ``hook`` is transformers' output-capturing hook with no collection under way."""
+    module = sys.modules.get(getattr(hook, "__module__", None) or "")
+    if getattr(hook, "__name__", None) != "output_capturing_hook" or module is None:
+        return False
+    collector = getattr(module, "_active_collector", None)
+    return collector is not None and not collector.get()  # None, or {}: nothing to collect
 
 
 def _attention_function(self_attention: nn.Module):
