@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import transformers.models.bert.modeling_bert as modeling_bert
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.bench.stream import StreamConfig, make_corpus, make_models, run_on_batches, sorted_batches
+from earlyexit_kernels.bench.stream import StreamConfig, run_on_batches, sorted_stream
 
 
 def main() -> None:
@@ -34,13 +32,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     config = StreamConfig(sequences=args.sequences, hidden=128, layers=12, heads=2, seed=0)
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer, _, ids = make_corpus(config, Path(folder))
-    batches = sorted_batches(ids, 32)
-    unpatched, model, _ = make_models(config, len(tokenizer), batches)
+    stream = sorted_stream(config, 32)
+    unpatched, model, batches, items = stream.unpatched, stream.model, stream.batches, stream.items
     eek.patch(model, eek.Entropy(0.0))
     modeling_bert.BertLayer.forward = lambda self, hidden_states, *args, **kwargs: hidden_states
-    items = [{"input_ids": i} for i in ids]
 
     def run_unpatched():
         run_on_batches(unpatched, batches)

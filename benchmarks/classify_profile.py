@@ -14,21 +14,12 @@ import argparse
 import cProfile
 import pstats
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.bench.stream import (
-    StreamConfig,
-    calibrate,
-    make_corpus,
-    make_models,
-    run_on_batches,
-    sorted_batches,
-)
+from earlyexit_kernels.bench.stream import StreamConfig, calibrate, run_on_batches, sorted_stream
 
 KERNELS = {
     "<built-in method torch._C._nn.linear>": "linear",
@@ -63,12 +54,9 @@ def main() -> None:
     config = StreamConfig(
         sequences=args.sequences, hidden=args.hidden, layers=12, heads=max(2, args.hidden // 64), seed=0
     )
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer, _, ids = make_corpus(config, Path(folder))
-    batches = sorted_batches(ids, 32)
-    unpatched, model, entropies = make_models(config, len(tokenizer), batches)
-    eek.patch(model, eek.Entropy(calibrate(entropies, args.saved)))
-    items = [{"input_ids": i} for i in ids]
+    stream = sorted_stream(config, 32)
+    unpatched, model, batches, items = stream.unpatched, stream.model, stream.batches, stream.items
+    eek.patch(model, eek.Entropy(calibrate(stream.entropies, args.saved)))
 
     def run_unpatched():
         run_on_batches(unpatched, batches)

@@ -36,7 +36,6 @@ import csv
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,11 +46,9 @@ import earlyexit_kernels as eek
 from earlyexit_kernels.bench.stream import (
     StreamConfig,
     calibrate,
-    make_corpus,
-    make_models,
     recorded_engines,
     run_on_batches,
-    sorted_batches,
+    sorted_stream,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "continuous_grid"
@@ -110,11 +107,9 @@ def measure(cell: Cell, threads: list[int], repeats: int, layers: int = 12, prog
     config = StreamConfig(
         sequences=cell.sequences, hidden=cell.hidden, layers=layers, heads=max(2, cell.hidden // 64), seed=0
     )
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer, _, ids = make_corpus(config, Path(folder))
-    batches = sorted_batches(ids, BATCH)
-    unpatched, model, entropies = make_models(config, len(tokenizer), batches)
-    items = [{"input_ids": i} for i in ids]
+    stream = sorted_stream(config, BATCH)
+    ids, batches, items, entropies = stream.ids, stream.batches, stream.items, stream.entropies
+    unpatched, model = stream.unpatched, stream.model
     tokens = torch.tensor([len(i) for i in ids])
     total_tokens = int(tokens.sum())
     label = f"BERT H{cell.hidden} L{layers}"

@@ -237,6 +237,31 @@ def make_models(config: StreamConfig, vocab_size: int, batches):
     return model, patched, entropies
 
 
+@dataclass
+class SortedStream:
+    """The stream's token ids, its length-sorted batches and the two models on them (see :func:`make_models`)."""
+
+    ids: list[list[int]]
+    batches: list
+    unpatched: torch.nn.Module
+    model: torch.nn.Module
+    entropies: torch.Tensor
+
+    @property
+    def items(self) -> list[dict]:
+        """The token ids as ``eek.classify`` takes them."""
+        return [{"input_ids": i} for i in self.ids]
+
+
+def sorted_stream(config: StreamConfig, batch_size: int) -> SortedStream:
+    """The corpus of ``config`` (vocabulary in a temporary folder), sorted into batches of ``batch_size``."""
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer, _, ids = make_corpus(config, Path(folder))
+    batches = sorted_batches(ids, batch_size)
+    unpatched, model, entropies = make_models(config, len(tokenizer), batches)
+    return SortedStream(ids, batches, unpatched, model, entropies)
+
+
 def exit_layers_at(entropies: torch.Tensor, threshold: float) -> torch.Tensor:
     """The exit layer of each sequence under ``Entropy(threshold)``: the first head below it, else L."""
     below = entropies < threshold

@@ -481,13 +481,10 @@ class ContinuousEngine:
         # The one read-back of the call (on the CPU the outputs are read where they are).
         wire = torch.float64 if self.dtype == torch.float64 else torch.float32
         self.stats.host_syncs += 1
+        table = None
         if self.device.type == "cpu":
             exited = exits[:n].numpy()
             next_layers = next_layer.numpy().astype(np.int64) if next_layer is not None else None
-            if next_layers is None and not exited.any():
-                self.scheduler.advance(call)
-                return []
-            logits = returned[:n].to(wire)
         else:
             columns = [exits[:n, None], returned[:n]]
             if next_layer is not None:
@@ -495,10 +492,10 @@ class ContinuousEngine:
             table = torch.cat([c.to(wire) for c in columns], dim=1).cpu().numpy()
             exited = table[:, 0] > 0
             next_layers = table[:, -1].astype(np.int64) if next_layer is not None else None
-            if next_layers is None and not exited.any():
-                self.scheduler.advance(call)
-                return []
-            logits = torch.from_numpy(table[:, 1 : 1 + self.num_labels])
+        if next_layers is None and not exited.any():
+            self.scheduler.advance(call)
+            return []
+        logits = returned[:n].to(wire) if table is None else torch.from_numpy(table[:, 1 : 1 + self.num_labels])
         # Rounded to the model dtype on the host, once for the rows that exit, keeping each row's argmax
         # (as the per-batch engine does: Voting's tie-broken log-scores can round to equal values).
         out_dtype = _output_dtype(self.dtype, self.device)  # the autocast dtype inside autocast, as the model

@@ -260,7 +260,6 @@ class LayerScheduler:
         self._new_cohort([row], [length])
 
     def _new_cohort(self, rows: list[int], lengths: list[int]) -> None:
-        self._queue_ready()
         for length in lengths:
             self.buckets.padded_length(length)  # validates the length
         cohort = self._cohorts
