@@ -154,6 +154,7 @@ class ContinuousEngine:
         hidden_size = self.adapter.hidden_size
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, linear_compute_dtype(self.adapter.final_classifier)
+        self._on_cpu = self.device.type == "cpu"  # read per call: a plain bool, no torch.device attribute
         self.backend = resolve_backend(
             model._eek_backend, self.device, dtype=self.dtype, hidden_size=hidden_size, num_labels=self.num_labels
         )
@@ -463,9 +464,10 @@ class ContinuousEngine:
             fused=self._fused,
             mask=mask,
         )
-        real = slot_index[:n]
-        for key, value in self._state.items():
-            value.index_copy_(0, real, state[key][:n])
+        if self._state:
+            real = slot_index[:n]
+            for key, value in self._state.items():
+                value.index_copy_(0, real, state[key][:n])
         for slot in call.rows:
             self._runs[slot] += 1
         self.stats.record_call(call, inputs.tokens)
@@ -482,28 +484,30 @@ class ContinuousEngine:
         wire = torch.float64 if self.dtype == torch.float64 else torch.float32
         self.stats.host_syncs += 1
         table = None
-        if self.device.type == "cpu":
-            exited = exits[:n].numpy()
-            next_layers = next_layer.numpy().astype(np.int64) if next_layer is not None else None
+        if self._on_cpu:
+            # One conversion to Python values: right after a layer every numpy or torch call runs
+            # on cold caches (tens of microseconds each), while the interpreter's own loop stays warm.
+            exited = exits.tolist()[:n]
+            next_layers = next_layer.numpy().tolist() if next_layer is not None else None
         else:
             columns = [exits[:n, None], returned[:n]]
             if next_layer is not None:
                 columns.append(next_layer[:, None])
             table = torch.cat([c.to(wire) for c in columns], dim=1).cpu().numpy()
-            exited = table[:, 0] > 0
-            next_layers = table[:, -1].astype(np.int64) if next_layer is not None else None
-        if next_layers is None and not exited.any():
+            exited = (table[:, 0] > 0).tolist()
+            next_layers = table[:, -1].astype(np.int64).tolist() if next_layer is not None else None
+        if next_layers is None and not any(exited):
             self.scheduler.advance(call)
             return []
         logits = returned[:n].to(wire) if table is None else torch.from_numpy(table[:, 1 : 1 + self.num_labels])
         # Rounded to the model dtype on the host, once for the rows that exit, keeping each row's argmax
         # (as the per-batch engine does: Voting's tie-broken log-scores can round to equal values).
         out_dtype = _output_dtype(self.dtype, self.device)  # the autocast dtype inside autocast, as the model
-        leaving = np.flatnonzero(exited)
+        leaving = [row for row, left in enumerate(exited) if left]
         if len(leaving) < n:  # the rows that exit
-            logits = logits[torch.from_numpy(leaving)]
+            logits = logits[torch.tensor(leaving, dtype=torch.long)]
         logits = _round_keeping_argmax(logits, out_dtype)
-        logits = dict(zip(leaving.tolist(), logits.unbind(0)))
+        logits = dict(zip(leaving, logits.unbind(0)))
         finished = []
         survivors: dict[int, list[int]] = {}  # next layer -> slots
         for row, slot in enumerate(call.rows):
@@ -511,7 +515,7 @@ class ContinuousEngine:
                 finished.append(Finished(self._keys[slot], logits[row], layer, self._runs[slot]))
                 self._release(slot)
             else:
-                target = layer + 1 if next_layers is None else int(next_layers[row])
+                target = layer + 1 if next_layers is None else next_layers[row]
                 survivors.setdefault(target, []).append(slot)
         if not finished and list(survivors) == [layer + 1]:
             self.scheduler.advance(call)  # layer-skipping rows that all run the next layer

@@ -129,7 +129,7 @@ class EncoderAdapterBase:
         return hasattr(self, "head_weights") and self.head_form == "model"
 
     def token_vectors(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The token vectors the model's head pools, from a layer's output [n, S, H] (ModernBERT: its final norm)."""
+        """The token vectors the model's head pools, from a layer's output [..., H] (ModernBERT: its final norm; token-wise)."""
         return hidden
 
     def pooled_hidden(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -138,7 +138,7 @@ class EncoderAdapterBase:
         For ``"cls"`` a strided view of the [CLS] rows; what the fused kernels read."""
         if self.head_pooling == "mean":
             return masked_mean(self.token_vectors(hidden), mask)
-        return self.token_vectors(hidden[:, :1])[:, 0]
+        return self.token_vectors(hidden[:, 0])
 
     def pool_vector(self, pooled: torch.Tensor) -> torch.Tensor:
         """The model's own head before its last Linear, on a pooled token vector [n, H] -> [n, H]."""

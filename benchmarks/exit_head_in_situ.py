@@ -1,0 +1,134 @@
+"""What the exit head and exit step cost right after an encoder layer, against the same call warm (CPU).
+
+An early-exit engine runs the exit head of a layer right after that layer. On a CPU the
+layer's matrix products push the host code's instructions and data out of the caches, so
+every small op that follows runs cold. This measures that on the continuous grid's models
+(random BERT, hidden 128 and 384, 12 layers, 2 labels), one layer call of ``--rows`` rows of
+``--length`` tokens:
+
+- ``layer``: one encoder layer (``adapter.run_layer``), alone, per call;
+- ``head in situ``: the engine's head-and-exit step (``batch_loop.head_and_exit_step``,
+  Entropy, on the backend the engine picks) and the read of which rows exit, timed alone
+  right after each of ``--calls`` layer calls, median;
+- ``head warm``: the same head-and-exit step called back to back (caches warm), median;
+- ``one add in situ`` / ``warm``: a single 3-element ``torch.add``, after a layer or warm:
+  what any small op pays after a layer, whatever its own work.
+
+    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/exit_head_in_situ.py --threads 1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+import earlyexit_kernels as eek
+from earlyexit_kernels.backends.registry import resolve_backend
+from earlyexit_kernels.bench.timing import median_us
+from earlyexit_kernels.engine.batch_loop import can_fuse_head, head_and_exit_step
+from earlyexit_kernels.methods.exit_rules import init_state
+
+LAYERS, LABELS = 12, 2
+
+
+def _model(hidden: int):
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=1000,
+        hidden_size=hidden,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=max(2, hidden // 64),
+        intermediate_size=4 * hidden,
+        num_labels=LABELS,
+    )
+    model = BertForSequenceClassification._from_config(config, attn_implementation="sdpa").eval()
+    eek.patch(model, eek.Entropy(0.3))
+    return model
+
+
+def _after_layer_us(layer, fn, calls: int) -> float:
+    """Median microseconds of ``fn()`` timed alone, each call right after a call of ``layer()``."""
+    samples = []
+    for _ in range(calls):
+        layer()
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(samples)
+
+
+def measure(hidden: int, rows: int, length: int, calls: int) -> dict:
+    model = _model(hidden)
+    adapter = model._eek_adapter
+    policy = eek.policy_of(model)
+    backend = resolve_backend(model._eek_backend, torch.device("cpu"), dtype=torch.float32)
+    states = torch.randn(rows, length, hidden)
+    small = torch.ones(3)
+
+    with torch.no_grad():
+        fused = can_fuse_head(backend, adapter)
+        output = adapter.run_layer(0, states, None)
+
+        def layer():
+            return adapter.run_layer(0, states, None)
+
+        def head(hidden_states=output):
+            state = init_state(policy, rows, LABELS, hidden, LAYERS, hidden_states.device, pooled_dtype=torch.float32)
+            exits = head_and_exit_step(adapter, backend, policy, 3, hidden_states, None, state, fused=fused)[0]
+            return any(exits.tolist())
+
+        for _ in range(5):  # warm-up
+            head(layer())
+        return {
+            "layer": median_us(layer, 50),
+            "head in situ": _after_layer_us(layer, head, calls),
+            "head warm": median_us(head, 200),
+            "one add in situ": _after_layer_us(layer, lambda: torch.add(small, small), calls),
+            "one add warm": median_us(lambda: torch.add(small, small), 200),
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", default="128,384", help="hidden sizes, comma-separated")
+    parser.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--length", type=int, default=40)
+    parser.add_argument("--calls", type=int, default=200, help="layer calls per in-situ timing")
+    args = parser.parse_args()
+    print(f"{args.rows} rows x {args.length} tokens per call; microseconds per call (median)")
+    header = [
+        "hidden",
+        "threads",
+        "layer",
+        "head in situ",
+        "head warm",
+        "in situ % of layer",
+        "one add in situ",
+        "warm",
+    ]
+    print("| " + " | ".join(header) + " |")
+    print("|" + " --- |" * len(header))
+    for hidden in (int(h) for h in args.hidden.split(",")):
+        for threads in (int(t) for t in args.threads.split(",")):
+            torch.set_num_threads(threads)
+            r = measure(hidden, args.rows, args.length, args.calls)
+            cells = [
+                hidden,
+                threads,
+                f"{r['layer']:.0f}",
+                f"{r['head in situ']:.0f}",
+                f"{r['head warm']:.0f}",
+                f"{100 * r['head in situ'] / r['layer']:.1f}%",
+                f"{r['one add in situ']:.0f}",
+                f"{r['one add warm']:.1f}",
+            ]
+            print("| " + " | ".join(str(c) for c in cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
