@@ -8,8 +8,8 @@ every small op that follows runs cold. This measures that on the continuous grid
 
 - ``layer``: one encoder layer (``adapter.run_layer``), alone, per call;
 - ``head in situ``: the engine's head-and-exit step (``batch_loop.head_and_exit_step``,
-  Entropy, on the backend the engine picks) and the read of which rows exit, timed alone
-  right after each of ``--calls`` layer calls, median;
+  Entropy, on the backend the engine picks) on a layer call's output and the read of which
+  rows exit, timed alone right after each of ``--calls`` layer calls, median;
 - ``head warm``: the same head-and-exit step called back to back (caches warm), median;
 - ``one add in situ`` / ``warm``: a single 3-element ``torch.add``, after a layer or warm:
   what any small op pays after a layer, whatever its own work.
@@ -51,12 +51,12 @@ def _model(hidden: int):
 
 
 def _after_layer_us(layer, fn, calls: int) -> float:
-    """Median microseconds of ``fn()`` timed alone, each call right after a call of ``layer()``."""
+    """Median microseconds of ``fn(output)`` timed alone, each call on the output of a call of ``layer()`` just made."""
     samples = []
     for _ in range(calls):
-        layer()
+        output = layer()
         start = time.perf_counter()
-        fn()
+        fn(output)
         samples.append(time.perf_counter() - start)
     return 1e6 * statistics.median(samples)
 
@@ -71,23 +71,23 @@ def measure(hidden: int, rows: int, length: int, calls: int) -> dict:
 
     with torch.no_grad():
         fused = can_fuse_head(backend, adapter)
-        output = adapter.run_layer(0, states, None)
 
         def layer():
             return adapter.run_layer(0, states, None)
 
-        def head(hidden_states=output):
+        def head(hidden_states):
             state = init_state(policy, rows, LABELS, hidden, LAYERS, hidden_states.device, pooled_dtype=torch.float32)
             exits = head_and_exit_step(adapter, backend, policy, 3, hidden_states, None, state, fused=fused)[0]
             return any(exits.tolist())
 
         for _ in range(5):  # warm-up
-            head(layer())
+            output = layer()
+            head(output)
         return {
             "layer": median_us(layer, 50),
             "head in situ": _after_layer_us(layer, head, calls),
-            "head warm": median_us(head, 200),
-            "one add in situ": _after_layer_us(layer, lambda: torch.add(small, small), calls),
+            "head warm": median_us(lambda: head(output), 200),
+            "one add in situ": _after_layer_us(layer, lambda _: torch.add(small, small), calls),
             "one add warm": median_us(lambda: torch.add(small, small), 200),
         }
 

@@ -496,8 +496,8 @@ class ContinuousEngine:
             table = torch.cat([c.to(wire) for c in columns], dim=1).cpu().numpy()
             exited = (table[:, 0] > 0).tolist()
             next_layers = table[:, -1].astype(np.int64).tolist() if next_layer is not None else None
-        if next_layers is None and not any(exited):
-            self.scheduler.advance(call)
+        if not any(exited) and (next_layers is None or all(target == layer + 1 for target in next_layers)):
+            self.scheduler.advance(call)  # every row goes on to the next layer
             return []
         logits = returned[:n].to(wire) if table is None else torch.from_numpy(table[:, 1 : 1 + self.num_labels])
         # Rounded to the model dtype on the host, once for the rows that exit, keeping each row's argmax
@@ -517,9 +517,6 @@ class ContinuousEngine:
             else:
                 target = layer + 1 if next_layers is None else next_layers[row]
                 survivors.setdefault(target, []).append(slot)
-        if not finished and list(survivors) == [layer + 1]:
-            self.scheduler.advance(call)  # layer-skipping rows that all run the next layer
-            return finished
         for target, slots in survivors.items():
             self.scheduler.requeue_many(slots, target, self._lengths[slots].tolist())
         return finished
