@@ -111,12 +111,19 @@ def _extensions():
 
     _set_max_jobs()
     csrc = "csrc"
-    cpu_sources = [f"{csrc}/bindings.cpp", f"{csrc}/cpu/exit_step_cpu.cpp", f"{csrc}/cpu/compact_cpu.cpp"]
+    cpu_sources = [
+        f"{csrc}/bindings.cpp",
+        f"{csrc}/cpu/exit_step_cpu.cpp",
+        f"{csrc}/cpu/pooler_head_cpu.cpp",
+        f"{csrc}/cpu/compact_cpu.cpp",
+    ]
     cxx = ["-O3", "-ffp-contract=off"]
     # at::parallel_for brings the threads (torch's own OpenMP); the kernels only need the
     # OpenMP SIMD pragmas, which need no runtime library.
     if _compiler_accepts("-fopenmp-simd"):
         cxx.append("-fopenmp-simd")
+    if _compiler_accepts("-Wno-psabi"):  # GCC's note on passing AVX vectors (always inlined here)
+        cxx.append("-Wno-psabi")
     macros = [("EEK_TORCH_VERSION", f'"{torch.__version__}"')]
     include_dirs = [os.path.join(ROOT, csrc)]
 

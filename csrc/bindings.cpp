@@ -7,6 +7,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/pooler_head_cpu.h"
 #include "ops.h"
 
 TORCH_LIBRARY_FRAGMENT(earlyexit, m) {
@@ -32,6 +33,15 @@ TORCH_LIBRARY_FRAGMENT(earlyexit, m) {
       " Tensor(a!)? out_logits=None, Tensor(b!)? out_exit_layer=None, Tensor(c!)? out_layers_run=None)"
       " -> (Tensor exits, Tensor returned, Tensor logits, Tensor pooled, Tensor state0, Tensor state1,"
       " Tensor survivors, Tensor count)");
+  // The same on the CPU in float32, the pooler weight given transposed: pooler_weight_t is
+  // W_p.t().contiguous() [H_in, H_out], packed once per weight by the caller.
+  m.def(
+      "cpp_packed_head_exit_step(Tensor cls_hidden, Tensor pooler_weight_t, Tensor pooler_bias, Tensor head_weight,"
+      " Tensor head_bias, Tensor? halting, Tensor[] state, int kind, int flags, int layer, int num_layers,"
+      " int int_param, float scalar, Tensor per_layer, Tensor? rows=None, Tensor? runs=None,"
+      " Tensor(a!)? out_logits=None, Tensor(b!)? out_exit_layer=None, Tensor(c!)? out_layers_run=None)"
+      " -> (Tensor exits, Tensor returned, Tensor logits, Tensor pooled, Tensor state0, Tensor state1,"
+      " Tensor survivors, Tensor count)");
   // Gather rows `index` of hidden [n, S, H] and mask [n, S], keep the first seq_len positions.
   // The second output is an empty tensor when mask is None.
   m.def("cpp_compact(Tensor hidden, Tensor? mask, Tensor index, int seq_len) -> (Tensor hidden, Tensor mask)");
@@ -41,6 +51,7 @@ TORCH_LIBRARY_IMPL(earlyexit, CPU, m) {
   m.impl("cpp_head", &eek::head_cpu);
   m.impl("cpp_exit_step", &eek::exit_step_cpu);
   m.impl("cpp_head_exit_step", &eek::head_exit_step_cpu);
+  m.impl("cpp_packed_head_exit_step", &eek::packed_head_exit_step_cpu);
   m.impl("cpp_compact", &eek::compact_cpu);
 }
 
@@ -67,5 +78,6 @@ extern "C" PyObject* EEK_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   PyModule_AddIntConstant(module, "WITH_CUDA", 0);
 #endif
   PyModule_AddStringConstant(module, "TORCH_VERSION", EEK_TORCH_VERSION);
+  PyModule_AddStringConstant(module, "CPU_HEAD_ISA", eek::pooler_head_isa());
   return module;
 }

@@ -25,6 +25,11 @@ ExitResult exit_step_cpu(const at::Tensor& logits, EEK_EXIT_ARGS);
 HeadExitResult head_exit_step_cpu(const at::Tensor& cls_hidden, const at::Tensor& pooler_weight,
                                   const at::Tensor& pooler_bias, const at::Tensor& head_weight,
                                   const at::Tensor& head_bias, EEK_EXIT_ARGS);
+// cpp_head_exit_step in float32 with the pooler weight given transposed ([H_in, H_out]),
+// for the CPU's register-blocked head (cpu/pooler_head_cpu.cpp).
+HeadExitResult packed_head_exit_step_cpu(const at::Tensor& cls_hidden, const at::Tensor& pooler_weight_t,
+                                         const at::Tensor& pooler_bias, const at::Tensor& head_weight,
+                                         const at::Tensor& head_bias, EEK_EXIT_ARGS);
 std::tuple<at::Tensor, at::Tensor> compact_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>& mask,
                                                const at::Tensor& index, int64_t seq_len);
 

@@ -10,9 +10,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../ops.h"
+#include "pooler_head_cpu.h"
 
 namespace eek {
 namespace {
@@ -30,6 +32,7 @@ struct HeadArgs {
   int64_t H = 0;
   T* pooled = nullptr;  // [n, H] out
   T* logits = nullptr;  // [n, C] out
+  const float* wp_t = nullptr;  // float32 only: W_p transposed [H_in, H_out], for pooler_head_rows
 };
 
 // out[r] = sum_k in[r*H + k] * float(weight[k]) for the kRows rows of `in`.
@@ -59,6 +62,21 @@ inline void dot_rows(const float* in, const T* weight, int64_t H, float out[kRow
 template <typename T>
 void head_block(const HeadArgs<T>& a, int64_t C, int64_t r0, int nb, float* xf, float* pf, float* zf) {
   const int64_t H = a.H;
+  if constexpr (std::is_same_v<T, float>) {
+    if (a.wp_t != nullptr) {
+      PoolerHeadArgs args;
+      args.pooler_weight_t = a.wp_t;
+      args.pooler_bias = a.bp;
+      args.head_weight = a.w;
+      args.head_bias = a.b;
+      args.hidden = H;
+      args.num_labels = C;
+      args.x_stride = a.x_stride;
+      pooler_head_rows(args, a.x + r0 * a.x_stride, nb, a.pooled + r0 * H, a.logits + r0 * C);
+      std::copy(a.logits + r0 * C, a.logits + (r0 + nb) * C, zf);
+      return;
+    }
+  }
   for (int r = 0; r < kRows; ++r) {
     float* dst = xf + r * H;
     if (r < nb) {
@@ -243,6 +261,24 @@ ExitResult exit_step_cpu(const at::Tensor& logits, EEK_EXIT_ARGS) {
     run_cpu<scalar_t>(&call, n, C, z.data_ptr<scalar_t>(), z.stride(0), nullptr);
   });
   return exit_result(call);
+}
+
+HeadExitResult packed_head_exit_step_cpu(const at::Tensor& cls_hidden, const at::Tensor& pooler_weight_t,
+                                         const at::Tensor& pooler_bias, const at::Tensor& head_weight,
+                                         const at::Tensor& head_bias, EEK_EXIT_ARGS) {
+  TORCH_CHECK(cls_hidden.device().is_cpu(), "cpp_packed_head_exit_step: tensors must be on the CPU (it has no GPU kernel)");
+  TORCH_CHECK(cls_hidden.scalar_type() == at::kFloat,
+              "cpp_packed_head_exit_step: float32 expected, got ", cls_hidden.scalar_type(),
+              "; use cpp_head_exit_step for float16 and bfloat16");
+  // W_p^T has W_p's shape [H, H], so the shared checks hold for it.
+  HeadTensors in = head_inputs(cls_hidden, pooler_weight_t, pooler_bias, head_weight, head_bias);
+  const int64_t n = in.x.size(0), C = in.w.size(0);
+  ExitCall call = prepare_exit_call(n, C, in.x.device(), halting, state, kind, flags, layer, num_layers, int_param,
+                                    scalar, per_layer, rows, runs, out_logits, out_exit_layer, out_layers_run);
+  auto a = head_args<float>(in.x, in.wp, in.bp, in.w, in.b, in.pooled, in.logits);
+  a.wp_t = a.wp;
+  run_cpu<float>(&call, n, C, nullptr, 0, &a);
+  return head_exit_result(call, in.logits, in.pooled);
 }
 
 HeadExitResult head_exit_step_cpu(const at::Tensor& cls_hidden, const at::Tensor& pooler_weight,

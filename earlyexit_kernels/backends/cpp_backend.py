@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import warnings
 from dataclasses import dataclass
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from earlyexit_kernels.backends import compaction
 from earlyexit_kernels.backends import registry as backend_registry
+from earlyexit_kernels.backends.reference_rules import runs_on_reference
 from earlyexit_kernels.backends.write_back import WriteBack
 from earlyexit_kernels.methods.policies import (
     DACT,
@@ -198,6 +201,32 @@ def _torch_head(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias):
     return pooled, torch.nn.functional.linear(pooled, head_weight, head_bias)
 
 
+# W_p transposed per pooler weight, for the CPU's float32 head; packed again when the weight
+# changes in place (its version counter) or is swapped for other storage.
+_TRANSPOSED_POOLER = WeakIdKeyDictionary()
+
+
+def transposed_pooler(weight: torch.Tensor) -> torch.Tensor:
+    """``weight.t().contiguous()`` [H_in, H_out], computed once per weight and version."""
+    key = (weight._version, weight.data_ptr())
+    entry = _TRANSPOSED_POOLER.get(weight)
+    if entry is None or entry[0] != key:
+        entry = (key, weight.detach().t().contiguous())
+        _TRANSPOSED_POOLER[weight] = entry
+    return entry[1]
+
+
+def _cpu_head_in_cpp(cls_hidden: torch.Tensor, halting_fn) -> bool:
+    """Whether the CPU head runs as the float32 C++ kernel with the rule (one op; csrc/cpu/pooler_head_cpu.cpp)."""
+    return (
+        halting_fn is None
+        and not cls_hidden.is_cuda
+        and cls_hidden.dtype == torch.float32
+        and not torch.compiler.is_compiling()
+        and not torch.is_grad_enabled()
+    )
+
+
 def _head_exit_step(
     target, policy, layer, num_layers, cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias, state, halting_fn
 ):
@@ -205,11 +234,23 @@ def _head_exit_step(
     lowered = lower_policy(policy, num_layers)
     state_list = [state[k] for k in lowered.state_in]
     rule_args = _rule_args(lowered, layer, num_layers, target)
-    if not cls_hidden.is_cuda or not cuda_head_fits(
+    if _cpu_head_in_cpp(cls_hidden, halting_fn):
+        exits, returned, logits, pooled, state0, state1, order, count = torch.ops.earlyexit.cpp_packed_head_exit_step(
+            cls_hidden,
+            transposed_pooler(pooler_weight),
+            pooler_bias,
+            head_weight,
+            head_bias,
+            None,
+            state_list,
+            *rule_args,
+        )
+        halting = None
+    elif not cls_hidden.is_cuda or not cuda_head_fits(
         cls_hidden.shape[1], cls_hidden.dtype, _optin_shared_bytes(cls_hidden.device)
     ):
-        # On the CPU torch's BLAS GEMM beats the C++ head's own dot products from about
-        # 32 rows up (2-4x at 128; benchmarks/results/cpu): the head runs there, the rule in C++.
+        # On the CPU with a halting head, or in float16/bfloat16, torch's GEMM runs the head
+        # (it beats the generic C++ head's dot products from about 32 rows up) and C++ the rule.
         # On a GPU whose shared memory cannot stage the CUDA head's rows (fp32 with a large H
         # on an A100), the head runs in PyTorch too instead of failing to launch.
         pooled, logits = _torch_head(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias)
@@ -239,9 +280,10 @@ def head_exit_step(
 ):
     """:func:`earlyexit_kernels.methods.exit_rules.head_exit_step` on the C++/CUDA kernels.
 
-    On CUDA, without a halting head the head and the rule run as one op; with one, the
-    head op gives the pooled vector the halting head (a Python module) reads, then the
-    rule runs. On the CPU the head is torch's GEMM and the rule the C++ op.
+    Without a halting head the head and the rule run as one op: on CUDA, and on the CPU in
+    float32 (the pooler weight transposed once, :func:`transposed_pooler`). With one, the
+    head gives the pooled vector the halting head (a Python module) reads, then the rule
+    runs; on the CPU that head, and float16/bfloat16 heads, are torch's GEMM.
     """
     return _head_exit_step(
         None,
@@ -256,6 +298,31 @@ def head_exit_step(
         state,
         halting_fn,
     )[:5]
+
+
+def prepare_head_exit_step(policy, layer, num_layers, pooler_weight, pooler_bias, head_weight, head_bias):
+    """:func:`head_exit_step` of one layer on the CPU in float32 with its weights and rule made
+    ready (the pooler weight transposed, the policy lowered): ``step(cls_hidden [n, H], state)
+    -> (exits [n], returned [n, C], state)``. None on other devices and dtypes, and for the
+    policies that run the reference step. Weights changed after this are not seen."""
+    if runs_on_reference(policy) or pooler_weight.is_cuda or pooler_weight.dtype != torch.float32:
+        return None
+    lowered = lower_policy(policy, num_layers)
+    weights = (transposed_pooler(pooler_weight), pooler_bias.detach(), head_weight.detach(), head_bias.detach())
+    rule_args = (None, *_rule_args(lowered, layer, num_layers, None))
+    state_in, state_out = lowered.state_in, lowered.state_out
+    op = torch.ops.earlyexit.cpp_packed_head_exit_step.default
+
+    def step(cls_hidden, state):
+        exits, returned, _, _, state0, state1, _, _ = op(
+            cls_hidden, *weights, rule_args[0], [state[k] for k in state_in], *rule_args[1:]
+        )
+        if state_out:
+            state = dict(state)
+            state.update(zip(state_out, (state0, state1)))
+        return exits, returned, state
+
+    return step
 
 
 def head_exit_step_write_back(
@@ -359,6 +426,22 @@ def _register_fakes() -> None:
         logits, pooled = cls_hidden.new_empty((n, c)), cls_hidden.new_empty((n, h))
         return exits, returned, logits, pooled, state0, state1, survivors, count
 
+    @torch.library.register_fake("earlyexit::cpp_packed_head_exit_step")
+    def _(cls_hidden, pooler_weight_t, pooler_bias, head_weight, head_bias, halting, state, kind, flags, *rest):
+        n, h = cls_hidden.shape
+        c = head_weight.shape[0]
+        exits, returned, state0, state1, survivors, count = _fake_rule_outputs(cls_hidden, n, c, kind, flags)
+        return (
+            exits,
+            returned,
+            cls_hidden.new_empty((n, c)),
+            cls_hidden.new_empty((n, h)),
+            state0,
+            state1,
+            survivors,
+            count,
+        )
+
     @torch.library.register_fake("earlyexit::cpp_compact")
     def _(hidden, mask, index, seq_len):
         m = index.shape[0]
@@ -377,6 +460,7 @@ _OPS = {
     "head_exit_step": head_exit_step,
     "exit_step_write_back": exit_step_write_back,
     "head_exit_step_write_back": head_exit_step_write_back,
+    "prepare_head_exit_step": prepare_head_exit_step,
 }
 LOAD_ERROR: str | None = None
 WITH_CUDA = False
@@ -404,7 +488,20 @@ def _load() -> str | None:
         )
     if not hasattr(torch.ops.earlyexit, "cpp_exit_step"):
         return "the C++ extension earlyexit_kernels._C loaded but did not register its operators"
+    if not hasattr(torch.ops.earlyexit, "cpp_packed_head_exit_step"):
+        return (
+            "the C++ extension earlyexit_kernels._C is from an older build (no cpp_packed_head_exit_step); "
+            "rebuild with `pip install --no-build-isolation -e .`"
+        )
     WITH_CUDA = bool(getattr(ext, "WITH_CUDA", 0))
+    forced = os.environ.get("EARLYEXIT_CPU_ISA")
+    if forced is not None and forced != getattr(ext, "CPU_HEAD_ISA", None):
+        warnings.warn(
+            f"EARLYEXIT_CPU_ISA={forced!r} is not a version of the CPU head this CPU runs "
+            f"(portable, avx2_fma, avx512); running {getattr(ext, 'CPU_HEAD_ISA', 'unknown')!r}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return None
 
 

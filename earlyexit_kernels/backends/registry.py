@@ -42,6 +42,12 @@ class Backend:
     :mod:`earlyexit_kernels.backends.write_back`) also write the exiting rows' outputs and give
     the survivor order and count: what the engine calls on a layer where rows may exit.
     Without them the engine runs the backend's exit step, then the PyTorch write-back.
+
+    ``prepare_head_exit_step(policy, layer, num_layers, pooler_weight, pooler_bias,
+    head_weight, head_bias)``, when a backend has it, gives ``head_exit_step`` of one layer
+    with everything but the rows made ready, as a function ``(cls_hidden, state) -> (exits,
+    returned, state)``, or None where it has no such form for these arguments: for an
+    engine that calls the same layer's head many times with the same weights.
     """
 
     name: str
@@ -51,6 +57,7 @@ class Backend:
     head_exit_step: Callable | None = None
     exit_step_write_back: Callable | None = None
     head_exit_step_write_back: Callable | None = None
+    prepare_head_exit_step: Callable | None = None
 
 
 _REGISTRY: dict[str, Backend] = {

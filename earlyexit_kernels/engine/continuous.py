@@ -217,6 +217,7 @@ class ContinuousEngine:
         self._offsets = np.arange(self.page_size, dtype=np.int64)
         self._resident: _Resident | None = None
         self._fused: bool | None = None  # whether the backend runs the heads fused, decided at the first call
+        self._prepared: list = []  # per layer, the backend's prepared head step or None (at the first call)
         self._run_layer = self.adapter.run_layer
         self.compiled = bool(compile)
         if compile and not getattr(self.adapter, "layer_call_is_module_call", True):
@@ -453,17 +454,22 @@ class ContinuousEngine:
         state = {k: v.index_select(0, slot_index) for k, v in self._state.items()}
         if self._fused is None:  # once, inside the first step (no grad): it reads every head's weights
             self._fused = can_fuse_head(self.backend, self.adapter)
-        exits, returned, _, _, state = head_and_exit_step(
-            self.adapter,
-            self.backend,
-            self.policy,
-            layer,
-            hidden,
-            self._halting_head,
-            state,
-            fused=self._fused,
-            mask=mask,
-        )
+            self._prepared = self._prepared_head_steps()
+        prepared = self._prepared[layer - 1]
+        if prepared is not None:
+            exits, returned, state = prepared(self.adapter.pooled_hidden(hidden, mask), state)
+        else:
+            exits, returned, _, _, state = head_and_exit_step(
+                self.adapter,
+                self.backend,
+                self.policy,
+                layer,
+                hidden,
+                self._halting_head,
+                state,
+                fused=self._fused,
+                mask=mask,
+            )
         if self._state:
             real = slot_index[:n]
             for key, value in self._state.items():
@@ -520,6 +526,16 @@ class ContinuousEngine:
         for target, slots in survivors.items():
             self.scheduler.requeue_many(slots, target, self._lengths[slots].tolist())
         return finished
+
+    def _prepared_head_steps(self) -> list:
+        """Per layer, the backend's head and exit step with its weights made ready, or None (the
+        last layer, which runs the model's own head; halting heads; backends without one)."""
+        prepare = self.backend.prepare_head_exit_step
+        steps = [None] * self.num_layers
+        if self._fused and prepare is not None and self._halting_head is None:
+            for layer in range(1, self.num_layers):
+                steps[layer - 1] = prepare(self.policy, layer, self.num_layers, *self.adapter.head_weights(layer))
+        return steps
 
     def _packed_layer_call(self, index: int, hidden: torch.Tensor, positions: torch.Tensor, layer_mask):
         """Layer ``index`` packed, or through its module where forward hooks are registered (they must run)."""
