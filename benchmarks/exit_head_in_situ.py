@@ -11,10 +11,16 @@ every small op that follows runs cold. This measures that on the continuous grid
   Entropy, on the backend the engine picks) on a layer call's output and the read of which
   rows exit, timed alone right after each of ``--calls`` layer calls, median;
 - ``head warm``: the same head-and-exit step called back to back (caches warm), median;
+- ``C++ head in situ`` / ``torch head in situ``: the two CPU implementations of the head and
+  rule alone on the [CLS] rows, after a layer: the C++ op (``cpp_packed_head_exit_step``,
+  float32, one thread) and torch's pooler and classifier products then the C++ rule (what the
+  backend runs past ``cpp_backend.CPU_HEAD_MAX_WORK`` rows x H^2 x threads);
 - ``one add in situ`` / ``warm``: a single 3-element ``torch.add``, after a layer or warm:
   what any small op pays after a layer, whatever its own work.
 
     flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/exit_head_in_situ.py --threads 1,2
+    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/exit_head_in_situ.py --threads 2 \
+        --hidden 128,384,768 --rows 32,128,256 --calls 60
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import earlyexit_kernels as eek
+from earlyexit_kernels.backends import cpp_backend
 from earlyexit_kernels.backends.registry import resolve_backend
 from earlyexit_kernels.bench.timing import median_us
 from earlyexit_kernels.engine.batch_loop import can_fuse_head, head_and_exit_step
@@ -80,6 +87,19 @@ def measure(hidden: int, rows: int, length: int, calls: int) -> dict:
             exits = head_and_exit_step(adapter, backend, policy, 3, hidden_states, None, state, fused=fused)[0]
             return any(exits.tolist())
 
+        pooler_weight, pooler_bias, head_weight, head_bias = adapter.head_weights(3)
+        transposed = cpp_backend.transposed_pooler(pooler_weight)
+        rule_args = cpp_backend._rule_args(cpp_backend.lower_policy(policy, LAYERS), 3, LAYERS, None)
+
+        def cpp_head(hidden_states):
+            cls = hidden_states[:, 0]
+            op = torch.ops.earlyexit.cpp_packed_head_exit_step
+            return op(cls, transposed, pooler_bias, head_weight, head_bias, None, [], *rule_args)[0].tolist()
+
+        def torch_head(hidden_states):
+            _, logits = cpp_backend._torch_head(hidden_states[:, 0], pooler_weight, pooler_bias, head_weight, head_bias)
+            return torch.ops.earlyexit.cpp_exit_step(logits, None, [], *rule_args)[0].tolist()
+
         for _ in range(5):  # warm-up
             output = layer()
             head(output)
@@ -87,6 +107,8 @@ def measure(hidden: int, rows: int, length: int, calls: int) -> dict:
             "layer": median_us(layer, 50),
             "head in situ": _after_layer_us(layer, head, calls),
             "head warm": median_us(lambda: head(output), 200),
+            "C++ head in situ": _after_layer_us(layer, cpp_head, calls),
+            "torch head in situ": _after_layer_us(layer, torch_head, calls),
             "one add in situ": _after_layer_us(layer, lambda _: torch.add(small, small), calls),
             "one add warm": median_us(lambda: torch.add(small, small), 200),
         }
@@ -96,38 +118,48 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", default="128,384", help="hidden sizes, comma-separated")
     parser.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
-    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--rows", default="32", help="rows per layer call, comma-separated")
     parser.add_argument("--length", type=int, default=40)
     parser.add_argument("--calls", type=int, default=200, help="layer calls per in-situ timing")
     args = parser.parse_args()
-    print(f"{args.rows} rows x {args.length} tokens per call; microseconds per call (median)")
+    print(f"{args.length} tokens per row; microseconds per call (median)")
     header = [
         "hidden",
+        "rows",
         "threads",
         "layer",
         "head in situ",
         "head warm",
         "in situ % of layer",
+        "C++ head in situ",
+        "torch head in situ",
         "one add in situ",
         "warm",
     ]
     print("| " + " | ".join(header) + " |")
     print("|" + " --- |" * len(header))
     for hidden in (int(h) for h in args.hidden.split(",")):
-        for threads in (int(t) for t in args.threads.split(",")):
-            torch.set_num_threads(threads)
-            r = measure(hidden, args.rows, args.length, args.calls)
-            cells = [
-                hidden,
-                threads,
-                f"{r['layer']:.0f}",
-                f"{r['head in situ']:.0f}",
-                f"{r['head warm']:.0f}",
-                f"{100 * r['head in situ'] / r['layer']:.1f}%",
-                f"{r['one add in situ']:.0f}",
-                f"{r['one add warm']:.1f}",
-            ]
-            print("| " + " | ".join(str(c) for c in cells) + " |")
+        for rows in (int(r) for r in args.rows.split(",")):
+            for threads in (int(t) for t in args.threads.split(",")):
+                torch.set_num_threads(threads)
+                _row(hidden, rows, threads, measure(hidden, rows, args.length, args.calls))
+
+
+def _row(hidden: int, rows: int, threads: int, r: dict) -> None:
+    cells = [
+        hidden,
+        rows,
+        threads,
+        f"{r['layer']:.0f}",
+        f"{r['head in situ']:.0f}",
+        f"{r['head warm']:.0f}",
+        f"{100 * r['head in situ'] / r['layer']:.1f}%",
+        f"{r['C++ head in situ']:.0f}",
+        f"{r['torch head in situ']:.0f}",
+        f"{r['one add in situ']:.0f}",
+        f"{r['one add warm']:.1f}",
+    ]
+    print("| " + " | ".join(str(c) for c in cells) + " |")
 
 
 if __name__ == "__main__":

@@ -212,3 +212,19 @@ def test_bad_input_gets_a_clear_error():
         _head(x, wp[:, :8], bp, w, b)
     with pytest.raises(RuntimeError, match="dtype"):
         _head(x, wp.double(), bp, w, b)
+
+
+def test_large_heads_go_to_torch_gemm_on_every_thread(monkeypatch):
+    wp, bp, w, b = _weights(32, 2, seed=13)
+    monkeypatch.setattr(cpp_backend, "CPU_HEAD_MAX_WORK", 4 * 32 * 32 * torch.get_num_threads())
+    step = cpp_backend.prepare_head_exit_step(eek.Entropy(0.4), 2, L, wp, bp, w, b)
+    with torch.no_grad():
+        for rows, in_cpp in ((4, True), (5, False)):
+            x = _cls_rows(rows, 32, seed=rows)
+            assert cpp_backend._cpu_head_in_cpp(x, None) is in_cpp
+            exits, returned, _ = step(x, {})
+            torch_logits = cpp_backend._torch_head(x, wp, bp, w, b)[1]
+            op_logits = _head(x, wp, bp, w, b)[2]
+            ref = cpp_backend.head_exit_step(eek.Entropy(0.4), 2, L, x, wp, bp, w, b, {})
+            assert torch.equal(ref[2], op_logits if in_cpp else torch_logits)
+            assert torch.equal(exits, ref[0]) and torch.equal(returned, ref[1])

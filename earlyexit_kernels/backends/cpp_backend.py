@@ -216,12 +216,25 @@ def transposed_pooler(weight: torch.Tensor) -> torch.Tensor:
     return entry[1]
 
 
+# Rows x H^2 x threads up to which the C++ head (one thread) is used rather than torch's GEMM
+# (every thread) on the CPU. Right after a layer, at 2 threads, it is ahead up to 256 x 128^2,
+# even to 10% behind at 32 x 384^2, 1.2-2x behind from 128 x 384^2 and 32 x 768^2; at 1 thread
+# 20% ahead at 32 x 384^2 (benchmarks/results/exit_head_in_situ_cpu.md).
+CPU_HEAD_MAX_WORK = 8 * 2**20
+
+
+def _cpu_head_rows(hidden: int) -> int:
+    """The most rows the C++ head takes at hidden size ``hidden`` with torch's current threads."""
+    return CPU_HEAD_MAX_WORK // (hidden * hidden * torch.get_num_threads())
+
+
 def _cpu_head_in_cpp(cls_hidden: torch.Tensor, halting_fn) -> bool:
     """Whether the CPU head runs as the float32 C++ kernel with the rule (one op; csrc/cpu/pooler_head_cpu.cpp)."""
     return (
         halting_fn is None
         and not cls_hidden.is_cuda
         and cls_hidden.dtype == torch.float32
+        and cls_hidden.shape[0] <= _cpu_head_rows(cls_hidden.shape[1])
         and not torch.compiler.is_compiling()
         and not torch.is_grad_enabled()
     )
@@ -303,8 +316,9 @@ def head_exit_step(
 def prepare_head_exit_step(policy, layer, num_layers, pooler_weight, pooler_bias, head_weight, head_bias):
     """:func:`head_exit_step` of one layer on the CPU in float32 with its weights and rule made
     ready (the pooler weight transposed, the policy lowered): ``step(cls_hidden [n, H], state)
-    -> (exits [n], returned [n, C], state)``. None on other devices and dtypes, and for the
-    policies that run the reference step. Weights changed after this are not seen."""
+    -> (exits [n], returned [n, C], state)``, through torch's GEMM past ``CPU_HEAD_MAX_WORK`` (rows x H^2 x threads).
+    None on other devices and dtypes, and for the policies that run the reference step.
+    Weights changed after this are not seen."""
     if runs_on_reference(policy) or pooler_weight.is_cuda or pooler_weight.dtype != torch.float32:
         return None
     lowered = lower_policy(policy, num_layers)
@@ -313,7 +327,14 @@ def prepare_head_exit_step(policy, layer, num_layers, pooler_weight, pooler_bias
     state_in, state_out = lowered.state_in, lowered.state_out
     op = torch.ops.earlyexit.cpp_packed_head_exit_step.default
 
+    hidden = pooler_weight.shape[0]
+
     def step(cls_hidden, state):
+        if cls_hidden.shape[0] > _cpu_head_rows(hidden):  # torch's GEMM on every thread does better
+            exits, returned, _, _, state = head_exit_step(
+                policy, layer, num_layers, cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias, state
+            )
+            return exits, returned, state
         exits, returned, _, _, state0, state1, _, _ = op(
             cls_hidden, *weights, rule_args[0], [state[k] for k in state_in], *rule_args[1:]
         )
