@@ -380,34 +380,42 @@ class ContinuousEngine:
         return [entry[2] for entry in taken]
 
     def _admit(self, sequences: list[_Sequence]) -> None:
-        # Embed in length-sorted chunks of at most max_batch_size rows, each padded to its longest.
+        # Embed in length-sorted chunks of at most max_batch_size rows, each padded to its longest;
+        # the host tables of a chunk are filled with a few numpy operations, not per sequence.
         sequences = sorted(sequences, key=lambda s: len(s.input_ids))
-        lengths = [len(seq.input_ids) for seq in sequences]
-        page_counts = [-(-length // self.page_size) for length in lengths]
-        pages = self._allocate_pages(sum(page_counts))  # one growth of the pool for the whole admission
+        lengths = np.fromiter((len(seq.input_ids) for seq in sequences), dtype=np.int64, count=len(sequences))
+        page_counts = -(-lengths // self.page_size)
+        pages = self._allocate_pages(int(page_counts.sum()))  # one growth of the pool for the whole admission
+        page_columns = np.arange(self._pages_per_slot)
         size = self.buckets.max_batch_size
         admitted: list[int] = []
         for start in range(0, len(sequences), size):
             chunk = sequences[start : start + size]
-            longest = lengths[start + len(chunk) - 1]
-            ids = np.full((len(chunk), longest), self.pad_token_id, dtype=np.int64)
-            types = np.zeros((len(chunk), longest), dtype=np.int64)
-            slots = []
-            for row, seq in enumerate(chunk):
-                length = lengths[start + row]
-                ids[row, :length] = seq.input_ids
-                if seq.token_type_ids is not None:
-                    types[row, :length] = seq.token_type_ids
-                slot = self._free_slots.pop()
-                count = page_counts[start + row]
-                self._page_table[slot, :count] = pages[-count:]
-                self._page_table[slot, count:] = _NULL
-                del pages[-count:]
-                self._lengths[slot] = length
+            k = len(chunk)
+            chunk_lengths, counts = lengths[start : start + k], page_counts[start : start + k]
+            longest = int(chunk_lengths[-1])
+            valid = np.arange(longest) < chunk_lengths[:, None]
+            ids = np.full((k, longest), self.pad_token_id, dtype=np.int64)
+            ids[valid] = np.concatenate([seq.input_ids for seq in chunk])
+            types = np.zeros((k, longest), dtype=np.int64)
+            if any(seq.token_type_ids is not None for seq in chunk):
+                types[valid] = np.concatenate(
+                    [
+                        seq.token_type_ids if seq.token_type_ids is not None else np.zeros_like(seq.input_ids)
+                        for seq in chunk
+                    ]
+                )
+            slots = self._free_slots[-k:][::-1]  # the order pop() would give
+            del self._free_slots[-k:]
+            table = np.full((k, self._pages_per_slot), _NULL, dtype=np.int64)
+            taken = int(counts.sum())
+            table[page_columns < counts[:, None]] = pages[-taken:]
+            del pages[-taken:]
+            self._page_table[slots] = table
+            self._lengths[slots] = chunk_lengths
+            for slot, seq in zip(slots, chunk):
                 self._runs[slot] = 0
                 self._keys[slot] = seq.key
-                slots.append(slot)
-            valid = np.arange(longest) < np.asarray(lengths[start : start + len(chunk)])[:, None]
             valid_mask = torch.from_numpy(valid.astype(np.int64)).to(self.device)
             hidden = self.adapter.embed(
                 torch.from_numpy(ids).to(self.device), torch.from_numpy(types).to(self.device), None, None, valid_mask
@@ -417,11 +425,12 @@ class ContinuousEngine:
             read_write = torch.from_numpy(np.concatenate([flat, token_index.reshape(-1)[flat]])).to(self.device)
             rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, read_write[: flat.size])
             self._pool.index_copy_(0, read_write[flat.size :], rows)
-            slot_index = torch.tensor(slots, device=self.device)
-            for key, value in self._state.items():
-                value.index_copy_(0, slot_index, self._state_template[key].expand(len(slots), *value.shape[1:]))
+            if self._state:
+                slot_index = torch.tensor(slots, device=self.device)
+                for key, value in self._state.items():
+                    value.index_copy_(0, slot_index, self._state_template[key].expand(k, *value.shape[1:]))
             admitted += slots
-        self.scheduler.admit(admitted, lengths)
+        self.scheduler.admit(admitted, lengths.tolist())
         self.stats.admitted += len(sequences)
 
     def _token_index(self, slots: list[int], padded_length: int) -> tuple[np.ndarray, np.ndarray]:

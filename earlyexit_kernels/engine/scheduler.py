@@ -260,8 +260,8 @@ class LayerScheduler:
         self._new_cohort([row], [length])
 
     def _new_cohort(self, rows: list[int], lengths: list[int]) -> None:
-        for length in lengths:
-            self.buckets.padded_length(length)  # validates the length
+        self.buckets.padded_length(min(lengths))  # refuses a length outside 1..max_length: the shortest
+        self.buckets.padded_length(max(lengths))  # and the longest bound every other
         cohort = self._cohorts
         self._cohorts += 1
         self.in_flight += len(rows)
