@@ -595,11 +595,12 @@ class ContinuousEngine:
             self._flush(keep=set(call.rows))
             positions = [resident.rows[slot] for slot in call.rows]
             hidden = resident.hidden
-            if positions != list(range(hidden.shape[0])):
-                hidden = hidden.index_select(0, torch.tensor(positions, device=self.device))
-            if call.padded_length < hidden.shape[1]:
+            if positions != list(range(hidden.shape[0])):  # rows and length in one gather
+                index = torch.tensor(positions, device=self.device)
+                hidden, _ = self.backend.compact(hidden, None, index, min(call.padded_length, hidden.shape[1]))
+            elif call.padded_length < hidden.shape[1]:
                 hidden = hidden[:, : call.padded_length].contiguous()
-            slot_index = torch.tensor(slots, device=self.device)
+            slot_index = torch.tensor(slots, device=self.device) if self._state else None  # only state reads it
             mask = None if valid.all() else torch.from_numpy(valid).to(self.device)
             return _CallInputs(hidden, mask, slot_index, valid, tokens)
         self._flush()
@@ -649,13 +650,13 @@ class ContinuousEngine:
 class _CallInputs:
     """A layer call's inputs: ``hidden`` [padded_rows, padded_length, H]; ``mask`` [padded_rows,
     padded_length] or None (no padding) and ``layer_mask``, the layer's form of it (None until
-    built); ``slot_index`` [padded_rows] on the device; ``valid`` [padded_rows, padded_length]
+    built); ``slot_index`` [padded_rows] on the device (None where nothing reads it: no state); ``valid`` [padded_rows, padded_length]
     on the host; ``tokens``: how many positions of the real rows are valid; ``positions``: the
     flat indices of the valid positions [T] on the device (built for packed calls)."""
 
     hidden: torch.Tensor | None
     mask: torch.Tensor | None
-    slot_index: torch.Tensor
+    slot_index: torch.Tensor | None
     valid: np.ndarray
     tokens: int
     layer_mask: object = None
