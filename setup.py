@@ -118,8 +118,10 @@ def _extensions():
         f"{csrc}/cpu/compact_cpu.cpp",
     ]
     cxx = ["-O3", "-ffp-contract=off"]
-    # at::parallel_for brings the threads (torch's own OpenMP); the kernels only need the
-    # OpenMP SIMD pragmas, which need no runtime library.
+    # No -fopenmp: at::parallel_for is inline in ATen's headers and, built without OpenMP, runs
+    # its body on the calling thread, so the CPU kernels are single-threaded (small per-layer
+    # work; cpp_backend hands large heads to torch's threaded GEMM). They use only the OpenMP
+    # SIMD pragmas, which need no runtime library.
     if _compiler_accepts("-fopenmp-simd"):
         cxx.append("-fopenmp-simd")
     if _compiler_accepts("-Wno-psabi"):  # GCC's note on passing AVX vectors (always inlined here)

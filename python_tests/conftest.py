@@ -160,7 +160,7 @@ def saved_classifier(tmp_path_factory):
         label2id={v: k for k, v in labels.items()},
     )
     model = BertForSequenceClassification._from_config(config, attn_implementation="sdpa").eval()
-    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    tokenizer = BertTokenizerFast(vocab=str(path / "vocab.txt"))
     eek.patch(model, eek.Entropy(0.0))
     with torch.no_grad():
         model.bert.pooler.dense.weight.add_(torch.randn_like(model.bert.pooler.dense.weight) * 0.5)

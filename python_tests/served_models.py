@@ -36,7 +36,7 @@ def _tiny_bert(path, num_labels: int, **config):
         **config,
     )
     model = BertForSequenceClassification._from_config(config, attn_implementation="sdpa").eval()
-    return model, BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    return model, BertTokenizerFast(vocab=str(path / "vocab.txt"))
 
 
 def _perturb_heads(model, scale: float) -> None:

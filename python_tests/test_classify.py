@@ -158,7 +158,7 @@ def _tokenizer(tmp_path):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
     path = tmp_path / "vocab.txt"
     path.write_text("\n".join(vocab) + "\n")
-    return BertTokenizerFast(vocab_file=str(path))
+    return BertTokenizerFast(vocab=str(path))
 
 
 def test_texts_and_text_pairs_go_through_the_tokenizer(tmp_path):

@@ -159,7 +159,7 @@ def test_a_regression_head_writes_its_value_as_score(tmp_path):
     )
     model = BertForSequenceClassification(config).eval()
     model.save_pretrained(folder)
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    BertTokenizerFast(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
     texts = word_texts(8, seed=3)
     source = _write(pd.DataFrame({"text": texts}), tmp_path / "in.parquet")
     policy = "Patience(1, regression_threshold=0.1)"

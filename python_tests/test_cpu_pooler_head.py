@@ -228,3 +228,11 @@ def test_large_heads_go_to_torch_gemm_on_every_thread(monkeypatch):
             ref = cpp_backend.head_exit_step(eek.Entropy(0.4), 2, L, x, wp, bp, w, b, {})
             assert torch.equal(ref[2], op_logits if in_cpp else torch_logits)
             assert torch.equal(exits, ref[0]) and torch.equal(returned, ref[1])
+
+
+def test_an_inference_tensor_weight_is_transposed_every_call():
+    with torch.inference_mode():
+        weight = torch.randn(8, 8)
+        first = cpp_backend.transposed_pooler(weight)
+        weight.add_(1.0)  # no version counter on an inference tensor: nothing cached to go stale
+        assert torch.equal(cpp_backend.transposed_pooler(weight), weight.t()) and not torch.equal(first, weight.t())

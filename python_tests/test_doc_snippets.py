@@ -51,7 +51,7 @@ def _save_plain_model(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    tokenizer = BertTokenizerFast(vocab=str(vocab))
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     config = BertConfig(

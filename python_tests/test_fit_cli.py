@@ -63,7 +63,7 @@ def classifier(tmp_path_factory):
     )
     model = BertForSequenceClassification._from_config(config, attn_implementation="sdpa").eval()
     model.save_pretrained(path)
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    BertTokenizerFast(vocab=str(path / "vocab.txt")).save_pretrained(path)
     return str(path)
 
 

@@ -52,7 +52,7 @@ def tiny_task(tmp_path, monkeypatch):
         label2id={v: k for k, v in labels.items()},
     )
     BertForSequenceClassification._from_config(config, attn_implementation="sdpa").save_pretrained(folder)
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    tokenizer = BertTokenizerFast(vocab=str(folder / "vocab.txt"))
     tokenizer.save_pretrained(folder)
     calls = []
 

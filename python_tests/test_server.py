@@ -238,7 +238,7 @@ def slow_model_dir(tmp_path_factory):
     model = BertForSequenceClassification._from_config(config, attn_implementation="sdpa").eval()
     eek.patch(model, eek.Entropy(0.0))
     model.save_pretrained(path)
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    BertTokenizerFast(vocab=str(path / "vocab.txt")).save_pretrained(path)
     return str(path)
 
 

@@ -1,8 +1,9 @@
 // CPU kernels of the exit step: the default head tanh(W_p h + b_p) -> W_i . + b_i with
 // float32 accumulation, then the policy's rule (common/exit_rule.h) per row, the
-// optional write-back and the stable survivor list. Rows are split over threads with
-// at::parallel_for in blocks of kRows rows; the inner dot products are plain loops
-// over contiguous memory that the compiler vectorises.
+// optional write-back and the stable survivor list, in blocks of kRows rows through
+// at::parallel_for (one thread: the extension is built without OpenMP, see setup.py); the
+// generic head's dot products are plain loops the compiler vectorises, the float32 head is
+// pooler_head_cpu.cpp's.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>

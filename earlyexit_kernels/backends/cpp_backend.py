@@ -207,7 +207,10 @@ _TRANSPOSED_POOLER = WeakIdKeyDictionary()
 
 
 def transposed_pooler(weight: torch.Tensor) -> torch.Tensor:
-    """``weight.t().contiguous()`` [H_in, H_out], computed once per weight and version."""
+    """``weight.t().contiguous()`` [H_in, H_out], computed once per weight and version (every
+    call for an inference tensor, which has no version to tell an in-place update by)."""
+    if weight.is_inference():
+        return weight.t().contiguous()
     key = (weight._version, weight.data_ptr())
     entry = _TRANSPOSED_POOLER.get(weight)
     if entry is None or entry[0] != key:

@@ -148,7 +148,7 @@ def make_corpus(config: StreamConfig, folder: Path):
     words = [f"w{i}" for i in range(4000)]
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    tokenizer = BertTokenizerFast(vocab=str(vocab))
     rng = random.Random(config.seed + 1)
     lengths = stream_lengths(config.sequences, config.seed)
     texts = [" ".join(rng.choice(words) for _ in range(n - 2)) for n in lengths]
