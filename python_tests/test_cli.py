@@ -238,10 +238,9 @@ def test_resume_after_an_interruption_loses_and_repeats_no_row(saved_classifier,
             file.write(b'"60","w1 w2\nw3","pos",0.5')
     assert _run("classify", saved_classifier, source, cut, "--chunk-rows", 32, "--resume") == 0
     assert "classified 90 rows (resumed after row 60)" in capsys.readouterr().err
-    if kind == "parquet":
-        pd.testing.assert_frame_equal(_read(cut), _read(whole))
-    else:
-        assert cut.read_bytes() == whole.read_bytes()
+    # Every row once, in order, ids, texts and labels exact; scores within float32 rounding (the
+    # resumed run's layer calls hold other rows, and a product's last bits follow its shape).
+    pd.testing.assert_frame_equal(_read(cut), _read(whole))
 
 
 def test_resume_after_a_real_kill(saved_classifier, tmp_path):
