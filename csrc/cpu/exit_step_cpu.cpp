@@ -33,7 +33,7 @@ struct HeadArgs {
   int64_t H = 0;
   T* pooled = nullptr;  // [n, H] out
   T* logits = nullptr;  // [n, C] out
-  const float* wp_t = nullptr;  // float32 only: W_p transposed [H_in, H_out], for pooler_head_rows
+  bool wp_transposed = false;  // float32 only: wp is W_p transposed [H_in, H_out], for pooler_head_rows
 };
 
 // out[r] = sum_k in[r*H + k] * float(weight[k]) for the kRows rows of `in`.
@@ -64,9 +64,9 @@ template <typename T>
 void head_block(const HeadArgs<T>& a, int64_t C, int64_t r0, int nb, float* xf, float* pf, float* zf) {
   const int64_t H = a.H;
   if constexpr (std::is_same_v<T, float>) {
-    if (a.wp_t != nullptr) {
+    if (a.wp_transposed) {
       PoolerHeadArgs args;
-      args.pooler_weight_t = a.wp_t;
+      args.pooler_weight_t = a.wp;
       args.pooler_bias = a.bp;
       args.head_weight = a.w;
       args.head_bias = a.b;
@@ -277,7 +277,7 @@ HeadExitResult packed_head_exit_step_cpu(const at::Tensor& cls_hidden, const at:
   ExitCall call = prepare_exit_call(n, C, in.x.device(), halting, state, kind, flags, layer, num_layers, int_param,
                                     scalar, per_layer, rows, runs, out_logits, out_exit_layer, out_layers_run);
   auto a = head_args<float>(in.x, in.wp, in.bp, in.w, in.b, in.pooled, in.logits);
-  a.wp_t = a.wp;
+  a.wp_transposed = true;
   run_cpu<float>(&call, n, C, nullptr, 0, &a);
   return head_exit_result(call, in.logits, in.pooled);
 }

@@ -221,7 +221,7 @@ def transposed_pooler(weight: torch.Tensor) -> torch.Tensor:
 
 # Rows x H^2 x threads up to which the C++ head (one thread) is used rather than torch's GEMM
 # (every thread) on the CPU. Right after a layer, at 2 threads, it is ahead up to 256 x 128^2,
-# even to 10% behind at 32 x 384^2, 1.2-2x behind from 128 x 384^2 and 32 x 768^2; at 1 thread
+# even to 10% behind at 32 x 384^2, 1.2-3.3x behind from 128 x 384^2 and 32 x 768^2; at 1 thread
 # 20% ahead at 32 x 384^2 (benchmarks/results/exit_head_in_situ_cpu.md).
 CPU_HEAD_MAX_WORK = 8 * 2**20
 
@@ -235,7 +235,7 @@ def _cpu_head_in_cpp(cls_hidden: torch.Tensor, halting_fn) -> bool:
     """Whether the CPU head runs as the float32 C++ kernel with the rule (one op; csrc/cpu/pooler_head_cpu.cpp)."""
     return (
         halting_fn is None
-        and not cls_hidden.is_cuda
+        and cls_hidden.device.type == "cpu"
         and cls_hidden.dtype == torch.float32
         and cls_hidden.shape[0] <= _cpu_head_rows(cls_hidden.shape[1])
         and not torch.compiler.is_compiling()
@@ -322,14 +322,12 @@ def prepare_head_exit_step(policy, layer, num_layers, pooler_weight, pooler_bias
     -> (exits [n], returned [n, C], state)``, through torch's GEMM past ``CPU_HEAD_MAX_WORK`` (rows x H^2 x threads).
     None on other devices and dtypes, and for the policies that run the reference step.
     Weights changed after this are not seen."""
-    if runs_on_reference(policy) or pooler_weight.is_cuda or pooler_weight.dtype != torch.float32:
+    if runs_on_reference(policy) or pooler_weight.device.type != "cpu" or pooler_weight.dtype != torch.float32:
         return None
     lowered = lower_policy(policy, num_layers)
     weights = (transposed_pooler(pooler_weight), pooler_bias.detach(), head_weight.detach(), head_bias.detach())
-    rule_args = (None, *_rule_args(lowered, layer, num_layers, None))
-    state_in, state_out = lowered.state_in, lowered.state_out
+    rule_args = _rule_args(lowered, layer, num_layers, None)
     op = torch.ops.earlyexit.cpp_packed_head_exit_step.default
-
     hidden = pooler_weight.shape[0]
 
     def step(cls_hidden, state):
@@ -339,12 +337,9 @@ def prepare_head_exit_step(policy, layer, num_layers, pooler_weight, pooler_bias
             )
             return exits, returned, state
         exits, returned, _, _, state0, state1, _, _ = op(
-            cls_hidden, *weights, rule_args[0], [state[k] for k in state_in], *rule_args[1:]
+            cls_hidden, *weights, None, [state[k] for k in lowered.state_in], *rule_args
         )
-        if state_out:
-            state = dict(state)
-            state.update(zip(state_out, (state0, state1)))
-        return exits, returned, state
+        return exits, returned, _updated(state, lowered, state0, state1)
 
     return step
 

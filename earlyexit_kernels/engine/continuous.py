@@ -650,9 +650,10 @@ class ContinuousEngine:
 class _CallInputs:
     """A layer call's inputs: ``hidden`` [padded_rows, padded_length, H]; ``mask`` [padded_rows,
     padded_length] or None (no padding) and ``layer_mask``, the layer's form of it (None until
-    built); ``slot_index`` [padded_rows] on the device (None where nothing reads it: no state); ``valid`` [padded_rows, padded_length]
-    on the host; ``tokens``: how many positions of the real rows are valid; ``positions``: the
-    flat indices of the valid positions [T] on the device (built for packed calls)."""
+    built); ``slot_index`` [padded_rows] on the device (None where nothing reads it: no state);
+    ``valid`` [padded_rows, padded_length] on the host; ``tokens``: how many positions of the
+    real rows are valid; ``positions``: the flat indices of the valid positions [T] on the device
+    (built for packed calls)."""
 
     hidden: torch.Tensor | None
     mask: torch.Tensor | None
