@@ -242,9 +242,6 @@ def test_calls_never_cost_more_than_the_per_batch_loops(count, exit_rate, call_c
         assert sorted(r for _, rows in mine for r in rows) == sorted(r for _, rows in theirs for r in rows)
         assert _cost(mine, lengths, call_cost) <= _cost(theirs, lengths, call_cost)
         assert len(mine) <= len(theirs)
-        # A call is whole per-batch calls merged: none is split.
-        call_of = {r: i for i, (_, rows) in enumerate(mine) for r in rows}
-        assert all(len({call_of[r] for r in rows}) == 1 for _, rows in theirs)
     if exit_rate == 0.0:  # nothing to merge: exactly the per-batch loop's calls
         assert sorted(engine) == sorted(baseline)
 
@@ -257,6 +254,23 @@ def test_survivors_of_several_batches_merge_into_one_call_where_it_pays():
     calls = _engine_calls(scheduler, lengths, exits)
     assert [len(rows) for layer, rows in calls if layer > 1] == [8, 8]  # 4 x 2 survivors, one call per layer
     assert len(_per_batch_calls(lengths, exits, batch)) == 4 * 3
+
+
+def test_survivors_that_do_not_fit_one_call_fill_it_and_the_rest_run_together():
+    num_layers, batch = 2, 8
+    lengths = [10] * 24  # three batches of equal lengths
+    exits = [1 if i % 4 == 0 else 2 for i in range(24)]  # 6 of each batch's 8 go on
+    scheduler = LayerScheduler(num_layers, ShapeBuckets.exact(batch, 64), max_in_flight=24, call_cost=0.0)
+    calls = _engine_calls(scheduler, lengths, exits)
+    assert sorted(len(rows) for layer, rows in calls if layer == 2) == [2, 8, 8]  # not 6, 6, 6
+
+
+def test_a_fill_that_pads_the_call_is_not_made():
+    lengths = [10] * 8 + [40] * 8  # two batches far apart in length
+    exits = [1 if i % 4 == 0 else 2 for i in range(16)]  # 6 of each batch's 8 go on
+    scheduler = LayerScheduler(2, ShapeBuckets.exact(8, 64), max_in_flight=16, call_cost=1000.0)
+    calls = _engine_calls(scheduler, lengths, exits)
+    assert [len(rows) for layer, rows in calls if layer == 2] == [6, 6]  # 8 + 4 would pad 6 rows from 10 to 40
 
 
 def test_a_merge_that_adds_more_padding_than_a_call_costs_is_not_made():
@@ -324,7 +338,7 @@ def test_advance_makes_the_calls_the_queues_would(exit_rate, max_wait, max_token
         assert scheduler.in_flight == 0
     (queued, _), (advanced, held) = runs
     assert advanced == queued
-    if exit_rate < 0.5:
+    if exit_rate == 0.0:
         assert held > 0  # full cohorts that nobody left went on without the queues
 
 
