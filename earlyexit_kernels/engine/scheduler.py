@@ -177,7 +177,7 @@ class _Planned:
     parts: list[tuple[_Group, int, int]]
     rows: int
     padded_length: int
-    closed: bool
+    closed: bool  # it can gain no rows of this layer: full, or the next group in length order could not join
 
     @property
     def groups(self) -> list[_Group]:
@@ -221,7 +221,8 @@ class LayerScheduler:
         self.call_cost = float(call_cost)
         # groups[layer][cohort]: that cohort's rows waiting for that layer
         self._groups: list[dict[int, _Group]] = [{} for _ in range(num_layers + 1)]
-        self._plans: list[list[_Planned] | None] = [None] * (num_layers + 1)  # cached per layer, None when stale
+        # cached per layer, None when that layer's groups changed
+        self._plans: list[list[_Planned] | None] = [None] * (num_layers + 1)
         self._cohort_of: dict[int, int] = {}
         self._length_of: dict[int, int] = {}
         self._waiting_in: dict[int, dict[int, int]] = {}  # cohort -> {layer: rows waiting}
@@ -303,7 +304,7 @@ class LayerScheduler:
             group.longest = max(group.longest, padded)
             counts = self._waiting_in.setdefault(cohort, {})
             counts[layer] = counts.get(layer, 0) + len(cohort_rows)
-        self._stale_from(layer)
+        self._plans[layer] = None
 
     def advance(self, call: Call) -> None:
         """Every row of ``call`` goes on to the next layer: :meth:`requeue_many` of them all, or (where
@@ -369,15 +370,10 @@ class LayerScheduler:
                     group.longest = max(self.buckets.padded_length(self._length_of[row]) for row in kept)
                 else:
                     del groups[cohort]
-                self._stale_from(layer)
+                self._plans[layer] = None
         for row in found:
             self.release(row)
         return len(found)
-
-    def _stale_from(self, layer: int) -> None:
-        # A layer's plan reads which cohorts wait at shallower layers: deeper plans go stale too.
-        for deeper in range(layer, self.num_layers + 1):
-            self._plans[deeper] = None
 
     # ------------------------------------------------------------------ deciding
 
@@ -399,7 +395,7 @@ class LayerScheduler:
             planned = next(p for p in self._plan(oldest_layer) if oldest in p.groups)
             return self._take(oldest_layer, planned)
         for layer in layers:
-            closed = [p for p in self._plan(layer) if p.closed]
+            closed = [p for p in self._plan(layer) if p.closed and not self._waits_below(p, layer)]
             if closed:
                 return self._take(layer, max(closed, key=lambda p: p.rows))  # max keeps the first on ties
         if can_admit and self.room >= full_cohort:
@@ -453,8 +449,6 @@ class LayerScheduler:
         for planned in plan:
             if planned.rows >= self.buckets.capacity(planned.padded_length):
                 planned.closed = True
-            if planned.closed and layer > 1:
-                planned.closed = not any(self._waits_below(group.cohort, layer) for group in planned.groups)
         self._plans[layer] = plan
         return plan
 
@@ -472,8 +466,12 @@ class LayerScheduler:
             return count if split <= apart else 0
         return 0
 
-    def _waits_below(self, cohort: int, layer: int) -> bool:
-        return any(at < layer for at in self._waiting_in.get(cohort, ()))
+    def _waits_below(self, planned: _Planned, layer: int) -> bool:
+        """Whether a cohort of ``planned`` has rows waiting at a shallower layer (which may still join it)."""
+        for group in planned.groups:
+            if any(at < layer for at in self._waiting_in.get(group.cohort, ())):
+                return True
+        return False
 
     def _take(self, layer: int, planned: _Planned) -> Call:
         rows: list[int] = []
@@ -489,7 +487,7 @@ class LayerScheduler:
                 del counts[layer]
             rows += taken
         rows.sort(key=lambda row: self._length_of[row])
-        self._stale_from(layer)
+        self._plans[layer] = None
         self.calls += 1
         call = Call(layer, planned.padded_length, tuple(rows), self.buckets.padded_rows(len(rows)))
         whole_cohort = len(planned.parts) == 1 and group.cohort not in self._groups[layer]
