@@ -1,7 +1,7 @@
 """Packed execution: a BERT-style layer run on its valid tokens only equals the layer on the padded batch.
 
 :func:`earlyexit_kernels.engine.packed_layer.run_packed` is the fast path, the layer module itself the
-reference; the continuous engine runs it where a call pads much (``packed=None``), on every padded
+reference (on every position, op by op, it is the module bit for bit); the continuous engine runs it where a call pads much (``packed=None``), on every padded
 call (``packed=True``) or never (``packed=False``), with the same predictions as each sequence alone.
 """
 
@@ -36,6 +36,49 @@ def test_packed_layer_equals_the_layer_at_every_valid_position(arch, attn):
         packed = run_packed(layer, hidden, positions, layer_mask)
     torch.testing.assert_close(packed[mask], reference[mask], rtol=0, atol=1e-6)
     assert torch.count_nonzero(packed[~mask]) == 0  # padding holds zeros, never stale values
+
+
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_the_layer_op_by_op_on_every_position_is_the_layer_bit_for_bit(arch, attn, padded):
+    model = tiny_model(arch, attn=attn)
+    layer = model.base_model.encoder.layer[1]
+    hidden, mask = _padded_batch(32, [17, 3, 9, 1, 12] if padded else [11] * 4, seed=1)
+    layer_mask = layer_attention_mask(mask, attn, torch.float32) if padded else None
+    with torch.no_grad():
+        assert torch.equal(run_packed(layer, hidden, None, layer_mask), layer(hidden, layer_mask))
+
+
+class _ScaledOutput(torch.nn.Module):
+    """An output block of a custom model: BERT's parts, another forward."""
+
+    def __init__(self, stock):
+        super().__init__()
+        self.dense, self.LayerNorm, self.dropout = stock.dense, stock.LayerNorm, stock.dropout
+
+    def forward(self, hidden_states, input_tensor):
+        return self.LayerNorm(0.5 * self.dense(hidden_states) + input_tensor)
+
+
+@pytest.mark.parametrize("positions", [False, True])
+def test_blocks_that_are_not_stock_run_through_their_modules(positions):
+    model = tiny_model("bert")
+    layer = model.bert.encoder.layer[1]
+    layer.output = _ScaledOutput(layer.output)  # another forward
+    layer.attention.self.query = torch.ao.quantization.quantize_dynamic(
+        torch.nn.Sequential(layer.attention.self.query), {torch.nn.Linear}, dtype=torch.qint8
+    )[0]  # a quantized linear: called as it is
+    hidden, mask = _padded_batch(32, [7, 5, 2], seed=2)
+    layer_mask = layer_attention_mask(mask, "eager", torch.float32)
+    flat = torch.nonzero(mask.reshape(-1)).squeeze(1) if positions else None
+    with torch.no_grad():
+        reference = layer(hidden, layer_mask)
+        got = run_packed(layer, hidden, flat, layer_mask)
+    # int8 dynamic quantization scales by the range of what it is given: packed, the valid tokens only
+    torch.testing.assert_close(got[mask], reference[mask], rtol=0, atol=1e-5 if positions else 0)
+    stock = run_packed(tiny_model("bert").bert.encoder.layer[1], hidden, flat, layer_mask)
+    assert (got[mask] - stock[mask]).abs().max() > 1e-2  # the custom forward and the int8 weights did count
 
 
 def test_only_bert_style_layers_split_into_token_parts():

@@ -102,7 +102,8 @@ class ContinuousEngine:
     ``packed``: run a layer call's token-wise parts on its real tokens only
     (:mod:`earlyexit_kernels.engine.packed_layer`; BERT-style layers, eager): ``None`` (default)
     where real tokens are under ``PACK_BELOW_FILL`` of the call's positions, ``True`` on every
-    call with padding, ``False`` never.
+    call with padding, ``False`` never. Eager BERT-style layers run op by op on the modules'
+    weights either way (the layer's own arithmetic, bit for bit, without its modules' Python).
     ``call_cost``: what a layer call costs beyond its tokens, in tokens, for the
     scheduler's merges (default ``32 * (128 / hidden_size) ** 2``, measured on a CPU).
     ``max_in_flight``: most sequences embedded at a time
@@ -244,6 +245,7 @@ class ContinuousEngine:
                 + ": leave packed at None"
             )
         self._pack_below = 0.0 if not packable or packed is False else (math.inf if packed else PACK_BELOW_FILL)
+        self._op_by_op = packable  # calls not packed run op by op too: the layer's own arithmetic, less Python
         self._run_packed_layer = self._packed_layer_call
 
         if admission not in ("fifo", "length"):
@@ -450,6 +452,8 @@ class ContinuousEngine:
             if inputs.positions is None:
                 inputs.positions = torch.from_numpy(np.flatnonzero(inputs.valid)).to(self.device)
             hidden = self._run_packed_layer(layer - 1, hidden, inputs.positions, inputs.layer_mask)
+        elif self._op_by_op:
+            hidden = self._run_packed_layer(layer - 1, hidden, None, inputs.layer_mask)
         else:
             hidden = self._run_layer(layer - 1, hidden, inputs.layer_mask)
         if self.compiled:
@@ -546,12 +550,13 @@ class ContinuousEngine:
                 steps[layer - 1] = prepare(self.policy, layer, self.num_layers, *self.adapter.head_weights(layer))
         return steps
 
-    def _packed_layer_call(self, index: int, hidden: torch.Tensor, positions: torch.Tensor, layer_mask):
-        """Layer ``index`` packed, or through its module where forward hooks are registered (they must run)."""
+    def _packed_layer_call(self, index: int, hidden: torch.Tensor, positions: torch.Tensor | None, layer_mask):
+        """Layer ``index`` op by op (:func:`run_packed`; packed at ``positions``, or on every position),
+        or through its module where forward hooks are registered (they must run)."""
         module = self.adapter.layer_module(index)
         if has_forward_hooks(module):
             return self._run_layer(index, hidden, layer_mask)
-        self.stats.packed_calls += 1
+        self.stats.packed_calls += positions is not None
         return run_packed(module, hidden, positions, layer_mask)
 
     def _next_run_layer(self, cls_hidden: torch.Tensor, layer: int) -> torch.Tensor:
