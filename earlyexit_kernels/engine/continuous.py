@@ -38,7 +38,7 @@ from earlyexit_kernels.engine.batch_loop import (
     head_and_exit_step,
 )
 from earlyexit_kernels.engine.module_weights import float_bias, float_weight, linear_compute_dtype
-from earlyexit_kernels.engine.packed_layer import has_forward_hooks, run_packed, splits_into_token_parts
+from earlyexit_kernels.engine.packed_layer import OpByOpLayer, has_forward_hooks, splits_into_token_parts
 from earlyexit_kernels.engine.scheduler import Admit, LayerScheduler, ShapeBuckets
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state
 from earlyexit_kernels.methods.policies import Scheduled, SkipGates
@@ -246,6 +246,7 @@ class ContinuousEngine:
             )
         self._pack_below = 0.0 if not packable or packed is False else (math.inf if packed else PACK_BELOW_FILL)
         self._op_by_op = packable  # calls not packed run op by op too: the layer's own arithmetic, less Python
+        self._op_layers: list[OpByOpLayer | None] = [None] * self.num_layers
         self._run_packed_layer = self._packed_layer_call
 
         if admission not in ("fifo", "length"):
@@ -557,7 +558,9 @@ class ContinuousEngine:
         if has_forward_hooks(module):
             return self._run_layer(index, hidden, layer_mask)
         self.stats.packed_calls += positions is not None
-        return run_packed(module, hidden, positions, layer_mask)
+        if self._op_layers[index] is None:  # read once: the engine lives for one stream of one model
+            self._op_layers[index] = OpByOpLayer(module)
+        return self._op_layers[index](hidden, positions, layer_mask)
 
     def _next_run_layer(self, cls_hidden: torch.Tensor, layer: int) -> torch.Tensor:
         """SkipGates: the next layer each row runs after ``layer``; layers whose gate skips go by."""

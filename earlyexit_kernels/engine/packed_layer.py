@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["has_forward_hooks", "run_packed", "splits_into_token_parts"]
+__all__ = ["OpByOpLayer", "has_forward_hooks", "run_packed", "splits_into_token_parts"]
 
 
 def splits_into_token_parts(layer: nn.Module) -> bool:
@@ -99,8 +99,8 @@ _STOCK: dict[type, bool] = {}
 
 def _stock(module: nn.Module) -> bool:
     """Whether ``module`` is a BERT self-output / output (dense, dropout, LayerNorm of the sum) or
-    intermediate (dense, activation) with stock parts: then :func:`_add_norm` and
-    :func:`_intermediate` may run it as functions. Decided once per class, then per module's parts."""
+    intermediate (dense, activation) with stock parts: then :class:`OpByOpLayer` may run it as
+    functions. Decided once per class, then per module's parts."""
     kind = type(module)
     if kind not in _STOCK:
         from transformers.models.bert.modeling_bert import BertIntermediate, BertOutput
@@ -118,24 +118,72 @@ def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, module.weight, module.bias) if type(module) is nn.Linear else module(x)
 
 
-def _add_norm(block: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """``block(x, residual)`` of a self-output / output block: LayerNorm(dense(x) + residual) in eval."""
-    if not _stock(block) or not hasattr(block, "LayerNorm"):
-        return block(x, residual)
-    norm = block.LayerNorm
-    return F.layer_norm(
-        F.linear(x, block.dense.weight, block.dense.bias) + residual,
-        norm.normalized_shape,
-        norm.weight,
-        norm.bias,
-        norm.eps,
-    )
+class OpByOpLayer:
+    """One BERT-style layer, its structure read once: which blocks are stock, its attention function.
 
+    Call it as :func:`run_packed` (which builds one per call); the continuous engine keeps one per
+    layer. Weights are read from the modules at every call.
+    """
 
-def _intermediate(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if not _stock(block) or hasattr(block, "LayerNorm"):
-        return block(x)
-    return block.intermediate_act_fn(F.linear(x, block.dense.weight, block.dense.bias))
+    def __init__(self, layer: nn.Module):
+        self_attention = layer.attention.self
+        self.self_attention = self_attention
+        self.projections = (self_attention.query, self_attention.key, self_attention.value)
+        self.head_size = self_attention.attention_head_size
+        self.scaling = self_attention.scaling
+        self.attention = _attention_function(self_attention)
+        self.attention_output, self.intermediate, self.output = layer.attention.output, layer.intermediate, layer.output
+        self.stock_attention_output = _stock(self.attention_output) and hasattr(self.attention_output, "LayerNorm")
+        self.stock_output = _stock(self.output) and hasattr(self.output, "LayerNorm")
+        self.stock_intermediate = _stock(self.intermediate) and not hasattr(self.intermediate, "LayerNorm")
+
+    def __call__(self, hidden: torch.Tensor, positions: torch.Tensor | None, layer_mask) -> torch.Tensor:
+        n, length, width = hidden.shape
+        head_size = self.head_size
+        if positions is None:  # the layer's own operations, in its own shapes
+            tokens = hidden
+            query, key, value = (
+                _linear(projection, hidden).view(n, length, -1, head_size).transpose(1, 2)
+                for projection in self.projections
+            )
+        else:
+            tokens = hidden.reshape(n * length, width).index_select(0, positions)  # [T, H]
+            projected = torch.cat([_linear(projection, tokens) for projection in self.projections], dim=1)
+            grid = projected.new_zeros(n * length, projected.shape[1]).index_copy_(0, positions, projected)
+            query, key, value = (
+                part.view(n, length, -1, head_size).transpose(1, 2) for part in grid.view(n, length, 3, -1).unbind(2)
+            )
+        mixed, _ = self.attention(
+            self.self_attention, query, key, value, layer_mask, dropout=0.0, scaling=self.scaling
+        )  # [n, S, heads, head_size]
+        if positions is None:
+            mixed = mixed.reshape(n, length, -1).contiguous()
+        else:
+            mixed = mixed.reshape(n * length, -1).index_select(0, positions)
+        attended = self._add_norm(self.attention_output, self.stock_attention_output, mixed, tokens)
+        if self.stock_intermediate:
+            block = self.intermediate
+            inner = block.intermediate_act_fn(F.linear(attended, block.dense.weight, block.dense.bias))
+        else:
+            inner = self.intermediate(attended)
+        out = self._add_norm(self.output, self.stock_output, inner, attended)
+        if positions is None:
+            return out
+        return out.new_zeros(n * length, width).index_copy_(0, positions, out).view(n, length, width)
+
+    @staticmethod
+    def _add_norm(block: nn.Module, stock: bool, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``block(x, residual)`` of a self-output / output block: LayerNorm(dense(x) + residual) in eval."""
+        if not stock:
+            return block(x, residual)
+        norm = block.LayerNorm
+        return F.layer_norm(
+            F.linear(x, block.dense.weight, block.dense.bias) + residual,
+            norm.normalized_shape,
+            norm.weight,
+            norm.bias,
+            norm.eps,
+        )
 
 
 def run_packed(layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor | None, layer_mask) -> torch.Tensor:
@@ -145,38 +193,4 @@ def run_packed(layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor |
     ``layer_mask``: the mask the layer takes (see ``EncoderAdapterBase.layer_mask``), which must
     mask every position outside ``positions``. Returns [n, S, H]; packed, zeros outside ``positions``.
     """
-    n, length, width = hidden.shape
-    self_attention = layer.attention.self
-    head_size = self_attention.attention_head_size
-    if positions is None:  # the layer's own operations, in its own shapes
-        tokens = hidden
-        query, key, value = (
-            _linear(projection, hidden).view(n, length, -1, head_size).transpose(1, 2)
-            for projection in (self_attention.query, self_attention.key, self_attention.value)
-        )
-    else:
-        tokens = hidden.reshape(n * length, width).index_select(0, positions)  # [T, H]
-        projected = torch.cat(
-            [
-                _linear(self_attention.query, tokens),
-                _linear(self_attention.key, tokens),
-                _linear(self_attention.value, tokens),
-            ],
-            dim=1,
-        )  # [T, 3 * heads * head_size]
-        grid = projected.new_zeros(n * length, projected.shape[1]).index_copy_(0, positions, projected)
-        query, key, value = (
-            part.view(n, length, -1, head_size).transpose(1, 2) for part in grid.view(n, length, 3, -1).unbind(2)
-        )
-    mixed, _ = _attention_function(self_attention)(
-        self_attention, query, key, value, layer_mask, dropout=0.0, scaling=self_attention.scaling
-    )  # [n, S, heads, head_size]
-    if positions is None:
-        mixed = mixed.reshape(n, length, -1).contiguous()
-    else:
-        mixed = mixed.reshape(n * length, -1).index_select(0, positions)
-    attended = _add_norm(layer.attention.output, mixed, tokens)
-    out = _add_norm(layer.output, _intermediate(layer.intermediate, attended), attended)
-    if positions is None:
-        return out
-    return out.new_zeros(n * length, width).index_copy_(0, positions, out).view(n, length, width)
+    return OpByOpLayer(layer)(hidden, positions, layer_mask)
