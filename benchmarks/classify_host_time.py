@@ -8,8 +8,8 @@ left is what each path spends around its layers: embeddings, exit heads and exit
 read-backs and, for ``eek.classify``, the engine's bookkeeping (scheduler, pool, admission).
 ``Entropy(0)``: nobody exits, so the three paths make the same layer calls (12 per batch of
 32). One thread; microseconds per layer call, median (and minimum) of ``--repeats`` passes.
-``eek.classify`` runs with ``packed=False`` (a packed call runs the layer's parts, not the
-module). On a GPU this host time is what must hide behind the kernels.
+``eek.classify`` runs BERT layers op by op (``OpByOpLayer``), which is replaced by the identity
+too. On a GPU this host time is what must hide behind the kernels.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import transformers.models.bert.modeling_bert as modeling_bert
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.bench.stream import StreamConfig, run_on_batches, sorted_stream
+from earlyexit_kernels.engine.packed_layer import OpByOpLayer
 
 
 def main() -> None:
@@ -36,6 +37,7 @@ def main() -> None:
     unpatched, model, batches, items = stream.unpatched, stream.model, stream.batches, stream.items
     eek.patch(model, eek.Entropy(0.0))
     modeling_bert.BertLayer.forward = lambda self, hidden_states, *args, **kwargs: hidden_states
+    OpByOpLayer.__call__ = lambda self, hidden, positions, layer_mask: hidden
 
     def run_unpatched():
         run_on_batches(unpatched, batches)
@@ -44,7 +46,7 @@ def main() -> None:
         run_on_batches(model, batches)
 
     def run_classify():
-        predictions = list(eek.classify(model, items, max_batch_size=32, packed=False))
+        predictions = list(eek.classify(model, items, max_batch_size=32))
         assert all(p.exit_layer == 12 for p in predictions)
 
     calls = len(batches) * 12

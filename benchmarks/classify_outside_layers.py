@@ -4,9 +4,9 @@ The continuous grid's stream (:mod:`earlyexit_kernels.bench.stream`; random BERT
 ``--hidden``, 12 layers, sentence lengths) with ``Entropy`` calibrated to save ``--saved`` of
 the layer evaluations (0: nothing exits): the unpatched model and the per-batch early exit on
 length-sorted batches of 32, and ``eek.classify`` (``max_batch_size`` 32) on the stream.
-``BertLayer.forward`` is timed inside each path; what is left of the wall time is spent
-around the layers (embeddings, heads, exit steps, the engine's bookkeeping) and, for
-``eek.classify``, in its packed calls (token-wise parts run outside ``BertLayer.forward``).
+``BertLayer.forward`` is timed inside each path, and ``eek.classify``'s layers run op by op
+(``OpByOpLayer``, packed or on every position); what is left of the wall time is spent
+around the layers (embeddings, heads, exit steps, the engine's bookkeeping).
 Medians of ``--repeats`` interleaved passes.
 
     flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/classify_outside_layers.py --sequences 4096 --threads 2
@@ -23,6 +23,7 @@ import transformers.models.bert.modeling_bert as modeling_bert
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.bench.stream import StreamConfig, calibrate, recorded_engines, run_on_batches, sorted_stream
+from earlyexit_kernels.engine.packed_layer import OpByOpLayer
 
 
 def main() -> None:
@@ -40,18 +41,21 @@ def main() -> None:
     stream = sorted_stream(config, 32)
     eek.patch(stream.model, eek.Entropy(calibrate(stream.entropies, args.saved)))
 
-    forward = modeling_bert.BertLayer.forward
     inside = {"seconds": 0.0, "calls": 0}
 
-    def timed_forward(self, *layer_args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return forward(self, *layer_args, **kwargs)
-        finally:
-            inside["seconds"] += time.perf_counter() - start
-            inside["calls"] += 1
+    def timed(forward):
+        def timed_forward(self, *layer_args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return forward(self, *layer_args, **kwargs)
+            finally:
+                inside["seconds"] += time.perf_counter() - start
+                inside["calls"] += 1
 
-    modeling_bert.BertLayer.forward = timed_forward
+        return timed_forward
+
+    modeling_bert.BertLayer.forward = timed(modeling_bert.BertLayer.forward)
+    OpByOpLayer.__call__ = timed(OpByOpLayer.__call__)
     packed = {"calls": 0}
 
     def run_classify():
@@ -82,12 +86,11 @@ def main() -> None:
     for name, runs in samples.items():
         wall = statistics.median(run[0] for run in runs)
         in_layers = statistics.median(run[1] for run in runs)
-        module_calls = runs[0][2]
+        calls = runs[0][2]  # packed ones included
         packed_calls = packed["calls"] if name == "classify" else 0
-        calls = module_calls + packed_calls
         print(
-            f"| {name} | {wall:.3f} | {in_layers:.3f} | {module_calls} | {packed_calls} | "
-            f"{1e6 * in_layers / module_calls:.0f} | {1e6 * (wall - in_layers) / calls:.0f} |"
+            f"| {name} | {wall:.3f} | {in_layers:.3f} | {calls} | {packed_calls} | "
+            f"{1e6 * in_layers / calls:.0f} | {1e6 * (wall - in_layers) / calls:.0f} |"
         )
 
 
