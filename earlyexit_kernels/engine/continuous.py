@@ -552,8 +552,8 @@ class ContinuousEngine:
         return steps
 
     def _packed_layer_call(self, index: int, hidden: torch.Tensor, positions: torch.Tensor | None, layer_mask):
-        """Layer ``index`` op by op (:func:`run_packed`; packed at ``positions``, or on every position),
-        or through its module where forward hooks are registered (they must run)."""
+        """Layer ``index`` op by op (:class:`OpByOpLayer`; packed at ``positions``, or on every
+        position), or through its module where forward hooks are registered (they must run)."""
         module = self.adapter.layer_module(index)
         if has_forward_hooks(module):
             return self._run_layer(index, hidden, layer_mask)

@@ -25,8 +25,8 @@ does not fit *fills* the call with its shortest rows where that costs no more th
 and the group apart; the rest of the group (its longest rows) starts the next call, which
 later groups may join. Survivors of batches of 32 are seldom 32: without filling, two groups
 of 20 run as two calls of 20; with it, as calls of 32 and 8, and the 8 take the next group's
-rows. (A BERT layer at hidden 128, 2 CPU threads, 36 tokens a row: 4.8 us a token in a call
-of 4 rows, 2.5 in one of 16, 2.2 in one of 32.)
+rows. (A BERT layer at hidden 128, 2 CPU threads, 36 positions a row: 4.3 us a position in a
+call of 4 rows, 2.5 in one of 16, 2.3 in one of 32; ``benchmarks/results/op_by_op_layer_cpu.md``.)
 
 **The rule**, before every layer call (:meth:`LayerScheduler.decide`):
 
@@ -490,6 +490,5 @@ class LayerScheduler:
         self._plans[layer] = None
         self.calls += 1
         call = Call(layer, planned.padded_length, tuple(rows), self.buckets.padded_rows(len(rows)))
-        whole_cohort = len(planned.parts) == 1 and group.cohort not in self._groups[layer]
-        self._last = (call, planned.parts[0][0].cohort if whole_cohort else None)
+        self._last = (call, planned.parts[0][0].cohort if len(planned.parts) == 1 else None)
         return call
