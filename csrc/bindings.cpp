@@ -45,6 +45,16 @@ TORCH_LIBRARY_FRAGMENT(earlyexit, m) {
   // Gather rows `index` of hidden [n, S, H] and mask [n, S], keep the first seq_len positions.
   // The second output is an empty tensor when mask is None.
   m.def("cpp_compact(Tensor hidden, Tensor? mask, Tensor index, int seq_len) -> (Tensor hidden, Tensor mask)");
+  // The continuous engine's paged token pool [T, H] (page_table [slots, pages] and lengths
+  // [slots], int64): a layer call's rows [m, padded_length, H] and their mask [m, padded_length]
+  // gathered from it, or from rows `sources` of `resident` (the last call's output) where
+  // sources[i] >= 0; and a call's output rows written to it (slots[i] = -1: row i is not).
+  m.def(
+      "cpp_pool_gather(Tensor pool, Tensor page_table, Tensor lengths, int page_size, Tensor slots,"
+      " int padded_length, Tensor? resident=None, Tensor? sources=None) -> (Tensor hidden, Tensor mask)");
+  m.def(
+      "cpp_pool_scatter(Tensor(a!) pool, Tensor page_table, Tensor lengths, int page_size, Tensor slots,"
+      " Tensor hidden) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(earlyexit, CPU, m) {
@@ -53,6 +63,8 @@ TORCH_LIBRARY_IMPL(earlyexit, CPU, m) {
   m.impl("cpp_head_exit_step", &eek::head_exit_step_cpu);
   m.impl("cpp_packed_head_exit_step", &eek::packed_head_exit_step_cpu);
   m.impl("cpp_compact", &eek::compact_cpu);
+  m.impl("cpp_pool_gather", &eek::pool_gather_cpu);
+  m.impl("cpp_pool_scatter", &eek::pool_scatter_cpu);
 }
 
 #ifndef TORCH_EXTENSION_NAME

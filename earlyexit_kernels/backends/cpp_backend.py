@@ -512,6 +512,11 @@ def _load() -> str | None:
             "the C++ extension earlyexit_kernels._C is from an older build (no cpp_packed_head_exit_step); "
             "rebuild with `pip install --no-build-isolation -e .`"
         )
+    if not hasattr(torch.ops.earlyexit, "cpp_pool_gather"):
+        return (
+            "the C++ extension earlyexit_kernels._C is from an older build (no cpp_pool_gather); "
+            "rebuild with `pip install --no-build-isolation -e .`"
+        )
     WITH_CUDA = bool(getattr(ext, "WITH_CUDA", 0))
     forced = os.environ.get("EARLYEXIT_CPU_ISA")
     if forced is not None and forced != getattr(ext, "CPU_HEAD_ISA", None):

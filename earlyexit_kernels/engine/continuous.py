@@ -8,11 +8,11 @@ backend), the choice of layer, rows and shape is the scheduler's.
 
 What a sequence in flight holds, on the device:
 
-- its hidden states, in a paged token pool ``[pages x 16, H]``, so memory follows the tokens in flight, not
-  ``max_in_flight x max_length``; a layer call gathers its rows into
-  ``[padded_rows, padded_length, H]`` with one ``index_select`` and writes the valid
-  positions back with one ``index_copy_``; pad positions read a zero token and write
-  to a scratch token;
+- its hidden states, in a paged token pool (:mod:`earlyexit_kernels.engine.token_pool`), so
+  memory follows the tokens in flight, not ``max_in_flight x max_length``; a layer call
+  gathers its rows into ``[padded_rows, padded_length, H]``, each from the pool or from the
+  last call's output where that holds it, and the last call's rows it does not take go
+  back to the pool;
 - its policy state (the per-batch engine's state, one row per slot).
 
 On the host: its length, pages, layers run, and the next layer it must run. A layer
@@ -40,12 +40,12 @@ from earlyexit_kernels.engine.batch_loop import (
 from earlyexit_kernels.engine.module_weights import float_bias, float_weight, linear_compute_dtype
 from earlyexit_kernels.engine.packed_layer import OpByOpLayer, has_forward_hooks, splits_into_token_parts
 from earlyexit_kernels.engine.scheduler import Admit, LayerScheduler, ShapeBuckets
+from earlyexit_kernels.engine.token_pool import TokenPool
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state
 from earlyexit_kernels.methods.policies import Scheduled, SkipGates
 
 __all__ = ["ContinuousEngine", "Finished", "model_max_length"]
 
-_NULL, _SCRATCH = 0, 1  # token rows of the pool: always zero (read by pad positions); written by pad positions
 # Below this share of real tokens, packed execution of a layer call pays for its gathers and scatters
 # (measured on a CPU at H 128 and 384: break-even near 0.85, 2x at 0.4).
 PACK_BELOW_FILL = 0.75
@@ -185,22 +185,18 @@ class ContinuousEngine:
             call_cost = 32.0 * (128 / hidden_size) ** 2
         self.scheduler = LayerScheduler(self.num_layers, self.buckets, max_in_flight, max_wait, call_cost)
         self.max_length = max_length
-        self.page_size = 16  # tokens per page of the pool; page 0 holds the zero and the scratch token
         self.pad_token_id = getattr(model.config, "pad_token_id", None) or 0
 
-        # Slots: one per sequence in flight, plus the last one for pad rows.
+        # Slots: one per sequence in flight, plus the last one for pad rows (length 0: all padding).
         slots = max_in_flight + 1
         self._free_slots = list(range(max_in_flight - 1, -1, -1))
         self._pad_slot = max_in_flight
-        self._pages_per_slot = math.ceil(max_length / self.page_size)
-        self._page_table = np.zeros((slots, self._pages_per_slot), dtype=np.int64)
-        self._lengths = np.ones(slots, dtype=np.int64)
+        self._tokens = TokenPool(
+            slots, max_length, hidden_size, self.dtype, self.device, fast=self.backend.name == "cpp"
+        )
+        self._lengths = self._tokens.lengths  # the slots' lengths, set as they are taken
         self._runs = [0] * slots
         self._keys: list[object] = [None] * slots
-        # Page 0 holds the zero token and the scratch token; sequences' pages are added on demand.
-        self._pool = torch.zeros(self.page_size, hidden_size, dtype=self.dtype, device=self.device)
-        self._free_pages: list[int] = []
-        self._lengths[self._pad_slot] = 0  # pad rows: every position reads the zero token, writes the scratch one
         with torch.no_grad():
             template = init_state(
                 self.policy, 1, self.num_labels, hidden_size, self.num_layers, self.device, self.dtype
@@ -215,7 +211,6 @@ class ContinuousEngine:
                 torch.cat([float_weight(g) for g in gates]),  # [L, H]: gate i is read before layer i + 1
                 torch.cat([float_bias(g) for g in gates]),  # (dequantized where the gates are quantized)
             )
-        self._offsets = np.arange(self.page_size, dtype=np.int64)
         self._resident: _Resident | None = None
         self._fused: bool | None = None  # whether the backend runs the heads fused, decided at the first call
         self._prepared: list = []  # per layer, the backend's prepared head step or None (at the first call)
@@ -329,21 +324,6 @@ class ContinuousEngine:
 
     # ------------------------------------------------------------------ internals
 
-    def _allocate_pages(self, count: int) -> list[int]:
-        if len(self._free_pages) < count:
-            pages_now = self._pool.shape[0] // self.page_size
-            grow = max(count - len(self._free_pages), pages_now)  # at least double: amortised copies
-            # Uninitialised: a page is read only at the positions its sequence wrote (others read page 0).
-            pool = torch.empty(
-                (pages_now + grow) * self.page_size, self._pool.shape[1], dtype=self.dtype, device=self.device
-            )
-            pool[: self._pool.shape[0]] = self._pool
-            self._pool = pool
-            self._free_pages.extend(range(pages_now + grow - 1, pages_now - 1, -1))
-        pages = self._free_pages[-count:]
-        del self._free_pages[-count:]
-        return pages
-
     def _take_pending(self, count: int) -> list[_Sequence]:
         """The next ``count`` pending sequences: the oldest, or (admission="length") the next in a length sweep."""
         if self.admission == "fifo":
@@ -387,15 +367,14 @@ class ContinuousEngine:
         # the host tables of a chunk are filled with a few numpy operations, not per sequence.
         sequences = sorted(sequences, key=lambda s: len(s.input_ids))
         lengths = np.fromiter((len(seq.input_ids) for seq in sequences), dtype=np.int64, count=len(sequences))
-        page_counts = -(-lengths // self.page_size)
-        pages = self._allocate_pages(int(page_counts.sum()))  # one growth of the pool for the whole admission
-        page_columns = np.arange(self._pages_per_slot)
+        admitted = self._free_slots[-len(sequences) :][::-1]  # the order pop() would give
+        del self._free_slots[-len(sequences) :]
+        self._tokens.take(admitted, lengths)  # one growth of the pool for the whole admission
         size = self.buckets.max_batch_size
-        admitted: list[int] = []
         for start in range(0, len(sequences), size):
             chunk = sequences[start : start + size]
             k = len(chunk)
-            chunk_lengths, counts = lengths[start : start + k], page_counts[start : start + k]
+            slots, chunk_lengths = admitted[start : start + k], lengths[start : start + k]
             longest = int(chunk_lengths[-1])
             valid = np.arange(longest) < chunk_lengths[:, None]
             ids = np.full((k, longest), self.pad_token_id, dtype=np.int64)
@@ -408,14 +387,6 @@ class ContinuousEngine:
                         for seq in chunk
                     ]
                 )
-            slots = self._free_slots[-k:][::-1]  # the order pop() would give
-            del self._free_slots[-k:]
-            table = np.full((k, self._pages_per_slot), _NULL, dtype=np.int64)
-            taken = int(counts.sum())
-            table[page_columns < counts[:, None]] = pages[-taken:]
-            del pages[-taken:]
-            self._page_table[slots] = table
-            self._lengths[slots] = chunk_lengths
             for slot, seq in zip(slots, chunk):
                 self._runs[slot] = 0
                 self._keys[slot] = seq.key
@@ -423,25 +394,13 @@ class ContinuousEngine:
             hidden = self.adapter.embed(
                 torch.from_numpy(ids).to(self.device), torch.from_numpy(types).to(self.device), None, None, valid_mask
             )
-            token_index, _ = self._token_index(slots, longest)
-            flat = np.flatnonzero(valid)
-            read_write = torch.from_numpy(np.concatenate([flat, token_index.reshape(-1)[flat]])).to(self.device)
-            rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, read_write[: flat.size])
-            self._pool.index_copy_(0, read_write[flat.size :], rows)
+            self._tokens.scatter(slots, hidden)
             if self._state:
                 slot_index = torch.tensor(slots, device=self.device)
                 for key, value in self._state.items():
                     value.index_copy_(0, slot_index, self._state_template[key].expand(k, *value.shape[1:]))
-            admitted += slots
         self.scheduler.admit(admitted, lengths.tolist())
         self.stats.admitted += len(sequences)
-
-    def _token_index(self, slots: list[int], padded_length: int) -> tuple[np.ndarray, np.ndarray]:
-        """Pool rows of each slot's first ``padded_length`` positions [n, S], and which are valid."""
-        pages = self._page_table[slots, : math.ceil(padded_length / self.page_size)]
-        index = (pages[:, :, None] * self.page_size + self._offsets).reshape(len(slots), -1)[:, :padded_length]
-        valid = np.arange(padded_length) < self._lengths[slots][:, None]
-        return np.where(valid, index, _NULL), valid
 
     def _run_call(self, call) -> list[Finished]:
         layer, n = call.layer, len(call.rows)
@@ -451,14 +410,15 @@ class ContinuousEngine:
             inputs.layer_mask = self.adapter.layer_mask(mask, self.dtype)
         if mask is not None and inputs.tokens < self._pack_below * mask.numel():
             if inputs.positions is None:
-                inputs.positions = torch.from_numpy(np.flatnonzero(inputs.valid)).to(self.device)
+                valid = np.arange(call.padded_length) < self._lengths[list(call.rows)][:, None]
+                inputs.positions = torch.from_numpy(np.flatnonzero(valid)).to(self.device)
             hidden = self._run_packed_layer(layer - 1, hidden, inputs.positions, inputs.layer_mask)
         elif self._op_by_op:
             hidden = self._run_packed_layer(layer - 1, hidden, None, inputs.layer_mask)
         else:
             hidden = self._run_layer(layer - 1, hidden, inputs.layer_mask)
         if self.compiled:
-            self._write(list(call.rows) + [self._pad_slot] * (call.padded_rows - n), hidden)
+            self._tokens.scatter(list(call.rows) + [-1] * (call.padded_rows - n), hidden)
         else:  # kept where it is: the next call often runs these rows again (a batch's next layer)
             inputs.hidden = None
             self._resident = _Resident(
@@ -591,55 +551,34 @@ class ContinuousEngine:
             inputs = resident.inputs
             inputs.hidden = resident.hidden
             return inputs
-        slots = list(call.rows) + [self._pad_slot] * (call.padded_rows - n)
-        valid = np.arange(call.padded_length) < self._lengths[slots][:, None]
-        tokens = int(valid[:n].sum())
-        if (
-            resident is not None
-            and call.padded_rows == n
-            and call.padded_length <= resident.hidden.shape[1]
-            and all(slot in resident.rows for slot in call.rows)
-        ):
-            self._flush(keep=set(call.rows))
-            positions = [resident.rows[slot] for slot in call.rows]
-            hidden = resident.hidden
-            if positions != list(range(hidden.shape[0])):  # rows and length in one gather
-                index = torch.tensor(positions, device=self.device)
-                hidden, _ = self.backend.compact(hidden, None, index, min(call.padded_length, hidden.shape[1]))
-            elif call.padded_length < hidden.shape[1]:
-                hidden = hidden[:, : call.padded_length].contiguous()
-            slot_index = torch.tensor(slots, device=self.device) if self._state else None  # only state reads it
-            mask = None if valid.all() else torch.from_numpy(valid).to(self.device)
-            return _CallInputs(hidden, mask, slot_index, valid, tokens)
-        self._flush()
-        token_index, _ = self._token_index(slots, call.padded_length)
-        # One host-to-device copy: read positions and slots.
-        packed = torch.from_numpy(np.concatenate([token_index.reshape(-1), np.asarray(slots)]))
-        packed = packed.to(self.device, non_blocking=True)
-        read, slot_index = packed[: token_index.size], packed[token_index.size :]
-        hidden = self._pool.index_select(0, read).view(call.padded_rows, call.padded_length, -1)
-        mask = None  # no padding in the call: the layer runs without a mask, as Hugging Face does
-        if self.compiled or not valid.all():  # compiled: one graph per shape, the mask always given
-            mask = read.view(call.padded_rows, call.padded_length) != _NULL
+        rows = list(call.rows)
+        slots = rows + [self._pad_slot] * (call.padded_rows - n)
+        tokens = int(self._lengths[rows].sum())
+        sources = None
+        if resident is not None:  # rows it holds are read from it; those it holds for later go to the pool
+            sources = [resident.rows.get(slot, -1) for slot in slots]
+            self._flush(keep=set(rows))
+            if all(source < 0 for source in sources):
+                sources = None
+        hidden, mask = self._tokens.gather(
+            slots, call.padded_length, resident.hidden if sources is not None else None, sources
+        )
+        if self.compiled:  # one graph per shape, the mask always given
             mask[:, 0] = True  # pad rows attend to their first (zero) token instead of nothing
-        return _CallInputs(hidden, mask, slot_index, valid, tokens)
-
-    def _write(self, slots: list[int], hidden: torch.Tensor, skip: set | None = None) -> None:
-        """Valid positions of ``hidden`` [len(slots), S, H] into the pool; pad positions, and the rows
-        of the slots in ``skip``, to the scratch token (one ``index_copy_``)."""
-        token_index, valid = self._token_index(slots, hidden.shape[1])
-        if skip:
-            valid &= np.array([slot not in skip for slot in slots])[:, None]
-        write = torch.from_numpy(np.where(valid, token_index, _SCRATCH).reshape(-1)).to(self.device)
-        self._pool.index_copy_(0, write, hidden.reshape(-1, hidden.shape[-1]))
+        elif tokens == call.padded_rows * call.padded_length:
+            mask = None  # no padding in the call: the layer runs without a mask, as Hugging Face does
+        slot_index = torch.tensor(slots, device=self.device) if self._state else None  # only state reads it
+        return _CallInputs(hidden, mask, slot_index, tokens)
 
     def _flush(self, keep: set | None = None) -> None:
         """Write the last call's output rows still in flight to the pool (but those in ``keep``, read from it next)."""
         resident, self._resident = self._resident, None
-        if resident is None or not set(resident.rows) - (keep or set()):
+        if resident is None:
             return
-        skip = set(resident.slots) - set(resident.rows) | (keep or set())  # gone, or read from the output next
-        self._write(resident.slots, resident.hidden, skip)
+        keep = keep or set()
+        write = [slot if slot in resident.rows and slot not in keep else -1 for slot in resident.slots]
+        if any(slot >= 0 for slot in write):
+            self._tokens.scatter(write, resident.hidden)
 
     def _release(self, slot: int) -> None:
         self._free(slot)
@@ -648,8 +587,7 @@ class ContinuousEngine:
     def _free(self, slot: int) -> None:
         if self._resident is not None:
             self._resident.rows.pop(slot, None)  # gone: neither written back nor read
-        pages = self._page_table[slot, : math.ceil(int(self._lengths[slot]) / self.page_size)]
-        self._free_pages.extend(pages.tolist())
+        self._tokens.release(slot)
         self._keys[slot] = None
         self._free_slots.append(slot)
 
@@ -659,14 +597,12 @@ class _CallInputs:
     """A layer call's inputs: ``hidden`` [padded_rows, padded_length, H]; ``mask`` [padded_rows,
     padded_length] or None (no padding) and ``layer_mask``, the layer's form of it (None until
     built); ``slot_index`` [padded_rows] on the device (None where nothing reads it: no state);
-    ``valid`` [padded_rows, padded_length] on the host; ``tokens``: how many positions of the
-    real rows are valid; ``positions``: the flat indices of the valid positions [T] on the device
-    (built for packed calls)."""
+    ``tokens``: how many positions of the real rows are valid; ``positions``: the flat indices
+    of the valid positions [T] on the device (built for packed calls)."""
 
     hidden: torch.Tensor | None
     mask: torch.Tensor | None
     slot_index: torch.Tensor | None
-    valid: np.ndarray
     tokens: int
     layer_mask: object = None
     positions: torch.Tensor | None = None
