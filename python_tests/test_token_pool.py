@@ -88,7 +88,7 @@ def test_pages_are_reused_after_release_and_the_pool_grows_when_short():
     size = pool.pool.shape[0]
     assert size >= 16 + 16 * (3 + 2)
     pool.scatter([0, 1], torch.ones(2, 40, 8))
-    pool.release(0)
+    pool.release([0])
     pool.take([2], np.array([33]))  # the three pages slot 0 gave back
     assert pool.pool.shape[0] == size
     assert set(pool.page_table[2, :3]) <= set(range(1, size // 16))

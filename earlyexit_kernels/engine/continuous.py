@@ -287,8 +287,7 @@ class ContinuousEngine:
         self._pending = [entry for entry in self._pending if entry[2].key not in keys]
         slots = [slot for slot, key in enumerate(self._keys) if key is not None and key in keys]
         self.scheduler.discard(slots)
-        for slot in slots:
-            self._free(slot)
+        self._free(slots)
         return pending - len(self._pending) + len(slots)
 
     @property
@@ -479,24 +478,30 @@ class ContinuousEngine:
         if not any(exited) and (next_layers is None or all(target == layer + 1 for target in next_layers)):
             self.scheduler.advance(call)  # every row goes on to the next layer
             return []
-        logits = returned[:n].to(wire) if table is None else torch.from_numpy(table[:, 1 : 1 + self.num_labels])
-        # Rounded to the model dtype on the host, once for the rows that exit, keeping each row's argmax
-        # (as the per-batch engine does: Voting's tie-broken log-scores can round to equal values).
+        logits = returned[:n] if table is None else torch.from_numpy(table[:, 1 : 1 + self.num_labels])
         out_dtype = _output_dtype(self.dtype, self.device)  # the autocast dtype inside autocast, as the model
         leaving = [row for row, left in enumerate(exited) if left]
-        if len(leaving) < n:  # the rows that exit
-            logits = logits[torch.tensor(leaving, dtype=torch.long)]
-        logits = _round_keeping_argmax(logits, out_dtype)
-        logits = dict(zip(leaving, logits.unbind(0)))
-        finished = []
+        if logits.dtype == out_dtype:
+            by_row = logits.unbind(0)
+            exiting = {row: by_row[row] for row in leaving}
+        else:
+            # Rounded to the model dtype on the host, once for the rows that exit, keeping each row's argmax
+            # (as the per-batch engine does: Voting's tie-broken log-scores can round to equal values).
+            if len(leaving) < n:
+                logits = logits[torch.tensor(leaving, dtype=torch.long)]
+            exiting = dict(zip(leaving, _round_keeping_argmax(logits.to(wire), out_dtype).unbind(0)))
+        finished, gone = [], []
         survivors: dict[int, list[int]] = {}  # next layer -> slots
+        keys, runs = self._keys, self._runs
         for row, slot in enumerate(call.rows):
-            if row in logits:
-                finished.append(Finished(self._keys[slot], logits[row], layer, self._runs[slot]))
-                self._release(slot)
+            out = exiting.get(row)
+            if out is not None:
+                finished.append(Finished(keys[slot], out, layer, runs[slot]))
+                gone.append(slot)
             else:
                 target = layer + 1 if next_layers is None else next_layers[row]
                 survivors.setdefault(target, []).append(slot)
+        self._release(gone)
         for target, slots in survivors.items():
             self.scheduler.requeue_many(slots, target, self._lengths[slots].tolist())
         return finished
@@ -580,16 +585,19 @@ class ContinuousEngine:
         if any(slot >= 0 for slot in write):
             self._tokens.scatter(write, resident.hidden)
 
-    def _release(self, slot: int) -> None:
-        self._free(slot)
-        self.scheduler.release(slot)
+    def _release(self, slots: list[int]) -> None:
+        """Sequences that left the encoder."""
+        self._free(slots)
+        self.scheduler.release_many(slots)
 
-    def _free(self, slot: int) -> None:
+    def _free(self, slots: list[int]) -> None:
         if self._resident is not None:
-            self._resident.rows.pop(slot, None)  # gone: neither written back nor read
-        self._tokens.release(slot)
-        self._keys[slot] = None
-        self._free_slots.append(slot)
+            for slot in slots:
+                self._resident.rows.pop(slot, None)  # gone: neither written back nor read
+        self._tokens.release(slots)
+        for slot in slots:
+            self._keys[slot] = None
+        self._free_slots += slots
 
 
 @dataclass

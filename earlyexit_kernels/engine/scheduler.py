@@ -221,6 +221,8 @@ class LayerScheduler:
         self.call_cost = float(call_cost)
         # groups[layer][cohort]: that cohort's rows waiting for that layer
         self._groups: list[dict[int, _Group]] = [{} for _ in range(num_layers + 1)]
+        # every group, oldest first: (layer, cohort) -> group, in the order the groups were made
+        self._by_age: dict[tuple[int, int], _Group] = {}
         # cached per layer, None when that layer's groups changed
         self._plans: list[list[_Planned] | None] = [None] * (num_layers + 1)
         self._cohort_of: dict[int, int] = {}
@@ -298,7 +300,9 @@ class LayerScheduler:
             padded = self.buckets.padded_length(max(cohort_lengths))  # padding is monotone in the length
             group = self._groups[layer].get(cohort)
             if group is None:
-                group = self._groups[layer][cohort] = _Group(cohort, [], padded, self.calls)
+                group = self._groups[layer][cohort] = self._by_age[layer, cohort] = _Group(
+                    cohort, [], padded, self.calls
+                )
             group.rows.extend(cohort_rows)
             group.rows.sort(key=self._length_of.__getitem__)  # shortest first: a split takes the shortest
             group.longest = max(group.longest, padded)
@@ -328,7 +332,8 @@ class LayerScheduler:
             return None
         if any(self._groups[deeper] for deeper in range(layer, self.num_layers + 1)):
             return None
-        if any(self.calls - group.since >= self.max_wait for groups in self._groups for group in groups.values()):
+        oldest = self._oldest()
+        if oldest is not None and self.calls - oldest[1].since >= self.max_wait:
             return None
         return Call(layer, call.padded_length, call.rows, call.padded_rows)
 
@@ -340,8 +345,13 @@ class LayerScheduler:
 
     def release(self, row: int) -> None:
         """``row`` left the encoder."""
-        self.in_flight -= 1
-        self._forget(row)
+        self.release_many([row])
+
+    def release_many(self, rows: list[int]) -> None:
+        """``rows`` left the encoder."""
+        self.in_flight -= len(rows)
+        for row in rows:
+            self._forget(row)
 
     def _forget(self, row: int) -> None:
         cohort = self._cohort_of.pop(row)
@@ -369,7 +379,7 @@ class LayerScheduler:
                     group.rows = kept
                     group.longest = max(self.buckets.padded_length(self._length_of[row]) for row in kept)
                 else:
-                    del groups[cohort]
+                    del groups[cohort], self._by_age[layer, cohort]
                 self._plans[layer] = None
         for row in found:
             self.release(row)
@@ -388,9 +398,7 @@ class LayerScheduler:
         full_cohort = self.buckets.max_batch_size
         if not layers:
             return Admit(self._admit_count()) if can_admit and self.room > 0 else None
-        oldest_layer, oldest = min(
-            ((layer, group) for layer in layers for group in self._groups[layer].values()), key=lambda lg: lg[1].since
-        )
+        oldest_layer, oldest = self._oldest()
         if self.calls - oldest.since >= self.max_wait:
             planned = next(p for p in self._plan(oldest_layer) if oldest in p.groups)
             return self._take(oldest_layer, planned)
@@ -402,6 +410,18 @@ class LayerScheduler:
             return Admit(self._admit_count())
         layer = layers[0] if can_admit else layers[-1]
         return self._take(layer, max(self._plan(layer), key=lambda p: p.rows))
+
+    def _oldest(self) -> tuple[int, _Group] | None:
+        """The group waiting longest and its layer (the deepest of those made at the same call), or None."""
+        first = None
+        for (layer, _), group in self._by_age.items():  # groups made at one call are consecutive here
+            if first is None:
+                first = (layer, group)
+            elif group.since != first[1].since:
+                break
+            elif layer > first[0]:
+                first = (layer, group)
+        return first
 
     def _admit_count(self) -> int:
         """The room, in whole cohorts where there is room for one."""
@@ -480,7 +500,7 @@ class LayerScheduler:
             if group.rows:  # split: the rest waits on
                 group.longest = self._padded_of(group.rows[-1])
             else:
-                del self._groups[layer][group.cohort]
+                del self._groups[layer][group.cohort], self._by_age[layer, group.cohort]
             counts = self._waiting_in[group.cohort]
             counts[layer] -= len(taken)
             if not counts[layer]:

@@ -91,6 +91,7 @@ class TokenPool:
         # Page 0 holds NULL and SCRATCH; sequences' pages are added on demand.
         self.pool = torch.zeros(page_size, hidden_size, dtype=dtype, device=device)
         self._free_pages: list[int] = []
+        self._pages_of: list[list[int]] = [[] for _ in range(slots)]  # each slot's pages, as the table holds them
         self.fast = fast and self.pool.device.type == "cpu"
         # The host tables seen as tensors (same memory) by the C++ operators.
         self._page_table_t = torch.from_numpy(self.page_table)
@@ -104,11 +105,13 @@ class TokenPool:
         table[np.arange(self.pages_per_slot) < counts[:, None]] = pages
         self.page_table[slots] = table
         self.lengths[slots] = lengths
+        for slot, count, first in zip(slots, counts.tolist(), np.cumsum(counts).tolist()):
+            self._pages_of[slot] = pages[first - count : first]
 
-    def release(self, slot: int) -> None:
-        """Return a slot's pages."""
-        pages = self.page_table[slot, : math.ceil(int(self.lengths[slot]) / self.page_size)]
-        self._free_pages.extend(pages.tolist())
+    def release(self, slots: list[int]) -> None:
+        """Return the slots' pages."""
+        for slot in slots:
+            self._free_pages += self._pages_of[slot]
 
     def gather(self, slots: list[int], padded_length: int, resident=None, sources=None):
         """Rows ``slots`` as ``[m, padded_length, H]`` and their mask; see :func:`gather_reference`."""
