@@ -46,14 +46,15 @@ TORCH_LIBRARY_FRAGMENT(earlyexit, m) {
   // The second output is an empty tensor when mask is None.
   m.def("cpp_compact(Tensor hidden, Tensor? mask, Tensor index, int seq_len) -> (Tensor hidden, Tensor mask)");
   // The continuous engine's paged token pool [T, H] (page_table [slots, pages] and lengths
-  // [slots], int64): a layer call's rows [m, padded_length, H] and their mask [m, padded_length]
-  // gathered from it, or from rows `sources` of `resident` (the last call's output) where
-  // sources[i] >= 0; and a call's output rows written to it (slots[i] = -1: row i is not).
+  // [slots], int64, on the host): a layer call's rows [m, padded_length, H] and their mask
+  // [m, padded_length] gathered from it, or, where resident_of[i] >= 0, from row row_of[i] of
+  // residents[resident_of[i]] (an earlier call's output); and a call's output rows written to it
+  // (slots[i] = -1: row i is not).
   m.def(
-      "cpp_pool_gather(Tensor pool, Tensor page_table, Tensor lengths, int page_size, Tensor slots,"
-      " int padded_length, Tensor? resident=None, Tensor? sources=None) -> (Tensor hidden, Tensor mask)");
+      "cpp_pool_gather(Tensor pool, Tensor page_table, Tensor lengths, int page_size, int[] slots,"
+      " int padded_length, Tensor[] residents, int[] resident_of, int[] row_of) -> (Tensor hidden, Tensor mask)");
   m.def(
-      "cpp_pool_scatter(Tensor(a!) pool, Tensor page_table, Tensor lengths, int page_size, Tensor slots,"
+      "cpp_pool_scatter(Tensor(a!) pool, Tensor page_table, Tensor lengths, int page_size, int[] slots,"
       " Tensor hidden) -> ()");
 }
 

@@ -33,11 +33,10 @@ HeadExitResult packed_head_exit_step_cpu(const at::Tensor& cls_hidden, const at:
 std::tuple<at::Tensor, at::Tensor> compact_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>& mask,
                                                const at::Tensor& index, int64_t seq_len);
 std::tuple<at::Tensor, at::Tensor> pool_gather_cpu(const at::Tensor& pool, const at::Tensor& page_table,
-                                                   const at::Tensor& lengths, int64_t page_size,
-                                                   const at::Tensor& slots, int64_t padded_length,
-                                                   const std::optional<at::Tensor>& resident,
-                                                   const std::optional<at::Tensor>& sources);
+                                                   const at::Tensor& lengths, int64_t page_size, at::IntArrayRef slots,
+                                                   int64_t padded_length, const std::vector<at::Tensor>& residents,
+                                                   at::IntArrayRef resident_of, at::IntArrayRef row_of);
 void pool_scatter_cpu(const at::Tensor& pool, const at::Tensor& page_table, const at::Tensor& lengths,
-                      int64_t page_size, const at::Tensor& slots, const at::Tensor& hidden);
+                      int64_t page_size, at::IntArrayRef slots, const at::Tensor& hidden);
 
 }  // namespace eek

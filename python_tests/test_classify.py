@@ -249,6 +249,34 @@ def test_eager_calls_run_their_exact_rows_and_lengths_with_at_most_one_read_back
     assert len({c.padded_length for c in calls}) > 8  # lengths other than multiples of a step
 
 
+def test_outputs_kept_for_later_calls_stay_bounded_and_are_gone_when_the_stream_is():
+    from earlyexit_kernels.engine.continuous import KEPT_OUTPUTS
+
+    items = _sequences(96, seed=9)
+    model, _ = spread_model("bert", "entropy", items)
+    engine = ContinuousEngine(model, max_batch_size=8, max_in_flight=48)
+    for index, item in enumerate(items):
+        engine.submit(index, item["input_ids"], item["token_type_ids"])
+    kept, read_from_kept = [], 0
+    run_call = engine._run_call
+
+    def counting(call):
+        nonlocal read_from_kept
+        read_from_kept += sum(slot in engine._held for slot in call.rows)
+        return run_call(call)
+
+    engine._run_call = counting
+    while not engine.idle:
+        engine.step()
+        kept.append(len(engine._residents))
+        largest = max((resident.hidden.numel() for resident in engine._residents), default=0)
+        assert engine._kept_states <= max(engine._tokens.pool.numel(), largest)
+        assert engine._kept_states == sum(resident.hidden.numel() for resident in engine._residents)
+    assert max(kept) <= KEPT_OUTPUTS and max(kept) > 1
+    assert read_from_kept > engine.stats.rows // 4  # 103 of 200: rows come from kept outputs, not the pool
+    assert engine._residents == [] and engine._held == {}
+
+
 def test_compiled_calls_take_their_shapes_from_the_fixed_sets():
     items = _sequences(37, seed=6)  # the last batch holds 5 rows: padded to 8
     model = eek.patch(tiny_model("bert", num_layers=3, attn="sdpa"), eek.Patience(1))

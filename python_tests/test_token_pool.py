@@ -51,18 +51,18 @@ def test_gather_reads_each_slots_tokens_and_zeros_after(dtype):
             assert mask.dtype == torch.bool and torch.equal(mask, expected_mask)
 
 
-def test_gather_takes_rows_from_the_last_output_where_told():
+def test_gather_takes_rows_from_earlier_outputs_where_told():
     (reference, fast), _ = _pools(torch.float32, seed=1)
-    resident = torch.randn(4, MAX_LENGTH, HIDDEN)
-    slots, sources = [5, 0, 9, 2], [-1, 3, 1, -1]
+    residents = [torch.randn(4, MAX_LENGTH, HIDDEN), torch.randn(2, MAX_LENGTH, HIDDEN)]
+    slots, resident_of, row_of = [5, 0, 9, 2, 7], [-1, 0, 1, -1, 0], [-1, 3, 1, -1, 0]
     padded_length = int(reference.lengths[slots].max())
     expected = _expected_rows(reference, slots, padded_length)
-    for row, source in enumerate(sources):
-        if source >= 0:
-            length = int(reference.lengths[slots[row]])
-            expected[row, :length] = resident[source, :length]
+    for i, (of, row) in enumerate(zip(resident_of, row_of)):
+        if of >= 0:
+            length = int(reference.lengths[slots[i]])
+            expected[i, :length] = residents[of][row, :length]
     for pool in (reference, fast):
-        hidden, _ = pool.gather(slots, padded_length, resident, sources)
+        hidden, _ = pool.gather(slots, padded_length, residents, resident_of, row_of)
         assert torch.equal(hidden, expected)
 
 
@@ -100,12 +100,12 @@ def test_bad_arguments_get_errors_that_name_them():
     (_, fast), _ = _pools(torch.float32)
     with pytest.raises(RuntimeError, match="slot 99 is out of range"):
         fast.gather([99], 4)
-    with pytest.raises(RuntimeError, match="resident and sources go together"):
-        torch.ops.earlyexit.cpp_pool_gather(
-            fast.pool, fast._page_table_t, fast._lengths_t, 16, torch.tensor([0]), 4, torch.zeros(1, 4, HIDDEN), None
-        )
-    with pytest.raises(RuntimeError, match="is not a row of resident"):
-        fast.gather([0], MAX_LENGTH, torch.zeros(1, MAX_LENGTH, HIDDEN), [5])
+    with pytest.raises(RuntimeError, match="one entry per slot"):
+        fast.gather([0, 1], 4, [torch.zeros(1, 4, HIDDEN)], [0], [0])
+    with pytest.raises(RuntimeError, match="is not a row of resident 0"):
+        fast.gather([0], MAX_LENGTH, [torch.zeros(1, MAX_LENGTH, HIDDEN)], [0], [5])
+    with pytest.raises(RuntimeError, match="but 1 residents are given"):
+        fast.gather([0], MAX_LENGTH, [torch.zeros(1, MAX_LENGTH, HIDDEN)], [1], [0])
     with pytest.raises(RuntimeError, match="hidden holds"):
         fast.scatter([0], torch.zeros(1, int(fast.lengths[0]) - 1 if fast.lengths[0] > 1 else 0, HIDDEN))
     with pytest.raises(RuntimeError, match="pool's H and dtype"):

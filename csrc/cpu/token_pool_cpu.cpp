@@ -64,49 +64,39 @@ int64_t checked_slot(const PoolView& pool, int64_t slot, const char* op) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> pool_gather_cpu(const at::Tensor& pool, const at::Tensor& page_table,
-                                                   const at::Tensor& lengths, int64_t page_size,
-                                                   const at::Tensor& slots, int64_t padded_length,
-                                                   const std::optional<at::Tensor>& resident,
-                                                   const std::optional<at::Tensor>& sources) {
+                                                   const at::Tensor& lengths, int64_t page_size, at::IntArrayRef slots,
+                                                   int64_t padded_length, const std::vector<at::Tensor>& residents,
+                                                   at::IntArrayRef resident_of, at::IntArrayRef row_of) {
   constexpr const char* op = "cpp_pool_gather";
   const PoolView view = view_of(pool, page_table, lengths, page_size, op);
-  TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous(), op,
-              ": slots must be a contiguous int64 [m] tensor");
   TORCH_CHECK(padded_length >= 0, op, ": padded_length must be >= 0");
-  const bool has_resident = resident.has_value() && resident->defined();
-  TORCH_CHECK(has_resident == (sources.has_value() && sources->defined()), op,
-              ": resident and sources go together (both or neither)");
-  const int64_t m = slots.size(0), S = padded_length;
-  const int64_t* slot_of = slots.data_ptr<int64_t>();
-  const int64_t* source_of = nullptr;
-  const char* res = nullptr;
-  int64_t res_rows = 0, res_length = 0, res_row_bytes = 0;
-  if (has_resident) {
-    TORCH_CHECK(resident->dim() == 3 && resident->is_contiguous() && resident->size(2) == pool.size(1) &&
-                    resident->scalar_type() == pool.scalar_type() && resident->device().is_cpu(),
-                op, ": resident must be a contiguous CPU [r, S, H] tensor of the pool's H and dtype");
-    TORCH_CHECK(sources->dim() == 1 && sources->size(0) == m && sources->scalar_type() == at::kLong &&
-                    sources->is_contiguous(),
-                op, ": sources must be a contiguous int64 [m] tensor (a row of resident, or -1: the pool)");
-    source_of = sources->data_ptr<int64_t>();
-    res = static_cast<const char*>(resident->data_ptr());
-    res_rows = resident->size(0);
-    res_length = resident->size(1);
-    res_row_bytes = res_length * view.row_bytes;
+  const int64_t m = static_cast<int64_t>(slots.size()), S = padded_length;
+  const bool from_residents = !resident_of.empty();
+  TORCH_CHECK(!from_residents || (static_cast<int64_t>(resident_of.size()) == m && row_of.size() == resident_of.size()),
+              op, ": resident_of and row_of must have one entry per slot (or be empty)");
+  for (const at::Tensor& resident : residents) {
+    TORCH_CHECK(resident.dim() == 3 && resident.is_contiguous() && resident.size(2) == pool.size(1) &&
+                    resident.scalar_type() == pool.scalar_type() && resident.device().is_cpu(),
+                op, ": residents must be contiguous CPU [r, S, H] tensors of the pool's H and dtype");
   }
   at::Tensor out = at::empty({m, S, pool.size(1)}, pool.options());
   at::Tensor mask = at::empty({m, S}, pool.options().dtype(at::kBool));
   char* out_data = static_cast<char*>(out.data_ptr());
   bool* mask_data = mask.data_ptr<bool>();
   for (int64_t i = 0; i < m; ++i) {
-    const int64_t slot = checked_slot(view, slot_of[i], op);
+    const int64_t slot = checked_slot(view, slots[i], op);
     const int64_t count = std::min(view.lengths[slot], S);
     char* row = out_data + i * S * view.row_bytes;
-    const int64_t source = source_of != nullptr ? source_of[i] : -1;
+    const int64_t source = from_residents ? resident_of[i] : -1;
     if (source >= 0) {
-      TORCH_CHECK(source < res_rows && count <= res_length, op, ": sources[", i, "] = ", source,
-                  " is not a row of resident holding ", count, " positions");
-      std::memcpy(row, res + source * res_row_bytes, static_cast<size_t>(count * view.row_bytes));
+      TORCH_CHECK(source < static_cast<int64_t>(residents.size()), op, ": resident_of[", i, "] = ", source,
+                  " but ", residents.size(), " residents are given");
+      const at::Tensor& resident = residents[source];
+      const int64_t r = row_of[i];
+      TORCH_CHECK(r >= 0 && r < resident.size(0) && count <= resident.size(1), op, ": row_of[", i, "] = ", r,
+                  " is not a row of resident ", source, " holding ", count, " positions");
+      std::memcpy(row, static_cast<const char*>(resident.data_ptr()) + r * resident.size(1) * view.row_bytes,
+                  static_cast<size_t>(count * view.row_bytes));
     } else {
       for_each_page_run(view, slot, count, op, [&](int64_t offset, int64_t position, int64_t run) {
         std::memcpy(row + position * view.row_bytes, view.data + offset, static_cast<size_t>(run * view.row_bytes));
@@ -120,21 +110,18 @@ std::tuple<at::Tensor, at::Tensor> pool_gather_cpu(const at::Tensor& pool, const
 }
 
 void pool_scatter_cpu(const at::Tensor& pool, const at::Tensor& page_table, const at::Tensor& lengths,
-                      int64_t page_size, const at::Tensor& slots, const at::Tensor& hidden) {
+                      int64_t page_size, at::IntArrayRef slots, const at::Tensor& hidden) {
   constexpr const char* op = "cpp_pool_scatter";
   const PoolView view = view_of(pool, page_table, lengths, page_size, op);
-  TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous(), op,
-              ": slots must be a contiguous int64 [m] tensor (-1: a row not written)");
-  TORCH_CHECK(hidden.dim() == 3 && hidden.is_contiguous() && hidden.size(0) == slots.size(0) &&
+  TORCH_CHECK(hidden.dim() == 3 && hidden.is_contiguous() && hidden.size(0) == static_cast<int64_t>(slots.size()) &&
                   hidden.size(2) == pool.size(1) && hidden.scalar_type() == pool.scalar_type() &&
                   hidden.device().is_cpu(),
               op, ": hidden must be a contiguous CPU [m, S, H] tensor of the pool's H and dtype, one row per slot");
-  const int64_t m = slots.size(0), S = hidden.size(1);
-  const int64_t* slot_of = slots.data_ptr<int64_t>();
+  const int64_t m = static_cast<int64_t>(slots.size()), S = hidden.size(1);
   const char* in = static_cast<const char*>(hidden.data_ptr());
   for (int64_t i = 0; i < m; ++i) {
-    if (slot_of[i] < 0) continue;
-    const int64_t slot = checked_slot(view, slot_of[i], op);
+    if (slots[i] < 0) continue;
+    const int64_t slot = checked_slot(view, slots[i], op);
     TORCH_CHECK(view.lengths[slot] <= S, op, ": slot ", slot, " has ", view.lengths[slot], " positions; hidden holds ",
                 S);
     const char* row = in + i * S * view.row_bytes;

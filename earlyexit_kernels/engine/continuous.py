@@ -46,6 +46,10 @@ from earlyexit_kernels.methods.policies import Scheduled, SkipGates
 
 __all__ = ["ContinuousEngine", "Finished", "model_max_length"]
 
+# Outputs of recent layer calls kept out of the pool, their rows read from them by later calls: the
+# survivors of an exit wait a few calls for their next layer, and written to the pool and gathered
+# back they cost two copies. At most this many, holding at most as many states as the pool.
+KEPT_OUTPUTS = 16
 # Below this share of real tokens, packed execution of a layer call pays for its gathers and scatters
 # (measured on a CPU at H 128 and 384: break-even near 0.85, 2x at 0.4).
 PACK_BELOW_FILL = 0.75
@@ -211,7 +215,9 @@ class ContinuousEngine:
                 torch.cat([float_weight(g) for g in gates]),  # [L, H]: gate i is read before layer i + 1
                 torch.cat([float_bias(g) for g in gates]),  # (dequantized where the gates are quantized)
             )
-        self._resident: _Resident | None = None
+        self._residents: list[_Resident] = []  # outputs of recent calls, oldest first (see _keep)
+        self._held: dict[int, tuple[_Resident, int]] = {}  # slot -> the kept output and row holding its states
+        self._kept_states = 0  # elements of the kept outputs
         self._fused: bool | None = None  # whether the backend runs the heads fused, decided at the first call
         self._prepared: list = []  # per layer, the backend's prepared head step or None (at the first call)
         self._run_layer = self.adapter.run_layer
@@ -418,11 +424,8 @@ class ContinuousEngine:
             hidden = self._run_layer(layer - 1, hidden, inputs.layer_mask)
         if self.compiled:
             self._tokens.scatter(list(call.rows) + [-1] * (call.padded_rows - n), hidden)
-        else:  # kept where it is: the next call often runs these rows again (a batch's next layer)
-            inputs.hidden = None
-            self._resident = _Resident(
-                hidden, list(call.rows), {slot: row for row, slot in enumerate(call.rows)}, inputs
-            )
+        else:  # kept where it is: the next calls read its rows from it
+            self._keep(hidden, list(call.rows), inputs)
 
         state = {k: v.index_select(0, slot_index) for k, v in self._state.items()}
         if self._fused is None:  # once, inside the first step (no grad): it reads every head's weights
@@ -540,33 +543,45 @@ class ContinuousEngine:
         return first
 
     def _call_inputs(self, call) -> _CallInputs:
-        """What a layer call reads: from the last call's output where it holds every row (the
-        output itself, and the last call's masks, when the rows are the same; a row gather
-        otherwise), else from the pool."""
+        """What a layer call reads: the last call's output and inputs where it runs the same rows;
+        else each row from the earlier output that holds it, or from the pool."""
         n = len(call.rows)
-        resident = self._resident
+        rows = list(call.rows)
+        held = self._held
+        newest = self._residents[-1] if self._residents else None
         if (
-            resident is not None
-            and resident.slots == list(call.rows)
-            and len(resident.rows) == n
-            and call.padded_length == resident.hidden.shape[1]
+            newest is not None
+            and newest.slots == rows
+            and newest.pending == n
+            and call.padded_length == newest.hidden.shape[1]
             and call.padded_rows == n
         ):  # the same rows as the last call (a cohort's next layer): its inputs hold
-            self._resident = None
-            inputs = resident.inputs
-            inputs.hidden = resident.hidden
+            self._residents.pop()
+            self._kept_states -= newest.hidden.numel()
+            for slot in rows:
+                del held[slot]
+            inputs = newest.inputs
+            inputs.hidden = newest.hidden
             return inputs
-        rows = list(call.rows)
         slots = rows + [self._pad_slot] * (call.padded_rows - n)
         tokens = int(self._lengths[rows].sum())
-        sources = None
-        if resident is not None:  # rows it holds are read from it; those it holds for later go to the pool
-            sources = [resident.rows.get(slot, -1) for slot in slots]
-            self._flush(keep=set(rows))
-            if all(source < 0 for source in sources):
-                sources = None
+        residents, resident_of, row_of = {}, None, None
+        if held:
+            resident_of, row_of = [], []
+            for slot in slots:
+                resident, row = held.pop(slot, _IN_POOL)
+                if resident is not None:
+                    resident.pending -= 1
+                    resident_of.append(residents.setdefault(resident, len(residents)))
+                else:
+                    resident_of.append(-1)
+                row_of.append(row)
+            if residents:
+                self._drop_read_outputs()
+            else:
+                resident_of = row_of = None
         hidden, mask = self._tokens.gather(
-            slots, call.padded_length, resident.hidden if sources is not None else None, sources
+            slots, call.padded_length, [resident.hidden for resident in residents], resident_of, row_of
         )
         if self.compiled:  # one graph per shape, the mask always given
             mask[:, 0] = True  # pad rows attend to their first (zero) token instead of nothing
@@ -575,15 +590,30 @@ class ContinuousEngine:
         slot_index = torch.tensor(slots, device=self.device) if self._state else None  # only state reads it
         return _CallInputs(hidden, mask, slot_index, tokens)
 
-    def _flush(self, keep: set | None = None) -> None:
-        """Write the last call's output rows still in flight to the pool (but those in ``keep``, read from it next)."""
-        resident, self._resident = self._resident, None
-        if resident is None:
-            return
-        keep = keep or set()
-        write = [slot if slot in resident.rows and slot not in keep else -1 for slot in resident.slots]
-        if any(slot >= 0 for slot in write):
-            self._tokens.scatter(write, resident.hidden)
+    def _keep(self, hidden: torch.Tensor, slots: list[int], inputs: _CallInputs) -> None:
+        """Keep a call's output where it is: the next calls read its rows from it. Past
+        ``KEPT_OUTPUTS`` outputs, or more states than the pool holds, the oldest writes the rows
+        it still holds to the pool."""
+        inputs.hidden = None
+        resident = _Resident(hidden, slots, inputs, len(slots))
+        for row, slot in enumerate(slots):
+            self._held[slot] = (resident, row)
+        residents = self._residents
+        residents.append(resident)
+        self._kept_states += hidden.numel()
+        while len(residents) > 1 and (len(residents) > KEPT_OUTPUTS or self._kept_states > self._tokens.pool.numel()):
+            oldest = residents.pop(0)
+            self._kept_states -= oldest.hidden.numel()
+            write = [slot if self._held.get(slot, _IN_POOL)[0] is oldest else -1 for slot in oldest.slots]
+            for slot in write:
+                if slot >= 0:
+                    del self._held[slot]
+            self._tokens.scatter(write, oldest.hidden)
+
+    def _drop_read_outputs(self) -> None:
+        """Forget the kept outputs whose rows have all been read or have left."""
+        self._residents = [resident for resident in self._residents if resident.pending]
+        self._kept_states = sum(resident.hidden.numel() for resident in self._residents)
 
     def _release(self, slots: list[int]) -> None:
         """Sequences that left the encoder."""
@@ -591,9 +621,12 @@ class ContinuousEngine:
         self.scheduler.release_many(slots)
 
     def _free(self, slots: list[int]) -> None:
-        if self._resident is not None:
+        if self._held:
             for slot in slots:
-                self._resident.rows.pop(slot, None)  # gone: neither written back nor read
+                resident, _ = self._held.pop(slot, _IN_POOL)  # gone: neither written back nor read
+                if resident is not None:
+                    resident.pending -= 1
+            self._drop_read_outputs()
         self._tokens.release(slots)
         for slot in slots:
             self._keys[slot] = None
@@ -616,15 +649,19 @@ class _CallInputs:
     positions: torch.Tensor | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class _Resident:
-    """The last call's output, not yet written to the pool: ``hidden`` [n, S, H] of ``slots``;
-    ``rows``: slot -> row of those still in flight; ``inputs``: that call's inputs (no hidden)."""
+    """A call's output kept out of the pool: ``hidden`` [n, S, H] of ``slots``; ``inputs``: that
+    call's inputs (no hidden); ``pending``: how many of its rows no later call has read and are
+    still in flight (the engine's ``_held`` maps each of them to its row here)."""
 
     hidden: torch.Tensor
     slots: list[int]
-    rows: dict[int, int]
     inputs: _CallInputs
+    pending: int
+
+
+_IN_POOL = (None, -1)  # a slot's entry in ``_held`` when no kept output holds it
 
 
 @dataclass

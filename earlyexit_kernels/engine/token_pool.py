@@ -44,22 +44,25 @@ def gather_reference(
     page_size: int,
     slots: list[int],
     padded_length: int,
-    resident: torch.Tensor | None = None,
-    sources: list[int] | None = None,
+    residents: list[torch.Tensor] = (),
+    resident_of: list[int] | None = None,
+    row_of: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``slots`` of the pool ``[T, H]`` (its row ``NULL`` zero) as ``[m, padded_length, H]`` (zero past each slot's
-    length) and their mask ``[m, padded_length]`` (bool); where ``sources[i] >= 0``, row ``i``
-    is row ``sources[i]`` of ``resident`` ``[r, S', H]`` instead (its slot's positions, zero after)."""
+    """Rows ``slots`` of the pool ``[T, H]`` (its row ``NULL`` zero) as ``[m, padded_length, H]``
+    (zero past each slot's length) and their mask ``[m, padded_length]`` (bool); where
+    ``resident_of[i] >= 0``, row ``i`` is row ``row_of[i]`` of ``residents[resident_of[i]]``
+    ``[r, S', H]`` instead (its slot's positions, zero after)."""
     index, valid = token_index(page_table, lengths, page_size, slots, padded_length)
     read = torch.from_numpy(index.reshape(-1)).to(pool.device, non_blocking=True)
     hidden = pool.index_select(0, read).view(len(slots), padded_length, -1)  # pad positions read NULL
     mask = torch.from_numpy(valid).to(pool.device)
-    if sources is not None and any(source >= 0 for source in sources):
-        rows = [row for row, source in enumerate(sources) if source >= 0]
-        width = min(padded_length, resident.shape[1])
-        taken = resident[[sources[row] for row in rows], :width].masked_fill(~mask[rows, :width, None], 0)
-        hidden[rows, :width] = taken
-        hidden[rows, width:] = 0
+    for source, resident in enumerate(residents):
+        rows = [i for i, of in enumerate(resident_of or ()) if of == source]
+        if rows:
+            width = min(padded_length, resident.shape[1])
+            taken = resident[[row_of[i] for i in rows], :width].masked_fill(~mask[rows, :width, None], 0)
+            hidden[rows, :width] = taken
+            hidden[rows, width:] = 0
     return hidden, mask
 
 
@@ -113,16 +116,21 @@ class TokenPool:
         for slot in slots:
             self._free_pages += self._pages_of[slot]
 
-    def gather(self, slots: list[int], padded_length: int, resident=None, sources=None):
+    def gather(self, slots: list[int], padded_length: int, residents=(), resident_of=None, row_of=None):
         """Rows ``slots`` as ``[m, padded_length, H]`` and their mask; see :func:`gather_reference`."""
         if not self.fast:
             args = (self.pool, self.page_table, self.lengths, self.page_size, slots, padded_length)
-            return gather_reference(*args, resident, sources)
-        slot_index = torch.tensor(slots, dtype=torch.long)
-        if sources is not None:
-            sources, resident = torch.tensor(sources, dtype=torch.long), resident.contiguous()
+            return gather_reference(*args, residents, resident_of, row_of)
         return torch.ops.earlyexit.cpp_pool_gather(
-            self.pool, self._page_table_t, self._lengths_t, self.page_size, slot_index, padded_length, resident, sources
+            self.pool,
+            self._page_table_t,
+            self._lengths_t,
+            self.page_size,
+            slots,
+            padded_length,
+            [resident.contiguous() for resident in residents],
+            resident_of or [],
+            row_of or [],
         )
 
     def scatter(self, slots: list[int], hidden: torch.Tensor) -> None:
@@ -130,9 +138,8 @@ class TokenPool:
         if not self.fast:
             scatter_reference(self.pool, self.page_table, self.lengths, self.page_size, slots, hidden)
             return
-        slot_index = torch.tensor(slots, dtype=torch.long)
         torch.ops.earlyexit.cpp_pool_scatter(
-            self.pool, self._page_table_t, self._lengths_t, self.page_size, slot_index, hidden.contiguous()
+            self.pool, self._page_table_t, self._lengths_t, self.page_size, slots, hidden.contiguous()
         )
 
     def _allocate(self, count: int) -> list[int]:
