@@ -13,7 +13,7 @@ from test_classify import _alone, _sequences, spread_model
 import earlyexit_kernels as eek
 from earlyexit_kernels.backends.compaction import layer_attention_mask
 from earlyexit_kernels.engine.continuous import ContinuousEngine
-from earlyexit_kernels.engine.packed_layer import run_packed, splits_into_token_parts
+from earlyexit_kernels.engine.packed_layer import OpByOpLayer, run_packed, splits_into_token_parts
 
 
 def _padded_batch(width, lengths, seed=0):
@@ -161,3 +161,27 @@ def test_transformers_own_output_capturing_hooks_do_not_stop_packed_calls():
         alone = _alone(model, item)
         assert done.exit_layer == int(alone.exit_layer)
         torch.testing.assert_close(done.logits, alone.logits[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu"])
+def test_activations_run_as_the_function_only_where_the_module_is_transformers_gelu(act):
+    from transformers.activations import ACT2FN
+
+    layer = tiny_model("bert").base_model.encoder.layer[1]
+    layer.intermediate.intermediate_act_fn = ACT2FN[act]
+    op_layer = OpByOpLayer(layer)
+    assert (op_layer.activation is torch.nn.functional.gelu) == (act == "gelu")
+    hidden, mask = _padded_batch(32, [17, 3, 9], seed=2)
+    layer_mask = layer_attention_mask(mask, "sdpa", torch.float32)
+    with torch.no_grad():
+        assert torch.equal(op_layer(hidden, None, layer_mask), layer(hidden, layer_mask))
+
+
+def test_a_hook_on_the_activation_keeps_it_a_module_call():
+    layer = tiny_model("bert").base_model.encoder.layer[1]
+    calls = []
+    layer.intermediate.intermediate_act_fn.register_forward_hook(lambda *args: calls.append(1))
+    op_layer = OpByOpLayer(layer)
+    with torch.no_grad():
+        op_layer(*_padded_batch(32, [5, 5], seed=3)[:1], None, None)
+    assert calls == [1]

@@ -208,6 +208,11 @@ class ContinuousEngine:
         self._state = {k: v.expand(slots, *v.shape[1:]).clone() for k, v in template.items()}
         self._state_template = template
         self._halting_head = self.heads.halting_head(self.policy)
+        # per 1-based layer: whether a row can exit there (else the call reads nothing back)
+        self._may_exit = [False] + [
+            layer == self.num_layers or can_exit_before_last(self.policy, layer)
+            for layer in range(1, self.num_layers + 1)
+        ]
         self._gates = None
         if isinstance(self.policy, SkipGates):
             gates = self.heads.gates
@@ -457,8 +462,7 @@ class ContinuousEngine:
         next_layer = None
         if self._gates is not None and layer < self.num_layers:
             next_layer = self._next_run_layer(hidden[:n, 0], layer)
-        may_exit = layer == self.num_layers or can_exit_before_last(self.policy, layer)
-        if not may_exit and next_layer is None:
+        if not self._may_exit[layer] and next_layer is None:
             self.scheduler.advance(call)
             return []
 
@@ -522,13 +526,13 @@ class ContinuousEngine:
     def _packed_layer_call(self, index: int, hidden: torch.Tensor, positions: torch.Tensor | None, layer_mask):
         """Layer ``index`` op by op (:class:`OpByOpLayer`; packed at ``positions``, or on every
         position), or through its module where forward hooks are registered (they must run)."""
-        module = self.adapter.layer_module(index)
-        if has_forward_hooks(module):
+        layer = self._op_layers[index]
+        if layer is None:  # read once: the engine lives for one stream of one model
+            layer = self._op_layers[index] = OpByOpLayer(self.adapter.layer_module(index))
+        if has_forward_hooks(layer.layer):
             return self._run_layer(index, hidden, layer_mask)
         self.stats.packed_calls += positions is not None
-        if self._op_layers[index] is None:  # read once: the engine lives for one stream of one model
-            self._op_layers[index] = OpByOpLayer(module)
-        return self._op_layers[index](hidden, positions, layer_mask)
+        return layer(hidden, positions, layer_mask)
 
     def _next_run_layer(self, cls_hidden: torch.Tensor, layer: int) -> torch.Tensor:
         """SkipGates: the next layer each row runs after ``layer``; layers whose gate skips go by."""

@@ -115,7 +115,24 @@ def _stock(module: nn.Module) -> bool:
 
 
 def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, module.weight, module.bias) if type(module) is nn.Linear else module(x)
+    if type(module) is nn.Linear:
+        parameters = module._parameters  # read at every call, without nn.Module.__getattr__
+        return F.linear(x, parameters["weight"], parameters["bias"])
+    return module(x)
+
+
+def _activation(module: nn.Module):
+    """The function a stock intermediate block's activation module computes: ``F.gelu`` for
+    transformers' ``GELUActivation`` on it (no hooks), the module itself otherwise."""
+    from transformers.activations import GELUActivation
+
+    plain = (
+        _same_code(type(module).forward, GELUActivation.forward)
+        and getattr(module, "act", None) is F.gelu
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+    )
+    return F.gelu if plain else module
 
 
 class OpByOpLayer:
@@ -126,6 +143,7 @@ class OpByOpLayer:
     """
 
     def __init__(self, layer: nn.Module):
+        self.layer = layer
         self_attention = layer.attention.self
         self.self_attention = self_attention
         self.projections = (self_attention.query, self_attention.key, self_attention.value)
@@ -136,6 +154,8 @@ class OpByOpLayer:
         self.stock_attention_output = _stock(self.attention_output) and hasattr(self.attention_output, "LayerNorm")
         self.stock_output = _stock(self.output) and hasattr(self.output, "LayerNorm")
         self.stock_intermediate = _stock(self.intermediate) and not hasattr(self.intermediate, "LayerNorm")
+        if self.stock_intermediate:
+            self.activation = _activation(self.intermediate.intermediate_act_fn)
 
     def __call__(self, hidden: torch.Tensor, positions: torch.Tensor | None, layer_mask) -> torch.Tensor:
         n, length, width = hidden.shape
@@ -162,8 +182,7 @@ class OpByOpLayer:
             mixed = mixed.reshape(n * length, -1).index_select(0, positions)
         attended = self._add_norm(self.attention_output, self.stock_attention_output, mixed, tokens)
         if self.stock_intermediate:
-            block = self.intermediate
-            inner = block.intermediate_act_fn(F.linear(attended, block.dense.weight, block.dense.bias))
+            inner = self.activation(_linear(self.intermediate.dense, attended))
         else:
             inner = self.intermediate(attended)
         out = self._add_norm(self.output, self.stock_output, inner, attended)
@@ -177,11 +196,12 @@ class OpByOpLayer:
         if not stock:
             return block(x, residual)
         norm = block.LayerNorm
+        parameters = norm._parameters
         return F.layer_norm(
-            F.linear(x, block.dense.weight, block.dense.bias) + residual,
+            _linear(block.dense, x) + residual,
             norm.normalized_shape,
-            norm.weight,
-            norm.bias,
+            parameters["weight"],
+            parameters["bias"],
             norm.eps,
         )
 
