@@ -489,8 +489,7 @@ class ContinuousEngine:
         out_dtype = _output_dtype(self.dtype, self.device)  # the autocast dtype inside autocast, as the model
         leaving = [row for row, left in enumerate(exited) if left]
         if logits.dtype == out_dtype:
-            by_row = logits.unbind(0)
-            exiting = {row: by_row[row] for row in leaving}
+            exiting = {row: logits[row] for row in leaving}
         else:
             # Rounded to the model dtype on the host, once for the rows that exit, keeping each row's argmax
             # (as the per-batch engine does: Voting's tie-broken log-scores can round to equal values).
