@@ -9,10 +9,10 @@ backend), the choice of layer, rows and shape is the scheduler's.
 What a sequence in flight holds, on the device:
 
 - its hidden states, in a paged token pool (:mod:`earlyexit_kernels.engine.token_pool`), so
-  memory follows the tokens in flight, not ``max_in_flight x max_length``; a layer call
-  gathers its rows into ``[padded_rows, padded_length, H]``, each from the pool or from the
-  last call's output where that holds it, and the last call's rows it does not take go
-  back to the pool;
+  memory follows the tokens in flight, not ``max_in_flight x max_length``, or in the output of
+  a recent layer call, which the engine keeps (a few, see ``KEPT_OUTPUTS``) so that the rows
+  of a call that go on are not written to the pool and gathered back; a layer call gathers
+  its rows into ``[padded_rows, padded_length, H]``, each from where it is;
 - its policy state (the per-batch engine's state, one row per slot).
 
 On the host: its length, pages, layers run, and the next layer it must run. A layer
