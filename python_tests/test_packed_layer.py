@@ -185,3 +185,14 @@ def test_a_hook_on_the_activation_keeps_it_a_module_call():
     with torch.no_grad():
         op_layer(*_padded_batch(32, [5, 5], seed=3)[:1], None, None)
     assert calls == [1]
+
+
+def test_the_op_by_op_layer_keeps_the_graph_where_grad_is_on():
+    layer = tiny_model("bert").base_model.encoder.layer[1]
+    hidden, mask = _padded_batch(32, [7, 4], seed=4)
+    hidden.requires_grad_(True)
+    layer_mask = layer_attention_mask(mask, "sdpa", torch.float32)
+    out = OpByOpLayer(layer)(hidden, None, layer_mask)  # out of place: the activations backward needs stay
+    out.sum().backward()
+    expected = torch.autograd.grad(layer(hidden, layer_mask).sum(), hidden)[0]
+    assert torch.equal(hidden.grad, expected)

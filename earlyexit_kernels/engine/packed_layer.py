@@ -160,6 +160,7 @@ class OpByOpLayer:
     def __call__(self, hidden: torch.Tensor, positions: torch.Tensor | None, layer_mask) -> torch.Tensor:
         n, length, width = hidden.shape
         head_size = self.head_size
+        inplace = not torch.is_grad_enabled()
         if positions is None:  # the layer's own operations, in its own shapes
             tokens = hidden
             query, key, value = (
@@ -180,30 +181,30 @@ class OpByOpLayer:
             mixed = mixed.reshape(n, length, -1).contiguous()
         else:
             mixed = mixed.reshape(n * length, -1).index_select(0, positions)
-        attended = self._add_norm(self.attention_output, self.stock_attention_output, mixed, tokens)
+        attended = self._add_norm(self.attention_output, self.stock_attention_output, mixed, tokens, inplace)
         if self.stock_intermediate:
-            inner = self.activation(_linear(self.intermediate.dense, attended))
+            inner = _linear(self.intermediate.dense, attended)
+            # In place where nothing records the graph: the same kernel, one activation-sized tensor less.
+            inner = torch._C._nn.gelu_(inner) if self.activation is F.gelu and inplace else self.activation(inner)
         else:
             inner = self.intermediate(attended)
-        out = self._add_norm(self.output, self.stock_output, inner, attended)
+        out = self._add_norm(self.output, self.stock_output, inner, attended, inplace)
         if positions is None:
             return out
         return out.new_zeros(n * length, width).index_copy_(0, positions, out).view(n, length, width)
 
     @staticmethod
-    def _add_norm(block: nn.Module, stock: bool, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def _add_norm(
+        block: nn.Module, stock: bool, x: torch.Tensor, residual: torch.Tensor, inplace: bool
+    ) -> torch.Tensor:
         """``block(x, residual)`` of a self-output / output block: LayerNorm(dense(x) + residual) in eval."""
         if not stock:
             return block(x, residual)
         norm = block.LayerNorm
         parameters = norm._parameters
-        return F.layer_norm(
-            _linear(block.dense, x) + residual,
-            norm.normalized_shape,
-            parameters["weight"],
-            parameters["bias"],
-            norm.eps,
-        )
+        summed = _linear(block.dense, x)  # a stock dense is an nn.Linear: a new tensor, added to in place
+        summed = summed.add_(residual) if inplace else summed + residual
+        return F.layer_norm(summed, norm.normalized_shape, parameters["weight"], parameters["bias"], norm.eps)
 
 
 def run_packed(layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor | None, layer_mask) -> torch.Tensor:
