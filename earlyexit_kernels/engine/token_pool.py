@@ -121,7 +121,7 @@ class TokenPool:
         if not self.fast:
             args = (self.pool, self.page_table, self.lengths, self.page_size, slots, padded_length)
             return gather_reference(*args, residents, resident_of, row_of)
-        return torch.ops.earlyexit.cpp_pool_gather(
+        return torch.ops.earlyexit.cpp_pool_gather.default(
             self.pool,
             self._page_table_t,
             self._lengths_t,
@@ -138,7 +138,7 @@ class TokenPool:
         if not self.fast:
             scatter_reference(self.pool, self.page_table, self.lengths, self.page_size, slots, hidden)
             return
-        torch.ops.earlyexit.cpp_pool_scatter(
+        torch.ops.earlyexit.cpp_pool_scatter.default(
             self.pool, self._page_table_t, self._lengths_t, self.page_size, slots, hidden.contiguous()
         )
 
