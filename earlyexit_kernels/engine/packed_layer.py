@@ -22,6 +22,7 @@ count, and positions that are padding hold zeros; on every position it is the la
 from __future__ import annotations
 
 import sys
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -70,11 +71,17 @@ def has_forward_hooks(layer: nn.Module) -> bool:
 
 def _idle_output_capture(hook) -> bool:
     """Whether ``hook`` is transformers' output-capturing hook with no collection under way."""
-    module = sys.modules.get(getattr(hook, "__module__", None) or "")
-    if getattr(hook, "__name__", None) != "output_capturing_hook" or module is None:
-        return False
-    collector = getattr(module, "_active_collector", None)
+    collector = _CAPTURE_COLLECTORS.get(hook, _UNSEEN)
+    if collector is _UNSEEN:  # what a hook is does not change: looked up once per hook
+        module = sys.modules.get(getattr(hook, "__module__", None) or "")
+        is_capture = getattr(hook, "__name__", None) == "output_capturing_hook" and module is not None
+        collector = _CAPTURE_COLLECTORS[hook] = getattr(module, "_active_collector", None) if is_capture else None
     return collector is not None and not collector.get()  # None, or {}: nothing to collect
+
+
+_UNSEEN = object()
+# hook -> transformers' collection context variable where the hook is its output-capturing hook, else None
+_CAPTURE_COLLECTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _attention_function(self_attention: nn.Module):
