@@ -167,7 +167,8 @@ class OpByOpLayer:
     def __call__(self, hidden: torch.Tensor, positions: torch.Tensor | None, layer_mask) -> torch.Tensor:
         n, length, width = hidden.shape
         head_size = self.head_size
-        inplace = not torch.is_grad_enabled()
+        # In place where nothing records a graph and autocast does not change dtypes between the ops.
+        inplace = not torch.is_grad_enabled() and not torch.is_autocast_enabled(hidden.device.type)
         if positions is None:  # the layer's own operations, in its own shapes
             tokens = hidden
             query, key, value = (
@@ -191,7 +192,7 @@ class OpByOpLayer:
         attended = self._add_norm(self.attention_output, self.stock_attention_output, mixed, tokens, inplace)
         if self.stock_intermediate:
             inner = _linear(self.intermediate.dense, attended)
-            # In place where nothing records the graph: the same kernel, one activation-sized tensor less.
+            # In place: the same kernel, one activation-sized tensor less.
             inner = torch._C._nn.gelu_(inner) if self.activation is F.gelu and inplace else self.activation(inner)
         else:
             inner = self.intermediate(attended)
