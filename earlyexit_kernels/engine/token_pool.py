@@ -6,8 +6,8 @@ one pool ``[pages x page_size, H]``, so memory follows the tokens in flight, not
 ``SCRATCH`` (written, never read). On the host: each slot's page table and length.
 
 A layer call's rows are gathered into ``[m, padded_length, H]`` (pad positions zero) with
-their mask, each row from the pool or from the last call's output where that still holds it,
-and a call's output rows are written back. Two implementations, same results:
+their mask, each row from the pool or from an earlier call's output that the engine kept, and
+a call's output rows are written back. Two implementations, same results:
 
 - ``torch.ops.earlyexit.cpp_pool_gather`` / ``cpp_pool_scatter`` (the C++ extension, CPU): one
   memcpy per page of a row;
