@@ -222,7 +222,6 @@ class ContinuousEngine:
             )
         self._residents: list[_Resident] = []  # outputs of recent calls, oldest first (see _keep)
         self._held: dict[int, tuple[_Resident, int]] = {}  # slot -> the kept output and row holding its states
-        self._kept_states = 0  # elements of the kept outputs
         self._fused: bool | None = None  # whether the backend runs the heads fused, decided at the first call
         self._prepared: list = []  # per layer, the backend's prepared head step or None (at the first call)
         self._run_layer = self.adapter.run_layer
@@ -560,7 +559,6 @@ class ContinuousEngine:
             and call.padded_rows == n
         ):  # the same rows as the last call (a cohort's next layer): its inputs hold
             self._residents.pop()
-            self._kept_states -= newest.hidden.numel()
             for slot in rows:
                 del held[slot]
             inputs = newest.inputs
@@ -603,10 +601,8 @@ class ContinuousEngine:
             self._held[slot] = (resident, row)
         residents = self._residents
         residents.append(resident)
-        self._kept_states += hidden.numel()
-        while len(residents) > 1 and (len(residents) > KEPT_OUTPUTS or self._kept_states > self._tokens.pool.numel()):
+        while len(residents) > 1 and (len(residents) > KEPT_OUTPUTS or self._kept_states() > self._tokens.pool.numel()):
             oldest = residents.pop(0)
-            self._kept_states -= oldest.hidden.numel()
             write = [slot if self._held.get(slot, _IN_POOL)[0] is oldest else -1 for slot in oldest.slots]
             for slot in write:
                 if slot >= 0:
@@ -616,7 +612,10 @@ class ContinuousEngine:
     def _drop_read_outputs(self) -> None:
         """Forget the kept outputs whose rows have all been read or have left."""
         self._residents = [resident for resident in self._residents if resident.pending]
-        self._kept_states = sum(resident.hidden.numel() for resident in self._residents)
+
+    def _kept_states(self) -> int:
+        """Elements of the kept outputs."""
+        return sum(resident.hidden.numel() for resident in self._residents)
 
     def _release(self, slots: list[int]) -> None:
         """Sequences that left the encoder."""

@@ -225,7 +225,7 @@ class LayerScheduler:
         self._by_age: dict[tuple[int, int], _Group] = {}
         # cached per layer, None when that layer's groups changed
         self._plans: list[list[_Planned] | None] = [None] * (num_layers + 1)
-        self._closed: list[tuple[list[_Planned], list[_Planned]] | None] = [None] * (num_layers + 1)
+        self._closed: list[list[_Planned]] = [[] for _ in range(num_layers + 1)]  # each plan's closed calls
         self._cohort_of: dict[int, int] = {}
         self._length_of: dict[int, int] = {}
         self._waiting_in: dict[int, dict[int, int]] = {}  # cohort -> {layer: rows waiting}
@@ -291,16 +291,11 @@ class LayerScheduler:
     def requeue_many(self, rows: list[int], layer: int, lengths: list[int]) -> None:
         """:meth:`requeue` of several rows into one layer (in order; one group update per cohort)."""
         self._queue_ready()  # the queues change: the rule decides again
-        cohort_of = self._cohort_of
-        first = cohort_of[rows[0]] if rows else None
-        if all(cohort_of[row] == first for row in rows):  # the common case: one cohort's survivors
-            by_cohort = {first: (rows, lengths)} if rows else {}
-        else:
-            by_cohort = {}
-            for row, length in zip(rows, lengths):
-                cohort_rows, cohort_lengths = by_cohort.setdefault(cohort_of[row], ([], []))
-                cohort_rows.append(row)
-                cohort_lengths.append(length)
+        by_cohort: dict[int, tuple[list[int], list[int]]] = {}
+        for row, length in zip(rows, lengths):
+            cohort_rows, cohort_lengths = by_cohort.setdefault(self._cohort_of[row], ([], []))
+            cohort_rows.append(row)
+            cohort_lengths.append(length)
         for cohort, (cohort_rows, cohort_lengths) in by_cohort.items():
             self.buckets.padded_length(min(cohort_lengths))  # refuses a length outside 1..max_length
             padded = self.buckets.padded_length(max(cohort_lengths))  # padding is monotone in the length
@@ -476,15 +471,13 @@ class LayerScheduler:
             if planned.rows >= self.buckets.capacity(planned.padded_length):
                 planned.closed = True
         self._plans[layer] = plan
+        self._closed[layer] = [planned for planned in plan if planned.closed]
         return plan
 
     def _closed_plan(self, layer: int) -> list[_Planned]:
-        """The closed calls of :meth:`_plan`, cached with it."""
-        plan = self._plan(layer)
-        closed = self._closed[layer]
-        if closed is None or closed[0] is not plan:
-            closed = self._closed[layer] = (plan, [p for p in plan if p.closed])
-        return closed[1]
+        """The closed calls of :meth:`_plan`, made with it."""
+        self._plan(layer)
+        return self._closed[layer]
 
     def _padded_of(self, row: int) -> int:
         return self.buckets.padded_length(self._length_of[row])
