@@ -20,10 +20,8 @@ import argparse
 import collections
 import time
 
-import torch
-
 import earlyexit_kernels as eek
-from earlyexit_kernels.bench.stream import StreamConfig, calibrate, sorted_stream
+from earlyexit_kernels.bench.stream import add_stream_arguments, grid_stream
 from earlyexit_kernels.engine.continuous import ContinuousEngine
 from earlyexit_kernels.engine.packed_layer import OpByOpLayer
 from earlyexit_kernels.engine.scheduler import LayerScheduler
@@ -48,18 +46,9 @@ PARTS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sequences", type=int, default=4096)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--saved", type=float, default=0.5, help="share of layer evaluations saved (0: none exits)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_stream_arguments(parser, sequences=4096, saved=0.5)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    config = StreamConfig(
-        sequences=args.sequences, hidden=args.hidden, layers=12, heads=max(2, args.hidden // 64), seed=0
-    )
-    stream = sorted_stream(config, 32)
-    eek.patch(stream.model, eek.Entropy(calibrate(stream.entropies, args.saved)))
+    stream = grid_stream(args)
     seconds, counts = collections.Counter(), collections.Counter()
 
     def clocked(name, function):

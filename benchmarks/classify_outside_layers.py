@@ -18,28 +18,18 @@ import argparse
 import statistics
 import time
 
-import torch
 import transformers.models.bert.modeling_bert as modeling_bert
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.bench.stream import StreamConfig, calibrate, recorded_engines, run_on_batches, sorted_stream
+from earlyexit_kernels.bench.stream import add_stream_arguments, grid_stream, recorded_engines, run_on_batches
 from earlyexit_kernels.engine.packed_layer import OpByOpLayer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sequences", type=int, default=4096)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--saved", type=float, default=0.0, help="share of layer evaluations saved (0: none exits)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_stream_arguments(parser, sequences=4096, saved=0.0)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    config = StreamConfig(
-        sequences=args.sequences, hidden=args.hidden, layers=12, heads=max(2, args.hidden // 64), seed=0
-    )
-    stream = sorted_stream(config, 32)
-    eek.patch(stream.model, eek.Entropy(calibrate(stream.entropies, args.saved)))
+    stream = grid_stream(args)
 
     inside = {"seconds": 0.0, "calls": 0}
 
@@ -56,12 +46,13 @@ def main() -> None:
 
     modeling_bert.BertLayer.forward = timed(modeling_bert.BertLayer.forward)
     OpByOpLayer.__call__ = timed(OpByOpLayer.__call__)
-    packed = {"calls": 0}
+    packed = {"calls": 0, "token_layers": 0}
 
     def run_classify():
         with recorded_engines() as made:
             list(eek.classify(stream.model, stream.items, max_batch_size=32))
         packed["calls"] = sum(engine.stats.packed_calls for engine in made)
+        packed["token_layers"] = sum(engine.stats.tokens for engine in made)
 
     paths = {
         "unpatched": lambda: run_on_batches(stream.unpatched, stream.batches),
@@ -92,6 +83,14 @@ def main() -> None:
             f"| {name} | {wall:.3f} | {in_layers:.3f} | {calls} | {packed_calls} | "
             f"{1e6 * in_layers / calls:.0f} | {1e6 * (wall - in_layers) / calls:.0f} |"
         )
+    # The grid's token-layer ideal: the unpatched model's time per real token-layer, times those classify ran.
+    share = packed["token_layers"] / (sum(len(ids) for ids in stream.ids) * stream.model.config.num_hidden_layers)
+    ideal = statistics.median(run[0] for run in samples["unpatched"]) * share
+    classify = statistics.median(run[0] for run in samples["classify"])
+    print(
+        f"eek.classify ran {share:.1%} of the stream's token-layers: ideal {ideal:.3f} s, "
+        f"eek.classify at {ideal / classify:.3f} of it"
+    )
 
 
 if __name__ == "__main__":

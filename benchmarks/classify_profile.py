@@ -16,10 +16,8 @@ import pstats
 import statistics
 import time
 
-import torch
-
 import earlyexit_kernels as eek
-from earlyexit_kernels.bench.stream import StreamConfig, calibrate, run_on_batches, sorted_stream
+from earlyexit_kernels.bench.stream import add_stream_arguments, grid_stream, run_on_batches
 
 KERNELS = {
     "<built-in method torch._C._nn.linear>": "linear",
@@ -43,20 +41,11 @@ def _kernel_seconds(stats: pstats.Stats) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sequences", type=int, default=1024)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--saved", type=float, default=0.0, help="share of layer evaluations saved (0: none exits)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_stream_arguments(parser, sequences=1024, saved=0.0)
     parser.add_argument("--top", type=int, default=25, help="functions listed from the profile")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    config = StreamConfig(
-        sequences=args.sequences, hidden=args.hidden, layers=12, heads=max(2, args.hidden // 64), seed=0
-    )
-    stream = sorted_stream(config, 32)
+    stream = grid_stream(args)
     unpatched, model, batches, items = stream.unpatched, stream.model, stream.batches, stream.items
-    eek.patch(model, eek.Entropy(calibrate(stream.entropies, args.saved)))
 
     def run_unpatched():
         run_on_batches(unpatched, batches)

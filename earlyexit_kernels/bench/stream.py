@@ -262,6 +262,31 @@ def sorted_stream(config: StreamConfig, batch_size: int) -> SortedStream:
     return SortedStream(ids, batches, unpatched, model, entropies)
 
 
+def add_stream_arguments(parser: argparse.ArgumentParser, *, sequences: int, saved: float) -> None:
+    """The options of the benchmarks that take one stream of the continuous grid:
+    ``--sequences``, ``--hidden``, ``--saved``, ``--threads``, ``--repeats``."""
+    parser.add_argument("--sequences", type=int, default=sequences)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--saved", type=float, default=saved, help="share of layer evaluations saved (0: none exits)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+
+
+def grid_stream(args: argparse.Namespace) -> SortedStream:
+    """The continuous grid's stream for :func:`add_stream_arguments`' options: torch's threads set,
+    random BERT (12 layers) in batches of 32, the model patched with ``Entropy`` calibrated to save
+    ``args.saved`` of the layer evaluations."""
+    import earlyexit_kernels as eek
+
+    torch.set_num_threads(args.threads)
+    config = StreamConfig(
+        sequences=args.sequences, hidden=args.hidden, layers=12, heads=max(2, args.hidden // 64), seed=0
+    )
+    stream = sorted_stream(config, 32)
+    eek.patch(stream.model, eek.Entropy(calibrate(stream.entropies, args.saved)))
+    return stream
+
+
 def exit_layers_at(entropies: torch.Tensor, threshold: float) -> torch.Tensor:
     """The exit layer of each sequence under ``Entropy(threshold)``: the first head below it, else L."""
     below = entropies < threshold
