@@ -117,6 +117,7 @@ def _extensions():
         f"{csrc}/cpu/pooler_head_cpu.cpp",
         f"{csrc}/cpu/compact_cpu.cpp",
         f"{csrc}/cpu/token_pool_cpu.cpp",
+        f"{csrc}/cpu/bert_layer_cpu.cpp",
     ]
     cxx = ["-O3", "-ffp-contract=off"]
     # No -fopenmp: at::parallel_for is inline in ATen's headers and, built without OpenMP, runs

@@ -56,6 +56,12 @@ TORCH_LIBRARY_FRAGMENT(earlyexit, m) {
   m.def(
       "cpp_pool_scatter(Tensor(a!) pool, Tensor page_table, Tensor lengths, int page_size, int[] slots,"
       " Tensor hidden) -> ()");
+  // A BERT-style encoder layer on hidden [n, S, H] with the layer's SDPA mask (or None): weights are
+  // query, key, value, attention output, its LayerNorm, intermediate, output, its LayerNorm (weight
+  // and bias each, 16 tensors); GELU (exact) in the feed-forward. Returns [n, S, H].
+  m.def(
+      "cpp_bert_layer(Tensor hidden, Tensor? mask, Tensor[] weights, float attention_eps, float output_eps,"
+      " int head_size, float scaling) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(earlyexit, CPU, m) {
@@ -66,6 +72,7 @@ TORCH_LIBRARY_IMPL(earlyexit, CPU, m) {
   m.impl("cpp_compact", &eek::compact_cpu);
   m.impl("cpp_pool_gather", &eek::pool_gather_cpu);
   m.impl("cpp_pool_scatter", &eek::pool_scatter_cpu);
+  m.impl("cpp_bert_layer", &eek::bert_layer_cpu);
 }
 
 #ifndef TORCH_EXTENSION_NAME

@@ -39,4 +39,8 @@ std::tuple<at::Tensor, at::Tensor> pool_gather_cpu(const at::Tensor& pool, const
 void pool_scatter_cpu(const at::Tensor& pool, const at::Tensor& page_table, const at::Tensor& lengths,
                       int64_t page_size, at::IntArrayRef slots, const at::Tensor& hidden);
 
+// A BERT-style layer on every position, as OpByOpLayer runs it (bert_layer_cpu.cpp).
+at::Tensor bert_layer_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>& mask, at::TensorList weights,
+                          double attention_eps, double output_eps, int64_t head_size, double scaling);
+
 }  // namespace eek

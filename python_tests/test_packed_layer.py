@@ -91,11 +91,13 @@ def test_only_bert_style_layers_split_into_token_parts():
     assert not splits_into_token_parts(relative)
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("packed", [True, False, None])
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
-def test_packed_and_padded_calls_give_the_predictions_of_the_model_alone(arch, packed):
+def test_packed_and_padded_calls_give_the_predictions_of_the_model_alone(arch, packed, attn):
     items = _sequences(40, seed=4, longest=48)
     model, _ = spread_model(arch, "entropy", items)
+    model.config._attn_implementation = attn  # sdpa: calls on every position run the C++ layer where it is built
     engine = ContinuousEngine(model, max_batch_size=8, max_in_flight=16, packed=packed)
     for index, item in enumerate(items):
         engine.submit(index, item["input_ids"], item["token_type_ids"])
@@ -112,6 +114,8 @@ def test_packed_and_padded_calls_give_the_predictions_of_the_model_alone(arch, p
         assert engine.stats.packed_calls == 0
     else:  # only the calls whose real tokens are under the threshold: some, not all
         assert 0 < engine.stats.packed_calls and padded_calls > 0
+    natives = {layer.native is not None for layer in engine._op_layers if layer is not None}
+    assert natives == {attn == "sdpa" and eek.backends()["cpp"]}
 
 
 def test_packed_is_refused_where_layers_do_not_split_or_calls_are_compiled():
@@ -196,3 +200,56 @@ def test_the_op_by_op_layer_keeps_the_graph_where_grad_is_on():
     out.sum().backward()
     expected = torch.autograd.grad(layer(hidden, layer_mask).sum(), hidden)[0]
     assert torch.equal(hidden.grad, expected)
+
+
+def _without_query_bias(layer):
+    layer.attention.self.query.bias = None
+
+
+@pytest.mark.parametrize(
+    "attn, change, native",
+    [
+        ("sdpa", None, True),
+        ("eager", None, False),  # another attention function
+        ("sdpa", lambda layer: setattr(layer.intermediate, "intermediate_act_fn", _act("gelu_new")), False),
+        ("sdpa", _without_query_bias, False),
+    ],
+)
+def test_the_layer_runs_as_one_cpp_operator_only_where_that_computes_the_same(attn, change, native):
+    if not eek.backends()["cpp"]:
+        pytest.skip(f"backend 'cpp': {eek.backend_status()['cpp']}")
+    layer = tiny_model("bert", attn=attn).base_model.encoder.layer[1]
+    if change is not None:
+        change(layer)
+    op_layer = OpByOpLayer(layer)
+    assert (op_layer.native is not None) == native
+    hidden, mask = _padded_batch(32, [17, 3, 9, 1], seed=5)
+    layer_mask = layer_attention_mask(mask, attn, torch.float32)
+    with torch.no_grad():
+        assert torch.equal(op_layer(hidden, None, layer_mask), layer(hidden, layer_mask))
+
+
+def _act(name):
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+def test_the_engine_gives_sdpa_layers_the_additive_mask_sdpa_makes_of_the_boolean_one():
+    items = _sequences(8, seed=3)
+    model, _ = spread_model("bert", "entropy", items)
+    model.config._attn_implementation = "sdpa"
+    engine = ContinuousEngine(model, max_batch_size=8)
+    _, mask = _padded_batch(32, [7, 2, 5], seed=6)
+    additive = engine._layer_mask(mask)
+    boolean = layer_attention_mask(mask, "sdpa", torch.float32)
+    assert additive.dtype == torch.float32 and additive.shape == boolean.shape
+    assert torch.equal(additive == 0, boolean) and bool((additive[~boolean] == float("-inf")).all())
+    layer = model.base_model.encoder.layer[0]
+    hidden = torch.randn(3, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(layer(hidden, additive), layer(hidden, boolean))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # SDPA's mask would be bfloat16 there: the boolean one
+        assert engine._layer_mask(mask).dtype == torch.bool
+    model.config._attn_implementation = "eager"  # eager attention takes its own additive mask
+    assert torch.equal(engine._layer_mask(mask), layer_attention_mask(mask, "eager", torch.float32))

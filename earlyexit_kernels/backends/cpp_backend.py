@@ -411,6 +411,10 @@ def _fake_rule_outputs(like: torch.Tensor, n: int, num_labels: int, kind: int, f
 
 
 def _register_fakes() -> None:
+    @torch.library.register_fake("earlyexit::cpp_bert_layer")
+    def _(hidden, mask, weights, attention_eps, output_eps, head_size, scaling):
+        return torch.empty_like(hidden)
+
     @torch.library.register_fake("earlyexit::cpp_head")
     def _(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias):
         n, h = cls_hidden.shape
@@ -512,11 +516,12 @@ def _load() -> str | None:
             "the C++ extension earlyexit_kernels._C is from an older build (no cpp_packed_head_exit_step); "
             "rebuild with `pip install --no-build-isolation -e .`"
         )
-    if not hasattr(torch.ops.earlyexit, "cpp_pool_gather"):
-        return (
-            "the C++ extension earlyexit_kernels._C is from an older build (no cpp_pool_gather); "
-            "rebuild with `pip install --no-build-isolation -e .`"
-        )
+    for op in ("cpp_pool_gather", "cpp_bert_layer"):
+        if not hasattr(torch.ops.earlyexit, op):
+            return (
+                f"the C++ extension earlyexit_kernels._C is from an older build (no {op}); "
+                "rebuild with `pip install --no-build-isolation -e .`"
+            )
     WITH_CUDA = bool(getattr(ext, "WITH_CUDA", 0))
     forced = os.environ.get("EARLYEXIT_CPU_ISA")
     if forced is not None and forced != getattr(ext, "CPU_HEAD_ISA", None):

@@ -251,6 +251,7 @@ class ContinuousEngine:
             )
         self._pack_below = 0.0 if not packable or packed is False else (math.inf if packed else PACK_BELOW_FILL)
         self._op_by_op = packable  # calls not packed run op by op too: the layer's own arithmetic, less Python
+        self._additive_mask = packable and self._on_cpu
         self._op_layers: list[OpByOpLayer | None] = [None] * self.num_layers
         self._run_packed_layer = self._packed_layer_call
 
@@ -416,7 +417,7 @@ class ContinuousEngine:
         inputs = self._call_inputs(call)
         hidden, mask, slot_index = inputs.hidden, inputs.mask, inputs.slot_index
         if inputs.layer_mask is None:
-            inputs.layer_mask = self.adapter.layer_mask(mask, self.dtype)
+            inputs.layer_mask = self._layer_mask(mask)
         if mask is not None and inputs.tokens < self._pack_below * mask.numel():
             if inputs.positions is None:
                 valid = np.arange(call.padded_length) < self._lengths[list(call.rows)][:, None]
@@ -511,6 +512,21 @@ class ContinuousEngine:
             self.scheduler.requeue_many(slots, target, self._lengths[slots].tolist())
         return finished
 
+    def _layer_mask(self, mask: torch.Tensor | None):
+        """The layers' mask for a call's 2-D mask [n, S]. For SDPA on the CPU, the additive float mask
+        SDPA would make of the boolean one at every layer (0 where a key is attended, -inf where not,
+        in the model's dtype: the same values), made once: the calls of a cohort's next layers share it."""
+        layer_mask = self.adapter.layer_mask(mask, self.dtype)
+        if (
+            self._additive_mask
+            and layer_mask is not None
+            and layer_mask.dtype == torch.bool
+            and self.adapter.attn_implementation == "sdpa"
+            and not torch.is_autocast_enabled("cpu")  # SDPA's mask is then in the autocast dtype
+        ):
+            layer_mask = torch.zeros(layer_mask.shape, dtype=self.dtype).masked_fill_(~layer_mask, -math.inf)
+        return layer_mask
+
     def _prepared_head_steps(self) -> list:
         """Per layer, the backend's head and exit step with its weights made ready, or None (the
         last layer, which runs the model's own head; halting heads; backends without one)."""
@@ -553,6 +569,7 @@ class ContinuousEngine:
         newest = self._residents[-1] if self._residents else None
         if (
             newest is not None
+            and newest.inputs is not None
             and newest.slots == rows
             and newest.pending == n
             and call.padded_length == newest.hidden.shape[1]
@@ -596,6 +613,8 @@ class ContinuousEngine:
         ``KEPT_OUTPUTS`` outputs, or more states than the pool holds, the oldest writes the rows
         it still holds to the pool."""
         inputs.hidden = None
+        if self._residents:  # only the newest output's inputs are read again (a call of the same rows)
+            self._residents[-1].inputs = None
         resident = _Resident(hidden, slots, inputs, len(slots))
         for row, slot in enumerate(slots):
             self._held[slot] = (resident, row)
@@ -654,12 +673,12 @@ class _CallInputs:
 @dataclass(eq=False)
 class _Resident:
     """A call's output kept out of the pool: ``hidden`` [n, S, H] of ``slots``; ``inputs``: that
-    call's inputs (no hidden); ``pending``: how many of its rows no later call has read and are
+    call's inputs (no hidden), None once a later output is kept; ``pending``: how many of its rows no later call has read and are
     still in flight (the engine's ``_held`` maps each of them to its row here)."""
 
     hidden: torch.Tensor
     slots: list[int]
-    inputs: _CallInputs
+    inputs: _CallInputs | None
     pending: int
 
 

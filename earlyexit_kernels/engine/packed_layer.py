@@ -15,6 +15,11 @@ and output whose ``forward`` is BERT's): a layer call through its modules costs 
 calls and transformers' bookkeeping, 0.1-0.2 ms on a CPU, which at hidden 128 is 5-15% of the
 call. Other modules (quantized linears, custom blocks) are called as they are.
 
+On the CPU, a stock layer with SDPA attention and exact GELU, run on every position with no graph
+recorded and autocast off, is one C++ operator (``torch.ops.earlyexit.cpp_bert_layer``,
+``csrc/cpu/bert_layer_cpu.cpp``): the same ATen calls in the same order, without Python between
+them (which, after a layer's products have left the caches cold, costs more than it does warm).
+
 Packed, the result is the layer's up to the rounding of matrix products over a different row
 count, and positions that are padding hold zeros; on every position it is the layer's, bit for bit.
 """
@@ -142,6 +147,22 @@ def _activation(module: nn.Module):
     return F.gelu if plain else module
 
 
+def _native_layer_op():
+    """``torch.ops.earlyexit.cpp_bert_layer`` where the C++ extension is loaded with it, else None."""
+    from earlyexit_kernels.backends import cpp_backend
+
+    if cpp_backend.LOAD_ERROR is not None:
+        return None
+    return torch.ops.earlyexit.cpp_bert_layer.default
+
+
+def _is_sdpa_attention(function) -> bool:
+    return (
+        getattr(function, "__name__", None) == "sdpa_attention_forward"
+        and getattr(function, "__module__", None) == "transformers.integrations.sdpa_attention"
+    )
+
+
 class OpByOpLayer:
     """One BERT-style layer, its structure read once: which blocks are stock, its attention function.
 
@@ -163,12 +184,50 @@ class OpByOpLayer:
         self.stock_intermediate = _stock(self.intermediate) and not hasattr(self.intermediate, "LayerNorm")
         if self.stock_intermediate:
             self.activation = _activation(self.intermediate.intermediate_act_fn)
+        self.native, self.native_parameters = self._native_form()
+
+    def _native_form(self):
+        """The C++ layer and where its 16 weights are read (module, name), where it computes this layer:
+        stock blocks of linear layers with biases and affine LayerNorms, exact GELU, SDPA attention
+        without grouped heads; else (None, ())."""
+        norms = (self.attention_output.LayerNorm, self.output.LayerNorm) if self.stock_output else ()
+        linears = (*self.projections, self.attention_output.dense, self.intermediate.dense, self.output.dense)
+        eligible = (
+            self.stock_attention_output
+            and self.stock_output
+            and self.stock_intermediate
+            and self.activation is F.gelu
+            and _is_sdpa_attention(self.attention)
+            and getattr(self.self_attention, "num_key_value_groups", 1) == 1
+            and all(type(linear) is nn.Linear and linear.bias is not None for linear in linears)
+            and all(
+                norm.weight is not None and norm.bias is not None and len(norm.normalized_shape) == 1 for norm in norms
+            )
+        )
+        op = _native_layer_op() if eligible else None
+        if op is None:
+            return None, ()
+        parameters = []
+        for module in (*linears[:4], self.attention_output.LayerNorm, *linears[4:], self.output.LayerNorm):
+            parameters += [(module, "weight"), (module, "bias")]
+        return op, tuple(parameters)
 
     def __call__(self, hidden: torch.Tensor, positions: torch.Tensor | None, layer_mask) -> torch.Tensor:
         n, length, width = hidden.shape
         head_size = self.head_size
         # In place where nothing records a graph and autocast does not change dtypes between the ops.
         inplace = not torch.is_grad_enabled() and not torch.is_autocast_enabled(hidden.device.type)
+        if positions is None and inplace and self.native is not None and hidden.device.type == "cpu":
+            # The same operations in C++: no Python between them, and none holds the interpreter lock.
+            return self.native(
+                hidden,
+                layer_mask,
+                [module._parameters[name] for module, name in self.native_parameters],
+                self.attention_output.LayerNorm.eps,
+                self.output.LayerNorm.eps,
+                head_size,
+                self.scaling,
+            )
         if positions is None:  # the layer's own operations, in its own shapes
             tokens = hidden
             query, key, value = (
