@@ -253,3 +253,18 @@ def test_the_engine_gives_sdpa_layers_the_additive_mask_sdpa_makes_of_the_boolea
         assert engine._layer_mask(mask).dtype == torch.bool
     model.config._attn_implementation = "eager"  # eager attention takes its own additive mask
     assert torch.equal(engine._layer_mask(mask), layer_attention_mask(mask, "eager", torch.float32))
+
+
+def test_the_cpp_layer_refuses_bad_arguments_by_name():
+    if not eek.backends()["cpp"]:
+        pytest.skip(f"backend 'cpp': {eek.backend_status()['cpp']}")
+    layer = OpByOpLayer(tiny_model("bert", attn="sdpa").base_model.encoder.layer[1])
+    weights = [module._parameters[name] for module, name in layer.native_parameters]
+    hidden = torch.randn(2, 5, 32)
+    op = torch.ops.earlyexit.cpp_bert_layer.default
+    with pytest.raises(RuntimeError, match="16 weights expected"):
+        op(hidden, None, weights[:-1], 1e-12, 1e-12, 16, 0.25)
+    with pytest.raises(RuntimeError, match=r"hidden must be \[n, S, H\]"):
+        op(hidden[0], None, weights, 1e-12, 1e-12, 16, 0.25)
+    with pytest.raises(RuntimeError, match="head_size 7 does not divide"):
+        op(hidden, None, weights, 1e-12, 1e-12, 7, 0.25)
