@@ -24,7 +24,7 @@ where the policy cannot exit read nothing back.
 from __future__ import annotations
 
 import math
-from bisect import bisect_left, insort
+from bisect import bisect_left
 from dataclasses import dataclass
 
 import numpy as np
@@ -259,6 +259,9 @@ class ContinuousEngine:
             raise ValueError(f"admission must be 'fifo' or 'length', got {admission!r}")
         self.admission = admission
         self._pending: list[tuple[int, int, _Sequence]] = []  # (length, arrival, sequence)
+        # admission="length": whether _pending is in order. Sorted when sequences are taken, not at each
+        # submission: inserting in order moves half the list each time, quadratic in a long read-ahead.
+        self._pending_sorted = True
         self._next_arrival = 0
         # admission="length": (length, arrival) of the last sequence taken, and the arrivals the sweep takes
         self._sweep, self._cutoff = (0, -1), 0
@@ -283,10 +286,9 @@ class ContinuousEngine:
                 )
         entry = (len(input_ids), self._next_arrival, _Sequence(key, input_ids, token_type_ids))
         self._next_arrival += 1
-        if self.admission == "length":
-            insort(self._pending, entry)
-        else:
-            self._pending.append(entry)
+        if self.admission == "length" and self._pending and entry < self._pending[-1]:
+            self._pending_sorted = False
+        self._pending.append(entry)
 
     def cancel(self, keys) -> int:
         """Drop the sequences with these keys, pending or in flight (e.g. their client went away).
@@ -343,6 +345,9 @@ class ContinuousEngine:
         # have similar lengths, so the layer queues hold runs of similar lengths to batch. A sweep
         # takes only what was pending when it began (arrivals before its cutoff): later ones wait
         # for the next sweep, so a stream of one length cannot hold the sweep where it is.
+        if not self._pending_sorted:  # a sorted run and the submissions since: timsort merges them
+            self._pending.sort()
+            self._pending_sorted = True
         pending = self._pending
         start = bisect_left(pending, (self._sweep[0], self._sweep[1] + 1))
         chosen: list[int] = []  # positions in pending, in the order taken
