@@ -119,7 +119,6 @@ def measure(cell: Cell, threads: list[int], repeats: int, layers: int = 12, prog
     try:
         for count in threads:
             torch.set_num_threads(count)
-            unpatched_times: list[float] = []
             for saved in cell.saved:
                 threshold = calibrate(entropies, saved)
                 eek.patch(model, eek.Entropy(threshold))
@@ -136,9 +135,9 @@ def measure(cell: Cell, threads: list[int], repeats: int, layers: int = 12, prog
                     stats[:] = [engine.stats for engine in made]
                     return result
 
-                methods = {"per_batch": run_per_batch, "classify": run_classify}
-                if not unpatched_times:  # the unpatched model does not depend on the policy
-                    methods = {"unpatched": run_unpatched, **methods}
+                # The unpatched model is timed in every row, interleaved with the two others: this VM's
+                # speed drifts by several percent over minutes, so only passes of one window compare.
+                methods = {"unpatched": run_unpatched, "per_batch": run_per_batch, "classify": run_classify}
                 warm = items[: 2 * BATCH]
                 with torch.no_grad():  # first-call costs (thread pools, allocator) are no method's
                     for _, i, m in batches[:2]:
@@ -152,10 +151,7 @@ def measure(cell: Cell, threads: list[int], repeats: int, layers: int = 12, prog
                     turn = repeat % len(keys)
                     for key in keys[turn:] + keys[:turn]:
                         results[key] = _median_time(methods[key], times[key])
-                if "unpatched" in times:
-                    unpatched_times = times["unpatched"]
                 seconds = {key: statistics.median(v) for key, v in times.items()}
-                seconds["unpatched"] = statistics.median(unpatched_times)
 
                 exits = torch.zeros(len(ids), dtype=torch.long)
                 per_batch_calls = 0
