@@ -6,7 +6,7 @@ A random BERT layer (4 x hidden feed-forward, SDPA) on [rows, 36, hidden] with o
 ``module``: ``layer(hidden, mask)``, what the unpatched model runs; ``op by op``:
 :func:`earlyexit_kernels.engine.packed_layer.run_packed` without positions, which the continuous
 engine runs on every call it does not pack (the same operations on the same weights, without
-the modules' Python; the outputs are compared bit for bit). Median of 15 interleaved rounds
+the modules' Python; with the C++ extension built, this SDPA layer is one C++ operator; the outputs are compared bit for bit). Median of 15 interleaved rounds
 of ``--calls`` calls each.
 """
 
