@@ -1,8 +1,6 @@
 // A BERT-style encoder layer (post-norm, SDPA attention, GELU feed-forward) as one operator:
 // the same ATen calls, in the same order, as earlyexit_kernels.engine.packed_layer.OpByOpLayer
-// on every position (so the same result, bit for bit), without Python between them. Called
-// from Python it holds no interpreter lock while it runs: a thread can run it while another
-// runs Python.
+// on every position (so the same result, bit for bit), without Python between them.
 #include <ATen/ATen.h>
 
 #include "ops.h"

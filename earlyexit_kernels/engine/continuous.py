@@ -529,7 +529,9 @@ class ContinuousEngine:
             and self.adapter.attn_implementation == "sdpa"
             and not torch.is_autocast_enabled("cpu")  # SDPA's mask is then in the autocast dtype
         ):
-            layer_mask = torch.zeros(layer_mask.shape, dtype=self.dtype).masked_fill_(~layer_mask, -math.inf)
+            # [n, 1, S, S], as large as the one SDPA makes: it makes its own of an expanded mask too.
+            additive = torch.zeros(layer_mask.shape, dtype=self.dtype, device=layer_mask.device)
+            layer_mask = additive.masked_fill_(~layer_mask, -math.inf)
         return layer_mask
 
     def _prepared_head_steps(self) -> list:
@@ -678,8 +680,9 @@ class _CallInputs:
 @dataclass(eq=False)
 class _Resident:
     """A call's output kept out of the pool: ``hidden`` [n, S, H] of ``slots``; ``inputs``: that
-    call's inputs (no hidden), None once a later output is kept; ``pending``: how many of its rows no later call has read and are
-    still in flight (the engine's ``_held`` maps each of them to its row here)."""
+    call's inputs (no hidden), None once a later output is kept; ``pending``: how many of its rows
+    no later call has read and are still in flight (the engine's ``_held`` maps each of them to
+    its row here)."""
 
     hidden: torch.Tensor
     slots: list[int]

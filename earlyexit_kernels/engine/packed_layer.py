@@ -190,13 +190,12 @@ class OpByOpLayer:
         """The C++ layer and where its 16 weights are read (module, name), where it computes this layer:
         stock blocks of linear layers with biases and affine LayerNorms, exact GELU, SDPA attention
         without grouped heads; else (None, ())."""
-        norms = (self.attention_output.LayerNorm, self.output.LayerNorm) if self.stock_output else ()
+        if not (self.stock_attention_output and self.stock_output and self.stock_intermediate):
+            return None, ()
+        norms = (self.attention_output.LayerNorm, self.output.LayerNorm)
         linears = (*self.projections, self.attention_output.dense, self.intermediate.dense, self.output.dense)
         eligible = (
-            self.stock_attention_output
-            and self.stock_output
-            and self.stock_intermediate
-            and self.activation is F.gelu
+            self.activation is F.gelu
             and _is_sdpa_attention(self.attention)
             and getattr(self.self_attention, "num_key_value_groups", 1) == 1
             and all(type(linear) is nn.Linear and linear.bias is not None for linear in linears)
@@ -208,7 +207,7 @@ class OpByOpLayer:
         if op is None:
             return None, ()
         parameters = []
-        for module in (*linears[:4], self.attention_output.LayerNorm, *linears[4:], self.output.LayerNorm):
+        for module in (*linears[:4], norms[0], *linears[4:], norms[1]):
             parameters += [(module, "weight"), (module, "bias")]
         return op, tuple(parameters)
 
@@ -218,7 +217,7 @@ class OpByOpLayer:
         # In place where nothing records a graph and autocast does not change dtypes between the ops.
         inplace = not torch.is_grad_enabled() and not torch.is_autocast_enabled(hidden.device.type)
         if positions is None and inplace and self.native is not None and hidden.device.type == "cpu":
-            # The same operations in C++: no Python between them, and none holds the interpreter lock.
+            # The same operations in C++, without Python between them.
             return self.native(
                 hidden,
                 layer_mask,
