@@ -26,7 +26,6 @@ from earlyexit_kernels.engine.continuous import ContinuousEngine
 from earlyexit_kernels.engine.packed_layer import OpByOpLayer
 from earlyexit_kernels.engine.scheduler import LayerScheduler
 from earlyexit_kernels.engine.token_pool import TokenPool
-from earlyexit_kernels.models.base import EncoderAdapterBase
 
 PARTS = {
     "layer (op by op)": (OpByOpLayer, "__call__"),
@@ -34,7 +33,7 @@ PARTS = {
     "  pool gather": (TokenPool, "gather"),
     "pool write-back": (TokenPool, "scatter"),
     "keep the output": (ContinuousEngine, "_keep"),
-    "layer mask": (EncoderAdapterBase, "layer_mask"),
+    "layer mask": (ContinuousEngine, "_layer_mask"),
     "scheduler decision": (LayerScheduler, "decide"),
     "requeue": (LayerScheduler, "requeue_many"),
     "advance (no exits)": (LayerScheduler, "advance"),

@@ -1,5 +1,5 @@
 // The continuous engine's paged token pool on the CPU: a layer call's rows gathered from the
-// pool (or from the last call's output) and a call's output rows written back to it.
+// pool (or from the outputs of earlier calls, which the engine keeps) and a call's output rows written back to it.
 //
 // pool [T, H] holds pages of page_size tokens; page_table[slot, j] is the page of a slot's
 // positions j * page_size ..; lengths[slot] its valid positions. A slot's valid positions in

@@ -382,8 +382,7 @@ class LayerScheduler:
                 else:
                     del groups[cohort], self._by_age[layer, cohort]
                 self._plans[layer] = None
-        for row in found:
-            self.release(row)
+        self.release_many(found)
         return len(found)
 
     # ------------------------------------------------------------------ deciding
