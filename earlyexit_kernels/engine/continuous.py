@@ -529,9 +529,10 @@ class ContinuousEngine:
             and self.adapter.attn_implementation == "sdpa"
             and not torch.is_autocast_enabled("cpu")  # SDPA's mask is then in the autocast dtype
         ):
-            # [n, 1, S, S], as large as the one SDPA makes: it makes its own of an expanded mask too.
-            additive = torch.zeros(layer_mask.shape, dtype=self.dtype, device=layer_mask.device)
-            layer_mask = additive.masked_fill_(~layer_mask, -math.inf)
+            # One row of keys per sequence [n, 1, 1, S], broadcast over the queries as the boolean one is.
+            n, s = mask.shape
+            additive = torch.zeros((n, 1, 1, s), dtype=self.dtype, device=mask.device)
+            layer_mask = additive.masked_fill_(~mask.bool()[:, None, None, :], -math.inf).expand(n, 1, s, s)
         return layer_mask
 
     def _prepared_head_steps(self) -> list:
