@@ -6,6 +6,7 @@ the rule compares it with, so that exits spread over the layers and no rounding 
 flip a decision.
 """
 
+import gc
 import itertools
 import warnings
 
@@ -364,12 +365,22 @@ def test_a_right_padded_token_input_is_stripped_of_its_padding():
     torch.testing.assert_close(prediction.logits, alone.logits[0], rtol=0, atol=1e-5)
 
 
+def test_pending_sequences_are_entries_the_garbage_collector_stops_tracking():
+    # A read-ahead of thousands of tracked objects would lengthen and multiply full collections.
+    engine = ContinuousEngine(eek.patch(tiny_model("bert", num_layers=2), eek.Patience(1)))
+    for key in range(50):
+        engine.submit(key, [2, 7, 9], token_type_ids=[0, 0, 0])
+    engine.submit("a text key", [2, 7])
+    gc.collect()
+    assert engine.pending == 51 and not any(gc.is_tracked(entry) for entry in engine._pending)
+
+
 def test_length_admission_sweeps_lengths_and_starves_no_one():
     model = eek.patch(tiny_model("bert", num_layers=2), eek.Patience(1))
     engine = ContinuousEngine(model, max_batch_size=4, max_in_flight=4, admission="length")
     admitted = []
     admit = engine._admit
-    engine._admit = lambda sequences: (admitted.append([len(s.input_ids) for s in sequences]), admit(sequences))
+    engine._admit = lambda entries: (admitted.append([length for length, *_ in entries]), admit(entries))
     lengths = [30, 3, 30, 12, 30, 7, 30, 30, 20, 30, 30, 5]
     for key, length in enumerate(lengths):
         engine.submit(key, [5] * length)

@@ -22,7 +22,7 @@ from earlyexit_kernels.engine.continuous import ContinuousEngine
 __all__ = ["Prediction", "classify"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Prediction:
     """One input's prediction: equal to ``model(...)`` on that input alone.
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from dataclasses import dataclass
+from operator import itemgetter
 
 import numpy as np
 import torch
@@ -55,7 +56,7 @@ KEPT_OUTPUTS = 16
 PACK_BELOW_FILL = 0.75
 
 
-@dataclass
+@dataclass(slots=True)
 class Finished:
     """A sequence that left the encoder: ``key`` as submitted, ``logits`` [C] on the CPU (model dtype)."""
 
@@ -63,13 +64,6 @@ class Finished:
     logits: torch.Tensor
     exit_layer: int
     layers_run: int
-
-
-@dataclass
-class _Sequence:
-    key: object
-    input_ids: np.ndarray  # [length] int64: compact, since a long read-ahead holds many
-    token_type_ids: np.ndarray | None
 
 
 def _token_array(key, name: str, values) -> np.ndarray:
@@ -199,6 +193,7 @@ class ContinuousEngine:
             slots, max_length, hidden_size, self.dtype, self.device, fast=self.backend.name == "cpp"
         )
         self._lengths = self._tokens.lengths  # the slots' lengths, set as they are taken
+        self._row_lengths = [0] * slots  # the same as Python ints: summed and passed on at every call
         self._runs = [0] * slots
         self._keys: list[object] = [None] * slots
         with torch.no_grad():
@@ -258,7 +253,11 @@ class ContinuousEngine:
         if admission not in ("fifo", "length"):
             raise ValueError(f"admission must be 'fifo' or 'length', got {admission!r}")
         self.admission = admission
-        self._pending: list[tuple[int, int, _Sequence]] = []  # (length, arrival, sequence)
+        # (length, arrival, key, input_ids, token_type_ids): a plain tuple of untracked values (ints,
+        # arrays, a key that is an int or a string) leaves the garbage collector's lists at its first
+        # pass; a long read-ahead of objects it tracks would make every full collection longer and
+        # more frequent.
+        self._pending: list[tuple] = []
         # admission="length": whether _pending is in order. Sorted when sequences are taken, not at each
         # submission: inserting in order moves half the list each time, quadratic in a long read-ahead.
         self._pending_sorted = True
@@ -284,7 +283,7 @@ class ContinuousEngine:
                 raise ValueError(
                     f"sequence {key!r}: token_type_ids has {len(token_type_ids)} entries for {len(input_ids)} tokens"
                 )
-        entry = (len(input_ids), self._next_arrival, _Sequence(key, input_ids, token_type_ids))
+        entry = (len(input_ids), self._next_arrival, key, input_ids, token_type_ids)
         self._next_arrival += 1
         if self.admission == "length" and self._pending and entry < self._pending[-1]:
             self._pending_sorted = False
@@ -297,7 +296,7 @@ class ContinuousEngine:
         """
         keys = set(keys)
         pending = len(self._pending)
-        self._pending = [entry for entry in self._pending if entry[2].key not in keys]
+        self._pending = [entry for entry in self._pending if entry[2] not in keys]
         slots = [slot for slot, key in enumerate(self._keys) if key is not None and key in keys]
         self.scheduler.discard(slots)
         self._free(slots)
@@ -336,11 +335,11 @@ class ContinuousEngine:
 
     # ------------------------------------------------------------------ internals
 
-    def _take_pending(self, count: int) -> list[_Sequence]:
+    def _take_pending(self, count: int) -> list[tuple]:
         """The next ``count`` pending sequences: the oldest, or (admission="length") the next in a length sweep."""
         if self.admission == "fifo":
             taken, self._pending = self._pending[:count], self._pending[count:]
-            return [entry[2] for entry in taken]
+            return taken
         # A sweep over lengths, ascending, wrapping to the shortest: sequences admitted together
         # have similar lengths, so the layer queues hold runs of similar lengths to batch. A sweep
         # takes only what was pending when it began (arrivals before its cutoff): later ones wait
@@ -375,13 +374,13 @@ class ContinuousEngine:
         for begin, end in reversed(runs):
             del pending[begin:end]
         self._sweep = taken[-1][:2]
-        return [entry[2] for entry in taken]
+        return taken
 
-    def _admit(self, sequences: list[_Sequence]) -> None:
+    def _admit(self, sequences: list[tuple]) -> None:
         # Embed in length-sorted chunks of at most max_batch_size rows, each padded to its longest;
         # the host tables of a chunk are filled with a few numpy operations, not per sequence.
-        sequences = sorted(sequences, key=lambda s: len(s.input_ids))
-        lengths = np.fromiter((len(seq.input_ids) for seq in sequences), dtype=np.int64, count=len(sequences))
+        sequences = sorted(sequences, key=itemgetter(0))  # entries of _pending; stable: ties keep their order
+        lengths = np.fromiter((entry[0] for entry in sequences), dtype=np.int64, count=len(sequences))
         admitted = self._free_slots[-len(sequences) :][::-1]  # the order pop() would give
         del self._free_slots[-len(sequences) :]
         self._tokens.take(admitted, lengths)  # one growth of the pool for the whole admission
@@ -393,18 +392,16 @@ class ContinuousEngine:
             longest = int(chunk_lengths[-1])
             valid = np.arange(longest) < chunk_lengths[:, None]
             ids = np.full((k, longest), self.pad_token_id, dtype=np.int64)
-            ids[valid] = np.concatenate([seq.input_ids for seq in chunk])
+            ids[valid] = np.concatenate([entry[3] for entry in chunk])
             types = np.zeros((k, longest), dtype=np.int64)
-            if any(seq.token_type_ids is not None for seq in chunk):
+            if any(entry[4] is not None for entry in chunk):
                 types[valid] = np.concatenate(
-                    [
-                        seq.token_type_ids if seq.token_type_ids is not None else np.zeros_like(seq.input_ids)
-                        for seq in chunk
-                    ]
+                    [entry[4] if entry[4] is not None else np.zeros_like(entry[3]) for entry in chunk]
                 )
-            for slot, seq in zip(slots, chunk):
+            for slot, entry in zip(slots, chunk):
                 self._runs[slot] = 0
-                self._keys[slot] = seq.key
+                self._row_lengths[slot] = entry[0]
+                self._keys[slot] = entry[2]
             valid_mask = torch.from_numpy(valid.astype(np.int64)).to(self.device)
             hidden = self.adapter.embed(
                 torch.from_numpy(ids).to(self.device), torch.from_numpy(types).to(self.device), None, None, valid_mask
@@ -494,7 +491,8 @@ class ContinuousEngine:
         out_dtype = _output_dtype(self.dtype, self.device)  # the autocast dtype inside autocast, as the model
         leaving = [row for row, left in enumerate(exited) if left]
         if logits.dtype == out_dtype:
-            exiting = {row: logits[row] for row in leaving}
+            by_row = logits.unbind(0)  # one call for the rows' views, not one indexing each
+            exiting = {row: by_row[row] for row in leaving}
         else:
             # Rounded to the model dtype on the host, once for the rows that exit, keeping each row's argmax
             # (as the per-batch engine does: Voting's tie-broken log-scores can round to equal values).
@@ -514,7 +512,7 @@ class ContinuousEngine:
                 survivors.setdefault(target, []).append(slot)
         self._release(gone)
         for target, slots in survivors.items():
-            self.scheduler.requeue_many(slots, target, self._lengths[slots].tolist())
+            self.scheduler.requeue_many(slots, target, [self._row_lengths[slot] for slot in slots])
         return finished
 
     def _layer_mask(self, mask: torch.Tensor | None):
@@ -590,7 +588,7 @@ class ContinuousEngine:
             inputs.hidden = newest.hidden
             return inputs
         slots = rows + [self._pad_slot] * (call.padded_rows - n)
-        tokens = int(self._lengths[rows].sum())
+        tokens = sum(map(self._row_lengths.__getitem__, rows))
         residents, resident_of, row_of = {}, None, None
         if held:
             resident_of, row_of = [], []
@@ -623,7 +621,7 @@ class ContinuousEngine:
         inputs.hidden = None
         if self._residents:  # only the newest output's inputs are read again (a call of the same rows)
             self._residents[-1].inputs = None
-        resident = _Resident(hidden, slots, inputs, len(slots))
+        resident = _Resident(hidden, slots, inputs, len(slots), hidden.numel())
         for row, slot in enumerate(slots):
             self._held[slot] = (resident, row)
         residents = self._residents
@@ -642,7 +640,7 @@ class ContinuousEngine:
 
     def _kept_states(self) -> int:
         """Elements of the kept outputs."""
-        return sum(resident.hidden.numel() for resident in self._residents)
+        return sum(resident.elements for resident in self._residents)
 
     def _release(self, slots: list[int]) -> None:
         """Sequences that left the encoder."""
@@ -662,7 +660,7 @@ class ContinuousEngine:
         self._free_slots += slots
 
 
-@dataclass
+@dataclass(slots=True)
 class _CallInputs:
     """A layer call's inputs: ``hidden`` [padded_rows, padded_length, H]; ``mask`` [padded_rows,
     padded_length] or None (no padding) and ``layer_mask``, the layer's form of it (None until
@@ -678,7 +676,7 @@ class _CallInputs:
     positions: torch.Tensor | None = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Resident:
     """A call's output kept out of the pool: ``hidden`` [n, S, H] of ``slots``; ``inputs``: that
     call's inputs (no hidden), None once a later output is kept; ``pending``: how many of its rows
@@ -689,6 +687,7 @@ class _Resident:
     slots: list[int]
     inputs: _CallInputs | None
     pending: int
+    elements: int  # hidden.numel()
 
 
 _IN_POOL = (None, -1)  # a slot's entry in ``_held`` when no kept output holds it

@@ -142,7 +142,7 @@ class ShapeBuckets:
         return max(c for c in self.row_counts if c <= max(limit, 1))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Call:
     """One layer call: run 1-based ``layer`` on ``rows``, padded to ``padded_rows`` x ``padded_length``."""
 
