@@ -247,6 +247,9 @@ class ContinuousEngine:
         self._pack_below = 0.0 if not packable or packed is False else (math.inf if packed else PACK_BELOW_FILL)
         self._op_by_op = packable  # calls not packed run op by op too: the layer's own arithmetic, less Python
         self._additive_mask = packable and self._on_cpu
+        # SDPA's values for an attended and a masked key, in the model's dtype
+        self._attended = torch.zeros((), dtype=self.dtype, device=self.device)
+        self._masked = torch.full((), -math.inf, dtype=self.dtype, device=self.device)
         self._op_layers: list[OpByOpLayer | None] = [None] * self.num_layers
         self._run_packed_layer = self._packed_layer_call
 
@@ -527,10 +530,10 @@ class ContinuousEngine:
             and self.adapter.attn_implementation == "sdpa"
             and not torch.is_autocast_enabled("cpu")  # SDPA's mask is then in the autocast dtype
         ):
-            # One row of keys per sequence [n, 1, 1, S], broadcast over the queries as the boolean one is.
-            n, s = mask.shape
-            additive = torch.zeros((n, 1, 1, s), dtype=self.dtype, device=mask.device)
-            layer_mask = additive.masked_fill_(~mask.bool()[:, None, None, :], -math.inf).expand(n, 1, s, s)
+            # From the boolean mask's one row of keys per sequence [n, 1, 1, S], broadcast over the
+            # queries as it is.
+            keys = layer_mask[:, :, :1, :]
+            layer_mask = torch.where(keys, self._attended, self._masked).expand(layer_mask.shape)
         return layer_mask
 
     def _prepared_head_steps(self) -> list:
@@ -621,7 +624,7 @@ class ContinuousEngine:
         inputs.hidden = None
         if self._residents:  # only the newest output's inputs are read again (a call of the same rows)
             self._residents[-1].inputs = None
-        resident = _Resident(hidden, slots, inputs, len(slots), hidden.numel())
+        resident = _Resident(hidden, slots, inputs, len(slots))
         for row, slot in enumerate(slots):
             self._held[slot] = (resident, row)
         residents = self._residents
@@ -640,7 +643,7 @@ class ContinuousEngine:
 
     def _kept_states(self) -> int:
         """Elements of the kept outputs."""
-        return sum(resident.elements for resident in self._residents)
+        return sum(resident.hidden.numel() for resident in self._residents)
 
     def _release(self, slots: list[int]) -> None:
         """Sequences that left the encoder."""
@@ -687,7 +690,6 @@ class _Resident:
     slots: list[int]
     inputs: _CallInputs | None
     pending: int
-    elements: int  # hidden.numel()
 
 
 _IN_POOL = (None, -1)  # a slot's entry in ``_held`` when no kept output holds it
