@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test test-ray lint format demo clean
+.PHONY: setup test test-cpu-kinds test-ray lint format demo clean
 
 # `test` runs cuda-check (end of file) only where nvcc is found, triton-check where Triton is installed.
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
@@ -13,6 +13,11 @@ setup:
 
 test: setup lint $(CUDA_CHECK) triton-check
 	$(PY) -m pytest -q python_tests
+	@$(MAKE) --no-print-directory test-cpu-kinds
+
+# The bit-for-bit tests (marker `exact`) again under every CPU capability below this machine's.
+test-cpu-kinds: setup
+	PY=$(PY) bash scripts/test_cpu_kinds.sh
 
 # The slower tests on a local Ray instance (killed actor, failing rows); `test` runs the rest.
 test-ray: setup

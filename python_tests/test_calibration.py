@@ -49,6 +49,7 @@ def _data(seed=0, batches=3):
     return out
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: type(p).__name__)
 def test_replay_reproduces_the_all_exits_forward_exactly(policy):
     model = _model(policy)

@@ -12,6 +12,8 @@ from earlyexit_kernels.backends import compaction, cpp_backend
 from earlyexit_kernels.backends.write_back import WriteBack, write_back
 from earlyexit_kernels.methods import exit_rules
 
+pytestmark = pytest.mark.exact  # bit for bit against the reference: rerun on other CPU kinds
+
 L = 6
 CPU = torch.device("cpu")
 CLEAR = 1e-6  # no decision quantity this close to its threshold: 8 float32 ulps of 1, beyond expf's error

@@ -40,6 +40,7 @@ def patched(arch="bert", policy=None, attn="eager", num_labels=3, seed=0):
     return model
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("padded", [True, False])
 def test_logits_are_exactly_the_unpatched_model_when_nothing_exits(arch, attn, padded):
@@ -65,6 +66,7 @@ def test_a_sequence_that_runs_every_layer_gets_the_unpatched_logits_even_when_ot
     torch.testing.assert_close(out.logits[full], reference[full], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("name", sorted(EVERY_POLICY))
 def test_early_exit_path_agrees_with_the_all_exits_path(name):
     batch = 16
@@ -84,6 +86,7 @@ def test_early_exit_path_agrees_with_the_all_exits_path(name):
         assert full.all_halting is None
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("name", ["entropy", "patience", "maxprob", "qexit"])
 def test_returned_logits_are_the_exit_layers_head(name):
     batch = 16
@@ -189,6 +192,7 @@ def test_labels_give_the_loss_of_the_exit_logits():
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
 
 
+@pytest.mark.exact
 def test_unpatch_restores_the_original_forward_and_repatch_keeps_the_heads():
     model = tiny_model("bert")
     ids, mask, _ = tiny_batch(4, 8)
@@ -285,6 +289,7 @@ def test_policy_that_does_not_fit_the_head_raises_at_patch():
         eek.patch(tiny_model("bert", num_labels=1), eek.DACT())
 
 
+@pytest.mark.exact
 def test_regression_head_with_patience():
     model = patched("bert", eek.Patience(1, regression_threshold=0.5), num_labels=1)
     ids, mask, _ = tiny_batch(6, 8)
@@ -315,6 +320,7 @@ def test_unsupported_attention_implementation_is_refused():
         eek.patch(model, eek.Entropy(0.5))
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_model_runs_and_matches_all_exits(dtype):
     model = patched("bert", eek.Patience(1)).to(dtype)

@@ -16,7 +16,10 @@ from threshold_helpers import midway, randomize_heads
 import earlyexit_kernels as eek
 from earlyexit_kernels.methods.exit_rules import entropy
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's masked lanes
+pytestmark = [
+    pytest.mark.exact,  # bit for bit against the reference: rerun on other CPU kinds
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # the Triton interpreter's masked lanes
+]
 
 LAYERS = 4
 BACKENDS = ("torch", "cpp", "triton")

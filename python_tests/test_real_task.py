@@ -10,6 +10,7 @@ import csv
 import pytest
 import torch
 from conftest import tiny_model
+from model_comparison import assert_same_function, assert_same_weights
 from transformers import BertTokenizer
 
 from earlyexit_kernels.demo import real_task
@@ -78,8 +79,12 @@ def test_the_fine_tuned_model_is_cached_once_and_loaded_afterwards(packages, mon
     assert [p.name for p in cache.iterdir()] == [f"minilm-rt-{real_task.FineTuneRecipe().key()}"]
     loaded, _, info = real_task.fine_tuned_minilm(cache_dir=cache, progress=False)
     assert info["cached"] and len(calls) == 1
+    # What the cache promises: the fine-tuned weights, bit for bit, so the same function (the
+    # loaded model also runs transformers' default attention, sdpa, where the stand-in runs eager).
+    assert_same_weights(loaded, model)
     ids = torch.tensor([[2, 5, 5, 3]])
-    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    with torch.no_grad():
+        assert_same_function(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     real_task.fine_tuned_minilm(real_task.FineTuneRecipe(epochs=2), cache_dir=cache, progress=False)
     assert len(calls) == 2  # another recipe, another cache entry
 

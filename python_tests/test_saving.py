@@ -1,10 +1,12 @@
-"""save_pretrained / eek.from_pretrained round trips are bit-exact; a plain Hugging Face load still works."""
+"""save_pretrained / eek.from_pretrained round trips keep the weights and policy bit for bit; a plain Hugging Face load still works."""
 
 import json
 
 import pytest
 import torch
 from conftest import tiny_batch, tiny_model
+from model_comparison import assert_same_function, assert_same_weights
+from threshold_helpers import assert_clear_of_threshold
 from transformers import AutoModelForSequenceClassification
 
 import earlyexit_kernels as eek
@@ -49,7 +51,7 @@ def _trained_heads(model):
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: type(p).__name__)
-def test_round_trip_is_bit_exact(tmp_path, policy):
+def test_round_trip_keeps_the_weights_bit_for_bit_and_the_function(tmp_path, policy):
     model = tiny_model("bert", num_layers=4)
     eek.patch(model, eek.QExit())  # heads of other policies are saved too
     eek.patch(model, eek.DACT())
@@ -61,19 +63,18 @@ def test_round_trip_is_bit_exact(tmp_path, policy):
     loaded = eek.from_pretrained(tmp_path)
     assert eek.is_patched(loaded) and not loaded.training
     assert _same_policy(policy, loaded._eek_policy) and loaded._eek_backend == "torch"
-    before, after = model.state_dict(), loaded.state_dict()
-    assert before.keys() == after.keys()
-    for name in before:
-        assert torch.equal(before[name], after[name]), name
+    assert_same_weights(loaded, model)
     ids, mask, tt = tiny_batch(6, 12)
     with torch.no_grad():
         a = model(input_ids=ids, attention_mask=mask, token_type_ids=tt, return_all_exits=True)
         b = loaded(input_ids=ids, attention_mask=mask, token_type_ids=tt, return_all_exits=True)
         c = model(input_ids=ids, attention_mask=mask, token_type_ids=tt)
         d = loaded(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+    assert_same_function(b.all_logits, a.all_logits)
+    assert_clear_of_threshold(policy, a, 4)  # so rounding cannot move an exit
     for x, y in ((a, b), (c, d)):
-        assert torch.equal(x.logits, y.logits) and torch.equal(x.exit_layer, y.exit_layer)
-    assert torch.equal(a.all_logits, b.all_logits)
+        assert_same_function(y.logits, x.logits)
+        assert torch.equal(x.exit_layer, y.exit_layer)
 
 
 def test_plain_hugging_face_load_ignores_the_exit_files(tmp_path):
@@ -88,17 +89,12 @@ def test_plain_hugging_face_load_ignores_the_exit_files(tmp_path):
     assert plain.state_dict().keys() == unpatched_state.keys()
     for name, value in unpatched_state.items():
         assert torch.equal(plain.state_dict()[name], value), name
-    # So it computes the same function. Two model objects are not compared bit for bit: on a
-    # loaded machine a matmul may split its sums over threads differently between calls
-    # (this failed once with logits that printed identically); the same attention code on
-    # both sides leaves rounding-level differences only.
+    # So it computes the same function, to rounding (model_comparison.py says why not bit for bit).
     ids, mask, _ = tiny_batch(4, 8)
     with torch.no_grad():
-        torch.testing.assert_close(
+        assert_same_function(
             plain(input_ids=ids, attention_mask=mask).logits,
             eek.unpatch(model)(input_ids=ids, attention_mask=mask).logits,
-            rtol=1e-5,
-            atol=1e-6,
         )
 
 

@@ -3,6 +3,8 @@
 import pytest
 import torch
 from conftest import tiny_batch, tiny_model
+from model_comparison import assert_same_function, assert_same_weights
+from threshold_helpers import assert_clear_of_threshold
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.methods import losses
@@ -99,4 +101,7 @@ def test_hugging_face_trainer_trains_with_the_objective(tmp_path, method, policy
     with torch.no_grad():
         a = model(input_ids=ids, attention_mask=data.mask, return_all_exits=True)
         b = loaded(input_ids=ids, attention_mask=data.mask, return_all_exits=True)
-    assert torch.equal(a.all_logits, b.all_logits) and torch.equal(a.exit_layer, b.exit_layer)
+    assert_same_weights(loaded, model)
+    assert_same_function(b.all_logits, a.all_logits)
+    assert_clear_of_threshold(policy, a, 3)  # so rounding cannot move an exit
+    assert torch.equal(a.exit_layer, b.exit_layer)

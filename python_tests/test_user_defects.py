@@ -6,6 +6,7 @@ Each test states one behaviour of a patched model that a user relied on and that
 import pytest
 import torch
 from conftest import tiny_batch, tiny_model
+from model_comparison import assert_same_function, assert_same_weights
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.methods import exit_rules
@@ -109,14 +110,17 @@ def test_a_patched_model_round_trips_through_pickle_torch_save_and_deepcopy():
         reference = model(input_ids=ids, attention_mask=mask)
         for twin in copies:
             assert eek.is_patched(twin)
+            assert_same_weights(twin, model)
             out = twin(input_ids=ids, attention_mask=mask)
-            assert torch.equal(out.logits, reference.logits) and torch.equal(out.exit_layer, reference.exit_layer)
+            assert_same_function(out.logits, reference.logits)
+            assert torch.equal(out.exit_layer, reference.exit_layer)
             # the copy runs its own heads, not the original's
             twin.early_exit_heads.classifiers[0].bias.fill_(float("nan"))
             assert torch.isfinite(model(input_ids=ids, attention_mask=mask).logits).all()
             eek.unpatch(twin)
 
 
+@pytest.mark.exact
 def test_a_float64_model_runs_with_every_backend_choice_and_is_exact_at_full_depth():
     model = tiny_model().double()
     ids, mask, _ = tiny_batch()
@@ -149,6 +153,7 @@ def test_heads_follow_the_model_to_another_dtype_patched_or_not():
         assert model(input_ids=ids, attention_mask=mask).logits.dtype == torch.float16
 
 
+@pytest.mark.exact
 def test_changing_the_attention_implementation_after_patching_keeps_padding_masked():
     model = tiny_model(attn="sdpa")
     eek.patch(model, eek.Scheduled(torch.full((6,), 4)), backend="torch")
@@ -234,6 +239,7 @@ def test_a_causal_decoder_classifier_is_refused_at_patch_time():
         model(input_ids=torch.ones(1, 4, dtype=torch.long))
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("backend", AVAILABLE)
 def test_monte_carlo_dropout_applies_classifier_dropout_on_every_layer_and_backend(backend):
     model = tiny_model()
@@ -283,6 +289,7 @@ def test_all_exits_of_an_empty_batch_have_the_shapes_of_any_batch(policy):
             assert value.shape == (4, 0) and value.dtype == reference.dtype, name
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("backend", AVAILABLE)
 @pytest.mark.parametrize("arch", ["bert", "albert", "roberta"])
 def test_under_cpu_autocast_the_patched_model_returns_the_unpatched_dtype(arch, backend):

@@ -14,7 +14,10 @@ from earlyexit_kernels.backends.write_back import WriteBack, exit_step_write_bac
 from earlyexit_kernels.engine.heads import LambdaHaltingHead
 from earlyexit_kernels.methods import exit_rules
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: masked -inf lanes
+pytestmark = [
+    pytest.mark.exact,  # bit for bit against the reference: rerun on other CPU kinds
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # interpreter: masked -inf lanes
+]
 
 FAST = [name for name in ("cpp", "cuda", "triton") if eek.backends()[name]]
 DEVICES = {"cpp": torch.device("cpu"), "cuda": torch.device("cuda"), "triton": KERNEL_DEVICE}
