@@ -122,3 +122,16 @@ def test_the_supported_models_tables_list_every_supported_class(document):
     text = (REPOSITORY / document).read_text()
     missing = [cls.__name__ for cls in eek.SUPPORTED_MODELS if f"`{cls.__name__}`" not in text]
     assert not missing, f"{document}'s supported-models table lacks {missing}"
+
+
+def test_every_committed_benchmark_result_says_which_cpu_it_came_from():
+    """docs/development.md lists every file under benchmarks/results/ (itself or its folder)."""
+    section = (DOCS / "development.md").read_text().split("## Which CPU each committed result came from")[1]
+    listed = set(re.findall(r"`([^`]+)`", section))
+    results = REPOSITORY / "benchmarks" / "results"
+    missing = []
+    for path in sorted(p for p in results.rglob("*") if p.is_file()):
+        relative = path.relative_to(results).as_posix()
+        if relative not in listed and f"{relative.split('/')[0]}/" not in listed:
+            missing.append(relative)
+    assert not missing, f"docs/development.md does not say which CPU these came from: {missing}"
