@@ -21,7 +21,8 @@
 
 namespace eek {
 
-// Policy kinds, as lowered by earlyexit_kernels/backends/cpp_backend.py.
+// Policy kinds and flags: earlyexit_kernels/backends/policy_lowering.py (PolicyKind, RuleFlag)
+// holds the same values; python_tests/test_policy_lowering.py reads this file to check them.
 enum Kind : int {
   kEntropy = 0,      // Entropy and SkipGates (the exit part)
   kMaxProb = 1,

@@ -24,21 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from earlyexit_kernels.backends import compaction
+from earlyexit_kernels.backends import compaction, policy_lowering
 from earlyexit_kernels.backends import registry as backend_registry
+from earlyexit_kernels.backends.policy_lowering import PolicyKind
 from earlyexit_kernels.backends.reference_rules import runs_on_reference
 from earlyexit_kernels.backends.write_back import WriteBack
-from earlyexit_kernels.methods.policies import (
-    DACT,
-    Entropy,
-    ExitPolicy,
-    MaxProb,
-    Patience,
-    QExit,
-    Scheduled,
-    SkipGates,
-    Voting,
-)
+from earlyexit_kernels.methods.policies import ExitPolicy
 
 __all__ = [
     "exit_step",
@@ -50,27 +41,15 @@ __all__ = [
     "LOAD_ERROR",
 ]
 
-# Kinds and flags: csrc/common/exit_rule.h.
-KIND_ENTROPY, KIND_MAXPROB, KIND_PATIENCE, KIND_PATIENCE_REG = 0, 1, 2, 3
-KIND_QEXIT, KIND_VOTING, KIND_DACT, KIND_SCHEDULED = 4, 5, 6, 7
-FLAG_NORMALIZED, FLAG_TEMPERATURE, FLAG_STOCHASTIC, FLAG_SURVIVORS = 1, 2, 4, 8
-
-# State keys each kind reads and writes, in the order of the op's state list.
-STATE_KEYS: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    KIND_ENTROPY: ((), ()),
-    KIND_MAXPROB: ((), ()),
-    KIND_PATIENCE: (("prev_pred", "counter"), ("prev_pred", "counter")),
-    KIND_PATIENCE_REG: (("prev_value", "counter"), ("prev_value", "counter")),
-    KIND_QEXIT: (("cdf", "remaining"), ("cdf", "remaining")),
-    KIND_VOTING: (("votes", "prob_sum"), ("votes", "prob_sum")),
-    KIND_DACT: (("accumulated", "pi"), ("accumulated", "pi")),
-    KIND_SCHEDULED: (("exit_layers",), ()),
-}
+# The policy's kinds and flags (csrc/common/exit_rule.h), and the C++ rule's own bit above them.
+KIND_PATIENCE, KIND_PATIENCE_REG = int(PolicyKind.PATIENCE), int(PolicyKind.PATIENCE_REG)
+KIND_QEXIT, KIND_VOTING, KIND_DACT = int(PolicyKind.QEXIT), int(PolicyKind.VOTING), int(PolicyKind.DACT)
+FLAG_SURVIVORS = 8  # eek::kSurvivors: also produce the stable survivor list and its count
 
 
 @dataclass(frozen=True)
-class LoweredPolicy:
-    """What the kernels take for one policy on a model of ``num_layers`` layers."""
+class CppPolicyArgs:
+    """What the C++ and CUDA ops take for one policy on a model of ``num_layers`` layers."""
 
     kind: int
     flags: int
@@ -90,53 +69,28 @@ def _per_layer_row(value, width: int) -> list[float]:
 
 
 @functools.lru_cache(maxsize=128)
-def lower_policy(policy: ExitPolicy, num_layers: int) -> LoweredPolicy:
-    """Lower ``policy`` to the kernels' kind enum, flags, scalars and per-layer tensor."""
-    flags, int_param, scalar = 0, 0, 0.0
-    threshold = temperature = None
-    if isinstance(policy, (Entropy, SkipGates)):
-        kind = KIND_ENTROPY
-        threshold = policy.threshold if isinstance(policy, Entropy) else policy.entropy_threshold
-        flags |= FLAG_NORMALIZED if policy.normalized else 0
-    elif isinstance(policy, MaxProb):
-        kind, threshold, temperature = KIND_MAXPROB, policy.threshold, policy.temperature
-        flags |= FLAG_TEMPERATURE if policy.temperature is not None else 0
-    elif isinstance(policy, Patience):
-        int_param = policy.patience
-        if policy.is_regression:
-            kind, scalar = KIND_PATIENCE_REG, policy.regression_threshold
-        else:
-            kind = KIND_PATIENCE
-    elif isinstance(policy, QExit):
-        kind, scalar = KIND_QEXIT, policy.q
-        flags |= FLAG_STOCHASTIC if policy.stochastic else 0
-    elif isinstance(policy, Voting):
-        kind, int_param = KIND_VOTING, policy.min_votes
-    elif isinstance(policy, DACT):
-        kind = KIND_DACT
-    elif isinstance(policy, Scheduled):
-        kind = KIND_SCHEDULED
-    else:
-        raise TypeError(f"unknown exit policy {type(policy).__name__}")
+def lower_policy(policy: ExitPolicy, num_layers: int) -> CppPolicyArgs:
+    """``policy`` (lowered by :mod:`~earlyexit_kernels.backends.policy_lowering`) laid out for the ops."""
+    low = policy_lowering.lower(policy)
+    threshold, temperature = low.threshold, low.temperature
     width = max(num_layers, *(len(v) for v in (threshold, temperature) if isinstance(v, tuple)), 1)
     # float32 like the reference's comparison of a float32 tensor with a Python float.
     per_layer = torch.tensor(
         [_per_layer_row(threshold, width), _per_layer_row(temperature, width)], dtype=torch.float32
     )
-    state_in, state_out = STATE_KEYS[kind]
-    if flags & FLAG_STOCHASTIC:
-        state_in = (*state_in, "uniforms")
-    return LoweredPolicy(kind, flags, int_param, float(scalar), per_layer, state_in, state_out)
+    # The ops read a stochastic QExit's uniforms as one more state input.
+    state_in = (*low.state_in, "uniforms") if low.aux_key == "uniforms" else low.state_in
+    return CppPolicyArgs(int(low.kind), int(low.flags), low.int_param, low.scalar, per_layer, state_in, low.state_out)
 
 
-def _updated(state: dict, lowered: LoweredPolicy, state0: torch.Tensor, state1: torch.Tensor) -> dict:
+def _updated(state: dict, lowered: CppPolicyArgs, state0: torch.Tensor, state1: torch.Tensor) -> dict:
     """The state with the op's outputs ``state0``, ``state1`` under the policy's keys."""
     state = dict(state)
     state.update(zip(lowered.state_out, (state0, state1)))
     return state
 
 
-def _rule_args(lowered: LoweredPolicy, layer: int, num_layers: int, target: WriteBack | None) -> tuple:
+def _rule_args(lowered: CppPolicyArgs, layer: int, num_layers: int, target: WriteBack | None) -> tuple:
     """The op arguments after the state list; with ``target`` the survivors and the write-back."""
     flags = lowered.flags if target is None else lowered.flags | FLAG_SURVIVORS
     args = (lowered.kind, flags, layer, num_layers, lowered.int_param, lowered.scalar, lowered.per_layer)

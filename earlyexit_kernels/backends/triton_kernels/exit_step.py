@@ -57,6 +57,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from earlyexit_kernels.backends import policy_lowering
+from earlyexit_kernels.backends.policy_lowering import PolicyKind, RuleFlag
 from earlyexit_kernels.backends.triton_kernels._common import (
     cdiv,
     device_guard,
@@ -67,17 +69,7 @@ from earlyexit_kernels.backends.triton_kernels._common import (
     use_ops,
 )
 from earlyexit_kernels.backends.write_back import WriteBack
-from earlyexit_kernels.methods.policies import (
-    DACT,
-    Entropy,
-    ExitPolicy,
-    MaxProb,
-    Patience,
-    QExit,
-    Scheduled,
-    SkipGates,
-    Voting,
-)
+from earlyexit_kernels.methods.policies import ExitPolicy
 
 __all__ = [
     "exit_step",
@@ -88,11 +80,12 @@ __all__ = [
 
 State = dict[str, torch.Tensor]
 
-# Policy codes (constexpr in the kernel).
-ENTROPY, MAXPROB, PATIENCE_CLS, PATIENCE_REG, QEXIT, VOTING, DACT_CODE, SCHEDULED = range(8)
+# Policy codes (constexpr in the kernel): backends/policy_lowering.py's PolicyKind as plain ints.
+ENTROPY, MAXPROB, PATIENCE_CLS, PATIENCE_REG, QEXIT, VOTING, DACT_CODE, SCHEDULED = (int(k) for k in PolicyKind)
 
-# Bits of the decision's ``flags``.
-F_NORMALIZED, F_TEMPERATURE, F_STOCHASTIC, F_PARTIALS, F_WRITE_BACK, F_RETURNED, F_LOGITS = (1 << i for i in range(7))
+# Bits of the decision's ``flags``: the policy's own (RuleFlag), then this kernel's.
+F_NORMALIZED, F_TEMPERATURE, F_STOCHASTIC = (int(f) for f in RuleFlag)
+F_PARTIALS, F_WRITE_BACK, F_RETURNED, F_LOGITS = (1 << i for i in range(3, 7))
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
@@ -841,24 +834,6 @@ def _explain_target(rows, runs, extents, logits, exit_layer, layers_run, n, num_
 # ----------------------------------------------------------------------------- wrappers
 
 
-def _policy_code(policy: ExitPolicy) -> int:
-    if isinstance(policy, (Entropy, SkipGates)):
-        return ENTROPY
-    if isinstance(policy, MaxProb):
-        return MAXPROB
-    if isinstance(policy, Patience):
-        return PATIENCE_REG if policy.is_regression else PATIENCE_CLS
-    if isinstance(policy, QExit):
-        return QEXIT
-    if isinstance(policy, Voting):
-        return VOTING
-    if isinstance(policy, DACT):
-        return DACT_CODE
-    if isinstance(policy, Scheduled):
-        return SCHEDULED
-    raise TypeError(f"unknown exit policy {type(policy).__name__}")
-
-
 class _Lowered(NamedTuple):
     """A policy as the decision kernel takes it (per layer: ``fa[layer - 1]``, ``fb[layer - 1]``)."""
 
@@ -878,32 +853,19 @@ def _per_layer(value, num_layers: int) -> tuple[float, ...]:
 
 @functools.lru_cache(maxsize=256)
 def _lower(policy: ExitPolicy, num_layers: int) -> _Lowered:
-    code = _policy_code(policy)
-    fa = fb = 0.0
-    flags = int_param = 0
-    aux_key = None
-    if isinstance(policy, (Entropy, SkipGates)):
-        fa = policy.threshold if isinstance(policy, Entropy) else policy.entropy_threshold
-        flags |= F_NORMALIZED if policy.normalized else 0  # fb = ln C, known at the call
-    elif isinstance(policy, MaxProb):
-        fa = policy.threshold
-        if policy.temperature is not None:
-            flags |= F_TEMPERATURE
-            fb = policy.temperature
-    elif isinstance(policy, Patience):
-        int_param = policy.patience
-        if policy.is_regression:
-            fa = policy.regression_threshold
-    elif isinstance(policy, QExit):
-        fa = policy.q
-        if policy.stochastic:
-            flags |= F_STOCHASTIC
-            aux_key = "uniforms"
-    elif isinstance(policy, Voting):
-        int_param = policy.min_votes
-    elif isinstance(policy, Scheduled):
-        aux_key = "exit_layers"
-    return _Lowered(code, flags, _per_layer(fa, num_layers), _per_layer(fb, num_layers), int(int_param), aux_key)
+    low = policy_lowering.lower(policy)
+    # fa: the per-layer threshold where the rule has one, else its scalar (q, regression_threshold);
+    # fb: the temperature, or ln C filled in at the call for a normalized entropy.
+    fa = low.threshold if low.kind in (PolicyKind.ENTROPY, PolicyKind.MAXPROB) else low.scalar
+    fb = low.temperature if low.flags & RuleFlag.TEMPERATURE else 0.0
+    return _Lowered(
+        int(low.kind),
+        int(low.flags),
+        _per_layer(fa, num_layers),
+        _per_layer(fb, num_layers),
+        low.int_param,
+        low.aux_key,
+    )
 
 
 def _state_slot(state: State, key: str, dtype: torch.dtype, wide: bool, n: int) -> torch.Tensor:
