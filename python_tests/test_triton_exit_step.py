@@ -1,5 +1,8 @@
 """The Triton exit step against the PyTorch reference (exit_rules), in fp32, fp16 and bf16.
 
+(Past 600 lines: one specification of the two kernels and their wrappers, every dtype, policy
+and block size, opcheck and compile; split by kernel it would repeat its helpers.)
+
 Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by
 conftest.py). The interpreter is slow, so the shapes below are a covering subset of
 B in {1, 3, 17, 64, 257}, H in {64, 384, 768, 1024}, C in {1, 2, 3, 7}, not the product.
@@ -28,6 +31,8 @@ from conftest import KERNEL_DEVICE, on_device, on_kernel_device  # noqa: E402
 
 import earlyexit_kernels as eek  # noqa: E402
 from earlyexit_kernels.backends import compaction  # noqa: E402
+from earlyexit_kernels.backends.triton_kernels import exit_decide as tkd  # noqa: E402
+from earlyexit_kernels.backends.triton_kernels import exit_head as tkh  # noqa: E402
 from earlyexit_kernels.backends.triton_kernels import exit_step as tk  # noqa: E402
 from earlyexit_kernels.backends.triton_kernels._common import poisoned_outputs  # noqa: E402
 from earlyexit_kernels.backends.write_back import WriteBack  # noqa: E402
@@ -491,7 +496,8 @@ def test_head_exit_step_and_write_back_on_an_empty_batch():
 
 def test_gpu_block_sizes_under_interpreter(monkeypatch):
     """The GPU launch configuration (several column tiles, the fp32 head's 32-wide K loop) on a small case."""
-    monkeypatch.setattr(tk, "FORCE_GPU_BLOCKS", True)
+    monkeypatch.setattr(tkh, "FORCE_GPU_BLOCKS", True)
+    monkeypatch.setattr(tkd, "FORCE_GPU_BLOCKS", True)
     policy = eek.Voting(1)
     wp, bp, wi, bi = make_head(384, 7, torch.float32, seed=80)
     cls = make_cls(17, 384, torch.float32, seed=81)
@@ -508,10 +514,11 @@ def test_decision_on_many_programs_with_gpu_blocks(monkeypatch, name):
     """Without the write-back the decision runs one program per 128 rows (three for 257 rows)
     and equals the reference; with it one program lists the survivors in 256-row blocks on 8
     warps. The block sizes do not depend on n (see the cold-start test below)."""
-    monkeypatch.setattr(tk, "FORCE_GPU_BLOCKS", True)
-    assert tk._decide_launch(257, 3, False) == (128, 4, 3, 4)
-    assert tk._decide_launch(257, 3, True) == (256, 4, 1, 8)
-    assert tk._decide_launch(40, 3, True) == (256, 4, 1, 8)
+    monkeypatch.setattr(tkh, "FORCE_GPU_BLOCKS", True)
+    monkeypatch.setattr(tkd, "FORCE_GPU_BLOCKS", True)
+    assert tkd._decide_launch(257, 3, False) == (128, 4, 3, 4)
+    assert tkd._decide_launch(257, 3, True) == (256, 4, 1, 8)
+    assert tkd._decide_launch(40, 3, True) == (256, 4, 1, 8)
     policy = make_policy(name, 257)
     state = random_state(policy, 257, 3, 16, torch.float32, seed=83)
     z = torch.randn(257, 3, generator=torch.Generator().manual_seed(84)) * 2
@@ -550,11 +557,11 @@ def _decide_args(z, state):
         torch.zeros(8, dtype=torch.long, device=device),
     )
     state_args = (state["prev_pred"], state["counter"])
-    return (z, None, None, *state_args, None, rows, runs, extents, *outs, tk.PATIENCE_CLS, 2, 4)
+    return (z, None, None, *state_args, None, rows, runs, extents, *outs, tkd.PATIENCE_CLS, 2, 4)
 
 
 # fa, fb, patience, flags: the write-back, and the returned logits too
-_DECIDE_SCALARS = (0.0, 0.0, 1, tk.F_WRITE_BACK | tk.F_RETURNED)
+_DECIDE_SCALARS = (0.0, 0.0, 1, tkd.F_WRITE_BACK | tkd.F_RETURNED)
 
 
 _CPU_ONLY = pytest.mark.skipif(KERNEL_DEVICE.type != "cpu", reason="with a GPU the CUDA test below checks this")
@@ -601,7 +608,8 @@ def test_launchers_trace_with_symbolic_sizes(monkeypatch, gpu_blocks):
     and without specializing the graph to one n: here n traced as 5 stays symbolic."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    monkeypatch.setattr(tk, "FORCE_GPU_BLOCKS", gpu_blocks)
+    monkeypatch.setattr(tkh, "FORCE_GPU_BLOCKS", gpu_blocks)
+    monkeypatch.setattr(tkd, "FORCE_GPU_BLOCKS", gpu_blocks)
     launches = []
     record = _RecordedLaunch(launches)
     policy = eek.Patience(1)
@@ -610,9 +618,9 @@ def test_launchers_trace_with_symbolic_sizes(monkeypatch, gpu_blocks):
     state = random_state(policy, 5, 3, 64, torch.float32, seed=90)
 
     def step(cls, wp, bp, wi, bi, prev_pred, counter):
-        zpart, _ = tk._run_head(record, cls, wp, bp, wi, False, True)
+        zpart, _ = tkh._run_head(record, cls, wp, bp, wi, False, True)
         s = (prev_pred, counter)
-        return tk._run_decide(
+        return tkd._run_decide(
             record,
             zpart,
             bi,
@@ -625,13 +633,13 @@ def test_launchers_trace_with_symbolic_sizes(monkeypatch, gpu_blocks):
             None,
             None,
             None,
-            tk.PATIENCE_CLS,
+            tkd.PATIENCE_CLS,
             2,
             4,
             0.0,
             0.0,
             1,
-            tk.F_PARTIALS | tk.F_LOGITS | tk.F_RETURNED,
+            tkd.F_PARTIALS | tkd.F_LOGITS | tkd.F_RETURNED,
             True,
         )
 
@@ -641,8 +649,8 @@ def test_launchers_trace_with_symbolic_sizes(monkeypatch, gpu_blocks):
         constexprs = {k: v for k, v in kwargs.items() if k.isupper() or k == "num_warps"}
         assert all(type(v) in (int, bool) for v in constexprs.values()), constexprs
     (head_grid, head_args, head_kw), (_, _, decide_kw) = launches
-    assert head_kw["BLOCK_M"] == tk._head_blocks(5, 64, True)[0]
-    assert decide_kw["BLOCK_M"] == tk._decide_launch(5, 3, False)[0] and decide_kw["BLOCK_C"] == 4
+    assert head_kw["BLOCK_M"] == tkh._head_blocks(5, 64, True)[0]
+    assert decide_kw["BLOCK_M"] == tkd._decide_launch(5, 3, False)[0] and decide_kw["BLOCK_C"] == 4
     assert any(isinstance(a, torch.SymInt) for a in head_args), "n was specialized to a constant"
     assert isinstance(head_grid[0], torch.SymInt), "the grid was specialized to one n"
 
@@ -946,8 +954,8 @@ def test_per_call_integers_do_not_make_new_kernel_variants(monkeypatch):
     monkeypatch.setattr(tc, "FORCE_GPU_BLOCKS", True)  # a block of 4 positions for every length below
     launches = []
     kernels = {
-        "_head_kernel": _kernel_spy(monkeypatch, tk, "_head_kernel", launches),
-        "_decide_kernel": _kernel_spy(monkeypatch, tk, "_decide_kernel", launches),
+        "_head_kernel": _kernel_spy(monkeypatch, tkh, "_head_kernel", launches),
+        "_decide_kernel": _kernel_spy(monkeypatch, tkd, "_decide_kernel", launches),
         "_compact_kernel": _kernel_spy(monkeypatch, tc, "_compact_kernel", launches),
     }
     policy = eek.Patience(1)
@@ -998,12 +1006,13 @@ def test_row_counts_and_lengths_do_not_make_new_variants_on_a_gpu(monkeypatch, w
     15-25 variants over a process's first batches."""
     from earlyexit_kernels.backends.triton_kernels import compact as tc
 
-    monkeypatch.setattr(tk, "FORCE_GPU_BLOCKS", True)
+    monkeypatch.setattr(tkh, "FORCE_GPU_BLOCKS", True)
+    monkeypatch.setattr(tkd, "FORCE_GPU_BLOCKS", True)
     monkeypatch.setattr(tc, "FORCE_GPU_BLOCKS", True)
     launches = []
     kernels = {
-        "_head_kernel": _kernel_spy(monkeypatch, tk, "_head_kernel", launches),
-        "_decide_kernel": _kernel_spy(monkeypatch, tk, "_decide_kernel", launches),
+        "_head_kernel": _kernel_spy(monkeypatch, tkh, "_head_kernel", launches),
+        "_decide_kernel": _kernel_spy(monkeypatch, tkd, "_decide_kernel", launches),
         "_compact_kernel": _kernel_spy(monkeypatch, tc, "_compact_kernel", launches),
     }
     policy = eek.Entropy(0.6)
@@ -1039,11 +1048,12 @@ def test_every_launch_runs_under_its_tensors_device(monkeypatch):
         finally:
             _GUARD.pop()
 
-    monkeypatch.setattr(tk, "device_guard", recording_guard)
+    monkeypatch.setattr(tkh, "device_guard", recording_guard)
+    monkeypatch.setattr(tkd, "device_guard", recording_guard)
     monkeypatch.setattr(tc, "device_guard", recording_guard)
     launches = []
-    _kernel_spy(monkeypatch, tk, "_head_kernel", launches)
-    _kernel_spy(monkeypatch, tk, "_decide_kernel", launches)
+    _kernel_spy(monkeypatch, tkh, "_head_kernel", launches)
+    _kernel_spy(monkeypatch, tkd, "_decide_kernel", launches)
     _kernel_spy(monkeypatch, tc, "_compact_kernel", launches)
     policy = eek.Entropy(0.6)
     dev = KERNEL_DEVICE

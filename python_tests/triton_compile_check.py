@@ -35,7 +35,8 @@ from triton.compiler import ASTSource  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from earlyexit_kernels.backends.triton_kernels import compact as tc  # noqa: E402
-from earlyexit_kernels.backends.triton_kernels import exit_step as tk  # noqa: E402
+from earlyexit_kernels.backends.triton_kernels import exit_decide as tkd  # noqa: E402
+from earlyexit_kernels.backends.triton_kernels import exit_head as tkh  # noqa: E402
 
 
 def compile_kernel(kernel, types: dict, constexprs: dict, arch: int, num_warps: int = 4):
@@ -80,11 +81,11 @@ def resource_usage(compiled, arch: int) -> dict:
 
 
 def head_variants():
-    # The launcher's GPU blocks (tk._head_blocks, the same for every row count) at BERT-base's H.
+    # The launcher's GPU blocks (tkh._head_blocks, the same for every row count) at BERT-base's H.
     for arch in (90, 80):
         for dtype, dot_fp32 in (("fp16", False), ("bf16", False), ("fp32", True)):
             for rows in (64,):
-                block_m, block_n, block_k, warps = tk._head_blocks(rows, 768, dot_fp32)
+                block_m, block_n, block_k, warps = tkh._head_blocks(rows, 768, dot_fp32)
                 for write_pooled in (True, False):
                     types = {
                         name: "i32" for name in ("stride_hn", "stride_hk", "stride_wpo", "stride_wpi", "stride_bp")
@@ -104,30 +105,30 @@ def head_variants():
                         f"{dtype}, BLOCK_M/N/K {block_m}/{block_n}/{block_k}, {warps} warps"
                         f"{', pooled out' if write_pooled else ''}"
                     )
-                    yield "head", variant, tk._head_kernel, types, constexprs, arch, warps
+                    yield "head", variant, tkh._head_kernel, types, constexprs, arch, warps
 
 
 # The state slots' element types per policy (s0, s1).
 SLOTS = {
-    tk.ENTROPY: ("*fp32", "*fp32"),
-    tk.MAXPROB: ("*fp32", "*fp32"),
-    tk.PATIENCE_CLS: ("*i64", "*i32"),
-    tk.PATIENCE_REG: ("*fp32", "*i32"),
-    tk.QEXIT: ("*fp32", "*fp32"),
-    tk.VOTING: ("*i32", "*fp32"),
-    tk.DACT_CODE: ("*fp32", "*fp32"),
-    tk.SCHEDULED: ("*fp32", "*fp32"),
+    tkd.ENTROPY: ("*fp32", "*fp32"),
+    tkd.MAXPROB: ("*fp32", "*fp32"),
+    tkd.PATIENCE_CLS: ("*i64", "*i32"),
+    tkd.PATIENCE_REG: ("*fp32", "*i32"),
+    tkd.QEXIT: ("*fp32", "*fp32"),
+    tkd.VOTING: ("*i32", "*fp32"),
+    tkd.DACT_CODE: ("*fp32", "*fp32"),
+    tkd.SCHEDULED: ("*fp32", "*fp32"),
 }
 
 POLICY_NAMES = {
-    tk.ENTROPY: "Entropy",
-    tk.MAXPROB: "MaxProb",
-    tk.PATIENCE_CLS: "Patience",
-    tk.PATIENCE_REG: "Patience (regression)",
-    tk.QEXIT: "QExit",
-    tk.VOTING: "Voting",
-    tk.DACT_CODE: "DACT",
-    tk.SCHEDULED: "Scheduled",
+    tkd.ENTROPY: "Entropy",
+    tkd.MAXPROB: "MaxProb",
+    tkd.PATIENCE_CLS: "Patience",
+    tkd.PATIENCE_REG: "Patience (regression)",
+    tkd.QEXIT: "QExit",
+    tkd.VOTING: "Voting",
+    tkd.DACT_CODE: "DACT",
+    tkd.SCHEDULED: "Scheduled",
 }
 
 
@@ -142,7 +143,7 @@ def decide_variants():
         for block_m in (128, 256)
         for combination in ((True, True), (True, False), (False, True), (False, False))
     ):
-        launch = tk._decide_launch(block_m, 3, write_back)
+        launch = tkd._decide_launch(block_m, 3, write_back)
         if launch[0] != block_m:  # the block size the launcher takes for this path only
             continue
         if True:
@@ -150,14 +151,14 @@ def decide_variants():
             types.update(fa="fp32", fb="fp32", exits_ptr="*i1", returned_ptr="*fp32", halt_ptr="*bf16")
             types.update(src_ptr="*fp32" if partials else "*fp16", bias_ptr="*fp16", logits_ptr="*fp16")
             types.update(s0_ptr=s0, s0_out=s0, s1_ptr=s1, s1_out=s1)
-            types["aux_ptr"] = "*i64" if policy == tk.SCHEDULED else "*fp32"
+            types["aux_ptr"] = "*i64" if policy == tkd.SCHEDULED else "*fp32"
             types.update({name: "*i64" for name in ("order_ptr", "stats_ptr", "rows_ptr", "runs_ptr", "ext_ptr")})
             types.update(out_logits_ptr="*bf16", out_exit_ptr="*i64", out_runs_ptr="*i64")
             constexprs = dict(
                 POLICY=policy,
-                NORMALIZED=policy == tk.ENTROPY,
-                HAS_TEMPERATURE=policy == tk.MAXPROB,
-                STOCHASTIC=policy == tk.QEXIT and not write_back,
+                NORMALIZED=policy == tkd.ENTROPY,
+                HAS_TEMPERATURE=policy == tkd.MAXPROB,
+                STOCHASTIC=policy == tkd.QEXIT and not write_back,
                 FROM_PARTIALS=partials,
                 STORE_LOGITS=partials and not write_back,
                 STORE_RETURNED=not write_back,
@@ -173,7 +174,7 @@ def decide_variants():
             yield (
                 "decide",
                 f"{name}, {what}, BLOCK_M {block_m}, {warps} warps",
-                tk._decide_kernel,
+                tkd._decide_kernel,
                 types,
                 constexprs,
                 arch,
