@@ -20,8 +20,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from earlyexit_kernels.backends.compaction import layer_attention_mask
-from earlyexit_kernels.engine.continuous import PACK_BELOW_FILL
 from earlyexit_kernels.engine.packed_layer import run_packed
+from earlyexit_kernels.engine.scheduler import PACK_BELOW_FILL
 
 SHAPES = [(48, 40), (48, 44), (48, 46), (64, 24), (128, 30), (256, 28)]  # (longest, the other rows' length)
 ROWS = 32

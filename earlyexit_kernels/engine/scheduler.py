@@ -68,7 +68,58 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["Admit", "Call", "LayerScheduler", "ShapeBuckets"]
+__all__ = [
+    "Admit",
+    "Call",
+    "LayerScheduler",
+    "PackingRule",
+    "ShapeBuckets",
+    "default_call_cost",
+    "default_length_step",
+    "default_max_in_flight",
+]
+
+# Below this share of real tokens, packed execution of a layer call pays for its gathers and scatters
+# (measured on a CPU at H 128 and 384: break-even near 0.85, 2x at 0.4; benchmarks/packed_layer.py).
+PACK_BELOW_FILL = 0.75
+
+
+def default_call_cost(hidden_size: int) -> float:
+    """What a layer call costs beyond its tokens, in tokens: its fixed cost is time (the host,
+    dispatch, the exit step) while a token's grows as H^2."""
+    return 32.0 * (128 / hidden_size) ** 2
+
+
+def default_max_in_flight(max_batch_size: int) -> int:
+    return 16 * max_batch_size
+
+
+def default_length_step(fixed_shapes: bool) -> int:
+    """Compiled calls reuse one graph per length, in steps of 8; eager calls run their exact lengths."""
+    return 8 if fixed_shapes else 1
+
+
+@dataclass(frozen=True)
+class PackingRule:
+    """When a layer call runs its token-wise parts on its real tokens only (packed execution,
+    :mod:`earlyexit_kernels.engine.packed_layer`) instead of on every padded position.
+
+    ``below_fill``: the share of real tokens below which a call packs (0: never, inf: whenever
+    it holds padding).
+    """
+
+    below_fill: float
+
+    @classmethod
+    def choose(cls, packable: bool, packed: bool | None) -> PackingRule:
+        """``packed`` as the engine was given it: None where it pays, True always, False never."""
+        if not packable or packed is False:
+            return cls(0.0)
+        return cls(math.inf if packed else PACK_BELOW_FILL)
+
+    def packs(self, tokens: int, slots: int) -> bool:
+        """Whether a call of ``tokens`` real tokens in ``slots`` padded positions runs packed."""
+        return tokens < slots and tokens < self.below_fill * slots
 
 
 def _row_counts(max_batch_size: int, bucket_rows: bool) -> tuple[int, ...]:
