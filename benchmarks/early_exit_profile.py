@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
+import earlyexit_kernels as eek
 from earlyexit_kernels.bench.stack import load_task
+from earlyexit_kernels.patching.patch import current_adapter
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -100,7 +102,7 @@ def main() -> None:
         "early exit": (patched, LayerClock(patched.bert.encoder.layer)),
         "unpatched": (full, LayerClock(full.bert.encoder.layer)),
     }
-    heads = {"early exit": HeadClock(patched._eek_adapter), "unpatched": None}
+    heads = {"early exit": HeadClock(current_adapter(patched)), "unpatched": None}
     runs = {name: [] for name in clocks}
     for name, (model, clock) in clocks.items():
         one_pass(model, batches, clock, heads[name])  # warm-up
@@ -118,7 +120,7 @@ def main() -> None:
     per_token = (ee_layers / ee_tokens) / (full_layers / full_tokens)
     lines = [
         f"{texts} test texts in {len(batches)} length-sorted batches of 32, {args.threads} threads, fp32, "
-        f"median of {args.repeats} interleaved passes; model {Path(folder).name}, policy {patched._eek_policy}",
+        f"median of {args.repeats} interleaved passes; model {Path(folder).name}, policy {eek.policy_of(patched)}",
         f"unpatched: {full_wall:.3f} s, layers {full_layers:.3f} s ({100 * full_layers / full_wall:.1f}%), "
         f"the rest {full_wall - full_layers:.3f} s",
         f"early exit: {ee_wall:.3f} s at {mean_layers:.2f} of {num_layers} layers, layers {ee_layers:.3f} s, "

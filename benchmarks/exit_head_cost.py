@@ -21,6 +21,7 @@ from earlyexit_kernels.backends.registry import resolve_backend
 from earlyexit_kernels.bench.timing import median_us
 from earlyexit_kernels.engine.batch_loop import can_fuse_head, head_and_exit_step
 from earlyexit_kernels.methods.exit_rules import init_state
+from earlyexit_kernels.patching.patch import current_adapter
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
     mask = torch.ones(args.batch, args.length, dtype=torch.long)
     mask[: args.batch // 4, args.length // 2 :] = 0
     eek.patch(model, eek.Entropy(0.3))
-    adapter = model._eek_adapter
+    adapter = current_adapter(model)
     layer_mask = adapter.layer_mask(mask, hidden.dtype)
     with torch.no_grad():
         layer_us = median_us(lambda: adapter.run_layer(0, hidden, layer_mask), max(args.repeats // 5, 5))
@@ -49,7 +50,7 @@ def main() -> None:
     for pooling in ("cls", "mean"):
         for head in ("model", "mlp"):
             eek.patch(model, eek.Entropy(0.3), pooling=pooling, head=head)
-            adapter = model._eek_adapter
+            adapter = current_adapter(model)
             for backend_name in ("torch", "cpp"):
                 if not eek.backends()[backend_name]:
                     continue

@@ -38,6 +38,7 @@ from earlyexit_kernels.backends.registry import resolve_backend
 from earlyexit_kernels.bench.timing import median_us
 from earlyexit_kernels.engine.batch_loop import can_fuse_head, head_and_exit_step
 from earlyexit_kernels.methods.exit_rules import init_state
+from earlyexit_kernels.patching.patch import current_adapter
 
 LAYERS, LABELS = 12, 2
 
@@ -70,9 +71,9 @@ def _after_layer_us(layer, fn, calls: int) -> float:
 
 def measure(hidden: int, rows: int, length: int, calls: int) -> dict:
     model = _model(hidden)
-    adapter = model._eek_adapter
+    adapter = current_adapter(model)
     policy = eek.policy_of(model)
-    backend = resolve_backend(model._eek_backend, torch.device("cpu"), dtype=torch.float32)
+    backend = resolve_backend(eek.backend_of(model), torch.device("cpu"), dtype=torch.float32)
     states = torch.randn(rows, length, hidden)
     small = torch.ones(3)
 

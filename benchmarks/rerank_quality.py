@@ -1,5 +1,7 @@
 """Reranking benchmark (issue 28): a MiniLM-L6 cross-encoder with ``ScoreBand`` exits on Rotten Tomatoes.
 
+(Past 600 lines: one benchmark script, task building, training, calibration and report, run as one.)
+
     flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/rerank_quality.py --threads 2 \\
         --out benchmarks/results/rerank
 

@@ -15,19 +15,6 @@ if TYPE_CHECKING:
     from earlyexit_kernels.backends.registry import backend_status
     from earlyexit_kernels.engine.classify import Prediction, classify
     from earlyexit_kernels.engine.rerank import Ranked, rerank
-    from earlyexit_kernels.integrations.hf_patch import (
-        SUPPORTED_MODELS,
-        EarlyExitOutput,
-        backend_of,
-        head_config,
-        is_patched,
-        patch,
-        policy_of,
-        set_training_objective,
-        training_objective,
-        unpatch,
-    )
-    from earlyexit_kernels.integrations.loading import from_pretrained
     from earlyexit_kernels.methods.policies import (
         DACT,
         Entropy,
@@ -41,6 +28,19 @@ if TYPE_CHECKING:
         SkipGates,
         Voting,
     )
+    from earlyexit_kernels.patching.loading import from_pretrained
+    from earlyexit_kernels.patching.patch import (
+        SUPPORTED_MODELS,
+        EarlyExitOutput,
+        backend_of,
+        head_config,
+        is_patched,
+        patch,
+        policy_of,
+        set_training_objective,
+        training_objective,
+        unpatch,
+    )
 
 # Public name -> the module that defines it. The package imports nothing at ``import
 # earlyexit_kernels`` (torch, transformers and the kernels take seconds to import, and the command
@@ -52,17 +52,17 @@ _EXPORTS = {
     "classify": "earlyexit_kernels.engine.classify",
     "Ranked": "earlyexit_kernels.engine.rerank",
     "rerank": "earlyexit_kernels.engine.rerank",
-    "SUPPORTED_MODELS": "earlyexit_kernels.integrations.hf_patch",
-    "EarlyExitOutput": "earlyexit_kernels.integrations.hf_patch",
-    "backend_of": "earlyexit_kernels.integrations.hf_patch",
-    "head_config": "earlyexit_kernels.integrations.hf_patch",
-    "is_patched": "earlyexit_kernels.integrations.hf_patch",
-    "patch": "earlyexit_kernels.integrations.hf_patch",
-    "policy_of": "earlyexit_kernels.integrations.hf_patch",
-    "set_training_objective": "earlyexit_kernels.integrations.hf_patch",
-    "training_objective": "earlyexit_kernels.integrations.hf_patch",
-    "unpatch": "earlyexit_kernels.integrations.hf_patch",
-    "from_pretrained": "earlyexit_kernels.integrations.loading",
+    "SUPPORTED_MODELS": "earlyexit_kernels.patching.patch",
+    "EarlyExitOutput": "earlyexit_kernels.patching.patch",
+    "backend_of": "earlyexit_kernels.patching.patch",
+    "head_config": "earlyexit_kernels.patching.patch",
+    "is_patched": "earlyexit_kernels.patching.patch",
+    "patch": "earlyexit_kernels.patching.patch",
+    "policy_of": "earlyexit_kernels.patching.patch",
+    "set_training_objective": "earlyexit_kernels.patching.patch",
+    "training_objective": "earlyexit_kernels.patching.patch",
+    "unpatch": "earlyexit_kernels.patching.patch",
+    "from_pretrained": "earlyexit_kernels.patching.loading",
     "DACT": "earlyexit_kernels.methods.policies",
     "Entropy": "earlyexit_kernels.methods.policies",
     "ExitPolicy": "earlyexit_kernels.methods.policies",

@@ -17,6 +17,7 @@ from conftest import VOCAB, tiny_model
 import earlyexit_kernels as eek
 from earlyexit_kernels.engine.continuous import ContinuousEngine
 from earlyexit_kernels.methods.exit_rules import entropy
+from earlyexit_kernels.patching.patch import current_adapter
 
 NUM_LAYERS = 5
 
@@ -79,7 +80,7 @@ def spread_model(arch, name, items):
     )
     eek.patch(model, probe_policy)
     heads = model.early_exit_heads
-    _perturb([model._eek_adapter.pooler_linear], 0.5, seed=3)  # pooled vectors that differ from input to input
+    _perturb([current_adapter(model).pooler_linear], 0.5, seed=3)  # pooled vectors that differ from input to input
     _perturb(heads.classifiers, 0.5)
     if heads.halting_head(probe_policy) is not None:
         _perturb([heads.halting_head(probe_policy)], 1.5, seed=1)

@@ -115,7 +115,7 @@ def test_text_pairs(saved_classifier, tmp_path):
 def test_skip_gates_write_the_layers_they_ran(saved_classifier, tmp_path):
     # Untrained gates say 0.1: a skip threshold of 0.05 skips layers 2 and 3 of every sequence; the
     # saved model's threshold lets about half of them exit at layer 1, the others run layers 1 and 4.
-    threshold = eek.from_pretrained(saved_classifier)._eek_policy.threshold
+    threshold = eek.policy_of(eek.from_pretrained(saved_classifier)).threshold
     policy = f"SkipGates(skip_threshold=0.05, entropy_threshold={threshold!r})"
     texts = word_texts(40, seed=8)
     source = _write(pd.DataFrame({"text": texts}), tmp_path / "in.csv")

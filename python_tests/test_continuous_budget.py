@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.engine.continuous import ContinuousEngine
+from earlyexit_kernels.patching.patch import current_adapter
 
 VIEWS = {"view", "slice", "select", "unsqueeze", "squeeze", "expand", "t", "transpose", "permute", "detach", "alias"}
 VIEWS |= {"lift_fresh", "_unsafe_view", "as_strided", "_reshape_alias"}
@@ -50,7 +51,7 @@ def _measure(name, backend, monkeypatch, calls=3):
     items = _sequences(256, seed=1, longest=60)
     model, policy = spread_model("bert", name, items)
     eek.patch(model, policy, backend=backend)
-    model._eek_adapter.attn_implementation = "sdpa"
+    current_adapter(model).attn_implementation = "sdpa"
     engine = ContinuousEngine(model, max_batch_size=64)
     for index, item in enumerate(items):
         engine.submit(index, item["input_ids"])

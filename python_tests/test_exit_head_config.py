@@ -17,6 +17,7 @@ import earlyexit_kernels as eek
 from earlyexit_kernels.engine.heads import ExitHeadConfig, MLPExitHead
 from earlyexit_kernels.methods.exit_rules import entropy
 from earlyexit_kernels.models.base import masked_mean
+from earlyexit_kernels.patching.patch import current_adapter
 
 CHOICES = [(p, h) for p in ("cls", "mean") for h in ("model", "mlp")]
 FAMILIES = ("bert", "distilbert", "modernbert")  # fused tanh pooler; unfused head; final norm + own pooling
@@ -160,7 +161,7 @@ def test_a_fast_backend_equals_the_torch_backend(family, pooling, head, backend)
         eek.patch(model, eek.policy_of(model), backend=backend)
         fast = model(**inputs)
     if head == "model" and family == "bert":
-        assert model._eek_adapter.fuses_internal_heads
+        assert current_adapter(model).fuses_internal_heads
     assert torch.equal(fast.exit_layer, reference.exit_layer)
     torch.testing.assert_close(fast.logits, reference.logits, rtol=1e-4, atol=1e-5)
     assert len(set(reference.exit_layer.tolist())) >= 2
@@ -262,7 +263,7 @@ def test_exit_input_and_classify_are_what_the_engine_computes(family, pooling, h
     """The contract a cached-input trainer relies on: classify(i, exit_input(i, h_i, mask)) is head i's output."""
     inputs = tiny_inputs(family, 6, 10, seed=17)
     model = patched_with_spread_exits(family, pooling, head, inputs, seed=16)
-    adapter = model._eek_adapter
+    adapter = current_adapter(model)
     with torch.no_grad():
         all_logits = model(**inputs, return_all_exits=True).all_logits
         eek.unpatch(model)

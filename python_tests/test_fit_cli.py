@@ -13,7 +13,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel, B
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.integrations.cli import main
-from earlyexit_kernels.integrations.labelled_data import (
+from earlyexit_kernels.training.labelled_texts import (
     DataError,
     LabelledTexts,
     encode,

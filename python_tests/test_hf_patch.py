@@ -6,6 +6,7 @@ from conftest import VOCAB, tiny_batch, tiny_model
 from transformers import BertConfig, BertModel, MPNetConfig, MPNetForSequenceClassification
 
 import earlyexit_kernels as eek
+from earlyexit_kernels.patching.patch import current_adapter
 
 EVERY_POLICY = {
     "entropy": lambda n: eek.Entropy(0.15),
@@ -122,7 +123,7 @@ def test_skip_gates_skip_layers_and_count_layers_run():
     # About half of the sequences skip layer 3: centre its gate on the median score of the
     # [CLS] states it reads (those after layer 1, since everybody skips layer 2).
     with torch.no_grad():
-        adapter = model._eek_adapter
+        adapter = current_adapter(model)
         cls_after_1 = adapter.run_layer(0, adapter.embed(ids, None, None, None), None)[:, 0]
         gates[2].weight.normal_(0, 3.0)
         gates[2].bias.fill_(-(cls_after_1 @ gates[2].weight[0]).median().item() + 1e-3)
@@ -151,7 +152,7 @@ def test_trailing_padding_nobody_needs_is_trimmed_without_changing_results(arch)
     ids, mask, _ = tiny_batch(4, 12, padded=False)
     mask[:2, 5:] = 0  # the two sequences that stay are short; the long ones leave at layer 1
     seen = []
-    adapter = model._eek_adapter
+    adapter = current_adapter(model)
     original = adapter.run_layer
 
     def spy(index, hidden, attention_mask):
@@ -219,7 +220,7 @@ def test_patching_again_swaps_the_policy_and_adds_heads_it_needs():
     eek.patch(model, eek.DACT())
     assert model.early_exit_heads.classifiers[0] is first_head
     assert model.early_exit_heads.dact_halting is not None
-    assert model._eek_policy == eek.DACT()
+    assert eek.policy_of(model) == eek.DACT()
 
 
 def test_heads_start_as_copies_of_the_model_classifier():

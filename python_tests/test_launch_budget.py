@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last
+from earlyexit_kernels.patching.patch import current_adapter
 
 VIEWS = {"view", "slice", "select", "unsqueeze", "squeeze", "expand", "t", "transpose", "permute", "detach", "alias"}
 VIEWS |= {"lift_fresh", "_unsafe_view", "as_strided", "_reshape_alias"}
@@ -78,7 +79,7 @@ def measure(name: str, backend: str, monkeypatch):
 def count(model, ids, mask, monkeypatch):
     """Per layer (0 = prologue) of one forward of a patched model: (ops, read-backs), the output, the ops."""
     counting = _Counting()
-    adapter = model._eek_adapter
+    adapter = current_adapter(model)
     run_layer, embed = adapter.run_layer, adapter.embed
 
     def layer_uncounted(index, hidden, layer_mask):

@@ -15,17 +15,18 @@ import earlyexit_kernels as eek
 PACKAGE_DIR = Path(eek.__file__).resolve().parent
 ROOT = "earlyexit_kernels"
 
-#: each subpackage and the layer it sits in; a module imports (at import time) only from
-#: its own layer or the ones below
+#: each subpackage and the layer it sits in; a module imports (at import time or lazily, inside
+#: a function) only from its own layer or the ones below
 LAYERS = {
     "methods": 0,
     "backends": 1,
     "engine": 2,
     "models": 3,
-    "integrations": 4,
+    "patching": 4,
     "training": 5,
-    "demo": 6,
-    "bench": 7,
+    "integrations": 6,
+    "demo": 7,
+    "bench": 8,
 }
 #: what may sit directly in the package folder: the facade, ``python -m earlyexit_kernels``
 #: and ``earlyexit_kernels.ray``, the public name of the Ray Data integration
@@ -115,7 +116,7 @@ def test_no_import_cycles_lazy_imports_included():
 def test_modules_import_only_their_own_layer_or_lower(module):
     upward = sorted(
         target
-        for target in imports_of(MODULES[module], lazy=False)
+        for target in imports_of(MODULES[module], lazy=True)
         if layer_of(target) is None or layer_of(target) > layer_of(module)
     )
     assert not upward, f"{module} imports {upward}, above its layer"
@@ -149,3 +150,44 @@ def test_public_names_stay_where_users_import_them():
     assert pabee_loss.__module__ == "earlyexit_kernels.methods.losses"
     for name in eek.__all__:
         assert getattr(eek, name) is not None
+
+
+def test_only_the_patching_package_reads_or_writes_the_patched_models_attributes():
+    """What ``eek.patch`` leaves on a model is one record with its accessors in ``patching/``."""
+    outside = sorted(
+        module
+        for module, path in MODULES.items()
+        if layer_of(module) != LAYERS["patching"] and "_eek_" in path.read_text()
+    )
+    assert not outside, f"these modules touch a patched model's _eek_ attributes: {outside}"
+
+
+#: past this many lines a module usually holds two ideas; one that does not says why at its top
+LONG_MODULE_LINES = 600
+
+
+def test_a_module_past_600_lines_says_why_at_its_top():
+    roots = [PACKAGE_DIR, PACKAGE_DIR.parent / "python_tests", PACKAGE_DIR.parent / "benchmarks"]
+    unexplained = []
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            text = path.read_text()
+            if text.count("\n") > LONG_MODULE_LINES and "(Past 600 lines:" not in text[:2000]:
+                unexplained.append(str(path.relative_to(PACKAGE_DIR.parent)))
+    assert not unexplained, f"over {LONG_MODULE_LINES} lines without the reason at the top: {unexplained}"
+
+
+def test_no_module_inside_the_package_imports_the_facade():
+    """``eek`` is for users: a subpackage imports the modules that define what it needs (the
+    facade sits above every layer); ``__version__`` alone is read from it."""
+    through_facade = []
+    for module, path in MODULES.items():
+        if layer_of(module) is None:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import) and any(alias.name == ROOT for alias in node.names):
+                through_facade.append(module)
+            elif isinstance(node, ast.ImportFrom) and node.module == ROOT and node.level == 0:
+                if any(alias.name != "__version__" for alias in node.names):
+                    through_facade.append(module)
+    assert not through_facade, f"these modules import earlyexit_kernels' facade: {sorted(set(through_facade))}"

@@ -34,6 +34,7 @@ from transformers import (
 import earlyexit_kernels as eek
 from earlyexit_kernels.methods.exit_rules import entropy
 from earlyexit_kernels.models import SUPPORTED_MODELS, TanhPoolerHead, adapter_class
+from earlyexit_kernels.patching.patch import current_adapter
 
 VOCAB = 97
 NUM_LAYERS = 3
@@ -319,7 +320,7 @@ def test_the_training_loss_has_gradients(family):
     out.loss.backward()
     for head in model.early_exit_heads.classifiers:
         assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
-    adapter = model._eek_adapter
+    adapter = current_adapter(model)
     assert adapter.final_classifier.weight.grad.abs().sum() > 0
     first_layer = next(adapter.layer_module(0).parameters())
     assert first_layer.grad is not None and first_layer.grad.abs().sum() > 0

@@ -105,7 +105,7 @@ def test_every_backend_decides_as_the_reference_and_is_exact_at_full_depth(backe
 
         eek.patch(model, eek.MultiLabelConfidence(spread_threshold(model, ids, mask)), backend=backend)
         out = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
-        eek.patch(model, model._eek_policy, backend="torch")
+        eek.patch(model, eek.policy_of(model), backend="torch")
         reference = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
     assert len(set(out.exit_layer.tolist())) > 1, "exits should spread for this test to mean much"
     assert torch.equal(out.exit_layer, reference.exit_layer)

@@ -34,7 +34,7 @@ def test_the_policy_flags_are_the_headers_and_the_backends_own_bits_lie_above_th
     policy_bits = sum(RuleFlag)
     assert not cpp_backend.FLAG_SURVIVORS & policy_bits
     pytest.importorskip("triton", reason="the Triton backend's flags")
-    from earlyexit_kernels.backends.triton_kernels import exit_step as tk
+    from earlyexit_kernels.backends.triton_kernels import exit_decide as tk
 
     assert (tk.F_NORMALIZED, tk.F_TEMPERATURE, tk.F_STOCHASTIC) == tuple(RuleFlag)
     for own in (tk.F_PARTIALS, tk.F_WRITE_BACK, tk.F_RETURNED, tk.F_LOGITS):
@@ -65,3 +65,10 @@ def test_every_kernel_policy_lowers_once_to_its_kind_and_flags(policy, kind, fla
 def test_a_policy_no_kernel_runs_is_refused_by_name():
     with pytest.raises(TypeError, match="MultiLabelConfidence"):
         lower(eek.MultiLabelConfidence(0.9))
+
+
+def test_what_no_kernel_lowers_runs_on_the_reference_step_inside_every_backend():
+    from earlyexit_kernels.backends.reference_rules import runs_on_reference
+
+    assert runs_on_reference(eek.MultiLabelConfidence(0.9)) and runs_on_reference(eek.ScoreBand(low=0.0))
+    assert not any(runs_on_reference(policy) for policy in (eek.Entropy(0.3), eek.Patience(2), eek.DACT()))

@@ -21,8 +21,8 @@ from torch import nn
 import earlyexit_kernels as eek
 from earlyexit_kernels.backends.registry import resolve_backend
 from earlyexit_kernels.engine.batch_loop import can_fuse_head
-from earlyexit_kernels.integrations.hf_patch import current_adapter
 from earlyexit_kernels.methods.exit_rules import entropy
+from earlyexit_kernels.patching.patch import current_adapter
 
 pytestmark = [
     pytest.mark.exact,  # bit for bit against the reference: rerun on other CPU kinds

@@ -68,7 +68,7 @@ def test_every_backend_decides_as_the_reference_and_is_exact_at_full_depth(backe
         middle = float(layer2[7] + layer2[8]) / 2
         eek.patch(model, eek.ScoreBand(low=middle), backend=backend)
         out = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
-        eek.patch(model, model._eek_policy, backend="torch")
+        eek.patch(model, eek.policy_of(model), backend="torch")
         reference = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
     assert spread(out.exit_layer.tolist())
     assert torch.equal(out.exit_layer, reference.exit_layer)

@@ -10,7 +10,7 @@ from threshold_helpers import assert_clear_of_threshold
 from transformers import AutoModelForSequenceClassification
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.integrations.exit_files import CONFIG_FILE, HEADS_FILE, policy_from_dict, policy_to_dict
+from earlyexit_kernels.patching.exit_files import CONFIG_FILE, HEADS_FILE, policy_from_dict, policy_to_dict
 
 POLICIES = [
     eek.Entropy(0.3),
@@ -62,7 +62,7 @@ def test_round_trip_keeps_the_weights_bit_for_bit_and_the_function(tmp_path, pol
 
     loaded = eek.from_pretrained(tmp_path)
     assert eek.is_patched(loaded) and not loaded.training
-    assert _same_policy(policy, loaded._eek_policy) and loaded._eek_backend == "torch"
+    assert _same_policy(policy, eek.policy_of(loaded)) and eek.backend_of(loaded) == "torch"
     assert_same_weights(loaded, model)
     ids, mask, tt = tiny_batch(6, 12)
     with torch.no_grad():
@@ -103,7 +103,7 @@ def test_from_pretrained_with_another_policy_and_a_plain_directory(tmp_path):
     _trained_heads(model)
     model.save_pretrained(tmp_path / "patched")
     loaded = eek.from_pretrained(tmp_path / "patched", eek.Voting(2))
-    assert loaded._eek_policy == eek.Voting(2)
+    assert eek.policy_of(loaded) == eek.Voting(2)
     assert eek.training_objective(loaded)[0].name == "pabee"
     for a, b in zip(model.early_exit_heads.classifiers, loaded.early_exit_heads.classifiers):
         assert torch.equal(a.weight, b.weight)

@@ -198,7 +198,7 @@ def test_health_and_info_describe_the_model(server, model_and_tokenizer):
     info = httpx.get(server.url + "/info").json()
     assert info["model_type"] == "bert" and info["num_layers"] == 4
     assert info["labels"] == ["neg", "neutral", "pos"]
-    assert info["policy"] == repr(model._eek_policy)
+    assert info["policy"] == repr(eek.policy_of(model))
     assert (info["max_batch_size"], info["max_queue"], info["max_length"]) == (16, 1024, 64)
 
 

@@ -112,7 +112,7 @@ def test_cached_exits_reproduce_the_all_exits_forward():
     from_cache = cached_record(model, cache)
     assert torch.allclose(from_cache.all_logits, record.all_logits, atol=1e-5)
     assert torch.allclose(from_cache.all_halting_logits, record.all_halting_logits, atol=1e-5)
-    assert model._eek_backend == "torch" and not model.training
+    assert eek.backend_of(model) == "torch" and not model.training
 
 
 def test_head_only_defaults_take_the_cached_path_at_the_heads_rate(fine_tuned):

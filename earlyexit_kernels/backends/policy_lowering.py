@@ -7,8 +7,9 @@ them. ``PolicyKind`` and ``RuleFlag`` mirror ``enum Kind`` and ``enum Flag`` in
 ``csrc/common/exit_rule.h`` (``python_tests/test_policy_lowering.py`` reads the header and
 fails when they disagree); the Triton kernels take the same values as constexprs.
 
-Adding a policy: its class (``methods/policies.py``), its rule (``methods/exit_rules.py``
-and ``csrc/common/exit_rule.h``, plus the Triton decision's branch), and one entry here.
+Adding a policy to the kernels: its rule in ``csrc/common/exit_rule.h`` and the Triton decision
+(``triton_kernels/exit_decide.py``), and its entry here; a policy without one runs on the
+reference step inside every backend.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from earlyexit_kernels.methods.policies import (
     Voting,
 )
 
-__all__ = ["PolicyKind", "RuleFlag", "LoweredPolicy", "lower"]
+__all__ = ["PolicyKind", "RuleFlag", "LoweredPolicy", "KERNEL_POLICIES", "lowers", "lower"]
 
 
 class PolicyKind(enum.IntEnum):
@@ -84,6 +85,16 @@ class LoweredPolicy:
     state_in: tuple[str, ...]
     state_out: tuple[str, ...]
     aux_key: str | None
+
+
+#: the policies the kernels run; every other runs on the reference step inside any backend
+#: (:mod:`earlyexit_kernels.backends.reference_rules`)
+KERNEL_POLICIES = (Entropy, SkipGates, MaxProb, Patience, QExit, Voting, DACT, Scheduled)
+
+
+def lowers(policy: ExitPolicy) -> bool:
+    """Whether the kernels run ``policy`` (else a fast backend runs it with the reference step)."""
+    return isinstance(policy, KERNEL_POLICIES)
 
 
 @functools.lru_cache(maxsize=256)

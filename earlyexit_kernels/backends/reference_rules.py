@@ -1,7 +1,8 @@
 """Rules the fast kernels do not lower run on the reference step, inside any backend.
 
-``MultiLabelConfidence`` and ``ScoreBand`` are state-free comparisons of the logits
-with a threshold; the C++/CUDA and Triton kernels have no code for them. A fast
+The policies :mod:`earlyexit_kernels.backends.policy_lowering` does not lower
+(``MultiLabelConfidence`` and ``ScoreBand``: state-free comparisons of the logits with a
+threshold, and any new policy until the kernels learn it) have no kernel code. A fast
 backend registered through :func:`earlyexit_kernels.backends.registry.register_backend`
 is wrapped here: for these policies each of its per-layer functions runs the
 plain-PyTorch functions of :mod:`earlyexit_kernels.methods.exit_rules` and
@@ -17,13 +18,10 @@ import dataclasses
 import functools
 
 from earlyexit_kernels.backends import write_back
+from earlyexit_kernels.backends.policy_lowering import lowers
 from earlyexit_kernels.methods import exit_rules
-from earlyexit_kernels.methods.policies import MultiLabelConfidence, ScoreBand
 
-__all__ = ["REFERENCE_ONLY", "runs_on_reference", "with_reference_rules"]
-
-#: policies every fast backend runs with the reference step
-REFERENCE_ONLY = (MultiLabelConfidence, ScoreBand)
+__all__ = ["runs_on_reference", "with_reference_rules"]
 
 _REFERENCE = {
     "exit_step": exit_rules.exit_step,
@@ -35,13 +33,13 @@ _REFERENCE = {
 
 def runs_on_reference(policy) -> bool:
     """Whether a fast backend runs ``policy`` with the reference step (see the module docstring)."""
-    return isinstance(policy, REFERENCE_ONLY)
+    return not lowers(policy)
 
 
 def _routed(fast, reference):
     @functools.wraps(fast)
     def step(policy, *args, **kwargs):
-        return (reference if isinstance(policy, REFERENCE_ONLY) else fast)(policy, *args, **kwargs)
+        return (fast if lowers(policy) else reference)(policy, *args, **kwargs)
 
     step.fast = fast
     return step

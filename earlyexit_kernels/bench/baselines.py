@@ -1,6 +1,6 @@
 """The baselines the early-exit engine is compared with, each its own loop over the HF layers.
 
-Both reuse the patched model's adapter (:mod:`earlyexit_kernels.integrations.hf_patch`, one per
+Both reuse the patched model's adapter (:mod:`earlyexit_kernels.patching.patch`, one per
 family: :mod:`earlyexit_kernels.models`) only to reach the model's own modules the way its
 family's forward does (embeddings, the mask a layer takes, encoder layer ``i``, pooling,
 classifiers and the per-layer heads ``eek.patch`` added), so they run the same weights, dtype

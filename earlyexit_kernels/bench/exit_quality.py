@@ -56,9 +56,12 @@ import time
 
 import torch
 
-import earlyexit_kernels as eek
+from earlyexit_kernels import __version__
 from earlyexit_kernels.demo.task import batches, make_split
+from earlyexit_kernels.methods.policies import Patience
 from earlyexit_kernels.methods.policy_spec import parse_policy
+from earlyexit_kernels.patching.patch import patch, unpatch
+from earlyexit_kernels.patching.state import drop_detached_heads
 from earlyexit_kernels.training.calibration import (
     ExitRecord,
     accuracy_curve,
@@ -70,25 +73,13 @@ from earlyexit_kernels.training.calibration import (
     replay,
     static_baseline,
 )
+from earlyexit_kernels.training.method_training import METHODS, train_method
 from earlyexit_kernels.training.train import HALTING_LR, train_exit_heads
 
 __all__ = ["METHODS", "DACT_TAUS", "train_method", "train_base", "evaluate_method", "runs_of", "main"]
 
-#: method -> the policy it is patched with for training and evaluation
-METHODS = {
-    "pabee": lambda: eek.Patience(2),
-    "deebert": lambda: eek.Entropy(0.1),
-    "fastbert": lambda: eek.Entropy(0.1, normalized=True),
-    "palbert": lambda: eek.QExit(0.5),
-    "ensemble": lambda: eek.Voting(3),
-    "dact": lambda: eek.DACT(),
-    "smartbert": lambda: eek.SkipGates(entropy_threshold=0.1),
-}
 #: DACT's ponder weights: one training each, the points of its curve
 DACT_TAUS = (0.01, 0.05, 0.1)
-#: epochs of each method's training where it needs more than ``--epochs``: DACT's halting
-#: head moves its logit by 2-4 before a sequence can leave early
-METHOD_EPOCHS = {"dact": 3}
 #: easy sequences of two labels exiting further apart than this (mean layers) are flagged
 LABEL_GAP_FLAG = 0.5
 MARK_START = "<!-- exit-quality-table:start -->"
@@ -124,44 +115,11 @@ def train_base(
     examples (see the module docstring).
     The internal heads are thrown away, so every method starts from fresh heads.
     """
-    model = eek.patch(build_model(seed, hidden, layers), eek.Patience(2))
+    model = patch(build_model(seed, hidden, layers), Patience(2))
     train_exit_heads(model, train_batches, method=method, epochs=epochs, lr=lr, progress=False)
-    eek.unpatch(model)
-    vars(model).pop("_eek_detached_heads", None)
+    unpatch(model)
+    drop_detached_heads(model)
     return model
-
-
-def train_method(
-    method: str,
-    base,
-    train_batches,
-    *,
-    epochs: int,
-    lr: float,
-    heads_lr: float,
-    halting_lr: float | None = HALTING_LR,
-    loss_kwargs: dict | None = None,
-):
-    """A copy of ``base`` trained with ``method``'s loss(es), patched with its policy, in eval mode.
-
-    ``epochs`` is raised to :data:`METHOD_EPOCHS` where the method needs more;
-    ``loss_kwargs`` go to the method's loss (DACT's ``tau``).
-    """
-    import copy
-
-    model = copy.deepcopy(base)
-    policy = METHODS[method]()
-    eek.patch(model, policy)
-    common = dict(epochs=max(epochs, METHOD_EPOCHS.get(method, 1)), halting_lr=halting_lr, progress=False)
-    if method in ("deebert", "fastbert"):
-        name = "deebert_stage2" if method == "deebert" else "fastbert"
-        train_exit_heads(model, train_batches, method=name, lr=heads_lr, **common)
-    elif method == "smartbert":
-        train_exit_heads(model, train_batches, method="smartbert_stage1", lr=lr, **common)
-        train_exit_heads(model, train_batches, method="smartbert_stage2", lr=heads_lr, **common)
-    else:
-        train_exit_heads(model, train_batches, method=method, lr=lr, loss_kwargs=loss_kwargs, **common)
-    return model.eval()
 
 
 def runs_of(methods, taus=DACT_TAUS) -> list[tuple[str, str, dict | None]]:
@@ -413,7 +371,7 @@ def write_csv(rows: list[dict], path: str, argv: list[str]) -> None:
         f.write(f"# python -m earlyexit_kernels.bench.exit_quality {' '.join(argv)}, {stamp}\n")
         f.write(
             f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-            f"{torch.__version__}, transformers {transformers.__version__}, earlyexit_kernels {eek.__version__}\n"
+            f"{torch.__version__}, transformers {transformers.__version__}, earlyexit_kernels {__version__}\n"
         )
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()

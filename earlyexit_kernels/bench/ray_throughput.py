@@ -37,13 +37,14 @@ def prepare(folder: Path, rows: int, hidden: int, layers: int, seed: int = 0):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    import earlyexit_kernels as eek
+    from earlyexit_kernels.methods.policies import Entropy
+    from earlyexit_kernels.patching.patch import patch
 
     config = StreamConfig(sequences=rows, hidden=hidden, layers=layers, seed=seed)
     tokenizer, texts, ids = make_corpus(config, folder)
     calibration = min(rows, 2048)  # the threshold is set on the first texts
     _, patched, entropies = make_models(config, tokenizer.vocab_size, sorted_batches(ids[:calibration], 64))
-    eek.patch(patched, eek.Entropy(calibrate(entropies, 0.5)))
+    patch(patched, Entropy(calibrate(entropies, 0.5)))
     model_dir = folder / "model"
     patched.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)

@@ -103,7 +103,7 @@ FIELDS = [
 
 
 def _encoded(tokenizer, split):
-    from earlyexit_kernels.integrations.labelled_data import LabelledTexts, encode
+    from earlyexit_kernels.training.labelled_texts import LabelledTexts, encode
 
     data = LabelledTexts(split.texts, None, split.labels, "rotten tomatoes", "label")
     return encode(tokenizer, data, MAX_LENGTH), torch.tensor(split.labels)
@@ -111,10 +111,9 @@ def _encoded(tokenizer, split):
 
 def run(args, save=None) -> list[dict]:
     """Fit, calibrate and measure every run of ``args.runs``; ``save(rows)`` after each run."""
-    import earlyexit_kernels as eek
     from earlyexit_kernels.demo.real_task import fine_tuned_minilm, load_rotten_tomatoes
     from earlyexit_kernels.integrations.evaluation import evaluate
-    from earlyexit_kernels.integrations.labelled_data import length_sorted_batches, shuffled_batches
+    from earlyexit_kernels.patching.patch import patch, unpatch
     from earlyexit_kernels.training.calibration import (
         accuracy_curve,
         candidates,
@@ -126,6 +125,7 @@ def run(args, save=None) -> list[dict]:
         static_baseline,
     )
     from earlyexit_kernels.training.fit import fit_exit_heads
+    from earlyexit_kernels.training.labelled_texts import length_sorted_batches, shuffled_batches
     from earlyexit_kernels.training.recipes import recipe
 
     if args.threads:
@@ -147,7 +147,7 @@ def run(args, save=None) -> list[dict]:
         method, pooling, head = RUNS[name]
         t0 = time.perf_counter()
         model = copy.deepcopy(base)
-        eek.patch(model, recipe(method).make_policy(), pooling=pooling, head=head)
+        patch(model, recipe(method).make_policy(), pooling=pooling, head=head)
         batches = train_batches if method in ("heads", "fastbert") else joint_batches
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # they are in the result, and in the CSV
@@ -164,7 +164,7 @@ def run(args, save=None) -> list[dict]:
         test_accuracy = float((chosen.logits.argmax(-1) == record.labels).float().mean())
         test_layers = float(chosen.layers_run.float().mean())
         # the unpatched model of this run: a joint method's backbone learnt, so its full model is its own
-        timing = evaluate(model, test_batches, full_model=eek.unpatch(copy.deepcopy(model)))
+        timing = evaluate(model, test_batches, full_model=unpatch(copy.deepcopy(model)))
         digits = distinct_digits(family)
         common = {"run": name, "method": method, "pooling": pooling, "head": head}
         for point in curve:
@@ -254,7 +254,7 @@ def write_csv(
     """Write ``rows`` after ``kept`` (the comment lines and rows of an earlier run, ``--append``)."""
     import transformers
 
-    import earlyexit_kernels as eek
+    from earlyexit_kernels import __version__
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     comments, old_rows = kept
@@ -265,7 +265,7 @@ def write_csv(
         f.write(
             f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
             f"threads, torch {torch.__version__}, transformers {transformers.__version__}, earlyexit_kernels "
-            f"{eek.__version__}"
+            f"{__version__}"
             + ("" if seconds is None else f", {seconds:.0f} s")
             + f", load average {os.getloadavg()[0]:.1f} at the end\n"
         )

@@ -45,7 +45,7 @@ def _mib(value):
     return "" if value in (None, "") else f"{float(value) / 2**20:.1f}"
 
 
-def _eek_backends(rows):
+def _early_exit_backends(rows):
     order = {"cuda": 0, "triton": 1, "cpp": 2, "torch": 3}
     return sorted({r["backend"] for r in rows if r["method"] == "eek"}, key=lambda b: order.get(b, 9))
 
@@ -268,7 +268,7 @@ def render(csv_paths: list[Path], relative_to: Path) -> str:
                     label += f" [{folder}]"
                 labels[label] = label
                 e2e.append({**r, "model": label})
-        backends = _eek_backends(e2e)
+        backends = _early_exit_backends(e2e)
         out += ["", f"### {device}", ""]
         out += _source_lines(sources, relative_to)
         out += [

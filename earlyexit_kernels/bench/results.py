@@ -86,7 +86,7 @@ def environment(device: torch.device) -> dict:
     """The columns that describe where and with what the suite ran."""
     import transformers
 
-    import earlyexit_kernels
+    from earlyexit_kernels import __version__
 
     try:
         import triton
@@ -106,7 +106,7 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "transformers": transformers.__version__,
-        "earlyexit_kernels": earlyexit_kernels.__version__,
+        "earlyexit_kernels": __version__,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 

@@ -27,13 +27,13 @@ from dataclasses import dataclass
 import torch
 from transformers.models.deberta_v2.modeling_deberta_v2 import DebertaV2Layer
 
-import earlyexit_kernels as eek
 from earlyexit_kernels.bench.baselines import batch_size_one, naive_batched, single_sequence_inputs
 from earlyexit_kernels.bench.ideal import ideal_layers, ideal_shape, shape_probes
 from earlyexit_kernels.bench.patterns import ExitPattern, make_inputs
 from earlyexit_kernels.bench.timing import peak_memory, percentiles, timed_call
 from earlyexit_kernels.methods.policies import Scheduled
 from earlyexit_kernels.models import adapter_class
+from earlyexit_kernels.patching.patch import current_adapter, is_patched, patch, unpatch
 
 __all__ = ["Method", "measure_pattern"]
 
@@ -48,11 +48,11 @@ class Method:
 
 def _methods(model, adapter, policy, ids, mask, pattern: ExitPattern, eek_backends: list[str]) -> list[Method]:
     def unpatched():
-        if eek.is_patched(model):
-            eek.unpatch(model)
+        if is_patched(model):
+            unpatch(model)
 
     def patched(backend):
-        return lambda: eek.patch(model, policy, backend=backend)
+        return lambda: patch(model, policy, backend=backend)
 
     sequences = single_sequence_inputs(ids, mask, pattern.exit_layers)
     methods = [Method("full", "hf", unpatched, lambda: model(input_ids=ids, attention_mask=mask))]
@@ -124,8 +124,8 @@ def measure_pattern(
     num_layers = model.config.num_hidden_layers
     ids, mask = make_inputs(pattern, seq_len, vocab, pad_id, device)
     policy = Scheduled(pattern.exit_layers.to(device))
-    eek.patch(model, policy, backend=eek_backends[0])
-    adapter = model._eek_adapter
+    patch(model, policy, backend=eek_backends[0])
+    adapter = current_adapter(model)
     methods = _methods(model, adapter, policy, ids, mask, pattern, eek_backends)
     f_actual = pattern.f_actual(num_layers)
 
@@ -209,6 +209,6 @@ def measure_pattern(
             ),
         }
         rows.append(row)
-    if eek.is_patched(model):
-        eek.unpatch(model)
+    if is_patched(model):
+        unpatch(model)
     return rows

@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from earlyexit_kernels.patching.state import is_patched
+
 __all__ = ["Config", "measure", "peer_configs", "peer_status", "rows_of", "run", "torch_configs"]
 
 BATCH = 32
@@ -90,7 +92,7 @@ def peer_status() -> dict[str, str]:
 
 
 def _torch_config(name: str, base: str, model) -> Config:
-    early = hasattr(model, "_eek_policy") or "early exit" in name
+    early = is_patched(getattr(model, "_orig_mod", model)) or "early exit" in name  # _orig_mod: torch.compile's
 
     def run(batch):
         out = model(**{name: batch[name] for name in INPUTS})
@@ -320,10 +322,11 @@ def _cpu_name() -> str:
 
 def load_task(texts: int | None):
     """The fitted early-exit model, the unpatched fine-tuned model, the test batches and their labels."""
-    import earlyexit_kernels as eek
     from earlyexit_kernels.demo.real_demo import FIT_OPTIONS, fitted_folder
     from earlyexit_kernels.demo.real_task import FineTuneRecipe, fine_tuned_minilm, load_rotten_tomatoes
-    from earlyexit_kernels.integrations.labelled_data import LabelledTexts, encode, length_sorted_batches
+    from earlyexit_kernels.patching.loading import from_pretrained
+    from earlyexit_kernels.patching.patch import unpatch
+    from earlyexit_kernels.training.labelled_texts import LabelledTexts, encode, length_sorted_batches
 
     splits = load_rotten_tomatoes()
     _, tokenizer, info = fine_tuned_minilm(FineTuneRecipe(), progress=False)
@@ -332,8 +335,8 @@ def load_task(texts: int | None):
         raise SystemExit(
             f"the stack benchmark runs the exit heads `make demo` fits; none in {folder}: run `make demo` first"
         )
-    patched = eek.from_pretrained(str(folder)).eval()
-    full = eek.unpatch(copy.deepcopy(patched))
+    patched = from_pretrained(str(folder)).eval()
+    full = unpatch(copy.deepcopy(patched))
     test = splits["test"]
     count = len(test) if texts is None else min(texts, len(test))
     data = LabelledTexts(test.texts[:count], None, test.labels[:count], "test", "label")
@@ -344,7 +347,7 @@ def load_task(texts: int | None):
 
 def run(args) -> int:
     """The stack run of the bench CLI (``--stack``): writes ``stack.csv`` and ``stack_meta.json`` to ``--output-dir``."""
-    import earlyexit_kernels as eek
+    from earlyexit_kernels.patching.patch import policy_of
 
     threads = args.threads or 2
     torch.set_num_threads(threads)
@@ -370,7 +373,7 @@ def run(args) -> int:
         "command": "python -m earlyexit_kernels.bench " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
         "model": "all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes (demo.real_task), exit heads of make demo",
         "fitted_folder": Path(folder).name,
-        "policy": eek.policy_of(patched).to_code(4),
+        "policy": policy_of(patched).to_code(4),
         "batches": f"{len(batches)} length-sorted batches of {BATCH}",
         "threads": threads,
         "repeats": args.repeats,

@@ -1,5 +1,8 @@
 """The stream benchmark (issue 10): one corpus classified five ways in one run, against the ideal.
 
+(Past 600 lines: the workload, the five ways, their interleaved timing and the report of one
+benchmark, which the grid benchmarks reuse through add_stream_arguments and grid_stream.)
+
     python -m earlyexit_kernels.bench.stream                 # -> benchmarks/results/stream_<device>.{csv,md,png}
     python -m earlyexit_kernels.bench stream --out DIR       # the same, through the suite's entry point
     python -m earlyexit_kernels.bench.stream --from-csv benchmarks/results/stream_cpu.csv   # the table again
@@ -187,8 +190,9 @@ def make_models(config: StreamConfig, vocab_size: int, batches):
     """
     from transformers import BertConfig, BertForSequenceClassification
 
-    import earlyexit_kernels as eek
     from earlyexit_kernels.methods.exit_rules import entropy
+    from earlyexit_kernels.methods.policies import Entropy
+    from earlyexit_kernels.patching.patch import patch
 
     torch.manual_seed(config.seed)
     bert = BertConfig(
@@ -225,7 +229,7 @@ def make_models(config: StreamConfig, vocab_size: int, batches):
         model.classifier.weight.copy_(weights[-1][0])
         model.classifier.bias.copy_(weights[-1][1])
     patched = copy.deepcopy(model)
-    eek.patch(patched, eek.Entropy(0.0))
+    patch(patched, Entropy(0.0))
     with torch.no_grad():
         for layer, head in enumerate(patched.early_exit_heads.classifiers):
             head.weight.copy_(weights[layer][0])
@@ -276,14 +280,15 @@ def grid_stream(args: argparse.Namespace) -> SortedStream:
     """The continuous grid's stream for :func:`add_stream_arguments`' options: torch's threads set,
     random BERT (12 layers) in batches of 32, the model patched with ``Entropy`` calibrated to save
     ``args.saved`` of the layer evaluations."""
-    import earlyexit_kernels as eek
+    from earlyexit_kernels.methods.policies import Entropy
+    from earlyexit_kernels.patching.patch import patch
 
     torch.set_num_threads(args.threads)
     config = StreamConfig(
         sequences=args.sequences, hidden=args.hidden, layers=12, heads=max(2, args.hidden // 64), seed=0
     )
     stream = sorted_stream(config, 32)
-    eek.patch(stream.model, eek.Entropy(calibrate(stream.entropies, args.saved)))
+    patch(stream.model, Entropy(calibrate(stream.entropies, args.saved)))
     return stream
 
 
@@ -421,7 +426,9 @@ def run(config: StreamConfig, output_dir: Path, name: str = "stream_cpu", progre
     from transformers import pipeline
     from transformers.utils import logging as hf_logging
 
-    import earlyexit_kernels as eek
+    from earlyexit_kernels.engine.classify import classify
+    from earlyexit_kernels.methods.policies import Entropy
+    from earlyexit_kernels.patching.patch import patch
 
     threads_before = torch.get_num_threads()
     if config.threads:
@@ -467,7 +474,7 @@ def run(config: StreamConfig, output_dir: Path, name: str = "stream_cpu", progre
             def method():
                 with recorded_engines() as made:
                     out = list(
-                        eek.classify(
+                        classify(
                             model, texts, tokenizer=tokenizer, max_batch_size=config.max_batch_size, compile=compiled
                         )
                     )
@@ -481,8 +488,8 @@ def run(config: StreamConfig, output_dir: Path, name: str = "stream_cpu", progre
         first = True
         for saved in config.saved:
             threshold = calibrate(entropies, saved)
-            policy = eek.Entropy(threshold)
-            eek.patch(model, policy)
+            policy = Entropy(threshold)
+            patch(model, policy)
             exits = exit_layers_at(entropies, threshold) if threshold > 0 else torch.full_like(tokens, config.layers)
             keys = ["a", "b", "c", "d"] if first else ["b", "c", "d"]
             if config.compile:
@@ -496,7 +503,7 @@ def run(config: StreamConfig, output_dir: Path, name: str = "stream_cpu", progre
                     for _, i, m in head:
                         unpatched(input_ids=i, attention_mask=m)
                         model(input_ids=i, attention_mask=m)
-                list(eek.classify(model, texts[:256], tokenizer=tokenizer, max_batch_size=config.max_batch_size))
+                list(classify(model, texts[:256], tokenizer=tokenizer, max_batch_size=config.max_batch_size))
             warmup = graphs_warmup = None
             if "e" in keys:
                 graphs_start = _graphs()

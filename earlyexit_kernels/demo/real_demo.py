@@ -5,7 +5,7 @@
 1. MiniLM-L6 fine-tuned one epoch as a plain fresh/rotten classifier
    (:func:`earlyexit_kernels.demo.real_task.fine_tuned_minilm`; the first run trains it and caches it).
 2. Its exit heads fitted the way ``eek fit`` fits them
-   (:func:`earlyexit_kernels.integrations.fit_cli.fit_folder`: heads-only training of the frozen
+   (:func:`earlyexit_kernels.integrations.model_folder.fit_folder`: heads-only training of the frozen
    model on the train split, the threshold calibrated on the validation split for at most
    ``--max-drop`` points below the full model), saved as a model folder next to the fine-tuned one.
 3. The test split (2,500 snippets): accuracy, mean layers and sequences/s of the early-exit
@@ -35,8 +35,11 @@ from pathlib import Path
 
 import torch
 
-import earlyexit_kernels as eek
+from earlyexit_kernels import __version__
 from earlyexit_kernels.demo.real_task import FineTuneRecipe, fine_tuned_minilm, load_rotten_tomatoes
+from earlyexit_kernels.engine.classify import classify
+from earlyexit_kernels.patching.loading import from_pretrained
+from earlyexit_kernels.patching.patch import policy_of, unpatch
 
 __all__ = ["FIT_OPTIONS", "main", "run"]
 
@@ -87,7 +90,7 @@ def main(argv=None) -> None:
         header = (
             f"# python -m earlyexit_kernels.demo {shown}, {stamp}\n"
             f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}, transformers {transformers.__version__}, earlyexit_kernels {eek.__version__}\n"
+            f"torch {torch.__version__}, transformers {transformers.__version__}, earlyexit_kernels {__version__}\n"
         )
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(header + report.getvalue())
@@ -112,9 +115,9 @@ def fitted_folder(fine_tuned: str, options: dict) -> Path:
 
 
 def run(args) -> None:
-    from earlyexit_kernels.integrations.fit_cli import fit_folder
-    from earlyexit_kernels.integrations.fit_training import FitReport
-    from earlyexit_kernels.integrations.labelled_data import LabelledTexts
+    from earlyexit_kernels.integrations.model_folder import fit_folder
+    from earlyexit_kernels.training.fit_texts import FitReport
+    from earlyexit_kernels.training.labelled_texts import LabelledTexts
 
     print(
         f"all-MiniLM-L6-v2 (6 layers, hidden 384) on Rotten Tomatoes critic snippets (fresh / rotten), "
@@ -158,15 +161,15 @@ def run(args) -> None:
         )
     for line in report.summary():
         print("   " + line)
-    model = eek.from_pretrained(str(folder)).eval()
-    full = eek.unpatch(copy.deepcopy(model))
+    model = from_pretrained(str(folder)).eval()
+    full = unpatch(copy.deepcopy(model))
     _per_batch(model, full, tokenizer, splits["test"])
     _stream(model, full, tokenizer, splits["test"], args.pipeline_rows)
 
 
 def _per_batch(model, full, tokenizer, test) -> None:
     from earlyexit_kernels.integrations.evaluation import evaluate
-    from earlyexit_kernels.integrations.labelled_data import LabelledTexts, encode, length_sorted_batches
+    from earlyexit_kernels.training.labelled_texts import LabelledTexts, encode, length_sorted_batches
 
     data = LabelledTexts(test.texts, None, test.labels, "test", "label")
     encoded = encode(tokenizer, data, FIT_OPTIONS["max_length"])
@@ -174,7 +177,7 @@ def _per_batch(model, full, tokenizer, test) -> None:
     result = evaluate(model, batches, full_model=full)
     layers = model.config.num_hidden_layers
     print(
-        f"\n3. the test split ({result.count} snippets), policy {eek.policy_of(model).to_code(4)}, length-sorted "
+        f"\n3. the test split ({result.count} snippets), policy {policy_of(model).to_code(4)}, length-sorted "
         f"batches of {BATCH}, early exit and the unpatched model interleaved batch by batch:"
     )
     print(f"   accuracy: early exit {100 * result.accuracy:.2f}%, full model {100 * result.full_accuracy:.2f}%")
@@ -206,7 +209,7 @@ def _stream(model, full, tokenizer, test, rows: int | None) -> None:
 
     start = time.perf_counter()
     predictions = list(
-        eek.classify(model, texts, tokenizer=tokenizer, max_batch_size=BATCH, max_length=FIT_OPTIONS["max_length"])
+        classify(model, texts, tokenizer=tokenizer, max_batch_size=BATCH, max_length=FIT_OPTIONS["max_length"])
     )
     stream_seconds = time.perf_counter() - start
     predicted = torch.tensor([int(p.logits.argmax()) for p in predictions])

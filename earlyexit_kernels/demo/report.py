@@ -40,8 +40,13 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-import earlyexit_kernels as eek
+from earlyexit_kernels import __version__
 from earlyexit_kernels.demo.task import VOCAB_SIZE, batches, make_split
+from earlyexit_kernels.engine.classify import classify
+from earlyexit_kernels.methods.policies import Entropy, MaxProb, Patience
+from earlyexit_kernels.patching.loading import from_pretrained
+from earlyexit_kernels.patching.patch import is_patched, patch, policy_of, unpatch
+from earlyexit_kernels.patching.state import drop_detached_heads
 from earlyexit_kernels.training.train import train_exit_heads
 
 EVAL_BATCH = 32
@@ -95,11 +100,11 @@ def classify_policies_against_full(model, policies, split, device, repeats: int)
     outputs = [None] * len(policies)
     for round_ in range(repeats + 1):
         part = _first_batches(split, 2) if round_ == 0 else split
-        if eek.is_patched(model):
-            eek.unpatch(model)
+        if is_patched(model):
+            unpatch(model)
         full_time, _ = _timed_pass(model, part, device)
         for i, policy in enumerate(policies):
-            eek.patch(model, policy)
+            patch(model, policy)
             method_time, outputs[i] = _timed_pass(model, part, device)
             if round_:
                 ratios[i].append(full_time / method_time)
@@ -191,7 +196,7 @@ def main(argv=None) -> None:
         header = (
             f"# python -m earlyexit_kernels.demo.report {' '.join(sys.argv[1:] if argv is None else argv)}, {stamp}\n"
             f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}, transformers {transformers.__version__}, earlyexit_kernels {eek.__version__}\n"
+            f"torch {torch.__version__}, transformers {transformers.__version__}, earlyexit_kernels {__version__}\n"
         )
         with open(args.output, "w") as f:
             f.write(header + report.getvalue())
@@ -228,7 +233,7 @@ def cache_dir(args) -> Path:
     if not args.cache_dir:
         root = root / "earlyexit_kernels" / "demo"
     key = (
-        f"v{eek.__version__}-seed{args.seed}-train{args.train_size}-epochs{args.epochs}"
+        f"v{__version__}-seed{args.seed}-train{args.train_size}-epochs{args.epochs}"
         f"-methods{args.method_train_size}-val{args.val_size}"
     )
     return root / key
@@ -238,11 +243,11 @@ def _trained_base(args, device, train_batches):
     """The backbone and exit heads trained with PABEE's loss, from the cache or trained and cached."""
     folder = cache_dir(args) / "base"
     if (folder / "early_exit_config.json").is_file() and not args.retrain:
-        model = eek.from_pretrained(folder).to(device)
+        model = from_pretrained(folder).to(device)
         print(f"loaded the trained backbone and exit heads from {folder}")
         return model
     model = build_model(device, args.seed)
-    eek.patch(model, eek.Patience(2))
+    patch(model, Patience(2))
     start = time.perf_counter()
     losses = train_exit_heads(model, train_batches, method="pabee", epochs=args.epochs, lr=1e-3)
     print(
@@ -263,17 +268,17 @@ def run(args) -> None:
     model = _trained_base(args, device, train_batches).eval()
     base = copy.deepcopy(model)  # the trained backbone, for the methods side by side
 
-    eek.unpatch(model)
+    unpatch(model)
     full_pred = predict(model, test, device)
     labels, hard = test["labels"], test["hard"]
     rows = [("full model", full_pred, torch.full_like(labels, model.config.num_hidden_layers), None)]
     policies = [
-        eek.Patience(1),
-        eek.Patience(2),
-        eek.Entropy(0.05),
-        eek.Entropy(0.2),
-        eek.MaxProb(0.99),
-        eek.MaxProb(0.9),
+        Patience(1),
+        Patience(2),
+        Entropy(0.05),
+        Entropy(0.2),
+        MaxProb(0.99),
+        MaxProb(0.9),
     ]
     timed = classify_policies_against_full(model, policies, test, device, args.repeats)
     for policy, (pred, exit_layer, speedup) in zip(policies, timed, strict=True):
@@ -287,12 +292,12 @@ def run(args) -> None:
     )
     _stream(model, test, device, args)
     if not args.no_methods:
-        eek.unpatch(base)
-        vars(base).pop("_eek_detached_heads", None)
+        unpatch(base)
+        drop_detached_heads(base)
         _methods_side_by_side(base, train_batches, test, device, args)
 
 
-STREAM_POLICY = eek.Entropy(0.2)
+STREAM_POLICY = Entropy(0.2)
 
 
 def _stream(model, test, device, args) -> None:
@@ -302,24 +307,24 @@ def _stream(model, test, device, args) -> None:
     from earlyexit_kernels.demo.task import texts, tokenizer
 
     tok, text = tokenizer(), texts(test)
-    eek.patch(model, STREAM_POLICY)
+    patch(model, STREAM_POLICY)
     lengths = test["attention_mask"].sum(1)
     padded = sum(len(chunk) * int(chunk.max()) for chunk in lengths.split(EVAL_BATCH))
 
     def hugging_face_pipeline():
-        eek.unpatch(model)
+        unpatch(model)
         try:
             return pipeline("text-classification", model=model, tokenizer=tok, device=device)(
                 text, batch_size=EVAL_BATCH
             )
         finally:
-            eek.patch(model, STREAM_POLICY)
+            patch(model, STREAM_POLICY)
 
     def per_batch():
         return _timed_pass(model, test, device)[1]
 
     def stream():
-        return list(eek.classify(model, text, tokenizer=tok, max_batch_size=EVAL_BATCH))
+        return list(classify(model, text, tokenizer=tok, max_batch_size=EVAL_BATCH))
 
     runners = {"pipeline, full model": hugging_face_pipeline, "per-batch early exit": per_batch, "eek.classify": stream}
     times = {name: [] for name in runners}
@@ -357,8 +362,8 @@ def _stream(model, test, device, args) -> None:
 
 
 def _methods_side_by_side(base, train_batches, test, device, args) -> None:
-    from earlyexit_kernels.bench.exit_quality import METHODS, train_method
     from earlyexit_kernels.training.calibration import calibrate, describe
+    from earlyexit_kernels.training.method_training import METHODS, train_method
 
     val = make_split(args.val_size, seed=args.seed + 2)
     val_batches = [{k: v.to(device) for k, v in b.items()} for b in batches(val, 128)]
@@ -369,7 +374,7 @@ def _methods_side_by_side(base, train_batches, test, device, args) -> None:
     for method in METHODS:
         folder = cache_dir(args) / METHODS_RECIPE / method
         if (folder / "early_exit_config.json").is_file() and not args.retrain:
-            model = eek.from_pretrained(folder).to(device).eval()
+            model = from_pretrained(folder).to(device).eval()
             met = (folder / "target_met").read_text() == "yes"
             cached += 1
         else:
@@ -385,11 +390,11 @@ def _methods_side_by_side(base, train_batches, test, device, args) -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a target not met is marked in the table
                 result = calibrate(model, val_batches, max_drop=1.0)
-            eek.patch(model, result.policy)
+            patch(model, result.policy)
             model.save_pretrained(folder)
             met = result.met
             (folder / "target_met").write_text("yes" if met else "no")
-        policy = model._eek_policy
+        policy = policy_of(model)
         pred, layers, speedup = classify_against_full(model, policy, test, device, args.method_repeats)
         rows.append((f"{method}: {describe(policy)}{'' if met else ' *'}", pred, layers, speedup))
     origin = (
@@ -426,9 +431,9 @@ def _print_table(rows, labels, hard, width: int = 22) -> None:
 
 
 def _describe(policy) -> str:
-    if isinstance(policy, eek.Patience):
+    if isinstance(policy, Patience):
         return f"Patience({policy.patience})"
-    if isinstance(policy, eek.Entropy):
+    if isinstance(policy, Entropy):
         return f"Entropy({policy.threshold:g})"
     return f"MaxProb({policy.threshold:g})"
 

@@ -1,5 +1,8 @@
 """The continuous early-exit engine: one queue per layer, layer calls refilled across batches.
 
+(Past 600 lines: one runner whose parts share its slots, kept outputs and pool on every call;
+the admission order, the scheduling and packing rules and their defaults live elsewhere.)
+
 Sequences are submitted as token ids; the engine embeds them, runs the layer calls that
 :class:`earlyexit_kernels.engine.scheduler.LayerScheduler` hands it, and returns each sequence
 as it exits. It executes, it does not decide: the exit rule of every layer is the
@@ -24,7 +27,6 @@ where the policy cannot exit read nothing back.
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
 from dataclasses import dataclass
 from operator import itemgetter
 
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 
 from earlyexit_kernels.backends.registry import resolve_backend
+from earlyexit_kernels.engine.admission import PendingQueue
 from earlyexit_kernels.engine.batch_loop import (
     _output_dtype,
     _round_keeping_argmax,
@@ -40,7 +43,16 @@ from earlyexit_kernels.engine.batch_loop import (
 )
 from earlyexit_kernels.engine.module_weights import float_bias, float_weight, linear_compute_dtype
 from earlyexit_kernels.engine.packed_layer import OpByOpLayer, has_forward_hooks, splits_into_token_parts
-from earlyexit_kernels.engine.scheduler import Admit, LayerScheduler, ShapeBuckets
+from earlyexit_kernels.engine.patched_state import patched_state
+from earlyexit_kernels.engine.scheduler import (
+    Admit,
+    LayerScheduler,
+    PackingRule,
+    ShapeBuckets,
+    default_call_cost,
+    default_length_step,
+    default_max_in_flight,
+)
 from earlyexit_kernels.engine.token_pool import TokenPool
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state
 from earlyexit_kernels.methods.policies import Scheduled, SkipGates
@@ -51,9 +63,6 @@ __all__ = ["ContinuousEngine", "Finished", "model_max_length"]
 # survivors of an exit wait a few calls for their next layer, and written to the pool and gathered
 # back they cost two copies. At most this many, holding at most as many states as the pool.
 KEPT_OUTPUTS = 16
-# Below this share of real tokens, packed execution of a layer call pays for its gathers and scatters
-# (measured on a CPU at H 128 and 384: break-even near 0.85, 2x at 0.4).
-PACK_BELOW_FILL = 0.75
 
 
 @dataclass(slots=True)
@@ -133,20 +142,17 @@ class ContinuousEngine:
         call_cost: float | None = None,
         packed: bool | None = None,
     ):
-        from earlyexit_kernels.integrations.hf_patch import current_adapter, is_patched
-
-        if not is_patched(model):
-            raise ValueError("the continuous engine needs a model patched with eek.patch(model, policy)")
+        state = patched_state(model, "the continuous engine")  # its adapter rebuilt if the model was quantized since
         if model.training:
             raise ValueError("the model is in training mode; call model.eval() before classifying")
-        self.policy = model._eek_policy
+        self.policy = state.policy
         if isinstance(self.policy, Scheduled):
             raise ValueError(
                 "Scheduled replays exit layers given per batch position and has no meaning over a stream; "
                 "use a threshold policy (e.g. eek.Entropy(0.3)) or call the model on batches"
             )
         self.model = model
-        self.adapter = current_adapter(model)  # rebuilt if the model was quantized after patching
+        self.adapter = state.adapter
         self.heads = model.early_exit_heads
         self.num_layers = self.adapter.num_layers
         self.num_labels = self.adapter.num_labels
@@ -155,7 +161,7 @@ class ContinuousEngine:
         self.device, self.dtype = parameter.device, linear_compute_dtype(self.adapter.final_classifier)
         self._on_cpu = self.device.type == "cpu"  # read per call: a plain bool, no torch.device attribute
         self.backend = resolve_backend(
-            model._eek_backend, self.device, dtype=self.dtype, hidden_size=hidden_size, num_labels=self.num_labels
+            state.backend, self.device, dtype=self.dtype, hidden_size=hidden_size, num_labels=self.num_labels
         )
         limit = model_max_length(model)
         if max_length is None:
@@ -172,15 +178,14 @@ class ContinuousEngine:
         # eager calls run their exact rows and lengths.
         fixed_shapes = bool(compile)
         if length_step is None:
-            length_step = 8 if fixed_shapes else 1
+            length_step = default_length_step(fixed_shapes)
         self.buckets = ShapeBuckets(
             max_batch_size, max_length, min(length_step, max_length), max_tokens, bucket_rows=fixed_shapes
         )
         if max_in_flight is None:
-            max_in_flight = 16 * max_batch_size
+            max_in_flight = default_max_in_flight(max_batch_size)
         if call_cost is None:
-            # A call's fixed cost is time (the host, dispatch, the exit step); a token's grows as H^2.
-            call_cost = 32.0 * (128 / hidden_size) ** 2
+            call_cost = default_call_cost(hidden_size)
         self.scheduler = LayerScheduler(self.num_layers, self.buckets, max_in_flight, max_wait, call_cost)
         self.max_length = max_length
         self.pad_token_id = getattr(model.config, "pad_token_id", None) or 0
@@ -244,7 +249,7 @@ class ContinuousEngine:
                 + (" and compile is on" if compile else "")
                 + ": leave packed at None"
             )
-        self._pack_below = 0.0 if not packable or packed is False else (math.inf if packed else PACK_BELOW_FILL)
+        self._packing = PackingRule.choose(packable, packed)
         self._op_by_op = packable  # calls not packed run op by op too: the layer's own arithmetic, less Python
         self._additive_mask = packable and self._on_cpu
         # SDPA's values for an attended and a masked key, in the model's dtype
@@ -253,20 +258,8 @@ class ContinuousEngine:
         self._op_layers: list[OpByOpLayer | None] = [None] * self.num_layers
         self._run_packed_layer = self._packed_layer_call
 
-        if admission not in ("fifo", "length"):
-            raise ValueError(f"admission must be 'fifo' or 'length', got {admission!r}")
         self.admission = admission
-        # (length, arrival, key, input_ids, token_type_ids): a plain tuple of untracked values (ints,
-        # arrays, a key that is an int or a string) leaves the garbage collector's lists at its first
-        # pass; a long read-ahead of objects it tracks would make every full collection longer and
-        # more frequent.
-        self._pending: list[tuple] = []
-        # admission="length": whether _pending is in order. Sorted when sequences are taken, not at each
-        # submission: inserting in order moves half the list each time, quadratic in a long read-ahead.
-        self._pending_sorted = True
-        self._next_arrival = 0
-        # admission="length": (length, arrival) of the last sequence taken, and the arrivals the sweep takes
-        self._sweep, self._cutoff = (0, -1), 0
+        self._pending = PendingQueue(admission)  # which sequences are embedded next (engine/admission.py)
         self.stats = EngineStats()
 
     # ------------------------------------------------------------------ submission
@@ -286,11 +279,7 @@ class ContinuousEngine:
                 raise ValueError(
                     f"sequence {key!r}: token_type_ids has {len(token_type_ids)} entries for {len(input_ids)} tokens"
                 )
-        entry = (len(input_ids), self._next_arrival, key, input_ids, token_type_ids)
-        self._next_arrival += 1
-        if self.admission == "length" and self._pending and entry < self._pending[-1]:
-            self._pending_sorted = False
-        self._pending.append(entry)
+        self._pending.add(key, input_ids, token_type_ids)
 
     def cancel(self, keys) -> int:
         """Drop the sequences with these keys, pending or in flight (e.g. their client went away).
@@ -298,12 +287,11 @@ class ContinuousEngine:
         Call between steps. Returns how many were found.
         """
         keys = set(keys)
-        pending = len(self._pending)
-        self._pending = [entry for entry in self._pending if entry[2] not in keys]
+        dropped = self._pending.remove(keys)
         slots = [slot for slot, key in enumerate(self._keys) if key is not None and key in keys]
         self.scheduler.discard(slots)
         self._free(slots)
-        return pending - len(self._pending) + len(slots)
+        return dropped + len(slots)
 
     @property
     def pending(self) -> int:
@@ -327,7 +315,7 @@ class ContinuousEngine:
         if action is None:
             return []
         if isinstance(action, Admit):
-            self._admit(self._take_pending(action.count))
+            self._admit(self._pending.take(action.count))
             return []
         return self._run_call(action)
 
@@ -337,47 +325,6 @@ class ContinuousEngine:
             yield from self.step()
 
     # ------------------------------------------------------------------ internals
-
-    def _take_pending(self, count: int) -> list[tuple]:
-        """The next ``count`` pending sequences: the oldest, or (admission="length") the next in a length sweep."""
-        if self.admission == "fifo":
-            taken, self._pending = self._pending[:count], self._pending[count:]
-            return taken
-        # A sweep over lengths, ascending, wrapping to the shortest: sequences admitted together
-        # have similar lengths, so the layer queues hold runs of similar lengths to batch. A sweep
-        # takes only what was pending when it began (arrivals before its cutoff): later ones wait
-        # for the next sweep, so a stream of one length cannot hold the sweep where it is.
-        if not self._pending_sorted:  # a sorted run and the submissions since: timsort merges them
-            self._pending.sort()
-            self._pending_sorted = True
-        pending = self._pending
-        start = bisect_left(pending, (self._sweep[0], self._sweep[1] + 1))
-        chosen: list[int] = []  # positions in pending, in the order taken
-        for position in range(start, len(pending)):
-            if pending[position][1] < self._cutoff:
-                chosen.append(position)
-                if len(chosen) == count:
-                    break
-        if len(chosen) < count:  # the sweep is over: the next one begins at the shortest
-            self._cutoff = self._next_arrival
-            in_sweep = set(chosen)
-            for position in range(len(pending)):
-                if position not in in_sweep:
-                    chosen.append(position)
-                    if len(chosen) == count:
-                        break
-        taken = [pending[position] for position in chosen]
-        # Deleted as contiguous runs, from the last: the sweep takes a run or two of the sorted list.
-        runs: list[list[int]] = []
-        for position in sorted(chosen):
-            if runs and runs[-1][1] == position:
-                runs[-1][1] += 1
-            else:
-                runs.append([position, position + 1])
-        for begin, end in reversed(runs):
-            del pending[begin:end]
-        self._sweep = taken[-1][:2]
-        return taken
 
     def _admit(self, sequences: list[tuple]) -> None:
         # Embed in length-sorted chunks of at most max_batch_size rows, each padded to its longest;
@@ -423,7 +370,7 @@ class ContinuousEngine:
         hidden, mask, slot_index = inputs.hidden, inputs.mask, inputs.slot_index
         if inputs.layer_mask is None:
             inputs.layer_mask = self._layer_mask(mask)
-        if mask is not None and inputs.tokens < self._pack_below * mask.numel():
+        if mask is not None and self._packing.packs(inputs.tokens, mask.numel()):
             if inputs.positions is None:
                 valid = np.arange(call.padded_length) < self._lengths[list(call.rows)][:, None]
                 inputs.positions = torch.from_numpy(np.flatnonzero(valid)).to(self.device)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from earlyexit_kernels.methods.policies import DACT, Voting
+from earlyexit_kernels.patching.patch import policy_of
+from earlyexit_kernels.patching.state import is_patched
 
 __all__ = ["Evaluation", "evaluate", "histogram_lines"]
 
@@ -138,7 +140,7 @@ def evaluate(model, batches: list[dict], *, full_model=None, progress: bool = Fa
     max_diff, any_full_depth = 0.0, False
     # Voting and DACT answer at the last layer with a combination of every layer's head: no
     # logits of the unpatched model to compare with.
-    comparable = not isinstance(getattr(model, "_eek_policy", None), (Voting, DACT))
+    comparable = not (is_patched(model) and isinstance(policy_of(model), (Voting, DACT)))
     from tqdm.auto import tqdm
 
     bar = tqdm(total=count, desc="evaluating", unit="seq", disable=None if progress else True, leave=False)

@@ -14,25 +14,16 @@ as for the other commands (:mod:`earlyexit_kernels.integrations.cli`).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-__all__ = ["FitError", "add_commands", "fit_folder", "fit_model", "METHODS"]
+__all__ = ["add_commands", "METHODS", "UNLABELLED_METHODS"]
 
-#: ``--method`` names, those of :data:`earlyexit_kernels.training.recipes.RECIPES` (not imported here: the
-#: command line is a lower layer); ``heads`` trains the internal heads of the frozen model (the default)
+#: ``--method`` names, those of :data:`earlyexit_kernels.training.recipes.RECIPES` (written out: ``--help`` imports
+#: no torch; a test holds them equal); ``heads`` trains the internal heads of the frozen model (the default)
 METHODS = ("heads", "fastbert", "deebert", "pabee", "palbert", "ensemble", "dact", "smartbert")
 #: the methods that train without labels (self-distillation from the final classifier)
 UNLABELLED_METHODS = ("heads", "fastbert")
-
-
-class FitError(ValueError):
-    """A problem with what the user asked ``fit`` or ``evaluate`` for; the message says what to change."""
-
 
 # -- the command line ---------------------------------------------------------------------------
 
@@ -147,8 +138,9 @@ def _add_evaluate(commands) -> None:
 
 def _errors_to_exit_status(run):
     """Run ``run()``; a user's error is one line on stderr and status 2."""
-    from earlyexit_kernels.integrations.labelled_data import DataError
     from earlyexit_kernels.integrations.model_folder import ModelFolderError
+    from earlyexit_kernels.training.fit_texts import FitError
+    from earlyexit_kernels.training.labelled_texts import DataError
 
     try:
         return run()
@@ -166,6 +158,8 @@ def _evaluate_command(args) -> int:
 
 
 def _common_checks(args) -> None:
+    from earlyexit_kernels.training.fit_texts import FitError
+
     for name in ("batch_size", "max_length", "threads", "epochs"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -181,7 +175,10 @@ def _progress_on(args) -> bool:
 
 
 def _fit(args) -> int:
-    from earlyexit_kernels.integrations.labelled_data import read_labelled, split_rows
+    from earlyexit_kernels.integrations.labelled_data import read_labelled
+    from earlyexit_kernels.integrations.model_folder import load_classifier, save_fitted
+    from earlyexit_kernels.training.fit_texts import FitError, fit_model
+    from earlyexit_kernels.training.labelled_texts import split_rows
 
     _common_checks(args)
     if args.lr is not None and not args.lr > 0:
@@ -213,7 +210,7 @@ def _fit(args) -> int:
             f"threshold is calibrated on agreement with the full model",
             file=sys.stderr,
         )
-    model, tokenizer = _load_classifier(args.model)
+    model, tokenizer = load_classifier(args.model)
     report = fit_model(
         model,
         tokenizer,
@@ -232,53 +229,20 @@ def _fit(args) -> int:
     )
     for line in report.summary():
         print(line)
-    _save(model, tokenizer, report, output, overwrite=args.overwrite, source=args.model)
+    save_fitted(model, tokenizer, report, output, overwrite=args.overwrite, source=args.model)
     print(f"wrote {output}: eek classify {output} INPUT OUTPUT, eek serve {output}, eek evaluate {output} FILE")
     return 0
-
-
-def _load_classifier(path: str):
-    """A fine-tuned classifier and its tokenizer from ``path`` (patched or not): checked, in eval mode."""
-    from earlyexit_kernels.integrations.model_folder import load_model
-
-    model, tokenizer = load_model(path, "Entropy(0.0)")
-    if model.config.num_labels < 2:
-        raise FitError(
-            f"MODEL {path} is a regression head (num_labels == 1): eek fit calibrates on accuracy and needs a "
-            f"classifier (num_labels >= 2)"
-        )
-    return model.eval(), tokenizer
-
-
-def _save(model, tokenizer, report, output: Path, *, overwrite: bool, source: str) -> None:
-    """Write the folder under a temporary name beside ``output``, then rename it into place."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        (partial / "eek_fit.json").write_text(json.dumps({"source_model": source, **report.as_dict()}, indent=2))
-        if output.exists():
-            if not overwrite and any(output.iterdir()):
-                raise FitError(f"OUTPUT_DIR {output} appeared while fitting; pass --overwrite to replace it")
-            shutil.rmtree(output)
-        os.replace(partial, output)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _evaluate(args) -> int:
     import copy
 
-    import earlyexit_kernels as eek
     from earlyexit_kernels.integrations.evaluation import evaluate
-    from earlyexit_kernels.integrations.labelled_data import (
-        encode,
-        label_ids,
-        length_sorted_batches,
-        read_labelled,
-    )
+    from earlyexit_kernels.integrations.labelled_data import read_labelled
     from earlyexit_kernels.integrations.model_folder import load_model
+    from earlyexit_kernels.patching.patch import policy_of, unpatch
+    from earlyexit_kernels.training.fit_texts import max_length_for, warn_truncated
+    from earlyexit_kernels.training.labelled_texts import encode, label_ids, length_sorted_batches
 
     _common_checks(args)
     data = read_labelled(
@@ -291,104 +255,16 @@ def _evaluate(args) -> int:
     model, tokenizer = load_model(args.model, args.policy, args.backend)
     model.eval()
     labels = label_ids(data, model.config) if data.labels is not None else None
-    encoded = encode(tokenizer, data, _max_length(args.max_length, model, tokenizer))
-    _warn_truncated(encoded)
+    encoded = encode(tokenizer, data, max_length_for(args.max_length, model, tokenizer))
+    warn_truncated(encoded)
     batches = length_sorted_batches(encoded, labels, args.batch_size)
     full = None
     if args.compare or labels is None:  # agreement needs the full model's answers
-        full = eek.unpatch(copy.deepcopy(model))
+        full = unpatch(copy.deepcopy(model))
     result = evaluate(model, batches, full_model=full, progress=_progress_on(args))
     if not args.compare:
         result.full_seconds = None  # ran for agreement only, not asked to be timed
-    print(f"policy: {eek.policy_of(model).to_code(4)}")
+    print(f"policy: {policy_of(model).to_code(4)}")
     for line in result.summary():
         print(line)
     return 0
-
-
-def _max_length(asked: int | None, model, tokenizer) -> int:
-    positions = getattr(model.config, "max_position_embeddings", 512)
-    limit = min(positions, tokenizer.model_max_length or positions)
-    if asked is None:
-        return limit
-    if asked > limit:
-        raise FitError(f"--max-length {asked} is more than the model's positions hold ({limit})")
-    return asked
-
-
-def _warn_truncated(encoded) -> None:
-    if encoded.truncated:
-        print(
-            f"warning: {encoded.truncated} texts are longer than {encoded.max_length} tokens and were truncated",
-            file=sys.stderr,
-        )
-
-
-# -- what fit does, for the command line and the demo --------------------------------------------
-
-
-def fit_model(
-    model,
-    tokenizer,
-    train,
-    validation,
-    *,
-    method: str = "heads",
-    pooling: str | None = None,
-    head: str | None = None,
-    max_drop: float = 1.0,
-    epochs: int | None = None,
-    lr: float | None = None,
-    batch_size: int = 32,
-    max_length: int | None = None,
-    seed: int = 0,
-    progress: bool = False,
-):
-    """Train and calibrate the exit heads of ``model`` in place; what ``eek fit`` does between reading and writing.
-
-    ``model``: a patched classifier (any policy; it is re-patched with the method's).
-    ``train``, ``validation``: :class:`~earlyexit_kernels.integrations.labelled_data.LabelledTexts`;
-    without labels the heads learn the final classifier's predictions and the threshold is
-    calibrated on agreement with it. Returns the :class:`~earlyexit_kernels.integrations.fit_training.FitReport`; the model ends patched
-    with the calibrated policy, in eval mode.
-    """
-    from earlyexit_kernels.integrations.labelled_data import encode, label_ids
-
-    if method not in METHODS:
-        raise FitError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
-    length = _max_length(max_length, model, tokenizer)
-    train_ids = label_ids(train, model.config) if train.labels is not None else None
-    val_ids = label_ids(validation, model.config) if validation.labels is not None else None
-    if (train_ids is None) != (val_ids is None):
-        raise FitError("the training rows and the validation rows must both have labels, or neither")
-    if train_ids is None and method not in UNLABELLED_METHODS:
-        raise FitError(f"--method {method} trains with labels; without labels use --method heads")
-    encoded_train, encoded_val = encode(tokenizer, train, length), encode(tokenizer, validation, length)
-    for encoded in (encoded_train, encoded_val):
-        _warn_truncated(encoded)
-    from earlyexit_kernels.integrations import fit_training
-
-    return fit_training.train_and_calibrate(
-        model,
-        encoded_train,
-        train_ids,
-        encoded_val,
-        val_ids,
-        method=method,
-        pooling=pooling,
-        head=head,
-        max_drop=max_drop,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        seed=seed,
-        progress=progress,
-    )
-
-
-def fit_folder(model_path: str, train, validation, output: str, **options):
-    """:func:`fit_model` on the classifier folder ``model_path``, saved to ``output`` (replaced)."""
-    model, tokenizer = _load_classifier(model_path)
-    report = fit_model(model, tokenizer, train, validation, **options)
-    _save(model, tokenizer, report, Path(output), overwrite=True, source=model_path)
-    return report

@@ -1,60 +1,19 @@
-"""Texts and labels from a data file, as ``eek fit`` and ``eek evaluate`` read them, and their batches.
+"""Texts and labels from a data file, as ``eek fit`` and ``eek evaluate`` read them.
 
     data = read_labelled("train.csv", text_column="text", label_column="label")
-    labels = label_ids(data, model.config)                       # LongTensor [N] of class ids
-    encoded = encode(tokenizer, data, max_length=128)
-    batches = length_sorted_batches(encoded, labels, batch_size=32)   # for evaluation and recording
-    batches = shuffled_batches(encoded, labels, batch_size=32, seed=0)  # for training
 
-Labels are the model's label names (``config.id2label``, e.g. ``fresh``) or class ids
-``0..C-1``; anything else is a :class:`DataError` naming the values it found. Every
-problem a user can fix is a :class:`DataError` whose message says what to change.
+What the training does with them (class ids, tokenized rows, batches) is
+:mod:`earlyexit_kernels.training.labelled_texts`. Every problem a user can fix is a
+:class:`~earlyexit_kernels.training.labelled_texts.DataError` whose message says what to change.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-import torch
+from earlyexit_kernels.training.labelled_texts import DataError, LabelledTexts
 
-__all__ = [
-    "DataError",
-    "LabelledTexts",
-    "Encoded",
-    "read_labelled",
-    "label_ids",
-    "split_rows",
-    "encode",
-    "length_sorted_batches",
-    "shuffled_batches",
-]
-
-
-class DataError(ValueError):
-    """A data file or column that cannot be used as asked; the message says what to change."""
-
-
-@dataclass
-class LabelledTexts:
-    """The rows of a data file: ``texts`` (and ``pairs``, the second texts, or None) and the raw
-    ``labels`` of the label column (None when the file has none); ``path`` for messages."""
-
-    texts: list[str]
-    pairs: list[str] | None
-    labels: list | None
-    path: str
-    label_column: str | None = None
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def subset(self, rows: list[int]) -> LabelledTexts:
-        """The rows ``rows`` (indices), in that order."""
-        pick = [self.texts[i] for i in rows]
-        pairs = None if self.pairs is None else [self.pairs[i] for i in rows]
-        labels = None if self.labels is None else [self.labels[i] for i in rows]
-        return LabelledTexts(pick, pairs, labels, self.path, self.label_column)
+__all__ = ["read_labelled"]
 
 
 def read_labelled(
@@ -105,128 +64,3 @@ def _text(value, column: str, row: int, path: str) -> str:
     if not isinstance(value, str):
         raise DataError(f"{path}, row {row}: column {column!r} holds {type(value).__name__} {value!r}, not text")
     return value
-
-
-def label_ids(data: LabelledTexts, config) -> torch.Tensor:
-    """The class id of every row's label: LongTensor [N].
-
-    A label is one of the model's label names (``config.id2label``) or a class id
-    ``0..num_labels-1`` (an integer, or its digits in a CSV file). :class:`DataError` when
-    the file has no labels, a label is missing, or the values are neither.
-    """
-    if data.labels is None:
-        raise DataError(f"{data.path} has no label column")
-    num_labels = config.num_labels
-    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
-    by_name = {name: i for i, name in id2label.items()}
-    missing = [row for row, value in enumerate(data.labels) if value is None or value == ""]
-    if missing:
-        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
-        raise DataError(
-            f"{data.path}: {len(missing)} rows have no label in column {data.label_column!r} (rows {shown}; "
-            f"row 0 is the first data row); label every row or drop the unlabelled ones"
-        )
-    values = [v.strip() if isinstance(v, str) else v for v in data.labels]
-    if all(isinstance(v, str) and v in by_name for v in values):
-        return torch.tensor([by_name[v] for v in values], dtype=torch.long)
-    ids = [_as_class_id(v) for v in values]
-    if all(i is not None and 0 <= i < num_labels for i in ids):
-        return torch.tensor(ids, dtype=torch.long)
-    found = sorted({str(v) for v in values})
-    shown = ", ".join(repr(v) for v in found[:8]) + (", ..." if len(found) > 8 else "")
-    names = ", ".join(repr(id2label.get(i, f"LABEL_{i}")) for i in range(num_labels))
-    raise DataError(
-        f"{data.path}: column {data.label_column!r} holds the labels {shown}, which are neither the model's "
-        f"label names ({names}, its config's id2label) nor class ids 0..{num_labels - 1}; map them to one of "
-        f"these, or give the model the right id2label"
-    )
-
-
-def _as_class_id(value) -> int | None:
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and value.lstrip("-").isdigit():
-        return int(value)
-    return None
-
-
-def split_rows(count: int, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
-    """(rest, held out): a random ``fraction`` of ``range(count)`` held out, drawn from ``seed``."""
-    if not 0.0 < fraction < 1.0:
-        raise DataError(f"--validation-split must lie strictly between 0 and 1, got {fraction}")
-    held = round(count * fraction)
-    if held < 1 or held >= count:
-        raise DataError(
-            f"--validation-split {fraction} of {count} rows leaves {held} validation and {count - held} training "
-            f"rows; give more rows or a validation file (--validation)"
-        )
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(order[held:]), sorted(order[:held])
-
-
-@dataclass
-class Encoded:
-    """Token ids of N texts, unpadded: ``input_ids`` and ``token_type_ids`` (lists of lists), and
-    how many texts were truncated to ``max_length``."""
-
-    input_ids: list[list[int]]
-    token_type_ids: list[list[int]] | None
-    truncated: int
-    max_length: int
-    pad_token_id: int
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
-def encode(tokenizer, data: LabelledTexts, max_length: int) -> Encoded:
-    """Tokenize every row of ``data`` (special tokens included), truncated to ``max_length`` tokens."""
-    args = (data.texts,) if data.pairs is None else (data.texts, data.pairs)
-    full = tokenizer(*args, truncation=False, add_special_tokens=True, verbose=False)
-    truncated = sum(len(ids) > max_length for ids in full["input_ids"])
-    if truncated:
-        full = tokenizer(*args, truncation=True, max_length=max_length, add_special_tokens=True)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return Encoded(full["input_ids"], full.get("token_type_ids"), truncated, max_length, pad)
-
-
-def _batch(encoded: Encoded, rows: list[int], labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """A right-padded batch of ``rows``: input_ids, attention_mask, token_type_ids, rows [n], labels."""
-    width = max(len(encoded.input_ids[i]) for i in rows)
-    ids = torch.full((len(rows), width), encoded.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    types = torch.zeros(len(rows), width, dtype=torch.long)
-    for r, i in enumerate(rows):
-        n = len(encoded.input_ids[i])
-        ids[r, :n] = torch.tensor(encoded.input_ids[i])
-        mask[r, :n] = 1
-        if encoded.token_type_ids is not None:
-            types[r, :n] = torch.tensor(encoded.token_type_ids[i])
-    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "rows": torch.tensor(rows)}
-    if labels is not None:
-        batch["labels"] = labels[rows]
-    return batch
-
-
-def length_sorted_batches(
-    encoded: Encoded, labels: torch.Tensor | None = None, batch_size: int = 32
-) -> list[dict[str, torch.Tensor]]:
-    """Batches of ``batch_size`` rows sorted by token count (longest first), each padded to its longest.
-
-    Each batch has ``input_ids``, ``attention_mask``, ``token_type_ids`` [n, S], ``rows`` [n] (the
-    rows' positions in the data) and, with ``labels`` [N], ``labels`` [n].
-    """
-    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded.input_ids[i]), i))
-    return [_batch(encoded, order[s : s + batch_size], labels) for s in range(0, len(order), batch_size)]
-
-
-def shuffled_batches(
-    encoded: Encoded, labels: torch.Tensor | None = None, batch_size: int = 32, seed: int = 0
-) -> list[dict[str, torch.Tensor]]:
-    """Batches of ``batch_size`` rows in a random order drawn from ``seed`` (as for training)."""
-    order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [_batch(encoded, order[s : s + batch_size], labels) for s in range(0, len(order), batch_size)]

@@ -8,9 +8,13 @@ with it is a :class:`ModelFolderError` whose message says what to change.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
-__all__ = ["ModelFolderError", "load_model"]
+__all__ = ["ModelFolderError", "fit_folder", "load_classifier", "load_model", "save_fitted"]
 
 
 class ModelFolderError(ValueError):
@@ -21,9 +25,9 @@ def load_model(path: str, policy_text: str | None = None, backend: str | None = 
     """A patched model and its tokenizer from ``path``; ``ModelFolderError`` saying what is wrong otherwise."""
     from transformers import AutoTokenizer
 
-    from earlyexit_kernels.integrations.exit_files import CONFIG_FILE
-    from earlyexit_kernels.integrations.loading import from_pretrained
     from earlyexit_kernels.methods.policy_spec import parse_policy
+    from earlyexit_kernels.patching.exit_files import CONFIG_FILE
+    from earlyexit_kernels.patching.loading import from_pretrained
 
     folder = Path(path)
     if not folder.is_dir():
@@ -82,3 +86,46 @@ def _architectures(config_path: Path) -> list[str]:
     except (OSError, ValueError, AttributeError) as error:
         raise ModelFolderError(f"{config_path} is not a readable model configuration ({error})") from None
     return [name for name in architectures or () if isinstance(name, str)]
+
+
+def load_classifier(path: str):
+    """A fine-tuned classifier and its tokenizer from ``path`` (patched or not): checked, in eval mode."""
+    from earlyexit_kernels.training.fit_texts import FitError
+
+    model, tokenizer = load_model(path, "Entropy(0.0)")
+    if model.config.num_labels < 2:
+        raise FitError(
+            f"MODEL {path} is a regression head (num_labels == 1): eek fit calibrates on accuracy and needs a "
+            f"classifier (num_labels >= 2)"
+        )
+    return model.eval(), tokenizer
+
+
+def save_fitted(model, tokenizer, report, output: Path, *, overwrite: bool, source: str) -> None:
+    """Write the fitted model, its tokenizer and ``eek_fit.json`` under a temporary name beside
+    ``output``, then rename it into place."""
+    from earlyexit_kernels.training.fit_texts import FitError
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        (partial / "eek_fit.json").write_text(json.dumps({"source_model": source, **report.as_dict()}, indent=2))
+        if output.exists():
+            if not overwrite and any(output.iterdir()):
+                raise FitError(f"OUTPUT_DIR {output} appeared while fitting; pass --overwrite to replace it")
+            shutil.rmtree(output)
+        os.replace(partial, output)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def fit_folder(model_path: str, train, validation, output: str, **options):
+    """:func:`~earlyexit_kernels.training.fit_texts.fit_model` on the classifier folder ``model_path``, saved to ``output`` (replaced)."""
+    from earlyexit_kernels.training.fit_texts import fit_model
+
+    model, tokenizer = load_classifier(model_path)
+    report = fit_model(model, tokenizer, train, validation, **options)
+    save_fitted(model, tokenizer, report, Path(output), overwrite=True, source=model_path)
+    return report

@@ -65,7 +65,7 @@ class EarlyExitClassifier:
         import torch
         from transformers import AutoTokenizer
 
-        from earlyexit_kernels.integrations.loading import from_pretrained
+        from earlyexit_kernels.patching.loading import from_pretrained
 
         if isinstance(policy, str):
             from earlyexit_kernels.methods.policy_spec import parse_policy

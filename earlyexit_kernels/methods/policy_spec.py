@@ -9,24 +9,16 @@ from __future__ import annotations
 import ast
 import inspect
 
-from earlyexit_kernels.methods.policies import (
-    DACT,
-    Entropy,
-    ExitPolicy,
-    MaxProb,
-    MultiLabelConfidence,
-    Patience,
-    QExit,
-    ScoreBand,
-    SkipGates,
-    Voting,
-)
+from earlyexit_kernels.methods import policies
+from earlyexit_kernels.methods.policies import ExitPolicy, Scheduled
 
 __all__ = ["POLICY_NAMES", "parse_policy"]
 
+# Every policy of methods/policies.py but Scheduled (exit layers given per batch position: not text).
 _POLICIES = {
-    cls.__name__: cls
-    for cls in (Entropy, MaxProb, Patience, QExit, Voting, DACT, SkipGates, MultiLabelConfidence, ScoreBand)
+    name: cls
+    for name, cls in ((name, getattr(policies, name)) for name in policies.__all__)
+    if isinstance(cls, type) and issubclass(cls, ExitPolicy) and cls not in (ExitPolicy, Scheduled)
 }
 POLICY_NAMES = tuple(_POLICIES)
 _EXAMPLES = (

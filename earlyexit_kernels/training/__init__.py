@@ -5,6 +5,7 @@
     train_exit_heads(model, batches, method="pabee", epochs=3)
 
 :mod:`.fit` trains with a method's recipe (:mod:`.recipes`), calibrates and patches;
+:mod:`.fit_texts` is ``eek fit`` as a library (texts in, via :mod:`.labelled_texts`);
 :mod:`.train` is the training loop, :mod:`.cached_heads` its fast path for head-only
 training, :mod:`.calibration` picks thresholds from recorded exits, :mod:`.glue` reads GLUE
 tasks from local files. The losses themselves are in

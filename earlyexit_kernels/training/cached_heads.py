@@ -31,6 +31,7 @@ import torch
 
 from earlyexit_kernels.methods.losses import Objective
 from earlyexit_kernels.methods.policies import QExit
+from earlyexit_kernels.patching.state import is_patched, state_of, using_backend
 
 __all__ = ["ExitInputCache", "CachedExits", "cache_exit_inputs", "cached_exits", "cached_record", "cache_reason"]
 
@@ -115,13 +116,12 @@ def cache_exit_inputs(model, batches, *, progress: bool = False, description: st
     backend are restored after. Memory: ``N * L * D`` values of the model's dtype (for
     12k rows of a 6-layer, 384-wide model, 110 MB in float32).
     """
-    from earlyexit_kernels.integrations.hf_patch import is_patched
-
     if not is_patched(model):
         raise ValueError("cache_exit_inputs needs a model patched with eek.patch")
-    adapter = model._eek_adapter
+    state = state_of(model)
+    adapter = state.adapter
     heads = model.early_exit_heads
-    halting_head = heads.halting_head(model._eek_policy)
+    halting_head = heads.halting_head(state.policy)
     device = next(model.parameters()).device
     recorded: list[torch.Tensor] = []
     halting_recorded: list[torch.Tensor] = []
@@ -136,54 +136,53 @@ def cache_exit_inputs(model, batches, *, progress: bool = False, description: st
 
     inputs, halting_inputs, finals, labels = [], [], [], []
     with_labels = None
-    was_training, backend = model.training, model._eek_backend
+    was_training = model.training
     hook = halting_head.register_forward_pre_hook(record_halting) if halting_head is not None else None
     own_classify = vars(adapter).get("classify")
     adapter.classify = recording_classify  # an instance attribute: the engine's calls go through it
     bar = None
-    try:
-        model.eval()
-        model._eek_backend = "torch"  # the fused heads of the fast backends never call classify
-        batch_list = batches if isinstance(batches, (list, tuple)) else None
-        bar = _progress(len(batch_list) if batch_list is not None else None, description, progress)
-        for batch in _batches(batches):
-            recorded.clear()
-            halting_recorded.clear()
-            ids = batch["input_ids"]
-            out = model(
-                input_ids=ids.to(device),
-                attention_mask=None if batch.get("attention_mask") is None else batch["attention_mask"].to(device),
-                token_type_ids=None if batch.get("token_type_ids") is None else batch["token_type_ids"].to(device),
-                return_all_exits=True,
-            )
-            num_layers = out.all_logits.shape[0]
-            if len(recorded) != num_layers or any(x.shape[0] != ids.shape[0] for x in recorded):
-                raise RuntimeError(
-                    f"the all-exits forward called the heads {len(recorded)} times on {ids.shape[0]} rows; "
-                    f"expected once per layer ({num_layers}) on every row"
+    with using_backend(model, "torch"):  # the fused heads of the fast backends never call classify
+        try:
+            model.eval()
+            batch_list = batches if isinstance(batches, (list, tuple)) else None
+            bar = _progress(len(batch_list) if batch_list is not None else None, description, progress)
+            for batch in _batches(batches):
+                recorded.clear()
+                halting_recorded.clear()
+                ids = batch["input_ids"]
+                out = model(
+                    input_ids=ids.to(device),
+                    attention_mask=None if batch.get("attention_mask") is None else batch["attention_mask"].to(device),
+                    token_type_ids=None if batch.get("token_type_ids") is None else batch["token_type_ids"].to(device),
+                    return_all_exits=True,
                 )
-            inputs.append(torch.stack(recorded, dim=1).cpu())
-            if halting_head is not None:
-                halting_inputs.append(torch.stack(halting_recorded, dim=1).cpu())
-            finals.append(out.all_logits[-1].cpu())
-            has_labels = batch.get("labels") is not None
-            if with_labels is not None and has_labels != with_labels:
-                raise ValueError("some batches have labels and some do not: give labels in every batch or in none")
-            with_labels = has_labels
-            if has_labels:
-                labels.append(batch["labels"].cpu())
-            bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        if own_classify is None:
-            del adapter.classify
-        else:
-            adapter.classify = own_classify
-        if hook is not None:
-            hook.remove()
-        model._eek_backend = backend
-        model.train(was_training)
+                num_layers = out.all_logits.shape[0]
+                if len(recorded) != num_layers or any(x.shape[0] != ids.shape[0] for x in recorded):
+                    raise RuntimeError(
+                        f"the all-exits forward called the heads {len(recorded)} times on {ids.shape[0]} rows; "
+                        f"expected once per layer ({num_layers}) on every row"
+                    )
+                inputs.append(torch.stack(recorded, dim=1).cpu())
+                if halting_head is not None:
+                    halting_inputs.append(torch.stack(halting_recorded, dim=1).cpu())
+                finals.append(out.all_logits[-1].cpu())
+                has_labels = batch.get("labels") is not None
+                if with_labels is not None and has_labels != with_labels:
+                    raise ValueError("some batches have labels and some do not: give labels in every batch or in none")
+                with_labels = has_labels
+                if has_labels:
+                    labels.append(batch["labels"].cpu())
+                bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+            if own_classify is None:
+                del adapter.classify
+            else:
+                adapter.classify = own_classify
+            if hook is not None:
+                hook.remove()
+            model.train(was_training)
     if not inputs:
         raise ValueError("cache_exit_inputs got no batches")
     return ExitInputCache(
@@ -202,7 +201,8 @@ def cached_exits(model, cache: ExitInputCache, rows: torch.Tensor | None = None)
     has one) runs on its cached inputs as the engine runs it (QExit also reads the previous
     layer's, zeros before layer 1). Differentiable in the heads' parameters.
     """
-    adapter = model._eek_adapter
+    state = state_of(model, "cached_exits")
+    adapter = state.adapter
     heads = model.early_exit_heads
     device = next(heads.parameters()).device
     pick = slice(None) if rows is None else rows
@@ -211,13 +211,13 @@ def cached_exits(model, cache: ExitInputCache, rows: torch.Tensor | None = None)
     final = cache.final_logits[pick].to(device)
     logits = [adapter.classify(layer, inputs[:, layer - 1]) for layer in range(1, num_layers)]
     all_logits = torch.stack([*(z.to(final.dtype) for z in logits), final])
-    halting_head = heads.halting_head(model._eek_policy)
+    halting_head = heads.halting_head(state.policy)
     all_halting = all_halting_logits = None
     if halting_head is not None:
         if cache.halting_inputs is None:
             raise ValueError("the cache holds no halting-head inputs: cache it with the model patched with this policy")
         pooled = cache.halting_inputs[pick].to(device)
-        reads_previous = isinstance(model._eek_policy, QExit)
+        reads_previous = isinstance(state.policy, QExit)
         previous = torch.zeros_like(pooled[:, 0])
         halting = []
         for layer in range(num_layers):
@@ -239,7 +239,7 @@ def cached_record(model, cache: ExitInputCache, chunk: int = 4096):
     from earlyexit_kernels.methods.policies import SkipGates
     from earlyexit_kernels.training.calibration import ExitRecord
 
-    policy = model._eek_policy
+    policy = state_of(model, "cached_record").policy
     if isinstance(policy, SkipGates):
         raise ValueError("a SkipGates record needs the gates' skips: use calibration.record_exits(model, batches)")
     was_training = model.training

@@ -1,5 +1,8 @@
 """Calibrate an exit policy on a validation set: pick the threshold (patience, q, votes) for a target.
 
+(Past 600 lines: the record, its exact replay and the search over candidates share one data
+layout; the warnings and the curve's printing and plotting are the rest.)
+
 Every head runs once on the validation set (``return_all_exits=True``); each candidate
 policy is then replayed offline on the recorded logits and halting logits with
 :func:`earlyexit_kernels.methods.exit_rules.exit_step`, the step the engine applies, in the same
@@ -215,11 +218,11 @@ def record_exits(model, batches) -> ExitRecord:
     ``batches``: dicts with ``input_ids`` and optionally ``attention_mask``,
     ``token_type_ids``, ``labels``. The record is kept on the CPU.
     """
-    from earlyexit_kernels.integrations.hf_patch import is_patched
+    from earlyexit_kernels.patching.state import is_patched, state_of
 
     if not is_patched(model):
         raise ValueError("record_exits needs a model patched with eek.patch")
-    policy = model._eek_policy
+    policy = state_of(model).policy
     if isinstance(policy, Scheduled):
         raise ValueError("a Scheduled policy cannot be calibrated; patch the model with the policy to calibrate")
     was_training = model.training

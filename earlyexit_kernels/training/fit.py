@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from earlyexit_kernels.integrations.hf_patch import patch
 from earlyexit_kernels.methods.policies import SkipGates
+from earlyexit_kernels.patching.patch import patch
 from earlyexit_kernels.training.cached_heads import ExitInputCache, cache_exit_inputs, cached_record
 from earlyexit_kernels.training.calibration import Calibration, calibrate, record_exits
 from earlyexit_kernels.training.recipes import Recipe, recipe

@@ -22,8 +22,8 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from earlyexit_kernels.integrations.hf_patch import _check_objective_policy, is_patched
 from earlyexit_kernels.methods.losses import ALIASES, OBJECTIVES, objective
+from earlyexit_kernels.patching.patch import check_objective_policy, is_patched, policy_of
 from earlyexit_kernels.training.cached_heads import ExitInputCache, cache_exit_inputs, cache_reason, cached_exits
 
 __all__ = [
@@ -265,7 +265,7 @@ def train_exit_heads(
     if not is_patched(model):
         raise ValueError("train_exit_heads needs a model patched with eek.patch")
     chosen.check_head(model.config.num_labels)
-    _check_objective_policy(chosen, model._eek_policy)
+    check_objective_policy(chosen, policy_of(model))
     trains = trains or chosen.trains
     if trains not in _TRAINS:
         raise ValueError(f"trains must be one of {', '.join(_TRAINS)}; got {trains!r}")

@@ -36,6 +36,7 @@ from earlyexit_kernels.integrations.server.predict_schema import (
     parse_predict_request,
 )
 from earlyexit_kernels.integrations.server.rerank_schema import format_rerank_answer, parse_rerank_request
+from earlyexit_kernels.patching.patch import backend_of, policy_of
 
 __all__ = ["create_app"]
 
@@ -284,8 +285,8 @@ class _ServerState:
             "problem_type": kind,
             "num_layers": config.num_hidden_layers,
             "labels": [str(labels.get(i, labels.get(str(i), f"LABEL_{i}"))) for i in range(config.num_labels)],
-            "policy": repr(self.model._eek_policy),
-            "backend": self.model._eek_backend,
+            "policy": repr(policy_of(self.model)),
+            "backend": backend_of(self.model),
             "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
             "max_batch_size": self.engine_options["max_batch_size"],
             "max_client_batch_size": self.max_client_batch_size,

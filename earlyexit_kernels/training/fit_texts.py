@@ -1,4 +1,8 @@
-"""The training and calibration step of ``eek fit``: a method's recipe on tokenized rows, then the threshold.
+"""``eek fit`` as a library: a fine-tuned classifier and texts (labelled or not) to calibrated exits.
+
+:func:`fit_model` checks the method and the rows, tokenizes them and runs :func:`train_and_calibrate`;
+the command line (:mod:`earlyexit_kernels.integrations.fit_cli`) only reads the files, calls it
+and writes the folder.
 
 :func:`train_and_calibrate` patches the model with the method's policy family (and the
 heads' pooling and form), then :func:`earlyexit_kernels.training.fit_exit_heads` trains it with
@@ -11,12 +15,24 @@ full model.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["FitReport", "train_and_calibrate"]
+from earlyexit_kernels.training.recipes import RECIPES
+
+__all__ = ["FitError", "FitReport", "METHODS", "UNLABELLED_METHODS", "fit_model", "train_and_calibrate"]
+
+#: the methods ``fit_model`` takes: those of :data:`~earlyexit_kernels.training.recipes.RECIPES`
+METHODS = tuple(RECIPES)
+#: the methods that train without labels (self-distillation from the final classifier)
+UNLABELLED_METHODS = tuple(name for name, r in RECIPES.items() if not r.needs_labels)
+
+
+class FitError(ValueError):
+    """A problem with what the user asked ``fit`` or ``evaluate`` for; the message says what to change."""
 
 
 @dataclass
@@ -110,16 +126,16 @@ def train_and_calibrate(
 
     ``train_labels`` / ``validation_labels``: LongTensor [N] of class ids, or both None
     (self-distillation, calibrated on agreement). ``pooling`` / ``head``: the internal heads'
-    (None: the family's default, see ``eek.patch``).
+    (None: the family's default, see ``patch``).
     """
-    import earlyexit_kernels as eek
-    from earlyexit_kernels.integrations.labelled_data import length_sorted_batches, shuffled_batches
+    from earlyexit_kernels.patching.patch import patch
     from earlyexit_kernels.training.calibration import describe, distinct_digits
     from earlyexit_kernels.training.fit import fit_exit_heads
+    from earlyexit_kernels.training.labelled_texts import length_sorted_batches, shuffled_batches
     from earlyexit_kernels.training.recipes import recipe
 
     options = {k: v for k, v in (("pooling", pooling), ("head", head)) if v is not None}
-    eek.patch(model, recipe(method).make_policy(), **options)  # the heads' form; fit keeps it
+    patch(model, recipe(method).make_policy(), **options)  # the heads' form; fit keeps it
     train_batches = shuffled_batches(train, train_labels, batch_size, seed)
     val_batches = length_sorted_batches(validation, validation_labels, 64)
     with warnings.catch_warnings():
@@ -159,4 +175,79 @@ def train_and_calibrate(
         head=getattr(config, "head", head),
         stages=[stage.describe() for stage in result.stages],
         layer_scores=list(calibration.layer_scores),
+    )
+
+
+def max_length_for(asked: int | None, model, tokenizer) -> int:
+    positions = getattr(model.config, "max_position_embeddings", 512)
+    limit = min(positions, tokenizer.model_max_length or positions)
+    if asked is None:
+        return limit
+    if asked > limit:
+        raise FitError(f"--max-length {asked} is more than the model's positions hold ({limit})")
+    return asked
+
+
+def warn_truncated(encoded) -> None:
+    if encoded.truncated:
+        print(
+            f"warning: {encoded.truncated} texts are longer than {encoded.max_length} tokens and were truncated",
+            file=sys.stderr,
+        )
+
+
+def fit_model(
+    model,
+    tokenizer,
+    train,
+    validation,
+    *,
+    method: str = "heads",
+    pooling: str | None = None,
+    head: str | None = None,
+    max_drop: float = 1.0,
+    epochs: int | None = None,
+    lr: float | None = None,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+):
+    """Train and calibrate the exit heads of ``model`` in place; what ``eek fit`` does between reading and writing.
+
+    ``model``: a patched classifier (any policy; it is re-patched with the method's).
+    ``train``, ``validation``: :class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`;
+    without labels the heads learn the final classifier's predictions and the threshold is
+    calibrated on agreement with it. Returns the :class:`FitReport`; the model ends patched
+    with the calibrated policy, in eval mode.
+    """
+    from earlyexit_kernels.training.labelled_texts import encode, label_ids
+
+    if method not in METHODS:
+        raise FitError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
+    length = max_length_for(max_length, model, tokenizer)
+    train_ids = label_ids(train, model.config) if train.labels is not None else None
+    val_ids = label_ids(validation, model.config) if validation.labels is not None else None
+    if (train_ids is None) != (val_ids is None):
+        raise FitError("the training rows and the validation rows must both have labels, or neither")
+    if train_ids is None and method not in UNLABELLED_METHODS:
+        raise FitError(f"--method {method} trains with labels; without labels use --method heads")
+    encoded_train, encoded_val = encode(tokenizer, train, length), encode(tokenizer, validation, length)
+    for encoded in (encoded_train, encoded_val):
+        warn_truncated(encoded)
+    return train_and_calibrate(
+        model,
+        encoded_train,
+        train_ids,
+        encoded_val,
+        val_ids,
+        method=method,
+        pooling=pooling,
+        head=head,
+        max_drop=max_drop,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
     )

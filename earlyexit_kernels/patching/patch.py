@@ -18,17 +18,22 @@ from transformers.utils import ModelOutput
 from earlyexit_kernels.backends.registry import check_backend_name, resolve_backend
 from earlyexit_kernels.engine.batch_loop import mask_extents, run_early_exit
 from earlyexit_kernels.engine.heads import ExitHeadConfig, ExitHeads, check_head_choice
-from earlyexit_kernels.engine.module_weights import linear_compute_dtype, linear_device, module_paths, replaced_modules
-from earlyexit_kernels.integrations.exit_files import save_exit_heads
+from earlyexit_kernels.engine.module_weights import linear_compute_dtype, linear_device
 from earlyexit_kernels.methods.losses import Objective, objective
 from earlyexit_kernels.methods.policies import ExitPolicy, SkipGates
-from earlyexit_kernels.models import (
-    SUPPORTED_MODELS,
-    AlbertAdapter,
-    BertAdapter,
-    EncoderAdapterBase,
-    RobertaAdapter,
-    adapter_class,
+from earlyexit_kernels.models import SUPPORTED_MODELS, EncoderAdapterBase, adapter_class
+from earlyexit_kernels.patching.exit_files import save_exit_heads
+from earlyexit_kernels.patching.state import (
+    HEADS,
+    PatchedState,
+    attach,
+    detach,
+    detached,
+    drop_detached_heads,
+    is_patched,
+    read,
+    set_detached,
+    state_of,
 )
 
 __all__ = [
@@ -78,29 +83,13 @@ class EarlyExitOutput(ModelOutput):
     host_syncs = None  # not annotated, so not a dataclass field (see the docstring)
 
 
-# The adapters live in :mod:`earlyexit_kernels.models`; the old private names stay for callers.
-_Adapter = EncoderAdapterBase
-_BertAdapter = BertAdapter
-_RobertaAdapter = RobertaAdapter
-_AlbertAdapter = AlbertAdapter
-
-_HEADS = "early_exit_heads"
-_DETACHED_HEADS = "_eek_detached_heads"
-
-
 def _adapter_class(model) -> type[EncoderAdapterBase]:
     return adapter_class(model)
 
 
-def is_patched(model) -> bool:
-    return "forward" in vars(model) and getattr(model, "_eek_policy", None) is not None
-
-
 def policy_of(model) -> ExitPolicy:
     """The exit policy a model patched with :func:`patch` runs now (``ValueError`` if it is not patched)."""
-    if not is_patched(model):
-        raise ValueError("policy_of: the model is not patched; call eek.patch(model, policy) first")
-    return model._eek_policy
+    return state_of(model, "policy_of").policy
 
 
 def backend_of(model) -> str:
@@ -109,9 +98,7 @@ def backend_of(model) -> str:
     With ``"auto"`` the choice is made per device and shape on the first forward;
     :func:`earlyexit_kernels.backends.choice.auto_choices` shows what it chose.
     """
-    if not is_patched(model):
-        raise ValueError("backend_of: the model is not patched; call eek.patch(model, policy) first")
-    return model._eek_backend
+    return state_of(model, "backend_of").backend
 
 
 def patch(
@@ -156,9 +143,10 @@ def patch(
         resolve_backend(backend, linear_device(classifier), dtype=linear_compute_dtype(classifier))
     check_head_choice(pooling, head, mlp_hidden)
 
-    heads = getattr(model, _HEADS, None)
+    kept_heads, kept_objective = detached(model)
+    heads = getattr(model, HEADS, None)
     if heads is None:
-        heads = vars(model).get(_DETACHED_HEADS)
+        heads = kept_heads
     if heads is None:
         heads = ExitHeads(
             config.hidden_size, config.num_hidden_layers, classifier, pooling=adapter_cls.default_pooling(config)
@@ -170,12 +158,11 @@ def patch(
     heads.to(**where)
     heads.ensure_for(policy, like=torch.empty(0, **where))
     heads.train(model.training)
-    vars(model).pop(_DETACHED_HEADS, None)
-    model.add_module(_HEADS, heads)
-    model._eek_policy = policy
-    model._eek_backend = backend
-    model._eek_adapter = adapter_cls(model, heads)
-    model._eek_adapter_paths = module_paths(model._eek_adapter, model)
+    drop_detached_heads(model)
+    model.add_module(HEADS, heads)
+    # a policy swapped on a patched model, or a model patched again, keeps its training objective
+    kept_objective = state_of(model).objective if is_patched(model) else kept_objective
+    attach(model, PatchedState(policy, backend, adapter_cls(model, heads), objective=kept_objective))
     model.forward = _bind(_patched_forward, model)
     model.save_pretrained = _bind(_patched_save_pretrained, model)
     _hide_extras_from_trainer(config)
@@ -201,24 +188,14 @@ def head_config(model: nn.Module) -> ExitHeadConfig:
     ``pooling`` is ``"cls"`` or ``"mean"``, ``head`` is ``"model"`` or ``"mlp"``, ``mlp_hidden``
     the MLP's width (None for ``"model"``). Chosen at :func:`patch`, saved by ``save_pretrained``.
     """
-    if not is_patched(model):
-        raise ValueError("head_config: the model is not patched; call eek.patch(model, policy) first")
-    return getattr(model, _HEADS).config
+    state_of(model, "head_config")
+    return getattr(model, HEADS).config
 
 
 def current_adapter(model: nn.Module) -> EncoderAdapterBase:
-    """The adapter of a patched model, rebuilt where a module it holds is no longer the model's.
-
-    ``torch.ao.quantization.quantize_dynamic`` after ``eek.patch`` copies the model and swaps
-    its Linear layers (the classifier, the pooler's) for quantized ones; the adapter must then
-    read the quantized ones, as the unpatched quantized model does.
-    """
-    adapter = model._eek_adapter
-    paths = vars(model).get("_eek_adapter_paths")
-    if paths is None or replaced_modules(adapter, model, paths):
-        adapter = type(adapter)(model, getattr(model, _HEADS))
-        model._eek_adapter, model._eek_adapter_paths = adapter, module_paths(adapter, model)
-    return adapter
+    """The adapter of a patched model over its modules as they are now (see :func:`.state.read`)."""
+    state_of(model, "current_adapter")
+    return read(model).adapter
 
 
 def _check_config(config, adapter_cls: type[EncoderAdapterBase]) -> None:
@@ -261,21 +238,24 @@ def set_training_objective(model: nn.Module, method: str | None, **loss_kwargs) 
     """
     if not is_patched(model):
         raise ValueError("set_training_objective needs a model patched with eek.patch")
+    state = state_of(model)
     if method is None:
-        model._eek_objective = None
+        state.objective = None
         return model
     chosen = objective(method)
-    _check_objective_policy(chosen, model._eek_policy)
-    model._eek_objective = (chosen, dict(loss_kwargs))
+    check_objective_policy(chosen, state.policy)
+    state.objective = (chosen, dict(loss_kwargs))
     return model
 
 
 def training_objective(model: nn.Module) -> tuple[Objective, dict] | None:
     """The ``(objective, loss_kwargs)`` chosen with :func:`set_training_objective`, or None."""
-    return getattr(model, "_eek_objective", None)
+    if is_patched(model):
+        return state_of(model).objective
+    return detached(model)[1]
 
 
-def _check_objective_policy(chosen: Objective, policy: ExitPolicy) -> None:
+def check_objective_policy(chosen: Objective, policy: ExitPolicy) -> None:
     if chosen.policy is not None and type(policy).__name__ != chosen.policy:
         raise ValueError(
             f"the {chosen.name} loss needs the model patched with eek.{chosen.policy}(...) (for its "
@@ -287,17 +267,17 @@ def _check_objective_policy(chosen: Objective, policy: ExitPolicy) -> None:
 def _patched_save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
     """``save_pretrained`` of a patched model: the model as Hugging Face saves it, without the
     exit heads, then the heads (safetensors) and the policy (JSON) next to it."""
-    heads = self._modules.pop(_HEADS)
+    heads = self._modules.pop(HEADS)
     _restore_trainer_keys(self.config)
     try:
         if state_dict is not None:
-            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(_HEADS + ".")}
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(HEADS + ".")}
         type(self).save_pretrained(self, save_directory, *args, state_dict=state_dict, **kwargs)
     finally:
-        self._modules[_HEADS] = heads
+        self._modules[HEADS] = heads
         _hide_extras_from_trainer(self.config)
     if kwargs.get("is_main_process", True):
-        save_exit_heads(self, save_directory, training_objective(self))
+        save_exit_heads(self, save_directory, state_of(self))
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -306,12 +286,9 @@ def unpatch(model: nn.Module) -> nn.Module:
         raise ValueError("unpatch: the model is not patched by eek.patch")
     del model.forward
     vars(model).pop("save_pretrained", None)
-    heads = getattr(model, _HEADS)
-    del model._modules[_HEADS]
-    vars(model)[_DETACHED_HEADS] = heads
-    for name in ("_eek_policy", "_eek_backend", "_eek_adapter"):
-        delattr(model, name)
-    vars(model).pop("_eek_adapter_paths", None)
+    heads = getattr(model, HEADS)
+    del model._modules[HEADS]
+    set_detached(model, heads, detach(model).objective)
     _restore_trainer_keys(model.config)
     return model
 
@@ -434,7 +411,8 @@ def _patched_forward(
     kwargs.pop("num_items_in_batch", None)  # transformers.Trainer's loss kwarg; the losses here are means
     if kwargs:
         raise TypeError(f"unexpected arguments for an early-exit forward: {', '.join(sorted(kwargs))}")
-    adapter = current_adapter(self)
+    state = read(self)
+    adapter, policy = state.adapter, state.policy
     _check_config(self.config, type(adapter))
     if token_type_ids is not None and not adapter.uses_token_type_ids:
         raise TypeError(
@@ -443,8 +421,8 @@ def _patched_forward(
         )
     batch, _ = _check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds)
     mask_summary, input_read_backs = _read_input_summary(input_ids, attention_mask, batch, adapter.vocab_size)
-    if hasattr(self._eek_policy, "check_batch"):
-        self._eek_policy.check_batch(batch)
+    if hasattr(policy, "check_batch"):
+        policy.check_batch(batch)
 
     all_exits = return_all_exits or self.training
     device = next(self.parameters()).device
@@ -452,7 +430,7 @@ def _patched_forward(
     # the reference ops run instead, so the returned logits and loss are differentiable.
     differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
     backend = resolve_backend(
-        "torch" if differentiable else self._eek_backend,
+        "torch" if differentiable else state.backend,
         device,
         dtype=linear_compute_dtype(adapter.final_classifier),
         hidden_size=adapter.hidden_size,
@@ -465,11 +443,11 @@ def _patched_forward(
     else:
         hidden = adapter.embed(input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask)
         mask = attention_mask
-    train_gates = self.training and torch.is_grad_enabled() and isinstance(self._eek_policy, SkipGates)
+    train_gates = self.training and torch.is_grad_enabled() and isinstance(policy, SkipGates)
     result = run_early_exit(
         adapter,
         self.early_exit_heads,
-        self._eek_policy,
+        policy,
         backend,
         hidden,
         mask,
@@ -478,9 +456,9 @@ def _patched_forward(
         mask_summary=mask_summary,
     )
     loss = None
-    chosen = getattr(self, "_eek_objective", None)
+    chosen = state.objective
     if self.training and chosen is not None and (labels is not None or not chosen[0].needs_labels):
-        _check_objective_policy(chosen[0], self._eek_policy)
+        check_objective_policy(chosen[0], policy)
         loss = chosen[0](result, labels, **chosen[1])
     elif labels is not None:
         loss = _sequence_classification_loss(self.config, result.logits, labels)

@@ -4,7 +4,7 @@
     model = eek.from_pretrained("out")                 # the saved policy
     model = eek.from_pretrained("out", eek.Entropy(0.2), attn_implementation="sdpa")
 
-What is saved, and in which form: :mod:`earlyexit_kernels.integrations.exit_files`.
+What is saved, and in which form: :mod:`earlyexit_kernels.patching.exit_files`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import os
 import torch
 
 from earlyexit_kernels.engine.heads import ExitHeads
-from earlyexit_kernels.integrations.exit_files import CONFIG_FILE, FORMAT_VERSION, HEADS_FILE, policy_from_dict
-from earlyexit_kernels.integrations.hf_patch import _DETACHED_HEADS, _adapter_class, patch, set_training_objective
 from earlyexit_kernels.methods.policies import ExitPolicy
+from earlyexit_kernels.patching.exit_files import CONFIG_FILE, FORMAT_VERSION, HEADS_FILE, policy_from_dict
+from earlyexit_kernels.patching.patch import _adapter_class, patch, set_training_objective
+from earlyexit_kernels.patching.state import set_detached
 
 __all__ = ["from_pretrained"]
 
@@ -120,7 +121,7 @@ def from_pretrained(path, policy: ExitPolicy | None = None, *, backend: str | No
         raise ValueError(f"{path} has {CONFIG_FILE} but no {HEADS_FILE}: save the patched model again")
     state = load_file(heads_path)
     heads.load_state_dict(state, strict=True)
-    vars(model)[_DETACHED_HEADS] = heads
+    set_detached(model, heads)
     patch(model, policy if policy is not None else policy_from_dict(saved["policy"]), backend or saved["backend"])
     objective = saved.get("objective")
     if objective is not None:

@@ -7,7 +7,7 @@ model) and, next to it, the two files written here: ``early_exit_heads.safetenso
 (the per-layer classifiers, halting heads and gates) and ``early_exit_config.json``
 (the policy, the backend, which heads exist, the internal heads' pooling, form and MLP
 width, and the training objective).
-:func:`earlyexit_kernels.integrations.loading.from_pretrained` reads them back.
+:func:`earlyexit_kernels.patching.loading.from_pretrained` reads them back.
 
 Policies are stored field by field: floats as JSON numbers (Python writes the shortest
 text that reads back to the same float), per-layer tuples and ``Scheduled``'s tensor as
@@ -23,6 +23,7 @@ import os
 import torch
 
 from earlyexit_kernels.engine.heads import ExitHeads
+from earlyexit_kernels.engine.patched_state import PatchedState
 from earlyexit_kernels.methods import policies as _policies
 from earlyexit_kernels.methods.policies import ExitPolicy
 
@@ -67,21 +68,20 @@ def policy_from_dict(data: dict) -> ExitPolicy:
     return cls(**{k: _decode(v) for k, v in data["fields"].items()})
 
 
-def save_exit_heads(model, save_directory, objective: tuple | None = None) -> None:
-    """Write ``early_exit_heads.safetensors`` and ``early_exit_config.json`` of a patched model.
-
-    ``objective``: the ``(Objective, loss_kwargs)`` chosen for training, or None.
-    """
+def save_exit_heads(model, save_directory, state: PatchedState) -> None:
+    """Write ``early_exit_heads.safetensors`` and ``early_exit_config.json`` of a patched model,
+    whose record ``state`` holds the policy, the backend and the training objective (or None)."""
     from safetensors.torch import save_file
 
     os.makedirs(save_directory, exist_ok=True)
     heads: ExitHeads = model.early_exit_heads
+    objective = state.objective
     tensors = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
     save_file(tensors, os.path.join(save_directory, HEADS_FILE), metadata={"format": "pt"})
     config = {
         "format_version": FORMAT_VERSION,
-        "policy": policy_to_dict(model._eek_policy),
-        "backend": model._eek_backend,
+        "policy": policy_to_dict(state.policy),
+        "backend": state.backend,
         "attn_implementation": model.config._attn_implementation,
         "heads": heads.describe(),
         "objective": None if objective is None else {"name": objective[0].name, "kwargs": objective[1]},
