@@ -7,7 +7,7 @@ from threshold_helpers import assert_clear_of_threshold, midway, qexit_cdfs, ran
 
 import earlyexit_kernels as eek
 
-pytestmark = pytest.mark.exact  # bit for bit against the reference: rerun on other CPU kinds
+pytestmark = pytest.mark.exact  # same ops, order and inputs: bit for bit on any CPU (make test-cpu-kinds)
 
 if not eek.backends()["cpp"]:
     pytest.fail(f"the C++ backend must be built for these tests: {eek.backend_status()['cpp']}", pytrace=False)

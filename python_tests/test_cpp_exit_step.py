@@ -12,7 +12,7 @@ from earlyexit_kernels.backends import compaction, cpp_backend
 from earlyexit_kernels.backends.write_back import WriteBack, write_back
 from earlyexit_kernels.methods import exit_rules
 
-pytestmark = pytest.mark.exact  # bit for bit against the reference: rerun on other CPU kinds
+pytestmark = pytest.mark.exact  # same ops, order and inputs: bit for bit on any CPU (make test-cpu-kinds)
 
 L = 6
 CPU = torch.device("cpu")

@@ -17,7 +17,7 @@ import earlyexit_kernels as eek
 from earlyexit_kernels.methods.exit_rules import entropy
 
 pytestmark = [
-    pytest.mark.exact,  # bit for bit against the reference: rerun on other CPU kinds
+    pytest.mark.exact,  # same ops, order and inputs: bit for bit on any CPU (make test-cpu-kinds)
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # the Triton interpreter's masked lanes
 ]
 

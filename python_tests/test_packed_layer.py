@@ -15,7 +15,7 @@ from earlyexit_kernels.backends.compaction import layer_attention_mask
 from earlyexit_kernels.engine.continuous import ContinuousEngine
 from earlyexit_kernels.engine.packed_layer import OpByOpLayer, run_packed, splits_into_token_parts
 
-pytestmark = pytest.mark.exact  # bit for bit against the reference: rerun on other CPU kinds
+pytestmark = pytest.mark.exact  # same ops, order and inputs: bit for bit on any CPU (make test-cpu-kinds)
 
 
 def _padded_batch(width, lengths, seed=0):

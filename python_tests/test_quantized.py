@@ -25,7 +25,7 @@ from earlyexit_kernels.methods.exit_rules import entropy
 from earlyexit_kernels.patching.patch import current_adapter
 
 pytestmark = [
-    pytest.mark.exact,  # bit for bit against the reference: rerun on other CPU kinds
+    pytest.mark.exact,  # same ops, order and inputs: bit for bit on any CPU (make test-cpu-kinds)
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # the Triton interpreter's masked lanes

@@ -7,7 +7,7 @@ import torch
 import earlyexit_kernels as eek
 from earlyexit_kernels.engine.token_pool import TokenPool
 
-pytestmark = pytest.mark.exact  # bit for bit against the reference: rerun on other CPU kinds
+pytestmark = pytest.mark.exact  # same ops, order and inputs: bit for bit on any CPU (make test-cpu-kinds)
 
 if not eek.backends()["cpp"]:
     pytest.fail(f"the C++ backend must be built for these tests: {eek.backend_status()['cpp']}", pytrace=False)

@@ -15,7 +15,7 @@ from earlyexit_kernels.engine.heads import LambdaHaltingHead
 from earlyexit_kernels.methods import exit_rules
 
 pytestmark = [
-    pytest.mark.exact,  # bit for bit against the reference: rerun on other CPU kinds
+    pytest.mark.exact,  # same ops, order and inputs: bit for bit on any CPU (make test-cpu-kinds)
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # interpreter: masked -inf lanes
 ]
 
