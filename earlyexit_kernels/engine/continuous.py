@@ -258,7 +258,6 @@ class ContinuousEngine:
         self._op_layers: list[OpByOpLayer | None] = [None] * self.num_layers
         self._run_packed_layer = self._packed_layer_call
 
-        self.admission = admission
         self._pending = PendingQueue(admission)  # which sequences are embedded next (engine/admission.py)
         self.stats = EngineStats()
 
@@ -292,6 +291,11 @@ class ContinuousEngine:
         self.scheduler.discard(slots)
         self._free(slots)
         return dropped + len(slots)
+
+    @property
+    def admission(self) -> str:
+        """The admission order, ``"fifo"`` or ``"length"`` (see :mod:`earlyexit_kernels.engine.admission`)."""
+        return self._pending.order
 
     @property
     def pending(self) -> int:

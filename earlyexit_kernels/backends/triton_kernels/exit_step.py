@@ -27,13 +27,9 @@ are powers of two chosen from the row count and H by comparison only
 also run traced with dynamic shapes, where those sizes are SymInts.
 Every launch runs on the device of its tensors (Triton launches on the current device).
 
-Numerics: fp32 accumulation for fp32/fp16/bf16 inputs. fp32 inputs use IEEE fp32
-products (``input_precision="ieee"``, no TF32). Under the Triton interpreter bf16
-tiles are widened to fp32 before ``tl.dot`` because the interpreter's ``dot`` treats
-bf16 as integers; the products of bf16 values are exact in fp32, so this changes
-nothing but the operand type. ``pooled`` is rounded to the input dtype before the
-second product, as in the reference. Under autocast the head runs in the autocast
-dtype, as ``F.linear`` does in the reference.
+Numerics: fp32 accumulation for fp32/fp16/bf16 inputs (the head's products:
+:mod:`.exit_head`). Under autocast the head runs in the autocast dtype, as ``F.linear``
+does in the reference.
 """
 
 from __future__ import annotations
