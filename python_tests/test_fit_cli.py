@@ -92,7 +92,9 @@ def _run(*argv):
     return main([str(a) for a in argv])
 
 
-FAST = ("--epochs", "2", "--no-progress")
+# The tests of reading, training and writing run the uncertified calibration: their files are
+# too small to certify a budget (the certified fit has its own tests below).
+FAST = ("--epochs", "2", "--no-progress", "--confidence", "off")
 
 
 def _accuracy_of(folder: str, frame) -> tuple[float, float]:
@@ -189,6 +191,9 @@ def test_a_joint_method_trains_the_backbone_and_keeps_its_policy_family(classifi
         ("not a folder", "is not a folder"),
         ("output exists", "exists; pass --overwrite"),
         ("bad split", "--validation-split must lie strictly between 0 and 1"),
+        ("too few rows to certify", "even a model that never errs needs 299 rows"),
+        ("confidence out of range", "confidence must be a probability strictly between 0 and 1"),
+        ("bad calibration fraction", "--calibration-fraction must lie strictly between 0 and 1"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_status_2(classifier, tmp_path, capsys, case, message):
@@ -222,7 +227,13 @@ def test_bad_input_is_one_clear_line_and_status_2(classifier, tmp_path, capsys, 
         (output / "keep.txt").write_text("mine")
     elif case == "bad split":
         extra = ["--validation-split", "1.5"]
-    assert _run("fit", model, data, output, *extra, *FAST) == 2
+    elif case == "too few rows to certify":
+        extra = ["--confidence", "0.95"]
+    elif case == "confidence out of range":
+        extra = ["--confidence", "1.5"]
+    elif case == "bad calibration fraction":
+        extra = ["--confidence", "0.9", "--calibration-fraction", "0"]
+    assert _run("fit", model, data, output, *FAST, *extra) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     if case == "output exists":
@@ -298,3 +309,22 @@ def test_the_command_line_offers_every_recipe():
 
     assert METHODS == tuple(RECIPES)
     assert UNLABELLED_METHODS == tuple(name for name, r in RECIPES.items() if not r.needs_labels)
+
+
+def test_by_default_fit_certifies_the_budget_on_rows_kept_out_of_training(classifier, tmp_path, capsys):
+    train = _write(_frame(800, seed=11), tmp_path / "train.parquet")
+    out = tmp_path / "certified"
+    assert _run("fit", classifier, train, out, "--max-drop", "5", "--epochs", "2", "--no-progress") == 0
+    printed = capsys.readouterr().out
+    # 10% of 800 for validation (early stopping), a quarter of the other 720 kept out for calibration
+    assert "on 540 rows and calibrated them on 180 calibration rows kept out of training" in printed
+    assert "with confidence 95% (exchangeable rows) on 180 calibration rows" in printed
+    summary = json.loads((out / "eek_fit.json").read_text())
+    assert summary["confidence"] == 0.95 and summary["calibration_rows"] == 180 and summary["train_rows"] == 540
+    certificate = summary["certificate"]
+    assert certificate["budget"] == 0.05 and certificate["rows"] == 180
+    if certificate["certified"]:
+        assert certificate["bound"] <= 0.05 and summary["mean_layers"] < 4
+    else:  # says what would, never a silent full depth
+        assert summary["mean_layers"] > 3.99 and "no early exit certified" in printed
+    assert eek.policy_of(eek.from_pretrained(str(out))).to_code(4) == summary["policy"]

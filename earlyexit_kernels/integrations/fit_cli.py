@@ -17,13 +17,16 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["add_commands", "METHODS", "UNLABELLED_METHODS"]
+__all__ = ["add_commands", "CALIBRATION_FRACTION", "CONFIDENCE", "METHODS", "UNLABELLED_METHODS"]
 
 #: ``--method`` names, those of :data:`earlyexit_kernels.training.recipes.RECIPES` (written out: ``--help`` imports
 #: no torch; a test holds them equal); ``heads`` trains the internal heads of the frozen model (the default)
 METHODS = ("heads", "fastbert", "deebert", "pabee", "palbert", "ensemble", "dact", "smartbert")
 #: the methods that train without labels (self-distillation from the final classifier)
 UNLABELLED_METHODS = ("heads", "fastbert")
+#: ``--confidence`` and ``--calibration-fraction`` defaults, those of :mod:`earlyexit_kernels.training.fit_texts`
+CONFIDENCE = 0.95
+CALIBRATION_FRACTION = 0.25
 
 # -- the command line ---------------------------------------------------------------------------
 
@@ -94,7 +97,22 @@ def _add_fit(commands) -> None:
         type=float,
         default=1.0,
         metavar="POINTS",
-        help="most accuracy (or agreement) points below the full model on the validation rows (default: 1)",
+        help="most accuracy (or agreement) points lost against the full model (default: 1)",
+    )
+    fit.add_argument(
+        "--confidence",
+        type=_confidence,
+        default=CONFIDENCE,
+        metavar="P",
+        help=f"certify --max-drop with this probability over the draw of the calibration rows (default: "
+        f"{CONFIDENCE:g}); 'off': an uncertified threshold, the fewest layers within --max-drop on the validation rows",
+    )
+    fit.add_argument(
+        "--calibration-fraction",
+        type=float,
+        default=CALIBRATION_FRACTION,
+        metavar="FRACTION",
+        help=f"part of TRAIN_FILE kept out of training to certify the threshold on (default: {CALIBRATION_FRACTION:g})",
     )
     held = fit.add_mutually_exclusive_group()
     held.add_argument("--validation", default=None, metavar="FILE", help="validation rows, same columns")
@@ -111,6 +129,15 @@ def _add_fit(commands) -> None:
     fit.add_argument("--seed", type=int, default=0, help="seed of the validation split and the training order")
     fit.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
     fit.set_defaults(run=_fit_command)
+
+
+def _confidence(text: str) -> float | None:
+    if text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a probability such as 0.95, or off; got {text!r}") from None
 
 
 def _add_evaluate(commands) -> None:
@@ -226,6 +253,8 @@ def _fit(args) -> int:
         max_length=args.max_length,
         seed=args.seed,
         progress=_progress_on(args),
+        confidence=args.confidence,
+        calibration_fraction=args.calibration_fraction,
     )
     for line in report.summary():
         print(line)

@@ -165,7 +165,9 @@ class Calibration:
     the most frequent reference class (None when it does not apply); ``heads_at_chance``:
     the layers ``1..L-1`` whose head scores at most ``chance + chance_margin``;
     ``saves_little``: the policy saves less than ``min_saving`` of the layers;
-    ``warnings``: the messages warned (empty when all is well).
+    ``warnings``: the messages warned (empty when all is well); ``certificate``: with
+    ``confidence=``, the :class:`~earlyexit_kernels.training.certified_calibration.Certificate`
+    (the risk, rows, bound reached and the uncertified point's layers), else None.
     """
 
     policy: ExitPolicy
@@ -182,6 +184,7 @@ class Calibration:
     heads_at_chance: list[int] = dataclasses.field(default_factory=list)
     saves_little: bool = False
     warnings: list[str] = dataclasses.field(default_factory=list)
+    certificate: object | None = None
 
     @property
     def saved_fraction(self) -> float:
@@ -201,6 +204,8 @@ class Calibration:
             f"{100 * self.accuracy:.2f}% at {self.mean_layers:.2f} of {self.num_layers} layers "
             f"(saves {100 * self.saved_fraction:.0f}%)" + ("" if self.met else " (target not met)"),
         ]
+        if self.certificate is not None:
+            lines.append(self.certificate.describe())
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
 
@@ -483,6 +488,7 @@ def calibrate(
     metric=None,
     min_saving: float = 0.10,
     chance_margin: float = 0.02,
+    confidence: float | None = None,
 ) -> Calibration:
     """Choose the policy's threshold on validation data for one target.
 
@@ -507,9 +513,27 @@ def calibrate(
     at most ``chance_margin`` (a fraction, default 0.02) above always predicting the most
     frequent class (``result.heads_at_chance``: their layers), so that a policy running at
     full depth with untrained heads never passes silently as ``met=True``.
+
+    ``confidence`` (in (0, 1), with ``max_drop``): certify the budget instead of meeting it on
+    these rows: the most aggressive policy of a fixed grid whose risk is at most ``max_drop``
+    points with probability ``confidence`` over the draw of the rows
+    (:mod:`earlyexit_kernels.training.certified_calibration` says what is guaranteed and how);
+    ``result.certificate`` holds the bound reached, and ``met`` is whether any early exit was
+    certified (if none, the policy never exits early and a warning says how many rows would do).
     """
     if (max_drop is None) == (target_layers is None):
         raise ValueError("give exactly one target: max_drop (accuracy points) or target_layers (mean layers)")
+    if confidence is not None:
+        from earlyexit_kernels.training.risk_control import check_confidence
+
+        check_confidence(confidence)
+        if target_layers is not None:
+            raise ValueError("confidence certifies a risk budget: give max_drop (points), not target_layers")
+        if metric is not None:
+            raise ValueError(
+                "confidence certifies a per-row risk (agreement, or accuracy lost against the full model); a custom "
+                "metric has no per-row loss to bound: drop metric= or confidence="
+            )
     if max_drop is not None and not max_drop >= 0:
         raise ValueError(f"max_drop must be >= 0 accuracy points, got {max_drop!r}")
     if not 0.0 <= min_saving <= 1.0:
@@ -534,7 +558,7 @@ def calibrate(
         goal = f"mean layers <= {target_layers:g}"
         pool = feasible or sorted(curve, key=lambda p: p.mean_layers)[:1]
         best = max(pool, key=lambda p: (p.accuracy, -p.mean_layers))
-    if not feasible:
+    if not feasible and confidence is None:
         warnings.warn(f"calibrate: no candidate meets {goal}; returning the closest", stacklevel=2)
     result = Calibration(
         best.policy,
@@ -549,6 +573,8 @@ def calibrate(
         layer_scores=[score for _, score in baseline],
         chance=chance_score(refs, record.all_logits.shape[-1], metric),
     )
+    if confidence is not None:
+        best = _certify_into(result, record, max_drop, confidence, measure, policy)
     _check_savings(result, min_saving, chance_margin)
     for message in result.warnings:
         warnings.warn(message, CalibrationWarning, stacklevel=2)
@@ -558,6 +584,20 @@ def calibrate(
     if plot:
         plot_curve(curve, plot, full_accuracy=full_accuracy, baseline=baseline, chosen=best)
     return result
+
+
+def _certify_into(result, record, max_drop, confidence, measure, policy) -> CurvePoint:
+    """Replace ``result``'s chosen point by the certified one; returns it (for printing and plotting)."""
+    from earlyexit_kernels.training.certified_calibration import certify
+
+    chosen, certificate, _ = certify(record, max_drop / 100.0, confidence, target=measure, policy=policy)
+    result.policy, result.accuracy, result.mean_layers = chosen.policy, chosen.accuracy, chosen.mean_layers
+    result.met = certificate.certified
+    result.target = f"{certificate.risk} <= {max_drop:g}% with confidence {100 * confidence:g}%"
+    result.certificate = certificate
+    if not certificate.certified:
+        result.warnings.append(f"calibrate: {certificate.describe()}")
+    return chosen
 
 
 def _check_savings(result: Calibration, min_saving: float, chance_margin: float) -> None:

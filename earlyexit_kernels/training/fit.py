@@ -59,7 +59,9 @@ class FitResult:
     ``warnings``, ``heads_at_chance``, ``saves_little``); ``stages``: one
     :class:`StageResult` per training stage; ``labels``: whether labels were used (False:
     self-distillation and agreement); ``validation``: ``"given"`` or ``"split"`` (the last
-    ``validation_fraction`` of the training batches); ``seconds``: wall-clock of the call.
+    ``validation_fraction`` of the training batches); ``calibrated_on``: ``"validation"`` or
+    ``"calibration"`` (separate rows, kept out of training and early stopping);
+    ``seconds``: wall-clock of the call.
     """
 
     method: str
@@ -69,6 +71,7 @@ class FitResult:
     labels: bool = True
     validation: str = "given"
     seconds: float = 0.0
+    calibrated_on: str = "validation"
 
     @property
     def warnings(self) -> list[str]:
@@ -131,6 +134,8 @@ def fit_exit_heads(
     progress: bool = True,
     verbose: bool = False,
     seed: int = 0,
+    calibration_batches=None,
+    confidence: float | None = None,
 ) -> FitResult:
     """Train the exit heads of ``model`` with ``method``'s recipe, calibrate on validation data, patch.
 
@@ -154,6 +159,10 @@ def fit_exit_heads(
     :func:`~earlyexit_kernels.training.calibration.calibrate`, like ``min_saving``). ``epochs``
     and ``lr`` override every head-only stage's defaults (None: the recipe's). Early stopping
     on the validation loss applies to every stage. ``backend``: passed to ``eek.patch``.
+    ``calibration_batches``: rows for the calibration only (default: the validation rows,
+    which early stopping has also seen); ``confidence``: certify ``max_drop`` with that
+    confidence (:func:`~earlyexit_kernels.training.calibration.calibrate`); the guarantee
+    assumes calibration rows that no training step saw, so pass ``calibration_batches``.
     Returns a :class:`FitResult`; the model is left patched with the calibrated policy, in
     eval mode.
     """
@@ -172,6 +181,8 @@ def fit_exit_heads(
         train_batches, val_batches = split_validation(train_batches, validation_fraction)
         validation = "split"
     val_batches = _as_list(val_batches)
+    calibrated_on = "validation" if calibration_batches is None else "calibration"
+    calibration_batches = val_batches if calibration_batches is None else _as_list(calibration_batches)
     if not use_labels:
         if chosen.needs_labels:
             stage = next(s for s in chosen.stages if s.unlabelled is None)
@@ -180,6 +191,7 @@ def fit_exit_heads(
                 f"method='heads' or 'fastbert' (self-distillation from the final classifier)"
             )
         train_batches, val_batches = _without_labels(train_batches), _without_labels(val_batches)
+        calibration_batches = _without_labels(calibration_batches)
         if target == "auto":
             target = "agreement"
 
@@ -196,6 +208,12 @@ def fit_exit_heads(
             # one pass of the frozen model serves the head-only stage and the calibration after it
             caches["train"] = cache_exit_inputs(model, train_batches, progress=progress, description="caching train")
             caches["val"] = cache_exit_inputs(model, val_batches, progress=progress, description="caching validation")
+            if calibrated_on == "calibration":
+                caches["calibration"] = cache_exit_inputs(
+                    model, calibration_batches, progress=progress, description="caching calibration"
+                )
+            else:
+                caches["calibration"] = caches["val"]
         log = train_exit_heads(
             model,
             caches["train"] if head_only else train_batches,
@@ -212,10 +230,10 @@ def fit_exit_heads(
         if not head_only:
             caches.clear()  # the backbone learnt: what the heads read has changed
     model.eval()
-    if "val" in caches and not isinstance(policy, SkipGates):
-        record = cached_record(model, caches["val"])
+    if "calibration" in caches and not isinstance(policy, SkipGates):
+        record = cached_record(model, caches["calibration"])
     else:
-        record = record_exits(model, val_batches)
+        record = record_exits(model, calibration_batches)
     calibration = calibrate(
         record,
         max_drop=max_drop,
@@ -223,6 +241,7 @@ def fit_exit_heads(
         target=target,
         min_saving=min_saving,
         verbose=verbose,
+        confidence=confidence,
     )
     patch(model, calibration.policy, backend)
     return FitResult(
@@ -233,4 +252,5 @@ def fit_exit_heads(
         use_labels,
         validation,
         time.perf_counter() - started,
+        calibrated_on,
     )

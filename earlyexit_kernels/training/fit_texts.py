@@ -15,6 +15,7 @@ full model.
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -23,12 +24,27 @@ import torch
 
 from earlyexit_kernels.training.recipes import RECIPES
 
-__all__ = ["FitError", "FitReport", "METHODS", "UNLABELLED_METHODS", "fit_model", "train_and_calibrate"]
+__all__ = [
+    "CALIBRATION_FRACTION",
+    "CONFIDENCE",
+    "FitError",
+    "FitReport",
+    "METHODS",
+    "UNLABELLED_METHODS",
+    "fit_model",
+    "train_and_calibrate",
+]
 
 #: the methods ``fit_model`` takes: those of :data:`~earlyexit_kernels.training.recipes.RECIPES`
 METHODS = tuple(RECIPES)
 #: the methods that train without labels (self-distillation from the final classifier)
 UNLABELLED_METHODS = tuple(name for name, r in RECIPES.items() if not r.needs_labels)
+
+
+#: the confidence ``eek fit`` certifies its budget with unless told otherwise
+CONFIDENCE = 0.95
+#: the part of the training rows ``eek fit`` keeps out of training to certify the threshold on
+CALIBRATION_FRACTION = 0.25
 
 
 class FitError(ValueError):
@@ -42,7 +58,10 @@ class FitReport:
     ``accuracy`` / ``full_accuracy`` are on the validation rows, fractions; with
     ``target == "agreement"`` they are agreement with the full model (and full is 1.0).
     ``train_seconds``: the training stages; ``calibrate_seconds``: the rest of the fit (the
-    frozen model's passes over the rows, the calibration).
+    frozen model's passes over the rows, the calibration). With ``confidence``: the policy is
+    certified on ``calibration_rows`` rows kept out of training, and ``certificate`` holds
+    :class:`~earlyexit_kernels.training.certified_calibration.Certificate`'s fields (budget,
+    bound reached, uncertified point's layers, rows needed when nothing was certified).
     """
 
     method: str
@@ -63,6 +82,9 @@ class FitReport:
     head: str | None = None
     stages: list[str] = field(default_factory=list)
     layer_scores: list[float] = field(default_factory=list)
+    confidence: float | None = None
+    calibration_rows: int = 0
+    certificate: dict | None = None
 
     def as_dict(self) -> dict:
         return {k: v for k, v in vars(self).items()}
@@ -70,17 +92,23 @@ class FitReport:
     def summary(self) -> list[str]:
         """The lines ``eek fit`` prints: the compact curve, then the chosen point."""
         what = "agreement with the full model" if self.target == "agreement" else "accuracy"
+        calibrated = (
+            f"{self.calibration_rows} calibration rows kept out of training"
+            if self.confidence is not None
+            else f"{self.validation_rows} validation rows"
+        )
         lines = [
             f"fitted the exit heads ({self.method}) on {self.train_rows} rows and calibrated them on "
-            f"{self.validation_rows} validation rows in {self.train_seconds + self.calibrate_seconds:.1f} s "
+            f"{calibrated} in {self.train_seconds + self.calibrate_seconds:.1f} s "
             f"({self.train_seconds:.1f} s in the training stages; the rest: the model's passes over the rows "
             f"and the calibration)"
         ]
         lines += [f"  stage {i}: {stage}" for i, stage in enumerate(self.stages, start=1)]
+        where = "calibration rows" if self.confidence is not None else "validation"
         if self.layer_scores:
             scores = " ".join(f"{k}:{100 * a:.1f}" for k, a in enumerate(self.layer_scores, start=1))
-            lines.append(f"{what} of each layer's head alone on validation: {scores}")
-        lines.append(f"candidates ({what} on validation, mean layers of {self.num_layers}):")
+            lines.append(f"{what} of each layer's head alone on {where}: {scores}")
+        lines.append(f"candidates ({what} on {where}, mean layers of {self.num_layers}; uncertified):")
         lines += ["  " + line for line in _compact_curve(self.curve)]
         full = "" if self.target == "agreement" else f" (full model {100 * self.full_accuracy:.2f}%)"
         lines.append(
@@ -88,8 +116,16 @@ class FitReport:
             f"of {self.num_layers} (ideal speed-up {self.num_layers / self.mean_layers:.2f}x)"
             + ("" if self.met else " - the target was NOT met")
         )
+        if self.certificate is not None and self.certificate["certified"]:  # else it is one of the warnings
+            lines.append(_describe_certificate(self.certificate))
         lines += [f"warning: {w}" for w in self.warnings]
         return lines
+
+
+def _describe_certificate(fields: dict) -> str:
+    from earlyexit_kernels.training.certified_calibration import Certificate
+
+    return Certificate(**fields).describe()
 
 
 def _compact_curve(curve: list[tuple[str, float, float]], rows: int = 8) -> list[str]:
@@ -120,13 +156,18 @@ def train_and_calibrate(
     batch_size: int,
     seed: int,
     progress: bool,
+    calibration=None,
+    calibration_labels: torch.Tensor | None = None,
+    confidence: float | None = None,
 ) -> FitReport:
     """Train ``model``'s exit heads with ``method``'s recipe on ``train`` (:class:`Encoded` rows) and calibrate
     on ``validation`` (:func:`earlyexit_kernels.training.fit_exit_heads`); returns a :class:`FitReport`.
 
     ``train_labels`` / ``validation_labels``: LongTensor [N] of class ids, or both None
     (self-distillation, calibrated on agreement). ``pooling`` / ``head``: the internal heads'
-    (None: the family's default, see ``patch``).
+    (None: the family's default, see ``patch``). ``calibration`` / ``calibration_labels``:
+    rows kept out of training for the calibration (default: the validation rows);
+    ``confidence``: certify ``max_drop`` with it.
     """
     from earlyexit_kernels.patching.patch import patch
     from earlyexit_kernels.training.calibration import describe, distinct_digits
@@ -138,6 +179,8 @@ def train_and_calibrate(
     patch(model, recipe(method).make_policy(), **options)  # the heads' form; fit keeps it
     train_batches = shuffled_batches(train, train_labels, batch_size, seed)
     val_batches = length_sorted_batches(validation, validation_labels, 64)
+    calibration_batches = None if calibration is None else length_sorted_batches(calibration, calibration_labels, 64)
+    calibration_rows = len(validation if calibration is None else calibration)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the calibration's warnings are in its result, printed by the report
         result = fit_exit_heads(
@@ -151,6 +194,8 @@ def train_and_calibrate(
             lr=lr,
             progress=progress,
             seed=seed,
+            calibration_batches=calibration_batches,
+            confidence=confidence,
         )
     model.eval()
     calibration = result.calibration
@@ -175,6 +220,9 @@ def train_and_calibrate(
         head=getattr(config, "head", head),
         stages=[stage.describe() for stage in result.stages],
         layer_scores=list(calibration.layer_scores),
+        confidence=confidence,
+        calibration_rows=calibration_rows,
+        certificate=None if calibration.certificate is None else calibration.certificate.as_dict(),
     )
 
 
@@ -212,6 +260,8 @@ def fit_model(
     max_length: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    confidence: float | None = CONFIDENCE,
+    calibration_fraction: float = CALIBRATION_FRACTION,
 ):
     """Train and calibrate the exit heads of ``model`` in place; what ``eek fit`` does between reading and writing.
 
@@ -220,6 +270,12 @@ def fit_model(
     without labels the heads learn the final classifier's predictions and the threshold is
     calibrated on agreement with it. Returns the :class:`FitReport`; the model ends patched
     with the calibrated policy, in eval mode.
+
+    ``confidence`` (in (0, 1); None: uncertified, on the validation rows): keep a random
+    ``calibration_fraction`` of ``train`` out of head training and early stopping, and certify
+    on those rows that the policy loses at most ``max_drop`` points with that confidence
+    (:mod:`earlyexit_kernels.training.certified_calibration`). Rows too few to certify even a
+    policy that never errs raise :class:`FitError` with the number needed.
     """
     from earlyexit_kernels.training.labelled_texts import encode, label_ids
 
@@ -232,9 +288,16 @@ def fit_model(
         raise FitError("the training rows and the validation rows must both have labels, or neither")
     if train_ids is None and method not in UNLABELLED_METHODS:
         raise FitError(f"--method {method} trains with labels; without labels use --method heads")
+    calibration = calibration_ids = encoded_calibration = None
+    if confidence is not None:
+        train, calibration = _keep_out_for_calibration(train, max_drop, confidence, calibration_fraction, seed)
+        train_ids = label_ids(train, model.config) if train.labels is not None else None
+        calibration_ids = label_ids(calibration, model.config) if calibration.labels is not None else None
+        encoded_calibration = encode(tokenizer, calibration, length)
     encoded_train, encoded_val = encode(tokenizer, train, length), encode(tokenizer, validation, length)
-    for encoded in (encoded_train, encoded_val):
-        warn_truncated(encoded)
+    for encoded in (encoded_train, encoded_val, encoded_calibration):
+        if encoded is not None:
+            warn_truncated(encoded)
     return train_and_calibrate(
         model,
         encoded_train,
@@ -250,4 +313,32 @@ def fit_model(
         batch_size=batch_size,
         seed=seed,
         progress=progress,
+        calibration=encoded_calibration,
+        calibration_labels=calibration_ids,
+        confidence=confidence,
     )
+
+
+def _keep_out_for_calibration(train, max_drop: float, confidence: float, fraction: float, seed: int):
+    """``(train, calibration)``: a random ``fraction`` of the rows kept out, checked to be enough to certify."""
+    from earlyexit_kernels.training.labelled_texts import split_rows
+    from earlyexit_kernels.training.risk_control import check_confidence, rows_to_certify
+
+    try:
+        check_confidence(confidence)
+    except ValueError as error:
+        raise FitError(f"--confidence: {error}") from None
+    rest, held = split_rows(len(train), fraction, seed + 1, option="--calibration-fraction", held_as="calibration")
+    least = rows_to_certify(0.0, max_drop / 100.0, confidence)
+    if least is None:
+        raise FitError(
+            f"--max-drop {max_drop:g} cannot be certified: no number of rows tells a zero loss from a tiny one"
+        )
+    if len(held) < least:
+        raise FitError(
+            f"{len(held)} calibration rows ({fraction:g} of the {len(train)} training rows) cannot certify a drop of "
+            f"at most {max_drop:g} points with confidence {confidence:g}: even a model that never errs needs {least} "
+            f"rows. Give at least {math.ceil(least / fraction)} training rows, a larger --max-drop, a lower "
+            f"--confidence, or --confidence off (an uncertified threshold chosen on the validation rows)"
+        )
+    return train.subset(rest), train.subset(held)

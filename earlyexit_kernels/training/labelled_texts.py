@@ -101,15 +101,19 @@ def _as_class_id(value) -> int | None:
     return None
 
 
-def split_rows(count: int, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
-    """(rest, held out): a random ``fraction`` of ``range(count)`` held out, drawn from ``seed``."""
+def split_rows(
+    count: int, fraction: float, seed: int = 0, *, option: str = "--validation-split", held_as: str = "validation"
+) -> tuple[list[int], list[int]]:
+    """(rest, held out): a random ``fraction`` of ``range(count)`` held out, drawn from ``seed``.
+
+    ``option`` and ``held_as`` name the option and the held rows in the error messages."""
     if not 0.0 < fraction < 1.0:
-        raise DataError(f"--validation-split must lie strictly between 0 and 1, got {fraction}")
+        raise DataError(f"{option} must lie strictly between 0 and 1, got {fraction}")
     held = round(count * fraction)
     if held < 1 or held >= count:
+        hint = "give more rows or a validation file (--validation)" if held_as == "validation" else "give more rows"
         raise DataError(
-            f"--validation-split {fraction} of {count} rows leaves {held} validation and {count - held} training "
-            f"rows; give more rows or a validation file (--validation)"
+            f"{option} {fraction} of {count} rows leaves {held} {held_as} and {count - held} training rows; {hint}"
         )
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(order[held:]), sorted(order[:held])

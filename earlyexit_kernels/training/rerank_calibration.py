@@ -15,6 +15,14 @@ adjacent). The candidates are ``ScoreBand(low=t)`` for ``t`` over the quantiles 
 internal heads' scores (keeping the ``high`` of ``policy`` when it has one), plus a ``low``
 below every score (never early). Each is replayed with
 :func:`earlyexit_kernels.training.calibration.replay`: the decisions of the patched model.
+
+With ``confidence=`` the recall is certified instead: the queries are the exchangeable units,
+each query's loss is ``1 - recall`` of the full model's top k (in [0, 1]), and the candidates
+are a fixed grid of ``low`` (:data:`CERTIFIED_LOWS`, never from the data) tested from the most
+conservative up with the Hoeffding-Bentkus bound, stopping at the first not certified
+(:mod:`earlyexit_kernels.training.certified_calibration`). With probability ``confidence``
+over the draw of the calibration queries, the mean recall on queries like them is at least
+``min_recall``; ``result.certificate`` says the bound reached.
 """
 
 from __future__ import annotations
@@ -28,7 +36,20 @@ import torch
 from earlyexit_kernels.methods.policies import ScoreBand
 from earlyexit_kernels.training.calibration import ExitRecord, replay
 
-__all__ = ["RerankPoint", "RerankCalibration", "top_k_recall", "ndcg_at", "rerank_candidates", "calibrate_rerank"]
+__all__ = [
+    "CERTIFIED_LOWS",
+    "RerankPoint",
+    "RerankCalibration",
+    "top_k_recall",
+    "query_recalls",
+    "ndcg_at",
+    "rerank_candidates",
+    "calibrate_rerank",
+]
+
+#: the fixed grid of ``ScoreBand(low)`` certified calibration tests, most conservative first:
+#: never early, then raw scores from -20 to 20 in steps of 0.05
+CERTIFIED_LOWS = (-1e9, *(round(-20.0 + 0.05 * i, 2) for i in range(801)))
 
 
 @dataclass
@@ -50,6 +71,7 @@ class RerankCalibration:
     met: bool
     target: str
     curve: list[RerankPoint]
+    certificate: object | None = None
 
 
 def _group_rows(groups: torch.Tensor) -> list[torch.Tensor]:
@@ -63,15 +85,33 @@ def top_k_recall(scores: torch.Tensor, full_scores: torch.Tensor, groups: torch.
     ``scores``, ``full_scores``: [N]; ``groups``: [N] query of each row. Ties in a top k
     go to the earlier row, as :func:`earlyexit_kernels.engine.rerank.rank_order` does.
     """
+    recalls = query_recalls(scores, full_scores, groups, k)
+    return float(recalls.mean())
+
+
+def query_recalls(scores: torch.Tensor, full_scores: torch.Tensor, groups: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """Each query's recall of the full model's top ``k`` (float64 [queries], in the order of ``unique(groups)``)."""
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    recalls = []
-    for rows in _group_rows(groups):
-        size = min(k, rows.numel())
-        top = set(_top(scores[rows], size))
-        full = set(_top(full_scores[rows], size))
-        recalls.append(len(top & full) / size)
-    return sum(recalls) / len(recalls)
+    groups = torch.as_tensor(groups).reshape(-1)
+    _, query = torch.unique(groups, return_inverse=True)
+    order = torch.sort(query, stable=True).indices  # rows by query, each query's rows in their order
+    sizes = torch.bincount(query)
+    starts = torch.cumsum(sizes, 0) - sizes
+    slot = torch.arange(order.numel()) - starts[query[order]]
+    width = int(sizes.max())
+
+    def top_of(values: torch.Tensor) -> torch.Tensor:
+        table = torch.full((sizes.numel(), width), -math.inf, dtype=torch.float64)
+        table[query[order], slot] = values[order].double()
+        # descending and stable: ties go to the earlier row, and padding (after every row) last
+        rank = torch.empty_like(table, dtype=torch.long)
+        ranking = torch.sort(table, dim=1, descending=True, stable=True).indices
+        rank.scatter_(1, ranking, torch.arange(width).expand_as(ranking).contiguous())
+        return rank < torch.clamp(sizes, max=k)[:, None]
+
+    size = torch.clamp(sizes, max=k).double()
+    return (top_of(scores) & top_of(full_scores)).sum(1).double() / size
 
 
 def _top(values: torch.Tensor, size: int) -> list[int]:
@@ -103,6 +143,7 @@ def calibrate_rerank(
     target_layers: float | None = None,
     policy: ScoreBand | None = None,
     count: int = 60,
+    confidence: float | None = None,
 ) -> RerankCalibration:
     """Choose ``ScoreBand(low)`` on a record of (query, passage) rows for one target.
 
@@ -110,6 +151,8 @@ def calibrate_rerank(
     model's top ``k`` is at least it; ``target_layers``: the best recall with at most that
     many mean layers. Ties go to the higher recall, then the cheaper. When nothing meets
     the target, the closest candidate comes back with ``met=False`` and a warning.
+    ``confidence`` (with ``min_recall``): certify it over the draw of the queries (see the
+    module's docstring); ``met`` is then whether any early exit was certified.
     """
     if (min_recall is None) == (target_layers is None):
         raise ValueError("give exactly one target: min_recall (a fraction) or target_layers (mean layers)")
@@ -124,6 +167,10 @@ def calibrate_rerank(
     if groups.numel() != record.all_logits.shape[1]:
         raise ValueError(f"groups has {groups.numel()} entries for {record.all_logits.shape[1]} rows; give one per row")
     full = record.all_logits[-1, :, 0].float()
+    if confidence is not None:
+        if min_recall is None:
+            raise ValueError("confidence certifies a recall: give min_recall, not target_layers")
+        return _certified_rerank(record, groups, full, k, min_recall, confidence, policy)
     curve = []
     for candidate in rerank_candidates(record, policy, count=count):
         result = replay(candidate, record)
@@ -142,6 +189,63 @@ def calibrate_rerank(
     if not feasible:
         warnings.warn(f"calibrate_rerank: no candidate meets {target}; returning the closest", stacklevel=2)
     return RerankCalibration(best.policy, best.recall, best.mean_layers, bool(feasible), target, curve)
+
+
+def _certified_rerank(record, groups, full, k, min_recall, confidence, policy) -> RerankCalibration:
+    from earlyexit_kernels.training.certified_calibration import Certificate
+    from earlyexit_kernels.training.risk_control import (
+        check_confidence,
+        fixed_sequence,
+        hoeffding_bentkus_p_value,
+        rows_to_certify,
+        upper_bound,
+    )
+
+    confidence = check_confidence(confidence)
+    budget = 1.0 - min_recall
+    queries = len(_group_rows(groups))
+    least = rows_to_certify(0.0, budget, confidence)
+    if least is None or queries < least:
+        raise ValueError(
+            f"{queries} calibration queries cannot certify a recall of {min_recall:g} at confidence "
+            f"{100 * confidence:g}%: even a policy that never errs needs {least} queries; give more queries, a lower "
+            f"min_recall or a lower confidence"
+        )
+    high = policy.high if policy is not None else None
+    grid = [ScoreBand(low=t, high=high) for t in CERTIFIED_LOWS if high is None or t < high]
+    points, losses = {}, {}
+
+    def p_value(index: int) -> float:
+        result = replay(grid[index], record)
+        losses[index] = 1.0 - query_recalls(result.logits[:, 0], full, groups, k)
+        points[index] = RerankPoint(
+            grid[index], 1.0 - float(losses[index].mean()), result.layers_run.float().mean().item()
+        )
+        return hoeffding_bentkus_p_value(float(losses[index].mean()), queries, budget)
+
+    last = fixed_sequence(p_value, len(grid), 1.0 - confidence)
+    chosen = points[max(last, 0)]
+    num_layers = record.num_layers
+    certified = last >= 0 and chosen.mean_layers < num_layers - 1e-9
+    loss = losses[max(last, 0)]
+    certificate = Certificate(
+        budget=budget,
+        confidence=confidence,
+        risk=f"the full model's top {k} missed (fraction per query)",
+        rows=queries,
+        observed=float(loss.mean()),
+        bound=upper_bound(float(loss.sum()), queries, confidence, binary=False),
+        certified=certified,
+        tested=len(points),
+        mean_layers=chosen.mean_layers,
+        num_layers=num_layers,
+        unit="queries",
+    )
+    target = f"recall of the full model's top {k} >= {min_recall:g} with confidence {100 * confidence:g}%"
+    if not certified:
+        warnings.warn(f"calibrate_rerank: {certificate.describe()}", stacklevel=3)
+    curve = [points[i] for i in sorted(points)]
+    return RerankCalibration(chosen.policy, chosen.recall, chosen.mean_layers, certified, target, curve, certificate)
 
 
 def ndcg_at(scores: torch.Tensor, relevance: torch.Tensor, groups: torch.Tensor, k: int = 10) -> float:

@@ -1,0 +1,300 @@
+"""Calibration with a guarantee: the most aggressive policy whose risk is certified to stay within a budget.
+
+    result = calibrate(model, calibration_batches, max_drop=1.0, confidence=0.95)
+    result.certificate.describe()    # the risk, the rows, the bound reached, what it costs
+
+What is guaranteed. Let the calibration rows and the rows the model will serve be drawn
+independently from one distribution (exchangeable). Then, with probability at least
+``confidence`` over the draw of the calibration rows, the chosen policy's risk on the served
+rows is at most the budget. The risk is, per row:
+
+- ``"agreement"`` (no labels needed): the early exit predicts another class than the full
+  model (multi-label: the fraction of labels decided otherwise).
+- ``"accuracy"`` (labels): the full model is right and the early exit is wrong (multi-label:
+  the fraction of labels where that happens). The accuracy lost against the full model is
+  this risk minus the rows where the exit is right and the full model wrong, so it is at most
+  the budget too.
+
+What is not: the guarantee is over the draw of the calibration rows, for rows like them. A
+shift in what is served (other topics, lengths, a new source) voids it; the serving watch
+(``eek serve --audit-fraction``) measures the risk on live traffic for that reason.
+
+How. The candidates are a fixed grid of the policy's family, set by the number of layers and
+labels only (never by the calibration rows), ordered from the most conservative (never exits
+early) to the most aggressive. Each is tested in turn for "risk > budget" with an exact
+binomial p-value (0/1 losses) or the Hoeffding-Bentkus one (losses in [0, 1]), and the test
+stops at the first that is not rejected at ``1 - confidence`` (fixed-sequence testing,
+Learn-then-Test): the last rejected candidate is chosen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from earlyexit_kernels.methods.policies import (
+    DACT,
+    Entropy,
+    ExitPolicy,
+    MaxProb,
+    MultiLabelConfidence,
+    Patience,
+    QExit,
+    SkipGates,
+    Voting,
+)
+from earlyexit_kernels.training.calibration import (
+    CurvePoint,
+    ExitRecord,
+    _is_multi_label,
+    _resolve_target,
+    accuracy,
+    references,
+    replay,
+)
+from earlyexit_kernels.training.risk_control import (
+    check_budget,
+    check_confidence,
+    fixed_sequence,
+    risk_p_value,
+    rows_to_certify,
+    upper_bound,
+)
+
+__all__ = ["GRID_STEPS", "RISKS", "Certificate", "certified_candidates", "row_losses", "certify"]
+
+#: points of the fixed threshold grids (continuous knobs); finer near the conservative end
+GRID_STEPS = 400
+
+#: what each risk counts, per row
+RISKS = {
+    "agreement": "rows whose early exit predicts another class than the full model",
+    "accuracy": "rows the full model gets right and the early exit gets wrong",
+}
+_MULTI_LABEL_RISKS = {
+    "agreement": "labels decided otherwise than by the full model (fraction per row)",
+    "accuracy": "labels the full model gets right and the early exit gets wrong (fraction per row)",
+}
+
+
+@dataclass
+class Certificate:
+    """What certified calibration found, on ``rows`` calibration rows.
+
+    ``budget`` and ``confidence``: as asked (the budget a fraction); ``risk``: what is counted;
+    ``observed``: the chosen policy's risk on the calibration rows; ``bound``: its upper
+    ``confidence`` bound (at most ``budget`` when ``certified``); ``certified``: some early
+    exit is certified (False: the chosen policy never exits early); ``tested``: candidates
+    tested; ``uncertified_layers``: the mean layers of the point an uncertified calibration
+    picks on the same rows (None when not computed), so ``mean_layers - uncertified_layers``
+    is what the guarantee costs; ``rows_needed``: when nothing is certified, the rows at
+    which the cheapest promising candidate would be (None: no candidate's observed risk is
+    under the budget); ``needed_for``: that candidate.
+    """
+
+    budget: float
+    confidence: float
+    risk: str
+    rows: int
+    observed: float
+    bound: float
+    certified: bool
+    tested: int
+    mean_layers: float
+    num_layers: int
+    uncertified_layers: float | None = None
+    rows_needed: int | None = None
+    needed_for: str | None = None
+    needed_rate: float | None = None
+    unit: str = "rows"
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """One paragraph: the budget, the confidence, the rows, the bound reached and its price."""
+        head = (
+            f"certified: {self.risk} <= {100 * self.budget:g}% with confidence {100 * self.confidence:g}% "
+            f"(exchangeable {self.unit}) on {self.rows} calibration {self.unit}"
+        )
+        if not self.certified:
+            if self.rows_needed is None:
+                return (
+                    f"{head}: no early exit certified; every candidate that exits early shows a risk at or over "
+                    f"the budget on these {self.unit}: train better heads or allow a larger budget"
+                )
+            return (
+                f"{head}: no early exit certified; {self.needed_for} would be with about {self.rows_needed} {self.unit} "
+                f"(its observed risk {100 * self.needed_rate:.2f}%), so the model runs all {self.num_layers} layers"
+            )
+        price = ""
+        if self.uncertified_layers is not None:
+            price = f"; the uncertified point runs {self.uncertified_layers:.2f} (the guarantee costs " + (
+                f"{self.mean_layers - self.uncertified_layers:+.2f} layers)"
+            )
+        return (
+            f"{head}: observed {100 * self.observed:.2f}%, bound {100 * self.bound:.2f}%, "
+            f"{self.mean_layers:.2f} of {self.num_layers} mean layers{price}"
+        )
+
+
+def _entropy_grid(maximum: float, steps: int) -> list[float]:
+    # Exit when H < tau: tau = 0 never exits early; quadratic spacing resolves the confident end.
+    return [maximum * 1.0001 * (i / steps) ** 2 for i in range(steps + 1)]
+
+
+def certified_candidates(
+    policy: ExitPolicy, num_layers: int, num_labels: int, *, steps: int = GRID_STEPS
+) -> list[ExitPolicy]:
+    """The fixed grid of ``policy``'s family, from the most conservative candidate to the most aggressive.
+
+    It depends on ``num_layers`` and ``num_labels`` only, never on data: that is what lets
+    the fixed-sequence test certify the one it stops at. The first candidate never exits
+    early (for ``QExit`` and ``MaxProb``: only on saturated heads).
+    """
+    if isinstance(policy, (Entropy, SkipGates)):
+        maximum = 1.0 if policy.normalized else math.log(num_labels)
+        grid = _entropy_grid(maximum, steps)
+        if isinstance(policy, SkipGates):
+            return [dataclasses.replace(policy, entropy_threshold=t) for t in grid]
+        return [Entropy(t, normalized=policy.normalized) for t in grid]
+    if isinstance(policy, MaxProb):
+        floor = 1.0 / num_labels
+        return [
+            MaxProb(1.0 - (1.0 - floor) * (i / steps) ** 2, temperature=policy.temperature) for i in range(steps + 1)
+        ]
+    if isinstance(policy, Patience):
+        return [Patience(p, regression_threshold=policy.regression_threshold) for p in range(num_layers - 1, 0, -1)]
+    if isinstance(policy, Voting):
+        return [Voting(k) for k in range(num_layers, 0, -1)]
+    if isinstance(policy, QExit):
+        qs = [min(1.0 - 1e-7, max(1e-7, 1.0 - (i / steps) ** 2)) for i in range(steps + 1)]
+        return [dataclasses.replace(policy, q=q, stochastic=False) for q in dict.fromkeys(qs)]
+    if isinstance(policy, MultiLabelConfidence):
+        return [MultiLabelConfidence(1.0 - 0.5 * (i / steps) ** 2) for i in range(steps + 1)]
+    if isinstance(policy, DACT):
+        return [DACT()]
+    raise ValueError(f"cannot calibrate a {type(policy).__name__} policy")
+
+
+def row_losses(logits: torch.Tensor, record: ExitRecord, target: str) -> torch.Tensor:
+    """Each calibration row's loss in [0, 1] under ``target`` for the early exit's ``logits`` [N, C]: float64 [N]."""
+    full = record.all_logits[-1].float()
+    if _is_multi_label(record):
+        exit_says, full_says = logits.float() > 0, full > 0
+        if target == "agreement":
+            return (exit_says != full_says).double().mean(-1)
+        truth = record.labels > 0.5
+        return ((full_says == truth) & (exit_says != truth)).double().mean(-1)
+    exit_class, full_class = logits.float().argmax(-1), full.argmax(-1)
+    if target == "agreement":
+        return (exit_class != full_class).double()
+    return ((full_class == record.labels) & (exit_class != record.labels)).double()
+
+
+def _rows_needed(points, losses_of, budget, confidence, num_layers):
+    """A candidate more rows would certify, and about how many: the one saving the most layers among
+    those whose observed risk is at most half the budget (else the one needing the fewest rows)."""
+    found = []
+    for index, point in points:
+        if point.mean_layers >= num_layers - 1e-9:
+            continue
+        losses = losses_of(index)
+        rate = float(losses.mean())
+        binary = bool(((losses == 0) | (losses == 1)).all())
+        rows = rows_to_certify(rate, budget, confidence, binary=binary)
+        if rows is not None:
+            found.append((rows, point, rate))
+    if not found:
+        return None
+    comfortable = [f for f in found if f[2] <= budget / 2]
+    if comfortable:
+        return min(comfortable, key=lambda f: f[1].mean_layers)
+    return min(found, key=lambda f: f[0])
+
+
+def _point(policy: ExitPolicy, result, refs) -> CurvePoint:
+    return CurvePoint(
+        policy,
+        float(accuracy(result.logits, refs)),
+        result.layers_run.float().mean().item(),
+        result.exit_layer.float().mean().item(),
+    )
+
+
+def certify(
+    record: ExitRecord,
+    budget: float,
+    confidence: float,
+    *,
+    target: str = "auto",
+    policy: ExitPolicy | None = None,
+    steps: int = GRID_STEPS,
+) -> tuple[CurvePoint, Certificate, list[CurvePoint]]:
+    """The certified point on ``record``: ``(chosen, certificate, curve)``.
+
+    ``budget``: the risk budget, a fraction of rows (``max_drop / 100``); ``confidence`` in
+    (0, 1); ``target``: ``"agreement"``, ``"accuracy"`` or ``"auto"`` (accuracy with labels);
+    ``policy``: the family (default: the recorded policy's). ``chosen`` is a
+    :class:`CurvePoint` scored like :func:`calibrate` (accuracy or agreement); ``curve``:
+    every candidate of the grid, in order (``certificate.tested`` of them were tested). The
+    certificate's uncertified point is the fewest mean layers of the grid whose score is
+    within ``budget`` of the full model's on these rows, what calibrating without a
+    guarantee would pick. Raises ``ValueError`` when the rows are too few for
+    even a policy that never errs to be certified.
+    """
+    budget, confidence = check_budget(budget), check_confidence(confidence)
+    target = _resolve_target(record, target)
+    refs = references(record, target)
+    num_layers, rows, num_labels = record.all_logits.shape
+    least = rows_to_certify(0.0, budget, confidence)
+    if least is None or rows < least:
+        raise ValueError(
+            f"{rows} calibration rows cannot certify a risk budget of {100 * budget:g}% at confidence "
+            f"{100 * confidence:g}%: even a policy that never errs needs {least} rows "
+            f"(log(1 - confidence) / log(1 - budget)); give more calibration rows, a larger budget or a lower confidence"
+        )
+    grid = certified_candidates(record.policy if policy is None else policy, num_layers, num_labels, steps=steps)
+    replays, losses = {}, {}
+
+    def losses_of(index: int) -> torch.Tensor:
+        if index not in losses:
+            replays[index] = replay(grid[index], record)
+            losses[index] = row_losses(replays[index].logits, record, target)
+        return losses[index]
+
+    last = fixed_sequence(lambda i: risk_p_value(losses_of(i), budget), len(grid), 1.0 - confidence)
+    tested = len(replays)
+    for index in range(len(grid)):  # the rest of the grid: the uncertified point, and what more rows would do
+        losses_of(index)
+    points = [(index, _point(grid[index], replays[index], refs)) for index in range(len(grid))]
+    full_score = float(accuracy(record.all_logits[-1].float(), refs))
+    within = [p for _, p in points if p.accuracy >= full_score - budget - 1e-12]
+    chosen_index = max(last, 0)
+    chosen = points[chosen_index][1]
+    chosen_losses = losses_of(chosen_index)
+    binary = bool(((chosen_losses == 0) | (chosen_losses == 1)).all())
+    certified = last >= 0 and chosen.mean_layers < num_layers - 1e-9
+    certificate = Certificate(
+        budget=budget,
+        confidence=confidence,
+        risk=(_MULTI_LABEL_RISKS if _is_multi_label(record) else RISKS)[target],
+        rows=rows,
+        observed=float(chosen_losses.mean()),
+        bound=upper_bound(float(chosen_losses.sum()), rows, confidence, binary=binary),
+        certified=certified,
+        tested=tested,
+        mean_layers=chosen.mean_layers,
+        num_layers=num_layers,
+        uncertified_layers=min(p.mean_layers for p in within) if within else None,
+    )
+    if not certified:
+        found = _rows_needed(points, losses_of, budget, confidence, num_layers)
+        if found is not None:
+            certificate.rows_needed = found[0]
+            certificate.needed_for = f"{found[1].policy.to_code(4)} ({found[1].mean_layers:.2f} mean layers)"
+            certificate.needed_rate = found[2]
+    return chosen, certificate, [point for _, point in points]

@@ -1,0 +1,186 @@
+"""The statistics of certified calibration: p-values and bounds for a risk measured on exchangeable rows.
+
+A *risk* is the mean of a per-row loss in [0, 1] (1 when the early-exit prediction disagrees
+with the full model, say). Calibration wants the most aggressive policy whose risk, on rows
+drawn like the calibration rows, is at most ``budget``, with probability at least
+``confidence`` over the draw of those rows. Learn-then-Test (Angelopoulos et al. 2021) gets it
+by testing the null "risk > budget" for each candidate and keeping the rejected ones; testing
+them in a fixed order, from the most conservative down, and stopping at the first that is not
+rejected (fixed-sequence testing) controls the chance of keeping any candidate whose risk is
+over budget at ``1 - confidence`` without splitting it between the candidates.
+
+The p-values:
+
+- :func:`binomial_p_value`: exact, for 0/1 losses: ``P(Binomial(n, budget) <= losses)``.
+- :func:`hoeffding_bentkus_p_value`: for losses anywhere in [0, 1] (Bates et al. 2021).
+- :func:`risk_p_value` picks the exact one when every loss is 0 or 1.
+
+:func:`upper_bound` is the matching upper confidence bound (Clopper-Pearson for 0/1 losses):
+a candidate is rejected at level ``1 - confidence`` exactly when its bound is at most the
+budget. :func:`rows_to_certify` says how many rows a risk rate would need.
+
+Every function is on plain Python numbers (float64 inside), so the serving watch uses the same
+bounds without a model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+__all__ = [
+    "check_confidence",
+    "check_budget",
+    "binomial_cdf",
+    "binomial_p_value",
+    "hoeffding_bentkus_p_value",
+    "risk_p_value",
+    "upper_bound",
+    "fixed_sequence",
+    "rows_to_certify",
+]
+
+
+def check_confidence(confidence: float) -> float:
+    """``confidence`` as a float, or a ``ValueError`` saying what a valid one is."""
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.0 < confidence < 1.0:
+        raise ValueError(
+            f"confidence must be a probability strictly between 0 and 1 (e.g. 0.95: the budget holds with "
+            f"probability 95% over the draw of the calibration rows), got {confidence!r}"
+        )
+    return float(confidence)
+
+
+def check_budget(budget: float) -> float:
+    """``budget`` (a fraction of rows) as a float, or a ``ValueError``."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 <= budget < 1.0:
+        raise ValueError(f"the risk budget must be a fraction in [0, 1) (0.01: one row in a hundred), got {budget!r}")
+    return float(budget)
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """``P(Binomial(n, p) <= k)``, exact (a log-space sum in float64)."""
+    if k < 0:
+        return 0.0
+    if k >= n or p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    i = torch.arange(k + 1, dtype=torch.float64)
+    log_terms = (
+        math.lgamma(n + 1) - torch.lgamma(i + 1) - torch.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
+    )
+    return min(1.0, float(torch.logsumexp(log_terms, 0).exp()))
+
+
+def binomial_p_value(losses: int, n: int, budget: float) -> float:
+    """The exact p-value of "risk > budget" for ``losses`` rows lost of ``n`` (0/1 losses)."""
+    return binomial_cdf(int(losses), int(n), budget)
+
+
+def _kl_bernoulli(a: float, b: float) -> float:
+    def term(x, y):
+        return 0.0 if x == 0.0 else x * math.log(x / y)
+
+    return term(a, b) + term(1.0 - a, 1.0 - b)
+
+
+def hoeffding_bentkus_p_value(mean: float, n: int, budget: float) -> float:
+    """The Hoeffding-Bentkus p-value of "risk > budget" for losses in [0, 1] with mean ``mean`` over ``n`` rows."""
+    if n <= 0:
+        return 1.0
+    if budget <= 0.0:
+        return 1.0  # no finite sample tells a zero risk from a tiny positive one
+    hoeffding = math.exp(-n * _kl_bernoulli(min(mean, budget), budget))
+    bentkus = math.e * binomial_cdf(math.ceil(n * mean - 1e-9), n, budget)
+    return min(1.0, hoeffding, bentkus)
+
+
+def _is_binary(losses: torch.Tensor) -> bool:
+    return bool(((losses == 0) | (losses == 1)).all())
+
+
+def risk_p_value(losses: torch.Tensor, budget: float) -> float:
+    """The p-value of "risk > budget" for per-row ``losses`` [n] in [0, 1]: exact binomial when they are 0/1."""
+    n = losses.numel()
+    if _is_binary(losses):
+        return binomial_p_value(int(losses.sum()), n, budget)
+    return hoeffding_bentkus_p_value(float(losses.double().mean()), n, budget)
+
+
+def upper_bound(losses: float, n: int, confidence: float, *, binary: bool = True) -> float:
+    """The upper ``confidence`` bound on the risk from ``losses`` (summed) over ``n`` rows.
+
+    ``binary``: 0/1 losses (Clopper-Pearson, exact); else losses in [0, 1] (Hoeffding-Bentkus).
+    The smallest ``b`` whose p-value is at most ``1 - confidence``: a risk over ``b`` would show
+    ``losses`` or fewer with probability below ``1 - confidence``. 1.0 without rows.
+    """
+    check_confidence(confidence)
+    if n <= 0:
+        return 1.0
+    delta = 1.0 - confidence
+    mean = losses / n
+
+    def p_value(b: float) -> float:
+        if binary:
+            return binomial_p_value(round(losses), n, b)
+        return hoeffding_bentkus_p_value(mean, n, b)
+
+    low, high = mean, 1.0
+    if p_value(min(1.0, low + 1e-15)) <= delta:
+        return low
+    for _ in range(60):  # bisection to 1e-18: the p-value falls as the budget rises
+        middle = 0.5 * (low + high)
+        if p_value(middle) <= delta:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def fixed_sequence(p_values: Sequence[float] | Callable[[int], float], count: int, delta: float) -> int:
+    """Fixed-sequence testing: the index of the last candidate rejected (p-value <= ``delta``)
+    before the first one that is not, testing ``0, 1, ... count - 1`` in order; -1 when the first
+    is not rejected. ``p_values``: a list, or a function of the index (evaluated lazily, so the
+    candidates after the first failure are never scored)."""
+    last = -1
+    for index in range(count):
+        value = p_values(index) if callable(p_values) else p_values[index]
+        if value > delta:
+            break
+        last = index
+    return last
+
+
+def rows_to_certify(rate: float, budget: float, confidence: float, *, binary: bool = True) -> int | None:
+    """The fewest rows at which a risk observed at ``rate`` certifies ``budget`` at ``confidence``.
+
+    None when no number of rows does (``rate >= budget``). With ``rate == 0`` it is the rows
+    that a policy making no loss at all needs: ``log(1 - confidence) / log(1 - budget)``.
+    """
+    check_confidence(confidence)
+    if rate >= budget:
+        return None
+    delta = 1.0 - confidence
+
+    def certifies(n: int) -> bool:
+        losses = rate * n
+        if binary:
+            return binomial_p_value(math.floor(losses + 1e-9), n, budget) <= delta
+        return hoeffding_bentkus_p_value(rate, n, budget) <= delta
+
+    high = 1
+    while not certifies(high):
+        high *= 2
+        if high > 1 << 40:
+            return None
+    low = high // 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        if certifies(middle):
+            high = middle
+        else:
+            low = middle
+    return high
