@@ -18,6 +18,7 @@ from earlyexit_kernels.training import (
     train_exit_heads,
 )
 from earlyexit_kernels.training.calibration import record_exits
+from earlyexit_kernels.training.train import PLATEAU, TrainingWarning
 
 
 def _data(batches=3, size=8, seed=0, labels=True):
@@ -182,6 +183,27 @@ def test_early_stopping_stops_and_keeps_the_best_epoch():
         )
     # the heads left in the model are those of the best epoch: their loss is the best one
     assert kept.view(3, -1).mean(1).sum().item() == pytest.approx(min(log.val_losses), rel=1e-4)
+
+
+def test_without_an_epoch_count_the_heads_train_until_the_validation_loss_stops_falling(fine_tuned):
+    model = _patched(eek.Entropy(0.3), state=fine_tuned)
+    val = cache_exit_inputs(model, _data(batches=2, seed=5))
+    log = train_exit_heads(model, _data(), method="deebert", val_batches=val, progress=False)
+    # the plateau, not a count, ended it: every rate cut was made and the last plateau stopped it
+    assert log.until_plateau and log.stopped_early and log.lr_reductions == PLATEAU["reductions"]
+    assert not log.capped and log.epochs_run < PLATEAU["cap"] and len(log.val_losses) == log.epochs_run
+    assert min(log.val_losses) == log.val_losses[log.best_epoch - 1]
+    # without validation data nothing tells a plateau: the fixed count of DEFAULT_EPOCHS
+    fixed = train_exit_heads(_patched(eek.Entropy(0.3), state=fine_tuned), _data(), method="deebert", progress=False)
+    assert not fixed.until_plateau and fixed.epochs_run == 30
+
+
+def test_a_cap_reached_while_the_validation_loss_still_falls_is_a_warning_with_the_numbers(fine_tuned):
+    model = _patched(eek.Entropy(0.3), state=fine_tuned)
+    val = cache_exit_inputs(model, _data(batches=2, seed=5))
+    with pytest.warns(TrainingWarning, match=r"cap of 3 epochs with the validation loss still falling \(\d\.\d{4}"):
+        log = train_exit_heads(model, _data(), method="deebert", val_batches=val, epochs=3, lr=1e-4, progress=False)
+    assert log.capped and log.best_epoch == 3 and log.val_losses[-1] < log.val_losses[0]
 
 
 def test_training_arguments_are_checked_before_any_work():

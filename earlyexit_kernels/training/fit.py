@@ -43,6 +43,10 @@ class StageResult:
         path = "cached inputs" if log.cached else "full forward"
         val = f", best val loss {min(log.val_losses):.4f} at epoch {log.best_epoch}" if log.val_losses else ""
         stop = " (stopped early)" if log.stopped_early else ""
+        if log.until_plateau:
+            stop = f" (until the validation loss stopped falling, {log.lr_reductions} rate cuts)"
+        if log.capped:
+            stop = " (hit its epoch cap with the validation loss still falling)"
         return (
             f"{self.objective} ({self.trains}, lr {self.lr:g}, {path}): {log.epochs_run} epochs, "
             f"{len(log)} steps, last loss {log[-1]:.4f}{val}{stop}, {log.seconds:.1f} s"
@@ -75,7 +79,14 @@ class FitResult:
 
     @property
     def warnings(self) -> list[str]:
-        return self.calibration.warnings
+        capped = [
+            f"stage {i} ({stage.objective}) stopped at its cap of {stage.log.epochs_run} epochs with the validation "
+            f"loss still falling ({stage.log.val_losses[0]:.4f} -> {stage.log.val_losses[-1]:.4f}): train longer "
+            f"(epochs=None trains heads until it stops falling)"
+            for i, stage in enumerate(self.stages, 1)
+            if stage.log.capped
+        ]
+        return capped + self.calibration.warnings
 
     def summary(self) -> str:
         lines = [f"method {self.method}: {'labels' if self.labels else 'no labels (self-distillation)'}"]

@@ -215,7 +215,7 @@ def train_and_calibrate(
         train_seconds=sum(stage.log.seconds for stage in result.stages),
         calibrate_seconds=result.seconds - sum(stage.log.seconds for stage in result.stages),
         curve=[(describe(p.policy, digits), p.accuracy, p.mean_layers) for p in calibration.curve],
-        warnings=list(calibration.warnings),
+        warnings=list(result.warnings),
         pooling=getattr(config, "pooling", pooling),
         head=getattr(config, "head", head),
         stages=[stage.describe() for stage in result.stages],

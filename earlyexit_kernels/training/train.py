@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
@@ -35,6 +36,8 @@ __all__ = [
     "default_lr",
     "DEFAULT_LR",
     "DEFAULT_EPOCHS",
+    "PLATEAU",
+    "TrainingWarning",
     "METHODS",
     "HALTING_LR",
     "OPTIMIZERS",
@@ -60,6 +63,16 @@ DEFAULT_LR = {"heads": 1e-3, "all": 2e-5, "backbone": 2e-5}
 #: the number of epochs when none is given: on cached exit inputs an epoch costs
 #: milliseconds to seconds, through the forward it costs a pass of the model.
 DEFAULT_EPOCHS = {"cached": 30, "forward": 1}
+#: ``epochs=None`` on cached inputs with validation data trains until the validation loss
+#: stops falling, not for a fixed count: ``patience`` epochs without a relative improvement of
+#: ``min_improvement`` divide the rate by ``1 / factor`` (from the best epoch's heads), and the
+#: plateau after ``reductions`` such cuts ends the training; ``cap`` epochs at most. A fixed
+#: count is too few on 1,000 rows (30 steps an epoch) and too many on 100,000.
+PLATEAU = {"patience": 2, "min_improvement": 1e-3, "factor": 0.1, "reductions": 2, "cap": 300}
+
+
+class TrainingWarning(UserWarning):
+    """The training ended at its epoch cap while the validation loss was still falling."""
 
 
 def freeze_backbone(model: nn.Module) -> list[nn.Parameter]:
@@ -168,7 +181,10 @@ class TrainingLog(list):
     ``best_epoch``: the 1-based epoch whose heads were kept (the last one without validation
     data); ``stopped_early``: whether early stopping ended the training before ``epochs``;
     ``epochs_run``; ``cached``: whether the fast path trained on cached exit inputs;
-    ``lr``: the learning rate used; ``seconds``: the wall-clock time of the call.
+    ``lr``: the learning rate used; ``seconds``: the wall-clock time of the call;
+    ``until_plateau``: trained until the validation loss stopped falling (:data:`PLATEAU`),
+    ``lr_reductions``: the rate cuts made on its plateaus; ``capped``: ended at the epoch cap
+    with the validation loss still falling (a :class:`TrainingWarning` said so).
     """
 
     def __init__(self, *args):
@@ -180,6 +196,9 @@ class TrainingLog(list):
         self.cached = False
         self.lr = 0.0
         self.seconds = 0.0
+        self.until_plateau = False
+        self.lr_reductions = 0
+        self.capped = False
 
 
 def default_lr(trains: str) -> float:
@@ -307,8 +326,9 @@ def train_exit_heads(
         if cached and reason is not None:
             raise ValueError(f"cached=True but the cached path cannot train the {chosen.name} loss here: {reason}")
         log.cached = reason is None and cached is not False
+        log.until_plateau = epochs is None and log.cached and val_batches is not None
         if epochs is None:
-            epochs = DEFAULT_EPOCHS["cached" if log.cached else "forward"]
+            epochs = PLATEAU["cap"] if log.until_plateau else DEFAULT_EPOCHS["cached" if log.cached else "forward"]
         if one_shot and epochs > 1 and not log.cached:
             raise ValueError(
                 f"batches is a one-shot iterator (a generator): it can be read only once, so "
@@ -324,7 +344,11 @@ def train_exit_heads(
             raise ValueError("train_exit_heads got no batches: batches is empty (or an iterable already read)")
         total = max(1, steps_per_epoch * epochs)
         opt = _optimizer(optimizer, parameter_groups(model, lr, halting_lr, parameters), weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(schedule, total, int(total * warmup_fraction)))
+        if log.until_plateau:  # warm-up over a tenth of an epoch, then constant, cut on plateaus
+            warmup = int(steps_per_epoch * warmup_fraction)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(opt, _schedule("constant", total, warmup))
+        else:
+            scheduler = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(schedule, total, int(total * warmup_fraction)))
         threads = torch.get_num_threads()
         if log.cached and next(model.parameters()).device.type == "cpu":
             # the heads' steps are small matrix products: on the CPU more threads only add
@@ -361,7 +385,7 @@ def _train_epochs(
 ) -> None:
     """The loop: ``epochs`` passes over ``source``, with early stopping on its validation loss."""
     bar = _progress(source.steps_per_epoch * epochs, f"training ({chosen.name})", progress)
-    best_loss, best_state, since_best = math.inf, None, 0
+    best_loss, best_state, since_best, reference = math.inf, None, 0, math.inf
     try:
         for epoch in range(1, epochs + 1):
             model.train()
@@ -392,9 +416,25 @@ def _train_epochs(
             val_loss = source.validation_loss(chosen, loss_kwargs)
             log.val_losses.append(val_loss)
             bar.set_postfix(loss=f"{log[-1]:.4f}", val=f"{val_loss:.4f}")
-            if best_state is None or val_loss < best_loss - 1e-6 * abs(best_loss):
-                best_loss, since_best, log.best_epoch = val_loss, 0, epoch
+            needed = PLATEAU["min_improvement"] if log.until_plateau else 1e-6
+            significant = best_state is None or val_loss < reference - needed * abs(reference)
+            if best_state is None or val_loss < best_loss:  # the heads kept are the lowest loss's
+                best_loss, log.best_epoch = val_loss, epoch
                 best_state = [p.detach().clone() for p in parameters]
+            if significant:  # a plateau is a run of epochs without a significant improvement
+                reference, since_best = val_loss, 0
+            elif log.until_plateau:
+                since_best += 1
+                if since_best >= PLATEAU["patience"]:
+                    if log.lr_reductions == PLATEAU["reductions"]:
+                        log.stopped_early = epoch < epochs
+                        break
+                    log.lr_reductions += 1
+                    since_best = 0
+                    scheduler.base_lrs = [rate * PLATEAU["factor"] for rate in scheduler.base_lrs]
+                    with torch.no_grad():  # carry on from the best heads at the lower rate
+                        for parameter, value in zip(parameters, best_state):
+                            parameter.copy_(value)
             else:
                 since_best += 1
                 if early_stopping is not None and since_best >= early_stopping:
@@ -402,10 +442,28 @@ def _train_epochs(
                     break
     finally:
         bar.close()
+    _warn_if_capped(log, epochs)
     if best_state is not None and log.best_epoch != log.epochs_run:
         with torch.no_grad():
             for parameter, value in zip(parameters, best_state):
                 parameter.copy_(value)
+
+
+def _warn_if_capped(log: TrainingLog, epochs: int) -> None:
+    """Warn when the last epoch still lowered the validation loss: the cap, not a plateau, ended it."""
+    losses = log.val_losses
+    if log.stopped_early or len(losses) < 2 or log.best_epoch != log.epochs_run or log.epochs_run < epochs:
+        return
+    log.capped = True
+    recent = losses[-min(len(losses), 5)]
+    warnings.warn(
+        f"train_exit_heads: the training stopped at its cap of {epochs} epochs with the validation loss still "
+        f"falling ({losses[0]:.4f} after epoch 1, {recent:.4f} {min(len(losses), 5) - 1} epochs before the end, "
+        f"{losses[-1]:.4f} at the end): train longer (epochs=None trains until it stops falling, at most "
+        f"{PLATEAU['cap']} epochs on cached inputs)",
+        TrainingWarning,
+        stacklevel=3,
+    )
 
 
 class _ForwardSource:
