@@ -251,3 +251,50 @@ def test_joint_recipes_run_their_stages(method):
     assert [s.trains for s in result.stages] == (["heads", "all"] if method == "pabee" else ["backbone", "heads"])
     assert [s.log.cached for s in result.stages] == [s.trains == "heads" for s in result.stages]
     assert type(result.policy).__name__ == ("Patience" if method == "pabee" else "SkipGates")
+
+
+def test_the_automatic_head_choice_keeps_the_configuration_that_reads_the_task():
+    """A constructed case: the [CLS] vectors are noise and the mean vectors carry the class, so mean pooling must win."""
+    from earlyexit_kernels.training.head_choice import CANDIDATES, choose_heads
+
+    model = _patched(eek.Entropy(0.0))
+    generator = torch.Generator().manual_seed(4)
+
+    def cache(rows):
+        labels = torch.arange(rows) % 3
+        real = cache_exit_inputs(model, _data(batches=1, size=rows))
+        signal = torch.nn.functional.one_hot(labels, 3).float().repeat(1, 11)[:, :32] * 3.0
+        mean = signal[:, None, :] + 0.3 * torch.randn(rows, 3, 32, generator=generator)
+        cls = torch.randn(rows, 3, 32, generator=generator)
+        final = torch.nn.functional.one_hot(labels, 3).float() * 5.0
+        return ExitInputCache(real.inputs, None, final, labels, {"cls": cls, "mean": mean})
+
+    train, val = cache(96), cache(48)
+
+    def train_heads(train_cache, val_cache):
+        return train_exit_heads(model, train_cache, method="deebert", val_batches=val_cache, progress=False)
+
+    chosen, trials, _ = choose_heads(
+        model, eek.Entropy(0.0), train, val, train_heads=train_heads, max_drop=1.0, target_layers=None, target="auto"
+    )
+    assert [(t.pooling, t.head) for t in trials] == list(CANDIDATES)
+    by_pooling = {p: min(t.mean_layers for t in trials if t.pooling == p) for p in ("cls", "mean")}
+    assert by_pooling["mean"] < 1.5 < 3.5 < by_pooling["cls"]  # the class is in the mean vectors only
+    assert chosen.pooling == "mean" and chosen.mean_layers == min(t.mean_layers for t in trials)
+    assert eek.head_config(model).pooling == "mean" and eek.head_config(model).head == chosen.head
+
+
+def test_fit_exit_heads_chooses_the_heads_on_one_pass_of_the_model():
+    model = tiny_model("bert", num_layers=4)
+    result = fit_exit_heads(
+        model, _data(batches=6), _data(batches=2, seed=5), pooling="auto", head="auto", progress=False
+    )
+    assert result.head_choice == "auto" and len(result.head_trials) == 4
+    chosen = next(t for t in result.head_trials if t.chosen)
+    assert (eek.head_config(model).pooling, eek.head_config(model).head) == (chosen.pooling, chosen.head)
+    assert "heads tried (pooling, form" in result.summary()
+    # a recipe whose first stage trains the backbone cannot choose from cached vectors: it says so
+    joint = fit_exit_heads(
+        tiny_model("bert", num_layers=4), _data(batches=4), method="deebert", pooling="auto", progress=False
+    )
+    assert joint.head_trials == [] and "no automatic choice for deebert" in joint.head_choice

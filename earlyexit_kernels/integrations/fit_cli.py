@@ -89,9 +89,15 @@ def _add_fit(commands) -> None:
         "backbone too with their own loss (docs/exit_methods.md) and need labels",
     )
     fit.add_argument(
-        "--pooling", choices=("cls", "mean"), default=None, help="what the heads read (default: per family)"
+        "--pooling",
+        choices=("auto", "cls", "mean"),
+        default="auto",
+        help="what the heads read: auto (default) trains each and keeps the one running the fewest layers within "
+        "--max-drop on the validation rows",
     )
-    fit.add_argument("--head", choices=("model", "mlp"), default=None, help="the heads' form (default: per family)")
+    fit.add_argument(
+        "--head", choices=("auto", "model", "mlp"), default="auto", help="the heads' form (default: auto, as --pooling)"
+    )
     fit.add_argument(
         "--max-drop",
         type=float,

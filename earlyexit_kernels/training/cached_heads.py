@@ -31,6 +31,7 @@ import torch
 
 from earlyexit_kernels.methods.losses import Objective
 from earlyexit_kernels.methods.policies import QExit
+from earlyexit_kernels.models.base import masked_mean
 from earlyexit_kernels.patching.state import is_patched, state_of, using_backend
 
 __all__ = ["ExitInputCache", "CachedExits", "cache_exit_inputs", "cached_exits", "cached_record", "cache_reason"]
@@ -44,13 +45,17 @@ class ExitInputCache:
     (layer L's is the final classifier's). ``halting_inputs`` [N, L, D']: the input of the
     halting head at every layer (QExit, DACT), or None (no halting head). ``final_logits``
     [N, C]: the final classifier on every row in eval mode. ``labels`` [N] or None (no
-    batch had labels).
+    batch had labels). ``pooled`` (``cache_exit_inputs(..., both_poolings=True)``): the [CLS] and
+    the masked-mean token vectors of layers ``1..L-1`` ({"cls": [N, L-1, H], "mean": ...}), from
+    which :func:`earlyexit_kernels.training.head_choice.inputs_for` makes the inputs of any head
+    configuration without another pass of the model.
     """
 
     inputs: torch.Tensor
     halting_inputs: torch.Tensor | None
     final_logits: torch.Tensor
     labels: torch.Tensor | None
+    pooled: dict[str, torch.Tensor] | None = None
 
     @property
     def num_rows(self) -> int:
@@ -107,14 +112,17 @@ def _batches(data) -> Iterable[Mapping[str, torch.Tensor]]:
 
 
 @torch.no_grad()
-def cache_exit_inputs(model, batches, *, progress: bool = False, description: str = "caching") -> ExitInputCache:
+def cache_exit_inputs(
+    model, batches, *, progress: bool = False, description: str = "caching", both_poolings: bool = False
+) -> ExitInputCache:
     """Run the frozen patched ``model`` once over ``batches`` and record what every head reads.
 
     ``batches``: dicts with ``input_ids`` and optionally ``attention_mask``,
     ``token_type_ids``, ``labels`` (all batches with labels or none). The model runs in
     eval mode on the ``"torch"`` backend with every layer on every row; its mode and
     backend are restored after. Memory: ``N * L * D`` values of the model's dtype (for
-    12k rows of a 6-layer, 384-wide model, 110 MB in float32).
+    12k rows of a 6-layer, 384-wide model, 110 MB in float32); ``both_poolings`` also keeps
+    the [CLS] and masked-mean vectors of every internal layer (``cache.pooled``: twice that again).
     """
     if not is_patched(model):
         raise ValueError("cache_exit_inputs needs a model patched with eek.patch")
@@ -134,12 +142,23 @@ def cache_exit_inputs(model, batches, *, progress: bool = False, description: st
     def record_halting(module, args):
         halting_recorded.append(args[0].detach())
 
+    pooled_hidden = adapter.pooled_hidden
+    pooled_recorded: dict[str, list[torch.Tensor]] = {"cls": [], "mean": []}
+    pooled_batches: dict[str, list[torch.Tensor]] = {"cls": [], "mean": []}
+
+    def recording_pooled_hidden(hidden, mask):
+        pooled_recorded["cls"].append(adapter.token_vectors(hidden[:, 0]).detach())
+        pooled_recorded["mean"].append(masked_mean(adapter.token_vectors(hidden), mask).detach())
+        return pooled_hidden(hidden, mask)
+
     inputs, halting_inputs, finals, labels = [], [], [], []
     with_labels = None
     was_training = model.training
     hook = halting_head.register_forward_pre_hook(record_halting) if halting_head is not None else None
     own_classify = vars(adapter).get("classify")
     adapter.classify = recording_classify  # an instance attribute: the engine's calls go through it
+    if both_poolings:
+        adapter.pooled_hidden = recording_pooled_hidden
     bar = None
     with using_backend(model, "torch"):  # the fused heads of the fast backends never call classify
         try:
@@ -149,6 +168,8 @@ def cache_exit_inputs(model, batches, *, progress: bool = False, description: st
             for batch in _batches(batches):
                 recorded.clear()
                 halting_recorded.clear()
+                for kept in pooled_recorded.values():
+                    kept.clear()
                 ids = batch["input_ids"]
                 out = model(
                     input_ids=ids.to(device),
@@ -163,6 +184,13 @@ def cache_exit_inputs(model, batches, *, progress: bool = False, description: st
                         f"expected once per layer ({num_layers}) on every row"
                     )
                 inputs.append(torch.stack(recorded, dim=1).cpu())
+                if both_poolings:
+                    if len(pooled_recorded["cls"]) != num_layers - 1:
+                        raise RuntimeError(
+                            f"the all-exits forward pooled {len(pooled_recorded['cls'])} layers; expected {num_layers - 1}"
+                        )
+                    for name, kept in pooled_recorded.items():
+                        pooled_batches[name].append(torch.stack(kept, dim=1).cpu())
                 if halting_head is not None:
                     halting_inputs.append(torch.stack(halting_recorded, dim=1).cpu())
                 finals.append(out.all_logits[-1].cpu())
@@ -180,6 +208,8 @@ def cache_exit_inputs(model, batches, *, progress: bool = False, description: st
                 del adapter.classify
             else:
                 adapter.classify = own_classify
+            if both_poolings:
+                del adapter.pooled_hidden
             if hook is not None:
                 hook.remove()
             model.train(was_training)
@@ -190,6 +220,7 @@ def cache_exit_inputs(model, batches, *, progress: bool = False, description: st
         torch.cat(halting_inputs) if halting_inputs else None,
         torch.cat(finals),
         torch.cat(labels) if labels else None,
+        {name: torch.cat(kept) for name, kept in pooled_batches.items()} if both_poolings else None,
     )
 
 

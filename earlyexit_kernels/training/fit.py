@@ -21,6 +21,14 @@ from earlyexit_kernels.methods.policies import SkipGates
 from earlyexit_kernels.patching.patch import patch
 from earlyexit_kernels.training.cached_heads import ExitInputCache, cache_exit_inputs, cached_record
 from earlyexit_kernels.training.calibration import Calibration, calibrate, record_exits
+from earlyexit_kernels.training.head_choice import (
+    AUTO,
+    candidates_for,
+    choose_heads,
+    describe_trials,
+    inputs_for,
+    why_not_auto,
+)
 from earlyexit_kernels.training.recipes import Recipe, recipe
 from earlyexit_kernels.training.train import TrainingLog, train_exit_heads
 
@@ -76,6 +84,8 @@ class FitResult:
     validation: str = "given"
     seconds: float = 0.0
     calibrated_on: str = "validation"
+    head_trials: list = field(default_factory=list)
+    head_choice: str = "given"
 
     @property
     def warnings(self) -> list[str]:
@@ -91,6 +101,8 @@ class FitResult:
     def summary(self) -> str:
         lines = [f"method {self.method}: {'labels' if self.labels else 'no labels (self-distillation)'}"]
         lines += [f"  stage {i}: {s.describe()}" for i, s in enumerate(self.stages, 1)]
+        if self.head_trials:
+            lines += describe_trials(self.head_trials, self.calibration.measure, self.calibration.num_layers)
         lines.append(self.calibration.summary())
         lines.append(f"fit took {self.seconds:.1f} s")
         return "\n".join(lines)
@@ -147,6 +159,8 @@ def fit_exit_heads(
     seed: int = 0,
     calibration_batches=None,
     confidence: float | None = None,
+    pooling: str | None = None,
+    head: str | None = None,
 ) -> FitResult:
     """Train the exit heads of ``model`` with ``method``'s recipe, calibrate on validation data, patch.
 
@@ -174,6 +188,11 @@ def fit_exit_heads(
     which early stopping has also seen); ``confidence``: certify ``max_drop`` with that
     confidence (:func:`~earlyexit_kernels.training.calibration.calibrate`); the guarantee
     assumes calibration rows that no training step saw, so pass ``calibration_batches``.
+    ``pooling`` / ``head``: the heads' (``"cls"``/``"mean"``, ``"model"``/``"mlp"``; None: the
+    model's, see ``eek.patch``), or ``"auto"``: trained in every configuration on one cached pass
+    of the model and chosen on the validation rows
+    (:mod:`earlyexit_kernels.training.head_choice`; ``result.head_trials``), for recipes whose
+    first stage trains the heads alone and whose policy has no halting head (else the model's).
     Returns a :class:`FitResult`; the model is left patched with the calibrated policy, in
     eval mode.
     """
@@ -206,37 +225,78 @@ def fit_exit_heads(
         if target == "auto":
             target = "agreement"
 
+    for name, value in (("pooling", pooling), ("head", head)):
+        allowed = {"pooling": ("cls", "mean"), "head": ("model", "mlp")}[name]
+        if value is not None and value != AUTO and value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, 'auto' or None; got {value!r}")
     policy = chosen.make_policy()
-    patch(model, policy, backend)  # a patched model keeps its heads (pooling, form) and takes the recipe's policy
+    given = {k: v for k, v in (("pooling", pooling), ("head", head)) if v not in (None, AUTO)}
+    # a patched model keeps its heads (pooling, form) unless told otherwise, and takes the recipe's policy
+    patch(model, policy, backend, **given)
+    trying = candidates_for(pooling, head)
+    head_choice = "given"
+    if trying:
+        reason = why_not_auto(chosen.stages[0].trains, policy)
+        head_choice = (
+            "auto" if reason is None else f"the model's heads: no automatic choice for {chosen.name} ({reason})"
+        )
+        if reason is not None:
+            trying = ()
+    trials = []
     stages = []
     caches: dict[str, ExitInputCache] = {}
-    for stage in chosen.stages:
+    for index, stage in enumerate(chosen.stages):
         name = stage.objective if use_labels else stage.unlabelled
         head_only = stage.trains == "heads"
         stage_lr = lr if (lr is not None and head_only) else stage.lr
         stage_epochs = epochs if (epochs is not None and head_only) else stage.epochs
         if head_only and "train" not in caches:
             # one pass of the frozen model serves the head-only stage and the calibration after it
-            caches["train"] = cache_exit_inputs(model, train_batches, progress=progress, description="caching train")
-            caches["val"] = cache_exit_inputs(model, val_batches, progress=progress, description="caching validation")
+            both = bool(trying) and index == 0
+            caches["train"] = cache_exit_inputs(
+                model, train_batches, progress=progress, description="caching train", both_poolings=both
+            )
+            caches["val"] = cache_exit_inputs(
+                model, val_batches, progress=progress, description="caching validation", both_poolings=both
+            )
             if calibrated_on == "calibration":
                 caches["calibration"] = cache_exit_inputs(
-                    model, calibration_batches, progress=progress, description="caching calibration"
+                    model, calibration_batches, progress=progress, description="caching calibration", both_poolings=both
                 )
             else:
                 caches["calibration"] = caches["val"]
-        log = train_exit_heads(
-            model,
-            caches["train"] if head_only else train_batches,
-            method=name,
-            trains=stage.trains,
-            lr=stage_lr,
-            epochs=stage_epochs,
-            loss_kwargs=stage.loss_kwargs,
-            val_batches=caches["val"] if head_only else val_batches,
-            progress=progress,
-            seed=seed,
-        )
+
+        def train(train_data, val_data, name=name, stage=stage, stage_lr=stage_lr, stage_epochs=stage_epochs):
+            return train_exit_heads(
+                model,
+                train_data,
+                method=name,
+                trains=stage.trains,
+                lr=stage_lr,
+                epochs=stage_epochs,
+                loss_kwargs=stage.loss_kwargs,
+                val_batches=val_data,
+                progress=progress,
+                seed=seed,
+            )
+
+        if trying and index == 0:
+            picked, trials, log = choose_heads(
+                model,
+                policy,
+                caches["train"],
+                caches["val"],
+                candidates=trying,
+                train_heads=train,
+                max_drop=max_drop,
+                target_layers=target_layers,
+                target=target,
+            )
+            caches = {key: inputs_for(model, cache, picked.pooling, picked.head) for key, cache in caches.items()}
+        elif head_only:
+            log = train(caches["train"], caches["val"])
+        else:
+            log = train(train_batches, val_batches)
         stages.append(StageResult(name, stage.trains, log.lr, log))
         if not head_only:
             caches.clear()  # the backbone learnt: what the heads read has changed
@@ -264,4 +324,6 @@ def fit_exit_heads(
         validation,
         time.perf_counter() - started,
         calibrated_on,
+        trials,
+        head_choice,
     )

@@ -85,6 +85,8 @@ class FitReport:
     confidence: float | None = None
     calibration_rows: int = 0
     certificate: dict | None = None
+    head_trials: list[dict] = field(default_factory=list)
+    head_choice: str = "given"
 
     def as_dict(self) -> dict:
         return {k: v for k, v in vars(self).items()}
@@ -104,6 +106,12 @@ class FitReport:
             f"and the calibration)"
         ]
         lines += [f"  stage {i}: {stage}" for i, stage in enumerate(self.stages, start=1)]
+        if self.head_trials:
+            from earlyexit_kernels.training.head_choice import HeadTrial, describe_trials
+
+            lines += describe_trials([HeadTrial(**t) for t in self.head_trials], self.target, self.num_layers)
+        elif self.head_choice not in ("given", "auto"):
+            lines.append(f"heads: {self.head_choice}")
         where = "calibration rows" if self.confidence is not None else "validation"
         if self.layer_scores:
             scores = " ".join(f"{k}:{100 * a:.1f}" for k, a in enumerate(self.layer_scores, start=1))
@@ -169,14 +177,10 @@ def train_and_calibrate(
     rows kept out of training for the calibration (default: the validation rows);
     ``confidence``: certify ``max_drop`` with it.
     """
-    from earlyexit_kernels.patching.patch import patch
     from earlyexit_kernels.training.calibration import describe, distinct_digits
     from earlyexit_kernels.training.fit import fit_exit_heads
     from earlyexit_kernels.training.labelled_texts import length_sorted_batches, shuffled_batches
-    from earlyexit_kernels.training.recipes import recipe
 
-    options = {k: v for k, v in (("pooling", pooling), ("head", head)) if v is not None}
-    patch(model, recipe(method).make_policy(), **options)  # the heads' form; fit keeps it
     train_batches = shuffled_batches(train, train_labels, batch_size, seed)
     val_batches = length_sorted_batches(validation, validation_labels, 64)
     calibration_batches = None if calibration is None else length_sorted_batches(calibration, calibration_labels, 64)
@@ -196,6 +200,8 @@ def train_and_calibrate(
             seed=seed,
             calibration_batches=calibration_batches,
             confidence=confidence,
+            pooling=pooling,
+            head=head,
         )
     model.eval()
     calibration = result.calibration
@@ -223,6 +229,8 @@ def train_and_calibrate(
         confidence=confidence,
         calibration_rows=calibration_rows,
         certificate=None if calibration.certificate is None else calibration.certificate.as_dict(),
+        head_trials=[vars(trial) for trial in result.head_trials],
+        head_choice=result.head_choice,
     )
 
 
@@ -251,8 +259,8 @@ def fit_model(
     validation,
     *,
     method: str = "heads",
-    pooling: str | None = None,
-    head: str | None = None,
+    pooling: str | None = "auto",
+    head: str | None = "auto",
     max_drop: float = 1.0,
     epochs: int | None = None,
     lr: float | None = None,
@@ -269,7 +277,9 @@ def fit_model(
     ``train``, ``validation``: :class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`;
     without labels the heads learn the final classifier's predictions and the threshold is
     calibrated on agreement with it. Returns the :class:`FitReport`; the model ends patched
-    with the calibrated policy, in eval mode.
+    with the calibrated policy, in eval mode. ``pooling`` / ``head``: ``"auto"`` (the default)
+    tries every configuration on one pass of the model and keeps the one that runs the fewest
+    layers within the budget on the validation rows (:mod:`earlyexit_kernels.training.head_choice`).
 
     ``confidence`` (in (0, 1); None: uncertified, on the validation rows): keep a random
     ``calibration_fraction`` of ``train`` out of head training and early stopping, and certify
