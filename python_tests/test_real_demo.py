@@ -75,7 +75,8 @@ def test_the_demo_fits_once_then_loads_and_reports_every_speed_up_with_its_ideal
     # the tiny train split keeps 48 rows out for calibration: enough to certify 10 points, not 1
     real_demo.main(["--cache-dir", str(tiny_task), "--output", str(report), "--max-drop", "10"])
     first = capsys.readouterr().out
-    assert "2. fitted the exit heads as `eek fit" in first and "--pooling mean --head mlp" in first
+    assert "2. fitted the exit heads as `eek fit" in first and "--pooling" not in first  # chosen on the data
+    assert "heads tried (pooling, form" in first
     assert "chosen:" in first and "accuracy of each layer's head alone on calibration rows" in first
     assert "budget: at most 10 point(s) lost with 95% confidence;" in first and "the test split:" in first
     assert "3. the test split (96 snippets)" in first

@@ -45,12 +45,12 @@ from earlyexit_kernels.patching.patch import policy_of, unpatch
 
 __all__ = ["FIT_OPTIONS", "main", "run"]
 
-#: how the demo fits the exit heads (as ``eek fit --method heads --pooling mean --head mlp``);
+#: how the demo fits the exit heads (as ``eek fit`` with no flags: the heads' pooling and form chosen on the data);
 #: part of the cache key of the fitted folder
 FIT_OPTIONS = {
     "method": "heads",
-    "pooling": "mean",
-    "head": "mlp",
+    "pooling": "auto",
+    "head": "auto",
     "max_drop": 1.0,
     "confidence": 0.95,
     "max_length": 128,
@@ -174,7 +174,7 @@ def run(args) -> None:
         )
         print(
             f"2. fitted the exit heads as `eek fit {info['path']} TRAIN {folder} --method {options['method']} "
-            f"--pooling {options['pooling']} --head {options['head']} --max-drop {options['max_drop']:g} "
+            f"--max-drop {options['max_drop']:g} "
             f"--confidence {options['confidence']:g}` does, "
             f"in {time.perf_counter() - start:.0f} s"
         )
