@@ -17,7 +17,9 @@ from earlyexit_kernels.training.rerank_calibration import calibrate_rerank, quer
 from earlyexit_kernels.training.risk_control import (
     binomial_cdf,
     fixed_sequence,
+    betting_p_value,
     hoeffding_bentkus_p_value,
+    paired_upper_bound,
     risk_p_value,
     rows_to_certify,
     upper_bound,
@@ -124,15 +126,29 @@ def test_calibrate_with_confidence_reports_the_bound_and_its_price():
     assert "with confidence 95%" in result.summary() and "the guarantee costs" in result.summary()
 
 
-def test_labels_certify_the_rows_the_full_model_gets_right_and_the_exit_wrong():
+def test_labels_certify_the_accuracy_lost_against_the_full_model():
     record = _population(4_000, seed=5)
     result = calibrate(record, max_drop=3.0, confidence=0.9)  # labels: accuracy
     exits = replay(result.policy, record).logits.argmax(-1)
     full = record.all_logits[-1].argmax(-1)
-    lost = ((full == record.labels) & (exits != record.labels)).double().mean().item()
-    assert result.certificate.observed == pytest.approx(lost)
     drop = (full == record.labels).double().mean().item() - (exits == record.labels).double().mean().item()
-    assert drop <= lost  # the accuracy lost is at most what is certified
+    assert result.certificate.observed == pytest.approx(drop)  # paired per row: +1, 0 or -1
+    assert drop <= result.certificate.bound <= 0.03 and result.certificate.risk == "accuracy lost against the full model"
+
+
+def test_betting_rejects_a_budget_below_the_mean_rarely_and_one_far_above_it_surely():
+    g = torch.Generator().manual_seed(12)
+
+    def paired(rows, lost, gained):  # +1 with probability lost, -1 with probability gained, else 0
+        u = torch.rand(rows, generator=g)
+        return (u < lost).double() - ((u >= lost) & (u < lost + gained)).double()
+
+    # a mean drop of 1 point tested against a budget of 1 point (the null's edge): rejected at 5% rarely
+    rejected = sum(betting_p_value(paired(2_000, 0.02, 0.01), 0.01) <= 0.05 for _ in range(300))
+    assert rejected / 300 < 0.05 + 0.03
+    assert betting_p_value(paired(2_000, 0.004, 0.004), 0.01) < 0.05  # no drop, mostly ties: certified at 95%
+    losses = paired(2_000, 0.006, 0.002)
+    assert float(losses.mean()) < paired_upper_bound(losses, 0.95) < 0.01
 
 
 def test_rows_that_cannot_certify_anything_say_how_many_would():

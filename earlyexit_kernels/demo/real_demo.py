@@ -222,8 +222,8 @@ def _guarantee(report, result) -> None:
     budget = 100 * certificate["budget"]
     if certificate["certified"]:
         promised = (
-            f"certified on {certificate['rows']} calibration rows: {100 * certificate['observed']:.2f}% of rows lost "
-            f"(full model right, early exit wrong), bound {100 * certificate['bound']:.2f}%"
+            f"certified on {certificate['rows']} calibration rows: {100 * certificate['observed']:.2f} points lost "
+            f"there, bound {100 * certificate['bound']:.2f} points"
         )
     else:
         promised = f"nothing certified on {certificate['rows']} calibration rows: the model runs every layer"

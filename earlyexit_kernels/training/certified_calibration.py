@@ -10,10 +10,9 @@ rows is at most the budget. The risk is, per row:
 
 - ``"agreement"`` (no labels needed): the early exit predicts another class than the full
   model (multi-label: the fraction of labels decided otherwise).
-- ``"accuracy"`` (labels): the full model is right and the early exit is wrong (multi-label:
-  the fraction of labels where that happens). The accuracy lost against the full model is
-  this risk minus the rows where the exit is right and the full model wrong, so it is at most
-  the budget too.
+- ``"accuracy"`` (labels): the accuracy lost against the full model, row by row 1 (the full
+  model right, the exit wrong), -1 (the other way round) or 0 (multi-label: the same per label,
+  averaged over the row's labels). Its mean is the accuracy points lost.
 
 What is not: the guarantee is over the draw of the calibration rows, for rows like them. A
 shift in what is served (other topics, lengths, a new source) voids it; the serving watch
@@ -22,7 +21,8 @@ shift in what is served (other topics, lengths, a new source) voids it; the serv
 How. The candidates are a fixed grid of the policy's family, set by the number of layers and
 labels only (never by the calibration rows), ordered from the most conservative (never exits
 early) to the most aggressive. Each is tested in turn for "risk > budget" with an exact
-binomial p-value (0/1 losses) or the Hoeffding-Bentkus one (losses in [0, 1]), and the test
+binomial p-value (0/1 losses), the Hoeffding-Bentkus one (losses in [0, 1]) or by betting
+(paired losses in [-1, 1], :func:`~earlyexit_kernels.training.risk_control.betting_p_value`), and the test
 stops at the first that is not rejected at ``1 - confidence`` (fixed-sequence testing,
 Learn-then-Test): the last rejected candidate is chosen.
 """
@@ -59,6 +59,7 @@ from earlyexit_kernels.training.risk_control import (
     check_budget,
     check_confidence,
     fixed_sequence,
+    paired_upper_bound,
     risk_p_value,
     rows_to_certify,
     upper_bound,
@@ -72,11 +73,11 @@ GRID_STEPS = 400
 #: what each risk counts, per row
 RISKS = {
     "agreement": "rows whose early exit predicts another class than the full model",
-    "accuracy": "rows the full model gets right and the early exit gets wrong",
+    "accuracy": "accuracy lost against the full model",
 }
 _MULTI_LABEL_RISKS = {
     "agreement": "labels decided otherwise than by the full model (fraction per row)",
-    "accuracy": "labels the full model gets right and the early exit gets wrong (fraction per row)",
+    "accuracy": "per-label accuracy lost against the full model",
 }
 
 
@@ -181,18 +182,21 @@ def certified_candidates(
 
 
 def row_losses(logits: torch.Tensor, record: ExitRecord, target: str) -> torch.Tensor:
-    """Each calibration row's loss in [0, 1] under ``target`` for the early exit's ``logits`` [N, C]: float64 [N]."""
+    """Each calibration row's loss under ``target`` for the early exit's ``logits`` [N, C]: float64 [N].
+
+    ``"agreement"``: in [0, 1]; ``"accuracy"``: paired, in [-1, 1] (the full model's correctness
+    minus the exit's), its mean the accuracy lost."""
     full = record.all_logits[-1].float()
     if _is_multi_label(record):
         exit_says, full_says = logits.float() > 0, full > 0
         if target == "agreement":
             return (exit_says != full_says).double().mean(-1)
         truth = record.labels > 0.5
-        return ((full_says == truth) & (exit_says != truth)).double().mean(-1)
+        return ((full_says == truth).double() - (exit_says == truth).double()).mean(-1)
     exit_class, full_class = logits.float().argmax(-1), full.argmax(-1)
     if target == "agreement":
         return (exit_class != full_class).double()
-    return ((full_class == record.labels) & (exit_class != record.labels)).double()
+    return (full_class == record.labels).double() - (exit_class == record.labels).double()
 
 
 def _rows_needed(points, losses_of, budget, confidence, num_layers):
@@ -203,9 +207,9 @@ def _rows_needed(points, losses_of, budget, confidence, num_layers):
         if point.mean_layers >= num_layers - 1e-9:
             continue
         losses = losses_of(index)
-        rate = float(losses.mean())
+        rate = max(0.0, float(losses.mean()))
         binary = bool(((losses == 0) | (losses == 1)).all())
-        rows = rows_to_certify(rate, budget, confidence, binary=binary)
+        rows = rows_to_certify(rate, budget, confidence, binary=binary)  # paired: Hoeffding-Bentkus, roughly
         if rows is not None:
             found.append((rows, point, rate))
     if not found:
@@ -277,6 +281,10 @@ def certify(
     chosen = points[chosen_index][1]
     chosen_losses = losses_of(chosen_index)
     binary = bool(((chosen_losses == 0) | (chosen_losses == 1)).all())
+    if bool((chosen_losses < 0).any()):
+        bound = paired_upper_bound(chosen_losses, confidence)
+    else:
+        bound = upper_bound(float(chosen_losses.sum()), rows, confidence, binary=binary)
     certified = last >= 0 and chosen.mean_layers < num_layers - 1e-9
     certificate = Certificate(
         budget=budget,
@@ -284,7 +292,7 @@ def certify(
         risk=(_MULTI_LABEL_RISKS if _is_multi_label(record) else RISKS)[target],
         rows=rows,
         observed=float(chosen_losses.mean()),
-        bound=upper_bound(float(chosen_losses.sum()), rows, confidence, binary=binary),
+        bound=bound,
         certified=certified,
         tested=tested,
         mean_layers=chosen.mean_layers,

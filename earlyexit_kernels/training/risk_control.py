@@ -13,7 +13,11 @@ The p-values:
 
 - :func:`binomial_p_value`: exact, for 0/1 losses: ``P(Binomial(n, budget) <= losses)``.
 - :func:`hoeffding_bentkus_p_value`: for losses anywhere in [0, 1] (Bates et al. 2021).
-- :func:`risk_p_value` picks the exact one when every loss is 0 or 1.
+- :func:`betting_p_value`: for paired losses in [-1, 1] (accuracy lost against the full model,
+  row by row: 1, 0 or -1), by testing by betting (Waudby-Smith and Ramdas 2024): it adapts to
+  the losses' variance, which the other two ignore, and most pairs are ties (0).
+- :func:`risk_p_value` picks the exact one when every loss is 0 or 1, the betting one when a
+  loss is negative, else Hoeffding-Bentkus.
 
 :func:`upper_bound` is the matching upper confidence bound (Clopper-Pearson for 0/1 losses):
 a candidate is rejected at level ``1 - confidence`` exactly when its bound is at most the
@@ -36,8 +40,11 @@ __all__ = [
     "binomial_cdf",
     "binomial_p_value",
     "hoeffding_bentkus_p_value",
+    "betting_p_value",
+    "betting_p_values",
     "risk_p_value",
     "upper_bound",
+    "paired_upper_bound",
     "fixed_sequence",
     "rows_to_certify",
 ]
@@ -98,16 +105,70 @@ def hoeffding_bentkus_p_value(mean: float, n: int, budget: float) -> float:
     return min(1.0, hoeffding, bentkus)
 
 
+def betting_p_value(losses: torch.Tensor, budget: float, *, seed: int = 0, cap: float = 0.75) -> float:
+    """The p-value of "mean loss > budget" for losses [n] in [-1, 1], by betting against it.
+
+    A bettor starts with 1 and, row by row in a fixed random order (``seed``: the rows are
+    exchangeable, so any order chosen without looking at them will do), stakes a fraction
+    ``lam`` of the capital on the loss being below the budget: the capital is multiplied by
+    ``1 + lam * (m - z)`` with ``z = (loss + 1) / 2`` in [0, 1] and ``m = (budget + 1) / 2``.
+    Were the mean over the budget, the capital would be a nonnegative supermartingale, so it
+    reaches ``1 / delta`` with probability at most ``delta`` (Ville's inequality): the p-value
+    is one over its largest value. ``lam`` is set from the rows before (their variance, the
+    number of rows) and capped at ``cap / m`` (Waudby-Smith and Ramdas' predictable plug-in,
+    tuned for a known number of rows).
+    """
+    return float(betting_p_values(losses.reshape(1, -1), budget, seed=seed, cap=cap)[0])
+
+
+def betting_p_values(losses: torch.Tensor, budget: float, *, seed: int = 0, cap: float = 0.75) -> torch.Tensor:
+    """:func:`betting_p_value` of every row of ``losses`` [K, n] (K candidates on the same n rows): float64 [K]."""
+    count, n = losses.shape
+    if n == 0 or budget >= 1.0:
+        return torch.full((count,), 1.0 if budget < 1.0 else 0.0, dtype=torch.float64)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    z = (losses.double()[:, order] + 1.0) / 2.0
+    m = (budget + 1.0) / 2.0
+    t = torch.arange(1, n + 1, dtype=torch.float64)
+    mean = (0.5 + torch.cumsum(z, 1)) / (t + 1)
+    variance = (0.25 + torch.cumsum((z - mean) ** 2, 1)) / (t + 1)
+    before = torch.cat([torch.full((count, 1), 0.25, dtype=torch.float64), variance[:, :-1]], 1)
+    # the stake is tuned for a 5% level; any stake set from the rows before keeps the test valid
+    lam = torch.clamp(torch.sqrt(2.0 * math.log(20.0) / (before * n)), max=cap / m)
+    log_capital = torch.cumsum(torch.log1p(lam * (m - z)), 1)
+    return torch.exp(-log_capital.amax(1).clamp(min=0.0)).clamp(max=1.0)
+
+
 def _is_binary(losses: torch.Tensor) -> bool:
     return bool(((losses == 0) | (losses == 1)).all())
 
 
 def risk_p_value(losses: torch.Tensor, budget: float) -> float:
-    """The p-value of "risk > budget" for per-row ``losses`` [n] in [0, 1]: exact binomial when they are 0/1."""
+    """The p-value of "risk > budget" for per-row ``losses`` [n] in [0, 1] (exact binomial when they are 0/1),
+    or paired losses in [-1, 1] (by betting)."""
     n = losses.numel()
+    if bool((losses < 0).any()):
+        return betting_p_value(losses, budget)
     if _is_binary(losses):
         return binomial_p_value(int(losses.sum()), n, budget)
     return hoeffding_bentkus_p_value(float(losses.double().mean()), n, budget)
+
+
+def paired_upper_bound(losses: torch.Tensor, confidence: float) -> float:
+    """The upper ``confidence`` bound on the mean of paired ``losses`` [n] in [-1, 1]: the smallest
+    budget :func:`betting_p_value` rejects at ``1 - confidence`` (bisection; 1.0 when none)."""
+    check_confidence(confidence)
+    delta = 1.0 - confidence
+    low, high = float(losses.double().mean()), 1.0
+    if betting_p_value(losses, high - 1e-12) > delta:
+        return 1.0
+    for _ in range(40):
+        middle = 0.5 * (low + high)
+        if betting_p_value(losses, middle) <= delta:
+            high = middle
+        else:
+            low = middle
+    return high
 
 
 def upper_bound(losses: float, n: int, confidence: float, *, binary: bool = True) -> float:
