@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from earlyexit_kernels.backends.registry import backend_status
+    from earlyexit_kernels.engine.audit import AuditWatch
     from earlyexit_kernels.engine.classify import Prediction, classify
     from earlyexit_kernels.engine.rerank import Ranked, rerank
     from earlyexit_kernels.methods.policies import (
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 # name goes here and in __all__.
 _EXPORTS = {
     "backend_status": "earlyexit_kernels.backends.registry",
+    "AuditWatch": "earlyexit_kernels.engine.audit",
     "Prediction": "earlyexit_kernels.engine.classify",
     "classify": "earlyexit_kernels.engine.classify",
     "Ranked": "earlyexit_kernels.engine.rerank",
@@ -79,6 +81,7 @@ _EXPORTS = {
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuditWatch",
     "DACT",
     "EarlyExitOutput",
     "Entropy",

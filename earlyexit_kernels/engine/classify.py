@@ -3,6 +3,9 @@
     for p in eek.classify(model, texts, tokenizer=tok):
         p.index, p.logits, p.exit_layer, p.layers_run
 
+    predictions = eek.classify(model, texts, tokenizer=tok, audit_fraction=0.05)
+    list(predictions); predictions.audit.rate, predictions.audit.bound()   # 5% also run at full depth
+
 The stream runs on :class:`earlyexit_kernels.engine.continuous.ContinuousEngine`: every layer
 call is full and of a fixed shape, and a sequence leaves as soon as its policy says so.
 Inputs are consumed lazily, a bounded number ahead of the engine.
@@ -11,15 +14,17 @@ Inputs are consumed lazily, a bounded number ahead of the engine.
 from __future__ import annotations
 
 import itertools
+import time
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
+from earlyexit_kernels.engine.audit import AuditWatch, check_fraction, disagreement, full_depth_logits, is_multi_label
 from earlyexit_kernels.engine.continuous import ContinuousEngine
 
-__all__ = ["Prediction", "classify"]
+__all__ = ["Prediction", "Predictions", "classify"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,12 +33,37 @@ class Prediction:
 
     ``index``: position of the input. ``logits``: FloatTensor [C] on the CPU, model dtype.
     ``exit_layer``: 1..L. ``layers_run``: layers computed (differs only with SkipGates).
+    ``disagreement``: for a sequence the audit also ran through the full model, its disagreement
+    with it (1.0 or 0.0: another class or the same; multi-label: the fraction of labels decided
+    otherwise, see :func:`earlyexit_kernels.engine.audit.disagreement`); None when not audited.
     """
 
     index: int
     logits: torch.Tensor
     exit_layer: int
     layers_run: int
+    disagreement: float | None = None
+
+
+class Predictions(Iterator[Prediction]):
+    """What :func:`classify` returns: its :class:`Prediction` objects, lazily (as a generator), and
+    ``audit``: the :class:`~earlyexit_kernels.engine.audit.AuditWatch` counting the audited
+    sequences (None without an audit), complete once the predictions are exhausted."""
+
+    __slots__ = ("_generator", "audit")
+
+    def __init__(self, generator: Iterator[Prediction], audit: AuditWatch | None):
+        self._generator, self.audit = generator, audit
+
+    def __iter__(self) -> Predictions:
+        return self
+
+    def __next__(self) -> Prediction:
+        return next(self._generator)
+
+    def close(self) -> None:
+        """Stop early: as a generator's ``close``."""
+        self._generator.close()
 
 
 def classify(
@@ -52,8 +82,10 @@ def classify(
     read_ahead: int | None = None,
     admission: str = "length",
     packed: bool | None = None,
-) -> Iterator[Prediction]:
-    """Classify every item of ``inputs`` with the patched ``model``; a generator of :class:`Prediction`.
+    audit_fraction: float = 0.0,
+    audit: AuditWatch | None = None,
+) -> Predictions:
+    """Classify every item of ``inputs`` with the patched ``model``; an iterator of :class:`Prediction`.
 
     ``inputs``: an iterable of ``str``, ``(str, str)`` pairs, or dicts with ``input_ids``
     (list or 1-D tensor, special tokens included) and optionally ``token_type_ids`` and a
@@ -68,6 +100,15 @@ def classify(
     :class:`earlyexit_kernels.engine.continuous.ContinuousEngine`. ``read_ahead``: how many
     tokenized inputs wait for admission (default ``32 * max_in_flight``); the length sweep
     picks from them.
+
+    ``audit_fraction``: a fraction in [0, 1] of the sequences, drawn at random (seed 0), that also
+    run through the full model (the model unpatched, on the same weights); their
+    :attr:`Prediction.disagreement` says whether it predicts another class, and the returned
+    iterator's ``audit`` (an :class:`~earlyexit_kernels.engine.audit.AuditWatch`) counts them, with
+    the observed disagreement and its upper bound. It costs the full model's time on that fraction
+    of the sequences (run sorted by length in batches of ``max_batch_size``). ``audit``: a watch of your own instead (its
+    fraction, budget, confidence and seed; it keeps counting over several calls). Default: no audit,
+    and nothing changes. The early exit's predictions are the same either way.
 
     Memory: at most ``read_ahead + max_in_flight`` inputs (and one tokenizing chunk of
     ``max_batch_size``) are read and not yet yielded at any time; only ``max_in_flight``
@@ -89,10 +130,81 @@ def classify(
         read_ahead = 32 * engine.scheduler.max_in_flight
     if not isinstance(read_ahead, int) or isinstance(read_ahead, bool) or read_ahead < 1:
         raise ValueError(f"read_ahead must be an integer >= 1, got {read_ahead!r}")
-    return _predictions(engine, inputs, tokenizer, ordered, progress, read_ahead)
+    audit_fraction = check_fraction(audit_fraction)
+    if audit is not None:
+        if audit_fraction:
+            raise ValueError("give audit_fraction or a watch of your own (audit=AuditWatch(...)), not both")
+        if not isinstance(audit, AuditWatch):
+            raise TypeError(f"audit must be an earlyexit_kernels AuditWatch, got {type(audit).__name__}")
+    elif audit_fraction > 0:
+        audit = AuditWatch(audit_fraction)
+    auditor = None if audit is None else _Auditor(model, audit, engine.buckets.max_batch_size, max_tokens)
+    return Predictions(_predictions(engine, inputs, tokenizer, ordered, progress, read_ahead, auditor), audit)
 
 
-def _predictions(engine: ContinuousEngine, inputs, tokenizer, ordered: bool, progress: bool, read_ahead: int):
+class _Auditor:
+    """The audit's side of a stream: which sequences the watch chose, their full model's logits, their losses.
+
+    Chosen sequences wait until ``WINDOW`` batches of them do, then run through the full model
+    together, sorted by length in batches of ``batch`` rows (and ``max_tokens``): in input
+    order, batches of 32 of lengths spread evenly over 8..128 hold 1.85 times the real tokens;
+    sorted in windows of 16 batches, 1.05 times (1.01 sorted whole). One whose early exit comes
+    out first runs at once with those waiting, so that no prediction waits for the window to
+    fill. The losses of a step are recorded together.
+    """
+
+    WINDOW = 16
+
+    def __init__(self, model, watch: AuditWatch, batch: int, max_tokens: int | None):
+        self.model, self.watch, self.batch, self.max_tokens = model, watch, batch, max_tokens
+        self.multi_label = is_multi_label(model.config)
+        self.waiting: dict[int, tuple] = {}  # index -> (input_ids, token_type_ids): chosen, not run yet
+        self.full: dict[int, torch.Tensor] = {}  # index -> the full model's logits [C]
+        self.losses: list[float] = []
+        self.seconds = 0.0
+
+    def submitted(self, index: int, input_ids, token_type_ids) -> None:
+        if self.watch.choose():
+            self.waiting[index] = (input_ids, token_type_ids)
+            if len(self.waiting) >= self.WINDOW * self.batch:
+                self._run()
+
+    def loss(self, index: int, logits: torch.Tensor) -> float | None:
+        """The disagreement of sequence ``index`` whose early exit gave ``logits``; None when not audited."""
+        if index in self.waiting:
+            self._run()
+        full = self.full.pop(index, None)
+        if full is None:
+            return None
+        value = disagreement(logits[None], full[None], multi_label=self.multi_label)[0]
+        self.losses.append(value)
+        return value
+
+    def record(self) -> None:
+        if self.losses or self.seconds:
+            self.watch.record(self.losses, seconds=self.seconds)
+            self.losses, self.seconds = [], 0.0
+
+    def _run(self) -> None:
+        keys = list(self.waiting)
+        start = time.perf_counter()
+        logits = full_depth_logits(
+            self.model, [self.waiting[k] for k in keys], max_batch_size=self.batch, max_tokens=self.max_tokens
+        )
+        self.seconds += time.perf_counter() - start
+        self.full.update(zip(keys, logits))
+        self.waiting.clear()
+
+
+def _predictions(
+    engine: ContinuousEngine,
+    inputs,
+    tokenizer,
+    ordered: bool,
+    progress: bool,
+    read_ahead: int,
+    auditor: _Auditor | None = None,
+):
     total = len(inputs) if hasattr(inputs, "__len__") else None
     bar = None
     if progress:
@@ -118,10 +230,16 @@ def _predictions(engine: ContinuousEngine, inputs, tokenizer, ordered: bool, pro
                     exhausted = True
                 else:
                     engine.submit(*item)
+                    if auditor is not None:
+                        auditor.submitted(*item)
             if engine.idle:
                 break
-            for done in engine.step():
-                prediction = Prediction(done.key, done.logits, done.exit_layer, done.layers_run)
+            finished = engine.step()
+            losses = [None] * len(finished) if auditor is None else [auditor.loss(d.key, d.logits) for d in finished]
+            if auditor is not None:
+                auditor.record()
+            for done, loss in zip(finished, losses):
+                prediction = Prediction(done.key, done.logits, done.exit_layer, done.layers_run, loss)
                 if bar is not None:
                     bar.update(1)
                 if not ordered:

@@ -22,6 +22,7 @@ from earlyexit_kernels.integrations.model_folder import ModelFolderError, load_m
 __all__ = ["CliError", "build_parser", "main"]
 
 OUTPUT_COLUMNS = ("label", "score", "exit_layer", "layers_run")
+AUDIT_COLUMN = "audit_disagreement"  # with --audit-fraction, as Ray Data's class
 
 
 class CliError(Exception):
@@ -111,10 +112,39 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="torch's CPU threads for the layer calls, --engine local (default: torch's choice, one per core)",
     )
+    _add_audit_options(classify, "rows", "on stderr (each audited row's in a last column, audit_disagreement)")
     classify.set_defaults(run=_classify)
     _add_serve_command(commands)
     add_fit_commands(commands)  # fit, evaluate
     return parser
+
+
+def _add_audit_options(command, what: str, where: str) -> None:
+    command.add_argument(
+        "--audit-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help=f"run a random fraction F in [0, 1] of the {what} through the full model too (the early exit's answers "
+        f"unchanged) and report their disagreement with the early exit and its upper bound {where}, beside the "
+        "budget; a warning says when the disagreements show the budget passed. Costs about F times the full "
+        "model's time (default: 0, no audit)",
+    )
+    command.add_argument(
+        "--audit-budget",
+        type=float,
+        default=None,
+        metavar="POINTS",
+        help=f"the audit's budget, in percentage points of {what} (1: 1%%); default: the certificate's of "
+        "MODEL/eek_fit.json (eek fit), else none: the disagreement and its bound are reported, no budget, no warning",
+    )
+    command.add_argument(
+        "--audit-confidence",
+        type=float,
+        default=None,
+        metavar="P",
+        help="confidence of the audit's bound (default: the certificate's of MODEL/eek_fit.json, else 0.95)",
+    )
 
 
 def _add_serve_command(commands) -> None:
@@ -183,6 +213,7 @@ def _add_serve_command(commands) -> None:
         default=None,
         help="most inputs (or rerank texts) in one request; more get 413 naming this limit (default: --max-queue)",
     )
+    _add_audit_options(serve, "sequences", "at /metrics (eek_audit_*)")
     serve.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
     serve.set_defaults(run=_serve)
 
@@ -225,6 +256,7 @@ def _classify(args) -> int:
     for name in ("max_batch_size", "chunk_rows", "workers"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be at least 1")
+    args.audit = _audit_options(args)
     if args.engine == "ray":  # reads files or folders; OUTPUT is a folder (Parquet unless named .csv / .jsonl)
         if args.threads is not None:
             raise CliError("--threads sets this process's threads: use it with --engine local")
@@ -259,6 +291,13 @@ def _classify_locally(args) -> int:
     columns.check(probe, args.input)
     check_writable(args.output, probe)
     model, tokenizer = load_model(args.model, args.policy, args.backend)
+    watch = None
+    if args.audit:
+        from earlyexit_kernels.engine.audit import AuditWatch
+
+        watch = AuditWatch(
+            args.audit["audit_fraction"], budget=args.audit["audit_budget"], confidence=args.audit["audit_confidence"]
+        )
     tables: deque = deque()  # input chunks whose rows are being classified, in order
 
     def inputs():  # read from the first row not yet written, once iterated (after the writer exists)
@@ -279,6 +318,7 @@ def _classify_locally(args) -> int:
             max_length=args.max_length,
             compile=args.compile,
             progress=show_progress,
+            audit=watch,
         )
     except ValueError as error:  # the engine's options, checked before OUTPUT is touched
         raise CliError(str(error)) from None
@@ -292,7 +332,7 @@ def _classify_locally(args) -> int:
         while tables and (len(ready) >= tables[0].num_rows or final):
             table = tables.popleft()
             chunk, ready = ready[: table.num_rows], ready[table.num_rows :]
-            writer.write(_with_predictions(table, chunk, model.config))
+            writer.write(_with_predictions(table, chunk, model.config, audited=watch is not None))
 
     for prediction in predictions:
         ready.append(prediction)
@@ -310,12 +350,15 @@ def _classify_locally(args) -> int:
         f"-> {args.output}",
         file=sys.stderr,
     )
+    if watch is not None:
+        print(watch.describe(), file=sys.stderr)
     return 0
 
 
-def _with_predictions(table, predictions, config):
+def _with_predictions(table, predictions, config, audited: bool = False):
     """``table`` with the columns label, score, exit_layer, layers_run of its ``predictions``
-    (and, for a multi-label model, scores: every label's probability as a JSON object)."""
+    (and, for a multi-label model, scores: every label's probability as a JSON object; with
+    ``audited``, audit_disagreement: each audited row's disagreement with the full model)."""
     import json
 
     import pyarrow as pa
@@ -338,6 +381,8 @@ def _with_predictions(table, predictions, config):
     if is_multi_label(config):  # every label with its probability, as a JSON object per row
         probabilities = label_probabilities(torch.stack([p.logits for p in predictions]), config) if predictions else []
         table = table.append_column("scores", pa.array([json.dumps(p) for p in probabilities], pa.string()))
+    if audited:
+        table = table.append_column(AUDIT_COLUMN, pa.array([p.disagreement for p in predictions], pa.float64()))
     return table
 
 
@@ -432,6 +477,7 @@ def _classify_on_ray(args) -> int:
         max_length=args.max_length,
         backend=args.backend,
         compile=args.compile,
+        **args.audit,
     )
     elapsed = time.perf_counter() - start
     print(
@@ -439,6 +485,14 @@ def _classify_on_ray(args) -> int:
         f"{summary['errors']} rows could not be classified (see the error column) -> {args.output}",
         file=sys.stderr,
     )
+    if "audit" in summary:
+        audit = summary["audit"]
+        print(
+            f"audit: {audit['audited']} rows also run by the full model, disagreement "
+            f"{100 * (audit['rate'] or 0.0):.2f}%, upper {100 * audit['confidence']:g}% bound {100 * audit['bound']:.2f}%"
+            + ("" if audit["budget"] is None else f", budget {100 * audit['budget']:g}%"),
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -466,6 +520,7 @@ def _serve(args) -> int:
     )
     if args.max_client_batch_size is not None and args.max_client_batch_size < 1:
         raise CliError(f"--max-client-batch-size must be >= 1, got {args.max_client_batch_size}")
+    options.update(_audit_options(args, "sequences"))
     _set_threads(args.threads)
     if args.replicas is not None:
         return _serve_on_ray(args, options)
@@ -478,6 +533,35 @@ def _serve(args) -> int:
     # then the app's shutdown drains the engine.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=None)
     return 0
+
+
+def _audit_options(args, what: str = "rows") -> dict:
+    """``--audit-fraction``, ``--audit-budget``, ``--audit-confidence`` as ``create_app``'s options, checked;
+    the budget and confidence not given come from MODEL's eek_fit.json certificate (said on stderr)."""
+    fraction, points, confidence = args.audit_fraction, args.audit_budget, args.audit_confidence
+    if not (math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
+        raise CliError(
+            f"--audit-fraction must be a fraction in [0, 1] (0.05: one sequence in twenty also runs the full "
+            f"model), got {fraction:g}"
+        )
+    if points is not None and not (math.isfinite(points) and 0.0 <= points < 100.0):
+        raise CliError(f"--audit-budget is in percentage points of sequences, in [0, 100) (1: 1%), got {points:g}")
+    if confidence is not None and not (0.0 < confidence < 1.0):
+        raise CliError(f"--audit-confidence must be strictly between 0 and 1 (e.g. 0.95), got {confidence:g}")
+    if fraction == 0.0:
+        if points is not None or confidence is not None:
+            raise CliError("--audit-budget and --audit-confidence set the audit: give --audit-fraction F (> 0) too")
+        return {}
+    from earlyexit_kernels.integrations.model_folder import audit_settings
+
+    budget, confidence, source = audit_settings(args.model, None if points is None else points / 100.0, confidence)
+    said = "no budget: the disagreement and its bound only" if budget is None else f"budget {100 * budget:g}%"
+    print(
+        f"audit: {fraction:g} of the {what} also run by the full model; {said}, confidence "
+        f"{100 * confidence:g}% ({source})",
+        file=sys.stderr,
+    )
+    return {"audit_fraction": fraction, "audit_budget": budget, "audit_confidence": confidence}
 
 
 def _serve_on_ray(args, options: dict) -> int:

@@ -14,7 +14,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["ModelFolderError", "fit_folder", "load_classifier", "load_model", "save_fitted"]
+__all__ = [
+    "ModelFolderError",
+    "audit_settings",
+    "fit_certificate",
+    "fit_folder",
+    "load_classifier",
+    "load_model",
+    "save_fitted",
+]
 
 
 class ModelFolderError(ValueError):
@@ -86,6 +94,46 @@ def _architectures(config_path: Path) -> list[str]:
     except (OSError, ValueError, AttributeError) as error:
         raise ModelFolderError(f"{config_path} is not a readable model configuration ({error})") from None
     return [name for name in architectures or () if isinstance(name, str)]
+
+
+def fit_certificate(path: str) -> dict | None:
+    """The certificate ``eek fit`` saved in ``path/eek_fit.json`` (``budget``, a fraction, ``confidence``,
+    ``risk``, ``rows``, ``bound``, ``certified``, ..., with the fit's ``target``), or None: no such file,
+    a fit that did not certify (``confidence`` null), or one whose risk is not counted per row."""
+    try:
+        saved = json.loads((Path(path) / "eek_fit.json").read_text())
+    except (OSError, ValueError):
+        return None
+    certificate = saved.get("certificate") if isinstance(saved, dict) else None
+    if not isinstance(certificate, dict) or certificate.get("unit", "rows") != "rows":
+        return None
+    budget, confidence = certificate.get("budget"), certificate.get("confidence")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (budget, confidence)):
+        return None
+    return {**certificate, "target": saved.get("target")}
+
+
+def audit_settings(
+    path: str, budget: float | None = None, confidence: float | None = None
+) -> tuple[float | None, float, str]:
+    """The audit watch's budget (a fraction, or None), confidence and where they come from, for the model
+    folder ``path``: each as given, else the certificate of ``path/eek_fit.json``, else no budget and 0.95."""
+    certificate = fit_certificate(path)
+    if certificate is None:
+        source = "as given" if budget is not None else "no budget: none given and no certificate in eek_fit.json"
+        return budget, 0.95 if confidence is None else confidence, source
+    kind = "accuracy lost" if certificate.get("target") == "accuracy" else "disagreement"
+    source = (
+        f"the certificate of {Path(path) / 'eek_fit.json'}: {kind} <= {100 * certificate['budget']:g}% with "
+        f"confidence {100 * certificate['confidence']:g}%"
+    )
+    if budget is not None and confidence is not None:
+        return budget, confidence, "as given"
+    if budget is None and confidence is None:
+        return float(certificate["budget"]), float(certificate["confidence"]), f"from {source}"
+    if budget is None:
+        return float(certificate["budget"]), confidence, f"budget from {source}; confidence as given"
+    return budget, float(certificate["confidence"]), f"budget as given; confidence from {source}"
 
 
 def load_classifier(path: str):

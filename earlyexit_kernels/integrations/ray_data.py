@@ -16,9 +16,11 @@ import json
 import math
 from pathlib import Path
 
-__all__ = ["EarlyExitClassifier", "classify_files", "input_files", "read_dataset", "OUTPUT_COLUMNS"]
+__all__ = ["EarlyExitClassifier", "classify_files", "input_files", "read_dataset", "AUDIT_COLUMN", "OUTPUT_COLUMNS"]
 
 OUTPUT_COLUMNS = ("label", "score", "exit_layer", "layers_run", "error")
+#: the column an audit adds: each audited row's disagreement with the full model, null elsewhere
+AUDIT_COLUMN = "audit_disagreement"
 READERS = {
     ".csv": "read_csv",
     ".tsv": "read_csv",
@@ -41,6 +43,15 @@ class EarlyExitClassifier:
     ``map_batches``), else ``"cpu"``. ``truncation=False`` refuses texts over
     ``max_length`` instead of truncating them.
 
+    ``audit_fraction``: a fraction of the rows, drawn at random (``audit_seed``), that also run
+    through the full model (:mod:`earlyexit_kernels.engine.audit`); the result then has one more
+    column, ``audit_disagreement``: 1.0 where the full model predicts another class, 0.0 where
+    the same (multi-label: the fraction of labels decided otherwise), null where not audited.
+    Each actor keeps an :class:`~earlyexit_kernels.engine.audit.AuditWatch` (``self.audit``) over
+    every batch it runs, with ``audit_budget`` (a fraction) and ``audit_confidence``, by default
+    the certificate's of ``model/eek_fit.json``, and logs its warning; :func:`classify_files` sums
+    the column over the whole output.
+
     A null text is classified as the empty string. A row that cannot be classified (a
     value that is not text, or too long without truncation) keeps the job going: its
     outputs are null and ``error`` says why; on every other row ``error`` is null.
@@ -61,11 +72,22 @@ class EarlyExitClassifier:
         compile: bool = False,
         device: str | None = None,
         truncation: bool = True,
+        audit_fraction: float = 0.0,
+        audit_budget: float | None = None,
+        audit_confidence: float | None = None,
+        audit_seed: int = 0,
     ):
         import torch
         from transformers import AutoTokenizer
 
+        from earlyexit_kernels.engine.audit import AuditWatch, check_fraction
+        from earlyexit_kernels.integrations.model_folder import audit_settings
         from earlyexit_kernels.patching.loading import from_pretrained
+
+        self.audit = None
+        if check_fraction(audit_fraction) > 0:
+            budget, confidence, _ = audit_settings(str(model), audit_budget, audit_confidence)
+            self.audit = AuditWatch(audit_fraction, budget=budget, confidence=confidence, seed=audit_seed)
 
         if isinstance(policy, str):
             from earlyexit_kernels.methods.policy_spec import parse_policy
@@ -94,12 +116,13 @@ class EarlyExitClassifier:
 
         multi_label = is_multi_label(self.model.config)
         every_label = [None] * len(frame)
+        audited = [None] * len(frame)
         if rows:
             from earlyexit_kernels.engine.classify import classify
             from earlyexit_kernels.integrations.labels import label_probabilities, labels_and_scores
 
             positions, items = zip(*rows)
-            predictions = list(classify(self.model, items, tokenizer=self.tokenizer, **self.options))
+            predictions = list(classify(self.model, items, tokenizer=self.tokenizer, audit=self.audit, **self.options))
             import torch
 
             logits = torch.stack([p.logits for p in predictions])
@@ -112,12 +135,15 @@ class EarlyExitClassifier:
                 outputs["score"][position] = score
                 outputs["exit_layer"][position] = prediction.exit_layer
                 outputs["layers_run"][position] = prediction.layers_run
+                audited[position] = prediction.disagreement
         result = frame.copy()
         for name in OUTPUT_COLUMNS:
             dtype = {"exit_layer": "Int64", "layers_run": "Int64", "score": "Float64"}.get(name, "string")
             result[name] = pd.array(outputs[name], dtype=dtype)
         if multi_label:  # every label with its probability, as a JSON object per row
             result["scores"] = pd.array(every_label, dtype="string")
+        if self.audit is not None:
+            result[AUDIT_COLUMN] = pd.array(audited, dtype="Float64")
         return _from_pandas(result, form)
 
     def _inputs(self, frame) -> tuple[list[tuple[int, object]], list[str | None]]:
@@ -219,6 +245,11 @@ def classify_files(
     input row is written exactly once. ``num_cpus`` per actor defaults to one, or less
     where the cluster's CPUs could not also run the reading and writing tasks (actors
     holding every CPU would wait forever for their input).
+
+    With ``audit_fraction`` (see :class:`EarlyExitClassifier`) the summary's ``audit`` holds the
+    audit over every row written (:meth:`earlyexit_kernels.engine.audit.AuditWatch.as_dict`: the
+    rows audited, their disagreements, its rate, its upper bound, the budget), and a warning is
+    logged here when the disagreements show the budget passed.
     """
     import ray
     import ray.data
@@ -245,16 +276,31 @@ def classify_files(
     suffix = Path(output_path).suffix.lower()
     writer = {".csv": "write_csv", ".jsonl": "write_json"}.get(suffix, "write_parquet")
     getattr(classified, writer)(output_path)
-    written = _read_written(output_path, writer)
-    return {"rows": len(written), "errors": int(written["error"].notna().sum()), "output": output_path}
+    auditing = bool(classifier_kwargs.get("audit_fraction"))
+    written = _read_written(output_path, writer, ["error", AUDIT_COLUMN] if auditing else ["error"])
+    summary = {"rows": len(written), "errors": int(written["error"].notna().sum()), "output": output_path}
+    if auditing:
+        summary["audit"] = _audit_summary(written[AUDIT_COLUMN], model, classifier_kwargs)
+    return summary
 
 
-def _read_written(output_path: str, writer: str):
+def _audit_summary(column, model: str, options: dict) -> dict:
+    """The audit over every written row: one watch fed the column's values (it warns here, once, where due)."""
+    from earlyexit_kernels.engine.audit import AuditWatch
+    from earlyexit_kernels.integrations.model_folder import audit_settings
+
+    budget, confidence, _ = audit_settings(model, options.get("audit_budget"), options.get("audit_confidence"))
+    watch = AuditWatch(options["audit_fraction"], budget=budget, confidence=confidence)
+    watch.record(float(v) for v in column.dropna())
+    return watch.as_dict()
+
+
+def _read_written(output_path: str, writer: str, columns: list[str]):
     import pandas as pd
 
     parts = sorted(p for p in Path(output_path).iterdir() if p.is_file() and not p.name.startswith("."))
     if writer == "write_parquet":
-        return pd.concat([pd.read_parquet(p, columns=["error"]) for p in parts], ignore_index=True)
+        return pd.concat([pd.read_parquet(p, columns=columns) for p in parts], ignore_index=True)
     if writer == "write_csv":
-        return pd.concat([pd.read_csv(p, usecols=["error"]) for p in parts], ignore_index=True)
+        return pd.concat([pd.read_csv(p, usecols=columns) for p in parts], ignore_index=True)
     return pd.concat([pd.read_json(p, lines=True) for p in parts], ignore_index=True)

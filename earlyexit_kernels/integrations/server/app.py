@@ -53,6 +53,10 @@ def create_app(
     compile: bool | dict = False,
     api_key: str | None = None,
     max_client_batch_size: int | None = None,
+    audit_fraction: float = 0.0,
+    audit_budget: float | None = None,
+    audit_confidence: float = 0.95,
+    audit_seed: int = 0,
 ):
     """A Starlette app serving the patched ``model``; the engine starts with the app.
 
@@ -62,14 +66,20 @@ def create_app(
     one is split over as many layer calls as ``max_batch_size`` needs. ``max_length``:
     most tokens per sequence (default what the model's positions hold); longer texts get
     413 unless the request says ``truncate``. ``api_key``: when given, every route but
-    ``/health`` needs ``Authorization: Bearer <api_key>``. Other options as
-    :class:`earlyexit_kernels.engine.continuous.ContinuousEngine`.
+    ``/health`` needs ``Authorization: Bearer <api_key>``. ``audit_fraction``: the fraction of
+    the sequences, drawn at random (``audit_seed``), that also run through the full model once
+    answered, their disagreement with the early exit, its upper ``audit_confidence`` bound and
+    ``audit_budget`` (a fraction, or None: no budget, no warning) exported at ``/metrics``
+    (``eek_audit_*``); 0, the default, audits nothing (:mod:`earlyexit_kernels.engine.audit`,
+    :mod:`.audit_worker`). Other options as :class:`earlyexit_kernels.engine.continuous.ContinuousEngine`.
     """
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
+
+    from earlyexit_kernels.engine.audit import AuditWatch, check_fraction
 
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise ValueError("api_key must be a non-empty string or None")
@@ -84,7 +94,10 @@ def create_app(
     engine_options = dict(
         max_batch_size=max_batch_size, max_tokens=max_tokens, max_length=max_length, compile=compile, admission="fifo"
     )
-    state = _ServerState(model, tokenizer, model_id, max_queue, max_client_batch_size, engine_options)
+    audit = None
+    if check_fraction(audit_fraction) > 0:
+        audit = AuditWatch(audit_fraction, budget=audit_budget, confidence=audit_confidence, seed=audit_seed)
+    state = _ServerState(model, tokenizer, model_id, max_queue, max_client_batch_size, engine_options, audit)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -227,7 +240,14 @@ class _ServerState:
     """The model, tokenizer, engine thread and metrics behind one app."""
 
     def __init__(
-        self, model, tokenizer, model_id: str, max_queue: int, max_client_batch_size: int, engine_options: dict
+        self,
+        model,
+        tokenizer,
+        model_id: str,
+        max_queue: int,
+        max_client_batch_size: int,
+        engine_options: dict,
+        audit=None,
     ):
         from earlyexit_kernels.engine.continuous import model_max_length
         from earlyexit_kernels.integrations.labels import is_multi_label
@@ -250,21 +270,38 @@ class _ServerState:
         self.multi_label = is_multi_label(config)
         self.worker: BackgroundEngine | None = None
         self.accepting = False
+        self.audit = audit  # the AuditWatch, or None
+        self.auditor = None  # its AuditWorker, while the app runs
         self.metrics = ServerMetrics(
             config.num_hidden_layers,
             engine_stats=lambda: self.worker.engine.stats,
             queue_depth=lambda: 0 if self.worker is None else self.worker.outstanding,
+            audit=audit,
         )
 
     def start(self) -> None:
         if self.worker is None:
             self.worker = BackgroundEngine(self.model, max_queue=self.max_queue, **self.engine_options)
+        if self.audit is not None and self.auditor is None:
+            from earlyexit_kernels.integrations.server.audit_worker import AuditWorker
+
+            self.auditor = AuditWorker(
+                self.model,
+                self.audit,
+                multi_label=self.multi_label,
+                max_batch_size=self.engine_options["max_batch_size"],
+                max_tokens=self.engine_options["max_tokens"],
+                max_queue=self.max_queue,
+            )
         self.accepting = True
 
     def stop(self) -> None:
         self.accepting = False
         if self.worker is not None:
             self.worker.close(drain=True)
+        if self.auditor is not None:
+            self.auditor.close()
+            self.auditor = None
 
     def healthy(self) -> bool:
         return self.accepting and self.worker is not None and self.worker._thread.is_alive()
@@ -293,6 +330,9 @@ class _ServerState:
             "max_tokens": self.engine_options["max_tokens"],
             "max_length": self.max_length,
             "max_queue": self.max_queue,
+            "audit": None
+            if self.audit is None
+            else {"fraction": self.audit.fraction, "budget": self.audit.budget, "confidence": self.audit.confidence},
         }
 
     async def run(self, request, http_request, timings: _Timings) -> list | None:
@@ -345,6 +385,12 @@ class _ServerState:
             timings.taken = max(taken)
         for done in finished:
             self.metrics.record_sequence(done.exit_layer, done.layers_run)
+        if self.auditor is not None:
+            # after the answer is settled: the full model's run changes nothing in it and holds nothing up
+            chosen = [self.audit.choose() for _ in encoded]
+            self.auditor.submit(
+                [(ids, types, done.logits) for (ids, types), done, audited in zip(encoded, finished, chosen) if audited]
+            )
         return finished
 
     def _tokenize(self, request) -> list[tuple[list[int], list[int] | None]]:

@@ -9,6 +9,18 @@
 - ``eek_layer_calls_total``, ``eek_layer_call_rows_total``, ``eek_rows_per_layer_call``:
   the engine's layer calls, the real rows they held, and their mean.
 
+With an audit (``eek serve --audit-fraction F``, :mod:`earlyexit_kernels.engine.audit`):
+
+- ``eek_audit_fraction``: F; ``eek_audit_sequences_total``: sequences also run by the full model;
+  ``eek_audit_disagreements_total``: their disagreements with it (multi-label: the fractions of
+  labels decided otherwise, summed); ``eek_audit_disagreement_rate``: the one over the other;
+- ``eek_audit_disagreement_bound``: its upper ``eek_audit_confidence`` bound (1 before any);
+- ``eek_audit_budget`` (only with a budget: the certificate's of ``eek_fit.json`` or
+  ``--audit-budget``) and ``eek_audit_over_budget`` (1 while the disagreements show the risk over
+  it, as the warning says; 0 otherwise);
+- ``eek_audit_full_model_seconds_total``: the full model's time on them (the audit's cost);
+  ``eek_audit_skipped_total``: sequences chosen but not audited (the audit's queue was full).
+
 Each app has its own registry, so several apps in one process never collide.
 """
 
@@ -24,7 +36,7 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 class ServerMetrics:
     """Counters for one app; ``engine_stats`` and ``queue_depth`` are read when scraped."""
 
-    def __init__(self, num_layers: int, engine_stats: Callable, queue_depth: Callable[[], int]):
+    def __init__(self, num_layers: int, engine_stats: Callable, queue_depth: Callable[[], int], audit=None):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
@@ -55,6 +67,45 @@ class ServerMetrics:
         Gauge("eek_rows_per_layer_call", "Mean real rows per layer call", registry=self.registry).set_function(
             lambda: engine_stats().rows / max(engine_stats().calls, 1)
         )
+        if audit is not None:
+            self._audit_metrics(audit, Gauge)
+
+    def _audit_metrics(self, audit, Gauge) -> None:
+        """Read from the :class:`~earlyexit_kernels.engine.audit.AuditWatch` ``audit`` when scraped."""
+        gauges = {
+            "eek_audit_fraction": ("Fraction of the sequences also run by the full model", lambda: audit.fraction),
+            "eek_audit_sequences_total": ("Sequences also run by the full model", lambda: audit.audited),
+            "eek_audit_disagreements_total": (
+                "Audited sequences whose early exit predicts otherwise than the full model (multi-label: "
+                "fractions of labels, summed)",
+                lambda: audit.disagreements,
+            ),
+            "eek_audit_disagreement_rate": (
+                "Disagreement of the early exit with the full model on the audited sequences",
+                lambda: audit.rate or 0.0,
+            ),
+            "eek_audit_disagreement_bound": (
+                "Upper confidence bound on the disagreement (eek_audit_confidence; 1 before any audited sequence)",
+                audit.bound,
+            ),
+            "eek_audit_confidence": ("Confidence of eek_audit_disagreement_bound", lambda: audit.confidence),
+            "eek_audit_full_model_seconds_total": (
+                "Time the full model took on the audited sequences",
+                lambda: audit.full_seconds,
+            ),
+            "eek_audit_skipped_total": (
+                "Sequences chosen for the audit but not audited (its queue was full)",
+                lambda: audit.skipped,
+            ),
+        }
+        if audit.budget is not None:
+            gauges["eek_audit_budget"] = ("Budget of the disagreement (a fraction)", lambda: audit.budget)
+            gauges["eek_audit_over_budget"] = (
+                "1 while the audited disagreements show the risk over the budget (the warning's condition)",
+                lambda: float(bool(audit.over_budget)),
+            )
+        for name, (documentation, read) in gauges.items():
+            Gauge(name, documentation, registry=self.registry).set_function(read)
 
     def record_sequence(self, exit_layer: int, layers_run: int) -> None:
         self.sequences.inc()

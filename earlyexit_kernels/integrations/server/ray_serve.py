@@ -28,7 +28,10 @@ def serve_application(
 
     ``policy``, ``backend``: as on the command line (``"Entropy(0.3)"``; default the saved
     ones). ``app_options`` go to :func:`earlyexit_kernels.integrations.server.create_app`
-    (``max_batch_size``, ``max_tokens``, ``max_queue``, ``max_length``, ``compile``).
+    (``max_batch_size``, ``max_tokens``, ``max_queue``, ``max_length``, ``compile``, ``audit_fraction``,
+    ...). With ``audit_fraction`` and no ``audit_budget`` (or ``audit_confidence``), each replica
+    takes them from the certificate of ``model_dir/eek_fit.json`` where there is one; each replica
+    audits and exports its own counts.
     """
     try:
         from ray import serve
@@ -38,11 +41,17 @@ def serve_application(
         raise ValueError(f"replicas must be an integer >= 1, got {replicas!r}")
 
     def build_app():
-        from earlyexit_kernels.integrations.model_folder import load_model
+        from earlyexit_kernels.integrations.model_folder import audit_settings, load_model
         from earlyexit_kernels.integrations.server.app import create_app
 
         model, tokenizer = load_model(model_dir, policy, backend)
-        return create_app(model, tokenizer, model_id=model_dir, **app_options)
+        options = dict(app_options)
+        if options.get("audit_fraction"):
+            budget, confidence, _ = audit_settings(
+                model_dir, options.get("audit_budget"), options.get("audit_confidence")
+            )
+            options.update(audit_budget=budget, audit_confidence=confidence)
+        return create_app(model, tokenizer, model_id=model_dir, **options)
 
     ingress = serve.ingress(build_app)(type("EarlyExitServer", (), {}))
     deployment = serve.deployment(

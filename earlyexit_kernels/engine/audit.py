@@ -1,0 +1,445 @@
+"""The audit watch: a random fraction of the sequences served also run at full depth, and their disagreement is watched.
+
+    watch = AuditWatch(0.05, budget=0.01, confidence=0.95)   # 5% of the sequences, a 1% budget
+    predictions = eek.classify(model, texts, tokenizer=tok, audit=watch)
+    ...
+    watch.audited, watch.disagreements, watch.rate, watch.bound()
+
+Calibration (``eek fit``) certifies that, with probability ``confidence`` over the draw of its
+calibration rows, the early exit's disagreement with the full model (or the accuracy it loses)
+stays within a budget *on rows drawn like the calibration rows*. A shift in what is served voids
+that; the watch measures the disagreement on what is served instead.
+
+- **Which sequences.** Each independently, with probability ``fraction``, from a seeded
+  :class:`random.Random` (:meth:`AuditWatch.choose`): the audited sequences are a uniform sample
+  of what is served, whatever their content, so the counts estimate the served risk.
+- **What is counted.** Per audited sequence, the loss of calibration's ``"agreement"`` risk
+  (:func:`disagreement`): 1 when the early exit predicts another class than the full model
+  (argmax), else 0; multi-label (``problem_type="multi_label_classification"``): the fraction of
+  labels decided otherwise (logit above or below 0), as calibration counts it; one output
+  (``num_labels == 1``, a cross-encoder): whether the score falls on the other side of 0
+  (sigmoid 0.5). ``disagreements`` is their sum.
+- **The bound.** :meth:`AuditWatch.bound`: the upper ``confidence`` bound on the served risk,
+  Clopper-Pearson while every loss is 0 or 1, Hoeffding-Bentkus once one is a fraction: the
+  bound of ``training/risk_control.upper_bound``, which calibration certifies with. That module
+  sits above the engine in the package's layers (``python_tests/test_layout.py``), so the
+  functions the bound needs are repeated here, operation for operation, and
+  ``python_tests/test_audit.py`` holds the two equal.
+- **The warning.** With a budget, a ``logging`` warning (logger ``earlyexit_kernels.audit``),
+  once per crossing, when the disagreements pass the budget: when they show the served risk over
+  it, i.e. when its lower ``confidence`` bound passes the budget (the p-value of "risk <= budget"
+  falls to ``1 - confidence``). The numbers are in the message. Once the upper bound is back at or
+  under the budget, an ``info`` line says so and the next crossing warns again. Not the upper
+  bound passing the budget: that one is above it whenever the audited sequences are too few to
+  certify the budget (with no disagreement at all, ``log(1 - confidence) / log(1 - budget)``
+  sequences: 299 for 1% at 95%) and hovers around it for a while after it first comes under, so
+  it would warn of a healthy model. Simulated (20 random streams of 20,000 sequences per risk, a
+  1% budget at 95%, counts recorded 16 at a time): at half the budget the upper bound passing it
+  warned in 9 streams (29 warnings), the lower bound in none; at 0.9 times the budget the lower
+  bound warned in 2; at 1.5 times in all 20 (the last after 7,056 sequences), at 2 times in all 20
+  (within 848). The upper bound is
+  :meth:`AuditWatch.bound` and the server's metric, to alert on where the budget must stay certified.
+
+The full model is the model's class's own forward (:func:`full_depth_logits`): the same weights,
+unpatched, without copying them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import random
+import threading
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from earlyexit_kernels.methods.policies import MULTI_LABEL
+
+__all__ = [
+    "AuditWatch",
+    "check_fraction",
+    "disagreement",
+    "full_depth_logits",
+    "upper_bound",
+]
+
+logger = logging.getLogger("earlyexit_kernels.audit")
+
+
+def check_fraction(fraction: float) -> float:
+    """``fraction`` as a float, or a ``ValueError`` saying what a valid one is."""
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float))
+        or not math.isfinite(fraction)
+        or not 0.0 <= fraction <= 1.0
+    ):
+        raise ValueError(
+            f"the audit fraction must be a number in [0, 1] (0.05: one sequence in twenty also runs the full "
+            f"model; 0: no audit), got {fraction!r}"
+        )
+    return float(fraction)
+
+
+def _check_confidence(confidence: float) -> float:
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.0 < confidence < 1.0:
+        raise ValueError(
+            f"the audit confidence must be a probability strictly between 0 and 1 (0.95: the bound holds "
+            f"with probability 95%), got {confidence!r}"
+        )
+    return float(confidence)
+
+
+def _check_budget(budget: float | None) -> float | None:
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 <= budget < 1.0:
+        raise ValueError(
+            f"the audit budget must be a fraction of sequences in [0, 1) (0.01: one in a hundred), got {budget!r}"
+        )
+    return float(budget)
+
+
+# ---------------------------------------------------------------------------------- the bound
+# As training/risk_control.py computes it (binomial_cdf, hoeffding_bentkus_p_value, upper_bound):
+# the same operations in the same order, so the same floats.
+
+
+def _binomial_cdf(k: int, n: int, p: float) -> float:
+    """``P(Binomial(n, p) <= k)``, exact (a log-space sum in float64)."""
+    if k < 0:
+        return 0.0
+    if k >= n or p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    i = torch.arange(k + 1, dtype=torch.float64)
+    log_terms = (
+        math.lgamma(n + 1) - torch.lgamma(i + 1) - torch.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
+    )
+    return min(1.0, float(torch.logsumexp(log_terms, 0).exp()))
+
+
+def _kl_bernoulli(a: float, b: float) -> float:
+    def term(x, y):
+        return 0.0 if x == 0.0 else x * math.log(x / y)
+
+    return term(a, b) + term(1.0 - a, 1.0 - b)
+
+
+def _hoeffding_bentkus_p_value(mean: float, n: int, budget: float) -> float:
+    if n <= 0:
+        return 1.0
+    if budget <= 0.0:
+        return 1.0
+    hoeffding = math.exp(-n * _kl_bernoulli(min(mean, budget), budget))
+    bentkus = math.e * _binomial_cdf(math.ceil(n * mean - 1e-9), n, budget)
+    return min(1.0, hoeffding, bentkus)
+
+
+def _p_value(losses: float, n: int, budget: float, binary: bool) -> float:
+    """The p-value of "risk > budget" after ``losses`` (summed) over ``n`` rows."""
+    if binary:
+        return _binomial_cdf(round(losses), n, budget)
+    return _hoeffding_bentkus_p_value(losses / n if n > 0 else 0.0, n, budget)
+
+
+def upper_bound(losses: float, n: int, confidence: float, *, binary: bool = True) -> float:
+    """The upper ``confidence`` bound on a risk from ``losses`` (summed) over ``n`` rows; 1.0 without rows.
+
+    ``binary``: 0/1 losses (Clopper-Pearson, exact); else losses in [0, 1] (Hoeffding-Bentkus).
+    Equal to ``earlyexit_kernels.training.risk_control.upper_bound``.
+    """
+    _check_confidence(confidence)
+    if n <= 0:
+        return 1.0
+    delta = 1.0 - confidence
+    mean = losses / n
+
+    def p_value(b: float) -> float:
+        if binary:
+            return _binomial_cdf(round(losses), n, b)
+        return _hoeffding_bentkus_p_value(mean, n, b)
+
+    low, high = mean, 1.0
+    if p_value(min(1.0, low + 1e-15)) <= delta:
+        return low
+    for _ in range(60):  # bisection: the p-value falls as the budget rises
+        middle = 0.5 * (low + high)
+        if p_value(middle) <= delta:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+# ---------------------------------------------------------------------------------- the loss
+
+
+def disagreement(early: torch.Tensor, full: torch.Tensor, *, multi_label: bool = False) -> list[float]:
+    """Each row's loss in [0, 1] between the early exit's ``early`` and the full model's ``full`` logits [n, C].
+
+    Single-label: 1.0 where the argmax differs, else 0.0. ``multi_label``: the fraction of labels
+    on the other side of 0 (calibration's per-label agreement). One output (C == 1): whether the
+    score is on the other side of 0.
+    """
+    early, full = early.float(), full.float()
+    if multi_label or early.shape[-1] == 1:
+        return ((early > 0) != (full > 0)).double().mean(-1).tolist()
+    return (early.argmax(-1) != full.argmax(-1)).double().tolist()
+
+
+def is_multi_label(config) -> bool:
+    return getattr(config, "problem_type", None) == MULTI_LABEL
+
+
+# ---------------------------------------------------------------------------------- the full model
+
+
+def full_depth_logits(
+    model,
+    sequences: Sequence[tuple[Sequence[int], Sequence[int] | None]],
+    *,
+    max_batch_size: int = 64,
+    max_tokens: int | None = None,
+) -> torch.Tensor:
+    """The full model's logits [n, C] (float32, CPU) for ``sequences`` of ``(input_ids, token_type_ids or None)``.
+
+    It runs the model's class's own forward on the patched model: the unpatched Hugging Face
+    forward on the same weights (``eek.patch`` replaces the instance's ``forward`` only), with no
+    copy of the weights (``eek.unpatch(copy.deepcopy(model))`` would double them) and none of the
+    early exit's bookkeeping, so it costs what the plain model costs. Sequences run in
+    length-sorted batches of at most ``max_batch_size`` rows and ``max_tokens`` rows x padded
+    length, right-padded with the model's pad token.
+    """
+    forward = type(model).forward
+    takes_types = "token_type_ids" in inspect.signature(forward).parameters
+    pad = getattr(model.config, "pad_token_id", None) or 0
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
+    chunks, chunk = [], []
+    for i in order:  # ascending lengths: the newest row is the longest of its chunk
+        rows = len(chunk) + 1
+        if chunk and (rows > max_batch_size or (max_tokens is not None and rows * len(sequences[i][0]) > max_tokens)):
+            chunks.append(chunk)
+            chunk = []
+        chunk.append(i)
+    if chunk:
+        chunks.append(chunk)
+    out: list[torch.Tensor | None] = [None] * len(sequences)
+    with torch.inference_mode():
+        for chunk in chunks:
+            length = max(len(sequences[i][0]) for i in chunk)
+            ids = torch.full((len(chunk), length), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), length), dtype=torch.long)
+            types = torch.zeros((len(chunk), length), dtype=torch.long)
+            any_types = False
+            for row, i in enumerate(chunk):
+                tokens, token_types = sequences[i]
+                n = len(tokens)
+                ids[row, :n] = torch.as_tensor(tokens, dtype=torch.long)
+                mask[row, :n] = 1
+                if token_types is not None:
+                    types[row, :n] = torch.as_tensor(token_types, dtype=torch.long)
+                    any_types = True
+            inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+            if takes_types and any_types:
+                inputs["token_type_ids"] = types.to(device)
+            logits = forward(model, **inputs).logits.float().cpu()
+            for row, i in enumerate(chunk):
+                out[i] = logits[row]
+    return torch.stack(out) if out else torch.empty(0)
+
+
+# ---------------------------------------------------------------------------------- the watch
+
+
+class AuditWatch:
+    """The policy of the audit: which sequences run at full depth too, what they show, when to warn.
+
+    ``fraction``: the probability that a sequence is audited, in [0, 1]. ``budget``: the risk
+    budget, a fraction (0.01: 1%), usually the certificate's of ``eek_fit.json``; None: no budget,
+    the watch counts and bounds but never warns. ``confidence``: of the bound (0.95). ``seed``:
+    of the choice of sequences. Thread-safe: a server chooses on one thread and records on another.
+
+    ``audited``: sequences compared; ``disagreements``: the sum of their losses; ``warnings``:
+    crossings warned; ``full_seconds``: the time the full model took for them (as recorded).
+    """
+
+    def __init__(self, fraction: float, *, budget: float | None = None, confidence: float = 0.95, seed: int = 0):
+        self.fraction = check_fraction(fraction)
+        self.budget = _check_budget(budget)
+        self.confidence = _check_confidence(confidence)
+        self.seed = seed
+        self._random = random.Random(seed)
+        self._lock = threading.Lock()
+        self.audited = 0
+        self.disagreements = 0.0
+        self.binary = True  # every loss so far 0 or 1 (then the bound is Clopper-Pearson's)
+        self.full_seconds = 0.0
+        self.skipped = 0
+        self.warnings = 0
+        self._over = False  # warned, and the bound not back at or under the budget since
+        self._bound_cache: tuple[tuple, float] | None = None
+
+    def __repr__(self) -> str:
+        budget = "none" if self.budget is None else f"{100 * self.budget:g}%"
+        return (
+            f"AuditWatch(fraction={self.fraction:g}, budget={budget}, confidence={self.confidence:g}: "
+            f"{self.audited} audited, {self.disagreements:g} disagreements)"
+        )
+
+    def choose(self) -> bool:
+        """Whether the next sequence is audited (a draw of the seeded generator)."""
+        if self.fraction <= 0.0:
+            return False
+        with self._lock:
+            return self._random.random() < self.fraction
+
+    def skip(self, count: int = 1) -> None:
+        """``count`` sequences chosen but not audited (a server whose audit queue was full)."""
+        with self._lock:
+            self.skipped += count
+
+    def record(self, losses: Iterable[float], *, seconds: float = 0.0) -> None:
+        """Count the losses (in [0, 1]) of audited sequences; ``seconds``: the full model's time for
+        them. Warns or says it is back under the budget where the bound crosses it."""
+        losses = [float(loss) for loss in losses]
+        if any(not 0.0 <= loss <= 1.0 for loss in losses):
+            raise ValueError(f"audit losses must lie in [0, 1], got {losses}")
+        with self._lock:
+            self.full_seconds += seconds
+            if not losses:
+                return
+            self.audited += len(losses)
+            self.disagreements += math.fsum(losses)
+            self.binary = self.binary and all(loss in (0.0, 1.0) for loss in losses)
+            message = self._crossing()
+        if message is not None:
+            level, text = message
+            logger.log(level, text)
+
+    @property
+    def rate(self) -> float | None:
+        """The observed disagreement (a fraction); None before any audited sequence."""
+        with self._lock:
+            return self.disagreements / self.audited if self.audited else None
+
+    def bound(self) -> float:
+        """The upper ``confidence`` bound on the served disagreement; 1.0 before any audited sequence."""
+        with self._lock:
+            key = (self.disagreements, self.audited, self.binary)
+            if self._bound_cache is not None and self._bound_cache[0] == key:
+                return self._bound_cache[1]
+        value = upper_bound(key[0], key[1], self.confidence, binary=key[2])
+        with self._lock:
+            self._bound_cache = (key, value)
+        return value
+
+    @property
+    def within_budget(self) -> bool | None:
+        """Whether the served traffic certifies the budget now (the bound at or under it); None without a budget."""
+        if self.budget is None:
+            return None
+        with self._lock:
+            return not self._bound_over(self.budget)
+
+    @property
+    def over_budget(self) -> bool | None:
+        """Whether the disagreements show the served risk over the budget now (its lower ``confidence``
+        bound above it: what the warning says); None without a budget."""
+        if self.budget is None:
+            return None
+        with self._lock:
+            return self._shown_over(self.budget)
+
+    def as_dict(self) -> dict:
+        """The watch's settings and counts, with the rate, the bound and where they stand against the budget."""
+        return {
+            "fraction": self.fraction,
+            "budget": self.budget,
+            "confidence": self.confidence,
+            "audited": self.audited,
+            "disagreements": self.disagreements,
+            "rate": self.rate,
+            "bound": self.bound(),
+            "within_budget": self.within_budget,
+            "over_budget": self.over_budget,
+            "skipped": self.skipped,
+            "full_seconds": self.full_seconds,
+        }
+
+    def describe(self) -> str:
+        """One line: what was audited, the disagreement, its bound, against the budget."""
+        if not self.audited:
+            return f"audit: no sequence audited (fraction {self.fraction:g})"
+        versus = ""
+        if self.budget is not None:
+            if self.over_budget:
+                versus = f": OVER the budget of {100 * self.budget:g}% (the disagreements show it)"
+            elif self.within_budget:
+                versus = f": within the budget of {100 * self.budget:g}%"
+            else:
+                versus = f": not yet shown within the budget of {100 * self.budget:g}% (too few sequences)"
+        return (
+            f"audit: {self.audited} sequences also run by the full model (fraction {self.fraction:g}), "
+            f"disagreement {100 * self.rate:.2f}%, upper {100 * self.confidence:g}% bound "
+            f"{100 * self.bound():.2f}%{versus}"
+        )
+
+    # the crossing rule (under the lock)
+
+    def _bound_over(self, budget: float) -> bool:
+        """``bound() > budget``, from one p-value (the bound is where the p-value falls to 1 - confidence)."""
+        return _p_value(self.disagreements, self.audited, budget, self.binary) > 1.0 - self.confidence
+
+    def _shown_over(self, budget: float) -> bool:
+        """Whether the losses show the risk over ``budget``: the p-value of "risk <= budget" at most
+        ``1 - confidence`` (the lower ``confidence`` bound above the budget): :func:`_p_value`'s tests
+        applied to one minus the losses, written so that they sum ``n x rate`` terms, not ``n``."""
+        n = self.audited
+        if n <= 0:
+            return False
+        losses = self.disagreements
+        if self.binary:  # P(Binomial(n, budget) >= losses)
+            p_value = 1.0 - _binomial_cdf(round(losses) - 1, n, budget)
+        elif budget <= 0.0:
+            p_value = 0.0 if losses > 0 else 1.0
+        else:  # Hoeffding-Bentkus on 1 - loss against 1 - budget
+            mean = losses / n
+            hoeffding = math.exp(-n * _kl_bernoulli(max(mean, budget), budget))
+            bentkus = math.e * (1.0 - _binomial_cdf(math.floor(n * mean + 1e-9) - 1, n, budget))
+            p_value = min(1.0, hoeffding, bentkus)
+        return p_value <= 1.0 - self.confidence
+
+    def _crossing(self) -> tuple[int, str] | None:
+        """The message to log after new losses, if any: a warning when the disagreements come to show
+        the risk over the budget (once, until the bound is back at or under it: then an info line)."""
+        budget = self.budget
+        if budget is None:
+            return None
+        if self._over:
+            if self._bound_over(budget):
+                return None
+            self._over = False
+            return logging.INFO, f"audit: back within the budget: {self._numbers()}"
+        if not self._shown_over(budget):
+            return None
+        self._over = True
+        self.warnings += 1
+        return (
+            logging.WARNING,
+            f"audit: the early exit disagrees with the full model more often than its budget of {100 * budget:g}% "
+            f"allows: {self._numbers()}. What is served may have shifted away from the calibration rows, whose "
+            f"guarantee covers rows like them only",
+        )
+
+    def _numbers(self) -> str:
+        n, losses = self.audited, self.disagreements
+        bound = upper_bound(losses, n, self.confidence, binary=self.binary)
+        return (
+            f"{losses:g} of {n} audited sequences ({100 * losses / n:.2f}%), upper {100 * self.confidence:g}% "
+            f"bound {100 * bound:.2f}%"
+        )

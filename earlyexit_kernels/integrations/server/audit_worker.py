@@ -1,0 +1,116 @@
+"""The server's audit: the full model on the audited sequences, on a thread of its own, after their answers went out.
+
+The app chooses the sequences (:meth:`earlyexit_kernels.engine.audit.AuditWatch.choose`) when a
+request arrives and hands each chosen one, with the logits its answer had, to :class:`AuditWorker`
+once the request is answered; so no answer waits for the full model and none changes. The
+worker takes what is queued (up to 16 x ``max_batch_size`` sequences at a time, run sorted by
+length in batches of ``max_batch_size``), runs the full model on it (:func:`earlyexit_kernels.engine.audit.full_depth_logits`: the model's own forward on the
+same weights, no copy) and records the losses and the seconds in the watch, which warns.
+
+It shares the device (and on a CPU, the cores) with the engine thread: F of the sequences cost
+the full model's time on top of the early exit's. At most ``max_queue`` sequences wait; beyond
+that a chosen sequence is not audited and counted as skipped (``eek_audit_skipped_total``), so
+a burst neither grows memory nor holds anything up.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import torch
+
+from earlyexit_kernels.engine.audit import AuditWatch, disagreement, full_depth_logits
+
+__all__ = ["AuditWorker"]
+
+logger = logging.getLogger("earlyexit_kernels.audit")
+
+
+class AuditWorker:
+    """Run the full model on audited sequences on a daemon thread and feed ``watch``.
+
+    ``submit(items)``: ``(input_ids, token_type_ids, early_logits)`` per audited sequence.
+    ``multi_label``: how a loss is counted (:func:`earlyexit_kernels.engine.audit.disagreement`).
+    """
+
+    def __init__(
+        self,
+        model,
+        watch: AuditWatch,
+        *,
+        multi_label: bool,
+        max_batch_size: int = 64,
+        max_tokens: int | None = None,
+        max_queue: int = 1024,
+    ):
+        self.model, self.watch, self.multi_label = model, watch, multi_label
+        self.max_batch_size, self.max_tokens, self.max_queue = max_batch_size, max_tokens, max_queue
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._waiting = 0  # sequences queued or being run
+        self._thread = threading.Thread(target=self._loop, name="eek-audit", daemon=True)
+        self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        """Audited sequences queued or being run."""
+        return self._waiting
+
+    def submit(self, items: list[tuple]) -> None:
+        """Queue ``(input_ids, token_type_ids, early_logits)`` per sequence; past ``max_queue`` they are skipped."""
+        taken = 0
+        with self._lock:
+            taken = max(0, min(len(items), self.max_queue - self._waiting))
+            self._waiting += taken
+        for item in items[:taken]:
+            self._queue.put(item)
+        if taken < len(items):
+            self.watch.skip(len(items) - taken)
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Stop after the batch in progress; what is still queued is dropped (not counted)."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            stop = False
+            while len(batch) < 16 * self.max_batch_size:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            try:
+                self._audit(batch)
+            except Exception:  # the audit must never take the server down; say why it stopped counting these
+                logger.exception(
+                    "audit: the full model failed on %d audited sequences; they are not counted", len(batch)
+                )
+            finally:
+                with self._lock:
+                    self._waiting -= len(batch)
+            if stop:
+                return
+
+    def _audit(self, batch: list[tuple]) -> None:
+        start = time.perf_counter()
+        full = full_depth_logits(
+            self.model,
+            [(ids, types) for ids, types, _ in batch],
+            max_batch_size=self.max_batch_size,
+            max_tokens=self.max_tokens,
+        )
+        seconds = time.perf_counter() - start
+        early = torch.stack([logits for _, _, logits in batch])
+        self.watch.record(disagreement(early, full, multi_label=self.multi_label), seconds=seconds)
