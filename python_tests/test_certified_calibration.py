@@ -11,19 +11,19 @@ import pytest
 import torch
 
 from earlyexit_kernels.methods.policies import Entropy, MultiLabelConfidence, Patience, ScoreBand
-from earlyexit_kernels.training.calibration import ExitRecord, calibrate, replay
-from earlyexit_kernels.training.certified_calibration import certified_candidates, certify, row_losses
-from earlyexit_kernels.training.rerank_calibration import calibrate_rerank, query_recalls
-from earlyexit_kernels.training.risk_control import (
+from earlyexit_kernels.methods.risk_control import (
+    betting_p_value,
     binomial_cdf,
     fixed_sequence,
-    betting_p_value,
     hoeffding_bentkus_p_value,
     paired_upper_bound,
     risk_p_value,
     rows_to_certify,
     upper_bound,
 )
+from earlyexit_kernels.training.calibration import ExitRecord, calibrate, replay
+from earlyexit_kernels.training.certified_calibration import certified_candidates, certify, row_losses
+from earlyexit_kernels.training.rerank_calibration import calibrate_rerank, query_recalls
 
 
 def _brute_binomial_cdf(k, n, p):
@@ -133,7 +133,9 @@ def test_labels_certify_the_accuracy_lost_against_the_full_model():
     full = record.all_logits[-1].argmax(-1)
     drop = (full == record.labels).double().mean().item() - (exits == record.labels).double().mean().item()
     assert result.certificate.observed == pytest.approx(drop)  # paired per row: +1, 0 or -1
-    assert drop <= result.certificate.bound <= 0.03 and result.certificate.risk == "accuracy lost against the full model"
+    assert (
+        drop <= result.certificate.bound <= 0.03 and result.certificate.risk == "accuracy lost against the full model"
+    )
 
 
 def test_betting_rejects_a_budget_below_the_mean_rarely_and_one_far_above_it_surely():

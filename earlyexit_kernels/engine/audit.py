@@ -21,10 +21,8 @@ that; the watch measures the disagreement on what is served instead.
   (sigmoid 0.5). ``disagreements`` is their sum.
 - **The bound.** :meth:`AuditWatch.bound`: the upper ``confidence`` bound on the served risk,
   Clopper-Pearson while every loss is 0 or 1, Hoeffding-Bentkus once one is a fraction: the
-  bound of ``training/risk_control.upper_bound``, which calibration certifies with. That module
-  sits above the engine in the package's layers (``python_tests/test_layout.py``), so the
-  functions the bound needs are repeated here, operation for operation, and
-  ``python_tests/test_audit.py`` holds the two equal.
+  bound of :func:`earlyexit_kernels.methods.risk_control.upper_bound`, which calibration
+  certifies with.
 - **The warning.** With a budget, a ``logging`` warning (logger ``earlyexit_kernels.audit``),
   once per crossing, when the disagreements pass the budget: when they show the served risk over
   it, i.e. when its lower ``confidence`` bound passes the budget (the p-value of "risk <= budget"
@@ -56,6 +54,13 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from earlyexit_kernels.methods.policies import MULTI_LABEL
+from earlyexit_kernels.methods.risk_control import (
+    binomial_cdf,
+    binomial_p_value,
+    hoeffding_bentkus_p_value,
+    kl_bernoulli,
+    upper_bound,
+)
 
 __all__ = [
     "AuditWatch",
@@ -103,76 +108,14 @@ def _check_budget(budget: float | None) -> float | None:
 
 
 # ---------------------------------------------------------------------------------- the bound
-# As training/risk_control.py computes it (binomial_cdf, hoeffding_bentkus_p_value, upper_bound):
-# the same operations in the same order, so the same floats.
-
-
-def _binomial_cdf(k: int, n: int, p: float) -> float:
-    """``P(Binomial(n, p) <= k)``, exact (a log-space sum in float64)."""
-    if k < 0:
-        return 0.0
-    if k >= n or p <= 0.0:
-        return 1.0
-    if p >= 1.0:
-        return 0.0
-    i = torch.arange(k + 1, dtype=torch.float64)
-    log_terms = (
-        math.lgamma(n + 1) - torch.lgamma(i + 1) - torch.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
-    )
-    return min(1.0, float(torch.logsumexp(log_terms, 0).exp()))
-
-
-def _kl_bernoulli(a: float, b: float) -> float:
-    def term(x, y):
-        return 0.0 if x == 0.0 else x * math.log(x / y)
-
-    return term(a, b) + term(1.0 - a, 1.0 - b)
-
-
-def _hoeffding_bentkus_p_value(mean: float, n: int, budget: float) -> float:
-    if n <= 0:
-        return 1.0
-    if budget <= 0.0:
-        return 1.0
-    hoeffding = math.exp(-n * _kl_bernoulli(min(mean, budget), budget))
-    bentkus = math.e * _binomial_cdf(math.ceil(n * mean - 1e-9), n, budget)
-    return min(1.0, hoeffding, bentkus)
+# The statistics calibration certifies with (methods/risk_control.py), shared.
 
 
 def _p_value(losses: float, n: int, budget: float, binary: bool) -> float:
     """The p-value of "risk > budget" after ``losses`` (summed) over ``n`` rows."""
     if binary:
-        return _binomial_cdf(round(losses), n, budget)
-    return _hoeffding_bentkus_p_value(losses / n if n > 0 else 0.0, n, budget)
-
-
-def upper_bound(losses: float, n: int, confidence: float, *, binary: bool = True) -> float:
-    """The upper ``confidence`` bound on a risk from ``losses`` (summed) over ``n`` rows; 1.0 without rows.
-
-    ``binary``: 0/1 losses (Clopper-Pearson, exact); else losses in [0, 1] (Hoeffding-Bentkus).
-    Equal to ``earlyexit_kernels.training.risk_control.upper_bound``.
-    """
-    _check_confidence(confidence)
-    if n <= 0:
-        return 1.0
-    delta = 1.0 - confidence
-    mean = losses / n
-
-    def p_value(b: float) -> float:
-        if binary:
-            return _binomial_cdf(round(losses), n, b)
-        return _hoeffding_bentkus_p_value(mean, n, b)
-
-    low, high = mean, 1.0
-    if p_value(min(1.0, low + 1e-15)) <= delta:
-        return low
-    for _ in range(60):  # bisection: the p-value falls as the budget rises
-        middle = 0.5 * (low + high)
-        if p_value(middle) <= delta:
-            high = middle
-        else:
-            low = middle
-    return high
+        return binomial_p_value(round(losses), n, budget)
+    return hoeffding_bentkus_p_value(losses / n if n > 0 else 0.0, n, budget)
 
 
 # ---------------------------------------------------------------------------------- the loss
@@ -404,13 +347,13 @@ class AuditWatch:
             return False
         losses = self.disagreements
         if self.binary:  # P(Binomial(n, budget) >= losses)
-            p_value = 1.0 - _binomial_cdf(round(losses) - 1, n, budget)
+            p_value = 1.0 - binomial_cdf(round(losses) - 1, n, budget)
         elif budget <= 0.0:
             p_value = 0.0 if losses > 0 else 1.0
         else:  # Hoeffding-Bentkus on 1 - loss against 1 - budget
             mean = losses / n
-            hoeffding = math.exp(-n * _kl_bernoulli(max(mean, budget), budget))
-            bentkus = math.e * (1.0 - _binomial_cdf(math.floor(n * mean + 1e-9) - 1, n, budget))
+            hoeffding = math.exp(-n * kl_bernoulli(max(mean, budget), budget))
+            bentkus = math.e * (1.0 - binomial_cdf(math.floor(n * mean + 1e-9) - 1, n, budget))
             p_value = min(1.0, hoeffding, bentkus)
         return p_value <= 1.0 - self.confidence
 

@@ -1,10 +1,7 @@
 """Calibrate an exit policy on a validation set: pick the threshold (patience, q, votes) for a target.
 
-(Past 600 lines: the record, its exact replay and the search over candidates share one data
-layout; the warnings and the curve's printing and plotting are the rest.)
-
-Every head runs once on the validation set (``return_all_exits=True``); each candidate
-policy is then replayed offline on the recorded logits and halting logits with
+Every head runs once on the validation set (``return_all_exits=True``,
+:mod:`~earlyexit_kernels.training.exit_record`); each candidate policy is then replayed offline on the recorded logits and halting logits with
 :func:`earlyexit_kernels.methods.exit_rules.exit_step`, the step the engine applies, in the same
 order and with the same state, so the replay makes exactly the decisions of the
 patched model's all-exits forward (``out.exit_layer``, ``out.layers_run``) on that data.
@@ -41,12 +38,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from earlyexit_kernels.methods.exit_rules import entropy, exit_step, init_state
+from earlyexit_kernels.methods.exit_rules import entropy
 from earlyexit_kernels.methods.policies import (
     DACT,
     Entropy,
@@ -55,9 +52,21 @@ from earlyexit_kernels.methods.policies import (
     MultiLabelConfidence,
     Patience,
     QExit,
-    Scheduled,
     SkipGates,
     Voting,
+)
+from earlyexit_kernels.training.certified_calibration import certify
+from earlyexit_kernels.training.exit_record import (
+    TARGETS,
+    CurvePoint,
+    ExitRecord,
+    Replay,
+    _resolve_target,
+    accuracy,
+    micro_f1,
+    record_exits,
+    references,
+    replay,
 )
 
 __all__ = [
@@ -85,70 +94,9 @@ __all__ = [
     "plot_curve",
 ]
 
-#: what calibration can measure a candidate against (see :func:`calibrate`)
-TARGETS = ("auto", "accuracy", "agreement")
-
 
 class CalibrationWarning(UserWarning):
     """Calibration found that early exit saves little here: the heads are at chance or the policy runs nearly every layer."""
-
-
-@dataclass
-class ExitRecord:
-    """Everything a replay needs, for N sequences of a model with L layers and C classes.
-
-    ``all_logits`` [L, N, C] (the model's dtype), ``labels`` [N] or None,
-    ``all_halting_logits`` [L, N] float32 (QExit, DACT) or None, ``all_skipped`` [L, N]
-    bool (SkipGates) or None, and the ``policy`` they were recorded under (it fixed the
-    halting head and the gates).
-    """
-
-    all_logits: torch.Tensor
-    labels: torch.Tensor | None
-    all_halting_logits: torch.Tensor | None
-    all_skipped: torch.Tensor | None
-    policy: ExitPolicy
-
-    @property
-    def num_layers(self) -> int:
-        return self.all_logits.shape[0]
-
-    def subset(self, rows: torch.Tensor) -> ExitRecord:
-        """The record of the sequences selected by ``rows`` (indices or a bool mask [N])."""
-
-        def pick(t, dim=1):
-            return None if t is None else t.index_select(dim, _as_index(rows))
-
-        return ExitRecord(
-            pick(self.all_logits),
-            pick(self.labels, 0),
-            pick(self.all_halting_logits),
-            pick(self.all_skipped),
-            self.policy,
-        )
-
-
-def _as_index(rows: torch.Tensor) -> torch.Tensor:
-    return rows.nonzero().squeeze(-1) if rows.dtype == torch.bool else rows.long()
-
-
-@dataclass
-class Replay:
-    """What a policy decides on a record: ``logits`` [N, C] float32, ``exit_layer`` and ``layers_run`` [N]."""
-
-    logits: torch.Tensor
-    exit_layer: torch.Tensor
-    layers_run: torch.Tensor
-
-
-@dataclass
-class CurvePoint:
-    """One candidate: its policy, accuracy (fraction) and mean layers run (and mean exit layer)."""
-
-    policy: ExitPolicy
-    accuracy: float
-    mean_layers: float
-    mean_exit_layer: float
 
 
 @dataclass
@@ -209,104 +157,6 @@ class Calibration:
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
 
-def _batches(data) -> Iterable[Mapping[str, torch.Tensor]]:
-    if isinstance(data, Mapping):
-        yield data
-    else:
-        yield from data
-
-
-@torch.no_grad()
-def record_exits(model, batches) -> ExitRecord:
-    """Run every layer and head of a patched model on ``batches`` once (eval mode) and record them.
-
-    ``batches``: dicts with ``input_ids`` and optionally ``attention_mask``,
-    ``token_type_ids``, ``labels``. The record is kept on the CPU.
-    """
-    from earlyexit_kernels.patching.state import is_patched, state_of
-
-    if not is_patched(model):
-        raise ValueError("record_exits needs a model patched with eek.patch")
-    policy = state_of(model).policy
-    if isinstance(policy, Scheduled):
-        raise ValueError("a Scheduled policy cannot be calibrated; patch the model with the policy to calibrate")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    logits, halting, skipped, labels = [], [], [], []
-    try:
-        for batch in _batches(batches):
-            out = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=None if batch.get("attention_mask") is None else batch["attention_mask"].to(device),
-                token_type_ids=None if batch.get("token_type_ids") is None else batch["token_type_ids"].to(device),
-                return_all_exits=True,
-            )
-            logits.append(out.all_logits.cpu())
-            if out.all_halting_logits is not None:
-                halting.append(out.all_halting_logits.cpu())
-            if out.all_skipped is not None:
-                skipped.append(out.all_skipped.cpu())
-            if batch.get("labels") is not None:
-                labels.append(batch["labels"].cpu())
-    finally:
-        model.train(was_training)
-    if not logits:
-        raise ValueError("record_exits got no batches")
-    return ExitRecord(
-        torch.cat(logits, dim=1),
-        torch.cat(labels) if labels else None,
-        torch.cat(halting, dim=1) if halting else None,
-        torch.cat(skipped, dim=1) if skipped else None,
-        policy,
-    )
-
-
-def replay(policy: ExitPolicy, record: ExitRecord) -> Replay:
-    """The decisions of ``policy`` on ``record``: what the engine's all-exits forward returns."""
-    num_layers, batch, num_labels = record.all_logits.shape
-    policy.check_fits(num_layers, num_labels)
-    if policy.needs_halting_head and record.all_halting_logits is None:
-        raise ValueError(f"{type(policy).__name__} needs halting logits: record the model patched with it")
-    if isinstance(policy, QExit) != isinstance(record.policy, QExit) and policy.needs_halting_head:
-        raise ValueError("QExit and DACT use different halting heads: record the model patched with the same kind")
-    if isinstance(policy, SkipGates) and record.all_skipped is None:
-        raise ValueError("SkipGates needs the recorded gates: record the model patched with SkipGates")
-    if isinstance(policy, SkipGates) and policy.skip_threshold != record.policy.skip_threshold:
-        raise ValueError("the skip threshold changes the hidden states: record the model with the same skip_threshold")
-    device = record.all_logits.device
-    state = init_state(policy, batch, num_labels, 1, num_layers, device)
-    out_logits = torch.zeros(batch, num_labels, dtype=torch.float32, device=device)
-    out_exit = torch.full((batch,), num_layers, dtype=torch.long, device=device)
-    out_runs = torch.zeros(batch, dtype=torch.long, device=device)
-    runs = torch.zeros(batch, dtype=torch.long, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    gated = isinstance(policy, SkipGates)
-    for layer in range(1, num_layers + 1):
-        ran = None
-        if gated and 2 <= layer <= num_layers - 1:
-            ran = ~record.all_skipped[layer - 1]
-            runs = runs + ran.long()
-        else:
-            runs = runs + 1
-        halting = None
-        if policy.needs_halting_head:
-            halting = record.all_halting_logits[layer - 1]
-        exits, returned, new_state = exit_step(policy, layer, num_layers, record.all_logits[layer - 1], halting, state)
-        if ran is not None:
-            exits = exits & ran
-            new_state = {
-                k: torch.where(ran.view(-1, *([1] * (v.dim() - 1))), v, state[k]) for k, v in new_state.items()
-            }
-        state = new_state
-        exits = exits & ~done
-        done = done | exits
-        out_logits = torch.where(exits[:, None], returned.float(), out_logits)
-        out_exit = torch.where(exits, torch.full_like(out_exit, layer), out_exit)
-        out_runs = torch.where(exits, runs, out_runs)
-    return Replay(out_logits, out_exit, out_runs)
-
-
 def _quantile_grid(values: torch.Tensor, count: int) -> list[float]:
     values = values[torch.isfinite(values)].float()
     if values.numel() == 0:
@@ -352,72 +202,6 @@ def candidates(record: ExitRecord, policy: ExitPolicy | None = None, *, count: i
         thresholds = [0.5] + [1.0 / (1.0 + math.exp(-m)) for m in margins] + [1.0]
         return [MultiLabelConfidence(t) for t in sorted(set(thresholds))]
     raise ValueError(f"cannot calibrate a {type(policy).__name__} policy")
-
-
-def _is_multi_label(record: ExitRecord) -> bool:
-    """Multi-label records: labels [N, C] of 0/1 per label, or recorded under MultiLabelConfidence."""
-    labelled = record.labels is not None and record.labels.dim() == 2
-    return labelled or isinstance(record.policy, MultiLabelConfidence)
-
-
-def micro_f1(logits: torch.Tensor, references: torch.Tensor) -> float:
-    """Micro-F1 of multi-label ``logits`` [N, C] against 0/1 ``references`` [N, C]: a label is
-    predicted when ``sigmoid(z) > 0.5`` (``z > 0``); ``2 TP / (2 TP + FP + FN)`` over every
-    (row, label), 1.0 when nothing is predicted nor true."""
-    predicted, true = logits.float() > 0, references > 0.5
-    tp = (predicted & true).sum().item()
-    wrong = (predicted ^ true).sum().item()
-    return 1.0 if tp + wrong == 0 else 2 * tp / (2 * tp + wrong)
-
-
-def _check_classification(record: ExitRecord, labels: bool = True) -> None:
-    if labels and record.labels is None:
-        raise ValueError(
-            "calibration against accuracy needs labels in the batches; without labels calibrate against the "
-            "full model's predictions: calibrate(..., target='agreement')"
-        )
-    if _is_multi_label(record):
-        if record.labels is not None and record.labels.shape[-1] != record.all_logits.shape[-1]:
-            raise ValueError(
-                f"multi-label labels must be [N, C] with C = {record.all_logits.shape[-1]} (the model's labels), "
-                f"got {list(record.labels.shape)}"
-            )
-        return
-    if record.all_logits.shape[-1] < 2:
-        raise ValueError(
-            "calibration measures accuracy and needs a classification head (num_labels >= 2); the model is a "
-            "regression head (num_labels == 1): choose Patience's regression_threshold or QExit's q by hand, "
-            "e.g. with calibration.replay(policy, calibration.record_exits(model, batches)), which gives each "
-            "candidate's predictions and layers run"
-        )
-
-
-def accuracy(logits: torch.Tensor, references: torch.Tensor) -> float:
-    """The default metric: the fraction of rows whose argmax of ``logits`` [N, C] equals ``references`` [N];
-    for multi-label references [N, C], :func:`micro_f1`."""
-    if references.dim() == 2:
-        return micro_f1(logits, references)
-    return (logits.argmax(-1) == references).double().mean().item()
-
-
-def _resolve_target(record: ExitRecord, target: str) -> str:
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
-    if target == "auto":
-        return "accuracy" if record.labels is not None else "agreement"
-    return target
-
-
-def references(record: ExitRecord, target: str = "auto") -> torch.Tensor:
-    """What candidates are scored against: the labels (``"accuracy"``) or the full model's
-    predicted classes [N] (``"agreement"``; under SkipGates with the recorded skips)."""
-    target = _resolve_target(record, target)
-    _check_classification(record, labels=target == "accuracy")
-    if target == "accuracy":
-        return record.labels
-    if _is_multi_label(record):
-        return (record.all_logits[-1].float() > 0).float()
-    return record.all_logits[-1].float().argmax(-1)
 
 
 def accuracy_curve(
@@ -524,7 +308,7 @@ def calibrate(
     if (max_drop is None) == (target_layers is None):
         raise ValueError("give exactly one target: max_drop (accuracy points) or target_layers (mean layers)")
     if confidence is not None:
-        from earlyexit_kernels.training.risk_control import check_confidence
+        from earlyexit_kernels.methods.risk_control import check_confidence
 
         check_confidence(confidence)
         if target_layers is not None:
@@ -588,8 +372,6 @@ def calibrate(
 
 def _certify_into(result, record, max_drop, confidence, measure, policy) -> CurvePoint:
     """Replace ``result``'s chosen point by the certified one; returns it (for printing and plotting)."""
-    from earlyexit_kernels.training.certified_calibration import certify
-
     chosen, certificate, _ = certify(record, max_drop / 100.0, confidence, target=measure, policy=policy)
     result.policy, result.accuracy, result.mean_layers = chosen.policy, chosen.accuracy, chosen.mean_layers
     result.met = certificate.certified

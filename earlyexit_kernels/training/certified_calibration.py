@@ -22,7 +22,7 @@ How. The candidates are a fixed grid of the policy's family, set by the number o
 labels only (never by the calibration rows), ordered from the most conservative (never exits
 early) to the most aggressive. Each is tested in turn for "risk > budget" with an exact
 binomial p-value (0/1 losses), the Hoeffding-Bentkus one (losses in [0, 1]) or by betting
-(paired losses in [-1, 1], :func:`~earlyexit_kernels.training.risk_control.betting_p_value`), and the test
+(paired losses in [-1, 1], :func:`~earlyexit_kernels.methods.risk_control.betting_p_value`), and the test
 stops at the first that is not rejected at ``1 - confidence`` (fixed-sequence testing,
 Learn-then-Test): the last rejected candidate is chosen.
 """
@@ -46,16 +46,7 @@ from earlyexit_kernels.methods.policies import (
     SkipGates,
     Voting,
 )
-from earlyexit_kernels.training.calibration import (
-    CurvePoint,
-    ExitRecord,
-    _is_multi_label,
-    _resolve_target,
-    accuracy,
-    references,
-    replay,
-)
-from earlyexit_kernels.training.risk_control import (
+from earlyexit_kernels.methods.risk_control import (
     check_budget,
     check_confidence,
     fixed_sequence,
@@ -63,6 +54,15 @@ from earlyexit_kernels.training.risk_control import (
     risk_p_value,
     rows_to_certify,
     upper_bound,
+)
+from earlyexit_kernels.training.exit_record import (
+    CurvePoint,
+    ExitRecord,
+    _is_multi_label,
+    _resolve_target,
+    accuracy,
+    references,
+    replay,
 )
 
 __all__ = ["GRID_STEPS", "RISKS", "Certificate", "certified_candidates", "row_losses", "certify"]

@@ -331,8 +331,8 @@ def fit_model(
 
 def _keep_out_for_calibration(train, max_drop: float, confidence: float, fraction: float, seed: int):
     """``(train, calibration)``: a random ``fraction`` of the rows kept out, checked to be enough to certify."""
+    from earlyexit_kernels.methods.risk_control import check_confidence, rows_to_certify
     from earlyexit_kernels.training.labelled_texts import split_rows
-    from earlyexit_kernels.training.risk_control import check_confidence, rows_to_certify
 
     try:
         check_confidence(confidence)

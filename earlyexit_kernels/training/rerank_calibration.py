@@ -192,14 +192,14 @@ def calibrate_rerank(
 
 
 def _certified_rerank(record, groups, full, k, min_recall, confidence, policy) -> RerankCalibration:
-    from earlyexit_kernels.training.certified_calibration import Certificate
-    from earlyexit_kernels.training.risk_control import (
+    from earlyexit_kernels.methods.risk_control import (
         check_confidence,
         fixed_sequence,
         hoeffding_bentkus_p_value,
         rows_to_certify,
         upper_bound,
     )
+    from earlyexit_kernels.training.certified_calibration import Certificate
 
     confidence = check_confidence(confidence)
     budget = 1.0 - min_recall

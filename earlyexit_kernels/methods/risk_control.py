@@ -39,6 +39,7 @@ __all__ = [
     "check_budget",
     "binomial_cdf",
     "binomial_p_value",
+    "kl_bernoulli",
     "hoeffding_bentkus_p_value",
     "betting_p_value",
     "betting_p_values",
@@ -87,7 +88,9 @@ def binomial_p_value(losses: int, n: int, budget: float) -> float:
     return binomial_cdf(int(losses), int(n), budget)
 
 
-def _kl_bernoulli(a: float, b: float) -> float:
+def kl_bernoulli(a: float, b: float) -> float:
+    """The Kullback-Leibler divergence of Bernoulli(``a``) from Bernoulli(``b``)."""
+
     def term(x, y):
         return 0.0 if x == 0.0 else x * math.log(x / y)
 
@@ -100,7 +103,7 @@ def hoeffding_bentkus_p_value(mean: float, n: int, budget: float) -> float:
         return 1.0
     if budget <= 0.0:
         return 1.0  # no finite sample tells a zero risk from a tiny positive one
-    hoeffding = math.exp(-n * _kl_bernoulli(min(mean, budget), budget))
+    hoeffding = math.exp(-n * kl_bernoulli(min(mean, budget), budget))
     bentkus = math.e * binomial_cdf(math.ceil(n * mean - 1e-9), n, budget)
     return min(1.0, hoeffding, bentkus)
 
