@@ -425,6 +425,11 @@ def test_an_input_that_already_has_an_output_column_is_refused(saved_classifier,
     source = _write(pd.DataFrame({"text": ["w1"], "label": ["pos"]}), tmp_path / "in.csv")
     assert _run("classify", saved_classifier, source, tmp_path / "out.csv") == 2
     assert "already has the column(s) ['label'] that the output adds; rename them" in capsys.readouterr().err
+    # the audit's column is the output's only with an audit
+    audited = _write(pd.DataFrame({"text": ["w1"], "audit_disagreement": [0.0]}), tmp_path / "audited.csv")
+    assert _run("classify", saved_classifier, audited, tmp_path / "out3.csv", "--audit-fraction", "0.5") == 2
+    assert "already has the column(s) ['audit_disagreement']" in capsys.readouterr().err
+    assert _run("classify", saved_classifier, audited, tmp_path / "out4.csv") == 0
 
 
 def test_model_folders_that_are_not_supported_classifiers(saved_classifier, tmp_path, capsys):

@@ -284,7 +284,7 @@ def _classify_locally(args) -> int:
 
     # The input is checked before the (slower) model is loaded and before OUTPUT is touched.
     text_columns = [name for name in (args.text_column, args.pair_column) if name]
-    columns = _Columns(args.text_column, args.pair_column)
+    columns = _Columns(args.text_column, args.pair_column, audited=bool(getattr(args, "audit_fraction", 0)))
     first_chunk = read_chunks(args.input, 1, text_columns=text_columns)
     probe = next(first_chunk)
     first_chunk.close()
@@ -389,8 +389,9 @@ def _with_predictions(table, predictions, config, audited: bool = False):
 class _Columns:
     """The text (and pair) columns of the input, checked, read row by row; empty texts counted."""
 
-    def __init__(self, text: str, pair: str | None):
+    def __init__(self, text: str, pair: str | None, *, audited: bool = False):
         self.text, self.pair = text, pair
+        self.added = OUTPUT_COLUMNS + ((AUDIT_COLUMN,) if audited else ())
         self.empty_count, self.empty_rows = 0, []  # the first rows only: a file may have millions
 
     def check(self, table, path: str) -> None:
@@ -401,7 +402,7 @@ class _Columns:
             if name is not None and name not in names:
                 option = "--text-column" if name == self.text else "--pair-column"
                 raise CliError(f"{path} has no column {name!r} ({option}); its columns are {names}")
-        taken = [name for name in OUTPUT_COLUMNS if name in names]
+        taken = [name for name in self.added if name in names]
         if taken:
             raise CliError(f"{path} already has the column(s) {taken} that the output adds; rename them")
 
