@@ -56,8 +56,7 @@ import torch
 from earlyexit_kernels.methods.policies import MULTI_LABEL
 from earlyexit_kernels.methods.risk_control import (
     binomial_cdf,
-    binomial_p_value,
-    hoeffding_bentkus_p_value,
+    count_p_value,
     kl_bernoulli,
     upper_bound,
 )
@@ -105,17 +104,6 @@ def _check_budget(budget: float | None) -> float | None:
             f"the audit budget must be a fraction of sequences in [0, 1) (0.01: one in a hundred), got {budget!r}"
         )
     return float(budget)
-
-
-# ---------------------------------------------------------------------------------- the bound
-# The statistics calibration certifies with (methods/risk_control.py), shared.
-
-
-def _p_value(losses: float, n: int, budget: float, binary: bool) -> float:
-    """The p-value of "risk > budget" after ``losses`` (summed) over ``n`` rows."""
-    if binary:
-        return binomial_p_value(round(losses), n, budget)
-    return hoeffding_bentkus_p_value(losses / n if n > 0 else 0.0, n, budget)
 
 
 # ---------------------------------------------------------------------------------- the loss
@@ -336,11 +324,11 @@ class AuditWatch:
 
     def _bound_over(self, budget: float) -> bool:
         """``bound() > budget``, from one p-value (the bound is where the p-value falls to 1 - confidence)."""
-        return _p_value(self.disagreements, self.audited, budget, self.binary) > 1.0 - self.confidence
+        return count_p_value(self.disagreements, self.audited, budget, binary=self.binary) > 1.0 - self.confidence
 
     def _shown_over(self, budget: float) -> bool:
         """Whether the losses show the risk over ``budget``: the p-value of "risk <= budget" at most
-        ``1 - confidence`` (the lower ``confidence`` bound above the budget): :func:`_p_value`'s tests
+        ``1 - confidence`` (the lower ``confidence`` bound above the budget): ``count_p_value``'s tests
         applied to one minus the losses, written so that they sum ``n x rate`` terms, not ``n``."""
         n = self.audited
         if n <= 0:

@@ -46,6 +46,10 @@ __all__ = [
     "risk_p_value",
     "upper_bound",
     "paired_upper_bound",
+    "risk_upper_bound",
+    "count_p_value",
+    "is_binary",
+    "require_rows",
     "fixed_sequence",
     "rows_to_certify",
 ]
@@ -142,8 +146,17 @@ def betting_p_values(losses: torch.Tensor, budget: float, *, seed: int = 0, cap:
     return torch.exp(-log_capital.amax(1).clamp(min=0.0)).clamp(max=1.0)
 
 
-def _is_binary(losses: torch.Tensor) -> bool:
+def is_binary(losses: torch.Tensor) -> bool:
+    """Whether every loss is 0 or 1 (then the exact binomial applies)."""
     return bool(((losses == 0) | (losses == 1)).all())
+
+
+def count_p_value(losses: float, n: int, budget: float, *, binary: bool = True) -> float:
+    """The p-value of "risk > budget" from ``losses`` (summed) over ``n`` rows: exact binomial for
+    0/1 losses, else Hoeffding-Bentkus (losses in [0, 1])."""
+    if binary:
+        return binomial_p_value(round(losses), n, budget)
+    return hoeffding_bentkus_p_value(losses / n if n > 0 else 0.0, n, budget)
 
 
 def risk_p_value(losses: torch.Tensor, budget: float) -> float:
@@ -152,7 +165,7 @@ def risk_p_value(losses: torch.Tensor, budget: float) -> float:
     n = losses.numel()
     if bool((losses < 0).any()):
         return betting_p_value(losses, budget)
-    if _is_binary(losses):
+    if is_binary(losses):
         return binomial_p_value(int(losses.sum()), n, budget)
     return hoeffding_bentkus_p_value(float(losses.double().mean()), n, budget)
 
@@ -188,9 +201,7 @@ def upper_bound(losses: float, n: int, confidence: float, *, binary: bool = True
     mean = losses / n
 
     def p_value(b: float) -> float:
-        if binary:
-            return binomial_p_value(round(losses), n, b)
-        return hoeffding_bentkus_p_value(mean, n, b)
+        return count_p_value(losses, n, b, binary=binary)
 
     low, high = mean, 1.0
     if p_value(min(1.0, low + 1e-15)) <= delta:
@@ -202,6 +213,25 @@ def upper_bound(losses: float, n: int, confidence: float, *, binary: bool = True
         else:
             low = middle
     return high
+
+
+def risk_upper_bound(losses: torch.Tensor, confidence: float) -> float:
+    """The upper ``confidence`` bound on the mean of per-row ``losses`` [n], by the test
+    :func:`risk_p_value` applies to them (paired, 0/1 or in [0, 1])."""
+    if bool((losses < 0).any()):
+        return paired_upper_bound(losses, confidence)
+    return upper_bound(float(losses.sum()), losses.numel(), confidence, binary=is_binary(losses))
+
+
+def require_rows(rows: int, budget: float, confidence: float, *, unit: str = "rows", hint: str = "") -> None:
+    """A ``ValueError`` when ``rows`` cannot certify ``budget`` at ``confidence`` even for a loss of 0."""
+    least = rows_to_certify(0.0, budget, confidence)
+    if least is None or rows < least:
+        raise ValueError(
+            f"{rows} calibration {unit} cannot certify a risk budget of {100 * budget:g}% at confidence "
+            f"{100 * confidence:g}%: even a policy that never errs needs {least} {unit} "
+            f"(log(1 - confidence) / log(1 - budget)); give more calibration {unit}{hint} or a lower confidence"
+        )
 
 
 def fixed_sequence(p_values: Sequence[float] | Callable[[int], float], count: int, delta: float) -> int:

@@ -50,10 +50,11 @@ from earlyexit_kernels.methods.risk_control import (
     check_budget,
     check_confidence,
     fixed_sequence,
-    paired_upper_bound,
+    is_binary,
+    require_rows,
     risk_p_value,
+    risk_upper_bound,
     rows_to_certify,
-    upper_bound,
 )
 from earlyexit_kernels.training.exit_record import (
     CurvePoint,
@@ -208,8 +209,7 @@ def _rows_needed(points, losses_of, budget, confidence, num_layers):
             continue
         losses = losses_of(index)
         rate = max(0.0, float(losses.mean()))
-        binary = bool(((losses == 0) | (losses == 1)).all())
-        rows = rows_to_certify(rate, budget, confidence, binary=binary)  # paired: Hoeffding-Bentkus, roughly
+        rows = rows_to_certify(rate, budget, confidence, binary=is_binary(losses))  # paired: Hoeffding-Bentkus, roughly
         if rows is not None:
             found.append((rows, point, rate))
     if not found:
@@ -254,13 +254,7 @@ def certify(
     target = _resolve_target(record, target)
     refs = references(record, target)
     num_layers, rows, num_labels = record.all_logits.shape
-    least = rows_to_certify(0.0, budget, confidence)
-    if least is None or rows < least:
-        raise ValueError(
-            f"{rows} calibration rows cannot certify a risk budget of {100 * budget:g}% at confidence "
-            f"{100 * confidence:g}%: even a policy that never errs needs {least} rows "
-            f"(log(1 - confidence) / log(1 - budget)); give more calibration rows, a larger budget or a lower confidence"
-        )
+    require_rows(rows, budget, confidence, hint=", a larger budget")
     grid = certified_candidates(record.policy if policy is None else policy, num_layers, num_labels, steps=steps)
     replays, losses = {}, {}
 
@@ -280,11 +274,6 @@ def certify(
     chosen_index = max(last, 0)
     chosen = points[chosen_index][1]
     chosen_losses = losses_of(chosen_index)
-    binary = bool(((chosen_losses == 0) | (chosen_losses == 1)).all())
-    if bool((chosen_losses < 0).any()):
-        bound = paired_upper_bound(chosen_losses, confidence)
-    else:
-        bound = upper_bound(float(chosen_losses.sum()), rows, confidence, binary=binary)
     certified = last >= 0 and chosen.mean_layers < num_layers - 1e-9
     certificate = Certificate(
         budget=budget,
@@ -292,7 +281,7 @@ def certify(
         risk=(_MULTI_LABEL_RISKS if _is_multi_label(record) else RISKS)[target],
         rows=rows,
         observed=float(chosen_losses.mean()),
-        bound=bound,
+        bound=risk_upper_bound(chosen_losses, confidence),
         certified=certified,
         tested=tested,
         mean_layers=chosen.mean_layers,

@@ -195,22 +195,16 @@ def _certified_rerank(record, groups, full, k, min_recall, confidence, policy) -
     from earlyexit_kernels.methods.risk_control import (
         check_confidence,
         fixed_sequence,
-        hoeffding_bentkus_p_value,
-        rows_to_certify,
-        upper_bound,
+        require_rows,
+        risk_p_value,
+        risk_upper_bound,
     )
     from earlyexit_kernels.training.certified_calibration import Certificate
 
     confidence = check_confidence(confidence)
     budget = 1.0 - min_recall
     queries = len(_group_rows(groups))
-    least = rows_to_certify(0.0, budget, confidence)
-    if least is None or queries < least:
-        raise ValueError(
-            f"{queries} calibration queries cannot certify a recall of {min_recall:g} at confidence "
-            f"{100 * confidence:g}%: even a policy that never errs needs {least} queries; give more queries, a lower "
-            f"min_recall or a lower confidence"
-        )
+    require_rows(queries, budget, confidence, unit="queries", hint=", a lower min_recall")
     high = policy.high if policy is not None else None
     grid = [ScoreBand(low=t, high=high) for t in CERTIFIED_LOWS if high is None or t < high]
     points, losses = {}, {}
@@ -221,7 +215,7 @@ def _certified_rerank(record, groups, full, k, min_recall, confidence, policy) -
         points[index] = RerankPoint(
             grid[index], 1.0 - float(losses[index].mean()), result.layers_run.float().mean().item()
         )
-        return hoeffding_bentkus_p_value(float(losses[index].mean()), queries, budget)
+        return risk_p_value(losses[index], budget)
 
     last = fixed_sequence(p_value, len(grid), 1.0 - confidence)
     chosen = points[max(last, 0)]
@@ -234,7 +228,7 @@ def _certified_rerank(record, groups, full, k, min_recall, confidence, policy) -
         risk=f"the full model's top {k} missed (fraction per query)",
         rows=queries,
         observed=float(loss.mean()),
-        bound=upper_bound(float(loss.sum()), queries, confidence, binary=False),
+        bound=risk_upper_bound(loss, confidence),
         certified=certified,
         tested=len(points),
         mean_layers=chosen.mean_layers,
