@@ -25,6 +25,8 @@ from transformers import (
     ElectraForSequenceClassification,
     ModernBertConfig,
     ModernBertForSequenceClassification,
+    MPNetConfig,
+    MPNetForSequenceClassification,
     RobertaConfig,
     RobertaForSequenceClassification,
     XLMRobertaConfig,
@@ -49,9 +51,11 @@ FAMILIES = (
     "deberta_v2",
     "modernbert",
     "modernbert_mean",
+    "mpnet",
 )
-ATTENTION = {"deberta_v2": ("eager",)}  # the others: eager and sdpa
-FUSED = {"bert", "albert", "roberta", "xlm_roberta", "camembert"}
+ATTENTION = {"deberta_v2": ("eager",), "mpnet": ("eager",)}  # the others: eager and sdpa
+FUSED = {"bert", "albert", "roberta", "xlm_roberta", "camembert", "mpnet"}
+PAD_ONE = {"roberta", "xlm_roberta", "camembert", "mpnet"}  # their pad token is 1 (positions skip it)
 WITH_TOKEN_TYPES = {"bert", "albert", "electra", "deberta_v2"}  # RoBERTa-likes have type_vocab_size 1
 
 
@@ -123,6 +127,8 @@ def tiny_family(family: str, *, attn: str = "eager", seed: int = 0, num_labels: 
         # DeBERTa-v3's layout (buckets, log positions, shared keys, both disentangled terms) with
         # the v2 convolution after layer 1 and token types, so that every path runs.
         # Layers 1 and 3 global, 2 local with a window (8) shorter than the sequences.
+        # Sequences of 12-16 tokens reach the logarithmic buckets of the bias (distance >= 8).
+        "mpnet": lambda: (MPNetForSequenceClassification, MPNetConfig(pad_token_id=1, **common)),
         "modernbert": lambda: modernbert("cls"),
         "modernbert_mean": lambda: modernbert("mean"),
         "deberta_v2": lambda: (
@@ -164,7 +170,7 @@ def tiny_inputs(family: str, batch: int = 6, seq_len: int = 12, *, seed: int = 1
         lengths = torch.randint(2, seq_len + 1, (batch,), generator=generator)
         lengths[0] = seq_len
         mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
-        ids = ids.masked_fill(mask == 0, 1 if family in ("roberta", "xlm_roberta", "camembert") else 0)
+        ids = ids.masked_fill(mask == 0, 1 if family in PAD_ONE else 0)
     inputs = {"input_ids": ids, "attention_mask": mask}
     if family in WITH_TOKEN_TYPES:
         inputs["token_type_ids"] = torch.randint(0, 2, (batch, seq_len), generator=generator)
@@ -326,7 +332,7 @@ def test_the_training_loss_has_gradients(family):
     assert first_layer.grad is not None and first_layer.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("family", ["distilbert", "modernbert"])
+@pytest.mark.parametrize("family", ["distilbert", "modernbert", "mpnet"])
 def test_families_without_token_types_refuse_them(family):
     model = tiny_family(family)
     eek.patch(model, eek.Entropy(0.0))
@@ -346,7 +352,7 @@ def test_an_attention_implementation_the_adapter_cannot_run_is_refused_at_patch(
         eek.patch(model, eek.Entropy(0.0))
 
 
-@pytest.mark.parametrize("family", ["deberta_v2", "modernbert"])
+@pytest.mark.parametrize("family", ["deberta_v2", "modernbert", "mpnet"])
 def test_the_continuous_engine_refuses_to_compile_layers_that_take_more_than_a_mask(family):
     from earlyexit_kernels.engine.continuous import ContinuousEngine
 
@@ -385,3 +391,50 @@ def test_a_mask_buffer_refilled_in_place_between_forwards_is_read_again(family):
         refilled = model(**buffer).logits
         fresh = model(**{name: tensor.clone() for name, tensor in second.items()}).logits
     torch.testing.assert_close(refilled, fresh, rtol=0, atol=0)
+
+
+def test_mpnet_heads_pool_the_mean_as_the_model_was_pre_trained():
+    assert eek.head_config(eek.patch(tiny_family("mpnet"), eek.Entropy(0.1))).pooling == "mean"
+    assert eek.head_config(eek.patch(tiny_family("mpnet"), eek.Entropy(0.1), pooling="cls")).pooling == "cls"
+
+
+@pytest.mark.exact
+def test_mpnet_builds_its_position_bias_once_and_again_only_when_its_weights_change(monkeypatch):
+    """Rows leaving and padding trimmed slice the bias of the longest length: no new build, the same values."""
+    from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
+
+    model = tiny_family("mpnet", seed=12)
+    inputs = tiny_inputs("mpnet", 12, 14, seed=13)
+    builds = []
+    original = MPNetEncoder.compute_position_bias
+    monkeypatch.setattr(
+        MPNetEncoder, "compute_position_bias", lambda self, x, *a, **k: builds.append(x.shape[1]) or original(self, x)
+    )
+    eek.patch(model, eek.Entropy(0.0), backend="torch")
+    spread_heads(model, seed=12)
+    eek.patch(model, eek.Entropy(spread_threshold(model, inputs)))
+    with torch.no_grad():
+        builds.clear()
+        out = model(**inputs)
+        again = model(**inputs)
+        assert len(set(out.exit_layer.tolist())) >= 2, "the test needs rows leaving at different layers"
+        assert builds == [14], "one build for the first forward, none for the second"
+        assert torch.equal(out.logits, again.logits)
+        model.mpnet.encoder.relative_attention_bias.weight.mul_(2.0)
+        changed = model(**{k: v.clone() for k, v in inputs.items()})
+        assert builds == [14, 14]
+        eek.patch(model, eek.Entropy(0.0))
+        full = model(**inputs).logits
+        reference = eek.unpatch(model)(**inputs).logits
+    assert not torch.equal(changed.logits, out.logits)
+    assert torch.equal(full, reference)
+
+
+def test_mpnet_training_reaches_the_position_bias():
+    model = tiny_family("mpnet", seed=14)
+    eek.patch(model, eek.Patience(1), objective="pabee")
+    model.train()
+    out = model(**tiny_inputs("mpnet", 6, 12, seed=15), labels=torch.tensor([0, 1, 2, 0, 1, 2]))
+    out.loss.backward()
+    grad = model.mpnet.encoder.relative_attention_bias.weight.grad
+    assert grad is not None and grad.abs().sum() > 0

@@ -6,8 +6,8 @@ finds the adapter of a model (``TypeError`` naming the supported classes otherwi
 Nothing here imports a Hugging Face modeling module: those take seconds (each pulls in
 ``transformers.modeling_utils``), and ``import earlyexit_kernels`` must stay fast. The
 mapping knows the classes by name and imports one when it is looked up or iterated; a
-model passed to :func:`adapter_class` has imported its own already. The DeBERTa-v2 and
-ModernBERT adapters, which import parts of ``transformers`` at import, load on first use.
+model passed to :func:`adapter_class` has imported its own already. The DeBERTa-v2,
+ModernBERT and MPNet adapters, which import parts of ``transformers`` at import, load on first use.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ __all__ = [
     "ElectraAdapter",
     "DebertaV2Adapter",
     "ModernBertAdapter",
+    "MPNetAdapter",
 ]
 
 #: Hugging Face class name -> (adapter module under earlyexit_kernels.models, adapter class name)
@@ -47,10 +48,11 @@ _FAMILIES: dict[str, tuple[str, str]] = {
     "ElectraForSequenceClassification": ("electra", "ElectraAdapter"),
     "DebertaV2ForSequenceClassification": ("deberta_v2", "DebertaV2Adapter"),
     "ModernBertForSequenceClassification": ("modernbert", "ModernBertAdapter"),
+    "MPNetForSequenceClassification": ("mpnet", "MPNetAdapter"),
 }
 
 #: adapters whose modules are imported on first use
-_LAZY_ADAPTERS = {"DebertaV2Adapter": "deberta_v2", "ModernBertAdapter": "modernbert"}
+_LAZY_ADAPTERS = {"DebertaV2Adapter": "deberta_v2", "ModernBertAdapter": "modernbert", "MPNetAdapter": "mpnet"}
 
 
 def _adapter(class_name: str) -> type[EncoderAdapterBase]:
