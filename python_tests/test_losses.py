@@ -40,6 +40,30 @@ def test_fastbert_regression_distills_with_squared_error():
     assert losses.fastbert_loss(all_logits).item() == pytest.approx(1.0)
 
 
+def test_joint_loss_mixes_labels_and_the_final_layers_answers_with_the_final_layer_weighted_as_the_rest():
+    # teacher p_L = (3/4, 1/4) with CE_L = ln(4/3) for label 0; two internal heads
+    all_logits = torch.tensor([[[0.0, 0.0]], [[LN3, 0.0]], [[LN3, 0.0]]], requires_grad=True)
+    labels = torch.tensor([0])
+    ce = [math.log(2), math.log(4 / 3), math.log(4 / 3)]
+    kl = [0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5), 0.0]
+    internal = [0.5 * c + 0.5 * k for c, k in zip(ce[:2], kl)]
+    loss = losses.joint_loss(all_logits, labels)
+    assert loss.item() == pytest.approx((internal[0] + internal[1] + 2 * ce[2]) / 4, abs=1e-6)
+    assert losses.joint_loss(all_logits, labels, distill=0.0, layer_weights=[1, 0, 0]).item() == pytest.approx(
+        ce[0], abs=1e-6
+    )
+    assert losses.joint_loss(all_logits, labels, distill=1.0, layer_weights=[1, 0, 0]).item() == pytest.approx(
+        kl[0], abs=1e-6
+    )
+    # the teacher gets its gradient from its own cross-entropy only
+    losses.joint_loss(all_logits, labels, layer_weights=[1, 1, 0]).backward()
+    assert torch.equal(all_logits.grad[-1], torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="distill must lie in"):
+        losses.joint_loss(all_logits, labels, distill=1.5)
+    with pytest.raises(ValueError, match="layer_weights must hold 3"):
+        losses.joint_loss(all_logits, labels, layer_weights=[1, 1])
+
+
 def test_geometric_prior_puts_the_remainder_on_the_last_layer():
     prior = losses.geometric_prior(4, 0.1)
     assert prior.tolist() == pytest.approx([0.1, 0.09, 0.081, 0.729])
@@ -154,6 +178,7 @@ METHOD_POLICIES = {
     "dact": eek.DACT(),
     "smartbert_stage1": eek.SkipGates(entropy_threshold=0.3),
     "smartbert_stage2": eek.SkipGates(entropy_threshold=0.3),
+    "joint": eek.Entropy(0.3),
 }
 
 

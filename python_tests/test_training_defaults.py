@@ -244,13 +244,38 @@ def test_fit_exit_heads_trains_calibrates_and_patches():
         fit_exit_heads(tiny_model("bert"), _data(), method="nope", progress=False)
 
 
-@pytest.mark.parametrize("method", ["pabee", "smartbert"])
+@pytest.mark.parametrize("method", ["pabee", "smartbert", "joint"])
 def test_joint_recipes_run_their_stages(method):
     model = tiny_model("bert", num_layers=4)
     result = fit_exit_heads(model, _data(batches=4), _data(batches=1, seed=5), method=method, progress=False)
-    assert [s.trains for s in result.stages] == (["heads", "all"] if method == "pabee" else ["backbone", "heads"])
+    assert [s.trains for s in result.stages] == (["backbone", "heads"] if method == "smartbert" else ["heads", "all"])
     assert [s.log.cached for s in result.stages] == [s.trains == "heads" for s in result.stages]
-    assert type(result.policy).__name__ == ("Patience" if method == "pabee" else "SkipGates")
+    assert type(result.policy).__name__ == {"pabee": "Patience", "smartbert": "SkipGates", "joint": "Entropy"}[method]
+
+
+def test_the_joint_recipe_warm_starts_the_heads_and_trains_them_at_their_own_rate(fine_tuned):
+    from earlyexit_kernels.training.recipes import JOINT_HEADS_LR
+    from earlyexit_kernels.training.train import parameter_groups
+
+    model = _patched(eek.Entropy(0.3), state=fine_tuned)
+    groups = parameter_groups(model, lr=2e-5, heads_lr=JOINT_HEADS_LR)
+    heads = {id(p) for p in model.early_exit_heads.parameters()}
+    assert [g["lr"] for g in groups] == [2e-5, JOINT_HEADS_LR]
+    assert {id(p) for p in groups[1]["params"]} == heads
+    assert not heads & {id(p) for p in groups[0]["params"]}
+
+    backbone = {k: v.clone() for k, v in model.state_dict().items() if "early_exit_heads" not in k}
+    result = fit_exit_heads(model, _data(batches=4), _data(batches=1, seed=5), method="joint", progress=False)
+    joint = result.stages[1]
+    assert (joint.objective, joint.trains, joint.log.cached) == ("joint", "all", False)
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in backbone.items()), "the backbone learnt"
+    # what stays exact: the patched model against its own (jointly trained) backbone, unpatched
+    batch = _data(batches=1, seed=9)[0]
+    patched = eek.patch(model, eek.Entropy(0.0))  # nothing exits
+    with torch.no_grad():
+        early = patched(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        full = eek.unpatch(patched)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(early, full, rtol=1e-5, atol=1e-6)
 
 
 def test_the_automatic_head_choice_keeps_the_configuration_that_reads_the_task():

@@ -9,9 +9,10 @@ classifier, cached). Each run starts from a fresh copy of it, is patched with it
 policy family and the heads' pooling and form, and is trained and calibrated by
 :func:`earlyexit_kernels.training.fit_exit_heads` with the method's recipe
 (:mod:`earlyexit_kernels.training.recipes`; the fewest mean layers within ``--max-drop``
-points of the full model on the validation split). The head-only runs train on the whole
-train split; the joint methods (their recipes train the backbone for an epoch) on the first
-``--joint-train-rows`` rows of it, to keep the run short on a CPU.
+points of the full model on the validation split). The head-only runs and the package's own
+``joint`` recipe train on the whole train split; the papers' joint methods (their recipes
+train the backbone for an epoch) on the first ``--joint-train-rows`` rows of it, to keep the
+run short on a CPU.
 
 On the test split (2,500 snippets, never seen by training or calibration):
 
@@ -57,6 +58,7 @@ RUNS = {
     "heads (mean, mlp)": ("heads", "mean", "mlp"),
     "heads (cls, model)": ("heads", "cls", "model"),
     "heads (cls, mlp)": ("heads", "cls", "mlp"),
+    "joint": ("joint", "mean", "mlp"),
     "deebert": ("deebert", "mean", "mlp"),
     "pabee": ("pabee", "mean", "mlp"),
     "palbert": ("palbert", "mean", "mlp"),
@@ -148,7 +150,7 @@ def run(args, save=None) -> list[dict]:
         t0 = time.perf_counter()
         model = copy.deepcopy(base)
         patch(model, recipe(method).make_policy(), pooling=pooling, head=head)
-        batches = train_batches if method in ("heads", "fastbert") else joint_batches
+        batches = train_batches if method in ("heads", "fastbert", "joint") else joint_batches
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # they are in the result, and in the CSV
             fitted = fit_exit_heads(model, batches, val_batches, method=method, max_drop=args.max_drop, progress=False)

@@ -21,7 +21,7 @@ __all__ = ["add_commands", "CALIBRATION_FRACTION", "CONFIDENCE", "METHODS", "UNL
 
 #: ``--method`` names, those of :data:`earlyexit_kernels.training.recipes.RECIPES` (written out: ``--help`` imports
 #: no torch; a test holds them equal); ``heads`` trains the internal heads of the frozen model (the default)
-METHODS = ("heads", "fastbert", "deebert", "pabee", "palbert", "ensemble", "dact", "smartbert")
+METHODS = ("heads", "joint", "fastbert", "deebert", "pabee", "palbert", "ensemble", "dact", "smartbert")
 #: the methods that train without labels (self-distillation from the final classifier)
 UNLABELLED_METHODS = ("heads", "fastbert")
 #: ``--confidence`` and ``--calibration-fraction`` defaults, those of :mod:`earlyexit_kernels.training.fit_texts`
@@ -85,8 +85,9 @@ def _add_fit(commands) -> None:
         "--method",
         choices=METHODS,
         default="heads",
-        help="heads (default): train only the internal heads of the frozen model, fast; the others train the "
-        "backbone too with their own loss (docs/exit_methods.md) and need labels",
+        help="heads (default): train only the internal heads of the frozen model, fast; joint: then backbone and "
+        "heads together for an epoch of the model (docs/training.md); the others train the backbone too with "
+        "their paper's loss (docs/exit_methods.md); all but heads and fastbert need labels",
     )
     fit.add_argument(
         "--pooling",

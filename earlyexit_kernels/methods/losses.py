@@ -40,6 +40,8 @@ __all__ = [
     "deebert_stage1_loss",
     "deebert_stage2_loss",
     "fastbert_loss",
+    "distillation_per_layer",
+    "joint_loss",
     "geometric_prior",
     "halting_distribution",
     "pondernet_loss",
@@ -109,6 +111,26 @@ def deebert_stage2_loss(all_logits: torch.Tensor, labels: torch.Tensor) -> torch
     return per_layer_loss(all_logits[:-1], labels).sum()
 
 
+def distillation_per_layer(all_logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """``mean_b KL(p_L || p_i)`` of every internal head against the detached final one: [L, B, C] -> [L-1].
+
+    Regression head (C == 1): ``mean_b (z_i - z_L)^2``; multi-label: the KL of each label's
+    Bernoulli ``sigmoid(z_c)``, averaged over the labels.
+    """
+    logits = all_logits.float()
+    teacher, students = logits[-1].detach(), logits[:-1]
+    if multi_label:
+        log_t, log_not_t = nn.functional.logsigmoid(teacher), nn.functional.logsigmoid(-teacher)
+        log_s, log_not_s = nn.functional.logsigmoid(students), nn.functional.logsigmoid(-students)
+        kl = log_t.exp() * (log_t - log_s) + log_not_t.exp() * (log_not_t - log_not_s)  # [L-1, B, C]
+        return kl.mean(-1).mean(dim=1)
+    if logits.shape[-1] == 1:
+        return ((students - teacher) ** 2).squeeze(-1).mean(dim=1)
+    log_p_teacher = torch.log_softmax(teacher, dim=-1)
+    log_p_students = torch.log_softmax(students, dim=-1)
+    return (log_p_teacher.exp() * (log_p_teacher - log_p_students)).sum(-1).mean(dim=1)
+
+
 def fastbert_loss(
     all_logits: torch.Tensor, labels: torch.Tensor | None = None, *, multi_label: bool | None = None
 ) -> torch.Tensor:
@@ -121,21 +143,46 @@ def fastbert_loss(
     the KL between the teacher's and the student's Bernoulli ``sigmoid(z_c)`` of every
     label, averaged over the labels, ``sum_{i<L} mean_b mean_c KL(q_{L,c} || q_{i,c})``.
     """
-    logits = all_logits.float()
-    teacher, students = logits[-1].detach(), logits[:-1]
     if multi_label is None:
-        multi_label = is_multi_label_target(labels, logits.shape[-1])
-    if multi_label:
-        log_t, log_not_t = nn.functional.logsigmoid(teacher), nn.functional.logsigmoid(-teacher)
-        log_s, log_not_s = nn.functional.logsigmoid(students), nn.functional.logsigmoid(-students)
-        kl = log_t.exp() * (log_t - log_s) + log_not_t.exp() * (log_not_t - log_not_s)  # [L-1, B, C]
-        return kl.mean(-1).mean(dim=1).sum()
-    if logits.shape[-1] == 1:
-        return ((students - teacher) ** 2).squeeze(-1).mean(dim=1).sum()
-    log_p_teacher = torch.log_softmax(teacher, dim=-1)
-    log_p_students = torch.log_softmax(students, dim=-1)
-    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_students)).sum(-1)  # [L-1, B]
-    return kl.mean(dim=1).sum()
+        multi_label = is_multi_label_target(labels, all_logits.shape[-1])
+    return distillation_per_layer(all_logits, multi_label).sum()
+
+
+def joint_loss(
+    all_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    distill: float = 0.5,
+    layer_weights: torch.Tensor | list[float] | None = None,
+) -> torch.Tensor:
+    """Joint training of backbone and heads: ``sum_i w_i l_i / sum_i w_i``.
+
+    ``l_L = CE_L`` (the final classifier learns the labels alone) and, for the internal heads,
+    ``l_i = (1 - distill) CE_i + distill mean_b KL(p_L || p_i)`` with the final head as a detached
+    teacher (:func:`distillation_per_layer`): the heads learn what the final layer will answer,
+    which is what an early exit must match. ``layer_weights`` [L]: by default 1 for every
+    internal head and ``L - 1`` for the final one, so the final layer keeps half the weight and
+    its accuracy is not traded for the shallow heads'.
+    """
+    if not 0.0 <= distill <= 1.0:
+        raise ValueError(f"distill must lie in [0, 1] (the share of the teacher in each internal loss); got {distill}")
+    num_layers = all_logits.shape[0]
+    if layer_weights is None:
+        weights = torch.ones(num_layers, device=all_logits.device)
+        weights[-1] = max(num_layers - 1, 1)
+    else:
+        weights = torch.as_tensor(layer_weights, dtype=torch.float32, device=all_logits.device)
+        if weights.shape != (num_layers,) or bool((weights < 0).any()) or float(weights.sum()) <= 0:
+            raise ValueError(
+                f"layer_weights must hold {num_layers} non-negative weights (one per layer) with a positive sum; "
+                f"got {layer_weights!r}"
+            )
+    ce = per_layer_loss(all_logits, labels)  # [L]
+    if num_layers > 1 and distill > 0:
+        multi_label = is_multi_label_target(labels, all_logits.shape[-1])
+        internal = (1 - distill) * ce[:-1] + distill * distillation_per_layer(all_logits, multi_label)
+        ce = torch.cat([internal, ce[-1:]])
+    return (weights * ce).sum() / weights.sum()
 
 
 def geometric_prior(num_layers: int, lambda_p: float = 0.1, device=None) -> torch.Tensor:
@@ -359,6 +406,7 @@ OBJECTIVES: dict[str, Objective] = {
             regression=False,
         ),
         Objective("smartbert_stage2", smartbert_stage2_loss, trains="heads"),
+        Objective("joint", joint_loss),
     )
 }
 #: other names accepted for a method

@@ -275,6 +275,7 @@ def fit_exit_heads(
                 lr=stage_lr,
                 epochs=stage_epochs,
                 loss_kwargs=stage.loss_kwargs,
+                heads_lr=stage.heads_lr,
                 val_batches=val_data,
                 progress=progress,
                 seed=seed,

@@ -24,7 +24,8 @@ __all__ = ["Stage", "Recipe", "RECIPES", "recipe"]
 @dataclass(frozen=True)
 class Stage:
     """One call of ``train_exit_heads``: ``objective`` (a loss name), ``trains`` (``"heads"``,
-    ``"all"`` or ``"backbone"``), ``lr`` and ``epochs`` (None: the defaults of ``trains``) and
+    ``"all"`` or ``"backbone"``), ``lr`` and ``epochs`` (None: the defaults of ``trains``),
+    ``heads_lr`` (the internal heads' own rate when the backbone learns too; None: ``lr``) and
     ``loss_kwargs``. ``unlabelled``: the loss to use instead when the data has no labels (None:
     the stage needs labels)."""
 
@@ -34,6 +35,7 @@ class Stage:
     epochs: int | None = None
     loss_kwargs: dict = field(default_factory=dict)
     unlabelled: str | None = None
+    heads_lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,9 @@ class Recipe:
 # the labels (DeeBERT's stage 2), or self-distillation from the final classifier without them.
 HEADS = Stage("deebert_stage2", "heads", unlabelled="fastbert")
 
+#: the joint recipe's rate of the warm-started heads while the backbone learns at 2e-5
+JOINT_HEADS_LR = 1e-4
+
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
@@ -67,6 +72,13 @@ RECIPES: dict[str, Recipe] = {
             (HEADS,),
             "heads only on the frozen model (cross-entropy per head, or distillation without labels), "
             "entropy threshold",
+        ),
+        Recipe(
+            "joint",
+            lambda: Entropy(0.0),
+            (HEADS, Stage("joint", "all", epochs=1, heads_lr=JOINT_HEADS_LR)),
+            "heads first, then backbone and heads together for an epoch (heads at their own rate; each internal "
+            "head learns the labels and the final layer's answers); entropy threshold",
         ),
         Recipe(
             "fastbert",

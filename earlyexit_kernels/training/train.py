@@ -102,9 +102,14 @@ def _halting_parameters(model) -> list[nn.Parameter]:
 
 
 def parameter_groups(
-    model: nn.Module, lr: float, halting_lr: float | None = HALTING_LR, parameters: list[nn.Parameter] | None = None
+    model: nn.Module,
+    lr: float,
+    halting_lr: float | None = HALTING_LR,
+    parameters: list[nn.Parameter] | None = None,
+    heads_lr: float | None = None,
 ) -> list[dict]:
-    """Optimizer parameter groups: the halting heads and gates at ``halting_lr``, the rest at ``lr``.
+    """Optimizer parameter groups: the halting heads and gates at ``halting_lr``, the internal exit
+    heads at ``heads_lr``, the rest at ``lr`` (``None``: ``lr``).
 
     ``parameters``: the trainable ones (default: those of ``model`` that require grad).
     For an optimizer of your own, e.g. a ``Trainer``'s:
@@ -114,12 +119,15 @@ def parameter_groups(
         raise ValueError("parameter_groups needs a model patched with eek.patch")
     if parameters is None:
         parameters = [p for p in model.parameters() if p.requires_grad]
-    if halting_lr is None:
-        return [{"params": parameters, "lr": lr}]
-    halting = {id(p) for p in _halting_parameters(model)}
-    rest = [p for p in parameters if id(p) not in halting]
-    own = [p for p in parameters if id(p) in halting]
-    return [group for group in ({"params": rest, "lr": lr}, {"params": own, "lr": halting_lr}) if group["params"]]
+    every_halting = {id(p) for p in _halting_parameters(model)}
+    halting = every_halting if halting_lr is not None else set()
+    heads = {id(p) for p in _heads_parameters(model)} - every_halting if heads_lr is not None else set()
+    groups = (
+        {"params": [p for p in parameters if id(p) not in halting and id(p) not in heads], "lr": lr},
+        {"params": [p for p in parameters if id(p) in heads], "lr": heads_lr},
+        {"params": [p for p in parameters if id(p) in halting], "lr": halting_lr},
+    )
+    return [group for group in groups if group["params"]]
 
 
 def select_trainable(model: nn.Module, trains: str) -> list[nn.Parameter]:
@@ -216,6 +224,7 @@ def train_exit_heads(
     epochs: int | None = None,
     lr: float | None = None,
     halting_lr: float | None = HALTING_LR,
+    heads_lr: float | None = None,
     weight_decay: float = 0.01,
     warmup_fraction: float = 0.1,
     max_grad_norm: float = 1.0,
@@ -274,8 +283,10 @@ def train_exit_heads(
     ``halting_lr``: the learning rate of the halting heads (QExit, DACT) and SmartBERT's
     gates when they train (:data:`HALTING_LR`, 3e-3, by default; ``None``: ``lr`` like the
     rest). They start from a constant output and must move far (see :data:`HALTING_LR`);
-    at the backbone's rate DACT's head barely moves and DACT runs nearly every layer. The
-    schedule scales both rates alike.
+    at the backbone's rate DACT's head barely moves and DACT runs nearly every layer.
+    ``heads_lr``: the internal exit heads' own rate when the backbone learns too (None: ``lr``);
+    heads warm-started by a head-only stage need more than the backbone's fine-tuning rate. The
+    schedule scales every rate alike.
     ``loss_kwargs`` go to the loss (``beta=``, ``tau=``, ``lam=``, ``diversity=``).
     ``progress``: a tqdm bar on a terminal.
     """
@@ -300,6 +311,8 @@ def train_exit_heads(
         isinstance(halting_lr, (int, float)) and math.isfinite(halting_lr) and halting_lr > 0
     ):
         raise ValueError(f"halting_lr must be a positive number or None (the same as lr); got {halting_lr!r}")
+    if heads_lr is not None and not (isinstance(heads_lr, (int, float)) and math.isfinite(heads_lr) and heads_lr > 0):
+        raise ValueError(f"heads_lr must be a positive number or None (the same as lr); got {heads_lr!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
     if early_stopping is not None and early_stopping < 1:
@@ -343,7 +356,7 @@ def train_exit_heads(
         if steps_per_epoch == 0:
             raise ValueError("train_exit_heads got no batches: batches is empty (or an iterable already read)")
         total = max(1, steps_per_epoch * epochs)
-        opt = _optimizer(optimizer, parameter_groups(model, lr, halting_lr, parameters), weight_decay)
+        opt = _optimizer(optimizer, parameter_groups(model, lr, halting_lr, parameters, heads_lr), weight_decay)
         if log.until_plateau:  # warm-up over a tenth of an epoch, then constant, cut on plateaus
             warmup = int(steps_per_epoch * warmup_fraction)
             scheduler = torch.optim.lr_scheduler.LambdaLR(opt, _schedule("constant", total, warmup))
