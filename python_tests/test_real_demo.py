@@ -66,6 +66,10 @@ def tiny_task(tmp_path, monkeypatch):
         monkeypatch.setattr(module, "fine_tuned_minilm", fine_tuned, raising=False)
         monkeypatch.setattr(module, "load_rotten_tomatoes", lambda seed=0: splits, raising=False)
     monkeypatch.setattr("earlyexit_kernels.demo.real_task.fine_tuned_minilm", fine_tuned)
+    monkeypatch.setattr(
+        "earlyexit_kernels.demo.real_task.fine_tuned_model",
+        lambda backbone="minilm", recipe=None, cache_dir=None, *, progress=True: fine_tuned(recipe, cache_dir),
+    )
     monkeypatch.setattr("earlyexit_kernels.demo.real_task.load_rotten_tomatoes", lambda seed=0: splits)
     return cache
 

