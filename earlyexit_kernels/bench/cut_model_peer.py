@@ -1,0 +1,292 @@
+"""The peer a user would pick instead of early exit: the same model cut to k layers, fine-tuned.
+
+    python -m earlyexit_kernels.bench.cut_model_peer --threads 2 \\
+        --output benchmarks/results/cut_model_peer_cpu.json --readme docs/benchmarks.md
+
+A smaller model is the plain answer to "the model is too slow": keep the first k of the
+pre-trained model's L layers and fine-tune that. Each peer here is all-MiniLM-L6-v2 cut to
+k = 1 … L-1 layers and fine-tuned with the demo's recipe and data
+(:func:`earlyexit_kernels.demo.real_task.fine_tune`: one epoch of the Rotten Tomatoes train
+split, AdamW at 5e-5, batches of 32), with two heads:
+
+- ``model``: the model's own head (the [CLS] pooler and a linear classifier), as
+  ``BertForSequenceClassification`` with ``num_hidden_layers=k``;
+- ``mean``: the masked mean of the last layer's tokens and a linear classifier (how the
+  sentence-transformers MiniLM was pre-trained).
+
+Its test accuracy at k runs k layers for every sequence, so it sits beside early exit's curve
+at k mean layers (``benchmarks/results/real_task_cpu.csv``, every method of
+:mod:`earlyexit_kernels.bench.real_task_quality`). Each peer is written to the JSON as soon as it
+is trained, and a rerun skips the peers already there (``--redo`` trains them again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from earlyexit_kernels.bench.markdown_sections import replace_section
+
+__all__ = ["HEADS", "MeanPooledClassifier", "cut_model", "train_peer", "render_markdown", "update_readme", "main"]
+
+HEADS = ("model", "mean")
+DEFAULT_JSON = "benchmarks/results/cut_model_peer_cpu.json"
+REAL_TASK_CSV = "benchmarks/results/real_task_cpu.csv"
+MARK_START = "<!-- cut-model-peer:start -->"
+MARK_END = "<!-- cut-model-peer:end -->"
+EVAL_BATCH = 64
+
+
+class MeanPooledClassifier(nn.Module):
+    """A linear classifier on the masked mean of ``encoder``'s last hidden states.
+
+    ``forward(input_ids [B, T], attention_mask [B, T], token_type_ids [B, T], labels [B])``
+    returns an object with ``logits`` [B, C] and, with labels, ``loss`` (cross-entropy).
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int):
+        super().__init__()
+        config = encoder.config
+        self.encoder = encoder
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        nn.init.normal_(self.classifier.weight, std=config.initializer_range)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
+        from types import SimpleNamespace
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        logits = self.classifier(self.dropout(pooled))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return SimpleNamespace(logits=logits, loss=loss)
+
+
+def cut_model(layers: int, head: str, seed: int = 0) -> nn.Module:
+    """The pre-trained MiniLM with its first ``layers`` layers and ``head`` (``"model"`` or ``"mean"``), untrained head."""
+    from transformers import BertForSequenceClassification, BertModel
+
+    from earlyexit_kernels.demo.real_task import LABELS, minilm_path
+
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {', '.join(HEADS)}; got {head!r}")
+    torch.manual_seed(seed)
+    if head == "model":
+        return BertForSequenceClassification.from_pretrained(
+            minilm_path(),
+            num_hidden_layers=layers,
+            num_labels=len(LABELS),
+            id2label=dict(enumerate(LABELS)),
+            label2id={name: i for i, name in enumerate(LABELS)},
+        )
+    encoder = BertModel.from_pretrained(minilm_path(), num_hidden_layers=layers, add_pooling_layer=False)
+    return MeanPooledClassifier(encoder, len(LABELS))
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, tokenizer, split, max_length: int) -> float:
+    """The share of ``split``'s rows whose argmax matches the label (length-sorted batches)."""
+    from earlyexit_kernels.demo.real_task import tokenize
+
+    model.eval()
+    order = sorted(range(len(split)), key=lambda i: len(split.texts[i]))
+    right = 0
+    for start in range(0, len(order), EVAL_BATCH):
+        rows = order[start : start + EVAL_BATCH]
+        batch = tokenize(tokenizer, [split.texts[i] for i in rows], max_length)
+        predicted = model(**batch).logits.argmax(-1)
+        right += int((predicted == torch.tensor([split.labels[i] for i in rows])).sum())
+    return right / len(split)
+
+
+def train_peer(layers: int, head: str, splits, tokenizer, recipe) -> dict:
+    """Cut, fine-tune and score one peer; returns its row (accuracies on validation and test, seconds)."""
+    from earlyexit_kernels.demo.real_task import fine_tune
+
+    started = time.perf_counter()
+    model = cut_model(layers, head, recipe.seed)
+    fine_tune(model, tokenizer, splits["train"], recipe)
+    seconds = time.perf_counter() - started
+    return {
+        "layers": layers,
+        "head": head,
+        "validation_accuracy": accuracy(model, tokenizer, splits["validation"], recipe.max_length),
+        "test_accuracy": accuracy(model, tokenizer, splits["test"], recipe.max_length),
+        "train_rows": len(splits["train"]),
+        "fine_tune_seconds": seconds,
+    }
+
+
+def _environment(argv: list[str], seconds: float) -> str:
+    import transformers
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        f"python -m earlyexit_kernels.bench.cut_model_peer {' '.join(argv)}, {stamp}; {_cpu_name()}, "
+        f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, {seconds:.0f} s, load average {os.getloadavg()[0]:.1f} at the end"
+    )
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _curves(csv_path: str) -> tuple[dict[str, list[dict]], dict[int, float], float | None]:
+    """Early exit's test curves per run, the static cut of the first run and the full model's accuracy."""
+    from earlyexit_kernels.bench.real_task_quality import RUNS, _read_csv
+
+    _, rows = _read_csv(csv_path)
+    order = {name: i for i, name in enumerate(RUNS)}
+    runs = sorted({r["run"] for r in rows if r["kind"] == "operating"}, key=lambda n: order.get(n, len(order)))
+    curves = {name: [r for r in rows if r["kind"] == "curve" and r["run"] == name] for name in runs}
+    first = runs[0] if runs else None
+    static = {int(r["layer"]): float(r["accuracy"]) for r in rows if r["kind"] == "static" and r["run"] == first}
+    full = next((float(r["full_accuracy"]) for r in rows if r["kind"] == "operating" and r["run"] == first), None)
+    depth = max(static, default=None)
+    return curves, static, (full, depth)
+
+
+def render_markdown(json_path: str, csv_path: str = REAL_TASK_CSV) -> str:
+    """The section of ``docs/benchmarks.md``: each peer's test accuracy beside early exit's curve at k mean layers."""
+    from earlyexit_kernels.bench.real_task_quality import _curve_at, _pct
+
+    data = json.loads(Path(json_path).read_text())
+    peers = {(p["layers"], p["head"]): p for p in data["peers"]}
+    layers = sorted({k for k, _ in peers})
+    curves, static, (full, depth) = _curves(csv_path) if Path(csv_path).is_file() else ({}, {}, (None, None))
+    lines = [
+        f"Generated from `{json_path}` by `python -m earlyexit_kernels.bench.cut_model_peer` (the peers) and "
+        f"`{csv_path}` (early exit's test curves, `real_task_quality`), run as:",
+        "",
+        "```",
+        *data["runs"],
+        "```",
+        "",
+        "Test accuracy on the 2,500 test snippets. A peer at k runs k layers for every sequence; an early-exit "
+        "column is the best accuracy its method reaches within k mean layers on its test curve. "
+        + (f"The full {depth}-layer model scores {_pct(full)}." if full is not None else ""),
+        "",
+    ]
+    names = list(curves)
+    header = ["k", "cut + fine-tuned (model head)", "cut + fine-tuned (mean head)", "static cut (exit head k)"]
+    header += [f"early exit: {name}" for name in names]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for k in layers:
+        cells = [str(k)]
+        cells += [_pct(peers[(k, h)]["test_accuracy"]) if (k, h) in peers else "–" for h in HEADS]
+        cells.append(_pct(static.get(k)))
+        cells += [_pct(_curve_at(curves[name], k)) for name in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    seconds = ", ".join(f"k={p['layers']} {p['head']} {p['fine_tune_seconds']:.0f} s" for p in data["peers"])
+    lines += ["", f"Fine-tuning took (one epoch of {data['peers'][0]['train_rows']} rows each): {seconds}."]
+    beaten = _beaten(peers, curves, layers)
+    if beaten:
+        lines += ["", "Where a peer beats an early-exit method at its own number of layers: " + "; ".join(beaten) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _beaten(peers, curves, layers) -> list[str]:
+    from earlyexit_kernels.bench.real_task_quality import _curve_at
+
+    found = []
+    for name, curve in curves.items():
+        for k in layers:
+            best_peer = max((peers[(k, h)]["test_accuracy"] for h in HEADS if (k, h) in peers), default=None)
+            ours = _curve_at(curve, k)
+            if best_peer is not None and (ours is None or best_peer > ours):
+                shown = f"no threshold runs within {k} layers" if ours is None else f"{100 * ours:.2f}%"
+                found.append(f"{name} at k = {k} ({shown}; the peer {100 * best_peer:.2f}%)")
+    return found
+
+
+def update_readme(readme: str, json_path: str, csv_path: str = REAL_TASK_CSV) -> None:
+    """Rewrite the section between the markers of ``readme`` (appended at the end when missing)."""
+    text = Path(readme).read_text()
+    note = f"<!-- generated by python -m earlyexit_kernels.bench.cut_model_peer --from-json {json_path} -->"
+    section = f"{MARK_START}\n{note}\n\n{render_markdown(json_path, csv_path)}\n{MARK_END}"
+    Path(readme).write_text(
+        replace_section(text, MARK_START, MARK_END, section, "Early exit against a smaller model (cut and fine-tuned)")
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default=DEFAULT_JSON, help=f"JSON of the peers (default: {DEFAULT_JSON})")
+    parser.add_argument("--readme", help="rewrite the cut-model-peer section of this Markdown file")
+    parser.add_argument("--from-json", help="only regenerate the section from this JSON (needs --readme)")
+    parser.add_argument("--curves", default=REAL_TASK_CSV, help=f"early exit's curves (default: {REAL_TASK_CSV})")
+    parser.add_argument("--layers", type=int, nargs="+", help="the k to train (default: 1 … L-1)")
+    parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
+    parser.add_argument("--redo", action="store_true", help="train again the peers already in --output")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if args.from_json:
+        if not args.readme:
+            parser.error("--from-json needs --readme")
+        update_readme(args.readme, args.from_json, args.curves)
+        return
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from earlyexit_kernels.demo.real_task import FineTuneRecipe, load_rotten_tomatoes, minilm_path
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    recipe = FineTuneRecipe()
+    depth = AutoConfig.from_pretrained(minilm_path()).num_hidden_layers
+    layers = args.layers or list(range(1, depth))
+    if any(not 1 <= k < depth for k in layers):
+        parser.error(f"--layers must lie in 1 … {depth - 1} (the model has {depth})")
+    path = Path(args.output)
+    data = json.loads(path.read_text()) if path.is_file() else {"runs": [], "recipe": vars(recipe), "peers": []}
+    done = {(p["layers"], p["head"]) for p in data["peers"]}
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    splits = load_rotten_tomatoes(recipe.seed)
+    data["runs"].append("")
+    for k in layers:
+        for head in args.heads:
+            if (k, head) in done and not args.redo:
+                continue
+            row = train_peer(k, head, splits, tokenizer, recipe)
+            data["peers"] = [p for p in data["peers"] if (p["layers"], p["head"]) != (k, head)] + [row]
+            data["peers"].sort(key=lambda p: (p["layers"], HEADS.index(p["head"])))
+            data["runs"][-1] = _environment(argv, time.perf_counter() - started)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(data, indent=1) + "\n")
+            print(
+                f"k={k} {head:<5} test {100 * row['test_accuracy']:.2f}% validation "
+                f"{100 * row['validation_accuracy']:.2f}% ({row['fine_tune_seconds']:.0f} s)",
+                flush=True,
+            )
+    if not data["runs"][-1]:
+        data["runs"].pop()
+    if args.readme and data["peers"]:
+        update_readme(args.readme, str(path), args.curves)
+
+
+if __name__ == "__main__":
+    main()
