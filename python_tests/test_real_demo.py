@@ -68,9 +68,12 @@ def tiny_task(tmp_path, monkeypatch):
     monkeypatch.setattr("earlyexit_kernels.demo.real_task.fine_tuned_minilm", fine_tuned)
     monkeypatch.setattr(
         "earlyexit_kernels.demo.real_task.fine_tuned_model",
-        lambda backbone="minilm", recipe=None, cache_dir=None, *, progress=True: fine_tuned(recipe, cache_dir),
+        lambda backbone="minilm", recipe=None, cache_dir=None, *, progress=True, task="rotten_tomatoes": fine_tuned(
+            recipe, cache_dir
+        ),
     )
     monkeypatch.setattr("earlyexit_kernels.demo.real_task.load_rotten_tomatoes", lambda seed=0: splits)
+    monkeypatch.setattr("earlyexit_kernels.demo.real_task.load_task", lambda task, seed=0: splits)
     return cache
 
 
@@ -128,3 +131,14 @@ def test_the_real_task_benchmark_writes_its_csv_and_its_section(tiny_task, tmp_p
     text = readme.read_text()
     assert text.startswith("# Benchmarks\n\nbefore\n\n") and text.endswith("\n\nafter\n") and "STALE" not in text
     assert 0 < text.index("| heads (mean, mlp) | `") < text.index("| pabee | `")  # in the order of RUNS
+
+
+def test_each_backbone_and_task_has_its_own_csv_and_section():
+    assert real_task_quality.outputs()[:3] == (
+        real_task_quality.DEFAULT_CSV,
+        real_task_quality.MARK_START,
+        real_task_quality.MARK_END,
+    )
+    paths = {real_task_quality.outputs(b, t)[:3] for b in ("minilm", "mpnet") for t in ("rotten_tomatoes", "debates")}
+    assert len({p[0] for p in paths}) == len({p[1] for p in paths}) == 4
+    assert real_task_quality.outputs("mpnet", "debates")[0] == "benchmarks/results/real_task_mpnet_debates_cpu.csv"

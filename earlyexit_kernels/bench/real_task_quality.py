@@ -60,6 +60,7 @@ RUNS = {
     "heads (cls, model)": ("heads", "cls", "model"),
     "heads (cls, mlp)": ("heads", "cls", "mlp"),
     "joint": ("joint", "mean", "mlp"),
+    "auto heads": ("heads", "auto", "auto"),
     "deebert": ("deebert", "mean", "mlp"),
     "pabee": ("pabee", "mean", "mlp"),
     "palbert": ("palbert", "mean", "mlp"),
@@ -74,16 +75,24 @@ MAX_LENGTH = 128
 DEFAULT_CSV = "benchmarks/results/real_task_cpu.csv"
 MARK_START = "<!-- real-task-quality:start -->"
 MARK_END = "<!-- real-task-quality:end -->"
-#: per backbone: its CSV, its section's markers in docs/benchmarks.md, its name in titles
-BACKBONE_OUTPUTS = {
-    "minilm": (DEFAULT_CSV, MARK_START, MARK_END, "MiniLM-L6"),
-    "mpnet": (
-        "benchmarks/results/real_task_mpnet_cpu.csv",
-        "<!-- real-task-quality-mpnet:start -->",
-        "<!-- real-task-quality-mpnet:end -->",
-        "MPNet-base (12 layers)",
-    ),
-}
+#: the backbones' names in titles and the tasks' (see earlyexit_kernels.demo.real_task)
+BACKBONE_NAMES = {"minilm": "MiniLM-L6", "mpnet": "MPNet-base (12 layers)"}
+TASK_NAMES = {"rotten_tomatoes": "Rotten Tomatoes", "debates": "the 2016 debates (three classes)"}
+
+
+def outputs(backbone: str = "minilm", task: str = "rotten_tomatoes") -> tuple[str, str, str, str]:
+    """``(csv, start marker, end marker, title)`` of one backbone on one task: each has its own CSV and section."""
+    suffix = "".join(f"-{part}" for part in (backbone, task) if part not in ("minilm", "rotten_tomatoes"))
+    if not suffix:
+        return DEFAULT_CSV, MARK_START, MARK_END, f"{BACKBONE_NAMES[backbone]} on {TASK_NAMES[task]}"
+    return (
+        f"benchmarks/results/real_task{suffix.replace('-', '_')}_cpu.csv",
+        f"<!-- real-task-quality{suffix}:start -->",
+        f"<!-- real-task-quality{suffix}:end -->",
+        f"{BACKBONE_NAMES[backbone]} on {TASK_NAMES[task]}",
+    )
+
+
 FIELDS = [
     "kind",
     "run",
@@ -124,9 +133,9 @@ def _encoded(tokenizer, split):
 
 def run(args, save=None) -> list[dict]:
     """Fit, calibrate and measure every run of ``args.runs``; ``save(rows)`` after each run."""
-    from earlyexit_kernels.demo.real_task import fine_tuned_model, load_rotten_tomatoes
+    from earlyexit_kernels.demo.real_task import TASK_RECIPES, fine_tuned_model, load_task
     from earlyexit_kernels.integrations.evaluation import evaluate
-    from earlyexit_kernels.patching.patch import patch, unpatch
+    from earlyexit_kernels.patching.patch import head_config, patch, unpatch
     from earlyexit_kernels.training.calibration import (
         accuracy_curve,
         candidates,
@@ -144,8 +153,10 @@ def run(args, save=None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    splits = load_rotten_tomatoes()
-    base, tokenizer, info = fine_tuned_model(args.backbone, cache_dir=args.cache_dir, progress=False)
+    splits = load_task(args.task)
+    base, tokenizer, info = fine_tuned_model(
+        args.backbone, TASK_RECIPES[args.task], cache_dir=args.cache_dir, progress=False, task=args.task
+    )
     how = "loaded" if info["cached"] else f"trained in {info['seconds']:.0f} s"
     print(f"fine-tuned {args.backbone}: {how} ({info['path']})", flush=True)
     train, train_labels = _encoded(tokenizer, splits["train"])
@@ -161,11 +172,17 @@ def run(args, save=None) -> list[dict]:
         method, pooling, head = RUNS[name]
         t0 = time.perf_counter()
         model = copy.deepcopy(base)
-        patch(model, recipe(method).make_policy(), pooling=pooling, head=head)
+        auto = {"pooling": "auto", "head": "auto"} if pooling == "auto" else {}
+        patch(model, recipe(method).make_policy(), **({} if auto else {"pooling": pooling, "head": head}))
         batches = train_batches if method in ("heads", "fastbert", "joint") else joint_batches
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # they are in the result, and in the CSV
-            fitted = fit_exit_heads(model, batches, val_batches, method=method, max_drop=args.max_drop, progress=False)
+            fitted = fit_exit_heads(
+                model, batches, val_batches, method=method, max_drop=args.max_drop, progress=False, **auto
+            )
+        if auto:
+            chosen_heads = head_config(model)
+            pooling, head = f"auto: {chosen_heads.pooling}", f"auto: {chosen_heads.form}"
         fit_seconds = time.perf_counter() - t0
         calibration = fitted.calibration
         record = record_exits(model, test_batches)
@@ -237,7 +254,7 @@ def run(args, save=None) -> list[dict]:
     if args.plot and curves:
         from earlyexit_kernels.training.calibration import plot_curve
 
-        title = f"{BACKBONE_OUTPUTS[args.backbone][3]} on Rotten Tomatoes, test split"
+        title = f"{outputs(args.backbone, args.task)[3]}, test split"
         plot_curve(curves, args.plot, baseline=baseline, title=title)
     print(f"total {time.perf_counter() - started:.0f} s", flush=True)
     return rows
@@ -373,14 +390,15 @@ def _depth(operating: list[dict]) -> int:
     return 6
 
 
-def update_readme(readme: str, csv_path: str, backbone: str = "minilm") -> None:
-    """Rewrite the section of ``backbone`` between its markers in ``readme`` (appended at the end when missing)."""
-    _, start, end, name = BACKBONE_OUTPUTS[backbone]
+def update_readme(readme: str, csv_path: str, backbone: str = "minilm", task: str = "rotten_tomatoes") -> None:
+    """Rewrite the section of ``backbone`` on ``task`` between its markers in ``readme`` (appended when missing)."""
+    _, start, end, name = outputs(backbone, task)
     text = Path(readme).read_text()
     flag = "" if backbone == "minilm" else f" --backbone {backbone}"
+    flag += "" if task == "rotten_tomatoes" else f" --task {task}"
     note = f"<!-- generated by python -m earlyexit_kernels.bench.real_task_quality{flag} --from-csv {csv_path} -->"
     section = f"{start}\n{note}\n\n{render_markdown(csv_path)}\n{end}"
-    heading = "Exit quality on a real task" if backbone == "minilm" else f"Exit quality on a real task: {name}"
+    heading = "Exit quality on a real task" if not flag else f"Exit quality on a real task: {name}"
     Path(readme).write_text(replace_section(text, start, end, section, heading))
 
 
@@ -404,9 +422,15 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument(
         "--backbone",
-        choices=tuple(BACKBONE_OUTPUTS),
+        choices=tuple(BACKBONE_NAMES),
         default="minilm",
         help="the pre-trained model fine-tuned on the task: minilm (6 layers, default) or mpnet (12 layers)",
+    )
+    parser.add_argument(
+        "--task",
+        choices=tuple(TASK_NAMES),
+        default="rotten_tomatoes",
+        help="the labelled task: rotten_tomatoes (two classes, default) or debates (three)",
     )
     parser.add_argument("--cache-dir", help="where the fine-tuned model is cached (default: real_task's)")
     args = parser.parse_args(argv)
@@ -440,7 +464,7 @@ def _write_docs(args, csv_path: str) -> None:
     if args.markdown:
         Path(args.markdown).write_text("# Exit quality on a real task\n\n" + render_markdown(csv_path))
     if args.readme:
-        update_readme(args.readme, csv_path, args.backbone)
+        update_readme(args.readme, csv_path, args.backbone, args.task)
 
 
 if __name__ == "__main__":

