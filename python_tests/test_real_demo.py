@@ -131,6 +131,12 @@ def test_the_real_task_benchmark_writes_its_csv_and_its_section(tiny_task, tmp_p
     text = readme.read_text()
     assert text.startswith("# Benchmarks\n\nbefore\n\n") and text.endswith("\n\nafter\n") and "STALE" not in text
     assert 0 < text.index("| heads (mean, mlp) | `") < text.index("| pabee | `")  # in the order of RUNS
+    results = tmp_path / "checkout" / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "real_task_debates_cpu.csv").write_text(csv_path.read_text())
+    side = real_task_quality.render_side_by_side(tmp_path / "checkout")
+    assert side.count("| MiniLM-L6 on the 2016 debates (three classes) |") == 2 and "of 4 |" in side
+    assert "Rotten Tomatoes" not in side.split("|---|")[1]  # only the CSVs that exist
 
 
 def test_each_backbone_and_task_has_its_own_csv_and_section():
