@@ -163,6 +163,8 @@ def run(args, save=None) -> list[dict]:
     val, val_labels = _encoded(tokenizer, splits["validation"])
     test, test_labels = _encoded(tokenizer, splits["test"])
     train_batches = shuffled_batches(train, train_labels, BATCH, seed=0)
+    if args.train_rows:
+        train_batches = train_batches[: max(1, args.train_rows // BATCH)]
     joint_batches = train_batches[: max(1, args.joint_train_rows // BATCH)]
     val_batches = length_sorted_batches(val, val_labels, 64)
     test_batches = length_sorted_batches(test, test_labels, BATCH)
@@ -463,6 +465,13 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), metavar="RUN")
     parser.add_argument(
         "--joint-train-rows", type=int, default=2048, help="training rows of the joint methods (default: 2048)"
+    )
+    parser.add_argument(
+        "--train-rows",
+        type=int,
+        default=None,
+        help="training rows of every run (default: the whole train split; the joint methods take at most "
+        "--joint-train-rows of them)",
     )
     parser.add_argument("--max-drop", type=float, default=1.0, help="calibration target, accuracy points")
     parser.add_argument(
