@@ -77,7 +77,8 @@ def test_the_section_sets_each_peer_beside_the_curves_at_k_layers(tmp_path):
     assert "| 1 | 60.00% | 72.00% | 55.00% | – | – |" in text
     assert "| 2 | 68.00% | 76.00% | 60.00% | 80.00% | – |" in text
     assert "The full 3-layer model scores 83.00%." in text
-    assert "heads (mean, mlp) at k = 2" not in text  # 80.00% beats the peers' 76.00%
-    assert "pabee at k = 2 (no threshold runs within 2 layers; the peer 76.00%)" in text
+    assert "- heads (mean, mlp): k = 1 (no threshold runs that few layers; the peer 72.00%)\n" in text
+    assert "- pabee: k = 1 (no threshold runs that few layers; the peer 72.00%); k = 2 (" in text
+    assert "static cut (heads (mean, mlp), exit head k)" in text
     cut_model_peer.update_readme(str(readme), str(json_path), str(csv_path))
     assert readme.read_text() == text, "regenerating replaces the section, never appends a second"

@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -135,22 +134,14 @@ def train_peer(layers: int, head: str, splits, tokenizer, recipe) -> dict:
 def _environment(argv: list[str], seconds: float) -> str:
     import transformers
 
+    from earlyexit_kernels.bench.results import cpu_name
+
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (
-        f"python -m earlyexit_kernels.bench.cut_model_peer {' '.join(argv)}, {stamp}; {_cpu_name()}, "
+        f"python -m earlyexit_kernels.bench.cut_model_peer {' '.join(argv)}, {stamp}; {cpu_name()}, "
         f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, {seconds:.0f} s, load average {os.getloadavg()[0]:.1f} at the end"
     )
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _curves(csv_path: str) -> tuple[dict[str, list[dict]], dict[int, float], float | None]:
@@ -190,7 +181,13 @@ def render_markdown(json_path: str, csv_path: str = REAL_TASK_CSV) -> str:
         "",
     ]
     names = list(curves)
-    header = ["k", "cut + fine-tuned (model head)", "cut + fine-tuned (mean head)", "static cut (exit head k)"]
+    first = next(iter(curves), None)
+    header = [
+        "k",
+        "cut + fine-tuned (model head)",
+        "cut + fine-tuned (mean head)",
+        f"static cut ({first}, exit head k)",
+    ]
     header += [f"early exit: {name}" for name in names]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for k in layers:
@@ -203,21 +200,22 @@ def render_markdown(json_path: str, csv_path: str = REAL_TASK_CSV) -> str:
     lines += ["", f"Fine-tuning took (one epoch of {data['peers'][0]['train_rows']} rows each): {seconds}."]
     beaten = _beaten(peers, curves, layers)
     if beaten:
-        lines += ["", "Where a peer beats an early-exit method at its own number of layers: " + "; ".join(beaten) + "."]
+        lines += ["", "Where the better peer beats an early-exit method at its number of layers:", ""]
+        lines += [f"- {name}: " + "; ".join(cells) for name, cells in beaten.items()]
     return "\n".join(lines) + "\n"
 
 
-def _beaten(peers, curves, layers) -> list[str]:
+def _beaten(peers, curves, layers) -> dict[str, list[str]]:
     from earlyexit_kernels.bench.real_task_quality import _curve_at
 
-    found = []
+    found: dict[str, list[str]] = {}
     for name, curve in curves.items():
         for k in layers:
             best_peer = max((peers[(k, h)]["test_accuracy"] for h in HEADS if (k, h) in peers), default=None)
             ours = _curve_at(curve, k)
             if best_peer is not None and (ours is None or best_peer > ours):
-                shown = f"no threshold runs within {k} layers" if ours is None else f"{100 * ours:.2f}%"
-                found.append(f"{name} at k = {k} ({shown}; the peer {100 * best_peer:.2f}%)")
+                shown = "no threshold runs that few layers" if ours is None else f"{100 * ours:.2f}%"
+                found.setdefault(name, []).append(f"k = {k} ({shown}; the peer {100 * best_peer:.2f}%)")
     return found
 
 

@@ -42,7 +42,6 @@ import copy
 import csv
 import datetime
 import os
-import platform
 import sys
 import time
 import warnings
@@ -289,6 +288,7 @@ def write_csv(
     import transformers
 
     from earlyexit_kernels import __version__
+    from earlyexit_kernels.bench.results import cpu_name
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     comments, old_rows = kept
@@ -297,7 +297,7 @@ def write_csv(
             f.write(f"# {line}\n")
         f.write(f"# python -m earlyexit_kernels.bench.real_task_quality {' '.join(argv)}, {stamp}\n")
         f.write(
-            f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
+            f"# {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
             f"threads, torch {torch.__version__}, transformers {transformers.__version__}, earlyexit_kernels "
             f"{__version__}"
             + ("" if seconds is None else f", {seconds:.0f} s")

@@ -71,7 +71,8 @@ COLUMNS = [
 ]
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -97,7 +98,7 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{_cpu_name()} ({os.cpu_count()} cores)"
+        name = f"{cpu_name()} ({os.cpu_count()} cores)"
     return {
         "device": device.type,
         "device_name": name,

@@ -28,7 +28,6 @@ import copy
 import importlib.util
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from earlyexit_kernels.bench.results import cpu_name
 from earlyexit_kernels.patching.state import is_patched
 
 __all__ = ["Config", "measure", "peer_configs", "peer_status", "rows_of", "run", "torch_configs"]
@@ -312,14 +312,6 @@ def cpu_flags() -> dict[str, bool]:
     return {name: name in flags for name in ("avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni")}
 
 
-def _cpu_name() -> str:
-    try:
-        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("model name"))
-        return line.split(":", 1)[1].strip()
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def load_task(texts: int | None):
     """The fitted early-exit model, the unpatched fine-tuned model, the test batches and their labels."""
     from earlyexit_kernels.demo.real_demo import FIT_OPTIONS, fitted_folder
@@ -380,7 +372,7 @@ def run(args) -> int:
         "seconds": round(time.time() - start, 1),
         "load_avg_before": [round(v, 2) for v in load_before],
         "load_avg_after": [round(v, 2) for v in os.getloadavg()],
-        "device_name": _cpu_name(),
+        "device_name": cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_flags": cpu_flags(),
         "torch": torch.__version__,
