@@ -117,11 +117,20 @@ def test_the_real_task_benchmark_writes_its_csv_and_its_section(tiny_task, tmp_p
     )
     common = ["--joint-train-rows", "64", "--output", str(csv_path), "--readme", str(readme)]
     real_task_quality.main(["--runs", "pabee", *common])
-    real_task_quality.main(["--runs", "heads (mean, mlp)", *common, "--append"])  # one CSV from two invocations
+    real_task_quality.main(["--runs", "heads (mean, mlp)", "auto heads", *common, "--append"])  # one CSV, two calls
     comments, rows = real_task_quality._read_csv(str(csv_path))
-    assert [c.split(" --")[1] for c in comments if c.startswith("python")] == ["runs pabee", "runs heads (mean, mlp)"]
+    assert [c.split(" --")[1] for c in comments if c.startswith("python")] == [
+        "runs pabee",
+        "runs heads (mean, mlp) auto heads",
+    ]
     operating = [r for r in rows if r["kind"] == "operating"]
-    assert [(r["run"], int(r["train_rows"])) for r in operating] == [("pabee", 64), ("heads (mean, mlp)", 192)]
+    assert [(r["run"], int(r["train_rows"])) for r in operating] == [
+        ("pabee", 64),
+        ("heads (mean, mlp)", 192),
+        ("auto heads", 192),
+    ]
+    auto = operating[-1]
+    assert auto["pooling"] in ("auto: cls", "auto: mean") and auto["head"] in ("auto: model", "auto: mlp")
     for r in operating:
         statics = [row for row in rows if row["kind"] == "static" and row["run"] == r["run"]]
         assert [int(s["layer"]) for s in statics] == [1, 2, 3, 4]
@@ -135,7 +144,7 @@ def test_the_real_task_benchmark_writes_its_csv_and_its_section(tiny_task, tmp_p
     results.mkdir(parents=True)
     (results / "real_task_debates_cpu.csv").write_text(csv_path.read_text())
     side = real_task_quality.render_side_by_side(tmp_path / "checkout")
-    assert side.count("| MiniLM-L6 on the 2016 debates (three classes) |") == 2 and "of 4 |" in side
+    assert side.count("| MiniLM-L6 on the 2016 debates (three classes) |") == 3 and "of 4 |" in side
     assert "Rotten Tomatoes" not in side.split("|---|")[1]  # only the CSVs that exist
 
 

@@ -183,7 +183,7 @@ def run(args, save=None) -> list[dict]:
             )
         if auto:
             chosen_heads = head_config(model)
-            pooling, head = f"auto: {chosen_heads.pooling}", f"auto: {chosen_heads.form}"
+            pooling, head = f"auto: {chosen_heads.pooling}", f"auto: {chosen_heads.head}"
         fit_seconds = time.perf_counter() - t0
         calibration = fitted.calibration
         record = record_exits(model, test_batches)
