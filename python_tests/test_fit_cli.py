@@ -288,6 +288,23 @@ def test_length_sorted_batches_keep_each_row_s_tokens(classifier):
             assert ids[mask.bool()].tolist() == encoded.input_ids[row]
 
 
+def test_batches_carry_token_types_only_where_the_tokenizer_gives_them():
+    """A family without token types (DistilBERT, ModernBERT, MPNet) refuses even zeros: none are made up."""
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    from earlyexit_kernels.training.labelled_texts import Encoded
+
+    encoded = Encoded([[0, 7, 9, 2], [0, 8, 2]], None, 0, 12, 1)
+    batches = length_sorted_batches(encoded, torch.tensor([0, 1]), batch_size=2)
+    assert "token_type_ids" not in batches[0] and batches[0]["input_ids"].tolist() == [[0, 7, 9, 2], [0, 8, 2, 1]]
+    config = MPNetConfig(
+        vocab_size=20, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    )
+    model = MPNetForSequenceClassification._from_config(config).eval()
+    result = eek.training.fit_exit_heads(model, batches * 2, batches, max_drop=50.0, progress=False)
+    assert result.calibration.num_layers == 2
+
+
 def test_fit_as_a_command(classifier, tmp_path, capsys):
     train = _write(_frame(80, seed=10), tmp_path / "train.csv")
     out = tmp_path / "fitted"

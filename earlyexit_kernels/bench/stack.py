@@ -95,7 +95,7 @@ def _torch_config(name: str, base: str, model) -> Config:
     early = is_patched(getattr(model, "_orig_mod", model)) or "early exit" in name  # _orig_mod: torch.compile's
 
     def run(batch):
-        out = model(**{name: batch[name] for name in INPUTS})
+        out = model(**{name: batch[name] for name in INPUTS if name in batch})
         layers = getattr(out, "layers_run", None)
         return out.logits.float(), layers
 
@@ -125,7 +125,7 @@ def torch_configs(patched, full, *, compile_models: bool = True) -> list[Config]
 
 def _export_onnx(full, batch: dict, folder: Path) -> Path:
     path = folder / "model.onnx"
-    names = list(INPUTS)
+    names = [name for name in INPUTS if name in batch]
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
     axes["logits"] = {0: "batch"}
     inputs = tuple(batch[name][:2] for name in names)
@@ -141,7 +141,7 @@ def _export_onnx(full, batch: dict, folder: Path) -> Path:
 
 
 def _numpy_inputs(batch: dict) -> dict:
-    return {name: batch[name].numpy() for name in INPUTS}
+    return {name: batch[name].numpy() for name in INPUTS if name in batch}
 
 
 def peer_configs(full, sample: dict, folder: Path, threads: int) -> tuple[list[Config], dict[str, str]]:

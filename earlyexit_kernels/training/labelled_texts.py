@@ -146,18 +146,21 @@ def encode(tokenizer, data: LabelledTexts, max_length: int) -> Encoded:
 
 
 def _batch(encoded: Encoded, rows: list[int], labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """A right-padded batch of ``rows``: input_ids, attention_mask, token_type_ids, rows [n], labels."""
+    """A right-padded batch of ``rows``: input_ids, attention_mask, token_type_ids (where the tokenizer
+    gives them: a family without token types refuses even zeros), rows [n], labels."""
     width = max(len(encoded.input_ids[i]) for i in rows)
     ids = torch.full((len(rows), width), encoded.pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
-    types = torch.zeros(len(rows), width, dtype=torch.long)
+    types = None if encoded.token_type_ids is None else torch.zeros(len(rows), width, dtype=torch.long)
     for r, i in enumerate(rows):
         n = len(encoded.input_ids[i])
         ids[r, :n] = torch.tensor(encoded.input_ids[i])
         mask[r, :n] = 1
-        if encoded.token_type_ids is not None:
+        if types is not None:
             types[r, :n] = torch.tensor(encoded.token_type_ids[i])
-    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "rows": torch.tensor(rows)}
+    batch = {"input_ids": ids, "attention_mask": mask, "rows": torch.tensor(rows)}
+    if types is not None:
+        batch["token_type_ids"] = types
     if labels is not None:
         batch["labels"] = labels[rows]
     return batch
@@ -168,7 +171,8 @@ def length_sorted_batches(
 ) -> list[dict[str, torch.Tensor]]:
     """Batches of ``batch_size`` rows sorted by token count (longest first), each padded to its longest.
 
-    Each batch has ``input_ids``, ``attention_mask``, ``token_type_ids`` [n, S], ``rows`` [n] (the
+    Each batch has ``input_ids``, ``attention_mask``, ``token_type_ids`` (where the tokenizer gives
+    them) [n, S], ``rows`` [n] (the
     rows' positions in the data) and, with ``labels`` [N], ``labels`` [n].
     """
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded.input_ids[i]), i))
