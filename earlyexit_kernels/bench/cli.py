@@ -99,6 +99,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--stack-texts", type=int, help="--stack: the first N test texts (default: all 2,500)")
     parser.add_argument("--stack-no-compile", action="store_true", help="--stack: leave out the compile rows")
+    parser.add_argument(
+        "--stack-folder",
+        type=Path,
+        help="--stack: a patched model folder with its tokenizer (e.g. written by eek fit) instead of make demo's",
+    )
     args = parser.parse_args(argv)
     args.argv = argv
     device = torch.device(args.device)

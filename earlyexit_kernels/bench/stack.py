@@ -312,8 +312,11 @@ def cpu_flags() -> dict[str, bool]:
     return {name: name in flags for name in ("avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni")}
 
 
-def load_task(texts: int | None):
-    """The fitted early-exit model, the unpatched fine-tuned model, the test batches and their labels."""
+def load_task(texts: int | None, folder: Path | None = None):
+    """The fitted early-exit model, the unpatched fine-tuned model, the test batches and their labels.
+
+    ``folder``: a patched model folder with its tokenizer (e.g. written by ``eek fit``); default: the one
+    ``make demo`` fits on MiniLM-L6."""
     from earlyexit_kernels.demo.real_demo import FIT_OPTIONS, fitted_folder
     from earlyexit_kernels.demo.real_task import FineTuneRecipe, fine_tuned_minilm, load_rotten_tomatoes
     from earlyexit_kernels.patching.loading import from_pretrained
@@ -321,12 +324,19 @@ def load_task(texts: int | None):
     from earlyexit_kernels.training.labelled_texts import LabelledTexts, encode, length_sorted_batches
 
     splits = load_rotten_tomatoes()
-    _, tokenizer, info = fine_tuned_minilm(FineTuneRecipe(), progress=False)
-    folder = fitted_folder(info["path"], dict(FIT_OPTIONS))
-    if not (folder / "eek_fit.json").is_file():
-        raise SystemExit(
-            f"the stack benchmark runs the exit heads `make demo` fits; none in {folder}: run `make demo` first"
-        )
+    if folder is None:
+        _, tokenizer, info = fine_tuned_minilm(FineTuneRecipe(), progress=False)
+        folder = fitted_folder(info["path"], dict(FIT_OPTIONS))
+        if not (folder / "eek_fit.json").is_file():
+            raise SystemExit(
+                f"the stack benchmark runs the exit heads `make demo` fits; none in {folder}: run `make demo` first"
+            )
+    else:
+        from transformers import AutoTokenizer
+
+        if not (Path(folder) / "config.json").is_file():
+            raise SystemExit(f"--stack-folder {folder} holds no model (config.json): give a folder eek fit wrote")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     patched = from_pretrained(str(folder)).eval()
     full = unpatch(copy.deepcopy(patched))
     test = splits["test"]
@@ -344,7 +354,7 @@ def run(args) -> int:
     threads = args.threads or 2
     torch.set_num_threads(threads)
     start, load_before = time.time(), os.getloadavg()
-    patched, full, batches, labels, folder = load_task(args.stack_texts)
+    patched, full, batches, labels, folder = load_task(args.stack_texts, getattr(args, "stack_folder", None))
     configs = torch_configs(patched, full, compile_models=not args.stack_no_compile)
     with tempfile.TemporaryDirectory() as scratch:
         try:
@@ -363,7 +373,11 @@ def run(args) -> int:
             handle.write(",".join(str(row[f]) for f in FIELDS) + "\n")
     meta = {
         "command": "python -m earlyexit_kernels.bench " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
-        "model": "all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes (demo.real_task), exit heads of make demo",
+        "model": (
+            "all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes (demo.real_task), exit heads of make demo"
+            if getattr(args, "stack_folder", None) is None
+            else f"{full.config.model_type}, {full.config.num_hidden_layers} layers, from {args.stack_folder}"
+        ),
         "fitted_folder": Path(folder).name,
         "policy": policy_of(patched).to_code(4),
         "batches": f"{len(batches)} length-sorted batches of {BATCH}",
