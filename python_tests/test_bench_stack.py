@@ -89,6 +89,11 @@ def test_ratios_are_paired_within_a_repetition_and_the_report_states_the_targets
     stack_report.update_readme(readme, folder / "stack.csv")
     stack_report.update_readme(readme, folder / "stack.csv")
     assert readme.read_text().count(stack_report.START) == 1
+    stack_report.update_readme(readme, folder / "stack.csv", "mpnet")  # another model's section beside it
+    stack_report.update_readme(readme, folder / "stack.csv", "mpnet")
+    text = readme.read_text()
+    assert text.count(stack_report.START) == 1 and text.count("<!-- stack-mpnet:start -->") == 1
+    assert text.index(stack_report.END) < text.index("## Early exit with int8, bf16 and torch.compile: mpnet")
 
 
 def test_peers_give_the_model_logits(tmp_path):

@@ -114,12 +114,17 @@ def render(csv_path: str | Path, relative_to: Path | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
-def update_readme(readme: str | Path, csv_path: str | Path = STACK_CSV) -> None:
-    """Rewrite the stack section of ``readme`` (appended under its own heading when the markers are missing)."""
+def update_readme(readme: str | Path, csv_path: str | Path = STACK_CSV, name: str = "") -> None:
+    """Rewrite the stack section of ``readme`` (appended under its own heading when the markers are missing).
+
+    ``name``: another model's section (markers ``<!-- stack-NAME:start -->``), e.g. ``"mpnet"``."""
     readme = Path(readme)
+    start, end = (START, END) if not name else (f"<!-- stack-{name}:start -->", f"<!-- stack-{name}:end -->")
     section = render(csv_path, readme.parent)
-    heading = "Early exit with int8, bf16 and torch.compile"
-    readme.write_text(replace_section(readme.read_text(), START, END, section, heading))
+    if name:
+        section = section.replace(START, start).replace(END, end)
+    heading = "Early exit with int8, bf16 and torch.compile" + (f": {name}" if name else "")
+    readme.write_text(replace_section(readme.read_text(), start, end, section, heading))
 
 
 def main(argv=None) -> int:
@@ -128,9 +133,10 @@ def main(argv=None) -> int:
     )
     parser.add_argument("csv", nargs="?", default=STACK_CSV)
     parser.add_argument("--readme", type=Path, help="replace the stack section of this file")
+    parser.add_argument("--name", default="", help="another model's section (markers stack-NAME), e.g. mpnet")
     args = parser.parse_args(argv)
     if args.readme:
-        update_readme(args.readme, args.csv)
+        update_readme(args.readme, args.csv, args.name)
         print(f"updated the stack section of {args.readme}")
     else:
         print(render(args.csv), end="")
