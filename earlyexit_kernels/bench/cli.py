@@ -100,6 +100,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stack-texts", type=int, help="--stack: the first N test texts (default: all 2,500)")
     parser.add_argument("--stack-no-compile", action="store_true", help="--stack: leave out the compile rows")
     parser.add_argument(
+        "--stack-no-bf16",
+        action="store_true",
+        help="--stack: leave out the bf16 rows (without bf16 instructions they run several times slower than fp32)",
+    )
+    parser.add_argument(
         "--stack-folder",
         type=Path,
         help="--stack: a patched model folder with its tokenizer (e.g. written by eek fit) instead of make demo's",

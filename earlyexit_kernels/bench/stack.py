@@ -102,7 +102,7 @@ def _torch_config(name: str, base: str, model) -> Config:
     return Config(name, base, early, run)
 
 
-def torch_configs(patched, full, *, compile_models: bool = True) -> list[Config]:
+def torch_configs(patched, full, *, compile_models: bool = True, bf16: bool = True) -> list[Config]:
     """fp32, int8, bf16 and compile, each without and with early exit (``patched``: the fitted model)."""
     int8 = {nn.Linear}
     configs = [
@@ -112,9 +112,12 @@ def torch_configs(patched, full, *, compile_models: bool = True) -> list[Config]
         _torch_config(
             "int8 + early exit", "int8", torch.ao.quantization.quantize_dynamic(patched, int8, dtype=torch.qint8)
         ),
-        _torch_config("bf16", "bf16", copy.deepcopy(full).to(torch.bfloat16)),
-        _torch_config("bf16 + early exit", "bf16", copy.deepcopy(patched).to(torch.bfloat16)),
     ]
+    if bf16:
+        configs += [
+            _torch_config("bf16", "bf16", copy.deepcopy(full).to(torch.bfloat16)),
+            _torch_config("bf16 + early exit", "bf16", copy.deepcopy(patched).to(torch.bfloat16)),
+        ]
     if compile_models:
         configs += [
             _torch_config("compile", "compile", torch.compile(copy.deepcopy(full), dynamic=True)),
@@ -355,7 +358,9 @@ def run(args) -> int:
     torch.set_num_threads(threads)
     start, load_before = time.time(), os.getloadavg()
     patched, full, batches, labels, folder = load_task(args.stack_texts, getattr(args, "stack_folder", None))
-    configs = torch_configs(patched, full, compile_models=not args.stack_no_compile)
+    configs = torch_configs(
+        patched, full, compile_models=not args.stack_no_compile, bf16=not getattr(args, "stack_no_bf16", False)
+    )
     with tempfile.TemporaryDirectory() as scratch:
         try:
             peers, notes = peer_configs(full, batches[0], Path(scratch), threads)
