@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import VOCAB, tiny_batch, tiny_model
-from transformers import BertConfig, BertModel, MPNetConfig, MPNetForSequenceClassification
+from transformers import BertConfig, BertModel, SqueezeBertConfig, SqueezeBertForSequenceClassification
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.patching.patch import current_adapter
@@ -239,9 +239,18 @@ def test_heads_are_parameters_of_the_model():
 
 
 def test_unsupported_model_raises_type_error_naming_the_supported_classes():
-    config = MPNetConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
-    with pytest.raises(TypeError, match="BertForSequenceClassification.*DistilBertForSequenceClassification"):
-        eek.patch(MPNetForSequenceClassification(config), eek.Entropy(0.5))
+    groups = dict.fromkeys(("q", "k", "v", "post_attention", "intermediate", "output"), 1)
+    config = SqueezeBertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        embedding_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        **{f"{name}_groups": value for name, value in groups.items()},
+    )
+    with pytest.raises(TypeError, match="BertForSequenceClassification.*MPNetForSequenceClassification"):
+        eek.patch(SqueezeBertForSequenceClassification(config), eek.Entropy(0.5))
     config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
     with pytest.raises(TypeError, match="RobertaForSequenceClassification"):
         eek.patch(BertModel(config), eek.Entropy(0.5))

@@ -4,7 +4,7 @@ import zipfile
 
 import pytest
 
-from earlyexit_kernels.bench import mpnet_material
+from earlyexit_kernels.demo import mpnet_material
 
 
 @pytest.fixture

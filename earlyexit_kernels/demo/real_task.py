@@ -13,7 +13,7 @@ the package, and nothing here downloads anything:
 fixed seed: test 2,500, validation 1,500, the rest (8,808) train. :func:`fine_tuned_minilm`
 fine-tunes MiniLM as a plain two-class classifier (one epoch) once and caches it; later
 calls load the cache. :func:`fine_tuned_model` does the same for the 12-layer all-mpnet-base-v2
-(``backbone="mpnet"``; :mod:`earlyexit_kernels.bench.mpnet_material` assembles it from its wheels).
+(``backbone="mpnet"``; :mod:`earlyexit_kernels.demo.mpnet_material` assembles it from its wheels).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from earlyexit_kernels.demo.cache import cache_root
 
 __all__ = [
     "LABELS",
@@ -203,28 +205,14 @@ class FineTuneRecipe:
 TASK_RECIPES = {"rotten_tomatoes": FineTuneRecipe(), "debates": FineTuneRecipe(epochs=5)}
 
 
-def cache_root() -> Path:
-    """Where the fine-tuned model is cached: ``$EEK_CACHE_DIR``, else ``.cache/`` of this checkout.
-
-    A checkout keeps its own cache (two checkouts never share one); an installed, non-editable
-    package caches under ``~/.cache/earlyexit_kernels``.
-    """
-    if os.environ.get("EEK_CACHE_DIR"):
-        return Path(os.environ["EEK_CACHE_DIR"])
-    checkout = Path(__file__).resolve().parents[2]
-    if (checkout / "setup.py").is_file() and (checkout / "earlyexit_kernels").is_dir():
-        return checkout / ".cache"
-    return Path.home() / ".cache" / "earlyexit_kernels"
-
-
 def backbone_path(backbone: str = "minilm") -> Path:
     """The pre-trained model folder of ``backbone``: ``"minilm"`` (all-MiniLM-L6-v2, 6 layers, hidden 384)
     or ``"mpnet"`` (all-mpnet-base-v2, 12 layers, hidden 768, assembled by
-    :func:`earlyexit_kernels.bench.mpnet_material.mpnet_path`, which installs its wheels when missing)."""
+    :func:`earlyexit_kernels.demo.mpnet_material.mpnet_path`, which installs its wheels when missing)."""
     if backbone == "minilm":
         return minilm_path()
     if backbone == "mpnet":
-        from earlyexit_kernels.bench.mpnet_material import mpnet_path
+        from earlyexit_kernels.demo.mpnet_material import mpnet_path
 
         return mpnet_path()
     raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}; got {backbone!r}")

