@@ -3,7 +3,8 @@
 - :func:`multi_label_folder`: a patched BERT with ``problem_type="multi_label_classification"``
   (4 labels, ``MultiLabelConfidence``, exits spread over its layers) and its tokenizer;
 - :func:`cross_encoder_folder`: a patched one-output BERT cross-encoder (``ScoreBand(low)``,
-  exits spread) and its tokenizer.
+  exits spread) and its tokenizer;
+- :func:`mpnet_folder`: a patched three-class MPNet (``Entropy``, exits spread) and its tokenizer.
 
 Random weights; the exit heads are perturbed and the thresholds put midway between two
 of layer 1's values around their median on ``word_texts``, so that exits spread.
@@ -86,6 +87,43 @@ def cross_encoder_folder(path) -> str:
             out = model(**tokenizer(query or "w1", text or "w2", return_tensors="pt"), return_all_exits=True)
             scores.append(float(out.all_logits[0, 0, 0]))
     eek.patch(model, eek.ScoreBand(low=_median_gap(scores)))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def mpnet_folder(path) -> str:
+    from transformers import MPNetConfig, MPNetForSequenceClassification, MPNetTokenizerFast
+
+    from earlyexit_kernels.methods.exit_rules import entropy
+
+    special = ["<s>", "<pad>", "</s>", "[UNK]", "<mask>"]
+    (path / "vocab.txt").write_text("\n".join([*special, *WORDS]) + "\n")
+    tokenizer = MPNetTokenizerFast(vocab=str(path / "vocab.txt"))
+    torch.manual_seed(0)
+    labels = {0: "neg", 1: "neutral", 2: "pos"}
+    config = MPNetConfig(
+        vocab_size=len(special) + len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=72,
+        num_labels=3,
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = MPNetForSequenceClassification._from_config(config).eval()
+    eek.patch(model, eek.Entropy(0.0))
+    with torch.no_grad():
+        for head in model.early_exit_heads.classifiers:
+            head.weight.add_(torch.randn_like(head.weight) * 3)
+        entropies = [
+            float(entropy(model(**tokenizer(t, return_tensors="pt"), return_all_exits=True).all_logits[0].float()))
+            for t in word_texts(200, seed=1)
+        ]
+    eek.patch(model, eek.Entropy(_median_gap(entropies)))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
