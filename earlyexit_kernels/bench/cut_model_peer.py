@@ -64,13 +64,14 @@ class MeanPooledClassifier(nn.Module):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
         from types import SimpleNamespace
 
+        from earlyexit_kernels.models.base import masked_mean
+
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = self.encoder(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
         ).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        pooled = masked_mean(hidden, attention_mask)
         logits = self.classifier(self.dropout(pooled))
         loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
         return SimpleNamespace(logits=logits, loss=loss)
@@ -144,19 +145,21 @@ def _environment(argv: list[str], seconds: float) -> str:
     )
 
 
-def _curves(csv_path: str) -> tuple[dict[str, list[dict]], dict[int, float], float | None]:
-    """Early exit's test curves per run, the static cut of the first run and the full model's accuracy."""
-    from earlyexit_kernels.bench.real_task_quality import RUNS, _read_csv
+def _curves(csv_path: str) -> tuple[dict[str, list[dict]], dict[int, float], tuple[float | None, int]]:
+    """Early exit's test curves per run, the static cut of the first run, the full model's accuracy and depth."""
+    from earlyexit_kernels.bench.real_task_quality import _read_csv, depth_of, operating_rows
 
     _, rows = _read_csv(csv_path)
-    order = {name: i for i, name in enumerate(RUNS)}
-    runs = sorted({r["run"] for r in rows if r["kind"] == "operating"}, key=lambda n: order.get(n, len(order)))
-    curves = {name: [r for r in rows if r["kind"] == "curve" and r["run"] == name] for name in runs}
-    first = runs[0] if runs else None
-    static = {int(r["layer"]): float(r["accuracy"]) for r in rows if r["kind"] == "static" and r["run"] == first}
-    full = next((float(r["full_accuracy"]) for r in rows if r["kind"] == "operating" and r["run"] == first), None)
-    depth = max(static, default=None)
-    return curves, static, (full, depth)
+    operating = operating_rows(rows)
+    curves = {r["run"]: [c for c in rows if c["kind"] == "curve" and c["run"] == r["run"]] for r in operating}
+    first = operating[0] if operating else None
+    static = {
+        int(r["layer"]): float(r["accuracy"])
+        for r in rows
+        if first is not None and r["kind"] == "static" and r["run"] == first["run"]
+    }
+    full = float(first["full_accuracy"]) if first is not None else None
+    return curves, static, (full, depth_of(rows))
 
 
 def render_markdown(json_path: str, csv_path: str = REAL_TASK_CSV) -> str:

@@ -51,7 +51,7 @@ import torch
 
 from earlyexit_kernels.bench.markdown_sections import replace_section
 
-__all__ = ["RUNS", "DEFAULT_CSV", "run", "render_markdown", "update_readme", "main"]
+__all__ = ["RUNS", "DEFAULT_CSV", "run", "render_markdown", "update_readme", "operating_rows", "depth_of", "main"]
 
 #: name -> (method recipe, pooling, head form)
 RUNS = {
@@ -329,12 +329,8 @@ def _curve_at(points: list[dict], layers: float) -> float | None:
 def render_markdown(csv_path: str) -> str:
     """The real-task section of ``docs/benchmarks.md``, generated from the CSV."""
     comments, rows = _read_csv(csv_path)
-    order = list(RUNS)
-    operating = sorted(
-        (r for r in rows if r["kind"] == "operating"),
-        key=lambda r: order.index(r["run"]) if r["run"] in order else len(order),
-    )
-    depth = _depth(operating)
+    operating = operating_rows(rows)
+    depth = depth_of(rows)
     points = (depth // 3, depth // 2, 2 * depth // 3)
     lines = [f"Generated from `{csv_path}` by `python -m earlyexit_kernels.bench.real_task_quality`, run as:", ""]
     lines += ["```", *comments, "```", ""]
@@ -383,13 +379,18 @@ def render_markdown(csv_path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _depth(operating: list[dict]) -> int:
-    """The model's number of layers, from a calibrated point's mean layers and the share it saved."""
-    for r in operating:
-        saved = float(r["saved_fraction"])
-        if saved < 1:
-            return round(float(r["mean_layers"]) / (1 - saved))
-    return 6
+def operating_rows(rows: list[dict]) -> list[dict]:
+    """The calibrated point of every run in a CSV's ``rows``, in the order of :data:`RUNS`."""
+    order = list(RUNS)
+    return sorted(
+        (r for r in rows if r["kind"] == "operating"),
+        key=lambda r: order.index(r["run"]) if r["run"] in order else len(order),
+    )
+
+
+def depth_of(rows: list[dict]) -> int:
+    """The model's number of layers: the deepest static cut of a CSV's ``rows`` (every run has one per layer)."""
+    return max((int(r["layer"]) for r in rows if r["kind"] == "static"), default=0)
 
 
 def update_readme(readme: str, csv_path: str, backbone: str = "minilm", task: str = "rotten_tomatoes") -> None:
@@ -426,13 +427,8 @@ def render_side_by_side(readme_dir: str | Path = ".") -> str:
             if not (Path(readme_dir) / csv_path).is_file():
                 continue
             _, rows = _read_csv(str(Path(readme_dir) / csv_path))
-            order = list(RUNS)
-            operating = sorted(
-                (r for r in rows if r["kind"] == "operating"),
-                key=lambda r: order.index(r["run"]) if r["run"] in order else len(order),
-            )
-            depth = _depth(operating)
-            for r in operating:
+            depth = depth_of(rows)
+            for r in operating_rows(rows):
                 drop = 100 * (float(r["full_accuracy"]) - float(r["accuracy"]))
                 lines.append(
                     f"| {title} | {_pct(r['full_accuracy'])} | {r['run']} | {_pct(r['accuracy'])} ({drop:+.2f}) | "
