@@ -132,7 +132,7 @@ def _encoded(tokenizer, split):
 
 def run(args, save=None) -> list[dict]:
     """Fit, calibrate and measure every run of ``args.runs``; ``save(rows)`` after each run."""
-    from earlyexit_kernels.demo.real_task import TASK_RECIPES, fine_tuned_model, load_task
+    from earlyexit_kernels.demo.real_task import fine_tuned_model, load_task
     from earlyexit_kernels.integrations.evaluation import evaluate
     from earlyexit_kernels.patching.patch import head_config, patch, unpatch
     from earlyexit_kernels.training.calibration import (
@@ -153,9 +153,7 @@ def run(args, save=None) -> list[dict]:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     splits = load_task(args.task)
-    base, tokenizer, info = fine_tuned_model(
-        args.backbone, TASK_RECIPES[args.task], cache_dir=args.cache_dir, progress=False, task=args.task
-    )
+    base, tokenizer, info = fine_tuned_model(args.backbone, cache_dir=args.cache_dir, progress=False, task=args.task)
     how = "loaded" if info["cached"] else f"trained in {info['seconds']:.0f} s"
     print(f"fine-tuned {args.backbone}: {how} ({info['path']})", flush=True)
     train, train_labels = _encoded(tokenizer, splits["train"])

@@ -156,26 +156,34 @@ def load_debates(seed: int = 0) -> dict[str, Split]:
     return _split(texts, labels, DEBATE_SPLIT_SIZES, seed)
 
 
+@dataclass(frozen=True)
+class _Task:
+    labels: tuple[str, ...]
+    data: str  # the data file's name: part of the fine-tuned model's cache key
+    short: str  # the cache folder's infix
+    load: object  # seed -> splits
+
+
+_TASKS = {
+    "rotten_tomatoes": _Task(LABELS, DATA_NAME, "rt", load_rotten_tomatoes),
+    "debates": _Task(DEBATE_LABELS, DEBATES_NAME, "debates", load_debates),
+}
+
+
+def _task(task: str) -> _Task:
+    if task not in _TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
+    return _TASKS[task]
+
+
 def task_labels(task: str) -> tuple[str, ...]:
     """The class names of ``task`` (:data:`TASKS`), in label-id order."""
-    return _task(task)[0]
+    return _task(task).labels
 
 
 def load_task(task: str, seed: int = 0) -> dict[str, Split]:
     """The splits of ``task`` (:data:`TASKS`): :func:`load_rotten_tomatoes` or :func:`load_debates`."""
-    loader = load_rotten_tomatoes if task == "rotten_tomatoes" else load_debates
-    _task(task)
-    return loader(seed)
-
-
-def _task(task: str):
-    tasks = {
-        "rotten_tomatoes": (LABELS, DATA_NAME, "rt"),
-        "debates": (DEBATE_LABELS, DEBATES_NAME, "debates"),
-    }
-    if task not in tasks:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
-    return tasks[task]
+    return _task(task).load(seed)
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int = 128) -> dict[str, torch.Tensor]:
@@ -228,27 +236,28 @@ def fine_tuned_minilm(
 
 def fine_tuned_model(
     backbone: str = "minilm",
-    recipe: FineTuneRecipe = FineTuneRecipe(),
+    recipe: FineTuneRecipe | None = None,
     cache_dir: str | os.PathLike | None = None,
     *,
     progress: bool = True,
     task: str = "rotten_tomatoes",
 ):
     """``(model, tokenizer, info)``: ``backbone`` (:data:`BACKBONES`) fine-tuned on ``task``'s train split
-    (:data:`TASKS`) as a plain classifier.
+    (:data:`TASKS`) as a plain classifier, with ``recipe`` (None: the task's, :data:`TASK_RECIPES`).
 
     The model is the family's ``*ForSequenceClassification`` in eval mode, unpatched. The first
     call fine-tunes (AdamW, linear warm-up then decay) and writes the model under
-    ``cache_dir / "<backbone>-rt-<recipe key>"``: into a temporary folder first, renamed into place
+    ``cache_dir / "<backbone>-<task: rt or debates>-<recipe key>"``: into a temporary folder first, renamed into place
     when complete, so an interrupted run never leaves a half-written cache. ``info`` says whether
     it was loaded and how long fine-tuning took (``{"cached": bool, "seconds": float, "path": str}``).
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    _, data, short = _task(task)
+    spec = _task(task)
+    recipe = TASK_RECIPES[task] if recipe is None else recipe
     source = backbone_path(backbone)
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    target = root / f"{backbone}-{short}-{recipe.key(source, data)}"
+    target = root / f"{backbone}-{spec.short}-{recipe.key(source, spec.data)}"
     tokenizer = AutoTokenizer.from_pretrained(source)
     if (target / "config.json").is_file():
         model = AutoModelForSequenceClassification.from_pretrained(target).eval()
