@@ -307,12 +307,9 @@ def train_exit_heads(
         raise ValueError(f"lr must be a number >= 0 (None: the default of the trains mode); got {lr!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
-    if halting_lr is not None and not (
-        isinstance(halting_lr, (int, float)) and math.isfinite(halting_lr) and halting_lr > 0
-    ):
-        raise ValueError(f"halting_lr must be a positive number or None (the same as lr); got {halting_lr!r}")
-    if heads_lr is not None and not (isinstance(heads_lr, (int, float)) and math.isfinite(heads_lr) and heads_lr > 0):
-        raise ValueError(f"heads_lr must be a positive number or None (the same as lr); got {heads_lr!r}")
+    for name, rate in (("halting_lr", halting_lr), ("heads_lr", heads_lr)):
+        if rate is not None and not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
+            raise ValueError(f"{name} must be a positive number or None (the same as lr); got {rate!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
     if early_stopping is not None and early_stopping < 1:
