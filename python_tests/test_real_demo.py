@@ -140,6 +140,7 @@ def test_the_real_task_benchmark_writes_its_csv_and_its_section(tiny_task, tmp_p
     text = readme.read_text()
     assert text.startswith("# Benchmarks\n\nbefore\n\n") and text.endswith("\n\nafter\n") and "STALE" not in text
     assert 0 < text.index("| heads (mean, mlp) | `") < text.index("| pabee | `")  # in the order of RUNS
+    assert "| within 1 point of its own | of the starting model |" in text
     results = tmp_path / "checkout" / "benchmarks" / "results"
     results.mkdir(parents=True)
     (results / "real_task_debates_cpu.csv").write_text(csv_path.read_text())

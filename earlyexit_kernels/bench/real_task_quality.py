@@ -324,11 +324,20 @@ def _curve_at(points: list[dict], layers: float) -> float | None:
     return max(within) if within else None
 
 
+def _layers_within(points: list[dict], reference: float | None, points_allowed: float = 0.01) -> float | None:
+    """The fewest mean layers of the curve at no more than ``points_allowed`` below ``reference`` (None: none)."""
+    if reference is None:
+        return None
+    within = [float(p["mean_layers"]) for p in points if float(p["accuracy"]) >= reference - points_allowed - 1e-12]
+    return min(within) if within else None
+
+
 def render_markdown(csv_path: str) -> str:
     """The real-task section of ``docs/benchmarks.md``, generated from the CSV."""
     comments, rows = _read_csv(csv_path)
     operating = operating_rows(rows)
     depth = depth_of(rows)
+    start = next((float(r["full_accuracy"]) for r in operating if r["method"] in ("heads", "fastbert")), None)
     points = (depth // 3, depth // 2, 2 * depth // 3)
     lines = [f"Generated from `{csv_path}` by `python -m earlyexit_kernels.bench.real_task_quality`, run as:", ""]
     lines += ["```", *comments, "```", ""]
@@ -350,10 +359,15 @@ def render_markdown(csv_path: str) -> str:
     lines += [
         "",
         f"The curve on the test split: the best accuracy any threshold reaches within {points[0]}, {points[1]} and "
-        f"{points[2]} mean layers, against the static cut at that layer.",
+        f"{points[2]} mean layers, against the static cut at that layer; and the fewest mean layers any threshold "
+        f"needs to stay within 1 point of the run's own full model, and of the fine-tuned model it started from "
+        f"(the full model of the head-only runs, whose backbone does not change"
+        + (f": {_pct(start)})." if start is not None else ")."),
         "",
-        "| run | " + " | ".join(f"<= {k} layers | static {k}" for k in points) + " |",
-        "|---|---|---|---|---|---|---|",
+        "| run | "
+        + " | ".join(f"<= {k} layers | static {k}" for k in points)
+        + " | within 1 point of its own | of the starting model |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in operating:
         curve = [p for p in rows if p["kind"] == "curve" and p["run"] == r["run"]]
@@ -361,6 +375,9 @@ def render_markdown(csv_path: str) -> str:
         cells = []
         for k in points:
             cells += [_pct(_curve_at(curve, k)), _pct(static.get(k))]
+        for reference in (float(r["full_accuracy"]), start):
+            layers = _layers_within(curve, reference)
+            cells.append("–" if layers is None else f"{layers:.2f}")
         lines.append(f"| {r['run']} | " + " | ".join(cells) + " |")
     why = [r for r in operating if r["why"]]
     if why:
