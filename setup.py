@@ -115,6 +115,7 @@ def _extensions():
         f"{csrc}/bindings.cpp",
         f"{csrc}/cpu/exit_step_cpu.cpp",
         f"{csrc}/cpu/pooler_head_cpu.cpp",
+        f"{csrc}/cpu/pooled_head_step_cpu.cpp",
         f"{csrc}/cpu/compact_cpu.cpp",
         f"{csrc}/cpu/token_pool_cpu.cpp",
         f"{csrc}/cpu/bert_layer_cpu.cpp",

@@ -42,6 +42,20 @@ TORCH_LIBRARY_FRAGMENT(earlyexit, m) {
       " Tensor(a!)? out_logits=None, Tensor(b!)? out_exit_layer=None, Tensor(c!)? out_layers_run=None)"
       " -> (Tensor exits, Tensor returned, Tensor logits, Tensor pooled, Tensor state0, Tensor state1,"
       " Tensor survivors, Tensor count)");
+  // The whole per-layer step of an exit head on the CPU in float32: each row of hidden [n, S, H]
+  // pooled (pooling 0: its [CLS] token; 1: the mean of its tokens where mask [n, S] is nonzero,
+  // all of them without a mask), then LayerNorm where norm_weight/norm_bias [H] are given, the
+  // first Linear (dense_weight_t [H, M], its weight transposed; dense_bias [M]), the activation
+  // (0: tanh, the model's pooler; 1: GELU, an MLP head), the last Linear (out_weight [C, M],
+  // out_bias [C]) and the rule, as cpp_head_exit_step. `pooled` is the pooled row [n, H].
+  m.def(
+      "cpp_pooled_head_exit_step(Tensor hidden, Tensor? mask, int pooling, Tensor? norm_weight, Tensor? norm_bias,"
+      " float norm_eps, Tensor dense_weight_t, Tensor dense_bias, int activation, Tensor out_weight, Tensor out_bias,"
+      " Tensor? halting, Tensor[] state, int kind, int flags, int layer, int num_layers,"
+      " int int_param, float scalar, Tensor per_layer, Tensor? rows=None, Tensor? runs=None,"
+      " Tensor(a!)? out_logits=None, Tensor(b!)? out_exit_layer=None, Tensor(c!)? out_layers_run=None)"
+      " -> (Tensor exits, Tensor returned, Tensor logits, Tensor pooled, Tensor state0, Tensor state1,"
+      " Tensor survivors, Tensor count)");
   // Gather rows `index` of hidden [n, S, H] and mask [n, S], keep the first seq_len positions.
   // The second output is an empty tensor when mask is None.
   m.def("cpp_compact(Tensor hidden, Tensor? mask, Tensor index, int seq_len) -> (Tensor hidden, Tensor mask)");
@@ -69,6 +83,7 @@ TORCH_LIBRARY_IMPL(earlyexit, CPU, m) {
   m.impl("cpp_exit_step", &eek::exit_step_cpu);
   m.impl("cpp_head_exit_step", &eek::head_exit_step_cpu);
   m.impl("cpp_packed_head_exit_step", &eek::packed_head_exit_step_cpu);
+  m.impl("cpp_pooled_head_exit_step", &eek::pooled_head_exit_step_cpu);
   m.impl("cpp_compact", &eek::compact_cpu);
   m.impl("cpp_pool_gather", &eek::pool_gather_cpu);
   m.impl("cpp_pool_scatter", &eek::pool_scatter_cpu);

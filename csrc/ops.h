@@ -30,6 +30,14 @@ HeadExitResult head_exit_step_cpu(const at::Tensor& cls_hidden, const at::Tensor
 HeadExitResult packed_head_exit_step_cpu(const at::Tensor& cls_hidden, const at::Tensor& pooler_weight_t,
                                          const at::Tensor& pooler_bias, const at::Tensor& head_weight,
                                          const at::Tensor& head_bias, EEK_EXIT_ARGS);
+// The pooling of each row ([CLS] or masked mean), the exit head (tanh pooler or MLP) and the rule
+// in one call, float32 (cpu/pooled_head_step_cpu.cpp).
+HeadExitResult pooled_head_exit_step_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>& mask,
+                                         int64_t pooling, const std::optional<at::Tensor>& norm_weight,
+                                         const std::optional<at::Tensor>& norm_bias, double norm_eps,
+                                         const at::Tensor& dense_weight_t, const at::Tensor& dense_bias,
+                                         int64_t activation, const at::Tensor& out_weight, const at::Tensor& out_bias,
+                                         EEK_EXIT_ARGS);
 std::tuple<at::Tensor, at::Tensor> compact_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>& mask,
                                                const at::Tensor& index, int64_t seq_len);
 std::tuple<at::Tensor, at::Tensor> pool_gather_cpu(const at::Tensor& pool, const at::Tensor& page_table,

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "exit_rule_cpu.h"
 #include "pooler_head_cpu.h"
 
 namespace eek {
@@ -130,9 +131,6 @@ void run_cpu(ExitCall* call, int64_t n, int64_t C, const T* logits, int64_t logi
   }
   const int64_t blocks = (n + kRows - 1) / kRows;
   const int64_t grain = head != nullptr ? 1 : 256;
-  const float* halting = (call != nullptr && call->halting.defined()) ? call->halting.data_ptr<float>() : nullptr;
-  bool* exits = call != nullptr ? call->exits.data_ptr<bool>() : nullptr;
-  float* returned = call != nullptr ? call->returned.data_ptr<float>() : nullptr;
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     std::vector<float> xf, pf, zf(kRows * C);
     if (head != nullptr) {
@@ -150,41 +148,10 @@ void run_cpu(ExitCall* call, int64_t n, int64_t C, const T* logits, int64_t logi
           for (int64_t c = 0; c < C; ++c) zf[r * C + c] = static_cast<float>(src[c]);
         }
       }
-      if (call == nullptr) continue;
-      const WriteBack& wb = call->write_back;
-      for (int r = 0; r < nb; ++r) {
-        const int64_t row = r0 + r;
-        const float h = halting != nullptr ? halting[row] : std::numeric_limits<float>::quiet_NaN();
-        float* out = returned + row * C;
-        const bool e = apply_rule(call->params, call->state, row, zf.data() + r * C, h, out);
-        exits[row] = e;
-        const int64_t dst = (e && wb.logits != nullptr) ? wb.rows[row] : -1;
-        if (dst >= 0 && dst < wb.batch) {
-          for (int64_t c = 0; c < C; ++c) store_out(wb, dst * wb.logits_stride + c, out[c]);
-          wb.exit_layer[dst] = call->params.layer;
-          wb.layers_run[dst] = wb.runs[row];
-        }
-      }
+      if (call != nullptr) rule_rows(*call, C, r0, nb, zf.data());
     }
   });
-  if (call == nullptr) return;
-  if (!(call->params.flags & kSurvivors)) {
-    call->count.fill_(-1);
-    return;
-  }
-  int64_t kept = 0;
-  int64_t* survivors = call->survivors.data_ptr<int64_t>();
-  // survivors[0..kept): the staying rows in increasing order; then the exiting rows in
-  // decreasing order, so that the list is a permutation (the engine gathers by all of it).
-  for (int64_t row = 0; row < n; ++row) {
-    if (!exits[row]) {
-      if (survivors != nullptr) survivors[kept] = row;
-      ++kept;
-    } else if (survivors != nullptr) {
-      survivors[n - 1 - (row - kept)] = row;
-    }
-  }
-  call->count.fill_(survivors != nullptr ? kept : int64_t(-1));
+  if (call != nullptr) finish_survivors(*call, n);
 }
 
 at::Tensor as_rule_input(const at::Tensor& logits) {
@@ -239,6 +206,47 @@ HeadTensors head_inputs(const at::Tensor& cls_hidden, const at::Tensor& pooler_w
 }
 
 }  // namespace
+
+void rule_rows(ExitCall& call, int64_t C, int64_t r0, int nb, const float* zf) {
+  const float* halting = call.halting.defined() ? call.halting.data_ptr<float>() : nullptr;
+  bool* exits = call.exits.data_ptr<bool>();
+  float* returned = call.returned.data_ptr<float>();
+  const WriteBack& wb = call.write_back;
+  for (int r = 0; r < nb; ++r) {
+    const int64_t row = r0 + r;
+    const float h = halting != nullptr ? halting[row] : std::numeric_limits<float>::quiet_NaN();
+    float* out = returned + row * C;
+    const bool e = apply_rule(call.params, call.state, row, zf + r * C, h, out);
+    exits[row] = e;
+    const int64_t dst = (e && wb.logits != nullptr) ? wb.rows[row] : -1;
+    if (dst >= 0 && dst < wb.batch) {
+      for (int64_t c = 0; c < C; ++c) store_out(wb, dst * wb.logits_stride + c, out[c]);
+      wb.exit_layer[dst] = call.params.layer;
+      wb.layers_run[dst] = wb.runs[row];
+    }
+  }
+}
+
+void finish_survivors(ExitCall& call, int64_t n) {
+  if (!(call.params.flags & kSurvivors)) {
+    call.count.fill_(-1);
+    return;
+  }
+  const bool* exits = call.exits.data_ptr<bool>();
+  int64_t kept = 0;
+  int64_t* survivors = call.survivors.data_ptr<int64_t>();
+  // survivors[0..kept): the staying rows in increasing order; then the exiting rows in
+  // decreasing order, so that the list is a permutation (the engine gathers by all of it).
+  for (int64_t row = 0; row < n; ++row) {
+    if (!exits[row]) {
+      if (survivors != nullptr) survivors[kept] = row;
+      ++kept;
+    } else if (survivors != nullptr) {
+      survivors[n - 1 - (row - kept)] = row;
+    }
+  }
+  call.count.fill_(survivors != nullptr ? kept : int64_t(-1));
+}
 
 std::tuple<at::Tensor, at::Tensor> head_cpu(const at::Tensor& cls_hidden, const at::Tensor& pooler_weight,
                                             const at::Tensor& pooler_bias, const at::Tensor& head_weight,

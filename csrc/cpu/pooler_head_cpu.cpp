@@ -71,6 +71,7 @@ EEK_INLINE float mul_add(float a, float b, float c) { return __builtin_fmaf(a, b
 #pragma GCC pop_options
 
 using RowsFn = void (*)(const PoolerHeadArgs&, const float*, int, float*, float*);
+using PoolFn = void (*)(const float*, int64_t, int64_t, const uint8_t*, int64_t, bool, float*);
 #endif
 
 // The widest version this CPU runs, or the one EARLYEXIT_CPU_ISA names where the CPU runs it.
@@ -104,6 +105,20 @@ void pooler_head_rows(const PoolerHeadArgs& args, const float* x, int rows, floa
   rows_fn(args, x, rows, pooled, logits);
 #else
   portable::pooler_head_rows(args, x, rows, pooled, logits);
+#endif
+}
+
+void pool_row(const float* x, int64_t stride, int64_t S, const uint8_t* valid, int64_t H, bool mean, float* out) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const PoolFn pool_fn = [] {
+    const char* isa = chosen_isa();
+    if (std::strcmp(isa, "avx512") == 0) return &avx512::pool_row;
+    if (std::strcmp(isa, "avx2_fma") == 0) return &avx2::pool_row;
+    return &portable::pool_row;
+  }();
+  pool_fn(x, stride, S, valid, H, mean, out);
+#else
+  portable::pool_row(x, stride, S, valid, H, mean, out);
 #endif
 }
 

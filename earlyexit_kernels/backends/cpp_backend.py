@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from earlyexit_kernels.backends import compaction, policy_lowering
+from earlyexit_kernels.backends import compaction, cpp_op_shapes, policy_lowering, pooled_head
 from earlyexit_kernels.backends import registry as backend_registry
-from earlyexit_kernels.backends.policy_lowering import PolicyKind
+from earlyexit_kernels.backends.cpp_op_shapes import FLAG_SURVIVORS
 from earlyexit_kernels.backends.reference_rules import runs_on_reference
 from earlyexit_kernels.backends.write_back import WriteBack
 from earlyexit_kernels.methods.policies import ExitPolicy
@@ -40,11 +40,6 @@ __all__ = [
     "lower_policy",
     "LOAD_ERROR",
 ]
-
-# The policy's kinds and flags (csrc/common/exit_rule.h), and the C++ rule's own bit above them.
-KIND_PATIENCE, KIND_PATIENCE_REG = int(PolicyKind.PATIENCE), int(PolicyKind.PATIENCE_REG)
-KIND_QEXIT, KIND_VOTING, KIND_DACT = int(PolicyKind.QEXIT), int(PolicyKind.VOTING), int(PolicyKind.DACT)
-FLAG_SURVIVORS = 8  # eek::kSurvivors: also produce the stable survivor list and its count
 
 
 @dataclass(frozen=True)
@@ -318,6 +313,69 @@ def head_exit_step_write_back(
     return exits, state, order, _survivor_stats(exits, count, target.extents)
 
 
+_POOLING_CODES = {"cls": 0, "mean": 1}
+_ACTIVATION_CODES = {"tanh": 0, "gelu": 1}
+
+
+def _pooled_head_in_cpp(hidden: torch.Tensor, head) -> bool:
+    """Whether the fused C++ step (pooling, head and rule; csrc/cpu/pooled_head_step_cpu.cpp)
+    runs ``head`` on ``hidden`` [n, S, H]: float32 on the CPU at inference, up to
+    ``CPU_POOLED_HEAD_MAX_WORK``; else the pooling and head run in PyTorch and the rule in C++."""
+    n, _, hidden_size = hidden.shape
+    width = head.dense_weight.shape[0]
+    return (
+        hidden.device.type == "cpu"
+        and hidden.dtype == torch.float32
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in head.tensors)
+        and n * hidden_size * width * torch.get_num_threads() <= CPU_POOLED_HEAD_MAX_WORK
+        and not torch.compiler.is_compiling()
+        and not torch.is_grad_enabled()
+    )
+
+
+# Rows x H x M x threads up to which the fused C++ step (one thread) runs the head rather than
+# torch's GEMM (every thread): the pooling and the rule stay fused either way.
+CPU_POOLED_HEAD_MAX_WORK = 2 * CPU_HEAD_MAX_WORK
+
+
+def _pooled_head_op(policy, layer, num_layers, hidden, mask, head, state, target):
+    lowered = lower_policy(policy, num_layers)
+    if not _pooled_head_in_cpp(hidden, head):
+        logits, _ = pooled_head.pooled_head_logits(hidden, mask, head)
+        exits, returned, state0, state1, order, count = torch.ops.earlyexit.cpp_exit_step(
+            logits, None, [state[k] for k in lowered.state_in], *_rule_args(lowered, layer, num_layers, target)
+        )
+        return exits, returned, logits, _updated(state, lowered, state0, state1), order, count
+    exits, returned, logits, _, state0, state1, order, count = torch.ops.earlyexit.cpp_pooled_head_exit_step(
+        hidden,
+        mask if head.pooling == "mean" else None,
+        _POOLING_CODES[head.pooling],
+        head.norm_weight,
+        head.norm_bias,
+        head.norm_eps,
+        transposed_pooler(head.dense_weight),
+        head.dense_bias.detach(),
+        _ACTIVATION_CODES[head.activation],
+        head.out_weight.detach(),
+        head.out_bias.detach(),
+        None,
+        [state[k] for k in lowered.state_in],
+        *_rule_args(lowered, layer, num_layers, target),
+    )
+    return exits, returned, logits, _updated(state, lowered, state0, state1), order, count
+
+
+def pooled_head_exit_step(policy, layer, num_layers, hidden, mask, head, state):
+    """:func:`earlyexit_kernels.backends.pooled_head.pooled_head_exit_step` in one C++ op (float32)."""
+    return _pooled_head_op(policy, layer, num_layers, hidden, mask, head, state, None)[:4]
+
+
+def pooled_head_exit_step_write_back(policy, layer, num_layers, hidden, mask, head, state, target):
+    """:func:`earlyexit_kernels.backends.pooled_head.pooled_head_exit_step_write_back` in one C++ op (float32)."""
+    exits, _, _, state, order, count = _pooled_head_op(policy, layer, num_layers, hidden, mask, head, state, target)
+    return exits, state, order, _survivor_stats(exits, count, target.extents)
+
+
 def compact(hidden, mask, index, seq_len):
     """:func:`earlyexit_kernels.backends.compaction.compact` on the C++/CUDA gather kernels.
 
@@ -330,105 +388,6 @@ def compact(hidden, mask, index, seq_len):
 
 
 # ---------------------------------------------------------------------------------------
-# Fake (meta) kernels, for torch.compile and FakeTensor tracing.
-
-
-def _fake_state(kind: int, logits_like: torch.Tensor, n: int, num_labels: int) -> list[torch.Tensor]:
-    """state0 and state1 (csrc/common/exit_op.h): empty float32 where the policy has fewer."""
-    state = _fake_state_used(kind, logits_like, n, num_labels)
-    return state + [logits_like.new_empty((0,), dtype=torch.float32) for _ in range(2 - len(state))]
-
-
-def _fake_state_used(kind: int, logits_like: torch.Tensor, n: int, num_labels: int) -> list[torch.Tensor]:
-    def new(shape, dtype):
-        return logits_like.new_empty(shape, dtype=dtype)
-
-    if kind == KIND_PATIENCE:
-        return [new((n,), torch.int64), new((n,), torch.int32)]
-    if kind == KIND_PATIENCE_REG:
-        return [new((n,), torch.float32), new((n,), torch.int32)]
-    if kind == KIND_QEXIT:
-        return [new((n,), torch.float32), new((n,), torch.float32)]
-    if kind == KIND_VOTING:
-        return [new((n, num_labels), torch.int32), new((n, num_labels), torch.float32)]
-    if kind == KIND_DACT:
-        return [new((n, num_labels), torch.float32), new((n,), torch.float32)]
-    return []
-
-
-def _fake_rule_outputs(like: torch.Tensor, n: int, num_labels: int, kind: int, flags: int):
-    exits = like.new_empty((n,), dtype=torch.bool)
-    returned = like.new_empty((n, num_labels), dtype=torch.float32)
-    survivors = like.new_empty((n if flags & FLAG_SURVIVORS else 0,), dtype=torch.int64)
-    count = like.new_empty((), dtype=torch.int64)
-    return exits, returned, *_fake_state(kind, like, n, num_labels), survivors, count
-
-
-def _register_fakes() -> None:
-    @torch.library.register_fake("earlyexit::cpp_bert_layer")
-    def _(hidden, mask, weights, attention_eps, output_eps, head_size, scaling):
-        return torch.empty_like(hidden)
-
-    @torch.library.register_fake("earlyexit::cpp_head")
-    def _(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias):
-        n, h = cls_hidden.shape
-        return cls_hidden.new_empty((n, h)), cls_hidden.new_empty((n, head_weight.shape[0]))
-
-    @torch.library.register_fake("earlyexit::cpp_exit_step")
-    def _(logits, halting, state, kind, flags, layer, num_layers, int_param, scalar, per_layer, *args, **kwargs):
-        return _fake_rule_outputs(logits, logits.shape[0], logits.shape[1], kind, flags)
-
-    @torch.library.register_fake("earlyexit::cpp_head_exit_step")
-    def _(
-        cls_hidden,
-        pooler_weight,
-        pooler_bias,
-        head_weight,
-        head_bias,
-        halting,
-        state,
-        kind,
-        flags,
-        layer,
-        num_layers,
-        int_param,
-        scalar,
-        per_layer,
-        *args,
-        **kwargs,
-    ):
-        n, h = cls_hidden.shape
-        c = head_weight.shape[0]
-        exits, returned, state0, state1, survivors, count = _fake_rule_outputs(cls_hidden, n, c, kind, flags)
-        logits, pooled = cls_hidden.new_empty((n, c)), cls_hidden.new_empty((n, h))
-        return exits, returned, logits, pooled, state0, state1, survivors, count
-
-    @torch.library.register_fake("earlyexit::cpp_packed_head_exit_step")
-    def _(cls_hidden, pooler_weight_t, pooler_bias, head_weight, head_bias, halting, state, kind, flags, *rest):
-        n, h = cls_hidden.shape
-        c = head_weight.shape[0]
-        exits, returned, state0, state1, survivors, count = _fake_rule_outputs(cls_hidden, n, c, kind, flags)
-        return (
-            exits,
-            returned,
-            cls_hidden.new_empty((n, c)),
-            cls_hidden.new_empty((n, h)),
-            state0,
-            state1,
-            survivors,
-            count,
-        )
-
-    @torch.library.register_fake("earlyexit::cpp_compact")
-    def _(hidden, mask, index, seq_len):
-        m = index.shape[0]
-        length = min(seq_len, hidden.shape[1])
-        out = hidden.new_empty((m, length, hidden.shape[2]))
-        out_mask = mask.new_empty((m, length)) if mask is not None else hidden.new_empty((0,), dtype=torch.int64)
-        return out, out_mask
-
-
-# ---------------------------------------------------------------------------------------
 # Loading and registration.
 
 _OPS = {
@@ -438,6 +397,8 @@ _OPS = {
     "exit_step_write_back": exit_step_write_back,
     "head_exit_step_write_back": head_exit_step_write_back,
     "prepare_head_exit_step": prepare_head_exit_step,
+    "pooled_head_exit_step": pooled_head_exit_step,
+    "pooled_head_exit_step_write_back": pooled_head_exit_step_write_back,
 }
 LOAD_ERROR: str | None = None
 WITH_CUDA = False
@@ -470,7 +431,7 @@ def _load() -> str | None:
             "the C++ extension earlyexit_kernels._C is from an older build (no cpp_packed_head_exit_step); "
             "rebuild with `pip install --no-build-isolation -e .`"
         )
-    for op in ("cpp_pool_gather", "cpp_bert_layer"):
+    for op in ("cpp_pool_gather", "cpp_bert_layer", "cpp_pooled_head_exit_step"):
         if not hasattr(torch.ops.earlyexit, op):
             return (
                 f"the C++ extension earlyexit_kernels._C is from an older build (no {op}); "
@@ -496,7 +457,7 @@ def _register() -> None:
         backend_registry.mark_unavailable("cpp", LOAD_ERROR)
         backend_registry.mark_unavailable("cuda", LOAD_ERROR)
         return
-    _register_fakes()
+    cpp_op_shapes.register()
     backend_registry.register_backend(backend_registry.Backend("cpp", devices=("cpu",), **_OPS))
     if not WITH_CUDA:
         backend_registry.mark_unavailable(

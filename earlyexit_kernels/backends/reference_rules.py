@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from earlyexit_kernels.backends import write_back
+from earlyexit_kernels.backends import pooled_head, write_back
 from earlyexit_kernels.backends.policy_lowering import lowers
 from earlyexit_kernels.methods import exit_rules
 
@@ -28,6 +28,8 @@ _REFERENCE = {
     "head_exit_step": exit_rules.head_exit_step,
     "exit_step_write_back": write_back.exit_step_write_back,
     "head_exit_step_write_back": write_back.head_exit_step_write_back,
+    "pooled_head_exit_step": pooled_head.pooled_head_exit_step,
+    "pooled_head_exit_step_write_back": pooled_head.pooled_head_exit_step_write_back,
 }
 
 

@@ -48,6 +48,11 @@ class Backend:
     with everything but the rows made ready, as a function ``(cls_hidden, state) -> (exits,
     returned, state)``, or None where it has no such form for these arguments: for an
     engine that calls the same layer's head many times with the same weights.
+
+    ``pooled_head_exit_step(policy, layer, num_layers, hidden, mask, head, state)`` and its
+    ``_write_back`` form (signatures of :mod:`earlyexit_kernels.backends.pooled_head`) run the
+    whole per-layer step of an internal head, pooling included, on the layer's output [n, S, H]
+    (``head``: a :class:`~earlyexit_kernels.backends.pooled_head.FusedExitHead`, either form).
     """
 
     name: str
@@ -58,6 +63,8 @@ class Backend:
     exit_step_write_back: Callable | None = None
     head_exit_step_write_back: Callable | None = None
     prepare_head_exit_step: Callable | None = None
+    pooled_head_exit_step: Callable | None = None
+    pooled_head_exit_step_write_back: Callable | None = None
 
 
 _REGISTRY: dict[str, Backend] = {

@@ -142,6 +142,7 @@ def run_early_exit(
         result.host_syncs += 1
 
     fused = can_fuse_head(backend, adapter)
+    pooled_heads = pooled_exit_heads(backend, adapter, device, fused) if halting_head is None else None
     rows = torch.arange(batch, device=device)  # original position of each active row
     runs = torch.zeros(batch, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -217,7 +218,12 @@ def run_early_exit(
         # every layer gets exactly the unpatched model's logits whatever the backend.
         if settled:
             target = WriteBack(rows, runs, extents, out_logits, out_exit, out_runs)
-            if fused and layer < num_layers and backend.head_exit_step_write_back is not None:
+            pooled_head = pooled_heads[layer - 1] if pooled_heads is not None and layer < num_layers else None
+            if pooled_head is not None:
+                _, state, order, stats = backend.pooled_head_exit_step_write_back(
+                    policy, layer, num_layers, hidden, mask, pooled_head, state, target
+                )
+            elif fused and layer < num_layers and backend.head_exit_step_write_back is not None:
                 _, state, order, stats = backend.head_exit_step_write_back(
                     policy,
                     layer,
@@ -343,6 +349,24 @@ def can_fuse_head(backend: Backend, adapter: EncoderAdapter) -> bool:
         and getattr(adapter, "fuses_internal_heads", hasattr(adapter, "head_weights"))
         and fusable_head_weights(adapter)  # not with quantized Linear layers: their modules run
     )
+
+
+def pooled_exit_heads(backend: Backend, adapter: EncoderAdapter, device: torch.device, fused: bool) -> list | None:
+    """The internal heads as the backend's fused per-layer step reads them (pooling included;
+    :mod:`earlyexit_kernels.backends.pooled_head`), one per internal layer (None where a layer's
+    head is not of that form), or None where that step does not run: training, a backend without
+    it, an adapter without such heads, and on a GPU a head the backend's own fused head covers."""
+    if (
+        backend.pooled_head_exit_step_write_back is None
+        or torch.is_grad_enabled()
+        or getattr(adapter, "training", False)
+        or (fused and device.type != "cpu")
+    ):
+        return None
+    if not hasattr(adapter, "fused_exit_head"):
+        return None
+    heads = [adapter.fused_exit_head(layer) for layer in range(1, adapter.num_layers)]
+    return heads if any(head is not None for head in heads) else None
 
 
 def head_and_exit_step(

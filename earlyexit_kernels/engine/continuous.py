@@ -40,6 +40,7 @@ from earlyexit_kernels.engine.batch_loop import (
     _round_keeping_argmax,
     can_fuse_head,
     head_and_exit_step,
+    pooled_exit_heads,
 )
 from earlyexit_kernels.engine.module_weights import float_bias, float_weight, linear_compute_dtype
 from earlyexit_kernels.engine.packed_layer import OpByOpLayer, has_forward_hooks, splits_into_token_parts
@@ -394,7 +395,7 @@ class ContinuousEngine:
             self._prepared = self._prepared_head_steps()
         prepared = self._prepared[layer - 1]
         if prepared is not None:
-            exits, returned, state = prepared(self.adapter.pooled_hidden(hidden, mask), state)
+            exits, returned, state = prepared(hidden, mask, state)
         else:
             exits, returned, _, _, state = head_and_exit_step(
                 self.adapter,
@@ -488,13 +489,23 @@ class ContinuousEngine:
         return layer_mask
 
     def _prepared_head_steps(self) -> list:
-        """Per layer, the backend's head and exit step with its weights made ready, or None (the
+        """Per layer, the backend's head and exit step with its weights made ready, as a function
+        ``(hidden [n, S, H], mask [n, S] or None, state) -> (exits, returned, state)``, or None (the
         last layer, which runs the model's own head; halting heads; backends without one)."""
         prepare = self.backend.prepare_head_exit_step
         steps = [None] * self.num_layers
-        if self._fused and prepare is not None and self._halting_head is None:
+        if self._halting_head is not None:
+            return steps
+        if self._fused and prepare is not None:
             for layer in range(1, self.num_layers):
-                steps[layer - 1] = prepare(self.policy, layer, self.num_layers, *self.adapter.head_weights(layer))
+                step = prepare(self.policy, layer, self.num_layers, *self.adapter.head_weights(layer))
+                if step is not None:
+                    steps[layer - 1] = _on_pooled_rows(step, self.adapter)
+        pooled_heads = pooled_exit_heads(self.backend, self.adapter, self.device, self._fused)
+        if pooled_heads is not None:
+            for layer, head in enumerate(pooled_heads, start=1):
+                if steps[layer - 1] is None and head is not None:
+                    steps[layer - 1] = _pooled_step(self.backend, self.policy, layer, self.num_layers, head)
         return steps
 
     def _packed_layer_call(self, index: int, hidden: torch.Tensor, positions: torch.Tensor | None, layer_mask):
@@ -688,3 +699,22 @@ def _compiled_layer_call(adapter, options: dict):
 
 def _call_module(module, hidden, mask):
     return module(hidden, mask)
+
+
+def _on_pooled_rows(step, adapter):
+    """A prepared ``step(pooled [n, H], state)`` as a step on the layer's output and mask."""
+
+    def on_layer_output(hidden, mask, state):
+        return step(adapter.pooled_hidden(hidden, mask), state)
+
+    return on_layer_output
+
+
+def _pooled_step(backend, policy, layer: int, num_layers: int, head):
+    """The backend's fused pooled-head step of ``layer`` as a prepared step (see ``_prepared_head_steps``)."""
+
+    def step(hidden, mask, state):
+        exits, returned, _, state = backend.pooled_head_exit_step(policy, layer, num_layers, hidden, mask, head, state)
+        return exits, returned, state
+
+    return step

@@ -29,24 +29,15 @@ import torch
 from torch import nn
 
 from earlyexit_kernels.backends.compaction import layer_attention_mask
-from earlyexit_kernels.engine.heads import ExitHeads
+from earlyexit_kernels.backends.pooled_head import FusedExitHead, masked_mean
+from earlyexit_kernels.engine.heads import ExitHeads, MLPExitHead
+from earlyexit_kernels.engine.module_weights import plain_float
 
 __all__ = ["EncoderAdapterBase", "TanhPoolerHead", "masked_mean"]
 
 
-def masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The mean of each row's valid token vectors: ``hidden`` [n, S, H], ``mask`` [n, S] or None -> [n, H].
-
-    Padding is never read (a non-finite value there cannot leak in); a row with no valid token
-    gives zeros. Half-precision inputs are summed in float32.
-    """
-    if mask is None:
-        return hidden.mean(dim=1)
-    valid = mask.unsqueeze(-1) != 0
-    wide = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    total = torch.where(valid, hidden, hidden.new_zeros(())).sum(dim=1, dtype=wide)
-    count = valid.sum(dim=1).clamp(min=1).to(wide)
-    return (total / count).to(hidden.dtype)
+def _plain_linear(module) -> bool:
+    return type(module) is nn.Linear and module.bias is not None and plain_float(module.weight)
 
 
 class EncoderAdapterBase:
@@ -156,6 +147,43 @@ class EncoderAdapterBase:
             return self.pool(hidden, mask)
         pooled = self.pooled_hidden(hidden, mask)
         return self.pool_vector(pooled) if self.head_form == "model" else pooled
+
+    def fused_exit_head(self, layer: int) -> FusedExitHead | None:
+        """The internal head of 1-based ``layer`` (< L) as the backends' fused per-layer step reads it
+        (pooling, head and rule in one call), or None where it is not of that form: a family that
+        transforms or pools its token vectors its own way (ModernBERT's final norm), a ``"model"``-form
+        head without a tanh pooler, quantized or replaced modules."""
+        family = type(self)
+        if family.token_vectors is not EncoderAdapterBase.token_vectors:
+            return None
+        if family.pooled_hidden is not EncoderAdapterBase.pooled_hidden or self.heads is None:
+            return None
+        if not 1 <= layer < self.num_layers:
+            return None
+        if self.head_form == "mlp":
+            head = self.heads.classifiers[layer - 1]
+            if type(head) is not MLPExitHead or not all(map(_plain_linear, (head.dense, head.out))):
+                return None
+            norm = head.norm
+            if type(norm) is not nn.LayerNorm or not plain_float(norm.weight) or not plain_float(norm.bias):
+                return None
+            return FusedExitHead(
+                self.head_pooling,
+                head.dense.weight,
+                head.dense.bias,
+                "gelu",
+                head.out.weight,
+                head.out.bias,
+                norm.weight,
+                norm.bias,
+                float(norm.eps),
+            )
+        if not self.fuses_internal_heads:
+            return None
+        weights = self.head_weights(layer)
+        if not all(map(plain_float, weights)):
+            return None
+        return FusedExitHead(self.head_pooling, weights[0], weights[1], "tanh", weights[2], weights[3])
 
     def classify(self, layer: int, pooled: torch.Tensor) -> torch.Tensor:
         """The head of 1-based ``layer`` on its ``exit_input`` [n, H] -> logits [n, C] (dropout in training)."""

@@ -1,0 +1,229 @@
+"""The fused per-layer step of an internal exit head (``cpp_pooled_head_exit_step``).
+
+One call pools each row ([CLS] or the masked mean), runs the head (the model's tanh pooler and a
+Linear, or the MLP head: LayerNorm, Linear, GELU, Linear), applies the rule, writes the exiting
+rows back and lists the survivors. Against its PyTorch reference
+(:func:`earlyexit_kernels.backends.pooled_head.pooled_head_exit_step`, same signature): the
+logits within a few times PyTorch float32's own error against float64, the decisions and state
+equal, the write-back equal; a row's bits whatever batch it is in; the engines' use of it; its errors.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_batch, tiny_model
+from threshold_helpers import midway, randomize_heads
+
+import earlyexit_kernels as eek
+from earlyexit_kernels.backends import cpp_backend, pooled_head
+from earlyexit_kernels.backends.pooled_head import FusedExitHead, pooled_head_exit_step
+from earlyexit_kernels.backends.write_back import WriteBack
+from earlyexit_kernels.methods.exit_rules import init_state
+
+if not eek.backends()["cpp"]:
+    pytest.fail(f"the C++ backend must be built for these tests: {eek.backend_status()['cpp']}", pytrace=False)
+
+L = 6
+OP_NAME = "earlyexit::cpp_pooled_head_exit_step"
+
+
+def _head(kind: str, pooling: str, hidden: int, width: int, labels: int, seed: int) -> FusedExitHead:
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.randn(width, hidden, generator=g) / math.sqrt(hidden)
+    out = torch.randn(labels, width, generator=g) * 3.0 / math.sqrt(width)
+    biases = (torch.randn(width, generator=g) * 0.1, torch.randn(labels, generator=g) * 0.5)
+    if kind == "model":
+        return FusedExitHead(pooling, dense, biases[0], "tanh", out, biases[1])
+    norm = (1.0 + 0.1 * torch.randn(hidden, generator=g), 0.1 * torch.randn(hidden, generator=g))
+    return FusedExitHead(pooling, dense, biases[0], "gelu", out, biases[1], *norm, 1e-5)
+
+
+def _layer_output(rows: int, length: int, hidden: int, seed: int):
+    """hidden [rows, length, H] (a strided view, as after a layer of a wider batch) and a mask
+    with padding, one row without any valid token, and NaN in a padded position (never read)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden_states = (torch.randn(rows + 2, length, hidden, generator=g) * 2.0)[1 : rows + 1]
+    lengths = torch.randint(1, length + 1, (rows,), generator=g)
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    if rows > 2:
+        mask[2] = 0
+    padded = (mask == 0).nonzero()
+    if len(padded):
+        hidden_states[padded[0, 0], padded[0, 1], 0] = float("nan")
+    return hidden_states, mask
+
+
+def _float64_logits(hidden, mask, head):
+    h64 = FusedExitHead(
+        *(
+            getattr(head, f).double() if torch.is_tensor(getattr(head, f)) else getattr(head, f)
+            for f in head.__dataclass_fields__
+        )
+    )
+    logits, _ = pooled_head.pooled_head_logits(hidden.double(), mask, h64)
+    return logits
+
+
+# (rows, length, H, M): short last blocks of 4 rows; H and M multiples of 8, 16 and of neither
+SHAPES = [(1, 3, 8, 8), (5, 7, 40, 24), (9, 16, 64, 64), (17, 33, 100, 52), (32, 40, 384, 384)]
+
+
+@pytest.mark.parametrize("kind", ["model", "mlp"])
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("rows,length,hidden,width", SHAPES)
+def test_logits_within_pytorch_float32_error(kind, pooling, rows, length, hidden, width):
+    head = _head(kind, pooling, hidden, width if kind == "mlp" else hidden, 3, seed=hidden)
+    x, mask = _layer_output(rows, length, hidden, seed=rows)
+    policy = eek.Entropy(0.5)
+    state = init_state(policy, rows, 3, hidden, L, torch.device("cpu"))
+    with torch.no_grad():
+        _, _, ours, _ = cpp_backend.pooled_head_exit_step(policy, 2, L, x, mask, head, dict(state))
+        _, _, theirs, _ = pooled_head_exit_step(policy, 2, L, x, mask, head, dict(state))
+    exact = _float64_logits(x, mask, head)
+    assert torch.isfinite(ours).all(), "a padded position was read"
+    ours_err = (ours.double() - exact).abs().max().item()
+    theirs_err = (theirs.double() - exact).abs().max().item()
+    assert ours_err <= 4 * theirs_err + 1e-5, f"error {ours_err:.2e} against PyTorch float32's {theirs_err:.2e}"
+
+
+def _policies():
+    return [eek.Entropy(0.6), eek.Patience(2), eek.Voting(1), eek.MaxProb(0.7)]
+
+
+@pytest.mark.parametrize("kind", ["model", "mlp"])
+@pytest.mark.parametrize("policy", _policies(), ids=repr)
+def test_decisions_state_and_write_back_equal_the_reference(kind, policy):
+    rows, length, hidden = 23, 12, 48
+    head = _head(kind, "mean", hidden, 32 if kind == "mlp" else hidden, 3, seed=7)
+    x, mask = _layer_output(rows, length, hidden, seed=3)
+    state = init_state(policy, rows, 3, hidden, L, torch.device("cpu"))
+    with torch.no_grad():
+        _, _, logits, _ = pooled_head_exit_step(policy, 3, L, x, mask, head, dict(state))
+    # the reference's decision quantities are far from the threshold, so rounding cannot flip one
+    probs = logits.float().softmax(-1)
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+    if isinstance(policy, eek.Entropy):
+        assert (entropy - policy.threshold).abs().min() > 1e-4
+    if isinstance(policy, eek.MaxProb):
+        assert (probs.max(-1).values - policy.threshold).abs().min() > 1e-4
+
+    def run(step):
+        batch = rows + 4
+        target = WriteBack(
+            torch.arange(2, rows + 2),
+            torch.full((rows,), 3),
+            None,
+            torch.zeros(batch, 3),
+            torch.full((batch,), L),
+            torch.zeros(batch, dtype=torch.long),
+        )
+        with torch.no_grad():
+            exits, new_state, order, stats = step(policy, 3, L, x, mask, head, dict(state), target)
+        return exits, new_state, order, stats, target
+
+    fast = run(cpp_backend.pooled_head_exit_step_write_back)
+    ref = run(pooled_head.pooled_head_exit_step_write_back)
+    assert torch.equal(fast[0], ref[0])
+    if isinstance(policy, (eek.Entropy, eek.MaxProb)):
+        assert 0 < int(fast[0].sum()) < rows, "the test needs rows that leave and rows that stay"
+    for key in ref[1]:
+        torch.testing.assert_close(fast[1][key], ref[1][key], rtol=1e-4, atol=1e-5)
+    # the same survivors in the same order first, then the exiting rows (in any order) and the same stats
+    kept = int(ref[3][0])
+    assert torch.equal(fast[3], ref[3]) and torch.equal(fast[2][:kept], ref[2][:kept])
+    assert sorted(fast[2][kept:].tolist()) == sorted(ref[2][kept:].tolist())
+    for a, b in zip((fast[4].exit_layer, fast[4].layers_run), (ref[4].exit_layer, ref[4].layers_run)):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(fast[4].logits, ref[4].logits, rtol=1e-4, atol=1e-5)
+
+
+def test_a_row_gets_the_same_bits_in_any_batch():
+    head = _head("mlp", "mean", 64, 64, 2, seed=1)
+    x, mask = _layer_output(13, 9, 64, seed=2)
+    policy = eek.Entropy(0.5)
+
+    def logits(rows):
+        state = init_state(policy, len(rows), 2, 64, L, torch.device("cpu"))
+        with torch.no_grad():
+            return cpp_backend.pooled_head_exit_step(policy, 1, L, x[rows], mask[rows], head, state)[2]
+
+    whole = logits(list(range(13)))
+    for rows in ([0], [5], [3, 4, 5, 6, 7, 8], [12], [12, 0, 7]):
+        assert torch.equal(logits(rows), whole[rows])
+
+
+def test_no_mask_pools_every_position():
+    head = _head("mlp", "mean", 24, 16, 2, seed=4)
+    x, _ = _layer_output(6, 5, 24, seed=5)
+    x = x.nan_to_num()
+    policy = eek.Entropy(0.5)
+    state = init_state(policy, 6, 2, 24, L, torch.device("cpu"))
+    with torch.no_grad():
+        ours = cpp_backend.pooled_head_exit_step(policy, 1, L, x, None, head, dict(state))[2]
+        full = cpp_backend.pooled_head_exit_step(policy, 1, L, x, torch.ones(6, 5), head, dict(state))[2]
+        theirs = pooled_head_exit_step(policy, 1, L, x, None, head, dict(state))[2]
+    assert torch.equal(ours, full)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_no_rows():
+    head = _head("mlp", "mean", 16, 16, 2, seed=1)
+    policy = eek.Entropy(0.5)
+    state = init_state(policy, 0, 2, 16, L, torch.device("cpu"))
+    with torch.no_grad():
+        exits, returned, logits, _ = cpp_backend.pooled_head_exit_step(
+            policy, 1, L, torch.zeros(0, 4, 16), torch.zeros(0, 4), head, state
+        )
+    assert exits.shape == (0,) and returned.shape == (0, 2) and logits.shape == (0, 2)
+
+
+def test_bad_input_says_what_to_fix():
+    head = _head("mlp", "mean", 16, 8, 2, seed=1)
+    policy = eek.Entropy(0.5)
+    state = init_state(policy, 3, 2, 16, L, torch.device("cpu"))
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"mask must be \[n, S\] = \[3, 4\]"):
+        cpp_backend.pooled_head_exit_step(policy, 1, L, torch.zeros(3, 4, 16), torch.ones(3, 5), head, state)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"dense_weight_t must be \[H, M\] with H = 12"):
+        cpp_backend.pooled_head_exit_step(policy, 1, L, torch.zeros(3, 4, 12), None, head, state)
+    with pytest.raises(ValueError, match="pooling must be 'cls' or 'mean'"):
+        FusedExitHead("max", head.dense_weight, head.dense_bias, "gelu", head.out_weight, head.out_bias)
+    with pytest.raises(ValueError, match=r"out_weight must be \[C, 8\]"):
+        FusedExitHead("mean", head.dense_weight, head.dense_bias, "gelu", head.out_weight.t(), head.out_bias)
+
+
+def _ops_called(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.name for event in prof.events()}
+
+
+def _run(policy, backend, batch, pooling, head, all_exits=False):
+    model = tiny_model("bert", num_labels=3, num_layers=L)
+    eek.patch(model, policy, backend=backend, pooling=pooling, head=head)
+    randomize_heads(model, seed=3)
+    with torch.no_grad():  # less sure MLP heads than randomize_heads gives: entropies spread over (0, ln 3)
+        for classifier in model.early_exit_heads.classifiers if head == "mlp" else ():
+            last = getattr(classifier, "out", classifier)
+            last.weight.mul_(0.15)
+            last.bias.mul_(0.15)
+    ids, mask, tt = batch
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, token_type_ids=tt, return_all_exits=all_exits)
+
+
+@pytest.mark.parametrize("pooling,head", [("mean", "mlp"), ("cls", "mlp"), ("mean", "model"), ("cls", "model")])
+def test_the_engine_runs_the_fused_step_and_agrees_with_the_torch_backend(pooling, head):
+    batch = tiny_batch(24, 12, seed=5)
+    z = _run(eek.Patience(1), "torch", batch, pooling, head, all_exits=True).all_logits.float()
+    log_p = z.log_softmax(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)[:-1]
+    # between the first layer's values (some rows leave there, some go on), clear of every layer's
+    policy = eek.Entropy(midway(entropy, around=entropy[0], min_margin=1e-4))
+    expected = _run(policy, "torch", batch, pooling, head)
+    called = _ops_called(lambda: _run(policy, "cpp", batch, pooling, head))
+    got = _run(policy, "cpp", batch, pooling, head)
+    assert OP_NAME in called
+    assert torch.equal(got.exit_layer, expected.exit_layer)
+    assert len(set(expected.exit_layer.tolist())) > 1, "the test needs rows that leave at different layers"
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-5)
