@@ -19,9 +19,9 @@ test: setup lint $(CUDA_CHECK) triton-check
 test-cpu-kinds: setup
 	PY=$(PY) bash scripts/test_cpu_kinds.sh
 
-# The slower tests on a local Ray instance (killed actor, failing rows); `test` runs the rest.
+# The slower tests on a local Ray instance (killed actor, failing rows, Ray Serve replicas); `test` runs the rest.
 test-ray: setup
-	$(PY) -m pytest -q python_tests/test_ray.py -m ray
+	$(PY) -m pytest -q python_tests -m ray
 
 lint: setup
 	@if $(PY) -m ruff --version >/dev/null 2>&1; then \

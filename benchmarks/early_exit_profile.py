@@ -8,15 +8,22 @@ ran (rows x padded length), so a pass splits into
 - the layers: their time, and the token-rows run against the unpatched model's;
 - everything else: embeddings, the exit heads, the exit step, compaction and read-backs.
 
-The layer ideal (L / mean layers) counts sequences; the layers' own share is the token-layer
-ratio (longer sequences run deeper in a sorted batch) times the per-token cost at the smaller
-row counts of later layers (matrix products are less efficient on fewer rows).
+The early-exit pass runs twice: with the C++ backend's fused per-layer step (pooling, head and
+rule in one op) and with it switched off (the pooling and head as PyTorch modules, the rule in C++).
+
+The layer ideal (L / mean layers) counts sequences; the token-layer ideal counts each row's
+valid tokens times the layers it ran (longer sequences run deeper in a sorted batch, which is
+not overhead). The layers' own share is the token-rows they ran (padding included) times the
+per-token cost at the smaller row counts of later layers (matrix products are less efficient
+on fewer rows).
 
     flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/early_exit_profile.py --texts 600 --repeats 5 \\
         --output benchmarks/results/stack_cpu/early_exit_profile.txt
 """
 
 import argparse
+import contextlib
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -24,8 +31,8 @@ from pathlib import Path
 import torch
 
 import earlyexit_kernels as eek
+from earlyexit_kernels.backends import registry
 from earlyexit_kernels.bench.stack import load_task
-from earlyexit_kernels.patching.patch import current_adapter
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -56,36 +63,40 @@ class LayerClock:
             handle.remove()
 
 
-class HeadClock:
-    """Times the exit heads of a patched model: ``exit_input`` (pooling) and ``classify`` of its adapter."""
-
-    def __init__(self, adapter):
-        self.seconds = 0.0
-        for name in ("exit_input", "classify"):
-            setattr(adapter, name, self._timed(getattr(adapter, name)))
-
-    def _timed(self, function):
-        def timed(*args):
-            start = time.perf_counter()
-            result = function(*args)
-            self.seconds += time.perf_counter() - start
-            return result
-
-        return timed
+@contextlib.contextmanager
+def step_unfused():
+    """The C++ backend without its fused per-layer step (pooling, head and rule in one op): the
+    pooling and head run as PyTorch modules and the rule alone in C++, as before that step existed."""
+    before = registry._REGISTRY["cpp"]
+    registry._REGISTRY["cpp"] = dataclasses.replace(
+        before, pooled_head_exit_step=None, pooled_head_exit_step_write_back=None
+    )
+    try:
+        yield
+    finally:
+        registry._REGISTRY["cpp"] = before
 
 
-def one_pass(model, batches, clock, heads=None):
+def one_pass(model, batches, clock, unfused=False):
+    """``(seconds, layer seconds, token-rows the layers ran, sequence-layers, token-layers, batch-layers)``:
+    token-layers counts each row's valid tokens times the layers it ran; batch-layers the layer calls."""
     clock.reset()
-    if heads is not None:
-        heads.seconds = 0.0
-    layers = 0.0
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for batch in batches:
-            out = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
-            if getattr(out, "layers_run", None) is not None:
-                layers += float(out.layers_run.float().sum())
-    return time.perf_counter() - start, clock.seconds, clock.token_rows, layers, heads.seconds if heads else 0.0
+    layers = token_layers = batch_layers = 0.0
+    num_layers = model.config.num_hidden_layers
+    with step_unfused() if unfused else contextlib.nullcontext():
+        start = time.perf_counter()
+        with torch.inference_mode():
+            outs = [model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}) for batch in batches]
+        seconds = time.perf_counter() - start
+    for batch, out in zip(batches, outs):
+        runs = getattr(out, "layers_run", None)
+        if runs is None:
+            runs = torch.full((batch["input_ids"].shape[0],), num_layers)
+        lengths = batch["attention_mask"].sum(1)
+        layers += float(runs.sum())
+        token_layers += float((runs * lengths).sum())
+        batch_layers += float(runs.max())
+    return seconds, clock.seconds, clock.token_rows, layers, token_layers, batch_layers
 
 
 def main() -> None:
@@ -99,43 +110,47 @@ def main() -> None:
     patched, full, batches, _, folder = load_task(args.texts)
     num_layers = patched.config.num_hidden_layers
     clocks = {
-        "early exit": (patched, LayerClock(patched.bert.encoder.layer)),
-        "unpatched": (full, LayerClock(full.bert.encoder.layer)),
+        "unpatched": (full, LayerClock(full.bert.encoder.layer), False),
+        "early exit": (patched, LayerClock(patched.bert.encoder.layer), False),
+        "early exit, step unfused": (patched, LayerClock(patched.bert.encoder.layer), True),
     }
-    heads = {"early exit": HeadClock(current_adapter(patched)), "unpatched": None}
     runs = {name: [] for name in clocks}
-    for name, (model, clock) in clocks.items():
-        one_pass(model, batches, clock, heads[name])  # warm-up
+    for model, clock, unfused in clocks.values():
+        one_pass(model, batches, clock, unfused)  # warm-up
     for _ in range(args.repeats):
-        for name, (model, clock) in clocks.items():
-            runs[name].append(one_pass(model, batches, clock, heads[name]))
-    median = {name: [statistics.median(r[i] for r in rows) for i in (0, 1, 2, 4)] for name, rows in runs.items()}
+        for name, (model, clock, unfused) in clocks.items():
+            runs[name].append(one_pass(model, batches, clock, unfused))
+    median = {name: [statistics.median(r[i] for r in rows) for i in range(6)] for name, rows in runs.items()}
     texts = sum(b["input_ids"].shape[0] for b in batches)
-    mean_layers = runs["early exit"][0][3] / texts
-    (ee_wall, ee_layers, ee_tokens, ee_heads), (full_wall, full_layers, full_tokens, _) = (
-        median["early exit"],
-        median["unpatched"],
-    )
-    token_ratio = ee_tokens / full_tokens
-    per_token = (ee_layers / ee_tokens) / (full_layers / full_tokens)
+    full_wall, full_layers, full_tokens, _, full_token_layers, _ = median["unpatched"]
     lines = [
         f"{texts} test texts in {len(batches)} length-sorted batches of 32, {args.threads} threads, fp32, "
         f"median of {args.repeats} interleaved passes; model {Path(folder).name}, policy {eek.policy_of(patched)}",
         f"unpatched: {full_wall:.3f} s, layers {full_layers:.3f} s ({100 * full_layers / full_wall:.1f}%), "
         f"the rest {full_wall - full_layers:.3f} s",
-        f"early exit: {ee_wall:.3f} s at {mean_layers:.2f} of {num_layers} layers, layers {ee_layers:.3f} s, "
-        f"the rest {ee_wall - ee_layers:.3f} s",
-        f"speed-up {full_wall / ee_wall:.2f}x, layer ideal {num_layers / mean_layers:.2f}x "
-        f"(sequence-layers {mean_layers / num_layers:.3f} of the unpatched model's)",
-        f"token-rows the layers ran: {token_ratio:.3f} of the unpatched model's; time per token-row in the layers: "
-        f"{per_token:.3f}x the unpatched model's",
-        f"time beyond the sequence-layer share ({ee_wall - full_wall * mean_layers / num_layers:.3f} s): "
-        f"more token-rows {full_layers * (token_ratio - mean_layers / num_layers):.3f} s, "
-        f"their higher per-token cost {ee_layers - full_layers * token_ratio:.3f} s, "
-        f"outside the layers (exit heads, exit step, compaction, read-backs; embeddings beyond their share) "
-        f"{(ee_wall - ee_layers) - (full_wall - full_layers) * mean_layers / num_layers:.3f} s",
-        f"of which the heads' pooling and classifiers (every layer, the model's own at the last): {ee_heads:.3f} s",
     ]
+    for name in ("early exit", "early exit, step unfused"):
+        wall, in_layers, tokens, layers, token_layers, batch_layers = median[name]
+        mean_layers = layers / texts
+        token_ratio = tokens / full_tokens
+        per_token = (in_layers / tokens) / (full_layers / full_tokens)
+        outside = (wall - in_layers) - (full_wall - full_layers) * mean_layers / num_layers
+        token_ideal = full_token_layers / token_layers
+        lines += [
+            f"{name}: {wall:.3f} s at {mean_layers:.2f} of {num_layers} layers, layers {in_layers:.3f} s, "
+            f"the rest {wall - in_layers:.3f} s",
+            f"  speed-up {full_wall / wall:.2f}x; layer ideal {num_layers / mean_layers:.2f}x (sequence-layers), "
+            f"token-layer ideal {token_ideal:.2f}x (each row's tokens times the layers it ran): "
+            f"{full_wall / wall / token_ideal:.2f} of it",
+            f"  token-rows the layers ran (padding included): {token_ratio:.3f} of the unpatched model's; "
+            f"time per token-row in the layers: {per_token:.3f}x the unpatched model's",
+            f"  time beyond the sequence-layer share ({wall - full_wall * mean_layers / num_layers:.3f} s): "
+            f"more token-rows {full_layers * (token_ratio - mean_layers / num_layers):.3f} s, "
+            f"their higher per-token cost {in_layers - full_layers * token_ratio:.3f} s, "
+            f"outside the layers (exit heads, exit step, compaction, read-backs; embeddings beyond their share) "
+            f"{outside:.3f} s = {1000 * outside / batch_layers:.2f} ms per layer call of a batch "
+            f"({batch_layers:.0f} calls)",
+        ]
     text = "\n".join(lines)
     print(text)
     if args.output is not None:

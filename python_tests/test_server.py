@@ -329,6 +329,7 @@ def test_sigterm_answers_the_requests_in_flight_then_exits(slow_model_dir):
             process.communicate()
 
 
+@pytest.mark.ray  # a Ray Serve deployment starts in about 30 s: make test-ray
 def test_replicas_on_ray_serve_answer_like_one_server(saved_classifier, model_and_tokenizer):
     ray = pytest.importorskip("ray", reason="Ray Serve replicas need ray[serve]")
     serve = pytest.importorskip("ray.serve", reason="Ray Serve replicas need ray[serve]")

@@ -33,17 +33,67 @@ if ((${#SOURCES[@]} == 0)); then
 fi
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
+# The CUDA binding against torch's headers, in the background beside the nvcc compiles.
+check_binding() {
+    PY=.venv/bin/python
+    [[ -x "$PY" ]] || PY=$(command -v python3 || true)
+    TORCH_CUDA_INCLUDE=${TORCH_CUDA_INCLUDE:-}
+    if [[ -z "$TORCH_CUDA_INCLUDE" ]]; then
+        if [[ -n "$PY" ]]; then
+            TORCH_CUDA_INCLUDE=$("$PY" -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'include'))" 2>/dev/null || true)
+        fi
+    fi
+    if [[ "$TORCH_CUDA_INCLUDE" == "none" ]]; then
+        :
+    elif [[ -z "$TORCH_CUDA_INCLUDE" || ! -f "$TORCH_CUDA_INCLUDE/c10/cuda/CUDAGuard.h" ]]; then
+        echo "cuda-check: no torch include/ with c10/cuda found: csrc/bindings_cuda.cpp not checked" >&2
+    else
+        stand_ins=()
+        if [[ ! -f "$TORCH_CUDA_INCLUDE/c10/cuda/impl/cuda_cmake_macros.h" ]]; then
+            mkdir -p "$TMP/include/c10/cuda/impl"
+            printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' >"$TMP/include/c10/cuda/impl/cuda_cmake_macros.h"
+            stand_ins=(-I"$TMP/include")
+        fi
+        cuda_include="$(dirname "$(dirname "$(readlink -f "$(command -v "$NVCC")")")")/include"
+        [[ -f "$cuda_include/cuda_runtime_api.h" ]] || cuda_include=$(find / -path /proc -prune -o -name cuda_runtime_api.h -path '*cuda*/include/*' -print -quit 2>/dev/null | xargs -r dirname)
+        if "${CXX:-g++}" -std=c++17 -fsyntax-only -w -DEEK_WITH_CUDA=1 -Icsrc -I"$TORCH_CUDA_INCLUDE" \
+            -I"$TORCH_CUDA_INCLUDE/torch/csrc/api/include" "${stand_ins[@]}" -I"$cuda_include" csrc/bindings_cuda.cpp; then
+            echo "cuda-check: csrc/bindings_cuda.cpp compiles against $TORCH_CUDA_INCLUDE"
+        else
+            echo "cuda-check: csrc/bindings_cuda.cpp FAILED against $TORCH_CUDA_INCLUDE" >&2
+            return 1
+        fi
+    fi
+    return 0
+}
+
+check_binding >"$TMP/binding.out" 2>&1 &
+binding_pid=$!
+
 status=0
+# Every (source, arch) compile at once, in the background (each one nvcc process on one core);
+# their logs are read in order once all are done.
+pids=()
+for src in "${SOURCES[@]}"; do
+    for arch in $ARCHS; do
+        name="$(basename "$src").sm_$arch"
+        "$NVCC" -c -std=c++17 -O3 -Icsrc -gencode="arch=compute_$arch,code=sm_$arch" -Xptxas -v \
+            "$src" -o "$TMP/$name.o" >"$TMP/$name.log" 2>&1 &
+        pids+=("$!")
+    done
+done
+i=0
 for src in "${SOURCES[@]}"; do
     for arch in $ARCHS; do
         log="$TMP/$(basename "$src").sm_$arch.log"
-        if ! "$NVCC" -c -std=c++17 -O3 -Icsrc -gencode="arch=compute_$arch,code=sm_$arch" -Xptxas -v \
-            "$src" -o "$TMP/out.o" >"$log" 2>&1; then
+        if ! wait "${pids[$i]}"; then
+            i=$((i + 1))
             echo "cuda-check: FAILED to compile $src for sm_$arch:" >&2
             cat "$log" >&2
             status=1
             continue
         fi
+        i=$((i + 1))
         kernels=$(grep -c "Compiling entry function" "$log")
         spills=$(grep -E "bytes spill (stores|loads)" "$log" | grep -vE "\b0 bytes spill stores, 0 bytes spill loads" || true)
         frames=$(grep -E "bytes stack frame" "$log" | grep -vE "\b0 bytes stack frame" || true)
@@ -58,34 +108,10 @@ for src in "${SOURCES[@]}"; do
     done
 done
 
-PY=.venv/bin/python
-[[ -x "$PY" ]] || PY=$(command -v python3 || true)
-TORCH_CUDA_INCLUDE=${TORCH_CUDA_INCLUDE:-}
-if [[ -z "$TORCH_CUDA_INCLUDE" ]]; then
-    if [[ -n "$PY" ]]; then
-        TORCH_CUDA_INCLUDE=$("$PY" -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'include'))" 2>/dev/null || true)
-    fi
-fi
-if [[ "$TORCH_CUDA_INCLUDE" == "none" ]]; then
-    :
-elif [[ -z "$TORCH_CUDA_INCLUDE" || ! -f "$TORCH_CUDA_INCLUDE/c10/cuda/CUDAGuard.h" ]]; then
-    echo "cuda-check: no torch include/ with c10/cuda found: csrc/bindings_cuda.cpp not checked" >&2
+if wait "$binding_pid"; then
+    cat "$TMP/binding.out"
 else
-    stand_ins=()
-    if [[ ! -f "$TORCH_CUDA_INCLUDE/c10/cuda/impl/cuda_cmake_macros.h" ]]; then
-        mkdir -p "$TMP/include/c10/cuda/impl"
-        printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' >"$TMP/include/c10/cuda/impl/cuda_cmake_macros.h"
-        stand_ins=(-I"$TMP/include")
-    fi
-    cuda_include="$(dirname "$(dirname "$(readlink -f "$(command -v "$NVCC")")")")/include"
-    [[ -f "$cuda_include/cuda_runtime_api.h" ]] || cuda_include=$(find / -path /proc -prune -o -name cuda_runtime_api.h -path '*cuda*/include/*' -print -quit 2>/dev/null | xargs -r dirname)
-    if "${CXX:-g++}" -std=c++17 -fsyntax-only -w -DEEK_WITH_CUDA=1 -Icsrc -I"$TORCH_CUDA_INCLUDE" \
-        -I"$TORCH_CUDA_INCLUDE/torch/csrc/api/include" "${stand_ins[@]}" -I"$cuda_include" csrc/bindings_cuda.cpp; then
-        echo "cuda-check: csrc/bindings_cuda.cpp compiles against $TORCH_CUDA_INCLUDE"
-    else
-        echo "cuda-check: csrc/bindings_cuda.cpp FAILED against $TORCH_CUDA_INCLUDE" >&2
-        status=1
-    fi
+    cat "$TMP/binding.out" >&2
+    status=1
 fi
-
 exit $status
