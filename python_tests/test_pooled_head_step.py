@@ -138,6 +138,39 @@ def test_decisions_state_and_write_back_equal_the_reference(kind, policy):
     torch.testing.assert_close(fast[4].logits, ref[4].logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["model", "mlp"])
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_bfloat16_within_pytorch_bfloat16_error_and_the_same_decisions(kind, pooling):
+    rows, length, hidden, width = 29, 14, 64, 48
+    head = _head(kind, pooling, hidden, width if kind == "mlp" else hidden, 3, seed=11)
+    head16 = FusedExitHead(
+        *(
+            getattr(head, f).bfloat16() if torch.is_tensor(getattr(head, f)) else getattr(head, f)
+            for f in head.__dataclass_fields__
+        )
+    )
+    x, mask = _layer_output(rows, length, hidden, seed=12)
+    x16 = x.bfloat16()
+    policy = eek.MaxProb(0.7)
+    state = init_state(policy, rows, 3, hidden, L, torch.device("cpu"))
+    with torch.no_grad():
+        fast = cpp_backend.pooled_head_exit_step(policy, 2, L, x16, mask, head16, dict(state))
+        ref = pooled_head_exit_step(policy, 2, L, x16, mask, head16, dict(state))
+        called = _ops_called(lambda: cpp_backend.pooled_head_exit_step(policy, 2, L, x16, mask, head16, dict(state)))
+    assert OP_NAME in called
+    assert fast[2].dtype == torch.bfloat16
+    exact = _float64_logits(x16.double(), mask, head16)
+    ours = (fast[2].double() - exact).abs().max().item()
+    theirs = (ref[2].double() - exact).abs().max().item()
+    assert ours <= 2 * theirs + 1e-3, f"error {ours:.2e} against PyTorch bfloat16's {theirs:.2e}"
+    # the decisions: equal wherever the reference's probability is clear of the threshold by more
+    # than two bfloat16 steps of the logits can move it
+    top = ref[2].float().softmax(-1).amax(-1)
+    clear = (top - policy.threshold).abs() > 0.02
+    assert int(clear.sum()) > rows // 2 and 0 < int(ref[0][clear].sum()) < int(clear.sum())
+    assert torch.equal(fast[0][clear], ref[0][clear])
+
+
 def test_a_row_gets_the_same_bits_in_any_batch():
     head = _head("mlp", "mean", 64, 64, 2, seed=1)
     x, mask = _layer_output(13, 9, 64, seed=2)
@@ -198,8 +231,8 @@ def _ops_called(fn) -> set[str]:
     return {event.name for event in prof.events()}
 
 
-def _run(policy, backend, batch, pooling, head, all_exits=False):
-    model = tiny_model("bert", num_labels=3, num_layers=L)
+def _run(policy, backend, batch, pooling, head, all_exits=False, dtype=torch.float32):
+    model = tiny_model("bert", num_labels=3, num_layers=L).to(dtype)
     eek.patch(model, policy, backend=backend, pooling=pooling, head=head)
     randomize_heads(model, seed=3)
     with torch.no_grad():  # less sure MLP heads than randomize_heads gives: entropies spread over (0, ln 3)
@@ -227,3 +260,17 @@ def test_the_engine_runs_the_fused_step_and_agrees_with_the_torch_backend(poolin
     assert torch.equal(got.exit_layer, expected.exit_layer)
     assert len(set(expected.exit_layer.tolist())) > 1, "the test needs rows that leave at different layers"
     torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-5)
+
+
+def test_a_bfloat16_model_runs_the_fused_step_and_mostly_agrees_with_the_torch_backend():
+    batch = tiny_batch(24, 12, seed=5)
+    z = _run(eek.Patience(1), "torch", batch, "mean", "mlp", all_exits=True).all_logits.float()
+    log_p = z.log_softmax(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)[:-1]
+    policy = eek.Entropy(midway(entropy, around=entropy[0], min_margin=1e-4))
+    expected = _run(policy, "torch", batch, "mean", "mlp", dtype=torch.bfloat16)
+    assert OP_NAME in _ops_called(lambda: _run(policy, "cpp", batch, "mean", "mlp", dtype=torch.bfloat16))
+    got = _run(policy, "cpp", batch, "mean", "mlp", dtype=torch.bfloat16)
+    same = got.exit_layer == expected.exit_layer
+    assert int(same.sum()) >= 20, "bfloat16 rounding may move a decision near the threshold, not most of them"
+    torch.testing.assert_close(got.logits[same].float(), expected.logits[same].float(), rtol=0.02, atol=0.02)

@@ -10,8 +10,14 @@
 //
 // Each row's values depend on that row only (as in pooler_head_cpu.cpp), so a sequence gets the
 // same logits whatever batch it runs in.
+//
+// bfloat16 hidden states: the weights come as float32 copies (exact), every product is summed in
+// float32, and each step's output is rounded to bfloat16 where PyTorch's bfloat16 modules round
+// theirs (the pooled mean, the LayerNorm, the first Linear, the activation, the logits), so the
+// values match PyTorch's to its own bfloat16 rounding (the sums' order may differ by an ulp).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cmath>
@@ -51,6 +57,23 @@ void layer_norm_row(float* x, int64_t H, const float* weight, const float* bias,
   for (int64_t k = 0; k < H; ++k) x[k] = (x[k] - mean) * rstd * weight[k] + bias[k];
 }
 
+inline float rounded(float x, bool bf16) { return bf16 ? static_cast<float>(c10::BFloat16(x)) : x; }
+
+// The pooled row of bfloat16 token vectors in float32 (summed in the order of s), rounded to bfloat16.
+void pool_row_bf16(const c10::BFloat16* x, int64_t stride, int64_t S, const uint8_t* valid, int64_t H, bool mean,
+                   float* out) {
+  std::fill(out, out + H, 0.0f);
+  int64_t count = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    if (valid != nullptr && !valid[s]) continue;
+    const c10::BFloat16* row = x + s * stride;
+    for (int64_t k = 0; k < H; ++k) out[k] += static_cast<float>(row[k]);
+    ++count;
+  }
+  const float scale = mean ? static_cast<float>(std::max<int64_t>(count, 1)) : 1.0f;
+  for (int64_t k = 0; k < H; ++k) out[k] = rounded(out[k] / scale, true);
+}
+
 void check_vector(const at::Tensor& t, int64_t size, const char* what) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == size, "cpp_pooled_head_exit_step: ", what, " must be [", size, "], got ",
               t.sizes());
@@ -68,8 +91,9 @@ HeadExitResult pooled_head_exit_step_cpu(const at::Tensor& hidden, const std::op
                                          EEK_EXIT_ARGS) {
   TORCH_CHECK(hidden.dim() == 3, "cpp_pooled_head_exit_step: hidden must be [n, S, H], got ", hidden.sizes());
   TORCH_CHECK(hidden.device().is_cpu(), "cpp_pooled_head_exit_step: tensors must be on the CPU (it has no GPU kernel)");
-  TORCH_CHECK(hidden.scalar_type() == at::kFloat, "cpp_pooled_head_exit_step: float32 expected, got ",
-              hidden.scalar_type());
+  const bool bf16 = hidden.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(hidden.scalar_type() == at::kFloat || bf16,
+              "cpp_pooled_head_exit_step: float32 or bfloat16 hidden states expected, got ", hidden.scalar_type());
   TORCH_CHECK(pooling == kPoolCls || pooling == kPoolMean, "cpp_pooled_head_exit_step: pooling must be 0 ([CLS]) or 1 (mean), got ",
               pooling);
   TORCH_CHECK(activation == kActTanh || activation == kActGelu,
@@ -124,11 +148,13 @@ HeadExitResult pooled_head_exit_step_cpu(const at::Tensor& hidden, const std::op
   args.num_labels = C;
   args.x_stride = H;
   args.gelu = activation == kActGelu;
+  args.round_bf16 = bf16;
 
-  const float* base = x.data_ptr<float>();
+  const char* base = static_cast<const char*>(x.data_ptr());
+  const int64_t element = static_cast<int64_t>(x.element_size());
   const int64_t s0 = x.stride(0), s1 = x.stride(1);
-  float* pooled_out = pooled.data_ptr<float>();
-  float* logits_out = logits.data_ptr<float>();
+  char* pooled_out = static_cast<char*>(pooled.data_ptr());
+  char* logits_out = static_cast<char*>(logits.data_ptr());
   const uint8_t* valid_rows = valid.empty() ? nullptr : valid.data();
   const float* norm_w = norm ? nw.data_ptr<float>() : nullptr;
   const float* norm_b = norm ? nb.data_ptr<float>() : nullptr;
@@ -140,17 +166,40 @@ HeadExitResult pooled_head_exit_step_cpu(const at::Tensor& hidden, const std::op
       const int nb_rows = static_cast<int>(std::min<int64_t>(kRows, n - r0));
       for (int r = 0; r < nb_rows; ++r) {
         const int64_t row = r0 + r;
-        float* p = pooled_out + row * H;
-        if (pooling == kPoolCls) {
-          std::copy(base + row * s0, base + row * s0 + H, p);
+        float* p = xf.data() + r * H;
+        const char* first = base + row * s0 * element;
+        const uint8_t* row_valid = valid_rows != nullptr ? valid_rows + row * S : nullptr;
+        if (bf16) {
+          const auto* tokens = reinterpret_cast<const c10::BFloat16*>(first);
+          if (pooling == kPoolCls) {
+            for (int64_t k = 0; k < H; ++k) p[k] = static_cast<float>(tokens[k]);
+          } else {
+            pool_row_bf16(tokens, s1, S, row_valid, H, true, p);
+          }
+          auto* out = reinterpret_cast<c10::BFloat16*>(pooled_out) + row * H;
+          for (int64_t k = 0; k < H; ++k) out[k] = c10::BFloat16(p[k]);
         } else {
-          pool_row(base + row * s0, s1, S, valid_rows != nullptr ? valid_rows + row * S : nullptr, H, true, p);
+          const auto* tokens = reinterpret_cast<const float*>(first);
+          if (pooling == kPoolCls) {
+            std::copy(tokens, tokens + H, p);
+          } else {
+            pool_row(tokens, s1, S, row_valid, H, true, p);
+          }
+          std::copy(p, p + H, reinterpret_cast<float*>(pooled_out) + row * H);
         }
-        std::copy(p, p + H, xf.data() + r * H);
-        if (norm) layer_norm_row(xf.data() + r * H, H, norm_w, norm_b, static_cast<float>(norm_eps));
+        if (norm) {
+          layer_norm_row(p, H, norm_w, norm_b, static_cast<float>(norm_eps));
+          if (bf16)
+            for (int64_t k = 0; k < H; ++k) p[k] = rounded(p[k], true);
+        }
       }
       pooler_head_rows(args, xf.data(), nb_rows, act.data(), zf.data());
-      std::copy(zf.data(), zf.data() + nb_rows * C, logits_out + r0 * C);
+      if (bf16) {
+        auto* out = reinterpret_cast<c10::BFloat16*>(logits_out) + r0 * C;
+        for (int64_t i = 0; i < nb_rows * C; ++i) out[i] = c10::BFloat16(zf[i]);
+      } else {
+        std::copy(zf.data(), zf.data() + nb_rows * C, reinterpret_cast<float*>(logits_out) + r0 * C);
+      }
       rule_rows(call, C, r0, nb_rows, zf.data());
     }
   });

@@ -15,6 +15,7 @@ struct PoolerHeadArgs {
   int64_t num_labels = 0;                  // C
   int64_t x_stride = 0;                    // elements between rows of x (unit stride over H)
   bool gelu = false;                       // the activation: tanh (the pooler), or GELU (an MLP head)
+  bool round_bf16 = false;                 // a bfloat16 head: round each Linear's and the activation's outputs
 
   int64_t out_width() const { return width > 0 ? width : hidden; }
 };

@@ -156,15 +156,29 @@ _TRANSPOSED_POOLER = WeakIdKeyDictionary()
 
 
 def transposed_pooler(weight: torch.Tensor) -> torch.Tensor:
-    """``weight.t().contiguous()`` [H_in, H_out], computed once per weight and version (every
-    call for an inference tensor, which has no version to tell an in-place update by)."""
-    if weight.is_inference():
-        return weight.t().contiguous()
-    key = (weight._version, weight.data_ptr())
-    entry = _TRANSPOSED_POOLER.get(weight)
+    """``weight.t().contiguous()`` [H_in, H_out] in float32, computed once per weight and version
+    (every call for an inference tensor, which has no version to tell an in-place update by)."""
+    return _cached(_TRANSPOSED_POOLER, weight, lambda w: w.t().float().contiguous())
+
+
+_FLOAT32_COPIES = WeakIdKeyDictionary()
+
+
+def float32_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float32 (itself when it is), made once per tensor and version."""
+    if tensor.dtype == torch.float32:
+        return tensor.detach()
+    return _cached(_FLOAT32_COPIES, tensor, lambda t: t.float().contiguous())
+
+
+def _cached(cache: WeakIdKeyDictionary, tensor: torch.Tensor, make) -> torch.Tensor:
+    if tensor.is_inference():
+        return make(tensor)
+    key = (tensor._version, tensor.data_ptr())
+    entry = cache.get(tensor)
     if entry is None or entry[0] != key:
-        entry = (key, weight.detach().t().contiguous())
-        _TRANSPOSED_POOLER[weight] = entry
+        entry = (key, make(tensor.detach()))
+        cache[tensor] = entry
     return entry[1]
 
 
@@ -319,14 +333,16 @@ _ACTIVATION_CODES = {"tanh": 0, "gelu": 1}
 
 def _pooled_head_in_cpp(hidden: torch.Tensor, head) -> bool:
     """Whether the fused C++ step (pooling, head and rule; csrc/cpu/pooled_head_step_cpu.cpp)
-    runs ``head`` on ``hidden`` [n, S, H]: float32 on the CPU at inference, up to
-    ``CPU_POOLED_HEAD_MAX_WORK``; else the pooling and head run in PyTorch and the rule in C++."""
+    runs ``head`` on ``hidden`` [n, S, H]: float32 or bfloat16 (the head in the same dtype) on the
+    CPU at inference, up to ``CPU_POOLED_HEAD_MAX_WORK``; else the pooling and head run in PyTorch
+    and the rule in C++. Under autocast it runs in the hidden states' dtype, as the fused heads
+    of both engines always have (the model's own classifier at the last layer runs autocast's)."""
     n, _, hidden_size = hidden.shape
     width = head.dense_weight.shape[0]
     return (
         hidden.device.type == "cpu"
-        and hidden.dtype == torch.float32
-        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in head.tensors)
+        and hidden.dtype in (torch.float32, torch.bfloat16)
+        and all(t.dtype == hidden.dtype and t.device.type == "cpu" for t in head.tensors)
         and n * hidden_size * width * torch.get_num_threads() <= CPU_POOLED_HEAD_MAX_WORK
         and not torch.compiler.is_compiling()
         and not torch.is_grad_enabled()
@@ -346,18 +362,20 @@ def _pooled_head_op(policy, layer, num_layers, hidden, mask, head, state, target
             logits, None, [state[k] for k in lowered.state_in], *_rule_args(lowered, layer, num_layers, target)
         )
         return exits, returned, logits, _updated(state, lowered, state0, state1), order, count
+    norm = (
+        (float32_copy(head.norm_weight), float32_copy(head.norm_bias)) if head.norm_weight is not None else (None,) * 2
+    )
     exits, returned, logits, _, state0, state1, order, count = torch.ops.earlyexit.cpp_pooled_head_exit_step(
         hidden,
         mask if head.pooling == "mean" else None,
         _POOLING_CODES[head.pooling],
-        head.norm_weight,
-        head.norm_bias,
+        *norm,
         head.norm_eps,
         transposed_pooler(head.dense_weight),
-        head.dense_bias.detach(),
+        float32_copy(head.dense_bias),
         _ACTIVATION_CODES[head.activation],
-        head.out_weight.detach(),
-        head.out_bias.detach(),
+        float32_copy(head.out_weight),
+        float32_copy(head.out_bias),
         None,
         [state[k] for k in lowered.state_in],
         *_rule_args(lowered, layer, num_layers, target),
