@@ -60,11 +60,17 @@ def test_ratios_are_paired_within_a_repetition_and_the_report_states_the_targets
     ]
     # repetition 2 ran everything twice as slow: paired ratios do not move
     seconds = {"fp32": [4.0, 8.0], "int8": [2.0, 4.0], "int8 + early exit": [1.0, 2.0], "ONNX Runtime int8": [1.5, 3.0]}
-    results = {name: {"accuracy": 0.5, "mean_layers": 2.0, "seconds": s} for name, s in seconds.items()}
+    # 100 valid tokens; the early exit ran them through 2.5 layers on average (its longer rows ran deeper)
+    results = {
+        name: {"accuracy": 0.5, "mean_layers": 2.0, "tokens": 100.0, "token_layers": 250.0, "layer_calls": 8.0}
+        | {"seconds": s}
+        for name, s in seconds.items()
+    }
     rows = stack.rows_of(configs, results, num_layers=6, texts=10)
     early = rows[2]
     assert early["vs_base_p20"] == early["vs_base_p50"] == early["vs_base_p80"] == 2.0
     assert early["vs_fp32_p50"] == 4.0 and early["vs_ort_int8_p50"] == 1.5 and early["layer_ideal"] == 3.0
+    assert early["token_layer_ideal"] == 2.4 and early["layer_calls"] == 8
     assert rows[1]["vs_base_p50"] == "" and rows[0]["vs_fp32_p50"] == ""
 
     folder = tmp_path / "stack_cpu"
@@ -78,6 +84,9 @@ def test_ratios_are_paired_within_a_repetition_and_the_report_states_the_targets
     assert "| early exit + int8 vs int8 alone ≥ 1.8x | 2.00 x | met |" in section
     assert "| early exit + int8 vs ONNX Runtime int8 ≥ 1.5x | 1.50 x | met |" in section
     assert "| early exit + int8: speed-up / layer ideal ≥ 0.9 | 0.67  | missed |" in section
+    assert "| int8 + early exit: speed-up / token-layer ideal ≥ 0.9 | 0.83  | missed |" in section
+    # time beyond the token-layer share, p50: 1.5 - 3.0 / 2.4 = 0.25 s over 8 layer calls
+    assert "int8 0.250 s of 1.50 s (31.25 ms per layer call of a batch, 8 calls)" in section
     assert "bf16 instructions: yes" in section
     assert "Where that time goes" not in section
     (folder / stack_report.PROFILE_NAME).write_text("# python benchmarks/early_exit_profile.py\nlayers 0.8 s\n")

@@ -76,6 +76,11 @@ def test_compiled_forward_matches_eager_and_compiles_nothing_new_after_warm_up(v
     warm = graphs()
     assert run_batches(compiled, model, LATER, seed=100) > 0
     assert graphs() == warm, "batches of other sizes and lengths compiled new graphs"
+    if backend == "cpp" and variant == "fp32":  # the compiled forward runs the fused per-layer step
+        ids, mask, _ = tiny_batch(*LATER[0], seed=100)
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            compiled(input_ids=ids, attention_mask=mask)
+        assert "earlyexit::cpp_pooled_head_exit_step" in {event.name for event in prof.events()}
 
 
 @pytest.mark.parametrize("variant, atol", [("bf16", 1e-2), ("int8", 1e-4)])

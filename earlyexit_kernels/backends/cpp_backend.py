@@ -344,9 +344,18 @@ def _pooled_head_in_cpp(hidden: torch.Tensor, head) -> bool:
         and hidden.dtype in (torch.float32, torch.bfloat16)
         and all(t.dtype == hidden.dtype and t.device.type == "cpu" for t in head.tensors)
         and n * hidden_size * width * torch.get_num_threads() <= CPU_POOLED_HEAD_MAX_WORK
-        and not torch.compiler.is_compiling()
         and not torch.is_grad_enabled()
     )
+
+
+def _as_op_takes(tensor: torch.Tensor | None, transpose: bool = False) -> torch.Tensor | None:
+    """A weight as the fused op takes it: float32, transposed for its first Linear; made once per
+    tensor and version, or in the graph under torch.compile (which cannot key a cache on storage)."""
+    if tensor is None:
+        return None
+    if torch.compiler.is_compiling():
+        return (tensor.t() if transpose else tensor).float().contiguous()
+    return transposed_pooler(tensor) if transpose else float32_copy(tensor)
 
 
 # Rows x H x M x threads up to which the fused C++ step (one thread) runs the head rather than
@@ -362,20 +371,18 @@ def _pooled_head_op(policy, layer, num_layers, hidden, mask, head, state, target
             logits, None, [state[k] for k in lowered.state_in], *_rule_args(lowered, layer, num_layers, target)
         )
         return exits, returned, logits, _updated(state, lowered, state0, state1), order, count
-    norm = (
-        (float32_copy(head.norm_weight), float32_copy(head.norm_bias)) if head.norm_weight is not None else (None,) * 2
-    )
     exits, returned, logits, _, state0, state1, order, count = torch.ops.earlyexit.cpp_pooled_head_exit_step(
         hidden,
         mask if head.pooling == "mean" else None,
         _POOLING_CODES[head.pooling],
-        *norm,
+        _as_op_takes(head.norm_weight),
+        _as_op_takes(head.norm_bias),
         head.norm_eps,
-        transposed_pooler(head.dense_weight),
-        float32_copy(head.dense_bias),
+        _as_op_takes(head.dense_weight, transpose=True),
+        _as_op_takes(head.dense_bias),
         _ACTIVATION_CODES[head.activation],
-        float32_copy(head.out_weight),
-        float32_copy(head.out_bias),
+        _as_op_takes(head.out_weight),
+        _as_op_takes(head.out_bias),
         None,
         [state[k] for k in lowered.state_in],
         *_rule_args(lowered, layer, num_layers, target),

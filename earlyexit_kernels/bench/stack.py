@@ -6,10 +6,12 @@ Tomatoes, its exit heads fitted and the exit threshold calibrated on the validat
 ``make demo`` does (:data:`earlyexit_kernels.demo.real_demo.FIT_OPTIONS`, the same cached folder).
 Every configuration classifies the same test texts in the same length-sorted batches of 32:
 
-- ``fp32``, ``int8`` (``torch.ao.quantization.quantize_dynamic`` of every Linear), ``bf16``
-  (``model.to(torch.bfloat16)``) and ``compile`` (``torch.compile(model, dynamic=True)``,
-  inductor), each as the unpatched model and with early exit (the fitted model, quantized,
-  cast or compiled the same way: patch, then quantize);
+- ``fp32``, ``int8`` (``torch.ao.quantization.quantize_dynamic`` of the encoder's Linear layers:
+  the classifier and the exit heads, a few thousandths of the work, stay float, so the heads run
+  the backend's fused per-layer step; docs/usage.md, "int8"), ``bf16`` (``model.to(torch.bfloat16)``)
+  and ``compile`` (``torch.compile(model, dynamic=True)``, inductor), each as the unpatched model
+  and with early exit (the fitted model, quantized, cast or compiled the same way: patch, then
+  quantize);
 - peers, where the packages are installed (bench-only, never a dependency of the package):
   ONNX Runtime on the exported graph with its transformer optimizer (BERT fusions), fp32 and
   dynamic int8 (``onnxruntime.quantization.quantize_dynamic``); OpenVINO on the exported graph,
@@ -53,6 +55,8 @@ FIELDS = [
     "accuracy",
     "mean_layers",
     "layer_ideal",
+    "token_layer_ideal",
+    "layer_calls",
     "t_p20_s",
     "t_p50_s",
     "t_p80_s",
@@ -102,16 +106,20 @@ def _torch_config(name: str, base: str, model) -> Config:
     return Config(name, base, early, run)
 
 
+def int8_encoder(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its encoder's Linear layers dynamically quantized to int8."""
+    quantized = copy.deepcopy(model)
+    torch.ao.quantization.quantize_dynamic(quantized.base_model.encoder, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    return quantized
+
+
 def torch_configs(patched, full, *, compile_models: bool = True, bf16: bool = True) -> list[Config]:
     """fp32, int8, bf16 and compile, each without and with early exit (``patched``: the fitted model)."""
-    int8 = {nn.Linear}
     configs = [
         _torch_config("fp32", "fp32", full),
         _torch_config("fp32 + early exit", "fp32", patched),
-        _torch_config("int8", "int8", torch.ao.quantization.quantize_dynamic(full, int8, dtype=torch.qint8)),
-        _torch_config(
-            "int8 + early exit", "int8", torch.ao.quantization.quantize_dynamic(patched, int8, dtype=torch.qint8)
-        ),
+        _torch_config("int8", "int8", int8_encoder(full)),
+        _torch_config("int8 + early exit", "int8", int8_encoder(patched)),
     ]
     if bf16:
         configs += [
@@ -227,24 +235,36 @@ def _openvino_run(compiled):
 def measure(configs: list[Config], batches: list[dict], labels: torch.Tensor, repeats: int, num_layers: int):
     """One warm-up pass of every configuration (accuracy, layers), then ``repeats`` interleaved timed passes.
 
-    Returns ``{name: {"accuracy", "mean_layers", "warmup_s", "seconds": [per repetition]}}``; a
+    Returns ``{name: {"accuracy", "mean_layers", "tokens", "token_layers", "layer_calls", "warmup_s", "seconds":
+    [per repetition]}}`` (tokens: the valid tokens; token-layers: each row's valid tokens times the layers it ran; layer calls: the
+    layers each batch ran, summed over the batches); a
     configuration whose warm-up raised gets ``{"error": message}`` instead and is not timed.
     """
     results = {}
     with torch.inference_mode():
         for config in configs:
             correct, layers, start = 0, 0.0, time.perf_counter()
+            tokens = token_layers = layer_calls = 0.0
             try:
                 for batch in batches:
                     logits, run = config.run(batch)
                     correct += int((logits.argmax(-1) == batch["labels"]).sum())
-                    layers += float(run.float().sum()) if run is not None else num_layers * len(logits)
+                    if run is None:
+                        run = torch.full((len(logits),), num_layers)
+                    layers += float(run.float().sum())
+                    lengths = batch["attention_mask"].sum(1)
+                    tokens += float(lengths.sum())
+                    token_layers += float((run.float() * lengths).sum())
+                    layer_calls += float(run.max())
             except Exception as error:  # reported in the run's notes, not fatal to the other rows
                 results[config.name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
                 continue
             results[config.name] = {
                 "accuracy": correct / len(labels),
                 "mean_layers": layers / len(labels),
+                "tokens": tokens,
+                "token_layers": token_layers,
+                "layer_calls": layer_calls,
                 "warmup_s": round(time.perf_counter() - start, 1),
                 "seconds": [],
             }
@@ -289,6 +309,10 @@ def rows_of(configs: list[Config], results: dict, num_layers: int, texts: int) -
             "accuracy": round(measured["accuracy"], 5),
             "mean_layers": round(measured["mean_layers"], 4),
             "layer_ideal": round(num_layers / measured["mean_layers"], 4) if config.early_exit else "",
+            "token_layer_ideal": round(num_layers * measured["tokens"] / measured["token_layers"], 4)
+            if config.early_exit
+            else "",
+            "layer_calls": int(measured["layer_calls"]),
             "t_p20_s": round(p20, 4),
             "t_p50_s": round(p50, 4),
             "t_p80_s": round(p80, 4),
