@@ -3,8 +3,9 @@
 A random MiniLM-L6-shaped BERT (hidden 384, 12 heads, feed-forward 1536, 6 layers, 2 labels),
 a batch of ``--batch`` sequences of ``--length`` tokens (a quarter of them half padded). For
 each choice and backend it times one call of the engine's head-and-exit step on a layer's
-output (``batch_loop.head_and_exit_step``, Entropy, fused where the engine fuses it) and one
-encoder layer, median of ``--repeats`` calls.
+output (``batch_loop.head_and_exit_step``, Entropy, fused where the engine fuses it: ``step`` is
+the cpp backend's whole per-layer step, pooling included, in one op) and one encoder layer,
+median of ``--repeats`` calls.
 
     python benchmarks/exit_head_cost.py [--batch 32] [--length 128] [--threads 2]
 """
@@ -19,7 +20,7 @@ from transformers import BertConfig, BertForSequenceClassification
 import earlyexit_kernels as eek
 from earlyexit_kernels.backends.registry import resolve_backend
 from earlyexit_kernels.bench.timing import median_us
-from earlyexit_kernels.engine.batch_loop import can_fuse_head, head_and_exit_step
+from earlyexit_kernels.engine.batch_loop import can_fuse_head, head_and_exit_step, pooled_exit_heads
 from earlyexit_kernels.methods.exit_rules import init_state
 from earlyexit_kernels.patching.patch import current_adapter
 
@@ -60,10 +61,24 @@ def main() -> None:
                 def step(adapter=adapter, backend=backend, policy=policy):
                     state = init_state(policy, args.batch, 2, 384, 6, hidden.device, pooled_dtype=hidden.dtype)
                     fused = can_fuse_head(backend, adapter)
-                    return head_and_exit_step(adapter, backend, policy, 2, hidden, None, state, fused=fused, mask=mask)
+                    pooled = pooled_exit_heads(backend, adapter, hidden.device, fused)
+                    return head_and_exit_step(
+                        adapter,
+                        backend,
+                        policy,
+                        2,
+                        hidden,
+                        None,
+                        state,
+                        fused=fused,
+                        mask=mask,
+                        pooled_head=pooled[1] if pooled is not None else None,
+                    )
 
                 with torch.no_grad():
                     fused = can_fuse_head(backend, adapter)
+                    if pooled_exit_heads(backend, adapter, hidden.device, fused) is not None:
+                        fused = "step"  # pooling, head and rule in one op
                     us = median_us(step, args.repeats)
                 print(f"{pooling:8} {head:6} {backend_name:8} {str(fused):6} {us:20.0f} {100 * us / layer_us:12.1f}%")
 

@@ -207,12 +207,12 @@ HeadTensors head_inputs(const at::Tensor& cls_hidden, const at::Tensor& pooler_w
 
 }  // namespace
 
-void rule_rows(ExitCall& call, int64_t C, int64_t r0, int nb, const float* zf) {
+void rule_rows(ExitCall& call, int64_t C, int64_t r0, int64_t nb, const float* zf) {
   const float* halting = call.halting.defined() ? call.halting.data_ptr<float>() : nullptr;
   bool* exits = call.exits.data_ptr<bool>();
   float* returned = call.returned.data_ptr<float>();
   const WriteBack& wb = call.write_back;
-  for (int r = 0; r < nb; ++r) {
+  for (int64_t r = 0; r < nb; ++r) {
     const int64_t row = r0 + r;
     const float h = halting != nullptr ? halting[row] : std::numeric_limits<float>::quiet_NaN();
     float* out = returned + row * C;

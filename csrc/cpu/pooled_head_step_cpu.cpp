@@ -1,7 +1,7 @@
 // The per-layer step of an exit head on the CPU in one call, float32: the pooling of each active
 // row's token vectors ([CLS] or the masked mean), the head (the model's form: tanh pooler then a
 // Linear; or an MLP head: LayerNorm, Linear, GELU, Linear), the policy's rule, the write-back of
-// the exiting rows and the stable survivor list, in blocks of rows with nothing between them.
+// the exiting rows and the stable survivor list, with nothing between them.
 //
 // Why one call: right after an encoder layer each ATen op runs on cold caches (tens of
 // microseconds of dispatch apiece; benchmarks/results/exit_head_in_situ_cpu.md), and the
@@ -16,7 +16,6 @@
 // theirs (the pooled mean, the LayerNorm, the first Linear, the activation, the logits), so the
 // values match PyTorch's to its own bfloat16 rounding (the sums' order may differ by an ulp).
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -29,8 +28,6 @@
 
 namespace eek {
 namespace {
-
-constexpr int kRows = 4;  // rows per block: pooler_head_rows shares each weight load between them
 
 constexpr int64_t kPoolCls = 0, kPoolMean = 1;
 constexpr int64_t kActTanh = 0, kActGelu = 1;
@@ -158,51 +155,45 @@ HeadExitResult pooled_head_exit_step_cpu(const at::Tensor& hidden, const std::op
   const uint8_t* valid_rows = valid.empty() ? nullptr : valid.data();
   const float* norm_w = norm ? nw.data_ptr<float>() : nullptr;
   const float* norm_b = norm ? nb.data_ptr<float>() : nullptr;
-  const int64_t blocks = (n + kRows - 1) / kRows;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> xf(kRows * H), act(kRows * M), zf(kRows * C);
-    for (int64_t block = b0; block < b1; ++block) {
-      const int64_t r0 = block * kRows;
-      const int nb_rows = static_cast<int>(std::min<int64_t>(kRows, n - r0));
-      for (int r = 0; r < nb_rows; ++r) {
-        const int64_t row = r0 + r;
-        float* p = xf.data() + r * H;
-        const char* first = base + row * s0 * element;
-        const uint8_t* row_valid = valid_rows != nullptr ? valid_rows + row * S : nullptr;
-        if (bf16) {
-          const auto* tokens = reinterpret_cast<const c10::BFloat16*>(first);
-          if (pooling == kPoolCls) {
-            for (int64_t k = 0; k < H; ++k) p[k] = static_cast<float>(tokens[k]);
-          } else {
-            pool_row_bf16(tokens, s1, S, row_valid, H, true, p);
-          }
-          auto* out = reinterpret_cast<c10::BFloat16*>(pooled_out) + row * H;
-          for (int64_t k = 0; k < H; ++k) out[k] = c10::BFloat16(p[k]);
-        } else {
-          const auto* tokens = reinterpret_cast<const float*>(first);
-          if (pooling == kPoolCls) {
-            std::copy(tokens, tokens + H, p);
-          } else {
-            pool_row(tokens, s1, S, row_valid, H, true, p);
-          }
-          std::copy(p, p + H, reinterpret_cast<float*>(pooled_out) + row * H);
-        }
-        if (norm) {
-          layer_norm_row(p, H, norm_w, norm_b, static_cast<float>(norm_eps));
-          if (bf16)
-            for (int64_t k = 0; k < H; ++k) p[k] = rounded(p[k], true);
-        }
-      }
-      pooler_head_rows(args, xf.data(), nb_rows, act.data(), zf.data());
-      if (bf16) {
-        auto* out = reinterpret_cast<c10::BFloat16*>(logits_out) + r0 * C;
-        for (int64_t i = 0; i < nb_rows * C; ++i) out[i] = c10::BFloat16(zf[i]);
+  // Pool (and norm) every row, then both Linears over all rows at once (each weight block read
+  // once for all of them), then the rule row by row.
+  std::vector<float> xf(n * H), act(n * M), zf(n * C);
+  for (int64_t row = 0; row < n; ++row) {
+    float* p = xf.data() + row * H;
+    const char* first = base + row * s0 * element;
+    const uint8_t* row_valid = valid_rows != nullptr ? valid_rows + row * S : nullptr;
+    if (bf16) {
+      const auto* tokens = reinterpret_cast<const c10::BFloat16*>(first);
+      if (pooling == kPoolCls) {
+        for (int64_t k = 0; k < H; ++k) p[k] = static_cast<float>(tokens[k]);
       } else {
-        std::copy(zf.data(), zf.data() + nb_rows * C, reinterpret_cast<float*>(logits_out) + r0 * C);
+        pool_row_bf16(tokens, s1, S, row_valid, H, true, p);
       }
-      rule_rows(call, C, r0, nb_rows, zf.data());
+      auto* out = reinterpret_cast<c10::BFloat16*>(pooled_out) + row * H;
+      for (int64_t k = 0; k < H; ++k) out[k] = c10::BFloat16(p[k]);
+    } else {
+      const auto* tokens = reinterpret_cast<const float*>(first);
+      if (pooling == kPoolCls) {
+        std::copy(tokens, tokens + H, p);
+      } else {
+        pool_row(tokens, s1, S, row_valid, H, true, p);
+      }
+      std::copy(p, p + H, reinterpret_cast<float*>(pooled_out) + row * H);
     }
-  });
+    if (norm) {
+      layer_norm_row(p, H, norm_w, norm_b, static_cast<float>(norm_eps));
+      if (bf16)
+        for (int64_t k = 0; k < H; ++k) p[k] = rounded(p[k], true);
+    }
+  }
+  pooler_head_all_rows(args, xf.data(), n, act.data(), zf.data());
+  if (bf16) {
+    auto* out = reinterpret_cast<c10::BFloat16*>(logits_out);
+    for (int64_t i = 0; i < n * C; ++i) out[i] = c10::BFloat16(zf[i]);
+  } else {
+    std::copy(zf.begin(), zf.end(), reinterpret_cast<float*>(logits_out));
+  }
+  rule_rows(call, C, 0, n, zf.data());
   finish_survivors(call, n);
   return head_exit_result(call, logits, pooled);
 }

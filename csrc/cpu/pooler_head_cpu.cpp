@@ -72,6 +72,7 @@ EEK_INLINE float mul_add(float a, float b, float c) { return __builtin_fmaf(a, b
 
 using RowsFn = void (*)(const PoolerHeadArgs&, const float*, int, float*, float*);
 using PoolFn = void (*)(const float*, int64_t, int64_t, const uint8_t*, int64_t, bool, float*);
+using AllRowsFn = void (*)(const PoolerHeadArgs&, const float*, int64_t, float*, float*);
 #endif
 
 // The widest version this CPU runs, or the one EARLYEXIT_CPU_ISA names where the CPU runs it.
@@ -105,6 +106,20 @@ void pooler_head_rows(const PoolerHeadArgs& args, const float* x, int rows, floa
   rows_fn(args, x, rows, pooled, logits);
 #else
   portable::pooler_head_rows(args, x, rows, pooled, logits);
+#endif
+}
+
+void pooler_head_all_rows(const PoolerHeadArgs& args, const float* x, int64_t rows, float* pooled, float* logits) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const AllRowsFn all_rows_fn = [] {
+    const char* isa = chosen_isa();
+    if (std::strcmp(isa, "avx512") == 0) return &avx512::pooler_head_all_rows;
+    if (std::strcmp(isa, "avx2_fma") == 0) return &avx2::pooler_head_all_rows;
+    return &portable::pooler_head_all_rows;
+  }();
+  all_rows_fn(args, x, rows, pooled, logits);
+#else
+  portable::pooler_head_all_rows(args, x, rows, pooled, logits);
 #endif
 }
 

@@ -25,6 +25,10 @@ struct PoolerHeadArgs {
 // layer); each row's values depend on that row only.
 void pooler_head_rows(const PoolerHeadArgs& args, const float* x, int rows, float* pooled, float* logits);
 
+// pooler_head_rows on `rows` rows of x (any number), each weight block read once for all of them;
+// a row's values are the same as pooler_head_rows gives it.
+void pooler_head_all_rows(const PoolerHeadArgs& args, const float* x, int64_t rows, float* pooled, float* logits);
+
 // out [H] = the sum, or with `mean` the mean, of the token vectors x + s * stride (s < S, unit
 // stride over H) whose valid[s] is nonzero (valid == nullptr: all of them; none: zeros),
 // added in the order of s. The masked mean pooling of an exit head.

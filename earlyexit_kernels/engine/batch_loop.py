@@ -245,7 +245,16 @@ def run_early_exit(
                     order, stats = write_back(target, exits, returned, layer)
         else:
             exits, returned, logits, halting, new_state = head_and_exit_step(
-                adapter, backend, policy, layer, hidden, halting_head, state, fused=fused, mask=mask
+                adapter,
+                backend,
+                policy,
+                layer,
+                hidden,
+                halting_head,
+                state,
+                fused=fused,
+                mask=mask,
+                pooled_head=pooled_heads[layer - 1] if pooled_heads is not None and layer < num_layers else None,
             )
         if not settled:
             if ran is not None:
@@ -380,6 +389,7 @@ def head_and_exit_step(
     *,
     fused: bool,
     mask: torch.Tensor | None = None,
+    pooled_head=None,
 ) -> tuple:
     """The exit heads of 1-based ``layer`` on ``hidden`` [n, S, H], then the policy's step.
 
@@ -387,10 +397,17 @@ def head_and_exit_step(
     before the last, on ``adapter.pooled_hidden`` (the [CLS] rows or their masked mean); the
     last layer always runs the model's own pooler and classifier.
     ``mask``: the 2-D mask [n, S] of ``hidden`` (None: no padding), for a pooling that reads it.
+    ``pooled_head`` (a layer of :func:`pooled_exit_heads`): the backend's fused step runs the
+    pooling, the head and the rule in one call instead (no halting head).
     Returns ``(exits [n] bool, returned [n, C] float32, logits [n, C], halting [n] or
     None, state)``, as :func:`earlyexit_kernels.methods.exit_rules.head_exit_step`.
     """
     num_layers = adapter.num_layers
+    if pooled_head is not None and halting_head is None:
+        exits, returned, logits, state = backend.pooled_head_exit_step(
+            policy, layer, num_layers, hidden, mask, pooled_head, state
+        )
+        return exits, returned, logits, None, state
     if fused and layer < num_layers:
         return backend.head_exit_step(
             policy,
