@@ -127,3 +127,18 @@ def test_cuda_compact_on_second_gpu():
     states, mask, index = _inputs(17, 9, 768, torch.float16, seed=8)
     _check(states, mask, index, 7, torch.device("cuda", 1))
     assert torch.cuda.current_device() == 0
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_rows_that_stay_in_place_are_not_copied(with_mask):
+    hidden, mask, _ = _inputs(9, 7, 16, torch.float32, seed=3)
+    mask = mask if with_mask else None
+    prefix = torch.arange(5)
+    _check(hidden, mask, prefix, 7)
+    got_h, got_m = cpp_backend.compact(hidden, mask, prefix, 7)
+    assert got_h.data_ptr() == hidden.data_ptr()  # a view of the first 5 rows
+    assert mask is None or got_m.data_ptr() == mask.data_ptr()
+    # a row that moves, or a trimmed position, makes a copy
+    for index, length in ((torch.tensor([0, 1, 3]), 7), (prefix, 6)):
+        _check(hidden, mask, index, length)
+        assert cpp_backend.compact(hidden, mask, index, length)[0].data_ptr() != hidden.data_ptr()

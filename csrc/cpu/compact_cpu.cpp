@@ -1,7 +1,9 @@
 // CPU compaction gather: rows `index` of hidden [n, S, H] (and mask [n, S]) into a new
 // contiguous [m, L, H] (and [m, L]) with L = min(seq_len, S). Each output row is one
 // contiguous block of L*H elements taken from the start of its source row, so the copy
-// is a memcpy per row, rows split over threads.
+// is a memcpy per row, rows split over threads. Where nothing moves (the rows kept are the
+// first m, in order, and no position is trimmed) the outputs are views of the inputs' first
+// m rows: no copy at all.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -46,6 +48,20 @@ std::tuple<at::Tensor, at::Tensor> compact_cpu(const at::Tensor& hidden, const s
   const int64_t L = std::min(seq_len, S);
   const int64_t m = index.size(0);
   at::Tensor idx = index.to(at::kLong).contiguous();
+  if (L == S && m <= n && hidden.is_contiguous() && (!mask.has_value() || !mask->defined() || mask->is_contiguous())) {
+    const int64_t* p = idx.data_ptr<int64_t>();
+    bool in_place = true;
+    for (int64_t i = 0; i < m && in_place; ++i) in_place = p[i] == i;
+    if (in_place) {
+      at::Tensor out_mask = at::empty({0}, hidden.options().dtype(at::kLong));
+      if (mask.has_value() && mask->defined()) {
+        TORCH_CHECK(mask->dim() == 2 && mask->size(0) == n && mask->size(1) == S,
+                    "cpp_compact: mask must be [n, S] = [", n, ", ", S, "], got ", mask->sizes());
+        out_mask = mask->narrow(0, 0, m);
+      }
+      return {hidden.narrow(0, 0, m), out_mask};
+    }
+  }
   // Only the row stride may be arbitrary; otherwise work on a contiguous copy.
   at::Tensor h = (hidden.stride(2) == 1 || H <= 1) && (hidden.stride(1) == H || S <= 1) ? hidden : hidden.contiguous();
   at::Tensor out = at::empty({m, L, H}, hidden.options());
