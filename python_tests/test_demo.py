@@ -1,5 +1,9 @@
 """The demo task is reproducible and mixes easy and hard sequences; the demo runs end to end."""
 
+import contextlib
+import io
+
+import pytest
 import torch
 
 from earlyexit_kernels.demo import report as demo
@@ -42,10 +46,25 @@ SMALL = [
 ]  # fmt: skip
 
 
-def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, capsys):
-    report = tmp_path / "demo.txt"
-    demo.main([*SMALL, "--cache-dir", str(tmp_path / "cache"), "--output", str(report)])
-    printed = capsys.readouterr().out
+def _run_demo(*args: str) -> str:
+    """What ``python -m earlyexit_kernels.demo SMALL args`` prints."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        demo.main([*SMALL, *args])
+    return printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """The demo run once on a fresh cache: (what it printed, its report, the cache folder)."""
+    folder = tmp_path_factory.mktemp("demo")
+    report, cache = folder / "demo.txt", str(folder / "cache")
+    printed = _run_demo("--cache-dir", cache, "--output", str(report))
+    return printed, report.read_text(), cache
+
+
+def test_demo_runs_end_to_end_and_writes_its_report(first_run):
+    printed, text, _ = first_run
     for name in ("full model", "Patience(2)", "Entropy(0.2)", "MaxProb(0.9)", "speed-up", "methods side by side"):
         assert name in printed
     for method in (
@@ -60,17 +79,13 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, capsys):
         assert method in printed
     for runner in ("pipeline, full model", "per-batch early exit", "eek.classify"):
         assert runner in printed.split("as a stream")[1]
-    text = report.read_text()
     assert text.startswith("# python -m earlyexit_kernels.demo") and "full model" in text
 
 
-def test_a_second_run_loads_what_the_first_trained(tmp_path, capsys):
-    cache = str(tmp_path / "cache")
-    demo.main([*SMALL, "--cache-dir", cache])
-    first = capsys.readouterr().out
+def test_a_second_run_loads_what_the_first_trained(first_run):
+    first, _, cache = first_run
     assert "saved to" in first and "trained 2 steps" in first
-    demo.main([*SMALL, "--cache-dir", cache])
-    second = capsys.readouterr().out
+    second = _run_demo("--cache-dir", cache)
     assert "loaded the trained backbone and exit heads from" in second
     assert "each loaded from the cache" in second
     table = [line for line in first.splitlines() if line.startswith(("pabee:", "dact:"))]
