@@ -9,7 +9,7 @@ gives the per-batch engine's labels and exit layers; (f) the training loss has g
 import pytest
 import torch
 from model_comparison import assert_same_function, assert_same_weights
-from threshold_helpers import assert_clear_of_threshold
+from threshold_helpers import assert_clear_of_threshold, midway
 from transformers import (
     AlbertConfig,
     AlbertForSequenceClassification,
@@ -438,3 +438,29 @@ def test_mpnet_training_reaches_the_position_bias():
     out.loss.backward()
     grad = model.mpnet.encoder.relative_attention_bias.weight.grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+def test_mlp_heads_run_the_cpu_s_whole_step_where_the_family_allows_and_agree_with_torch(family):
+    """On the CPU the cpp backend runs an MLP head's pooling, head and rule as one op on every family
+    but ModernBERT (whose final norm comes before pooling); the decisions are the torch backend's."""
+    if not eek.backends()["cpp"]:
+        pytest.skip("the C++ backend is not built")
+    inputs = tiny_inputs(family, 12, 14, seed=5)
+    model = tiny_family(family, seed=4)
+    eek.patch(model, eek.Entropy(0.0), backend="torch", pooling="mean", head="mlp")
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for parameter in model.early_exit_heads.classifiers.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+        values = entropy(model(**inputs, return_all_exits=True).all_logits[:-1].float())
+        policy = eek.Entropy(midway(values, min_margin=1e-4))
+        eek.patch(model, policy, backend="torch")
+        expected = model(**inputs)
+        eek.patch(model, policy, backend="cpp")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            got = model(**inputs)
+    fused = "earlyexit::cpp_pooled_head_exit_step" in {event.name for event in profile.events()}
+    assert fused == (not family.startswith("modernbert"))
+    assert torch.equal(got.exit_layer, expected.exit_layer)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-5)
+    assert len(set(expected.exit_layer.tolist())) >= 2, "the test needs rows leaving at different layers"

@@ -70,9 +70,6 @@ EEK_INLINE float mul_add(float a, float b, float c) { return __builtin_fmaf(a, b
 }  // namespace avx512
 #pragma GCC pop_options
 
-using RowsFn = void (*)(const PoolerHeadArgs&, const float*, int, float*, float*);
-using PoolFn = void (*)(const float*, int64_t, int64_t, const uint8_t*, int64_t, bool, float*);
-using AllRowsFn = void (*)(const PoolerHeadArgs&, const float*, int64_t, float*, float*);
 #endif
 
 // The widest version this CPU runs, or the one EARLYEXIT_CPU_ISA names where the CPU runs it.
@@ -93,48 +90,36 @@ const char* chosen_isa() {
   return "portable";
 }
 
+#if defined(__GNUC__) && defined(__x86_64__)
+// The version of a kernel that chosen_isa() names.
+template <typename Fn>
+Fn for_this_cpu(Fn avx512_version, Fn avx2_version, Fn portable_version) {
+  const char* isa = chosen_isa();
+  if (std::strcmp(isa, "avx512") == 0) return avx512_version;
+  if (std::strcmp(isa, "avx2_fma") == 0) return avx2_version;
+  return portable_version;
+}
+#define EEK_FOR_THIS_CPU(name) for_this_cpu(&avx512::name, &avx2::name, &portable::name)
+#else
+#define EEK_FOR_THIS_CPU(name) (&portable::name)
+#endif
+
 }  // namespace
 
+// Each picks its version once, on its first call.
 void pooler_head_rows(const PoolerHeadArgs& args, const float* x, int rows, float* pooled, float* logits) {
-#if defined(__GNUC__) && defined(__x86_64__)
-  static const RowsFn rows_fn = [] {
-    const char* isa = chosen_isa();
-    if (std::strcmp(isa, "avx512") == 0) return &avx512::pooler_head_rows;
-    if (std::strcmp(isa, "avx2_fma") == 0) return &avx2::pooler_head_rows;
-    return &portable::pooler_head_rows;
-  }();
-  rows_fn(args, x, rows, pooled, logits);
-#else
-  portable::pooler_head_rows(args, x, rows, pooled, logits);
-#endif
+  static const auto version = EEK_FOR_THIS_CPU(pooler_head_rows);
+  version(args, x, rows, pooled, logits);
 }
 
 void pooler_head_all_rows(const PoolerHeadArgs& args, const float* x, int64_t rows, float* pooled, float* logits) {
-#if defined(__GNUC__) && defined(__x86_64__)
-  static const AllRowsFn all_rows_fn = [] {
-    const char* isa = chosen_isa();
-    if (std::strcmp(isa, "avx512") == 0) return &avx512::pooler_head_all_rows;
-    if (std::strcmp(isa, "avx2_fma") == 0) return &avx2::pooler_head_all_rows;
-    return &portable::pooler_head_all_rows;
-  }();
-  all_rows_fn(args, x, rows, pooled, logits);
-#else
-  portable::pooler_head_all_rows(args, x, rows, pooled, logits);
-#endif
+  static const auto version = EEK_FOR_THIS_CPU(pooler_head_all_rows);
+  version(args, x, rows, pooled, logits);
 }
 
 void pool_row(const float* x, int64_t stride, int64_t S, const uint8_t* valid, int64_t H, bool mean, float* out) {
-#if defined(__GNUC__) && defined(__x86_64__)
-  static const PoolFn pool_fn = [] {
-    const char* isa = chosen_isa();
-    if (std::strcmp(isa, "avx512") == 0) return &avx512::pool_row;
-    if (std::strcmp(isa, "avx2_fma") == 0) return &avx2::pool_row;
-    return &portable::pool_row;
-  }();
-  pool_fn(x, stride, S, valid, H, mean, out);
-#else
-  portable::pool_row(x, stride, S, valid, H, mean, out);
-#endif
+  static const auto version = EEK_FOR_THIS_CPU(pool_row);
+  version(x, stride, S, valid, H, mean, out);
 }
 
 const char* pooler_head_isa() { return chosen_isa(); }

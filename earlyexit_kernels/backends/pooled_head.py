@@ -38,7 +38,8 @@ ACTIVATIONS = ("tanh", "gelu")
 class FusedExitHead:
     """The weights of one internal exit head, as the fused step reads them (shapes in comments).
 
-    Hashed by identity: the backends cache what they pack from it per instance.
+    The tensors are the head's own parameters, not copies (the C++ backend keeps its float32 and
+    transposed copies per tensor and version); compared by identity.
     """
 
     pooling: str  # "cls" or "mean"
@@ -57,6 +58,10 @@ class FusedExitHead:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         m, h = self.dense_weight.shape
+        if self.norm_weight is not None and tuple(self.norm_weight.shape) != (h,):
+            raise ValueError(
+                f"norm_weight must be [{h}] (the first Linear's inputs), got {tuple(self.norm_weight.shape)}"
+            )
         if self.out_weight.dim() != 2 or self.out_weight.shape[1] != m:
             raise ValueError(f"out_weight must be [C, {m}], got {tuple(self.out_weight.shape)}")
         if (self.norm_weight is None) != (self.norm_bias is None):
