@@ -216,9 +216,9 @@ def run_early_exit(
             continue  # nobody leaves here and the state needs no head: the head would be wasted
         # The last layer runs the model's own pooler and classifier, so a sequence that runs
         # every layer gets exactly the unpatched model's logits whatever the backend.
+        pooled_head = pooled_heads[layer - 1] if pooled_heads is not None and layer < num_layers else None
         if settled:
             target = WriteBack(rows, runs, extents, out_logits, out_exit, out_runs)
-            pooled_head = pooled_heads[layer - 1] if pooled_heads is not None and layer < num_layers else None
             if pooled_head is not None:
                 _, state, order, stats = backend.pooled_head_exit_step_write_back(
                     policy, layer, num_layers, hidden, mask, pooled_head, state, target
@@ -254,7 +254,7 @@ def run_early_exit(
                 state,
                 fused=fused,
                 mask=mask,
-                pooled_head=pooled_heads[layer - 1] if pooled_heads is not None and layer < num_layers else None,
+                pooled_head=pooled_head,
             )
         if not settled:
             if ran is not None:
