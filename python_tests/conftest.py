@@ -53,6 +53,21 @@ def tiny_model(arch: str = "bert", *, num_labels: int = 3, num_layers: int = 4, 
     return model.eval()
 
 
+def mlp_head_model(seed: int, num_layers: int = 4):
+    """:func:`tiny_model` patched with mean-pooled MLP exit heads (what ``eek fit`` trains by
+    default) of random weights whose predictions differ from layer to layer; torch backend,
+    ``Entropy(0.0)``: patch again with the policy and backend under test."""
+    import earlyexit_kernels as eek
+
+    model = tiny_model("bert", num_layers=num_layers, seed=seed)
+    eek.patch(model, eek.Entropy(0.0), backend="torch", pooling="mean", head="mlp")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.early_exit_heads.classifiers.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    return model
+
+
 def tiny_batch(batch: int = 6, seq_len: int = 12, *, seed: int = 1, padded: bool = True):
     """Random ids, a right-padded mask (row 0 always full length) and token types."""
     generator = torch.Generator().manual_seed(seed)

@@ -17,8 +17,9 @@ import contextlib
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_model
+from conftest import mlp_head_model, tiny_batch, tiny_model
 from test_classify import _sequences, spread_model
+from threshold_helpers import midway
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import earlyexit_kernels as eek
@@ -217,3 +218,36 @@ def test_scheduled_runs_no_head_where_nobody_is_scheduled_to_leave(backend, monk
     assert {op for op, n in ops[3].items() if op not in ALLOCATIONS} == {"add"}  # layer 3: nobody leaves
     assert per_layer[1][1] == per_layer[3][1] == 0
     assert launches(ops[2]) > 1 and per_layer[2][1] == 1  # layer 2: the head, the decision, one read-back
+
+
+# Mean-pooled MLP heads (what `eek fit` trains by default), B = 64, exits spread over three
+# layers: launches of an exiting layer at most. The triton backend runs pooling, head and rule
+# as three kernels (22 launches before they were fused), the cpp backend as one op.
+MLP_HEAD_BUDGET = {"torch": 55, "cpp": 15, "triton": 12}
+
+
+def _mlp_head_model():
+    model = mlp_head_model(seed=3)
+    ids, mask, _ = tiny_batch(64, 30, seed=2)
+    with torch.no_grad():
+        probs = model(input_ids=ids, attention_mask=mask, return_all_exits=True).all_logits[:-1].float().softmax(-1)
+    entropies = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+    return model, eek.Entropy(midway(entropies, around=entropies[0], min_margin=1e-4)), ids, mask
+
+
+@pytest.mark.parametrize("backend", sorted(MLP_HEAD_BUDGET))
+def test_mean_pooled_mlp_heads_stay_within_budget(backend, monkeypatch):
+    if not eek.backends()[backend]:
+        pytest.skip(f"backend {backend!r}: {eek.backend_status()[backend]}")
+    model, policy, ids, mask = _mlp_head_model()
+    eek.patch(model, policy, backend=backend)
+    per_layer, out, ops = count(model, ids, mask, monkeypatch)
+    exiting = range(1, int(out.exit_layer.max()))
+    assert len(set(out.exit_layer.tolist())) >= 3, "the test needs rows leaving at several layers"
+    assert max(launches(ops[layer]) for layer in exiting) <= MLP_HEAD_BUDGET[backend], dict(ops)
+    assert all(per_layer[layer][1] == 1 for layer in exiting)
+    if backend == "triton":  # the head is the three kernels, no PyTorch head module
+        head_ops = {"native_layer_norm", "addmm", "gelu", "mm", "linear"}
+        for layer in exiting:
+            assert {"pool_norm", "exit_head", "exit_decide"} <= set(ops[layer]), dict(ops[layer])
+            assert not head_ops & set(ops[layer]), dict(ops[layer])

@@ -7,7 +7,8 @@ The CPU suite runs the kernels in Triton's interpreter, which accepts code the c
 rejects (types, layouts, an int64 pointer offset that is not). This compiles each kernel
 with its launch-time signature for sm_90 (and the head for sm_80, the two targets the
 package builds for) through ptxas: every policy of the decision kernel with and without the
-partials and the write-back, the head in each dtype, the gather with int32 and int64
+partials and the write-back, the head in each dtype (tanh and GELU), the pooling with and
+without the LayerNorm, the gather with int32 and int64
 indices and strides, each with the block sizes and warps its launcher picks on a GPU. The
 table (kernel, variant, arch, registers and stack frame of the cubin Triton built, shared
 memory, tensor-core instructions in the PTX: ``wgmma`` (sm_90) and ``mma.sync``)
@@ -37,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from earlyexit_kernels.backends.triton_kernels import compact as tc  # noqa: E402
 from earlyexit_kernels.backends.triton_kernels import exit_decide as tkd  # noqa: E402
 from earlyexit_kernels.backends.triton_kernels import exit_head as tkh  # noqa: E402
+from earlyexit_kernels.backends.triton_kernels import pool_norm as tpn  # noqa: E402
 
 
 def compile_kernel(kernel, types: dict, constexprs: dict, arch: int, num_warps: int = 4):
@@ -86,11 +88,12 @@ def head_variants():
         for dtype, dot_fp32 in (("fp16", False), ("bf16", False), ("fp32", True)):
             for rows in (64,):
                 block_m, block_n, block_k, warps = tkh._head_blocks(rows, 768, dot_fp32)
-                for write_pooled in (True, False):
+                # the model's tanh head (pooled out for a halting head), and an MLP head's GELU
+                for write_pooled, gelu in ((True, False), (False, False), (False, True)):
                     types = {
                         name: "i32" for name in ("stride_hn", "stride_hk", "stride_wpo", "stride_wpi", "stride_bp")
                     }
-                    types.update({name: "i32" for name in ("stride_wic", "stride_wik", "n", "H", "C")})
+                    types.update({name: "i32" for name in ("stride_wic", "stride_wik", "n", "H", "M", "C")})
                     types.update({name: f"*{dtype}" for name in ("h_ptr", "wp_ptr", "bp_ptr", "wi_ptr", "pooled_ptr")})
                     types["zpart_ptr"] = "*fp32"
                     constexprs = dict(
@@ -100,10 +103,11 @@ def head_variants():
                         BLOCK_C=16,
                         DOT_FP32=dot_fp32,
                         WRITE_POOLED=write_pooled,
+                        GELU=gelu,
                     )
                     variant = (
                         f"{dtype}, BLOCK_M/N/K {block_m}/{block_n}/{block_k}, {warps} warps"
-                        f"{', pooled out' if write_pooled else ''}"
+                        f"{', pooled out' if write_pooled else ''}{', GELU' if gelu else ''}"
                     )
                     yield "head", variant, tkh._head_kernel, types, constexprs, arch, warps
 
@@ -182,6 +186,23 @@ def decide_variants():
             )
 
 
+def pool_norm_variants():
+    # The launcher's GPU blocks (tpn._pool_blocks) at H = 768 and 1024: the masked mean with the
+    # MLP head's LayerNorm, the mean alone, and the [CLS] vector with the norm.
+    for arch in (90, 80):
+        for dtype in ("bf16", "fp32"):
+            for hidden in (768, 1024):
+                block_s, block_h, warps = tpn._pool_blocks(hidden)
+                for mean, has_mask, norm in ((True, True, True), (True, True, False), (False, False, True)):
+                    types = {name: f"*{dtype}" for name in ("h_ptr", "nw_ptr", "nb_ptr", "out_ptr")}
+                    types.update(mask_ptr="*i64", eps="fp32", stride_hn="i64", S="i32", H="i32")
+                    types.update({name: "i32" for name in ("stride_hs", "stride_hh", "stride_mn", "stride_ms")})
+                    constexprs = dict(MEAN=mean, HAS_MASK=has_mask, NORM=norm, BLOCK_S=block_s, BLOCK_H=block_h)
+                    what = ("masked mean" if mean else "[CLS]") + (" + LayerNorm" if norm else "")
+                    variant = f"{dtype}, H {hidden}, {what}, BLOCK_S/H {block_s}/{block_h}, {warps} warps"
+                    yield "pool_norm", variant, tpn._pool_norm_kernel, types, constexprs, arch, warps
+
+
 def compact_variants():
     # The launcher's GPU blocks (tc._blocks) at H = 256 and H = 768 (BLOCK_H 1024, masked).
     for arch in (90, 80):
@@ -206,7 +227,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     rows = []
-    for variants in (head_variants(), decide_variants(), compact_variants()):
+    for variants in (pool_norm_variants(), head_variants(), decide_variants(), compact_variants()):
         for kernel_name, variant, kernel, types, constexprs, arch, warps in variants:
             try:
                 usage = resource_usage(compile_kernel(kernel, types, constexprs, arch, warps), arch)

@@ -53,6 +53,9 @@ class Backend:
     ``_write_back`` form (signatures of :mod:`earlyexit_kernels.backends.pooled_head`) run the
     whole per-layer step of an internal head, pooling included, on the layer's output [n, S, H]
     (``head``: a :class:`~earlyexit_kernels.backends.pooled_head.FusedExitHead`, either form).
+    ``pooled_head_devices``: the device types where that step runs as fused code; elsewhere it
+    is PyTorch's pooling and head before the backend's rule, and the engine prefers the fused
+    head on the pooled rows where the backend has one.
     """
 
     name: str
@@ -65,6 +68,7 @@ class Backend:
     prepare_head_exit_step: Callable | None = None
     pooled_head_exit_step: Callable | None = None
     pooled_head_exit_step_write_back: Callable | None = None
+    pooled_head_devices: tuple[str, ...] = ("cpu",)
 
 
 _REGISTRY: dict[str, Backend] = {

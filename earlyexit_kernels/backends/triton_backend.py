@@ -1,4 +1,4 @@
-"""The ``"triton"`` backend: fused exit step and compaction gather written in Triton.
+"""The ``"triton"`` backend: fused exit step, whole per-layer head step and compaction gather in Triton.
 
 Imported by :func:`earlyexit_kernels.backends.registry._load_optional_backends`. When
 ``triton`` cannot be imported the backend is marked unavailable with the reason and
@@ -29,6 +29,10 @@ def _register() -> None:
             head_exit_step,
             head_exit_step_write_back,
         )
+        from earlyexit_kernels.backends.triton_kernels.pooled_head_step import (
+            pooled_head_exit_step,
+            pooled_head_exit_step_write_back,
+        )
     except Exception as err:  # an incompatible triton or torch: say why instead of failing the import
         mark_unavailable("triton", f"the Triton kernels could not be loaded ({type(err).__name__}: {err})")
         return
@@ -50,6 +54,9 @@ def _register() -> None:
             head_exit_step=head_exit_step,
             exit_step_write_back=exit_step_write_back,
             head_exit_step_write_back=head_exit_step_write_back,
+            pooled_head_exit_step=pooled_head_exit_step,
+            pooled_head_exit_step_write_back=pooled_head_exit_step_write_back,
+            pooled_head_devices=devices,
         )
     )
 

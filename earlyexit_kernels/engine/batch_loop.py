@@ -364,12 +364,13 @@ def pooled_exit_heads(backend: Backend, adapter: EncoderAdapter, device: torch.d
     """The internal heads as the backend's fused per-layer step reads them (pooling included;
     :mod:`earlyexit_kernels.backends.pooled_head`), one per internal layer (None where a layer's
     head is not of that form), or None where that step does not run: training, a backend without
-    it, an adapter without such heads, and on a GPU a head the backend's own fused head covers."""
+    it, an adapter without such heads, and a head the backend's fused head covers on a device
+    where the backend's whole step is not fused code (``Backend.pooled_head_devices``)."""
     if (
         backend.pooled_head_exit_step_write_back is None
         or torch.is_grad_enabled()
         or getattr(adapter, "training", False)
-        or (fused and device.type != "cpu")
+        or (fused and device.type not in backend.pooled_head_devices)
     ):
         return None
     if not hasattr(adapter, "fused_exit_head"):

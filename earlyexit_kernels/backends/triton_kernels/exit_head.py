@@ -1,9 +1,11 @@
-"""The Triton kernel of the default exit head, and its launcher.
+"""The Triton kernel of an exit head's two Linear layers, and its launcher.
 
-``_head_kernel``: for the active rows it reads the [CLS] row of each sequence through a
-strided ``[n, H]`` view and computes ``pooled = tanh(W_p h + b_p)`` (fp32 accumulation) and,
-in the same program, the partial logits ``pooled[:, tile] @ W_i[:, tile]^T`` of its column
-tile of ``pooled``. Partials go to a small fp32 buffer ``[T, n, C]`` (no atomics, so the
+``_head_kernel``: for the active rows it reads one vector per sequence through a strided
+``[n, H]`` view (the [CLS] rows, or the pooled and normalised rows of :mod:`.pool_norm`) and
+computes ``pooled = act(W_p h + b_p)`` over ``W_p`` [M, H] (fp32 accumulation; ``act``: the
+model pooler's tanh, or an MLP head's exact GELU) and, in the same program, the partial logits
+``pooled[:, tile] @ W_i[:, tile]^T`` of its column tile of ``pooled``. ``W_p h + b_p`` is
+rounded to the input dtype before the activation, as ``F.linear`` returns it in the reference. Partials go to a small fp32 buffer ``[T, n, C]`` (no atomics, so the
 result does not depend on scheduling); the decision kernel (:mod:`.exit_decide`) sums them.
 fp32 inputs use IEEE fp32 products (``input_precision="ieee"``, no TF32); under the
 interpreter bf16 tiles are widened to fp32 before ``tl.dot`` (the interpreter's ``dot``
@@ -39,6 +41,11 @@ def _tanh(x):
     return tl.where(x < 0, -y, y)
 
 
+@triton.jit
+def _gelu(x):
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
 @triton.jit(do_not_specialize=HEAD_PER_CALL)
 def _head_kernel(
     h_ptr,
@@ -56,6 +63,7 @@ def _head_kernel(
     zpart_ptr,
     n,
     H,
+    M,
     C,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -63,6 +71,7 @@ def _head_kernel(
     BLOCK_C: tl.constexpr,
     DOT_FP32: tl.constexpr,
     WRITE_POOLED: tl.constexpr,
+    GELU: tl.constexpr,
 ):
     """Program (pid_m, pid_n): rows pid_m*BLOCK_M.., pooled columns pid_n*BLOCK_N.."""
     pid_m = tl.program_id(0)
@@ -71,7 +80,7 @@ def _head_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < n
-    col_ok = cols < H
+    col_ok = cols < M
     row_off = rows.to(tl.int64) * stride_hn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -89,10 +98,14 @@ def _head_kernel(
         else:
             acc = tl.dot(x, w, acc)
     pre = acc + tl.load(bp_ptr + cols * stride_bp, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    pooled = _tanh(pre).to(wi_ptr.dtype.element_ty)
+    pre = pre.to(wi_ptr.dtype.element_ty).to(tl.float32)
+    if GELU:
+        pooled = _gelu(pre).to(wi_ptr.dtype.element_ty)
+    else:
+        pooled = _tanh(pre).to(wi_ptr.dtype.element_ty)
     if WRITE_POOLED:
         tl.store(
-            pooled_ptr + rows.to(tl.int64)[:, None] * H + cols[None, :],
+            pooled_ptr + rows.to(tl.int64)[:, None] * M + cols[None, :],
             pooled,
             mask=row_ok[:, None] & col_ok[None, :],
         )
@@ -115,7 +128,8 @@ def _head_kernel(
 
 
 def _head_blocks(n, hidden, dot_fp32: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the head kernel; BLOCK_N depends on H only.
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the head kernel; BLOCK_N depends on ``hidden``
+    (the first Linear's output width M) only.
 
     ``n`` and ``hidden`` may be SymInts (the op traced with dynamic shapes): the block sizes
     come from :func:`pow2_bucket`, never from a cache keyed on them.
@@ -134,32 +148,45 @@ def _head_blocks(n, hidden, dot_fp32: bool = False) -> tuple[int, int, int, int]
     return 64, 64, 64, 4
 
 
-def _num_tiles(hidden) -> int:
-    return cdiv(hidden, _head_blocks(1, hidden)[1])
+def _num_tiles(width) -> int:
+    """Column tiles of the first Linear's ``width`` outputs: the partial logits' first dimension."""
+    return cdiv(width, _head_blocks(1, width)[1])
 
 
 def _dot_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
 
 
-def _run_head(wrap, cls_hidden, pooler_weight, pooler_bias, head_weight, want_pooled: bool, placeholders: bool):
-    """Allocate and launch the head: ``(partial logits [T, n, C] fp32, pooled [n, H] or None)``.
+def _run_head(
+    wrap,
+    cls_hidden,
+    pooler_weight,
+    pooler_bias,
+    head_weight,
+    want_pooled: bool,
+    placeholders: bool,
+    gelu: bool = False,
+):
+    """Allocate and launch the head: ``(partial logits [T, n, C] fp32, pooled [n, M] or None)``.
 
-    ``wrap`` is :func:`torch.library.wrap_triton` inside the registered op, the identity
-    otherwise; with ``placeholders`` an output not asked for is an empty tensor, not None.
+    ``cls_hidden`` [n, H], ``pooler_weight`` [M, H], ``pooler_bias`` [M], ``head_weight`` [C, M];
+    ``gelu``: GELU instead of tanh after the first Linear. ``wrap`` is
+    :func:`torch.library.wrap_triton` inside the registered op, the identity otherwise; with
+    ``placeholders`` an output not asked for is an empty tensor, not None.
     """
     n, hidden = cls_hidden.shape
+    width = pooler_weight.shape[0]
     num_labels = head_weight.shape[0]
     device = cls_hidden.device
-    tiles = _num_tiles(hidden)
+    tiles = _num_tiles(width)
     zpart = new_empty((tiles, n, num_labels), torch.float32, device)
     if want_pooled:
-        pooled = new_empty((n, hidden), cls_hidden.dtype, device)
+        pooled = new_empty((n, width), cls_hidden.dtype, device)
     else:
-        pooled = new_empty((0, hidden), cls_hidden.dtype, device) if placeholders else None
+        pooled = new_empty((0, width), cls_hidden.dtype, device) if placeholders else None
     if n == 0:
         return zpart, pooled
-    block_m, block_n, block_k, warps = _head_blocks(n, hidden, _dot_fp32(cls_hidden.dtype))
+    block_m, block_n, block_k, warps = _head_blocks(n, width, _dot_fp32(cls_hidden.dtype))
     with device_guard(cls_hidden):
         wrap(_head_kernel)[(cdiv(n, block_m), tiles)](
             cls_hidden,
@@ -177,6 +204,7 @@ def _run_head(wrap, cls_hidden, pooler_weight, pooler_bias, head_weight, want_po
             zpart,
             n,
             hidden,
+            width,
             num_labels,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
@@ -184,6 +212,7 @@ def _run_head(wrap, cls_hidden, pooler_weight, pooler_bias, head_weight, want_po
             BLOCK_C=pow2_bucket(num_labels, 16),
             DOT_FP32=_dot_fp32(cls_hidden.dtype),
             WRITE_POOLED=want_pooled,
+            GELU=gelu,
             num_warps=warps,
         )
     return zpart, pooled

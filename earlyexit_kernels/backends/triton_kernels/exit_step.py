@@ -220,12 +220,11 @@ def exit_step(
     return exits, returned, state
 
 
-def _head_inputs(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias):
-    """The head's tensors in one dtype: under autocast the autocast dtype (what ``F.linear``
-    computes in there, as in the reference), otherwise they must already share one."""
-    tensors = (cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias)
+def _same_dtype(what: str, *tensors):
+    """``tensors`` in one dtype: under autocast the autocast dtype (what ``F.linear`` computes in
+    there, as in the reference), otherwise they must already share one."""
     if torch._C._is_any_autocast_enabled():
-        device_type = cls_hidden.device.type
+        device_type = tensors[0].device.type
         if torch.is_autocast_enabled(device_type):  # autocast leaves float64 alone
             fast = torch.get_autocast_dtype(device_type)
             tensors = tuple(t if t.dtype == fast or t.dtype == torch.float64 else t.to(fast) for t in tensors)
@@ -233,7 +232,7 @@ def _head_inputs(cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias)
     for t in tensors[1:]:
         if t.dtype != dtype:
             raise TypeError(
-                "head_exit_step: hidden states and head weights must share one dtype, got "
+                f"{what}: hidden states and head weights must share one dtype, got "
                 f"{sorted({str(x.dtype) for x in tensors})}"
             )
     return tensors
@@ -243,8 +242,8 @@ def _head(
     target, policy, layer, num_layers, cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias, state, halting_fn
 ):
     """Both launches; with ``target`` the decision also writes back and orders the survivors."""
-    cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias = _head_inputs(
-        cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias
+    cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias = _same_dtype(
+        "head_exit_step", cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias
     )
     want_pooled = halting_fn is not None or "prev_pooled" in state
     if _use_ops():

@@ -1,5 +1,5 @@
-"""The Triton exit step's launchers registered with ``torch.library``: ``earlyexit::exit_head`` and
-``earlyexit::exit_decide``, with their fake (meta) kernels.
+"""The Triton exit step's launchers registered with ``torch.library``: ``earlyexit::pool_norm``,
+``earlyexit::exit_head`` and ``earlyexit::exit_decide``, with their fake (meta) kernels.
 
 Eager calls launch the kernels directly (:mod:`.exit_step`); these ops are what runs under
 ``torch.compile`` and under any dispatch mode (fake tensors, ``make_fx``, op counting), which
@@ -14,6 +14,26 @@ from torch.library import wrap_triton
 from earlyexit_kernels.backends.triton_kernels._common import register_op
 from earlyexit_kernels.backends.triton_kernels.exit_decide import F_PARTIALS, _decide_outputs, _run_decide
 from earlyexit_kernels.backends.triton_kernels.exit_head import _num_tiles, _run_head
+from earlyexit_kernels.backends.triton_kernels.pool_norm import _run_pool_norm
+
+
+@register_op("earlyexit::pool_norm", mutates_args=())
+def pool_norm(
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    eps: float,
+    mean: bool,
+) -> torch.Tensor:
+    """The rows an exit head reads [n, H]: the [CLS] vector or the masked mean of ``hidden``
+    [n, S, H], then the LayerNorm when its weights are given."""
+    return _run_pool_norm(wrap_triton, hidden, mask, norm_weight, norm_bias, eps, mean)
+
+
+@pool_norm.register_fake
+def _pool_norm_fake(hidden, mask, norm_weight, norm_bias, eps, mean):
+    return hidden.new_empty((hidden.shape[0], hidden.shape[2]))
 
 
 @register_op("earlyexit::exit_head", mutates_args=())
@@ -23,16 +43,19 @@ def exit_head(
     pooler_bias: torch.Tensor,
     head_weight: torch.Tensor,
     want_pooled: bool,
+    gelu: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(partial logits [T, n, C] fp32, pooled [n, H] or [0, H])`` of the default head."""
-    return _run_head(wrap_triton, cls_hidden, pooler_weight, pooler_bias, head_weight, want_pooled, True)
+    """``(partial logits [T, n, C] fp32, pooled [n, M] or [0, M])`` of a head's two Linear layers
+    (tanh after the first, or GELU with ``gelu``)."""
+    return _run_head(wrap_triton, cls_hidden, pooler_weight, pooler_bias, head_weight, want_pooled, True, gelu)
 
 
 @exit_head.register_fake
-def _exit_head_fake(cls_hidden, pooler_weight, pooler_bias, head_weight, want_pooled):
-    n, hidden = cls_hidden.shape
-    zpart = cls_hidden.new_empty((_num_tiles(hidden), n, head_weight.shape[0]), dtype=torch.float32)
-    pooled = cls_hidden.new_empty((n if want_pooled else 0, hidden))
+def _exit_head_fake(cls_hidden, pooler_weight, pooler_bias, head_weight, want_pooled, gelu=False):
+    n = cls_hidden.shape[0]
+    width = pooler_weight.shape[0]
+    zpart = cls_hidden.new_empty((_num_tiles(width), n, head_weight.shape[0]), dtype=torch.float32)
+    pooled = cls_hidden.new_empty((n if want_pooled else 0, width))
     return zpart, pooled
 
 
