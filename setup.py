@@ -136,7 +136,8 @@ def _extensions():
     if why_not is not None and _flag("EARLYEXIT_FORCE_CUDA_BUILD"):
         raise RuntimeError(f"EARLYEXIT_FORCE_CUDA_BUILD is set but the CUDA kernels cannot be built: {why_not}")
     if why_not is None:
-        cuda_sources = [f"{csrc}/bindings_cuda.cpp", f"{csrc}/cuda/exit_step.cu", f"{csrc}/cuda/compact.cu"]
+        cuda_sources = [f"{csrc}/bindings_cuda.cpp"]
+        cuda_sources += [f"{csrc}/cuda/{name}.cu" for name in ("exit_step", "compact", "pool_norm")]
         nvcc = ["-O3", "-Xptxas=-warn-spills", *_cuda_arch_flags()]
         ext = CUDAExtension(
             "earlyexit_kernels._C",

@@ -47,9 +47,10 @@ TORCH_LIBRARY_FRAGMENT(earlyexit, m) {
   // all of them without a mask), then LayerNorm where norm_weight/norm_bias [H] are given, the
   // first Linear (dense_weight_t [H, M], its weight transposed; dense_bias [M]), the activation
   // (0: tanh, the model's pooler; 1: GELU, an MLP head), the last Linear (out_weight [C, M],
-  // out_bias [C]) and the rule, as cpp_head_exit_step. `pooled` is the pooled row [n, H].
-  // hidden float32 or bfloat16 (logits and pooled in its dtype); the weights float32 (a bfloat16
-  // head's, converted exactly).
+  // out_bias [C]) and the rule, as cpp_head_exit_step. `pooled` is the pooled row [n, H] on the
+  // CPU ([0, H] on a GPU). CPU: hidden float32 or bfloat16 (logits and pooled in its dtype), the
+  // weights float32 (a bfloat16 head's, converted exactly). CUDA: every tensor in the hidden
+  // states' dtype (float32, float16 or bfloat16), dense_weight_t a contiguous weight's .t().
   m.def(
       "cpp_pooled_head_exit_step(Tensor hidden, Tensor? mask, int pooling, Tensor? norm_weight, Tensor? norm_bias,"
       " float norm_eps, Tensor dense_weight_t, Tensor dense_bias, int activation, Tensor out_weight, Tensor out_bias,"

@@ -54,6 +54,7 @@ HeadInputs head_inputs(const at::Tensor& cls_hidden, const at::Tensor& pooler_we
   p.w = in.w.data_ptr();
   p.b = in.b.data_ptr();
   p.H = H;
+  p.M = H;
   p.pooled = in.pooled.data_ptr();
   p.logits = in.logits.data_ptr();
   p.partials = in.partials.data_ptr<float>();
@@ -118,6 +119,99 @@ HeadExitResult head_exit_step_cuda(const at::Tensor& cls_hidden, const at::Tenso
   return head_exit_result(call, in.logits, in.pooled);
 }
 
+// cpp_pooled_head_exit_step on a GPU: the pooling (and LayerNorm) kernel unless the head reads
+// the [CLS] rows as they are, then the head and the rule as in head_exit_step_cuda. Every
+// tensor in the hidden states' dtype; dense_weight_t [H, M] is the transpose of a contiguous
+// [M, H] weight (the caller passes weight.t(), a view: no copy).
+HeadExitResult pooled_head_exit_step_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>& mask,
+                                          int64_t pooling, const std::optional<at::Tensor>& norm_weight,
+                                          const std::optional<at::Tensor>& norm_bias, double norm_eps,
+                                          const at::Tensor& dense_weight_t, const at::Tensor& dense_bias,
+                                          int64_t activation, const at::Tensor& out_weight, const at::Tensor& out_bias,
+                                          EEK_EXIT_ARGS) {
+  const char* name = "cpp_pooled_head_exit_step";
+  TORCH_CHECK(hidden.dim() == 3 && hidden.is_cuda(), name, " (CUDA): hidden must be [n, S, H] on a GPU, got ",
+              hidden.sizes());
+  TORCH_CHECK(pooling == 0 || pooling == 1, name, ": pooling must be 0 ([CLS]) or 1 (mean), got ", pooling);
+  TORCH_CHECK(activation == 0 || activation == 1, name, ": activation must be 0 (tanh) or 1 (GELU), got ", activation);
+  c10::cuda::CUDAGuard guard(hidden.device());
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  const cuda::DType dtype = dtype_of(hidden.scalar_type(), name);
+  const at::Tensor x = hidden.size(2) > 1 && hidden.stride(2) != 1 ? hidden.contiguous() : hidden;
+  const int64_t n = x.size(0), S = x.size(1), H = x.size(2);
+  TORCH_CHECK(S >= 1 || n == 0, name, ": hidden has no positions");
+  TORCH_CHECK(dense_weight_t.dim() == 2 && dense_weight_t.size(0) == H, name, ": dense_weight_t must be [H, M] with H = ",
+              H, ", got ", dense_weight_t.sizes());
+  const int64_t M = dense_weight_t.size(1);
+  TORCH_CHECK(out_weight.dim() == 2 && out_weight.size(1) == M && out_weight.size(0) >= 1, name,
+              ": out_weight must be [C, M] with M = ", M, ", got ", out_weight.sizes());
+  const int64_t C = out_weight.size(0);
+  const bool norm = norm_weight.has_value() && norm_weight->defined();
+  TORCH_CHECK(norm == (norm_bias.has_value() && norm_bias->defined()), name,
+              ": give both norm_weight and norm_bias, or neither");
+  auto same = [&](const at::Tensor& t, int64_t size, const char* what) {
+    TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device() == x.device(), name, ": ", what,
+                " must be in the hidden states' dtype and on their device");
+    TORCH_CHECK(size < 0 || (t.dim() == 1 && t.size(0) == size), name, ": ", what, " must be [", size, "], got ",
+                t.sizes());
+    return t.contiguous();
+  };
+  const at::Tensor wp = same(dense_weight_t, -1, "dense_weight_t").t().contiguous();  // [M, H]: a view when given weight.t()
+  const at::Tensor bp = same(dense_bias, M, "dense_bias"), w = same(out_weight, -1, "out_weight");
+  const at::Tensor b = same(out_bias, C, "out_bias");
+
+  at::Tensor rows_in = x.select(1, 0);  // [n, H] with row stride x.stride(0): the [CLS] rows in place
+  if (pooling == 1 || norm) {
+    at::Tensor valid;
+    if (pooling == 1 && mask.has_value() && mask->defined()) {
+      TORCH_CHECK(mask->dim() == 2 && mask->size(0) == n && mask->size(1) == S && mask->device() == x.device(), name,
+                  ": mask must be [n, S] = [", n, ", ", S, "] on the hidden states' device, got ", mask->sizes());
+      valid = mask->to(at::kLong).contiguous();
+    }
+    at::Tensor nw, nb;
+    if (norm) {
+      nw = same(*norm_weight, H, "norm_weight");
+      nb = same(*norm_bias, H, "norm_bias");
+    }
+    rows_in = at::empty({n, H}, x.options());
+    cuda::PoolArgs pa;
+    pa.hidden = x.data_ptr();
+    pa.stride_n = x.stride(0);
+    pa.stride_s = x.stride(1);
+    pa.n = n;
+    pa.S = S;
+    pa.H = H;
+    pa.mask = valid.defined() ? valid.data_ptr<int64_t>() : nullptr;
+    pa.mask_stride = S;
+    pa.mean = pooling == 1;
+    pa.norm_weight = norm ? nw.data_ptr() : nullptr;
+    pa.norm_bias = norm ? nb.data_ptr() : nullptr;
+    pa.eps = static_cast<float>(norm_eps);
+    pa.out = rows_in.data_ptr();
+    check_launch(cuda::launch_pool_norm(dtype, pa, stream), name);
+  }
+  at::Tensor logits = at::empty({n, C}, x.options());
+  at::Tensor partials = at::empty({cuda::head_tiles(M), n, C}, x.options().dtype(at::kFloat));
+  cuda::HeadPtrs p;
+  p.x = rows_in.data_ptr();
+  p.x_stride = rows_in.stride(0);
+  p.wp = wp.data_ptr();
+  p.bp = bp.data_ptr();
+  p.w = w.data_ptr();
+  p.b = b.data_ptr();
+  p.H = H;
+  p.M = M;
+  p.gelu = activation == 1;
+  p.logits = logits.data_ptr();
+  p.partials = partials.data_ptr<float>();
+  ExitCall call = prepare_exit_call(n, C, x.device(), halting, state, kind, flags, layer, num_layers, int_param, scalar,
+                                    per_layer, rows, runs, out_logits, out_exit_layer, out_layers_run);
+  cuda::RulePtrs r = rule_ptrs(call);
+  check_launch(cuda::launch_head_exit(dtype, n, C, &p, nullptr, 0, call.params, call.state, call.write_back, &r, stream),
+               name);
+  return head_exit_result(call, logits, at::empty({0, H}, x.options()));
+}
+
 std::tuple<at::Tensor, at::Tensor> compact_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>& mask,
                                                 const at::Tensor& index, int64_t seq_len) {
   TORCH_CHECK(hidden.dim() == 3 && hidden.is_cuda(), "cpp_compact (CUDA): hidden must be [n, S, H] on a GPU");
@@ -160,6 +254,7 @@ TORCH_LIBRARY_IMPL(earlyexit, CUDA, m) {
   m.impl("cpp_head", &eek::head_cuda);
   m.impl("cpp_exit_step", &eek::exit_step_cuda);
   m.impl("cpp_head_exit_step", &eek::head_exit_step_cuda);
+  m.impl("cpp_pooled_head_exit_step", &eek::pooled_head_exit_step_cuda);
   m.impl("cpp_compact", &eek::compact_cuda);
 }
 

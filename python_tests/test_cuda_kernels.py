@@ -10,6 +10,8 @@ launch configuration; timing and the memory model it cannot check.
 Covered: the head op (``cpp_head``) at H = 768 and 1024 and at sizes that leave partial
 tiles or force the scalar path (H not a multiple of the 16-byte word, unaligned weights),
 the fused head + rule with write-back and the survivor list (``cpp_head_exit_step``), the
+whole per-layer step from the layer's output (``cpp_pooled_head_exit_step``: pooling, LayerNorm,
+tanh or GELU head of any width), the
 rule alone with and without the survivor list over more rows than one scan chunk, and
 empty batches.
 """
@@ -263,6 +265,57 @@ def test_rule_on_given_logits(ops, rows, survivors):
             assert 0 < m < rows
     else:
         assert int(count) == -1 and order.numel() == 0
+
+
+# kind, pooling, rows, length, H, M, dtype: H 768 with its 16-byte path, 100 and 40 on the scalar
+# path with partial tiles, M wider and narrower than H, a row block cut short
+POOLED_CASES = [
+    ("mlp", "mean", 13, 9, 768, 384, torch.float32),
+    ("mlp", "cls", 5, 4, 100, 52, torch.float32),
+    ("model", "mean", 9, 7, 40, 40, torch.float32),
+    ("mlp", "mean", 11, 6, 64, 96, torch.bfloat16),
+    ("model", "cls", 3, 5, 64, 64, torch.float16),
+]
+
+
+@pytest.mark.parametrize("kind,pooling,rows,length,hidden,width,dtype", POOLED_CASES)
+def test_pooled_head_exit_step_matches_reference(ops, kind, pooling, rows, length, hidden, width, dtype):
+    """The whole per-layer step (pooling and LayerNorm, head, rule, write-back, survivors) on the
+    layer's output [n, S, H] with padding, an empty row and NaN in a padded position, against
+    :func:`~earlyexit_kernels.backends.pooled_head.pooled_head_exit_step`: the logits within a few
+    times PyTorch's own error in the dtype against float64, the decisions on the op's own logits."""
+    from pooled_head_cases import head_as, layer_output, make_head
+
+    from earlyexit_kernels.backends import pooled_head
+
+    policy = eek.Entropy(0.7)
+    head = make_head(kind, pooling, hidden, width, 3, seed=hidden + width, dtype=dtype)
+    x, mask = layer_output(rows, length, hidden, seed=rows, dtype=dtype)
+    lowered = cpp_backend.lower_policy(policy, L)
+    state = exit_rules.init_state(policy, rows, 3, hidden, L, CPU)
+    target = _target(rows, rows + 5, 3, dtype, torch.Generator().manual_seed(rows))
+    expected = _clone(target)
+    norm = (head.norm_weight, head.norm_bias) if head.norm_weight is not None else (None, None)
+    args = (x, mask, int(pooling == "mean"), *norm, head.norm_eps, head.dense_weight.t(), head.dense_bias)
+    args += (int(head.activation == "gelu"), head.out_weight, head.out_bias, None, [])
+    args += cpp_backend._rule_args(lowered, 2, L, target)
+    exits, returned, logits, _, _, _, survivors, count = ops("cpp_pooled_head_exit_step", *args, outs=target[3:])
+    with torch.no_grad():
+        theirs = pooled_head.pooled_head_exit_step(policy, 2, L, x, mask, head, dict(state))[2]
+        exact, _ = pooled_head.pooled_head_logits(x.double(), mask, head_as(head, torch.float64))
+    assert torch.isfinite(logits).all(), "padding was read"
+    error = (logits.double() - exact).abs().max().item()
+    own = (theirs.double() - exact).abs().max().item()
+    half_ulp = exact.abs().max().item() * {torch.float32: 2.0**-24, torch.float16: 2.0**-11}.get(dtype, 2.0**-8)
+    assert error <= 2 * own + 2 * half_ulp + 1e-6, f"error {error:.2e} against PyTorch's {own:.2e}"
+    ref_exits, ref_returned, _ = exit_rules.exit_step(policy, 2, L, logits, None, dict(state))
+    assert torch.equal(exits, ref_exits)
+    torch.testing.assert_close(returned, ref_returned, rtol=1e-6, atol=1e-6)
+    write_back(expected, ref_exits, ref_returned, 2)
+    for got_buffer, ref_buffer in zip(target[3:], expected[3:]):
+        torch.testing.assert_close(got_buffer, ref_buffer, rtol=1e-5, atol=1e-5)
+    m = int((~ref_exits).sum())
+    assert int(count) == m and torch.equal(survivors[:m], compaction.survivor_index(~ref_exits, m))
 
 
 def test_empty_batches(ops):

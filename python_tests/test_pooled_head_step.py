@@ -8,17 +8,22 @@ logits within a few times PyTorch float32's own error against float64, the decis
 equal, the write-back equal; a row's bits whatever batch it is in; the engines' use of it; its errors.
 """
 
-import math
-
 import pytest
 import torch
 from conftest import tiny_batch, tiny_model
+from pooled_head_cases import (
+    DECISION_ROWS,
+    decision_case,
+    decision_policies,
+    layer_output,
+    make_head,
+    write_back_target,
+)
 from threshold_helpers import midway, randomize_heads
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.backends import cpp_backend, pooled_head
 from earlyexit_kernels.backends.pooled_head import FusedExitHead, pooled_head_exit_step
-from earlyexit_kernels.backends.write_back import WriteBack
 from earlyexit_kernels.methods.exit_rules import init_state
 
 if not eek.backends()["cpp"]:
@@ -26,32 +31,6 @@ if not eek.backends()["cpp"]:
 
 L = 6
 OP_NAME = "earlyexit::cpp_pooled_head_exit_step"
-
-
-def _head(kind: str, pooling: str, hidden: int, width: int, labels: int, seed: int) -> FusedExitHead:
-    g = torch.Generator().manual_seed(seed)
-    dense = torch.randn(width, hidden, generator=g) / math.sqrt(hidden)
-    out = torch.randn(labels, width, generator=g) * 3.0 / math.sqrt(width)
-    biases = (torch.randn(width, generator=g) * 0.1, torch.randn(labels, generator=g) * 0.5)
-    if kind == "model":
-        return FusedExitHead(pooling, dense, biases[0], "tanh", out, biases[1])
-    norm = (1.0 + 0.1 * torch.randn(hidden, generator=g), 0.1 * torch.randn(hidden, generator=g))
-    return FusedExitHead(pooling, dense, biases[0], "gelu", out, biases[1], *norm, 1e-5)
-
-
-def _layer_output(rows: int, length: int, hidden: int, seed: int):
-    """hidden [rows, length, H] (a strided view, as after a layer of a wider batch) and a mask
-    with padding, one row without any valid token, and NaN in a padded position (never read)."""
-    g = torch.Generator().manual_seed(seed)
-    hidden_states = (torch.randn(rows + 2, length, hidden, generator=g) * 2.0)[1 : rows + 1]
-    lengths = torch.randint(1, length + 1, (rows,), generator=g)
-    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
-    if rows > 2:
-        mask[2] = 0
-    padded = (mask == 0).nonzero()
-    if len(padded):
-        hidden_states[padded[0, 0], padded[0, 1], 0] = float("nan")
-    return hidden_states, mask
 
 
 def _float64_logits(hidden, mask, head):
@@ -73,8 +52,8 @@ SHAPES = [(1, 3, 8, 8), (5, 7, 40, 24), (9, 16, 64, 64), (17, 33, 100, 52), (32,
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 @pytest.mark.parametrize("rows,length,hidden,width", SHAPES)
 def test_logits_within_pytorch_float32_error(kind, pooling, rows, length, hidden, width):
-    head = _head(kind, pooling, hidden, width if kind == "mlp" else hidden, 3, seed=hidden)
-    x, mask = _layer_output(rows, length, hidden, seed=rows)
+    head = make_head(kind, pooling, hidden, width if kind == "mlp" else hidden, 3, seed=hidden)
+    x, mask = layer_output(rows, length, hidden, seed=rows)
     policy = eek.Entropy(0.5)
     state = init_state(policy, rows, 3, hidden, L, torch.device("cpu"))
     with torch.no_grad():
@@ -87,37 +66,14 @@ def test_logits_within_pytorch_float32_error(kind, pooling, rows, length, hidden
     assert ours_err <= 4 * theirs_err + 1e-5, f"error {ours_err:.2e} against PyTorch float32's {theirs_err:.2e}"
 
 
-def _policies():
-    return [eek.Entropy(0.6), eek.Patience(2), eek.Voting(1), eek.MaxProb(0.7)]
-
-
 @pytest.mark.parametrize("kind", ["model", "mlp"])
-@pytest.mark.parametrize("policy", _policies(), ids=repr)
+@pytest.mark.parametrize("policy", decision_policies(), ids=repr)
 def test_decisions_state_and_write_back_equal_the_reference(kind, policy):
-    rows, length, hidden = 23, 12, 48
-    head = _head(kind, "mean", hidden, 32 if kind == "mlp" else hidden, 3, seed=7)
-    x, mask = _layer_output(rows, length, hidden, seed=3)
-    state = init_state(policy, rows, 3, hidden, L, torch.device("cpu"))
-    with torch.no_grad():
-        _, _, logits, _ = pooled_head_exit_step(policy, 3, L, x, mask, head, dict(state))
-    # the reference's decision quantities are far from the threshold, so rounding cannot flip one
-    probs = logits.float().softmax(-1)
-    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
-    if isinstance(policy, eek.Entropy):
-        assert (entropy - policy.threshold).abs().min() > 1e-4
-    if isinstance(policy, eek.MaxProb):
-        assert (probs.max(-1).values - policy.threshold).abs().min() > 1e-4
+    head, x, mask, state = decision_case(kind, policy)
+    rows = DECISION_ROWS
 
     def run(step):
-        batch = rows + 4
-        target = WriteBack(
-            torch.arange(2, rows + 2),
-            torch.full((rows,), 3),
-            None,
-            torch.zeros(batch, 3),
-            torch.full((batch,), L),
-            torch.zeros(batch, dtype=torch.long),
-        )
+        target = write_back_target(rows, 3, 3, L)
         with torch.no_grad():
             exits, new_state, order, stats = step(policy, 3, L, x, mask, head, dict(state), target)
         return exits, new_state, order, stats, target
@@ -125,8 +81,7 @@ def test_decisions_state_and_write_back_equal_the_reference(kind, policy):
     fast = run(cpp_backend.pooled_head_exit_step_write_back)
     ref = run(pooled_head.pooled_head_exit_step_write_back)
     assert torch.equal(fast[0], ref[0])
-    if isinstance(policy, (eek.Entropy, eek.MaxProb)):
-        assert 0 < int(fast[0].sum()) < rows, "the test needs rows that leave and rows that stay"
+    assert 0 < int(fast[0].sum()) < rows, "the test needs rows that leave and rows that stay"
     for key in ref[1]:
         torch.testing.assert_close(fast[1][key], ref[1][key], rtol=1e-4, atol=1e-5)
     # the same survivors in the same order first, then the exiting rows (in any order) and the same stats
@@ -142,14 +97,14 @@ def test_decisions_state_and_write_back_equal_the_reference(kind, policy):
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_bfloat16_within_pytorch_bfloat16_error_and_the_same_decisions(kind, pooling):
     rows, length, hidden, width = 29, 14, 64, 48
-    head = _head(kind, pooling, hidden, width if kind == "mlp" else hidden, 3, seed=11)
+    head = make_head(kind, pooling, hidden, width if kind == "mlp" else hidden, 3, seed=11)
     head16 = FusedExitHead(
         *(
             getattr(head, f).bfloat16() if torch.is_tensor(getattr(head, f)) else getattr(head, f)
             for f in head.__dataclass_fields__
         )
     )
-    x, mask = _layer_output(rows, length, hidden, seed=12)
+    x, mask = layer_output(rows, length, hidden, seed=12)
     x16 = x.bfloat16()
     policy = eek.MaxProb(0.7)
     state = init_state(policy, rows, 3, hidden, L, torch.device("cpu"))
@@ -172,8 +127,8 @@ def test_bfloat16_within_pytorch_bfloat16_error_and_the_same_decisions(kind, poo
 
 
 def test_a_row_gets_the_same_bits_in_any_batch():
-    head = _head("mlp", "mean", 64, 64, 2, seed=1)
-    x, mask = _layer_output(13, 9, 64, seed=2)
+    head = make_head("mlp", "mean", 64, 64, 2, seed=1)
+    x, mask = layer_output(13, 9, 64, seed=2)
     policy = eek.Entropy(0.5)
 
     def logits(rows):
@@ -187,8 +142,8 @@ def test_a_row_gets_the_same_bits_in_any_batch():
 
 
 def test_no_mask_pools_every_position():
-    head = _head("mlp", "mean", 24, 16, 2, seed=4)
-    x, _ = _layer_output(6, 5, 24, seed=5)
+    head = make_head("mlp", "mean", 24, 16, 2, seed=4)
+    x, _ = layer_output(6, 5, 24, seed=5)
     x = x.nan_to_num()
     policy = eek.Entropy(0.5)
     state = init_state(policy, 6, 2, 24, L, torch.device("cpu"))
@@ -201,7 +156,7 @@ def test_no_mask_pools_every_position():
 
 
 def test_no_rows():
-    head = _head("mlp", "mean", 16, 16, 2, seed=1)
+    head = make_head("mlp", "mean", 16, 16, 2, seed=1)
     policy = eek.Entropy(0.5)
     state = init_state(policy, 0, 2, 16, L, torch.device("cpu"))
     with torch.no_grad():
@@ -212,7 +167,7 @@ def test_no_rows():
 
 
 def test_bad_input_says_what_to_fix():
-    head = _head("mlp", "mean", 16, 8, 2, seed=1)
+    head = make_head("mlp", "mean", 16, 8, 2, seed=1)
     policy = eek.Entropy(0.5)
     state = init_state(policy, 3, 2, 16, L, torch.device("cpu"))
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"mask must be \[n, S\] = \[3, 4\]"):

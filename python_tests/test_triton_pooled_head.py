@@ -12,8 +12,6 @@ written (poisoned buffers), the ops' schemas and fake kernels, the engine's use 
 Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py).
 """
 
-import math
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -21,14 +19,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 triton = pytest.importorskip("triton")
 
 from conftest import KERNEL_DEVICE, mlp_head_model, on_kernel_device, tiny_batch  # noqa: E402
+from pooled_head_cases import (  # noqa: E402
+    DECISION_ROWS,
+    decision_case,
+    decision_policies,
+    head_as,
+    layer_output,
+    make_head,
+    write_back_target,
+)
 from threshold_helpers import midway  # noqa: E402
 
 import earlyexit_kernels as eek  # noqa: E402
 from earlyexit_kernels.backends import pooled_head  # noqa: E402
-from earlyexit_kernels.backends.pooled_head import FusedExitHead  # noqa: E402
 from earlyexit_kernels.backends.triton_kernels import pooled_head_step as tp  # noqa: E402
 from earlyexit_kernels.backends.triton_kernels._common import interpreting, poisoned_outputs  # noqa: E402
-from earlyexit_kernels.backends.write_back import WriteBack  # noqa: E402
 from earlyexit_kernels.methods.exit_rules import init_state  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: masked -inf lanes
@@ -38,41 +43,6 @@ if not eek.backends()["triton"]:
 
 L = 6
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _head(kind: str, pooling: str, hidden: int, width: int, labels: int, seed: int, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    dense = torch.randn(width, hidden, generator=g) / math.sqrt(hidden)
-    out = torch.randn(labels, width, generator=g) * 3.0 / math.sqrt(width)
-    biases = (torch.randn(width, generator=g) * 0.1, torch.randn(labels, generator=g) * 0.5)
-    if kind == "model":
-        tensors, activation = (dense, biases[0], out, biases[1]), "tanh"
-    else:
-        norm = (1.0 + 0.1 * torch.randn(hidden, generator=g), 0.1 * torch.randn(hidden, generator=g))
-        tensors, activation = (dense, biases[0], out, biases[1], *norm), "gelu"
-    t = [x.to(dtype) for x in tensors]
-    norm = dict(norm_weight=t[4], norm_bias=t[5], norm_eps=1e-5) if kind == "mlp" else {}
-    return FusedExitHead(pooling, t[0], t[1], activation, t[2], t[3], **norm)
-
-
-def _layer_output(rows: int, length: int, hidden: int, seed: int, dtype=torch.float32):
-    """hidden [rows, length, H] (a strided view, as after a layer of a wider batch) and a mask
-    with padding, one row without any valid token, and NaN in a padded position (never read)."""
-    g = torch.Generator().manual_seed(seed)
-    hidden_states = (torch.randn(rows + 2, length, hidden, generator=g) * 2.0).to(dtype)[1 : rows + 1]
-    lengths = torch.randint(1, length + 1, (rows,), generator=g)
-    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
-    if rows > 2:
-        mask[2] = 0
-    padded = (mask == 0).nonzero()
-    if len(padded):
-        hidden_states[padded[0, 0], padded[0, 1], 0] = float("nan")
-    return hidden_states, mask
-
-
-def _as(head: FusedExitHead, dtype) -> FusedExitHead:
-    fields = {f: getattr(head, f) for f in head.__dataclass_fields__}
-    return FusedExitHead(**{f: v.to(dtype) if torch.is_tensor(v) else v for f, v in fields.items()})
 
 
 def _step(policy, layer, hidden, mask, head, state):
@@ -94,14 +64,14 @@ SHAPES = [(1, 3, 16, 16), (9, 16, 40, 24), (17, 33, 100, 52)]
 @pytest.mark.parametrize("rows,length,hidden,width", SHAPES)
 def test_logits_within_pytorch_own_error(dtype, kind, pooling, rows, length, hidden, width):
     low = DTYPES[dtype]
-    head = _head(kind, pooling, hidden, width if kind == "mlp" else hidden, 3, seed=hidden, dtype=low)
-    x, mask = _layer_output(rows, length, hidden, seed=rows, dtype=low)
+    head = make_head(kind, pooling, hidden, width if kind == "mlp" else hidden, 3, seed=hidden, dtype=low)
+    x, mask = layer_output(rows, length, hidden, seed=rows, dtype=low)
     policy = eek.Entropy(0.5)
     state = init_state(policy, rows, 3, hidden, L, torch.device("cpu"))
     with torch.no_grad(), poisoned_outputs("a"):
         _, _, ours, _ = _step(policy, 2, x, mask, head, dict(state))
         _, _, theirs, _ = pooled_head.pooled_head_exit_step(policy, 2, L, x, mask, head, dict(state))
-        exact, _ = pooled_head.pooled_head_logits(x.double(), mask, _as(head, torch.float64))
+        exact, _ = pooled_head.pooled_head_logits(x.double(), mask, head_as(head, torch.float64))
     assert ours.dtype == low and torch.isfinite(ours).all(), "an output was not written, or padding was read"
     ours_err = (ours.double() - exact).abs().max().item()
     theirs_err = (theirs.double() - exact).abs().max().item()
@@ -111,39 +81,14 @@ def test_logits_within_pytorch_own_error(dtype, kind, pooling, rows, length, hid
     )
 
 
-def _policies():
-    return [eek.Entropy(0.6), eek.Patience(2), eek.Voting(2), eek.MaxProb(0.7)]
-
-
 @pytest.mark.parametrize("kind", ["model", "mlp"])
-@pytest.mark.parametrize("policy", _policies(), ids=repr)
+@pytest.mark.parametrize("policy", decision_policies(), ids=repr)
 def test_decisions_state_and_write_back_equal_the_reference(kind, policy):
-    rows, length, hidden = 23, 12, 48
-    head = _head(kind, "mean", hidden, 32 if kind == "mlp" else hidden, 3, seed=7)
-    x, mask = _layer_output(rows, length, hidden, seed=3)
-    earlier, _ = _layer_output(rows, length, hidden, seed=4)
-    state = init_state(policy, rows, 3, hidden, L, torch.device("cpu"))
-    with torch.no_grad():  # two earlier layers: patience counts and votes under way
-        for layer in (1, 2):
-            _, _, _, state = pooled_head.pooled_head_exit_step(policy, layer, L, earlier, mask, head, state)
-        _, _, logits, _ = pooled_head.pooled_head_exit_step(policy, 3, L, x, mask, head, dict(state))
-    probs = logits.float().softmax(-1)  # the decision quantities are far from the threshold
-    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
-    if isinstance(policy, eek.Entropy):
-        assert (entropy - policy.threshold).abs().min() > 1e-4
-    if isinstance(policy, eek.MaxProb):
-        assert (probs.max(-1).values - policy.threshold).abs().min() > 1e-4
+    head, x, mask, state = decision_case(kind, policy)
+    rows = DECISION_ROWS
 
     def run(step, poison="a"):
-        batch = rows + 4
-        target = WriteBack(
-            torch.arange(2, rows + 2),
-            torch.full((rows,), 3),
-            None,
-            torch.zeros(batch, 3),
-            torch.full((batch,), L),
-            torch.zeros(batch, dtype=torch.long),
-        )
+        target = write_back_target(rows, 3, 3, L)
         with torch.no_grad(), poisoned_outputs(poison):
             exits, new_state, order, stats = step(policy, 3, L, x, mask, head, dict(state), target)
         return exits, new_state, order, stats, target
@@ -164,8 +109,8 @@ def test_decisions_state_and_write_back_equal_the_reference(kind, policy):
 
 def test_the_pooled_rows_ignore_padding_and_an_empty_row_pools_to_zeros():
     # A row's pooled vector depends only on its valid tokens: changing padding changes nothing.
-    head = _head("mlp", "mean", 32, 16, 2, seed=1)
-    x, mask = _layer_output(6, 10, 32, seed=2)
+    head = make_head("mlp", "mean", 32, 16, 2, seed=1)
+    x, mask = layer_output(6, 10, 32, seed=2)
     policy = eek.Entropy(0.5)
     state = init_state(policy, 6, 2, 32, L, torch.device("cpu"))
     with torch.no_grad():
@@ -178,7 +123,7 @@ def test_the_pooled_rows_ignore_padding_and_an_empty_row_pools_to_zeros():
 
 
 def test_no_mask_means_every_token_is_valid():
-    head = _head("mlp", "mean", 24, 24, 3, seed=4)
+    head = make_head("mlp", "mean", 24, 24, 3, seed=4)
     x = torch.randn(5, 7, 24, generator=torch.Generator().manual_seed(5))
     policy = eek.MaxProb(0.5)
     state = init_state(policy, 5, 3, 24, L, torch.device("cpu"))
@@ -189,8 +134,8 @@ def test_no_mask_means_every_token_is_valid():
 
 
 def test_errors_say_what_to_fix():
-    head = _head("mlp", "mean", 16, 8, 2, seed=0)
-    x, mask = _layer_output(4, 5, 16, seed=0)
+    head = make_head("mlp", "mean", 16, 8, 2, seed=0)
+    x, mask = layer_output(4, 5, 16, seed=0)
     policy = eek.Entropy(0.5)
     state = init_state(policy, 4, 2, 16, L, torch.device("cpu"))
     with pytest.raises(ValueError, match=r"hidden must be \[n, S, H\]"):
@@ -209,9 +154,9 @@ _CPU_OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor", 
 
 
 @pytest.mark.skipif(KERNEL_DEVICE.type != "cpu", reason="the interpreter's opcheck; a GPU runs the launches natively")
-def test_opcheck_of_the_pooling_and_the_gelu_head():
-    x, mask = _layer_output(5, 7, 32, seed=6)
-    head = _head("mlp", "mean", 32, 16, 3, seed=6)
+def test_opcheck_of_the_pooling_and_the_gelumake_head():
+    x, mask = layer_output(5, 7, 32, seed=6)
+    head = make_head("mlp", "mean", 32, 16, 3, seed=6)
     x = x.contiguous()
     torch.library.opcheck(
         torch.ops.earlyexit.pool_norm.default,

@@ -1,9 +1,10 @@
 // CUDA kernels of the exit step. Plain CUDA C++ over raw pointers (no torch headers).
 //
-// head_tile_kernel: the default head's first product, tiled over rows and output features.
-// Block (bx, by) computes pooled[r, j] = tanh(W_p[j, :] . x[r, :] + b_p[j]) for the kRows rows
-// r0 = bx * kRows.. and the kHeadTile features j0 = by * kHeadTile.., so a batch of n rows runs
-// ceil(n / kRows) x ceil(H / kHeadTile) blocks and each block reads its kHeadTile rows of W_p
+// head_tile_kernel: a head's first product, tiled over rows and output features.
+// Block (bx, by) computes pooled[r, j] = act(W_p[j, :] . x[r, :] + b_p[j]) (W_p [M, H]; act: the
+// model pooler's tanh, or an MLP head's exact GELU on the product rounded to the input dtype, as
+// F.linear returns it) for the kRows rows r0 = bx * kRows.. and the kHeadTile features
+// j0 = by * kHeadTile.., so a batch of n rows runs ceil(n / kRows) x ceil(M / kHeadTile) blocks and each block reads its kHeadTile rows of W_p
 // once for kRows rows. The rows' [CLS] vectors are staged in shared memory. Each warp takes
 // kHeadTile / kWarps features, kFeat at a time: a lane loads kUnroll 16-byte words of each of
 // the kFeat weight rows before its FMAs (kFeat x kUnroll loads in flight per lane; the scalar
@@ -130,10 +131,10 @@ __device__ __forceinline__ float warp_transpose_sum(float (&v)[32]) {
 }
 
 // acc[r * kFeat + f] = this lane's share of sum_k w[(jg + f) * H + k] * xs[r * H + k], for the
-// kRows rows staged in shared memory (features jg + f >= H count as 0).
+// kRows rows staged in shared memory (features jg + f >= M count as 0).
 template <typename T>
-__device__ __forceinline__ void lane_dot_group(const T* __restrict__ w, const T* xs, int64_t H, int64_t jg, bool vec,
-                                               float (&acc)[32]) {
+__device__ __forceinline__ void lane_dot_group(const T* __restrict__ w, const T* xs, int64_t H, int64_t M, int64_t jg,
+                                               bool vec, float (&acc)[32]) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
@@ -141,7 +142,7 @@ __device__ __forceinline__ void lane_dot_group(const T* __restrict__ w, const T*
   bool ok[kFeat];
 #pragma unroll
   for (int f = 0; f < kFeat; ++f) {
-    ok[f] = jg + f < H;
+    ok[f] = jg + f < M;
     wrow[f] = w + (ok[f] ? jg + f : 0) * H;
   }
   if (vec) {
@@ -239,6 +240,7 @@ __global__ void __launch_bounds__(kThreads) head_tile_kernel(const KernelArgs a)
   extern __shared__ __align__(16) unsigned char smem[];
   const HeadPtrs& h = a.head;
   const int64_t H = h.H;
+  const int64_t M = h.M;
   const int64_t n = a.n;
   const int64_t C = a.C;
   const int64_t stage = ((kRows * H * static_cast<int64_t>(sizeof(T)) + 15) / 16) * 16;
@@ -267,13 +269,18 @@ __global__ void __launch_bounds__(kThreads) head_tile_kernel(const KernelArgs a)
   for (int g = 0; g < kFeatPerWarp; g += kFeat) {
     const int jt0 = warp * kFeatPerWarp + g;  // first feature of the group, within the tile
     float acc[32];
-    lane_dot_group(wp, xs, H, j0 + jt0, a.vec, acc);
+    lane_dot_group(wp, xs, H, M, j0 + jt0, a.vec, acc);
     const float sum = warp_transpose_sum(acc);  // row my_row, feature jt0 + my_feat
     const int64_t j = j0 + jt0 + my_feat;
     T v = Cvt<T>::from_f(0.0f);
-    if (j < H) {
-      v = Cvt<T>::from_f(tanhf(sum + Cvt<T>::to_f(bp[j])));
-      if (my_row < nb) pooled[(r0 + my_row) * H + j] = v;
+    if (j < M) {
+      if (h.gelu) {
+        const float pre = Cvt<T>::to_f(Cvt<T>::from_f(sum + Cvt<T>::to_f(bp[j])));
+        v = Cvt<T>::from_f(0.5f * pre * (1.0f + erff(pre * 0.70710678118654752f)));
+      } else {
+        v = Cvt<T>::from_f(tanhf(sum + Cvt<T>::to_f(bp[j])));
+      }
+      if (my_row < nb && pooled != nullptr) pooled[(r0 + my_row) * M + j] = v;
     }
     ps[my_row * kTile + jt0 + my_feat] = v;
   }
@@ -281,14 +288,14 @@ __global__ void __launch_bounds__(kThreads) head_tile_kernel(const KernelArgs a)
 
   // This tile's share of every row's logits: one warp per (row, label), lanes over the tile.
   const T* w = static_cast<const T*>(h.w);
-  const int tile_len = static_cast<int>(min(static_cast<int64_t>(kTile), H - j0));
+  const int tile_len = static_cast<int>(min(static_cast<int64_t>(kTile), M - j0));
   float* part = h.partials + (static_cast<int64_t>(blockIdx.y) * n + r0) * C;
   for (int64_t p = warp; p < nb * C; p += kWarps) {
     const int r = static_cast<int>(p / C);
     const int64_t c = p - r * C;
     float s = 0.0f;
     for (int jt = lane; jt < tile_len; jt += 32) {
-      s = fmaf(Cvt<T>::to_f(ps[r * kTile + jt]), Cvt<T>::to_f(w[c * H + j0 + jt]), s);
+      s = fmaf(Cvt<T>::to_f(ps[r * kTile + jt]), Cvt<T>::to_f(w[c * M + j0 + jt]), s);
     }
     s = warp_sum(s);
     if (lane == 0) part[r * C + c] = s;
@@ -311,7 +318,7 @@ __device__ __forceinline__ RowView<T> row_logits(const KernelArgs& a, int64_t ro
   const HeadPtrs& h = a.head;
   T* out = static_cast<T*>(h.logits) + row * a.C;
   const T* b = static_cast<const T*>(h.b);
-  const int64_t tiles = head_tiles(h.H);
+  const int64_t tiles = head_tiles(h.M);
   for (int64_t c = 0; c < a.C; ++c) {
     float s = 0.0f;
     for (int64_t t = 0; t < tiles; ++t) s += h.partials[(t * a.n + row) * a.C + c];
@@ -426,7 +433,7 @@ cudaError_t launch_typed(int64_t n, int64_t C, const HeadPtrs* head, const void*
                                  static_cast<int>(bytes));
       if (err != cudaSuccess) return err;
     }
-    const dim3 grid(static_cast<unsigned>((n + kRows - 1) / kRows), static_cast<unsigned>(head_tiles(H)));
+    const dim3 grid(static_cast<unsigned>((n + kRows - 1) / kRows), static_cast<unsigned>(head_tiles(head->M)));
     head_tile_kernel<T><<<grid, kThreads, static_cast<size_t>(bytes), stream>>>(a);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;

@@ -17,19 +17,43 @@ enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 constexpr int64_t kHeadTile = 64;
 EEK_HD int64_t head_tiles(int64_t H) { return (H + kHeadTile - 1) / kHeadTile; }
 
-// The default head: pooled = tanh(wp x + bp), logits = w pooled + b (all in `dtype`).
+// A head's two Linear layers: pooled = act(wp x + bp), logits = w pooled + b (all in `dtype`);
+// act is tanh (the model's pooler: M = H) or, with gelu, the exact GELU (an MLP head).
 struct HeadPtrs {
   const void* x = nullptr;  // [n, H], row stride x_stride (elements), unit stride over H
   int64_t x_stride = 0;
-  const void* wp = nullptr;  // [H, H] contiguous
-  const void* bp = nullptr;  // [H]
-  const void* w = nullptr;   // [C, H] contiguous
+  const void* wp = nullptr;  // [M, H] contiguous
+  const void* bp = nullptr;  // [M]
+  const void* w = nullptr;   // [C, M] contiguous
   const void* b = nullptr;   // [C]
   int64_t H = 0;
-  void* pooled = nullptr;  // [n, H] out
+  int64_t M = 0;
+  bool gelu = false;
+  void* pooled = nullptr;  // [n, M] out, or null (not written)
   void* logits = nullptr;  // [n, C] out
-  float* partials = nullptr;  // [head_tiles(H), n, C] float32 scratch (the caller allocates it)
+  float* partials = nullptr;  // [head_tiles(M), n, C] float32 scratch (the caller allocates it)
 };
+
+// The rows an exit head reads: out[r] = the [CLS] vector (mean = false) or the mean of the valid
+// token vectors (mask [n, S] int64, nonzero where valid; null: every token) of hidden [n, S, H]
+// (row and token strides in elements, unit stride over H), summed in float32 and rounded to
+// `dtype`; then, with norm_weight/norm_bias [H] (or null), the LayerNorm in float32, rounded.
+struct PoolArgs {
+  const void* hidden = nullptr;
+  int64_t stride_n = 0;
+  int64_t stride_s = 0;
+  int64_t n = 0;
+  int64_t S = 0;
+  int64_t H = 0;
+  const int64_t* mask = nullptr;
+  int64_t mask_stride = 0;
+  bool mean = false;
+  const void* norm_weight = nullptr;
+  const void* norm_bias = nullptr;
+  float eps = 1e-5f;
+  void* out = nullptr;  // [n, H] contiguous
+};
+cudaError_t launch_pool_norm(DType dtype, const PoolArgs& args, cudaStream_t stream);
 
 // Outputs of the rule.
 struct RulePtrs {

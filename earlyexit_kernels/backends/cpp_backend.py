@@ -348,6 +348,22 @@ def _pooled_head_in_cpp(hidden: torch.Tensor, head) -> bool:
     )
 
 
+def _pooled_head_on_gpu(hidden: torch.Tensor, head) -> bool:
+    """Whether the CUDA kernels run the whole step (csrc/cuda/pool_norm.cu, then the head and the
+    rule of exit_step.cu): the head's tensors in the hidden states' dtype and on their device, at
+    inference, with rows the head block can stage in shared memory (:func:`cuda_head_fits`)."""
+    hidden_size = hidden.shape[2]
+    return (
+        WITH_CUDA
+        and hidden.is_cuda
+        and hidden.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and all(t.dtype == hidden.dtype and t.device == hidden.device for t in head.tensors)
+        and not torch.is_grad_enabled()
+        and cuda_head_fits(hidden_size, hidden.dtype, _optin_shared_bytes(hidden.device))
+        and 4 * hidden_size <= _optin_shared_bytes(hidden.device)  # the pooling block's float32 sums
+    )
+
+
 def _as_op_takes(tensor: torch.Tensor | None, transpose: bool = False) -> torch.Tensor | None:
     """A weight as the fused op takes it: float32, transposed for its first Linear; made once per
     tensor and version, or in the graph under torch.compile (which cannot key a cache on storage)."""
@@ -368,6 +384,25 @@ CPU_POOLED_HEAD_MAX_WORK = 2 * CPU_HEAD_MAX_WORK
 
 def _pooled_head_op(policy, layer, num_layers, hidden, mask, head, state, target):
     lowered = lower_policy(policy, num_layers)
+    if _pooled_head_on_gpu(hidden, head):
+        norm = (head.norm_weight, head.norm_bias)
+        # The CUDA kernels take the weights as they are: dense_weight.t() is a view, the kernel
+        # reads it back as the contiguous [M, H] it is.
+        weights = (head.dense_weight.t(), head.dense_bias, _ACTIVATION_CODES[head.activation])
+        exits, returned, logits, _, state0, state1, order, count = torch.ops.earlyexit.cpp_pooled_head_exit_step(
+            hidden,
+            mask if head.pooling == "mean" else None,
+            _POOLING_CODES[head.pooling],
+            *norm,
+            head.norm_eps,
+            *weights,
+            head.out_weight,
+            head.out_bias,
+            None,
+            [state[k] for k in lowered.state_in],
+            *_rule_args(lowered, layer, num_layers, target),
+        )
+        return exits, returned, logits, _updated(state, lowered, state0, state1), order, count
     if not _pooled_head_in_cpp(hidden, head):
         logits, _ = pooled_head.pooled_head_logits(hidden, mask, head)
         exits, returned, state0, state1, order, count = torch.ops.earlyexit.cpp_exit_step(
@@ -394,7 +429,8 @@ def _pooled_head_op(policy, layer, num_layers, hidden, mask, head, state, target
 
 
 def pooled_head_exit_step(policy, layer, num_layers, hidden, mask, head, state):
-    """:func:`earlyexit_kernels.backends.pooled_head.pooled_head_exit_step` in one C++ op (float32)."""
+    """:func:`earlyexit_kernels.backends.pooled_head.pooled_head_exit_step` in one C++ op (float32 and
+    bfloat16 on the CPU; float32, float16 and bfloat16 on a GPU with the CUDA kernels)."""
     return _pooled_head_op(policy, layer, num_layers, hidden, mask, head, state, None)[:4]
 
 
@@ -494,7 +530,8 @@ def _register() -> None:
     elif not torch.cuda.is_available():
         backend_registry.mark_unavailable("cuda", "the CUDA kernels are built but no CUDA GPU is available")
     else:
-        backend_registry.register_backend(backend_registry.Backend("cuda", devices=("cuda",), **_OPS))
+        backend = backend_registry.Backend("cuda", devices=("cuda",), pooled_head_devices=("cuda",), **_OPS)
+        backend_registry.register_backend(backend)
 
 
 _register()

@@ -126,7 +126,8 @@ def register() -> None:
         n, _, h = hidden.shape
         c = out_weight.shape[0]
         exits, returned, state0, state1, survivors, count = _fake_rule_outputs(hidden, n, c, kind, flags)
-        logits, pooled = hidden.new_empty((n, c)), hidden.new_empty((n, h))
+        # the pooled rows: kept on the CPU, not on a GPU (bindings_cuda.cpp)
+        logits, pooled = hidden.new_empty((n, c)), hidden.new_empty((n if hidden.device.type == "cpu" else 0, h))
         return exits, returned, logits, pooled, state0, state1, survivors, count
 
     @torch.library.register_fake("earlyexit::cpp_compact")

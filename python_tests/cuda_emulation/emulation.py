@@ -44,6 +44,7 @@ def reason() -> str | None:
     return None
 
 
+KERNEL_FILES = ("exit_step_emu.cpp", "compact_emu.cpp", "pool_norm_emu.cpp")
 LAUNCH = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<(.*?)>>>\(")
 
 
@@ -83,6 +84,7 @@ def load():
     sources = {
         "exit_step_emu.cpp": _rewrite_kernels((CSRC / "cuda" / "exit_step.cu").read_text()),
         "compact_emu.cpp": _rewrite_kernels((CSRC / "cuda" / "compact.cu").read_text()),
+        "pool_norm_emu.cpp": _rewrite_kernels((CSRC / "cuda" / "pool_norm.cu").read_text()),
         "bindings_cuda_emu.cpp": _rewrite_binding((CSRC / "bindings_cuda.cpp").read_text()),
         "schemas_emu.cpp": _schemas(),
     }
@@ -96,10 +98,10 @@ def load():
     # The rewritten files include csrc headers by their csrc-relative paths.
     (build / "cuda").mkdir(exist_ok=True)
     for name, text in sources.items():
-        target = build / ("cuda" if name in ("exit_step_emu.cpp", "compact_emu.cpp") else "") / name
+        target = build / ("cuda" if name in KERNEL_FILES else "") / name
         if not target.exists() or target.read_text() != text:
             target.write_text(text)
-    paths = [str(build / "cuda" / "exit_step_emu.cpp"), str(build / "cuda" / "compact_emu.cpp")]
+    paths = [str(build / "cuda" / name) for name in KERNEL_FILES]
     paths += [str(build / "bindings_cuda_emu.cpp"), str(build / "schemas_emu.cpp")]
     cpp_extension.load(
         name=f"eek_emu_{digest}",
