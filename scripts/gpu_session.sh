@@ -49,6 +49,9 @@ for s in $STEPS; do
             python_tests/test_cpp_compact.py python_tests/test_cpp_exit_step.py
         step gpu_triton "$PY" -m pytest -q -rs -k "second_gpu or two_to_the_31 or cuda" \
             python_tests/test_triton_engine.py python_tests/test_triton_exit_step.py python_tests/test_triton_compact.py
+        # the whole per-layer head step (pooling, head, rule) natively, and its launch counts
+        step gpu_pooled_head "$PY" -m pytest -q -rs python_tests/test_triton_pooled_head.py \
+            python_tests/test_launch_budget.py -k "pooled or mlp"
         ;;
     defects)
         # The checks of docs/development.md "GPU-path defects found by reading" that need a GPU.
@@ -70,7 +73,8 @@ for d in (torch.float32, torch.float16, torch.bfloat16):
     sanitizer)
         # memcheck: the Triton kernels (compaction, exit step), the write-back tests (every
         # backend) and the CUDA C++ kernels.
-        step memcheck_triton sanitize memcheck python_tests/test_triton_compact.py python_tests/test_triton_exit_step.py
+        step memcheck_triton sanitize memcheck python_tests/test_triton_compact.py python_tests/test_triton_exit_step.py \
+            python_tests/test_triton_pooled_head.py
         step memcheck_write_back sanitize memcheck python_tests/test_write_back.py
         step memcheck_cuda_kernels sanitize memcheck python_tests/test_cuda_kernels.py -k gpu
         step memcheck_cuda_ops sanitize memcheck -k cuda python_tests/test_cpp_exit_step.py python_tests/test_cpp_compact.py
