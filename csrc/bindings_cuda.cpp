@@ -149,18 +149,24 @@ HeadExitResult pooled_head_exit_step_cuda(const at::Tensor& hidden, const std::o
   const bool norm = norm_weight.has_value() && norm_weight->defined();
   TORCH_CHECK(norm == (norm_bias.has_value() && norm_bias->defined()), name,
               ": give both norm_weight and norm_bias, or neither");
-  auto same = [&](const at::Tensor& t, int64_t size, const char* what) {
+  auto check = [&](const at::Tensor& t, int64_t size, const char* what) {
     TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device() == x.device(), name, ": ", what,
                 " must be in the hidden states' dtype and on their device");
     TORCH_CHECK(size < 0 || (t.dim() == 1 && t.size(0) == size), name, ": ", what, " must be [", size, "], got ",
                 t.sizes());
+  };
+  auto same = [&](const at::Tensor& t, int64_t size, const char* what) {
+    check(t, size, what);
     return t.contiguous();
   };
-  const at::Tensor wp = same(dense_weight_t, -1, "dense_weight_t").t().contiguous();  // [M, H]: a view when given weight.t()
+  check(dense_weight_t, -1, "dense_weight_t");
+  // [M, H]: no copy when given a contiguous weight's .t()
+  const at::Tensor wp = dense_weight_t.t().contiguous();
   const at::Tensor bp = same(dense_bias, M, "dense_bias"), w = same(out_weight, -1, "out_weight");
   const at::Tensor b = same(out_bias, C, "out_bias");
 
-  at::Tensor rows_in = x.select(1, 0);  // [n, H] with row stride x.stride(0): the [CLS] rows in place
+  // [n, H] with row stride x.stride(0): the [CLS] rows in place
+  at::Tensor rows_in = S > 0 ? x.select(1, 0) : at::zeros({n, H}, x.options());
   if (pooling == 1 || norm) {
     at::Tensor valid;
     if (pooling == 1 && mask.has_value() && mask->defined()) {
