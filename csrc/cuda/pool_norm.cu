@@ -11,6 +11,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "convert.h"
 #include "launchers.h"
 
 namespace eek {
@@ -19,24 +20,6 @@ namespace {
 
 constexpr int kPoolThreads = 256;
 constexpr int kPoolWarps = kPoolThreads / 32;
-
-template <typename T>
-struct PoolCvt;
-template <>
-struct PoolCvt<float> {
-  static __device__ __forceinline__ float to_f(float v) { return v; }
-  static __device__ __forceinline__ float from_f(float v) { return v; }
-};
-template <>
-struct PoolCvt<__half> {
-  static __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
-};
-template <>
-struct PoolCvt<__nv_bfloat16> {
-  static __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
-};
 
 // The block's sum of v (every thread gets it).
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
@@ -69,18 +52,18 @@ __global__ void __launch_bounds__(kPoolThreads) pool_norm_kernel(const PoolArgs 
       if (valid != nullptr && valid[s] == 0) continue;
       count += 1.0f;
       const T* token = x + s * a.stride_s;
-      for (int64_t h = threadIdx.x; h < H; h += kPoolThreads) sums[h] += PoolCvt<T>::to_f(token[h]);
+      for (int64_t h = threadIdx.x; h < H; h += kPoolThreads) sums[h] += Cvt<T>::to_f(token[h]);
     }
     const float divisor = count > 0.0f ? count : 1.0f;
     for (int64_t h = threadIdx.x; h < H; h += kPoolThreads) {
-      sums[h] = PoolCvt<T>::to_f(PoolCvt<T>::from_f(sums[h] / divisor));
+      sums[h] = Cvt<T>::to_f(Cvt<T>::from_f(sums[h] / divisor));
     }
   } else {
-    for (int64_t h = threadIdx.x; h < H; h += kPoolThreads) sums[h] = PoolCvt<T>::to_f(x[h]);
+    for (int64_t h = threadIdx.x; h < H; h += kPoolThreads) sums[h] = Cvt<T>::to_f(x[h]);
   }
   T* out = static_cast<T*>(a.out) + row * H;
   if (a.norm_weight == nullptr) {
-    for (int64_t h = threadIdx.x; h < H; h += kPoolThreads) out[h] = PoolCvt<T>::from_f(sums[h]);
+    for (int64_t h = threadIdx.x; h < H; h += kPoolThreads) out[h] = Cvt<T>::from_f(sums[h]);
     return;
   }
   float part = 0.0f;
@@ -95,8 +78,8 @@ __global__ void __launch_bounds__(kPoolThreads) pool_norm_kernel(const PoolArgs 
   const T* weight = static_cast<const T*>(a.norm_weight);
   const T* bias = static_cast<const T*>(a.norm_bias);
   for (int64_t h = threadIdx.x; h < H; h += kPoolThreads) {
-    const float y = (sums[h] - mean) * rstd * PoolCvt<T>::to_f(weight[h]) + PoolCvt<T>::to_f(bias[h]);
-    out[h] = PoolCvt<T>::from_f(y);
+    const float y = (sums[h] - mean) * rstd * Cvt<T>::to_f(weight[h]) + Cvt<T>::to_f(bias[h]);
+    out[h] = Cvt<T>::from_f(y);
   }
 }
 
