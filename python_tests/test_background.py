@@ -69,6 +69,35 @@ def test_a_full_queue_is_refused_at_once():
     worker.close()
 
 
+def test_a_requests_sequences_are_taken_together_between_the_same_two_steps():
+    worker = BackgroundEngine(_model(), max_batch_size=4, max_queue=8)
+    paused = _Paused(worker.engine)
+    first = worker.submit([5, 6, 7])
+    assert paused.entered.wait(30)
+    request = worker.submit_many([([5, 6], None), ([7, 8, 9], [0, 0, 1]), ([4], None)])
+    paused.release.set()
+    assert [f.result(30).exit_layer >= 1 for f in [first, *request]] == [True] * 4
+    assert len({f.eek_taken for f in request}) == 1 and request[0].eek_taken > first.eek_taken
+    worker.close()
+    assert worker.outstanding == 0
+
+
+def test_a_request_that_does_not_fit_is_refused_whole():
+    worker = BackgroundEngine(_model(), max_batch_size=4, max_queue=4)
+    paused = _Paused(worker.engine)
+    first = worker.submit([5, 6, 7])
+    assert paused.entered.wait(30)
+    with pytest.raises(QueueFull, match="1 sequences are already queued and 4 more do not fit"):
+        worker.submit_many([([5, 6], None)] * 4)
+    with pytest.raises(ValueError, match="a sequence must have 1..64 tokens, got 0"):
+        worker.submit_many([([5, 6], None), ([], None)])
+    assert worker.outstanding == 1, "nothing of a refused request is queued"
+    rest = worker.submit_many([([5, 6], None)] * 3)
+    paused.release.set()
+    assert all(f.result(30).exit_layer >= 1 for f in [first, *rest])
+    worker.close()
+
+
 def test_a_cancelled_sequence_is_dropped_and_frees_its_place():
     worker = BackgroundEngine(_model(), max_batch_size=4, max_queue=8)
     paused = _Paused(worker.engine)

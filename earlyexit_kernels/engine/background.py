@@ -2,6 +2,7 @@
 
     worker = BackgroundEngine(model, max_batch_size=64, max_queue=1024)
     future = worker.submit(input_ids, token_type_ids)    # concurrent.futures.Future[Finished]
+    futures = worker.submit_many([(ids, types), ...])    # one request's sequences, admitted together
     finished = future.result()                           # or asyncio.wrap_future(future)
     worker.cancel(future)                                # the client went away
     worker.close(drain=True)                             # finish what was submitted, then stop
@@ -62,18 +63,39 @@ class BackgroundEngine:
         The future's ``eek_taken`` is set to ``time.perf_counter()`` when the engine thread
         takes the sequence (between two steps), for a server's queue-time header.
         """
-        if not 1 <= len(input_ids) <= self.engine.max_length:
-            raise ValueError(f"a sequence must have 1..{self.engine.max_length} tokens, got {len(input_ids)}")
+        return self.submit_many([(input_ids, token_type_ids)])[0]
+
+    def submit_many(self, sequences) -> list[Future]:
+        """Queue ``(input_ids, token_type_ids or None)`` per sequence; one future each, in order.
+
+        The engine thread takes them all between the same two steps, so a request's sequences
+        are batched together rather than in whatever pieces the thread caught while they were
+        being queued one by one (the batches of a lone request, and so its float results on
+        CPUs whose matrix products depend on the batch's shape, do not depend on timing). All
+        or nothing: a bad length raises ``ValueError`` and a full queue :class:`QueueFull`
+        before any is queued.
+        """
+        sequences = [(list(ids), types) for ids, types in sequences]
+        for ids, _ in sequences:
+            if not 1 <= len(ids) <= self.engine.max_length:
+                raise ValueError(f"a sequence must have 1..{self.engine.max_length} tokens, got {len(ids)}")
         with self._lock:
             if self._closing:
                 raise RuntimeError("the engine is shutting down and takes no new sequences")
-            if self._outstanding >= self.max_queue:
-                raise QueueFull(f"{self._outstanding} sequences are already queued (max_queue={self.max_queue})")
-            self._outstanding += 1
-        future: Future = Future()
-        future.eek_key = next(self._keys)
-        self._inbox.put(("submit", future, list(input_ids), token_type_ids))
-        return future
+            if self._outstanding + len(sequences) > self.max_queue:
+                raise QueueFull(
+                    f"{self._outstanding} sequences are already queued and {len(sequences)} more do not fit"
+                    f" (max_queue={self.max_queue})"
+                )
+            self._outstanding += len(sequences)
+        futures = []
+        for _ in sequences:
+            future: Future = Future()
+            future.eek_key = next(self._keys)
+            futures.append(future)
+        if futures:
+            self._inbox.put(("submit", futures, sequences))
+        return futures
 
     def cancel(self, future: Future) -> None:
         """Drop the sequence of ``future`` unless it has finished; the future is cancelled."""
@@ -111,17 +133,18 @@ class BackgroundEngine:
     def _apply(self, command) -> None:
         kind, value = command[0], command[1]
         if kind == "submit":
-            future, ids, types = value, command[2], command[3]
-            if future.cancelled():
-                self._settle(future)
-                return
-            future.eek_taken = time.perf_counter()  # the engine thread took it (between two steps)
-            try:
-                self.engine.submit(future.eek_key, ids, types)
-            except ValueError as error:
-                self._settle(future, error=error)
-                return
-            self._futures[future.eek_key] = future
+            taken = time.perf_counter()  # the engine thread took them (between two steps)
+            for future, (ids, types) in zip(value, command[2], strict=True):
+                if future.cancelled():
+                    self._settle(future)
+                    continue
+                future.eek_taken = taken
+                try:
+                    self.engine.submit(future.eek_key, ids, types)
+                except ValueError as error:
+                    self._settle(future, error=error)
+                    continue
+                self._futures[future.eek_key] = future
         elif kind == "cancel":
             if self._futures.pop(value.eek_key, None) is not None:
                 self.engine.cancel([value.eek_key])

@@ -352,19 +352,13 @@ class _ServerState:
             )
         encoded = await asyncio.to_thread(self._tokenize, request)
         timings.tokenized = time.perf_counter()
-        futures = []
         try:
-            for ids, types in encoded:
-                futures.append(self.worker.submit(ids, types))
+            futures = self.worker.submit_many(encoded)
         except QueueFull:
-            for future in futures:
-                self.worker.cancel(future)
             raise RequestError(
                 429, "Overloaded", f"the server's queue is full ({self.max_queue} sequences); retry shortly"
             ) from None
         except RuntimeError:  # closed between the check above and the submit
-            for future in futures:
-                self.worker.cancel(future)
             raise RequestError(503, "Unhealthy", "the server is shutting down") from None
         answered = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
         gone = asyncio.ensure_future(_disconnected(http_request))
