@@ -4,7 +4,7 @@ early exit's curve at the same number of layers (from the real-task CSV)."""
 import json
 
 import torch
-from transformers import BertConfig, BertModel
+from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel
 
 from earlyexit_kernels.bench import cut_model_peer, real_task_quality
 
@@ -25,6 +25,19 @@ def test_the_mean_pooled_head_never_reads_padding():
     torch.testing.assert_close(a[0], alone[0], rtol=1e-5, atol=1e-6)
     out = model(ids, mask, labels=torch.tensor([0, 1]))
     assert out.loss.shape == () and out.logits.shape == (2, 2)
+
+
+def test_the_mean_pooled_head_runs_an_encoder_without_token_types():
+    torch.manual_seed(0)
+    config = MPNetConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    model = cut_model_peer.MeanPooledClassifier(MPNetModel(config, add_pooling_layer=False), 3).eval()
+    ids = torch.tensor([[0, 7, 9, 2, 1], [0, 8, 2, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        logits = model(ids, mask).logits
+        alone = model(ids[1:, :3], mask[1:, :3]).logits
+    assert logits.shape == (2, 3)
+    torch.testing.assert_close(logits[1], alone[0], rtol=1e-5, atol=1e-6)
 
 
 def test_the_section_sets_each_peer_beside_the_curves_at_k_layers(tmp_path):
@@ -82,3 +95,7 @@ def test_the_section_sets_each_peer_beside_the_curves_at_k_layers(tmp_path):
     assert "static cut (heads (mean, mlp), exit head k)" in text
     cut_model_peer.update_readme(str(readme), str(json_path), str(csv_path))
     assert readme.read_text() == text, "regenerating replaces the section, never appends a second"
+    cut_model_peer.update_readme(str(readme), str(json_path), str(csv_path), backbone="mpnet")
+    both = readme.read_text()
+    assert both.startswith(text) and "<!-- cut-model-peer-mpnet:start -->" in both, "each backbone its own section"
+    assert "cut_model_peer --backbone mpnet --from-json" in both

@@ -4,19 +4,20 @@
         --output benchmarks/results/cut_model_peer_cpu.json --readme docs/benchmarks.md
 
 A smaller model is the plain answer to "the model is too slow": keep the first k of the
-pre-trained model's L layers and fine-tune that. Each peer here is all-MiniLM-L6-v2 cut to
+pre-trained model's L layers and fine-tune that. Each peer here is the backbone
+(``--backbone``: all-MiniLM-L6-v2, or the 12-layer all-mpnet-base-v2 with ``mpnet``) cut to
 k = 1 … L-1 layers and fine-tuned with the demo's recipe and data
 (:func:`earlyexit_kernels.demo.real_task.fine_tune`: one epoch of the Rotten Tomatoes train
 split, AdamW at 5e-5, batches of 32), with two heads:
 
-- ``model``: the model's own head (the [CLS] pooler and a linear classifier), as
-  ``BertForSequenceClassification`` with ``num_hidden_layers=k``;
-- ``mean``: the masked mean of the last layer's tokens and a linear classifier (how the
-  sentence-transformers MiniLM was pre-trained).
+- ``model``: the model's own head (the [CLS] pooler and a linear classifier), as its
+  ``*ForSequenceClassification`` with ``num_hidden_layers=k``;
+- ``mean``: the masked mean of the last layer's tokens and a linear classifier (how both
+  sentence-transformers models were pre-trained).
 
 Its test accuracy at k runs k layers for every sequence, so it sits beside early exit's curve
-at k mean layers (``benchmarks/results/real_task_cpu.csv``, every method of
-:mod:`earlyexit_kernels.bench.real_task_quality`). Each peer is written to the JSON as soon as it
+at k mean layers (``benchmarks/results/real_task_cpu.csv``, or ``real_task_mpnet_cpu.csv`` for
+MPNet: every method of :mod:`earlyexit_kernels.bench.real_task_quality`). Each peer is written to the JSON as soon as it
 is trained, and a rerun skips the peers already there (``--redo`` trains them again).
 """
 
@@ -38,10 +39,24 @@ from earlyexit_kernels.bench.markdown_sections import replace_section
 __all__ = ["HEADS", "MeanPooledClassifier", "cut_model", "train_peer", "render_markdown", "update_readme", "main"]
 
 HEADS = ("model", "mean")
-DEFAULT_JSON = "benchmarks/results/cut_model_peer_cpu.json"
-REAL_TASK_CSV = "benchmarks/results/real_task_cpu.csv"
-MARK_START = "<!-- cut-model-peer:start -->"
-MARK_END = "<!-- cut-model-peer:end -->"
+#: per backbone: the peers' JSON, early exit's curves, the section's markers and title
+DEFAULTS = {
+    "minilm": (
+        "benchmarks/results/cut_model_peer_cpu.json",
+        "benchmarks/results/real_task_cpu.csv",
+        "cut-model-peer",
+        "Early exit against a smaller model (cut and fine-tuned)",
+    ),
+    "mpnet": (
+        "benchmarks/results/cut_model_peer_mpnet_cpu.json",
+        "benchmarks/results/real_task_mpnet_cpu.csv",
+        "cut-model-peer-mpnet",
+        "MPNet-base against a smaller MPNet (cut and fine-tuned)",
+    ),
+}
+DEFAULT_JSON, REAL_TASK_CSV, _MARK, _TITLE = DEFAULTS["minilm"]
+MARK_START = f"<!-- {_MARK}:start -->"
+MARK_END = f"<!-- {_MARK}:end -->"
 EVAL_BATCH = 64
 
 
@@ -68,33 +83,32 @@ class MeanPooledClassifier(nn.Module):
 
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.encoder(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).last_hidden_state
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}  # MPNet takes none
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         pooled = masked_mean(hidden, attention_mask)
         logits = self.classifier(self.dropout(pooled))
         loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
         return SimpleNamespace(logits=logits, loss=loss)
 
 
-def cut_model(layers: int, head: str, seed: int = 0) -> nn.Module:
-    """The pre-trained MiniLM with its first ``layers`` layers and ``head`` (``"model"`` or ``"mean"``), untrained head."""
-    from transformers import BertForSequenceClassification, BertModel
+def cut_model(layers: int, head: str, seed: int = 0, backbone: str = "minilm") -> nn.Module:
+    """The pre-trained ``backbone`` with its first ``layers`` layers and ``head`` (``"model"`` or ``"mean"``), untrained head."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
 
-    from earlyexit_kernels.demo.real_task import LABELS, minilm_path
+    from earlyexit_kernels.demo.real_task import LABELS, backbone_path
 
     if head not in HEADS:
         raise ValueError(f"head must be one of {', '.join(HEADS)}; got {head!r}")
     torch.manual_seed(seed)
     if head == "model":
-        return BertForSequenceClassification.from_pretrained(
-            minilm_path(),
+        return AutoModelForSequenceClassification.from_pretrained(
+            backbone_path(backbone),
             num_hidden_layers=layers,
             num_labels=len(LABELS),
             id2label=dict(enumerate(LABELS)),
             label2id={name: i for i, name in enumerate(LABELS)},
         )
-    encoder = BertModel.from_pretrained(minilm_path(), num_hidden_layers=layers, add_pooling_layer=False)
+    encoder = AutoModel.from_pretrained(backbone_path(backbone), num_hidden_layers=layers, add_pooling_layer=False)
     return MeanPooledClassifier(encoder, len(LABELS))
 
 
@@ -114,12 +128,12 @@ def accuracy(model: nn.Module, tokenizer, split, max_length: int) -> float:
     return right / len(split)
 
 
-def train_peer(layers: int, head: str, splits, tokenizer, recipe) -> dict:
+def train_peer(layers: int, head: str, splits, tokenizer, recipe, backbone: str = "minilm") -> dict:
     """Cut, fine-tune and score one peer; returns its row (accuracies on validation and test, seconds)."""
     from earlyexit_kernels.demo.real_task import fine_tune
 
     started = time.perf_counter()
-    model = cut_model(layers, head, recipe.seed)
+    model = cut_model(layers, head, recipe.seed, backbone)
     fine_tune(model, tokenizer, splits["train"], recipe)
     seconds = time.perf_counter() - started
     return {
@@ -222,57 +236,61 @@ def _beaten(peers, curves, layers) -> dict[str, list[str]]:
     return found
 
 
-def update_readme(readme: str, json_path: str, csv_path: str = REAL_TASK_CSV) -> None:
-    """Rewrite the section between the markers of ``readme`` (appended at the end when missing)."""
+def update_readme(readme: str, json_path: str, csv_path: str = REAL_TASK_CSV, backbone: str = "minilm") -> None:
+    """Rewrite ``backbone``'s section between its markers in ``readme`` (appended at the end when missing)."""
+    _, _, mark, title = DEFAULTS[backbone]
+    start, end = f"<!-- {mark}:start -->", f"<!-- {mark}:end -->"
     text = Path(readme).read_text()
-    note = f"<!-- generated by python -m earlyexit_kernels.bench.cut_model_peer --from-json {json_path} -->"
-    section = f"{MARK_START}\n{note}\n\n{render_markdown(json_path, csv_path)}\n{MARK_END}"
-    Path(readme).write_text(
-        replace_section(text, MARK_START, MARK_END, section, "Early exit against a smaller model (cut and fine-tuned)")
-    )
+    flag = "" if backbone == "minilm" else f" --backbone {backbone}"
+    note = f"<!-- generated by python -m earlyexit_kernels.bench.cut_model_peer{flag} --from-json {json_path} -->"
+    section = f"{start}\n{note}\n\n{render_markdown(json_path, csv_path)}\n{end}"
+    Path(readme).write_text(replace_section(text, start, end, section, title))
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default=DEFAULT_JSON, help=f"JSON of the peers (default: {DEFAULT_JSON})")
-    parser.add_argument("--readme", help="rewrite the cut-model-peer section of this Markdown file")
+    parser.add_argument("--backbone", default="minilm", choices=tuple(DEFAULTS), help="the model cut (default: minilm)")
+    parser.add_argument("--output", help=f"JSON of the peers (default: {DEFAULT_JSON}, or the backbone's)")
+    parser.add_argument("--readme", help="rewrite the backbone's cut-model-peer section of this Markdown file")
     parser.add_argument("--from-json", help="only regenerate the section from this JSON (needs --readme)")
-    parser.add_argument("--curves", default=REAL_TASK_CSV, help=f"early exit's curves (default: {REAL_TASK_CSV})")
+    parser.add_argument("--curves", help=f"early exit's curves (default: {REAL_TASK_CSV}, or the backbone's)")
     parser.add_argument("--layers", type=int, nargs="+", help="the k to train (default: 1 … L-1)")
     parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
     parser.add_argument("--redo", action="store_true", help="train again the peers already in --output")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
+    default_json, default_csv, _, _ = DEFAULTS[args.backbone]
+    args.output, args.curves = args.output or default_json, args.curves or default_csv
     if args.from_json:
         if not args.readme:
             parser.error("--from-json needs --readme")
-        update_readme(args.readme, args.from_json, args.curves)
+        update_readme(args.readme, args.from_json, args.curves, args.backbone)
         return
 
     from transformers import AutoConfig, AutoTokenizer
 
-    from earlyexit_kernels.demo.real_task import FineTuneRecipe, load_rotten_tomatoes, minilm_path
+    from earlyexit_kernels.demo.real_task import FineTuneRecipe, backbone_path, load_rotten_tomatoes
 
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     recipe = FineTuneRecipe()
-    depth = AutoConfig.from_pretrained(minilm_path()).num_hidden_layers
+    depth = AutoConfig.from_pretrained(backbone_path(args.backbone)).num_hidden_layers
     layers = args.layers or list(range(1, depth))
     if any(not 1 <= k < depth for k in layers):
         parser.error(f"--layers must lie in 1 … {depth - 1} (the model has {depth})")
     path = Path(args.output)
     data = json.loads(path.read_text()) if path.is_file() else {"runs": [], "recipe": vars(recipe), "peers": []}
     done = {(p["layers"], p["head"]) for p in data["peers"]}
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tokenizer = AutoTokenizer.from_pretrained(backbone_path(args.backbone))
     splits = load_rotten_tomatoes(recipe.seed)
     data["runs"].append("")
     for k in layers:
         for head in args.heads:
             if (k, head) in done and not args.redo:
                 continue
-            row = train_peer(k, head, splits, tokenizer, recipe)
+            row = train_peer(k, head, splits, tokenizer, recipe, args.backbone)
             data["peers"] = [p for p in data["peers"] if (p["layers"], p["head"]) != (k, head)] + [row]
             data["peers"].sort(key=lambda p: (p["layers"], HEADS.index(p["head"])))
             data["runs"][-1] = _environment(argv, time.perf_counter() - started)
@@ -286,7 +304,7 @@ def main(argv=None) -> None:
     if not data["runs"][-1]:
         data["runs"].pop()
     if args.readme and data["peers"]:
-        update_readme(args.readme, str(path), args.curves)
+        update_readme(args.readme, str(path), args.curves, args.backbone)
 
 
 if __name__ == "__main__":
