@@ -51,6 +51,29 @@ def test_each_torch_configuration_classifies_and_counts_the_layers_its_rows_ran(
     assert all(len(r["seconds"]) == 2 for r in results.values())
 
 
+@pytest.mark.parametrize("arch", ["bert", "albert", "roberta"])
+def test_int8_keeps_the_feed_forward_output_projections_float_when_asked(arch):
+    from torch import nn
+
+    model = tiny_model(arch)
+
+    def float_linears(quantized):
+        return sorted(n for n, m in quantized.base_model.encoder.named_modules() if type(m) is nn.Linear)
+
+    assert float_linears(stack.int8_encoder(model)) == []
+    kept = float_linears(stack.int8_encoder(model, "ffn-out-float"))
+    ffn_out = {"bert": "output.dense", "roberta": "output.dense", "albert": "ffn_output"}[arch]
+    layers = model.config.num_hidden_groups if arch == "albert" else model.config.num_hidden_layers  # shared
+    assert len(kept) == layers and all(n.endswith(ffn_out) and "attention" not in n for n in kept), kept
+    ids, mask, types = tiny_batch(3, 9)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        int8 = stack.int8_encoder(model, "ffn-out-float")(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    torch.testing.assert_close(int8.logits, full, rtol=0.1, atol=0.05)
+    with pytest.raises(ValueError, match="int8 recipe must be one of all, ffn-out-float; got 'half'"):
+        stack.int8_encoder(model, "half")
+
+
 def test_ratios_are_paired_within_a_repetition_and_the_report_states_the_targets(tmp_path):
     configs = [
         stack.Config("fp32", "fp32", False, None),

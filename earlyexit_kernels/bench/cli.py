@@ -105,6 +105,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="--stack: leave out the bf16 rows (without bf16 instructions they run several times slower than fp32)",
     )
     parser.add_argument(
+        "--stack-int8",
+        choices=("all", "ffn-out-float"),
+        default="all",
+        help="--stack: the encoder's Linear layers int8 quantizes: all (default), or all but the feed-forward "
+        "output projections (ffn-out-float), which keeps MPNet-base within 2 points",
+    )
+    parser.add_argument(
         "--stack-folder",
         type=Path,
         help="--stack: a patched model folder with its tokenizer (e.g. written by eek fit) instead of make demo's",

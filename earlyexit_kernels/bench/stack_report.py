@@ -82,6 +82,8 @@ def render(csv_path: str | Path, relative_to: Path | None = None) -> str:
             f"{token_ideal} | {float(r['t_p50_s']):.2f} | {float(r['texts_per_s']):.0f} | {_ratio(r, 'vs_base')} | "
             f"{'' if of_token is None else f'{of_token:.2f}'} | {_ratio(r, 'vs_fp32')} |"
         )
+    if "int8" in meta:
+        out.append(f"\nint8: {meta['int8']}.")
     for peer, note in meta.get("peers", {}).items():
         out.append(f"\n{peer}: {note}.")
     out += ["", "| target | measured | |", "|---|---|---|"]
