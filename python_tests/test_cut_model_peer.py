@@ -29,7 +29,9 @@ def test_the_mean_pooled_head_never_reads_padding():
 
 def test_the_mean_pooled_head_runs_an_encoder_without_token_types():
     torch.manual_seed(0)
-    config = MPNetConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    config = MPNetConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    )
     model = cut_model_peer.MeanPooledClassifier(MPNetModel(config, add_pooling_layer=False), 3).eval()
     ids = torch.tensor([[0, 7, 9, 2, 1], [0, 8, 2, 1, 1]])
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
