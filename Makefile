@@ -12,7 +12,7 @@ setup:
 	@VENV=$(VENV) bash scripts/setup_env.sh
 
 test: setup lint $(CUDA_CHECK) triton-check
-	$(PY) -m pytest -q python_tests
+	PY=$(PY) bash scripts/run_tests.sh
 	@$(MAKE) --no-print-directory test-cpu-kinds
 
 # The bit-for-bit tests (marker `exact`) again under every CPU capability below this machine's.

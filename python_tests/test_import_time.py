@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.serial  # import times against torch's, on a machine doing nothing else
+
 RATIO = 0.6
 RUNS = 2
 

@@ -252,6 +252,7 @@ def wait_for(condition, timeout=30.0, what="the condition"):
         time.sleep(0.005)
 
 
+@pytest.mark.serial  # the 429 must come within 0.5 s while the engine works
 def test_a_full_queue_answers_429_at_once_and_loses_nothing_it_accepted(slow_model_dir):
     model, tokenizer = load_model(slow_model_dir)
     server = RunningServer(create_app(model, tokenizer, max_queue=64, max_batch_size=64))

@@ -49,6 +49,7 @@ optional=()
 has ruff || command -v ruff >/dev/null 2>&1 || optional+=("ruff")
 has ray.data || optional+=("ray[data]>=2.40")  # earlyexit_kernels.ray; its tests are skipped without it
 has ray.serve || optional+=("ray[serve]>=2.40")  # `eek serve --replicas`
+has xdist || optional+=("pytest-xdist")  # make test runs the suite on every core (scripts/run_tests.sh)
 # the server (earlyexit_kernels.integrations.server) and its tests' HTTP client
 for package in matplotlib datasets accelerate pytest_benchmark pyarrow pandas starlette uvicorn prometheus_client httpx; do
     has "$package" || optional+=("${package//_/-}")
