@@ -10,6 +10,7 @@ import torch
 from conftest import WORDS, word_texts
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
+import earlyexit_kernels as eek
 from earlyexit_kernels.bench import real_task_quality
 from earlyexit_kernels.demo import real_demo
 from earlyexit_kernels.demo.real_task import Split
@@ -117,8 +118,17 @@ def test_the_real_task_benchmark_writes_its_csv_and_its_section(tiny_task, tmp_p
     )
     common = ["--joint-train-rows", "64", "--output", str(csv_path), "--readme", str(readme)]
     real_task_quality.main(["--runs", "pabee", *common])
-    real_task_quality.main(["--runs", "heads (mean, mlp)", "auto heads", *common, "--append"])  # one CSV, two calls
+    saved = tmp_path / "models"
+    real_task_quality.main(
+        ["--runs", "heads (mean, mlp)", "auto heads", *common, "--append", "--save-models", str(saved)]
+    )
     comments, rows = real_task_quality._read_csv(str(csv_path))
+    assert sorted(p.name for p in saved.iterdir()) == ["auto-heads", "heads-mean-mlp"]
+    from earlyexit_kernels.patching.patch import policy_of
+
+    reloaded = eek.from_pretrained(str(saved / "heads-mean-mlp"))
+    calibrated = next(r for r in rows if r["kind"] == "operating" and r["run"] == "heads (mean, mlp)")["policy"]
+    assert policy_of(reloaded).to_code(4) == calibrated, "the saved model holds the calibrated threshold"
     assert [c.split(" --")[1] for c in comments if c.startswith("python")] == [
         "runs pabee",
         "runs heads (mean, mlp) auto heads",

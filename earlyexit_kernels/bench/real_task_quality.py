@@ -42,6 +42,7 @@ import copy
 import csv
 import datetime
 import os
+import re
 import sys
 import time
 import warnings
@@ -128,6 +129,11 @@ def _encoded(tokenizer, split):
 
     data = LabelledTexts(split.texts, None, split.labels, "rotten tomatoes", "label")
     return encode(tokenizer, data, MAX_LENGTH), torch.tensor(split.labels)
+
+
+def _folder_name(run: str) -> str:
+    """A run's name as a folder name: ``"heads (mean, mlp)"`` -> ``"heads-mean-mlp"``."""
+    return "-".join(re.findall(r"[a-z0-9]+", run.lower()))
 
 
 def run(args, save=None) -> list[dict]:
@@ -242,6 +248,10 @@ def run(args, save=None) -> list[dict]:
         rows.append(operating)
         if save is not None:
             save(rows)
+        if getattr(args, "save_models", None):
+            from earlyexit_kernels.demo.real_task import save_atomically
+
+            save_atomically(model, tokenizer, Path(args.save_models) / _folder_name(name))
         print(
             f"{name:<20} fit {fit_seconds:5.0f} s; {operating['policy']}: test {100 * test_accuracy:.2f}% "
             f"(full {100 * static[-1][1]:.2f}%) at {test_layers:.2f} layers; speed-up {timing.speedup:.2f}x of "
@@ -504,6 +514,11 @@ def main(argv=None) -> None:
         help="the labelled task: rotten_tomatoes (two classes, default) or debates (three)",
     )
     parser.add_argument("--cache-dir", help="where the fine-tuned model is cached (default: real_task's)")
+    parser.add_argument(
+        "--save-models",
+        help="write each run's fitted model (exit heads, calibrated policy) and tokenizer to SAVE_MODELS/<run>, "
+        "e.g. for the stack benchmark's --stack-folder",
+    )
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
     if args.from_csv:
