@@ -29,6 +29,7 @@
 
 #include "convert.h"
 #include "launchers.h"
+#include "shared_memory.h"
 
 namespace eek {
 namespace cuda {
@@ -369,17 +370,8 @@ cudaError_t launch_typed(int64_t n, int64_t C, const HeadPtrs* head, const void*
     const int64_t bytes = stage + kRows * kTile * static_cast<int64_t>(sizeof(T));
     constexpr int V = Cvt<T>::kVec;
     a.vec = H % V == 0 && (reinterpret_cast<uintptr_t>(head->wp) & 15u) == 0;
-    int device = 0, optin = 0;
-    cudaError_t err = cudaGetDevice(&device);
+    cudaError_t err = allow_dynamic_shared(head_tile_kernel<T>, bytes);
     if (err != cudaSuccess) return err;
-    err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    if (err != cudaSuccess) return err;
-    if (bytes > optin) return cudaErrorInvalidValue;
-    if (bytes > 48 * 1024) {
-      err = cudaFuncSetAttribute(head_tile_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(bytes));
-      if (err != cudaSuccess) return err;
-    }
     const dim3 grid(static_cast<unsigned>((n + kRows - 1) / kRows), static_cast<unsigned>(head_tiles(head->M)));
     head_tile_kernel<T><<<grid, kThreads, static_cast<size_t>(bytes), stream>>>(a);
     err = cudaGetLastError();

@@ -13,6 +13,7 @@
 
 #include "convert.h"
 #include "launchers.h"
+#include "shared_memory.h"
 
 namespace eek {
 namespace cuda {
@@ -87,17 +88,8 @@ template <typename T>
 cudaError_t launch_typed_pool(const PoolArgs& a, cudaStream_t stream) {
   if (a.n == 0) return cudaSuccess;
   const int64_t bytes = a.H * static_cast<int64_t>(sizeof(float));
-  if (bytes > 48 * 1024) {
-    int device = 0, optin = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err != cudaSuccess) return err;
-    err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    if (err != cudaSuccess) return err;
-    if (bytes > optin) return cudaErrorInvalidValue;
-    err = cudaFuncSetAttribute(pool_norm_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(bytes));
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = allow_dynamic_shared(pool_norm_kernel<T>, bytes);
+  if (err != cudaSuccess) return err;
   pool_norm_kernel<T><<<static_cast<unsigned>(a.n), kPoolThreads, static_cast<size_t>(bytes), stream>>>(a);
   return cudaGetLastError();
 }
