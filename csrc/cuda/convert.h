@@ -10,6 +10,17 @@ namespace cuda {
 
 template <typename T>
 struct Cvt;
+
+// The 8 floats of a 16-byte word of 16-bit values (C::bits: half `hi` of a 32-bit word), in memory order.
+template <typename C>
+__device__ __forceinline__ void unpack_16bit(const uint4& v, float* out) {
+  const unsigned int words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = C::bits(words[i], 0);
+    out[2 * i + 1] = C::bits(words[i], 1);
+  }
+}
 template <>
 struct Cvt<float> {
   static __device__ __forceinline__ float to_f(float v) { return v; }
@@ -31,16 +42,7 @@ struct Cvt<__half> {
   static __device__ __forceinline__ float bits(unsigned int word, int hi) {
     return __half2float(__ushort_as_half(static_cast<unsigned short>(hi ? word >> 16 : word & 0xffffu)));
   }
-  static __device__ __forceinline__ void unpack(const uint4& v, float* out) {
-    out[0] = bits(v.x, 0);
-    out[1] = bits(v.x, 1);
-    out[2] = bits(v.y, 0);
-    out[3] = bits(v.y, 1);
-    out[4] = bits(v.z, 0);
-    out[5] = bits(v.z, 1);
-    out[6] = bits(v.w, 0);
-    out[7] = bits(v.w, 1);
-  }
+  static __device__ __forceinline__ void unpack(const uint4& v, float* out) { unpack_16bit<Cvt>(v, out); }
 };
 template <>
 struct Cvt<__nv_bfloat16> {
@@ -50,16 +52,7 @@ struct Cvt<__nv_bfloat16> {
   static __device__ __forceinline__ float bits(unsigned int word, int hi) {
     return __uint_as_float(hi ? (word & 0xffff0000u) : (word << 16));
   }
-  static __device__ __forceinline__ void unpack(const uint4& v, float* out) {
-    out[0] = bits(v.x, 0);
-    out[1] = bits(v.x, 1);
-    out[2] = bits(v.y, 0);
-    out[3] = bits(v.y, 1);
-    out[4] = bits(v.z, 0);
-    out[5] = bits(v.z, 1);
-    out[6] = bits(v.w, 0);
-    out[7] = bits(v.w, 1);
-  }
+  static __device__ __forceinline__ void unpack(const uint4& v, float* out) { unpack_16bit<Cvt>(v, out); }
 };
 
 }  // namespace cuda
