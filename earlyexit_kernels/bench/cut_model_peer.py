@@ -54,9 +54,7 @@ DEFAULTS = {
         "MPNet-base against a smaller MPNet (cut and fine-tuned)",
     ),
 }
-DEFAULT_JSON, REAL_TASK_CSV, _MARK, _TITLE = DEFAULTS["minilm"]
-MARK_START = f"<!-- {_MARK}:start -->"
-MARK_END = f"<!-- {_MARK}:end -->"
+DEFAULT_JSON, REAL_TASK_CSV = DEFAULTS["minilm"][:2]
 EVAL_BATCH = 64
 
 

@@ -124,7 +124,8 @@ def int8_encoder(model: nn.Module, recipe: str = "all") -> nn.Module:
     ``recipe`` (:data:`INT8_RECIPES`): ``"ffn-out-float"`` keeps the feed-forward output
     projections float. Their input, the GELU's output, carries the outliers that a per-tensor
     activation scale loses: on MPNet-base's Rotten Tomatoes classifier quantizing every Linear
-    costs 14 points of test accuracy, keeping these 12 float 1.9 (docs/benchmarks.md).
+    costs 14 points of test accuracy, keeping these 12 float 1.9
+    (``benchmarks/int8_linear_sensitivity.py``; docs/benchmarks.md).
     """
     if recipe not in INT8_RECIPES:
         raise ValueError(f"int8 recipe must be one of {', '.join(INT8_RECIPES)}; got {recipe!r}")
