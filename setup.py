@@ -11,6 +11,8 @@ compiled part, ``earlyexit_kernels._C``, is built against the torch already inst
 Environment switches:
 
 - ``EARLYEXIT_SKIP_CUDA_BUILD=1``: CPU kernels only.
+- ``EARLYEXIT_SKIP_EXTENSION_BUILD=1``: no compiled part at all (the PyTorch reference and the
+  Triton kernels); an install in seconds, e.g. the GPU script's CPU dress rehearsal.
 - ``EARLYEXIT_FORCE_CUDA_BUILD=1``: fail, instead of falling back to a CPU-only build,
   when the CUDA kernels cannot be built (for CI images that must ship them).
 - ``EARLYEXIT_CUDA_ARCHS``: ``;``-separated compute capabilities, default ``"80;90"``;
@@ -135,6 +137,9 @@ def _extensions():
     why_not = _cuda_build_possible(torch, CUDA_HOME)
     if why_not is not None and _flag("EARLYEXIT_FORCE_CUDA_BUILD"):
         raise RuntimeError(f"EARLYEXIT_FORCE_CUDA_BUILD is set but the CUDA kernels cannot be built: {why_not}")
+    if _flag("EARLYEXIT_SKIP_EXTENSION_BUILD"):
+        _note("EARLYEXIT_SKIP_EXTENSION_BUILD is set: installing without the C++ extension")
+        return [], {}
     if why_not is None:
         cuda_sources = [f"{csrc}/bindings_cuda.cpp"]
         cuda_sources += [f"{csrc}/cuda/{name}.cu" for name in ("exit_step", "compact", "pool_norm")]

@@ -10,7 +10,8 @@
 
 Every timed call ends with ``torch.cuda.synchronize()``. Results (p20/p50/p80 of the
 per-call times, device name, versions, timestamp) go to
-``benchmarks/results/triton_micro_<timestamp>.json`` and ``.csv``. Without CUDA
+``benchmarks/results/triton_micro_<timestamp>.json`` and ``.csv`` (or the folder
+``EEK_MICRO_RESULTS_DIR`` names). Without CUDA
 every benchmark is skipped: timings of Triton's CPU interpreter mean nothing.
 """
 
@@ -20,6 +21,7 @@ import csv
 import datetime
 import json
 import math
+import os
 import platform
 from pathlib import Path
 
@@ -35,7 +37,7 @@ import earlyexit_kernels as eek  # noqa: E402
 from earlyexit_kernels.backends import compaction  # noqa: E402
 from earlyexit_kernels.methods import exit_rules  # noqa: E402
 
-RESULTS_DIR = Path(__file__).parent / "results"
+RESULTS_DIR = Path(os.environ.get("EEK_MICRO_RESULTS_DIR") or Path(__file__).parent / "results")
 HIDDEN, LAYERS, SEQ = 768, 12, 128
 BATCHES = (1, 8, 64, 256, 1024)
 LABELS = (2, 3)

@@ -126,3 +126,32 @@ def test_peak_memory_keeps_the_profiler_log_off_stderr(capfd):
     err = capfd.readouterr().err
     assert "a warning of the call itself" in err
     assert not any(_PROFILER_LOG.match(line.encode()) for line in err.splitlines()), err
+
+
+def test_a_run_killed_part_way_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    """bench.csv and --append-csv hold each configuration's rows as soon as it is measured."""
+    shared = tmp_path / "all.csv"
+    common = ["--smoke", "--device", "cpu", "--spot-models", "none", "--no-micro", "--no-progress"]
+    assert cli.main([*common, "--output-dir", str(tmp_path / "a"), "--append-csv", str(shared)]) == 0
+    with shared.open(newline="") as f:
+        first = list(csv.DictReader(f))
+    assert first and {r["B"] for r in first} == {"1", "4"}
+
+    real, calls = cli.measure_pattern, []
+
+    def dies_on_the_second_configuration(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "measure_pattern", dies_on_the_second_configuration)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([*common, "--output-dir", str(tmp_path / "b"), "--append-csv", str(shared)])
+    with (tmp_path / "b" / "bench.csv").open(newline="") as f:
+        kept = list(csv.DictReader(f))
+    assert kept and {(r["B"], r["pattern"]) for r in kept} == {("1", "sched-f0.00")}
+    with shared.open(newline="") as f:
+        lines = f.read().splitlines()
+    assert sum(line.startswith("kind,") for line in lines) == 1  # one header for both runs
+    assert len(lines) == 1 + len(first) + len(kept)

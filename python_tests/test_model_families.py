@@ -464,3 +464,54 @@ def test_mlp_heads_run_the_cpu_s_whole_step_where_the_family_allows_and_agree_wi
     assert torch.equal(got.exit_layer, expected.exit_layer)
     torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-5)
     assert len(set(expected.exit_layer.tolist())) >= 2, "the test needs rows leaving at different layers"
+
+
+# ----------------------------------------------------------------------------- (a) and (c) on a GPU
+# The same two guarantees with the model and inputs on the GPU, on every backend that runs there
+# (compiled Triton, the CUDA kernels, PyTorch). Skipped without CUDA: scripts/gpu_session.sh runs them.
+
+GPU_BACKENDS = ("torch", "triton", "cuda")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _on_gpu(inputs):
+    return {k: v.cuda() for k, v in inputs.items()}
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_on_the_gpu_a_policy_that_never_exits_gives_exactly_the_unpatched_logits(family, attn, backend):
+    if not eek.backends()[backend]:
+        pytest.skip(f"backend {backend!r} unavailable: {eek.backend_status()[backend]}")
+    if attn not in ATTENTION.get(family, ("eager", "sdpa")):
+        pytest.skip(f"{family} has its own attention code: eager only")
+    model = tiny_family(family, attn=attn).cuda()
+    inputs = _on_gpu(tiny_inputs(family, 7, 12))
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        eek.patch(model, eek.Entropy(0.0), backend=backend)
+        spread_heads(model)
+        out = model(**inputs)
+    assert torch.equal(out.logits, reference)
+    assert out.exit_layer.tolist() == [NUM_LAYERS] * 7
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_on_the_gpu_compaction_and_trimming_give_what_each_row_alone_gives(family, backend):
+    if not eek.backends()[backend]:
+        pytest.skip(f"backend {backend!r} unavailable: {eek.backend_status()[backend]}")
+    model = tiny_family(family, seed=4).cuda()
+    inputs = _on_gpu(tiny_inputs(family, 12, 14, seed=5))
+    eek.patch(model, eek.Entropy(0.0), backend="torch")
+    spread_heads(model, seed=4)
+    eek.patch(model, eek.Entropy(spread_threshold(model, inputs)), backend=backend)
+    with torch.no_grad():
+        out = model(**inputs)
+        lengths = inputs["attention_mask"].sum(1).tolist()
+        for row, length in enumerate(lengths):
+            alone = model(**{k: v[row : row + 1, :length] for k, v in inputs.items()})
+            assert int(alone.exit_layer) == int(out.exit_layer[row]), row
+            torch.testing.assert_close(out.logits[row], alone.logits[0], rtol=1e-4, atol=1e-5)
+    assert len(set(out.exit_layer.tolist())) >= 2, "the test needs rows leaving at different layers"

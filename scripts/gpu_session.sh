@@ -1,109 +1,247 @@
 #!/usr/bin/env bash
-# Everything a session with a GPU machine should run, in one call, writing under $OUT:
-# build with CUDA, the test suite natively on the GPU, the GPU-only tests on their own (so a
-# skip shows), compute-sanitizer on the kernel tests, what backend="auto" picks, host time
-# per exit step, the microbenchmarks and the end-to-end benchmark. Each step logs to its own
-# file; neither a failing test nor a failing step stops the others (no pytest -x: one
-# failure must not hide the rest). The summary lists the exit codes.
+# The one GPU run: correctness and speed from one command on a GPU machine lent for minutes
+# (docs/development.md, "The GPU session"). It runs as that machine is: its own python3 with
+# torch preinstalled, no virtual environment, no package index. Steps run in order of value
+# under one deadline; each has its own timeout, ends by the deadline and is skipped, with its
+# reason, once too little time is left or where the machine lacks what it needs. Neither a
+# failing test nor a failing step stops the others.
 #
-#   OUT=/tmp/out bash scripts/gpu_session.sh            # everything
-#   OUT=/tmp/out STEPS="build tests" bash scripts/gpu_session.sh
+#   OUT=/tmp/out bash scripts/gpu_session.sh                # first run: correctness, B = 64 speed-up, ...
+#   OUT=/tmp/out PLAN=second bash scripts/gpu_session.sh    # second run: the sweep, sanitizers, micro
+#
+# PY (python3), DEADLINE_S (500: seconds from the start after which no step runs), STEPS (some
+# of the plan's steps, in the plan's order), WORK (logs, default a new folder under /tmp).
+# $OUT ends with at most 8 files, each refreshed after every step: summary.txt, junit.xml,
+# bench.csv, logs.tar.gz, and micro.json in the second plan.
 set -uo pipefail
-OUT=${OUT:?set OUT to the folder for logs and results}
-STEPS=${STEPS:-"build tests gpu_tests defects sanitizer auto host micro bench"}
-mkdir -p "$OUT"
+OUT=${OUT:?set OUT to the folder for the results}
+PLAN=${PLAN:-first}
+PY=${PY:-python3}
+DEADLINE_S=${DEADLINE_S:-500}
+case $PLAN in
+first) PLAN_STEPS="probe build correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck speed_b32_b256" ;;
+second) PLAN_STEPS="probe build sweep gpu_only defects sanitizers micro" ;;
+*)
+    echo "PLAN must be first or second, not $PLAN" >&2
+    exit 2
+    ;;
+esac
+STEPS=${STEPS:-$PLAN_STEPS}
+# Nothing is fetched: the machine reaches no index, and a pip that tried would only wait.
+export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 cd "$(dirname "$0")/.."
-PY=.venv/bin/python
-summary="$OUT/summary.txt"
-: >"$summary"
+mkdir -p "$OUT"
+WORK=${WORK:-$(mktemp -d /tmp/eek-gpu-session.XXXXXX)}
+LOGS=$WORK/logs
+mkdir -p "$LOGS"
+STEP_LINES=$WORK/steps.txt
+: >"$STEP_LINES"
 
+record() { echo "$*" >>"$STEP_LINES"; }
+
+# summary.txt (the step lines, then the digest of the test results and speed-ups) and
+# logs.tar.gz, written anew after every step so that a run killed from outside keeps them.
+refresh() {
+    {
+        echo "gpu_session.sh PLAN=$PLAN DEADLINE_S=$DEADLINE_S python=$PY; $(date -u +%FT%TZ), ${SECONDS}s in"
+        cat "$STEP_LINES"
+        echo
+        "$PY" scripts/gpu_session_report.py digest --junit "$WORK"/junit_*.xml --merged "$OUT/junit.xml" \
+            --bench "$OUT/bench.csv" 2>&1
+    } >"$OUT/summary.txt.part"
+    mv "$OUT/summary.txt.part" "$OUT/summary.txt"
+    tar -czf "$OUT/logs.tar.gz.part" -C "$WORK" logs && mv "$OUT/logs.tar.gz.part" "$OUT/logs.tar.gz"
+}
+
+# RESERVE=s step NAME MIN_S MAX_S COMMAND...: COMMAND under a timeout of MAX_S seconds, cut so
+# that it ends RESERVE seconds (default 0) before the deadline; skipped when that leaves less
+# than MIN_S. Output in logs/NAME.log.
 step() {
+    local name=$1 min=$2 max=$3
+    shift 3
+    local left=$((DEADLINE_S - SECONDS - ${RESERVE:-0}))
+    if ((left < min)); then
+        record "$name: skipped, deadline: ${left}s left (reserve ${RESERVE:-0}s), it needs ${min}s"
+        return
+    fi
+    local limit=$((max < left ? max : left)) start=$SECONDS rc
+    timeout -k 10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+    rc=$?
+    case $rc in
+    0) record "$name: ok in $((SECONDS - start))s" ;;
+    124 | 137) record "$name: TIMED OUT after ${limit}s" ;;
+    *) record "$name: FAILED rc=$rc in $((SECONDS - start))s (logs/$name.log: $(last_error "$LOGS/$name.log"))" ;;
+    esac
+    refresh
+}
+
+skip() { record "$1: skipped, $2"; }
+
+# The last line of a log that names an error, else its last line: the reason in the summary.
+last_error() {
+    { grep -E '(Error|Exception): ' "$1" || grep -E 'error:|FAILED|failed' "$1" || grep -v '^\s*$' "$1"; } |
+        tail -n 1 | sed 's/^\s*//' | cut -c1-200
+}
+
+# What the machine has, read once.
+HAVE_CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+has_module() { "$PY" -c "import $1" >/dev/null 2>&1; }
+NO_GPU="no CUDA device (torch.cuda.is_available() is False for $PY)"
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+
+PYTEST=("$PY" -m pytest -q -ra -p no:cacheprovider)
+if has_module xdist; then
+    # Workers: a CUDA __trap() poisons its process's context; conftest.py then ends that worker
+    # and pytest-xdist starts another, so one trap costs one test, not the rest of a file.
+    PARALLEL=(-n 8 --dist load)
+else
+    PARALLEL=()
+    record "note: pytest-xdist missing, the tests run in one process"
+fi
+has_module pytest_timeout && PYTEST+=(--timeout 120) || record "note: pytest-timeout missing, no per-test timeout"
+
+correct() { # correct NAME FILES...: a correctness part, its junit XML merged into $OUT/junit.xml
     local name=$1
     shift
-    local start=$SECONDS
-    "$@" >"$OUT/$name.log" 2>&1
-    local rc=$?
-    echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$summary"
+    if ((!HAVE_CUDA)); then
+        skip "$name" "$NO_GPU"
+        return
+    fi
+    # 170 s stay for the two B = 64 speed-up steps after the correctness parts.
+    RESERVE=170 step "$name" 40 200 "${PYTEST[@]}" "${PARALLEL[@]}" --junitxml="$WORK/junit_$name.xml" "$@"
 }
 
-# compute-sanitizer with PyTorch's caching allocator off: otherwise an out-of-bounds access
-# that stays inside a cached block goes unseen.
-sanitize() {
-    local tool=$1
-    shift
-    env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" -m pytest -q -ra "$@"
+speed() { # speed NAME DTYPE BATCHES: the end-to-end rows appended to $OUT/bench.csv as they come
+    local name=$1 dtype=$2 batches=$3
+    if ((!HAVE_CUDA)); then
+        skip "$name" "$NO_GPU"
+        return
+    fi
+    step "$name" 60 150 "$PY" -m earlyexit_kernels.bench --device cuda --dtype "$dtype" --models bert \
+        --spot-models none --batch-sizes "$batches" --seq-lens 128 --no-micro --no-progress \
+        --output-dir "$WORK/logs/bench_$name" --append-csv "$OUT/bench.csv"
 }
 
-nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+sanitize() { # sanitize NAME TOOL PYTEST_ARGS...: compute-sanitizer with PyTorch's caching allocator off
+    local name=$1 tool=$2
+    shift 2
+    if ((!HAVE_CUDA)); then
+        skip "$name" "$NO_GPU"
+    elif [[ -z "$SANITIZER" ]]; then
+        skip "$name" "compute-sanitizer not found (PATH, /usr/local/cuda/bin)"
+    else
+        # Caching off: an out-of-bounds access inside a cached block would go unseen.
+        step "$name" 60 200 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 1 \
+            "${PYTEST[@]}" "$@"
+    fi
+}
+
+built_with_cuda() {
+    "$PY" -c "import earlyexit_kernels as e, sys; sys.exit(not e.backends()['cuda'])" >/dev/null 2>&1
+}
+
 for s in $STEPS; do
     case $s in
-    build) step build env EARLYEXIT_FORCE_CUDA_BUILD=1 make setup ;;
-    tests) step tests "$PY" -m pytest -q -ra python_tests ;;
-    gpu_tests)
-        # The tests that only a GPU runs (skipped without one, with the reason): the CUDA head at
-        # H = 768 and 1024 and the rest of the CUDA kernels natively (the "gpu" half of
-        # test_cuda_kernels), backend="cuda" end to end, a model on cuda:1 when there are two
-        # devices (Triton and CUDA C++), compactions past 2^31 elements. -rs lists the skips.
-        step gpu_cuda_kernels "$PY" -m pytest -q -rs python_tests/test_cuda_kernels.py -k gpu
-        step gpu_cuda_backend "$PY" -m pytest -q -rs -k cuda python_tests/test_cpp_engine.py \
-            python_tests/test_cpp_compact.py python_tests/test_cpp_exit_step.py
-        step gpu_triton "$PY" -m pytest -q -rs -k "second_gpu or two_to_the_31 or cuda" \
-            python_tests/test_triton_engine.py python_tests/test_triton_exit_step.py python_tests/test_triton_compact.py
-        # the whole per-layer head step (pooling, head, rule) natively, and its launch counts
-        step gpu_pooled_head "$PY" -m pytest -q -rs python_tests/test_triton_pooled_head.py \
-            python_tests/test_launch_budget.py -k "pooled or mlp"
+    probe)
+        step probe 5 60 "$PY" scripts/gpu_session_report.py probe
+        [[ ! -f "$LOGS/probe.log" ]] || cat "$LOGS/probe.log" >>"$STEP_LINES"
+        refresh
         ;;
-    defects)
-        # The checks of docs/development.md "GPU-path defects found by reading" that need a GPU.
-        # 8: this device's opt-in shared memory per block and the widest head the CUDA kernel
-        # stages per dtype (wider ones run the head in PyTorch; the test runs the first of them).
-        step shared_memory "$PY" -c "import torch; from earlyexit_kernels.backends import cpp_backend as b
-p = torch.cuda.get_device_properties(0); optin = p.shared_memory_per_block_optin
-print(p.name, 'sm_%d%d' % (p.major, p.minor), 'opt-in shared memory per block:', optin, 'bytes')
-for d in (torch.float32, torch.float16, torch.bfloat16):
-    print(d, 'widest CUDA head: H =', max(h for h in range(8, 65536, 8) if b.cuda_head_fits(h, d, optin)))"
-        step wide_head "$PY" -m pytest -q -rs python_tests/test_cuda_kernels.py -k too_wide_for_shared_memory
-        # 1: torch.compile with dynamic shapes (Inductor, the triton_op decomposition) and the
-        # full opcheck on CUDA.
-        step dynamic_shapes "$PY" -m pytest -q -rs python_tests/test_triton_exit_step.py \
-            -k "opcheck_and_compile_cuda or symbolic_sizes or dynamic_batch_cuda"
-        # 2: the write-back's logits equal head_exit_step's bit for bit in bf16/fp16 (cuda, triton).
-        step write_back_rounding "$PY" -m pytest -q -rs python_tests/test_write_back.py -k writes_the_logits
+    build)
+        if [[ $PLAN == second ]] && built_with_cuda; then
+            skip build "earlyexit_kernels is installed with its CUDA kernels already (a warm machine)"
+            continue
+        fi
+        # The CUDA kernels forced first; where they cannot be built, the package without them,
+        # so that the Triton and PyTorch paths still run.
+        step build_cuda_forced 30 240 env EARLYEXIT_FORCE_CUDA_BUILD=1 "$PY" -m pip install --no-build-isolation --no-deps -e .
+        if ! grep -q "^build_cuda_forced: ok" "$STEP_LINES"; then
+            step build 30 240 "$PY" -m pip install --no-build-isolation --no-deps -e .
+        fi
+        [[ ! -f "$LOGS/build_cuda_forced.log" ]] || record "installed: $("$PY" -c "import earlyexit_kernels as e; print(e.__file__, e.backend_status())" 2>&1 | tail -n 1)"
+        refresh
         ;;
-    sanitizer)
-        # memcheck: the Triton kernels (compaction, exit step), the write-back tests (every
-        # backend) and the CUDA C++ kernels.
-        step memcheck_triton sanitize memcheck python_tests/test_triton_compact.py python_tests/test_triton_exit_step.py \
-            python_tests/test_triton_pooled_head.py
-        step memcheck_write_back sanitize memcheck python_tests/test_write_back.py
-        step memcheck_cuda_kernels sanitize memcheck python_tests/test_cuda_kernels.py -k gpu
-        step memcheck_cuda_ops sanitize memcheck -k cuda python_tests/test_cpp_exit_step.py python_tests/test_cpp_compact.py
-        # racecheck and synccheck: the one-block survivor scan (rule_scan_kernel) and the head
-        # kernel's shared memory; racecheck on the Triton exit step too.
-        step racecheck_cuda sanitize racecheck python_tests/test_cuda_kernels.py -k "gpu and not compact"
-        step synccheck_cuda sanitize synccheck python_tests/test_cuda_kernels.py -k "gpu and not compact"
-        step racecheck_triton sanitize racecheck python_tests/test_triton_exit_step.py -k "fp32 or write_back"
+    # The fused kernels (CUDA C++, C++, Triton) against the PyTorch reference.
+    correct_kernels)
+        correct correct_kernels python_tests/test_cuda_kernels.py python_tests/test_cpp_exit_step.py \
+            python_tests/test_cpp_compact.py python_tests/test_triton_exit_step.py python_tests/test_triton_compact.py \
+            python_tests/test_triton_pooled_head.py python_tests/test_write_back.py
         ;;
+    # The engines on each backend: exits and logits against the reference, launch counts, auto's choice.
+    correct_engine)
+        correct correct_engine python_tests/test_cpp_engine.py python_tests/test_triton_engine.py \
+            python_tests/test_pooled_head_step.py python_tests/test_launch_budget.py python_tests/test_backend_choice.py \
+            python_tests/test_low_precision.py
+        ;;
+    # Every family on the GPU: never-exit parity, and each row's exit as when it runs alone.
+    correct_families)
+        correct correct_families python_tests/test_model_families.py -k "on_the_gpu"
+        ;;
+    speed_b64_bf16) speed speed_b64_bf16 bf16 64 ;;
+    speed_b64_fp32) speed speed_b64_fp32 fp32 64 ;;
+    speed_b32_b256) speed speed_b32_b256 bf16 32,256 ;;
     auto)
-        # What backend="auto" measures and picks on this GPU for BERT-base shapes.
-        step auto "$PY" -c "import torch; from earlyexit_kernels.backends import choice as c, registry as r
-for d in (torch.float16, torch.bfloat16, torch.float32):
-    r.resolve_backend('auto', torch.device('cuda'), dtype=d, hidden_size=768, num_labels=2)
-for key, (name, secs) in c.auto_choices().items():
-    print(key, name, {k: round(v * 1e6, 1) for k, v in secs.items()}, 'us (sum over batches', c.TIMED_BATCHES, ')')
-# 7: the crossover: each candidate per batch size (fp16, H = 768, 2 labels).
-for b in (1, 16, 64, 256, 1024):
-    print('batch', b, {n: round(c.step_seconds(r.resolve_backend(n, torch.device('cuda')), torch.device('cuda'),
-          torch.float16, 768, 2, batch=b) * 1e6, 1) for n in ('cuda', 'triton')}, 'us')"
+        # What backend="auto" measures and picks for BERT-base shapes, and the crossover per batch.
+        if ((HAVE_CUDA)); then step auto 20 90 "$PY" scripts/gpu_session_report.py auto; else skip auto "$NO_GPU"; fi
         ;;
     host)
-        # Host time per exit step: launches stubbed (CPU tensors), then real launches on the GPU.
-        step host_stubbed "$PY" benchmarks/host_time_per_step.py --output "$OUT/host_time_stubbed.txt"
-        step host_gpu "$PY" benchmarks/host_time_per_step.py --device cuda --output "$OUT/host_time_gpu.txt"
+        # Host time per exit step: launches stubbed (this machine's CPU), then real launches.
+        if ((HAVE_CUDA)); then
+            step host_stubbed 20 60 "$PY" benchmarks/host_time_per_step.py --repeats 3 --output "$LOGS/host_time_stubbed.txt"
+            step host_gpu 20 60 "$PY" benchmarks/host_time_per_step.py --repeats 3 --device cuda --output "$LOGS/host_time_gpu.txt"
+        else
+            skip host "$NO_GPU"
+        fi
         ;;
-    micro) step micro "$PY" -m pytest -q benchmarks/bench_triton_micro.py benchmarks/bench_cpu_micro.py --benchmark-json="$OUT/micro.json" ;;
-    bench) step bench "$PY" -m earlyexit_kernels.bench --device cuda --output-dir "$OUT/bench" ;;
-    *) echo "unknown step $s" | tee -a "$summary" ;;
+    memcheck)
+        sanitize memcheck memcheck python_tests/test_cuda_kernels.py python_tests/test_triton_compact.py -k "(gpu or compact) and not two_to_the_31 and not second_gpu"
+        ;;
+    sweep)
+        if ((HAVE_CUDA)); then
+            step sweep 120 600 "$PY" -m earlyexit_kernels.bench --device cuda --no-progress \
+                --output-dir "$WORK/logs/bench_sweep" --append-csv "$OUT/bench.csv"
+        else
+            skip sweep "$NO_GPU"
+        fi
+        ;;
+    gpu_only)
+        # The tests only a GPU runs: the CUDA head at H = 768/1024, a second device, 2^31 elements.
+        correct gpu_cuda -rs python_tests/test_cuda_kernels.py python_tests/test_cpp_engine.py \
+            python_tests/test_cpp_compact.py python_tests/test_cpp_exit_step.py -k "gpu or cuda"
+        correct gpu_triton -rs python_tests/test_triton_engine.py python_tests/test_triton_exit_step.py \
+            python_tests/test_triton_compact.py -k "second_gpu or two_to_the_31 or cuda"
+        ;;
+    defects)
+        # docs/development.md "GPU-path defects found by reading": shared memory per block and the
+        # widest CUDA head, torch.compile with dynamic shapes, the write-back's rounding.
+        if ((HAVE_CUDA)); then
+            step shared_memory 10 60 "$PY" scripts/gpu_session_report.py shared-memory
+            correct defects -rs python_tests/test_cuda_kernels.py python_tests/test_triton_exit_step.py \
+                python_tests/test_write_back.py \
+                -k "too_wide_for_shared_memory or opcheck_and_compile_cuda or symbolic_sizes or dynamic_batch_cuda or writes_the_logits"
+        else
+            skip defects "$NO_GPU"
+        fi
+        ;;
+    sanitizers)
+        sanitize memcheck_rest memcheck python_tests/test_triton_exit_step.py python_tests/test_triton_pooled_head.py \
+            python_tests/test_write_back.py python_tests/test_cpp_exit_step.py python_tests/test_cpp_compact.py
+        sanitize racecheck_cuda racecheck python_tests/test_cuda_kernels.py -k "gpu and not compact"
+        sanitize synccheck_cuda synccheck python_tests/test_cuda_kernels.py -k "gpu and not compact"
+        sanitize racecheck_triton racecheck python_tests/test_triton_exit_step.py -k "fp32 or write_back"
+        ;;
+    micro)
+        if ((!HAVE_CUDA)); then
+            skip micro "$NO_GPU"
+        elif ! has_module pytest_benchmark; then
+            skip micro "pytest-benchmark missing"
+        else
+            step micro 60 300 env EEK_MICRO_RESULTS_DIR="$LOGS/micro" "$PY" -m pytest -q -p no:cacheprovider \
+                benchmarks/bench_triton_micro.py --benchmark-json="$OUT/micro.json"
+        fi
+        ;;
+    *) record "$s: unknown step (plan $PLAN: $PLAN_STEPS)" ;;
     esac
 done
-cat "$summary"
+refresh
+cat "$OUT/summary.txt"

@@ -23,7 +23,7 @@ from earlyexit_kernels.bench.micro import compact_fn, exit_step_fn, fast_backend
 from earlyexit_kernels.bench.models import ARCHITECTURES, SIZES, build_model, pad_token_id
 from earlyexit_kernels.bench.patterns import geometric, scheduled, standard_patterns
 from earlyexit_kernels.bench.plots import make_plots
-from earlyexit_kernels.bench.results import environment, write_csv
+from earlyexit_kernels.bench.results import append_csv, environment, write_csv
 from earlyexit_kernels.bench.runner import measure_pattern
 from earlyexit_kernels.bench.timing import percentiles, time_loop, timed_call
 
@@ -91,6 +91,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--append-csv",
+        type=Path,
+        help="also append each configuration's rows to this CSV as soon as it is measured (header once), so a run "
+        "killed part-way keeps what it measured; several runs may share one file",
+    )
     parser.add_argument(
         "--stack",
         action="store_true",
@@ -184,7 +190,8 @@ def _micro_rows(args, device, dtype, size) -> list[dict]:
     return rows
 
 
-def run(args) -> list[dict]:
+def run(args, on_rows=None) -> list[dict]:
+    """Every configuration's rows; ``on_rows(rows)`` is called with each configuration's rows as they come."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     size = SIZES[args.size]
@@ -231,12 +238,18 @@ def run(args) -> list[dict]:
                 measure_memory=not args.no_memory,
             )
             attn = {"attn": model.config._attn_implementation}  # deberta_v3: eager whatever --attn says
-            rows += [{**env, **common, **attn, **load, "model": arch, **row} for row in measured]
+            new = [{**env, **common, **attn, **load, "model": arch, **row} for row in measured]
+            rows += new
+            if on_rows is not None:
+                on_rows(new)
             bar.update()
         if not args.no_micro:
             bar.set_description("microbenchmarks")
             micro = _micro_rows(args, device, dtype, size)
-            rows += [{**env, **common, "attn": args.attn, "model": "-", **row} for row in micro]
+            new = [{**env, **common, "attn": args.attn, "model": "-", **row} for row in micro]
+            rows += new
+            if on_rows is not None:
+                on_rows(new)
             bar.update()
     return rows
 
@@ -251,12 +264,21 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     start, load_before = time.time(), os.getloadavg()
-    try:
-        rows = run(args)
-    finally:
-        torch.set_num_threads(threads_before)
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
+    so_far: list[dict] = []
+
+    def keep(new_rows: list[dict]) -> None:
+        # bench.csv rewritten after each configuration: a run killed part-way leaves what it measured
+        so_far.extend(new_rows)
+        write_csv(out / "bench.csv", so_far)
+        if args.append_csv is not None:
+            append_csv(args.append_csv, new_rows)
+
+    try:
+        rows = run(args, on_rows=keep)
+    finally:
+        torch.set_num_threads(threads_before)
     write_csv(out / "bench.csv", rows)
     plots = make_plots(rows, out)
     meta = {

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["COLUMNS", "environment", "write_csv", "read_csv"]
+__all__ = ["COLUMNS", "environment", "write_csv", "append_csv", "read_csv"]
 
 COLUMNS = [
     "kind",
@@ -127,6 +127,20 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow({k: _fmt(row.get(k)) for k in COLUMNS})
+
+
+def append_csv(path: Path, rows: list[dict]) -> None:
+    """``rows`` added at the end of ``path``, with the header first where the file is new or empty."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if fresh:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row.get(k)) for k in COLUMNS})
+        f.flush()
 
 
 def read_csv(path: Path) -> list[dict]:

@@ -1,0 +1,151 @@
+"""The GPU script's dress rehearsal: ``scripts/gpu_session.sh`` run on the CPU as the GPU machine would run it.
+
+The GPU machine gives one command about ten minutes, copies the working tree over, reaches no
+package index, and its ``python3`` already holds torch (no project venv). The rehearsal builds
+that shape here: a copy of the tree, a fresh interpreter that sees this environment's packages
+through a ``.pth`` line (as ``/opt/torch/.venv`` holds its own), no index reachable, no CUDA. Then
+every step must start; the build tries the CUDA kernels forced and falls back; the steps that
+need a GPU are skipped with their reason; the deadline skips what no longer fits; ``$OUT`` ends
+with at most 8 plain files (what the device tool brings back).
+
+The build installs the package without its C++ extension here (``EARLYEXIT_SKIP_EXTENSION_BUILD``):
+compiling the CPU kernels takes a minute on two cores, and ``make setup`` builds them anyway.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = "scripts/gpu_session.sh"
+FIRST_PLAN = (
+    "probe build_cuda_forced build correct_kernels correct_engine correct_families speed_b64_bf16 "
+    "speed_b64_fp32 auto host memcheck speed_b32_b256"
+).split()
+NEEDS_GPU = [s for s in FIRST_PLAN if s not in ("probe", "build_cuda_forced", "build")]
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None or shutil.which("git") is None,
+    reason="needs bash, coreutils' timeout and git",
+)
+
+
+def _tracked_files() -> list[str]:
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    return [name for name in listed.split("\0") if name and (ROOT / name).is_file()]
+
+
+@pytest.fixture(scope="module")
+def gpu_machine(tmp_path_factory):
+    """``(tree, python)``: a copy of the working tree and an interpreter shaped like the GPU machine's."""
+    base = tmp_path_factory.mktemp("gpu_machine")
+    tree = base / "tree"
+    for name in _tracked_files():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, tree / name)
+    interpreter = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([interpreter, "-m", "venv", "--without-pip", str(base / "python")], check=True)
+    python = base / "python" / "bin" / "python"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    ours = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    Path(site, "preinstalled_torch.pth").write_text("\n".join(ours) + "\n")
+    return tree, python
+
+
+def run_session(gpu_machine, out: Path, **env_overrides) -> tuple[subprocess.CompletedProcess, float]:
+    tree, python = gpu_machine
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "TRITON_", "EEK_"))}
+    env.update(
+        OUT=str(out),
+        WORK=str(out.parent / f"{out.name}-work"),
+        PY=str(python),
+        CUDA_VISIBLE_DEVICES="",
+        PIP_INDEX_URL="http://127.0.0.1:9/simple",  # nothing listens there: a fetch fails at once
+        EARLYEXIT_SKIP_EXTENSION_BUILD="1",
+        **env_overrides,
+    )
+    start = time.monotonic()
+    result = subprocess.run(["bash", SCRIPT], cwd=tree, env=env, capture_output=True, text=True, timeout=120)
+    return result, time.monotonic() - start
+
+
+def step_lines(out: Path) -> dict[str, str]:
+    lines = (out / "summary.txt").read_text().splitlines()
+    return {m.group(1): m.group(2) for m in (re.match(r"^(\w+): (.*)$", line) for line in lines) if m}
+
+
+def assert_what_comes_back(out: Path):
+    """The device tool brings back at most 8 plain files, named in letters, digits, '.', '_' and '-'."""
+    entries = list(out.rglob("*"))
+    assert all(p.is_file() for p in entries), entries
+    assert len(entries) <= 8, entries
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", p.name) for p in entries), entries
+
+
+def test_the_first_plan_starts_every_step_builds_and_skips_what_needs_a_gpu(gpu_machine, tmp_path):
+    out = tmp_path / "out"
+    result, seconds = run_session(gpu_machine, out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert seconds < 50, f"the rehearsal took {seconds:.0f}s"
+    steps = step_lines(out)
+    assert [name for name in steps if name in FIRST_PLAN] == FIRST_PLAN
+    assert steps["probe"].startswith("ok")
+    # The forced CUDA build fails for its real reason, then the package builds without it.
+    assert steps["build_cuda_forced"].startswith("FAILED") and "has no CUDA" in steps["build_cuda_forced"]
+    assert steps["build"].startswith("ok")
+    assert str(gpu_machine[0] / "earlyexit_kernels") in steps["installed"]
+    for name in NEEDS_GPU:
+        assert steps[name].startswith("skipped, no CUDA device"), (name, steps[name])
+    assert steps["tests"] == "no results yet" and steps["speed"] == "no rows yet"
+    assert_what_comes_back(out)
+    assert {p.name for p in out.iterdir()} == {"summary.txt", "logs.tar.gz"}
+    with tarfile.open(out / "logs.tar.gz") as logs:
+        names = set(logs.getnames())
+    assert {"logs/probe.log", "logs/build_cuda_forced.log", "logs/build.log"} <= names
+    assert result.stdout.startswith("gpu_session.sh PLAN=first")  # the summary, printed last
+
+
+def test_no_step_starts_that_the_deadline_leaves_no_time_for(gpu_machine, tmp_path):
+    out = tmp_path / "out"
+    # 25 s: the probe (5 s at least) starts; the build (30 s at least) never fits.
+    result, seconds = run_session(gpu_machine, out, DEADLINE_S="25")
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = step_lines(out)
+    assert steps["probe"].startswith("ok")
+    for name in ("build_cuda_forced", "build"):
+        assert re.match(r"skipped, deadline: -?\d+s left \(reserve 0s\), it needs 30s", steps[name]), steps[name]
+    assert "installed" not in steps
+    assert seconds < 25
+    assert_what_comes_back(out)
+
+
+def test_the_second_plan_and_unknown_steps_say_so(gpu_machine, tmp_path):
+    out = tmp_path / "out"
+    result, _ = run_session(gpu_machine, out, PLAN="second", STEPS="sweep micro sanitizers bogus")
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = step_lines(out)
+    for name in ("sweep", "micro", "memcheck_rest", "racecheck_cuda", "synccheck_cuda", "racecheck_triton"):
+        assert steps[name].startswith("skipped, no CUDA device"), (name, steps[name])
+    assert steps["bogus"].startswith("unknown step (plan second:")
+    assert_what_comes_back(out)
+
+    wrong, _ = run_session(gpu_machine, tmp_path / "wrong", PLAN="third")
+    assert wrong.returncode == 2 and "PLAN must be first or second" in wrong.stderr

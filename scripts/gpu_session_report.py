@@ -1,0 +1,163 @@
+"""The GPU session's small reports (scripts/gpu_session.sh); each subcommand prints to stdout.
+
+    python scripts/gpu_session_report.py probe           # versions, the device, its limits, the tools
+    python scripts/gpu_session_report.py auto            # what backend="auto" measures and picks
+    python scripts/gpu_session_report.py shared-memory   # opt-in shared memory, the widest CUDA head
+    python scripts/gpu_session_report.py digest --junit J1.xml J2.xml --merged junit.xml --bench bench.csv
+
+``digest`` reads only XML and CSV (no torch), so it runs after every step: the tests' counts and
+failures, and each end-to-end row's speed-up over the unpatched model beside its layer ideal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+
+def probe() -> int:
+    print(f"python {platform.python_version()} ({sys.executable}), {os.cpu_count()} cores")
+    for name in ("torch", "triton", "transformers", "xdist", "pytest_timeout", "pytest_benchmark"):
+        try:
+            module = importlib.import_module(name)
+            print(f"{name} {getattr(module, '__version__', 'installed')}")
+        except Exception as err:  # noqa: BLE001 - a missing or broken package is what the probe reports
+            print(f"{name}: not importable ({type(err).__name__})")
+    for tool in ("nvcc", "compute-sanitizer", "ninja", "nvidia-smi"):
+        path = shutil.which(tool)
+        version = ""
+        if path and tool in ("nvcc", "ninja"):
+            out = subprocess.run([path, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+            version = out[-1] if out else ""
+        print(f"{tool}: {path or 'not found'} {version}".rstrip())
+    import torch
+
+    print(f"torch CUDA {torch.version.cuda}, cuda available: {torch.cuda.is_available()}")
+    for index in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(index)
+        print(
+            f"cuda:{index} {p.name} sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+            f"{p.total_memory / 2**30:.1f} GiB, opt-in shared memory per block {p.shared_memory_per_block_optin} bytes"
+        )
+    return 0
+
+
+def auto() -> int:
+    import torch
+
+    from earlyexit_kernels.backends import choice, registry
+
+    device = torch.device("cuda")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        registry.resolve_backend("auto", device, dtype=dtype, hidden_size=768, num_labels=2)
+    for key, (name, seconds) in choice.auto_choices().items():
+        timed = {k: round(v * 1e6, 1) for k, v in seconds.items()}
+        print(key, "->", name, timed, f"us (summed over batches {choice.TIMED_BATCHES})")
+    # The crossover: each candidate per batch size (fp16, H = 768, 2 labels).
+    for batch in (1, 16, 64, 256, 1024):
+        times = {
+            name: round(
+                choice.step_seconds(registry.resolve_backend(name, device), device, torch.float16, 768, 2, batch=batch)
+                * 1e6,
+                1,
+            )
+            for name in ("cuda", "triton")
+            if registry.backends()[name]
+        }
+        print(f"batch {batch}: {times} us")
+    return 0
+
+
+def shared_memory() -> int:
+    import torch
+
+    from earlyexit_kernels.backends import cpp_backend
+
+    p = torch.cuda.get_device_properties(0)
+    optin = p.shared_memory_per_block_optin
+    print(p.name, f"sm_{p.major}{p.minor}", "opt-in shared memory per block:", optin, "bytes")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        widest = max(h for h in range(8, 65536, 8) if cpp_backend.cuda_head_fits(h, dtype, optin))
+        print(dtype, "widest CUDA head: H =", widest)
+    return 0
+
+
+def _junit(paths: list[Path], merged: Path | None) -> list[str]:
+    lines, suites = [], ET.Element("testsuites")
+    for path in sorted(paths):
+        if not path.is_file():
+            continue
+        try:
+            root = ET.parse(path).getroot()
+        except ET.ParseError as err:
+            lines.append(f"{path.name}: unreadable ({err})")
+            continue
+        found = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+        for suite in found:
+            suite.set("name", path.stem.removeprefix("junit_"))
+            suites.append(suite)
+            counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+            passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+            lines.append(
+                f"{suite.get('name')}: {passed} passed, {counts['failures']} failed, {counts['errors']} errors, "
+                f"{counts['skipped']} skipped in {float(suite.get('time', 0)):.0f}s"
+            )
+            for case in suite.iter("testcase"):
+                for bad in (*case.findall("failure"), *case.findall("error")):
+                    message = (bad.get("message") or "").splitlines()[0][:160] if bad.get("message") else ""
+                    lines.append(f"  {bad.tag.upper()} {case.get('classname')}::{case.get('name')}: {message}")
+    if merged is not None and len(suites):
+        merged.parent.mkdir(parents=True, exist_ok=True)
+        ET.ElementTree(suites).write(merged, encoding="utf-8", xml_declaration=True)
+    return lines or ["tests: no results yet"]
+
+
+def _bench(path: Path | None) -> list[str]:
+    if path is None or not path.is_file():
+        return ["speed: no rows yet"]
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("kind") == "e2e" and r.get("method") not in ("full", "")]
+    if not rows:
+        return ["speed: no rows yet"]
+    lines = ["speed-up over the unpatched model (p50), the layer ideal, their ratio, check"]
+    for r in rows:
+        number = {k: float(r.get(k) or "nan") for k in ("speedup_vs_full", "ideal_layers", "ratio_ideal_layers")}
+        lines.append(
+            f"  {r['device_name']} {r['dtype']} B={r['B']} S={r['S']} {r['pattern']:<18} "
+            f"{r['method']}/{r['backend']:<6} {number['speedup_vs_full']:.2f}x of {number['ideal_layers']:.2f}x "
+            f"({number['ratio_ideal_layers']:.2f})  {r['check']}"
+        )
+    return lines
+
+
+def digest(junit: list[Path], merged: Path | None, bench: Path | None) -> int:
+    print("\n".join([*_junit(junit, merged), *_bench(bench)]))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("probe")
+    sub.add_parser("auto")
+    sub.add_parser("shared-memory")
+    d = sub.add_parser("digest")
+    d.add_argument("--junit", type=Path, nargs="*", default=[], help="pytest junit XML files (missing ones ignored)")
+    d.add_argument("--merged", type=Path, help="write the junit files' suites here as one file")
+    d.add_argument("--bench", type=Path, help="the bench CSV (python -m earlyexit_kernels.bench)")
+    args = parser.parse_args(argv)
+    if args.command == "digest":
+        return digest(args.junit, args.merged, args.bench)
+    return {"probe": probe, "auto": auto, "shared-memory": shared_memory}[args.command]()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
