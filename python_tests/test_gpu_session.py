@@ -149,3 +149,71 @@ def test_the_second_plan_and_unknown_steps_say_so(gpu_machine, tmp_path):
 
     wrong, _ = run_session(gpu_machine, tmp_path / "wrong", PLAN="third")
     assert wrong.returncode == 2 and "PLAN must be first or second" in wrong.stderr
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?>
+<testsuites><testsuite name="pytest" errors="0" failures="1" skipped="1" tests="4" time="12.5">
+<testcase classname="python_tests.test_a" name="test_ok" time="0.1"/>
+<testcase classname="python_tests.test_a" name="test_ok_too" time="0.1"/>
+<testcase classname="python_tests.test_a" name="test_bad" time="0.1"><failure message="AssertionError: 3 != 4&#10;more">trace</failure></testcase>
+<testcase classname="python_tests.test_a" name="test_skipped" time="0.0"><skipped message="needs a GPU"/></testcase>
+</testsuite></testsuites>
+"""
+
+
+def test_the_digest_merges_the_junit_runs_names_each_failure_and_lists_the_speed_ups(tmp_path):
+    from earlyexit_kernels.bench.results import write_csv
+
+    (tmp_path / "junit_correct_kernels.xml").write_text(JUNIT)
+    passing = JUNIT.replace('failures="1"', 'failures="0"').replace(
+        '<failure message="AssertionError: 3 != 4&#10;more">trace</failure>', ""
+    )
+    (tmp_path / "junit_correct_engine.xml").write_text(passing)
+    row = {"kind": "e2e", "model": "bert", "config": "base", "dtype": "bf16", "B": 64, "S": 128, "device_name": "GPU"}
+    write_csv(
+        tmp_path / "bench.csv",
+        [
+            {**row, "method": "full", "backend": "hf", "pattern": "sched-f0.50"},
+            {
+                **row,
+                "method": "eek",
+                "backend": "triton",
+                "pattern": "sched-f0.50",
+                "speedup_vs_full": 1.8,
+                "ideal_layers": 2.0,
+                "ratio_ideal_layers": 0.9,
+                "check": "ok",
+            },
+        ],
+    )
+    merged = tmp_path / "junit.xml"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "gpu_session_report.py"),
+            "digest",
+            "--junit",
+            str(tmp_path / "junit_correct_kernels.xml"),
+            str(tmp_path / "junit_correct_engine.xml"),
+            str(tmp_path / "junit_missing.xml"),
+            "--merged",
+            str(merged),
+            "--bench",
+            str(tmp_path / "bench.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert "correct_kernels: 2 passed, 1 failed, 0 errors, 1 skipped in 12s" in lines
+    assert "correct_engine: 3 passed, 0 failed, 0 errors, 1 skipped in 12s" in lines
+    assert sum("FAILURE" in line for line in lines) == 1
+    assert "  FAILURE python_tests.test_a::test_bad: AssertionError: 3 != 4" in lines
+    assert "GPU, bert base bf16, B = 64, S = 128:" in lines
+    assert any(re.fullmatch(r"  sched-f0.50 +eek/triton +1.80x of 2.00x \(0.90\)  ok", line) for line in lines), lines
+    assert not any("full/hf" in line for line in lines)  # the baseline itself is no speed-up
+    import xml.etree.ElementTree as ET
+
+    suites = ET.parse(merged).getroot()
+    assert [s.get("name") for s in suites] == ["correct_engine", "correct_kernels"]

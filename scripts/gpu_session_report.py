@@ -127,12 +127,15 @@ def _bench(path: Path | None) -> list[str]:
         rows = [r for r in csv.DictReader(f) if r.get("kind") == "e2e" and r.get("method") not in ("full", "")]
     if not rows:
         return ["speed: no rows yet"]
-    lines = ["speed-up over the unpatched model (p50), the layer ideal, their ratio, check"]
+    lines, group = ["speed-up over the unpatched model (p50) of the layer ideal (their ratio), check"], None
     for r in rows:
+        if (r["device_name"], r["model"], r["dtype"], r["B"], r["S"]) != group:
+            group = (r["device_name"], r["model"], r["dtype"], r["B"], r["S"])
+            lines.append(f"{r['device_name']}, {r['model']} {r['config']} {r['dtype']}, B = {r['B']}, S = {r['S']}:")
         number = {k: float(r.get(k) or "nan") for k in ("speedup_vs_full", "ideal_layers", "ratio_ideal_layers")}
+        method = f"{r['method']}/{r['backend']}"
         lines.append(
-            f"  {r['device_name']} {r['dtype']} B={r['B']} S={r['S']} {r['pattern']:<18} "
-            f"{r['method']}/{r['backend']:<6} {number['speedup_vs_full']:.2f}x of {number['ideal_layers']:.2f}x "
+            f"  {r['pattern']:<17} {method:<12} {number['speedup_vs_full']:5.2f}x of {number['ideal_layers']:.2f}x "
             f"({number['ratio_ideal_layers']:.2f})  {r['check']}"
         )
     return lines
