@@ -1,6 +1,6 @@
 """The command line: ``python -m earlyexit_kernels classify MODEL INPUT OUTPUT`` and
-``python -m earlyexit_kernels serve MODEL`` (also ``eek classify``, ``eek serve``); ``fit`` and
-``evaluate`` are in :mod:`earlyexit_kernels.integrations.fit_cli`.
+``python -m earlyexit_kernels serve MODEL`` (also ``eek classify``, ``eek serve``); ``fit``,
+``calibrate`` and ``evaluate`` are in :mod:`earlyexit_kernels.integrations.fit_cli`.
 
 Errors a user can fix are one line on stderr starting with ``error:`` and exit status 2.
 """

@@ -1,11 +1,13 @@
-"""``eek fit MODEL TRAIN_FILE OUTPUT_DIR`` and ``eek evaluate MODEL FILE``: from a data file to a served model.
+"""``eek fit``, ``eek calibrate`` and ``eek evaluate``: from a data file to a served model.
 
-``fit`` trains the exit heads of a fine-tuned classifier on the rows of a data file
-(labelled, or not: then the heads learn to agree with the model's own final classifier),
-calibrates the exit threshold on validation rows and writes a patched model folder that
-``eek classify`` and ``eek serve`` load. ``evaluate`` measures such a folder on a data
-file: accuracy (with labels) or agreement with the full model (without), mean layers,
-the exit histogram and sequences/s.
+``fit MODEL TRAIN_FILE OUTPUT_DIR`` trains the exit heads of a fine-tuned classifier on the
+rows of a data file (labelled, or not: then the heads learn to agree with the model's own
+final classifier), certifies the exit threshold on calibration rows no training step saw (a
+share of TRAIN_FILE kept out, or ``--calibration FILE``) and writes a patched model folder that
+``eek classify`` and ``eek serve`` load. ``calibrate FOLDER FILE`` certifies such a folder's
+threshold anew on other rows, its heads fixed, and writes it back. ``evaluate MODEL FILE``
+measures a model on a data file: accuracy (with labels) or agreement with the full model
+(without), mean layers, the exit histogram and sequences/s.
 
 Errors a user can fix are one line on stderr starting with ``error:`` and exit status 2,
 as for the other commands (:mod:`earlyexit_kernels.integrations.cli`).
@@ -32,8 +34,9 @@ CALIBRATION_FRACTION = 0.25
 
 
 def add_commands(commands) -> None:
-    """Add ``fit`` and ``evaluate`` to the subcommands of ``eek``."""
+    """Add ``fit``, ``calibrate`` and ``evaluate`` to the subcommands of ``eek``."""
     _add_fit(commands)
+    _add_calibrate(commands)
     _add_evaluate(commands)
 
 
@@ -70,11 +73,15 @@ def _add_fit(commands) -> None:
         help="train and calibrate the exit heads of a classifier on a data file",
         description=(
             "Train the exit heads of the fine-tuned classifier MODEL on TRAIN_FILE (.csv, .tsv, .jsonl, "
-            ".parquet), calibrate the exit threshold on validation rows (the fewest mean layers within "
-            "--max-drop accuracy points of the full model) and write OUTPUT_DIR: a patched model folder with "
-            "its tokenizer, which `eek classify`, `eek serve`, `eek evaluate` and eek.from_pretrained load. "
-            "Without a label column the heads learn to agree with the model's own final classifier and the "
-            "threshold is calibrated on that agreement. Errors: one line starting with 'error:', exit status 2."
+            ".parquet), certify the exit threshold on calibration rows that no training step saw (the most "
+            "aggressive threshold whose loss is at most --max-drop points with probability --confidence; rows "
+            "kept out of TRAIN_FILE, or the classifier's own unseen rows given with --calibration) and write "
+            "OUTPUT_DIR: a patched model folder with its tokenizer, which `eek classify`, `eek serve`, "
+            "`eek evaluate`, `eek calibrate` and eek.from_pretrained load. Without a label column the heads learn "
+            "to agree with the model's own final classifier and the budget is on that agreement. Rows the "
+            "classifier was fine-tuned on make every exit look worse than it is and cost layers: give "
+            "--calibration rows it never saw where you have them. Errors: one line starting with 'error:', exit "
+            "status 2."
         ),
     )
     fit.add_argument("model", metavar="MODEL", help="a Hugging Face *ForSequenceClassification folder, fine-tuned")
@@ -112,14 +119,23 @@ def _add_fit(commands) -> None:
         default=CONFIDENCE,
         metavar="P",
         help=f"certify --max-drop with this probability over the draw of the calibration rows (default: "
-        f"{CONFIDENCE:g}); 'off': an uncertified threshold, the fewest layers within --max-drop on the validation rows",
+        f"{CONFIDENCE:g}); 'off': an uncertified threshold, the fewest layers within --max-drop on the calibration "
+        f"rows (or, without --calibration, the validation rows)",
+    )
+    fit.add_argument(
+        "--calibration",
+        default=None,
+        metavar="FILE",
+        help="rows the classifier never trained on (its validation split, or a sample of what it will serve; "
+        "labelled or not, same columns) to certify the threshold on; every row of TRAIN_FILE then trains the heads",
     )
     fit.add_argument(
         "--calibration-fraction",
         type=float,
         default=CALIBRATION_FRACTION,
         metavar="FRACTION",
-        help=f"part of TRAIN_FILE kept out of training to certify the threshold on (default: {CALIBRATION_FRACTION:g})",
+        help=f"without --calibration: the part of the training rows (TRAIN_FILE less its validation split) kept "
+        f"out of training to certify the threshold on (default: {CALIBRATION_FRACTION:g})",
     )
     held = fit.add_mutually_exclusive_group()
     held.add_argument("--validation", default=None, metavar="FILE", help="validation rows, same columns")
@@ -133,9 +149,18 @@ def _add_fit(commands) -> None:
     fit.add_argument("--epochs", type=int, default=None, help="training epochs (default: the method's recipe)")
     fit.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's recipe)")
     fit.add_argument("--batch-size", type=int, default=32, metavar="N", help="rows per training step (default: 32)")
-    fit.add_argument("--seed", type=int, default=0, help="seed of the validation split and the training order")
+    fit.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the validation split, the calibration split and the training order (default: 0)",
+    )
     fit.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
     fit.set_defaults(run=_fit_command)
+
+
+#: ``eek calibrate --confidence``'s default: the folder's certificate's (not a string: argparse would parse it)
+_SAVED = object()
 
 
 def _confidence(text: str) -> float | None:
@@ -145,6 +170,43 @@ def _confidence(text: str) -> float | None:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"a probability such as 0.95, or off; got {text!r}") from None
+
+
+def _add_calibrate(commands) -> None:
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="certify a fitted folder's exit threshold anew on other rows",
+        description=(
+            "Certify the exit threshold of FOLDER (written by eek fit) anew on FILE's rows, with its heads fixed: "
+            "the most aggressive threshold of the same fixed grid whose loss is at most --max-drop points with "
+            "probability --confidence for rows like FILE's, as eek fit certifies. Give rows the classifier never "
+            "trained on (its validation split, a sample of what it serves), labelled (accuracy lost against the "
+            "full model) or not (disagreement with it). FOLDER's policy and eek_fit.json are rewritten in place, "
+            "so eek serve and its audit watch use the new certificate. Errors: one line starting with 'error:', "
+            "exit status 2."
+        ),
+    )
+    calibrate.add_argument("folder", metavar="FOLDER", help="a model folder written by eek fit")
+    calibrate.add_argument("data", metavar="FILE", help="the rows to certify on (.csv, .tsv, .jsonl, .parquet)")
+    _add_data_options(calibrate, for_fit=False)
+    calibrate.add_argument(
+        "--max-drop",
+        type=float,
+        default=None,
+        metavar="POINTS",
+        help="most accuracy (or agreement) points lost against the full model (default: FOLDER's certificate's, "
+        "else 1)",
+    )
+    calibrate.add_argument(
+        "--confidence",
+        type=_confidence,
+        default=_SAVED,
+        metavar="P",
+        help=f"certify --max-drop with this probability (default: FOLDER's certificate's, else {CONFIDENCE:g}); "
+        "'off': the fewest layers within --max-drop on FILE's rows, uncertified",
+    )
+    calibrate.add_argument("--batch-size", type=int, default=64, metavar="N", help="rows per batch (default: 64)")
+    calibrate.set_defaults(run=_calibrate_command)
 
 
 def _add_evaluate(commands) -> None:
@@ -191,6 +253,10 @@ def _evaluate_command(args) -> int:
     return _errors_to_exit_status(lambda: _evaluate(args))
 
 
+def _calibrate_command(args) -> int:
+    return _errors_to_exit_status(lambda: _calibrate(args))
+
+
 def _common_checks(args) -> None:
     from earlyexit_kernels.training.fit_texts import FitError
 
@@ -226,6 +292,9 @@ def _fit(args) -> int:
     label_column = args.label_column or "label"
     columns = dict(text_column=args.text_column, pair_column=args.pair_column, label_column=label_column)
     train = read_labelled(args.train, **columns, label_required=args.label_column is not None)
+    calibration = None
+    if args.calibration is not None:
+        calibration = read_labelled(args.calibration, **columns, label_required=False)
     if args.validation is not None:
         validation = read_labelled(args.validation, **columns, label_required=train.labels is not None)
         if train.labels is None and validation.labels is not None:
@@ -262,7 +331,11 @@ def _fit(args) -> int:
         progress=_progress_on(args),
         confidence=args.confidence,
         calibration_fraction=args.calibration_fraction,
+        calibration=calibration,
+        validation_split=None if args.validation is not None else (args.validation_split or 0.1),
     )
+    if calibration is not None:
+        report.calibration_source = f"from {args.calibration} (--calibration)"
     for line in report.summary():
         print(line)
     save_fitted(model, tokenizer, report, output, overwrite=args.overwrite, source=args.model)
@@ -303,4 +376,34 @@ def _evaluate(args) -> int:
     print(f"policy: {policy_of(model).to_code(4)}")
     for line in result.summary():
         print(line)
+    return 0
+
+
+def _calibrate(args) -> int:
+    from earlyexit_kernels.integrations.folder_calibration import calibrate_folder
+    from earlyexit_kernels.integrations.labelled_data import read_labelled
+    from earlyexit_kernels.training.fit_texts import FitError
+
+    _common_checks(args)
+    if args.max_drop is not None and not args.max_drop >= 0:
+        raise FitError(f"--max-drop must be >= 0 accuracy points, got {args.max_drop}")
+    data = read_labelled(
+        args.data,
+        text_column=args.text_column,
+        pair_column=args.pair_column,
+        label_column=args.label_column or "label",
+        label_required=args.label_column is not None,
+    )
+    report = calibrate_folder(
+        args.folder,
+        data,
+        max_drop=args.max_drop,
+        confidence="saved" if args.confidence is _SAVED else args.confidence,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        source=str(args.data),
+    )
+    for line in report.summary():
+        print(line)
+    print(f"rewrote {args.folder}: its policy and eek_fit.json hold the new threshold and certificate")
     return 0

@@ -101,7 +101,7 @@ class CalibrationWarning(UserWarning):
 
 @dataclass
 class Calibration:
-    """The outcome of :func:`calibrate` on the validation data.
+    """The outcome of :func:`calibrate` on its rows (validation or calibration rows).
 
     ``policy``: the chosen policy; ``accuracy``: its score (a fraction: accuracy, agreement
     with the full model or the ``metric``'s value); ``mean_layers``: its mean layers run;
@@ -136,7 +136,7 @@ class Calibration:
 
     @property
     def saved_fraction(self) -> float:
-        """The fraction of layers the policy saves on the validation data: ``1 - mean_layers / L``."""
+        """The fraction of layers the policy saves on the rows calibrated on: ``1 - mean_layers / L``."""
         return 1.0 - self.mean_layers / self.num_layers if self.num_layers else 0.0
 
     def summary(self) -> str:
@@ -274,9 +274,9 @@ def calibrate(
     chance_margin: float = 0.02,
     confidence: float | None = None,
 ) -> Calibration:
-    """Choose the policy's threshold on validation data for one target.
+    """Choose the policy's threshold on rows set apart for it (validation or calibration rows) for one target.
 
-    ``model_or_record``: a patched model (then ``batches`` is the validation data) or an
+    ``model_or_record``: a patched model (then ``batches`` holds the rows) or an
     :class:`ExitRecord`. Exactly one target: ``max_drop`` (points): the fewest mean layers
     run with a score at least ``full - max_drop``; ``target_layers``: the best score
     with at most that many mean layers run. Ties go to the more accurate, then the
@@ -391,7 +391,7 @@ def _check_savings(result: Calibration, min_saving: float, chance_margin: float)
         scores = ", ".join(f"layer {k}: {100 * result.layer_scores[k - 1]:.1f}%" for k in result.heads_at_chance)
         result.warnings.append(
             f"calibrate: {len(result.heads_at_chance)} of {len(internal)} internal heads score at chance on the "
-            f"validation data ({result.measure}; always predicting the most frequent class scores "
+            f"calibration rows ({result.measure}; always predicting the most frequent class scores "
             f"{100 * result.chance:.1f}%, margin {100 * chance_margin:g} points): {scores}. Untrained heads: train "
             f"them (earlyexit_kernels.training.fit_exit_heads, or train_exit_heads with the default lr of its trains "
             f"mode); trained heads that stay at chance read too little of the layer: patch with pooling='mean' "

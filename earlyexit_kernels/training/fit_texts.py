@@ -1,4 +1,4 @@
-"""``eek fit`` as a library: a fine-tuned classifier and texts (labelled or not) to calibrated exits.
+"""``eek fit`` as a library: a fine-tuned classifier and texts (labelled or not) to certified exits.
 
 :func:`fit_model` checks the method and the rows, tokenizes them and runs :func:`train_and_calibrate`;
 the command line (:mod:`earlyexit_kernels.integrations.fit_cli`) only reads the files, calls it
@@ -6,11 +6,11 @@ and writes the folder.
 
 :func:`train_and_calibrate` patches the model with the method's policy family (and the
 heads' pooling and form), then :func:`earlyexit_kernels.training.fit_exit_heads` trains it with
-the method's recipe (:mod:`earlyexit_kernels.training.recipes`), calibrates the threshold on
-the validation rows and re-patches the model with it; :class:`FitReport` is what ``eek fit``
-prints and saves (``eek_fit.json``). Without labels the heads learn the final classifier's
-predictions (self-distillation) and the threshold is calibrated on agreement with the
-full model.
+the method's recipe (:mod:`earlyexit_kernels.training.recipes`), certifies the threshold on
+calibration rows no training step saw (a share of the training rows kept out, or the rows the
+user gives) and re-patches the model with it; :class:`FitReport` is what ``eek fit`` prints and
+saves (``eek_fit.json``). Without labels the heads learn the final classifier's predictions
+(self-distillation) and the threshold is certified on agreement with the full model.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ __all__ = [
     "FitReport",
     "METHODS",
     "UNLABELLED_METHODS",
+    "file_rows_to_certify",
     "fit_model",
+    "least_rows_to_certify",
     "train_and_calibrate",
 ]
 
@@ -87,6 +89,7 @@ class FitReport:
     certificate: dict | None = None
     head_trials: list[dict] = field(default_factory=list)
     head_choice: str = "given"
+    calibration_source: str = "kept out of training"
 
     def as_dict(self) -> dict:
         return {k: v for k, v in vars(self).items()}
@@ -94,9 +97,11 @@ class FitReport:
     def summary(self) -> list[str]:
         """The lines ``eek fit`` prints: the compact curve, then the chosen point."""
         what = "agreement with the full model" if self.target == "agreement" else "accuracy"
+        # the calibration rows: kept out of training when certifying, or given; else the validation rows
+        own_rows = self.confidence is not None or self.calibration_source != "kept out of training"
         calibrated = (
-            f"{self.calibration_rows} calibration rows kept out of training"
-            if self.confidence is not None
+            f"{self.calibration_rows} calibration rows {self.calibration_source}"
+            if own_rows
             else f"{self.validation_rows} validation rows"
         )
         lines = [
@@ -112,7 +117,7 @@ class FitReport:
             lines += describe_trials([HeadTrial(**t) for t in self.head_trials], self.target, self.num_layers)
         elif self.head_choice not in ("given", "auto"):
             lines.append(f"heads: {self.head_choice}")
-        where = "calibration rows" if self.confidence is not None else "validation"
+        where = "calibration rows" if own_rows else "validation"
         if self.layer_scores:
             scores = " ".join(f"{k}:{100 * a:.1f}" for k, a in enumerate(self.layer_scores, start=1))
             lines.append(f"{what} of each layer's head alone on {where}: {scores}")
@@ -270,6 +275,8 @@ def fit_model(
     progress: bool = False,
     confidence: float | None = CONFIDENCE,
     calibration_fraction: float = CALIBRATION_FRACTION,
+    calibration=None,
+    validation_split: float | None = None,
 ):
     """Train and calibrate the exit heads of ``model`` in place; what ``eek fit`` does between reading and writing.
 
@@ -284,8 +291,14 @@ def fit_model(
     ``confidence`` (in (0, 1); None: uncertified, on the validation rows): keep a random
     ``calibration_fraction`` of ``train`` out of head training and early stopping, and certify
     on those rows that the policy loses at most ``max_drop`` points with that confidence
-    (:mod:`earlyexit_kernels.training.certified_calibration`). Rows too few to certify even a
-    policy that never errs raise :class:`FitError` with the number needed.
+    (:mod:`earlyexit_kernels.training.certified_calibration`). ``calibration``
+    (:class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`, labelled or not): rows the
+    classifier never trained on, certified on instead, and every row of ``train`` trains the
+    heads; without labels (or with ``train`` unlabelled) the certified risk is agreement with the
+    full model. Rows too few to certify even a policy that never errs raise :class:`FitError`
+    with the number needed; ``validation_split``: the share of the user's file that ``validation``
+    was split from before ``train`` was given (None: validation came from elsewhere), so that
+    the number is that of the file.
     """
     from earlyexit_kernels.training.labelled_texts import encode, label_ids
 
@@ -298,17 +311,29 @@ def fit_model(
         raise FitError("the training rows and the validation rows must both have labels, or neither")
     if train_ids is None and method not in UNLABELLED_METHODS:
         raise FitError(f"--method {method} trains with labels; without labels use --method heads")
-    calibration = calibration_ids = encoded_calibration = None
+    calibration_ids = encoded_calibration = None
+    given_calibration = calibration is not None
     if confidence is not None:
-        train, calibration = _keep_out_for_calibration(train, max_drop, confidence, calibration_fraction, seed)
+        _check_confidence(confidence)
+    if calibration is not None:
+        if confidence is not None:
+            _check_enough(len(calibration), max_drop, confidence, "calibration rows (--calibration)")
+        calibration_ids = label_ids(calibration, model.config) if calibration.labels is not None else None
+        if train_ids is None:
+            calibration_ids = None  # the heads learn agreement: certify agreement too
+    elif confidence is not None:
+        train, calibration = _keep_out_for_calibration(
+            train, max_drop, confidence, calibration_fraction, seed, validation_split
+        )
         train_ids = label_ids(train, model.config) if train.labels is not None else None
         calibration_ids = label_ids(calibration, model.config) if calibration.labels is not None else None
+    if calibration is not None:
         encoded_calibration = encode(tokenizer, calibration, length)
     encoded_train, encoded_val = encode(tokenizer, train, length), encode(tokenizer, validation, length)
     for encoded in (encoded_train, encoded_val, encoded_calibration):
         if encoded is not None:
             warn_truncated(encoded)
-    return train_and_calibrate(
+    report = train_and_calibrate(
         model,
         encoded_train,
         train_ids,
@@ -327,28 +352,74 @@ def fit_model(
         calibration_labels=calibration_ids,
         confidence=confidence,
     )
+    if given_calibration:
+        report.calibration_source = "given (--calibration)"
+    return report
 
 
-def _keep_out_for_calibration(train, max_drop: float, confidence: float, fraction: float, seed: int):
-    """``(train, calibration)``: a random ``fraction`` of the rows kept out, checked to be enough to certify."""
-    from earlyexit_kernels.methods.risk_control import check_confidence, rows_to_certify
-    from earlyexit_kernels.training.labelled_texts import split_rows
+def _check_confidence(confidence: float) -> None:
+    from earlyexit_kernels.methods.risk_control import check_confidence
 
     try:
         check_confidence(confidence)
     except ValueError as error:
         raise FitError(f"--confidence: {error}") from None
-    rest, held = split_rows(len(train), fraction, seed + 1, option="--calibration-fraction", held_as="calibration")
+
+
+def least_rows_to_certify(max_drop: float, confidence: float) -> int:
+    """The calibration rows below which not even a policy that never errs is certified (at ``max_drop`` points)."""
+    from earlyexit_kernels.methods.risk_control import rows_to_certify
+
     least = rows_to_certify(0.0, max_drop / 100.0, confidence)
     if least is None:
         raise FitError(
             f"--max-drop {max_drop:g} cannot be certified: no number of rows tells a zero loss from a tiny one"
         )
-    if len(held) < least:
+    return least
+
+
+def _check_enough(rows: int, max_drop: float, confidence: float, what: str) -> None:
+    least = least_rows_to_certify(max_drop, confidence)
+    if rows < least:
         raise FitError(
-            f"{len(held)} calibration rows ({fraction:g} of the {len(train)} training rows) cannot certify a drop of "
-            f"at most {max_drop:g} points with confidence {confidence:g}: even a model that never errs needs {least} "
-            f"rows. Give at least {math.ceil(least / fraction)} training rows, a larger --max-drop, a lower "
-            f"--confidence, or --confidence off (an uncertified threshold chosen on the validation rows)"
+            f"{rows} {what} cannot certify a drop of at most {max_drop:g} points with confidence {confidence:g}: even "
+            f"a model that never errs needs {least} rows. Give at least {least} rows, a larger --max-drop, a lower "
+            f"--confidence, or --confidence off (an uncertified threshold)"
+        )
+
+
+def _held_out(count: int, fraction: float) -> int:
+    """How many of ``count`` rows :func:`~earlyexit_kernels.training.labelled_texts.split_rows` holds out."""
+    return round(count * fraction)
+
+
+def file_rows_to_certify(least: int, calibration_fraction: float, validation_split: float | None) -> int:
+    """The fewest rows of a training file whose calibration share holds ``least`` rows, after a
+    ``validation_split`` (None: none) is split off the file first, with the same rounding as the splits."""
+    rows = max(1, math.ceil(least / calibration_fraction) - 2)
+    while True:
+        training = rows - (_held_out(rows, validation_split) if validation_split is not None else 0)
+        if _held_out(training, calibration_fraction) >= least:
+            return rows
+        rows += 1
+
+
+def _keep_out_for_calibration(
+    train, max_drop: float, confidence: float, fraction: float, seed: int, validation_split: float | None
+):
+    """``(train, calibration)``: a random ``fraction`` of the rows kept out, checked to be enough to certify."""
+    from earlyexit_kernels.training.labelled_texts import split_rows
+
+    rest, held = split_rows(len(train), fraction, seed + 1, option="--calibration-fraction", held_as="calibration")
+    least = least_rows_to_certify(max_drop, confidence)
+    if len(held) < least:
+        needed = file_rows_to_certify(least, fraction, validation_split)
+        after = "" if validation_split is None else f" after its --validation-split of {validation_split:g}"
+        raise FitError(
+            f"{len(held)} calibration rows ({fraction:g} of the {len(train)} training rows{after}) cannot certify a "
+            f"drop of at most {max_drop:g} points with confidence {confidence:g}: even a model that never errs needs "
+            f"{least} rows. Give a training file of at least {needed} rows, rows the "
+            f"classifier never trained on with --calibration FILE, a larger --max-drop, a lower --confidence, or "
+            f"--confidence off (an uncertified threshold chosen on the validation rows)"
         )
     return train.subset(rest), train.subset(held)

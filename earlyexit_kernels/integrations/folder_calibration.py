@@ -1,0 +1,112 @@
+"""``eek calibrate FOLDER FILE``: a fitted model folder's threshold certified anew on FILE's rows, written back.
+
+The folder keeps its heads, tokenizer and any other file; its policy (``config.json``'s exit
+settings) and ``eek_fit.json`` (the threshold, the certificate, and a ``recalibrations`` list
+of what each re-certification changed) are rewritten, so that a restart of ``eek serve`` and
+its audit watch use the new certificate. The new folder is written beside the old one and
+renamed into place: an interrupted run leaves the old folder whole.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+__all__ = ["calibrate_folder", "saved_budget"]
+
+
+def saved_budget(path: str) -> tuple[float | None, float | None]:
+    """``(max_drop in points, confidence)`` of the certificate in ``path/eek_fit.json``, each None where absent."""
+    from earlyexit_kernels.integrations.model_folder import fit_certificate
+
+    certificate = fit_certificate(path)
+    if certificate is None:
+        return None, None
+    return 100.0 * float(certificate["budget"]), float(certificate["confidence"])
+
+
+def calibrate_folder(
+    path: str,
+    data,
+    *,
+    max_drop: float | None = None,
+    confidence: float | None | str = "saved",
+    batch_size: int = 64,
+    max_length: int | None = None,
+    source: str | None = None,
+):
+    """Re-certify the folder ``path`` on ``data`` (:class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`)
+    and write it back; returns the :class:`~earlyexit_kernels.training.calibrate_texts.CalibrationReport`.
+
+    ``max_drop`` (points) and ``confidence``: None / ``"saved"`` take the folder's certificate's
+    (else 1 point and 0.95); ``confidence=None`` given explicitly: uncertified. ``source``: what
+    the rows were (a file name), recorded in ``eek_fit.json``.
+    """
+    from earlyexit_kernels.integrations.model_folder import load_model
+    from earlyexit_kernels.training.calibrate_texts import calibrate_texts
+    from earlyexit_kernels.training.fit_texts import CONFIDENCE
+
+    saved_drop, saved_confidence = saved_budget(path)
+    if max_drop is None:
+        max_drop = 1.0 if saved_drop is None else saved_drop
+    if confidence == "saved":
+        confidence = CONFIDENCE if saved_confidence is None else saved_confidence
+    model, tokenizer = load_model(path)
+    report = calibrate_texts(
+        model, tokenizer, data, max_drop=max_drop, confidence=confidence, batch_size=batch_size, max_length=max_length
+    )
+    _write_back(Path(path), model, report, source or "rows given to eek calibrate")
+    return report
+
+
+def _write_back(folder: Path, model, report, source: str) -> None:
+    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        shutil.copytree(folder, partial, dirs_exist_ok=True)
+        model.save_pretrained(partial)
+        summary_path = partial / "eek_fit.json"
+        try:
+            summary = json.loads(summary_path.read_text())
+        except (OSError, ValueError):
+            summary = {}
+        when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        history = list(summary.get("recalibrations") or [])
+        history.append(
+            {
+                "when": when,
+                "source": source,
+                "rows": report.rows,
+                "previous_policy": report.previous_policy,
+                "policy": report.policy,
+                "previous_mean_layers": report.previous_mean_layers,
+                "mean_layers": report.mean_layers,
+            }
+        )
+        summary.update(
+            policy=report.policy,
+            target=report.target,
+            accuracy=report.accuracy,
+            full_accuracy=report.full_accuracy,
+            mean_layers=report.mean_layers,
+            met=report.met,
+            confidence=report.confidence,
+            certificate=report.certificate,
+            calibration_rows=report.rows,
+            calibration_source=f"from {source} (eek calibrate)",
+            recalibrations=history,
+        )
+        summary_path.write_text(json.dumps(summary, indent=2))
+        old = folder.with_name(f".{folder.name}-replaced-{os.getpid()}")
+        os.replace(folder, old)
+        try:
+            os.replace(partial, folder)
+        except OSError:
+            os.replace(old, folder)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)

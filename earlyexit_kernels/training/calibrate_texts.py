@@ -1,0 +1,133 @@
+"""``eek calibrate`` as a library: a fitted model's threshold certified anew on other rows, its heads fixed.
+
+    report = calibrate_texts(model, tokenizer, rows, max_drop=1.0, confidence=0.95)
+    print("\\n".join(report.summary()))   # the certificate, the uncertified point, what more rows would do
+
+The rows are those the classifier never trained on (its validation split, or a sample of what
+it serves, labelled or not). The heads stay as they are; only the policy's threshold moves
+along the same fixed grid ``eek fit`` certifies on
+(:mod:`earlyexit_kernels.training.certified_calibration`), so the certificate means what
+``eek fit``'s does, for rows like these.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from earlyexit_kernels.training.fit_texts import (
+    CONFIDENCE,
+    FitError,
+    _check_confidence,
+    _check_enough,
+    _describe_certificate,
+    max_length_for,
+    warn_truncated,
+)
+
+__all__ = ["CalibrationReport", "calibrate_texts"]
+
+
+@dataclass
+class CalibrationReport:
+    """What ``eek calibrate`` did: the policy before and after, on ``rows`` rows.
+
+    ``accuracy`` / ``full_accuracy``: the chosen policy's and the full model's on the rows
+    (agreement with the full model when ``target == "agreement"``); ``certificate``: the
+    :class:`~earlyexit_kernels.training.certified_calibration.Certificate`'s fields, or None
+    (``confidence`` None: the uncertified point within ``max_drop``)."""
+
+    previous_policy: str
+    policy: str
+    target: str
+    accuracy: float
+    full_accuracy: float
+    mean_layers: float
+    previous_mean_layers: float
+    num_layers: int
+    rows: int
+    max_drop: float
+    confidence: float | None
+    met: bool
+    certificate: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+    def summary(self) -> list[str]:
+        what = "agreement with the full model" if self.target == "agreement" else "accuracy"
+        full = "" if self.target == "agreement" else f" (full model {100 * self.full_accuracy:.2f}%)"
+        lines = [
+            f"calibrated on {self.rows} rows ({what}); the heads are unchanged",
+            f"before: {self.previous_policy}: {self.previous_mean_layers:.2f} mean layers of {self.num_layers} on "
+            f"these rows",
+            f"chosen: {self.policy}: {what} {100 * self.accuracy:.2f}%{full}, {self.mean_layers:.2f} mean layers of "
+            f"{self.num_layers}" + ("" if self.met else " - the target was NOT met"),
+        ]
+        if self.certificate is not None:
+            lines.append(_describe_certificate(self.certificate))
+        lines += [f"warning: {w}" for w in self.warnings]
+        return lines
+
+
+def calibrate_texts(
+    model,
+    tokenizer,
+    data,
+    *,
+    max_drop: float = 1.0,
+    confidence: float | None = CONFIDENCE,
+    batch_size: int = 64,
+    max_length: int | None = None,
+) -> CalibrationReport:
+    """Certify ``model``'s threshold anew on ``data``; the model ends patched with the chosen policy.
+
+    ``model``: a patched classifier (e.g. ``eek.from_pretrained`` of an ``eek fit`` folder);
+    ``data``: :class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`, with labels
+    (the risk is accuracy lost against the full model) or without (disagreement with it).
+    ``confidence`` None: the fewest mean layers within ``max_drop`` points on these rows,
+    uncertified. Rows too few for any certificate raise :class:`FitError` saying how many would do.
+    """
+    import torch
+
+    from earlyexit_kernels.patching.patch import backend_of, patch, policy_of
+    from earlyexit_kernels.training.calibration import calibrate, describe
+    from earlyexit_kernels.training.exit_record import record_exits
+    from earlyexit_kernels.training.labelled_texts import encode, label_ids, length_sorted_batches
+
+    if not max_drop >= 0:
+        raise FitError(f"--max-drop must be >= 0 accuracy points, got {max_drop}")
+    if confidence is not None:
+        _check_confidence(confidence)
+        _check_enough(len(data), max_drop, confidence, "rows")
+    previous = policy_of(model)
+    labels = label_ids(data, model.config) if data.labels is not None else None
+    encoded = encode(tokenizer, data, max_length_for(max_length, model, tokenizer))
+    warn_truncated(encoded)
+    model.eval()
+    with torch.no_grad():
+        record = record_exits(model, length_sorted_batches(encoded, labels, batch_size))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # kept in the result and printed by the report
+        result = calibrate(record, max_drop=max_drop, confidence=confidence, policy=previous)
+    from earlyexit_kernels.training.exit_record import replay
+
+    before = replay(previous, record).layers_run.float().mean().item()
+    patch(model, result.policy, backend_of(model))
+    return CalibrationReport(
+        previous_policy=describe(previous, 4),
+        policy=describe(result.policy, 4),
+        target=result.measure,
+        accuracy=result.accuracy,
+        full_accuracy=result.full_accuracy,
+        mean_layers=result.mean_layers,
+        previous_mean_layers=before,
+        num_layers=record.num_layers,
+        rows=len(data),
+        max_drop=max_drop,
+        confidence=confidence,
+        met=result.met,
+        certificate=None if result.certificate is None else result.certificate.as_dict(),
+        warnings=list(result.warnings),
+    )
