@@ -9,6 +9,7 @@ an existing folder anew, heads fixed, and writes the new threshold and certifica
 import json
 
 import pytest
+import torch
 from test_fit_cli import FAST, _frame, _run, _write, classifier  # noqa: F401 - classifier is a fixture
 from transformers import BertTokenizerFast
 
@@ -152,3 +153,35 @@ def test_calibrate_refuses_what_it_cannot_certify(fitted, tmp_path, capsys, case
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert json.loads((fitted / "eek_fit.json").read_text())["policy"] == policy  # untouched
+
+
+def test_fit_says_when_the_training_file_looks_like_the_classifier_s_fine_tuning_rows(classifier, tmp_path, capsys):  # noqa: F811
+    """Training rows labelled with the full model's own answers (where it is always right) and
+    validation rows with labels it gets half right: the report tells the user to certify elsewhere."""
+    from transformers import BertForSequenceClassification
+
+    model = BertForSequenceClassification.from_pretrained(classifier).eval()
+    tokenizer = BertTokenizerFast.from_pretrained(classifier)
+
+    def own_answers(frame):
+        with torch.no_grad():
+            logits = model(**tokenizer(list(frame.text), return_tensors="pt", padding=True)).logits
+        return [model.config.id2label[int(i)] for i in logits.argmax(-1)]
+
+    train = _frame(400, seed=29)
+    train["label"] = own_answers(train)
+    validation = _frame(150, seed=30)  # the task's labels: the untrained classifier is at chance on them
+    common = ("--validation", _write(validation, tmp_path / "val.csv"), "--max-drop", "5", "--epochs", "1")
+    assert _run("fit", classifier, _write(train, tmp_path / "train.csv"), tmp_path / "out", *common) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "warning: the full model is right on 100.0% of the 100 calibration rows kept out of the training file"
+        in printed
+    )
+    assert "--calibration FILE" in printed
+
+    # rows it never saw, given: no such warning
+    unseen = _write(_frame(300, seed=31), tmp_path / "unseen.csv")
+    again = ("fit", classifier, tmp_path / "train.csv", tmp_path / "out2", "--calibration", unseen, *common)
+    assert _run(*again) == 0
+    assert "likely fine-tuned" not in capsys.readouterr().out

@@ -73,7 +73,8 @@ class FitResult:
     self-distillation and agreement); ``validation``: ``"given"`` or ``"split"`` (the last
     ``validation_fraction`` of the training batches); ``calibrated_on``: ``"validation"`` or
     ``"calibration"`` (separate rows, kept out of training and early stopping);
-    ``seconds``: wall-clock of the call.
+    ``seconds``: wall-clock of the call; ``validation_full_accuracy``: the full model's accuracy
+    on the labelled validation rows (None without labels, or when no cached pass read them).
     """
 
     method: str
@@ -86,6 +87,7 @@ class FitResult:
     calibrated_on: str = "validation"
     head_trials: list = field(default_factory=list)
     head_choice: str = "given"
+    validation_full_accuracy: float | None = None
 
     @property
     def warnings(self) -> list[str]:
@@ -302,6 +304,10 @@ def fit_exit_heads(
         if not head_only:
             caches.clear()  # the backbone learnt: what the heads read has changed
     model.eval()
+    validation_full_accuracy = None
+    if use_labels and "val" in caches and caches["val"].labels is not None:
+        val = caches["val"]
+        validation_full_accuracy = float((val.final_logits.argmax(-1) == val.labels).double().mean())
     if "calibration" in caches and not isinstance(policy, SkipGates):
         record = cached_record(model, caches["calibration"])
     else:
@@ -327,4 +333,5 @@ def fit_exit_heads(
         calibrated_on,
         trials,
         head_choice,
+        validation_full_accuracy,
     )
