@@ -1,6 +1,8 @@
 """``eek calibrate FOLDER FILE``: a fitted model folder's threshold certified anew on FILE's rows, written back.
 
-The folder keeps its heads, tokenizer and any other file; its policy (``config.json``'s exit
+The threshold moves along the path ``eek fit`` certified along (``certified_path`` in
+``eek_fit.json``: the ordered candidates, fixed before any of FILE's rows is read), else along
+the policy family's fixed grid. The folder keeps its heads, tokenizer and any other file; its policy (``config.json``'s exit
 settings) and ``eek_fit.json`` (the threshold, the certificate, and a ``recalibrations`` list
 of what each re-certification changed) are rewritten, so that a restart of ``eek serve`` and
 its audit watch use the new certificate. The new folder is written beside the old one and
@@ -16,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["calibrate_folder", "saved_budget"]
+__all__ = ["calibrate_folder", "saved_budget", "saved_path"]
 
 
 def saved_budget(path: str) -> tuple[float | None, float | None]:
@@ -27,6 +29,22 @@ def saved_budget(path: str) -> tuple[float | None, float | None]:
     if certificate is None:
         return None, None
     return 100.0 * float(certificate["budget"]), float(certificate["confidence"])
+
+
+def saved_path(path: str) -> list | None:
+    """The ordered candidates ``eek fit`` certified along (``certified_path`` of ``path/eek_fit.json``), or None."""
+    from earlyexit_kernels.methods.policy_spec import parse_policy
+
+    try:
+        codes = json.loads((Path(path) / "eek_fit.json").read_text()).get("certified_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not codes or not isinstance(codes, list):
+        return None
+    try:
+        return [parse_policy(code) for code in codes]
+    except ValueError:
+        return None
 
 
 def calibrate_folder(
@@ -57,7 +75,14 @@ def calibrate_folder(
         confidence = CONFIDENCE if saved_confidence is None else saved_confidence
     model, tokenizer = load_model(path)
     report = calibrate_texts(
-        model, tokenizer, data, max_drop=max_drop, confidence=confidence, batch_size=batch_size, max_length=max_length
+        model,
+        tokenizer,
+        data,
+        max_drop=max_drop,
+        confidence=confidence,
+        batch_size=batch_size,
+        max_length=max_length,
+        path=saved_path(path),
     )
     _write_back(Path(path), model, report, source or "rows given to eek calibrate")
     return report

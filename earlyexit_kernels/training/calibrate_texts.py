@@ -80,6 +80,7 @@ def calibrate_texts(
     confidence: float | None = CONFIDENCE,
     batch_size: int = 64,
     max_length: int | None = None,
+    path: list | None = None,
 ) -> CalibrationReport:
     """Certify ``model``'s threshold anew on ``data``; the model ends patched with the chosen policy.
 
@@ -88,6 +89,8 @@ def calibrate_texts(
     (the risk is accuracy lost against the full model) or without (disagreement with it).
     ``confidence`` None: the fewest mean layers within ``max_drop`` points on these rows,
     uncertified. Rows too few for any certificate raise :class:`FitError` saying how many would do.
+    ``path``: the ordered candidates to certify along (the folder's saved path, policies); None:
+    the family's fixed grid.
     """
     import torch
 
@@ -110,7 +113,9 @@ def calibrate_texts(
         record = record_exits(model, length_sorted_batches(encoded, labels, batch_size))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # kept in the result and printed by the report
-        result = calibrate(record, max_drop=max_drop, confidence=confidence, policy=previous)
+        result = calibrate(
+            record, max_drop=max_drop, confidence=confidence, policy=previous, path=path if confidence else None
+        )
     from earlyexit_kernels.training.exit_record import replay
 
     before = replay(previous, record).layers_run.float().mean().item()

@@ -115,7 +115,8 @@ class Calibration:
     ``saves_little``: the policy saves less than ``min_saving`` of the layers;
     ``warnings``: the messages warned (empty when all is well); ``certificate``: with
     ``confidence=``, the :class:`~earlyexit_kernels.training.certified_calibration.Certificate`
-    (the risk, rows, bound reached and the uncertified point's layers), else None.
+    (the risk, rows, bound reached and the uncertified point's layers), else None; ``path``:
+    with ``confidence=``, the ordered candidates the certification walked.
     """
 
     policy: ExitPolicy
@@ -133,6 +134,7 @@ class Calibration:
     saves_little: bool = False
     warnings: list[str] = dataclasses.field(default_factory=list)
     certificate: object | None = None
+    path: list = dataclasses.field(default_factory=list)
 
     @property
     def saved_fraction(self) -> float:
@@ -273,6 +275,8 @@ def calibrate(
     min_saving: float = 0.10,
     chance_margin: float = 0.02,
     confidence: float | None = None,
+    path_record: ExitRecord | None = None,
+    path: list[ExitPolicy] | None = None,
 ) -> Calibration:
     """Choose the policy's threshold on rows set apart for it (validation or calibration rows) for one target.
 
@@ -304,6 +308,9 @@ def calibrate(
     (:mod:`earlyexit_kernels.training.certified_calibration` says what is guaranteed and how);
     ``result.certificate`` holds the bound reached, and ``met`` is whether any early exit was
     certified (if none, the policy never exits early and a warning says how many rows would do).
+    ``path_record`` (with ``confidence``): other rows than these (validation rows) on which the
+    path of candidates is chosen (:mod:`earlyexit_kernels.training.certified_paths`); ``path``:
+    the ordered candidates to walk, given whole (a folder's saved path).
     """
     if (max_drop is None) == (target_layers is None):
         raise ValueError("give exactly one target: max_drop (accuracy points) or target_layers (mean layers)")
@@ -358,7 +365,7 @@ def calibrate(
         chance=chance_score(refs, record.all_logits.shape[-1], metric),
     )
     if confidence is not None:
-        best = _certify_into(result, record, max_drop, confidence, measure, policy)
+        best = _certify_into(result, record, max_drop, confidence, measure, policy, path_record, path)
     _check_savings(result, min_saving, chance_margin)
     for message in result.warnings:
         warnings.warn(message, CalibrationWarning, stacklevel=2)
@@ -370,9 +377,18 @@ def calibrate(
     return result
 
 
-def _certify_into(result, record, max_drop, confidence, measure, policy) -> CurvePoint:
+def _certify_into(result, record, max_drop, confidence, measure, policy, path_record, path) -> CurvePoint:
     """Replace ``result``'s chosen point by the certified one; returns it (for printing and plotting)."""
-    chosen, certificate, _ = certify(record, max_drop / 100.0, confidence, target=measure, policy=policy)
+    chosen, certificate, walked = certify(
+        record,
+        max_drop / 100.0,
+        confidence,
+        target=measure,
+        policy=policy,
+        path_record=path_record,
+        candidates=path,
+    )
+    result.path = [point.policy for point in walked]
     result.policy, result.accuracy, result.mean_layers = chosen.policy, chosen.accuracy, chosen.mean_layers
     result.met = certificate.certified
     result.target = f"{certificate.risk} <= {max_drop:g}% with confidence {100 * confidence:g}%"

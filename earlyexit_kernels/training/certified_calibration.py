@@ -56,6 +56,7 @@ from earlyexit_kernels.methods.risk_control import (
     risk_upper_bound,
     rows_to_certify,
 )
+from earlyexit_kernels.training.certified_paths import choose_path
 from earlyexit_kernels.training.exit_record import (
     CurvePoint,
     ExitRecord,
@@ -94,7 +95,11 @@ class Certificate:
     picks on the same rows (None when not computed), so ``mean_layers - uncertified_layers``
     is what the guarantee costs; ``rows_needed``: when nothing is certified, the rows at
     which the cheapest promising candidate would be (None: no candidate's observed risk is
-    under the budget); ``needed_for``: that candidate.
+    under the budget); ``needed_for``: that candidate; ``path``: the ordered candidates
+    walked (:mod:`~earlyexit_kernels.training.certified_paths`: ``"global"``, ``"per_layer"``,
+    or ``"saved"``: a folder's own), ``path_layers``: what each path needed on the path rows;
+    ``rows_for_uncertified``: about how many calibration rows would certify the uncertified
+    point (its observed risk under the budget; None otherwise).
     """
 
     budget: float
@@ -112,6 +117,9 @@ class Certificate:
     needed_for: str | None = None
     needed_rate: float | None = None
     unit: str = "rows"
+    path: str = "global"
+    path_layers: dict | None = None
+    rows_for_uncertified: int | None = None
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -137,8 +145,13 @@ class Certificate:
             price = f"; the uncertified point runs {self.uncertified_layers:.2f} (the guarantee costs " + (
                 f"{self.mean_layers - self.uncertified_layers:+.2f} layers)"
             )
+            if self.rows_for_uncertified is not None and self.rows_for_uncertified > self.rows:
+                price += f"; about {self.rows_for_uncertified} {self.unit} like these would certify it"
+        path = ""
+        if self.path != "global":
+            path = f", along the {self.path.replace('_', '-')} path"
         return (
-            f"{head}: observed {100 * self.observed:.2f}%, bound {100 * self.bound:.2f}%, "
+            f"{head}{path}: observed {100 * self.observed:.2f}%, bound {100 * self.bound:.2f}%, "
             f"{self.mean_layers:.2f} of {self.num_layers} mean layers{price}"
         )
 
@@ -237,6 +250,8 @@ def certify(
     target: str = "auto",
     policy: ExitPolicy | None = None,
     steps: int = GRID_STEPS,
+    path_record: ExitRecord | None = None,
+    candidates: list[ExitPolicy] | None = None,
 ) -> tuple[CurvePoint, Certificate, list[CurvePoint]]:
     """The certified point on ``record``: ``(chosen, certificate, curve)``.
 
@@ -249,6 +264,10 @@ def certify(
     within ``budget`` of the full model's on these rows, what calibrating without a
     guarantee would pick. Raises ``ValueError`` when the rows are too few for
     even a policy that never errs to be certified.
+
+    ``path_record``: rows apart from ``record`` (the validation rows) on which the path is chosen
+    (:func:`~earlyexit_kernels.training.certified_paths.choose_path`); None: the fixed grid.
+    ``candidates``: an ordered path given whole (a folder's saved one), walked as is.
     """
     budget, confidence = check_budget(budget), check_confidence(confidence)
     target = _resolve_target(record, target)
@@ -256,6 +275,12 @@ def certify(
     num_layers, rows, num_labels = record.all_logits.shape
     require_rows(rows, budget, confidence, hint=", a larger budget")
     grid = certified_candidates(record.policy if policy is None else policy, num_layers, num_labels, steps=steps)
+    path_name, path_layers = "global", None
+    if candidates is not None:
+        grid, path_name = list(candidates), "saved"
+    elif path_record is not None:
+        choice = choose_path(path_record, grid, budget, lambda z, rows: row_losses(z, rows, target), steps=steps)
+        grid, path_name, path_layers = choice.candidates, choice.name, choice.layers
     replays, losses = {}, {}
 
     def losses_of(index: int) -> torch.Tensor:
@@ -287,7 +312,15 @@ def certify(
         mean_layers=chosen.mean_layers,
         num_layers=num_layers,
         uncertified_layers=min(p.mean_layers for p in within) if within else None,
+        path=path_name,
+        path_layers=path_layers,
     )
+    if within:
+        index = min(
+            (i for i, p in points if p.accuracy >= full_score - budget - 1e-12), key=lambda i: points[i][1].mean_layers
+        )
+        rate = max(0.0, float(losses_of(index).mean()))
+        certificate.rows_for_uncertified = rows_to_certify(rate, budget, confidence, binary=is_binary(losses_of(index)))
     if not certified:
         found = _rows_needed(points, losses_of, budget, confidence, num_layers)
         if found is not None:

@@ -11,13 +11,22 @@ guarantee) both read it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from earlyexit_kernels.methods.exit_rules import exit_step, init_state
-from earlyexit_kernels.methods.policies import ExitPolicy, MultiLabelConfidence, QExit, Scheduled, SkipGates
+from earlyexit_kernels.methods.exit_rules import entropy, exit_step, init_state
+from earlyexit_kernels.methods.policies import (
+    Entropy,
+    ExitPolicy,
+    MultiLabelConfidence,
+    QExit,
+    Scheduled,
+    SkipGates,
+    layer_value,
+)
 
 __all__ = [
     "TARGETS",
@@ -149,6 +158,46 @@ def record_exits(model, batches) -> ExitRecord:
 
 def replay(policy: ExitPolicy, record: ExitRecord) -> Replay:
     """The decisions of ``policy`` on ``record``: what the engine's all-exits forward returns."""
+    num_layers, batch, num_labels = record.all_logits.shape
+    policy.check_fits(num_layers, num_labels)
+    if type(policy) is Entropy:
+        return entropy_replay(policy, record)
+    return stepwise_replay(policy, record)
+
+
+def _layer_entropies(record: ExitRecord, normalized: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(entropies [L, N], finite [L, N])`` as :func:`exit_step` computes them layer by layer, kept on the
+    record: a calibration replays hundreds of thresholds on the same logits."""
+    cache = record.__dict__.setdefault("_entropies", {})
+    if normalized not in cache:
+        values, finite = [], []
+        for logits in record.all_logits:
+            z = logits.float()
+            h = entropy(z)
+            values.append(h / math.log(z.shape[-1]) if normalized else h)
+            finite.append(torch.isfinite(z).all(dim=-1))
+        cache[normalized] = (torch.stack(values), torch.stack(finite))
+    return cache[normalized]
+
+
+def entropy_replay(policy: Entropy, record: ExitRecord) -> Replay:
+    """:func:`stepwise_replay` of a stateless ``Entropy`` policy, all layers at once from the record's
+    entropies: the same decisions (the same float32 entropies against the same thresholds)."""
+    num_layers, batch, _ = record.all_logits.shape
+    values, finite = _layer_entropies(record, policy.normalized)
+    thresholds = torch.tensor(
+        [layer_value(policy.threshold, layer) for layer in range(1, num_layers + 1)], dtype=values.dtype
+    )
+    exits = finite & (values < thresholds[:, None].to(values.device))
+    exits[-1] = True
+    exit_layer = exits.long().argmax(0) + 1
+    logits = record.all_logits[exit_layer - 1, torch.arange(batch, device=exit_layer.device)]
+    return Replay(logits.float(), exit_layer, exit_layer.clone())
+
+
+def stepwise_replay(policy: ExitPolicy, record: ExitRecord) -> Replay:
+    """:func:`replay` layer by layer with :func:`~earlyexit_kernels.methods.exit_rules.exit_step`, in the
+    engine's order and state: any policy (the reference of :func:`entropy_replay`)."""
     num_layers, batch, num_labels = record.all_logits.shape
     policy.check_fits(num_layers, num_labels)
     if policy.needs_halting_head and record.all_halting_logits is None:

@@ -21,6 +21,7 @@ from earlyexit_kernels.methods.policies import SkipGates
 from earlyexit_kernels.patching.patch import patch
 from earlyexit_kernels.training.cached_heads import ExitInputCache, cache_exit_inputs, cached_record
 from earlyexit_kernels.training.calibration import Calibration, calibrate, record_exits
+from earlyexit_kernels.training.certified_paths import supports_paths
 from earlyexit_kernels.training.head_choice import (
     AUTO,
     candidates_for,
@@ -312,6 +313,10 @@ def fit_exit_heads(
         record = cached_record(model, caches["calibration"])
     else:
         record = record_exits(model, calibration_batches)
+    path_record = None
+    if confidence is not None and calibrated_on == "calibration" and supports_paths(policy):
+        # the path of candidates is chosen on the validation rows, apart from the calibration rows
+        path_record = cached_record(model, caches["val"]) if "val" in caches else record_exits(model, val_batches)
     calibration = calibrate(
         record,
         max_drop=max_drop,
@@ -320,6 +325,7 @@ def fit_exit_heads(
         min_saving=min_saving,
         verbose=verbose,
         confidence=confidence,
+        path_record=path_record,
     )
     patch(model, calibration.policy, backend)
     return FitResult(

@@ -91,6 +91,7 @@ class FitReport:
     head_choice: str = "given"
     calibration_source: str = "kept out of training"
     validation_full_accuracy: float | None = None
+    certified_path: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {k: v for k, v in vars(self).items()}
@@ -130,10 +131,24 @@ class FitReport:
             f"of {self.num_layers} (ideal speed-up {self.num_layers / self.mean_layers:.2f}x)"
             + ("" if self.met else " - the target was NOT met")
         )
+        if self.certificate is not None and self.certificate.get("path_layers"):
+            lines.append(_describe_paths(self.certificate, self.validation_rows))
         if self.certificate is not None and self.certificate["certified"]:  # else it is one of the warnings
             lines.append(_describe_certificate(self.certificate))
         lines += [f"warning: {w}" for w in self.warnings]
         return lines
+
+
+def _describe_paths(certificate: dict, rows: int) -> str:
+    """Which path was certified along, and what each needed on the held-out half of the validation rows."""
+    needed = ", ".join(
+        f"{name.replace('_', '-')} {'none within the budget' if layers is None else f'{layers:.2f} layers'}"
+        for name, layers in certificate["path_layers"].items()
+    )
+    return (
+        f"path: {certificate['path'].replace('_', '-')} (the fewest mean layers within the budget on half of the "
+        f"{rows} validation rows: {needed})"
+    )
 
 
 def _describe_certificate(fields: dict) -> str:
@@ -238,6 +253,7 @@ def train_and_calibrate(
         head_trials=[vars(trial) for trial in result.head_trials],
         head_choice=result.head_choice,
         validation_full_accuracy=result.validation_full_accuracy,
+        certified_path=[policy.to_code() for policy in calibration.path],
     )
 
 

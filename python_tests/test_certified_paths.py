@@ -1,0 +1,141 @@
+"""The per-layer path: one entropy threshold per layer, set on validation rows, certified on calibration rows.
+
+Constructed records (no model): each row's logits at every layer are chosen, so that what each
+path can certify is known. Layer 1's head is as confident as layer 2's but wrong half the time
+where layer 2's is right: one global threshold cannot tell them apart and must stay below both;
+a threshold per layer lets layer 2 exit and holds layer 1 back.
+"""
+
+import pytest
+import torch
+
+import earlyexit_kernels as eek
+from earlyexit_kernels.methods.exit_rules import entropy
+from earlyexit_kernels.training.certified_calibration import certify
+from earlyexit_kernels.training.certified_paths import choose_path, per_layer_path
+from earlyexit_kernels.training.exit_record import ExitRecord, entropy_replay, replay, stepwise_replay
+
+BUDGET, CONFIDENCE = 0.02, 0.95
+
+
+def record_of(rows: int, seed: int, *, layer_one_wrong: float = 0.5, layer_two_sure: float = 0.8) -> ExitRecord:
+    """Three layers, two classes, the final class the truth. Layer 1: confident on every row, on the
+    wrong class for ``layer_one_wrong`` of them. Layer 2: confident and right on ``layer_two_sure``
+    of the rows, unsure (equal logits) on the rest. Confident logits differ by 4 to 8."""
+    g = torch.Generator().manual_seed(seed)
+    truth = torch.randint(0, 2, (rows,), generator=g)
+    sign = truth * 2 - 1  # +1: class 1
+
+    def confident(side):
+        margin = 4 + 4 * torch.rand(rows, generator=g)
+        return torch.stack([-side * margin / 2, side * margin / 2], 1)
+
+    wrong = torch.rand(rows, generator=g) < layer_one_wrong
+    layer1 = confident(torch.where(wrong, -sign, sign))
+    sure = torch.rand(rows, generator=g) < layer_two_sure
+    layer2 = torch.where(sure[:, None], confident(sign), torch.zeros(rows, 2))
+    layer3 = confident(sign)
+    return ExitRecord(torch.stack([layer1, layer2, layer3]), truth, None, None, eek.Entropy(0.0))
+
+
+def smooth_record(rows: int, seed: int) -> ExitRecord:
+    """Three layers, two classes: layer 1 wrong on 30% of the rows whatever its confidence; layer 2
+    wrong less often the surer it is (``0.4 exp(-margin / 1.5)``), so its risk grows smoothly with its
+    threshold."""
+    g = torch.Generator().manual_seed(seed)
+    truth = torch.randint(0, 2, (rows,), generator=g)
+    sign = (truth * 2 - 1).float()
+    layers = []
+    for wrong_rate in (lambda m: torch.full_like(m, 0.3), lambda m: 0.4 * torch.exp(-m / 1.5)):
+        margin = 8 * torch.rand(rows, generator=g)
+        wrong = torch.rand(rows, generator=g) < wrong_rate(margin)
+        side = torch.where(wrong, -sign, sign)
+        layers.append(torch.stack([-side * margin / 2, side * margin / 2], 1))
+    layers.append(torch.stack([-sign * 3, sign * 3], 1))
+    return ExitRecord(torch.stack(layers), truth, None, None, eek.Entropy(0.0))
+
+
+def disagreement(logits, record):
+    return (logits.argmax(-1) != record.all_logits[-1].argmax(-1)).double()
+
+
+def test_the_per_layer_path_certifies_fewer_layers_than_one_global_threshold_at_the_same_risk():
+    calibration, validation = record_of(3000, seed=1), record_of(1000, seed=2)
+    _, global_cert, _ = certify(calibration, BUDGET, CONFIDENCE, target="agreement", steps=100)
+    point, path_cert, _ = certify(
+        calibration, BUDGET, CONFIDENCE, target="agreement", path_record=validation, steps=100
+    )
+    assert path_cert.path == "per_layer" and global_cert.path == "global"
+    assert path_cert.certified and path_cert.bound <= BUDGET
+    # global: layer 1's confident wrong answers look like layer 2's right ones, nothing early is safe
+    # (3.00 layers); per layer: layer 1 held back, layer 2 lets its 80% go (about 2.2 layers)
+    assert global_cert.mean_layers > 2.9
+    assert path_cert.mean_layers < 2.5
+    # layer 1 held back to its few surest rows, layer 2 lets its confident ones go
+    assert point.policy.threshold[0] < 0.01 < 0.1 < point.policy.threshold[1]
+    assert path_cert.path_layers["per_layer"] < path_cert.path_layers["global"]
+
+
+def test_where_one_threshold_does_as_well_the_simplest_path_is_kept():
+    # layer 1 as trustworthy as layer 2: a threshold per layer gains nothing over one
+    alike = record_of(1000, seed=3, layer_one_wrong=0.0)
+    choice = choose_path(alike, [eek.Entropy(t) for t in (0.0, 0.01, 0.1, 0.3, 0.7)], BUDGET, disagreement)
+    assert choice.name == "global"
+
+
+def test_the_per_layer_path_is_ordered_from_never_exiting_to_letting_every_row_go():
+    path = per_layer_path(record_of(500, seed=4), eek.Entropy(0.0), steps=50)
+    assert path[0].threshold == (0.0, 0.0, 0.0)
+    for before, after in zip(path, path[1:]):
+        assert all(a >= b for a, b in zip(after.threshold, before.threshold)) and after != before
+    layers = [replay(p, record_of(500, seed=5)).layers_run.float().mean().item() for p in path]
+    assert layers == sorted(layers, reverse=True)
+
+
+def test_redrawn_calibration_rows_violate_the_budget_no_more_often_than_the_confidence_allows():
+    """Population reading: calibration and path rows drawn from a large pool, the chosen policy's
+    disagreement measured on the whole pool. The uncertified point on the same draws shows the test
+    would see a broken guarantee: it violates the budget on many draws."""
+    pool = smooth_record(20000, seed=6)
+    pool_truth = pool.all_logits[-1].argmax(-1)
+    g = torch.Generator().manual_seed(7)
+    draws, certified_violations, uncertified_violations = 30, 0, 0
+    for _ in range(draws):
+        rows = torch.randint(0, 20000, (800,), generator=g)
+        path_rows = torch.randint(0, 20000, (400,), generator=g)
+        point, cert, walked = certify(
+            pool.subset(rows), BUDGET, CONFIDENCE, target="agreement", path_record=pool.subset(path_rows)
+        )
+        risk = float((replay(point.policy, pool).logits.argmax(-1) != pool_truth).double().mean())
+        certified_violations += risk > BUDGET
+        # the uncertified point of the same path on the same rows
+        calibration = pool.subset(rows)
+        within = [
+            p for p in walked if float(disagreement(replay(p.policy, calibration).logits, calibration).mean()) <= BUDGET
+        ]
+        cheapest = min(within, key=lambda p: p.mean_layers).policy
+        uncertified_violations += (
+            float((replay(cheapest, pool).logits.argmax(-1) != pool_truth).double().mean()) > BUDGET
+        )
+    # 5% of 30 draws is 1.5: at most 4 (Binomial(30, 0.05) reaches 5 with probability 0.6%)
+    assert certified_violations <= 4, certified_violations
+    # the uncertified point violates on 12 of these 30 draws: a test that could not see violations would not
+    assert uncertified_violations >= 6, uncertified_violations
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_the_entropy_replay_makes_the_stepwise_replay_s_decisions(normalized, dtype):
+    """The all-layers-at-once replay of Entropy is the layer-by-layer one (exit_step): same exits, logits."""
+    g = torch.Generator().manual_seed(8)
+    logits = (torch.randn(4, 300, 3, generator=g) * 2).to(dtype)
+    logits[0, 5, 1] = float("nan")
+    logits[1, 6, 0] = float("inf")
+    logits[2, 7] = float("-inf")
+    record = ExitRecord(logits, None, None, None, eek.Entropy(0.0))
+    values = entropy(logits[:3].float()).flatten().sort().values
+    for threshold in (0.0, float(values[400]), (float(values[100]), 0.0, float(values[800]), 0.0), 1e9):
+        policy = eek.Entropy(threshold, normalized=normalized)
+        fast, slow = entropy_replay(policy, record), stepwise_replay(policy, record)
+        assert torch.equal(fast.exit_layer, slow.exit_layer) and torch.equal(fast.layers_run, slow.layers_run)
+        assert torch.equal(fast.logits, slow.logits)
