@@ -11,13 +11,14 @@ import json
 import pytest
 import torch
 from test_fit_cli import FAST, _frame, _run, _write, classifier  # noqa: F401 - classifier is a fixture
-from transformers import BertTokenizerFast
+from transformers import BertForSequenceClassification, BertTokenizerFast
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.integrations.labelled_data import read_labelled
 from earlyexit_kernels.training.calibrate_texts import calibrate_texts
+from earlyexit_kernels.training.calibration_share import choose_share
 from earlyexit_kernels.training.fit_texts import file_rows_to_certify, least_rows_to_certify
-from earlyexit_kernels.training.labelled_texts import split_rows
+from earlyexit_kernels.training.labelled_texts import label_ids, split_rows
 
 pd = pytest.importorskip("pandas", reason="the data files are written with pandas")
 
@@ -158,8 +159,6 @@ def test_calibrate_refuses_what_it_cannot_certify(fitted, tmp_path, capsys, case
 def test_fit_says_when_the_training_file_looks_like_the_classifier_s_fine_tuning_rows(classifier, tmp_path, capsys):  # noqa: F811
     """Training rows labelled with the full model's own answers (where it is always right) and
     validation rows with labels it gets half right: the report tells the user to certify elsewhere."""
-    from transformers import BertForSequenceClassification
-
     model = BertForSequenceClassification.from_pretrained(classifier).eval()
     tokenizer = BertTokenizerFast.from_pretrained(classifier)
 
@@ -185,3 +184,47 @@ def test_fit_says_when_the_training_file_looks_like_the_classifier_s_fine_tuning
     again = ("fit", classifier, tmp_path / "train.csv", tmp_path / "out2", "--calibration", unseen, *common)
     assert _run(*again) == 0
     assert "likely fine-tuned" not in capsys.readouterr().out
+
+
+def _encoded_rows(classifier, count, seed):  # noqa: F811
+    from earlyexit_kernels.training.labelled_texts import LabelledTexts, encode
+
+    frame = _frame(count, seed=seed)
+    data = LabelledTexts(list(frame.text), None, list(frame.label), "rows")
+    model = BertForSequenceClassification.from_pretrained(classifier).eval()
+    tokenizer = BertTokenizerFast.from_pretrained(classifier)
+    return model, encode(tokenizer, data, 64), label_ids(data, model.config)
+
+
+def test_the_calibration_share_is_all_but_the_rows_the_heads_need(classifier):  # noqa: F811
+    model, train, labels = _encoded_rows(classifier, 1500, seed=32)
+    _, validation, val_labels = _encoded_rows(classifier, 200, seed=33)
+    common = dict(method="heads", pooling="auto", head="auto", least=299, fraction=0.25, seed=0)
+    share = choose_share(model, train, labels, validation, val_labels, first=64, **common)
+    assert sorted(share.train + share.calibration) == list(range(1500))
+    assert "doubling" in share.reason and len(share.probe) >= 2
+    assert len(share.calibration) > 0.25 * 1500  # more rows certify than a fixed quarter would give
+    # every row the probe trained on trains the heads: the calibration rows were never read
+    order = torch.randperm(1500, generator=torch.Generator().manual_seed(1)).tolist()
+    assert set(order[: share.probe[-1][0]]) == set(share.train)
+    assert not any(p.requires_grad and p.grad is not None for p in model.parameters())  # the probe ran on a copy
+    assert not hasattr(model, "early_exit_heads")
+
+    # nothing to probe: a recipe that trains the backbone too, or too few rows for two sizes
+    backbone = choose_share(model, train, labels, validation, val_labels, first=64, **{**common, "method": "pabee"})
+    assert "trains the backbone too" in backbone.reason and len(backbone.calibration) == 375
+    few = choose_share(model, train, labels, validation, val_labels, first=1024, **common)
+    assert "too few rows to probe" in few.reason and len(few.calibration) == 375
+
+
+def test_fit_reports_how_the_share_was_chosen(classifier, tmp_path, capsys):  # noqa: F811
+    train = _write(_frame(800, seed=34), tmp_path / "train.csv")
+    assert _run("fit", classifier, train, tmp_path / "out", "--max-drop", "5", "--epochs", "1") == 0
+    printed = capsys.readouterr().out
+    assert (
+        "calibration share chosen on the rows: the heads' mean accuracy on validation after training on 256 rows"
+        in printed
+    )
+    summary = json.loads((tmp_path / "out" / "eek_fit.json").read_text())
+    assert summary["train_rows"] + summary["calibration_rows"] == 720
+    assert summary["calibration_share"].startswith("calibration share chosen on the rows")

@@ -331,7 +331,8 @@ def test_the_command_line_offers_every_recipe():
 def test_by_default_fit_certifies_the_budget_on_rows_kept_out_of_training(classifier, tmp_path, capsys):
     train = _write(_frame(800, seed=11), tmp_path / "train.parquet")
     out = tmp_path / "certified"
-    assert _run("fit", classifier, train, out, "--max-drop", "5", "--epochs", "2", "--no-progress") == 0
+    quarter = ("--calibration-fraction", "0.25")  # the measured share has its own test (test_calibration_rows.py)
+    assert _run("fit", classifier, train, out, "--max-drop", "5", "--epochs", "2", "--no-progress", *quarter) == 0
     printed = capsys.readouterr().out
     # 10% of 800 for validation (early stopping), a quarter of the other 720 kept out for calibration
     assert "on 540 rows and calibrated them on 180 calibration rows kept out of training" in printed

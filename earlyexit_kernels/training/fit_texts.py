@@ -25,6 +25,7 @@ import torch
 from earlyexit_kernels.training.recipes import RECIPES
 
 __all__ = [
+    "AUTO_SHARE",
     "CALIBRATION_FRACTION",
     "CONFIDENCE",
     "FitError",
@@ -45,8 +46,10 @@ UNLABELLED_METHODS = tuple(name for name, r in RECIPES.items() if not r.needs_la
 
 #: the confidence ``eek fit`` certifies its budget with unless told otherwise
 CONFIDENCE = 0.95
-#: the part of the training rows ``eek fit`` keeps out of training to certify the threshold on
+#: the part of the training rows ``eek fit`` keeps out to certify on where the share is not measured
 CALIBRATION_FRACTION = 0.25
+#: ``calibration_fraction`` that measures the share on the rows (:mod:`~earlyexit_kernels.training.calibration_share`)
+AUTO_SHARE = "auto"
 
 
 class FitError(ValueError):
@@ -92,6 +95,7 @@ class FitReport:
     calibration_source: str = "kept out of training"
     validation_full_accuracy: float | None = None
     certified_path: list[str] = field(default_factory=list)
+    calibration_share: str | None = None
 
     def as_dict(self) -> dict:
         return {k: v for k, v in vars(self).items()}
@@ -112,6 +116,8 @@ class FitReport:
             f"({self.train_seconds:.1f} s in the training stages; the rest: the model's passes over the rows "
             f"and the calibration)"
         ]
+        if self.calibration_share:
+            lines.append(self.calibration_share)
         lines += [f"  stage {i}: {stage}" for i, stage in enumerate(self.stages, start=1)]
         if self.head_trials:
             from earlyexit_kernels.training.head_choice import HeadTrial, describe_trials
@@ -292,7 +298,7 @@ def fit_model(
     seed: int = 0,
     progress: bool = False,
     confidence: float | None = CONFIDENCE,
-    calibration_fraction: float = CALIBRATION_FRACTION,
+    calibration_fraction: float | str = AUTO_SHARE,
     calibration=None,
     validation_split: float | None = None,
 ):
@@ -306,10 +312,12 @@ def fit_model(
     tries every configuration on one pass of the model and keeps the one that runs the fewest
     layers within the budget on the validation rows (:mod:`earlyexit_kernels.training.head_choice`).
 
-    ``confidence`` (in (0, 1); None: uncertified, on the validation rows): keep a random
-    ``calibration_fraction`` of ``train`` out of head training and early stopping, and certify
-    on those rows that the policy loses at most ``max_drop`` points with that confidence
-    (:mod:`earlyexit_kernels.training.certified_calibration`). ``calibration``
+    ``confidence`` (in (0, 1); None: uncertified, on the validation rows): keep rows of ``train``
+    out of head training and early stopping, and certify on them that the policy loses at most
+    ``max_drop`` points with that confidence
+    (:mod:`earlyexit_kernels.training.certified_calibration`); how many: ``calibration_fraction``
+    of them, or with ``"auto"`` (the default) all but those the heads need, measured
+    (:mod:`earlyexit_kernels.training.calibration_share`). ``calibration``
     (:class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`, labelled or not): rows the
     classifier never trained on, certified on instead, and every row of ``train`` trains the
     heads; without labels (or with ``train`` unlabelled) the certified risk is agreement with the
@@ -339,15 +347,37 @@ def fit_model(
         calibration_ids = label_ids(calibration, model.config) if calibration.labels is not None else None
         if train_ids is None:
             calibration_ids = None  # the heads learn agreement: certify agreement too
-    elif confidence is not None:
-        train, calibration = _keep_out_for_calibration(
-            train, max_drop, confidence, calibration_fraction, seed, validation_split
-        )
-        train_ids = label_ids(train, model.config) if train.labels is not None else None
-        calibration_ids = label_ids(calibration, model.config) if calibration.labels is not None else None
-    if calibration is not None:
-        encoded_calibration = encode(tokenizer, calibration, length)
     encoded_train, encoded_val = encode(tokenizer, train, length), encode(tokenizer, validation, length)
+    share = None
+    if calibration is None and confidence is not None:
+        if calibration_fraction == AUTO_SHARE:
+            from earlyexit_kernels.training.calibration_share import choose_share
+
+            share = choose_share(
+                model,
+                encoded_train,
+                train_ids,
+                encoded_val,
+                val_ids,
+                method=method,
+                pooling=pooling,
+                head=head,
+                least=least_rows_to_certify(max_drop, confidence),
+                fraction=CALIBRATION_FRACTION,
+                seed=seed,
+            )
+            rest, held, fraction = share.train, share.calibration, CALIBRATION_FRACTION
+        else:
+            rest, held, fraction = _split_for_calibration(len(train), calibration_fraction, seed)
+        _check_kept_out(len(rest), len(held), max_drop, confidence, fraction, validation_split)
+        from earlyexit_kernels.training.calibration_share import encoded_subset
+
+        train, calibration = train.subset(rest), train.subset(held)
+        encoded_train, encoded_calibration = encoded_subset(encoded_train, rest), encoded_subset(encoded_train, held)
+        train_ids = None if train_ids is None else train_ids[rest]
+        calibration_ids = label_ids(calibration, model.config) if calibration.labels is not None else None
+    elif calibration is not None:
+        encoded_calibration = encode(tokenizer, calibration, length)
     for encoded in (encoded_train, encoded_val, encoded_calibration):
         if encoded is not None:
             warn_truncated(encoded)
@@ -370,6 +400,8 @@ def fit_model(
         calibration_labels=calibration_ids,
         confidence=confidence,
     )
+    if share is not None:
+        report.calibration_share = share.describe(report.target)
     if given_calibration:
         report.calibration_source = "given (--calibration)"
     elif confidence is not None and validation_split is None:
@@ -449,22 +481,28 @@ def file_rows_to_certify(least: int, calibration_fraction: float, validation_spl
         rows += 1
 
 
-def _keep_out_for_calibration(
-    train, max_drop: float, confidence: float, fraction: float, seed: int, validation_split: float | None
-):
-    """``(train, calibration)``: a random ``fraction`` of the rows kept out, checked to be enough to certify."""
+def _split_for_calibration(count: int, fraction, seed: int) -> tuple[list[int], list[int], float]:
+    """``(rest, held, fraction)``: a random ``fraction`` of ``count`` training rows held out to certify on."""
     from earlyexit_kernels.training.labelled_texts import split_rows
 
-    rest, held = split_rows(len(train), fraction, seed + 1, option="--calibration-fraction", held_as="calibration")
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool):
+        raise FitError(f"--calibration-fraction must be {AUTO_SHARE} or a number between 0 and 1, got {fraction!r}")
+    rest, held = split_rows(count, fraction, seed + 1, option="--calibration-fraction", held_as="calibration")
+    return rest, held, fraction
+
+
+def _check_kept_out(
+    training: int, held: int, max_drop: float, confidence: float, fraction: float, validation_split: float | None
+) -> None:
+    """``held`` calibration rows kept out of ``training + held`` must be enough to certify anything."""
     least = least_rows_to_certify(max_drop, confidence)
-    if len(held) < least:
+    if held < least:
         needed = file_rows_to_certify(least, fraction, validation_split)
         after = "" if validation_split is None else f" after its --validation-split of {validation_split:g}"
         raise FitError(
-            f"{len(held)} calibration rows ({fraction:g} of the {len(train)} training rows{after}) cannot certify a "
+            f"{held} calibration rows ({fraction:g} of the {training + held} training rows{after}) cannot certify a "
             f"drop of at most {max_drop:g} points with confidence {confidence:g}: even a model that never errs needs "
             f"{least} rows. Give a training file of at least {needed} rows, rows the "
             f"classifier never trained on with --calibration FILE, a larger --max-drop, a lower --confidence, or "
             f"--confidence off (an uncertified threshold chosen on the validation rows)"
         )
-    return train.subset(rest), train.subset(held)
