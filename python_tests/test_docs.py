@@ -116,6 +116,19 @@ def test_the_api_page_names_every_public_name():
     assert not missing, f"docs/api.md does not describe {missing}"
 
 
+def test_the_ray_data_section_imports_what_earlyexit_kernels_ray_exports():
+    """The section's import line is the module's ``__all__``, and every public name of the
+    implementation it mentions can be imported from the public module."""
+    import earlyexit_kernels.integrations.ray_data as implementation
+    import earlyexit_kernels.ray as public
+
+    section = (DOCS / "api.md").read_text().split("\n## Ray Data\n")[1].split("\n## ")[0]
+    imported = re.search(r"from earlyexit_kernels\.ray import (.+)", section).group(1)
+    assert {name.strip() for name in imported.split(",")} == set(public.__all__)
+    mentioned = {name for name in implementation.__all__ if re.search(rf"\b{name}\b", section)}
+    assert mentioned <= set(public.__all__), f"earlyexit_kernels.ray does not export {mentioned - set(public.__all__)}"
+
+
 @pytest.mark.parametrize("document", ["README.md", "docs/usage.md"])
 def test_the_supported_models_tables_list_every_supported_class(document):
     """A user decides from these tables whether their model is supported; none may be left out."""
