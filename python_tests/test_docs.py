@@ -110,6 +110,12 @@ def test_nothing_points_outside_the_repository():
     assert not offenders
 
 
+def test_no_command_a_user_copies_takes_the_development_machine_s_lock():
+    """The project's machines serialise their timings with ``flock /tmp/eek-cpu.lock``; a reader has no such lock."""
+    offenders = [str(p.relative_to(REPOSITORY)) for p in DOCUMENTS if "/tmp/eek-cpu.lock" in p.read_text()]
+    assert not offenders, f"these documents quote the development machine's lock file: {offenders}"
+
+
 def test_the_api_page_names_every_public_name():
     text = (DOCS / "api.md").read_text()
     missing = [name for name in eek.__all__ if not re.search(rf"\b{re.escape(name)}\b", text)]
