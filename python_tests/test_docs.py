@@ -65,6 +65,15 @@ def test_the_docs_folder_has_every_page():
     assert {p.name for p in DOCS.glob("*.md")} == EXPECTED_PAGES
 
 
+#: a link to lines of a file: ``#L12`` or ``#L12-L20`` (GitHub's; ``?plain=1`` shows a Markdown file's source)
+LINE_ANCHOR = re.compile(r"L(\d+)(?:-L(\d+))?")
+
+
+def _line_anchor_resolves(path: Path, anchor: str) -> bool:
+    first, last = LINE_ANCHOR.fullmatch(anchor).groups()
+    return 1 <= int(first) <= int(last or first) <= len(path.read_text().splitlines())
+
+
 @pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: str(p.relative_to(REPOSITORY)))
 def test_relative_links_resolve(document):
     broken = []
@@ -72,9 +81,13 @@ def test_relative_links_resolve(document):
         if re.match(r"^[a-z]+:", target):
             continue  # http(s), mailto: outside the repository by intent
         path, _, anchor = target.partition("#")
+        path = path.removesuffix("?plain=1")
         resolved = (document.parent / path).resolve() if path else document
         if not resolved.exists() or REPOSITORY not in (resolved, *resolved.parents):
             broken.append(target)
+        elif anchor and LINE_ANCHOR.fullmatch(anchor):
+            if not _line_anchor_resolves(resolved, anchor):
+                broken.append(target)
         elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
             broken.append(target)
     assert not broken, f"{document.name}: links that do not resolve: {broken}"
