@@ -7,6 +7,7 @@
 """
 
 from earlyexit_kernels.integrations.ray_data import (
+    AUDIT_COLUMN,
     OUTPUT_COLUMNS,
     EarlyExitClassifier,
     classify_files,
@@ -14,4 +15,4 @@ from earlyexit_kernels.integrations.ray_data import (
     read_dataset,
 )
 
-__all__ = ["EarlyExitClassifier", "classify_files", "input_files", "read_dataset", "OUTPUT_COLUMNS"]
+__all__ = ["EarlyExitClassifier", "classify_files", "input_files", "read_dataset", "AUDIT_COLUMN", "OUTPUT_COLUMNS"]

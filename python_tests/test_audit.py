@@ -373,7 +373,7 @@ def test_ray_datas_class_adds_each_audited_rows_disagreement(saved_classifier):
 
 @pytest.mark.ray
 def test_ray_files_summarise_the_audit_over_every_row(saved_classifier, tmp_path):
-    ray = pytest.importorskip("ray", reason="Ray is optional: pip install 'earlyexit_kernels[ray]'")
+    ray = pytest.importorskip("ray", reason="Ray is optional (the ray extra)")
     pytest.importorskip("ray.data", reason="Ray Data is optional: pip install 'ray[data]'")
     pd = pytest.importorskip("pandas")
     from earlyexit_kernels.ray import classify_files
@@ -396,7 +396,7 @@ def test_ray_files_summarise_the_audit_over_every_row(saved_classifier, tmp_path
 
 @pytest.fixture(scope="module")
 def servers(patched):
-    pytest.importorskip("starlette", reason="the server needs starlette (pip install 'earlyexit_kernels[serve]')")
+    pytest.importorskip("starlette", reason="the server needs starlette (the serve extra)")
     pytest.importorskip("uvicorn", reason="the server needs uvicorn")
     pytest.importorskip("prometheus_client", reason="the server needs prometheus_client")
     pytest.importorskip("httpx", reason="the tests' HTTP client is httpx")

@@ -457,4 +457,4 @@ def test_without_pyarrow_the_command_line_says_what_to_install(saved_classifier,
     source = _write(pd.DataFrame({"text": ["w1"]}), tmp_path / "in.csv")
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     assert _run("classify", saved_classifier, source, tmp_path / "out.csv") == 2
-    assert "pip install 'earlyexit_kernels[cli]'" in capsys.readouterr().err
+    assert "needs pyarrow (the cli extra): pip install pyarrow pandas" in capsys.readouterr().err

@@ -169,30 +169,39 @@ def _skip(reason):
     return preamble
 
 
+#: blocks the suite cannot run on a machine without the Hub, a cluster or storage: why, and what runs instead
+NOT_RUN = {
+    ("docs/usage.md", "Backend, outputs, the Hub and devices", 1): (
+        "needs the Hugging Face Hub; the same resolution runs offline on a local Hub cache in "
+        "test_from_pretrained_hub.py"
+    ),
+    (
+        "docs/serving.md",
+        "On a Ray cluster",
+        0,
+    ): "needs a Ray cluster and S3 storage; python_tests/test_ray.py runs a local Ray",
+}
+#: blocks that run only where a CUDA GPU is (skipped elsewhere)
+ON_A_GPU = {("docs/usage.md", "Backend, outputs, the Hub and devices", 2)}
+
 #: (section, ordinal) -> what the block needs beyond the common names, or why it is skipped
 PREAMBLES = {
     ("README.md", "Use", 0): lambda ns: None,  # loads the model itself from ``path``
     ("docs/usage.md", "Patch a model", 0): lambda ns: None,
     ("docs/usage.md", "Backend, outputs, the Hub and devices", 0): lambda ns: None,
-    ("docs/usage.md", "Backend, outputs, the Hub and devices", 1): _skip(
-        "needs the Hugging Face Hub; the same resolution runs offline on a local Hub cache in "
-        "test_from_pretrained_hub.py"
-    ),
-    ("docs/usage.md", "Backend, outputs, the Hub and devices", 2): _gpu,
     ("docs/usage.md", "Exit heads: pooling and form", 0): lambda ns: None,
     ("docs/usage.md", "Save and load", 0): _with_model,
     ("docs/usage.md", "Backends", 0): lambda ns: None,
     ("docs/usage.md", "Combining with int8, bf16 and torch.compile", 0): _with_model,
     ("docs/serving.md", "Many sequences: `eek.classify` and the continuous engine", 0): _with_model,
-    ("docs/serving.md", "On a Ray cluster", 0): _skip(
-        "needs a Ray cluster and S3 storage; python_tests/test_ray.py runs a local Ray"
-    ),
     ("docs/training.md", "Fit in one call", 0): _with_model,
     ("docs/training.md", "Training the heads", 0): _with_model,
     ("docs/training.md", "Training the heads", 1): _trainer,
     ("docs/training.md", "Calibration", 0): _with_model,
     ("docs/training.md", "Calibration with a guarantee", 0): _calibration_rows,
     ("docs/training.md", "GLUE from local files", 0): _glue,
+    **{block: _skip(reason) for block, reason in NOT_RUN.items()},
+    **{block: _gpu for block in ON_A_GPU},
 }
 
 BLOCKS = [block for document in DOCUMENTS for block in _blocks(document)]
@@ -201,6 +210,21 @@ BLOCKS = [block for document in DOCUMENTS for block in _blocks(document)]
 def test_every_block_has_a_preamble():
     known = {(document, section, ordinal) for document, section, ordinal, _ in BLOCKS}
     assert known == set(PREAMBLES), "add the new block to PREAMBLES (or drop the stale entry)"
+
+
+ORDINALS = ("first", "second", "third", "fourth")
+
+
+def test_the_index_names_exactly_the_blocks_the_suite_does_not_run_on_a_cpu():
+    """docs/index.md lists them as ``- DOCUMENT, "SECTION"[, its ORDINAL block]: why``."""
+    statement = (REPOSITORY / "docs" / "index.md").read_text().split("Every Python block")[1]
+    listed = {
+        (f"docs/{document}", section, ORDINALS.index(ordinal) if ordinal else 0)
+        for document, section, ordinal in re.findall(
+            r'^- (\w+\.md), "([^"]+)"(?:, its (\w+) block)?:', statement, flags=re.M
+        )
+    }
+    assert listed == set(NOT_RUN) | ON_A_GPU
 
 
 @pytest.mark.parametrize(

@@ -65,6 +65,15 @@ def test_the_docs_folder_has_every_page():
     assert {p.name for p in DOCS.glob("*.md")} == EXPECTED_PAGES
 
 
+#: a link to lines of a file: ``#L12`` or ``#L12-L20`` (GitHub's; ``?plain=1`` shows a Markdown file's source)
+LINE_ANCHOR = re.compile(r"L(\d+)(?:-L(\d+))?")
+
+
+def _line_anchor_resolves(path: Path, anchor: str) -> bool:
+    first, last = LINE_ANCHOR.fullmatch(anchor).groups()
+    return 1 <= int(first) <= int(last or first) <= len(path.read_text().splitlines())
+
+
 @pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: str(p.relative_to(REPOSITORY)))
 def test_relative_links_resolve(document):
     broken = []
@@ -72,9 +81,13 @@ def test_relative_links_resolve(document):
         if re.match(r"^[a-z]+:", target):
             continue  # http(s), mailto: outside the repository by intent
         path, _, anchor = target.partition("#")
+        path = path.removesuffix("?plain=1")
         resolved = (document.parent / path).resolve() if path else document
         if not resolved.exists() or REPOSITORY not in (resolved, *resolved.parents):
             broken.append(target)
+        elif anchor and LINE_ANCHOR.fullmatch(anchor):
+            if not _line_anchor_resolves(resolved, anchor):
+                broken.append(target)
         elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
             broken.append(target)
     assert not broken, f"{document.name}: links that do not resolve: {broken}"
@@ -110,10 +123,29 @@ def test_nothing_points_outside_the_repository():
     assert not offenders
 
 
+def test_no_command_a_user_copies_takes_the_development_machine_s_lock():
+    """The project's machines serialise their timings with ``flock /tmp/eek-cpu.lock``; a reader has no such lock."""
+    offenders = [str(p.relative_to(REPOSITORY)) for p in DOCUMENTS if "/tmp/eek-cpu.lock" in p.read_text()]
+    assert not offenders, f"these documents quote the development machine's lock file: {offenders}"
+
+
 def test_the_api_page_names_every_public_name():
     text = (DOCS / "api.md").read_text()
     missing = [name for name in eek.__all__ if not re.search(rf"\b{re.escape(name)}\b", text)]
     assert not missing, f"docs/api.md does not describe {missing}"
+
+
+def test_the_ray_data_section_imports_what_earlyexit_kernels_ray_exports():
+    """The section's import line is the module's ``__all__``, and every public name of the
+    implementation it mentions can be imported from the public module."""
+    import earlyexit_kernels.integrations.ray_data as implementation
+    import earlyexit_kernels.ray as public
+
+    section = (DOCS / "api.md").read_text().split("\n## Ray Data\n")[1].split("\n## ")[0]
+    imported = re.search(r"from earlyexit_kernels\.ray import (.+)", section).group(1)
+    assert {name.strip() for name in imported.split(",")} == set(public.__all__)
+    mentioned = {name for name in implementation.__all__ if re.search(rf"\b{name}\b", section)}
+    assert mentioned <= set(public.__all__), f"earlyexit_kernels.ray does not export {mentioned - set(public.__all__)}"
 
 
 @pytest.mark.parametrize("document", ["README.md", "docs/usage.md"])

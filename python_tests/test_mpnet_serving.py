@@ -18,7 +18,7 @@ def saved_mpnet(tmp_path_factory):
 
 
 def test_the_command_line_and_the_server_answer_as_eek_classify(saved_mpnet, tmp_path):
-    pytest.importorskip("uvicorn", reason="the server needs uvicorn (pip install 'earlyexit_kernels[serve]')")
+    pytest.importorskip("uvicorn", reason="the server needs uvicorn (the serve extra)")
     pytest.importorskip("httpx", reason="the tests' HTTP client is httpx")
     from earlyexit_kernels.integrations.server import create_app
 

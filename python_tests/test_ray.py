@@ -71,7 +71,7 @@ def test_a_missing_column_names_the_columns_there_are(model_dir):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray = pytest.importorskip("ray", reason="Ray is optional: pip install 'earlyexit_kernels[ray]'")
+    ray = pytest.importorskip("ray", reason="Ray is optional (the ray extra)")
     pytest.importorskip("ray.data", reason="Ray Data is optional: pip install 'ray[data]'")
     # Workers import this file's classes (the killed-actor test's) from here.
     here = os.path.dirname(os.path.abspath(__file__))

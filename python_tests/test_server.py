@@ -20,8 +20,8 @@ import pytest
 import torch
 from conftest import WORDS, word_texts
 
-pytest.importorskip("starlette", reason="the server needs starlette (pip install 'earlyexit_kernels[serve]')")
-uvicorn = pytest.importorskip("uvicorn", reason="the server needs uvicorn (pip install 'earlyexit_kernels[serve]')")
+pytest.importorskip("starlette", reason="the server needs starlette (the serve extra)")
+uvicorn = pytest.importorskip("uvicorn", reason="the server needs uvicorn (the serve extra)")
 pytest.importorskip("prometheus_client", reason="the server needs prometheus_client")
 httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx")
 

@@ -12,8 +12,8 @@ import torch
 from conftest import WORDS, word_texts
 from served_models import RunningServer, cross_encoder_folder, multi_label_folder, spread
 
-pytest.importorskip("starlette", reason="the server needs starlette (pip install 'earlyexit_kernels[serve]')")
-pytest.importorskip("uvicorn", reason="the server needs uvicorn (pip install 'earlyexit_kernels[serve]')")
+pytest.importorskip("starlette", reason="the server needs starlette (the serve extra)")
+pytest.importorskip("uvicorn", reason="the server needs uvicorn (the serve extra)")
 pytest.importorskip("prometheus_client", reason="the server needs prometheus_client")
 httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx")
 

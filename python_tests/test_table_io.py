@@ -143,7 +143,7 @@ def test_a_missing_input_and_a_missing_pyarrow_are_clear_errors(tmp_path, monkey
     with pytest.raises(TableError, match="does not exist"):
         list(read_chunks(str(tmp_path / "absent.csv")))
     monkeypatch.setitem(sys.modules, "pyarrow", None)
-    with pytest.raises(TableError, match=r"pip install 'earlyexit_kernels\[cli\]'"):
+    with pytest.raises(TableError, match="needs pyarrow \\(the cli extra\\): pip install pyarrow pandas"):
         list(read_chunks(str(tmp_path / "absent.csv")))
 
 

@@ -16,6 +16,7 @@ import warnings
 from collections import deque
 from pathlib import Path
 
+from earlyexit_kernels.integrations.extras import install_line
 from earlyexit_kernels.integrations.fit_cli import add_commands as add_fit_commands
 from earlyexit_kernels.integrations.model_folder import ModelFolderError, load_model
 
@@ -453,7 +454,7 @@ def _classify_on_ray(args) -> int:
     try:
         from earlyexit_kernels.integrations.ray_data import classify_files
     except ImportError as error:
-        raise CliError(f"--engine ray needs Ray Data: pip install 'earlyexit_kernels[ray]' ({error})") from None
+        raise CliError(f"--engine ray needs Ray Data (the ray extra): {install_line('ray')} ({error})") from None
     if Path(args.output).exists() and not args.overwrite:
         raise CliError(f"output {args.output} exists; pass --overwrite to replace it")
     load_model(args.model, args.policy, args.backend)  # the actors load it too: fail here, with a clear message
@@ -504,7 +505,7 @@ def _serve(args) -> int:
         from earlyexit_kernels.integrations.server import create_app
     except ImportError as error:
         raise CliError(
-            f"serving needs starlette, uvicorn and prometheus_client: pip install 'earlyexit_kernels[serve]' ({error})"
+            f"serving needs starlette, uvicorn and prometheus_client (the serve extra): {install_line('serve')} ({error})"
         ) from None
     for name in ("max_batch_size", "max_queue", "port"):
         value = getattr(args, name)

@@ -34,6 +34,7 @@ def load_model(path: str, policy_text: str | None = None, backend: str | None = 
     from transformers import AutoTokenizer
 
     from earlyexit_kernels.methods.policy_spec import parse_policy
+    from earlyexit_kernels.models import SUPPORTED_MODELS
     from earlyexit_kernels.patching.exit_files import CONFIG_FILE
     from earlyexit_kernels.patching.loading import from_pretrained
 
@@ -50,8 +51,8 @@ def load_model(path: str, policy_text: str | None = None, backend: str | None = 
     if architectures and not any(name.endswith("ForSequenceClassification") for name in architectures):
         raise ModelFolderError(
             f"MODEL {path} holds a {', '.join(architectures)}, not a sequence classifier; give a "
-            f"*ForSequenceClassification model of a supported family (eek.SUPPORTED_MODELS: BERT, ALBERT, "
-            f"RoBERTa, XLM-RoBERTa, CamemBERT, DistilBERT, ELECTRA, DeBERTa-v2, ModernBERT)"
+            f"*ForSequenceClassification model of a supported family (eek.SUPPORTED_MODELS: "
+            f"{', '.join(SUPPORTED_MODELS.families().values())})"
         )
     if policy is None and not (folder / CONFIG_FILE).is_file():
         raise ModelFolderError(

@@ -31,6 +31,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from earlyexit_kernels.integrations.extras import install_line
+
 __all__ = ["FORMATS", "TableError", "check_writable", "need_pyarrow", "read_chunks", "ChunkWriter", "table_format"]
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -51,7 +53,7 @@ def need_pyarrow() -> None:
     try:
         import pyarrow  # noqa: F401
     except ImportError as error:
-        raise TableError("reading and writing tables needs pyarrow: pip install 'earlyexit_kernels[cli]'") from error
+        raise TableError(f"reading and writing tables needs pyarrow (the cli extra): {install_line('cli')}") from error
 
 
 def read_chunks(path: str, chunk_rows: int = 4096, skip_rows: int = 0, text_columns=()) -> Iterator:

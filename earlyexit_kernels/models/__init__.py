@@ -37,18 +37,19 @@ __all__ = [
     "MPNetAdapter",
 ]
 
-#: Hugging Face class name -> (adapter module under earlyexit_kernels.models, adapter class name)
-_FAMILIES: dict[str, tuple[str, str]] = {
-    "BertForSequenceClassification": ("bert", "BertAdapter"),
-    "AlbertForSequenceClassification": ("albert", "AlbertAdapter"),
-    "RobertaForSequenceClassification": ("roberta", "RobertaAdapter"),
-    "XLMRobertaForSequenceClassification": ("roberta", "RobertaAdapter"),
-    "CamembertForSequenceClassification": ("roberta", "RobertaAdapter"),
-    "DistilBertForSequenceClassification": ("distilbert", "DistilBertAdapter"),
-    "ElectraForSequenceClassification": ("electra", "ElectraAdapter"),
-    "DebertaV2ForSequenceClassification": ("deberta_v2", "DebertaV2Adapter"),
-    "ModernBertForSequenceClassification": ("modernbert", "ModernBertAdapter"),
-    "MPNetForSequenceClassification": ("mpnet", "MPNetAdapter"),
+#: Hugging Face class name -> (family name, adapter module under earlyexit_kernels.models, adapter class name).
+#: The family names are those the documents and the error messages use.
+_FAMILIES: dict[str, tuple[str, str, str]] = {
+    "BertForSequenceClassification": ("BERT", "bert", "BertAdapter"),
+    "AlbertForSequenceClassification": ("ALBERT", "albert", "AlbertAdapter"),
+    "RobertaForSequenceClassification": ("RoBERTa", "roberta", "RobertaAdapter"),
+    "XLMRobertaForSequenceClassification": ("XLM-RoBERTa", "roberta", "RobertaAdapter"),
+    "CamembertForSequenceClassification": ("CamemBERT", "roberta", "RobertaAdapter"),
+    "DistilBertForSequenceClassification": ("DistilBERT", "distilbert", "DistilBertAdapter"),
+    "ElectraForSequenceClassification": ("ELECTRA", "electra", "ElectraAdapter"),
+    "DebertaV2ForSequenceClassification": ("DeBERTa-v2", "deberta_v2", "DebertaV2Adapter"),
+    "ModernBertForSequenceClassification": ("ModernBERT", "modernbert", "ModernBertAdapter"),
+    "MPNetForSequenceClassification": ("MPNet", "mpnet", "MPNetAdapter"),
 }
 
 #: adapters whose modules are imported on first use
@@ -56,7 +57,7 @@ _LAZY_ADAPTERS = {"DebertaV2Adapter": "deberta_v2", "ModernBertAdapter": "modern
 
 
 def _adapter(class_name: str) -> type[EncoderAdapterBase]:
-    module, adapter = _FAMILIES[class_name]
+    _, module, adapter = _FAMILIES[class_name]
     return getattr(importlib.import_module(f"{__name__}.{module}"), adapter)
 
 
@@ -77,6 +78,10 @@ class SupportedModels(Mapping):
     def names(self) -> tuple[str, ...]:
         """The supported class names, without importing anything."""
         return tuple(_FAMILIES)
+
+    def families(self) -> dict[str, str]:
+        """Class name -> the family's name (``"DeBERTa-v2"``), in the order of :meth:`names`, without importing anything."""
+        return {name: family for name, (family, _, _) in _FAMILIES.items()}
 
     def __getitem__(self, cls) -> type[EncoderAdapterBase]:
         name = getattr(cls, "__name__", None)
