@@ -85,18 +85,7 @@ def _model_help(parser: argparse.ArgumentParser) -> str:
 
 @pytest.mark.parametrize(
     "name",
-    [
-        "classify",
-        "serve",
-        pytest.param(
-            "evaluate",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="issue 54: fit_cli.py's evaluate MODEL help says only 'a patched model folder'; "
-                "drop this mark once it names the plain folder with --policy",
-            ),
-        ),
-    ],
+    ["classify", "serve", "evaluate"],
 )
 def test_the_model_help_of_a_command_that_takes_a_policy_says_a_plain_folder_needs_one(name):
     assert "--policy" in flags(SUBCOMMANDS[name])

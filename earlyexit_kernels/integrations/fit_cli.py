@@ -231,10 +231,18 @@ def _add_evaluate(commands) -> None:
             "model on the same batches, interleaved, and prints its sequences/s and the speed-up."
         ),
     )
-    evaluate.add_argument("model", metavar="MODEL", help="a patched model folder (e.g. written by eek fit)")
+    evaluate.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a patched model folder (e.g. written by eek fit), or a plain Hugging Face classifier folder with --policy",
+    )
     evaluate.add_argument("data", metavar="FILE", help="the rows to classify (.csv, .tsv, .jsonl, .parquet)")
     _add_data_options(evaluate, for_fit=False)
-    evaluate.add_argument("--policy", default=None, help='exit policy replacing the saved one, e.g. "Entropy(0.3)"')
+    evaluate.add_argument(
+        "--policy",
+        default=None,
+        help='exit policy, e.g. "Entropy(0.3)": required for a plain classifier folder, replaces a saved one',
+    )
     evaluate.add_argument("--backend", default=None, help="auto, torch, cpp, triton or cuda (default: the saved one)")
     evaluate.add_argument("--batch-size", type=int, default=32, metavar="N", help="rows per batch (default: 32)")
     evaluate.add_argument(

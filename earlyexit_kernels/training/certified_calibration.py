@@ -20,7 +20,8 @@ shift in what is served (other topics, lengths, a new source) voids it; the serv
 
 How. The candidates are a fixed grid of the policy's family, set by the number of layers and
 labels only (never by the calibration rows), ordered from the most conservative (never exits
-early) to the most aggressive. Each is tested in turn for "risk > budget" with an exact
+early) to the most aggressive; or a path chosen on other rows (the validation rows:
+:mod:`~earlyexit_kernels.training.certified_paths`), or one given whole (a folder's saved path). Each is tested in turn for "risk > budget" with an exact
 binomial p-value (0/1 losses), the Hoeffding-Bentkus one (losses in [0, 1]) or by betting
 (paired losses in [-1, 1], :func:`~earlyexit_kernels.methods.risk_control.betting_p_value`), and the test
 stops at the first that is not rejected at ``1 - confidence`` (fixed-sequence testing,

@@ -5,7 +5,8 @@
     print(result.summary())          # stages, the calibrated point, warnings
     model(...)                       # patched with result.policy
 
-This is what ``eek fit`` runs. The recipes are in :mod:`earlyexit_kernels.training.recipes`.
+``eek fit`` runs it through :func:`~earlyexit_kernels.training.fit_texts.fit_model`, with other
+defaults (docs/training.md). The recipes are in :mod:`earlyexit_kernels.training.recipes`.
 """
 
 from __future__ import annotations
