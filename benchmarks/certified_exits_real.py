@@ -1,0 +1,211 @@
+"""What ``eek fit``'s defaults certify on the real tasks, against what the same heads could do (issue 52).
+
+For each task, the classifier fine-tuned on the task's train split (cached, ``make demo``'s
+recipe) is given to :func:`earlyexit_kernels.training.fit_texts.fit_model` with ``eek fit``'s
+defaults (heads recipe, pooling and form ``auto``, 1 point, 95%) and the rows a careful user has:
+
+- ``train + validation file``: TRAIN_FILE is the train split (the classifier's own fine-tuning
+  rows), ``--calibration`` its validation split (rows it never saw);
+- ``train only``: TRAIN_FILE alone, the calibration share measured on it.
+
+Then, on the test split (never seen by the classifier, the heads or the calibration), with the
+certified risk (accuracy lost against the full model; the test split has labels):
+
+- ``certified``: the mean layers and the loss of the certified policy;
+- ``path oracle``: the fewest mean layers of the path ``eek fit`` walked whose loss on test is
+  within the budget (the best that path could do there; no usable calibration);
+- ``global oracle``: the same for the global entropy grid (one threshold for every layer);
+- ``per-row oracle``: each row leaves at the first layer from which every head agrees with the
+  final classifier (the heads' ceiling for any rule that reads only their answers).
+
+    .venv/bin/python benchmarks/certified_exits_real.py --output benchmarks/results/certified_exits_real_cpu.json \\
+        --readme docs/benchmarks.md
+    .venv/bin/python benchmarks/certified_exits_real.py --from-json benchmarks/results/certified_exits_real_cpu.json \\
+        --readme docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import earlyexit_kernels as eek
+from earlyexit_kernels.bench.markdown_sections import replace_section
+from earlyexit_kernels.bench.results import cpu_name
+from earlyexit_kernels.demo import real_task
+from earlyexit_kernels.methods.policy_spec import parse_policy
+from earlyexit_kernels.training.certified_calibration import certified_candidates, row_losses
+from earlyexit_kernels.training.exit_record import record_exits, replay
+from earlyexit_kernels.training.fit_texts import FitError, fit_model
+from earlyexit_kernels.training.labelled_texts import LabelledTexts, encode, length_sorted_batches, split_rows
+
+START, END = "<!-- certified-exits-real:start -->", "<!-- certified-exits-real:end -->"
+BUDGET_POINTS, CONFIDENCE = 1.0, 0.95
+SETTINGS = ("train + validation file", "train only")
+TASK_NAMES = {"rotten_tomatoes": "Rotten Tomatoes", "debates": "the 2016 debates (three classes)"}
+BACKBONE_NAMES = {"minilm": "MiniLM-L6", "mpnet": "MPNet-base"}
+
+
+def _rows(split, name: str) -> LabelledTexts:
+    return LabelledTexts(list(split.texts), None, list(split.labels), name, "label")
+
+
+def per_row_oracle(record) -> float:
+    """Mean over rows of the first layer from which every head's class is the final classifier's."""
+    classes = record.all_logits.float().argmax(-1)  # [L, N]
+    agrees = classes == classes[-1]
+    # from layer k on every head agrees: the suffix of the agreement, read from the last layer back
+    suffix = torch.flip(torch.cummin(torch.flip(agrees.int(), [0]), 0).values, [0]).bool()
+    first = suffix.int().argmax(0) + 1
+    return float(first.double().mean())
+
+
+def _oracle(candidates, record, budget: float) -> float:
+    """The fewest mean layers among ``candidates`` whose accuracy loss on ``record`` is within ``budget``."""
+    best = float(record.num_layers)
+    for policy in candidates:
+        out = replay(policy, record)
+        if float(row_losses(out.logits, record, "accuracy").mean()) <= budget + 1e-12:
+            best = min(best, out.layers_run.float().mean().item())
+    return best
+
+
+def run_one(backbone: str, task: str, setting: str, seed: int) -> dict:
+    model, tokenizer, info = real_task.fine_tuned_model(backbone, task=task, progress=False)
+    splits = real_task.load_task(task)
+    train = _rows(splits["train"], "train split")
+    rest, held = split_rows(len(train), 0.1, seed)  # eek fit's --validation-split 0.1 of TRAIN_FILE
+    train, validation = train.subset(rest), train.subset(held)
+    calibration = _rows(splits["validation"], "validation split") if setting == SETTINGS[0] else None
+    row = {"backbone": backbone, "task": task, "setting": setting, "seed": seed}
+    started = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = fit_model(
+                model,
+                tokenizer,
+                train,
+                validation,
+                max_drop=BUDGET_POINTS,
+                confidence=CONFIDENCE,
+                calibration=calibration,
+                validation_split=0.1,
+                seed=seed,
+            )
+    except FitError as error:
+        return {**row, "error": str(error), "seconds": round(time.perf_counter() - started, 1)}
+    test = _rows(splits["test"], "test split")
+    ids = torch.tensor([int(y) for y in test.labels])
+    with torch.no_grad():
+        record = record_exits(model, length_sorted_batches(encode(tokenizer, test, 128), ids, 64))
+    chosen = eek.policy_of(model)
+    out = replay(chosen, record)
+    budget = BUDGET_POINTS / 100
+    path = [parse_policy(code) for code in report.certified_path] or [chosen]
+    grid = certified_candidates(eek.Entropy(0.0), record.num_layers, record.all_logits.shape[-1])
+    certificate = report.certificate or {}
+    return {
+        **row,
+        "seconds": round(time.perf_counter() - started, 1),
+        "train_rows": report.train_rows,
+        "calibration_rows": report.calibration_rows,
+        "calibration_share": report.calibration_share,
+        "path": certificate.get("path"),
+        "path_layers_validation": certificate.get("path_layers"),
+        "policy": report.policy,
+        "certified_layers_calibration": report.mean_layers,
+        "uncertified_layers_calibration": certificate.get("uncertified_layers"),
+        "rows_for_uncertified": certificate.get("rows_for_uncertified"),
+        "bound": certificate.get("bound"),
+        "num_layers": record.num_layers,
+        "test_rows": int(ids.numel()),
+        "full_test_accuracy": float((record.all_logits[-1].argmax(-1) == ids).double().mean()),
+        "certified_test_layers": out.layers_run.float().mean().item(),
+        "certified_test_loss_points": 100 * float(row_losses(out.logits, record, "accuracy").mean()),
+        "path_oracle_test_layers": _oracle(path, record, budget),
+        "global_oracle_test_layers": _oracle(grid, record, budget),
+        "per_row_oracle_test_layers": per_row_oracle(record),
+        "warnings": report.warnings,
+        "fine_tuned": info["path"].split("/")[-1],
+    }
+
+
+def render(results: dict) -> str:
+    lines = [
+        START,
+        f"Measured {results['date']} on {results['cpu']} ({results['command']}, {results['seconds']:.0f} s). "
+        f"Budget {BUDGET_POINTS:g} point of accuracy lost against the full model, confidence "
+        f"{100 * CONFIDENCE:g}%; `eek fit`'s defaults otherwise. Mean layers on the test split.",
+        "",
+        "| model, task | rows given to `eek fit` | train / certify rows | path | certified (test loss) | path oracle "
+        "| global oracle | per-row oracle |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results["runs"]:
+        name = f"{BACKBONE_NAMES[r['backbone']]}, {TASK_NAMES[r['task']]}"
+        if "error" in r:
+            lines.append(f"| {name} | {r['setting']} | cannot certify: {r['error'].split(':')[0]} | | | | | |")
+            continue
+        lines.append(
+            f"| {name} | {r['setting']} | {r['train_rows']:,} / {r['calibration_rows']:,} | "
+            f"{(r['path'] or 'global').replace('_', '-')} | {r['certified_test_layers']:.2f} of {r['num_layers']} "
+            f"({r['certified_test_loss_points']:+.2f}) | {r['path_oracle_test_layers']:.2f} | "
+            f"{r['global_oracle_test_layers']:.2f} | {r['per_row_oracle_test_layers']:.2f} |"
+        )
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbones", default="minilm", help="comma-separated: minilm, mpnet")
+    parser.add_argument("--tasks", default="rotten_tomatoes,debates", help="comma-separated: rotten_tomatoes, debates")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path)
+    parser.add_argument("--from-json", type=Path)
+    parser.add_argument("--readme", type=Path)
+    args = parser.parse_args(argv)
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+    else:
+        started = time.perf_counter()
+        runs = []
+        for backbone in args.backbones.split(","):
+            for task in args.tasks.split(","):
+                if backbone == "mpnet" and task != "rotten_tomatoes":
+                    continue
+                for setting in SETTINGS:
+                    runs.append(run_one(backbone, task, setting, args.seed))
+                    print(json.dumps(runs[-1]), flush=True)
+        results = {
+            "date": time.strftime("%Y-%m-%d", time.gmtime()),
+            "cpu": cpu_name(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "command": "benchmarks/certified_exits_real.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "seconds": time.perf_counter() - started,
+            "runs": runs,
+        }
+        if args.output:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print(render(results))
+    if args.readme:
+        text = args.readme.read_text()
+        args.readme.write_text(
+            replace_section(text, START, END, render(results), heading="Certified exits on the real tasks")
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
