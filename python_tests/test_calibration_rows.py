@@ -199,7 +199,9 @@ def _encoded_rows(classifier, count, seed):  # noqa: F811
 def test_the_calibration_share_is_all_but_the_rows_the_heads_need(classifier):  # noqa: F811
     model, train, labels = _encoded_rows(classifier, 1500, seed=32)
     _, validation, val_labels = _encoded_rows(classifier, 200, seed=33)
-    common = dict(method="heads", pooling="auto", head="auto", least=299, fraction=0.25, seed=0)
+    common = dict(
+        method="heads", pooling="auto", head="auto", least=299, fraction=0.25, seed=0, budget=0.05, confidence=0.95
+    )
     share = choose_share(model, train, labels, validation, val_labels, first=64, **common)
     assert sorted(share.train + share.calibration) == list(range(1500))
     assert "doubling" in share.reason and len(share.probe) >= 2
@@ -221,10 +223,8 @@ def test_fit_reports_how_the_share_was_chosen(classifier, tmp_path, capsys):  # 
     train = _write(_frame(800, seed=34), tmp_path / "train.csv")
     assert _run("fit", classifier, train, tmp_path / "out", "--max-drop", "5", "--epochs", "1") == 0
     printed = capsys.readouterr().out
-    assert (
-        "calibration share chosen on the rows: the heads' mean accuracy on validation after training on 256 rows"
-        in printed
-    )
+    assert "calibration share chosen on the rows: mean layers the heads would keep certified" in printed
+    assert "after training on 256 rows" in printed
     summary = json.loads((tmp_path / "out" / "eek_fit.json").read_text())
     assert summary["train_rows"] + summary["calibration_rows"] == 720
     assert summary["calibration_share"].startswith("calibration share chosen on the rows")

@@ -11,6 +11,7 @@ import torch
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.methods.exit_rules import entropy
+from earlyexit_kernels.training.calibration_share import predicted_layers
 from earlyexit_kernels.training.certified_calibration import certify
 from earlyexit_kernels.training.certified_paths import choose_path, per_layer_path
 from earlyexit_kernels.training.exit_record import ExitRecord, entropy_replay, replay, stepwise_replay
@@ -139,3 +140,13 @@ def test_the_entropy_replay_makes_the_stepwise_replay_s_decisions(normalized, dt
         fast, slow = entropy_replay(policy, record), stepwise_replay(policy, record)
         assert torch.equal(fast.exit_layer, slow.exit_layer) and torch.equal(fast.layers_run, slow.layers_run)
         assert torch.equal(fast.logits, slow.logits)
+
+
+def test_the_predicted_certified_layers_fall_as_more_rows_certify():
+    """What the calibration share's probe weighs: the same heads, more calibration rows, a tighter bound."""
+    record = smooth_record(2000, seed=9)
+    layers = [
+        predicted_layers(record, eek.Entropy(0.0), BUDGET, CONFIDENCE, n, "agreement") for n in (30, 300, 3000, 30000)
+    ]
+    assert layers == sorted(layers, reverse=True) and layers[0] > layers[-1] + 0.1
+    assert layers[0] == 3.0  # 30 rows certify nothing

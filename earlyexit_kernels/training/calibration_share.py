@@ -1,17 +1,20 @@
 """How many training rows ``eek fit`` keeps out to certify on, chosen on the rows themselves.
 
 The exit heads need far fewer rows than the bound does: a head reads one layer's vector and
-converges on a thousand rows or so, while certifying a loss under one point at 95% wants
+converges on a few thousand rows at most, while certifying a loss under one point at 95% wants
 thousands of rows (1% at 95% on 343 rows allows no error at all). A fixed quarter of the file
 starves the bound on a large file and can starve the heads on a small one. So the share is
-measured: the heads (the method's first, heads-only stage, on a copy of the model) are trained
-on growing prefixes of a random order of the training rows, ``FIRST_PROBE_ROWS`` then twice
-as many each time, and scored on the validation rows (each internal head's accuracy, or
-agreement with the full model, averaged over the layers). The probe stops once a doubling
-gains less than the score's standard error on the validation rows (no measurable gain; at
-least ``CONVERGED_GAIN``); the rows it reached train the heads, every later row of the order
-certifies. Calibration rows are never read by the probe: the share is fixed by rows that
-end up training, so the certificate stays exact.
+measured: the heads (the method's heads-only stage, on a copy of the model) are trained on
+growing prefixes of a random order of the training rows, ``FIRST_PROBE_ROWS`` then twice as
+many each time, and each time the layers they would keep certified are *predicted* on the
+validation rows: along the policy's global grid, the last candidate (in the certified order)
+that the rows left to certify would certify were they like the validation rows (the exact
+binomial for 0/1 losses; the observed paired loss plus ``z`` standard errors, ``z`` the normal
+quantile of the confidence). More training rows make better
+heads; fewer calibration rows make a looser bound; the prediction weighs both. The probe stops
+once a doubling predicts fewer than ``MIN_GAIN_LAYERS`` layers saved; the rows it reached train
+the heads, every later row of the order certifies. The probe reads only rows that end up
+training and the validation rows, never a calibration row, so the certificate stays exact.
 
 Where there is nothing to probe (a recipe that trains the backbone too, too few rows for two
 sizes), the fixed ``CALIBRATION_FRACTION`` applies.
@@ -26,12 +29,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["FIRST_PROBE_ROWS", "CONVERGED_GAIN", "ShareChoice", "choose_share", "encoded_subset"]
+__all__ = ["FIRST_PROBE_ROWS", "MIN_GAIN_LAYERS", "ShareChoice", "choose_share", "encoded_subset", "predicted_layers"]
 
 #: the first prefix the probe trains the heads on; each next one is twice as long
 FIRST_PROBE_ROWS = 256
-#: the least gain of a doubling (a fraction of the validation score) that keeps the probe going
-CONVERGED_GAIN = 0.005
+#: the mean layers a doubling of the training rows must be predicted to save for the probe to go on
+MIN_GAIN_LAYERS = 0.05
 
 
 @dataclass
@@ -44,14 +47,47 @@ class ShareChoice:
     reason: str
     probe: list[tuple[int, float]] = field(default_factory=list)
 
-    def describe(self, measure: str) -> str:
+    def describe(self) -> str:
         if not self.probe:
             return f"calibration share: {self.reason}"
-        tried = ", ".join(f"{rows} rows {100 * score:.1f}%" for rows, score in self.probe)
+        tried = ", ".join(f"{rows} rows {layers:.2f}" for rows, layers in self.probe)
         return (
-            f"calibration share chosen on the rows: the heads' mean {measure} on validation after training on "
-            f"{tried}; {self.reason}: {len(self.train)} rows train the heads, {len(self.calibration)} certify"
+            f"calibration share chosen on the rows: mean layers the heads would keep certified (predicted on the "
+            f"validation rows) after training on {tried}; {self.reason}: {len(self.train)} rows train the heads, "
+            f"{len(self.calibration)} certify"
         )
+
+
+def predicted_layers(record, policy, budget: float, confidence: float, calibration_rows: int, target: str) -> float:
+    """The mean layers certification on ``calibration_rows`` rows like ``record``'s would keep: along the global
+    grid of ``policy``'s family, the last candidate (most conservative first) that rows like ``record``'s would
+    certify: 0/1 losses by the exact binomial, paired ones when their mean plus ``z`` standard errors at
+    ``calibration_rows`` rows is within ``budget`` (``z``: the normal quantile of ``confidence``); all the
+    layers where none is (and below the rows a loss-free policy needs)."""
+    from statistics import NormalDist
+
+    from earlyexit_kernels.methods.risk_control import is_binary, rows_to_certify
+    from earlyexit_kernels.training.certified_calibration import certified_candidates, row_losses
+    from earlyexit_kernels.training.exit_record import replay
+
+    z = NormalDist().inv_cdf(confidence)
+    num_layers, _, num_labels = record.all_logits.shape
+    layers = float(num_layers)
+    if calibration_rows < rows_to_certify(0.0, budget, confidence):
+        return layers
+    for candidate in certified_candidates(policy, num_layers, num_labels):
+        out = replay(candidate, record)
+        losses = row_losses(out.logits, record, target)
+        rate = float(losses.mean())
+        if is_binary(losses):  # the exact binomial, as certification counts 0/1 losses
+            needed = rows_to_certify(rate, budget, confidence)
+            fails = needed is None or needed > calibration_rows
+        else:
+            fails = rate + z * float(losses.std()) / math.sqrt(calibration_rows) > budget
+        if fails:
+            break
+        layers = out.layers_run.float().mean().item()
+    return layers
 
 
 def encoded_subset(encoded, rows: list[int]):
@@ -100,14 +136,16 @@ def choose_share(
     least: int,
     fraction: float,
     seed: int,
+    budget: float,
+    confidence: float,
     first: int = FIRST_PROBE_ROWS,
 ) -> ShareChoice:
     """Split the training rows ``train`` (:class:`~earlyexit_kernels.training.labelled_texts.Encoded`, labels
     [N] or None) into head-training and calibration rows, as the module says; ``least``: the fewest
-    calibration rows that can certify anything; ``fraction``: the share where nothing is probed."""
+    calibration rows that can certify anything; ``fraction``: the share where nothing is probed;
+    ``budget`` (a fraction) and ``confidence``: the certificate's."""
     from earlyexit_kernels.patching.patch import current_adapter, patch
     from earlyexit_kernels.training.cached_heads import cache_exit_inputs, cached_record
-    from earlyexit_kernels.training.calibration import static_baseline
     from earlyexit_kernels.training.head_choice import AUTO
     from earlyexit_kernels.training.labelled_texts import length_sorted_batches
     from earlyexit_kernels.training.recipes import recipe
@@ -158,14 +196,12 @@ def choose_share(
             seed=seed,
         )
         probe.eval()
-        layer_scores = static_baseline(cached_record(probe, val_cache), target=target)[:-1]
-        scores.append((size, sum(score for _, score in layer_scores) / len(layer_scores)))
-        score = scores[-1][1]
-        noise = math.sqrt(max(score * (1 - score), 0.0) / max(len(validation), 1))
-        if len(scores) >= 2 and score - scores[-2][1] < max(CONVERGED_GAIN, noise):
+        record = cached_record(probe, val_cache)
+        scores.append((size, predicted_layers(record, policy, budget, confidence, count - size, target)))
+        if len(scores) >= 2 and scores[-2][1] - scores[-1][1] < MIN_GAIN_LAYERS:
             reason = (
-                f"doubling {scores[-2][0]} rows to {size} gained {100 * (score - scores[-2][1]):+.2f} points, under "
-                f"the validation score's standard error ({100 * noise:.2f}) or {100 * CONVERGED_GAIN:g}"
+                f"doubling {scores[-2][0]} rows to {size} saved {scores[-2][1] - scores[-1][1]:+.2f} layers, under "
+                f"{MIN_GAIN_LAYERS:g}"
             )
             return ShareChoice(sorted(order[:size]), sorted(order[size:]), reason, scores)
     reason = f"still gaining at {sizes[-1]} rows, the most that leave {least} to certify: the fixed {fraction:g}"

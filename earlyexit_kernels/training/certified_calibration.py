@@ -99,8 +99,9 @@ class Certificate:
     under the budget); ``needed_for``: that candidate; ``path``: the ordered candidates
     walked (:mod:`~earlyexit_kernels.training.certified_paths`: ``"global"``, ``"per_layer"``,
     or ``"saved"``: a folder's own), ``path_layers``: what each path needed on the path rows;
-    ``rows_for_uncertified``: about how many calibration rows would certify the uncertified
-    point (its observed risk under the budget; None otherwise).
+    ``more_rows`` / ``more_rows_layers``: when certified, about how many rows like these would
+    certify a cheaper candidate of the path, and its mean layers (the cheapest whose observed
+    risk is at most half the budget; None where none is cheaper than the certified one).
     """
 
     budget: float
@@ -120,7 +121,8 @@ class Certificate:
     unit: str = "rows"
     path: str = "global"
     path_layers: dict | None = None
-    rows_for_uncertified: int | None = None
+    more_rows: int | None = None
+    more_rows_layers: float | None = None
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -146,8 +148,10 @@ class Certificate:
             price = f"; the uncertified point runs {self.uncertified_layers:.2f} (the guarantee costs " + (
                 f"{self.mean_layers - self.uncertified_layers:+.2f} layers)"
             )
-            if self.rows_for_uncertified is not None and self.rows_for_uncertified > self.rows:
-                price += f"; about {self.rows_for_uncertified} {self.unit} like these would certify it"
+        if self.more_rows is not None:
+            price += (
+                f"; about {self.more_rows} {self.unit} like these would certify {self.more_rows_layers:.2f} mean layers"
+            )
         path = ""
         if self.path != "global":
             path = f", along the {self.path.replace('_', '-')} path"
@@ -316,14 +320,10 @@ def certify(
         path=path_name,
         path_layers=path_layers,
     )
-    if within:
-        index = min(
-            (i for i, p in points if p.accuracy >= full_score - budget - 1e-12), key=lambda i: points[i][1].mean_layers
-        )
-        rate = max(0.0, float(losses_of(index).mean()))
-        certificate.rows_for_uncertified = rows_to_certify(rate, budget, confidence, binary=is_binary(losses_of(index)))
+    found = _rows_needed(points, losses_of, budget, confidence, num_layers)
+    if certified and found is not None and found[1].mean_layers < chosen.mean_layers - 1e-9 and found[0] > rows:
+        certificate.more_rows, certificate.more_rows_layers = found[0], found[1].mean_layers
     if not certified:
-        found = _rows_needed(points, losses_of, budget, confidence, num_layers)
         if found is not None:
             certificate.rows_needed = found[0]
             certificate.needed_for = f"{found[1].policy.to_code(4)} ({found[1].mean_layers:.2f} mean layers)"

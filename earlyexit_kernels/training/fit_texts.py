@@ -365,6 +365,8 @@ def fit_model(
                 least=least_rows_to_certify(max_drop, confidence),
                 fraction=CALIBRATION_FRACTION,
                 seed=seed,
+                budget=max_drop / 100.0,
+                confidence=confidence,
             )
             rest, held, fraction = share.train, share.calibration, CALIBRATION_FRACTION
         else:
@@ -401,7 +403,7 @@ def fit_model(
         confidence=confidence,
     )
     if share is not None:
-        report.calibration_share = share.describe(report.target)
+        report.calibration_share = share.describe()
     if given_calibration:
         report.calibration_source = "given (--calibration)"
     elif confidence is not None and validation_split is None:
