@@ -41,6 +41,8 @@ import torch
 from torch import nn
 
 from earlyexit_kernels.bench.results import cpu_name
+from earlyexit_kernels.engine import precision
+from earlyexit_kernels.engine.precision import INT8_RECIPES
 from earlyexit_kernels.patching.state import is_patched
 
 __all__ = ["Config", "measure", "peer_configs", "peer_status", "rows_of", "run", "torch_configs"]
@@ -106,41 +108,10 @@ def _torch_config(name: str, base: str, model) -> Config:
     return Config(name, base, early, run)
 
 
-#: which of the encoder's Linear layers ``int8_encoder`` quantizes (``--stack-int8``)
-INT8_RECIPES = {
-    "all": "every Linear layer of the encoder",
-    "ffn-out-float": "every Linear layer of the encoder but the feed-forward output projections, kept float32",
-}
-
-
-def _ffn_output(module: nn.Module, config) -> bool:
-    """The feed-forward output projection of any family: intermediate_size in, hidden_size out."""
-    return (module.in_features, module.out_features) == (config.intermediate_size, config.hidden_size)
-
-
 def int8_encoder(model: nn.Module, recipe: str = "all") -> nn.Module:
-    """A copy of ``model`` with its encoder's Linear layers dynamically quantized to int8.
-
-    ``recipe`` (:data:`INT8_RECIPES`): ``"ffn-out-float"`` keeps the feed-forward output
-    projections float. Their input, the GELU's output, carries the outliers that a per-tensor
-    activation scale loses: on MPNet-base's Rotten Tomatoes classifier quantizing every Linear
-    costs 14 points of test accuracy, keeping these 12 float 1.9
-    (``benchmarks/int8_linear_sensitivity.py``; docs/benchmarks.md).
-    """
-    if recipe not in INT8_RECIPES:
-        raise ValueError(f"int8 recipe must be one of {', '.join(INT8_RECIPES)}; got {recipe!r}")
-    quantized = copy.deepcopy(model)
-    encoder = quantized.base_model.encoder
-    spec: set | dict = {nn.Linear}
-    if recipe == "ffn-out-float":
-        config = quantized.config
-        spec = {
-            name: torch.ao.quantization.default_dynamic_qconfig
-            for name, module in encoder.named_modules()
-            if isinstance(module, nn.Linear) and not _ffn_output(module, config)
-        }
-    torch.ao.quantization.quantize_dynamic(encoder, spec, dtype=torch.qint8, inplace=True)
-    return quantized
+    """A copy of ``model`` with its encoder's Linear layers dynamically quantized to int8 (``recipe``: a key of
+    :data:`~earlyexit_kernels.engine.precision.INT8_RECIPES`; ``--stack-int8``), as ``--dtype int8`` serves it."""
+    return precision.int8_encoder(model, recipe)
 
 
 def torch_configs(
