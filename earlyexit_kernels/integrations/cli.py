@@ -16,6 +16,7 @@ import warnings
 from collections import deque
 from pathlib import Path
 
+from earlyexit_kernels.integrations.base_options import add_base_options
 from earlyexit_kernels.integrations.extras import install_line
 from earlyexit_kernels.integrations.fit_cli import add_commands as add_fit_commands
 from earlyexit_kernels.integrations.model_folder import ModelFolderError, load_model
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "needed for a plain classifier, replaces a saved model's policy",
     )
     classify.add_argument("--backend", default=None, help="auto, torch, cpp, triton or cuda (default: the saved one)")
+    add_base_options(classify)
     classify.add_argument(
         "--max-batch-size", type=int, default=64, metavar="N", help="most rows per layer call (default: 64)"
     )
@@ -166,6 +168,7 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
     serve.add_argument("--policy", default=None, help='exit policy, e.g. "Entropy(0.3)" (default: the saved one)')
     serve.add_argument("--backend", default=None, help="auto, torch, cpp, triton or cuda (default: the saved one)")
+    add_base_options(serve)
     serve.add_argument(
         "--max-batch-size", type=int, default=64, metavar="N", help="most rows per layer call (default: 64)"
     )
@@ -291,7 +294,7 @@ def _classify_locally(args) -> int:
     first_chunk.close()
     columns.check(probe, args.input)
     check_writable(args.output, probe)
-    model, tokenizer = load_model(args.model, args.policy, args.backend)
+    model, tokenizer = load_model(args.model, args.policy, args.backend, dtype=args.dtype, device=args.device)
     watch = None
     if args.audit:
         from earlyexit_kernels.engine.audit import AuditWatch
@@ -457,7 +460,9 @@ def _classify_on_ray(args) -> int:
         raise CliError(f"--engine ray needs Ray Data (the ray extra): {install_line('ray')} ({error})") from None
     if Path(args.output).exists() and not args.overwrite:
         raise CliError(f"output {args.output} exists; pass --overwrite to replace it")
-    load_model(args.model, args.policy, args.backend)  # the actors load it too: fail here, with a clear message
+    load_model(
+        args.model, args.policy, args.backend, dtype=args.dtype, device=args.device
+    )  # the actors load it too: fail here, with a clear message
     try:
         from earlyexit_kernels.integrations.ray_data import input_files
 
@@ -479,6 +484,8 @@ def _classify_on_ray(args) -> int:
         max_length=args.max_length,
         backend=args.backend,
         compile=args.compile,
+        device=args.device,
+        dtype=args.dtype,
         **args.audit,
     )
     elapsed = time.perf_counter() - start
@@ -526,7 +533,7 @@ def _serve(args) -> int:
     _set_threads(args.threads)
     if args.replicas is not None:
         return _serve_on_ray(args, options)
-    model, tokenizer = load_model(args.model, args.policy, args.backend)
+    model, tokenizer = load_model(args.model, args.policy, args.backend, dtype=args.dtype, device=args.device)
     try:
         app = create_app(model, tokenizer, model_id=args.model, **options)
     except ValueError as error:
@@ -576,10 +583,20 @@ def _serve_on_ray(args, options: dict) -> int:
         raise CliError(f"--replicas needs Ray Serve: pip install 'ray[serve]' ({error})") from None
     if args.replicas < 1:
         raise CliError(f"--replicas must be >= 1, got {args.replicas}")
-    load_model(args.model, args.policy, args.backend)  # fail here, not inside a replica
+    load_model(
+        args.model, args.policy, args.backend, dtype=args.dtype, device=args.device
+    )  # fail here, not inside a replica
     ray.init(address=args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
-    app = serve_application(args.model, replicas=args.replicas, policy=args.policy, backend=args.backend, **options)
+    app = serve_application(
+        args.model,
+        replicas=args.replicas,
+        policy=args.policy,
+        backend=args.backend,
+        dtype=args.dtype,
+        device=args.device,
+        **options,
+    )
     print(f"serving {args.model} with {args.replicas} replicas on http://{args.host}:{args.port}", file=sys.stderr)
     serve.run(app, name="earlyexit", route_prefix="/", blocking=True)
     return 0

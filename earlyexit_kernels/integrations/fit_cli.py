@@ -19,6 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from earlyexit_kernels.integrations.base_options import add_base_options
+
 __all__ = ["add_commands", "CALIBRATION_FRACTION", "CONFIDENCE", "METHODS", "UNLABELLED_METHODS"]
 
 #: ``--method`` names, those of :data:`earlyexit_kernels.training.recipes.RECIPES` (written out: ``--help`` imports
@@ -158,6 +160,8 @@ def _add_fit(commands) -> None:
         help="seed of the validation split, the calibration split and the training order (default: 0)",
     )
     fit.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
+    # the heads train on float weights; an int8 base is certified afterwards with eek calibrate --dtype int8
+    add_base_options(fit, dtypes=("float32", "bfloat16"))
     fit.set_defaults(run=_fit_command)
 
 
@@ -217,6 +221,7 @@ def _add_calibrate(commands) -> None:
         "'off': the fewest layers within --max-drop on FILE's rows, uncertified",
     )
     calibrate.add_argument("--batch-size", type=int, default=64, metavar="N", help="rows per batch (default: 64)")
+    add_base_options(calibrate)
     calibrate.set_defaults(run=_calibrate_command)
 
 
@@ -244,6 +249,7 @@ def _add_evaluate(commands) -> None:
         help='exit policy, e.g. "Entropy(0.3)": required for a plain classifier folder, replaces a saved one',
     )
     evaluate.add_argument("--backend", default=None, help="auto, torch, cpp, triton or cuda (default: the saved one)")
+    add_base_options(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=32, metavar="N", help="rows per batch (default: 32)")
     evaluate.add_argument(
         "--compare", action="store_true", help="time the unpatched model on the same batches too, interleaved"
@@ -333,6 +339,13 @@ def _fit(args) -> int:
             file=sys.stderr,
         )
     model, tokenizer = load_classifier(args.model)
+    if args.dtype is not None or args.device != "cpu":
+        from earlyexit_kernels.engine.precision import to_base
+
+        try:
+            to_base(model, args.dtype, args.device)
+        except ValueError as error:
+            raise FitError(str(error)) from None
     report = fit_model(
         model,
         tokenizer,
@@ -380,7 +393,7 @@ def _evaluate(args) -> int:
         label_column=args.label_column or "label",
         label_required=args.label_column is not None,
     )
-    model, tokenizer = load_model(args.model, args.policy, args.backend)
+    model, tokenizer = load_model(args.model, args.policy, args.backend, dtype=args.dtype, device=args.device)
     model.eval()
     labels = label_ids(data, model.config) if data.labels is not None else None
     encoded = encode(tokenizer, data, max_length_for(args.max_length, model, tokenizer))
@@ -421,6 +434,8 @@ def _calibrate(args) -> int:
         batch_size=args.batch_size,
         max_length=args.max_length,
         source=str(args.data),
+        dtype=args.dtype,
+        device=args.device,
     )
     for line in report.summary():
         print(line)

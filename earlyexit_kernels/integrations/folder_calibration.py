@@ -2,8 +2,8 @@
 
 The threshold moves along the path ``eek fit`` certified along (``certified_path`` in
 ``eek_fit.json``: the ordered candidates, fixed before any of FILE's rows is read), else along
-the policy family's fixed grid. The folder keeps its heads, tokenizer and any other file; its policy (``config.json``'s exit
-settings) and ``eek_fit.json`` (the threshold, the certificate, and a ``recalibrations`` list
+the policy family's fixed grid. The folder keeps its weights, heads, tokenizer and any other file; its policy (in
+``early_exit_config.json``) and ``eek_fit.json`` (the threshold, the certificate, and a ``recalibrations`` list
 of what each re-certification changed) are rewritten, so that a restart of ``eek serve`` and
 its audit watch use the new certificate. The new folder is written beside the old one and
 renamed into place: an interrupted run leaves the old folder whole.
@@ -17,6 +17,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from earlyexit_kernels.patching.exit_files import CONFIG_FILE, policy_to_dict
+from earlyexit_kernels.patching.patch import policy_of
 
 __all__ = ["calibrate_folder", "saved_budget", "saved_path"]
 
@@ -56,14 +59,19 @@ def calibrate_folder(
     batch_size: int = 64,
     max_length: int | None = None,
     source: str | None = None,
+    dtype: str | None = None,
+    device: str = "auto",
 ):
     """Re-certify the folder ``path`` on ``data`` (:class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`)
     and write it back; returns the :class:`~earlyexit_kernels.training.calibrate_texts.CalibrationReport`.
 
     ``max_drop`` (points) and ``confidence``: None / ``"saved"`` take the folder's certificate's
     (else 1 point and 0.95); ``confidence=None`` given explicitly: uncertified. ``source``: what
-    the rows were (a file name), recorded in ``eek_fit.json``.
+    the rows were (a file name), recorded in ``eek_fit.json``. ``dtype`` / ``device``: the base the
+    threshold is certified on (:func:`~earlyexit_kernels.engine.precision.to_base`; None: as saved),
+    recorded in ``eek_fit.json`` as ``base``: certify on the base you serve.
     """
+    from earlyexit_kernels.engine.precision import to_base
     from earlyexit_kernels.integrations.model_folder import load_model
     from earlyexit_kernels.training.calibrate_texts import calibrate_texts
     from earlyexit_kernels.training.fit_texts import CONFIDENCE
@@ -74,6 +82,7 @@ def calibrate_folder(
     if confidence == "saved":
         confidence = CONFIDENCE if saved_confidence is None else saved_confidence
     model, tokenizer = load_model(path)
+    to_base(model, dtype, device)
     report = calibrate_texts(
         model,
         tokenizer,
@@ -84,15 +93,20 @@ def calibrate_folder(
         max_length=max_length,
         path=saved_path(path),
     )
-    _write_back(Path(path), model, report, source or "rows given to eek calibrate")
+    _write_back(Path(path), model, report, source or "rows given to eek calibrate", dtype or "as saved")
     return report
 
 
-def _write_back(folder: Path, model, report, source: str) -> None:
+def _write_back(folder: Path, model, report, source: str, base: str) -> None:
     partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         shutil.copytree(folder, partial, dirs_exist_ok=True)
-        model.save_pretrained(partial)
+        # only the policy changes (the heads are fixed): rewritten in the early-exit config, the weights left
+        # as saved, whatever base (bfloat16, int8) the calibration ran on
+        config_path = partial / CONFIG_FILE
+        config = json.loads(config_path.read_text())
+        config["policy"] = policy_to_dict(policy_of(model))
+        config_path.write_text(json.dumps(config, indent=2))
         summary_path = partial / "eek_fit.json"
         try:
             summary = json.loads(summary_path.read_text())
@@ -109,6 +123,7 @@ def _write_back(folder: Path, model, report, source: str) -> None:
                 "policy": report.policy,
                 "previous_mean_layers": report.previous_mean_layers,
                 "mean_layers": report.mean_layers,
+                "base": base,
             }
         )
         summary.update(
@@ -122,6 +137,7 @@ def _write_back(folder: Path, model, report, source: str) -> None:
             certificate=report.certificate,
             calibration_rows=report.rows,
             calibration_source=f"from {source} (eek calibrate)",
+            base=base,
             recalibrations=history,
         )
         summary_path.write_text(json.dumps(summary, indent=2))

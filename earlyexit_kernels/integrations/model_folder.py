@@ -29,8 +29,18 @@ class ModelFolderError(ValueError):
     """The model folder cannot be used; the message says what to change."""
 
 
-def load_model(path: str, policy_text: str | None = None, backend: str | None = None):
-    """A patched model and its tokenizer from ``path``; ``ModelFolderError`` saying what is wrong otherwise."""
+def load_model(
+    path: str,
+    policy_text: str | None = None,
+    backend: str | None = None,
+    *,
+    dtype: str | None = None,
+    device: str | None = None,
+):
+    """A patched model and its tokenizer from ``path``; ``ModelFolderError`` saying what is wrong otherwise.
+
+    ``dtype`` / ``device``: the base it runs on (:func:`earlyexit_kernels.engine.precision.to_base`;
+    None: as saved, on the CPU)."""
     from transformers import AutoTokenizer
 
     from earlyexit_kernels.methods.policy_spec import parse_policy
@@ -81,6 +91,13 @@ def load_model(path: str, policy_text: str | None = None, backend: str | None = 
             f"the tokenizer in MODEL {path} has {len(tokenizer)} tokens but the model's vocabulary only "
             f"{model.config.vocab_size}: it is not this model's tokenizer"
         )
+    if dtype is not None or device is not None:
+        from earlyexit_kernels.engine.precision import to_base
+
+        try:
+            to_base(model, dtype, "cpu" if device is None else device)
+        except ValueError as error:
+            raise ModelFolderError(str(error)) from None
     return model, tokenizer
 
 

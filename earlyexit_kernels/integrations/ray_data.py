@@ -39,8 +39,10 @@ class EarlyExitClassifier:
     ``"Entropy(0.3)"``); the tokenizer is read from it. ``text_column`` (and
     ``pair_column`` for pairs) hold the texts. ``max_batch_size``, ``max_length``,
     ``compile``: as in :func:`eek.classify`; ``backend`` replaces the saved one.
-    ``device``: default ``"cuda"`` when the actor sees a GPU (``num_gpus=1`` in
-    ``map_batches``), else ``"cpu"``. ``truncation=False`` refuses texts over
+    ``device``: default ``"auto"``, the GPU when the actor sees one (``num_gpus=1`` in
+    ``map_batches``), else the CPU; ``dtype``: the base the layers run in (``"float32"``,
+    ``"bfloat16"``, ``"int8"``; default as saved; :func:`earlyexit_kernels.engine.precision.to_base`).
+    ``truncation=False`` refuses texts over
     ``max_length`` instead of truncating them.
 
     ``audit_fraction``: a fraction of the rows, drawn at random (``audit_seed``), that also run
@@ -71,16 +73,17 @@ class EarlyExitClassifier:
         backend: str | None = None,
         compile: bool = False,
         device: str | None = None,
+        dtype: str | None = None,
         truncation: bool = True,
         audit_fraction: float = 0.0,
         audit_budget: float | None = None,
         audit_confidence: float | None = None,
         audit_seed: int = 0,
     ):
-        import torch
         from transformers import AutoTokenizer
 
         from earlyexit_kernels.engine.audit import AuditWatch, check_fraction
+        from earlyexit_kernels.engine.precision import to_base
         from earlyexit_kernels.integrations.model_folder import audit_settings
         from earlyexit_kernels.patching.loading import from_pretrained
 
@@ -94,9 +97,7 @@ class EarlyExitClassifier:
 
             policy = parse_policy(policy)
         self.model = from_pretrained(model, policy, backend=backend)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model.to(device)
+        to_base(self.model, dtype, "auto" if device is None else device)  # in the actor: the GPU Ray gave it
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.text_column, self.pair_column = text_column, pair_column
         self.options = dict(max_batch_size=max_batch_size, max_length=max_length, compile=compile)

@@ -21,13 +21,16 @@ def serve_application(
     replicas: int = 1,
     policy: str | None = None,
     backend: str | None = None,
+    dtype: str | None = None,
+    device: str = "auto",
     ray_actor_options: dict | None = None,
     **app_options,
 ):
     """A Ray Serve application of ``replicas`` copies of the server for the model in ``model_dir``.
 
     ``policy``, ``backend``: as on the command line (``"Entropy(0.3)"``; default the saved
-    ones). ``app_options`` go to :func:`earlyexit_kernels.integrations.server.create_app`
+    ones); ``dtype``, ``device``: the base each replica runs on, resolved in the replica (``"auto"``:
+    the GPU Ray gave it, e.g. with ``ray_actor_options={"num_gpus": 1}``). ``app_options`` go to :func:`earlyexit_kernels.integrations.server.create_app`
     (``max_batch_size``, ``max_tokens``, ``max_queue``, ``max_length``, ``compile``, ``audit_fraction``,
     ...). With ``audit_fraction`` and no ``audit_budget`` (or ``audit_confidence``), each replica
     takes them from the certificate of ``model_dir/eek_fit.json`` where there is one; each replica
@@ -44,7 +47,7 @@ def serve_application(
         from earlyexit_kernels.integrations.model_folder import audit_settings, load_model
         from earlyexit_kernels.integrations.server.app import create_app
 
-        model, tokenizer = load_model(model_dir, policy, backend)
+        model, tokenizer = load_model(model_dir, policy, backend, dtype=dtype, device=device)
         options = dict(app_options)
         if options.get("audit_fraction"):
             budget, confidence, _ = audit_settings(

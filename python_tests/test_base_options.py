@@ -1,0 +1,70 @@
+"""``--device`` and ``--dtype`` on every command that loads a model: the base it runs on.
+
+int8 runs the encoder's Linear layers quantized with the family's recipe, the exit heads fused on
+it; ``eek calibrate --dtype int8`` certifies the threshold on that base and says so in the folder.
+"""
+
+import json
+
+import pytest
+import torch
+from test_fit_cli import FAST, _frame, _run, _write, classifier  # noqa: F401 - classifier is a fixture
+
+from earlyexit_kernels.engine import precision
+from earlyexit_kernels.integrations import base_options
+from earlyexit_kernels.integrations.cli import build_parser
+
+pd = pytest.importorskip("pandas", reason="the data files are written with pandas")
+COMMANDS = ("classify", "serve", "evaluate", "fit", "calibrate")
+
+
+def test_the_command_line_names_are_the_engine_s():
+    assert base_options.DEVICES == precision.DEVICES and base_options.DTYPES == precision.DTYPES
+    commands = next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices and "fit" in a.choices)
+    for name in COMMANDS:
+        options = {o: a for a in commands.choices[name]._actions for o in a.option_strings}
+        assert options["--device"].default == "auto" and options["--device"].choices == precision.DEVICES, name
+        expected = ("float32", "bfloat16") if name == "fit" else precision.DTYPES
+        assert options["--dtype"].default is None and tuple(options["--dtype"].choices) == expected, name
+
+
+@pytest.fixture(scope="module")
+def fitted(classifier, tmp_path_factory):  # noqa: F811
+    folder = tmp_path_factory.mktemp("base") / "model"
+    assert _run("fit", classifier, _write(_frame(200, seed=41), folder.parent / "train.csv"), folder, *FAST) == 0
+    return folder
+
+
+def test_classify_and_evaluate_run_on_an_int8_base(fitted, tmp_path, capsys):
+    rows = _frame(80, seed=42)
+    data = _write(rows.drop(columns="label"), tmp_path / "in.csv")
+    assert _run("classify", fitted, data, tmp_path / "float.csv", "--no-progress", "--device", "cpu") == 0
+    assert _run("classify", fitted, data, tmp_path / "int8.csv", "--no-progress", "--dtype", "int8") == 0
+    as_float, as_int8 = pd.read_csv(tmp_path / "float.csv"), pd.read_csv(tmp_path / "int8.csv")
+    assert len(as_int8) == 80 and set(as_int8.columns) >= {"label", "score", "exit_layer", "layers_run"}
+    # a tiny random model's answers near its decision boundary may move; most stay
+    assert (as_float.label == as_int8.label).mean() > 0.8
+    capsys.readouterr()
+    labelled = _write(rows, tmp_path / "labelled.csv")
+    assert _run("evaluate", fitted, labelled, "--dtype", "int8", "--no-progress") == 0
+    assert "accuracy:" in capsys.readouterr().out
+
+
+def test_calibrate_certifies_on_the_base_it_is_given_and_records_it(fitted, tmp_path, capsys):
+    rows = _write(_frame(400, seed=43), tmp_path / "rows.csv")
+    weights = (fitted / "model.safetensors").read_bytes()
+    assert _run("calibrate", fitted, rows, "--dtype", "int8", "--max-drop", "5", "--no-progress") == 0
+    summary = json.loads((fitted / "eek_fit.json").read_text())
+    assert summary["base"] == "int8" and summary["recalibrations"][-1]["base"] == "int8"
+    assert (fitted / "model.safetensors").read_bytes() == weights  # the saved weights stay float, untouched
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where there is no CUDA device")
+@pytest.mark.parametrize("command", ["classify", "evaluate"])
+def test_cuda_without_a_gpu_is_one_clear_line(fitted, tmp_path, capsys, command):
+    frame = _frame(10, seed=44)
+    data = _write(frame.drop(columns="label") if command == "classify" else frame, tmp_path / "in.csv")
+    argv = [command, fitted, data] + ([tmp_path / "out.csv"] if command == "classify" else [])
+    assert _run(*argv, "--device", "cuda") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device cuda: torch ") and "use --device cpu or auto" in err
