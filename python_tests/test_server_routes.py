@@ -219,6 +219,8 @@ def test_rerank_takes_cohere_shape_and_ranks_as_the_tei_shape_does(reranker):
     top = server.post("/rerank", {**RECORDED_COHERE_RERANK_REQUEST, "model": None}).json()
     assert len(top["results"]) == 2
     best = server.post("/rerank", {"query": query, "documents": texts, "top_n": 3, "raw_scores": True}).json()
+    whole = server.post("/rerank", {"query": query, "documents": texts, "top_n": 3.0, "raw_scores": True}).json()
+    assert whole["results"] == best["results"], "3.0 is an integer to JSON Schema"
     assert [r["index"] for r in best["results"]] == [entry["index"] for entry in tei[:3]]
     assert "document" not in best["results"][0]
     expected = eek.rerank(model, query, texts, tokenizer=tokenizer, raw_scores=True, top_n=3)
@@ -284,6 +286,8 @@ def test_the_openapi_document_describes_exactly_the_routes_there_are(classifier)
     served = {(method, route.path) for route in server.app.routes for method in route.methods - {"HEAD"}}
     assert documented == served == {(method, path) for method, path, _ in ROUTES}
     assert "securitySchemes" not in document.get("components", {}), "this server has no API key"
+    rerank = document["paths"]["/rerank"]["post"]
+    assert set(rerank["responses"]) == {"400"} and "more than one output" in rerank["description"]
 
 
 def test_the_docs_page_shows_every_route_and_fetches_nothing(classifier):

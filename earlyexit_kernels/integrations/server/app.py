@@ -246,7 +246,9 @@ def create_app(
         return Response(body, media_type=content_type)
 
     started = int(time.time())
-    document = openapi_document(model_id, version=__version__, api_key=api_key is not None)
+    document = openapi_document(
+        model_id, version=__version__, api_key=api_key is not None, reranks=state.num_labels == 1
+    )
 
     async def models(request):
         return JSONResponse(models_answer(state.model_id, started))

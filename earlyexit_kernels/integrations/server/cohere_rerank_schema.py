@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 
 from earlyexit_kernels.integrations.server.classify_schema import USAGE_SCHEMA, usage
-from earlyexit_kernels.integrations.server.predict_schema import TEXT_SCHEMA, RequestError, flag
+from earlyexit_kernels.integrations.server.predict_schema import TEXT_SCHEMA, RequestError, count, flag
 from earlyexit_kernels.integrations.server.rerank_schema import ranking
 from earlyexit_kernels.integrations.server.served_model import check_model, model_field_schema
 
@@ -72,11 +72,13 @@ def cohere_rerank_request_from_body(body: dict, model_id: str) -> CohereRerankRe
     if not raw_documents:
         raise RequestError(400, "Empty", "documents is an empty list; send at least one document")
     documents = [_document(item, index) for index, item in enumerate(raw_documents)]
-    top_n = body.get("top_n")
-    if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1):
-        raise RequestError(422, "Validation", f"top_n must be an integer >= 1, got {json.dumps(top_n)}")
     return CohereRerankRequest(
-        query, documents, top_n, flag(body, "return_documents"), flag(body, "raw_scores"), flag(body, "truncate")
+        query,
+        documents,
+        count(body, "top_n"),
+        flag(body, "return_documents"),
+        flag(body, "raw_scores"),
+        flag(body, "truncate"),
     )
 
 

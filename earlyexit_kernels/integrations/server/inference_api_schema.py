@@ -22,6 +22,7 @@ from earlyexit_kernels.integrations.server.predict_schema import (
     LABEL_SCORES_SCHEMA,
     TEXT_SCHEMA,
     RequestError,
+    count,
     read_json,
 )
 
@@ -100,9 +101,7 @@ def parse_inference_api_request(raw: bytes) -> InferenceApiRequest:
         raise RequestError(
             422, "Validation", f"function_to_apply must be one of {', '.join(FUNCTIONS)}, got {json.dumps(function)}"
         )
-    top_k = parameters.get("top_k")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-        raise RequestError(422, "Validation", f"top_k must be an integer >= 1, got {json.dumps(top_k)}")
+    top_k = count(parameters, "top_k")
     truncate = parameters.get("truncation", False)
     if not isinstance(truncate, bool):
         raise RequestError(422, "Validation", f"truncation must be true or false, got {json.dumps(truncate)}")

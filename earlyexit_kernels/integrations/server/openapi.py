@@ -110,9 +110,10 @@ def _get(summary: str, answer: dict, errors: str) -> dict:
     }
 
 
-def openapi_document(model_id: str, *, version: str, api_key: bool) -> dict:
+def openapi_document(model_id: str, *, version: str, api_key: bool, reranks: bool) -> dict:
     """The OpenAPI document of a server of ``model_id``; with ``api_key`` every route but ``/health``
-    needs ``Authorization: Bearer <key>``."""
+    needs ``Authorization: Bearer <key>``; ``reranks``: the model has one output (a cross-encoder),
+    otherwise ``/rerank`` refuses every body with 400 and its operations say so."""
     keyed = " 401" if api_key else ""
     errors = "400 413 422 429 500 503" + keyed
     named_errors = errors + " 404"
@@ -126,6 +127,16 @@ def openapi_document(model_id: str, *, version: str, api_key: bool) -> dict:
         {"oneOf": [_ref("TeiRerankAnswer"), _ref("CohereRerankAnswer")]},
         named_errors,
     )
+    if not reranks:
+        operation = rerank["post"]
+        operation["description"] = (
+            "This server's model has more than one output: every request gets 400 saying to use /classify "
+            "or /predict. " + operation["description"]
+        )
+        operation["responses"] = {
+            "400": _answer("every request: the model is no cross-encoder", schema=_ref("Error")),
+            **_errors(keyed),
+        }
     classify = _post(
         summaries["/classify"],
         "One list per input of every label with its score, best first, in `data`; `usage` counts the tokens "

@@ -38,6 +38,7 @@ __all__ = [
     "TEXT_SCHEMA",
     "PredictRequest",
     "RequestError",
+    "count",
     "flag",
     "format_answer",
     "parse_predict_request",
@@ -192,6 +193,20 @@ def flag(body: dict, name: str) -> bool:
     value = body.get(name, False)
     if not isinstance(value, bool):
         raise RequestError(422, "Validation", f"{name} must be true or false, got {json.dumps(value)}")
+    return value
+
+
+def count(body: dict, name: str) -> int | None:
+    """The field ``name`` of ``body``: None when absent or null, else an integer >= 1; 422 otherwise.
+
+    A whole number written as a float (``3.0``) counts: JSON Schema's ``integer`` includes it."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise RequestError(422, "Validation", f"{name} must be an integer >= 1, got {json.dumps(value)}")
     return value
 
 
