@@ -322,3 +322,11 @@ def test_eek_serve_help_lists_every_route(capsys):
     shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for method, path, _ in ROUTES:
         assert f"{method} {path}" in shown
+
+
+def test_the_api_reference_lists_every_route():
+    from pathlib import Path
+
+    table = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    for method, path, _ in ROUTES:
+        assert f"`{method} {path}`" in table, f"docs/api.md's route table lacks {method} {path}"
