@@ -330,3 +330,44 @@ def test_the_api_reference_lists_every_route():
     table = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
     for method, path, _ in ROUTES:
         assert f"`{method} {path}`" in table, f"docs/api.md's route table lacks {method} {path}"
+
+
+POST_ROUTES = [path for method, path, _ in ROUTES if method == "POST"]
+
+
+@pytest.mark.parametrize(
+    "body, says",
+    [
+        ("[" * 100_000 + "]" * 100_000, "nests too deeply"),  # Python's JSON reader recurses per level
+        (b"\xff\xfe", "not valid JSON"),
+    ],
+)
+def test_every_post_route_answers_an_unreadable_body_with_400(classifier, reranker, body, says):
+    for route in POST_ROUTES:
+        _, _, server = reranker if "rerank" in route else classifier  # a classifier's /rerank reads no body
+        response = httpx.post(server.url + route, content=body, timeout=60)
+        assert (response.status_code, response.json()["error_type"]) == (400, "Validation"), route
+        assert says in response.json()["error"], route
+
+
+def test_a_lone_surrogate_in_any_text_gets_400_not_a_tokenizer_crash(classifier, reranker):
+    _, _, server = classifier
+    _, _, rerank_server = reranker
+    text = '"w1 \\udc00"'  # JSON's escape of half a UTF-16 pair: no Unicode character
+    for target, route, body in (
+        (server, "/predict", '{"inputs": %s}'),
+        (server, "/", '{"inputs": [%s]}'),
+        (server, "/v1/classify", '{"input": %s}'),
+        (rerank_server, "/rerank", '{"query": "w1", "texts": [%s]}'),
+        (rerank_server, "/v1/rerank", '{"query": %s, "documents": ["w2"]}'),
+    ):
+        response = httpx.post(target.url + route, content=body % text, timeout=60)
+        assert response.status_code == 400 and "lone UTF-16 surrogate" in response.json()["error"], route
+
+
+def test_the_inference_api_takes_parameters_as_an_object_or_null_only(classifier):
+    _, _, server = classifier
+    assert server.post("/", {"inputs": "w1", "parameters": None}).status_code == 200
+    for parameters in (0, [], "top_k=1"):
+        refused = server.post("/", {"inputs": "w1", "parameters": parameters})
+        assert refused.status_code == 422 and "parameters must be a JSON object" in refused.json()["error"]
