@@ -153,12 +153,16 @@ def _add_audit_options(command, what: str, where: str) -> None:
 def _add_serve_command(commands) -> None:
     serve = commands.add_parser(
         "serve",
-        help="serve the model over HTTP (POST /predict)",
+        help="serve the model over HTTP (POST /predict, /classify, /rerank, ...)",
         description=(
-            "Serve MODEL over HTTP: POST /predict (the request and answer shapes of text-embeddings-inference, "
-            "plus exit_layer and layers_run), GET /health, GET /info, GET /metrics (Prometheus). Sequences of all "
-            "requests in flight share the continuous early-exit engine; each request is answered when its last "
-            "sequence exits. SIGTERM or Ctrl-C: stop taking requests, answer those in flight, exit."
+            "Serve MODEL over HTTP. Routes: POST /predict (text-embeddings-inference's shapes), POST /classify and "
+            "POST /v1/classify (Infinity's and vLLM's: {model, input}), POST /rerank and POST /v1/rerank (TEI's "
+            "shape or Cohere's: query with texts or documents; one-output models), POST / (the Hugging Face "
+            "Inference API's text classification), GET /v1/models, GET /health, GET /info, GET /metrics "
+            "(Prometheus), GET /openapi.json (the OpenAPI document), GET /docs (the same as a page). Every answer "
+            "adds exit_layer and layers_run, and carries x-request-id (the client's X-Request-Id, or a new one). "
+            "Sequences of all requests in flight share the continuous early-exit engine; each request is answered "
+            "when its last sequence exits. SIGTERM or Ctrl-C: stop taking requests, answer those in flight, exit."
         ),
     )
     serve.add_argument(

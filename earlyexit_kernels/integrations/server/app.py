@@ -1,4 +1,4 @@
-"""The HTTP app: ``POST /predict``, ``POST /rerank``, ``POST /``, ``GET /health``, ``GET /info``, ``GET /metrics``.
+"""The HTTP app: the routes of :data:`.openapi.ROUTES` over the continuous early-exit engine.
 
 The app is Starlette (a small, well-kept ASGI toolkit: no request-model layer to pay
 for, and the same app runs under uvicorn or inside Ray Serve). The event loop only
@@ -8,12 +8,17 @@ batches the sequences of every request in flight. Each sequence is answered as s
 it exits; a request is answered when its last sequence has.
 
 Routes: ``/predict`` (text-embeddings-inference's shape, :mod:`.predict_schema`),
-``/rerank`` (its reranking shape for one-output cross-encoders, :mod:`.rerank_schema`),
-``/`` (the Hugging Face Inference API's text classification, what
+``/classify`` and ``/v1/classify`` (Infinity's and vLLM's, :mod:`.classify_schema`),
+``/rerank`` and ``/v1/rerank`` (TEI's reranking shape, :mod:`.rerank_schema`, or Cohere's,
+:mod:`.cohere_rerank_schema`, for one-output cross-encoders), ``/`` (the Hugging Face
+Inference API's text classification, what
 ``huggingface_hub.InferenceClient(base_url=...).text_classification`` sends,
-:mod:`.inference_api_schema`). Every answer of these carries ``x-total-time``,
-``x-tokenization-time``, ``x-queue-time`` and ``x-inference-time`` headers (milliseconds,
-see :class:`_Timings`). With ``api_key`` every route but ``/health`` needs
+:mod:`.inference_api_schema`), ``/v1/models`` (:mod:`.served_model`), ``/openapi.json``
+(:mod:`.openapi`) and ``/docs`` (:mod:`.docs_page`). Every answer of the POST routes carries
+``x-total-time``, ``x-tokenization-time``, ``x-queue-time`` and ``x-inference-time`` headers
+(milliseconds, see :class:`_RequestCosts`); every answer at all an ``x-request-id``
+(:mod:`.request_id`). Errors, unknown routes and methods included, are JSON
+``{"error", "error_type"}``. With ``api_key`` every route but ``/health`` needs
 ``Authorization: Bearer <api_key>`` (401 otherwise).
 """
 
@@ -26,6 +31,12 @@ import time
 from dataclasses import dataclass
 
 from earlyexit_kernels.engine.background import BackgroundEngine, QueueFull
+from earlyexit_kernels.integrations.server.classify_schema import format_classify_answer, parse_classify_request
+from earlyexit_kernels.integrations.server.cohere_rerank_schema import (
+    CohereRerankRequest,
+    cohere_rerank_request_from_body,
+    format_cohere_rerank_answer,
+)
 from earlyexit_kernels.integrations.server.inference_api_schema import (
     format_inference_api_answer,
     parse_inference_api_request,
@@ -34,8 +45,9 @@ from earlyexit_kernels.integrations.server.predict_schema import (
     RequestError,
     format_answer,
     parse_predict_request,
+    read_json,
 )
-from earlyexit_kernels.integrations.server.rerank_schema import format_rerank_answer, parse_rerank_request
+from earlyexit_kernels.integrations.server.rerank_schema import format_rerank_answer, rerank_request_from_body
 from earlyexit_kernels.patching.patch import backend_of, policy_of
 
 __all__ = ["create_app"]
@@ -76,10 +88,17 @@ def create_app(
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
-    from starlette.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
+    from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
+    from earlyexit_kernels import __version__
     from earlyexit_kernels.engine.audit import AuditWatch, check_fraction
+    from earlyexit_kernels.integrations.server.docs_page import docs_page
+    from earlyexit_kernels.integrations.server.openapi import ROUTES, openapi_document
+    from earlyexit_kernels.integrations.server.request_id import RequestIdMiddleware
+    from earlyexit_kernels.integrations.server.served_model import models_answer
 
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise ValueError("api_key must be a non-empty string or None")
@@ -135,24 +154,26 @@ def create_app(
         return route
 
     async def answer(request, parse, run):
-        """Parse the body, run its sequences, format: the common path of the POST routes."""
-        timings = _Timings(time.perf_counter())
+        """Parse the body, run its sequences, format: the common path of the POST routes.
+
+        ``run(parsed, finished, costs)`` makes the answer's body."""
+        costs = _RequestCosts(time.perf_counter())
         try:
             parsed = parse(await request.body())
-            finished = await state.run(parsed, request, timings)
+            finished = await state.run(parsed, request, costs)
             if finished is None:  # the client went away; nobody reads this
                 state.metrics.requests.labels("499").inc()
                 return Response(status_code=499)
-            body = run(parsed, finished)
+            body = run(parsed, finished, costs)
         except RequestError as error:
             state.metrics.requests.labels(str(error.status)).inc()
-            return JSONResponse(error.body(), status_code=error.status, headers=timings.headers())
+            return JSONResponse(error.body(), status_code=error.status, headers=costs.headers())
         state.metrics.requests.labels("200").inc()
-        state.metrics.latency.observe(time.perf_counter() - timings.arrived)
-        return JSONResponse(body, headers=timings.headers())
+        state.metrics.latency.observe(time.perf_counter() - costs.arrived)
+        return JSONResponse(body, headers=costs.headers())
 
     async def predict(request):
-        def formatted(parsed, finished):
+        def formatted(parsed, finished, costs):
             answers = [
                 format_answer(
                     done.logits, done.exit_layer, done.layers_run, state.id2label, parsed.raw_scores, state.multi_label
@@ -163,6 +184,21 @@ def create_app(
 
         return await answer(request, parse_predict_request, formatted)
 
+    async def classify(request):
+        def formatted(parsed, finished, costs):
+            return format_classify_answer(
+                parsed,
+                finished,
+                id2label=state.id2label,
+                multi_label=state.multi_label,
+                model_id=state.model_id,
+                request_id=request.state.request_id,
+                tokens=costs.tokens,
+                created=int(time.time()),
+            )
+
+        return await answer(request, lambda raw: parse_classify_request(raw, state.model_id), formatted)
+
     async def rerank(request):
         def parse(raw):
             if state.num_labels != 1:
@@ -170,14 +206,29 @@ def create_app(
                     400,
                     "Validation",
                     f"/rerank needs a cross-encoder with one output (num_labels == 1); this model has "
-                    f"num_labels={state.num_labels}: use /predict",
+                    f"num_labels={state.num_labels}: use /predict or /classify",
                 )
-            return parse_rerank_request(raw)
+            body = read_json(raw, '{"query": "...", "texts": [...]} or {"query": "...", "documents": [...]}')
+            if isinstance(body, dict) and "documents" in body:
+                return cohere_rerank_request_from_body(body, state.model_id)
+            return rerank_request_from_body(body)
 
-        return await answer(request, parse, format_rerank_answer)
+        def formatted(parsed, finished, costs):
+            if isinstance(parsed, CohereRerankRequest):
+                return format_cohere_rerank_answer(
+                    parsed,
+                    finished,
+                    model_id=state.model_id,
+                    request_id=request.state.request_id,
+                    tokens=costs.tokens,
+                    created=int(time.time()),
+                )
+            return format_rerank_answer(parsed, finished)
+
+        return await answer(request, parse, formatted)
 
     async def inference_api(request):
-        def formatted(parsed, finished):
+        def formatted(parsed, finished, costs):
             return format_inference_api_answer(parsed, finished, state.id2label, state.multi_label)
 
         return await answer(request, parse_inference_api_request, formatted)
@@ -194,22 +245,69 @@ def create_app(
         body, content_type = state.metrics.exposition()
         return Response(body, media_type=content_type)
 
+    started = int(time.time())
+    document = openapi_document(
+        model_id, version=__version__, api_key=api_key is not None, reranks=state.num_labels == 1
+    )
+
+    async def models(request):
+        return JSONResponse(models_answer(state.model_id, started))
+
+    async def openapi(request):
+        return JSONResponse(document)
+
+    async def docs(request):
+        return HTMLResponse(docs_page(document))
+
+    handlers = {
+        "/predict": predict,
+        "/classify": classify,
+        "/v1/classify": classify,
+        "/rerank": rerank,
+        "/v1/rerank": rerank,
+        "/": inference_api,
+        "/v1/models": models,
+        "/health": health,
+        "/info": info,
+        "/metrics": metrics,
+        "/openapi.json": openapi,
+        "/docs": docs,
+    }
     routes = [
-        Route("/predict", guarded(predict), methods=["POST"]),
-        Route("/rerank", guarded(rerank), methods=["POST"]),
-        Route("/", guarded(inference_api), methods=["POST"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/info", guarded(info), methods=["GET"]),
-        Route("/metrics", guarded(metrics), methods=["GET"]),
+        Route(path, handlers[path] if path == "/health" else guarded(handlers[path]), methods=[method])
+        for method, path, _ in ROUTES
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+
+    async def http_error(request, error):
+        # Starlette's own 404 and 405 (no such route, or not this method), as JSON like every other error
+        if error.status_code == 404:
+            listed = ", ".join(f"{method} {path}" for method, path, _ in ROUTES)
+            message = f"no route {request.url.path}; the routes are {listed} (GET /docs)"
+            kind = "NotFound"
+        elif error.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}; send {error.headers.get('allow', '')}"
+            kind = "MethodNotAllowed"
+        else:
+            message, kind = str(error.detail), "HTTP"
+        return JSONResponse(
+            {"error": message, "error_type": kind}, status_code=error.status_code, headers=error.headers
+        )
+
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(RequestIdMiddleware)],
+        exception_handlers={HTTPException: http_error},
+    )
     app.state.eek = state
     return app
 
 
 @dataclass
-class _Timings:
-    """Where a request's time went, as text-embeddings-inference's headers (milliseconds).
+class _RequestCosts:
+    """What a request cost: where its time went, as text-embeddings-inference's headers
+    (milliseconds), and the tokens its texts held (``tokens``, special tokens included: the
+    ``usage`` of the OpenAI-style answers).
 
     ``x-tokenization-time``: tokenizing its texts. ``x-queue-time``: from when its texts were
     tokenized until the engine thread took its last sequence (the thread takes new sequences
@@ -222,6 +320,7 @@ class _Timings:
     tokenized: float | None = None
     taken: float | None = None
     done: float | None = None
+    tokens: int = 0
 
     def headers(self) -> dict[str, str]:
         now = time.perf_counter()
@@ -335,10 +434,10 @@ class _ServerState:
             else {"fraction": self.audit.fraction, "budget": self.audit.budget, "confidence": self.audit.confidence},
         }
 
-    async def run(self, request, http_request, timings: _Timings) -> list | None:
+    async def run(self, request, http_request, costs: _RequestCosts) -> list | None:
         """Each sequence's :class:`Finished` for ``request`` (anything with ``sequences``,
         ``truncate`` and ``truncation_direction``), or None when the client disconnected first
-        (its sequences are then dropped). Fills ``timings``."""
+        (its sequences are then dropped). Fills ``costs``."""
         if not self.accepting or self.worker is None:
             raise RequestError(503, "Unhealthy", "the server is shutting down; send the request to another replica")
         count = len(request.sequences)
@@ -351,7 +450,8 @@ class _ServerState:
                 f"request ({limit}): split it",
             )
         encoded = await asyncio.to_thread(self._tokenize, request)
-        timings.tokenized = time.perf_counter()
+        costs.tokenized = time.perf_counter()
+        costs.tokens = sum(len(ids) for ids, _ in encoded)
         try:
             futures = self.worker.submit_many(encoded)
         except QueueFull:
@@ -373,10 +473,10 @@ class _ServerState:
             finished = answered.result()
         except Exception as error:  # the engine failed on a step holding these sequences
             raise RequestError(500, "Backend", f"the model failed on this request: {error}") from None
-        timings.done = time.perf_counter()
+        costs.done = time.perf_counter()
         taken = [getattr(future, "eek_taken", None) for future in futures]
         if taken and None not in taken:
-            timings.taken = max(taken)
+            costs.taken = max(taken)
         for done in finished:
             self.metrics.record_sequence(done.exit_layer, done.layers_run)
         if self.auditor is not None:
@@ -391,6 +491,7 @@ class _ServerState:
         tokenizer = self.tokenizers[getattr(request, "truncation_direction", "Right")]
         encoded = []
         for index, (text, pair) in enumerate(request.sequences):
+            _check_unicode(index, text, pair)
             tokens = tokenizer(text, pair, truncation=request.truncate, max_length=self.max_length)
             ids = tokens["input_ids"]
             if len(ids) > self.max_length:
@@ -402,6 +503,23 @@ class _ServerState:
                 )
             encoded.append((ids, tokens.get("token_type_ids")))
         return encoded
+
+
+def _check_unicode(index: int, *texts) -> None:
+    """400 for a text the tokenizer cannot take: JSON's escapes can carry a lone surrogate (``"\\ud800"``),
+    which is no Unicode character."""
+    for text in texts:
+        if text is None:
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise RequestError(
+                400,
+                "Validation",
+                f"input {index} holds {error.object[error.start : error.end]!a}, a lone UTF-16 surrogate, which is "
+                f"not a character: send valid Unicode",
+            ) from None
 
 
 async def _disconnected(request) -> None:

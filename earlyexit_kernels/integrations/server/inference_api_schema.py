@@ -18,11 +18,52 @@ from dataclasses import dataclass
 
 import torch
 
-from earlyexit_kernels.integrations.server.predict_schema import RequestError
+from earlyexit_kernels.integrations.server.predict_schema import (
+    LABEL_SCORES_SCHEMA,
+    TEXT_SCHEMA,
+    RequestError,
+    count,
+    read_json,
+)
 
-__all__ = ["InferenceApiRequest", "parse_inference_api_request", "format_inference_api_answer"]
+__all__ = [
+    "INFERENCE_API_ANSWER_SCHEMA",
+    "INFERENCE_API_REQUEST_SCHEMA",
+    "InferenceApiRequest",
+    "format_inference_api_answer",
+    "parse_inference_api_request",
+]
 
 FUNCTIONS = ("softmax", "sigmoid", "none")
+
+_PAIR = {
+    "type": "object",
+    "required": ["text"],
+    "additionalProperties": False,
+    "properties": {"text": TEXT_SCHEMA, "text_pair": {"type": ["string", "null"]}},
+}
+INFERENCE_API_REQUEST_SCHEMA = {
+    "type": "object",
+    "required": ["inputs"],
+    "additionalProperties": False,
+    "properties": {
+        "inputs": {
+            "anyOf": [TEXT_SCHEMA, _PAIR, {"type": "array", "minItems": 1, "items": {"anyOf": [TEXT_SCHEMA, _PAIR]}}],
+            "description": 'a text, a list of texts, or {"text": "...", "text_pair": "..."}',
+        },
+        "parameters": {
+            "type": ["object", "null"],
+            "additionalProperties": False,
+            "properties": {
+                "function_to_apply": {"enum": [*FUNCTIONS, None], "description": "default: the model's own"},
+                "top_k": {"type": ["integer", "null"], "minimum": 1, "description": "default: every label"},
+                "truncation": {"type": "boolean", "default": False},
+            },
+        },
+        "options": {"description": "accepted and ignored (the Inference API's wait_for_model, use_cache)"},
+    },
+}
+INFERENCE_API_ANSWER_SCHEMA = {"type": "array", "items": LABEL_SCORES_SCHEMA, "description": "one list per input"}
 
 
 @dataclass(frozen=True)
@@ -35,12 +76,7 @@ class InferenceApiRequest:
 
 def parse_inference_api_request(raw: bytes) -> InferenceApiRequest:
     """The request body -> :class:`InferenceApiRequest`; :class:`RequestError` says what is wrong."""
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RequestError(
-            400, "Validation", f'the body is not valid JSON ({error}); send {{"inputs": "..."}}'
-        ) from None
+    body = read_json(raw, '{"inputs": "..."}')
     if not isinstance(body, dict) or "inputs" not in body:
         raise RequestError(
             422, "Validation", 'the body must be a JSON object with "inputs" (a text or a list of texts)'
@@ -48,9 +84,11 @@ def parse_inference_api_request(raw: bytes) -> InferenceApiRequest:
     unknown = sorted(set(body) - {"inputs", "parameters", "options"})
     if unknown:
         raise RequestError(422, "Validation", f"unknown field(s) {', '.join(unknown)}; / takes inputs and parameters")
-    parameters = body.get("parameters") or {}
+    parameters = body.get("parameters")
+    if parameters is None:
+        parameters = {}
     if not isinstance(parameters, dict):
-        raise RequestError(422, "Validation", "parameters must be a JSON object")
+        raise RequestError(422, "Validation", f"parameters must be a JSON object, got {json.dumps(parameters)}")
     unknown = sorted(set(parameters) - {"function_to_apply", "top_k", "truncation"})
     if unknown:
         raise RequestError(
@@ -63,9 +101,7 @@ def parse_inference_api_request(raw: bytes) -> InferenceApiRequest:
         raise RequestError(
             422, "Validation", f"function_to_apply must be one of {', '.join(FUNCTIONS)}, got {json.dumps(function)}"
         )
-    top_k = parameters.get("top_k")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-        raise RequestError(422, "Validation", f"top_k must be an integer >= 1, got {json.dumps(top_k)}")
+    top_k = count(parameters, "top_k")
     truncate = parameters.get("truncation", False)
     if not isinstance(truncate, bool):
         raise RequestError(422, "Validation", f"truncation must be true or false, got {json.dumps(truncate)}")

@@ -17,6 +17,10 @@ and ``layers_run``, which clients written for text-embeddings-inference ignore.
 Errors are ``{"error": message, "error_type": kind}`` with the status codes of
 text-embeddings-inference: 400 (malformed JSON, empty input), 422 (a wrong shape), 413
 (too long without ``truncate``, too many inputs), 429 (queue full), 503 (shutting down).
+
+The JSON Schemas of these shapes (``PREDICT_REQUEST_SCHEMA``, ``PREDICT_ANSWER_SCHEMA``,
+``ERROR_SCHEMA``, ``LABEL_SCORES_SCHEMA``) sit beside the parser that enforces them; the
+OpenAPI document (:mod:`.openapi`) is assembled from them.
 """
 
 from __future__ import annotations
@@ -27,11 +31,18 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "ERROR_SCHEMA",
+    "LABEL_SCORES_SCHEMA",
+    "PREDICT_ANSWER_SCHEMA",
+    "PREDICT_REQUEST_SCHEMA",
+    "TEXT_SCHEMA",
     "PredictRequest",
     "RequestError",
+    "count",
     "flag",
     "format_answer",
     "parse_predict_request",
+    "read_json",
     "truncation_direction",
 ]
 
@@ -45,6 +56,74 @@ class RequestError(Exception):
 
     def body(self) -> dict:
         return {"error": self.message, "error_type": self.error_type}
+
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error", "error_type"],
+    "properties": {
+        "error": {"type": "string", "description": "what is wrong and what to change"},
+        "error_type": {"type": "string", "examples": ["Validation", "Empty", "NotFound", "Overloaded"]},
+    },
+}
+
+#: a text the model reads: at least one character
+TEXT_SCHEMA = {"type": "string", "minLength": 1}
+_FLAG = {"type": "boolean", "default": False}
+_ONE_OR_TWO_TEXTS = {
+    "type": "array",
+    "prefixItems": [TEXT_SCHEMA, {"type": "string"}],
+    "minItems": 1,
+    "maxItems": 2,
+    "description": "one text, or a pair of two texts read as one input",
+}
+PREDICT_REQUEST_SCHEMA = {
+    "type": "object",
+    "required": ["inputs"],
+    "additionalProperties": False,
+    "properties": {
+        "inputs": {
+            "anyOf": [
+                TEXT_SCHEMA,
+                _ONE_OR_TWO_TEXTS,
+                {"type": "array", "minItems": 1, "items": _ONE_OR_TWO_TEXTS, "description": "a batch"},
+            ],
+            "description": 'a text, a pair ["a", "b"] (two strings are one pair, not a batch of two), '
+            'or a batch [["a"], ["b", "c"]]',
+        },
+        "truncate": _FLAG,
+        "raw_scores": _FLAG,
+        "truncation_direction": {"enum": ["Left", "Right"], "default": "Right"},
+    },
+}
+#: one input's answer: every label with its score, best first
+LABEL_SCORES_SCHEMA = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "required": ["score", "label", "exit_layer", "layers_run"],
+        "properties": {
+            "score": {"type": "number"},
+            "label": {"type": "string"},
+            "exit_layer": {"type": "integer", "description": "the layer after which the input left the encoder"},
+            "layers_run": {"type": "integer", "description": "layers computed (differs only with SkipGates)"},
+        },
+    },
+}
+PREDICT_ANSWER_SCHEMA = {
+    "anyOf": [LABEL_SCORES_SCHEMA, {"type": "array", "items": LABEL_SCORES_SCHEMA}],
+    "description": "one input: its labels; a batch: one list per input, in input order",
+}
+
+
+def read_json(raw: bytes, send: str):
+    """The body parsed; 400 saying to ``send`` the route's shape when it is not JSON."""
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RequestError(400, "Validation", f"the body is not valid JSON ({error}); send {send}") from None
+    except RecursionError:
+        raise RequestError(400, "Validation", f"the body nests too deeply to read; send {send}") from None
 
 
 @dataclass(frozen=True)
@@ -63,10 +142,7 @@ _SHAPES = 'a text "...", a pair ["...", "..."], or a batch [["..."], ["...", "..
 
 def parse_predict_request(raw: bytes) -> PredictRequest:
     """The request body -> :class:`PredictRequest`; :class:`RequestError` says what is wrong."""
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RequestError(400, "Validation", f'the body is not valid JSON ({error}); send {{"inputs": ...}}') from None
+    body = read_json(raw, '{"inputs": ...}')
     if not isinstance(body, dict) or "inputs" not in body:
         raise RequestError(422, "Validation", f'the body must be a JSON object with "inputs": {_SHAPES}')
     unknown = sorted(set(body) - {"inputs", "truncate", "raw_scores", "truncation_direction"})
@@ -117,6 +193,20 @@ def flag(body: dict, name: str) -> bool:
     value = body.get(name, False)
     if not isinstance(value, bool):
         raise RequestError(422, "Validation", f"{name} must be true or false, got {json.dumps(value)}")
+    return value
+
+
+def count(body: dict, name: str) -> int | None:
+    """The field ``name`` of ``body``: None when absent or null, else an integer >= 1; 422 otherwise.
+
+    A whole number written as a float (``3.0``) counts: JSON Schema's ``integer`` includes it."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise RequestError(422, "Validation", f"{name} must be an integer >= 1, got {json.dumps(value)}")
     return value
 
 

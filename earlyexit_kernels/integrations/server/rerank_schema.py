@@ -7,6 +7,8 @@ Request: ``{"query": "...", "texts": ["...", ...], "raw_scores": false, "return_
 Answer: one ``{"index", "score"}`` per text (``"text"`` too with ``return_text``), highest
 score first, equal scores in input order; ``score`` is ``sigmoid(logit)``, or the logit
 with ``raw_scores``. Each entry also carries its ``exit_layer`` and ``layers_run``.
+
+``/rerank`` also takes Cohere's shape (a body with ``documents``): :mod:`.cohere_rerank_schema`.
 """
 
 from __future__ import annotations
@@ -15,11 +17,54 @@ import json
 import math
 from dataclasses import dataclass
 
-from earlyexit_kernels.integrations.server.predict_schema import RequestError, flag, truncation_direction
+from earlyexit_kernels.integrations.server.predict_schema import (
+    TEXT_SCHEMA,
+    RequestError,
+    flag,
+    read_json,
+    truncation_direction,
+)
 
-__all__ = ["RerankRequest", "parse_rerank_request", "format_rerank_answer"]
+__all__ = [
+    "RERANK_ANSWER_SCHEMA",
+    "RERANK_REQUEST_SCHEMA",
+    "RerankRequest",
+    "format_rerank_answer",
+    "parse_rerank_request",
+    "ranking",
+    "rerank_request_from_body",
+]
 
 _FIELDS = ("query", "texts", "raw_scores", "return_text", "truncate", "truncation_direction")
+_FLAG = {"type": "boolean", "default": False}
+RERANK_REQUEST_SCHEMA = {
+    "type": "object",
+    "required": ["query", "texts"],
+    "additionalProperties": False,
+    "properties": {
+        "query": TEXT_SCHEMA,
+        "texts": {"type": "array", "minItems": 1, "items": TEXT_SCHEMA},
+        "raw_scores": _FLAG,
+        "return_text": _FLAG,
+        "truncate": _FLAG,
+        "truncation_direction": {"enum": ["Left", "Right"], "default": "Right"},
+    },
+}
+RERANK_ANSWER_SCHEMA = {
+    "type": "array",
+    "description": "one entry per text, best first",
+    "items": {
+        "type": "object",
+        "required": ["index", "score", "exit_layer", "layers_run"],
+        "properties": {
+            "index": {"type": "integer", "minimum": 0},
+            "score": {"type": "number"},
+            "text": {"type": "string", "description": "with return_text"},
+            "exit_layer": {"type": "integer"},
+            "layers_run": {"type": "integer"},
+        },
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -39,12 +84,11 @@ class RerankRequest:
 
 def parse_rerank_request(raw: bytes) -> RerankRequest:
     """The request body -> :class:`RerankRequest`; :class:`RequestError` says what is wrong."""
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RequestError(
-            400, "Validation", f'the body is not valid JSON ({error}); send {{"query": "...", "texts": [...]}}'
-        ) from None
+    return rerank_request_from_body(read_json(raw, '{"query": "...", "texts": [...]}'))
+
+
+def rerank_request_from_body(body) -> RerankRequest:
+    """The parsed body (TEI's shape) -> :class:`RerankRequest`; :class:`RequestError` says what is wrong."""
     if not isinstance(body, dict) or "query" not in body or "texts" not in body:
         raise RequestError(
             422, "Validation", 'the body must be a JSON object with "query" (a text) and "texts" (a list)'
@@ -83,13 +127,19 @@ def _sigmoid(x: float) -> float:
     return e / (1.0 + e)
 
 
-def format_rerank_answer(request: RerankRequest, finished: list) -> list[dict]:
-    """The answer to ``request`` from each text's finished sequence (``logits`` [1], ``exit_layer``, ``layers_run``)."""
+def ranking(finished: list, raw_scores: bool) -> list[tuple[int, float]]:
+    """``(index, score)`` of each text, best first, equal scores in input order: ``sigmoid(logit)``,
+    or the logit with ``raw_scores``."""
     logits = [float(done.logits.float()[0]) for done in finished]
     order = sorted(range(len(logits)), key=lambda i: (-logits[i], i))
+    return [(i, logits[i] if raw_scores else _sigmoid(logits[i])) for i in order]
+
+
+def format_rerank_answer(request: RerankRequest, finished: list) -> list[dict]:
+    """The answer to ``request`` from each text's finished sequence (``logits`` [1], ``exit_layer``, ``layers_run``)."""
     answer = []
-    for i in order:
-        entry = {"index": i, "score": logits[i] if request.raw_scores else _sigmoid(logits[i])}
+    for i, score in ranking(finished, request.raw_scores):
+        entry = {"index": i, "score": score}
         if request.return_text:
             entry["text"] = request.texts[i]
         entry["exit_layer"] = finished[i].exit_layer

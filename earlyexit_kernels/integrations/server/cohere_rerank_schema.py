@@ -1,0 +1,173 @@
+"""``POST /rerank`` and ``/v1/rerank`` in Cohere's shape (what Cohere's, Infinity's and vLLM's clients send).
+
+Request: ``{"model": NAME, "query": "...", "documents": ["...", {"text": "..."}, ...], "top_n": N,
+"return_documents": false, "raw_scores": false, "truncate": false}``. A body with ``documents``
+is this shape; one with ``texts`` is text-embeddings-inference's (:mod:`.rerank_schema`).
+``model`` may be left out (:mod:`.served_model`); a document is a text or an object with
+``"text"`` (its other fields are kept, not read); ``top_n`` keeps the best N (default: all).
+
+Answer (Cohere's v1 rerank, with Infinity's ``object``, ``model``, ``usage`` and ``created``)::
+
+    {"id": REQUEST_ID, "results": [{"index", "relevance_score", "document", "exit_layer", "layers_run"}, ...],
+     "meta": {"api_version": {"version": "1"}}, "object": "rerank", "model": NAME,
+     "usage": {"prompt_tokens": N, "total_tokens": N}, "created": UNIX_TIME}
+
+best first, equal scores in input order; ``relevance_score`` is ``sigmoid(logit)`` (the logit
+with ``raw_scores``), the score of TEI's shape; ``document`` (with ``return_documents``) is the
+document as sent, a text as ``{"text": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from earlyexit_kernels.integrations.server.classify_schema import USAGE_SCHEMA, usage
+from earlyexit_kernels.integrations.server.predict_schema import TEXT_SCHEMA, RequestError, count, flag
+from earlyexit_kernels.integrations.server.rerank_schema import ranking
+from earlyexit_kernels.integrations.server.served_model import check_model, model_field_schema
+
+__all__ = [
+    "COHERE_RERANK_ANSWER_SCHEMA",
+    "CohereRerankRequest",
+    "cohere_rerank_request_from_body",
+    "cohere_rerank_request_schema",
+    "format_cohere_rerank_answer",
+]
+
+_FIELDS = ("model", "query", "documents", "top_n", "return_documents", "raw_scores", "truncate")
+
+
+@dataclass(frozen=True)
+class CohereRerankRequest:
+    query: str
+    documents: list[dict]  # each {"text": ..., ...} as sent (a text sent alone becomes {"text": text})
+    top_n: int | None
+    return_documents: bool
+    raw_scores: bool
+    truncate: bool
+
+    @property
+    def sequences(self) -> list[tuple[str, str]]:
+        """``(query, document text)`` per document, what the model reads."""
+        return [(self.query, document["text"]) for document in self.documents]
+
+
+def cohere_rerank_request_from_body(body: dict, model_id: str) -> CohereRerankRequest:
+    """The parsed body (a JSON object with ``documents``) -> :class:`CohereRerankRequest`."""
+    unknown = sorted(set(body) - set(_FIELDS))
+    if unknown:
+        raise RequestError(
+            422, "Validation", f"unknown field(s) {', '.join(unknown)}; Cohere's rerank takes {', '.join(_FIELDS)}"
+        )
+    check_model(body, model_id)
+    query = body.get("query")
+    if not isinstance(query, str):
+        raise RequestError(422, "Validation", f"query must be a text, got {json.dumps(query)}")
+    if not query:
+        raise RequestError(400, "Empty", "query is an empty text; send at least one character")
+    raw_documents = body["documents"]
+    if not isinstance(raw_documents, list):
+        raise RequestError(422, "Validation", 'documents must be a list of texts or of {"text": "..."} objects')
+    if not raw_documents:
+        raise RequestError(400, "Empty", "documents is an empty list; send at least one document")
+    documents = [_document(item, index) for index, item in enumerate(raw_documents)]
+    return CohereRerankRequest(
+        query,
+        documents,
+        count(body, "top_n"),
+        flag(body, "return_documents"),
+        flag(body, "raw_scores"),
+        flag(body, "truncate"),
+    )
+
+
+def _document(item, index: int) -> dict:
+    if isinstance(item, str):
+        item = {"text": item}
+    if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+        raise RequestError(
+            422, "Validation", f'documents[{index}] must be a text or {{"text": "..."}}, got {json.dumps(item)}'
+        )
+    if not item["text"]:
+        raise RequestError(400, "Empty", f"documents[{index}] is an empty text; send at least one character")
+    return item
+
+
+def format_cohere_rerank_answer(
+    request: CohereRerankRequest, finished: list, *, model_id: str, request_id: str, tokens: int, created: int
+) -> dict:
+    """The answer to ``request`` from each document's finished sequence (``logits`` [1])."""
+    results = []
+    for index, score in ranking(finished, request.raw_scores)[: request.top_n]:
+        result = {"index": index, "relevance_score": score}
+        if request.return_documents:
+            result["document"] = request.documents[index]
+        result["exit_layer"] = finished[index].exit_layer
+        result["layers_run"] = finished[index].layers_run
+        results.append(result)
+    return {
+        "id": request_id,
+        "results": results,
+        "meta": {"api_version": {"version": "1"}},
+        "object": "rerank",
+        "model": model_id,
+        "usage": usage(tokens),
+        "created": created,
+    }
+
+
+def cohere_rerank_request_schema(model_id: str) -> dict:
+    """The JSON Schema of a Cohere-shaped rerank body on a server of ``model_id``."""
+    return {
+        "type": "object",
+        "required": ["query", "documents"],
+        "additionalProperties": False,
+        "properties": {
+            "model": model_field_schema(model_id),
+            "query": TEXT_SCHEMA,
+            "documents": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "anyOf": [
+                        TEXT_SCHEMA,
+                        {"type": "object", "required": ["text"], "properties": {"text": TEXT_SCHEMA}},
+                    ]
+                },
+            },
+            "top_n": {"type": ["integer", "null"], "minimum": 1, "description": "keep the best N (default: all)"},
+            "return_documents": {"type": "boolean", "default": False},
+            "raw_scores": {"type": "boolean", "default": False, "description": "the logits instead of sigmoids"},
+            "truncate": {"type": "boolean", "default": False},
+        },
+    }
+
+
+COHERE_RERANK_ANSWER_SCHEMA = {
+    "type": "object",
+    "required": ["id", "results", "meta", "object", "model", "usage", "created"],
+    "properties": {
+        "id": {"type": "string", "description": "the request id (the x-request-id header)"},
+        "results": {
+            "type": "array",
+            "description": "best first",
+            "items": {
+                "type": "object",
+                "required": ["index", "relevance_score", "exit_layer", "layers_run"],
+                "properties": {
+                    "index": {"type": "integer", "minimum": 0},
+                    "relevance_score": {"type": "number"},
+                    "document": {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}},
+                    "exit_layer": {"type": "integer"},
+                    "layers_run": {"type": "integer"},
+                },
+            },
+        },
+        "meta": {"type": "object"},
+        "object": {"const": "rerank"},
+        "model": {"type": "string"},
+        "usage": USAGE_SCHEMA,
+        "created": {"type": "integer"},
+    },
+}

@@ -1,0 +1,231 @@
+"""The server's OpenAPI 3.1 document (``GET /openapi.json``), assembled from the shape modules.
+
+Each body's JSON Schema lives beside the parser that enforces it (:mod:`.predict_schema`,
+:mod:`.rerank_schema`, :mod:`.cohere_rerank_schema`, :mod:`.inference_api_schema`,
+:mod:`.classify_schema`, :mod:`.served_model`); this module only says which route takes and
+answers which, and with which status codes. ``python_tests/test_server_fuzz.py`` checks the
+server against this document with a property-based fuzzer. ``ROUTES`` is every route with a
+line on it: the app's routes, ``eek serve --help`` and the documents are tested against it.
+"""
+
+from __future__ import annotations
+
+from earlyexit_kernels.integrations.server.classify_schema import CLASSIFY_ANSWER_SCHEMA, classify_request_schema
+from earlyexit_kernels.integrations.server.cohere_rerank_schema import (
+    COHERE_RERANK_ANSWER_SCHEMA,
+    cohere_rerank_request_schema,
+)
+from earlyexit_kernels.integrations.server.inference_api_schema import (
+    INFERENCE_API_ANSWER_SCHEMA,
+    INFERENCE_API_REQUEST_SCHEMA,
+)
+from earlyexit_kernels.integrations.server.predict_schema import (
+    ERROR_SCHEMA,
+    PREDICT_ANSWER_SCHEMA,
+    PREDICT_REQUEST_SCHEMA,
+)
+from earlyexit_kernels.integrations.server.request_id import HEADER
+from earlyexit_kernels.integrations.server.rerank_schema import RERANK_ANSWER_SCHEMA, RERANK_REQUEST_SCHEMA
+from earlyexit_kernels.integrations.server.served_model import MODELS_ANSWER_SCHEMA
+
+__all__ = ["ROUTES", "openapi_document"]
+
+#: (method, path, what it does): every route the server has
+ROUTES = [
+    ("POST", "/predict", "classify, in text-embeddings-inference's /predict shapes"),
+    ("POST", "/classify", "classify, in Infinity's and vLLM's shape ({model, input} -> {object: classify, data})"),
+    ("POST", "/v1/classify", "the same as /classify"),
+    ("POST", "/rerank", "rank documents for a query (one-output models), in TEI's shape or Cohere's"),
+    ("POST", "/v1/rerank", "the same as /rerank"),
+    ("POST", "/", "the Hugging Face Inference API's text classification"),
+    ("GET", "/v1/models", "the served model, in OpenAI's shape"),
+    ("GET", "/health", "200 while the engine runs, 503 otherwise"),
+    ("GET", "/info", "the model and the server's settings"),
+    ("GET", "/metrics", "Prometheus metrics"),
+    ("GET", "/openapi.json", "this OpenAPI document"),
+    ("GET", "/docs", "the routes, readable in a browser"),
+]
+
+_ANSWER_HEADERS = {
+    HEADER: {
+        "description": "the request's X-Request-Id when it sent a usable one (1-128 visible ASCII characters), "
+        "else a new id",
+        "required": True,
+        "schema": {"type": "string"},
+    }
+}
+_REQUEST_ID_PARAMETER = {
+    "name": HEADER,
+    "in": "header",
+    "required": False,
+    "description": "echoed in the answer's x-request-id (other values are replaced by a new id)",
+    "schema": {"type": "string"},
+}
+_ERRORS = {
+    "400": "not JSON, an empty list or an empty text",
+    "401": "a missing or wrong API key",
+    "404": "a model name this server does not serve",
+    "413": "a text over the model's length without truncate, or more inputs than the server takes in one request",
+    "422": "a wrong shape, an unknown field or a value of the wrong type",
+    "429": "the queue is full: retry shortly",
+    "500": "the model failed on the request",
+    "503": "shutting down, or the engine is not running",
+}
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _answer(description: str, media: str = "application/json", schema: dict | None = None) -> dict:
+    answer = {"description": description, "headers": _ANSWER_HEADERS}
+    answer["content"] = {media: {"schema": schema if schema is not None else {"type": "string"}}}
+    return answer
+
+
+def _errors(codes: str) -> dict:
+    """The answers of the status codes ``codes`` (space-separated), each an :data:`ERROR_SCHEMA`."""
+    return {code: _answer(_ERRORS[code], schema=_ref("Error")) for code in codes.split()}
+
+
+def _post(summary: str, description: str, request: dict, answer: dict, errors: str) -> dict:
+    return {
+        "post": {
+            "summary": summary,
+            "description": description,
+            "parameters": [_REQUEST_ID_PARAMETER],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": request}}},
+            "responses": {"200": _answer("the answer", schema=answer), **_errors(errors)},
+        }
+    }
+
+
+def _get(summary: str, answer: dict, errors: str) -> dict:
+    return {
+        "get": {
+            "summary": summary,
+            "parameters": [_REQUEST_ID_PARAMETER],
+            "responses": {"200": answer, **_errors(errors)},
+        }
+    }
+
+
+def openapi_document(model_id: str, *, version: str, api_key: bool, reranks: bool) -> dict:
+    """The OpenAPI document of a server of ``model_id``; with ``api_key`` every route but ``/health``
+    needs ``Authorization: Bearer <key>``; ``reranks``: the model has one output (a cross-encoder),
+    otherwise ``/rerank`` refuses every body with 400 and its operations say so."""
+    keyed = " 401" if api_key else ""
+    errors = "400 413 422 429 500 503" + keyed
+    named_errors = errors + " 404"
+    summaries = {path: summary for _, path, summary in ROUTES}
+    rerank = _post(
+        summaries["/rerank"],
+        "A body with `texts` is text-embeddings-inference's shape and gets its answer (a list); one with "
+        "`documents` is Cohere's and gets Cohere's answer (`results`). The model must have one output "
+        "(a cross-encoder), otherwise 400.",
+        {"oneOf": [_ref("TeiRerankRequest"), _ref("CohereRerankRequest")]},
+        {"oneOf": [_ref("TeiRerankAnswer"), _ref("CohereRerankAnswer")]},
+        named_errors,
+    )
+    if not reranks:
+        operation = rerank["post"]
+        operation["description"] = (
+            "This server's model has more than one output: every request gets 400 saying to use /classify "
+            "or /predict. " + operation["description"]
+        )
+        operation["responses"] = {
+            "400": _answer("every request: the model is no cross-encoder", schema=_ref("Error")),
+            **_errors(keyed),
+        }
+    classify = _post(
+        summaries["/classify"],
+        "One list per input of every label with its score, best first, in `data`; `usage` counts the tokens "
+        "read. `model` may be left out; another name than the served one gets 404.",
+        _ref("ClassifyRequest"),
+        _ref("ClassifyAnswer"),
+        named_errors,
+    )
+    paths = {
+        "/predict": _post(
+            summaries["/predict"],
+            "`inputs`: a text, a pair of two texts (one input read as a pair, not a batch of two), or a batch "
+            "of lists of one or two texts. One input gets a list of every label with its score, best first; a "
+            "batch one such list per input.",
+            _ref("PredictRequest"),
+            _ref("PredictAnswer"),
+            errors,
+        ),
+        "/classify": classify,
+        "/v1/classify": classify,
+        "/rerank": rerank,
+        "/v1/rerank": rerank,
+        "/": _post(
+            summaries["/"],
+            "What `huggingface_hub.InferenceClient(base_url=...).text_classification` sends.",
+            _ref("InferenceApiRequest"),
+            _ref("InferenceApiAnswer"),
+            errors,
+        ),
+        "/v1/models": _get(summaries["/v1/models"], _answer("the served model", schema=_ref("Models")), keyed),
+        "/health": _get(summaries["/health"], _answer("the engine runs", schema=_ref("Health")), "503"),
+        "/info": _get(summaries["/info"], _answer("the model and the settings", schema=_ref("Info")), keyed),
+        "/metrics": _get(summaries["/metrics"], _answer("Prometheus' text format", media="text/plain"), keyed),
+        "/openapi.json": _get(summaries["/openapi.json"], _answer("OpenAPI 3.1", schema={"type": "object"}), keyed),
+        "/docs": _get(summaries["/docs"], _answer("an HTML page", media="text/html"), keyed),
+    }
+    document = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "earlyexit_kernels server",
+            "version": version,
+            "description": f"Early-exit classification of `{model_id}`: each input leaves the encoder at its exit "
+            'layer (`exit_layer`, `layers_run` in every answer). Errors are `{"error", "error_type"}`.',
+        },
+        "paths": paths,
+        "components": {
+            "schemas": {
+                "Error": ERROR_SCHEMA,
+                "PredictRequest": PREDICT_REQUEST_SCHEMA,
+                "PredictAnswer": PREDICT_ANSWER_SCHEMA,
+                "ClassifyRequest": classify_request_schema(model_id),
+                "ClassifyAnswer": CLASSIFY_ANSWER_SCHEMA,
+                "TeiRerankRequest": RERANK_REQUEST_SCHEMA,
+                "TeiRerankAnswer": RERANK_ANSWER_SCHEMA,
+                "CohereRerankRequest": cohere_rerank_request_schema(model_id),
+                "CohereRerankAnswer": COHERE_RERANK_ANSWER_SCHEMA,
+                "InferenceApiRequest": INFERENCE_API_REQUEST_SCHEMA,
+                "InferenceApiAnswer": INFERENCE_API_ANSWER_SCHEMA,
+                "Models": MODELS_ANSWER_SCHEMA,
+                "Health": {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}},
+                "Info": _INFO_SCHEMA,
+            }
+        },
+    }
+    if api_key:
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        document["security"] = [{"bearer": []}]
+        paths["/health"]["get"]["security"] = []
+    return document
+
+
+_INFO_SCHEMA = {
+    "type": "object",
+    "required": ["model_id", "model_type", "num_layers", "labels", "policy", "max_length"],
+    "properties": {
+        "model_id": {"type": "string", "description": "the served model's name (GET /v1/models)"},
+        "model_type": {"type": "string"},
+        "architecture": {"type": "string"},
+        "problem_type": {"type": "string"},
+        "num_layers": {"type": "integer"},
+        "labels": {"type": "array", "items": {"type": "string"}},
+        "policy": {"type": "string"},
+        "backend": {"type": "string"},
+        "dtype": {"type": "string"},
+        "max_batch_size": {"type": "integer"},
+        "max_client_batch_size": {"type": "integer"},
+        "max_tokens": {"type": ["integer", "null"]},
+        "max_length": {"type": "integer"},
+        "max_queue": {"type": "integer"},
+        "audit": {"type": ["object", "null"]},
+    },
+}
