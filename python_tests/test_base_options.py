@@ -68,3 +68,34 @@ def test_cuda_without_a_gpu_is_one_clear_line(fitted, tmp_path, capsys, command)
     assert _run(*argv, "--device", "cuda") == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --device cuda: torch ") and "use --device cpu or auto" in err
+
+
+def test_model_may_be_a_hub_id_in_the_hub_s_local_cache(fitted, tmp_path):
+    """As pipeline, TEI and Infinity users name a model: ``org/name``, found in HF_HOME's cache, offline."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--org--eek-model"
+    shutil.copytree(fitted, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    data = _write(_frame(20, seed=45).drop(columns="label"), tmp_path / "in.csv")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "earlyexit_kernels", "classify"]
+    done = subprocess.run(
+        [*command, "org/eek-model", data, tmp_path / "out.csv", "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(pd.read_csv(tmp_path / "out.csv")) == 20
+    missing = subprocess.run(
+        [*command, "org/absent", data, tmp_path / "out2.csv"], env=env, capture_output=True, text=True
+    )
+    assert missing.returncode == 2
+    assert "MODEL org/absent is neither a folder nor a Hub id in the Hugging Face cache" in missing.stderr
+    assert "HF_HUB_OFFLINE is set" in missing.stderr

@@ -2,7 +2,8 @@
 
 The folder is a ``save_pretrained`` folder of a patched model (policy and heads
 included) or a plain Hugging Face classifier with a policy given as text
-(``"Entropy(0.3)"``); the tokenizer is read from the same folder. Whatever is wrong
+(``"Entropy(0.3)"``), or a Hugging Face Hub id found in the Hub's local cache
+(:func:`resolve_model`); the tokenizer is read from the same folder. Whatever is wrong
 with it is a :class:`ModelFolderError` whose message says what to change.
 """
 
@@ -21,12 +22,53 @@ __all__ = [
     "fit_folder",
     "load_classifier",
     "load_model",
+    "resolve_model",
     "save_fitted",
 ]
 
 
 class ModelFolderError(ValueError):
     """The model folder cannot be used; the message says what to change."""
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    """``name`` or ``org/name`` in the Hub's characters (not a path: no ``./``, ``~``, ``..``, backslash)."""
+    import re
+
+    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?", path)) and ".." not in path
+
+
+def resolve_model(path: str) -> str:
+    """The local folder of MODEL: ``path`` itself where it is a folder, else the snapshot of the Hugging Face
+    Hub id ``path`` in the Hub's local cache (``HF_HOME``, ``HF_HUB_CACHE``), as ``pipeline``, TEI and
+    Infinity find a model; fetched from the Hub where it is not cached and ``HF_HUB_OFFLINE`` is not set."""
+    if Path(path).is_dir():
+        return str(path)
+    if not _looks_like_hub_id(str(path)):
+        raise ModelFolderError(f"MODEL {path} is not a folder; give one written by save_pretrained, or a Hub id")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+    except ImportError:
+        raise ModelFolderError(
+            f"MODEL {path} is not a folder (and huggingface_hub, to read a Hub id, is missing)"
+        ) from None
+    try:
+        return snapshot_download(str(path), local_files_only=True)
+    except Exception as cached_error:  # noqa: BLE001 - not in the cache: say where it was looked for
+        if HF_HUB_OFFLINE:
+            raise ModelFolderError(
+                f"MODEL {path} is neither a folder nor a Hub id in the Hugging Face cache ({HF_HUB_CACHE}), and "
+                f"HF_HUB_OFFLINE is set: download it first (huggingface-cli download {path}) or give a folder"
+            ) from None
+        try:
+            return snapshot_download(str(path))
+        except Exception as error:  # noqa: BLE001 - any failure to fetch is the user's to fix
+            raise ModelFolderError(
+                f"MODEL {path} is neither a folder nor a Hub id in the Hugging Face cache ({HF_HUB_CACHE}), and "
+                f"fetching it failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}; "
+                f"cache: {type(cached_error).__name__})"
+            ) from None
 
 
 def load_model(
@@ -48,9 +90,7 @@ def load_model(
     from earlyexit_kernels.patching.exit_files import CONFIG_FILE
     from earlyexit_kernels.patching.loading import from_pretrained
 
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ModelFolderError(f"MODEL {path} is not a folder; give one written by save_pretrained")
+    folder = Path(resolve_model(path))
     if not (folder / "config.json").is_file():
         raise ModelFolderError(f"MODEL {path} has no config.json: it is not a Hugging Face model folder")
     try:
