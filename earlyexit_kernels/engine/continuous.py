@@ -35,6 +35,7 @@ import torch
 
 from earlyexit_kernels.backends.registry import resolve_backend
 from earlyexit_kernels.engine.admission import PendingQueue
+from earlyexit_kernels.engine.aging import default_max_age
 from earlyexit_kernels.engine.batch_loop import (
     _output_dtype,
     _round_keeping_argmax,
@@ -123,6 +124,9 @@ class ContinuousEngine:
     serving) or ``"length"`` (a sweep over lengths, ascending and wrapping around, for
     throughput: sequences that enter together have similar lengths, so calls pad less; a
     pending sequence waits at most two sweeps, each of at most ``max_length`` admissions).
+    ``max_age``: layer calls after its submission from which a sequence is served first,
+    pending or in flight, whatever the order (bounded waiting, :mod:`earlyexit_kernels.engine.aging`):
+    ``"auto"`` (default) ``2 * num_layers``, None off (``eek.classify``: throughput first).
 
     ``submit`` queues sequences; each ``step`` embeds new ones or runs one layer call and
     returns the sequences that exited.
@@ -142,6 +146,7 @@ class ContinuousEngine:
         admission: str = "fifo",
         call_cost: float | None = None,
         packed: bool | None = None,
+        max_age: int | str | None = "auto",
     ):
         state = patched_state(model, "the continuous engine")  # its adapter rebuilt if the model was quantized since
         if model.training:
@@ -187,7 +192,9 @@ class ContinuousEngine:
             max_in_flight = default_max_in_flight(max_batch_size)
         if call_cost is None:
             call_cost = default_call_cost(hidden_size)
-        self.scheduler = LayerScheduler(self.num_layers, self.buckets, max_in_flight, max_wait, call_cost)
+        if max_age == "auto":
+            max_age = default_max_age(self.num_layers)
+        self.scheduler = LayerScheduler(self.num_layers, self.buckets, max_in_flight, max_wait, call_cost, max_age)
         self.max_length = max_length
         self.pad_token_id = getattr(model.config, "pad_token_id", None) or 0
 
@@ -279,7 +286,7 @@ class ContinuousEngine:
                 raise ValueError(
                     f"sequence {key!r}: token_type_ids has {len(token_type_ids)} entries for {len(input_ids)} tokens"
                 )
-        self._pending.add(key, input_ids, token_type_ids)
+        self._pending.add(key, input_ids, token_type_ids, self.scheduler.calls)
 
     def cancel(self, keys) -> int:
         """Drop the sequences with these keys, pending or in flight (e.g. their client went away).
@@ -316,11 +323,14 @@ class ContinuousEngine:
     @torch.no_grad()
     def step(self) -> list[Finished]:
         """Embed new sequences or run one layer call; returns the sequences that exited."""
-        action = self.scheduler.decide(can_admit=bool(self._pending))
+        aging = self.scheduler.aging
+        oldest = self._pending.oldest() if aging is not None else None
+        action = self.scheduler.decide(bool(self._pending), oldest)
         if action is None:
             return []
         if isinstance(action, Admit):
-            self._admit(self._pending.take(action.count))
+            overdue_from = self.scheduler.calls - aging.max_age if aging is not None else None
+            self._admit(self._pending.take(action.count, overdue_from))
             return []
         return self._run_call(action)
 
@@ -366,7 +376,7 @@ class ContinuousEngine:
                 slot_index = torch.tensor(slots, device=self.device)
                 for key, value in self._state.items():
                     value.index_copy_(0, slot_index, self._state_template[key].expand(k, *value.shape[1:]))
-        self.scheduler.admit(admitted, lengths.tolist())
+        self.scheduler.admit(admitted, lengths.tolist(), [entry[5] for entry in sequences])
         self.stats.admitted += len(sequences)
 
     def _run_call(self, call) -> list[Finished]:
