@@ -1,4 +1,5 @@
-"""Bounded waiting through the continuous engine itself (a tiny random BERT)."""
+"""Bounded waiting through the continuous engine itself (a tiny random BERT), and each
+sequence's queue and inference times as the engine counts them."""
 
 import random
 
@@ -8,6 +9,7 @@ from conftest import mlp_head_model
 import earlyexit_kernels as eek
 from earlyexit_kernels.engine.continuous import ContinuousEngine
 from earlyexit_kernels.engine.scheduler import default_call_cost
+from earlyexit_kernels.engine.timings import SecondsHistogram
 
 LAYERS = 6
 
@@ -55,3 +57,24 @@ def test_a_long_text_among_short_ones_leaves_within_the_bound(model):
     waited = _closed_loop(engine, concurrency, lengths)
     # the bound, max_age + L x n, with n <= the concurrency (one text per client)
     assert max(waited) <= max_age + LAYERS * concurrency
+
+
+def test_each_sequence_counts_its_queue_and_inference_time_once(model):
+    engine = ContinuousEngine(model, max_batch_size=4)
+    for key in range(6):
+        engine.submit(key, [7] * (5 + key))
+    engine.submit("gone", [7] * 5)
+    assert engine.cancel(["gone"]) == 1  # never admitted: no time counted
+    finished = list(engine.run())
+    stats = engine.stats
+    assert len(finished) == 6
+    assert stats.queue_seconds.count == stats.inference_seconds.count == 6
+    assert stats.inference_seconds.total > 0  # every sequence ran a layer call at least
+
+
+def test_the_time_histogram_counts_each_duration_in_the_first_bucket_that_holds_it():
+    histogram = SecondsHistogram(bounds=(0.01, 0.1))
+    for seconds in (0.005, 0.01, 0.05, 3.0):
+        histogram.observe(seconds)
+    assert histogram.cumulative() == [("0.01", 2), ("0.1", 3), ("+Inf", 4)]  # upper bounds included, as Prometheus'
+    assert histogram.count == 4 and histogram.total == pytest.approx(3.065)
