@@ -325,7 +325,8 @@ def _drive(scheduler, lengths, exits, *, advance, can_admit_every=1):
 @pytest.mark.parametrize("exit_rate", [0.0, 0.3, 0.75])
 @pytest.mark.parametrize("max_wait", [None, 3])
 @pytest.mark.parametrize("max_tokens", [None, 640])
-def test_advance_makes_the_calls_the_queues_would(exit_rate, max_wait, max_tokens):
+@pytest.mark.parametrize("max_age", [None, 0, 4])
+def test_advance_makes_the_calls_the_queues_would(exit_rate, max_wait, max_tokens, max_age):
     num_layers = 5
     rng = random.Random(7)
     lengths = [min(max(round(math.exp(rng.gauss(math.log(28), 0.55))), 3), 120) for _ in range(700)]
@@ -333,7 +334,7 @@ def test_advance_makes_the_calls_the_queues_would(exit_rate, max_wait, max_token
     runs = []
     for advance in (False, True):
         buckets = ShapeBuckets.exact(16, 128, max_tokens)
-        scheduler = LayerScheduler(num_layers, buckets, max_in_flight=64, max_wait=max_wait)
+        scheduler = LayerScheduler(num_layers, buckets, max_in_flight=64, max_wait=max_wait, max_age=max_age)
         runs.append(_drive(scheduler, lengths, exits, advance=advance, can_admit_every=3))
         assert scheduler.in_flight == 0
     (queued, _), (advanced, held) = runs

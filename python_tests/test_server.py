@@ -217,6 +217,22 @@ def test_metrics_count_requests_sequences_and_exit_layers(server):
     assert server.metric("eek_queue_depth") == 0
 
 
+def test_metrics_hold_each_sequences_queue_and_inference_time(server):
+    names = ("eek_sequence_queue_seconds", "eek_sequence_inference_seconds")
+    before = {name: (server.metric(name + "_count"), server.metric(name + "_sum")) for name in names}
+    started = time.perf_counter()
+    assert server.post({"inputs": [["w1 w2"], ["w3"], ["w4 w5 w6"]]}).status_code == 200
+    took = time.perf_counter() - started
+    spent = 0.0
+    for name in names:
+        count, total = server.metric(name + "_count"), server.metric(name + "_sum")
+        assert count == before[name][0] + 3  # one observation per sequence
+        assert server.metric(name + '_bucket{le="+Inf"}') == count
+        assert total >= before[name][1]
+        spent += total - before[name][1]
+    assert 0 < spent <= 3 * took  # each sequence's queue and inference time lie within the request's
+
+
 # A model slow enough on this CPU that a request of 64 long texts is in flight for a while
 # (its policy never exits, so all 64 sequences leave together after the last layer).
 @pytest.fixture(scope="module")

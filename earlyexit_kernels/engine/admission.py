@@ -6,8 +6,13 @@ ascending, wrapping to the shortest, so that sequences admitted together have si
 the layer queues hold runs of similar lengths to batch; a sweep takes only what was pending when
 it began, so a stream of one length cannot hold the sweep where it is.
 
-An entry is the plain tuple ``(length, arrival, key, input_ids, token_type_ids)``: a tuple of
-untracked values (ints, numpy arrays, a key that is an int or a string) leaves the garbage
+Bounded waiting (:mod:`earlyexit_kernels.engine.aging`): each entry holds its submission on the
+scheduler's clock; :meth:`PendingQueue.take` takes the overdue ones first, oldest first, whatever
+the order, and :meth:`PendingQueue.oldest` says when the earliest pending one was submitted.
+
+An entry is the plain tuple ``(length, arrival, key, input_ids, token_type_ids, submitted,
+submitted_at)`` (``submitted``: the scheduler's clock; ``submitted_at``: ``time.perf_counter()``,
+for the queue time): a tuple of untracked values (ints, floats, numpy arrays, a key that is an int or a string) leaves the garbage
 collector's lists at its first pass, where a long read-ahead of objects it tracks would make
 every full collection longer and more frequent.
 """
@@ -15,6 +20,7 @@ every full collection longer and more frequent.
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Iterator
 
 __all__ = ["ADMISSION_ORDERS", "PendingQueue"]
@@ -36,6 +42,9 @@ class PendingQueue:
         self._next_arrival = 0
         # "length": (length, arrival) of the last sequence taken, and the arrivals the sweep takes
         self._sweep, self._cutoff = (0, -1), 0
+        # (arrival, submitted) of every entry, in arrival order; an arrival no longer in _pending_arrivals is stale
+        self._by_arrival: deque[tuple[int, int]] = deque()
+        self._pending_arrivals: set[int] = set()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -43,10 +52,14 @@ class PendingQueue:
     def __iter__(self) -> Iterator[tuple]:
         return iter(self._entries)
 
-    def add(self, key, input_ids, token_type_ids) -> None:
-        """Queue one sequence (its token ids and token types, numpy arrays, or None for the types)."""
-        entry = (len(input_ids), self._next_arrival, key, input_ids, token_type_ids)
+    def add(self, key, input_ids, token_type_ids, submitted: int = 0, submitted_at: float = 0.0) -> None:
+        """Queue one sequence (its token ids and token types, numpy arrays, or None for the types),
+        submitted at clock ``submitted`` (the scheduler's layer calls) and time ``submitted_at``."""
+        arrival = self._next_arrival
+        entry = (len(input_ids), arrival, key, input_ids, token_type_ids, submitted, submitted_at)
         self._next_arrival += 1
+        self._by_arrival.append((arrival, submitted))
+        self._pending_arrivals.add(arrival)
         if self.order == "length" and self._entries and entry < self._entries[-1]:
             self._sorted = False
         self._entries.append(entry)
@@ -54,11 +67,33 @@ class PendingQueue:
     def remove(self, keys: set) -> int:
         """Drop the entries with these keys; returns how many were dropped."""
         before = len(self._entries)
-        self._entries = [entry for entry in self._entries if entry[2] not in keys]
+        kept = []
+        for entry in self._entries:
+            if entry[2] in keys:
+                self._pending_arrivals.discard(entry[1])
+            else:
+                kept.append(entry)
+        self._entries = kept
         return before - len(self._entries)
 
-    def take(self, count: int) -> list[tuple]:
-        """The next ``count`` entries (or all, where fewer are pending), removed from the queue."""
+    def oldest(self) -> int | None:
+        """The submission clock of the earliest submitted entry, or None when none is pending."""
+        by_arrival = self._by_arrival
+        while by_arrival and by_arrival[0][0] not in self._pending_arrivals:
+            by_arrival.popleft()
+        return by_arrival[0][1] if by_arrival else None
+
+    def take(self, count: int, overdue_from: int | None = None) -> list[tuple]:
+        """The next ``count`` entries (or all, where fewer are pending), removed from the queue.
+
+        ``overdue_from``: entries submitted at this clock or before are overdue and taken first,
+        oldest first (fifo takes the oldest first anyway)."""
+        taken = self._take(count, overdue_from)
+        for entry in taken:
+            self._pending_arrivals.discard(entry[1])
+        return taken
+
+    def _take(self, count: int, overdue_from: int | None) -> list[tuple]:
         if self.order == "fifo":
             taken, self._entries = self._entries[:count], self._entries[count:]
             return taken
@@ -66,21 +101,27 @@ class PendingQueue:
             self._entries.sort()
             self._sorted = True
         pending = self._entries
-        start = bisect_left(pending, (self._sweep[0], self._sweep[1] + 1))
         chosen: list[int] = []  # positions in pending, in the order taken
+        if overdue_from is not None and (oldest := self.oldest()) is not None and oldest <= overdue_from:
+            overdue = sorted((entry[1], position) for position, entry in enumerate(pending) if entry[5] <= overdue_from)
+            chosen = [position for _, position in overdue[:count]]
+        overdue_taken, taken_overdue = len(chosen), set(chosen)
+        start = bisect_left(pending, (self._sweep[0], self._sweep[1] + 1))
         for position in range(start, len(pending)):
-            if pending[position][1] < self._cutoff:
+            if len(chosen) == count:
+                break
+            if pending[position][1] < self._cutoff and position not in taken_overdue:
                 chosen.append(position)
-                if len(chosen) == count:
-                    break
         if len(chosen) < count:  # the sweep is over: the next one begins at the shortest
             self._cutoff = self._next_arrival
             in_sweep = set(chosen)
             for position in range(len(pending)):
+                if len(chosen) == count:
+                    break
                 if position not in in_sweep:
                     chosen.append(position)
-                    if len(chosen) == count:
-                        break
+        if len(chosen) > overdue_taken:  # the sweep goes on from the last it took
+            self._sweep = pending[chosen[-1]][:2]
         taken = [pending[position] for position in chosen]
         # Deleted as contiguous runs, from the last: the sweep takes a run or two of the sorted list.
         runs: list[list[int]] = []
@@ -91,6 +132,4 @@ class PendingQueue:
                 runs.append([position, position + 1])
         for begin, end in reversed(runs):
             del pending[begin:end]
-        if taken:
-            self._sweep = taken[-1][:2]
         return taken

@@ -33,7 +33,9 @@ class BackgroundEngine:
 
     ``max_queue``: most sequences submitted and not finished; ``submit`` beyond it raises
     :class:`QueueFull` at once instead of growing memory. A sequence's future resolves to
-    its :class:`earlyexit_kernels.engine.continuous.Finished` as soon as it exits.
+    its :class:`earlyexit_kernels.engine.continuous.Finished` as soon as it exits. The engine's
+    bounded waiting (``max_age``, on by default) holds from when the thread takes a sequence;
+    its queue time (``engine.stats.queue_seconds``) runs from its ``submit``.
     """
 
     def __init__(self, model, *, max_queue: int = 4096, **engine_kwargs):
@@ -88,13 +90,14 @@ class BackgroundEngine:
                     f" (max_queue={self.max_queue})"
                 )
             self._outstanding += len(sequences)
+        submitted_at = time.perf_counter()  # each sequence's queue time starts here (engine.stats.queue_seconds)
         futures = []
         for _ in sequences:
             future: Future = Future()
             future.eek_key = next(self._keys)
             futures.append(future)
         if futures:
-            self._inbox.put(("submit", futures, sequences))
+            self._inbox.put(("submit", futures, sequences, submitted_at))
         return futures
 
     def cancel(self, future: Future) -> None:
@@ -140,7 +143,7 @@ class BackgroundEngine:
                     continue
                 future.eek_taken = taken
                 try:
-                    self.engine.submit(future.eek_key, ids, types)
+                    self.engine.submit(future.eek_key, ids, types, submitted_at=command[3])
                 except ValueError as error:
                     self._settle(future, error=error)
                     continue

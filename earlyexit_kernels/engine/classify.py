@@ -124,6 +124,7 @@ def classify(
         compile=compile,
         admission=admission,
         packed=packed,
+        max_age=None,  # throughput first: the admission order's and the queues' own bounds
     )
     if read_ahead is None:
         # Wide: the length sweep's batches pad less and exit together more the more it sees.

@@ -27,7 +27,8 @@ where the policy cannot exit read nothing back.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from operator import itemgetter
 
 import numpy as np
@@ -35,6 +36,7 @@ import torch
 
 from earlyexit_kernels.backends.registry import resolve_backend
 from earlyexit_kernels.engine.admission import PendingQueue
+from earlyexit_kernels.engine.aging import default_max_age
 from earlyexit_kernels.engine.batch_loop import (
     _output_dtype,
     _round_keeping_argmax,
@@ -54,6 +56,7 @@ from earlyexit_kernels.engine.scheduler import (
     default_length_step,
     default_max_in_flight,
 )
+from earlyexit_kernels.engine.timings import SecondsHistogram
 from earlyexit_kernels.engine.token_pool import TokenPool
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state
 from earlyexit_kernels.methods.policies import Scheduled, SkipGates
@@ -123,6 +126,9 @@ class ContinuousEngine:
     serving) or ``"length"`` (a sweep over lengths, ascending and wrapping around, for
     throughput: sequences that enter together have similar lengths, so calls pad less; a
     pending sequence waits at most two sweeps, each of at most ``max_length`` admissions).
+    ``max_age``: layer calls after its submission from which a sequence is served first,
+    pending or in flight, whatever the order (bounded waiting, :mod:`earlyexit_kernels.engine.aging`):
+    ``"auto"`` (default) ``2 * num_layers``, None off (``eek.classify``: throughput first).
 
     ``submit`` queues sequences; each ``step`` embeds new ones or runs one layer call and
     returns the sequences that exited.
@@ -142,6 +148,7 @@ class ContinuousEngine:
         admission: str = "fifo",
         call_cost: float | None = None,
         packed: bool | None = None,
+        max_age: int | str | None = "auto",
     ):
         state = patched_state(model, "the continuous engine")  # its adapter rebuilt if the model was quantized since
         if model.training:
@@ -187,7 +194,9 @@ class ContinuousEngine:
             max_in_flight = default_max_in_flight(max_batch_size)
         if call_cost is None:
             call_cost = default_call_cost(hidden_size)
-        self.scheduler = LayerScheduler(self.num_layers, self.buckets, max_in_flight, max_wait, call_cost)
+        if max_age == "auto":
+            max_age = default_max_age(self.num_layers)
+        self.scheduler = LayerScheduler(self.num_layers, self.buckets, max_in_flight, max_wait, call_cost, max_age)
         self.max_length = max_length
         self.pad_token_id = getattr(model.config, "pad_token_id", None) or 0
 
@@ -201,6 +210,7 @@ class ContinuousEngine:
         self._lengths = self._tokens.lengths  # the slots' lengths, set as they are taken
         self._row_lengths = [0] * slots  # the same as Python ints: summed and passed on at every call
         self._runs = [0] * slots
+        self._admitted_at = [0.0] * slots  # time.perf_counter() of each slot's admission
         self._keys: list[object] = [None] * slots
         with torch.no_grad():
             template = init_state(
@@ -264,8 +274,11 @@ class ContinuousEngine:
 
     # ------------------------------------------------------------------ submission
 
-    def submit(self, key, input_ids, token_type_ids=None) -> None:
-        """Queue one sequence (token ids, special tokens included, at most ``max_length``)."""
+    def submit(self, key, input_ids, token_type_ids=None, submitted_at: float | None = None) -> None:
+        """Queue one sequence (token ids, special tokens included, at most ``max_length``).
+
+        ``submitted_at``: when it was submitted (``time.perf_counter()``; default now), where its
+        queue time starts (``stats.queue_seconds``)."""
         input_ids = _token_array(key, "input_ids", input_ids)
         if not 1 <= len(input_ids) <= self.max_length:
             raise ValueError(
@@ -279,7 +292,8 @@ class ContinuousEngine:
                 raise ValueError(
                     f"sequence {key!r}: token_type_ids has {len(token_type_ids)} entries for {len(input_ids)} tokens"
                 )
-        self._pending.add(key, input_ids, token_type_ids)
+        at = time.perf_counter() if submitted_at is None else submitted_at
+        self._pending.add(key, input_ids, token_type_ids, self.scheduler.calls, at)
 
     def cancel(self, keys) -> int:
         """Drop the sequences with these keys, pending or in flight (e.g. their client went away).
@@ -316,11 +330,14 @@ class ContinuousEngine:
     @torch.no_grad()
     def step(self) -> list[Finished]:
         """Embed new sequences or run one layer call; returns the sequences that exited."""
-        action = self.scheduler.decide(can_admit=bool(self._pending))
+        aging = self.scheduler.aging
+        oldest = self._pending.oldest() if aging is not None else None
+        action = self.scheduler.decide(bool(self._pending), oldest)
         if action is None:
             return []
         if isinstance(action, Admit):
-            self._admit(self._pending.take(action.count))
+            overdue_from = self.scheduler.calls - aging.max_age if aging is not None else None
+            self._admit(self._pending.take(action.count, overdue_from))
             return []
         return self._run_call(action)
 
@@ -339,6 +356,10 @@ class ContinuousEngine:
         admitted = self._free_slots[-len(sequences) :][::-1]  # the order pop() would give
         del self._free_slots[-len(sequences) :]
         self._tokens.take(admitted, lengths)  # one growth of the pool for the whole admission
+        now = time.perf_counter()
+        for slot, entry in zip(admitted, sequences):
+            self._admitted_at[slot] = now
+            self.stats.queue_seconds.observe(now - entry[6])
         size = self.buckets.max_batch_size
         for start in range(0, len(sequences), size):
             chunk = sequences[start : start + size]
@@ -366,7 +387,7 @@ class ContinuousEngine:
                 slot_index = torch.tensor(slots, device=self.device)
                 for key, value in self._state.items():
                     value.index_copy_(0, slot_index, self._state_template[key].expand(k, *value.shape[1:]))
-        self.scheduler.admit(admitted, lengths.tolist())
+        self.scheduler.admit(admitted, lengths.tolist(), [entry[5] for entry in sequences])
         self.stats.admitted += len(sequences)
 
     def _run_call(self, call) -> list[Finished]:
@@ -457,11 +478,13 @@ class ContinuousEngine:
         finished, gone = [], []
         survivors: dict[int, list[int]] = {}  # next layer -> slots
         keys, runs = self._keys, self._runs
+        now = time.perf_counter()
         for row, slot in enumerate(call.rows):
             out = exiting.get(row)
             if out is not None:
                 finished.append(Finished(keys[slot], out, layer, runs[slot]))
                 gone.append(slot)
+                self.stats.inference_seconds.observe(now - self._admitted_at[slot])
             else:
                 target = layer + 1 if next_layers is None else next_layers[row]
                 survivors.setdefault(target, []).append(slot)
@@ -659,7 +682,8 @@ _IN_POOL = (None, -1)  # a slot's entry in ``_held`` when no kept output holds i
 
 @dataclass
 class EngineStats:
-    """What the engine did: layer calls, rows and tokens they held, host read-backs."""
+    """What the engine did: layer calls, rows and tokens they held, host read-backs; per sequence,
+    its time waiting for admission and its time in the encoder (:mod:`earlyexit_kernels.engine.timings`)."""
 
     admitted: int = 0
     calls: int = 0
@@ -670,6 +694,8 @@ class EngineStats:
     host_syncs: int = 0
     packed_calls: int = 0  # layer calls run on their real tokens only
     largest_call: int = 0  # the most slots (padded_rows x padded_length) of one call
+    queue_seconds: SecondsHistogram = field(default_factory=SecondsHistogram)  # per sequence: submission to admission
+    inference_seconds: SecondsHistogram = field(default_factory=SecondsHistogram)  # admission to exit
 
     def record_call(self, call, tokens: int) -> None:
         self.calls += 1

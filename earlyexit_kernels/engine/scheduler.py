@@ -30,6 +30,8 @@ call of 4 rows, 2.5 in one of 16, 2.3 in one of 32; ``benchmarks/results/op_by_o
 
 **The rule**, before every layer call (:meth:`LayerScheduler.decide`):
 
+0. **Bounded waiting** (with ``max_age``, :mod:`earlyexit_kernels.engine.aging`). Once a sequence
+   has waited ``max_age`` layer calls since its submission, the oldest such is admitted or its call runs.
 1. **Overdue first.** When the group that has waited longest has waited ``max_wait``
    layer calls or more, the next call is the one holding it.
 2. **The deepest closed call.** A planned call is *closed* when it cannot gain rows: it
@@ -60,13 +62,19 @@ same cohorts as sorting the whole stream would. A group waits at most ``max_wait
 max_in_flight`` layer calls in a queue (:attr:`LayerScheduler.wait_bound`): once overdue,
 each call serves the oldest overdue group, and only the groups that entered their queue
 before it (fewer than ``max_in_flight``) can be served first. At most ``max_in_flight``
-sequences are in flight.
+sequences are in flight. With ``max_age`` a sequence leaves within ``max_age + L x n`` layer
+calls of its submission (``2 L x n`` where the engine is full), ``n`` the sequences submitted no
+later and still there when it is overdue (:mod:`~earlyexit_kernels.engine.aging`); the guarantees
+above hold where nothing is overdue (an all-at-start stream is overdue at once: ``eek.classify``
+runs without it).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+from earlyexit_kernels.engine.aging import ADMIT_OVERDUE, AgeRule
 
 __all__ = [
     "Admit",
@@ -246,7 +254,8 @@ class LayerScheduler:
     ``max_wait`` defaults to ``4 * num_layers * (max_in_flight // max_batch_size)``
     layer calls: about four passes of every sequence in flight through every layer.
     ``call_cost``: what a layer call costs beyond its tokens, in tokens (see the module
-    docstring); 0 merges only groups whose merge adds no padding.
+    docstring); 0 merges only groups whose merge adds no padding. ``max_age``: layer calls
+    after its submission from which a sequence is served first (rule 0; None: no such rule).
     """
 
     def __init__(
@@ -256,6 +265,7 @@ class LayerScheduler:
         max_in_flight: int,
         max_wait: int | None = None,
         call_cost: float = 32.0,
+        max_age: int | None = None,
     ):
         if not isinstance(max_in_flight, int) or max_in_flight < buckets.max_batch_size:
             raise ValueError(
@@ -270,6 +280,7 @@ class LayerScheduler:
         if self.max_wait < 1:
             raise ValueError(f"max_wait must be >= 1, got {self.max_wait!r}")
         self.call_cost = float(call_cost)
+        self.aging = None if max_age is None else AgeRule(max_age)
         # groups[layer][cohort]: that cohort's rows waiting for that layer
         self._groups: list[dict[int, _Group]] = [{} for _ in range(num_layers + 1)]
         # every group, oldest first: (layer, cohort) -> group, in the order the groups were made
@@ -311,17 +322,22 @@ class LayerScheduler:
                 out.append([i])
         return out
 
-    def admit(self, rows: list[int], lengths: list[int]) -> None:
-        """New sequences (``rows``, of ``lengths`` tokens) enter layer 1, cut into cohorts."""
+    def admit(self, rows: list[int], lengths: list[int], submitted: list[int] | None = None) -> None:
+        """New sequences (``rows``, of ``lengths`` tokens) enter layer 1, cut into cohorts.
+        ``submitted``: each one's submission on the clock :attr:`calls` (default: now)."""
         if self.in_flight + len(rows) > self.max_in_flight:
             raise RuntimeError(f"LayerScheduler.admit: {len(rows)} more rows exceed max_in_flight")
+        if self.aging is not None:
+            self.aging.entered(rows, [self.calls] * len(rows) if submitted is None else submitted)
         for cohort in self.cohorts(lengths):
             self._new_cohort([rows[i] for i in cohort], [lengths[i] for i in cohort])
 
-    def add(self, row: int, length: int) -> None:
+    def add(self, row: int, length: int, submitted: int | None = None) -> None:
         """A new sequence of ``length`` tokens enters layer 1, a cohort of its own."""
         if self.in_flight >= self.max_in_flight:
             raise RuntimeError("LayerScheduler.add: max_in_flight sequences are already in flight")
+        if self.aging is not None:
+            self.aging.entered([row], [self.calls if submitted is None else submitted])
         self._new_cohort([row], [length])
 
     def _new_cohort(self, rows: list[int], lengths: list[int]) -> None:
@@ -404,6 +420,8 @@ class LayerScheduler:
         self.in_flight -= len(rows)
         for row in rows:
             self._forget(row)
+        if self.aging is not None:
+            self.aging.left(rows)
 
     def _forget(self, row: int) -> None:
         cohort = self._cohort_of.pop(row)
@@ -438,8 +456,18 @@ class LayerScheduler:
 
     # ------------------------------------------------------------------ deciding
 
-    def decide(self, can_admit: bool) -> Call | Admit | None:
-        """The next action: a :class:`Call`, an :class:`Admit` (only with ``can_admit``), or None when idle."""
+    def decide(self, can_admit: bool, oldest_pending: int | None = None) -> Call | Admit | None:
+        """The next action: a :class:`Call`, an :class:`Admit` (only with ``can_admit``), or None when idle.
+
+        ``oldest_pending``: the submission (on the clock :attr:`calls`) of the earliest sequence
+        pending, for rule 0; the admission must then take the overdue ones first."""
+        if self.aging is not None:
+            overdue = self.aging.next_overdue(self.calls, oldest_pending if can_admit else None, self.room)
+            if overdue == ADMIT_OVERDUE:
+                return Admit(self._admit_count())
+            if overdue is not None and (self._ready is None or overdue not in self._ready.rows):
+                self._queue_ready()
+                return self._call_holding(overdue)
         if self._ready is not None:  # held by advance: what the rule takes next
             call, self._ready = self._ready, None
             self.calls += 1
@@ -461,6 +489,17 @@ class LayerScheduler:
             return Admit(self._admit_count())
         layer = layers[0] if can_admit else layers[-1]
         return self._take(layer, max(self._plan(layer), key=lambda p: p.rows))
+
+    def _call_holding(self, row: int) -> Call:
+        """The planned call that holds ``row`` (waiting in one of its cohort's groups), taken."""
+        cohort = self._cohort_of[row]
+        layer, group = next(
+            (at, self._groups[at][cohort]) for at in self._waiting_in[cohort] if row in self._groups[at][cohort].rows
+        )
+        index = group.rows.index(row)
+        return self._take(
+            layer, next(p for p in self._plan(layer) if any(g is group and a <= index < b for g, a, b in p.parts))
+        )
 
     def _oldest(self) -> tuple[int, _Group] | None:
         """The group waiting longest and its layer (the deepest of those made at the same call), or None."""

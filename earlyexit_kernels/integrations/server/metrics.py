@@ -7,7 +7,11 @@
   mean exit layer); ``eek_layers_run_total``: layers computed, summed over sequences;
 - ``eek_queue_depth``: sequences submitted and not finished;
 - ``eek_layer_calls_total``, ``eek_layer_call_rows_total``, ``eek_rows_per_layer_call``:
-  the engine's layer calls, the real rows they held, and their mean.
+  the engine's layer calls, the real rows they held, and their mean;
+- ``eek_sequence_queue_seconds``: per sequence, from its submission to the engine to its
+  admission (embedded into the first layer); ``eek_sequence_inference_seconds``: from its
+  admission to its exit (histograms, from the engine's :mod:`earlyexit_kernels.engine.timings`;
+  a one-text request is one sequence).
 
 With an audit (``eek serve --audit-fraction F``, :mod:`earlyexit_kernels.engine.audit`):
 
@@ -67,6 +71,7 @@ class ServerMetrics:
         Gauge("eek_rows_per_layer_call", "Mean real rows per layer call", registry=self.registry).set_function(
             lambda: engine_stats().rows / max(engine_stats().calls, 1)
         )
+        self.registry.register(_EngineTimes(engine_stats))
         if audit is not None:
             self._audit_metrics(audit, Gauge)
 
@@ -116,3 +121,35 @@ class ServerMetrics:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _EngineTimes:
+    """The engine's per-sequence time histograms, read when scraped (a custom collector: the
+    engine thread counts them, and nothing is copied between scrapes)."""
+
+    _HISTOGRAMS = {
+        "eek_sequence_queue_seconds": (
+            "queue_seconds",
+            "Per sequence: from its submission to the engine to its admission (embedded into layer 1)",
+        ),
+        "eek_sequence_inference_seconds": ("inference_seconds", "Per sequence: from its admission to its exit"),
+    }
+
+    def __init__(self, engine_stats: Callable):
+        self._engine_stats = engine_stats
+
+    def describe(self):
+        from prometheus_client.core import HistogramMetricFamily
+
+        return [HistogramMetricFamily(name, documentation) for name, (_, documentation) in self._HISTOGRAMS.items()]
+
+    def collect(self):
+        from prometheus_client.core import HistogramMetricFamily
+
+        try:
+            stats = self._engine_stats()
+        except AttributeError:  # no engine yet (the app has not started)
+            return
+        for name, (attribute, documentation) in self._HISTOGRAMS.items():
+            histogram = getattr(stats, attribute)
+            yield HistogramMetricFamily(name, documentation, buckets=histogram.cumulative(), sum_value=histogram.total)
