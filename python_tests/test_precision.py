@@ -63,3 +63,15 @@ def test_bfloat16_and_float32_cast_the_whole_model_and_bad_bases_are_refused():
     assert next(to_base(model, "float32", "cpu").parameters()).dtype == torch.float32
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, int8; got 'float16'"):
         to_base(model, "float16", "cpu")
+
+
+def test_classify_runs_a_copy_on_the_base_it_is_given():
+    model = mlp_head_model(seed=5)
+    ids, mask, _ = tiny_batch(6, 11)
+    inputs = [{"input_ids": row[m.bool()]} for row, m in zip(ids, mask)]
+    as_saved = [p.logits for p in eek.classify(model, inputs)]
+    as_int8 = [p.logits for p in eek.classify(model, inputs, dtype="int8", device="cpu")]
+    assert quantized_names(model) == []  # the caller's model is untouched
+    torch.testing.assert_close(torch.stack(as_int8), torch.stack(as_saved), rtol=0.1, atol=0.1)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        list(eek.classify(model, inputs, dtype="fp8"))

@@ -84,6 +84,8 @@ def classify(
     packed: bool | None = None,
     audit_fraction: float = 0.0,
     audit: AuditWatch | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
 ) -> Predictions:
     """Classify every item of ``inputs`` with the patched ``model``; an iterator of :class:`Prediction`.
 
@@ -113,7 +115,18 @@ def classify(
     Memory: at most ``read_ahead + max_in_flight`` inputs (and one tokenizing chunk of
     ``max_batch_size``) are read and not yet yielded at any time; only ``max_in_flight``
     of them hold hidden states.
+
+    ``dtype`` (``"float32"``, ``"bfloat16"``, ``"int8"``) / ``device`` (``"auto"``, ``"cpu"``,
+    ``"cuda"``): run a copy of ``model`` on that base (:func:`earlyexit_kernels.engine.precision.to_base`;
+    int8 with the family's recipe, the exit heads fused on it); ``model`` itself is left as it is.
+    To keep a base across calls, convert the model once with ``to_base`` instead.
     """
+    if dtype is not None or device is not None:
+        import copy
+
+        from earlyexit_kernels.engine.precision import to_base
+
+        model = to_base(copy.deepcopy(model), dtype, "auto" if device is None else device)
     engine = ContinuousEngine(
         model,
         max_batch_size=max_batch_size,
