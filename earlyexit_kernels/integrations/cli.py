@@ -17,14 +17,12 @@ from collections import deque
 from pathlib import Path
 
 from earlyexit_kernels.integrations.base_options import add_base_options
+from earlyexit_kernels.integrations.classified_table import ColumnError, InputColumns, with_predictions
 from earlyexit_kernels.integrations.extras import install_line
 from earlyexit_kernels.integrations.fit_cli import add_commands as add_fit_commands
 from earlyexit_kernels.integrations.model_folder import ModelFolderError, load_model
 
 __all__ = ["CliError", "build_parser", "main"]
-
-OUTPUT_COLUMNS = ("label", "score", "exit_layer", "layers_run")
-AUDIT_COLUMN = "audit_disagreement"  # with --audit-fraction, as Ray Data's class
 
 
 class CliError(Exception):
@@ -235,7 +233,7 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return args.run(args)
-    except (CliError, ModelFolderError) as error:
+    except (CliError, ColumnError, ModelFolderError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -292,7 +290,7 @@ def _classify_locally(args) -> int:
 
     # The input is checked before the (slower) model is loaded and before OUTPUT is touched.
     text_columns = [name for name in (args.text_column, args.pair_column) if name]
-    columns = _Columns(args.text_column, args.pair_column, audited=bool(getattr(args, "audit_fraction", 0)))
+    columns = InputColumns(args.text_column, args.pair_column, audited=bool(getattr(args, "audit_fraction", 0)))
     first_chunk = read_chunks(args.input, 1, text_columns=text_columns)
     probe = next(first_chunk)
     first_chunk.close()
@@ -340,7 +338,7 @@ def _classify_locally(args) -> int:
         while tables and (len(ready) >= tables[0].num_rows or final):
             table = tables.popleft()
             chunk, ready = ready[: table.num_rows], ready[table.num_rows :]
-            writer.write(_with_predictions(table, chunk, model.config, audited=watch is not None))
+            writer.write(with_predictions(table, chunk, model.config, audited=watch is not None))
 
     for prediction in predictions:
         ready.append(prediction)
@@ -361,98 +359,6 @@ def _classify_locally(args) -> int:
     if watch is not None:
         print(watch.describe(), file=sys.stderr)
     return 0
-
-
-def _with_predictions(table, predictions, config, audited: bool = False):
-    """``table`` with the columns label, score, exit_layer, layers_run of its ``predictions``
-    (and, for a multi-label model, scores: every label's probability as a JSON object; with
-    ``audited``, audit_disagreement: each audited row's disagreement with the full model)."""
-    import json
-
-    import pyarrow as pa
-    import torch
-
-    from earlyexit_kernels.integrations.labels import is_multi_label, label_probabilities, labels_and_scores
-
-    if predictions:
-        labels, scores = labels_and_scores(torch.stack([p.logits for p in predictions]), config)
-    else:
-        labels, scores = [], []
-    values = {
-        "label": pa.array(labels, pa.string()),
-        "score": pa.array(scores, pa.float64()),
-        "exit_layer": pa.array([p.exit_layer for p in predictions], pa.int64()),
-        "layers_run": pa.array([p.layers_run for p in predictions], pa.int64()),
-    }
-    for name in OUTPUT_COLUMNS:
-        table = table.append_column(name, values[name])
-    if is_multi_label(config):  # every label with its probability, as a JSON object per row
-        probabilities = label_probabilities(torch.stack([p.logits for p in predictions]), config) if predictions else []
-        table = table.append_column("scores", pa.array([json.dumps(p) for p in probabilities], pa.string()))
-    if audited:
-        table = table.append_column(AUDIT_COLUMN, pa.array([p.disagreement for p in predictions], pa.float64()))
-    return table
-
-
-class _Columns:
-    """The text (and pair) columns of the input, checked, read row by row; empty texts counted."""
-
-    def __init__(self, text: str, pair: str | None, *, audited: bool = False):
-        self.text, self.pair = text, pair
-        self.added = OUTPUT_COLUMNS + ((AUDIT_COLUMN,) if audited else ())
-        self.empty_count, self.empty_rows = 0, []  # the first rows only: a file may have millions
-
-    def check(self, table, path: str) -> None:
-        if table.num_columns == 0 and table.num_rows == 0:  # an empty JSON lines file
-            return
-        names = table.column_names
-        for name in (self.text, self.pair):
-            if name is not None and name not in names:
-                option = "--text-column" if name == self.text else "--pair-column"
-                raise CliError(f"{path} has no column {name!r} ({option}); its columns are {names}")
-        taken = [name for name in self.added if name in names]
-        if taken:
-            raise CliError(f"{path} already has the column(s) {taken} that the output adds; rename them")
-
-    def items(self, table, first_row: int):
-        if not table.num_rows:
-            return
-        texts = table.column(self.text).to_pylist()
-        pairs = table.column(self.pair).to_pylist() if self.pair else None
-        for offset, text in enumerate(texts):
-            row = first_row + offset
-            text = self._text(text, self.text, row)
-            if pairs is None:
-                empty = not text.strip()
-                item = text
-            else:
-                pair = self._text(pairs[offset], self.pair, row)
-                empty = not text.strip() or not pair.strip()
-                item = (text, pair)
-            if empty:
-                self.empty_count += 1
-                if len(self.empty_rows) < 20:
-                    self.empty_rows.append(row)
-            yield item
-
-    @staticmethod
-    def _text(value, column: str, row: int) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return ""
-        if not isinstance(value, str):
-            raise CliError(f"row {row}: column {column!r} holds {type(value).__name__} {value!r}, not text")
-        return value
-
-    def warn_about_empty_texts(self) -> None:
-        if not self.empty_count:
-            return
-        shown = ", ".join(map(str, self.empty_rows)) + (", ..." if self.empty_count > len(self.empty_rows) else "")
-        where = f"{self.text!r}" + (f" or {self.pair!r}" if self.pair else "")
-        print(
-            f"warning: {self.empty_count} rows have an empty or null {where} and were classified as the empty "
-            f"text, not dropped (rows {shown}; row 0 is the first data row)",
-            file=sys.stderr,
-        )
 
 
 def _classify_on_ray(args) -> int:
