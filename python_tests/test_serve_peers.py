@@ -287,3 +287,14 @@ def test_the_synthetic_mode_still_runs(tmp_path):
     assert ("early_exit", "stream", 4) in servers and ("never_exit", "hard (with easy)", 32) in servers
     assert all(r["requests"] > 0 for r in rows)
     assert "| 4 |" in (tmp_path / "serve_load_tiny.md").read_text()
+
+
+def test_a_peer_that_does_not_start_is_skipped_with_its_error(folders, tmp_path):
+    # this environment's Python has no infinity_emb: Infinity's command line fails at its import
+    if infinity_peer.find_infinity(sys.executable)[0] is not None:
+        pytest.skip("this environment has Infinity")
+    config = tiny_config(folders, servers=("infinity torch fp32",), infinity_python=Path(sys.executable))
+    rows, notes, failed = serve_peers.measure(config, [], tmp_path, None, progress=lambda message: None)
+    assert rows == [] and list(failed) == ["infinity torch fp32"]
+    assert failed["infinity torch fp32"].startswith("it did not start: ")
+    assert "infinity_emb" in failed["infinity torch fp32"] or "Error" in failed["infinity torch fp32"]

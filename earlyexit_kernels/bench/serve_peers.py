@@ -252,12 +252,23 @@ def _notes(name: str, server) -> str:
     return ""
 
 
+def _last_line(text: str) -> str:
+    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "no message")
+
+
 def measure(config: PeersConfig, full: list[str], scratch: Path, onnx: dict | None, progress=print):
-    """One row per (server, concurrency) and the notes of each server."""
-    rows, notes = [], {}
+    """One row per (server, concurrency), the notes of each server, and the peers that did not start (why)."""
+    rows, notes, failed = [], {}, {}
     n = len(config.texts)
     for name in config.servers:
-        server, model = _start(name, config, scratch, onnx)
+        try:
+            server, model = _start(name, config, scratch, onnx)
+        except RuntimeError as err:
+            if name in EEK_SERVERS:
+                raise
+            failed[name] = "it did not start: " + _last_line(str(err))
+            progress(f"{name}: {err}")
+            continue
         try:
             with pinned(config.client_cores):
                 asyncio.run(drive(server.url, config.texts, list(range(min(16, n))), 4, 60, model=model))
@@ -276,7 +287,7 @@ def measure(config: PeersConfig, full: list[str], scratch: Path, onnx: dict | No
             notes[name] = _notes(name, server)
         finally:
             server.stop()
-    return rows, notes
+    return rows, notes, failed
 
 
 def soak(config: PeersConfig, full: list[str], progress=print) -> dict:
@@ -377,8 +388,14 @@ def run(config: PeersConfig, output_dir: Path, name: str = "cpu", command: str =
         onnx = None
         if any(s.startswith("infinity onnx") for s in servers):
             progress("ONNX export and int8 quantization of the plain classifier")
-            onnx = infinity_peer.export_onnx(config.infinity_python, config.plain, scratch / "onnx")
-        rows, notes = measure(replace(config, servers=tuple(servers)), full, scratch, onnx, progress)
+            try:
+                onnx = infinity_peer.export_onnx(config.infinity_python, config.plain, scratch / "onnx")
+            except (RuntimeError, subprocess.TimeoutExpired) as err:
+                failed = [s for s in servers if s.startswith("infinity onnx")]
+                skipped.update(dict.fromkeys(failed, "the ONNX export failed: " + _last_line(str(err))))
+                servers = [s for s in servers if s not in failed]
+        rows, notes, failed = measure(replace(config, servers=tuple(servers)), full, scratch, onnx, progress)
+        skipped.update(failed)
     result = {
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "cpu": cpu_name(),
