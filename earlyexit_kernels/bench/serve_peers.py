@@ -490,8 +490,9 @@ def main(args, argv: list[str]) -> int:
         else:
             if args.plain is None or args.texts is None:
                 raise SystemExit("error: --model needs --plain and --texts (or use --rotten-tomatoes)")
-            model, plain, source = args.model, args.plain, f"{args.model.name}, texts of {args.texts.name}"
+            model, plain = args.model, args.plain
             texts = [line for line in args.texts.read_text().splitlines() if line.strip()]
+            source = f"{args.model.name}, the {len(texts)} texts of {args.texts.name}"
         server_cores, client_cores = default_cores()
         config = PeersConfig(
             model=model,
