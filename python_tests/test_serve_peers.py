@@ -298,3 +298,21 @@ def test_a_peer_that_does_not_start_is_skipped_with_its_error(folders, tmp_path)
     assert rows == [] and list(failed) == ["infinity torch fp32"]
     assert failed["infinity torch fp32"].startswith("it did not start: ")
     assert "infinity_emb" in failed["infinity torch fp32"] or "Error" in failed["infinity torch fp32"]
+
+
+def test_the_command_line_runs_the_soak_alone_on_a_given_model(folders, tmp_path, capsys):
+    model, plain = folders
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS) + "\n")
+    doc = tmp_path / "serving.md"
+    doc.write_text(f"# Serving\n\n{START}\nnot measured yet\n{END}\n")
+    argv = ["--model", str(model), "--plain", str(plain), "--texts", str(texts), "--soak-only", "--soak-seconds", "2"]
+    argv += ["--server-cores", "none", "--client-cores", "none", "--output-dir", str(tmp_path / "out"), "--name", "t"]
+    assert serve_load.main([*argv, "--readme", str(doc)]) == 0
+    capsys.readouterr()
+    recorded = json.loads((tmp_path / "out" / "serve_peers_t.json").read_text())
+    assert recorded["rows"] == [] and recorded["skipped"] == {} and recorded["soak"]["requests"] > 0
+    assert recorded["source"] == f"model, the {len(TEXTS)} texts of texts.txt" and recorded["server_cores"] is None
+    section = doc.read_text()
+    assert "Soak: `eek serve` at concurrency 32" in section and "| server |" not in section
+    assert "not measured yet" not in section and "nothing pinned" in section

@@ -472,6 +472,7 @@ def add_arguments(parser) -> None:
     real.add_argument("--server-cores", default=None, help='e.g. "0" (default: the first core; "none")')
     real.add_argument("--client-cores", default=None, help='e.g. "1" (default: the other cores; "none")')
     real.add_argument("--soak-seconds", type=float, default=PeersConfig.soak_seconds, help="0: no soak")
+    real.add_argument("--soak-only", action="store_true", help="the soak alone (no server per concurrency)")
     real.add_argument("--readme", type=Path, help="write the section into this Markdown file (docs/serving.md)")
     real.add_argument("--from-json", type=Path, help="render a recorded result, run nothing")
 
@@ -505,7 +506,7 @@ def main(args, argv: list[str]) -> int:
             max_batch_size=args.max_batch_size,
             server_cores=server_cores if args.server_cores is None else parse_cores(args.server_cores),
             client_cores=client_cores if args.client_cores is None else parse_cores(args.client_cores),
-            servers=tuple(args.servers),
+            servers=() if args.soak_only else tuple(args.servers),
             infinity_python=args.infinity_python,
             soak_seconds=args.soak_seconds,
         )

@@ -44,13 +44,16 @@ def render(result: dict) -> str:
         f"{pinning}; {result['threads']} thread(s) per server (`OMP_NUM_THREADS`, `--threads`), batches of at "
         f"most {result['max_batch_size']}; {result['requests']} requests per concurrency (a quarter at 1), at most "
         f"{result['max_seconds']:g} s each; {result['cpu']}, {result['cpu_count']} cores, {result['date']}.",
-        "",
-        "Each cell: texts/s, p50 / p99 latency. Agreement: the server's labels against the full model's (the plain "
-        "classifier, unpatched, float32) on the same texts.",
-        "",
-        "| server | " + " | ".join(f"concurrency {c}" for c in levels) + " | agreement | mean exit layer |",
-        "|---|" + "---:|" * len(levels) + "---:|---:|",
     ]
+    if servers:
+        lines += [
+            "",
+            "Each cell: texts/s, p50 / p99 latency. Agreement: the server's labels against the full model's (the "
+            "plain classifier, unpatched, float32) on the same texts.",
+            "",
+            "| server | " + " | ".join(f"concurrency {c}" for c in levels) + " | agreement | mean exit layer |",
+            "|---|" + "---:|" * len(levels) + "---:|---:|",
+        ]
     for server in servers:
         rows = [r for r in result["rows"] if r["server"] == server]
         answered = sum(int(r["requests"]) for r in rows)
