@@ -19,6 +19,10 @@ easy request waits for the hard one that arrived with it.
 Client and server share this machine's cores; figures are wall-clock on loopback.
 Writes ``serve_load_<name>.csv`` and ``.md`` under ``--output-dir`` (default: a new
 folder under the system's temporary directory).
+
+With ``--rotten-tomatoes`` (or ``--model MODEL --plain PLAIN --texts FILE``) it runs a real model
+instead, beside Infinity's configurations of the same weights, then a soak: see
+:mod:`earlyexit_kernels.bench.serve_peers`.
 """
 
 from __future__ import annotations
@@ -27,8 +31,6 @@ import argparse
 import asyncio
 import csv
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from earlyexit_kernels.bench import serve_peers
+from earlyexit_kernels.bench.server_process import EekServer
 from earlyexit_kernels.bench.stream import (
     StreamConfig,
     calibrate,
@@ -63,12 +67,6 @@ class LoadConfig:
     seed: int = 0
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def prepare(config: LoadConfig, folder: Path):
     """Save the patched model with its tokenizer; returns (folder, texts, threshold, offline exit layers)."""
     stream = StreamConfig(sequences=config.sequences, hidden=config.hidden, layers=config.layers, seed=config.seed)
@@ -79,36 +77,6 @@ def prepare(config: LoadConfig, folder: Path):
     patched.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     return model_dir, texts, threshold, exit_layers_at(entropies, threshold)
-
-
-class ServerProcess:
-    """``python -m earlyexit_kernels serve`` on a free port, stopped with SIGTERM."""
-
-    def __init__(self, model_dir: Path, policy: str, max_batch_size: int, threads: int):
-        import httpx
-
-        self.url = f"http://127.0.0.1:{_free_port()}"
-        port = self.url.rsplit(":", 1)[1]
-        command = [sys.executable, "-m", "earlyexit_kernels", "serve", str(model_dir), "--port", port]
-        command += ["--policy", policy, "--max-batch-size", str(max_batch_size), "--max-queue", "4096"]
-        # One thread: the client takes the other core; a 2-thread layer call would wait at each
-        # barrier for a core the client holds (latencies of 100+ ms on 2 cores).
-        command += ["--log-level", "warning", "--threads", str(threads)]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start: {self.process.stderr.read().decode()[-2000:]}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(60)
 
 
 async def _load(url: str, texts: list[str], concurrency: int, max_seconds: float):
@@ -175,7 +143,7 @@ def run(config: LoadConfig, output_dir: Path, name: str = "cpu", progress=print)
             writer = csv.DictWriter(handle, fieldnames=COLUMNS)
             writer.writeheader()
             for server_name, policy in (("early_exit", f"Entropy({threshold!r})"), ("never_exit", "Entropy(0.0)")):
-                server = ServerProcess(model_dir, policy, config.max_batch_size, config.server_threads)
+                server = EekServer(model_dir, policy, config.max_batch_size, config.server_threads)
                 try:
                     asyncio.run(_load(server.url, texts[:16], 4, 30))  # warm-up
                     for concurrency in config.concurrency:
@@ -249,7 +217,10 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(LoadConfig.concurrency))
     parser.add_argument("--layers", type=int, default=LoadConfig.layers)
     parser.add_argument("--hidden", type=int, default=LoadConfig.hidden)
+    serve_peers.add_arguments(parser)
     args = parser.parse_args(argv)
+    if serve_peers.wanted(args):
+        return serve_peers.main(args, sys.argv[1:] if argv is None else list(argv))
     config = LoadConfig(
         requests=args.requests,
         max_seconds=args.max_seconds,

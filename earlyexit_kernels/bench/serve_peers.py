@@ -1,0 +1,520 @@
+"""The serving benchmark on a real model, beside its peers, and the soak (issue 53).
+
+``python -m earlyexit_kernels.bench.serve_load --rotten-tomatoes`` (or ``--model MODEL --plain
+PLAIN``) runs, one at a time, on 127.0.0.1, each pinned to the server cores with one thread
+(``taskset``-like affinity, ``OMP_NUM_THREADS=1``), batches of at most ``--max-batch-size`` (32),
+the client (this process, asyncio + httpx, one text per ``POST /classify``) pinned to the others:
+
+- ``eek serve``: MODEL (an ``eek fit`` folder) with its saved, certified policy, ``--threads 1``;
+- ``eek serve int8``: the same with ``--dtype int8``;
+- Infinity's four configurations of PLAIN, the plain classifier with the same weights
+  (:mod:`earlyexit_kernels.bench.infinity_peer`), when Infinity is installed in its own
+  environment (``--infinity-python``); skipped with the reason when it is not.
+
+Each server gets the same texts at each concurrency (a bounded number of requests per level, at
+most ``--max-seconds`` each): texts/s, p50/p99 latency, and the agreement of its labels with
+the full model's (PLAIN unpatched, float32, run once in this process on every text). Then the
+soak: ``eek serve`` at concurrency 32 for ``--soak-seconds``, its resident memory (``VmRSS``) read
+after a warm-up, a few times during and at the end; the target is flat within +-5%.
+
+Writes ``serve_peers_<name>.json`` and ``.csv`` under ``--output-dir``, and with ``--readme`` the
+section between :data:`START` and :data:`END` of that Markdown file (``--from-json`` re-renders
+a recorded result without running anything).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from earlyexit_kernels.bench import infinity_peer
+from earlyexit_kernels.bench.serve_peers_report import END, START, render, write_readme
+from earlyexit_kernels.bench.server_process import EekServer, parse_cores, resident_kib
+
+COLUMNS = ["server", "concurrency", "requests", "texts_per_s", "p50_ms", "p99_ms", "agreement", "agree"]
+COLUMNS += ["mean_exit_layer", "errors", "rss_mib", "peak_rss_mib"]
+EEK_SERVERS = {"eek serve": (), "eek serve int8": ("--dtype", "int8")}
+SERVERS = (*EEK_SERVERS, *(peer.name for peer in infinity_peer.PEERS))
+TOLERANCE = 0.05  # the soak's target: resident memory within +-5% of its value after the warm-up
+__all__ = ["PeersConfig", "run", "soak", "full_model_labels", "render", "write_readme", "START", "END"]
+
+
+def default_cores() -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """(server cores, client cores): core 0 and the rest where there are two or more, else no pinning."""
+    available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(available) < 2:
+        return None, None
+    return (available[0],), tuple(available[1:])
+
+
+@dataclass
+class PeersConfig:
+    model: Path  # the eek fit folder
+    plain: Path  # the plain classifier with the same weights
+    texts: list[str] = field(repr=False, default_factory=list)
+    source: str = ""  # what the texts are, for the notes
+    concurrency: tuple[int, ...] = (1, 8, 32, 128)
+    requests: int = 256  # per level (a quarter of it at concurrency 1)
+    max_seconds: float = 30.0  # per level
+    max_batch_size: int = 32
+    threads: int = 1
+    server_cores: tuple[int, ...] | None = None
+    client_cores: tuple[int, ...] | None = None
+    servers: tuple[str, ...] = SERVERS
+    infinity_python: Path | None = None
+    soak_seconds: float = 300.0  # 0: no soak
+    soak_concurrency: int = 32
+    soak_samples: int = 10
+    work_dir: Path | None = None  # ONNX exports and the peers' caches (default: a temporary folder)
+
+
+def full_model_labels(plain: Path, texts: list[str], batch_size: int = 32) -> list[str]:
+    """The label of each text by the plain classifier, unpatched, float32, in this process."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(plain)
+    model = AutoModelForSequenceClassification.from_pretrained(plain, dtype=torch.float32).eval()
+    limit = model.config.max_position_embeddings
+    names = model.config.id2label
+    labels: list[str] = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            batch = texts[start : start + batch_size]
+            encoded = tokenizer(batch, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+            labels += [names[int(i)] for i in model(**encoded).logits.argmax(-1)]
+    return labels
+
+
+@dataclass
+class Drive:
+    """What a load run got back: per answer the text's index, latency (s), label and exit layer."""
+
+    index: list[int] = field(default_factory=list)
+    latency: list[float] = field(default_factory=list)
+    label: list[str] = field(default_factory=list)
+    exit_layer: list[int | None] = field(default_factory=list)
+    errors: int = 0
+    wall: float = 0.0
+
+
+async def drive(
+    url: str,
+    texts: list[str],
+    indices: list[int],
+    concurrency: int,
+    max_seconds: float,
+    *,
+    model: str | None = None,
+    cycle: bool = False,
+    sample=None,
+    every: float = 0.0,
+) -> Drive:
+    """``POST /classify`` of ``texts[i]`` for each i of ``indices``, ``concurrency`` at a time.
+
+    Stops when every index was sent (``cycle``: starts over until ``max_seconds``) or after
+    ``max_seconds``. Answers other than 200 count in ``errors``; a worker whose connection
+    fails stops. ``sample()`` is called every ``every`` seconds while it runs.
+    """
+    import httpx
+
+    out = Drive()
+    sent = 0
+    stop_at = time.perf_counter() + max_seconds
+    body = {} if model is None else {"model": model}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+
+        async def worker():
+            nonlocal sent
+            while (cycle or sent < len(indices)) and time.perf_counter() < stop_at:
+                index = indices[sent % len(indices)]
+                sent += 1
+                started = time.perf_counter()
+                try:
+                    response = await client.post("/classify", json={**body, "input": [texts[index]]})
+                except httpx.TransportError:
+                    out.errors += 1
+                    return
+                if response.status_code != 200:
+                    out.errors += 1
+                    continue
+                latency = time.perf_counter() - started
+                best = max(response.json()["data"][0], key=lambda entry: entry["score"])
+                out.index.append(index)
+                out.latency.append(latency)
+                out.label.append(best["label"])
+                out.exit_layer.append(best.get("exit_layer"))
+
+        async def sampler():
+            while True:
+                await asyncio.sleep(every)
+                sample()
+
+        started = time.perf_counter()
+        watch = asyncio.create_task(sampler()) if sample is not None and every > 0 else None
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        out.wall = time.perf_counter() - started
+        if watch is not None:
+            watch.cancel()
+    return out
+
+
+def _quantile_ms(values: list[float], q: float) -> float | str:
+    if not values:
+        return ""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return round((ordered[low] + (ordered[high] - ordered[low]) * (position - low)) * 1000, 1)
+
+
+def summarize(server: str, concurrency: int, run: Drive, full: list[str]) -> dict:
+    agree = sum(label == full[i] for i, label in zip(run.index, run.label, strict=True))
+    exits = [e for e in run.exit_layer if e is not None]
+    return dict(
+        server=server,
+        concurrency=concurrency,
+        requests=len(run.index),
+        texts_per_s=round(len(run.index) / run.wall, 2) if run.wall > 0 else "",
+        p50_ms=_quantile_ms(run.latency, 0.5),
+        p99_ms=_quantile_ms(run.latency, 0.99),
+        agreement=round(agree / len(run.index), 4) if run.index else "",
+        agree=agree,
+        mean_exit_layer=round(sum(exits) / len(exits), 2) if exits else "",
+        errors=run.errors,
+    )
+
+
+def _mib(kib: int | None) -> float | str:
+    return round(kib / 1024, 1) if kib is not None else ""
+
+
+def _peak_kib(pid: int) -> int | None:
+    return resident_kib(pid, "VmHWM")
+
+
+@contextlib.contextmanager
+def pinned(cores: tuple[int, ...] | None):
+    """This process on ``cores`` for the block (the client's), its affinity restored after."""
+    if not cores or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, set(cores))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def _start(name: str, config: PeersConfig, scratch: Path, onnx: dict | None):
+    env = {"OMP_NUM_THREADS": str(config.threads), "MKL_NUM_THREADS": str(config.threads)}
+    if name in EEK_SERVERS:
+        return EekServer(
+            config.model,
+            None,
+            config.max_batch_size,
+            config.threads,
+            extra=EEK_SERVERS[name],
+            cores=config.server_cores,
+            env=env,
+            name=name,
+        ), None
+    peer = next(p for p in infinity_peer.PEERS if p.name == name)
+    folder = config.plain if peer.onnx is None else onnx[peer.onnx]
+    server = infinity_peer.InfinityServer(
+        config.infinity_python,
+        peer,
+        folder,
+        scratch / ("home-" + name.replace(" ", "-")),
+        threads=config.threads,
+        max_batch_size=config.max_batch_size,
+        cores=config.server_cores,
+    )
+    return server, infinity_peer.MODEL_NAME
+
+
+def _notes(name: str, server) -> str:
+    if name.startswith("infinity onnx") and "Optimization failed" in server.log_tail(10**7):
+        return "Infinity's ONNX graph optimization failed; it served the model as exported"
+    return ""
+
+
+def _last_line(text: str) -> str:
+    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "no message")
+
+
+def measure(config: PeersConfig, full: list[str], scratch: Path, onnx: dict | None, progress=print):
+    """One row per (server, concurrency), the notes of each server, and the peers that did not start (why)."""
+    rows, notes, failed = [], {}, {}
+    n = len(config.texts)
+    for name in config.servers:
+        try:
+            server, model = _start(name, config, scratch, onnx)
+        except RuntimeError as err:
+            if name in EEK_SERVERS:
+                raise
+            failed[name] = "it did not start: " + _last_line(str(err))
+            progress(f"{name}: {err}")
+            continue
+        try:
+            with pinned(config.client_cores):
+                asyncio.run(drive(server.url, config.texts, list(range(min(16, n))), 4, 60, model=model))
+                for level, concurrency in enumerate(config.concurrency):
+                    count = max(1, config.requests // 4) if concurrency == 1 else config.requests
+                    start = level * config.requests
+                    indices = [(start + i) % n for i in range(min(count, n))]
+                    run = asyncio.run(
+                        drive(server.url, config.texts, indices, concurrency, config.max_seconds, model=model)
+                    )
+                    row = summarize(name, concurrency, run, full)
+                    row["rss_mib"] = _mib(server.resident_kib())
+                    row["peak_rss_mib"] = _mib(_peak_kib(server.pid))
+                    rows.append(row)
+                    progress(f"{name} c={concurrency}: {row}")
+            notes[name] = _notes(name, server)
+        finally:
+            server.stop()
+    return rows, notes, failed
+
+
+def soak(config: PeersConfig, full: list[str], progress=print) -> dict:
+    """``eek serve`` at ``soak_concurrency`` for ``soak_seconds``; its resident memory before, during, after."""
+    env = {"OMP_NUM_THREADS": str(config.threads), "MKL_NUM_THREADS": str(config.threads)}
+    server = EekServer(config.model, None, config.max_batch_size, config.threads, cores=config.server_cores, env=env)
+    indices = list(range(len(config.texts)))
+    warm_up = min(30.0, config.soak_seconds / 5)
+    samples: list[tuple[float, int | None]] = []
+    try:
+        started_kib = server.resident_kib()
+        with pinned(config.client_cores):
+            asyncio.run(drive(server.url, config.texts, indices, config.soak_concurrency, warm_up, cycle=True))
+            before = server.resident_kib()
+            began = time.perf_counter()
+            samples.append((0.0, before))
+            load = asyncio.run(
+                drive(
+                    server.url,
+                    config.texts,
+                    indices,
+                    config.soak_concurrency,
+                    config.soak_seconds,
+                    cycle=True,
+                    sample=lambda: samples.append((time.perf_counter() - began, server.resident_kib())),
+                    every=config.soak_seconds / max(1, config.soak_samples),
+                )
+            )
+        after = server.resident_kib()
+        samples.append((time.perf_counter() - began, after))
+        peak = _peak_kib(server.pid)
+    finally:
+        server.stop()
+    row = summarize("eek serve", config.soak_concurrency, load, full)
+    values = [kib for _, kib in samples if kib is not None]
+    deviation = max(abs(kib - before) / before for kib in values) if before and values else None
+    result = dict(
+        row,
+        seconds=round(load.wall, 1),
+        warm_up_seconds=round(warm_up, 1),
+        rss_start_mib=_mib(started_kib),
+        rss_before_mib=_mib(before),
+        rss_after_mib=_mib(after),
+        rss_min_mib=_mib(min(values)) if values else "",
+        rss_max_mib=_mib(max(values)) if values else "",
+        peak_rss_mib=_mib(peak),
+        rss_change_pct=round((after - before) / before * 100, 2) if before and after else "",
+        rss_largest_deviation_pct=round(deviation * 100, 2) if deviation is not None else "",
+        flat=deviation is not None and deviation <= TOLERANCE,
+        samples=[[round(t, 1), _mib(kib)] for t, kib in samples],
+    )
+    progress(f"soak: {result}")
+    return result
+
+
+def _package_versions() -> dict:
+    import torch
+    import transformers
+
+    from earlyexit_kernels import __version__
+
+    return {
+        "earlyexit_kernels": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def run(config: PeersConfig, output_dir: Path, name: str = "cpu", command: str = "", progress=print) -> dict:
+    """Measure every server of ``config`` that can run, then the soak; writes the JSON and CSV, returns the result."""
+    from earlyexit_kernels.bench.results import cpu_name
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    # absolute (not resolved: a virtual environment's python is a link that must stay one): the
+    # ONNX peers start inside their model folder
+    python = os.path.abspath(config.infinity_python or infinity_peer.default_python())
+    config = replace(
+        config,
+        model=Path(os.path.abspath(config.model)),
+        plain=Path(os.path.abspath(config.plain)),
+        infinity_python=Path(python),
+    )
+    skipped: dict[str, str] = {}
+    servers = list(config.servers)
+    wanted_peers = [s for s in servers if s not in EEK_SERVERS]
+    infinity, why = (None, "")
+    if wanted_peers:
+        infinity, why = infinity_peer.find_infinity(config.infinity_python)
+        if infinity is None:
+            skipped.update(dict.fromkeys(wanted_peers, why))
+            servers = [s for s in servers if s in EEK_SERVERS]
+    progress(f"full model's labels of {len(config.texts)} texts")
+    full = full_model_labels(config.plain, config.texts)
+    with tempfile.TemporaryDirectory(prefix="eek-serve-peers-") as scratch_name:
+        scratch = Path(config.work_dir) if config.work_dir is not None else Path(scratch_name)
+        onnx = None
+        if any(s.startswith("infinity onnx") for s in servers):
+            progress("ONNX export and int8 quantization of the plain classifier")
+            try:
+                onnx = infinity_peer.export_onnx(config.infinity_python, config.plain, scratch / "onnx")
+            except (RuntimeError, subprocess.TimeoutExpired) as err:
+                failed = [s for s in servers if s.startswith("infinity onnx")]
+                skipped.update(dict.fromkeys(failed, "the ONNX export failed: " + _last_line(str(err))))
+                servers = [s for s in servers if s not in failed]
+        rows, notes, failed = measure(replace(config, servers=tuple(servers)), full, scratch, onnx, progress)
+        skipped.update(failed)
+    result = {
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "command": command,
+        "model": str(config.model),
+        "plain": str(config.plain),
+        "source": config.source,
+        "texts": len(config.texts),
+        "server_cores": list(config.server_cores) if config.server_cores else None,
+        "client_cores": list(config.client_cores) if config.client_cores else None,
+        "threads": config.threads,
+        "max_batch_size": config.max_batch_size,
+        "requests": config.requests,
+        "max_seconds": config.max_seconds,
+        "concurrency": list(config.concurrency),
+        "versions": {"eek": _package_versions(), "infinity": infinity},
+        "quantize_flag": infinity_peer.quantize_flag() if onnx else None,
+        "rows": rows,
+        "notes": {k: v for k, v in notes.items() if v},
+        "skipped": skipped,
+        "soak": soak(config, full, progress) if config.soak_seconds > 0 else None,
+    }
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    (output_dir / f"serve_peers_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    with open(output_dir / f"serve_peers_{name}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return result
+
+
+def rotten_tomatoes(models_dir: Path, progress=print) -> tuple[Path, Path, list[str], str]:
+    """Issue 53's model: (MODEL, PLAIN, texts, what they are).
+
+    PLAIN: MiniLM-L6 fine-tuned on the Rotten Tomatoes train split
+    (:func:`earlyexit_kernels.demo.real_task.fine_tuned_model`, cached); MODEL: ``eek fit`` on it
+    with the train split as TRAIN_FILE and the validation split as ``--calibration``, written
+    under ``models_dir`` when absent; the texts: the test split, which neither saw.
+    """
+    from earlyexit_kernels.demo import real_task
+
+    _, _, info = real_task.fine_tuned_model("minilm", task="rotten_tomatoes", progress=False)
+    plain = Path(info["path"])
+    splits = real_task.load_rotten_tomatoes()
+    model = models_dir / "eek-minilm-rt"
+    if not (model / "config.json").is_file():
+        models_dir.mkdir(parents=True, exist_ok=True)
+        files = {}
+        for split in ("train", "validation"):
+            files[split] = models_dir / f"rt-{split}.csv"
+            with open(files[split], "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["text", "label"])
+                writer.writerows(zip(splits[split].texts, splits[split].labels, strict=True))
+        command = [sys.executable, "-m", "earlyexit_kernels", "fit", str(plain), str(files["train"]), str(model)]
+        command += ["--calibration", str(files["validation"]), "--no-progress"]
+        progress("eek fit: " + " ".join(command))
+        subprocess.run(command, check=True)
+    texts = splits["test"].texts
+    return model, plain, texts, f"MiniLM-L6 fine-tuned on Rotten Tomatoes, the test split's {len(texts)} snippets"
+
+
+def add_arguments(parser) -> None:
+    real = parser.add_argument_group("the real model beside its peers (issue 53)")
+    real.add_argument("--rotten-tomatoes", action="store_true", help="issue 53's model and texts (see --models-dir)")
+    real.add_argument("--model", type=Path, help="an `eek fit` folder, served by eek serve")
+    real.add_argument("--plain", type=Path, help="the plain classifier with MODEL's weights (Infinity, full model)")
+    real.add_argument("--texts", type=Path, help="one text per line (--rotten-tomatoes: the test split)")
+    real.add_argument("--models-dir", type=Path, default=Path("bench-results/serve-peers"), help="--rotten-tomatoes")
+    real.add_argument("--infinity-python", type=Path, default=None, help="default .venv-infinity/bin/python")
+    real.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS), metavar="SERVER")
+    real.add_argument("--max-batch-size", type=int, default=PeersConfig.max_batch_size)
+    real.add_argument("--server-cores", default=None, help='e.g. "0" (default: the first core; "none")')
+    real.add_argument("--client-cores", default=None, help='e.g. "1" (default: the other cores; "none")')
+    real.add_argument("--soak-seconds", type=float, default=PeersConfig.soak_seconds, help="0: no soak")
+    real.add_argument("--soak-only", action="store_true", help="the soak alone (no server per concurrency)")
+    real.add_argument("--readme", type=Path, help="write the section into this Markdown file (docs/serving.md)")
+    real.add_argument("--from-json", type=Path, help="render a recorded result, run nothing")
+
+
+def wanted(args) -> bool:
+    return bool(args.rotten_tomatoes or args.model or args.from_json)
+
+
+def main(args, argv: list[str]) -> int:
+    """The real-model mode of ``serve_load``'s command line."""
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+    else:
+        if args.rotten_tomatoes:
+            model, plain, texts, source = rotten_tomatoes(args.models_dir)
+        else:
+            if args.plain is None or args.texts is None:
+                raise SystemExit("error: --model needs --plain and --texts (or use --rotten-tomatoes)")
+            model, plain = args.model, args.plain
+            texts = [line for line in args.texts.read_text().splitlines() if line.strip()]
+            source = f"{args.model.name}, the {len(texts)} texts of {args.texts.name}"
+        server_cores, client_cores = default_cores()
+        config = PeersConfig(
+            model=model,
+            plain=plain,
+            texts=texts,
+            source=source,
+            concurrency=tuple(args.concurrency),
+            requests=args.requests,
+            max_seconds=args.max_seconds,
+            max_batch_size=args.max_batch_size,
+            server_cores=server_cores if args.server_cores is None else parse_cores(args.server_cores),
+            client_cores=client_cores if args.client_cores is None else parse_cores(args.client_cores),
+            servers=() if args.soak_only else tuple(args.servers),
+            infinity_python=args.infinity_python,
+            soak_seconds=args.soak_seconds,
+        )
+        output_dir = args.output_dir or Path(tempfile.mkdtemp(prefix="eek-serve-peers-"))
+        command = "python -m earlyexit_kernels.bench.serve_load " + " ".join(argv)
+        result = run(config, output_dir, args.name, command)
+        print(f"written to {output_dir}")
+    print(render(result))
+    if args.readme:
+        write_readme(args.readme, result)
+    return 0

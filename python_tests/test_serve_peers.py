@@ -1,0 +1,318 @@
+"""The serving benchmark (earlyexit_kernels/bench/serve_load.py): its real-model mode, peers and soak, tiny.
+
+A tiny random BERT saved twice: plain (what Infinity and the full model read) and patched with
+``Entropy(0.0)``, which never exits (what ``eek serve`` reads), so that ``eek serve``'s labels must
+equal the full model's. Infinity's part runs where it is installed (``EEK_INFINITY_PYTHON``, else
+``.venv-infinity/bin/python`` of the checkout: benchmarks/setup_infinity_env.sh) and is skipped,
+with the reason, where it is not.
+"""
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import WORDS, word_texts
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+import earlyexit_kernels as eek
+from earlyexit_kernels.bench import infinity_peer, serve_load, serve_peers, serve_peers_report
+from earlyexit_kernels.bench.serve_peers import END, START, PeersConfig
+from earlyexit_kernels.bench.server_process import parse_cores
+
+pytest.importorskip("httpx")
+pytest.importorskip("uvicorn")
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+INFINITY = os.environ.get("EEK_INFINITY_PYTHON") or str(CHECKOUT / infinity_peer.default_python())
+TEXTS = [text for text in word_texts(30, seed=3, longest=20) if text][:10]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """(eek model folder, plain folder) of the same tiny BERT."""
+    path = tmp_path_factory.mktemp("peers")
+    plain, patched = path / "plain", path / "model"
+    plain.mkdir()
+    (plain / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    torch.manual_seed(0)
+    labels = {0: "rotten", 1: "fresh"}
+    config = BertConfig(
+        vocab_size=5 + len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+    )
+    model = BertForSequenceClassification._from_config(config, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        model.classifier.weight.mul_(50.0)  # labels far from ties: a batch's padding cannot flip one
+    tokenizer = BertTokenizerFast(vocab=str(plain / "vocab.txt"))
+    model.save_pretrained(plain)
+    tokenizer.save_pretrained(plain)
+    eek.patch(model, eek.Entropy(0.0))
+    model.save_pretrained(patched)
+    tokenizer.save_pretrained(patched)
+    return patched, plain
+
+
+def tiny_config(folders, **changes) -> PeersConfig:
+    model, plain = folders
+    settings = dict(
+        model=model,
+        plain=plain,
+        texts=TEXTS,
+        source="a tiny random BERT",
+        concurrency=(1, 2),
+        requests=8,
+        max_seconds=20,
+        soak_seconds=0,
+    )
+    return PeersConfig(**{**settings, **changes})
+
+
+def test_without_infinity_the_peers_are_skipped_with_the_reason(tmp_path):
+    found, why = infinity_peer.find_infinity(tmp_path / "no-env" / "bin" / "python")
+    assert found is None and "does not exist" in why and "setup_infinity_env.sh" in why
+    found, why = infinity_peer.find_infinity(sys.executable)  # the package's own environment: no Infinity
+    if found is None:
+        assert "Infinity is not installed" in why and "infinity_emb" in why
+
+
+def test_the_real_mode_runs_eek_serve_and_skips_an_absent_infinity(folders, tmp_path):
+    config = tiny_config(folders, infinity_python=tmp_path / "absent" / "python")
+    result = serve_peers.run(config, tmp_path / "out", name="tiny", progress=lambda message: None)
+    peers = [p.name for p in infinity_peer.PEERS]
+    assert set(result["skipped"]) == set(peers)
+    assert all("does not exist" in why for why in result["skipped"].values())
+    rows = {(r["server"], r["concurrency"]): r for r in result["rows"]}
+    assert set(rows) == {(s, c) for s in ("eek serve", "eek serve int8") for c in (1, 2)}
+    for (server, concurrency), row in rows.items():
+        assert row["requests"] == (2 if concurrency == 1 else 8) and row["errors"] == 0
+        assert row["texts_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
+        assert row["rss_mib"] > 0 and row["peak_rss_mib"] >= row["rss_mib"]
+        if server == "eek serve":  # Entropy(0.0) never exits: the full model's labels, every layer
+            assert row["agreement"] == 1.0 and row["mean_exit_layer"] == 4
+    with open(tmp_path / "out" / "serve_peers_tiny.csv") as handle:
+        written = list(csv.DictReader(handle))
+    assert list(written[0]) == serve_peers.COLUMNS and len(written) == 4
+    recorded = json.loads((tmp_path / "out" / "serve_peers_tiny.json").read_text())
+    assert recorded["rows"] == result["rows"] and recorded["soak"] is None
+    section = serve_peers.render(recorded)
+    assert section.startswith(START) and section.rstrip().endswith(END)
+    assert "| eek serve | " in section and "100.00% of 10" in section
+    assert "Skipped infinity onnx int8: Infinity is not installed" in section
+
+
+def test_the_soak_reads_the_server_s_memory_before_during_and_after(folders):
+    config = tiny_config(folders, soak_seconds=3, soak_samples=3, soak_concurrency=4)
+    full = serve_peers.full_model_labels(config.plain, config.texts)
+    soak = serve_peers.soak(config, full, progress=lambda message: None)
+    assert soak["requests"] > 0 and soak["errors"] == 0 and soak["agreement"] == 1.0
+    assert 2.5 < soak["seconds"] < 10
+    assert soak["rss_before_mib"] > 0 and soak["rss_after_mib"] > 0 and soak["rss_start_mib"] > 0
+    assert soak["rss_min_mib"] <= soak["rss_before_mib"] <= soak["rss_max_mib"]
+    assert len(soak["samples"]) >= 4  # after the warm-up, every second or so, at the end
+    assert isinstance(soak["flat"], bool) and soak["rss_largest_deviation_pct"] >= abs(soak["rss_change_pct"])
+    assert "Resident memory (VmRSS)" in serve_peers_report._soak_text(soak)
+
+
+RECORDED = {
+    "date": "2026-01-01",
+    "cpu": "Some CPU",
+    "cpu_count": 2,
+    "command": "python -m earlyexit_kernels.bench.serve_load --rotten-tomatoes",
+    "model": "m",
+    "plain": "p",
+    "source": "MiniLM-L6 fine-tuned on Rotten Tomatoes, the test split's 2500 snippets",
+    "texts": 2500,
+    "server_cores": [0],
+    "client_cores": [1],
+    "threads": 1,
+    "max_batch_size": 32,
+    "requests": 256,
+    "max_seconds": 30.0,
+    "concurrency": [1, 32],
+    "versions": {
+        "eek": {"torch": "2.13.0+cpu", "transformers": "5.24.0"},
+        "infinity": {"infinity-emb": "0.0.78", "torch": "2.13.0+cpu", "onnxruntime": "1.32.0", "optimum": None},
+    },
+    "quantize_flag": "--avx512_vnni",
+    "rows": [
+        {
+            "server": "eek serve",
+            "concurrency": 1,
+            "requests": 64,
+            "texts_per_s": 200.5,
+            "p50_ms": 4.9,
+            "p99_ms": 9.1,
+            "agreement": 0.9844,
+            "agree": 63,
+            "mean_exit_layer": 3.1,
+            "errors": 0,
+        },
+        {
+            "server": "eek serve",
+            "concurrency": 32,
+            "requests": 256,
+            "texts_per_s": 300.25,
+            "p50_ms": 100.0,
+            "p99_ms": 150.0,
+            "agreement": 0.9961,
+            "agree": 255,
+            "mean_exit_layer": 3.3,
+            "errors": 0,
+        },
+        {
+            "server": "infinity torch fp32",
+            "concurrency": 1,
+            "requests": 64,
+            "texts_per_s": 90.0,
+            "p50_ms": 11.0,
+            "p99_ms": 14.0,
+            "agreement": 1.0,
+            "agree": 64,
+            "mean_exit_layer": "",
+            "errors": 0,
+        },
+        {
+            "server": "infinity torch fp32",
+            "concurrency": 32,
+            "requests": 250,
+            "texts_per_s": 120.0,
+            "p50_ms": 260.0,
+            "p99_ms": 300.0,
+            "agreement": 1.0,
+            "agree": 250,
+            "mean_exit_layer": "",
+            "errors": 6,
+        },
+    ],  # fmt: skip
+    "notes": {"infinity onnx fp32": "Infinity's ONNX graph optimization failed; it served the model as exported"},
+    "skipped": {"infinity onnx int8": "it failed here"},
+    "soak": {
+        "concurrency": 32,
+        "seconds": 300.0,
+        "warm_up_seconds": 30.0,
+        "requests": 90000,
+        "texts_per_s": 300.0,
+        "p50_ms": 100.0,
+        "p99_ms": 160.0,
+        "errors": 0,
+        "agreement": 0.99,
+        "rss_start_mib": 400.0,
+        "rss_before_mib": 420.0,
+        "rss_after_mib": 425.0,
+        "rss_min_mib": 419.0,
+        "rss_max_mib": 426.0,
+        "rss_change_pct": 1.19,
+        "rss_largest_deviation_pct": 1.43,
+        "flat": True,
+        "samples": [[0.0, 420.0]] * 12,
+    },  # fmt: skip
+}
+
+
+def test_the_section_renders_a_recorded_result_into_its_markers(tmp_path):
+    section = serve_peers.render(RECORDED)
+    assert "| server | concurrency 1 | concurrency 32 | agreement | mean exit layer |" in section
+    assert "| eek serve | 200.5/s, 4.9 / 9.1 ms | 300.25/s, 100.0 / 150.0 ms | 99.38% of 320 | 3.20 |" in section
+    assert (
+        "| infinity torch fp32 | 90.0/s, 11.0 / 14.0 ms | 120.0/s, 260.0 / 300.0 ms | 100.00% of 314 | - |" in section
+    )
+    assert "Errors: infinity torch fp32: 6." in section
+    assert "Skipped infinity onnx int8: it failed here." in section
+    assert "infinity onnx fp32: Infinity's ONNX graph optimization failed" in section
+    assert "Infinity 0.0.78: torch 2.13.0+cpu, onnxruntime 1.32.0; ONNX int8 by" in section
+    assert "each server pinned to core(s) 0, the client to 1" in section
+    assert "420.0 MiB after the warm-up, 425.0 MiB at the end (+1.19%)" in section
+    assert "flat within +-5%" in section and "**not**" not in section
+    doc = tmp_path / "serving.md"
+    doc.write_text(f"# Serving\n\nbefore\n\n{START}\nrun the command\n{END}\n\nafter\n")
+    serve_peers.write_readme(doc, RECORDED)
+    text = doc.read_text()
+    assert text.startswith("# Serving\n\nbefore\n\n" + START) and text.endswith(END + "\n\nafter\n")
+    assert "run the command" not in text and text.count(START) == 1
+    serve_peers.write_readme(doc, {**RECORDED, "soak": {**RECORDED["soak"], "flat": False}})
+    assert "**not** flat" in doc.read_text() and doc.read_text().count(START) == 1
+
+
+def test_the_command_line_renders_a_recorded_result(tmp_path, capsys):
+    recorded = tmp_path / "recorded.json"
+    recorded.write_text(json.dumps(RECORDED))
+    doc = tmp_path / "serving.md"
+    doc.write_text("# Serving\n")
+    assert serve_load.main(["--from-json", str(recorded), "--readme", str(doc)]) == 0
+    assert START in capsys.readouterr().out
+    assert "## The serving benchmark's peers" in doc.read_text() and END in doc.read_text()
+
+
+def test_cores_parse():
+    assert parse_cores("0") == (0,) and parse_cores("0,2-3") == (0, 2, 3)
+    assert parse_cores("none") is None and parse_cores(None) is None
+
+
+def test_infinity_serves_the_same_labels_where_it_is_installed(folders, tmp_path):
+    found, why = infinity_peer.find_infinity(INFINITY)
+    if found is None:
+        pytest.skip(why)
+    config = tiny_config(
+        folders,
+        servers=("infinity torch fp32", "infinity onnx int8"),
+        infinity_python=Path(INFINITY),
+        concurrency=(2,),
+    )
+    result = serve_peers.run(config, tmp_path / "out", name="tiny", progress=lambda message: None)
+    assert result["skipped"] == {} and result["versions"]["infinity"]["infinity-emb"]
+    rows = {r["server"]: r for r in result["rows"]}
+    assert set(rows) == {"infinity torch fp32", "infinity onnx int8"}
+    for row in rows.values():
+        assert row["requests"] == 8 and row["errors"] == 0 and row["rss_mib"] > 0
+    assert rows["infinity torch fp32"]["agreement"] == 1.0  # the same weights in float32
+    assert "| infinity onnx int8 |" in serve_peers.render(result)
+
+
+def test_the_synthetic_mode_still_runs(tmp_path):
+    config = serve_load.LoadConfig(
+        sequences=128, hidden=32, layers=2, requests=16, concurrency=(1, 4), max_seconds=10, server_threads=1
+    )
+    rows = serve_load.run(config, tmp_path, name="tiny", progress=lambda message: None)
+    servers = {(r["server"], r["workload"], r["concurrency"]) for r in rows}
+    assert ("early_exit", "stream", 4) in servers and ("never_exit", "hard (with easy)", 32) in servers
+    assert all(r["requests"] > 0 for r in rows)
+    assert "| 4 |" in (tmp_path / "serve_load_tiny.md").read_text()
+
+
+def test_a_peer_that_does_not_start_is_skipped_with_its_error(folders, tmp_path):
+    # this environment's Python has no infinity_emb: Infinity's command line fails at its import
+    if infinity_peer.find_infinity(sys.executable)[0] is not None:
+        pytest.skip("this environment has Infinity")
+    config = tiny_config(folders, servers=("infinity torch fp32",), infinity_python=Path(sys.executable))
+    rows, notes, failed = serve_peers.measure(config, [], tmp_path, None, progress=lambda message: None)
+    assert rows == [] and list(failed) == ["infinity torch fp32"]
+    assert failed["infinity torch fp32"].startswith("it did not start: ")
+    assert "infinity_emb" in failed["infinity torch fp32"] or "Error" in failed["infinity torch fp32"]
+
+
+def test_the_command_line_runs_the_soak_alone_on_a_given_model(folders, tmp_path, capsys):
+    model, plain = folders
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS) + "\n")
+    doc = tmp_path / "serving.md"
+    doc.write_text(f"# Serving\n\n{START}\nnot measured yet\n{END}\n")
+    argv = ["--model", str(model), "--plain", str(plain), "--texts", str(texts), "--soak-only", "--soak-seconds", "2"]
+    argv += ["--server-cores", "none", "--client-cores", "none", "--output-dir", str(tmp_path / "out"), "--name", "t"]
+    assert serve_load.main([*argv, "--readme", str(doc)]) == 0
+    capsys.readouterr()
+    recorded = json.loads((tmp_path / "out" / "serve_peers_t.json").read_text())
+    assert recorded["rows"] == [] and recorded["skipped"] == {} and recorded["soak"]["requests"] > 0
+    assert recorded["source"] == f"model, the {len(TEXTS)} texts of texts.txt" and recorded["server_cores"] is None
+    section = doc.read_text()
+    assert "Soak: `eek serve` at concurrency 32" in section and "| server |" not in section
+    assert "not measured yet" not in section and "nothing pinned" in section
