@@ -58,8 +58,9 @@ RISKS = ("accuracy", "agreement")
 START, END = "<!-- certified-calibration:start -->", "<!-- certified-calibration:end -->"
 
 
-def pool_decisions(seed: int) -> dict:
-    """Per grid candidate and pool row: the exit's class and layers run; the full model's class; the labels."""
+def pool_record(seed: int):
+    """``(record, fit_seconds)``: mean-pooled MLP heads trained on the train split of the fine-tuned MiniLM-L6,
+    then every head recorded on the pool (the validation and test splits)."""
     model, tokenizer, _ = real_task.fine_tuned_minilm(progress=False)
     eek.patch(model, eek.Entropy(0.0), pooling="mean", head="mlp")
     splits = real_task.load_rotten_tomatoes()
@@ -75,7 +76,12 @@ def pool_decisions(seed: int) -> dict:
     fit_exit_heads(model, shuffled_batches(train, train_labels, 32, seed), method="heads", progress=False, seed=seed)
     fit_seconds = time.perf_counter() - started
     pool, pool_labels = encoded(["validation", "test"])
-    record = record_exits(model, length_sorted_batches(pool, pool_labels, 64))
+    return record_exits(model, length_sorted_batches(pool, pool_labels, 64)), fit_seconds
+
+
+def pool_decisions(seed: int) -> dict:
+    """Per grid candidate and pool row: the exit's class and layers run; the full model's class; the labels."""
+    record, fit_seconds = pool_record(seed)
     grid = certified_candidates(eek.Entropy(0.0), record.num_layers, record.all_logits.shape[-1])
     exit_class, layers = [], []
     for policy in grid:

@@ -1,8 +1,8 @@
 """Does the certificate hold along the path chosen on validation rows? Re-draws on the real task (issue 52).
 
-``make demo``'s MiniLM-L6 fine-tuned on Rotten Tomatoes gets mean-pooled MLP exit heads trained
-on the train split (heads only). Its validation and test splits (4,000 rows no training step
-saw) are the pool, recorded once. Each draw then takes, with replacement from the pool, path
+The pool is ``benchmarks/certified_calibration.py``'s: ``make demo``'s MiniLM-L6 fine-tuned on
+Rotten Tomatoes with mean-pooled MLP exit heads trained on the train split (heads only), its
+validation and test splits (4,000 rows no training step saw) recorded once. Each draw then takes, with replacement from the pool, path
 rows (what ``eek fit``'s validation rows do: choose the path, build the per-layer one) and
 calibration rows, and runs :func:`~earlyexit_kernels.training.certified_calibration.certify` with
 both (``path_record=``), as ``eek fit`` does. The certified policy's risk is measured on the
@@ -24,37 +24,15 @@ import time
 from pathlib import Path
 
 import torch
+from certified_calibration import pool_record  # the same heads on the same pool (this folder is on sys.path)
 
-import earlyexit_kernels as eek
 from earlyexit_kernels.bench.markdown_sections import replace_section
 from earlyexit_kernels.bench.results import cpu_name
-from earlyexit_kernels.demo import real_task
-from earlyexit_kernels.training import fit_exit_heads
 from earlyexit_kernels.training.certified_calibration import certify, row_losses
-from earlyexit_kernels.training.exit_record import record_exits, replay
-from earlyexit_kernels.training.labelled_texts import LabelledTexts, encode, length_sorted_batches, shuffled_batches
+from earlyexit_kernels.training.exit_record import replay
 
 START, END = "<!-- certified-paths-redraw:start -->", "<!-- certified-paths-redraw:end -->"
 RISKS = ("agreement", "accuracy")
-
-
-def pool_record(seed: int):
-    model, tokenizer, _ = real_task.fine_tuned_minilm(progress=False)
-    eek.patch(model, eek.Entropy(0.0), pooling="mean", head="mlp")
-    splits = real_task.load_rotten_tomatoes()
-
-    def encoded(names):
-        texts = [t for n in names for t in splits[n].texts]
-        labels = [y for n in names for y in splits[n].labels]
-        return encode(tokenizer, LabelledTexts(texts, None, labels, "rotten tomatoes", "label"), 128), torch.tensor(
-            labels
-        )
-
-    train, train_labels = encoded(["train"])
-    fit_exit_heads(model, shuffled_batches(train, train_labels, 32, seed), method="heads", progress=False, seed=seed)
-    pool, pool_labels = encoded(["validation", "test"])
-    with torch.no_grad():
-        return record_exits(model, length_sorted_batches(pool, pool_labels, 64))
 
 
 def simulate(record, *, budget: float, confidence: float, calibration_rows: int, path_rows: int, draws: int, seed):
@@ -134,7 +112,7 @@ def main(argv=None) -> int:
         results = json.loads(args.from_json.read_text())
     else:
         started = time.perf_counter()
-        record = pool_record(args.seed)
+        record, _ = pool_record(args.seed)
         rows = simulate(
             record,
             budget=0.01,

@@ -23,7 +23,8 @@ import earlyexit_kernels as eek
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def _tiny_bert(path, num_labels: int, **config):
+def word_bert(path, num_labels: int, **config):
+    """A tiny random BERT classifier (eval, sdpa) over ``WORDS`` and its tokenizer, the vocabulary written to ``path``."""
     (path / "vocab.txt").write_text("\n".join([*SPECIAL, *WORDS]) + "\n")
     torch.manual_seed(0)
     config = BertConfig(
@@ -55,7 +56,7 @@ def _median_gap(values) -> float:
 
 def multi_label_folder(path) -> str:
     labels = {0: "toxic", 1: "insult", 2: "threat", 3: "spam"}
-    model, tokenizer = _tiny_bert(
+    model, tokenizer = word_bert(
         path,
         4,
         problem_type="multi_label_classification",
@@ -77,7 +78,7 @@ def multi_label_folder(path) -> str:
 
 
 def cross_encoder_folder(path) -> str:
-    model, tokenizer = _tiny_bert(path, 1)
+    model, tokenizer = word_bert(path, 1)
     eek.patch(model, eek.ScoreBand(low=0.0))
     _perturb_heads(model, 1.0)
     scores = []

@@ -223,15 +223,20 @@ def test_a_policy_that_never_exits_gives_exactly_the_unpatched_logits(family, at
         pytest.skip(f"backend {backend!r} unavailable")
     if attn not in ATTENTION.get(family, ("eager", "sdpa")):
         pytest.skip(f"{family} has its own attention code: eager only")
-    model = tiny_family(family, attn=attn)
-    inputs = tiny_inputs(family, 7, 12, padded=padded)
+    assert_never_exiting_is_unpatched(
+        tiny_family(family, attn=attn), tiny_inputs(family, 7, 12, padded=padded), backend
+    )
+
+
+def assert_never_exiting_is_unpatched(model, inputs, backend):
+    """Patched with a policy that never exits (heads spread), the logits are the unpatched model's, bit for bit."""
     with torch.no_grad():
         reference = model(**inputs).logits
         eek.patch(model, eek.Entropy(0.0), backend=backend)
         spread_heads(model)
         out = model(**inputs)
     assert torch.equal(out.logits, reference)
-    assert out.exit_layer.tolist() == [NUM_LAYERS] * 7
+    assert out.exit_layer.tolist() == [NUM_LAYERS] * len(reference)
 
 
 def test_the_early_exit_path_agrees_with_the_all_exits_path(family):
@@ -490,15 +495,9 @@ def test_on_the_gpu_a_policy_that_never_exits_gives_exactly_the_unpatched_logits
         pytest.skip(f"backend {backend!r} unavailable: {eek.backend_status()[backend]}")
     if attn not in ATTENTION.get(family, ("eager", "sdpa")):
         pytest.skip(f"{family} has its own attention code: eager only")
-    model = tiny_family(family, attn=attn).cuda()
-    inputs = _on_gpu(tiny_inputs(family, 7, 12))
-    with torch.no_grad():
-        reference = model(**inputs).logits
-        eek.patch(model, eek.Entropy(0.0), backend=backend)
-        spread_heads(model)
-        out = model(**inputs)
-    assert torch.equal(out.logits, reference)
-    assert out.exit_layer.tolist() == [NUM_LAYERS] * 7
+    assert_never_exiting_is_unpatched(
+        tiny_family(family, attn=attn).cuda(), _on_gpu(tiny_inputs(family, 7, 12)), backend
+    )
 
 
 @needs_cuda

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, word_texts
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from conftest import word_texts
+from served_models import word_bert
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.bench import infinity_peer, serve_load, serve_peers, serve_peers_report
@@ -37,23 +37,10 @@ def folders(tmp_path_factory):
     path = tmp_path_factory.mktemp("peers")
     plain, patched = path / "plain", path / "model"
     plain.mkdir()
-    (plain / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    torch.manual_seed(0)
     labels = {0: "rotten", 1: "fresh"}
-    config = BertConfig(
-        vocab_size=5 + len(WORDS),
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        id2label=labels,
-        label2id={v: k for k, v in labels.items()},
-    )
-    model = BertForSequenceClassification._from_config(config, attn_implementation="sdpa").eval()
+    model, tokenizer = word_bert(plain, 2, id2label=labels, label2id={v: k for k, v in labels.items()})
     with torch.no_grad():
         model.classifier.weight.mul_(50.0)  # labels far from ties: a batch's padding cannot flip one
-    tokenizer = BertTokenizerFast(vocab=str(plain / "vocab.txt"))
     model.save_pretrained(plain)
     tokenizer.save_pretrained(plain)
     eek.patch(model, eek.Entropy(0.0))

@@ -96,7 +96,7 @@ def calibrate_texts(
 
     from earlyexit_kernels.patching.patch import backend_of, patch, policy_of
     from earlyexit_kernels.training.calibration import calibrate, describe
-    from earlyexit_kernels.training.exit_record import record_exits
+    from earlyexit_kernels.training.exit_record import record_exits, replay
     from earlyexit_kernels.training.labelled_texts import encode, label_ids, length_sorted_batches
 
     if not max_drop >= 0:
@@ -116,8 +116,6 @@ def calibrate_texts(
         result = calibrate(
             record, max_drop=max_drop, confidence=confidence, policy=previous, path=path if confidence else None
         )
-    from earlyexit_kernels.training.exit_record import replay
-
     before = replay(previous, record).layers_run.float().mean().item()
     patch(model, result.policy, backend_of(model))
     return CalibrationReport(
