@@ -135,8 +135,14 @@ def full_depth_logits(
     *,
     max_batch_size: int = 64,
     max_tokens: int | None = None,
+    all_exits: bool = False,
 ) -> torch.Tensor:
     """The full model's logits [n, C] (float32, CPU) for ``sequences`` of ``(input_ids, token_type_ids or None)``.
+
+    ``all_exits``: every layer's head logits too, [L, n, C], the last layer's the full model's: the
+    patched model's all-exits forward (every layer on every row, the model's own classifier last),
+    what online re-certification replays its candidates on
+    (:mod:`~earlyexit_kernels.engine.online_certificate`).
 
     It runs the model's class's own forward on the patched model: the unpatched Hugging Face
     forward on the same weights (``eek.patch`` replaces the instance's ``forward`` only), with no
@@ -147,6 +153,11 @@ def full_depth_logits(
     """
     forward = type(model).forward
     takes_types = "token_type_ids" in inspect.signature(forward).parameters
+    if all_exits:
+
+        def forward(model, **inputs):
+            return model(**inputs, return_all_exits=True)
+
     pad = getattr(model.config, "pad_token_id", None) or 0
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
@@ -178,10 +189,13 @@ def full_depth_logits(
             inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
             if takes_types and any_types:
                 inputs["token_type_ids"] = types.to(device)
-            logits = forward(model, **inputs).logits.float().cpu()
+            output = forward(model, **inputs)
+            logits = (output.all_logits if all_exits else output.logits).float().cpu()
             for row, i in enumerate(chunk):
-                out[i] = logits[row]
-    return torch.stack(out) if out else torch.empty(0)
+                out[i] = logits[:, row] if all_exits else logits[row]
+    if not out:
+        return torch.empty(0)
+    return torch.stack(out, 1 if all_exits else 0)
 
 
 # ---------------------------------------------------------------------------------- the watch

@@ -51,6 +51,7 @@ class BackgroundEngine:
         self._outstanding = 0
         self._closing = False
         self._stopping: bool | None = None  # None, or whether to drain before stopping
+        self._policy = None  # the policy set since the start (set_policy), else the model's
         self._thread = threading.Thread(target=self._loop, name="eek-engine", daemon=True)
         self._thread.start()
 
@@ -99,6 +100,13 @@ class BackgroundEngine:
         if futures:
             self._inbox.put(("submit", futures, sequences, submitted_at))
         return futures
+
+    def set_policy(self, policy) -> None:
+        """Serve ``policy`` from the engine's next layer call (:meth:`ContinuousEngine.set_policy`; a bad one
+        is refused here, before it is queued); kept if the engine is started again after a failure."""
+        self.engine.check_policy(policy)
+        self._policy = policy
+        self._inbox.put(("policy", policy))
 
     def cancel(self, future: Future) -> None:
         """Drop the sequence of ``future`` unless it has finished; the future is cancelled."""
@@ -152,6 +160,8 @@ class BackgroundEngine:
             if self._futures.pop(value.eek_key, None) is not None:
                 self.engine.cancel([value.eek_key])
                 self._settle(value)
+        elif kind == "policy":
+            self.engine.set_policy(value)
         elif kind == "stop":
             self._stopping = value
             if not value:
@@ -179,5 +189,7 @@ class BackgroundEngine:
         futures = list(self._futures.values())
         self._futures.clear()
         self.engine = ContinuousEngine(self._model, **self._engine_kwargs)
+        if self._policy is not None:
+            self.engine.set_policy(self._policy)
         for future in futures:
             self._settle(future, error=error)

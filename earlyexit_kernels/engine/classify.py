@@ -5,6 +5,7 @@
 
     predictions = eek.classify(model, texts, tokenizer=tok, audit_fraction=0.05)
     list(predictions); predictions.audit.rate, predictions.audit.bound()   # 5% also run at full depth
+    predictions.certificate.served_policy    # an eek fit folder's threshold, re-certified on the audit
 
 The stream runs on :class:`earlyexit_kernels.engine.continuous.ContinuousEngine`: every layer
 call is full and of a fixed shape, and a sequence leaves as soon as its policy says so.
@@ -23,6 +24,7 @@ import torch
 
 from earlyexit_kernels.engine.audit import AuditWatch, check_fraction, disagreement, full_depth_logits, is_multi_label
 from earlyexit_kernels.engine.continuous import ContinuousEngine
+from earlyexit_kernels.engine.online_certificate import OnlineCertificate, resolve_online_certificate
 
 __all__ = ["Prediction", "Predictions", "classify"]
 
@@ -48,12 +50,16 @@ class Prediction:
 class Predictions(Iterator[Prediction]):
     """What :func:`classify` returns: its :class:`Prediction` objects, lazily (as a generator), and
     ``audit``: the :class:`~earlyexit_kernels.engine.audit.AuditWatch` counting the audited
-    sequences (None without an audit), complete once the predictions are exhausted."""
+    sequences (None without an audit), complete once the predictions are exhausted;
+    ``certificate``: the :class:`~earlyexit_kernels.engine.online_certificate.OnlineCertificate`
+    re-certifying the threshold on them (None where it does not run)."""
 
-    __slots__ = ("_generator", "audit")
+    __slots__ = ("_generator", "audit", "certificate")
 
-    def __init__(self, generator: Iterator[Prediction], audit: AuditWatch | None):
-        self._generator, self.audit = generator, audit
+    def __init__(
+        self, generator: Iterator[Prediction], audit: AuditWatch | None, certificate: OnlineCertificate | None = None
+    ):
+        self._generator, self.audit, self.certificate = generator, audit, certificate
 
     def __iter__(self) -> Predictions:
         return self
@@ -84,6 +90,7 @@ def classify(
     packed: bool | None = None,
     audit_fraction: float = 0.0,
     audit: AuditWatch | None = None,
+    recertify: bool | OnlineCertificate | None = None,
     dtype: str | None = None,
     device: str | None = None,
 ) -> Predictions:
@@ -110,7 +117,16 @@ def classify(
     the observed disagreement and its upper bound. It costs the full model's time on that fraction
     of the sequences (run sorted by length in batches of ``max_batch_size``). ``audit``: a watch of your own instead (its
     fraction, budget, confidence and seed; it keeps counting over several calls). Default: no audit,
-    and nothing changes. The early exit's predictions are the same either way.
+    and nothing changes. Without re-certification the early exit's predictions are the same either way.
+
+    ``recertify``: move the served threshold along the folder's certified path as the audited
+    sequences allow, and back to full depth when they show it over the budget
+    (:mod:`earlyexit_kernels.engine.online_certificate`; the iterator's ``certificate``). None
+    (default): on where an audit runs on a model loaded from an ``eek fit`` folder whose certificate
+    bounds disagreement and which serves its certified policy; True: on, or a ``RecertifyError``
+    saying what is missing; False: off; an ``OnlineCertificate`` of your own: on, with it (it keeps
+    its state over several calls). Re-certification replays every candidate on the audited rows, so
+    their full-depth run records every head's logits (the patched model's all-exits forward).
 
     Memory: at most ``read_ahead + max_in_flight`` inputs (and one tokenizing chunk of
     ``max_batch_size``) are read and not yet yielded at any time; only ``max_in_flight``
@@ -152,8 +168,37 @@ def classify(
             raise TypeError(f"audit must be an earlyexit_kernels AuditWatch, got {type(audit).__name__}")
     elif audit_fraction > 0:
         audit = AuditWatch(audit_fraction)
-    auditor = None if audit is None else _Auditor(model, audit, engine.buckets.max_batch_size, max_tokens)
-    return Predictions(_predictions(engine, inputs, tokenizer, ordered, progress, read_ahead, auditor), audit)
+    certificate = _online_certificate(model, recertify, audit)
+    if certificate is not None:
+        engine.set_policy(certificate.served_policy)
+    auditor = None
+    if audit is not None:
+        auditor = _Auditor(model, audit, engine.buckets.max_batch_size, max_tokens, certificate, engine)
+    return Predictions(
+        _predictions(engine, inputs, tokenizer, ordered, progress, read_ahead, auditor), audit, certificate
+    )
+
+
+def _online_certificate(model, recertify, audit: AuditWatch | None) -> OnlineCertificate | None:
+    from earlyexit_kernels.patching.patch import policy_of
+
+    if isinstance(recertify, OnlineCertificate):
+        if audit is None:
+            raise ValueError("recertify=OnlineCertificate(...) reads the audit: give audit_fraction too")
+        return recertify
+    if recertify not in (None, True, False):
+        raise TypeError(f"recertify must be None, True, False or an OnlineCertificate, got {recertify!r}")
+    folder = getattr(model, "name_or_path", None) or None
+    certificate, _ = resolve_online_certificate(
+        folder,
+        policy_of(model),
+        recertify,
+        fraction=0.0 if audit is None else audit.fraction,
+        budget=None if audit is None else audit.budget,
+        confidence=None if audit is None or audit.budget is None else audit.confidence,
+        multi_label=is_multi_label(model.config),
+    )
+    return certificate
 
 
 class _Auditor:
@@ -169,8 +214,9 @@ class _Auditor:
 
     WINDOW = 16
 
-    def __init__(self, model, watch: AuditWatch, batch: int, max_tokens: int | None):
+    def __init__(self, model, watch: AuditWatch, batch: int, max_tokens: int | None, certificate=None, engine=None):
         self.model, self.watch, self.batch, self.max_tokens = model, watch, batch, max_tokens
+        self.certificate, self.engine = certificate, engine
         self.multi_label = is_multi_label(model.config)
         self.waiting: dict[int, tuple] = {}  # index -> (input_ids, token_type_ids): chosen, not run yet
         self.full: dict[int, torch.Tensor] = {}  # index -> the full model's logits [C]
@@ -203,11 +249,20 @@ class _Auditor:
         keys = list(self.waiting)
         start = time.perf_counter()
         logits = full_depth_logits(
-            self.model, [self.waiting[k] for k in keys], max_batch_size=self.batch, max_tokens=self.max_tokens
+            self.model,
+            [self.waiting[k] for k in keys],
+            max_batch_size=self.batch,
+            max_tokens=self.max_tokens,
+            all_exits=self.certificate is not None,
         )
         self.seconds += time.perf_counter() - start
-        self.full.update(zip(keys, logits))
         self.waiting.clear()
+        if self.certificate is None:
+            self.full.update(zip(keys, logits))
+            return
+        self.full.update(zip(keys, logits[-1]))
+        if self.certificate.record(logits):
+            self.engine.set_policy(self.certificate.served_policy)
 
 
 def _predictions(

@@ -325,6 +325,32 @@ class ContinuousEngine:
     def idle(self) -> bool:
         return not self._pending and self.scheduler.in_flight == 0
 
+    def set_policy(self, policy) -> None:
+        """Decide exits with ``policy`` from the next layer call on: a threshold moved along a certified path
+        (:mod:`earlyexit_kernels.engine.online_certificate`). Same family and per-sequence state as the
+        policy served (a sequence in flight takes the new thresholds at its next layer); call between steps."""
+        self.check_policy(policy)
+        self.policy = policy
+        self._may_exit = [False] + [
+            layer == self.num_layers or can_exit_before_last(policy, layer) for layer in range(1, self.num_layers + 1)
+        ]
+        self._fused, self._prepared = None, []  # the prepared head steps hold the thresholds: made again
+
+    def check_policy(self, policy) -> None:
+        """A ``ValueError`` unless :meth:`set_policy` can take ``policy``; reads the engine, changes nothing."""
+        if type(policy) is not type(self.policy):
+            raise ValueError(
+                f"set_policy moves a {type(self.policy).__name__} policy's thresholds; got a {type(policy).__name__}"
+            )
+        policy.check_fits(self.num_layers, self.num_labels)
+        with torch.no_grad():
+            template = init_state(
+                policy, 1, self.num_labels, self.adapter.hidden_size, self.num_layers, self.device, self.dtype
+            )
+        shapes = {key: tuple(value.shape) for key, value in template.items()}
+        if shapes != {key: tuple(value.shape) for key, value in self._state_template.items()}:
+            raise ValueError(f"set_policy: {policy!r} keeps another per-sequence state than {self.policy!r}")
+
     # ------------------------------------------------------------------ stepping
 
     @torch.no_grad()

@@ -55,13 +55,23 @@ import torch
 from earlyexit_kernels.methods.anytime_risk import (
     AlarmState,
     SafetyState,
-    alarm_log_detector,
+    alarm_log_cusums,
+    detector_of,
     safety_log_capital,
 )
 from earlyexit_kernels.methods.policies import DACT, ExitPolicy, QExit, SkipGates, layer_value
 from earlyexit_kernels.methods.risk_control import check_budget, check_confidence, upper_bound
 
-__all__ = ["ALARM", "WINDOW", "Move", "OnlineCertificate", "RecertifyError", "candidate_losses", "load_audit_record"]
+__all__ = [
+    "ALARM",
+    "WINDOW",
+    "Move",
+    "OnlineCertificate",
+    "RecertifyError",
+    "candidate_losses",
+    "load_audit_record",
+    "resolve_online_certificate",
+]
 
 logger = logging.getLogger("earlyexit_kernels.recertify")
 
@@ -194,9 +204,10 @@ class OnlineCertificate:
         self._new_epoch(1, start)
 
     @classmethod
-    def from_folder(cls, folder: str, **options) -> OnlineCertificate:
+    def from_folder(cls, folder: str, served: ExitPolicy | None = None, **options) -> OnlineCertificate:
         """The online certificate of an ``eek fit`` folder: its saved path (else its family's fixed grid),
-        its certified policy as the start, its certificate's budget and confidence (``options`` override)."""
+        its certified policy as the start (``served``: the policy served instead, which must be on the path),
+        its certificate's budget and confidence (``options`` override)."""
         from earlyexit_kernels.integrations.folder_calibration import saved_path
         from earlyexit_kernels.integrations.model_folder import fit_certificate
         from earlyexit_kernels.patching.exit_files import CONFIG_FILE, policy_from_dict
@@ -216,7 +227,9 @@ class OnlineCertificate:
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise RecertifyError(f"{folder}: cannot read the served policy from {CONFIG_FILE} ({error})") from None
         path = saved_path(folder) or certified_candidates(policy, num_layers, num_labels)
-        start = next((i for i, candidate in enumerate(path) if candidate == policy), 0)
+        if served is not None and served not in path:
+            raise RecertifyError(f"the model serves {served.to_code(4)}, which is not on the folder's certified path")
+        start = next((i for i, candidate in enumerate(path) if candidate == (served or policy)), 0)
         options.setdefault("budget", float(certificate["budget"]))
         options.setdefault("confidence", float(certificate["confidence"]))
         return cls(path, start=start, **options)
@@ -304,35 +317,40 @@ class OnlineCertificate:
     def _advance(self, losses, layers, logits, moves) -> tuple[int, Move | None]:
         """Take rows until the end or the first alarm (inclusive): ``(rows taken, the pull-back or None)``;
         the looser moves on the way go into ``moves``."""
-        log_capital, _ = safety_log_capital(self._safety, losses, self.budget)
-        log_detector, _ = alarm_log_detector(self._alarm, losses, self.budget)
+        n = losses.shape[1]
+        log_capital, safety_after = safety_log_capital(self._safety, losses, self.budget)
+        log_cusum, alarm_after = alarm_log_cusums(self._alarm, losses, self.budget)
         threshold = -math.log(_epoch_delta(self.confidence, self._epoch))
         crossed = self._crossed[:, None] | torch.cummax((log_capital >= threshold).int(), 1).values.bool()
         leading = torch.cumprod(crossed.int(), 0).sum(0) - 1  # [n]: the fixed sequence's last certified
         served = torch.clamp(leading, min=self._floor)
-        alarms = log_detector.gather(0, served[None, :])[0] >= math.log(self.alarm)
-        end = int(alarms.int().argmax()) + 1 if bool(alarms.any()) else losses.shape[1]
-        # commit rows [0, end)
+        # the detector of the candidate served after each row
+        watched = log_cusum.gather(0, served[None, None, :].expand(1, log_cusum.shape[1], n))[0]
+        alarms = detector_of(watched) >= math.log(self.alarm)
+        end = int(alarms.int().argmax()) + 1 if bool(alarms.any()) else n
         before_served = self._served
+        if end < n:  # the states after the alarm's row, not after the chunk
+            _, safety_after = safety_log_capital(self._safety, losses[:, :end], self.budget)
+            _, alarm_after = alarm_log_cusums(self._alarm, losses[:, :end], self.budget)
         self._commit(losses[:, :end], None if layers is None else layers[:, :end], logits, end)
+        self._safety, self._alarm = safety_after, alarm_after
         self._crossed = crossed[:, end - 1].clone()
-        for row in torch.nonzero(served[:end] != torch.cat([served.new_tensor([before_served]), served[: end - 1]])):
-            row = int(row)
+        changed = served[:end] != torch.cat([served.new_tensor([before_served]), served[: end - 1]])
+        for row in torch.nonzero(changed).flatten().tolist():
             old, new = (before_served if row == 0 else int(served[row - 1])), int(served[row])
             moves.append(self._move("looser", old, new, rows=self._rows_before + row + 1, risk_of=new, at=row))
         self._served = int(served[end - 1])
         self._rows_before = self._safety.rows
-        if end < losses.shape[1] or bool(alarms[end - 1]):
+        if bool(alarms[end - 1]):
             pulled = self._move("tighter", self._served, 0, rows=self._safety.rows, risk_of=self._served, at=end - 1)
             self._new_epoch(self._epoch + 1, 0)
             return end, pulled
         return end, None
 
     def _commit(self, losses, layers, logits, end: int) -> None:
+        """Count the rows taken (the statistics' states are set by the caller)."""
         self._row_losses_prefix = torch.cumsum(losses, 1)  # for the moves' numbers within this chunk
         self._row_losses_base = self._safety.losses.clone()
-        _, self._safety = safety_log_capital(self._safety, losses, self.budget)
-        _, self._alarm = alarm_log_detector(self._alarm, losses, self.budget)
         if layers is not None:
             self._layers_prefix = torch.cumsum(layers, 1)
             self._layers_base = self._layers.clone()
@@ -439,9 +457,64 @@ def load_audit_record(path: str | os.PathLike) -> dict:
     """What :meth:`OnlineCertificate.save_audit` wrote, checked: ``all_logits`` [L, n, C] and the path codes."""
     try:
         payload = torch.load(path, weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError) as error:
+    except Exception as error:  # torch's unpickler fails in many ways on a file it did not write
         raise RecertifyError(f"--from-audit {path}: not an audit record written by the server ({error})") from None
     logits = payload.get("all_logits") if isinstance(payload, dict) else None
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[1] == 0:
         raise RecertifyError(f"--from-audit {path}: no audited rows' logits [L, n, C] in it")
     return payload
+
+
+def resolve_online_certificate(
+    folder: str | None,
+    served_policy: ExitPolicy | None,
+    recertify: bool | None,
+    *,
+    fraction: float,
+    budget: float | None = None,
+    confidence: float | None = None,
+    multi_label: bool = False,
+) -> tuple[OnlineCertificate | None, str]:
+    """Whether the served policy is re-certified online, and the reason: ``(certificate or None, why)``.
+
+    ``recertify`` None (the default of every serving path): on where an audit runs (``fraction`` > 0)
+    on an ``eek fit`` folder whose certificate bounds disagreement with the full model (what the audit
+    measures) and which serves its own certified policy; off otherwise, said in ``why``. True: on, or a
+    :class:`RecertifyError` saying what is missing; False: off. ``budget`` / ``confidence``: the audit's,
+    else the folder certificate's."""
+    if recertify is False:
+        return None, "off (--no-recertify)"
+    explicit = recertify is True
+
+    def off(reason: str):
+        if explicit:
+            raise RecertifyError(f"cannot re-certify online: {reason}")
+        return None, f"off: {reason}"
+
+    if not fraction > 0:
+        return off("no audit runs (give an audit fraction above 0: --audit-fraction 0.05)")
+    if folder is None:
+        return off("the model was not loaded from an eek fit folder, so it has no certified path")
+    from earlyexit_kernels.integrations.model_folder import fit_certificate
+
+    saved = fit_certificate(folder)
+    if saved is None:
+        return off(f"{folder} has no certificate in eek_fit.json (fit it with eek fit, whose default certifies)")
+    if saved.get("target") == "accuracy" and not explicit:
+        return off(
+            "its certificate bounds the accuracy lost (labelled rows) and the audit measures disagreement, a "
+            "stricter risk that would move it deeper; --recertify certifies disagreement anyway"
+        )
+    options = {"fraction": fraction, "multi_label": multi_label}
+    if budget is not None:
+        options["budget"] = budget
+    if confidence is not None:
+        options["confidence"] = confidence
+    try:
+        certificate = OnlineCertificate.from_folder(folder, served_policy, **options)
+    except RecertifyError as error:
+        return off(str(error))
+    return certificate, (
+        f"on: from {certificate.served_policy.to_code(4)} (candidate {certificate.start} of {len(certificate.path)}), "
+        f"disagreement <= {100 * certificate.budget:g}% at {100 * certificate.confidence:g}%"
+    )

@@ -20,7 +20,9 @@ from earlyexit_kernels.integrations.base_options import add_base_options
 from earlyexit_kernels.integrations.classified_table import ColumnError, InputColumns, with_predictions
 from earlyexit_kernels.integrations.extras import install_line
 from earlyexit_kernels.integrations.fit_cli import add_commands as add_fit_commands
+from earlyexit_kernels.integrations.labels import is_multi_label
 from earlyexit_kernels.integrations.model_folder import ModelFolderError, load_model
+from earlyexit_kernels.integrations.recertify_cli import add_recertify_options, recertify_options
 
 __all__ = ["CliError", "build_parser", "main"]
 
@@ -114,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch's CPU threads for the layer calls, --engine local (default: torch's choice, one per core)",
     )
     _add_audit_options(classify, "rows", "on stderr (each audited row's in a last column, audit_disagreement)")
+    add_recertify_options(classify, "rows")
     classify.set_defaults(run=_classify)
     _add_serve_command(commands)
     add_fit_commands(commands)  # fit, evaluate
@@ -220,6 +223,7 @@ def _add_serve_command(commands) -> None:
         help="most inputs (or rerank texts) in one request; more get 413 naming this limit (default: --max-queue)",
     )
     _add_audit_options(serve, "sequences", "at /metrics (eek_audit_*)")
+    add_recertify_options(serve, "sequences")
     serve.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
     serve.set_defaults(run=_serve)
 
@@ -298,6 +302,7 @@ def _classify_locally(args) -> int:
     check_writable(args.output, probe)
     model, tokenizer = load_model(args.model, args.policy, args.backend, dtype=args.dtype, device=args.device)
     watch = None
+    online = recertify_options(args, args.audit, local=True, multi_label=is_multi_label(model.config))
     if args.audit:
         from earlyexit_kernels.engine.audit import AuditWatch
 
@@ -325,6 +330,7 @@ def _classify_locally(args) -> int:
             compile=args.compile,
             progress=show_progress,
             audit=watch,
+            recertify=online["recertify"] or False,
         )
     except ValueError as error:  # the engine's options, checked before OUTPUT is touched
         raise CliError(str(error)) from None
@@ -358,6 +364,11 @@ def _classify_locally(args) -> int:
     )
     if watch is not None:
         print(watch.describe(), file=sys.stderr)
+    if predictions.certificate is not None:
+        print(predictions.certificate.describe(), file=sys.stderr)
+        if online["audit_record"] is not None and predictions.certificate.epoch_rows:
+            rows = predictions.certificate.save_audit(online["audit_record"])
+            print(f"audit record: {rows} audited rows -> {online['audit_record']}", file=sys.stderr)
     return 0
 
 
@@ -397,6 +408,7 @@ def _classify_on_ray(args) -> int:
         device=args.device,
         dtype=args.dtype,
         **args.audit,
+        **_ray_recertify(args),
     )
     elapsed = time.perf_counter() - start
     print(
@@ -442,8 +454,10 @@ def _serve(args) -> int:
     options.update(_audit_options(args, "sequences"))
     _set_threads(args.threads)
     if args.replicas is not None:
+        options.update(recertify_options(args, options, local=False))
         return _serve_on_ray(args, options)
     model, tokenizer = load_model(args.model, args.policy, args.backend, dtype=args.dtype, device=args.device)
+    options.update(recertify_options(args, options, local=True, multi_label=is_multi_label(model.config)))
     try:
         app = create_app(model, tokenizer, model_id=args.model, **options)
     except ValueError as error:
@@ -452,6 +466,14 @@ def _serve(args) -> int:
     # then the app's shutdown drains the engine.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=None)
     return 0
+
+
+def _ray_recertify(args) -> dict:
+    """Ray Data: each actor re-certifies on its own audited rows (its own certificate)."""
+    if args.audit_record is not None:
+        raise CliError("--audit-record is written by one process: use it with --engine local")
+    online = recertify_options(args, args.audit, local=False)
+    return {"recertify": online["recertify"]} if args.audit else {}
 
 
 def _audit_options(args, what: str = "rows") -> dict:

@@ -202,7 +202,17 @@ def _add_calibrate(commands) -> None:
         ),
     )
     calibrate.add_argument("folder", metavar="FOLDER", help="a model folder written by eek fit")
-    calibrate.add_argument("data", metavar="FILE", help="the rows to certify on (.csv, .tsv, .jsonl, .parquet)")
+    calibrate.add_argument(
+        "data", metavar="FILE", nargs="?", help="the rows to certify on (.csv, .tsv, .jsonl, .parquet)"
+    )
+    calibrate.add_argument(
+        "--from-audit",
+        default=None,
+        metavar="RECORD",
+        help="certify on the audited rows a server recorded (eek serve --audit-record RECORD: what it served since "
+        "its last pull-back, every head's logits) instead of FILE: the served certificate written back, so that a "
+        "restart keeps it",
+    )
     _add_data_options(calibrate, for_fit=False)
     calibrate.add_argument(
         "--max-drop",
@@ -419,6 +429,24 @@ def _calibrate(args) -> int:
     _common_checks(args)
     if args.max_drop is not None and not args.max_drop >= 0:
         raise FitError(f"--max-drop must be >= 0 accuracy points, got {args.max_drop}")
+    if (args.data is None) == (args.from_audit is None):
+        raise FitError("give FILE (the rows to certify on) or --from-audit RECORD, one of them")
+    if args.from_audit is not None:
+        from earlyexit_kernels.engine.online_certificate import RecertifyError
+
+        try:
+            report = calibrate_folder(
+                args.folder,
+                max_drop=args.max_drop,
+                confidence="saved" if args.confidence is _SAVED else args.confidence,
+                from_audit=args.from_audit,
+            )
+        except RecertifyError as error:
+            raise FitError(str(error)) from None
+        for line in report.summary():
+            print(line)
+        print(f"rewrote {args.folder}: its policy and eek_fit.json hold the certificate served from {args.from_audit}")
+        return 0
     data = read_labelled(
         args.data,
         text_column=args.text_column,

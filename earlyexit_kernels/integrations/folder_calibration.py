@@ -52,7 +52,7 @@ def saved_path(path: str) -> list | None:
 
 def calibrate_folder(
     path: str,
-    data,
+    data=None,
     *,
     max_drop: float | None = None,
     confidence: float | None | str = "saved",
@@ -61,9 +61,16 @@ def calibrate_folder(
     source: str | None = None,
     dtype: str | None = None,
     device: str = "auto",
+    from_audit: str | None = None,
 ):
     """Re-certify the folder ``path`` on ``data`` (:class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`)
     and write it back; returns the :class:`~earlyexit_kernels.training.calibrate_texts.CalibrationReport`.
+
+    ``from_audit`` instead of ``data``: the file ``eek serve --audit-record`` (or
+    :meth:`~earlyexit_kernels.engine.online_certificate.OnlineCertificate.save_audit`) wrote, the
+    audited rows served since the last pull-back, every head's logits: certified on as they are (no
+    model run; disagreement with the full model), along the path they were recorded on, which must
+    be the folder's. The served traffic becomes the certificate's rows: a restart serves it.
 
     ``max_drop`` (points) and ``confidence``: None / ``"saved"`` take the folder's certificate's
     (else 1 point and 0.95); ``confidence=None`` given explicitly: uncertified. ``source``: what
@@ -81,7 +88,17 @@ def calibrate_folder(
         max_drop = 1.0 if saved_drop is None else saved_drop
     if confidence == "saved":
         confidence = CONFIDENCE if saved_confidence is None else saved_confidence
+    if (data is None) == (from_audit is None):
+        raise ValueError("give the rows to certify on (data) or an audit record (from_audit), one of them")
     model, tokenizer = load_model(path)
+    if from_audit is not None:
+        from earlyexit_kernels.training.calibrate_texts import calibrate_record
+
+        record, served = _audit_record(path, from_audit, model)
+        report = calibrate_record(model, record, max_drop=max_drop, confidence=confidence, path=saved_path(path))
+        source = source or f"{record.all_logits.shape[1]} audited rows of {from_audit} (served: {served})"
+        _write_back(Path(path), model, report, source, "as served")
+        return report
     to_base(model, dtype, device)
     report = calibrate_texts(
         model,
@@ -95,6 +112,30 @@ def calibrate_folder(
     )
     _write_back(Path(path), model, report, source or "rows given to eek calibrate", dtype or "as saved")
     return report
+
+
+def _audit_record(folder: str, audit_file: str, model):
+    """The :class:`~earlyexit_kernels.training.exit_record.ExitRecord` of an audit record, checked against
+    ``folder``: its path, layers and labels; and what was served when it was written."""
+    from earlyexit_kernels.engine.online_certificate import RecertifyError, load_audit_record
+    from earlyexit_kernels.training.exit_record import ExitRecord
+
+    payload = load_audit_record(audit_file)
+    logits = payload["all_logits"]
+    path = saved_path(folder)
+    codes = None if path is None else [policy.to_code() for policy in path]
+    if payload.get("path") != codes:
+        raise RecertifyError(
+            f"{audit_file} was recorded along another certified path than {folder}'s: write it again from a "
+            "server of this folder"
+        )
+    num_layers, num_labels = model.config.num_hidden_layers, model.config.num_labels
+    if tuple(logits.shape[::2]) != (num_layers, num_labels):
+        raise RecertifyError(
+            f"{audit_file} holds logits of {logits.shape[0]} layers and {logits.shape[2]} labels; {folder}'s model "
+            f"has {num_layers} and {num_labels}"
+        )
+    return ExitRecord(logits, None, None, None, policy_of(model)), payload.get("served", "?")
 
 
 def _write_back(folder: Path, model, report, source: str, base: str) -> None:

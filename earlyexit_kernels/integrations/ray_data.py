@@ -52,7 +52,10 @@ class EarlyExitClassifier:
     Each actor keeps an :class:`~earlyexit_kernels.engine.audit.AuditWatch` (``self.audit``) over
     every batch it runs, with ``audit_budget`` (a fraction) and ``audit_confidence``, by default
     the certificate's of ``model/eek_fit.json``, and logs its warning; :func:`classify_files` sums
-    the column over the whole output.
+    the column over the whole output. ``recertify`` (None: on where an audit runs on a folder whose
+    certificate bounds disagreement; True; False): each actor moves its threshold along the
+    folder's certified path from its own audited rows, over every batch it runs
+    (``self.certificate``, :mod:`earlyexit_kernels.engine.online_certificate`).
 
     A null text is classified as the empty string. A row that cannot be classified (a
     value that is not text, or too long without truncation) keeps the job going: its
@@ -79,6 +82,7 @@ class EarlyExitClassifier:
         audit_budget: float | None = None,
         audit_confidence: float | None = None,
         audit_seed: int = 0,
+        recertify: bool | None = None,
     ):
         from transformers import AutoTokenizer
 
@@ -99,6 +103,23 @@ class EarlyExitClassifier:
         self.model = from_pretrained(model, policy, backend=backend)
         to_base(self.model, dtype, "auto" if device is None else device)  # in the actor: the GPU Ray gave it
         self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.certificate = None
+        if self.audit is not None:
+            from earlyexit_kernels.engine.online_certificate import resolve_online_certificate
+            from earlyexit_kernels.integrations.labels import is_multi_label
+            from earlyexit_kernels.patching.patch import policy_of
+
+            self.certificate, _ = resolve_online_certificate(
+                str(model),
+                policy_of(self.model),
+                False if policy is not None else recertify,
+                fraction=self.audit.fraction,
+                budget=self.audit.budget,
+                confidence=self.audit.confidence,
+                multi_label=is_multi_label(self.model.config),
+            )
+        elif recertify:
+            raise ValueError("recertify=True reads the audit: give audit_fraction too")
         self.text_column, self.pair_column = text_column, pair_column
         self.options = dict(max_batch_size=max_batch_size, max_length=max_length, compile=compile)
         self.truncation = truncation
@@ -123,7 +144,16 @@ class EarlyExitClassifier:
             from earlyexit_kernels.integrations.labels import label_probabilities, labels_and_scores
 
             positions, items = zip(*rows)
-            predictions = list(classify(self.model, items, tokenizer=self.tokenizer, audit=self.audit, **self.options))
+            predictions = list(
+                classify(
+                    self.model,
+                    items,
+                    tokenizer=self.tokenizer,
+                    audit=self.audit,
+                    recertify=self.certificate or False,
+                    **self.options,
+                )
+            )
             import torch
 
             logits = torch.stack([p.logits for p in predictions])

@@ -40,7 +40,9 @@ __all__ = [
     "PRIOR_ROWS",
     "AlarmState",
     "SafetyState",
+    "alarm_log_cusums",
     "alarm_log_detector",
+    "detector_of",
     "safety_log_capital",
 ]
 
@@ -100,24 +102,40 @@ def safety_log_capital(state: SafetyState, losses: torch.Tensor, budget: float) 
     return log_capital, after
 
 
-def alarm_log_detector(state: AlarmState, losses: torch.Tensor, budget: float) -> tuple[torch.Tensor, AlarmState]:
-    """The log of the alarm's detector (the mean of the e-CUSUMs) after each of ``losses`` [M, n]:
-    ``([M, n], the state after them)``. Reaching ``log A`` shows the risk over ``budget``, with
-    false alarms no more often than once in ``A`` rows on average where it is not."""
+def alarm_log_cusums(state: AlarmState, losses: torch.Tensor, budget: float) -> tuple[torch.Tensor, AlarmState]:
+    """Each e-CUSUM's log after each of ``losses`` [M, n]: ``([M, K, n], the state after them)``;
+    :func:`detector_of` gives the alarm's detector from them."""
     if not 0.0 < budget < 1.0:
         raise ValueError(f"the budget must lie strictly between 0 and 1 to be watched online, got {budget!r}")
     z = losses.double()
     count, n = z.shape
+    shifts = len(ALARM_SHIFTS)
     if n == 0:
-        return torch.empty(count, 0, dtype=torch.float64), state
+        return torch.empty(count, shifts, 0, dtype=torch.float64), state
     # the stake betting on budget * (1 + a): the Kelly bet a / (1 - budget), kept so that a loss of 0 keeps 1%
     stakes = torch.tensor([min(a / (1.0 - budget), 0.99 / budget) for a in ALARM_SHIFTS], dtype=torch.float64)
-    log_factor = torch.log1p(stakes[None, :, None] * (z[:, None, :] - budget))  # [M, K, n]
+    if bool(((z == 0) | (z == 1)).all()):  # 0/1 losses: two values per detector, no logarithm per row
+        lost, kept = torch.log1p(stakes * (1.0 - budget)), torch.log1p(-stakes * budget)
+        log_factor = torch.where(z[:, None, :] > 0.5, lost[None, :, None], kept[None, :, None])
+    else:
+        log_factor = torch.log1p(stakes[None, :, None] * (z[:, None, :] - budget))  # [M, K, n]
     sums = torch.cumsum(log_factor, 2)
     # C_t = max(C_{t-1}, 1) * f_t in closed form: log C_t = S_t - min(-u, min_{0 <= j < t} S_j), u = max(log C_0, 0)
     floor = -state.log_cusum.clamp(min=0.0)  # [M, K]
-    previous = torch.cat([torch.zeros(count, len(ALARM_SHIFTS), 1, dtype=torch.float64), sums[:, :, :-1]], 2)
+    previous = torch.cat([torch.zeros(count, shifts, 1, dtype=torch.float64), sums[:, :, :-1]], 2)
     lowest = torch.minimum(torch.cummin(previous, 2).values, floor[:, :, None])
     log_cusum = sums - lowest
-    log_detector = torch.logsumexp(log_cusum, 1) - math.log(len(ALARM_SHIFTS))
-    return log_detector, AlarmState(log_cusum[:, :, -1].clone())
+    return log_cusum, AlarmState(log_cusum[:, :, -1].clone())
+
+
+def detector_of(log_cusum: torch.Tensor) -> torch.Tensor:
+    """The log of the alarm's detector, the mean of the e-CUSUMs, from their logs [..., K, n]: [..., n]."""
+    return torch.logsumexp(log_cusum, -2) - math.log(log_cusum.shape[-2])
+
+
+def alarm_log_detector(state: AlarmState, losses: torch.Tensor, budget: float) -> tuple[torch.Tensor, AlarmState]:
+    """The log of the alarm's detector (the mean of the e-CUSUMs) after each of ``losses`` [M, n]:
+    ``([M, n], the state after them)``. Reaching ``log A`` shows the risk over ``budget``, with
+    false alarms no more often than once in ``A`` rows on average where it is not."""
+    log_cusum, after = alarm_log_cusums(state, losses, budget)
+    return detector_of(log_cusum), after

@@ -25,7 +25,7 @@ from earlyexit_kernels.training.fit_texts import (
     warn_truncated,
 )
 
-__all__ = ["CalibrationReport", "calibrate_texts"]
+__all__ = ["CalibrationReport", "calibrate_record", "calibrate_texts"]
 
 
 @dataclass
@@ -94,9 +94,7 @@ def calibrate_texts(
     """
     import torch
 
-    from earlyexit_kernels.patching.patch import backend_of, patch, policy_of
-    from earlyexit_kernels.training.calibration import calibrate, describe
-    from earlyexit_kernels.training.exit_record import record_exits, replay
+    from earlyexit_kernels.training.exit_record import record_exits
     from earlyexit_kernels.training.labelled_texts import encode, label_ids, length_sorted_batches
 
     if not max_drop >= 0:
@@ -104,13 +102,32 @@ def calibrate_texts(
     if confidence is not None:
         _check_confidence(confidence)
         _check_enough(len(data), max_drop, confidence, "rows")
-    previous = policy_of(model)
     labels = label_ids(data, model.config) if data.labels is not None else None
     encoded = encode(tokenizer, data, max_length_for(max_length, model, tokenizer))
     warn_truncated(encoded)
     model.eval()
     with torch.no_grad():
         record = record_exits(model, length_sorted_batches(encoded, labels, batch_size))
+    return calibrate_record(model, record, max_drop=max_drop, confidence=confidence, path=path)
+
+
+def calibrate_record(
+    model, record, *, max_drop: float = 1.0, confidence: float | None = CONFIDENCE, path: list | None = None
+) -> CalibrationReport:
+    """:func:`calibrate_texts` on rows already recorded (:class:`~earlyexit_kernels.training.exit_record.ExitRecord`:
+    every head's logits, e.g. the audited rows of ``eek serve --audit-record``); the model ends patched
+    with the chosen policy."""
+    from earlyexit_kernels.patching.patch import backend_of, patch, policy_of
+    from earlyexit_kernels.training.calibration import calibrate, describe
+    from earlyexit_kernels.training.exit_record import replay
+
+    if not max_drop >= 0:
+        raise FitError(f"--max-drop must be >= 0 accuracy points, got {max_drop}")
+    rows = record.all_logits.shape[1]
+    if confidence is not None:
+        _check_confidence(confidence)
+        _check_enough(rows, max_drop, confidence, "rows")
+    previous = policy_of(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # kept in the result and printed by the report
         result = calibrate(
@@ -127,7 +144,7 @@ def calibrate_texts(
         mean_layers=result.mean_layers,
         previous_mean_layers=before,
         num_layers=record.num_layers,
-        rows=len(data),
+        rows=rows,
         max_drop=max_drop,
         confidence=confidence,
         met=result.met,

@@ -69,6 +69,8 @@ def create_app(
     audit_budget: float | None = None,
     audit_confidence: float = 0.95,
     audit_seed: int = 0,
+    recertify=None,
+    audit_record: str | None = None,
 ):
     """A Starlette app serving the patched ``model``; the engine starts with the app.
 
@@ -83,7 +85,12 @@ def create_app(
     answered, their disagreement with the early exit, its upper ``audit_confidence`` bound and
     ``audit_budget`` (a fraction, or None: no budget, no warning) exported at ``/metrics``
     (``eek_audit_*``); 0, the default, audits nothing (:mod:`earlyexit_kernels.engine.audit`,
-    :mod:`.audit_worker`). Other options as :class:`earlyexit_kernels.engine.continuous.ContinuousEngine`.
+    :mod:`.audit_worker`). ``recertify``: an
+    :class:`~earlyexit_kernels.engine.online_certificate.OnlineCertificate` (needs the audit) that moves
+    the served threshold along its certified path from the audited sequences (its moves at
+    ``/metrics``, ``eek_policy_*``), or None; ``audit_record``: a file the audited rows of its epoch
+    are written to, for ``eek calibrate FOLDER --from-audit``. Other options as
+    :class:`earlyexit_kernels.engine.continuous.ContinuousEngine`.
     """
     from contextlib import asynccontextmanager
 
@@ -116,7 +123,13 @@ def create_app(
     audit = None
     if check_fraction(audit_fraction) > 0:
         audit = AuditWatch(audit_fraction, budget=audit_budget, confidence=audit_confidence, seed=audit_seed)
-    state = _ServerState(model, tokenizer, model_id, max_queue, max_client_batch_size, engine_options, audit)
+    if recertify is not None and audit is None:
+        raise ValueError("re-certification reads the audit: give an audit fraction above 0 (--audit-fraction 0.05)")
+    if audit_record is not None and recertify is None:
+        raise ValueError("the audit record holds what re-certification replays: it needs re-certification on")
+    state = _ServerState(
+        model, tokenizer, model_id, max_queue, max_client_batch_size, engine_options, audit, recertify, audit_record
+    )
 
     @asynccontextmanager
     async def lifespan(app):
@@ -347,6 +360,8 @@ class _ServerState:
         max_client_batch_size: int,
         engine_options: dict,
         audit=None,
+        certificate=None,
+        audit_record: str | None = None,
     ):
         from earlyexit_kernels.engine.continuous import model_max_length
         from earlyexit_kernels.integrations.labels import is_multi_label
@@ -370,17 +385,21 @@ class _ServerState:
         self.worker: BackgroundEngine | None = None
         self.accepting = False
         self.audit = audit  # the AuditWatch, or None
+        self.certificate, self.audit_record = certificate, audit_record  # online re-certification, or None
         self.auditor = None  # its AuditWorker, while the app runs
         self.metrics = ServerMetrics(
             config.num_hidden_layers,
             engine_stats=lambda: self.worker.engine.stats,
             queue_depth=lambda: 0 if self.worker is None else self.worker.outstanding,
             audit=audit,
+            certificate=certificate,
         )
 
     def start(self) -> None:
         if self.worker is None:
             self.worker = BackgroundEngine(self.model, max_queue=self.max_queue, **self.engine_options)
+            if self.certificate is not None:
+                self.worker.set_policy(self.certificate.served_policy)
         if self.audit is not None and self.auditor is None:
             from earlyexit_kernels.integrations.server.audit_worker import AuditWorker
 
@@ -391,8 +410,15 @@ class _ServerState:
                 max_batch_size=self.engine_options["max_batch_size"],
                 max_tokens=self.engine_options["max_tokens"],
                 max_queue=self.max_queue,
+                certificate=self.certificate,
+                on_move=self._serve_policy,
+                audit_record=self.audit_record,
             )
         self.accepting = True
+
+    def _serve_policy(self, policy) -> None:
+        if self.worker is not None:
+            self.worker.set_policy(policy)
 
     def stop(self) -> None:
         self.accepting = False
@@ -421,7 +447,7 @@ class _ServerState:
             "problem_type": kind,
             "num_layers": config.num_hidden_layers,
             "labels": [str(labels.get(i, labels.get(str(i), f"LABEL_{i}"))) for i in range(config.num_labels)],
-            "policy": repr(policy_of(self.model)),
+            "policy": repr(policy_of(self.model) if self.certificate is None else self.certificate.served_policy),
             "backend": backend_of(self.model),
             "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
             "max_batch_size": self.engine_options["max_batch_size"],
@@ -432,6 +458,7 @@ class _ServerState:
             "audit": None
             if self.audit is None
             else {"fraction": self.audit.fraction, "budget": self.audit.budget, "confidence": self.audit.confidence},
+            "recertify": None if self.certificate is None else self.certificate.as_dict(),
         }
 
     async def run(self, request, http_request, costs: _RequestCosts) -> list | None:

@@ -11,6 +11,12 @@ It shares the device (and on a CPU, the cores) with the engine thread: F of the 
 the full model's time on top of the early exit's. At most ``max_queue`` sequences wait; beyond
 that a chosen sequence is not audited and counted as skipped (``eek_audit_skipped_total``), so
 a burst neither grows memory nor holds anything up.
+
+With an :class:`~earlyexit_kernels.engine.online_certificate.OnlineCertificate`, the full model's
+run records every head's logits too (its all-exits forward) and the certificate replays the path
+on them; when it moves, ``on_move`` gets the policy to serve (the app hands it to the engine
+thread), and ``audit_record`` (a file) receives the epoch's audited rows every
+``RECORD_EVERY`` of them and at the end, for ``eek calibrate FOLDER --from-audit``.
 """
 
 from __future__ import annotations
@@ -24,7 +30,10 @@ import torch
 
 from earlyexit_kernels.engine.audit import AuditWatch, disagreement, full_depth_logits
 
-__all__ = ["AuditWorker"]
+__all__ = ["RECORD_EVERY", "AuditWorker"]
+
+#: audited rows between two writes of the audit record
+RECORD_EVERY = 500
 
 logger = logging.getLogger("earlyexit_kernels.audit")
 
@@ -34,6 +43,7 @@ class AuditWorker:
 
     ``submit(items)``: ``(input_ids, token_type_ids, early_logits)`` per audited sequence.
     ``multi_label``: how a loss is counted (:func:`earlyexit_kernels.engine.audit.disagreement`).
+    ``certificate``, ``on_move``, ``audit_record``: online re-certification (module docstring).
     """
 
     def __init__(
@@ -45,8 +55,13 @@ class AuditWorker:
         max_batch_size: int = 64,
         max_tokens: int | None = None,
         max_queue: int = 1024,
+        certificate=None,
+        on_move=None,
+        audit_record: str | None = None,
     ):
         self.model, self.watch, self.multi_label = model, watch, multi_label
+        self.certificate, self.on_move, self.audit_record = certificate, on_move, audit_record
+        self._recorded_at = 0  # the certificate's audited rows at the last write of the record
         self.max_batch_size, self.max_tokens, self.max_queue = max_batch_size, max_tokens, max_queue
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -71,9 +86,11 @@ class AuditWorker:
             self.watch.skip(len(items) - taken)
 
     def close(self, timeout: float | None = 10.0) -> None:
-        """Stop after the batch in progress; what is still queued is dropped (not counted)."""
+        """Stop after the batch in progress; what is still queued is dropped (not counted). The audit
+        record is written a last time."""
         self._queue.put(None)
         self._thread.join(timeout)
+        self._write_record(force=True)
 
     def _loop(self) -> None:
         while True:
@@ -110,7 +127,30 @@ class AuditWorker:
             [(ids, types) for ids, types, _ in batch],
             max_batch_size=self.max_batch_size,
             max_tokens=self.max_tokens,
+            all_exits=self.certificate is not None,
         )
         seconds = time.perf_counter() - start
+        all_logits = None
+        if self.certificate is not None:
+            all_logits, full = full, full[-1]
         early = torch.stack([logits for _, _, logits in batch])
         self.watch.record(disagreement(early, full, multi_label=self.multi_label), seconds=seconds)
+        if all_logits is not None:
+            if self.certificate.record(all_logits) and self.on_move is not None:
+                self.on_move(self.certificate.served_policy)
+            self._write_record()
+
+    def _write_record(self, force: bool = False) -> None:
+        if self.audit_record is None or self.certificate is None:
+            return
+        audited = self.certificate.audited
+        if audited == self._recorded_at or (not force and audited - self._recorded_at < RECORD_EVERY):
+            return
+        if self.certificate.epoch_rows == 0:
+            return  # nothing kept since a pull-back: the last record stays as written
+        try:
+            self.certificate.save_audit(self.audit_record)
+        except Exception:  # as the audit itself: never the server's end; say why the record is not written
+            logger.exception("audit: could not write the audit record to %s", self.audit_record)
+        else:
+            self._recorded_at = audited

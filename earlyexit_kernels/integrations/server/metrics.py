@@ -25,6 +25,8 @@ With an audit (``eek serve --audit-fraction F``, :mod:`earlyexit_kernels.engine.
 - ``eek_audit_full_model_seconds_total``: the full model's time on them (the audit's cost);
   ``eek_audit_skipped_total``: sequences chosen but not audited (the audit's queue was full).
 
+With online re-certification, ``eek_policy_*`` (:mod:`.policy_metrics`).
+
 Each app has its own registry, so several apps in one process never collide.
 """
 
@@ -40,7 +42,9 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 class ServerMetrics:
     """Counters for one app; ``engine_stats`` and ``queue_depth`` are read when scraped."""
 
-    def __init__(self, num_layers: int, engine_stats: Callable, queue_depth: Callable[[], int], audit=None):
+    def __init__(
+        self, num_layers: int, engine_stats: Callable, queue_depth: Callable[[], int], audit=None, certificate=None
+    ):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
@@ -74,6 +78,10 @@ class ServerMetrics:
         self.registry.register(_EngineTimes(engine_stats))
         if audit is not None:
             self._audit_metrics(audit, Gauge)
+        if certificate is not None:  # online re-certification (server/policy_metrics.py)
+            from earlyexit_kernels.integrations.server.policy_metrics import PolicyMetrics
+
+            self.registry.register(PolicyMetrics(certificate, num_layers))
 
     def _audit_metrics(self, audit, Gauge) -> None:
         """Read from the :class:`~earlyexit_kernels.engine.audit.AuditWatch` ``audit`` when scraped."""

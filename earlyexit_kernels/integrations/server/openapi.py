@@ -227,5 +227,9 @@ _INFO_SCHEMA = {
         "max_length": {"type": "integer"},
         "max_queue": {"type": "integer"},
         "audit": {"type": ["object", "null"]},
+        "recertify": {
+            "type": ["object", "null"],
+            "description": "online re-certification: the policy served, its path index, epoch and moves (null: off)",
+        },
     },
 }

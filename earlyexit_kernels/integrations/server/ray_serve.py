@@ -34,7 +34,11 @@ def serve_application(
     (``max_batch_size``, ``max_tokens``, ``max_queue``, ``max_length``, ``compile``, ``audit_fraction``,
     ...). With ``audit_fraction`` and no ``audit_budget`` (or ``audit_confidence``), each replica
     takes them from the certificate of ``model_dir/eek_fit.json`` where there is one; each replica
-    audits and exports its own counts.
+    audits and exports its own counts. ``recertify`` (None: on where an audit runs on a folder whose
+    certificate bounds disagreement; True; False): each replica re-certifies its threshold on its own
+    audited sequences (:mod:`earlyexit_kernels.engine.online_certificate`): the router spreads the
+    traffic over them, so each audit is a uniform sample of what its replica serves, and each
+    replica's moves hold for it alone. ``audit_record`` with one replica only (one writer per file).
     """
     try:
         from ray import serve
@@ -42,18 +46,33 @@ def serve_application(
         raise ImportError(f"serving on Ray needs Ray Serve: pip install 'ray[serve]' ({error})") from None
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
         raise ValueError(f"replicas must be an integer >= 1, got {replicas!r}")
+    if replicas > 1 and app_options.get("audit_record") is not None:
+        raise ValueError("audit_record is one file, written by one replica: serve one replica, or leave it out")
 
     def build_app():
+        from earlyexit_kernels.engine.online_certificate import resolve_online_certificate
+        from earlyexit_kernels.integrations.labels import is_multi_label
         from earlyexit_kernels.integrations.model_folder import audit_settings, load_model
         from earlyexit_kernels.integrations.server.app import create_app
+        from earlyexit_kernels.patching.patch import policy_of
 
         model, tokenizer = load_model(model_dir, policy, backend, dtype=dtype, device=device)
         options = dict(app_options)
+        recertify = options.pop("recertify", None)
         if options.get("audit_fraction"):
             budget, confidence, _ = audit_settings(
                 model_dir, options.get("audit_budget"), options.get("audit_confidence")
             )
             options.update(audit_budget=budget, audit_confidence=confidence)
+        options["recertify"], _ = resolve_online_certificate(
+            model_dir,
+            policy_of(model),
+            False if policy is not None else recertify,
+            fraction=options.get("audit_fraction", 0.0),
+            budget=options.get("audit_budget"),
+            confidence=options.get("audit_confidence"),
+            multi_label=is_multi_label(model.config),
+        )
         return create_app(model, tokenizer, model_id=model_dir, **options)
 
     ingress = serve.ingress(build_app)(type("EarlyExitServer", (), {}))
