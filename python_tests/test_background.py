@@ -138,7 +138,9 @@ def test_a_failing_step_fails_the_waiting_sequences_and_the_worker_goes_on():
     paused.release.set()
     with pytest.raises(RuntimeError, match="kernel exploded"):
         doomed.result(30)
+    calls = worker.engine.stats.calls
     assert worker.submit([5, 6, 7]).result(30).exit_layer >= 1  # a fresh engine serves the next ones
+    assert worker.engine.stats.calls > calls > 0  # and counts on from the failed one's counts
     worker.close()
 
 
@@ -148,6 +150,14 @@ def test_bad_sequences_are_refused_when_submitted():
         worker.submit([])
     with pytest.raises(ValueError, match="1..64 tokens"):
         worker.submit(list(range(3, 70)))
+    worker.close()
+
+
+def test_a_sequence_the_engine_refuses_fails_alone_and_the_thread_goes_on():
+    worker = BackgroundEngine(_model(), max_batch_size=4)
+    with pytest.raises(TypeError, match="flat sequence of integers"):
+        worker.submit([5.5, 6.0]).result(30)  # refused by the engine thread, not by submit
+    assert worker.submit([5, 6, 7]).result(30).exit_layer >= 1
     worker.close()
 
 

@@ -152,7 +152,7 @@ class BackgroundEngine:
                 future.eek_taken = taken
                 try:
                     self.engine.submit(future.eek_key, ids, types, submitted_at=command[3])
-                except ValueError as error:
+                except Exception as error:  # this sequence's own fault (a length, a type): it alone fails
                     self._settle(future, error=error)
                     continue
                 self._futures[future.eek_key] = future
@@ -188,7 +188,9 @@ class BackgroundEngine:
         """A step raised: fail every sequence waiting and start from a fresh engine."""
         futures = list(self._futures.values())
         self._futures.clear()
+        stats = self.engine.stats
         self.engine = ContinuousEngine(self._model, **self._engine_kwargs)
+        self.engine.stats = stats  # the counts (/metrics) run on from the server's start
         if self._policy is not None:
             self.engine.set_policy(self._policy)
         for future in futures:

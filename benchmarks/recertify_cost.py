@@ -1,0 +1,98 @@
+"""What online re-certification adds to the audit's cost (issue 55): eek.classify with a 5% audit, with and without it.
+
+The model and stream of ``benchmarks/audit_cost.py`` (a random 12-layer BERT, hidden 128, its
+Entropy threshold set so that about half the layers run; N sequences of 8-128 random token ids,
+batches of 32). Re-certification walks a path of 401 candidates (the size of ``eek fit``'s global
+entropy grid), every one the served threshold itself, so the served policy, and the early exit's
+work, stay what they are while the audit records every head's logits, replays the 401 candidates
+on each audited row and updates their e-processes and detectors: the cost of the machinery alone.
+Interleaved repeats of: no audit, a 5% audit (the watch), a 5% audit with re-certification, the
+full model alone; medians and paired per-repeat differences.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/recertify_cost.py 4096 7
+"""
+
+import statistics
+import sys
+import time
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+import earlyexit_kernels as eek
+from earlyexit_kernels.engine.audit import AuditWatch, full_depth_logits
+from earlyexit_kernels.engine.online_certificate import OnlineCertificate
+
+FRACTION, CANDIDATES = 0.05, 401
+
+torch.set_num_threads(2)
+torch.manual_seed(0)
+config = BertConfig(
+    vocab_size=1000,
+    hidden_size=128,
+    num_hidden_layers=12,
+    num_attention_heads=2,
+    intermediate_size=512,
+    max_position_embeddings=256,
+    num_labels=2,
+)
+model = BertForSequenceClassification._from_config(config, attn_implementation="sdpa").eval()
+eek.patch(model, eek.Entropy(0.0))
+with torch.no_grad():
+    for head in model.early_exit_heads.classifiers:
+        head.weight.add_(torch.randn_like(head.weight) * 2.0)
+g = torch.Generator().manual_seed(1)
+N = int(sys.argv[1]) if len(sys.argv) > 1 else 2048
+REPEATS = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+items = [
+    {"input_ids": torch.randint(5, 1000, (int(torch.randint(8, 129, (1,), generator=g)),), generator=g).tolist()}
+    for _ in range(N)
+]
+sample = items[:256]
+low, high = 0.0, 0.7
+for _ in range(12):
+    t = (low + high) / 2
+    eek.patch(model, eek.Entropy(t))
+    mean = statistics.mean(p.exit_layer for p in eek.classify(model, sample, max_batch_size=32))
+    low, high = (t, high) if mean > 6 else (low, t)
+policy = eek.Entropy(t)
+eek.patch(model, policy)
+print(f"{policy.to_code(4)}; {CANDIDATES} candidates; audit fraction {FRACTION}", flush=True)
+
+
+def run(kind: str):
+    audit = certificate = None
+    if kind != "none":
+        audit = AuditWatch(FRACTION)
+    if kind == "recertify":
+        certificate = OnlineCertificate([policy] * CANDIDATES, budget=0.01, confidence=0.95, fraction=FRACTION)
+    start = time.perf_counter()
+    predictions = eek.classify(model, items, max_batch_size=32, audit=audit, recertify=certificate or False)
+    layers = statistics.mean(p.layers_run for p in predictions)
+    return time.perf_counter() - start, layers, audit, certificate
+
+
+times = {"none": [], "watch": [], "recertify": [], "full": []}
+list(eek.classify(model, items[:128], max_batch_size=32))  # warm-up
+for rep in range(REPEATS):
+    for kind in ("none", "watch", "recertify"):
+        seconds, layers, audit, certificate = run(kind)
+        times[kind].append(seconds)
+        if kind == "recertify":
+            audited, full_seconds, moved = audit.audited, audit.full_seconds, len(certificate.moves)
+    start = time.perf_counter()
+    full_depth_logits(model, [(it["input_ids"], None) for it in items], max_batch_size=32)
+    times["full"].append(time.perf_counter() - start)
+    print(rep, {k: round(v[-1], 2) for k, v in times.items()}, flush=True)
+median = {k: statistics.median(v) for k, v in times.items()}
+print(f"N={N}, mean layers run {layers:.2f} of 12; re-certification: {audited} audited, {moved} move(s)")
+for kind, value in median.items():
+    print(f"{kind}: median {value:.2f} s ({N / value:.0f} seq/s) over {REPEATS}: {[round(x, 2) for x in times[kind]]}")
+base, full = median["none"], median["full"]
+extra = [r - w for r, w in zip(times["recertify"], times["watch"])]
+print(
+    f"the audit alone: +{100 * (median['watch'] / base - 1):.1f}% of the served time (F x full: "
+    f"+{100 * FRACTION * full / base:.1f}%); with re-certification: +{100 * (median['recertify'] / base - 1):.1f}%; "
+    f"re-certification over the audit, paired: median {statistics.median(extra):+.2f} s = "
+    f"{100 * statistics.median(extra) / base:+.1f}% of the served time: {[round(x, 2) for x in extra]}"
+)
