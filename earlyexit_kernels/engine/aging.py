@@ -37,7 +37,7 @@ from __future__ import annotations
 import heapq
 import itertools
 
-__all__ = ["ADMIT_OVERDUE", "AgeRule", "default_max_age"]
+__all__ = ["ADMIT_OVERDUE", "AgeRule", "check_max_age", "default_max_age", "parse_max_age"]
 
 ADMIT_OVERDUE = "admit"  # AgeRule.next_overdue's answer when the oldest overdue sequence is pending
 
@@ -45,6 +45,33 @@ ADMIT_OVERDUE = "admit"  # AgeRule.next_overdue's answer when the oldest overdue
 def default_max_age(num_layers: int) -> int:
     """Twice the layer calls one sequence runs alone: a lone request is never overdue."""
     return 2 * num_layers
+
+
+def check_max_age(max_age):
+    """``max_age`` as the engine takes it (``"auto"``, None, or an integer >= 0), else ``ValueError``."""
+    if max_age is None or max_age == "auto":
+        return max_age
+    if not isinstance(max_age, int) or isinstance(max_age, bool) or max_age < 0:
+        raise ValueError(
+            f"max_age must be 'auto' (2 x the layers), None (no age rule) or an integer >= 0 (layer calls), "
+            f"got {max_age!r}"
+        )
+    return max_age
+
+
+def parse_max_age(text: str):
+    """The command line's ``--max-age``: ``auto`` -> ``"auto"``, ``off`` -> None, ``N`` -> N (layer calls, >= 0).
+
+    ``ValueError`` (one line, saying what is accepted) for anything else."""
+    word = text.strip().lower()
+    if word in ("auto", "off"):
+        return "auto" if word == "auto" else None
+    if word.isdigit():
+        return int(word)
+    raise ValueError(
+        f"--max-age must be auto (2 x the model's layers), off (no age rule) or a whole number of layer calls "
+        f">= 0 (0: strictly oldest first), got {text!r}"
+    )
 
 
 class AgeRule:

@@ -196,6 +196,16 @@ def _add_serve_command(commands) -> None:
     )
     serve.add_argument("--compile", action="store_true", help="run the layer calls through torch.compile")
     serve.add_argument(
+        "--max-age",
+        default="auto",
+        metavar="auto|off|N",
+        help="bounded waiting: once a text has waited N layer calls since the engine took it, the oldest such runs "
+        "next (admitted, or its layer call) whatever the batching order, so a text leaves within N + layers x n "
+        "layer calls, n the texts taken no later and still there (docs/serving.md). auto (default): 2 x the "
+        "model's layers; 0: strictly oldest first; off: no age rule (the batching order's own, looser bounds, as "
+        "eek classify runs)",
+    )
+    serve.add_argument(
         "--replicas",
         type=int,
         default=None,
@@ -443,6 +453,7 @@ def _serve(args) -> int:
     options = dict(
         max_batch_size=args.max_batch_size,
         max_tokens=args.max_tokens,
+        max_age=_max_age(args.max_age),
         max_queue=args.max_queue,
         max_length=args.max_length,
         compile=args.compile,
@@ -474,6 +485,16 @@ def _ray_recertify(args) -> dict:
         raise CliError("--audit-record is written by one process: use it with --engine local")
     online = recertify_options(args, args.audit, local=False)
     return {"recertify": online["recertify"]} if args.audit else {}
+
+
+def _max_age(text: str):
+    """``--max-age`` as ``create_app``'s ``max_age``; a bad value is a one-line error."""
+    from earlyexit_kernels.engine.aging import parse_max_age
+
+    try:
+        return parse_max_age(text)
+    except ValueError as error:
+        raise CliError(str(error)) from None
 
 
 def _audit_options(args, what: str = "rows") -> dict:

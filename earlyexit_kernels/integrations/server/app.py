@@ -71,6 +71,7 @@ def create_app(
     audit_seed: int = 0,
     recertify=None,
     audit_record: str | None = None,
+    max_age: int | str | None = "auto",
 ):
     """A Starlette app serving the patched ``model``; the engine starts with the app.
 
@@ -89,7 +90,10 @@ def create_app(
     :class:`~earlyexit_kernels.engine.online_certificate.OnlineCertificate` (needs the audit) that moves
     the served threshold along its certified path from the audited sequences (its moves at
     ``/metrics``, ``eek_policy_*``), or None; ``audit_record``: a file the audited rows of its epoch
-    are written to, for ``eek calibrate FOLDER --from-audit``. Other options as
+    are written to, for ``eek calibrate FOLDER --from-audit``. ``max_age``: bounded waiting, the layer
+    calls after which a sequence the engine thread took is served first
+    (:mod:`earlyexit_kernels.engine.aging`): ``"auto"`` (default, 2 x the layers), an integer >= 0 (0:
+    strictly oldest first) or None (no age rule). Other options as
     :class:`earlyexit_kernels.engine.continuous.ContinuousEngine`.
     """
     from contextlib import asynccontextmanager
@@ -101,6 +105,7 @@ def create_app(
     from starlette.routing import Route
 
     from earlyexit_kernels import __version__
+    from earlyexit_kernels.engine.aging import check_max_age
     from earlyexit_kernels.engine.audit import AuditWatch, check_fraction
     from earlyexit_kernels.integrations.server.docs_page import docs_page
     from earlyexit_kernels.integrations.server.openapi import ROUTES, openapi_document
@@ -120,6 +125,7 @@ def create_app(
     engine_options = dict(
         max_batch_size=max_batch_size, max_tokens=max_tokens, max_length=max_length, compile=compile, admission="fifo"
     )
+    engine_options["max_age"] = check_max_age(max_age)
     audit = None
     if check_fraction(audit_fraction) > 0:
         audit = AuditWatch(audit_fraction, budget=audit_budget, confidence=audit_confidence, seed=audit_seed)
@@ -455,11 +461,19 @@ class _ServerState:
             "max_tokens": self.engine_options["max_tokens"],
             "max_length": self.max_length,
             "max_queue": self.max_queue,
+            "max_age": self._max_age(),
             "audit": None
             if self.audit is None
             else {"fraction": self.audit.fraction, "budget": self.audit.budget, "confidence": self.audit.confidence},
             "recertify": None if self.certificate is None else self.certificate.as_dict(),
         }
+
+    def _max_age(self) -> int | str | None:
+        """The age rule's layer calls, as the engine resolved ``"auto"`` (None: no age rule)."""
+        if self.worker is None:
+            return self.engine_options["max_age"]
+        aging = self.worker.engine.scheduler.aging
+        return None if aging is None else aging.max_age
 
     async def run(self, request, http_request, costs: _RequestCosts) -> list | None:
         """Each sequence's :class:`Finished` for ``request`` (anything with ``sequences``,

@@ -226,6 +226,10 @@ _INFO_SCHEMA = {
         "max_tokens": {"type": ["integer", "null"]},
         "max_length": {"type": "integer"},
         "max_queue": {"type": "integer"},
+        "max_age": {
+            "type": ["integer", "null"],
+            "description": "bounded waiting: layer calls after which a sequence is served first (null: no age rule)",
+        },
         "audit": {"type": ["object", "null"]},
         "recertify": {
             "type": ["object", "null"],

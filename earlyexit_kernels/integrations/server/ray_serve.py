@@ -30,15 +30,17 @@ def serve_application(
 
     ``policy``, ``backend``: as on the command line (``"Entropy(0.3)"``; default the saved
     ones); ``dtype``, ``device``: the base each replica runs on, resolved in the replica (``"auto"``:
-    the GPU Ray gave it, e.g. with ``ray_actor_options={"num_gpus": 1}``). ``app_options`` go to :func:`earlyexit_kernels.integrations.server.create_app`
-    (``max_batch_size``, ``max_tokens``, ``max_queue``, ``max_length``, ``compile``, ``audit_fraction``,
-    ...). With ``audit_fraction`` and no ``audit_budget`` (or ``audit_confidence``), each replica
-    takes them from the certificate of ``model_dir/eek_fit.json`` where there is one; each replica
-    audits and exports its own counts. ``recertify`` (None: on where an audit runs on a folder whose
-    certificate bounds disagreement; True; False): each replica re-certifies its threshold on its own
-    audited sequences (:mod:`earlyexit_kernels.engine.online_certificate`): the router spreads the
-    traffic over them, so each audit is a uniform sample of what its replica serves, and each
-    replica's moves hold for it alone. ``audit_record`` with one replica only (one writer per file).
+    the GPU Ray gave it, e.g. with ``ray_actor_options={"num_gpus": 1}``). ``app_options`` go to
+    :func:`earlyexit_kernels.integrations.server.create_app` (``max_batch_size``, ``max_tokens``,
+    ``max_queue``, ``max_length``, ``compile``, ``max_age``, ``audit_fraction``, ...; a bad ``max_age``
+    raises here, before any replica starts). With ``audit_fraction`` and no ``audit_budget`` (or
+    ``audit_confidence``), each replica takes them from the certificate of ``model_dir/eek_fit.json``
+    where there is one; each replica audits and exports its own counts. ``recertify`` (None: on where
+    an audit runs on a folder whose certificate bounds disagreement; True; False): each replica
+    re-certifies its threshold on its own audited sequences
+    (:mod:`earlyexit_kernels.engine.online_certificate`): the router spreads the traffic over them, so
+    each audit is a uniform sample of what its replica serves, and each replica's moves hold for it
+    alone. ``audit_record`` with one replica only (one writer per file).
     """
     try:
         from ray import serve
@@ -48,6 +50,10 @@ def serve_application(
         raise ValueError(f"replicas must be an integer >= 1, got {replicas!r}")
     if replicas > 1 and app_options.get("audit_record") is not None:
         raise ValueError("audit_record is one file, written by one replica: serve one replica, or leave it out")
+    if "max_age" in app_options:
+        from earlyexit_kernels.engine.aging import check_max_age
+
+        check_max_age(app_options["max_age"])
 
     def build_app():
         from earlyexit_kernels.engine.online_certificate import resolve_online_certificate
