@@ -71,12 +71,14 @@ KEPT_OUTPUTS = 16
 
 @dataclass(slots=True)
 class Finished:
-    """A sequence that left the encoder: ``key`` as submitted, ``logits`` [C] on the CPU (model dtype)."""
+    """A sequence that left the encoder: ``key`` as submitted, ``logits`` [C] on the CPU (model dtype);
+    ``admitted_at``: when it was admitted (embedded into layer 1), ``time.perf_counter()``."""
 
     key: object
     logits: torch.Tensor
     exit_layer: int
     layers_run: int
+    admitted_at: float = 0.0
 
 
 def _token_array(key, name: str, values) -> np.ndarray:
@@ -508,7 +510,7 @@ class ContinuousEngine:
         for row, slot in enumerate(call.rows):
             out = exiting.get(row)
             if out is not None:
-                finished.append(Finished(keys[slot], out, layer, runs[slot]))
+                finished.append(Finished(keys[slot], out, layer, runs[slot], self._admitted_at[slot]))
                 gone.append(slot)
                 self.stats.inference_seconds.observe(now - self._admitted_at[slot])
             else:

@@ -15,8 +15,9 @@ Inference API's text classification, what
 ``huggingface_hub.InferenceClient(base_url=...).text_classification`` sends,
 :mod:`.inference_api_schema`), ``/v1/models`` (:mod:`.served_model`), ``/openapi.json``
 (:mod:`.openapi`) and ``/docs`` (:mod:`.docs_page`). Every answer of the POST routes carries
-``x-total-time``, ``x-tokenization-time``, ``x-queue-time`` and ``x-inference-time`` headers
-(milliseconds, see :class:`_RequestCosts`); every answer at all an ``x-request-id``
+``x-total-time`` (and its TEI alias ``x-compute-time``), ``x-tokenization-time``, ``x-queue-time``
+and ``x-inference-time`` headers (milliseconds, see :class:`_RequestCosts`; each answered request's
+spans are also the ``eek_request_*_seconds`` histograms at ``/metrics``); every answer at all an ``x-request-id``
 (:mod:`.request_id`). Errors, unknown routes and methods included, are JSON
 ``{"error", "error_type"}``. With ``api_key`` every route but ``/health`` needs
 ``Authorization: Bearer <api_key>`` (401 otherwise).
@@ -188,7 +189,8 @@ def create_app(
             state.metrics.requests.labels(str(error.status)).inc()
             return JSONResponse(error.body(), status_code=error.status, headers=costs.headers())
         state.metrics.requests.labels("200").inc()
-        state.metrics.latency.observe(time.perf_counter() - costs.arrived)
+        costs.answered = time.perf_counter()
+        state.metrics.record_request(costs.spans())
         return JSONResponse(body, headers=costs.headers())
 
     async def predict(request):
@@ -322,36 +324,61 @@ def create_app(
     return app
 
 
+_HEADERS = {
+    "tokenization": "x-tokenization-time",
+    "queue": "x-queue-time",
+    "inference": "x-inference-time",
+    "total": "x-total-time",
+}
+
+
 @dataclass
 class _RequestCosts:
-    """What a request cost: where its time went, as text-embeddings-inference's headers
-    (milliseconds), and the tokens its texts held (``tokens``, special tokens included: the
-    ``usage`` of the OpenAI-style answers).
+    """What a request cost: where its time went, and the tokens its texts held (``tokens``, special
+    tokens included: the ``usage`` of the OpenAI-style answers, TEI's ``x-compute-tokens``).
 
-    ``x-tokenization-time``: tokenizing its texts. ``x-queue-time``: from when its texts were
-    tokenized until the engine thread took its last sequence (the thread takes new sequences
-    between two layer calls). ``x-inference-time``: from then until its last sequence left
-    the encoder (waiting for room in the running batch included). ``x-total-time``: from
-    the request's arrival to its answer.
+    Marks on one clock (``time.perf_counter()``), each no earlier than the one before, so the spans
+    between them do not overlap and all lie within the request's wall time:
+
+    - ``tokenization``: from the request's arrival (before its body is read) until its texts are
+      tokenized (reading and parsing the body included);
+    - ``queue``: from then until the engine admits the request's first sequence (embeds it into the
+      first layer): waiting for the engine thread to take the request, then for room in the engine;
+    - ``inference``: from then until the server holds its last sequence's answer (every sequence's
+      layers, those admitted later included);
+    - ``total``: from its arrival to its answer (the two above plus parsing, handing over and
+      formatting).
+
+    As headers, in milliseconds (text-embeddings-inference's names; ``x-compute-time`` is TEI's
+    other name for the total); as the ``eek_request_*_seconds`` histograms, in seconds, for each
+    answered request. TEI gives a batch the mean of its texts' times instead: here a batch is one
+    request, its spans are the request's own.
     """
 
     arrived: float
     tokenized: float | None = None
-    taken: float | None = None
+    admitted: float | None = None  # the engine's admission of the request's first sequence
     done: float | None = None
+    answered: float | None = None
     tokens: int = 0
 
+    def spans(self) -> dict[str, float]:
+        """Seconds of each span whose ends are known (``total``: until ``answered``, else until now)."""
+        end = time.perf_counter() if self.answered is None else self.answered
+        marks = {
+            "tokenization": (self.arrived, self.tokenized),
+            "queue": (self.tokenized, self.admitted),
+            "inference": (self.admitted, self.done),
+            "total": (self.arrived, end),
+        }
+        return {name: finish - start for name, (start, finish) in marks.items() if None not in (start, finish)}
+
     def headers(self) -> dict[str, str]:
-        now = time.perf_counter()
-        spans = {
-            "x-tokenization-time": (self.arrived, self.tokenized),
-            "x-queue-time": (self.tokenized, self.taken),
-            "x-inference-time": (self.taken, self.done),
-            "x-total-time": (self.arrived, now),
-        }
-        return {
-            name: str(round(1000 * (end - start))) for name, (start, end) in spans.items() if None not in (start, end)
-        }
+        headers = {_HEADERS[name]: str(round(1000 * seconds)) for name, seconds in self.spans().items()}
+        headers["x-compute-time"] = headers["x-total-time"]
+        if self.tokenized is not None:
+            headers["x-compute-tokens"] = str(self.tokens)
+        return headers
 
 
 class _ServerState:
@@ -515,9 +542,7 @@ class _ServerState:
         except Exception as error:  # the engine failed on a step holding these sequences
             raise RequestError(500, "Backend", f"the model failed on this request: {error}") from None
         costs.done = time.perf_counter()
-        taken = [getattr(future, "eek_taken", None) for future in futures]
-        if taken and None not in taken:
-            costs.taken = max(taken)
+        costs.admitted = min(done.admitted_at for done in finished)
         for done in finished:
             self.metrics.record_sequence(done.exit_layer, done.layers_run)
         if self.auditor is not None:

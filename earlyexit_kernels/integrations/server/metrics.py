@@ -2,7 +2,12 @@
 
 - ``eek_requests_total{status}``: answered requests by HTTP status;
 - ``eek_sequences_total``: sequences classified;
-- ``eek_request_duration_seconds``: latency of ``/predict`` answers (histogram);
+- per answered request of the POST routes (histograms; the spans of the request's timing headers,
+  defined in :class:`earlyexit_kernels.integrations.server.app._RequestCosts`):
+  ``eek_request_duration_seconds``, from its arrival to its answer (``x-total-time``);
+  ``eek_request_tokenization_seconds``, until its texts are tokenized (body read and parsed
+  included); ``eek_request_queue_seconds``, from then until the engine admits its first
+  sequence; ``eek_request_inference_seconds``, from then until its last sequence's answer;
 - ``eek_exit_layer``: exit layers of the sequences (histogram: its ``_sum / _count`` is the
   mean exit layer); ``eek_layers_run_total``: layers computed, summed over sequences;
 - ``eek_queue_depth``: sequences submitted and not finished;
@@ -52,10 +57,11 @@ class ServerMetrics:
         self.sequences = Counter("eek_sequences", "Sequences classified", registry=self.registry)
         self.latency = Histogram(
             "eek_request_duration_seconds",
-            "Latency of /predict answers",
+            "Per answered request: from its arrival to its answer",
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.request_spans = _request_span_histograms(self.registry, Histogram)
         self.exit_layer = Histogram(
             "eek_exit_layer",
             "Layer after which each sequence left (mean: _sum / _count)",
@@ -125,10 +131,31 @@ class ServerMetrics:
         self.exit_layer.observe(exit_layer)
         self.layers_run.inc(layers_run)
 
+    def record_request(self, spans: dict[str, float]) -> None:
+        """One answered request's ``tokenization``, ``queue``, ``inference`` and ``total`` seconds."""
+        self.latency.observe(spans["total"])
+        for name, histogram in self.request_spans.items():
+            histogram.observe(spans[name])
+
     def exposition(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _request_span_histograms(registry, Histogram) -> dict:
+    """``eek_request_{tokenization,queue,inference}_seconds``, by span name (the total is
+    ``eek_request_duration_seconds``)."""
+    documentation = {
+        "tokenization": "Per answered request: from its arrival until its texts are tokenized (body read and parsed "
+        "included)",
+        "queue": "Per answered request: from its texts tokenized until the engine admits its first sequence",
+        "inference": "Per answered request: from the admission of its first sequence until its last sequence's answer",
+    }
+    return {
+        name: Histogram(f"eek_request_{name}_seconds", text, buckets=_LATENCY_BUCKETS, registry=registry)
+        for name, text in documentation.items()
+    }
 
 
 class _EngineTimes:

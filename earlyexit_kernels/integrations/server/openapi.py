@@ -54,6 +54,19 @@ _ANSWER_HEADERS = {
         "schema": {"type": "string"},
     }
 }
+_MILLISECONDS = {"type": "string", "pattern": "^[0-9]+$"}
+# the timing headers of an answered POST request (milliseconds; app._RequestCosts defines each span)
+_TIMING_HEADERS = {
+    name: {"description": description, "required": True, "schema": _MILLISECONDS}
+    for name, description in {
+        "x-tokenization-time": "ms from the request's arrival until its texts were tokenized",
+        "x-queue-time": "ms from then until the engine admitted the request's first text",
+        "x-inference-time": "ms from then until the server held its last text's answer",
+        "x-total-time": "ms from the request's arrival to its answer",
+        "x-compute-time": "the same as x-total-time (text-embeddings-inference's name)",
+        "x-compute-tokens": "the tokens of the request's texts, special tokens included",
+    }.items()
+}
 _REQUEST_ID_PARAMETER = {
     "name": HEADER,
     "in": "header",
@@ -83,6 +96,11 @@ def _answer(description: str, media: str = "application/json", schema: dict | No
     return answer
 
 
+def _timed(answer: dict) -> dict:
+    """``answer`` with the timing headers besides ``x-request-id``."""
+    return {**answer, "headers": {**answer["headers"], **_TIMING_HEADERS}}
+
+
 def _errors(codes: str) -> dict:
     """The answers of the status codes ``codes`` (space-separated), each an :data:`ERROR_SCHEMA`."""
     return {code: _answer(_ERRORS[code], schema=_ref("Error")) for code in codes.split()}
@@ -95,7 +113,7 @@ def _post(summary: str, description: str, request: dict, answer: dict, errors: s
             "description": description,
             "parameters": [_REQUEST_ID_PARAMETER],
             "requestBody": {"required": True, "content": {"application/json": {"schema": request}}},
-            "responses": {"200": _answer("the answer", schema=answer), **_errors(errors)},
+            "responses": {"200": _timed(_answer("the answer", schema=answer)), **_errors(errors)},
         }
     }
 
