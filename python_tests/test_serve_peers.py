@@ -59,6 +59,7 @@ def tiny_config(folders, **changes) -> PeersConfig:
         concurrency=(1, 2),
         requests=8,
         max_seconds=20,
+        texts_per_request=4,  # the corpus job: the 10 texts in requests of 4, 4 and 2
         soak_seconds=0,
     )
     return PeersConfig(**{**settings, **changes})
@@ -78,22 +79,26 @@ def test_the_real_mode_runs_eek_serve_and_skips_an_absent_infinity(folders, tmp_
     peers = [p.name for p in infinity_peer.PEERS]
     assert set(result["skipped"]) == set(peers)
     assert all("does not exist" in why for why in result["skipped"].values())
-    rows = {(r["server"], r["concurrency"]): r for r in result["rows"]}
-    assert set(rows) == {(s, c) for s in ("eek serve", "eek serve int8") for c in (1, 2)}
-    for (server, concurrency), row in rows.items():
-        assert row["requests"] == (2 if concurrency == 1 else 8) and row["errors"] == 0
+    rows = {(r["server"], r["concurrency"], r["texts_per_request"]): r for r in result["rows"]}
+    levels = {(1, 1): (2, 2), (2, 1): (8, 8), (1, 4): (3, 10)}  # (concurrency, texts a request): requests, texts
+    assert set(rows) == {(s, *level) for s in ("eek serve", "eek serve int8") for level in levels}
+    for (server, concurrency, per), row in rows.items():
+        assert (row["requests"], row["texts"]) == levels[concurrency, per] and row["errors"] == 0
         assert row["texts_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
         assert row["rss_mib"] > 0 and row["peak_rss_mib"] >= row["rss_mib"]
         if server == "eek serve":  # Entropy(0.0) never exits: the full model's labels, every layer
             assert row["agreement"] == 1.0 and row["mean_exit_layer"] == 4
+    assert result["texts_per_request"] == 4 and result["corpus_concurrency"] == 1
     with open(tmp_path / "out" / "serve_peers_tiny.csv") as handle:
         written = list(csv.DictReader(handle))
-    assert list(written[0]) == serve_peers.COLUMNS and len(written) == 4
+    assert list(written[0]) == serve_peers.COLUMNS and len(written) == 6
     recorded = json.loads((tmp_path / "out" / "serve_peers_tiny.json").read_text())
     assert recorded["rows"] == result["rows"] and recorded["soak"] is None
     section = serve_peers.render(recorded)
     assert section.startswith(START) and section.rstrip().endswith(END)
-    assert "| eek serve | " in section and "100.00% of 10" in section
+    assert "| server | concurrency 1 | concurrency 2 | 4 texts a request | agreement |" in section
+    assert "then each text once in requests of 4 (1 at a time: a corpus job" in section
+    assert "| eek serve | " in section and "100.00% of 20" in section
     assert "Skipped infinity onnx int8: Infinity is not installed" in section
 
 
@@ -228,6 +233,28 @@ def test_the_section_renders_a_recorded_result_into_its_markers(tmp_path):
     assert "run the command" not in text and text.count(START) == 1
     serve_peers.write_readme(doc, {**RECORDED, "soak": {**RECORDED["soak"], "flat": False}})
     assert "**not** flat" in doc.read_text() and doc.read_text().count(START) == 1
+
+
+def test_the_corpus_job_s_column_renders_from_its_rows():
+    corpus_rows = [
+        dict(row, concurrency=1, texts_per_request=32, requests=10, texts=320, texts_per_s=400.0, agree=316)
+        for row in RECORDED["rows"]
+        if row["concurrency"] == 32
+    ]
+    recorded = {**RECORDED, "texts_per_request": 32, "corpus_concurrency": 1, "rows": RECORDED["rows"] + corpus_rows}
+    section = serve_peers.render(recorded)
+    assert "| server | concurrency 1 | concurrency 32 | 32 texts a request | agreement | mean exit layer |" in section
+    assert "|---|---:|---:|---:|---:|---:|" in section
+    # the one-text cells stay their own; the corpus cell is the corpus row's; agreement counts texts
+    assert "| eek serve | 200.5/s, 4.9 / 9.1 ms | 300.25/s, 100.0 / 150.0 ms | 400.0/s, 100.0 / 150.0 ms | " in section
+    assert "99.06% of 640 |" in section  # (63 + 255 + 316) / (64 + 256 + 320)
+    assert "32 texts a request" not in serve_peers.render(RECORDED)  # recorded before the corpus job
+
+
+def test_the_command_line_refuses_a_one_text_corpus_job(folders):
+    model, plain = folders
+    with pytest.raises(SystemExit, match="--texts-per-request must be 0 .no corpus job. or >= 2"):
+        serve_load.main(["--model", str(model), "--plain", str(plain), "--texts", "x", "--texts-per-request", "1"])
 
 
 def test_the_command_line_renders_a_recorded_result(tmp_path, capsys):

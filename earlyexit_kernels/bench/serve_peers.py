@@ -13,9 +13,12 @@ the client (this process, asyncio + httpx, one text per ``POST /classify``) pinn
 
 Each server gets the same texts at each concurrency (a bounded number of requests per level, at
 most ``--max-seconds`` each): texts/s, p50/p99 latency, and the agreement of its labels with
-the full model's (PLAIN unpatched, float32, run once in this process on every text). Then the
-soak: ``eek serve`` at concurrency 32 for ``--soak-seconds``, its resident memory (``VmRSS``) read
-after a warm-up, a few times during and at the end; the target is flat within +-5%.
+the full model's (PLAIN unpatched, float32, run once in this process on every text). Then a
+corpus job: every text once, in requests of ``--texts-per-request`` texts (32; 0: none),
+``--corpus-concurrency`` requests at a time (1), at most ``--max-seconds``: texts/s over the
+texts answered, p50/p99 of the requests' latencies. Then the soak: ``eek serve`` at concurrency 32
+for ``--soak-seconds``, its resident memory (``VmRSS``) read after a warm-up, a few times during
+and at the end; the target is flat within +-5%.
 
 Writes ``serve_peers_<name>.json`` and ``.csv`` under ``--output-dir``, and with ``--readme`` the
 section between :data:`START` and :data:`END` of that Markdown file (``--from-json`` re-renders
@@ -41,7 +44,8 @@ from earlyexit_kernels.bench import infinity_peer
 from earlyexit_kernels.bench.serve_peers_report import END, START, render, write_readme
 from earlyexit_kernels.bench.server_process import EekServer, parse_cores, resident_kib
 
-COLUMNS = ["server", "concurrency", "requests", "texts_per_s", "p50_ms", "p99_ms", "agreement", "agree"]
+COLUMNS = ["server", "concurrency", "texts_per_request", "requests", "texts", "texts_per_s", "p50_ms", "p99_ms"]
+COLUMNS += ["agreement", "agree"]
 COLUMNS += ["mean_exit_layer", "errors", "rss_mib", "peak_rss_mib"]
 EEK_SERVERS = {"eek serve": (), "eek serve int8": ("--dtype", "int8")}
 SERVERS = (*EEK_SERVERS, *(peer.name for peer in infinity_peer.PEERS))
@@ -72,6 +76,8 @@ class PeersConfig:
     client_cores: tuple[int, ...] | None = None
     servers: tuple[str, ...] = SERVERS
     infinity_python: Path | None = None
+    texts_per_request: int = 32  # the corpus job: every text once, in requests of this many (0 or 1: none)
+    corpus_concurrency: int = 1  # the corpus job's requests at a time
     soak_seconds: float = 300.0  # 0: no soak
     soak_concurrency: int = 32
     soak_samples: int = 10
@@ -98,10 +104,11 @@ def full_model_labels(plain: Path, texts: list[str], batch_size: int = 32) -> li
 
 @dataclass
 class Drive:
-    """What a load run got back: per answer the text's index, latency (s), label and exit layer."""
+    """What a load run got back: per text answered its index, label and exit layer; per request
+    answered its latency (s)."""
 
     index: list[int] = field(default_factory=list)
-    latency: list[float] = field(default_factory=list)
+    latency: list[float] = field(default_factory=list)  # per request
     label: list[str] = field(default_factory=list)
     exit_layer: list[int | None] = field(default_factory=list)
     errors: int = 0
@@ -119,12 +126,14 @@ async def drive(
     cycle: bool = False,
     sample=None,
     every: float = 0.0,
+    per_request: int = 1,
 ) -> Drive:
-    """``POST /classify`` of ``texts[i]`` for each i of ``indices``, ``concurrency`` at a time.
+    """``POST /classify`` of ``texts[i]`` for each i of ``indices``, ``per_request`` texts a request (the
+    next indices in order; the last request of a pass may hold fewer), ``concurrency`` requests at a time.
 
     Stops when every index was sent (``cycle``: starts over until ``max_seconds``) or after
-    ``max_seconds``. Answers other than 200 count in ``errors``; a worker whose connection
-    fails stops. ``sample()`` is called every ``every`` seconds while it runs.
+    ``max_seconds``. Answers other than 200 count in ``errors`` (one per request); a worker whose
+    connection fails stops. ``sample()`` is called every ``every`` seconds while it runs.
     """
     import httpx
 
@@ -138,23 +147,24 @@ async def drive(
         async def worker():
             nonlocal sent
             while (cycle or sent < len(indices)) and time.perf_counter() < stop_at:
-                index = indices[sent % len(indices)]
-                sent += 1
+                count = per_request if cycle else min(per_request, len(indices) - sent)
+                batch = [indices[(sent + k) % len(indices)] for k in range(count)]
+                sent += count
                 started = time.perf_counter()
                 try:
-                    response = await client.post("/classify", json={**body, "input": [texts[index]]})
+                    response = await client.post("/classify", json={**body, "input": [texts[i] for i in batch]})
                 except httpx.TransportError:
                     out.errors += 1
                     return
                 if response.status_code != 200:
                     out.errors += 1
                     continue
-                latency = time.perf_counter() - started
-                best = max(response.json()["data"][0], key=lambda entry: entry["score"])
-                out.index.append(index)
-                out.latency.append(latency)
-                out.label.append(best["label"])
-                out.exit_layer.append(best.get("exit_layer"))
+                out.latency.append(time.perf_counter() - started)
+                for index, answer in zip(batch, response.json()["data"], strict=True):
+                    best = max(answer, key=lambda entry: entry["score"])
+                    out.index.append(index)
+                    out.label.append(best["label"])
+                    out.exit_layer.append(best.get("exit_layer"))
 
         async def sampler():
             while True:
@@ -180,13 +190,15 @@ def _quantile_ms(values: list[float], q: float) -> float | str:
     return round((ordered[low] + (ordered[high] - ordered[low]) * (position - low)) * 1000, 1)
 
 
-def summarize(server: str, concurrency: int, run: Drive, full: list[str]) -> dict:
+def summarize(server: str, concurrency: int, run: Drive, full: list[str], texts_per_request: int = 1) -> dict:
     agree = sum(label == full[i] for i, label in zip(run.index, run.label, strict=True))
     exits = [e for e in run.exit_layer if e is not None]
     return dict(
         server=server,
         concurrency=concurrency,
-        requests=len(run.index),
+        texts_per_request=texts_per_request,
+        requests=len(run.latency),
+        texts=len(run.index),
         texts_per_s=round(len(run.index) / run.wall, 2) if run.wall > 0 else "",
         p50_ms=_quantile_ms(run.latency, 0.5),
         p99_ms=_quantile_ms(run.latency, 0.99),
@@ -279,15 +291,32 @@ def measure(config: PeersConfig, full: list[str], scratch: Path, onnx: dict | No
                     run = asyncio.run(
                         drive(server.url, config.texts, indices, concurrency, config.max_seconds, model=model)
                     )
-                    row = summarize(name, concurrency, run, full)
-                    row["rss_mib"] = _mib(server.resident_kib())
-                    row["peak_rss_mib"] = _mib(_peak_kib(server.pid))
-                    rows.append(row)
-                    progress(f"{name} c={concurrency}: {row}")
+                    rows.append(_measured(summarize(name, concurrency, run, full), server))
+                    progress(f"{name} c={concurrency}: {rows[-1]}")
+                if config.texts_per_request > 1:  # the corpus job: every text once, in requests of many
+                    per, concurrency = config.texts_per_request, config.corpus_concurrency
+                    run = asyncio.run(
+                        drive(
+                            server.url,
+                            config.texts,
+                            list(range(n)),
+                            concurrency,
+                            config.max_seconds,
+                            model=model,
+                            per_request=per,
+                        )
+                    )
+                    rows.append(_measured(summarize(name, concurrency, run, full, per), server))
+                    progress(f"{name} {per} texts a request, c={concurrency}: {rows[-1]}")
             notes[name] = _notes(name, server)
         finally:
             server.stop()
     return rows, notes, failed
+
+
+def _measured(row: dict, server) -> dict:
+    """``row`` with the server's resident memory now and at its peak so far."""
+    return dict(row, rss_mib=_mib(server.resident_kib()), peak_rss_mib=_mib(_peak_kib(server.pid)))
 
 
 def soak(config: PeersConfig, full: list[str], progress=print) -> dict:
@@ -412,6 +441,8 @@ def run(config: PeersConfig, output_dir: Path, name: str = "cpu", command: str =
         "requests": config.requests,
         "max_seconds": config.max_seconds,
         "concurrency": list(config.concurrency),
+        "texts_per_request": config.texts_per_request,
+        "corpus_concurrency": config.corpus_concurrency,
         "versions": {"eek": _package_versions(), "infinity": infinity},
         "quantize_flag": infinity_peer.quantize_flag() if onnx else None,
         "rows": rows,
@@ -469,6 +500,21 @@ def add_arguments(parser) -> None:
     real.add_argument("--infinity-python", type=Path, default=None, help="default .venv-infinity/bin/python")
     real.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS), metavar="SERVER")
     real.add_argument("--max-batch-size", type=int, default=PeersConfig.max_batch_size)
+    real.add_argument(
+        "--texts-per-request",
+        type=int,
+        default=PeersConfig.texts_per_request,
+        metavar="N",
+        help="the corpus job after the concurrency levels: every text once, N texts a request (default: "
+        f"{PeersConfig.texts_per_request}; 0: no corpus job)",
+    )
+    real.add_argument(
+        "--corpus-concurrency",
+        type=int,
+        default=PeersConfig.corpus_concurrency,
+        metavar="C",
+        help=f"the corpus job's requests at a time (default: {PeersConfig.corpus_concurrency})",
+    )
     real.add_argument("--server-cores", default=None, help='e.g. "0" (default: the first core; "none")')
     real.add_argument("--client-cores", default=None, help='e.g. "1" (default: the other cores; "none")')
     real.add_argument("--soak-seconds", type=float, default=PeersConfig.soak_seconds, help="0: no soak")
@@ -486,6 +532,11 @@ def main(args, argv: list[str]) -> int:
     if args.from_json:
         result = json.loads(args.from_json.read_text())
     else:
+        if args.texts_per_request < 0 or args.texts_per_request == 1 or args.corpus_concurrency < 1:
+            raise SystemExit(
+                "error: --texts-per-request must be 0 (no corpus job) or >= 2 (one text a request is the concurrency "
+                "levels'), and --corpus-concurrency >= 1"
+            )
         if args.rotten_tomatoes:
             model, plain, texts, source = rotten_tomatoes(args.models_dir)
         else:
@@ -507,6 +558,8 @@ def main(args, argv: list[str]) -> int:
             server_cores=server_cores if args.server_cores is None else parse_cores(args.server_cores),
             client_cores=client_cores if args.client_cores is None else parse_cores(args.client_cores),
             servers=() if args.soak_only else tuple(args.servers),
+            texts_per_request=args.texts_per_request,
+            corpus_concurrency=args.corpus_concurrency,
             infinity_python=args.infinity_python,
             soak_seconds=args.soak_seconds,
         )
