@@ -362,7 +362,8 @@ def test_replicas_on_ray_serve_answer_like_one_server(saved_classifier, model_an
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(serve_application(saved_classifier, replicas=2, max_batch_size=16), name="eek", route_prefix="/")
+        application = serve_application(saved_classifier, replicas=2, max_batch_size=16, max_age=3)
+        serve.run(application, name="eek", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         with ThreadPoolExecutor(4) as pool:
             responses = list(pool.map(lambda t: httpx.post(url + "/predict", json={"inputs": t}, timeout=60), texts))
@@ -371,7 +372,7 @@ def test_replicas_on_ray_serve_answer_like_one_server(saved_classifier, model_an
         serve.shutdown()
         ray.shutdown()
 
-    assert info["num_layers"] == 4
+    assert info["num_layers"] == 4 and info["max_age"] == 3  # the replicas' engines took the app's options
     for response, want in zip(responses, expected_answers(model, tokenizer, texts), strict=True):
         assert response.status_code == 200
         assert best_of(response.json())[::2] == want[::2]
