@@ -16,7 +16,7 @@ Inference API's text classification, what
 :mod:`.inference_api_schema`), ``/v1/models`` (:mod:`.served_model`), ``/openapi.json``
 (:mod:`.openapi`) and ``/docs`` (:mod:`.docs_page`). Every answer of the POST routes carries
 ``x-total-time`` (and its TEI alias ``x-compute-time``), ``x-tokenization-time``, ``x-queue-time``
-and ``x-inference-time`` headers (milliseconds, see :class:`_RequestCosts`; each answered request's
+and ``x-inference-time`` headers (milliseconds, see :class:`.request_costs.RequestCosts`; each answered request's
 spans are also the ``eek_request_*_seconds`` histograms at ``/metrics``); every answer at all an ``x-request-id``
 (:mod:`.request_id`). Errors, unknown routes and methods included, are JSON
 ``{"error", "error_type"}``. With ``api_key`` every route but ``/health`` needs
@@ -29,7 +29,6 @@ import asyncio
 import copy
 import hmac
 import time
-from dataclasses import dataclass
 
 from earlyexit_kernels.engine.background import BackgroundEngine, QueueFull
 from earlyexit_kernels.integrations.server.classify_schema import format_classify_answer, parse_classify_request
@@ -48,6 +47,7 @@ from earlyexit_kernels.integrations.server.predict_schema import (
     parse_predict_request,
     read_json,
 )
+from earlyexit_kernels.integrations.server.request_costs import RequestCosts
 from earlyexit_kernels.integrations.server.rerank_schema import format_rerank_answer, rerank_request_from_body
 from earlyexit_kernels.patching.patch import backend_of, policy_of
 
@@ -177,7 +177,7 @@ def create_app(
         """Parse the body, run its sequences, format: the common path of the POST routes.
 
         ``run(parsed, finished, costs)`` makes the answer's body."""
-        costs = _RequestCosts(time.perf_counter())
+        costs = RequestCosts(time.perf_counter())
         try:
             parsed = parse(await request.body())
             finished = await state.run(parsed, request, costs)
@@ -324,63 +324,6 @@ def create_app(
     return app
 
 
-_HEADERS = {
-    "tokenization": "x-tokenization-time",
-    "queue": "x-queue-time",
-    "inference": "x-inference-time",
-    "total": "x-total-time",
-}
-
-
-@dataclass
-class _RequestCosts:
-    """What a request cost: where its time went, and the tokens its texts held (``tokens``, special
-    tokens included: the ``usage`` of the OpenAI-style answers, TEI's ``x-compute-tokens``).
-
-    Marks on one clock (``time.perf_counter()``), each no earlier than the one before, so the spans
-    between them do not overlap and all lie within the request's wall time:
-
-    - ``tokenization``: from the request's arrival (before its body is read) until its texts are
-      tokenized (reading and parsing the body included);
-    - ``queue``: from then until the engine admits the request's first sequence (embeds it into the
-      first layer): waiting for the engine thread to take the request, then for room in the engine;
-    - ``inference``: from then until the server holds its last sequence's answer (every sequence's
-      layers, those admitted later included);
-    - ``total``: from its arrival to its answer (the two above plus parsing, handing over and
-      formatting).
-
-    As headers, in milliseconds (text-embeddings-inference's names; ``x-compute-time`` is TEI's
-    other name for the total); as the ``eek_request_*_seconds`` histograms, in seconds, for each
-    answered request. TEI gives a batch the mean of its texts' times instead: here a batch is one
-    request, its spans are the request's own.
-    """
-
-    arrived: float
-    tokenized: float | None = None
-    admitted: float | None = None  # the engine's admission of the request's first sequence
-    done: float | None = None
-    answered: float | None = None
-    tokens: int = 0
-
-    def spans(self) -> dict[str, float]:
-        """Seconds of each span whose ends are known (``total``: until ``answered``, else until now)."""
-        end = time.perf_counter() if self.answered is None else self.answered
-        marks = {
-            "tokenization": (self.arrived, self.tokenized),
-            "queue": (self.tokenized, self.admitted),
-            "inference": (self.admitted, self.done),
-            "total": (self.arrived, end),
-        }
-        return {name: finish - start for name, (start, finish) in marks.items() if None not in (start, finish)}
-
-    def headers(self) -> dict[str, str]:
-        headers = {_HEADERS[name]: str(round(1000 * seconds)) for name, seconds in self.spans().items()}
-        headers["x-compute-time"] = headers["x-total-time"]
-        if self.tokenized is not None:
-            headers["x-compute-tokens"] = str(self.tokens)
-        return headers
-
-
 class _ServerState:
     """The model, tokenizer, engine thread and metrics behind one app."""
 
@@ -502,7 +445,7 @@ class _ServerState:
         aging = self.worker.engine.scheduler.aging
         return None if aging is None else aging.max_age
 
-    async def run(self, request, http_request, costs: _RequestCosts) -> list | None:
+    async def run(self, request, http_request, costs: RequestCosts) -> list | None:
         """Each sequence's :class:`Finished` for ``request`` (anything with ``sequences``,
         ``truncate`` and ``truncation_direction``), or None when the client disconnected first
         (its sequences are then dropped). Fills ``costs``."""

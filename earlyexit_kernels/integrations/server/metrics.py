@@ -3,7 +3,7 @@
 - ``eek_requests_total{status}``: answered requests by HTTP status;
 - ``eek_sequences_total``: sequences classified;
 - per answered request of the POST routes (histograms; the spans of the request's timing headers,
-  defined in :class:`earlyexit_kernels.integrations.server.app._RequestCosts`):
+  defined in :class:`earlyexit_kernels.integrations.server.request_costs.RequestCosts`):
   ``eek_request_duration_seconds``, from its arrival to its answer (``x-total-time``);
   ``eek_request_tokenization_seconds``, until its texts are tokenized (body read and parsed
   included); ``eek_request_queue_seconds``, from then until the engine admits its first

@@ -55,7 +55,7 @@ _ANSWER_HEADERS = {
     }
 }
 _MILLISECONDS = {"type": "string", "pattern": "^[0-9]+$"}
-# the timing headers of an answered POST request (milliseconds; app._RequestCosts defines each span)
+# the timing headers of an answered POST request (milliseconds; request_costs.RequestCosts defines each span)
 _TIMING_HEADERS = {
     name: {"description": description, "required": True, "schema": _MILLISECONDS}
     for name, description in {

@@ -1,0 +1,65 @@
+"""Where one request's time went: the timing headers of the server's answers and the
+``eek_request_*_seconds`` histograms (:mod:`.metrics`) are the spans of :class:`RequestCosts`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+__all__ = ["RequestCosts"]
+
+_HEADERS = {
+    "tokenization": "x-tokenization-time",
+    "queue": "x-queue-time",
+    "inference": "x-inference-time",
+    "total": "x-total-time",
+}
+
+
+@dataclass
+class RequestCosts:
+    """What a request cost: where its time went, and the tokens its texts held (``tokens``, special
+    tokens included: the ``usage`` of the OpenAI-style answers, TEI's ``x-compute-tokens``).
+
+    Marks on one clock (``time.perf_counter()``), each no earlier than the one before, so the spans
+    between them do not overlap and all lie within the request's wall time:
+
+    - ``tokenization``: from the request's arrival (before its body is read) until its texts are
+      tokenized (reading and parsing the body included);
+    - ``queue``: from then until the engine admits the request's first sequence (embeds it into the
+      first layer): waiting for the engine thread to take the request, then for room in the engine;
+    - ``inference``: from then until the server holds its last sequence's answer (every sequence's
+      layers, those admitted later included);
+    - ``total``: from its arrival to its answer (the two above plus parsing, handing over and
+      formatting).
+
+    As headers, in milliseconds (text-embeddings-inference's names; ``x-compute-time`` is TEI's
+    other name for the total); as the ``eek_request_*_seconds`` histograms, in seconds, for each
+    answered request. TEI gives a batch the mean of its texts' times instead: here a batch is one
+    request, its spans are the request's own.
+    """
+
+    arrived: float
+    tokenized: float | None = None
+    admitted: float | None = None  # the engine's admission of the request's first sequence
+    done: float | None = None
+    answered: float | None = None
+    tokens: int = 0
+
+    def spans(self) -> dict[str, float]:
+        """Seconds of each span whose ends are known (``total``: until ``answered``, else until now)."""
+        end = time.perf_counter() if self.answered is None else self.answered
+        marks = {
+            "tokenization": (self.arrived, self.tokenized),
+            "queue": (self.tokenized, self.admitted),
+            "inference": (self.admitted, self.done),
+            "total": (self.arrived, end),
+        }
+        return {name: finish - start for name, (start, finish) in marks.items() if None not in (start, finish)}
+
+    def headers(self) -> dict[str, str]:
+        headers = {_HEADERS[name]: str(round(1000 * seconds)) for name, seconds in self.spans().items()}
+        headers["x-compute-time"] = headers["x-total-time"]
+        if self.tokenized is not None:
+            headers["x-compute-tokens"] = str(self.tokens)
+        return headers
