@@ -26,8 +26,10 @@ What holds. Let the audited rows of an epoch be drawn independently from one dis
 traffic is stationary since the epoch started; the audit's choice is uniform, so they are drawn
 like the served rows). Then with probability at least ``confidence``, at no moment of any epoch
 is a candidate served on the strength of the online test whose disagreement on that traffic is
-over the budget: epoch ``k`` tests at level ``(1 - confidence) * 6 / (pi^2 k^2)``, which sum to
-``1 - confidence``, and within an epoch the e-processes are valid at every look. The first
+over the budget: the first epoch tests at level ``FIRST_EPOCH_SHARE * (1 - confidence)`` and epoch
+``k > 1`` at ``(1 - FIRST_EPOCH_SHARE) * (1 - confidence) * 6 / (pi^2 (k - 1)^2)``, which sum to
+``1 - confidence`` (pull-backs are rare: most of the level goes to the first epoch), and within an
+epoch the e-processes are valid at every look. The first
 epoch's floor is the folder's certificate, which holds for traffic like its calibration rows.
 What does not: traffic that drifts faster than the audit sees it (the served candidate breaks the
 budget from the drift until the alarm, a few hundred audited rows for a large drift); the risk is
@@ -79,6 +81,8 @@ logger = logging.getLogger("earlyexit_kernels.recertify")
 ALARM = 10_000
 #: the audited rows of the current epoch kept for ``eek calibrate --from-audit``
 WINDOW = 20_000
+#: the share of ``1 - confidence`` the first epoch tests at (the later epochs share the rest)
+FIRST_EPOCH_SHARE = 0.9
 
 
 class RecertifyError(ValueError):
@@ -150,7 +154,10 @@ def candidate_losses(path: list[ExitPolicy], all_logits: torch.Tensor, *, multi_
 
 
 def _epoch_delta(confidence: float, epoch: int) -> float:
-    return (1.0 - confidence) * 6.0 / (math.pi**2 * epoch**2)
+    """The level epoch ``epoch`` tests at; over all epochs they sum to ``1 - confidence``."""
+    if epoch == 1:
+        return FIRST_EPOCH_SHARE * (1.0 - confidence)
+    return (1.0 - FIRST_EPOCH_SHARE) * (1.0 - confidence) * 6.0 / (math.pi**2 * (epoch - 1) ** 2)
 
 
 class OnlineCertificate:
