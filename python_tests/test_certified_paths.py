@@ -13,7 +13,7 @@ import earlyexit_kernels as eek
 from earlyexit_kernels.methods.exit_rules import entropy
 from earlyexit_kernels.training.calibration_share import predicted_layers
 from earlyexit_kernels.training.certified_calibration import certify
-from earlyexit_kernels.training.certified_paths import choose_path, per_layer_path
+from earlyexit_kernels.training.certified_paths import choose_path, per_layer_path, per_layer_rows_needed
 from earlyexit_kernels.training.exit_record import ExitRecord, entropy_replay, replay, stepwise_replay
 
 BUDGET, CONFIDENCE = 0.02, 0.95
@@ -82,6 +82,16 @@ def test_where_one_threshold_does_as_well_the_simplest_path_is_kept():
     alike = record_of(1000, seed=3, layer_one_wrong=0.0)
     choice = choose_path(alike, [eek.Entropy(t) for t in (0.0, 0.01, 0.1, 0.3, 0.7)], BUDGET, disagreement)
     assert choice.name == "global"
+
+
+def test_too_few_path_rows_to_see_the_budget_keep_the_global_path():
+    # 300 rows at 2%: half of them expect 3 errors at the budget; on fewer the per-layer thresholds are set blind
+    assert per_layer_rows_needed(BUDGET) == 300 and per_layer_rows_needed(0.01) == 600
+    candidates = [eek.Entropy(t) for t in (0.0, 0.01, 0.1, 0.3, 0.7)]
+    few = choose_path(record_of(298, seed=6), candidates, BUDGET, disagreement)
+    assert few.name == "global" and few.layers == {}  # not tried
+    enough = choose_path(record_of(1000, seed=6), candidates, BUDGET, disagreement)
+    assert enough.name == "per_layer"  # the same heads, rows enough: it wins
 
 
 def test_the_per_layer_path_is_ordered_from_never_exiting_to_letting_every_row_go():

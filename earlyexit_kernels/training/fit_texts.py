@@ -139,6 +139,15 @@ class FitReport:
         )
         if self.certificate is not None and self.certificate.get("path_layers"):
             lines.append(_describe_paths(self.certificate, self.validation_rows))
+        elif self.certificate is not None and self.certificate.get("path") == "global":
+            from earlyexit_kernels.training.certified_paths import per_layer_rows_needed
+
+            needed = per_layer_rows_needed(self.certificate["budget"])
+            if self.validation_rows < needed:
+                lines.append(
+                    f"path: global (the per-layer path sets its thresholds on half the validation rows and needs "
+                    f"{needed} of them at this budget to see its errors; there are {self.validation_rows})"
+                )
         if self.certificate is not None and self.certificate["certified"]:  # else it is one of the warnings
             lines.append(_describe_certificate(self.certificate))
         lines += [f"warning: {w}" for w in self.warnings]
