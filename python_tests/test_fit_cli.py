@@ -156,6 +156,22 @@ def test_without_labels_the_heads_learn_the_model_s_answers_and_agreement_is_cal
     assert "full model, same batches:" in printed and "speed-up" in printed
 
 
+def test_the_same_seed_fits_the_same_heads_and_leaves_torch_s_generator_as_it_was(classifier, tmp_path):
+    from safetensors.torch import load_file
+
+    train = _write(_frame(120, seed=3, labels=None), tmp_path / "train.jsonl")
+    validation = _write(_frame(40, seed=4, labels=None), tmp_path / "val.jsonl")
+    heads = []
+    for run in ("a", "b"):
+        torch.manual_seed(100 + ord(run))  # the caller's own draws differ between the runs
+        before = torch.random.get_rng_state()
+        assert _run("fit", classifier, train, tmp_path / run, "--validation", validation, *FAST) == 0
+        assert torch.equal(torch.random.get_rng_state(), before)
+        heads.append(load_file(str(tmp_path / run / "early_exit_heads.safetensors")))
+    assert heads[0].keys() == heads[1].keys()
+    assert all(torch.equal(heads[0][name], heads[1][name]) for name in heads[0])
+
+
 def test_labels_as_class_ids_and_a_validation_split(classifier, tmp_path, capsys):
     train = _write(_frame(100, seed=5, labels="ids"), tmp_path / "train.tsv")
     out = tmp_path / "fitted"

@@ -157,7 +157,8 @@ def _add_fit(commands) -> None:
         "--seed",
         type=int,
         default=0,
-        help="seed of the validation split, the calibration split and the training order (default: 0)",
+        help="seed of the validation split, the calibration split, the training order and the heads' initial "
+        "weights: the same seed on the same rows fits the same heads (default: 0)",
     )
     fit.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
     # the heads train on float weights; an int8 base is certified afterwards with eek calibrate --dtype int8
@@ -348,34 +349,38 @@ def _fit(args) -> int:
             f"threshold is calibrated on agreement with the full model",
             file=sys.stderr,
         )
-    model, tokenizer = load_classifier(args.model)
-    if args.dtype is not None or args.device != "cpu":
-        from earlyexit_kernels.engine.precision import to_base
+    import torch
 
-        try:
-            to_base(model, args.dtype, args.device)
-        except ValueError as error:
-            raise FitError(str(error)) from None
-    report = fit_model(
-        model,
-        tokenizer,
-        train,
-        validation,
-        method=args.method,
-        pooling=args.pooling,
-        head=args.head,
-        max_drop=args.max_drop,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        seed=args.seed,
-        progress=_progress_on(args),
-        confidence=args.confidence,
-        calibration_fraction=args.calibration_fraction,
-        calibration=calibration,
-        validation_split=None if args.validation is not None else (args.validation_split or 0.1),
-    )
+    with torch.random.fork_rng(devices=[]):  # the heads made at loading are drawn under --seed too
+        torch.manual_seed(args.seed)
+        model, tokenizer = load_classifier(args.model)
+        if args.dtype is not None or args.device != "cpu":
+            from earlyexit_kernels.engine.precision import to_base
+
+            try:
+                to_base(model, args.dtype, args.device)
+            except ValueError as error:
+                raise FitError(str(error)) from None
+        report = fit_model(
+            model,
+            tokenizer,
+            train,
+            validation,
+            method=args.method,
+            pooling=args.pooling,
+            head=args.head,
+            max_drop=args.max_drop,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            seed=args.seed,
+            progress=_progress_on(args),
+            confidence=args.confidence,
+            calibration_fraction=args.calibration_fraction,
+            calibration=calibration,
+            validation_split=None if args.validation is not None else (args.validation_split or 0.1),
+        )
     if calibration is not None:
         report.calibration_source = f"from {args.calibration} (--calibration)"
     for line in report.summary():

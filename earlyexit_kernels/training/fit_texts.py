@@ -334,7 +334,58 @@ def fit_model(
     with the number needed; ``validation_split``: the share of the user's file that ``validation``
     was split from before ``train`` was given (None: validation came from elsewhere), so that
     the number is that of the file.
+
+    ``seed`` fixes everything drawn: the splits, the order of the rows, and the heads' initial
+    weights (torch's generator is seeded inside, and given back as it was).
     """
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _fit_model(
+            model,
+            tokenizer,
+            train,
+            validation,
+            method=method,
+            pooling=pooling,
+            head=head,
+            max_drop=max_drop,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            max_length=max_length,
+            seed=seed,
+            progress=progress,
+            confidence=confidence,
+            calibration_fraction=calibration_fraction,
+            calibration=calibration,
+            validation_split=validation_split,
+        )
+
+
+def _fit_model(
+    model,
+    tokenizer,
+    train,
+    validation,
+    *,
+    method: str = "heads",
+    pooling: str | None = "auto",
+    head: str | None = "auto",
+    max_drop: float = 1.0,
+    epochs: int | None = None,
+    lr: float | None = None,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    confidence: float | None = CONFIDENCE,
+    calibration_fraction: float | str = AUTO_SHARE,
+    calibration=None,
+    validation_split: float | None = None,
+):
+    """:func:`fit_model` under its seed."""
     from earlyexit_kernels.training.labelled_texts import encode, label_ids
 
     if method not in METHODS:
