@@ -1,0 +1,545 @@
+"""Online re-certification replayed on the real task's rows (issue 55): stationary traffic, drift, 200 re-draws.
+
+The folder: ``eek fit`` (the command, its defaults: heads, pooling and form ``auto``, 1 point,
+95%) on a file of FIT_ROWS texts drawn from the Rotten Tomatoes train split, without labels, so
+the certified risk is disagreement with the full model: what the audit measures. The classifier
+is MiniLM-L6 fine-tuned on that train split (cached, ``make demo``'s recipe).
+
+Every head's logits are recorded once, with the fitted folder, on the stream pool (the test
+split, 2,500 rows the classifier, the heads and the certificate never saw) and on each drift
+pool; :func:`~earlyexit_kernels.engine.online_certificate.candidate_losses` turns them into each
+candidate's per-row disagreement and layers run. A stream then re-draws pool rows with
+replacement and audits each with probability AUDIT; only the audited rows reach the certifier
+(the served rows between two of them change nothing), and an audited row is a uniform draw from
+the pool, so the replay simulates the audited rows alone: audited row ``t`` is a uniform pool
+row, fed to :meth:`OnlineCertificate.observe` in chunks of CHUNK rows. "Now" the served
+candidate's risk and mean layers are its exact values on the pool, the population the stream is
+drawn from; the candidate served between audited rows ``t`` and ``t + 1`` serves the 1 / AUDIT
+rows that arrive then, so a window's served risk is the mean over its audited rows of the
+candidate served at each.
+
+- (a) stationary: audited rows from the test pool; the served candidate's mean layers after
+  1,000, 5,000 and 20,000 audited rows, against the path's test oracle (the candidate with the
+  fewest mean layers whose disagreement on the pool is within the budget).
+- (b) drift: DRIFT_AT audited rows from the test pool, then POST rows from a drift pool; every
+  drift pool built is replayed (texts of another task, truncated texts, one class only): the
+  audited rows from the switch to the pull-back, and the served disagreement on the drift pool
+  over the POST rows after the switch.
+- (c) REPLAYS stationary streams re-drawn (seeds 0..REPLAYS-1): the share of windows of
+  WINDOW_ROWS audited rows whose served risk is over the budget, and the share of streams that
+  ever served a candidate over it (the guarantee's own event), against 1 - confidence.
+
+    .venv/bin/python benchmarks/recertify_replay.py --output benchmarks/results/recertify_replay_cpu.json \\
+        --readme docs/benchmarks.md
+    .venv/bin/python benchmarks/recertify_replay.py --from-json benchmarks/results/recertify_replay_cpu.json \\
+        --readme docs/benchmarks.md
+
+``--save-pools FILE`` keeps the recorded pools (each candidate's losses and layers) and
+``--pools FILE`` replays them without the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from earlyexit_kernels.bench.markdown_sections import replace_section
+from earlyexit_kernels.bench.results import cpu_name
+from earlyexit_kernels.engine.online_certificate import OnlineCertificate, candidate_losses
+
+START, END = "<!-- recertify-replay:start -->", "<!-- recertify-replay:end -->"
+BUDGET_POINTS, CONFIDENCE, AUDIT = 1.0, 0.95, 0.05
+FIT_ROWS = 1500
+CHECKPOINTS = (1000, 5000, 20000)
+DRIFT_AT, POST = 5000, 5000
+WINDOW_ROWS = 1000
+REPLAYS = 200
+CHUNK = 250
+TRUNCATED_WORDS = (3, 6)
+
+# ---------------------------------------------------------------------------------------------- the replay
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The replays' sizes, in audited rows: stationary streams run to the last checkpoint."""
+
+    checkpoints: tuple[int, ...] = CHECKPOINTS
+    drift_at: int = DRIFT_AT
+    post: int = POST
+    window: int = WINDOW_ROWS
+    replays: int = REPLAYS
+    chunk: int = CHUNK
+
+    def as_dict(self) -> dict:
+        return {**vars(self), "checkpoints": list(self.checkpoints)}
+
+
+@dataclass
+class Pool:
+    """One population of rows: each candidate's disagreement ``losses`` [M, n] and ``layers`` [M, n] on it."""
+
+    name: str
+    losses: torch.Tensor
+    layers: torch.Tensor
+    description: str = ""
+
+    @property
+    def rows(self) -> int:
+        return self.losses.shape[1]
+
+    @property
+    def risk(self) -> torch.Tensor:
+        return self.losses.double().mean(1)
+
+    @property
+    def mean_layers(self) -> torch.Tensor:
+        return self.layers.double().mean(1)
+
+
+def oracle_index(pool: Pool, budget: float) -> int:
+    """The candidate with the fewest mean layers on ``pool`` whose disagreement there is within ``budget`` (the
+    first of equals); 0 (never exit early) when none is."""
+    within = [m for m in range(pool.losses.shape[0]) if float(pool.risk[m]) <= budget + 1e-12]
+    if not within:
+        return 0
+    layers = pool.mean_layers
+    return min(within, key=lambda m: (float(layers[m]), m))
+
+
+def sentinel(pools, start: int, budget: float, factor: float = 2.0) -> int:
+    """The first candidate after ``start`` whose risk is at least ``factor`` times the budget on every pool of
+    ``pools``: the last candidate a replay needs (:func:`replay_stream`); the path's last when none is."""
+    risks = torch.stack([pool.risk for pool in pools]).min(0).values
+    over = [m for m in range(start + 1, risks.shape[0]) if float(risks[m]) >= factor * budget]
+    return over[0] if over else risks.shape[0] - 1
+
+
+def replay_stream(path, start: int, budget: float, confidence: float, segments, seed: int, chunk: int = CHUNK):
+    """Feed the audited rows of ``segments`` (``[(Pool, rows), ...]``, in order) drawn uniformly from each pool
+    with ``seed`` to a fresh certificate. Returns ``(served [T + 1] long: the candidate served after t audited
+    rows, moves)``.
+
+    The certificate is given the path up to the :func:`sentinel` only (the detector's cost grows with the
+    candidates): the served candidate is the last of the leading run of certified ones, and each
+    candidate's e-process and detector read its own losses only, so while the sentinel is never served
+    the candidates after it never change what is served, and the moves are those of the whole path. A
+    stream that serves the sentinel is replayed with the whole path."""
+    last = sentinel([pool for pool, _ in segments], start, budget)
+    served, moves = _replay(path[: last + 1], start, budget, confidence, segments, seed, chunk)
+    if last < len(path) - 1 and bool((served == last).any()):
+        served, moves = _replay(path, start, budget, confidence, segments, seed, chunk)
+    return served, moves
+
+
+def _replay(path, start, budget, confidence, segments, seed, chunk):
+    certificate = OnlineCertificate(path, start=start, budget=budget, confidence=confidence, window=0)
+    generator = torch.Generator().manual_seed(seed)
+    count = len(path)
+    for pool, rows in segments:
+        draws = torch.randint(pool.rows, (rows,), generator=generator)
+        for begin in range(0, rows, chunk):
+            rows_now = draws[begin : begin + chunk]
+            certificate.observe(pool.losses[:count, rows_now], pool.layers[:count, rows_now])
+    total = sum(rows for _, rows in segments)
+    assert certificate.audited == total
+    return served_after(start, certificate.moves, total), certificate.moves
+
+
+def served_after(start: int, moves, total: int) -> torch.Tensor:
+    """The candidate served after each number of audited rows 0..``total``, from the moves (``Move.audited``:
+    the audited rows when it moved)."""
+    served = torch.full((total + 1,), start, dtype=torch.long)
+    for move in moves:  # in order: a later move overrides from its row on
+        served[move.audited :] = move.to_index
+    return served
+
+
+def slot_risk(served: torch.Tensor, pool: Pool, first: int, last: int) -> torch.Tensor:
+    """The exact risk on ``pool`` of the candidate served while audited rows ``first + 1 .. last`` arrive
+    (served after ``first .. last - 1`` rows): [last - first]."""
+    return pool.risk[served[first:last]]
+
+
+def stationary_summary(served: torch.Tensor, pool: Pool, budget: float, plan: Plan) -> dict:
+    """The served candidate's mean layers and risk at the checkpoints, and the windows over the budget."""
+    total = served.shape[0] - 1
+    risks, window = slot_risk(served, pool, 0, total), plan.window
+    windows = [float(risks[s : s + window].mean()) for s in range(0, total - window + 1, window)]
+    return {
+        "checkpoints": {
+            str(rows): {
+                "index": int(served[rows]),
+                "mean_layers": float(pool.mean_layers[served[rows]]),
+                "risk": float(pool.risk[served[rows]]),
+            }
+            for rows in plan.checkpoints
+            if rows <= total
+        },
+        "windows": len(windows),
+        "windows_over": sum(risk > budget for risk in windows),
+        "ever_over": bool((risks > budget).any()),
+        "worst_window_risk": max(windows) if windows else None,
+    }
+
+
+def drift_summary(served: torch.Tensor, moves, drift: Pool, budget: float, at: int) -> dict:
+    """The pull-back after the switch at ``at`` audited rows, and the served risk on ``drift`` after it."""
+    total = served.shape[0] - 1
+    before = [m for m in moves if m.direction == "tighter" and m.audited <= at]
+    after = [m for m in moves if m.direction == "tighter" and m.audited > at]
+    risks = slot_risk(served, drift, at, total)
+    pulled = after[0].audited - at if after else None
+    return {
+        "served_at_switch": int(served[at]),
+        "risk_at_switch": float(drift.risk[served[at]]),
+        "pulled_back_after": pulled,
+        "pull_backs_before_switch": len(before),
+        "pull_backs_after_switch": len(after),
+        "post_risk": float(risks.mean()),
+        "post_risk_until_pull_back": float(risks[:pulled].mean()) if pulled else None,
+        "post_risk_after_pull_back": float(risks[pulled:].mean()) if pulled and pulled < len(risks) else None,
+        "end_index": int(served[-1]),
+        "end_mean_layers": float(drift.mean_layers[served[-1]]),
+        "end_risk": float(drift.risk[served[-1]]),
+    }
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run_replays(path, start: int, budget: float, confidence: float, test: Pool, drifts: list[Pool], plan: Plan):
+    """(a), (b) and (c) on recorded pools; returns the result's ``replay`` part."""
+    started = time.perf_counter()
+    oracle = oracle_index(test, budget)
+    stationary = []
+    for seed in range(plan.replays):
+        segments = [(test, plan.checkpoints[-1])]
+        served, moves = replay_stream(path, start, budget, confidence, segments, seed, plan.chunk)
+        summary = stationary_summary(served, test, budget, plan)
+        summary["pull_backs"] = sum(m.direction == "tighter" for m in moves)
+        if seed == 0:
+            summary["moves"] = [m.as_dict() for m in moves]
+        stationary.append(summary)
+    stationary_seconds = time.perf_counter() - started
+    windows = sum(s["windows"] for s in stationary)
+    over = sum(s["windows_over"] for s in stationary)
+    oracle_layers = float(test.mean_layers[oracle])
+    checkpoints = {}
+    for rows in plan.checkpoints:
+        layers = [s["checkpoints"][str(rows)]["mean_layers"] for s in stationary]
+        checkpoints[str(rows)] = {
+            "median_layers": statistics.median(layers),
+            "p90_layers": _quantile(layers, 0.9),
+            "within_0_3": sum(value <= oracle_layers + 0.3 + 1e-9 for value in layers) / len(layers),
+        }
+    drift_results = []
+    for drift in drifts:
+        began = time.perf_counter()
+        runs = []
+        for seed in range(plan.replays):
+            segments = [(test, plan.drift_at), (drift, plan.post)]
+            served, moves = replay_stream(path, start, budget, confidence, segments, seed, plan.chunk)
+            runs.append(drift_summary(served, moves, drift, budget, plan.drift_at))
+        pulled = [r["pulled_back_after"] for r in runs if r["pulled_back_after"] is not None]
+        breaks = [r for r in runs if r["risk_at_switch"] > budget]
+        drift_results.append(
+            {
+                "name": drift.name,
+                "description": drift.description,
+                "rows": drift.rows,
+                "start_risk": float(drift.risk[start]),
+                "oracle_index": oracle_index(drift, budget),
+                "oracle_layers": float(drift.mean_layers[oracle_index(drift, budget)]),
+                "stream_0": runs[0],
+                "breaks_at_switch": len(breaks),
+                "pulled_back": len(pulled),
+                "pulled_within_2000": sum(p <= 2000 for p in pulled),
+                "pulled_within_2000_of_breaking": sum(
+                    r["pulled_back_after"] is not None and r["pulled_back_after"] <= 2000 for r in breaks
+                ),
+                "median_pulled_after": statistics.median(pulled) if pulled else None,
+                "max_pulled_after": max(pulled) if pulled else None,
+                "median_post_risk": statistics.median(r["post_risk"] for r in runs),
+                "median_end_layers": statistics.median(r["end_mean_layers"] for r in runs),
+                "seconds": round(time.perf_counter() - began, 1),
+            }
+        )
+    return {
+        "budget": budget,
+        "confidence": confidence,
+        "candidates": len(path),
+        "start": start,
+        "start_layers": float(test.mean_layers[start]),
+        "start_risk": float(test.risk[start]),
+        "oracle": oracle,
+        "oracle_policy": path[oracle].to_code(4),
+        "oracle_layers": oracle_layers,
+        "oracle_risk": float(test.risk[oracle]),
+        "test_rows": test.rows,
+        "plan": plan.as_dict(),
+        "replays": plan.replays,
+        "stream_0": stationary[0],
+        "checkpoints": checkpoints,
+        "windows": windows,
+        "windows_over": over,
+        "share_windows_over": over / windows if windows else None,
+        "streams_ever_over": sum(s["ever_over"] for s in stationary),
+        "stationary_pull_backs": sum(s["pull_backs"] for s in stationary),
+        "stationary_seconds": round(stationary_seconds, 1),
+        "drifts": drift_results,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the real material
+
+
+def _drift_texts(splits, other) -> list[tuple[str, str, list[str] | None, list[int] | None]]:
+    """The drift pools' ``(name, description, texts or None, test rows or None)``."""
+    test = splits["test"]
+    pools = [
+        (
+            "debates",
+            f"the 2016 debates' {sum(len(s) for s in other.values()):,} statements (another task's texts) "
+            "through the Rotten Tomatoes classifier",
+            [t for s in other.values() for t in s.texts],
+            None,
+        )
+    ]
+    for words in TRUNCATED_WORDS:
+        texts = [" ".join(text.split()[:words]) for text in test.texts]
+        pools.append((f"first {words} words", f"the test snippets cut to their first {words} words", texts, None))
+    for label, name in enumerate(("rotten", "fresh")):
+        rows = [i for i, y in enumerate(test.labels) if y == label]
+        pools.append(
+            (f"{name} only", f"the test rows labelled {name} only ({len(rows):,}): a shifted class mix", None, rows)
+        )
+    return pools
+
+
+def _record(model, tokenizer, texts: list[str], path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each candidate's losses and layers on ``texts`` in their order, and every head's logits [L, n, C]."""
+    from earlyexit_kernels.training.exit_record import record_exits
+    from earlyexit_kernels.training.labelled_texts import LabelledTexts, encode, length_sorted_batches
+
+    data = LabelledTexts(list(texts), None, None, "pool", "label")
+    batches = length_sorted_batches(encode(tokenizer, data, 128), None, 64)
+    with torch.no_grad():
+        record = record_exits(model, batches)
+    order = torch.cat([batch["rows"] for batch in batches])
+    logits = torch.empty_like(record.all_logits)
+    logits[:, order] = record.all_logits  # back to the texts' order
+    losses, layers = candidate_losses(path, logits)
+    return losses, layers, logits
+
+
+def build_pools(work: Path, seed: int) -> dict:
+    """Fine-tune (cached), ``eek fit`` the FIT_ROWS-row file, record the pools; returns the material."""
+    from earlyexit_kernels.demo import real_task
+    from earlyexit_kernels.integrations import cli
+    from earlyexit_kernels.integrations.model_folder import fit_certificate, load_model
+
+    timings = {}
+    began = time.perf_counter()
+    _, _, info = real_task.fine_tuned_model("minilm", task="rotten_tomatoes", progress=False)
+    timings["fine_tune_or_load"] = round(time.perf_counter() - began, 1)
+    splits = real_task.load_task("rotten_tomatoes")
+    train = splits["train"]
+    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:FIT_ROWS].tolist()
+    fit_file, folder = work / "fit_rows.csv", work / "folder"
+    with fit_file.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text"])
+        writer.writerows([train.texts[i]] for i in chosen)
+    began = time.perf_counter()
+    status = cli.main(["fit", info["path"], str(fit_file), str(folder), "--overwrite", "--seed", str(seed)])
+    if status != 0:
+        raise SystemExit(f"eek fit failed with status {status}")
+    timings["fit"] = round(time.perf_counter() - began, 1)
+    fitted = json.loads((folder / "eek_fit.json").read_text())
+    certificate = OnlineCertificate.from_folder(str(folder), window=0)
+    model, tokenizer = load_model(str(folder))
+    began = time.perf_counter()
+    losses, layers, _ = _record(model, tokenizer, splits["test"].texts, certificate.path)
+    pools = {"test": {"losses": losses, "layers": layers, "description": "the test split"}}
+    for name, description, texts, rows in _drift_texts(splits, real_task.load_task("debates")):
+        if texts is None:
+            pools[name] = {"losses": losses[:, rows], "layers": layers[:, rows], "description": description}
+        else:
+            drift_losses, drift_layers, _ = _record(model, tokenizer, texts, certificate.path)
+            pools[name] = {"losses": drift_losses, "layers": drift_layers, "description": description}
+    timings["record"] = round(time.perf_counter() - began, 1)
+    return {
+        "path": [policy.to_code() for policy in certificate.path],
+        "start": certificate.start,
+        "budget": certificate.budget,
+        "confidence": certificate.confidence,
+        "num_layers": int(model.config.num_hidden_layers),
+        "fit": {
+            "rows": FIT_ROWS,
+            "policy": fitted.get("policy"),
+            "train_rows": fitted.get("train_rows"),
+            "calibration_rows": fitted.get("calibration_rows"),
+            "certificate": fit_certificate(str(folder)),
+            "fine_tuned": info["path"].split("/")[-1],
+        },
+        "timings": timings,
+        "pools": pools,
+        "folder": str(folder),
+    }
+
+
+def _pool(name: str, saved: dict) -> Pool:
+    return Pool(name, saved["losses"], saved["layers"], saved.get("description", ""))
+
+
+def run(args) -> dict:
+    from earlyexit_kernels.methods.policy_spec import parse_policy
+
+    if args.pools:
+        material = torch.load(args.pools, weights_only=False)
+    else:
+        work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="eek-recertify-replay-"))
+        work.mkdir(parents=True, exist_ok=True)
+        material = build_pools(work, args.seed)
+        if args.save_pools:
+            torch.save(material, args.save_pools)
+    path = [parse_policy(code) for code in material["path"]]
+    test = _pool("test", material["pools"]["test"])
+    budget, start = material["budget"], material["start"]
+    drifts = [_pool(name, saved) for name, saved in material["pools"].items() if name != "test"]
+    replay = run_replays(path, start, budget, material["confidence"], test, drifts, Plan(replays=args.replays))
+    for drift in replay["drifts"]:
+        drift["test_risk_of_start"] = replay["start_risk"]
+    return {
+        "fit": material["fit"],
+        "num_layers": material["num_layers"],
+        "path": material["path"],
+        "timings": {
+            **material["timings"],
+            "stationary": replay["stationary_seconds"],
+            **{f"drift {d['name']}": d["seconds"] for d in replay["drifts"]},
+        },
+        "replay": replay,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the section
+
+
+def render(results: dict) -> str:
+    r, fit = results["replay"], results["fit"]
+    budget, plan = r["budget"], r["plan"]
+    pct = lambda x: f"{100 * x:.2f}%"  # noqa: E731
+    s0 = r["stream_0"]
+    lines = [
+        START,
+        f"Measured {results['date']} on {results['cpu']} ({results['command']}, {results['seconds']:.0f} s). "
+        f"MiniLM-L6 fine-tuned on Rotten Tomatoes; `eek fit`'s defaults on {fit['rows']:,} unlabelled texts of its "
+        f"train split ({fit['train_rows']:,} train the heads, {fit['calibration_rows']:,} certify): "
+        f"`{fit['policy']}`, candidate {r['start']} of a path of {r['candidates']}, certified at "
+        f"{100 * budget:g} point of disagreement with the full model, {100 * r['confidence']:g}%. "
+        f"Audit {100 * AUDIT:g}%: only the audited rows are simulated, each a uniform draw from the pool; the served "
+        f"candidate's risk and layers are its exact values on the pool.",
+        "",
+        f"(a) Stationary, the test split ({r['test_rows']:,} rows): the folder's candidate runs "
+        f"{r['start_layers']:.2f} mean layers there ({pct(r['start_risk'])} disagreement); the path's test oracle is "
+        f"`{r['oracle_policy']}`, {r['oracle_layers']:.2f} layers ({pct(r['oracle_risk'])}).",
+        "",
+        "| audited rows | served mean layers, stream 0 | its disagreement | median of "
+        f"{r['replays']} streams | 90th percentile | streams within +0.3 of the oracle |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for rows in plan["checkpoints"]:
+        one, many = s0["checkpoints"][str(rows)], r["checkpoints"][str(rows)]
+        lines.append(
+            f"| {rows:,} | {one['mean_layers']:.2f} | {pct(one['risk'])} | {many['median_layers']:.2f} | "
+            f"{many['p90_layers']:.2f} | {100 * many['within_0_3']:.0f}% |"
+        )
+    lines += [
+        "",
+        f"(b) Drift: {plan['drift_at']:,} audited rows of the test split, then {plan['post']:,} of a drift pool; {r['replays']} "
+        "streams each. Disagreement of the candidate served at the switch, on the drift pool; audited rows from the "
+        "switch to the pull-back to full depth; the served disagreement on the drift pool over the "
+        f"{plan['post']:,} audited rows after the switch; the mean layers served at the end (re-certified on the drift).",
+        "",
+        "| drift pool | rows | folder's candidate there | served at the switch, stream 0 | pulled back after, "
+        "stream 0 | served over the post-drift rows, stream 0 | pulled back within 2,000 rows | median (max) rows "
+        "to pull back | median served disagreement after the switch | median end layers (drift oracle) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for d in r["drifts"]:
+        one = d["stream_0"]
+        pulled = "not pulled back" if one["pulled_back_after"] is None else f"{one['pulled_back_after']:,}"
+        median = (
+            "-" if d["median_pulled_after"] is None else f"{d['median_pulled_after']:,.0f} ({d['max_pulled_after']:,})"
+        )
+        lines.append(
+            f"| {d['name']} | {d['rows']:,} | {pct(d['start_risk'])} | {pct(one['risk_at_switch'])} | {pulled} | "
+            f"{pct(one['post_risk'])} | {d['pulled_within_2000']} of {r['replays']} | {median} | "
+            f"{pct(d['median_post_risk'])} | {d['median_end_layers']:.2f} ({d['oracle_layers']:.2f}) |"
+        )
+    lines += [
+        "",
+        f"(c) {r['replays']} stationary streams of {plan['checkpoints'][-1]:,} audited rows: {r['windows_over']} of "
+        f"{r['windows']:,} windows of {plan['window']:,} audited rows ({100 * r['share_windows_over']:.2f}%) served a "
+        f"disagreement over the budget, against 1 - confidence = {100 * (1 - r['confidence']):g}%; "
+        f"{r['streams_ever_over']} of {r['replays']} streams ever served a candidate over it; "
+        f"{r['stationary_pull_backs']} pull-backs in all.",
+        END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seed", type=int, default=0, help="the fit file's draw and eek fit's seed")
+    parser.add_argument("--replays", type=int, default=REPLAYS)
+    parser.add_argument("--work-dir", type=Path, help="where the fit file and the fitted folder go (default: a temp)")
+    parser.add_argument("--save-pools", type=Path, help="keep the recorded pools in this file")
+    parser.add_argument("--pools", type=Path, help="replay pools saved with --save-pools (no model)")
+    parser.add_argument("--output", type=Path)
+    parser.add_argument("--from-json", type=Path)
+    parser.add_argument("--readme", type=Path)
+    args = parser.parse_args(argv)
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+    else:
+        started = time.perf_counter()
+        measured = run(args)
+        results = {
+            "date": time.strftime("%Y-%m-%d", time.gmtime()),
+            "cpu": cpu_name(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "command": "benchmarks/recertify_replay.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "seconds": time.perf_counter() - started,
+            **measured,
+        }
+        if args.output:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print(render(results))
+    if args.readme:
+        text = args.readme.read_text()
+        args.readme.write_text(
+            replace_section(text, START, END, render(results), heading="Online re-certification replayed")
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
