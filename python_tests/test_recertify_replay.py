@@ -48,31 +48,57 @@ def test_the_oracle_is_the_cheapest_candidate_within_the_budget(bench):
 
 def test_served_after_follows_the_certificate_row_by_row(bench):
     pool = _pool(bench, "test", RATES)
-    served, moves = bench._replay(PATH, 1, BUDGET, CONFIDENCE, [(pool, 600)], seed=3, chunk=100)
-    assert any(m.direction == "looser" for m in moves)
+    draws = bench.draws_for(pool, 600, seed=3)
+    replay = bench.Replay(PATH, range(len(PATH)), 1, BUDGET, CONFIDENCE, chunk=100)
+    replay.feed(pool, draws)
+    assert any(m.direction == "looser" for m in replay.moves)
     # the same rows one at a time: served_index after each is the reconstruction's
     certificate = OnlineCertificate(PATH, start=1, budget=BUDGET, confidence=CONFIDENCE, window=0)
-    draws = torch.randint(pool.rows, (600,), generator=torch.Generator().manual_seed(3))
     step = [certificate.served_index]
     for row in draws.tolist():
         certificate.observe(pool.losses[:, [row]], pool.layers[:, [row]])
         step.append(certificate.served_index)
-    assert served.tolist() == step
+    assert replay.served().tolist() == step
 
 
-def test_the_sentinel_cut_serves_as_the_whole_path(bench):
-    test = _pool(bench, "test", RATES)
-    drift = _pool(bench, "drift", [0.0, 0.02, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6], seed=1)
+def _duplicated(bench, name, rates, seed):
+    """Candidates 0-2 alike (no loss), 3 and 4 alike: the reduced path stands one for each run."""
+    pool = _pool(bench, name, rates, seed=seed)
+    pool.losses[:3] = 0.0
+    pool.losses[4] = pool.losses[3]
+    return pool
+
+
+def test_the_reduced_path_serves_as_the_whole_path(bench):
+    rates = [0.0, 0.0, 0.0, 0.01, 0.01, 0.03, 0.1, 0.2, 0.3, 0.4]
+    path = [Entropy(0.05 * i) for i in range(len(rates))]
+    test = _duplicated(bench, "test", rates, seed=0)
+    drift = _duplicated(bench, "drift", [0.0, 0.0, 0.0, 0.3, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], seed=1)
+    keep = bench.reduced_path([test, drift], 1, BUDGET)
     last = bench.sentinel([test, drift], 1, BUDGET)
-    low = torch.minimum(test.risk, drift.risk)
-    assert float(low[last]) >= 2 * BUDGET > float(low[2:last].max())
-    assert last < len(PATH) - 1  # the cut leaves candidates out
-    segments = [(test, 800), (drift, 600)]
-    cut, cut_moves = bench.replay_stream(PATH, 1, BUDGET, CONFIDENCE, segments, seed=0, chunk=128)
-    whole, whole_moves = bench._replay(PATH, 1, BUDGET, CONFIDENCE, segments, seed=0, chunk=128)
-    assert torch.equal(cut, whole)
-    assert [m.as_dict() for m in cut_moves] == [m.as_dict() for m in whole_moves]
-    assert any(m.direction == "tighter" for m in whole_moves)  # the drift was seen
+    assert last < len(path) - 1 and keep[-1] == last  # the sentinel cut
+    assert 3 not in keep and keep[:2] == [0, 1]  # one of 3 and 4; start (1) and 0 alone
+    plan = bench.Plan(checkpoints=(200, 900), drift_at=500, post=400, chunk=128)
+    cut, cut_branches = bench.replay_seed(path, 1, BUDGET, CONFIDENCE, test, [drift], plan, 0, keep)
+    whole, whole_branches = bench.replay_seed(path, 1, BUDGET, CONFIDENCE, test, [drift], plan, 0, None)
+    assert cut.keep.tolist() == keep  # not replayed whole
+    for a, b in [(cut, whole), (cut_branches[0], whole_branches[0])]:
+        assert torch.equal(a.served(), b.served())
+        assert [m.as_dict() for m in a.moves] == [m.as_dict() for m in b.moves]
+    assert any(m.direction == "looser" for m in whole.moves)
+    assert any(m.direction == "tighter" for m in whole_branches[0].moves)  # the drift was seen
+
+
+def test_a_fork_goes_on_as_a_fresh_replay_of_the_same_rows(bench):
+    test = _pool(bench, "test", RATES)
+    drift = _pool(bench, "drift", [0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], seed=1)
+    plan = bench.Plan(checkpoints=(700,), drift_at=300, post=300, chunk=64)
+    _, (branch,) = bench.replay_seed(PATH, 1, BUDGET, CONFIDENCE, test, [drift], plan, 5, None)
+    fresh = bench.Replay(PATH, range(len(PATH)), 1, BUDGET, CONFIDENCE, chunk=64)
+    fresh.feed(test, bench.draws_for(test, 700, 5)[:300])
+    fresh.feed(drift, bench.draws_for(drift, 300, 5, 1))
+    assert torch.equal(branch.served(), fresh.served())
+    assert [m.as_dict() for m in branch.moves] == [m.as_dict() for m in fresh.moves]
 
 
 def test_windows_and_checkpoints_read_the_exact_pool_risk(bench):
@@ -93,13 +119,13 @@ def test_windows_and_checkpoints_read_the_exact_pool_risk(bench):
 def test_drift_replays_pull_back_and_are_summarised(bench):
     test = _pool(bench, "test", RATES)
     drift = _pool(bench, "drift", [0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], seed=1)
-    plan = bench.Plan(checkpoints=(100, 400), drift_at=400, post=300, window=100, replays=2, chunk=64)
+    plan = bench.Plan(checkpoints=(100, 400), drift_at=400, post=300, window=100, replays=2, drift_replays=2, chunk=64)
     results = bench.run_replays(PATH, 1, BUDGET, CONFIDENCE, test, [drift], plan)
     assert results["windows"] == 2 * 4 and results["oracle"] == bench.oracle_index(test, BUDGET)
     assert set(results["checkpoints"]) == {"100", "400"}
     (row,) = results["drifts"]
     assert row["start_risk"] == pytest.approx(float(drift.risk[1]))
-    assert row["pulled_back"] == 2 and row["median_pulled_after"] < 300
+    assert row["streams"] == 2 and row["pulled_back"] == 2 and row["median_pulled_after"] < 300
     one = row["stream_0"]
     assert one["risk_at_switch"] > BUDGET and one["pulled_back_after"] is not None
     assert one["end_index"] == 0  # nothing else is within the budget on the drift: full depth stays served
