@@ -137,3 +137,17 @@ def test_drift_replays_pull_back_and_are_summarised(bench):
 
 
 FIT = {"rows": 1500, "train_rows": 512, "calibration_rows": 838, "policy": "Entropy(0.3)"}
+
+
+def test_the_one_shot_certificate_stops_at_the_first_candidate_that_fails(bench):
+    from earlyexit_kernels.methods.risk_control import binomial_p_value
+
+    rows = 400
+    losses = torch.zeros(8, rows, dtype=torch.float64)
+    for k in range(8):
+        losses[k, : 4 * k] = 1.0  # candidate k: 4k disagreements
+    losses[3], losses[4] = losses[6].clone(), losses[1].clone()  # 3 fails, 4 would pass: the walk stops at 3
+    pool = bench.Pool("test", losses, torch.ones_like(losses))
+    passes = [binomial_p_value(int(losses[k].sum()), rows, BUDGET) <= 1 - CONFIDENCE for k in range(8)]
+    assert passes[:3] == [True] * 3 and not passes[3] and passes[4]
+    assert bench.one_shot_index(pool, torch.arange(rows), BUDGET, CONFIDENCE) == 2
