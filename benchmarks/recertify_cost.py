@@ -21,7 +21,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.engine.audit import AuditWatch, full_depth_logits
-from earlyexit_kernels.engine.online_certificate import OnlineCertificate
+from earlyexit_kernels.training.online_certificate import OnlineCertificate
 
 FRACTION, CANDIDATES = 0.05, 401
 

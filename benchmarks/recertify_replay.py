@@ -1,5 +1,8 @@
 """Online re-certification replayed on the real task's rows (issue 55): stationary traffic, drift, 200 re-draws.
 
+(Past 600 lines: one benchmark, its replay, its drift pools and its generated section belong together;
+the replay logic it shares with its test is the first part.)
+
 The folder: ``eek fit`` (the command, its defaults: heads, pooling and form ``auto``, 1 point,
 95%) on a file of FIT_ROWS texts drawn from the Rotten Tomatoes train split, without labels, so
 the certified risk is disagreement with the full model: what the audit measures. The classifier
@@ -7,7 +10,7 @@ is MiniLM-L6 fine-tuned on that train split (cached, ``make demo``'s recipe).
 
 Every head's logits are recorded once, with the fitted folder, on the stream pool (the test
 split, 2,500 rows the classifier, the heads and the certificate never saw) and on each drift
-pool; :func:`~earlyexit_kernels.engine.online_certificate.candidate_losses` turns them into each
+pool; :func:`~earlyexit_kernels.training.online_certificate.candidate_losses` turns them into each
 candidate's per-row disagreement and layers run. A stream then re-draws pool rows with
 replacement and audits each with probability AUDIT; only the audited rows reach the certifier
 (the served rows between two of them change nothing), and an audited row is a uniform draw from
@@ -71,8 +74,9 @@ import torch
 
 from earlyexit_kernels.bench.markdown_sections import replace_section
 from earlyexit_kernels.bench.results import cpu_name
-from earlyexit_kernels.engine.online_certificate import OnlineCertificate, candidate_losses
+from earlyexit_kernels.integrations.recertify_folder import certificate_of_folder
 from earlyexit_kernels.methods.risk_control import binomial_p_value
+from earlyexit_kernels.training.online_certificate import OnlineCertificate, candidate_losses
 
 START, END = "<!-- recertify-replay:start -->", "<!-- recertify-replay:end -->"
 BUDGET_POINTS, CONFIDENCE, AUDIT = 1.0, 0.95, 0.05
@@ -493,7 +497,7 @@ def engine_run(folder: Path, texts: list[str], drift_texts: list[str], sizes: tu
     from earlyexit_kernels.integrations.model_folder import load_model
 
     model, tokenizer = load_model(str(folder))
-    certificate = OnlineCertificate.from_folder(str(folder), fraction=AUDIT)
+    certificate = certificate_of_folder(str(folder), fraction=AUDIT)
     watch = AuditWatch(AUDIT, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     phases = []
@@ -555,7 +559,7 @@ def build_pools(work: Path, seed: int, engine_texts: tuple[int, int] = (0, 0)) -
         raise SystemExit(f"eek fit failed with status {status}")
     timings["fit"] = round(time.perf_counter() - began, 1)
     fitted = json.loads((folder / "eek_fit.json").read_text())
-    certificate = OnlineCertificate.from_folder(str(folder), window=0)
+    certificate = certificate_of_folder(str(folder), window=0)
     model, tokenizer = load_model(str(folder))
     began = time.perf_counter()
     losses, layers, logits = _record(model, tokenizer, splits["test"].texts, certificate.path)

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from earlyexit_kernels.backends.registry import backend_status
     from earlyexit_kernels.engine.audit import AuditWatch
-    from earlyexit_kernels.engine.classify import Prediction, classify
+    from earlyexit_kernels.engine.classify import Prediction
     from earlyexit_kernels.engine.rerank import Ranked, rerank
+    from earlyexit_kernels.integrations.recertified_classify import classify
     from earlyexit_kernels.methods.policies import (
         DACT,
         Entropy,
@@ -51,7 +52,7 @@ _EXPORTS = {
     "backend_status": "earlyexit_kernels.backends.registry",
     "AuditWatch": "earlyexit_kernels.engine.audit",
     "Prediction": "earlyexit_kernels.engine.classify",
-    "classify": "earlyexit_kernels.engine.classify",
+    "classify": "earlyexit_kernels.integrations.recertified_classify",
     "Ranked": "earlyexit_kernels.engine.rerank",
     "rerank": "earlyexit_kernels.engine.rerank",
     "SUPPORTED_MODELS": "earlyexit_kernels.patching.patch",

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from earlyexit_kernels.engine.online_certificate import OnlineCertificate
 from earlyexit_kernels.methods.policies import Entropy
+from earlyexit_kernels.training.online_certificate import OnlineCertificate
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "recertify_replay.py"
 BUDGET, CONFIDENCE = 0.05, 0.95

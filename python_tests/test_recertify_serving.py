@@ -25,8 +25,9 @@ import pytest
 from conftest import word_texts
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.engine.online_certificate import OnlineCertificate, RecertifyError, resolve_online_certificate
+from earlyexit_kernels.integrations.recertify_folder import certificate_of_folder, resolve_online_certificate
 from earlyexit_kernels.patching.exit_files import CONFIG_FILE, policy_to_dict
+from earlyexit_kernels.training.online_certificate import OnlineCertificate, RecertifyError
 
 # layer 1's entropies lie near 0.0008, layer 2's near 0.72, layer 3's near 0.67 (conftest's saved_classifier)
 FULL_DEPTH = eek.Entropy((0.0, 0.0, 0.0, 0.0))
@@ -138,7 +139,7 @@ def test_a_server_recertifies_exports_its_moves_and_its_record_certifies_the_fol
 
     folder = certified_folder(saved_classifier, tmp_path / "folder", start=0)
     model, tokenizer = eek.from_pretrained(folder), _tokenizer(folder)
-    certificate = OnlineCertificate.from_folder(folder, fraction=1.0)
+    certificate = certificate_of_folder(folder, fraction=1.0)
     record = tmp_path / "audit.pt"
     app = create_app(
         model, tokenizer, max_batch_size=8, audit_fraction=1.0, recertify=certificate, audit_record=str(record)
@@ -178,7 +179,7 @@ def test_bad_options_are_refused_in_one_line(saved_classifier, tmp_path, capsys)
 
     folder = certified_folder(saved_classifier, tmp_path / "folder", start=0)
     model, tokenizer = eek.from_pretrained(folder), _tokenizer(folder)
-    certificate = OnlineCertificate.from_folder(folder)
+    certificate = certificate_of_folder(folder)
     with pytest.raises(ValueError, match="give an audit fraction above 0"):
         create_app(model, tokenizer, recertify=certificate)
     with pytest.raises(ValueError, match="needs re-certification on"):

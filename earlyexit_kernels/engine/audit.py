@@ -142,7 +142,7 @@ def full_depth_logits(
     ``all_exits``: every layer's head logits too, [L, n, C], the last layer's the full model's: the
     patched model's all-exits forward (every layer on every row, the model's own classifier last),
     what online re-certification replays its candidates on
-    (:mod:`~earlyexit_kernels.engine.online_certificate`).
+    (:mod:`~earlyexit_kernels.training.online_certificate`).
 
     It runs the model's class's own forward on the patched model: the unpatched Hugging Face
     forward on the same weights (``eek.patch`` replaces the instance's ``forward`` only), with no

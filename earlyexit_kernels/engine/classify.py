@@ -24,7 +24,6 @@ import torch
 
 from earlyexit_kernels.engine.audit import AuditWatch, check_fraction, disagreement, full_depth_logits, is_multi_label
 from earlyexit_kernels.engine.continuous import ContinuousEngine
-from earlyexit_kernels.engine.online_certificate import OnlineCertificate, resolve_online_certificate
 
 __all__ = ["Prediction", "Predictions", "classify"]
 
@@ -51,14 +50,12 @@ class Predictions(Iterator[Prediction]):
     """What :func:`classify` returns: its :class:`Prediction` objects, lazily (as a generator), and
     ``audit``: the :class:`~earlyexit_kernels.engine.audit.AuditWatch` counting the audited
     sequences (None without an audit), complete once the predictions are exhausted;
-    ``certificate``: the :class:`~earlyexit_kernels.engine.online_certificate.OnlineCertificate`
+    ``certificate``: the :class:`~earlyexit_kernels.training.online_certificate.OnlineCertificate`
     re-certifying the threshold on them (None where it does not run)."""
 
     __slots__ = ("_generator", "audit", "certificate")
 
-    def __init__(
-        self, generator: Iterator[Prediction], audit: AuditWatch | None, certificate: OnlineCertificate | None = None
-    ):
+    def __init__(self, generator: Iterator[Prediction], audit: AuditWatch | None, certificate=None):
         self._generator, self.audit, self.certificate = generator, audit, certificate
 
     def __iter__(self) -> Predictions:
@@ -90,7 +87,7 @@ def classify(
     packed: bool | None = None,
     audit_fraction: float = 0.0,
     audit: AuditWatch | None = None,
-    recertify: bool | OnlineCertificate | None = None,
+    recertify=None,
     dtype: str | None = None,
     device: str | None = None,
 ) -> Predictions:
@@ -121,11 +118,12 @@ def classify(
 
     ``recertify``: move the served threshold along the folder's certified path as the audited
     sequences allow, and back to full depth when they show it over the budget
-    (:mod:`earlyexit_kernels.engine.online_certificate`; the iterator's ``certificate``). None
+    (:mod:`earlyexit_kernels.training.online_certificate`; the iterator's ``certificate``). None
     (default): on where an audit runs on a model loaded from an ``eek fit`` folder whose certificate
     bounds disagreement and which serves its certified policy; True: on, or a ``RecertifyError``
     saying what is missing; False: off; an ``OnlineCertificate`` of your own: on, with it (it keeps
-    its state over several calls). Re-certification replays every candidate on the audited rows, so
+    its state over several calls). (None and True are resolved by ``eek.classify``; this function,
+    below the model folders' layer, takes False, None as off, or a certificate.) Re-certification replays every candidate on the audited rows, so
     their full-depth run records every head's logits (the patched model's all-exits forward).
 
     Memory: at most ``read_ahead + max_in_flight`` inputs (and one tokenizing chunk of
@@ -179,26 +177,18 @@ def classify(
     )
 
 
-def _online_certificate(model, recertify, audit: AuditWatch | None) -> OnlineCertificate | None:
-    from earlyexit_kernels.patching.patch import policy_of
-
-    if isinstance(recertify, OnlineCertificate):
-        if audit is None:
-            raise ValueError("recertify=OnlineCertificate(...) reads the audit: give audit_fraction too")
-        return recertify
-    if recertify not in (None, True, False):
-        raise TypeError(f"recertify must be None, True, False or an OnlineCertificate, got {recertify!r}")
-    folder = getattr(model, "name_or_path", None) or None
-    certificate, _ = resolve_online_certificate(
-        folder,
-        policy_of(model),
-        recertify,
-        fraction=0.0 if audit is None else audit.fraction,
-        budget=None if audit is None else audit.budget,
-        confidence=None if audit is None or audit.budget is None else audit.confidence,
-        multi_label=is_multi_label(model.config),
-    )
-    return certificate
+def _online_certificate(model, recertify, audit: AuditWatch | None):
+    """The certificate to feed, or None. None / True (re-certify as the folder allows) are resolved above
+    this layer, by ``eek.classify`` (:mod:`earlyexit_kernels.integrations.recertified_classify`)."""
+    if recertify is None or recertify is False:
+        return None
+    if recertify is True or not hasattr(recertify, "record"):
+        raise TypeError(
+            f"recertify here is False, None or an OnlineCertificate; got {recertify!r} (eek.classify resolves True)"
+        )
+    if audit is None:
+        raise ValueError("recertify=OnlineCertificate(...) reads the audit: give audit_fraction too")
+    return recertify
 
 
 class _Auditor:

@@ -22,7 +22,8 @@ from earlyexit_kernels.integrations.extras import install_line
 from earlyexit_kernels.integrations.fit_cli import add_commands as add_fit_commands
 from earlyexit_kernels.integrations.labels import is_multi_label
 from earlyexit_kernels.integrations.model_folder import ModelFolderError, load_model
-from earlyexit_kernels.integrations.recertify_cli import add_recertify_options, recertify_options
+from earlyexit_kernels.integrations.recertify_cli import add_recertify_options
+from earlyexit_kernels.integrations.recertify_cli import recertify_options as _recertify_options
 
 __all__ = ["CliError", "build_parser", "main"]
 
@@ -477,6 +478,14 @@ def _serve(args) -> int:
     # then the app's shutdown drains the engine.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=None)
     return 0
+
+
+def recertify_options(args, audit: dict, **options) -> dict:
+    """:func:`~earlyexit_kernels.integrations.recertify_cli.recertify_options`, its error one line."""
+    try:
+        return _recertify_options(args, audit, **options)
+    except ValueError as error:
+        raise CliError(str(error)) from None
 
 
 def _ray_recertify(args) -> dict:

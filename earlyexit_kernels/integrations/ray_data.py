@@ -55,7 +55,7 @@ class EarlyExitClassifier:
     the column over the whole output. ``recertify`` (None: on where an audit runs on a folder whose
     certificate bounds disagreement; True; False): each actor moves its threshold along the
     folder's certified path from its own audited rows, over every batch it runs
-    (``self.certificate``, :mod:`earlyexit_kernels.engine.online_certificate`).
+    (``self.certificate``, :mod:`earlyexit_kernels.training.online_certificate`).
 
     A null text is classified as the empty string. A row that cannot be classified (a
     value that is not text, or too long without truncation) keeps the job going: its
@@ -105,8 +105,8 @@ class EarlyExitClassifier:
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.certificate = None
         if self.audit is not None:
-            from earlyexit_kernels.engine.online_certificate import resolve_online_certificate
             from earlyexit_kernels.integrations.labels import is_multi_label
+            from earlyexit_kernels.integrations.recertify_folder import resolve_online_certificate
             from earlyexit_kernels.patching.patch import policy_of
 
             self.certificate, _ = resolve_online_certificate(

@@ -33,17 +33,17 @@ def add_recertify_options(command, what: str) -> None:
 
 
 def recertify_options(args, audit: dict, *, local: bool, multi_label: bool = False) -> dict:
-    """``{"recertify": ..., "audit_record": ...}`` for the serving call, or a ``CliError``.
+    """``{"recertify": ..., "audit_record": ...}`` for the serving call, or a ``RecertifyError`` (one line).
 
     ``local``: the certificate itself (``OnlineCertificate`` or None), built here; else (Ray: each
     replica or actor builds its own) True / False."""
-    from earlyexit_kernels.engine.online_certificate import RecertifyError, resolve_online_certificate
-    from earlyexit_kernels.integrations.cli import CliError
     from earlyexit_kernels.integrations.model_folder import resolve_model
+    from earlyexit_kernels.integrations.recertify_folder import resolve_online_certificate
     from earlyexit_kernels.methods.policy_spec import parse_policy
+    from earlyexit_kernels.training.online_certificate import RecertifyError
 
     if args.policy is not None and args.recertify:
-        raise CliError("--recertify moves the folder's certified threshold; leave --policy out to re-certify")
+        raise RecertifyError("--recertify moves the folder's certified threshold; leave --policy out to re-certify")
     requested = False if args.policy is not None else args.recertify
     try:
         certificate, why = resolve_online_certificate(
@@ -55,10 +55,10 @@ def recertify_options(args, audit: dict, *, local: bool, multi_label: bool = Fal
             confidence=audit.get("audit_confidence"),
             multi_label=multi_label,
         )
-    except (RecertifyError, ValueError) as error:
-        raise CliError(str(error)) from None
+    except ValueError as error:
+        raise RecertifyError(str(error)) from None
     if args.audit_record is not None and certificate is None:
-        raise CliError(f"--audit-record records what re-certification replays, and it is {why}")
+        raise RecertifyError(f"--audit-record records what re-certification replays, and it is {why}")
     if audit.get("audit_fraction") or args.recertify is not None:
         print(f"re-certification: {why}", file=sys.stderr)
     if local:

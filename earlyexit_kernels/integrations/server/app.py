@@ -88,7 +88,7 @@ def create_app(
     ``audit_budget`` (a fraction, or None: no budget, no warning) exported at ``/metrics``
     (``eek_audit_*``); 0, the default, audits nothing (:mod:`earlyexit_kernels.engine.audit`,
     :mod:`.audit_worker`). ``recertify``: an
-    :class:`~earlyexit_kernels.engine.online_certificate.OnlineCertificate` (needs the audit) that moves
+    :class:`~earlyexit_kernels.training.online_certificate.OnlineCertificate` (needs the audit) that moves
     the served threshold along its certified path from the audited sequences (its moves at
     ``/metrics``, ``eek_policy_*``), or None; ``audit_record``: a file the audited rows of its epoch
     are written to, for ``eek calibrate FOLDER --from-audit``. ``max_age``: bounded waiting, the layer

@@ -38,7 +38,7 @@ def serve_application(
     where there is one; each replica audits and exports its own counts. ``recertify`` (None: on where
     an audit runs on a folder whose certificate bounds disagreement; True; False): each replica
     re-certifies its threshold on its own audited sequences
-    (:mod:`earlyexit_kernels.engine.online_certificate`): the router spreads the traffic over them, so
+    (:mod:`earlyexit_kernels.training.online_certificate`): the router spreads the traffic over them, so
     each audit is a uniform sample of what its replica serves, and each replica's moves hold for it
     alone. ``audit_record`` with one replica only (one writer per file).
     """
@@ -56,9 +56,9 @@ def serve_application(
         check_max_age(app_options["max_age"])
 
     def build_app():
-        from earlyexit_kernels.engine.online_certificate import resolve_online_certificate
         from earlyexit_kernels.integrations.labels import is_multi_label
         from earlyexit_kernels.integrations.model_folder import audit_settings, load_model
+        from earlyexit_kernels.integrations.recertify_folder import resolve_online_certificate
         from earlyexit_kernels.integrations.server.app import create_app
         from earlyexit_kernels.patching.patch import policy_of
 
