@@ -19,12 +19,15 @@ __all__ = ["classify"]
 
 @functools.wraps(engine_classify.classify)
 def classify(model, inputs, *, recertify=None, audit=None, audit_fraction: float = 0.0, **options):
-    if recertify is None or recertify is True:
-        from earlyexit_kernels.engine.audit import AuditWatch, check_fraction, is_multi_label
-        from earlyexit_kernels.integrations.recertify_folder import resolve_online_certificate
-        from earlyexit_kernels.patching.patch import policy_of
+    from earlyexit_kernels.engine.audit import AuditWatch, check_fraction, is_multi_label
+    from earlyexit_kernels.patching.patch import is_patched, policy_of
 
-        fraction = audit.fraction if isinstance(audit, AuditWatch) else check_fraction(audit_fraction)
+    fraction = audit.fraction if isinstance(audit, AuditWatch) else check_fraction(audit_fraction)
+    if recertify is None and not fraction > 0 or not is_patched(model):
+        recertify = False  # nothing to re-certify on; the engine says what is wrong with the model
+    if recertify is None or recertify is True:
+        from earlyexit_kernels.integrations.recertify_folder import resolve_online_certificate
+
         recertify, _ = resolve_online_certificate(
             getattr(model, "name_or_path", None) or None,
             policy_of(model),
