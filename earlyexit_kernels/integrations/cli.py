@@ -20,7 +20,6 @@ from earlyexit_kernels.integrations.base_options import add_base_options
 from earlyexit_kernels.integrations.classified_table import ColumnError, InputColumns, with_predictions
 from earlyexit_kernels.integrations.extras import install_line
 from earlyexit_kernels.integrations.fit_cli import add_commands as add_fit_commands
-from earlyexit_kernels.integrations.labels import is_multi_label
 from earlyexit_kernels.integrations.model_folder import ModelFolderError, load_model
 from earlyexit_kernels.integrations.recertify_cli import add_recertify_options
 from earlyexit_kernels.integrations.recertify_cli import recertify_options as _recertify_options
@@ -478,6 +477,12 @@ def _serve(args) -> int:
     # then the app's shutdown drains the engine.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=None)
     return 0
+
+
+def is_multi_label(config) -> bool:
+    from earlyexit_kernels.integrations.labels import is_multi_label as multi_label  # imports torch: not for --help
+
+    return multi_label(config)
 
 
 def recertify_options(args, audit: dict, **options) -> dict:
