@@ -16,8 +16,7 @@ import statistics
 import sys
 import time
 
-import torch
-from transformers import BertConfig, BertForSequenceClassification
+from audit_model import model_and_stream
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.engine.audit import AuditWatch, full_depth_logits
@@ -25,38 +24,9 @@ from earlyexit_kernels.training.online_certificate import OnlineCertificate
 
 FRACTION, CANDIDATES = 0.05, 401
 
-torch.set_num_threads(2)
-torch.manual_seed(0)
-config = BertConfig(
-    vocab_size=1000,
-    hidden_size=128,
-    num_hidden_layers=12,
-    num_attention_heads=2,
-    intermediate_size=512,
-    max_position_embeddings=256,
-    num_labels=2,
-)
-model = BertForSequenceClassification._from_config(config, attn_implementation="sdpa").eval()
-eek.patch(model, eek.Entropy(0.0))
-with torch.no_grad():
-    for head in model.early_exit_heads.classifiers:
-        head.weight.add_(torch.randn_like(head.weight) * 2.0)
-g = torch.Generator().manual_seed(1)
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 2048
 REPEATS = int(sys.argv[2]) if len(sys.argv) > 2 else 5
-items = [
-    {"input_ids": torch.randint(5, 1000, (int(torch.randint(8, 129, (1,), generator=g)),), generator=g).tolist()}
-    for _ in range(N)
-]
-sample = items[:256]
-low, high = 0.0, 0.7
-for _ in range(12):
-    t = (low + high) / 2
-    eek.patch(model, eek.Entropy(t))
-    mean = statistics.mean(p.exit_layer for p in eek.classify(model, sample, max_batch_size=32))
-    low, high = (t, high) if mean > 6 else (low, t)
-policy = eek.Entropy(t)
-eek.patch(model, policy)
+model, items, policy = model_and_stream(N)
 print(f"{policy.to_code(4)}; {CANDIDATES} candidates; audit fraction {FRACTION}", flush=True)
 
 

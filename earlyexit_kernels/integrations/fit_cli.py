@@ -313,7 +313,7 @@ def _progress_on(args) -> bool:
 def _fit(args) -> int:
     from earlyexit_kernels.integrations.labelled_data import read_labelled
     from earlyexit_kernels.integrations.model_folder import load_classifier, save_fitted
-    from earlyexit_kernels.training.fit_texts import FitError, fit_model
+    from earlyexit_kernels.training.fit_texts import FitError, fit_model, seeded
     from earlyexit_kernels.training.labelled_texts import split_rows
 
     _common_checks(args)
@@ -349,10 +349,7 @@ def _fit(args) -> int:
             f"threshold is calibrated on agreement with the full model",
             file=sys.stderr,
         )
-    import torch
-
-    with torch.random.fork_rng(devices=[]):  # the heads made at loading are drawn under --seed too
-        torch.manual_seed(args.seed)
+    with seeded(args.seed):  # the heads made at loading are drawn under --seed too
         model, tokenizer = load_classifier(args.model)
         if args.dtype is not None or args.device != "cpu":
             from earlyexit_kernels.engine.precision import to_base

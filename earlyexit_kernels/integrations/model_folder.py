@@ -229,12 +229,9 @@ def save_fitted(model, tokenizer, report, output: Path, *, overwrite: bool, sour
 
 def fit_folder(model_path: str, train, validation, output: str, **options):
     """:func:`~earlyexit_kernels.training.fit_texts.fit_model` on the classifier folder ``model_path``, saved to ``output`` (replaced)."""
-    import torch
+    from earlyexit_kernels.training.fit_texts import fit_model, seeded
 
-    from earlyexit_kernels.training.fit_texts import fit_model
-
-    with torch.random.fork_rng(devices=[]):  # the heads made at loading are drawn under the seed too
-        torch.manual_seed(options.get("seed", 0))
+    with seeded(options.get("seed", 0)):  # the heads made at loading are drawn under the seed too
         model, tokenizer = load_classifier(model_path)
         report = fit_model(model, tokenizer, train, validation, **options)
     save_fitted(model, tokenizer, report, Path(output), overwrite=True, source=model_path)

@@ -15,6 +15,8 @@ saves (``eek_fit.json``). Without labels the heads learn the final classifier's 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import sys
 import warnings
@@ -154,6 +156,30 @@ class FitReport:
         return lines
 
 
+def seeded(seed: int):
+    """A context in which torch's generator starts from ``seed``, given back as it was afterwards."""
+    import torch
+
+    @contextlib.contextmanager
+    def context():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+
+    return context()
+
+
+def _under_seed(fit):
+    """``fit`` run under its keyword ``seed`` (:func:`seeded`)."""
+
+    @functools.wraps(fit)
+    def seeded_fit(*args, **kwargs):
+        with seeded(kwargs.get("seed", 0)):
+            return fit(*args, **kwargs)
+
+    return seeded_fit
+
+
 def _describe_paths(certificate: dict, rows: int) -> str:
     """Which path was certified along, and what each needed on the held-out half of the validation rows."""
     needed = ", ".join(
@@ -290,6 +316,7 @@ def warn_truncated(encoded) -> None:
         )
 
 
+@_under_seed
 def fit_model(
     model,
     tokenizer,
@@ -338,54 +365,6 @@ def fit_model(
     ``seed`` fixes everything drawn: the splits, the order of the rows, and the heads' initial
     weights (torch's generator is seeded inside, and given back as it was).
     """
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return _fit_model(
-            model,
-            tokenizer,
-            train,
-            validation,
-            method=method,
-            pooling=pooling,
-            head=head,
-            max_drop=max_drop,
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            max_length=max_length,
-            seed=seed,
-            progress=progress,
-            confidence=confidence,
-            calibration_fraction=calibration_fraction,
-            calibration=calibration,
-            validation_split=validation_split,
-        )
-
-
-def _fit_model(
-    model,
-    tokenizer,
-    train,
-    validation,
-    *,
-    method: str = "heads",
-    pooling: str | None = "auto",
-    head: str | None = "auto",
-    max_drop: float = 1.0,
-    epochs: int | None = None,
-    lr: float | None = None,
-    batch_size: int = 32,
-    max_length: int | None = None,
-    seed: int = 0,
-    progress: bool = False,
-    confidence: float | None = CONFIDENCE,
-    calibration_fraction: float | str = AUTO_SHARE,
-    calibration=None,
-    validation_split: float | None = None,
-):
-    """:func:`fit_model` under its seed."""
     from earlyexit_kernels.training.labelled_texts import encode, label_ids
 
     if method not in METHODS:

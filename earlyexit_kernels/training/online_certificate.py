@@ -291,7 +291,7 @@ class OnlineCertificate:
     def _advance(self, losses, layers, logits, moves) -> tuple[int, Move | None]:
         """Take rows until the end or the first alarm (inclusive): ``(rows taken, the pull-back or None)``;
         the looser moves on the way go into ``moves``."""
-        n = losses.shape[1]
+        n, rows_before = losses.shape[1], self._safety.rows
         log_capital, safety_after = safety_log_capital(self._safety, losses, self.budget)
         log_cusum, alarm_after = alarm_log_cusums(self._alarm, losses, self.budget)
         threshold = -math.log(_epoch_delta(self.confidence, self._epoch))
@@ -312,9 +312,8 @@ class OnlineCertificate:
         changed = served[:end] != torch.cat([served.new_tensor([before_served]), served[: end - 1]])
         for row in torch.nonzero(changed).flatten().tolist():
             old, new = (before_served if row == 0 else int(served[row - 1])), int(served[row])
-            moves.append(self._move("looser", old, new, rows=self._rows_before + row + 1, risk_of=new, at=row))
+            moves.append(self._move("looser", old, new, rows=rows_before + row + 1, risk_of=new, at=row))
         self._served = int(served[end - 1])
-        self._rows_before = self._safety.rows
         if bool(alarms[end - 1]):
             pulled = self._move("tighter", self._served, 0, rows=self._safety.rows, risk_of=self._served, at=end - 1)
             self._new_epoch(self._epoch + 1, 0)
@@ -363,7 +362,6 @@ class OnlineCertificate:
         self._crossed = torch.zeros(count, dtype=torch.bool)
         self._layers = torch.zeros(count, dtype=torch.float64)
         self._layer_rows = 0
-        self._rows_before = 0
         self._rows.clear()
 
     # ------------------------------------------------------------------ reports and the window
