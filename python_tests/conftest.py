@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random BERT, ALBERT and RoBERTa classifiers and their inputs."""
 
 import copy
+import dataclasses
 import os
 
 import torch
@@ -115,6 +116,12 @@ KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON_COMPILED = KERNEL_DEVICE.type == "cuda"
 
 
+def backend_device(backend: str) -> torch.device:
+    """Where a test's model runs on ``backend``: compiled Triton takes CUDA tensors only, so the
+    triton backend's model goes to the GPU where there is one; every other backend stays on the CPU."""
+    return KERNEL_DEVICE if backend == "triton" else torch.device("cpu")
+
+
 def _moved(value, device: torch.device):
     if isinstance(value, torch.Tensor):
         base = value._base
@@ -124,6 +131,9 @@ def _moved(value, device: torch.device):
         return value.to(device)
     if isinstance(value, torch.nn.Module):
         return copy.deepcopy(value).to(device)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # FusedExitHead and other weight holders
+        fields = [f for f in dataclasses.fields(value) if f.init]
+        return dataclasses.replace(value, **{f.name: _moved(getattr(value, f.name), device) for f in fields})
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # WriteBack and other named tuples
         return type(value)(*(_moved(v, device) for v in value))
     if isinstance(value, (tuple, list)):

@@ -166,6 +166,7 @@ def test_engine_spread_decisions(arch, backend, where):
     device = torch.device(where)
     if device.type == "cuda":
         torch.cuda.set_device(0)
+        device = torch.device("cuda", device.index or 0)  # tensors report the index: cuda:0, not cuda
     batch = tiny_batch(SPREAD_BATCH, 10, seed=4)
     model = tiny_model(arch, num_labels=3, num_layers=L)
     spread = 0

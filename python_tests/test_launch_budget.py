@@ -17,7 +17,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import mlp_head_model, tiny_batch, tiny_model
+from conftest import backend_device, mlp_head_model, tiny_batch, tiny_model
 from test_classify import _sequences, spread_model
 from threshold_helpers import midway
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -47,7 +47,7 @@ class _Counting(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if not self.paused and name not in VIEWS:
+        if not self.paused and name not in VIEWS and not _is_read_back_copy(name, args, kwargs):
             self.ops[self.layer][name] += 1
             if self.layer in self.read_back_layers:
                 self.after_read_back[self.layer][name] += 1
@@ -62,11 +62,20 @@ class _Counting(TorchDispatchMode):
             self.paused = False
 
 
+def _is_read_back_copy(name, args, kwargs) -> bool:
+    """A GPU tensor's ``.cpu()`` dispatches a copy to the host (on the CPU it dispatches nothing):
+    it is the read-back, counted as one, not a launch."""
+    if name != "_to_copy" or not args or not isinstance(args[0], torch.Tensor):
+        return False
+    target = (kwargs or {}).get("device")
+    return args[0].device.type != "cpu" and target is not None and torch.device(target).type == "cpu"
+
+
 def measure(name: str, backend: str, monkeypatch):
     """Per layer (0 = prologue): (ops, read-backs), and the policy."""
     items = _sequences(64, seed=1, longest=60)
     model, policy = spread_model("bert", name, items)
-    eek.patch(model, policy, backend=backend)
+    eek.patch(model.to(backend_device(backend)), policy, backend=backend)
     longest = max(len(item["input_ids"]) for item in items)
     ids = torch.zeros(len(items), longest, dtype=torch.long)
     mask = torch.zeros(len(items), longest, dtype=torch.long)
@@ -80,6 +89,8 @@ def measure(name: str, backend: str, monkeypatch):
 def count(model, ids, mask, monkeypatch):
     """Per layer (0 = prologue) of one forward of a patched model: (ops, read-backs), the output, the ops."""
     counting = _Counting()
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
     adapter = current_adapter(model)
     run_layer, embed = adapter.run_layer, adapter.embed
 
@@ -240,7 +251,7 @@ def test_mean_pooled_mlp_heads_stay_within_budget(backend, monkeypatch):
     if not eek.backends()[backend]:
         pytest.skip(f"backend {backend!r}: {eek.backend_status()[backend]}")
     model, policy, ids, mask = _mlp_head_model()
-    eek.patch(model, policy, backend=backend)
+    eek.patch(model.to(backend_device(backend)), policy, backend=backend)
     per_layer, out, ops = count(model, ids, mask, monkeypatch)
     exiting = range(1, int(out.exit_layer.max()))
     assert len(set(out.exit_layer.tolist())) >= 3, "the test needs rows leaving at several layers"

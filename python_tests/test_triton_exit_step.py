@@ -951,10 +951,10 @@ _GUARD: list = []
 
 
 def _param_names(kernel):
-    if hasattr(kernel, "arg_names"):  # the interpreter
-        return kernel.arg_names, set(kernel.kwargs.get("do_not_specialize") or ())
-    names = [p.name for p in kernel.params]
-    return names, {p.name for p in kernel.params if p.do_not_specialize}
+    if hasattr(kernel, "params"):  # compiled (a JITFunction has arg_names too since Triton 3.6)
+        names = [p.name for p in kernel.params]
+        return names, {p.name for p in kernel.params if p.do_not_specialize}
+    return kernel.arg_names, set(kernel.kwargs.get("do_not_specialize") or ())  # the interpreter
 
 
 def test_per_call_integers_do_not_make_new_kernel_variants(monkeypatch):

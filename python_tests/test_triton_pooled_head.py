@@ -188,9 +188,9 @@ def test_the_engine_runs_mlp_heads_as_the_fused_step_and_agrees_with_torch():
     """A patched model with mean-pooled MLP heads on the triton backend runs each exiting layer's
     pooling, head and rule as the three kernels (``test_launch_budget.py`` counts them), and its
     exits and logits are the torch backend's."""
-    model = mlp_head_model(seed=3)
+    model = mlp_head_model(seed=3).to(KERNEL_DEVICE)
     ids, mask, _ = tiny_batch(10, 14, seed=2)
-    inputs = dict(input_ids=ids, attention_mask=mask)
+    inputs = dict(input_ids=ids.to(KERNEL_DEVICE), attention_mask=mask.to(KERNEL_DEVICE))
     with torch.no_grad():
         values = model(**inputs, return_all_exits=True).all_logits[:-1].float().softmax(-1)
         entropies = -(values * values.clamp_min(1e-30).log()).sum(-1)

@@ -154,11 +154,17 @@ for s in $STEPS; do
         fi
         # The CUDA kernels forced first; where they cannot be built, the package without them,
         # so that the Triton and PyTorch paths still run.
-        step build_cuda_forced 30 240 env EARLYEXIT_FORCE_CUDA_BUILD=1 "$PY" -m pip install --no-build-isolation --no-deps -e .
+        # -v: the compile and link lines stay in the log (the first session's CUDA build linked
+        # libstdc++ code into _C, and a CPU op's error message with a number then segfaulted).
+        step build_cuda_forced 30 240 env EARLYEXIT_FORCE_CUDA_BUILD=1 "$PY" -m pip install -v --no-build-isolation --no-deps -e .
         if ! grep -q "^build_cuda_forced: ok" "$STEP_LINES"; then
             step build 30 240 "$PY" -m pip install --no-build-isolation --no-deps -e .
         fi
         [[ ! -f "$LOGS/build_cuda_forced.log" ]] || record "installed: $("$PY" -c "import earlyexit_kernels as e; print(e.__file__, e.backend_status())" 2>&1 | tail -n 1)"
+        # What of libstdc++ the extension defines itself rather than takes from the shared library.
+        for so in earlyexit_kernels/_C*.so; do
+            [[ -f $so ]] && record "libstdc++ in $so: $(nm -C --defined-only "$so" 2>/dev/null | grep -cE ' std::(basic_ostream|codecvt|locale)') ostream/codecvt/locale symbols defined"
+        done
         refresh
         ;;
     # The fused kernels (CUDA C++, C++, Triton) against the PyTorch reference.

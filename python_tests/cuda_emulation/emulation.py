@@ -92,7 +92,11 @@ def load():
         p.read_text() for p in sorted(CSRC.glob("**/*.h")) if "cuda" not in p.parts
     ]
     headers += [p.read_text() for p in sorted((HERE / "include").rglob("*")) if p.is_file()]
-    digest = hashlib.sha256("\0".join([*sources.values(), *headers]).encode()).hexdigest()[:16]
+    cflags = ["-O1", "-w", "-DEEK_WITH_CUDA=1", "-ffp-contract=off", "-include", "emu_cuda.h"]
+    # The emulated runtime defines cudaGetLastError, cudaMemsetAsync, ...: where torch has loaded
+    # the real libcudart (a GPU machine), its symbols would win over ours without -Bsymbolic.
+    ldflags = ["-Wl,-Bsymbolic"]
+    digest = hashlib.sha256("\0".join([*sources.values(), *headers, *cflags, *ldflags]).encode()).hexdigest()[:16]
     build = Path(os.environ.get("EEK_EMU_BUILD_DIR", Path.home() / ".cache" / "eek_cuda_emulation")) / digest
     build.mkdir(parents=True, exist_ok=True)
     # The rewritten files include csrc headers by their csrc-relative paths.
@@ -107,7 +111,8 @@ def load():
         name=f"eek_emu_{digest}",
         sources=paths,
         extra_include_paths=[str(HERE / "include"), str(CSRC), str(CSRC / "cuda"), str(cuda_include())],
-        extra_cflags=["-O1", "-w", "-DEEK_WITH_CUDA=1", "-ffp-contract=off", "-include", "emu_cuda.h"],
+        extra_cflags=cflags,
+        extra_ldflags=ldflags,
         build_directory=str(build),
         is_python_module=False,
         verbose=False,
