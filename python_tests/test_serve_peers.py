@@ -284,10 +284,12 @@ def test_infinity_serves_the_same_labels_where_it_is_installed(folders, tmp_path
     )
     result = serve_peers.run(config, tmp_path / "out", name="tiny", progress=lambda message: None)
     assert result["skipped"] == {} and result["versions"]["infinity"]["infinity-emb"]
-    rows = {r["server"]: r for r in result["rows"]}
-    assert set(rows) == {"infinity torch fp32", "infinity onnx int8"}
+    rows = {r["server"]: r for r in result["rows"] if r["texts_per_request"] == 1}
+    corpus = {r["server"]: r for r in result["rows"] if r["texts_per_request"] > 1}
+    assert set(rows) == set(corpus) == {"infinity torch fp32", "infinity onnx int8"}
     for row in rows.values():
         assert row["requests"] == 8 and row["errors"] == 0 and row["rss_mib"] > 0
+    assert all(row["errors"] == 0 and row["texts"] == len(config.texts) for row in corpus.values())
     assert rows["infinity torch fp32"]["agreement"] == 1.0  # the same weights in float32
     assert "| infinity onnx int8 |" in serve_peers.render(result)
 

@@ -6,7 +6,9 @@ PLAIN``) runs, one at a time, on 127.0.0.1, each pinned to the server cores with
 the client (this process, asyncio + httpx, one text per ``POST /classify``) pinned to the others:
 
 - ``eek serve``: MODEL (an ``eek fit`` folder) with its saved, certified policy, ``--threads 1``;
-- ``eek serve int8``: the same with ``--dtype int8``;
+- ``eek serve int8``: ``--dtype int8`` on ``--int8-model`` (with ``--rotten-tomatoes``: a copy of
+  MODEL whose threshold ``eek calibrate --dtype int8`` certified on the int8 base, on the same
+  calibration rows), or on MODEL with its own threshold where none is given;
 - Infinity's four configurations of PLAIN, the plain classifier with the same weights
   (:mod:`earlyexit_kernels.bench.infinity_peer`), when Infinity is installed in its own
   environment (``--infinity-python``); skipped with the reason when it is not.
@@ -33,6 +35,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,6 +68,7 @@ def default_cores() -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
 class PeersConfig:
     model: Path  # the eek fit folder
     plain: Path  # the plain classifier with the same weights
+    int8_model: Path | None = None  # MODEL certified again on the int8 base (None: MODEL's own threshold)
     texts: list[str] = field(repr=False, default_factory=list)
     source: str = ""  # what the texts are, for the notes
     concurrency: tuple[int, ...] = (1, 8, 32, 128)
@@ -234,8 +238,9 @@ def pinned(cores: tuple[int, ...] | None):
 def _start(name: str, config: PeersConfig, scratch: Path, onnx: dict | None):
     env = {"OMP_NUM_THREADS": str(config.threads), "MKL_NUM_THREADS": str(config.threads)}
     if name in EEK_SERVERS:
+        folder = config.int8_model if name == "eek serve int8" and config.int8_model is not None else config.model
         return EekServer(
-            config.model,
+            folder,
             None,
             config.max_batch_size,
             config.threads,
@@ -399,6 +404,7 @@ def run(config: PeersConfig, output_dir: Path, name: str = "cpu", command: str =
         config,
         model=Path(os.path.abspath(config.model)),
         plain=Path(os.path.abspath(config.plain)),
+        int8_model=Path(os.path.abspath(config.int8_model)) if config.int8_model is not None else None,
         infinity_python=Path(python),
     )
     skipped: dict[str, str] = {}
@@ -432,6 +438,7 @@ def run(config: PeersConfig, output_dir: Path, name: str = "cpu", command: str =
         "command": command,
         "model": str(config.model),
         "plain": str(config.plain),
+        "int8_model": str(config.int8_model) if config.int8_model is not None else None,
         "source": config.source,
         "texts": len(config.texts),
         "server_cores": list(config.server_cores) if config.server_cores else None,
@@ -459,13 +466,15 @@ def run(config: PeersConfig, output_dir: Path, name: str = "cpu", command: str =
     return result
 
 
-def rotten_tomatoes(models_dir: Path, progress=print) -> tuple[Path, Path, list[str], str]:
-    """Issue 53's model: (MODEL, PLAIN, texts, what they are).
+def rotten_tomatoes(models_dir: Path, progress=print) -> tuple[Path, Path, Path, list[str], str]:
+    """Issue 53's model: (MODEL, PLAIN, INT8_MODEL, texts, what they are).
 
     PLAIN: MiniLM-L6 fine-tuned on the Rotten Tomatoes train split
     (:func:`earlyexit_kernels.demo.real_task.fine_tuned_model`, cached); MODEL: ``eek fit`` on it
     with the train split as TRAIN_FILE and the validation split as ``--calibration``, written
-    under ``models_dir`` when absent; the texts: the test split, which neither saw.
+    under ``models_dir`` when absent; INT8_MODEL: a copy of MODEL certified again on the int8 base
+    (``eek calibrate --dtype int8`` on the validation split); the texts: the test split, which
+    none of them saw.
     """
     from earlyexit_kernels.demo import real_task
 
@@ -486,8 +495,18 @@ def rotten_tomatoes(models_dir: Path, progress=print) -> tuple[Path, Path, list[
         command += ["--calibration", str(files["validation"]), "--no-progress"]
         progress("eek fit: " + " ".join(command))
         subprocess.run(command, check=True)
+    int8_model = models_dir / "eek-minilm-rt-int8"
+    if not (int8_model / "config.json").is_file():
+        shutil.rmtree(int8_model, ignore_errors=True)
+        shutil.copytree(model, int8_model)
+        validation = models_dir / "rt-validation.csv"
+        command = [sys.executable, "-m", "earlyexit_kernels", "calibrate", str(int8_model), str(validation)]
+        command += ["--dtype", "int8", "--no-progress"]
+        progress("eek calibrate: " + " ".join(command))
+        subprocess.run(command, check=True)
     texts = splits["test"].texts
-    return model, plain, texts, f"MiniLM-L6 fine-tuned on Rotten Tomatoes, the test split's {len(texts)} snippets"
+    source = f"MiniLM-L6 fine-tuned on Rotten Tomatoes, the test split's {len(texts)} snippets"
+    return model, plain, int8_model, texts, source
 
 
 def add_arguments(parser) -> None:
@@ -495,6 +514,11 @@ def add_arguments(parser) -> None:
     real.add_argument("--rotten-tomatoes", action="store_true", help="issue 53's model and texts (see --models-dir)")
     real.add_argument("--model", type=Path, help="an `eek fit` folder, served by eek serve")
     real.add_argument("--plain", type=Path, help="the plain classifier with MODEL's weights (Infinity, full model)")
+    real.add_argument(
+        "--int8-model",
+        type=Path,
+        help="MODEL certified on the int8 base (`eek calibrate --dtype int8`), for `eek serve int8` (default: MODEL)",
+    )
     real.add_argument("--texts", type=Path, help="one text per line (--rotten-tomatoes: the test split)")
     real.add_argument("--models-dir", type=Path, default=Path("bench-results/serve-peers"), help="--rotten-tomatoes")
     real.add_argument("--infinity-python", type=Path, default=None, help="default .venv-infinity/bin/python")
@@ -538,8 +562,9 @@ def main(args, argv: list[str]) -> int:
                 "levels'), and --corpus-concurrency >= 1"
             )
         if args.rotten_tomatoes:
-            model, plain, texts, source = rotten_tomatoes(args.models_dir)
+            model, plain, int8_model, texts, source = rotten_tomatoes(args.models_dir)
         else:
+            int8_model = args.int8_model
             if args.plain is None or args.texts is None:
                 raise SystemExit("error: --model needs --plain and --texts (or use --rotten-tomatoes)")
             model, plain = args.model, args.plain
@@ -549,6 +574,7 @@ def main(args, argv: list[str]) -> int:
         config = PeersConfig(
             model=model,
             plain=plain,
+            int8_model=int8_model,
             texts=texts,
             source=source,
             concurrency=tuple(args.concurrency),

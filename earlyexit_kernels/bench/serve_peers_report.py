@@ -84,6 +84,13 @@ def render(result: dict) -> str:
     errors = {s: sum(int(r["errors"]) for r in result["rows"] if r["server"] == s) for s in servers}
     if any(errors.values()):
         lines += ["", "Errors: " + "; ".join(f"{s}: {n}" for s, n in errors.items() if n) + "."]
+    if "eek serve int8" in servers:
+        how = (
+            "its threshold certified again on the int8 base (`eek calibrate --dtype int8`, the same calibration rows)"
+            if result.get("int8_model")
+            else "the float32 folder's threshold, not certified on the int8 base"
+        )
+        lines += ["", f"eek serve int8: {how}."]
     for server, note in result.get("notes", {}).items():
         lines += ["", f"{server}: {note}."]
     for server, reason in result["skipped"].items():
