@@ -267,6 +267,20 @@ def test_the_command_line_renders_a_recorded_result(tmp_path, capsys):
     assert "## The serving benchmark's peers" in doc.read_text() and END in doc.read_text()
 
 
+def test_a_second_model_s_table_has_its_own_section(tmp_path):
+    """The MPNet run (``--rotten-tomatoes --backbone mpnet``) writes its table beside the
+    MiniLM one: its own markers, and rewriting either leaves the other as it was."""
+    doc = tmp_path / "serving.md"
+    doc.write_text("# Serving\n")
+    serve_peers_report.write_readme(doc, RECORDED)
+    mpnet = {**RECORDED, "section": "serve-peers-mpnet", "source": "MPNet-base on the same texts"}
+    serve_peers_report.write_readme(doc, mpnet)
+    serve_peers_report.write_readme(doc, RECORDED)
+    text = doc.read_text()
+    assert text.count(START) == 1 and text.count("<!-- serve-peers-mpnet:start -->") == 1
+    assert "MPNet-base on the same texts" in text.split("<!-- serve-peers-mpnet:start -->")[1]
+
+
 def test_cores_parse():
     assert parse_cores("0") == (0,) and parse_cores("0,2-3") == (0, 2, 3)
     assert parse_cores("none") is None and parse_cores(None) is None

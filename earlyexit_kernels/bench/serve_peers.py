@@ -86,6 +86,7 @@ class PeersConfig:
     soak_concurrency: int = 32
     soak_samples: int = 10
     work_dir: Path | None = None  # ONNX exports and the peers' caches (default: a temporary folder)
+    section: str = "serve-peers"  # the Markdown section's markers (serve_peers_report.markers)
 
 
 def full_model_labels(plain: Path, texts: list[str], batch_size: int = 32) -> list[str]:
@@ -438,6 +439,7 @@ def run(config: PeersConfig, output_dir: Path, name: str = "cpu", command: str =
         "command": command,
         "model": str(config.model),
         "plain": str(config.plain),
+        "section": config.section,
         "int8_model": str(config.int8_model) if config.int8_model is not None else None,
         "source": config.source,
         "texts": len(config.texts),
@@ -466,10 +468,12 @@ def run(config: PeersConfig, output_dir: Path, name: str = "cpu", command: str =
     return result
 
 
-def rotten_tomatoes(models_dir: Path, progress=print) -> tuple[Path, Path, Path, list[str], str]:
+def rotten_tomatoes(
+    models_dir: Path, backbone: str = "minilm", progress=print
+) -> tuple[Path, Path, Path, list[str], str]:
     """Issue 53's model: (MODEL, PLAIN, INT8_MODEL, texts, what they are).
 
-    PLAIN: MiniLM-L6 fine-tuned on the Rotten Tomatoes train split
+    PLAIN: ``backbone`` (MiniLM-L6, or MPNet-base) fine-tuned on the Rotten Tomatoes train split
     (:func:`earlyexit_kernels.demo.real_task.fine_tuned_model`, cached); MODEL: ``eek fit`` on it
     with the train split as TRAIN_FILE and the validation split as ``--calibration``, written
     under ``models_dir`` when absent; INT8_MODEL: a copy of MODEL certified again on the int8 base
@@ -478,10 +482,10 @@ def rotten_tomatoes(models_dir: Path, progress=print) -> tuple[Path, Path, Path,
     """
     from earlyexit_kernels.demo import real_task
 
-    _, _, info = real_task.fine_tuned_model("minilm", task="rotten_tomatoes", progress=False)
+    _, _, info = real_task.fine_tuned_model(backbone, task="rotten_tomatoes", progress=False)
     plain = Path(info["path"])
     splits = real_task.load_rotten_tomatoes()
-    model = models_dir / "eek-minilm-rt"
+    model = models_dir / f"eek-{backbone}-rt"
     if not (model / "config.json").is_file():
         models_dir.mkdir(parents=True, exist_ok=True)
         files = {}
@@ -495,7 +499,7 @@ def rotten_tomatoes(models_dir: Path, progress=print) -> tuple[Path, Path, Path,
         command += ["--calibration", str(files["validation"]), "--no-progress"]
         progress("eek fit: " + " ".join(command))
         subprocess.run(command, check=True)
-    int8_model = models_dir / "eek-minilm-rt-int8"
+    int8_model = models_dir / f"eek-{backbone}-rt-int8"
     if not (int8_model / "config.json").is_file():
         shutil.rmtree(int8_model, ignore_errors=True)
         shutil.copytree(model, int8_model)
@@ -505,13 +509,20 @@ def rotten_tomatoes(models_dir: Path, progress=print) -> tuple[Path, Path, Path,
         progress("eek calibrate: " + " ".join(command))
         subprocess.run(command, check=True)
     texts = splits["test"].texts
-    source = f"MiniLM-L6 fine-tuned on Rotten Tomatoes, the test split's {len(texts)} snippets"
+    name = {"minilm": "MiniLM-L6", "mpnet": "MPNet-base"}[backbone]
+    source = f"{name} fine-tuned on Rotten Tomatoes, the test split's {len(texts)} snippets"
     return model, plain, int8_model, texts, source
 
 
 def add_arguments(parser) -> None:
     real = parser.add_argument_group("the real model beside its peers (issue 53)")
     real.add_argument("--rotten-tomatoes", action="store_true", help="issue 53's model and texts (see --models-dir)")
+    real.add_argument(
+        "--backbone",
+        choices=("minilm", "mpnet"),
+        default="minilm",
+        help="--rotten-tomatoes: the classifier fine-tuned from MiniLM-L6 (default) or MPNet-base (12 layers)",
+    )
     real.add_argument("--model", type=Path, help="an `eek fit` folder, served by eek serve")
     real.add_argument("--plain", type=Path, help="the plain classifier with MODEL's weights (Infinity, full model)")
     real.add_argument(
@@ -562,7 +573,7 @@ def main(args, argv: list[str]) -> int:
                 "levels'), and --corpus-concurrency >= 1"
             )
         if args.rotten_tomatoes:
-            model, plain, int8_model, texts, source = rotten_tomatoes(args.models_dir)
+            model, plain, int8_model, texts, source = rotten_tomatoes(args.models_dir, args.backbone)
         else:
             int8_model = args.int8_model
             if args.plain is None or args.texts is None:
@@ -588,10 +599,16 @@ def main(args, argv: list[str]) -> int:
             corpus_concurrency=args.corpus_concurrency,
             infinity_python=args.infinity_python,
             soak_seconds=args.soak_seconds,
+            section="serve-peers"
+            if not args.rotten_tomatoes or args.backbone == "minilm"
+            else f"serve-peers-{args.backbone}",
         )
         output_dir = args.output_dir or Path(tempfile.mkdtemp(prefix="eek-serve-peers-"))
         command = "python -m earlyexit_kernels.bench.serve_load " + " ".join(argv)
-        result = run(config, output_dir, args.name, command)
+        name = args.name
+        if args.rotten_tomatoes and args.backbone != "minilm" and name == "cpu":
+            name = f"{args.backbone}_cpu"  # beside the MiniLM result, not over it
+        result = run(config, output_dir, name, command)
         print(f"written to {output_dir}")
     print(render(result))
     if args.readme:
