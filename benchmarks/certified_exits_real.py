@@ -22,6 +22,10 @@ certified risk (accuracy lost against the full model; the test split has labels)
         --readme docs/benchmarks.md
     .venv/bin/python benchmarks/certified_exits_real.py --from-json benchmarks/results/certified_exits_real_cpu.json \\
         --readme docs/benchmarks.md
+
+``--from-folder FOLDER --backbones B --tasks T`` reads the first setting's row from a folder that
+``eek fit PLAIN train.csv FOLDER --calibration validation.csv`` already wrote (the serving
+benchmark's, for one) instead of fitting again, and adds it to ``--output``'s runs.
 """
 
 from __future__ import annotations
@@ -102,15 +106,6 @@ def run_one(backbone: str, task: str, setting: str, seed: int) -> dict:
             )
     except FitError as error:
         return {**row, "error": str(error), "seconds": round(time.perf_counter() - started, 1)}
-    test = _rows(splits["test"], "test split")
-    ids = torch.tensor([int(y) for y in test.labels])
-    with torch.no_grad():
-        record = record_exits(model, length_sorted_batches(encode(tokenizer, test, 128), ids, 64))
-    chosen = eek.policy_of(model)
-    out = replay(chosen, record)
-    budget = BUDGET_POINTS / 100
-    path = [parse_policy(code) for code in report.certified_path] or [chosen]
-    grid = certified_candidates(eek.Entropy(0.0), record.num_layers, record.all_logits.shape[-1])
     certificate = report.certificate or {}
     return {
         **row,
@@ -126,6 +121,24 @@ def run_one(backbone: str, task: str, setting: str, seed: int) -> dict:
         "more_rows": certificate.get("more_rows"),
         "more_rows_layers": certificate.get("more_rows_layers"),
         "bound": certificate.get("bound"),
+        **_test_columns(model, tokenizer, task, eek.policy_of(model), report.certified_path),
+        "warnings": report.warnings,
+        "fine_tuned": info["path"].split("/")[-1],
+    }
+
+
+def _test_columns(model, tokenizer, task: str, chosen, path_codes, record_policy=None) -> dict:
+    """The test split's columns of a row: certified layers and loss, the oracles."""
+    splits = real_task.load_task(task)
+    test = _rows(splits["test"], "test split")
+    ids = torch.tensor([int(y) for y in test.labels])
+    with torch.no_grad():
+        record = record_exits(model, length_sorted_batches(encode(tokenizer, test, 128), ids, 64))
+    out = replay(chosen, record)
+    budget = BUDGET_POINTS / 100
+    path = [parse_policy(code) for code in path_codes] or [chosen]
+    grid = certified_candidates(eek.Entropy(0.0), record.num_layers, record.all_logits.shape[-1])
+    return {
         "num_layers": record.num_layers,
         "test_rows": int(ids.numel()),
         "full_test_accuracy": float((record.all_logits[-1].argmax(-1) == record.labels).double().mean()),
@@ -134,8 +147,40 @@ def run_one(backbone: str, task: str, setting: str, seed: int) -> dict:
         "path_oracle_test_layers": _oracle(path, record, budget),
         "global_oracle_test_layers": _oracle(grid, record, budget),
         "per_row_oracle_test_layers": per_row_oracle(record),
-        "warnings": report.warnings,
-        "fine_tuned": info["path"].split("/")[-1],
+    }
+
+
+def run_folder(folder: Path, backbone: str, task: str) -> dict:
+    """The first setting's row from ``folder``, written by ``eek fit PLAIN train.csv FOLDER
+    --calibration validation.csv``: its certificate from ``eek_fit.json``, the test columns anew."""
+    from transformers import AutoTokenizer
+
+    report = json.loads((folder / "eek_fit.json").read_text())
+    if "--calibration" not in (report.get("calibration_source") or ""):
+        raise SystemExit(f"error: {folder} was not certified on a --calibration file (the first setting)")
+    model = eek.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    certificate = report.get("certificate") or {}
+    return {
+        "backbone": backbone,
+        "task": task,
+        "setting": SETTINGS[0],
+        "folder": str(folder),
+        "seconds": round(report["train_seconds"] + report["calibrate_seconds"], 1),
+        "train_rows": report["train_rows"],
+        "calibration_rows": report["calibration_rows"],
+        "calibration_share": report.get("calibration_share"),
+        "path": certificate.get("path"),
+        "path_layers_validation": certificate.get("path_layers"),
+        "policy": report["policy"],
+        "certified_layers_calibration": report["mean_layers"],
+        "uncertified_layers_calibration": certificate.get("uncertified_layers"),
+        "more_rows": certificate.get("more_rows"),
+        "more_rows_layers": certificate.get("more_rows_layers"),
+        "bound": certificate.get("bound"),
+        **_test_columns(model, tokenizer, task, eek.policy_of(model), report.get("certified_path") or []),
+        "warnings": report.get("warnings", []),
+        "fine_tuned": Path(report["source_model"]).name,
     }
 
 
@@ -161,6 +206,8 @@ def render(results: dict) -> str:
             f"({r['certified_test_loss_points']:+.2f}) | {r['path_oracle_test_layers']:.2f} | "
             f"{r['global_oracle_test_layers']:.2f} | {r['per_row_oracle_test_layers']:.2f} |"
         )
+    for added in results.get("added", []):
+        lines += ["", f"Row {added['row']}: added {added['date']} on {added['cpu']} (`{added['command']}`)."]
     lines.append(END)
     return "\n".join(lines) + "\n"
 
@@ -172,10 +219,32 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path)
     parser.add_argument("--from-json", type=Path)
+    parser.add_argument("--from-folder", type=Path, help="the first setting's row from this eek fit folder")
     parser.add_argument("--readme", type=Path)
     args = parser.parse_args(argv)
     if args.from_json:
         results = json.loads(args.from_json.read_text())
+    elif args.from_folder:
+        if args.output is None or not args.output.is_file():
+            raise SystemExit("error: --from-folder adds a row to --output's recorded runs; give an existing --output")
+        results = json.loads(args.output.read_text())
+        row = run_folder(args.from_folder, args.backbones, args.tasks)
+        print(json.dumps(row), flush=True)
+        key = (row["backbone"], row["task"], row["setting"])
+        keys = [(r["backbone"], r["task"], r["setting"]) for r in results["runs"]]
+        if key in keys:  # measured again: in its place
+            results["runs"][keys.index(key)] = row
+        else:
+            results["runs"].append(row)
+        results.setdefault("added", []).append(
+            {
+                "date": time.strftime("%Y-%m-%d", time.gmtime()),
+                "cpu": cpu_name(),
+                "command": "benchmarks/certified_exits_real.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                "row": f"{BACKBONE_NAMES[row['backbone']]}, {TASK_NAMES[row['task']]}, {row['setting']}",
+            }
+        )
+        args.output.write_text(json.dumps(results, indent=2) + "\n")
     else:
         started = time.perf_counter()
         runs = []
