@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from earlyexit_kernels.bench import serve_peers
+from earlyexit_kernels.bench import serve_peers_cli
 from earlyexit_kernels.bench.server_process import EekServer
 from earlyexit_kernels.bench.stream import (
     StreamConfig,
@@ -217,10 +217,10 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(LoadConfig.concurrency))
     parser.add_argument("--layers", type=int, default=LoadConfig.layers)
     parser.add_argument("--hidden", type=int, default=LoadConfig.hidden)
-    serve_peers.add_arguments(parser)
+    serve_peers_cli.add_arguments(parser)
     args = parser.parse_args(argv)
-    if serve_peers.wanted(args):
-        return serve_peers.main(args, sys.argv[1:] if argv is None else list(argv))
+    if serve_peers_cli.wanted(args):
+        return serve_peers_cli.main(args, sys.argv[1:] if argv is None else list(argv))
     config = LoadConfig(
         requests=args.requests,
         max_seconds=args.max_seconds,

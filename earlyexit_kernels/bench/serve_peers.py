@@ -35,9 +35,7 @@ import csv
 import json
 import os
 import platform
-import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -45,7 +43,7 @@ from pathlib import Path
 
 from earlyexit_kernels.bench import infinity_peer
 from earlyexit_kernels.bench.serve_peers_report import END, START, render, write_readme
-from earlyexit_kernels.bench.server_process import EekServer, parse_cores, resident_kib
+from earlyexit_kernels.bench.server_process import EekServer, resident_kib
 
 COLUMNS = ["server", "concurrency", "texts_per_request", "requests", "texts", "texts_per_s", "p50_ms", "p99_ms"]
 COLUMNS += ["agreement", "agree"]
@@ -466,151 +464,3 @@ def run(config: PeersConfig, output_dir: Path, name: str = "cpu", command: str =
         writer.writeheader()
         writer.writerows(rows)
     return result
-
-
-def rotten_tomatoes(
-    models_dir: Path, backbone: str = "minilm", progress=print
-) -> tuple[Path, Path, Path, list[str], str]:
-    """Issue 53's model: (MODEL, PLAIN, INT8_MODEL, texts, what they are).
-
-    PLAIN: ``backbone`` (MiniLM-L6, or MPNet-base) fine-tuned on the Rotten Tomatoes train split
-    (:func:`earlyexit_kernels.demo.real_task.fine_tuned_model`, cached); MODEL: ``eek fit`` on it
-    with the train split as TRAIN_FILE and the validation split as ``--calibration``, written
-    under ``models_dir`` when absent; INT8_MODEL: a copy of MODEL certified again on the int8 base
-    (``eek calibrate --dtype int8`` on the validation split); the texts: the test split, which
-    none of them saw.
-    """
-    from earlyexit_kernels.demo import real_task
-
-    _, _, info = real_task.fine_tuned_model(backbone, task="rotten_tomatoes", progress=False)
-    plain = Path(info["path"])
-    splits = real_task.load_rotten_tomatoes()
-    model = models_dir / f"eek-{backbone}-rt"
-    if not (model / "config.json").is_file():
-        models_dir.mkdir(parents=True, exist_ok=True)
-        files = {}
-        for split in ("train", "validation"):
-            files[split] = models_dir / f"rt-{split}.csv"
-            with open(files[split], "w", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["text", "label"])
-                writer.writerows(zip(splits[split].texts, splits[split].labels, strict=True))
-        command = [sys.executable, "-m", "earlyexit_kernels", "fit", str(plain), str(files["train"]), str(model)]
-        command += ["--calibration", str(files["validation"]), "--no-progress"]
-        progress("eek fit: " + " ".join(command))
-        subprocess.run(command, check=True)
-    int8_model = models_dir / f"eek-{backbone}-rt-int8"
-    if not (int8_model / "config.json").is_file():
-        shutil.rmtree(int8_model, ignore_errors=True)
-        shutil.copytree(model, int8_model)
-        validation = models_dir / "rt-validation.csv"
-        command = [sys.executable, "-m", "earlyexit_kernels", "calibrate", str(int8_model), str(validation)]
-        command += ["--dtype", "int8", "--no-progress"]
-        progress("eek calibrate: " + " ".join(command))
-        subprocess.run(command, check=True)
-    texts = splits["test"].texts
-    name = {"minilm": "MiniLM-L6", "mpnet": "MPNet-base"}[backbone]
-    source = f"{name} fine-tuned on Rotten Tomatoes, the test split's {len(texts)} snippets"
-    return model, plain, int8_model, texts, source
-
-
-def add_arguments(parser) -> None:
-    real = parser.add_argument_group("the real model beside its peers (issue 53)")
-    real.add_argument("--rotten-tomatoes", action="store_true", help="issue 53's model and texts (see --models-dir)")
-    real.add_argument(
-        "--backbone",
-        choices=("minilm", "mpnet"),
-        default="minilm",
-        help="--rotten-tomatoes: the classifier fine-tuned from MiniLM-L6 (default) or MPNet-base (12 layers)",
-    )
-    real.add_argument("--model", type=Path, help="an `eek fit` folder, served by eek serve")
-    real.add_argument("--plain", type=Path, help="the plain classifier with MODEL's weights (Infinity, full model)")
-    real.add_argument(
-        "--int8-model",
-        type=Path,
-        help="MODEL certified on the int8 base (`eek calibrate --dtype int8`), for `eek serve int8` (default: MODEL)",
-    )
-    real.add_argument("--texts", type=Path, help="one text per line (--rotten-tomatoes: the test split)")
-    real.add_argument("--models-dir", type=Path, default=Path("bench-results/serve-peers"), help="--rotten-tomatoes")
-    real.add_argument("--infinity-python", type=Path, default=None, help="default .venv-infinity/bin/python")
-    real.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS), metavar="SERVER")
-    real.add_argument("--max-batch-size", type=int, default=PeersConfig.max_batch_size)
-    real.add_argument(
-        "--texts-per-request",
-        type=int,
-        default=PeersConfig.texts_per_request,
-        metavar="N",
-        help="the corpus job after the concurrency levels: every text once, N texts a request (default: "
-        f"{PeersConfig.texts_per_request}; 0: no corpus job)",
-    )
-    real.add_argument(
-        "--corpus-concurrency",
-        type=int,
-        default=PeersConfig.corpus_concurrency,
-        metavar="C",
-        help=f"the corpus job's requests at a time (default: {PeersConfig.corpus_concurrency})",
-    )
-    real.add_argument("--server-cores", default=None, help='e.g. "0" (default: the first core; "none")')
-    real.add_argument("--client-cores", default=None, help='e.g. "1" (default: the other cores; "none")')
-    real.add_argument("--soak-seconds", type=float, default=PeersConfig.soak_seconds, help="0: no soak")
-    real.add_argument("--soak-only", action="store_true", help="the soak alone (no server per concurrency)")
-    real.add_argument("--readme", type=Path, help="write the section into this Markdown file (docs/serving.md)")
-    real.add_argument("--from-json", type=Path, help="render a recorded result, run nothing")
-
-
-def wanted(args) -> bool:
-    return bool(args.rotten_tomatoes or args.model or args.from_json)
-
-
-def main(args, argv: list[str]) -> int:
-    """The real-model mode of ``serve_load``'s command line."""
-    if args.from_json:
-        result = json.loads(args.from_json.read_text())
-    else:
-        if args.texts_per_request < 0 or args.texts_per_request == 1 or args.corpus_concurrency < 1:
-            raise SystemExit(
-                "error: --texts-per-request must be 0 (no corpus job) or >= 2 (one text a request is the concurrency "
-                "levels'), and --corpus-concurrency >= 1"
-            )
-        if args.rotten_tomatoes:
-            model, plain, int8_model, texts, source = rotten_tomatoes(args.models_dir, args.backbone)
-        else:
-            int8_model = args.int8_model
-            if args.plain is None or args.texts is None:
-                raise SystemExit("error: --model needs --plain and --texts (or use --rotten-tomatoes)")
-            model, plain = args.model, args.plain
-            texts = [line for line in args.texts.read_text().splitlines() if line.strip()]
-            source = f"{args.model.name}, the {len(texts)} texts of {args.texts.name}"
-        server_cores, client_cores = default_cores()
-        config = PeersConfig(
-            model=model,
-            plain=plain,
-            int8_model=int8_model,
-            texts=texts,
-            source=source,
-            concurrency=tuple(args.concurrency),
-            requests=args.requests,
-            max_seconds=args.max_seconds,
-            max_batch_size=args.max_batch_size,
-            server_cores=server_cores if args.server_cores is None else parse_cores(args.server_cores),
-            client_cores=client_cores if args.client_cores is None else parse_cores(args.client_cores),
-            servers=() if args.soak_only else tuple(args.servers),
-            texts_per_request=args.texts_per_request,
-            corpus_concurrency=args.corpus_concurrency,
-            infinity_python=args.infinity_python,
-            soak_seconds=args.soak_seconds,
-            section="serve-peers"
-            if not args.rotten_tomatoes or args.backbone == "minilm"
-            else f"serve-peers-{args.backbone}",
-        )
-        output_dir = args.output_dir or Path(tempfile.mkdtemp(prefix="eek-serve-peers-"))
-        command = "python -m earlyexit_kernels.bench.serve_load " + " ".join(argv)
-        name = args.name
-        if args.rotten_tomatoes and args.backbone != "minilm" and name == "cpu":
-            name = f"{args.backbone}_cpu"  # beside the MiniLM result, not over it
-        result = run(config, output_dir, name, command)
-        print(f"written to {output_dir}")
-    print(render(result))
-    if args.readme:
-        write_readme(args.readme, result)
-    return 0
