@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -41,8 +39,7 @@ from pathlib import Path
 import torch
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.bench.markdown_sections import replace_section
-from earlyexit_kernels.bench.results import cpu_name
+from earlyexit_kernels.bench.script_results import run_conditions, write_json, write_section
 from earlyexit_kernels.demo import real_task
 from earlyexit_kernels.methods.policy_spec import parse_policy
 from earlyexit_kernels.training.certified_calibration import certified_candidates, row_losses
@@ -55,6 +52,7 @@ BUDGET_POINTS, CONFIDENCE = 1.0, 0.95
 SETTINGS = ("train + validation file", "train only")
 TASK_NAMES = {"rotten_tomatoes": "Rotten Tomatoes", "debates": "the 2016 debates (three classes)"}
 BACKBONE_NAMES = {"minilm": "MiniLM-L6", "mpnet": "MPNet-base"}
+SCRIPT = "benchmarks/certified_exits_real.py"
 
 
 def _rows(split, name: str) -> LabelledTexts:
@@ -228,6 +226,7 @@ def main(argv=None) -> int:
         if args.output is None or not args.output.is_file():
             raise SystemExit("error: --from-folder adds a row to --output's recorded runs; give an existing --output")
         results = json.loads(args.output.read_text())
+        started = time.perf_counter()
         row = run_folder(args.from_folder, args.backbones, args.tasks)
         print(json.dumps(row), flush=True)
         key = (row["backbone"], row["task"], row["setting"])
@@ -236,15 +235,9 @@ def main(argv=None) -> int:
             results["runs"][keys.index(key)] = row
         else:
             results["runs"].append(row)
-        results.setdefault("added", []).append(
-            {
-                "date": time.strftime("%Y-%m-%d", time.gmtime()),
-                "cpu": cpu_name(),
-                "command": "benchmarks/certified_exits_real.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                "row": f"{BACKBONE_NAMES[row['backbone']]}, {TASK_NAMES[row['task']]}, {row['setting']}",
-            }
-        )
-        args.output.write_text(json.dumps(results, indent=2) + "\n")
+        name = f"{BACKBONE_NAMES[row['backbone']]}, {TASK_NAMES[row['task']]}, {row['setting']}"
+        results.setdefault("added", []).append({**run_conditions(SCRIPT, argv, started), "row": name})
+        write_json(args.output, results)
     else:
         started = time.perf_counter()
         runs = []
@@ -255,25 +248,12 @@ def main(argv=None) -> int:
                 for setting in SETTINGS:
                     runs.append(run_one(backbone, task, setting, args.seed))
                     print(json.dumps(runs[-1]), flush=True)
-        results = {
-            "date": time.strftime("%Y-%m-%d", time.gmtime()),
-            "cpu": cpu_name(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "command": "benchmarks/certified_exits_real.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "seconds": time.perf_counter() - started,
-            "runs": runs,
-        }
+        results = {**run_conditions(SCRIPT, argv, started), "runs": runs}
         if args.output:
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(json.dumps(results, indent=2) + "\n")
+            write_json(args.output, results)
     print(render(results))
     if args.readme:
-        text = args.readme.read_text()
-        args.readme.write_text(
-            replace_section(text, START, END, render(results), heading="Certified exits on the real tasks")
-        )
+        write_section(args.readme, START, END, render(results), "Certified exits on the real tasks")
     return 0
 
 

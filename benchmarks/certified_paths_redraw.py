@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 from certified_calibration import pool_record  # the same heads on the same pool (this folder is on sys.path)
 
-from earlyexit_kernels.bench.markdown_sections import replace_section
-from earlyexit_kernels.bench.results import cpu_name
+from earlyexit_kernels.bench.script_results import run_conditions, write_json, write_section
 from earlyexit_kernels.training.certified_calibration import certify, row_losses
 from earlyexit_kernels.training.exit_record import replay
 
@@ -123,23 +120,15 @@ def main(argv=None) -> int:
             seed=args.seed,
         )
         results = {
-            "date": time.strftime("%Y-%m-%d", time.gmtime()),
-            "cpu": cpu_name(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "command": "benchmarks/certified_paths_redraw.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "seconds": time.perf_counter() - started,
+            **run_conditions("benchmarks/certified_paths_redraw.py", argv, started),
             "pool_rows": record.all_logits.shape[1],
             "rows": rows,
         }
         if args.output:
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(json.dumps(results, indent=2) + "\n")
+            write_json(args.output, results)
     print(render(results))
     if args.readme:
-        text = args.readme.read_text()
-        section = render(results)
-        args.readme.write_text(replace_section(text, START, END, section, heading="Certified paths, re-drawn"))
+        write_section(args.readme, START, END, render(results), "Certified paths, re-drawn")
     return 0
 
 

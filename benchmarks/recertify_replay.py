@@ -60,10 +60,8 @@ import dataclasses
 import functools
 import json
 import logging
-import platform
 import random
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -72,8 +70,7 @@ from pathlib import Path
 
 import torch
 
-from earlyexit_kernels.bench.markdown_sections import replace_section
-from earlyexit_kernels.bench.results import cpu_name
+from earlyexit_kernels.bench.script_results import run_conditions, write_json, write_section
 from earlyexit_kernels.integrations.recertify_folder import certificate_of_folder
 from earlyexit_kernels.methods.risk_control import binomial_p_value
 from earlyexit_kernels.training.online_certificate import OnlineCertificate, candidate_losses
@@ -761,25 +758,12 @@ def main(argv=None) -> int:
     else:
         started = time.perf_counter()
         measured = run(args)
-        results = {
-            "date": time.strftime("%Y-%m-%d", time.gmtime()),
-            "cpu": cpu_name(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "command": "benchmarks/recertify_replay.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "seconds": time.perf_counter() - started,
-            **measured,
-        }
+        results = {**run_conditions("benchmarks/recertify_replay.py", argv, started), **measured}
         if args.output:
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(json.dumps(results, indent=2) + "\n")
+            write_json(args.output, results)
     print(render(results))
     if args.readme:
-        text = args.readme.read_text()
-        args.readme.write_text(
-            replace_section(text, START, END, render(results), heading="Online re-certification replayed")
-        )
+        write_section(args.readme, START, END, render(results), "Online re-certification replayed")
     return 0
 
 

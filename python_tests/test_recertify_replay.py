@@ -1,29 +1,19 @@
 """The replay logic of ``benchmarks/recertify_replay.py`` on a tiny synthetic pool (no model, no real material)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import benchmark_script
 
 from earlyexit_kernels.methods.policies import Entropy
 from earlyexit_kernels.training.online_certificate import OnlineCertificate
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "recertify_replay.py"
 BUDGET, CONFIDENCE = 0.05, 0.95
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("recertify_replay", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("recertify_replay") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def _pool(bench, name, rates, rows=400, seed=0):

@@ -1,25 +1,14 @@
 """The measures of ``benchmarks/rerank_quality.py`` on hand-made rankings (no model, no real material)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "rerank_quality.py"
+from conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("rerank_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("rerank_quality") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_mrr_is_the_reciprocal_rank_of_the_first_relevant(bench):

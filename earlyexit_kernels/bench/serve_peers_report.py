@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from earlyexit_kernels.bench.markdown_sections import replace_section
+from earlyexit_kernels.bench.script_results import write_section
 
 __all__ = ["START", "END", "HEADING", "render", "write_readme"]
-
-START, END = "<!-- serve-peers:start -->", "<!-- serve-peers:end -->"
 
 
 def markers(result: dict) -> tuple[str, str]:
@@ -23,6 +21,7 @@ def markers(result: dict) -> tuple[str, str]:
     return f"<!-- {key}:start -->", f"<!-- {key}:end -->"
 
 
+START, END = markers({})
 HEADING = "The serving benchmark's peers"
 
 
@@ -143,5 +142,4 @@ def _soak_text(soak: dict) -> str:
 
 
 def write_readme(readme: Path, result: dict) -> None:
-    start, end = markers(result)
-    readme.write_text(replace_section(readme.read_text(), start, end, render(result), heading=HEADING))
+    write_section(readme, *markers(result), render(result), HEADING)
