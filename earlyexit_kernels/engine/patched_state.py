@@ -31,6 +31,9 @@ class PatchedState:
     over the model's modules (rebuilt by the reader where a module it holds was replaced, as
     quantization after patching does). ``adapter_paths``: where the adapter's modules sit in the
     model, to notice that. ``objective``: the training objective and its loss arguments, or None.
+    ``step``: the per-layer step it was given (``"auto"``, ``"exact"`` or ``"graphed"``, see
+    :mod:`earlyexit_kernels.engine.step_choice`); ``static_batches``: what the graphed step keeps
+    between forwards (buffers and CUDA graphs, by shape), made on its first forward.
     """
 
     policy: ExitPolicy
@@ -38,6 +41,8 @@ class PatchedState:
     adapter: Any
     adapter_paths: dict[str, str] | None = None
     objective: tuple[Any, dict] | None = None
+    step: str = "auto"
+    static_batches: Any = None
 
 
 _reader: Callable[[nn.Module], PatchedState | None] | None = None

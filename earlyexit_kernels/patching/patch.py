@@ -19,6 +19,8 @@ from earlyexit_kernels.backends.registry import check_backend_name, resolve_back
 from earlyexit_kernels.engine.batch_loop import mask_extents, run_early_exit
 from earlyexit_kernels.engine.heads import ExitHeadConfig, ExitHeads, check_head_choice
 from earlyexit_kernels.engine.module_weights import linear_compute_dtype, linear_device
+from earlyexit_kernels.engine.static_step import StaticBatches, run_graphed
+from earlyexit_kernels.engine.step_choice import check_graphed_policy, check_step_name, resolve_step
 from earlyexit_kernels.methods.losses import Objective, objective
 from earlyexit_kernels.methods.policies import ExitPolicy, SkipGates
 from earlyexit_kernels.models import SUPPORTED_MODELS, EncoderAdapterBase, adapter_class
@@ -92,6 +94,11 @@ def policy_of(model) -> ExitPolicy:
     return state_of(model, "policy_of").policy
 
 
+def step_of(model) -> str:
+    """The step a patched model was given: ``"auto"``, ``"exact"`` or ``"graphed"`` (see :func:`patch`)."""
+    return state_of(model, "step_of").step
+
+
 def backend_of(model) -> str:
     """The backend a patched model was given: ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``.
 
@@ -106,6 +113,7 @@ def patch(
     policy: ExitPolicy,
     backend: str = "auto",
     *,
+    step: str = "auto",
     objective: str | None = None,
     pooling: str | None = None,
     head: str | None = None,
@@ -116,6 +124,13 @@ def patch(
     Adds the per-layer heads of layers ``1..L-1`` and any head the policy needs. On a
     patched model it swaps the policy and keeps the heads.
     ``backend`` is ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"cuda"``.
+    ``step`` is how each layer's exits are settled at inference: ``"exact"`` compacts the batch
+    after every layer where rows may leave (one read-back there), ``"graphed"`` keeps the batch in
+    fixed buckets with exited rows as dead rows and reads nothing back between the first layer and
+    the last (each (layer, bucket) step captured in a CUDA graph on a GPU; on the CPU the same step
+    runs uncaptured), ``"auto"`` is ``"graphed"`` on CUDA and ``"exact"`` elsewhere (and for a policy
+    the graphed step cannot run). Both give the same outputs (bit for bit on the CPU); see
+    :mod:`earlyexit_kernels.engine.step_choice`.
     ``objective`` (optional) is a training method name, as in
     :func:`set_training_objective`. ``model.save_pretrained(path)`` of a patched model
     also writes the exit heads and the policy (see :func:`earlyexit_kernels.from_pretrained`).
@@ -134,6 +149,9 @@ def patch(
             f"policy must be an exit policy such as eek.Entropy(0.3) or eek.Patience(2); got {type(policy).__name__}"
         )
     check_backend_name(backend)
+    check_step_name(step)
+    if step == "graphed":
+        check_graphed_policy(policy)
     config = model.config
     _check_config(config, adapter_cls)
     policy.check_fits(config.num_hidden_layers, config.num_labels)
@@ -162,7 +180,7 @@ def patch(
     model.add_module(HEADS, heads)
     # a policy swapped on a patched model, or a model patched again, keeps its training objective
     kept_objective = state_of(model).objective if is_patched(model) else kept_objective
-    attach(model, PatchedState(policy, backend, adapter_cls(model, heads), objective=kept_objective))
+    attach(model, PatchedState(policy, backend, adapter_cls(model, heads), objective=kept_objective, step=step))
     model.forward = _bind(_patched_forward, model)
     model.save_pretrained = _bind(_patched_save_pretrained, model)
     _hide_extras_from_trainer(config)
@@ -444,17 +462,32 @@ def _patched_forward(
         hidden = adapter.embed(input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask)
         mask = attention_mask
     train_gates = self.training and torch.is_grad_enabled() and isinstance(policy, SkipGates)
-    result = run_early_exit(
-        adapter,
-        self.early_exit_heads,
-        policy,
-        backend,
-        hidden,
-        mask,
-        all_exits=all_exits,
-        train_gates=train_gates,
-        mask_summary=mask_summary,
-    )
+    # The graphed step is for inference: its buffers are written in place (no autograd).
+    if not all_exits and not differentiable and resolve_step(state.step, policy, device) == "graphed":
+        if state.static_batches is None:
+            state.static_batches = StaticBatches()
+        result = run_graphed(
+            adapter,
+            self.early_exit_heads,
+            policy,
+            backend,
+            hidden,
+            mask,
+            batches=state.static_batches,
+            mask_summary=mask_summary,
+        )
+    else:
+        result = run_early_exit(
+            adapter,
+            self.early_exit_heads,
+            policy,
+            backend,
+            hidden,
+            mask,
+            all_exits=all_exits,
+            train_gates=train_gates,
+            mask_summary=mask_summary,
+        )
     loss = None
     chosen = state.objective
     if self.training and chosen is not None and (labels is not None or not chosen[0].needs_labels):

@@ -1,0 +1,399 @@
+"""The graphed step: a batch in fixed buckets, exited rows kept as dead rows, no read-back between layers.
+
+``step="exact"`` (:mod:`earlyexit_kernels.engine.batch_loop`) compacts after every layer where
+rows may leave, and must read the survivor count back to know the next shape: one blocking
+read-back per such layer, and shapes that differ from batch to batch. Here instead every
+layer's step has fixed shapes: the batch lives in a bucket of rows
+(:mod:`earlyexit_kernels.engine.buckets`), and the step of (layer, bucket)
+
+1. runs the encoder layer on the bucket's rows,
+2. runs the exit heads and the policy's decision on them,
+3. writes each exiting row's logits, exit layer and layers run at its original position (rows
+   already dead, ``rows = -1``, and rows that stay write to a scratch row instead),
+4. gathers the rows into the other half of a double buffer with the staying rows first, in
+   stable order, and the others after them marked dead,
+5. counts the staying rows into a device buffer.
+
+The host never waits for that count inside the layers: it is read ``lag`` layers later to pick
+a smaller bucket (alive rows sit first, so a bucket's first rows hold them all). Each step reads
+one half of the buffers and writes the other (and the output rows it owns), so running it twice
+gives the same state: a CUDA graph can be warmed up, captured and replayed on the real buffers
+(:mod:`earlyexit_kernels.engine.step_graphs`). On the CPU the same step runs uncaptured, for the
+tests; it gives the exact step's outputs bit for bit.
+
+The buffers are allocated once per shape (and grown for a larger batch); heads, fused weights
+and launch arguments are built once with them, not on every forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from earlyexit_kernels.backends.compaction import trim
+from earlyexit_kernels.backends.registry import Backend
+from earlyexit_kernels.engine.batch_loop import (
+    ExitResult,
+    _kept_length,
+    _output_dtype,
+    _round_keeping_argmax,
+    _scheduled_exit_counts,
+    can_fuse_head,
+    head_and_exit_step,
+    mask_extents,
+    pooled_exit_heads,
+)
+from earlyexit_kernels.engine.buckets import ReadyCount, SurvivorLag, bucket_for, default_plan
+from earlyexit_kernels.engine.heads import ExitHeads
+from earlyexit_kernels.engine.step_choice import check_graphed_policy
+from earlyexit_kernels.engine.step_graphs import PinnedCount, StepGraphs
+from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state, needs_head_when_none_can_exit
+from earlyexit_kernels.methods.policies import ExitPolicy
+
+__all__ = ["StaticBatches", "run_graphed", "CUDA_LENGTH_STEP"]
+
+# On a GPU a padded batch's length is rounded up to a multiple of this (masked positions), so
+# that a stream of batches of mixed lengths shares a few captured shapes. Not on the CPU, whose
+# static step must give the exact step's bits.
+CUDA_LENGTH_STEP = 32
+# Shapes (length, mask or not, dtype, ...) whose buffers and graphs are kept, most recent first.
+KEPT_SHAPES = 4
+
+
+@dataclass
+class _Half:
+    """One half of the double buffer: what the rows of a bucket carry from layer to layer."""
+
+    hidden: torch.Tensor  # [capacity, S, H]
+    mask: torch.Tensor | None  # [capacity, S]
+    rows: torch.Tensor  # [capacity] int64: original position, -1 for a dead row
+    runs: torch.Tensor  # [capacity] int64: layers run
+    extents: torch.Tensor  # [capacity] int64: one past each row's last attended position (0: dead)
+    state: dict[str, torch.Tensor]  # the policy's state, [capacity, ...] each
+
+
+class StaticBatch:
+    """The buffers of one shape (length, mask or not, dtype, device), their fused heads and graphs."""
+
+    def __init__(self, *, capacity, seq_len, hidden_size, num_labels, num_layers, dtype, wide, device, mask, state):
+        self.capacity = capacity
+        self.halves = [self._half(capacity, seq_len, hidden_size, dtype, device, mask, state) for _ in range(2)]
+        # output rows: one per original position, and a scratch row (index ``capacity``) that
+        # the rows which do not exit write to
+        self.logits = torch.zeros(capacity + 1, num_labels, dtype=wide, device=device)
+        self.exit_layer = torch.zeros(capacity + 1, dtype=torch.long, device=device)
+        self.layers_run = torch.zeros(capacity + 1, dtype=torch.long, device=device)
+        self.counts = torch.zeros(num_layers + 1, dtype=torch.long, device=device)
+        self.longest = torch.zeros(num_layers + 1, dtype=torch.long, device=device)  # of the rows that stay
+        self.host_counts = (
+            torch.zeros(num_layers + 1, dtype=torch.long, pin_memory=True) if device.type == "cuda" else None
+        )
+        self.graphs = StepGraphs(device)
+        self.lock = threading.Lock()  # one forward at a time on these buffers
+
+    @staticmethod
+    def _half(capacity, seq_len, hidden_size, dtype, device, mask, state) -> _Half:
+        return _Half(
+            hidden=torch.zeros(capacity, seq_len, hidden_size, dtype=dtype, device=device),
+            mask=None if mask is None else torch.ones(capacity, seq_len, dtype=mask.dtype, device=device),
+            rows=torch.full((capacity,), -1, dtype=torch.long, device=device),
+            runs=torch.zeros(capacity, dtype=torch.long, device=device),
+            extents=torch.zeros(capacity, dtype=torch.long, device=device),
+            state={k: torch.zeros((capacity, *v.shape[1:]), dtype=v.dtype, device=device) for k, v in state.items()},
+        )
+
+    def fits(self, bucket: int, state: dict) -> bool:
+        held = self.halves[0].state
+        return (
+            bucket <= self.capacity
+            and held.keys() == state.keys()
+            and all(held[k].shape[1:] == v.shape[1:] and held[k].dtype == v.dtype for k, v in state.items())
+        )
+
+
+class StaticBatches:
+    """A patched model's static batches, by shape, the most recently used first (at most ``KEPT_SHAPES``).
+
+    ``sizes`` and ``lag``: the bucket plan (:class:`~earlyexit_kernels.engine.buckets.SurvivorLag`);
+    ``"device"`` and None: the device's (:func:`~earlyexit_kernels.engine.buckets.default_plan`).
+    ``dead_fill``: a value written over the dead rows' hidden states after every layer (tests: what
+    a dead row holds must never reach a live one).
+    """
+
+    def __init__(self, *, sizes: tuple[int, ...] | None | str = "device", lag: int | None = None, dead_fill=None):
+        self._kept: dict[tuple, StaticBatch] = {}
+        self.sizes, self.lag, self.dead_fill = sizes, lag, dead_fill
+
+    def plan(self, device_type: str) -> tuple[tuple[int, ...] | None, int]:
+        sizes, lag = default_plan(device_type)
+        return (sizes if self.sizes == "device" else self.sizes), (lag if self.lag is None else self.lag)
+
+    def get(self, key: tuple, bucket: int, state: dict, make) -> StaticBatch:
+        static = self._kept.pop(key, None)
+        if static is None or not static.fits(bucket, state):
+            static = make()
+        self._kept[key] = static
+        while len(self._kept) > KEPT_SHAPES:
+            self._kept.pop(next(iter(self._kept)))
+        return static
+
+    def clear(self) -> None:
+        self._kept.clear()
+
+    # A patched model is pickled, copied and saved with its record: the buffers and graphs are
+    # a cache of this process and device, so a copy starts without them.
+    def __getstate__(self):
+        return {"sizes": self.sizes, "lag": self.lag, "dead_fill": self.dead_fill}
+
+    def __setstate__(self, state):
+        self._kept = {}
+        self.sizes, self.lag, self.dead_fill = state["sizes"], state["lag"], state["dead_fill"]
+
+
+@dataclass
+class _Step:
+    """What the step of every layer of one forward reads besides the buffers."""
+
+    adapter: object
+    backend: Backend
+    policy: ExitPolicy
+    halting_head: object
+    fused: bool
+    pooled_heads: list | None
+    dtype: torch.dtype
+    dead_fill: float | None
+
+
+def _layer_step(step: _Step, static: StaticBatch, layer: int, bucket: int, may_exit: bool, length: int) -> None:
+    """The static step of 1-based ``layer`` on the first ``bucket`` rows and ``length`` positions:
+    reads half ``layer % 2``, writes half ``(layer + 1) % 2`` and the output rows of the rows that
+    exit. No host read. (``length`` is the buffers' on a GPU; the CPU's plan trims, as the exact step.)"""
+    adapter, num_layers = step.adapter, step.adapter.num_layers
+    src, dst = static.halves[layer % 2], static.halves[(layer + 1) % 2]
+    hidden = src.hidden[:bucket, :length]
+    mask = None if src.mask is None else src.mask[:bucket, :length]
+    if length < src.hidden.shape[1]:  # trimmed: the layer reads contiguous rows, as after the exact step's trim
+        hidden = hidden.contiguous()
+        mask = None if mask is None else mask.contiguous()
+    rows = src.rows[:bucket]
+    runs = src.runs[:bucket] + 1
+    extents = src.extents[:bucket]
+    state = {k: v[:bucket] for k, v in src.state.items()}
+    out = adapter.run_layer(layer - 1, hidden, adapter.layer_mask(mask, step.dtype))
+    if may_exit or needs_head_when_none_can_exit(step.policy):
+        pooled_head = step.pooled_heads[layer - 1] if step.pooled_heads is not None and layer < num_layers else None
+        exits, returned, _, _, state = head_and_exit_step(
+            adapter,
+            step.backend,
+            step.policy,
+            layer,
+            out,
+            step.halting_head,
+            state,
+            fused=step.fused,
+            mask=mask,
+            pooled_head=pooled_head,
+        )
+    if not may_exit:  # nobody leaves: the rows go on in place
+        dst.hidden[:bucket, :length].copy_(out)
+        if mask is not None:
+            dst.mask[:bucket, :length].copy_(mask)
+        dst.rows[:bucket].copy_(rows)
+        dst.runs[:bucket].copy_(runs)
+        dst.extents[:bucket].copy_(extents)
+        for k, v in state.items():
+            dst.state[k][:bucket].copy_(v)
+        return
+    alive = rows >= 0
+    exits = exits & alive
+    stay = alive & ~exits
+    # Exiting rows write at their original position, every other row at the scratch row.
+    target = torch.where(exits, rows, torch.full_like(rows, static.capacity))
+    static.logits.index_copy_(0, target, returned.to(static.logits.dtype))
+    static.exit_layer.index_copy_(0, target, torch.full_like(rows, layer))
+    static.layers_run.index_copy_(0, target, runs)
+    static.counts[layer] = stay.sum()
+    if layer == num_layers:
+        return
+    staying_extents = torch.where(stay, extents, torch.zeros_like(extents))
+    static.longest[layer] = staying_extents.max()
+    order = torch.argsort((~stay).to(torch.int8), stable=True)  # staying rows first, in order
+    if step.dead_fill is not None:  # tests: what dead rows hold must never reach a live one
+        out = torch.where(stay[:, None, None], out, torch.full_like(out, step.dead_fill))
+    torch.index_select(out.to(dst.hidden.dtype), 0, order, out=dst.hidden[:bucket, :length])
+    if mask is not None:
+        torch.index_select(mask, 0, order, out=dst.mask[:bucket, :length])
+    torch.index_select(torch.where(stay, rows, torch.full_like(rows, -1)), 0, order, out=dst.rows[:bucket])
+    torch.index_select(runs, 0, order, out=dst.runs[:bucket])
+    torch.index_select(staying_extents, 0, order, out=dst.extents[:bucket])
+    for k, v in state.items():
+        torch.index_select(v, 0, order, out=dst.state[k][:bucket])
+
+
+def run_graphed(
+    adapter,
+    heads: ExitHeads,
+    policy: ExitPolicy,
+    backend: Backend,
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    batches: StaticBatches,
+    mask_summary: tuple[torch.Tensor, int, int] | None = None,
+    capture: bool | None = None,
+) -> ExitResult:
+    """:func:`~earlyexit_kernels.engine.batch_loop.run_early_exit` (inference, without ``all_exits``)
+    as the graphed step: the same ``logits``, ``exit_layer`` and ``layers_run``.
+
+    ``batches``: where the buffers of each shape are kept between forwards (the patched model's),
+    with the bucket plan.
+    ``capture``: each (layer, bucket) step in a CUDA graph (default: on CUDA without grad).
+    """
+    check_graphed_policy(policy)
+    num_layers, num_labels = adapter.num_layers, adapter.num_labels
+    batch, _, hidden_size = hidden.shape
+    device, dtype = hidden.device, hidden.dtype
+    out_dtype = _output_dtype(dtype, device)
+    wide = torch.float64 if out_dtype == torch.float64 else torch.float32
+    on_gpu = device.type == "cuda"
+    sizes, lag = batches.plan(device.type)
+    capture = (on_gpu and not torch.is_grad_enabled()) if capture is None else capture
+    if capture and not on_gpu:
+        raise ValueError(f"capture=True needs a CUDA device; the model is on {device.type}")
+    result = ExitResult(
+        torch.zeros(batch, num_labels, dtype=out_dtype, device=device),
+        torch.full((batch,), num_layers, dtype=torch.long, device=device),
+        torch.zeros(batch, dtype=torch.long, device=device),
+    )
+    if batch == 0:
+        return result
+
+    scheduled_counts = _scheduled_exit_counts(policy, num_layers)
+    if scheduled_counts is not None:
+        result.host_syncs += 1
+    length_multiple = getattr(adapter, "length_multiple", 1)
+    if mask is not None:
+        if mask_summary is None:
+            extents = mask_extents(mask)
+            longest, padded = (int(v) for v in torch.stack([extents.max(), (mask == 0).sum()]).tolist())
+            result.host_syncs += 1
+        else:
+            _, longest, padded = mask_summary
+        if padded == 0:
+            mask = None
+        else:
+            hidden, mask = trim(hidden, mask, _kept_length(longest, hidden.shape[1], length_multiple))
+            if on_gpu:
+                hidden, mask = _pad_length(hidden, mask, _lcm(CUDA_LENGTH_STEP, length_multiple))
+    seq_len = hidden.shape[1]
+
+    state0 = init_state(policy, batch, num_labels, hidden_size, num_layers, device, pooled_dtype=dtype)
+    key = (backend.name, str(device), dtype, seq_len, mask is not None, mask.dtype if mask is not None else None)
+    key += (id(adapter), type(policy).__name__)
+    first_bucket = bucket_for(batch, sizes)
+    static = batches.get(
+        key,
+        first_bucket,
+        state0,
+        lambda: StaticBatch(
+            capacity=first_bucket,
+            seq_len=seq_len,
+            hidden_size=hidden_size,
+            num_labels=num_labels,
+            num_layers=num_layers,
+            dtype=dtype,
+            wide=wide,
+            device=device,
+            mask=mask,
+            state=state0,
+        ),
+    )
+    halting_head = heads.halting_head(policy)
+    fused = can_fuse_head(backend, adapter)
+    if not hasattr(static, "pooled_heads") or static.pooled_heads_for != (fused, halting_head is None):
+        static.pooled_heads = pooled_exit_heads(backend, adapter, device, fused) if halting_head is None else None
+        static.pooled_heads_for = (fused, halting_head is None)
+    step = _Step(adapter, backend, policy, halting_head, fused, static.pooled_heads, dtype, batches.dead_fill)
+
+    # The CPU's plan (exact counts, read at once) also trims the padding nobody left needs, as
+    # the exact step does: the same shapes, hence its bits. Fixed buckets keep the length.
+    trims = sizes is None and lag == 0 and mask is not None
+    length = seq_len
+    with static.lock:
+        _load(static, hidden, mask, state0, batch, first_bucket)
+        survivors = SurvivorLag(batch, lag=lag, sizes=sizes)
+        for layer in range(1, num_layers + 1):
+            bucket = survivors.bucket_before(layer)
+            if bucket == 0:
+                break
+            may_exit = layer == num_layers or (
+                can_exit_before_last(policy, layer) and (scheduled_counts is None or scheduled_counts[layer] > 0)
+            )
+            run_step = functools.partial(_layer_step, step, static, layer, bucket, may_exit, length)
+            if capture:
+                static.graphs.run((layer, bucket, may_exit, length), run_step)
+            else:
+                run_step()
+            if may_exit and layer < num_layers:
+                survivors.publish(layer, _published(static, layer))
+                if trims:
+                    longest = int(static.longest.numpy()[layer])  # host memory: the CPU's step has run
+                    length = _kept_length(longest, length, length_multiple)
+        result.logits = _round_keeping_argmax(static.logits[:batch].clone(), out_dtype)
+        result.exit_layer = static.exit_layer[:batch].clone()
+        result.layers_run = static.layers_run[:batch].clone()
+    result.buckets = survivors.buckets
+    return result
+
+
+def _published(static: StaticBatch, layer: int):
+    """The count of ``layer`` on its way to the host: on a GPU copied to pinned memory behind an
+    event (no wait now); on the CPU already there (read as host memory, no tensor read-back)."""
+    if static.host_counts is None:
+        counts = static.counts.numpy()
+        return ReadyCount(lambda: counts[layer])
+    return PinnedCount(static.counts[layer : layer + 1], static.host_counts[layer : layer + 1])
+
+
+def _load(static: StaticBatch, hidden, mask, state0: dict, batch: int, bucket: int) -> None:
+    """Put a forward's rows in the first half (layer 1 reads half 1 % 2) and reset the outputs."""
+    first = static.halves[1]
+    first.hidden[:batch].copy_(hidden)
+    first.hidden[batch:bucket].zero_()
+    if mask is not None:
+        first.mask[:batch].copy_(mask)
+        first.mask[batch:bucket].fill_(1)
+    torch.arange(bucket, out=first.rows[:bucket])
+    first.rows[batch:bucket].fill_(-1)
+    first.runs[:bucket].zero_()
+    if mask is not None:
+        first.extents[:batch].copy_(mask_extents(mask))
+    else:
+        first.extents[:batch].fill_(hidden.shape[1])
+    first.extents[batch:bucket].zero_()
+    for k, v in state0.items():
+        first.state[k][:batch].copy_(v)
+        first.state[k][batch:bucket].copy_(v[:1].expand(bucket - batch, *v.shape[1:]))
+    static.logits.zero_()
+    static.exit_layer.zero_()
+    static.layers_run.zero_()
+
+
+def _pad_length(hidden: torch.Tensor, mask: torch.Tensor, multiple: int):
+    """``hidden`` [n, S, H] and ``mask`` [n, S] padded with masked positions to a multiple of ``multiple``."""
+    length = hidden.shape[1]
+    padded = -(-length // multiple) * multiple
+    if padded == length:
+        return hidden, mask
+    hidden = torch.nn.functional.pad(hidden, (0, 0, 0, padded - length))
+    mask = torch.nn.functional.pad(mask, (0, padded - length))
+    return hidden, mask
+
+
+def _lcm(a: int, b: int) -> int:
+    import math
+
+    return a * b // math.gcd(a, b)

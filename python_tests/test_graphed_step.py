@@ -1,0 +1,413 @@
+"""The graphed step (``eek.patch(..., step="graphed")``): fixed buckets, dead rows, no read-back between layers.
+
+On the CPU the step runs uncaptured. With the CPU's plan (every survivor count its own bucket,
+read at once) it runs the exact step's shapes and must give its bits; with the GPU's plan (fixed
+buckets, counts read a layer late) it runs dead rows, and must give the same exits and layers run,
+logits within float rounding (a small GEMM's rows round differently with the number of rows), and
+bits that nothing in a dead row can change.
+"""
+
+import collections
+import copy
+import pickle
+
+import pytest
+import torch
+from conftest import tiny_batch, tiny_model
+from test_hf_patch import EVERY_POLICY, spread_heads
+from test_launch_budget import count
+from test_model_families import FAMILIES, tiny_family, tiny_inputs
+from test_model_families import spread_heads as spread_family_heads
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import earlyexit_kernels as eek
+from earlyexit_kernels.engine.buckets import DEFAULT_SIZES, ReadyCount, SurvivorLag, bucket_for, default_plan
+from earlyexit_kernels.engine.static_step import StaticBatch, StaticBatches, _layer_step, _load, _Step
+from earlyexit_kernels.methods.exit_rules import init_state
+from earlyexit_kernels.patching.patch import current_adapter, step_of
+from earlyexit_kernels.patching.state import state_of
+
+GRAPHED_POLICIES = sorted(name for name in EVERY_POLICY if name != "skip_gates")
+GPU_PLAN = dict(sizes=DEFAULT_SIZES, lag=1)
+
+
+def cpu_backends():
+    return [name for name in ("torch", "cpp") if eek.backends()[name]]
+
+
+def patched(policy, *, arch="bert", seed=3, backend="torch", step="graphed"):
+    model = tiny_model(arch, seed=seed)
+    eek.patch(model, policy, backend=backend, step=step)
+    spread_heads(model, seed)
+    return model
+
+
+def run(model, inputs, step, plan=None):
+    """One forward with ``step``; ``plan``: the graphed step's bucket plan (default: the device's)."""
+    eek.patch(model, state_of(model).policy, backend=state_of(model).backend, step=step)
+    if plan is not None:
+        state_of(model).static_batches = StaticBatches(**plan)
+    with torch.no_grad():
+        return model(**inputs)
+
+
+def batch_inputs(batch=16, seq_len=12, seed=5):
+    ids, mask, token_types = tiny_batch(batch, seq_len, seed=seed)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": token_types}
+
+
+# ---------------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.exact
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("name", GRAPHED_POLICIES)
+def test_graphed_gives_the_exact_steps_outputs_bit_for_bit_for_every_policy(name, backend):
+    batch = 16
+    model = patched(EVERY_POLICY[name](batch), backend=backend)
+    inputs = batch_inputs(batch)
+    exact = run(model, inputs, "exact")
+    graphed = run(model, inputs, "graphed")
+    assert 1 < len(set(exact.exit_layer.tolist())), "the test needs exits spread over layers"
+    assert torch.equal(graphed.exit_layer, exact.exit_layer)
+    assert torch.equal(graphed.layers_run, exact.layers_run)
+    assert torch.equal(graphed.logits, exact.logits)
+
+
+@pytest.mark.exact
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graphed_gives_the_exact_steps_outputs_bit_for_bit_on_every_family(family):
+    model = tiny_family(family)
+    inputs = tiny_inputs(family, 9, 12)
+    eek.patch(model, eek.Entropy(0.6), backend="torch", step="exact")
+    spread_family_heads(model)
+    exact = run(model, inputs, "exact")
+    graphed = run(model, inputs, "graphed")
+    assert torch.equal(graphed.exit_layer, exact.exit_layer)
+    assert torch.equal(graphed.layers_run, exact.layers_run)
+    assert torch.equal(graphed.logits, exact.logits)
+
+
+@pytest.mark.parametrize("lag", [0, 1, 2])
+@pytest.mark.parametrize("name", ["entropy", "patience", "qexit", "voting", "dact", "scheduled"])
+def test_fixed_buckets_and_a_late_count_keep_every_exit_and_the_logits(name, lag):
+    """The GPU's plan on the CPU: dead rows ride along in the buckets; the decisions never change."""
+    batch = 21  # bucket 24: three dead rows from the start
+    model = patched(EVERY_POLICY[name](batch), seed=4)
+    inputs = batch_inputs(batch, seed=6)
+    exact = run(model, inputs, "exact")
+    graphed = run(model, inputs, "graphed", plan=dict(sizes=DEFAULT_SIZES, lag=lag))
+    assert torch.equal(graphed.exit_layer, exact.exit_layer)
+    assert torch.equal(graphed.layers_run, exact.layers_run)
+    torch.testing.assert_close(graphed.logits, exact.logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.exact
+@pytest.mark.parametrize("name", ["entropy", "patience", "qexit", "dact", "scheduled"])
+def test_dead_rows_filled_with_nan_leave_the_live_rows_bit_identical(name):
+    batch = 13  # bucket 16
+    model = patched(EVERY_POLICY[name](batch), seed=2)
+    inputs = batch_inputs(batch, seed=7)
+    clean = run(model, inputs, "graphed", plan=GPU_PLAN)
+    poisoned = run(model, inputs, "graphed", plan=dict(GPU_PLAN, dead_fill=float("nan")))
+    assert torch.isfinite(clean.logits).all()
+    assert torch.equal(poisoned.logits, clean.logits)
+    assert torch.equal(poisoned.exit_layer, clean.exit_layer)
+    assert torch.equal(poisoned.layers_run, clean.layers_run)
+
+
+@pytest.mark.exact
+@pytest.mark.parametrize("batch, plan", [(7, None), (8, GPU_PLAN)], ids=["cpu-plan", "gpu-plan-full-bucket"])
+@pytest.mark.parametrize("arch", ["bert", "albert", "roberta"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_nobody_exiting_gives_the_unpatched_model_bit_for_bit(arch, attn, batch, plan):
+    """Bit for bit wherever the step runs the unpatched model's shapes: the CPU's plan, or a batch
+    that fills its bucket."""
+    model = tiny_model(arch, attn=attn)
+    ids, mask, token_types = tiny_batch(batch, 12)
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask, token_type_ids=token_types).logits
+    eek.patch(model, eek.Entropy(0.0), backend="torch", step="graphed")
+    spread_heads(model)
+    out = run(model, {"input_ids": ids, "attention_mask": mask, "token_type_ids": token_types}, "graphed", plan)
+    assert torch.equal(out.logits, reference)
+    assert out.exit_layer.tolist() == [4] * batch
+
+
+def test_nobody_exiting_in_a_bucket_with_dead_rows_gives_the_unpatched_model_to_rounding():
+    model = tiny_model("bert")
+    ids, mask, token_types = tiny_batch(7, 12)  # bucket 8: one dead row from the start
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask, token_type_ids=token_types).logits
+    eek.patch(model, eek.Entropy(0.0), backend="torch", step="graphed")
+    spread_heads(model)
+    out = run(model, {"input_ids": ids, "attention_mask": mask, "token_type_ids": token_types}, "graphed", GPU_PLAN)
+    torch.testing.assert_close(out.logits, reference, rtol=1e-5, atol=1e-6)
+    assert out.exit_layer.tolist() == [4] * 7
+
+
+def test_the_outputs_are_the_callers_and_the_buffers_are_reused():
+    """A second forward reuses the buffers and must not change what the first returned."""
+    model = patched(eek.Entropy(0.15), seed=3)
+    first_inputs, second_inputs = batch_inputs(16, seed=5), batch_inputs(11, seed=9)
+    first = run(model, first_inputs, "graphed", plan=GPU_PLAN)
+    kept = first.logits.clone(), first.exit_layer.clone()
+    batches = state_of(model).static_batches
+    with torch.no_grad():
+        second = model(**second_inputs)
+    assert len(batches._kept) == 1, "the same shape reuses its buffers"
+    assert torch.equal(first.logits, kept[0]) and torch.equal(first.exit_layer, kept[1])
+    assert second.logits.shape == (11, 3)
+
+
+def test_a_patched_model_pickles_and_copies_after_a_graphed_forward():
+    model = patched(eek.Entropy(0.15))
+    inputs = batch_inputs(8)
+    out = run(model, inputs, "graphed")
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        with torch.no_grad():
+            again = other(**inputs)
+        assert torch.equal(again.logits, out.logits)
+        assert step_of(other) == "graphed"
+
+
+# ------------------------------------------------------------------ what the host does per layer
+
+
+def test_no_value_is_read_back_between_the_first_layer_and_the_last(monkeypatch):
+    batch = 64
+    model = patched(eek.Entropy(0.15), seed=3)
+    state_of(model).static_batches = StaticBatches(**GPU_PLAN)
+    ids, mask, _ = tiny_batch(batch, 30, seed=8)
+    per_layer, out, _ = count(model, ids, mask, monkeypatch)
+    assert 1 < len(set(out.exit_layer.tolist())), "the test needs exits spread over layers"
+    assert per_layer[0][1] == 1, "the prologue reads the inputs' range and the padding once"
+    assert [per_layer[layer][1] for layer in range(1, 5)] == [0, 0, 0, 0]
+    # the exact step reads back after every layer where rows leave
+    eek.patch(model, eek.Entropy(0.15), backend="torch", step="exact")
+    per_layer, _, _ = count(model, ids, mask, monkeypatch)
+    assert sum(per_layer[layer][1] for layer in range(1, 4)) == 3
+
+
+class _Shapes(TorchDispatchMode):
+    """Every op and its tensors' shapes, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+        self.ops.append((func.overloadpacket.__name__, shapes))
+        return func(*args, **(kwargs or {}))
+
+
+def step_ops(model, inputs, schedule, layer, bucket):
+    """The ops of one (layer, bucket) step after loading ``inputs`` with ``Scheduled(schedule)``."""
+    adapter = current_adapter(model)
+    policy = eek.Scheduled(schedule)
+    batch = len(schedule)
+    with torch.no_grad():
+        hidden = adapter.embed(inputs["input_ids"], inputs["token_type_ids"], None, None, inputs["attention_mask"])
+        state0 = init_state(policy, batch, 3, 32, 4, hidden.device)
+        static = StaticBatch(
+            capacity=bucket,
+            seq_len=hidden.shape[1],
+            hidden_size=32,
+            num_labels=3,
+            num_layers=4,
+            dtype=hidden.dtype,
+            wide=torch.float32,
+            device=hidden.device,
+            mask=inputs["attention_mask"],
+            state=state0,
+        )
+        _load(static, hidden, inputs["attention_mask"], state0, batch, bucket)
+        step = _Step(adapter, _torch_backend(), policy, None, False, None, hidden.dtype, None)
+        shapes = _Shapes()
+        with shapes:
+            for previous in range(1, layer):
+                _layer_step(step, static, previous, bucket, True, static.halves[0].hidden.shape[1])
+            shapes.ops.clear()
+            _layer_step(step, static, layer, bucket, True, static.halves[0].hidden.shape[1])
+    return shapes.ops
+
+
+def _torch_backend():
+    from earlyexit_kernels.backends.registry import resolve_backend
+
+    return resolve_backend("torch", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("layer", [1, 2, 3])
+def test_a_steps_ops_and_shapes_are_the_same_for_every_exit_pattern_in_a_bucket(layer):
+    model = patched(eek.Scheduled(torch.full((12,), 4)))
+    inputs = batch_inputs(12, seed=3)
+    patterns = [torch.full((12,), 4), torch.arange(12) % 4 + 1, torch.tensor([1] * 11 + [4]), torch.ones(12)]
+    seen = {tuple(step_ops(model, inputs, pattern.long(), layer, 16)) for pattern in patterns}
+    assert len(seen) == 1
+
+
+def test_torch_compile_traces_a_step_without_a_graph_break():
+    """The CPU's proxy for "capturable": the whole step is one graph (no data-dependent shape or read)."""
+    model = patched(eek.Entropy(0.15))
+    adapter = current_adapter(model)
+    inputs = batch_inputs(8)
+    policy = eek.Entropy(0.15)
+    with torch.no_grad():
+        hidden = adapter.embed(inputs["input_ids"], inputs["token_type_ids"], None, None, inputs["attention_mask"])
+        state0 = init_state(policy, 8, 3, 32, 4, hidden.device)
+        static = StaticBatch(
+            capacity=8,
+            seq_len=12,
+            hidden_size=32,
+            num_labels=3,
+            num_layers=4,
+            dtype=hidden.dtype,
+            wide=torch.float32,
+            device=hidden.device,
+            mask=inputs["attention_mask"],
+            state=state0,
+        )
+        _load(static, hidden, inputs["attention_mask"], state0, 8, 8)
+        step = _Step(adapter, _torch_backend(), policy, None, False, None, hidden.dtype, None)
+
+        def layer_two():
+            _layer_step(step, static, 2, 8, True, 12)
+
+        _layer_step(step, static, 1, 8, True, 12)
+        layer_two()
+        expected = (static.halves[1].hidden.clone(), static.counts.clone(), static.logits.clone())
+        torch._dynamo.reset()
+        compiled = torch.compile(layer_two, fullgraph=True, backend="eager")
+        compiled()
+    assert torch.equal(static.halves[1].hidden, expected[0])
+    assert torch.equal(static.counts, expected[1]) and torch.equal(static.logits, expected[2])
+
+
+# --------------------------------------------------------------------- buckets and the late count
+
+
+def test_buckets_are_vllm_like_sizes():
+    assert [bucket_for(n) for n in (0, 1, 3, 5, 8, 9, 64, 65, 97, 256, 257, 300)] == [
+        0,
+        1,
+        4,
+        8,
+        8,
+        16,
+        64,
+        96,
+        128,
+        256,
+        320,
+        320,
+    ]
+    assert [bucket_for(n, None) for n in (0, 7, 300)] == [0, 7, 300]
+    with pytest.raises(ValueError, match="never negative"):
+        bucket_for(-1)
+    assert default_plan("cuda") == (DEFAULT_SIZES, 1) and default_plan("cpu") == (None, 0)
+
+
+class _Counted(ReadyCount):
+    """A count that remembers whether the host read it."""
+
+    def __init__(self, value, log, layer):
+        super().__init__(lambda: value)
+        self.log, self.layer = log, layer
+
+    def wait(self):
+        self.log.append(self.layer)
+        return super().wait()
+
+
+def test_a_count_is_read_lag_layers_after_its_layer():
+    reads = []
+    lag = SurvivorLag(64, lag=1)
+    assert lag.bucket_before(1) == 64
+    lag.publish(1, _Counted(50, reads, 1))
+    assert lag.bucket_before(2) == 64 and reads == []  # layer 1's count waits a layer
+    lag.publish(2, _Counted(30, reads, 2))
+    assert lag.bucket_before(3) == 56 and reads == [1]  # 50 rows: bucket 56
+    lag.publish(3, _Counted(0, reads, 3))
+    assert lag.bucket_before(4) == 32 and reads == [1, 2]
+    assert lag.bucket_before(5) == 0 and reads == [1, 2, 3]  # nobody left: stop
+    assert lag.buckets == [64, 64, 56, 32]
+
+
+def test_with_no_lag_each_count_picks_the_next_bucket_and_quiet_layers_keep_the_last():
+    lag = SurvivorLag(10, lag=0, sizes=None)
+    assert lag.bucket_before(1) == 10
+    assert lag.bucket_before(2) == 10  # layer 1 published nothing (nobody could leave)
+    lag.publish(2, ReadyCount(lambda: 7))
+    assert lag.bucket_before(3) == 7
+    with pytest.raises(ValueError, match="layer order"):
+        lag.publish(2, ReadyCount(lambda: 5))
+    with pytest.raises(ValueError, match="0 or more"):
+        SurvivorLag(4, lag=-1)
+
+
+def test_the_bucket_sequence_of_a_forward_follows_the_counts():
+    """Scheduled exits at known layers: the buckets each layer ran in, with the GPU's plan."""
+    schedule = torch.tensor([1] * 20 + [2] * 20 + [4] * 24)
+    model = patched(eek.Scheduled(schedule))
+    state_of(model).static_batches = StaticBatches(**GPU_PLAN)
+    inputs = batch_inputs(64, seed=2)
+    adapter = current_adapter(model)
+    seen = collections.Counter()
+    original = adapter.run_layer
+
+    def run_layer(index, hidden, layer_mask):
+        seen[index + 1, hidden.shape[0]] += 1
+        return original(index, hidden, layer_mask)
+
+    adapter.run_layer = run_layer
+    try:
+        with torch.no_grad():
+            out = model(**inputs)
+    finally:
+        del adapter.run_layer
+    assert torch.equal(out.exit_layer, schedule)
+    # layer 2 still runs 64 rows (layer 1's count is read a layer late), layer 3 runs 44 in 48
+    assert sorted(seen) == [(1, 64), (2, 64), (3, 48), (4, 24)]
+
+
+# ------------------------------------------------------------------------------ choice and errors
+
+
+def test_an_unknown_step_is_refused_with_the_choices():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="step must be one of 'auto', 'exact', 'graphed'; got 'fast'"):
+        eek.patch(model, eek.Entropy(0.3), step="fast")
+
+
+def test_skip_gates_cannot_run_graphed_and_auto_runs_it_exact():
+    model = tiny_model()
+    policy = eek.SkipGates(skip_threshold=0.5, entropy_threshold=0.1)
+    with pytest.raises(ValueError, match="cannot run SkipGates: SkipGates runs each gated layer.*step='exact'"):
+        eek.patch(model, policy, step="graphed")
+    eek.patch(model, policy, step="auto")
+    assert step_of(model) == "auto"
+    ids, mask, _ = tiny_batch(6, 10)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+    assert state_of(model).static_batches is None  # the exact step ran
+    assert out.logits.shape == (6, 3)
+
+
+def test_auto_runs_the_exact_step_on_the_cpu():
+    model = patched(eek.Entropy(0.15), step="auto")
+    with torch.no_grad():
+        model(**batch_inputs(8))
+    assert step_of(model) == "auto" and state_of(model).static_batches is None
+
+
+def test_training_and_all_exits_take_the_all_exits_path_whatever_the_step():
+    model = patched(eek.Entropy(0.15))
+    inputs = batch_inputs(8)
+    with torch.no_grad():
+        out = model(**inputs, return_all_exits=True)
+    assert out.all_logits.shape == (4, 8, 3)
+    model.train()
+    out = model(**inputs, labels=torch.zeros(8, dtype=torch.long))
+    assert out.loss.requires_grad
