@@ -13,7 +13,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_model
+from conftest import backend_device, tiny_batch, tiny_model
 from test_hf_patch import EVERY_POLICY, spread_heads
 from test_launch_budget import count
 from test_model_families import FAMILIES, tiny_family, tiny_inputs
@@ -411,3 +411,89 @@ def test_training_and_all_exits_take_the_all_exits_path_whatever_the_step():
     model.train()
     out = model(**inputs, labels=torch.zeros(8, dtype=torch.long))
     assert out.loss.requires_grad
+
+
+# ------------------------------------------------------------------- other backends, and the GPU
+
+
+@pytest.mark.parametrize("name", ["entropy", "patience", "qexit", "scheduled"])
+def test_graphed_on_the_triton_backend_gives_its_exact_steps_outputs(name):
+    """Triton's kernels (the interpreter on the CPU, compiled on a GPU) in the graphed step."""
+    pytest.importorskip("triton")
+    if not eek.backends()["triton"]:
+        pytest.skip(f"backend 'triton': {eek.backend_status()['triton']}")
+    batch = 16
+    device = backend_device("triton")
+    model = patched(EVERY_POLICY[name](batch), backend="triton", seed=3).to(device)
+    inputs = {k: v.to(device) for k, v in batch_inputs(batch).items()}
+    exact = run(model, inputs, "exact")
+    graphed = run(model, inputs, "graphed")
+    assert torch.equal(graphed.exit_layer, exact.exit_layer)
+    assert torch.equal(graphed.layers_run, exact.layers_run)
+    if device.type == "cpu":
+        assert torch.equal(graphed.logits, exact.logits)
+    else:
+        torch.testing.assert_close(graphed.logits, exact.logits, rtol=1e-5, atol=1e-5)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_session.sh)")
+# bfloat16's own rounding (torch.testing's default rtol for it), on logits of order 1
+BF16_TOLERANCE = dict(rtol=1.6e-2, atol=1.6e-2)
+
+
+def _gpu_backends():
+    return [name for name in ("torch", "triton", "cuda") if eek.backends()[name]]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_on_the_gpu_the_captured_step_gives_the_exact_steps_outputs_and_replays(backend, dtype):
+    if not eek.backends()[backend]:
+        pytest.skip(f"backend {backend!r}: {eek.backend_status()[backend]}")
+    batch = 40  # bucket 40, then smaller ones as the schedule empties it
+    schedule = torch.arange(batch) % 4 + 1
+    model = patched(eek.Scheduled(schedule), backend=backend).to("cuda", dtype)
+    inputs = {k: v.cuda() for k, v in batch_inputs(batch).items()}
+    exact = run(model, inputs, "exact")
+    graphed = run(model, inputs, "graphed")
+    graphs = next(iter(state_of(model).static_batches._kept.values())).graphs
+    assert graphs.uncapturable is None, graphs.uncapturable
+    captured = graphs.captures
+    assert captured >= 4
+    with torch.no_grad():
+        again = model(**inputs)
+    assert graphs.captures == captured, "a second forward replays what the first captured"
+    assert torch.equal(again.logits, graphed.logits) and torch.equal(again.exit_layer, graphed.exit_layer)
+    assert torch.equal(graphed.exit_layer, schedule.cuda()) and torch.equal(graphed.layers_run, exact.layers_run)
+    tolerance = BF16_TOLERANCE if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(graphed.logits, exact.logits, **tolerance)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["entropy", "maxprob", "patience", "qexit", "voting", "dact"])
+def test_on_the_gpu_threshold_policies_decide_as_the_exact_step_away_from_the_threshold(name):
+    from threshold_helpers import assert_clear_of_threshold
+
+    batch = 48
+    policy = EVERY_POLICY[name](batch)
+    model = patched(policy, backend="auto").to("cuda")
+    inputs = {k: v.cuda() for k, v in batch_inputs(batch, seed=11).items()}
+    with torch.no_grad():
+        everything = model(**inputs, return_all_exits=True)
+    assert_clear_of_threshold(policy, everything, 4)
+    exact = run(model, inputs, "exact")
+    graphed = run(model, inputs, "graphed")
+    assert torch.equal(graphed.exit_layer, exact.exit_layer)
+    assert torch.equal(graphed.layers_run, exact.layers_run)
+    torch.testing.assert_close(graphed.logits, exact.logits, rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+def test_on_the_gpu_auto_runs_graphed_and_nothing_is_read_back_between_layers(monkeypatch):
+    model = patched(eek.Entropy(0.15), seed=3, step="auto").cuda()
+    ids, mask, _ = tiny_batch(64, 30, seed=8)
+    per_layer, out, _ = count(model, ids, mask, monkeypatch)
+    assert state_of(model).static_batches is not None, "auto ran the graphed step on CUDA"
+    assert per_layer[0][1] == 1
+    assert [per_layer[layer][1] for layer in range(1, 5)] == [0, 0, 0, 0]
