@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test test-cpu-kinds test-ray lint format demo clean
+.PHONY: setup test test-cpu-kinds test-ray lint format demo clean libstdcxx-check
 
 # `test` runs cuda-check (end of file) only where nvcc is found, triton-check where Triton is installed.
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
@@ -11,9 +11,14 @@ CUDA_CHECK := $(if $(NVCC),cuda-check,)
 setup:
 	@VENV=$(VENV) bash scripts/setup_env.sh
 
-test: setup lint $(CUDA_CHECK) triton-check
+test: setup lint libstdcxx-check $(CUDA_CHECK) triton-check
 	PY=$(PY) bash scripts/run_tests.sh
 	@$(MAKE) --no-print-directory test-cpu-kinds
+
+# The built extension takes libstdc++'s streams and locales from the shared library, none of its own
+# (a copy in the first GPU session's CUDA build segfaulted on error messages with numbers).
+libstdcxx-check: setup
+	bash scripts/check_libstdcxx.sh
 
 # The bit-for-bit tests (marker `exact`) again under every CPU capability below this machine's.
 test-cpu-kinds: setup

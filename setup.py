@@ -20,12 +20,19 @@ Environment switches:
 - ``MAX_JOBS``: parallel compile jobs; when unset, from the free memory (about 2 GiB
   per job) and the CPU count.
 
+libstdc++ is always linked as the shared library (``extension_link_args``), never copied into
+``_C``: ``-static-libstdc++``/``-static-libgcc`` in ``LDFLAGS`` and the other compiler variables
+are dropped, with a note. The build prints its link command (``earlyexit_kernels build: link
+args ...``); ``scripts/check_libstdcxx.sh`` fails where an extension defines libstdc++'s stream
+or locale code itself.
+
 Without torch at build time the pure-Python package is installed, with a note.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -81,6 +88,106 @@ def _compiler_accepts(flag: str) -> bool:
     return result.returncode == 0
 
 
+# libstdc++ is linked as the shared library, never into the extension. The first GPU session's
+# CUDA build of _C defined libstdc++'s stream code itself (std::ostream::_M_insert<long>), and
+# that copy segfaulted against the process's libstdc++ on any C++ error message with a number
+# in it (docs/development.md). "-l:libstdc++.so.6" names the shared library, after the objects
+# and ahead of the -lstdc++ the compiler driver appends, so libstdc++'s symbols resolve to it
+# even where a -static-libstdc++ escapes the stripping below (e.g. one baked into Python's
+# LDSHARED). scripts/check_cuda_compile.sh links a small C++ and CUDA object with exactly
+# these arguments and scripts/check_libstdcxx.sh checks the result (and the built _C).
+LIBSTDCXX_SHARED = "-l:libstdc++.so.6"
+# -static-libstdc++ copies libstdc++ into the extension; -static-libgcc copies libgcc's unwinder,
+# a second one beside the process's libgcc_s, which C++ exceptions thrown across the two then
+# cross. Neither belongs in a Python extension, whose process has both shared libraries loaded.
+STATIC_RUNTIME_FLAGS = ("-static-libstdc++", "-static-libgcc")
+# What distutils puts on the link line from the environment (sysconfig's customize_compiler).
+LINK_ENVIRONMENT = ("LDFLAGS", "LDSHARED", "LDCXXSHARED", "CFLAGS", "CXXFLAGS", "CPPFLAGS", "CC", "CXX")
+
+
+def _links_with(args: list[str]) -> bool:
+    """Whether the C++ compiler links a shared object with these extra arguments."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not compiler:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cpp")
+        with open(src, "w") as f:
+            f.write("int eek_probe() { return 0; }\n")
+        result = subprocess.run(
+            [*shlex.split(compiler), "-shared", "-fPIC", src, "-o", os.path.join(tmp, "probe.so"), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    return result.returncode == 0
+
+
+def extension_link_args() -> list[str]:
+    """The extra link arguments of the extension, CPU and CUDA builds alike (one list, read by
+    scripts/check_cuda_compile.sh too): libstdc++ as the shared library on Linux."""
+    if not sys.platform.startswith("linux"):
+        return []
+    if not _links_with([LIBSTDCXX_SHARED]):
+        _note(f"the linker does not take {LIBSTDCXX_SHARED}; linking as the compiler driver does")
+        return []
+    return [LIBSTDCXX_SHARED]
+
+
+def strip_static_runtime(words: list[str]) -> list[str]:
+    return [w for w in words if w not in STATIC_RUNTIME_FLAGS]
+
+
+def strip_static_runtime_from_environment() -> None:
+    """Drop -static-libstdc++/-static-libgcc from the variables distutils links with (see
+    STATIC_RUNTIME_FLAGS for why)."""
+    for name in LINK_ENVIRONMENT:
+        value = os.environ.get(name)
+        if not value:
+            continue
+        words = shlex.split(value)
+        kept = strip_static_runtime(words)
+        if kept != words:
+            os.environ[name] = shlex.join(kept)
+            dropped = " ".join(w for w in words if w in STATIC_RUNTIME_FLAGS)
+            _note(f"dropped {dropped} from ${name}: libstdc++ must stay a shared library (docs/development.md)")
+
+
+def _strip_static_runtime_from_compiler(compiler) -> None:
+    """The same for the commands Python's own build configuration gave distutils."""
+    for name in ("linker_so", "linker_so_cxx", "compiler_cxx", "compiler_so"):
+        words = getattr(compiler, name, None)
+        if isinstance(words, list) and strip_static_runtime(words) != words:
+            setattr(compiler, name, strip_static_runtime(words))
+            _note(f"dropped {' '.join(w for w in words if w in STATIC_RUNTIME_FLAGS)} from the compiler's {name}")
+
+
+def _print_link_line(compiler, output: str) -> None:
+    """Print each command that links ``output``, when it runs, on one line (object files
+    counted): ``pip install -v`` keeps it in the log."""
+    last = []
+
+    def wrap(method):
+        def run(cmd, *args, **kwargs):
+            words = [os.fspath(w) for w in cmd]
+            if "-c" not in words and "-o" in words[:-1]:
+                target = words[words.index("-o") + 1]
+                if os.path.basename(target) == os.path.basename(output) and words not in last:
+                    last[:] = [words]  # once, where spawn hands the command on to call
+                    objects = [i for i, w in enumerate(words) if w.endswith(".o")]
+                    line = [w for i, w in enumerate(words) if i not in objects[1:]]
+                    if objects:
+                        line[objects[0]] = f"<{len(objects)} object files>"
+                    print(f"earlyexit_kernels build: link args {shlex.join(line)}", file=sys.stderr, flush=True)
+            return method(cmd, *args, **kwargs)
+
+        return run
+
+    # distutils links through Compiler.call (recent setuptools) or Compiler.spawn (older ones).
+    for name in ("call", "spawn"):
+        if callable(getattr(compiler, name, None)):
+            setattr(compiler, name, wrap(getattr(compiler, name)))
+
+
 def _cuda_arch_flags() -> list[str]:
     archs = [a.strip().replace(".", "") for a in os.environ.get("EARLYEXIT_CUDA_ARCHS", "80;90").split(";")]
     archs = [a for a in archs if a]
@@ -132,6 +239,7 @@ def _extensions():
     if _compiler_accepts("-Wno-psabi"):  # GCC's note on passing AVX vectors (always inlined here)
         cxx.append("-Wno-psabi")
     macros = [("EEK_TORCH_VERSION", f'"{torch.__version__}"')]
+    link_args = extension_link_args()
     include_dirs = [os.path.join(ROOT, csrc)]
 
     why_not = _cuda_build_possible(torch, CUDA_HOME)
@@ -150,6 +258,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=[*macros, ("EEK_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link_args,
         )
         _note(f"building the CPU and CUDA kernels (MAX_JOBS={os.environ['MAX_JOBS']})")
     else:
@@ -159,6 +268,7 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=macros,
             extra_compile_args={"cxx": cxx},
+            extra_link_args=link_args,
         )
         _note(f"building the CPU kernels only: {why_not}")
     from torch.utils.cpp_extension import is_ninja_available
@@ -167,6 +277,8 @@ def _extensions():
         """A CUDA build that fails (compiler, headers, toolkit) falls back to the CPU kernels."""
 
         def build_extension(self, extension):
+            _strip_static_runtime_from_compiler(self.compiler)
+            _print_link_line(self.compiler, self.get_ext_fullpath(extension.name))
             try:
                 super().build_extension(extension)
             except Exception as err:  # noqa: BLE001 - any failure of the CUDA part
@@ -181,5 +293,9 @@ def _extensions():
     return [ext], {"build_ext": build_ext}
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+# Run by pip and setuptools (as __main__); scripts/check_cuda_compile.sh loads this file under
+# another name for extension_link_args and strip_static_runtime alone.
+if __name__ == "__main__":
+    strip_static_runtime_from_environment()
+    ext_modules, cmdclass = _extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -11,6 +11,12 @@
 # but the generated c10/cuda/impl/cuda_cmake_macros.h, which is stood in for here. Set
 # TORCH_CUDA_INCLUDE=none to skip this check.
 #
+# Then link a small shared object from plain C++ and a .cu (no torch, no CUDA runtime: its
+# registration calls stay undefined, as in any extension) with the link arguments of setup.py's
+# extension_link_args and run scripts/check_libstdcxx.sh on it: it must not define libstdc++'s
+# stream or locale code, also where a -static-libstdc++ sits ahead on the line (as one baked into
+# Python's LDSHARED would); and the check must catch the copy that -static-libstdc++ alone makes.
+#
 # The Triton kernels are compiled for sm_80/sm_90 by `make triton-check`
 # (python_tests/triton_compile_check.py), which needs Triton, not nvcc.
 #
@@ -107,6 +113,76 @@ for src in "${SOURCES[@]}"; do
         fi
     done
 done
+
+# libstdc++ linked as the shared library (the first GPU session's _C carried its own copy).
+check_link() {
+    local py=.venv/bin/python cxx=${CXX:-g++} link_args ldflags
+    [[ -x "$py" ]] || py=python3
+    # setup.py's own list (and its stripping of $LDFLAGS), loaded without running setup().
+    if ! { read -r link_args && read -r ldflags; } < <("$py" -c '
+import os, runpy, shlex
+ns = runpy.run_path("setup.py", run_name="eek_setup_flags")
+print(shlex.join(ns["extension_link_args"]()))
+print(shlex.join(ns["strip_static_runtime"](shlex.split(os.environ.get("LDFLAGS", "")))))
+'); then
+        echo "cuda-check: could not read setup.py's extension_link_args with $py" >&2
+        return 1
+    fi
+    cat >"$TMP/link_probe.cpp" <<'CPP'
+#include <sstream>
+#include <stdexcept>
+void eek_probe_check(long index, long rows) {
+    if (index >= rows) {
+        std::ostringstream message;
+        message << "index " << index << " out of range for " << rows << " rows";
+        throw std::out_of_range(message.str());
+    }
+}
+CPP
+    cat >"$TMP/link_probe.cu" <<'CU'
+#include <sstream>
+#include <string>
+__global__ void eek_probe_kernel(float* x, long n) {
+    long i = blockIdx.x * static_cast<long>(blockDim.x) + threadIdx.x;
+    if (i < n) x[i] *= 2.0f;
+}
+std::string eek_probe_launch_message(long blocks) {
+    std::ostringstream message;
+    message << "launching " << blocks << " blocks";
+    return message.str();
+}
+CU
+    local first_arch=${ARCHS%% *}
+    if ! "$cxx" -std=c++17 -O3 -fPIC -c "$TMP/link_probe.cpp" -o "$TMP/link_probe_cpp.o" ||
+        ! "$NVCC" -std=c++17 -O3 -Xcompiler -fPIC -gencode="arch=compute_$first_arch,code=sm_$first_arch" \
+            -c "$TMP/link_probe.cu" -o "$TMP/link_probe_cu.o"; then
+        echo "cuda-check: FAILED to compile the link probe" >&2
+        return 1
+    fi
+    local objects=("$TMP/link_probe_cpp.o" "$TMP/link_probe_cu.o") args ok=0
+    read -ra args <<<"$link_args"
+    read -ra ldflags <<<"$ldflags"
+    # As setup.py links the extension; then with a -static-libstdc++ ahead that escaped the stripping.
+    "$cxx" -shared "${ldflags[@]}" "${objects[@]}" "${args[@]}" -o "$TMP/link_probe.so" &&
+        "$cxx" -shared -static-libstdc++ "${ldflags[@]}" "${objects[@]}" "${args[@]}" -o "$TMP/link_probe_static_ahead.so" &&
+        bash scripts/check_libstdcxx.sh "$TMP/link_probe.so" "$TMP/link_probe_static_ahead.so" || ok=1
+    if ((ok == 0)); then
+        echo "cuda-check: C++ and CUDA objects linked with setup.py's link args ($link_args) take libstdc++ from the shared library"
+    else
+        echo "cuda-check: FAILED: libstdc++ linked into a shared object built with setup.py's link args ($link_args)" >&2
+    fi
+    # The check itself: -static-libstdc++ without those args copies libstdc++ in, and it must say so.
+    if "$cxx" -shared -static-libstdc++ "${objects[@]}" -o "$TMP/link_probe_static.so" 2>/dev/null; then
+        if bash scripts/check_libstdcxx.sh "$TMP/link_probe_static.so" >/dev/null 2>&1; then
+            echo "cuda-check: FAILED: scripts/check_libstdcxx.sh passes a shared object linked with -static-libstdc++" >&2
+            ok=1
+        fi
+    else
+        echo "cuda-check: no libstdc++.a here: the check's own negative case not run"
+    fi
+    return $ok
+}
+check_link || status=1
 
 if wait "$binding_pid"; then
     cat "$TMP/binding.out"
