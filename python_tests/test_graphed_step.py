@@ -497,3 +497,10 @@ def test_on_the_gpu_auto_runs_graphed_and_nothing_is_read_back_between_layers(mo
     assert state_of(model).static_batches is not None, "auto ran the graphed step on CUDA"
     assert per_layer[0][1] == 1
     assert [per_layer[layer][1] for layer in range(1, 5)] == [0, 0, 0, 0]
+
+
+def test_save_pretrained_keeps_the_step_with_the_policy(tmp_path):
+    model = patched(eek.Entropy(0.15))
+    model.save_pretrained(tmp_path)
+    assert step_of(eek.from_pretrained(tmp_path)) == "graphed"
+    assert step_of(eek.from_pretrained(tmp_path, eek.SkipGates(0.5, entropy_threshold=0.1))) == "auto"

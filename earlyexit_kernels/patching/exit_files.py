@@ -5,7 +5,7 @@
 ``AutoModelForSequenceClassification.from_pretrained(path)`` loads it as the original
 model) and, next to it, the two files written here: ``early_exit_heads.safetensors``
 (the per-layer classifiers, halting heads and gates) and ``early_exit_config.json``
-(the policy, the backend, which heads exist, the internal heads' pooling, form and MLP
+(the policy, the backend, the step, which heads exist, the internal heads' pooling, form and MLP
 width, and the training objective).
 :func:`earlyexit_kernels.patching.loading.from_pretrained` reads them back.
 
@@ -82,6 +82,7 @@ def save_exit_heads(model, save_directory, state: PatchedState) -> None:
         "format_version": FORMAT_VERSION,
         "policy": policy_to_dict(state.policy),
         "backend": state.backend,
+        "step": state.step,
         "attn_implementation": model.config._attn_implementation,
         "heads": heads.describe(),
         "objective": None if objective is None else {"name": objective[0].name, "kwargs": objective[1]},

@@ -66,7 +66,8 @@ def from_pretrained(path, policy: ExitPolicy | None = None, *, backend: str | No
 
     ``path`` is a local folder or a Hugging Face Hub model id: the exit files are found the
     way ``transformers`` finds the model's (the Hub's cache included, offline with
-    ``HF_HUB_OFFLINE=1``). ``policy`` and ``backend`` replace the saved ones when given. ``model_class`` is the
+    ``HF_HUB_OFFLINE=1``). ``policy`` and ``backend`` replace the saved ones when given (the saved
+    step, ``eek.patch``'s ``step``, goes with the saved policy; another policy runs ``"auto"``). ``model_class`` is the
     Hugging Face class used to load the model (default
     ``AutoModelForSequenceClassification``); ``kwargs`` go to its ``from_pretrained``
     (``attn_implementation``, ``dtype``, ``device_map``, ...); the attention implementation
@@ -122,7 +123,11 @@ def from_pretrained(path, policy: ExitPolicy | None = None, *, backend: str | No
     state = load_file(heads_path)
     heads.load_state_dict(state, strict=True)
     set_detached(model, heads)
-    patch(model, policy if policy is not None else policy_from_dict(saved["policy"]), backend or saved["backend"])
+    # the saved step goes with the saved policy (files from before it existed: "auto", as they ran);
+    # another policy gets "auto", which never refuses one
+    step = saved.get("step", "auto") if policy is None else "auto"
+    policy = policy if policy is not None else policy_from_dict(saved["policy"])
+    patch(model, policy, backend or saved["backend"], step=step)
     objective = saved.get("objective")
     if objective is not None:
         try:
