@@ -44,6 +44,7 @@ from earlyexit_kernels.engine.batch_loop import (
     head_and_exit_step,
     pooled_exit_heads,
 )
+from earlyexit_kernels.engine.call_graphs import StaticCalls
 from earlyexit_kernels.engine.module_weights import float_bias, float_weight, linear_compute_dtype
 from earlyexit_kernels.engine.packed_layer import OpByOpLayer, has_forward_hooks, splits_into_token_parts
 from earlyexit_kernels.engine.patched_state import patched_state
@@ -56,6 +57,7 @@ from earlyexit_kernels.engine.scheduler import (
     default_length_step,
     default_max_in_flight,
 )
+from earlyexit_kernels.engine.step_choice import resolve_step
 from earlyexit_kernels.engine.timings import SecondsHistogram
 from earlyexit_kernels.engine.token_pool import TokenPool
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state
@@ -184,9 +186,13 @@ class ContinuousEngine:
             not isinstance(length_step, int) or isinstance(length_step, bool) or length_step < 1
         ):
             raise ValueError(f"length_step must be an integer >= 1 or None, got {length_step!r}")
+        # The model's step (eek.patch's step=): graphed calls run as static steps, captured in CUDA
+        # graphs on CUDA (engine/call_graphs.py); torch.compile, when asked for, runs instead.
+        self.graphed = not compile and resolve_step(state.step, self.policy, self.device) == "graphed"
         # Fixed shapes buy something only where a graph is reused (torch.compile, CUDA graphs);
         # eager calls run their exact rows and lengths.
-        fixed_shapes = bool(compile)
+        fixed_shapes = bool(compile) or self.graphed
+        self._fixed_shapes = fixed_shapes
         if length_step is None:
             length_step = default_length_step(fixed_shapes)
         self.buckets = ShapeBuckets(
@@ -250,7 +256,7 @@ class ContinuousEngine:
 
         if packed not in (None, True, False):
             raise ValueError(f"packed must be None (where it pays), True or False, got {packed!r}")
-        packable = not compile and all(
+        packable = not fixed_shapes and all(
             getattr(self.adapter, "layer_call_is_module_call", True)
             and splits_into_token_parts(self.adapter.layer_module(index))
             for index in range(self.num_layers)
@@ -260,6 +266,7 @@ class ContinuousEngine:
                 "packed=True runs BERT-style layers (attention.self.query/key/value, intermediate, output) "
                 f"eagerly; {type(model).__name__}'s layers are not split so"
                 + (" and compile is on" if compile else "")
+                + (" and the model runs the graphed step (fixed shapes)" if self.graphed else "")
                 + ": leave packed at None"
             )
         self._packing = PackingRule.choose(packable, packed)
@@ -271,6 +278,7 @@ class ContinuousEngine:
         self._op_layers: list[OpByOpLayer | None] = [None] * self.num_layers
         self._run_packed_layer = self._packed_layer_call
 
+        self._calls = None  # the graphed step's buffers and graphs, made at the first call
         self._pending = PendingQueue(admission)  # which sequences are embedded next (engine/admission.py)
         self.stats = EngineStats()
 
@@ -422,41 +430,30 @@ class ContinuousEngine:
         layer, n = call.layer, len(call.rows)
         inputs = self._call_inputs(call)
         hidden, mask, slot_index = inputs.hidden, inputs.mask, inputs.slot_index
-        if inputs.layer_mask is None:
-            inputs.layer_mask = self._layer_mask(mask)
-        if mask is not None and self._packing.packs(inputs.tokens, mask.numel()):
-            if inputs.positions is None:
-                valid = np.arange(call.padded_length) < self._lengths[list(call.rows)][:, None]
-                inputs.positions = torch.from_numpy(np.flatnonzero(valid)).to(self.device)
-            hidden = self._run_packed_layer(layer - 1, hidden, inputs.positions, inputs.layer_mask)
-        elif self._op_by_op:
-            hidden = self._run_packed_layer(layer - 1, hidden, None, inputs.layer_mask)
-        else:
-            hidden = self._run_layer(layer - 1, hidden, inputs.layer_mask)
-        if self.compiled:
-            self._tokens.scatter(list(call.rows) + [-1] * (call.padded_rows - n), hidden)
-        else:  # kept where it is: the next calls read its rows from it
-            self._keep(hidden, list(call.rows), inputs)
-
         state = {k: v.index_select(0, slot_index) for k, v in self._state.items()}
         if self._fused is None:  # once, inside the first step (no grad): it reads every head's weights
             self._fused = can_fuse_head(self.backend, self.adapter)
             self._prepared = self._prepared_head_steps()
-        prepared = self._prepared[layer - 1]
-        if prepared is not None:
-            exits, returned, state = prepared(hidden, mask, state)
+        if self.graphed:
+            hidden, exits, returned, state = self._static_calls().run(layer, hidden, mask, state, self._layer_and_head)
+            self._tokens.scatter(list(call.rows) + [-1] * (call.padded_rows - n), hidden)
         else:
-            exits, returned, _, _, state = head_and_exit_step(
-                self.adapter,
-                self.backend,
-                self.policy,
-                layer,
-                hidden,
-                self._halting_head,
-                state,
-                fused=self._fused,
-                mask=mask,
-            )
+            if inputs.layer_mask is None:
+                inputs.layer_mask = self._layer_mask(mask)
+            if mask is not None and self._packing.packs(inputs.tokens, mask.numel()):
+                if inputs.positions is None:
+                    valid = np.arange(call.padded_length) < self._lengths[list(call.rows)][:, None]
+                    inputs.positions = torch.from_numpy(np.flatnonzero(valid)).to(self.device)
+                hidden = self._run_packed_layer(layer - 1, hidden, inputs.positions, inputs.layer_mask)
+            elif self._op_by_op:
+                hidden = self._run_packed_layer(layer - 1, hidden, None, inputs.layer_mask)
+            else:
+                hidden = self._run_layer(layer - 1, hidden, inputs.layer_mask)
+            if self._fixed_shapes:
+                self._tokens.scatter(list(call.rows) + [-1] * (call.padded_rows - n), hidden)
+            else:  # kept where it is: the next calls read its rows from it
+                self._keep(hidden, list(call.rows), inputs)
+            exits, returned, state = self._head_step(layer, hidden, mask, state)
         if self._state:
             real = slot_index[:n]
             for key, value in self._state.items():
@@ -520,6 +517,46 @@ class ContinuousEngine:
         for target, slots in survivors.items():
             self.scheduler.requeue_many(slots, target, [self._row_lengths[slot] for slot in slots])
         return finished
+
+    def _head_step(self, layer: int, hidden: torch.Tensor, mask, state: dict) -> tuple:
+        """The exit head and decision of ``layer`` on a call's output: ``(exits, returned, state)``."""
+        prepared = self._prepared[layer - 1]
+        if prepared is not None:
+            return prepared(hidden, mask, state)
+        exits, returned, _, _, state = head_and_exit_step(
+            self.adapter,
+            self.backend,
+            self.policy,
+            layer,
+            hidden,
+            self._halting_head,
+            state,
+            fused=self._fused,
+            mask=mask,
+        )
+        return exits, returned, state
+
+    def _layer_and_head(self, layer: int, hidden: torch.Tensor, mask: torch.Tensor, state: dict) -> tuple:
+        """A graphed call's step: the layer (its mask built inside), then the head and decision."""
+        out = self._run_layer(layer - 1, hidden, self._layer_mask(mask))
+        exits, returned, state = self._head_step(layer, out, mask, state)
+        return out, exits, returned, state
+
+    def _static_calls(self) -> StaticCalls:
+        if self._calls is None:
+            wide = torch.float64 if self.dtype == torch.float64 else torch.float32
+            self._calls = StaticCalls(
+                rows=self.buckets.max_batch_size,
+                length=self.buckets.padded_length(self.max_length),
+                hidden_size=self.adapter.hidden_size,
+                num_labels=self.num_labels,
+                dtype=self.dtype,
+                wide=wide,
+                device=self.device,
+                state=self._state,
+                capture=self.device.type == "cuda" and not torch.is_grad_enabled(),
+            )
+        return self._calls
 
     def _layer_mask(self, mask: torch.Tensor | None):
         """The layers' mask for a call's 2-D mask [n, S]. For SDPA on the CPU, the additive float mask
@@ -623,7 +660,7 @@ class ContinuousEngine:
         hidden, mask = self._tokens.gather(
             slots, call.padded_length, [resident.hidden for resident in residents], resident_of, row_of
         )
-        if self.compiled:  # one graph per shape, the mask always given
+        if self._fixed_shapes:  # one graph per shape, the mask always given
             mask[:, 0] = True  # pad rows attend to their first (zero) token instead of nothing
         elif tokens == call.padded_rows * call.padded_length:
             mask = None  # no padding in the call: the layer runs without a mask, as Hugging Face does
