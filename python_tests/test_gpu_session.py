@@ -6,12 +6,15 @@ that shape here: a copy of the tree, a fresh interpreter that sees this environm
 through a ``.pth`` line (as ``/opt/torch/.venv`` holds its own), no index reachable, no CUDA. Then
 every step must start; the build tries the CUDA kernels forced and falls back; the steps that
 need a GPU are skipped with their reason; the deadline skips what no longer fits; ``$OUT`` ends
-with at most 8 plain files (what the device tool brings back).
+with at most 8 plain files (what the device tool brings back). The graphed step's speed rows,
+first in the first plan, also run here with ``REHEARSE_SPEED=1`` (a tiny model on the CPU), so
+that their command line is run end to end before a GPU machine runs it.
 
 The build installs the package without its C++ extension here (``EARLYEXIT_SKIP_EXTENSION_BUILD``):
 compiling the CPU kernels takes a minute on two cores, and ``make setup`` builds them anyway.
 """
 
+import csv
 import os
 import re
 import shutil
@@ -27,8 +30,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "scripts/gpu_session.sh"
 FIRST_PLAN = (
-    "probe build_cuda_forced build correct_kernels correct_engine correct_families speed_b64_bf16 "
-    "speed_b64_fp32 auto host memcheck speed_b32_b256"
+    "probe build_cuda_forced build graphed_b64_bf16 correct_graphed graphed_b64_fp32 graphed_b256_bf16 "
+    "correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck speed_b32_b256"
 ).split()
 NEEDS_GPU = [s for s in FIRST_PLAN if s not in ("probe", "build_cuda_forced", "build")]
 
@@ -123,6 +126,34 @@ def test_the_first_plan_starts_every_step_builds_and_skips_what_needs_a_gpu(gpu_
     assert result.stdout.startswith("gpu_session.sh PLAN=first")  # the summary, printed last
 
 
+def test_a_graphed_speed_step_rehearsed_on_the_cpu_writes_rows_that_say_what_ran(gpu_machine, tmp_path):
+    from earlyexit_kernels.bench.results import COLUMNS
+
+    out = tmp_path / "out"
+    result, seconds = run_session(gpu_machine, out, STEPS="graphed_b64_bf16", REHEARSE_SPEED="1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = step_lines(out)
+    assert steps["graphed_b64_bf16"].startswith("ok"), steps
+    with (out / "bench.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        rows = list(reader)
+    timed = [r for r in rows if r["t_p50_s"]]
+    assert {r["pattern"] for r in rows} == {"sched-f0.00", "sched-f0.50", "geometric-p0.10"}
+    assert {(r["policy"], r["step"]) for r in timed if r["method"] == "eek"} == {
+        (policy, step) for policy in ("Scheduled", "Entropy(0.3)") for step in ("exact", "graphed")
+    }
+    assert all(r["check"] == "ok" and r["dtype"] == "bf16" for r in timed)
+    assert not any(r["method"] in ("naive", "bs1") for r in rows)
+    peers = [r for r in rows if r["method"] == "peer"]
+    assert {r["peer"] for r in peers} == {"cuda-graphs", "compile-reduce-overhead"}
+    assert all(r["check"].startswith("skipped: no CUDA device") for r in peers)
+    summary = (out / "summary.txt").read_text()
+    assert "sched-f0.50 (every row exits after layer 2 of 4): unpatched eager" in summary
+    assert re.search(r"  geometric-p0.10 +eek/torch/graphed Entropy\(0.3\) +[0-9.]+x of [0-9.]+x", summary), summary
+    assert_what_comes_back(out)
+
+
 def test_no_step_starts_that_the_deadline_leaves_no_time_for(gpu_machine, tmp_path):
     out = tmp_path / "out"
     # 25 s: the probe (5 s at least) starts; the build (30 s at least) never fits.
@@ -184,6 +215,32 @@ def test_the_digest_merges_the_junit_runs_names_each_failure_and_lists_the_speed
                 "ratio_ideal_layers": 0.9,
                 "check": "ok",
             },
+            # the layout since issue 60: the unpatched models of a pattern, then each row's step and policy
+            *(
+                {**row, "L": 12, "pattern": "geometric-p0.10", "strongest_peer": "cuda-graphs", **r}
+                for r in (
+                    {"method": "full", "backend": "hf", "peer": "eager", "t_p50_s": 0.0044, "check": "ok"},
+                    {"method": "peer", "backend": "cuda-graphs", "peer": "cuda-graphs", "t_p50_s": 0.004},
+                    {
+                        "method": "peer",
+                        "backend": "compile-reduce-overhead",
+                        "peer": "compile-reduce-overhead",
+                        "check": "skipped: torch.compile failed: BackendCompilerFailed: boom",
+                    },
+                    {
+                        "method": "eek",
+                        "backend": "cuda",
+                        "step": "graphed",
+                        "policy": "Entropy(0.3)",
+                        "t_p50_s": 0.0029,
+                        "speedup_vs_full": 1.5,
+                        "ideal_layers": 1.67,
+                        "ratio_ideal_layers": 0.9,
+                        "speedup_vs_peer": 1.38,
+                        "check": "ok",
+                    },
+                )
+            ),
         ],
     )
     merged = tmp_path / "junit.xml"
@@ -213,6 +270,19 @@ def test_the_digest_merges_the_junit_runs_names_each_failure_and_lists_the_speed
     assert "GPU, bert base bf16, B = 64, S = 128:" in lines
     assert any(re.fullmatch(r"  sched-f0.50 +eek/triton +1.80x of 2.00x \(0.90\)  ok", line) for line in lines), lines
     assert not any("full/hf" in line for line in lines)  # the baseline itself is no speed-up
+    # per pattern: what it does, the unpatched models' times (the strongest marked, a skipped one with why)
+    assert (
+        "  geometric-p0.10 (10% of the rows still running exit after each layer, the rest after layer 12): "
+        "unpatched eager 4.40 ms, cuda-graphs 4.00 ms (strongest), "
+        "compile-reduce-overhead skipped: torch.compile failed: BackendCompilerFailed: boom"
+    ) in lines, lines
+    assert any(
+        re.fullmatch(
+            r"  geometric-p0.10 +eek/cuda/graphed Entropy\(0.3\) +1.50x of 1.67x \(0.90\), 1.38x cuda-graphs  ok",
+            line,
+        )
+        for line in lines
+    ), lines
     import xml.etree.ElementTree as ET
 
     suites = ET.parse(merged).getroot()

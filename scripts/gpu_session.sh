@@ -6,11 +6,18 @@
 # reason, once too little time is left or where the machine lacks what it needs. Neither a
 # failing test nor a failing step stops the others.
 #
-#   OUT=/tmp/out bash scripts/gpu_session.sh                # first run: correctness, B = 64 speed-up, ...
+#   OUT=/tmp/out bash scripts/gpu_session.sh                # first run: the graphed step, correctness, speed-ups, ...
 #   OUT=/tmp/out PLAN=second bash scripts/gpu_session.sh    # second run: the sweep, sanitizers, micro
 #
+# The first plan measures the graphed step first (issue 60): its tests (correct_graphed), then
+# BERT-base at S = 128 in bf16 at B = 64 and 256 and in fp32 at B = 64 (graphed_*), each with
+# Scheduled and its Entropy variant, the exact and graphed steps, beside the unpatched model eager,
+# captured in a CUDA graph and torch.compile'd (mode="reduce-overhead").
+#
 # PY (python3), DEADLINE_S (500: seconds from the start after which no step runs), STEPS (some
-# of the plan's steps, in the plan's order), WORK (logs, default a new folder under /tmp).
+# of the plan's steps, in the plan's order), WORK (logs, default a new folder under /tmp),
+# REHEARSE_SPEED (set on a machine without CUDA: the graphed_* steps run there anyway, on the
+# CPU with a tiny model, B = 8 and S = 16, so that their command line is rehearsed).
 # $OUT ends with at most 8 files, each refreshed after every step: summary.txt, junit.xml,
 # bench.csv, logs.tar.gz, and micro.json in the second plan.
 set -uo pipefail
@@ -19,7 +26,7 @@ PLAN=${PLAN:-first}
 PY=${PY:-python3}
 DEADLINE_S=${DEADLINE_S:-500}
 case $PLAN in
-first) PLAN_STEPS="probe build correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck speed_b32_b256" ;;
+first) PLAN_STEPS="probe build graphed_b64_bf16 correct_graphed graphed_b64_fp32 graphed_b256_bf16 correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck speed_b32_b256" ;;
 second) PLAN_STEPS="probe build sweep gpu_only defects sanitizers micro" ;;
 *)
     echo "PLAN must be first or second, not $PLAN" >&2
@@ -107,8 +114,8 @@ correct() { # correct NAME FILES...: a correctness part, its junit XML merged in
         skip "$name" "$NO_GPU"
         return
     fi
-    # 170 s stay for the two B = 64 speed-up steps after the correctness parts.
-    RESERVE=170 step "$name" 40 200 "${PYTEST[@]}" "${PARALLEL[@]}" --junitxml="$WORK/junit_$name.xml" "$@"
+    # 170 s stay for the two B = 64 speed-up steps after the correctness parts (RESERVE: another).
+    RESERVE=${RESERVE:-170} step "$name" 40 200 "${PYTEST[@]}" "${PARALLEL[@]}" --junitxml="$WORK/junit_$name.xml" "$@"
 }
 
 speed() { # speed NAME DTYPE BATCHES: the end-to-end rows appended to $OUT/bench.csv as they come
@@ -119,6 +126,24 @@ speed() { # speed NAME DTYPE BATCHES: the end-to-end rows appended to $OUT/bench
     fi
     step "$name" 60 150 "$PY" -m earlyexit_kernels.bench --device cuda --dtype "$dtype" --models bert \
         --spot-models none --batch-sizes "$batches" --seq-lens 128 --no-micro --no-progress \
+        --output-dir "$WORK/logs/bench_$name" --append-csv "$OUT/bench.csv"
+}
+
+graphed() { # graphed NAME DTYPE BATCH REPEATS PEERS: the graphed step's speed rows, appended to $OUT/bench.csv
+    local name=$1 dtype=$2 batch=$3 repeats=$4 peers=$5
+    local where=(--device cuda --size base --seq-lens 128 --batch-sizes "$batch" --repeats "$repeats")
+    if ((!HAVE_CUDA)); then
+        if [[ -z ${REHEARSE_SPEED:-} ]]; then
+            skip "$name" "$NO_GPU"
+            return
+        fi
+        where=(--device cpu --size tiny --seq-lens 16 --batch-sizes 8 --repeats 1 --threads 1)
+    fi
+    # No naive or bs1 (bs1 runs the rows one at a time: by far the slowest at B = 256); the compiled
+    # peer compiles once per step where it is asked for.
+    step "$name" 60 180 "$PY" -m earlyexit_kernels.bench "${where[@]}" --dtype "$dtype" --models bert \
+        --spot-models none --patterns sched-f0.00,sched-f0.50,geometric-p0.10 --policies scheduled,entropy \
+        --step exact,graphed --peers "$peers" --no-baselines --no-micro --no-progress \
         --output-dir "$WORK/logs/bench_$name" --append-csv "$OUT/bench.csv"
 }
 
@@ -161,12 +186,23 @@ for s in $STEPS; do
             step build 30 240 "$PY" -m pip install --no-build-isolation --no-deps -e .
         fi
         [[ ! -f "$LOGS/build_cuda_forced.log" ]] || record "installed: $("$PY" -c "import earlyexit_kernels as e; print(e.__file__, e.backend_status())" 2>&1 | tail -n 1)"
-        # What of libstdc++ the extension defines itself rather than takes from the shared library.
-        for so in earlyexit_kernels/_C*.so; do
-            [[ -f $so ]] && record "libstdc++ in $so: $(nm -C --defined-only "$so" 2>/dev/null | grep -cE ' std::(basic_ostream|codecvt|locale)') ostream/codecvt/locale symbols defined"
+        # The link line the build printed, and whether the extension defines libstdc++'s stream or
+        # locale code itself (the first session's segfault) rather than taking it from the library.
+        for log in "$LOGS"/build_cuda_forced.log "$LOGS"/build.log; do
+            [[ -f $log ]] && grep -m 2 "earlyexit_kernels build: link args" "$log" | cut -c1-400 | while read -r line; do record "$line"; done
         done
+        record "libstdc++ check: $(bash scripts/check_libstdcxx.sh 2>&1 | tail -n 1 | cut -c1-200)"
         refresh
         ;;
+    # The graphed step (issue 60): its outputs against the exact step's, captured and replayed, no
+    # read-back between layers; the launch budget per layer. 150 s stay for the other graphed rows.
+    correct_graphed)
+        RESERVE=150 correct correct_graphed python_tests/test_graphed_step.py python_tests/test_launch_budget.py
+        ;;
+    # The issue's main row first, with both peers; the compiled peer (a BERT-base compile) only there.
+    graphed_b64_bf16) graphed graphed_b64_bf16 bf16 64 5 cuda-graphs,compile-reduce-overhead ;;
+    graphed_b64_fp32) graphed graphed_b64_fp32 fp32 64 3 cuda-graphs ;;
+    graphed_b256_bf16) graphed graphed_b256_bf16 bf16 256 3 cuda-graphs ;;
     # The fused kernels (CUDA C++, C++, Triton) against the PyTorch reference.
     correct_kernels)
         correct correct_kernels python_tests/test_cuda_kernels.py python_tests/test_cpp_exit_step.py \

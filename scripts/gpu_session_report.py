@@ -6,7 +6,10 @@
     python scripts/gpu_session_report.py digest --junit J1.xml J2.xml --merged junit.xml --bench bench.csv
 
 ``digest`` reads only XML and CSV (no torch), so it runs after every step: the tests' counts and
-failures, and each end-to-end row's speed-up over the unpatched model beside its layer ideal.
+failures, and per configuration the unpatched models' times (eager and the peers, the strongest
+marked), then each early-exit row's speed-up over the unpatched eager model beside its layer ideal
+and against the strongest unpatched model, with the step and policy it ran. Each pattern is named
+with what it does (``earlyexit_kernels/bench/pattern_names.py``, loaded by its path: no torch).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import importlib.util
 import os
 import platform
 import shutil
@@ -120,23 +124,63 @@ def _junit(paths: list[Path], merged: Path | None) -> list[str]:
     return lines or ["tests: no results yet"]
 
 
+def _pattern_names():
+    path = Path(__file__).resolve().parents[1] / "earlyexit_kernels" / "bench" / "pattern_names.py"
+    spec = importlib.util.spec_from_file_location("_eek_pattern_names", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _what_ran(r: dict) -> str:
+    """``eek/cuda/graphed Entropy(0.3)``: method, backend, step, then the policy (older CSVs: method/backend)."""
+    label = "/".join(v for v in (r["method"], r["backend"], r.get("step")) if v)
+    return f"{label} {r['policy']}" if r.get("policy") else label
+
+
 def _bench(path: Path | None) -> list[str]:
     if path is None or not path.is_file():
         return ["speed: no rows yet"]
     with path.open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("kind") == "e2e" and r.get("method") not in ("full", "")]
-    if not rows:
+        rows = [r for r in csv.DictReader(f) if r.get("kind") == "e2e"]
+    if not [r for r in rows if r.get("method") not in ("full", "")]:
         return ["speed: no rows yet"]
-    lines, group = ["speed-up over the unpatched model (p50) of the layer ideal (their ratio), check"], None
+    describe = _pattern_names().describe_pattern
+    lines = [
+        "speed-up over the unpatched eager model (p50) of the layer ideal (their ratio), "
+        "against the strongest unpatched model, check"
+    ]
+    group = pattern = None
     for r in rows:
         if (r["device_name"], r["model"], r["dtype"], r["B"], r["S"]) != group:
             group = (r["device_name"], r["model"], r["dtype"], r["B"], r["S"])
             lines.append(f"{r['device_name']}, {r['model']} {r['config']} {r['dtype']}, B = {r['B']}, S = {r['S']}:")
+            pattern = None
+        if r["pattern"] != pattern and (r.get("peer") or r.get("policy")):  # the new layout: one line per pattern
+            pattern = r["pattern"]
+            mine = [u for u in rows if (u["device_name"], u["model"], u["dtype"], u["B"], u["S"]) == group]
+            unpatched = [u for u in mine if u["pattern"] == pattern and u.get("peer")]
+            times = [
+                f"{u['peer']} {float(u['t_p50_s']) * 1e3:.2f} ms"
+                + (" (strongest)" if u["peer"] == u["strongest_peer"] else "")
+                if u.get("t_p50_s")
+                else f"{u['peer']} {u['check'][:90]}"
+                for u in unpatched
+            ]
+            what = describe(pattern, int(r["L"]), int(r["B"])) if r.get("L") else pattern
+            lines.append(f"  {pattern} ({what}): unpatched {', '.join(times) or 'not timed'}")
+        if r["method"] == "full" or r.get("method") == "peer":
+            continue
+        if r.get("check", "").startswith("skipped"):
+            lines.append(f"  {r['pattern']:<17} {_what_ran(r):<30} {r['check']}")
+            continue
         number = {k: float(r.get(k) or "nan") for k in ("speedup_vs_full", "ideal_layers", "ratio_ideal_layers")}
-        method = f"{r['method']}/{r['backend']}"
+        peer = ""
+        if r.get("speedup_vs_peer") and r.get("strongest_peer"):
+            peer = f", {float(r['speedup_vs_peer']):.2f}x {r['strongest_peer']}"
         lines.append(
-            f"  {r['pattern']:<17} {method:<12} {number['speedup_vs_full']:5.2f}x of {number['ideal_layers']:.2f}x "
-            f"({number['ratio_ideal_layers']:.2f})  {r['check']}"
+            f"  {r['pattern']:<17} {_what_ran(r):<30} {number['speedup_vs_full']:5.2f}x of {number['ideal_layers']:.2f}x "
+            f"({number['ratio_ideal_layers']:.2f}){peer}  {r['check']}"
         )
     return lines
 

@@ -2,6 +2,8 @@
 
     python -m earlyexit_kernels.bench                      # defaults for the device (see --help) -> bench-results/<device>-<time>/
     python -m earlyexit_kernels.bench --smoke --output-dir /tmp/b   # seconds: checks the suite runs
+    python -m earlyexit_kernels.bench --models bert --spot-models none --batch-sizes 64 --seq-lens 128 \
+        --patterns sched-f0.00,geometric-p0.10 --policies scheduled,entropy --step exact,graphed --no-baselines
 
 Writes ``<output-dir>/bench.csv`` (schema: :mod:`.results`), ``meta.json`` (command,
 duration, load) and the plots (:mod:`.plots`). ``python -m earlyexit_kernels.bench.report``
@@ -21,11 +23,19 @@ import torch
 
 from earlyexit_kernels.bench.micro import compact_fn, exit_step_fn, fast_backends, micro_impls
 from earlyexit_kernels.bench.models import ARCHITECTURES, SIZES, build_model, pad_token_id
-from earlyexit_kernels.bench.patterns import geometric, scheduled, standard_patterns
+from earlyexit_kernels.bench.patterns import (
+    check_pattern_name,
+    geometric,
+    pattern_by_name,
+    scheduled,
+    standard_patterns,
+)
+from earlyexit_kernels.bench.peers import PEERS, PeerModels, check_peer_names, unavailable
 from earlyexit_kernels.bench.plots import make_plots
 from earlyexit_kernels.bench.results import append_csv, environment, write_csv
-from earlyexit_kernels.bench.runner import measure_pattern
+from earlyexit_kernels.bench.runner import POLICIES, measure_pattern
 from earlyexit_kernels.bench.timing import percentiles, time_loop, timed_call
+from earlyexit_kernels.engine.step_choice import STEP_NAMES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,6 +53,44 @@ def _names(text: str) -> list[str]:
         if name not in ARCHITECTURES:
             raise argparse.ArgumentTypeError(f"unknown model {name!r}; choose from {', '.join(ARCHITECTURES)}")
     return names
+
+
+def _choices(choices, what: str):
+    """A parser of a comma list of ``choices`` (each once, in the order given)."""
+
+    def parse(text: str) -> list[str]:
+        names = list(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+        for name in names:
+            if name not in choices:
+                raise argparse.ArgumentTypeError(f"unknown {what} {name!r}; choose from {', '.join(choices)}")
+        if not names:
+            raise argparse.ArgumentTypeError(f"name at least one {what}: {', '.join(choices)}")
+        return names
+
+    return parse
+
+
+def _patterns(text: str) -> list[str]:
+    names = list(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    try:
+        return [check_pattern_name(name) for name in names]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _peers(text: str) -> list[str]:
+    if text.strip().lower() in ("", "none"):
+        return []
+    try:
+        return check_peer_names([v.strip() for v in text.split(",") if v.strip()])
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _backends(text: str) -> list[str]:
+    from earlyexit_kernels.backends.registry import BACKEND_NAMES
+
+    return _choices(("auto", *BACKEND_NAMES), "backend")(text)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,6 +124,45 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=["sdpa", "eager"],
         default="sdpa",
         help="attention of every method; deberta_v3 always runs eager (the CSV's attn column says so)",
+    )
+    parser.add_argument(
+        "--patterns",
+        type=_patterns,
+        help="exit patterns, comma-separated (sched-f<f>, geometric-p<p>, padded-geometric; patterns.py); default: "
+        "sched-f0.00,sched-f0.25,sched-f0.50,sched-f0.75,geometric-p0.10,padded-geometric for the sweep and "
+        "sched-f0.00,sched-f0.50,geometric-p0.10 for the spot checks; given, both run these",
+    )
+    parser.add_argument(
+        "--policies",
+        type=_choices(POLICIES, "policy"),
+        default=["scheduled"],
+        help="comma-separated: scheduled (the pattern replayed, Scheduled) and/or entropy (an Entropy policy whose "
+        "exit heads are set so that the rows exit on the pattern: the head and the decision at every layer, "
+        "threshold_pattern.py) [scheduled]",
+    )
+    parser.add_argument(
+        "--step",
+        type=_choices(STEP_NAMES, "step"),
+        default=["auto"],
+        help="eek.patch(..., step=) of the eek rows, comma-separated to time several interleaved: exact, graphed, "
+        "auto (graphed on CUDA, exact elsewhere); steps that resolve alike run once [auto]",
+    )
+    parser.add_argument(
+        "--backends",
+        type=_backends,
+        help="eek backends, comma-separated (those that cannot run on the device are left out); default: every "
+        "compiled backend of the device, then torch",
+    )
+    parser.add_argument(
+        "--peers",
+        type=_peers,
+        help=f"unpatched peers beside the eager model, comma-separated: {', '.join(PEERS)} (compile for short), or "
+        "none; the ratios are also taken against the fastest unpatched model. Default: cuda-graphs on CUDA (the "
+        "compiled peer compiles once per shape: asked for by name), none elsewhere (asked for without CUDA, each "
+        "gives a row saying it was skipped and why)",
+    )
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="leave out the naive and bs1 baselines (bs1 is slow at large B)"
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per method (p20/p50/p80 over them)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
@@ -134,6 +221,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.max_tokens is None and device.type != "cuda" and not args.smoke:
         args.max_tokens = 4096
     args.output_dir = args.output_dir or _fresh_folder(Path("bench-results"), device.type)
+    if args.peers is None:
+        args.peers = ["cuda-graphs"] if device.type == "cuda" else []
     return args
 
 
@@ -190,31 +279,60 @@ def _micro_rows(args, device, dtype, size) -> list[dict]:
     return rows
 
 
+def eek_backends_for(names: list[str] | None, device: torch.device) -> list[str]:
+    """The eek backends a run times: ``names`` (None: every compiled backend of the device, then torch),
+    less those that cannot run on ``device``; ``ValueError`` where none is left."""
+    from earlyexit_kernels.backends.registry import resolve_backend
+
+    if names is None:
+        return [*fast_backends(device), "torch"]
+    kept = []
+    for name in names:
+        try:
+            resolve_backend(name, device)
+        except (RuntimeError, ValueError) as err:
+            print(f"backend {name} left out: {err}", file=sys.stderr)
+            continue
+        kept.append(name)
+    if not kept:
+        raise ValueError(f"none of the backends {', '.join(names)} runs on {device}")
+    return kept
+
+
 def run(args, on_rows=None) -> list[dict]:
     """Every configuration's rows; ``on_rows(rows)`` is called with each configuration's rows as they come."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     size = SIZES[args.size]
-    eek_backends = [*fast_backends(device), "torch"]
+    eek_backends = eek_backends_for(args.backends, device)
     grid = _grid(args)
     spot_seq = min(args.seq_lens)
     tasks = []  # (arch, S, B, pattern)
     for arch in args.models:
         for s, b in grid:
-            tasks += [(arch, s, b, p) for p in standard_patterns(b, size.layers, s)]
+            if args.patterns:
+                tasks += [(arch, s, b, pattern_by_name(p, b, size.layers, s)) for p in args.patterns]
+            else:
+                tasks += [(arch, s, b, p) for p in standard_patterns(b, size.layers, s)]
     for arch in args.spot_models:
         if arch in args.models:
             continue
         b = args.spot_batch
+        if args.patterns:
+            tasks += [(arch, spot_seq, b, pattern_by_name(p, b, size.layers, spot_seq)) for p in args.patterns]
+            continue
         spot = [scheduled(b, size.layers, 0.0, spot_seq), scheduled(b, size.layers, 0.5, spot_seq)]
         tasks += [(arch, spot_seq, b, p) for p in (*spot, geometric(b, size.layers, spot_seq))]
+    for peer in args.peers:
+        if (why := unavailable(peer, device)) is not None:
+            print(f"peer {peer} skipped: {why}", file=sys.stderr)
 
     from tqdm import tqdm
 
     env = environment(device)
     common = {"config": size.label, "dtype": args.dtype}
     rows: list[dict] = []
-    models = {}
+    models, peer_models = {}, {}
     total = len(tasks) + (0 if args.no_micro else 1)
     with torch.inference_mode(), tqdm(total=total, disable=args.no_progress, unit="cfg", file=sys.stderr) as bar:
         for arch, s, b, pattern in tasks:
@@ -224,6 +342,7 @@ def run(args, on_rows=None) -> list[dict]:
                 models[arch] = build_model(
                     arch, size, max(args.seq_lens), device=device.type, dtype=dtype, attn=args.attn
                 )
+                peer_models[arch] = PeerModels(models[arch])
             model = models[arch]
             measured = measure_pattern(
                 model,
@@ -236,6 +355,11 @@ def run(args, on_rows=None) -> list[dict]:
                 eek_backends=eek_backends,
                 repeats=args.repeats,
                 measure_memory=not args.no_memory,
+                steps=args.step,
+                policies=args.policies,
+                peers=args.peers,
+                baselines=not args.no_baselines,
+                peer_models=peer_models[arch],
             )
             attn = {"attn": model.config._attn_implementation}  # deberta_v3: eager whatever --attn says
             new = [{**env, **common, **attn, **load, "model": arch, **row} for row in measured]
@@ -292,9 +416,12 @@ def main(argv=None) -> int:
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"wrote {out / 'bench.csv'} ({len(rows)} rows), {', '.join(p.name for p in plots)} in {meta['seconds']} s")
-    bad = [r for r in rows if r.get("check") not in (None, "ok")]
-    for r in bad:
-        print(
-            f"CHECK FAILED: {r['model']} {r['method']}/{r['backend']} B={r['B']} S={r['S']} {r['pattern']}: {r['check']}"
-        )
-    return 1 if bad else 0
+    failed = 0
+    for r in rows:
+        check = str(r.get("check") or "ok")
+        if check != "ok":
+            failed += not check.startswith("skipped")
+            what = "/".join(v for v in (r["method"], r["backend"], r.get("step"), r.get("policy")) if v)
+            head = "SKIPPED" if check.startswith("skipped") else "CHECK FAILED"
+            print(f"{head}: {r['model']} {what} B={r['B']} S={r['S']} {r['pattern']}: {check}")
+    return 1 if failed else 0

@@ -1,4 +1,5 @@
-"""Exit patterns the suite replays with :class:`earlyexit_kernels.Scheduled`.
+"""Exit patterns the suite replays: with :class:`earlyexit_kernels.Scheduled`, and as an ``Entropy`` policy
+whose exit heads are set to follow them (:mod:`.threshold_pattern`).
 
 Every pattern gives each of the ``B`` sequences an exit layer in ``1..L`` and a length
 (the number of non-padding tokens, ``S`` when the pattern has no padding). All are
@@ -9,6 +10,8 @@ deterministic given the seed.
   every sequence exits at layer ``T // B`` and ``T % B`` of them, chosen by a seeded
   permutation, one layer later. So ``sum(exit_layer) = T`` exactly and the batch shrinks
   in at most two steps (the worst case for compaction is not this, see ``geometric``).
+  ``sched-f0.50`` on 12 layers is *every row exits after layer 6*, ``sched-f0.00`` *nobody
+  exits early* (:func:`.pattern_names.describe_pattern` says it for any ``L`` and ``B``).
 - ``geometric-p<p>``: a realistic spread, ``P(exit at k) = p (1 - p)^(k - 1)`` for ``k < L``
   and the remainder at ``L`` (PonderNet's geometric prior; ``p = 0.1`` saves about 40% of the
   layers, PABEE's published 1.6x). Counts are ``B * P`` rounded by largest remainder, placed
@@ -25,7 +28,19 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ExitPattern", "scheduled", "geometric", "padded_geometric", "standard_patterns", "make_inputs"]
+from earlyexit_kernels.bench.pattern_names import describe_pattern
+
+__all__ = [
+    "ExitPattern",
+    "scheduled",
+    "geometric",
+    "padded_geometric",
+    "standard_patterns",
+    "pattern_by_name",
+    "check_pattern_name",
+    "describe_pattern",
+    "make_inputs",
+]
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75)
 GEOMETRIC_P = 0.1
@@ -85,6 +100,33 @@ def standard_patterns(batch: int, num_layers: int, seq_len: int, fractions=FRACT
     patterns.append(geometric(batch, num_layers, seq_len))
     patterns.append(padded_geometric(batch, num_layers, seq_len))
     return patterns
+
+
+def check_pattern_name(name: str) -> str:
+    """``name`` where it names a pattern (``sched-f<f>``, ``geometric-p<p>``, ``padded-geometric``), else ``ValueError``."""
+    try:
+        if name.startswith("sched-f") and 0.0 <= float(name.removeprefix("sched-f")) < 1.0:
+            return name
+        if name.startswith("geometric-p") and 0.0 < float(name.removeprefix("geometric-p")) < 1.0:
+            return name
+    except ValueError:
+        pass
+    if name == "padded-geometric":
+        return name
+    raise ValueError(
+        f"unknown exit pattern {name!r}: sched-f<f> with 0 <= f < 1 (sched-f0.50), geometric-p<p> with "
+        f"0 < p < 1 (geometric-p0.10) or padded-geometric"
+    )
+
+
+def pattern_by_name(name: str, batch: int, num_layers: int, seq_len: int) -> ExitPattern:
+    """The pattern ``name`` (see :func:`check_pattern_name`) for ``batch`` rows of ``seq_len`` tokens."""
+    check_pattern_name(name)
+    if name.startswith("sched-f"):
+        return scheduled(batch, num_layers, float(name.removeprefix("sched-f")), seq_len)
+    if name.startswith("geometric-p"):
+        return geometric(batch, num_layers, seq_len, p=float(name.removeprefix("geometric-p")))
+    return padded_geometric(batch, num_layers, seq_len)
 
 
 def make_inputs(pattern: ExitPattern, seq_len: int, vocab: int, pad_id: int, device, seed: int = 0):

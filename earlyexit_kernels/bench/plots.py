@@ -2,7 +2,7 @@
 
 - ``speedup_vs_f.png``: speed-up over the full model against the saved fraction ``f``
   of layer evaluations (the ``sched-f*`` patterns), one panel per (model, S, B), one line
-  per method and backend, with the layer-count ideal ``1 / (1 - f)`` and the shape-aware
+  per method and backend (and step, policy or peer where the rows say one), with the layer-count ideal ``1 / (1 - f)`` and the shape-aware
   ideal;
 - ``exit_step_vs_batch.png``: time per call of the exit step and of the compaction against
   the batch size, one line per implementation (p50, band p20-p80).
@@ -14,7 +14,15 @@ from pathlib import Path
 
 __all__ = ["make_plots"]
 
-METHOD_STYLE = {"eek": "-", "naive": "--", "bs1": ":"}
+METHOD_STYLE = {"eek": "-", "naive": "--", "bs1": ":", "peer": "-."}
+
+
+def _series(row) -> tuple[str, str]:
+    """``(method, what ran)`` of a row: the backend, then its step and policy (eek) or the peer's name."""
+    if row["method"] == "peer":
+        return row["method"], row.get("peer") or row["backend"]
+    parts = [row["backend"], *(row.get(k) for k in ("step", "policy"))]
+    return row["method"], ", ".join(p for p in parts if p)
 
 
 def _num(row, key):
@@ -23,7 +31,11 @@ def _num(row, key):
 
 
 def _speedup_plot(rows: list[dict], path: Path, plt) -> Path | None:
-    sched = [r for r in rows if r["kind"] == "e2e" and str(r["pattern"]).startswith("sched-f")]
+    sched = [
+        r
+        for r in rows
+        if r["kind"] == "e2e" and str(r["pattern"]).startswith("sched-f") and _num(r, "speedup_vs_full") is not None
+    ]
     panels = sorted({(r["model"], int(r["S"]), int(r["B"])) for r in sched}, key=lambda k: (k[0] != "bert", k))
     if not panels:
         return None
@@ -32,7 +44,7 @@ def _speedup_plot(rows: list[dict], path: Path, plt) -> Path | None:
     fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 3.0 * nrows), squeeze=False, sharey=True)
     for ax, (model, s, b) in zip(axes.flat, panels):
         mine = [r for r in sched if (r["model"], int(r["S"]), int(r["B"])) == (model, s, b)]
-        series = sorted({(r["method"], r["backend"]) for r in mine if r["method"] != "full"})
+        series = sorted({_series(r) for r in mine if r["method"] != "full"})
         fs = sorted({_num(r, "f_actual") for r in mine})
         ax.plot(fs, [1 / (1 - f) for f in fs], color="black", lw=1, label="ideal L*B/sum(exit)")
         shape = {}
@@ -41,9 +53,7 @@ def _speedup_plot(rows: list[dict], path: Path, plt) -> Path | None:
         ax.plot(fs, [shape[f] for f in fs], color="gray", lw=1, ls="-.", label="shape-aware ideal")
         for method, backend in series:
             pts = sorted(
-                (_num(r, "f_actual"), _num(r, "speedup_vs_full"))
-                for r in mine
-                if (r["method"], r["backend"]) == (method, backend)
+                (_num(r, "f_actual"), _num(r, "speedup_vs_full")) for r in mine if _series(r) == (method, backend)
             )
             ax.plot(
                 [p[0] for p in pts],

@@ -45,18 +45,66 @@ def _mib(value):
     return "" if value in (None, "") else f"{float(value) / 2**20:.1f}"
 
 
-def _early_exit_backends(rows):
-    order = {"cuda": 0, "triton": 1, "cpp": 2, "torch": 3}
-    return sorted({r["backend"] for r in rows if r["method"] == "eek"}, key=lambda b: order.get(b, 9))
+_BACKEND_ORDER = {"cuda": 0, "triton": 1, "cpp": 2, "torch": 3}
+_STEP_ORDER = {"exact": 0, "graphed": 1}
 
 
-def _speedup_table(rows: list[dict], backends: list[str]) -> list[str]:
+def label_columns(rows: list[dict]) -> None:
+    """Give each row its table column in ``_col``: ``eek (cpp)``, ``naive``, ``bs1``, a peer's name.
+
+    An ``eek`` column names its step and policy too where the rows hold more than one of them
+    (``eek (cuda, graphed, Entropy(0.3))``), a ``naive`` column its policy where there are several.
+    """
+    steps = {r.get("step", "") for r in rows if r["method"] == "eek"}
+    policies = {r.get("policy", "") for r in rows if r["method"] in ("eek", "naive")}
+    for r in rows:
+        if r["method"] == "eek":
+            parts = [r["backend"]]
+            parts += [r["step"]] if len(steps) > 1 else []
+            parts += [r["policy"]] if len(policies) > 1 else []
+            r["_col"] = f"eek ({', '.join(parts)})"
+        elif r["method"] == "naive":
+            r["_col"] = f"naive ({r['policy']})" if len(policies) > 1 else "naive"
+        elif r["method"] == "peer":
+            r["_col"] = r["peer"] or r["backend"]
+        else:
+            r["_col"] = r["method"]
+
+
+def _early_exit_columns(rows):
+    """The ``eek`` columns: by backend, then step, then policy (``Scheduled`` first)."""
+    eek = {r["_col"]: r for r in rows if r["method"] == "eek"}
+
+    def order(r):
+        return (
+            _BACKEND_ORDER.get(r["backend"], 9),
+            _STEP_ORDER.get(r.get("step", ""), 9),
+            r.get("policy", "") != "Scheduled",
+            r.get("policy", ""),
+        )
+
+    return sorted(eek, key=lambda col: order(eek[col]))
+
+
+def _other_columns(rows, method: str) -> list[str]:
+    columns = []
+    for r in rows:
+        if r["method"] == method and r["_col"] not in columns:
+            columns.append(r["_col"])
+    return columns
+
+
+def _speedup_table(rows: list[dict], columns: list[str]) -> list[str]:
     by_key = defaultdict(dict)
     for r in rows:
-        by_key[(int(r["B"]), r["pattern"])][(r["method"], r["backend"])] = r
+        by_key[(int(r["B"]), r["pattern"])][r["_col"]] = r
+    naive = _other_columns(rows, "naive") or ["naive"]
+    peers = _other_columns(rows, "peer")
+    first = columns[0]
     head = ["B", "pattern", "f", "ideal L·B/Σexit", "shape-aware ideal"]
-    head += [f"eek ({b})" for b in backends] + ["naive", "bs1", f"eek ({backends[0]}) / shape ideal"]
-    head += [f"syncs/layer eek ({backends[0]})", "syncs/layer naive"]
+    head += columns + naive + ["bs1"] + peers + [f"{first} / shape ideal"]
+    head += [f"{first} / strongest peer"] if peers else []
+    head += [f"syncs/layer {first}", f"syncs/layer {naive[0]}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     patterns = []
     for r in rows:
@@ -64,21 +112,18 @@ def _speedup_table(rows: list[dict], backends: list[str]) -> list[str]:
             patterns.append(r["pattern"])
     for (b, pattern), m in sorted(by_key.items(), key=lambda kv: (kv[0][0], patterns.index(kv[0][1]))):
         any_row = next(iter(m.values()))
-        first = m.get(("eek", backends[0]), {})
+        mine = m.get(first, {})
         cells = [str(b), pattern, _f(any_row["f_actual"]), _f(any_row["ideal_layers"]), _f(any_row["ideal_shape"])]
-        cells += [_f(m.get(("eek", be), {}).get("speedup_vs_full")) for be in backends]
-        cells += [
-            _f(m.get(("naive", "torch"), {}).get("speedup_vs_full")),
-            _f(m.get(("bs1", "torch"), {}).get("speedup_vs_full")),
-        ]
-        cells += [_f(first.get("ratio_ideal_shape")), _f(first.get("syncs_per_layer"))]
-        cells += [_f(m.get(("naive", "torch"), {}).get("syncs_per_layer"))]
+        cells += [_f(m.get(col, {}).get("speedup_vs_full")) for col in [*columns, *naive, "bs1", *peers]]
+        cells += [_f(mine.get("ratio_ideal_shape"))]
+        cells += [_f(mine.get("speedup_vs_peer"))] if peers else []
+        cells += [_f(mine.get("syncs_per_layer")), _f(m.get(naive[0], {}).get("syncs_per_layer"))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def _targets_table(rows: list[dict], backend: str, labels: dict | None = None) -> list[str]:
-    """One line per (model, S, B) with ``eek`` rows of ``backend``; ``labels[model]`` names the model."""
+def _targets_table(rows: list[dict], column: str, labels: dict | None = None) -> list[str]:
+    """One line per (model, S, B) with the rows of the ``eek`` ``column``; ``labels[model]`` names the model."""
     labels = labels or {}
     order = _models_in_order(rows)
     lines = [
@@ -89,7 +134,7 @@ def _targets_table(rows: list[dict], backend: str, labels: dict | None = None) -
     ]
     groups = defaultdict(dict)
     for r in rows:
-        if r["method"] == "eek" and r["backend"] == backend:
+        if r["_col"] == column:
             groups[(r["model"], int(r["S"]), int(r["B"]))][r["pattern"]] = r
     fulls = {(r["model"], int(r["S"]), int(r["B"]), r["pattern"]): r for r in rows if r["method"] == "full"}
     for (model, s, b), pats in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1:])):
@@ -237,15 +282,17 @@ def render(csv_paths: list[Path], relative_to: Path) -> str:
         f"Generated on {stamp} by `python -m earlyexit_kernels.bench.report` from {sources} "
         "(written by `python -m earlyexit_kernels.bench`); do not edit this section by hand. Speed-up = p50 time "
         "of the unpatched Hugging Face model / p50 time of the method, same process, weights, dtype and attention. "
-        "`eek`: this package (`Scheduled` exits); `naive`: eager exit step + boolean-index compaction "
+        "`eek`: this package (`Scheduled` replays the pattern; the `policy` and `step` columns of the CSV say what ran); `naive`: eager exit step + boolean-index compaction "
         "(FastBERT/DeeBERT batched ports); `bs1`: one sequence at a time with a Python `if` (the research code). "
-        "Ideals and patterns: `earlyexit_kernels/bench/ideal.py`, `patterns.py`.",
+        "`sched-f<f>` saves the fraction f of the layer evaluations: every row exits after about layer (1 - f)·L "
+        "(`sched-f0.50` on 12 layers: every row after layer 6); `geometric-p0.10`: 10% of the rows still running exit "
+        "after each layer. Ideals and patterns: `earlyexit_kernels/bench/ideal.py`, `patterns.py`.",
     ]
     machines: dict[str, list[tuple[Path, list[dict]]]] = defaultdict(list)
     micro: dict[str, list[dict]] = defaultdict(list)
     for path in csv_paths:
         rows = read_csv(path)
-        e2e = [r for r in rows if r["kind"] == "e2e"]
+        e2e = [r for r in rows if r["kind"] == "e2e" and r["t_p50_s"] != ""]  # a skipped row has no time
         if not e2e:
             continue
         machines[e2e[0]["device_name"]].append((Path(path), e2e))
@@ -268,21 +315,22 @@ def render(csv_paths: list[Path], relative_to: Path) -> str:
                     label += f" [{folder}]"
                 labels[label] = label
                 e2e.append({**r, "model": label})
-        backends = _early_exit_backends(e2e)
+        label_columns(e2e)
+        columns = _early_exit_columns(e2e)
         out += ["", f"### {device}", ""]
         out += _source_lines(sources, relative_to)
         out += [
-            f"Targets (`eek` with `{backends[0]}`): overhead at f = 0 (goal <= 2%; measured end to end, and as the "
+            f"Targets (`eek` with `{columns[0].removeprefix('eek (').removesuffix(')')}`): overhead at f = 0 (goal <= 2%; measured end to end, and as the "
             "time the engine adds around the layers, timed with every encoder layer replaced by an identity) and "
             "speed-up / shape-aware ideal (goal >= 0.95 at B = 32):",
             "",
         ]
-        out += _targets_table(e2e, backends[0], labels)
+        out += _targets_table(e2e, columns[0], labels)
         for model in _models_in_order(e2e):
             for s in sorted({int(r["S"]) for r in e2e if r["model"] == model}):
                 sel = [r for r in e2e if r["model"] == model and int(r["S"]) == s]
                 out += ["", f"Speed-up over the full model, {model}, S = {s}:", ""]
-                out += _speedup_table(sel, backends)
+                out += _speedup_table(sel, columns)
         out += _micro_table(micro[device])
         for path, _ in sources:
             folder = os.path.relpath(Path(path).parent, relative_to)

@@ -4,7 +4,19 @@
 Times are seconds per forward (per call for the micro rows), p20/p50/p80 over the
 repetitions. For ``e2e`` rows:
 
-- ``speedup_vs_full`` = p50 of ``full`` / p50 of the row (``bs1``: over the same B sequences);
+- what ran: ``method`` (``full``: the unpatched model, eager; ``peer``: the unpatched model
+  captured or compiled; ``eek``; ``naive``; ``bs1``) and ``backend``; ``policy``, the exit
+  policy's code (``Scheduled`` for the pattern replayed, ``Entropy(0.3)`` for the Entropy
+  variant of :mod:`.threshold_pattern`; empty for the unpatched rows); ``step``, the per-layer
+  step an ``eek`` row ran, resolved (``exact`` or ``graphed``, never ``auto``; empty for the
+  others); ``peer``, which unpatched model a ``full`` or ``peer`` row is: ``eager``,
+  ``cuda-graphs`` (its forward captured in one CUDA graph on fixed inputs) or
+  ``compile-reduce-overhead`` (``torch.compile(model, mode="reduce-overhead")``), empty for the
+  others;
+- ``speedup_vs_full`` = p50 of ``full`` (the eager unpatched model) / p50 of the row (``bs1``:
+  over the same B sequences); ``strongest_peer``, the fastest unpatched model of the
+  configuration (by p50, among ``eager`` and the peers that ran and agreed with it), and
+  ``speedup_vs_peer`` = its p50 / p50 of the row;
 - ``ideal_layers``, ``ideal_shape`` and ``ratio_ideal_*`` = speed-up / ideal (see :mod:`.ideal`);
 - ``host_syncs``: read-backs to the host in one forward (the engine's ``out.host_syncs``,
   the baselines counted the same way; blank for ``full``, whose syncs inside Hugging Face
@@ -14,7 +26,12 @@ repetitions. For ``e2e`` rows:
 - ``peak_mem_bytes``: see :func:`.timing.peak_memory`; ``peak_mem_vs_full`` its ratio to
   the full model's;
 - ``check``: ``ok`` when the row's exit layers equal the pattern and its logits match the
-  naive baseline's (and, at f = 0, the full model's), else what differed.
+  naive baseline's (without the baselines, the first ``eek`` row's; and, at f = 0, the full
+  model's; a peer's: the full model's), else what differed; ``skipped: <why>`` for a row that
+  was not measured (a peer without CUDA, an Entropy variant the heads cannot reproduce), whose
+  times are empty.
+
+:func:`read_csv` reads files written before a column was added: a missing column reads as ``""``.
 """
 
 from __future__ import annotations
@@ -33,6 +50,9 @@ COLUMNS = [
     "kind",
     "method",
     "backend",
+    "policy",
+    "step",
+    "peer",
     "model",
     "config",
     "dtype",
@@ -48,6 +68,8 @@ COLUMNS = [
     "t_p80_s",
     "repeats",
     "speedup_vs_full",
+    "speedup_vs_peer",
+    "strongest_peer",
     "ideal_layers",
     "ideal_shape",
     "ratio_ideal_layers",
@@ -129,11 +151,22 @@ def write_csv(path: Path, rows: list[dict]) -> None:
             writer.writerow({k: _fmt(row.get(k)) for k in COLUMNS})
 
 
+def _header(path: Path) -> list[str] | None:
+    with path.open(newline="") as f:
+        return next(csv.reader(f), None)
+
+
 def append_csv(path: Path, rows: list[dict]) -> None:
-    """``rows`` added at the end of ``path``, with the header first where the file is new or empty."""
+    """``rows`` added at the end of ``path``, with the header first where the file is new or empty.
+
+    A file written with other columns (an older version of the suite) is rewritten first with
+    today's, its rows kept (a column it lacks left empty), so that every line has one layout.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fresh = not path.exists() or path.stat().st_size == 0
+    if not fresh and _header(path) != COLUMNS:
+        write_csv(path, read_csv(path))
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         if fresh:
@@ -144,5 +177,6 @@ def append_csv(path: Path, rows: list[dict]) -> None:
 
 
 def read_csv(path: Path) -> list[dict]:
+    """The rows of ``path``, each with every column of :data:`COLUMNS` (``""`` where the file has none)."""
     with Path(path).open(newline="") as f:
-        return list(csv.DictReader(f))
+        return [{**dict.fromkeys(COLUMNS, ""), **row} for row in csv.DictReader(f)]

@@ -1,5 +1,17 @@
 """One measurement: every method on one model, one batch of inputs and one exit pattern.
 
+The methods: the unpatched model (``full``, Hugging Face's eager forward) and, on CUDA, its
+strongest peers (``peer``: captured in a CUDA graph, ``torch.compile(mode="reduce-overhead")``,
+:mod:`.peers`); the patched model (``eek``) with every backend, per-layer step (``exact``,
+``graphed``) and policy asked for: ``Scheduled`` replaying the pattern, and its Entropy variant
+(:mod:`.threshold_pattern`), a real ``Entropy`` policy whose heads are set so that the rows leave
+on the pattern, paying the head and the decision at every layer as a threshold policy does; and,
+unless left out, the baselines ``naive`` (once per policy) and ``bs1`` (``Scheduled``).
+
+Each ``eek`` method is patched once and keeps its record (and with it the graphed step's buffers
+and CUDA graphs) from call to call: the patched model is swapped between methods, untimed, never
+rebuilt, so a graphed method is captured once and then only replayed, as in a server.
+
 The methods are timed interleaved (each repetition runs every method once, in a
 rotating order), so a change of machine load hits all of them alike; each gets one
 untimed warm-up call first, whose outputs are checked against the pattern and the naive
@@ -14,7 +26,10 @@ the layers without the noise of the layers' own time. The layers are found throu
 family's adapter (:func:`earlyexit_kernels.models.adapter_class`), so this works for every
 supported family; what an adapter computes per layer outside the layer module (DeBERTa's
 square mask and relative positions, ModernBERT's masks and rotary tables when the shape
-changes) counts as non-layer time, as it is time the method adds.
+changes) counts as non-layer time, as it is time the method adds. A graphed ``eek`` method
+runs that phase on buffers and graphs of its own (captured with the identities, after one
+untimed call); the peers' is not measured (blank): their captured or compiled forward keeps
+the real layers.
 """
 
 from __future__ import annotations
@@ -23,6 +38,7 @@ import statistics
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from transformers.models.deberta_v2.modeling_deberta_v2 import DebertaV2Layer
@@ -30,36 +46,106 @@ from transformers.models.deberta_v2.modeling_deberta_v2 import DebertaV2Layer
 from earlyexit_kernels.bench.baselines import batch_size_one, naive_batched, single_sequence_inputs
 from earlyexit_kernels.bench.ideal import ideal_layers, ideal_shape, shape_probes
 from earlyexit_kernels.bench.patterns import ExitPattern, make_inputs
+from earlyexit_kernels.bench.peers import PeerModels, PeerUnavailable
+from earlyexit_kernels.bench.threshold_pattern import THRESHOLD, PatternNotReproducible, entropy_variant
 from earlyexit_kernels.bench.timing import peak_memory, percentiles, timed_call
-from earlyexit_kernels.methods.policies import Scheduled
+from earlyexit_kernels.engine.step_choice import resolve_step
+from earlyexit_kernels.methods.policies import Entropy, ExitPolicy, Scheduled
 from earlyexit_kernels.models import adapter_class
 from earlyexit_kernels.patching.patch import current_adapter, is_patched, patch, unpatch
+from earlyexit_kernels.patching.state import attach, state_of
 
-__all__ = ["Method", "measure_pattern"]
+__all__ = ["Method", "POLICIES", "measure_pattern", "policy_label", "resolved_steps"]
+
+#: the policies ``measure_pattern`` runs a pattern with: the pattern replayed, and its Entropy variant
+POLICIES = ("scheduled", "entropy")
+TIMED, IDENTITY = "timed", "identity"
 
 
 @dataclass(eq=False)
 class Method:
-    name: str  # full, eek, naive, bs1
+    name: str  # full, peer, eek, naive, bs1
     backend: str
-    prepare: Callable[[], None]  # untimed: patch or unpatch the model
+    prepare: Callable[[str], None]  # untimed: patch or unpatch the model, for the phase (TIMED or IDENTITY)
     run: Callable[[], object]
+    policy: str = ""  # the policy's code (policy_label), for the methods that exit
+    step: str = ""  # eek: the step it runs, resolved
+    peer: str = ""  # the unpatched ones: eager, cuda-graphs, compile-reduce-overhead
+    nonlayer: bool = True  # whether its time with the layers as identities is measured
 
 
-def _methods(model, adapter, policy, ids, mask, pattern: ExitPattern, eek_backends: list[str]) -> list[Method]:
-    def unpatched():
+def policy_label(policy: ExitPolicy) -> str:
+    """What the CSV's ``policy`` column says: the policy's code, ``Scheduled`` without its exit layers."""
+    return "Scheduled" if isinstance(policy, Scheduled) else policy.to_code(digits=3)
+
+
+def resolved_steps(steps, policy: ExitPolicy, device: torch.device) -> list[str]:
+    """The distinct steps ``steps`` (``auto``, ``exact``, ``graphed``) run for ``policy`` on ``device``, in order."""
+    return list(dict.fromkeys(resolve_step(step, policy, device) for step in steps))
+
+
+def _patched_prepare(model, policy: ExitPolicy, backend: str, step: str) -> Callable[[str], None]:
+    """Patch ``model`` for this method; from the second call of a phase on, with the record kept
+    from its first (the graphed step's buffers and graphs are in it)."""
+    kept = {}
+
+    def prepare(phase: str) -> None:
+        patch(model, policy, backend=backend, step=step)
+        if phase in kept:
+            attach(model, kept[phase])
+        else:
+            kept[phase] = state_of(model)
+
+    return prepare
+
+
+def _peer_method(model, peers: PeerModels, peer: str, ids, mask) -> Method:
+    made = {}
+
+    def prepare(phase: str) -> None:
+        if is_patched(model):
+            unpatch(model)
+        if "run" not in made:
+            made["run"] = peers.runner(peer, ids, mask)
+
+    return Method("peer", peer, prepare, lambda: made["run"](), peer=peer, nonlayer=False)
+
+
+def _methods(model, adapter, variants, ids, mask, pattern, eek_backends, steps, device, peer_names, peers, baselines):
+    def unpatched(phase=TIMED):
         if is_patched(model):
             unpatch(model)
 
-    def patched(backend):
-        return lambda: patch(model, policy, backend=backend)
-
-    sequences = single_sequence_inputs(ids, mask, pattern.exit_layers)
-    methods = [Method("full", "hf", unpatched, lambda: model(input_ids=ids, attention_mask=mask))]
-    for backend in eek_backends:
-        methods.append(Method("eek", backend, patched(backend), lambda: model(input_ids=ids, attention_mask=mask)))
-    methods.append(Method("naive", "torch", unpatched, lambda: naive_batched(adapter, policy, ids, mask)))
-    methods.append(Method("bs1", "torch", unpatched, lambda: batch_size_one(adapter, sequences)))
+    methods = [Method("full", "hf", unpatched, lambda: model(input_ids=ids, attention_mask=mask), peer="eager")]
+    methods += [_peer_method(model, peers, peer, ids, mask) for peer in peer_names]
+    for policy in variants:
+        for step in resolved_steps(steps, policy, device):
+            for backend in eek_backends:
+                methods.append(
+                    Method(
+                        "eek",
+                        backend,
+                        _patched_prepare(model, policy, backend, step),
+                        lambda: model(input_ids=ids, attention_mask=mask),
+                        policy=policy_label(policy),
+                        step=step,
+                    )
+                )
+    if baselines:
+        for policy in variants:
+            methods.append(
+                Method(
+                    "naive",
+                    "torch",
+                    unpatched,
+                    lambda policy=policy: naive_batched(adapter, policy, ids, mask),
+                    policy=policy_label(policy),
+                )
+            )
+        sequences = single_sequence_inputs(ids, mask, pattern.exit_layers)
+        methods.append(
+            Method("bs1", "torch", unpatched, lambda: batch_size_one(adapter, sequences), policy="Scheduled")
+        )
     return methods
 
 
@@ -93,18 +179,68 @@ def layers_as_identity(model):
             del module.forward
 
 
-def _check(out, reference, expected_exits: torch.Tensor, full_logits, f_actual: float, dtype) -> str:
+def _tolerance(dtype) -> dict:
+    return dict(rtol=1e-3, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+
+
+def _check(out, reference, expected_exits: torch.Tensor, full_logits, f_actual: float, dtype, against="naive") -> str:
     problems = []
-    tol = dict(rtol=1e-3, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    tol = _tolerance(dtype)
     if not torch.equal(out.exit_layer.cpu(), expected_exits):
         problems.append("exit_layer differs from the pattern")
     if reference is not None and not torch.allclose(out.logits.float(), reference.logits.float(), **tol):
         diff = (out.logits.float() - reference.logits.float()).abs().max().item()
-        problems.append(f"logits differ from naive by {diff:.2e}")
+        problems.append(f"logits differ from {against} by {diff:.2e}")
     if f_actual == 0.0 and not torch.allclose(out.logits.float(), full_logits.float(), **tol):
         diff = (out.logits.float() - full_logits.float()).abs().max().item()
         problems.append(f"logits differ from full by {diff:.2e}")
     return "; ".join(problems) or "ok"
+
+
+def _check_peer(out, full_logits, dtype) -> str:
+    if torch.allclose(out.logits.float(), full_logits.float(), **_tolerance(dtype)):
+        return "ok"
+    return f"logits differ from full by {(out.logits.float() - full_logits.float()).abs().max().item():.2e}"
+
+
+def _kept(method: Method, out):
+    """What the checks read of a warm-up output: a peer's outputs live in graph memory the next replay overwrites."""
+    return SimpleNamespace(logits=out.logits.clone()) if method.name == "peer" else out
+
+
+def _skipped_row(pattern: ExitPattern, seq_len: int, num_layers: int, why: str, **what) -> dict:
+    return {
+        "kind": "e2e",
+        "B": pattern.exit_layers.numel(),
+        "S": seq_len,
+        "L": num_layers,
+        "f": pattern.f_target,
+        "f_actual": round(pattern.f_actual(num_layers), 4),
+        "pattern": pattern.name,
+        "repeats": 0,
+        "ideal_layers": ideal_layers(pattern, num_layers),
+        "check": f"skipped: {why}",
+        **what,
+    }
+
+
+def _variants(adapter, pattern, ids, mask, policies, scheduled) -> tuple[list, list, Callable | None]:
+    """``(policies to run, why each skipped one was, restore the heads)``."""
+    variants, skipped, restore = [], [], None
+    for name in policies:
+        if name == "scheduled":
+            variants.append(scheduled)
+        elif name == "entropy":
+            try:
+                policy, restore = entropy_variant(adapter, pattern, ids, mask)
+            except PatternNotReproducible as err:
+                label = policy_label(Entropy(THRESHOLD))
+                skipped.append((label, f"the Entropy variant cannot follow this pattern: {err}"))
+                continue
+            variants.append(policy)
+        else:
+            raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+    return variants, skipped, restore
 
 
 def measure_pattern(
@@ -119,68 +255,142 @@ def measure_pattern(
     eek_backends: list[str],
     repeats: int,
     measure_memory: bool = True,
+    steps=("auto",),
+    policies=("scheduled",),
+    peers=(),
+    baselines: bool = True,
+    peer_models: PeerModels | None = None,
 ) -> list[dict]:
-    """Rows (without the environment columns) for every method on ``pattern``."""
+    """Rows (without the environment columns) for every method on ``pattern``.
+
+    ``steps``: the ``step=`` values of ``eek.patch`` to run (each resolved; those that resolve
+    alike run once). ``policies``: of :data:`POLICIES`. ``peers``: of
+    :data:`~earlyexit_kernels.bench.peers.PEERS`, made by ``peer_models`` (one per model, so that
+    a compiled peer is compiled once per shape; made here when None). ``baselines``: whether
+    ``naive`` and ``bs1`` run. A peer that cannot run here and an Entropy variant the heads cannot
+    reproduce give one row each, with ``check`` saying ``skipped:`` and why.
+    """
     num_layers = model.config.num_hidden_layers
     ids, mask = make_inputs(pattern, seq_len, vocab, pad_id, device)
-    policy = Scheduled(pattern.exit_layers.to(device))
-    patch(model, policy, backend=eek_backends[0])
+    if is_patched(model):
+        unpatch(model)
+    peer_models = peer_models or (PeerModels(model) if peers else None)
+    scheduled = Scheduled(pattern.exit_layers.to(device))
+    patch(model, scheduled, backend=eek_backends[0])
     adapter = current_adapter(model)
-    methods = _methods(model, adapter, policy, ids, mask, pattern, eek_backends)
-    f_actual = pattern.f_actual(num_layers)
+    skipped_rows = []
+    variants, skipped, restore = _variants(adapter, pattern, ids, mask, policies, scheduled)
+    for label, why in skipped:
+        for backend in eek_backends:
+            skipped_rows.append(
+                _skipped_row(pattern, seq_len, num_layers, why, method="eek", backend=backend, policy=label)
+            )
+    try:
+        methods = _methods(
+            model, adapter, variants, ids, mask, pattern, eek_backends, steps, device, peers, peer_models, baselines
+        )
+        rows = _measure(model, methods, pattern, adapter, ids, mask, seq_len, device, dtype, repeats, measure_memory)
+    finally:
+        if restore is not None:
+            restore()
+        if is_patched(model):
+            unpatch(model)
+    return rows + skipped_rows
 
+
+def _measure(model, methods, pattern, adapter, ids, mask, seq_len, device, dtype, repeats, measure_memory):
+    num_layers = model.config.num_hidden_layers
+    f_actual = pattern.f_actual(num_layers)
+    skipped_rows = []
     outputs = {}
-    for method in methods:  # warm-up, and the outputs to check
-        method.prepare()
-        outputs[method] = method.run()
+    for method in list(methods):  # warm-up, and the outputs to check
+        try:
+            method.prepare(TIMED)
+            outputs[method] = _kept(method, method.run())
+        except PeerUnavailable as err:
+            methods.remove(method)
+            skipped_rows.append(
+                _skipped_row(
+                    pattern, seq_len, num_layers, str(err), method=method.name, backend=method.backend, peer=method.peer
+                )
+            )
     probes = shape_probes(pattern, num_layers, seq_len, adapter, device, dtype)
     for probe in probes.values():
         probe()
     layer_times: dict[tuple[int, int], list[float]] = {shape: [] for shape in probes}
-    full_logits = outputs[methods[0]].logits
-    naive = next(outputs[m] for m in methods if m.name == "naive")
+    full = methods[0]
+    full_logits = outputs[full].logits
+    naive = {m.policy: outputs[m] for m in methods if m.name == "naive"}
+    first_eek = next((outputs[m] for m in methods if m.name == "eek"), None)
 
     times: dict[Method, list[float]] = {m: [] for m in methods}
     for rep in range(repeats):
         shift = rep % len(methods)
         for method in methods[shift:] + methods[:shift]:
-            method.prepare()
+            method.prepare(TIMED)
             seconds, _ = timed_call(method.run, device)
             times[method].append(seconds)
         for shape, probe in probes.items():
             layer_times[shape].append(timed_call(probe, device)[0])
 
     # Everything but the encoder layers: the same calls with every layer an identity.
-    nonlayer: dict[Method, list[float]] = {m: [] for m in methods}
+    measured = [m for m in methods if m.nonlayer]
+    nonlayer: dict[Method, list[float]] = {m: [] for m in measured}
     with layers_as_identity(model):
+        for method in measured:  # untimed: a graphed method captures its identity-phase graphs here
+            method.prepare(IDENTITY)
+            method.run()
         for rep in range(repeats):
-            shift = rep % len(methods)
-            for method in methods[shift:] + methods[:shift]:
-                method.prepare()
+            shift = rep % len(measured)
+            for method in measured[shift:] + measured[:shift]:
+                method.prepare(IDENTITY)
                 nonlayer[method].append(timed_call(method.run, device)[0])
 
     memory = {}
     if measure_memory:
         for method in methods:
-            method.prepare()
+            method.prepare(TIMED)
             memory[method] = peak_memory(method.run, device)
 
     ideal_l = ideal_layers(pattern, num_layers)
     ideal_s = ideal_shape(pattern, num_layers, seq_len, {k: statistics.median(v) for k, v in layer_times.items()})
-    full_p50 = percentiles(times[methods[0]])["p50"]
-    full_mem = memory.get(methods[0])
+    p50 = {m: percentiles(times[m])["p50"] for m in methods}
+    full_p50 = p50[full]
+    full_mem = memory.get(full)
+    checks = {}
+    for method in methods:
+        out = outputs[method]
+        if method.name == "full":
+            checks[method] = "ok"
+        elif method.name == "peer":
+            checks[method] = _check_peer(out, full_logits, dtype)
+        else:
+            # naive checks its exits; eek its logits against naive (same policy), else the first eek row
+            reference, against = None, "naive"
+            if method.name != "naive":
+                reference = naive.get(method.policy)
+            if reference is None and method.name == "eek" and out is not first_eek:
+                reference, against = first_eek, "the first eek row"
+            checks[method] = _check(out, reference, pattern.exit_layers, full_logits, f_actual, dtype, against)
+    unpatched = [m for m in methods if m.peer and checks[m] == "ok"]
+    strongest = min(unpatched, key=lambda m: p50[m])
     rows = []
     for method in methods:
         stats = percentiles(times[method])
         out = outputs[method]
         speedup = full_p50 / stats["p50"]
-        syncs = None if method.name == "full" else int(out.host_syncs)
+        syncs = None if method.name in ("full", "peer") else int(out.host_syncs)
         mem = memory.get(method)
-        extra = statistics.median(nonlayer[method]) - statistics.median(nonlayer[methods[0]])
+        extra = None
+        if method.nonlayer:
+            extra = statistics.median(nonlayer[method]) - statistics.median(nonlayer[full])
         row = {
             "kind": "e2e",
             "method": method.name,
             "backend": method.backend,
+            "policy": method.policy,
+            "step": method.step,
+            "peer": method.peer,
             "B": pattern.exit_layers.numel(),
             "S": seq_len,
             "L": num_layers,
@@ -192,23 +402,19 @@ def measure_pattern(
             "t_p80_s": stats["p80"],
             "repeats": repeats,
             "speedup_vs_full": speedup,
+            "speedup_vs_peer": p50[strongest] / stats["p50"],
+            "strongest_peer": strongest.peer,
             "ideal_layers": ideal_l,
             "ideal_shape": ideal_s,
             "ratio_ideal_layers": speedup / ideal_l,
             "ratio_ideal_shape": speedup / ideal_s,
             "host_syncs": syncs,
             "syncs_per_layer": None if syncs is None else syncs / num_layers,
-            "nonlayer_p50_s": statistics.median(nonlayer[method]),
-            "nonlayer_overhead": extra / full_p50,
+            "nonlayer_p50_s": statistics.median(nonlayer[method]) if method.nonlayer else None,
+            "nonlayer_overhead": None if extra is None else extra / full_p50,
             "peak_mem_bytes": mem,
             "peak_mem_vs_full": mem / full_mem if mem is not None and full_mem else None,
-            "check": "ok"
-            if method.name == "full"
-            else _check(
-                out, None if method.name == "naive" else naive, pattern.exit_layers, full_logits, f_actual, dtype
-            ),
+            "check": checks[method],
         }
         rows.append(row)
-    if is_patched(model):
-        unpatch(model)
-    return rows
+    return rows + skipped_rows
