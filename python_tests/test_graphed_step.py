@@ -585,3 +585,22 @@ def test_on_the_gpu_the_continuous_engine_captures_its_calls_and_replays_them_on
     exact = sorted(eek.classify(model, items, max_batch_size=8), key=lambda p: p.index)
     assert [f.exit_layer for f in again] == [p.exit_layer for p in exact]
     assert [p.exit_layer for p in sorted(first, key=lambda p: p.index)] == [p.exit_layer for p in exact]
+
+
+def test_new_head_weights_get_new_buffers_and_the_outputs_follow_them():
+    """The fused backends keep converted copies of the heads per version, which a captured graph
+    would keep reading: an in-place update of a head makes new buffers (and graphs)."""
+    model = patched(eek.Entropy(0.15))
+    inputs = batch_inputs(16)
+    before = run(model, inputs, "graphed", plan=GPU_PLAN)
+    batches = state_of(model).static_batches
+    with torch.no_grad():
+        for head in model.early_exit_heads.classifiers:
+            head.weight.mul_(-1.0)
+        after = model(**inputs)
+    assert len(batches._kept) == 2
+    eek.patch(model, eek.Entropy(0.15), backend="torch", step="exact")
+    with torch.no_grad():
+        exact = model(**inputs)
+    assert torch.equal(after.exit_layer, exact.exit_layer)
+    assert not torch.equal(after.exit_layer, before.exit_layer)

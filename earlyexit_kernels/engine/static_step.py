@@ -260,7 +260,10 @@ def run_graphed(
     wide = torch.float64 if out_dtype == torch.float64 else torch.float32
     on_gpu = device.type == "cuda"
     sizes, lag = batches.plan(device.type)
-    capture = (on_gpu and not torch.is_grad_enabled()) if capture is None else capture
+    if capture is None:
+        # Not under autocast: its cache of cast weights lives only as long as the autocast region,
+        # and a graph captured inside it would replay reading freed copies (PyTorch's CUDA-graph notes).
+        capture = on_gpu and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cuda")
     if capture and not on_gpu:
         raise ValueError(f"capture=True needs a CUDA device; the model is on {device.type}")
     result = ExitResult(
@@ -292,7 +295,7 @@ def run_graphed(
 
     state0 = init_state(policy, batch, num_labels, hidden_size, num_layers, device, pooled_dtype=dtype)
     key = (backend.name, str(device), dtype, seq_len, mask is not None, mask.dtype if mask is not None else None)
-    key += (id(adapter), type(policy).__name__)
+    key += (id(adapter), type(policy).__name__, _weights_fingerprint(heads, adapter))
     first_bucket = bucket_for(batch, sizes)
     static = batches.get(
         key,
@@ -347,6 +350,25 @@ def run_graphed(
         result.layers_run = static.layers_run[:batch].clone()
     result.buckets = survivors.buckets
     return result
+
+
+def _weights_fingerprint(heads: ExitHeads, adapter) -> tuple:
+    """Where the exit heads' weights (and the model's pooler and classifier) are and their versions:
+    the fused backends keep converted copies of these per tensor and version, and a captured graph
+    reads the copies it was captured with, so new buffers and graphs are made when one changes
+    (an in-place update of the encoder layers' weights is read by the graphs as it is)."""
+    tensors = list(heads.parameters())
+    for name in ("pooler_linear", "final_classifier"):
+        module = getattr(adapter, name, None)
+        if isinstance(module, torch.nn.Module):
+            tensors += list(module.parameters())
+    out = []
+    for tensor in tensors:
+        try:
+            out.append((tensor.data_ptr(), tensor._version))
+        except RuntimeError:  # an inference tensor has no version counter
+            out.append((tensor.data_ptr(), -1))
+    return tuple(out)
 
 
 def _published(static: StaticBatch, layer: int):
