@@ -7,14 +7,12 @@ logits within float rounding (a small GEMM's rows round differently with the num
 bits that nothing in a dead row can change.
 """
 
-import collections
 import copy
 import pickle
 
 import pytest
 import torch
 from conftest import backend_device, tiny_batch, tiny_model
-from test_classify import _sequences, spread_model
 from test_hf_patch import EVERY_POLICY, spread_heads
 from test_launch_budget import count
 from test_model_families import FAMILIES, tiny_family, tiny_inputs
@@ -22,8 +20,7 @@ from test_model_families import spread_heads as spread_family_heads
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.engine.buckets import DEFAULT_SIZES, ReadyCount, SurvivorLag, bucket_for, default_plan
-from earlyexit_kernels.engine.continuous import ContinuousEngine
+from earlyexit_kernels.engine.buckets import DEFAULT_SIZES
 from earlyexit_kernels.engine.static_step import StaticBatch, StaticBatches, _layer_step, _load, _Step
 from earlyexit_kernels.methods.exit_rules import init_state
 from earlyexit_kernels.patching.patch import current_adapter, step_of
@@ -287,93 +284,6 @@ def test_torch_compile_traces_a_step_without_a_graph_break():
     assert torch.equal(static.counts, expected[1]) and torch.equal(static.logits, expected[2])
 
 
-# --------------------------------------------------------------------- buckets and the late count
-
-
-def test_buckets_are_vllm_like_sizes():
-    assert [bucket_for(n) for n in (0, 1, 3, 5, 8, 9, 64, 65, 97, 256, 257, 300)] == [
-        0,
-        1,
-        4,
-        8,
-        8,
-        16,
-        64,
-        96,
-        128,
-        256,
-        320,
-        320,
-    ]
-    assert [bucket_for(n, None) for n in (0, 7, 300)] == [0, 7, 300]
-    with pytest.raises(ValueError, match="never negative"):
-        bucket_for(-1)
-    assert default_plan("cuda") == (DEFAULT_SIZES, 1) and default_plan("cpu") == (None, 0)
-
-
-class _Counted(ReadyCount):
-    """A count that remembers whether the host read it."""
-
-    def __init__(self, value, log, layer):
-        super().__init__(lambda: value)
-        self.log, self.layer = log, layer
-
-    def wait(self):
-        self.log.append(self.layer)
-        return super().wait()
-
-
-def test_a_count_is_read_lag_layers_after_its_layer():
-    reads = []
-    lag = SurvivorLag(64, lag=1)
-    assert lag.bucket_before(1) == 64
-    lag.publish(1, _Counted(50, reads, 1))
-    assert lag.bucket_before(2) == 64 and reads == []  # layer 1's count waits a layer
-    lag.publish(2, _Counted(30, reads, 2))
-    assert lag.bucket_before(3) == 56 and reads == [1]  # 50 rows: bucket 56
-    lag.publish(3, _Counted(0, reads, 3))
-    assert lag.bucket_before(4) == 32 and reads == [1, 2]
-    assert lag.bucket_before(5) == 0 and reads == [1, 2, 3]  # nobody left: stop
-    assert lag.buckets == [64, 64, 56, 32]
-
-
-def test_with_no_lag_each_count_picks_the_next_bucket_and_quiet_layers_keep_the_last():
-    lag = SurvivorLag(10, lag=0, sizes=None)
-    assert lag.bucket_before(1) == 10
-    assert lag.bucket_before(2) == 10  # layer 1 published nothing (nobody could leave)
-    lag.publish(2, ReadyCount(lambda: 7))
-    assert lag.bucket_before(3) == 7
-    with pytest.raises(ValueError, match="layer order"):
-        lag.publish(2, ReadyCount(lambda: 5))
-    with pytest.raises(ValueError, match="0 or more"):
-        SurvivorLag(4, lag=-1)
-
-
-def test_the_bucket_sequence_of_a_forward_follows_the_counts():
-    """Scheduled exits at known layers: the buckets each layer ran in, with the GPU's plan."""
-    schedule = torch.tensor([1] * 20 + [2] * 20 + [4] * 24)
-    model = patched(eek.Scheduled(schedule))
-    state_of(model).static_batches = StaticBatches(**GPU_PLAN)
-    inputs = batch_inputs(64, seed=2)
-    adapter = current_adapter(model)
-    seen = collections.Counter()
-    original = adapter.run_layer
-
-    def run_layer(index, hidden, layer_mask):
-        seen[index + 1, hidden.shape[0]] += 1
-        return original(index, hidden, layer_mask)
-
-    adapter.run_layer = run_layer
-    try:
-        with torch.no_grad():
-            out = model(**inputs)
-    finally:
-        del adapter.run_layer
-    assert torch.equal(out.exit_layer, schedule)
-    # layer 2 still runs 64 rows (layer 1's count is read a layer late), layer 3 runs 44 in 48
-    assert sorted(seen) == [(1, 64), (2, 64), (3, 48), (4, 24)]
-
-
 # ------------------------------------------------------------------------------ choice and errors
 
 
@@ -506,85 +416,6 @@ def test_save_pretrained_keeps_the_step_with_the_policy(tmp_path):
     model.save_pretrained(tmp_path)
     assert step_of(eek.from_pretrained(tmp_path)) == "graphed"
     assert step_of(eek.from_pretrained(tmp_path, eek.SkipGates(0.5, entropy_threshold=0.1))) == "auto"
-
-
-# ------------------------------------------------------------------------- the continuous engine
-
-
-def _stream_predictions(model, items, step, **kwargs):
-    eek.patch(model, state_of(model).policy, step=step)
-    engine = ContinuousEngine(model, **kwargs)
-    for index, item in enumerate(items):
-        engine.submit(index, item["input_ids"], item.get("token_type_ids"))
-    with torch.no_grad():
-        finished = sorted(engine.run(), key=lambda f: f.key)
-    return engine, finished
-
-
-@pytest.mark.parametrize("name", ["entropy", "patience", "qexit", "dact"])
-def test_the_continuous_engine_runs_graphed_calls_with_the_exact_steps_exits(name):
-    items = _sequences(40, seed=1, longest=30)
-    model, _ = spread_model("bert", name, items)
-    _, exact = _stream_predictions(model, items, "exact", max_batch_size=8)
-    engine, graphed = _stream_predictions(model, items, "graphed", max_batch_size=8)
-    assert engine.graphed and engine._calls is not None
-    assert [f.exit_layer for f in graphed] == [f.exit_layer for f in exact]
-    assert [f.layers_run for f in graphed] == [f.layers_run for f in exact]
-    for mine, theirs in zip(graphed, exact):
-        torch.testing.assert_close(mine.logits, theirs.logits, rtol=1e-5, atol=1e-5)
-    assert len({f.exit_layer for f in exact}) > 1, "the test needs exits spread over layers"
-
-
-def test_graphed_calls_take_fixed_shapes_and_read_back_once():
-    items = _sequences(30, seed=2, longest=30)
-    model, _ = spread_model("bert", "entropy", items)
-    eek.patch(model, state_of(model).policy, step="graphed")
-    engine = ContinuousEngine(model, max_batch_size=8)
-    shapes = []
-    original = engine._static_calls
-
-    def recording():
-        calls = original()
-        run = calls.run
-
-        def run_recorded(layer, hidden, mask, state, step):
-            shapes.append(tuple(hidden.shape[:2]))
-            return run(layer, hidden, mask, state, step)
-
-        calls.run = run_recorded
-        return calls
-
-    engine._static_calls = recording
-    for index, item in enumerate(items):
-        engine.submit(index, item["input_ids"], item.get("token_type_ids"))
-    with torch.no_grad():
-        finished = list(engine.run())
-    assert len(finished) == 30
-    assert {rows for rows, _ in shapes} <= set(engine.buckets.row_counts)
-    assert all(length % 8 == 0 for _, length in shapes)
-    assert engine.stats.host_syncs <= len(shapes)
-
-
-@needs_cuda
-def test_on_the_gpu_the_continuous_engine_captures_its_calls_and_replays_them_on_a_second_stream():
-    items = _sequences(48, seed=1, longest=30)
-    model, policy = spread_model("bert", "entropy", items)
-    model.cuda()
-    eek.patch(model, policy, step="auto")
-    first = list(eek.classify(model, items, max_batch_size=8))
-    engine = ContinuousEngine(model, max_batch_size=8)
-    assert engine.graphed
-    for index, item in enumerate(items):
-        engine.submit(index, item["input_ids"], item.get("token_type_ids"))
-    with torch.no_grad():
-        again = sorted(engine.run(), key=lambda f: f.key)
-    graphs = engine._calls.graphs
-    assert graphs.uncapturable is None, graphs.uncapturable
-    assert graphs.captures > 0 and graphs.replays >= graphs.captures
-    eek.patch(model, policy, step="exact")
-    exact = sorted(eek.classify(model, items, max_batch_size=8), key=lambda p: p.index)
-    assert [f.exit_layer for f in again] == [p.exit_layer for p in exact]
-    assert [p.exit_layer for p in sorted(first, key=lambda p: p.index)] == [p.exit_layer for p in exact]
 
 
 def test_new_head_weights_get_new_buffers_and_the_outputs_follow_them():

@@ -197,7 +197,8 @@ for s in $STEPS; do
     # The graphed step (issue 60): its outputs against the exact step's, captured and replayed, no
     # read-back between layers; the launch budget per layer. 150 s stay for the other graphed rows.
     correct_graphed)
-        RESERVE=150 correct correct_graphed python_tests/test_graphed_step.py python_tests/test_launch_budget.py
+        RESERVE=150 correct correct_graphed python_tests/test_graphed_step.py python_tests/test_graphed_calls.py \
+            python_tests/test_graphed_buckets.py python_tests/test_launch_budget.py
         ;;
     # The issue's main row first, with both peers; the compiled peer (a BERT-base compile) only there.
     graphed_b64_bf16) graphed graphed_b64_bf16 bf16 64 5 cuda-graphs,compile-reduce-overhead ;;

@@ -137,9 +137,11 @@ class PeerModels:
         if self._compiled is None:
             import torch._dynamo
 
-            for name in ("recompile_limit", "cache_size_limit"):
-                if hasattr(torch._dynamo.config, name):
-                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), _RECOMPILES))
+            config = torch._dynamo.config
+            if hasattr(config, "recompile_limit"):  # cache_size_limit before torch 2.6; an alias since
+                config.recompile_limit = max(config.recompile_limit, _RECOMPILES)
+            else:
+                config.cache_size_limit = max(config.cache_size_limit, _RECOMPILES)
             try:
                 with torch.inference_mode(False), torch.no_grad():
                     twin = copy.deepcopy(self.model)

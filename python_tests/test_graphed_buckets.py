@@ -1,0 +1,97 @@
+"""The graphed step's buckets and its late survivor count (engine/buckets.py), alone and in a forward."""
+
+import collections
+
+import pytest
+import torch
+from test_graphed_step import GPU_PLAN, batch_inputs, patched
+
+import earlyexit_kernels as eek
+from earlyexit_kernels.engine.buckets import DEFAULT_SIZES, ReadyCount, SurvivorLag, bucket_for, default_plan
+from earlyexit_kernels.engine.static_step import StaticBatches
+from earlyexit_kernels.patching.patch import current_adapter
+from earlyexit_kernels.patching.state import state_of
+
+
+def test_buckets_are_vllm_like_sizes():
+    assert [bucket_for(n) for n in (0, 1, 3, 5, 8, 9, 64, 65, 97, 256, 257, 300)] == [
+        0,
+        1,
+        4,
+        8,
+        8,
+        16,
+        64,
+        96,
+        128,
+        256,
+        320,
+        320,
+    ]
+    assert [bucket_for(n, None) for n in (0, 7, 300)] == [0, 7, 300]
+    with pytest.raises(ValueError, match="never negative"):
+        bucket_for(-1)
+    assert default_plan("cuda") == (DEFAULT_SIZES, 1) and default_plan("cpu") == (None, 0)
+
+
+class _Counted(ReadyCount):
+    """A count that remembers whether the host read it."""
+
+    def __init__(self, value, log, layer):
+        super().__init__(lambda: value)
+        self.log, self.layer = log, layer
+
+    def wait(self):
+        self.log.append(self.layer)
+        return super().wait()
+
+
+def test_a_count_is_read_lag_layers_after_its_layer():
+    reads = []
+    lag = SurvivorLag(64, lag=1)
+    assert lag.bucket_before(1) == 64
+    lag.publish(1, _Counted(50, reads, 1))
+    assert lag.bucket_before(2) == 64 and reads == []  # layer 1's count waits a layer
+    lag.publish(2, _Counted(30, reads, 2))
+    assert lag.bucket_before(3) == 56 and reads == [1]  # 50 rows: bucket 56
+    lag.publish(3, _Counted(0, reads, 3))
+    assert lag.bucket_before(4) == 32 and reads == [1, 2]
+    assert lag.bucket_before(5) == 0 and reads == [1, 2, 3]  # nobody left: stop
+    assert lag.buckets == [64, 64, 56, 32]
+
+
+def test_with_no_lag_each_count_picks_the_next_bucket_and_quiet_layers_keep_the_last():
+    lag = SurvivorLag(10, lag=0, sizes=None)
+    assert lag.bucket_before(1) == 10
+    assert lag.bucket_before(2) == 10  # layer 1 published nothing (nobody could leave)
+    lag.publish(2, ReadyCount(lambda: 7))
+    assert lag.bucket_before(3) == 7
+    with pytest.raises(ValueError, match="layer order"):
+        lag.publish(2, ReadyCount(lambda: 5))
+    with pytest.raises(ValueError, match="0 or more"):
+        SurvivorLag(4, lag=-1)
+
+
+def test_the_bucket_sequence_of_a_forward_follows_the_counts():
+    """Scheduled exits at known layers: the buckets each layer ran in, with the GPU's plan."""
+    schedule = torch.tensor([1] * 20 + [2] * 20 + [4] * 24)
+    model = patched(eek.Scheduled(schedule))
+    state_of(model).static_batches = StaticBatches(**GPU_PLAN)
+    inputs = batch_inputs(64, seed=2)
+    adapter = current_adapter(model)
+    seen = collections.Counter()
+    original = adapter.run_layer
+
+    def run_layer(index, hidden, layer_mask):
+        seen[index + 1, hidden.shape[0]] += 1
+        return original(index, hidden, layer_mask)
+
+    adapter.run_layer = run_layer
+    try:
+        with torch.no_grad():
+            out = model(**inputs)
+    finally:
+        del adapter.run_layer
+    assert torch.equal(out.exit_layer, schedule)
+    # layer 2 still runs 64 rows (layer 1's count is read a layer late), layer 3 runs 44 in 48
+    assert sorted(seen) == [(1, 64), (2, 64), (3, 48), (4, 24)]
