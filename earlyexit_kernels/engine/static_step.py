@@ -93,6 +93,8 @@ class StaticBatch:
         )
         self.graphs = StepGraphs(device)
         self.lock = threading.Lock()  # one forward at a time on these buffers
+        # (whether the heads run fused, the fused per-layer heads): built at the first forward
+        self.heads: tuple[bool, list | None] | None = None
 
     @staticmethod
     def _half(capacity, seq_len, hidden_size, dtype, device, mask, state) -> _Half:
@@ -315,11 +317,11 @@ def run_graphed(
         ),
     )
     halting_head = heads.halting_head(policy)
-    fused = can_fuse_head(backend, adapter)
-    if not hasattr(static, "pooled_heads") or static.pooled_heads_for != (fused, halting_head is None):
-        static.pooled_heads = pooled_exit_heads(backend, adapter, device, fused) if halting_head is None else None
-        static.pooled_heads_for = (fused, halting_head is None)
-    step = _Step(adapter, backend, policy, halting_head, fused, static.pooled_heads, dtype, batches.dead_fill)
+    if static.heads is None:  # once per buffers: their key holds the backend, adapter and heads' weights
+        fused = can_fuse_head(backend, adapter)
+        static.heads = (fused, pooled_exit_heads(backend, adapter, device, fused) if halting_head is None else None)
+    fused, pooled_heads = static.heads
+    step = _Step(adapter, backend, policy, halting_head, fused, pooled_heads, dtype, batches.dead_fill)
 
     # The CPU's plan (exact counts, read at once) also trims the padding nobody left needs, as
     # the exact step does: the same shapes, hence its bits. Fixed buckets keep the length.
