@@ -402,6 +402,27 @@ def test_on_the_gpu_threshold_policies_decide_as_the_exact_step_away_from_the_th
 
 
 @needs_cuda
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_on_the_gpu_nobody_exiting_gives_the_unpatched_model(attn):
+    """Bit for bit where the batch fills its bucket and has no padding (the unpatched model's shapes);
+    to rounding with a dead row and a length padded to 32."""
+    model = tiny_model("bert", attn=attn).cuda()
+    full_ids, _, full_types = tiny_batch(8, 12, padded=False)
+    ids, mask, token_types = tiny_batch(7, 12)
+    with torch.no_grad():
+        full_reference = model(input_ids=full_ids.cuda(), token_type_ids=full_types.cuda()).logits
+        reference = model(input_ids=ids.cuda(), attention_mask=mask.cuda(), token_type_ids=token_types.cuda()).logits
+    eek.patch(model, eek.Entropy(0.0), backend="auto", step="graphed")
+    spread_heads(model)
+    with torch.no_grad():
+        full = model(input_ids=full_ids.cuda(), token_type_ids=full_types.cuda())
+        out = model(input_ids=ids.cuda(), attention_mask=mask.cuda(), token_type_ids=token_types.cuda())
+    assert torch.equal(full.logits, full_reference)
+    torch.testing.assert_close(out.logits, reference, rtol=1e-4, atol=1e-5)
+    assert out.exit_layer.tolist() == [4] * 7
+
+
+@needs_cuda
 def test_on_the_gpu_auto_runs_graphed_and_nothing_is_read_back_between_layers(monkeypatch):
     model = patched(eek.Entropy(0.15), seed=3, step="auto").cuda()
     ids, mask, _ = tiny_batch(64, 30, seed=8)

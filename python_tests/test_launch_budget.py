@@ -10,6 +10,10 @@ embeddings and the layers themselves (the model's own work).
 - ``prologue``: before layer 1 (input checks, the padding extent, the mask);
 - ``quiet``: a layer where the policy cannot exit (no read-back, no write-back);
 - ``exiting``: a layer where rows may leave (one read-back: survivors and longest length).
+
+These are the exact step's budgets (``step="exact"``, which ``"auto"`` is on the CPU, and named
+here so that a GPU counts the same path); the graphed step reads nothing back between layers
+(``test_graphed_step.py``).
 """
 
 import collections
@@ -75,7 +79,7 @@ def measure(name: str, backend: str, monkeypatch):
     """Per layer (0 = prologue): (ops, read-backs), and the policy."""
     items = _sequences(64, seed=1, longest=60)
     model, policy = spread_model("bert", name, items)
-    eek.patch(model.to(backend_device(backend)), policy, backend=backend)
+    eek.patch(model.to(backend_device(backend)), policy, backend=backend, step="exact")
     longest = max(len(item["input_ids"]) for item in items)
     ids = torch.zeros(len(items), longest, dtype=torch.long)
     mask = torch.zeros(len(items), longest, dtype=torch.long)
@@ -221,7 +225,7 @@ def test_scheduled_runs_no_head_where_nobody_is_scheduled_to_leave(backend, monk
     # only counts the layers run (the batch-size-1 overhead of a model where nothing exits).
     if not eek.backends()[backend]:
         pytest.skip(eek.backend_status()[backend])
-    model = eek.patch(tiny_model("bert", num_layers=4), eek.Scheduled([2, 4, 4]), backend=backend)
+    model = eek.patch(tiny_model("bert", num_layers=4), eek.Scheduled([2, 4, 4]), backend=backend, step="exact")
     ids, mask, _ = tiny_batch(3, 12, seed=0)
     per_layer, out, ops = count(model, ids, mask, monkeypatch)
     assert out.exit_layer.tolist() == [2, 4, 4]
@@ -251,7 +255,7 @@ def test_mean_pooled_mlp_heads_stay_within_budget(backend, monkeypatch):
     if not eek.backends()[backend]:
         pytest.skip(f"backend {backend!r}: {eek.backend_status()[backend]}")
     model, policy, ids, mask = _mlp_head_model()
-    eek.patch(model.to(backend_device(backend)), policy, backend=backend)
+    eek.patch(model.to(backend_device(backend)), policy, backend=backend, step="exact")
     per_layer, out, ops = count(model, ids, mask, monkeypatch)
     exiting = range(1, int(out.exit_layer.max()))
     assert len(set(out.exit_layer.tolist())) >= 3, "the test needs rows leaving at several layers"
