@@ -85,3 +85,25 @@ def test_on_the_gpu_the_continuous_engine_captures_its_calls_and_replays_them_on
     exact = sorted(eek.classify(model, items, max_batch_size=8), key=lambda p: p.index)
     assert [f.exit_layer for f in again] == [p.exit_layer for p in exact]
     assert [p.exit_layer for p in sorted(first, key=lambda p: p.index)] == [p.exit_layer for p in exact]
+
+
+def test_a_new_policy_reaches_the_graphed_calls():
+    """set_policy (online re-certification) between steps: the next calls decide with the new
+    thresholds, the captured graphs that held the old ones are dropped (on CUDA)."""
+    items = _sequences(32, seed=3, longest=30)
+    model, policy = spread_model("bert", "entropy", items)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    eek.patch(model, policy, step="graphed")
+    engine = ContinuousEngine(model, max_batch_size=8)
+    for index, item in enumerate(items[:16]):
+        engine.submit(index, item["input_ids"], item.get("token_type_ids"))
+    with torch.no_grad():
+        first = list(engine.run())
+    engine.set_policy(eek.Entropy(0.0))  # nobody leaves before the last layer
+    for index, item in enumerate(items[16:], start=16):
+        engine.submit(index, item["input_ids"], item.get("token_type_ids"))
+    with torch.no_grad():
+        after = list(engine.run())
+    assert any(f.exit_layer < model.config.num_hidden_layers for f in first)
+    assert all(f.exit_layer == model.config.num_hidden_layers for f in after)

@@ -345,6 +345,7 @@ class ContinuousEngine:
             layer == self.num_layers or can_exit_before_last(policy, layer) for layer in range(1, self.num_layers + 1)
         ]
         self._fused, self._prepared = None, []  # the prepared head steps hold the thresholds: made again
+        self._calls = None  # and so do the graphed calls' captured graphs
 
     def check_policy(self, policy) -> None:
         """A ``ValueError`` unless :meth:`set_policy` can take ``policy``; reads the engine, changes nothing."""
