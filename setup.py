@@ -72,20 +72,26 @@ def _set_max_jobs() -> None:
     os.environ["MAX_JOBS"] = str(max(1, jobs))
 
 
-def _compiler_accepts(flag: str) -> bool:
+def _compiles(source: str, args: list[str]) -> bool:
+    """Whether the C++ compiler (``$CXX``, else c++ or g++) takes ``source`` with these arguments
+    (``-o`` a file in a temporary folder appended)."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not compiler:
         return False
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "probe.cpp")
         with open(src, "w") as f:
-            f.write("int main() { return 0; }\n")
+            f.write(source)
         result = subprocess.run(
-            [compiler, flag, "-c", src, "-o", os.path.join(tmp, "probe.o")],
+            [*shlex.split(compiler), src, *args, "-o", os.path.join(tmp, "probe.out")],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
     return result.returncode == 0
+
+
+def _compiler_accepts(flag: str) -> bool:
+    return _compiles("int main() { return 0; }\n", [flag, "-c"])
 
 
 # libstdc++ is linked as the shared library, never into the extension. The first GPU session's
@@ -107,19 +113,7 @@ LINK_ENVIRONMENT = ("LDFLAGS", "LDSHARED", "LDCXXSHARED", "CFLAGS", "CXXFLAGS", 
 
 def _links_with(args: list[str]) -> bool:
     """Whether the C++ compiler links a shared object with these extra arguments."""
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not compiler:
-        return False
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "probe.cpp")
-        with open(src, "w") as f:
-            f.write("int eek_probe() { return 0; }\n")
-        result = subprocess.run(
-            [*shlex.split(compiler), "-shared", "-fPIC", src, "-o", os.path.join(tmp, "probe.so"), *args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    return result.returncode == 0
+    return _compiles("int eek_probe() { return 0; }\n", ["-shared", "-fPIC", *args])
 
 
 def extension_link_args() -> list[str]:

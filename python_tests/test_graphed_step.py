@@ -201,34 +201,39 @@ class _Shapes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def loaded_step(model, inputs, policy, bucket):
+    """One forward's buffers with ``inputs`` loaded in a bucket of ``bucket`` rows, and its step."""
+    adapter = current_adapter(model)
+    batch = len(inputs["input_ids"])
+    hidden = adapter.embed(inputs["input_ids"], inputs["token_type_ids"], None, None, inputs["attention_mask"])
+    state0 = init_state(policy, batch, 3, 32, 4, hidden.device)
+    static = StaticBatch(
+        capacity=bucket,
+        seq_len=hidden.shape[1],
+        hidden_size=32,
+        num_labels=3,
+        num_layers=4,
+        dtype=hidden.dtype,
+        wide=torch.float32,
+        device=hidden.device,
+        mask=inputs["attention_mask"],
+        state=state0,
+    )
+    _load(static, hidden, inputs["attention_mask"], state0, batch, bucket)
+    return static, _Step(adapter, _torch_backend(), policy, None, False, None, hidden.dtype, None)
+
+
 def step_ops(model, inputs, schedule, layer, bucket):
     """The ops of one (layer, bucket) step after loading ``inputs`` with ``Scheduled(schedule)``."""
-    adapter = current_adapter(model)
-    policy = eek.Scheduled(schedule)
-    batch = len(schedule)
     with torch.no_grad():
-        hidden = adapter.embed(inputs["input_ids"], inputs["token_type_ids"], None, None, inputs["attention_mask"])
-        state0 = init_state(policy, batch, 3, 32, 4, hidden.device)
-        static = StaticBatch(
-            capacity=bucket,
-            seq_len=hidden.shape[1],
-            hidden_size=32,
-            num_labels=3,
-            num_layers=4,
-            dtype=hidden.dtype,
-            wide=torch.float32,
-            device=hidden.device,
-            mask=inputs["attention_mask"],
-            state=state0,
-        )
-        _load(static, hidden, inputs["attention_mask"], state0, batch, bucket)
-        step = _Step(adapter, _torch_backend(), policy, None, False, None, hidden.dtype, None)
+        static, step = loaded_step(model, inputs, eek.Scheduled(schedule), bucket)
+        length = static.halves[0].hidden.shape[1]
         shapes = _Shapes()
         with shapes:
             for previous in range(1, layer):
-                _layer_step(step, static, previous, bucket, True, static.halves[0].hidden.shape[1])
+                _layer_step(step, static, previous, bucket, True, length)
             shapes.ops.clear()
-            _layer_step(step, static, layer, bucket, True, static.halves[0].hidden.shape[1])
+            _layer_step(step, static, layer, bucket, True, length)
     return shapes.ops
 
 
@@ -250,26 +255,8 @@ def test_a_steps_ops_and_shapes_are_the_same_for_every_exit_pattern_in_a_bucket(
 def test_torch_compile_traces_a_step_without_a_graph_break():
     """The CPU's proxy for "capturable": the whole step is one graph (no data-dependent shape or read)."""
     model = patched(eek.Entropy(0.15))
-    adapter = current_adapter(model)
-    inputs = batch_inputs(8)
-    policy = eek.Entropy(0.15)
     with torch.no_grad():
-        hidden = adapter.embed(inputs["input_ids"], inputs["token_type_ids"], None, None, inputs["attention_mask"])
-        state0 = init_state(policy, 8, 3, 32, 4, hidden.device)
-        static = StaticBatch(
-            capacity=8,
-            seq_len=12,
-            hidden_size=32,
-            num_labels=3,
-            num_layers=4,
-            dtype=hidden.dtype,
-            wide=torch.float32,
-            device=hidden.device,
-            mask=inputs["attention_mask"],
-            state=state0,
-        )
-        _load(static, hidden, inputs["attention_mask"], state0, 8, 8)
-        step = _Step(adapter, _torch_backend(), policy, None, False, None, hidden.dtype, None)
+        static, step = loaded_step(model, batch_inputs(8), eek.Entropy(0.15), 8)
 
         def layer_two():
             _layer_step(step, static, 2, 8, True, 12)

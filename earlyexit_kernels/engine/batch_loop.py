@@ -29,7 +29,7 @@ from earlyexit_kernels.engine.module_weights import fusable_head_weights
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state, needs_head_when_none_can_exit
 from earlyexit_kernels.methods.policies import ExitPolicy, Scheduled, SkipGates
 
-__all__ = ["EncoderAdapter", "ExitResult", "can_fuse_head", "head_and_exit_step", "run_early_exit"]
+__all__ = ["EncoderAdapter", "ExitResult", "can_fuse_head", "head_and_exit_step", "run_early_exit", "trimmed_inputs"]
 
 
 class EncoderAdapter(Protocol):
@@ -146,19 +146,8 @@ def run_early_exit(
     rows = torch.arange(batch, device=device)  # original position of each active row
     runs = torch.zeros(batch, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    extents = None
     length_multiple = getattr(adapter, "length_multiple", 1)
-    if mask is not None:
-        if mask_summary is None:
-            extents = mask_extents(mask)
-            longest, padded = (int(v) for v in torch.stack([extents.max(), (mask == 0).sum()]).tolist())
-            result.host_syncs += 1
-        else:
-            extents, longest, padded = mask_summary
-        if padded == 0:
-            mask, extents = None, None  # no padding: layers run without a mask, as in Hugging Face
-        elif not all_exits:
-            hidden, mask = trim(hidden, mask, _kept_length(longest, hidden.shape[1], length_multiple))
+    hidden, mask, extents = trimmed_inputs(hidden, mask, mask_summary, result, length_multiple, trims=not all_exits)
     layer_mask = adapter.layer_mask(mask, dtype)
 
     if all_exits:
@@ -299,6 +288,26 @@ def run_early_exit(
             layer_mask = adapter.layer_mask(mask, dtype)
     result.logits = _round_keeping_argmax(out_logits, out_dtype)
     return result
+
+
+def trimmed_inputs(hidden, mask, mask_summary, result: ExitResult, length_multiple: int, *, trims: bool = True):
+    """The layers' first input: ``(hidden, mask, extents)`` with the padding no row needs trimmed
+    (``trims``), and ``mask`` and ``extents`` None where nothing is padded (the layers then run
+    without a mask, as in Hugging Face). Reads the mask's summary back (counted in ``result``)
+    unless ``mask_summary`` gives it."""
+    if mask is None:
+        return hidden, None, None
+    if mask_summary is None:
+        extents = mask_extents(mask)
+        longest, padded = (int(v) for v in torch.stack([extents.max(), (mask == 0).sum()]).tolist())
+        result.host_syncs += 1
+    else:
+        extents, longest, padded = mask_summary
+    if padded == 0:
+        return hidden, None, None
+    if trims:
+        hidden, mask = trim(hidden, mask, _kept_length(longest, hidden.shape[1], length_multiple))
+    return hidden, mask, extents
 
 
 def _output_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:

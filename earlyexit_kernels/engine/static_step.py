@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import torch
 
-from earlyexit_kernels.backends.compaction import trim
 from earlyexit_kernels.backends.registry import Backend
 from earlyexit_kernels.engine.batch_loop import (
     ExitResult,
@@ -45,6 +44,7 @@ from earlyexit_kernels.engine.batch_loop import (
     head_and_exit_step,
     mask_extents,
     pooled_exit_heads,
+    trimmed_inputs,
 )
 from earlyexit_kernels.engine.buckets import ReadyCount, SurvivorLag, bucket_for, default_plan
 from earlyexit_kernels.engine.heads import ExitHeads
@@ -280,19 +280,9 @@ def run_graphed(
     if scheduled_counts is not None:
         result.host_syncs += 1
     length_multiple = getattr(adapter, "length_multiple", 1)
-    if mask is not None:
-        if mask_summary is None:
-            extents = mask_extents(mask)
-            longest, padded = (int(v) for v in torch.stack([extents.max(), (mask == 0).sum()]).tolist())
-            result.host_syncs += 1
-        else:
-            _, longest, padded = mask_summary
-        if padded == 0:
-            mask = None
-        else:
-            hidden, mask = trim(hidden, mask, _kept_length(longest, hidden.shape[1], length_multiple))
-            if on_gpu:
-                hidden, mask = _pad_length(hidden, mask, _lcm(CUDA_LENGTH_STEP, length_multiple))
+    hidden, mask, _ = trimmed_inputs(hidden, mask, mask_summary, result, length_multiple)
+    if mask is not None and on_gpu:
+        hidden, mask = _pad_length(hidden, mask, _lcm(CUDA_LENGTH_STEP, length_multiple))
     seq_len = hidden.shape[1]
 
     state0 = init_state(policy, batch, num_labels, hidden_size, num_layers, device, pooled_dtype=dtype)
