@@ -555,7 +555,10 @@ class ContinuousEngine:
                 wide=wide,
                 device=self.device,
                 state=self._state,
-                capture=self.device.type == "cuda" and not torch.is_grad_enabled(),
+                # not under autocast: a captured graph would read the cast weights its region frees
+                capture=self.device.type == "cuda"
+                and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cuda"),
             )
         return self._calls
 
