@@ -2,14 +2,20 @@
 
 (e), compile=True, is left out here (its first compile alone takes ~20 s on 2 cores); that a
 compiled stream compiles nothing after its warm-up is python_tests/test_classify.py's.
+The CUDA path (``--device cuda``) runs in scripts/gpu_session.sh's ``stream_bf16`` step; here,
+its refusal without CUDA, bf16 on the CPU and the report a GPU's rows give.
 """
 
 import csv
+import tempfile
+from pathlib import Path
 
+import pytest
 import torch
 
 from earlyexit_kernels.bench import stream
 from earlyexit_kernels.bench.stream import COLUMNS, StreamConfig, run, stream_lengths
+from earlyexit_kernels.bench.stream_device import default_name
 
 
 def test_the_stream_benchmark_writes_its_csv_table_and_plot(tmp_path):
@@ -62,3 +68,69 @@ def test_the_calibration_hits_its_target_share():
         layers = stream.exit_layers_at(entropies, threshold)
         assert abs((1 - layers.float().mean().item() / 6) - saved) < 0.02
     assert stream.calibrate(entropies, 0.0) == 0.0
+
+
+def test_the_default_cpu_run_keeps_the_committed_columns_and_name():
+    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "stream_cpu.csv"
+    with open(committed) as file:
+        assert next(csv.reader(file)) == COLUMNS
+    assert default_name("cpu", "fp32") == "stream_cpu" and default_name("cuda", "bf16") == "stream_cuda_bf16"
+    assert StreamConfig().device == "cpu" and StreamConfig().dtype == "fp32"
+
+
+def test_the_cli_refuses_cuda_without_it_and_an_unknown_dtype(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        stream.main(["--device", "cuda", "--output-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        stream.main(["--dtype", "int8", "--output-dir", str(tmp_path)])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        run(StreamConfig(dtype="int8"), tmp_path)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        run(StreamConfig(device="cuda"), tmp_path)
+    assert not list(tmp_path.iterdir())  # refused before any work
+
+
+def test_bf16_runs_end_to_end_on_the_cpu_and_the_report_names_the_dtype(tmp_path, capsys):
+    argv = "--dtype bf16 --sequences 64 --hidden 32 --layers 4 --repeats 1 --saved 0.5 --no-compile --no-memory"
+    assert stream.main([*argv.split(), "--output-dir", str(tmp_path), "--threads", "1"]) == 0
+    with open(tmp_path / "stream_cpu_bf16.csv") as file:
+        written = list(csv.DictReader(file))
+    assert list(written[0]) == COLUMNS
+    assert {r["method"][:3] for r in written} == {"(a)", "(b)", "(c)", "(d)"}
+    assert all(r["device"] == "cpu" and r["model"].endswith(" in bf16") for r in written)
+    table = (tmp_path / "stream_cpu_bf16.md").read_text()
+    assert "random BERT H32 L4 heads 1 in bf16" in table and "--dtype bf16" in table
+    assert "issue 60" not in table  # the GPU's target only on the GPU
+    assert "\nStream of 64 sequences" in capsys.readouterr().out  # the table, printed after the progress
+
+    # The same rows as a GPU would write them: the GPU named, no peak memory, issue 60's target checked.
+    for row in written:
+        row["device"] = "cuda (NVIDIA H200)"
+    gpu_csv = tmp_path / "gpu.csv"
+    with open(gpu_csv, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(written)
+    table = stream.markdown(gpu_csv)
+    assert "cuda (NVIDIA H200) (1 host threads)" in table and "Peak: not measured on cuda." in table
+    assert "Targets (issues 10 and 60)" in table
+    assert "- (d) >= 0.85 of the token-layer ideal on the GPU (issue 60): " in table
+
+
+def test_the_models_are_calibrated_in_float32_then_cast():
+    config = StreamConfig(sequences=32, hidden=32, layers=3, heads=1, dtype="bf16")
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer, _, ids = stream.make_corpus(config, Path(folder))
+    unpatched, patched, entropies = stream.make_models(config, len(tokenizer), stream.sorted_batches(ids, 16))
+    assert entropies.dtype == torch.float32 and entropies.shape == (32, 2)
+    assert {p.dtype for p in unpatched.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in patched.parameters()} == {torch.bfloat16}
+    reference, _, fp32_entropies = stream.make_models(
+        StreamConfig(sequences=32, hidden=32, layers=3, heads=1), len(tokenizer), stream.sorted_batches(ids, 16)
+    )
+    assert torch.equal(entropies, fp32_entropies)  # the calibration does not see the dtype
+    assert torch.equal(reference.classifier.weight.to(torch.bfloat16), unpatched.classifier.weight)

@@ -30,7 +30,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "scripts/gpu_session.sh"
 FIRST_PLAN = (
-    "probe build_cuda_forced build graphed_b64_bf16 correct_graphed graphed_b64_fp32 graphed_b256_bf16 "
+    "probe build_cuda_forced build graphed_b64_bf16 correct_graphed graphed_b64_fp32 graphed_b256_bf16 stream_bf16 "
     "correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck speed_b32_b256"
 ).split()
 NEEDS_GPU = [s for s in FIRST_PLAN if s not in ("probe", "build_cuda_forced", "build")]

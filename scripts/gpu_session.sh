@@ -12,21 +12,24 @@
 # The first plan measures the graphed step first (issue 60): its tests (correct_graphed), then
 # BERT-base at S = 128 in bf16 at B = 64 and 256 and in fp32 at B = 64 (graphed_*), each with
 # Scheduled and its Entropy variant, the exact and graphed steps, beside the unpatched model eager,
-# captured in a CUDA graph and torch.compile'd (mode="reduce-overhead").
+# captured in a CUDA graph and torch.compile'd (mode="reduce-overhead"). Then eek.classify over a
+# stream on the GPU in bf16 (stream_bf16: earlyexit_kernels.bench.stream, a random BERT H = 768,
+# 2048 sequences; issue 60's target: (d) at 0.85 of the token-layer ideal or more), its table
+# brought back as stream_cuda_bf16.md.
 #
 # PY (python3), DEADLINE_S (500: seconds from the start after which no step runs), STEPS (some
 # of the plan's steps, in the plan's order), WORK (logs, default a new folder under /tmp),
 # REHEARSE_SPEED (set on a machine without CUDA: the graphed_* steps run there anyway, on the
 # CPU with a tiny model, B = 8 and S = 16, so that their command line is rehearsed).
 # $OUT ends with at most 8 files, each refreshed after every step: summary.txt, junit.xml,
-# bench.csv, logs.tar.gz, and micro.json in the second plan.
+# bench.csv, logs.tar.gz, stream_cuda_bf16.md in the first plan, and micro.json in the second.
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder for the results}
 PLAN=${PLAN:-first}
 PY=${PY:-python3}
 DEADLINE_S=${DEADLINE_S:-500}
 case $PLAN in
-first) PLAN_STEPS="probe build graphed_b64_bf16 correct_graphed graphed_b64_fp32 graphed_b256_bf16 correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck speed_b32_b256" ;;
+first) PLAN_STEPS="probe build graphed_b64_bf16 correct_graphed graphed_b64_fp32 graphed_b256_bf16 stream_bf16 correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck speed_b32_b256" ;;
 second) PLAN_STEPS="probe build sweep gpu_only defects sanitizers micro" ;;
 *)
     echo "PLAN must be first or second, not $PLAN" >&2
@@ -204,6 +207,22 @@ for s in $STEPS; do
     graphed_b64_bf16) graphed graphed_b64_bf16 bf16 64 5 cuda-graphs,compile-reduce-overhead ;;
     graphed_b64_fp32) graphed graphed_b64_fp32 fp32 64 3 cuda-graphs ;;
     graphed_b256_bf16) graphed graphed_b256_bf16 bf16 256 3 cuda-graphs ;;
+    # eek.classify over a stream in bf16 (issue 60): methods (a)-(d) against the token-layer ideal, half
+    # the layers saved (the target's one number; no compile, whose BERT-base warm-up would not fit).
+    stream_bf16)
+        if ((!HAVE_CUDA)); then
+            skip stream_bf16 "$NO_GPU"
+            continue
+        fi
+        step stream_bf16 60 150 "$PY" -m earlyexit_kernels.bench.stream --device cuda --dtype bf16 --hidden 768 \
+            --layers 12 --sequences 2048 --max-batch-size 64 --repeats 3 --no-memory --no-compile --saved 0.5 \
+            --output-dir "$LOGS/stream_bf16" --name stream_cuda_bf16
+        if [[ -f "$LOGS/stream_bf16/stream_cuda_bf16.md" ]]; then
+            cp "$LOGS/stream_bf16/stream_cuda_bf16.md" "$OUT/stream_cuda_bf16.md"
+            record "stream_bf16 $(grep -m 1 'issue 60' "$LOGS/stream_bf16/stream_cuda_bf16.md" || echo '- no (d) row')"
+            refresh
+        fi
+        ;;
     # The fused kernels (CUDA C++, C++, Triton) against the PyTorch reference.
     correct_kernels)
         correct correct_kernels python_tests/test_cuda_kernels.py python_tests/test_cpp_exit_step.py \
