@@ -186,7 +186,7 @@ for s in $STEPS; do
         # libstdc++ code into _C, and a CPU op's error message with a number then segfaulted).
         step build_cuda_forced 30 240 env EARLYEXIT_FORCE_CUDA_BUILD=1 "$PY" -m pip install -v --no-build-isolation --no-deps -e .
         if ! grep -q "^build_cuda_forced: ok" "$STEP_LINES"; then
-            step build 30 240 "$PY" -m pip install --no-build-isolation --no-deps -e .
+            step build 30 240 "$PY" -m pip install -v --no-build-isolation --no-deps -e .
         fi
         [[ ! -f "$LOGS/build_cuda_forced.log" ]] || record "installed: $("$PY" -c "import earlyexit_kernels as e; print(e.__file__, e.backend_status())" 2>&1 | tail -n 1)"
         # The link line the build printed, and whether the extension defines libstdc++'s stream or
