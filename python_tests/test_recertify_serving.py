@@ -217,3 +217,36 @@ def _tokenizer(folder):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder)
+
+
+def test_a_record_that_certifies_no_saving_leaves_the_folder_as_it_was_unless_forced(
+    saved_classifier, tmp_path, capsys
+):
+    """eek calibrate --from-audit on rows where every early exit disagrees with the full model: only
+    full depth is certified, which saves nothing. The folder keeps its policy, byte for byte, and the
+    command says why; --force writes it."""
+    import torch
+
+    from earlyexit_kernels.integrations.cli import main
+
+    folder = Path(certified_folder(saved_classifier, tmp_path / "folder", start=1))  # serving AT_LAYER_3
+    num_labels = json.loads((folder / "config.json").read_text()).get("num_labels") or len(
+        json.loads((folder / "config.json").read_text())["id2label"]
+    )
+    logits = torch.zeros(4, 300, num_labels)
+    logits[:3, :, 0] = 6.0  # layers 1-3: confident in label 0, so every candidate path exits there
+    logits[3, :, 1] = 6.0  # the full model: label 1 on every row
+    record = tmp_path / "audit.pt"
+    payload = {"all_logits": logits, "served": AT_LAYER_3.to_code(), "path": [p.to_code() for p in PATH]}
+    torch.save({**payload, "epoch": 1, "multi_label": False}, record)
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+    assert main(["calibrate", str(folder), "--from-audit", str(record)]) == 0
+    out = capsys.readouterr().out
+    assert "not written:" in out and "keeps its policy" in out and "--force" in out and "rewrote" not in out
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    assert eek.policy_of(eek.from_pretrained(folder)) == AT_LAYER_3
+
+    assert main(["calibrate", str(folder), "--from-audit", str(record), "--force"]) == 0
+    assert "rewrote" in capsys.readouterr().out
+    assert eek.policy_of(eek.from_pretrained(folder)) == FULL_DEPTH

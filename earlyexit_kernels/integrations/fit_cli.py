@@ -198,7 +198,8 @@ def _add_calibrate(commands) -> None:
             "probability --confidence for rows like FILE's, as eek fit certifies. Give rows the classifier never "
             "trained on (its validation split, a sample of what it serves), labelled (accuracy lost against the "
             "full model) or not (disagreement with it). FOLDER's policy and eek_fit.json are rewritten in place, "
-            "so eek serve and its audit watch use the new certificate. Errors: one line starting with 'error:', "
+            "so eek serve and its audit watch use the new certificate; a result that certifies no saving (the "
+            "target not met, or every layer run) leaves FOLDER as it was and says so, unless --force. Errors: one line starting with 'error:', "
             "exit status 2."
         ),
     )
@@ -213,6 +214,12 @@ def _add_calibrate(commands) -> None:
         help="certify on the audited rows a server recorded (eek serve --audit-record RECORD: what it served since "
         "its last pull-back, every head's logits) instead of FILE: the served certificate written back, so that a "
         "restart keeps it",
+    )
+    calibrate.add_argument(
+        "--force",
+        action="store_true",
+        help="write the result even where it certifies no saving (the target not met, or every layer run); "
+        "without it FOLDER keeps its policy then, and the command says why",
     )
     _add_data_options(calibrate, for_fit=False)
     calibrate.add_argument(
@@ -442,12 +449,16 @@ def _calibrate(args) -> int:
                 max_drop=args.max_drop,
                 confidence="saved" if args.confidence is _SAVED else args.confidence,
                 from_audit=args.from_audit,
+                force=args.force,
             )
         except RecertifyError as error:
             raise FitError(str(error)) from None
         for line in report.summary():
             print(line)
-        print(f"rewrote {args.folder}: its policy and eek_fit.json hold the certificate served from {args.from_audit}")
+        if report.kept is None:
+            print(
+                f"rewrote {args.folder}: its policy and eek_fit.json hold the certificate served from {args.from_audit}"
+            )
         return 0
     data = read_labelled(
         args.data,
@@ -466,8 +477,10 @@ def _calibrate(args) -> int:
         source=str(args.data),
         dtype=args.dtype,
         device=args.device,
+        force=args.force,
     )
     for line in report.summary():
         print(line)
-    print(f"rewrote {args.folder}: its policy and eek_fit.json hold the new threshold and certificate")
+    if report.kept is None:
+        print(f"rewrote {args.folder}: its policy and eek_fit.json hold the new threshold and certificate")
     return 0

@@ -62,6 +62,7 @@ def calibrate_folder(
     dtype: str | None = None,
     device: str = "auto",
     from_audit: str | None = None,
+    force: bool = False,
 ):
     """Re-certify the folder ``path`` on ``data`` (:class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`)
     and write it back; returns the :class:`~earlyexit_kernels.training.calibrate_texts.CalibrationReport`.
@@ -77,6 +78,10 @@ def calibrate_folder(
     the rows were (a file name), recorded in ``eek_fit.json``. ``dtype`` / ``device``: the base the
     threshold is certified on (:func:`~earlyexit_kernels.engine.precision.to_base`; None: as saved),
     recorded in ``eek_fit.json`` as ``base``: certify on the base you serve.
+
+    A result that certifies no saving (the target not met, or a policy that runs every layer) is not
+    written: the folder keeps its policy and ``report.kept`` says why, unless ``force``. Nothing a
+    user saved is replaced by something worse without being asked.
     """
     from earlyexit_kernels.engine.precision import to_base
     from earlyexit_kernels.integrations.model_folder import load_model
@@ -97,7 +102,8 @@ def calibrate_folder(
         record, served = _audit_record(path, from_audit, model)
         report = calibrate_record(model, record, max_drop=max_drop, confidence=confidence, path=saved_path(path))
         source = source or f"{record.all_logits.shape[1]} audited rows of {from_audit} (served: {served})"
-        _write_back(Path(path), model, report, source, "as served")
+        if _written(path, report, force):
+            _write_back(Path(path), model, report, source, "as served")
         return report
     to_base(model, dtype, device)
     report = calibrate_texts(
@@ -110,8 +116,18 @@ def calibrate_folder(
         max_length=max_length,
         path=saved_path(path),
     )
-    _write_back(Path(path), model, report, source or "rows given to eek calibrate", dtype or "as saved")
+    if _written(path, report, force):
+        _write_back(Path(path), model, report, source or "rows given to eek calibrate", dtype or "as saved")
     return report
+
+
+def _written(folder: str, report, force: bool) -> bool:
+    """Whether ``report``'s policy goes into ``folder``; where not, ``report.kept`` says why."""
+    reason = report.saving_refused()
+    if reason is None or force:
+        return True
+    report.kept = f"{folder} keeps its policy {report.previous_policy}: {reason} (--force writes it anyway)"
+    return False
 
 
 def _audit_record(folder: str, audit_file: str, model):

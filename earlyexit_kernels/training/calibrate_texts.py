@@ -51,6 +51,7 @@ class CalibrationReport:
     met: bool
     certificate: dict | None = None
     warnings: list[str] = field(default_factory=list)
+    kept: str | None = None  # why the folder kept its policy instead (eek calibrate without --force)
 
     def as_dict(self) -> dict:
         return dict(vars(self))
@@ -68,7 +69,18 @@ class CalibrationReport:
         if self.certificate is not None:
             lines.append(_describe_certificate(self.certificate))
         lines += [f"warning: {w}" for w in self.warnings]
+        if self.kept is not None:
+            lines.append(f"not written: {self.kept}")
         return lines
+
+    def saving_refused(self) -> str | None:
+        """Why this result must not replace a folder's policy: it certifies no saving (the target was
+        not met, or the chosen policy runs every layer). None where it does."""
+        if not self.met:
+            return "the target was not met on these rows"
+        if self.mean_layers >= self.num_layers:
+            return f"the policy certified runs every layer ({self.mean_layers:.2f} of {self.num_layers}): no saving"
+        return None
 
 
 def calibrate_texts(
