@@ -232,6 +232,14 @@ def _add_serve_command(commands) -> None:
         default=None,
         help="most inputs (or rerank texts) in one request; more get 413 naming this limit (default: --max-queue)",
     )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=2_000_000,
+        metavar="N",
+        help="the largest request body taken; a larger one gets 413 before it is read whole (default: 2000000, "
+        "TEI's payload limit)",
+    )
     _add_audit_options(serve, "sequences", "at /metrics (eek_audit_*)")
     add_recertify_options(serve, "sequences")
     serve.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
@@ -459,9 +467,12 @@ def _serve(args) -> int:
         compile=args.compile,
         api_key=args.api_key if args.api_key is not None else os.environ.get("EEK_API_KEY") or None,
         max_client_batch_size=args.max_client_batch_size,
+        max_body_bytes=args.max_body_bytes,
     )
     if args.max_client_batch_size is not None and args.max_client_batch_size < 1:
         raise CliError(f"--max-client-batch-size must be >= 1, got {args.max_client_batch_size}")
+    if args.max_body_bytes < 1:
+        raise CliError(f"--max-body-bytes must be >= 1 (bytes), got {args.max_body_bytes}")
     options.update(_audit_options(args, "sequences"))
     _set_threads(args.threads)
     if args.replicas is not None:

@@ -31,6 +31,11 @@ import hmac
 import time
 
 from earlyexit_kernels.engine.background import BackgroundEngine, QueueFull
+from earlyexit_kernels.integrations.server.body_limit import (
+    DEFAULT_MAX_BODY_BYTES,
+    BodyLimitMiddleware,
+    check_max_body_bytes,
+)
 from earlyexit_kernels.integrations.server.classify_schema import format_classify_answer, parse_classify_request
 from earlyexit_kernels.integrations.server.cohere_rerank_schema import (
     CohereRerankRequest,
@@ -73,6 +78,7 @@ def create_app(
     recertify=None,
     audit_record: str | None = None,
     max_age: int | str | None = "auto",
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ):
     """A Starlette app serving the patched ``model``; the engine starts with the app.
 
@@ -94,8 +100,9 @@ def create_app(
     are written to, for ``eek calibrate FOLDER --from-audit``. ``max_age``: bounded waiting, the layer
     calls after which a sequence the engine thread took is served first
     (:mod:`earlyexit_kernels.engine.aging`): ``"auto"`` (default, 2 x the layers), an integer >= 0 (0:
-    strictly oldest first) or None (no age rule). Other options as
-    :class:`earlyexit_kernels.engine.continuous.ContinuousEngine`.
+    strictly oldest first) or None (no age rule). ``max_body_bytes``: the largest request body
+    taken; a larger one gets 413 before it is read whole (:mod:`.body_limit`, TEI's default of
+    2,000,000 bytes). Other options as :class:`earlyexit_kernels.engine.continuous.ContinuousEngine`.
     """
     from contextlib import asynccontextmanager
 
@@ -113,6 +120,7 @@ def create_app(
     from earlyexit_kernels.integrations.server.request_id import RequestIdMiddleware
     from earlyexit_kernels.integrations.server.served_model import models_answer
 
+    check_max_body_bytes(max_body_bytes)
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise ValueError("api_key must be a non-empty string or None")
     if max_client_batch_size is None:
@@ -317,7 +325,8 @@ def create_app(
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(RequestIdMiddleware)],
+        # the request id outermost, so that a body refused for its size carries one too
+        middleware=[Middleware(RequestIdMiddleware), Middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)],
         exception_handlers={HTTPException: http_error},
     )
     app.state.eek = state
