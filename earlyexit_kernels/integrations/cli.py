@@ -158,8 +158,9 @@ def _add_serve_command(commands) -> None:
         description=(
             "Serve MODEL over HTTP. Routes: POST /predict (text-embeddings-inference's shapes), POST /classify and "
             "POST /v1/classify (Infinity's and vLLM's: {model, input}), POST /rerank and POST /v1/rerank (TEI's "
-            "shape or Cohere's: query with texts or documents; one-output models), POST / (the Hugging Face "
-            "Inference API's text classification), GET /v1/models, GET /health, GET /info, GET /metrics "
+            "shape or Cohere's: query with texts or documents; one-output models), POST /v2/rerank (Cohere's v2, "
+            "cohere.ClientV2), POST / (the Hugging Face Inference API's text classification), GET /v1/models "
+            "(OpenAI's shape), GET /models (Infinity's), GET /health, GET /info, GET /metrics "
             "(Prometheus), GET /openapi.json (the OpenAPI document), GET /docs (the same as a page). Every answer "
             "adds exit_layer and layers_run, and carries x-request-id (the client's X-Request-Id, or a new one). "
             "Sequences of all requests in flight share the continuous early-exit engine; each request is answered "
@@ -231,6 +232,13 @@ def _add_serve_command(commands) -> None:
         type=int,
         default=None,
         help="most inputs (or rerank texts) in one request; more get 413 naming this limit (default: --max-queue)",
+    )
+    serve.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help="the model's name in answers, /info and GET /models, and what requests' \"model\" may say (default: "
+        "MODEL's folder name, never its path; a Hub id as given)",
     )
     serve.add_argument(
         "--max-body-bytes",
@@ -450,6 +458,7 @@ def _serve(args) -> int:
         import uvicorn
 
         from earlyexit_kernels.integrations.server import create_app
+        from earlyexit_kernels.integrations.server.served_model import served_model_name
     except ImportError as error:
         raise CliError(
             f"serving needs starlette, uvicorn and prometheus_client (the serve extra): {install_line('serve')} ({error})"
@@ -473,6 +482,10 @@ def _serve(args) -> int:
         raise CliError(f"--max-client-batch-size must be >= 1, got {args.max_client_batch_size}")
     if args.max_body_bytes < 1:
         raise CliError(f"--max-body-bytes must be >= 1 (bytes), got {args.max_body_bytes}")
+    try:
+        name = served_model_name(args.model, args.served_model_name)
+    except ValueError as error:
+        raise CliError(f"--served-model-name: {error}") from None
     options.update(_audit_options(args, "sequences"))
     _set_threads(args.threads)
     if args.replicas is not None:
@@ -481,7 +494,7 @@ def _serve(args) -> int:
     model, tokenizer = load_model(args.model, args.policy, args.backend, dtype=args.dtype, device=args.device)
     options.update(recertify_options(args, options, local=True, multi_label=is_multi_label(model.config)))
     try:
-        app = create_app(model, tokenizer, model_id=args.model, **options)
+        app = create_app(model, tokenizer, model_id=name, **options)
     except ValueError as error:
         raise CliError(str(error)) from None
     # uvicorn handles SIGTERM/SIGINT: it stops listening, waits for the requests in flight,
@@ -573,6 +586,7 @@ def _serve_on_ray(args, options: dict) -> int:
         backend=args.backend,
         dtype=args.dtype,
         device=args.device,
+        served_model_name=args.served_model_name,
         **options,
     )
     print(f"serving {args.model} with {args.replicas} replicas on http://{args.host}:{args.port}", file=sys.stderr)

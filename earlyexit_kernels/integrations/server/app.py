@@ -40,7 +40,9 @@ from earlyexit_kernels.integrations.server.classify_schema import format_classif
 from earlyexit_kernels.integrations.server.cohere_rerank_schema import (
     CohereRerankRequest,
     cohere_rerank_request_from_body,
+    cohere_rerank_v2_request_from_body,
     format_cohere_rerank_answer,
+    format_cohere_rerank_v2_answer,
 )
 from earlyexit_kernels.integrations.server.inference_api_schema import (
     format_inference_api_answer,
@@ -118,7 +120,7 @@ def create_app(
     from earlyexit_kernels.integrations.server.docs_page import docs_page
     from earlyexit_kernels.integrations.server.openapi import ROUTES, openapi_document
     from earlyexit_kernels.integrations.server.request_id import RequestIdMiddleware
-    from earlyexit_kernels.integrations.server.served_model import models_answer
+    from earlyexit_kernels.integrations.server.served_model import infinity_models_answer, models_answer
 
     check_max_body_bytes(max_body_bytes)
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
@@ -228,15 +230,18 @@ def create_app(
 
         return await answer(request, lambda raw: parse_classify_request(raw, state.model_id), formatted)
 
+    def check_reranks():
+        if state.num_labels != 1:
+            raise RequestError(
+                400,
+                "Validation",
+                f"/rerank needs a cross-encoder with one output (num_labels == 1); this model has "
+                f"num_labels={state.num_labels}: use /predict or /classify",
+            )
+
     async def rerank(request):
         def parse(raw):
-            if state.num_labels != 1:
-                raise RequestError(
-                    400,
-                    "Validation",
-                    f"/rerank needs a cross-encoder with one output (num_labels == 1); this model has "
-                    f"num_labels={state.num_labels}: use /predict or /classify",
-                )
+            check_reranks()
             body = read_json(raw, '{"query": "...", "texts": [...]} or {"query": "...", "documents": [...]}')
             if isinstance(body, dict) and "documents" in body:
                 return cohere_rerank_request_from_body(body, state.model_id)
@@ -253,6 +258,17 @@ def create_app(
                     created=int(time.time()),
                 )
             return format_rerank_answer(parsed, finished)
+
+        return await answer(request, parse, formatted)
+
+    async def rerank_v2(request):
+        def parse(raw):
+            check_reranks()
+            body = read_json(raw, '{"model": "...", "query": "...", "documents": ["...", ...]}')
+            return cohere_rerank_v2_request_from_body(body, state.model_id, state.max_length)
+
+        def formatted(parsed, finished, costs):
+            return format_cohere_rerank_v2_answer(parsed, finished, request_id=request.state.request_id)
 
         return await answer(request, parse, formatted)
 
@@ -276,11 +292,19 @@ def create_app(
 
     started = int(time.time())
     document = openapi_document(
-        model_id, version=__version__, api_key=api_key is not None, reranks=state.num_labels == 1
+        model_id,
+        version=__version__,
+        api_key=api_key is not None,
+        reranks=state.num_labels == 1,
+        max_length=state.max_length,
     )
 
     async def models(request):
         return JSONResponse(models_answer(state.model_id, started))
+
+    async def infinity_models(request):
+        capabilities = ["classify", "rerank"] if state.num_labels == 1 else ["classify"]
+        return JSONResponse(infinity_models_answer(state.model_id, started, capabilities))
 
     async def openapi(request):
         return JSONResponse(document)
@@ -294,8 +318,10 @@ def create_app(
         "/v1/classify": classify,
         "/rerank": rerank,
         "/v1/rerank": rerank,
+        "/v2/rerank": rerank_v2,
         "/": inference_api,
         "/v1/models": models,
+        "/models": infinity_models,
         "/health": health,
         "/info": info,
         "/metrics": metrics,

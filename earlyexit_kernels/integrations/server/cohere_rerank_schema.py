@@ -1,4 +1,5 @@
-"""``POST /rerank`` and ``/v1/rerank`` in Cohere's shape (what Cohere's, Infinity's and vLLM's clients send).
+"""``POST /rerank`` and ``/v1/rerank`` in Cohere's v1 shape (what Cohere's ``Client``, Infinity's and vLLM's
+clients send), and ``POST /v2/rerank`` in Cohere's v2 shape (``ClientV2``, at the end of this module).
 
 Request: ``{"model": NAME, "query": "...", "documents": ["...", {"text": "..."}, ...], "top_n": N,
 "return_documents": false, "raw_scores": false, "truncate": false}``. A body with ``documents``
@@ -29,10 +30,14 @@ from earlyexit_kernels.integrations.server.served_model import check_model, mode
 
 __all__ = [
     "COHERE_RERANK_ANSWER_SCHEMA",
+    "COHERE_RERANK_V2_ANSWER_SCHEMA",
     "CohereRerankRequest",
     "cohere_rerank_request_from_body",
     "cohere_rerank_request_schema",
+    "cohere_rerank_v2_request_from_body",
+    "cohere_rerank_v2_request_schema",
     "format_cohere_rerank_answer",
+    "format_cohere_rerank_v2_answer",
 ]
 
 _FIELDS = ("model", "query", "documents", "top_n", "return_documents", "raw_scores", "truncate")
@@ -169,5 +174,96 @@ COHERE_RERANK_ANSWER_SCHEMA = {
         "model": {"type": "string"},
         "usage": USAGE_SCHEMA,
         "created": {"type": "integer"},
+    },
+}
+
+
+# ------------------------------------------------------------------------------ Cohere's v2 rerank
+#
+# ``POST /v2/rerank``, what ``cohere.ClientV2(base_url=...).rerank(...)`` sends (recorded from cohere
+# 7.3.1): ``{"model": NAME, "query": "...", "documents": ["...", ...], "top_n": N,
+# "max_tokens_per_doc": N}``, documents as texts only. Cohere cuts a document past
+# ``max_tokens_per_doc`` (4096 by default) instead of refusing it: here the query and document are
+# cut to the model's positions, as ``"truncate": true`` does. The answer is v2's: ``{"id",
+# "results": [{"index", "relevance_score", "exit_layer", "layers_run"}], "meta": {"api_version":
+# {"version": "2"}, "billed_units": {"search_units": 1}}}``, no documents echoed.
+
+_V2_FIELDS = ("model", "query", "documents", "top_n", "max_tokens_per_doc")
+
+
+def cohere_rerank_v2_request_from_body(body, model_id: str, max_length: int) -> CohereRerankRequest:
+    """The parsed v2 body -> :class:`CohereRerankRequest` (texts, truncated, sigmoid scores, no documents echoed)."""
+    if not isinstance(body, dict):
+        raise RequestError(422, "Validation", 'the body must be a JSON object {"query": "...", "documents": [...]}')
+    unknown = sorted(set(body) - set(_V2_FIELDS))
+    if unknown:
+        raise RequestError(
+            422,
+            "Validation",
+            f"unknown field(s) {', '.join(unknown)}; Cohere's v2 rerank takes {', '.join(_V2_FIELDS)}",
+        )
+    if "documents" not in body:
+        raise RequestError(422, "Validation", "documents is missing: send the texts to rank as a list")
+    documents = body["documents"]
+    if not isinstance(documents, list) or any(not isinstance(document, str) for document in documents):
+        raise RequestError(422, "Validation", "documents must be a list of texts (Cohere's v2 rerank takes no objects)")
+    per_document = count(body, "max_tokens_per_doc")
+    if per_document is not None:
+        if per_document < max_length:
+            raise RequestError(
+                422,
+                "Validation",
+                f"max_tokens_per_doc={per_document} is below the {max_length} tokens this model reads of a query "
+                "and document, which is where this server cuts them: leave it out or send at least that",
+            )
+    parsed = cohere_rerank_request_from_body({k: v for k, v in body.items() if k != "max_tokens_per_doc"}, model_id)
+    return CohereRerankRequest(parsed.query, parsed.documents, parsed.top_n, False, False, True)
+
+
+def format_cohere_rerank_v2_answer(request: CohereRerankRequest, finished: list, *, request_id: str) -> dict:
+    """Cohere's v2 answer to ``request`` from each document's finished sequence (``logits`` [1])."""
+    results = [
+        {
+            "index": index,
+            "relevance_score": score,
+            "exit_layer": finished[index].exit_layer,
+            "layers_run": finished[index].layers_run,
+        }
+        for index, score in ranking(finished, False)[: request.top_n]
+    ]
+    return {
+        "id": request_id,
+        "results": results,
+        "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
+    }
+
+
+def cohere_rerank_v2_request_schema(model_id: str, max_length: int) -> dict:
+    """The JSON Schema of a ``/v2/rerank`` body on a server of ``model_id`` whose model reads ``max_length`` tokens."""
+    return {
+        "type": "object",
+        "required": ["query", "documents"],
+        "additionalProperties": False,
+        "properties": {
+            "model": model_field_schema(model_id),
+            "query": TEXT_SCHEMA,
+            "documents": {"type": "array", "minItems": 1, "items": TEXT_SCHEMA},
+            "top_n": {"type": ["integer", "null"], "minimum": 1, "description": "keep the best N (default: all)"},
+            "max_tokens_per_doc": {
+                "type": ["integer", "null"],
+                "minimum": max_length,
+                "description": "at least the model's length: the query and document are cut there",
+            },
+        },
+    }
+
+
+COHERE_RERANK_V2_ANSWER_SCHEMA = {
+    "type": "object",
+    "required": ["id", "results", "meta"],
+    "properties": {
+        "id": {"type": "string", "description": "the request id (the x-request-id header)"},
+        "results": COHERE_RERANK_ANSWER_SCHEMA["properties"]["results"],
+        "meta": {"type": "object"},
     },
 }

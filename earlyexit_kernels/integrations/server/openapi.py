@@ -13,7 +13,9 @@ from __future__ import annotations
 from earlyexit_kernels.integrations.server.classify_schema import CLASSIFY_ANSWER_SCHEMA, classify_request_schema
 from earlyexit_kernels.integrations.server.cohere_rerank_schema import (
     COHERE_RERANK_ANSWER_SCHEMA,
+    COHERE_RERANK_V2_ANSWER_SCHEMA,
     cohere_rerank_request_schema,
+    cohere_rerank_v2_request_schema,
 )
 from earlyexit_kernels.integrations.server.inference_api_schema import (
     INFERENCE_API_ANSWER_SCHEMA,
@@ -26,7 +28,7 @@ from earlyexit_kernels.integrations.server.predict_schema import (
 )
 from earlyexit_kernels.integrations.server.request_id import HEADER
 from earlyexit_kernels.integrations.server.rerank_schema import RERANK_ANSWER_SCHEMA, RERANK_REQUEST_SCHEMA
-from earlyexit_kernels.integrations.server.served_model import MODELS_ANSWER_SCHEMA
+from earlyexit_kernels.integrations.server.served_model import INFINITY_MODELS_ANSWER_SCHEMA, MODELS_ANSWER_SCHEMA
 
 __all__ = ["ROUTES", "openapi_document"]
 
@@ -37,8 +39,10 @@ ROUTES = [
     ("POST", "/v1/classify", "the same as /classify"),
     ("POST", "/rerank", "rank documents for a query (one-output models), in TEI's shape or Cohere's"),
     ("POST", "/v1/rerank", "the same as /rerank"),
+    ("POST", "/v2/rerank", "rank documents for a query (one-output models), in Cohere's v2 shape (cohere.ClientV2)"),
     ("POST", "/", "the Hugging Face Inference API's text classification"),
     ("GET", "/v1/models", "the served model, in OpenAI's shape"),
+    ("GET", "/models", "the served model, in Infinity's shape (infinity_client)"),
     ("GET", "/health", "200 while the engine runs, 503 otherwise"),
     ("GET", "/info", "the model and the server's settings"),
     ("GET", "/metrics", "Prometheus metrics"),
@@ -128,10 +132,11 @@ def _get(summary: str, answer: dict, errors: str) -> dict:
     }
 
 
-def openapi_document(model_id: str, *, version: str, api_key: bool, reranks: bool) -> dict:
+def openapi_document(model_id: str, *, version: str, api_key: bool, reranks: bool, max_length: int = 512) -> dict:
     """The OpenAPI document of a server of ``model_id``; with ``api_key`` every route but ``/health``
     needs ``Authorization: Bearer <key>``; ``reranks``: the model has one output (a cross-encoder),
-    otherwise ``/rerank`` refuses every body with 400 and its operations say so."""
+    otherwise ``/rerank`` refuses every body with 400 and its operations say so; ``max_length``: the
+    tokens the model reads of a sequence (the least ``max_tokens_per_doc`` of ``/v2/rerank``)."""
     keyed = " 401" if api_key else ""
     errors = "400 413 422 429 500 503" + keyed
     named_errors = errors + " 404"
@@ -155,6 +160,17 @@ def openapi_document(model_id: str, *, version: str, api_key: bool, reranks: boo
             "400": _answer("every request: the model is no cross-encoder", schema=_ref("Error")),
             **_errors(keyed),
         }
+    rerank_v2 = _post(
+        summaries["/v2/rerank"],
+        "What `cohere.ClientV2(base_url=...).rerank(model=..., query=..., documents=[...])` sends. Documents "
+        "are texts; a query and document past the model's length are cut there (as Cohere cuts them), so "
+        "`max_tokens_per_doc` below that length gets 422. The model must have one output, otherwise 400.",
+        _ref("CohereRerankV2Request"),
+        _ref("CohereRerankV2Answer"),
+        named_errors,
+    )
+    if not reranks:
+        rerank_v2["post"]["responses"] = rerank["post"]["responses"]
     classify = _post(
         summaries["/classify"],
         "One list per input of every label with its score, best first, in `data`; `usage` counts the tokens "
@@ -177,6 +193,7 @@ def openapi_document(model_id: str, *, version: str, api_key: bool, reranks: boo
         "/v1/classify": classify,
         "/rerank": rerank,
         "/v1/rerank": rerank,
+        "/v2/rerank": rerank_v2,
         "/": _post(
             summaries["/"],
             "What `huggingface_hub.InferenceClient(base_url=...).text_classification` sends.",
@@ -185,6 +202,7 @@ def openapi_document(model_id: str, *, version: str, api_key: bool, reranks: boo
             errors,
         ),
         "/v1/models": _get(summaries["/v1/models"], _answer("the served model", schema=_ref("Models")), keyed),
+        "/models": _get(summaries["/models"], _answer("the served model", schema=_ref("InfinityModels")), keyed),
         "/health": _get(summaries["/health"], _answer("the engine runs", schema=_ref("Health")), "503"),
         "/info": _get(summaries["/info"], _answer("the model and the settings", schema=_ref("Info")), keyed),
         "/metrics": _get(summaries["/metrics"], _answer("Prometheus' text format", media="text/plain"), keyed),
@@ -211,9 +229,12 @@ def openapi_document(model_id: str, *, version: str, api_key: bool, reranks: boo
                 "TeiRerankAnswer": RERANK_ANSWER_SCHEMA,
                 "CohereRerankRequest": cohere_rerank_request_schema(model_id),
                 "CohereRerankAnswer": COHERE_RERANK_ANSWER_SCHEMA,
+                "CohereRerankV2Request": cohere_rerank_v2_request_schema(model_id, max_length),
+                "CohereRerankV2Answer": COHERE_RERANK_V2_ANSWER_SCHEMA,
                 "InferenceApiRequest": INFERENCE_API_REQUEST_SCHEMA,
                 "InferenceApiAnswer": INFERENCE_API_ANSWER_SCHEMA,
                 "Models": MODELS_ANSWER_SCHEMA,
+                "InfinityModels": INFINITY_MODELS_ANSWER_SCHEMA,
                 "Health": {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}},
                 "Info": _INFO_SCHEMA,
             }

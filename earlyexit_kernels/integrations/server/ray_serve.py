@@ -60,6 +60,7 @@ def serve_application(
         from earlyexit_kernels.integrations.model_folder import audit_settings, load_model
         from earlyexit_kernels.integrations.recertify_folder import resolve_online_certificate
         from earlyexit_kernels.integrations.server.app import create_app
+        from earlyexit_kernels.integrations.server.served_model import served_model_name
         from earlyexit_kernels.patching.patch import policy_of
 
         model, tokenizer = load_model(model_dir, policy, backend, dtype=dtype, device=device)
@@ -79,7 +80,8 @@ def serve_application(
             confidence=options.get("audit_confidence"),
             multi_label=is_multi_label(model.config),
         )
-        return create_app(model, tokenizer, model_id=model_dir, **options)
+        name = served_model_name(model_dir, options.pop("served_model_name", None))
+        return create_app(model, tokenizer, model_id=name, **options)
 
     ingress = serve.ingress(build_app)(type("EarlyExitServer", (), {}))
     deployment = serve.deployment(

@@ -1,28 +1,62 @@
-"""The served model's names: what ``GET /v1/models`` lists and what a request's ``"model"`` may say.
+"""The served model's names: what ``GET /v1/models`` and ``GET /models`` list and what a request's ``"model"`` may say.
 
-A server serves one model. Its name is the ``model_id`` the app was made with (``eek serve``:
-MODEL as given, the name ``/info`` reports); the last part of that path (the folder's name,
-or the name of a Hub id ``org/name``) is accepted too. A request of the OpenAI-style routes may
-leave ``"model"`` out (or null); any other name gets 404 naming the served one, so a client
-pointed at the wrong server learns it instead of getting another model's answers.
+A server serves one model. Its name is the ``model_id`` the app was made with: for ``eek serve``
+the ``--served-model-name``, else the model folder's name (never its path, which would show the
+server's file system and which clients would have to send back), else the Hub id as given
+(:func:`served_model_name`). The last part of a path-like id is accepted too, and so is
+``"default/not-specified"``, what Infinity's client (``infinity_client``) sends when it is told
+no model. A request of the OpenAI-style routes may leave ``"model"`` out (or null); any other
+name gets 404 naming the served one, so a client pointed at the wrong server learns it instead
+of getting another model's answers.
+
+``GET /v1/models`` answers in OpenAI's shape; ``GET /models``, Infinity's route, in Infinity's
+(``infinity_client`` reads ``stats`` and takes ``owned_by`` to be ``"infinity"``, so it says that).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from earlyexit_kernels.integrations.server.predict_schema import RequestError
 
-__all__ = ["MODELS_ANSWER_SCHEMA", "check_model", "model_field_schema", "models_answer", "served_names"]
+__all__ = [
+    "INFINITY_DEFAULT_MODEL",
+    "INFINITY_MODELS_ANSWER_SCHEMA",
+    "MODELS_ANSWER_SCHEMA",
+    "check_model",
+    "infinity_models_answer",
+    "model_field_schema",
+    "models_answer",
+    "served_model_name",
+    "served_names",
+]
+
+#: the model name Infinity's client sends when it is given none
+INFINITY_DEFAULT_MODEL = "default/not-specified"
+
+
+def served_model_name(model: str, name: str | None = None) -> str:
+    """The name a server of ``model`` (a folder or a Hub id) answers to: ``name`` when given, else the
+    folder's name for a local folder (its path stays private), else the Hub id as given."""
+    if name is not None:
+        if not isinstance(name, str) or not name.strip() or name != name.strip():
+            raise ValueError(f"a served model name must be a non-empty text without surrounding spaces, got {name!r}")
+        return name
+    local = Path(model)
+    if local.exists():
+        return local.resolve().name or str(model)
+    return model
 
 
 def served_names(model_id: str) -> list[str]:
-    """``model_id`` and, where it differs, the last part of its path."""
+    """``model_id``, the last part of its path where it differs, and Infinity's default name."""
     names = [model_id]
     folder = PurePosixPath(model_id.replace("\\", "/").rstrip("/")).name
     if folder and folder not in names:
         names.append(folder)
+    if INFINITY_DEFAULT_MODEL not in names:
+        names.append(INFINITY_DEFAULT_MODEL)
     return names
 
 
@@ -58,6 +92,38 @@ def models_answer(model_id: str, created: int) -> dict:
         "object": "list",
         "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "earlyexit_kernels"}],
     }
+
+
+def infinity_models_answer(model_id: str, created: int, capabilities: list[str]) -> dict:
+    """``GET /models``'s answer, in Infinity's shape (what ``infinity_client``'s ``models`` parses)."""
+    entry = models_answer(model_id, created)["data"][0]
+    entry.update(owned_by="infinity", backend="earlyexit_kernels", capabilities=capabilities, stats={})
+    return {"object": "list", "data": [entry]}
+
+
+INFINITY_MODELS_ANSWER_SCHEMA = {
+    "type": "object",
+    "required": ["object", "data"],
+    "properties": {
+        "object": {"const": "list"},
+        "data": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["id", "object", "created", "owned_by", "stats"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "object": {"const": "model"},
+                    "created": {"type": "integer", "description": "when the server started (Unix time)"},
+                    "owned_by": {"const": "infinity", "description": "what Infinity's client accepts"},
+                    "backend": {"const": "earlyexit_kernels"},
+                    "capabilities": {"type": "array", "items": {"type": "string"}},
+                    "stats": {"type": "object"},
+                },
+            },
+        },
+    },
+}
 
 
 MODELS_ANSWER_SCHEMA = {
