@@ -276,6 +276,9 @@ def test_unknown_routes_and_methods_get_json_errors(classifier):
     wrong = httpx.get(server.url + "/classify", timeout=10)
     assert wrong.status_code == 405 and wrong.json()["error_type"] == "MethodNotAllowed"
     assert wrong.headers["allow"] == "POST"
+    assert wrong.json()["error"].endswith("; send POST")  # the method named, not cut off after "send"
+    unknown = httpx.post(server.url + "/predict", json={"inputs": "w1", "max_len": 3}, timeout=10).json()["error"]
+    assert "truncation_direction" in unknown  # every field /predict takes is named
 
 
 def test_the_openapi_document_describes_exactly_the_routes_there_are(classifier):
@@ -297,6 +300,7 @@ def test_the_docs_page_shows_every_route_and_fetches_nothing(classifier):
     for method, path, _ in ROUTES:
         assert f"<h2>{method} {path}</h2>" in page.text
     assert "<script" not in page.text and not re.search(r"(src|href)=['\"]?https?:", page.text)
+    assert "<code>documents</code>" in page.text and "`" not in page.text  # Markdown code spans rendered
 
 
 def test_an_api_key_guards_the_new_routes_and_the_document_says_so(saved_classifier):

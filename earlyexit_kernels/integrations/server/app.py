@@ -340,7 +340,9 @@ def create_app(
             message = f"no route {request.url.path}; the routes are {listed} (GET /docs)"
             kind = "NotFound"
         elif error.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}; send {error.headers.get('allow', '')}"
+            # Starlette names the header "Allow": read it whatever its case
+            allowed = next((v for k, v in (error.headers or {}).items() if k.lower() == "allow"), "")
+            message = f"{request.method} is not allowed on {request.url.path}; send {allowed or 'another method'}"
             kind = "MethodNotAllowed"
         else:
             message, kind = str(error.detail), "HTTP"

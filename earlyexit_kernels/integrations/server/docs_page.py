@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 
 __all__ = ["docs_page"]
 
@@ -21,6 +22,11 @@ _STYLE = (
 )
 
 
+def _prose(text: str) -> str:
+    """``text`` escaped for HTML, its Markdown code spans (the document's descriptions use them) as ``<code>``."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
 def docs_page(document: dict) -> str:
     """The HTML page of ``document`` (an OpenAPI 3.1 dict as :func:`.openapi.openapi_document` builds)."""
     schemas = document.get("components", {}).get("schemas", {})
@@ -29,15 +35,15 @@ def docs_page(document: dict) -> str:
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(info['title'])}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{html.escape(info['title'])} <small>{html.escape(info['version'])}</small></h1>",
-        f"<p>{html.escape(info.get('description', ''))}</p>",
+        f"<p>{_prose(info.get('description', ''))}</p>",
         "<p>The machine-readable document: <a href='openapi.json'>openapi.json</a>.</p>",
     ]
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
             parts.append(f"<h2>{method.upper()} {html.escape(path)}</h2>")
-            parts.append(f"<p>{html.escape(operation.get('summary', ''))}</p>")
+            parts.append(f"<p>{_prose(operation.get('summary', ''))}</p>")
             if operation.get("description"):
-                parts.append(f"<p>{html.escape(operation['description'])}</p>")
+                parts.append(f"<p>{_prose(operation['description'])}</p>")
             body = operation.get("requestBody", {}).get("content", {}).get("application/json")
             if body:
                 parts.append(_schema_block("Request body", body["schema"], schemas))

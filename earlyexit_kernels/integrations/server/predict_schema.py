@@ -148,7 +148,9 @@ def parse_predict_request(raw: bytes) -> PredictRequest:
     unknown = sorted(set(body) - {"inputs", "truncate", "raw_scores", "truncation_direction"})
     if unknown:
         raise RequestError(
-            422, "Validation", f"unknown field(s) {', '.join(unknown)}; /predict takes inputs, truncate, raw_scores"
+            422,
+            "Validation",
+            f"unknown field(s) {', '.join(unknown)}; /predict takes inputs, truncate, truncation_direction, raw_scores",
         )
     truncate, raw_scores = flag(body, "truncate"), flag(body, "raw_scores")
     direction = truncation_direction(body)
