@@ -22,6 +22,7 @@ clear error where torch has no CUDA device).
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -88,7 +89,12 @@ def int8_encoder(model: nn.Module, recipe: str = "auto", *, inplace: bool = Fals
     }
     if not spec:
         raise ValueError(f"int8: {type(model).__name__} has no Linear layer in its encoder to quantize")
-    torch.ao.quantization.quantize_dynamic(quantized.base_model, spec, dtype=torch.qint8, inplace=True)
+    with warnings.catch_warnings():
+        # PyTorch's deprecation notices of torch.ao.quantization and quantize_per_tensor: ours to act on
+        # (issue 64 chooses the int8 recipe), not something a user of eek can do anything about
+        warnings.filterwarnings("ignore", message=r".*(quantize_per_tensor|torch\.ao\.quantization).*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao\..*")
+        torch.ao.quantization.quantize_dynamic(quantized.base_model, spec, dtype=torch.qint8, inplace=True)
     return quantized
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 __all__ = [
@@ -138,6 +139,7 @@ def load_model(
             to_base(model, dtype, "cpu" if device is None else device)
         except ValueError as error:
             raise ModelFolderError(str(error)) from None
+        _warn_uncertified_base(path, folder, dtype)
     return model, tokenizer
 
 
@@ -152,6 +154,34 @@ def _architectures(config_path: Path) -> list[str]:
     except (OSError, ValueError, AttributeError) as error:
         raise ModelFolderError(f"{config_path} is not a readable model configuration ({error})") from None
     return [name for name in architectures or () if isinstance(name, str)]
+
+
+def certified_base(path: str) -> str | None:
+    """The base the threshold in ``path/eek_fit.json`` was certified on: ``float32``, ``bfloat16`` or
+    ``int8`` (what ``eek calibrate --dtype`` recorded; ``eek fit`` certifies on the saved float32
+    model), or None where nothing is certified."""
+    if fit_certificate(path) is None:
+        return None
+    try:
+        base = json.loads((Path(path) / "eek_fit.json").read_text()).get("base")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return base if base in ("float32", "bfloat16", "int8") else "float32"  # "as saved": eek fit's float32
+
+
+def _warn_uncertified_base(path: str, folder: Path, dtype: str | None) -> None:
+    """One warning where ``dtype`` is another base than the one the folder's threshold was certified on:
+    its layers then compute other values, which the certificate does not cover."""
+    base = certified_base(str(folder))
+    if dtype is None or base is None or dtype == base:
+        return
+    warnings.warn(
+        f"MODEL {path}'s threshold was certified on {base}; on {dtype} its layers compute other values, which "
+        f"the certificate does not cover. Certify it on {dtype} first, on a copy of the folder: "
+        f"eek calibrate COPY ROWS --dtype {dtype} (ROWS: the calibration rows, e.g. the validation split)",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def fit_certificate(path: str) -> dict | None:
