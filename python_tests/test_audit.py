@@ -301,6 +301,27 @@ def test_budget_and_confidence_come_from_the_certificate_unless_given(saved_clas
     assert audit_settings(str(folder))[:2] == (None, 0.95)
 
 
+def test_a_certificate_on_accuracy_lost_gives_the_audit_no_disagreement_budget(saved_classifier, tmp_path):
+    """The false alarm of issue 63: the demo's folder (certified on accuracy lost, 1 point) audited on its
+    own test split warned of a shift at -0.12 points lost, its disagreement being over 1%. Disagreement
+    is not what that certificate bounds: no budget from it, and the source says why."""
+    import shutil
+
+    from earlyexit_kernels.integrations.model_folder import audit_settings
+
+    folder = tmp_path / "fitted"
+    shutil.copytree(saved_classifier, folder)
+    certificate = {"budget": 0.01, "confidence": 0.95, "risk": "rows ...", "rows": 1500, "certified": True}
+    (folder / "eek_fit.json").write_text(json.dumps({"target": "accuracy", "certificate": certificate}))
+    budget, confidence, source = audit_settings(str(folder))
+    assert budget is None and confidence == 0.95
+    assert "certifies accuracy lost" in source and "--audit-budget" in source
+    assert audit_settings(str(folder), 0.03, None)[:2] == (0.03, 0.95)  # a budget given is the user's
+    watch = AuditWatch(1.0, budget=budget, confidence=confidence)
+    watch.record([0.0] * 200 + [1.0] * 20)  # 9% disagreement, which may cancel in accuracy
+    assert watch.over_budget is None and watch.rate == pytest.approx(20 / 220)  # reported, no warning
+
+
 # ------------------------------------------------------------------------------ the command line
 
 

@@ -205,11 +205,24 @@ def audit_settings(
     path: str, budget: float | None = None, confidence: float | None = None
 ) -> tuple[float | None, float, str]:
     """The audit watch's budget (a fraction, or None), confidence and where they come from, for the model
-    folder ``path``: each as given, else the certificate of ``path/eek_fit.json``, else no budget and 0.95."""
+    folder ``path``: each as given, else the certificate of ``path/eek_fit.json``, else no budget and 0.95.
+
+    The audit counts disagreement with the full model (it has no labels). A certificate on accuracy
+    lost bounds something else: disagreements that cancel (the exit right where the full model is
+    wrong, and the reverse) cost no accuracy, so a served disagreement over that budget is no sign of
+    a shift (the demo's folder, audited on its own test split, warned so at -0.12 points lost). Such a
+    certificate gives no budget here; the audit reports the disagreement and its bound, and says why."""
     certificate = fit_certificate(path)
     if certificate is None:
         source = "as given" if budget is not None else "no budget: none given and no certificate in eek_fit.json"
         return budget, 0.95 if confidence is None else confidence, source
+    if certificate.get("target") == "accuracy" and budget is None:
+        source = (
+            f"no budget: {Path(path) / 'eek_fit.json'} certifies accuracy lost (<= {100 * certificate['budget']:g} "
+            "points), which disagreement with the full model does not measure (disagreements that cancel cost no "
+            "accuracy); give --audit-budget to watch disagreement against a budget of your own"
+        )
+        return None, float(certificate["confidence"]) if confidence is None else confidence, source
     kind = "accuracy lost" if certificate.get("target") == "accuracy" else "disagreement"
     source = (
         f"the certificate of {Path(path) / 'eek_fit.json'}: {kind} <= {100 * certificate['budget']:g}% with "
