@@ -340,10 +340,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 BF16_TOLERANCE = dict(rtol=1.6e-2, atol=1.6e-2)
 
 
-def _gpu_backends():
-    return [name for name in ("torch", "triton", "cuda") if eek.backends()[name]]
-
-
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])

@@ -97,3 +97,9 @@ def test_the_bound_is_the_servers_option_and_a_body_under_it_is_served(saved_cla
         running.close()
     with pytest.raises(ValueError, match="max_body_bytes must be an integer >= 1"):
         create_app(model, tokenizer, max_body_bytes=0)
+
+
+def test_eek_serves_default_is_the_servers():
+    from earlyexit_kernels.integrations.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "MODEL"]).max_body_bytes == DEFAULT_MAX_BODY_BYTES

@@ -65,8 +65,8 @@ class StaticCalls:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """One call of ``layer`` on ``hidden`` [n, S, H] with its 2-D ``mask`` [n, S] and ``state``
         (rows first): ``step(layer, hidden, mask, state) -> (hidden, exits, returned, state)`` runs
-        on the buffers. Returns the output buffers' views, valid until the next call (the returned
-        logits, which the rows that exit keep, copied)."""
+        on the buffers. Returns the output buffers' views, valid until the next call (on the CPU the
+        returned logits, which the rows that exit keep, copied)."""
         n, length, _ = hidden.shape
         if n > self.rows or length > self.length:
             raise ValueError(f"a call of {n} x {length} positions exceeds the buffers' {self.rows} x {self.length}")
@@ -91,7 +91,8 @@ class StaticCalls:
         return (
             views["hidden_out"],
             self.exits[:n],
-            self.returned[:n].clone(),  # the exiting rows' logits outlive the call
+            # the CPU's rows that exit keep views of these logits past the call; a GPU's read them back first
+            self.returned[:n].clone() if self.returned.device.type == "cpu" else self.returned[:n],
             {k: v[:n] for k, v in self.state_out.items()},
         )
 

@@ -88,9 +88,15 @@ class StaticBatch:
         self.layers_run = torch.zeros(capacity + 1, dtype=torch.long, device=device)
         self.counts = torch.zeros(num_layers + 1, dtype=torch.long, device=device)
         self.longest = torch.zeros(num_layers + 1, dtype=torch.long, device=device)  # of the rows that stay
-        self.host_counts = (
-            torch.zeros(num_layers + 1, dtype=torch.long, pin_memory=True) if device.type == "cuda" else None
-        )
+        self.longest_view = self.longest.numpy() if device.type == "cpu" else None  # read by the CPU's plan
+        # where the counts reach the host: pinned memory behind one event per layer on a GPU (made once,
+        # recorded again by every forward), the counts themselves on the CPU; read as numpy, no tensor read-back
+        if device.type == "cuda":
+            self.host_counts = torch.zeros(num_layers + 1, dtype=torch.long, pin_memory=True)
+            self.count_events = [torch.cuda.Event() for _ in range(num_layers + 1)]
+            self.host_view = self.host_counts.numpy()
+        else:
+            self.host_counts, self.count_events, self.host_view = None, None, self.counts.numpy()
         self.graphs = StepGraphs(device)
         self.lock = threading.Lock()  # one forward at a time on these buffers
         # (whether the heads run fused, the fused per-layer heads): built at the first forward
@@ -167,6 +173,7 @@ class _Step:
     pooled_heads: list | None
     dtype: torch.dtype
     dead_fill: float | None
+    trims: bool = False  # the CPU's plan: the extents followed, the longest counted for trimming
 
 
 def _layer_step(step: _Step, static: StaticBatch, layer: int, bucket: int, may_exit: bool, length: int) -> None:
@@ -205,7 +212,8 @@ def _layer_step(step: _Step, static: StaticBatch, layer: int, bucket: int, may_e
             dst.mask[:bucket, :length].copy_(mask)
         dst.rows[:bucket].copy_(rows)
         dst.runs[:bucket].copy_(runs)
-        dst.extents[:bucket].copy_(extents)
+        if step.trims:
+            dst.extents[:bucket].copy_(extents)
         for k, v in state.items():
             dst.state[k][:bucket].copy_(v)
         return
@@ -220,8 +228,9 @@ def _layer_step(step: _Step, static: StaticBatch, layer: int, bucket: int, may_e
     static.counts[layer] = stay.sum()
     if layer == num_layers:
         return
-    staying_extents = torch.where(stay, extents, torch.zeros_like(extents))
-    static.longest[layer] = staying_extents.max()
+    if step.trims:  # only the CPU's plan reads the longest (fixed buckets keep the length)
+        staying_extents = torch.where(stay, extents, torch.zeros_like(extents))
+        static.longest[layer] = staying_extents.max()
     order = torch.argsort((~stay).to(torch.int8), stable=True)  # staying rows first, in order
     if step.dead_fill is not None:  # tests: what dead rows hold must never reach a live one
         out = torch.where(stay[:, None, None], out, torch.full_like(out, step.dead_fill))
@@ -230,7 +239,8 @@ def _layer_step(step: _Step, static: StaticBatch, layer: int, bucket: int, may_e
         torch.index_select(mask, 0, order, out=dst.mask[:bucket, :length])
     torch.index_select(torch.where(stay, rows, torch.full_like(rows, -1)), 0, order, out=dst.rows[:bucket])
     torch.index_select(runs, 0, order, out=dst.runs[:bucket])
-    torch.index_select(staying_extents, 0, order, out=dst.extents[:bucket])
+    if step.trims:
+        torch.index_select(staying_extents, 0, order, out=dst.extents[:bucket])
     for k, v in state.items():
         torch.index_select(v, 0, order, out=dst.state[k][:bucket])
 
@@ -311,11 +321,10 @@ def run_graphed(
         fused = can_fuse_head(backend, adapter)
         static.heads = (fused, pooled_exit_heads(backend, adapter, device, fused) if halting_head is None else None)
     fused, pooled_heads = static.heads
-    step = _Step(adapter, backend, policy, halting_head, fused, pooled_heads, dtype, batches.dead_fill)
-
     # The CPU's plan (exact counts, read at once) also trims the padding nobody left needs, as
     # the exact step does: the same shapes, hence its bits. Fixed buckets keep the length.
     trims = sizes is None and lag == 0 and mask is not None
+    step = _Step(adapter, backend, policy, halting_head, fused, pooled_heads, dtype, batches.dead_fill, trims)
     length = seq_len
     with static.lock:
         _load(static, hidden, mask, state0, batch, first_bucket)
@@ -335,9 +344,10 @@ def run_graphed(
             if may_exit and layer < num_layers:
                 survivors.publish(layer, _published(static, layer))
                 if trims:
-                    longest = int(static.longest.numpy()[layer])  # host memory: the CPU's step has run
+                    longest = int(static.longest_view[layer])  # host memory: the CPU's step has run
                     length = _kept_length(longest, length, length_multiple)
-        result.logits = _round_keeping_argmax(static.logits[:batch].clone(), out_dtype)
+        logits = _round_keeping_argmax(static.logits[:batch], out_dtype)  # a new tensor unless the dtype is kept
+        result.logits = logits.clone() if logits.data_ptr() == static.logits.data_ptr() else logits
         result.exit_layer = static.exit_layer[:batch].clone()
         result.layers_run = static.layers_run[:batch].clone()
     result.buckets = survivors.buckets
@@ -365,11 +375,17 @@ def _weights_fingerprint(heads: ExitHeads, adapter) -> tuple:
 
 def _published(static: StaticBatch, layer: int):
     """The count of ``layer`` on its way to the host: on a GPU copied to pinned memory behind an
-    event (no wait now); on the CPU already there (read as host memory, no tensor read-back)."""
+    event (no wait now); on the CPU already there."""
     if static.host_counts is None:
-        counts = static.counts.numpy()
-        return ReadyCount(lambda: counts[layer])
-    return PinnedCount(static.counts[layer : layer + 1], static.host_counts[layer : layer + 1])
+        view = static.host_view
+        return ReadyCount(lambda: view[layer])
+    return PinnedCount(
+        static.counts[layer : layer + 1],
+        static.host_counts[layer : layer + 1],
+        static.count_events[layer],
+        static.host_view,
+        layer,
+    )
 
 
 def _load(static: StaticBatch, hidden, mask, state0: dict, batch: int, bucket: int) -> None:

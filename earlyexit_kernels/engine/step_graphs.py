@@ -69,7 +69,7 @@ class StepGraphs:
             self.uncapturable = f"{type(err).__name__}: {err}"
             warnings.warn(
                 f"early exit's graphed step could not be captured in a CUDA graph ({self.uncapturable}); "
-                f"it runs uncaptured for this shape, slower. Patch with step='exact' to silence this.",
+                f"its steps of this shape run uncaptured from now on, slower. Patch with step='exact' to silence this.",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -81,14 +81,16 @@ class StepGraphs:
 
 class PinnedCount:
     """A survivor count copied from the device to pinned host memory without blocking; read when
-    the event behind the copy has passed (:class:`~earlyexit_kernels.engine.buckets.PublishedCount`)."""
+    the event behind the copy has passed (:class:`~earlyexit_kernels.engine.buckets.PublishedCount`).
 
-    def __init__(self, device_count: torch.Tensor, host_count: torch.Tensor):
+    ``event`` and ``host_view`` (a numpy view of the pinned buffer: host memory, no tensor read-back)
+    are made once with the buffers; this records the event again."""
+
+    def __init__(self, device_count, host_count, event, host_view, index: int):
         host_count.copy_(device_count, non_blocking=True)
-        self._event = torch.cuda.Event()
-        self._event.record()
-        self._host = host_count.numpy()  # a view: no tensor read-back, only host memory
+        event.record()
+        self._event, self._host, self._index = event, host_view, index
 
     def wait(self) -> int:
         self._event.synchronize()
-        return int(self._host[0])
+        return int(self._host[self._index])

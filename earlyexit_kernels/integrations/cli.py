@@ -243,6 +243,8 @@ def _add_serve_command(commands) -> None:
     serve.add_argument(
         "--max-body-bytes",
         type=int,
+        # server.body_limit.DEFAULT_MAX_BODY_BYTES, written out: importing the server package here would
+        # make `eek --help` load starlette (test_import_time); test_server_body_limit checks they agree
         default=2_000_000,
         metavar="N",
         help="the largest request body taken; a larger one gets 413 before it is read whole (default: 2000000, "

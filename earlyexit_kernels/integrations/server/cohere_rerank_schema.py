@@ -239,23 +239,17 @@ def format_cohere_rerank_v2_answer(request: CohereRerankRequest, finished: list,
 
 
 def cohere_rerank_v2_request_schema(model_id: str, max_length: int) -> dict:
-    """The JSON Schema of a ``/v2/rerank`` body on a server of ``model_id`` whose model reads ``max_length`` tokens."""
-    return {
-        "type": "object",
-        "required": ["query", "documents"],
-        "additionalProperties": False,
-        "properties": {
-            "model": model_field_schema(model_id),
-            "query": TEXT_SCHEMA,
-            "documents": {"type": "array", "minItems": 1, "items": TEXT_SCHEMA},
-            "top_n": {"type": ["integer", "null"], "minimum": 1, "description": "keep the best N (default: all)"},
-            "max_tokens_per_doc": {
-                "type": ["integer", "null"],
-                "minimum": max_length,
-                "description": "at least the model's length: the query and document are cut there",
-            },
-        },
+    """The JSON Schema of a ``/v2/rerank`` body on a server of ``model_id`` whose model reads ``max_length``
+    tokens: v1's, with texts for documents and ``max_tokens_per_doc`` for v1's flags."""
+    schema = cohere_rerank_request_schema(model_id)
+    properties = {name: schema["properties"][name] for name in ("model", "query", "top_n")}
+    properties["documents"] = {"type": "array", "minItems": 1, "items": TEXT_SCHEMA}
+    properties["max_tokens_per_doc"] = {
+        "type": ["integer", "null"],
+        "minimum": max_length,
+        "description": "at least the model's length: the query and document are cut there",
     }
+    return {**schema, "properties": properties}
 
 
 COHERE_RERANK_V2_ANSWER_SCHEMA = {

@@ -15,6 +15,7 @@ of getting another model's answers.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path, PurePosixPath
 
@@ -101,31 +102,6 @@ def infinity_models_answer(model_id: str, created: int, capabilities: list[str])
     return {"object": "list", "data": [entry]}
 
 
-INFINITY_MODELS_ANSWER_SCHEMA = {
-    "type": "object",
-    "required": ["object", "data"],
-    "properties": {
-        "object": {"const": "list"},
-        "data": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["id", "object", "created", "owned_by", "stats"],
-                "properties": {
-                    "id": {"type": "string"},
-                    "object": {"const": "model"},
-                    "created": {"type": "integer", "description": "when the server started (Unix time)"},
-                    "owned_by": {"const": "infinity", "description": "what Infinity's client accepts"},
-                    "backend": {"const": "earlyexit_kernels"},
-                    "capabilities": {"type": "array", "items": {"type": "string"}},
-                    "stats": {"type": "object"},
-                },
-            },
-        },
-    },
-}
-
-
 MODELS_ANSWER_SCHEMA = {
     "type": "object",
     "required": ["object", "data"],
@@ -146,3 +122,14 @@ MODELS_ANSWER_SCHEMA = {
         },
     },
 }
+
+# Infinity's shape of the same list: OpenAI's entry and the fields infinity_client reads
+INFINITY_MODELS_ANSWER_SCHEMA = copy.deepcopy(MODELS_ANSWER_SCHEMA)
+_INFINITY_ENTRY = INFINITY_MODELS_ANSWER_SCHEMA["properties"]["data"]["items"]
+_INFINITY_ENTRY["required"] = [*_INFINITY_ENTRY["required"], "stats"]
+_INFINITY_ENTRY["properties"].update(
+    owned_by={"const": "infinity", "description": "what Infinity's client accepts"},
+    backend={"const": "earlyexit_kernels"},
+    capabilities={"type": "array", "items": {"type": "string"}},
+    stats={"type": "object"},
+)
