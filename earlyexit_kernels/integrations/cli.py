@@ -1,6 +1,7 @@
 """The command line: ``python -m earlyexit_kernels classify MODEL INPUT OUTPUT`` and
-``python -m earlyexit_kernels serve MODEL`` (also ``eek classify``, ``eek serve``); ``fit``,
-``calibrate`` and ``evaluate`` are in :mod:`earlyexit_kernels.integrations.fit_cli`.
+``python -m earlyexit_kernels serve MODEL`` (also ``eek classify``, ``eek serve``); ``serve`` is in
+:mod:`earlyexit_kernels.integrations.serve_cli`, ``fit``, ``calibrate`` and ``evaluate`` in
+:mod:`earlyexit_kernels.integrations.fit_cli`.
 
 Errors a user can fix are one line on stderr starting with ``error:`` and exit status 2.
 """
@@ -8,8 +9,6 @@ Errors a user can fix are one line on stderr starting with ``error:`` and exit s
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import sys
 import time
 import warnings
@@ -18,17 +17,21 @@ from pathlib import Path
 
 from earlyexit_kernels.integrations.base_options import add_base_options
 from earlyexit_kernels.integrations.classified_table import ColumnError, InputColumns, with_predictions
+from earlyexit_kernels.integrations.cli_options import (
+    CliError,
+    add_audit_options,
+    audit_options,
+    is_multi_label,
+    recertify_options,
+    set_threads,
+)
 from earlyexit_kernels.integrations.extras import install_line
 from earlyexit_kernels.integrations.fit_cli import add_commands as add_fit_commands
 from earlyexit_kernels.integrations.model_folder import ModelFolderError, load_model
 from earlyexit_kernels.integrations.recertify_cli import add_recertify_options
-from earlyexit_kernels.integrations.recertify_cli import recertify_options as _recertify_options
+from earlyexit_kernels.integrations.serve_cli import add_serve_command
 
 __all__ = ["CliError", "build_parser", "main"]
-
-
-class CliError(Exception):
-    """A problem with what the user asked for; the message says what to change."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,145 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="torch's CPU threads for the layer calls, --engine local (default: torch's choice, one per core)",
     )
-    _add_audit_options(classify, "rows", "on stderr (each audited row's in a last column, audit_disagreement)")
+    add_audit_options(classify, "rows", "on stderr (each audited row's in a last column, audit_disagreement)")
     add_recertify_options(classify, "rows")
     classify.set_defaults(run=_classify)
-    _add_serve_command(commands)
+    add_serve_command(commands)
     add_fit_commands(commands)  # fit, evaluate
     return parser
-
-
-def _add_audit_options(command, what: str, where: str) -> None:
-    command.add_argument(
-        "--audit-fraction",
-        type=float,
-        default=0.0,
-        metavar="F",
-        help=f"run a random fraction F in [0, 1] of the {what} through the full model too (the early exit's answers "
-        f"unchanged) and report their disagreement with the early exit and its upper bound {where}, beside the "
-        "budget; a warning says when the disagreements show the budget passed. Costs about F times the full "
-        "model's time (default: 0, no audit)",
-    )
-    command.add_argument(
-        "--audit-budget",
-        type=float,
-        default=None,
-        metavar="POINTS",
-        help=f"the audit's budget, in percentage points of {what} (1: 1%%); default: the certificate's of "
-        "MODEL/eek_fit.json (eek fit), else none: the disagreement and its bound are reported, no budget, no warning",
-    )
-    command.add_argument(
-        "--audit-confidence",
-        type=float,
-        default=None,
-        metavar="P",
-        help="confidence of the audit's bound (default: the certificate's of MODEL/eek_fit.json, else 0.95)",
-    )
-
-
-def _add_serve_command(commands) -> None:
-    serve = commands.add_parser(
-        "serve",
-        help="serve the model over HTTP (POST /predict, /classify, /rerank, ...)",
-        description=(
-            "Serve MODEL over HTTP. Routes: POST /predict (text-embeddings-inference's shapes), POST /classify and "
-            "POST /v1/classify (Infinity's and vLLM's: {model, input}), POST /rerank and POST /v1/rerank (TEI's "
-            "shape or Cohere's: query with texts or documents; one-output models), POST /v2/rerank (Cohere's v2, "
-            "cohere.ClientV2), POST / (the Hugging Face Inference API's text classification), GET /v1/models "
-            "(OpenAI's shape), GET /models (Infinity's), GET /health, GET /info, GET /metrics "
-            "(Prometheus), GET /openapi.json (the OpenAPI document), GET /docs (the same as a page). Every answer "
-            "adds exit_layer and layers_run, and carries x-request-id (the client's X-Request-Id, or a new one). "
-            "Sequences of all requests in flight share the continuous early-exit engine; each request is answered "
-            "when its last sequence exits. SIGTERM or Ctrl-C: stop taking requests, answer those in flight, exit."
-        ),
-    )
-    serve.add_argument(
-        "model", metavar="MODEL", help="as for classify: a patched save_pretrained folder, or a plain one with --policy"
-    )
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
-    serve.add_argument("--policy", default=None, help='exit policy, e.g. "Entropy(0.3)" (default: the saved one)')
-    serve.add_argument("--backend", default=None, help="auto, torch, cpp, triton or cuda (default: the saved one)")
-    add_base_options(serve)
-    serve.add_argument(
-        "--max-batch-size", type=int, default=64, metavar="N", help="most rows per layer call (default: 64)"
-    )
-    serve.add_argument(
-        "--max-tokens", type=int, default=None, metavar="N", help="most rows x padded length per layer call"
-    )
-    serve.add_argument(
-        "--max-queue",
-        type=int,
-        default=1024,
-        metavar="N",
-        help="most sequences waiting or in flight; beyond it requests get 429 at once (default: 1024)",
-    )
-    serve.add_argument(
-        "--max-length",
-        type=int,
-        default=None,
-        metavar="N",
-        help="most tokens per text (default: the model's positions)",
-    )
-    serve.add_argument("--compile", action="store_true", help="run the layer calls through torch.compile")
-    serve.add_argument(
-        "--max-age",
-        default="auto",
-        metavar="auto|off|N",
-        help="bounded waiting: once a text has waited N layer calls since the engine took it, the oldest such runs "
-        "next (admitted, or its layer call) whatever the batching order, so a text leaves within N + layers x n "
-        "layer calls, n the texts taken no later and still there (docs/serving.md). auto (default): 2 x the "
-        "model's layers; 0: strictly oldest first; off: no age rule (the batching order's own, looser bounds, as "
-        "eek classify runs)",
-    )
-    serve.add_argument(
-        "--replicas",
-        type=int,
-        default=None,
-        metavar="N",
-        help="run N replicas on Ray Serve (needs ray[serve]) instead of one process",
-    )
-    serve.add_argument("--address", default=None, help="--replicas: a Ray cluster (default: start one here)")
-    serve.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        metavar="N",
-        help="torch's CPU threads for the layer calls (default: torch's choice, one per core)",
-    )
-    serve.add_argument(
-        "--api-key",
-        default=None,
-        help="require 'Authorization: Bearer KEY' on every route but /health (401 otherwise); default: the "
-        "EEK_API_KEY environment variable, else no key",
-    )
-    serve.add_argument(
-        "--max-client-batch-size",
-        type=int,
-        default=None,
-        help="most inputs (or rerank texts) in one request; more get 413 naming this limit (default: --max-queue)",
-    )
-    serve.add_argument(
-        "--served-model-name",
-        default=None,
-        metavar="NAME",
-        help="the model's name in answers, /info and GET /models, and what requests' \"model\" may say (default: "
-        "MODEL's folder name, never its path; a Hub id as given)",
-    )
-    serve.add_argument(
-        "--max-body-bytes",
-        type=int,
-        # server.body_limit.DEFAULT_MAX_BODY_BYTES, written out: importing the server package here would
-        # make `eek --help` load starlette (test_import_time); test_server_body_limit checks they agree
-        default=2_000_000,
-        metavar="N",
-        help="the largest request body taken; a larger one gets 413 before it is read whole (default: 2000000, "
-        "TEI's payload limit)",
-    )
-    _add_audit_options(serve, "sequences", "at /metrics (eek_audit_*)")
-    add_recertify_options(serve, "sequences")
-    serve.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
-    serve.set_defaults(run=_serve)
 
 
 def main(argv=None) -> int:
@@ -273,17 +143,6 @@ def main(argv=None) -> int:
         return 130
 
 
-def _set_threads(threads: int | None) -> None:
-    """``--threads``: torch's intra-op CPU threads (None: leave torch's default)."""
-    if threads is None:
-        return
-    if threads < 1:
-        raise CliError(f"--threads must be >= 1, got {threads}")
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr)
 
@@ -294,12 +153,12 @@ def _classify(args) -> int:
     for name in ("max_batch_size", "chunk_rows", "workers"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be at least 1")
-    args.audit = _audit_options(args)
+    args.audit = audit_options(args)
     if args.engine == "ray":  # reads files or folders; OUTPUT is a folder (Parquet unless named .csv / .jsonl)
         if args.threads is not None:
             raise CliError("--threads sets this process's threads: use it with --engine local")
         return _classify_on_ray(args)
-    _set_threads(args.threads)
+    set_threads(args.threads)
     try:
         table_format(args.input)
         table_format(args.output)
@@ -455,142 +314,9 @@ def _classify_on_ray(args) -> int:
     return 0
 
 
-def _serve(args) -> int:
-    try:
-        import uvicorn
-
-        from earlyexit_kernels.integrations.server import create_app
-        from earlyexit_kernels.integrations.server.served_model import served_model_name
-    except ImportError as error:
-        raise CliError(
-            f"serving needs starlette, uvicorn and prometheus_client (the serve extra): {install_line('serve')} ({error})"
-        ) from None
-    for name in ("max_batch_size", "max_queue", "port"):
-        value = getattr(args, name)
-        if value < 1:
-            raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    options = dict(
-        max_batch_size=args.max_batch_size,
-        max_tokens=args.max_tokens,
-        max_age=_max_age(args.max_age),
-        max_queue=args.max_queue,
-        max_length=args.max_length,
-        compile=args.compile,
-        api_key=args.api_key if args.api_key is not None else os.environ.get("EEK_API_KEY") or None,
-        max_client_batch_size=args.max_client_batch_size,
-        max_body_bytes=args.max_body_bytes,
-    )
-    if args.max_client_batch_size is not None and args.max_client_batch_size < 1:
-        raise CliError(f"--max-client-batch-size must be >= 1, got {args.max_client_batch_size}")
-    if args.max_body_bytes < 1:
-        raise CliError(f"--max-body-bytes must be >= 1 (bytes), got {args.max_body_bytes}")
-    try:
-        name = served_model_name(args.model, args.served_model_name)
-    except ValueError as error:
-        raise CliError(f"--served-model-name: {error}") from None
-    options.update(_audit_options(args, "sequences"))
-    _set_threads(args.threads)
-    if args.replicas is not None:
-        options.update(recertify_options(args, options, local=False))
-        return _serve_on_ray(args, options)
-    model, tokenizer = load_model(args.model, args.policy, args.backend, dtype=args.dtype, device=args.device)
-    options.update(recertify_options(args, options, local=True, multi_label=is_multi_label(model.config)))
-    try:
-        app = create_app(model, tokenizer, model_id=name, **options)
-    except ValueError as error:
-        raise CliError(str(error)) from None
-    # uvicorn handles SIGTERM/SIGINT: it stops listening, waits for the requests in flight,
-    # then the app's shutdown drains the engine.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=None)
-    return 0
-
-
-def is_multi_label(config) -> bool:
-    from earlyexit_kernels.integrations.labels import is_multi_label as multi_label  # imports torch: not for --help
-
-    return multi_label(config)
-
-
-def recertify_options(args, audit: dict, **options) -> dict:
-    """:func:`~earlyexit_kernels.integrations.recertify_cli.recertify_options`, its error one line."""
-    try:
-        return _recertify_options(args, audit, **options)
-    except ValueError as error:
-        raise CliError(str(error)) from None
-
-
 def _ray_recertify(args) -> dict:
     """Ray Data: each actor re-certifies on its own audited rows (its own certificate)."""
     if args.audit_record is not None:
         raise CliError("--audit-record is written by one process: use it with --engine local")
     online = recertify_options(args, args.audit, local=False)
     return {"recertify": online["recertify"]} if args.audit else {}
-
-
-def _max_age(text: str):
-    """``--max-age`` as ``create_app``'s ``max_age``; a bad value is a one-line error."""
-    from earlyexit_kernels.engine.aging import parse_max_age
-
-    try:
-        return parse_max_age(text)
-    except ValueError as error:
-        raise CliError(str(error)) from None
-
-
-def _audit_options(args, what: str = "rows") -> dict:
-    """``--audit-fraction``, ``--audit-budget``, ``--audit-confidence`` as ``create_app``'s options, checked;
-    the budget and confidence not given come from MODEL's eek_fit.json certificate (said on stderr)."""
-    fraction, points, confidence = args.audit_fraction, args.audit_budget, args.audit_confidence
-    if not (math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
-        raise CliError(
-            f"--audit-fraction must be a fraction in [0, 1] (0.05: one sequence in twenty also runs the full "
-            f"model), got {fraction:g}"
-        )
-    if points is not None and not (math.isfinite(points) and 0.0 <= points < 100.0):
-        raise CliError(f"--audit-budget is in percentage points of sequences, in [0, 100) (1: 1%), got {points:g}")
-    if confidence is not None and not (0.0 < confidence < 1.0):
-        raise CliError(f"--audit-confidence must be strictly between 0 and 1 (e.g. 0.95), got {confidence:g}")
-    if fraction == 0.0:
-        if points is not None or confidence is not None:
-            raise CliError("--audit-budget and --audit-confidence set the audit: give --audit-fraction F (> 0) too")
-        return {}
-    from earlyexit_kernels.integrations.model_folder import audit_settings
-
-    budget, confidence, source = audit_settings(args.model, None if points is None else points / 100.0, confidence)
-    said = "no budget: the disagreement and its bound only" if budget is None else f"budget {100 * budget:g}%"
-    print(
-        f"audit: {fraction:g} of the {what} also run by the full model; {said}, confidence "
-        f"{100 * confidence:g}% ({source})",
-        file=sys.stderr,
-    )
-    return {"audit_fraction": fraction, "audit_budget": budget, "audit_confidence": confidence}
-
-
-def _serve_on_ray(args, options: dict) -> int:
-    try:
-        import ray
-        from ray import serve
-
-        from earlyexit_kernels.integrations.server.ray_serve import serve_application
-    except ImportError as error:
-        raise CliError(f"--replicas needs Ray Serve: pip install 'ray[serve]' ({error})") from None
-    if args.replicas < 1:
-        raise CliError(f"--replicas must be >= 1, got {args.replicas}")
-    load_model(
-        args.model, args.policy, args.backend, dtype=args.dtype, device=args.device
-    )  # fail here, not inside a replica
-    ray.init(address=args.address)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    app = serve_application(
-        args.model,
-        replicas=args.replicas,
-        policy=args.policy,
-        backend=args.backend,
-        dtype=args.dtype,
-        device=args.device,
-        served_model_name=args.served_model_name,
-        **options,
-    )
-    print(f"serving {args.model} with {args.replicas} replicas on http://{args.host}:{args.port}", file=sys.stderr)
-    serve.run(app, name="earlyexit", route_prefix="/", blocking=True)
-    return 0

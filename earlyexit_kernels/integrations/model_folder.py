@@ -25,6 +25,7 @@ __all__ = [
     "load_model",
     "resolve_model",
     "save_fitted",
+    "usable_certificate",
 ]
 
 
@@ -79,11 +80,14 @@ def load_model(
     *,
     dtype: str | None = None,
     device: str | None = None,
+    certified_here: bool = False,
 ):
     """A patched model and its tokenizer from ``path``; ``ModelFolderError`` saying what is wrong otherwise.
 
     ``dtype`` / ``device``: the base it runs on (:func:`earlyexit_kernels.engine.precision.to_base`;
-    None: as saved, on the CPU)."""
+    None: as saved, on the CPU). On another base than the folder's certificate's, one warning says how
+    to certify it there, unless ``certified_here`` (the caller certifies it, as ``eek serve --calibration``)
+    or ``policy_text`` is given (the folder's certificate does not cover another policy on any base)."""
     from transformers import AutoTokenizer
 
     from earlyexit_kernels.methods.policy_spec import parse_policy
@@ -139,7 +143,8 @@ def load_model(
             to_base(model, dtype, "cpu" if device is None else device)
         except ValueError as error:
             raise ModelFolderError(str(error)) from None
-        _warn_uncertified_base(path, folder, dtype)
+        if not certified_here and policy is None:
+            _warn_uncertified_base(path, folder, dtype)
     return model, tokenizer
 
 
@@ -178,7 +183,8 @@ def _warn_uncertified_base(path: str, folder: Path, dtype: str | None) -> None:
     warnings.warn(
         f"MODEL {path}'s threshold was certified on {base}; on {dtype} its layers compute other values, which "
         f"the certificate does not cover. Certify it on {dtype} first, on a copy of the folder: "
-        f"eek calibrate COPY ROWS --dtype {dtype} (ROWS: the calibration rows, e.g. the validation split)",
+        f"eek calibrate COPY ROWS --dtype {dtype} (ROWS: the calibration rows, e.g. the validation split); "
+        f"eek serve certifies at start-up, without changing the folder, when given --calibration ROWS",
         UserWarning,
         stacklevel=3,
     )
@@ -192,40 +198,61 @@ def fit_certificate(path: str) -> dict | None:
         saved = json.loads((Path(path) / "eek_fit.json").read_text())
     except (OSError, ValueError):
         return None
-    certificate = saved.get("certificate") if isinstance(saved, dict) else None
+    if not isinstance(saved, dict):
+        return None
+    return usable_certificate(saved.get("certificate"), saved.get("target"))
+
+
+def usable_certificate(certificate, target) -> dict | None:
+    """``certificate`` (a certificate's fields) with ``target``, or None where it certifies nothing the
+    audit can watch: not a dict, not counted per row, or without a numeric budget and confidence."""
     if not isinstance(certificate, dict) or certificate.get("unit", "rows") != "rows":
         return None
     budget, confidence = certificate.get("budget"), certificate.get("confidence")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (budget, confidence)):
         return None
-    return {**certificate, "target": saved.get("target")}
+    return {**certificate, "target": target}
+
+
+#: :func:`audit_settings`' default: the certificate saved in the folder
+SAVED = "saved"
 
 
 def audit_settings(
-    path: str, budget: float | None = None, confidence: float | None = None
+    path: str,
+    budget: float | None = None,
+    confidence: float | None = None,
+    *,
+    certificate: dict | None | str = SAVED,
+    where: str | None = None,
 ) -> tuple[float | None, float, str]:
     """The audit watch's budget (a fraction, or None), confidence and where they come from, for the model
     folder ``path``: each as given, else the certificate of ``path/eek_fit.json``, else no budget and 0.95.
+    ``certificate`` (with ``where``, what made it): another certificate than the saved one, in
+    :func:`fit_certificate`'s shape (e.g. the one ``eek serve --calibration`` made at start-up).
 
     The audit counts disagreement with the full model (it has no labels). A certificate on accuracy
     lost bounds something else: disagreements that cancel (the exit right where the full model is
     wrong, and the reverse) cost no accuracy, so a served disagreement over that budget is no sign of
     a shift (the demo's folder, audited on its own test split, warned so at -0.12 points lost). Such a
     certificate gives no budget here; the audit reports the disagreement and its bound, and says why."""
-    certificate = fit_certificate(path)
+    if certificate == SAVED:
+        certificate, where = fit_certificate(path), str(Path(path) / "eek_fit.json")
+    elif certificate is not None:
+        certificate = usable_certificate(certificate, certificate.get("target"))
     if certificate is None:
         source = "as given" if budget is not None else "no budget: none given and no certificate in eek_fit.json"
         return budget, 0.95 if confidence is None else confidence, source
     if certificate.get("target") == "accuracy" and budget is None:
         source = (
-            f"no budget: {Path(path) / 'eek_fit.json'} certifies accuracy lost (<= {100 * certificate['budget']:g} "
+            f"no budget: {where} certifies accuracy lost (<= {100 * certificate['budget']:g} "
             "points), which disagreement with the full model does not measure (disagreements that cancel cost no "
             "accuracy); give --audit-budget to watch disagreement against a budget of your own"
         )
         return None, float(certificate["confidence"]) if confidence is None else confidence, source
     kind = "accuracy lost" if certificate.get("target") == "accuracy" else "disagreement"
     source = (
-        f"the certificate of {Path(path) / 'eek_fit.json'}: {kind} <= {100 * certificate['budget']:g}% with "
+        f"the certificate of {where}: {kind} <= {100 * certificate['budget']:g}% with "
         f"confidence {100 * certificate['confidence']:g}%"
     )
     if budget is not None and confidence is not None:

@@ -1,0 +1,119 @@
+"""The options ``eek classify`` and ``eek serve`` share, checked: ``--threads``, ``--max-age``, the audit's
+flags and their settings, online re-certification; and :class:`CliError`, the one-line error both raise.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+from earlyexit_kernels.integrations.recertify_cli import recertify_options as _recertify_options
+
+__all__ = [
+    "CliError",
+    "add_audit_options",
+    "audit_options",
+    "is_multi_label",
+    "max_age",
+    "recertify_options",
+    "set_threads",
+]
+
+
+class CliError(Exception):
+    """A problem with what the user asked for; the message says what to change."""
+
+
+def set_threads(threads: int | None) -> None:
+    """``--threads``: torch's intra-op CPU threads (None: leave torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise CliError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def add_audit_options(command, what: str, where: str) -> None:
+    command.add_argument(
+        "--audit-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help=f"run a random fraction F in [0, 1] of the {what} through the full model too (the early exit's answers "
+        f"unchanged) and report their disagreement with the early exit and its upper bound {where}, beside the "
+        "budget; a warning says when the disagreements show the budget passed. Costs about F times the full "
+        "model's time (default: 0, no audit)",
+    )
+    command.add_argument(
+        "--audit-budget",
+        type=float,
+        default=None,
+        metavar="POINTS",
+        help=f"the audit's budget, in percentage points of {what} (1: 1%%); default: the certificate's of "
+        "MODEL/eek_fit.json (eek fit), else none: the disagreement and its bound are reported, no budget, no warning",
+    )
+    command.add_argument(
+        "--audit-confidence",
+        type=float,
+        default=None,
+        metavar="P",
+        help="confidence of the audit's bound (default: the certificate's of MODEL/eek_fit.json, else 0.95)",
+    )
+
+
+def audit_options(args, what: str = "rows", **certificate) -> dict:
+    """``--audit-fraction``, ``--audit-budget``, ``--audit-confidence`` as ``create_app``'s options, checked;
+    the budget and confidence not given come from MODEL's eek_fit.json certificate (said on stderr), or
+    from ``certificate`` (``certificate=``, ``where=``: one made at start-up)."""
+    fraction, points, confidence = args.audit_fraction, args.audit_budget, args.audit_confidence
+    if not (math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
+        raise CliError(
+            f"--audit-fraction must be a fraction in [0, 1] (0.05: one sequence in twenty also runs the full "
+            f"model), got {fraction:g}"
+        )
+    if points is not None and not (math.isfinite(points) and 0.0 <= points < 100.0):
+        raise CliError(f"--audit-budget is in percentage points of sequences, in [0, 100) (1: 1%), got {points:g}")
+    if confidence is not None and not (0.0 < confidence < 1.0):
+        raise CliError(f"--audit-confidence must be strictly between 0 and 1 (e.g. 0.95), got {confidence:g}")
+    if fraction == 0.0:
+        if points is not None or confidence is not None:
+            raise CliError("--audit-budget and --audit-confidence set the audit: give --audit-fraction F (> 0) too")
+        return {}
+    from earlyexit_kernels.integrations.model_folder import audit_settings
+
+    budget, confidence, source = audit_settings(
+        args.model, None if points is None else points / 100.0, confidence, **certificate
+    )
+    said = "no budget: the disagreement and its bound only" if budget is None else f"budget {100 * budget:g}%"
+    print(
+        f"audit: {fraction:g} of the {what} also run by the full model; {said}, confidence "
+        f"{100 * confidence:g}% ({source})",
+        file=sys.stderr,
+    )
+    return {"audit_fraction": fraction, "audit_budget": budget, "audit_confidence": confidence}
+
+
+def recertify_options(args, audit: dict, **options) -> dict:
+    """:func:`~earlyexit_kernels.integrations.recertify_cli.recertify_options`, its error one line."""
+    try:
+        return _recertify_options(args, audit, **options)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+
+
+def is_multi_label(config) -> bool:
+    from earlyexit_kernels.integrations.labels import is_multi_label as multi_label  # imports torch: not for --help
+
+    return multi_label(config)
+
+
+def max_age(text: str):
+    """``--max-age`` as ``create_app``'s ``max_age``; a bad value is a one-line error."""
+    from earlyexit_kernels.engine.aging import parse_max_age
+
+    try:
+        return parse_max_age(text)
+    except ValueError as error:
+        raise CliError(str(error)) from None

@@ -1,0 +1,280 @@
+"""``eek serve MODEL``: the command line of the HTTP server (``earlyexit_kernels.integrations.server``), one
+process or Ray Serve replicas; with ``--calibration FILE``, the threshold certified at start-up on the
+base served (:mod:`earlyexit_kernels.integrations.served_certificate`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from earlyexit_kernels.integrations.base_options import add_base_options
+from earlyexit_kernels.integrations.cli_options import (
+    CliError,
+    add_audit_options,
+    audit_options,
+    is_multi_label,
+    max_age,
+    recertify_options,
+    set_threads,
+)
+from earlyexit_kernels.integrations.extras import install_line
+from earlyexit_kernels.integrations.model_folder import load_model
+from earlyexit_kernels.integrations.recertify_cli import add_recertify_options
+
+__all__ = ["add_serve_command", "run_serve"]
+
+
+def add_serve_command(commands) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve the model over HTTP (POST /predict, /classify, /rerank, ...)",
+        description=(
+            "Serve MODEL over HTTP. Routes: POST /predict (text-embeddings-inference's shapes), POST /classify and "
+            "POST /v1/classify (Infinity's and vLLM's: {model, input}), POST /rerank and POST /v1/rerank (TEI's "
+            "shape or Cohere's: query with texts or documents; one-output models), POST /v2/rerank (Cohere's v2, "
+            "cohere.ClientV2), POST / (the Hugging Face Inference API's text classification), GET /v1/models "
+            "(OpenAI's shape), GET /models (Infinity's), GET /health, GET /info, GET /metrics "
+            "(Prometheus), GET /openapi.json (the OpenAPI document), GET /docs (the same as a page). Every answer "
+            "adds exit_layer and layers_run, and carries x-request-id (the client's X-Request-Id, or a new one). "
+            "Sequences of all requests in flight share the continuous early-exit engine; each request is answered "
+            "when its last sequence exits. SIGTERM or Ctrl-C: stop taking requests, answer those in flight, exit."
+        ),
+    )
+    serve.add_argument(
+        "model", metavar="MODEL", help="as for classify: a patched save_pretrained folder, or a plain one with --policy"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+    serve.add_argument("--policy", default=None, help='exit policy, e.g. "Entropy(0.3)" (default: the saved one)')
+    serve.add_argument("--backend", default=None, help="auto, torch, cpp, triton or cuda (default: the saved one)")
+    add_base_options(serve)
+    serve.add_argument(
+        "--max-batch-size", type=int, default=64, metavar="N", help="most rows per layer call (default: 64)"
+    )
+    serve.add_argument(
+        "--max-tokens", type=int, default=None, metavar="N", help="most rows x padded length per layer call"
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="most sequences waiting or in flight; beyond it requests get 429 at once (default: 1024)",
+    )
+    serve.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most tokens per text (default: the model's positions)",
+    )
+    serve.add_argument("--compile", action="store_true", help="run the layer calls through torch.compile")
+    serve.add_argument(
+        "--max-age",
+        default="auto",
+        metavar="auto|off|N",
+        help="bounded waiting: once a text has waited N layer calls since the engine took it, the oldest such runs "
+        "next (admitted, or its layer call) whatever the batching order, so a text leaves within N + layers x n "
+        "layer calls, n the texts taken no later and still there (docs/serving.md). auto (default): 2 x the "
+        "model's layers; 0: strictly oldest first; off: no age rule (the batching order's own, looser bounds, as "
+        "eek classify runs)",
+    )
+    serve.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run N replicas on Ray Serve (needs ray[serve]) instead of one process",
+    )
+    serve.add_argument("--address", default=None, help="--replicas: a Ray cluster (default: start one here)")
+    serve.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch's CPU threads for the layer calls (default: torch's choice, one per core)",
+    )
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but /health (401 otherwise); default: the "
+        "EEK_API_KEY environment variable, else no key",
+    )
+    serve.add_argument(
+        "--max-client-batch-size",
+        type=int,
+        default=None,
+        help="most inputs (or rerank texts) in one request; more get 413 naming this limit (default: --max-queue)",
+    )
+    serve.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help="the model's name in answers, /info and GET /models, and what requests' \"model\" may say (default: "
+        "MODEL's folder name, never its path; a Hub id as given)",
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        # server.body_limit.DEFAULT_MAX_BODY_BYTES, written out: importing the server package here would
+        # make `eek --help` load starlette (test_import_time); test_server_body_limit checks they agree
+        default=2_000_000,
+        metavar="N",
+        help="the largest request body taken; a larger one gets 413 before it is read whole (default: 2000000, "
+        "TEI's payload limit)",
+    )
+    _add_served_certificate_options(serve)
+    add_audit_options(serve, "sequences", "at /metrics (eek_audit_*)")
+    add_recertify_options(serve, "sequences")
+    serve.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
+    serve.set_defaults(run=run_serve)
+
+
+def _add_served_certificate_options(serve) -> None:
+    group = serve.add_argument_group(
+        "certified at start-up",
+        "MODEL's threshold certified anew before the first request, on the base it is served on (--dtype), along "
+        "the folder's certified path and against its budget; the folder on disk is not changed",
+    )
+    group.add_argument(
+        "--calibration",
+        default=None,
+        metavar="FILE",
+        help="rows to certify on (.csv, .tsv, .jsonl, .parquet), as eek calibrate FOLDER FILE --dtype D would: "
+        "unseen rows, labelled (accuracy lost against the full model on that base) or not (disagreement with it); "
+        "e.g. --dtype int8 on a folder certified on float32",
+    )
+    group.add_argument("--text-column", default="text", help="--calibration: the texts' column (default: text)")
+    group.add_argument("--pair-column", default=None, help="--calibration: the second texts' column (optional)")
+    group.add_argument(
+        "--label-column",
+        default=None,
+        help="--calibration: the labels' column (default: label, when the file has it; without labels, "
+        "agreement with the full model is certified)",
+    )
+
+
+def run_serve(args) -> int:
+    try:  # the serve extra checked before any model is loaded; _run_server uses them
+        import uvicorn  # noqa: F401
+
+        from earlyexit_kernels.integrations.server import create_app  # noqa: F401
+        from earlyexit_kernels.integrations.server.served_model import served_model_name
+    except ImportError as error:
+        raise CliError(
+            f"serving needs starlette, uvicorn and prometheus_client (the serve extra): {install_line('serve')} ({error})"
+        ) from None
+    for name in ("max_batch_size", "max_queue", "port"):
+        value = getattr(args, name)
+        if value < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    options = dict(
+        max_batch_size=args.max_batch_size,
+        max_tokens=args.max_tokens,
+        max_age=max_age(args.max_age),
+        max_queue=args.max_queue,
+        max_length=args.max_length,
+        compile=args.compile,
+        api_key=args.api_key if args.api_key is not None else os.environ.get("EEK_API_KEY") or None,
+        max_client_batch_size=args.max_client_batch_size,
+        max_body_bytes=args.max_body_bytes,
+    )
+    if args.max_client_batch_size is not None and args.max_client_batch_size < 1:
+        raise CliError(f"--max-client-batch-size must be >= 1, got {args.max_client_batch_size}")
+    if args.max_body_bytes < 1:
+        raise CliError(f"--max-body-bytes must be >= 1 (bytes), got {args.max_body_bytes}")
+    try:
+        name = served_model_name(args.model, args.served_model_name)
+    except ValueError as error:
+        raise CliError(f"--served-model-name: {error}") from None
+    set_threads(args.threads)
+    if args.calibration is not None:
+        return _serve_certified(args, options, name)
+    options.update(audit_options(args, "sequences"))
+    if args.replicas is not None:
+        options.update(recertify_options(args, options, local=False))
+        return _serve_on_ray(args, options)
+    model, tokenizer = load_model(args.model, args.policy, args.backend, dtype=args.dtype, device=args.device)
+    options.update(recertify_options(args, options, local=True, multi_label=is_multi_label(model.config)))
+    return _run_server(args, model, tokenizer, name, options)
+
+
+def _serve_certified(args, options: dict, name: str) -> int:
+    """``eek serve --calibration FILE``: the threshold certified on FILE's rows on the served base, then served."""
+    from earlyexit_kernels.integrations.labelled_data import read_labelled
+    from earlyexit_kernels.integrations.served_certificate import certify_served
+    from earlyexit_kernels.training.fit_texts import FitError
+
+    for flag, given in (("--policy", args.policy), ("--replicas", args.replicas), ("--recertify", args.recertify)):
+        if given is not None and given is not False:
+            raise CliError(
+                f"--calibration certifies the folder's threshold at start-up and cannot be combined with {flag}; "
+                "certify a copy of the folder instead (eek calibrate COPY FILE --dtype D) and serve the copy"
+            )
+    model, tokenizer = load_model(
+        args.model, None, args.backend, dtype=args.dtype, device=args.device, certified_here=True
+    )
+    try:
+        data = read_labelled(
+            args.calibration,
+            text_column=args.text_column,
+            pair_column=args.pair_column,
+            label_column=args.label_column or "label",
+            label_required=args.label_column is not None,
+        )
+        served = certify_served(model, tokenizer, args.model, data, max_length=args.max_length)
+    except (FitError, ValueError) as error:
+        raise CliError(f"--calibration {args.calibration}: {error}") from None
+    base = args.dtype or "saved"
+    for line in served.lines(args.calibration, base):
+        print(line, file=sys.stderr)
+    options.update(
+        audit_options(args, "sequences", certificate=served.certificate, where=f"--calibration {args.calibration}")
+    )
+    return _run_server(args, model, tokenizer, name, options)
+
+
+def _run_server(args, model, tokenizer, name: str, options: dict) -> int:
+    import uvicorn
+
+    from earlyexit_kernels.integrations.server import create_app
+
+    try:
+        app = create_app(model, tokenizer, model_id=name, **options)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    # uvicorn handles SIGTERM/SIGINT: it stops listening, waits for the requests in flight,
+    # then the app's shutdown drains the engine.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=None)
+    return 0
+
+
+def _serve_on_ray(args, options: dict) -> int:
+    try:
+        import ray
+        from ray import serve
+
+        from earlyexit_kernels.integrations.server.ray_serve import serve_application
+    except ImportError as error:
+        raise CliError(f"--replicas needs Ray Serve: pip install 'ray[serve]' ({error})") from None
+    if args.replicas < 1:
+        raise CliError(f"--replicas must be >= 1, got {args.replicas}")
+    load_model(
+        args.model, args.policy, args.backend, dtype=args.dtype, device=args.device
+    )  # fail here, not inside a replica
+    ray.init(address=args.address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = serve_application(
+        args.model,
+        replicas=args.replicas,
+        policy=args.policy,
+        backend=args.backend,
+        dtype=args.dtype,
+        device=args.device,
+        served_model_name=args.served_model_name,
+        **options,
+    )
+    print(f"serving {args.model} with {args.replicas} replicas on http://{args.host}:{args.port}", file=sys.stderr)
+    serve.run(app, name="earlyexit", route_prefix="/", blocking=True)
+    return 0

@@ -1,0 +1,67 @@
+"""``eek serve MODEL --calibration FILE``: the served threshold certified at start-up, on the base it is served on.
+
+A folder's certificate holds for the base it was made on (``eek fit``: the saved float32 model).
+``--dtype int8`` (or bfloat16) runs layers that compute other values, so the saved threshold is
+served uncertified there. Given rows, the server certifies its threshold on them before it takes a
+request, as ``eek calibrate FOLDER FILE --dtype int8`` would, along the folder's certified path and
+against its budget; the folder on disk is left as it is (``eek calibrate`` on a copy keeps the
+result). The audit, where one runs, then watches this certificate instead of the folder's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ServedCertificate", "certify_served"]
+
+
+@dataclass
+class ServedCertificate:
+    """What :func:`certify_served` certified: the report (for its lines), the policy's exact code (what
+    replicas load) and the certificate in ``eek_fit.json``'s shape (what the audit reads)."""
+
+    report: object  # training.calibrate_texts.CalibrationReport
+    policy_code: str
+    certificate: dict | None
+
+    def lines(self, source: str, base: str) -> list[str]:
+        lines = [f"certified at start-up on {source}, on the {base} base served:"]
+        lines += [f"  {line}" for line in self.report.summary()]
+        refused = self.report.saving_refused()
+        if refused is not None:
+            lines.append(f"  no saving certified here ({refused}): the server runs {self.report.policy}")
+        lines.append(
+            "  the folder on disk is unchanged; to keep this certificate, run eek calibrate on a copy of it with the "
+            "same rows and --dtype"
+        )
+        return lines
+
+
+def certify_served(
+    model, tokenizer, folder: str, data, *, batch_size: int = 64, max_length: int | None = None
+) -> ServedCertificate:
+    """Certify ``model``'s threshold (already on the base it is served on) on ``data``
+    (:class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`) with the budget and along the
+    path of ``folder``'s certificate (1 point at 0.95 and the family's grid where it has none); the
+    model ends patched with the certified policy, as :func:`~earlyexit_kernels.training.calibrate_texts.calibrate_texts`
+    leaves it. Too few rows for the budget raise its ``FitError``, saying how many would do."""
+    from earlyexit_kernels.integrations.folder_calibration import saved_budget, saved_path
+    from earlyexit_kernels.patching.patch import policy_of
+    from earlyexit_kernels.training.calibrate_texts import calibrate_texts
+    from earlyexit_kernels.training.fit_texts import CONFIDENCE
+
+    max_drop, confidence = saved_budget(folder)
+    report = calibrate_texts(
+        model,
+        tokenizer,
+        data,
+        max_drop=1.0 if max_drop is None else max_drop,
+        confidence=CONFIDENCE if confidence is None else confidence,
+        batch_size=batch_size,
+        max_length=max_length,
+        path=saved_path(folder),
+    )
+    certificate = None
+    if report.certificate is not None:
+        certificate = {**report.certificate, "target": report.target}
+    return ServedCertificate(report, policy_of(model).to_code(), certificate)
