@@ -2,7 +2,8 @@
 
 The app is Starlette (a small, well-kept ASGI toolkit: no request-model layer to pay
 for, and the same app runs under uvicorn or inside Ray Serve). The event loop only
-parses, tokenizes (in a worker thread) and waits: the layer calls run on the
+reads bodies and waits: parsing and tokenizing (a long text cut by characters first,
+:mod:`.tokenization`) run on worker threads, the layer calls on the
 :class:`earlyexit_kernels.engine.background.BackgroundEngine` thread, whose continuous engine
 batches the sequences of every request in flight. Each sequence is answered as soon as
 it exits; a request is answered when its last sequence has.
@@ -26,7 +27,6 @@ spans are also the ``eek_request_*_seconds`` histograms at ``/metrics``); every 
 from __future__ import annotations
 
 import asyncio
-import copy
 import hmac
 import time
 
@@ -56,6 +56,7 @@ from earlyexit_kernels.integrations.server.predict_schema import (
 )
 from earlyexit_kernels.integrations.server.request_costs import RequestCosts
 from earlyexit_kernels.integrations.server.rerank_schema import format_rerank_answer, rerank_request_from_body
+from earlyexit_kernels.integrations.server.tokenization import Tokenization
 from earlyexit_kernels.patching.patch import backend_of, policy_of
 
 __all__ = ["create_app"]
@@ -189,7 +190,8 @@ def create_app(
         ``run(parsed, finished, costs)`` makes the answer's body."""
         costs = RequestCosts(time.perf_counter())
         try:
-            parsed = parse(await request.body())
+            # parsed on a worker thread too: a body of megabytes holds up no other request
+            parsed = await asyncio.to_thread(parse, await request.body())
             finished = await state.run(parsed, request, costs)
             if finished is None:  # the client went away; nobody reads this
                 state.metrics.requests.labels("499").inc()
@@ -380,17 +382,11 @@ class _ServerState:
         from earlyexit_kernels.integrations.labels import is_multi_label
         from earlyexit_kernels.integrations.server.metrics import ServerMetrics
 
-        if tokenizer is None:
-            raise ValueError("the server needs the model's tokenizer")
         self.model, self.model_id = model.eval(), model_id
-        # One tokenizer per truncation side: the side is the tokenizer's attribute, and
-        # requests are tokenized on worker threads at the same time.
-        self.tokenizers = {"Right": copy.deepcopy(tokenizer), "Left": copy.deepcopy(tokenizer)}
-        self.tokenizers["Right"].truncation_side = "right"
-        self.tokenizers["Left"].truncation_side = "left"
         self.max_queue, self.max_client_batch_size = max_queue, max_client_batch_size
         self.engine_options = engine_options
         self.max_length = engine_options["max_length"] or model_max_length(model)
+        self.tokenization = Tokenization(tokenizer, self.max_length)
         config = model.config
         self.id2label = config.id2label or {}
         self.num_labels = config.num_labels
@@ -497,7 +493,9 @@ class _ServerState:
                 f"the request holds {count} inputs; this server takes at most {self.max_client_batch_size} in one "
                 f"request ({limit}): split it",
             )
-        encoded = await asyncio.to_thread(self._tokenize, request)
+        encoded = await self.tokenization.encode_async(
+            request.sequences, request.truncate, getattr(request, "truncation_direction", "Right")
+        )
         costs.tokenized = time.perf_counter()
         costs.tokens = sum(len(ids) for ids, _ in encoded)
         try:
@@ -532,40 +530,6 @@ class _ServerState:
                 [(ids, types, done.logits) for (ids, types), done, audited in zip(encoded, finished, chosen) if audited]
             )
         return finished
-
-    def _tokenize(self, request) -> list[tuple[list[int], list[int] | None]]:
-        tokenizer = self.tokenizers[getattr(request, "truncation_direction", "Right")]
-        encoded = []
-        for index, (text, pair) in enumerate(request.sequences):
-            _check_unicode(index, text, pair)
-            tokens = tokenizer(text, pair, truncation=request.truncate, max_length=self.max_length)
-            ids = tokens["input_ids"]
-            if len(ids) > self.max_length:
-                raise RequestError(
-                    413,
-                    "Validation",
-                    f"input {index} has {len(ids)} tokens; the model takes at most {self.max_length}: "
-                    f'shorten it or send "truncate": true',
-                )
-            encoded.append((ids, tokens.get("token_type_ids")))
-        return encoded
-
-
-def _check_unicode(index: int, *texts) -> None:
-    """400 for a text the tokenizer cannot take: JSON's escapes can carry a lone surrogate (``"\\ud800"``),
-    which is no Unicode character."""
-    for text in texts:
-        if text is None:
-            continue
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as error:
-            raise RequestError(
-                400,
-                "Validation",
-                f"input {index} holds {error.object[error.start : error.end]!a}, a lone UTF-16 surrogate, which is "
-                f"not a character: send valid Unicode",
-            ) from None
 
 
 async def _disconnected(request) -> None:

@@ -1,0 +1,176 @@
+"""A long text costs what the model reads of it, not its length, and holds up no other request.
+
+A text past ``max_length * 250`` characters (the char bound, as text-embeddings-inference's) is cut
+by characters before it is tokenized (:mod:`earlyexit_kernels.integrations.server.tokenization`). Before
+the cut, a text of 660,000 words (a body just under the 2,000,000-byte limit) was tokenized whole
+before its 413 or its truncated answer: about 1.5 s of tokenizing, alone, on this machine. The cut
+never changes an answer: a text the model takes whole is never refused by it, and a truncated one
+keeps the tokens the whole text's truncation keeps. Real server on 127.0.0.1; the tiny classifier
+reads 64 tokens, so its char bound is 16,000 characters.
+"""
+
+import random
+import statistics
+import threading
+import time
+
+import pytest
+from conftest import WORDS
+
+pytest.importorskip("starlette", reason="the server needs starlette (the serve extra)")
+pytest.importorskip("uvicorn", reason="the server needs uvicorn (the serve extra)")
+pytest.importorskip("prometheus_client", reason="the server needs prometheus_client")
+httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx")
+
+from served_models import RunningServer  # noqa: E402
+
+from earlyexit_kernels.integrations.model_folder import load_model  # noqa: E402
+from earlyexit_kernels.integrations.server import create_app  # noqa: E402
+from earlyexit_kernels.integrations.server.predict_schema import RequestError  # noqa: E402
+from earlyexit_kernels.integrations.server.tokenization import CHARS_PER_TOKEN, Tokenization  # noqa: E402
+
+# 660,000 words between two marked ends: 1,980,015 bytes of JSON, just under the 2,000,000-byte limit
+LONG = "w2 w3 " + "w1 " * 660_000 + "w4 w5"
+SHORT_OF_IT = "w2 w3 " + "w1 " * 100 + "w4 w5"  # the same ends: truncated, the same tokens as LONG's
+
+
+@pytest.fixture(scope="module")
+def classifier(saved_classifier):
+    return load_model(saved_classifier)
+
+
+@pytest.fixture(scope="module")
+def server(classifier):
+    model, tokenizer = classifier
+    running = RunningServer(create_app(model, tokenizer, model_id="tiny", max_batch_size=16))
+    yield running
+    running.close()
+
+
+SMALL = {"inputs": "w6 w7 w8"}
+
+
+def _usual_seconds(server, count=30) -> list[float]:
+    seconds = []
+    for _ in range(count):
+        began = time.perf_counter()
+        assert server.post("/predict", SMALL).status_code == 200
+        seconds.append(time.perf_counter() - began)
+    return seconds
+
+
+@pytest.mark.parametrize("truncation", [None, "Right", "Left"])
+def test_a_long_text_is_answered_within_a_second_and_small_requests_beside_it_are_served(server, truncation):
+    body = {"inputs": LONG}
+    if truncation is not None:
+        body.update(truncate=True, truncation_direction=truncation)
+    usual = _usual_seconds(server)
+    answers, seconds = {}, {}
+
+    def send_long():
+        began = time.perf_counter()
+        answers["long"] = server.post("/predict", body)
+        seconds["long"] = time.perf_counter() - began
+
+    thread = threading.Thread(target=send_long)
+    thread.start()
+    beside = []
+    for _ in range(200):  # small requests for as long as the long one is in flight (bounded)
+        began = time.perf_counter()
+        assert server.post("/predict", SMALL).status_code == 200
+        beside.append(time.perf_counter() - began)
+        if not thread.is_alive():
+            break
+    thread.join(60)
+
+    answer = answers["long"]
+    if truncation is None:
+        assert answer.status_code == 413, answer.text
+        error = answer.json()
+        assert error["error_type"] == "Validation" and "at most 64" in error["error"] and "truncate" in error["error"]
+    else:
+        assert answer.status_code == 200, answer.text
+        reference = server.post("/predict", {**body, "inputs": SHORT_OF_IT}).json()
+        # the tokens the whole text's truncation keeps: the same answer, scores to rounding (batches differ)
+        for got, expected in zip(answer.json(), reference, strict=True):
+            assert got == {**expected, "score": pytest.approx(expected["score"], abs=1e-5)}
+    # 1 s for the long text (about 1.5 s of tokenizing alone before the cut); each small request
+    # beside it within its usual worst plus half a second
+    assert seconds["long"] < 1.0, seconds
+    assert max(beside) < max(usual) + 0.5, (beside, statistics.quantiles(usual, n=100)[-1])
+
+
+def test_a_text_past_the_char_bound_that_the_model_takes_whole_is_not_refused(server):
+    bound = 64 * CHARS_PER_TOKEN
+    spaced = "w1" + " " * (bound + 1000) + "w2"  # many characters, two tokens
+    answer = server.post("/predict", {"inputs": spaced})
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == server.post("/predict", {"inputs": "w1 w2"}).json()
+    unknown = "x" * (bound + 1000)  # one word the vocabulary lacks: one [UNK] token
+    assert server.post("/predict", {"inputs": unknown}).status_code == 200
+
+
+def _random_text(rng, chars: int) -> str:
+    """Words of the vocabulary with runs of spaces, unknown words and punctuation, about ``chars`` long."""
+    parts, size = [], 0
+    while size < chars:
+        kind = rng.random()
+        part = (
+            rng.choice(WORDS)
+            if kind < 0.7
+            else " " * rng.randint(1, 300)
+            if kind < 0.85
+            else "z" * rng.randint(1, 150)
+            if kind < 0.95
+            else rng.choice([",", ".", "!"])
+        )
+        parts.append(part)
+        size += len(part) + 1
+    return " ".join(parts)
+
+
+@pytest.mark.parametrize("chars_per_token", [2, 40])
+def test_the_cut_keeps_every_answer_the_whole_text_gives(classifier, chars_per_token):
+    """Random texts around the bound (2 characters a token: one cut of 128 characters; 40: cuts of
+    512, 2,048 and 2,560): the cut's encoding is the whole text's, truncated or not, either side,
+    alone or in a pair with a short text; refused without truncation exactly where the whole text
+    has more than 64 tokens."""
+    _, tokenizer = classifier
+    cutting = Tokenization(tokenizer, 64, chars_per_token=chars_per_token)
+    whole = Tokenization(tokenizer, 64, chars_per_token=10**9)
+    whole.first_chars = whole.max_chars  # never cuts
+    rng = random.Random(chars_per_token)
+    compared = refused = cut = 0
+    for _ in range(300):
+        text = _random_text(rng, rng.choice([100, 200, 600, 1000, 3000, 10_000]))
+        pair = rng.choice([None, "w1 w2 w3", " ".join(rng.choices(WORDS, k=10))])
+        cut += len(text) > cutting.first_chars
+        for truncate in (False, True):
+            for direction in ("Right", "Left"):
+                try:
+                    expected = whole.encode([(text, pair)], truncate, direction)
+                except RequestError as error:
+                    assert not truncate and error.status == 413
+                    with pytest.raises(RequestError, match="at most 64"):
+                        cutting.encode([(text, pair)], truncate, direction)
+                    refused += 1
+                    continue
+                assert cutting.encode([(text, pair)], truncate, direction) == expected, (text, pair, direction)
+                compared += 1
+    assert cut > 100 and refused > 50 and compared > 500, (cut, refused, compared)
+
+
+def test_the_word_the_cut_splits_is_not_counted(tmp_path):
+    """A word of 150 letters is one [UNK] (past the word-piece limit of 100 characters), but the
+    91 letters of it that a cut keeps are 91 word pieces: counted, they would make a text of 63
+    tokens look longer than the 64 the model takes."""
+    from transformers import BertTokenizerFast
+
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "w1", "a", "##a"]))
+    tokenizer = BertTokenizerFast(vocab=str(tmp_path / "vocab.txt"))
+    cutting = Tokenization(tokenizer, 64, chars_per_token=4)  # one cut, of 256 characters
+    text = "w1 " * 55 + "a" * 150 + " w1" * 5  # the cut ends inside the long word
+    assert len(tokenizer(text)["input_ids"]) == 63
+    for truncate in (False, True):
+        ((ids, _),) = cutting.encode([(text, None)], truncate)
+        assert ids == tokenizer(text)["input_ids"]
