@@ -5,6 +5,8 @@ The real model and data are the demo's and the benchmark's (``make demo``, bench
 a few hundred word texts, so that what the two print and write is checked in seconds.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import WORDS, word_texts
@@ -63,6 +65,9 @@ def tiny_task(tmp_path, monkeypatch):
         return model, tokenizer, {"cached": True, "seconds": 0.0, "path": str(folder)}
 
     splits = {"train": _split(192, 1), "validation": _split(64, 2), "test": _split(96, 3)}
+    monkeypatch.setattr(
+        real_demo, "fine_tuned_path", lambda backbone="minilm", recipe=None, cache_dir=None, task="": folder
+    )
     for module in (real_demo, real_task_quality):
         monkeypatch.setattr(module, "fine_tuned_minilm", fine_tuned, raising=False)
         monkeypatch.setattr(module, "load_rotten_tomatoes", lambda seed=0: splits, raising=False)
@@ -80,10 +85,12 @@ def tiny_task(tmp_path, monkeypatch):
 
 def test_the_demo_fits_once_then_loads_and_reports_every_speed_up_with_its_ideal(tiny_task, tmp_path, capsys):
     report = tmp_path / "demo.txt"
-    # the tiny train split keeps 48 rows out for calibration: enough to certify 10 points, not 1
+    # the tiny validation split's 64 rows are the calibration rows: enough to certify 10 points, not 1
     real_demo.main(["--cache-dir", str(tiny_task), "--output", str(report), "--max-drop", "10"])
     first = capsys.readouterr().out
     assert "2. fitted the exit heads as `eek fit" in first and "--pooling" not in first  # chosen on the data
+    assert "--calibration" in first and "the careful path" in first
+    assert "calibrated them on 64 calibration rows from" in first  # the validation split, not rows of train
     assert "heads tried (pooling, form" in first
     assert "chosen:" in first and "accuracy of each layer's head alone on calibration rows" in first
     assert "budget: at most 10 point(s) lost with 95% confidence;" in first and "the test split:" in first
@@ -109,6 +116,67 @@ def test_the_demo_fits_once_then_loads_and_reports_every_speed_up_with_its_ideal
         return next(line for line in text.splitlines() if "chosen:" in line)
 
     assert chosen(first) == chosen(second)
+
+
+def test_the_demo_takes_the_careful_path_on_files_eek_fit_reads_and_fits_alike(tiny_task, tmp_path, capsys):
+    """The demo writes the classifier and the splits as files; read back by the package's own
+    table reader they are the splits, and the `eek fit` command the demo prints, run on them,
+    fits what the demo fitted: the validation split as --calibration."""
+    import json
+    import shlex
+
+    from earlyexit_kernels.integrations.cli import main as eek_main
+    from earlyexit_kernels.integrations.labelled_data import read_labelled
+
+    exported = tmp_path / "files"
+    real_demo.main(["--cache-dir", str(tiny_task), "--export", str(exported), "--max-drop", "10"])
+    out = capsys.readouterr().out
+    command = shlex.split(out.split("2. fitted the exit heads as `")[1].split("` does")[0])
+    assert command[:2] == ["eek", "fit"] and command[2:4] == [str(exported / "model"), str(exported / "train.csv")]
+    assert command[command.index("--calibration") + 1] == str(exported / "validation.csv")
+    splits = real_demo.load_rotten_tomatoes()
+    for name, split in splits.items():
+        rows = read_labelled(str(exported / f"{name}.csv"))
+        assert rows.texts == split.texts and rows.labels == [("rotten", "fresh")[y] for y in split.labels]
+    assert (exported / "model" / "config.json").is_file() and (exported / "model" / "vocab.txt").is_file()
+
+    demo_folder = command[4]
+    refit = tmp_path / "refit"
+    assert eek_main([*command[1:4], str(refit), *command[5:]]) == 0
+    capsys.readouterr()
+    ours, theirs = (json.loads((Path(f) / "eek_fit.json").read_text()) for f in (demo_folder, refit))
+    assert theirs["calibration_rows"] == len(splits["validation"]) and theirs["train_rows"] == len(
+        splits["train"]
+    ) - round(0.1 * len(splits["train"]))
+    for key in ("policy", "certificate", "pooling", "head", "layer_scores", "curve"):
+        assert ours[key] == theirs[key], key
+
+
+def test_the_demo_prints_a_line_per_stage_with_its_estimate_where_stderr_is_not_a_terminal(tiny_task, capsys):
+    real_demo.main(["--cache-dir", str(tiny_task), "--max-drop", "10"])
+    err = capsys.readouterr().err  # pytest's capture: not a terminal
+    lines = [line for line in err.splitlines() if line.startswith("stage ")]
+    starts = [line for line in lines if " done in " not in line]
+    assert [line.split(":")[0] for line in starts] == [f"stage {k}/4" for k in range(1, 5)]
+    assert [line.split(" done in ")[0] for line in lines if " done in " in line] == [
+        f"stage {k}/4" for k in range(1, 5)
+    ]
+    fitting = starts[1]
+    assert "fitting the exit heads" in fitting and "first run only, then cached" in fitting
+    assert f"on {real_demo.MEASURED['machine']}" in fitting and "about " in fitting
+    assert "about " in starts[2] and "about " in starts[3]
+
+    real_demo.main(["--cache-dir", str(tiny_task), "--max-drop", "10"])
+    again = [line for line in capsys.readouterr().err.splitlines() if line.startswith("stage 2/4:")]
+    assert again == ["stage 2/4: the exit heads: loading them from the cache"]
+
+
+def test_the_demo_s_estimates_are_measured():
+    measured = real_demo.MEASURED
+    assert "measured" in measured["machine"]
+    stages = [key for key in measured if key != "machine"]
+    assert sorted(stages) == ["fine_tune", "fit", "per_batch", "stream"]
+    assert all(seconds > 0 and rows > 0 for seconds, rows in (measured[key] for key in stages))
 
 
 def test_the_real_task_benchmark_writes_its_csv_and_its_section(tiny_task, tmp_path):

@@ -52,6 +52,7 @@ __all__ = [
     "fine_tune",
     "fine_tuned_minilm",
     "fine_tuned_model",
+    "fine_tuned_path",
     "load_rotten_tomatoes",
     "minilm_path",
     "save_atomically",
@@ -226,8 +227,25 @@ def backbone_path(backbone: str = "minilm") -> Path:
     raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}; got {backbone!r}")
 
 
+def fine_tuned_path(
+    backbone: str = "minilm",
+    recipe: FineTuneRecipe | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    task: str = "rotten_tomatoes",
+) -> Path:
+    """The folder :func:`fine_tuned_model` caches ``backbone`` fine-tuned on ``task`` with ``recipe`` in
+    (it holds ``config.json`` once fine-tuned)."""
+    spec = _task(task)
+    recipe = TASK_RECIPES[task] if recipe is None else recipe
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    return root / f"{backbone}-{spec.short}-{recipe.key(backbone_path(backbone), spec.data)}"
+
+
 def fine_tuned_minilm(
-    recipe: FineTuneRecipe = FineTuneRecipe(), cache_dir: str | os.PathLike | None = None, *, progress: bool = True
+    recipe: FineTuneRecipe = FineTuneRecipe(),
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    progress: bool | str = True,
 ):
     """``(model, tokenizer, info)``: MiniLM-L6 fine-tuned on the train split as a plain classifier
     (:func:`fine_tuned_model` of ``"minilm"``)."""
@@ -239,7 +257,7 @@ def fine_tuned_model(
     recipe: FineTuneRecipe | None = None,
     cache_dir: str | os.PathLike | None = None,
     *,
-    progress: bool = True,
+    progress: bool | str = True,
     task: str = "rotten_tomatoes",
 ):
     """``(model, tokenizer, info)``: ``backbone`` (:data:`BACKBONES`) fine-tuned on ``task``'s train split
@@ -250,15 +268,14 @@ def fine_tuned_model(
     ``cache_dir / "<backbone>-<task: rt or debates>-<recipe key>"``: into a temporary folder first, renamed into place
     when complete, so an interrupted run never leaves a half-written cache. ``info`` says whether
     it was loaded and how long fine-tuning took (``{"cached": bool, "seconds": float, "path": str}``).
+    ``progress``: a bar (True), nothing (False), or ``"lines"``: a line on stderr after the first
+    steps and then one a minute, with the time left (:class:`~earlyexit_kernels.demo.progress_lines.RateLines`).
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    spec = _task(task)
     recipe = TASK_RECIPES[task] if recipe is None else recipe
-    source = backbone_path(backbone)
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
-    target = root / f"{backbone}-{spec.short}-{recipe.key(source, spec.data)}"
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    target = fine_tuned_path(backbone, recipe, cache_dir, task)
+    tokenizer = AutoTokenizer.from_pretrained(backbone_path(backbone))
     if (target / "config.json").is_file():
         model = AutoModelForSequenceClassification.from_pretrained(target).eval()
         return model, tokenizer, {"cached": True, "seconds": 0.0, "path": str(target)}
@@ -293,7 +310,7 @@ def save_atomically(model, tokenizer, target: Path, extra: dict[str, str] | None
 
 
 def _fine_tune(
-    recipe: FineTuneRecipe, tokenizer, progress: bool, backbone: str = "minilm", task: str = "rotten_tomatoes"
+    recipe: FineTuneRecipe, tokenizer, progress: bool | str, backbone: str = "minilm", task: str = "rotten_tomatoes"
 ):
     from transformers import AutoModelForSequenceClassification
 
@@ -309,8 +326,12 @@ def _fine_tune(
     return fine_tune(model, tokenizer, train, recipe, progress, f"fine-tuning {backbone} on {task}")
 
 
-def fine_tune(model, tokenizer, train: Split, recipe: FineTuneRecipe, progress: bool = False, description: str = ""):
+def fine_tune(
+    model, tokenizer, train: Split, recipe: FineTuneRecipe, progress: bool | str = False, description: str = ""
+):
     """``model`` trained on ``train`` with ``recipe`` (AdamW, linear warm-up then decay), in eval mode.
+
+    ``progress``: a bar (True), nothing (False), or ``"lines"`` (whole lines on stderr, for a log).
 
     ``model(**batch, labels=labels)`` must return an output with ``.loss``; the rows are taken in a
     fixed shuffled order drawn from ``recipe.seed``. The demo's classifier and the cut-model peer
@@ -344,9 +365,13 @@ def fine_tune(model, tokenizer, train: Split, recipe: FineTuneRecipe, progress: 
     return model.eval()
 
 
-def _progress(total: int, enabled: bool, description: str):
+def _progress(total: int, enabled: bool | str, description: str):
     if not enabled:
         return None
+    if enabled == "lines":
+        from earlyexit_kernels.demo.progress_lines import RateLines
+
+        return RateLines(total, description)
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=description, unit="step")
