@@ -483,7 +483,7 @@ def test_a_server_auditing_every_sequence_answers_as_without_and_exports_the_wat
     import httpx
 
     info = httpx.get(audited.url + "/info", timeout=10).json()
-    assert info["audit"] == {"fraction": 1.0, "budget": 0.0, "confidence": 0.95}
+    assert info["audit"] == {"fraction": 1.0, "budget": 0.0, "confidence": 0.95, "accuracy_budget": None}
     assert httpx.get(plain.url + "/info", timeout=10).json()["audit"] is None
 
 

@@ -50,8 +50,13 @@ def _server(model_dir, model_id):
     return RunningServer(create_app(model, tokenizer, model_id=model_id, max_batch_size=16))
 
 
+LABELS = {False: ["neg", "neutral", "pos"], True: ["LABEL_0"]}  # the classifier's, the cross-encoder's
+
+
 def _document(model_id, reranks, max_length=64):  # the saved classifiers' positions
-    return openapi_document(model_id, version=__version__, api_key=False, reranks=reranks, max_length=max_length)
+    return openapi_document(
+        model_id, version=__version__, api_key=False, reranks=reranks, max_length=max_length, labels=LABELS[reranks]
+    )
 
 
 # A text longer than the model takes gets 413 (without "truncate"): a token count that JSON

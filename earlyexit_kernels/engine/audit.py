@@ -38,6 +38,18 @@ that; the watch measures the disagreement on what is served instead.
   (within 848; ``benchmarks/audit_warning_rule.py``). The upper bound is
   :meth:`AuditWatch.bound` and the server's metric, to alert on where the budget must stay certified.
 
+**With labels.** Disagreement is not what a certificate on accuracy lost (``eek fit`` with labels)
+bounds: disagreements that cancel (the exit right where the full model is wrong, and the reverse)
+cost no accuracy. Where a label is known for an audited row (the server's ``POST /feedback``), the
+watch counts that row's paired accuracy loss (:func:`paired_accuracy_loss`: 1 where the exit is
+wrong and the full model right, -1 for the reverse, else 0), the very loss calibration certified,
+and bounds its mean, the accuracy points lost, above with the betting bound calibration certifies
+with (:func:`~earlyexit_kernels.methods.risk_control.paired_upper_bound`). Against
+``accuracy_budget`` (the certificate's) it warns by the same rule as the disagreement: when the
+lower bound passes the budget (the betting test of "lost <= budget" on the negated losses), and
+says when the upper bound is back under it. Without labels the disagreement is reported, with no
+budget from such a certificate (:func:`earlyexit_kernels.integrations.model_folder.audit_settings`).
+
 The full model is the model's class's own forward (:func:`full_depth_logits`): the same weights,
 unpatched, without copying them.
 """
@@ -55,9 +67,11 @@ import torch
 
 from earlyexit_kernels.methods.policies import MULTI_LABEL
 from earlyexit_kernels.methods.risk_control import (
+    betting_p_value,
     binomial_cdf,
     count_p_value,
     kl_bernoulli,
+    paired_upper_bound,
     upper_bound,
 )
 
@@ -66,6 +80,7 @@ __all__ = [
     "check_fraction",
     "disagreement",
     "full_depth_logits",
+    "paired_accuracy_loss",
     "upper_bound",
 ]
 
@@ -120,6 +135,13 @@ def disagreement(early: torch.Tensor, full: torch.Tensor, *, multi_label: bool =
     if multi_label or early.shape[-1] == 1:
         return ((early > 0) != (full > 0)).double().mean(-1).tolist()
     return (early.argmax(-1) != full.argmax(-1)).double().tolist()
+
+
+def paired_accuracy_loss(early_class: int, full_class: int, label: int) -> int:
+    """A labelled row's accuracy lost by the early exit against the full model: 1 where the exit is
+    wrong and the full model right, -1 where the exit is right and the full model wrong, else 0
+    (calibration's ``"accuracy"`` loss; its mean is the accuracy lost, in points / 100)."""
+    return int(early_class != label) - int(full_class != label)
 
 
 def is_multi_label(config) -> bool:
@@ -213,9 +235,22 @@ class AuditWatch:
     crossings warned; ``full_seconds``: the time the full model took for them (as recorded).
     """
 
-    def __init__(self, fraction: float, *, budget: float | None = None, confidence: float = 0.95, seed: int = 0):
+    def __init__(
+        self,
+        fraction: float,
+        *,
+        budget: float | None = None,
+        confidence: float = 0.95,
+        seed: int = 0,
+        accuracy_budget: float | None = None,
+    ):
         self.fraction = check_fraction(fraction)
         self.budget = _check_budget(budget)
+        self.accuracy_budget = _check_budget(accuracy_budget)
+        self._paired: list[int] = []  # the labelled audited rows' paired losses, in the order recorded
+        self.accuracy_warnings = 0
+        self._accuracy_over = False
+        self._accuracy_cache: tuple[int, float] | None = None
         self.confidence = _check_confidence(confidence)
         self.seed = seed
         self._random = random.Random(seed)
@@ -266,6 +301,103 @@ class AuditWatch:
             level, text = message
             logger.log(level, text)
 
+    def record_labelled(self, losses: Iterable[int]) -> None:
+        """Count the paired accuracy losses (:func:`paired_accuracy_loss`: -1, 0 or 1) of audited rows
+        whose labels are known. Warns or says it is back under ``accuracy_budget`` where the bound crosses it."""
+        losses = [int(loss) for loss in losses]
+        if any(loss not in (-1, 0, 1) for loss in losses):
+            raise ValueError(f"paired accuracy losses are -1, 0 or 1, got {losses}")
+        if not losses:
+            return
+        with self._lock:
+            self._paired.extend(losses)
+            paired = list(self._paired)
+        message = self._accuracy_crossing(paired)
+        if message is not None:
+            level, text = message
+            logger.log(level, text)
+
+    @property
+    def labelled(self) -> int:
+        """Audited rows whose label is known (counted on accuracy lost)."""
+        return len(self._paired)
+
+    @property
+    def exit_wrong_full_right(self) -> int:
+        return self._paired.count(1)
+
+    @property
+    def exit_right_full_wrong(self) -> int:
+        return self._paired.count(-1)
+
+    @property
+    def accuracy_lost(self) -> float | None:
+        """The accuracy the early exit lost against the full model on the labelled audited rows (a
+        fraction: 0.01 is one point; negative where it gained); None before any."""
+        with self._lock:
+            return sum(self._paired) / len(self._paired) if self._paired else None
+
+    def accuracy_bound(self) -> float:
+        """The upper ``confidence`` bound on the accuracy lost (betting, as calibration's); 1.0 before any row."""
+        with self._lock:
+            paired = list(self._paired)
+            cached = self._accuracy_cache
+        if not paired:
+            return 1.0
+        if cached is not None and cached[0] == len(paired):
+            return cached[1]
+        value = paired_upper_bound(torch.tensor(paired, dtype=torch.float64), self.confidence)
+        with self._lock:
+            self._accuracy_cache = (len(paired), value)
+        return value
+
+    @property
+    def accuracy_over_budget(self) -> bool | None:
+        """Whether the labelled rows show the accuracy lost over ``accuracy_budget`` (its lower
+        ``confidence`` bound above it: what the warning says); None without that budget."""
+        if self.accuracy_budget is None:
+            return None
+        with self._lock:
+            paired = list(self._paired)
+        return self._accuracy_shown_over(paired)
+
+    def _accuracy_shown_over(self, paired: list[int]) -> bool:
+        """The betting test of "lost <= budget" (on the negated losses) rejected at ``1 - confidence``."""
+        if not paired:
+            return False
+        negated = -torch.tensor(paired, dtype=torch.float64)
+        return betting_p_value(negated, -self.accuracy_budget) <= 1.0 - self.confidence
+
+    def _accuracy_crossing(self, paired: list[int]) -> tuple[int, str] | None:
+        budget = self.accuracy_budget
+        if budget is None:
+            return None
+        if self._accuracy_over:
+            if self.accuracy_bound() > budget:
+                return None
+            self._accuracy_over = False
+            return logging.INFO, f"audit: accuracy lost back within the budget: {self._accuracy_numbers()}"
+        if not self._accuracy_shown_over(paired):
+            return None
+        self._accuracy_over = True
+        self.accuracy_warnings += 1
+        return (
+            logging.WARNING,
+            f"audit: the early exit loses more accuracy against the full model than its certificate's budget of "
+            f"{100 * budget:g} points allows, measured on the audited rows with labels: {self._accuracy_numbers()}. "
+            f"What is served may have shifted away from the calibration rows, whose guarantee covers rows like them "
+            f"only",
+        )
+
+    def _accuracy_numbers(self) -> str:
+        n = self.labelled
+        return (
+            f"{100 * self.accuracy_lost:.2f} points lost on {n} labelled audited rows (the exit wrong where the full "
+            f"model was right on {self.exit_wrong_full_right}, right where it was wrong on "
+            f"{self.exit_right_full_wrong}), upper {100 * self.confidence:g}% bound {100 * self.accuracy_bound():.2f} "
+            f"points"
+        )
+
     @property
     def rate(self) -> float | None:
         """The observed disagreement (a fraction); None before any audited sequence."""
@@ -314,6 +446,11 @@ class AuditWatch:
             "over_budget": self.over_budget,
             "skipped": self.skipped,
             "full_seconds": self.full_seconds,
+            "accuracy_budget": self.accuracy_budget,
+            "labelled": self.labelled,
+            "accuracy_lost": self.accuracy_lost,
+            "accuracy_bound": self.accuracy_bound(),
+            "accuracy_over_budget": self.accuracy_over_budget,
         }
 
     def describe(self) -> str:

@@ -63,10 +63,12 @@ def add_audit_options(command, what: str, where: str) -> None:
     )
 
 
-def audit_options(args, what: str = "rows", **certificate) -> dict:
+def audit_options(args, what: str = "rows", *, labelled: bool = False, **certificate) -> dict:
     """``--audit-fraction``, ``--audit-budget``, ``--audit-confidence`` as ``create_app``'s options, checked;
     the budget and confidence not given come from MODEL's eek_fit.json certificate (said on stderr), or
-    from ``certificate`` (``certificate=``, ``where=``: one made at start-up)."""
+    from ``certificate`` (``certificate=``, ``where=``: one made at start-up). ``labelled`` (a server,
+    which takes labels of audited inputs): also ``audit_accuracy_budget``, the certificate's budget where
+    it is on accuracy lost."""
     fraction, points, confidence = args.audit_fraction, args.audit_budget, args.audit_confidence
     if not (math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
         raise CliError(
@@ -92,7 +94,13 @@ def audit_options(args, what: str = "rows", **certificate) -> dict:
         f"{100 * confidence:g}% ({source})",
         file=sys.stderr,
     )
-    return {"audit_fraction": fraction, "audit_budget": budget, "audit_confidence": confidence}
+    options = {"audit_fraction": fraction, "audit_budget": budget, "audit_confidence": confidence}
+    if labelled:
+        from earlyexit_kernels.integrations.model_folder import accuracy_audit_budget
+
+        given = {"certificate": certificate["certificate"]} if "certificate" in certificate else {}
+        options["audit_accuracy_budget"] = accuracy_audit_budget(args.model, **given)
+    return options
 
 
 def recertify_options(args, audit: dict, **options) -> dict:

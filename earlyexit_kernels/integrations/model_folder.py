@@ -18,6 +18,7 @@ from pathlib import Path
 
 __all__ = [
     "ModelFolderError",
+    "accuracy_audit_budget",
     "audit_settings",
     "fit_certificate",
     "fit_folder",
@@ -218,6 +219,19 @@ def usable_certificate(certificate, target) -> dict | None:
 SAVED = "saved"
 
 
+def accuracy_audit_budget(path: str, *, certificate: dict | None | str = SAVED) -> float | None:
+    """The accuracy lost (a fraction) that ``path/eek_fit.json``'s certificate (or ``certificate``, as
+    :func:`audit_settings` takes it) bounds, what labelled audited inputs are watched against; None
+    where it certifies disagreement, or there is none."""
+    if certificate == SAVED:
+        certificate = fit_certificate(path)
+    elif certificate is not None:
+        certificate = usable_certificate(certificate, certificate.get("target"))
+    if certificate is None or certificate.get("target") != "accuracy":
+        return None
+    return float(certificate["budget"])
+
+
 def audit_settings(
     path: str,
     budget: float | None = None,
@@ -245,9 +259,10 @@ def audit_settings(
         return budget, 0.95 if confidence is None else confidence, source
     if certificate.get("target") == "accuracy" and budget is None:
         source = (
-            f"no budget: {where} certifies accuracy lost (<= {100 * certificate['budget']:g} "
+            f"no disagreement budget: {where} certifies accuracy lost (<= {100 * certificate['budget']:g} "
             "points), which disagreement with the full model does not measure (disagreements that cancel cost no "
-            "accuracy); give --audit-budget to watch disagreement against a budget of your own"
+            "accuracy); eek serve watches the accuracy lost against it on the audited inputs whose labels are sent "
+            "to POST /feedback; give --audit-budget to watch disagreement against a budget of your own"
         )
         return None, float(certificate["confidence"]) if confidence is None else confidence, source
     kind = "accuracy lost" if certificate.get("target") == "accuracy" else "disagreement"

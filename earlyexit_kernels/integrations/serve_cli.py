@@ -33,7 +33,8 @@ def add_serve_command(commands) -> None:
             "Serve MODEL over HTTP. Routes: POST /predict (text-embeddings-inference's shapes), POST /classify and "
             "POST /v1/classify (Infinity's and vLLM's: {model, input}), POST /rerank and POST /v1/rerank (TEI's "
             "shape or Cohere's: query with texts or documents; one-output models), POST /v2/rerank (Cohere's v2, "
-            "cohere.ClientV2), POST / (the Hugging Face Inference API's text classification), GET /v1/models "
+            "cohere.ClientV2), POST / (the Hugging Face Inference API's text classification), POST /feedback (the "
+            "label of an audited input: the audit watches accuracy lost), GET /v1/models "
             "(OpenAI's shape), GET /models (Infinity's), GET /health, GET /info, GET /metrics "
             "(Prometheus), GET /openapi.json (the OpenAPI document), GET /docs (the same as a page). Every answer "
             "adds exit_layer and layers_run, and carries x-request-id (the client's X-Request-Id, or a new one). "
@@ -191,7 +192,7 @@ def run_serve(args) -> int:
     set_threads(args.threads)
     if args.calibration is not None:
         return _serve_certified(args, options, name)
-    options.update(audit_options(args, "sequences"))
+    options.update(audit_options(args, "sequences", labelled=True))
     if args.replicas is not None:
         options.update(recertify_options(args, options, local=False))
         return _serve_on_ray(args, options)
@@ -230,7 +231,13 @@ def _serve_certified(args, options: dict, name: str) -> int:
     for line in served.lines(args.calibration, base):
         print(line, file=sys.stderr)
     options.update(
-        audit_options(args, "sequences", certificate=served.certificate, where=f"--calibration {args.calibration}")
+        audit_options(
+            args,
+            "sequences",
+            labelled=True,
+            certificate=served.certificate,
+            where=f"--calibration {args.calibration}",
+        )
     )
     return _run_server(args, model, tokenizer, name, options)
 

@@ -44,12 +44,14 @@ from earlyexit_kernels.integrations.server.cohere_rerank_schema import (
     format_cohere_rerank_answer,
     format_cohere_rerank_v2_answer,
 )
+from earlyexit_kernels.integrations.server.feedback import FeedbackStore, parse_feedback_request
 from earlyexit_kernels.integrations.server.inference_api_schema import (
     format_inference_api_answer,
     parse_inference_api_request,
 )
 from earlyexit_kernels.integrations.server.predict_schema import (
     RequestError,
+    _label,
     format_answer,
     parse_predict_request,
     read_json,
@@ -78,6 +80,7 @@ def create_app(
     audit_budget: float | None = None,
     audit_confidence: float = 0.95,
     audit_seed: int = 0,
+    audit_accuracy_budget: float | None = None,
     recertify=None,
     audit_record: str | None = None,
     max_age: int | str | None = "auto",
@@ -96,7 +99,10 @@ def create_app(
     answered, their disagreement with the early exit, its upper ``audit_confidence`` bound and
     ``audit_budget`` (a fraction, or None: no budget, no warning) exported at ``/metrics``
     (``eek_audit_*``); 0, the default, audits nothing (:mod:`earlyexit_kernels.engine.audit`,
-    :mod:`.audit_worker`). ``recertify``: an
+    :mod:`.audit_worker`). ``audit_accuracy_budget``: the accuracy lost (a fraction) the labelled audited
+    inputs are watched against (labels sent to ``POST /feedback``, :mod:`.feedback`), usually the
+    certificate's of a folder certified on accuracy lost; None: the accuracy lost is reported, no
+    warning. ``recertify``: an
     :class:`~earlyexit_kernels.training.online_certificate.OnlineCertificate` (needs the audit) that moves
     the served threshold along its certified path from the audited sequences (its moves at
     ``/metrics``, ``eek_policy_*``), or None; ``audit_record``: a file the audited rows of its epoch
@@ -140,7 +146,13 @@ def create_app(
     engine_options["max_age"] = check_max_age(max_age)
     audit = None
     if check_fraction(audit_fraction) > 0:
-        audit = AuditWatch(audit_fraction, budget=audit_budget, confidence=audit_confidence, seed=audit_seed)
+        audit = AuditWatch(
+            audit_fraction,
+            budget=audit_budget,
+            confidence=audit_confidence,
+            seed=audit_seed,
+            accuracy_budget=audit_accuracy_budget,
+        )
     if recertify is not None and audit is None:
         raise ValueError("re-certification reads the audit: give an audit fraction above 0 (--audit-fraction 0.05)")
     if audit_record is not None and recertify is None:
@@ -280,6 +292,18 @@ def create_app(
 
         return await answer(request, parse_inference_api_request, formatted)
 
+    async def feedback(request):
+        try:
+            body = await asyncio.to_thread(parse_feedback_request, await request.body())
+            if state.feedback is None:
+                raise RequestError(404, "NotFound", state.no_feedback)
+            answer = state.feedback.label(body["request_id"], body.get("input", 0), body["label"])
+        except RequestError as error:
+            state.metrics.requests.labels(str(error.status)).inc()
+            return JSONResponse(error.body(), status_code=error.status)
+        state.metrics.requests.labels("200").inc()
+        return JSONResponse(answer)
+
     async def health(request):
         if state.healthy():
             return JSONResponse({"status": "ok"})
@@ -299,6 +323,7 @@ def create_app(
         api_key=api_key is not None,
         reranks=state.num_labels == 1,
         max_length=state.max_length,
+        labels=state.labels,
     )
 
     async def models(request):
@@ -322,6 +347,7 @@ def create_app(
         "/v1/rerank": rerank,
         "/v2/rerank": rerank_v2,
         "/": inference_api,
+        "/feedback": feedback,
         "/v1/models": models,
         "/models": infinity_models,
         "/health": health,
@@ -391,11 +417,20 @@ class _ServerState:
         self.id2label = config.id2label or {}
         self.num_labels = config.num_labels
         self.multi_label = is_multi_label(config)
+        self.labels = [_label(self.id2label, i) for i in range(self.num_labels)]
         self.worker: BackgroundEngine | None = None
         self.accepting = False
         self.audit = audit  # the AuditWatch, or None
         self.certificate, self.audit_record = certificate, audit_record  # online re-certification, or None
         self.auditor = None  # its AuditWorker, while the app runs
+        # labels for audited inputs (POST /feedback): single-label classifiers with an audit
+        self.feedback, self.no_feedback = None, None
+        if audit is None:
+            self.no_feedback = "this server audits nothing, so no label can count: serve with --audit-fraction F"
+        elif self.multi_label or self.num_labels < 2:
+            self.no_feedback = "/feedback takes the labels of a single-label classifier; this model is not one"
+        else:
+            self.feedback = FeedbackStore(audit, {label: i for i, label in enumerate(self.labels)})
         self.metrics = ServerMetrics(
             config.num_hidden_layers,
             engine_stats=lambda: self.worker.engine.stats,
@@ -422,6 +457,7 @@ class _ServerState:
                 certificate=self.certificate,
                 on_move=self._serve_policy,
                 audit_record=self.audit_record,
+                feedback=self.feedback,
             )
         self.accepting = True
 
@@ -467,7 +503,12 @@ class _ServerState:
             "max_age": self._max_age(),
             "audit": None
             if self.audit is None
-            else {"fraction": self.audit.fraction, "budget": self.audit.budget, "confidence": self.audit.confidence},
+            else {
+                "fraction": self.audit.fraction,
+                "budget": self.audit.budget,
+                "confidence": self.audit.confidence,
+                "accuracy_budget": self.audit.accuracy_budget,
+            },
             "recertify": None if self.certificate is None else self.certificate.as_dict(),
         }
 
@@ -526,8 +567,16 @@ class _ServerState:
         if self.auditor is not None:
             # after the answer is settled: the full model's run changes nothing in it and holds nothing up
             chosen = [self.audit.choose() for _ in encoded]
+            request_id = http_request.state.request_id if self.feedback is not None else None
+            if request_id is not None:
+                audited = {i: int(done.logits.argmax()) for i, (done, c) in enumerate(zip(finished, chosen)) if c}
+                self.feedback.served(request_id, len(encoded), audited)
             self.auditor.submit(
-                [(ids, types, done.logits) for (ids, types), done, audited in zip(encoded, finished, chosen) if audited]
+                [
+                    (ids, types, done.logits, None if request_id is None else (request_id, i))
+                    for i, ((ids, types), done, audited) in enumerate(zip(encoded, finished, chosen))
+                    if audited
+                ]
             )
         return finished
 

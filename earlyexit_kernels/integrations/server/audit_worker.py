@@ -41,7 +41,8 @@ logger = logging.getLogger("earlyexit_kernels.audit")
 class AuditWorker:
     """Run the full model on audited sequences on a daemon thread and feed ``watch``.
 
-    ``submit(items)``: ``(input_ids, token_type_ids, early_logits)`` per audited sequence.
+    ``submit(items)``: ``(input_ids, token_type_ids, early_logits, key)`` per audited sequence, ``key``
+    its (request id, input index) for ``feedback`` (a :class:`~.feedback.FeedbackStore`), or None.
     ``multi_label``: how a loss is counted (:func:`earlyexit_kernels.engine.audit.disagreement`).
     ``certificate``, ``on_move``, ``audit_record``: online re-certification (module docstring).
     """
@@ -58,8 +59,10 @@ class AuditWorker:
         certificate=None,
         on_move=None,
         audit_record: str | None = None,
+        feedback=None,
     ):
         self.model, self.watch, self.multi_label = model, watch, multi_label
+        self.feedback = feedback  # a FeedbackStore told the full model's classes, or None
         self.certificate, self.on_move, self.audit_record = certificate, on_move, audit_record
         self._recorded_at = 0  # the certificate's audited rows at the last write of the record
         self.max_batch_size, self.max_tokens, self.max_queue = max_batch_size, max_tokens, max_queue
@@ -75,7 +78,7 @@ class AuditWorker:
         return self._waiting
 
     def submit(self, items: list[tuple]) -> None:
-        """Queue ``(input_ids, token_type_ids, early_logits)`` per sequence; past ``max_queue`` they are skipped."""
+        """Queue ``(input_ids, token_type_ids, early_logits, key)`` per sequence; past ``max_queue`` they are skipped."""
         taken = 0
         with self._lock:
             taken = max(0, min(len(items), self.max_queue - self._waiting))
@@ -124,7 +127,7 @@ class AuditWorker:
         start = time.perf_counter()
         full = full_depth_logits(
             self.model,
-            [(ids, types) for ids, types, _ in batch],
+            [(ids, types) for ids, types, _, _ in batch],
             max_batch_size=self.max_batch_size,
             max_tokens=self.max_tokens,
             all_exits=self.certificate is not None,
@@ -133,8 +136,12 @@ class AuditWorker:
         all_logits = None
         if self.certificate is not None:
             all_logits, full = full, full[-1]
-        early = torch.stack([logits for _, _, logits in batch])
+        early = torch.stack([logits for _, _, logits, _ in batch])
         self.watch.record(disagreement(early, full, multi_label=self.multi_label), seconds=seconds)
+        if self.feedback is not None:
+            classes = full.argmax(-1).tolist()
+            keyed = [(key, full_class) for (*_, key), full_class in zip(batch, classes) if key is not None]
+            self.feedback.full_classes([key for key, _ in keyed], [full_class for _, full_class in keyed])
         if all_logits is not None:
             if self.certificate.record(all_logits) and self.on_move is not None:
                 self.on_move(self.certificate.served_policy)

@@ -28,7 +28,13 @@ With an audit (``eek serve --audit-fraction F``, :mod:`earlyexit_kernels.engine.
   ``--audit-budget``) and ``eek_audit_over_budget`` (1 while the disagreements show the risk over
   it, as the warning says; 0 otherwise);
 - ``eek_audit_full_model_seconds_total``: the full model's time on them (the audit's cost);
-  ``eek_audit_skipped_total``: sequences chosen but not audited (the audit's queue was full).
+  ``eek_audit_skipped_total``: sequences chosen but not audited (the audit's queue was full);
+- from the labels of audited sequences (``POST /feedback``, :mod:`.feedback`):
+  ``eek_audit_labelled_total``, ``eek_audit_exit_wrong_full_right_total``,
+  ``eek_audit_exit_right_full_wrong_total``, ``eek_audit_accuracy_lost`` (the difference of the two
+  over the first, a fraction) and ``eek_audit_accuracy_lost_bound`` (its upper bound, 1 before any);
+  ``eek_audit_accuracy_budget`` and ``eek_audit_accuracy_over_budget`` where the folder's certificate
+  is on accuracy lost.
 
 With online re-certification, ``eek_policy_*`` (:mod:`.policy_metrics`).
 
@@ -122,6 +128,33 @@ class ServerMetrics:
             gauges["eek_audit_over_budget"] = (
                 "1 while the audited disagreements show the risk over the budget (the warning's condition)",
                 lambda: float(bool(audit.over_budget)),
+            )
+        # the audited inputs whose labels came (POST /feedback): accuracy lost against the full model
+        gauges["eek_audit_labelled_total"] = ("Audited sequences whose label is known", lambda: audit.labelled)
+        gauges["eek_audit_exit_wrong_full_right_total"] = (
+            "Labelled audited sequences the early exit got wrong and the full model right",
+            lambda: audit.exit_wrong_full_right,
+        )
+        gauges["eek_audit_exit_right_full_wrong_total"] = (
+            "Labelled audited sequences the early exit got right and the full model wrong",
+            lambda: audit.exit_right_full_wrong,
+        )
+        gauges["eek_audit_accuracy_lost"] = (
+            "Accuracy lost by the early exit against the full model on the labelled audited sequences (a fraction)",
+            lambda: audit.accuracy_lost or 0.0,
+        )
+        gauges["eek_audit_accuracy_lost_bound"] = (
+            "Upper confidence bound on the accuracy lost (eek_audit_confidence; 1 before any labelled sequence)",
+            audit.accuracy_bound,
+        )
+        if audit.accuracy_budget is not None:
+            gauges["eek_audit_accuracy_budget"] = (
+                "Budget of the accuracy lost (a fraction): the certificate's",
+                lambda: audit.accuracy_budget,
+            )
+            gauges["eek_audit_accuracy_over_budget"] = (
+                "1 while the labelled audited sequences show the accuracy lost over its budget (the warning's condition)",
+                lambda: float(bool(audit.accuracy_over_budget)),
             )
         for name, (documentation, read) in gauges.items():
             Gauge(name, documentation, registry=self.registry).set_function(read)

@@ -41,6 +41,7 @@ ROUTES = [
     ("POST", "/v1/rerank", "the same as /rerank"),
     ("POST", "/v2/rerank", "rank documents for a query (one-output models), in Cohere's v2 shape (cohere.ClientV2)"),
     ("POST", "/", "the Hugging Face Inference API's text classification"),
+    ("POST", "/feedback", "the label of an input the audit ran through the full model: accuracy lost watched"),
     ("GET", "/v1/models", "the served model, in OpenAI's shape"),
     ("GET", "/models", "the served model, in Infinity's shape (infinity_client)"),
     ("GET", "/health", "200 while the engine runs, 503 otherwise"),
@@ -132,11 +133,52 @@ def _get(summary: str, answer: dict, errors: str) -> dict:
     }
 
 
-def openapi_document(model_id: str, *, version: str, api_key: bool, reranks: bool, max_length: int = 512) -> dict:
+def feedback_request_schema(labels: list[str]) -> dict:
+    """``POST /feedback``'s body on a server whose model has ``labels``."""
+    return {
+        "type": "object",
+        "required": ["request_id", "label"],
+        "additionalProperties": False,
+        "properties": {
+            "request_id": {"type": "string", "minLength": 1, "description": "the answer's x-request-id"},
+            "input": {
+                "type": "integer",
+                "minimum": 0,
+                "default": 0,
+                "description": "which input of that request, from 0 (a batch's position)",
+            },
+            "label": {"enum": labels, "description": "the input's true label"},
+        },
+    }
+
+
+FEEDBACK_ANSWER_SCHEMA = {
+    "type": "object",
+    "required": ["request_id", "input", "audited", "counted"],
+    "properties": {
+        "request_id": {"type": "string"},
+        "input": {"type": "integer"},
+        "audited": {"type": "boolean", "description": "whether the audit ran this input through the full model"},
+        "counted": {"type": "boolean", "description": "whether the label counts on the accuracy lost"},
+        "note": {"type": "string", "description": "why it does not count"},
+    },
+}
+
+
+def openapi_document(
+    model_id: str,
+    *,
+    version: str,
+    api_key: bool,
+    reranks: bool,
+    max_length: int = 512,
+    labels: list[str] | None = None,
+) -> dict:
     """The OpenAPI document of a server of ``model_id``; with ``api_key`` every route but ``/health``
     needs ``Authorization: Bearer <key>``; ``reranks``: the model has one output (a cross-encoder),
     otherwise ``/rerank`` refuses every body with 400 and its operations say so; ``max_length``: the
-    tokens the model reads of a sequence (the least ``max_tokens_per_doc`` of ``/v2/rerank``)."""
+    tokens the model reads of a sequence (the least ``max_tokens_per_doc`` of ``/v2/rerank``); ``labels``:
+    the model's labels, what ``/feedback`` takes."""
     keyed = " 401" if api_key else ""
     errors = "400 413 422 429 500 503" + keyed
     named_errors = errors + " 404"
@@ -201,6 +243,26 @@ def openapi_document(model_id: str, *, version: str, api_key: bool, reranks: boo
             _ref("InferenceApiAnswer"),
             errors,
         ),
+        "/feedback": {
+            "post": {
+                "summary": summaries["/feedback"],
+                "description": "The label of input `input` of the request whose answer carried `x-request-id: "
+                "request_id`. Where the audit ran that input through the full model, its accuracy lost against "
+                "the full model is counted (`eek_audit_accuracy_*` at /metrics). 404 for a request not among "
+                "the last served here, an input it did not have, or a server that keeps no audited inputs (no "
+                "audit, or a model that is no single-label classifier).",
+                "parameters": [_REQUEST_ID_PARAMETER],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("FeedbackRequest")}}},
+                "responses": {
+                    "200": _answer("whether the label counts", schema=_ref("FeedbackAnswer")),
+                    **_errors("400 422" + keyed),
+                    "404": _answer(
+                        "no such request among the last served, no such input, or no audited inputs kept here",
+                        schema=_ref("Error"),
+                    ),
+                },
+            }
+        },
         "/v1/models": _get(summaries["/v1/models"], _answer("the served model", schema=_ref("Models")), keyed),
         "/models": _get(summaries["/models"], _answer("the served model", schema=_ref("InfinityModels")), keyed),
         "/health": _get(summaries["/health"], _answer("the engine runs", schema=_ref("Health")), "503"),
@@ -233,6 +295,8 @@ def openapi_document(model_id: str, *, version: str, api_key: bool, reranks: boo
                 "CohereRerankV2Answer": COHERE_RERANK_V2_ANSWER_SCHEMA,
                 "InferenceApiRequest": INFERENCE_API_REQUEST_SCHEMA,
                 "InferenceApiAnswer": INFERENCE_API_ANSWER_SCHEMA,
+                "FeedbackRequest": feedback_request_schema(labels or []),
+                "FeedbackAnswer": FEEDBACK_ANSWER_SCHEMA,
                 "Models": MODELS_ANSWER_SCHEMA,
                 "InfinityModels": INFINITY_MODELS_ANSWER_SCHEMA,
                 "Health": {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}},

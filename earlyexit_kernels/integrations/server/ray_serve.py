@@ -57,7 +57,7 @@ def serve_application(
 
     def build_app():
         from earlyexit_kernels.integrations.labels import is_multi_label
-        from earlyexit_kernels.integrations.model_folder import audit_settings, load_model
+        from earlyexit_kernels.integrations.model_folder import accuracy_audit_budget, audit_settings, load_model
         from earlyexit_kernels.integrations.recertify_folder import resolve_online_certificate
         from earlyexit_kernels.integrations.server.app import create_app
         from earlyexit_kernels.integrations.server.served_model import served_model_name
@@ -71,6 +71,7 @@ def serve_application(
                 model_dir, options.get("audit_budget"), options.get("audit_confidence")
             )
             options.update(audit_budget=budget, audit_confidence=confidence)
+            options.setdefault("audit_accuracy_budget", accuracy_audit_budget(model_dir))
         options["recertify"], _ = resolve_online_certificate(
             model_dir,
             policy_of(model),
