@@ -61,6 +61,7 @@ import logging
 import math
 import random
 import threading
+import time
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -76,6 +77,7 @@ from earlyexit_kernels.methods.risk_control import (
 )
 
 __all__ = [
+    "AuditRunner",
     "AuditWatch",
     "check_fraction",
     "disagreement",
@@ -525,3 +527,62 @@ class AuditWatch:
             f"{losses:g} of {n} audited sequences ({100 * losses / n:.2f}%), upper {100 * self.confidence:g}% "
             f"bound {100 * bound:.2f}%"
         )
+
+
+# ---------------------------------------------------------------------------------- the runner
+
+
+class AuditRunner:
+    """The full model on audited sequences and their losses in the watch: the one audit runner of
+    ``eek.classify`` (which runs it in the stream, :func:`earlyexit_kernels.engine.classify.classify`)
+    and of the server (which runs it on a thread of its own, :mod:`earlyexit_kernels.integrations.server.audit_worker`).
+
+    :meth:`full_logits` runs the full model (:func:`full_depth_logits`; with ``certificate``, an
+    :class:`~earlyexit_kernels.training.online_certificate.OnlineCertificate`, its all-exits forward,
+    every head's logits recorded in the certificate, and ``on_move(policy)`` called when it moves the
+    served policy); :meth:`record` counts the early exits' losses against it in ``watch``, with the
+    full model's time since the last record.
+    """
+
+    def __init__(
+        self,
+        model,
+        watch: AuditWatch,
+        *,
+        max_batch_size: int = 64,
+        max_tokens: int | None = None,
+        certificate=None,
+        on_move=None,
+        multi_label: bool | None = None,
+    ):
+        self.model, self.watch, self.certificate, self.on_move = model, watch, certificate, on_move
+        self.max_batch_size, self.max_tokens = max_batch_size, max_tokens
+        self.multi_label = is_multi_label(model.config) if multi_label is None else multi_label
+        self._seconds = 0.0  # the full model's time not yet recorded
+
+    def full_logits(self, sequences: Sequence[tuple[Sequence[int], Sequence[int] | None]]) -> torch.Tensor:
+        """The full model's logits [n, C] for ``sequences`` of ``(input_ids, token_type_ids or None)``."""
+        start = time.perf_counter()
+        logits = full_depth_logits(
+            self.model,
+            sequences,
+            max_batch_size=self.max_batch_size,
+            max_tokens=self.max_tokens,
+            all_exits=self.certificate is not None,
+        )
+        self._seconds += time.perf_counter() - start
+        if self.certificate is None:
+            return logits
+        if self.certificate.record(logits) and self.on_move is not None:
+            self.on_move(self.certificate.served_policy)
+        return logits[-1]
+
+    def losses(self, early: torch.Tensor, full: torch.Tensor) -> list[float]:
+        """Each row's loss between the early exits' ``early`` and the full model's ``full`` logits [n, C]."""
+        return disagreement(early, full, multi_label=self.multi_label)
+
+    def record(self, losses: list[float]) -> None:
+        """Count ``losses`` in the watch, with the full model's time since the last record."""
+        if losses or self._seconds:
+            self.watch.record(losses, seconds=self._seconds)
+            self._seconds = 0.0

@@ -15,14 +15,13 @@ Inputs are consumed lazily, a bounded number ahead of the engine.
 from __future__ import annotations
 
 import itertools
-import time
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from earlyexit_kernels.engine.audit import AuditWatch, check_fraction, disagreement, full_depth_logits, is_multi_label
+from earlyexit_kernels.engine.audit import AuditRunner, AuditWatch, check_fraction
 from earlyexit_kernels.engine.continuous import ContinuousEngine
 
 __all__ = ["Prediction", "Predictions", "classify"]
@@ -192,7 +191,8 @@ def _online_certificate(model, recertify, audit: AuditWatch | None):
 
 
 class _Auditor:
-    """The audit's side of a stream: which sequences the watch chose, their full model's logits, their losses.
+    """The audit's side of a stream: which sequences the watch chose, when they run through the
+    full model (the shared :class:`~earlyexit_kernels.engine.audit.AuditRunner`), their losses.
 
     Chosen sequences wait until ``WINDOW`` batches of them do, then run through the full model
     together, sorted by length in batches of ``batch`` rows (and ``max_tokens``): in input
@@ -205,13 +205,18 @@ class _Auditor:
     WINDOW = 16
 
     def __init__(self, model, watch: AuditWatch, batch: int, max_tokens: int | None, certificate=None, engine=None):
-        self.model, self.watch, self.batch, self.max_tokens = model, watch, batch, max_tokens
-        self.certificate, self.engine = certificate, engine
-        self.multi_label = is_multi_label(model.config)
+        self.watch, self.batch = watch, batch
+        self.runner = AuditRunner(
+            model,
+            watch,
+            max_batch_size=batch,
+            max_tokens=max_tokens,
+            certificate=certificate,
+            on_move=None if engine is None else engine.set_policy,
+        )
         self.waiting: dict[int, tuple] = {}  # index -> (input_ids, token_type_ids): chosen, not run yet
         self.full: dict[int, torch.Tensor] = {}  # index -> the full model's logits [C]
         self.losses: list[float] = []
-        self.seconds = 0.0
 
     def submitted(self, index: int, input_ids, token_type_ids) -> None:
         if self.watch.choose():
@@ -226,33 +231,19 @@ class _Auditor:
         full = self.full.pop(index, None)
         if full is None:
             return None
-        value = disagreement(logits[None], full[None], multi_label=self.multi_label)[0]
+        value = self.runner.losses(logits[None], full[None])[0]
         self.losses.append(value)
         return value
 
     def record(self) -> None:
-        if self.losses or self.seconds:
-            self.watch.record(self.losses, seconds=self.seconds)
-            self.losses, self.seconds = [], 0.0
+        self.runner.record(self.losses)
+        self.losses = []
 
     def _run(self) -> None:
         keys = list(self.waiting)
-        start = time.perf_counter()
-        logits = full_depth_logits(
-            self.model,
-            [self.waiting[k] for k in keys],
-            max_batch_size=self.batch,
-            max_tokens=self.max_tokens,
-            all_exits=self.certificate is not None,
-        )
-        self.seconds += time.perf_counter() - start
+        logits = self.runner.full_logits([self.waiting[k] for k in keys])
         self.waiting.clear()
-        if self.certificate is None:
-            self.full.update(zip(keys, logits))
-            return
-        self.full.update(zip(keys, logits[-1]))
-        if self.certificate.record(logits):
-            self.engine.set_policy(self.certificate.served_policy)
+        self.full.update(zip(keys, logits))
 
 
 def _predictions(

@@ -24,11 +24,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 
 import torch
 
-from earlyexit_kernels.engine.audit import AuditWatch, disagreement, full_depth_logits
+from earlyexit_kernels.engine.audit import AuditRunner, AuditWatch
 
 __all__ = ["RECORD_EVERY", "AuditWorker"]
 
@@ -65,7 +64,16 @@ class AuditWorker:
         self.feedback = feedback  # a FeedbackStore told the full model's classes, or None
         self.certificate, self.on_move, self.audit_record = certificate, on_move, audit_record
         self._recorded_at = 0  # the certificate's audited rows at the last write of the record
-        self.max_batch_size, self.max_tokens, self.max_queue = max_batch_size, max_tokens, max_queue
+        self.max_queue = max_queue
+        self.runner = AuditRunner(
+            model,
+            watch,
+            max_batch_size=max_batch_size,
+            max_tokens=max_tokens,
+            certificate=certificate,
+            on_move=on_move,
+            multi_label=multi_label,
+        )
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._waiting = 0  # sequences queued or being run
@@ -102,7 +110,7 @@ class AuditWorker:
                 return
             batch = [item]
             stop = False
-            while len(batch) < 16 * self.max_batch_size:
+            while len(batch) < 16 * self.runner.max_batch_size:
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:
@@ -124,27 +132,14 @@ class AuditWorker:
                 return
 
     def _audit(self, batch: list[tuple]) -> None:
-        start = time.perf_counter()
-        full = full_depth_logits(
-            self.model,
-            [(ids, types) for ids, types, _, _ in batch],
-            max_batch_size=self.max_batch_size,
-            max_tokens=self.max_tokens,
-            all_exits=self.certificate is not None,
-        )
-        seconds = time.perf_counter() - start
-        all_logits = None
-        if self.certificate is not None:
-            all_logits, full = full, full[-1]
+        full = self.runner.full_logits([(ids, types) for ids, types, _, _ in batch])
         early = torch.stack([logits for _, _, logits, _ in batch])
-        self.watch.record(disagreement(early, full, multi_label=self.multi_label), seconds=seconds)
+        self.runner.record(self.runner.losses(early, full))
         if self.feedback is not None:
             classes = full.argmax(-1).tolist()
             keyed = [(key, full_class) for (*_, key), full_class in zip(batch, classes) if key is not None]
             self.feedback.full_classes([key for key, _ in keyed], [full_class for _, full_class in keyed])
-        if all_logits is not None:
-            if self.certificate.record(all_logits) and self.on_move is not None:
-                self.on_move(self.certificate.served_policy)
+        if self.certificate is not None:
             self._write_record()
 
     def _write_record(self, force: bool = False) -> None:
