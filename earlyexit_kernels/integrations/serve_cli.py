@@ -246,9 +246,10 @@ def _run_server(args, model, tokenizer, name: str, options: dict) -> int:
     import uvicorn
 
     from earlyexit_kernels.integrations.server import create_app
+    from earlyexit_kernels.integrations.server.serving_state import ServeSettings
 
     try:
-        app = create_app(model, tokenizer, model_id=name, **options)
+        app = create_app(model, tokenizer, ServeSettings(model_id=name, **options))  # the settings, made once
     except ValueError as error:
         raise CliError(str(error)) from None
     # uvicorn handles SIGTERM/SIGINT: it stops listening, waits for the requests in flight,

@@ -27,14 +27,10 @@ spans are also the ``eek_request_*_seconds`` histograms at ``/metrics``); every 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 
-from earlyexit_kernels.engine.background import BackgroundEngine, QueueFull
 from earlyexit_kernels.integrations.server.body_limit import (
-    DEFAULT_MAX_BODY_BYTES,
     BodyLimitMiddleware,
-    check_max_body_bytes,
 )
 from earlyexit_kernels.integrations.server.classify_schema import format_classify_answer, parse_classify_request
 from earlyexit_kernels.integrations.server.cohere_rerank_schema import (
@@ -44,75 +40,41 @@ from earlyexit_kernels.integrations.server.cohere_rerank_schema import (
     format_cohere_rerank_answer,
     format_cohere_rerank_v2_answer,
 )
-from earlyexit_kernels.integrations.server.feedback import FeedbackStore, parse_feedback_request
+from earlyexit_kernels.integrations.server.feedback import parse_feedback_request
 from earlyexit_kernels.integrations.server.inference_api_schema import (
     format_inference_api_answer,
     parse_inference_api_request,
 )
 from earlyexit_kernels.integrations.server.predict_schema import (
     RequestError,
-    _label,
     format_answer,
     parse_predict_request,
     read_json,
 )
 from earlyexit_kernels.integrations.server.request_costs import RequestCosts
 from earlyexit_kernels.integrations.server.rerank_schema import format_rerank_answer, rerank_request_from_body
-from earlyexit_kernels.integrations.server.tokenization import Tokenization
-from earlyexit_kernels.patching.patch import backend_of, policy_of
+from earlyexit_kernels.integrations.server.serving_state import ServeSettings, ServingState
 
 __all__ = ["create_app"]
 
 
-def create_app(
-    model,
-    tokenizer,
-    *,
-    model_id: str = "model",
-    max_batch_size: int = 64,
-    max_tokens: int | None = None,
-    max_queue: int = 1024,
-    max_length: int | None = None,
-    compile: bool | dict = False,
-    api_key: str | None = None,
-    max_client_batch_size: int | None = None,
-    audit_fraction: float = 0.0,
-    audit_budget: float | None = None,
-    audit_confidence: float = 0.95,
-    audit_seed: int = 0,
-    audit_accuracy_budget: float | None = None,
-    recertify=None,
-    audit_record: str | None = None,
-    max_age: int | str | None = "auto",
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-):
+def create_app(model, tokenizer, settings: ServeSettings | None = None, **options):
     """A Starlette app serving the patched ``model``; the engine starts with the app.
 
-    ``max_queue``: most sequences submitted and not finished; a request that does not fit
-    gets 429 at once. ``max_client_batch_size``: most inputs (or rerank texts) in one
-    request (default ``max_queue``); a bigger request gets 413 naming the limit, a smaller
-    one is split over as many layer calls as ``max_batch_size`` needs. ``max_length``:
-    most tokens per sequence (default what the model's positions hold); longer texts get
-    413 unless the request says ``truncate``. ``api_key``: when given, every route but
-    ``/health`` needs ``Authorization: Bearer <api_key>``. ``audit_fraction``: the fraction of
-    the sequences, drawn at random (``audit_seed``), that also run through the full model once
-    answered, their disagreement with the early exit, its upper ``audit_confidence`` bound and
-    ``audit_budget`` (a fraction, or None: no budget, no warning) exported at ``/metrics``
-    (``eek_audit_*``); 0, the default, audits nothing (:mod:`earlyexit_kernels.engine.audit`,
-    :mod:`.audit_worker`). ``audit_accuracy_budget``: the accuracy lost (a fraction) the labelled audited
-    inputs are watched against (labels sent to ``POST /feedback``, :mod:`.feedback`), usually the
-    certificate's of a folder certified on accuracy lost; None: the accuracy lost is reported, no
-    warning. ``recertify``: an
-    :class:`~earlyexit_kernels.training.online_certificate.OnlineCertificate` (needs the audit) that moves
-    the served threshold along its certified path from the audited sequences (its moves at
-    ``/metrics``, ``eek_policy_*``), or None; ``audit_record``: a file the audited rows of its epoch
-    are written to, for ``eek calibrate FOLDER --from-audit``. ``max_age``: bounded waiting, the layer
-    calls after which a sequence the engine thread took is served first
-    (:mod:`earlyexit_kernels.engine.aging`): ``"auto"`` (default, 2 x the layers), an integer >= 0 (0:
-    strictly oldest first) or None (no age rule). ``max_body_bytes``: the largest request body
-    taken; a larger one gets 413 before it is read whole (:mod:`.body_limit`, TEI's default of
-    2,000,000 bytes). Other options as :class:`earlyexit_kernels.engine.continuous.ContinuousEngine`.
+    ``settings``: a :class:`~.serving_state.ServeSettings` (what ``eek serve`` makes once), or its
+    fields as keyword ``options`` (``model_id=``, ``max_batch_size=``, ``audit_fraction=``, ...; each
+    described there), not both. The state the routes serve from is a
+    :class:`~.serving_state.ServingState` built from them (``app.state.eek``).
     """
+    if settings is None:
+        settings = ServeSettings(**options)
+    elif options:
+        raise TypeError(f"give settings or options, not both: {', '.join(sorted(options))}")
+    return _app(ServingState(model, tokenizer, settings))
+
+
+def _app(state: ServingState):
+    """The routes over ``state``."""
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
@@ -122,44 +84,12 @@ def create_app(
     from starlette.routing import Route
 
     from earlyexit_kernels import __version__
-    from earlyexit_kernels.engine.aging import check_max_age
-    from earlyexit_kernels.engine.audit import AuditWatch, check_fraction
     from earlyexit_kernels.integrations.server.docs_page import docs_page
     from earlyexit_kernels.integrations.server.openapi import ROUTES, openapi_document
     from earlyexit_kernels.integrations.server.request_id import RequestIdMiddleware
     from earlyexit_kernels.integrations.server.served_model import infinity_models_answer, models_answer
 
-    check_max_body_bytes(max_body_bytes)
-    if api_key is not None and (not isinstance(api_key, str) or not api_key):
-        raise ValueError("api_key must be a non-empty string or None")
-    if max_client_batch_size is None:
-        max_client_batch_size = max_queue
-    if (
-        not isinstance(max_client_batch_size, int)
-        or isinstance(max_client_batch_size, bool)
-        or max_client_batch_size < 1
-    ):
-        raise ValueError(f"max_client_batch_size must be an integer >= 1, got {max_client_batch_size!r}")
-    engine_options = dict(
-        max_batch_size=max_batch_size, max_tokens=max_tokens, max_length=max_length, compile=compile, admission="fifo"
-    )
-    engine_options["max_age"] = check_max_age(max_age)
-    audit = None
-    if check_fraction(audit_fraction) > 0:
-        audit = AuditWatch(
-            audit_fraction,
-            budget=audit_budget,
-            confidence=audit_confidence,
-            seed=audit_seed,
-            accuracy_budget=audit_accuracy_budget,
-        )
-    if recertify is not None and audit is None:
-        raise ValueError("re-certification reads the audit: give an audit fraction above 0 (--audit-fraction 0.05)")
-    if audit_record is not None and recertify is None:
-        raise ValueError("the audit record holds what re-certification replays: it needs re-certification on")
-    state = _ServerState(
-        model, tokenizer, model_id, max_queue, max_client_batch_size, engine_options, audit, recertify, audit_record
-    )
+    settings = state.settings
 
     @asynccontextmanager
     async def lifespan(app):
@@ -169,13 +99,6 @@ def create_app(
         finally:
             # uvicorn gets here after the requests in flight were answered (SIGTERM included).
             await asyncio.to_thread(state.stop)
-
-    def authorized(request) -> bool:
-        if api_key is None:
-            return True
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
 
     def unauthorized():
         state.metrics.requests.labels("401").inc()
@@ -190,7 +113,7 @@ def create_app(
 
     def guarded(handler):
         async def route(request):
-            if not authorized(request):
+            if not state.authorized(request.headers):
                 return unauthorized()
             return await handler(request)
 
@@ -318,9 +241,9 @@ def create_app(
 
     started = int(time.time())
     document = openapi_document(
-        model_id,
+        state.model_id,
         version=__version__,
-        api_key=api_key is not None,
+        api_key=settings.api_key is not None,
         reranks=state.num_labels == 1,
         max_length=state.max_length,
         labels=state.labels,
@@ -382,208 +305,11 @@ def create_app(
         routes=routes,
         lifespan=lifespan,
         # the request id outermost, so that a body refused for its size carries one too
-        middleware=[Middleware(RequestIdMiddleware), Middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)],
+        middleware=[
+            Middleware(RequestIdMiddleware),
+            Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
+        ],
         exception_handlers={HTTPException: http_error},
     )
     app.state.eek = state
     return app
-
-
-class _ServerState:
-    """The model, tokenizer, engine thread and metrics behind one app."""
-
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        model_id: str,
-        max_queue: int,
-        max_client_batch_size: int,
-        engine_options: dict,
-        audit=None,
-        certificate=None,
-        audit_record: str | None = None,
-    ):
-        from earlyexit_kernels.engine.continuous import model_max_length
-        from earlyexit_kernels.integrations.labels import is_multi_label
-        from earlyexit_kernels.integrations.server.metrics import ServerMetrics
-
-        self.model, self.model_id = model.eval(), model_id
-        self.max_queue, self.max_client_batch_size = max_queue, max_client_batch_size
-        self.engine_options = engine_options
-        self.max_length = engine_options["max_length"] or model_max_length(model)
-        self.tokenization = Tokenization(tokenizer, self.max_length)
-        config = model.config
-        self.id2label = config.id2label or {}
-        self.num_labels = config.num_labels
-        self.multi_label = is_multi_label(config)
-        self.labels = [_label(self.id2label, i) for i in range(self.num_labels)]
-        self.worker: BackgroundEngine | None = None
-        self.accepting = False
-        self.audit = audit  # the AuditWatch, or None
-        self.certificate, self.audit_record = certificate, audit_record  # online re-certification, or None
-        self.auditor = None  # its AuditWorker, while the app runs
-        # labels for audited inputs (POST /feedback): single-label classifiers with an audit
-        self.feedback, self.no_feedback = None, None
-        if audit is None:
-            self.no_feedback = "this server audits nothing, so no label can count: serve with --audit-fraction F"
-        elif self.multi_label or self.num_labels < 2:
-            self.no_feedback = "/feedback takes the labels of a single-label classifier; this model is not one"
-        else:
-            self.feedback = FeedbackStore(audit, {label: i for i, label in enumerate(self.labels)})
-        self.metrics = ServerMetrics(
-            config.num_hidden_layers,
-            engine_stats=lambda: self.worker.engine.stats,
-            queue_depth=lambda: 0 if self.worker is None else self.worker.outstanding,
-            audit=audit,
-            certificate=certificate,
-        )
-
-    def start(self) -> None:
-        if self.worker is None:
-            self.worker = BackgroundEngine(self.model, max_queue=self.max_queue, **self.engine_options)
-            if self.certificate is not None:
-                self.worker.set_policy(self.certificate.served_policy)
-        if self.audit is not None and self.auditor is None:
-            from earlyexit_kernels.integrations.server.audit_worker import AuditWorker
-
-            self.auditor = AuditWorker(
-                self.model,
-                self.audit,
-                multi_label=self.multi_label,
-                max_batch_size=self.engine_options["max_batch_size"],
-                max_tokens=self.engine_options["max_tokens"],
-                max_queue=self.max_queue,
-                certificate=self.certificate,
-                on_move=self._serve_policy,
-                audit_record=self.audit_record,
-                feedback=self.feedback,
-            )
-        self.accepting = True
-
-    def _serve_policy(self, policy) -> None:
-        if self.worker is not None:
-            self.worker.set_policy(policy)
-
-    def stop(self) -> None:
-        self.accepting = False
-        if self.worker is not None:
-            self.worker.close(drain=True)
-        if self.auditor is not None:
-            self.auditor.close()
-            self.auditor = None
-
-    def healthy(self) -> bool:
-        return self.accepting and self.worker is not None and self.worker._thread.is_alive()
-
-    def info(self) -> dict:
-        config = self.model.config
-        labels = config.id2label or {}
-        if self.multi_label:
-            kind = "multi_label_classification"
-        elif config.num_labels == 1:
-            kind = "single_output (regression or reranking: /rerank)"
-        else:
-            kind = "single_label_classification"
-        return {
-            "model_id": self.model_id,
-            "model_type": config.model_type,
-            "architecture": type(self.model).__name__,
-            "problem_type": kind,
-            "num_layers": config.num_hidden_layers,
-            "labels": [str(labels.get(i, labels.get(str(i), f"LABEL_{i}"))) for i in range(config.num_labels)],
-            "policy": repr(policy_of(self.model) if self.certificate is None else self.certificate.served_policy),
-            "backend": backend_of(self.model),
-            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
-            "max_batch_size": self.engine_options["max_batch_size"],
-            "max_client_batch_size": self.max_client_batch_size,
-            "max_tokens": self.engine_options["max_tokens"],
-            "max_length": self.max_length,
-            "max_queue": self.max_queue,
-            "max_age": self._max_age(),
-            "audit": None
-            if self.audit is None
-            else {
-                "fraction": self.audit.fraction,
-                "budget": self.audit.budget,
-                "confidence": self.audit.confidence,
-                "accuracy_budget": self.audit.accuracy_budget,
-            },
-            "recertify": None if self.certificate is None else self.certificate.as_dict(),
-        }
-
-    def _max_age(self) -> int | str | None:
-        """The age rule's layer calls, as the engine resolved ``"auto"`` (None: no age rule)."""
-        if self.worker is None:
-            return self.engine_options["max_age"]
-        aging = self.worker.engine.scheduler.aging
-        return None if aging is None else aging.max_age
-
-    async def run(self, request, http_request, costs: RequestCosts) -> list | None:
-        """Each sequence's :class:`Finished` for ``request`` (anything with ``sequences``,
-        ``truncate`` and ``truncation_direction``), or None when the client disconnected first
-        (its sequences are then dropped). Fills ``costs``."""
-        if not self.accepting or self.worker is None:
-            raise RequestError(503, "Unhealthy", "the server is shutting down; send the request to another replica")
-        count = len(request.sequences)
-        if count > self.max_client_batch_size:
-            limit = "--max-client-batch-size" if self.max_client_batch_size != self.max_queue else "--max-queue"
-            raise RequestError(
-                413,
-                "Validation",
-                f"the request holds {count} inputs; this server takes at most {self.max_client_batch_size} in one "
-                f"request ({limit}): split it",
-            )
-        encoded = await self.tokenization.encode_async(
-            request.sequences, request.truncate, getattr(request, "truncation_direction", "Right")
-        )
-        costs.tokenized = time.perf_counter()
-        costs.tokens = sum(len(ids) for ids, _ in encoded)
-        try:
-            futures = self.worker.submit_many(encoded)
-        except QueueFull:
-            raise RequestError(
-                429, "Overloaded", f"the server's queue is full ({self.max_queue} sequences); retry shortly"
-            ) from None
-        except RuntimeError:  # closed between the check above and the submit
-            raise RequestError(503, "Unhealthy", "the server is shutting down") from None
-        answered = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
-        gone = asyncio.ensure_future(_disconnected(http_request))
-        await asyncio.wait({answered, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not answered.done():
-            for future in futures:
-                self.worker.cancel(future)
-            answered.cancel()
-            return None
-        gone.cancel()
-        try:
-            finished = answered.result()
-        except Exception as error:  # the engine failed on a step holding these sequences
-            raise RequestError(500, "Backend", f"the model failed on this request: {error}") from None
-        costs.done = time.perf_counter()
-        costs.admitted = min(done.admitted_at for done in finished)
-        for done in finished:
-            self.metrics.record_sequence(done.exit_layer, done.layers_run)
-        if self.auditor is not None:
-            # after the answer is settled: the full model's run changes nothing in it and holds nothing up
-            chosen = [self.audit.choose() for _ in encoded]
-            request_id = http_request.state.request_id if self.feedback is not None else None
-            if request_id is not None:
-                audited = {i: int(done.logits.argmax()) for i, (done, c) in enumerate(zip(finished, chosen)) if c}
-                self.feedback.served(request_id, len(encoded), audited)
-            self.auditor.submit(
-                [
-                    (ids, types, done.logits, None if request_id is None else (request_id, i))
-                    for i, ((ids, types), done, audited) in enumerate(zip(encoded, finished, chosen))
-                    if audited
-                ]
-            )
-        return finished
-
-
-async def _disconnected(request) -> None:
-    """Returns when the client closes the connection (the body has been read already)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return

@@ -1,0 +1,316 @@
+"""The server's state apart from its routes: :class:`ServeSettings`, made once (``eek serve`` makes it from
+its command line, ``create_app(model, tokenizer, **options)`` from its options), and :class:`ServingState`,
+built from it, which :mod:`.app`'s routes call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from dataclasses import asdict, dataclass
+
+from earlyexit_kernels.engine.background import BackgroundEngine, QueueFull
+from earlyexit_kernels.integrations.labels import label_name
+from earlyexit_kernels.integrations.server.body_limit import DEFAULT_MAX_BODY_BYTES, check_max_body_bytes
+from earlyexit_kernels.integrations.server.feedback import FeedbackStore
+from earlyexit_kernels.integrations.server.predict_schema import RequestError
+from earlyexit_kernels.integrations.server.request_costs import RequestCosts
+from earlyexit_kernels.integrations.server.tokenization import Tokenization
+from earlyexit_kernels.patching.patch import backend_of, policy_of
+
+__all__ = ["ServeSettings", "ServingState"]
+
+
+@dataclass
+class ServeSettings:
+    """Every setting of one server, checked when made (``ValueError`` saying what a valid one is).
+
+    ``model_id``: the served model's name. ``max_queue``: most sequences submitted and not finished;
+    a request that does not fit gets 429 at once. ``max_client_batch_size``: most inputs (or rerank
+    texts) in one request (default ``max_queue``); a bigger request gets 413 naming the limit, a
+    smaller one is split over as many layer calls as ``max_batch_size`` needs. ``max_length``: most
+    tokens per sequence (default what the model's positions hold); longer texts get 413 unless the
+    request says ``truncate``. ``api_key``: when given, every route but ``/health`` needs
+    ``Authorization: Bearer <api_key>``. ``audit_fraction``: the fraction of the sequences, drawn at
+    random (``audit_seed``), that also run through the full model once answered, their
+    disagreement with the early exit, its upper ``audit_confidence`` bound and ``audit_budget`` (a
+    fraction, or None: no budget, no warning) exported at ``/metrics`` (``eek_audit_*``); 0, the
+    default, audits nothing (:mod:`earlyexit_kernels.engine.audit`, :mod:`.audit_worker`).
+    ``audit_accuracy_budget``: the accuracy lost (a fraction) the labelled audited inputs are watched
+    against (labels sent to ``POST /feedback``, :mod:`.feedback`), usually the certificate's of a
+    folder certified on accuracy lost; None: the accuracy lost is reported, no warning.
+    ``recertify``: an :class:`~earlyexit_kernels.training.online_certificate.OnlineCertificate`
+    (needs the audit) that moves the served threshold along its certified path from the audited
+    sequences (its moves at ``/metrics``, ``eek_policy_*``), or None; ``audit_record``: a file the
+    audited rows of its epoch are written to, for ``eek calibrate FOLDER --from-audit``.
+    ``max_age``: bounded waiting, the layer calls after which a sequence the engine thread took is
+    served first (:mod:`earlyexit_kernels.engine.aging`): ``"auto"`` (default, 2 x the layers), an
+    integer >= 0 (0: strictly oldest first) or None (no age rule). ``max_body_bytes``: the largest
+    request body taken; a larger one gets 413 before it is read whole (:mod:`.body_limit`, TEI's
+    default of 2,000,000 bytes). ``max_batch_size``, ``max_tokens``, ``compile``: as
+    :class:`earlyexit_kernels.engine.continuous.ContinuousEngine`'s.
+    """
+
+    model_id: str = "model"
+    max_batch_size: int = 64
+    max_tokens: int | None = None
+    max_queue: int = 1024
+    max_length: int | None = None
+    compile: bool | dict = False
+    api_key: str | None = None
+    max_client_batch_size: int | None = None
+    audit_fraction: float = 0.0
+    audit_budget: float | None = None
+    audit_confidence: float = 0.95
+    audit_seed: int = 0
+    audit_accuracy_budget: float | None = None
+    recertify: object = None
+    audit_record: str | None = None
+    max_age: int | str | None = "auto"
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+    def __post_init__(self):
+        from earlyexit_kernels.engine.aging import check_max_age
+        from earlyexit_kernels.engine.audit import check_fraction
+
+        check_max_body_bytes(self.max_body_bytes)
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
+            raise ValueError("api_key must be a non-empty string or None")
+        if self.max_client_batch_size is None:
+            self.max_client_batch_size = self.max_queue
+        batch = self.max_client_batch_size
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            raise ValueError(f"max_client_batch_size must be an integer >= 1, got {batch!r}")
+        self.max_age = check_max_age(self.max_age)
+        self.audit_fraction = check_fraction(self.audit_fraction)
+        if self.recertify is not None and self.audit_fraction == 0:
+            raise ValueError("re-certification reads the audit: give an audit fraction above 0 (--audit-fraction 0.05)")
+        if self.audit_record is not None and self.recertify is None:
+            raise ValueError("the audit record holds what re-certification replays: it needs re-certification on")
+
+    def engine_options(self) -> dict:
+        """The continuous engine's options (:class:`~earlyexit_kernels.engine.background.BackgroundEngine`)."""
+        return dict(
+            max_batch_size=self.max_batch_size,
+            max_tokens=self.max_tokens,
+            max_length=self.max_length,
+            compile=self.compile,
+            admission="fifo",
+            max_age=self.max_age,
+        )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class ServingState:
+    """What one app serves, apart from its routes (as TEI's ``Infer`` sits apart from its HTTP
+    routes): the model, the tokenisation (:mod:`.tokenization`), the engine thread, the audit and
+    its labels (:mod:`.audit_worker`, :mod:`.feedback`) and the metrics, built from one
+    :class:`ServeSettings`. :meth:`run` takes a parsed request's sequences to their answers."""
+
+    def __init__(self, model, tokenizer, settings: ServeSettings):
+        from earlyexit_kernels.engine.audit import AuditWatch
+        from earlyexit_kernels.engine.continuous import model_max_length
+        from earlyexit_kernels.integrations.labels import is_multi_label
+        from earlyexit_kernels.integrations.server.metrics import ServerMetrics
+
+        self.settings = settings
+        self.model, self.model_id = model.eval(), settings.model_id
+        self.max_queue, self.max_client_batch_size = settings.max_queue, settings.max_client_batch_size
+        self.engine_options = settings.engine_options()
+        self.max_length = self.engine_options["max_length"] or model_max_length(model)
+        self.tokenization = Tokenization(tokenizer, self.max_length)
+        config = model.config
+        self.id2label = config.id2label or {}
+        self.num_labels = config.num_labels
+        self.multi_label = is_multi_label(config)
+        self.labels = [label_name(config, i) for i in range(self.num_labels)]
+        self.worker: BackgroundEngine | None = None
+        self.accepting = False
+        audit = None  # the AuditWatch
+        if settings.audit_fraction > 0:
+            audit = AuditWatch(
+                settings.audit_fraction,
+                budget=settings.audit_budget,
+                confidence=settings.audit_confidence,
+                seed=settings.audit_seed,
+                accuracy_budget=settings.audit_accuracy_budget,
+            )
+        self.audit = audit
+        self.certificate, self.audit_record = settings.recertify, settings.audit_record  # re-certification, or None
+        self.auditor = None  # its AuditWorker, while the app runs
+        # labels for audited inputs (POST /feedback): single-label classifiers with an audit
+        self.feedback, self.no_feedback = None, None
+        if audit is None:
+            self.no_feedback = "this server audits nothing, so no label can count: serve with --audit-fraction F"
+        elif self.multi_label or self.num_labels < 2:
+            self.no_feedback = "/feedback takes the labels of a single-label classifier; this model is not one"
+        else:
+            self.feedback = FeedbackStore(audit, {label: i for i, label in enumerate(self.labels)})
+        self.metrics = ServerMetrics(
+            config.num_hidden_layers,
+            engine_stats=lambda: self.worker.engine.stats,
+            queue_depth=lambda: 0 if self.worker is None else self.worker.outstanding,
+            audit=audit,
+            certificate=self.certificate,
+        )
+
+    def authorized(self, headers) -> bool:
+        """Whether a request with ``headers`` may be served: any without an API key, else one that
+        sends ``Authorization: Bearer <key>``."""
+        key = self.settings.api_key
+        if key is None:
+            return True
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+    def start(self) -> None:
+        if self.worker is None:
+            self.worker = BackgroundEngine(self.model, max_queue=self.max_queue, **self.engine_options)
+            if self.certificate is not None:
+                self.worker.set_policy(self.certificate.served_policy)
+        if self.audit is not None and self.auditor is None:
+            from earlyexit_kernels.integrations.server.audit_worker import AuditWorker
+
+            self.auditor = AuditWorker(
+                self.model,
+                self.audit,
+                multi_label=self.multi_label,
+                max_batch_size=self.engine_options["max_batch_size"],
+                max_tokens=self.engine_options["max_tokens"],
+                max_queue=self.max_queue,
+                certificate=self.certificate,
+                on_move=self._serve_policy,
+                audit_record=self.audit_record,
+                feedback=self.feedback,
+            )
+        self.accepting = True
+
+    def _serve_policy(self, policy) -> None:
+        if self.worker is not None:
+            self.worker.set_policy(policy)
+
+    def stop(self) -> None:
+        self.accepting = False
+        if self.worker is not None:
+            self.worker.close(drain=True)
+        if self.auditor is not None:
+            self.auditor.close()
+            self.auditor = None
+
+    def healthy(self) -> bool:
+        return self.accepting and self.worker is not None and self.worker._thread.is_alive()
+
+    def info(self) -> dict:
+        config = self.model.config
+        labels = config.id2label or {}
+        if self.multi_label:
+            kind = "multi_label_classification"
+        elif config.num_labels == 1:
+            kind = "single_output (regression or reranking: /rerank)"
+        else:
+            kind = "single_label_classification"
+        return {
+            "model_id": self.model_id,
+            "model_type": config.model_type,
+            "architecture": type(self.model).__name__,
+            "problem_type": kind,
+            "num_layers": config.num_hidden_layers,
+            "labels": [str(labels.get(i, labels.get(str(i), f"LABEL_{i}"))) for i in range(config.num_labels)],
+            "policy": repr(policy_of(self.model) if self.certificate is None else self.certificate.served_policy),
+            "backend": backend_of(self.model),
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "max_batch_size": self.engine_options["max_batch_size"],
+            "max_client_batch_size": self.max_client_batch_size,
+            "max_tokens": self.engine_options["max_tokens"],
+            "max_length": self.max_length,
+            "max_queue": self.max_queue,
+            "max_age": self._max_age(),
+            "audit": None
+            if self.audit is None
+            else {
+                "fraction": self.audit.fraction,
+                "budget": self.audit.budget,
+                "confidence": self.audit.confidence,
+                "accuracy_budget": self.audit.accuracy_budget,
+            },
+            "recertify": None if self.certificate is None else self.certificate.as_dict(),
+        }
+
+    def _max_age(self) -> int | str | None:
+        """The age rule's layer calls, as the engine resolved ``"auto"`` (None: no age rule)."""
+        if self.worker is None:
+            return self.engine_options["max_age"]
+        aging = self.worker.engine.scheduler.aging
+        return None if aging is None else aging.max_age
+
+    async def run(self, request, http_request, costs: RequestCosts) -> list | None:
+        """Each sequence's :class:`Finished` for ``request`` (anything with ``sequences``,
+        ``truncate`` and ``truncation_direction``), or None when the client disconnected first
+        (its sequences are then dropped). Fills ``costs``."""
+        if not self.accepting or self.worker is None:
+            raise RequestError(503, "Unhealthy", "the server is shutting down; send the request to another replica")
+        count = len(request.sequences)
+        if count > self.max_client_batch_size:
+            limit = "--max-client-batch-size" if self.max_client_batch_size != self.max_queue else "--max-queue"
+            raise RequestError(
+                413,
+                "Validation",
+                f"the request holds {count} inputs; this server takes at most {self.max_client_batch_size} in one "
+                f"request ({limit}): split it",
+            )
+        encoded = await self.tokenization.encode_async(
+            request.sequences, request.truncate, getattr(request, "truncation_direction", "Right")
+        )
+        costs.tokenized = time.perf_counter()
+        costs.tokens = sum(len(ids) for ids, _ in encoded)
+        try:
+            futures = self.worker.submit_many(encoded)
+        except QueueFull:
+            raise RequestError(
+                429, "Overloaded", f"the server's queue is full ({self.max_queue} sequences); retry shortly"
+            ) from None
+        except RuntimeError:  # closed between the check above and the submit
+            raise RequestError(503, "Unhealthy", "the server is shutting down") from None
+        answered = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        gone = asyncio.ensure_future(_disconnected(http_request))
+        await asyncio.wait({answered, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not answered.done():
+            for future in futures:
+                self.worker.cancel(future)
+            answered.cancel()
+            return None
+        gone.cancel()
+        try:
+            finished = answered.result()
+        except Exception as error:  # the engine failed on a step holding these sequences
+            raise RequestError(500, "Backend", f"the model failed on this request: {error}") from None
+        costs.done = time.perf_counter()
+        costs.admitted = min(done.admitted_at for done in finished)
+        for done in finished:
+            self.metrics.record_sequence(done.exit_layer, done.layers_run)
+        if self.auditor is not None:
+            # after the answer is settled: the full model's run changes nothing in it and holds nothing up
+            chosen = [self.audit.choose() for _ in encoded]
+            request_id = http_request.state.request_id if self.feedback is not None else None
+            if request_id is not None:
+                audited = {i: int(done.logits.argmax()) for i, (done, c) in enumerate(zip(finished, chosen)) if c}
+                self.feedback.served(request_id, len(encoded), audited)
+            self.auditor.submit(
+                [
+                    (ids, types, done.logits, None if request_id is None else (request_id, i))
+                    for i, ((ids, types), done, audited) in enumerate(zip(encoded, finished, chosen))
+                    if audited
+                ]
+            )
+        return finished
+
+
+async def _disconnected(request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
