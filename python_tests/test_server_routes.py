@@ -4,7 +4,7 @@
 ``/rerank`` and ``/v1/rerank`` take Cohere's shape beside TEI's and rank as TEI's does;
 ``/v1/models`` names the served model, and a request naming another gets 404 saying which is
 served; every answer carries the request id; ``/openapi.json`` documents exactly the routes
-there are, ``/docs`` shows them without fetching anything, ``eek serve --help`` lists them.
+there are, ``/docs`` is Swagger UI over them from this server's own files, ``eek serve --help`` lists them.
 
 Each shape is checked against an example recorded from the server or the reference it comes
 from (``RECORDED_*`` below): every field a client of that server reads is there, with the
@@ -293,14 +293,25 @@ def test_the_openapi_document_describes_exactly_the_routes_there_are(classifier)
     assert set(rerank["responses"]) == {"400"} and "more than one output" in rerank["description"]
 
 
-def test_the_docs_page_shows_every_route_and_fetches_nothing(classifier):
+def test_the_docs_page_is_swagger_ui_over_the_document_from_this_server_alone(classifier):
+    """Swagger UI (swagger-ui-bundle's files, served here) with "Try it out" on /openapi.json; nothing fetched
+    from elsewhere, so it works offline."""
+    pytest.importorskip("swagger_ui_bundle", reason="/docs's files come from swagger-ui-bundle (the serve extra)")
+    from earlyexit_kernels.integrations.server.docs_ui import ASSETS, assets_folder
+
     _, _, server = classifier
     page = httpx.get(server.url + "/docs", timeout=10)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    for method, path, _ in ROUTES:
-        assert f"<h2>{method} {path}</h2>" in page.text
-    assert "<script" not in page.text and not re.search(r"(src|href)=['\"]?https?:", page.text)
-    assert "<code>documents</code>" in page.text and "`" not in page.text  # Markdown code spans rendered
+    assert "SwaggerUIBundle({url: 'openapi.json'" in page.text and "tryItOutEnabled: true" in page.text
+    loaded = re.findall(r"(?:src|href)='([^']+)'", page.text)
+    assert loaded and all(link.startswith("docs/") for link in loaded)  # this server's files only
+    assert {link.removeprefix("docs/") for link in loaded} == set(ASSETS)
+    for name, media in ASSETS.items():
+        asset = httpx.get(server.url + "/docs/" + name, timeout=10)
+        assert asset.status_code == 200 and asset.headers["content-type"].startswith(media), name
+        assert asset.content == (assets_folder() / name).read_bytes()
+    missing = httpx.get(server.url + "/docs/index.html", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error_type"] == "NotFound"
 
 
 def test_an_api_key_guards_the_new_routes_and_the_document_says_so(saved_classifier):
@@ -309,6 +320,7 @@ def test_an_api_key_guards_the_new_routes_and_the_document_says_so(saved_classif
     try:
         for route in ("/v1/models", "/openapi.json", "/docs"):
             assert httpx.get(server.url + route, timeout=10).status_code == 401
+        assert httpx.get(server.url + "/docs/swagger-ui.css", timeout=10).status_code in (200, 404)  # public files
         assert server.post("/v1/classify", {"input": ["w1"]}).status_code == 401
         document = httpx.get(server.url + "/openapi.json", headers={"authorization": "Bearer k3y"}, timeout=10).json()
         assert document["security"] == [{"bearer": []}]

@@ -50,9 +50,9 @@ has ruff || command -v ruff >/dev/null 2>&1 || optional+=("ruff")
 has ray.data || optional+=("ray[data]>=2.40")  # earlyexit_kernels.ray; its tests are skipped without it
 has ray.serve || optional+=("ray[serve]>=2.40")  # `eek serve --replicas`
 has xdist || optional+=("pytest-xdist")  # make test runs the suite on every core (scripts/run_tests.sh)
-# the server (earlyexit_kernels.integrations.server), its tests' HTTP client and the fuzzer of its
+# the server (earlyexit_kernels.integrations.server; swagger_ui_bundle: the files of its /docs), its tests' HTTP client and the fuzzer of its
 # routes (schemathesis: python_tests/test_server_fuzz.py)
-for package in matplotlib datasets accelerate pytest_benchmark pyarrow pandas starlette uvicorn prometheus_client httpx schemathesis; do
+for package in matplotlib datasets accelerate pytest_benchmark pyarrow pandas starlette uvicorn prometheus_client swagger_ui_bundle pydantic httpx schemathesis; do
     has "$package" || optional+=("${package//_/-}")
 done
 for package in "${optional[@]}"; do

@@ -3,7 +3,9 @@
 ``python -m earlyexit_kernels serve MODEL`` runs it (see :mod:`earlyexit_kernels.integrations.cli`);
 :func:`create_app` builds the ASGI app for a patched model and its tokenizer;
 :mod:`earlyexit_kernels.integrations.server.ray_serve` runs replicas of it on Ray Serve. Needs the
-``serve`` extra: starlette, uvicorn and prometheus_client (:mod:`earlyexit_kernels.integrations.extras`).
+``serve`` extra: starlette, uvicorn, prometheus_client, pydantic (the routes' bodies, :mod:`.bodies`) and
+swagger-ui-bundle (``/docs``; the server works without it)
+(:mod:`earlyexit_kernels.integrations.extras`).
 """
 
 from earlyexit_kernels.integrations.server.app import create_app

@@ -15,7 +15,7 @@ Routes: ``/predict`` (text-embeddings-inference's shape, :mod:`.predict_schema`)
 Inference API's text classification, what
 ``huggingface_hub.InferenceClient(base_url=...).text_classification`` sends,
 :mod:`.inference_api_schema`), ``/v1/models`` (:mod:`.served_model`), ``/openapi.json``
-(:mod:`.openapi`) and ``/docs`` (:mod:`.docs_page`). Every answer of the POST routes carries
+(:mod:`.openapi`) and ``/docs`` (Swagger UI, :mod:`.docs_ui`). Every answer of the POST routes carries
 ``x-total-time`` (and its TEI alias ``x-compute-time``), ``x-tokenization-time``, ``x-queue-time``
 and ``x-inference-time`` headers (milliseconds, see :class:`.request_costs.RequestCosts`; each answered request's
 spans are also the ``eek_request_*_seconds`` histograms at ``/metrics``); every answer at all an ``x-request-id``
@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from earlyexit_kernels.integrations.server.bodies import feedback_request_model, validated
 from earlyexit_kernels.integrations.server.body_limit import (
     BodyLimitMiddleware,
 )
@@ -40,7 +41,6 @@ from earlyexit_kernels.integrations.server.cohere_rerank_schema import (
     format_cohere_rerank_answer,
     format_cohere_rerank_v2_answer,
 )
-from earlyexit_kernels.integrations.server.feedback import parse_feedback_request
 from earlyexit_kernels.integrations.server.inference_api_schema import (
     format_inference_api_answer,
     parse_inference_api_request,
@@ -56,6 +56,11 @@ from earlyexit_kernels.integrations.server.rerank_schema import format_rerank_an
 from earlyexit_kernels.integrations.server.serving_state import ServeSettings, ServingState
 
 __all__ = ["create_app"]
+
+FEEDBACK_SHAPE = '{"request_id": "...", "input": 0, "label": "..."}'
+
+#: the routes that need no API key: the health check, and Swagger UI's public files
+OPEN = ("/health", "/docs/{asset}")
 
 
 def create_app(model, tokenizer, settings: ServeSettings | None = None, **options):
@@ -80,11 +85,11 @@ def _app(state: ServingState):
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
-    from starlette.responses import HTMLResponse, JSONResponse, Response
+    from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
     from earlyexit_kernels import __version__
-    from earlyexit_kernels.integrations.server.docs_page import docs_page
+    from earlyexit_kernels.integrations.server.docs_ui import ASSETS, assets_folder, docs_page
     from earlyexit_kernels.integrations.server.openapi import ROUTES, openapi_document
     from earlyexit_kernels.integrations.server.request_id import RequestIdMiddleware
     from earlyexit_kernels.integrations.server.served_model import infinity_models_answer, models_answer
@@ -215,12 +220,14 @@ def _app(state: ServingState):
 
         return await answer(request, parse_inference_api_request, formatted)
 
+    feedback_model = feedback_request_model(state.labels)
+
     async def feedback(request):
         try:
-            body = await asyncio.to_thread(parse_feedback_request, await request.body())
+            body = await asyncio.to_thread(validated, feedback_model, await request.body(), FEEDBACK_SHAPE)
             if state.feedback is None:
                 raise RequestError(404, "NotFound", state.no_feedback)
-            answer = state.feedback.label(body["request_id"], body.get("input", 0), body["label"])
+            answer = state.feedback.label(body.request_id, body.input, body.label)
         except RequestError as error:
             state.metrics.requests.labels(str(error.status)).inc()
             return JSONResponse(error.body(), status_code=error.status)
@@ -259,8 +266,21 @@ def _app(state: ServingState):
     async def openapi(request):
         return JSONResponse(document)
 
+    page = docs_page(document["info"]["title"])
+    assets = assets_folder()
+
     async def docs(request):
-        return HTMLResponse(docs_page(document))
+        return HTMLResponse(page)
+
+    async def docs_asset(request):
+        name = request.path_params["asset"]
+        if assets is None or name not in ASSETS:
+            files = ", ".join(ASSETS) if assets is not None else "none: swagger-ui-bundle is not installed"
+            return JSONResponse(
+                {"error": f"no file {name!r} of Swagger UI here; its files: {files}", "error_type": "NotFound"},
+                status_code=404,
+            )
+        return FileResponse(assets / name, media_type=ASSETS[name])
 
     handlers = {
         "/predict": predict,
@@ -278,9 +298,10 @@ def _app(state: ServingState):
         "/metrics": metrics,
         "/openapi.json": openapi,
         "/docs": docs,
+        "/docs/{asset}": docs_asset,
     }
     routes = [
-        Route(path, handlers[path] if path == "/health" else guarded(handlers[path]), methods=[method])
+        Route(path, handlers[path] if path in OPEN else guarded(handlers[path]), methods=[method])
         for method, path, _ in ROUTES
     ]
 

@@ -23,42 +23,16 @@ models' servers answer ``/feedback`` with 404 saying so.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import OrderedDict
 
 from earlyexit_kernels.engine.audit import AuditWatch, paired_accuracy_loss
-from earlyexit_kernels.integrations.server.predict_schema import RequestError, read_json
+from earlyexit_kernels.integrations.server.predict_schema import RequestError
 
-__all__ = ["DEFAULT_CAPACITY", "FeedbackStore", "parse_feedback_request"]
+__all__ = ["DEFAULT_CAPACITY", "FeedbackStore"]
 
 #: requests whose audited inputs are kept for labels
 DEFAULT_CAPACITY = 10_000
-
-
-_FIELDS = ("request_id", "input", "label")
-
-
-def parse_feedback_request(raw: bytes) -> dict:
-    """``POST /feedback``'s body checked for its shape: ``request_id`` and ``label`` texts, ``input`` an
-    integer >= 0 (default 0); 400 when it is not JSON, 422 for a wrong shape."""
-    body = read_json(raw, '{"request_id": "...", "input": 0, "label": "..."}')
-    if not isinstance(body, dict):
-        raise RequestError(422, "Validation", 'the body must be a JSON object {"request_id", "input", "label"}')
-    unknown = sorted(set(body) - set(_FIELDS))
-    if unknown:
-        raise RequestError(
-            422, "Validation", f"unknown field(s) {', '.join(unknown)}; /feedback takes request_id, input, label"
-        )
-    for name in ("request_id", "label"):
-        if not isinstance(body.get(name), str) or not body[name]:
-            raise RequestError(422, "Validation", f"{name} must be a non-empty text, got {json.dumps(body.get(name))}")
-    index = body.get("input", 0)
-    if isinstance(index, float) and index.is_integer():
-        index = int(index)
-    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-        raise RequestError(422, "Validation", f"input must be an integer >= 0, got {json.dumps(index)}")
-    return {"request_id": body["request_id"], "input": index, "label": body["label"]}
 
 
 class _Row:

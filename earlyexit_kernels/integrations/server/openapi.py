@@ -1,8 +1,9 @@
 """The server's OpenAPI 3.1 document (``GET /openapi.json``), assembled from the shape modules.
 
-Each body's JSON Schema lives beside the parser that enforces it (:mod:`.predict_schema`,
+The JSON Schemas of the bodies written as pydantic models are generated from them (:mod:`.bodies`);
+the others live beside the parser that enforces them (:mod:`.predict_schema`,
 :mod:`.rerank_schema`, :mod:`.cohere_rerank_schema`, :mod:`.inference_api_schema`,
-:mod:`.classify_schema`, :mod:`.served_model`); this module only says which route takes and
+:mod:`.classify_schema`); this module only says which route takes and
 answers which, and with which status codes. ``python_tests/test_server_fuzz.py`` checks the
 server against this document with a property-based fuzzer. ``ROUTES`` is every route with a
 line on it: the app's routes, ``eek serve --help`` and the documents are tested against it.
@@ -10,6 +11,16 @@ line on it: the app's routes, ``eek serve --help`` and the documents are tested 
 
 from __future__ import annotations
 
+from earlyexit_kernels.integrations.server.bodies import (
+    Error,
+    FeedbackAnswer,
+    Health,
+    InfinityModels,
+    Info,
+    Models,
+    component_schemas,
+    feedback_request_model,
+)
 from earlyexit_kernels.integrations.server.classify_schema import CLASSIFY_ANSWER_SCHEMA, classify_request_schema
 from earlyexit_kernels.integrations.server.cohere_rerank_schema import (
     COHERE_RERANK_ANSWER_SCHEMA,
@@ -17,18 +28,14 @@ from earlyexit_kernels.integrations.server.cohere_rerank_schema import (
     cohere_rerank_request_schema,
     cohere_rerank_v2_request_schema,
 )
+from earlyexit_kernels.integrations.server.docs_ui import ASSETS
 from earlyexit_kernels.integrations.server.inference_api_schema import (
     INFERENCE_API_ANSWER_SCHEMA,
     INFERENCE_API_REQUEST_SCHEMA,
 )
-from earlyexit_kernels.integrations.server.predict_schema import (
-    ERROR_SCHEMA,
-    PREDICT_ANSWER_SCHEMA,
-    PREDICT_REQUEST_SCHEMA,
-)
+from earlyexit_kernels.integrations.server.predict_schema import PREDICT_ANSWER_SCHEMA, PREDICT_REQUEST_SCHEMA
 from earlyexit_kernels.integrations.server.request_id import HEADER
 from earlyexit_kernels.integrations.server.rerank_schema import RERANK_ANSWER_SCHEMA, RERANK_REQUEST_SCHEMA
-from earlyexit_kernels.integrations.server.served_model import INFINITY_MODELS_ANSWER_SCHEMA, MODELS_ANSWER_SCHEMA
 
 __all__ = ["ROUTES", "openapi_document"]
 
@@ -48,7 +55,8 @@ ROUTES = [
     ("GET", "/info", "the model and the server's settings"),
     ("GET", "/metrics", "Prometheus metrics"),
     ("GET", "/openapi.json", "this OpenAPI document"),
-    ("GET", "/docs", "the routes, readable in a browser"),
+    ("GET", "/docs", "Swagger UI over this document, to read and try the routes in a browser (offline)"),
+    ("GET", "/docs/{asset}", "Swagger UI's files for /docs, from the swagger-ui-bundle package (no API key)"),
 ]
 
 _ANSWER_HEADERS = {
@@ -131,38 +139,6 @@ def _get(summary: str, answer: dict, errors: str) -> dict:
             "responses": {"200": answer, **_errors(errors)},
         }
     }
-
-
-def feedback_request_schema(labels: list[str]) -> dict:
-    """``POST /feedback``'s body on a server whose model has ``labels``."""
-    return {
-        "type": "object",
-        "required": ["request_id", "label"],
-        "additionalProperties": False,
-        "properties": {
-            "request_id": {"type": "string", "minLength": 1, "description": "the answer's x-request-id"},
-            "input": {
-                "type": "integer",
-                "minimum": 0,
-                "default": 0,
-                "description": "which input of that request, from 0 (a batch's position)",
-            },
-            "label": {"enum": labels, "description": "the input's true label"},
-        },
-    }
-
-
-FEEDBACK_ANSWER_SCHEMA = {
-    "type": "object",
-    "required": ["request_id", "input", "audited", "counted"],
-    "properties": {
-        "request_id": {"type": "string"},
-        "input": {"type": "integer"},
-        "audited": {"type": "boolean", "description": "whether the audit ran this input through the full model"},
-        "counted": {"type": "boolean", "description": "whether the label counts on the accuracy lost"},
-        "note": {"type": "string", "description": "why it does not count"},
-    },
-}
 
 
 def openapi_document(
@@ -270,6 +246,24 @@ def openapi_document(
         "/metrics": _get(summaries["/metrics"], _answer("Prometheus' text format", media="text/plain"), keyed),
         "/openapi.json": _get(summaries["/openapi.json"], _answer("OpenAPI 3.1", schema={"type": "object"}), keyed),
         "/docs": _get(summaries["/docs"], _answer("an HTML page", media="text/html"), keyed),
+        "/docs/{asset}": {
+            "get": {
+                "summary": summaries["/docs/{asset}"],
+                "parameters": [
+                    {"name": "asset", "in": "path", "required": True, "schema": {"enum": list(ASSETS)}},
+                    _REQUEST_ID_PARAMETER,
+                ],
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "the file",
+                        "headers": _ANSWER_HEADERS,
+                        "content": {media: {"schema": {"type": "string"}} for media in sorted(set(ASSETS.values()))},
+                    },
+                    "404": _answer("no such file, or swagger-ui-bundle is not installed", schema=_ref("Error")),
+                },
+            }
+        },
     }
     document = {
         "openapi": "3.1.0",
@@ -282,7 +276,17 @@ def openapi_document(
         "paths": paths,
         "components": {
             "schemas": {
-                "Error": ERROR_SCHEMA,
+                **component_schemas(
+                    [
+                        Error,
+                        Health,
+                        Info,
+                        Models,
+                        InfinityModels,
+                        feedback_request_model(labels or ["LABEL_0"]),
+                        FeedbackAnswer,
+                    ]
+                ),
                 "PredictRequest": PREDICT_REQUEST_SCHEMA,
                 "PredictAnswer": PREDICT_ANSWER_SCHEMA,
                 "ClassifyRequest": classify_request_schema(model_id),
@@ -295,12 +299,6 @@ def openapi_document(
                 "CohereRerankV2Answer": COHERE_RERANK_V2_ANSWER_SCHEMA,
                 "InferenceApiRequest": INFERENCE_API_REQUEST_SCHEMA,
                 "InferenceApiAnswer": INFERENCE_API_ANSWER_SCHEMA,
-                "FeedbackRequest": feedback_request_schema(labels or []),
-                "FeedbackAnswer": FEEDBACK_ANSWER_SCHEMA,
-                "Models": MODELS_ANSWER_SCHEMA,
-                "InfinityModels": INFINITY_MODELS_ANSWER_SCHEMA,
-                "Health": {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}},
-                "Info": _INFO_SCHEMA,
             }
         },
     }
@@ -309,34 +307,3 @@ def openapi_document(
         document["security"] = [{"bearer": []}]
         paths["/health"]["get"]["security"] = []
     return document
-
-
-_INFO_SCHEMA = {
-    "type": "object",
-    "required": ["model_id", "model_type", "num_layers", "labels", "policy", "max_length"],
-    "properties": {
-        "model_id": {"type": "string", "description": "the served model's name (GET /v1/models)"},
-        "model_type": {"type": "string"},
-        "architecture": {"type": "string"},
-        "problem_type": {"type": "string"},
-        "num_layers": {"type": "integer"},
-        "labels": {"type": "array", "items": {"type": "string"}},
-        "policy": {"type": "string"},
-        "backend": {"type": "string"},
-        "dtype": {"type": "string"},
-        "max_batch_size": {"type": "integer"},
-        "max_client_batch_size": {"type": "integer"},
-        "max_tokens": {"type": ["integer", "null"]},
-        "max_length": {"type": "integer"},
-        "max_queue": {"type": "integer"},
-        "max_age": {
-            "type": ["integer", "null"],
-            "description": "bounded waiting: layer calls after which a sequence is served first (null: no age rule)",
-        },
-        "audit": {"type": ["object", "null"]},
-        "recertify": {
-            "type": ["object", "null"],
-            "description": "online re-certification: the policy served, its path index, epoch and moves (null: off)",
-        },
-    },
-}

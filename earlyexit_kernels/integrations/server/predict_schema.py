@@ -19,8 +19,8 @@ text-embeddings-inference: 400 (malformed JSON, empty input), 422 (a wrong shape
 (too long without ``truncate``, too many inputs), 429 (queue full), 503 (shutting down).
 
 The JSON Schemas of these shapes (``PREDICT_REQUEST_SCHEMA``, ``PREDICT_ANSWER_SCHEMA``,
-``ERROR_SCHEMA``, ``LABEL_SCORES_SCHEMA``) sit beside the parser that enforces them; the
-OpenAPI document (:mod:`.openapi`) is assembled from them.
+``LABEL_SCORES_SCHEMA``) sit beside the parser that enforces them; the OpenAPI document
+(:mod:`.openapi`) is assembled from them (the error body's from :class:`.bodies.Error`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "ERROR_SCHEMA",
     "LABEL_SCORES_SCHEMA",
     "PREDICT_ANSWER_SCHEMA",
     "PREDICT_REQUEST_SCHEMA",
@@ -57,15 +56,6 @@ class RequestError(Exception):
     def body(self) -> dict:
         return {"error": self.message, "error_type": self.error_type}
 
-
-ERROR_SCHEMA = {
-    "type": "object",
-    "required": ["error", "error_type"],
-    "properties": {
-        "error": {"type": "string", "description": "what is wrong and what to change"},
-        "error_type": {"type": "string", "examples": ["Validation", "Empty", "NotFound", "Overloaded"]},
-    },
-}
 
 #: a text the model reads: at least one character
 TEXT_SCHEMA = {"type": "string", "minLength": 1}

@@ -15,7 +15,6 @@ of getting another model's answers.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path, PurePosixPath
 
@@ -23,8 +22,6 @@ from earlyexit_kernels.integrations.server.predict_schema import RequestError
 
 __all__ = [
     "INFINITY_DEFAULT_MODEL",
-    "INFINITY_MODELS_ANSWER_SCHEMA",
-    "MODELS_ANSWER_SCHEMA",
     "check_model",
     "infinity_models_answer",
     "model_field_schema",
@@ -100,36 +97,3 @@ def infinity_models_answer(model_id: str, created: int, capabilities: list[str])
     entry = models_answer(model_id, created)["data"][0]
     entry.update(owned_by="infinity", backend="earlyexit_kernels", capabilities=capabilities, stats={})
     return {"object": "list", "data": [entry]}
-
-
-MODELS_ANSWER_SCHEMA = {
-    "type": "object",
-    "required": ["object", "data"],
-    "properties": {
-        "object": {"const": "list"},
-        "data": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["id", "object", "created", "owned_by"],
-                "properties": {
-                    "id": {"type": "string"},
-                    "object": {"const": "model"},
-                    "created": {"type": "integer", "description": "when the server started (Unix time)"},
-                    "owned_by": {"type": "string"},
-                },
-            },
-        },
-    },
-}
-
-# Infinity's shape of the same list: OpenAI's entry and the fields infinity_client reads
-INFINITY_MODELS_ANSWER_SCHEMA = copy.deepcopy(MODELS_ANSWER_SCHEMA)
-_INFINITY_ENTRY = INFINITY_MODELS_ANSWER_SCHEMA["properties"]["data"]["items"]
-_INFINITY_ENTRY["required"] = [*_INFINITY_ENTRY["required"], "stats"]
-_INFINITY_ENTRY["properties"].update(
-    owned_by={"const": "infinity", "description": "what Infinity's client accepts"},
-    backend={"const": "earlyexit_kernels"},
-    capabilities={"type": "array", "items": {"type": "string"}},
-    stats={"type": "object"},
-)
