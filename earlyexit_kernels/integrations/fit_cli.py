@@ -132,6 +132,15 @@ def _add_fit(commands) -> None:
         "labelled or not, same columns) to certify the threshold on; every row of TRAIN_FILE then trains the heads",
     )
     fit.add_argument(
+        "--unlabelled",
+        default=None,
+        metavar="FILE",
+        help="unseen rows without labels, with the same text columns (e.g. a sample of what it will serve): in the "
+        "certificate beside the calibration rows (accuracy lost: by prediction-powered inference where the "
+        "validation rows say it certifies fewer layers, else the labelled rows alone, said in the report; "
+        "agreement: as more calibration rows). A --calibration file's rows with an empty label cell count the same",
+    )
+    fit.add_argument(
         "--calibration-fraction",
         type=_share,
         default="auto",
@@ -222,6 +231,14 @@ def _add_calibrate(commands) -> None:
         "without it FOLDER keeps its policy then, and the command says why",
     )
     _add_data_options(calibrate, for_fit=False)
+    calibrate.add_argument(
+        "--unlabelled",
+        default=None,
+        metavar="FILE",
+        help="unseen rows without labels, with FILE's text columns: in the certificate beside FILE's rows "
+        "(accuracy lost: by prediction-powered inference; agreement: as more rows). FILE's rows with an empty "
+        "label cell count the same",
+    )
     calibrate.add_argument(
         "--max-drop",
         type=float,
@@ -338,6 +355,7 @@ def _fit(args) -> int:
     calibration = None
     if args.calibration is not None:
         calibration = read_labelled(args.calibration, **columns, label_required=False)
+    unlabelled = _unlabelled(args)
     if args.validation is not None:
         validation = read_labelled(args.validation, **columns, label_required=train.labels is not None)
         if train.labels is None and validation.labels is not None:
@@ -384,6 +402,7 @@ def _fit(args) -> int:
             calibration_fraction=args.calibration_fraction,
             calibration=calibration,
             validation_split=None if args.validation is not None else (args.validation_split or 0.1),
+            unlabelled=unlabelled,
         )
     if calibration is not None:
         report.calibration_source = f"from {args.calibration} (--calibration)"
@@ -443,6 +462,9 @@ def _calibrate(args) -> int:
     if args.from_audit is not None:
         from earlyexit_kernels.training.online_certificate import RecertifyError
 
+        if args.unlabelled is not None:
+            raise FitError("--unlabelled joins FILE's rows; an audit record's rows carry no labels: leave it out")
+
         try:
             report = calibrate_folder(
                 args.folder,
@@ -478,9 +500,26 @@ def _calibrate(args) -> int:
         dtype=args.dtype,
         device=args.device,
         force=args.force,
+        unlabelled=_unlabelled(args),
     )
     for line in report.summary():
         print(line)
     if report.kept is None:
         print(f"rewrote {args.folder}: its policy and eek_fit.json hold the new threshold and certificate")
     return 0
+
+
+def _unlabelled(args):
+    """``--unlabelled FILE``'s rows (their labels, if any, not read), or None."""
+    from earlyexit_kernels.integrations.labelled_data import read_labelled
+    from earlyexit_kernels.training.fit_texts import FitError
+    from earlyexit_kernels.training.labelled_texts import DataError
+
+    if args.unlabelled is None:
+        return None
+    try:
+        return read_labelled(
+            args.unlabelled, text_column=args.text_column, pair_column=args.pair_column, label_column=None
+        )
+    except DataError as error:
+        raise FitError(f"--unlabelled: {error}") from None

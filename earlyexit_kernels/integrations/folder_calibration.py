@@ -63,6 +63,7 @@ def calibrate_folder(
     device: str = "auto",
     from_audit: str | None = None,
     force: bool = False,
+    unlabelled=None,
 ):
     """Re-certify the folder ``path`` on ``data`` (:class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`)
     and write it back; returns the :class:`~earlyexit_kernels.training.calibrate_texts.CalibrationReport`.
@@ -78,6 +79,9 @@ def calibrate_folder(
     the rows were (a file name), recorded in ``eek_fit.json``. ``dtype`` / ``device``: the base the
     threshold is certified on (:func:`~earlyexit_kernels.engine.precision.to_base`; None: as saved),
     recorded in ``eek_fit.json`` as ``base``: certify on the base you serve.
+
+    ``unlabelled`` (``LabelledTexts``): unseen rows without labels, in the certificate beside ``data``'s
+    (:func:`~earlyexit_kernels.training.calibrate_texts.calibrate_texts`).
 
     A result that certifies no saving (the target not met, or a policy that runs every layer) is not
     written: the folder keeps its policy and ``report.kept`` says why, unless ``force``. Nothing a
@@ -115,6 +119,7 @@ def calibrate_folder(
         batch_size=batch_size,
         max_length=max_length,
         path=saved_path(path),
+        unlabelled=unlabelled,
     )
     if _written(path, report, force):
         _write_back(Path(path), model, report, source or "rows given to eek calibrate", dtype or "as saved")

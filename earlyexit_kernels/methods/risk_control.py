@@ -46,6 +46,7 @@ __all__ = [
     "risk_p_value",
     "upper_bound",
     "paired_upper_bound",
+    "paired_upper_bounds",
     "risk_upper_bound",
     "count_p_value",
     "is_binary",
@@ -128,20 +129,26 @@ def betting_p_value(losses: torch.Tensor, budget: float, *, seed: int = 0, cap: 
     return float(betting_p_values(losses.reshape(1, -1), budget, seed=seed, cap=cap)[0])
 
 
-def betting_p_values(losses: torch.Tensor, budget: float, *, seed: int = 0, cap: float = 0.75) -> torch.Tensor:
-    """:func:`betting_p_value` of every row of ``losses`` [K, n] (K candidates on the same n rows): float64 [K]."""
+def betting_p_values(losses: torch.Tensor, budget, *, seed: int = 0, cap: float = 0.75) -> torch.Tensor:
+    """:func:`betting_p_value` of every row of ``losses`` [K, n] (K candidates on the same n rows): float64 [K].
+    ``budget``: one for every row, or a tensor [K] of one per row (each below 1)."""
     count, n = losses.shape
-    if n == 0 or budget >= 1.0:
+    if not isinstance(budget, torch.Tensor) and (n == 0 or budget >= 1.0):
         return torch.full((count,), 1.0 if budget < 1.0 else 0.0, dtype=torch.float64)
+    if n == 0:
+        return torch.ones(count, dtype=torch.float64)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     z = (losses.double()[:, order] + 1.0) / 2.0
-    m = (budget + 1.0) / 2.0
+    m = (torch.as_tensor(budget, dtype=torch.float64).reshape(-1, 1) + 1.0) / 2.0
     t = torch.arange(1, n + 1, dtype=torch.float64)
     mean = (0.5 + torch.cumsum(z, 1)) / (t + 1)
     variance = (0.25 + torch.cumsum((z - mean) ** 2, 1)) / (t + 1)
     before = torch.cat([torch.full((count, 1), 0.25, dtype=torch.float64), variance[:, :-1]], 1)
     # the stake is tuned for a 5% level; any stake set from the rows before keeps the test valid
-    lam = torch.clamp(torch.sqrt(2.0 * math.log(20.0) / (before * n)), max=cap / m)
+    # a stake past 1 / (1 - m) could lose more than the capital on a loss of 1: capped below both ends (for a
+    # budget >= 0, m >= 1/2 and the cap is cap / m, as tuned; a budget below 0, the bounds that map a narrower
+    # range onto [-1, 1] ask for, needs the other end)
+    lam = torch.minimum(torch.sqrt(2.0 * math.log(20.0) / (before * n)), cap / torch.maximum(m, 1.0 - m))
     log_capital = torch.cumsum(torch.log1p(lam * (m - z)), 1)
     return torch.exp(-log_capital.amax(1).clamp(min=0.0)).clamp(max=1.0)
 
@@ -185,6 +192,22 @@ def paired_upper_bound(losses: torch.Tensor, confidence: float) -> float:
         else:
             low = middle
     return high
+
+
+def paired_upper_bounds(losses: torch.Tensor, confidence: float) -> torch.Tensor:
+    """:func:`paired_upper_bound` of every row of ``losses`` [K, n] at once (one bisection for all): float64 [K]."""
+    check_confidence(confidence)
+    delta = 1.0 - confidence
+    count = losses.shape[0]
+    low = losses.double().mean(1) if losses.shape[1] else torch.full((count,), -1.0, dtype=torch.float64)
+    high = torch.ones(count, dtype=torch.float64)
+    none = betting_p_values(losses, high - 1e-12) > delta
+    for _ in range(40):
+        middle = 0.5 * (low + high)
+        rejected = betting_p_values(losses, middle) <= delta
+        high = torch.where(rejected, middle, high)
+        low = torch.where(rejected, low, middle)
+    return torch.where(none, torch.ones_like(high), high)
 
 
 def upper_bound(losses: float, n: int, confidence: float, *, binary: bool = True) -> float:

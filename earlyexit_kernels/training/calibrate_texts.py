@@ -93,6 +93,7 @@ def calibrate_texts(
     batch_size: int = 64,
     max_length: int | None = None,
     path: list | None = None,
+    unlabelled=None,
 ) -> CalibrationReport:
     """Certify ``model``'s threshold anew on ``data``; the model ends patched with the chosen policy.
 
@@ -102,29 +103,51 @@ def calibrate_texts(
     ``confidence`` None: the fewest mean layers within ``max_drop`` points on these rows,
     uncertified. Rows too few for any certificate raise :class:`FitError` saying how many would do.
     ``path``: the ordered candidates to certify along (the folder's saved path, policies); None:
-    the family's fixed grid.
+    the family's fixed grid. ``unlabelled`` (``LabelledTexts``, labels ignored): more rows without
+    labels in the certificate (:func:`~earlyexit_kernels.training.certified_calibration.certify`); the
+    rows of ``data`` whose label cell is empty join them.
     """
     import torch
 
     from earlyexit_kernels.training.exit_record import record_exits
-    from earlyexit_kernels.training.labelled_texts import encode, label_ids, length_sorted_batches
+    from earlyexit_kernels.training.labelled_texts import (
+        encode,
+        joined_texts,
+        label_ids,
+        length_sorted_batches,
+        split_unlabelled,
+    )
 
     if not max_drop >= 0:
         raise FitError(f"--max-drop must be >= 0 accuracy points, got {max_drop}")
+    data, partly = split_unlabelled(data)
+    unlabelled = joined_texts(partly, joined_texts(unlabelled, None))
+    if unlabelled is not None and confidence is None:
+        raise FitError("unlabelled rows (--unlabelled) join the certificate: give a --confidence, or leave them out")
     if confidence is not None:
         _check_confidence(confidence)
-        _check_enough(len(data), max_drop, confidence, "rows")
+        _check_enough(len(data), max_drop, confidence, "labelled rows" if unlabelled is not None else "rows")
     labels = label_ids(data, model.config) if data.labels is not None else None
-    encoded = encode(tokenizer, data, max_length_for(max_length, model, tokenizer))
+    length = max_length_for(max_length, model, tokenizer)
+    encoded = encode(tokenizer, data, length)
     warn_truncated(encoded)
     model.eval()
     with torch.no_grad():
         record = record_exits(model, length_sorted_batches(encoded, labels, batch_size))
-    return calibrate_record(model, record, max_drop=max_drop, confidence=confidence, path=path)
+        extra = None
+        if unlabelled is not None:
+            extra = record_exits(model, length_sorted_batches(encode(tokenizer, unlabelled, length), None, batch_size))
+    return calibrate_record(model, record, max_drop=max_drop, confidence=confidence, path=path, unlabelled=extra)
 
 
 def calibrate_record(
-    model, record, *, max_drop: float = 1.0, confidence: float | None = CONFIDENCE, path: list | None = None
+    model,
+    record,
+    *,
+    max_drop: float = 1.0,
+    confidence: float | None = CONFIDENCE,
+    path: list | None = None,
+    unlabelled=None,
 ) -> CalibrationReport:
     """:func:`calibrate_texts` on rows already recorded (:class:`~earlyexit_kernels.training.exit_record.ExitRecord`:
     every head's logits, e.g. the audited rows of ``eek serve --audit-record``); the model ends patched
@@ -143,7 +166,12 @@ def calibrate_record(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # kept in the result and printed by the report
         result = calibrate(
-            record, max_drop=max_drop, confidence=confidence, policy=previous, path=path if confidence else None
+            record,
+            max_drop=max_drop,
+            confidence=confidence,
+            policy=previous,
+            path=path if confidence else None,
+            unlabelled=unlabelled,
         )
     before = replay(previous, record).layers_run.float().mean().item()
     patch(model, result.policy, backend_of(model))

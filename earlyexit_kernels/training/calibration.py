@@ -277,6 +277,7 @@ def calibrate(
     confidence: float | None = None,
     path_record: ExitRecord | None = None,
     path: list[ExitPolicy] | None = None,
+    unlabelled=None,
 ) -> Calibration:
     """Choose the policy's threshold on rows set apart for it (validation or calibration rows) for one target.
 
@@ -310,7 +311,9 @@ def calibrate(
     certified (if none, the policy never exits early and a warning says how many rows would do).
     ``path_record`` (with ``confidence``): other rows than these (validation rows) on which the
     path of candidates is chosen (:mod:`earlyexit_kernels.training.certified_paths`); ``path``:
-    the ordered candidates to walk, given whole (a folder's saved path).
+    the ordered candidates to walk, given whole (a folder's saved path). ``unlabelled`` (with
+    ``confidence``): more calibration rows without labels (an :class:`ExitRecord`, or batches the model
+    runs), in the certificate beside these (:func:`~earlyexit_kernels.training.certified_calibration.certify`).
     """
     if (max_drop is None) == (target_layers is None):
         raise ValueError("give exactly one target: max_drop (accuracy points) or target_layers (mean layers)")
@@ -332,6 +335,12 @@ def calibrate(
     if not chance_margin >= 0.0:
         raise ValueError(f"chance_margin must be a fraction >= 0, got {chance_margin!r}")
     record = model_or_record if isinstance(model_or_record, ExitRecord) else record_exits(model_or_record, batches)
+    if unlabelled is not None and confidence is None:
+        raise ValueError("unlabelled rows join a certificate: give confidence= too, or leave them out")
+    if unlabelled is not None and not isinstance(unlabelled, ExitRecord):
+        if isinstance(model_or_record, ExitRecord):
+            raise ValueError("unlabelled batches are run by the model: give an ExitRecord with a record")
+        unlabelled = record_exits(model_or_record, unlabelled)
     measure = _resolve_target(record, target)
     refs = references(record, measure)
     measure_name = getattr(metric, "__name__", "metric") if metric is not None else measure
@@ -365,7 +374,7 @@ def calibrate(
         chance=chance_score(refs, record.all_logits.shape[-1], metric),
     )
     if confidence is not None:
-        best = _certify_into(result, record, max_drop, confidence, measure, policy, path_record, path)
+        best = _certify_into(result, record, max_drop, confidence, measure, policy, path_record, path, unlabelled)
     _check_savings(result, min_saving, chance_margin)
     for message in result.warnings:
         warnings.warn(message, CalibrationWarning, stacklevel=2)
@@ -377,7 +386,7 @@ def calibrate(
     return result
 
 
-def _certify_into(result, record, max_drop, confidence, measure, policy, path_record, path) -> CurvePoint:
+def _certify_into(result, record, max_drop, confidence, measure, policy, path_record, path, unlabelled) -> CurvePoint:
     """Replace ``result``'s chosen point by the certified one; returns it (for printing and plotting)."""
     chosen, certificate, walked = certify(
         record,
@@ -387,6 +396,7 @@ def _certify_into(result, record, max_drop, confidence, measure, policy, path_re
         policy=policy,
         path_record=path_record,
         candidates=path,
+        unlabelled=unlabelled,
     )
     result.path = [point.policy for point in walked]
     result.policy, result.accuracy, result.mean_layers = chosen.policy, chosen.accuracy, chosen.mean_layers

@@ -123,6 +123,11 @@ class Certificate:
     path_layers: dict | None = None
     more_rows: int | None = None
     more_rows_layers: float | None = None
+    unlabelled_rows: int | None = None
+    unlabelled_use: str | None = None
+    predicted_part: float | None = None
+    error_part: float | None = None
+    labelled_bound: float | None = None
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -157,8 +162,21 @@ class Certificate:
             path = f", along the {self.path.replace('_', '-')} path"
         return (
             f"{head}{path}: observed {100 * self.observed:.2f}%, bound {100 * self.bound:.2f}%, "
-            f"{self.mean_layers:.2f} of {self.num_layers} mean layers{price}"
+            f"{self.mean_layers:.2f} of {self.num_layers} mean layers{price}{self._unlabelled()}"
         )
+
+    def _unlabelled(self) -> str:
+        """What the unlabelled rows contributed, where there were any."""
+        if self.unlabelled_rows is None:
+            return ""
+        if self.unlabelled_use == "powered":
+            return (
+                f"; with {self.unlabelled_rows} unlabelled rows (prediction-powered): the loss the full model's "
+                f"probabilities predict, bounded on all {self.rows + self.unlabelled_rows} rows, "
+                f"{100 * self.predicted_part:.2f}%, plus the prediction's error on the {self.rows} labelled rows, "
+                f"{100 * self.error_part:.2f}%; the labelled rows alone bound it at {100 * self.labelled_bound:.2f}%"
+            )
+        return f"; the {self.unlabelled_rows} unlabelled rows were not used: {self.unlabelled_use}"
 
 
 def _entropy_grid(maximum: float, steps: int) -> list[float]:
@@ -257,6 +275,7 @@ def certify(
     steps: int = GRID_STEPS,
     path_record: ExitRecord | None = None,
     candidates: list[ExitPolicy] | None = None,
+    unlabelled: ExitRecord | None = None,
 ) -> tuple[CurvePoint, Certificate, list[CurvePoint]]:
     """The certified point on ``record``: ``(chosen, certificate, curve)``.
 
@@ -273,9 +292,19 @@ def certify(
     ``path_record``: rows apart from ``record`` (the validation rows) on which the path is chosen
     (:func:`~earlyexit_kernels.training.certified_paths.choose_path`); None: the fixed grid.
     ``candidates``: an ordered path given whole (a folder's saved one), walked as is.
+
+    ``unlabelled``: more calibration rows, without labels. Under ``"agreement"`` they are calibration rows
+    like the others; under ``"accuracy"`` they join the labelled ones by prediction-powered inference
+    (:mod:`~earlyexit_kernels.training.prediction_powered`), where the validation rows (``path_record``)
+    predict that it certifies fewer layers than the labelled rows alone (else those alone, said in the
+    certificate).
     """
     budget, confidence = check_budget(budget), check_confidence(confidence)
     target = _resolve_target(record, target)
+    if unlabelled is not None:
+        _check_unlabelled(record, unlabelled)
+        if target == "agreement":  # disagreement needs no label: they are calibration rows like the others
+            record, unlabelled = _joined(record, unlabelled), None
     refs = references(record, target)
     num_layers, rows, num_labels = record.all_logits.shape
     require_rows(rows, budget, confidence, hint=", a larger budget")
@@ -294,8 +323,17 @@ def certify(
             losses[index] = row_losses(replays[index].logits, record, target)
         return losses[index]
 
-    last = fixed_sequence(lambda i: risk_p_value(losses_of(i), budget), len(grid), 1.0 - confidence)
-    tested = len(replays)
+    powered = None
+    if unlabelled is not None:
+        from earlyexit_kernels.training.prediction_powered import powered_walk
+
+        powered = powered_walk(record, unlabelled, grid, losses_of, replays, budget, confidence, path_record)
+    if powered is not None and powered.bounds is not None:
+        last = fixed_sequence(lambda i: 0.0 if powered.bounds.bound[i] <= budget else 1.0, len(grid), 0.5)
+        tested = min(last + 2, len(grid))
+    else:
+        last = fixed_sequence(lambda i: risk_p_value(losses_of(i), budget), len(grid), 1.0 - confidence)
+        tested = len(replays)
     for index in range(len(grid)):  # the rest of the grid: the uncertified point, and what more rows would do
         losses_of(index)
     points = [(index, _point(grid[index], replays[index], refs)) for index in range(len(grid))]
@@ -320,6 +358,8 @@ def certify(
         path=path_name,
         path_layers=path_layers,
     )
+    if powered is not None:
+        powered.fill(certificate, chosen_index, losses_of(chosen_index), confidence)
     found = _rows_needed(points, losses_of, budget, confidence, num_layers)
     if certified and found is not None and found[1].mean_layers < chosen.mean_layers - 1e-9 and found[0] > rows:
         certificate.more_rows, certificate.more_rows_layers = found[0], found[1].mean_layers
@@ -329,3 +369,34 @@ def certify(
             certificate.needed_for = f"{found[1].policy.to_code(4)} ({found[1].mean_layers:.2f} mean layers)"
             certificate.needed_rate = found[2]
     return chosen, certificate, [point for _, point in points]
+
+
+def _check_unlabelled(record: ExitRecord, unlabelled: ExitRecord) -> None:
+    if unlabelled.all_logits.shape[0] != record.all_logits.shape[0] or (
+        unlabelled.all_logits.shape[2] != record.all_logits.shape[2]
+    ):
+        raise ValueError(
+            f"the unlabelled rows were recorded with {unlabelled.all_logits.shape[0]} layers and "
+            f"{unlabelled.all_logits.shape[2]} labels, the calibration rows with {record.all_logits.shape[0]} and "
+            f"{record.all_logits.shape[2]}: record both with the same model"
+        )
+    if _is_multi_label(record):
+        raise ValueError(
+            "unlabelled rows join the certificate of a single-label classifier; a multi-label model's calibration "
+            "rows need every label: leave the unlabelled rows out"
+        )
+
+
+def _joined(record: ExitRecord, more: ExitRecord) -> ExitRecord:
+    """``record``'s rows then ``more``'s, without labels (what the agreement certificate reads)."""
+
+    def both(a, b):
+        return None if a is None or b is None else torch.cat([a, b], dim=1)
+
+    return ExitRecord(
+        torch.cat([record.all_logits, more.all_logits.to(record.all_logits.dtype)], dim=1),
+        None,
+        both(record.all_halting_logits, more.all_halting_logits),
+        both(record.all_skipped, more.all_skipped),
+        record.policy,
+    )

@@ -165,6 +165,7 @@ def fit_exit_heads(
     confidence: float | None = None,
     pooling: str | None = None,
     head: str | None = None,
+    unlabelled_batches=None,
 ) -> FitResult:
     """Train the exit heads of ``model`` with ``method``'s recipe, calibrate on validation data, patch.
 
@@ -191,7 +192,8 @@ def fit_exit_heads(
     ``calibration_batches``: rows for the calibration only (default: the validation rows,
     which early stopping has also seen); ``confidence``: certify ``max_drop`` with that
     confidence (:func:`~earlyexit_kernels.training.calibration.calibrate`); the guarantee
-    assumes calibration rows that no training step saw, so pass ``calibration_batches``.
+    assumes calibration rows that no training step saw, so pass ``calibration_batches``;
+    ``unlabelled_batches``: more such rows, without labels, in the certificate beside them.
     ``pooling`` / ``head``: the heads' (``"cls"``/``"mean"``, ``"model"``/``"mlp"``; None: the
     model's, see ``eek.patch``), or ``"auto"``: trained in every configuration on one cached pass
     of the model and chosen on the validation rows
@@ -327,6 +329,7 @@ def fit_exit_heads(
         verbose=verbose,
         confidence=confidence,
         path_record=path_record,
+        unlabelled=None if unlabelled_batches is None else record_exits(model, unlabelled_batches),
     )
     patch(model, calibration.policy, backend)
     return FitResult(

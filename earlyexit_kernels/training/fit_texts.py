@@ -229,6 +229,7 @@ def train_and_calibrate(
     calibration=None,
     calibration_labels: torch.Tensor | None = None,
     confidence: float | None = None,
+    unlabelled=None,
 ) -> FitReport:
     """Train ``model``'s exit heads with ``method``'s recipe on ``train`` (:class:`Encoded` rows) and calibrate
     on ``validation`` (:func:`earlyexit_kernels.training.fit_exit_heads`); returns a :class:`FitReport`.
@@ -237,7 +238,8 @@ def train_and_calibrate(
     (self-distillation, calibrated on agreement). ``pooling`` / ``head``: the internal heads'
     (None: the family's default, see ``patch``). ``calibration`` / ``calibration_labels``:
     rows kept out of training for the calibration (default: the validation rows);
-    ``confidence``: certify ``max_drop`` with it.
+    ``confidence``: certify ``max_drop`` with it; ``unlabelled``: more calibration rows without labels
+    (:class:`Encoded`).
     """
     from earlyexit_kernels.training.calibration import describe, distinct_digits
     from earlyexit_kernels.training.fit import fit_exit_heads
@@ -246,6 +248,7 @@ def train_and_calibrate(
     train_batches = shuffled_batches(train, train_labels, batch_size, seed)
     val_batches = length_sorted_batches(validation, validation_labels, 64)
     calibration_batches = None if calibration is None else length_sorted_batches(calibration, calibration_labels, 64)
+    unlabelled_batches = None if unlabelled is None else length_sorted_batches(unlabelled, None, 64)
     calibration_rows = len(validation if calibration is None else calibration)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the calibration's warnings are in its result, printed by the report
@@ -264,6 +267,7 @@ def train_and_calibrate(
             confidence=confidence,
             pooling=pooling,
             head=head,
+            unlabelled_batches=unlabelled_batches,
         )
     model.eval()
     calibration = result.calibration
@@ -337,6 +341,7 @@ def fit_model(
     calibration_fraction: float | str = AUTO_SHARE,
     calibration=None,
     validation_split: float | None = None,
+    unlabelled=None,
 ):
     """Train and calibrate the exit heads of ``model`` in place; what ``eek fit`` does between reading and writing.
 
@@ -362,10 +367,15 @@ def fit_model(
     was split from before ``train`` was given (None: validation came from elsewhere), so that
     the number is that of the file.
 
+    ``unlabelled`` (:class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`, labels ignored): more
+    unseen rows without labels, in the certificate beside the calibration rows (agreement: as more rows;
+    accuracy lost: :mod:`~earlyexit_kernels.training.prediction_powered`); a ``calibration`` whose label
+    cells are partly empty gives its unlabelled rows the same way.
+
     ``seed`` fixes everything drawn: the splits, the order of the rows, and the heads' initial
     weights (torch's generator is seeded inside, and given back as it was).
     """
-    from earlyexit_kernels.training.labelled_texts import encode, label_ids
+    from earlyexit_kernels.training.labelled_texts import encode, joined_texts, label_ids, split_unlabelled
 
     if method not in METHODS:
         raise FitError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
@@ -376,10 +386,20 @@ def fit_model(
         raise FitError("the training rows and the validation rows must both have labels, or neither")
     if train_ids is None and method not in UNLABELLED_METHODS:
         raise FitError(f"--method {method} trains with labels; without labels use --method heads")
-    calibration_ids = encoded_calibration = None
+    calibration_ids = encoded_calibration = encoded_unlabelled = None
     given_calibration = calibration is not None
     if confidence is not None:
         _check_confidence(confidence)
+    if calibration is not None:
+        calibration, partly = split_unlabelled(calibration)
+        unlabelled = joined_texts(partly, unlabelled)
+    if unlabelled is not None:
+        if confidence is None:
+            raise FitError(
+                "unlabelled rows (--unlabelled) join the certificate: give a --confidence, or leave them out"
+            )
+        unlabelled = joined_texts(unlabelled, None)  # its labels, if any, are not read
+        encoded_unlabelled = encode(tokenizer, unlabelled, length)
     if calibration is not None:
         if confidence is not None:
             _check_enough(len(calibration), max_drop, confidence, "calibration rows (--calibration)")
@@ -440,6 +460,7 @@ def fit_model(
         calibration=encoded_calibration,
         calibration_labels=calibration_ids,
         confidence=confidence,
+        unlabelled=encoded_unlabelled,
     )
     if share is not None:
         report.calibration_share = share.describe()

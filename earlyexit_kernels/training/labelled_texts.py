@@ -54,6 +54,39 @@ class LabelledTexts:
         return LabelledTexts(pick, pairs, labels, self.path, self.label_column)
 
 
+def _empty(label) -> bool:
+    return (
+        label is None or (isinstance(label, float) and label != label) or (isinstance(label, str) and not label.strip())
+    )
+
+
+def split_unlabelled(data: LabelledTexts) -> tuple[LabelledTexts, LabelledTexts | None]:
+    """``data``'s rows with a label, and those whose label cell is empty (None where there is none). A file
+    whose every label cell is empty has no labels: all its rows come back as the first, with labels None."""
+    if data.labels is None:
+        return data, None
+    empty = [i for i, label in enumerate(data.labels) if _empty(label)]
+    if not empty:
+        return data, None
+    if len(empty) == len(data):
+        return LabelledTexts(data.texts, data.pairs, None, data.path, None), None
+    chosen = set(empty)
+    labelled = data.subset([i for i in range(len(data)) if i not in chosen])
+    unlabelled = data.subset(empty)
+    unlabelled.labels, unlabelled.label_column = None, None
+    return labelled, unlabelled
+
+
+def joined_texts(first: LabelledTexts | None, second: LabelledTexts | None) -> LabelledTexts | None:
+    """The rows of ``first`` then ``second``, without labels (either may be None)."""
+    if first is None or second is None:
+        return first if second is None else second
+    if (first.pairs is None) != (second.pairs is None):
+        raise DataError(f"{first.path} and {second.path} must both have the pair column, or neither")
+    pairs = None if first.pairs is None else first.pairs + second.pairs
+    return LabelledTexts(first.texts + second.texts, pairs, None, f"{first.path} and {second.path}", None)
+
+
 def label_ids(data: LabelledTexts, config) -> torch.Tensor:
     """The class id of every row's label: LongTensor [N].
 
