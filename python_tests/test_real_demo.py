@@ -105,6 +105,13 @@ def test_the_demo_fits_once_then_loads_and_reports_every_speed_up_with_its_ideal
         assert line in first
     assert first.count("layer ideal") == 2  # per batch against the unpatched model, the stream against the pipeline
     assert report.read_text().startswith("# python -m earlyexit_kernels.demo --cache-dir")
+    # where the README says: demo/ of the cache folder (.cache/demo of the checkout by default)
+    assert [p.name for p in sorted((tiny_task / "demo").iterdir())] == [
+        "model",
+        "test.csv",
+        "train.csv",
+        "validation.csv",
+    ]
     fitted = list(tiny_task.glob("minilm-rt-tiny-exit-*"))
     assert len(fitted) == 1 and (fitted[0] / "eek_fit.json").is_file()
 
