@@ -1,10 +1,10 @@
 """Bodies of the server's routes as pydantic models: their JSON Schemas in the OpenAPI document are generated
 from these, and ``POST /feedback``'s body is validated by its model.
 
-So far: the error body, ``/health``, ``/info``, ``/v1/models`` and ``/models`` (OpenAI's and Infinity's
-shapes), and ``/feedback``'s request and answer. The classification and reranking routes' bodies are
-still the hand-written schemas and parsers of the ``*_schema`` modules, whose messages name what to
-change for each shape (``wrap each text in a list`` ...).
+So far: every answer (the error body, the classification and reranking routes' answers, ``/health``,
+``/info``, ``/v1/models`` and ``/models``), and ``/feedback``'s request. The classification and
+reranking routes' requests are still the hand-written schemas and parsers of the ``*_schema``
+modules, whose messages name what to change for each shape (``wrap each text in a list`` ...).
 
 :func:`validated` reads a body as the hand-written parsers do (400 for a body that is not JSON) and
 validates it with a model; a :class:`pydantic.ValidationError` becomes the server's 422
@@ -15,18 +15,25 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, create_model
 from pydantic.json_schema import models_json_schema
 
 from earlyexit_kernels.integrations.server.predict_schema import RequestError, read_json
 
 __all__ = [
+    "ANSWERS",
+    "ClassifyAnswer",
+    "CohereRerankAnswer",
+    "CohereRerankV2Answer",
     "Error",
     "FeedbackAnswer",
     "Health",
     "Info",
+    "InferenceApiAnswer",
     "InfinityModels",
     "Models",
+    "PredictAnswer",
+    "TeiRerankAnswer",
     "component_schemas",
     "feedback_request_model",
     "validated",
@@ -36,6 +43,80 @@ __all__ = [
 class Error(BaseModel):
     error: str = Field(description="what is wrong and what to change")
     error_type: str = Field(examples=["Validation", "Empty", "NotFound", "Overloaded"])
+
+
+class LabelScore(BaseModel):
+    """One label's score for an input, with the input's exit."""
+
+    score: float
+    label: str
+    exit_layer: int = Field(description="the layer after which the input left the encoder")
+    layers_run: int = Field(description="layers computed (differs only with SkipGates)")
+
+
+class PredictAnswer(RootModel[list[LabelScore] | list[list[LabelScore]]]):
+    """One input: every label with its score, best first; a batch: one such list per input, in input order."""
+
+
+class InferenceApiAnswer(RootModel[list[list[LabelScore]]]):
+    """One list per input."""
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+
+
+class ClassifyAnswer(BaseModel):
+    """Infinity's ``/classify`` answer."""
+
+    object: Literal["classify"]
+    data: list[list[LabelScore]] = Field(description="one list per input, in input order")
+    model: str
+    usage: Usage
+    id: str = Field(description="the request id (the x-request-id header)")
+    created: int = Field(description="Unix time of the answer")
+
+
+class TeiRerankEntry(BaseModel):
+    index: int = Field(ge=0)
+    score: float
+    text: str = Field("", description="with return_text")
+    exit_layer: int
+    layers_run: int
+
+
+class TeiRerankAnswer(RootModel[list[TeiRerankEntry]]):
+    """One entry per text, best first."""
+
+
+class Document(BaseModel):
+    text: str
+
+
+class CohereResult(BaseModel):
+    index: int = Field(ge=0)
+    relevance_score: float
+    document: Document = Field(None, description="with return_documents")
+    exit_layer: int
+    layers_run: int
+
+
+class CohereRerankV2Answer(BaseModel):
+    """Cohere's v2 rerank answer."""
+
+    id: str = Field(description="the request id (the x-request-id header)")
+    results: list[CohereResult] = Field(description="best first")
+    meta: dict
+
+
+class CohereRerankAnswer(CohereRerankV2Answer):
+    """Cohere's v1 rerank answer, with Infinity's fields."""
+
+    object: Literal["rerank"]
+    model: str
+    usage: Usage
+    created: int
 
 
 class Health(BaseModel):
@@ -120,6 +201,23 @@ class FeedbackAnswer(BaseModel):
     audited: bool = Field(description="whether the audit ran this input through the full model")
     counted: bool = Field(description="whether the label counts on the accuracy lost")
     note: str = Field("", description="why it does not count")
+
+
+#: every answer's model (the request bodies' are added per server: :func:`feedback_request_model`)
+ANSWERS = [
+    Error,
+    PredictAnswer,
+    ClassifyAnswer,
+    TeiRerankAnswer,
+    CohereRerankAnswer,
+    CohereRerankV2Answer,
+    InferenceApiAnswer,
+    Health,
+    Info,
+    Models,
+    InfinityModels,
+    FeedbackAnswer,
+]
 
 
 def validated(model: type[BaseModel], raw: bytes, send: str) -> BaseModel:

@@ -24,7 +24,6 @@ import json
 from dataclasses import dataclass
 
 from earlyexit_kernels.integrations.server.predict_schema import (
-    LABEL_SCORES_SCHEMA,
     TEXT_SCHEMA,
     RequestError,
     flag,
@@ -34,8 +33,6 @@ from earlyexit_kernels.integrations.server.predict_schema import (
 from earlyexit_kernels.integrations.server.served_model import check_model, model_field_schema
 
 __all__ = [
-    "CLASSIFY_ANSWER_SCHEMA",
-    "USAGE_SCHEMA",
     "ClassifyRequest",
     "classify_request_schema",
     "format_classify_answer",
@@ -132,25 +129,3 @@ def classify_request_schema(model_id: str) -> dict:
             "user": {"type": ["string", "null"], "description": "accepted and ignored"},
         },
     }
-
-
-USAGE_SCHEMA = {
-    "type": "object",
-    "required": ["prompt_tokens", "total_tokens"],
-    "properties": {
-        "prompt_tokens": {"type": "integer", "minimum": 0},
-        "total_tokens": {"type": "integer", "minimum": 0},
-    },
-}
-CLASSIFY_ANSWER_SCHEMA = {
-    "type": "object",
-    "required": ["object", "data", "model", "usage", "id", "created"],
-    "properties": {
-        "object": {"const": "classify"},
-        "data": {"type": "array", "items": LABEL_SCORES_SCHEMA, "description": "one list per input, in input order"},
-        "model": {"type": "string"},
-        "usage": USAGE_SCHEMA,
-        "id": {"type": "string", "description": "the request id (the x-request-id header)"},
-        "created": {"type": "integer", "description": "Unix time of the answer"},
-    },
-}

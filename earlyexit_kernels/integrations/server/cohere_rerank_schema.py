@@ -23,14 +23,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from earlyexit_kernels.integrations.server.classify_schema import USAGE_SCHEMA, usage
+from earlyexit_kernels.integrations.server.classify_schema import usage
 from earlyexit_kernels.integrations.server.predict_schema import TEXT_SCHEMA, RequestError, count, flag
 from earlyexit_kernels.integrations.server.rerank_schema import ranking
 from earlyexit_kernels.integrations.server.served_model import check_model, model_field_schema
 
 __all__ = [
-    "COHERE_RERANK_ANSWER_SCHEMA",
-    "COHERE_RERANK_V2_ANSWER_SCHEMA",
     "CohereRerankRequest",
     "cohere_rerank_request_from_body",
     "cohere_rerank_request_schema",
@@ -149,35 +147,6 @@ def cohere_rerank_request_schema(model_id: str) -> dict:
     }
 
 
-COHERE_RERANK_ANSWER_SCHEMA = {
-    "type": "object",
-    "required": ["id", "results", "meta", "object", "model", "usage", "created"],
-    "properties": {
-        "id": {"type": "string", "description": "the request id (the x-request-id header)"},
-        "results": {
-            "type": "array",
-            "description": "best first",
-            "items": {
-                "type": "object",
-                "required": ["index", "relevance_score", "exit_layer", "layers_run"],
-                "properties": {
-                    "index": {"type": "integer", "minimum": 0},
-                    "relevance_score": {"type": "number"},
-                    "document": {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}},
-                    "exit_layer": {"type": "integer"},
-                    "layers_run": {"type": "integer"},
-                },
-            },
-        },
-        "meta": {"type": "object"},
-        "object": {"const": "rerank"},
-        "model": {"type": "string"},
-        "usage": USAGE_SCHEMA,
-        "created": {"type": "integer"},
-    },
-}
-
-
 # ------------------------------------------------------------------------------ Cohere's v2 rerank
 #
 # ``POST /v2/rerank``, what ``cohere.ClientV2(base_url=...).rerank(...)`` sends (recorded from cohere
@@ -250,14 +219,3 @@ def cohere_rerank_v2_request_schema(model_id: str, max_length: int) -> dict:
         "description": "at least the model's length: the query and document are cut there",
     }
     return {**schema, "properties": properties}
-
-
-COHERE_RERANK_V2_ANSWER_SCHEMA = {
-    "type": "object",
-    "required": ["id", "results", "meta"],
-    "properties": {
-        "id": {"type": "string", "description": "the request id (the x-request-id header)"},
-        "results": COHERE_RERANK_ANSWER_SCHEMA["properties"]["results"],
-        "meta": {"type": "object"},
-    },
-}

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 
 from earlyexit_kernels.integrations.server.predict_schema import (
-    LABEL_SCORES_SCHEMA,
     TEXT_SCHEMA,
     RequestError,
     count,
@@ -27,7 +26,6 @@ from earlyexit_kernels.integrations.server.predict_schema import (
 )
 
 __all__ = [
-    "INFERENCE_API_ANSWER_SCHEMA",
     "INFERENCE_API_REQUEST_SCHEMA",
     "InferenceApiRequest",
     "format_inference_api_answer",
@@ -63,7 +61,6 @@ INFERENCE_API_REQUEST_SCHEMA = {
         "options": {"description": "accepted and ignored (the Inference API's wait_for_model, use_cache)"},
     },
 }
-INFERENCE_API_ANSWER_SCHEMA = {"type": "array", "items": LABEL_SCORES_SCHEMA, "description": "one list per input"}
 
 
 @dataclass(frozen=True)

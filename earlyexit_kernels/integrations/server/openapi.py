@@ -11,31 +11,17 @@ line on it: the app's routes, ``eek serve --help`` and the documents are tested 
 
 from __future__ import annotations
 
-from earlyexit_kernels.integrations.server.bodies import (
-    Error,
-    FeedbackAnswer,
-    Health,
-    InfinityModels,
-    Info,
-    Models,
-    component_schemas,
-    feedback_request_model,
-)
-from earlyexit_kernels.integrations.server.classify_schema import CLASSIFY_ANSWER_SCHEMA, classify_request_schema
+from earlyexit_kernels.integrations.server.bodies import ANSWERS, component_schemas, feedback_request_model
+from earlyexit_kernels.integrations.server.classify_schema import classify_request_schema
 from earlyexit_kernels.integrations.server.cohere_rerank_schema import (
-    COHERE_RERANK_ANSWER_SCHEMA,
-    COHERE_RERANK_V2_ANSWER_SCHEMA,
     cohere_rerank_request_schema,
     cohere_rerank_v2_request_schema,
 )
 from earlyexit_kernels.integrations.server.docs_ui import ASSETS
-from earlyexit_kernels.integrations.server.inference_api_schema import (
-    INFERENCE_API_ANSWER_SCHEMA,
-    INFERENCE_API_REQUEST_SCHEMA,
-)
-from earlyexit_kernels.integrations.server.predict_schema import PREDICT_ANSWER_SCHEMA, PREDICT_REQUEST_SCHEMA
+from earlyexit_kernels.integrations.server.inference_api_schema import INFERENCE_API_REQUEST_SCHEMA
+from earlyexit_kernels.integrations.server.predict_schema import PREDICT_REQUEST_SCHEMA
 from earlyexit_kernels.integrations.server.request_id import HEADER
-from earlyexit_kernels.integrations.server.rerank_schema import RERANK_ANSWER_SCHEMA, RERANK_REQUEST_SCHEMA
+from earlyexit_kernels.integrations.server.rerank_schema import RERANK_REQUEST_SCHEMA
 
 __all__ = ["ROUTES", "openapi_document"]
 
@@ -276,29 +262,13 @@ def openapi_document(
         "paths": paths,
         "components": {
             "schemas": {
-                **component_schemas(
-                    [
-                        Error,
-                        Health,
-                        Info,
-                        Models,
-                        InfinityModels,
-                        feedback_request_model(labels or ["LABEL_0"]),
-                        FeedbackAnswer,
-                    ]
-                ),
+                **component_schemas([*ANSWERS, feedback_request_model(labels or ["LABEL_0"])]),
                 "PredictRequest": PREDICT_REQUEST_SCHEMA,
-                "PredictAnswer": PREDICT_ANSWER_SCHEMA,
                 "ClassifyRequest": classify_request_schema(model_id),
-                "ClassifyAnswer": CLASSIFY_ANSWER_SCHEMA,
                 "TeiRerankRequest": RERANK_REQUEST_SCHEMA,
-                "TeiRerankAnswer": RERANK_ANSWER_SCHEMA,
                 "CohereRerankRequest": cohere_rerank_request_schema(model_id),
-                "CohereRerankAnswer": COHERE_RERANK_ANSWER_SCHEMA,
                 "CohereRerankV2Request": cohere_rerank_v2_request_schema(model_id, max_length),
-                "CohereRerankV2Answer": COHERE_RERANK_V2_ANSWER_SCHEMA,
                 "InferenceApiRequest": INFERENCE_API_REQUEST_SCHEMA,
-                "InferenceApiAnswer": INFERENCE_API_ANSWER_SCHEMA,
             }
         },
     }

@@ -18,9 +18,8 @@ Errors are ``{"error": message, "error_type": kind}`` with the status codes of
 text-embeddings-inference: 400 (malformed JSON, empty input), 422 (a wrong shape), 413
 (too long without ``truncate``, too many inputs), 429 (queue full), 503 (shutting down).
 
-The JSON Schemas of these shapes (``PREDICT_REQUEST_SCHEMA``, ``PREDICT_ANSWER_SCHEMA``,
-``LABEL_SCORES_SCHEMA``) sit beside the parser that enforces them; the OpenAPI document
-(:mod:`.openapi`) is assembled from them (the error body's from :class:`.bodies.Error`).
+The request's JSON Schema (``PREDICT_REQUEST_SCHEMA``) sits beside the parser that enforces it; the
+answer's and the error body's are generated from :mod:`.bodies`' models (``PredictAnswer``, ``Error``).
 """
 
 from __future__ import annotations
@@ -31,8 +30,6 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "LABEL_SCORES_SCHEMA",
-    "PREDICT_ANSWER_SCHEMA",
     "PREDICT_REQUEST_SCHEMA",
     "TEXT_SCHEMA",
     "PredictRequest",
@@ -85,24 +82,6 @@ PREDICT_REQUEST_SCHEMA = {
         "raw_scores": _FLAG,
         "truncation_direction": {"enum": ["Left", "Right"], "default": "Right"},
     },
-}
-#: one input's answer: every label with its score, best first
-LABEL_SCORES_SCHEMA = {
-    "type": "array",
-    "items": {
-        "type": "object",
-        "required": ["score", "label", "exit_layer", "layers_run"],
-        "properties": {
-            "score": {"type": "number"},
-            "label": {"type": "string"},
-            "exit_layer": {"type": "integer", "description": "the layer after which the input left the encoder"},
-            "layers_run": {"type": "integer", "description": "layers computed (differs only with SkipGates)"},
-        },
-    },
-}
-PREDICT_ANSWER_SCHEMA = {
-    "anyOf": [LABEL_SCORES_SCHEMA, {"type": "array", "items": LABEL_SCORES_SCHEMA}],
-    "description": "one input: its labels; a batch: one list per input, in input order",
 }
 
 

@@ -26,7 +26,6 @@ from earlyexit_kernels.integrations.server.predict_schema import (
 )
 
 __all__ = [
-    "RERANK_ANSWER_SCHEMA",
     "RERANK_REQUEST_SCHEMA",
     "RerankRequest",
     "format_rerank_answer",
@@ -48,21 +47,6 @@ RERANK_REQUEST_SCHEMA = {
         "return_text": _FLAG,
         "truncate": _FLAG,
         "truncation_direction": {"enum": ["Left", "Right"], "default": "Right"},
-    },
-}
-RERANK_ANSWER_SCHEMA = {
-    "type": "array",
-    "description": "one entry per text, best first",
-    "items": {
-        "type": "object",
-        "required": ["index", "score", "exit_layer", "layers_run"],
-        "properties": {
-            "index": {"type": "integer", "minimum": 0},
-            "score": {"type": "number"},
-            "text": {"type": "string", "description": "with return_text"},
-            "exit_layer": {"type": "integer"},
-            "layers_run": {"type": "integer"},
-        },
     },
 }
 
