@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from earlyexit_kernels.integrations.server.bodies import feedback_request_model, validated
+from earlyexit_kernels.integrations.server.bodies import TeiRerankRequest, checked, feedback_request_model, validated
 from earlyexit_kernels.integrations.server.body_limit import (
     BodyLimitMiddleware,
 )
@@ -52,7 +52,7 @@ from earlyexit_kernels.integrations.server.predict_schema import (
     read_json,
 )
 from earlyexit_kernels.integrations.server.request_costs import RequestCosts
-from earlyexit_kernels.integrations.server.rerank_schema import format_rerank_answer, rerank_request_from_body
+from earlyexit_kernels.integrations.server.rerank_schema import format_rerank_answer
 from earlyexit_kernels.integrations.server.serving_state import ServeSettings, ServingState
 
 __all__ = ["create_app"]
@@ -187,7 +187,7 @@ def _app(state: ServingState):
             body = read_json(raw, '{"query": "...", "texts": [...]} or {"query": "...", "documents": [...]}')
             if isinstance(body, dict) and "documents" in body:
                 return cohere_rerank_request_from_body(body, state.model_id)
-            return rerank_request_from_body(body)
+            return checked(TeiRerankRequest, body, '{"query": "...", "texts": [...]}', "/rerank")
 
         def formatted(parsed, finished, costs):
             if isinstance(parsed, CohereRerankRequest):
@@ -224,7 +224,7 @@ def _app(state: ServingState):
 
     async def feedback(request):
         try:
-            body = await asyncio.to_thread(validated, feedback_model, await request.body(), FEEDBACK_SHAPE)
+            body = await asyncio.to_thread(validated, feedback_model, await request.body(), FEEDBACK_SHAPE, "/feedback")
             if state.feedback is None:
                 raise RequestError(404, "NotFound", state.no_feedback)
             answer = state.feedback.label(body.request_id, body.input, body.label)

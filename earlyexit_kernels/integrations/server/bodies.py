@@ -2,20 +2,23 @@
 from these, and ``POST /feedback``'s body is validated by its model.
 
 So far: every answer (the error body, the classification and reranking routes' answers, ``/health``,
-``/info``, ``/v1/models`` and ``/models``), and ``/feedback``'s request. The classification and
-reranking routes' requests are still the hand-written schemas and parsers of the ``*_schema``
+``/info``, ``/v1/models`` and ``/models``), and the requests of ``/feedback`` and of ``/rerank`` in
+text-embeddings-inference's shape. The other requests (``/predict``, ``/classify``, Cohere's rerank
+shapes, the Inference API's) are still the hand-written schemas and parsers of the ``*_schema``
 modules, whose messages name what to change for each shape (``wrap each text in a list`` ...).
 
 :func:`validated` reads a body as the hand-written parsers do (400 for a body that is not JSON) and
 validates it with a model; a :class:`pydantic.ValidationError` becomes the server's 422
-``{"error", "error_type": "Validation"}``, one clause per field.
+``{"error", "error_type": "Validation"}`` (400 ``"Empty"`` for an empty text or list), in the words
+the hand-written parsers use.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, ValidationError, create_model
 from pydantic.json_schema import models_json_schema
 
 from earlyexit_kernels.integrations.server.predict_schema import RequestError, read_json
@@ -34,6 +37,7 @@ __all__ = [
     "Models",
     "PredictAnswer",
     "TeiRerankAnswer",
+    "TeiRerankRequest",
     "component_schemas",
     "feedback_request_model",
     "validated",
@@ -179,6 +183,35 @@ class Info(BaseModel):
     )
 
 
+Text = Annotated[str, Field(min_length=1)]
+
+
+class TeiRerankRequest(BaseModel):
+    """text-embeddings-inference's ``/rerank`` body: each text scored as the pair ``(query, text)``."""
+
+    model_config = ConfigDict(extra="forbid")
+    MUST: ClassVar[dict[str, str]] = {
+        "query": "a string",
+        "texts": "a list of strings",
+        "raw_scores": "true or false",
+        "return_text": "true or false",
+        "truncate": "true or false",
+        "truncation_direction": '"Left" or "Right"',
+    }
+
+    query: Text
+    texts: list[Text] = Field(min_length=1)
+    raw_scores: StrictBool = False
+    return_text: StrictBool = False
+    truncate: StrictBool = False
+    truncation_direction: Literal["Left", "Right"] = "Right"
+
+    @property
+    def sequences(self) -> list[tuple[str, str]]:
+        """``(query, text)`` per text, what the model reads."""
+        return [(self.query, text) for text in self.texts]
+
+
 class _FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -220,22 +253,63 @@ ANSWERS = [
 ]
 
 
-def validated(model: type[BaseModel], raw: bytes, send: str) -> BaseModel:
+#: refusals of a wrong value that answer 400 "Empty" rather than 422: an empty text or list
+_EMPTY = {
+    "string_too_short": "an empty text; send at least one character",
+    "too_short": "an empty list; send at least one item",
+}
+
+
+def _where(loc: tuple) -> str:
+    """``("texts", 0)`` -> ``texts[0]``."""
+    parts = [str(loc[0])] if loc else []
+    parts += [f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc[1:]]
+    return "".join(parts) or "the body"
+
+
+def validated(model: type[BaseModel], raw: bytes, send: str, route: str = "this route") -> BaseModel:
     """``raw`` read as JSON (400 saying to ``send`` the route's shape when it is not) and validated by
-    ``model``; 422 naming each field that is wrong and why."""
-    body = read_json(raw, send)
+    ``model``. A :class:`pydantic.ValidationError` becomes one refusal, the first the body shows in the
+    order of the model's fields: unknown fields 422, naming what ``route`` takes; an empty text or list
+    400 ``"Empty"``; a wrong value 422, saying what the field must be (``model.MUST[field]``, else
+    pydantic's words)."""
+    return checked(model, read_json(raw, send), send, route)
+
+
+def checked(model: type[BaseModel], body, send: str, route: str = "this route") -> BaseModel:
+    """:func:`validated` of a body already read as JSON."""
     try:
         return model.model_validate(body)
     except ValidationError as error:
-        clauses = []
-        for problem in error.errors(include_url=False):
-            where = ".".join(str(part) for part in problem["loc"]) or "the body"
-            if problem["type"] == "extra_forbidden":
-                clauses.append(f"unknown field {where}")
-            else:
-                clauses.append(f"{where}: {problem['msg']}")
-        takes = ", ".join(model.model_fields)
-        raise RequestError(422, "Validation", f"{'; '.join(clauses)} (the body takes {takes}; send {send})") from None
+        raise _refusal(model, error.errors(include_url=False), send, route) from None
+
+
+def _refusal(model: type[BaseModel], problems: list[dict], send: str, route: str) -> RequestError:
+    takes = ", ".join(model.model_fields)
+    if any(not problem["loc"] for problem in problems):  # not an object
+        return RequestError(422, "Validation", f"the body must be a JSON object: {send}")
+    unknown = [str(problem["loc"][0]) for problem in problems if problem["type"] == "extra_forbidden"]
+    if unknown:
+        return RequestError(422, "Validation", f"unknown field(s) {', '.join(unknown)}; {route} takes {takes}")
+    problem = problems[0]
+    where, field = _where(problem["loc"]), str(problem["loc"][0])
+    if problem["type"] == "string_unicode":  # JSON's escapes can carry half a UTF-16 pair
+        return RequestError(
+            400, "Validation", f"{where} holds a lone UTF-16 surrogate, which is not a character: send valid Unicode"
+        )
+    if problem["type"] in _EMPTY:
+        return RequestError(400, "Empty", f"{where} is {_EMPTY[problem['type']]}")
+    must = getattr(model, "MUST", {}).get(field)
+    if problem["type"] == "missing":
+        return RequestError(422, "Validation", f'the body must have "{field}"' + (f" ({must})" if must else ""))
+    if must is None:
+        return RequestError(422, "Validation", f"{where}: {problem['msg']}")
+    return RequestError(422, "Validation", f"{field} must be {must}, got {json.dumps(_given(problem, field))}")
+
+
+def _given(problem: dict, field: str):
+    """The value the client sent for ``field`` (where the problem is inside it, the part at fault)."""
+    return problem.get("input")
 
 
 def component_schemas(models: list[type[BaseModel]]) -> dict:

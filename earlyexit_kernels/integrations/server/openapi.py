@@ -11,7 +11,12 @@ line on it: the app's routes, ``eek serve --help`` and the documents are tested 
 
 from __future__ import annotations
 
-from earlyexit_kernels.integrations.server.bodies import ANSWERS, component_schemas, feedback_request_model
+from earlyexit_kernels.integrations.server.bodies import (
+    ANSWERS,
+    TeiRerankRequest,
+    component_schemas,
+    feedback_request_model,
+)
 from earlyexit_kernels.integrations.server.classify_schema import classify_request_schema
 from earlyexit_kernels.integrations.server.cohere_rerank_schema import (
     cohere_rerank_request_schema,
@@ -21,7 +26,6 @@ from earlyexit_kernels.integrations.server.docs_ui import ASSETS
 from earlyexit_kernels.integrations.server.inference_api_schema import INFERENCE_API_REQUEST_SCHEMA
 from earlyexit_kernels.integrations.server.predict_schema import PREDICT_REQUEST_SCHEMA
 from earlyexit_kernels.integrations.server.request_id import HEADER
-from earlyexit_kernels.integrations.server.rerank_schema import RERANK_REQUEST_SCHEMA
 
 __all__ = ["ROUTES", "openapi_document"]
 
@@ -262,10 +266,9 @@ def openapi_document(
         "paths": paths,
         "components": {
             "schemas": {
-                **component_schemas([*ANSWERS, feedback_request_model(labels or ["LABEL_0"])]),
+                **component_schemas([*ANSWERS, TeiRerankRequest, feedback_request_model(labels or ["LABEL_0"])]),
                 "PredictRequest": PREDICT_REQUEST_SCHEMA,
                 "ClassifyRequest": classify_request_schema(model_id),
-                "TeiRerankRequest": RERANK_REQUEST_SCHEMA,
                 "CohereRerankRequest": cohere_rerank_request_schema(model_id),
                 "CohereRerankV2Request": cohere_rerank_v2_request_schema(model_id, max_length),
                 "InferenceApiRequest": INFERENCE_API_REQUEST_SCHEMA,
