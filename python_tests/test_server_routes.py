@@ -314,6 +314,21 @@ def test_the_docs_page_is_swagger_ui_over_the_document_from_this_server_alone(cl
     assert missing.status_code == 404 and missing.json()["error_type"] == "NotFound"
 
 
+def test_without_swagger_ui_bundle_the_docs_page_says_how_to_install_it():
+    """In a process where the package cannot be imported (its entry in sys.modules set to None)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['swagger_ui_bundle'] = None\n"
+        "from earlyexit_kernels.integrations.server.docs_ui import assets_folder, docs_page\n"
+        "assert assets_folder() is None\n"
+        "print(docs_page('the server'))"
+    )
+    page = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert "pip install swagger-ui-bundle" in page and "openapi.json" in page and "<script" not in page
+
+
 def test_an_api_key_guards_the_new_routes_and_the_document_says_so(saved_classifier):
     model, tokenizer = load_model(saved_classifier)
     server = RunningServer(create_app(model, tokenizer, api_key="k3y"))
