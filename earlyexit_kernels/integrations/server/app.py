@@ -29,15 +29,22 @@ from __future__ import annotations
 import asyncio
 import time
 
-from earlyexit_kernels.integrations.server.bodies import TeiRerankRequest, checked, feedback_request_model, validated
+from earlyexit_kernels.integrations.server.bodies import (
+    TeiRerankRequest,
+    checked,
+    cohere_rerank_request_model,
+    cohere_rerank_v2_request_model,
+    feedback_request_model,
+    validated,
+)
 from earlyexit_kernels.integrations.server.body_limit import (
     BodyLimitMiddleware,
 )
 from earlyexit_kernels.integrations.server.classify_schema import format_classify_answer, parse_classify_request
 from earlyexit_kernels.integrations.server.cohere_rerank_schema import (
     CohereRerankRequest,
-    cohere_rerank_request_from_body,
-    cohere_rerank_v2_request_from_body,
+    cohere_request,
+    cohere_v2_request,
     format_cohere_rerank_answer,
     format_cohere_rerank_v2_answer,
 )
@@ -57,6 +64,8 @@ from earlyexit_kernels.integrations.server.serving_state import ServeSettings, S
 
 __all__ = ["create_app"]
 
+COHERE_SHAPE = '{"model": "...", "query": "...", "documents": ["...", {"text": "..."}, ...]}'
+COHERE_V2_SHAPE = '{"model": "...", "query": "...", "documents": ["...", ...]}'
 FEEDBACK_SHAPE = '{"request_id": "...", "input": 0, "label": "..."}'
 
 #: the routes that need no API key: the health check, and Swagger UI's public files
@@ -181,12 +190,15 @@ def _app(state: ServingState):
                 f"num_labels={state.num_labels}: use /predict or /classify",
             )
 
+    cohere_model = cohere_rerank_request_model(state.model_id)
+    cohere_v2_model = cohere_rerank_v2_request_model(state.model_id, state.max_length)
+
     async def rerank(request):
         def parse(raw):
             check_reranks()
             body = read_json(raw, '{"query": "...", "texts": [...]} or {"query": "...", "documents": [...]}')
             if isinstance(body, dict) and "documents" in body:
-                return cohere_rerank_request_from_body(body, state.model_id)
+                return cohere_request(checked(cohere_model, body, COHERE_SHAPE, "Cohere's rerank"), state.model_id)
             return checked(TeiRerankRequest, body, '{"query": "...", "texts": [...]}', "/rerank")
 
         def formatted(parsed, finished, costs):
@@ -206,8 +218,8 @@ def _app(state: ServingState):
     async def rerank_v2(request):
         def parse(raw):
             check_reranks()
-            body = read_json(raw, '{"model": "...", "query": "...", "documents": ["...", ...]}')
-            return cohere_rerank_v2_request_from_body(body, state.model_id, state.max_length)
+            parsed = validated(cohere_v2_model, raw, COHERE_V2_SHAPE, "Cohere's v2 rerank")
+            return cohere_v2_request(parsed, state.model_id, state.max_length)
 
         def formatted(parsed, finished, costs):
             return format_cohere_rerank_v2_answer(parsed, finished, request_id=request.state.request_id)

@@ -18,7 +18,18 @@ from __future__ import annotations
 import json
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, ValidationError, create_model
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    RootModel,
+    Strict,
+    StrictBool,
+    ValidationError,
+    WithJsonSchema,
+    create_model,
+)
 from pydantic.json_schema import models_json_schema
 
 from earlyexit_kernels.integrations.server.predict_schema import RequestError, read_json
@@ -186,6 +197,104 @@ class Info(BaseModel):
 Text = Annotated[str, Field(min_length=1)]
 
 
+def _whole(value):
+    """JSON Schema's integer: ``3.0`` is 3; a boolean is no integer (Python's ``True == 1`` aside)."""
+    if isinstance(value, bool):
+        raise ValueError("a boolean is no integer")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: an integer >= 1, as JSON writes it
+Count = Annotated[int, Strict(), Field(ge=1), BeforeValidator(_whole)]
+
+
+class CohereDocument(BaseModel):
+    """A document as an object: its ``text`` read, its other fields kept (echoed with return_documents)."""
+
+    model_config = ConfigDict(extra="allow")
+    text: Text
+
+
+class _CohereRerankRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    MUST: ClassVar[dict[str, str]] = {
+        "query": "a text",
+        "documents": 'a list of texts or of {"text": "..."} objects',
+        "documents[]": 'a text or {"text": "..."}',
+        "top_n": "an integer >= 1",
+        "return_documents": "true or false",
+        "raw_scores": "true or false",
+        "truncate": "true or false",
+        "model": "a string (the served model's name)",
+    }
+
+    query: Text
+    documents: list[Text | CohereDocument] = Field(min_length=1)
+    top_n: Count | None = Field(None, description="keep the best N (default: all)")
+    return_documents: StrictBool = False
+    raw_scores: StrictBool = Field(False, description="the logits instead of sigmoids")
+    truncate: StrictBool = False
+
+    @property
+    def sequences(self) -> list[tuple[str, str]]:
+        """``(query, document text)`` per document, what the model reads."""
+        return [(self.query, document["text"]) for document in self.document_dicts]
+
+    @property
+    def document_dicts(self) -> list[dict]:
+        """Each document as an object, as sent (a text as ``{"text": ...}``)."""
+        return [{"text": d} if isinstance(d, str) else d.model_dump() for d in self.documents]
+
+
+class _CohereRerankV2Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    MUST: ClassVar[dict[str, str]] = {
+        "query": "a text",
+        "documents": "a list of texts (Cohere's v2 rerank takes no objects)",
+        "documents[]": "a text: documents is a list of texts (Cohere's v2 rerank takes no objects)",
+        "top_n": "an integer >= 1",
+        "max_tokens_per_doc": "an integer >= 1",
+        "model": "a string (the served model's name)",
+    }
+
+    query: Text
+    documents: list[Text] = Field(min_length=1)
+    top_n: Count | None = Field(None, description="keep the best N (default: all)")
+    max_tokens_per_doc: Count | None = None
+
+
+def _named(base: type[BaseModel], name: str, model_id: str, **fields) -> type[BaseModel]:
+    """``base`` with ``model``: any text or null, documented as the served names (a name not served is
+    404, which :func:`~.served_model.check_model` says after validation)."""
+    from earlyexit_kernels.integrations.server.served_model import model_field_schema
+
+    served = Annotated[str | None, WithJsonSchema(model_field_schema(model_id))]
+    return create_model(name, __base__=base, model=(served, None), **fields)
+
+
+def cohere_rerank_request_model(model_id: str) -> type[BaseModel]:
+    """Cohere's v1 rerank body (``/rerank``, ``/v1/rerank`` with ``documents``) on a server of ``model_id``."""
+    return _named(_CohereRerankRequest, "CohereRerankRequest", model_id)
+
+
+def cohere_rerank_v2_request_model(model_id: str, max_length: int) -> type[BaseModel]:
+    """Cohere's v2 rerank body (``/v2/rerank``) on a server of ``model_id`` whose model reads ``max_length`` tokens."""
+    per_document = Annotated[
+        Count | None,
+        WithJsonSchema(
+            {
+                "type": ["integer", "null"],
+                "minimum": max_length,
+                "description": f"at least the {max_length} tokens this model reads (query and document are cut "
+                "there, as Cohere cuts them); default: Cohere's 4096",
+            }
+        ),
+    ]
+    return _named(_CohereRerankV2Request, "CohereRerankV2Request", model_id, max_tokens_per_doc=(per_document, None))
+
+
 class TeiRerankRequest(BaseModel):
     """text-embeddings-inference's ``/rerank`` body: each text scored as the pair ``(query, text)``."""
 
@@ -261,10 +370,13 @@ _EMPTY = {
 
 
 def _where(loc: tuple) -> str:
-    """``("texts", 0)`` -> ``texts[0]``."""
-    parts = [str(loc[0])] if loc else []
-    parts += [f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc[1:]]
-    return "".join(parts) or "the body"
+    """``("texts", 0)`` -> ``texts[0]``: the field and, where the problem is in one of its items, the item's
+    index (what follows names a member of a union or a field of the item, which the messages say)."""
+    if not loc:
+        return "the body"
+    if len(loc) > 1 and isinstance(loc[1], int):
+        return f"{loc[0]}[{loc[1]}]"
+    return str(loc[0])
 
 
 def validated(model: type[BaseModel], raw: bytes, send: str, route: str = "this route") -> BaseModel:
@@ -293,23 +405,33 @@ def _refusal(model: type[BaseModel], problems: list[dict], send: str, route: str
         return RequestError(422, "Validation", f"unknown field(s) {', '.join(unknown)}; {route} takes {takes}")
     problem = problems[0]
     where, field = _where(problem["loc"]), str(problem["loc"][0])
+    # an item of a union refused by every member: where one member found it empty, it is empty
+    problem = next((p for p in problems if _where(p["loc"]) == where and p["type"] in _EMPTY), problem)
     if problem["type"] == "string_unicode":  # JSON's escapes can carry half a UTF-16 pair
         return RequestError(
             400, "Validation", f"{where} holds a lone UTF-16 surrogate, which is not a character: send valid Unicode"
         )
     if problem["type"] in _EMPTY:
         return RequestError(400, "Empty", f"{where} is {_EMPTY[problem['type']]}")
-    must = getattr(model, "MUST", {}).get(field)
+    musts = getattr(model, "MUST", {})
+    if where != field and f"{field}[]" in musts:  # an item of a list
+        return RequestError(422, "Validation", f"{where} must be {musts[field + '[]']}, got {_json(problem)}")
+    must = musts.get(field)
     if problem["type"] == "missing":
-        return RequestError(422, "Validation", f'the body must have "{field}"' + (f" ({must})" if must else ""))
+        if must is None:
+            return RequestError(422, "Validation", f"the body has no {field}: send it")
+        return RequestError(422, "Validation", f"{field} must be {must}; the body has none")
     if must is None:
         return RequestError(422, "Validation", f"{where}: {problem['msg']}")
-    return RequestError(422, "Validation", f"{field} must be {must}, got {json.dumps(_given(problem, field))}")
+    return RequestError(422, "Validation", f"{field} must be {must}, got {_json(problem)}")
 
 
-def _given(problem: dict, field: str):
-    """The value the client sent for ``field`` (where the problem is inside it, the part at fault)."""
-    return problem.get("input")
+def _json(problem: dict) -> str:
+    """The value at fault, as JSON."""
+    try:
+        return json.dumps(problem.get("input"))
+    except (TypeError, ValueError):
+        return repr(problem.get("input"))
 
 
 def component_schemas(models: list[type[BaseModel]]) -> dict:

@@ -14,14 +14,12 @@ from __future__ import annotations
 from earlyexit_kernels.integrations.server.bodies import (
     ANSWERS,
     TeiRerankRequest,
+    cohere_rerank_request_model,
+    cohere_rerank_v2_request_model,
     component_schemas,
     feedback_request_model,
 )
 from earlyexit_kernels.integrations.server.classify_schema import classify_request_schema
-from earlyexit_kernels.integrations.server.cohere_rerank_schema import (
-    cohere_rerank_request_schema,
-    cohere_rerank_v2_request_schema,
-)
 from earlyexit_kernels.integrations.server.docs_ui import ASSETS
 from earlyexit_kernels.integrations.server.inference_api_schema import INFERENCE_API_REQUEST_SCHEMA
 from earlyexit_kernels.integrations.server.predict_schema import PREDICT_REQUEST_SCHEMA
@@ -266,11 +264,17 @@ def openapi_document(
         "paths": paths,
         "components": {
             "schemas": {
-                **component_schemas([*ANSWERS, TeiRerankRequest, feedback_request_model(labels or ["LABEL_0"])]),
+                **component_schemas(
+                    [
+                        *ANSWERS,
+                        TeiRerankRequest,
+                        cohere_rerank_request_model(model_id),
+                        cohere_rerank_v2_request_model(model_id, max_length),
+                        feedback_request_model(labels or ["LABEL_0"]),
+                    ]
+                ),
                 "PredictRequest": PREDICT_REQUEST_SCHEMA,
                 "ClassifyRequest": classify_request_schema(model_id),
-                "CohereRerankRequest": cohere_rerank_request_schema(model_id),
-                "CohereRerankV2Request": cohere_rerank_v2_request_schema(model_id, max_length),
                 "InferenceApiRequest": INFERENCE_API_REQUEST_SCHEMA,
             }
         },
