@@ -32,6 +32,7 @@ import time
 from earlyexit_kernels.integrations.server.bodies import (
     TeiRerankRequest,
     checked,
+    classify_request_model,
     cohere_rerank_request_model,
     cohere_rerank_v2_request_model,
     feedback_request_model,
@@ -40,7 +41,7 @@ from earlyexit_kernels.integrations.server.bodies import (
 from earlyexit_kernels.integrations.server.body_limit import (
     BodyLimitMiddleware,
 )
-from earlyexit_kernels.integrations.server.classify_schema import format_classify_answer, parse_classify_request
+from earlyexit_kernels.integrations.server.classify_schema import format_classify_answer
 from earlyexit_kernels.integrations.server.cohere_rerank_schema import (
     CohereRerankRequest,
     cohere_request,
@@ -60,10 +61,12 @@ from earlyexit_kernels.integrations.server.predict_schema import (
 )
 from earlyexit_kernels.integrations.server.request_costs import RequestCosts
 from earlyexit_kernels.integrations.server.rerank_schema import format_rerank_answer
+from earlyexit_kernels.integrations.server.served_model import check_model
 from earlyexit_kernels.integrations.server.serving_state import ServeSettings, ServingState
 
 __all__ = ["create_app"]
 
+CLASSIFY_SHAPE = '{"input": ["a text", ...]}'
 COHERE_SHAPE = '{"model": "...", "query": "...", "documents": ["...", {"text": "..."}, ...]}'
 COHERE_V2_SHAPE = '{"model": "...", "query": "...", "documents": ["...", ...]}'
 FEEDBACK_SHAPE = '{"request_id": "...", "input": 0, "label": "..."}'
@@ -166,6 +169,8 @@ def _app(state: ServingState):
 
         return await answer(request, parse_predict_request, formatted)
 
+    classify_model = classify_request_model(state.model_id)
+
     async def classify(request):
         def formatted(parsed, finished, costs):
             return format_classify_answer(
@@ -179,7 +184,12 @@ def _app(state: ServingState):
                 created=int(time.time()),
             )
 
-        return await answer(request, lambda raw: parse_classify_request(raw, state.model_id), formatted)
+        def parse(raw):
+            parsed = validated(classify_model, raw, CLASSIFY_SHAPE, "/classify")
+            check_model({"model": parsed.model}, state.model_id)
+            return parsed
+
+        return await answer(request, parse, formatted)
 
     def check_reranks():
         if state.num_labels != 1:

@@ -265,6 +265,51 @@ class _CohereRerankV2Request(BaseModel):
     max_tokens_per_doc: Count | None = None
 
 
+def _listed(value):
+    """One text as a list of one (``/classify``'s ``input``)."""
+    return [value] if isinstance(value, str) else value
+
+
+class _ClassifyRequest(BaseModel):
+    """Infinity's and vLLM's ``/classify`` body."""
+
+    model_config = ConfigDict(extra="forbid")
+    MUST: ClassVar[dict[str, str]] = {
+        "input": "a text or a list of texts",
+        "raw_scores": "true or false",
+        "truncate": "true or false",
+        "user": "a string",
+        "model": "a string (the served model's name)",
+    }
+    ITEM: ClassVar[str] = "{field} {index}"
+
+    input: Annotated[
+        list[Text],
+        BeforeValidator(_listed),
+        Field(min_length=1),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string", "minLength": 1},
+                    {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                ]
+            }
+        ),
+    ]
+    raw_scores: StrictBool = Field(False, description="the logits instead of probabilities")
+    truncate: StrictBool = False
+    user: str | None = Field(None, description="accepted and ignored")
+
+    @property
+    def sequences(self) -> list[tuple[str, None]]:
+        return [(text, None) for text in self.input]
+
+
+def classify_request_model(model_id: str) -> type[BaseModel]:
+    """``/classify``'s body on a server of ``model_id``."""
+    return _named(_ClassifyRequest, "ClassifyRequest", model_id)
+
+
 def _named(base: type[BaseModel], name: str, model_id: str, **fields) -> type[BaseModel]:
     """``base`` with ``model``: any text or null, documented as the served names (a name not served is
     404, which :func:`~.served_model.check_model` says after validation)."""
@@ -369,14 +414,14 @@ _EMPTY = {
 }
 
 
-def _where(loc: tuple) -> str:
-    """``("texts", 0)`` -> ``texts[0]``: the field and, where the problem is in one of its items, the item's
-    index (what follows names a member of a union or a field of the item, which the messages say)."""
+def _where(loc: tuple, item: str = "{field}[{index}]") -> str:
+    """``("texts", 0)`` -> ``texts[0]`` (``item``: how the model names an item): the field and, where the
+    problem is in one of its items, the item's index (the members of a union that pydantic names between
+    them, and a field of the item, are left to the messages)."""
     if not loc:
         return "the body"
-    if len(loc) > 1 and isinstance(loc[1], int):
-        return f"{loc[0]}[{loc[1]}]"
-    return str(loc[0])
+    index = next((part for part in loc[1:3] if isinstance(part, int)), None)
+    return str(loc[0]) if index is None else item.format(field=loc[0], index=index)
 
 
 def validated(model: type[BaseModel], raw: bytes, send: str, route: str = "this route") -> BaseModel:
@@ -400,27 +445,32 @@ def _refusal(model: type[BaseModel], problems: list[dict], send: str, route: str
     takes = ", ".join(model.model_fields)
     if any(not problem["loc"] for problem in problems):  # not an object
         return RequestError(422, "Validation", f"the body must be a JSON object: {send}")
+    musts = getattr(model, "MUST", {})
+    missing = [
+        str(problem["loc"][0]) for problem in problems if problem["type"] == "missing" and len(problem["loc"]) == 1
+    ]
+    if missing:
+        field = missing[0]
+        if field not in musts:
+            return RequestError(422, "Validation", f'the body has no "{field}": send it')
+        return RequestError(422, "Validation", f'{field} must be {musts[field]}; the body has no "{field}"')
     unknown = [str(problem["loc"][0]) for problem in problems if problem["type"] == "extra_forbidden"]
     if unknown:
         return RequestError(422, "Validation", f"unknown field(s) {', '.join(unknown)}; {route} takes {takes}")
+    item = getattr(model, "ITEM", "{field}[{index}]")
     problem = problems[0]
-    where, field = _where(problem["loc"]), str(problem["loc"][0])
+    where, field = _where(problem["loc"], item), str(problem["loc"][0])
     # an item of a union refused by every member: where one member found it empty, it is empty
-    problem = next((p for p in problems if _where(p["loc"]) == where and p["type"] in _EMPTY), problem)
+    problem = next((p for p in problems if _where(p["loc"], item) == where and p["type"] in _EMPTY), problem)
     if problem["type"] == "string_unicode":  # JSON's escapes can carry half a UTF-16 pair
         return RequestError(
             400, "Validation", f"{where} holds a lone UTF-16 surrogate, which is not a character: send valid Unicode"
         )
     if problem["type"] in _EMPTY:
         return RequestError(400, "Empty", f"{where} is {_EMPTY[problem['type']]}")
-    musts = getattr(model, "MUST", {})
     if where != field and f"{field}[]" in musts:  # an item of a list
         return RequestError(422, "Validation", f"{where} must be {musts[field + '[]']}, got {_json(problem)}")
     must = musts.get(field)
-    if problem["type"] == "missing":
-        if must is None:
-            return RequestError(422, "Validation", f"the body has no {field}: send it")
-        return RequestError(422, "Validation", f"{field} must be {must}; the body has none")
     if must is None:
         return RequestError(422, "Validation", f"{where}: {problem['msg']}")
     return RequestError(422, "Validation", f"{field} must be {must}, got {_json(problem)}")

@@ -16,72 +16,18 @@ one list per input, in input order, every label with its score best first, the s
 special tokens included; ``id`` is the request id (the ``x-request-id`` header). vLLM's own
 ``/classify`` answers one ``{"index", "label", "probs", "num_classes"}`` per input instead; a
 client of it reads the best label as ``data[i][0]["label"]`` here.
+
+The request's schema and validation are a pydantic model (:func:`.bodies.classify_request_model`);
+here, the answer.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-
 from earlyexit_kernels.integrations.server.predict_schema import (
-    TEXT_SCHEMA,
-    RequestError,
-    flag,
     format_answer,
-    read_json,
 )
-from earlyexit_kernels.integrations.server.served_model import check_model, model_field_schema
 
-__all__ = [
-    "ClassifyRequest",
-    "classify_request_schema",
-    "format_classify_answer",
-    "parse_classify_request",
-    "usage",
-]
-
-_FIELDS = ("model", "input", "raw_scores", "truncate", "user")
-
-
-@dataclass(frozen=True)
-class ClassifyRequest:
-    texts: list[str]
-    raw_scores: bool
-    truncate: bool
-
-    @property
-    def sequences(self) -> list[tuple[str, None]]:
-        return [(text, None) for text in self.texts]
-
-
-def parse_classify_request(raw: bytes, model_id: str) -> ClassifyRequest:
-    """The request body -> :class:`ClassifyRequest` for a server of ``model_id``; :class:`RequestError` says what is wrong."""
-    body = read_json(raw, '{"input": ["a text", ...]}')
-    if not isinstance(body, dict) or "input" not in body:
-        raise RequestError(422, "Validation", 'the body must be a JSON object with "input": a text or a list of texts')
-    unknown = sorted(set(body) - set(_FIELDS))
-    if unknown:
-        raise RequestError(
-            422, "Validation", f"unknown field(s) {', '.join(unknown)}; /classify takes {', '.join(_FIELDS)}"
-        )
-    check_model(body, model_id)
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise RequestError(422, "Validation", f"user must be a string, got {json.dumps(user)}")
-    raw_scores, truncate = flag(body, "raw_scores"), flag(body, "truncate")
-    texts = body["input"]
-    if isinstance(texts, str):
-        texts = [texts]
-    if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
-        raise RequestError(
-            422, "Validation", f"input must be a text or a list of texts, got {json.dumps(body['input'])}"
-        )
-    if not texts:
-        raise RequestError(400, "Empty", "input is an empty list; send at least one text")
-    for index, text in enumerate(texts):
-        if not text:
-            raise RequestError(400, "Empty", f"input {index} is an empty text; send at least one character")
-    return ClassifyRequest(texts, raw_scores, truncate)
+__all__ = ["format_classify_answer", "usage"]
 
 
 def usage(tokens: int) -> dict:
@@ -90,7 +36,7 @@ def usage(tokens: int) -> dict:
 
 
 def format_classify_answer(
-    request: ClassifyRequest,
+    request,
     finished: list,
     *,
     id2label: dict,
@@ -112,20 +58,4 @@ def format_classify_answer(
         "usage": usage(tokens),
         "id": request_id,
         "created": created,
-    }
-
-
-def classify_request_schema(model_id: str) -> dict:
-    """The JSON Schema of a ``/classify`` body on a server of ``model_id``."""
-    return {
-        "type": "object",
-        "required": ["input"],
-        "additionalProperties": False,
-        "properties": {
-            "model": model_field_schema(model_id),
-            "input": {"anyOf": [TEXT_SCHEMA, {"type": "array", "minItems": 1, "items": TEXT_SCHEMA}]},
-            "raw_scores": {"type": "boolean", "default": False, "description": "the logits instead of probabilities"},
-            "truncate": {"type": "boolean", "default": False},
-            "user": {"type": ["string", "null"], "description": "accepted and ignored"},
-        },
     }

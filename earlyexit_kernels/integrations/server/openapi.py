@@ -14,12 +14,12 @@ from __future__ import annotations
 from earlyexit_kernels.integrations.server.bodies import (
     ANSWERS,
     TeiRerankRequest,
+    classify_request_model,
     cohere_rerank_request_model,
     cohere_rerank_v2_request_model,
     component_schemas,
     feedback_request_model,
 )
-from earlyexit_kernels.integrations.server.classify_schema import classify_request_schema
 from earlyexit_kernels.integrations.server.docs_ui import ASSETS
 from earlyexit_kernels.integrations.server.inference_api_schema import INFERENCE_API_REQUEST_SCHEMA
 from earlyexit_kernels.integrations.server.predict_schema import PREDICT_REQUEST_SCHEMA
@@ -268,13 +268,13 @@ def openapi_document(
                     [
                         *ANSWERS,
                         TeiRerankRequest,
+                        classify_request_model(model_id),
                         cohere_rerank_request_model(model_id),
                         cohere_rerank_v2_request_model(model_id, max_length),
                         feedback_request_model(labels or ["LABEL_0"]),
                     ]
                 ),
                 "PredictRequest": PREDICT_REQUEST_SCHEMA,
-                "ClassifyRequest": classify_request_schema(model_id),
                 "InferenceApiRequest": INFERENCE_API_REQUEST_SCHEMA,
             }
         },
