@@ -1,16 +1,18 @@
-"""Bodies of the server's routes as pydantic models: their JSON Schemas in the OpenAPI document are generated
-from these, and ``POST /feedback``'s body is validated by its model.
+"""Bodies of the server's routes as pydantic models: the OpenAPI document's JSON Schemas are generated from
+these, and the requests written here are validated by them.
 
 So far: every answer (the error body, the classification and reranking routes' answers, ``/health``,
-``/info``, ``/v1/models`` and ``/models``), and the requests of ``/feedback`` and of ``/rerank`` in
-text-embeddings-inference's shape. The other requests (``/predict``, ``/classify``, Cohere's rerank
-shapes, the Inference API's) are still the hand-written schemas and parsers of the ``*_schema``
-modules, whose messages name what to change for each shape (``wrap each text in a list`` ...).
+``/info``, ``/v1/models`` and ``/models``), and the requests of ``/classify``, ``/rerank`` (TEI's and
+Cohere's shapes), ``/v2/rerank`` and ``/feedback``. The requests of ``/predict`` and of ``/`` (the
+Inference API's) are still the hand-written schemas and parsers of :mod:`.predict_schema` and
+:mod:`.inference_api_schema`, whose messages name what to change in shapes a union cannot say
+(``wrap each text in a list`` ...).
 
 :func:`validated` reads a body as the hand-written parsers do (400 for a body that is not JSON) and
-validates it with a model; a :class:`pydantic.ValidationError` becomes the server's 422
-``{"error", "error_type": "Validation"}`` (400 ``"Empty"`` for an empty text or list), in the words
-the hand-written parsers use.
+validates it with a model; a :class:`pydantic.ValidationError` becomes one refusal in the words the
+hand-written parsers used: a missing field, then unknown fields, 422; an empty text or list 400
+``"Empty"``; a lone UTF-16 surrogate 400; a wrong value 422 saying what the field must be (the
+model's ``MUST``), its item named as the route names it (``ITEM``: ``documents[0]``, ``input 1``).
 """
 
 from __future__ import annotations
