@@ -9,11 +9,7 @@ swagger-ui-bundle (``/docs``; the server works without it)
 """
 
 from earlyexit_kernels.integrations.server.app import create_app
-from earlyexit_kernels.integrations.server.predict_schema import (
-    PredictRequest,
-    RequestError,
-    format_answer,
-    parse_predict_request,
-)
+from earlyexit_kernels.integrations.server.bodies import PredictRequest, parse_predict_request
+from earlyexit_kernels.integrations.server.predict_schema import RequestError, format_answer
 
 __all__ = ["PredictRequest", "RequestError", "create_app", "format_answer", "parse_predict_request"]

@@ -36,6 +36,7 @@ from earlyexit_kernels.integrations.server.bodies import (
     cohere_rerank_request_model,
     cohere_rerank_v2_request_model,
     feedback_request_model,
+    parse_predict_request,
     validated,
 )
 from earlyexit_kernels.integrations.server.body_limit import (
@@ -56,7 +57,6 @@ from earlyexit_kernels.integrations.server.inference_api_schema import (
 from earlyexit_kernels.integrations.server.predict_schema import (
     RequestError,
     format_answer,
-    parse_predict_request,
     read_json,
 )
 from earlyexit_kernels.integrations.server.request_costs import RequestCosts

@@ -2,11 +2,11 @@
 these, and the requests written here are validated by them.
 
 So far: every answer (the error body, the classification and reranking routes' answers, ``/health``,
-``/info``, ``/v1/models`` and ``/models``), and the requests of ``/classify``, ``/rerank`` (TEI's and
-Cohere's shapes), ``/v2/rerank`` and ``/feedback``. The requests of ``/predict`` and of ``/`` (the
-Inference API's) are still the hand-written schemas and parsers of :mod:`.predict_schema` and
-:mod:`.inference_api_schema`, whose messages name what to change in shapes a union cannot say
-(``wrap each text in a list`` ...).
+``/info``, ``/v1/models`` and ``/models``), and the requests of ``/predict`` (its ``inputs``, a union
+of shapes, read by :func:`.predict_schema.predict_inputs`, whose messages say what to change in each
+shape), ``/classify``, ``/rerank`` (TEI's and Cohere's shapes), ``/v2/rerank`` and ``/feedback``. The
+request of ``/`` (the Inference API's) is still the hand-written schema and parser of
+:mod:`.inference_api_schema`.
 
 :func:`validated` reads a body as the hand-written parsers do (400 for a body that is not JSON) and
 validates it with a model; a :class:`pydantic.ValidationError` becomes one refusal in the words the
@@ -33,8 +33,9 @@ from pydantic import (
     create_model,
 )
 from pydantic.json_schema import models_json_schema
+from pydantic_core import PydanticCustomError
 
-from earlyexit_kernels.integrations.server.predict_schema import RequestError, read_json
+from earlyexit_kernels.integrations.server.predict_schema import INPUTS_SCHEMA, RequestError, predict_inputs, read_json
 
 __all__ = [
     "ANSWERS",
@@ -49,10 +50,12 @@ __all__ = [
     "InfinityModels",
     "Models",
     "PredictAnswer",
+    "PredictRequest",
     "TeiRerankAnswer",
     "TeiRerankRequest",
     "component_schemas",
     "feedback_request_model",
+    "parse_predict_request",
     "validated",
 ]
 
@@ -267,6 +270,54 @@ class _CohereRerankV2Request(BaseModel):
     max_tokens_per_doc: Count | None = None
 
 
+def _refused(check):
+    """``check`` as a validator: its :class:`RequestError` passed through pydantic as it is (status, kind, words)."""
+
+    def validator(value):
+        try:
+            return check(value)
+        except RequestError as error:
+            raise PydanticCustomError(
+                "eek_refusal",
+                "{message}",
+                {"message": error.message, "status": error.status, "kind": error.error_type},
+            ) from None
+
+    return validator
+
+
+class PredictRequest(BaseModel):
+    """text-embeddings-inference's ``/predict`` body."""
+
+    model_config = ConfigDict(extra="forbid")
+    MUST: ClassVar[dict[str, str]] = {
+        "inputs": 'a text "...", a pair ["...", "..."], or a batch [["..."], ["...", "..."], ...]',
+        "truncate": "true or false",
+        "raw_scores": "true or false",
+        "truncation_direction": '"Left" or "Right"',
+    }
+
+    inputs: Annotated[object, BeforeValidator(_refused(predict_inputs)), WithJsonSchema(INPUTS_SCHEMA)]
+    truncate: StrictBool = False
+    raw_scores: StrictBool = False
+    truncation_direction: Literal["Left", "Right"] = "Right"
+
+    @property
+    def sequences(self) -> list[tuple[str, str | None]]:
+        """(text, second text or None) per input."""
+        return self.inputs[0]
+
+    @property
+    def batched(self) -> bool:
+        """Whether the answer is a list of lists (a batch)."""
+        return self.inputs[1]
+
+
+def parse_predict_request(raw: bytes) -> PredictRequest:
+    """``/predict``'s body -> :class:`PredictRequest`; :class:`RequestError` says what is wrong."""
+    return validated(PredictRequest, raw, '{"inputs": ...}', "/predict")
+
+
 def _listed(value):
     """One text as a list of one (``/classify``'s ``input``)."""
     return [value] if isinstance(value, str) else value
@@ -447,6 +498,7 @@ def _refusal(model: type[BaseModel], problems: list[dict], send: str, route: str
     takes = ", ".join(model.model_fields)
     if any(not problem["loc"] for problem in problems):  # not an object
         return RequestError(422, "Validation", f"the body must be a JSON object: {send}")
+    refused = next((problem for problem in problems if problem["type"] == "eek_refusal"), None)
     musts = getattr(model, "MUST", {})
     missing = [
         str(problem["loc"][0]) for problem in problems if problem["type"] == "missing" and len(problem["loc"]) == 1
@@ -459,6 +511,9 @@ def _refusal(model: type[BaseModel], problems: list[dict], send: str, route: str
     unknown = [str(problem["loc"][0]) for problem in problems if problem["type"] == "extra_forbidden"]
     if unknown:
         return RequestError(422, "Validation", f"unknown field(s) {', '.join(unknown)}; {route} takes {takes}")
+    if refused is not None and refused is problems[0]:
+        context = refused["ctx"]
+        return RequestError(context["status"], context["kind"], context["message"])
     item = getattr(model, "ITEM", "{field}[{index}]")
     problem = problems[0]
     where, field = _where(problem["loc"], item), str(problem["loc"][0])

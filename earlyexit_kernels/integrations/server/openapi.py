@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from earlyexit_kernels.integrations.server.bodies import (
     ANSWERS,
+    PredictRequest,
     TeiRerankRequest,
     classify_request_model,
     cohere_rerank_request_model,
@@ -22,7 +23,6 @@ from earlyexit_kernels.integrations.server.bodies import (
 )
 from earlyexit_kernels.integrations.server.docs_ui import ASSETS
 from earlyexit_kernels.integrations.server.inference_api_schema import INFERENCE_API_REQUEST_SCHEMA
-from earlyexit_kernels.integrations.server.predict_schema import PREDICT_REQUEST_SCHEMA
 from earlyexit_kernels.integrations.server.request_id import HEADER
 
 __all__ = ["ROUTES", "openapi_document"]
@@ -267,6 +267,7 @@ def openapi_document(
                 **component_schemas(
                     [
                         *ANSWERS,
+                        PredictRequest,
                         TeiRerankRequest,
                         classify_request_model(model_id),
                         cohere_rerank_request_model(model_id),
@@ -274,7 +275,6 @@ def openapi_document(
                         feedback_request_model(labels or ["LABEL_0"]),
                     ]
                 ),
-                "PredictRequest": PREDICT_REQUEST_SCHEMA,
                 "InferenceApiRequest": INFERENCE_API_REQUEST_SCHEMA,
             }
         },

@@ -18,28 +18,25 @@ Errors are ``{"error": message, "error_type": kind}`` with the status codes of
 text-embeddings-inference: 400 (malformed JSON, empty input), 422 (a wrong shape), 413
 (too long without ``truncate``, too many inputs), 429 (queue full), 503 (shutting down).
 
-The request's JSON Schema (``PREDICT_REQUEST_SCHEMA``) sits beside the parser that enforces it; the
-answer's and the error body's are generated from :mod:`.bodies`' models (``PredictAnswer``, ``Error``).
+The request is :class:`.bodies.PredictRequest` (a pydantic model: its schema and validation), its
+``inputs`` read by :func:`predict_inputs`, whose messages say what to change in each shape; the answer's
+and the error body's schemas are generated from :mod:`.bodies`' models (``PredictAnswer``, ``Error``).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import torch
 
 __all__ = [
-    "PREDICT_REQUEST_SCHEMA",
+    "INPUTS_SCHEMA",
     "TEXT_SCHEMA",
-    "PredictRequest",
     "RequestError",
     "count",
-    "flag",
     "format_answer",
-    "parse_predict_request",
+    "predict_inputs",
     "read_json",
-    "truncation_direction",
 ]
 
 
@@ -56,7 +53,6 @@ class RequestError(Exception):
 
 #: a text the model reads: at least one character
 TEXT_SCHEMA = {"type": "string", "minLength": 1}
-_FLAG = {"type": "boolean", "default": False}
 _ONE_OR_TWO_TEXTS = {
     "type": "array",
     "prefixItems": [TEXT_SCHEMA, {"type": "string"}],
@@ -64,24 +60,15 @@ _ONE_OR_TWO_TEXTS = {
     "maxItems": 2,
     "description": "one text, or a pair of two texts read as one input",
 }
-PREDICT_REQUEST_SCHEMA = {
-    "type": "object",
-    "required": ["inputs"],
-    "additionalProperties": False,
-    "properties": {
-        "inputs": {
-            "anyOf": [
-                TEXT_SCHEMA,
-                _ONE_OR_TWO_TEXTS,
-                {"type": "array", "minItems": 1, "items": _ONE_OR_TWO_TEXTS, "description": "a batch"},
-            ],
-            "description": 'a text, a pair ["a", "b"] (two strings are one pair, not a batch of two), '
-            'or a batch [["a"], ["b", "c"]]',
-        },
-        "truncate": _FLAG,
-        "raw_scores": _FLAG,
-        "truncation_direction": {"enum": ["Left", "Right"], "default": "Right"},
-    },
+#: ``inputs``' JSON Schema (a union JSON Schema states and pydantic's types do not: a pair is not a batch)
+INPUTS_SCHEMA = {
+    "anyOf": [
+        TEXT_SCHEMA,
+        _ONE_OR_TWO_TEXTS,
+        {"type": "array", "minItems": 1, "items": _ONE_OR_TWO_TEXTS, "description": "a batch"},
+    ],
+    "description": 'a text, a pair ["a", "b"] (two strings are one pair, not a batch of two), '
+    'or a batch [["a"], ["b", "c"]]',
 }
 
 
@@ -95,37 +82,14 @@ def read_json(raw: bytes, send: str):
         raise RequestError(400, "Validation", f"the body nests too deeply to read; send {send}") from None
 
 
-@dataclass(frozen=True)
-class PredictRequest:
-    """``sequences``: (text, second text or None) per input. ``batched``: the answer is a list of lists."""
-
-    sequences: list[tuple[str, str | None]]
-    batched: bool
-    truncate: bool
-    raw_scores: bool
-    truncation_direction: str = "Right"
-
-
 _SHAPES = 'a text "...", a pair ["...", "..."], or a batch [["..."], ["...", "..."], ...]'
 
 
-def parse_predict_request(raw: bytes) -> PredictRequest:
-    """The request body -> :class:`PredictRequest`; :class:`RequestError` says what is wrong."""
-    body = read_json(raw, '{"inputs": ...}')
-    if not isinstance(body, dict) or "inputs" not in body:
-        raise RequestError(422, "Validation", f'the body must be a JSON object with "inputs": {_SHAPES}')
-    unknown = sorted(set(body) - {"inputs", "truncate", "raw_scores", "truncation_direction"})
-    if unknown:
-        raise RequestError(
-            422,
-            "Validation",
-            f"unknown field(s) {', '.join(unknown)}; /predict takes inputs, truncate, truncation_direction, raw_scores",
-        )
-    truncate, raw_scores = flag(body, "truncate"), flag(body, "raw_scores")
-    direction = truncation_direction(body)
-    inputs = body["inputs"]
+def predict_inputs(inputs) -> tuple[list[tuple[str, str | None]], bool]:
+    """``/predict``'s ``inputs`` -> (text, second text or None) per input, and whether it is a batch (the answer a
+    list of lists); :class:`RequestError` says what is wrong with the shape."""
     if isinstance(inputs, str):
-        return PredictRequest([_sequence([inputs], 0)], False, truncate, raw_scores, direction)
+        return [_sequence([inputs], 0)], False
     if not isinstance(inputs, list):
         raise RequestError(422, "Validation", f"inputs must be {_SHAPES}; got {type(inputs).__name__}")
     if not inputs:
@@ -138,7 +102,7 @@ def parse_predict_request(raw: bytes) -> PredictRequest:
                 f"inputs is a list of {len(inputs)} strings; a pair has 2. For a batch, wrap each "
                 f'text in a list: [["text 1"], ["text 2"], ...]',
             )
-        return PredictRequest([_sequence(inputs, 0)], False, truncate, raw_scores, direction)
+        return [_sequence(inputs, 0)], False
     sequences = []
     for index, item in enumerate(inputs):
         if not isinstance(item, list):
@@ -146,25 +110,7 @@ def parse_predict_request(raw: bytes) -> PredictRequest:
                 422, "Validation", f"inputs[{index}] must be a list of one or two strings in a batch ({_SHAPES})"
             )
         sequences.append(_sequence(item, index))
-    return PredictRequest(sequences, True, truncate, raw_scores, direction)
-
-
-def truncation_direction(body: dict) -> str:
-    """``"Right"`` (cut a long text's end, the default) or ``"Left"`` (its start), as text-embeddings-inference."""
-    direction = body.get("truncation_direction", "Right")
-    if direction not in ("Left", "Right"):
-        raise RequestError(
-            422, "Validation", f'truncation_direction must be "Left" or "Right", got {json.dumps(direction)}'
-        )
-    return direction
-
-
-def flag(body: dict, name: str) -> bool:
-    """The boolean field ``name`` of ``body`` (False when absent); 422 when it is not a boolean."""
-    value = body.get(name, False)
-    if not isinstance(value, bool):
-        raise RequestError(422, "Validation", f"{name} must be true or false, got {json.dumps(value)}")
-    return value
+    return sequences, True
 
 
 def count(body: dict, name: str) -> int | None:
