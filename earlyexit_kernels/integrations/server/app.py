@@ -30,6 +30,7 @@ import asyncio
 import time
 
 from earlyexit_kernels.integrations.server.bodies import (
+    InferenceApiRequest,
     TeiRerankRequest,
     checked,
     classify_request_model,
@@ -50,10 +51,7 @@ from earlyexit_kernels.integrations.server.cohere_rerank_schema import (
     format_cohere_rerank_answer,
     format_cohere_rerank_v2_answer,
 )
-from earlyexit_kernels.integrations.server.inference_api_schema import (
-    format_inference_api_answer,
-    parse_inference_api_request,
-)
+from earlyexit_kernels.integrations.server.inference_api_schema import format_inference_api_answer
 from earlyexit_kernels.integrations.server.predict_schema import (
     RequestError,
     format_answer,
@@ -240,7 +238,9 @@ def _app(state: ServingState):
         def formatted(parsed, finished, costs):
             return format_inference_api_answer(parsed, finished, state.id2label, state.multi_label)
 
-        return await answer(request, parse_inference_api_request, formatted)
+        return await answer(
+            request, lambda raw: validated(InferenceApiRequest, raw, '{"inputs": "..."}', "/"), formatted
+        )
 
     feedback_model = feedback_request_model(state.labels)
 

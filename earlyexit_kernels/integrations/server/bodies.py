@@ -1,18 +1,19 @@
 """Bodies of the server's routes as pydantic models: the OpenAPI document's JSON Schemas are generated from
-these, and the requests written here are validated by them.
+these, and every request is validated by its model.
 
-So far: every answer (the error body, the classification and reranking routes' answers, ``/health``,
-``/info``, ``/v1/models`` and ``/models``), and the requests of ``/predict`` (its ``inputs``, a union
-of shapes, read by :func:`.predict_schema.predict_inputs`, whose messages say what to change in each
-shape), ``/classify``, ``/rerank`` (TEI's and Cohere's shapes), ``/v2/rerank`` and ``/feedback``. The
-request of ``/`` (the Inference API's) is still the hand-written schema and parser of
-:mod:`.inference_api_schema`.
+Every answer (the error body, the classification and reranking routes' answers, ``/health``, ``/info``,
+``/v1/models``, ``/models``, ``/feedback``'s) and every request (``/predict``, ``/classify``,
+``/rerank`` in TEI's and Cohere's shapes, ``/v2/rerank``, ``/``, ``/feedback``). Where a field is a
+union of shapes that JSON Schema states and pydantic's types do not (``/predict``'s and ``/``'s
+``inputs``), a function reads it inside the model (:func:`.predict_schema.predict_inputs`,
+:func:`.inference_api_schema.inference_inputs`), its messages saying what to change in each shape
+(``wrap each text in a list`` ...) passed through as they are.
 
-:func:`validated` reads a body as the hand-written parsers do (400 for a body that is not JSON) and
-validates it with a model; a :class:`pydantic.ValidationError` becomes one refusal in the words the
-hand-written parsers used: a missing field, then unknown fields, 422; an empty text or list 400
-``"Empty"``; a lone UTF-16 surrogate 400; a wrong value 422 saying what the field must be (the
-model's ``MUST``), its item named as the route names it (``ITEM``: ``documents[0]``, ``input 1``).
+:func:`validated` reads a body as JSON (400 for a body that is not) and validates it with a model; a
+:class:`pydantic.ValidationError` becomes one refusal in the words the hand-written parsers used: a
+missing field, then unknown fields, 422; an empty text or list 400 ``"Empty"``; a lone UTF-16
+surrogate 400; a wrong value 422 saying what the field must be (the model's ``MUST``), an item named as
+the route names it (``ITEM``: ``documents[0]``, ``input 1``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ from pydantic import (
 from pydantic.json_schema import models_json_schema
 from pydantic_core import PydanticCustomError
 
+from earlyexit_kernels.integrations.server.inference_api_schema import (
+    INFERENCE_INPUTS_SCHEMA,
+    inference_inputs,
+    inference_parameters,
+)
 from earlyexit_kernels.integrations.server.predict_schema import INPUTS_SCHEMA, RequestError, predict_inputs, read_json
 
 __all__ = [
@@ -47,6 +53,8 @@ __all__ = [
     "Health",
     "Info",
     "InferenceApiAnswer",
+    "InferenceApiRequest",
+    "InferenceParameters",
     "InfinityModels",
     "Models",
     "PredictAnswer",
@@ -316,6 +324,59 @@ class PredictRequest(BaseModel):
 def parse_predict_request(raw: bytes) -> PredictRequest:
     """``/predict``'s body -> :class:`PredictRequest`; :class:`RequestError` says what is wrong."""
     return validated(PredictRequest, raw, '{"inputs": ...}', "/predict")
+
+
+class InferenceParameters(BaseModel):
+    """The Inference API's text classification ``parameters``."""
+
+    model_config = ConfigDict(extra="forbid")
+    MUST: ClassVar[dict[str, str]] = {
+        "function_to_apply": '"softmax", "sigmoid", "none" or null',
+        "top_k": "an integer >= 1",
+        "truncation": "true or false",
+    }
+
+    function_to_apply: Literal["softmax", "sigmoid", "none"] | None = Field(
+        None, description="default: the model's own"
+    )
+    top_k: Count | None = Field(None, description="default: every label")
+    truncation: StrictBool = False
+
+
+def _parameters(value):
+    """``parameters`` checked by their own model, so that a refusal names the parameter."""
+    return checked(InferenceParameters, inference_parameters(value), "parameters: {...} or null", "parameters")
+
+
+class InferenceApiRequest(BaseModel):
+    """What ``huggingface_hub.InferenceClient(base_url=...).text_classification`` sends to ``/``."""
+
+    model_config = ConfigDict(extra="forbid")
+    MUST: ClassVar[dict[str, str]] = {"inputs": "a text or a list of texts", "parameters": "a JSON object"}
+
+    inputs: Annotated[object, BeforeValidator(_refused(inference_inputs)), WithJsonSchema(INFERENCE_INPUTS_SCHEMA)]
+    parameters: Annotated[
+        InferenceParameters | None,
+        BeforeValidator(_refused(_parameters)),
+        WithJsonSchema({"anyOf": [{"$ref": "#/components/schemas/InferenceParameters"}, {"type": "null"}]}),
+    ] = None
+    options: object = Field(None, description="accepted and ignored (the Inference API's wait_for_model, use_cache)")
+
+    @property
+    def sequences(self) -> list[tuple[str, str | None]]:
+        return self.inputs
+
+    @property
+    def function_to_apply(self) -> str | None:
+        return None if self.parameters is None else self.parameters.function_to_apply
+
+    @property
+    def top_k(self) -> int | None:
+        return None if self.parameters is None else self.parameters.top_k
+
+    @property
+    def truncate(self) -> bool:
+        return self.parameters is not None and self.parameters.truncation
 
 
 def _listed(value):

@@ -9,27 +9,25 @@ softmax otherwise. ``top_k`` keeps the best ``k`` labels (default: every label).
 
 Answer: one list per input of ``{"label", "score"}`` (plus ``exit_layer`` and
 ``layers_run``), highest score first: ``[[...]]`` for a single text.
+
+The request's schema and validation are a pydantic model (:class:`.bodies.InferenceApiRequest`), its
+``inputs`` read by :func:`inference_inputs`; here, those and the answer.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import torch
 
-from earlyexit_kernels.integrations.server.predict_schema import (
-    TEXT_SCHEMA,
-    RequestError,
-    count,
-    read_json,
-)
+from earlyexit_kernels.integrations.server.predict_schema import TEXT_SCHEMA, RequestError
 
 __all__ = [
-    "INFERENCE_API_REQUEST_SCHEMA",
-    "InferenceApiRequest",
+    "FUNCTIONS",
+    "INFERENCE_INPUTS_SCHEMA",
     "format_inference_api_answer",
-    "parse_inference_api_request",
+    "inference_inputs",
+    "inference_parameters",
 ]
 
 FUNCTIONS = ("softmax", "sigmoid", "none")
@@ -40,74 +38,29 @@ _PAIR = {
     "additionalProperties": False,
     "properties": {"text": TEXT_SCHEMA, "text_pair": {"type": ["string", "null"]}},
 }
-INFERENCE_API_REQUEST_SCHEMA = {
-    "type": "object",
-    "required": ["inputs"],
-    "additionalProperties": False,
-    "properties": {
-        "inputs": {
-            "anyOf": [TEXT_SCHEMA, _PAIR, {"type": "array", "minItems": 1, "items": {"anyOf": [TEXT_SCHEMA, _PAIR]}}],
-            "description": 'a text, a list of texts, or {"text": "...", "text_pair": "..."}',
-        },
-        "parameters": {
-            "type": ["object", "null"],
-            "additionalProperties": False,
-            "properties": {
-                "function_to_apply": {"enum": [*FUNCTIONS, None], "description": "default: the model's own"},
-                "top_k": {"type": ["integer", "null"], "minimum": 1, "description": "default: every label"},
-                "truncation": {"type": "boolean", "default": False},
-            },
-        },
-        "options": {"description": "accepted and ignored (the Inference API's wait_for_model, use_cache)"},
-    },
+#: ``inputs``' JSON Schema
+INFERENCE_INPUTS_SCHEMA = {
+    "anyOf": [TEXT_SCHEMA, _PAIR, {"type": "array", "minItems": 1, "items": {"anyOf": [TEXT_SCHEMA, _PAIR]}}],
+    "description": 'a text, a list of texts, or {"text": "...", "text_pair": "..."}',
 }
 
 
-@dataclass(frozen=True)
-class InferenceApiRequest:
-    sequences: list[tuple[str, str | None]]
-    function_to_apply: str | None
-    top_k: int | None
-    truncate: bool
-
-
-def parse_inference_api_request(raw: bytes) -> InferenceApiRequest:
-    """The request body -> :class:`InferenceApiRequest`; :class:`RequestError` says what is wrong."""
-    body = read_json(raw, '{"inputs": "..."}')
-    if not isinstance(body, dict) or "inputs" not in body:
-        raise RequestError(
-            422, "Validation", 'the body must be a JSON object with "inputs" (a text or a list of texts)'
-        )
-    unknown = sorted(set(body) - {"inputs", "parameters", "options"})
-    if unknown:
-        raise RequestError(422, "Validation", f"unknown field(s) {', '.join(unknown)}; / takes inputs and parameters")
-    parameters = body.get("parameters")
-    if parameters is None:
-        parameters = {}
-    if not isinstance(parameters, dict):
-        raise RequestError(422, "Validation", f"parameters must be a JSON object, got {json.dumps(parameters)}")
-    unknown = sorted(set(parameters) - {"function_to_apply", "top_k", "truncation"})
-    if unknown:
-        raise RequestError(
-            422,
-            "Validation",
-            f"unknown parameter(s) {', '.join(unknown)}; text classification takes function_to_apply, top_k",
-        )
-    function = parameters.get("function_to_apply")
-    if function is not None and function not in FUNCTIONS:
-        raise RequestError(
-            422, "Validation", f"function_to_apply must be one of {', '.join(FUNCTIONS)}, got {json.dumps(function)}"
-        )
-    top_k = count(parameters, "top_k")
-    truncate = parameters.get("truncation", False)
-    if not isinstance(truncate, bool):
-        raise RequestError(422, "Validation", f"truncation must be true or false, got {json.dumps(truncate)}")
-    inputs = body["inputs"]
+def inference_inputs(inputs) -> list[tuple[str, str | None]]:
+    """The Inference API's ``inputs`` -> (text, second text or None) per input; :class:`RequestError` says
+    what is wrong."""
     items = inputs if isinstance(inputs, list) else [inputs]
     if not items:
         raise RequestError(400, "Empty", "inputs is an empty list; send at least one text")
-    sequences = [_sequence(item, index) for index, item in enumerate(items)]
-    return InferenceApiRequest(sequences, function, top_k, truncate)
+    return [_sequence(item, index) for index, item in enumerate(items)]
+
+
+def inference_parameters(parameters) -> dict:
+    """The Inference API's ``parameters`` (null: none) checked as an object; its fields are the model's."""
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise RequestError(422, "Validation", f"parameters must be a JSON object, got {json.dumps(parameters)}")
+    return parameters
 
 
 def _sequence(item, index: int) -> tuple[str, str | None]:
@@ -129,9 +82,7 @@ def _sequence(item, index: int) -> tuple[str, str | None]:
     return text, pair or None
 
 
-def format_inference_api_answer(
-    request: InferenceApiRequest, finished: list, id2label: dict, multi_label: bool
-) -> list[list[dict]]:
+def format_inference_api_answer(request, finished: list, id2label: dict, multi_label: bool) -> list[list[dict]]:
     """One list of ``{"label", "score", "exit_layer", "layers_run"}`` per input, best first."""
     answers = []
     for done in finished:

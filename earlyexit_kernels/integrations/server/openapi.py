@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from earlyexit_kernels.integrations.server.bodies import (
     ANSWERS,
+    InferenceApiRequest,
+    InferenceParameters,
     PredictRequest,
     TeiRerankRequest,
     classify_request_model,
@@ -22,7 +24,6 @@ from earlyexit_kernels.integrations.server.bodies import (
     feedback_request_model,
 )
 from earlyexit_kernels.integrations.server.docs_ui import ASSETS
-from earlyexit_kernels.integrations.server.inference_api_schema import INFERENCE_API_REQUEST_SCHEMA
 from earlyexit_kernels.integrations.server.request_id import HEADER
 
 __all__ = ["ROUTES", "openapi_document"]
@@ -268,6 +269,8 @@ def openapi_document(
                     [
                         *ANSWERS,
                         PredictRequest,
+                        InferenceApiRequest,
+                        InferenceParameters,
                         TeiRerankRequest,
                         classify_request_model(model_id),
                         cohere_rerank_request_model(model_id),
@@ -275,7 +278,6 @@ def openapi_document(
                         feedback_request_model(labels or ["LABEL_0"]),
                     ]
                 ),
-                "InferenceApiRequest": INFERENCE_API_REQUEST_SCHEMA,
             }
         },
     }
