@@ -32,13 +32,11 @@ import time
 from earlyexit_kernels.integrations.server.bodies import (
     InferenceApiRequest,
     TeiRerankRequest,
-    checked,
     classify_request_model,
     cohere_rerank_request_model,
     cohere_rerank_v2_request_model,
     feedback_request_model,
     parse_predict_request,
-    validated,
 )
 from earlyexit_kernels.integrations.server.body_limit import (
     BodyLimitMiddleware,
@@ -61,6 +59,7 @@ from earlyexit_kernels.integrations.server.request_costs import RequestCosts
 from earlyexit_kernels.integrations.server.rerank_schema import format_rerank_answer
 from earlyexit_kernels.integrations.server.served_model import check_model
 from earlyexit_kernels.integrations.server.serving_state import ServeSettings, ServingState
+from earlyexit_kernels.integrations.server.validation import checked, validated
 
 __all__ = ["create_app"]
 

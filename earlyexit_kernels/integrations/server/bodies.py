@@ -9,16 +9,11 @@ union of shapes that JSON Schema states and pydantic's types do not (``/predict`
 :func:`.inference_api_schema.inference_inputs`), its messages saying what to change in each shape
 (``wrap each text in a list`` ...) passed through as they are.
 
-:func:`validated` reads a body as JSON (400 for a body that is not) and validates it with a model; a
-:class:`pydantic.ValidationError` becomes one refusal in the words the hand-written parsers used: a
-missing field, then unknown fields, 422; an empty text or list 400 ``"Empty"``; a lone UTF-16
-surrogate 400; a wrong value 422 saying what the field must be (the model's ``MUST``), an item named as
-the route names it (``ITEM``: ``documents[0]``, ``input 1``).
+How a refusal is worded: :mod:`.validation`.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import (
@@ -29,19 +24,17 @@ from pydantic import (
     RootModel,
     Strict,
     StrictBool,
-    ValidationError,
     WithJsonSchema,
     create_model,
 )
-from pydantic.json_schema import models_json_schema
-from pydantic_core import PydanticCustomError
 
 from earlyexit_kernels.integrations.server.inference_api_schema import (
     INFERENCE_INPUTS_SCHEMA,
     inference_inputs,
     inference_parameters,
 )
-from earlyexit_kernels.integrations.server.predict_schema import INPUTS_SCHEMA, RequestError, predict_inputs, read_json
+from earlyexit_kernels.integrations.server.predict_schema import INPUTS_SCHEMA, predict_inputs
+from earlyexit_kernels.integrations.server.validation import checked, refused_by, validated
 
 __all__ = [
     "ANSWERS",
@@ -61,10 +54,8 @@ __all__ = [
     "PredictRequest",
     "TeiRerankAnswer",
     "TeiRerankRequest",
-    "component_schemas",
     "feedback_request_model",
     "parse_predict_request",
-    "validated",
 ]
 
 
@@ -278,22 +269,6 @@ class _CohereRerankV2Request(BaseModel):
     max_tokens_per_doc: Count | None = None
 
 
-def _refused(check):
-    """``check`` as a validator: its :class:`RequestError` passed through pydantic as it is (status, kind, words)."""
-
-    def validator(value):
-        try:
-            return check(value)
-        except RequestError as error:
-            raise PydanticCustomError(
-                "eek_refusal",
-                "{message}",
-                {"message": error.message, "status": error.status, "kind": error.error_type},
-            ) from None
-
-    return validator
-
-
 class PredictRequest(BaseModel):
     """text-embeddings-inference's ``/predict`` body."""
 
@@ -305,7 +280,7 @@ class PredictRequest(BaseModel):
         "truncation_direction": '"Left" or "Right"',
     }
 
-    inputs: Annotated[object, BeforeValidator(_refused(predict_inputs)), WithJsonSchema(INPUTS_SCHEMA)]
+    inputs: Annotated[object, BeforeValidator(refused_by(predict_inputs)), WithJsonSchema(INPUTS_SCHEMA)]
     truncate: StrictBool = False
     raw_scores: StrictBool = False
     truncation_direction: Literal["Left", "Right"] = "Right"
@@ -354,10 +329,10 @@ class InferenceApiRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     MUST: ClassVar[dict[str, str]] = {"inputs": "a text or a list of texts", "parameters": "a JSON object"}
 
-    inputs: Annotated[object, BeforeValidator(_refused(inference_inputs)), WithJsonSchema(INFERENCE_INPUTS_SCHEMA)]
+    inputs: Annotated[object, BeforeValidator(refused_by(inference_inputs)), WithJsonSchema(INFERENCE_INPUTS_SCHEMA)]
     parameters: Annotated[
         InferenceParameters | None,
-        BeforeValidator(_refused(_parameters)),
+        BeforeValidator(refused_by(_parameters)),
         WithJsonSchema({"anyOf": [{"$ref": "#/components/schemas/InferenceParameters"}, {"type": "null"}]}),
     ] = None
     options: object = Field(None, description="accepted and ignored (the Inference API's wait_for_model, use_cache)")
@@ -519,92 +494,3 @@ ANSWERS = [
     InfinityModels,
     FeedbackAnswer,
 ]
-
-
-#: refusals of a wrong value that answer 400 "Empty" rather than 422: an empty text or list
-_EMPTY = {
-    "string_too_short": "an empty text; send at least one character",
-    "too_short": "an empty list; send at least one item",
-}
-
-
-def _where(loc: tuple, item: str = "{field}[{index}]") -> str:
-    """``("texts", 0)`` -> ``texts[0]`` (``item``: how the model names an item): the field and, where the
-    problem is in one of its items, the item's index (the members of a union that pydantic names between
-    them, and a field of the item, are left to the messages)."""
-    if not loc:
-        return "the body"
-    index = next((part for part in loc[1:3] if isinstance(part, int)), None)
-    return str(loc[0]) if index is None else item.format(field=loc[0], index=index)
-
-
-def validated(model: type[BaseModel], raw: bytes, send: str, route: str = "this route") -> BaseModel:
-    """``raw`` read as JSON (400 saying to ``send`` the route's shape when it is not) and validated by
-    ``model``. A :class:`pydantic.ValidationError` becomes one refusal, the first the body shows in the
-    order of the model's fields: unknown fields 422, naming what ``route`` takes; an empty text or list
-    400 ``"Empty"``; a wrong value 422, saying what the field must be (``model.MUST[field]``, else
-    pydantic's words)."""
-    return checked(model, read_json(raw, send), send, route)
-
-
-def checked(model: type[BaseModel], body, send: str, route: str = "this route") -> BaseModel:
-    """:func:`validated` of a body already read as JSON."""
-    try:
-        return model.model_validate(body)
-    except ValidationError as error:
-        raise _refusal(model, error.errors(include_url=False), send, route) from None
-
-
-def _refusal(model: type[BaseModel], problems: list[dict], send: str, route: str) -> RequestError:
-    takes = ", ".join(model.model_fields)
-    if any(not problem["loc"] for problem in problems):  # not an object
-        return RequestError(422, "Validation", f"the body must be a JSON object: {send}")
-    refused = next((problem for problem in problems if problem["type"] == "eek_refusal"), None)
-    musts = getattr(model, "MUST", {})
-    missing = [
-        str(problem["loc"][0]) for problem in problems if problem["type"] == "missing" and len(problem["loc"]) == 1
-    ]
-    if missing:
-        field = missing[0]
-        if field not in musts:
-            return RequestError(422, "Validation", f'the body has no "{field}": send it')
-        return RequestError(422, "Validation", f'{field} must be {musts[field]}; the body has no "{field}"')
-    unknown = [str(problem["loc"][0]) for problem in problems if problem["type"] == "extra_forbidden"]
-    if unknown:
-        return RequestError(422, "Validation", f"unknown field(s) {', '.join(unknown)}; {route} takes {takes}")
-    if refused is not None and refused is problems[0]:
-        context = refused["ctx"]
-        return RequestError(context["status"], context["kind"], context["message"])
-    item = getattr(model, "ITEM", "{field}[{index}]")
-    problem = problems[0]
-    where, field = _where(problem["loc"], item), str(problem["loc"][0])
-    # an item of a union refused by every member: where one member found it empty, it is empty
-    problem = next((p for p in problems if _where(p["loc"], item) == where and p["type"] in _EMPTY), problem)
-    if problem["type"] == "string_unicode":  # JSON's escapes can carry half a UTF-16 pair
-        return RequestError(
-            400, "Validation", f"{where} holds a lone UTF-16 surrogate, which is not a character: send valid Unicode"
-        )
-    if problem["type"] in _EMPTY:
-        return RequestError(400, "Empty", f"{where} is {_EMPTY[problem['type']]}")
-    if where != field and f"{field}[]" in musts:  # an item of a list
-        return RequestError(422, "Validation", f"{where} must be {musts[field + '[]']}, got {_json(problem)}")
-    must = musts.get(field)
-    if must is None:
-        return RequestError(422, "Validation", f"{where}: {problem['msg']}")
-    return RequestError(422, "Validation", f"{field} must be {must}, got {_json(problem)}")
-
-
-def _json(problem: dict) -> str:
-    """The value at fault, as JSON."""
-    try:
-        return json.dumps(problem.get("input"))
-    except (TypeError, ValueError):
-        return repr(problem.get("input"))
-
-
-def component_schemas(models: list[type[BaseModel]]) -> dict:
-    """The JSON Schemas of ``models`` and of the models they hold, by class name, as OpenAPI components."""
-    _, schemas = models_json_schema(
-        [(model, "validation") for model in models], ref_template="#/components/schemas/{model}"
-    )
-    return schemas.get("$defs", {})

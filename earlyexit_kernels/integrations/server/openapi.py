@@ -20,11 +20,11 @@ from earlyexit_kernels.integrations.server.bodies import (
     classify_request_model,
     cohere_rerank_request_model,
     cohere_rerank_v2_request_model,
-    component_schemas,
     feedback_request_model,
 )
 from earlyexit_kernels.integrations.server.docs_ui import ASSETS
 from earlyexit_kernels.integrations.server.request_id import HEADER
+from earlyexit_kernels.integrations.server.validation import component_schemas
 
 __all__ = ["ROUTES", "openapi_document"]
 
