@@ -459,7 +459,9 @@ class _FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     request_id: str = Field(min_length=1, description="the answer's x-request-id")
-    input: int = Field(0, ge=0, description="which input of that request, from 0 (a batch's position)")
+    input: Annotated[int, Strict(), Field(ge=0), BeforeValidator(_whole)] = Field(
+        0, description="which input of that request, from 0 (a batch's position)"
+    )
 
 
 def feedback_request_model(labels: list[str]) -> type[BaseModel]:
