@@ -309,7 +309,8 @@ def choose_share(
     objective = stage.objective if train_labels is not None else stage.unlabelled
     target = "accuracy" if train_labels is not None else "agreement"
     val_cache = cache_exit_inputs(probe, length_sorted_batches(validation, validation_labels, 64), progress=False)
-    cached, scores, tables, weights = None, [], [], redraws(len(validation), REDRAWS, seed)
+    cached, scores, weights = None, [], redraws(len(validation), REDRAWS, seed)
+    previous = current = None  # the candidate tables of the last two sizes: what a verdict compares
     for index, size in enumerate(sizes):
         done = 0 if cached is None else cached.num_rows
         rows = order[done:size]
@@ -331,14 +332,14 @@ def choose_share(
             seed=seed,
         )
         probe.eval()
-        tables.append(CandidateTable.of(cached_record(probe, val_cache), policy, target))
-        predicted = tables[-1].predicted(weights[:1], budget, confidence, count - size)
+        previous, current = current, CandidateTable.of(cached_record(probe, val_cache), policy, target)
+        predicted = current.predicted(weights[:1], budget, confidence, count - size)
         scores.append((size, float(predicted[0])))
         if index == 0 or index + 1 == len(sizes):
             continue  # two sizes before any verdict; the last one has no next doubling
         verdict = doubling_verdict(
-            tables[-2],
-            tables[-1],
+            previous,
+            current,
             weights,
             budget=budget,
             confidence=confidence,

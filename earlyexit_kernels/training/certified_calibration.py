@@ -327,7 +327,17 @@ def certify(
     if unlabelled is not None:
         from earlyexit_kernels.training.prediction_powered import powered_walk
 
-        powered = powered_walk(record, unlabelled, grid, losses_of, replays, budget, confidence, path_record)
+        powered = powered_walk(
+            record,
+            unlabelled,
+            grid,
+            losses_of,
+            replays,
+            budget,
+            confidence,
+            path_record,
+            lambda logits, rows: row_losses(logits, rows, "accuracy"),
+        )
     if powered is not None and powered.bounds is not None:
         last = fixed_sequence(lambda i: 0.0 if powered.bounds.bound[i] <= budget else 1.0, len(grid), 0.5)
         tested = min(last + 2, len(grid))

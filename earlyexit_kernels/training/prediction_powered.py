@@ -145,18 +145,20 @@ class PoweredWalk:
         certificate.labelled_bound = risk_upper_bound(chosen_losses, confidence)
 
 
-def powered_walk(record, unlabelled, grid, losses_of, replays, budget, confidence, path_record) -> PoweredWalk:
+def powered_walk(
+    record, unlabelled, grid, losses_of, replays, budget, confidence, path_record, row_losses
+) -> PoweredWalk:
     """The bounds of the path ``grid`` on the labelled ``record`` and the ``unlabelled`` rows (ExitRecords),
     ``losses_of(i)``: candidate ``i``'s accuracy lost per labelled row (filling ``replays[i]``). The weight
     and the choice against the labelled rows alone are made on ``path_record`` (labelled validation rows)
-    where there is one."""
+    where there is one, its losses by ``row_losses(logits, record)`` (the certificate's own)."""
     from earlyexit_kernels.training.exit_record import replay
 
     labelled, extra = record.all_logits.shape[1], unlabelled.all_logits.shape[1]
     total = labelled + extra
     weight = torch.full((len(grid),), total / (total + labelled), dtype=torch.float64)
     if path_record is not None and path_record.labels is not None:
-        weight, reason = _weigh_on(path_record, grid, budget, confidence, labelled, total)
+        weight, reason = _weigh_on(path_record, grid, budget, confidence, labelled, total, row_losses)
         if reason is not None:
             return PoweredWalk(None, extra, reason)
     nothing = torch.full((len(grid),), float("inf"), dtype=torch.float64)
@@ -176,7 +178,7 @@ def powered_walk(record, unlabelled, grid, losses_of, replays, budget, confidenc
     return PoweredWalk(parts, extra)
 
 
-def _weigh_on(path_record, grid, budget: float, confidence: float, labelled: int, total: int):
+def _weigh_on(path_record, grid, budget: float, confidence: float, labelled: int, total: int, row_losses):
     """Each candidate's weight from the validation rows, and why not to use the unlabelled rows (None: use
     them). Both certificates are computed on a draw of the validation rows as large as the calibration
     rows (``labelled`` with labels, ``total`` in all; seeded, the same rows for both), and the mean layers
@@ -185,8 +187,7 @@ def _weigh_on(path_record, grid, budget: float, confidence: float, labelled: int
     from earlyexit_kernels.training.exit_record import replay
 
     outs = [replay(candidate, path_record) for candidate in grid]
-    full_right = (path_record.all_logits[-1].float().argmax(-1) == path_record.labels).double()
-    losses = torch.stack([full_right - (out.logits.float().argmax(-1) == path_record.labels).double() for out in outs])
+    losses = torch.stack([row_losses(out.logits, path_record) for out in outs])
     predicted = torch.stack([predicted_losses(out.logits, path_record.all_logits[-1]) for out in outs])
     layers = [out.layers_run.double().mean().item() for out in outs]
     weight = powered_weights(losses, predicted, labelled, total)
