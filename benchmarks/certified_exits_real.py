@@ -25,7 +25,8 @@ certified risk (accuracy lost against the full model; the test split has labels)
 
 ``--from-folder FOLDER --backbones B --tasks T`` reads the first setting's row from a folder that
 ``eek fit PLAIN train.csv FOLDER --calibration validation.csv`` already wrote (the serving
-benchmark's, for one) instead of fitting again, and adds it to ``--output``'s runs.
+benchmark's, for one) instead of fitting again, and adds it to ``--output``'s runs;
+``--setting S --backbones B --tasks T`` measures that one row again and puts it in its place.
 """
 
 from __future__ import annotations
@@ -218,16 +219,26 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path)
     parser.add_argument("--from-json", type=Path)
     parser.add_argument("--from-folder", type=Path, help="the first setting's row from this eek fit folder")
+    parser.add_argument(
+        "--setting",
+        choices=SETTINGS,
+        help="measure this one row again (--backbones and --tasks name one each) and put it in --output's runs",
+    )
     parser.add_argument("--readme", type=Path)
     args = parser.parse_args(argv)
     if args.from_json:
         results = json.loads(args.from_json.read_text())
-    elif args.from_folder:
+    elif args.from_folder or args.setting:
         if args.output is None or not args.output.is_file():
-            raise SystemExit("error: --from-folder adds a row to --output's recorded runs; give an existing --output")
+            raise SystemExit(
+                "error: --from-folder and --setting add a row to --output's recorded runs; give an existing --output"
+            )
         results = json.loads(args.output.read_text())
         started = time.perf_counter()
-        row = run_folder(args.from_folder, args.backbones, args.tasks)
+        if args.from_folder:
+            row = run_folder(args.from_folder, args.backbones, args.tasks)
+        else:
+            row = run_one(args.backbones, args.tasks, args.setting, args.seed)
         print(json.dumps(row), flush=True)
         key = (row["backbone"], row["task"], row["setting"])
         keys = [(r["backbone"], r["task"], r["setting"]) for r in results["runs"]]
