@@ -35,8 +35,10 @@ VOCAB = 97
 ARCHITECTURES = ("bert", "albert", "roberta")
 
 
-def tiny_model(arch: str = "bert", *, num_labels: int = 3, num_layers: int = 4, attn: str = "eager", seed: int = 0):
-    """A small random sequence classifier in eval mode (hidden 32, 2 heads)."""
+def tiny_model(
+    arch: str = "bert", *, num_labels: int = 3, num_layers: int = 4, attn: str = "eager", seed: int = 0, **config
+):
+    """A small random sequence classifier in eval mode (hidden 32, 2 heads); ``config`` adds to its config."""
     torch.manual_seed(seed)
     common = dict(
         vocab_size=VOCAB,
@@ -48,6 +50,7 @@ def tiny_model(arch: str = "bert", *, num_labels: int = 3, num_layers: int = 4, 
         num_labels=num_labels,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
+        **config,
     )
     if arch == "bert":
         model = BertForSequenceClassification._from_config(BertConfig(**common), attn_implementation=attn)
@@ -200,6 +203,56 @@ def word_texts(count, seed=0, longest=30):
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(0, longest))) for _ in range(count)]
 
 
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def word_vocab(folder, words=None) -> Path:
+    """``folder/vocab.txt``: BERT's special tokens, then ``words`` (default ``WORDS``), one a line."""
+    path = Path(folder) / "vocab.txt"
+    path.write_text("\n".join([*SPECIAL, *(WORDS if words is None else words)]) + "\n")
+    return path
+
+
+def word_bert(folder, num_labels: int, *, labels: dict[int, str] | None = None, words=None, **config):
+    """A tiny random BERT classifier (eval, sdpa, seed 0) over ``words`` (default ``WORDS``) and its tokenizer.
+
+    The vocabulary is written to ``folder``; ``labels`` (id to name) sets ``id2label`` and
+    ``label2id``; ``config`` overrides the sizes (hidden 32, 4 layers, 2 heads, 64 positions).
+    """
+    from transformers import BertTokenizerFast
+
+    words = WORDS if words is None else words
+    vocab = word_vocab(folder, words)
+    torch.manual_seed(0)
+    sizes = dict(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    if labels is not None:
+        config.update(id2label=labels, label2id={v: k for k, v in labels.items()})
+    config = BertConfig(vocab_size=len(SPECIAL) + len(words), num_labels=num_labels, **{**sizes, **config})
+    model = BertForSequenceClassification._from_config(config, attn_implementation="sdpa").eval()
+    return model, BertTokenizerFast(vocab=str(vocab))
+
+
+def median_gap(values) -> float:
+    """Midway between the two distinct values around the median: a threshold on no data point."""
+    values = sorted(set(values))
+    middle = len(values) // 2
+    return (values[middle - 1] + values[middle]) / 2
+
+
+@pytest.fixture(scope="module")
+def loaded_classifier(saved_classifier):
+    """``saved_classifier``'s model and tokenizer as ``eek serve`` loads them, one copy per test module."""
+    from earlyexit_kernels.integrations.model_folder import load_model
+
+    return load_model(saved_classifier)
+
+
 @pytest.fixture(scope="session")
 def saved_classifier(tmp_path_factory):
     """A folder with a patched tiny BERT (Entropy, exits spread over its 4 layers) and its tokenizer.
@@ -207,28 +260,11 @@ def saved_classifier(tmp_path_factory):
     The heads are perturbed and the threshold lies midway between two of layer 1's
     entropies around their median on ``word_texts(300, seed=1)``.
     """
-    from transformers import BertTokenizerFast
-
     import earlyexit_kernels as eek
     from earlyexit_kernels.methods.exit_rules import entropy
 
     path = tmp_path_factory.mktemp("classifier")
-    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    torch.manual_seed(0)
-    labels = {0: "neg", 1: "neutral", 2: "pos"}
-    config = BertConfig(
-        vocab_size=5 + len(WORDS),
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=3,
-        id2label=labels,
-        label2id={v: k for k, v in labels.items()},
-    )
-    model = BertForSequenceClassification._from_config(config, attn_implementation="sdpa").eval()
-    tokenizer = BertTokenizerFast(vocab=str(path / "vocab.txt"))
+    model, tokenizer = word_bert(path, 3, labels={0: "neg", 1: "neutral", 2: "pos"})
     eek.patch(model, eek.Entropy(0.0))
     with torch.no_grad():
         model.bert.pooler.dense.weight.add_(torch.randn_like(model.bert.pooler.dense.weight) * 0.5)
@@ -238,9 +274,7 @@ def saved_classifier(tmp_path_factory):
         for text in word_texts(300, seed=1):
             out = model(**tokenizer(text, return_tensors="pt"), return_all_exits=True)
             values.add(float(entropy(out.all_logits[0, 0])))
-    values = sorted(values)
-    middle = len(values) // 2
-    eek.patch(model, eek.Entropy((values[middle - 1] + values[middle]) / 2))
+    eek.patch(model, eek.Entropy(median_gap(values)))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)

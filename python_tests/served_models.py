@@ -10,35 +10,15 @@ Random weights; the exit heads are perturbed and the thresholds put midway betwe
 of layer 1's values around their median on ``word_texts``, so that exits spread.
 """
 
+import contextlib
 import statistics
 import threading
 import time
 
 import torch
-from conftest import WORDS, word_texts
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from conftest import WORDS, median_gap, word_bert, word_texts
 
 import earlyexit_kernels as eek
-
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def word_bert(path, num_labels: int, **config):
-    """A tiny random BERT classifier (eval, sdpa) over ``WORDS`` and its tokenizer, the vocabulary written to ``path``."""
-    (path / "vocab.txt").write_text("\n".join([*SPECIAL, *WORDS]) + "\n")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(SPECIAL) + len(WORDS),
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=num_labels,
-        **config,
-    )
-    model = BertForSequenceClassification._from_config(config, attn_implementation="sdpa").eval()
-    return model, BertTokenizerFast(vocab=str(path / "vocab.txt"))
 
 
 def _perturb_heads(model, scale: float) -> None:
@@ -46,12 +26,6 @@ def _perturb_heads(model, scale: float) -> None:
         model.bert.pooler.dense.weight.add_(torch.randn_like(model.bert.pooler.dense.weight) * 0.5)
         for head in model.early_exit_heads.classifiers:
             head.weight.add_(torch.randn_like(head.weight) * scale)
-
-
-def _median_gap(values) -> float:
-    values = sorted(set(values))
-    middle = len(values) // 2
-    return (values[middle - 1] + values[middle]) / 2
 
 
 def multi_label_folder(path) -> str:
@@ -70,7 +44,7 @@ def multi_label_folder(path) -> str:
         for text in word_texts(200, seed=1):
             out = model(**tokenizer(text, return_tensors="pt"), return_all_exits=True)
             least.append(float(out.all_logits[0, 0].abs().min()))
-    margin = _median_gap(least)
+    margin = median_gap(least)
     eek.patch(model, eek.MultiLabelConfidence(1.0 / (1.0 + float(torch.exp(torch.tensor(-margin))))))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -87,7 +61,7 @@ def cross_encoder_folder(path) -> str:
         for query, text in zip(texts, reversed(texts), strict=True):
             out = model(**tokenizer(query or "w1", text or "w2", return_tensors="pt"), return_all_exits=True)
             scores.append(float(out.all_logits[0, 0, 0]))
-    eek.patch(model, eek.ScoreBand(low=_median_gap(scores)))
+    eek.patch(model, eek.ScoreBand(low=median_gap(scores)))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -124,7 +98,7 @@ def mpnet_folder(path) -> str:
             float(entropy(model(**tokenizer(t, return_tensors="pt"), return_all_exits=True).all_logits[0].float()))
             for t in word_texts(200, seed=1)
         ]
-    eek.patch(model, eek.Entropy(_median_gap(entropies)))
+    eek.patch(model, eek.Entropy(median_gap(entropies)))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -133,6 +107,18 @@ def mpnet_folder(path) -> str:
 def spread(values) -> bool:
     """More than one distinct value (exits that spread over layers)."""
     return len(set(values)) > 1 and statistics.pstdev(values) > 0
+
+
+@contextlib.contextmanager
+def serving(model, tokenizer, server=None, **options):
+    """A real server (``server``: a ``RunningServer`` subclass, by default that class) for ``create_app(model, tokenizer, **options)``."""
+    from earlyexit_kernels.integrations.server import create_app
+
+    running = (server or RunningServer)(create_app(model, tokenizer, **options))
+    try:
+        yield running
+    finally:
+        running.close()
 
 
 class RunningServer:

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, tiny_model, word_vocab
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.engine.continuous import ContinuousEngine
@@ -157,10 +157,7 @@ def _tokenizer(tmp_path):
     from transformers import BertTokenizerFast
 
     words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
-    path = tmp_path / "vocab.txt"
-    path.write_text("\n".join(vocab) + "\n")
-    return BertTokenizerFast(vocab=str(path))
+    return BertTokenizerFast(vocab=str(word_vocab(tmp_path, words)))
 
 
 def test_texts_and_text_pairs_go_through_the_tokenizer(tmp_path):

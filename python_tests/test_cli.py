@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import word_texts
+from conftest import word_bert, word_texts
 from transformers import BertTokenizerFast
 
 import earlyexit_kernels as eek
@@ -147,19 +147,12 @@ def test_a_plain_classifier_needs_a_policy(saved_classifier, tmp_path, capsys):
 
 
 def test_a_regression_head_writes_its_value_as_score(tmp_path):
-    from conftest import WORDS
-    from transformers import BertConfig, BertForSequenceClassification
 
     folder = tmp_path / "regression"
     folder.mkdir()
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=65, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_labels=1
-    )
-    model = BertForSequenceClassification(config).eval()
+    model, tokenizer = word_bert(folder, 1, hidden_size=16, num_hidden_layers=2, intermediate_size=32)
     model.save_pretrained(folder)
-    BertTokenizerFast(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     texts = word_texts(8, seed=3)
     source = _write(pd.DataFrame({"text": texts}), tmp_path / "in.parquet")
     policy = "Patience(1, regression_threshold=0.1)"

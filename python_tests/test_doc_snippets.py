@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import word_bert
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 DOCUMENTS = [REPOSITORY / "README.md", *sorted((REPOSITORY / "docs").glob("*.md"))]
@@ -46,24 +47,10 @@ def _blocks(document: Path):
 
 def _save_plain_model(folder: Path):
     """A 4-layer random BERT classifier (2 labels) and a WordPiece tokenizer, as ``save_pretrained`` writes them."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab=str(vocab))
+    model, tokenizer = word_bert(folder, 2, words=WORDS)
     tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(WORDS) + 5,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    BertForSequenceClassification(config).save_pretrained(folder)
+    model.save_pretrained(folder)
     return tokenizer
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, word_texts
+from conftest import word_bert, word_texts
 from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
 
 import earlyexit_kernels as eek
@@ -48,22 +48,9 @@ def _label_of(text: str) -> str:
 def classifier(tmp_path_factory):
     """A plain (unpatched) tiny BERT classifier folder with named labels and its tokenizer."""
     path = tmp_path_factory.mktemp("plain")
-    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=5 + len(WORDS),
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-        id2label=LABELS,
-        label2id={v: k for k, v in LABELS.items()},
-    )
-    model = BertForSequenceClassification._from_config(config, attn_implementation="sdpa").eval()
+    model, tokenizer = word_bert(path, 2, labels=LABELS)
     model.save_pretrained(path)
-    BertTokenizerFast(vocab=str(path / "vocab.txt")).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return str(path)
 
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import word_vocab
 
 datasets = pytest.importorskip("datasets")
 
@@ -17,7 +18,7 @@ def tokenizer(tmp_path_factory):
     from transformers import BertTokenizerFast
 
     folder = tmp_path_factory.mktemp("tok")
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    word_vocab(folder, WORDS)
     return BertTokenizerFast.from_pretrained(str(folder))
 
 

@@ -5,9 +5,7 @@ A fake clock drives the lines' timing; the fine-tuning's lines are checked on a 
 
 import io
 
-import torch
-from conftest import WORDS, word_texts
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from conftest import word_bert, word_texts
 
 from earlyexit_kernels.demo.progress_lines import RateLines, StageLines, duration
 from earlyexit_kernels.demo.real_task import FineTuneRecipe, Split, fine_tune
@@ -68,19 +66,7 @@ def test_rate_lines_after_the_first_steps_then_a_minute_apart_with_the_time_left
 
 
 def test_fine_tuning_writes_lines_where_asked(tmp_path, capsys):
-    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab=str(tmp_path / "vocab.txt"))
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=5 + len(WORDS),
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    model = BertForSequenceClassification(config)
+    model, tokenizer = word_bert(tmp_path, 2, hidden_size=16, num_hidden_layers=2, intermediate_size=32)
     texts = [t or "w1" for t in word_texts(96, seed=0, longest=8)]
     train = Split(texts, [i % 2 for i in range(96)])
     fine_tune(model, tokenizer, train, FineTuneRecipe(batch_size=8, max_length=16), "lines", "fine-tuning tiny")

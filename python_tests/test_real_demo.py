@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, word_texts
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from conftest import word_bert, word_texts
+from transformers import BertForSequenceClassification
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.bench import real_task_quality
@@ -40,22 +40,8 @@ def tiny_task(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     folder = cache / "minilm-rt-tiny"
     folder.mkdir(parents=True)
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    torch.manual_seed(0)
-    labels = {0: "rotten", 1: "fresh"}
-    config = BertConfig(
-        vocab_size=5 + len(WORDS),
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=2,
-        id2label=labels,
-        label2id={v: k for k, v in labels.items()},
-    )
-    BertForSequenceClassification._from_config(config, attn_implementation="sdpa").save_pretrained(folder)
-    tokenizer = BertTokenizerFast(vocab=str(folder / "vocab.txt"))
+    model, tokenizer = word_bert(folder, 2, labels={0: "rotten", 1: "fresh"}, max_position_embeddings=128)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     calls = []
 

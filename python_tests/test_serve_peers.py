@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import word_texts
-from served_models import word_bert
+from conftest import word_bert, word_texts
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.bench import infinity_peer, serve_load, serve_peers, serve_peers_report

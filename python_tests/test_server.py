@@ -12,38 +12,26 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
-from conftest import WORDS, word_texts
+from conftest import WORDS, word_bert, word_texts
 
 pytest.importorskip("starlette", reason="the server needs starlette (the serve extra)")
 uvicorn = pytest.importorskip("uvicorn", reason="the server needs uvicorn (the serve extra)")
 pytest.importorskip("prometheus_client", reason="the server needs prometheus_client")
 httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx")
 
+from served_models import RunningServer, serving  # noqa: E402
+
 import earlyexit_kernels as eek  # noqa: E402
 from earlyexit_kernels.integrations.model_folder import load_model  # noqa: E402
 from earlyexit_kernels.integrations.server import create_app  # noqa: E402
 
 
-class RunningServer:
-    """uvicorn serving ``app`` on a free port of 127.0.0.1, on a thread of this process."""
-
-    def __init__(self, app):
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.01)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+class PredictServer(RunningServer):
+    """A running server whose ``post`` sends to ``/predict`` (a JSON body, or raw text or bytes)."""
 
     def post(self, body, timeout=60):
         content = body if isinstance(body, str | bytes) else None
@@ -51,10 +39,6 @@ class RunningServer:
 
     def metric(self, name: str) -> float:
         return scrape(self.url, name)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(60)
 
 
 def scrape(url: str, name: str) -> float:
@@ -64,16 +48,9 @@ def scrape(url: str, name: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def model_and_tokenizer(saved_classifier):
-    return load_model(saved_classifier)
-
-
-@pytest.fixture(scope="module")
-def server(model_and_tokenizer):
-    model, tokenizer = model_and_tokenizer
-    running = RunningServer(create_app(model, tokenizer, model_id="tiny", max_batch_size=16))
-    yield running
-    running.close()
+def server(loaded_classifier):
+    with serving(*loaded_classifier, PredictServer, model_id="tiny", max_batch_size=16) as running:
+        yield running
 
 
 def expected_answers(model, tokenizer, inputs, **options):
@@ -93,8 +70,8 @@ def best_of(answer):
     return first["label"], first["score"], first["exit_layer"], first["layers_run"]
 
 
-def test_a_batch_of_texts_and_pairs_gets_the_answers_of_eek_classify(server, model_and_tokenizer):
-    model, tokenizer = model_and_tokenizer
+def test_a_batch_of_texts_and_pairs_gets_the_answers_of_eek_classify(server, loaded_classifier):
+    model, tokenizer = loaded_classifier
     texts = [t or "w0" for t in word_texts(30, seed=11)]
     inputs = [(t, texts[-1 - i]) if i % 3 == 0 else t for i, t in enumerate(texts)]
     body = {"inputs": [list(item) if isinstance(item, tuple) else [item] for item in inputs]}
@@ -113,8 +90,8 @@ def test_a_batch_of_texts_and_pairs_gets_the_answers_of_eek_classify(server, mod
     assert len({best_of(a)[2] for a in answers}) > 1, "exits should spread over layers for this test to mean much"
 
 
-def test_one_text_and_one_pair_get_a_flat_list_of_every_label_best_first(server, model_and_tokenizer):
-    model, tokenizer = model_and_tokenizer
+def test_one_text_and_one_pair_get_a_flat_list_of_every_label_best_first(server, loaded_classifier):
+    model, tokenizer = loaded_classifier
     for inputs, item in (("w1 w2 w3", "w1 w2 w3"), (["w4 w5", "w6"], ("w4 w5", "w6"))):
         answer = server.post({"inputs": inputs}).json()
 
@@ -125,8 +102,8 @@ def test_one_text_and_one_pair_get_a_flat_list_of_every_label_best_first(server,
         assert best_of(answer)[::2] == expected_answers(model, tokenizer, [item])[0][::2]
 
 
-def test_raw_scores_are_the_logits(server, model_and_tokenizer):
-    model, tokenizer = model_and_tokenizer
+def test_raw_scores_are_the_logits(server, loaded_classifier):
+    model, tokenizer = loaded_classifier
     answer = server.post({"inputs": "w7 w8", "raw_scores": True}).json()
     logits = next(iter(eek.classify(model, ["w7 w8"], tokenizer=tokenizer))).logits.float()
     by_label = {entry["label"]: entry["score"] for entry in answer}
@@ -134,8 +111,8 @@ def test_raw_scores_are_the_logits(server, model_and_tokenizer):
         assert by_label[name] == pytest.approx(float(logits[int(index)]), abs=1e-5)
 
 
-def test_concurrent_clients_each_get_their_own_answers(server, model_and_tokenizer):
-    model, tokenizer = model_and_tokenizer
+def test_concurrent_clients_each_get_their_own_answers(server, loaded_classifier):
+    model, tokenizer = loaded_classifier
     texts = [t or "w1" for t in word_texts(96, seed=12)]
     expected = expected_answers(model, tokenizer, texts)
 
@@ -179,8 +156,8 @@ def test_a_bad_request_gets_a_4xx_that_says_what_to_change_and_the_server_keeps_
     assert server.post({"inputs": "w1"}).status_code == 200
 
 
-def test_truncate_classifies_the_first_max_length_tokens(server, model_and_tokenizer):
-    model, tokenizer = model_and_tokenizer
+def test_truncate_classifies_the_first_max_length_tokens(server, loaded_classifier):
+    model, tokenizer = loaded_classifier
     long_text = " ".join(WORDS * 2)
 
     answer = server.post({"inputs": long_text, "truncate": True}).json()
@@ -192,8 +169,8 @@ def test_truncate_classifies_the_first_max_length_tokens(server, model_and_token
     assert best_of(answer)[::2] == want[::2]
 
 
-def test_health_and_info_describe_the_model(server, model_and_tokenizer):
-    model, _ = model_and_tokenizer
+def test_health_and_info_describe_the_model(server, loaded_classifier):
+    model, _ = loaded_classifier
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     info = httpx.get(server.url + "/info").json()
     assert info["model_type"] == "bert" and info["num_layers"] == 4
@@ -237,24 +214,19 @@ def test_metrics_hold_each_sequences_queue_and_inference_time(server):
 # (its policy never exits, so all 64 sequences leave together after the last layer).
 @pytest.fixture(scope="module")
 def slow_model_dir(tmp_path_factory):
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
     path = tmp_path_factory.mktemp("slow")
-    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=5 + len(WORDS),
+    model, tokenizer = word_bert(
+        path,
+        2,
         hidden_size=256,
         num_hidden_layers=6,
         num_attention_heads=4,
         intermediate_size=1024,
         max_position_embeddings=160,
-        num_labels=2,
     )
-    model = BertForSequenceClassification._from_config(config, attn_implementation="sdpa").eval()
     eek.patch(model, eek.Entropy(0.0))
     model.save_pretrained(path)
-    BertTokenizerFast(vocab=str(path / "vocab.txt")).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return str(path)
 
 
@@ -271,7 +243,7 @@ def wait_for(condition, timeout=30.0, what="the condition"):
 @pytest.mark.serial  # the 429 must come within 0.5 s while the engine works
 def test_a_full_queue_answers_429_at_once_and_loses_nothing_it_accepted(slow_model_dir):
     model, tokenizer = load_model(slow_model_dir)
-    server = RunningServer(create_app(model, tokenizer, max_queue=64, max_batch_size=64))
+    server = PredictServer(create_app(model, tokenizer, max_queue=64, max_batch_size=64))
     try:
         with ThreadPoolExecutor(1) as pool:
             big = pool.submit(server.post, {"inputs": [[t] for t in LONG_TEXTS]})
@@ -295,7 +267,7 @@ def test_a_full_queue_answers_429_at_once_and_loses_nothing_it_accepted(slow_mod
 
 def test_a_client_that_goes_away_has_its_sequences_dropped(slow_model_dir):
     model, tokenizer = load_model(slow_model_dir)
-    server = RunningServer(create_app(model, tokenizer, max_queue=64, max_batch_size=64))
+    server = PredictServer(create_app(model, tokenizer, max_queue=64, max_batch_size=64))
     try:
         with pytest.raises(httpx.TimeoutException):
             server.post({"inputs": [[t] for t in LONG_TEXTS]}, timeout=httpx.Timeout(10, read=0.05))
@@ -347,14 +319,14 @@ def test_sigterm_answers_the_requests_in_flight_then_exits(slow_model_dir):
 
 
 @pytest.mark.ray  # a Ray Serve deployment starts in about 30 s: make test-ray
-def test_replicas_on_ray_serve_answer_like_one_server(saved_classifier, model_and_tokenizer):
+def test_replicas_on_ray_serve_answer_like_one_server(saved_classifier, loaded_classifier):
     ray = pytest.importorskip("ray", reason="Ray Serve replicas need ray[serve]")
     serve = pytest.importorskip("ray.serve", reason="Ray Serve replicas need ray[serve]")
     import socket
 
     from earlyexit_kernels.integrations.server.ray_serve import serve_application
 
-    model, tokenizer = model_and_tokenizer
+    model, tokenizer = loaded_classifier
     texts = [t or "w2" for t in word_texts(24, seed=13)]
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -5,7 +5,7 @@ by characters before it is tokenized (:mod:`earlyexit_kernels.integrations.serve
 the cut, a text of 660,000 words (a body just under the 2,000,000-byte limit) was tokenized whole
 before its 413 or its truncated answer: about 1.5 s of tokenizing, alone, on this machine. The cut
 never changes an answer: a text the model takes whole is never refused by it, and a truncated one
-keeps the tokens the whole text's truncation keeps. Real server on 127.0.0.1; the tiny classifier
+keeps the tokens the whole text's truncation keeps. Real server on 127.0.0.1; the tiny loaded_classifier
 reads 64 tokens, so its char bound is 16,000 characters.
 """
 
@@ -22,10 +22,8 @@ pytest.importorskip("uvicorn", reason="the server needs uvicorn (the serve extra
 pytest.importorskip("prometheus_client", reason="the server needs prometheus_client")
 httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx")
 
-from served_models import RunningServer  # noqa: E402
+from served_models import serving  # noqa: E402
 
-from earlyexit_kernels.integrations.model_folder import load_model  # noqa: E402
-from earlyexit_kernels.integrations.server import create_app  # noqa: E402
 from earlyexit_kernels.integrations.server.predict_schema import RequestError  # noqa: E402
 from earlyexit_kernels.integrations.server.tokenization import CHARS_PER_TOKEN, Tokenization  # noqa: E402
 
@@ -35,16 +33,9 @@ SHORT_OF_IT = "w2 w3 " + "w1 " * 100 + "w4 w5"  # the same ends: truncated, the 
 
 
 @pytest.fixture(scope="module")
-def classifier(saved_classifier):
-    return load_model(saved_classifier)
-
-
-@pytest.fixture(scope="module")
-def server(classifier):
-    model, tokenizer = classifier
-    running = RunningServer(create_app(model, tokenizer, model_id="tiny", max_batch_size=16))
-    yield running
-    running.close()
+def server(loaded_classifier):
+    with serving(*loaded_classifier, model_id="tiny", max_batch_size=16) as running:
+        yield running
 
 
 SMALL = {"inputs": "w6 w7 w8"}
@@ -130,12 +121,12 @@ def _random_text(rng, chars: int) -> str:
 
 
 @pytest.mark.parametrize("chars_per_token", [2, 40])
-def test_the_cut_keeps_every_answer_the_whole_text_gives(classifier, chars_per_token):
+def test_the_cut_keeps_every_answer_the_whole_text_gives(loaded_classifier, chars_per_token):
     """Random texts around the bound (2 characters a token: one cut of 128 characters; 40: cuts of
     512, 2,048 and 2,560): the cut's encoding is the whole text's, truncated or not, either side,
     alone or in a pair with a short text; refused without truncation exactly where the whole text
     has more than 64 tokens."""
-    _, tokenizer = classifier
+    _, tokenizer = loaded_classifier
     cutting = Tokenization(tokenizer, 64, chars_per_token=chars_per_token)
     whole = Tokenization(tokenizer, 64, chars_per_token=10**9)
     whole.first_chars = whole.max_chars  # never cuts

@@ -10,7 +10,7 @@ classifies against the server.
 import pytest
 import torch
 from conftest import WORDS, word_texts
-from served_models import RunningServer, cross_encoder_folder, multi_label_folder, spread
+from served_models import cross_encoder_folder, multi_label_folder, serving, spread
 
 pytest.importorskip("starlette", reason="the server needs starlette (the serve extra)")
 pytest.importorskip("uvicorn", reason="the server needs uvicorn (the serve extra)")
@@ -19,41 +19,29 @@ httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx")
 
 import earlyexit_kernels as eek  # noqa: E402
 from earlyexit_kernels.integrations.model_folder import load_model  # noqa: E402
-from earlyexit_kernels.integrations.server import create_app  # noqa: E402
 
 KEY = "s3cret-key"
 TIMING_HEADERS = ("x-total-time", "x-tokenization-time", "x-queue-time", "x-inference-time")
 
 
 @pytest.fixture(scope="module")
-def classifier(saved_classifier):
-    return load_model(saved_classifier)
-
-
-@pytest.fixture(scope="module")
-def guarded_server(classifier):
-    model, tokenizer = classifier
-    running = RunningServer(
-        create_app(model, tokenizer, max_batch_size=4, max_length=16, max_client_batch_size=10, api_key=KEY)
-    )
-    yield running
-    running.close()
+def guarded_server(loaded_classifier):
+    with serving(*loaded_classifier, max_batch_size=4, max_length=16, max_client_batch_size=10, api_key=KEY) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def multi_label(tmp_path_factory):
     model, tokenizer = load_model(multi_label_folder(tmp_path_factory.mktemp("multi_label")))
-    running = RunningServer(create_app(model, tokenizer))
-    yield model, tokenizer, running
-    running.close()
+    with serving(model, tokenizer) as running:
+        yield model, tokenizer, running
 
 
 @pytest.fixture(scope="module")
 def reranker(tmp_path_factory):
     model, tokenizer = load_model(cross_encoder_folder(tmp_path_factory.mktemp("cross_encoder")))
-    running = RunningServer(create_app(model, tokenizer))
-    yield model, tokenizer, running
-    running.close()
+    with serving(model, tokenizer) as running:
+        yield model, tokenizer, running
 
 
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -85,8 +73,8 @@ def classify_ids(model, ids_list):
     return list(eek.classify(model, rows))
 
 
-def test_truncation_direction_cuts_the_start_or_the_end(guarded_server, classifier):
-    model, tokenizer = classifier
+def test_truncation_direction_cuts_the_start_or_the_end(guarded_server, loaded_classifier):
+    model, tokenizer = loaded_classifier
     text = " ".join(WORDS[:30])
     words = tokenizer(text, add_special_tokens=False)["input_ids"]
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
@@ -105,8 +93,10 @@ def test_truncation_direction_cuts_the_start_or_the_end(guarded_server, classifi
     assert bad.status_code == 422 and '"Left" or "Right"' in bad.json()["error"]
 
 
-def test_a_request_beyond_the_batch_limit_is_refused_naming_it_and_one_within_is_split(guarded_server, classifier):
-    model, tokenizer = classifier
+def test_a_request_beyond_the_batch_limit_is_refused_naming_it_and_one_within_is_split(
+    guarded_server, loaded_classifier
+):
+    model, tokenizer = loaded_classifier
     texts = [t or "w0" for t in word_texts(11, seed=12, longest=10)]
     refused = guarded_server.post("/predict", {"inputs": [[t] for t in texts]}, headers=AUTH)
     assert refused.status_code == 413
@@ -172,13 +162,13 @@ def test_rerank_refuses_bad_requests_and_classifiers(reranker, guarded_server):
     ):
         response = server.post("/rerank", body)
         assert response.status_code == status and words in response.json()["error"]
-    classifier = guarded_server.post("/rerank", {"query": "w1", "texts": ["w2"]}, headers=AUTH)
-    assert classifier.status_code == 400 and "num_labels == 1" in classifier.json()["error"]
+    loaded_classifier = guarded_server.post("/rerank", {"query": "w1", "texts": ["w2"]}, headers=AUTH)
+    assert loaded_classifier.status_code == 400 and "num_labels == 1" in loaded_classifier.json()["error"]
 
 
-def test_huggingface_hub_inference_client_classifies(guarded_server, classifier):
+def test_huggingface_hub_inference_client_classifies(guarded_server, loaded_classifier):
     hub = pytest.importorskip("huggingface_hub", reason="the real client comes with huggingface_hub")
-    model, tokenizer = classifier
+    model, tokenizer = loaded_classifier
     client = hub.InferenceClient(base_url=guarded_server.url, api_key=KEY)
     text = "w3 w8 w9 w10"
     (prediction,) = eek.classify(model, [text], tokenizer=tokenizer)

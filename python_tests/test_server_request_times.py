@@ -13,14 +13,13 @@ import time
 
 import pytest
 from conftest import word_texts
-from served_models import RunningServer
+from served_models import RunningServer, serving
 
 pytest.importorskip("starlette", reason="the server needs starlette (the serve extra)")
 pytest.importorskip("uvicorn", reason="the server needs uvicorn (the serve extra)")
 pytest.importorskip("prometheus_client", reason="the server needs prometheus_client")
 httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx")
 
-from earlyexit_kernels.integrations.model_folder import load_model  # noqa: E402
 from earlyexit_kernels.integrations.server import create_app  # noqa: E402
 
 SPANS = ("tokenization", "queue", "inference")
@@ -34,16 +33,9 @@ HEADERS = {
 
 
 @pytest.fixture(scope="module")
-def classifier(saved_classifier):
-    return load_model(saved_classifier)
-
-
-@pytest.fixture(scope="module")
-def server(classifier):
-    model, tokenizer = classifier
-    running = RunningServer(create_app(model, tokenizer, model_id="tiny", max_batch_size=4, max_age=3))
-    yield running
-    running.close()
+def server(loaded_classifier):
+    with serving(*loaded_classifier, model_id="tiny", max_batch_size=4, max_age=3) as running:
+        yield running
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -116,10 +108,10 @@ def test_a_refused_request_is_no_observation_and_still_carries_its_headers(serve
     assert not {"x-tokenization-time", "x-queue-time", "x-inference-time"} & set(response.headers)
 
 
-def test_max_age_reaches_the_engine_and_info_reports_it(server, classifier):
+def test_max_age_reaches_the_engine_and_info_reports_it(server, loaded_classifier):
     assert httpx.get(server.url + "/info", timeout=10).json()["max_age"] == 3
     assert server.app.state.eek.worker.engine.scheduler.aging.max_age == 3
-    model, tokenizer = classifier
+    model, tokenizer = loaded_classifier
     for given, engine in (("auto", 8), (None, None), (0, 0)):  # auto: 2 x the 4 layers
         running = RunningServer(create_app(model, tokenizer, max_age=given))
         try:
@@ -132,8 +124,8 @@ def test_max_age_reaches_the_engine_and_info_reports_it(server, classifier):
 
 
 @pytest.mark.parametrize("bad", [-1, "off", "2", 1.5, True])
-def test_a_bad_max_age_is_refused_when_the_app_is_made(classifier, bad):
-    model, tokenizer = classifier
+def test_a_bad_max_age_is_refused_when_the_app_is_made(loaded_classifier, bad):
+    model, tokenizer = loaded_classifier
     with pytest.raises(ValueError, match="max_age must be 'auto'"):
         create_app(model, tokenizer, max_age=bad)
 

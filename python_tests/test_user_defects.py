@@ -182,21 +182,7 @@ def test_an_all_padding_row_that_runs_every_layer_gets_the_unpatched_logits_with
 
 
 def test_feed_forward_chunking_runs_with_any_padding_and_matches_the_unpatched_model():
-    from conftest import VOCAB
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=3,
-        chunk_size_feed_forward=4,
-    )
-    model = BertForSequenceClassification._from_config(config, attn_implementation="sdpa").eval()
+    model = tiny_model(attn="sdpa", chunk_size_feed_forward=4)
     ids, mask, _ = tiny_batch(6, 12)
     mask[:, 7:] = 0  # trimmed to 7 (not a multiple of 4), then to the survivors' lengths
     mask[3:, 5:] = 0
