@@ -147,7 +147,7 @@ def test_the_command_line_passes_max_age_to_the_server(saved_classifier, monkeyp
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(app=app))
     assert main(["serve", saved_classifier, "--max-age", given]) == 0
-    assert served["app"].state.eek.engine_options["max_age"] == passed
+    assert served["app"].state.eek.engine_config.max_age == passed
 
 
 @pytest.mark.parametrize("bad", ["-1", "none", "1.5", "", "2x"])

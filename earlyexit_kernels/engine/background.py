@@ -20,6 +20,7 @@ import time
 from concurrent.futures import Future, InvalidStateError
 
 from earlyexit_kernels.engine.continuous import ContinuousEngine, Finished
+from earlyexit_kernels.engine.engine_config import EngineConfig, engine_config
 
 __all__ = ["BackgroundEngine", "QueueFull"]
 
@@ -29,7 +30,8 @@ class QueueFull(RuntimeError):
 
 
 class BackgroundEngine:
-    """Run a :class:`ContinuousEngine` on a daemon thread; ``engine_kwargs`` go to it.
+    """Run a :class:`ContinuousEngine` on a daemon thread, under ``config`` (an
+    :class:`~earlyexit_kernels.engine.engine_config.EngineConfig`) or keyword ``limits`` of the same names.
 
     ``max_queue``: most sequences submitted and not finished; ``submit`` beyond it raises
     :class:`QueueFull` at once instead of growing memory. A sequence's future resolves to
@@ -38,11 +40,11 @@ class BackgroundEngine:
     its queue time (``engine.stats.queue_seconds``) runs from its ``submit``.
     """
 
-    def __init__(self, model, *, max_queue: int = 4096, **engine_kwargs):
+    def __init__(self, model, config: EngineConfig | None = None, *, max_queue: int = 4096, **limits):
         if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 1:
             raise ValueError(f"max_queue must be an integer >= 1, got {max_queue!r}")
-        self._model, self._engine_kwargs = model, engine_kwargs
-        self.engine = ContinuousEngine(model, **engine_kwargs)
+        self._model, self._config = model, engine_config(config, limits)
+        self.engine = ContinuousEngine(model, self._config)
         self.max_queue = max_queue
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._futures: dict[int, Future] = {}  # touched by the engine thread only
@@ -189,7 +191,7 @@ class BackgroundEngine:
         futures = list(self._futures.values())
         self._futures.clear()
         stats = self.engine.stats
-        self.engine = ContinuousEngine(self._model, **self._engine_kwargs)
+        self.engine = ContinuousEngine(self._model, self._config)
         self.engine.stats = stats  # the counts (/metrics) run on from the server's start
         if self._policy is not None:
             self.engine.set_policy(self._policy)

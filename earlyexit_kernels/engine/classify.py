@@ -23,6 +23,7 @@ import torch
 
 from earlyexit_kernels.engine.audit import AuditRunner, AuditWatch, check_fraction
 from earlyexit_kernels.engine.continuous import ContinuousEngine
+from earlyexit_kernels.engine.engine_config import EngineConfig
 
 __all__ = ["Prediction", "Predictions", "classify"]
 
@@ -140,8 +141,7 @@ def classify(
         from earlyexit_kernels.engine.precision import to_base
 
         model = to_base(copy.deepcopy(model), dtype, "auto" if device is None else device)
-    engine = ContinuousEngine(
-        model,
+    config = EngineConfig(
         max_batch_size=max_batch_size,
         max_tokens=max_tokens,
         max_length=max_length,
@@ -152,6 +152,7 @@ def classify(
         packed=packed,
         max_age=None,  # throughput first: the admission order's and the queues' own bounds
     )
+    engine = ContinuousEngine(model, config)
     if read_ahead is None:
         # Wide: the length sweep's batches pad less and exit together more the more it sees.
         read_ahead = 32 * engine.scheduler.max_in_flight

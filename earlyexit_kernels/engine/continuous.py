@@ -45,6 +45,7 @@ from earlyexit_kernels.engine.batch_loop import (
     pooled_exit_heads,
 )
 from earlyexit_kernels.engine.call_graphs import StaticCalls
+from earlyexit_kernels.engine.engine_config import EngineConfig, engine_config
 from earlyexit_kernels.engine.module_weights import float_bias, float_weight, linear_compute_dtype
 from earlyexit_kernels.engine.packed_layer import OpByOpLayer, has_forward_hooks, splits_into_token_parts
 from earlyexit_kernels.engine.patched_state import patched_state
@@ -108,7 +109,9 @@ def model_max_length(model) -> int:
 class ContinuousEngine:
     """Run a patched model's early exit over a stream of sequences with per-layer refill.
 
-    ``max_batch_size``: most rows per layer call. ``max_tokens``: most rows x padded
+    The limits below come as one :class:`~earlyexit_kernels.engine.engine_config.EngineConfig`
+    (``config``, as ``eek.classify`` and the server build it once) or as keyword arguments of the
+    same names, not both. ``max_batch_size``: most rows per layer call. ``max_tokens``: most rows x padded
     length per layer call (None: no limit). ``max_length``: longest sequence accepted
     (default: what the model's position embeddings hold). Shapes: eager calls run their
     exact rows and lengths; with ``compile`` they come from fixed sets (row counts 1, 2,
@@ -138,22 +141,12 @@ class ContinuousEngine:
     returns the sequences that exited.
     """
 
-    def __init__(
-        self,
-        model,
-        *,
-        max_batch_size: int = 64,
-        max_tokens: int | None = None,
-        max_length: int | None = None,
-        length_step: int | None = None,
-        max_in_flight: int | None = None,
-        max_wait: int | None = None,
-        compile: bool | dict = False,
-        admission: str = "fifo",
-        call_cost: float | None = None,
-        packed: bool | None = None,
-        max_age: int | str | None = "auto",
-    ):
+    def __init__(self, model, config: EngineConfig | None = None, **limits):
+        config = engine_config(config, limits)
+        self.config = config
+        max_batch_size, max_tokens, max_length = config.max_batch_size, config.max_tokens, config.max_length
+        length_step, max_in_flight, compile = config.length_step, config.max_in_flight, config.compile
+        call_cost, packed, max_age = config.call_cost, config.packed, config.max_age
         state = patched_state(model, "the continuous engine")  # its adapter rebuilt if the model was quantized since
         if model.training:
             raise ValueError("the model is in training mode; call model.eval() before classifying")
@@ -178,14 +171,8 @@ class ContinuousEngine:
         limit = model_max_length(model)
         if max_length is None:
             max_length = limit
-        if not isinstance(max_length, int) or isinstance(max_length, bool) or not 1 <= max_length <= limit:
+        if max_length > limit:  # its type and sign checked by EngineConfig
             raise ValueError(f"max_length must be an integer in 1..{limit} (the model's positions), got {max_length!r}")
-        if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
-        if length_step is not None and (
-            not isinstance(length_step, int) or isinstance(length_step, bool) or length_step < 1
-        ):
-            raise ValueError(f"length_step must be an integer >= 1 or None, got {length_step!r}")
         # The model's step (eek.patch's step=): graphed calls run as static steps, captured in CUDA
         # graphs on CUDA (engine/call_graphs.py); torch.compile, when asked for, runs instead.
         self.graphed = not compile and resolve_step(state.step, self.policy, self.device) == "graphed"
@@ -204,7 +191,9 @@ class ContinuousEngine:
             call_cost = default_call_cost(hidden_size)
         if max_age == "auto":
             max_age = default_max_age(self.num_layers)
-        self.scheduler = LayerScheduler(self.num_layers, self.buckets, max_in_flight, max_wait, call_cost, max_age)
+        self.scheduler = LayerScheduler(
+            self.num_layers, self.buckets, max_in_flight, config.max_wait, call_cost, max_age
+        )
         self.max_length = max_length
         self.pad_token_id = getattr(model.config, "pad_token_id", None) or 0
 
@@ -254,8 +243,6 @@ class ContinuousEngine:
             options = compile if isinstance(compile, dict) else {}
             self._run_layer = _compiled_layer_call(self.adapter, options)
 
-        if packed not in (None, True, False):
-            raise ValueError(f"packed must be None (where it pays), True or False, got {packed!r}")
         packable = not fixed_shapes and all(
             getattr(self.adapter, "layer_call_is_module_call", True)
             and splits_into_token_parts(self.adapter.layer_module(index))
@@ -279,7 +266,7 @@ class ContinuousEngine:
         self._run_packed_layer = self._packed_layer_call
 
         self._calls = None  # the graphed step's buffers and graphs, made at the first call
-        self._pending = PendingQueue(admission)  # which sequences are embedded next (engine/admission.py)
+        self._pending = PendingQueue(config.admission)  # which sequences are embedded next (engine/admission.py)
         self.stats = EngineStats()
 
     # ------------------------------------------------------------------ submission

@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from earlyexit_kernels.engine.background import BackgroundEngine, QueueFull
+from earlyexit_kernels.engine.engine_config import EngineConfig
 from earlyexit_kernels.integrations.labels import label_name
 from earlyexit_kernels.integrations.server.body_limit import DEFAULT_MAX_BODY_BYTES, check_max_body_bytes
 from earlyexit_kernels.integrations.server.feedback import FeedbackStore
@@ -71,9 +72,9 @@ class ServeSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     def __post_init__(self):
-        from earlyexit_kernels.engine.aging import check_max_age
         from earlyexit_kernels.engine.audit import check_fraction
 
+        self.engine_config()  # the engine's limits checked here, before a model is loaded
         check_max_body_bytes(self.max_body_bytes)
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
             raise ValueError("api_key must be a non-empty string or None")
@@ -82,16 +83,16 @@ class ServeSettings:
         batch = self.max_client_batch_size
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
             raise ValueError(f"max_client_batch_size must be an integer >= 1, got {batch!r}")
-        self.max_age = check_max_age(self.max_age)
         self.audit_fraction = check_fraction(self.audit_fraction)
         if self.recertify is not None and self.audit_fraction == 0:
             raise ValueError("re-certification reads the audit: give an audit fraction above 0 (--audit-fraction 0.05)")
         if self.audit_record is not None and self.recertify is None:
             raise ValueError("the audit record holds what re-certification replays: it needs re-certification on")
 
-    def engine_options(self) -> dict:
-        """The continuous engine's options (:class:`~earlyexit_kernels.engine.background.BackgroundEngine`)."""
-        return dict(
+    def engine_config(self) -> EngineConfig:
+        """The continuous engine's limits (:class:`~earlyexit_kernels.engine.background.BackgroundEngine`):
+        arrival order, bounded waiting."""
+        return EngineConfig(
             max_batch_size=self.max_batch_size,
             max_tokens=self.max_tokens,
             max_length=self.max_length,
@@ -119,8 +120,8 @@ class ServingState:
         self.settings = settings
         self.model, self.model_id = model.eval(), settings.model_id
         self.max_queue, self.max_client_batch_size = settings.max_queue, settings.max_client_batch_size
-        self.engine_options = settings.engine_options()
-        self.max_length = self.engine_options["max_length"] or model_max_length(model)
+        self.engine_config = settings.engine_config()
+        self.max_length = self.engine_config.max_length or model_max_length(model)
         self.tokenization = Tokenization(tokenizer, self.max_length)
         config = model.config
         self.id2label = config.id2label or {}
@@ -168,7 +169,7 @@ class ServingState:
 
     def start(self) -> None:
         if self.worker is None:
-            self.worker = BackgroundEngine(self.model, max_queue=self.max_queue, **self.engine_options)
+            self.worker = BackgroundEngine(self.model, self.engine_config, max_queue=self.max_queue)
             if self.certificate is not None:
                 self.worker.set_policy(self.certificate.served_policy)
         if self.audit is not None and self.auditor is None:
@@ -178,8 +179,8 @@ class ServingState:
                 self.model,
                 self.audit,
                 multi_label=self.multi_label,
-                max_batch_size=self.engine_options["max_batch_size"],
-                max_tokens=self.engine_options["max_tokens"],
+                max_batch_size=self.engine_config.max_batch_size,
+                max_tokens=self.engine_config.max_tokens,
                 max_queue=self.max_queue,
                 certificate=self.certificate,
                 on_move=self._serve_policy,
@@ -222,9 +223,9 @@ class ServingState:
             "policy": repr(policy_of(self.model) if self.certificate is None else self.certificate.served_policy),
             "backend": backend_of(self.model),
             "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
-            "max_batch_size": self.engine_options["max_batch_size"],
+            "max_batch_size": self.engine_config.max_batch_size,
             "max_client_batch_size": self.max_client_batch_size,
-            "max_tokens": self.engine_options["max_tokens"],
+            "max_tokens": self.engine_config.max_tokens,
             "max_length": self.max_length,
             "max_queue": self.max_queue,
             "max_age": self._max_age(),
@@ -242,7 +243,7 @@ class ServingState:
     def _max_age(self) -> int | str | None:
         """The age rule's layer calls, as the engine resolved ``"auto"`` (None: no age rule)."""
         if self.worker is None:
-            return self.engine_options["max_age"]
+            return self.engine_config.max_age
         aging = self.worker.engine.scheduler.aging
         return None if aging is None else aging.max_age
 

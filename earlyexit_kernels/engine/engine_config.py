@@ -1,0 +1,92 @@
+"""The continuous engine's limits as one object, checked once where it is built.
+
+``eek.classify``, the server (:class:`earlyexit_kernels.integrations.server.serving_state.ServeSettings`)
+and the engine thread each build an :class:`EngineConfig` once from their own options and hand
+it on, as vLLM's command line builds one ``VllmConfig`` that every part reads. What can be
+checked without the model is checked here; what needs it (the longest sequence its positions
+hold, whether its layers can be packed or compiled) is checked by
+:class:`earlyexit_kernels.engine.continuous.ContinuousEngine`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from earlyexit_kernels.engine.admission import ADMISSION_ORDERS
+from earlyexit_kernels.engine.aging import check_max_age
+
+__all__ = ["EngineConfig", "engine_config"]
+
+
+def _whole(name: str, value, *, least: int = 1, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}{' or None' if optional else ''}, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """What :class:`~earlyexit_kernels.engine.continuous.ContinuousEngine` runs under (its docstring says
+    what each limit does; ``None`` takes the default worked out from the model).
+
+    ``max_batch_size``: most rows per layer call. ``max_tokens``: most rows x padded length per
+    call. ``max_length``: longest sequence accepted. ``length_step``: the lengths calls are padded
+    to the multiples of. ``max_in_flight``: most sequences embedded at a time. ``max_wait``: layer
+    calls after which a waiting row is served first. ``compile``: layer calls through
+    ``torch.compile`` (``True`` or a dict of its options). ``admission``: ``"fifo"`` or ``"length"``.
+    ``call_cost``: a call's cost beyond its tokens, in tokens. ``packed``: ``None`` (where it pays),
+    ``True`` or ``False``. ``max_age``: layer calls after which a sequence is served first,
+    ``"auto"`` or ``None`` (off).
+    """
+
+    max_batch_size: int = 64
+    max_tokens: int | None = None
+    max_length: int | None = None
+    length_step: int | None = None
+    max_in_flight: int | None = None
+    max_wait: int | None = None
+    compile: bool | dict = False
+    admission: str = "fifo"
+    call_cost: float | None = None
+    packed: bool | None = None
+    max_age: int | str | None = "auto"
+
+    def __post_init__(self):
+        _whole("max_batch_size", self.max_batch_size)
+        for name in ("max_tokens", "max_length", "length_step", "max_in_flight"):
+            _whole(name, getattr(self, name), optional=True)
+        _whole("max_wait", self.max_wait, optional=True)
+        if not isinstance(self.compile, bool | dict):
+            raise ValueError(f"compile must be True, False or a dict of torch.compile's options, got {self.compile!r}")
+        if self.admission not in ADMISSION_ORDERS:
+            raise ValueError(f"admission must be {' or '.join(map(repr, ADMISSION_ORDERS))}, got {self.admission!r}")
+        if self.call_cost is not None and (
+            isinstance(self.call_cost, bool) or not isinstance(self.call_cost, int | float) or not self.call_cost >= 0
+        ):
+            raise ValueError(f"call_cost must be a number >= 0 (tokens) or None, got {self.call_cost!r}")
+        if self.packed not in (None, True, False):
+            raise ValueError(f"packed must be None (where it pays), True or False, got {self.packed!r}")
+        check_max_age(self.max_age)
+
+    def replace(self, **changes) -> EngineConfig:
+        """A copy with ``changes``, checked again."""
+        return dataclasses.replace(self, **changes)
+
+
+def engine_config(config: EngineConfig | None, limits: dict) -> EngineConfig:
+    """``config``, or one built from keyword ``limits`` (the engine's keyword arguments), not both."""
+    if config is None:
+        names = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(limits) - names)
+        if unknown:
+            raise TypeError(f"unknown engine limit(s) {', '.join(unknown)}; the limits are {', '.join(sorted(names))}")
+        return EngineConfig(**limits)
+    if not isinstance(config, EngineConfig):
+        raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
+    if limits:
+        raise TypeError(
+            f"give an EngineConfig or keyword limits, not both (got config and {', '.join(sorted(limits))})"
+        )
+    return config
