@@ -1,12 +1,8 @@
 """Shared fixtures: tiny random BERT, ALBERT and RoBERTa classifiers and their inputs."""
 
-import contextlib
 import copy
 import dataclasses
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import torch
 
@@ -175,21 +171,6 @@ def on_device(fn, device: torch.device):
         return _moved(result, torch.device("cpu"))
 
     return call
-
-
-@contextlib.contextmanager
-def benchmark_script(name: str):
-    """``benchmarks/<name>.py`` loaded as the module ``name``, registered in ``sys.modules`` while
-    in use (its dataclasses look their module up there)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(name, None)
 
 
 WORDS = [f"w{i}" for i in range(60)]

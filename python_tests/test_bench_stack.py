@@ -112,9 +112,11 @@ def test_ratios_are_paired_within_a_repetition_and_the_report_states_the_targets
     assert "int8 0.250 s of 1.50 s (31.25 ms per layer call of a batch, 8 calls)" in section
     assert "bf16 instructions: yes" in section
     assert "Where that time goes" not in section
-    (folder / stack_report.PROFILE_NAME).write_text("# python benchmarks/early_exit_profile.py\nlayers 0.8 s\n")
+    (folder / stack_report.PROFILE_NAME).write_text(
+        "# python benchmarks/profiles/early_exit_profile.py\nlayers 0.8 s\n"
+    )
     section = stack_report.render(folder / "stack.csv")
-    assert "(`python benchmarks/early_exit_profile.py`: encoder layers" in section
+    assert "(`python benchmarks/profiles/early_exit_profile.py`: encoder layers" in section
     assert "\n    layers 0.8 s\n" in section
     readme = tmp_path / "benchmarks.md"
     readme.write_text("# Benchmarks\n")

@@ -108,7 +108,7 @@ def _shipped_text_files():
         (REPOSITORY / "earlyexit_kernels", ("**/*.py",)),
         (REPOSITORY / "csrc", ("**/*.h", "**/*.cpp", "**/*.cu")),
         (REPOSITORY / "scripts", ("*",)),
-        (REPOSITORY / "benchmarks", ("*.py", "results/**/*.md")),
+        (REPOSITORY / "benchmarks", ("**/*.py", "*.md", "results/**/*.md")),
     ):
         for pattern in patterns:
             yield from (p for p in folder.glob(pattern) if p.is_file())

@@ -1,9 +1,10 @@
-"""The replay logic of ``benchmarks/recertify_replay.py`` on a tiny synthetic pool (no model, no real material)."""
+"""The replay logic of ``benchmarks/statistics/recertify_replay.py`` (:mod:`earlyexit_kernels.bench.certificate_replay`) on a tiny
+synthetic pool (no model, no real material)."""
 
 import pytest
 import torch
-from conftest import benchmark_script
 
+from earlyexit_kernels.bench import certificate_replay
 from earlyexit_kernels.methods.policies import Entropy
 from earlyexit_kernels.training.online_certificate import OnlineCertificate
 
@@ -12,8 +13,7 @@ BUDGET, CONFIDENCE = 0.05, 0.95
 
 @pytest.fixture(scope="module")
 def bench():
-    with benchmark_script("recertify_replay") as module:
-        yield module
+    return certificate_replay
 
 
 def _pool(bench, name, rates, rows=400, seed=0):

@@ -1,14 +1,15 @@
-"""The measures of ``benchmarks/rerank_quality.py`` on hand-made rankings (no model, no real material)."""
+"""The measures of ``benchmarks/quality/rerank_quality.py`` (:mod:`earlyexit_kernels.bench.rerank_measures`) on
+hand-made rankings (no model, no real material)."""
 
 import pytest
 import torch
-from conftest import benchmark_script
+
+from earlyexit_kernels.bench import rerank_measures
 
 
 @pytest.fixture(scope="module")
 def bench():
-    with benchmark_script("rerank_quality") as module:
-        yield module
+    return rerank_measures
 
 
 def test_mrr_is_the_reciprocal_rank_of_the_first_relevant(bench):

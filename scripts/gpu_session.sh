@@ -249,8 +249,8 @@ for s in $STEPS; do
     host)
         # Host time per exit step: launches stubbed (this machine's CPU), then real launches.
         if ((HAVE_CUDA)); then
-            step host_stubbed 20 60 "$PY" benchmarks/host_time_per_step.py --repeats 3 --output "$LOGS/host_time_stubbed.txt"
-            step host_gpu 20 60 "$PY" benchmarks/host_time_per_step.py --repeats 3 --device cuda --output "$LOGS/host_time_gpu.txt"
+            step host_stubbed 20 60 "$PY" benchmarks/profiles/host_time_per_step.py --repeats 3 --output "$LOGS/host_time_stubbed.txt"
+            step host_gpu 20 60 "$PY" benchmarks/profiles/host_time_per_step.py --repeats 3 --device cuda --output "$LOGS/host_time_gpu.txt"
         else
             skip host "$NO_GPU"
         fi
@@ -299,7 +299,7 @@ for s in $STEPS; do
             skip micro "pytest-benchmark missing"
         else
             step micro 60 300 env EEK_MICRO_RESULTS_DIR="$LOGS/micro" "$PY" -m pytest -q -p no:cacheprovider \
-                benchmarks/bench_triton_micro.py --benchmark-json="$OUT/micro.json"
+                benchmarks/micro/bench_triton_micro.py --benchmark-json="$OUT/micro.json"
         fi
         ;;
     *) record "$s: unknown step (plan $PLAN: $PLAN_STEPS)" ;;

@@ -15,7 +15,7 @@ Compaction (keep every other row, trim 1/8 of the positions):
 - ``torch``: :func:`earlyexit_kernels.backends.compaction.compact` (``index_select`` + slice);
 - ``naive``: ``hidden[keep]`` and ``mask[keep]`` (boolean indexing, no trimming).
 
-Used by the suite (the exit-step plot) and by ``benchmarks/bench_cpu_micro.py``
+Used by the suite (the exit-step plot) and by ``benchmarks/micro/bench_cpu_micro.py``
 (pytest-benchmark).
 """
 

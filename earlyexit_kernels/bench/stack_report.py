@@ -24,7 +24,7 @@ __all__ = ["STACK_CSV", "render", "update_readme"]
 
 STACK_CSV = "benchmarks/results/stack_cpu/stack.csv"
 START, END = "<!-- stack:start -->", "<!-- stack:end -->"
-PROFILE_NAME = "early_exit_profile.txt"  # benchmarks/early_exit_profile.py, beside the CSV
+PROFILE_NAME = "early_exit_profile.txt"  # benchmarks/profiles/early_exit_profile.py, beside the CSV
 
 
 def _ratio(row: dict, prefix: str) -> str:

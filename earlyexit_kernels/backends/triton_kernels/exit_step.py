@@ -19,7 +19,7 @@ the outputs a step needs and nothing else). The same launchers are registered wi
 are what runs under ``torch.compile`` and under any dispatch mode (fake tensors,
 ``make_fx``, op counting), which must see one op per launch. In eager mode a fused step
 costs about 17 us of host time on a 2-core CPU, the registered ops about 120 us
-(``benchmarks/host_time_per_step.py``, kernel launches stubbed).
+(``benchmarks/profiles/host_time_per_step.py``, kernel launches stubbed).
 Per-call integers (row count, layer, ...) are ``do_not_specialize``: otherwise Triton
 compiles a new variant whenever one of them equals 1 or is a multiple of 16. Block sizes
 are powers of two chosen from the row count and H by comparison only
