@@ -132,7 +132,7 @@ class FakePeers(PeerModels):
 
 
 def measure(model, pattern, peer_models=None, **kw):
-    options = dict(
+    settings = runner.MeasureSettings(
         seq_len=16,
         vocab=TINY.vocab,
         pad_id=0,
@@ -141,9 +141,10 @@ def measure(model, pattern, peer_models=None, **kw):
         eek_backends=["torch"],
         repeats=1,
         measure_memory=False,
+        **kw,
     )
     with torch.inference_mode():
-        return runner.measure_pattern(model, pattern, **options, peer_models=peer_models, **kw)
+        return runner.measure_pattern(model, pattern, settings, peer_models)
 
 
 def test_every_row_says_what_ran_and_a_peer_without_cuda_is_a_row_saying_so():

@@ -154,7 +154,9 @@ def run_folder(folder: Path, backbone: str, task: str) -> dict:
     --calibration validation.csv``: its certificate from ``eek_fit.json``, the test columns anew."""
     from transformers import AutoTokenizer
 
-    report = json.loads((folder / "eek_fit.json").read_text())
+    from earlyexit_kernels.patching.fit_record import FitRecord
+
+    report = FitRecord.load(folder).report
     if "--calibration" not in (report.get("calibration_source") or ""):
         raise SystemExit(f"error: {folder} was not certified on a --calibration file (the first setting)")
     model = eek.from_pretrained(folder)

@@ -1,7 +1,7 @@
 """The served tail of issue 53, by simulation of the engine's scheduling alone (no model).
 
-Finished investigation: admitting new texts behind the longest waiting group took concurrency 32 from p99 7.2
-s to 528 ms at the same requests per second (docs/serving.md, "Bounded waiting").
+Finished investigation: admitting new texts behind the longest waiting group took concurrency 32 from p99
+7.2 s to 528 ms at the same requests per second (docs/serving.md, "Bounded waiting").
 
 ``eek serve`` one text per request, ``C`` clients each sending its next request as soon as
 (about 1 ms after) the last was answered. The engine is driven exactly as its thread drives

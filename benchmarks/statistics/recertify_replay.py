@@ -189,6 +189,7 @@ def build_pools(work: Path, seed: int, engine_texts: tuple[int, int] = (0, 0)) -
     from earlyexit_kernels.demo import real_task
     from earlyexit_kernels.integrations import cli
     from earlyexit_kernels.integrations.model_folder import fit_certificate, load_model
+    from earlyexit_kernels.patching.fit_record import FitRecord
 
     timings = {}
     began = time.perf_counter()
@@ -210,7 +211,7 @@ def build_pools(work: Path, seed: int, engine_texts: tuple[int, int] = (0, 0)) -
     if status != 0:
         raise SystemExit(f"eek fit failed with status {status}")
     timings["fit"] = round(time.perf_counter() - began, 1)
-    fitted = json.loads((folder / "eek_fit.json").read_text())
+    fitted = FitRecord.load(folder).report
     certificate = certificate_of_folder(str(folder), window=0)
     model, tokenizer = load_model(str(folder))
     began = time.perf_counter()

@@ -13,6 +13,7 @@ turns committed CSVs into the results section of ``docs/benchmarks.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -33,7 +34,7 @@ from earlyexit_kernels.bench.patterns import (
 from earlyexit_kernels.bench.peers import PEERS, PeerModels, check_peer_names, unavailable
 from earlyexit_kernels.bench.plots import make_plots
 from earlyexit_kernels.bench.results import append_csv, environment, write_csv
-from earlyexit_kernels.bench.runner import POLICIES, measure_pattern
+from earlyexit_kernels.bench.runner import POLICIES, MeasureSettings, measure_pattern
 from earlyexit_kernels.bench.timing import percentiles, time_loop, timed_call
 from earlyexit_kernels.engine.step_choice import STEP_NAMES
 
@@ -333,6 +334,21 @@ def run(args, on_rows=None) -> list[dict]:
     common = {"config": size.label, "dtype": args.dtype}
     rows: list[dict] = []
     models, peer_models = {}, {}
+    # what every configuration measures alike, built once; each takes its length and padding id
+    common_settings = MeasureSettings(
+        seq_len=0,
+        vocab=size.vocab,
+        pad_id=0,
+        device=device,
+        dtype=dtype,
+        eek_backends=eek_backends,
+        repeats=args.repeats,
+        measure_memory=not args.no_memory,
+        steps=tuple(args.step),
+        policies=tuple(args.policies),
+        peers=tuple(args.peers),
+        baselines=not args.no_baselines,
+    )
     total = len(tasks) + (0 if args.no_micro else 1)
     with torch.inference_mode(), tqdm(total=total, disable=args.no_progress, unit="cfg", file=sys.stderr) as bar:
         for arch, s, b, pattern in tasks:
@@ -344,23 +360,8 @@ def run(args, on_rows=None) -> list[dict]:
                 )
                 peer_models[arch] = PeerModels(models[arch])
             model = models[arch]
-            measured = measure_pattern(
-                model,
-                pattern,
-                seq_len=s,
-                vocab=size.vocab,
-                pad_id=pad_token_id(arch),
-                device=device,
-                dtype=dtype,
-                eek_backends=eek_backends,
-                repeats=args.repeats,
-                measure_memory=not args.no_memory,
-                steps=args.step,
-                policies=args.policies,
-                peers=args.peers,
-                baselines=not args.no_baselines,
-                peer_models=peer_models[arch],
-            )
+            settings = dataclasses.replace(common_settings, seq_len=s, pad_id=pad_token_id(arch))
+            measured = measure_pattern(model, pattern, settings, peer_models[arch])
             attn = {"attn": model.config._attn_implementation}  # deberta_v3: eager whatever --attn says
             new = [{**env, **common, **attn, **load, "model": arch, **row} for row in measured]
             rows += new

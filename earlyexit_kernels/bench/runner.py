@@ -55,11 +55,49 @@ from earlyexit_kernels.models import adapter_class
 from earlyexit_kernels.patching.patch import current_adapter, is_patched, patch, unpatch
 from earlyexit_kernels.patching.state import attach, state_of
 
-__all__ = ["Method", "POLICIES", "measure_pattern", "policy_label", "resolved_steps"]
+__all__ = ["POLICIES", "MeasureSettings", "Method", "measure_pattern", "policy_label", "resolved_steps"]
 
 #: the policies ``measure_pattern`` runs a pattern with: the pattern replayed, and its Entropy variant
 POLICIES = ("scheduled", "entropy")
 TIMED, IDENTITY = "timed", "identity"
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """What :func:`measure_pattern` runs on a model and a pattern: the inputs' shape and the methods.
+
+    ``seq_len``, ``vocab``, ``pad_id``: the random inputs (:func:`~earlyexit_kernels.bench.patterns.make_inputs`).
+    ``device``, ``dtype``: where and in what the model runs. ``eek_backends``: the backends the
+    patched model runs on (the first also patches for the Entropy variant's heads). ``repeats``:
+    timed rounds. ``measure_memory``: peak memory in an untimed call. ``steps``: the ``step=`` values
+    of ``eek.patch`` to run (each resolved; those that resolve alike run once). ``policies``: of
+    :data:`POLICIES`. ``peers``: of :data:`~earlyexit_kernels.bench.peers.PEERS`. ``baselines``:
+    whether ``naive`` and ``bs1`` run.
+    """
+
+    seq_len: int
+    vocab: int
+    pad_id: int
+    device: torch.device
+    dtype: torch.dtype
+    eek_backends: list[str]
+    repeats: int
+    measure_memory: bool = True
+    steps: tuple[str, ...] = ("auto",)
+    policies: tuple[str, ...] = ("scheduled",)
+    peers: tuple[str, ...] = ()
+    baselines: bool = True
+
+
+@dataclass(eq=False)
+class _Workload:
+    """One measurement's model (patched for the pattern, its ``adapter``), pattern and inputs."""
+
+    model: torch.nn.Module
+    pattern: ExitPattern
+    ids: torch.Tensor
+    mask: torch.Tensor
+    adapter: object
 
 
 @dataclass(eq=False)
@@ -111,16 +149,20 @@ def _peer_method(model, peers: PeerModels, peer: str, ids, mask) -> Method:
     return Method("peer", peer, prepare, lambda: made["run"](), peer=peer, nonlayer=False)
 
 
-def _methods(model, adapter, variants, ids, mask, pattern, eek_backends, steps, device, peer_names, peers, baselines):
+def _methods(work: _Workload, variants, settings: MeasureSettings, peers: PeerModels | None) -> list[Method]:
+    """Every method to time on ``work``: ``full``, the peers, ``eek`` per policy of ``variants``, step and
+    backend, and the baselines."""
+    model, adapter, ids, mask = work.model, work.adapter, work.ids, work.mask
+
     def unpatched(phase=TIMED):
         if is_patched(model):
             unpatch(model)
 
     methods = [Method("full", "hf", unpatched, lambda: model(input_ids=ids, attention_mask=mask), peer="eager")]
-    methods += [_peer_method(model, peers, peer, ids, mask) for peer in peer_names]
+    methods += [_peer_method(model, peers, peer, ids, mask) for peer in settings.peers]
     for policy in variants:
-        for step in resolved_steps(steps, policy, device):
-            for backend in eek_backends:
+        for step in resolved_steps(settings.steps, policy, settings.device):
+            for backend in settings.eek_backends:
                 methods.append(
                     Method(
                         "eek",
@@ -131,7 +173,7 @@ def _methods(model, adapter, variants, ids, mask, pattern, eek_backends, steps, 
                         step=step,
                     )
                 )
-    if baselines:
+    if settings.baselines:
         for policy in variants:
             methods.append(
                 Method(
@@ -142,7 +184,7 @@ def _methods(model, adapter, variants, ids, mask, pattern, eek_backends, steps, 
                     policy=policy_label(policy),
                 )
             )
-        sequences = single_sequence_inputs(ids, mask, pattern.exit_layers)
+        sequences = single_sequence_inputs(ids, mask, work.pattern.exit_layers)
         methods.append(
             Method("bs1", "torch", unpatched, lambda: batch_size_one(adapter, sequences), policy="Scheduled")
         )
@@ -244,52 +286,32 @@ def _variants(adapter, pattern, ids, mask, policies, scheduled) -> tuple[list, l
 
 
 def measure_pattern(
-    model,
-    pattern: ExitPattern,
-    *,
-    seq_len: int,
-    vocab: int,
-    pad_id: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    eek_backends: list[str],
-    repeats: int,
-    measure_memory: bool = True,
-    steps=("auto",),
-    policies=("scheduled",),
-    peers=(),
-    baselines: bool = True,
-    peer_models: PeerModels | None = None,
+    model, pattern: ExitPattern, settings: MeasureSettings, peer_models: PeerModels | None = None
 ) -> list[dict]:
-    """Rows (without the environment columns) for every method on ``pattern``.
+    """Rows (without the environment columns) for every method of ``settings`` on ``pattern``.
 
-    ``steps``: the ``step=`` values of ``eek.patch`` to run (each resolved; those that resolve
-    alike run once). ``policies``: of :data:`POLICIES`. ``peers``: of
-    :data:`~earlyexit_kernels.bench.peers.PEERS`, made by ``peer_models`` (one per model, so that
-    a compiled peer is compiled once per shape; made here when None). ``baselines``: whether
-    ``naive`` and ``bs1`` run. A peer that cannot run here and an Entropy variant the heads cannot
-    reproduce give one row each, with ``check`` saying ``skipped:`` and why.
+    ``peer_models``: makes the peers of ``settings.peers`` (one per model, so that a compiled peer is
+    compiled once per shape; made here when None). A peer that cannot run here and an Entropy variant
+    the heads cannot reproduce give one row each, with ``check`` saying ``skipped:`` and why.
     """
     num_layers = model.config.num_hidden_layers
-    ids, mask = make_inputs(pattern, seq_len, vocab, pad_id, device)
+    ids, mask = make_inputs(pattern, settings.seq_len, settings.vocab, settings.pad_id, settings.device)
     if is_patched(model):
         unpatch(model)
-    peer_models = peer_models or (PeerModels(model) if peers else None)
-    scheduled = Scheduled(pattern.exit_layers.to(device))
-    patch(model, scheduled, backend=eek_backends[0])
-    adapter = current_adapter(model)
+    peer_models = peer_models or (PeerModels(model) if settings.peers else None)
+    scheduled = Scheduled(pattern.exit_layers.to(settings.device))
+    patch(model, scheduled, backend=settings.eek_backends[0])
+    work = _Workload(model, pattern, ids, mask, current_adapter(model))
     skipped_rows = []
-    variants, skipped, restore = _variants(adapter, pattern, ids, mask, policies, scheduled)
+    variants, skipped, restore = _variants(work.adapter, pattern, ids, mask, settings.policies, scheduled)
     for label, why in skipped:
-        for backend in eek_backends:
+        for backend in settings.eek_backends:
             skipped_rows.append(
-                _skipped_row(pattern, seq_len, num_layers, why, method="eek", backend=backend, policy=label)
+                _skipped_row(pattern, settings.seq_len, num_layers, why, method="eek", backend=backend, policy=label)
             )
     try:
-        methods = _methods(
-            model, adapter, variants, ids, mask, pattern, eek_backends, steps, device, peers, peer_models, baselines
-        )
-        rows = _measure(model, methods, pattern, adapter, ids, mask, seq_len, device, dtype, repeats, measure_memory)
+        methods = _methods(work, variants, settings, peer_models)
+        rows = _measure(work, methods, settings)
     finally:
         if restore is not None:
             restore()
@@ -298,7 +320,10 @@ def measure_pattern(
     return rows + skipped_rows
 
 
-def _measure(model, methods, pattern, adapter, ids, mask, seq_len, device, dtype, repeats, measure_memory):
+def _measure(work: _Workload, methods: list[Method], settings: MeasureSettings) -> list[dict]:
+    """Warm up, check and time ``methods`` on ``work`` (interleaved), with the layers and as identities."""
+    model, pattern = work.model, work.pattern
+    seq_len, device, dtype, repeats = settings.seq_len, settings.device, settings.dtype, settings.repeats
     num_layers = model.config.num_hidden_layers
     f_actual = pattern.f_actual(num_layers)
     skipped_rows = []
@@ -314,7 +339,7 @@ def _measure(model, methods, pattern, adapter, ids, mask, seq_len, device, dtype
                     pattern, seq_len, num_layers, str(err), method=method.name, backend=method.backend, peer=method.peer
                 )
             )
-    probes = shape_probes(pattern, num_layers, seq_len, adapter, device, dtype)
+    probes = shape_probes(pattern, num_layers, seq_len, work.adapter, device, dtype)
     for probe in probes.values():
         probe()
     layer_times: dict[tuple[int, int], list[float]] = {shape: [] for shape in probes}
@@ -347,7 +372,7 @@ def _measure(model, methods, pattern, adapter, ids, mask, seq_len, device, dtype
                 nonlayer[method].append(timed_call(method.run, device)[0])
 
     memory = {}
-    if measure_memory:
+    if settings.measure_memory:
         for method in methods:
             method.prepare(TIMED)
             memory[method] = peak_memory(method.run, device)

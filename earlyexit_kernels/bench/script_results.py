@@ -1,5 +1,9 @@
 """What the JSON result of a script under ``benchmarks/`` opens with, and where it is written:
-``--output`` (the JSON) and ``--readme`` (its generated Markdown section)."""
+``--output`` (the JSON, under ``benchmarks/results/``) and ``--readme`` (its generated Markdown section).
+
+A script sits in the folder of its kind (``benchmarks/statistics/``, ``profiles/``, ``simulations/``,
+``micro/``, ``quality/``: ``benchmarks/README.md``) and passes :func:`run_conditions` its path from the
+repository root, which the result's ``command`` records."""
 
 from __future__ import annotations
 

@@ -349,6 +349,7 @@ def load_task(texts: int | None, folder: Path | None = None):
     ``make demo`` fits on MiniLM-L6."""
     from earlyexit_kernels.demo.real_demo import FIT_OPTIONS, fitted_folder
     from earlyexit_kernels.demo.real_task import FineTuneRecipe, fine_tuned_minilm, load_rotten_tomatoes
+    from earlyexit_kernels.patching.fit_record import FitRecord
     from earlyexit_kernels.patching.loading import from_pretrained
     from earlyexit_kernels.patching.patch import unpatch
     from earlyexit_kernels.training.labelled_texts import LabelledTexts, encode, length_sorted_batches
@@ -357,7 +358,7 @@ def load_task(texts: int | None, folder: Path | None = None):
     if folder is None:
         _, tokenizer, info = fine_tuned_minilm(FineTuneRecipe(), progress=False)
         folder = fitted_folder(info["path"], dict(FIT_OPTIONS))
-        if not (folder / "eek_fit.json").is_file():
+        if FitRecord.read(folder) is None:
             raise SystemExit(
                 f"the stack benchmark runs the exit heads `make demo` fits; none in {folder}: run `make demo` first"
             )

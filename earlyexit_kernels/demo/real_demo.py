@@ -63,6 +63,7 @@ from earlyexit_kernels.demo.real_task import (
     load_rotten_tomatoes,
 )
 from earlyexit_kernels.engine.classify import classify
+from earlyexit_kernels.patching.fit_record import FitRecord
 from earlyexit_kernels.patching.loading import from_pretrained
 from earlyexit_kernels.patching.patch import policy_of, unpatch
 
@@ -272,10 +273,10 @@ def run(args) -> None:
     options = {**FIT_OPTIONS, "max_drop": args.max_drop, "confidence": args.confidence}
     folder = fitted_folder(info["path"], options)
     command = shlex.join(fit_command(files, folder, options))
-    summary = folder / "eek_fit.json"
-    if summary.is_file() and not args.refit:
+    record = FitRecord.read(folder)
+    if record is not None and not args.refit:
         stages.start("the exit heads: loading them from the cache")
-        report = FitReport(**{k: v for k, v in json.loads(summary.read_text()).items() if k != "source_model"})
+        report = FitReport(**record.report)
         print(f"2. exit heads: loaded from {folder} (fitted earlier as `{command}` fits them; --refit fits again)")
     else:
         stages.start(

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from earlyexit_kernels.patching.exit_files import CONFIG_FILE, policy_to_dict
+from earlyexit_kernels.patching.fit_record import FitRecord
 from earlyexit_kernels.patching.patch import policy_of
 
 __all__ = ["calibrate_folder", "saved_budget", "saved_path"]
@@ -38,10 +39,8 @@ def saved_path(path: str) -> list | None:
     """The ordered candidates ``eek fit`` certified along (``certified_path`` of ``path/eek_fit.json``), or None."""
     from earlyexit_kernels.methods.policy_spec import parse_policy
 
-    try:
-        codes = json.loads((Path(path) / "eek_fit.json").read_text()).get("certified_path")
-    except (OSError, ValueError, AttributeError):
-        return None
+    record = FitRecord.read(path)
+    codes = None if record is None else record.certified_path
     if not codes or not isinstance(codes, list):
         return None
     try:
@@ -169,40 +168,10 @@ def _write_back(folder: Path, model, report, source: str, base: str) -> None:
         config = json.loads(config_path.read_text())
         config["policy"] = policy_to_dict(policy_of(model))
         config_path.write_text(json.dumps(config, indent=2))
-        summary_path = partial / "eek_fit.json"
-        try:
-            summary = json.loads(summary_path.read_text())
-        except (OSError, ValueError):
-            summary = {}
+        record = FitRecord.read(partial) or FitRecord()  # none, or unreadable: the new fields alone
         when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        history = list(summary.get("recalibrations") or [])
-        history.append(
-            {
-                "when": when,
-                "source": source,
-                "rows": report.rows,
-                "previous_policy": report.previous_policy,
-                "policy": report.policy,
-                "previous_mean_layers": report.previous_mean_layers,
-                "mean_layers": report.mean_layers,
-                "base": base,
-            }
-        )
-        summary.update(
-            policy=report.policy,
-            target=report.target,
-            accuracy=report.accuracy,
-            full_accuracy=report.full_accuracy,
-            mean_layers=report.mean_layers,
-            met=report.met,
-            confidence=report.confidence,
-            certificate=report.certificate,
-            calibration_rows=report.rows,
-            calibration_source=f"from {source} (eek calibrate)",
-            base=base,
-            recalibrations=history,
-        )
-        summary_path.write_text(json.dumps(summary, indent=2))
+        record.recalibrated(report, when=when, source=source, base=base)
+        record.save(partial)
         old = folder.with_name(f".{folder.name}-replaced-{os.getpid()}")
         os.replace(folder, old)
         try:

@@ -9,12 +9,14 @@ with it is a :class:`ModelFolderError` whose message says what to change.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
+
+from earlyexit_kernels.patching.fit_record import FILE as FIT_FILE
+from earlyexit_kernels.patching.fit_record import FitRecord
 
 __all__ = [
     "ModelFolderError",
@@ -166,12 +168,10 @@ def certified_base(path: str) -> str | None:
     """The base the threshold in ``path/eek_fit.json`` was certified on: ``float32``, ``bfloat16`` or
     ``int8`` (what ``eek calibrate --dtype`` recorded; ``eek fit`` certifies on the saved float32
     model), or None where nothing is certified."""
-    if fit_certificate(path) is None:
+    record = FitRecord.read(path)
+    if record is None or usable_certificate(record.certificate, record.target) is None:
         return None
-    try:
-        base = json.loads((Path(path) / "eek_fit.json").read_text()).get("base")
-    except (OSError, ValueError, AttributeError):
-        return None
+    base = record.base
     return base if base in ("float32", "bfloat16", "int8") else "float32"  # "as saved": eek fit's float32
 
 
@@ -195,13 +195,8 @@ def fit_certificate(path: str) -> dict | None:
     """The certificate ``eek fit`` saved in ``path/eek_fit.json`` (``budget``, a fraction, ``confidence``,
     ``risk``, ``rows``, ``bound``, ``certified``, ..., with the fit's ``target``), or None: no such file,
     a fit that did not certify (``confidence`` null), or one whose risk is not counted per row."""
-    try:
-        saved = json.loads((Path(path) / "eek_fit.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(saved, dict):
-        return None
-    return usable_certificate(saved.get("certificate"), saved.get("target"))
+    record = FitRecord.read(path)
+    return None if record is None else usable_certificate(record.certificate, record.target)
 
 
 def usable_certificate(certificate, target) -> dict | None:
@@ -251,7 +246,7 @@ def audit_settings(
     a shift (the demo's folder, audited on its own test split, warned so at -0.12 points lost). Such a
     certificate gives no budget here; the audit reports the disagreement and its bound, and says why."""
     if certificate == SAVED:
-        certificate, where = fit_certificate(path), str(Path(path) / "eek_fit.json")
+        certificate, where = fit_certificate(path), str(Path(path) / FIT_FILE)
     elif certificate is not None:
         certificate = usable_certificate(certificate, certificate.get("target"))
     if certificate is None:
@@ -302,7 +297,7 @@ def save_fitted(model, tokenizer, report, output: Path, *, overwrite: bool, sour
     try:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
-        (partial / "eek_fit.json").write_text(json.dumps({"source_model": source, **report.as_dict()}, indent=2))
+        FitRecord(report=report.as_dict(), source_model=source).save(partial)
         if output.exists():
             if not overwrite and any(output.iterdir()):
                 raise FitError(f"OUTPUT_DIR {output} appeared while fitting; pass --overwrite to replace it")
