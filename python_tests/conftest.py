@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import os
+from pathlib import Path
 
 import torch
 
