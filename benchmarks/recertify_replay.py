@@ -471,8 +471,8 @@ def _subset_pools(splits, logits: torch.Tensor) -> list[tuple[str, str, list[int
 
 def _record(model, tokenizer, texts: list[str], path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each candidate's losses and layers on ``texts`` in their order, and every head's logits [L, n, C]."""
-    from earlyexit_kernels.training.exit_record import record_exits
     from earlyexit_kernels.training.labelled_texts import LabelledTexts, encode, length_sorted_batches
+    from earlyexit_kernels.training.record_exits import record_exits
 
     data = LabelledTexts(list(texts), None, None, "pool", "label")
     batches = length_sorted_batches(encode(tokenizer, data, 128), None, 64)

@@ -11,6 +11,8 @@ The public API is described in ``docs/api.md``; the semantics of each exit metho
 
 from typing import TYPE_CHECKING
 
+from earlyexit_kernels._version import __version__ as __version__
+
 if TYPE_CHECKING:
     from earlyexit_kernels.backends.registry import backend_status
     from earlyexit_kernels.engine.audit import AuditWatch
@@ -78,8 +80,6 @@ _EXPORTS = {
     "SkipGates": "earlyexit_kernels.methods.policies",
     "Voting": "earlyexit_kernels.methods.policies",
 }
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AuditWatch",

@@ -56,7 +56,7 @@ import time
 
 import torch
 
-from earlyexit_kernels import __version__
+from earlyexit_kernels._version import __version__
 from earlyexit_kernels.demo.task import batches, make_split
 from earlyexit_kernels.methods.policies import Patience
 from earlyexit_kernels.methods.policy_spec import parse_policy

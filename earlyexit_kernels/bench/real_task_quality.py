@@ -295,7 +295,7 @@ def write_csv(
     """Write ``rows`` after ``kept`` (the comment lines and rows of an earlier run, ``--append``)."""
     import transformers
 
-    from earlyexit_kernels import __version__
+    from earlyexit_kernels._version import __version__
     from earlyexit_kernels.bench.results import cpu_name
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

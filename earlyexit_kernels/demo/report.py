@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from earlyexit_kernels import __version__
+from earlyexit_kernels._version import __version__
 from earlyexit_kernels.demo.task import VOCAB_SIZE, batches, make_split
 from earlyexit_kernels.engine.classify import classify
 from earlyexit_kernels.methods.policies import Entropy, MaxProb, Patience

@@ -136,9 +136,9 @@ def _written(folder: str, report, force: bool) -> bool:
 
 
 def _audit_record(folder: str, audit_file: str, model):
-    """The :class:`~earlyexit_kernels.training.exit_record.ExitRecord` of an audit record, checked against
+    """The :class:`~earlyexit_kernels.calibration.record.ExitRecord` of an audit record, checked against
     ``folder``: its path, layers and labels; and what was served when it was written."""
-    from earlyexit_kernels.training.exit_record import ExitRecord
+    from earlyexit_kernels.calibration.record import ExitRecord
     from earlyexit_kernels.training.online_certificate import RecertifyError, load_audit_record
 
     payload = load_audit_record(audit_file)

@@ -109,7 +109,6 @@ def calibrate_texts(
     """
     import torch
 
-    from earlyexit_kernels.training.exit_record import record_exits
     from earlyexit_kernels.training.labelled_texts import (
         encode,
         joined_texts,
@@ -117,6 +116,7 @@ def calibrate_texts(
         length_sorted_batches,
         split_unlabelled,
     )
+    from earlyexit_kernels.training.record_exits import record_exits
 
     if not max_drop >= 0:
         raise FitError(f"--max-drop must be >= 0 accuracy points, got {max_drop}")
@@ -149,12 +149,12 @@ def calibrate_record(
     path: list | None = None,
     unlabelled=None,
 ) -> CalibrationReport:
-    """:func:`calibrate_texts` on rows already recorded (:class:`~earlyexit_kernels.training.exit_record.ExitRecord`:
+    """:func:`calibrate_texts` on rows already recorded (:class:`~earlyexit_kernels.calibration.record.ExitRecord`:
     every head's logits, e.g. the audited rows of ``eek serve --audit-record``); the model ends patched
     with the chosen policy."""
+    from earlyexit_kernels.calibration.record import replay
     from earlyexit_kernels.patching.patch import backend_of, patch, policy_of
     from earlyexit_kernels.training.calibration import calibrate, describe
-    from earlyexit_kernels.training.exit_record import replay
 
     if not max_drop >= 0:
         raise FitError(f"--max-drop must be >= 0 accuracy points, got {max_drop}")

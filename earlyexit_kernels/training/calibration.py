@@ -1,7 +1,7 @@
 """Calibrate an exit policy on a validation set: pick the threshold (patience, q, votes) for a target.
 
 Every head runs once on the validation set (``return_all_exits=True``,
-:mod:`~earlyexit_kernels.training.exit_record`); each candidate policy is then replayed offline on the recorded logits and halting logits with
+:mod:`~earlyexit_kernels.calibration.record`); each candidate policy is then replayed offline on the recorded logits and halting logits with
 :func:`earlyexit_kernels.methods.exit_rules.exit_step`, the step the engine applies, in the same
 order and with the same state, so the replay makes exactly the decisions of the
 patched model's all-exits forward (``out.exit_layer``, ``out.layers_run``) on that data.
@@ -43,6 +43,17 @@ from dataclasses import dataclass
 
 import torch
 
+from earlyexit_kernels.calibration.record import (
+    TARGETS,
+    CurvePoint,
+    ExitRecord,
+    Replay,
+    accuracy,
+    micro_f1,
+    references,
+    replay,
+    resolve_target,
+)
 from earlyexit_kernels.methods.exit_rules import entropy
 from earlyexit_kernels.methods.policies import (
     DACT,
@@ -56,18 +67,7 @@ from earlyexit_kernels.methods.policies import (
     Voting,
 )
 from earlyexit_kernels.training.certified_calibration import certify
-from earlyexit_kernels.training.exit_record import (
-    TARGETS,
-    CurvePoint,
-    ExitRecord,
-    Replay,
-    _resolve_target,
-    accuracy,
-    micro_f1,
-    record_exits,
-    references,
-    replay,
-)
+from earlyexit_kernels.training.record_exits import record_exits
 
 __all__ = [
     "CalibrationWarning",
@@ -341,7 +341,7 @@ def calibrate(
         if isinstance(model_or_record, ExitRecord):
             raise ValueError("unlabelled batches are run by the model: give an ExitRecord with a record")
         unlabelled = record_exits(model_or_record, unlabelled)
-    measure = _resolve_target(record, target)
+    measure = resolve_target(record, target)
     refs = references(record, measure)
     measure_name = getattr(metric, "__name__", "metric") if metric is not None else measure
     curve = accuracy_curve(record, candidates(record, policy, count=count), target=measure, metric=metric)

@@ -36,6 +36,15 @@ from dataclasses import dataclass
 
 import torch
 
+from earlyexit_kernels.calibration.record import (
+    CurvePoint,
+    ExitRecord,
+    accuracy,
+    is_multi_label_record,
+    references,
+    replay,
+    resolve_target,
+)
 from earlyexit_kernels.methods.policies import (
     DACT,
     Entropy,
@@ -58,15 +67,6 @@ from earlyexit_kernels.methods.risk_control import (
     rows_to_certify,
 )
 from earlyexit_kernels.training.certified_paths import choose_path
-from earlyexit_kernels.training.exit_record import (
-    CurvePoint,
-    ExitRecord,
-    _is_multi_label,
-    _resolve_target,
-    accuracy,
-    references,
-    replay,
-)
 
 __all__ = ["GRID_STEPS", "RISKS", "Certificate", "certified_candidates", "row_losses", "certify"]
 
@@ -224,7 +224,7 @@ def row_losses(logits: torch.Tensor, record: ExitRecord, target: str) -> torch.T
     ``"agreement"``: in [0, 1]; ``"accuracy"``: paired, in [-1, 1] (the full model's correctness
     minus the exit's), its mean the accuracy lost."""
     full = record.all_logits[-1].float()
-    if _is_multi_label(record):
+    if is_multi_label_record(record):
         exit_says, full_says = logits.float() > 0, full > 0
         if target == "agreement":
             return (exit_says != full_says).double().mean(-1)
@@ -300,7 +300,7 @@ def certify(
     certificate).
     """
     budget, confidence = check_budget(budget), check_confidence(confidence)
-    target = _resolve_target(record, target)
+    target = resolve_target(record, target)
     if unlabelled is not None:
         _check_unlabelled(record, unlabelled)
         if target == "agreement":  # disagreement needs no label: they are calibration rows like the others
@@ -356,7 +356,7 @@ def certify(
     certificate = Certificate(
         budget=budget,
         confidence=confidence,
-        risk=(_MULTI_LABEL_RISKS if _is_multi_label(record) else RISKS)[target],
+        risk=(_MULTI_LABEL_RISKS if is_multi_label_record(record) else RISKS)[target],
         rows=rows,
         observed=float(chosen_losses.mean()),
         bound=risk_upper_bound(chosen_losses, confidence),
@@ -390,7 +390,7 @@ def _check_unlabelled(record: ExitRecord, unlabelled: ExitRecord) -> None:
             f"{unlabelled.all_logits.shape[2]} labels, the calibration rows with {record.all_logits.shape[0]} and "
             f"{record.all_logits.shape[2]}: record both with the same model"
         )
-    if _is_multi_label(record):
+    if is_multi_label_record(record):
         raise ValueError(
             "unlabelled rows join the certificate of a single-label classifier; a multi-label model's calibration "
             "rows need every label: leave the unlabelled rows out"

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
+from earlyexit_kernels.calibration.record import ExitRecord, replay
 from earlyexit_kernels.methods.exit_rules import entropy
 from earlyexit_kernels.methods.policies import Entropy, ExitPolicy
-from earlyexit_kernels.training.exit_record import ExitRecord, replay
 
 __all__ = [
     "PATHS",

@@ -137,9 +137,9 @@ def candidate_losses(path: list[ExitPolicy], all_logits: torch.Tensor, *, multi_
 
     ``all_logits`` [L, n, C]: every head's logits, the last layer's the full model's. Returns
     ``(losses [M, n] float64 in [0, 1], layers [M, n] float64)`` for the ``M`` candidates of ``path``,
-    each replayed as the engine decides (:func:`~earlyexit_kernels.training.exit_record.replay`)."""
+    each replayed as the engine decides (:func:`~earlyexit_kernels.calibration.record.replay`)."""
+    from earlyexit_kernels.calibration.record import ExitRecord, replay
     from earlyexit_kernels.engine.audit import disagreement
-    from earlyexit_kernels.training.exit_record import ExitRecord, replay
 
     record = ExitRecord(all_logits, None, None, None, path[0])
     full = all_logits[-1].float()

@@ -1,0 +1,11 @@
+"""Calibration over recorded logits: the tensor code that turns every head's logits on some rows into a policy.
+
+One step per module, each a set of stateless functions over the recorded logits (or over a risk
+array per candidate), one floor above :mod:`earlyexit_kernels.methods` (whose
+:mod:`~earlyexit_kernels.methods.risk_control` and :mod:`~earlyexit_kernels.methods.anytime_risk`
+hold the statistics) and below the engine. Nothing here runs, patches or trains a model: recording
+the logits is :func:`earlyexit_kernels.training.record_exits.record_exits`.
+
+- :mod:`.record`: :class:`~.record.ExitRecord` (what a model's all-exits forward recorded), the replay of
+  a policy on it (the engine's decisions), the references it is scored against;
+"""
