@@ -25,8 +25,9 @@ import torch
 from certified_calibration import pool_record  # the same heads on the same pool (this folder is on sys.path)
 
 from earlyexit_kernels.bench.script_results import run_conditions, write_json, write_section
+from earlyexit_kernels.calibration.losses import row_losses
 from earlyexit_kernels.calibration.record import replay
-from earlyexit_kernels.training.certified_calibration import certify, row_losses
+from earlyexit_kernels.training.certified_calibration import certify
 
 START, END = "<!-- certified-paths-redraw:start -->", "<!-- certified-paths-redraw:end -->"
 RISKS = ("agreement", "accuracy")

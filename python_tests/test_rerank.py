@@ -15,10 +15,11 @@ from model_comparison import assert_same_function
 from served_models import cross_encoder_folder, spread
 
 import earlyexit_kernels as eek
+from earlyexit_kernels.calibration.losses import top_k_recall
 from earlyexit_kernels.integrations.model_folder import load_model
 from earlyexit_kernels.methods.exit_rules import exit_step
 from earlyexit_kernels.training import calibration
-from earlyexit_kernels.training.rerank_calibration import calibrate_rerank, ndcg_at, top_k_recall
+from earlyexit_kernels.training.rerank_calibration import calibrate_rerank, ndcg_at
 
 
 @pytest.fixture(scope="module")

@@ -8,4 +8,6 @@ the logits is :func:`earlyexit_kernels.training.record_exits.record_exits`.
 
 - :mod:`.record`: :class:`~.record.ExitRecord` (what a model's all-exits forward recorded), the replay of
   a policy on it (the engine's decisions), the references it is scored against;
+- :mod:`.losses`: each row's loss, the one definition (disagreement, accuracy lost, multi-label,
+  a reranker's missed top k) that certificates, the audit and re-certification count;
 """

@@ -111,9 +111,10 @@ class CandidateTable:
 
     @classmethod
     def of(cls, record, policy, target: str) -> CandidateTable:
+        from earlyexit_kernels.calibration.losses import row_losses
         from earlyexit_kernels.calibration.record import replay
         from earlyexit_kernels.methods.risk_control import is_binary
-        from earlyexit_kernels.training.certified_calibration import certified_candidates, row_losses
+        from earlyexit_kernels.training.certified_calibration import certified_candidates
 
         num_layers, _, num_labels = record.all_logits.shape
         losses, layers = [], []

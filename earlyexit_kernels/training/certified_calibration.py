@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from earlyexit_kernels.calibration.losses import row_losses
 from earlyexit_kernels.calibration.record import (
     CurvePoint,
     ExitRecord,
@@ -68,7 +69,7 @@ from earlyexit_kernels.methods.risk_control import (
 )
 from earlyexit_kernels.training.certified_paths import choose_path
 
-__all__ = ["GRID_STEPS", "RISKS", "Certificate", "certified_candidates", "row_losses", "certify"]
+__all__ = ["GRID_STEPS", "RISKS", "Certificate", "certified_candidates", "certify"]
 
 #: points of the fixed threshold grids (continuous knobs); finer near the conservative end
 GRID_STEPS = 400
@@ -216,24 +217,6 @@ def certified_candidates(
     if isinstance(policy, DACT):
         return [DACT()]
     raise ValueError(f"cannot calibrate a {type(policy).__name__} policy")
-
-
-def row_losses(logits: torch.Tensor, record: ExitRecord, target: str) -> torch.Tensor:
-    """Each calibration row's loss under ``target`` for the early exit's ``logits`` [N, C]: float64 [N].
-
-    ``"agreement"``: in [0, 1]; ``"accuracy"``: paired, in [-1, 1] (the full model's correctness
-    minus the exit's), its mean the accuracy lost."""
-    full = record.all_logits[-1].float()
-    if is_multi_label_record(record):
-        exit_says, full_says = logits.float() > 0, full > 0
-        if target == "agreement":
-            return (exit_says != full_says).double().mean(-1)
-        truth = record.labels > 0.5
-        return ((full_says == truth).double() - (exit_says == truth).double()).mean(-1)
-    exit_class, full_class = logits.float().argmax(-1), full.argmax(-1)
-    if target == "agreement":
-        return (exit_class != full_class).double()
-    return (full_class == record.labels).double() - (exit_class == record.labels).double()
 
 
 def _rows_needed(points, losses_of, budget, confidence, num_layers):

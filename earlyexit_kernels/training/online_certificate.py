@@ -138,15 +138,15 @@ def candidate_losses(path: list[ExitPolicy], all_logits: torch.Tensor, *, multi_
     ``all_logits`` [L, n, C]: every head's logits, the last layer's the full model's. Returns
     ``(losses [M, n] float64 in [0, 1], layers [M, n] float64)`` for the ``M`` candidates of ``path``,
     each replayed as the engine decides (:func:`~earlyexit_kernels.calibration.record.replay`)."""
+    from earlyexit_kernels.calibration.losses import disagreement
     from earlyexit_kernels.calibration.record import ExitRecord, replay
-    from earlyexit_kernels.engine.audit import disagreement
 
     record = ExitRecord(all_logits, None, None, None, path[0])
     full = all_logits[-1].float()
     losses, layers = [], []
     for policy in path:
         out = replay(policy, record)
-        losses.append(torch.tensor(disagreement(out.logits, full, multi_label=multi_label), dtype=torch.float64))
+        losses.append(disagreement(out.logits, full, multi_label=multi_label))
         layers.append(out.layers_run.double())
     return torch.stack(losses), torch.stack(layers)
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from earlyexit_kernels.calibration.losses import missed_top_k, top_k_recall
 from earlyexit_kernels.methods.policies import ScoreBand
 from earlyexit_kernels.training.calibration import ExitRecord, replay
 
@@ -40,8 +41,6 @@ __all__ = [
     "CERTIFIED_LOWS",
     "RerankPoint",
     "RerankCalibration",
-    "top_k_recall",
-    "query_recalls",
     "ndcg_at",
     "rerank_candidates",
     "calibrate_rerank",
@@ -77,41 +76,6 @@ class RerankCalibration:
 def _group_rows(groups: torch.Tensor) -> list[torch.Tensor]:
     groups = torch.as_tensor(groups).reshape(-1)
     return [(groups == g).nonzero().squeeze(-1) for g in torch.unique(groups)]
-
-
-def top_k_recall(scores: torch.Tensor, full_scores: torch.Tensor, groups: torch.Tensor, k: int = 10) -> float:
-    """Mean over queries of ``|top_k(scores) & top_k(full_scores)| / min(k, n_query)``.
-
-    ``scores``, ``full_scores``: [N]; ``groups``: [N] query of each row. Ties in a top k
-    go to the earlier row, as :func:`earlyexit_kernels.engine.rerank.rank_order` does.
-    """
-    recalls = query_recalls(scores, full_scores, groups, k)
-    return float(recalls.mean())
-
-
-def query_recalls(scores: torch.Tensor, full_scores: torch.Tensor, groups: torch.Tensor, k: int = 10) -> torch.Tensor:
-    """Each query's recall of the full model's top ``k`` (float64 [queries], in the order of ``unique(groups)``)."""
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    groups = torch.as_tensor(groups).reshape(-1)
-    _, query = torch.unique(groups, return_inverse=True)
-    order = torch.sort(query, stable=True).indices  # rows by query, each query's rows in their order
-    sizes = torch.bincount(query)
-    starts = torch.cumsum(sizes, 0) - sizes
-    slot = torch.arange(order.numel()) - starts[query[order]]
-    width = int(sizes.max())
-
-    def top_of(values: torch.Tensor) -> torch.Tensor:
-        table = torch.full((sizes.numel(), width), -math.inf, dtype=torch.float64)
-        table[query[order], slot] = values[order].double()
-        # descending and stable: ties go to the earlier row, and padding (after every row) last
-        rank = torch.empty_like(table, dtype=torch.long)
-        ranking = torch.sort(table, dim=1, descending=True, stable=True).indices
-        rank.scatter_(1, ranking, torch.arange(width).expand_as(ranking).contiguous())
-        return rank < torch.clamp(sizes, max=k)[:, None]
-
-    size = torch.clamp(sizes, max=k).double()
-    return (top_of(scores) & top_of(full_scores)).sum(1).double() / size
 
 
 def _top(values: torch.Tensor, size: int) -> list[int]:
@@ -211,7 +175,7 @@ def _certified_rerank(record, groups, full, k, min_recall, confidence, policy) -
 
     def p_value(index: int) -> float:
         result = replay(grid[index], record)
-        losses[index] = 1.0 - query_recalls(result.logits[:, 0], full, groups, k)
+        losses[index] = missed_top_k(result.logits[:, 0], full, groups, k)
         points[index] = RerankPoint(
             grid[index], 1.0 - float(losses[index].mean()), result.layers_run.float().mean().item()
         )
