@@ -13,6 +13,7 @@ import math
 import torch
 
 import earlyexit_kernels as eek
+from earlyexit_kernels.calibration.candidates import certified_candidates
 from earlyexit_kernels.calibration.losses import row_losses
 from earlyexit_kernels.calibration.record import ExitRecord, replay
 from earlyexit_kernels.methods.risk_control import binomial_p_value
@@ -23,7 +24,6 @@ from earlyexit_kernels.training.calibration_share import (
     predicted_layers,
     redraws,
 )
-from earlyexit_kernels.training.certified_calibration import certified_candidates
 
 ROWS, LAYERS = 1031, 6
 POLICY = eek.Entropy(0.1)

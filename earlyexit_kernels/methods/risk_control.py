@@ -50,7 +50,6 @@ __all__ = [
     "risk_upper_bound",
     "count_p_value",
     "is_binary",
-    "require_rows",
     "fixed_sequence",
     "rows_to_certify",
 ]
@@ -244,17 +243,6 @@ def risk_upper_bound(losses: torch.Tensor, confidence: float) -> float:
     if bool((losses < 0).any()):
         return paired_upper_bound(losses, confidence)
     return upper_bound(float(losses.sum()), losses.numel(), confidence, binary=is_binary(losses))
-
-
-def require_rows(rows: int, budget: float, confidence: float, *, unit: str = "rows", hint: str = "") -> None:
-    """A ``ValueError`` when ``rows`` cannot certify ``budget`` at ``confidence`` even for a loss of 0."""
-    least = rows_to_certify(0.0, budget, confidence)
-    if least is None or rows < least:
-        raise ValueError(
-            f"{rows} calibration {unit} cannot certify a risk budget of {100 * budget:g}% at confidence "
-            f"{100 * confidence:g}%: even a policy that never errs needs {least} {unit} "
-            f"(log(1 - confidence) / log(1 - budget)); give more calibration {unit}{hint} or a lower confidence"
-        )
 
 
 def fixed_sequence(p_values: Sequence[float] | Callable[[int], float], count: int, delta: float) -> int:

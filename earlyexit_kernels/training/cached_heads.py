@@ -267,8 +267,8 @@ def cached_record(model, cache: ExitInputCache, chunk: int = 4096):
     cache was made from (the heads in eval mode), for calibrating right after training on
     cached inputs. Not for ``SkipGates`` (the cache has no skips): record that one with a forward.
     """
+    from earlyexit_kernels.calibration.record import ExitRecord
     from earlyexit_kernels.methods.policies import SkipGates
-    from earlyexit_kernels.training.calibration import ExitRecord
 
     policy = state_of(model, "cached_record").policy
     if isinstance(policy, SkipGates):

@@ -111,10 +111,10 @@ class CandidateTable:
 
     @classmethod
     def of(cls, record, policy, target: str) -> CandidateTable:
+        from earlyexit_kernels.calibration.candidates import certified_candidates
         from earlyexit_kernels.calibration.losses import row_losses
         from earlyexit_kernels.calibration.record import replay
         from earlyexit_kernels.methods.risk_control import is_binary
-        from earlyexit_kernels.training.certified_calibration import certified_candidates
 
         num_layers, _, num_labels = record.all_logits.shape
         losses, layers = [], []
@@ -130,15 +130,15 @@ class CandidateTable:
         float64 [draws]."""
         from statistics import NormalDist
 
-        from earlyexit_kernels.methods.risk_control import rows_to_certify
+        from earlyexit_kernels.calibration.certify import least_rows, most_losses
 
         draws = weights.shape[0]
         full = torch.full((draws,), float(self.num_layers), dtype=torch.float64)
-        if calibration_rows < rows_to_certify(0.0, budget, confidence):
+        if calibration_rows < least_rows(budget, confidence):
             return full
         rate = weights @ self.losses.T  # [draws, candidates]
         if self.binary:  # the exact binomial, as certification counts 0/1 losses
-            fails = torch.floor(rate * calibration_rows + 1e-9) > _most_losses(calibration_rows, budget, confidence)
+            fails = torch.floor(rate * calibration_rows + 1e-9) > most_losses(calibration_rows, budget, confidence)
         else:
             spread = (weights @ (self.losses**2).T - rate**2).clamp_min(0.0).sqrt()
             z = NormalDist().inv_cdf(confidence)
@@ -148,21 +148,6 @@ class CandidateTable:
         first_fail = torch.cat([fails, sentinel], dim=1).int().argmax(dim=1)
         mean_layers = torch.cat([full[:, None], weights @ self.layers.T], dim=1)
         return mean_layers.gather(1, first_fail[:, None]).squeeze(1)
-
-
-def _most_losses(rows: int, budget: float, confidence: float) -> int:
-    """The most 0/1 losses among ``rows`` that still certify ``budget`` at ``confidence`` (-1: none do)."""
-    from earlyexit_kernels.methods.risk_control import binomial_p_value
-
-    delta = 1.0 - confidence
-    low, high = -1, rows  # binomial_p_value grows with the losses: the largest k with p <= delta
-    while high - low > 1:
-        middle = (low + high) // 2
-        if binomial_p_value(middle, rows, budget) <= delta:
-            low = middle
-        else:
-            high = middle
-    return low
 
 
 def _point(rows: int) -> torch.Tensor:

@@ -1,6 +1,16 @@
-"""The paths certified calibration walks: ordered candidates, chosen on rows apart from the calibration rows.
+"""The candidates calibration scores, each family's in order: from the recorded logits, on a fixed grid, or along a path.
 
-Certified calibration (:mod:`~earlyexit_kernels.training.certified_calibration`) tests an
+- :func:`candidates`: the uncertified search's, over the quantiles of the recorded heads' values
+  (entropy, top probability, the halting CDF, a multi-label margin) or the family's integer knob;
+- :func:`certified_candidates`: the certificate's fixed grid, from the most conservative candidate
+  (never exits early) to the most aggressive, set by the number of layers and labels only, never by
+  the rows (:data:`GRID_STEPS` points on continuous knobs);
+- :func:`rerank_candidates` and :func:`certified_rerank_candidates`: ``ScoreBand(low)`` for a reranker,
+  over the scores' quantiles or on the fixed grid :data:`CERTIFIED_LOWS`;
+- the paths certified calibration walks, below: ordered candidates chosen on rows apart from the
+  calibration rows.
+
+**The paths.** Certified calibration (:mod:`~earlyexit_kernels.calibration.certify`) tests an
 ordered family of candidates from the most conservative to the most aggressive and keeps the
 last one it certifies. Its guarantee holds for any order fixed before the calibration rows are
 read. Two paths of the ``Entropy`` family:
@@ -24,6 +34,7 @@ stops there (measured: 150 validation rows at 1% chose it, and certified nothing
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -31,9 +42,26 @@ import torch
 
 from earlyexit_kernels.calibration.record import ExitRecord, replay
 from earlyexit_kernels.methods.exit_rules import entropy
-from earlyexit_kernels.methods.policies import Entropy, ExitPolicy
+from earlyexit_kernels.methods.policies import (
+    DACT,
+    Entropy,
+    ExitPolicy,
+    MaxProb,
+    MultiLabelConfidence,
+    Patience,
+    QExit,
+    ScoreBand,
+    SkipGates,
+    Voting,
+)
 
 __all__ = [
+    "CERTIFIED_LOWS",
+    "GRID_STEPS",
+    "candidates",
+    "certified_candidates",
+    "certified_rerank_candidates",
+    "rerank_candidates",
     "PATHS",
     "MIN_GAIN",
     "BUILD_ROWS_PER_BUDGET",
@@ -44,6 +72,12 @@ __all__ = [
     "supports_paths",
 ]
 
+#: points of the fixed threshold grids (continuous knobs); finer near the conservative end
+GRID_STEPS = 400
+#: the fixed grid of ``ScoreBand(low)`` certified calibration tests, most conservative first:
+#: never early, then raw scores from -20 to 20 in steps of 0.05
+CERTIFIED_LOWS = (-1e9, *(round(-20.0 + 0.05 * i, 2) for i in range(801)))
+
 #: the paths, simplest first
 PATHS = ("global", "per_layer")
 #: the mean layers the per-layer path must save on the held-out path rows to be preferred
@@ -52,6 +86,113 @@ MIN_GAIN = 0.05
 MAX_LEVEL = 0.5
 #: the rows the per-layer thresholds are set on, in units of 1 / budget: three errors expected at the budget
 BUILD_ROWS_PER_BUDGET = 3
+
+
+def _quantile_grid(values: torch.Tensor, count: int) -> list[float]:
+    values = values[torch.isfinite(values)].float()
+    if values.numel() == 0:
+        return []
+    if values.numel() > 1_000_000:
+        values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]]
+    grid = torch.quantile(values.double(), torch.linspace(0, 1, count, dtype=torch.float64))
+    return sorted({float(v) for v in grid})
+
+
+def candidates(record: ExitRecord, policy: ExitPolicy | None = None, *, count: int = 60) -> list[ExitPolicy]:
+    """The candidate policies of ``policy``'s family (default: the recorded policy's) for this record."""
+    policy = record.policy if policy is None else policy
+    num_layers = record.num_layers
+    inner = record.all_logits[:-1].float()  # the internal heads decide the early exits
+    if isinstance(policy, (Entropy, SkipGates)):
+        h = entropy(inner)
+        if policy.normalized:
+            h = h / math.log(record.all_logits.shape[-1])
+        # Exit when H < tau: tau = 0 never exits early, a tau above every entropy exits at once.
+        thresholds = [0.0] + [v for v in _quantile_grid(h, count) if v > 0] + [float(h.max()) * 1.001 + 1e-6]
+        if isinstance(policy, SkipGates):
+            return [dataclasses.replace(policy, entropy_threshold=t) for t in thresholds]
+        return [Entropy(t, normalized=policy.normalized) for t in thresholds]
+    if isinstance(policy, MaxProb):
+        probs = torch.softmax(inner, dim=-1).amax(-1)
+        return [MaxProb(t, temperature=policy.temperature) for t in _quantile_grid(probs, count) + [1.0]]
+    if isinstance(policy, Patience):
+        return [Patience(p, regression_threshold=policy.regression_threshold) for p in range(1, num_layers)]
+    if isinstance(policy, Voting):
+        return [Voting(k) for k in range(1, num_layers + 1)]
+    if isinstance(policy, QExit):
+        lam = torch.sigmoid(record.all_halting_logits[:-1].float())
+        cdf = 1.0 - torch.cumprod(1.0 - lam, dim=0)
+        qs = [min(max(v, 1e-6), 1 - 1e-6) for v in _quantile_grid(cdf, count)] + [1 - 1e-6]
+        return [dataclasses.replace(policy, q=q, stochastic=False) for q in sorted(set(qs))]
+    if isinstance(policy, DACT):
+        return [DACT()]
+    if isinstance(policy, MultiLabelConfidence):
+        # A row exits when its least decided label has |z| >= ln(t / (1 - t)): the grid is over that |z|.
+        least = inner.abs().amin(-1)
+        margins = [m for m in _quantile_grid(least, count) if m > 0]
+        thresholds = [0.5] + [1.0 / (1.0 + math.exp(-m)) for m in margins] + [1.0]
+        return [MultiLabelConfidence(t) for t in sorted(set(thresholds))]
+    raise ValueError(f"cannot calibrate a {type(policy).__name__} policy")
+
+
+def _entropy_grid(maximum: float, steps: int) -> list[float]:
+    # Exit when H < tau: tau = 0 never exits early; quadratic spacing resolves the confident end.
+    return [maximum * 1.0001 * (i / steps) ** 2 for i in range(steps + 1)]
+
+
+def certified_candidates(
+    policy: ExitPolicy, num_layers: int, num_labels: int, *, steps: int = GRID_STEPS
+) -> list[ExitPolicy]:
+    """The fixed grid of ``policy``'s family, from the most conservative candidate to the most aggressive.
+
+    It depends on ``num_layers`` and ``num_labels`` only, never on data: that is what lets
+    the fixed-sequence test certify the one it stops at. The first candidate never exits
+    early (for ``QExit`` and ``MaxProb``: only on saturated heads).
+    """
+    if isinstance(policy, (Entropy, SkipGates)):
+        maximum = 1.0 if policy.normalized else math.log(num_labels)
+        grid = _entropy_grid(maximum, steps)
+        if isinstance(policy, SkipGates):
+            return [dataclasses.replace(policy, entropy_threshold=t) for t in grid]
+        return [Entropy(t, normalized=policy.normalized) for t in grid]
+    if isinstance(policy, MaxProb):
+        floor = 1.0 / num_labels
+        return [
+            MaxProb(1.0 - (1.0 - floor) * (i / steps) ** 2, temperature=policy.temperature) for i in range(steps + 1)
+        ]
+    if isinstance(policy, Patience):
+        return [Patience(p, regression_threshold=policy.regression_threshold) for p in range(num_layers - 1, 0, -1)]
+    if isinstance(policy, Voting):
+        return [Voting(k) for k in range(num_layers, 0, -1)]
+    if isinstance(policy, QExit):
+        qs = [min(1.0 - 1e-7, max(1e-7, 1.0 - (i / steps) ** 2)) for i in range(steps + 1)]
+        return [dataclasses.replace(policy, q=q, stochastic=False) for q in dict.fromkeys(qs)]
+    if isinstance(policy, MultiLabelConfidence):
+        return [MultiLabelConfidence(1.0 - 0.5 * (i / steps) ** 2) for i in range(steps + 1)]
+    if isinstance(policy, DACT):
+        return [DACT()]
+    raise ValueError(f"cannot calibrate a {type(policy).__name__} policy")
+
+
+def rerank_candidates(record: ExitRecord, policy: ScoreBand | None = None, *, count: int = 60) -> list[ScoreBand]:
+    """``ScoreBand(low=t)`` (with ``policy.high``) for ``t`` over the internal heads' score quantiles."""
+    high = policy.high if policy is not None else None
+    inner = record.all_logits[:-1, :, 0].float().reshape(-1)
+    inner = inner[torch.isfinite(inner)]
+    if inner.numel() == 0:
+        raise ValueError("the record has no finite scores from the internal heads (a one-layer model?)")
+    grid = torch.quantile(inner.double(), torch.linspace(0, 1, count, dtype=torch.float64)).tolist()
+    never = float(inner.min()) - 1.0
+    lows = sorted({never, *grid})
+    if high is not None:
+        lows = [t for t in lows if t < high]
+    return [ScoreBand(low=t, high=high) for t in lows]
+
+
+def certified_rerank_candidates(policy: ScoreBand | None = None) -> list[ScoreBand]:
+    """``ScoreBand(low)`` on the fixed grid :data:`CERTIFIED_LOWS` (keeping ``policy.high``), most conservative first."""
+    high = policy.high if policy is not None else None
+    return [ScoreBand(low=t, high=high) for t in CERTIFIED_LOWS if high is None or t < high]
 
 
 def per_layer_rows_needed(budget: float) -> int:
