@@ -10,7 +10,7 @@ is MiniLM-L6 fine-tuned on that train split (cached, ``make demo``'s recipe).
 
 Every head's logits are recorded once, with the fitted folder, on the stream pool (the test
 split, 2,500 rows the classifier, the heads and the certificate never saw) and on each drift
-pool; :func:`~earlyexit_kernels.training.online_certificate.candidate_losses` turns them into each
+pool; :func:`~earlyexit_kernels.calibration.online.candidate_losses` turns them into each
 candidate's per-row disagreement and layers run. A stream then re-draws pool rows with
 replacement and audits each with probability AUDIT; only the audited rows reach the certifier
 (the served rows between two of them change nothing), and an audited row is a uniform draw from
@@ -71,9 +71,9 @@ from pathlib import Path
 import torch
 
 from earlyexit_kernels.bench.script_results import run_conditions, write_json, write_section
+from earlyexit_kernels.calibration.online import OnlineCertificate, candidate_losses
 from earlyexit_kernels.integrations.recertify_folder import certificate_of_folder
 from earlyexit_kernels.methods.risk_control import binomial_p_value
-from earlyexit_kernels.training.online_certificate import OnlineCertificate, candidate_losses
 
 START, END = "<!-- recertify-replay:start -->", "<!-- recertify-replay:end -->"
 BUDGET_POINTS, CONFIDENCE, AUDIT = 1.0, 0.95, 0.05

@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import benchmark_script
 
+from earlyexit_kernels.calibration.online import OnlineCertificate
 from earlyexit_kernels.methods.policies import Entropy
-from earlyexit_kernels.training.online_certificate import OnlineCertificate
 
 BUDGET, CONFIDENCE = 0.05, 0.95
 

@@ -67,10 +67,12 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from earlyexit_kernels.calibration.losses import disagreement
+from earlyexit_kernels.calibration.online import OnlineCertificate
 from earlyexit_kernels.methods.policies import MULTI_LABEL
 from earlyexit_kernels.methods.risk_control import (
     betting_p_value,
     binomial_cdf,
+    check_fraction,
     count_p_value,
     kl_bernoulli,
     paired_upper_bound,
@@ -80,27 +82,11 @@ from earlyexit_kernels.methods.risk_control import (
 __all__ = [
     "AuditRunner",
     "AuditWatch",
-    "check_fraction",
     "full_depth_logits",
     "upper_bound",
 ]
 
 logger = logging.getLogger("earlyexit_kernels.audit")
-
-
-def check_fraction(fraction: float) -> float:
-    """``fraction`` as a float, or a ``ValueError`` saying what a valid one is."""
-    if (
-        isinstance(fraction, bool)
-        or not isinstance(fraction, (int, float))
-        or not math.isfinite(fraction)
-        or not 0.0 <= fraction <= 1.0
-    ):
-        raise ValueError(
-            f"the audit fraction must be a number in [0, 1] (0.05: one sequence in twenty also runs the full "
-            f"model; 0: no audit), got {fraction!r}"
-        )
-    return float(fraction)
 
 
 def _check_confidence(confidence: float) -> float:
@@ -145,7 +131,7 @@ def full_depth_logits(
     ``all_exits``: every layer's head logits too, [L, n, C], the last layer's the full model's: the
     patched model's all-exits forward (every layer on every row, the model's own classifier last),
     what online re-certification replays its candidates on
-    (:mod:`~earlyexit_kernels.training.online_certificate`).
+    (:mod:`~earlyexit_kernels.calibration.online`).
 
     It runs the model's class's own forward on the patched model: the unpatched Hugging Face
     forward on the same weights (``eek.patch`` replaces the instance's ``forward`` only), with no
@@ -517,7 +503,7 @@ class AuditRunner:
     and of the server (which runs it on a thread of its own, :mod:`earlyexit_kernels.integrations.server.audit_worker`).
 
     :meth:`full_logits` runs the full model (:func:`full_depth_logits`; with ``certificate``, an
-    :class:`~earlyexit_kernels.training.online_certificate.OnlineCertificate`, its all-exits forward,
+    :class:`~earlyexit_kernels.calibration.online.OnlineCertificate`, its all-exits forward,
     every head's logits recorded in the certificate, and ``on_move(policy)`` called when it moves the
     served policy); :meth:`record` counts the early exits' losses against it in ``watch``, with the
     full model's time since the last record.
@@ -530,7 +516,7 @@ class AuditRunner:
         *,
         max_batch_size: int = 64,
         max_tokens: int | None = None,
-        certificate=None,
+        certificate: OnlineCertificate | None = None,
         on_move=None,
         multi_label: bool | None = None,
     ):

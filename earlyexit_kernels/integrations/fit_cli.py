@@ -460,7 +460,7 @@ def _calibrate(args) -> int:
     if (args.data is None) == (args.from_audit is None):
         raise FitError("give FILE (the rows to certify on) or --from-audit RECORD, one of them")
     if args.from_audit is not None:
-        from earlyexit_kernels.training.online_certificate import RecertifyError
+        from earlyexit_kernels.calibration.online import RecertifyError
 
         if args.unlabelled is not None:
             raise FitError("--unlabelled joins FILE's rows; an audit record's rows carry no labels: leave it out")

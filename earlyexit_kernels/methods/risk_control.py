@@ -37,6 +37,7 @@ import torch
 __all__ = [
     "check_confidence",
     "check_budget",
+    "check_fraction",
     "binomial_cdf",
     "binomial_p_value",
     "kl_bernoulli",
@@ -63,6 +64,22 @@ def check_confidence(confidence: float) -> float:
             f"probability 95% over the draw of the calibration rows), got {confidence!r}"
         )
     return float(confidence)
+
+
+def check_fraction(fraction: float) -> float:
+    """The audit's ``fraction`` (the share of served rows also run at full depth, what the online tests read)
+    as a float, or a ``ValueError`` saying what a valid one is."""
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float))
+        or not math.isfinite(fraction)
+        or not 0.0 <= fraction <= 1.0
+    ):
+        raise ValueError(
+            f"the audit fraction must be a number in [0, 1] (0.05: one sequence in twenty also runs the full "
+            f"model; 0: no audit), got {fraction!r}"
+        )
+    return float(fraction)
 
 
 def check_budget(budget: float) -> float:
