@@ -406,14 +406,9 @@ def fit_model(
     share = None
     if calibration is None and confidence is not None:
         if calibration_fraction == AUTO_SHARE:
-            from earlyexit_kernels.training.calibration_share import choose_share
+            from earlyexit_kernels.training.calibration_share import ShareSettings, choose_share
 
-            share = choose_share(
-                model,
-                encoded_train,
-                train_ids,
-                encoded_val,
-                val_ids,
+            settings = ShareSettings(
                 method=method,
                 pooling=pooling,
                 head=head,
@@ -423,6 +418,7 @@ def fit_model(
                 budget=max_drop / 100.0,
                 confidence=confidence,
             )
+            share = choose_share(model, encoded_train, train_ids, encoded_val, val_ids, settings)
             rest, held, fraction = share.train, share.calibration, CALIBRATION_FRACTION
         else:
             rest, held, fraction = _split_for_calibration(len(train), calibration_fraction, seed)
