@@ -2,7 +2,7 @@
 
 The accuracy lost is 0 wherever the exit predicts the full model's class; the full model's own
 probabilities predict it where they differ. Prediction-powered inference bounds that prediction on
-every row and its error on the labelled rows (``training/prediction_powered.py``). Checked as the
+every row and its error on the labelled rows (``calibration/prediction_powered.py``). Checked as the
 guarantee is stated (the budget holds over many draws of the calibration rows), on a constructed
 case where the unlabelled rows certify fewer layers, and on one where the validation rows say they
 would not help, so the labelled rows certify alone.
