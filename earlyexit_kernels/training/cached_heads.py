@@ -272,7 +272,9 @@ def cached_record(model, cache: ExitInputCache, chunk: int = 4096):
 
     policy = state_of(model, "cached_record").policy
     if isinstance(policy, SkipGates):
-        raise ValueError("a SkipGates record needs the gates' skips: use training.record_exits.record_exits(model, batches)")
+        raise ValueError(
+            "a SkipGates record needs the gates' skips: use training.record_exits.record_exits(model, batches)"
+        )
     was_training = model.training
     model.eval()
     logits, halting = [], []

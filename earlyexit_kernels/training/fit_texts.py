@@ -16,7 +16,6 @@ saves (``eek_fit.json``). Without labels the heads learn the final classifier's 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import sys
 import warnings
@@ -32,17 +31,20 @@ from earlyexit_kernels.training.fit_checks import (
     check_kept_out,
     least_rows_to_certify,
 )
+from earlyexit_kernels.training.fit_config import AUTO_SHARE, CALIBRATION_FRACTION, CONFIDENCE, FitConfig
 from earlyexit_kernels.training.recipes import RECIPES
 
 __all__ = [
     "AUTO_SHARE",
     "CALIBRATION_FRACTION",
     "CONFIDENCE",
+    "FitConfig",
     "FitError",
     "FitReport",
     "METHODS",
     "UNLABELLED_METHODS",
     "fit_model",
+    "fit_with_config",
     "train_and_calibrate",
 ]
 
@@ -50,14 +52,6 @@ __all__ = [
 METHODS = tuple(RECIPES)
 #: the methods that train without labels (self-distillation from the final classifier)
 UNLABELLED_METHODS = tuple(name for name, r in RECIPES.items() if not r.needs_labels)
-
-
-#: the confidence ``eek fit`` certifies its budget with unless told otherwise
-CONFIDENCE = 0.95
-#: the part of the training rows ``eek fit`` keeps out to certify on where the share is not measured
-CALIBRATION_FRACTION = 0.25
-#: ``calibration_fraction`` that measures the share on the rows (:mod:`~earlyexit_kernels.training.calibration_share`)
-AUTO_SHARE = "auto"
 
 
 @dataclass
@@ -171,17 +165,6 @@ def seeded(seed: int):
     return context()
 
 
-def _under_seed(fit):
-    """``fit`` run under its keyword ``seed`` (:func:`seeded`)."""
-
-    @functools.wraps(fit)
-    def seeded_fit(*args, **kwargs):
-        with seeded(kwargs.get("seed", 0)):
-            return fit(*args, **kwargs)
-
-    return seeded_fit
-
-
 def _describe_paths(certificate: dict, rows: int) -> str:
     """Which path was certified along, and what each needed on the held-out half of the validation rows."""
     needed = ", ".join(
@@ -212,34 +195,31 @@ def train_and_calibrate(
     train_labels: torch.Tensor | None,
     validation,
     validation_labels: torch.Tensor | None,
+    config: FitConfig,
     *,
-    method: str,
-    pooling: str | None,
-    head: str | None,
-    max_drop: float,
-    epochs: int | None,
-    lr: float | None,
-    batch_size: int,
-    seed: int,
-    progress: bool,
     calibration=None,
     calibration_labels: torch.Tensor | None = None,
-    confidence: float | None = None,
     unlabelled=None,
 ) -> FitReport:
-    """Train ``model``'s exit heads with ``method``'s recipe on ``train`` (:class:`Encoded` rows) and calibrate
-    on ``validation`` (:func:`earlyexit_kernels.training.fit_exit_heads`); returns a :class:`FitReport`.
+    """Train ``model``'s exit heads with ``config.method``'s recipe on ``train`` (:class:`Encoded` rows) and
+    calibrate on ``validation`` (:func:`earlyexit_kernels.training.fit_exit_heads`); returns a :class:`FitReport`.
+    ``config``: the fit's settings (:class:`~earlyexit_kernels.training.fit_config.FitConfig`; its
+    ``max_length``, ``calibration_fraction`` and ``validation_split`` were spent on the rows already).
 
     ``train_labels`` / ``validation_labels``: LongTensor [N] of class ids, or both None
-    (self-distillation, calibrated on agreement). ``pooling`` / ``head``: the internal heads'
-    (None: the family's default, see ``patch``). ``calibration`` / ``calibration_labels``:
+    (self-distillation, calibrated on agreement). ``config.pooling`` / ``config.head``: the internal
+    heads' (None: the family's default, see ``patch``). ``calibration`` / ``calibration_labels``:
     rows kept out of training for the calibration (default: the validation rows);
-    ``confidence``: certify ``max_drop`` with it; ``unlabelled``: more calibration rows without labels
-    (:class:`Encoded`).
+    ``config.confidence``: certify ``config.max_drop`` with it; ``unlabelled``: more calibration rows without
+    labels (:class:`Encoded`).
     """
     from earlyexit_kernels.calibration.report import describe, distinct_digits
     from earlyexit_kernels.training.fit import fit_exit_heads
     from earlyexit_kernels.training.labelled_texts import length_sorted_batches, shuffled_batches
+
+    method, pooling, head, max_drop = config.method, config.pooling, config.head, config.max_drop
+    epochs, lr, batch_size, seed = config.epochs, config.lr, config.batch_size, config.seed
+    progress, confidence = config.progress, config.confidence
 
     train_batches = shuffled_batches(train, train_labels, batch_size, seed)
     val_batches = length_sorted_batches(validation, validation_labels, 64)
@@ -316,7 +296,6 @@ def warn_truncated(encoded) -> None:
         )
 
 
-@_under_seed
 def fit_model(
     model,
     tokenizer,
@@ -371,6 +350,37 @@ def fit_model(
     ``seed`` fixes everything drawn: the splits, the order of the rows, and the heads' initial
     weights (torch's generator is seeded inside, and given back as it was).
     """
+    config = FitConfig(
+        method=method,
+        pooling=pooling,
+        head=head,
+        max_drop=max_drop,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        max_length=max_length,
+        seed=seed,
+        progress=progress,
+        confidence=confidence,
+        calibration_fraction=calibration_fraction,
+        validation_split=validation_split,
+    )
+    return fit_with_config(model, tokenizer, train, validation, config, calibration=calibration, unlabelled=unlabelled)
+
+
+def fit_with_config(model, tokenizer, train, validation, config: FitConfig, *, calibration=None, unlabelled=None):
+    """:func:`fit_model` with its settings as one :class:`~earlyexit_kernels.training.fit_config.FitConfig`
+    (what the command line builds once), run under ``config.seed`` (:func:`seeded`): the rows as
+    :func:`fit_model` takes them, and the same :class:`FitReport`."""
+    with seeded(config.seed):
+        return _fit(model, tokenizer, train, validation, config, calibration, unlabelled)
+
+
+def _fit(model, tokenizer, train, validation, config: FitConfig, calibration, unlabelled) -> FitReport:
+    """:func:`fit_with_config`'s body, under its seed."""
+    method, pooling, head, max_drop = config.method, config.pooling, config.head, config.max_drop
+    max_length, seed, confidence = config.max_length, config.seed, config.confidence
+    calibration_fraction, validation_split = config.calibration_fraction, config.validation_split
     from earlyexit_kernels.training.labelled_texts import encode, joined_texts, label_ids, split_unlabelled
 
     if method not in METHODS:
@@ -440,18 +450,9 @@ def fit_model(
         train_ids,
         encoded_val,
         val_ids,
-        method=method,
-        pooling=pooling,
-        head=head,
-        max_drop=max_drop,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        seed=seed,
-        progress=progress,
+        config,
         calibration=encoded_calibration,
         calibration_labels=calibration_ids,
-        confidence=confidence,
         unlabelled=encoded_unlabelled,
     )
     if share is not None:
