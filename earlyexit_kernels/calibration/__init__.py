@@ -18,6 +18,9 @@ the logits is :func:`earlyexit_kernels.training.record_exits.record_exits`.
 - :mod:`.certify`: the certificate: fixed-sequence testing along the candidates, the rows a
   certificate needs (the one place that works it out), :class:`~.certify.Certificate`;
 - :mod:`.prediction_powered`: unlabelled rows in the certificate of accuracy lost;
+- :mod:`.share`: how many training rows a certificate should get, predicted on validation rows;
+- :mod:`.online`: :class:`~.online.OnlineCertificate`, the served threshold re-certified from the
+  audited rows (the engine takes it by its type);
 - :mod:`.rerank`: a cross-encoder's ``ScoreBand`` chosen or certified on the recall of the full
   model's top k;
 - :mod:`.report`: the policies as code, the accuracy-vs-layers table and plot.

@@ -14,10 +14,11 @@ import torch
 from earlyexit_kernels.calibration.record import ExitRecord
 from earlyexit_kernels.methods.policies import Scheduled
 
-__all__ = ["record_exits"]
+__all__ = ["each_batch", "record_exits"]
 
 
-def _batches(data) -> Iterable[Mapping[str, torch.Tensor]]:
+def each_batch(data) -> Iterable[Mapping[str, torch.Tensor]]:
+    """The batches of ``data``: one batch (a dict) alone, or each of a list, a ``DataLoader`` or a generator."""
     if isinstance(data, Mapping):
         yield data
     else:
@@ -43,7 +44,7 @@ def record_exits(model, batches) -> ExitRecord:
     device = next(model.parameters()).device
     logits, halting, skipped, labels = [], [], [], []
     try:
-        for batch in _batches(batches):
+        for batch in each_batch(batches):
             out = model(
                 input_ids=batch["input_ids"].to(device),
                 attention_mask=None if batch.get("attention_mask") is None else batch["attention_mask"].to(device),
