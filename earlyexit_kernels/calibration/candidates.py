@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from earlyexit_kernels.calibration.losses import disagreement
 from earlyexit_kernels.calibration.record import ExitRecord, replay
 from earlyexit_kernels.methods.exit_rules import entropy
 from earlyexit_kernels.methods.policies import (
@@ -227,9 +228,10 @@ def _entropies(record: ExitRecord, normalized: bool) -> torch.Tensor:
 
 
 def _disagrees(record: ExitRecord) -> torch.Tensor:
-    """[L - 1, N] bool: each internal head's class differs from the final classifier's."""
-    classes = record.all_logits.float().argmax(-1)
-    return classes[:-1] != classes[-1]
+    """[L - 1, N] bool: each internal head disagrees with the final classifier (:func:`~.losses.disagreement`:
+    its class differs)."""
+    full = record.all_logits[-1]
+    return torch.stack([disagreement(logits, full) > 0 for logits in record.all_logits[:-1]])
 
 
 def _thresholds_at(values: torch.Tensor, wrong: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
