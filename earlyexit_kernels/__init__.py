@@ -11,12 +11,14 @@ The public API is described in ``docs/api.md``; the semantics of each exit metho
 
 from typing import TYPE_CHECKING
 
+from earlyexit_kernels._version import __version__ as __version__
+
 if TYPE_CHECKING:
     from earlyexit_kernels.backends.registry import backend_status
     from earlyexit_kernels.engine.audit import AuditWatch
     from earlyexit_kernels.engine.classify import Prediction
     from earlyexit_kernels.engine.rerank import Ranked, rerank
-    from earlyexit_kernels.integrations.recertified_classify import classify
+    from earlyexit_kernels.integrations.recertify_folder import classify
     from earlyexit_kernels.methods.policies import (
         DACT,
         Entropy,
@@ -52,7 +54,7 @@ _EXPORTS = {
     "backend_status": "earlyexit_kernels.backends.registry",
     "AuditWatch": "earlyexit_kernels.engine.audit",
     "Prediction": "earlyexit_kernels.engine.classify",
-    "classify": "earlyexit_kernels.integrations.recertified_classify",
+    "classify": "earlyexit_kernels.integrations.recertify_folder",
     "Ranked": "earlyexit_kernels.engine.rerank",
     "rerank": "earlyexit_kernels.engine.rerank",
     "SUPPORTED_MODELS": "earlyexit_kernels.patching.patch",
@@ -78,8 +80,6 @@ _EXPORTS = {
     "SkipGates": "earlyexit_kernels.methods.policies",
     "Voting": "earlyexit_kernels.methods.policies",
 }
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AuditWatch",

@@ -20,8 +20,9 @@ import torch
 from conftest import VOCAB, tiny_model, word_texts
 
 import earlyexit_kernels as eek
+from earlyexit_kernels.calibration.losses import accuracy_lost, disagreement, paired_loss
 from earlyexit_kernels.engine import audit as audit_module
-from earlyexit_kernels.engine.audit import AuditWatch, disagreement, full_depth_logits
+from earlyexit_kernels.engine.audit import AuditWatch, full_depth_logits
 from earlyexit_kernels.methods import risk_control
 
 LOGGER = "earlyexit_kernels.audit"
@@ -87,10 +88,17 @@ def test_within_and_over_the_budget_are_the_upper_and_lower_bounds_against_it(bi
 def test_the_losses_are_the_calibrations_agreement():
     early = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 1.5, 0.0]])
     full = torch.tensor([[2.0, 1.0, 1.0], [3.0, 0.0, 1.0], [0.0, 1.0, 5.0]])
-    assert disagreement(early, full) == [0.0, 1.0, 1.0]
-    assert disagreement(early - 0.5, full - 0.5, multi_label=True) == pytest.approx([1 / 3, 2 / 3, 2 / 3])
+    assert disagreement(early, full).tolist() == [0.0, 1.0, 1.0]
+    assert disagreement(early - 0.5, full - 0.5, multi_label=True).tolist() == pytest.approx([1 / 3, 2 / 3, 2 / 3])
     one = torch.tensor([[0.3], [-1.0], [2.0]])
-    assert disagreement(one, torch.tensor([[0.1], [0.5], [-2.0]])) == [0.0, 1.0, 1.0]
+    assert disagreement(one, torch.tensor([[0.1], [0.5], [-2.0]])).tolist() == [0.0, 1.0, 1.0]
+    # the paired accuracy loss the watch counts with labels is the certificate's "accuracy" loss, row for row
+    labels = torch.tensor([0, 1, 2])
+    lost = accuracy_lost(early, full, labels).tolist()
+    assert lost == [0.0, -1.0, 1.0]
+    assert [
+        paired_loss(int(e) == int(y), int(f) == int(y)) for e, f, y in zip(early.argmax(-1), full.argmax(-1), labels)
+    ] == lost
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         AuditWatch(1.0).record([1.5])
 

@@ -7,17 +7,12 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.training.calibration import (
-    accuracy_curve,
-    calibrate,
-    candidates,
-    interpolate_baseline,
-    plot_curve,
-    print_curve,
-    record_exits,
-    replay,
-    static_baseline,
-)
+from earlyexit_kernels.calibration.candidates import candidates
+from earlyexit_kernels.calibration.record import replay
+from earlyexit_kernels.calibration.report import plot_curve, print_curve
+from earlyexit_kernels.calibration.select import accuracy_curve, interpolate_baseline, static_baseline
+from earlyexit_kernels.training.calibration import calibrate
+from earlyexit_kernels.training.record_exits import record_exits
 
 POLICIES = [
     eek.Entropy(0.9),

@@ -6,6 +6,7 @@ gives them to ``eek fit`` (every training row then trains the heads); ``eek cali
 an existing folder anew, heads fixed, and writes the new threshold and certificate back.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -16,8 +17,8 @@ from transformers import BertForSequenceClassification, BertTokenizerFast
 import earlyexit_kernels as eek
 from earlyexit_kernels.integrations.labelled_data import read_labelled
 from earlyexit_kernels.training.calibrate_texts import calibrate_texts
-from earlyexit_kernels.training.calibration_share import choose_share
-from earlyexit_kernels.training.fit_texts import file_rows_to_certify, least_rows_to_certify
+from earlyexit_kernels.training.calibration_share import ShareSettings, choose_share
+from earlyexit_kernels.training.fit_checks import file_rows_to_certify, least_rows_to_certify
 from earlyexit_kernels.training.labelled_texts import label_ids, split_rows
 
 pd = pytest.importorskip("pandas", reason="the data files are written with pandas")
@@ -199,10 +200,10 @@ def _encoded_rows(classifier, count, seed):  # noqa: F811
 def test_the_calibration_share_is_all_but_the_rows_the_heads_need(classifier):  # noqa: F811
     model, train, labels = _encoded_rows(classifier, 1500, seed=32)
     _, validation, val_labels = _encoded_rows(classifier, 200, seed=33)
-    common = dict(
+    common = ShareSettings(
         method="heads", pooling="auto", head="auto", least=299, fraction=0.25, seed=0, budget=0.05, confidence=0.95
     )
-    share = choose_share(model, train, labels, validation, val_labels, first=64, **common)
+    share = choose_share(model, train, labels, validation, val_labels, dataclasses.replace(common, first=64))
     assert sorted(share.train + share.calibration) == list(range(1500))
     assert "doubling" in share.reason and len(share.probe) >= 2
     assert len(share.calibration) > 0.25 * 1500  # more rows certify than a fixed quarter would give
@@ -212,9 +213,11 @@ def test_the_calibration_share_is_all_but_the_rows_the_heads_need(classifier):  
     assert not hasattr(model, "early_exit_heads")  # the probe ran on a copy
 
     # nothing to probe: a recipe that trains the backbone too, or too few rows for two sizes
-    backbone = choose_share(model, train, labels, validation, val_labels, first=64, **{**common, "method": "pabee"})
+    backbone = choose_share(
+        model, train, labels, validation, val_labels, dataclasses.replace(common, first=64, method="pabee")
+    )
     assert "trains the backbone too" in backbone.reason and len(backbone.calibration) == 375
-    few = choose_share(model, train, labels, validation, val_labels, first=1024, **common)
+    few = choose_share(model, train, labels, validation, val_labels, dataclasses.replace(common, first=1024))
     assert "too few rows to probe" in few.reason and len(few.calibration) == 375
 
 

@@ -13,16 +13,17 @@ import math
 import torch
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.methods.risk_control import binomial_p_value
-from earlyexit_kernels.training.calibration_share import (
+from earlyexit_kernels.calibration.candidates import certified_candidates
+from earlyexit_kernels.calibration.losses import row_losses
+from earlyexit_kernels.calibration.record import ExitRecord, replay
+from earlyexit_kernels.calibration.share import (
     MIN_GAIN_LAYERS,
     CandidateTable,
     doubling_verdict,
     predicted_layers,
     redraws,
 )
-from earlyexit_kernels.training.certified_calibration import certified_candidates, row_losses
-from earlyexit_kernels.training.exit_record import ExitRecord, replay
+from earlyexit_kernels.methods.risk_control import binomial_p_value
 
 ROWS, LAYERS = 1031, 6
 POLICY = eek.Entropy(0.1)

@@ -10,6 +10,11 @@ import math
 import pytest
 import torch
 
+from earlyexit_kernels.calibration.candidates import certified_candidates
+from earlyexit_kernels.calibration.certify import certify
+from earlyexit_kernels.calibration.losses import query_recalls, row_losses
+from earlyexit_kernels.calibration.record import ExitRecord, replay
+from earlyexit_kernels.calibration.rerank import calibrate_rerank
 from earlyexit_kernels.methods.policies import Entropy, MultiLabelConfidence, Patience, ScoreBand
 from earlyexit_kernels.methods.risk_control import (
     betting_p_value,
@@ -21,9 +26,7 @@ from earlyexit_kernels.methods.risk_control import (
     rows_to_certify,
     upper_bound,
 )
-from earlyexit_kernels.training.calibration import ExitRecord, calibrate, replay
-from earlyexit_kernels.training.certified_calibration import certified_candidates, certify, row_losses
-from earlyexit_kernels.training.rerank_calibration import calibrate_rerank, query_recalls
+from earlyexit_kernels.training.calibration import calibrate
 
 
 def _brute_binomial_cdf(k, n, p):

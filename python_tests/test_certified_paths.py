@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import earlyexit_kernels as eek
+from earlyexit_kernels.calibration.candidates import choose_path, per_layer_path, per_layer_rows_needed
+from earlyexit_kernels.calibration.certify import certify
+from earlyexit_kernels.calibration.record import ExitRecord, entropy_replay, replay, stepwise_replay
+from earlyexit_kernels.calibration.share import predicted_layers
 from earlyexit_kernels.methods.exit_rules import entropy
-from earlyexit_kernels.training.calibration_share import predicted_layers
-from earlyexit_kernels.training.certified_calibration import certify
-from earlyexit_kernels.training.certified_paths import choose_path, per_layer_path, per_layer_rows_needed
-from earlyexit_kernels.training.exit_record import ExitRecord, entropy_replay, replay, stepwise_replay
 
 BUDGET, CONFIDENCE = 0.02, 0.95
 

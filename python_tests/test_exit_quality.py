@@ -5,8 +5,10 @@ import torch
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.bench import exit_quality
+from earlyexit_kernels.calibration.candidates import candidates
+from earlyexit_kernels.calibration.record import replay
 from earlyexit_kernels.demo.task import batches, make_split
-from earlyexit_kernels.training.calibration import candidates, record_exits, replay
+from earlyexit_kernels.training.record_exits import record_exits
 
 LAYERS = 4
 # DACT is left out here: its halting head learns to stop where more layers stop paying off, and
@@ -151,7 +153,7 @@ def test_easy_sequences_exiting_by_label_are_flagged(tmp_path):
 
 
 def test_agreement_on_wrong_answers_of_hard_sequences():
-    from earlyexit_kernels.training.calibration import ExitRecord
+    from earlyexit_kernels.calibration.record import ExitRecord
 
     right, wrong = [5.0, 0.0], [0.0, 5.0]  # label 0
     # heads 1 and 2 on four hard sequences and one easy one: hard 0 and 1 are wrong at layer 2,

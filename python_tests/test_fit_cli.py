@@ -349,3 +349,20 @@ def test_by_default_fit_certifies_the_budget_on_rows_kept_out_of_training(classi
     else:  # says what would, never a silent full depth
         assert summary["mean_layers"] > 3.99 and "no early exit certified" in printed
     assert eek.policy_of(eek.from_pretrained(str(out))).to_code(4) == summary["policy"]
+
+
+def test_fit_config_holds_fit_model_s_settings_with_its_defaults():
+    """``eek fit`` builds one FitConfig and passes it along; ``fit_model`` builds the same from its keywords:
+    every setting is a keyword of ``fit_model`` with the same default, so the two ways cannot drift apart."""
+    import dataclasses
+    import inspect
+
+    from earlyexit_kernels.training.fit_config import FitConfig
+    from earlyexit_kernels.training.fit_texts import fit_model
+
+    keywords = inspect.signature(fit_model).parameters
+    for field in dataclasses.fields(FitConfig):
+        assert field.name in keywords, f"FitConfig.{field.name} is not a keyword of fit_model"
+        assert keywords[field.name].default == field.default, field.name
+    rows = {"model", "tokenizer", "train", "validation", "calibration", "unlabelled"}
+    assert set(keywords) == rows | {field.name for field in dataclasses.fields(FitConfig)}

@@ -19,18 +19,24 @@ ROOT = "earlyexit_kernels"
 #: a function) only from its own layer or the ones below
 LAYERS = {
     "methods": 0,
-    "backends": 1,
-    "engine": 2,
-    "models": 3,
-    "patching": 4,
-    "training": 5,
-    "integrations": 6,
-    "demo": 7,
-    "bench": 8,
+    "calibration": 1,
+    "backends": 2,
+    "engine": 3,
+    "models": 4,
+    "patching": 5,
+    "training": 6,
+    "integrations": 7,
+    "demo": 8,
+    "bench": 9,
 }
-#: what may sit directly in the package folder: the facade, ``python -m earlyexit_kernels``
-#: and ``earlyexit_kernels.ray``, the public name of the Ray Data integration
-TOP_LEVEL_MODULES = {"__init__", "__main__", "ray"}
+#: modules directly in the package folder that sit below every layer (any module may import them)
+BOTTOM_MODULES = {"_version"}
+#: what may sit directly in the package folder: the facade, ``python -m earlyexit_kernels``,
+#: ``earlyexit_kernels.ray`` (the public name of the Ray Data integration) and the bottom modules
+TOP_LEVEL_MODULES = {"__init__", "__main__", "ray", *BOTTOM_MODULES}
+#: what ``calibration/`` never imports: it is tensor code over recorded logits, and running a model,
+#: patching one, training heads or reading folders is done above it
+CALIBRATION_NEVER_IMPORTS = ("training", "engine", "patching", "integrations")
 
 
 def module_name(path: Path) -> str:
@@ -41,17 +47,19 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(p): p for p in PACKAGE_DIR.rglob("*.py")}
 
 
-def imports_of(path: Path, *, lazy: bool) -> set[str]:
+def imports_of(path: Path, *, lazy: bool, text: str | None = None) -> set[str]:
     """The package's modules that ``path`` imports, with the packages whose ``__init__`` that runs.
 
     ``lazy=False``: only the imports that run when the module is imported (not those inside
-    functions or classes' methods).
+    functions or classes' methods). ``text``: read in place of the file's own (for tests of this test).
+    An import of the facade itself (``from earlyexit_kernels import x``) gives the root's name.
     """
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text() if text is None else text)
     current = module_name(path)
     is_package = path.name == "__init__.py"
     statements = ast.walk(tree) if lazy else tree.body
     found = set()
+    explicit_root = False
     for node in statements:
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
@@ -66,13 +74,16 @@ def imports_of(path: Path, *, lazy: bool) -> set[str]:
         else:
             continue
         for target in targets:
+            if target == ROOT:  # the facade itself: above every layer
+                explicit_root = True
             if target in MODULES:
                 parts = target.split(".")
                 # importing a.b.c runs the __init__ of a.b too (the root's is the facade, left out)
                 found.update(".".join(parts[:i]) for i in range(2, len(parts) + 1))
     # a module's own packages have run their __init__ before it runs: no edge to them
     ancestors = {".".join(current.split(".")[:i]) for i in range(1, current.count(".") + 2)}
-    return {m for m in found if m in MODULES and m not in ancestors}
+    modules = {m for m in found if m in MODULES and m not in ancestors}
+    return modules | {ROOT} if explicit_root else modules
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -99,7 +110,21 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def layer_of(module: str) -> int | None:
     parts = module.split(".")
+    if len(parts) == 2 and parts[1] in BOTTOM_MODULES:
+        return -1
     return LAYERS.get(parts[1]) if len(parts) > 1 else None
+
+
+def test_an_import_of_the_facade_is_an_arrow_up():
+    """``from earlyexit_kernels import x`` inside the package reaches above every layer; ``_version`` is below them."""
+    report = MODULES["earlyexit_kernels.demo.report"]
+    lazy_facade = "def f():\n    from earlyexit_kernels import __version__\n"
+    assert ROOT in imports_of(report, lazy=True, text=lazy_facade)
+    assert ROOT not in imports_of(report, lazy=False, text=lazy_facade)
+    assert layer_of(ROOT) is None  # so the layer test reports it as upward
+    bottom = "from earlyexit_kernels._version import __version__\n"
+    assert imports_of(report, lazy=False, text=bottom) == {"earlyexit_kernels._version"}
+    assert layer_of("earlyexit_kernels._version") < min(LAYERS.values())
 
 
 def test_find_cycle_finds_one_and_only_one():
@@ -179,7 +204,7 @@ def test_a_module_past_600_lines_says_why_at_its_top():
 
 def test_no_module_inside_the_package_imports_the_facade():
     """``eek`` is for users: a subpackage imports the modules that define what it needs (the
-    facade sits above every layer); ``__version__`` alone is read from it."""
+    facade sits above every layer); the version is read from ``earlyexit_kernels._version``."""
     through_facade = []
     for module, path in MODULES.items():
         if layer_of(module) is None:
@@ -188,6 +213,18 @@ def test_no_module_inside_the_package_imports_the_facade():
             if isinstance(node, ast.Import) and any(alias.name == ROOT for alias in node.names):
                 through_facade.append(module)
             elif isinstance(node, ast.ImportFrom) and node.module == ROOT and node.level == 0:
-                if any(alias.name != "__version__" for alias in node.names):
-                    through_facade.append(module)
+                through_facade.append(module)
     assert not through_facade, f"these modules import earlyexit_kernels' facade: {sorted(set(through_facade))}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if layer_of(m) == LAYERS["calibration"]))
+def test_calibration_reads_recorded_logits_only(module):
+    """``calibration/`` is tensor code over recorded logits: it never imports the layers that run, patch or
+    train a model or read its folder, lazily included (the layer rule alone would let it import nothing
+    above ``methods/`` anyway; this names the reason)."""
+    reached = sorted(
+        target
+        for target in imports_of(MODULES[module], lazy=True)
+        if target.split(".")[1:2] and target.split(".")[1] in CALIBRATION_NEVER_IMPORTS
+    )
+    assert not reached, f"{module} imports {reached}: calibration/ reads recorded logits only"

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from earlyexit_kernels.calibration.online import OnlineCertificate, RecertifyError, candidate_losses
 from earlyexit_kernels.methods.anytime_risk import (
     ALARM_SHIFTS,
     MAX_STAKE,
@@ -23,7 +24,6 @@ from earlyexit_kernels.methods.anytime_risk import (
     safety_log_capital,
 )
 from earlyexit_kernels.methods.policies import Entropy, QExit
-from earlyexit_kernels.training.online_certificate import OnlineCertificate, RecertifyError, candidate_losses
 
 BUDGET = 0.05
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import earlyexit_kernels as eek
+from earlyexit_kernels.calibration.record import CurvePoint
+from earlyexit_kernels.calibration.report import describe, distinct_digits, print_curve
 from earlyexit_kernels.methods.policy_spec import parse_policy
-from earlyexit_kernels.training.calibration import CurvePoint, describe, distinct_digits, print_curve
 
 POLICIES = [
     eek.Entropy(0.3),

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from earlyexit_kernels.bench import certificate_replay
+from earlyexit_kernels.calibration.online import OnlineCertificate
 from earlyexit_kernels.methods.policies import Entropy
-from earlyexit_kernels.training.online_certificate import OnlineCertificate
 
 BUDGET, CONFIDENCE = 0.05, 0.95
 

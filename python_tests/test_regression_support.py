@@ -5,9 +5,11 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 import earlyexit_kernels as eek
+from earlyexit_kernels.calibration.record import replay
 from earlyexit_kernels.methods.losses import OBJECTIVES
 from earlyexit_kernels.training import train_exit_heads
-from earlyexit_kernels.training.calibration import calibrate, record_exits, replay
+from earlyexit_kernels.training.calibration import calibrate
+from earlyexit_kernels.training.record_exits import record_exits
 
 
 def _batches(count=2):
@@ -49,7 +51,7 @@ def test_skipgates_and_dact_refuse_a_regression_head_and_name_the_alternatives()
 
 def test_calibrate_refuses_a_regression_head_and_its_suggestion_works():
     model = eek.patch(tiny_model("bert", num_labels=1), eek.Patience(1, regression_threshold=0.1), backend="torch")
-    with pytest.raises(ValueError, match="regression head.*calibration.replay"):
+    with pytest.raises(ValueError, match="regression head.*calibration.record.replay"):
         calibrate(model, _batches(), max_drop=1.0)
     # what the message suggests: replay candidate thresholds on one recording
     record = record_exits(model, _batches())

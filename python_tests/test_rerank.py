@@ -15,10 +15,12 @@ from model_comparison import assert_same_function
 from served_models import cross_encoder_folder, spread
 
 import earlyexit_kernels as eek
+from earlyexit_kernels.calibration.losses import top_k_recall
+from earlyexit_kernels.calibration.record import replay
+from earlyexit_kernels.calibration.rerank import calibrate_rerank, ndcg_at
 from earlyexit_kernels.integrations.model_folder import load_model
 from earlyexit_kernels.methods.exit_rules import exit_step
-from earlyexit_kernels.training import calibration
-from earlyexit_kernels.training.rerank_calibration import calibrate_rerank, ndcg_at, top_k_recall
+from earlyexit_kernels.training.record_exits import record_exits
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +130,11 @@ def test_calibration_keeps_the_full_models_top_k(cross_encoder):
             rows.append(tokenizer(query, text or "w2", padding="max_length", max_length=40, return_tensors="pt"))
             groups.append(g)
     batch = {key: torch.cat([r[key] for r in rows]) for key in ("input_ids", "attention_mask", "token_type_ids")}
-    record = calibration.record_exits(model, batch)
+    record = record_exits(model, batch)
     groups = torch.tensor(groups)
     strict = calibrate_rerank(record, groups, k=3, min_recall=1.0)
     assert strict.met and strict.recall == 1.0
-    replayed = calibration.replay(strict.policy, record)
+    replayed = replay(strict.policy, record)
     assert top_k_recall(replayed.logits[:, 0], record.all_logits[-1, :, 0], groups, k=3) == 1.0
     loose = calibrate_rerank(record, groups, k=3, target_layers=1.0)
     assert loose.mean_layers <= 1.0 and loose.policy.low >= strict.policy.low

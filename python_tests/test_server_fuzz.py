@@ -27,7 +27,7 @@ schemathesis = pytest.importorskip(
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: E402
 
-from earlyexit_kernels import __version__  # noqa: E402
+from earlyexit_kernels._version import __version__  # noqa: E402
 from earlyexit_kernels.integrations.model_folder import load_model  # noqa: E402
 from earlyexit_kernels.integrations.server import create_app  # noqa: E402
 from earlyexit_kernels.integrations.server.openapi import openapi_document  # noqa: E402

@@ -17,7 +17,7 @@ from earlyexit_kernels.training import (
     fit_exit_heads,
     train_exit_heads,
 )
-from earlyexit_kernels.training.calibration import record_exits
+from earlyexit_kernels.training.record_exits import record_exits
 from earlyexit_kernels.training.train import PLATEAU, TrainingWarning
 
 

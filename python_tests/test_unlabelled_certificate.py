@@ -2,7 +2,7 @@
 
 The accuracy lost is 0 wherever the exit predicts the full model's class; the full model's own
 probabilities predict it where they differ. Prediction-powered inference bounds that prediction on
-every row and its error on the labelled rows (``training/prediction_powered.py``). Checked as the
+every row and its error on the labelled rows (``calibration/prediction_powered.py``). Checked as the
 guarantee is stated (the budget holds over many draws of the calibration rows), on a constructed
 case where the unlabelled rows certify fewer layers, and on one where the validation rows say they
 would not help, so the labelled rows certify alone.
@@ -12,11 +12,14 @@ import pytest
 import torch
 from test_certified_calibration import _population
 
+from earlyexit_kernels.calibration.candidates import certified_candidates
+from earlyexit_kernels.calibration.certify import certify
+from earlyexit_kernels.calibration.losses import row_losses
+from earlyexit_kernels.calibration.prediction_powered import powered_bounds, predicted_losses
+from earlyexit_kernels.calibration.record import ExitRecord, replay
 from earlyexit_kernels.methods.policies import Entropy
 from earlyexit_kernels.methods.risk_control import paired_upper_bound
-from earlyexit_kernels.training.calibration import ExitRecord, calibrate, replay
-from earlyexit_kernels.training.certified_calibration import certified_candidates, certify, row_losses
-from earlyexit_kernels.training.prediction_powered import powered_bounds, predicted_losses
+from earlyexit_kernels.training.calibration import calibrate
 
 STEPS = 40
 

@@ -22,8 +22,8 @@ import time
 from audit_model import model_and_stream
 
 import earlyexit_kernels as eek
+from earlyexit_kernels.calibration.online import OnlineCertificate
 from earlyexit_kernels.engine.audit import AuditWatch, full_depth_logits
-from earlyexit_kernels.training.online_certificate import OnlineCertificate
 
 FRACTION, CANDIDATES = 0.05, 401
 

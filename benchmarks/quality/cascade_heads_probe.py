@@ -269,8 +269,8 @@ def learned_score(data, heads: dict, seed: int, features_used=FEATURES) -> dict:
 def per_layer_path_oracle(data, heads: dict, built_on: str) -> tuple[float, float, float]:
     """The package's per-layer entropy path (``certified_paths.per_layer_path``) built on ``built_on``'s rows:
     (test oracle, the validation oracle's layers on test, its test loss in points)."""
-    from earlyexit_kernels.training.certified_paths import per_layer_path
-    from earlyexit_kernels.training.exit_record import ExitRecord, replay
+    from earlyexit_kernels.calibration.candidates import per_layer_path
+    from earlyexit_kernels.calibration.record import ExitRecord, replay
 
     def record(split):
         logits = torch.stack([*heads[split], data[split][1]])

@@ -34,9 +34,10 @@ import torch
 from torch import nn
 
 import earlyexit_kernels as eek
+from earlyexit_kernels.calibration.candidates import candidates
+from earlyexit_kernels.calibration.record import ExitRecord, accuracy, replay
 from earlyexit_kernels.demo import real_task
 from earlyexit_kernels.training.cached_heads import cache_exit_inputs
-from earlyexit_kernels.training.calibration import ExitRecord, accuracy, candidates, replay
 
 SPLITS = ("train", "validation", "test")
 VARIANTS = [  # width, weight decay, loss, dropout

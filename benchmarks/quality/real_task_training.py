@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import earlyexit_kernels as eek
+from earlyexit_kernels.calibration.record import replay
 from earlyexit_kernels.demo.real_task import fine_tuned_minilm, load_rotten_tomatoes, tokenize
 from earlyexit_kernels.training import (
     ExitInputCache,
@@ -35,7 +36,8 @@ from earlyexit_kernels.training import (
     fit_exit_heads,
     train_exit_heads,
 )
-from earlyexit_kernels.training.calibration import calibrate, record_exits, replay
+from earlyexit_kernels.training.calibration import calibrate
+from earlyexit_kernels.training.record_exits import record_exits
 
 
 def batches(tokenizer, split, size: int, *, shuffle: bool = False, seed: int = 0, max_length: int = 128):

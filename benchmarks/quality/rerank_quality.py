@@ -55,10 +55,10 @@ import torch
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.bench.rerank_measures import K, quality
+from earlyexit_kernels.calibration.record import replay
+from earlyexit_kernels.calibration.rerank import calibrate_rerank
 from earlyexit_kernels.demo.real_task import cache_root, data_file, minilm_path, save_atomically
 from earlyexit_kernels.training import cache_exit_inputs, cached_record, train_exit_heads
-from earlyexit_kernels.training.calibration import replay
-from earlyexit_kernels.training.rerank_calibration import calibrate_rerank
 
 
 def log(message: str) -> None:

@@ -4,7 +4,7 @@ The pool is ``benchmarks/statistics/certified_budget_redraw.py``'s: ``make demo`
 Rotten Tomatoes with mean-pooled MLP exit heads trained on the train split (heads only), its
 validation and test splits (4,000 rows no training step saw) recorded once. Each draw then takes, with replacement from the pool, path
 rows (what ``eek fit``'s validation rows do: choose the path, build the per-layer one) and
-calibration rows, and runs :func:`~earlyexit_kernels.training.certified_calibration.certify` with
+calibration rows, and runs :func:`~earlyexit_kernels.calibration.certify.certify` with
 both (``path_record=``), as ``eek fit`` does. The certified policy's risk is measured on the
 whole pool (the population the rows were drawn from: what the guarantee states). A violation is
 a risk over the budget; its rate must stay at or below ``1 - confidence`` for every path chosen.
@@ -25,8 +25,9 @@ import torch
 from certified_budget_redraw import pool_record  # the same heads on the same pool (this folder is on sys.path)
 
 from earlyexit_kernels.bench.script_results import run_conditions, write_json, write_section
-from earlyexit_kernels.training.certified_calibration import certify, row_losses
-from earlyexit_kernels.training.exit_record import replay
+from earlyexit_kernels.calibration.certify import certify
+from earlyexit_kernels.calibration.losses import row_losses
+from earlyexit_kernels.calibration.record import replay
 
 START, END = "<!-- certified-paths-redraw:start -->", "<!-- certified-paths-redraw:end -->"
 RISKS = ("agreement", "accuracy")

@@ -7,7 +7,7 @@ is MiniLM-L6 fine-tuned on that train split (cached, ``make demo``'s recipe).
 
 Every head's logits are recorded once, with the fitted folder, on the stream pool (the test
 split, 2,500 rows the classifier, the heads and the certificate never saw) and on each drift
-pool; :func:`~earlyexit_kernels.training.online_certificate.candidate_losses` turns them into each
+pool; :func:`~earlyexit_kernels.calibration.online.candidate_losses` turns them into each
 candidate's per-row disagreement and layers run. A stream then re-draws pool rows with
 replacement and audits each with probability AUDIT; only the audited rows reach the certifier
 (the served rows between two of them change nothing), and an audited row is a uniform draw from
@@ -73,8 +73,8 @@ from earlyexit_kernels.bench.certificate_replay import (
     run_replays,
 )
 from earlyexit_kernels.bench.script_results import run_conditions, write_json, write_section
+from earlyexit_kernels.calibration.online import candidate_losses
 from earlyexit_kernels.integrations.recertify_folder import certificate_of_folder
-from earlyexit_kernels.training.online_certificate import candidate_losses
 
 FIT_ROWS = 1500
 TRUNCATED_WORDS = (3, 6)
@@ -126,8 +126,8 @@ def _subset_pools(splits, logits: torch.Tensor) -> list[tuple[str, str, list[int
 
 def _record(model, tokenizer, texts: list[str], path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each candidate's losses and layers on ``texts`` in their order, and every head's logits [L, n, C]."""
-    from earlyexit_kernels.training.exit_record import record_exits
     from earlyexit_kernels.training.labelled_texts import LabelledTexts, encode, length_sorted_batches
+    from earlyexit_kernels.training.record_exits import record_exits
 
     data = LabelledTexts(list(texts), None, None, "pool", "label")
     batches = length_sorted_batches(encode(tokenizer, data, 128), None, 64)

@@ -2,7 +2,7 @@
 
 ``benchmarks/statistics/recertify_replay.py`` records each candidate's per-row disagreement and layers on
 the real task's rows (:class:`Pool`), then replays audited streams through
-:class:`~earlyexit_kernels.training.online_certificate.OnlineCertificate` here: stationary streams
+:class:`~earlyexit_kernels.calibration.online.OnlineCertificate` here: stationary streams
 against the path's oracle and a one-shot test, drift streams forked from them, and the share of
 windows served over the budget (:func:`run_replays`); :func:`render` writes the Markdown section of
 docs/benchmarks.md. The suite checks the replay on synthetic pools (``python_tests/test_recertify_replay.py``).
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from earlyexit_kernels.calibration.online import OnlineCertificate
 from earlyexit_kernels.methods.risk_control import binomial_p_value
-from earlyexit_kernels.training.online_certificate import OnlineCertificate
 
 __all__ = [
     "AUDIT",

@@ -56,24 +56,19 @@ import time
 
 import torch
 
-from earlyexit_kernels import __version__
+from earlyexit_kernels._version import __version__
+from earlyexit_kernels.calibration.candidates import candidates
+from earlyexit_kernels.calibration.record import ExitRecord, replay
+from earlyexit_kernels.calibration.report import plot_curve
+from earlyexit_kernels.calibration.select import accuracy_curve, interpolate_baseline, static_baseline
 from earlyexit_kernels.demo.task import batches, make_split
 from earlyexit_kernels.methods.policies import Patience
 from earlyexit_kernels.methods.policy_spec import parse_policy
 from earlyexit_kernels.patching.patch import patch, unpatch
 from earlyexit_kernels.patching.state import drop_detached_heads
-from earlyexit_kernels.training.calibration import (
-    ExitRecord,
-    accuracy_curve,
-    calibrate,
-    candidates,
-    interpolate_baseline,
-    plot_curve,
-    record_exits,
-    replay,
-    static_baseline,
-)
+from earlyexit_kernels.training.calibration import calibrate
 from earlyexit_kernels.training.method_training import METHODS, train_method
+from earlyexit_kernels.training.record_exits import record_exits
 from earlyexit_kernels.training.train import HALTING_LR, train_exit_heads
 
 __all__ = ["METHODS", "DACT_TAUS", "train_method", "train_base", "evaluate_method", "runs_of", "main"]
@@ -202,7 +197,7 @@ def _row(method, kind, policy, record: ExitRecord, hard, baseline):
 def _static_row(method, k, record: ExitRecord, hard):
     logits = record.all_logits[k - 1].float()
     layers = torch.full((logits.shape[0],), k)
-    from earlyexit_kernels.training.calibration import Replay
+    from earlyexit_kernels.calibration.record import Replay
 
     stats = _split_stats(Replay(logits, layers, layers), record.labels, hard)
     return {

@@ -138,22 +138,17 @@ def _folder_name(run: str) -> str:
 
 def run(args, save=None) -> list[dict]:
     """Fit, calibrate and measure every run of ``args.runs``; ``save(rows)`` after each run."""
+    from earlyexit_kernels.calibration.candidates import candidates
+    from earlyexit_kernels.calibration.record import replay
+    from earlyexit_kernels.calibration.report import describe, distinct_digits
+    from earlyexit_kernels.calibration.select import accuracy_curve, interpolate_baseline, static_baseline
     from earlyexit_kernels.demo.real_task import fine_tuned_model, load_task
     from earlyexit_kernels.integrations.evaluation import evaluate
     from earlyexit_kernels.patching.patch import head_config, patch, unpatch
-    from earlyexit_kernels.training.calibration import (
-        accuracy_curve,
-        candidates,
-        describe,
-        distinct_digits,
-        interpolate_baseline,
-        record_exits,
-        replay,
-        static_baseline,
-    )
     from earlyexit_kernels.training.fit import fit_exit_heads
     from earlyexit_kernels.training.labelled_texts import length_sorted_batches, shuffled_batches
     from earlyexit_kernels.training.recipes import recipe
+    from earlyexit_kernels.training.record_exits import record_exits
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -261,7 +256,7 @@ def run(args, save=None) -> list[dict]:
         if operating["why"]:
             print(f"{'':<20} why: {operating['why']}", flush=True)
     if args.plot and curves:
-        from earlyexit_kernels.training.calibration import plot_curve
+        from earlyexit_kernels.calibration.report import plot_curve
 
         title = f"{outputs(args.backbone, args.task)[3]}, test split"
         plot_curve(curves, args.plot, baseline=baseline, title=title)
@@ -295,7 +290,7 @@ def write_csv(
     """Write ``rows`` after ``kept`` (the comment lines and rows of an earlier run, ``--append``)."""
     import transformers
 
-    from earlyexit_kernels import __version__
+    from earlyexit_kernels._version import __version__
     from earlyexit_kernels.bench.results import cpu_name
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from earlyexit_kernels.training.rerank_calibration import ndcg_at, top_k_recall
+from earlyexit_kernels.calibration.losses import top_k_recall
+from earlyexit_kernels.calibration.rerank import ndcg_at
 
 __all__ = ["K", "full_top_k", "mrr", "quality"]
 

@@ -109,7 +109,7 @@ def environment(device: torch.device) -> dict:
     """The columns that describe where and with what the suite ran."""
     import transformers
 
-    from earlyexit_kernels import __version__
+    from earlyexit_kernels._version import __version__
 
     try:
         import triton

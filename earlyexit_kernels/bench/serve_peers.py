@@ -380,7 +380,7 @@ def _package_versions() -> dict:
     import torch
     import transformers
 
-    from earlyexit_kernels import __version__
+    from earlyexit_kernels._version import __version__
 
     return {
         "earlyexit_kernels": __version__,

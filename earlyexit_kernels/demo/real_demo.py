@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from earlyexit_kernels import __version__
+from earlyexit_kernels._version import __version__
 from earlyexit_kernels.demo import real_task
 from earlyexit_kernels.demo.progress_lines import StageLines, duration
 from earlyexit_kernels.demo.real_task import (

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from earlyexit_kernels import __version__
+from earlyexit_kernels._version import __version__
 from earlyexit_kernels.demo.task import VOCAB_SIZE, batches, make_split
 from earlyexit_kernels.engine.classify import classify
 from earlyexit_kernels.methods.policies import Entropy, MaxProb, Patience
@@ -362,7 +362,8 @@ def _stream(model, test, device, args) -> None:
 
 
 def _methods_side_by_side(base, train_batches, test, device, args) -> None:
-    from earlyexit_kernels.training.calibration import calibrate, describe
+    from earlyexit_kernels.calibration.report import describe
+    from earlyexit_kernels.training.calibration import calibrate
     from earlyexit_kernels.training.method_training import METHODS, train_method
 
     val = make_split(args.val_size, seed=args.seed + 2)

@@ -14,7 +14,7 @@ that; the watch measures the disagreement on what is served instead.
   :class:`random.Random` (:meth:`AuditWatch.choose`): the audited sequences are a uniform sample
   of what is served, whatever their content, so the counts estimate the served risk.
 - **What is counted.** Per audited sequence, the loss of calibration's ``"agreement"`` risk
-  (:func:`disagreement`): 1 when the early exit predicts another class than the full model
+  (:func:`~earlyexit_kernels.calibration.losses.disagreement`): 1 when the early exit predicts another class than the full model
   (argmax), else 0; multi-label (``problem_type="multi_label_classification"``): the fraction of
   labels decided otherwise (logit above or below 0), as calibration counts it; one output
   (``num_labels == 1``, a cross-encoder): whether the score falls on the other side of 0
@@ -41,7 +41,7 @@ that; the watch measures the disagreement on what is served instead.
 **With labels.** Disagreement is not what a certificate on accuracy lost (``eek fit`` with labels)
 bounds: disagreements that cancel (the exit right where the full model is wrong, and the reverse)
 cost no accuracy. Where a label is known for an audited row (the server's ``POST /feedback``), the
-watch counts that row's paired accuracy loss (:func:`paired_accuracy_loss`: 1 where the exit is
+watch counts that row's paired accuracy loss (:func:`~earlyexit_kernels.calibration.losses.paired_loss`: 1 where the exit is
 wrong and the full model right, -1 for the reverse, else 0), the very loss calibration certified,
 and bounds its mean, the accuracy points lost, above with the betting bound calibration certifies
 with (:func:`~earlyexit_kernels.methods.risk_control.paired_upper_bound`). Against
@@ -66,10 +66,13 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from earlyexit_kernels.calibration.losses import disagreement
+from earlyexit_kernels.calibration.online import OnlineCertificate
 from earlyexit_kernels.methods.policies import MULTI_LABEL
 from earlyexit_kernels.methods.risk_control import (
     betting_p_value,
     binomial_cdf,
+    check_fraction,
     count_p_value,
     kl_bernoulli,
     paired_upper_bound,
@@ -79,29 +82,11 @@ from earlyexit_kernels.methods.risk_control import (
 __all__ = [
     "AuditRunner",
     "AuditWatch",
-    "check_fraction",
-    "disagreement",
     "full_depth_logits",
-    "paired_accuracy_loss",
     "upper_bound",
 ]
 
 logger = logging.getLogger("earlyexit_kernels.audit")
-
-
-def check_fraction(fraction: float) -> float:
-    """``fraction`` as a float, or a ``ValueError`` saying what a valid one is."""
-    if (
-        isinstance(fraction, bool)
-        or not isinstance(fraction, (int, float))
-        or not math.isfinite(fraction)
-        or not 0.0 <= fraction <= 1.0
-    ):
-        raise ValueError(
-            f"the audit fraction must be a number in [0, 1] (0.05: one sequence in twenty also runs the full "
-            f"model; 0: no audit), got {fraction!r}"
-        )
-    return float(fraction)
 
 
 def _check_confidence(confidence: float) -> float:
@@ -126,26 +111,6 @@ def _check_budget(budget: float | None) -> float | None:
 # ---------------------------------------------------------------------------------- the loss
 
 
-def disagreement(early: torch.Tensor, full: torch.Tensor, *, multi_label: bool = False) -> list[float]:
-    """Each row's loss in [0, 1] between the early exit's ``early`` and the full model's ``full`` logits [n, C].
-
-    Single-label: 1.0 where the argmax differs, else 0.0. ``multi_label``: the fraction of labels
-    on the other side of 0 (calibration's per-label agreement). One output (C == 1): whether the
-    score is on the other side of 0.
-    """
-    early, full = early.float(), full.float()
-    if multi_label or early.shape[-1] == 1:
-        return ((early > 0) != (full > 0)).double().mean(-1).tolist()
-    return (early.argmax(-1) != full.argmax(-1)).double().tolist()
-
-
-def paired_accuracy_loss(early_class: int, full_class: int, label: int) -> int:
-    """A labelled row's accuracy lost by the early exit against the full model: 1 where the exit is
-    wrong and the full model right, -1 where the exit is right and the full model wrong, else 0
-    (calibration's ``"accuracy"`` loss; its mean is the accuracy lost, in points / 100)."""
-    return int(early_class != label) - int(full_class != label)
-
-
 def is_multi_label(config) -> bool:
     return getattr(config, "problem_type", None) == MULTI_LABEL
 
@@ -166,7 +131,7 @@ def full_depth_logits(
     ``all_exits``: every layer's head logits too, [L, n, C], the last layer's the full model's: the
     patched model's all-exits forward (every layer on every row, the model's own classifier last),
     what online re-certification replays its candidates on
-    (:mod:`~earlyexit_kernels.training.online_certificate`).
+    (:mod:`~earlyexit_kernels.calibration.online`).
 
     It runs the model's class's own forward on the patched model: the unpatched Hugging Face
     forward on the same weights (``eek.patch`` replaces the instance's ``forward`` only), with no
@@ -304,7 +269,7 @@ class AuditWatch:
             logger.log(level, text)
 
     def record_labelled(self, losses: Iterable[int]) -> None:
-        """Count the paired accuracy losses (:func:`paired_accuracy_loss`: -1, 0 or 1) of audited rows
+        """Count the paired accuracy losses (:func:`~earlyexit_kernels.calibration.losses.paired_loss`: -1, 0 or 1) of audited rows
         whose labels are known. Warns or says it is back under ``accuracy_budget`` where the bound crosses it."""
         losses = [int(loss) for loss in losses]
         if any(loss not in (-1, 0, 1) for loss in losses):
@@ -538,7 +503,7 @@ class AuditRunner:
     and of the server (which runs it on a thread of its own, :mod:`earlyexit_kernels.integrations.server.audit_worker`).
 
     :meth:`full_logits` runs the full model (:func:`full_depth_logits`; with ``certificate``, an
-    :class:`~earlyexit_kernels.training.online_certificate.OnlineCertificate`, its all-exits forward,
+    :class:`~earlyexit_kernels.calibration.online.OnlineCertificate`, its all-exits forward,
     every head's logits recorded in the certificate, and ``on_move(policy)`` called when it moves the
     served policy); :meth:`record` counts the early exits' losses against it in ``watch``, with the
     full model's time since the last record.
@@ -551,7 +516,7 @@ class AuditRunner:
         *,
         max_batch_size: int = 64,
         max_tokens: int | None = None,
-        certificate=None,
+        certificate: OnlineCertificate | None = None,
         on_move=None,
         multi_label: bool | None = None,
     ):
@@ -579,7 +544,7 @@ class AuditRunner:
 
     def losses(self, early: torch.Tensor, full: torch.Tensor) -> list[float]:
         """Each row's loss between the early exits' ``early`` and the full model's ``full`` logits [n, C]."""
-        return disagreement(early, full, multi_label=self.multi_label)
+        return disagreement(early, full, multi_label=self.multi_label).tolist()
 
     def record(self, losses: list[float]) -> None:
         """Count ``losses`` in the watch, with the full model's time since the last record."""

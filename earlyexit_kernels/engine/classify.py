@@ -21,9 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from earlyexit_kernels.engine.audit import AuditRunner, AuditWatch, check_fraction
+from earlyexit_kernels.calibration.online import OnlineCertificate
+from earlyexit_kernels.engine.audit import AuditRunner, AuditWatch
 from earlyexit_kernels.engine.continuous import ContinuousEngine
 from earlyexit_kernels.engine.engine_config import EngineConfig
+from earlyexit_kernels.methods.risk_control import check_fraction
 
 __all__ = ["Prediction", "Predictions", "classify"]
 
@@ -36,7 +38,7 @@ class Prediction:
     ``exit_layer``: 1..L. ``layers_run``: layers computed (differs only with SkipGates).
     ``disagreement``: for a sequence the audit also ran through the full model, its disagreement
     with it (1.0 or 0.0: another class or the same; multi-label: the fraction of labels decided
-    otherwise, see :func:`earlyexit_kernels.engine.audit.disagreement`); None when not audited.
+    otherwise, see :func:`earlyexit_kernels.calibration.losses.disagreement`); None when not audited.
     """
 
     index: int
@@ -50,7 +52,7 @@ class Predictions(Iterator[Prediction]):
     """What :func:`classify` returns: its :class:`Prediction` objects, lazily (as a generator), and
     ``audit``: the :class:`~earlyexit_kernels.engine.audit.AuditWatch` counting the audited
     sequences (None without an audit), complete once the predictions are exhausted;
-    ``certificate``: the :class:`~earlyexit_kernels.training.online_certificate.OnlineCertificate`
+    ``certificate``: the :class:`~earlyexit_kernels.calibration.online.OnlineCertificate`
     re-certifying the threshold on them (None where it does not run)."""
 
     __slots__ = ("_generator", "audit", "certificate")
@@ -118,7 +120,7 @@ def classify(
 
     ``recertify``: move the served threshold along the folder's certified path as the audited
     sequences allow, and back to full depth when they show it over the budget
-    (:mod:`earlyexit_kernels.training.online_certificate`; the iterator's ``certificate``). None
+    (:mod:`earlyexit_kernels.calibration.online`; the iterator's ``certificate``). None
     (default): on where an audit runs on a model loaded from an ``eek fit`` folder whose certificate
     bounds disagreement and which serves its certified policy; True: on, or a ``RecertifyError``
     saying what is missing; False: off; an ``OnlineCertificate`` of your own: on, with it (it keeps
@@ -178,11 +180,12 @@ def classify(
 
 
 def _online_certificate(model, recertify, audit: AuditWatch | None):
-    """The certificate to feed, or None. None / True (re-certify as the folder allows) are resolved above
-    this layer, by ``eek.classify`` (:mod:`earlyexit_kernels.integrations.recertified_classify`)."""
+    """The certificate to feed, or None. None / True (re-certify as the model's folder allows) are resolved
+    above this layer, where folders are read, by ``eek.classify``
+    (:func:`earlyexit_kernels.integrations.recertify_folder.classify`)."""
     if recertify is None or recertify is False:
         return None
-    if recertify is True or not hasattr(recertify, "record"):
+    if not isinstance(recertify, OnlineCertificate):
         raise TypeError(
             f"recertify here is False, None or an OnlineCertificate; got {recertify!r} (eek.classify resolves True)"
         )

@@ -324,7 +324,7 @@ class ContinuousEngine:
 
     def set_policy(self, policy) -> None:
         """Decide exits with ``policy`` from the next layer call on: a threshold moved along a certified path
-        (:mod:`earlyexit_kernels.training.online_certificate`). Same family and per-sequence state as the
+        (:mod:`earlyexit_kernels.calibration.online`). Same family and per-sequence state as the
         policy served (a sequence in flight takes the new thresholds at its next layer); call between steps."""
         self.check_policy(policy)
         self.policy = policy

@@ -337,7 +337,8 @@ def _progress_on(args) -> bool:
 def _fit(args) -> int:
     from earlyexit_kernels.integrations.labelled_data import read_labelled
     from earlyexit_kernels.integrations.model_folder import load_classifier, save_fitted
-    from earlyexit_kernels.training.fit_texts import FitError, fit_model, seeded
+    from earlyexit_kernels.training.fit_config import FitConfig
+    from earlyexit_kernels.training.fit_texts import FitError, fit_with_config, seeded
     from earlyexit_kernels.training.labelled_texts import split_rows
 
     _common_checks(args)
@@ -374,7 +375,22 @@ def _fit(args) -> int:
             f"threshold is calibrated on agreement with the full model",
             file=sys.stderr,
         )
-    with seeded(args.seed):  # the heads made at loading are drawn under --seed too
+    config = FitConfig(
+        method=args.method,
+        pooling=args.pooling,
+        head=args.head,
+        max_drop=args.max_drop,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+        progress=_progress_on(args),
+        confidence=args.confidence,
+        calibration_fraction=args.calibration_fraction,
+        validation_split=None if args.validation is not None else (args.validation_split or 0.1),
+    )
+    with seeded(config.seed):  # the heads made at loading are drawn under --seed too
         model, tokenizer = load_classifier(args.model)
         if args.dtype is not None or args.device != "cpu":
             from earlyexit_kernels.engine.precision import to_base
@@ -383,26 +399,8 @@ def _fit(args) -> int:
                 to_base(model, args.dtype, args.device)
             except ValueError as error:
                 raise FitError(str(error)) from None
-        report = fit_model(
-            model,
-            tokenizer,
-            train,
-            validation,
-            method=args.method,
-            pooling=args.pooling,
-            head=args.head,
-            max_drop=args.max_drop,
-            epochs=args.epochs,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            seed=args.seed,
-            progress=_progress_on(args),
-            confidence=args.confidence,
-            calibration_fraction=args.calibration_fraction,
-            calibration=calibration,
-            validation_split=None if args.validation is not None else (args.validation_split or 0.1),
-            unlabelled=unlabelled,
+        report = fit_with_config(
+            model, tokenizer, train, validation, config, calibration=calibration, unlabelled=unlabelled
         )
     if calibration is not None:
         report.calibration_source = f"from {args.calibration} (--calibration)"
@@ -460,7 +458,7 @@ def _calibrate(args) -> int:
     if (args.data is None) == (args.from_audit is None):
         raise FitError("give FILE (the rows to certify on) or --from-audit RECORD, one of them")
     if args.from_audit is not None:
-        from earlyexit_kernels.training.online_certificate import RecertifyError
+        from earlyexit_kernels.calibration.online import RecertifyError
 
         if args.unlabelled is not None:
             raise FitError("--unlabelled joins FILE's rows; an audit record's rows carry no labels: leave it out")

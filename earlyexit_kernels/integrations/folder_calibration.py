@@ -68,7 +68,7 @@ def calibrate_folder(
     and write it back; returns the :class:`~earlyexit_kernels.training.calibrate_texts.CalibrationReport`.
 
     ``from_audit`` instead of ``data``: the file ``eek serve --audit-record`` (or
-    :meth:`~earlyexit_kernels.training.online_certificate.OnlineCertificate.save_audit`) wrote, the
+    :meth:`~earlyexit_kernels.calibration.online.OnlineCertificate.save_audit`) wrote, the
     audited rows served since the last pull-back, every head's logits: certified on as they are (no
     model run; disagreement with the full model), along the path they were recorded on, which must
     be the folder's. The served traffic becomes the certificate's rows: a restart serves it.
@@ -135,10 +135,10 @@ def _written(folder: str, report, force: bool) -> bool:
 
 
 def _audit_record(folder: str, audit_file: str, model):
-    """The :class:`~earlyexit_kernels.training.exit_record.ExitRecord` of an audit record, checked against
+    """The :class:`~earlyexit_kernels.calibration.record.ExitRecord` of an audit record, checked against
     ``folder``: its path, layers and labels; and what was served when it was written."""
-    from earlyexit_kernels.training.exit_record import ExitRecord
-    from earlyexit_kernels.training.online_certificate import RecertifyError, load_audit_record
+    from earlyexit_kernels.calibration.online import RecertifyError, load_audit_record
+    from earlyexit_kernels.calibration.record import ExitRecord
 
     payload = load_audit_record(audit_file)
     logits = payload["all_logits"]

@@ -55,7 +55,7 @@ class EarlyExitClassifier:
     the column over the whole output. ``recertify`` (None: on where an audit runs on a folder whose
     certificate bounds disagreement; True; False): each actor moves its threshold along the
     folder's certified path from its own audited rows, over every batch it runs
-    (``self.certificate``, :mod:`earlyexit_kernels.training.online_certificate`).
+    (``self.certificate``, :mod:`earlyexit_kernels.calibration.online`).
 
     A null text is classified as the empty string. A row that cannot be classified (a
     value that is not text, or too long without truncation) keeps the job going: its
@@ -86,9 +86,10 @@ class EarlyExitClassifier:
     ):
         from transformers import AutoTokenizer
 
-        from earlyexit_kernels.engine.audit import AuditWatch, check_fraction
+        from earlyexit_kernels.engine.audit import AuditWatch
         from earlyexit_kernels.engine.precision import to_base
         from earlyexit_kernels.integrations.model_folder import audit_settings
+        from earlyexit_kernels.methods.risk_control import check_fraction
         from earlyexit_kernels.patching.loading import from_pretrained
 
         self.audit = None

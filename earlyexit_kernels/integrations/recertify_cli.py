@@ -37,10 +37,10 @@ def recertify_options(args, audit: dict, *, local: bool, multi_label: bool = Fal
 
     ``local``: the certificate itself (``OnlineCertificate`` or None), built here; else (Ray: each
     replica or actor builds its own) True / False."""
+    from earlyexit_kernels.calibration.online import RecertifyError
     from earlyexit_kernels.integrations.model_folder import resolve_model
     from earlyexit_kernels.integrations.recertify_folder import resolve_online_certificate
     from earlyexit_kernels.methods.policy_spec import parse_policy
-    from earlyexit_kernels.training.online_certificate import RecertifyError
 
     if args.policy is not None and args.recertify:
         raise RecertifyError("--recertify moves the folder's certified threshold; leave --policy out to re-certify")

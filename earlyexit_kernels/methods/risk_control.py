@@ -37,6 +37,7 @@ import torch
 __all__ = [
     "check_confidence",
     "check_budget",
+    "check_fraction",
     "binomial_cdf",
     "binomial_p_value",
     "kl_bernoulli",
@@ -50,7 +51,6 @@ __all__ = [
     "risk_upper_bound",
     "count_p_value",
     "is_binary",
-    "require_rows",
     "fixed_sequence",
     "rows_to_certify",
 ]
@@ -64,6 +64,22 @@ def check_confidence(confidence: float) -> float:
             f"probability 95% over the draw of the calibration rows), got {confidence!r}"
         )
     return float(confidence)
+
+
+def check_fraction(fraction: float) -> float:
+    """The audit's ``fraction`` (the share of served rows also run at full depth, what the online tests read)
+    as a float, or a ``ValueError`` saying what a valid one is."""
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float))
+        or not math.isfinite(fraction)
+        or not 0.0 <= fraction <= 1.0
+    ):
+        raise ValueError(
+            f"the audit fraction must be a number in [0, 1] (0.05: one sequence in twenty also runs the full "
+            f"model; 0: no audit), got {fraction!r}"
+        )
+    return float(fraction)
 
 
 def check_budget(budget: float) -> float:
@@ -244,17 +260,6 @@ def risk_upper_bound(losses: torch.Tensor, confidence: float) -> float:
     if bool((losses < 0).any()):
         return paired_upper_bound(losses, confidence)
     return upper_bound(float(losses.sum()), losses.numel(), confidence, binary=is_binary(losses))
-
-
-def require_rows(rows: int, budget: float, confidence: float, *, unit: str = "rows", hint: str = "") -> None:
-    """A ``ValueError`` when ``rows`` cannot certify ``budget`` at ``confidence`` even for a loss of 0."""
-    least = rows_to_certify(0.0, budget, confidence)
-    if least is None or rows < least:
-        raise ValueError(
-            f"{rows} calibration {unit} cannot certify a risk budget of {100 * budget:g}% at confidence "
-            f"{100 * confidence:g}%: even a policy that never errs needs {least} {unit} "
-            f"(log(1 - confidence) / log(1 - budget)); give more calibration {unit}{hint} or a lower confidence"
-        )
 
 
 def fixed_sequence(p_values: Sequence[float] | Callable[[int], float], count: int, delta: float) -> int:

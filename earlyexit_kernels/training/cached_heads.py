@@ -24,7 +24,7 @@ applies); with dropout off the two paths give the same gradients.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,7 @@ from earlyexit_kernels.methods.losses import Objective
 from earlyexit_kernels.methods.policies import QExit
 from earlyexit_kernels.models.base import masked_mean
 from earlyexit_kernels.patching.state import is_patched, state_of, using_backend
+from earlyexit_kernels.training.record_exits import each_batch
 
 __all__ = ["ExitInputCache", "CachedExits", "cache_exit_inputs", "cached_exits", "cached_record", "cache_reason"]
 
@@ -104,13 +105,6 @@ def cache_reason(model, chosen: Objective, trainable: Iterable[torch.nn.Paramete
     return None
 
 
-def _batches(data) -> Iterable[Mapping[str, torch.Tensor]]:
-    if isinstance(data, Mapping):
-        yield data
-    else:
-        yield from data
-
-
 @torch.no_grad()
 def cache_exit_inputs(
     model, batches, *, progress: bool = False, description: str = "caching", both_poolings: bool = False
@@ -165,7 +159,7 @@ def cache_exit_inputs(
             model.eval()
             batch_list = batches if isinstance(batches, (list, tuple)) else None
             bar = _progress(len(batch_list) if batch_list is not None else None, description, progress)
-            for batch in _batches(batches):
+            for batch in each_batch(batches):
                 recorded.clear()
                 halting_recorded.clear()
                 for kept in pooled_recorded.values():
@@ -261,18 +255,20 @@ def cached_exits(model, cache: ExitInputCache, rows: torch.Tensor | None = None)
 
 @torch.no_grad()
 def cached_record(model, cache: ExitInputCache, chunk: int = 4096):
-    """The :class:`earlyexit_kernels.training.calibration.ExitRecord` of ``cache`` without a forward.
+    """The :class:`earlyexit_kernels.calibration.record.ExitRecord` of ``cache`` without a forward.
 
-    What :func:`earlyexit_kernels.training.calibration.record_exits` records on the batches the
+    What :func:`earlyexit_kernels.training.record_exits.record_exits` records on the batches the
     cache was made from (the heads in eval mode), for calibrating right after training on
     cached inputs. Not for ``SkipGates`` (the cache has no skips): record that one with a forward.
     """
+    from earlyexit_kernels.calibration.record import ExitRecord
     from earlyexit_kernels.methods.policies import SkipGates
-    from earlyexit_kernels.training.calibration import ExitRecord
 
     policy = state_of(model, "cached_record").policy
     if isinstance(policy, SkipGates):
-        raise ValueError("a SkipGates record needs the gates' skips: use calibration.record_exits(model, batches)")
+        raise ValueError(
+            "a SkipGates record needs the gates' skips: use training.record_exits.record_exits(model, batches)"
+        )
     was_training = model.training
     model.eval()
     logits, halting = [], []

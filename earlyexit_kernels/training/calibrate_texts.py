@@ -6,7 +6,7 @@
 The rows are those the classifier never trained on (its validation split, or a sample of what
 it serves, labelled or not). The heads stay as they are; only the policy's threshold moves
 along the same fixed grid ``eek fit`` certifies on
-(:mod:`earlyexit_kernels.training.certified_calibration`), so the certificate means what
+(:mod:`earlyexit_kernels.calibration.certify`), so the certificate means what
 ``eek fit``'s does, for rows like these.
 """
 
@@ -15,15 +15,9 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from earlyexit_kernels.training.fit_texts import (
-    CONFIDENCE,
-    FitError,
-    _check_confidence,
-    _check_enough,
-    _describe_certificate,
-    max_length_for,
-    warn_truncated,
-)
+from earlyexit_kernels.calibration.certify import describe_certificate
+from earlyexit_kernels.training.fit_checks import FitError, check_confidence, check_enough
+from earlyexit_kernels.training.fit_texts import CONFIDENCE, max_length_for, warn_truncated
 
 __all__ = ["CalibrationReport", "calibrate_record", "calibrate_texts"]
 
@@ -34,7 +28,7 @@ class CalibrationReport:
 
     ``accuracy`` / ``full_accuracy``: the chosen policy's and the full model's on the rows
     (agreement with the full model when ``target == "agreement"``); ``certificate``: the
-    :class:`~earlyexit_kernels.training.certified_calibration.Certificate`'s fields, or None
+    :class:`~earlyexit_kernels.calibration.certify.Certificate`'s fields, or None
     (``confidence`` None: the uncertified point within ``max_drop``)."""
 
     previous_policy: str
@@ -67,7 +61,7 @@ class CalibrationReport:
             f"{self.num_layers}" + ("" if self.met else " - the target was NOT met"),
         ]
         if self.certificate is not None:
-            lines.append(_describe_certificate(self.certificate))
+            lines.append(describe_certificate(self.certificate))
         lines += [f"warning: {w}" for w in self.warnings]
         if self.kept is not None:
             lines.append(f"not written: {self.kept}")
@@ -104,12 +98,11 @@ def calibrate_texts(
     uncertified. Rows too few for any certificate raise :class:`FitError` saying how many would do.
     ``path``: the ordered candidates to certify along (the folder's saved path, policies); None:
     the family's fixed grid. ``unlabelled`` (``LabelledTexts``, labels ignored): more rows without
-    labels in the certificate (:func:`~earlyexit_kernels.training.certified_calibration.certify`); the
+    labels in the certificate (:func:`~earlyexit_kernels.calibration.certify.certify`); the
     rows of ``data`` whose label cell is empty join them.
     """
     import torch
 
-    from earlyexit_kernels.training.exit_record import record_exits
     from earlyexit_kernels.training.labelled_texts import (
         encode,
         joined_texts,
@@ -117,6 +110,7 @@ def calibrate_texts(
         length_sorted_batches,
         split_unlabelled,
     )
+    from earlyexit_kernels.training.record_exits import record_exits
 
     if not max_drop >= 0:
         raise FitError(f"--max-drop must be >= 0 accuracy points, got {max_drop}")
@@ -125,8 +119,8 @@ def calibrate_texts(
     if unlabelled is not None and confidence is None:
         raise FitError("unlabelled rows (--unlabelled) join the certificate: give a --confidence, or leave them out")
     if confidence is not None:
-        _check_confidence(confidence)
-        _check_enough(len(data), max_drop, confidence, "labelled rows" if unlabelled is not None else "rows")
+        check_confidence(confidence)
+        check_enough(len(data), max_drop, confidence, "labelled rows" if unlabelled is not None else "rows")
     labels = label_ids(data, model.config) if data.labels is not None else None
     length = max_length_for(max_length, model, tokenizer)
     encoded = encode(tokenizer, data, length)
@@ -149,19 +143,20 @@ def calibrate_record(
     path: list | None = None,
     unlabelled=None,
 ) -> CalibrationReport:
-    """:func:`calibrate_texts` on rows already recorded (:class:`~earlyexit_kernels.training.exit_record.ExitRecord`:
+    """:func:`calibrate_texts` on rows already recorded (:class:`~earlyexit_kernels.calibration.record.ExitRecord`:
     every head's logits, e.g. the audited rows of ``eek serve --audit-record``); the model ends patched
     with the chosen policy."""
+    from earlyexit_kernels.calibration.record import replay
+    from earlyexit_kernels.calibration.report import describe
     from earlyexit_kernels.patching.patch import backend_of, patch, policy_of
-    from earlyexit_kernels.training.calibration import calibrate, describe
-    from earlyexit_kernels.training.exit_record import replay
+    from earlyexit_kernels.training.calibration import calibrate
 
     if not max_drop >= 0:
         raise FitError(f"--max-drop must be >= 0 accuracy points, got {max_drop}")
     rows = record.all_logits.shape[1]
     if confidence is not None:
-        _check_confidence(confidence)
-        _check_enough(rows, max_drop, confidence, "rows")
+        check_confidence(confidence)
+        check_enough(rows, max_drop, confidence, "rows")
     previous = policy_of(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # kept in the result and printed by the report

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from earlyexit_kernels.calibration.candidates import supports_paths
 from earlyexit_kernels.methods.policies import SkipGates
 from earlyexit_kernels.patching.patch import patch
 from earlyexit_kernels.training.cached_heads import ExitInputCache, cache_exit_inputs, cached_record
-from earlyexit_kernels.training.calibration import Calibration, calibrate, record_exits
-from earlyexit_kernels.training.certified_paths import supports_paths
+from earlyexit_kernels.training.calibration import Calibration, calibrate
 from earlyexit_kernels.training.head_choice import (
     AUTO,
     candidates_for,
@@ -32,6 +32,7 @@ from earlyexit_kernels.training.head_choice import (
     why_not_auto,
 )
 from earlyexit_kernels.training.recipes import Recipe, recipe
+from earlyexit_kernels.training.record_exits import record_exits
 from earlyexit_kernels.training.train import TrainingLog, train_exit_heads
 
 __all__ = ["StageResult", "FitResult", "fit_exit_heads", "split_validation"]

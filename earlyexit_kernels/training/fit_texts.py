@@ -16,7 +16,6 @@ saves (``eek_fit.json``). Without labels the heads learn the final classifier's 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import sys
 import warnings
@@ -24,19 +23,28 @@ from dataclasses import dataclass, field
 
 import torch
 
+from earlyexit_kernels.calibration.certify import describe_certificate
+from earlyexit_kernels.training.fit_checks import (
+    FitError,
+    check_confidence,
+    check_enough,
+    check_kept_out,
+    least_rows_to_certify,
+)
+from earlyexit_kernels.training.fit_config import AUTO_SHARE, CALIBRATION_FRACTION, CONFIDENCE, FitConfig
 from earlyexit_kernels.training.recipes import RECIPES
 
 __all__ = [
     "AUTO_SHARE",
     "CALIBRATION_FRACTION",
     "CONFIDENCE",
+    "FitConfig",
     "FitError",
     "FitReport",
     "METHODS",
     "UNLABELLED_METHODS",
-    "file_rows_to_certify",
     "fit_model",
-    "least_rows_to_certify",
+    "fit_with_config",
     "train_and_calibrate",
 ]
 
@@ -44,18 +52,6 @@ __all__ = [
 METHODS = tuple(RECIPES)
 #: the methods that train without labels (self-distillation from the final classifier)
 UNLABELLED_METHODS = tuple(name for name, r in RECIPES.items() if not r.needs_labels)
-
-
-#: the confidence ``eek fit`` certifies its budget with unless told otherwise
-CONFIDENCE = 0.95
-#: the part of the training rows ``eek fit`` keeps out to certify on where the share is not measured
-CALIBRATION_FRACTION = 0.25
-#: ``calibration_fraction`` that measures the share on the rows (:mod:`~earlyexit_kernels.training.calibration_share`)
-AUTO_SHARE = "auto"
-
-
-class FitError(ValueError):
-    """A problem with what the user asked ``fit`` or ``evaluate`` for; the message says what to change."""
 
 
 @dataclass
@@ -67,7 +63,7 @@ class FitReport:
     ``train_seconds``: the training stages; ``calibrate_seconds``: the rest of the fit (the
     frozen model's passes over the rows, the calibration). With ``confidence``: the policy is
     certified on ``calibration_rows`` rows kept out of training, and ``certificate`` holds
-    :class:`~earlyexit_kernels.training.certified_calibration.Certificate`'s fields (budget,
+    :class:`~earlyexit_kernels.calibration.certify.Certificate`'s fields (budget,
     bound reached, uncertified point's layers, rows needed when nothing was certified).
     """
 
@@ -142,7 +138,7 @@ class FitReport:
         if self.certificate is not None and self.certificate.get("path_layers"):
             lines.append(_describe_paths(self.certificate, self.validation_rows))
         elif self.certificate is not None and self.certificate.get("path") == "global":
-            from earlyexit_kernels.training.certified_paths import per_layer_rows_needed
+            from earlyexit_kernels.calibration.candidates import per_layer_rows_needed
 
             needed = per_layer_rows_needed(self.certificate["budget"])
             if self.validation_rows < needed:
@@ -151,7 +147,7 @@ class FitReport:
                     f"{needed} of them at this budget to see its errors; there are {self.validation_rows})"
                 )
         if self.certificate is not None and self.certificate["certified"]:  # else it is one of the warnings
-            lines.append(_describe_certificate(self.certificate))
+            lines.append(describe_certificate(self.certificate))
         lines += [f"warning: {w}" for w in self.warnings]
         return lines
 
@@ -169,17 +165,6 @@ def seeded(seed: int):
     return context()
 
 
-def _under_seed(fit):
-    """``fit`` run under its keyword ``seed`` (:func:`seeded`)."""
-
-    @functools.wraps(fit)
-    def seeded_fit(*args, **kwargs):
-        with seeded(kwargs.get("seed", 0)):
-            return fit(*args, **kwargs)
-
-    return seeded_fit
-
-
 def _describe_paths(certificate: dict, rows: int) -> str:
     """Which path was certified along, and what each needed on the held-out half of the validation rows."""
     needed = ", ".join(
@@ -190,12 +175,6 @@ def _describe_paths(certificate: dict, rows: int) -> str:
         f"path: {certificate['path'].replace('_', '-')} (the fewest mean layers within the budget on half of the "
         f"{rows} validation rows: {needed})"
     )
-
-
-def _describe_certificate(fields: dict) -> str:
-    from earlyexit_kernels.training.certified_calibration import Certificate
-
-    return Certificate(**fields).describe()
 
 
 def _compact_curve(curve: list[tuple[str, float, float]], rows: int = 8) -> list[str]:
@@ -216,34 +195,31 @@ def train_and_calibrate(
     train_labels: torch.Tensor | None,
     validation,
     validation_labels: torch.Tensor | None,
+    config: FitConfig,
     *,
-    method: str,
-    pooling: str | None,
-    head: str | None,
-    max_drop: float,
-    epochs: int | None,
-    lr: float | None,
-    batch_size: int,
-    seed: int,
-    progress: bool,
     calibration=None,
     calibration_labels: torch.Tensor | None = None,
-    confidence: float | None = None,
     unlabelled=None,
 ) -> FitReport:
-    """Train ``model``'s exit heads with ``method``'s recipe on ``train`` (:class:`Encoded` rows) and calibrate
-    on ``validation`` (:func:`earlyexit_kernels.training.fit_exit_heads`); returns a :class:`FitReport`.
+    """Train ``model``'s exit heads with ``config.method``'s recipe on ``train`` (:class:`Encoded` rows) and
+    calibrate on ``validation`` (:func:`earlyexit_kernels.training.fit_exit_heads`); returns a :class:`FitReport`.
+    ``config``: the fit's settings (:class:`~earlyexit_kernels.training.fit_config.FitConfig`; its
+    ``max_length``, ``calibration_fraction`` and ``validation_split`` were spent on the rows already).
 
     ``train_labels`` / ``validation_labels``: LongTensor [N] of class ids, or both None
-    (self-distillation, calibrated on agreement). ``pooling`` / ``head``: the internal heads'
-    (None: the family's default, see ``patch``). ``calibration`` / ``calibration_labels``:
+    (self-distillation, calibrated on agreement). ``config.pooling`` / ``config.head``: the internal
+    heads' (None: the family's default, see ``patch``). ``calibration`` / ``calibration_labels``:
     rows kept out of training for the calibration (default: the validation rows);
-    ``confidence``: certify ``max_drop`` with it; ``unlabelled``: more calibration rows without labels
-    (:class:`Encoded`).
+    ``config.confidence``: certify ``config.max_drop`` with it; ``unlabelled``: more calibration rows without
+    labels (:class:`Encoded`).
     """
-    from earlyexit_kernels.training.calibration import describe, distinct_digits
+    from earlyexit_kernels.calibration.report import describe, distinct_digits
     from earlyexit_kernels.training.fit import fit_exit_heads
     from earlyexit_kernels.training.labelled_texts import length_sorted_batches, shuffled_batches
+
+    method, pooling, head, max_drop = config.method, config.pooling, config.head, config.max_drop
+    epochs, lr, batch_size, seed = config.epochs, config.lr, config.batch_size, config.seed
+    progress, confidence = config.progress, config.confidence
 
     train_batches = shuffled_batches(train, train_labels, batch_size, seed)
     val_batches = length_sorted_batches(validation, validation_labels, 64)
@@ -320,7 +296,6 @@ def warn_truncated(encoded) -> None:
         )
 
 
-@_under_seed
 def fit_model(
     model,
     tokenizer,
@@ -356,7 +331,7 @@ def fit_model(
     ``confidence`` (in (0, 1); None: uncertified, on the validation rows): keep rows of ``train``
     out of head training and early stopping, and certify on them that the policy loses at most
     ``max_drop`` points with that confidence
-    (:mod:`earlyexit_kernels.training.certified_calibration`); how many: ``calibration_fraction``
+    (:mod:`earlyexit_kernels.calibration.certify`); how many: ``calibration_fraction``
     of them, or with ``"auto"`` (the default) all but those the heads need, measured
     (:mod:`earlyexit_kernels.training.calibration_share`). ``calibration``
     (:class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`, labelled or not): rows the
@@ -369,12 +344,43 @@ def fit_model(
 
     ``unlabelled`` (:class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`, labels ignored): more
     unseen rows without labels, in the certificate beside the calibration rows (agreement: as more rows;
-    accuracy lost: :mod:`~earlyexit_kernels.training.prediction_powered`); a ``calibration`` whose label
+    accuracy lost: :mod:`~earlyexit_kernels.calibration.prediction_powered`); a ``calibration`` whose label
     cells are partly empty gives its unlabelled rows the same way.
 
     ``seed`` fixes everything drawn: the splits, the order of the rows, and the heads' initial
     weights (torch's generator is seeded inside, and given back as it was).
     """
+    config = FitConfig(
+        method=method,
+        pooling=pooling,
+        head=head,
+        max_drop=max_drop,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        max_length=max_length,
+        seed=seed,
+        progress=progress,
+        confidence=confidence,
+        calibration_fraction=calibration_fraction,
+        validation_split=validation_split,
+    )
+    return fit_with_config(model, tokenizer, train, validation, config, calibration=calibration, unlabelled=unlabelled)
+
+
+def fit_with_config(model, tokenizer, train, validation, config: FitConfig, *, calibration=None, unlabelled=None):
+    """:func:`fit_model` with its settings as one :class:`~earlyexit_kernels.training.fit_config.FitConfig`
+    (what the command line builds once), run under ``config.seed`` (:func:`seeded`): the rows as
+    :func:`fit_model` takes them, and the same :class:`FitReport`."""
+    with seeded(config.seed):
+        return _fit(model, tokenizer, train, validation, config, calibration, unlabelled)
+
+
+def _fit(model, tokenizer, train, validation, config: FitConfig, calibration, unlabelled) -> FitReport:
+    """:func:`fit_with_config`'s body, under its seed."""
+    method, pooling, head, max_drop = config.method, config.pooling, config.head, config.max_drop
+    max_length, seed, confidence = config.max_length, config.seed, config.confidence
+    calibration_fraction, validation_split = config.calibration_fraction, config.validation_split
     from earlyexit_kernels.training.labelled_texts import encode, joined_texts, label_ids, split_unlabelled
 
     if method not in METHODS:
@@ -389,7 +395,7 @@ def fit_model(
     calibration_ids = encoded_calibration = encoded_unlabelled = None
     given_calibration = calibration is not None
     if confidence is not None:
-        _check_confidence(confidence)
+        check_confidence(confidence)
     if calibration is not None:
         calibration, partly = split_unlabelled(calibration)
         unlabelled = joined_texts(partly, unlabelled)
@@ -402,7 +408,7 @@ def fit_model(
         encoded_unlabelled = encode(tokenizer, unlabelled, length)
     if calibration is not None:
         if confidence is not None:
-            _check_enough(len(calibration), max_drop, confidence, "calibration rows (--calibration)")
+            check_enough(len(calibration), max_drop, confidence, "calibration rows (--calibration)")
         calibration_ids = label_ids(calibration, model.config) if calibration.labels is not None else None
         if train_ids is None:
             calibration_ids = None  # the heads learn agreement: certify agreement too
@@ -410,14 +416,9 @@ def fit_model(
     share = None
     if calibration is None and confidence is not None:
         if calibration_fraction == AUTO_SHARE:
-            from earlyexit_kernels.training.calibration_share import choose_share
+            from earlyexit_kernels.training.calibration_share import ShareSettings, choose_share
 
-            share = choose_share(
-                model,
-                encoded_train,
-                train_ids,
-                encoded_val,
-                val_ids,
+            settings = ShareSettings(
                 method=method,
                 pooling=pooling,
                 head=head,
@@ -427,10 +428,11 @@ def fit_model(
                 budget=max_drop / 100.0,
                 confidence=confidence,
             )
+            share = choose_share(model, encoded_train, train_ids, encoded_val, val_ids, settings)
             rest, held, fraction = share.train, share.calibration, CALIBRATION_FRACTION
         else:
             rest, held, fraction = _split_for_calibration(len(train), calibration_fraction, seed)
-        _check_kept_out(len(rest), len(held), max_drop, confidence, fraction, validation_split)
+        check_kept_out(len(rest), len(held), max_drop, confidence, fraction, validation_split)
         from earlyexit_kernels.training.calibration_share import encoded_subset
 
         train, calibration = train.subset(rest), train.subset(held)
@@ -448,18 +450,9 @@ def fit_model(
         train_ids,
         encoded_val,
         val_ids,
-        method=method,
-        pooling=pooling,
-        head=head,
-        max_drop=max_drop,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        seed=seed,
-        progress=progress,
+        config,
         calibration=encoded_calibration,
         calibration_labels=calibration_ids,
-        confidence=confidence,
         unlabelled=encoded_unlabelled,
     )
     if share is not None:
@@ -496,53 +489,6 @@ def fine_tuning_rows_warning(report: FitReport) -> str | None:
     )
 
 
-def _check_confidence(confidence: float) -> None:
-    from earlyexit_kernels.methods.risk_control import check_confidence
-
-    try:
-        check_confidence(confidence)
-    except ValueError as error:
-        raise FitError(f"--confidence: {error}") from None
-
-
-def least_rows_to_certify(max_drop: float, confidence: float) -> int:
-    """The calibration rows below which not even a policy that never errs is certified (at ``max_drop`` points)."""
-    from earlyexit_kernels.methods.risk_control import rows_to_certify
-
-    least = rows_to_certify(0.0, max_drop / 100.0, confidence)
-    if least is None:
-        raise FitError(
-            f"--max-drop {max_drop:g} cannot be certified: no number of rows tells a zero loss from a tiny one"
-        )
-    return least
-
-
-def _check_enough(rows: int, max_drop: float, confidence: float, what: str) -> None:
-    least = least_rows_to_certify(max_drop, confidence)
-    if rows < least:
-        raise FitError(
-            f"{rows} {what} cannot certify a drop of at most {max_drop:g} points with confidence {confidence:g}: even "
-            f"a model that never errs needs {least} rows. Give at least {least} rows, a larger --max-drop, a lower "
-            f"--confidence, or --confidence off (an uncertified threshold)"
-        )
-
-
-def _held_out(count: int, fraction: float) -> int:
-    """How many of ``count`` rows :func:`~earlyexit_kernels.training.labelled_texts.split_rows` holds out."""
-    return round(count * fraction)
-
-
-def file_rows_to_certify(least: int, calibration_fraction: float, validation_split: float | None) -> int:
-    """The fewest rows of a training file whose calibration share holds ``least`` rows, after a
-    ``validation_split`` (None: none) is split off the file first, with the same rounding as the splits."""
-    rows = max(1, math.ceil(least / calibration_fraction) - 2)
-    while True:
-        training = rows - (_held_out(rows, validation_split) if validation_split is not None else 0)
-        if _held_out(training, calibration_fraction) >= least:
-            return rows
-        rows += 1
-
-
 def _split_for_calibration(count: int, fraction, seed: int) -> tuple[list[int], list[int], float]:
     """``(rest, held, fraction)``: a random ``fraction`` of ``count`` training rows held out to certify on."""
     from earlyexit_kernels.training.labelled_texts import split_rows
@@ -551,20 +497,3 @@ def _split_for_calibration(count: int, fraction, seed: int) -> tuple[list[int], 
         raise FitError(f"--calibration-fraction must be {AUTO_SHARE} or a number between 0 and 1, got {fraction!r}")
     rest, held = split_rows(count, fraction, seed + 1, option="--calibration-fraction", held_as="calibration")
     return rest, held, fraction
-
-
-def _check_kept_out(
-    training: int, held: int, max_drop: float, confidence: float, fraction: float, validation_split: float | None
-) -> None:
-    """``held`` calibration rows kept out of ``training + held`` must be enough to certify anything."""
-    least = least_rows_to_certify(max_drop, confidence)
-    if held < least:
-        needed = file_rows_to_certify(least, fraction, validation_split)
-        after = "" if validation_split is None else f" after its --validation-split of {validation_split:g}"
-        raise FitError(
-            f"{held} calibration rows ({fraction:g} of the {training + held} training rows{after}) cannot certify a "
-            f"drop of at most {max_drop:g} points with confidence {confidence:g}: even a model that never errs needs "
-            f"{least} rows. Give a training file of at least {needed} rows, rows the "
-            f"classifier never trained on with --calibration FILE, a larger --max-drop, a lower --confidence, or "
-            f"--confidence off (an uncertified threshold chosen on the validation rows)"
-        )

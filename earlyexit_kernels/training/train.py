@@ -19,6 +19,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -365,21 +366,9 @@ def train_exit_heads(
             # synchronisation: on the shared 2-core machine (load 6.5) a step of MLP heads on 32 rows
             # took 460-505 ms with 2 threads and 33 ms with one
             torch.set_num_threads(1)
+        loop = EpochLoop(loss_kwargs, epochs, max_grad_norm, early_stopping, progress)
         try:
-            _train_epochs(
-                model,
-                chosen,
-                loss_kwargs,
-                source,
-                opt,
-                scheduler,
-                parameters,
-                epochs,
-                max_grad_norm,
-                early_stopping,
-                log,
-                progress,
-            )
+            _train_epochs(model, chosen, source, (opt, scheduler, parameters), log, loop)
         finally:
             torch.set_num_threads(threads)
     finally:
@@ -390,10 +379,25 @@ def train_exit_heads(
     return log
 
 
-def _train_epochs(
-    model, chosen, loss_kwargs, source, opt, scheduler, parameters, epochs, max_grad_norm, early_stopping, log, progress
-) -> None:
-    """The loop: ``epochs`` passes over ``source``, with early stopping on its validation loss."""
+@dataclass(frozen=True)
+class EpochLoop:
+    """What the training loop is asked for, resolved by :func:`train_exit_heads` from its keywords: the loss's
+    ``loss_kwargs``, the ``epochs`` (a number), ``max_grad_norm``, ``early_stopping`` (epochs without a lower
+    validation loss; None: never) and ``progress``."""
+
+    loss_kwargs: dict
+    epochs: int
+    max_grad_norm: float
+    early_stopping: int | None
+    progress: bool
+
+
+def _train_epochs(model, chosen, source, optimizing, log, loop: EpochLoop) -> None:
+    """The loop: ``loop.epochs`` passes over ``source``, with early stopping on its validation loss;
+    ``optimizing``: the optimizer, its schedule and the parameters it trains."""
+    opt, scheduler, parameters = optimizing
+    loss_kwargs, epochs, max_grad_norm = loop.loss_kwargs, loop.epochs, loop.max_grad_norm
+    early_stopping, progress = loop.early_stopping, loop.progress
     bar = _progress(source.steps_per_epoch * epochs, f"training ({chosen.name})", progress)
     best_loss, best_state, since_best, reference = math.inf, None, 0, math.inf
     try:

@@ -97,7 +97,7 @@ def _app(state: ServingState):
     from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
-    from earlyexit_kernels import __version__
+    from earlyexit_kernels._version import __version__
     from earlyexit_kernels.integrations.server.docs_ui import ASSETS, assets_folder, docs_page
     from earlyexit_kernels.integrations.server.openapi import ROUTES, openapi_document
     from earlyexit_kernels.integrations.server.request_id import RequestIdMiddleware

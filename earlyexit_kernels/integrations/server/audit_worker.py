@@ -12,7 +12,7 @@ the full model's time on top of the early exit's. At most ``max_queue`` sequence
 that a chosen sequence is not audited and counted as skipped (``eek_audit_skipped_total``), so
 a burst neither grows memory nor holds anything up.
 
-With an :class:`~earlyexit_kernels.training.online_certificate.OnlineCertificate`, the full model's
+With an :class:`~earlyexit_kernels.calibration.online.OnlineCertificate`, the full model's
 run records every head's logits too (its all-exits forward) and the certificate replays the path
 on them; when it moves, ``on_move`` gets the policy to serve (the app hands it to the engine
 thread), and ``audit_record`` (a file) receives the epoch's audited rows every

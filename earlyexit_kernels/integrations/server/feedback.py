@@ -26,7 +26,8 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-from earlyexit_kernels.engine.audit import AuditWatch, paired_accuracy_loss
+from earlyexit_kernels.calibration.losses import paired_loss
+from earlyexit_kernels.engine.audit import AuditWatch
 from earlyexit_kernels.integrations.server.predict_schema import RequestError
 
 __all__ = ["DEFAULT_CAPACITY", "FeedbackStore"]
@@ -68,7 +69,7 @@ class FeedbackStore:
                     continue
                 row.full = full
                 if row.label is not None:
-                    losses.append(paired_accuracy_loss(row.early, full, row.label))
+                    losses.append(paired_loss(row.early == row.label, full == row.label))
         self.watch.record_labelled(losses)
 
     def label(self, request_id: str, index: int, label: str) -> dict:
@@ -102,7 +103,7 @@ class FeedbackStore:
                 return answer
             row.label = self.label2id[label]
             answer["counted"] = True
-            loss = None if row.full is None else paired_accuracy_loss(row.early, row.full, row.label)
+            loss = None if row.full is None else paired_loss(row.early == row.label, row.full == row.label)
         if loss is not None:
             self.watch.record_labelled([loss])
         return answer

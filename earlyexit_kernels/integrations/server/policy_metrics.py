@@ -11,7 +11,7 @@
 - ``eek_policy_mean_layers``: the served candidate's mean layers on those rows;
 - ``eek_policy_moves_total{direction}``: moves looser (certified) and tighter (pulled back).
 
-Read from the :class:`~earlyexit_kernels.training.online_certificate.OnlineCertificate` when scraped.
+Read from the :class:`~earlyexit_kernels.calibration.online.OnlineCertificate` when scraped.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def serve_application(
     where there is one; each replica audits and exports its own counts. ``recertify`` (None: on where
     an audit runs on a folder whose certificate bounds disagreement; True; False): each replica
     re-certifies its threshold on its own audited sequences
-    (:mod:`earlyexit_kernels.training.online_certificate`): the router spreads the traffic over them, so
+    (:mod:`earlyexit_kernels.calibration.online`): the router spreads the traffic over them, so
     each audit is a uniform sample of what its replica serves, and each replica's moves hold for it
     alone. ``audit_record`` with one replica only (one writer per file).
     """

@@ -41,7 +41,7 @@ class ServeSettings:
     ``audit_accuracy_budget``: the accuracy lost (a fraction) the labelled audited inputs are watched
     against (labels sent to ``POST /feedback``, :mod:`.feedback`), usually the certificate's of a
     folder certified on accuracy lost; None: the accuracy lost is reported, no warning.
-    ``recertify``: an :class:`~earlyexit_kernels.training.online_certificate.OnlineCertificate`
+    ``recertify``: an :class:`~earlyexit_kernels.calibration.online.OnlineCertificate`
     (needs the audit) that moves the served threshold along its certified path from the audited
     sequences (its moves at ``/metrics``, ``eek_policy_*``), or None; ``audit_record``: a file the
     audited rows of its epoch are written to, for ``eek calibrate FOLDER --from-audit``.
@@ -72,7 +72,7 @@ class ServeSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     def __post_init__(self):
-        from earlyexit_kernels.engine.audit import check_fraction
+        from earlyexit_kernels.methods.risk_control import check_fraction
 
         self.engine_config()  # the engine's limits checked here, before a model is loaded
         check_max_body_bytes(self.max_body_bytes)

@@ -6,7 +6,7 @@ ranking: the measure is the **recall of the full model's top k**, per query the 
 of the full model's ``k`` best candidates that are still among the ``k`` best under early
 exit, averaged over the queries (``k = min(k, candidates)``). No labels are needed.
 
-    record = calibration.record_exits(model, batches)        # rows of every query's pairs
+    record = record_exits(model, batches)        # rows of every query's pairs (training.record_exits)
     result = calibrate_rerank(record, groups, k=10, min_recall=0.99)
     eek.patch(model, result.policy)
 
@@ -14,13 +14,13 @@ exit, averaged over the queries (``k = min(k, candidates)``). No labels are need
 adjacent). The candidates are ``ScoreBand(low=t)`` for ``t`` over the quantiles of the
 internal heads' scores (keeping the ``high`` of ``policy`` when it has one), plus a ``low``
 below every score (never early). Each is replayed with
-:func:`earlyexit_kernels.training.calibration.replay`: the decisions of the patched model.
+:func:`earlyexit_kernels.calibration.record.replay`: the decisions of the patched model.
 
 With ``confidence=`` the recall is certified instead: the queries are the exchangeable units,
 each query's loss is ``1 - recall`` of the full model's top k (in [0, 1]), and the candidates
-are a fixed grid of ``low`` (:data:`CERTIFIED_LOWS`, never from the data) tested from the most
+are a fixed grid of ``low`` (:data:`~earlyexit_kernels.calibration.candidates.CERTIFIED_LOWS`, never from the data) tested from the most
 conservative up with the Hoeffding-Bentkus bound, stopping at the first not certified
-(:mod:`earlyexit_kernels.training.certified_calibration`). With probability ``confidence``
+(:mod:`earlyexit_kernels.calibration.certify`). With probability ``confidence``
 over the draw of the calibration queries, the mean recall on queries like them is at least
 ``min_recall``; ``result.certificate`` says the bound reached.
 """
@@ -33,23 +33,20 @@ from dataclasses import dataclass
 
 import torch
 
+from earlyexit_kernels.calibration.candidates import certified_rerank_candidates, rerank_candidates
+from earlyexit_kernels.calibration.certify import Certificate, certified_index, require_rows
+from earlyexit_kernels.calibration.losses import missed_top_k, top_k_recall
+from earlyexit_kernels.calibration.record import ExitRecord, replay
+from earlyexit_kernels.calibration.select import select_point
 from earlyexit_kernels.methods.policies import ScoreBand
-from earlyexit_kernels.training.calibration import ExitRecord, replay
+from earlyexit_kernels.methods.risk_control import check_confidence, risk_upper_bound
 
 __all__ = [
-    "CERTIFIED_LOWS",
     "RerankPoint",
     "RerankCalibration",
-    "top_k_recall",
-    "query_recalls",
     "ndcg_at",
-    "rerank_candidates",
     "calibrate_rerank",
 ]
-
-#: the fixed grid of ``ScoreBand(low)`` certified calibration tests, most conservative first:
-#: never early, then raw scores from -20 to 20 in steps of 0.05
-CERTIFIED_LOWS = (-1e9, *(round(-20.0 + 0.05 * i, 2) for i in range(801)))
 
 
 @dataclass
@@ -79,59 +76,9 @@ def _group_rows(groups: torch.Tensor) -> list[torch.Tensor]:
     return [(groups == g).nonzero().squeeze(-1) for g in torch.unique(groups)]
 
 
-def top_k_recall(scores: torch.Tensor, full_scores: torch.Tensor, groups: torch.Tensor, k: int = 10) -> float:
-    """Mean over queries of ``|top_k(scores) & top_k(full_scores)| / min(k, n_query)``.
-
-    ``scores``, ``full_scores``: [N]; ``groups``: [N] query of each row. Ties in a top k
-    go to the earlier row, as :func:`earlyexit_kernels.engine.rerank.rank_order` does.
-    """
-    recalls = query_recalls(scores, full_scores, groups, k)
-    return float(recalls.mean())
-
-
-def query_recalls(scores: torch.Tensor, full_scores: torch.Tensor, groups: torch.Tensor, k: int = 10) -> torch.Tensor:
-    """Each query's recall of the full model's top ``k`` (float64 [queries], in the order of ``unique(groups)``)."""
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    groups = torch.as_tensor(groups).reshape(-1)
-    _, query = torch.unique(groups, return_inverse=True)
-    order = torch.sort(query, stable=True).indices  # rows by query, each query's rows in their order
-    sizes = torch.bincount(query)
-    starts = torch.cumsum(sizes, 0) - sizes
-    slot = torch.arange(order.numel()) - starts[query[order]]
-    width = int(sizes.max())
-
-    def top_of(values: torch.Tensor) -> torch.Tensor:
-        table = torch.full((sizes.numel(), width), -math.inf, dtype=torch.float64)
-        table[query[order], slot] = values[order].double()
-        # descending and stable: ties go to the earlier row, and padding (after every row) last
-        rank = torch.empty_like(table, dtype=torch.long)
-        ranking = torch.sort(table, dim=1, descending=True, stable=True).indices
-        rank.scatter_(1, ranking, torch.arange(width).expand_as(ranking).contiguous())
-        return rank < torch.clamp(sizes, max=k)[:, None]
-
-    size = torch.clamp(sizes, max=k).double()
-    return (top_of(scores) & top_of(full_scores)).sum(1).double() / size
-
-
 def _top(values: torch.Tensor, size: int) -> list[int]:
     order = sorted(range(values.numel()), key=lambda i: (-float(values[i]), i))
     return order[:size]
-
-
-def rerank_candidates(record: ExitRecord, policy: ScoreBand | None = None, *, count: int = 60) -> list[ScoreBand]:
-    """``ScoreBand(low=t)`` (with ``policy.high``) for ``t`` over the internal heads' score quantiles."""
-    high = policy.high if policy is not None else None
-    inner = record.all_logits[:-1, :, 0].float().reshape(-1)
-    inner = inner[torch.isfinite(inner)]
-    if inner.numel() == 0:
-        raise ValueError("the record has no finite scores from the internal heads (a one-layer model?)")
-    grid = torch.quantile(inner.double(), torch.linspace(0, 1, count, dtype=torch.float64)).tolist()
-    never = float(inner.min()) - 1.0
-    lows = sorted({never, *grid})
-    if high is not None:
-        lows = [t for t in lows if t < high]
-    return [ScoreBand(low=t, high=high) for t in lows]
 
 
 def calibrate_rerank(
@@ -161,7 +108,7 @@ def calibrate_rerank(
     if record.all_logits.shape[-1] != 1:
         raise ValueError(
             f"calibrate_rerank is for one-output cross-encoders (num_labels == 1); the record has "
-            f"{record.all_logits.shape[-1]} outputs: use calibration.calibrate"
+            f"{record.all_logits.shape[-1]} outputs: use earlyexit_kernels.training.calibration.calibrate"
         )
     groups = torch.as_tensor(groups).reshape(-1)
     if groups.numel() != record.all_logits.shape[1]:
@@ -177,47 +124,33 @@ def calibrate_rerank(
         recall = top_k_recall(result.logits[:, 0], full, groups, k)
         curve.append(RerankPoint(candidate, recall, result.layers_run.float().mean().item()))
     if min_recall is not None:
-        feasible = [p for p in curve if p.recall >= min_recall - 1e-12]
         target = f"recall of the full model's top {k} >= {min_recall:g}"
-        pool = feasible or sorted(curve, key=lambda p: -p.recall)[:1]
-        best = min(pool, key=lambda p: (p.mean_layers, -p.recall))
+        best, feasible = select_point(curve, lambda p: p.recall, floor=min_recall - 1e-12)
     else:
-        feasible = [p for p in curve if p.mean_layers <= target_layers + 1e-12]
         target = f"mean layers <= {target_layers:g}"
-        pool = feasible or sorted(curve, key=lambda p: p.mean_layers)[:1]
-        best = max(pool, key=lambda p: (p.recall, -p.mean_layers))
+        best, feasible = select_point(curve, lambda p: p.recall, max_layers=target_layers)
     if not feasible:
         warnings.warn(f"calibrate_rerank: no candidate meets {target}; returning the closest", stacklevel=2)
     return RerankCalibration(best.policy, best.recall, best.mean_layers, bool(feasible), target, curve)
 
 
 def _certified_rerank(record, groups, full, k, min_recall, confidence, policy) -> RerankCalibration:
-    from earlyexit_kernels.methods.risk_control import (
-        check_confidence,
-        fixed_sequence,
-        require_rows,
-        risk_p_value,
-        risk_upper_bound,
-    )
-    from earlyexit_kernels.training.certified_calibration import Certificate
-
     confidence = check_confidence(confidence)
     budget = 1.0 - min_recall
     queries = len(_group_rows(groups))
     require_rows(queries, budget, confidence, unit="queries", hint=", a lower min_recall")
-    high = policy.high if policy is not None else None
-    grid = [ScoreBand(low=t, high=high) for t in CERTIFIED_LOWS if high is None or t < high]
+    grid = certified_rerank_candidates(policy)
     points, losses = {}, {}
 
-    def p_value(index: int) -> float:
+    def losses_of(index: int) -> torch.Tensor:
         result = replay(grid[index], record)
-        losses[index] = 1.0 - query_recalls(result.logits[:, 0], full, groups, k)
+        losses[index] = missed_top_k(result.logits[:, 0], full, groups, k)
         points[index] = RerankPoint(
             grid[index], 1.0 - float(losses[index].mean()), result.layers_run.float().mean().item()
         )
-        return risk_p_value(losses[index], budget)
+        return losses[index]
 
-    last = fixed_sequence(p_value, len(grid), 1.0 - confidence)
+    last = certified_index(losses_of, len(grid), budget, confidence)
     chosen = points[max(last, 0)]
     num_layers = record.num_layers
     certified = last >= 0 and chosen.mean_layers < num_layers - 1e-9

@@ -152,7 +152,7 @@ def powered_walk(
     ``losses_of(i)``: candidate ``i``'s accuracy lost per labelled row (filling ``replays[i]``). The weight
     and the choice against the labelled rows alone are made on ``path_record`` (labelled validation rows)
     where there is one, its losses by ``row_losses(logits, record)`` (the certificate's own)."""
-    from earlyexit_kernels.training.exit_record import replay
+    from earlyexit_kernels.calibration.record import replay
 
     labelled, extra = record.all_logits.shape[1], unlabelled.all_logits.shape[1]
     total = labelled + extra
@@ -183,8 +183,8 @@ def _weigh_on(path_record, grid, budget: float, confidence: float, labelled: int
     them). Both certificates are computed on a draw of the validation rows as large as the calibration
     rows (``labelled`` with labels, ``total`` in all; seeded, the same rows for both), and the mean layers
     each keeps along ``grid`` compared."""
+    from earlyexit_kernels.calibration.record import replay
     from earlyexit_kernels.methods.risk_control import paired_upper_bounds
-    from earlyexit_kernels.training.exit_record import replay
 
     outs = [replay(candidate, path_record) for candidate in grid]
     losses = torch.stack([row_losses(out.logits, path_record) for out in outs])

@@ -53,6 +53,8 @@ from pathlib import Path
 
 import torch
 
+from earlyexit_kernels.calibration.losses import disagreement
+from earlyexit_kernels.calibration.record import ExitRecord, replay
 from earlyexit_kernels.methods.anytime_risk import (
     AlarmState,
     SafetyState,
@@ -61,7 +63,7 @@ from earlyexit_kernels.methods.anytime_risk import (
     safety_log_capital,
 )
 from earlyexit_kernels.methods.policies import DACT, ExitPolicy, QExit, SkipGates, layer_value
-from earlyexit_kernels.methods.risk_control import check_budget, check_confidence, upper_bound
+from earlyexit_kernels.methods.risk_control import check_budget, check_confidence, check_fraction, upper_bound
 
 __all__ = [
     "ALARM",
@@ -137,16 +139,13 @@ def candidate_losses(path: list[ExitPolicy], all_logits: torch.Tensor, *, multi_
 
     ``all_logits`` [L, n, C]: every head's logits, the last layer's the full model's. Returns
     ``(losses [M, n] float64 in [0, 1], layers [M, n] float64)`` for the ``M`` candidates of ``path``,
-    each replayed as the engine decides (:func:`~earlyexit_kernels.training.exit_record.replay`)."""
-    from earlyexit_kernels.engine.audit import disagreement
-    from earlyexit_kernels.training.exit_record import ExitRecord, replay
-
+    each replayed as the engine decides (:func:`~earlyexit_kernels.calibration.record.replay`)."""
     record = ExitRecord(all_logits, None, None, None, path[0])
     full = all_logits[-1].float()
     losses, layers = [], []
     for policy in path:
         out = replay(policy, record)
-        losses.append(torch.tensor(disagreement(out.logits, full, multi_label=multi_label), dtype=torch.float64))
+        losses.append(disagreement(out.logits, full, multi_label=multi_label))
         layers.append(out.layers_run.double())
     return torch.stack(losses), torch.stack(layers)
 
@@ -181,8 +180,6 @@ class OnlineCertificate:
         multi_label: bool = False,
         seed: int = 0,
     ):
-        from earlyexit_kernels.engine.audit import check_fraction
-
         if not path:
             raise RecertifyError("online re-certification needs a certified path of at least one candidate")
         for policy in path:

@@ -1,18 +1,16 @@
 """What calibration replays: every head's logits on the calibration rows, recorded once, and the engine's decisions on them.
 
-:func:`record_exits` runs a patched model's all-exits forward over the rows and keeps
-:class:`ExitRecord` (every layer's logits, halting logits, skips, labels); :func:`replay` makes a
-policy's decisions on it with :func:`earlyexit_kernels.methods.exit_rules.exit_step`, in the
-engine's order and state, so they are exactly the patched model's; :func:`references` and
-:func:`accuracy` (micro-F1 for multi-label) score them. :mod:`~earlyexit_kernels.training.calibration`
-(the search for a threshold) and :mod:`~earlyexit_kernels.training.certified_calibration` (the
-guarantee) both read it.
+:class:`ExitRecord` holds every layer's logits, halting logits, skips and labels, as a patched
+model's all-exits forward returns them (:func:`earlyexit_kernels.training.record_exits.record_exits`
+records it); :func:`replay` makes a policy's decisions on it with
+:func:`earlyexit_kernels.methods.exit_rules.exit_step`, in the engine's order and state, so they are
+exactly the patched model's; :func:`references` and :func:`accuracy` (micro-F1 for multi-label) score
+them. Every other module of :mod:`earlyexit_kernels.calibration` reads it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +21,6 @@ from earlyexit_kernels.methods.policies import (
     ExitPolicy,
     MultiLabelConfidence,
     QExit,
-    Scheduled,
     SkipGates,
     layer_value,
 )
@@ -33,11 +30,13 @@ __all__ = [
     "ExitRecord",
     "Replay",
     "CurvePoint",
-    "record_exits",
     "replay",
     "accuracy",
     "micro_f1",
     "references",
+    "resolve_target",
+    "check_classification",
+    "is_multi_label_record",
 ]
 
 
@@ -101,59 +100,6 @@ class CurvePoint:
     accuracy: float
     mean_layers: float
     mean_exit_layer: float
-
-
-def _batches(data) -> Iterable[Mapping[str, torch.Tensor]]:
-    if isinstance(data, Mapping):
-        yield data
-    else:
-        yield from data
-
-
-@torch.no_grad()
-def record_exits(model, batches) -> ExitRecord:
-    """Run every layer and head of a patched model on ``batches`` once (eval mode) and record them.
-
-    ``batches``: dicts with ``input_ids`` and optionally ``attention_mask``,
-    ``token_type_ids``, ``labels``. The record is kept on the CPU.
-    """
-    from earlyexit_kernels.patching.state import is_patched, state_of
-
-    if not is_patched(model):
-        raise ValueError("record_exits needs a model patched with eek.patch")
-    policy = state_of(model).policy
-    if isinstance(policy, Scheduled):
-        raise ValueError("a Scheduled policy cannot be calibrated; patch the model with the policy to calibrate")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    logits, halting, skipped, labels = [], [], [], []
-    try:
-        for batch in _batches(batches):
-            out = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=None if batch.get("attention_mask") is None else batch["attention_mask"].to(device),
-                token_type_ids=None if batch.get("token_type_ids") is None else batch["token_type_ids"].to(device),
-                return_all_exits=True,
-            )
-            logits.append(out.all_logits.cpu())
-            if out.all_halting_logits is not None:
-                halting.append(out.all_halting_logits.cpu())
-            if out.all_skipped is not None:
-                skipped.append(out.all_skipped.cpu())
-            if batch.get("labels") is not None:
-                labels.append(batch["labels"].cpu())
-    finally:
-        model.train(was_training)
-    if not logits:
-        raise ValueError("record_exits got no batches")
-    return ExitRecord(
-        torch.cat(logits, dim=1),
-        torch.cat(labels) if labels else None,
-        torch.cat(halting, dim=1) if halting else None,
-        torch.cat(skipped, dim=1) if skipped else None,
-        policy,
-    )
 
 
 def replay(policy: ExitPolicy, record: ExitRecord) -> Replay:
@@ -241,7 +187,7 @@ def stepwise_replay(policy: ExitPolicy, record: ExitRecord) -> Replay:
     return Replay(out_logits, out_exit, out_runs)
 
 
-def _is_multi_label(record: ExitRecord) -> bool:
+def is_multi_label_record(record: ExitRecord) -> bool:
     """Multi-label records: labels [N, C] of 0/1 per label, or recorded under MultiLabelConfidence."""
     labelled = record.labels is not None and record.labels.dim() == 2
     return labelled or isinstance(record.policy, MultiLabelConfidence)
@@ -257,13 +203,13 @@ def micro_f1(logits: torch.Tensor, references: torch.Tensor) -> float:
     return 1.0 if tp + wrong == 0 else 2 * tp / (2 * tp + wrong)
 
 
-def _check_classification(record: ExitRecord, labels: bool = True) -> None:
+def check_classification(record: ExitRecord, labels: bool = True) -> None:
     if labels and record.labels is None:
         raise ValueError(
             "calibration against accuracy needs labels in the batches; without labels calibrate against the "
             "full model's predictions: calibrate(..., target='agreement')"
         )
-    if _is_multi_label(record):
+    if is_multi_label_record(record):
         if record.labels is not None and record.labels.shape[-1] != record.all_logits.shape[-1]:
             raise ValueError(
                 f"multi-label labels must be [N, C] with C = {record.all_logits.shape[-1]} (the model's labels), "
@@ -274,7 +220,7 @@ def _check_classification(record: ExitRecord, labels: bool = True) -> None:
         raise ValueError(
             "calibration measures accuracy and needs a classification head (num_labels >= 2); the model is a "
             "regression head (num_labels == 1): choose Patience's regression_threshold or QExit's q by hand, "
-            "e.g. with calibration.replay(policy, calibration.record_exits(model, batches)), which gives each "
+            "e.g. with calibration.record.replay(policy, training.record_exits.record_exits(model, batches)), which gives each "
             "candidate's predictions and layers run"
         )
 
@@ -287,7 +233,7 @@ def accuracy(logits: torch.Tensor, references: torch.Tensor) -> float:
     return (logits.argmax(-1) == references).double().mean().item()
 
 
-def _resolve_target(record: ExitRecord, target: str) -> str:
+def resolve_target(record: ExitRecord, target: str) -> str:
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
     if target == "auto":
@@ -298,10 +244,10 @@ def _resolve_target(record: ExitRecord, target: str) -> str:
 def references(record: ExitRecord, target: str = "auto") -> torch.Tensor:
     """What candidates are scored against: the labels (``"accuracy"``) or the full model's
     predicted classes [N] (``"agreement"``; under SkipGates with the recorded skips)."""
-    target = _resolve_target(record, target)
-    _check_classification(record, labels=target == "accuracy")
+    target = resolve_target(record, target)
+    check_classification(record, labels=target == "accuracy")
     if target == "accuracy":
         return record.labels
-    if _is_multi_label(record):
+    if is_multi_label_record(record):
         return (record.all_logits[-1].float() > 0).float()
     return record.all_logits[-1].float().argmax(-1)

@@ -21,7 +21,7 @@ shift in what is served (other topics, lengths, a new source) voids it; the serv
 How. The candidates are a fixed grid of the policy's family, set by the number of layers and
 labels only (never by the calibration rows), ordered from the most conservative (never exits
 early) to the most aggressive; or a path chosen on other rows (the validation rows:
-:mod:`~earlyexit_kernels.training.certified_paths`), or one given whole (a folder's saved path). Each is tested in turn for "risk > budget" with an exact
+:mod:`~earlyexit_kernels.calibration.candidates`), or one given whole (a folder's saved path). Each is tested in turn for "risk > budget" with an exact
 binomial p-value (0/1 losses), the Hoeffding-Bentkus one (losses in [0, 1]) or by betting
 (paired losses in [-1, 1], :func:`~earlyexit_kernels.methods.risk_control.betting_p_value`), and the test
 stops at the first that is not rejected at ``1 - confidence`` (fixed-sequence testing,
@@ -31,47 +31,43 @@ Learn-then-Test): the last rejected candidate is chosen.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
 
-from earlyexit_kernels.methods.policies import (
-    DACT,
-    Entropy,
-    ExitPolicy,
-    MaxProb,
-    MultiLabelConfidence,
-    Patience,
-    QExit,
-    SkipGates,
-    Voting,
+from earlyexit_kernels.calibration.candidates import GRID_STEPS, certified_candidates, choose_path
+from earlyexit_kernels.calibration.losses import row_losses
+from earlyexit_kernels.calibration.record import (
+    CurvePoint,
+    ExitRecord,
+    accuracy,
+    is_multi_label_record,
+    references,
+    replay,
+    resolve_target,
 )
+from earlyexit_kernels.methods.policies import ExitPolicy
 from earlyexit_kernels.methods.risk_control import (
     check_budget,
     check_confidence,
     fixed_sequence,
     is_binary,
-    require_rows,
     risk_p_value,
     risk_upper_bound,
     rows_to_certify,
 )
-from earlyexit_kernels.training.certified_paths import choose_path
-from earlyexit_kernels.training.exit_record import (
-    CurvePoint,
-    ExitRecord,
-    _is_multi_label,
-    _resolve_target,
-    accuracy,
-    references,
-    replay,
-)
 
-__all__ = ["GRID_STEPS", "RISKS", "Certificate", "certified_candidates", "row_losses", "certify"]
-
-#: points of the fixed threshold grids (continuous knobs); finer near the conservative end
-GRID_STEPS = 400
+__all__ = [
+    "RISKS",
+    "Certificate",
+    "certified_index",
+    "certify",
+    "describe_certificate",
+    "least_rows",
+    "most_losses",
+    "require_rows",
+    "rows_needed",
+]
 
 #: what each risk counts, per row
 RISKS = {
@@ -97,7 +93,7 @@ class Certificate:
     is what the guarantee costs; ``rows_needed``: when nothing is certified, the rows at
     which the cheapest promising candidate would be (None: no candidate's observed risk is
     under the budget); ``needed_for``: that candidate; ``path``: the ordered candidates
-    walked (:mod:`~earlyexit_kernels.training.certified_paths`: ``"global"``, ``"per_layer"``,
+    walked (:mod:`~earlyexit_kernels.calibration.candidates`: ``"global"``, ``"per_layer"``,
     or ``"saved"``: a folder's own), ``path_layers``: what each path needed on the path rows;
     ``more_rows`` / ``more_rows_layers``: when certified, about how many rows like these would
     certify a cheaper candidate of the path, and its mean layers (the cheapest whose observed
@@ -179,66 +175,45 @@ class Certificate:
         return f"; the {self.unlabelled_rows} unlabelled rows were not used: {self.unlabelled_use}"
 
 
-def _entropy_grid(maximum: float, steps: int) -> list[float]:
-    # Exit when H < tau: tau = 0 never exits early; quadratic spacing resolves the confident end.
-    return [maximum * 1.0001 * (i / steps) ** 2 for i in range(steps + 1)]
+# ---------------------------------------------------------------------------------- rows needed
 
 
-def certified_candidates(
-    policy: ExitPolicy, num_layers: int, num_labels: int, *, steps: int = GRID_STEPS
-) -> list[ExitPolicy]:
-    """The fixed grid of ``policy``'s family, from the most conservative candidate to the most aggressive.
-
-    It depends on ``num_layers`` and ``num_labels`` only, never on data: that is what lets
-    the fixed-sequence test certify the one it stops at. The first candidate never exits
-    early (for ``QExit`` and ``MaxProb``: only on saturated heads).
-    """
-    if isinstance(policy, (Entropy, SkipGates)):
-        maximum = 1.0 if policy.normalized else math.log(num_labels)
-        grid = _entropy_grid(maximum, steps)
-        if isinstance(policy, SkipGates):
-            return [dataclasses.replace(policy, entropy_threshold=t) for t in grid]
-        return [Entropy(t, normalized=policy.normalized) for t in grid]
-    if isinstance(policy, MaxProb):
-        floor = 1.0 / num_labels
-        return [
-            MaxProb(1.0 - (1.0 - floor) * (i / steps) ** 2, temperature=policy.temperature) for i in range(steps + 1)
-        ]
-    if isinstance(policy, Patience):
-        return [Patience(p, regression_threshold=policy.regression_threshold) for p in range(num_layers - 1, 0, -1)]
-    if isinstance(policy, Voting):
-        return [Voting(k) for k in range(num_layers, 0, -1)]
-    if isinstance(policy, QExit):
-        qs = [min(1.0 - 1e-7, max(1e-7, 1.0 - (i / steps) ** 2)) for i in range(steps + 1)]
-        return [dataclasses.replace(policy, q=q, stochastic=False) for q in dict.fromkeys(qs)]
-    if isinstance(policy, MultiLabelConfidence):
-        return [MultiLabelConfidence(1.0 - 0.5 * (i / steps) ** 2) for i in range(steps + 1)]
-    if isinstance(policy, DACT):
-        return [DACT()]
-    raise ValueError(f"cannot calibrate a {type(policy).__name__} policy")
+def least_rows(budget: float, confidence: float) -> int | None:
+    """The fewest rows that certify ``budget`` (a fraction) at ``confidence`` for a policy that never errs:
+    ``log(1 - confidence) / log(1 - budget)`` rounded up; None where no number of rows does (a budget of 0)."""
+    return rows_to_certify(0.0, budget, confidence)
 
 
-def row_losses(logits: torch.Tensor, record: ExitRecord, target: str) -> torch.Tensor:
-    """Each calibration row's loss under ``target`` for the early exit's ``logits`` [N, C]: float64 [N].
-
-    ``"agreement"``: in [0, 1]; ``"accuracy"``: paired, in [-1, 1] (the full model's correctness
-    minus the exit's), its mean the accuracy lost."""
-    full = record.all_logits[-1].float()
-    if _is_multi_label(record):
-        exit_says, full_says = logits.float() > 0, full > 0
-        if target == "agreement":
-            return (exit_says != full_says).double().mean(-1)
-        truth = record.labels > 0.5
-        return ((full_says == truth).double() - (exit_says == truth).double()).mean(-1)
-    exit_class, full_class = logits.float().argmax(-1), full.argmax(-1)
-    if target == "agreement":
-        return (exit_class != full_class).double()
-    return (full_class == record.labels).double() - (exit_class == record.labels).double()
+def require_rows(rows: int, budget: float, confidence: float, *, unit: str = "rows", hint: str = "") -> None:
+    """A ``ValueError`` when ``rows`` cannot certify ``budget`` at ``confidence`` even for a loss of 0."""
+    least = least_rows(budget, confidence)
+    if least is None or rows < least:
+        raise ValueError(
+            f"{rows} calibration {unit} cannot certify a risk budget of {100 * budget:g}% at confidence "
+            f"{100 * confidence:g}%: even a policy that never errs needs {least} {unit} "
+            f"(log(1 - confidence) / log(1 - budget)); give more calibration {unit}{hint} or a lower confidence"
+        )
 
 
-def _rows_needed(points, losses_of, budget, confidence, num_layers):
-    """A candidate more rows would certify, and about how many: the one saving the most layers among
-    those whose observed risk is at most half the budget (else the one needing the fewest rows)."""
+def most_losses(rows: int, budget: float, confidence: float) -> int:
+    """The most 0/1 losses among ``rows`` that still certify ``budget`` at ``confidence`` (-1: none do)."""
+    from earlyexit_kernels.methods.risk_control import binomial_p_value
+
+    delta = 1.0 - confidence
+    low, high = -1, rows  # binomial_p_value grows with the losses: the largest k with p <= delta
+    while high - low > 1:
+        middle = (low + high) // 2
+        if binomial_p_value(middle, rows, budget) <= delta:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def rows_needed(points, losses_of, budget, confidence, num_layers):
+    """A candidate more rows would certify, and about how many: ``(rows, point, observed rate)`` of the one
+    saving the most layers among those whose observed risk is at most half the budget (else the one
+    needing the fewest rows); None where no candidate that exits early is under the budget."""
     found = []
     for index, point in points:
         if point.mean_layers >= num_layers - 1e-9:
@@ -254,6 +229,16 @@ def _rows_needed(points, losses_of, budget, confidence, num_layers):
     if comfortable:
         return min(comfortable, key=lambda f: f[1].mean_layers)
     return min(found, key=lambda f: f[0])
+
+
+# ---------------------------------------------------------------------------------- the walk
+
+
+def certified_index(losses_of, count: int, budget: float, confidence: float) -> int:
+    """Fixed-sequence testing along ``count`` ordered candidates: the index of the last whose loss
+    (``losses_of(i)``: per row, or per query) is certified within ``budget`` before the first that is not
+    (-1: not even the first). Candidates after the first failure are never scored."""
+    return fixed_sequence(lambda i: risk_p_value(losses_of(i), budget), count, 1.0 - confidence)
 
 
 def _point(policy: ExitPolicy, result, refs) -> CurvePoint:
@@ -290,17 +275,17 @@ def certify(
     even a policy that never errs to be certified.
 
     ``path_record``: rows apart from ``record`` (the validation rows) on which the path is chosen
-    (:func:`~earlyexit_kernels.training.certified_paths.choose_path`); None: the fixed grid.
+    (:func:`~earlyexit_kernels.calibration.candidates.choose_path`); None: the fixed grid.
     ``candidates``: an ordered path given whole (a folder's saved one), walked as is.
 
     ``unlabelled``: more calibration rows, without labels. Under ``"agreement"`` they are calibration rows
     like the others; under ``"accuracy"`` they join the labelled ones by prediction-powered inference
-    (:mod:`~earlyexit_kernels.training.prediction_powered`), where the validation rows (``path_record``)
+    (:mod:`~earlyexit_kernels.calibration.prediction_powered`), where the validation rows (``path_record``)
     predict that it certifies fewer layers than the labelled rows alone (else those alone, said in the
     certificate).
     """
     budget, confidence = check_budget(budget), check_confidence(confidence)
-    target = _resolve_target(record, target)
+    target = resolve_target(record, target)
     if unlabelled is not None:
         _check_unlabelled(record, unlabelled)
         if target == "agreement":  # disagreement needs no label: they are calibration rows like the others
@@ -325,7 +310,7 @@ def certify(
 
     powered = None
     if unlabelled is not None:
-        from earlyexit_kernels.training.prediction_powered import powered_walk
+        from earlyexit_kernels.calibration.prediction_powered import powered_walk
 
         powered = powered_walk(
             record,
@@ -342,7 +327,7 @@ def certify(
         last = fixed_sequence(lambda i: 0.0 if powered.bounds.bound[i] <= budget else 1.0, len(grid), 0.5)
         tested = min(last + 2, len(grid))
     else:
-        last = fixed_sequence(lambda i: risk_p_value(losses_of(i), budget), len(grid), 1.0 - confidence)
+        last = certified_index(losses_of, len(grid), budget, confidence)
         tested = len(replays)
     for index in range(len(grid)):  # the rest of the grid: the uncertified point, and what more rows would do
         losses_of(index)
@@ -356,7 +341,7 @@ def certify(
     certificate = Certificate(
         budget=budget,
         confidence=confidence,
-        risk=(_MULTI_LABEL_RISKS if _is_multi_label(record) else RISKS)[target],
+        risk=(_MULTI_LABEL_RISKS if is_multi_label_record(record) else RISKS)[target],
         rows=rows,
         observed=float(chosen_losses.mean()),
         bound=risk_upper_bound(chosen_losses, confidence),
@@ -370,7 +355,7 @@ def certify(
     )
     if powered is not None:
         powered.fill(certificate, chosen_index, losses_of(chosen_index), confidence)
-    found = _rows_needed(points, losses_of, budget, confidence, num_layers)
+    found = rows_needed(points, losses_of, budget, confidence, num_layers)
     if certified and found is not None and found[1].mean_layers < chosen.mean_layers - 1e-9 and found[0] > rows:
         certificate.more_rows, certificate.more_rows_layers = found[0], found[1].mean_layers
     if not certified:
@@ -390,7 +375,7 @@ def _check_unlabelled(record: ExitRecord, unlabelled: ExitRecord) -> None:
             f"{unlabelled.all_logits.shape[2]} labels, the calibration rows with {record.all_logits.shape[0]} and "
             f"{record.all_logits.shape[2]}: record both with the same model"
         )
-    if _is_multi_label(record):
+    if is_multi_label_record(record):
         raise ValueError(
             "unlabelled rows join the certificate of a single-label classifier; a multi-label model's calibration "
             "rows need every label: leave the unlabelled rows out"
@@ -410,3 +395,9 @@ def _joined(record: ExitRecord, more: ExitRecord) -> ExitRecord:
         both(record.all_skipped, more.all_skipped),
         record.policy,
     )
+
+
+def describe_certificate(fields: dict) -> str:
+    """:meth:`Certificate.describe` of a certificate saved as its fields (:meth:`Certificate.as_dict`, e.g. in
+    ``eek_fit.json``)."""
+    return Certificate(**fields).describe()

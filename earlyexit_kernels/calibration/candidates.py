@@ -1,0 +1,310 @@
+"""The candidates calibration scores, each family's in order: from the recorded logits, on a fixed grid, or along a path.
+
+- :func:`candidates`: the uncertified search's, over the quantiles of the recorded heads' values
+  (entropy, top probability, the halting CDF, a multi-label margin) or the family's integer knob;
+- :func:`certified_candidates`: the certificate's fixed grid, from the most conservative candidate
+  (never exits early) to the most aggressive, set by the number of layers and labels only, never by
+  the rows (:data:`GRID_STEPS` points on continuous knobs);
+- :func:`rerank_candidates` and :func:`certified_rerank_candidates`: ``ScoreBand(low)`` for a reranker,
+  over the scores' quantiles or on the fixed grid :data:`CERTIFIED_LOWS`;
+- the paths certified calibration walks, below: ordered candidates chosen on rows apart from the
+  calibration rows.
+
+**The paths.** Certified calibration (:mod:`~earlyexit_kernels.calibration.certify`) tests an
+ordered family of candidates from the most conservative to the most aggressive and keeps the
+last one it certifies. Its guarantee holds for any order fixed before the calibration rows are
+read. Two paths of the ``Entropy`` family:
+
+- ``"global"``: one entropy threshold for every layer, on a fixed grid (data-free);
+- ``"per_layer"``: one threshold per layer, each set on the *path rows* so that the rows a
+  layer's head lets go disagree with the final classifier at most as often as a common level
+  ``lam``; the candidates are ``lam`` on a fixed grid. Early heads that are confident and wrong
+  get a lower threshold than later heads whose confident answers hold.
+
+:func:`choose_path` builds the per-layer path on half of the path rows, scores both paths on
+the other half (the fewest mean layers within the budget there, uncertified) and keeps the
+per-layer path only where it saves at least :data:`MIN_GAIN` layers (the simplest path
+otherwise), rebuilt on every path row. The path rows are the validation rows (early stopping,
+the head choice), never the calibration rows: the path is fixed before the test, so the
+certificate stays exact. The per-layer path is tried only where the path rows can resolve the
+budget (:func:`per_layer_rows_needed`): on fewer, its first candidate after "never exit" admits
+every row before the first error of a few dozen, which other rows then break, and the certificate
+stops there (measured: 150 validation rows at 1% chose it, and certified nothing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from earlyexit_kernels.calibration.losses import disagreement
+from earlyexit_kernels.calibration.record import ExitRecord, replay
+from earlyexit_kernels.methods.exit_rules import entropy
+from earlyexit_kernels.methods.policies import (
+    DACT,
+    Entropy,
+    ExitPolicy,
+    MaxProb,
+    MultiLabelConfidence,
+    Patience,
+    QExit,
+    ScoreBand,
+    SkipGates,
+    Voting,
+)
+
+__all__ = [
+    "CERTIFIED_LOWS",
+    "GRID_STEPS",
+    "candidates",
+    "certified_candidates",
+    "certified_rerank_candidates",
+    "rerank_candidates",
+    "PATHS",
+    "MIN_GAIN",
+    "BUILD_ROWS_PER_BUDGET",
+    "PathChoice",
+    "per_layer_path",
+    "per_layer_rows_needed",
+    "choose_path",
+    "supports_paths",
+]
+
+#: points of the fixed threshold grids (continuous knobs); finer near the conservative end
+GRID_STEPS = 400
+#: the fixed grid of ``ScoreBand(low)`` certified calibration tests, most conservative first:
+#: never early, then raw scores from -20 to 20 in steps of 0.05
+CERTIFIED_LOWS = (-1e9, *(round(-20.0 + 0.05 * i, 2) for i in range(801)))
+
+#: the paths, simplest first
+PATHS = ("global", "per_layer")
+#: the mean layers the per-layer path must save on the held-out path rows to be preferred
+MIN_GAIN = 0.05
+#: the largest per-exit disagreement level of the per-layer grid (past it every head lets every row go)
+MAX_LEVEL = 0.5
+#: the rows the per-layer thresholds are set on, in units of 1 / budget: three errors expected at the budget
+BUILD_ROWS_PER_BUDGET = 3
+
+
+def _quantile_grid(values: torch.Tensor, count: int) -> list[float]:
+    values = values[torch.isfinite(values)].float()
+    if values.numel() == 0:
+        return []
+    if values.numel() > 1_000_000:
+        values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]]
+    grid = torch.quantile(values.double(), torch.linspace(0, 1, count, dtype=torch.float64))
+    return sorted({float(v) for v in grid})
+
+
+def candidates(record: ExitRecord, policy: ExitPolicy | None = None, *, count: int = 60) -> list[ExitPolicy]:
+    """The candidate policies of ``policy``'s family (default: the recorded policy's) for this record."""
+    policy = record.policy if policy is None else policy
+    num_layers = record.num_layers
+    inner = record.all_logits[:-1].float()  # the internal heads decide the early exits
+    if isinstance(policy, (Entropy, SkipGates)):
+        h = entropy(inner)
+        if policy.normalized:
+            h = h / math.log(record.all_logits.shape[-1])
+        # Exit when H < tau: tau = 0 never exits early, a tau above every entropy exits at once.
+        thresholds = [0.0] + [v for v in _quantile_grid(h, count) if v > 0] + [float(h.max()) * 1.001 + 1e-6]
+        if isinstance(policy, SkipGates):
+            return [dataclasses.replace(policy, entropy_threshold=t) for t in thresholds]
+        return [Entropy(t, normalized=policy.normalized) for t in thresholds]
+    if isinstance(policy, MaxProb):
+        probs = torch.softmax(inner, dim=-1).amax(-1)
+        return [MaxProb(t, temperature=policy.temperature) for t in _quantile_grid(probs, count) + [1.0]]
+    if isinstance(policy, Patience):
+        return [Patience(p, regression_threshold=policy.regression_threshold) for p in range(1, num_layers)]
+    if isinstance(policy, Voting):
+        return [Voting(k) for k in range(1, num_layers + 1)]
+    if isinstance(policy, QExit):
+        lam = torch.sigmoid(record.all_halting_logits[:-1].float())
+        cdf = 1.0 - torch.cumprod(1.0 - lam, dim=0)
+        qs = [min(max(v, 1e-6), 1 - 1e-6) for v in _quantile_grid(cdf, count)] + [1 - 1e-6]
+        return [dataclasses.replace(policy, q=q, stochastic=False) for q in sorted(set(qs))]
+    if isinstance(policy, DACT):
+        return [DACT()]
+    if isinstance(policy, MultiLabelConfidence):
+        # A row exits when its least decided label has |z| >= ln(t / (1 - t)): the grid is over that |z|.
+        least = inner.abs().amin(-1)
+        margins = [m for m in _quantile_grid(least, count) if m > 0]
+        thresholds = [0.5] + [1.0 / (1.0 + math.exp(-m)) for m in margins] + [1.0]
+        return [MultiLabelConfidence(t) for t in sorted(set(thresholds))]
+    raise ValueError(f"cannot calibrate a {type(policy).__name__} policy")
+
+
+def _entropy_grid(maximum: float, steps: int) -> list[float]:
+    # Exit when H < tau: tau = 0 never exits early; quadratic spacing resolves the confident end.
+    return [maximum * 1.0001 * (i / steps) ** 2 for i in range(steps + 1)]
+
+
+def certified_candidates(
+    policy: ExitPolicy, num_layers: int, num_labels: int, *, steps: int = GRID_STEPS
+) -> list[ExitPolicy]:
+    """The fixed grid of ``policy``'s family, from the most conservative candidate to the most aggressive.
+
+    It depends on ``num_layers`` and ``num_labels`` only, never on data: that is what lets
+    the fixed-sequence test certify the one it stops at. The first candidate never exits
+    early (for ``QExit`` and ``MaxProb``: only on saturated heads).
+    """
+    if isinstance(policy, (Entropy, SkipGates)):
+        maximum = 1.0 if policy.normalized else math.log(num_labels)
+        grid = _entropy_grid(maximum, steps)
+        if isinstance(policy, SkipGates):
+            return [dataclasses.replace(policy, entropy_threshold=t) for t in grid]
+        return [Entropy(t, normalized=policy.normalized) for t in grid]
+    if isinstance(policy, MaxProb):
+        floor = 1.0 / num_labels
+        return [
+            MaxProb(1.0 - (1.0 - floor) * (i / steps) ** 2, temperature=policy.temperature) for i in range(steps + 1)
+        ]
+    if isinstance(policy, Patience):
+        return [Patience(p, regression_threshold=policy.regression_threshold) for p in range(num_layers - 1, 0, -1)]
+    if isinstance(policy, Voting):
+        return [Voting(k) for k in range(num_layers, 0, -1)]
+    if isinstance(policy, QExit):
+        qs = [min(1.0 - 1e-7, max(1e-7, 1.0 - (i / steps) ** 2)) for i in range(steps + 1)]
+        return [dataclasses.replace(policy, q=q, stochastic=False) for q in dict.fromkeys(qs)]
+    if isinstance(policy, MultiLabelConfidence):
+        return [MultiLabelConfidence(1.0 - 0.5 * (i / steps) ** 2) for i in range(steps + 1)]
+    if isinstance(policy, DACT):
+        return [DACT()]
+    raise ValueError(f"cannot calibrate a {type(policy).__name__} policy")
+
+
+def rerank_candidates(record: ExitRecord, policy: ScoreBand | None = None, *, count: int = 60) -> list[ScoreBand]:
+    """``ScoreBand(low=t)`` (with ``policy.high``) for ``t`` over the internal heads' score quantiles."""
+    high = policy.high if policy is not None else None
+    inner = record.all_logits[:-1, :, 0].float().reshape(-1)
+    inner = inner[torch.isfinite(inner)]
+    if inner.numel() == 0:
+        raise ValueError("the record has no finite scores from the internal heads (a one-layer model?)")
+    grid = torch.quantile(inner.double(), torch.linspace(0, 1, count, dtype=torch.float64)).tolist()
+    never = float(inner.min()) - 1.0
+    lows = sorted({never, *grid})
+    if high is not None:
+        lows = [t for t in lows if t < high]
+    return [ScoreBand(low=t, high=high) for t in lows]
+
+
+def certified_rerank_candidates(policy: ScoreBand | None = None) -> list[ScoreBand]:
+    """``ScoreBand(low)`` on the fixed grid :data:`CERTIFIED_LOWS` (keeping ``policy.high``), most conservative first."""
+    high = policy.high if policy is not None else None
+    return [ScoreBand(low=t, high=high) for t in CERTIFIED_LOWS if high is None or t < high]
+
+
+def per_layer_rows_needed(budget: float) -> int:
+    """The fewest path rows for which :func:`choose_path` tries the per-layer path at ``budget`` (a fraction):
+    half of them set its thresholds, and must expect :data:`BUILD_ROWS_PER_BUDGET` errors at the budget."""
+    return 2 * math.ceil(BUILD_ROWS_PER_BUDGET / max(budget, 1e-9) - 1e-9)
+
+
+@dataclass
+class PathChoice:
+    """The path kept (``name``), its candidates in order, and the mean layers each path needed within the
+    budget on the held-out half of the path rows (``layers``: path name -> mean layers, or None where no
+    candidate of it was within the budget)."""
+
+    name: str
+    candidates: list[ExitPolicy]
+    layers: dict[str, float | None]
+    rows: int
+
+
+def supports_paths(policy: ExitPolicy) -> bool:
+    """Whether ``policy``'s family has a per-layer path (plain ``Entropy``; SkipGates keeps its own)."""
+    return type(policy) is Entropy
+
+
+def _entropies(record: ExitRecord, normalized: bool) -> torch.Tensor:
+    """[L - 1, N] float64: each internal head's entropy, normalized by ln C where the policy is."""
+    values = entropy(record.all_logits[:-1].float()).double()
+    if normalized:
+        values = values / math.log(record.all_logits.shape[-1])
+    return values
+
+
+def _disagrees(record: ExitRecord) -> torch.Tensor:
+    """[L - 1, N] bool: each internal head disagrees with the final classifier (:func:`~.losses.disagreement`:
+    its class differs)."""
+    full = record.all_logits[-1]
+    return torch.stack([disagreement(logits, full) > 0 for logits in record.all_logits[:-1]])
+
+
+def _thresholds_at(values: torch.Tensor, wrong: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """[len(levels)]: for one layer, the largest threshold whose admitted rows (entropy below it) disagree
+    with the final classifier at most ``level`` of the time; 0 (never exits) where none is."""
+    order = values.argsort()
+    sorted_values, sorted_wrong = values[order], wrong[order].double()
+    count = len(order)
+    rate = sorted_wrong.cumsum(0) / torch.arange(1, count + 1, dtype=torch.float64)
+    # cut between two sorted values (equal values are admitted together: only the last of a run cuts)
+    upper = torch.cat([sorted_values[1:], sorted_values[-1:] * 1.0001 + 1e-9])
+    cuts = upper > sorted_values
+    cut = (sorted_values + upper) / 2
+    ok = (rate[None, :] <= levels[:, None] + 1e-12) & cuts[None, :]
+    last = torch.where(ok, torch.arange(count)[None, :], -1).max(1).values
+    return torch.where(last >= 0, cut[last.clamp(min=0)], torch.zeros_like(levels))
+
+
+def per_layer_path(path_record: ExitRecord, policy: Entropy, *, steps: int = 400) -> list[Entropy]:
+    """The per-layer path of ``policy``'s family set on ``path_record``: never exiting early first, then
+    one candidate per level of a fixed grid (quadratic in ``[0, MAX_LEVEL]``), duplicates dropped."""
+    values, wrong = _entropies(path_record, policy.normalized), _disagrees(path_record)
+    levels = torch.tensor([MAX_LEVEL * (i / steps) ** 2 for i in range(steps + 1)], dtype=torch.float64)
+    per_layer = torch.stack([_thresholds_at(values[k], wrong[k], levels) for k in range(values.shape[0])], 1)
+    # a later level never lowers a threshold (more rows allowed per exit); keep it so against float noise
+    per_layer = torch.cummax(per_layer, 0).values
+    num_layers = path_record.num_layers
+    candidates, seen = [Entropy((0.0,) * num_layers, normalized=policy.normalized)], set()
+    seen.add((0.0,) * (num_layers - 1))
+    for row in per_layer.tolist():
+        key = tuple(float(v) for v in row)
+        if key not in seen:
+            seen.add(key)
+            candidates.append(Entropy((*key, 0.0), normalized=policy.normalized))
+    return candidates
+
+
+def _fewest_layers_within(candidates, record: ExitRecord, budget: float, loss_of) -> float | None:
+    best = None
+    for candidate in candidates:
+        out = replay(candidate, record)
+        if float(loss_of(out.logits).mean()) <= budget + 1e-12:
+            layers = out.layers_run.float().mean().item()
+            best = layers if best is None else min(best, layers)
+    return best
+
+
+def choose_path(
+    path_record: ExitRecord,
+    global_candidates: list[ExitPolicy],
+    budget: float,
+    loss_of,
+    *,
+    seed: int = 0,
+    steps: int = 400,
+) -> PathChoice:
+    """The path to certify along, chosen on ``path_record`` (rows apart from the calibration rows).
+
+    ``loss_of(logits [N, C], record) -> [N]``: each row's loss under the certified risk; ``budget``:
+    a fraction. Both paths are scored on a random half of the path rows, the per-layer one built on
+    the other half."""
+    policy = global_candidates[0]
+    rows = path_record.all_logits.shape[1]
+    if not supports_paths(policy) or rows < max(20, per_layer_rows_needed(budget)):
+        return PathChoice("global", list(global_candidates), {}, rows)
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
+    build, score = path_record.subset(order[: rows // 2]), path_record.subset(order[rows // 2 :])
+    layers = {
+        "global": _fewest_layers_within(global_candidates, score, budget, lambda z: loss_of(z, score)),
+        "per_layer": _fewest_layers_within(per_layer_path(build, policy), score, budget, lambda z: loss_of(z, score)),
+    }
+    full = float(path_record.num_layers)
+    gain = (layers["global"] or full) - (layers["per_layer"] or full)
+    if gain >= MIN_GAIN:
+        return PathChoice("per_layer", per_layer_path(path_record, policy, steps=steps), layers, rows)
+    return PathChoice("global", list(global_candidates), layers, rows)

@@ -1,0 +1,188 @@
+"""How many training rows ``eek fit`` keeps out to certify on: the verdicts, over recorded logits.
+
+The exit heads need far fewer rows than the bound does: a head reads one layer's vector and
+converges on a few thousand rows at most, while certifying a loss under one point at 95% wants
+thousands of rows (1% at 95% on 343 rows allows no error at all). A fixed quarter of the file
+starves the bound on a large file and can starve the heads on a small one. So the share is
+measured: the heads (the method's heads-only stage, on a copy of the model) are trained on
+growing prefixes of a random order of the training rows, ``FIRST_PROBE_ROWS`` then twice as
+many each time, and each time the layers they would keep certified are *predicted* on the
+validation rows: along the policy's global grid, the last candidate (in the certified order)
+that the rows left to certify would certify were they like the validation rows (the exact
+binomial for 0/1 losses; the observed paired loss plus ``z`` standard errors, ``z`` the normal
+quantile of the confidence).
+
+After each doubling the probe weighs both sides of the next one (:func:`doubling_verdict`): what
+the last doubling saved, the heads compared at the same calibration rows, against what the next
+doubling's fewer calibration rows would cost the current heads. It stops only when that net gain
+is below ``MIN_GAIN_LAYERS`` with ``STOP_CONFIDENCE`` over bootstrap re-draws of the validation
+rows (the same re-draws weigh both heads: paired). A greedy stop on the point difference stopped
+on noise: an outside check's 256 and 512 rows predicted 3.88 and 3.92 layers on 1,031 validation
+rows, the probe kept 512 rows to train the heads, and the fit ran 4.10 of 6 layers on unseen rows
+where training on three quarters ran 3.56. Heads rarely get worse with more rows, so a flat or
+noisy difference goes on; the price of fewer calibration rows, which grows fast once they are few,
+is what stops it. The re-draws measure the validation rows' noise, not the training's. The rows
+the probe reached train the heads, every later row of the order certifies; the probe reads only
+rows that end up training and the validation rows, never a calibration row, so the certificate
+stays exact (which is why it never goes back to a smaller size).
+
+Where there is nothing to probe (a recipe that trains the backbone too, too few rows for two
+sizes), the fixed ``CALIBRATION_FRACTION`` applies.
+
+This module holds what is computed on the validation rows' recorded logits: each candidate's predicted
+certificate (:class:`CandidateTable`, :func:`predicted_layers`), the bootstrap re-draws and the verdict of a
+doubling (:func:`doubling_verdict`). The probe itself, which trains heads on a copy of the model, is
+:func:`earlyexit_kernels.training.calibration_share.choose_share`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from earlyexit_kernels.calibration.candidates import certified_candidates
+from earlyexit_kernels.calibration.certify import least_rows, most_losses
+from earlyexit_kernels.calibration.losses import row_losses
+from earlyexit_kernels.calibration.record import replay
+from earlyexit_kernels.methods.risk_control import is_binary
+
+__all__ = [
+    "MIN_GAIN_LAYERS",
+    "REDRAWS",
+    "STOP_CONFIDENCE",
+    "CandidateTable",
+    "DoublingVerdict",
+    "doubling_verdict",
+    "predicted_layers",
+    "redraws",
+]
+
+#: the mean layers a doubling of the training rows must be predicted to save for the probe to go on
+MIN_GAIN_LAYERS = 0.05
+#: the probe stops once the net gain of a doubling is below ``MIN_GAIN_LAYERS`` with this confidence
+STOP_CONFIDENCE = 0.9
+#: bootstrap re-draws of the validation rows that measure that confidence
+REDRAWS = 400
+
+
+def predicted_layers(record, policy, budget: float, confidence: float, calibration_rows: int, target: str) -> float:
+    """The mean layers certification on ``calibration_rows`` rows like ``record``'s would keep: along the global
+    grid of ``policy``'s family, the last candidate (most conservative first) that rows like ``record``'s would
+    certify: 0/1 losses by the exact binomial, paired ones when their mean plus ``z`` standard errors at
+    ``calibration_rows`` rows is within ``budget`` (``z``: the normal quantile of ``confidence``); all the
+    layers where none is (and below the rows a loss-free policy needs)."""
+    table = CandidateTable.of(record, policy, target)
+    return float(table.predicted(_point(table.rows), budget, confidence, calibration_rows)[0])
+
+
+@dataclass
+class CandidateTable:
+    """Each candidate of the certified grid (most conservative first) on the rows of one record: the rows'
+    ``losses`` and ``layers`` [candidates, rows], so that :meth:`predicted` weighs them for many re-draws
+    of the rows at once."""
+
+    losses: torch.Tensor  # float64
+    layers: torch.Tensor  # float64
+    binary: bool
+    num_layers: int
+
+    @property
+    def rows(self) -> int:
+        return self.losses.shape[1]
+
+    @classmethod
+    def of(cls, record, policy, target: str) -> CandidateTable:
+
+        num_layers, _, num_labels = record.all_logits.shape
+        losses, layers = [], []
+        for candidate in certified_candidates(policy, num_layers, num_labels):
+            out = replay(candidate, record)
+            losses.append(row_losses(out.logits, record, target))
+            layers.append(out.layers_run.double())
+        stacked = torch.stack(losses)
+        return cls(stacked, torch.stack(layers), is_binary(stacked), num_layers)
+
+    def predicted(self, weights: torch.Tensor, budget: float, confidence: float, calibration_rows: int):
+        """:func:`predicted_layers` for each row of ``weights`` [draws, rows] (each draw's weights sum to 1):
+        float64 [draws]."""
+        from statistics import NormalDist
+
+        draws = weights.shape[0]
+        full = torch.full((draws,), float(self.num_layers), dtype=torch.float64)
+        if calibration_rows < least_rows(budget, confidence):
+            return full
+        rate = weights @ self.losses.T  # [draws, candidates]
+        if self.binary:  # the exact binomial, as certification counts 0/1 losses
+            fails = torch.floor(rate * calibration_rows + 1e-9) > most_losses(calibration_rows, budget, confidence)
+        else:
+            spread = (weights @ (self.losses**2).T - rate**2).clamp_min(0.0).sqrt()
+            z = NormalDist().inv_cdf(confidence)
+            fails = rate + z * spread / math.sqrt(calibration_rows) > budget
+        # the walk stops at its first failing candidate; the one before it is certified
+        sentinel = torch.ones((draws, 1), dtype=torch.bool)
+        first_fail = torch.cat([fails, sentinel], dim=1).int().argmax(dim=1)
+        mean_layers = torch.cat([full[:, None], weights @ self.layers.T], dim=1)
+        return mean_layers.gather(1, first_fail[:, None]).squeeze(1)
+
+
+def _point(rows: int) -> torch.Tensor:
+    return torch.full((1, rows), 1.0 / rows, dtype=torch.float64)
+
+
+def redraws(rows: int, draws: int, seed: int) -> torch.Tensor:
+    """Weights [1 + draws, rows]: the rows as they are, then ``draws`` bootstrap re-draws of them (each row's
+    count over ``rows``), seeded: the same re-draws weigh every record of the same rows (paired)."""
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(rows, (draws, rows), generator=generator)
+    counts = torch.zeros((draws, rows), dtype=torch.float64).scatter_add_(
+        1, picks, torch.ones((draws, rows), dtype=torch.float64)
+    )
+    return torch.cat([_point(rows), counts / rows])
+
+
+@dataclass
+class DoublingVerdict:
+    """Whether to double the head-training rows once more, weighed on the validation rows.
+
+    ``gain``: mean layers the last doubling saved, both heads certified on the calibration rows left now;
+    ``price``: what the next doubling's fewer calibration rows cost the current heads; ``bound``: the
+    upper ``STOP_CONFIDENCE`` re-draw quantile of ``gain - price``. The probe goes on unless that bound
+    is under ``MIN_GAIN_LAYERS``: a difference the validation rows cannot tell from noise does not stop it."""
+
+    gain: float
+    price: float
+    bound: float
+
+    @property
+    def go_on(self) -> bool:
+        return self.bound >= MIN_GAIN_LAYERS
+
+    def describe(self, rows: int, doubled: int) -> str:
+        return (
+            f"doubling {rows} rows to {doubled} saved {self.gain:+.2f} layers, the next doubling's fewer calibration "
+            f"rows would cost {self.price:+.2f}: the net gain's upper {100 * STOP_CONFIDENCE:g}% bound over re-draws "
+            f"of the validation rows is {self.bound:+.2f}, under {MIN_GAIN_LAYERS:g}"
+        )
+
+
+def doubling_verdict(
+    previous: CandidateTable,
+    current: CandidateTable,
+    weights: torch.Tensor,
+    *,
+    budget: float,
+    confidence: float,
+    calibration_rows: int,
+    next_calibration_rows: int,
+) -> DoublingVerdict:
+    """:class:`DoublingVerdict` of the heads behind ``current`` (trained on twice the rows of ``previous``'s),
+    both on the same validation rows, re-drawn by ``weights`` (:func:`redraws`; row 0: the rows as they are)."""
+    then = previous.predicted(weights, budget, confidence, calibration_rows)
+    now = current.predicted(weights, budget, confidence, calibration_rows)
+    gain = then - now
+    price = current.predicted(weights, budget, confidence, next_calibration_rows) - now
+    net = (gain - price)[1:] if weights.shape[0] > 1 else gain - price
+    bound = float(torch.quantile(net, STOP_CONFIDENCE))
+    return DoublingVerdict(float(gain[0]), float(price[0]), bound)
