@@ -255,6 +255,16 @@ def _add_calibrate(commands) -> None:
         help=f"certify --max-drop with this probability (default: FOLDER's certificate's, else {CONFIDENCE:g}); "
         "'off': the fewest layers within --max-drop on FILE's rows, uncertified",
     )
+    calibrate.add_argument(
+        "--risk",
+        choices=("auto", "agreement", "accuracy"),
+        default="auto",
+        help="what the certificate bounds: 'agreement' (disagreement with the full depth), 'accuracy' (accuracy lost "
+        "against it, on FILE's labels) or 'auto' (default): accuracy where FILE has labels, agreement where not; "
+        "with --dtype int8 or bfloat16, agreement with that base's full depth, labelled rows or not (the base "
+        "itself changes labels: what is bounded is what the exits add), its agreements with the float32 full "
+        "model printed apart",
+    )
     calibrate.add_argument("--batch-size", type=int, default=64, metavar="N", help="rows per batch (default: 64)")
     add_base_options(calibrate)
     calibrate.set_defaults(run=_calibrate_command)
@@ -499,6 +509,7 @@ def _calibrate(args) -> int:
         device=args.device,
         force=args.force,
         unlabelled=_unlabelled(args),
+        risk=args.risk,
     )
     for line in report.summary():
         print(line)

@@ -11,6 +11,7 @@ renamed into place: an interrupted run leaves the old folder whole.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -63,6 +64,7 @@ def calibrate_folder(
     from_audit: str | None = None,
     force: bool = False,
     unlabelled=None,
+    risk: str = "auto",
 ):
     """Re-certify the folder ``path`` on ``data`` (:class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`)
     and write it back; returns the :class:`~earlyexit_kernels.training.calibrate_texts.CalibrationReport`.
@@ -82,6 +84,13 @@ def calibrate_folder(
     ``unlabelled`` (``LabelledTexts``): unseen rows without labels, in the certificate beside ``data``'s
     (:func:`~earlyexit_kernels.training.calibrate_texts.calibrate_texts`).
 
+    ``risk``: ``"auto"`` (default): on the saved base, accuracy lost where ``data`` has labels, else
+    disagreement with the full model; on another base (``dtype`` int8 or bfloat16), disagreement with
+    *that base's* full depth, labelled rows or not (the base itself changes labels: what is certified
+    is what the exits add), and the report gives the agreements with the saved float32 full model
+    separately (:class:`~earlyexit_kernels.training.calibrate_texts.BaseChange`). ``"agreement"``:
+    disagreement with the full depth whatever the rows; ``"accuracy"``: accuracy lost on the labels.
+
     A result that certifies no saving (the target not met, or a policy that runs every layer) is not
     written: the folder keeps its policy and ``report.kept`` says why, unless ``force``. Nothing a
     user saved is replaced by something worse without being asked.
@@ -89,6 +98,7 @@ def calibrate_folder(
     from earlyexit_kernels.engine.precision import to_base
     from earlyexit_kernels.integrations.model_folder import load_model
     from earlyexit_kernels.training.calibrate_texts import calibrate_texts
+    from earlyexit_kernels.training.fit_checks import FitError
     from earlyexit_kernels.training.fit_texts import CONFIDENCE
 
     saved_drop, saved_confidence = saved_budget(path)
@@ -108,6 +118,11 @@ def calibrate_folder(
         if _written(path, report, force):
             _write_back(Path(path), model, report, source, "as served")
         return report
+    base_change = _base_change(model, dtype, risk)
+    if risk == "agreement" and base_change is None:
+        data = dataclasses.replace(data, labels=None)  # disagreement with the full model, labels or not
+    elif risk == "accuracy" and data.labels is None:
+        raise FitError("--risk accuracy needs FILE's labels (a label column); without labels the risk is agreement")
     to_base(model, dtype, device)
     report = calibrate_texts(
         model,
@@ -119,10 +134,26 @@ def calibrate_folder(
         max_length=max_length,
         path=saved_path(path),
         unlabelled=unlabelled,
+        base_change=base_change,
     )
     if _written(path, report, force):
         _write_back(Path(path), model, report, source or "rows given to eek calibrate", dtype or "as saved")
     return report
+
+
+def _base_change(model, dtype: str | None, risk: str):
+    """The :class:`~earlyexit_kernels.training.calibrate_texts.BaseChange` of certifying the saved ``model``
+    on ``dtype``, or None on its own base; the reference is a copy of the saved model, made before it moves."""
+    import copy
+
+    from earlyexit_kernels.training.calibrate_texts import BASE_RISKS, BaseChange
+    from earlyexit_kernels.training.fit_checks import FitError
+
+    if risk not in ("auto", *BASE_RISKS):
+        raise FitError(f"--risk must be auto, {' or '.join(BASE_RISKS)}; got {risk!r}")
+    if dtype in (None, "float32"):
+        return None
+    return BaseChange(copy.deepcopy(model), dtype, "agreement" if risk == "auto" else risk)
 
 
 def _written(folder: str, report, force: bool) -> bool:

@@ -225,7 +225,7 @@ def _serve_certified(args, options: dict, name: str) -> int:
             label_column=args.label_column or "label",
             label_required=args.label_column is not None,
         )
-        served = certify_served(model, tokenizer, args.model, data, max_length=args.max_length)
+        served = certify_served(model, tokenizer, args.model, data, max_length=args.max_length, base=args.dtype)
     except (FitError, ValueError) as error:
         raise CliError(f"--calibration {args.calibration}: {error}") from None
     base = args.dtype or "saved"

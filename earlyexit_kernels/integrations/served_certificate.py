@@ -38,16 +38,20 @@ class ServedCertificate:
 
 
 def certify_served(
-    model, tokenizer, folder: str, data, *, batch_size: int = 64, max_length: int | None = None
+    model, tokenizer, folder: str, data, *, batch_size: int = 64, max_length: int | None = None, base: str | None = None
 ) -> ServedCertificate:
     """Certify ``model``'s threshold (already on the base it is served on) on ``data``
     (:class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`) with the budget and along the
     path of ``folder``'s certificate (1 point at 0.95 and the family's grid where it has none); the
     model ends patched with the certified policy, as :func:`~earlyexit_kernels.training.calibrate_texts.calibrate_texts`
-    leaves it. Too few rows for the budget raise its ``FitError``, saying how many would do."""
+    leaves it. Too few rows for the budget raise its ``FitError``, saying how many would do. ``base``: the
+    base served (``--dtype``); on another than float32 the risk is disagreement with that base's full
+    depth, labelled rows or not, as ``eek calibrate --dtype`` certifies by default
+    (:class:`~earlyexit_kernels.training.calibrate_texts.BaseChange`; the float32 model is not kept, so the
+    report gives the exits' agreement with the served base's full depth alone)."""
     from earlyexit_kernels.integrations.folder_calibration import saved_budget, saved_path
     from earlyexit_kernels.patching.patch import policy_of
-    from earlyexit_kernels.training.calibrate_texts import calibrate_texts
+    from earlyexit_kernels.training.calibrate_texts import BaseChange, calibrate_texts
     from earlyexit_kernels.training.fit_texts import CONFIDENCE
 
     max_drop, confidence = saved_budget(folder)
@@ -60,6 +64,7 @@ def certify_served(
         batch_size=batch_size,
         max_length=max_length,
         path=saved_path(folder),
+        base_change=None if base in (None, "float32") else BaseChange(None, base),
     )
     certificate = None
     if report.certificate is not None:

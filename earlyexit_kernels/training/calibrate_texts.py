@@ -12,6 +12,7 @@ along the same fixed grid ``eek fit`` certifies on
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 
@@ -19,7 +20,34 @@ from earlyexit_kernels.calibration.certify import describe_certificate
 from earlyexit_kernels.training.fit_checks import FitError, check_confidence, check_enough
 from earlyexit_kernels.training.fit_texts import CONFIDENCE, max_length_for, warn_truncated
 
-__all__ = ["CalibrationReport", "calibrate_record", "calibrate_texts"]
+__all__ = ["BaseChange", "CalibrationReport", "calibrate_record", "calibrate_texts"]
+
+#: the risks a threshold can be certified on where the base changes (``eek calibrate --risk``)
+BASE_RISKS = ("agreement", "accuracy")
+
+
+@dataclass
+class BaseChange:
+    """A threshold certified on another base than the model's own (``eek calibrate --dtype int8``).
+
+    ``reference``: the model on its own base (the saved float32 one), whose full depth the report
+    compares against, or None (only the exits' agreement with the base's full depth is reported); ``base``: the name of the base certified on. ``risk``: ``"agreement"``
+    (default): the exits' disagreement with the full depth *of the base certified on*, labelled
+    rows or not: the base itself changes labels (an int8 base agrees with float32 on some 95% of
+    rows), and a certificate of accuracy lost on labels lets the exits' changes cancel against
+    the base's, so what is bounded is what the exits add; ``"accuracy"``: accuracy lost against
+    that full depth, on the labels.
+    """
+
+    reference: object
+    base: str
+    risk: str = "agreement"
+
+    def __post_init__(self):
+        if self.risk not in BASE_RISKS:
+            raise FitError(
+                f"the risk certified on another base must be one of {', '.join(BASE_RISKS)}; got {self.risk!r}"
+            )
 
 
 @dataclass
@@ -46,6 +74,11 @@ class CalibrationReport:
     certificate: dict | None = None
     warnings: list[str] = field(default_factory=list)
     kept: str | None = None  # why the folder kept its policy instead (eek calibrate without --force)
+    #: certified on another base (BaseChange): its name, and the agreements the report gives separately
+    #: (``base_full``: its full depth with the reference's; ``exits``: the exits with the reference's full
+    #: depth; ``exits_base``: the exits with the base's full depth), fractions
+    base: str | None = None
+    agreements: dict | None = None
 
     def as_dict(self) -> dict:
         return dict(vars(self))
@@ -62,9 +95,30 @@ class CalibrationReport:
         ]
         if self.certificate is not None:
             lines.append(describe_certificate(self.certificate))
+        if self.base is not None:
+            lines += self._base_lines()
         lines += [f"warning: {w}" for w in self.warnings]
         if self.kept is not None:
             lines.append(f"not written: {self.kept}")
+        return lines
+
+    def _base_lines(self) -> list[str]:
+        risk = (
+            f"the exits' disagreement with the {self.base} full depth (what the exits add to the base; the base "
+            "alone changes labels, below)"
+            if self.target == "agreement"
+            else f"accuracy lost against the {self.base} full depth, on the labels"
+        )
+        lines = [f"certified on the {self.base} base: the risk is {risk}"]
+        a = self.agreements or {}
+        if "base_full" in a:
+            lines.append(
+                f"agreement with the float32 full model: {self.base} full depth {100 * a['base_full']:.2f}%, "
+                f"{self.base} exits {100 * a['exits']:.2f}%; the exits with the {self.base} full depth "
+                f"{100 * a['exits_base']:.2f}%"
+            )
+        elif "exits_base" in a:
+            lines.append(f"agreement of the exits with the {self.base} full depth: {100 * a['exits_base']:.2f}%")
         return lines
 
     def saving_refused(self) -> str | None:
@@ -88,6 +142,7 @@ def calibrate_texts(
     max_length: int | None = None,
     path: list | None = None,
     unlabelled=None,
+    base_change: BaseChange | None = None,
 ) -> CalibrationReport:
     """Certify ``model``'s threshold anew on ``data``; the model ends patched with the chosen policy.
 
@@ -99,7 +154,9 @@ def calibrate_texts(
     ``path``: the ordered candidates to certify along (the folder's saved path, policies); None:
     the family's fixed grid. ``unlabelled`` (``LabelledTexts``, labels ignored): more rows without
     labels in the certificate (:func:`~earlyexit_kernels.calibration.certify.certify`); the
-    rows of ``data`` whose label cell is empty join them.
+    rows of ``data`` whose label cell is empty join them. ``base_change``: ``model`` runs on another
+    base than its own (:class:`BaseChange`: the risk, by default disagreement with this base's full
+    depth, and the agreements reported with the reference's full depth).
     """
     import torch
 
@@ -125,13 +182,54 @@ def calibrate_texts(
     length = max_length_for(max_length, model, tokenizer)
     encoded = encode(tokenizer, data, length)
     warn_truncated(encoded)
+    if base_change is not None and base_change.risk == "accuracy" and labels is None:
+        raise FitError(
+            f"--risk accuracy on the {base_change.base} base needs labelled rows; without labels the risk is "
+            "agreement with its full depth"
+        )
     model.eval()
+    batches = length_sorted_batches(encoded, labels, batch_size)
     with torch.no_grad():
-        record = record_exits(model, length_sorted_batches(encoded, labels, batch_size))
+        record = record_exits(model, batches)
         extra = None
         if unlabelled is not None:
             extra = record_exits(model, length_sorted_batches(encode(tokenizer, unlabelled, length), None, batch_size))
-    return calibrate_record(model, record, max_drop=max_drop, confidence=confidence, path=path, unlabelled=extra)
+        reference = None
+        if base_change is not None and base_change.reference is not None:
+            reference = record_exits(base_change.reference, batches)
+    certified_on = record
+    if base_change is not None and base_change.risk == "agreement":
+        certified_on = dataclasses.replace(record, labels=None)  # the labels do not enter the risk
+    report = calibrate_record(
+        model, certified_on, max_drop=max_drop, confidence=confidence, path=path, unlabelled=extra
+    )
+    if base_change is not None:
+        report.base = base_change.base
+        report.agreements = _agreements(model, record, reference)
+    return report
+
+
+def _agreements(model, record, reference) -> dict:
+    """The agreements of a threshold certified on another base: its full depth and its exits (the policy
+    ``model`` ends patched with) with the reference's full depth, and its exits with its own full depth."""
+    from earlyexit_kernels.calibration.losses import disagreement
+    from earlyexit_kernels.calibration.record import replay
+    from earlyexit_kernels.patching.patch import policy_of
+
+    multi_label = getattr(model.config, "problem_type", None) == "multi_label_classification"
+    exits = replay(policy_of(model), record).logits
+    full = record.all_logits[-1]
+
+    def agreement(a, b) -> float:
+        return 1.0 - float(disagreement(a, b, multi_label=multi_label).mean())
+
+    if reference is None:
+        return {"exits_base": agreement(exits, full)}
+    return {
+        "base_full": agreement(full, reference.all_logits[-1]),
+        "exits": agreement(exits, reference.all_logits[-1]),
+        "exits_base": agreement(exits, full),
+    }
 
 
 def calibrate_record(

@@ -1,0 +1,139 @@
+"""A threshold certified on another base (``eek calibrate --dtype int8``) bounds what the exits add to that base.
+
+The int8 base itself changes labels (here it agrees with float32 on about 93% of the rows). So by
+default the certificate's risk is the exits' disagreement with the int8 full depth, labelled rows or
+not; the report gives the agreements with the float32 full model apart. A re-draw test checks the
+bound: over 100 draws of calibration rows, the certified threshold's disagreement with the int8 full
+depth on the whole population is over the budget at most 1 - confidence of the time.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import word_bert, word_texts
+
+import earlyexit_kernels as eek
+from earlyexit_kernels.calibration.candidates import certified_candidates
+from earlyexit_kernels.calibration.losses import disagreement
+from earlyexit_kernels.calibration.record import replay
+from earlyexit_kernels.engine.precision import to_base
+from earlyexit_kernels.training.calibration import calibrate
+from earlyexit_kernels.training.labelled_texts import LabelledTexts
+from earlyexit_kernels.training.record_exits import record_exits
+
+pytest.importorskip("torch.ao.quantization", reason="int8 needs torch's quantized engine")
+
+LABELS = {0: "neg", 1: "neutral", 2: "pos"}
+
+
+def _spread_model(folder):
+    """A tiny BERT whose predictions vary with the text (weights drawn wider than BERT's 0.02), patched."""
+    model, tokenizer = word_bert(folder, 3, labels=LABELS, initializer_range=0.3)
+    return eek.patch(model, eek.Entropy(0.0)), tokenizer
+
+
+def _batches(tokenizer, texts):
+    return [dict(tokenizer(texts[i : i + 256], padding=True, return_tensors="pt")) for i in range(0, len(texts), 256)]
+
+
+@pytest.fixture(scope="module")
+def int8_population(tmp_path_factory):
+    """The int8 base's every head on 3,000 texts (no labels), and the float32 full model's predictions."""
+    model, tokenizer = _spread_model(tmp_path_factory.mktemp("spread"))
+    int8 = to_base(copy.deepcopy(model), "int8")
+    texts = [t or "w1" for t in word_texts(3_000, seed=5)]
+    with torch.no_grad():
+        record = record_exits(int8, _batches(tokenizer, texts))
+        float32_full = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+    return record, float32_full
+
+
+def test_the_int8_base_changes_labels_of_its_own(int8_population):
+    record, float32_full = int8_population
+    base_agreement = 1 - float(disagreement(record.all_logits[-1], float32_full).mean())
+    assert 0.80 < base_agreement < 0.995  # what the certificate must not let the exits' changes cancel against
+
+
+def test_redrawn_calibration_rows_keep_the_exits_within_the_budget_of_the_int8_full_depth(int8_population):
+    record, _ = int8_population
+    budget, rows, draws, confidence = 0.05, 400, 100, 0.9
+    full = record.all_logits[-1]
+    true_risk: dict[str, float] = {}
+
+    def risk_of(policy) -> float:
+        key = policy.to_code()
+        if key not in true_risk:
+            true_risk[key] = float(disagreement(replay(policy, record).logits, full).mean())
+        return true_risk[key]
+
+    # the uncertified point, for teeth: the most aggressive candidate of the certificate's grid within the
+    # budget on the drawn rows (each candidate's per-row disagreement computed once on the population)
+    grid = certified_candidates(record.policy, record.num_layers, full.shape[-1])
+    losses = torch.stack([disagreement(replay(p, record).logits, full) for p in grid])
+    g = torch.Generator().manual_seed(2)
+    certified_over = uncertified_over = saving = 0
+    for _ in range(draws):
+        sample = torch.randint(0, full.shape[0], (rows,), generator=g)
+        certified = calibrate(record.subset(sample), max_drop=100 * budget, confidence=confidence, policy=record.policy)
+        certified_over += risk_of(certified.policy) > budget
+        saving += certified.met and certified.mean_layers < record.num_layers
+        within = (losses[:, sample].mean(1) <= budget).nonzero().squeeze(-1)
+        uncertified_over += float(losses[int(within.max())].mean()) > budget
+    assert certified_over / draws <= 1 - confidence
+    assert uncertified_over / draws > 0.25  # the check has teeth: the uncertified point is over budget often
+    assert saving > draws / 2  # and the certified threshold still exits early
+
+
+@pytest.fixture(scope="module")
+def spread_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("spread_folder")
+    model, tokenizer = _spread_model(folder)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _labelled(count: int, seed: int) -> LabelledTexts:
+    texts = [t or "w1" for t in word_texts(count, seed=seed)]
+    return LabelledTexts(texts, None, [LABELS[len(t.split()) % 3] for t in texts], "rows.csv", "label")
+
+
+def test_eek_calibrate_dtype_int8_certifies_agreement_with_the_int8_full_depth_and_reports_float32_apart(
+    spread_folder, tmp_path
+):
+    from earlyexit_kernels.integrations.folder_calibration import calibrate_folder
+
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for path in spread_folder.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    report = calibrate_folder(str(folder), _labelled(1_200, 7), max_drop=5.0, confidence=0.9, dtype="int8", force=True)
+    assert report.target == "agreement" and report.base == "int8"  # labelled rows, yet agreement
+    agreements = report.agreements
+    assert set(agreements) == {"base_full", "exits", "exits_base"}
+    assert agreements["exits_base"] == pytest.approx(report.accuracy)
+    assert agreements["base_full"] < 1.0 and 0 < agreements["exits"] <= 1.0
+    text = "\n".join(report.summary())
+    assert "certified on the int8 base: the risk is the exits' disagreement with the int8 full depth" in text
+    assert "agreement with the float32 full model: int8 full depth" in text
+    saved = json.loads((folder / "eek_fit.json").read_text())
+    assert saved["recalibrations"][-1]["base"] == "int8"
+
+    # accuracy lost on the labels, asked for
+    accuracy = calibrate_folder(
+        str(folder), _labelled(1_200, 7), max_drop=5.0, confidence=0.9, dtype="int8", risk="accuracy", force=True
+    )
+    assert accuracy.target == "accuracy" and accuracy.base == "int8"
+
+
+def test_risk_accuracy_without_labels_and_an_unknown_risk_are_refused(spread_folder):
+    from earlyexit_kernels.integrations.folder_calibration import calibrate_folder
+    from earlyexit_kernels.training.fit_checks import FitError
+
+    unlabelled = LabelledTexts(word_texts(50, seed=1), None, None, "rows.csv")
+    with pytest.raises(FitError, match="--risk accuracy needs"):
+        calibrate_folder(str(spread_folder), unlabelled, dtype="int8", risk="accuracy")
+    with pytest.raises(FitError, match="--risk must be auto, agreement or accuracy"):
+        calibrate_folder(str(spread_folder), unlabelled, risk="labels")
