@@ -106,6 +106,12 @@ def add_arguments(parser) -> None:
     real.add_argument("--client-cores", default=None, help='e.g. "1" (default: the other cores; "none")')
     real.add_argument("--soak-seconds", type=float, default=PeersConfig.soak_seconds, help="0: no soak")
     real.add_argument("--soak-only", action="store_true", help="the soak alone (no server per concurrency)")
+    real.add_argument(
+        "--soak-memory-trim",
+        default=None,
+        metavar="SECONDS|off",
+        help="the soak server's --memory-trim (default: eek serve's own)",
+    )
     real.add_argument("--readme", type=Path, help="write the section into this Markdown file (docs/serving.md)")
     real.add_argument("--from-json", type=Path, help="render a recorded result, run nothing")
 
@@ -151,6 +157,7 @@ def main(args, argv: list[str]) -> int:
             corpus_concurrency=args.corpus_concurrency,
             infinity_python=args.infinity_python,
             soak_seconds=args.soak_seconds,
+            soak_memory_trim=args.soak_memory_trim,
             section="serve-peers"
             if not args.rotten_tomatoes or args.backbone == "minilm"
             else f"serve-peers-{args.backbone}",

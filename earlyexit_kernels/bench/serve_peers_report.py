@@ -138,6 +138,7 @@ def _soak_text(soak: dict) -> str:
         f"{soak['rss_before_mib']} MiB after the warm-up, {soak['rss_after_mib']} MiB at the end "
         f"({soak['rss_change_pct']:+.2f}%), {soak['rss_min_mib']}-{soak['rss_max_mib']} MiB over "
         f"{len(soak['samples'])} readings (largest deviation {soak['rss_largest_deviation_pct']}%): {verdict}."
+        + (f" The server's allocator setting: {soak['memory']}." if soak.get("memory") else "")
     )
 
 
