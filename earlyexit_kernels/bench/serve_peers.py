@@ -399,7 +399,7 @@ def _package_versions() -> dict:
 
 def run(config: PeersConfig, output_dir: Path, name: str = "cpu", command: str = "", progress=print) -> dict:
     """Measure every server of ``config`` that can run, then the soak; writes the JSON and CSV, returns the result."""
-    from earlyexit_kernels.bench.results import cpu_name
+    from earlyexit_kernels.bench.results import cpu_name, instruction_sets
 
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -440,6 +440,7 @@ def run(config: PeersConfig, output_dir: Path, name: str = "cpu", command: str =
     result = {
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "cpu": cpu_name(),
+        "instruction_sets": instruction_sets(),
         "cpu_count": os.cpu_count(),
         "command": command,
         "model": str(config.model),

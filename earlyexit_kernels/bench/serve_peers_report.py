@@ -64,7 +64,8 @@ def render(result: dict) -> str:
         )
         + f"; {pinning}; {result['threads']} thread(s) per server (`OMP_NUM_THREADS`, `--threads`), batches of at "
         f"most {result['max_batch_size']}; {result['requests']} requests per concurrency (a quarter at 1), at most "
-        f"{result['max_seconds']:g} s each; {result['cpu']}, {result['cpu_count']} cores, {result['date']}.",
+        f"{result['max_seconds']:g} s each; {result['cpu']}{_isa(result)}, {result['cpu_count']} cores, "
+        f"{result['date']}.",
     ]
     if servers:
         lines += [
@@ -110,6 +111,15 @@ def render(result: dict) -> str:
         lines += ["", _soak_text(result["soak"])]
     lines += [markers(result)[1]]
     return "\n".join(lines) + "\n"
+
+
+def _isa(result: dict) -> str:
+    """The CPU's instruction sets, which the standings depend on (ONNX Runtime's and PyTorch's int8
+    kernels use VNNI where there is one); empty for a result recorded before they were."""
+    if "instruction_sets" not in result:
+        return ""
+    found = result["instruction_sets"]
+    return " (" + (", ".join(found) if found else "none of AVX2, AVX-512, VNNI") + ")"
 
 
 def _versions(result: dict) -> str:
