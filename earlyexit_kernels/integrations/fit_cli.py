@@ -506,6 +506,10 @@ def _calibrate(args) -> int:
         print(line)
     if report.kept is None:
         print(f"rewrote {args.folder}: its policy and eek_fit.json hold the new threshold and certificate")
+        if args.dtype == "int8":  # the int8 base the certificate holds for, read back by load_model
+            from earlyexit_kernels.integrations.model_folder import INT8_RECIPE_FILE, record_int8_recipe
+
+            print(f"int8 recipe: {record_int8_recipe(args.folder)} (recorded in {INT8_RECIPE_FILE})")
     return 0
 
 
