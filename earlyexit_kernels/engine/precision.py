@@ -14,7 +14,7 @@
   output projections read cost MPNet 14 points (``benchmarks/int8_linear_sensitivity.py``), which is
   why its recipe used to keep them float32. Measured on Rotten Tomatoes' first 1,000 test texts at
   full depth (``benchmarks/micro/int8_recipes.py``; docs/serving.md, "The int8 base"), agreement with
-  the float32 model: MiniLM-L6 99.3% per-token, 95.2% ``quantize_dynamic`` of every Linear (its
+  the float32 model: MiniLM-L6 99.5% per-token, 95.2% ``quantize_dynamic`` of every Linear (its
   recipe before), 98.3% with the feed-forward outputs float; MPNet-base 97.9% per-token, 93.6% with the
   feed-forward outputs float (its recipe before), 74.2% ``quantize_dynamic`` of every Linear (all-mpnet-base-v2
   with its classification head fitted on 1,024 train texts over the frozen encoder: the fine-tuned
