@@ -70,7 +70,10 @@ def test_int8_keeps_the_feed_forward_output_projections_float_when_asked(arch):
         full = model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
         int8 = stack.int8_encoder(model, "ffn-out-float")(input_ids=ids, attention_mask=mask, token_type_ids=types)
     torch.testing.assert_close(int8.logits, full, rtol=0.1, atol=0.05)
-    with pytest.raises(ValueError, match="int8 recipe must be auto or one of all, ffn-out-float; got 'half'"):
+    with pytest.raises(
+        ValueError,
+        match="int8 recipe must be auto or one of all, ffn-out-float, per-token, ffn-out-per-token; got 'half'",
+    ):
         stack.int8_encoder(model, "half")
 
 

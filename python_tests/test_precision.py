@@ -11,7 +11,16 @@ from conftest import mlp_head_model, tiny_batch, tiny_model
 from torch import nn
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.engine.precision import int8_encoder, int8_recipe, resolve_device, to_base
+from earlyexit_kernels.engine import precision
+from earlyexit_kernels.engine.int8_linear import PerTokenInt8Linear
+from earlyexit_kernels.engine.precision import (
+    FAMILY_INT8_RECIPES,
+    INT8_RECIPES,
+    int8_encoder,
+    int8_recipe,
+    resolve_device,
+    to_base,
+)
 
 
 def quantized_names(model) -> list[str]:
@@ -45,16 +54,82 @@ def test_int8_quantizes_the_encoder_and_leaves_heads_pooler_and_classifier_float
     assert eek.policy_of(model) == eek.Entropy(0.0)
 
 
-def test_the_family_decides_the_int8_recipe():
+def tiny_mpnet():
     from transformers import MPNetConfig, MPNetForSequenceClassification
 
     config = MPNetConfig(
         vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=2
     )
-    mpnet = MPNetForSequenceClassification(config)
-    assert int8_recipe(mpnet) == "ffn-out-float" and int8_recipe(tiny_model("bert")) == "all"
-    kept = sorted(n for n, m in int8_encoder(mpnet).base_model.named_modules() if type(m) is nn.Linear)
-    assert kept == ["encoder.layer.0.output.dense", "encoder.layer.1.output.dense"]
+    return MPNetForSequenceClassification(config).eval()
+
+
+def kinds(model) -> dict[str, str]:
+    """Each encoder Linear's kind (float, dynamic, per-token), by name."""
+    names = {nn.Linear: "float", torch.ao.nn.quantized.dynamic.Linear: "dynamic", PerTokenInt8Linear: "per-token"}
+    return {
+        n: names[type(m)]
+        for n, m in model.base_model.named_modules()
+        if type(m) in names and not n.startswith("pooler")
+    }
+
+
+def test_the_family_decides_the_int8_recipe_and_a_family_without_one_is_told_what_runs_instead():
+    mpnet, bert = tiny_mpnet(), tiny_model("bert")
+    assert int8_recipe(mpnet) == FAMILY_INT8_RECIPES["mpnet"] and int8_recipe(bert) == FAMILY_INT8_RECIPES["bert"]
+    assert set(FAMILY_INT8_RECIPES.values()) <= set(INT8_RECIPES)
+    quantized = int8_encoder(mpnet)
+    assert quantized.eek_int8_recipe == FAMILY_INT8_RECIPES["mpnet"] and not hasattr(mpnet, "eek_int8_recipe")
+    roberta = tiny_model("roberta")
+    with pytest.raises(ValueError, match=r"int8 has no recipe for the roberta family.*Run --dtype bfloat16 or float32"):
+        to_base(roberta, "int8", "cpu")
+    assert kinds(roberta) and set(kinds(roberta).values()) == {"float"}  # refused before any change
+    assert int8_encoder(roberta, "all").eek_int8_recipe == "all"  # a recipe chosen by hand still runs
+
+
+@pytest.mark.parametrize(
+    ("recipe", "ffn_out", "other"),
+    [
+        ("all", "dynamic", "dynamic"),
+        ("ffn-out-float", "float", "dynamic"),
+        ("per-token", "per-token", "per-token"),
+        ("ffn-out-per-token", "per-token", "dynamic"),
+    ],
+)
+def test_each_recipe_quantizes_the_linears_it_says(recipe, ffn_out, other):
+    got = kinds(int8_encoder(tiny_mpnet(), recipe))
+    assert len(got) == 12  # 2 layers: q, k, v, o, intermediate, output
+    assert {k for n, k in got.items() if n.endswith("output.dense")} == {ffn_out}
+    assert {k for n, k in got.items() if not n.endswith("output.dense")} == {other}
+    with pytest.raises(ValueError, match="int8 recipe must be auto or one of all, ffn-out-float, per-token"):
+        int8_encoder(tiny_mpnet(), "fp8")
+
+
+def test_per_token_scales_keep_the_tokens_an_outlier_channel_would_flatten():
+    """The reason for the recipe: one large input channel (the GELU's outliers feeding MPNet's
+    feed-forward output) sets a per-tensor scale's step for every token; a per-token one does not."""
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 64)
+    x = torch.randn(40, 256)
+    x[:4, 7] = 400.0  # four tokens with an outlier in one channel
+    with torch.no_grad():
+        exact = linear(x)
+        per_token = PerTokenInt8Linear.from_float(linear)(x)
+        per_tensor = torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)(x)
+    ordinary = slice(4, None)
+
+    def error(got):
+        return float((got[ordinary] - exact[ordinary]).norm() / exact[ordinary].norm())
+
+    assert error(per_token) < 0.02 < 0.2 < error(per_tensor)
+    assert float((per_token[:4] - exact[:4]).norm() / exact[:4].norm()) < 0.1  # the outlier tokens themselves
+    shaped = PerTokenInt8Linear.from_float(linear)(x.reshape(5, 8, 256))  # any leading shape
+    torch.testing.assert_close(shaped.reshape(40, 64), per_token)
+
+
+def test_int8_on_a_gpu_says_what_runs_there(monkeypatch):
+    monkeypatch.setattr(precision, "resolve_device", lambda name: torch.device("cuda"))
+    with pytest.raises(ValueError, match="dtype int8 runs on the CPU only .* use --device cpu, or --dtype bfloat16"):
+        to_base(tiny_model("bert"), "int8", "cuda")
 
 
 def test_bfloat16_and_float32_cast_the_whole_model_and_bad_bases_are_refused():

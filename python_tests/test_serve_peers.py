@@ -345,3 +345,47 @@ def test_the_command_line_runs_the_soak_alone_on_a_given_model(folders, tmp_path
     section = doc.read_text()
     assert "Soak: `eek serve` at concurrency 32" in section and "| server |" not in section
     assert "not measured yet" not in section and "nothing pinned" in section
+
+
+def test_the_section_names_the_cpu_s_instruction_sets():
+    from earlyexit_kernels.bench.results import instruction_sets
+
+    flags = "fpu sse avx2 avx512f avx512bw avx512_vnni"
+    assert instruction_sets(flags) == ["AVX2", "AVX-512", "VNNI"]
+    assert instruction_sets("fpu sse avx2 avx_vnni") == ["AVX2", "VNNI"]
+    assert instruction_sets("fpu neon") == []
+    section = serve_peers.render({**RECORDED, "instruction_sets": ["AVX2", "AVX-512", "VNNI"]})
+    assert f"{RECORDED['cpu']} (AVX2, AVX-512, VNNI), " in section
+    assert "(none of AVX2, AVX-512, VNNI)" in serve_peers.render({**RECORDED, "instruction_sets": []})
+    assert f"{RECORDED['cpu']}, " in serve_peers.render(RECORDED)  # recorded before they were: nothing said
+
+
+def test_backbone_all_runs_each_model_with_the_command_that_measures_it_alone(monkeypatch, folders, tmp_path):
+    from earlyexit_kernels.bench import serve_peers_cli
+
+    model, plain = folders
+    made, ran = [], []
+    monkeypatch.setattr(
+        serve_peers_cli,
+        "rotten_tomatoes",
+        lambda models_dir, backbone: made.append(backbone) or (model, plain, None, TEXTS, f"{backbone} texts"),
+    )
+
+    def fake_run(config, output_dir, name, command):
+        ran.append((config.section, name, command))
+        return {**RECORDED, "section": config.section, "source": config.source, "command": command}
+
+    monkeypatch.setattr(serve_peers_cli, "run", fake_run)
+    doc = tmp_path / "serving.md"
+    doc.write_text("# Serving\n")
+    argv = ["--rotten-tomatoes", "--backbone", "all", "--soak-seconds", "0", "--output-dir", str(tmp_path)]
+    assert serve_load.main([*argv, "--readme", str(doc)]) == 0
+    assert made == ["minilm", "mpnet"]
+    assert [(section, name) for section, name, _ in ran] == [("serve-peers", "cpu"), ("serve-peers-mpnet", "mpnet_cpu")]
+    assert (
+        "--backbone minilm" in ran[0][2]
+        and "--backbone mpnet" in ran[1][2]
+        and "--backbone all" not in ran[0][2] + ran[1][2]
+    )
+    text = doc.read_text()
+    assert text.count(START) == 1 and text.count("<!-- serve-peers-mpnet:start -->") == 1

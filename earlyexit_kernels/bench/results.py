@@ -105,6 +105,29 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+#: the x86 instruction sets the int8 and float32 kernels' speed depends on, by their /proc/cpuinfo flags
+INSTRUCTION_SETS = {
+    "AVX2": ("avx2",),
+    "AVX-512": ("avx512f",),
+    "VNNI": ("avx512_vnni", "avx_vnni"),
+    "AMX": ("amx_int8",),
+}
+
+
+def instruction_sets(flags: str | None = None) -> list[str]:
+    """Which of :data:`INSTRUCTION_SETS` this CPU has (its ``/proc/cpuinfo`` flags; ``flags`` to read others').
+
+    Empty where /proc/cpuinfo has no flags line (another OS, another architecture)."""
+    if flags is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((line.split(":", 1)[1] for line in f if line.startswith("flags")), "")
+        except OSError:
+            flags = ""
+    present = set(flags.split())
+    return [name for name, names in INSTRUCTION_SETS.items() if present.intersection(names)]
+
+
 def environment(device: torch.device) -> dict:
     """The columns that describe where and with what the suite ran."""
     import transformers

@@ -83,6 +83,7 @@ class PeersConfig:
     soak_seconds: float = 300.0  # 0: no soak
     soak_concurrency: int = 32
     soak_samples: int = 10
+    soak_memory_trim: str | None = None  # the soak server's --memory-trim (None: eek serve's default)
     work_dir: Path | None = None  # ONNX exports and the peers' caches (default: a temporary folder)
     section: str = "serve-peers"  # the Markdown section's markers (serve_peers_report.markers)
 
@@ -326,7 +327,10 @@ def _measured(row: dict, server) -> dict:
 def soak(config: PeersConfig, full: list[str], progress=print) -> dict:
     """``eek serve`` at ``soak_concurrency`` for ``soak_seconds``; its resident memory before, during, after."""
     env = {"OMP_NUM_THREADS": str(config.threads), "MKL_NUM_THREADS": str(config.threads)}
-    server = EekServer(config.model, None, config.max_batch_size, config.threads, cores=config.server_cores, env=env)
+    extra = () if config.soak_memory_trim is None else ("--memory-trim", config.soak_memory_trim)
+    server = EekServer(
+        config.model, None, config.max_batch_size, config.threads, extra=extra, cores=config.server_cores, env=env
+    )
     indices = list(range(len(config.texts)))
     warm_up = min(30.0, config.soak_seconds / 5)
     samples: list[tuple[float, int | None]] = []
@@ -354,6 +358,8 @@ def soak(config: PeersConfig, full: list[str], progress=print) -> dict:
         peak = _peak_kib(server.pid)
     finally:
         server.stop()
+    # what the server said it did with the allocator (memory_trim's start-up line)
+    memory = next((line for line in server.log_tail(10**6).splitlines() if line.startswith("memory: ")), "")
     row = summarize("eek serve", config.soak_concurrency, load, full)
     values = [kib for _, kib in samples if kib is not None]
     deviation = max(abs(kib - before) / before for kib in values) if before and values else None
@@ -370,6 +376,7 @@ def soak(config: PeersConfig, full: list[str], progress=print) -> dict:
         rss_change_pct=round((after - before) / before * 100, 2) if before and after else "",
         rss_largest_deviation_pct=round(deviation * 100, 2) if deviation is not None else "",
         flat=deviation is not None and deviation <= TOLERANCE,
+        memory=memory.removeprefix("memory: "),
         samples=[[round(t, 1), _mib(kib)] for t, kib in samples],
     )
     progress(f"soak: {result}")
@@ -392,7 +399,7 @@ def _package_versions() -> dict:
 
 def run(config: PeersConfig, output_dir: Path, name: str = "cpu", command: str = "", progress=print) -> dict:
     """Measure every server of ``config`` that can run, then the soak; writes the JSON and CSV, returns the result."""
-    from earlyexit_kernels.bench.results import cpu_name
+    from earlyexit_kernels.bench.results import cpu_name, instruction_sets
 
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -433,6 +440,7 @@ def run(config: PeersConfig, output_dir: Path, name: str = "cpu", command: str =
     result = {
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "cpu": cpu_name(),
+        "instruction_sets": instruction_sets(),
         "cpu_count": os.cpu_count(),
         "command": command,
         "model": str(config.model),

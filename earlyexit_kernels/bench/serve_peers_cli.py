@@ -17,7 +17,10 @@ from pathlib import Path
 from earlyexit_kernels.bench.serve_peers import SERVERS, PeersConfig, default_cores, render, run, write_readme
 from earlyexit_kernels.bench.server_process import parse_cores
 
-__all__ = ["rotten_tomatoes", "add_arguments", "wanted", "main"]
+__all__ = ["rotten_tomatoes", "add_arguments", "wanted", "main", "BACKBONES"]
+
+#: what --backbone all runs, in this order
+BACKBONES = ("minilm", "mpnet")
 
 
 def rotten_tomatoes(
@@ -71,9 +74,10 @@ def add_arguments(parser) -> None:
     real.add_argument("--rotten-tomatoes", action="store_true", help="issue 53's model and texts (see --models-dir)")
     real.add_argument(
         "--backbone",
-        choices=("minilm", "mpnet"),
+        choices=("minilm", "mpnet", "all"),
         default="minilm",
-        help="--rotten-tomatoes: the classifier fine-tuned from MiniLM-L6 (default) or MPNet-base (12 layers)",
+        help="--rotten-tomatoes: the classifier fine-tuned from MiniLM-L6 (default) or MPNet-base (12 layers); all: "
+        "one after the other, each its own section and result file",
     )
     real.add_argument("--model", type=Path, help="an `eek fit` folder, served by eek serve")
     real.add_argument("--plain", type=Path, help="the plain classifier with MODEL's weights (Infinity, full model)")
@@ -106,8 +110,26 @@ def add_arguments(parser) -> None:
     real.add_argument("--client-cores", default=None, help='e.g. "1" (default: the other cores; "none")')
     real.add_argument("--soak-seconds", type=float, default=PeersConfig.soak_seconds, help="0: no soak")
     real.add_argument("--soak-only", action="store_true", help="the soak alone (no server per concurrency)")
+    real.add_argument(
+        "--soak-memory-trim",
+        default=None,
+        metavar="SECONDS|off",
+        help="the soak server's --memory-trim (default: eek serve's own)",
+    )
     real.add_argument("--readme", type=Path, help="write the section into this Markdown file (docs/serving.md)")
     real.add_argument("--from-json", type=Path, help="render a recorded result, run nothing")
+
+
+def _one_backbone(argv: list[str], backbone: str) -> list[str]:
+    """``argv`` with its ``--backbone all`` (or ``--backbone=all``) naming ``backbone`` instead."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == "all" and i > 0 and argv[i - 1] == "--backbone":
+            arg = backbone
+        elif arg == "--backbone=all":
+            arg = f"--backbone={backbone}"
+        out.append(arg)
+    return out
 
 
 def wanted(args) -> bool:
@@ -124,6 +146,11 @@ def main(args, argv: list[str]) -> int:
                 "error: --texts-per-request must be 0 (no corpus job) or >= 2 (one text a request is the concurrency "
                 "levels'), and --corpus-concurrency >= 1"
             )
+        if args.rotten_tomatoes and args.backbone == "all":
+            for backbone in BACKBONES:  # each recorded with the command that measures it alone
+                args.backbone = backbone
+                main(args, _one_backbone(argv, backbone))
+            return 0
         if args.rotten_tomatoes:
             model, plain, int8_model, texts, source = rotten_tomatoes(args.models_dir, args.backbone)
         else:
@@ -151,6 +178,7 @@ def main(args, argv: list[str]) -> int:
             corpus_concurrency=args.corpus_concurrency,
             infinity_python=args.infinity_python,
             soak_seconds=args.soak_seconds,
+            soak_memory_trim=args.soak_memory_trim,
             section="serve-peers"
             if not args.rotten_tomatoes or args.backbone == "minilm"
             else f"serve-peers-{args.backbone}",

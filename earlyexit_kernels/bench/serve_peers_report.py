@@ -64,7 +64,8 @@ def render(result: dict) -> str:
         )
         + f"; {pinning}; {result['threads']} thread(s) per server (`OMP_NUM_THREADS`, `--threads`), batches of at "
         f"most {result['max_batch_size']}; {result['requests']} requests per concurrency (a quarter at 1), at most "
-        f"{result['max_seconds']:g} s each; {result['cpu']}, {result['cpu_count']} cores, {result['date']}.",
+        f"{result['max_seconds']:g} s each; {result['cpu']}{_isa(result)}, {result['cpu_count']} cores, "
+        f"{result['date']}.",
     ]
     if servers:
         lines += [
@@ -112,6 +113,15 @@ def render(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _isa(result: dict) -> str:
+    """The CPU's instruction sets, which the standings depend on (ONNX Runtime's and PyTorch's int8
+    kernels use VNNI where there is one); empty for a result recorded before they were."""
+    if "instruction_sets" not in result:
+        return ""
+    found = result["instruction_sets"]
+    return " (" + (", ".join(found) if found else "none of AVX2, AVX-512, VNNI") + ")"
+
+
 def _versions(result: dict) -> str:
     eek, infinity = result["versions"]["eek"], result["versions"]["infinity"]
     text = f"`eek serve`: torch {eek['torch']}, transformers {eek['transformers']}."
@@ -138,6 +148,7 @@ def _soak_text(soak: dict) -> str:
         f"{soak['rss_before_mib']} MiB after the warm-up, {soak['rss_after_mib']} MiB at the end "
         f"({soak['rss_change_pct']:+.2f}%), {soak['rss_min_mib']}-{soak['rss_max_mib']} MiB over "
         f"{len(soak['samples'])} readings (largest deviation {soak['rss_largest_deviation_pct']}%): {verdict}."
+        + (f" The server's allocator setting: {soak['memory']}." if soak.get("memory") else "")
     )
 
 

@@ -515,6 +515,10 @@ def _calibrate(args) -> int:
         print(line)
     if report.kept is None:
         print(f"rewrote {args.folder}: its policy and eek_fit.json hold the new threshold and certificate")
+        if args.dtype == "int8":  # calibrate_folder recorded the int8 base the certificate holds for
+            from earlyexit_kernels.integrations.model_folder import INT8_RECIPE_FILE, int8_recipe_of
+
+            print(f"int8 recipe: {int8_recipe_of(args.folder, None)} (recorded in {INT8_RECIPE_FILE})")
     return 0
 
 

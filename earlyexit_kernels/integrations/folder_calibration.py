@@ -138,6 +138,10 @@ def calibrate_folder(
     )
     if _written(path, report, force):
         _write_back(Path(path), model, report, source or "rows given to eek calibrate", dtype or "as saved")
+        if dtype == "int8":  # the int8 base the certificate holds for, read back by load_model
+            from earlyexit_kernels.integrations.model_folder import record_int8_recipe
+
+            record_int8_recipe(path)
     return report
 
 

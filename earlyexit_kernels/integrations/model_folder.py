@@ -9,6 +9,7 @@ with it is a :class:`ModelFolderError` whose message says what to change.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -143,7 +144,8 @@ def load_model(
         from earlyexit_kernels.engine.precision import to_base
 
         try:
-            to_base(model, dtype, "cpu" if device is None else device)
+            recipe = int8_recipe_of(folder, model) if dtype == "int8" else "auto"
+            to_base(model, dtype, "cpu" if device is None else device, int8_recipe=recipe)
         except ValueError as error:
             raise ModelFolderError(str(error)) from None
         if not certified_here and policy is None:
@@ -162,6 +164,39 @@ def _architectures(config_path: Path) -> list[str]:
     except (OSError, ValueError, AttributeError) as error:
         raise ModelFolderError(f"{config_path} is not a readable model configuration ({error})") from None
     return [name for name in architectures or () if isinstance(name, str)]
+
+
+#: the file of a folder certified on int8 that names the int8 recipe the certificate holds for
+INT8_RECIPE_FILE = "eek_int8_recipe.json"
+
+
+def int8_recipe_of(folder: str | Path, model) -> str:
+    """The int8 recipe to run ``folder``'s model with: the one its int8 certificate recorded
+    (:data:`INT8_RECIPE_FILE`, written by ``eek calibrate --dtype int8``); for a folder certified on
+    int8 before recipes were recorded, the recipe every int8 base ran then; else ``"auto"`` (the family's)."""
+    from earlyexit_kernels.engine.precision import INT8_RECIPES, legacy_int8_recipe
+
+    try:
+        recorded = json.loads((Path(folder) / INT8_RECIPE_FILE).read_text()).get("recipe")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded in INT8_RECIPES:
+        return recorded
+    return legacy_int8_recipe(model) if certified_base(str(folder)) == "int8" else "auto"
+
+
+def record_int8_recipe(folder: str | Path) -> str:
+    """Write :data:`INT8_RECIPE_FILE` into ``folder``, whose threshold was just certified on the int8 base
+    ``to_base`` gives its family (:func:`earlyexit_kernels.engine.precision.int8_recipe`); returns the recipe."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from earlyexit_kernels.engine.precision import int8_recipe
+
+    recipe = int8_recipe(SimpleNamespace(config=AutoConfig.from_pretrained(str(folder))))
+    (Path(folder) / INT8_RECIPE_FILE).write_text(json.dumps({"recipe": recipe}, indent=2) + "\n")
+    return recipe
 
 
 def certified_base(path: str) -> str | None:

@@ -22,7 +22,11 @@ from earlyexit_kernels.integrations.extras import install_line
 from earlyexit_kernels.integrations.model_folder import load_model
 from earlyexit_kernels.integrations.recertify_cli import add_recertify_options
 
-__all__ = ["add_serve_command", "run_serve"]
+#: seconds between two trims (earlyexit_kernels.integrations.server.memory_trim.DEFAULT_INTERVAL, written
+#: out: importing the server package here would make `eek --help` load starlette, test_import_time)
+DEFAULT_INTERVAL = 10.0
+
+__all__ = ["add_serve_command", "run_serve", "memory_trim_interval"]
 
 
 def add_serve_command(commands) -> None:
@@ -129,6 +133,14 @@ def add_serve_command(commands) -> None:
     _add_served_certificate_options(serve)
     add_audit_options(serve, "sequences", "at /metrics (eek_audit_*)")
     add_recertify_options(serve, "sequences")
+    serve.add_argument(
+        "--memory-trim",
+        default=str(int(DEFAULT_INTERVAL)),
+        metavar="SECONDS|off",
+        help="return the allocator's free memory to the system every SECONDS (glibc's malloc_trim), which keeps "
+        "resident memory flat under load; nothing is done where jemalloc, mimalloc or tcmalloc is preloaded; "
+        f"off: the allocator left as it is (default: {int(DEFAULT_INTERVAL)}; one process, not --replicas)",
+    )
     serve.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
     serve.set_defaults(run=run_serve)
 
@@ -190,6 +202,7 @@ def run_serve(args) -> int:
         name = served_model_name(args.model, args.served_model_name)
     except ValueError as error:
         raise CliError(f"--served-model-name: {error}") from None
+    memory_trim_interval(args.memory_trim)  # a bad value fails before the model loads
     set_threads(args.threads)
     if args.calibration is not None:
         return _serve_certified(args, options, name)
@@ -247,16 +260,35 @@ def _run_server(args, model, tokenizer, name: str, options: dict) -> int:
     import uvicorn
 
     from earlyexit_kernels.integrations.server import create_app
+    from earlyexit_kernels.integrations.server.memory_trim import start_memory_trim
     from earlyexit_kernels.integrations.server.serving_state import ServeSettings
 
     try:
         app = create_app(model, tokenizer, ServeSettings(model_id=name, **options))  # the settings, made once
     except ValueError as error:
         raise CliError(str(error)) from None
+    trim = start_memory_trim(memory_trim_interval(args.memory_trim))
+    print(trim.line, file=sys.stderr)
     # uvicorn handles SIGTERM/SIGINT: it stops listening, waits for the requests in flight,
     # then the app's shutdown drains the engine.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=None)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=None)
+    finally:
+        trim.stop()
     return 0
+
+
+def memory_trim_interval(value: str) -> float:
+    """``--memory-trim``: seconds between two trims (``off``: 0)."""
+    if value.strip().lower() == "off":
+        return 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or seconds == float("inf"):
+        raise CliError(f"--memory-trim must be a number of seconds > 0, or off; got {value!r}")
+    return seconds
 
 
 def _serve_on_ray(args, options: dict) -> int:

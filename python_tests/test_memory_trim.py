@@ -1,0 +1,84 @@
+"""eek serve's allocator setting (earlyexit_kernels.integrations.server.memory_trim): what it chooses, and that it returns memory."""
+
+import ctypes
+import ctypes.util
+import time
+from pathlib import Path
+
+import pytest
+
+from earlyexit_kernels.integrations.cli_options import CliError
+from earlyexit_kernels.integrations.serve_cli import DEFAULT_INTERVAL as CLI_DEFAULT
+from earlyexit_kernels.integrations.serve_cli import memory_trim_interval
+from earlyexit_kernels.integrations.server import memory_trim
+from earlyexit_kernels.integrations.server.memory_trim import (
+    DEFAULT_INTERVAL,
+    preloaded_allocator,
+    start_memory_trim,
+)
+
+GLIBC = memory_trim._glibc_malloc_trim() is not None
+PLAIN_MAPS = "7f00-7f01 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+
+
+def test_the_command_line_default_is_the_module_s():
+    assert CLI_DEFAULT == DEFAULT_INTERVAL
+
+
+def test_the_flag_reads_seconds_or_off_and_refuses_the_rest():
+    assert memory_trim_interval("off") == 0.0
+    assert memory_trim_interval("OFF") == 0.0
+    assert memory_trim_interval("2.5") == 2.5
+    for bad in ("0", "-1", "soon", "inf", "nan"):
+        with pytest.raises(CliError, match="--memory-trim must be a number of seconds > 0, or off"):
+            memory_trim_interval(bad)
+
+
+def test_off_leaves_the_allocator_alone():
+    trim = start_memory_trim(0)
+    assert not trim.running and "left as it is" in trim.line
+    with pytest.raises(ValueError, match=">= 0 seconds"):
+        start_memory_trim(-1)
+
+
+def test_a_preloaded_allocator_is_left_to_return_memory_itself():
+    maps = PLAIN_MAPS + "7f10-7f11 r-xp 00000000 08:01 2 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n"
+    assert preloaded_allocator(maps) == "jemalloc"
+    assert preloaded_allocator(PLAIN_MAPS) is None
+    trim = start_memory_trim(1.0, maps=maps)
+    assert not trim.running and "jemalloc is preloaded" in trim.line
+
+
+def _resident_kib() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+
+
+@pytest.mark.skipif(not GLIBC, reason="malloc_trim is glibc's")
+def test_on_glibc_the_trim_runs_and_gives_freed_memory_back():
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    # 64 MiB in 100 KiB blocks (under glibc's 128 KiB mmap threshold: from the heap), touched, then
+    # all freed but the last, which keeps the heap's top in place: free alone returns none of it
+    size, count = 100 * 1024, 640
+    blocks = [libc.malloc(size) for _ in range(count)]
+    for block in blocks:
+        ctypes.memset(block, 1, size)
+    for block in blocks[:-1]:
+        libc.free(block)
+    held = _resident_kib()
+    trim = start_memory_trim(0.05)
+    try:
+        assert trim.running and "malloc_trim" in trim.line and "--memory-trim off" in trim.line
+        deadline = time.monotonic() + 10
+        while trim.trims < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert trim.trims >= 1
+        released = held - _resident_kib()
+    finally:
+        trim.stop()
+        libc.free(blocks[-1])
+    assert not trim.running
+    assert released > 32 * 1024, f"the trim returned {released} KiB of the 64 MiB freed"
