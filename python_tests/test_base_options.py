@@ -58,17 +58,17 @@ def test_calibrate_certifies_on_the_base_it_is_given_and_records_it(fitted, tmp_
     assert summary["base"] == "int8" and summary["recalibrations"][-1]["base"] == "int8"
     assert (fitted / "model.safetensors").read_bytes() == weights  # the saved weights stay float, untouched
     # the int8 recipe the certificate holds for is recorded beside it, and what --dtype int8 loads
-    from earlyexit_kernels.integrations.model_folder import INT8_RECIPE_FILE, load_model
+    from earlyexit_kernels.integrations.model_folder import load_model
 
-    recorded = json.loads((fitted / INT8_RECIPE_FILE).read_text())["recipe"]
+    recorded = json.loads((fitted / "eek_fit.json").read_text())["int8_recipe"]
     assert recorded == precision.FAMILY_INT8_RECIPES["bert"]
-    assert f"int8 recipe: {recorded} (recorded in {INT8_RECIPE_FILE})" in capsys.readouterr().out
+    assert f"int8 recipe: {recorded} (recorded in eek_fit.json)" in capsys.readouterr().out
     assert load_model(str(fitted), dtype="int8")[0].eek_int8_recipe == recorded
     # a folder whose record names another recipe runs that one: the one its certificate holds for
-    (fitted / INT8_RECIPE_FILE).write_text(json.dumps({"recipe": "ffn-out-float"}))
+    (fitted / "eek_fit.json").write_text(json.dumps({**summary, "int8_recipe": "ffn-out-float"}))
     assert load_model(str(fitted), dtype="int8")[0].eek_int8_recipe == "ffn-out-float"
     # certified on int8 before recipes were recorded: the recipe every int8 base ran then
-    (fitted / INT8_RECIPE_FILE).unlink()
+    (fitted / "eek_fit.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "int8_recipe"}))
     assert load_model(str(fitted), dtype="int8")[0].eek_int8_recipe == "all"
     # the float32 base's folder (no int8 certificate) runs the family's
     summary["base"] = "float32"

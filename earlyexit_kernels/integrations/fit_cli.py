@@ -516,9 +516,9 @@ def _calibrate(args) -> int:
     if report.kept is None:
         print(f"rewrote {args.folder}: its policy and eek_fit.json hold the new threshold and certificate")
         if args.dtype == "int8":  # calibrate_folder recorded the int8 base the certificate holds for
-            from earlyexit_kernels.integrations.model_folder import INT8_RECIPE_FILE, int8_recipe_of
+            from earlyexit_kernels.patching.fit_record import FILE, FitRecord
 
-            print(f"int8 recipe: {int8_recipe_of(args.folder, None)} (recorded in {INT8_RECIPE_FILE})")
+            print(f"int8 recipe: {FitRecord.load(args.folder).int8_recipe} (recorded in {FILE})")
     return 0
 
 

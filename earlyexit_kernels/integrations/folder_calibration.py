@@ -137,11 +137,11 @@ def calibrate_folder(
         base_change=base_change,
     )
     if _written(path, report, force):
-        _write_back(Path(path), model, report, source or "rows given to eek calibrate", dtype or "as saved")
-        if dtype == "int8":  # the int8 base the certificate holds for, read back by load_model
-            from earlyexit_kernels.integrations.model_folder import record_int8_recipe
+        from earlyexit_kernels.integrations.model_folder import family_int8_recipe
 
-            record_int8_recipe(path)
+        # the int8 base the certificate holds for, which load_model runs again (none on another base)
+        recipe = family_int8_recipe(path) if dtype == "int8" else None
+        _write_back(Path(path), model, report, source or "rows given to eek calibrate", dtype or "as saved", recipe)
     return report
 
 
@@ -193,7 +193,10 @@ def _audit_record(folder: str, audit_file: str, model):
     return ExitRecord(logits, None, None, None, policy_of(model)), payload.get("served", "?")
 
 
-def _write_back(folder: Path, model, report, source: str, base: str) -> None:
+def _write_back(folder: Path, model, report, source: str, base: str, int8_recipe: str | None = None) -> None:
+    """``report``'s policy and fit record written into ``folder`` in one swap; ``int8_recipe``: the int8
+    recipe the certificate holds for (rows certified on a base, not an audit record's: "as served" keeps
+    the one recorded)."""
     partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         shutil.copytree(folder, partial, dirs_exist_ok=True)
@@ -206,6 +209,8 @@ def _write_back(folder: Path, model, report, source: str, base: str) -> None:
         record = FitRecord.read(partial) or FitRecord()  # none, or unreadable: the new fields alone
         when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         record.recalibrated(report, when=when, source=source, base=base)
+        if base != "as served":
+            record.int8_recipe = int8_recipe
         record.save(partial)
         old = folder.with_name(f".{folder.name}-replaced-{os.getpid()}")
         os.replace(folder, old)

@@ -9,7 +9,6 @@ with it is a :class:`ModelFolderError` whose message says what to change.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -167,36 +166,30 @@ def _architectures(config_path: Path) -> list[str]:
 
 
 #: the file of a folder certified on int8 that names the int8 recipe the certificate holds for
-INT8_RECIPE_FILE = "eek_int8_recipe.json"
-
-
 def int8_recipe_of(folder: str | Path, model) -> str:
     """The int8 recipe to run ``folder``'s model with: the one its int8 certificate recorded
-    (:data:`INT8_RECIPE_FILE`, written by ``eek calibrate --dtype int8``); for a folder certified on
-    int8 before recipes were recorded, the recipe every int8 base ran then; else ``"auto"`` (the family's)."""
+    (``int8_recipe`` in ``eek_fit.json``, written by ``eek calibrate --dtype int8``); for a folder
+    certified on int8 before recipes were recorded, the recipe every int8 base ran then; else
+    ``"auto"`` (the family's)."""
     from earlyexit_kernels.engine.precision import INT8_RECIPES, legacy_int8_recipe
 
-    try:
-        recorded = json.loads((Path(folder) / INT8_RECIPE_FILE).read_text()).get("recipe")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
+    record = FitRecord.read(str(folder))
+    recorded = None if record is None else record.int8_recipe
     if recorded in INT8_RECIPES:
         return recorded
     return legacy_int8_recipe(model) if certified_base(str(folder)) == "int8" else "auto"
 
 
-def record_int8_recipe(folder: str | Path) -> str:
-    """Write :data:`INT8_RECIPE_FILE` into ``folder``, whose threshold was just certified on the int8 base
-    ``to_base`` gives its family (:func:`earlyexit_kernels.engine.precision.int8_recipe`); returns the recipe."""
+def family_int8_recipe(folder: str | Path) -> str:
+    """The int8 recipe ``to_base`` gives ``folder``'s family (:func:`earlyexit_kernels.engine.precision.int8_recipe`),
+    read from its config alone."""
     from types import SimpleNamespace
 
     from transformers import AutoConfig
 
     from earlyexit_kernels.engine.precision import int8_recipe
 
-    recipe = int8_recipe(SimpleNamespace(config=AutoConfig.from_pretrained(str(folder))))
-    (Path(folder) / INT8_RECIPE_FILE).write_text(json.dumps({"recipe": recipe}, indent=2) + "\n")
-    return recipe
+    return int8_recipe(SimpleNamespace(config=AutoConfig.from_pretrained(str(folder))))
 
 
 def certified_base(path: str) -> str | None:

@@ -42,11 +42,13 @@ class FitRecord:
     ``certified_path``, ``calibration_share``), as saved; ``eek calibrate`` rewrites its threshold's
     fields in place. ``source_model``: the classifier ``eek fit`` started from. ``base``: what ``eek
     calibrate`` certified on (``float32``, ``bfloat16``, ``int8`` or ``"as saved"``; None: not
-    re-certified). ``recalibrations``: one entry per ``eek calibrate`` (None: none). ``version``:
+    re-certified). ``int8_recipe``: the int8 recipe that certificate holds for, where it was
+    certified on int8 (:mod:`earlyexit_kernels.engine.precision`; None: none recorded).
+    ``recalibrations``: one entry per ``eek calibrate`` (None: none). ``version``:
     the file's format.
 
     Saved as one JSON object: ``version``, ``source_model``, the report's keys, ``base``,
-    ``recalibrations`` (those that are None left out), indented by 2: a file written before
+    ``int8_recipe``, ``recalibrations`` (those that are None left out), indented by 2: a file written before
     ``version`` existed is saved again with the same keys in the same order, ``version`` added first.
     """
 
@@ -55,6 +57,7 @@ class FitRecord:
     base: str | None = None
     recalibrations: list[dict] | None = None
     version: int = VERSION
+    int8_recipe: str | None = None
 
     # ------------------------------------------------------------------------------ reading and writing
 
@@ -101,6 +104,7 @@ class FitRecord:
         return cls(
             source_model=fields.pop("source_model", None),
             base=fields.pop("base", None),
+            int8_recipe=fields.pop("int8_recipe", None),
             recalibrations=fields.pop("recalibrations", None),
             report=fields,
             version=version,
@@ -114,6 +118,8 @@ class FitRecord:
         saved.update(self.report)
         if self.base is not None:
             saved["base"] = self.base
+        if self.int8_recipe is not None:
+            saved["int8_recipe"] = self.int8_recipe
         if self.recalibrations is not None:
             saved["recalibrations"] = self.recalibrations
         return saved
