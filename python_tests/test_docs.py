@@ -167,3 +167,13 @@ def test_every_committed_benchmark_result_says_which_cpu_it_came_from():
         if relative not in listed and f"{relative.split('/')[0]}/" not in listed:
             missing.append(relative)
     assert not missing, f"docs/development.md does not say which CPU these came from: {missing}"
+
+
+def test_the_benchmarks_readme_lists_every_script():
+    readme = (REPOSITORY / "benchmarks" / "README.md").read_text()
+    scripts = sorted(
+        p.relative_to(REPOSITORY / "benchmarks").as_posix() for p in (REPOSITORY / "benchmarks").glob("*/*.py")
+    )
+    assert scripts, "no script found under benchmarks/<kind>/"
+    missing = [name for name in scripts if f"`{name}`" not in readme]
+    assert not missing, f"benchmarks/README.md's table lacks {missing}: add a row saying what each measures"
