@@ -87,7 +87,7 @@ def test_a_missing_package_says_how_to_install_it(monkeypatch):
 def test_the_fine_tuned_model_is_cached_once_and_loaded_afterwards(packages, monkeypatch):
     calls = []
 
-    def fine_tune(recipe, tokenizer, progress, backbone="minilm", task="rotten_tomatoes"):
+    def fine_tune(recipe, tokenizer, progress, backbone="minilm", task="rotten_tomatoes", *, train_rows=None):
         calls.append(recipe)
         return tiny_model("bert", num_labels=2)
 
@@ -108,8 +108,35 @@ def test_the_fine_tuned_model_is_cached_once_and_loaded_afterwards(packages, mon
     assert len(calls) == 2  # another recipe, another cache entry
 
 
+def test_a_train_subset_is_the_first_rows_and_leaves_the_others_unseen(packages):
+    train = real_task.load_rotten_tomatoes()["train"]
+    seen, unseen = real_task.train_subset(train, 12)
+    assert seen.texts == train.texts[:12] and seen.labels == train.labels[:12]
+    assert unseen.texts == train.texts[12:] and unseen.labels == train.labels[12:]
+    assert real_task.train_subset(train, None) == (train, real_task.Split([], []))
+    for rows in (0, len(train), 2.5, True):
+        with pytest.raises(ValueError, match=f"from 1 to {len(train) - 1}"):
+            real_task.train_subset(train, rows)
+
+
+def test_a_model_fine_tuned_on_a_subset_is_cached_apart_under_a_name_that_says_so(packages, monkeypatch):
+    rows = []
+
+    def fine_tune(recipe, tokenizer, progress, backbone="minilm", task="rotten_tomatoes", *, train_rows=None):
+        rows.append(train_rows)
+        return tiny_model("bert", num_labels=2)
+
+    monkeypatch.setattr(real_task, "_fine_tune", fine_tune)
+    cache = packages / "cache"
+    _, _, info = real_task.fine_tuned_model(cache_dir=cache, progress=False, train_rows=12)
+    assert info["path"].split("/")[-1] == f"minilm-rt-first12-{real_task.FineTuneRecipe().key()}"
+    real_task.fine_tuned_model(cache_dir=cache, progress=False)
+    _, _, again = real_task.fine_tuned_model(cache_dir=cache, progress=False, train_rows=12)
+    assert rows == [12, None] and again["cached"]
+
+
 def test_an_interrupted_fine_tuning_leaves_no_cache(packages, monkeypatch):
-    def fine_tune(recipe, tokenizer, progress, backbone="minilm", task="rotten_tomatoes"):
+    def fine_tune(recipe, tokenizer, progress, backbone="minilm", task="rotten_tomatoes", *, train_rows=None):
         model = tiny_model("bert", num_labels=2)
         model.save_pretrained = lambda path: (_ for _ in ()).throw(KeyboardInterrupt())
         return model

@@ -12,7 +12,8 @@ the package, and nothing here downloads anything:
 :func:`load_rotten_tomatoes` drops the ``plot`` rows and splits the 12,808 snippets with a
 fixed seed: test 2,500, validation 1,500, the rest (8,808) train. :func:`fine_tuned_minilm`
 fine-tunes MiniLM as a plain two-class classifier (one epoch) once and caches it; later
-calls load the cache. :func:`fine_tuned_model` does the same for the 12-layer all-mpnet-base-v2
+calls load the cache. With ``train_rows=N`` it fine-tunes on the first N train rows only
+(:func:`train_subset`), which leaves the others unseen, as unlabelled rows a user would have. :func:`fine_tuned_model` does the same for the 12-layer all-mpnet-base-v2
 (``backbone="mpnet"``; :mod:`earlyexit_kernels.demo.mpnet_material` assembles it from its wheels).
 """
 
@@ -57,6 +58,7 @@ __all__ = [
     "minilm_path",
     "save_atomically",
     "tokenize",
+    "train_subset",
 ]
 
 LABELS = ("rotten", "fresh")  # label ids 0 and 1
@@ -134,6 +136,22 @@ def _split(texts: list[str], labels: list[int], sizes: dict[str, int], seed: int
     return {
         name: Split([texts[i] for i in order[a:b]], [labels[i] for i in order[a:b]]) for name, (a, b) in bounds.items()
     }
+
+
+def train_subset(train: Split, rows: int | None) -> tuple[Split, Split]:
+    """``(seen, unseen)``: the first ``rows`` rows of ``train`` and the others (None: all, and none).
+
+    A split's order is already a permutation drawn from its seed, so its first rows are a fixed,
+    seeded subset: the same ``rows`` give the same subset on every machine.
+    """
+    if rows is None:
+        return train, Split([], [])
+    if isinstance(rows, bool) or not isinstance(rows, int) or not 0 < rows < len(train):
+        raise ValueError(
+            f"train_rows must be a whole number from 1 to {len(train) - 1} (the train split has {len(train)} rows, "
+            f"and some must stay unseen); got {rows!r}"
+        )
+    return Split(train.texts[:rows], train.labels[:rows]), Split(train.texts[rows:], train.labels[rows:])
 
 
 def load_debates(seed: int = 0) -> dict[str, Split]:
@@ -232,13 +250,16 @@ def fine_tuned_path(
     recipe: FineTuneRecipe | None = None,
     cache_dir: str | os.PathLike | None = None,
     task: str = "rotten_tomatoes",
+    train_rows: int | None = None,
 ) -> Path:
     """The folder :func:`fine_tuned_model` caches ``backbone`` fine-tuned on ``task`` with ``recipe`` in
-    (it holds ``config.json`` once fine-tuned)."""
+    (it holds ``config.json`` once fine-tuned); fine-tuned on the first ``train_rows`` train rows
+    only, the folder's name says so (``...-first6000-...``)."""
     spec = _task(task)
     recipe = TASK_RECIPES[task] if recipe is None else recipe
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    return root / f"{backbone}-{spec.short}-{recipe.key(backbone_path(backbone), spec.data)}"
+    subset = "" if train_rows is None else f"-first{train_rows}"
+    return root / f"{backbone}-{spec.short}{subset}-{recipe.key(backbone_path(backbone), spec.data)}"
 
 
 def fine_tuned_minilm(
@@ -259,9 +280,11 @@ def fine_tuned_model(
     *,
     progress: bool | str = True,
     task: str = "rotten_tomatoes",
+    train_rows: int | None = None,
 ):
     """``(model, tokenizer, info)``: ``backbone`` (:data:`BACKBONES`) fine-tuned on ``task``'s train split
-    (:data:`TASKS`) as a plain classifier, with ``recipe`` (None: the task's, :data:`TASK_RECIPES`).
+    (:data:`TASKS`) as a plain classifier, with ``recipe`` (None: the task's, :data:`TASK_RECIPES`);
+    ``train_rows``: on the first that many train rows only (:func:`train_subset`; None: all).
 
     The model is the family's ``*ForSequenceClassification`` in eval mode, unpatched. The first
     call fine-tunes (AdamW, linear warm-up then decay) and writes the model under
@@ -274,14 +297,14 @@ def fine_tuned_model(
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     recipe = TASK_RECIPES[task] if recipe is None else recipe
-    target = fine_tuned_path(backbone, recipe, cache_dir, task)
+    target = fine_tuned_path(backbone, recipe, cache_dir, task, train_rows)
     tokenizer = AutoTokenizer.from_pretrained(backbone_path(backbone))
     if (target / "config.json").is_file():
         model = AutoModelForSequenceClassification.from_pretrained(target).eval()
         return model, tokenizer, {"cached": True, "seconds": 0.0, "path": str(target)}
 
     start = time.perf_counter()
-    model = _fine_tune(recipe, tokenizer, progress, backbone, task)
+    model = _fine_tune(recipe, tokenizer, progress, backbone, task, train_rows=train_rows)
     save_atomically(model, tokenizer, target)
     return model.eval(), tokenizer, {"cached": False, "seconds": time.perf_counter() - start, "path": str(target)}
 
@@ -310,7 +333,13 @@ def save_atomically(model, tokenizer, target: Path, extra: dict[str, str] | None
 
 
 def _fine_tune(
-    recipe: FineTuneRecipe, tokenizer, progress: bool | str, backbone: str = "minilm", task: str = "rotten_tomatoes"
+    recipe: FineTuneRecipe,
+    tokenizer,
+    progress: bool | str,
+    backbone: str = "minilm",
+    task: str = "rotten_tomatoes",
+    *,
+    train_rows: int | None = None,
 ):
     from transformers import AutoModelForSequenceClassification
 
@@ -322,7 +351,7 @@ def _fine_tune(
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
     )
-    train = load_task(task, recipe.seed)["train"]
+    train, _ = train_subset(load_task(task, recipe.seed)["train"], train_rows)
     return fine_tune(model, tokenizer, train, recipe, progress, f"fine-tuning {backbone} on {task}")
 
 
