@@ -150,14 +150,12 @@ def _base_change(model, dtype: str | None, risk: str):
     on ``dtype``, or None on its own base; the reference is a copy of the saved model, made before it moves."""
     import copy
 
-    from earlyexit_kernels.training.calibrate_texts import BASE_RISKS, BaseChange
-    from earlyexit_kernels.training.fit_checks import FitError
+    from earlyexit_kernels.training.calibrate_texts import base_change_for
 
-    if risk not in ("auto", *BASE_RISKS):
-        raise FitError(f"--risk must be auto, {' or '.join(BASE_RISKS)}; got {risk!r}")
-    if dtype in (None, "float32"):
-        return None
-    return BaseChange(copy.deepcopy(model), dtype, "agreement" if risk == "auto" else risk)
+    change = base_change_for(dtype, None, risk)
+    if change is not None:
+        change.reference = copy.deepcopy(model)
+    return change
 
 
 def _written(folder: str, report, force: bool) -> bool:

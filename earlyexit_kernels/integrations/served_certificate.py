@@ -51,7 +51,7 @@ def certify_served(
     report gives the exits' agreement with the served base's full depth alone)."""
     from earlyexit_kernels.integrations.folder_calibration import saved_budget, saved_path
     from earlyexit_kernels.patching.patch import policy_of
-    from earlyexit_kernels.training.calibrate_texts import BaseChange, calibrate_texts
+    from earlyexit_kernels.training.calibrate_texts import base_change_for, calibrate_texts
     from earlyexit_kernels.training.fit_texts import CONFIDENCE
 
     max_drop, confidence = saved_budget(folder)
@@ -64,7 +64,7 @@ def certify_served(
         batch_size=batch_size,
         max_length=max_length,
         path=saved_path(folder),
-        base_change=None if base in (None, "float32") else BaseChange(None, base),
+        base_change=base_change_for(base),
     )
     certificate = None
     if report.certificate is not None:

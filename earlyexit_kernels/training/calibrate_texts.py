@@ -20,7 +20,7 @@ from earlyexit_kernels.calibration.certify import describe_certificate
 from earlyexit_kernels.training.fit_checks import FitError, check_confidence, check_enough
 from earlyexit_kernels.training.fit_texts import CONFIDENCE, max_length_for, warn_truncated
 
-__all__ = ["BaseChange", "CalibrationReport", "calibrate_record", "calibrate_texts"]
+__all__ = ["BaseChange", "CalibrationReport", "base_change_for", "calibrate_record", "calibrate_texts"]
 
 #: the risks a threshold can be certified on where the base changes (``eek calibrate --risk``)
 BASE_RISKS = ("agreement", "accuracy")
@@ -48,6 +48,16 @@ class BaseChange:
             raise FitError(
                 f"the risk certified on another base must be one of {', '.join(BASE_RISKS)}; got {self.risk!r}"
             )
+
+
+def base_change_for(dtype: str | None, reference=None, risk: str = "auto") -> BaseChange | None:
+    """The :class:`BaseChange` of certifying on ``dtype`` (None or ``"float32"``: the model's own base, no
+    change); ``risk`` ``"auto"`` is agreement there. ``reference``: the model on its own base, or None."""
+    if risk not in ("auto", *BASE_RISKS):
+        raise FitError(f"--risk must be auto, {' or '.join(BASE_RISKS)}; got {risk!r}")
+    if dtype in (None, "float32"):
+        return None
+    return BaseChange(reference, dtype, "agreement" if risk == "auto" else risk)
 
 
 @dataclass
