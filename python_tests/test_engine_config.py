@@ -76,5 +76,8 @@ def test_the_server_s_settings_check_the_engine_s_limits_before_a_model_is_loade
 
     with pytest.raises(ValueError, match="max_tokens must be an integer >= 1 or None"):
         ServeSettings(max_tokens=0)
+    with pytest.raises(ValueError, match="call_cost must be a number >= 0"):
+        ServeSettings(call_cost=-1)  # eek serve --call-cost
     config = ServeSettings(max_batch_size=8, max_age=None).engine_config()
     assert config == EngineConfig(max_batch_size=8, admission="fifo", max_age=None)
+    assert ServeSettings(call_cost=12.5).engine_config().call_cost == 12.5

@@ -82,3 +82,64 @@ def test_on_glibc_the_trim_runs_and_gives_freed_memory_back():
         libc.free(blocks[-1])
     assert not trim.running
     assert released > 32 * 1024, f"the trim returned {released} KiB of the 64 MiB freed"
+
+
+def test_a_process_starts_one_trim_however_often_it_is_asked(monkeypatch):
+    # eek serve and each Ray replica ask once per app they build; one trim thread per process
+    monkeypatch.setattr(memory_trim, "_process_trim", None)
+    assert memory_trim.process_trim_line() is None  # an app built from Python alone starts none
+    first = memory_trim.trim_once_per_process(0)
+    assert memory_trim.trim_once_per_process(5.0) is first
+    assert memory_trim.process_trim_line() == "the allocator left as it is (--memory-trim off)"
+
+
+def test_ray_replicas_refuse_a_bad_trim_interval_before_starting():
+    pytest.importorskip("ray.serve", reason="Ray Serve replicas need ray[serve]")
+    from earlyexit_kernels.integrations.server.ray_serve import serve_application
+
+    for bad in (-1, float("inf"), "10", True):
+        with pytest.raises(ValueError, match="memory_trim must be a number of seconds >= 0"):
+            serve_application("unused-folder", memory_trim=bad)
+
+
+FLAT_PROBE = """
+import ctypes, sys
+from earlyexit_kernels.integrations.server.memory_trim import start_memory_trim
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+trim = start_memory_trim(60.0, flat=sys.argv[1] == "flat")
+# freeing an 8 MiB mapped block raises glibc's adaptive threshold to 8 MiB: a 512 KiB block then
+# comes from the heap, unless the threshold is fixed
+libc.free(libc.malloc(8 << 20))
+before = libc.mallinfo2().hblks
+block = libc.malloc(512 << 10)
+print(libc.mallinfo2().hblks - before, trim.line)
+libc.free(block)
+trim.stop()
+"""
+
+
+@pytest.mark.skipif(not GLIBC or not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"), reason="glibc >= 2.33's")
+@pytest.mark.parametrize("mode, mapped", [("flat", 1), ("default", 0)])
+def test_flat_memory_maps_the_blocks_that_spread_the_heap_on_their_own(mode, mapped):
+    import subprocess
+    import sys
+
+    # in a process of its own: mallopt changes the whole process's allocator
+    out = subprocess.run([sys.executable, "-c", FLAT_PROBE, mode], capture_output=True, text=True, check=True)
+    count, line = out.stdout.split(" ", 1)
+    assert int(count) == mapped
+    assert ("--memory-flat" in line) == (mode == "flat")
+
+
+def test_flat_memory_needs_the_trim():
+    with pytest.raises(ValueError, match="flat memory needs the periodic trim"):
+        start_memory_trim(0, flat=True)

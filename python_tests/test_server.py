@@ -296,6 +296,8 @@ def test_sigterm_answers_the_requests_in_flight_then_exits(slow_model_dir):
                 return False
 
         wait_for(up, timeout=60, what="the server to start")
+        memory = httpx.get(url + "/info", timeout=10).json()["memory"]  # eek serve set its allocator behaviour
+        assert "malloc_trim" in memory or "preloaded" in memory or "not glibc" in memory
         with ThreadPoolExecutor(4) as pool:
             requests = [
                 pool.submit(httpx.post, url + "/predict", json={"inputs": [[t] for t in LONG_TEXTS[i::4]]}, timeout=60)
@@ -345,6 +347,7 @@ def test_replicas_on_ray_serve_answer_like_one_server(saved_classifier, loaded_c
         ray.shutdown()
 
     assert info["num_layers"] == 4 and info["max_age"] == 3  # the replicas' engines took the app's options
+    assert "malloc_trim" in info["memory"] or "preloaded" in info["memory"]  # each replica trims, as eek serve
     for response, want in zip(responses, expected_answers(model, tokenizer, texts), strict=True):
         assert response.status_code == 200
         assert best_of(response.json())[::2] == want[::2]

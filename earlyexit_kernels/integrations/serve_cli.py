@@ -87,6 +87,14 @@ def add_serve_command(commands) -> None:
         "eek classify runs)",
     )
     serve.add_argument(
+        "--call-cost",
+        type=float,
+        default=None,
+        metavar="TOKENS",
+        help="what a layer call costs beyond its tokens, in tokens, for the engine's merges of waiting rows "
+        "(default: 32 x (128 / hidden size)^2, measured on a CPU in float32; docs/serving.md)",
+    )
+    serve.add_argument(
         "--replicas",
         type=int,
         default=None,
@@ -137,9 +145,15 @@ def add_serve_command(commands) -> None:
         "--memory-trim",
         default=str(int(DEFAULT_INTERVAL)),
         metavar="SECONDS|off",
-        help="return the allocator's free memory to the system every SECONDS (glibc's malloc_trim), which keeps "
-        "resident memory flat under load; nothing is done where jemalloc, mimalloc or tcmalloc is preloaded; "
-        f"off: the allocator left as it is (default: {int(DEFAULT_INTERVAL)}; one process, not --replicas)",
+        help="return the allocator's free memory to the system every SECONDS (glibc's malloc_trim), which holds "
+        "resident memory down under load (docs/serving.md); nothing is done where jemalloc, mimalloc or tcmalloc is preloaded; "
+        f"off: the allocator left as it is (default: {int(DEFAULT_INTERVAL)}; each --replicas replica too)",
+    )
+    serve.add_argument(
+        "--memory-flat",
+        action="store_true",
+        help="also map blocks of 128 KiB or more on their own (glibc's mmap threshold fixed), so resident memory "
+        "stays flat under load, at about a fifth of the texts/s (docs/serving.md); needs --memory-trim",
     )
     serve.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
     serve.set_defaults(run=run_serve)
@@ -193,6 +207,7 @@ def run_serve(args) -> int:
         api_key=args.api_key if args.api_key is not None else os.environ.get("EEK_API_KEY") or None,
         max_client_batch_size=args.max_client_batch_size,
         max_body_bytes=args.max_body_bytes,
+        call_cost=args.call_cost,
     )
     if args.max_client_batch_size is not None and args.max_client_batch_size < 1:
         raise CliError(f"--max-client-batch-size must be >= 1, got {args.max_client_batch_size}")
@@ -202,7 +217,9 @@ def run_serve(args) -> int:
         name = served_model_name(args.model, args.served_model_name)
     except ValueError as error:
         raise CliError(f"--served-model-name: {error}") from None
-    memory_trim_interval(args.memory_trim)  # a bad value fails before the model loads
+    interval = memory_trim_interval(args.memory_trim)  # a bad value fails before the model loads
+    if args.memory_flat and interval == 0:
+        raise CliError("--memory-flat needs the periodic trim: leave --memory-trim on (SECONDS)")
     set_threads(args.threads)
     if args.calibration is not None:
         return _serve_certified(args, options, name)
@@ -210,6 +227,7 @@ def run_serve(args) -> int:
     if args.replicas is not None:
         options.update(recertify_options(args, options, local=False))
         return _serve_on_ray(args, options)
+    _start_trim(args)  # its line before the model's; --memory-flat's threshold matters for the activations
     model, tokenizer = load_model(args.model, args.policy, args.backend, dtype=args.dtype, device=args.device)
     options.update(recertify_options(args, options, local=True, multi_label=is_multi_label(model.config)))
     return _run_server(args, model, tokenizer, name, options)
@@ -260,15 +278,13 @@ def _run_server(args, model, tokenizer, name: str, options: dict) -> int:
     import uvicorn
 
     from earlyexit_kernels.integrations.server import create_app
-    from earlyexit_kernels.integrations.server.memory_trim import start_memory_trim
     from earlyexit_kernels.integrations.server.serving_state import ServeSettings
 
     try:
         app = create_app(model, tokenizer, ServeSettings(model_id=name, **options))  # the settings, made once
     except ValueError as error:
         raise CliError(str(error)) from None
-    trim = start_memory_trim(memory_trim_interval(args.memory_trim))
-    print(trim.line, file=sys.stderr)
+    trim = _start_trim(args)
     # uvicorn handles SIGTERM/SIGINT: it stops listening, waits for the requests in flight,
     # then the app's shutdown drains the engine.
     try:
@@ -276,6 +292,13 @@ def _run_server(args, model, tokenizer, name: str, options: dict) -> int:
     finally:
         trim.stop()
     return 0
+
+
+def _start_trim(args):
+    """This process's memory trim (started once; it logs its line)."""
+    from earlyexit_kernels.integrations.server.memory_trim import trim_once_per_process
+
+    return trim_once_per_process(memory_trim_interval(args.memory_trim), flat=args.memory_flat)
 
 
 def memory_trim_interval(value: str) -> float:
@@ -314,6 +337,8 @@ def _serve_on_ray(args, options: dict) -> int:
         dtype=args.dtype,
         device=args.device,
         served_model_name=args.served_model_name,
+        memory_trim=memory_trim_interval(args.memory_trim),
+        memory_flat=args.memory_flat,
         **options,
     )
     print(f"serving {args.model} with {args.replicas} replicas on http://{args.host}:{args.port}", file=sys.stderr)

@@ -18,20 +18,41 @@ those arenas after the first few are freed. Three ways out were measured (docs/s
 - where the C library is not glibc (musl, macOS), nothing can be done from here; the line says so.
 
 ``interval`` 0 (``eek serve --memory-trim off``) turns it off.
+
+What still grows is free memory, not memory the server holds (``benchmarks/profiles/engine_memory_profile.py``,
+glibc's ``mallinfo2``): under a steady load the bytes in use stay flat while the heap's free
+bytes grow, and the allocator touches them again within seconds of a trim. Blocks between 128 KiB
+and a few MiB (a layer call's activations) spread the heap once glibc's adaptive threshold keeps
+them there. ``flat=True`` (``eek serve --memory-flat``) fixes the threshold at 128 KiB, so those
+blocks are mapped on their own and returned when freed: resident memory flat, at about a fifth of
+the texts/s (page faults on every such block). The default keeps the texts/s.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["MemoryTrim", "start_memory_trim", "preloaded_allocator", "DEFAULT_INTERVAL"]
+__all__ = [
+    "MemoryTrim",
+    "start_memory_trim",
+    "trim_once_per_process",
+    "process_trim_line",
+    "preloaded_allocator",
+    "DEFAULT_INTERVAL",
+]
 
 #: seconds between two trims by default (``eek serve --memory-trim``)
 DEFAULT_INTERVAL = 10.0
+#: ``flat``: blocks of this many bytes or more are mapped on their own (glibc's default threshold, fixed)
+FLAT_MMAP_THRESHOLD = 128 * 1024
+#: ``flat``: free() never trims the heap's top itself; the periodic trim does
+FLAT_TRIM_THRESHOLD = 1 << 30
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 #: the maintained allocators that return memory themselves, by the name of their shared library
 ALLOCATORS = ("jemalloc", "mimalloc", "tcmalloc")
 
@@ -51,14 +72,33 @@ def preloaded_allocator(maps: str | None = None) -> str | None:
     return None
 
 
-def _glibc_malloc_trim():
-    """glibc's ``malloc_trim``, or None where the C library is not glibc."""
+def _glibc():
+    """glibc as a ctypes library, or None where the C library is not glibc."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.gnu_get_libc_version  # noqa: B018 -- present in glibc only
-        trim = libc.malloc_trim
     except (OSError, AttributeError):
         return None
+    return libc
+
+
+def _fix_mmap_threshold() -> bool:
+    """``flat``: glibc's mmap threshold fixed at :data:`FLAT_MMAP_THRESHOLD` (whether glibc took it)."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, FLAT_MMAP_THRESHOLD)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, FLAT_TRIM_THRESHOLD)
+    )
+
+
+def _glibc_malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library is not glibc."""
+    libc = _glibc()
+    if libc is None:
+        return None
+    trim = libc.malloc_trim
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
     return trim
@@ -84,11 +124,15 @@ class MemoryTrim:
             self._thread.join()
 
 
-def start_memory_trim(interval: float = DEFAULT_INTERVAL, *, maps: str | None = None) -> MemoryTrim:
-    """Start trimming every ``interval`` seconds where it helps; 0 leaves the allocator as it is."""
+def start_memory_trim(interval: float = DEFAULT_INTERVAL, *, flat: bool = False, maps: str | None = None) -> MemoryTrim:
+    """Start trimming every ``interval`` seconds where it helps; 0 leaves the allocator as it is.
+    ``flat``: also fix glibc's mmap threshold (the module docstring), before the model's tensors
+    are allocated; it needs the trim."""
     if interval < 0:
         raise ValueError(f"the memory trim interval must be >= 0 seconds (0: off); got {interval}")
     if interval == 0:
+        if flat:
+            raise ValueError("flat memory needs the periodic trim: give a trim interval (--memory-trim SECONDS)")
         return MemoryTrim("memory: the allocator left as it is (--memory-trim off)")
     allocator = preloaded_allocator(maps)
     if allocator is not None:
@@ -96,10 +140,10 @@ def start_memory_trim(interval: float = DEFAULT_INTERVAL, *, maps: str | None = 
     trim = _glibc_malloc_trim()
     if trim is None:
         return MemoryTrim("memory: the C library is not glibc; resident memory is left to its allocator")
-    state = MemoryTrim(
-        f"memory: glibc's free memory returned every {interval:g} s (malloc_trim; --memory-trim off to turn it off)",
-        interval,
-    )
+    line = f"memory: glibc's free memory returned every {interval:g} s (malloc_trim; --memory-trim off to turn it off)"
+    if flat and _fix_mmap_threshold():
+        line += f"; blocks of {FLAT_MMAP_THRESHOLD // 1024} KiB or more mapped on their own (--memory-flat)"
+    state = MemoryTrim(line, interval)
 
     def loop() -> None:
         while not state._stop.wait(interval):
@@ -109,3 +153,25 @@ def start_memory_trim(interval: float = DEFAULT_INTERVAL, *, maps: str | None = 
     state._thread = threading.Thread(target=loop, name="eek-memory-trim", daemon=True)
     state._thread.start()
     return state
+
+
+_process_trim: MemoryTrim | None = None
+_process_lock = threading.Lock()
+
+
+def trim_once_per_process(interval: float = DEFAULT_INTERVAL, *, flat: bool = False) -> MemoryTrim:
+    """:func:`start_memory_trim` the first time a process calls it; the same trim after that (a Ray
+    replica may build its app more than once, and one trim thread a process is enough)."""
+    global _process_trim
+    with _process_lock:
+        if _process_trim is None:
+            _process_trim = start_memory_trim(interval, flat=flat)
+            print(_process_trim.line, file=sys.stderr, flush=True)
+        return _process_trim
+
+
+def process_trim_line() -> str | None:
+    """What this process's trim does (its start-up line, without ``memory: ``), or None where it started
+    none (an app built from Python, outside ``eek serve`` and Ray replicas)."""
+    trim = _process_trim
+    return None if trim is None else trim.line.removeprefix("memory: ")

@@ -12,6 +12,8 @@ project's machines have no GPU). Needs ``ray[serve]``.
 
 from __future__ import annotations
 
+from earlyexit_kernels.integrations.server.memory_trim import DEFAULT_INTERVAL
+
 __all__ = ["serve_application"]
 
 
@@ -24,6 +26,8 @@ def serve_application(
     dtype: str | None = None,
     device: str = "auto",
     ray_actor_options: dict | None = None,
+    memory_trim: float = DEFAULT_INTERVAL,
+    memory_flat: bool = False,
     **app_options,
 ):
     """A Ray Serve application of ``replicas`` copies of the server for the model in ``model_dir``.
@@ -40,7 +44,10 @@ def serve_application(
     re-certifies its threshold on its own audited sequences
     (:mod:`earlyexit_kernels.calibration.online`): the router spreads the traffic over them, so
     each audit is a uniform sample of what its replica serves, and each replica's moves hold for it
-    alone. ``audit_record`` with one replica only (one writer per file).
+    alone. ``audit_record`` with one replica only (one writer per file). ``memory_trim``: each
+    replica returns its allocator's free memory every that many seconds, as ``eek serve`` does
+    (:mod:`earlyexit_kernels.integrations.server.memory_trim`; 0: off); ``memory_flat``: as
+    ``eek serve --memory-flat``.
     """
     try:
         from ray import serve
@@ -50,6 +57,10 @@ def serve_application(
         raise ValueError(f"replicas must be an integer >= 1, got {replicas!r}")
     if replicas > 1 and app_options.get("audit_record") is not None:
         raise ValueError("audit_record is one file, written by one replica: serve one replica, or leave it out")
+    if isinstance(memory_trim, bool) or not isinstance(memory_trim, int | float) or not 0 <= memory_trim < float("inf"):
+        raise ValueError(f"memory_trim must be a number of seconds >= 0 (0: off), got {memory_trim!r}")
+    if memory_flat and memory_trim == 0:
+        raise ValueError("memory_flat needs the periodic trim: give memory_trim in seconds")
     if "max_age" in app_options:
         from earlyexit_kernels.engine.aging import check_max_age
 
@@ -60,9 +71,11 @@ def serve_application(
         from earlyexit_kernels.integrations.model_folder import accuracy_audit_budget, audit_settings, load_model
         from earlyexit_kernels.integrations.recertify_folder import resolve_online_certificate
         from earlyexit_kernels.integrations.server.app import create_app
+        from earlyexit_kernels.integrations.server.memory_trim import trim_once_per_process
         from earlyexit_kernels.integrations.server.served_model import served_model_name
         from earlyexit_kernels.patching.patch import policy_of
 
+        trim_once_per_process(memory_trim, flat=memory_flat)  # the replica's process, as eek serve's
         model, tokenizer = load_model(model_dir, policy, backend, dtype=dtype, device=device)
         options = dict(app_options)
         recertify = options.pop("recertify", None)

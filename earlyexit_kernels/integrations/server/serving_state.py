@@ -15,6 +15,7 @@ from earlyexit_kernels.engine.engine_config import EngineConfig
 from earlyexit_kernels.integrations.labels import label_name
 from earlyexit_kernels.integrations.server.body_limit import DEFAULT_MAX_BODY_BYTES, check_max_body_bytes
 from earlyexit_kernels.integrations.server.feedback import FeedbackStore
+from earlyexit_kernels.integrations.server.memory_trim import process_trim_line
 from earlyexit_kernels.integrations.server.predict_schema import RequestError
 from earlyexit_kernels.integrations.server.request_costs import RequestCosts
 from earlyexit_kernels.integrations.server.tokenization import Tokenization
@@ -49,7 +50,7 @@ class ServeSettings:
     served first (:mod:`earlyexit_kernels.engine.aging`): ``"auto"`` (default, 2 x the layers), an
     integer >= 0 (0: strictly oldest first) or None (no age rule). ``max_body_bytes``: the largest
     request body taken; a larger one gets 413 before it is read whole (:mod:`.body_limit`, TEI's
-    default of 2,000,000 bytes). ``max_batch_size``, ``max_tokens``, ``compile``: as
+    default of 2,000,000 bytes). ``max_batch_size``, ``max_tokens``, ``compile``, ``call_cost``: as
     :class:`earlyexit_kernels.engine.continuous.ContinuousEngine`'s.
     """
 
@@ -70,6 +71,7 @@ class ServeSettings:
     audit_record: str | None = None
     max_age: int | str | None = "auto"
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    call_cost: float | None = None
 
     def __post_init__(self):
         from earlyexit_kernels.methods.risk_control import check_fraction
@@ -99,6 +101,7 @@ class ServeSettings:
             compile=self.compile,
             admission="fifo",
             max_age=self.max_age,
+            call_cost=self.call_cost,
         )
 
     def as_dict(self) -> dict:
@@ -238,6 +241,7 @@ class ServingState:
                 "accuracy_budget": self.audit.accuracy_budget,
             },
             "recertify": None if self.certificate is None else self.certificate.as_dict(),
+            "memory": process_trim_line(),
         }
 
     def _max_age(self) -> int | str | None:
