@@ -153,7 +153,7 @@ def add_serve_command(commands) -> None:
         "--memory-flat",
         action="store_true",
         help="also map blocks of 128 KiB or more on their own (glibc's mmap threshold fixed), so resident memory "
-        "stays flat under load, at about a fifth of the texts/s (docs/serving.md); needs --memory-trim",
+        "stays flat under load, at about a quarter fewer texts/s (docs/serving.md); needs --memory-trim",
     )
     serve.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
     serve.set_defaults(run=run_serve)

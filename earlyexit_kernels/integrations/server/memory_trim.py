@@ -1,4 +1,4 @@
-"""Resident memory that stays flat under load: the allocator's free memory handed back every few seconds.
+"""Resident memory held down under load: the allocator's free memory handed back every few seconds.
 
     trim = start_memory_trim(10.0)   # what eek serve does at start-up; trim.line says what it chose
     ...
@@ -7,8 +7,8 @@
 Under a steady load the server's resident memory grows with glibc's allocator (+39.6% over a
 300 s soak at concurrency 32, docs/serving.md): freed tensors go back to the allocator's arenas,
 not to the system, and glibc's adaptive mmap threshold moves the large ones from ``mmap`` into
-those arenas after the first few are freed. Three ways out were measured (docs/serving.md,
-"Resident memory under load"); the default is the one that held memory flat at the least cost:
+those arenas after the first few are freed. The ways out measured are in docs/serving.md
+("Resident memory under load"); the default costs no texts/s:
 
 - ``"trim"``: ``malloc_trim(0)`` (glibc, through ctypes) from a daemon thread every ``interval``
   seconds: the free pages of every arena are returned (``madvise``), whatever their place in
@@ -24,8 +24,8 @@ glibc's ``mallinfo2``): under a steady load the bytes in use stay flat while the
 bytes grow, and the allocator touches them again within seconds of a trim. Blocks between 128 KiB
 and a few MiB (a layer call's activations) spread the heap once glibc's adaptive threshold keeps
 them there. ``flat=True`` (``eek serve --memory-flat``) fixes the threshold at 128 KiB, so those
-blocks are mapped on their own and returned when freed: resident memory flat, at about a fifth of
-the texts/s (page faults on every such block). The default keeps the texts/s.
+blocks are mapped on their own and returned when freed: resident memory flat (+2.8% over a 300 s
+soak), at a quarter fewer texts/s (page faults on every such block). The default keeps the texts/s.
 """
 
 from __future__ import annotations
