@@ -104,14 +104,9 @@ def test_ray_replicas_refuse_a_bad_trim_interval_before_starting():
 
 FLAT_PROBE = """
 import ctypes, sys
-from earlyexit_kernels.integrations.server.memory_trim import start_memory_trim
-
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+from earlyexit_kernels.integrations.server.memory_trim import heap_account, start_memory_trim
 
 libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype = MallInfo2
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
@@ -119,15 +114,15 @@ trim = start_memory_trim(60.0, flat=sys.argv[1] == "flat")
 # freeing an 8 MiB mapped block raises glibc's adaptive threshold to 8 MiB: a 512 KiB block then
 # comes from the heap, unless the threshold is fixed
 libc.free(libc.malloc(8 << 20))
-before = libc.mallinfo2().hblks
+before = heap_account()["mapped_blocks"]
 block = libc.malloc(512 << 10)
-print(libc.mallinfo2().hblks - before, trim.line)
+print(heap_account()["mapped_blocks"] - before, trim.line)
 libc.free(block)
 trim.stop()
 """
 
 
-@pytest.mark.skipif(not GLIBC or not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"), reason="glibc >= 2.33's")
+@pytest.mark.skipif(memory_trim.heap_account() is None, reason="mallinfo2 is glibc >= 2.33's")
 @pytest.mark.parametrize("mode, mapped", [("flat", 1), ("default", 0)])
 def test_flat_memory_maps_the_blocks_that_spread_the_heap_on_their_own(mode, mapped):
     import subprocess

@@ -30,15 +30,7 @@ import torch
 
 from earlyexit_kernels.engine.background import BackgroundEngine
 from earlyexit_kernels.integrations.model_folder import load_model
-from earlyexit_kernels.integrations.server.memory_trim import start_memory_trim
-
-
-class MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
-        + ("keepcost",)
-    ]
+from earlyexit_kernels.integrations.server.memory_trim import heap_account, start_memory_trim
 
 
 def resident_mib() -> int:
@@ -62,7 +54,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = MallInfo2
     model, tokenizer = load_model(str(args.folder), None, None)
     texts = [line for line in args.texts.read_text().splitlines() if line.strip()]
     encoded = [tokenizer(text, truncation=True) for text in texts]
@@ -93,14 +84,14 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     while time.perf_counter() < stop - 5:
         time.sleep(10)
-        now, resident, info = time.perf_counter() - began, resident_mib(), libc.mallinfo2()
+        now, resident, info = time.perf_counter() - began, resident_mib(), heap_account()
         after = ""
         if args.trim_at_sample:
             libc.malloc_trim(0)
             after = resident_mib()
         print(
-            f"| {now:.0f} | {answered[0]} | {answered[0] / now:.0f} | {resident} | {info.arena >> 20} "
-            f"| {info.uordblks >> 20} | {info.fordblks >> 20} | {info.hblkhd >> 20} | {tensor_mib()} | {after} |",
+            f"| {now:.0f} | {answered[0]} | {answered[0] / now:.0f} | {resident} | {info['heap'] >> 20} "
+            f"| {info['in_use'] >> 20} | {info['free'] >> 20} | {info['mapped'] >> 20} | {tensor_mib()} | {after} |",
             flush=True,
         )
     for thread in clients:

@@ -43,6 +43,7 @@ __all__ = [
     "trim_once_per_process",
     "process_trim_line",
     "preloaded_allocator",
+    "heap_account",
     "DEFAULT_INTERVAL",
 ]
 
@@ -91,6 +92,32 @@ def _fix_mmap_threshold() -> bool:
     return bool(libc.mallopt(M_MMAP_THRESHOLD, FLAT_MMAP_THRESHOLD)) and bool(
         libc.mallopt(M_TRIM_THRESHOLD, FLAT_TRIM_THRESHOLD)
     )
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+        + ("keepcost",)
+    ]
+
+
+def heap_account() -> dict[str, int] | None:
+    """glibc's own account of this process's heap (``mallinfo2``, glibc >= 2.33), in bytes: ``heap`` (the
+    arenas' size), ``in_use``, ``free`` (held by the allocator), ``mapped`` (blocks mapped on their own)
+    and ``mapped_blocks``; None where the C library has no ``mallinfo2``."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return {
+        "heap": info.arena,
+        "in_use": info.uordblks,
+        "free": info.fordblks,
+        "mapped": info.hblkhd,
+        "mapped_blocks": info.hblks,
+    }
 
 
 def _glibc_malloc_trim():
