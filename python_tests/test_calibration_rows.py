@@ -221,6 +221,20 @@ def test_the_calibration_share_is_all_but_the_rows_the_heads_need(classifier):  
     assert "too few rows to probe" in few.reason and len(few.calibration) == 375
 
 
+def test_past_the_last_doubling_the_probe_weighs_the_fixed_share_before_taking_it(classifier):  # noqa: F811
+    # 1,500 rows probed up to 1,024; a fixed share of 2% would leave 30 rows to certify, too few for anything at
+    # 5%: the probe keeps the 1,024 rows it read and certifies on the other 476
+    model, train, labels = _encoded_rows(classifier, 1500, seed=32)
+    _, validation, val_labels = _encoded_rows(classifier, 200, seed=33)
+    settings = ShareSettings(
+        method="heads", pooling="auto", head="auto", least=299, fraction=0.02, seed=0, budget=0.05, confidence=0.95
+    )
+    share = choose_share(model, train, labels, validation, val_labels, dataclasses.replace(settings, first=512))
+    assert [rows for rows, _ in share.probe] == [512, 1024]
+    assert len(share.train) == 1024 and len(share.calibration) == 476
+    assert "1470 rows' fewer calibration rows would cost" in share.reason
+
+
 def test_fit_reports_how_the_share_was_chosen(classifier, tmp_path, capsys):  # noqa: F811
     train = _write(_frame(800, seed=34), tmp_path / "train.csv")
     assert _run("fit", classifier, train, tmp_path / "out", "--max-drop", "5", "--epochs", "1") == 0

@@ -82,6 +82,18 @@ def test_heads_clearly_better_go_on_even_at_a_price():
     assert found.gain > 0.5 and found.go_on
 
 
+def test_a_step_shorter_than_a_doubling_is_credited_that_share_of_the_last_doublings_gain():
+    # past the last doubling, the step to the fixed share: clearly better heads, a price of about half a layer
+    weights = redraws(ROWS, 400, seed=0)
+    previous, current = table(SAME, 1), table(BETTER, 11)
+    rows = dict(calibration_rows=3000, next_calibration_rows=450)
+    whole = doubling_verdict(previous, current, weights, **rows, **BUDGET)
+    quarter = doubling_verdict(previous, current, weights, **rows, step=0.25, **BUDGET)
+    assert (whole.gain, whole.price) == (quarter.gain, quarter.price)  # the same heads, the same price
+    assert whole.go_on and whole.bound > 0.4  # a doubling's gain pays for it
+    assert not quarter.go_on and quarter.bound < 0.0  # a quarter of it does not
+
+
 def reference_predicted(record, target: str, calibration_rows: int) -> float:
     """The walk, one candidate at a time, as written in calibration_share's docstring."""
     from statistics import NormalDist

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -166,8 +167,14 @@ def choose_share(
         previous, current = current, CandidateTable.of(cached_record(probe, val_cache), policy, target)
         predicted = current.predicted(weights[:1], budget, confidence, count - size)
         scores.append((size, float(predicted[0])))
-        if index == 0 or index + 1 == len(sizes):
-            continue  # two sizes before any verdict; the last one has no next doubling
+        if index == 0:
+            continue  # two sizes before any verdict
+        # past the last size the next step is the fixed share's, shorter than a doubling: its gain is the last
+        # doubling's times its length in doublings (a learning curve straight in log rows)
+        last = index + 1 == len(sizes)
+        following = max(count - round(count * fraction), size) if last else sizes[index + 1]
+        if following == size:
+            continue
         verdict = doubling_verdict(
             previous,
             current,
@@ -175,10 +182,11 @@ def choose_share(
             budget=budget,
             confidence=confidence,
             calibration_rows=count - size,
-            next_calibration_rows=count - sizes[index + 1],
+            next_calibration_rows=count - following,
+            step=math.log2(following / size),
         )
         if not verdict.go_on:
-            reason = verdict.describe(sizes[index - 1], size)
+            reason = verdict.describe(sizes[index - 1], size, following)
             return ShareChoice(sorted(order[:size]), sorted(order[size:]), reason, scores)
     reason = (
         f"no doubling up to {sizes[-1]} rows (the most that leave {least} to certify) was shown not to pay: the "
