@@ -10,7 +10,12 @@ import pytest
 import torch
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.calibration.candidates import choose_path, per_layer_path, per_layer_rows_needed
+from earlyexit_kernels.calibration.candidates import (
+    certified_candidates,
+    choose_path,
+    per_layer_path,
+    per_layer_rows_needed,
+)
 from earlyexit_kernels.calibration.certify import certify
 from earlyexit_kernels.calibration.record import ExitRecord, entropy_replay, replay, stepwise_replay
 from earlyexit_kernels.calibration.share import predicted_layers
@@ -92,6 +97,27 @@ def test_too_few_path_rows_to_see_the_budget_keep_the_global_path():
     assert few.name == "global" and few.layers == {}  # not tried
     enough = choose_path(record_of(1000, seed=6), candidates, BUDGET, disagreement)
     assert enough.name == "per_layer"  # the same heads, rows enough: it wins
+
+
+def test_a_path_whose_first_step_the_calibration_rows_would_fail_is_not_chosen():
+    # 600 path rows at 1%: the per-layer path built on 300 of them steps from never exiting straight to
+    # thresholds that the held-out half breaks more often than 1,000 calibration rows could certify; the
+    # walk stops there, so that path would keep every layer however good its later candidates
+    path_rows = smooth_record(600, seed=2)
+    grid = certified_candidates(eek.Entropy(0.0), 3, 2, steps=100)
+    few = choose_path(path_rows, grid, 0.01, disagreement, confidence=CONFIDENCE, calibration_rows=1000)
+    assert few.name == "global" and few.layers["per_layer"] > 2.999  # every layer: nothing past the first step
+    uncertified = choose_path(path_rows, grid, 0.01, disagreement)  # its best candidate alone, as before
+    assert uncertified.name == "per_layer" and uncertified.layers["per_layer"] < 2.4
+    many = choose_path(path_rows, grid, 0.01, disagreement, confidence=CONFIDENCE, calibration_rows=3000)
+    assert many.name == "per_layer" and many.layers["per_layer"] < 2.4  # rows enough to pass the first step
+
+    calibration = smooth_record(1000, seed=7)
+    _, chosen, _ = certify(calibration, 0.01, CONFIDENCE, target="agreement", path_record=path_rows, steps=100)
+    forced = per_layer_path(path_rows, eek.Entropy(0.0), steps=100)
+    _, per_layer, _ = certify(calibration, 0.01, CONFIDENCE, target="agreement", candidates=forced)
+    assert chosen.path == "global" and chosen.mean_layers < 2.98
+    assert not per_layer.certified and per_layer.mean_layers == 3.0  # what the old choice certified: nothing
 
 
 def test_the_per_layer_path_is_ordered_from_never_exiting_to_letting_every_row_go():

@@ -22,7 +22,9 @@ read. Two paths of the ``Entropy`` family:
   get a lower threshold than later heads whose confident answers hold.
 
 :func:`choose_path` builds the per-layer path on half of the path rows, scores both paths on
-the other half (the fewest mean layers within the budget there, uncertified) and keeps the
+the other half (the mean layers each path's walk would keep certified on as many calibration rows
+like those: the walk stops at the first candidate the rows fail, so a path that jumps early from
+never exiting to exiting many rows keeps nothing past the jump) and keeps the
 per-layer path only where it saves at least :data:`MIN_GAIN` layers (the simplest path
 otherwise), rebuilt on every path row. The path rows are the validation rows (early stopping,
 the head choice), never the calibration rows: the path is fixed before the test, so the
@@ -204,9 +206,9 @@ def per_layer_rows_needed(budget: float) -> int:
 
 @dataclass
 class PathChoice:
-    """The path kept (``name``), its candidates in order, and the mean layers each path needed within the
-    budget on the held-out half of the path rows (``layers``: path name -> mean layers, or None where no
-    candidate of it was within the budget)."""
+    """The path kept (``name``), its candidates in order, and each path's score on the held-out half of the
+    path rows (``layers``: path name -> the mean layers its certificate would keep there, or, where the
+    calibration rows were not given, the fewest of any candidate within the budget, None where none was)."""
 
     name: str
     candidates: list[ExitPolicy]
@@ -279,6 +281,21 @@ def _fewest_layers_within(candidates, record: ExitRecord, budget: float, loss_of
     return best
 
 
+def _predicted_walk(candidates, record: ExitRecord, budget: float, loss_of, confidence: float, rows: int) -> float:
+    """The mean layers the walk along ``candidates`` would keep certified on ``rows`` calibration rows like
+    ``record``'s (the prediction the calibration share makes: :class:`~earlyexit_kernels.calibration.share.CandidateTable`):
+    it stops at the first candidate those rows would fail, however good the ones after it."""
+    from earlyexit_kernels.calibration.share import CandidateTable
+    from earlyexit_kernels.methods.risk_control import is_binary
+
+    outs = [replay(candidate, record) for candidate in candidates]
+    losses = torch.stack([loss_of(out.logits).double() for out in outs])
+    layers = torch.stack([out.layers_run.double() for out in outs])
+    table = CandidateTable(losses, layers, is_binary(losses), record.num_layers)
+    point = torch.full((1, table.rows), 1.0 / table.rows, dtype=torch.float64)
+    return float(table.predicted(point, budget, confidence, rows)[0])
+
+
 def choose_path(
     path_record: ExitRecord,
     global_candidates: list[ExitPolicy],
@@ -287,22 +304,34 @@ def choose_path(
     *,
     seed: int = 0,
     steps: int = 400,
+    confidence: float | None = None,
+    calibration_rows: int | None = None,
 ) -> PathChoice:
     """The path to certify along, chosen on ``path_record`` (rows apart from the calibration rows).
 
     ``loss_of(logits [N, C], record) -> [N]``: each row's loss under the certified risk; ``budget``:
     a fraction. Both paths are scored on a random half of the path rows, the per-layer one built on
-    the other half."""
+    the other half. Given the certificate's ``confidence`` and ``calibration_rows``, each path scores the
+    mean layers its walk would keep certified on that many rows like the held-out half's (a path whose
+    early candidate those rows would fail keeps nothing past it); without them, the fewest mean layers of
+    any of its candidates within the budget there."""
     policy = global_candidates[0]
     rows = path_record.all_logits.shape[1]
     if not supports_paths(policy) or rows < max(20, per_layer_rows_needed(budget)):
         return PathChoice("global", list(global_candidates), {}, rows)
     order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
     build, score = path_record.subset(order[: rows // 2]), path_record.subset(order[rows // 2 :])
-    layers = {
-        "global": _fewest_layers_within(global_candidates, score, budget, lambda z: loss_of(z, score)),
-        "per_layer": _fewest_layers_within(per_layer_path(build, policy), score, budget, lambda z: loss_of(z, score)),
-    }
+    paths = {"global": global_candidates, "per_layer": per_layer_path(build, policy)}
+    if confidence is not None and calibration_rows is not None:
+        layers = {
+            name: _predicted_walk(path, score, budget, lambda z: loss_of(z, score), confidence, calibration_rows)
+            for name, path in paths.items()
+        }
+    else:
+        layers = {
+            name: _fewest_layers_within(path, score, budget, lambda z: loss_of(z, score))
+            for name, path in paths.items()
+        }
     full = float(path_record.num_layers)
     gain = (layers["global"] or full) - (layers["per_layer"] or full)
     if gain >= MIN_GAIN:

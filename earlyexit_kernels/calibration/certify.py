@@ -298,7 +298,15 @@ def certify(
     if candidates is not None:
         grid, path_name = list(candidates), "saved"
     elif path_record is not None:
-        choice = choose_path(path_record, grid, budget, lambda z, rows: row_losses(z, rows, target), steps=steps)
+        choice = choose_path(
+            path_record,
+            grid,
+            budget,
+            lambda z, rows: row_losses(z, rows, target),
+            steps=steps,
+            confidence=confidence,
+            calibration_rows=rows,
+        )
         grid, path_name, path_layers = choice.candidates, choice.name, choice.layers
     replays, losses = {}, {}
 

@@ -172,8 +172,8 @@ def _describe_paths(certificate: dict, rows: int) -> str:
         for name, layers in certificate["path_layers"].items()
     )
     return (
-        f"path: {certificate['path'].replace('_', '-')} (the fewest mean layers within the budget on half of the "
-        f"{rows} validation rows: {needed})"
+        f"path: {certificate['path'].replace('_', '-')} (the mean layers each path's certificate would keep on "
+        f"calibration rows like half of the {rows} validation rows: {needed})"
     )
 
 
