@@ -11,6 +11,7 @@ import torch
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.calibration.candidates import (
+    RAMP_STEPS,
     certified_candidates,
     choose_path,
     per_layer_path,
@@ -99,25 +100,37 @@ def test_too_few_path_rows_to_see_the_budget_keep_the_global_path():
     assert enough.name == "per_layer"  # the same heads, rows enough: it wins
 
 
-def test_a_path_whose_first_step_the_calibration_rows_would_fail_is_not_chosen():
-    # 600 path rows at 1%: the per-layer path built on 300 of them steps from never exiting straight to
-    # thresholds that the held-out half breaks more often than 1,000 calibration rows could certify; the
-    # walk stops there, so that path would keep every layer however good its later candidates
+def test_each_path_scores_what_its_certificate_would_keep_on_the_calibration_rows():
+    # 250 calibration rows cannot certify 1% at 95% for any policy (it takes 299 without an error): each path
+    # would keep every layer, and the simplest is kept, where its best candidate alone chose the per-layer one
     path_rows = smooth_record(600, seed=2)
     grid = certified_candidates(eek.Entropy(0.0), 3, 2, steps=100)
-    few = choose_path(path_rows, grid, 0.01, disagreement, confidence=CONFIDENCE, calibration_rows=1000)
-    assert few.name == "global" and few.layers["per_layer"] > 2.999  # every layer: nothing past the first step
-    uncertified = choose_path(path_rows, grid, 0.01, disagreement)  # its best candidate alone, as before
+    uncertified = choose_path(path_rows, grid, 0.01, disagreement)
     assert uncertified.name == "per_layer" and uncertified.layers["per_layer"] < 2.4
-    many = choose_path(path_rows, grid, 0.01, disagreement, confidence=CONFIDENCE, calibration_rows=3000)
-    assert many.name == "per_layer" and many.layers["per_layer"] < 2.4  # rows enough to pass the first step
+    few = choose_path(path_rows, grid, 0.01, disagreement, confidence=CONFIDENCE, calibration_rows=250)
+    assert few.name == "global" and min(few.layers.values()) > 2.999
+    enough = choose_path(path_rows, grid, 0.01, disagreement, confidence=CONFIDENCE, calibration_rows=1000)
+    assert enough.name == "per_layer" and enough.layers["per_layer"] < 2.45 < 2.95 < enough.layers["global"]
 
+
+def test_the_per_layer_path_ramps_up_to_its_first_level():
+    # the first level lets go every row a head is as sure of as the surest one it got wrong on the path rows:
+    # here half the rows at once, a step 1,000 calibration rows fail; along the ramp the walk stops later
+    path_rows = smooth_record(600, seed=2)
+    path = per_layer_path(path_rows, eek.Entropy(0.0), steps=100)
+    first_level = torch.tensor(path[RAMP_STEPS].threshold)
+    for step in range(1, RAMP_STEPS):  # the first level's thresholds, scaled up from 0
+        assert torch.allclose(torch.tensor(path[step].threshold), (step / RAMP_STEPS) ** 2 * first_level)
     calibration = smooth_record(1000, seed=7)
+    _, levels_only, _ = certify(
+        calibration, 0.01, CONFIDENCE, target="agreement", candidates=[path[0]] + path[RAMP_STEPS:]
+    )
+    assert not levels_only.certified and levels_only.mean_layers == 3.0  # the walk stopped at the first level
+    _, ramped, _ = certify(calibration, 0.01, CONFIDENCE, target="agreement", candidates=path)
+    assert ramped.certified and ramped.mean_layers < 2.6
     _, chosen, _ = certify(calibration, 0.01, CONFIDENCE, target="agreement", path_record=path_rows, steps=100)
-    forced = per_layer_path(path_rows, eek.Entropy(0.0), steps=100)
-    _, per_layer, _ = certify(calibration, 0.01, CONFIDENCE, target="agreement", candidates=forced)
-    assert chosen.path == "global" and chosen.mean_layers < 2.98
-    assert not per_layer.certified and per_layer.mean_layers == 3.0  # what the old choice certified: nothing
+    _, one_threshold, _ = certify(calibration, 0.01, CONFIDENCE, target="agreement", steps=100)
+    assert chosen.path == "per_layer" and chosen.mean_layers < 2.6 < 2.9 < one_threshold.mean_layers
 
 
 def test_the_per_layer_path_is_ordered_from_never_exiting_to_letting_every_row_go():

@@ -18,8 +18,9 @@ read. Two paths of the ``Entropy`` family:
 - ``"global"``: one entropy threshold for every layer, on a fixed grid (data-free);
 - ``"per_layer"``: one threshold per layer, each set on the *path rows* so that the rows a
   layer's head lets go disagree with the final classifier at most as often as a common level
-  ``lam``; the candidates are ``lam`` on a fixed grid. Early heads that are confident and wrong
-  get a lower threshold than later heads whose confident answers hold.
+  ``lam``; the candidates are ``lam`` on a fixed grid, after a ramp from never exiting up to the
+  first level's thresholds (scaled). Early heads that are confident and wrong get a lower threshold
+  than later heads whose confident answers hold.
 
 :func:`choose_path` builds the per-layer path on half of the path rows, scores both paths on
 the other half (the mean layers each path's walk would keep certified on as many calibration rows
@@ -89,6 +90,8 @@ MIN_GAIN = 0.05
 MAX_LEVEL = 0.5
 #: the rows the per-layer thresholds are set on, in units of 1 / budget: three errors expected at the budget
 BUILD_ROWS_PER_BUDGET = 3
+#: the steps of the per-layer path's ramp: from never exiting to its first level's thresholds, scaled
+RAMP_STEPS = 100
 
 
 def _quantile_grid(values: torch.Tensor, count: int) -> list[float]:
@@ -253,13 +256,22 @@ def _thresholds_at(values: torch.Tensor, wrong: torch.Tensor, levels: torch.Tens
 
 
 def per_layer_path(path_record: ExitRecord, policy: Entropy, *, steps: int = 400) -> list[Entropy]:
-    """The per-layer path of ``policy``'s family set on ``path_record``: never exiting early first, then
-    one candidate per level of a fixed grid (quadratic in ``[0, MAX_LEVEL]``), duplicates dropped."""
+    """The per-layer path of ``policy``'s family set on ``path_record``: never exiting early first, then a
+    ramp of ``RAMP_STEPS`` candidates up to the first level's thresholds (those thresholds scaled by a fixed
+    grid of factors), then one candidate per level of a fixed grid (quadratic in ``[0, MAX_LEVEL]``),
+    duplicates dropped.
+
+    The ramp is there because the first level already lets go every row a head is as sure of as the
+    surest one it got wrong on the path rows: with no error among them there, it can exit half the rows
+    at once. Calibration rows that find a few errors among them fail that step, and the walk would stop
+    at never exiting; along the ramp it stops where they start to fail."""
     values, wrong = _entropies(path_record, policy.normalized), _disagrees(path_record)
     levels = torch.tensor([MAX_LEVEL * (i / steps) ** 2 for i in range(steps + 1)], dtype=torch.float64)
     per_layer = torch.stack([_thresholds_at(values[k], wrong[k], levels) for k in range(values.shape[0])], 1)
     # a later level never lowers a threshold (more rows allowed per exit); keep it so against float noise
     per_layer = torch.cummax(per_layer, 0).values
+    factors = torch.tensor([(i / RAMP_STEPS) ** 2 for i in range(1, RAMP_STEPS)], dtype=per_layer.dtype)
+    per_layer = torch.cat([factors[:, None] * per_layer[:1], per_layer])
     num_layers = path_record.num_layers
     candidates, seen = [Entropy((0.0,) * num_layers, normalized=policy.normalized)], set()
     seen.add((0.0,) * (num_layers - 1))
