@@ -15,8 +15,11 @@ the logits is :func:`earlyexit_kernels.training.record_exits.record_exits`.
 - :mod:`.select`: each candidate scored, and the one operating-point selector (classifiers and
   rerankers) that picks the point a target asks for; :class:`~.select.Goal` and :func:`~.select.choose`
   compose the steps for one record;
+- :mod:`.predicted_walk`: where the certificate's walk along a path would stop on calibration rows like
+  some validation rows (what the share and the path choice predict with);
 - :mod:`.certify`: the certificate: fixed-sequence testing along the candidates, the rows a
-  certificate needs (the one place that works it out), :class:`~.certify.Certificate`;
+  certificate needs (worked out in :mod:`~earlyexit_kernels.methods.risk_control`),
+  :class:`~.certify.Certificate`;
 - :mod:`.prediction_powered`: unlabelled rows in the certificate of accuracy lost;
 - :mod:`.share`: how many training rows a certificate should get, predicted on validation rows;
 - :mod:`.online`: :class:`~.online.OnlineCertificate`, the served threshold re-certified from the

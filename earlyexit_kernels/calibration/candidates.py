@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from earlyexit_kernels.calibration.losses import disagreement
+from earlyexit_kernels.calibration.predicted_walk import WalkTable, point_weights
 from earlyexit_kernels.calibration.record import ExitRecord, replay
 from earlyexit_kernels.methods.exit_rules import entropy
 from earlyexit_kernels.methods.policies import (
@@ -293,21 +294,6 @@ def _fewest_layers_within(candidates, record: ExitRecord, budget: float, loss_of
     return best
 
 
-def _predicted_walk(candidates, record: ExitRecord, budget: float, loss_of, confidence: float, rows: int) -> float:
-    """The mean layers the walk along ``candidates`` would keep certified on ``rows`` calibration rows like
-    ``record``'s (the prediction the calibration share makes: :class:`~earlyexit_kernels.calibration.share.CandidateTable`):
-    it stops at the first candidate those rows would fail, however good the ones after it."""
-    from earlyexit_kernels.calibration.share import CandidateTable
-    from earlyexit_kernels.methods.risk_control import is_binary
-
-    outs = [replay(candidate, record) for candidate in candidates]
-    losses = torch.stack([loss_of(out.logits).double() for out in outs])
-    layers = torch.stack([out.layers_run.double() for out in outs])
-    table = CandidateTable(losses, layers, is_binary(losses), record.num_layers)
-    point = torch.full((1, table.rows), 1.0 / table.rows, dtype=torch.float64)
-    return float(table.predicted(point, budget, confidence, rows)[0])
-
-
 def choose_path(
     path_record: ExitRecord,
     global_candidates: list[ExitPolicy],
@@ -336,7 +322,11 @@ def choose_path(
     paths = {"global": global_candidates, "per_layer": per_layer_path(build, policy)}
     if confidence is not None and calibration_rows is not None:
         layers = {
-            name: _predicted_walk(path, score, budget, lambda z: loss_of(z, score), confidence, calibration_rows)
+            name: float(
+                WalkTable.of_path(path, score, lambda z: loss_of(z, score)).predicted(
+                    point_weights(score.all_logits.shape[1]), budget, confidence, calibration_rows
+                )[0]
+            )
             for name, path in paths.items()
         }
     else:

@@ -52,6 +52,8 @@ from earlyexit_kernels.methods.risk_control import (
     check_confidence,
     fixed_sequence,
     is_binary,
+    least_rows,  # the rows a certificate needs: certify's own, kept with the tests they derive from
+    most_losses,
     risk_p_value,
     risk_upper_bound,
     rows_to_certify,
@@ -178,12 +180,6 @@ class Certificate:
 # ---------------------------------------------------------------------------------- rows needed
 
 
-def least_rows(budget: float, confidence: float) -> int | None:
-    """The fewest rows that certify ``budget`` (a fraction) at ``confidence`` for a policy that never errs:
-    ``log(1 - confidence) / log(1 - budget)`` rounded up; None where no number of rows does (a budget of 0)."""
-    return rows_to_certify(0.0, budget, confidence)
-
-
 def require_rows(rows: int, budget: float, confidence: float, *, unit: str = "rows", hint: str = "") -> None:
     """A ``ValueError`` when ``rows`` cannot certify ``budget`` at ``confidence`` even for a loss of 0."""
     least = least_rows(budget, confidence)
@@ -193,21 +189,6 @@ def require_rows(rows: int, budget: float, confidence: float, *, unit: str = "ro
             f"{100 * confidence:g}%: even a policy that never errs needs {least} {unit} "
             f"(log(1 - confidence) / log(1 - budget)); give more calibration {unit}{hint} or a lower confidence"
         )
-
-
-def most_losses(rows: int, budget: float, confidence: float) -> int:
-    """The most 0/1 losses among ``rows`` that still certify ``budget`` at ``confidence`` (-1: none do)."""
-    from earlyexit_kernels.methods.risk_control import binomial_p_value
-
-    delta = 1.0 - confidence
-    low, high = -1, rows  # binomial_p_value grows with the losses: the largest k with p <= delta
-    while high - low > 1:
-        middle = (low + high) // 2
-        if binomial_p_value(middle, rows, budget) <= delta:
-            low = middle
-        else:
-            high = middle
-    return low
 
 
 def rows_needed(points, losses_of, budget, confidence, num_layers):

@@ -46,16 +46,13 @@ doubling (:func:`doubling_verdict`). The probe itself, which trains heads on a c
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from earlyexit_kernels.calibration.candidates import certified_candidates
-from earlyexit_kernels.calibration.certify import least_rows, most_losses
 from earlyexit_kernels.calibration.losses import row_losses
-from earlyexit_kernels.calibration.record import replay
-from earlyexit_kernels.methods.risk_control import is_binary
+from earlyexit_kernels.calibration.predicted_walk import WalkTable, point_weights
 
 __all__ = [
     "MIN_GAIN_LAYERS",
@@ -83,61 +80,19 @@ def predicted_layers(record, policy, budget: float, confidence: float, calibrati
     ``calibration_rows`` rows is within ``budget`` (``z``: the normal quantile of ``confidence``); all the
     layers where none is (and below the rows a loss-free policy needs)."""
     table = CandidateTable.of(record, policy, target)
-    return float(table.predicted(_point(table.rows), budget, confidence, calibration_rows)[0])
+    return float(table.predicted(point_weights(table.rows), budget, confidence, calibration_rows)[0])
 
 
-@dataclass
-class CandidateTable:
-    """Each candidate of the certified grid (most conservative first) on the rows of one record: the rows'
-    ``losses`` and ``layers`` [candidates, rows], so that :meth:`predicted` weighs them for many re-draws
-    of the rows at once."""
-
-    losses: torch.Tensor  # float64
-    layers: torch.Tensor  # float64
-    binary: bool
-    num_layers: int
-
-    @property
-    def rows(self) -> int:
-        return self.losses.shape[1]
+class CandidateTable(WalkTable):
+    """Each candidate of the certified grid (most conservative first) on the rows of one record: a
+    :class:`~earlyexit_kernels.calibration.predicted_walk.WalkTable` of the policy's global grid."""
 
     @classmethod
     def of(cls, record, policy, target: str) -> CandidateTable:
-
         num_layers, _, num_labels = record.all_logits.shape
-        losses, layers = [], []
-        for candidate in certified_candidates(policy, num_layers, num_labels):
-            out = replay(candidate, record)
-            losses.append(row_losses(out.logits, record, target))
-            layers.append(out.layers_run.double())
-        stacked = torch.stack(losses)
-        return cls(stacked, torch.stack(layers), is_binary(stacked), num_layers)
-
-    def predicted(self, weights: torch.Tensor, budget: float, confidence: float, calibration_rows: int):
-        """:func:`predicted_layers` for each row of ``weights`` [draws, rows] (each draw's weights sum to 1):
-        float64 [draws]."""
-        from statistics import NormalDist
-
-        draws = weights.shape[0]
-        full = torch.full((draws,), float(self.num_layers), dtype=torch.float64)
-        if calibration_rows < least_rows(budget, confidence):
-            return full
-        rate = weights @ self.losses.T  # [draws, candidates]
-        if self.binary:  # the exact binomial, as certification counts 0/1 losses
-            fails = torch.floor(rate * calibration_rows + 1e-9) > most_losses(calibration_rows, budget, confidence)
-        else:
-            spread = (weights @ (self.losses**2).T - rate**2).clamp_min(0.0).sqrt()
-            z = NormalDist().inv_cdf(confidence)
-            fails = rate + z * spread / math.sqrt(calibration_rows) > budget
-        # the walk stops at its first failing candidate; the one before it is certified
-        sentinel = torch.ones((draws, 1), dtype=torch.bool)
-        first_fail = torch.cat([fails, sentinel], dim=1).int().argmax(dim=1)
-        mean_layers = torch.cat([full[:, None], weights @ self.layers.T], dim=1)
-        return mean_layers.gather(1, first_fail[:, None]).squeeze(1)
-
-
-def _point(rows: int) -> torch.Tensor:
-    return torch.full((1, rows), 1.0 / rows, dtype=torch.float64)
+        grid = certified_candidates(policy, num_layers, num_labels)
+        table = WalkTable.of_path(grid, record, lambda logits: row_losses(logits, record, target))
+        return cls(table.losses, table.layers, table.binary, table.num_layers)
 
 
 def redraws(rows: int, draws: int, seed: int) -> torch.Tensor:
@@ -148,7 +103,7 @@ def redraws(rows: int, draws: int, seed: int) -> torch.Tensor:
     counts = torch.zeros((draws, rows), dtype=torch.float64).scatter_add_(
         1, picks, torch.ones((draws, rows), dtype=torch.float64)
     )
-    return torch.cat([_point(rows), counts / rows])
+    return torch.cat([point_weights(rows), counts / rows])
 
 
 @dataclass

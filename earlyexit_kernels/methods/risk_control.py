@@ -53,6 +53,8 @@ __all__ = [
     "is_binary",
     "fixed_sequence",
     "rows_to_certify",
+    "least_rows",
+    "most_losses",
 ]
 
 
@@ -306,3 +308,22 @@ def rows_to_certify(rate: float, budget: float, confidence: float, *, binary: bo
         else:
             low = middle
     return high
+
+
+def least_rows(budget: float, confidence: float) -> int | None:
+    """The fewest rows that certify ``budget`` (a fraction) at ``confidence`` for a policy that never errs:
+    ``log(1 - confidence) / log(1 - budget)`` rounded up; None where no number of rows does (a budget of 0)."""
+    return rows_to_certify(0.0, budget, confidence)
+
+
+def most_losses(rows: int, budget: float, confidence: float) -> int:
+    """The most 0/1 losses among ``rows`` that still certify ``budget`` at ``confidence`` (-1: none do)."""
+    delta = 1.0 - confidence
+    low, high = -1, rows  # binomial_p_value grows with the losses: the largest k with p <= delta
+    while high - low > 1:
+        middle = (low + high) // 2
+        if binomial_p_value(middle, rows, budget) <= delta:
+            low = middle
+        else:
+            high = middle
+    return low
