@@ -197,12 +197,22 @@ def _encoded_rows(classifier, count, seed):  # noqa: F811
     return model, encode(tokenizer, data, 64), label_ids(data, model.config)
 
 
+#: the probe's settings on 1,500 training rows: a fixed quarter where nothing is probed, 5% at 95%
+SHARE = ShareSettings(
+    method="heads", pooling="auto", head="auto", least=299, fraction=0.25, seed=0, budget=0.05, confidence=0.95
+)
+
+
+def _share_rows(folder):
+    """The model, 1,500 training rows and their labels, then 200 validation rows and theirs."""
+    model, train, labels = _encoded_rows(folder, 1500, seed=32)
+    _, validation, val_labels = _encoded_rows(folder, 200, seed=33)
+    return model, train, labels, validation, val_labels
+
+
 def test_the_calibration_share_is_all_but_the_rows_the_heads_need(classifier):  # noqa: F811
-    model, train, labels = _encoded_rows(classifier, 1500, seed=32)
-    _, validation, val_labels = _encoded_rows(classifier, 200, seed=33)
-    common = ShareSettings(
-        method="heads", pooling="auto", head="auto", least=299, fraction=0.25, seed=0, budget=0.05, confidence=0.95
-    )
+    model, train, labels, validation, val_labels = _share_rows(classifier)
+    common = SHARE
     share = choose_share(model, train, labels, validation, val_labels, dataclasses.replace(common, first=64))
     assert sorted(share.train + share.calibration) == list(range(1500))
     assert "doubling" in share.reason and len(share.probe) >= 2
@@ -224,12 +234,9 @@ def test_the_calibration_share_is_all_but_the_rows_the_heads_need(classifier):  
 def test_past_the_last_doubling_the_probe_weighs_the_fixed_share_before_taking_it(classifier):  # noqa: F811
     # 1,500 rows probed up to 1,024; a fixed share of 2% would leave 30 rows to certify, too few for anything at
     # 5%: the probe keeps the 1,024 rows it read and certifies on the other 476
-    model, train, labels = _encoded_rows(classifier, 1500, seed=32)
-    _, validation, val_labels = _encoded_rows(classifier, 200, seed=33)
-    settings = ShareSettings(
-        method="heads", pooling="auto", head="auto", least=299, fraction=0.02, seed=0, budget=0.05, confidence=0.95
-    )
-    share = choose_share(model, train, labels, validation, val_labels, dataclasses.replace(settings, first=512))
+    model, train, labels, validation, val_labels = _share_rows(classifier)
+    settings = dataclasses.replace(SHARE, fraction=0.02, first=512)
+    share = choose_share(model, train, labels, validation, val_labels, settings)
     assert [rows for rows, _ in share.probe] == [512, 1024]
     assert len(share.train) == 1024 and len(share.calibration) == 476
     assert "1470 rows' fewer calibration rows would cost" in share.reason

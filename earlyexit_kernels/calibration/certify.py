@@ -52,7 +52,7 @@ from earlyexit_kernels.methods.risk_control import (
     check_confidence,
     fixed_sequence,
     is_binary,
-    least_rows,  # the rows a certificate needs: certify's own, kept with the tests they derive from
+    least_rows,  # re-exported: the rows a certificate needs, worked out beside the tests they come from
     most_losses,
     risk_p_value,
     risk_upper_bound,
