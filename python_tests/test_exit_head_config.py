@@ -243,11 +243,11 @@ def test_the_defaults_are_the_model_s_own_and_a_repatch_with_none_keeps_the_choi
     "kwargs,message",
     [
         (dict(pooling="max"), "pooling must be one of 'cls', 'mean'"),
-        (dict(head="linear"), "head must be one of 'model', 'mlp'"),
+        (dict(head="linear"), "head must be one of 'model', 'mlp', 'cascade'"),
         (dict(head="mlp", mlp_hidden=0), "mlp_hidden must be a positive int"),
         (dict(head="mlp", mlp_hidden=8.0), "mlp_hidden must be a positive int"),
         (dict(head="model", mlp_hidden=8), 'no meaning with head="model"'),
-        (dict(mlp_hidden=8), 'pass head="mlp" with it'),
+        (dict(mlp_hidden=8), 'pass head="mlp" or head="cascade" with it'),
     ],
 )
 def test_bad_choices_are_refused_with_a_message(kwargs, message):

@@ -159,6 +159,22 @@ def test_the_same_seed_fits_the_same_heads_and_leaves_torch_s_generator_as_it_wa
     assert all(torch.equal(heads[0][name], heads[1][name]) for name in heads[0])
 
 
+def test_fit_trains_heads_that_read_the_head_below_and_the_folder_runs_them(classifier, tmp_path, capsys):
+    train = _write(_frame(120, seed=6), tmp_path / "train.csv")
+    out = tmp_path / "fitted"
+    assert _run("fit", classifier, train, out, "--pooling", "mean", "--head", "cascade", *FAST) == 0
+    summary = json.loads((out / "eek_fit.json").read_text())
+    assert (summary["pooling"], summary["head"]) == ("mean", "cascade")
+    model = eek.from_pretrained(str(out))
+    assert eek.head_config(model).head == "cascade"
+    assert any(h.below.weight.abs().sum() > 0 for h in model.early_exit_heads.classifiers[1:]), "B_i learnt"
+    capsys.readouterr()
+    test = _write(_frame(40, seed=7), tmp_path / "test.csv")
+    assert _run("evaluate", out, test, "--label-column", "label", "--no-progress") == 0
+    accuracy, layers = _accuracy_of(str(out), pd.read_csv(test))
+    assert f"mean layers run: {layers:.2f} of 4" in capsys.readouterr().out
+
+
 def test_labels_as_class_ids_and_a_validation_split(classifier, tmp_path, capsys):
     train = _write(_frame(100, seed=5, labels="ids"), tmp_path / "train.tsv")
     out = tmp_path / "fitted"

@@ -101,7 +101,7 @@ def applies(task: str, setting: str) -> bool:
     return setting not in SUBSET_SETTINGS or task == "rotten_tomatoes"
 
 
-def run_one(backbone: str, task: str, setting: str, seed: int) -> dict:
+def run_one(backbone: str, task: str, setting: str, seed: int, head: str = "auto") -> dict:
     if not applies(task, setting):
         raise SystemExit(f"error: the setting {setting!r} is measured on rotten_tomatoes only, not on {task}")
     subset = FINE_TUNING_ROWS if setting in SUBSET_SETTINGS else None
@@ -118,6 +118,8 @@ def run_one(backbone: str, task: str, setting: str, seed: int) -> dict:
         LabelledTexts(list(unseen.texts), None, None, "unseen train rows") if setting == SUBSET_SETTINGS[1] else None
     )
     row = {"backbone": backbone, "task": task, "setting": setting, "seed": seed}
+    if head != "auto":  # a form forced (the auto choice's rows carry no key: as they were recorded)
+        row["head_asked"] = head
     if subset is not None:  # how long the fine-tuning took (0 when the cache had it), on a shared machine
         row.update(fine_tuning_rows=len(seen), fine_tuning_seconds=round(info["seconds"], 1))
     started = time.perf_counter()
@@ -135,6 +137,7 @@ def run_one(backbone: str, task: str, setting: str, seed: int) -> dict:
                 validation_split=0.1,
                 seed=seed,
                 unlabelled=unlabelled,
+                head=head,
             )
     except FitError as error:
         return {**row, "error": str(error), "seconds": round(time.perf_counter() - started, 1)}
@@ -148,6 +151,10 @@ def run_one(backbone: str, task: str, setting: str, seed: int) -> dict:
         "path": certificate.get("path"),
         "path_layers_validation": certificate.get("path_layers"),
         "policy": report.policy,
+        "heads": f"{report.pooling}, {report.head}",
+        "head_trials": [
+            (t["pooling"], t["head"], round(t["mean_layers"], 3), round(t["seconds"], 1)) for t in report.head_trials
+        ],
         "certified_layers_calibration": report.mean_layers,
         "uncertified_layers_calibration": certificate.get("uncertified_layers"),
         "more_rows": certificate.get("more_rows"),
@@ -230,22 +237,24 @@ def render(results: dict) -> str:
         f"{100 * CONFIDENCE:g}%; `eek fit`'s defaults otherwise. Mean layers on the test split; "
         "price: certified minus path oracle. The seconds are those of a shared machine.",
         "",
-        "| model, task | rows given to `eek fit` | train / certify rows | path | certified (test loss) | path oracle "
-        "| price | global oracle | per-row oracle |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model, task | rows given to `eek fit` | train / certify rows | heads | path | certified (test loss) "
+        "| path oracle | price | global oracle | per-row oracle |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results["runs"]:
         name = f"{BACKBONE_NAMES[r['backbone']]}, {TASK_NAMES[r['task']]}"
         if "error" in r:
-            lines.append(f"| {name} | {r['setting']} | cannot certify: {r['error'].split(':')[0]} | | | | | | |")
+            lines.append(f"| {name} | {r['setting']} | cannot certify: {r['error'].split(':')[0]} | | | | | | | |")
             continue
         unlabelled = ""
         if r.get("unlabelled_rows"):  # the fit keeps them out where they certify no fewer layers on validation
             used = "" if r.get("unlabelled_use") == "powered" else ", not used"
             unlabelled = f" + {r['unlabelled_rows']:,} unlabelled{used}"
         price = r["certified_test_layers"] - r["path_oracle_test_layers"]
+        heads = r.get("heads", "not recorded")
+        heads = f"{heads} (asked)" if r.get("head_asked") else heads
         lines.append(
-            f"| {name} | {r['setting']} | {r['train_rows']:,} / {r['calibration_rows']:,}{unlabelled} | "
+            f"| {name} | {r['setting']} | {r['train_rows']:,} / {r['calibration_rows']:,}{unlabelled} | {heads} | "
             f"{(r['path'] or 'global').replace('_', '-')} | {r['certified_test_layers']:.2f} of {r['num_layers']} "
             f"({r['certified_test_loss_points']:+.2f}) | {r['path_oracle_test_layers']:.2f} | {price:+.2f} | "
             f"{r['global_oracle_test_layers']:.2f} | {r['per_row_oracle_test_layers']:.2f} |"
@@ -271,6 +280,12 @@ def main(argv=None) -> int:
         help="measure this row again (--backbones and --tasks name one each) and put it in --output's runs; "
         "give it again for more rows",
     )
+    parser.add_argument(
+        "--head",
+        default="auto",
+        choices=("auto", "model", "mlp", "cascade"),
+        help="the heads' form eek fit is given (--setting rows only; default: auto, eek fit's default)",
+    )
     parser.add_argument("--readme", type=Path)
     args = parser.parse_args(argv)
     if args.from_json:
@@ -286,15 +301,16 @@ def main(argv=None) -> int:
             if args.from_folder:
                 row = run_folder(args.from_folder, args.backbones, args.tasks)
             else:
-                row = run_one(args.backbones, args.tasks, setting, args.seed)
+                row = run_one(args.backbones, args.tasks, setting, args.seed, args.head)
             print(json.dumps(row), flush=True)
-            key = (row["backbone"], row["task"], row["setting"])
-            keys = [(r["backbone"], r["task"], r["setting"]) for r in results["runs"]]
+            key = (row["backbone"], row["task"], row["setting"], row.get("head_asked"))
+            keys = [(r["backbone"], r["task"], r["setting"], r.get("head_asked")) for r in results["runs"]]
             if key in keys:  # measured again: in its place
                 results["runs"][keys.index(key)] = row
             else:
                 results["runs"].append(row)
             name = f"{BACKBONE_NAMES[row['backbone']]}, {TASK_NAMES[row['task']]}, {row['setting']}"
+            name += f", head {row['head_asked']}" if row.get("head_asked") else ""
             results.setdefault("added", []).append({**run_conditions(SCRIPT, argv, started), "row": name})
             write_json(args.output, results)  # each row as it lands
     else:

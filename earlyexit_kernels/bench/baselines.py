@@ -43,6 +43,11 @@ class BaselineResult:
 
 def _heads(adapter, layer: int, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The exit head of ``layer`` on ``hidden`` [n, S, H]; ``mask`` [n, S] for a pooling that reads it."""
+    if getattr(adapter, "heads_read_below", False):
+        # the peers' loops are written for heads that read their own layer, as the papers' are
+        raise ValueError(
+            'the baselines run heads that read their own layer: patch with head="mlp" or "model", not "cascade"'
+        )
     return adapter.classify(layer, adapter.exit_input(layer, hidden, mask))
 
 

@@ -29,7 +29,20 @@ from earlyexit_kernels.engine.module_weights import fusable_head_weights
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state, needs_head_when_none_can_exit
 from earlyexit_kernels.methods.policies import ExitPolicy, Scheduled, SkipGates
 
-__all__ = ["EncoderAdapter", "ExitResult", "can_fuse_head", "head_and_exit_step", "run_early_exit", "trimmed_inputs"]
+__all__ = [
+    "BELOW",
+    "EncoderAdapter",
+    "ExitResult",
+    "can_fuse_head",
+    "head_and_exit_step",
+    "head_state",
+    "heads_run_where_none_exit",
+    "run_early_exit",
+    "trimmed_inputs",
+]
+
+#: the state key of the logits of the last head each row ran, for heads that read the head below
+BELOW = "below_logits"
 
 
 class EncoderAdapter(Protocol):
@@ -135,6 +148,7 @@ def run_early_exit(
         return result
 
     state = init_state(policy, batch, num_labels, hidden_size, num_layers, device, pooled_dtype=dtype)
+    state.update(head_state(adapter, batch, num_labels, device))
     halting_head = heads.halting_head(policy)
     gates = heads.gates if isinstance(policy, SkipGates) else None
     scheduled_counts = _scheduled_exit_counts(policy, num_layers)
@@ -201,7 +215,7 @@ def run_early_exit(
             can_exit_before_last(policy, layer) and (scheduled_counts is None or scheduled_counts[layer] > 0)
         )
         settled = may_exit and ran is None and not all_exits
-        if not may_exit and not all_exits and not needs_head_when_none_can_exit(policy):
+        if not may_exit and not all_exits and not heads_run_where_none_exit(policy, adapter):
             continue  # nobody leaves here and the state needs no head: the head would be wasted
         # The last layer runs the model's own pooler and classifier, so a sequence that runs
         # every layer gets exactly the unpatched model's logits whatever the backend.
@@ -433,10 +447,34 @@ def head_and_exit_step(
     return exits, returned, logits, halting, state
 
 
+def head_state(adapter: EncoderAdapter, batch: int, num_labels: int, device: torch.device) -> dict:
+    """The per-row state the heads themselves carry from layer to layer, beside the policy's:
+    ``{BELOW: zeros [batch, C] float32}`` where each head reads the logits of the head below
+    (``"cascade"``; zeros read as "no head below" at layer 1), else nothing."""
+    if not getattr(adapter, "heads_read_below", False):
+        return {}
+    return {BELOW: torch.zeros(batch, num_labels, dtype=torch.float32, device=device)}
+
+
+def heads_run_where_none_exit(policy: ExitPolicy, adapter: EncoderAdapter) -> bool:
+    """Whether the heads run on a layer where no row can leave: the policy's state reads them
+    (:func:`~earlyexit_kernels.methods.exit_rules.needs_head_when_none_can_exit`), or the next
+    head reads this one's logits."""
+    return needs_head_when_none_can_exit(policy) or getattr(adapter, "heads_read_below", False)
+
+
 def _head_outputs(adapter, layer: int, hidden: torch.Tensor, halting_head, state, mask=None) -> tuple:
-    """The head of ``layer`` on ``hidden`` [n, S, H] (``exit_input`` then ``classify``), and the halting logit."""
+    """The head of ``layer`` on ``hidden`` [n, S, H] (``exit_input`` then ``classify``), and the halting logit.
+
+    Heads that read the head below take the state's ``BELOW`` logits and leave theirs there
+    (detached: each head learns on what the one below says, as the cached training path)."""
     pooled = adapter.exit_input(layer, hidden, mask)
-    logits = adapter.classify(layer, pooled)
+    below = state.get(BELOW)
+    if below is None:
+        logits = adapter.classify(layer, pooled)
+    else:
+        logits = adapter.classify(layer, pooled, below)
+        state[BELOW] = logits.detach().to(below.dtype)
     halting = None
     if halting_head is not None:
         halting = halting_head(pooled, state.get("prev_pooled"))

@@ -42,6 +42,7 @@ from earlyexit_kernels.engine.batch_loop import (
     _round_keeping_argmax,
     can_fuse_head,
     head_and_exit_step,
+    head_state,
     pooled_exit_heads,
 )
 from earlyexit_kernels.engine.call_graphs import StaticCalls
@@ -213,6 +214,7 @@ class ContinuousEngine:
             template = init_state(
                 self.policy, 1, self.num_labels, hidden_size, self.num_layers, self.device, self.dtype
             )
+            template.update(head_state(self.adapter, 1, self.num_labels, self.device))
         self._state = {k: v.expand(slots, *v.shape[1:]).clone() for k, v in template.items()}
         self._state_template = template
         self._halting_head = self.heads.halting_head(self.policy)
@@ -345,6 +347,7 @@ class ContinuousEngine:
             template = init_state(
                 policy, 1, self.num_labels, self.adapter.hidden_size, self.num_layers, self.device, self.dtype
             )
+            template.update(head_state(self.adapter, 1, self.num_labels, self.device))
         shapes = {key: tuple(value.shape) for key, value in template.items()}
         if shapes != {key: tuple(value.shape) for key, value in self._state_template.items()}:
             raise ValueError(f"set_policy: {policy!r} keeps another per-sequence state than {self.policy!r}")

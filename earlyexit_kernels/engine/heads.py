@@ -6,7 +6,9 @@ then for the ``"model"`` form the model's own pooler, no trainable head paramete
 ``classifiers[i - 1]`` on that vector. With ``form="model"`` (the default) the classifier
 is a Linear initialised from the model's own, e.g. PABEE's
 ``z_i = W_i . tanh(W_p h_i + b_p) + b_i`` with the model's pooler ``(W_p, b_p)`` shared by
-all layers; with ``form="mlp"`` it is an :class:`MLPExitHead` on the pooled token vector.
+all layers; with ``form="mlp"`` it is an :class:`MLPExitHead` on the pooled token vector; with
+``form="cascade"`` a :class:`CascadeExitHead`, the same MLP plus what the head below said
+(its logits, through a ``C x C`` map: a learned running ensemble of the heads so far).
 Layer ``L`` always uses the model's own pooling and classifier, so a sequence that runs
 every layer gets exactly the unpatched model's logits.
 """
@@ -26,6 +28,7 @@ __all__ = [
     "HEAD_FORMS",
     "HEAD_POOLINGS",
     "ExitHeadConfig",
+    "CascadeExitHead",
     "ExitHeads",
     "LambdaHaltingHead",
     "LinearHaltingHead",
@@ -35,8 +38,11 @@ __all__ = [
 
 #: what an internal exit head reads: the [CLS] row or the mean of the valid tokens.
 HEAD_POOLINGS = ("cls", "mean")
-#: the form of an internal exit head: the model's own head (pooler + Linear) or a small MLP.
-HEAD_FORMS = ("model", "mlp")
+#: the form of an internal exit head: the model's own head (pooler + Linear), a small MLP, or
+#: the MLP reading the logits of the head below too (Zero Time Waste's cascade, on the logits).
+HEAD_FORMS = ("model", "mlp", "cascade")
+#: the forms built of an MLP (``mlp_hidden`` is their width)
+MLP_FORMS = ("mlp", "cascade")
 
 # Untrained halting heads and gates start from a constant output: QExit from the
 # PonderNet prior lambda_p = 0.1, DACT from h = 0.9 (pi decays slowly, so the
@@ -98,7 +104,8 @@ class ExitHeadConfig:
     """How the internal exit heads (layers ``1..L-1``) of a patched model read a layer.
 
     ``pooling``: ``"cls"`` or ``"mean"`` (masked mean over the valid tokens).
-    ``head``: ``"model"`` (the model's own head form) or ``"mlp"`` (:class:`MLPExitHead`).
+    ``head``: ``"model"`` (the model's own head form), ``"mlp"`` (:class:`MLPExitHead`) or
+    ``"cascade"`` (:class:`CascadeExitHead`).
     ``mlp_hidden``: the MLP's width (None with ``head="model"``).
     """
 
@@ -117,7 +124,7 @@ def check_head_choice(pooling: str | None, head: str | None, mlp_hidden: int | N
         if isinstance(mlp_hidden, bool) or not isinstance(mlp_hidden, int) or mlp_hidden < 1:
             raise ValueError(f"mlp_hidden must be a positive int (the MLP head's width); got {mlp_hidden!r}")
         if head == "model":
-            raise ValueError('mlp_hidden is the width of head="mlp"; it has no meaning with head="model"')
+            raise ValueError('mlp_hidden is the width of head="mlp" or "cascade"; it has no meaning with head="model"')
 
 
 class MLPExitHead(nn.Module):
@@ -137,6 +144,30 @@ class MLPExitHead(nn.Module):
         return self.out(nn.functional.gelu(self.dense(self.norm(x))))
 
 
+class CascadeExitHead(MLPExitHead):
+    """An :class:`MLPExitHead` that also reads the logits of the head below it:
+    ``z_i = MLP_i(x_i) + B_i z_{i-1}``.
+
+    ``x`` [n, H], ``below`` [n, C] (the logits of layer ``i - 1``'s head) -> [n, C]. Layers
+    ``2..L-1`` have one; layer 1, with no head below, has an :class:`MLPExitHead`. Since
+    ``z_{i-1}`` holds ``B_{i-1} z_{i-2}`` and so on, each head is the MLP of its layer plus a
+    learned mix of every head below it (Zero Time Waste's cascade, Wołczyk et al. 2021, on the
+    logits). ``B_i`` starts at zero: an untrained
+    cascade head is an MLP head, and heads trained as ``"mlp"`` can start one.
+    """
+
+    def __init__(self, hidden_size: int, width: int, num_labels: int):
+        super().__init__(hidden_size, width, num_labels)
+        self.below = nn.Linear(num_labels, num_labels, bias=False)
+        nn.init.zeros_(self.below.weight)
+
+    def forward(self, x: torch.Tensor, below: torch.Tensor | None = None) -> torch.Tensor:
+        out = super().forward(x)
+        if below is None:
+            return out
+        return out + self.below(below.to(out.dtype))
+
+
 class ExitHeads(nn.Module):
     """Exit heads of a patched model.
 
@@ -148,7 +179,8 @@ class ExitHeads(nn.Module):
     ``pooling`` and ``form`` (``head=`` of ``eek.patch``, see :class:`ExitHeadConfig`) say how
     the classifiers read a layer; ``form="model"`` classifiers are Linears initialised from
     ``final_classifier``, ``form="mlp"`` ones :class:`MLPExitHead` of width ``mlp_hidden``
-    (default ``hidden_size``).
+    (default ``hidden_size``), ``form="cascade"`` ones :class:`CascadeExitHead` of that width,
+    which also read the logits of the head below (:attr:`reads_below`).
     """
 
     def __init__(
@@ -178,13 +210,15 @@ class ExitHeads(nn.Module):
 
     def set_form(self, form: str, mlp_hidden: int | None, final_classifier: nn.Linear) -> None:
         """Build the classifiers of layers ``1..L-1`` in ``form`` (replacing those of another form)."""
-        check_head_choice(None, form, mlp_hidden if form == "mlp" else None)
-        width = (mlp_hidden or self.hidden_size) if form == "mlp" else None
+        check_head_choice(None, form, mlp_hidden if form in MLP_FORMS else None)
+        width = (mlp_hidden or self.hidden_size) if form in MLP_FORMS else None
         where = dict(device=linear_device(final_classifier), dtype=linear_compute_dtype(final_classifier))
         heads = []
-        for _ in range(self.num_layers - 1):
-            if form == "mlp":
-                head = MLPExitHead(self.hidden_size, width, final_classifier.out_features).to(**where)
+        for layer in range(1, self.num_layers):
+            if form in MLP_FORMS:
+                # layer 1 has no head below: its cascade head is the MLP alone
+                kind = CascadeExitHead if form == "cascade" and layer > 1 else MLPExitHead
+                head = kind(self.hidden_size, width, final_classifier.out_features).to(**where)
             else:
                 head = nn.Linear(final_classifier.in_features, final_classifier.out_features).to(**where)
                 with torch.no_grad():
@@ -193,6 +227,12 @@ class ExitHeads(nn.Module):
             heads.append(head)
         self.classifiers = nn.ModuleList(heads)
         self.form, self.mlp_hidden = form, width
+
+    @property
+    def reads_below(self) -> bool:
+        """Whether each internal head reads the logits of the head below it (``form="cascade"``):
+        the engine then runs every layer's head and carries the last logits per row."""
+        return self.form == "cascade"
 
     def ensure_for(self, policy: ExitPolicy, like: torch.Tensor | None = None) -> None:
         """Add the heads ``policy`` needs and that are not there yet.

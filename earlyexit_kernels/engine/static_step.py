@@ -42,6 +42,8 @@ from earlyexit_kernels.engine.batch_loop import (
     _scheduled_exit_counts,
     can_fuse_head,
     head_and_exit_step,
+    head_state,
+    heads_run_where_none_exit,
     mask_extents,
     pooled_exit_heads,
     trimmed_inputs,
@@ -50,7 +52,7 @@ from earlyexit_kernels.engine.buckets import ReadyCount, SurvivorLag, bucket_for
 from earlyexit_kernels.engine.heads import ExitHeads
 from earlyexit_kernels.engine.step_choice import check_graphed_policy
 from earlyexit_kernels.engine.step_graphs import PinnedCount, StepGraphs
-from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state, needs_head_when_none_can_exit
+from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state
 from earlyexit_kernels.methods.policies import ExitPolicy
 
 __all__ = ["StaticBatches", "run_graphed", "CUDA_LENGTH_STEP"]
@@ -192,7 +194,7 @@ def _layer_step(step: _Step, static: StaticBatch, layer: int, bucket: int, may_e
     extents = src.extents[:bucket]
     state = {k: v[:bucket] for k, v in src.state.items()}
     out = adapter.run_layer(layer - 1, hidden, adapter.layer_mask(mask, step.dtype))
-    if may_exit or needs_head_when_none_can_exit(step.policy):
+    if may_exit or heads_run_where_none_exit(step.policy, adapter):
         pooled_head = step.pooled_heads[layer - 1] if step.pooled_heads is not None and layer < num_layers else None
         exits, returned, _, _, state = head_and_exit_step(
             adapter,
@@ -296,6 +298,7 @@ def run_graphed(
     seq_len = hidden.shape[1]
 
     state0 = init_state(policy, batch, num_labels, hidden_size, num_layers, device, pooled_dtype=dtype)
+    state0.update(head_state(adapter, batch, num_labels, device))
     key = (backend.name, str(device), dtype, seq_len, mask is not None, mask.dtype if mask is not None else None)
     key += (id(adapter), type(policy).__name__, _weights_fingerprint(heads, adapter))
     first_bucket = bucket_for(batch, sizes)

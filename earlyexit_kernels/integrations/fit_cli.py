@@ -106,7 +106,11 @@ def _add_fit(commands) -> None:
         "--max-drop on the validation rows",
     )
     fit.add_argument(
-        "--head", choices=("auto", "model", "mlp"), default="auto", help="the heads' form (default: auto, as --pooling)"
+        "--head",
+        choices=("auto", "model", "mlp", "cascade"),  # engine.heads.HEAD_FORMS, without importing torch
+        default="auto",
+        help="the heads' form: model, mlp, or cascade (an MLP that also reads the head below's logits); "
+        "default: auto, as --pooling",
     )
     fit.add_argument(
         "--max-drop",

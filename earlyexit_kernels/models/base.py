@@ -17,10 +17,12 @@ that the model does not have.
 Exit inputs: the internal head of layer ``i < L`` is ``classify(i, exit_input(i, hidden, mask))``.
 ``exit_input`` pools the layer's token vectors (``pooled_hidden``: the [CLS] row or the masked
 mean, after the family's final norm where it has one) and, for the ``"model"`` head form,
-applies the model's own pooler to it (``pool_vector``); for the ``"mlp"`` form it is the
-pooled token vector itself. It holds no trainable head parameter: those belong to
-``classify`` (``heads.classifiers[i - 1]``). Layer ``L`` always reads the model's own
-``pool``. The fused kernels take ``pooled_hidden`` (any row stride) in place of the [CLS] row.
+applies the model's own pooler to it (``pool_vector``); for the ``"mlp"`` and ``"cascade"``
+forms it is the pooled token vector itself. It holds no trainable head parameter: those belong
+to ``classify`` (``heads.classifiers[i - 1]``; a ``"cascade"`` head also reads the logits of
+the head below, ``classify(i, x, below=z)``, which the engine carries per row). Layer ``L``
+always reads the model's own ``pool``. The fused kernels take ``pooled_hidden`` (any row
+stride) in place of the [CLS] row.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from torch import nn
 
 from earlyexit_kernels.backends.compaction import layer_attention_mask
 from earlyexit_kernels.backends.pooled_head import FusedExitHead, masked_mean
-from earlyexit_kernels.engine.heads import ExitHeads, MLPExitHead
+from earlyexit_kernels.engine.heads import CascadeExitHead, ExitHeads, MLPExitHead
 from earlyexit_kernels.engine.module_weights import plain_float
 
 __all__ = ["EncoderAdapterBase", "TanhPoolerHead", "masked_mean"]
@@ -111,8 +113,14 @@ class EncoderAdapterBase:
 
     @property
     def head_form(self) -> str:
-        """``"model"`` or ``"mlp"``: the form of the internal exit heads."""
+        """``"model"``, ``"mlp"`` or ``"cascade"``: the form of the internal exit heads."""
         return self.heads.form if self.heads is not None else "model"
+
+    @property
+    def heads_read_below(self) -> bool:
+        """Whether each internal head reads the logits of the head below (``"cascade"``): the
+        engine runs every layer's head and carries its logits (state ``below_logits``)."""
+        return self.heads is not None and self.heads.reads_below
 
     @property
     def fuses_internal_heads(self) -> bool:
@@ -185,12 +193,18 @@ class EncoderAdapterBase:
             return None
         return FusedExitHead(self.head_pooling, weights[0], weights[1], "tanh", weights[2], weights[3])
 
-    def classify(self, layer: int, pooled: torch.Tensor) -> torch.Tensor:
-        """The head of 1-based ``layer`` on its ``exit_input`` [n, H] -> logits [n, C] (dropout in training)."""
+    def classify(self, layer: int, pooled: torch.Tensor, below: torch.Tensor | None = None) -> torch.Tensor:
+        """The head of 1-based ``layer`` on its ``exit_input`` [n, H] -> logits [n, C] (dropout in training).
+
+        ``below`` [n, C]: the logits of the head of ``layer - 1``, which a ``"cascade"`` head of
+        layers ``2..L-1`` reads; the other heads ignore it."""
         pooled = self.classifier_dropout(pooled)
         if layer == self.num_layers:
             return self.final_classifier(pooled)
-        return self.heads.classifiers[layer - 1](pooled)
+        head = self.heads.classifiers[layer - 1]
+        if below is not None and isinstance(head, CascadeExitHead):
+            return head(pooled, below)
+        return head(pooled)
 
 
 class TanhPoolerHead:

@@ -17,7 +17,7 @@ from transformers.utils import ModelOutput
 
 from earlyexit_kernels.backends.registry import check_backend_name, resolve_backend
 from earlyexit_kernels.engine.batch_loop import mask_extents, run_early_exit
-from earlyexit_kernels.engine.heads import ExitHeadConfig, ExitHeads, check_head_choice
+from earlyexit_kernels.engine.heads import MLP_FORMS, ExitHeadConfig, ExitHeads, check_head_choice
 from earlyexit_kernels.engine.module_weights import linear_compute_dtype, linear_device
 from earlyexit_kernels.engine.static_step import StaticBatches, run_graphed
 from earlyexit_kernels.engine.step_choice import check_graphed_policy, check_step_name, resolve_step
@@ -137,9 +137,10 @@ def patch(
 
     How the internal heads read a layer (see :func:`head_config`): ``pooling`` is ``"cls"``
     (the [CLS] row) or ``"mean"`` (the mean of the valid tokens); ``head`` is ``"model"`` (the
-    model's own head form, a Linear per layer initialised from its classifier) or ``"mlp"``
+    model's own head form, a Linear per layer initialised from its classifier), ``"mlp"``
     (an untrained ``LayerNorm -> Linear(H, mlp_hidden) -> GELU -> Linear(mlp_hidden, C)`` per
-    layer, ``mlp_hidden`` defaulting to H). None keeps what a patched model has, else the
+    layer, ``mlp_hidden`` defaulting to H) or ``"cascade"`` (that MLP plus a ``C x C`` map of the
+    head below's logits, :class:`~earlyexit_kernels.engine.heads.CascadeExitHead`). None keeps what a patched model has, else the
     family's default (the model's own pooling, ``"model"``). A new form (or MLP width) builds
     new heads for layers ``1..L-1``. Layer ``L`` always runs the model's own pooling and classifier.
     """
@@ -192,8 +193,10 @@ def patch(
 def _reconfigure(heads: ExitHeads, classifier: nn.Module, pooling, head, mlp_hidden) -> None:
     """Apply the choices given to ``patch`` on heads that exist; None keeps what they have."""
     form = head or heads.form
-    if mlp_hidden is not None and form != "mlp":
-        raise ValueError('mlp_hidden is the width of head="mlp"; pass head="mlp" with it')
+    if mlp_hidden is not None and form not in MLP_FORMS:
+        raise ValueError(
+            'mlp_hidden is the width of head="mlp" or "cascade"; pass head="mlp" or head="cascade" with it'
+        )
     if form != heads.form or (mlp_hidden is not None and mlp_hidden != heads.mlp_hidden):
         heads.set_form(form, mlp_hidden, classifier)
     if pooling is not None:
@@ -203,8 +206,8 @@ def _reconfigure(heads: ExitHeads, classifier: nn.Module, pooling, head, mlp_hid
 def head_config(model: nn.Module) -> ExitHeadConfig:
     """How the internal exit heads of a patched model read a layer: ``ExitHeadConfig(pooling, head, mlp_hidden)``.
 
-    ``pooling`` is ``"cls"`` or ``"mean"``, ``head`` is ``"model"`` or ``"mlp"``, ``mlp_hidden``
-    the MLP's width (None for ``"model"``). Chosen at :func:`patch`, saved by ``save_pretrained``.
+    ``pooling`` is ``"cls"`` or ``"mean"``, ``head`` is ``"model"``, ``"mlp"`` or ``"cascade"``,
+    ``mlp_hidden`` the MLP's width (None for ``"model"``). Chosen at :func:`patch`, saved by ``save_pretrained``.
     """
     state_of(model, "head_config")
     return getattr(model, HEADS).config

@@ -129,9 +129,9 @@ def cache_exit_inputs(
     halting_recorded: list[torch.Tensor] = []
     classify = adapter.classify
 
-    def recording_classify(layer, x):
+    def recording_classify(layer, x, below=None):
         recorded.append(x.detach())
-        return classify(layer, x)
+        return classify(layer, x, below)
 
     def record_halting(module, args):
         halting_recorded.append(args[0].detach())
@@ -222,7 +222,8 @@ def cached_exits(model, cache: ExitInputCache, rows: torch.Tensor | None = None)
     """The heads of the patched ``model`` on the cached inputs of ``rows`` (default: all): no backbone.
 
     Layers ``1..L-1`` run ``adapter.classify`` (with the model's dropout when the model is in
-    training mode), layer L is the cached final logits, the halting head (when the policy
+    training mode; ``"cascade"`` heads read the logits of the head below, in layer order),
+    layer L is the cached final logits, the halting head (when the policy
     has one) runs on its cached inputs as the engine runs it (QExit also reads the previous
     layer's, zeros before layer 1). Differentiable in the heads' parameters.
     """
@@ -234,7 +235,14 @@ def cached_exits(model, cache: ExitInputCache, rows: torch.Tensor | None = None)
     inputs = cache.inputs[pick].to(device)
     num_layers = inputs.shape[1]
     final = cache.final_logits[pick].to(device)
-    logits = [adapter.classify(layer, inputs[:, layer - 1]) for layer in range(1, num_layers)]
+    if adapter.heads_read_below:
+        # each head reads the one below's logits, detached, as the engine hands them on
+        logits, below = [], None
+        for layer in range(1, num_layers):
+            logits.append(adapter.classify(layer, inputs[:, layer - 1], below))
+            below = logits[-1].detach().float()
+    else:
+        logits = [adapter.classify(layer, inputs[:, layer - 1]) for layer in range(1, num_layers)]
     all_logits = torch.stack([*(z.to(final.dtype) for z in logits), final])
     halting_head = heads.halting_head(state.policy)
     all_halting = all_halting_logits = None

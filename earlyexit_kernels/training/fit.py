@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from earlyexit_kernels.calibration.candidates import supports_paths
+from earlyexit_kernels.engine.heads import HEAD_FORMS, HEAD_POOLINGS
 from earlyexit_kernels.methods.policies import SkipGates
 from earlyexit_kernels.patching.patch import patch
 from earlyexit_kernels.training.cached_heads import ExitInputCache, cache_exit_inputs, cached_record
@@ -195,7 +196,7 @@ def fit_exit_heads(
     confidence (:func:`~earlyexit_kernels.training.calibration.calibrate`); the guarantee
     assumes calibration rows that no training step saw, so pass ``calibration_batches``;
     ``unlabelled_batches``: more such rows, without labels, in the certificate beside them.
-    ``pooling`` / ``head``: the heads' (``"cls"``/``"mean"``, ``"model"``/``"mlp"``; None: the
+    ``pooling`` / ``head``: the heads' (``"cls"``/``"mean"``, ``"model"``/``"mlp"``/``"cascade"``; None: the
     model's, see ``eek.patch``), or ``"auto"``: trained in every configuration on one cached pass
     of the model and chosen on the validation rows
     (:mod:`earlyexit_kernels.training.head_choice`; ``result.head_trials``), for recipes whose
@@ -233,7 +234,7 @@ def fit_exit_heads(
             target = "agreement"
 
     for name, value in (("pooling", pooling), ("head", head)):
-        allowed = {"pooling": ("cls", "mean"), "head": ("model", "mlp")}[name]
+        allowed = {"pooling": HEAD_POOLINGS, "head": HEAD_FORMS}[name]
         if value is not None and value != AUTO and value not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, 'auto' or None; got {value!r}")
     policy = chosen.make_policy()
@@ -273,12 +274,14 @@ def fit_exit_heads(
             else:
                 caches["calibration"] = caches["val"]
 
-        def train(train_data, val_data, name=name, stage=stage, stage_lr=stage_lr, stage_epochs=stage_epochs):
+        def train(
+            train_data, val_data, trains=None, name=name, stage=stage, stage_lr=stage_lr, stage_epochs=stage_epochs
+        ):
             return train_exit_heads(
                 model,
                 train_data,
                 method=name,
-                trains=stage.trains,
+                trains=trains or stage.trains,
                 lr=stage_lr,
                 epochs=stage_epochs,
                 loss_kwargs=stage.loss_kwargs,

@@ -7,15 +7,18 @@ layer. No one default is right for every model, so ``eek fit`` tries them:
 
 1. the frozen model runs once over the training, validation and calibration rows, keeping every
    internal layer's [CLS] and masked-mean vectors (``cache_exit_inputs(..., both_poolings=True)``);
-2. for each of :data:`CANDIDATES` (pooling ``cls``/``mean`` x form ``model``/``mlp``), fresh heads
-   are trained on those vectors alone (the cached path: no model pass) until the validation
-   loss stops falling;
+2. for each of :data:`CANDIDATES` (pooling ``cls``/``mean`` x form ``model``/``mlp``/``cascade``),
+   fresh heads are trained on those vectors alone (the cached path: no model pass) until the
+   validation loss stops falling; a ``cascade`` trial takes the heads of the ``mlp`` trial of its
+   pooling where there was one and trains only their maps of the head below (``trains="below"``,
+   from zero: it starts as those heads), which costs seconds;
 3. each is calibrated on the **validation** rows (``max_drop``, uncertified), and the one that
    runs the fewest mean layers within the budget is kept (ties: the higher score).
 
 The choice is made on the validation rows, never on the calibration rows, so a certified
 calibration afterwards (``confidence=``) keeps its guarantee. Cost: one pass of the model (as
-for one configuration) and the heads' training four times (seconds to a minute on a CPU).
+for one configuration) and the heads' training four times, plus the cascades' maps
+(seconds to a minute on a CPU).
 """
 
 from __future__ import annotations
@@ -42,8 +45,15 @@ __all__ = [
 
 #: the value of ``pooling`` / ``head`` that asks for the choice
 AUTO = "auto"
-#: the configurations tried: (pooling, form)
-CANDIDATES = (("cls", "model"), ("cls", "mlp"), ("mean", "model"), ("mean", "mlp"))
+#: the configurations tried: (pooling, form); the cascades last, so that a tie keeps the simpler heads
+CANDIDATES = (
+    ("cls", "model"),
+    ("cls", "mlp"),
+    ("mean", "model"),
+    ("mean", "mlp"),
+    ("cls", "cascade"),
+    ("mean", "cascade"),
+)
 
 
 @dataclass
@@ -116,9 +126,10 @@ def choose_heads(
 ) -> tuple[HeadTrial, list[HeadTrial], object]:
     """Train fresh heads of every configuration of ``candidates`` on the cached vectors and keep the best.
 
-    ``train_heads(cache, val_cache) -> TrainingLog`` trains the model's current heads (the
-    caller's stage settings). Returns ``(chosen, trials, log)``: the model is left patched with
-    the chosen configuration and its trained heads, ``log`` is the chosen heads' training log.
+    ``train_heads(cache, val_cache, trains=None) -> TrainingLog`` trains the model's current heads
+    (the caller's stage settings; ``trains="below"``: the cascade's maps alone). Returns
+    ``(chosen, trials, log)``: the model is left patched with the chosen configuration and its
+    trained heads, ``log`` is the chosen heads' training log.
     """
     from earlyexit_kernels.patching.patch import current_adapter, patch
     from earlyexit_kernels.training.calibration import calibrate
@@ -129,8 +140,13 @@ def choose_heads(
         heads = model.early_exit_heads
         heads.set_form(head, None, current_adapter(model).final_classifier)  # fresh heads for every trial
         started = time.perf_counter()
+        start_from = _mlp_trial(trials, pooling) if head == "cascade" else None
         train_cache, val_cache = inputs_for(model, train, pooling, head), inputs_for(model, validation, pooling, head)
-        log = train_heads(train_cache, val_cache)
+        if start_from is not None:  # the MLPs of that trial, as they ended; only the maps B_i (from 0) learn
+            heads.classifiers.load_state_dict(states[start_from], strict=False)
+            log = train_heads(train_cache, val_cache, trains="below")
+        else:
+            log = train_heads(train_cache, val_cache)
         seconds = time.perf_counter() - started
         model.eval()
         record = cached_record(model, val_cache)
@@ -157,13 +173,18 @@ def choose_heads(
     return chosen, trials, logs[best]
 
 
+def _mlp_trial(trials: list[HeadTrial], pooling: str) -> int | None:
+    """The index of the ``mlp`` trial of ``pooling`` among ``trials``, or None."""
+    return next((i for i, t in enumerate(trials) if (t.pooling, t.head) == (pooling, "mlp")), None)
+
+
 def describe_trials(trials: list[HeadTrial], measure: str, num_layers: int) -> list[str]:
     """The compact table ``eek fit`` prints: one line per configuration, the chosen one marked."""
     lines = [f"heads tried (pooling, form; {measure} on validation at the budget, per-layer {measure}, training):"]
     for t in trials:
         layers = " ".join(f"{100 * a:.0f}" for a in t.layer_scores[:-1])
         lines.append(
-            f"  {'*' if t.chosen else ' '} {t.pooling:<4} {t.head:<5}  {t.mean_layers:4.2f} of {num_layers} layers "
+            f"  {'*' if t.chosen else ' '} {t.pooling:<4} {t.head:<7}  {t.mean_layers:4.2f} of {num_layers} layers "
             f"at {100 * t.accuracy:5.2f}%  layers 1-{num_layers - 1}: {layers}  ({t.epochs} epochs, {t.seconds:.1f} s)"
         )
     return lines

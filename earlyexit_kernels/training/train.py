@@ -49,7 +49,7 @@ __all__ = [
 METHODS = tuple(OBJECTIVES) + tuple(ALIASES)
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("linear", "cosine", "constant")
-_TRAINS = ("all", "heads", "backbone")
+_TRAINS = ("all", "heads", "backbone", "below")
 #: default learning rate of the halting heads (QExit, DACT) and SmartBERT's gates. They
 #: start from a constant output (zero weights), far from where they must end: DACT's
 #: halting logit starts at 2.2 and must move by 2-4 before any sequence can leave before
@@ -60,7 +60,7 @@ HALTING_LR = 3e-3
 #: the final classifier's weights on inputs they were not trained for and must move far:
 #: at 2e-5 (a fine-tuning rate) the internal heads of a fine-tuned MiniLM-L6 stayed at
 #: chance on Rotten Tomatoes (docs/training.md has the sweep).
-DEFAULT_LR = {"heads": 1e-3, "all": 2e-5, "backbone": 2e-5}
+DEFAULT_LR = {"heads": 1e-3, "all": 2e-5, "backbone": 2e-5, "below": 1e-3}
 #: the number of epochs when none is given: on cached exit inputs an epoch costs
 #: milliseconds to seconds, through the forward it costs a pass of the model.
 DEFAULT_EPOCHS = {"cached": 30, "forward": 1}
@@ -93,6 +93,11 @@ def _heads_parameters(model) -> list[nn.Parameter]:
     heads = model.early_exit_heads
     gates = {id(p) for p in heads.gates.parameters()} if heads.gates is not None else set()
     return [p for p in heads.parameters() if id(p) not in gates]
+
+
+def _below_parameters(model) -> list[nn.Parameter]:
+    """The maps of the head below of ``head="cascade"`` heads (``CascadeExitHead.below``)."""
+    return [head.below.weight for head in model.early_exit_heads.classifiers if hasattr(head, "below")]
 
 
 def _halting_parameters(model) -> list[nn.Parameter]:
@@ -132,17 +137,31 @@ def parameter_groups(
 
 
 def select_trainable(model: nn.Module, trains: str) -> list[nn.Parameter]:
-    """Set ``requires_grad`` for one of ``"all"``, ``"heads"``, ``"backbone"``; returns the trainable parameters.
+    """Set ``requires_grad`` for one of ``"all"``, ``"heads"``, ``"backbone"``, ``"below"``; returns the
+    trainable parameters.
 
     ``"heads"``: the internal classifiers of layers ``1..L-1`` and the halting heads
     (backbone, final classifier and gates frozen). ``"backbone"``: the backbone, the
     final classifier and the skip gates (internal classifiers and halting heads frozen).
-    ``"all"``: everything.
+    ``"all"``: everything. ``"below"``: the maps ``B_i`` of ``head="cascade"`` heads alone,
+    on the MLPs under them as they are (heads trained as ``"mlp"`` learning to read the head below).
     """
     if not is_patched(model):
         raise ValueError("select_trainable needs a model patched with eek.patch")
     if trains not in _TRAINS:
         raise ValueError(f"trains must be one of {', '.join(_TRAINS)}; got {trains!r}")
+    if trains == "below":
+        below = _below_parameters(model)
+        if not below:
+            raise ValueError(
+                f'trains="below" trains the maps of heads that read the head below; these heads are '
+                f'head="{model.early_exit_heads.form}": patch with head="cascade"'
+            )
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for parameter in below:
+            parameter.requires_grad_(True)
+        return below
     heads = {id(p) for p in _heads_parameters(model)}
     for parameter in model.parameters():
         if trains == "all":
