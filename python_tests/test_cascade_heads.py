@@ -18,8 +18,13 @@ What the form promises, on tiny random models built offline:
 import pytest
 import torch
 from conftest import tiny_model
-from model_comparison import assert_same_function, assert_same_weights
-from test_exit_head_config import available, patched_with_spread_exits
+from test_exit_head_config import (
+    assert_continuous_as_per_batch,
+    assert_rows_leave_as_alone,
+    assert_saved_and_loaded,
+    available,
+    patched_with_spread_exits,
+)
 from test_model_families import NUM_LAYERS, tiny_family, tiny_inputs
 
 import earlyexit_kernels as eek
@@ -121,16 +126,9 @@ def test_the_head_below_changes_what_a_head_says():
 def test_compaction_and_trimming_give_what_each_row_alone_gives(backend):
     available(backend)
     inputs = tiny_inputs("bert", 12, 14, seed=5)
-    model = patched_with_spread_exits("bert", "mean", "cascade", inputs, seed=4, backend=backend)
-    with torch.no_grad():
-        out = model(**inputs)
-        lengths = inputs["attention_mask"].sum(1).tolist()
-        for row, length in enumerate(lengths):
-            alone = model(**{k: v[row : row + 1, :length] for k, v in inputs.items()})
-            assert int(alone.exit_layer) == int(out.exit_layer[row]), row
-            torch.testing.assert_close(out.logits[row], alone.logits[0], rtol=1e-4, atol=1e-5)
-    assert len(set(out.exit_layer.tolist())) >= 2, "the test needs rows leaving at different layers"
-    assert len(set(lengths)) >= 3, "the test needs mixed lengths"
+    assert_rows_leave_as_alone(
+        patched_with_spread_exits("bert", "mean", "cascade", inputs, seed=4, backend=backend), inputs
+    )
 
 
 @pytest.mark.exact
@@ -163,14 +161,7 @@ def test_the_continuous_engine_gives_the_per_batch_results(backend):
     available(backend)
     inputs = tiny_inputs("distilbert", 16, 16, seed=9)
     model = patched_with_spread_exits("distilbert", "mean", "cascade", inputs, seed=8, backend=backend)
-    lengths = inputs["attention_mask"].sum(1).tolist()
-    items = [{"input_ids": inputs["input_ids"][row, :length].tolist()} for row, length in enumerate(lengths)]
-    with torch.no_grad():
-        batched = model(**inputs)
-    predictions = list(eek.classify(model, items, max_batch_size=4, max_in_flight=8))
-    assert [p.exit_layer for p in predictions] == batched.exit_layer.tolist()
-    torch.testing.assert_close(torch.stack([p.logits for p in predictions]), batched.logits, rtol=1e-4, atol=1e-5)
-    assert len({p.exit_layer for p in predictions}) >= 2
+    assert_continuous_as_per_batch(model, inputs)
 
 
 def test_the_cached_training_path_computes_the_chain_and_trains_every_map():
@@ -208,13 +199,7 @@ def test_trains_below_learns_the_maps_alone_and_needs_cascade_heads():
 def test_save_and_load_keep_the_form_and_the_heads(tmp_path):
     inputs = tiny_inputs("bert", 8, 10, seed=7)
     model = patched_with_spread_exits("bert", "mean", "cascade", inputs, seed=6)
-    model.save_pretrained(tmp_path)
-    loaded = eek.from_pretrained(tmp_path)
-    assert eek.head_config(loaded) == ExitHeadConfig("mean", "cascade", 32)
-    assert_same_weights(loaded, model)
-    with torch.no_grad():
-        a, b = model(**inputs, return_all_exits=True), loaded(**inputs, return_all_exits=True)
-    assert_same_function(b.all_logits, a.all_logits)
+    assert_saved_and_loaded(model, inputs, tmp_path, ExitHeadConfig("mean", "cascade", 32))
 
 
 # ---------------------------------------------------------------- the automatic choice

@@ -94,7 +94,14 @@ def test_early_exit_agrees_with_the_all_exits_replay(family, pooling, head):
 def test_compaction_and_trimming_give_what_each_row_alone_gives(family, pooling, head, backend):
     available(backend)
     inputs = tiny_inputs(family, 12, 14, seed=5)
-    model = patched_with_spread_exits(family, pooling, head, inputs, seed=4, backend=backend)
+    assert_rows_leave_as_alone(
+        patched_with_spread_exits(family, pooling, head, inputs, seed=4, backend=backend), inputs
+    )
+
+
+def assert_rows_leave_as_alone(model, inputs) -> None:
+    """Every row of the padded batch leaves where it leaves run alone (its own length), with the
+    same logits; the batch has rows leaving at different layers and mixed lengths."""
     with torch.no_grad():
         out = model(**inputs)
         lengths = inputs["attention_mask"].sum(1).tolist()
@@ -174,7 +181,13 @@ def test_a_fast_backend_equals_the_torch_backend(family, pooling, head, backend)
 def test_the_continuous_engine_gives_the_per_batch_results(family, pooling, head, backend):
     available(backend)
     inputs = tiny_inputs(family, 16, 16, seed=9)
-    model = patched_with_spread_exits(family, pooling, head, inputs, seed=8, backend=backend)
+    assert_continuous_as_per_batch(
+        patched_with_spread_exits(family, pooling, head, inputs, seed=8, backend=backend), inputs
+    )
+
+
+def assert_continuous_as_per_batch(model, inputs) -> None:
+    """``eek.classify`` (the continuous engine, small calls) gives the per-batch forward's exits and logits."""
     lengths = inputs["attention_mask"].sum(1).tolist()
     items = []
     for row, length in enumerate(lengths):
@@ -197,9 +210,15 @@ def test_save_and_load_keep_the_choice_and_the_heads(family, tmp_path):
     eek.patch(model, eek.QExit(), backend="torch", pooling="mean", head="mlp", mlp_hidden=24)
     eek.patch(model, eek.Patience(1))
     spread_exit_heads(model, seed=6)
-    model.save_pretrained(tmp_path)
-    loaded = eek.from_pretrained(tmp_path)
-    assert eek.head_config(loaded) == ExitHeadConfig("mean", "mlp", 24)
+    assert_saved_and_loaded(model, inputs, tmp_path, ExitHeadConfig("mean", "mlp", 24))
+
+
+def assert_saved_and_loaded(model, inputs, folder, config: ExitHeadConfig) -> None:
+    """``save_pretrained`` then ``eek.from_pretrained`` give the heads of ``config``, the same weights
+    and the same outputs at every exit."""
+    model.save_pretrained(folder)
+    loaded = eek.from_pretrained(folder)
+    assert eek.head_config(loaded) == config
     assert_same_weights(loaded, model)
     with torch.no_grad():
         a, b = model(**inputs, return_all_exits=True), loaded(**inputs, return_all_exits=True)
