@@ -6,7 +6,7 @@ What the form promises, on tiny random models built offline:
   below and is an MLP head; layer L is the model's own, so full depth stays bit for bit;
 - every engine computes the chain of :func:`reference_chain` (``exit_input`` and ``classify``
   on the unpatched model's hidden states, each head fed the logits of the one below): early
-  exit, compaction and trimming, the C++ backend, the graphed step, the continuous engine, and
+  exit, compaction and trimming, the C++ and Triton backends, the graphed step, the continuous engine, and
   a ``Scheduled`` policy that exits where no head would run otherwise;
 - the cached training path computes the same chain, and the loss reaches every ``B_i``;
 - save/load keeps the form and the weights;
@@ -129,6 +129,22 @@ def test_compaction_and_trimming_give_what_each_row_alone_gives(backend):
     assert_rows_leave_as_alone(
         patched_with_spread_exits("bert", "mean", "cascade", inputs, seed=4, backend=backend), inputs
     )
+
+
+@pytest.mark.exact
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_a_fast_backend_equals_the_torch_backend(backend):
+    """The cascade's head runs in PyTorch on every backend; the backend's exit step decides."""
+    available(backend)
+    inputs = tiny_inputs("bert", 12, 14, seed=15)
+    model = patched_with_spread_exits("bert", "mean", "cascade", inputs, seed=14)
+    with torch.no_grad():
+        reference = model(**inputs)
+        eek.patch(model, eek.policy_of(model), backend=backend)
+        fast = model(**inputs)
+    assert torch.equal(fast.exit_layer, reference.exit_layer)
+    torch.testing.assert_close(fast.logits, reference.logits, rtol=1e-4, atol=1e-5)
+    assert len(set(reference.exit_layer.tolist())) >= 2
 
 
 @pytest.mark.exact
