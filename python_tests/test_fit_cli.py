@@ -339,12 +339,14 @@ def test_fit_as_a_command(classifier, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: input")
 
 
-def test_the_command_line_offers_every_recipe():
-    from earlyexit_kernels.integrations.fit_cli import METHODS, UNLABELLED_METHODS
+def test_the_command_line_offers_every_recipe_and_head_form():
+    from earlyexit_kernels.engine.heads import HEAD_FORMS
+    from earlyexit_kernels.integrations.fit_cli import HEAD_CHOICES, METHODS, UNLABELLED_METHODS
     from earlyexit_kernels.training.recipes import RECIPES
 
     assert METHODS == tuple(RECIPES)
     assert UNLABELLED_METHODS == tuple(name for name, r in RECIPES.items() if not r.needs_labels)
+    assert HEAD_CHOICES == ("auto", *HEAD_FORMS)
 
 
 def test_by_default_fit_certifies_the_budget_on_rows_kept_out_of_training(classifier, tmp_path, capsys):

@@ -21,13 +21,15 @@ from pathlib import Path
 
 from earlyexit_kernels.integrations.base_options import add_base_options
 
-__all__ = ["add_commands", "CALIBRATION_FRACTION", "CONFIDENCE", "METHODS", "UNLABELLED_METHODS"]
+__all__ = ["add_commands", "CALIBRATION_FRACTION", "CONFIDENCE", "HEAD_CHOICES", "METHODS", "UNLABELLED_METHODS"]
 
 #: ``--method`` names, those of :data:`earlyexit_kernels.training.recipes.RECIPES` (written out: ``--help`` imports
 #: no torch; a test holds them equal); ``heads`` trains the internal heads of the frozen model (the default)
 METHODS = ("heads", "joint", "fastbert", "deebert", "pabee", "palbert", "ensemble", "dact", "smartbert")
 #: the methods that train without labels (self-distillation from the final classifier)
 UNLABELLED_METHODS = ("heads", "fastbert")
+#: ``--head`` choices, ``"auto"`` and :data:`earlyexit_kernels.engine.heads.HEAD_FORMS` (written out, as above)
+HEAD_CHOICES = ("auto", "model", "mlp", "cascade")
 #: ``--confidence`` and ``--calibration-fraction`` defaults, those of :mod:`earlyexit_kernels.training.fit_texts`
 CONFIDENCE = 0.95
 CALIBRATION_FRACTION = 0.25
@@ -107,7 +109,7 @@ def _add_fit(commands) -> None:
     )
     fit.add_argument(
         "--head",
-        choices=("auto", "model", "mlp", "cascade"),  # engine.heads.HEAD_FORMS, without importing torch
+        choices=HEAD_CHOICES,
         default="auto",
         help="the heads' form: model, mlp, or cascade (an MLP that also reads the head below's logits); "
         "default: auto, as --pooling",

@@ -235,14 +235,11 @@ def cached_exits(model, cache: ExitInputCache, rows: torch.Tensor | None = None)
     inputs = cache.inputs[pick].to(device)
     num_layers = inputs.shape[1]
     final = cache.final_logits[pick].to(device)
-    if adapter.heads_read_below:
-        # each head reads the one below's logits, detached, as the engine hands them on
-        logits, below = [], None
-        for layer in range(1, num_layers):
-            logits.append(adapter.classify(layer, inputs[:, layer - 1], below))
+    logits, below = [], None
+    for layer in range(1, num_layers):
+        logits.append(adapter.classify(layer, inputs[:, layer - 1], below))
+        if adapter.heads_read_below:  # the next head reads these logits, detached, as the engine hands them on
             below = logits[-1].detach().float()
-    else:
-        logits = [adapter.classify(layer, inputs[:, layer - 1]) for layer in range(1, num_layers)]
     all_logits = torch.stack([*(z.to(final.dtype) for z in logits), final])
     halting_head = heads.halting_head(state.policy)
     all_halting = all_halting_logits = None
