@@ -10,6 +10,8 @@ test texts, in the length-sorted batches of 32 the stack benchmarks use (128 tok
   scale per token and one weight scale per output channel
   (:class:`earlyexit_kernels.engine.int8_linear.PerTokenInt8Linear`);
 - ``per-token``: every encoder Linear so;
+- ``per-token, ONNX Runtime layers``: the same quantization, each encoder layer one ONNX Runtime graph
+  (:class:`earlyexit_kernels.engine.ort_layer.OrtLayer`, recipe ``per-token-ort``), where onnxruntime is installed;
 - ``dynamic, FFN output smoothed``: SmoothQuant's migration (alpha 0.5) on the feed-forward output
   projections, calibrated on the largest input of each channel over 256 train texts, then dynamic;
 - ``torchao``: torchao's ``Int8DynamicActivationInt8WeightConfig`` on every encoder Linear
@@ -151,6 +153,7 @@ def main() -> None:
         "dynamic, FFN output float": lambda m: dynamic(m, keep=is_out),
         "dynamic, FFN output per-token": lambda m: per_token(dynamic(m, keep=is_out), which=is_out),
         "per-token": lambda m: per_token(m),
+        "per-token, ONNX Runtime layers": lambda m: int8_encoder(m, "per-token-ort", inplace=True),
         "dynamic, FFN output smoothed": lambda m: smoothed(m, calibration),
         "torchao": torchao,
         "package recipe (int8_encoder auto)": lambda m: int8_encoder(m, inplace=True),

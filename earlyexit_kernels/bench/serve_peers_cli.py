@@ -7,6 +7,7 @@ fine-tuned classifier, the first time, under ``--models-dir``. What runs is
 from __future__ import annotations
 
 import csv
+import filecmp
 import json
 import shutil
 import subprocess
@@ -21,6 +22,23 @@ __all__ = ["rotten_tomatoes", "add_arguments", "wanted", "main", "BACKBONES"]
 
 #: what --backbone all runs, in this order
 BACKBONES = ("minilm", "mpnet")
+
+
+def _certified_copy(int8_model: Path, model: Path) -> bool:
+    """Whether ``int8_model`` is ``model``'s weights certified on the int8 recipe its family takes here: a
+    copy of another fit's weights, or certified on another recipe (ONNX Runtime installed since, or
+    removed), is made again."""
+    from earlyexit_kernels.integrations.model_folder import family_int8_recipe
+    from earlyexit_kernels.patching.fit_record import FitRecord, FitRecordError
+
+    weights = "model.safetensors"
+    if not (int8_model / weights).is_file():
+        return False
+    try:
+        recipe = FitRecord.load(int8_model).int8_recipe
+    except FitRecordError:
+        return False
+    return recipe == family_int8_recipe(model) and filecmp.cmp(int8_model / weights, model / weights, shallow=False)
 
 
 def rotten_tomatoes(
@@ -55,7 +73,7 @@ def rotten_tomatoes(
         progress("eek fit: " + " ".join(command))
         subprocess.run(command, check=True)
     int8_model = models_dir / f"eek-{backbone}-rt-int8"
-    if not (int8_model / "config.json").is_file():
+    if not _certified_copy(int8_model, model):
         shutil.rmtree(int8_model, ignore_errors=True)
         shutil.copytree(model, int8_model)
         validation = models_dir / "rt-validation.csv"

@@ -7,9 +7,13 @@
 - ``"float32"`` and ``"bfloat16"``: the whole model cast (``model.to``); the fused exit step
   reads the heads in that dtype, as every backend does.
 - ``"int8"``: the encoder's Linear layers int8 (CPU only) with the recipe measured for the family
-  (:data:`FAMILY_INT8_RECIPES`, :func:`int8_recipe`): BERT (MiniLM) and MPNet run ``"per-token"``,
-  one activation scale per token and one weight scale per output channel
-  (:class:`~earlyexit_kernels.engine.int8_linear.PerTokenInt8Linear`). ``quantize_dynamic``'s one
+  (:data:`FAMILY_INT8_RECIPES`, :func:`int8_recipe`): BERT (MiniLM) and MPNet run one activation
+  scale per token and one weight scale per output channel, each encoder layer one ONNX Runtime graph
+  (``"per-token-ort"``, :class:`~earlyexit_kernels.engine.ort_layer.OrtLayer`) where onnxruntime is
+  installed, else the same quantization on PyTorch's kernels (``"per-token"``,
+  :class:`~earlyexit_kernels.engine.int8_linear.PerTokenInt8Linear`): the same agreement with float32
+  (MiniLM-L6 99.5% both, MPNet-base 99.7% against 99.8%), 1.5x the speed on MiniLM-L6 at full depth
+  and 1.16x on MPNet-base (``benchmarks/results/int8_recipes_cpu.md``). ``quantize_dynamic``'s one
   scale per call loses the tokens beside an outlier: the GELU's outliers that MPNet's feed-forward
   output projections read cost MPNet 14 points (``benchmarks/int8_linear_sensitivity.py``), which is
   why its recipe used to keep them float32. Measured on Rotten Tomatoes' first 1,000 test texts at
@@ -39,6 +43,7 @@ import torch
 from torch import nn
 
 from earlyexit_kernels.engine.int8_linear import PerTokenInt8Linear
+from earlyexit_kernels.engine.ort_layer import ORT_MISSING, OrtLayer, ort_available
 
 __all__ = [
     "DTYPES",
@@ -65,10 +70,14 @@ INT8_RECIPES = {
     "per output channel (PerTokenInt8Linear)",
     "ffn-out-per-token": "every Linear layer of the encoder dynamic int8 but the feed-forward output projections, "
     "int8 with one activation scale per token and one weight scale per output channel",
+    "per-token-ort": "every Linear layer of the encoder int8 per token x per channel, as per-token, each encoder layer "
+    "run by ONNX Runtime (one graph per layer, OrtLayer)",
 }
 #: the recipe of each family (``model_type``) whose int8 base was measured against its float32 model
 #: (agreement and speed at full depth, ``benchmarks/micro/int8_recipes.py``; docs/serving.md, "The int8 base")
-FAMILY_INT8_RECIPES = {"bert": "per-token", "mpnet": "per-token"}
+FAMILY_INT8_RECIPES = {"bert": "per-token-ort", "mpnet": "per-token-ort"}
+#: the recipe a family takes instead where ONNX Runtime is not installed (the same quantization on PyTorch's kernels)
+WITHOUT_ORT = {"per-token-ort": "per-token"}
 #: the recipe every family's int8 base had before recipes were chosen per family and recorded in the folder
 #: (a folder certified on int8 then holds no record: :func:`legacy_int8_recipe`)
 _LEGACY_FFN_OUT_FLOAT = frozenset({"mpnet"})
@@ -103,7 +112,8 @@ def int8_recipe(model: nn.Module) -> str:
             "choose a recipe yourself (earlyexit_kernels.engine.precision.int8_encoder(model, recipe), one of "
             f"{', '.join(INT8_RECIPES)})"
         )
-    return FAMILY_INT8_RECIPES[family]
+    recipe = FAMILY_INT8_RECIPES[family]
+    return recipe if ort_available() else WITHOUT_ORT.get(recipe, recipe)
 
 
 def legacy_int8_recipe(model: nn.Module) -> str:
@@ -137,6 +147,8 @@ def int8_encoder(model: nn.Module, recipe: str = "auto", *, inplace: bool = Fals
     recipe = int8_recipe(model) if recipe == "auto" else recipe
     if recipe not in INT8_RECIPES:
         raise ValueError(f"int8 recipe must be auto or one of {', '.join(INT8_RECIPES)}; got {recipe!r}")
+    if recipe == "per-token-ort":
+        return _ort_encoder(model if inplace else copy.deepcopy(model))
     quantized = model if inplace else copy.deepcopy(model)
     linears = _encoder_linears(quantized)
     if not linears:
@@ -165,6 +177,23 @@ def int8_encoder(model: nn.Module, recipe: str = "auto", *, inplace: bool = Fals
             torch.ao.quantization.quantize_dynamic(quantized.base_model, dynamic, dtype=torch.qint8, inplace=True)
     quantized.eek_int8_recipe = recipe
     return quantized
+
+
+def _ort_encoder(model: nn.Module) -> nn.Module:
+    """``model`` with each encoder layer an :class:`OrtLayer` (int8 per token x per channel), in place."""
+    if not ort_available():
+        raise ValueError(
+            f"int8 recipe per-token-ort: {ORT_MISSING}; or run the same quantization on PyTorch's kernels, the "
+            "per-token recipe (certify it with eek calibrate FOLDER FILE --dtype int8 where ONNX Runtime is not installed)"
+        )
+    layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"int8 recipe per-token-ort: {type(model).__name__} has no encoder.layer list; run per-token")
+    for index, layer in enumerate(layers):
+        if not isinstance(layer, OrtLayer):
+            layers[index] = OrtLayer.from_layer(layer, model.config)
+    model.eek_int8_recipe = "per-token-ort"
+    return model
 
 
 def to_base(

@@ -1,0 +1,321 @@
+"""An encoder layer run by ONNX Runtime: one ONNX graph per layer, its Linear layers int8 per token.
+
+    layer = OrtLayer.from_layer(model.base_model.encoder.layer[i], model.config)
+    out = layer(hidden, attention_mask)        # what the layer returns, from ONNX Runtime's CPU kernels
+
+Why: PyTorch's int8 Linear (fbgemm, :class:`~earlyexit_kernels.engine.int8_linear.PerTokenInt8Linear`)
+runs a MiniLM-L6 layer about as fast as ONNX Runtime runs it in float32, and ONNX Runtime's int8
+layer 1.5-2.2x faster (``benchmarks/micro/ort_layer.py``). Serving int8 against a server on ONNX
+Runtime (Infinity) needs that layer behind our scheduler, with the exit heads in between: so each
+layer is its own graph, called with the rows the scheduler put in the call.
+
+The graph is the layer's arithmetic with the same quantization as ``PerTokenInt8Linear``: every
+Linear layer of the layer int8 with one weight scale per output channel (symmetric, ``max |w| /
+127``) and one activation scale per token, done the same way: each token's row divided by its
+largest magnitude, then ONNX Runtime's ``DynamicQuantizeMatMul`` (one scale for the call, now the
+same step for every row), the output multiplied back. The query, key and value projections run as
+one product; the attention is ``MultiHeadAttention`` with the padding as a key mask (and MPNet's
+relative position bias); GELU and the norms are ONNX Runtime's. Where the CPU lacks VNNI the
+weights take 7 bits, as ONNX Runtime's quantizer advises there (``reduce_range``). With
+``int8=False`` the graph is the float32 layer (equal to it up to float rounding: the tests' check
+of the graph itself).
+
+Families: BERT-style layers (``attention.self.query/key/value``, ``attention.output``,
+``intermediate``, ``output``) and MPNet's (``attention.attn.q/k/v/o``), with exact GELU.
+Needs ``onnxruntime`` and ``onnx`` (the ``int8`` extra: ``pip install --no-build-isolation '.[int8]'`` from the
+repository).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from earlyexit_kernels.engine.int8_linear import cpu_has_vnni
+
+__all__ = ["LayerParts", "OrtLayer", "layer_graph", "layer_parts", "ort_available", "ORT_MISSING"]
+
+ORT_MISSING = "onnxruntime and onnx are not installed (pip install 'onnxruntime>=1.17' 'onnx>=1.15': the int8 extra)"
+#: the fusions the sessions leave out: ONNX Runtime's layer norm kernels are slower than the operations (_Graph.norm)
+_UNFUSED = ["LayerNormFusion", "SimplifiedLayerNormFusion", "SkipLayerNormFusion"]
+#: the activations the graph runs exactly as the layer does (the erf GELU)
+_EXACT_GELU = ("gelu",)
+
+
+def ort_available() -> bool:
+    """Whether ONNX Runtime and the ``onnx`` package (which builds the graphs) are importable."""
+    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+
+
+@dataclass
+class LayerParts:
+    """A layer's weights as the graph reads them (float32 tensors; ``*_weight`` as ``nn.Linear`` holds them)."""
+
+    heads: int
+    qkv_weight: torch.Tensor  # [3H, H]: query, key, value
+    qkv_bias: torch.Tensor
+    out_weight: torch.Tensor
+    out_bias: torch.Tensor
+    norm1: nn.LayerNorm
+    up_weight: torch.Tensor
+    up_bias: torch.Tensor
+    down_weight: torch.Tensor
+    down_bias: torch.Tensor
+    norm2: nn.LayerNorm
+    position_bias: bool  # MPNet: the relative position bias added to the scores, an input of the layer
+
+
+def layer_parts(layer: nn.Module, config) -> LayerParts:
+    """The weights of a BERT-style or MPNet layer; a ``ValueError`` saying what runs instead otherwise."""
+    act = getattr(config, "hidden_act", None)
+    if act not in _EXACT_GELU:
+        raise ValueError(
+            f"the ONNX Runtime layer runs the erf GELU; {config.model_type}'s layers use {act!r}. Run the "
+            "per-token int8 recipe (PyTorch's kernels) instead"
+        )
+    attention = getattr(layer, "attention", None)
+    mpnet = hasattr(attention, "attn")
+    if mpnet:
+        attn = attention.attn
+        query, key, value, out, norm1 = attn.q, attn.k, attn.v, attn.o, attention.LayerNorm
+        heads = attn.num_attention_heads
+    elif hasattr(getattr(attention, "self", None), "query"):
+        attn = attention.self
+        query, key, value = attn.query, attn.key, attn.value
+        out, norm1 = attention.output.dense, attention.output.LayerNorm
+        heads = attn.num_attention_heads
+        if getattr(attn, "position_embedding_type", "absolute") != "absolute" or getattr(
+            layer, "add_cross_attention", 0
+        ):
+            raise ValueError("the ONNX Runtime layer runs absolute-position self-attention only")
+    else:
+        raise ValueError(
+            f"the ONNX Runtime layer runs BERT-style and MPNet layers; {type(layer).__name__} is neither. Run the "
+            "per-token int8 recipe (PyTorch's kernels) instead"
+        )
+    linears = (query, key, value, out, layer.intermediate.dense, layer.output.dense)
+    if not all(type(m) is nn.Linear and m.bias is not None for m in linears):
+        raise ValueError("the ONNX Runtime layer reads float nn.Linear layers with a bias (a layer not quantized yet)")
+
+    def weights(*modules):
+        return [m.weight.detach().float().cpu() for m in modules], [m.bias.detach().float().cpu() for m in modules]
+
+    (qw, kw, vw), (qb, kb, vb) = weights(query, key, value)
+    return LayerParts(
+        heads=heads,
+        qkv_weight=torch.cat([qw, kw, vw]),
+        qkv_bias=torch.cat([qb, kb, vb]),
+        out_weight=out.weight.detach().float().cpu(),
+        out_bias=out.bias.detach().float().cpu(),
+        norm1=norm1,
+        up_weight=layer.intermediate.dense.weight.detach().float().cpu(),
+        up_bias=layer.intermediate.dense.bias.detach().float().cpu(),
+        down_weight=layer.output.dense.weight.detach().float().cpu(),
+        down_bias=layer.output.dense.bias.detach().float().cpu(),
+        norm2=layer.output.LayerNorm,
+        position_bias=mpnet,
+    )
+
+
+class _Graph:
+    """The nodes and initializers of one graph as it is built."""
+
+    def __init__(self):
+        from onnx import helper, numpy_helper
+
+        self.helper, self.numpy_helper = helper, numpy_helper
+        self.nodes, self.initializers = [], []
+
+    def const(self, name: str, array) -> str:
+        array = array.numpy() if isinstance(array, torch.Tensor) else array
+        self.initializers.append(self.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str, domain: str | None = None, **attrs) -> str:
+        self.nodes.append(self.helper.make_node(op, inputs, [output], name=output, domain=domain, **attrs))
+        return output
+
+    def linear(self, x: str, name: str, weight: torch.Tensor, *, int8: bool, weight_max: int) -> str:
+        """``x W^T`` (no bias: it is added where the graph fuses it), int8 per token x per channel."""
+        w = weight.numpy().T  # [in, out]
+        if not int8:
+            return self.node("MatMul", [x, self.const(f"{name}.w", w)], f"{name}.y")
+        scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / weight_max
+        quantized = np.clip(np.round(w / scale), -weight_max, weight_max).astype(np.int8)
+        magnitude = self.node(
+            "ReduceMax", [self.node("Abs", [x], f"{name}.abs"), self.const(f"{name}.axes", np.array([-1]))],
+            f"{name}.max", keepdims=1,
+        )  # fmt: skip
+        magnitude = self.node("Max", [magnitude, self.const(f"{name}.eps", np.array(1e-12, np.float32))], f"{name}.m")
+        rows = self.node("Div", [x, magnitude], f"{name}.rows")  # every row spans [-1, 1]: one step fits all
+        product = self.node(
+            "DynamicQuantizeMatMul",
+            [
+                rows,
+                self.const(f"{name}.wq", quantized),
+                self.const(f"{name}.ws", scale.astype(np.float32)),
+                self.const(f"{name}.wz", np.zeros(w.shape[1], np.int8)),
+            ],
+            f"{name}.q",
+            domain="com.microsoft",
+        )
+        return self.node("Mul", [product, magnitude], f"{name}.y")
+
+    def norm(self, name: str, x: str, bias: torch.Tensor, residual: str, module: nn.LayerNorm) -> str:
+        """``LayerNorm(x + bias + residual)`` in elementary operations: ONNX Runtime's own LayerNormalization
+        kernel took 520 us on [320, 384] on this project's CPU, these 110 (torch: 53), which at MiniLM's
+        width is a fifth of the layer (``benchmarks/micro/ort_layer.py``); the session keeps them unfused."""
+        summed = self.node(
+            "Add", [self.node("Add", [x, self.const(f"{name}.b", bias)], f"{name}.z"), residual], f"{name}.zz"
+        )
+        axes = self.const(f"{name}.axes", np.array([-1]))
+        centred = self.node(
+            "Sub", [summed, self.node("ReduceMean", [summed, axes], f"{name}.mean", keepdims=1)], f"{name}.c"
+        )
+        variance = self.node(
+            "ReduceMean", [self.node("Mul", [centred, centred], f"{name}.sq"), axes], f"{name}.var", keepdims=1
+        )
+        deviation = self.node(
+            "Sqrt",
+            [self.node("Add", [variance, self.const(f"{name}.eps", np.array(module.eps, np.float32))], f"{name}.ve")],
+            f"{name}.sd",
+        )
+        normed = self.node("Div", [centred, deviation], f"{name}.n")
+        scaled = self.node("Mul", [normed, self.const(f"{name}.g", module.weight.detach().float())], f"{name}.ng")
+        return self.node("Add", [scaled, self.const(f"{name}.beta", module.bias.detach().float())], name)  # fmt: skip
+
+
+def layer_graph(parts: LayerParts, *, int8: bool = True, reduce_range: bool | None = None) -> bytes:
+    """The serialized ONNX model of the layer: inputs ``hidden`` [n, S, H] float32, ``key_mask`` [n, S]
+    int32 (1 for a token, 0 for padding) and, for MPNet, ``position_bias`` [n or 1, heads, S, S]; output
+    ``output`` [n, S, H]."""
+    from onnx import TensorProto, checker, helper
+
+    reduce_range = (not cpu_has_vnni()) if reduce_range is None else reduce_range
+    weight_max = 63 if reduce_range else 127
+    hidden_size = parts.qkv_weight.shape[1]
+    g = _Graph()
+    qkv = g.linear("hidden", "qkv", parts.qkv_weight, int8=int8, weight_max=weight_max)
+    g.nodes.append(
+        helper.make_node(
+            "Split",
+            [qkv, g.const("qkv.split", np.array([hidden_size] * 3))],
+            ["q", "k", "v"],
+            name="qkv.split",
+            axis=-1,
+        )
+    )
+    attention_inputs = ["q", "k", "v", g.const("qkv.b", parts.qkv_bias), "key_mask"]
+    if parts.position_bias:
+        attention_inputs.append("position_bias")
+    context = g.node("MultiHeadAttention", attention_inputs, "context", domain="com.microsoft", num_heads=parts.heads)
+    attended = g.norm("norm1", g.linear(context, "out", parts.out_weight, int8=int8, weight_max=weight_max),
+                      parts.out_bias, "hidden", parts.norm1)  # fmt: skip
+    up = g.linear(attended, "up", parts.up_weight, int8=int8, weight_max=weight_max)
+    gelu = g.node("BiasGelu", [up, g.const("up.b", parts.up_bias)], "gelu", domain="com.microsoft")
+    down = g.linear(gelu, "down", parts.down_weight, int8=int8, weight_max=weight_max)
+    g.norm("output", down, parts.down_bias, attended, parts.norm2)
+    inputs = [
+        helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["n", "s", hidden_size]),
+        helper.make_tensor_value_info("key_mask", TensorProto.INT32, ["n", "s"]),
+    ]
+    if parts.position_bias:
+        inputs.append(
+            helper.make_tensor_value_info("position_bias", TensorProto.FLOAT, ["bias_rows", parts.heads, "s", "s"])
+        )
+    output = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", "s", hidden_size])
+    model = helper.make_model(
+        helper.make_graph(g.nodes, "encoder_layer", inputs, [output], g.initializers),
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)],
+    )
+    checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _key_mask(attention_mask: torch.Tensor | None, n: int, length: int) -> np.ndarray:
+    """The [n, S] int32 key mask from the mask a layer takes: None, 2-D, or the 4-D boolean (SDPA: True
+    attends) or additive (0 attends) mask, whose first query row holds the padding."""
+    if attention_mask is None:
+        return np.ones((n, length), np.int32)
+    mask = attention_mask if attention_mask.dim() == 2 else attention_mask[:, 0, 0, :]
+    if mask.dtype != torch.bool:
+        mask = mask == 0 if mask.is_floating_point() else mask != 0
+    return mask.expand(n, length).to(torch.int32).numpy()
+
+
+class OrtLayer(nn.Module):
+    """An encoder layer run by ONNX Runtime from its graph (:func:`layer_graph`), called as the layer was.
+
+    The session is made at the first call, with as many threads as torch has then (made again when
+    that changes), and is not copied or pickled: a copy makes its own."""
+
+    def __init__(self, graph: bytes, *, position_bias: bool, returns_tuple: bool, description: str):
+        super().__init__()
+        self.graph, self.position_bias, self.returns_tuple = graph, position_bias, returns_tuple
+        self.description = description
+        self._session = None
+        self._threads = None
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module, config, *, int8: bool = True, reduce_range: bool | None = None) -> OrtLayer:
+        """``layer`` (a float BERT-style or MPNet layer) as a graph; int8 per token x per channel unless not ``int8``."""
+        parts = layer_parts(layer, config)
+        with torch.no_grad():  # what the layer hands back: a tensor, or a tuple whose first item is the output
+            probe = layer(torch.zeros(1, 1, parts.qkv_weight.shape[1], dtype=parts.qkv_weight.dtype))
+        return cls(
+            layer_graph(parts, int8=int8, reduce_range=reduce_range),
+            position_bias=parts.position_bias,
+            returns_tuple=isinstance(probe, tuple),
+            description="int8 per token x per channel" if int8 else "float32",
+        )
+
+    def session(self):
+        threads = torch.get_num_threads()
+        if self._session is None or self._threads != threads:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            # between layers torch's ops run: ONNX Runtime's threads must not spin waiting for the next call
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            self._session = ort.InferenceSession(
+                self.graph, options, providers=["CPUExecutionProvider"], disabled_optimizers=_UNFUSED
+            )
+            self._threads = threads
+        return self._session
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_bias=None, *args, **kwargs):
+        if hidden_states.device.type != "cpu":
+            raise ValueError(f"the ONNX Runtime layer runs on the CPU; the hidden states are on {hidden_states.device}")
+        hidden = hidden_states.detach().float().contiguous()
+        n, length = hidden.shape[:2]
+        feeds = {"hidden": hidden.numpy(), "key_mask": _key_mask(attention_mask, n, length)}
+        if self.position_bias:
+            if position_bias is None:
+                raise ValueError("this MPNet layer takes the position bias its encoder computes")
+            feeds["position_bias"] = position_bias.detach().float().contiguous().numpy()
+        output = torch.from_numpy(self.session().run(None, feeds)[0])
+        if hidden_states.dtype != torch.float32:
+            output = output.to(hidden_states.dtype)
+        return (output,) if self.returns_tuple else output
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_session"] = state["_threads"] = None
+        return state
+
+    def __deepcopy__(self, memo):
+        copied = OrtLayer(
+            self.graph, position_bias=self.position_bias, returns_tuple=self.returns_tuple, description=self.description
+        )
+        copied.train(self.training)
+        return copied
+
+    def extra_repr(self) -> str:
+        return f"ONNX Runtime, {self.description}, {len(self.graph) / 2**20:.1f} MiB graph"
