@@ -45,6 +45,23 @@ def test_the_class_adds_the_columns_each_equal_to_the_model_alone(model_dir):
     assert out.exit_layer.nunique() >= 2
 
 
+def test_int8_runs_the_recipe_the_folders_int8_certificate_recorded(model_dir, tmp_path):
+    import shutil
+
+    from earlyexit_kernels.engine.precision import int8_recipe
+    from earlyexit_kernels.patching.fit_record import FitRecord
+
+    frame = pd.DataFrame({"text": word_texts(300, seed=2)[:20]})
+    family = EarlyExitClassifier(model_dir, dtype="int8")
+    assert family.model.eek_int8_recipe == int8_recipe(eek.from_pretrained(model_dir))  # no certificate: the family's
+    folder = shutil.copytree(model_dir, tmp_path / "certified")
+    FitRecord(report={"policy": "Entropy(0.0)"}, base="int8", int8_recipe="per-token").save(folder)
+    recorded = EarlyExitClassifier(str(folder), dtype="int8")
+    assert recorded.model.eek_int8_recipe == "per-token"
+    as_float, as_int8 = EarlyExitClassifier(model_dir)(frame), recorded(frame)
+    assert (as_float.label == as_int8.label).mean() > 0.8
+
+
 def test_null_text_is_classified_as_empty_and_a_bad_row_gets_an_error(model_dir):
     classifier = EarlyExitClassifier(model_dir, max_length=8, truncation=False)
     frame = pd.DataFrame({"text": ["w1 w2", None, 3.5, "w1 " * 20, ""]})

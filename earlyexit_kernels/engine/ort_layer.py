@@ -4,8 +4,8 @@
     out = layer(hidden, attention_mask)        # what the layer returns, from ONNX Runtime's CPU kernels
 
 Why: PyTorch's int8 Linear (fbgemm, :class:`~earlyexit_kernels.engine.int8_linear.PerTokenInt8Linear`)
-runs a MiniLM-L6 layer about as fast as ONNX Runtime runs it in float32, and ONNX Runtime's int8
-layer 1.5-2.2x faster (``benchmarks/micro/ort_layer.py``). Serving int8 against a server on ONNX
+runs a MiniLM-L6 layer about as fast as ONNX Runtime runs it in float32, and this graph's int8
+layer 2.3-2.4x faster (MPNet-base: 1.7-1.9x; ``benchmarks/results/ort_layer_cpu.md``). Serving int8 against a server on ONNX
 Runtime (Infinity) needs that layer behind our scheduler, with the exit heads in between: so each
 layer is its own graph, called with the rows the scheduler put in the call.
 
