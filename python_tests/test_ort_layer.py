@@ -111,6 +111,23 @@ def test_each_row_is_what_it_is_alone_and_every_mask_form_is_read(family):
             torch.testing.assert_close(got, batched, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("family", ["bert", "mpnet"])
+def test_the_padding_is_never_read_and_comes_back_as_zeros(family, int8):
+    """The graph runs on the real tokens only: what the padded positions hold changes nothing, not
+    even the int8 quantization step of the call."""
+    model = MODELS[family]()
+    layer = OrtLayer.from_layer(model.base_model.encoder.layer[0], model.config, int8=int8)
+    hidden, mask = padded_input(n=6, length=12, seed=4)
+    garbage = torch.where(mask[..., None], hidden, torch.full_like(hidden, 1e4))
+    clean, noisy = run(layer, model, hidden, mask), run(layer, model, garbage, mask)
+    torch.testing.assert_close(noisy, clean, rtol=0, atol=0)
+    with torch.no_grad():
+        out = layer(hidden, additive(mask), model.base_model.encoder.compute_position_bias(hidden)) if family == "mpnet" else layer(hidden, additive(mask))  # fmt: skip
+    out = out[0] if isinstance(out, tuple) else out
+    assert not out[~mask].any()
+
+
 def test_a_copy_or_a_pickle_makes_its_own_session_and_a_new_thread_count_a_new_one():
     model = tiny_model("bert", num_layers=1)
     layer = OrtLayer.from_layer(model.base_model.encoder.layer[0], model.config)

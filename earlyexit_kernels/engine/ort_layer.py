@@ -15,7 +15,9 @@ Linear layer of the layer int8 with one weight scale per output channel (symmetr
 largest magnitude, then ONNX Runtime's ``DynamicQuantizeMatMul`` (one scale for the call, now the
 same step for every row), the output multiplied back. The query, key and value projections run as
 one product; the attention is ``MultiHeadAttention`` with the padding as a key mask (and MPNet's
-relative position bias); GELU and the norms are ONNX Runtime's. Where the CPU lacks VNNI the
+relative position bias); GELU is ONNX Runtime's, the norms elementary operations. The graph runs on
+the call's real tokens (packed): the padding is never read, and comes back as zeros (served, MiniLM-L6
+int8: 1.22x the texts/s of the same graph on every padded position at concurrency 32, 1.05x at 8). Where the CPU lacks VNNI the
 weights take 7 bits, as ONNX Runtime's quantizer advises there (``reduce_range``). With
 ``int8=False`` the graph is the float32 layer (equal to it up to float rounding: the tests' check
 of the graph itself).
@@ -190,20 +192,34 @@ class _Graph:
 
 
 def layer_graph(parts: LayerParts, *, int8: bool = True, reduce_range: bool | None = None) -> bytes:
-    """The serialized ONNX model of the layer: inputs ``hidden`` [n, S, H] float32, ``key_mask`` [n, S]
-    int32 (1 for a token, 0 for padding) and, for MPNet, ``position_bias`` [n or 1, heads, S, S]; output
-    ``output`` [n, S, H]."""
+    """The serialized ONNX model of the layer on its real tokens: inputs ``tokens`` [T, H] float32 (the
+    tokens of the rows, row by row), ``positions`` [T] int64 (each token's flat position in the padded
+    grid [n * S]), ``key_mask`` [n, S] int32 (1 for a token, 0 for padding) and, for MPNet,
+    ``position_bias`` [n or 1, heads, S, S]; output ``output`` [T, H].
+
+    Every token-wise part (the projections, the feed-forward, the norms) runs on the T tokens; only the
+    query, key and value projections are scattered onto the padded grid for the attention, whose
+    output is gathered back: a call of rows of unequal length pays for its tokens, not its padding,
+    and no row's quantization step depends on another row's padding."""
     from onnx import TensorProto, checker, helper
 
     reduce_range = (not cpu_has_vnni()) if reduce_range is None else reduce_range
     weight_max = 63 if reduce_range else 127
     hidden_size = parts.qkv_weight.shape[1]
     g = _Graph()
-    qkv = g.linear("hidden", "qkv", parts.qkv_weight, int8=int8, weight_max=weight_max)
+    qkv = g.linear("tokens", "qkv", parts.qkv_weight, int8=int8, weight_max=weight_max)  # [T, 3H]
+    width = g.const("qkv.width", np.array([3 * hidden_size]))
+    grid_shape = g.node("Shape", ["key_mask"], "grid.shape")  # [n, S]
+    slots = g.node("Reshape", [g.node("Size", ["key_mask"], "grid.size"), g.const("one", np.array([1]))], "grid.slots")
+    zeros = g.node("ConstantOfShape", [g.node("Concat", [slots, width], "grid.flat", axis=0)], "grid.zeros",
+                   value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))  # fmt: skip
+    index = g.node("Unsqueeze", ["positions", g.const("last", np.array([-1]))], "grid.index")  # [T, 1]
+    grid = g.node("ScatterND", [zeros, index, qkv], "grid")  # [n * S, 3H], zeros at the padding
+    grid = g.node("Reshape", [grid, g.node("Concat", [grid_shape, width], "grid.shape3", axis=0)], "grid.rows")
     g.nodes.append(
         helper.make_node(
             "Split",
-            [qkv, g.const("qkv.split", np.array([hidden_size] * 3))],
+            [grid, g.const("qkv.split", np.array([hidden_size] * 3))],
             ["q", "k", "v"],
             name="qkv.split",
             axis=-1,
@@ -213,21 +229,24 @@ def layer_graph(parts: LayerParts, *, int8: bool = True, reduce_range: bool | No
     if parts.position_bias:
         attention_inputs.append("position_bias")
     context = g.node("MultiHeadAttention", attention_inputs, "context", domain="com.microsoft", num_heads=parts.heads)
+    context = g.node("Reshape", [context, g.const("context.flat", np.array([-1, hidden_size]))], "context.grid")
+    context = g.node("Gather", [context, "positions"], "context.tokens", axis=0)  # [T, H]
     attended = g.norm("norm1", g.linear(context, "out", parts.out_weight, int8=int8, weight_max=weight_max),
-                      parts.out_bias, "hidden", parts.norm1)  # fmt: skip
+                      parts.out_bias, "tokens", parts.norm1)  # fmt: skip
     up = g.linear(attended, "up", parts.up_weight, int8=int8, weight_max=weight_max)
     gelu = g.node("BiasGelu", [up, g.const("up.b", parts.up_bias)], "gelu", domain="com.microsoft")
     down = g.linear(gelu, "down", parts.down_weight, int8=int8, weight_max=weight_max)
     g.norm("output", down, parts.down_bias, attended, parts.norm2)
     inputs = [
-        helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["n", "s", hidden_size]),
+        helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["t", hidden_size]),
+        helper.make_tensor_value_info("positions", TensorProto.INT64, ["t"]),
         helper.make_tensor_value_info("key_mask", TensorProto.INT32, ["n", "s"]),
     ]
     if parts.position_bias:
         inputs.append(
             helper.make_tensor_value_info("position_bias", TensorProto.FLOAT, ["bias_rows", parts.heads, "s", "s"])
         )
-    output = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", "s", hidden_size])
+    output = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["t", hidden_size])
     model = helper.make_model(
         helper.make_graph(g.nodes, "encoder_layer", inputs, [output], g.initializers),
         opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)],
@@ -293,14 +312,25 @@ class OrtLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_bias=None, *args, **kwargs):
         if hidden_states.device.type != "cpu":
             raise ValueError(f"the ONNX Runtime layer runs on the CPU; the hidden states are on {hidden_states.device}")
-        hidden = hidden_states.detach().float().contiguous()
-        n, length = hidden.shape[:2]
-        feeds = {"hidden": hidden.numpy(), "key_mask": _key_mask(attention_mask, n, length)}
+        hidden = hidden_states.detach().float()
+        n, length, width = hidden.shape
+        key_mask = _key_mask(attention_mask, n, length)
+        positions = torch.from_numpy(np.flatnonzero(key_mask))
+        grid = hidden.reshape(n * length, width)
+        feeds = {
+            "tokens": grid.index_select(0, positions).numpy(),
+            "positions": positions.numpy(),
+            "key_mask": key_mask,
+        }
         if self.position_bias:
             if position_bias is None:
                 raise ValueError("this MPNet layer takes the position bias its encoder computes")
             feeds["position_bias"] = position_bias.detach().float().contiguous().numpy()
-        output = torch.from_numpy(self.session().run(None, feeds)[0])
+        tokens = torch.from_numpy(self.session().run(None, feeds)[0])
+        if len(positions) == n * length:  # no padding: the tokens are the grid
+            output = tokens.view(n, length, width)
+        else:  # zeros at the padding, as the engine's packed layer calls leave it
+            output = tokens.new_zeros(n * length, width).index_copy_(0, positions, tokens).view(n, length, width)
         if hidden_states.dtype != torch.float32:
             output = output.to(hidden_states.dtype)
         return (output,) if self.returns_tuple else output
