@@ -62,6 +62,24 @@ def tiny_model(
     return model.eval()
 
 
+def tiny_mpnet(num_layers: int = 2, seed: int = 0):
+    """A small random MPNet classifier in eval mode (hidden 32, 2 heads, 2 labels)."""
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = MPNetConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return MPNetForSequenceClassification(config).eval()
+
+
 def mlp_head_model(seed: int, num_layers: int = 4):
     """:func:`tiny_model` patched with mean-pooled MLP exit heads (what ``eek fit`` trains by
     default) of random weights whose predictions differ from layer to layer; torch backend,

@@ -11,30 +11,13 @@ import pickle
 
 import pytest
 import torch
-from conftest import mlp_head_model, tiny_batch, tiny_model
+from conftest import mlp_head_model, tiny_batch, tiny_model, tiny_mpnet
 
 from earlyexit_kernels.engine import precision
 from earlyexit_kernels.engine.ort_layer import OrtLayer, ort_available
 from earlyexit_kernels.engine.precision import int8_encoder, int8_recipe, to_base
 
 pytestmark = pytest.mark.skipif(not ort_available(), reason="onnxruntime and onnx are not installed")
-
-
-def tiny_mpnet(num_layers: int = 2, seed: int = 0):
-    from transformers import MPNetConfig, MPNetForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = MPNetConfig(
-        vocab_size=50,
-        hidden_size=32,
-        num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return MPNetForSequenceClassification(config).eval()
 
 
 def padded_input(n=5, length=11, hidden=32, seed=0):

@@ -7,7 +7,7 @@ fused per-layer step reads those as they are.
 
 import pytest
 import torch
-from conftest import mlp_head_model, tiny_batch, tiny_model
+from conftest import mlp_head_model, tiny_batch, tiny_model, tiny_mpnet
 from torch import nn
 
 import earlyexit_kernels as eek
@@ -53,15 +53,6 @@ def test_int8_quantizes_the_encoder_and_leaves_heads_pooler_and_classifier_float
     # int8 moves every layer's logits a little, not the answer of a random tiny model's final layer much
     torch.testing.assert_close(after.all_logits, before.all_logits, rtol=0.1, atol=0.1)
     assert eek.policy_of(model) == eek.Entropy(0.0)
-
-
-def tiny_mpnet():
-    from transformers import MPNetConfig, MPNetForSequenceClassification
-
-    config = MPNetConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=2
-    )
-    return MPNetForSequenceClassification(config).eval()
 
 
 def kinds(model) -> dict[str, str]:
