@@ -134,17 +134,19 @@ def test_the_recipe_runs_every_encoder_layer_on_onnx_runtime_and_leaves_the_head
     model = mlp_head_model(seed=5)
     heads_before = copy.deepcopy(model.early_exit_heads.state_dict())
     ids, mask, types = tiny_batch(6, 12)
+    inputs = dict(input_ids=ids, attention_mask=mask, token_type_ids=types, return_all_exits=True)
     with torch.no_grad():
-        per_token = int8_encoder(model, "per-token")(input_ids=ids, attention_mask=mask, token_type_ids=types,
-                                                     return_all_exits=True)  # fmt: skip
+        exact = model(**inputs).all_logits
+        per_token = int8_encoder(model, "per-token")(**inputs).all_logits
     to_base(model, "int8", "cpu", int8_recipe="per-token-ort")
     assert model.eek_int8_recipe == "per-token-ort"
     assert all(isinstance(layer, OrtLayer) for layer in model.bert.encoder.layer)
     assert all(torch.equal(v, heads_before[k]) for k, v in model.early_exit_heads.state_dict().items())
     with torch.no_grad():
-        got = model(input_ids=ids, attention_mask=mask, token_type_ids=types, return_all_exits=True)
-    # every layer's logits: the same quantization, two kernels' rounding apart
-    torch.testing.assert_close(got.all_logits, per_token.all_logits, rtol=0.02, atol=0.02)
+        got = model(**inputs).all_logits
+    # every layer's logits: the same quantization, two kernels' rounding apart, far less than int8 moves them
+    # (measured: 1.9e-6 against 1.1e-3 at most)
+    assert float((got - per_token).abs().max()) < 0.05 * float((per_token - exact).abs().max())
 
 
 def test_the_family_takes_the_onnx_runtime_recipe_where_it_is_installed_and_per_token_where_not(monkeypatch):

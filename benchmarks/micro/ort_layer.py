@@ -15,6 +15,10 @@ ONNX Runtime over PyTorch's. Also the output's RMS difference from the float32 l
 layer and between the two::
 
     flock -x /tmp/eek-cpu.lock python benchmarks/micro/ort_layer.py FOLDER --rows 1 2 4 8 32 --length 40
+
+``--norms``: instead, why the graph writes its layer norms out: ``LayerNorm(x + r)`` on [8 x 40, H]
+as ONNX Runtime's LayerNormalization, as the elementary operations ``OrtLayer``'s graph uses
+(``_Graph.norm``, its session's fusions off), and as torch's ``layer_norm``, microseconds per call.
 """
 
 import argparse
@@ -24,7 +28,7 @@ import time
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from earlyexit_kernels.engine.ort_layer import OrtLayer
+from earlyexit_kernels.engine.ort_layer import _UNFUSED, OrtLayer, _Graph
 from earlyexit_kernels.engine.precision import int8_encoder
 
 
@@ -50,14 +54,54 @@ def milliseconds(call, rows: int) -> float:
     return statistics.median(times)
 
 
+def norm_times(hidden: int, rows: int = 320) -> dict[str, float]:
+    """Microseconds per ``LayerNorm(x + r)`` of [rows, H]: ONNX Runtime's kernel, the graph's operations, torch."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    norm = torch.nn.LayerNorm(hidden, eps=1e-12)
+    x, r = (torch.randn(rows, hidden, generator=torch.Generator().manual_seed(s)) for s in (0, 1))
+    feeds = {"x": x.numpy(), "r": r.numpy()}
+
+    def session(graph: _Graph, fused: bool):
+        io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["t", hidden]) for n in ("x", "r")]
+        model = helper.make_model(
+            helper.make_graph(graph.nodes, "norm", io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["t", hidden])], graph.initializers),
+            opset_imports=[helper.make_opsetid("", 18)],
+        )  # fmt: skip
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        return ort.InferenceSession(model.SerializeToString(), options, disabled_optimizers=[] if fused else _UNFUSED)
+
+    kernel = _Graph()
+    summed = kernel.node("Add", ["x", "r"], "z")
+    kernel.node("LayerNormalization", [summed, kernel.const("g", norm.weight.detach()), kernel.const("b", norm.bias.detach())], "y", axis=-1, epsilon=norm.eps)  # fmt: skip
+    operations = _Graph()
+    written = operations.norm("n", "x", torch.zeros(hidden), "r", norm)
+    operations.node("Identity", [written], "y")
+    fused, written_out = session(kernel, True), session(operations, False)
+    calls = {
+        "ONNX Runtime LayerNormalization": lambda: fused.run(None, feeds),
+        "elementary operations (the graph's)": lambda: written_out.run(None, feeds),
+        "torch layer_norm": lambda: torch.nn.functional.layer_norm(x + r, (hidden,), norm.weight, norm.bias, norm.eps),
+    }
+    with torch.inference_mode():
+        return {name: 1e3 * milliseconds(call, 64) for name, call in calls.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 32])
     parser.add_argument("--length", type=int, default=40, help="tokens a row (no padding)")
+    parser.add_argument("--norms", action="store_true", help="time the layer norm three ways instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = AutoModelForSequenceClassification.from_pretrained(args.folder).eval()
+    if args.norms:
+        for name, us in norm_times(model.config.hidden_size).items():
+            print(f"LayerNorm(x + r) on [320, {model.config.hidden_size}], {name}: {us:.0f} us")
+        return
     layer = model.base_model.encoder.layer[0]
     layers = {
         "torch float32": layer,

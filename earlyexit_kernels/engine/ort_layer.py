@@ -168,9 +168,11 @@ class _Graph:
         return self.node("Mul", [product, magnitude], f"{name}.y")
 
     def norm(self, name: str, x: str, bias: torch.Tensor, residual: str, module: nn.LayerNorm) -> str:
-        """``LayerNorm(x + bias + residual)`` in elementary operations: ONNX Runtime's own LayerNormalization
-        kernel took 520 us on [320, 384] on this project's CPU, these 110 (torch: 53), which at MiniLM's
-        width is a fifth of the layer (``benchmarks/micro/ort_layer.py``); the session keeps them unfused."""
+        """``LayerNorm(x + bias + residual)`` in elementary operations, the session keeping them unfused: on the
+        graph's first, padded form ([n, S, H]) ONNX Runtime's own LayerNormalization kernel took 520 us on
+        [8, 40, 384] on this project's CPU, these 110. On the packed [T, H] the graph now has, the kernel
+        is as fast (68 us on [320, 384] against these 126, ``benchmarks/micro/ort_layer.py --norms``) and
+        the whole layer times the same either way (a scratch comparison); the operations stayed."""
         summed = self.node(
             "Add", [self.node("Add", [x, self.const(f"{name}.b", bias)], f"{name}.z"), residual], f"{name}.zz"
         )
@@ -317,20 +319,18 @@ class OrtLayer(nn.Module):
         key_mask = _key_mask(attention_mask, n, length)
         positions = torch.from_numpy(np.flatnonzero(key_mask))
         grid = hidden.reshape(n * length, width)
-        feeds = {
-            "tokens": grid.index_select(0, positions).numpy(),
-            "positions": positions.numpy(),
-            "key_mask": key_mask,
-        }
+        padded = len(positions) < n * length
+        tokens = grid.index_select(0, positions) if padded else grid.contiguous()  # no padding: the grid's own
+        feeds = {"tokens": tokens.numpy(), "positions": positions.numpy(), "key_mask": key_mask}
         if self.position_bias:
             if position_bias is None:
                 raise ValueError("this MPNet layer takes the position bias its encoder computes")
             feeds["position_bias"] = position_bias.detach().float().contiguous().numpy()
         tokens = torch.from_numpy(self.session().run(None, feeds)[0])
-        if len(positions) == n * length:  # no padding: the tokens are the grid
-            output = tokens.view(n, length, width)
-        else:  # zeros at the padding, as the engine's packed layer calls leave it
+        if padded:  # zeros at the padding, as the engine's packed layer calls leave it
             output = tokens.new_zeros(n * length, width).index_copy_(0, positions, tokens).view(n, length, width)
+        else:
+            output = tokens.view(n, length, width)
         if hidden_states.dtype != torch.float32:
             output = output.to(hidden_states.dtype)
         return (output,) if self.returns_tuple else output

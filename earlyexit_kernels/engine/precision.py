@@ -147,9 +147,9 @@ def int8_encoder(model: nn.Module, recipe: str = "auto", *, inplace: bool = Fals
     recipe = int8_recipe(model) if recipe == "auto" else recipe
     if recipe not in INT8_RECIPES:
         raise ValueError(f"int8 recipe must be auto or one of {', '.join(INT8_RECIPES)}; got {recipe!r}")
-    if recipe == "per-token-ort":
-        return _ort_encoder(model if inplace else copy.deepcopy(model))
     quantized = model if inplace else copy.deepcopy(model)
+    if recipe == "per-token-ort":
+        return _ort_encoder(quantized)
     linears = _encoder_linears(quantized)
     if not linears:
         raise ValueError(f"int8: {type(model).__name__} has no Linear layer in its encoder to quantize")

@@ -140,11 +140,8 @@ def load_model(
             f"{model.config.vocab_size}: it is not this model's tokenizer"
         )
     if dtype is not None or device is not None:
-        from earlyexit_kernels.engine.precision import to_base
-
         try:
-            recipe = int8_recipe_of(folder, model) if dtype == "int8" else "auto"
-            to_base(model, dtype, "cpu" if device is None else device, int8_recipe=recipe)
+            to_folder_base(folder, model, dtype, "cpu" if device is None else device)
         except ValueError as error:
             raise ModelFolderError(str(error)) from None
         if not certified_here and policy is None:
@@ -163,6 +160,14 @@ def _architectures(config_path: Path) -> list[str]:
     except (OSError, ValueError, AttributeError) as error:
         raise ModelFolderError(f"{config_path} is not a readable model configuration ({error})") from None
     return [name for name in architectures or () if isinstance(name, str)]
+
+
+def to_folder_base(folder: str | Path, model, dtype: str | None, device):
+    """:func:`earlyexit_kernels.engine.precision.to_base` for ``folder``'s model: int8 with the recipe its
+    int8 certificate holds for (:func:`int8_recipe_of`)."""
+    from earlyexit_kernels.engine.precision import to_base
+
+    return to_base(model, dtype, device, int8_recipe=int8_recipe_of(folder, model) if dtype == "int8" else "auto")
 
 
 #: the file of a folder certified on int8 that names the int8 recipe the certificate holds for

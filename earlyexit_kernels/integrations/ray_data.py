@@ -87,8 +87,7 @@ class EarlyExitClassifier:
         from transformers import AutoTokenizer
 
         from earlyexit_kernels.engine.audit import AuditWatch
-        from earlyexit_kernels.engine.precision import to_base
-        from earlyexit_kernels.integrations.model_folder import audit_settings, int8_recipe_of
+        from earlyexit_kernels.integrations.model_folder import audit_settings, to_folder_base
         from earlyexit_kernels.methods.risk_control import check_fraction
         from earlyexit_kernels.patching.loading import from_pretrained
 
@@ -103,8 +102,7 @@ class EarlyExitClassifier:
             policy = parse_policy(policy)
         self.model = from_pretrained(model, policy, backend=backend)
         # in the actor: the GPU Ray gave it; int8 with the recipe the folder's int8 certificate holds for
-        recipe = int8_recipe_of(model, self.model) if dtype == "int8" else "auto"
-        to_base(self.model, dtype, "auto" if device is None else device, int8_recipe=recipe)
+        to_folder_base(model, self.model, dtype, "auto" if device is None else device)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.certificate = None
         if self.audit is not None:
