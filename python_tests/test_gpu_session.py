@@ -30,8 +30,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "scripts/gpu_session.sh"
 FIRST_PLAN = (
-    "probe build_cuda_forced build graphed_b64_bf16 correct_graphed graphed_b64_fp32 graphed_b256_bf16 stream_bf16 "
-    "correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck speed_b32_b256"
+    "probe build_cuda_forced build smoke graphed_key correct_graphed compiled_peer graphed_b256_bf16 graphed_b64_fp32 "
+    "stream_bf16 correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck "
+    "speed_b32_b256"
 ).split()
 NEEDS_GPU = [s for s in FIRST_PLAN if s not in ("probe", "build_cuda_forced", "build")]
 
@@ -130,10 +131,10 @@ def test_a_graphed_speed_step_rehearsed_on_the_cpu_writes_rows_that_say_what_ran
     from earlyexit_kernels.bench.results import COLUMNS
 
     out = tmp_path / "out"
-    result, seconds = run_session(gpu_machine, out, STEPS="graphed_b64_bf16", REHEARSE_SPEED="1")
+    result, seconds = run_session(gpu_machine, out, STEPS="smoke graphed_key", REHEARSE_SPEED="1")
     assert result.returncode == 0, result.stdout + result.stderr
     steps = step_lines(out)
-    assert steps["graphed_b64_bf16"].startswith("ok"), steps
+    assert steps["smoke"].startswith("ok") and steps["graphed_key"].startswith("ok"), steps
     with (out / "bench.csv").open(newline="") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == COLUMNS
@@ -146,9 +147,17 @@ def test_a_graphed_speed_step_rehearsed_on_the_cpu_writes_rows_that_say_what_ran
     assert all(r["check"] == "ok" and r["dtype"] == "bf16" for r in timed)
     assert not any(r["method"] in ("naive", "bs1") for r in rows)
     peers = [r for r in rows if r["method"] == "peer"]
-    assert {r["peer"] for r in peers} == {"cuda-graphs", "compile-reduce-overhead"}
+    assert {r["peer"] for r in peers} == {"cuda-graphs"}  # the compiled peer has its own step, later
     assert all(r["check"].startswith("skipped: no CUDA device") for r in peers)
+    # A graphed row says what it captured, replayed and ran uncaptured: nothing captured on the CPU.
+    graphed = [r for r in timed if r["step"] == "graphed"]
+    assert graphed and all(r["graph_captures"] == "0" and r["graph_fallback"] == "" for r in graphed)
     summary = (out / "summary.txt").read_text()
+    # The smoke step's lines: per backend and policy, the graph counts, graphed against exact, the p50s.
+    assert re.search(
+        r"  (cpp|torch) Scheduled: captures 0, replays 0, uncaptured 0, .* exits equal; p50 plain", summary
+    ), summary
+    assert "  smoke: capture ok" in summary
     assert "sched-f0.50 (every row exits after layer 2 of 4): unpatched eager" in summary
     assert re.search(r"  geometric-p0.10 +eek/torch/graphed Entropy\(0.3\) +[0-9.]+x of [0-9.]+x", summary), summary
     assert_what_comes_back(out)

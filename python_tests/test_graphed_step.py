@@ -170,6 +170,84 @@ def test_a_patched_model_pickles_and_copies_after_a_graphed_forward():
         assert step_of(other) == "graphed"
 
 
+def test_buffers_made_under_inference_mode_serve_a_later_no_grad_forward():
+    """The buffers are normal tensors: a forward under no_grad() writes its rows into buffers a
+    first forward under inference_mode() made (an inference tensor refuses that in-place write)."""
+    model = patched(eek.Entropy(0.15))
+    eek.patch(model, state_of(model).policy, backend="torch", step="graphed")
+    inputs = batch_inputs(8)
+    with torch.inference_mode():
+        first = model(**inputs)
+    with torch.no_grad():
+        again = model(**inputs)
+    assert len(state_of(model).static_batches._kept) == 1, "the same buffers served both forwards"
+    assert torch.equal(again.logits, first.logits) and torch.equal(again.exit_layer, first.exit_layer)
+
+
+def test_after_a_failed_capture_nothing_is_captured_in_the_process_and_the_counts_say_why(monkeypatch):
+    """A failed capture can leave torch's capture state broken for every later capture in the
+    process: the graphed step then runs every step uncaptured, warns once per owner, and its
+    counts carry the reason (the benchmark's rows report them)."""
+    from earlyexit_kernels.engine import step_graphs
+
+    monkeypatch.setattr(step_graphs, "_FAILURE", "RuntimeError: operation not permitted when stream is capturing")
+    stats = step_graphs.GraphStats()
+    graphs = step_graphs.StepGraphs(torch.device("cpu"), stats)
+    ran = []
+    with pytest.warns(RuntimeWarning, match="an earlier failure .*operation not permitted"):
+        graphs.run((1, 64, False, 128), lambda: ran.append(1))
+    graphs.run((2, 64, False, 128), lambda: ran.append(2))
+    assert ran == [1, 2] and len(graphs) == 0
+    assert (stats.captures, stats.replays, stats.eager) == (0, 0, 2)
+    assert stats.fallback.startswith("capture stopped in this process after an earlier failure")
+    assert step_graphs.capture_failure() is not None
+
+
+def test_a_models_graph_counts_add_up_over_its_shapes():
+    """Every shape's graphs count into the patched model's one GraphStats (evicted shapes too)."""
+    from earlyexit_kernels.engine.step_graphs import GraphStats
+
+    total = GraphStats(captures=2, replays=5)
+    total.add(GraphStats(captures=1, replays=3, eager=1, first_capture_s=0.5, fallback="why"))
+    assert (total.captures, total.replays, total.eager, total.first_capture_s, total.fallback) == (3, 8, 1, 0.5, "why")
+    model = patched(eek.Entropy(0.15))
+    run(model, batch_inputs(8), "graphed")
+    batches = state_of(model).static_batches
+    assert all(static.graphs.stats is batches.stats for static in batches._kept.values())
+    copied = pickle.loads(pickle.dumps(model))
+    assert state_of(copied).static_batches.stats == GraphStats(), "a copy starts its own counts"
+
+
+def test_deberta_builds_its_relative_positions_once_for_every_length(monkeypatch):
+    """Hugging Face builds DeBERTa's relative positions with a host-to-device copy, which no CUDA
+    graph can capture: the adapter builds them once for the longest input and slices a corner for
+    each length, the same values, so the outputs stay Hugging Face's bit for bit."""
+    from transformers.models.deberta_v2 import modeling_deberta_v2
+
+    built = []
+    original = modeling_deberta_v2.build_relative_position
+
+    def counting(*args, **kwargs):
+        built.append(args[0].shape[-2])
+        return original(*args, **kwargs)
+
+    model = tiny_family("deberta_v2")
+    eek.patch(model, eek.Entropy(0.6), backend="torch", step="graphed")
+    spread_family_heads(model)
+    monkeypatch.setattr(modeling_deberta_v2, "build_relative_position", counting)
+    for seq_len in (12, 7, 12, 20):
+        inputs = tiny_inputs("deberta_v2", 5, seq_len)
+        exact = run(model, inputs, "exact")
+        graphed = run(model, inputs, "graphed")
+        assert torch.equal(graphed.logits, exact.logits) and torch.equal(graphed.exit_layer, exact.exit_layer)
+    assert built == [model.config.max_position_embeddings], "built once, for the longest input"
+    encoder = model.deberta.encoder
+    kept = encoder.__dict__["_eek_relative_positions"][torch.device("cpu")]
+    x = torch.empty(1, 20, 1)
+    fresh = original(x, x, bucket_size=encoder.position_buckets, max_position=encoder.max_relative_positions)
+    assert len(kept) == 1 and torch.equal(kept[0][..., :20, :20], fresh)
+
+
 # ------------------------------------------------------------------ what the host does per layer
 
 

@@ -3,6 +3,7 @@
     python scripts/gpu_session_report.py probe           # versions, the device, its limits, the tools
     python scripts/gpu_session_report.py auto            # what backend="auto" measures and picks
     python scripts/gpu_session_report.py shared-memory   # opt-in shared memory, the widest CUDA head
+    python scripts/gpu_session_report.py smoke           # the graphed step's first check: captures, exactness, p50s
     python scripts/gpu_session_report.py digest --junit J1.xml J2.xml --merged junit.xml --bench bench.csv
 
 ``digest`` reads only XML and CSV (no torch), so it runs after every step: the tests' counts and
@@ -23,6 +24,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -91,6 +93,94 @@ def shared_memory() -> int:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         widest = max(h for h in range(8, 65536, 8) if cpp_backend.cuda_head_fits(h, dtype, optin))
         print(dtype, "widest CUDA head: H =", widest)
+    return 0
+
+
+def smoke(device_name: str, size_name: str, batch: int, seq_len: int, dtype_name: str, repeats: int, marker) -> int:
+    """The graphed step's first check on a device: BERT at ``batch`` x ``seq_len`` on each compiled
+    backend, ``Scheduled`` on geometric-p0.10 and its Entropy variant; per row the captures, replays,
+    steps run uncaptured and why, the first capture's time, the graphed step's logits and exits
+    against the exact step's, and the p50 of ``repeats`` interleaved calls of the unpatched model,
+    the exact and the graphed step. Where any capture failed, writes its reason to ``marker``."""
+    import statistics
+
+    import torch
+
+    import earlyexit_kernels as eek
+    from earlyexit_kernels.bench.models import SIZES, build_model
+    from earlyexit_kernels.bench.patterns import geometric, make_inputs
+    from earlyexit_kernels.bench.threshold_pattern import entropy_variant
+    from earlyexit_kernels.bench.timing import timed_call
+    from earlyexit_kernels.engine.step_graphs import capture_failure
+    from earlyexit_kernels.patching.patch import current_adapter
+    from earlyexit_kernels.patching.state import attach, state_of
+
+    device = torch.device(device_name)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    size = SIZES[size_name]
+    model = build_model("bert", size, seq_len, device=device_name, dtype=dtype, attn="sdpa")
+    pattern = geometric(batch, size.layers, seq_len)
+    ids, mask = make_inputs(pattern, seq_len, size.vocab, 0, device)
+    backends = [b for b in (("cuda", "triton") if device.type == "cuda" else ("cpp", "torch")) if eek.backends()[b]]
+    print(f"smoke: {device_name} {dtype_name} bert-{size_name} B = {batch}, S = {seq_len}, {pattern.name}")
+    failed = None
+    for backend in backends:
+        eek.patch(model, eek.Scheduled(pattern.exit_layers.to(device)), backend=backend, step="exact")
+        policies = [("Scheduled", eek.Scheduled(pattern.exit_layers.to(device)))]
+        try:
+            entropy, _restore = entropy_variant(current_adapter(model), pattern, ids, mask)
+            policies.append(("Entropy", entropy))
+        except Exception as err:  # noqa: BLE001 - the row says why it is missing
+            print(f"  {backend} Entropy: not reproducible ({err})")
+        for label, policy in policies:
+            records = {}
+
+            def call(step, policy=policy, records=records, backend=backend):
+                eek.patch(model, policy, backend=backend, step=step)
+                if step in records:
+                    attach(model, records[step])
+                else:
+                    records[step] = state_of(model)
+                with torch.no_grad():
+                    return model(input_ids=ids, attention_mask=mask)
+
+            exact = call("exact")
+            start = time.perf_counter()
+            graphed = call("graphed")
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            first_call = time.perf_counter() - start
+            stats = records["graphed"].static_batches.stats
+            times = {"plain": [], "exact": [], "graphed": []}
+
+            def plain():
+                eek.unpatch(model) if eek.is_patched(model) else None
+                with torch.no_grad():
+                    return model(input_ids=ids, attention_mask=mask)
+
+            runs = {"plain": plain, "exact": lambda: call("exact"), "graphed": lambda: call("graphed")}
+            for _ in range(repeats):
+                for name, fn in runs.items():
+                    times[name].append(timed_call(fn, device)[0])
+            p50 = {k: statistics.median(v) for k, v in times.items()}
+            diff = (graphed.logits.float() - exact.logits.float()).abs().max().item()
+            same_exits = bool(torch.equal(graphed.exit_layer, exact.exit_layer))
+            print(
+                f"  {backend} {label}: captures {stats.captures}, replays {stats.replays}, uncaptured {stats.eager}, "
+                f"first capture {stats.first_capture_s if stats.first_capture_s is None else round(stats.first_capture_s, 3)} s, "
+                f"first graphed call {first_call:.3f} s; graphed - exact logits max |diff| {diff:.3g}, "
+                f"exits {'equal' if same_exits else 'DIFFER'}; p50 plain {p50['plain'] * 1e3:.2f} ms, "
+                f"exact {p50['exact'] * 1e3:.2f} ms ({p50['plain'] / p50['exact']:.2f}x), "
+                f"graphed {p50['graphed'] * 1e3:.2f} ms ({p50['plain'] / p50['graphed']:.2f}x)"
+                + (f"; FALLBACK: {stats.fallback}" if stats.fallback else "")
+            )
+            failed = failed or stats.fallback
+            if label == "Entropy":
+                _restore()
+        eek.unpatch(model)
+    failed = failed or capture_failure()
+    if failed and marker is not None:
+        Path(marker).write_text(failed + "\n")
+    print(f"smoke: capture {'FAILED: ' + failed if failed else 'ok'}")
     return 0
 
 
@@ -178,9 +268,16 @@ def _bench(path: Path | None) -> list[str]:
         peer = ""
         if r.get("speedup_vs_peer") and r.get("strongest_peer"):
             peer = f", {float(r['speedup_vs_peer']):.2f}x {r['strongest_peer']}"
+        graphs = ""
+        if r.get("graph_captures"):  # a graphed row: what it captured, replayed and ran uncaptured
+            graphs = (
+                f"  graphs {r['graph_captures']} captured, {r['graph_replays']} replays, {r['graph_eager']} uncaptured"
+            )
+            if r.get("graph_fallback"):
+                graphs += f" ({r['graph_fallback'][:120]})"
         lines.append(
             f"  {r['pattern']:<17} {_what_ran(r):<30} {number['speedup_vs_full']:5.2f}x of {number['ideal_layers']:.2f}x "
-            f"({number['ratio_ideal_layers']:.2f}){peer}  {r['check']}"
+            f"({number['ratio_ideal_layers']:.2f}){peer}  {r['check']}{graphs}"
         )
     return lines
 
@@ -196,6 +293,14 @@ def main(argv=None) -> int:
     sub.add_parser("probe")
     sub.add_parser("auto")
     sub.add_parser("shared-memory")
+    m = sub.add_parser("smoke")
+    m.add_argument("--device", default="cuda")
+    m.add_argument("--size", default="base")
+    m.add_argument("--batch", type=int, default=64)
+    m.add_argument("--seq-len", type=int, default=128)
+    m.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    m.add_argument("--repeats", type=int, default=10)
+    m.add_argument("--marker", type=Path, help="where a capture failure's reason is written")
     d = sub.add_parser("digest")
     d.add_argument("--junit", type=Path, nargs="*", default=[], help="pytest junit XML files (missing ones ignored)")
     d.add_argument("--merged", type=Path, help="write the junit files' suites here as one file")
@@ -203,6 +308,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "digest":
         return digest(args.junit, args.merged, args.bench)
+    if args.command == "smoke":
+        return smoke(args.device, args.size, args.batch, args.seq_len, args.dtype, args.repeats, args.marker)
     return {"probe": probe, "auto": auto, "shared-memory": shared_memory}[args.command]()
 
 

@@ -29,7 +29,12 @@ repetitions. For ``e2e`` rows:
   naive baseline's (without the baselines, the first ``eek`` row's; and, at f = 0, the full
   model's; a peer's: the full model's), else what differed; ``skipped: <why>`` for a row that
   was not measured (a peer without CUDA, an Entropy variant the heads cannot reproduce), whose
-  times are empty.
+  times are empty;
+- ``graph_*`` (``step=graphed`` rows): the steps captured in CUDA graphs, the graph replays and
+  the steps run uncaptured over the row's warm-up and timed calls, ``first_capture_s`` (the
+  first capture's seconds, its warm-up run included) and ``graph_fallback``, why steps ran
+  uncaptured (empty when none did). A graphed row on the GPU with ``graph_eager`` > 0 timed
+  the uncaptured step, not the graphed one.
 
 :func:`read_csv` reads files written before a column was added: a missing column reads as ``""``.
 """
@@ -81,6 +86,11 @@ COLUMNS = [
     "peak_mem_bytes",
     "peak_mem_vs_full",
     "check",
+    "graph_captures",
+    "graph_replays",
+    "graph_eager",
+    "first_capture_s",
+    "graph_fallback",
     "device",
     "device_name",
     "threads",

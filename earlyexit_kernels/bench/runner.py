@@ -34,6 +34,7 @@ the real layers.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -50,6 +51,7 @@ from earlyexit_kernels.bench.peers import PeerModels, PeerUnavailable
 from earlyexit_kernels.bench.threshold_pattern import THRESHOLD, PatternNotReproducible, entropy_variant
 from earlyexit_kernels.bench.timing import peak_memory, percentiles, timed_call
 from earlyexit_kernels.engine.step_choice import resolve_step
+from earlyexit_kernels.engine.step_graphs import GraphStats
 from earlyexit_kernels.methods.policies import Entropy, ExitPolicy, Scheduled
 from earlyexit_kernels.models import adapter_class
 from earlyexit_kernels.patching.patch import current_adapter, is_patched, patch, unpatch
@@ -189,6 +191,25 @@ def _methods(work: _Workload, variants, settings: MeasureSettings, peers: PeerMo
             Method("bs1", "torch", unpatched, lambda: batch_size_one(adapter, sequences), policy="Scheduled")
         )
     return methods
+
+
+def _graph_stats(method: Method, model) -> GraphStats | None:
+    """A copy of the graph counts the graphed ``method``'s record holds (its timed phase's)."""
+    method.prepare(TIMED)
+    batches = state_of(model).static_batches
+    return None if batches is None else dataclasses.replace(batches.stats)
+
+
+def _graph_columns(stats: GraphStats | None) -> dict:
+    if stats is None:
+        return {}
+    return {
+        "graph_captures": stats.captures,
+        "graph_replays": stats.replays,
+        "graph_eager": stats.eager,
+        "first_capture_s": stats.first_capture_s,
+        "graph_fallback": stats.fallback or "",
+    }
 
 
 def _layer_modules(model) -> list[torch.nn.Module]:
@@ -358,6 +379,9 @@ def _measure(work: _Workload, methods: list[Method], settings: MeasureSettings) 
         for shape, probe in probes.items():
             layer_times[shape].append(timed_call(probe, device)[0])
 
+    # What the graphed rows captured, replayed and ran uncaptured (and why) in the warm-up and timed calls.
+    graphs = {m: _graph_stats(m, work.model) for m in methods if m.name == "eek" and m.step == "graphed"}
+
     # Everything but the encoder layers: the same calls with every layer an identity.
     measured = [m for m in methods if m.nonlayer]
     nonlayer: dict[Method, list[float]] = {m: [] for m in measured}
@@ -440,6 +464,7 @@ def _measure(work: _Workload, methods: list[Method], settings: MeasureSettings) 
             "peak_mem_bytes": mem,
             "peak_mem_vs_full": mem / full_mem if mem is not None and full_mem else None,
             "check": checks[method],
+            **_graph_columns(graphs.get(method)),
         }
         rows.append(row)
     return rows + skipped_rows

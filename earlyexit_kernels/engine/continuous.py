@@ -536,20 +536,23 @@ class ContinuousEngine:
     def _static_calls(self) -> StaticCalls:
         if self._calls is None:
             wide = torch.float64 if self.dtype == torch.float64 else torch.float32
-            self._calls = StaticCalls(
-                rows=self.buckets.max_batch_size,
-                length=self.buckets.padded_length(self.max_length),
-                hidden_size=self.adapter.hidden_size,
-                num_labels=self.num_labels,
-                dtype=self.dtype,
-                wide=wide,
-                device=self.device,
-                state=self._state,
-                # not under autocast: a captured graph would read the cast weights its region frees
-                capture=self.device.type == "cuda"
-                and not torch.is_grad_enabled()
-                and not torch.is_autocast_enabled("cuda"),
+            # not under autocast: a captured graph would read the cast weights its region frees
+            capture = (
+                self.device.type == "cuda" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cuda")
             )
+            # Normal tensors even under inference_mode(): a later call under no_grad() writes them in place.
+            with torch.inference_mode(False):
+                self._calls = StaticCalls(
+                    rows=self.buckets.max_batch_size,
+                    length=self.buckets.padded_length(self.max_length),
+                    hidden_size=self.adapter.hidden_size,
+                    num_labels=self.num_labels,
+                    dtype=self.dtype,
+                    wide=wide,
+                    device=self.device,
+                    state=self._state,
+                    capture=capture,
+                )
         return self._calls
 
     def _layer_mask(self, mask: torch.Tensor | None):

@@ -51,7 +51,7 @@ from earlyexit_kernels.engine.batch_loop import (
 from earlyexit_kernels.engine.buckets import ReadyCount, SurvivorLag, bucket_for, default_plan
 from earlyexit_kernels.engine.heads import ExitHeads
 from earlyexit_kernels.engine.step_choice import check_graphed_policy
-from earlyexit_kernels.engine.step_graphs import PinnedCount, StepGraphs
+from earlyexit_kernels.engine.step_graphs import GraphStats, PinnedCount, StepGraphs
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state
 from earlyexit_kernels.methods.policies import ExitPolicy
 
@@ -80,7 +80,9 @@ class _Half:
 class StaticBatch:
     """The buffers of one shape (length, mask or not, dtype, device), their fused heads and graphs."""
 
-    def __init__(self, *, capacity, seq_len, hidden_size, num_labels, num_layers, dtype, wide, device, mask, state):
+    def __init__(
+        self, *, capacity, seq_len, hidden_size, num_labels, num_layers, dtype, wide, device, mask, state, stats=None
+    ):
         self.capacity = capacity
         self.halves = [self._half(capacity, seq_len, hidden_size, dtype, device, mask, state) for _ in range(2)]
         # output rows: one per original position, and a scratch row (index ``capacity``) that
@@ -99,7 +101,7 @@ class StaticBatch:
             self.host_view = self.host_counts.numpy()
         else:
             self.host_counts, self.count_events, self.host_view = None, None, self.counts.numpy()
-        self.graphs = StepGraphs(device)
+        self.graphs = StepGraphs(device, stats)
         self.lock = threading.Lock()  # one forward at a time on these buffers
         # (whether the heads run fused, the fused per-layer heads): built at the first forward
         self.heads: tuple[bool, list | None] | None = None
@@ -136,6 +138,7 @@ class StaticBatches:
     def __init__(self, *, sizes: tuple[int, ...] | None | str = "device", lag: int | None = None, dead_fill=None):
         self._kept: dict[tuple, StaticBatch] = {}
         self.sizes, self.lag, self.dead_fill = sizes, lag, dead_fill
+        self.stats = GraphStats()  # every shape's captures, replays and fallbacks, evicted ones included
 
     def plan(self, device_type: str) -> tuple[tuple[int, ...] | None, int]:
         sizes, lag = default_plan(device_type)
@@ -144,7 +147,10 @@ class StaticBatches:
     def get(self, key: tuple, bucket: int, state: dict, make) -> StaticBatch:
         static = self._kept.pop(key, None)
         if static is None or not static.fits(bucket, state):
-            static = make()
+            # Normal tensors even under inference_mode(): an inference tensor cannot be written in
+            # place outside it, and a later forward under no_grad() loads its rows into these buffers.
+            with torch.inference_mode(False):
+                static = make()
         self._kept[key] = static
         while len(self._kept) > KEPT_SHAPES:
             self._kept.pop(next(iter(self._kept)))
@@ -160,6 +166,7 @@ class StaticBatches:
 
     def __setstate__(self, state):
         self._kept = {}
+        self.stats = GraphStats()
         self.sizes, self.lag, self.dead_fill = state["sizes"], state["lag"], state["dead_fill"]
 
 
@@ -317,6 +324,7 @@ def run_graphed(
             device=device,
             mask=mask,
             state=state0,
+            stats=batches.stats,
         ),
     )
     halting_head = heads.halting_head(policy)

@@ -3,7 +3,8 @@ positions, the optional convolution after layer 1, the ``ContextPooler`` head.
 
 The layers run as ``DebertaV2Encoder.forward`` runs them: the [n, 1, S, S] mask ``m_i m_j``
 (``encoder.get_attention_mask``), the relative positions of the current length
-(``encoder.get_rel_pos``, with ``position_buckets`` and ``max_relative_positions``), the
+(``encoder.get_rel_pos``, with ``position_buckets`` and ``max_relative_positions``; kept per
+length, so that the graphed step can capture the layers), the
 relative embeddings (``encoder.get_rel_embedding``), built once per forward and again after
 each compaction or trim (:class:`LayerInputs`), and after layer 1 the convolution
 (``conv_kernel_size > 0``), which reads the layer's input and the 2-D mask. The embeddings are
@@ -66,9 +67,30 @@ class DebertaV2Adapter(EncoderAdapterBase):
             mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         inputs.flat = mask
         inputs.square = self.encoder.get_attention_mask(mask)
-        inputs.relative_pos = self.encoder.get_rel_pos(hidden)
+        inputs.relative_pos = self._relative_positions(hidden)
         inputs.rel_embeddings = self.encoder.get_rel_embedding()
         inputs.shape = hidden.shape[:2]
+
+    def _relative_positions(self, hidden):
+        """``encoder.get_rel_pos(hidden)``, sliced from positions built once per device for the
+        model's longest input. Hugging Face's ``make_log_bucket_position`` copies a host scalar to
+        the device, a sync that no CUDA graph can capture; the position of query i and key j
+        depends only on i - j and the config, so the [S, S] corner of the longest is the same
+        tensor, read without a copy. Every tensor built stays (a captured graph reads it): one
+        per device, and one more only for an input longer than ``max_position_embeddings``. They
+        live on the encoder module, as long as the model (an adapter is made again after a patch,
+        and graphs captured through the old one still read them)."""
+        length = hidden.shape[-2]
+        kept = self.encoder.__dict__.setdefault("_eek_relative_positions", {}).setdefault(hidden.device, [])
+        for positions in kept:
+            if positions is not None and positions.shape[-1] >= length:
+                return positions[..., :length, :length]
+        longest = max(length, getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        positions = self.encoder.get_rel_pos(hidden.new_empty(1, longest, 1))
+        if positions is None:  # no relative attention
+            return None
+        kept.append(positions)
+        return positions[..., :length, :length]
 
     def run_layer(self, index, hidden, attention_mask):
         inputs = attention_mask if isinstance(attention_mask, LayerInputs) else LayerInputs(attention_mask)
