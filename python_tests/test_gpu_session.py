@@ -30,7 +30,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "scripts/gpu_session.sh"
 FIRST_PLAN = (
-    "probe build_cuda_forced build smoke graphed_key correct_graphed compiled_peer graphed_b256_bf16 graphed_b64_fp32 "
+    "probe build_cuda_forced build smoke graphed_key correct_graphed kernels peer_capture compiled_peer graphed_b256_bf16 "
+    "graphed_b64_fp32 "
     "stream_bf16 correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck "
     "speed_b32_b256"
 ).split()

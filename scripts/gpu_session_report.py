@@ -4,6 +4,8 @@
     python scripts/gpu_session_report.py auto            # what backend="auto" measures and picks
     python scripts/gpu_session_report.py shared-memory   # opt-in shared memory, the widest CUDA head
     python scripts/gpu_session_report.py smoke           # the graphed step's first check: captures, exactness, p50s
+    python scripts/gpu_session_report.py peer-capture    # the CUDA-graph peer's warm-up stream, timed both ways
+    python scripts/gpu_session_report.py kernels         # kernels per forward from the profiler, per backend
     python scripts/gpu_session_report.py digest --junit J1.xml J2.xml --merged junit.xml --bench bench.csv
 
 ``digest`` reads only XML and CSV (no torch), so it runs after every step: the tests' counts and
@@ -184,6 +186,105 @@ def smoke(device_name: str, size_name: str, batch: int, seq_len: int, dtype_name
     return 0
 
 
+def peer_capture(batch: int, seq_len: int, repeats: int) -> int:
+    """The unpatched BERT-base forward (bf16, no padding): eager, captured in a CUDA graph with its
+    warm-up on another stream than the capture's (the peer as the first GPU session ran it), and
+    with the warm-up on the capture stream (the peer now); p50 of ``repeats`` interleaved calls."""
+    import statistics
+
+    import torch
+
+    from earlyexit_kernels.bench.models import SIZES, build_model
+    from earlyexit_kernels.bench.peers import _Graphed
+    from earlyexit_kernels.bench.timing import timed_call
+
+    device = torch.device("cuda")
+    model = build_model("bert", SIZES["base"], seq_len, device="cuda", dtype=torch.bfloat16, attn="sdpa")
+    ids = torch.randint(5, 30000, (batch, seq_len), device=device)
+    mask = torch.ones_like(ids)
+
+    def side_stream_capture():
+        static = ids.clone()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.inference_mode(), torch.cuda.stream(side):
+            for _ in range(3):
+                model(input_ids=static)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph):
+            model(input_ids=static)
+
+        def run():
+            static.copy_(ids)
+            graph.replay()
+
+        return run
+
+    with torch.inference_mode():
+        runs = {"eager": lambda: model(input_ids=ids), "warm-up on a side stream": side_stream_capture()}
+        runs["warm-up on the capture stream"] = _Graphed(model, ids, mask)
+        times = {k: [] for k in runs}
+        for _ in range(repeats):
+            for name, fn in runs.items():
+                times[name].append(timed_call(fn, device)[0])
+    eager = statistics.median(times["eager"])
+    for name, values in times.items():
+        p50 = statistics.median(values)
+        print(
+            f"peer-capture B = {batch}, S = {seq_len}, bf16: {name} p50 {p50 * 1e3:.2f} ms ({eager / p50:.2f}x eager)"
+        )
+    return 0
+
+
+def kernels(batch: int, seq_len: int) -> int:
+    """Kernels per forward from the profiler (BERT-base, bf16): the unpatched model eager, and the
+    patched model's graphed step replayed (Scheduled, every row through all 12 layers: every layer
+    an exit layer where rows may leave, the last a layer where all do) on each GPU backend. The
+    difference per layer is what the exit step adds to the encoder layer's own kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import earlyexit_kernels as eek
+    from earlyexit_kernels.bench.models import SIZES, build_model
+
+    device = torch.device("cuda")
+    size = SIZES["base"]
+    model = build_model("bert", size, seq_len, device="cuda", dtype=torch.bfloat16, attn="sdpa")
+    ids = torch.randint(5, 30000, (batch, seq_len), device=device)
+    mask = torch.ones_like(ids)
+    mask[0, seq_len // 2 :] = 0  # padded: the mask path, as served batches are
+
+    def counted(fn) -> int:
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type.name == "CUDA" and "Memcpy" not in e.name)
+
+    with torch.no_grad():
+        plain = counted(lambda: model(input_ids=ids, attention_mask=mask))
+        print(
+            f"kernels: unpatched eager forward {plain} ({plain / size.layers:.1f} per layer, embeddings and head included)"
+        )
+        schedule = torch.full((batch,), size.layers, dtype=torch.long, device=device)
+        schedule[: batch // 4] = torch.arange(1, batch // 4 + 1, device=device) % (size.layers - 1) + 1
+        for backend in [b for b in ("cuda", "triton") if eek.backends()[b]]:
+            for label, policy in (("Scheduled", eek.Scheduled(schedule)), ("Entropy", eek.Entropy(0.0))):
+                eek.patch(model, policy, backend=backend, step="graphed")
+                n = counted(lambda: model(input_ids=ids, attention_mask=mask))
+                print(
+                    f"kernels: {backend} graphed {label} forward {n}: {(n - plain) / size.layers:.1f} per layer "
+                    f"beyond the unpatched model's"
+                )
+            eek.patch(model, eek.Entropy(0.0), backend=backend, step="exact")
+            n = counted(lambda: model(input_ids=ids, attention_mask=mask))
+            print(f"kernels: {backend} exact Entropy forward {n}: {(n - plain) / size.layers:.1f} per layer beyond")
+            eek.unpatch(model)
+    return 0
+
+
 def _junit(paths: list[Path], merged: Path | None) -> list[str]:
     lines, suites = [], ET.Element("testsuites")
     for path in sorted(paths):
@@ -301,6 +402,13 @@ def main(argv=None) -> int:
     m.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     m.add_argument("--repeats", type=int, default=10)
     m.add_argument("--marker", type=Path, help="where a capture failure's reason is written")
+    pc = sub.add_parser("peer-capture")
+    pc.add_argument("--batch", type=int, default=64)
+    pc.add_argument("--seq-len", type=int, default=128)
+    pc.add_argument("--repeats", type=int, default=20)
+    k = sub.add_parser("kernels")
+    k.add_argument("--batch", type=int, default=64)
+    k.add_argument("--seq-len", type=int, default=128)
     d = sub.add_parser("digest")
     d.add_argument("--junit", type=Path, nargs="*", default=[], help="pytest junit XML files (missing ones ignored)")
     d.add_argument("--merged", type=Path, help="write the junit files' suites here as one file")
@@ -308,6 +416,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "digest":
         return digest(args.junit, args.merged, args.bench)
+    if args.command == "peer-capture":
+        return peer_capture(args.batch, args.seq_len, args.repeats)
+    if args.command == "kernels":
+        return kernels(args.batch, args.seq_len)
     if args.command == "smoke":
         return smoke(args.device, args.size, args.batch, args.seq_len, args.dtype, args.repeats, args.marker)
     return {"probe": probe, "auto": auto, "shared-memory": shared_memory}[args.command]()

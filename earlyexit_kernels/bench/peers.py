@@ -26,6 +26,7 @@ import copy
 import torch
 
 from earlyexit_kernels.bench.timing import synchronize
+from earlyexit_kernels.engine.step_graphs import capture_stream
 
 __all__ = ["PEERS", "PeerUnavailable", "unavailable", "PeerModels", "check_peer_names"]
 
@@ -76,7 +77,10 @@ class _Graphed:
         self.ids, self.mask = ids, mask
         inputs = _inputs(ids, mask)
         self.static = {k: None if v is None else v.clone() for k, v in inputs.items()}
-        stream = torch.cuda.Stream(ids.device)
+        # The warm-up on the stream that captures: cuBLAS keeps a workspace per (handle, stream),
+        # and a stream first met inside the capture gets its workspace there (the first GPU session
+        # timed this peer at about half the eager model's speed with the warm-up on another stream).
+        stream = capture_stream(ids.device)
         stream.wait_stream(torch.cuda.current_stream(ids.device))
         with torch.cuda.stream(stream):
             for _ in range(3):
@@ -84,7 +88,7 @@ class _Graphed:
         torch.cuda.current_stream(ids.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, stream=stream):
                 self.out = model(**self.static)
         except Exception as err:  # noqa: BLE001 - whatever stops a capture is the reason the peer is missing
             torch.cuda.synchronize(ids.device)

@@ -85,6 +85,10 @@ class EarlyExitOutput(ModelOutput):
     host_syncs = None  # not annotated, so not a dataclass field (see the docstring)
 
 
+# The backends that run on CUDA tensors only (Triton's compiled kernels, the CUDA C++ kernels).
+GPU_BACKENDS = ("triton", "cuda")
+
+
 def _adapter_class(model) -> type[EncoderAdapterBase]:
     return adapter_class(model)
 
@@ -159,7 +163,13 @@ def patch(
     policy.check_problem_type(getattr(config, "problem_type", None))
     classifier = adapter_cls(model, None).final_classifier
     if backend != "auto":
-        resolve_backend(backend, linear_device(classifier), dtype=linear_compute_dtype(classifier))
+        # A model patched on the CPU may go to the GPU afterwards (``eek.patch(...); model.cuda()``):
+        # where a GPU is there, a GPU backend is checked against it; every forward checks the
+        # device its tensors are on.
+        device = linear_device(classifier)
+        if device.type == "cpu" and torch.cuda.is_available() and backend in GPU_BACKENDS:
+            device = torch.device("cuda")
+        resolve_backend(backend, device, dtype=linear_compute_dtype(classifier))
     check_head_choice(pooling, head, mlp_hidden)
 
     kept_heads, kept_objective = detached(model)
