@@ -93,5 +93,23 @@ def test_the_bucket_sequence_of_a_forward_follows_the_counts():
     finally:
         del adapter.run_layer
     assert torch.equal(out.exit_layer, schedule)
-    # layer 2 still runs 64 rows (layer 1's count is read a layer late), layer 3 runs 44 in 48
-    assert sorted(seen) == [(1, 64), (2, 64), (3, 48), (4, 24)]
+    # Scheduled's counts are known on the host: no lag, no dead layer. Layer 2 runs the 44 rows
+    # left in a bucket of 48, layers 3 and 4 the 24 left.
+    assert sorted(seen) == [(1, 64), (2, 48), (3, 24), (4, 24)]
+    assert out.host_syncs == 2  # once per forward each: the schedule's counts and the mask's extents
+
+
+def test_device_counts_are_read_a_layer_late_and_the_schedules_at_once():
+    """A threshold policy's counts come from the device: with the GPU's plan (lag 1) the bucket of
+    layer l follows the count of layer l - 2, so a layer may run on rows that have just left.
+    Scheduled's survivors are known on the host before the forward."""
+    from earlyexit_kernels.engine.static_step import _known_survivors
+
+    assert _known_survivors([0, 20, 20, 0, 24], 64, 4) == [64, 44, 24, 24, 0]
+    assert _known_survivors(None, 64, 4) is None
+    lag = SurvivorLag(64, lag=1, sizes=DEFAULT_SIZES)
+    buckets = []
+    for layer, left in zip(range(1, 5), (44, 24, 24, 0), strict=True):
+        buckets.append(lag.bucket_before(layer))
+        lag.publish(layer, ReadyCount(lambda n=left: n))
+    assert buckets == [64, 64, 48, 24]

@@ -77,9 +77,10 @@ class _Graphed:
         self.ids, self.mask = ids, mask
         inputs = _inputs(ids, mask)
         self.static = {k: None if v is None else v.clone() for k, v in inputs.items()}
-        # The warm-up on the stream that captures: cuBLAS keeps a workspace per (handle, stream),
-        # and a stream first met inside the capture gets its workspace there (the first GPU session
-        # timed this peer at about half the eager model's speed with the warm-up on another stream).
+        # The warm-up on the stream that captures, as the graphed step's: cuBLAS keeps a workspace
+        # per (handle, stream), and a stream first met inside the capture gets it from the graph's
+        # pool. (Not why this peer ran at half the eager model's speed on an H100: the warm-up on
+        # a side stream timed the same, docs/development.md "What the second GPU session found".)
         stream = capture_stream(ids.device)
         stream.wait_stream(torch.cuda.current_stream(ids.device))
         with torch.cuda.stream(stream):

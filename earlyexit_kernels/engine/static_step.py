@@ -337,9 +337,12 @@ def run_graphed(
     trims = sizes is None and lag == 0 and mask is not None
     step = _Step(adapter, backend, policy, halting_head, fused, pooled_heads, dtype, batches.dead_fill, trims)
     length = seq_len
+    # Scheduled says on the host who leaves where: its counts pick each bucket at once, with no
+    # lag and no read-back, so no layer runs on rows that have already left.
+    known = _known_survivors(scheduled_counts, batch, num_layers)
     with static.lock:
         _load(static, hidden, mask, state0, batch, first_bucket)
-        survivors = SurvivorLag(batch, lag=lag, sizes=sizes)
+        survivors = SurvivorLag(batch, lag=0 if known is not None else lag, sizes=sizes)
         for layer in range(1, num_layers + 1):
             bucket = survivors.bucket_before(layer)
             if bucket == 0:
@@ -353,7 +356,9 @@ def run_graphed(
             else:
                 run_step()
             if may_exit and layer < num_layers:
-                survivors.publish(layer, _published(static, layer))
+                survivors.publish(
+                    layer, _published(static, layer) if known is None else ReadyCount(lambda n=known[layer]: n)
+                )
                 if trims:
                     longest = int(static.longest_view[layer])  # host memory: the CPU's step has run
                     length = _kept_length(longest, length, length_multiple)
@@ -363,6 +368,18 @@ def run_graphed(
         result.layers_run = static.layers_run[:batch].clone()
     result.buckets = survivors.buckets
     return result
+
+
+def _known_survivors(scheduled_counts: list[int] | None, batch: int, num_layers: int) -> list[int] | None:
+    """The rows left after each layer (index 1..L) where the policy's exits are known on the host
+    (``Scheduled``: its count of rows leaving at each layer), else None."""
+    if scheduled_counts is None:
+        return None
+    left, known = batch, [batch]
+    for layer in range(1, num_layers + 1):
+        left -= scheduled_counts[layer]
+        known.append(left)
+    return known
 
 
 def _weights_fingerprint(heads: ExitHeads, adapter) -> tuple:
