@@ -27,8 +27,11 @@ from threshold_helpers import midway
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import earlyexit_kernels as eek
+from earlyexit_kernels.engine.buckets import DEFAULT_SIZES
+from earlyexit_kernels.engine.static_step import StaticBatches
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last
 from earlyexit_kernels.patching.patch import current_adapter
+from earlyexit_kernels.patching.state import state_of
 
 VIEWS = {"view", "slice", "select", "unsqueeze", "squeeze", "expand", "t", "transpose", "permute", "detach", "alias"}
 VIEWS |= {"lift_fresh", "_unsafe_view", "as_strided", "_reshape_alias"}
@@ -75,28 +78,40 @@ def _is_read_back_copy(name, args, kwargs) -> bool:
     return args[0].device.type != "cpu" and target is not None and torch.device(target).type == "cpu"
 
 
-def measure(name: str, backend: str, monkeypatch):
-    """Per layer (0 = prologue): (ops, read-backs), and the policy."""
+def measure(name: str, backend: str, monkeypatch, *, step="exact", layer_mask_counted=True):
+    """Per layer (0 = prologue): (ops, read-backs), and the policy. ``step="graphed"`` runs the
+    graphed step with the GPU's bucket plan (fixed buckets, counts read a layer late)."""
     items = _sequences(64, seed=1, longest=60)
     model, policy = spread_model("bert", name, items)
-    eek.patch(model.to(backend_device(backend)), policy, backend=backend, step="exact")
+    eek.patch(model.to(backend_device(backend)), policy, backend=backend, step=step)
+    if step == "graphed":
+        state_of(model).static_batches = StaticBatches(sizes=DEFAULT_SIZES, lag=1)
     longest = max(len(item["input_ids"]) for item in items)
     ids = torch.zeros(len(items), longest, dtype=torch.long)
     mask = torch.zeros(len(items), longest, dtype=torch.long)
     for row, item in enumerate(items):
         ids[row, : len(item["input_ids"])] = torch.tensor(item["input_ids"])
         mask[row, : len(item["input_ids"])] = 1
-    per_layer, out, ops = count(model, ids, mask, monkeypatch)
+    per_layer, out, ops = count(model, ids, mask, monkeypatch, layer_mask_counted=layer_mask_counted)
     return per_layer, policy, out, ops
 
 
-def count(model, ids, mask, monkeypatch):
-    """Per layer (0 = prologue) of one forward of a patched model: (ops, read-backs), the output, the ops."""
+def count(model, ids, mask, monkeypatch, *, layer_mask_counted=True):
+    """Per layer (0 = prologue) of one forward of a patched model: (ops, read-backs), the output, the ops.
+    ``layer_mask_counted=False``: the layers' mask (``adapter.layer_mask``, the layer's own input)
+    is left out, as the layer is."""
     counting = _Counting()
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
     adapter = current_adapter(model)
-    run_layer, embed = adapter.run_layer, adapter.embed
+    run_layer, embed, layer_mask = adapter.run_layer, adapter.embed, adapter.layer_mask
+
+    def mask_uncounted(*args):
+        with counting.uncounted():
+            return layer_mask(*args)
+
+    if not layer_mask_counted:
+        monkeypatch.setattr(adapter, "layer_mask", mask_uncounted)
 
     def layer_uncounted(index, hidden, layer_mask):
         with counting.uncounted():
@@ -266,3 +281,34 @@ def test_mean_pooled_mlp_heads_stay_within_budget(backend, monkeypatch):
         for layer in exiting:
             assert {"pool_norm", "exit_head", "exit_decide"} <= set(ops[layer]), dict(ops[layer])
             assert not head_ops & set(ops[layer]), dict(ops[layer])
+
+
+# The graphed step's launches per layer beyond the encoder layer's own (its mask included), with
+# the GPU's bucket plan, on the C++ backend (the CUDA backend's twin on the CPU): (a quiet layer,
+# an exiting layer). On an exiting layer, Entropy: the fused head, decision and write-back (1),
+# the backend's count padded to (count, longest) (1), the rows that left marked dead (1), the
+# gathers of the rows, the hidden states and the mask (3), the live rows counted (2). Each state
+# tensor a policy carries adds its gather (Patience, Voting: 2); QExit and DACT run their halting
+# head in PyTorch. Nothing is read back. The issue's target: 8 or fewer for a threshold policy.
+GRAPHED_BUDGET = {
+    "entropy": (0, 8),
+    "maxprob": (0, 8),
+    "patience": (7, 10),
+    "voting": (7, 10),
+    "qexit": (0, 18),
+    "dact": (0, 14),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRAPHED_BUDGET))
+def test_the_graphed_steps_launches_per_layer_stay_within_budget(name, monkeypatch):
+    if not eek.backends()["cpp"]:
+        pytest.skip(f"backend 'cpp': {eek.backend_status()['cpp']}")
+    quiet, exiting = GRAPHED_BUDGET[name]
+    per_layer, policy, out, ops = measure(name, "cpp", monkeypatch, step="graphed", layer_mask_counted=False)
+    layers = len(per_layer) - 1
+    assert 1 < len(set(out.exit_layer.tolist())), "the test needs exits spread over layers"
+    for layer in range(1, layers):  # the last layer is the model's own head
+        budget = exiting if can_exit_before_last(policy, layer) else quiet
+        assert launches(ops[layer]) <= budget, (layer, dict(ops[layer]))
+        assert per_layer[layer][1] == 0, f"layer {layer} read a value back"

@@ -35,6 +35,7 @@ __all__ = [
     "ExitResult",
     "can_fuse_head",
     "head_and_exit_step",
+    "settle_exits",
     "head_state",
     "heads_run_where_none_exit",
     "run_early_exit",
@@ -222,30 +223,19 @@ def run_early_exit(
         pooled_head = pooled_heads[layer - 1] if pooled_heads is not None and layer < num_layers else None
         if settled:
             target = WriteBack(rows, runs, extents, out_logits, out_exit, out_runs)
-            if pooled_head is not None:
-                _, state, order, stats = backend.pooled_head_exit_step_write_back(
-                    policy, layer, num_layers, hidden, mask, pooled_head, state, target
-                )
-            elif fused and layer < num_layers and backend.head_exit_step_write_back is not None:
-                _, state, order, stats = backend.head_exit_step_write_back(
-                    policy,
-                    layer,
-                    num_layers,
-                    adapter.pooled_hidden(hidden, mask),
-                    *adapter.head_weights(layer),
-                    state,
-                    halting_head,
-                    target,
-                )
-            else:
-                logits, halting = _head_outputs(adapter, layer, hidden, halting_head, state, mask)
-                if backend.exit_step_write_back is not None:
-                    _, state, order, stats = backend.exit_step_write_back(
-                        policy, layer, num_layers, logits, halting, state, target
-                    )
-                else:
-                    exits, returned, state = backend.exit_step(policy, layer, num_layers, logits, halting, state)
-                    order, stats = write_back(target, exits, returned, layer)
+            _, state, order, stats = settle_exits(
+                adapter,
+                backend,
+                policy,
+                layer,
+                hidden,
+                halting_head,
+                state,
+                target,
+                fused=fused,
+                mask=mask,
+                pooled_head=pooled_head,
+            )
         else:
             exits, returned, logits, halting, new_state = head_and_exit_step(
                 adapter,
@@ -445,6 +435,51 @@ def head_and_exit_step(
     logits, halting = _head_outputs(adapter, layer, hidden, halting_head, state, mask)
     exits, returned, state = backend.exit_step(policy, layer, num_layers, logits, halting, state)
     return exits, returned, logits, halting, state
+
+
+def settle_exits(
+    adapter: EncoderAdapter,
+    backend: Backend,
+    policy: ExitPolicy,
+    layer: int,
+    hidden: torch.Tensor,
+    halting_head,
+    state: dict,
+    target: WriteBack,
+    *,
+    fused: bool,
+    mask: torch.Tensor | None = None,
+    pooled_head=None,
+) -> tuple:
+    """:func:`head_and_exit_step` of 1-based ``layer``, then the exiting rows written to ``target``
+    and the survivors put in order, in the backend's fused kernel where it has one (one launch for
+    the head, the decision, the write-back, the count and the order); else PyTorch's write-back.
+    ``pooled_head`` (a layer of :func:`pooled_exit_heads`, never with a halting head) and ``fused``
+    pick the head as :func:`head_and_exit_step` does.
+    Returns ``(exits [n] bool, state, order [n] int64, stats [2] int64)`` as
+    :func:`earlyexit_kernels.backends.write_back.exit_step_write_back`."""
+    num_layers = adapter.num_layers
+    if pooled_head is not None:
+        return backend.pooled_head_exit_step_write_back(
+            policy, layer, num_layers, hidden, mask, pooled_head, state, target
+        )
+    if fused and layer < num_layers and backend.head_exit_step_write_back is not None:
+        return backend.head_exit_step_write_back(
+            policy,
+            layer,
+            num_layers,
+            adapter.pooled_hidden(hidden, mask),
+            *adapter.head_weights(layer),
+            state,
+            halting_head,
+            target,
+        )
+    logits, halting = _head_outputs(adapter, layer, hidden, halting_head, state, mask)
+    if backend.exit_step_write_back is not None:
+        return backend.exit_step_write_back(policy, layer, num_layers, logits, halting, state, target)
+    exits, returned, state = backend.exit_step(policy, layer, num_layers, logits, halting, state)
+    order, stats = write_back(target, exits, returned, layer)
+    return exits, state, order, stats
 
 
 def head_state(adapter: EncoderAdapter, batch: int, num_labels: int, device: torch.device) -> dict:

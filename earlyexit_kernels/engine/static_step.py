@@ -8,11 +8,12 @@ layer's step has fixed shapes: the batch lives in a bucket of rows
 
 1. runs the encoder layer on the bucket's rows,
 2. runs the exit heads and the policy's decision on them,
-3. writes each exiting row's logits, exit layer and layers run at its original position (rows
-   already dead, ``rows = -1``, and rows that stay write to a scratch row instead),
-4. gathers the rows into the other half of a double buffer with the staying rows first, in
-   stable order, and the others after them marked dead,
-5. counts the staying rows into a device buffer.
+3. writes each exiting row's logits, exit layer and layers run at its original position (a dead
+   row's ``rows`` is the scratch output row: what it writes lands there); 2 and 3 are the
+   backend's fused kernel with write-back, as in the exact step,
+4. gathers the rows into the other half of a double buffer by that kernel's stable survivor
+   order, the live rows that stay first, and marks the rows that left dead,
+5. counts the live rows into a device buffer.
 
 The host never waits for that count inside the layers: it is read ``lag`` layers later to pick
 a smaller bucket (alive rows sit first, so a bucket's first rows hold them all). Each step reads
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from earlyexit_kernels.backends.registry import Backend
+from earlyexit_kernels.backends.write_back import WriteBack
 from earlyexit_kernels.engine.batch_loop import (
     ExitResult,
     _kept_length,
@@ -46,6 +48,7 @@ from earlyexit_kernels.engine.batch_loop import (
     heads_run_where_none_exit,
     mask_extents,
     pooled_exit_heads,
+    settle_exits,
     trimmed_inputs,
 )
 from earlyexit_kernels.engine.buckets import ReadyCount, SurvivorLag, bucket_for, default_plan
@@ -71,8 +74,7 @@ class _Half:
 
     hidden: torch.Tensor  # [capacity, S, H]
     mask: torch.Tensor | None  # [capacity, S]
-    rows: torch.Tensor  # [capacity] int64: original position, -1 for a dead row
-    runs: torch.Tensor  # [capacity] int64: layers run
+    rows: torch.Tensor  # [capacity] int64: original position, ``capacity`` (the scratch output row) for a dead row
     extents: torch.Tensor  # [capacity] int64: one past each row's last attended position (0: dead)
     state: dict[str, torch.Tensor]  # the policy's state, [capacity, ...] each
 
@@ -90,6 +92,9 @@ class StaticBatch:
         self.logits = torch.zeros(capacity + 1, num_labels, dtype=wide, device=device)
         self.exit_layer = torch.zeros(capacity + 1, dtype=torch.long, device=device)
         self.layers_run = torch.zeros(capacity + 1, dtype=torch.long, device=device)
+        # layers run by a row at layer l, l for every row: the graphed step runs every live row
+        # through every layer (no SkipGates), so the write-back reads row l and nothing is carried
+        self.runs = torch.arange(num_layers + 1, device=device)[:, None].expand(-1, capacity).contiguous()
         self.counts = torch.zeros(num_layers + 1, dtype=torch.long, device=device)
         self.longest = torch.zeros(num_layers + 1, dtype=torch.long, device=device)  # of the rows that stay
         self.longest_view = self.longest.numpy() if device.type == "cpu" else None  # read by the CPU's plan
@@ -111,8 +116,7 @@ class StaticBatch:
         return _Half(
             hidden=torch.zeros(capacity, seq_len, hidden_size, dtype=dtype, device=device),
             mask=None if mask is None else torch.ones(capacity, seq_len, dtype=mask.dtype, device=device),
-            rows=torch.full((capacity,), -1, dtype=torch.long, device=device),
-            runs=torch.zeros(capacity, dtype=torch.long, device=device),
+            rows=torch.full((capacity,), capacity, dtype=torch.long, device=device),
             extents=torch.zeros(capacity, dtype=torch.long, device=device),
             state={k: torch.zeros((capacity, *v.shape[1:]), dtype=v.dtype, device=device) for k, v in state.items()},
         )
@@ -188,7 +192,13 @@ class _Step:
 def _layer_step(step: _Step, static: StaticBatch, layer: int, bucket: int, may_exit: bool, length: int) -> None:
     """The static step of 1-based ``layer`` on the first ``bucket`` rows and ``length`` positions:
     reads half ``layer % 2``, writes half ``(layer + 1) % 2`` and the output rows of the rows that
-    exit. No host read. (``length`` is the buffers' on a GPU; the CPU's plan trims, as the exact step.)"""
+    exit. No host read. (``length`` is the buffers' on a GPU; the CPU's plan trims, as the exact step.)
+
+    A dead row's ``rows`` is ``capacity``, the scratch output row: the backend's write-back (one
+    fused kernel on the fast backends, as in the exact step) writes every row that exits at its
+    ``rows``, dead ones harmlessly into the scratch row. Dead rows sit after the live ones, so the
+    stable survivor order keeps the live stayers first; the rows that left are marked dead as
+    they are gathered, and the live ones counted."""
     adapter, num_layers = step.adapter, step.adapter.num_layers
     src, dst = static.halves[layer % 2], static.halves[(layer + 1) % 2]
     hidden = src.hidden[:bucket, :length]
@@ -197,59 +207,63 @@ def _layer_step(step: _Step, static: StaticBatch, layer: int, bucket: int, may_e
         hidden = hidden.contiguous()
         mask = None if mask is None else mask.contiguous()
     rows = src.rows[:bucket]
-    runs = src.runs[:bucket] + 1
     extents = src.extents[:bucket]
     state = {k: v[:bucket] for k, v in src.state.items()}
     out = adapter.run_layer(layer - 1, hidden, adapter.layer_mask(mask, step.dtype))
-    if may_exit or heads_run_where_none_exit(step.policy, adapter):
-        pooled_head = step.pooled_heads[layer - 1] if step.pooled_heads is not None and layer < num_layers else None
-        exits, returned, _, _, state = head_and_exit_step(
-            adapter,
-            step.backend,
-            step.policy,
-            layer,
-            out,
-            step.halting_head,
-            state,
-            fused=step.fused,
-            mask=mask,
-            pooled_head=pooled_head,
-        )
+    pooled_head = step.pooled_heads[layer - 1] if step.pooled_heads is not None and layer < num_layers else None
     if not may_exit:  # nobody leaves: the rows go on in place
+        if heads_run_where_none_exit(step.policy, adapter):
+            *_, state = head_and_exit_step(
+                adapter,
+                step.backend,
+                step.policy,
+                layer,
+                out,
+                step.halting_head,
+                state,
+                fused=step.fused,
+                mask=mask,
+                pooled_head=pooled_head,
+            )
         dst.hidden[:bucket, :length].copy_(out)
         if mask is not None:
             dst.mask[:bucket, :length].copy_(mask)
         dst.rows[:bucket].copy_(rows)
-        dst.runs[:bucket].copy_(runs)
         if step.trims:
             dst.extents[:bucket].copy_(extents)
         for k, v in state.items():
             dst.state[k][:bucket].copy_(v)
         return
-    alive = rows >= 0
-    exits = exits & alive
-    stay = alive & ~exits
-    # Exiting rows write at their original position, every other row at the scratch row.
-    target = torch.where(exits, rows, torch.full_like(rows, static.capacity))
-    static.logits.index_copy_(0, target, returned.to(static.logits.dtype))
-    static.exit_layer.index_copy_(0, target, torch.full_like(rows, layer))
-    static.layers_run.index_copy_(0, target, runs)
-    static.counts[layer] = stay.sum()
+    runs = static.runs[layer, :bucket]  # every live row has run every layer so far (no skip gates here)
+    target = WriteBack(rows, runs, extents if step.trims else None, static.logits, static.exit_layer, static.layers_run)
+    exits, state, order, stats = settle_exits(
+        adapter,
+        step.backend,
+        step.policy,
+        layer,
+        out,
+        step.halting_head,
+        state,
+        target,
+        fused=step.fused,
+        mask=mask,
+        pooled_head=pooled_head,
+    )
     if layer == num_layers:
         return
-    if step.trims:  # only the CPU's plan reads the longest (fixed buckets keep the length)
-        staying_extents = torch.where(stay, extents, torch.zeros_like(extents))
-        static.longest[layer] = staying_extents.max()
-    order = torch.argsort((~stay).to(torch.int8), stable=True)  # staying rows first, in order
-    if step.dead_fill is not None:  # tests: what dead rows hold must never reach a live one
-        out = torch.where(stay[:, None, None], out, torch.full_like(out, step.dead_fill))
+    # The rows that exit now are dead from the next layer on; the order puts the live stayers first.
+    next_rows = dst.rows[:bucket]
+    torch.index_select(rows.masked_fill(exits, static.capacity), 0, order, out=next_rows)
+    torch.sum(next_rows < static.capacity, dim=0, keepdim=True, out=static.counts[layer : layer + 1])
+    if step.trims:  # only the CPU's plan reads the longest (fixed buckets keep the length); no dead rows there
+        static.longest[layer : layer + 1].copy_(stats[1:2])
+        torch.index_select(extents, 0, order, out=dst.extents[:bucket])
     torch.index_select(out.to(dst.hidden.dtype), 0, order, out=dst.hidden[:bucket, :length])
+    if step.dead_fill is not None:  # tests: what dead rows hold must never reach a live one
+        dead = (next_rows == static.capacity)[:, None, None]
+        dst.hidden[:bucket, :length].masked_fill_(dead, step.dead_fill)
     if mask is not None:
         torch.index_select(mask, 0, order, out=dst.mask[:bucket, :length])
-    torch.index_select(torch.where(stay, rows, torch.full_like(rows, -1)), 0, order, out=dst.rows[:bucket])
-    torch.index_select(runs, 0, order, out=dst.runs[:bucket])
-    if step.trims:
-        torch.index_select(staying_extents, 0, order, out=dst.extents[:bucket])
     for k, v in state.items():
         torch.index_select(v, 0, order, out=dst.state[k][:bucket])
 
@@ -425,8 +439,7 @@ def _load(static: StaticBatch, hidden, mask, state0: dict, batch: int, bucket: i
         first.mask[:batch].copy_(mask)
         first.mask[batch:bucket].fill_(1)
     torch.arange(bucket, out=first.rows[:bucket])
-    first.rows[batch:bucket].fill_(-1)
-    first.runs[:bucket].zero_()
+    first.rows[batch:bucket].fill_(static.capacity)  # dead: their outputs go to the scratch row
     if mask is not None:
         first.extents[:batch].copy_(mask_extents(mask))
     else:
