@@ -107,3 +107,47 @@ def test_a_new_policy_reaches_the_graphed_calls():
         after = list(engine.run())
     assert any(f.exit_layer < model.config.num_hidden_layers for f in first)
     assert all(f.exit_layer == model.config.num_hidden_layers for f in after)
+
+
+def test_classify_keeps_its_engine_and_graphs_between_calls_on_the_graphed_step():
+    """``eek.classify`` on the graphed step lends the engine an earlier call with the same settings
+    gave back, with its static calls (on a GPU, their CUDA graphs): captured once, not per call. A
+    call stopped part-way gives back nothing; other settings, or a copy of the model, make their own."""
+    import copy
+
+    from earlyexit_kernels.engine.classify import classify
+
+    items = _sequences(24, seed=3, longest=30)
+    model, _ = spread_model("bert", "entropy", items)
+    eek.patch(model, state_of(model).policy, step="graphed")
+    with torch.no_grad():
+        first = list(classify(model, items, max_batch_size=8))
+        kept = state_of(model).kept_engines
+        ((_, engine),) = kept._idle.items()
+        calls = engine._calls
+        again = list(classify(model, items, max_batch_size=8))
+        assert len(kept) == 1 and next(iter(kept._idle.values())) is engine and engine._calls is calls
+        assert [p.exit_layer for p in again] == [p.exit_layer for p in first]
+        assert all(torch.equal(a.logits, b.logits) for a, b in zip(again, first, strict=True))
+
+        stopped = classify(model, items, max_batch_size=8, ordered=False)
+        next(stopped)  # borrows the engine, then stops at the first sequence out, the others in flight
+        assert len(kept) == 0
+        stopped.close()
+        assert len(kept) == 0, "an engine with sequences in flight is not kept"
+
+        list(classify(model, items, max_batch_size=4))
+        list(classify(model, items, max_batch_size=8))
+        assert len(kept) == 2, "one engine per setting"
+    assert len(state_of(copy.deepcopy(model)).kept_engines) == 0
+
+
+def test_classify_on_the_exact_step_makes_an_engine_per_call():
+    items = _sequences(8, seed=3, longest=20)
+    model, _ = spread_model("bert", "entropy", items)
+    eek.patch(model, state_of(model).policy, step="exact")
+    from earlyexit_kernels.engine.classify import classify
+
+    with torch.no_grad():
+        list(classify(model, items, max_batch_size=8))
+    assert state_of(model).kept_engines is None

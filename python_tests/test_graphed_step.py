@@ -159,6 +159,27 @@ def test_the_outputs_are_the_callers_and_the_buffers_are_reused():
     assert second.logits.shape == (11, 3)
 
 
+def test_every_length_up_to_the_longest_shares_one_set_of_buffers():
+    """A server's batches come in many lengths: one static batch holds every length up to the
+    longest it has met (each length's rows viewed contiguously at the start of the same buffers,
+    its graphs keyed by the length), and is made anew only for a longer one."""
+    model = patched(eek.Entropy(0.15), seed=3)
+    reference = patched(eek.Entropy(0.15), seed=3, step="exact")
+    batches = state_of(model).static_batches = StaticBatches(**GPU_PLAN)
+    made = []
+    for seq_len in (12, 7, 12, 20, 7, 20):
+        inputs = batch_inputs(16, seq_len=seq_len, seed=seq_len)
+        with torch.no_grad():
+            exact, graphed = reference(**inputs), model(**inputs)
+        assert torch.equal(graphed.exit_layer, exact.exit_layer)
+        torch.testing.assert_close(graphed.logits, exact.logits, rtol=1e-5, atol=1e-6)
+        (static,) = batches._kept.values()
+        if not made or made[-1] is not static:
+            made.append(static)
+        assert static.halves[0].hidden.is_contiguous() and static.halves[0].hidden.shape[1] == seq_len
+    assert [static.max_length for static in made] == [12, 20], "made again only for a longer length"
+
+
 def test_a_patched_model_pickles_and_copies_after_a_graphed_forward():
     model = patched(eek.Entropy(0.15))
     inputs = batch_inputs(8)

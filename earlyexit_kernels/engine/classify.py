@@ -25,6 +25,10 @@ from earlyexit_kernels.calibration.online import OnlineCertificate
 from earlyexit_kernels.engine.audit import AuditRunner, AuditWatch
 from earlyexit_kernels.engine.continuous import ContinuousEngine
 from earlyexit_kernels.engine.engine_config import EngineConfig
+from earlyexit_kernels.engine.kept_engines import KeptEngines
+from earlyexit_kernels.engine.patched_state import patched_state
+from earlyexit_kernels.engine.static_step import weights_fingerprint
+from earlyexit_kernels.engine.step_choice import resolve_step
 from earlyexit_kernels.methods.risk_control import check_fraction
 
 __all__ = ["Prediction", "Predictions", "classify"]
@@ -154,7 +158,7 @@ def classify(
         packed=packed,
         max_age=None,  # throughput first: the admission order's and the queues' own bounds
     )
-    engine = ContinuousEngine(model, config)
+    engine, give_back = _engine(model, config, kept=dtype is None and device is None and not compile)
     if read_ahead is None:
         # Wide: the length sweep's batches pad less and exit together more the more it sees.
         read_ahead = 32 * engine.scheduler.max_in_flight
@@ -175,8 +179,33 @@ def classify(
     if audit is not None:
         auditor = _Auditor(model, audit, engine.buckets.max_batch_size, max_tokens, certificate, engine)
     return Predictions(
-        _predictions(engine, inputs, tokenizer, ordered, progress, read_ahead, auditor), audit, certificate
+        _predictions(engine, inputs, tokenizer, ordered, progress, read_ahead, auditor, give_back), audit, certificate
     )
+
+
+def _engine(model, config: EngineConfig, *, kept: bool):
+    """``(engine, give_back)``: on the graphed step, an engine the patched model kept from an earlier
+    call with these settings and heads (its CUDA graphs captured then), else a new one; ``give_back()``
+    keeps it for the next call (:mod:`earlyexit_kernels.engine.kept_engines`). Elsewhere a new engine,
+    and ``give_back`` does nothing."""
+    state = patched_state(model, "eek.classify")
+    device = next(model.parameters()).device
+    if not kept or resolve_step(state.step, state.policy, device) != "graphed":
+        return ContinuousEngine(model, config), lambda: None
+    if state.kept_engines is None:
+        state.kept_engines = KeptEngines()
+    engines = state.kept_engines
+    key = (
+        config,
+        state.backend,
+        state.step,
+        id(state.adapter),
+        weights_fingerprint(state.adapter.heads, state.adapter),
+    )
+    engine = engines.take(key, lambda: ContinuousEngine(model, config))
+    if engine.policy is not state.policy:  # a certificate moved the threshold in the call that gave it back
+        engine.set_policy(state.policy)
+    return engine, lambda: engines.give_back(key, engine)
 
 
 def _online_certificate(model, recertify, audit: AuditWatch | None):
@@ -258,6 +287,7 @@ def _predictions(
     progress: bool,
     read_ahead: int,
     auditor: _Auditor | None = None,
+    give_back=None,
 ):
     total = len(inputs) if hasattr(inputs, "__len__") else None
     bar = None
@@ -306,6 +336,8 @@ def _predictions(
     finally:
         if bar is not None:
             bar.close()
+        if give_back is not None:
+            give_back()
 
 
 def _encode(items: Iterator, tokenizer, max_length: int, chunk: int):

@@ -33,7 +33,9 @@ class PatchedState:
     model, to notice that. ``objective``: the training objective and its loss arguments, or None.
     ``step``: the per-layer step it was given (``"auto"``, ``"exact"`` or ``"graphed"``, see
     :mod:`earlyexit_kernels.engine.step_choice`); ``static_batches``: what the graphed step keeps
-    between forwards (buffers and CUDA graphs, by shape), made on its first forward.
+    between forwards (buffers and CUDA graphs, by shape), made on its first forward;
+    ``kept_engines``: the continuous engines ``eek.classify`` keeps between calls on the graphed step
+    (:mod:`earlyexit_kernels.engine.kept_engines`), made on its first such call.
     """
 
     policy: ExitPolicy
@@ -43,6 +45,7 @@ class PatchedState:
     objective: tuple[Any, dict] | None = None
     step: str = "auto"
     static_batches: Any = None
+    kept_engines: Any = None
 
 
 _reader: Callable[[nn.Module], PatchedState | None] | None = None

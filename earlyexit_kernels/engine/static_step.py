@@ -58,13 +58,14 @@ from earlyexit_kernels.engine.step_graphs import GraphStats, PinnedCount, StepGr
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state
 from earlyexit_kernels.methods.policies import ExitPolicy
 
-__all__ = ["StaticBatches", "run_graphed", "CUDA_LENGTH_STEP"]
+__all__ = ["StaticBatches", "run_graphed", "weights_fingerprint", "CUDA_LENGTH_STEP"]
 
 # On a GPU a padded batch's length is rounded up to a multiple of this (masked positions), so
 # that a stream of batches of mixed lengths shares a few captured shapes. Not on the CPU, whose
 # static step must give the exact step's bits.
 CUDA_LENGTH_STEP = 32
-# Shapes (length, mask or not, dtype, ...) whose buffers and graphs are kept, most recent first.
+# Shapes (mask or not, dtype, backend, policy, ...) whose buffers and graphs are kept, most recent
+# first; every length up to the longest met shares one shape's buffers.
 KEPT_SHAPES = 4
 
 
@@ -80,13 +81,21 @@ class _Half:
 
 
 class StaticBatch:
-    """The buffers of one shape (length, mask or not, dtype, device), their fused heads and graphs."""
+    """The buffers of one shape (mask or not, dtype, device), their fused heads and graphs.
+
+    The hidden states and mask are flat allocations of ``capacity`` rows of ``seq_len`` positions,
+    the longest length this batch takes; a forward of a shorter length views their beginning as
+    ``[capacity, length, H]`` (:meth:`use_length`), so that every length's rows are contiguous and
+    the graphs of every length (keyed by it) share one set of buffers, as the continuous engine's
+    calls do."""
 
     def __init__(
         self, *, capacity, seq_len, hidden_size, num_labels, num_layers, dtype, wide, device, mask, state, stats=None
     ):
-        self.capacity = capacity
-        self.halves = [self._half(capacity, seq_len, hidden_size, dtype, device, mask, state) for _ in range(2)]
+        self.capacity, self.max_length, self.hidden_size = capacity, seq_len, hidden_size
+        self._flat = [self._half(capacity, seq_len, hidden_size, dtype, device, mask, state) for _ in range(2)]
+        self.halves = self._flat
+        self.length = seq_len
         # output rows: one per original position, and a scratch row (index ``capacity``) that
         # the rows which do not exit write to
         self.logits = torch.zeros(capacity + 1, num_labels, dtype=wide, device=device)
@@ -121,10 +130,30 @@ class StaticBatch:
             state={k: torch.zeros((capacity, *v.shape[1:]), dtype=v.dtype, device=device) for k, v in state.items()},
         )
 
-    def fits(self, bucket: int, state: dict) -> bool:
+    def use_length(self, length: int) -> None:
+        """Make ``halves`` views of ``length`` positions a row (at most ``max_length``)."""
+        if length == self.length:
+            return
+        if length > self.max_length:
+            raise ValueError(f"a length of {length} exceeds the buffers' {self.max_length}")
+        count = self.capacity * length
+        self.halves = [
+            _Half(
+                hidden=half.hidden.view(-1)[: count * self.hidden_size].view(self.capacity, length, self.hidden_size),
+                mask=None if half.mask is None else half.mask.view(-1)[:count].view(self.capacity, length),
+                rows=half.rows,
+                extents=half.extents,
+                state=half.state,
+            )
+            for half in self._flat
+        ]
+        self.length = length
+
+    def fits(self, bucket: int, state: dict, length: int) -> bool:
         held = self.halves[0].state
         return (
             bucket <= self.capacity
+            and length <= self.max_length
             and held.keys() == state.keys()
             and all(held[k].shape[1:] == v.shape[1:] and held[k].dtype == v.dtype for k, v in state.items())
         )
@@ -148,9 +177,11 @@ class StaticBatches:
         sizes, lag = default_plan(device_type)
         return (sizes if self.sizes == "device" else self.sizes), (lag if self.lag is None else self.lag)
 
-    def get(self, key: tuple, bucket: int, state: dict, make) -> StaticBatch:
+    def get(self, key: tuple, bucket: int, state: dict, length: int, make) -> StaticBatch:
+        """The static batch of ``key`` that holds ``bucket`` rows of ``length`` positions, made anew
+        (by ``make``) where the one kept is too small (the forward views it at ``length`` under its lock)."""
         static = self._kept.pop(key, None)
-        if static is None or not static.fits(bucket, state):
+        if static is None or not static.fits(bucket, state, length):
             # Normal tensors even under inference_mode(): an inference tensor cannot be written in
             # place outside it, and a later forward under no_grad() loads its rows into these buffers.
             with torch.inference_mode(False):
@@ -320,13 +351,15 @@ def run_graphed(
 
     state0 = init_state(policy, batch, num_labels, hidden_size, num_layers, device, pooled_dtype=dtype)
     state0.update(head_state(adapter, batch, num_labels, device))
-    key = (backend.name, str(device), dtype, seq_len, mask is not None, mask.dtype if mask is not None else None)
-    key += (id(adapter), type(policy).__name__, _weights_fingerprint(heads, adapter))
+    # Not the length: a static batch's buffers hold every length up to the longest it has met.
+    key = (backend.name, str(device), dtype, mask is not None, mask.dtype if mask is not None else None)
+    key += (id(adapter), type(policy).__name__, weights_fingerprint(heads, adapter))
     first_bucket = bucket_for(batch, sizes)
     static = batches.get(
         key,
         first_bucket,
         state0,
+        seq_len,
         lambda: StaticBatch(
             capacity=first_bucket,
             seq_len=seq_len,
@@ -355,6 +388,7 @@ def run_graphed(
     # lag and no read-back, so no layer runs on rows that have already left.
     known = _known_survivors(scheduled_counts, batch, num_layers)
     with static.lock:
+        static.use_length(seq_len)
         _load(static, hidden, mask, state0, batch, first_bucket)
         survivors = SurvivorLag(batch, lag=0 if known is not None else lag, sizes=sizes)
         for layer in range(1, num_layers + 1):
@@ -396,7 +430,7 @@ def _known_survivors(scheduled_counts: list[int] | None, batch: int, num_layers:
     return known
 
 
-def _weights_fingerprint(heads: ExitHeads, adapter) -> tuple:
+def weights_fingerprint(heads: ExitHeads, adapter) -> tuple:
     """Where the exit heads' weights (and the model's pooler and classifier) are and their versions:
     the fused backends keep converted copies of these per tensor and version, and a captured graph
     reads the copies it was captured with, so new buffers and graphs are made when one changes
