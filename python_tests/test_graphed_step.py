@@ -263,7 +263,7 @@ def test_deberta_builds_its_relative_positions_once_for_every_length(monkeypatch
         assert torch.equal(graphed.logits, exact.logits) and torch.equal(graphed.exit_layer, exact.exit_layer)
     assert built == [model.config.max_position_embeddings], "built once, for the longest input"
     encoder = model.deberta.encoder
-    kept = encoder.__dict__["_eek_relative_positions"][torch.device("cpu")]
+    kept = encoder.__dict__["earlyexit_relative_positions"][torch.device("cpu")]
     x = torch.empty(1, 20, 1)
     fresh = original(x, x, bucket_size=encoder.position_buckets, max_position=encoder.max_relative_positions)
     assert len(kept) == 1 and torch.equal(kept[0][..., :20, :20], fresh)

@@ -117,6 +117,11 @@ class StaticBatch:
             self.host_counts, self.count_events, self.host_view = None, None, self.counts.numpy()
         self.graphs = StepGraphs(device, stats)
         self.lock = threading.Lock()  # one forward at a time on these buffers
+        # On a GPU, recorded after a forward's last read of the buffers: the next forward, maybe
+        # from another thread on another stream, waits for it before it loads its rows (the lock
+        # covers the host's enqueue only, not the device's work).
+        self.done = torch.cuda.Event() if device.type == "cuda" else None
+        self.done_recorded = False
         # (whether the heads run fused, the fused per-layer heads): built at the first forward
         self.heads: tuple[bool, list | None] | None = None
 
@@ -388,6 +393,8 @@ def run_graphed(
     # lag and no read-back, so no layer runs on rows that have already left.
     known = _known_survivors(scheduled_counts, batch, num_layers)
     with static.lock:
+        if static.done_recorded:
+            torch.cuda.current_stream(device).wait_event(static.done)
         static.use_length(seq_len)
         _load(static, hidden, mask, state0, batch, first_bucket)
         survivors = SurvivorLag(batch, lag=0 if known is not None else lag, sizes=sizes)
@@ -414,6 +421,9 @@ def run_graphed(
         result.logits = logits.clone() if logits.data_ptr() == static.logits.data_ptr() else logits
         result.exit_layer = static.exit_layer[:batch].clone()
         result.layers_run = static.layers_run[:batch].clone()
+        if static.done is not None:
+            static.done.record()
+            static.done_recorded = True
     result.buckets = survivors.buckets
     return result
 

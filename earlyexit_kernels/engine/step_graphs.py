@@ -138,7 +138,9 @@ class StepGraphs:
                     self._pool = torch.cuda.graph_pool_handle()
                 graph = torch.cuda.CUDAGraph()
                 try:
-                    graph.capture_begin(pool=self._pool)
+                    # thread_local: another thread's forward (a server's) may allocate or sync while
+                    # this thread captures on its own stream; two captures never overlap (the lock)
+                    graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 except Exception as err:  # noqa: BLE001 - any capture failure means: run eagerly
                     failure = err
                 else:

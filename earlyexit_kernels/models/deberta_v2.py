@@ -81,7 +81,7 @@ class DebertaV2Adapter(EncoderAdapterBase):
         live on the encoder module, as long as the model (an adapter is made again after a patch,
         and graphs captured through the old one still read them)."""
         length = hidden.shape[-2]
-        kept = self.encoder.__dict__.setdefault("_eek_relative_positions", {}).setdefault(hidden.device, [])
+        kept = self.encoder.__dict__.setdefault("earlyexit_relative_positions", {}).setdefault(hidden.device, [])
         for positions in kept:
             if positions is not None and positions.shape[-1] >= length:
                 return positions[..., :length, :length]
