@@ -289,6 +289,23 @@ def test_the_step_option_reaches_eek_patch_and_the_csv(tmp_path, monkeypatch):
         assert f"| {column} |" in section
 
 
+def test_graphed_lags_time_the_step_with_each_lag_and_say_which():
+    """``--graphed-lags device,1``: the graphed step on the device's plan and with a count read a
+    layer late, interleaved; the rows say ``graphed`` and ``graphed-lag1``, and agree."""
+    assert cli.parse_args(["--device", "cpu", "--graphed-lags", "device,0,1,0"]).graphed_lags == [None, 0, 1]
+    for bad in ("-1", "late", ""):
+        with pytest.raises(SystemExit):
+            cli.parse_args(["--device", "cpu", "--graphed-lags", bad])
+    pattern = pattern_by_name("geometric-p0.10", 4, TINY.layers, 16)
+    # the CPU's own lag is 0: asking for it again adds nothing
+    rows = measure(tiny(), pattern, steps=("exact", "graphed"), graphed_lags=(None, 0, 1), baselines=False)
+    steps = sorted(r["step"] for r in rows if r["method"] == "eek")
+    assert steps == ["exact", "graphed", "graphed-lag1"]
+    assert all(r["check"] == "ok" for r in rows), [r["check"] for r in rows]
+    lagged = next(r for r in rows if r["step"] == "graphed-lag1")
+    assert lagged["graph_captures"] == 0 and lagged["graph_fallback"] == ""
+
+
 @pytest.mark.parametrize("f", [0.0, 0.25, 0.5, 0.75, 0.4])
 @pytest.mark.parametrize("layers, batch", [(12, 64), (12, 7), (4, 4)])
 def test_a_pattern_is_described_for_what_it_does(f, layers, batch):

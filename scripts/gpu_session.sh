@@ -152,7 +152,8 @@ graphed() { # graphed NAME DTYPE BATCH REPEATS PEERS [STEPS [MIN_S MAX_S]]: the 
     # peer compiles once per step where it is asked for.
     step "$name" "$min_s" "$max_s" "$PY" -m earlyexit_kernels.bench "${where[@]}" --dtype "$dtype" --models bert \
         --spot-models none --patterns sched-f0.00,sched-f0.50,geometric-p0.10 --policies scheduled,entropy \
-        --step "$steps" --peers "$peers" --no-baselines --no-micro --no-memory --no-progress \
+        --step "$steps" --graphed-lags "${GRAPHED_LAGS:-device}" --peers "$peers" --no-baselines --no-micro \
+        --no-memory --no-progress \
         --output-dir "$WORK/logs/bench_$name" --append-csv "$OUT/bench.csv"
 }
 
@@ -235,7 +236,8 @@ for s in $STEPS; do
         if [[ -s "$WORK/capture_failed.txt" ]]; then
             graphed graphed_key bf16 64 15 cuda-graphs exact
         else
-            graphed graphed_key bf16 64 15 cuda-graphs
+            # lag 0 beside the device's 1: a read-back per layer against a layer run on rows just gone
+            GRAPHED_LAGS=device,0 graphed graphed_key bf16 64 15 cuda-graphs
         fi
         ;;
     kernels | peer_capture)

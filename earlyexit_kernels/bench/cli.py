@@ -88,6 +88,21 @@ def _peers(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _lags(text: str) -> list[int | None]:
+    """Comma-separated lags: ``device`` (None: the device's default) or integers >= 0."""
+    lags: list[int | None] = []
+    for value in (v.strip() for v in text.split(",") if v.strip()):
+        if value == "device":
+            lags.append(None)
+        elif value.isdigit():
+            lags.append(int(value))
+        else:
+            raise argparse.ArgumentTypeError(f"a lag is an integer >= 0 or device; got {value!r}")
+    if not lags:
+        raise argparse.ArgumentTypeError("give at least one lag")
+    return list(dict.fromkeys(lags))
+
+
 def _backends(text: str) -> list[str]:
     from earlyexit_kernels.backends.registry import BACKEND_NAMES
 
@@ -147,6 +162,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=["auto"],
         help="eek.patch(..., step=) of the eek rows, comma-separated to time several interleaved: exact, graphed, "
         "auto (graphed on CUDA, exact elsewhere); steps that resolve alike run once [auto]",
+    )
+    parser.add_argument(
+        "--graphed-lags",
+        type=_lags,
+        default=[None],
+        help="the graphed step's lag (layers a device-side survivor count waits before the host reads it), "
+        "comma-separated to time several interleaved: a number, or device (its default: 1 on CUDA, 0 elsewhere); "
+        "a lag other than the device's gives rows whose step reads graphed-lag<N> [device]",
     )
     parser.add_argument(
         "--backends",
@@ -345,6 +368,7 @@ def run(args, on_rows=None) -> list[dict]:
         repeats=args.repeats,
         measure_memory=not args.no_memory,
         steps=tuple(args.step),
+        graphed_lags=tuple(args.graphed_lags),
         policies=tuple(args.policies),
         peers=tuple(args.peers),
         baselines=not args.no_baselines,

@@ -50,6 +50,8 @@ from earlyexit_kernels.bench.patterns import ExitPattern, make_inputs
 from earlyexit_kernels.bench.peers import PeerModels, PeerUnavailable
 from earlyexit_kernels.bench.threshold_pattern import THRESHOLD, PatternNotReproducible, entropy_variant
 from earlyexit_kernels.bench.timing import peak_memory, percentiles, timed_call
+from earlyexit_kernels.engine.buckets import default_plan
+from earlyexit_kernels.engine.static_step import StaticBatches
 from earlyexit_kernels.engine.step_choice import resolve_step
 from earlyexit_kernels.engine.step_graphs import GraphStats
 from earlyexit_kernels.methods.policies import Entropy, ExitPolicy, Scheduled
@@ -74,7 +76,8 @@ class MeasureSettings:
     timed rounds. ``measure_memory``: peak memory in an untimed call. ``steps``: the ``step=`` values
     of ``eek.patch`` to run (each resolved; those that resolve alike run once). ``policies``: of
     :data:`POLICIES`. ``peers``: of :data:`~earlyexit_kernels.bench.peers.PEERS`. ``baselines``:
-    whether ``naive`` and ``bs1`` run.
+    whether ``naive`` and ``bs1`` run. ``graphed_lags``: the graphed step's lags to time (None: the
+    device's plan); a lag other than the device's makes the row's ``step`` read ``graphed-lag<N>``.
     """
 
     seq_len: int
@@ -89,6 +92,7 @@ class MeasureSettings:
     policies: tuple[str, ...] = ("scheduled",)
     peers: tuple[str, ...] = ()
     baselines: bool = True
+    graphed_lags: tuple[int | None, ...] = (None,)
 
 
 @dataclass(eq=False)
@@ -124,9 +128,12 @@ def resolved_steps(steps, policy: ExitPolicy, device: torch.device) -> list[str]
     return list(dict.fromkeys(resolve_step(step, policy, device) for step in steps))
 
 
-def _patched_prepare(model, policy: ExitPolicy, backend: str, step: str) -> Callable[[str], None]:
+def _patched_prepare(
+    model, policy: ExitPolicy, backend: str, step: str, lag: int | None = None
+) -> Callable[[str], None]:
     """Patch ``model`` for this method; from the second call of a phase on, with the record kept
-    from its first (the graphed step's buffers and graphs are in it)."""
+    from its first (the graphed step's buffers and graphs are in it). ``lag``: the graphed step's,
+    where not the device's."""
     kept = {}
 
     def prepare(phase: str) -> None:
@@ -134,9 +141,20 @@ def _patched_prepare(model, policy: ExitPolicy, backend: str, step: str) -> Call
         if phase in kept:
             attach(model, kept[phase])
         else:
+            if lag is not None:
+                state_of(model).static_batches = StaticBatches(lag=lag)
             kept[phase] = state_of(model)
 
     return prepare
+
+
+def _lags(step: str, settings: MeasureSettings) -> list[int | None]:
+    """The lags a ``step`` method runs with: the graphed step's asked for (the device's own as
+    None, once), one (None) for the others."""
+    if step != "graphed":
+        return [None]
+    _, own = default_plan(settings.device.type)
+    return list(dict.fromkeys(None if lag == own else lag for lag in settings.graphed_lags))
 
 
 def _peer_method(model, peers: PeerModels, peer: str, ids, mask) -> Method:
@@ -164,17 +182,18 @@ def _methods(work: _Workload, variants, settings: MeasureSettings, peers: PeerMo
     methods += [_peer_method(model, peers, peer, ids, mask) for peer in settings.peers]
     for policy in variants:
         for step in resolved_steps(settings.steps, policy, settings.device):
-            for backend in settings.eek_backends:
-                methods.append(
-                    Method(
-                        "eek",
-                        backend,
-                        _patched_prepare(model, policy, backend, step),
-                        lambda: model(input_ids=ids, attention_mask=mask),
-                        policy=policy_label(policy),
-                        step=step,
+            for lag in _lags(step, settings):
+                for backend in settings.eek_backends:
+                    methods.append(
+                        Method(
+                            "eek",
+                            backend,
+                            _patched_prepare(model, policy, backend, step, lag),
+                            lambda: model(input_ids=ids, attention_mask=mask),
+                            policy=policy_label(policy),
+                            step=step if lag is None else f"{step}-lag{lag}",
+                        )
                     )
-                )
     if settings.baselines:
         for policy in variants:
             methods.append(
@@ -380,7 +399,7 @@ def _measure(work: _Workload, methods: list[Method], settings: MeasureSettings) 
             layer_times[shape].append(timed_call(probe, device)[0])
 
     # What the graphed rows captured, replayed and ran uncaptured (and why) in the warm-up and timed calls.
-    graphs = {m: _graph_stats(m, work.model) for m in methods if m.name == "eek" and m.step == "graphed"}
+    graphs = {m: _graph_stats(m, work.model) for m in methods if m.name == "eek" and m.step.startswith("graphed")}
 
     # Everything but the encoder layers: the same calls with every layer an identity.
     measured = [m for m in methods if m.nonlayer]
