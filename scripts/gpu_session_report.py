@@ -112,7 +112,7 @@ def smoke(device_name: str, size_name: str, batch: int, seq_len: int, dtype_name
     from earlyexit_kernels.bench.models import SIZES, build_model
     from earlyexit_kernels.bench.patterns import geometric, make_inputs
     from earlyexit_kernels.bench.threshold_pattern import entropy_variant
-    from earlyexit_kernels.bench.timing import timed_call
+    from earlyexit_kernels.bench.timing import synchronize, timed_call
     from earlyexit_kernels.engine.step_graphs import capture_failure
     from earlyexit_kernels.patching.patch import current_adapter
     from earlyexit_kernels.patching.state import attach, state_of
@@ -130,7 +130,7 @@ def smoke(device_name: str, size_name: str, batch: int, seq_len: int, dtype_name
         eek.patch(model, eek.Scheduled(pattern.exit_layers.to(device)), backend=backend, step="exact")
         policies = [("Scheduled", eek.Scheduled(pattern.exit_layers.to(device)))]
         try:
-            entropy, _restore = entropy_variant(current_adapter(model), pattern, ids, mask)
+            entropy, restore = entropy_variant(current_adapter(model), pattern, ids, mask)
             policies.append(("Entropy", entropy))
         except Exception as err:  # noqa: BLE001 - the row says why it is missing
             print(f"  {backend} Entropy: not reproducible ({err})")
@@ -149,13 +149,14 @@ def smoke(device_name: str, size_name: str, batch: int, seq_len: int, dtype_name
             exact = call("exact")
             start = time.perf_counter()
             graphed = call("graphed")
-            torch.cuda.synchronize() if device.type == "cuda" else None
+            synchronize(device)
             first_call = time.perf_counter() - start
             stats = records["graphed"].static_batches.stats
             times = {"plain": [], "exact": [], "graphed": []}
 
             def plain():
-                eek.unpatch(model) if eek.is_patched(model) else None
+                if eek.is_patched(model):
+                    eek.unpatch(model)
                 with torch.no_grad():
                     return model(input_ids=ids, attention_mask=mask)
 
@@ -177,7 +178,7 @@ def smoke(device_name: str, size_name: str, batch: int, seq_len: int, dtype_name
             )
             failed = failed or stats.fallback
             if label == "Entropy":
-                _restore()
+                restore()
         eek.unpatch(model)
     failed = failed or capture_failure()
     if failed and marker is not None:

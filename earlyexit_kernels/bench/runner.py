@@ -148,7 +148,7 @@ def _patched_prepare(
     return prepare
 
 
-def _lags(step: str, settings: MeasureSettings) -> list[int | None]:
+def _graphed_lags(step: str, settings: MeasureSettings) -> list[int | None]:
     """The lags a ``step`` method runs with: the graphed step's asked for (the device's own as
     None, once), one (None) for the others."""
     if step != "graphed":
@@ -182,7 +182,7 @@ def _methods(work: _Workload, variants, settings: MeasureSettings, peers: PeerMo
     methods += [_peer_method(model, peers, peer, ids, mask) for peer in settings.peers]
     for policy in variants:
         for step in resolved_steps(settings.steps, policy, settings.device):
-            for lag in _lags(step, settings):
+            for lag in _graphed_lags(step, settings):
                 for backend in settings.eek_backends:
                     methods.append(
                         Method(

@@ -76,7 +76,7 @@ class _Half:
     hidden: torch.Tensor  # [capacity, S, H]
     mask: torch.Tensor | None  # [capacity, S]
     rows: torch.Tensor  # [capacity] int64: original position, ``capacity`` (the scratch output row) for a dead row
-    extents: torch.Tensor  # [capacity] int64: one past each row's last attended position (0: dead)
+    extents: torch.Tensor  # [capacity] int64: one past each row's last attended position (the CPU's plan reads it)
     state: dict[str, torch.Tensor]  # the policy's state, [capacity, ...] each
 
 

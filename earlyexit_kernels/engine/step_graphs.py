@@ -38,8 +38,8 @@ __all__ = ["StepGraphs", "GraphStats", "PinnedCount", "capture_failure", "captur
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 # Why the first failed capture of this process failed: no graph is captured after it.
 _FAILURE: str | None = None
-# One capture at a time in the process: a capture sets the thread's (or, in the default "global"
-# mode, the process's) capture mode, and two interleaved captures would record each other's work.
+# One capture at a time in the process: two captures interleaved on the one capture stream would
+# record each other's work.
 _CAPTURE_LOCK = threading.Lock()
 
 
@@ -70,14 +70,6 @@ class GraphStats:
     eager: int = 0
     first_capture_s: float | None = None
     fallback: str | None = None
-
-    def add(self, other: GraphStats) -> None:
-        self.captures += other.captures
-        self.replays += other.replays
-        self.eager += other.eager
-        if self.first_capture_s is None:
-            self.first_capture_s = other.first_capture_s
-        self.fallback = self.fallback or other.fallback
 
 
 class StepGraphs:

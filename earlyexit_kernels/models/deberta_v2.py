@@ -3,8 +3,8 @@ positions, the optional convolution after layer 1, the ``ContextPooler`` head.
 
 The layers run as ``DebertaV2Encoder.forward`` runs them: the [n, 1, S, S] mask ``m_i m_j``
 (``encoder.get_attention_mask``), the relative positions of the current length
-(``encoder.get_rel_pos``, with ``position_buckets`` and ``max_relative_positions``; kept per
-length, so that the graphed step can capture the layers), the
+(``encoder.get_rel_pos``, with ``position_buckets`` and ``max_relative_positions``; built once
+for the longest input and sliced per length, so that the graphed step can capture the layers), the
 relative embeddings (``encoder.get_rel_embedding``), built once per forward and again after
 each compaction or trim (:class:`LayerInputs`), and after layer 1 the convolution
 (``conv_kernel_size > 0``), which reads the layer's input and the 2-D mask. The embeddings are
@@ -83,7 +83,7 @@ class DebertaV2Adapter(EncoderAdapterBase):
         length = hidden.shape[-2]
         kept = self.encoder.__dict__.setdefault("earlyexit_relative_positions", {}).setdefault(hidden.device, [])
         for positions in kept:
-            if positions is not None and positions.shape[-1] >= length:
+            if positions.shape[-1] >= length:
                 return positions[..., :length, :length]
         longest = max(length, getattr(self.model.config, "max_position_embeddings", 0) or 0)
         positions = self.encoder.get_rel_pos(hidden.new_empty(1, longest, 1))
