@@ -1,7 +1,27 @@
-"""``python -m earlyexit_kernels``: see :mod:`earlyexit_kernels.integrations.cli`."""
+"""``python -m earlyexit_kernels`` and the ``eek`` command: ``bench`` is :mod:`earlyexit_kernels.bench.commands`'s,
+every other command :mod:`earlyexit_kernels.integrations.cli`'s (the benchmarks sit above the integrations, so
+the command line that names both is here, above every layer)."""
 
 import sys
 
-from earlyexit_kernels.integrations.cli import main
 
-sys.exit(main())
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from earlyexit_kernels.bench.commands import main as bench
+
+        return bench(argv[1:], prog=f"{_program()} bench")
+    from earlyexit_kernels.bench.commands import HELP as BENCH_HELP
+    from earlyexit_kernels.integrations.cli import main as integrations
+
+    return integrations(argv, listed={"bench": BENCH_HELP})
+
+
+def _program() -> str:
+    from pathlib import Path
+
+    return "eek" if Path(sys.argv[0]).name == "eek" else "python -m earlyexit_kernels"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

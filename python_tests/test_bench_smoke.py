@@ -1,4 +1,4 @@
-"""The benchmark suite's smoke run: ``python -m earlyexit_kernels.bench --smoke`` must keep working.
+"""The benchmark suite's smoke run: ``eek bench sweep --smoke`` must keep working.
 
 A tiny model and one repetition: this checks the suite runs end to end on every family
 (the BERT sweep, the spot rows of ALBERT, RoBERTa, DistilBERT, DeBERTa-v3 and ModernBERT), that every
@@ -15,13 +15,14 @@ import pytest
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from earlyexit_kernels.bench import cli, report  # noqa: E402
+from benchmarks.suite import report  # noqa: E402
+from earlyexit_kernels.bench import sweep  # noqa: E402
 from earlyexit_kernels.bench.results import COLUMNS, write_csv  # noqa: E402
 
 
 def test_bench_smoke(tmp_path):
     out = tmp_path / "cpu"
-    status = cli.main(["--smoke", "--device", "cpu", "--output-dir", str(out), "--no-progress"])
+    status = sweep.main(["--smoke", "--device", "cpu", "--output-dir", str(out), "--no-progress"])
     assert status == 0
 
     with (out / "bench.csv").open(newline="") as f:
@@ -56,9 +57,9 @@ def test_bench_smoke(tmp_path):
     # f is what the pattern saves: sched-f0.50 on the 4-layer smoke model at B = 4 runs 8 of 16 layer evaluations.
     half = next(r for r in e2e if r["pattern"] == "sched-f0.50" and r["B"] == "4")
     assert float(half["f_actual"]) == 0.5 and float(half["ideal_layers"]) == 2.0
-    assert {r["kind"] for r in rows} == {"e2e", "exit_step", "compact"}
+    assert {r["kind"] for r in rows} == {"e2e"}  # the microbenchmarks are the repository's (benchmarks/suite/micro.py)
 
-    for name in ("speedup_vs_f.png", "exit_step_vs_batch.png", "meta.json"):
+    for name in ("speedup_vs_f.png", "meta.json"):
         assert (out / name).stat().st_size > 0
 
     readme = tmp_path / "README.md"
@@ -73,10 +74,10 @@ def test_bench_smoke(tmp_path):
     assert readme.read_text().count(report.START) == 1
 
     # Two CSVs of one machine (the sweep and the families, as committed): one section, each CSV's settings.
-    sweep, families = tmp_path / "sweep" / "bench.csv", tmp_path / "families" / "bench.csv"
-    write_csv(sweep, [r for r in rows if r["model"] in ("bert", "-")])
+    sweep_csv, families = tmp_path / "sweep_csv" / "bench.csv", tmp_path / "families" / "bench.csv"
+    write_csv(sweep_csv, [r for r in rows if r["model"] in ("bert", "-")])
     write_csv(families, [{**r, "repeats": "3"} for r in e2e if r["model"] not in ("bert", "albert", "roberta")])
-    assert report.main([str(sweep), str(families), "--readme", str(readme)]) == 0
+    assert report.main([str(sweep_csv), str(families), "--readme", str(readme)]) == 0
     both = readme.read_text()
     assert both.count("### ") == 1 and both.count("(UTC)") == 2
     assert "`families/bench.csv` (distilbert, deberta_v3, modernbert): measured" in both
@@ -88,9 +89,9 @@ def test_bench_smoke(tmp_path):
 
 
 def test_models_none_runs_no_sweep():
-    args = cli.parse_args(["--device", "cpu", "--models", "none", "--spot-models", "distilbert,modernbert"])
+    args = sweep.parse_args(["--device", "cpu", "--models", "none", "--spot-models", "distilbert,modernbert"])
     assert args.models == [] and args.spot_models == ["distilbert", "modernbert"]
-    assert cli.parse_args(["--device", "cpu"]).spot_models == [
+    assert sweep.parse_args(["--device", "cpu"]).spot_models == [
         "albert",
         "roberta",
         "distilbert",
@@ -101,10 +102,10 @@ def test_models_none_runs_no_sweep():
 
 def test_the_default_output_folder_is_a_new_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    first = cli.parse_args(["--device", "cpu"]).output_dir
+    first = sweep.parse_args(["--device", "cpu"]).output_dir
     assert first.parent.name == "bench-results" and first.name.startswith("cpu-")
     first.mkdir(parents=True)
-    second = cli.parse_args(["--device", "cpu"]).output_dir
+    second = sweep.parse_args(["--device", "cpu"]).output_dir
     assert second != first and not second.exists()  # never an earlier run's folder (benchmarks/results/cpu)
 
 
@@ -132,12 +133,12 @@ def test_a_run_killed_part_way_keeps_the_rows_it_measured(tmp_path, monkeypatch)
     """bench.csv and --append-csv hold each configuration's rows as soon as it is measured."""
     shared = tmp_path / "all.csv"
     common = ["--smoke", "--device", "cpu", "--spot-models", "none", "--no-micro", "--no-progress"]
-    assert cli.main([*common, "--output-dir", str(tmp_path / "a"), "--append-csv", str(shared)]) == 0
+    assert sweep.main([*common, "--output-dir", str(tmp_path / "a"), "--append-csv", str(shared)]) == 0
     with shared.open(newline="") as f:
         first = list(csv.DictReader(f))
     assert first and {r["B"] for r in first} == {"1", "4"}
 
-    real, calls = cli.measure_pattern, []
+    real, calls = sweep.measure_pattern, []
 
     def dies_on_the_second_configuration(*args, **kwargs):
         calls.append(1)
@@ -145,9 +146,9 @@ def test_a_run_killed_part_way_keeps_the_rows_it_measured(tmp_path, monkeypatch)
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "measure_pattern", dies_on_the_second_configuration)
+    monkeypatch.setattr(sweep, "measure_pattern", dies_on_the_second_configuration)
     with pytest.raises(KeyboardInterrupt):
-        cli.main([*common, "--output-dir", str(tmp_path / "b"), "--append-csv", str(shared)])
+        sweep.main([*common, "--output-dir", str(tmp_path / "b"), "--append-csv", str(shared)])
     with (tmp_path / "b" / "bench.csv").open(newline="") as f:
         kept = list(csv.DictReader(f))
     assert kept and {(r["B"], r["pattern"]) for r in kept} == {("1", "sched-f0.00")}
@@ -155,3 +156,24 @@ def test_a_run_killed_part_way_keeps_the_rows_it_measured(tmp_path, monkeypatch)
         lines = f.read().splitlines()
     assert sum(line.startswith("kind,") for line in lines) == 1  # one header for both runs
     assert len(lines) == 1 + len(first) + len(kept)
+
+
+def test_the_repository_s_microbenchmarks_join_a_sweep_s_csv_and_its_report(tmp_path):
+    """``benchmarks/suite/micro.py`` writes the sweep's schema: appended to a bench.csv, the report finds its tables."""
+    from benchmarks.suite import micro
+
+    out = tmp_path / "cpu"
+    argv = ["--smoke", "--device", "cpu", "--spot-models", "none", "--patterns", "sched-f0.50", "--no-progress"]
+    assert sweep.main([*argv, "--no-baselines", "--output-dir", str(out)]) == 0
+    tiny = ["--smoke", "--device", "cpu", "--size", "tiny", "--batch-sizes", "1,4", "--seq-len", "16", "--threads", "1"]
+    assert micro.main([*tiny, "--append-csv", str(out / "bench.csv")]) == 0
+    with (out / "bench.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["kind"] for r in rows} == {"e2e", "exit_step", "compact"}
+    assert {r["method"] for r in rows if r["kind"] == "exit_step"} >= {"torch", "naive"}
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n")
+    assert report.main([str(out / "bench.csv"), "--readme", str(readme)]) == 0
+    assert "Exit step (head + Entropy rule), µs per call (p50), S = 16:" in readme.read_text()
+    assert micro.main([*tiny, "--output-dir", str(tmp_path / "micro")]) == 0
+    assert (tmp_path / "micro" / "exit_step_vs_batch.png").stat().st_size > 0

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.bench import stack, stack_report
+from benchmarks.suite import stack, stack_report
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.bench import cli, report, runner
+from benchmarks.suite import report
+from earlyexit_kernels.bench import runner, sweep
 from earlyexit_kernels.bench.models import ARCHITECTURES, SIZES, build_model, pad_token_id
 from earlyexit_kernels.bench.pattern_names import describe_pattern
 from earlyexit_kernels.bench.patterns import make_inputs, pattern_by_name, scheduled
@@ -247,18 +248,18 @@ def test_a_peer_that_fails_to_start_is_a_skipped_row():
 
 
 def test_the_step_option_reaches_eek_patch_and_the_csv(tmp_path, monkeypatch):
-    args = cli.parse_args(["--device", "cpu", "--step", "exact,graphed"])
+    args = sweep.parse_args(["--device", "cpu", "--step", "exact,graphed"])
     assert args.step == ["exact", "graphed"] and args.policies == ["scheduled"] and args.peers == []
-    assert cli.parse_args(["--device", "cpu", "--peers", "compile,cuda-graphs"]).peers == [
+    assert sweep.parse_args(["--device", "cpu", "--peers", "compile,cuda-graphs"]).peers == [
         "cuda-graphs",
         "compile-reduce-overhead",
     ]
-    assert cli.parse_args(["--device", "cpu", "--peers", "none"]).peers == []
+    assert sweep.parse_args(["--device", "cpu", "--peers", "none"]).peers == []
     for bad in (["--step", "fast"], ["--policies", "maxprob"], ["--patterns", "half"], ["--peers", "onnx"]):
         with pytest.raises(SystemExit):
-            cli.parse_args(["--device", "cpu", *bad])
+            sweep.parse_args(["--device", "cpu", *bad])
     with pytest.raises(argparse.ArgumentTypeError, match="exact, graphed"):
-        cli._choices(("auto", "exact", "graphed"), "step")("fast")
+        sweep._choices(("auto", "exact", "graphed"), "step")("fast")
 
     given = []
     real = runner.patch
@@ -273,7 +274,7 @@ def test_the_step_option_reaches_eek_patch_and_the_csv(tmp_path, monkeypatch):
     argv += ["--seq-lens", "16", "--repeats", "1", "--threads", "1", "--no-micro", "--no-progress", "--no-memory"]
     argv += ["--patterns", "sched-f0.50", "--policies", "scheduled,entropy", "--step", "graphed,exact"]
     argv += ["--backends", "torch", "--no-baselines", "--output-dir", str(out)]
-    assert cli.main(argv) == 0
+    assert sweep.main(argv) == 0
     assert {("Scheduled", "graphed"), ("Scheduled", "exact"), ("Entropy", "graphed"), ("Entropy", "exact")} <= set(
         given
     )
@@ -292,10 +293,10 @@ def test_the_step_option_reaches_eek_patch_and_the_csv(tmp_path, monkeypatch):
 def test_graphed_lags_time_the_step_with_each_lag_and_say_which():
     """``--graphed-lags device,1``: the graphed step on the device's plan and with a count read a
     layer late, interleaved; the rows say ``graphed`` and ``graphed-lag1``, and agree."""
-    assert cli.parse_args(["--device", "cpu", "--graphed-lags", "device,0,1,0"]).graphed_lags == [None, 0, 1]
+    assert sweep.parse_args(["--device", "cpu", "--graphed-lags", "device,0,1,0"]).graphed_lags == [None, 0, 1]
     for bad in ("-1", "late", ""):
         with pytest.raises(SystemExit):
-            cli.parse_args(["--device", "cpu", "--graphed-lags", bad])
+            sweep.parse_args(["--device", "cpu", "--graphed-lags", bad])
     pattern = pattern_by_name("geometric-p0.10", 4, TINY.layers, 16)
     # the CPU's own lag is 0: asking for it again adds nothing
     rows = measure(tiny(), pattern, steps=("exact", "graphed"), graphed_lags=(None, 0, 1), baselines=False)

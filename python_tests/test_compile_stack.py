@@ -6,7 +6,7 @@ gives the eager forward's exits and logits; once a warm-up stream has taken the 
 (rows leaving, the batch compacted and its padding trimmed), batches of other sizes and lengths
 compile nothing new. The tests compile with Dynamo's ``"eager"`` backend (the same graphs and
 guards as inductor, without its code generation, which is slow on a CPU); the benchmark
-(``python -m earlyexit_kernels.bench --stack``) measures inductor.
+(``python -m benchmarks.suite.stack``) measures inductor.
 """
 
 import pytest

@@ -6,7 +6,7 @@ import json
 import torch
 from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel
 
-from earlyexit_kernels.bench import cut_model_peer, real_task_quality
+from benchmarks.suite import cut_model_peer, real_task_quality
 
 
 def test_the_mean_pooled_head_never_reads_padding():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.bench import exit_quality
+from benchmarks.suite import exit_quality
 from earlyexit_kernels.calibration.candidates import candidates
 from earlyexit_kernels.calibration.record import replay
 from earlyexit_kernels.demo.task import batches, make_split
@@ -13,7 +13,7 @@ from earlyexit_kernels.training.record_exits import record_exits
 LAYERS = 4
 # DACT is left out here: its halting head learns to stop where more layers stop paying off, and
 # the tiny model of this test never learns the hard sequences (depth does not pay off there), so
-# it halts on them early, rightly. The full-size run of `python -m earlyexit_kernels.bench.exit_quality`
+# it halts on them early, rightly. The full-size run of `python -m benchmarks.suite.exit_quality`
 # (docs/benchmarks.md, "Exit quality") measures DACT's easy and hard exits on a model that learnt them.
 METHODS = [m for m in exit_quality.METHODS if m != "dact"]
 

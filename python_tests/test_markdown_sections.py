@@ -1,6 +1,6 @@
 """Generated Markdown sections: replaced between their markers, appended when the markers are missing."""
 
-from earlyexit_kernels.bench.markdown_sections import replace_section
+from benchmarks.suite.markdown_sections import replace_section
 
 START, END = "<!-- x:start -->", "<!-- x:end -->"
 

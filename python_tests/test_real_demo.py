@@ -13,7 +13,7 @@ from conftest import word_bert, word_texts
 from transformers import BertForSequenceClassification
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.bench import real_task_quality
+from benchmarks.suite import real_task_quality
 from earlyexit_kernels.demo import real_demo
 from earlyexit_kernels.demo.real_task import Split
 

@@ -1,10 +1,10 @@
-"""The replay logic of ``benchmarks/statistics/recertify_replay.py`` (:mod:`earlyexit_kernels.bench.certificate_replay`) on a tiny
+"""The replay logic of ``benchmarks/statistics/recertify_replay.py`` (:mod:`benchmarks.suite.certificate_replay`) on a tiny
 synthetic pool (no model, no real material)."""
 
 import pytest
 import torch
 
-from earlyexit_kernels.bench import certificate_replay
+from benchmarks.suite import certificate_replay
 from earlyexit_kernels.calibration.online import OnlineCertificate
 from earlyexit_kernels.methods.policies import Entropy
 

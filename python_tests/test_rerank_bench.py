@@ -1,10 +1,10 @@
-"""The measures of ``benchmarks/quality/rerank_quality.py`` (:mod:`earlyexit_kernels.bench.rerank_measures`) on
+"""The measures of ``benchmarks/quality/rerank_quality.py`` (:mod:`benchmarks.suite.rerank_measures`) on
 hand-made rankings (no model, no real material)."""
 
 import pytest
 import torch
 
-from earlyexit_kernels.bench import rerank_measures
+from benchmarks.suite import rerank_measures
 
 
 @pytest.fixture(scope="module")

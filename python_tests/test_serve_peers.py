@@ -1,4 +1,5 @@
-"""The serving benchmark (earlyexit_kernels/bench/serve_load.py): its real-model mode, peers and soak, tiny.
+"""The serving benchmarks, tiny: `eek bench serve` (earlyexit_kernels/bench/serve_load.py), and the real model beside
+its peers with the soak (benchmarks/suite/serve_peers_cli.py).
 
 A tiny random BERT saved twice: plain (what Infinity and the full model read) and patched with
 ``Entropy(0.0)``, which never exits (what ``eek serve`` reads), so that ``eek serve``'s labels must
@@ -18,8 +19,9 @@ import torch
 from conftest import word_bert, word_texts
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.bench import infinity_peer, serve_load, serve_peers, serve_peers_report
-from earlyexit_kernels.bench.serve_peers import END, START, PeersConfig
+from benchmarks.suite import infinity_peer, serve_peers, serve_peers_cli, serve_peers_report
+from benchmarks.suite.serve_peers import END, START, PeersConfig
+from earlyexit_kernels.bench import serve_load
 from earlyexit_kernels.bench.server_process import parse_cores
 
 pytest.importorskip("httpx")
@@ -253,7 +255,7 @@ def test_the_corpus_job_s_column_renders_from_its_rows():
 def test_the_command_line_refuses_a_one_text_corpus_job(folders):
     model, plain = folders
     with pytest.raises(SystemExit, match="--texts-per-request must be 0 .no corpus job. or >= 2"):
-        serve_load.main(["--model", str(model), "--plain", str(plain), "--texts", "x", "--texts-per-request", "1"])
+        serve_peers_cli.main(["--model", str(model), "--plain", str(plain), "--texts", "x", "--texts-per-request", "1"])
 
 
 def test_the_command_line_renders_a_recorded_result(tmp_path, capsys):
@@ -261,7 +263,7 @@ def test_the_command_line_renders_a_recorded_result(tmp_path, capsys):
     recorded.write_text(json.dumps(RECORDED))
     doc = tmp_path / "serving.md"
     doc.write_text("# Serving\n")
-    assert serve_load.main(["--from-json", str(recorded), "--readme", str(doc)]) == 0
+    assert serve_peers_cli.main(["--from-json", str(recorded), "--readme", str(doc)]) == 0
     assert START in capsys.readouterr().out
     assert "## The serving benchmark's peers" in doc.read_text() and END in doc.read_text()
 
@@ -337,7 +339,7 @@ def test_the_command_line_runs_the_soak_alone_on_a_given_model(folders, tmp_path
     doc.write_text(f"# Serving\n\n{START}\nnot measured yet\n{END}\n")
     argv = ["--model", str(model), "--plain", str(plain), "--texts", str(texts), "--soak-only", "--soak-seconds", "2"]
     argv += ["--server-cores", "none", "--client-cores", "none", "--output-dir", str(tmp_path / "out"), "--name", "t"]
-    assert serve_load.main([*argv, "--readme", str(doc)]) == 0
+    assert serve_peers_cli.main([*argv, "--readme", str(doc)]) == 0
     capsys.readouterr()
     recorded = json.loads((tmp_path / "out" / "serve_peers_t.json").read_text())
     assert recorded["rows"] == [] and recorded["skipped"] == {} and recorded["soak"]["requests"] > 0
@@ -361,8 +363,6 @@ def test_the_section_names_the_cpu_s_instruction_sets():
 
 
 def test_backbone_all_runs_each_model_with_the_command_that_measures_it_alone(monkeypatch, folders, tmp_path):
-    from earlyexit_kernels.bench import serve_peers_cli
-
     model, plain = folders
     made, ran = [], []
     monkeypatch.setattr(
@@ -379,7 +379,7 @@ def test_backbone_all_runs_each_model_with_the_command_that_measures_it_alone(mo
     doc = tmp_path / "serving.md"
     doc.write_text("# Serving\n")
     argv = ["--rotten-tomatoes", "--backbone", "all", "--soak-seconds", "0", "--output-dir", str(tmp_path)]
-    assert serve_load.main([*argv, "--readme", str(doc)]) == 0
+    assert serve_peers_cli.main([*argv, "--readme", str(doc)]) == 0
     assert made == ["minilm", "mpnet"]
     assert [(section, name) for section, name, _ in ran] == [("serve-peers", "cpu"), ("serve-peers-mpnet", "mpnet_cpu")]
     assert (

@@ -19,7 +19,7 @@
 # --step exact and the tests run before it, to get the reason. Then the kernels per forward from
 # the profiler (kernels), the CUDA-graph peer's warm-up stream timed both ways (peer_capture), the compiled peer
 # (torch.compile(mode="reduce-overhead"), its own step: a BERT-base compile), B = 256, fp32,
-# eek.classify over a stream on the GPU in bf16 (stream_bf16: earlyexit_kernels.bench.stream, a
+# eek.classify over a stream on the GPU in bf16 (stream_bf16: eek bench stream, a
 # random BERT H = 768, 2048 sequences; its table brought back as stream_cuda_bf16.md), and the
 # older steps.
 #
@@ -133,7 +133,7 @@ speed() { # speed NAME DTYPE BATCHES: the end-to-end rows appended to $OUT/bench
         skip "$name" "$NO_GPU"
         return
     fi
-    step "$name" 60 150 "$PY" -m earlyexit_kernels.bench --device cuda --dtype "$dtype" --models bert \
+    step "$name" 60 150 "$PY" -m earlyexit_kernels.bench sweep --device cuda --dtype "$dtype" --models bert \
         --spot-models none --batch-sizes "$batches" --seq-lens 128 --no-micro --no-progress \
         --output-dir "$WORK/logs/bench_$name" --append-csv "$OUT/bench.csv"
 }
@@ -150,7 +150,7 @@ graphed() { # graphed NAME DTYPE BATCH REPEATS PEERS [STEPS [MIN_S MAX_S]]: the 
     fi
     # No naive or bs1 (bs1 runs the rows one at a time: by far the slowest at B = 256); the compiled
     # peer compiles once per step where it is asked for.
-    step "$name" "$min_s" "$max_s" "$PY" -m earlyexit_kernels.bench "${where[@]}" --dtype "$dtype" --models bert \
+    step "$name" "$min_s" "$max_s" "$PY" -m earlyexit_kernels.bench sweep "${where[@]}" --dtype "$dtype" --models bert \
         --spot-models none --patterns sched-f0.00,sched-f0.50,geometric-p0.10 --policies scheduled,entropy \
         --step "$steps" --graphed-lags "${GRAPHED_LAGS:-device}" --peers "$peers" --no-baselines --no-micro \
         --no-memory --no-progress \
@@ -262,12 +262,14 @@ for s in $STEPS; do
             skip stream_bf16 "$NO_GPU"
             continue
         fi
-        step stream_bf16 60 150 "$PY" -m earlyexit_kernels.bench.stream --device cuda --dtype bf16 --hidden 768 \
+        step stream_bf16 60 150 "$PY" -m earlyexit_kernels.bench stream --device cuda --dtype bf16 --hidden 768 \
             --layers 12 --sequences 2048 --max-batch-size 64 --repeats 3 --no-memory --no-compile --saved 0.5 \
             --output-dir "$LOGS/stream_bf16" --name stream_cuda_bf16
-        if [[ -f "$LOGS/stream_bf16/stream_cuda_bf16.md" ]]; then
-            cp "$LOGS/stream_bf16/stream_cuda_bf16.md" "$OUT/stream_cuda_bf16.md"
-            record "stream_bf16 $(grep -m 1 'issue 60' "$LOGS/stream_bf16/stream_cuda_bf16.md" || echo '- no (d) row')"
+        if [[ -f "$LOGS/stream_bf16/stream_cuda_bf16.csv" ]]; then
+            # the table with issues 10 and 60's checks under it (the repository's, benchmarks/suite/stream_grid.py)
+            "$PY" -m benchmarks.suite.stream_grid --from-csv "$LOGS/stream_bf16/stream_cuda_bf16.csv" \
+                --write "$OUT/stream_cuda_bf16.md" >/dev/null
+            record "stream_bf16 $(grep -m 1 'issue 60' "$OUT/stream_cuda_bf16.md" || echo '- no (d) row')"
             refresh
         fi
         ;;
@@ -308,7 +310,7 @@ for s in $STEPS; do
         ;;
     sweep)
         if ((HAVE_CUDA)); then
-            step sweep 120 600 "$PY" -m earlyexit_kernels.bench --device cuda --no-progress \
+            step sweep 120 600 "$PY" -m earlyexit_kernels.bench sweep --device cuda --no-progress \
                 --output-dir "$WORK/logs/bench_sweep" --append-csv "$OUT/bench.csv"
         else
             skip sweep "$NO_GPU"

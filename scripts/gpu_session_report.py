@@ -433,7 +433,7 @@ def main(argv=None) -> int:
     d = sub.add_parser("digest")
     d.add_argument("--junit", type=Path, nargs="*", default=[], help="pytest junit XML files (missing ones ignored)")
     d.add_argument("--merged", type=Path, help="write the junit files' suites here as one file")
-    d.add_argument("--bench", type=Path, help="the bench CSV (python -m earlyexit_kernels.bench)")
+    d.add_argument("--bench", type=Path, help="the bench CSV (eek bench sweep)")
     args = parser.parse_args(argv)
     if args.command == "digest":
         return digest(args.junit, args.merged, args.bench)

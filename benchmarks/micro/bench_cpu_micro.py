@@ -17,8 +17,8 @@ suite's ``--threads``): on a 2-core machine where another process holds a core, 
 OpenMP threads make these microsecond-scale ops up to ~200x slower (threads spinning at
 barriers), so compare implementations at one thread there.
 
-The callables are those of :mod:`earlyexit_kernels.bench.micro`, which the end-to-end
-suite also uses for its exit-step plot. Results: pytest-benchmark's table (and its JSON
+The callables are those of :mod:`benchmarks.suite.micro`, whose command line also writes
+the sweep's CSV rows and the exit-step plot (the repository's root is on pytest's path). Results: pytest-benchmark's table (and its JSON
 with ``--benchmark-json``).
 """
 
@@ -31,7 +31,7 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from earlyexit_kernels.bench.micro import compact_fn, exit_step_fn, micro_impls  # noqa: E402
+from benchmarks.suite.micro import compact_fn, exit_step_fn, micro_impls  # noqa: E402
 
 CPU = torch.device("cpu")
 BATCHES = (1, 8, 32, 64, 128)

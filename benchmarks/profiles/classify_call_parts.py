@@ -21,10 +21,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root: benchmarks.suite
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.bench.stream import add_stream_arguments, grid_stream
+from benchmarks.suite.stream_grid import add_stream_arguments, grid_stream
 from earlyexit_kernels.engine.continuous import ContinuousEngine
 from earlyexit_kernels.engine.packed_layer import OpByOpLayer
 from earlyexit_kernels.engine.scheduler import LayerScheduler

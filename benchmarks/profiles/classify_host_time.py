@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root: benchmarks.suite
 
 import torch
 import transformers.models.bert.modeling_bert as modeling_bert
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.bench.stream import StreamConfig, run_on_batches, sorted_stream
+from benchmarks.suite.stream_grid import sorted_stream
+from earlyexit_kernels.bench.stream import StreamConfig, run_on_batches
 from earlyexit_kernels.engine.packed_layer import OpByOpLayer
 
 

@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import transformers.models.bert.modeling_bert as modeling_bert
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root: benchmarks.suite
+
 import earlyexit_kernels as eek
-from earlyexit_kernels.bench.stream import add_stream_arguments, grid_stream, recorded_engines, run_on_batches
+from benchmarks.suite.stream_grid import add_stream_arguments, grid_stream
+from earlyexit_kernels.bench.stream import recorded_engines, run_on_batches
 from earlyexit_kernels.engine.packed_layer import OpByOpLayer
 
 

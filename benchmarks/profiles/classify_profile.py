@@ -14,10 +14,15 @@ import argparse
 import cProfile
 import pstats
 import statistics
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root: benchmarks.suite
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.bench.stream import add_stream_arguments, grid_stream, run_on_batches
+from benchmarks.suite.stream_grid import add_stream_arguments, grid_stream
+from earlyexit_kernels.bench.stream import run_on_batches
 
 KERNELS = {
     "<built-in method torch._C._nn.linear>": "linear",

@@ -40,15 +40,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root: benchmarks.suite
+
 import torch
 
 import earlyexit_kernels as eek
+from benchmarks.suite.stream_grid import sorted_stream
 from earlyexit_kernels.bench.stream import (
     StreamConfig,
     calibrate,
     recorded_engines,
     run_on_batches,
-    sorted_stream,
 )
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "continuous_grid"

@@ -25,14 +25,17 @@ import argparse
 import contextlib
 import dataclasses
 import statistics
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root: benchmarks.suite
 
 import torch
 
 import earlyexit_kernels as eek
+from benchmarks.suite.stack import load_task
 from earlyexit_kernels.backends import registry
-from earlyexit_kernels.bench.stack import load_task
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 

@@ -16,12 +16,15 @@ import argparse
 import asyncio
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root: benchmarks.suite
+
 import httpx
 
-from earlyexit_kernels.bench.serve_peers import default_cores, drive, pinned
+from benchmarks.suite.serve_peers import default_cores, drive, pinned
 from earlyexit_kernels.bench.server_process import EekServer
 
 SPANS = ("tokenization", "queue", "inference")

@@ -16,11 +16,14 @@ after a ``|`` (``arenas 2:|MALLOC_ARENA_MAX=2``)::
 import argparse
 import asyncio
 import json
+import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root: benchmarks.suite
+
+from benchmarks.suite.serve_peers import default_cores, drive, pinned
 from earlyexit_kernels.bench.results import cpu_name, instruction_sets
-from earlyexit_kernels.bench.serve_peers import default_cores, drive, pinned
 from earlyexit_kernels.bench.server_process import EekServer
 
 ARENA = 64 * 1024  # KiB: glibc's HEAP_MAX_SIZE on 64-bit, the size a thread arena reserves

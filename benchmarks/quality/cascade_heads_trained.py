@@ -31,10 +31,12 @@ import time
 import warnings
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root: benchmarks.suite
+
 import torch
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.bench.script_results import run_conditions
+from benchmarks.suite.script_results import run_conditions
 from earlyexit_kernels.calibration.candidates import certified_candidates
 from earlyexit_kernels.demo import real_task
 from earlyexit_kernels.training.cached_heads import ExitInputCache, cached_record

@@ -41,14 +41,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root: benchmarks.suite
+
 import torch
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.bench.script_results import run_conditions, write_json, write_section
+from benchmarks.suite.script_results import run_conditions, write_json, write_section
 from earlyexit_kernels.calibration.candidates import certified_candidates
 from earlyexit_kernels.calibration.losses import row_losses
 from earlyexit_kernels.calibration.record import replay

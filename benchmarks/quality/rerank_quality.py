@@ -46,15 +46,18 @@ import platform
 import random
 import statistics
 import subprocess
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root: benchmarks.suite
+
 import torch
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.bench.rerank_measures import K, quality
+from benchmarks.suite.rerank_measures import K, quality
 from earlyexit_kernels.calibration.record import replay
 from earlyexit_kernels.calibration.rerank import calibrate_rerank
 from earlyexit_kernels.demo.real_task import cache_root, data_file, minilm_path, save_atomically

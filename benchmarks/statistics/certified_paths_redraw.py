@@ -30,13 +30,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root: benchmarks.suite
 
 import torch
 from certified_budget_redraw import pool_record  # the same heads on the same pool (this folder is on sys.path)
 
-from earlyexit_kernels.bench.script_results import run_conditions, write_json, write_section
+from benchmarks.suite.script_results import run_conditions, write_json, write_section
 from earlyexit_kernels.calibration.certify import certify
 from earlyexit_kernels.calibration.losses import row_losses
 from earlyexit_kernels.calibration.record import replay

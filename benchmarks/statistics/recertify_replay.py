@@ -21,7 +21,7 @@ candidate served at each.
 - (a) stationary: audited rows from the test pool; the served candidate's mean layers after
   1,000, 5,000 and 20,000 audited rows, against the path's test oracle (the candidate with the
   fewest mean layers whose disagreement on the pool is within the budget), and against what a
-  one-shot test on the same audited rows would certify (:func:`~earlyexit_kernels.bench.certificate_replay.one_shot_index`: valid read once,
+  one-shot test on the same audited rows would certify (:func:`~benchmarks.suite.certificate_replay.one_shot_index`: valid read once,
   not at every look; what anytime validity costs).
 - (b) drift: the first DRIFT_AT audited rows of a stationary stream (its certificate copied at
   that row), then POST rows from a drift pool, for every drift pool built: other texts (another
@@ -33,7 +33,7 @@ candidate served at each.
   ever served a candidate over it (the guarantee's own event), against 1 - confidence.
 
 The certifier's cost grows with the candidates it tests; a replay gives it only those that can
-change what is served (:func:`~earlyexit_kernels.bench.certificate_replay.reduced_path`: about a third of the 401 here, 3 times faster), checked: a
+change what is served (:func:`~benchmarks.suite.certificate_replay.reduced_path`: about a third of the 401 here, 3 times faster), checked: a
 stream that serves the last one kept is replayed on the whole path, and the test suite holds the
 two equal. With ``--engine-texts`` (default ENGINE_TEXTS) the same folder also runs end to end
 through ``eek.classify`` with a 5% audit and re-certification: test texts, then hard-row texts.
@@ -55,13 +55,16 @@ import csv
 import json
 import logging
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root: benchmarks.suite
+
 import torch
 
-from earlyexit_kernels.bench.certificate_replay import (
+from benchmarks.suite.certificate_replay import (
     AUDIT,
     DRIFT_REPLAYS,
     END,
@@ -72,7 +75,7 @@ from earlyexit_kernels.bench.certificate_replay import (
     render,
     run_replays,
 )
-from earlyexit_kernels.bench.script_results import run_conditions, write_json, write_section
+from benchmarks.suite.script_results import run_conditions, write_json, write_section
 from earlyexit_kernels.calibration.online import candidate_losses
 from earlyexit_kernels.integrations.recertify_folder import certificate_of_folder
 

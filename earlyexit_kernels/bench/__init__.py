@@ -1,24 +1,11 @@
-"""The end-to-end benchmark suite: ``python -m earlyexit_kernels.bench``.
+"""The benchmarks a user runs on their own machine: ``eek bench sweep|stream|serve`` (:mod:`.commands`).
 
-Measures, in one process, with the same weights, dtype and attention implementation:
+- ``sweep`` (:mod:`.sweep`, :mod:`.runner`): the patched model against the unpatched one (eager; on CUDA also
+  captured in a graph, :mod:`.peers`) and the naive ports (:mod:`.baselines`), over batch sizes, lengths and
+  exit patterns (:mod:`.patterns`; an ``Entropy`` policy set to exit on them, :mod:`.threshold_pattern`), with
+  the layer-count and shape-aware ideals (:mod:`.ideal`); the CSV (:mod:`.results`) and plots (:mod:`.plots`);
+- ``stream`` (:mod:`.stream`): one corpus classified five ways, against the token-layer ideal;
+- ``serve`` (:mod:`.serve_load`, :mod:`.server_process`): ``eek serve`` on 127.0.0.1, early exit and none.
 
-- ``full``: the unpatched Hugging Face model (every layer on every sequence), eager;
-- ``peer`` (CUDA): the unpatched model captured in a CUDA graph, and compiled with
-  ``torch.compile(mode="reduce-overhead")`` (:mod:`.peers`); the ratios are also taken against the
-  fastest unpatched model;
-- ``eek``: the patched model (:func:`earlyexit_kernels.patch`), once per backend available
-  on the device and per step asked for (``--step``: ``exact``, ``graphed``, ``auto``), with a
-  :class:`~earlyexit_kernels.Scheduled` policy replaying an exit pattern and, with
-  ``--policies scheduled,entropy``, an ``Entropy`` policy whose exit heads are set so that the
-  rows exit on the same pattern (:mod:`.threshold_pattern`);
-- ``naive``: the same exits with the exit step in eager PyTorch and compaction by boolean
-  indexing (``h = h[keep]``), the way batched FastBERT/DeeBERT ports do it
-  (:mod:`.baselines`);
-- ``bs1``: each sequence run alone with a Python ``if`` per layer, as the research code does;
-
-and the two ideals (:mod:`.ideal`): the layer count ``L*B/sum(exit_layer)`` and the
-shape-aware ideal built from the measured time of one layer at each active batch size
-and trimmed sequence length. Exit patterns are in :mod:`.patterns`, exit-step and
-compaction microbenchmarks in :mod:`.micro`, the CSV schema in :mod:`.results`, the
-plots in :mod:`.plots` and the results section of ``docs/benchmarks.md`` in :mod:`.report`.
+The studies, the peers of other projects and the writers of ``docs/`` are the repository's ``benchmarks/``.
 """

@@ -1,10 +1,5 @@
-import sys
+"""``python -m earlyexit_kernels.bench sweep|stream|serve``: ``eek bench`` (:mod:`earlyexit_kernels.bench.commands`)."""
 
-if sys.argv[1:2] == ["stream"]:  # python -m earlyexit_kernels.bench stream [--out DIR ...]: the stream benchmark
-    from earlyexit_kernels.bench.stream import main as stream_main
+from earlyexit_kernels.bench.commands import main
 
-    raise SystemExit(stream_main(sys.argv[2:]))
-
-from earlyexit_kernels.bench.cli import main
-
-raise SystemExit(main())
+raise SystemExit(main(prog="python -m earlyexit_kernels.bench", bare_runs_the_sweep=True))

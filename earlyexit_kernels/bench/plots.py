@@ -3,9 +3,7 @@
 - ``speedup_vs_f.png``: speed-up over the full model against the saved fraction ``f``
   of layer evaluations (the ``sched-f*`` patterns), one panel per (model, S, B), one line
   per method and backend (and step, policy or peer where the rows say one), with the layer-count ideal ``1 / (1 - f)`` and the shape-aware
-  ideal;
-- ``exit_step_vs_batch.png``: time per call of the exit step and of the compaction against
-  the batch size, one line per implementation (p50, band p20-p80).
+  ideal.
 """
 
 from __future__ import annotations
@@ -84,38 +82,6 @@ def _speedup_plot(rows: list[dict], path: Path, plt) -> Path | None:
     return path
 
 
-def _micro_plot(rows: list[dict], path: Path, plt) -> Path | None:
-    kinds = [k for k in ("exit_step", "compact") if any(r["kind"] == k for r in rows)]
-    if not kinds:
-        return None
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.0 * len(kinds), 3.8), squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
-        mine = [r for r in rows if r["kind"] == kind]
-        for impl in sorted({r["method"] for r in mine}):
-            pts = sorted(
-                (int(r["B"]), _num(r, "t_p20_s"), _num(r, "t_p50_s"), _num(r, "t_p80_s"))
-                for r in mine
-                if r["method"] == impl
-            )
-            xs = [p[0] for p in pts]
-            ax.plot(xs, [p[2] * 1e6 for p in pts], marker="o", ms=3, label=impl)
-            ax.fill_between(xs, [p[1] * 1e6 for p in pts], [p[3] * 1e6 for p in pts], alpha=0.2)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size (active rows)")
-        ax.set_ylabel("time per call (us)")
-        s = mine[0]["S"]
-        what = "exit step (head + Entropy rule)" if kind == "exit_step" else "compaction (keep 1/2, trim 1/8)"
-        ax.set_title(f"{what}, S={s}", fontsize=9)
-        ax.legend(fontsize=8)
-    first = rows[0]
-    fig.suptitle(f"{first.get('device_name', '')}, {first.get('config', '')} {first.get('dtype', '')}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def make_plots(rows: list[dict], out_dir: Path) -> list[Path]:
     """Draw the plots of ``rows`` (CSV rows or the suite's dicts) into ``out_dir``."""
     import matplotlib
@@ -127,6 +93,5 @@ def make_plots(rows: list[dict], out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     made = [
         _speedup_plot(rows, out_dir / "speedup_vs_f.png", plt),
-        _micro_plot(rows, out_dir / "exit_step_vs_batch.png", plt),
     ]
     return [p for p in made if p is not None]

@@ -1,4 +1,4 @@
-"""Load benchmark of the HTTP server, on loopback: ``python -m earlyexit_kernels.bench.serve_load``.
+"""Load benchmark of the HTTP server, on loopback: ``eek bench serve`` (``python -m earlyexit_kernels.bench.serve_load``).
 
 Two servers of the same model (a random BERT whose exit heads are set so that exits
 spread over the layers, as in :mod:`earlyexit_kernels.bench.stream`), each a real
@@ -20,9 +20,8 @@ Client and server share this machine's cores; figures are wall-clock on loopback
 Writes ``serve_load_<name>.csv`` and ``.md`` under ``--output-dir`` (default: a new
 folder under the system's temporary directory).
 
-With ``--rotten-tomatoes`` (or ``--model MODEL --plain PLAIN --texts FILE``) it runs a real model
-instead, beside Infinity's configurations of the same weights, then a soak: see
-:mod:`earlyexit_kernels.bench.serve_peers`.
+A real model beside Infinity's configurations of the same weights, then a soak, is the repository's
+comparison: ``python -m benchmarks.suite.serve_peers_cli --rotten-tomatoes`` from a source checkout.
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ from pathlib import Path
 
 import torch
 
-from earlyexit_kernels.bench import serve_peers_cli
 from earlyexit_kernels.bench.server_process import EekServer
 from earlyexit_kernels.bench.stream import (
     StreamConfig,
@@ -208,19 +206,32 @@ def markdown(rows: list[dict], config: LoadConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_level_arguments(parser: argparse.ArgumentParser) -> None:
+    """The load levels' arguments: this benchmark's, and the repository's real model beside Infinity
+    (``benchmarks/suite/serve_peers_cli.py``) takes the same."""
     parser.add_argument("--output-dir", type=Path, default=None, help="default: a new temporary folder")
     parser.add_argument("--name", default="cpu", help="file name suffix (default: cpu)")
     parser.add_argument("--requests", type=int, default=LoadConfig.requests, help="requests per level")
     parser.add_argument("--max-seconds", type=float, default=LoadConfig.max_seconds, help="cap per level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(LoadConfig.concurrency))
+
+
+#: the real-model mode's flags, which moved with the Infinity peer to the repository's benchmarks
+MOVED_FLAGS = ("--rotten-tomatoes", "--model", "--plain", "--texts", "--from-json", "--backbone")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="eek bench serve", description=__doc__.split("\n\n")[0])
+    add_level_arguments(parser)
     parser.add_argument("--layers", type=int, default=LoadConfig.layers)
     parser.add_argument("--hidden", type=int, default=LoadConfig.hidden)
-    serve_peers_cli.add_arguments(parser)
-    args = parser.parse_args(argv)
-    if serve_peers_cli.wanted(args):
-        return serve_peers_cli.main(args, sys.argv[1:] if argv is None else list(argv))
+    given = sys.argv[1:] if argv is None else list(argv)
+    if moved := [flag for flag in MOVED_FLAGS if any(a == flag or a.startswith(flag + "=") for a in given)]:
+        parser.error(
+            f"{moved[0]}: a real model beside Infinity is a comparison of the repository's, not the package's: "
+            "from a source checkout, python -m benchmarks.suite.serve_peers_cli " + " ".join(given)
+        )
+    args = parser.parse_args(given)
     config = LoadConfig(
         requests=args.requests,
         max_seconds=args.max_seconds,

@@ -1,12 +1,12 @@
 """The stream benchmark (issue 10): one corpus classified five ways in one run, against the ideal.
 
 (Past 600 lines: the workload, the five ways, their interleaved timing and the report of one
-benchmark, which the grid benchmarks reuse through add_stream_arguments and grid_stream.)
+benchmark; the repository's grid studies build their streams on it, benchmarks/suite/stream_grid.py.)
 
-    python -m earlyexit_kernels.bench.stream                 # -> benchmarks/results/stream_<device>.{csv,md,png}
-    python -m earlyexit_kernels.bench.stream --device cuda --dtype bf16   # -> stream_cuda_bf16.{csv,md,png}
-    python -m earlyexit_kernels.bench stream --out DIR       # the same, through the suite's entry point
-    python -m earlyexit_kernels.bench.stream --from-csv benchmarks/results/stream_cpu.csv   # the table again
+    eek bench stream                                # -> bench-results/stream_<device>.{csv,md,png}
+    eek bench stream --device cuda --dtype bf16     # -> stream_cuda_bf16.{csv,md,png}
+    eek bench stream --from-csv stream_cpu.csv      # the table again
+    python -m earlyexit_kernels.bench.stream        # the same as eek bench stream
 
 **The workload.** Token lengths (``[CLS]`` and ``[SEP]`` included) follow a log-normal
 with median 28 and sigma 0.55, rounded and clipped to 4..256 (:func:`stream_lengths`):
@@ -266,57 +266,6 @@ def make_models(config: StreamConfig, vocab_size: int, batches):
         model.to(dtype)
         patched.to(dtype)
     return model, patched, entropies
-
-
-@dataclass
-class SortedStream:
-    """The stream's token ids, its length-sorted batches and the two models on them (see :func:`make_models`)."""
-
-    ids: list[list[int]]
-    batches: list
-    unpatched: torch.nn.Module
-    model: torch.nn.Module
-    entropies: torch.Tensor
-
-    @property
-    def items(self) -> list[dict]:
-        """The token ids as ``eek.classify`` takes them."""
-        return [{"input_ids": i} for i in self.ids]
-
-
-def sorted_stream(config: StreamConfig, batch_size: int) -> SortedStream:
-    """The corpus of ``config`` (vocabulary in a temporary folder), sorted into batches of ``batch_size``."""
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer, _, ids = make_corpus(config, Path(folder))
-    batches = sorted_batches(ids, batch_size)
-    unpatched, model, entropies = make_models(config, len(tokenizer), batches)
-    return SortedStream(ids, batches, unpatched, model, entropies)
-
-
-def add_stream_arguments(parser: argparse.ArgumentParser, *, sequences: int, saved: float) -> None:
-    """The options of the benchmarks that take one stream of the continuous grid:
-    ``--sequences``, ``--hidden``, ``--saved``, ``--threads``, ``--repeats``."""
-    parser.add_argument("--sequences", type=int, default=sequences)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--saved", type=float, default=saved, help="share of layer evaluations saved (0: none exits)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-
-
-def grid_stream(args: argparse.Namespace) -> SortedStream:
-    """The continuous grid's stream for :func:`add_stream_arguments`' options: torch's threads set,
-    random BERT (12 layers) in batches of 32, the model patched with ``Entropy`` calibrated to save
-    ``args.saved`` of the layer evaluations."""
-    from earlyexit_kernels.methods.policies import Entropy
-    from earlyexit_kernels.patching.patch import patch
-
-    torch.set_num_threads(args.threads)
-    config = StreamConfig(
-        sequences=args.sequences, hidden=args.hidden, layers=12, heads=max(2, args.hidden // 64), seed=0
-    )
-    stream = sorted_stream(config, 32)
-    patch(stream.model, Entropy(calibrate(stream.entropies, args.saved)))
-    return stream
 
 
 def exit_layers_at(entropies: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -687,7 +636,7 @@ def _write(rows: list[dict], output_dir: Path, name: str, note: str) -> Path:
 def _note(config: StreamConfig, seconds: float, tokenize_s: float, partial: bool = False) -> str:
     done = f"partial: {seconds:.0f} s in, the run goes on" if partial else f"{seconds:.0f} s in all"
     return (
-        f"Command: `python -m earlyexit_kernels.bench.stream {' '.join(_argv(config))}`".rstrip()
+        f"Command: `eek bench stream {' '.join(_argv(config))}`".rstrip()
         + f" ({done}; tokenising the stream alone: {tokenize_s:.2f} s)."
     )
 
@@ -719,8 +668,9 @@ def _read(csv_path: Path) -> list[dict]:
         return list(csv.DictReader(file))
 
 
-def markdown(csv_path: Path, note: str = "") -> str:
-    """The README section's table (and the target checks), from the CSV alone."""
+def markdown(csv_path: Path, note: str = "", targets=None) -> str:
+    """The table of a run, from its CSV alone. ``targets(main_rows_by_method, on_gpu) -> lines``: checks to print
+    under it (the repository's, ``benchmarks/suite/stream_grid.py``)."""
     rows = _read(csv_path)
     main = [r for r in rows if r["target_saved"] == rows[0]["target_saved"]]
     first = main[0]
@@ -795,50 +745,15 @@ def markdown(csv_path: Path, note: str = "") -> str:
             ]
             share = f"{float(any_row['saved_layer_share']):.0%}"
             lines.append("| " + " | ".join([share, *cells, *map(str, tail)]) + " |")
-    issues = "issue 10" if on_cpu else "issues 10 and 60"
-    lines += ["", f"Targets ({issues}), main run:", ""] + _targets(by_key, gpu=not on_cpu)
+    if targets is not None:
+        lines += ["", *targets(by_key, not on_cpu)]
     if note:
         lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
-def _targets(by_key: dict, gpu: bool = False) -> list[str]:
-    def value(key, column):
-        row = by_key.get(key)
-        return float(row[column]) if row and row[column] != "" else None
-
-    checks = [
-        ("(d) >= 5x (a)", value("(d)", "vs_a"), 5.0, "x"),
-        ("(d) >= 1.0x (c)", value("(d)", "vs_c"), 1.0, "x"),
-        ("(d) >= 0.95 of the ideal", value("(d)", "of_ideal"), 0.95, ""),
-        ("(d) fill >= 90%", value("(d)", "fill"), 0.90, ""),
-        ("(e) >= 1.15x (d)", _ratio(value("(e)", "seq_per_s"), value("(d)", "seq_per_s")), 1.15, "x"),
-        ("(d) <= 1 host sync per layer call", value("(d)", "host_syncs_per_call"), 1.0, "max"),
-    ]
-    if gpu:  # issue 60: eek.classify over a stream on the GPU
-        checks.append(
-            ("(d) >= 0.85 of the token-layer ideal on the GPU (issue 60)", value("(d)", "of_ideal"), 0.85, "")
-        )
-    out = []
-    for label, measured, target, unit in checks:
-        if measured is None:
-            out.append(f"- {label}: not measured")
-            continue
-        met = measured <= target if unit == "max" else measured >= target
-        shown = f"{measured:.3g}{'x' if unit == 'x' else ''}"
-        out.append(f"- {label}: {shown}, {'met' if met else 'missed'}")
-    c_fill = value("(c)", "fill")
-    if c_fill is not None:
-        out.append(f"- (c)'s fill, for comparison: {c_fill:.1%}")
-    return out
-
-
 def _percent(text: str) -> str:
     return f"{float(text):.1%}" if text else ""
-
-
-def _ratio(a, b):
-    return None if a is None or b is None else a / b
 
 
 def plot(csv_path: Path, path: Path) -> None:
@@ -869,10 +784,10 @@ def plot(csv_path: Path, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m earlyexit_kernels.bench.stream", description=__doc__.split("\n")[0]
+    parser = argparse.ArgumentParser(prog="eek bench stream", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--output-dir", "--out", type=Path, default=Path("bench-results"), help="default: bench-results"
     )
-    parser.add_argument("--output-dir", "--out", type=Path, default=Path("benchmarks") / "results")
     parser.add_argument(
         "--name", help="file names: <name>.csv, .md, .png (default stream_<device>, with _<dtype> unless fp32)"
     )

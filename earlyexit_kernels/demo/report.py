@@ -412,7 +412,7 @@ def _methods_side_by_side(base, train_batches, test, device, args) -> None:
     print("speed-up: against the method's own model without early exit (the jointly trained methods moved it).")
     print(
         "DeeBERT, FastBERT and SmartBERT share the backbone above. More in docs/benchmarks.md, 'Exit quality' "
-        "(python -m earlyexit_kernels.bench.exit_quality)."
+        "(python -m benchmarks.suite.exit_quality)."
     )
 
 

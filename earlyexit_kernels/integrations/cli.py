@@ -34,7 +34,9 @@ from earlyexit_kernels.integrations.serve_cli import add_serve_command
 __all__ = ["CliError", "build_parser", "main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(listed: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """``listed``: commands of the layers above (``bench``), named in ``--help`` with their line; the ``eek``
+    command (``earlyexit_kernels.__main__``) sends them on before this parser reads them."""
     program = "eek" if Path(sys.argv[0]).name == "eek" else "python -m earlyexit_kernels"
     parser = argparse.ArgumentParser(
         prog=program, description="Early-exit inference for Hugging Face encoder classifiers."
@@ -123,11 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     classify.set_defaults(run=_classify)
     add_serve_command(commands)
     add_fit_commands(commands)  # fit, evaluate
+    for name, line in (listed or {}).items():
+        commands.add_parser(name, help=line, add_help=False).set_defaults(run=_run_through_eek)
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def _run_through_eek(args) -> int:
+    raise CliError(f"{args.command} is a command of eek (earlyexit_kernels.__main__), not of this parser")
+
+
+def main(argv=None, listed: dict[str, str] | None = None) -> int:
+    args = build_parser(listed).parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the weights' loading bar is not ours to show

@@ -1,7 +1,7 @@
-"""``python -m earlyexit_kernels.bench.report``: the results section of ``docs/benchmarks.md``, from committed CSVs.
+"""``python -m benchmarks.suite.report``: the results section of ``docs/benchmarks.md``, from committed CSVs.
 
-    python -m earlyexit_kernels.bench.report                       # print the markdown
-    python -m earlyexit_kernels.bench.report --readme docs/benchmarks.md    # replace the section in place
+    python -m benchmarks.suite.report                       # print the markdown
+    python -m benchmarks.suite.report --readme docs/benchmarks.md    # replace the section in place
 
 Reads ``benchmarks/results/*/bench.csv`` (or the CSVs given) and writes everything
 between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` (appended at the end of the
@@ -9,7 +9,7 @@ file when the markers are missing). Nothing in that section is typed by hand: re
 this script after a new sweep. With ``--readme`` it also rewrites the real-task exit-quality
 section from ``benchmarks/results/real_task_cpu.csv`` when that CSV exists and the file has the
 section's markers
-(:mod:`earlyexit_kernels.bench.real_task_quality`).
+(:mod:`benchmarks.suite.real_task_quality`).
 
 CSVs measured on the same machine (``device_name``) share one section: one Targets table
 and the speed-up tables of every model, with the settings of each CSV stated (and its
@@ -27,13 +27,13 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from earlyexit_kernels.bench import markdown_sections
+from benchmarks.suite import markdown_sections
 from earlyexit_kernels.bench.results import read_csv
 
 __all__ = ["render", "replace_section", "main"]
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-#: the CSV of ``python -m earlyexit_kernels.bench.real_task_quality``, whose section ``--readme`` also rewrites
+#: the CSV of ``python -m benchmarks.suite.real_task_quality``, whose section ``--readme`` also rewrites
 REAL_TASK_CSV = "benchmarks/results/real_task_cpu.csv"
 
 
@@ -268,7 +268,7 @@ def _source_lines(sources: list[tuple[Path, list[dict]]], relative_to: Path) -> 
         else:
             text = f"M{text}"
         if meta.get("argv") is not None and "seconds" in meta:
-            command = " ".join(["python -m earlyexit_kernels.bench", *meta["argv"]])
+            command = " ".join(["eek bench sweep", *meta["argv"]])
             text += f" Written by `{command}` in {float(meta['seconds']):.0f} s."
         lines += [text, ""]
     return lines
@@ -279,8 +279,8 @@ def render(csv_paths: list[Path], relative_to: Path) -> str:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     sources = ", ".join(f"`{os.path.relpath(p, relative_to)}`" for p in csv_paths)
     out += [
-        f"Generated on {stamp} by `python -m earlyexit_kernels.bench.report` from {sources} "
-        "(written by `python -m earlyexit_kernels.bench`); do not edit this section by hand. Speed-up = p50 time "
+        f"Generated on {stamp} by `python -m benchmarks.suite.report` from {sources} "
+        "(written by `eek bench sweep`); do not edit this section by hand. Speed-up = p50 time "
         "of the unpatched Hugging Face model / p50 time of the method, same process, weights, dtype and attention. "
         "`eek`: this package (`Scheduled` replays the pattern; the `policy` and `step` columns of the CSV say what ran); `naive`: eager exit step + boolean-index compaction "
         "(FastBERT/DeeBERT batched ports); `bs1`: one sequence at a time with a Python `if` (the research code). "
@@ -350,27 +350,25 @@ def replace_section(text: str, section: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m earlyexit_kernels.bench.report", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.suite.report", description=__doc__.split("\n")[0])
     parser.add_argument("csv", nargs="*", type=Path, help="default: benchmarks/results/*/bench.csv")
     parser.add_argument("--readme", type=Path, help="replace the results section of this file")
     args = parser.parse_args(argv)
     paths = args.csv or sorted(Path("benchmarks/results").glob("*/bench.csv"))
     if not paths:
-        parser.error("no CSV found: run `python -m earlyexit_kernels.bench` first")
+        parser.error("no CSV found: run `eek bench sweep` first")
     base = args.readme.parent if args.readme else Path.cwd()
     section = render(paths, base)
     if args.readme:
         args.readme.write_text(replace_section(args.readme.read_text(), section))
         print(f"updated {args.readme}")
-        from earlyexit_kernels.bench.real_task_quality import MARK_START, update_readme
+        from benchmarks.suite.real_task_quality import MARK_START, update_readme
 
         # the real-task exit quality has its own section (where the file has its markers), from its own CSV
         if Path(REAL_TASK_CSV).is_file() and MARK_START in args.readme.read_text():
             update_readme(str(args.readme), REAL_TASK_CSV)
             print(f"updated the real-task section of {args.readme} from {REAL_TASK_CSV}")
-        from earlyexit_kernels.bench import stack_report
+        from benchmarks.suite import stack_report
 
         # the stack table (bench --stack) has its own section too, where the file has its markers
         if Path(stack_report.STACK_CSV).is_file() and stack_report.START in args.readme.read_text():

@@ -1,11 +1,13 @@
-"""The command line of the serving benchmark's real-model mode (``serve_load --rotten-tomatoes``,
-``--model``), and the models it builds: ``eek fit`` and ``eek calibrate --dtype int8`` on the
+"""The real model served beside Infinity's configurations of the same weights, then a soak:
+``python -m benchmarks.suite.serve_peers_cli --rotten-tomatoes`` (or ``--model``), from the repository's
+root; the load levels' arguments are ``eek bench serve``'s. Also the models it builds: ``eek fit`` and ``eek calibrate --dtype int8`` on the
 fine-tuned classifier, the first time, under ``--models-dir``. What runs is
-:mod:`earlyexit_kernels.bench.serve_peers`.
+:mod:`benchmarks.suite.serve_peers`.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import filecmp
 import json
@@ -15,7 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from earlyexit_kernels.bench.serve_peers import SERVERS, PeersConfig, default_cores, render, run, write_readme
+from benchmarks.suite.serve_peers import SERVERS, PeersConfig, default_cores, render, run, write_readme
+from earlyexit_kernels.bench.serve_load import add_level_arguments
 from earlyexit_kernels.bench.server_process import parse_cores
 
 __all__ = ["rotten_tomatoes", "add_arguments", "wanted", "main", "BACKBONES"]
@@ -154,8 +157,20 @@ def wanted(args) -> bool:
     return bool(args.rotten_tomatoes or args.model or args.from_json)
 
 
-def main(args, argv: list[str]) -> int:
-    """The real-model mode of ``serve_load``'s command line."""
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.suite.serve_peers_cli", description=__doc__.split("\n\n")[0]
+    )
+    add_level_arguments(parser)
+    add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    if not wanted(args):
+        parser.error("say what to serve: --rotten-tomatoes, --model MODEL --plain PLAIN --texts FILE, or --from-json")
+    return _run(args, argv)
+
+
+def _run(args, argv: list[str]) -> int:
     if args.from_json:
         result = json.loads(args.from_json.read_text())
     else:
@@ -167,7 +182,7 @@ def main(args, argv: list[str]) -> int:
         if args.rotten_tomatoes and args.backbone == "all":
             for backbone in BACKBONES:  # each recorded with the command that measures it alone
                 args.backbone = backbone
-                main(args, _one_backbone(argv, backbone))
+                _run(args, _one_backbone(argv, backbone))
             return 0
         if args.rotten_tomatoes:
             model, plain, int8_model, texts, source = rotten_tomatoes(args.models_dir, args.backbone)
@@ -202,7 +217,7 @@ def main(args, argv: list[str]) -> int:
             else f"serve-peers-{args.backbone}",
         )
         output_dir = args.output_dir or Path(tempfile.mkdtemp(prefix="eek-serve-peers-"))
-        command = "python -m earlyexit_kernels.bench.serve_load " + " ".join(argv)
+        command = "python -m benchmarks.suite.serve_peers_cli " + " ".join(argv)
         name = args.name
         if args.rotten_tomatoes and args.backbone != "minilm" and name == "cpu":
             name = f"{args.backbone}_cpu"  # beside the MiniLM result, not over it
@@ -212,3 +227,7 @@ def main(args, argv: list[str]) -> int:
     if args.readme:
         write_readme(args.readme, result)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -224,7 +224,7 @@ def describe_command(peer: Peer, max_batch_size: int = 32) -> str:
     )
 
 
-if __name__ == "__main__":  # python -m earlyexit_kernels.bench.infinity_peer [PYTHON]: is Infinity there?
+if __name__ == "__main__":  # python -m benchmarks.suite.infinity_peer [PYTHON]: is Infinity there?
     found, why = find_infinity(sys.argv[1] if len(sys.argv) > 1 else None)
     print(json.dumps(found) if found else why)
     sys.exit(0 if found else 1)

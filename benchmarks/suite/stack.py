@@ -1,4 +1,4 @@
-"""``python -m earlyexit_kernels.bench --stack``: early exit on top of int8, bf16 and torch.compile, beside
+"""``python -m benchmarks.suite.stack``: early exit on top of int8, bf16 and torch.compile, beside
 ONNX Runtime and OpenVINO.
 
 The real task (:mod:`earlyexit_kernels.demo.real_task`): all-MiniLM-L6-v2 fine-tuned on Rotten
@@ -21,11 +21,12 @@ After one warm-up pass of each (compilation, allocations), the timed passes are 
 repetition ``r`` runs every configuration once over all batches, in an order rotated by ``r``.
 Ratios are paired within a repetition and reported as p20 / p50 / p80 over the repetitions.
 Accuracy, mean layers and the layer ideal (L / mean layers) come from the warm-up pass.
-:mod:`earlyexit_kernels.bench.stack_report` turns the CSV into the section of ``docs/benchmarks.md``.
+:mod:`benchmarks.suite.stack_report` turns the CSV into the section of ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib.util
 import json
@@ -378,8 +379,43 @@ def load_task(texts: int | None, folder: Path | None = None):
     return patched, full, batches, labels, str(folder)
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The stack's options; they kept their ``--stack-`` names from when the sweep's ``--stack`` ran it (the
+    commands recorded with the committed results read the same but for the module)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.suite.stack", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stack-texts", type=int, help="the first N test texts (default: all 2,500)")
+    parser.add_argument("--stack-no-compile", action="store_true", help="leave out the compile rows")
+    parser.add_argument(
+        "--stack-no-bf16",
+        action="store_true",
+        help="leave out the bf16 rows (without bf16 instructions they run several times slower than fp32)",
+    )
+    parser.add_argument(
+        "--stack-int8",
+        choices=("all", "ffn-out-float"),
+        default="all",
+        help="the encoder's Linear layers int8 quantizes: all (default), or all but the feed-forward "
+        "output projections (ffn-out-float), which keeps MPNet-base within 2 points",
+    )
+    parser.add_argument(
+        "--stack-folder",
+        type=Path,
+        help="a patched model folder with its tokenizer (e.g. written by eek fit) instead of make demo's",
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (p20/p50/p80 over them)")
+    parser.add_argument("--threads", type=int, help="torch's threads (default: 2)")
+    parser.add_argument("--output-dir", type=Path, required=True, help="where stack.csv and stack_meta.json go")
+    args = parser.parse_args(argv)
+    args.argv = argv
+    return args
+
+
+def main(argv=None) -> int:
+    return run(parse_args(argv))
+
+
 def run(args) -> int:
-    """The stack run of the bench CLI (``--stack``): writes ``stack.csv`` and ``stack_meta.json`` to ``--output-dir``."""
+    """Writes ``stack.csv`` and ``stack_meta.json`` to ``args.output_dir``."""
     from earlyexit_kernels.patching.patch import policy_of
 
     threads = args.threads or 2
@@ -410,7 +446,7 @@ def run(args) -> int:
         for row in rows:
             handle.write(",".join(str(row[f]) for f in FIELDS) + "\n")
     meta = {
-        "command": "python -m earlyexit_kernels.bench " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
+        "command": "python -m benchmarks.suite.stack " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
         "model": (
             "all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes (demo.real_task), exit heads of make demo"
             if getattr(args, "stack_folder", None) is None
@@ -441,3 +477,7 @@ def run(args) -> int:
             f"p50 {row['t_p50_s']:.2f} s  vs base {row['vs_base_p50'] or '-'}  vs fp32 {row['vs_fp32_p50'] or '-'}"
         )
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from earlyexit_kernels.bench.markdown_sections import replace_section
+from benchmarks.suite.markdown_sections import replace_section
 from earlyexit_kernels.bench.results import cpu_name
 
 __all__ = ["run_conditions", "write_json", "write_section"]

@@ -1,6 +1,6 @@
 """The serving benchmark on a real model, beside its peers, and the soak (issue 53).
 
-``python -m earlyexit_kernels.bench.serve_load --rotten-tomatoes`` (or ``--model MODEL --plain
+``python -m benchmarks.suite.serve_peers_cli --rotten-tomatoes`` (or ``--model MODEL --plain
 PLAIN``) runs, one at a time, on 127.0.0.1, each pinned to the server cores with one thread
 (``taskset``-like affinity, ``OMP_NUM_THREADS=1``), batches of at most ``--max-batch-size`` (32),
 the client (this process, asyncio + httpx, one text per ``POST /classify``) pinned to the others:
@@ -10,7 +10,7 @@ the client (this process, asyncio + httpx, one text per ``POST /classify``) pinn
   MODEL whose threshold ``eek calibrate --dtype int8`` certified on the int8 base, on the same
   calibration rows), or on MODEL with its own threshold where none is given;
 - Infinity's four configurations of PLAIN, the plain classifier with the same weights
-  (:mod:`earlyexit_kernels.bench.infinity_peer`), when Infinity is installed in its own
+  (:mod:`benchmarks.suite.infinity_peer`), when Infinity is installed in its own
   environment (``--infinity-python``); skipped with the reason when it is not.
 
 Each server gets the same texts at each concurrency (a bounded number of requests per level, at
@@ -41,8 +41,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from earlyexit_kernels.bench import infinity_peer
-from earlyexit_kernels.bench.serve_peers_report import END, START, render, write_readme
+from benchmarks.suite import infinity_peer
+from benchmarks.suite.serve_peers_report import END, START, render, write_readme
 from earlyexit_kernels.bench.server_process import EekServer, resident_kib
 
 COLUMNS = ["server", "concurrency", "texts_per_request", "requests", "texts", "texts_per_s", "p50_ms", "p99_ms"]

@@ -1,4 +1,4 @@
-"""Corpus throughput, local engine against Ray Data: ``python -m earlyexit_kernels.bench.ray_throughput``.
+"""Corpus throughput, local engine against Ray Data: ``python -m benchmarks.suite.ray_throughput``.
 
 Generates a corpus of short texts (default 100 000; lengths from the stream workload,
 log-normal around 28 tokens), saves a random BERT whose exit heads spread the exits

@@ -1,13 +1,13 @@
-"""``python -m earlyexit_kernels.bench``: the end-to-end sweep, the microbenchmarks, the CSV and the plots.
+"""``eek bench sweep``: the end-to-end sweep, the microbenchmarks, the CSV and the plots.
 
-    python -m earlyexit_kernels.bench                      # defaults for the device (see --help) -> bench-results/<device>-<time>/
-    python -m earlyexit_kernels.bench --smoke --output-dir /tmp/b   # seconds: checks the suite runs
-    python -m earlyexit_kernels.bench --models bert --spot-models none --batch-sizes 64 --seq-lens 128 \
+    eek bench sweep                                 # defaults for the device (see --help) -> bench-results/<device>-<time>/
+    eek bench sweep --smoke --output-dir /tmp/b     # seconds: checks the suite runs
+    eek bench sweep --models bert --spot-models none --batch-sizes 64 --seq-lens 128 \
         --patterns sched-f0.00,geometric-p0.10 --policies scheduled,entropy --step exact,graphed --no-baselines
 
 Writes ``<output-dir>/bench.csv`` (schema: :mod:`.results`), ``meta.json`` (command,
-duration, load) and the plots (:mod:`.plots`). ``python -m earlyexit_kernels.bench.report``
-turns committed CSVs into the results section of ``docs/benchmarks.md``.
+duration, load) and the plots (:mod:`.plots`). In the repository, ``python -m benchmarks.suite.report``
+turns the committed CSVs into the results section of ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from earlyexit_kernels.bench.micro import compact_fn, exit_step_fn, fast_backends, micro_impls
 from earlyexit_kernels.bench.models import ARCHITECTURES, SIZES, build_model, pad_token_id
 from earlyexit_kernels.bench.patterns import (
     check_pattern_name,
@@ -35,7 +34,6 @@ from earlyexit_kernels.bench.peers import PEERS, PeerModels, check_peer_names, u
 from earlyexit_kernels.bench.plots import make_plots
 from earlyexit_kernels.bench.results import append_csv, environment, write_csv
 from earlyexit_kernels.bench.runner import POLICIES, MeasureSettings, measure_pattern
-from earlyexit_kernels.bench.timing import percentiles, time_loop, timed_call
 from earlyexit_kernels.engine.step_choice import STEP_NAMES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -111,7 +109,7 @@ def _backends(text: str) -> list[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(prog="python -m earlyexit_kernels.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="eek bench sweep", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument(
@@ -190,7 +188,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per method (p20/p50/p80 over them)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
-    parser.add_argument("--no-micro", action="store_true", help="skip the exit-step and compaction microbenchmarks")
+    parser.add_argument(
+        "--no-micro",
+        action="store_true",
+        help="ignored: the exit-step and compaction microbenchmarks moved to the repository's benchmarks/suite/micro.py "
+        "(the flag goes in the next release)",
+    )
     parser.add_argument(
         "--smoke", action="store_true", help="tiny model, B in {1, 4}, S = 16, one repetition, 1 thread"
     )
@@ -207,31 +210,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=Path,
         help="also append each configuration's rows to this CSV as soon as it is measured (header once), so a run "
         "killed part-way keeps what it measured; several runs may share one file",
-    )
-    parser.add_argument(
-        "--stack",
-        action="store_true",
-        help="instead of the sweep: the stack table on the real task (fp32, int8, bf16, compile, each without and "
-        "with early exit; ONNX Runtime and OpenVINO where installed), see earlyexit_kernels.bench.stack",
-    )
-    parser.add_argument("--stack-texts", type=int, help="--stack: the first N test texts (default: all 2,500)")
-    parser.add_argument("--stack-no-compile", action="store_true", help="--stack: leave out the compile rows")
-    parser.add_argument(
-        "--stack-no-bf16",
-        action="store_true",
-        help="--stack: leave out the bf16 rows (without bf16 instructions they run several times slower than fp32)",
-    )
-    parser.add_argument(
-        "--stack-int8",
-        choices=("all", "ffn-out-float"),
-        default="all",
-        help="--stack: the encoder's Linear layers int8 quantizes: all (default), or all but the feed-forward "
-        "output projections (ffn-out-float), which keeps MPNet-base within 2 points",
-    )
-    parser.add_argument(
-        "--stack-folder",
-        type=Path,
-        help="--stack: a patched model folder with its tokenizer (e.g. written by eek fit) instead of make demo's",
     )
     args = parser.parse_args(argv)
     args.argv = argv
@@ -270,37 +248,21 @@ def _grid(args) -> list[tuple[int, int]]:
     ]
 
 
-def _micro_rows(args, device, dtype, size) -> list[dict]:
-    rows = []
-    seq_len = min(args.seq_lens)
-    target = 0.002 if args.smoke else 0.02  # seconds per timed loop
-    for kind in ("exit_step", "compact"):
-        for impl in micro_impls(device):
-            for batch in args.batch_sizes:
-                if kind == "exit_step":
-                    fn = exit_step_fn(impl, batch, seq_len, size.hidden, size.layers, device, dtype)
-                else:
-                    fn, _ = compact_fn(impl, batch, seq_len, size.hidden, device, dtype)
-                once, _ = timed_call(fn, device)
-                iterations = max(3, min(2000, int(target / max(once, 1e-7))))
-                samples = [time_loop(fn, device, iterations) for _ in range(max(args.repeats, 3))]
-                stats = percentiles(samples)
-                rows.append(
-                    {
-                        "kind": kind,
-                        "method": impl,
-                        "backend": impl,
-                        "B": batch,
-                        "S": seq_len,
-                        "L": size.layers,
-                        "pattern": "Entropy(0.3)" if kind == "exit_step" else "keep 1/2, trim 1/8",
-                        "t_p20_s": stats["p20"],
-                        "t_p50_s": stats["p50"],
-                        "t_p80_s": stats["p80"],
-                        "repeats": len(samples),
-                    }
-                )
-    return rows
+def fast_backends(device: torch.device) -> list[str]:
+    """The compiled backends that run on ``device``. Triton on the CPU (its interpreter) is left
+    out: its timings mean nothing."""
+    from earlyexit_kernels.backends.registry import backends, resolve_backend
+
+    names = []
+    for name in ("cuda", "triton", "cpp"):
+        if not backends()[name] or (name == "triton" and device.type != "cuda"):
+            continue
+        try:
+            resolve_backend(name, device)
+        except RuntimeError:
+            continue
+        names.append(name)
+    return names
 
 
 def eek_backends_for(names: list[str] | None, device: torch.device) -> list[str]:
@@ -373,8 +335,7 @@ def run(args, on_rows=None) -> list[dict]:
         peers=tuple(args.peers),
         baselines=not args.no_baselines,
     )
-    total = len(tasks) + (0 if args.no_micro else 1)
-    with torch.inference_mode(), tqdm(total=total, disable=args.no_progress, unit="cfg", file=sys.stderr) as bar:
+    with torch.inference_mode(), tqdm(total=len(tasks), disable=args.no_progress, unit="cfg", file=sys.stderr) as bar:
         for arch, s, b, pattern in tasks:
             load = {"load_1m": f"{os.getloadavg()[0]:.2f}"}
             bar.set_description(f"{arch} B={b} S={s} {pattern.name}")
@@ -392,23 +353,11 @@ def run(args, on_rows=None) -> list[dict]:
             if on_rows is not None:
                 on_rows(new)
             bar.update()
-        if not args.no_micro:
-            bar.set_description("microbenchmarks")
-            micro = _micro_rows(args, device, dtype, size)
-            new = [{**env, **common, "attn": args.attn, "model": "-", **row} for row in micro]
-            rows += new
-            if on_rows is not None:
-                on_rows(new)
-            bar.update()
     return rows
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.stack:
-        from earlyexit_kernels.bench.stack import run as run_stack
-
-        return run_stack(args)
     threads_before = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
