@@ -63,4 +63,4 @@ triton-check: setup
 	else echo "triton-check: triton not installed, skipped"; fi
 
 triton-check-table: setup
-	$(PY) python_tests/triton_compile_check.py --write benchmarks/results/triton_check.md
+	$(PY) python_tests/triton_compile_check.py --write benchmarks/results/any_device/triton_check.md

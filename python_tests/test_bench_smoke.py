@@ -106,7 +106,7 @@ def test_the_default_output_folder_is_a_new_one(tmp_path, monkeypatch):
     assert first.parent.name == "bench-results" and first.name.startswith("cpu-")
     first.mkdir(parents=True)
     second = sweep.parse_args(["--device", "cpu"]).output_dir
-    assert second != first and not second.exists()  # never an earlier run's folder (benchmarks/results/cpu)
+    assert second != first and not second.exists()  # never an earlier run's folder (benchmarks/results/amd_epyc/cpu)
 
 
 def test_peak_memory_keeps_the_profiler_log_off_stderr(capfd):

@@ -162,11 +162,30 @@ def test_every_committed_benchmark_result_says_which_cpu_it_came_from():
     listed = set(re.findall(r"`([^`]+)`", section))
     results = REPOSITORY / "benchmarks" / "results"
     missing = []
+    misplaced = []
     for path in sorted(p for p in results.rglob("*") if p.is_file()):
         relative = path.relative_to(results).as_posix()
-        if relative not in listed and f"{relative.split('/')[0]}/" not in listed:
+        parts = relative.split("/")
+        if len(parts) < 2 or parts[0] not in RESULT_FOLDERS:
+            misplaced.append(relative)
+        if relative not in listed and f"{'/'.join(parts[:2])}/" not in listed:
             missing.append(relative)
+    assert not misplaced, f"a result sits in the folder of the device that measured it ({RESULT_FOLDERS}): {misplaced}"
     assert not missing, f"docs/development.md does not say which CPU these came from: {missing}"
+
+
+#: the folders of benchmarks/results/: one per device (earlyexit_kernels.bench.results.device_folder), and two
+#: for results whose CPU no note recorded and for those without timings
+RESULT_FOLDERS = ("amd_epyc", "intel_xeon", "nvidia_h100_80gb_hbm3", "unknown_cpu", "any_device")
+
+
+def test_a_device_s_results_folder_is_named_for_its_kind():
+    from earlyexit_kernels.bench.results import device_folder
+
+    assert device_folder("cpu", "AMD EPYC 7B13") == "amd_epyc"
+    assert device_folder("cpu", "Intel(R) Xeon(R) Processor @ 2.60GHz") == "intel_xeon"
+    assert device_folder("cuda", "NVIDIA H100 80GB HBM3") == "nvidia_h100_80gb_hbm3"
+    assert device_folder("cuda", "NVIDIA H200") == "nvidia_h200"
 
 
 def test_the_benchmarks_readme_lists_every_script():

@@ -94,7 +94,8 @@ def _development_cpus() -> dict[str, str]:
 
 
 def _cpu_cell(result: str, cpus: dict[str, str]) -> str:
-    return cpus.get(result) or cpus[result.split("/")[0] + "/"]
+    """The file's own row, else its folder's (``<device>/<folder>/``)."""
+    return cpus.get(result) or cpus["/".join(result.split("/")[:2]) + "/"]
 
 
 def test_a_paragraph_that_quotes_a_result_file_names_its_cpu():

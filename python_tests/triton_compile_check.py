@@ -1,7 +1,7 @@
 """Compile every Triton kernel for real GPU targets with Triton's own compiler, no GPU needed.
 
     make triton-check          (part of `make test` where Triton is installed)
-    .venv/bin/python python_tests/triton_compile_check.py [--write benchmarks/results/triton_check.md]
+    .venv/bin/python python_tests/triton_compile_check.py [--write benchmarks/results/any_device/triton_check.md]
 
 The CPU suite runs the kernels in Triton's interpreter, which accepts code the compiler
 rejects (types, layouts, an int64 pointer offset that is not). This compiles each kernel

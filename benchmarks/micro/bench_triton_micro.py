@@ -35,9 +35,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton mi
 
 import earlyexit_kernels as eek  # noqa: E402
 from earlyexit_kernels.backends import compaction  # noqa: E402
+from earlyexit_kernels.bench.results import device_folder  # noqa: E402
 from earlyexit_kernels.methods import exit_rules  # noqa: E402
 
-RESULTS_DIR = Path(os.environ.get("EEK_MICRO_RESULTS_DIR") or Path(__file__).resolve().parents[1] / "results")
+RESULTS_DIR = Path(
+    os.environ.get("EEK_MICRO_RESULTS_DIR")
+    or Path(__file__).resolve().parents[1] / "results" / device_folder("cuda" if torch.cuda.is_available() else "cpu")
+)
 HIDDEN, LAYERS, SEQ = 768, 12, 128
 BATCHES = (1, 8, 64, 256, 1024)
 LABELS = (2, 3)

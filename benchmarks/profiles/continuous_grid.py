@@ -3,7 +3,7 @@
     flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/profiles/continuous_grid.py --part tiny
     .venv/bin/python benchmarks/profiles/continuous_grid.py --report      # the table again, from every part's CSV
 
-Each ``--part`` writes ``benchmarks/results/continuous_grid/<part>-t<threads>.csv`` (one row per cell, the
+Each ``--part`` writes ``benchmarks/results/intel_xeon/continuous_grid/<part>-t<threads>.csv`` (one row per cell, the
 command in its ``command`` column); ``--report`` (and every part) rewrites ``README.md`` beside
 them from all the parts' CSVs.
 
@@ -46,6 +46,7 @@ import torch
 
 import earlyexit_kernels as eek
 from benchmarks.suite.stream_grid import sorted_stream
+from earlyexit_kernels.bench.results import device_folder
 from earlyexit_kernels.bench.stream import (
     StreamConfig,
     calibrate,
@@ -53,7 +54,7 @@ from earlyexit_kernels.bench.stream import (
     run_on_batches,
 )
 
-RESULTS = Path(__file__).resolve().parents[1] / "results" / "continuous_grid"
+RESULTS = Path(__file__).resolve().parents[1] / "results" / device_folder() / "continuous_grid"
 BATCH = 32
 
 COLUMNS = [

@@ -18,7 +18,7 @@ per-token cost at the smaller row counts of later layers (matrix products are le
 on fewer rows).
 
     flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/profiles/early_exit_profile.py --texts 600 --repeats 5 \\
-        --output benchmarks/results/stack_cpu/early_exit_profile.txt
+        --output benchmarks/results/amd_epyc/stack_cpu/early_exit_profile.txt
 """
 
 import argparse

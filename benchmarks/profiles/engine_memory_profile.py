@@ -12,7 +12,7 @@ more ``malloc_trim(0)``. glibc's settings come from its environment (``MALLOC_MM
     flock -x /tmp/eek-cpu.lock python benchmarks/profiles/engine_memory_profile.py FOLDER TEXTS.txt --seconds 150
     MALLOC_MMAP_THRESHOLD_=131072 flock -x /tmp/eek-cpu.lock python benchmarks/profiles/engine_memory_profile.py ...
 
-Found (2026-11-26, AMD EPYC, MiniLM-L6's demo folder; benchmarks/results/serve_memory_profile_cpu.md):
+Found (2026-11-26, AMD EPYC, MiniLM-L6's demo folder; benchmarks/results/amd_epyc/serve_memory_profile_cpu.md):
 the bytes in use stay near 200 MiB while the heap's free bytes grow from 236 to 549 MiB; a trim
 right after each sample brings resident memory back within 6% of its first reading. The growth is free
 memory the allocator keeps touching between two trims, not memory the engine holds.

@@ -1,7 +1,7 @@
 """Host time of one exit step with the kernel launch replaced by a no-op.
 
     .venv/bin/python benchmarks/profiles/host_time_per_step.py [--batch 64] [--hidden 768] [--labels 2]
-        [--calls 2000] [--repeats 7] [--device cpu|cuda] [--output benchmarks/results/host_time_cpu.txt]
+        [--calls 2000] [--repeats 7] [--device cpu|cuda] [--output benchmarks/results/unknown_cpu/host_time_cpu.txt]
 
 What a step costs the CPU before the GPU sees a kernel: the Python wrapper, policy
 lowering, output allocation, argument checks and, for the registered ``torch.library``

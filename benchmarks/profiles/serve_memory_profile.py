@@ -10,7 +10,7 @@ Each ``--setting`` is one server: a name, then ``eek serve`` options, then envir
 after a ``|`` (``arenas 2:|MALLOC_ARENA_MAX=2``)::
 
     flock -x /tmp/eek-cpu.lock python benchmarks/profiles/serve_memory_profile.py FOLDER TEXTS.txt \\
-        --setting "trim:" "trim, 2 arenas:|MALLOC_ARENA_MAX=2" --output benchmarks/results/serve_memory_profile_cpu.json
+        --setting "trim:" "trim, 2 arenas:|MALLOC_ARENA_MAX=2" --output benchmarks/results/amd_epyc/serve_memory_profile_cpu.json
 """
 
 import argparse

@@ -26,7 +26,7 @@ on validation (what a threshold chosen there runs on test). And a learned exit s
 with the head below), exiting where the score passes a threshold, through the same grid.
 
     flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/quality/cascade_heads_probe.py \\
-        --output benchmarks/results/cascade_heads_probe_cpu.md
+        --output benchmarks/results/amd_epyc/cascade_heads_probe_cpu.md
 """
 
 import argparse

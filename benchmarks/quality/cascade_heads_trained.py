@@ -20,7 +20,7 @@ automatic choice compares), the test split's global oracle (the fewest mean laye
 entropy grid within 1 point on test), the per-row oracle and the heads' test accuracy.
 
     flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/quality/cascade_heads_trained.py \\
-        --output benchmarks/results/cascade_heads_trained_cpu.md
+        --output benchmarks/results/amd_epyc/cascade_heads_trained_cpu.md
 """
 
 from __future__ import annotations

@@ -25,9 +25,9 @@ certified risk (accuracy lost against the full model; the test split has labels)
   final classifier (the heads' ceiling for any rule that reads only their answers);
 - ``price``: certified minus path oracle, what the certificate costs on that path.
 
-    .venv/bin/python benchmarks/quality/certified_exits_real.py --output benchmarks/results/certified_exits_real_cpu.json \\
+    .venv/bin/python benchmarks/quality/certified_exits_real.py --output benchmarks/results/intel_xeon/certified_exits_real_cpu.json \\
         --readme docs/benchmarks.md
-    .venv/bin/python benchmarks/quality/certified_exits_real.py --from-json benchmarks/results/certified_exits_real_cpu.json \\
+    .venv/bin/python benchmarks/quality/certified_exits_real.py --from-json benchmarks/results/intel_xeon/certified_exits_real_cpu.json \\
         --readme docs/benchmarks.md
 
 ``--from-folder FOLDER --backbones B --tasks T`` reads the first setting's row from a folder that

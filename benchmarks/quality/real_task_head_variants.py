@@ -21,7 +21,7 @@ replayed with ``calibration.replay``):
   full model's (what the best threshold could reach on test; not a usable calibration).
 
     flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/quality/real_task_head_variants.py \\
-        --output benchmarks/results/real_task_training/head_variants.jsonl
+        --output benchmarks/results/intel_xeon/real_task_training/head_variants.jsonl
 """
 
 import argparse

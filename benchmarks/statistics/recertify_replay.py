@@ -38,9 +38,9 @@ stream that serves the last one kept is replayed on the whole path, and the test
 two equal. With ``--engine-texts`` (default ENGINE_TEXTS) the same folder also runs end to end
 through ``eek.classify`` with a 5% audit and re-certification: test texts, then hard-row texts.
 
-    .venv/bin/python benchmarks/statistics/recertify_replay.py --output benchmarks/results/recertify_replay_cpu.json \\
+    .venv/bin/python benchmarks/statistics/recertify_replay.py --output benchmarks/results/amd_epyc/recertify_replay_cpu.json \\
         --readme docs/benchmarks.md
-    .venv/bin/python benchmarks/statistics/recertify_replay.py --from-json benchmarks/results/recertify_replay_cpu.json \\
+    .venv/bin/python benchmarks/statistics/recertify_replay.py --from-json benchmarks/results/amd_epyc/recertify_replay_cpu.json \\
         --readme docs/benchmarks.md
 
 ``--save-pools FILE`` keeps the recorded pools (each candidate's losses and layers) and

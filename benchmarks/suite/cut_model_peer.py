@@ -1,7 +1,7 @@
 """The peer a user would pick instead of early exit: the same model cut to k layers, fine-tuned.
 
     python -m benchmarks.suite.cut_model_peer --threads 2 \\
-        --output benchmarks/results/cut_model_peer_cpu.json --readme docs/benchmarks.md
+        --output benchmarks/results/amd_epyc/cut_model_peer_cpu.json --readme docs/benchmarks.md
 
 A smaller model is the plain answer to "the model is too slow": keep the first k of the
 pre-trained model's L layers and fine-tune that. Each peer here is the backbone
@@ -16,7 +16,7 @@ split, AdamW at 5e-5, batches of 32), with two heads:
   sentence-transformers models were pre-trained).
 
 Its test accuracy at k runs k layers for every sequence, so it sits beside early exit's curve
-at k mean layers (``benchmarks/results/real_task_cpu.csv``, or ``real_task_mpnet_cpu.csv`` for
+at k mean layers (``benchmarks/results/intel_xeon/real_task_cpu.csv``, or ``real_task_mpnet_cpu.csv`` for
 MPNet: every method of :mod:`benchmarks.suite.real_task_quality`). Each peer is written to the JSON as soon as it
 is trained, and a rerun skips the peers already there (``--redo`` trains them again).
 """
@@ -42,14 +42,14 @@ HEADS = ("model", "mean")
 #: per backbone: the peers' JSON, early exit's curves, the section's markers and title
 DEFAULTS = {
     "minilm": (
-        "benchmarks/results/cut_model_peer_cpu.json",
-        "benchmarks/results/real_task_cpu.csv",
+        "benchmarks/results/amd_epyc/cut_model_peer_cpu.json",
+        "benchmarks/results/intel_xeon/real_task_cpu.csv",
         "cut-model-peer",
         "Early exit against a smaller model (cut and fine-tuned)",
     ),
     "mpnet": (
-        "benchmarks/results/cut_model_peer_mpnet_cpu.json",
-        "benchmarks/results/real_task_mpnet_cpu.csv",
+        "benchmarks/results/amd_epyc/cut_model_peer_mpnet_cpu.json",
+        "benchmarks/results/amd_epyc/real_task_mpnet_cpu.csv",
         "cut-model-peer-mpnet",
         "MPNet-base against a smaller MPNet (cut and fine-tuned)",
     ),

@@ -1,7 +1,7 @@
 """Exit quality of every method on the package's task: accuracy against mean layers, and the static baseline.
 
-    python -m benchmarks.suite.exit_quality --output benchmarks/results/exit_quality_cpu.csv \\
-        --plot benchmarks/results/exit_quality_cpu.png --readme docs/benchmarks.md
+    python -m benchmarks.suite.exit_quality --output benchmarks/results/unknown_cpu/exit_quality_cpu.csv \\
+        --plot benchmarks/results/unknown_cpu/exit_quality_cpu.png --readme docs/benchmarks.md
 
 A 6-layer BERT (hidden 128, as in ``make demo``) is first fine-tuned once with PABEE's
 loss (``--base-method``; in a one-thread run with ``CE_L`` alone, DeeBERT's stage 1, this

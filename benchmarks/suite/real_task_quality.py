@@ -1,12 +1,12 @@
 """Exit quality on a real task: every method on all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes.
 
     python -m benchmarks.suite.real_task_quality --threads 2 \\
-        --output benchmarks/results/real_task_cpu.csv --plot benchmarks/results/real_task_cpu.png \\
+        --output benchmarks/results/intel_xeon/real_task_cpu.csv --plot benchmarks/results/real_task_cpu.png \\
         --readme docs/benchmarks.md
 
 The backbone is :func:`earlyexit_kernels.demo.real_task.fine_tuned_minilm` (one epoch as a plain
 classifier, cached), or with ``--backbone mpnet`` the 12-layer all-mpnet-base-v2 fine-tuned the
-same way (its own CSV, ``benchmarks/results/real_task_mpnet_cpu.csv``, and its own section). Each run starts from a fresh copy of it, is patched with its method's
+same way (its own CSV, ``benchmarks/results/amd_epyc/real_task_mpnet_cpu.csv``, and its own section). Each run starts from a fresh copy of it, is patched with its method's
 policy family and the heads' pooling and form, and is trained and calibrated by
 :func:`earlyexit_kernels.training.fit_exit_heads` with the method's recipe
 (:mod:`earlyexit_kernels.training.recipes`; the fewest mean layers within ``--max-drop``
@@ -72,7 +72,7 @@ RUNS = {
 LITTLE_SAVING = 0.25
 BATCH = 32
 MAX_LENGTH = 128
-DEFAULT_CSV = "benchmarks/results/real_task_cpu.csv"
+DEFAULT_CSV = "benchmarks/results/intel_xeon/real_task_cpu.csv"
 MARK_START = "<!-- real-task-quality:start -->"
 MARK_END = "<!-- real-task-quality:end -->"
 #: the backbones' names in titles and the tasks' (see earlyexit_kernels.demo.real_task)

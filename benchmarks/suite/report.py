@@ -7,7 +7,7 @@ Reads ``benchmarks/results/*/bench.csv`` (or the CSVs given) and writes everythi
 between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` (appended at the end of the
 file when the markers are missing). Nothing in that section is typed by hand: rerun
 this script after a new sweep. With ``--readme`` it also rewrites the real-task exit-quality
-section from ``benchmarks/results/real_task_cpu.csv`` when that CSV exists and the file has the
+section from ``benchmarks/results/intel_xeon/real_task_cpu.csv`` when that CSV exists and the file has the
 section's markers
 (:mod:`benchmarks.suite.real_task_quality`).
 
@@ -34,7 +34,7 @@ __all__ = ["render", "replace_section", "main"]
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 #: the CSV of ``python -m benchmarks.suite.real_task_quality``, whose section ``--readme`` also rewrites
-REAL_TASK_CSV = "benchmarks/results/real_task_cpu.csv"
+REAL_TASK_CSV = "benchmarks/results/intel_xeon/real_task_cpu.csv"
 
 
 def _f(value, fmt="{:.2f}"):

@@ -23,7 +23,7 @@ from benchmarks.suite.markdown_sections import replace_section
 
 __all__ = ["STACK_CSV", "render", "update_readme"]
 
-STACK_CSV = "benchmarks/results/stack_cpu/stack.csv"
+STACK_CSV = "benchmarks/results/amd_epyc/stack_cpu/stack.csv"
 START, END = "<!-- stack:start -->", "<!-- stack:end -->"
 PROFILE_NAME = "early_exit_profile.txt"  # benchmarks/profiles/early_exit_profile.py, beside the CSV
 

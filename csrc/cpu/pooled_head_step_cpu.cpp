@@ -4,7 +4,7 @@
 // the exiting rows and the stable survivor list, with nothing between them.
 //
 // Why one call: right after an encoder layer each ATen op runs on cold caches (tens of
-// microseconds of dispatch apiece; benchmarks/results/exit_head_in_situ_cpu.md), and the
+// microseconds of dispatch apiece; benchmarks/results/intel_xeon/exit_head_in_situ_cpu.md), and the
 // PyTorch masked mean alone writes a masked copy of the whole [n, S, H] block before summing.
 // Here each row is read once, summed in the order of its tokens, and never copied.
 //

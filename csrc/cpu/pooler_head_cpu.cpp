@@ -3,7 +3,7 @@
 //
 // Why not torch's GEMM: right after an encoder layer every ATen op runs on cold caches
 // (its dispatch code and its BLAS path), several times slower than warm
-// (benchmarks/results/exit_head_in_situ_cpu.md). This kernel is one short code path: the
+// (benchmarks/results/intel_xeon/exit_head_in_situ_cpu.md). This kernel is one short code path: the
 // pooler reads W_p transposed ([H_in, H_out], packed once per weight by the caller), so
 // four rows share each weight load and the products run as register-blocked
 // multiply-adds without horizontal sums; tanh is a vectorisable polynomial.

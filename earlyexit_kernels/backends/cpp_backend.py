@@ -185,7 +185,7 @@ def _cached(cache: WeakIdKeyDictionary, tensor: torch.Tensor, make) -> torch.Ten
 # Rows x H^2 x threads up to which the C++ head (one thread) is used rather than torch's GEMM
 # (every thread) on the CPU. Right after a layer, at 2 threads, it is ahead up to 256 x 128^2,
 # even to 10% behind at 32 x 384^2, 1.2-3.3x behind from 128 x 384^2 and 32 x 768^2; at 1 thread
-# 20% ahead at 32 x 384^2 (benchmarks/results/exit_head_in_situ_cpu.md).
+# 20% ahead at 32 x 384^2 (benchmarks/results/intel_xeon/exit_head_in_situ_cpu.md).
 CPU_HEAD_MAX_WORK = 8 * 2**20
 
 

@@ -45,6 +45,7 @@ import csv
 import datetime
 import os
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -113,6 +114,24 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+#: a CPU's model name -> its results folder; a name none of these start with gets its own words, snake-cased
+_CPU_FOLDERS = (("AMD EPYC", "amd_epyc"), ("Intel(R) Xeon(R)", "intel_xeon"))
+
+
+def device_folder(device: str | torch.device = "cpu", name: str | None = None) -> str:
+    """The folder of a device's results under ``benchmarks/results/``, one per machine kind, as Liger-Kernel files
+    them: ``amd_epyc``, ``intel_xeon``, ``nvidia_h100_80gb_hbm3`` (the GPU's name). ``name``: the device's name
+    (default this machine's CPU, or the CUDA device's)."""
+    device = torch.device(device)
+    if name is None:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    for prefix, folder in _CPU_FOLDERS:
+        if name.startswith(prefix):
+            return folder
+    words = re.findall(r"[a-z0-9]+", name.lower().replace("(r)", "").replace("(tm)", ""))
+    return "_".join(words) or "unknown_cpu"
 
 
 #: the x86 instruction sets the int8 and float32 kernels' speed depends on, by their /proc/cpuinfo flags

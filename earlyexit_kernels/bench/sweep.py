@@ -201,7 +201,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--output-dir",
         type=Path,
         help="default: a new folder bench-results/<device type>-<UTC time> under the current folder "
-        "(the committed results are in benchmarks/results/<device type>)",
+        "(the repository's committed results are in benchmarks/results/<device folder>, results.device_folder)",
     )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     parser.add_argument("--no-progress", action="store_true")

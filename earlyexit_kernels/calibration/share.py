@@ -35,7 +35,7 @@ the log of the rows, which overstates what a curve that flattens would give, so 
 evidence only); the probe keeps its last size where the price is shown to outweigh it. On an outside
 check's case it goes on (the validation rows predict the fixed share's heads 0.13 layers better at a
 price of 0.08) and the fit runs 3.59 of 6 layers on unseen rows; the last size, 4,096 rows, forced,
-ran 3.38 (``benchmarks/results/calibration_share_unlabelled_rt_cpu.md``): one case, which the
+ran 3.38 (``benchmarks/results/amd_epyc/calibration_share_unlabelled_rt_cpu.md``): one case, which the
 validation rows could not tell.
 
 This module holds what is computed on the validation rows' recorded logits: each candidate's predicted

@@ -7,7 +7,7 @@ Two classes, each with a few keyword tokens; the rest of a sequence is filler.
 - hard: keywords of both classes, one class ahead by one (``m + 1`` against
   ``m``, ``m`` from 1 to 4), and in half of them a ``NOT`` token that flips the
   label. Deciding needs counting and the negation, so early heads are often wrong
-  on them (``benchmarks/results/demo_cpu.txt`` has the measured accuracies).
+  on them (``benchmarks/results/unknown_cpu/demo_cpu.txt`` has the measured accuracies).
 
 Sequences have random lengths (so batches are padded), start with ``[CLS]`` and
 end with ``[SEP]``. Nothing is downloaded: the same seed gives the same data.

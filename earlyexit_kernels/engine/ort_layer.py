@@ -5,7 +5,7 @@
 
 Why: PyTorch's int8 Linear (fbgemm, :class:`~earlyexit_kernels.engine.int8_linear.PerTokenInt8Linear`)
 runs a MiniLM-L6 layer about as fast as ONNX Runtime runs it in float32, and this graph's int8
-layer 2.3-2.4x faster (MPNet-base: 1.7-1.9x; ``benchmarks/results/ort_layer_cpu.md``). Serving int8 against a server on ONNX
+layer 2.3-2.4x faster (MPNet-base: 1.7-1.9x; ``benchmarks/results/amd_epyc/ort_layer_cpu.md``). Serving int8 against a server on ONNX
 Runtime (Infinity) needs that layer behind our scheduler, with the exit heads in between: so each
 layer is its own graph, called with the rows the scheduler put in the call.
 

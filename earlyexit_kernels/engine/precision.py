@@ -13,7 +13,7 @@
   installed, else the same quantization on PyTorch's kernels (``"per-token"``,
   :class:`~earlyexit_kernels.engine.int8_linear.PerTokenInt8Linear`): the same agreement with float32
   (MiniLM-L6 99.5% both, MPNet-base 99.7% against 99.8%), 1.72x the speed on MiniLM-L6 at full depth
-  and 1.42x on MPNet-base (``benchmarks/results/int8_recipes_cpu.md``). ``quantize_dynamic``'s one
+  and 1.42x on MPNet-base (``benchmarks/results/amd_epyc/int8_recipes_cpu.md``). ``quantize_dynamic``'s one
   scale per call loses the tokens beside an outlier: the GELU's outliers that MPNet's feed-forward
   output projections read cost MPNet 14 points (``benchmarks/int8_linear_sensitivity.py``), which is
   why its recipe used to keep them float32. Measured on Rotten Tomatoes' first 1,000 test texts at

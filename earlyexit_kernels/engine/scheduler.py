@@ -26,7 +26,7 @@ and the group apart; the rest of the group (its longest rows) starts the next ca
 later groups may join. Survivors of batches of 32 are seldom 32: without filling, two groups
 of 20 run as two calls of 20; with it, as calls of 32 and 8, and the 8 take the next group's
 rows. (A BERT layer at hidden 128, 2 CPU threads, 36 positions a row: 4.3 us a position in a
-call of 4 rows, 2.5 in one of 16, 2.3 in one of 32; ``benchmarks/results/op_by_op_layer_cpu.md``.)
+call of 4 rows, 2.5 in one of 16, 2.3 in one of 32; ``benchmarks/results/intel_xeon/op_by_op_layer_cpu.md``.)
 
 **The rule**, before every layer call (:meth:`LayerScheduler.decide`):
 
