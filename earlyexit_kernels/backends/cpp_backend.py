@@ -378,7 +378,7 @@ def _as_op_takes(tensor: torch.Tensor | None, transpose: bool = False) -> torch.
 # the head run in PyTorch (its GEMM on every thread) and the rule in C++. Twice the packed head's
 # measured limit, since the step also saves the masked mean's copy: not swept on its own (at 32 rows
 # x H = M = 384 x 2 threads, inside it, the step took 1.23 ms against PyTorch's 2.36 ms,
-# benchmarks/micro/exit_head_cost.py on an AMD EPYC).
+# benchmarks/archive/exit_head_cost.py on an AMD EPYC).
 CPU_POOLED_HEAD_MAX_WORK = 2 * CPU_HEAD_MAX_WORK
 
 

@@ -35,7 +35,7 @@ that; the watch measures the disagreement on what is served instead.
   1% budget at 95%, counts recorded 16 at a time): at half the budget the upper bound passing it
   warned in 9 streams (29 warnings), the lower bound in none; at 0.9 times the budget the lower
   bound warned in 2; at 1.5 times in all 20 (the last after 7,056 sequences), at 2 times in all 20
-  (within 848; ``benchmarks/statistics/audit_warning_rule.py``). The upper bound is
+  (within 848; ``benchmarks/archive/audit_warning_rule.py``). The upper bound is
   :meth:`AuditWatch.bound` and the server's metric, to alert on where the budget must stay certified.
 
 **With labels.** Disagreement is not what a certificate on accuracy lost (``eek fit`` with labels)

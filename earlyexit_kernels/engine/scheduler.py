@@ -89,7 +89,7 @@ __all__ = [
 ]
 
 # Below this share of real tokens, packed execution of a layer call pays for its gathers and scatters
-# (measured on a CPU at H 128 and 384: break-even near 0.85, 2x at 0.4; benchmarks/micro/packed_vs_padded_layer.py).
+# (measured on a CPU at H 128 and 384: break-even near 0.85, 2x at 0.4; benchmarks/archive/packed_vs_padded_layer.py).
 PACK_BELOW_FILL = 0.75
 
 

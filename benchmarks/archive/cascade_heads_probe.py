@@ -25,7 +25,7 @@ on validation (what a threshold chosen there runs on test). And a learned exit s
 "agrees with the final layer" on per-layer features (top probability, margin, entropy, agreement
 with the head below), exiting where the score passes a threshold, through the same grid.
 
-    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/quality/cascade_heads_probe.py \\
+    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/archive/cascade_heads_probe.py \\
         --output benchmarks/results/amd_epyc/cascade_heads_probe_cpu.md
 """
 
@@ -388,7 +388,7 @@ def _write(rows, data, args, cached, seconds) -> None:
     lines = [
         "# Heads that read the layers below: a probe (MiniLM-L6, Rotten Tomatoes, mean-pooled MLP heads)",
         "",
-        f"`python benchmarks/quality/cascade_heads_probe.py --seed {args.seed}`; budget: {100 * BUDGET:.0f} point of accuracy "
+        f"`python benchmarks/archive/cascade_heads_probe.py --seed {args.seed}`; budget: {100 * BUDGET:.0f} point of accuracy "
         f"lost against the full model; {len(data['train'][2])} train, {len(data['validation'][2])} validation, "
         f"{len(data['test'][2])} test rows. Layers of 6. Machine: {_cpu()}; the frozen model's vectors "
         f"{'read from the cache' if cached < 60 else f'cached in {cached:.0f} s'}; head training "

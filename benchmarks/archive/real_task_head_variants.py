@@ -20,7 +20,7 @@ replayed with ``calibration.replay``):
 - ``test oracle``: the fewest mean layers whose **test** accuracy is at most 1 point below the
   full model's (what the best threshold could reach on test; not a usable calibration).
 
-    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/quality/real_task_head_variants.py \\
+    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/archive/real_task_head_variants.py \\
         --output benchmarks/results/intel_xeon/real_task_training/head_variants.jsonl
 """
 
@@ -191,7 +191,7 @@ def main() -> None:
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         header = {
-            "command": f"python benchmarks/quality/real_task_head_variants.py --threads {args.threads} --seeds "
+            "command": f"python benchmarks/archive/real_task_head_variants.py --threads {args.threads} --seeds "
             + " ".join(map(str, args.seeds)),
             "seconds": round(time.perf_counter() - began, 1),
             "torch": torch.__version__,

@@ -19,7 +19,7 @@ Per form: the mean layers at 1 point on the validation rows (``calibrate``, unce
 automatic choice compares), the test split's global oracle (the fewest mean layers of the global
 entropy grid within 1 point on test), the per-row oracle and the heads' test accuracy.
 
-    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/quality/cascade_heads_trained.py \\
+    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/archive/cascade_heads_trained.py \\
         --output benchmarks/results/amd_epyc/cascade_heads_trained_cpu.md
 """
 
@@ -43,12 +43,13 @@ from earlyexit_kernels.training.cached_heads import ExitInputCache, cached_recor
 from earlyexit_kernels.training.calibration import calibrate
 from earlyexit_kernels.training.train import train_exit_heads
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent))  # cascade_heads_probe, archived beside it
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quality"))  # certified_exits_real
 from cascade_heads_probe import cached_vectors  # noqa: E402
 from certified_exits_real import _oracle, per_row_oracle  # noqa: E402
 
 BUDGET = 0.01
-SCRIPT = "benchmarks/quality/cascade_heads_trained.py"
+SCRIPT = "benchmarks/archive/cascade_heads_trained.py"
 
 
 def _cache(data: dict, split: str) -> ExitInputCache:

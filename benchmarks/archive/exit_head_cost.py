@@ -10,7 +10,7 @@ output (``batch_loop.head_and_exit_step``, Entropy, fused where the engine fuses
 the cpp backend's whole per-layer step, pooling included, in one op) and one encoder layer,
 median of ``--repeats`` calls.
 
-    python benchmarks/micro/exit_head_cost.py [--batch 32] [--length 128] [--threads 2]
+    python benchmarks/archive/exit_head_cost.py [--batch 32] [--length 128] [--threads 2]
 """
 
 from __future__ import annotations

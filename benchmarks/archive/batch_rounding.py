@@ -8,7 +8,7 @@ fine-tuned MiniLM-L6 of the real-task demo (``make demo`` caches it), Rotten Tom
 rows in length-sorted batches of 32; each batch's last 16 rows are run again as a batch of
 their own (padding trimmed to their longest), and every 10th batch's longest row alone.
 
-    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/quality/batch_rounding.py --threads 2
+    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/archive/batch_rounding.py --threads 2
 """
 
 import argparse

@@ -19,7 +19,7 @@ Large kinds: ``10MB`` (a body of 10 MB: 413 from its Content-Length, ``--max-bod
 reference, ``512-tokens`` (a small body of 600 words with ``"truncate": true``: the same 512 tokens),
 which says what of the small requests' wait is the model's longest input rather than the body.
 
-    python benchmarks/profiles/long_request_stall.py [--small 300] [--threads 1] [--out FILE]
+    python benchmarks/archive/long_request_stall.py [--small 300] [--threads 1] [--out FILE]
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Why ``eek.classify(compile=True)`` gains little on this CPU: the layer itself, t
 at the shapes the stream benchmark's calls take (64 rows; padded lengths 16-64), compiled
 with Inductor's default mode against eager.
 
-    python benchmarks/micro/compile_layer.py --threads 1
+    python benchmarks/archive/compile_layer.py --threads 1
 """
 
 from __future__ import annotations

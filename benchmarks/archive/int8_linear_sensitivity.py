@@ -9,7 +9,7 @@ per tensor); per-channel weight scales; and every encoder Linear int8 but one ki
 output projections, first feed-forward Linears, attention outputs, value projections), by the
 suffix of the module's name. The figures in docs/benchmarks.md (MPNet-base stack section) came from
 
-    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/quality/int8_linear_sensitivity.py .cache/mpnet-rt-99bf4a38db09 640
+    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/archive/int8_linear_sensitivity.py .cache/mpnet-rt-99bf4a38db09 640
 """
 
 import copy

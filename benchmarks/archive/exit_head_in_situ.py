@@ -22,8 +22,8 @@ every small op that follows runs cold. This measures that on the continuous grid
 - ``one add in situ`` / ``warm``: a single 3-element ``torch.add``, after a layer or warm:
   what any small op pays after a layer, whatever its own work.
 
-    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/micro/exit_head_in_situ.py --threads 1,2
-    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/micro/exit_head_in_situ.py --threads 2 \
+    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/archive/exit_head_in_situ.py --threads 1,2
+    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/archive/exit_head_in_situ.py --threads 2 \
         --hidden 128,384,768 --rows 32,128,256 --calls 60
 """
 

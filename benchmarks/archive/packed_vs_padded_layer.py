@@ -3,7 +3,7 @@
 Finished investigation: packed runs 1.62-3.54x faster at 39-14% real tokens, 1.01-1.07x at 84%, 0.91-0.92x at
 96%: hence packed below 3/4 (docs/serving.md, "Many sequences: `eek.classify` and the continuous engine").
 
-    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/micro/packed_vs_padded_layer.py --out benchmarks/results/intel_xeon/packed_layer_cpu.md
+    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/archive/packed_vs_padded_layer.py --out benchmarks/results/intel_xeon/packed_layer_cpu.md
 
 A random BERT layer (hidden 128 and 384, 4 x hidden feed-forward, SDPA), 32 rows: 31 of one
 length and one longest row, so the real-token share goes from 0.96 (lengths close to the
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the table here too (markdown)")
     args = parser.parse_args()
     lines = [
-        "# One BERT layer padded against packed (`benchmarks/micro/packed_vs_padded_layer.py`)",
+        "# One BERT layer padded against packed (`benchmarks/archive/packed_vs_padded_layer.py`)",
         "",
         f"32 rows, SDPA, fp32, 2-core CPU under an exclusive lock; the engine packs below {PACK_BELOW_FILL} real tokens.",
         "",

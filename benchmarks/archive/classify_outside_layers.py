@@ -12,7 +12,7 @@ length-sorted batches of 32, and ``eek.classify`` (``max_batch_size`` 32) on the
 around the layers (embeddings, heads, exit steps, the engine's bookkeeping).
 Medians of ``--repeats`` interleaved passes.
 
-    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/profiles/classify_outside_layers.py --sequences 4096 --threads 2
+    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/archive/classify_outside_layers.py --sequences 4096 --threads 2
 """
 
 from __future__ import annotations

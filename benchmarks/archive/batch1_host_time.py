@@ -8,7 +8,7 @@ and classifier; for the patched one also the exit heads, the rules and their rea
 Then the exit step of one layer alone at one row, with the head on torch's BLAS (what the
 ``cpp`` backend runs on the CPU) and fused into the C++ op (what it runs on CUDA).
 
-    python benchmarks/profiles/batch1_host_time.py
+    python benchmarks/archive/batch1_host_time.py
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ every collection of the oldest generation (a full one: it traverses every object
 tracks, the stream's included). What the engine keeps tracked while a pass runs (its read-ahead
 of waiting sequences, its outputs) decides how often a full collection falls inside a pass.
 
-    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/profiles/classify_gc_pauses.py --sequences 16384
+    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/archive/classify_gc_pauses.py --sequences 16384
 """
 
 from __future__ import annotations

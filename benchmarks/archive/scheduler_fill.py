@@ -13,7 +13,7 @@ exiting, in eager shapes. Beside it, the per-batch loop on the whole stream sort
 its layer calls and the token fill of both (real tokens over rows x padded length). Host
 only, seconds.
 
-    python benchmarks/simulations/scheduler_fill.py
+    python benchmarks/archive/scheduler_fill.py
 """
 
 from __future__ import annotations

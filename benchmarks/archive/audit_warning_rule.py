@@ -16,7 +16,7 @@ sequences, each a disagreement with that probability, recorded 16 at a time into
 A rule that warns of a healthy model (risk at half the budget) cries wolf; one that never warns
 at twice the budget watches nothing. The figures in docs/serving.md and engine/audit.py came from
 
-    .venv/bin/python benchmarks/statistics/audit_warning_rule.py
+    .venv/bin/python benchmarks/archive/audit_warning_rule.py
 """
 
 import argparse

@@ -14,7 +14,7 @@ everything but admission and the decision inside the call), so they do not add u
 Unlike a warm microbenchmark, every part runs where it runs in the stream: right after a layer,
 on caches the layer's products left cold.
 
-    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/profiles/classify_call_parts.py --sequences 4096 --saved 0.5
+    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/archive/classify_call_parts.py --sequences 4096 --saved 0.5
 """
 
 from __future__ import annotations

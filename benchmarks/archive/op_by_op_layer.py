@@ -3,7 +3,7 @@
 Finished investigation: op by op, one layer runs 1.07-1.18x faster at hidden 128, 0.97-1.06x at hidden 384-768
 (docs/serving.md, "Many sequences: `eek.classify` and the continuous engine").
 
-    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/micro/op_by_op_layer.py --out benchmarks/results/intel_xeon/op_by_op_layer_cpu.md
+    flock -x /tmp/eek-cpu.lock .venv/bin/python benchmarks/archive/op_by_op_layer.py --out benchmarks/results/intel_xeon/op_by_op_layer_cpu.md
 
 A random BERT layer (4 x hidden feed-forward, SDPA) on [rows, 36, hidden] with one padded row:
 ``module``: ``layer(hidden, mask)``, what the unpatched model runs; ``op by op``:
@@ -83,7 +83,7 @@ def main() -> None:
                 )
                 print(lines[-1], flush=True)
     if args.out is not None:
-        command = "python benchmarks/micro/op_by_op_layer.py " + " ".join(
+        command = "python benchmarks/archive/op_by_op_layer.py " + " ".join(
             f"--{name} {value}"
             for name, value in (("hidden", args.hidden), ("rows", args.rows), ("threads", args.threads))
         )

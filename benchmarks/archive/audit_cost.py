@@ -8,7 +8,7 @@ run; N sequences of 8-128 random token ids (no tokenizing), batches of 32; the t
 and the full model alone, interleaved, REPEATS times; medians and paired per-repeat ratios.
 The figures in docs/serving.md ("The audit watch", Cost) came from
 
-    flock -x /tmp/eek-cpu.lock sh -c 'OMP_NUM_THREADS=2 .venv/bin/python benchmarks/profiles/audit_cost.py 4096 7'
+    flock -x /tmp/eek-cpu.lock sh -c 'OMP_NUM_THREADS=2 .venv/bin/python benchmarks/archive/audit_cost.py 4096 7'
 """
 
 import statistics

@@ -17,7 +17,7 @@ For each concurrency and ``max_age`` (None: the rule off, the engine before issu
 requests' p50, p99 and longest latency, and the longest wait in layer calls against the
 stated bound (``max_age + L x n``, :mod:`earlyexit_kernels.engine.aging`).
 
-    python benchmarks/simulations/serve_waiting.py [--requests 4000]
+    python benchmarks/archive/serve_waiting.py [--requests 4000]
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4000)
     args = parser.parse_args()
     print(
-        "Scheduler-only simulation (`python benchmarks/simulations/serve_waiting.py`, host only, no model: call times from the"
+        "Scheduler-only simulation (`python benchmarks/archive/serve_waiting.py`, host only, no model: call times from the"
         f" cost model of its docstring, not measured): `eek serve`, one text per request, {args.requests} requests"
         " per row, a MiniLM-L6-sized layer on one CPU thread, `max_batch_size` 64, eager shapes; `max_age` None is"
         f" the engine without the age rule, {2 * LAYERS} its default (2 x {LAYERS} layers). Latencies in modelled"

@@ -3,7 +3,7 @@
 Finished investigation: re-certification adds +1.1% of the served time over the 5% audit, median of 5 pairs
 (docs/serving.md, "Online re-certification", Cost).
 
-The model and stream of ``benchmarks/profiles/audit_cost.py`` (a random 12-layer BERT, hidden 128, its
+The model and stream of ``benchmarks/archive/audit_cost.py`` (a random 12-layer BERT, hidden 128, its
 Entropy threshold set so that about half the layers run; N sequences of 8-128 random token ids,
 batches of 32). Re-certification walks a path of 401 candidates (the size of ``eek fit``'s global
 entropy grid), every one the served threshold itself, so the served policy, and the early exit's
@@ -12,7 +12,7 @@ on each audited row and updates their e-processes and detectors: the cost of the
 Interleaved repeats of: no audit, a 5% audit (the watch), a 5% audit with re-certification, the
 full model alone; medians and paired per-repeat differences.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/profiles/recertify_cost.py 4096 7
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/archive/recertify_cost.py 4096 7
 """
 
 import statistics
