@@ -103,16 +103,15 @@ def build_model(
     torch.manual_seed(seed)
     attn = attention_for(arch, attn)
     pad = pad_token_id(arch)
-    common = dict(
+    shape = dict(
         vocab_size=size.vocab,
         hidden_size=size.hidden,
         num_hidden_layers=size.layers,
         num_attention_heads=size.heads,
         intermediate_size=size.intermediate,
         num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
     )
+    common = dict(**shape, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     if arch == "bert":
         model = BertForSequenceClassification._from_config(
             BertConfig(max_position_embeddings=max(512, max_len), **common), attn_implementation=attn
@@ -162,13 +161,8 @@ def build_model(
         model = DebertaV2ForSequenceClassification._from_config(config, attn_implementation=attn)
     elif arch == "modernbert":
         config = ModernBertConfig(
-            vocab_size=size.vocab,
-            hidden_size=size.hidden,
-            num_hidden_layers=size.layers,
-            num_attention_heads=size.heads,
-            intermediate_size=size.intermediate,
+            **shape,
             max_position_embeddings=max(512, max_len),
-            num_labels=2,
             pad_token_id=pad,
             bos_token_id=1,
             cls_token_id=1,
