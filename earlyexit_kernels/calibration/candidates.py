@@ -106,7 +106,10 @@ def _quantile_grid(values: torch.Tensor, count: int) -> list[float]:
 
 
 def candidates(record: ExitRecord, policy: ExitPolicy | None = None, *, count: int = 60) -> list[ExitPolicy]:
-    """The candidate policies of ``policy``'s family (default: the recorded policy's) for this record."""
+    """The candidate policies of ``policy``'s family (default: the recorded policy's) for this record: for a
+    threshold, about ``count`` values at quantiles of what the rule compares on the internal heads
+    (``all_logits[:-1]`` [L - 1, N, C], QExit's ``all_halting_logits[:-1]`` [L - 1, N]); every patience or
+    vote count for Patience and Voting."""
     policy = record.policy if policy is None else policy
     num_layers = record.num_layers
     inner = record.all_logits[:-1].float()  # the internal heads decide the early exits

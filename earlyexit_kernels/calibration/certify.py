@@ -245,6 +245,10 @@ def certify(
 ) -> tuple[CurvePoint, Certificate, list[CurvePoint]]:
     """The certified point on ``record``: ``(chosen, certificate, curve)``.
 
+    Shapes: ``record.all_logits`` [L, n, C] on the n calibration rows, with ``labels`` [n] for accuracy
+    (multi-label [n, C]); ``path_record`` and ``unlabelled`` are records of other rows of the same model
+    ([L, m, C]); ``curve`` has one point per candidate.
+
     ``budget``: the risk budget, a fraction of rows (``max_drop / 100``); ``confidence`` in
     (0, 1); ``target``: ``"agreement"``, ``"accuracy"`` or ``"auto"`` (accuracy with labels);
     ``policy``: the family (default: the recorded policy's). ``chosen`` is a

@@ -106,7 +106,9 @@ def query_recalls(scores: torch.Tensor, full_scores: torch.Tensor, groups: torch
 
 
 def missed_top_k(scores: torch.Tensor, full_scores: torch.Tensor, groups: torch.Tensor, k: int = 10) -> torch.Tensor:
-    """Each query's loss in [0, 1]: the fraction of the full model's top ``k`` the early exit's ranking misses."""
+    """Each query's loss in [0, 1]: the fraction of the full model's top ``k`` the early exit's ranking misses.
+
+    ``scores``, ``full_scores``, ``groups``: [N]; returns float64 [queries] (:func:`query_recalls`' order)."""
     return 1.0 - query_recalls(scores, full_scores, groups, k)
 
 

@@ -103,7 +103,10 @@ class CurvePoint:
 
 
 def replay(policy: ExitPolicy, record: ExitRecord) -> Replay:
-    """The decisions of ``policy`` on ``record``: what the engine's all-exits forward returns."""
+    """The decisions of ``policy`` on ``record``: what the engine's all-exits forward returns.
+
+    Shapes: ``record.all_logits`` [L, N, C] in, :class:`Replay` out: ``logits`` [N, C] float32,
+    ``exit_layer`` and ``layers_run`` [N] (1-based layers)."""
     num_layers, batch, num_labels = record.all_logits.shape
     policy.check_fits(num_layers, num_labels)
     if type(policy) is Entropy:
@@ -204,6 +207,8 @@ def micro_f1(logits: torch.Tensor, references: torch.Tensor) -> float:
 
 
 def check_classification(record: ExitRecord, labels: bool = True) -> None:
+    """``ValueError`` saying what to do where ``record`` cannot be scored: no ``labels`` [N] where they are needed,
+    multi-label labels that are not [N, C], or a regression head (C == 1 in ``all_logits`` [L, N, C])."""
     if labels and record.labels is None:
         raise ValueError(
             "calibration against accuracy needs labels in the batches; without labels calibrate against the "
@@ -234,6 +239,8 @@ def accuracy(logits: torch.Tensor, references: torch.Tensor) -> float:
 
 
 def resolve_target(record: ExitRecord, target: str) -> str:
+    """``target`` checked against :data:`TARGETS`, ``"auto"`` resolved: accuracy where ``record.labels`` [N] are
+    recorded, else agreement with the full model."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
     if target == "auto":

@@ -94,6 +94,8 @@ def calibrate_rerank(
 ) -> RerankCalibration:
     """Choose ``ScoreBand(low)`` on a record of (query, passage) rows for one target.
 
+    Shapes: ``record.all_logits`` [L, N, 1] (one score per row and layer), ``groups`` [N] (each row's query).
+
     ``min_recall`` (a fraction): the fewest mean layers run whose recall of the full
     model's top ``k`` is at least it; ``target_layers``: the best recall with at most that
     many mean layers. Ties go to the higher recall, then the cheaper. When nothing meets

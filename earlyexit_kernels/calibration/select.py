@@ -127,7 +127,8 @@ class Calibration:
 def accuracy_curve(
     record: ExitRecord, policies: Sequence[ExitPolicy], *, target: str = "auto", metric=None
 ) -> list[CurvePoint]:
-    """Score and mean layers run of every policy in ``policies``, replayed on ``record``.
+    """Score and mean layers run of every policy in ``policies``, replayed on ``record`` (``all_logits`` [L, N, C]):
+    one :class:`CurvePoint` per policy, in their order.
 
     ``target`` and ``metric`` as in :func:`calibrate` (default: accuracy against the labels).
     """
@@ -148,7 +149,8 @@ def accuracy_curve(
 
 
 def static_baseline(record: ExitRecord, *, target: str = "auto", metric=None) -> list[tuple[int, float]]:
-    """``(k, score)`` of cutting the model after layer ``k`` for every sequence (head k), k = 1..L."""
+    """``(k, score)`` of cutting the model after layer ``k`` for every sequence (head k), k = 1..L: head k's
+    logits are ``record.all_logits[k - 1]`` [N, C]."""
     refs = references(record, target)
     metric = metric or accuracy
     return [(k + 1, float(metric(record.all_logits[k].float(), refs))) for k in range(record.num_layers)]

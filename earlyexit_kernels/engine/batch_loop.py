@@ -295,7 +295,8 @@ def run_early_exit(
 
 
 def trimmed_inputs(hidden, mask, mask_summary, result: ExitResult, length_multiple: int, *, trims: bool = True):
-    """The layers' first input: ``(hidden, mask, extents)`` with the padding no row needs trimmed
+    """The layers' first input: ``(hidden, mask, extents)`` from ``hidden`` [n, S, H] and ``mask`` [n, S] (or None),
+    trimmed to [n, S', H] and [n, S'] with ``extents`` [n] (each row's length), with the padding no row needs trimmed
     (``trims``), and ``mask`` and ``extents`` None where nothing is padded (the layers then run
     without a mask, as in Hugging Face). Reads the mask's summary back (counted in ``result``)
     unless ``mask_summary`` gives it."""
@@ -451,7 +452,8 @@ def settle_exits(
     mask: torch.Tensor | None = None,
     pooled_head=None,
 ) -> tuple:
-    """:func:`head_and_exit_step` of 1-based ``layer``, then the exiting rows written to ``target``
+    """:func:`head_and_exit_step` of 1-based ``layer`` on ``hidden`` [n, S, H] (``mask`` [n, S]), then the exiting
+    rows' logits [C] written to ``target``'s rows
     and the survivors put in order, in the backend's fused kernel where it has one (one launch for
     the head, the decision, the write-back, the count and the order); else PyTorch's write-back.
     ``pooled_head`` (a layer of :func:`pooled_exit_heads`, never with a halting head) and ``fused``

@@ -319,6 +319,8 @@ def run_graphed(
     """:func:`~earlyexit_kernels.engine.batch_loop.run_early_exit` (inference, without ``all_exits``)
     as the graphed step: the same ``logits``, ``exit_layer`` and ``layers_run``.
 
+    Shapes: ``hidden`` [B, S, H] (the embeddings' output), ``mask`` [B, S] or None; the result's ``logits`` [B, C],
+    ``exit_layer`` and ``layers_run`` [B].
     ``batches``: where the buffers of each shape are kept between forwards (the patched model's),
     with the bucket plan.
     ``capture``: each (layer, bucket) step in a CUDA graph (default: on CUDA without grad).
