@@ -6,6 +6,12 @@ that makes it now, so a reader can run what the page says. One entry per move, n
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+#: the folder of the committed results: one folder per device, the results inside (issue 75)
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
 #: (recorded prefix, today's) for each benchmark that moved or was renamed (issue 75)
 RENAMED = (
     ("python -m earlyexit_kernels.bench --stack ", "python -m benchmarks.suite.stack "),
@@ -21,8 +27,22 @@ RENAMED = (
 
 
 def current_command(recorded: str) -> str:
-    """``recorded`` with the benchmark's name of today; a command that never moved comes back as it is."""
+    """``recorded`` with the benchmark's name of today and the results it names where they are filed today
+    (``benchmarks/results/x_cpu.json`` -> ``benchmarks/results/amd_epyc/x_cpu.json``); a command that never moved
+    comes back as it is."""
     for old, new in RENAMED:
         if recorded.startswith(old):
-            return new + recorded[len(old) :]
-    return recorded
+            recorded = new + recorded[len(old) :]
+            break
+    return re.sub(r"benchmarks/results/([^/\s`,]+)", lambda m: "benchmarks/results/" + _filed(m.group(1)), recorded)
+
+
+def _filed(name: str) -> str:
+    """``name`` (a result, or a folder of results, once directly under ``benchmarks/results/``) with the folder of
+    the device it is filed under today, where one holds it; else as it is."""
+    if (RESULTS / name).exists():
+        return name
+    homes = (
+        [folder.name for folder in sorted(RESULTS.iterdir()) if (folder / name).exists()] if RESULTS.is_dir() else []
+    )
+    return f"{homes[0]}/{name}" if len(homes) == 1 else name

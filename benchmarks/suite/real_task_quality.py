@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.suite.command_names import current_command
 from benchmarks.suite.markdown_sections import replace_section
 
 __all__ = ["RUNS", "DEFAULT_CSV", "run", "render_markdown", "update_readme", "operating_rows", "depth_of", "main"]
@@ -345,7 +346,7 @@ def render_markdown(csv_path: str) -> str:
     start = next((float(r["full_accuracy"]) for r in operating if r["method"] in ("heads", "fastbert")), None)
     points = (depth // 3, depth // 2, 2 * depth // 3)
     lines = [f"Generated from `{csv_path}` by `python -m benchmarks.suite.real_task_quality`, run as:", ""]
-    lines += ["```", *comments, "```", ""]
+    lines += ["```", *map(current_command, comments), "```", ""]
     lines += [
         f"| run | calibrated policy | test accuracy (full) | drop (points) | mean layers of {depth} | layers saved | "
         "static cut at equal layers | speed-up vs unpatched (ideal) | full-depth logits | fit |",

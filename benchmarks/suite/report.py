@@ -3,7 +3,7 @@
     python -m benchmarks.suite.report                       # print the markdown
     python -m benchmarks.suite.report --readme docs/benchmarks.md    # replace the section in place
 
-Reads ``benchmarks/results/*/bench.csv`` (or the CSVs given) and writes everything
+Reads ``benchmarks/results/<device>/*/bench.csv`` (or the CSVs given) and writes everything
 between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` (appended at the end of the
 file when the markers are missing). Nothing in that section is typed by hand: rerun
 this script after a new sweep. With ``--readme`` it also rewrites the real-task exit-quality
@@ -28,6 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from benchmarks.suite import markdown_sections
+from benchmarks.suite.command_names import current_command
 from earlyexit_kernels.bench.results import read_csv
 
 __all__ = ["render", "replace_section", "main"]
@@ -268,7 +269,7 @@ def _source_lines(sources: list[tuple[Path, list[dict]]], relative_to: Path) -> 
         else:
             text = f"M{text}"
         if meta.get("argv") is not None and "seconds" in meta:
-            command = " ".join(["eek bench sweep", *meta["argv"]])
+            command = current_command(" ".join(["python -m earlyexit_kernels.bench", *meta["argv"]]))
             text += f" Written by `{command}` in {float(meta['seconds']):.0f} s."
         lines += [text, ""]
     return lines
@@ -351,10 +352,10 @@ def replace_section(text: str, section: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.suite.report", description=__doc__.split("\n")[0])
-    parser.add_argument("csv", nargs="*", type=Path, help="default: benchmarks/results/*/bench.csv")
+    parser.add_argument("csv", nargs="*", type=Path, help="default: benchmarks/results/<device>/*/bench.csv")
     parser.add_argument("--readme", type=Path, help="replace the results section of this file")
     args = parser.parse_args(argv)
-    paths = args.csv or sorted(Path("benchmarks/results").glob("*/bench.csv"))
+    paths = args.csv or sorted(Path("benchmarks/results").glob("*/*/bench.csv"))
     if not paths:
         parser.error("no CSV found: run `eek bench sweep` first")
     base = args.readme.parent if args.readme else Path.cwd()
