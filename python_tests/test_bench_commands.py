@@ -63,3 +63,21 @@ def test_the_real_model_beside_infinity_says_where_it_moved(capsys):
     assert done.value.code == 2
     error = capsys.readouterr().err
     assert "python -m benchmarks.suite.serve_peers_cli --rotten-tomatoes --backbone all" in error
+
+
+def test_a_recorded_command_renders_as_the_command_that_runs_it_today():
+    """A committed result keeps the command that made it; the sections written from it name today's."""
+    from benchmarks.suite.command_names import current_command
+
+    assert (
+        current_command("python -m earlyexit_kernels.bench --spot-models albert --output-dir benchmarks/results/cpu")
+        == "eek bench sweep --spot-models albert --output-dir benchmarks/results/amd_epyc/cpu"
+    )
+    assert current_command("python -m earlyexit_kernels.bench --stack --stack-texts 600").startswith(
+        "python -m benchmarks.suite.stack --stack-texts 600"
+    )
+    assert current_command("python -m earlyexit_kernels.bench.serve_load --rotten-tomatoes").startswith(
+        "python -m benchmarks.suite.serve_peers_cli --rotten-tomatoes"
+    )
+    assert current_command("eek fit model train.csv out") == "eek fit model train.csv out"  # never moved
+    assert current_command("x --output benchmarks/results/nowhere.json") == "x --output benchmarks/results/nowhere.json"
