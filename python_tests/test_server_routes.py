@@ -294,9 +294,9 @@ def test_the_openapi_document_describes_exactly_the_routes_there_are(classifier)
 
 
 def test_the_docs_page_is_swagger_ui_over_the_document_from_this_server_alone(classifier):
-    """Swagger UI (swagger-ui-bundle's files, served here) with "Try it out" on /openapi.json; nothing fetched
+    """Swagger UI (swagger-ui-py's files, served here) with "Try it out" on /openapi.json; nothing fetched
     from elsewhere, so it works offline."""
-    pytest.importorskip("swagger_ui_bundle", reason="/docs's files come from swagger-ui-bundle (the serve extra)")
+    pytest.importorskip("swagger_ui", reason="/docs's files come from swagger-ui-py (the serve extra)")
     from earlyexit_kernels.integrations.server.docs_ui import ASSETS, assets_folder
 
     _, _, server = classifier
@@ -314,19 +314,35 @@ def test_the_docs_page_is_swagger_ui_over_the_document_from_this_server_alone(cl
     assert missing.status_code == 404 and missing.json()["error_type"] == "NotFound"
 
 
-def test_without_swagger_ui_bundle_the_docs_page_says_how_to_install_it():
+def test_without_swagger_ui_the_docs_page_says_how_to_install_it():
     """In a process where the package cannot be imported (its entry in sys.modules set to None)."""
     import subprocess
     import sys
 
     script = (
-        "import sys; sys.modules['swagger_ui_bundle'] = None\n"
+        "import sys; sys.modules['swagger_ui'] = None\n"
         "from earlyexit_kernels.integrations.server.docs_ui import assets_folder, docs_page\n"
         "assert assets_folder() is None\n"
         "print(docs_page('the server'))"
     )
     page = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-    assert "pip install swagger-ui-bundle" in page and "openapi.json" in page and "<script" not in page
+    assert "pip install swagger-ui-py" in page and "openapi.json" in page and "<script" not in page
+
+
+def test_the_bundled_swagger_ui_reads_the_document_s_openapi_version():
+    """Swagger UI 4 (swagger-ui-bundle's) shows "no valid version field" for OpenAPI 3.1: the served UI must read it."""
+    from earlyexit_kernels.integrations.server.docs_ui import bundled_version, reads_openapi
+    from earlyexit_kernels.integrations.server.openapi import openapi_document
+
+    assert reads_openapi("5.24.2", "3.1.0") and reads_openapi("4.15.5", "3.0.3")
+    assert not reads_openapi("4.15.5", "3.1.0") and not reads_openapi("5.0.0", "2.0")
+    pytest.importorskip("swagger_ui", reason="/docs's files come from swagger-ui-py (the serve extra)")
+    version = bundled_version()
+    assert version is not None, "the bundle's PACKAGE_VERSION was not found: read the version another way"
+    document = openapi_document("m", version="0", api_key=False, reranks=False)
+    assert reads_openapi(version, document["openapi"]), (
+        f"Swagger UI {version} cannot render OpenAPI {document['openapi']}"
+    )
 
 
 def test_an_api_key_guards_the_new_routes_and_the_document_says_so(saved_classifier):

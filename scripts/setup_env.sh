@@ -52,11 +52,13 @@ has ray.serve || optional+=("ray[serve]>=2.40")  # `eek serve --replicas`
 has onnxruntime || optional+=("onnxruntime>=1.17")  # --dtype int8 on ONNX Runtime's kernels (engine/ort_layer.py)
 has onnx || optional+=("onnx>=1.15")  # builds its graphs
 has xdist || optional+=("pytest-xdist")  # make test runs the suite on every core (scripts/run_tests.sh)
-# the server (earlyexit_kernels.integrations.server; swagger_ui_bundle: the files of its /docs), its tests' HTTP client and the fuzzer of its
+# the server (earlyexit_kernels.integrations.server; swagger_ui: Swagger UI 5, the files of its /docs), its tests' HTTP client and the fuzzer of its
 # routes (schemathesis: python_tests/test_server_fuzz.py)
-for package in matplotlib datasets accelerate pytest_benchmark pyarrow pandas starlette uvicorn prometheus_client swagger_ui_bundle pydantic httpx schemathesis; do
+for package in matplotlib datasets accelerate pytest_benchmark pyarrow pandas starlette uvicorn prometheus_client pydantic httpx schemathesis; do
     has "$package" || optional+=("${package//_/-}")
 done
+has swagger_ui || optional+=("swagger-ui-py>=25")  # its module is swagger_ui
+has websockets || optional+=("websockets")  # drives Chromium over DevTools in python_tests/test_docs_page_browser.py
 for package in "${optional[@]}"; do
     echo "setup: installing $package (optional)"
     "${PIP[@]}" install --retries 1 --timeout 15 "$package" \

@@ -4,7 +4,7 @@
 :func:`create_app` builds the ASGI app for a patched model and its tokenizer;
 :mod:`earlyexit_kernels.integrations.server.ray_serve` runs replicas of it on Ray Serve. Needs the
 ``serve`` extra: starlette, uvicorn, prometheus_client, pydantic (the routes' bodies, :mod:`.bodies`) and
-swagger-ui-bundle (``/docs``; the server works without it)
+swagger-ui-py (``/docs``, Swagger UI 5; the server works without it)
 (:mod:`earlyexit_kernels.integrations.extras`).
 """
 

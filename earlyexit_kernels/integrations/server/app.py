@@ -98,7 +98,7 @@ def _app(state: ServingState):
     from starlette.routing import Route
 
     from earlyexit_kernels._version import __version__
-    from earlyexit_kernels.integrations.server.docs_ui import ASSETS, assets_folder, docs_page
+    from earlyexit_kernels.integrations.server.docs_ui import ASSETS, INSTALL, assets_folder, docs_page
     from earlyexit_kernels.integrations.server.openapi import ROUTES, openapi_document
     from earlyexit_kernels.integrations.server.request_id import RequestIdMiddleware
     from earlyexit_kernels.integrations.server.served_model import infinity_models_answer, models_answer
@@ -296,7 +296,7 @@ def _app(state: ServingState):
     async def docs_asset(request):
         name = request.path_params["asset"]
         if assets is None or name not in ASSETS:
-            files = ", ".join(ASSETS) if assets is not None else "none: swagger-ui-bundle is not installed"
+            files = ", ".join(ASSETS) if assets is not None else f"none: Swagger UI is not installed ({INSTALL})"
             return JSONResponse(
                 {"error": f"no file {name!r} of Swagger UI here; its files: {files}", "error_type": "NotFound"},
                 status_code=404,

@@ -45,7 +45,7 @@ ROUTES = [
     ("GET", "/metrics", "Prometheus metrics"),
     ("GET", "/openapi.json", "this OpenAPI document"),
     ("GET", "/docs", "Swagger UI over this document, to read and try the routes in a browser (offline)"),
-    ("GET", "/docs/{asset}", "Swagger UI's files for /docs, from the swagger-ui-bundle package (no API key)"),
+    ("GET", "/docs/{asset}", "Swagger UI's files for /docs, from the swagger-ui-py package (no API key)"),
 ]
 
 _ANSWER_HEADERS = {
@@ -249,7 +249,7 @@ def openapi_document(
                         "headers": _ANSWER_HEADERS,
                         "content": {media: {"schema": {"type": "string"}} for media in sorted(set(ASSETS.values()))},
                     },
-                    "404": _answer("no such file, or swagger-ui-bundle is not installed", schema=_ref("Error")),
+                    "404": _answer("no such file, or swagger-ui-py is not installed", schema=_ref("Error")),
                 },
             }
         },
