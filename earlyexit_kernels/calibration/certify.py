@@ -50,6 +50,7 @@ from earlyexit_kernels.methods.policies import ExitPolicy
 from earlyexit_kernels.methods.risk_control import (
     check_budget,
     check_confidence,
+    draw_order_seed,
     fixed_sequence,
     is_binary,
     least_rows,  # re-exported: the rows a certificate needs, worked out beside the tests they come from
@@ -100,6 +101,10 @@ class Certificate:
     ``more_rows`` / ``more_rows_layers``: when certified, about how many rows like these would
     certify a cheaper candidate of the path, and its mean layers (the cheapest whose observed
     risk is at most half the budget; None where none is cheaper than the certified one).
+    ``test``: the test each candidate took (``"exact binomial"``, ``"exact paired"``, ``"betting"``,
+    ``"hoeffding-bentkus"``); ``order_seed``: the seed, drawn from the operating system's entropy, of the
+    order the calibration rows were read in (what a test that reads rows in order, betting, saw;
+    :func:`certify` with it reproduces the certificate).
     """
 
     budget: float
@@ -126,6 +131,8 @@ class Certificate:
     predicted_part: float | None = None
     error_part: float | None = None
     labelled_bound: float | None = None
+    order_seed: int | None = None
+    test: str | None = None
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -191,17 +198,19 @@ def require_rows(rows: int, budget: float, confidence: float, *, unit: str = "ro
         )
 
 
-def rows_needed(points, losses_of, budget, confidence, num_layers):
+def rows_needed(points, losses_of, budget, confidence, num_layers, *, paired: bool = False):
     """A candidate more rows would certify, and about how many: ``(rows, point, observed rate)`` of the one
     saving the most layers among those whose observed risk is at most half the budget (else the one
-    needing the fewest rows); None where no candidate that exits early is under the budget."""
+    needing the fewest rows); None where no candidate that exits early is under the budget. ``paired``
+    (accuracy lost): the rows of the paired test, with the discordant rows' variance."""
     found = []
     for index, point in points:
         if point.mean_layers >= num_layers - 1e-9:
             continue
         losses = losses_of(index)
         rate = max(0.0, float(losses.mean()))
-        rows = rows_to_certify(rate, budget, confidence, binary=is_binary(losses))  # paired: Hoeffding-Bentkus, roughly
+        discordant = float((losses != 0).double().mean()) if paired else None
+        rows = rows_to_certify(rate, budget, confidence, binary=is_binary(losses), discordant=discordant)
         if rows is not None:
             found.append((rows, point, rate))
     if not found:
@@ -215,11 +224,24 @@ def rows_needed(points, losses_of, budget, confidence, num_layers):
 # ---------------------------------------------------------------------------------- the walk
 
 
-def certified_index(losses_of, count: int, budget: float, confidence: float) -> int:
+def certified_index(
+    losses_of, count: int, budget: float, confidence: float, *, paired: bool = False, seed: int = 0
+) -> int:
     """Fixed-sequence testing along ``count`` ordered candidates: the index of the last whose loss
     (``losses_of(i)``: per row, or per query) is certified within ``budget`` before the first that is not
-    (-1: not even the first). Candidates after the first failure are never scored."""
-    return fixed_sequence(lambda i: risk_p_value(losses_of(i), budget), count, 1.0 - confidence)
+    (-1: not even the first). Candidates after the first failure are never scored. ``paired``: the losses are
+    accuracy lost (the test of :func:`~earlyexit_kernels.methods.risk_control.risk_p_value`); ``seed``: the order
+    a betting test reads them in."""
+    return fixed_sequence(
+        lambda i: risk_p_value(losses_of(i), budget, paired=paired, seed=seed), count, 1.0 - confidence
+    )
+
+
+def which_test(losses: torch.Tensor, paired: bool) -> str:
+    """The test :func:`~earlyexit_kernels.methods.risk_control.risk_p_value` gives ``losses`` of the risk asked for."""
+    if paired:
+        return "exact paired" if bool(((losses == 1) | (losses == 0) | (losses == -1)).all()) else "betting"
+    return "exact binomial" if is_binary(losses) else "hoeffding-bentkus"
 
 
 def _point(policy: ExitPolicy, result, refs) -> CurvePoint:
@@ -242,6 +264,7 @@ def certify(
     path_record: ExitRecord | None = None,
     candidates: list[ExitPolicy] | None = None,
     unlabelled: ExitRecord | None = None,
+    order_seed: int | None = None,
 ) -> tuple[CurvePoint, Certificate, list[CurvePoint]]:
     """The certified point on ``record``: ``(chosen, certificate, curve)``.
 
@@ -268,9 +291,17 @@ def certify(
     (:mod:`~earlyexit_kernels.calibration.prediction_powered`), where the validation rows (``path_record``)
     predict that it certifies fewer layers than the labelled rows alone (else those alone, said in the
     certificate).
+
+    ``order_seed``: the rows are read in the order it draws (default: a seed drawn from the operating system's
+    entropy, kept in the certificate). A test that reads rows in order is valid only in an order drawn without
+    looking at them; calibration rows are recorded from length-sorted batches, so they come sorted.
     """
     budget, confidence = check_budget(budget), check_confidence(confidence)
     target = resolve_target(record, target)
+    order_seed = draw_order_seed() if order_seed is None else int(order_seed)
+    record = _shuffled(record, order_seed)
+    if unlabelled is not None:
+        unlabelled = _shuffled(unlabelled, order_seed + 1)
     if unlabelled is not None:
         _check_unlabelled(record, unlabelled)
         if target == "agreement":  # disagreement needs no label: they are calibration rows like the others
@@ -294,6 +325,7 @@ def certify(
         )
         grid, path_name, path_layers = choice.candidates, choice.name, choice.layers
     replays, losses = {}, {}
+    paired = target == "accuracy"
 
     def losses_of(index: int) -> torch.Tensor:
         if index not in losses:
@@ -320,7 +352,7 @@ def certify(
         last = fixed_sequence(lambda i: 0.0 if powered.bounds.bound[i] <= budget else 1.0, len(grid), 0.5)
         tested = min(last + 2, len(grid))
     else:
-        last = certified_index(losses_of, len(grid), budget, confidence)
+        last = certified_index(losses_of, len(grid), budget, confidence, paired=paired, seed=order_seed)
         tested = len(replays)
     for index in range(len(grid)):  # the rest of the grid: the uncertified point, and what more rows would do
         losses_of(index)
@@ -337,7 +369,7 @@ def certify(
         risk=(_MULTI_LABEL_RISKS if is_multi_label_record(record) else RISKS)[target],
         rows=rows,
         observed=float(chosen_losses.mean()),
-        bound=risk_upper_bound(chosen_losses, confidence),
+        bound=risk_upper_bound(chosen_losses, confidence, paired=paired, seed=order_seed),
         certified=certified,
         tested=tested,
         mean_layers=chosen.mean_layers,
@@ -345,10 +377,12 @@ def certify(
         uncertified_layers=min(p.mean_layers for p in within) if within else None,
         path=path_name,
         path_layers=path_layers,
+        order_seed=order_seed,
+        test=which_test(chosen_losses, paired),
     )
     if powered is not None:
         powered.fill(certificate, chosen_index, losses_of(chosen_index), confidence)
-    found = rows_needed(points, losses_of, budget, confidence, num_layers)
+    found = rows_needed(points, losses_of, budget, confidence, num_layers, paired=paired)
     if certified and found is not None and found[1].mean_layers < chosen.mean_layers - 1e-9 and found[0] > rows:
         certificate.more_rows, certificate.more_rows_layers = found[0], found[1].mean_layers
     if not certified:
@@ -357,6 +391,12 @@ def certify(
             certificate.needed_for = f"{found[1].policy.to_code(4)} ({found[1].mean_layers:.2f} mean layers)"
             certificate.needed_rate = found[2]
     return chosen, certificate, [point for _, point in points]
+
+
+def _shuffled(record: ExitRecord, seed: int) -> ExitRecord:
+    """``record``'s rows in the order ``seed`` draws (a permutation that never looks at them)."""
+    rows = record.all_logits.shape[1]
+    return record.subset(torch.randperm(rows, generator=torch.Generator().manual_seed(seed)))
 
 
 def _check_unlabelled(record: ExitRecord, unlabelled: ExitRecord) -> None:

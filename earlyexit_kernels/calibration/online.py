@@ -63,7 +63,13 @@ from earlyexit_kernels.methods.anytime_risk import (
     safety_log_capital,
 )
 from earlyexit_kernels.methods.policies import DACT, ExitPolicy, QExit, SkipGates, layer_value
-from earlyexit_kernels.methods.risk_control import check_budget, check_confidence, check_fraction, upper_bound
+from earlyexit_kernels.methods.risk_control import (
+    check_budget,
+    check_confidence,
+    check_fraction,
+    draw_order_seed,
+    upper_bound,
+)
 
 __all__ = [
     "ALARM",
@@ -203,6 +209,10 @@ class OnlineCertificate:
         self.audited = 0
         self._lock = threading.Lock()
         self._rows: deque = deque(maxlen=window)  # the epoch's audited rows' logits [L, C], newest last
+        # the rows of one audited batch come in the engine's order (length-sorted within a call): the e-processes
+        # read them in an order drawn without looking at them, from the operating system's entropy (kept)
+        self.order_seed = draw_order_seed()
+        self._order = torch.Generator().manual_seed(self.order_seed)
         self._new_epoch(1, start)
 
     # ------------------------------------------------------------------ what is served
@@ -252,10 +262,11 @@ class OnlineCertificate:
     # ------------------------------------------------------------------ the audit's rows
 
     def record(self, all_logits: torch.Tensor) -> list[Move]:
-        """Take audited rows (``all_logits`` [L, n, C], every head's logits, the last the full model's), in the
-        order they were audited; returns the moves they made."""
+        """Take audited rows (``all_logits`` [L, n, C], every head's logits, the last the full model's) that arrived
+        together; returns the moves they made. The e-processes read them in an order drawn apart from them."""
         if all_logits.dim() != 3 or all_logits.shape[1] == 0:
             return []
+        all_logits = all_logits[:, torch.randperm(all_logits.shape[1], generator=self._order)]
         losses, layers = candidate_losses(self.path, all_logits, multi_label=self.multi_label)
         return self.observe(losses, layers, logits=all_logits)
 

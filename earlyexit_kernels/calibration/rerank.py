@@ -163,7 +163,7 @@ def _certified_rerank(record, groups, full, k, min_recall, confidence, policy) -
         risk=f"the full model's top {k} missed (fraction per query)",
         rows=queries,
         observed=float(loss.mean()),
-        bound=risk_upper_bound(loss, confidence),
+        bound=risk_upper_bound(loss, confidence, paired=False),
         certified=certified,
         tested=len(points),
         mean_layers=chosen.mean_layers,

@@ -13,11 +13,16 @@ The p-values:
 
 - :func:`binomial_p_value`: exact, for 0/1 losses: ``P(Binomial(n, budget) <= losses)``.
 - :func:`hoeffding_bentkus_p_value`: for losses anywhere in [0, 1] (Bates et al. 2021).
-- :func:`betting_p_value`: for paired losses in [-1, 1] (accuracy lost against the full model,
-  row by row: 1, 0 or -1), by testing by betting (Waudby-Smith and Ramdas 2024): it adapts to
-  the losses' variance, which the other two ignore, and most pairs are ties (0).
-- :func:`risk_p_value` picks the exact one when every loss is 0 or 1, the betting one when a
-  loss is negative, else Hoeffding-Bentkus.
+- :func:`~earlyexit_kernels.methods.paired_exact.paired_exact_p_value`: for paired losses of -1, 0 or 1
+  (accuracy lost against the full model, row by row), the exact unconditional score test of paired
+  non-inferiority; it reads the rows' counts, never their order.
+- :func:`betting_p_value`: for paired losses anywhere in [-1, 1] (a multi-label row averages its
+  labels'), by testing by betting (Waudby-Smith and Ramdas 2024). It reads the rows in an order drawn
+  from ``seed``: the seed must be drawn without looking at the rows (:func:`draw_order_seed`), or a
+  data-sorted order (length-sorted calibration batches) voids the test.
+- :func:`risk_p_value` picks among them by the risk asked for (``paired``), not by what the rows show:
+  accuracy lost is paired (the exact test for one label a row, betting for several), disagreement
+  is 0/1 for one label a row (the exact binomial) and a fraction for several (Hoeffding-Bentkus).
 
 :func:`upper_bound` is the matching upper confidence bound (Clopper-Pearson for 0/1 losses):
 a candidate is rejected at level ``1 - confidence`` exactly when its bound is at most the
@@ -30,6 +35,7 @@ bounds without a model.
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Callable, Sequence
 
 import torch
@@ -44,6 +50,7 @@ __all__ = [
     "hoeffding_bentkus_p_value",
     "betting_p_value",
     "betting_p_values",
+    "draw_order_seed",
     "risk_p_value",
     "upper_bound",
     "paired_upper_bound",
@@ -171,6 +178,12 @@ def betting_p_values(losses: torch.Tensor, budget, *, seed: int = 0, cap: float 
     return torch.exp(-log_capital.amax(1).clamp(min=0.0)).clamp(max=1.0)
 
 
+def draw_order_seed() -> int:
+    """A seed for the order betting reads rows in, drawn from the operating system's entropy: independent of the
+    rows, whatever order they were recorded in. Store it with the result to reproduce it."""
+    return secrets.randbits(62)
+
+
 def is_binary(losses: torch.Tensor) -> bool:
     """Whether every loss is 0 or 1 (then the exact binomial applies)."""
     return bool(((losses == 0) | (losses == 1)).all())
@@ -184,45 +197,59 @@ def count_p_value(losses: float, n: int, budget: float, *, binary: bool = True) 
     return hoeffding_bentkus_p_value(losses / n if n > 0 else 0.0, n, budget)
 
 
-def risk_p_value(losses: torch.Tensor, budget: float) -> float:
-    """The p-value of "risk > budget" for per-row ``losses`` [n] in [0, 1] (exact binomial when they are 0/1),
-    or paired losses in [-1, 1] (by betting)."""
+def risk_p_value(losses: torch.Tensor, budget: float, *, paired: bool, seed: int = 0) -> float:
+    """The p-value of "risk > budget" for per-row ``losses`` [n], by the test of the risk asked for.
+
+    ``paired`` (accuracy lost, losses in [-1, 1]): the exact paired test where every loss is -1, 0 or 1 (one label
+    a row), else betting in the order ``seed`` draws. Not paired (losses in [0, 1]): the exact binomial for 0/1
+    losses (one label a row), else Hoeffding-Bentkus."""
     n = losses.numel()
-    if bool((losses < 0).any()):
-        return betting_p_value(losses, budget)
+    if paired:
+        if _one_label(losses):
+            from earlyexit_kernels.methods.paired_exact import counts, paired_exact_p_value
+
+            return paired_exact_p_value(*counts(losses), budget)
+        return betting_p_value(losses, budget, seed=seed)
     if is_binary(losses):
         return binomial_p_value(int(losses.sum()), n, budget)
     return hoeffding_bentkus_p_value(float(losses.double().mean()), n, budget)
 
 
-def paired_upper_bound(losses: torch.Tensor, confidence: float) -> float:
+def _one_label(losses: torch.Tensor) -> bool:
+    """Paired losses of one label a row: each -1, 0 or 1."""
+    return bool(((losses == 1) | (losses == 0) | (losses == -1)).all())
+
+
+def paired_upper_bound(losses: torch.Tensor, confidence: float, *, seed: int = 0) -> float:
     """The upper ``confidence`` bound on the mean of paired ``losses`` [n] in [-1, 1]: the smallest
-    budget :func:`betting_p_value` rejects at ``1 - confidence`` (bisection; 1.0 when none)."""
+    budget :func:`betting_p_value` (rows in ``seed``'s order) rejects at ``1 - confidence`` (bisection; 1.0
+    when none)."""
     check_confidence(confidence)
     delta = 1.0 - confidence
     low, high = float(losses.double().mean()), 1.0
-    if betting_p_value(losses, high - 1e-12) > delta:
+    if betting_p_value(losses, high - 1e-12, seed=seed) > delta:
         return 1.0
     for _ in range(40):
         middle = 0.5 * (low + high)
-        if betting_p_value(losses, middle) <= delta:
+        if betting_p_value(losses, middle, seed=seed) <= delta:
             high = middle
         else:
             low = middle
     return high
 
 
-def paired_upper_bounds(losses: torch.Tensor, confidence: float) -> torch.Tensor:
-    """:func:`paired_upper_bound` of every row of ``losses`` [K, n] at once (one bisection for all): float64 [K]."""
+def paired_upper_bounds(losses: torch.Tensor, confidence: float, *, seed: int = 0) -> torch.Tensor:
+    """:func:`paired_upper_bound` of every row of ``losses`` [K, n] at once (one bisection for all, the rows in
+    ``seed``'s order): float64 [K]."""
     check_confidence(confidence)
     delta = 1.0 - confidence
     count = losses.shape[0]
     low = losses.double().mean(1) if losses.shape[1] else torch.full((count,), -1.0, dtype=torch.float64)
     high = torch.ones(count, dtype=torch.float64)
-    none = betting_p_values(losses, high - 1e-12) > delta
+    none = betting_p_values(losses, high - 1e-12, seed=seed) > delta
     for _ in range(40):
         middle = 0.5 * (low + high)
-        rejected = betting_p_values(losses, middle) <= delta
+        rejected = betting_p_values(losses, middle, seed=seed) <= delta
         high = torch.where(rejected, middle, high)
         low = torch.where(rejected, low, middle)
     return torch.where(none, torch.ones_like(high), high)
@@ -256,11 +283,15 @@ def upper_bound(losses: float, n: int, confidence: float, *, binary: bool = True
     return high
 
 
-def risk_upper_bound(losses: torch.Tensor, confidence: float) -> float:
-    """The upper ``confidence`` bound on the mean of per-row ``losses`` [n], by the test
-    :func:`risk_p_value` applies to them (paired, 0/1 or in [0, 1])."""
-    if bool((losses < 0).any()):
-        return paired_upper_bound(losses, confidence)
+def risk_upper_bound(losses: torch.Tensor, confidence: float, *, paired: bool, seed: int = 0) -> float:
+    """The upper ``confidence`` bound on the mean of per-row ``losses`` [n], by the test :func:`risk_p_value` applies
+    to the risk asked for (``paired``: accuracy lost; ``seed``: the order betting reads rows in)."""
+    if paired:
+        if _one_label(losses):
+            from earlyexit_kernels.methods.paired_exact import counts, paired_exact_upper_bound
+
+            return paired_exact_upper_bound(*counts(losses), confidence)
+        return paired_upper_bound(losses, confidence, seed=seed)
     return upper_bound(float(losses.sum()), losses.numel(), confidence, binary=is_binary(losses))
 
 
@@ -278,22 +309,42 @@ def fixed_sequence(p_values: Sequence[float] | Callable[[int], float], count: in
     return last
 
 
-def rows_to_certify(rate: float, budget: float, confidence: float, *, binary: bool = True) -> int | None:
+def rows_to_certify(
+    rate: float, budget: float, confidence: float, *, binary: bool = True, discordant: float | None = None
+) -> int | None:
     """The fewest rows at which a risk observed at ``rate`` certifies ``budget`` at ``confidence``.
 
     None when no number of rows does (``rate >= budget``). With ``rate == 0`` it is the rows
     that a policy making no loss at all needs: ``log(1 - confidence) / log(1 - budget)``.
+    ``discordant``: paired losses (accuracy lost), the share of rows whose loss is not 0; the rows are then
+    those at which the exact paired test's score statistic, at these shares, passes its normal quantile:
+    its variance is the discordant rows', which a test of the net rate alone ignores.
     """
     check_confidence(confidence)
     if rate >= budget:
         return None
     delta = 1.0 - confidence
+    if discordant is not None:
+        from statistics import NormalDist
 
-    def certifies(n: int) -> bool:
-        losses = rate * n
-        if binary:
-            return binomial_p_value(math.floor(losses + 1e-9), n, budget) <= delta
-        return hoeffding_bentkus_p_value(rate, n, budget) <= delta
+        from earlyexit_kernels.methods.paired_exact import score_statistic
+
+        plus, minus = (discordant + rate) / 2.0, max(0.0, (discordant - rate) / 2.0)
+        z = NormalDist().inv_cdf(confidence)
+
+        def certifies(n: int) -> bool:
+            stat = score_statistic(torch.tensor([n * plus]), torch.tensor([n * minus]), n, budget)
+            return float(stat[0]) <= -z
+
+    elif binary:
+
+        def certifies(n: int) -> bool:
+            return binomial_p_value(math.floor(rate * n + 1e-9), n, budget) <= delta
+
+    else:
+
+        def certifies(n: int) -> bool:
+            return hoeffding_bentkus_p_value(rate, n, budget) <= delta
 
     high = 1
     while not certifies(high):
