@@ -154,16 +154,19 @@ def betting_p_value(losses: torch.Tensor, budget: float, *, seed: int = 0, cap: 
     return float(betting_p_values(losses.reshape(1, -1), budget, seed=seed, cap=cap)[0])
 
 
-def betting_p_values(losses: torch.Tensor, budget, *, seed: int = 0, cap: float = 0.75) -> torch.Tensor:
+def betting_p_values(losses: torch.Tensor, budget, *, seed: int | None = 0, cap: float = 0.75) -> torch.Tensor:
     """:func:`betting_p_value` of every row of ``losses`` [K, n] (K candidates on the same n rows): float64 [K].
-    ``budget``: one for every row, or a tensor [K] of one per row (each below 1)."""
+    ``budget``: one for every row, or a tensor [K] of one per row (each below 1). ``seed`` None: the rows are read
+    in the order given (valid only where that order was drawn without looking at them)."""
     count, n = losses.shape
     if not isinstance(budget, torch.Tensor) and (n == 0 or budget >= 1.0):
         return torch.full((count,), 1.0 if budget < 1.0 else 0.0, dtype=torch.float64)
     if n == 0:
         return torch.ones(count, dtype=torch.float64)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    z = (losses.double()[:, order] + 1.0) / 2.0
+    if seed is None:
+        z = (losses.double() + 1.0) / 2.0
+    else:
+        z = (losses.double()[:, torch.randperm(n, generator=torch.Generator().manual_seed(seed))] + 1.0) / 2.0
     m = (torch.as_tensor(budget, dtype=torch.float64).reshape(-1, 1) + 1.0) / 2.0
     t = torch.arange(1, n + 1, dtype=torch.float64)
     mean = (0.5 + torch.cumsum(z, 1)) / (t + 1)
