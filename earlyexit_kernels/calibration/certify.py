@@ -61,6 +61,7 @@ from earlyexit_kernels.methods.risk_control import (
 )
 
 __all__ = [
+    "GUARANTEES",
     "RISKS",
     "Certificate",
     "certified_index",
@@ -71,6 +72,16 @@ __all__ = [
     "require_rows",
     "rows_needed",
 ]
+
+#: what each guarantee promises, in the certificate's words
+GUARANTEES = {
+    "probable": "with probability at least the confidence over the draw of the calibration rows, the risk of what is "
+    "served is within the budget (Learn-then-Test: each candidate's exact test, walked in order)",
+    "expected": "over the draw of the calibration rows, the risk of what is served is within the budget on average "
+    "(conformal risk control: the walk stops at the first candidate whose (n x observed + 1) / (n + 1) passes the "
+    "budget); any one draw may serve above it, about 40% of them at the limit. A theorem where the loss rises with "
+    "the threshold (disagreement), measured for paired accuracy lost",
+}
 
 #: what each risk counts, per row
 RISKS = {
@@ -104,7 +115,8 @@ class Certificate:
     ``test``: the test each candidate took (``"exact binomial"``, ``"exact paired"``, ``"betting"``,
     ``"hoeffding-bentkus"``); ``order_seed``: the seed, drawn from the operating system's entropy, of the
     order the calibration rows were read in (what a test that reads rows in order, betting, saw;
-    :func:`certify` with it reproduces the certificate).
+    :func:`certify` with it reproduces the certificate). ``guarantee``: what the certificate promises
+    (:data:`GUARANTEES`); ``other_layers``: the mean layers the other guarantee would serve on the same rows.
     """
 
     budget: float
@@ -133,16 +145,25 @@ class Certificate:
     labelled_bound: float | None = None
     order_seed: int | None = None
     test: str | None = None
+    guarantee: str = "probable"
+    other_layers: float | None = None
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def describe(self) -> str:
         """One paragraph: the budget, the confidence, the rows, the bound reached and its price."""
-        head = (
-            f"certified: {self.risk} <= {100 * self.budget:g}% with confidence {100 * self.confidence:g}% "
-            f"(exchangeable {self.unit}) on {self.rows} calibration {self.unit}"
-        )
+        if self.guarantee == "expected":
+            head = (
+                f"certified: {self.risk} <= {100 * self.budget:g}% in expectation over the draw of the calibration "
+                f"{self.unit} (conformal risk control; a single draw may serve above it) on {self.rows} calibration "
+                f"{self.unit}"
+            )
+        else:
+            head = (
+                f"certified: {self.risk} <= {100 * self.budget:g}% with confidence {100 * self.confidence:g}% "
+                f"(exchangeable {self.unit}) on {self.rows} calibration {self.unit}"
+            )
         if not self.certified:
             if self.rows_needed is None:
                 return (
@@ -165,10 +186,18 @@ class Certificate:
         path = ""
         if self.path != "global":
             path = f", along the {self.path.replace('_', '-')} path"
+        bound = "adjusted risk" if self.guarantee == "expected" else "bound"
         return (
-            f"{head}{path}: observed {100 * self.observed:.2f}%, bound {100 * self.bound:.2f}%, "
-            f"{self.mean_layers:.2f} of {self.num_layers} mean layers{price}{self._unlabelled()}"
+            f"{head}{path}: observed {100 * self.observed:.2f}%, {bound} {100 * self.bound:.2f}%, "
+            f"{self.mean_layers:.2f} of {self.num_layers} mean layers{price}{self._unlabelled()}{self._other()}"
         )
+
+    def _other(self) -> str:
+        """The other guarantee's price, where it serves fewer layers by a tenth of one or more."""
+        if self.other_layers is None or self.other_layers > self.mean_layers - 0.1:
+            return ""
+        other = "expected" if self.guarantee == "probable" else "probable"
+        return f"; --guarantee {other} would serve {self.other_layers:.2f} ({GUARANTEES[other].split(' (')[0]})"
 
     def _unlabelled(self) -> str:
         """What the unlabelled rows contributed, where there were any."""
@@ -237,6 +266,26 @@ def certified_index(
     )
 
 
+def check_guarantee(guarantee: str) -> str:
+    """``guarantee`` if it is one of :data:`GUARANTEES`, else a ``ValueError`` naming them."""
+    if guarantee not in GUARANTEES:
+        raise ValueError(f"guarantee must be one of {', '.join(GUARANTEES)}, got {guarantee!r}")
+    return guarantee
+
+
+def _adjusted(losses: torch.Tensor) -> float:
+    """Conformal risk control's adjusted risk of ``losses`` [n] (each at most 1): ``(n x mean + 1) / (n + 1)``."""
+    n = losses.numel()
+    return (float(losses.double().sum()) + 1.0) / (n + 1)
+
+
+def expected_index(losses_of, count: int, budget: float) -> int:
+    """Conformal risk control along ``count`` ordered candidates: the index of the last before the first whose
+    adjusted risk ``(n x observed + 1) / (n + 1)`` passes ``budget`` (-1: not even the first). The walk stops there,
+    never skipping to a more aggressive candidate that passes again."""
+    return fixed_sequence(lambda i: 0.0 if _adjusted(losses_of(i)) <= budget else 1.0, count, 0.5)
+
+
 def which_test(losses: torch.Tensor, paired: bool) -> str:
     """The test :func:`~earlyexit_kernels.methods.risk_control.risk_p_value` gives ``losses`` of the risk asked for."""
     if paired:
@@ -265,6 +314,7 @@ def certify(
     candidates: list[ExitPolicy] | None = None,
     unlabelled: ExitRecord | None = None,
     order_seed: int | None = None,
+    guarantee: str = "probable",
 ) -> tuple[CurvePoint, Certificate, list[CurvePoint]]:
     """The certified point on ``record``: ``(chosen, certificate, curve)``.
 
@@ -295,17 +345,25 @@ def certify(
     ``order_seed``: the rows are read in the order it draws (default: a seed drawn from the operating system's
     entropy, kept in the certificate). A test that reads rows in order is valid only in an order drawn without
     looking at them; calibration rows are recorded from length-sorted batches, so they come sorted.
+
+    ``guarantee``: ``"probable"`` (the default) or ``"expected"`` (:data:`GUARANTEES`); under ``"expected"`` the
+    ``confidence`` is not used, and ``unlabelled`` rows join an agreement certificate only.
     """
+    check_guarantee(guarantee)
     budget, confidence = check_budget(budget), check_confidence(confidence)
     target = resolve_target(record, target)
     order_seed = draw_order_seed() if order_seed is None else int(order_seed)
     record = _shuffled(record, order_seed)
     if unlabelled is not None:
         unlabelled = _shuffled(unlabelled, order_seed + 1)
+    unlabelled_note = None
     if unlabelled is not None:
         _check_unlabelled(record, unlabelled)
         if target == "agreement":  # disagreement needs no label: they are calibration rows like the others
             record, unlabelled = _joined(record, unlabelled), None
+        elif guarantee == "expected":
+            unlabelled_note = (unlabelled.all_logits.shape[1], "the expected guarantee reads the labelled rows only")
+            unlabelled = None
     refs = references(record, target)
     num_layers, rows, num_labels = record.all_logits.shape
     require_rows(rows, budget, confidence, hint=", a larger budget")
@@ -348,11 +406,15 @@ def certify(
             path_record,
             lambda logits, rows: row_losses(logits, rows, "accuracy"),
         )
+    probable_last = None
     if powered is not None and powered.bounds is not None:
         last = fixed_sequence(lambda i: 0.0 if powered.bounds.bound[i] <= budget else 1.0, len(grid), 0.5)
         tested = min(last + 2, len(grid))
+    elif guarantee == "expected":
+        last = expected_index(losses_of, len(grid), budget)
+        tested = len(replays)
     else:
-        last = certified_index(losses_of, len(grid), budget, confidence, paired=paired, seed=order_seed)
+        last = probable_last = certified_index(losses_of, len(grid), budget, confidence, paired=paired, seed=order_seed)
         tested = len(replays)
     for index in range(len(grid)):  # the rest of the grid: the uncertified point, and what more rows would do
         losses_of(index)
@@ -363,13 +425,20 @@ def certify(
     chosen = points[chosen_index][1]
     chosen_losses = losses_of(chosen_index)
     certified = last >= 0 and chosen.mean_layers < num_layers - 1e-9
+    if guarantee == "expected":  # what the probable guarantee would serve on the same rows
+        probable_last = certified_index(losses_of, len(grid), budget, confidence, paired=paired, seed=order_seed)
+        other = points[max(probable_last, 0)][1].mean_layers
+        bound = _adjusted(chosen_losses)
+    else:
+        other = points[max(expected_index(losses_of, len(grid), budget), 0)][1].mean_layers
+        bound = risk_upper_bound(chosen_losses, confidence, paired=paired, seed=order_seed)
     certificate = Certificate(
         budget=budget,
         confidence=confidence,
         risk=(_MULTI_LABEL_RISKS if is_multi_label_record(record) else RISKS)[target],
         rows=rows,
         observed=float(chosen_losses.mean()),
-        bound=risk_upper_bound(chosen_losses, confidence, paired=paired, seed=order_seed),
+        bound=bound,
         certified=certified,
         tested=tested,
         mean_layers=chosen.mean_layers,
@@ -378,8 +447,12 @@ def certify(
         path=path_name,
         path_layers=path_layers,
         order_seed=order_seed,
-        test=which_test(chosen_losses, paired),
+        test="conformal risk control" if guarantee == "expected" else which_test(chosen_losses, paired),
+        guarantee=guarantee,
+        other_layers=None if powered is not None and powered.bounds is not None else other,
     )
+    if unlabelled_note is not None:
+        certificate.unlabelled_rows, certificate.unlabelled_use = unlabelled_note
     if powered is not None:
         powered.fill(certificate, chosen_index, losses_of(chosen_index), confidence)
     found = rows_needed(points, losses_of, budget, confidence, num_layers, paired=paired)

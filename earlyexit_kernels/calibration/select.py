@@ -187,7 +187,8 @@ class Goal:
     Exactly one target: ``max_drop`` (points) or ``target_layers`` (mean layers); ``policy``: the
     family and fixed fields (None: the recorded policy's); ``count``: candidates of the uncertified
     search; ``target``, ``metric``: what is measured; ``min_saving``, ``chance_margin``: when it warns;
-    ``confidence``: certify ``max_drop`` with it."""
+    ``confidence``: certify ``max_drop`` with it; ``guarantee``: what the certificate promises, ``"probable"`` or
+    ``"expected"`` (:data:`~earlyexit_kernels.calibration.certify.GUARANTEES`)."""
 
     max_drop: float | None = None
     target_layers: float | None = None
@@ -198,9 +199,13 @@ class Goal:
     min_saving: float = 0.10
     chance_margin: float = 0.02
     confidence: float | None = None
+    guarantee: str = "probable"
 
     def checked(self) -> Goal:
         """This goal, or a ``ValueError`` saying what to change."""
+        from earlyexit_kernels.calibration.certify import check_guarantee
+
+        check_guarantee(self.guarantee)
         if (self.max_drop is None) == (self.target_layers is None):
             raise ValueError("give exactly one target: max_drop (accuracy points) or target_layers (mean layers)")
         if self.confidence is not None:
@@ -309,11 +314,13 @@ def _certify_into(result, record, goal: Goal, measure, path_record, path, unlabe
         path_record=path_record,
         candidates=path,
         unlabelled=unlabelled,
+        guarantee=goal.guarantee,
     )
     result.path = [point.policy for point in walked]
     result.policy, result.accuracy, result.mean_layers = chosen.policy, chosen.accuracy, chosen.mean_layers
     result.met = certificate.certified
-    result.target = f"{certificate.risk} <= {max_drop:g}% with confidence {100 * confidence:g}%"
+    promise = "in expectation" if goal.guarantee == "expected" else f"with confidence {100 * confidence:g}%"
+    result.target = f"{certificate.risk} <= {max_drop:g}% {promise}"
     result.certificate = certificate
     if not certificate.certified:
         result.warnings.append(f"calibrate: {certificate.describe()}")

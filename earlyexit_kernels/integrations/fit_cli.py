@@ -131,6 +131,14 @@ def _add_fit(commands) -> None:
         f"rows (or, without --calibration, the validation rows)",
     )
     fit.add_argument(
+        "--guarantee",
+        choices=("probable", "expected"),
+        default="probable",
+        help="what the certificate promises: 'probable' (default): with probability --confidence over the draw of "
+        "the calibration rows, at most --max-drop points are lost; 'expected': at most --max-drop on average over "
+        "that draw (conformal risk control; cheaper, and any one draw may lose more, about 40%% of them at the limit)",
+    )
+    fit.add_argument(
         "--calibration",
         default=None,
         metavar="FILE",
@@ -260,6 +268,13 @@ def _add_calibrate(commands) -> None:
         metavar="P",
         help=f"certify --max-drop with this probability (default: FOLDER's certificate's, else {CONFIDENCE:g}); "
         "'off': the fewest layers within --max-drop on FILE's rows, uncertified",
+    )
+    calibrate.add_argument(
+        "--guarantee",
+        choices=("probable", "expected"),
+        default=None,
+        help="what the certificate promises (default: FOLDER's certificate's, else probable): 'probable' (with "
+        "probability --confidence) or 'expected' (on average over the draw of the rows: conformal risk control)",
     )
     calibrate.add_argument(
         "--risk",
@@ -403,6 +418,7 @@ def _fit(args) -> int:
         seed=args.seed,
         progress=_progress_on(args),
         confidence=args.confidence,
+        guarantee=args.guarantee,
         calibration_fraction=args.calibration_fraction,
         validation_split=None if args.validation is not None else (args.validation_split or 0.1),
     )
@@ -484,6 +500,7 @@ def _calibrate(args) -> int:
                 args.folder,
                 max_drop=args.max_drop,
                 confidence="saved" if args.confidence is _SAVED else args.confidence,
+                guarantee=args.guarantee or "saved",
                 from_audit=args.from_audit,
                 force=args.force,
             )
@@ -508,6 +525,7 @@ def _calibrate(args) -> int:
         data,
         max_drop=args.max_drop,
         confidence="saved" if args.confidence is _SAVED else args.confidence,
+        guarantee=args.guarantee or "saved",
         batch_size=args.batch_size,
         max_length=args.max_length,
         source=str(args.data),

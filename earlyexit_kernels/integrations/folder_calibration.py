@@ -36,6 +36,15 @@ def saved_budget(path: str) -> tuple[float | None, float | None]:
     return 100.0 * float(certificate["budget"]), float(certificate["confidence"])
 
 
+def saved_guarantee(path: str) -> str:
+    """What the certificate in ``path/eek_fit.json`` promises (``"probable"`` where it says nothing: folders
+    certified before there was a choice)."""
+    from earlyexit_kernels.integrations.model_folder import fit_certificate
+
+    certificate = fit_certificate(path) or {}
+    return str(certificate.get("guarantee") or "probable")
+
+
 def saved_path(path: str) -> list | None:
     """The ordered candidates ``eek fit`` certified along (``certified_path`` of ``path/eek_fit.json``), or None."""
     from earlyexit_kernels.methods.policy_spec import parse_policy
@@ -65,6 +74,7 @@ def calibrate_folder(
     force: bool = False,
     unlabelled=None,
     risk: str = "auto",
+    guarantee: str = "saved",
 ):
     """Re-certify the folder ``path`` on ``data`` (:class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`)
     and write it back; returns the :class:`~earlyexit_kernels.training.calibrate_texts.CalibrationReport`.
@@ -102,6 +112,8 @@ def calibrate_folder(
     from earlyexit_kernels.training.fit_texts import CONFIDENCE
 
     saved_drop, saved_confidence = saved_budget(path)
+    if guarantee == "saved":
+        guarantee = saved_guarantee(path)
     if max_drop is None:
         max_drop = 1.0 if saved_drop is None else saved_drop
     if confidence == "saved":
@@ -113,7 +125,9 @@ def calibrate_folder(
         from earlyexit_kernels.training.calibrate_texts import calibrate_record
 
         record, served = _audit_record(path, from_audit, model)
-        report = calibrate_record(model, record, max_drop=max_drop, confidence=confidence, path=saved_path(path))
+        report = calibrate_record(
+            model, record, max_drop=max_drop, confidence=confidence, path=saved_path(path), guarantee=guarantee
+        )
         source = source or f"{record.all_logits.shape[1]} audited rows of {from_audit} (served: {served})"
         if _written(path, report, force):
             _write_back(Path(path), model, report, source, "as served")
@@ -135,6 +149,7 @@ def calibrate_folder(
         path=saved_path(path),
         unlabelled=unlabelled,
         base_change=base_change,
+        guarantee=guarantee,
     )
     if _written(path, report, force):
         from earlyexit_kernels.integrations.model_folder import family_int8_recipe

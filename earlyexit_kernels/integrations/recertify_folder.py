@@ -88,6 +88,12 @@ def resolve_online_certificate(
     saved = fit_certificate(folder)
     if saved is None:
         return off(f"{folder} has no certificate in eek_fit.json (fit it with eek fit, whose default certifies)")
+    if saved.get("guarantee") == "expected":
+        return off(
+            "its certificate holds in expectation (--guarantee expected) and online re-certification certifies with "
+            "a probability, which would change what the folder promises; re-certify on the audited rows offline "
+            "instead, which keeps it: eek serve --audit-record FILE, then eek calibrate FOLDER --from-audit FILE"
+        )
     if saved.get("target") == "accuracy" and not explicit:
         return off(
             "its certificate bounds the accuracy lost (labelled rows) and the audit measures disagreement, a "

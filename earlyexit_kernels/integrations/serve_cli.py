@@ -173,6 +173,13 @@ def _add_served_certificate_options(serve) -> None:
         "unseen rows, labelled (accuracy lost against the full model on that base) or not (disagreement with it); "
         "e.g. --dtype int8 on a folder certified on float32",
     )
+    group.add_argument(
+        "--guarantee",
+        choices=("probable", "expected"),
+        default=None,
+        help="--calibration: what the certificate promises (default: the folder's): 'probable' (with its "
+        "confidence) or 'expected' (on average over the draw of the rows: conformal risk control)",
+    )
     group.add_argument("--text-column", default="text", help="--calibration: the texts' column (default: text)")
     group.add_argument("--pair-column", default=None, help="--calibration: the second texts' column (optional)")
     group.add_argument(
@@ -223,6 +230,8 @@ def run_serve(args) -> int:
     set_threads(args.threads)
     if args.calibration is not None:
         return _serve_certified(args, options, name)
+    if args.guarantee is not None:
+        raise CliError("--guarantee says what --calibration certifies: give --calibration FILE too, or leave it out")
     options.update(audit_options(args, "sequences", labelled=True))
     if args.replicas is not None:
         options.update(recertify_options(args, options, local=False))
@@ -230,6 +239,10 @@ def run_serve(args) -> int:
     _start_trim(args)  # its line before the model's; --memory-flat's threshold matters for the activations
     model, tokenizer = load_model(args.model, args.policy, args.backend, dtype=args.dtype, device=args.device)
     options.update(recertify_options(args, options, local=True, multi_label=is_multi_label(model.config)))
+    if args.policy is None:  # the folder's own threshold: its certificate is what /info says it holds
+        from earlyexit_kernels.integrations.model_folder import fit_certificate
+
+        options["certificate"] = fit_certificate(args.model)
     return _run_server(args, model, tokenizer, name, options)
 
 
@@ -256,7 +269,9 @@ def _serve_certified(args, options: dict, name: str) -> int:
             label_column=args.label_column or "label",
             label_required=args.label_column is not None,
         )
-        served = certify_served(model, tokenizer, args.model, data, max_length=args.max_length, base=args.dtype)
+        served = certify_served(
+            model, tokenizer, args.model, data, max_length=args.max_length, base=args.dtype, guarantee=args.guarantee
+        )
     except (FitError, ValueError) as error:
         raise CliError(f"--calibration {args.calibration}: {error}") from None
     base = args.dtype or "saved"
@@ -271,6 +286,7 @@ def _serve_certified(args, options: dict, name: str) -> int:
             where=f"--calibration {args.calibration}",
         )
     )
+    options["certificate"] = served.certificate
     return _run_server(args, model, tokenizer, name, options)
 
 

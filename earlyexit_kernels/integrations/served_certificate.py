@@ -38,7 +38,15 @@ class ServedCertificate:
 
 
 def certify_served(
-    model, tokenizer, folder: str, data, *, batch_size: int = 64, max_length: int | None = None, base: str | None = None
+    model,
+    tokenizer,
+    folder: str,
+    data,
+    *,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    base: str | None = None,
+    guarantee: str | None = None,
 ) -> ServedCertificate:
     """Certify ``model``'s threshold (already on the base it is served on) on ``data``
     (:class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`) with the budget and along the
@@ -48,8 +56,9 @@ def certify_served(
     base served (``--dtype``); on another than float32 the risk is disagreement with that base's full
     depth, labelled rows or not, as ``eek calibrate --dtype`` certifies by default
     (:class:`~earlyexit_kernels.training.calibrate_texts.BaseChange`; the float32 model is not kept, so the
-    report gives the exits' agreement with the served base's full depth alone)."""
-    from earlyexit_kernels.integrations.folder_calibration import saved_budget, saved_path
+    report gives the exits' agreement with the served base's full depth alone). ``guarantee``: ``"probable"`` or
+    ``"expected"`` (None: the folder's own)."""
+    from earlyexit_kernels.integrations.folder_calibration import saved_budget, saved_guarantee, saved_path
     from earlyexit_kernels.patching.patch import policy_of
     from earlyexit_kernels.training.calibrate_texts import base_change_for, calibrate_texts
     from earlyexit_kernels.training.fit_texts import CONFIDENCE
@@ -65,6 +74,7 @@ def certify_served(
         max_length=max_length,
         path=saved_path(folder),
         base_change=base_change_for(base),
+        guarantee=saved_guarantee(folder) if guarantee is None else guarantee,
     )
     certificate = None
     if report.certificate is not None:

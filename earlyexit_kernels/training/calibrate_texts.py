@@ -153,6 +153,7 @@ def calibrate_texts(
     path: list | None = None,
     unlabelled=None,
     base_change: BaseChange | None = None,
+    guarantee: str = "probable",
 ) -> CalibrationReport:
     """Certify ``model``'s threshold anew on ``data``; the model ends patched with the chosen policy.
 
@@ -166,7 +167,8 @@ def calibrate_texts(
     labels in the certificate (:func:`~earlyexit_kernels.calibration.certify.certify`); the
     rows of ``data`` whose label cell is empty join them. ``base_change``: ``model`` runs on another
     base than its own (:class:`BaseChange`: the risk, by default disagreement with this base's full
-    depth, and the agreements reported with the reference's full depth).
+    depth, and the agreements reported with the reference's full depth). ``guarantee``: what the certificate
+    promises, ``"probable"`` or ``"expected"`` (:data:`~earlyexit_kernels.calibration.certify.GUARANTEES`).
     """
     import torch
 
@@ -211,7 +213,7 @@ def calibrate_texts(
     if base_change is not None and base_change.risk == "agreement":
         certified_on = dataclasses.replace(record, labels=None)  # the labels do not enter the risk
     report = calibrate_record(
-        model, certified_on, max_drop=max_drop, confidence=confidence, path=path, unlabelled=extra
+        model, certified_on, max_drop=max_drop, confidence=confidence, path=path, unlabelled=extra, guarantee=guarantee
     )
     if base_change is not None:
         report.base = base_change.base
@@ -250,6 +252,7 @@ def calibrate_record(
     confidence: float | None = CONFIDENCE,
     path: list | None = None,
     unlabelled=None,
+    guarantee: str = "probable",
 ) -> CalibrationReport:
     """:func:`calibrate_texts` on rows already recorded (:class:`~earlyexit_kernels.calibration.record.ExitRecord`:
     every head's logits, e.g. the audited rows of ``eek serve --audit-record``); the model ends patched
@@ -275,6 +278,7 @@ def calibrate_record(
             policy=previous,
             path=path if confidence else None,
             unlabelled=unlabelled,
+            guarantee=guarantee,
         )
     before = replay(previous, record).layers_run.float().mean().item()
     patch(model, result.policy, backend_of(model))

@@ -50,6 +50,7 @@ def calibrate(
     path_record: ExitRecord | None = None,
     path: list[ExitPolicy] | None = None,
     unlabelled=None,
+    guarantee: str = "probable",
 ) -> Calibration:
     """Choose the policy's threshold on rows set apart for it (validation or calibration rows) for one target.
 
@@ -86,6 +87,9 @@ def calibrate(
     the ordered candidates to walk, given whole (a folder's saved path). ``unlabelled`` (with
     ``confidence``): more calibration rows without labels (an ``ExitRecord``, or batches the model
     runs), in the certificate beside these (:func:`~earlyexit_kernels.calibration.certify.certify`).
+    ``guarantee`` (with ``confidence``): ``"probable"`` (the default: with probability ``confidence``, the risk is
+    within the budget) or ``"expected"`` (within it on average over the draw of the rows, conformal risk control:
+    cheaper, and any one draw may serve above it); :data:`~earlyexit_kernels.calibration.certify.GUARANTEES`.
     """
     goal = Goal(
         max_drop=max_drop,
@@ -97,6 +101,7 @@ def calibrate(
         min_saving=min_saving,
         chance_margin=chance_margin,
         confidence=confidence,
+        guarantee=guarantee,
     ).checked()
     record = model_or_record if isinstance(model_or_record, ExitRecord) else record_exits(model_or_record, batches)
     if unlabelled is not None and confidence is None:

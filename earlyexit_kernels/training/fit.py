@@ -168,6 +168,7 @@ def fit_exit_heads(
     pooling: str | None = None,
     head: str | None = None,
     unlabelled_batches=None,
+    guarantee: str = "probable",
 ) -> FitResult:
     """Train the exit heads of ``model`` with ``method``'s recipe, calibrate on validation data, patch.
 
@@ -193,7 +194,8 @@ def fit_exit_heads(
     on the validation loss applies to every stage. ``backend``: passed to ``eek.patch``.
     ``calibration_batches``: rows for the calibration only (default: the validation rows,
     which early stopping has also seen); ``confidence``: certify ``max_drop`` with that
-    confidence (:func:`~earlyexit_kernels.training.calibration.calibrate`); the guarantee
+    confidence (:func:`~earlyexit_kernels.training.calibration.calibrate`; ``guarantee``: ``"probable"`` or
+    ``"expected"``, what the certificate promises); the guarantee
     assumes calibration rows that no training step saw, so pass ``calibration_batches``;
     ``unlabelled_batches``: more such rows, without labels, in the certificate beside them.
     ``pooling`` / ``head``: the heads' (``"cls"``/``"mean"``, ``"model"``/``"mlp"``/``"cascade"``; None: the
@@ -334,6 +336,7 @@ def fit_exit_heads(
         confidence=confidence,
         path_record=path_record,
         unlabelled=None if unlabelled_batches is None else record_exits(model, unlabelled_batches),
+        guarantee=guarantee,
     )
     patch(model, calibration.policy, backend)
     return FitResult(

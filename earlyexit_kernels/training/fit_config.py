@@ -33,7 +33,8 @@ class FitConfig:
     recipe's); ``max_length``: tokens a row keeps (None: the model's); ``seed``: everything drawn;
     ``progress``: bars; ``confidence``: of the certificate (None: uncertified); ``calibration_fraction``:
     the training rows kept out to certify on (``"auto"``: measured); ``validation_split``: the share of
-    the user's file the validation rows were split from (None: they came from elsewhere)."""
+    the user's file the validation rows were split from (None: they came from elsewhere); ``guarantee``: what
+    the certificate promises, ``"probable"`` or ``"expected"``."""
 
     method: str = "heads"
     pooling: str | None = "auto"
@@ -48,3 +49,4 @@ class FitConfig:
     confidence: float | None = CONFIDENCE
     calibration_fraction: float | str = AUTO_SHARE
     validation_split: float | None = None
+    guarantee: str = "probable"

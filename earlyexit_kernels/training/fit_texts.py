@@ -244,6 +244,7 @@ def train_and_calibrate(
             pooling=pooling,
             head=head,
             unlabelled_batches=unlabelled_batches,
+            guarantee=config.guarantee,
         )
     model.eval()
     calibration = result.calibration
@@ -317,6 +318,7 @@ def fit_model(
     calibration=None,
     validation_split: float | None = None,
     unlabelled=None,
+    guarantee: str = "probable",
 ):
     """Train and calibrate the exit heads of ``model`` in place; what ``eek fit`` does between reading and writing.
 
@@ -347,6 +349,10 @@ def fit_model(
     accuracy lost: :mod:`~earlyexit_kernels.calibration.prediction_powered`); a ``calibration`` whose label
     cells are partly empty gives its unlabelled rows the same way.
 
+    ``guarantee``: what the certificate promises, ``"probable"`` (the default: with probability ``confidence``)
+    or ``"expected"`` (on average over the draw of the calibration rows, conformal risk control; cheaper, and
+    any one draw may serve above the budget): :data:`~earlyexit_kernels.calibration.certify.GUARANTEES`.
+
     ``seed`` fixes everything drawn: the splits, the order of the rows, and the heads' initial
     weights (torch's generator is seeded inside, and given back as it was).
     """
@@ -364,6 +370,7 @@ def fit_model(
         confidence=confidence,
         calibration_fraction=calibration_fraction,
         validation_split=validation_split,
+        guarantee=guarantee,
     )
     return fit_with_config(model, tokenizer, train, validation, config, calibration=calibration, unlabelled=unlabelled)
 

@@ -51,7 +51,8 @@ class ServeSettings:
     integer >= 0 (0: strictly oldest first) or None (no age rule). ``max_body_bytes``: the largest
     request body taken; a larger one gets 413 before it is read whole (:mod:`.body_limit`, TEI's
     default of 2,000,000 bytes). ``max_batch_size``, ``max_tokens``, ``compile``, ``call_cost``: as
-    :class:`earlyexit_kernels.engine.continuous.ContinuousEngine`'s.
+    :class:`earlyexit_kernels.engine.continuous.ContinuousEngine`'s. ``certificate``: the fields of the served
+    threshold's certificate (``eek_fit.json``'s, or ``--calibration``'s), what ``/info`` says it promises.
     """
 
     model_id: str = "model"
@@ -72,6 +73,7 @@ class ServeSettings:
     max_age: int | str | None = "auto"
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     call_cost: float | None = None
+    certificate: dict | None = None
 
     def __post_init__(self):
         from earlyexit_kernels.methods.risk_control import check_fraction
@@ -106,6 +108,25 @@ class ServeSettings:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def held_certificate(fields: dict | None) -> dict | None:
+    """What ``/info`` says of the served threshold's certificate: the risk, its budget, the guarantee and what it
+    promises (None where the threshold was not certified)."""
+    if not fields:
+        return None
+    from earlyexit_kernels.calibration.certify import GUARANTEES
+
+    guarantee = str(fields.get("guarantee") or "probable")
+    return {
+        "risk": fields.get("risk"),
+        "budget": fields.get("budget"),
+        "guarantee": guarantee,
+        "confidence": fields.get("confidence") if guarantee == "probable" else None,
+        "promise": GUARANTEES.get(guarantee),
+        "rows": fields.get("rows"),
+        "certified": fields.get("certified"),
+    }
 
 
 class ServingState:
@@ -144,6 +165,7 @@ class ServingState:
             )
         self.audit = audit
         self.certificate, self.audit_record = settings.recertify, settings.audit_record  # re-certification, or None
+        self.held_certificate = held_certificate(settings.certificate)
         self.auditor = None  # its AuditWorker, while the app runs
         # labels for audited inputs (POST /feedback): single-label classifiers with an audit
         self.feedback, self.no_feedback = None, None
@@ -241,6 +263,7 @@ class ServingState:
                 "accuracy_budget": self.audit.accuracy_budget,
             },
             "recertify": None if self.certificate is None else self.certificate.as_dict(),
+            "certificate": self.held_certificate,
             "memory": process_trim_line(),
         }
 
