@@ -369,6 +369,24 @@ def test_by_default_fit_certifies_the_budget_on_rows_kept_out_of_training(classi
     assert eek.policy_of(eek.from_pretrained(str(out))).to_code(4) == summary["policy"]
 
 
+def test_fit_with_the_expected_guarantee_records_it_and_calibrate_keeps_it(classifier, tmp_path, capsys):
+    train = _write(_frame(800, seed=11), tmp_path / "train.parquet")
+    out = tmp_path / "expected"
+    quarter = ("--calibration-fraction", "0.25")
+    argv = ("--max-drop", "5", "--epochs", "2", "--no-progress", "--guarantee", "expected", *quarter)
+    assert _run("fit", classifier, train, out, *argv) == 0
+    assert "in expectation over the draw of the calibration rows" in capsys.readouterr().out
+    certificate = json.loads((out / "eek_fit.json").read_text())["certificate"]
+    assert certificate["guarantee"] == "expected" and certificate["test"] == "conformal risk control"
+    rows = _write(_frame(400, seed=12), tmp_path / "rows.csv")
+    assert _run("calibrate", out, rows, "--force") == 0  # no --guarantee: the folder's own
+    assert "in expectation" in capsys.readouterr().out
+    assert json.loads((out / "eek_fit.json").read_text())["certificate"]["guarantee"] == "expected"
+    assert _run("calibrate", out, rows, "--guarantee", "probable", "--force") == 0
+    assert "with confidence 95%" in capsys.readouterr().out
+    assert json.loads((out / "eek_fit.json").read_text())["certificate"]["guarantee"] == "probable"
+
+
 def test_fit_config_holds_fit_model_s_settings_with_its_defaults():
     """``eek fit`` builds one FitConfig and passes it along; ``fit_model`` builds the same from its keywords:
     every setting is a keyword of ``fit_model`` with the same default, so the two ways cannot drift apart."""

@@ -418,3 +418,20 @@ def test_the_inference_api_takes_parameters_as_an_object_or_null_only(classifier
     for parameters in (0, [], "top_k=1"):
         refused = server.post("/", {"inputs": "w1", "parameters": parameters})
         assert refused.status_code == 422 and "parameters must be a JSON object" in refused.json()["error"]
+
+
+def test_info_says_which_guarantee_the_served_threshold_holds(saved_classifier):
+    model, tokenizer = load_model(saved_classifier)
+    fields = {"risk": "rows lost", "budget": 0.01, "confidence": 0.95, "guarantee": "expected", "rows": 900}
+    server = RunningServer(create_app(model, tokenizer, certificate={**fields, "certified": True}))
+    try:
+        held = httpx.get(server.url + "/info", timeout=10).json()["certificate"]
+    finally:
+        server.close()
+    assert held["guarantee"] == "expected" and held["confidence"] is None and held["budget"] == 0.01
+    assert "on average" in held["promise"]
+    server = RunningServer(create_app(model, tokenizer))
+    try:
+        assert httpx.get(server.url + "/info", timeout=10).json()["certificate"] is None  # nothing certified
+    finally:
+        server.close()
