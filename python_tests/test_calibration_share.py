@@ -105,9 +105,13 @@ def reference_predicted(record, target: str, calibration_rows: int) -> float:
         rate = float(losses.mean())
         if target == "agreement":
             fails = binomial_p_value(math.floor(rate * calibration_rows + 1e-9), calibration_rows, 0.01) > 0.05
-        else:
-            spread = float(losses.std(unbiased=False))
-            fails = rate + NormalDist().inv_cdf(0.95) * spread / math.sqrt(calibration_rows) > 0.01
+        else:  # Nam's score statistic of the exact paired test at these shares, against its normal quantile
+            n, d = calibration_rows, 0.01
+            a, b = n * float((losses == 1).double().mean()), n * float((losses == -1).double().mean())
+            c = n - a - b
+            big_b = a * (1 - d) + b * (1 - 3 * d) - 2 * c * d
+            p2 = (big_b + math.sqrt(big_b**2 + 8 * n * b * d * (1 - d))) / (4 * n)  # the null's MLE of P(-1)
+            fails = (a - b - n * d) / math.sqrt(n * (2 * p2 + d - d * d)) > -NormalDist().inv_cdf(0.95)
         if fails:
             break
         layers = out.layers_run.double().mean().item()

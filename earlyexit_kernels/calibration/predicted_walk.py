@@ -4,8 +4,10 @@ Fixed-sequence testing walks the path from its most conservative candidate and s
 the calibration rows fail; the candidate before it is certified. Given each candidate's losses and
 layers on rows apart from the calibration rows (the validation rows), :class:`WalkTable` predicts
 where that walk would stop on ``calibration_rows`` rows like them: 0/1 losses by the exact binomial,
-as certification counts them; paired ones when their mean plus ``z`` standard errors is within the
-budget (``z``: the normal quantile of the confidence). Weights over the rows let one table predict for
+as certification counts them; paired ones of one label a row by the exact paired test's score statistic
+(:mod:`~earlyexit_kernels.methods.paired_exact`) at the rows' shares of +1 and -1, passing when it is below
+minus ``z`` (``z``: the normal quantile of the confidence), its null variance that of the discordant rows;
+other paired ones (multi-label averages) when their mean plus ``z`` standard errors is within the budget. Weights over the rows let one table predict for
 many bootstrap re-draws at once. The calibration share
 (:mod:`~earlyexit_kernels.calibration.share`) asks it how many rows to keep out; the path choice
 (:func:`~earlyexit_kernels.calibration.candidates.choose_path`) which path keeps more.
@@ -43,6 +45,11 @@ class WalkTable:
     def rows(self) -> int:
         return self.losses.shape[1]
 
+    @property
+    def one_label(self) -> bool:
+        """Paired losses of one label a row (each -1, 0 or 1): the exact paired test's."""
+        return bool(((self.losses == 1) | (self.losses == 0) | (self.losses == -1)).all())
+
     @classmethod
     def of_path(cls, candidates, record, loss_of) -> WalkTable:
         """The table of ``candidates`` (in walk order) on ``record``; ``loss_of(logits [N, C]) -> [N]``."""
@@ -64,6 +71,13 @@ class WalkTable:
         rate = weights @ self.losses.T  # [draws, candidates]
         if self.binary:  # the exact binomial, as certification counts 0/1 losses
             fails = torch.floor(rate * calibration_rows + 1e-9) > most_losses(calibration_rows, budget, confidence)
+        elif self.one_label:  # the exact paired test's statistic at these shares, as certification tests them
+            from earlyexit_kernels.methods.paired_exact import score_statistic
+
+            plus = weights @ (self.losses == 1).double().T
+            minus = weights @ (self.losses == -1).double().T
+            n = calibration_rows
+            fails = score_statistic(n * plus, n * minus, n, budget) > -NormalDist().inv_cdf(confidence)
         else:
             spread = (weights @ (self.losses**2).T - rate**2).clamp_min(0.0).sqrt()
             z = NormalDist().inv_cdf(confidence)
