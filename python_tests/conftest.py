@@ -278,3 +278,47 @@ def saved_classifier(tmp_path_factory):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def compact_past_two_to_the_31(compact) -> None:
+    """A backend's ``compact`` on a [n, S, H] CUDA tensor of more than 2^31 elements (int32 offsets would wrap):
+    the last rows and positions land where they belong, bit for bit. Skips below 6 GiB of free GPU memory."""
+    n, s, h = 2048, 1040, 1024  # 2.18e9 elements, 4.4 GB in fp16
+    assert n * s * h > 2**31
+    if torch.cuda.mem_get_info()[0] < 6 * 2**30:
+        pytest.skip("needs 6 GiB of free GPU memory")
+    hidden = torch.empty(n, s, h, dtype=torch.float16, device="cuda")
+    hidden.view(n, -1)[:, :8].copy_(torch.arange(n, device="cuda")[:, None].half())  # row marks
+    hidden[:, -1, -4:] = torch.arange(n, device="cuda")[:, None].half() / 2048
+    mask = torch.ones(n, s, dtype=torch.bool, device="cuda")
+    index = torch.tensor([n - 1, 0, n - 2, 1500], device="cuda")
+    got_h, got_m = compact(hidden, mask, index, s)
+    for i, row in enumerate(index.tolist()):  # bit for bit (the rest of the buffer is not initialized)
+        assert torch.equal(got_h[i].view(torch.int16), hidden[row].view(torch.int16)), row
+        assert float(got_h[i, 0, 0]) == row and float(got_h[i, -1, -1]) == row / 2048
+    assert bool(got_m.all())
+    del hidden, got_h
+    torch.cuda.empty_cache()
+
+
+def write_table(frame, path) -> str:
+    """``frame`` (a pandas DataFrame) written to ``path`` in the format its suffix names (.csv, .tsv, .jsonl,
+    .parquet), as a user's file for the command line; returns the path as a string."""
+    kind = Path(path).suffix[1:]
+    if kind in ("csv", "tsv"):
+        frame.to_csv(path, index=False, sep="\t" if kind == "tsv" else ",")
+    elif kind == "jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    else:
+        frame.to_parquet(path, index=False)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``),
+    its threads given back after: the command line's tests time nothing and two threads spin on two busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import word_bert, word_texts
+from conftest import word_bert, word_texts, write_table
 from transformers import BertTokenizerFast
 
 import earlyexit_kernels as eek
@@ -26,23 +26,8 @@ FORMATS = ("csv", "tsv", "jsonl", "parquet")
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _write(frame, path: Path):
-    kind = path.suffix[1:]
-    if kind in ("csv", "tsv"):
-        frame.to_csv(path, index=False, sep="\t" if kind == "tsv" else ",")
-    elif kind == "jsonl":
-        frame.to_json(path, orient="records", lines=True)
-    else:
-        frame.to_parquet(path, index=False)
-    return str(path)
+# one torch thread for the module's tests, given back after (conftest.one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _read(path: Path):
@@ -85,7 +70,7 @@ def _run(*argv):
 @pytest.mark.parametrize("kind_in, kind_out", [(k, k) for k in FORMATS] + [("csv", "parquet"), ("parquet", "jsonl")])
 def test_every_row_gets_the_model_s_own_answer(saved_classifier, tmp_path, kind_in, kind_out):
     texts = word_texts(100, seed=1)
-    source = _write(pd.DataFrame({"id": range(100), "text": texts}), tmp_path / f"in.{kind_in}")
+    source = write_table(pd.DataFrame({"id": range(100), "text": texts}), tmp_path / f"in.{kind_in}")
     target = tmp_path / f"out.{kind_out}"
     assert _run("classify", saved_classifier, source, target, "--chunk-rows", 32, "--no-progress") == 0
     out = _read(target)
@@ -103,7 +88,7 @@ def test_every_row_gets_the_model_s_own_answer(saved_classifier, tmp_path, kind_
 
 def test_text_pairs(saved_classifier, tmp_path):
     first, second = word_texts(20, seed=4), word_texts(20, seed=5)
-    source = _write(pd.DataFrame({"q": first, "d": second}), tmp_path / "in.jsonl")
+    source = write_table(pd.DataFrame({"q": first, "d": second}), tmp_path / "in.jsonl")
     _run("classify", saved_classifier, source, tmp_path / "out.jsonl", "--text-column", "q", "--pair-column", "d")
     out = _read(tmp_path / "out.jsonl")
     expected = _expected(eek.from_pretrained(saved_classifier), saved_classifier, first, second)
@@ -118,7 +103,7 @@ def test_skip_gates_write_the_layers_they_ran(saved_classifier, tmp_path):
     threshold = eek.policy_of(eek.from_pretrained(saved_classifier)).threshold
     policy = f"SkipGates(skip_threshold=0.05, entropy_threshold={threshold!r})"
     texts = word_texts(40, seed=8)
-    source = _write(pd.DataFrame({"text": texts}), tmp_path / "in.csv")
+    source = write_table(pd.DataFrame({"text": texts}), tmp_path / "in.csv")
     assert _run("classify", saved_classifier, source, tmp_path / "out.csv", "--policy", policy) == 0
     out = _read(tmp_path / "out.csv")
     model = eek.from_pretrained(saved_classifier, eek.SkipGates(0.05, threshold))
@@ -130,7 +115,7 @@ def test_skip_gates_write_the_layers_they_ran(saved_classifier, tmp_path):
 
 
 def test_policy_replaces_the_saved_one(saved_classifier, tmp_path):
-    source = _write(pd.DataFrame({"text": word_texts(30, seed=2)}), tmp_path / "in.csv")
+    source = write_table(pd.DataFrame({"text": word_texts(30, seed=2)}), tmp_path / "in.csv")
     assert _run("classify", saved_classifier, source, tmp_path / "out.csv", "--policy", "Entropy(0.0)") == 0
     assert set(_read(tmp_path / "out.csv").exit_layer) == {4}  # an entropy is never below 0: no early exit
 
@@ -139,7 +124,7 @@ def test_a_plain_classifier_needs_a_policy(saved_classifier, tmp_path, capsys):
     plain = tmp_path / "plain"
     eek.unpatch(eek.from_pretrained(saved_classifier)).save_pretrained(plain)
     BertTokenizerFast.from_pretrained(saved_classifier).save_pretrained(plain)
-    source = _write(pd.DataFrame({"text": word_texts(10)}), tmp_path / "in.csv")
+    source = write_table(pd.DataFrame({"text": word_texts(10)}), tmp_path / "in.csv")
     assert _run("classify", plain, source, tmp_path / "a.csv") == 2
     assert "plain Hugging Face model: pass --policy" in capsys.readouterr().err
     assert _run("classify", plain, source, tmp_path / "b.csv", "--policy", "Patience(2)") == 0
@@ -154,7 +139,7 @@ def test_a_regression_head_writes_its_value_as_score(tmp_path):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     texts = word_texts(8, seed=3)
-    source = _write(pd.DataFrame({"text": texts}), tmp_path / "in.parquet")
+    source = write_table(pd.DataFrame({"text": texts}), tmp_path / "in.parquet")
     policy = "Patience(1, regression_threshold=0.1)"
     assert _run("classify", folder, source, tmp_path / "out.parquet", "--policy", policy) == 0
     out = _read(tmp_path / "out.parquet")
@@ -168,7 +153,7 @@ def test_a_regression_head_writes_its_value_as_score(tmp_path):
 
 
 def test_empty_and_null_texts_are_classified_as_empty_and_named(saved_classifier, tmp_path, capsys):
-    source = _write(pd.DataFrame({"text": ["w1 w2", None, "", "w3", "  "]}), tmp_path / "in.jsonl")
+    source = write_table(pd.DataFrame({"text": ["w1 w2", None, "", "w3", "  "]}), tmp_path / "in.jsonl")
     assert _run("classify", saved_classifier, source, tmp_path / "out.csv") == 0
     out = _read(tmp_path / "out.csv")
     assert len(out) == 5 and out.text.tolist() == ["w1 w2", "", "", "w3", "  "]
@@ -180,7 +165,7 @@ def test_empty_and_null_texts_are_classified_as_empty_and_named(saved_classifier
 
 
 def test_long_texts_are_truncated_with_a_one_line_warning(saved_classifier, tmp_path, capsys):
-    source = _write(pd.DataFrame({"text": ["w1 w2", "w3 " * 20]}), tmp_path / "in.csv")
+    source = write_table(pd.DataFrame({"text": ["w1 w2", "w3 " * 20]}), tmp_path / "in.csv")
     assert _run("classify", saved_classifier, source, tmp_path / "out.csv", "--max-length", 8) == 0
     err = capsys.readouterr().err.splitlines()
     assert [line for line in err if line.startswith("warning")] == [
@@ -215,7 +200,7 @@ def _interrupt_after(monkeypatch, chunks):
 @pytest.mark.parametrize("kind", FORMATS)
 def test_resume_after_an_interruption_loses_and_repeats_no_row(saved_classifier, tmp_path, monkeypatch, capsys, kind):
     texts = word_texts(150, seed=6)
-    source = _write(pd.DataFrame({"id": range(150), "text": texts}), tmp_path / f"in.{kind}")
+    source = write_table(pd.DataFrame({"id": range(150), "text": texts}), tmp_path / f"in.{kind}")
     whole, cut = tmp_path / f"whole.{kind}", tmp_path / f"cut.{kind}"
     assert _run("classify", saved_classifier, source, whole, "--chunk-rows", 20) == 0
 
@@ -238,7 +223,7 @@ def test_resume_after_an_interruption_loses_and_repeats_no_row(saved_classifier,
 
 def test_resume_after_a_real_kill(saved_classifier, tmp_path):
     texts = word_texts(400, seed=7)
-    source = _write(pd.DataFrame({"id": range(400), "text": texts}), tmp_path / "in.jsonl")
+    source = write_table(pd.DataFrame({"id": range(400), "text": texts}), tmp_path / "in.jsonl")
     whole, cut = tmp_path / "whole.jsonl", tmp_path / "cut.jsonl"
     assert _run("classify", saved_classifier, source, whole, "--chunk-rows", 20) == 0
 
@@ -265,7 +250,7 @@ def test_resume_after_a_real_kill(saved_classifier, tmp_path):
 
 
 def test_the_module_runs_as_a_program(saved_classifier, tmp_path):
-    source = _write(pd.DataFrame({"text": word_texts(5)}), tmp_path / "in.csv")
+    source = write_table(pd.DataFrame({"text": word_texts(5)}), tmp_path / "in.csv")
     done = subprocess.run(
         [sys.executable, "-m", "earlyexit_kernels", "classify", saved_classifier, source, str(tmp_path / "o.csv")],
         capture_output=True,
@@ -286,7 +271,7 @@ def test_engine_options_reach_the_engine(saved_classifier, tmp_path, monkeypatch
         return real(model, inputs, **{**options, "compile": False, "progress": False})
 
     monkeypatch.setattr(classify_module, "classify", recording)
-    source = _write(pd.DataFrame({"text": word_texts(5)}), tmp_path / "in.csv")
+    source = write_table(pd.DataFrame({"text": word_texts(5)}), tmp_path / "in.csv")
     argv = ["--max-batch-size", 8, "--max-tokens", 512, "--max-length", 32, "--compile", "--progress"]
     assert _run("classify", saved_classifier, source, tmp_path / "out.csv", *argv) == 0
     assert {k: seen[k] for k in ("max_batch_size", "max_tokens", "max_length", "compile", "progress")} == {
@@ -309,7 +294,7 @@ def test_threads_sets_torch_s_threads_for_the_run(saved_classifier, tmp_path, mo
         return real(model, inputs, **options)
 
     monkeypatch.setattr(classify_module, "classify", recording)
-    source = _write(pd.DataFrame({"text": word_texts(5)}), tmp_path / "in.csv")
+    source = write_table(pd.DataFrame({"text": word_texts(5)}), tmp_path / "in.csv")
     try:
         assert _run("classify", saved_classifier, source, tmp_path / "out.csv", "--threads", 2) == 0
     finally:
@@ -355,7 +340,7 @@ def test_usage_errors_exit_with_status_2(capsys):
     ],
 )
 def test_bad_input_gets_one_clear_line_and_status_2(saved_classifier, tmp_path, capsys, make_args, message):
-    source = _write(pd.DataFrame({"id": [1, 2], "text": ["w1", "w2"]}), tmp_path / "in.csv")
+    source = write_table(pd.DataFrame({"id": [1, 2], "text": ["w1", "w2"]}), tmp_path / "in.csv")
     assert _run(*make_args(saved_classifier, source, tmp_path / "out.csv")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
@@ -368,7 +353,7 @@ def test_an_unreadable_file_and_an_existing_output_are_refused(saved_classifier,
     garbage.write_bytes(b"not a parquet file at all")
     assert _run("classify", saved_classifier, garbage, tmp_path / "out.csv") == 2
     assert "cannot read" in capsys.readouterr().err
-    source = _write(pd.DataFrame({"text": ["w1"]}), tmp_path / "in.csv")
+    source = write_table(pd.DataFrame({"text": ["w1"]}), tmp_path / "in.csv")
     (tmp_path / "exists.csv").write_text("x\n")
     assert _run("classify", saved_classifier, source, tmp_path / "exists.csv") == 2
     assert "--overwrite" in capsys.readouterr().err
@@ -380,8 +365,8 @@ def test_an_unreadable_file_and_an_existing_output_are_refused(saved_classifier,
 
 
 def test_resume_with_another_input_is_refused(saved_classifier, tmp_path, monkeypatch, capsys):
-    first = _write(pd.DataFrame({"text": word_texts(80)}), tmp_path / "a.csv")
-    second = _write(pd.DataFrame({"text": word_texts(80)}), tmp_path / "b.csv")
+    first = write_table(pd.DataFrame({"text": word_texts(80)}), tmp_path / "a.csv")
+    second = write_table(pd.DataFrame({"text": word_texts(80)}), tmp_path / "b.csv")
     with monkeypatch.context() as patch:
         _interrupt_after(patch, 1)
         assert _run("classify", saved_classifier, first, tmp_path / "out.csv", "--chunk-rows", 20) == 130
@@ -390,13 +375,13 @@ def test_resume_with_another_input_is_refused(saved_classifier, tmp_path, monkey
 
 
 def test_a_resume_of_a_run_killed_before_writing_starts_from_the_first_row(saved_classifier, tmp_path):
-    source = _write(pd.DataFrame({"text": word_texts(5)}), tmp_path / "in.csv")
+    source = write_table(pd.DataFrame({"text": word_texts(5)}), tmp_path / "in.csv")
     assert _run("classify", saved_classifier, source, tmp_path / "out.csv", "--resume") == 0
     assert len(_read(tmp_path / "out.csv")) == 5
 
 
 def test_columns_the_output_format_cannot_hold(saved_classifier, tmp_path, capsys):
-    source = _write(pd.DataFrame({"tags": [["a", "b"], []], "text": ["w1", "w2"]}), tmp_path / "in.parquet")
+    source = write_table(pd.DataFrame({"tags": [["a", "b"], []], "text": ["w1", "w2"]}), tmp_path / "in.parquet")
     assert _run("classify", saved_classifier, source, tmp_path / "out.csv") == 2
     assert "cannot write the columns (tags: list<element: string>" in capsys.readouterr().err
     assert not (tmp_path / "out.csv").exists()
@@ -405,7 +390,7 @@ def test_columns_the_output_format_cannot_hold(saved_classifier, tmp_path, capsy
 
 
 def test_a_value_that_is_not_text_is_refused_with_its_row(saved_classifier, tmp_path, capsys):
-    source = _write(pd.DataFrame({"text": [7, 42]}), tmp_path / "in.parquet")
+    source = write_table(pd.DataFrame({"text": [7, 42]}), tmp_path / "in.parquet")
     assert _run("classify", saved_classifier, source, tmp_path / "out.csv") == 2
     assert "row 0: column 'text' holds int 7, not text" in capsys.readouterr().err
     mixed = tmp_path / "in.jsonl"
@@ -415,11 +400,11 @@ def test_a_value_that_is_not_text_is_refused_with_its_row(saved_classifier, tmp_
 
 
 def test_an_input_that_already_has_an_output_column_is_refused(saved_classifier, tmp_path, capsys):
-    source = _write(pd.DataFrame({"text": ["w1"], "label": ["pos"]}), tmp_path / "in.csv")
+    source = write_table(pd.DataFrame({"text": ["w1"], "label": ["pos"]}), tmp_path / "in.csv")
     assert _run("classify", saved_classifier, source, tmp_path / "out.csv") == 2
     assert "already has the column(s) ['label'] that the output adds; rename them" in capsys.readouterr().err
     # the audit's column is the output's only with an audit
-    audited = _write(pd.DataFrame({"text": ["w1"], "audit_disagreement": [0.0]}), tmp_path / "audited.csv")
+    audited = write_table(pd.DataFrame({"text": ["w1"], "audit_disagreement": [0.0]}), tmp_path / "audited.csv")
     assert _run("classify", saved_classifier, audited, tmp_path / "out3.csv", "--audit-fraction", "0.5") == 2
     assert "already has the column(s) ['audit_disagreement']" in capsys.readouterr().err
     assert _run("classify", saved_classifier, audited, tmp_path / "out4.csv") == 0
@@ -428,7 +413,7 @@ def test_an_input_that_already_has_an_output_column_is_refused(saved_classifier,
 def test_model_folders_that_are_not_supported_classifiers(saved_classifier, tmp_path, capsys):
     from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2ForSequenceClassification
 
-    source = _write(pd.DataFrame({"text": ["w1"]}), tmp_path / "in.csv")
+    source = write_table(pd.DataFrame({"text": ["w1"]}), tmp_path / "in.csv")
     gpt2 = tmp_path / "gpt2"
     GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(gpt2)
     assert _run("classify", gpt2, source, tmp_path / "out.csv", "--policy", "Entropy(0.3)") == 2
@@ -447,7 +432,7 @@ def test_model_folders_that_are_not_supported_classifiers(saved_classifier, tmp_
 
 
 def test_without_pyarrow_the_command_line_says_what_to_install(saved_classifier, tmp_path, monkeypatch, capsys):
-    source = _write(pd.DataFrame({"text": ["w1"]}), tmp_path / "in.csv")
+    source = write_table(pd.DataFrame({"text": ["w1"]}), tmp_path / "in.csv")
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     assert _run("classify", saved_classifier, source, tmp_path / "out.csv") == 2
     assert "needs pyarrow (the cli extra): pip install pyarrow pandas" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import on_device
+from conftest import compact_past_two_to_the_31, on_device
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.backends import compaction, cpp_backend
@@ -103,22 +103,7 @@ def test_compact_poisoned_allocations():
 @pytest.mark.skipif(not eek.backends()["cuda"], reason="needs the CUDA kernels (a [n, S, H] tensor past 2^31 elements)")
 def test_cuda_compact_past_two_to_the_31_elements():
     """B * S * H > 2^31 (int32 offsets would wrap): the last rows and positions land where they belong."""
-    n, s, h = 2048, 1040, 1024  # 2.18e9 elements, 4.4 GB in fp16
-    assert n * s * h > 2**31
-    if torch.cuda.mem_get_info()[0] < 6 * 2**30:
-        pytest.skip("needs 6 GiB of free GPU memory")
-    hidden = torch.empty(n, s, h, dtype=torch.float16, device="cuda")
-    hidden.view(n, -1)[:, :8].copy_(torch.arange(n, device="cuda")[:, None].half())  # row marks
-    hidden[:, -1, -4:] = torch.arange(n, device="cuda")[:, None].half() / 2048
-    mask = torch.ones(n, s, dtype=torch.bool, device="cuda")
-    index = torch.tensor([n - 1, 0, n - 2, 1500], device="cuda")
-    got_h, got_m = cpp_backend.compact(hidden, mask, index, s)
-    for i, row in enumerate(index.tolist()):  # bit for bit (the rest of the buffer is not initialized)
-        assert torch.equal(got_h[i].view(torch.int16), hidden[row].view(torch.int16)), row
-        assert float(got_h[i, 0, 0]) == row and float(got_h[i, -1, -1]) == row / 2048
-    assert bool(got_m.all())
-    del hidden, got_h
-    torch.cuda.empty_cache()
+    compact_past_two_to_the_31(cpp_backend.compact)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2 or not eek.backends()["cuda"], reason="needs two CUDA devices")

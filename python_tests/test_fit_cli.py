@@ -4,11 +4,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import word_bert, word_texts
+from conftest import word_bert, word_texts, write_table
 from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
 
 import earlyexit_kernels as eek
@@ -29,12 +28,8 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 LABELS = {0: "neg", 1: "pos"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one torch thread for the module's tests, given back after (conftest.one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _label_of(text: str) -> str:
@@ -64,17 +59,6 @@ def _frame(count: int, seed: int, labels: str | None = "names"):
     return frame
 
 
-def _write(frame, path: Path) -> str:
-    kind = path.suffix[1:]
-    if kind in ("csv", "tsv"):
-        frame.to_csv(path, index=False, sep="\t" if kind == "tsv" else ",")
-    elif kind == "jsonl":
-        frame.to_json(path, orient="records", lines=True)
-    else:
-        frame.to_parquet(path, index=False)
-    return str(path)
-
-
 def _run(*argv):
     return main([str(a) for a in argv])
 
@@ -98,7 +82,7 @@ def _accuracy_of(folder: str, frame) -> tuple[float, float]:
 
 
 def test_fit_writes_a_calibrated_folder_that_classify_and_evaluate_load(classifier, tmp_path, capsys):
-    train = _write(_frame(160, seed=1), tmp_path / "train.csv")
+    train = write_table(_frame(160, seed=1), tmp_path / "train.csv")
     out = tmp_path / "fitted"
     assert _run("fit", classifier, train, out, *FAST) == 0
     printed = capsys.readouterr().out
@@ -110,8 +94,8 @@ def test_fit_writes_a_calibrated_folder_that_classify_and_evaluate_load(classifi
     assert eek.policy_of(model).to_code(4) == summary["policy"]
     assert not any(p.name.startswith(".fitted") for p in tmp_path.iterdir())  # no temporary folder left
 
-    test = _write(_frame(60, seed=2), tmp_path / "test.parquet")
-    unlabelled = _write(pd.read_parquet(test).drop(columns="label"), tmp_path / "unlabelled.parquet")
+    test = write_table(_frame(60, seed=2), tmp_path / "test.parquet")
+    unlabelled = write_table(pd.read_parquet(test).drop(columns="label"), tmp_path / "unlabelled.parquet")
     assert _run("classify", out, unlabelled, tmp_path / "pred.csv", "--no-progress") == 0
     assert len(pd.read_csv(tmp_path / "pred.csv")) == 60
     capsys.readouterr()
@@ -126,8 +110,8 @@ def test_fit_writes_a_calibrated_folder_that_classify_and_evaluate_load(classifi
 
 def test_without_labels_the_heads_learn_the_model_s_answers_and_agreement_is_calibrated(classifier, tmp_path, capsys):
     frame = _frame(120, seed=3, labels=None)
-    train = _write(frame, tmp_path / "train.jsonl")
-    validation = _write(_frame(40, seed=4, labels=None), tmp_path / "val.parquet")
+    train = write_table(frame, tmp_path / "train.jsonl")
+    validation = write_table(_frame(40, seed=4, labels=None), tmp_path / "val.parquet")
     out = tmp_path / "fitted"
     assert _run("fit", classifier, train, out, "--validation", validation, *FAST) == 0
     captured = capsys.readouterr()
@@ -146,8 +130,8 @@ def test_without_labels_the_heads_learn_the_model_s_answers_and_agreement_is_cal
 def test_the_same_seed_fits_the_same_heads_and_leaves_torch_s_generator_as_it_was(classifier, tmp_path):
     from safetensors.torch import load_file
 
-    train = _write(_frame(120, seed=3, labels=None), tmp_path / "train.jsonl")
-    validation = _write(_frame(40, seed=4, labels=None), tmp_path / "val.jsonl")
+    train = write_table(_frame(120, seed=3, labels=None), tmp_path / "train.jsonl")
+    validation = write_table(_frame(40, seed=4, labels=None), tmp_path / "val.jsonl")
     heads = []
     for run in ("a", "b"):
         torch.manual_seed(100 + ord(run))  # the caller's own draws differ between the runs
@@ -160,7 +144,7 @@ def test_the_same_seed_fits_the_same_heads_and_leaves_torch_s_generator_as_it_wa
 
 
 def test_fit_trains_heads_that_read_the_head_below_and_the_folder_runs_them(classifier, tmp_path, capsys):
-    train = _write(_frame(120, seed=6), tmp_path / "train.csv")
+    train = write_table(_frame(120, seed=6), tmp_path / "train.csv")
     out = tmp_path / "fitted"
     assert _run("fit", classifier, train, out, "--pooling", "mean", "--head", "cascade", *FAST) == 0
     summary = json.loads((out / "eek_fit.json").read_text())
@@ -169,14 +153,14 @@ def test_fit_trains_heads_that_read_the_head_below_and_the_folder_runs_them(clas
     assert eek.head_config(model).head == "cascade"
     assert any(h.below.weight.abs().sum() > 0 for h in model.early_exit_heads.classifiers[1:]), "B_i learnt"
     capsys.readouterr()
-    test = _write(_frame(40, seed=7), tmp_path / "test.csv")
+    test = write_table(_frame(40, seed=7), tmp_path / "test.csv")
     assert _run("evaluate", out, test, "--label-column", "label", "--no-progress") == 0
     accuracy, layers = _accuracy_of(str(out), pd.read_csv(test))
     assert f"mean layers run: {layers:.2f} of 4" in capsys.readouterr().out
 
 
 def test_labels_as_class_ids_and_a_validation_split(classifier, tmp_path, capsys):
-    train = _write(_frame(100, seed=5, labels="ids"), tmp_path / "train.tsv")
+    train = write_table(_frame(100, seed=5, labels="ids"), tmp_path / "train.tsv")
     out = tmp_path / "fitted"
     assert _run("fit", classifier, train, out, "--validation-split", "0.25", "--method", "fastbert", *FAST) == 0
     summary = json.loads((out / "eek_fit.json").read_text())
@@ -185,7 +169,7 @@ def test_labels_as_class_ids_and_a_validation_split(classifier, tmp_path, capsys
 
 
 def test_a_joint_method_trains_the_backbone_and_keeps_its_policy_family(classifier, tmp_path):
-    train = _write(_frame(64, seed=6), tmp_path / "train.csv")
+    train = write_table(_frame(64, seed=6), tmp_path / "train.csv")
     out = tmp_path / "fitted"
     assert _run("fit", classifier, train, out, "--method", "pabee", *FAST) == 0
     model = eek.from_pretrained(str(out))
@@ -217,7 +201,7 @@ def test_a_joint_method_trains_the_backbone_and_keeps_its_policy_family(classifi
 )
 def test_bad_input_is_one_clear_line_and_status_2(classifier, tmp_path, capsys, case, message):
     frame = _frame(40, seed=7)
-    data = _write(frame, tmp_path / "train.csv")
+    data = write_table(frame, tmp_path / "train.csv")
     model, output, extra = classifier, tmp_path / "out", []
     if case == "no text column":
         extra = ["--text-column", "sentence"]
@@ -229,11 +213,11 @@ def test_bad_input_is_one_clear_line_and_status_2(classifier, tmp_path, capsys, 
         data.write_text("text\nw1\n")
     elif case == "labels not the model's":
         frame["label"] = ["good" if label == "pos" else "bad" for label in frame.label]
-        data = _write(frame, tmp_path / "renamed.jsonl")
+        data = write_table(frame, tmp_path / "renamed.jsonl")
     elif case == "missing label column":
         extra = ["--label-column", "gold"]
     elif case == "a method that needs labels":
-        data = _write(frame.drop(columns="label"), tmp_path / "unlabelled.csv")
+        data = write_table(frame.drop(columns="label"), tmp_path / "unlabelled.csv")
         extra = ["--method", "pabee"]
     elif case == "not a classifier":
         model = tmp_path / "encoder"
@@ -260,9 +244,9 @@ def test_bad_input_is_one_clear_line_and_status_2(classifier, tmp_path, capsys, 
 
 
 def test_evaluate_refuses_labels_of_another_task(classifier, tmp_path, capsys):
-    train = _write(_frame(60, seed=8), tmp_path / "train.csv")
+    train = write_table(_frame(60, seed=8), tmp_path / "train.csv")
     assert _run("fit", classifier, train, tmp_path / "fitted", *FAST) == 0
-    other = _write(pd.DataFrame({"text": ["w1 w2", "w3"], "label": ["spam", "ham"]}), tmp_path / "other.csv")
+    other = write_table(pd.DataFrame({"text": ["w1 w2", "w3"], "label": ["spam", "ham"]}), tmp_path / "other.csv")
     capsys.readouterr()
     assert _run("evaluate", tmp_path / "fitted", other, "--no-progress") == 2
     assert "holds the labels 'ham', 'spam', which are neither" in capsys.readouterr().err
@@ -325,7 +309,7 @@ def test_batches_carry_token_types_only_where_the_tokenizer_gives_them():
 
 
 def test_fit_as_a_command(classifier, tmp_path, capsys):
-    train = _write(_frame(80, seed=10), tmp_path / "train.csv")
+    train = write_table(_frame(80, seed=10), tmp_path / "train.csv")
     out = tmp_path / "fitted"
     command = [sys.executable, "-m", "earlyexit_kernels", "fit", classifier, train, str(out), *FAST]
     fit = subprocess.run(command, capture_output=True, text=True, env=ONE_THREAD)
@@ -350,7 +334,7 @@ def test_the_command_line_offers_every_recipe_and_head_form():
 
 
 def test_by_default_fit_certifies_the_budget_on_rows_kept_out_of_training(classifier, tmp_path, capsys):
-    train = _write(_frame(800, seed=11), tmp_path / "train.parquet")
+    train = write_table(_frame(800, seed=11), tmp_path / "train.parquet")
     out = tmp_path / "certified"
     quarter = ("--calibration-fraction", "0.25")  # the measured share has its own test (test_calibration_rows.py)
     assert _run("fit", classifier, train, out, "--max-drop", "5", "--epochs", "2", "--no-progress", *quarter) == 0
@@ -370,7 +354,7 @@ def test_by_default_fit_certifies_the_budget_on_rows_kept_out_of_training(classi
 
 
 def test_fit_with_the_expected_guarantee_records_it_and_calibrate_keeps_it(classifier, tmp_path, capsys):
-    train = _write(_frame(800, seed=11), tmp_path / "train.parquet")
+    train = write_table(_frame(800, seed=11), tmp_path / "train.parquet")
     out = tmp_path / "expected"
     quarter = ("--calibration-fraction", "0.25")
     argv = ("--max-drop", "5", "--epochs", "2", "--no-progress", "--guarantee", "expected", *quarter)
@@ -378,7 +362,7 @@ def test_fit_with_the_expected_guarantee_records_it_and_calibrate_keeps_it(class
     assert "in expectation over the draw of the calibration rows" in capsys.readouterr().out
     certificate = json.loads((out / "eek_fit.json").read_text())["certificate"]
     assert certificate["guarantee"] == "expected" and certificate["test"] == "conformal risk control"
-    rows = _write(_frame(400, seed=12), tmp_path / "rows.csv")
+    rows = write_table(_frame(400, seed=12), tmp_path / "rows.csv")
     assert _run("calibrate", out, rows, "--force") == 0  # no --guarantee: the folder's own
     assert "in expectation" in capsys.readouterr().out
     assert json.loads((out / "eek_fit.json").read_text())["certificate"]["guarantee"] == "expected"

@@ -8,7 +8,6 @@ a few hundred word texts, so that what the two print and write is checked in sec
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import word_bert, word_texts
 from transformers import BertForSequenceClassification
 
@@ -20,12 +19,8 @@ from earlyexit_kernels.demo.real_task import Split
 pytest.importorskip("pyarrow", reason="the fit reads its data through the command line's tables")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one torch thread for the module's tests, given back after (conftest.one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _split(count: int, seed: int) -> Split:

@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import on_kernel_device  # noqa: E402
+from conftest import compact_past_two_to_the_31, on_kernel_device  # noqa: E402
 
 from earlyexit_kernels.backends import compaction  # noqa: E402
 from earlyexit_kernels.backends.triton_kernels import compact as tc  # noqa: E402
@@ -141,22 +141,7 @@ def test_compact_rejects_index_on_another_device_or_not_1d():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (a [n, S, H] tensor past 2^31 elements)")
 def test_compact_past_two_to_the_31_elements_cuda():
     """B * S * H > 2^31 (int32 offsets would wrap): the last rows and positions land where they belong."""
-    n, s, h = 2048, 1040, 1024  # 2.18e9 elements, 4.4 GB in fp16
-    assert n * s * h > 2**31
-    if torch.cuda.mem_get_info()[0] < 6 * 2**30:
-        pytest.skip("needs 6 GiB of free GPU memory")
-    hidden = torch.empty(n, s, h, dtype=torch.float16, device="cuda")
-    hidden.view(n, -1)[:, :8].copy_(torch.arange(n, device="cuda")[:, None].half())  # row marks
-    hidden[:, -1, -4:] = torch.arange(n, device="cuda")[:, None].half() / 2048
-    mask = torch.ones(n, s, dtype=torch.bool, device="cuda")
-    index = torch.tensor([n - 1, 0, n - 2, 1500], device="cuda")
-    got_h, got_m = tc.compact(hidden, mask, index, s)
-    for i, row in enumerate(index.tolist()):  # bit for bit (the rest of the buffer is not initialized)
-        assert torch.equal(got_h[i].view(torch.int16), hidden[row].view(torch.int16)), row
-        assert float(got_h[i, 0, 0]) == row and float(got_h[i, -1, -1]) == row / 2048
-    assert bool(got_m.all())
-    del hidden, got_h
-    torch.cuda.empty_cache()
+    compact_past_two_to_the_31(tc.compact)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (tensors on cuda:1, cuda:0 current)")

@@ -125,3 +125,16 @@ def max_age(text: str):
         return parse_max_age(text)
     except ValueError as error:
         raise CliError(str(error)) from None
+
+
+def add_guarantee_option(parser, default: str | None, default_says: str) -> None:
+    """``--guarantee probable|expected``: what a certificate promises (``default_says``: the default, in words)."""
+    parser.add_argument(
+        "--guarantee",
+        choices=("probable", "expected"),
+        default=default,
+        help=f"what the certificate promises (default: {default_says}): 'probable', with probability --confidence "
+        "over the draw of the calibration rows, at most --max-drop points are lost; 'expected', at most --max-drop on "
+        "average over that draw (conformal risk control: cheaper, and any one draw may lose more, about 40%% of them "
+        "at the limit)",
+    )

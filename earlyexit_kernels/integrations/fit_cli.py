@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from earlyexit_kernels.integrations.base_options import add_base_options
+from earlyexit_kernels.integrations.cli_options import add_guarantee_option
 
 __all__ = ["add_commands", "CALIBRATION_FRACTION", "CONFIDENCE", "HEAD_CHOICES", "METHODS", "UNLABELLED_METHODS"]
 
@@ -130,14 +131,7 @@ def _add_fit(commands) -> None:
         f"{CONFIDENCE:g}); 'off': an uncertified threshold, the fewest layers within --max-drop on the calibration "
         f"rows (or, without --calibration, the validation rows)",
     )
-    fit.add_argument(
-        "--guarantee",
-        choices=("probable", "expected"),
-        default="probable",
-        help="what the certificate promises: 'probable' (default): with probability --confidence over the draw of "
-        "the calibration rows, at most --max-drop points are lost; 'expected': at most --max-drop on average over "
-        "that draw (conformal risk control; cheaper, and any one draw may lose more, about 40%% of them at the limit)",
-    )
+    add_guarantee_option(fit, "probable", "probable")
     fit.add_argument(
         "--calibration",
         default=None,
@@ -269,13 +263,7 @@ def _add_calibrate(commands) -> None:
         help=f"certify --max-drop with this probability (default: FOLDER's certificate's, else {CONFIDENCE:g}); "
         "'off': the fewest layers within --max-drop on FILE's rows, uncertified",
     )
-    calibrate.add_argument(
-        "--guarantee",
-        choices=("probable", "expected"),
-        default=None,
-        help="what the certificate promises (default: FOLDER's certificate's, else probable): 'probable' (with "
-        "probability --confidence) or 'expected' (on average over the draw of the rows: conformal risk control)",
-    )
+    add_guarantee_option(calibrate, None, "FOLDER's certificate's, else probable")
     calibrate.add_argument(
         "--risk",
         choices=("auto", "agreement", "accuracy"),

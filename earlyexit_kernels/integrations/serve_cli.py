@@ -12,6 +12,7 @@ from earlyexit_kernels.integrations.base_options import add_base_options
 from earlyexit_kernels.integrations.cli_options import (
     CliError,
     add_audit_options,
+    add_guarantee_option,
     audit_options,
     is_multi_label,
     max_age,
@@ -173,13 +174,7 @@ def _add_served_certificate_options(serve) -> None:
         "unseen rows, labelled (accuracy lost against the full model on that base) or not (disagreement with it); "
         "e.g. --dtype int8 on a folder certified on float32",
     )
-    group.add_argument(
-        "--guarantee",
-        choices=("probable", "expected"),
-        default=None,
-        help="--calibration: what the certificate promises (default: the folder's): 'probable' (with its "
-        "confidence) or 'expected' (on average over the draw of the rows: conformal risk control)",
-    )
+    add_guarantee_option(group, None, "--calibration: the folder's certificate's")
     group.add_argument("--text-column", default="text", help="--calibration: the texts' column (default: text)")
     group.add_argument("--pair-column", default=None, help="--calibration: the second texts' column (optional)")
     group.add_argument(
