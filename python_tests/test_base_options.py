@@ -8,7 +8,8 @@ import json
 
 import pytest
 import torch
-from test_fit_cli import FAST, _frame, _run, _write, classifier  # noqa: F401 - classifier is a fixture
+from conftest import write_table as _write
+from test_fit_cli import FAST, _frame, _run, classifier  # noqa: F401 - classifier is a fixture
 
 from earlyexit_kernels.engine import precision
 from earlyexit_kernels.integrations import base_options

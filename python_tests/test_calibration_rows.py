@@ -11,7 +11,8 @@ import json
 
 import pytest
 import torch
-from test_fit_cli import FAST, _frame, _run, _write, classifier  # noqa: F401 - classifier is a fixture
+from conftest import write_table as _write
+from test_fit_cli import FAST, _frame, _run, classifier  # noqa: F401 - classifier is a fixture
 from transformers import BertForSequenceClassification, BertTokenizerFast
 
 import earlyexit_kernels as eek

@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-from test_fit_cli import FAST, _frame, _run, _write, classifier  # noqa: F401 - classifier is a fixture
+from conftest import write_table as _write
+from test_fit_cli import FAST, _frame, _run, classifier  # noqa: F401 - classifier is a fixture
 
 from earlyexit_kernels.integrations.folder_calibration import saved_path
 from earlyexit_kernels.integrations.model_folder import certified_base, fit_certificate

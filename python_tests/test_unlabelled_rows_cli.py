@@ -5,7 +5,8 @@ Bad input gets one line saying what to change."""
 import json
 
 import pytest
-from test_fit_cli import _frame, _run, _write, classifier  # noqa: F401 - classifier is a fixture
+from conftest import write_table as _write
+from test_fit_cli import _frame, _run, classifier  # noqa: F401 - classifier is a fixture
 
 pd = pytest.importorskip("pandas", reason="the data files are written with pandas")
 

@@ -31,6 +31,7 @@ Learn-then-Test): the last rejected candidate is chosen.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,7 @@ __all__ = [
     "certify",
     "describe_certificate",
     "least_rows",
+    "least_rows_for",
     "most_losses",
     "require_rows",
     "rows_needed",
@@ -216,14 +218,27 @@ class Certificate:
 # ---------------------------------------------------------------------------------- rows needed
 
 
-def require_rows(rows: int, budget: float, confidence: float, *, unit: str = "rows", hint: str = "") -> None:
-    """A ``ValueError`` when ``rows`` cannot certify ``budget`` at ``confidence`` even for a loss of 0."""
-    least = least_rows(budget, confidence)
+def least_rows_for(budget: float, confidence: float, guarantee: str = "probable") -> int | None:
+    """The fewest rows that certify ``budget`` for a policy that never errs: ``log(1 - confidence) / log(1 - budget)``
+    under the probable guarantee, ``1 / budget - 1`` under the expected one (its adjusted risk ``1 / (n + 1)``);
+    None where no number of rows does (a budget of 0)."""
+    if guarantee == "expected":
+        return None if budget <= 0 else max(1, math.ceil(1.0 / budget - 1.0 - 1e-12))
+    return least_rows(budget, confidence)
+
+
+def require_rows(
+    rows: int, budget: float, confidence: float, *, unit: str = "rows", hint: str = "", guarantee: str = "probable"
+) -> None:
+    """A ``ValueError`` when ``rows`` cannot certify ``budget`` (at ``confidence``, or in expectation) even for a
+    loss of 0."""
+    least = least_rows_for(budget, confidence, guarantee)
     if least is None or rows < least:
+        how = "(1 / budget - 1)" if guarantee == "expected" else "(log(1 - confidence) / log(1 - budget))"
+        at = "in expectation" if guarantee == "expected" else f"at confidence {100 * confidence:g}%"
         raise ValueError(
-            f"{rows} calibration {unit} cannot certify a risk budget of {100 * budget:g}% at confidence "
-            f"{100 * confidence:g}%: even a policy that never errs needs {least} {unit} "
-            f"(log(1 - confidence) / log(1 - budget)); give more calibration {unit}{hint} or a lower confidence"
+            f"{rows} calibration {unit} cannot certify a risk budget of {100 * budget:g}% {at}: even a policy that "
+            f"never errs needs {least} {unit} {how}; give more calibration {unit}{hint} or a lower confidence"
         )
 
 
@@ -366,7 +381,7 @@ def certify(
             unlabelled = None
     refs = references(record, target)
     num_layers, rows, num_labels = record.all_logits.shape
-    require_rows(rows, budget, confidence, hint=", a larger budget")
+    require_rows(rows, budget, confidence, hint=", a larger budget", guarantee=guarantee)
     grid = certified_candidates(record.policy if policy is None else policy, num_layers, num_labels, steps=steps)
     path_name, path_layers = "global", None
     if candidates is not None:

@@ -189,7 +189,7 @@ def calibrate_texts(
         raise FitError("unlabelled rows (--unlabelled) join the certificate: give a --confidence, or leave them out")
     if confidence is not None:
         check_confidence(confidence)
-        check_enough(len(data), max_drop, confidence, "labelled rows" if unlabelled is not None else "rows")
+        check_enough(len(data), max_drop, confidence, "labelled rows" if unlabelled is not None else "rows", guarantee)
     labels = label_ids(data, model.config) if data.labels is not None else None
     length = max_length_for(max_length, model, tokenizer)
     encoded = encode(tokenizer, data, length)
@@ -267,7 +267,7 @@ def calibrate_record(
     rows = record.all_logits.shape[1]
     if confidence is not None:
         check_confidence(confidence)
-        check_enough(rows, max_drop, confidence, "rows")
+        check_enough(rows, max_drop, confidence, "rows", guarantee)
     previous = policy_of(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # kept in the result and printed by the report

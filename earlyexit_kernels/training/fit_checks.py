@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from earlyexit_kernels.calibration.certify import least_rows
+from earlyexit_kernels.calibration.certify import least_rows_for
 
 __all__ = [
     "FitError",
@@ -38,9 +38,10 @@ def check_confidence(confidence: float) -> None:
         raise FitError(f"--confidence: {error}") from None
 
 
-def least_rows_to_certify(max_drop: float, confidence: float) -> int:
-    """The calibration rows below which not even a policy that never errs is certified (at ``max_drop`` points)."""
-    least = least_rows(max_drop / 100.0, confidence)
+def least_rows_to_certify(max_drop: float, confidence: float, guarantee: str = "probable") -> int:
+    """The calibration rows below which not even a policy that never errs is certified (at ``max_drop`` points,
+    under ``guarantee``)."""
+    least = least_rows_for(max_drop / 100.0, confidence, guarantee)
     if least is None:
         raise FitError(
             f"--max-drop {max_drop:g} cannot be certified: no number of rows tells a zero loss from a tiny one"
@@ -48,9 +49,10 @@ def least_rows_to_certify(max_drop: float, confidence: float) -> int:
     return least
 
 
-def check_enough(rows: int, max_drop: float, confidence: float, what: str) -> None:
-    """A :class:`FitError` when ``rows`` (``what``, in words) cannot certify ``max_drop`` points at ``confidence``."""
-    least = least_rows_to_certify(max_drop, confidence)
+def check_enough(rows: int, max_drop: float, confidence: float, what: str, guarantee: str = "probable") -> None:
+    """A :class:`FitError` when ``rows`` (``what``, in words) cannot certify ``max_drop`` points at ``confidence``
+    (or in expectation, ``guarantee="expected"``)."""
+    least = least_rows_to_certify(max_drop, confidence, guarantee)
     if rows < least:
         raise FitError(
             f"{rows} {what} cannot certify a drop of at most {max_drop:g} points with confidence {confidence:g}: even "
@@ -76,10 +78,16 @@ def file_rows_to_certify(least: int, calibration_fraction: float, validation_spl
 
 
 def check_kept_out(
-    training: int, held: int, max_drop: float, confidence: float, fraction: float, validation_split: float | None
+    training: int,
+    held: int,
+    max_drop: float,
+    confidence: float,
+    fraction: float,
+    validation_split: float | None,
+    guarantee: str = "probable",
 ) -> None:
     """``held`` calibration rows kept out of ``training + held`` must be enough to certify anything."""
-    least = least_rows_to_certify(max_drop, confidence)
+    least = least_rows_to_certify(max_drop, confidence, guarantee)
     if held < least:
         needed = file_rows_to_certify(least, fraction, validation_split)
         after = "" if validation_split is None else f" after its --validation-split of {validation_split:g}"

@@ -415,7 +415,7 @@ def _fit(model, tokenizer, train, validation, config: FitConfig, calibration, un
         encoded_unlabelled = encode(tokenizer, unlabelled, length)
     if calibration is not None:
         if confidence is not None:
-            check_enough(len(calibration), max_drop, confidence, "calibration rows (--calibration)")
+            check_enough(len(calibration), max_drop, confidence, "calibration rows (--calibration)", config.guarantee)
         calibration_ids = label_ids(calibration, model.config) if calibration.labels is not None else None
         if train_ids is None:
             calibration_ids = None  # the heads learn agreement: certify agreement too
@@ -429,7 +429,7 @@ def _fit(model, tokenizer, train, validation, config: FitConfig, calibration, un
                 method=method,
                 pooling=pooling,
                 head=head,
-                least=least_rows_to_certify(max_drop, confidence),
+                least=least_rows_to_certify(max_drop, confidence, config.guarantee),
                 fraction=CALIBRATION_FRACTION,
                 seed=seed,
                 budget=max_drop / 100.0,
@@ -439,7 +439,7 @@ def _fit(model, tokenizer, train, validation, config: FitConfig, calibration, un
             rest, held, fraction = share.train, share.calibration, CALIBRATION_FRACTION
         else:
             rest, held, fraction = _split_for_calibration(len(train), calibration_fraction, seed)
-        check_kept_out(len(rest), len(held), max_drop, confidence, fraction, validation_split)
+        check_kept_out(len(rest), len(held), max_drop, confidence, fraction, validation_split, config.guarantee)
         from earlyexit_kernels.training.calibration_share import encoded_subset
 
         train, calibration = train.subset(rest), train.subset(held)
