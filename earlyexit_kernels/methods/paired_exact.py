@@ -17,9 +17,9 @@ out. The chance is summed over the counts that carry it (every count whose margi
 rows and grows with the rows' spread, not their number squared.
 
 Nothing here depends on the rows' order. Against the betting test the certificate used before
-(:func:`~earlyexit_kernels.methods.risk_control.betting_p_value`), it spends nothing on adapting to the
-variance as rows arrive: on 1,500 rows with 6% of them discordant, its bound is about 0.4 points
-tighter (issue 77's study).
+(:func:`~earlyexit_kernels.methods.risk_control.betting_p_value`), whose bound moves with the order the rows are
+read in: on 1,500 rows with 6% of them discordant and nothing lost, the exact 95% bound is 1.05 points where
+betting's is 0.90-1.56 over five orders; with 0.5 points lost, 1.59 against 1.45-2.12.
 """
 
 from __future__ import annotations
