@@ -21,11 +21,14 @@ shift in what is served (other topics, lengths, a new source) voids it; the serv
 How. The candidates are a fixed grid of the policy's family, set by the number of layers and
 labels only (never by the calibration rows), ordered from the most conservative (never exits
 early) to the most aggressive; or a path chosen on other rows (the validation rows:
-:mod:`~earlyexit_kernels.calibration.candidates`), or one given whole (a folder's saved path). Each is tested in turn for "risk > budget" with an exact
-binomial p-value (0/1 losses), the Hoeffding-Bentkus one (losses in [0, 1]) or by betting
-(paired losses in [-1, 1], :func:`~earlyexit_kernels.methods.risk_control.betting_p_value`), and the test
+:mod:`~earlyexit_kernels.calibration.candidates`), or one given whole (a folder's saved path). Each is tested in turn for "risk > budget" by the test of the risk asked for: an exact
+binomial p-value (disagreement, 0/1 losses), the Hoeffding-Bentkus one (a multi-label row's fraction),
+the exact paired test (accuracy lost, :mod:`~earlyexit_kernels.methods.paired_exact`) or betting (a
+multi-label row's paired average, read in an order drawn from the OS's entropy, ``order_seed``); the test
 stops at the first that is not rejected at ``1 - confidence`` (fixed-sequence testing,
-Learn-then-Test): the last rejected candidate is chosen.
+Learn-then-Test): the last rejected candidate is chosen. With ``guarantee="expected"`` the walk stops at
+the first candidate whose adjusted risk ``(n x observed + 1) / (n + 1)`` passes the budget (conformal risk
+control): the budget holds on average over the draw of the rows (:data:`GUARANTEES`).
 """
 
 from __future__ import annotations
