@@ -19,7 +19,7 @@ from earlyexit_kernels.calibration.record import ExitRecord
 from earlyexit_kernels.methods.paired_exact import paired_exact_p_value
 from earlyexit_kernels.methods.policies import Entropy
 from earlyexit_kernels.methods.risk_control import betting_p_values, draw_order_seed
-from earlyexit_kernels.training.labelled_texts import Encoded, length_sorted_batches
+from earlyexit_kernels.training.labelled_texts import Encoded, length_order
 
 
 def _record(rows: int, seed: int) -> ExitRecord:
@@ -79,9 +79,9 @@ def test_the_exact_paired_test_holds_its_level_at_the_boundary_exactly():
 
 
 def _production_order(lengths: list[int]) -> torch.Tensor:
-    """The order a record's rows arrive in: that of ``eek fit``'s length-sorted batches (their ``rows``)."""
-    encoded = Encoded([[1] * length for length in lengths], None, 0, max(lengths), 0)
-    return torch.cat([batch["rows"] for batch in length_sorted_batches(encoded, None, 64)])
+    """The order a record's rows arrive in: that of ``eek fit``'s length-sorted batches (``length_order``)."""
+    encoded = Encoded([range(length) for length in lengths], None, 0, max(lengths), 0)
+    return torch.tensor(length_order(encoded))
 
 
 def test_betting_over_rows_recorded_as_production_records_them_holds_its_level():

@@ -208,8 +208,14 @@ def length_sorted_batches(
     them) [n, S], ``rows`` [n] (the
     rows' positions in the data) and, with ``labels`` [N], ``labels`` [n].
     """
-    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded.input_ids[i]), i))
+    order = length_order(encoded)
     return [_batch(encoded, order[s : s + batch_size], labels) for s in range(0, len(order), batch_size)]
+
+
+def length_order(encoded: Encoded) -> list[int]:
+    """The order :func:`length_sorted_batches` puts rows in: by token count, longest first, ties in input order.
+    A record of calibration rows comes in this order, so any test on it that reads rows in order must draw its own."""
+    return sorted(range(len(encoded)), key=lambda i: (-len(encoded.input_ids[i]), i))
 
 
 def shuffled_batches(
