@@ -56,7 +56,7 @@ def test_a_loss_of_zero_needs_the_rows_the_formula_says():
     assert rows_to_certify(0.02, 0.01, 0.95) is None  # a rate over the budget is never certified
     rows = rows_to_certify(0.005, 0.01, 0.95)
     losses = torch.tensor([1.0] * round(0.005 * rows) + [0.0] * (rows - round(0.005 * rows)))
-    assert risk_p_value(losses, 0.01, paired=False) <= 0.05
+    assert risk_p_value(losses, 0.01, test="exact binomial") <= 0.05
 
 
 def test_fixed_sequence_stops_at_the_first_candidate_it_cannot_reject():
@@ -96,9 +96,9 @@ def test_the_budget_holds_over_many_draws_of_the_calibration_rows(target, confid
     for _ in range(draws):
         sample = torch.randint(0, population.all_logits.shape[1], (rows,), generator=g)
         drawn = losses[:, sample]
-        paired = target == "accuracy"
+        test = "exact paired" if target == "accuracy" else "exact binomial"
         chosen = fixed_sequence(
-            lambda i, drawn=drawn, paired=paired: risk_p_value(drawn[i], budget, paired=paired),
+            lambda i, drawn=drawn, test=test: risk_p_value(drawn[i], budget, test=test),
             len(grid),
             1 - confidence,
         )
@@ -118,7 +118,7 @@ def test_certify_on_a_record_is_the_fixed_sequence_on_its_rows():
     chosen, certificate, curve = certify(record, 0.05, 0.9, target="agreement", steps=100)
     grid = certified_candidates(record.policy, 4, 3, steps=100)
     losses = [row_losses(replay(p, record).logits, record, "agreement") for p in grid]
-    last = fixed_sequence(lambda i: risk_p_value(losses[i], 0.05, paired=False), len(grid), 0.1)
+    last = fixed_sequence(lambda i: risk_p_value(losses[i], 0.05, test="exact binomial"), len(grid), 0.1)
     assert chosen.policy == grid[last] and certificate.certified and certificate.tested == last + 2
     assert certificate.bound <= 0.05 and certificate.observed == pytest.approx(float(losses[last].mean()))
     assert [p.policy for p in curve] == grid  # the whole grid is scored, for the uncertified point

@@ -56,12 +56,12 @@ from earlyexit_kernels.methods.risk_control import (
     check_confidence,
     draw_order_seed,
     fixed_sequence,
-    is_binary,
     least_rows,  # re-exported: the rows a certificate needs, worked out beside the tests they come from
     most_losses,
     risk_p_value,
     risk_upper_bound,
     rows_to_certify,
+    test_for,
 )
 
 __all__ = [
@@ -245,11 +245,13 @@ def require_rows(
         )
 
 
-def rows_needed(points, losses_of, budget, confidence, num_layers, *, paired: bool = False):
+def rows_needed(points, losses_of, budget, confidence, num_layers, *, test: str):
     """A candidate more rows would certify, and about how many: ``(rows, point, observed rate)`` of the one
     saving the most layers among those whose observed risk is at most half the budget (else the one
-    needing the fewest rows); None where no candidate that exits early is under the budget. ``paired``
-    (accuracy lost): the rows of the paired test, with the discordant rows' variance."""
+    needing the fewest rows); None where no candidate that exits early is under the budget. ``test``: the
+    certificate's (:func:`~earlyexit_kernels.methods.risk_control.test_for`); a paired one counts the rows with
+    the discordant rows' variance."""
+    paired = test in ("exact paired", "betting")
     found = []
     for index, point in points:
         if point.mean_layers >= num_layers - 1e-9:
@@ -257,7 +259,7 @@ def rows_needed(points, losses_of, budget, confidence, num_layers, *, paired: bo
         losses = losses_of(index)
         rate = max(0.0, float(losses.mean()))
         discordant = float((losses != 0).double().mean()) if paired else None
-        rows = rows_to_certify(rate, budget, confidence, binary=is_binary(losses), discordant=discordant)
+        rows = rows_to_certify(rate, budget, confidence, binary=test == "exact binomial", discordant=discordant)
         if rows is not None:
             found.append((rows, point, rate))
     if not found:
@@ -271,17 +273,12 @@ def rows_needed(points, losses_of, budget, confidence, num_layers, *, paired: bo
 # ---------------------------------------------------------------------------------- the walk
 
 
-def certified_index(
-    losses_of, count: int, budget: float, confidence: float, *, paired: bool = False, seed: int = 0
-) -> int:
+def certified_index(losses_of, count: int, budget: float, confidence: float, *, test: str, seed: int = 0) -> int:
     """Fixed-sequence testing along ``count`` ordered candidates: the index of the last whose loss
     (``losses_of(i)``: per row, or per query) is certified within ``budget`` before the first that is not
-    (-1: not even the first). Candidates after the first failure are never scored. ``paired``: the losses are
-    accuracy lost (the test of :func:`~earlyexit_kernels.methods.risk_control.risk_p_value`); ``seed``: the order
-    a betting test reads them in."""
-    return fixed_sequence(
-        lambda i: risk_p_value(losses_of(i), budget, paired=paired, seed=seed), count, 1.0 - confidence
-    )
+    (-1: not even the first). Candidates after the first failure are never scored. ``test``: the risk's
+    (:func:`~earlyexit_kernels.methods.risk_control.test_for`); ``seed``: the order a betting test reads rows in."""
+    return fixed_sequence(lambda i: risk_p_value(losses_of(i), budget, test=test, seed=seed), count, 1.0 - confidence)
 
 
 def check_guarantee(guarantee: str) -> str:
@@ -302,13 +299,6 @@ def expected_index(losses_of, count: int, budget: float) -> int:
     adjusted risk ``(n x observed + 1) / (n + 1)`` passes ``budget`` (-1: not even the first). The walk stops there,
     never skipping to a more aggressive candidate that passes again."""
     return fixed_sequence(lambda i: 0.0 if _adjusted(losses_of(i)) <= budget else 1.0, count, 0.5)
-
-
-def which_test(losses: torch.Tensor, paired: bool) -> str:
-    """The test :func:`~earlyexit_kernels.methods.risk_control.risk_p_value` gives ``losses`` of the risk asked for."""
-    if paired:
-        return "exact paired" if bool(((losses == 1) | (losses == 0) | (losses == -1)).all()) else "betting"
-    return "exact binomial" if is_binary(losses) else "hoeffding-bentkus"
 
 
 def _point(policy: ExitPolicy, result, refs) -> CurvePoint:
@@ -372,10 +362,9 @@ def certify(
     target = resolve_target(record, target)
     order_seed = draw_order_seed() if order_seed is None else int(order_seed)
     record = _shuffled(record, order_seed)
-    if unlabelled is not None:
-        unlabelled = _shuffled(unlabelled, order_seed + 1)
     unlabelled_note = None
     if unlabelled is not None:
+        unlabelled = _shuffled(unlabelled, order_seed + 1)
         _check_unlabelled(record, unlabelled)
         if target == "agreement":  # disagreement needs no label: they are calibration rows like the others
             record, unlabelled = _joined(record, unlabelled), None
@@ -401,7 +390,7 @@ def certify(
         )
         grid, path_name, path_layers = choice.candidates, choice.name, choice.layers
     replays, losses = {}, {}
-    paired = target == "accuracy"
+    test = test_for(paired=target == "accuracy", fractional=is_multi_label_record(record))
 
     def losses_of(index: int) -> torch.Tensor:
         if index not in losses:
@@ -424,7 +413,6 @@ def certify(
             path_record,
             lambda logits, rows: row_losses(logits, rows, "accuracy"),
         )
-    probable_last = None
     if powered is not None and powered.bounds is not None:
         last = fixed_sequence(lambda i: 0.0 if powered.bounds.bound[i] <= budget else 1.0, len(grid), 0.5)
         tested = min(last + 2, len(grid))
@@ -432,7 +420,7 @@ def certify(
         last = expected_index(losses_of, len(grid), budget)
         tested = len(replays)
     else:
-        last = probable_last = certified_index(losses_of, len(grid), budget, confidence, paired=paired, seed=order_seed)
+        last = certified_index(losses_of, len(grid), budget, confidence, test=test, seed=order_seed)
         tested = len(replays)
     for index in range(len(grid)):  # the rest of the grid: the uncertified point, and what more rows would do
         losses_of(index)
@@ -444,12 +432,12 @@ def certify(
     chosen_losses = losses_of(chosen_index)
     certified = last >= 0 and chosen.mean_layers < num_layers - 1e-9
     if guarantee == "expected":  # what the probable guarantee would serve on the same rows
-        probable_last = certified_index(losses_of, len(grid), budget, confidence, paired=paired, seed=order_seed)
-        other = points[max(probable_last, 0)][1].mean_layers
+        probable = certified_index(losses_of, len(grid), budget, confidence, test=test, seed=order_seed)
+        other = points[max(probable, 0)][1].mean_layers
         bound = _adjusted(chosen_losses)
     else:
         other = points[max(expected_index(losses_of, len(grid), budget), 0)][1].mean_layers
-        bound = risk_upper_bound(chosen_losses, confidence, paired=paired, seed=order_seed)
+        bound = risk_upper_bound(chosen_losses, confidence, test=test, seed=order_seed)
     certificate = Certificate(
         budget=budget,
         confidence=confidence,
@@ -465,7 +453,7 @@ def certify(
         path=path_name,
         path_layers=path_layers,
         order_seed=order_seed,
-        test="conformal risk control" if guarantee == "expected" else which_test(chosen_losses, paired),
+        test="conformal risk control" if guarantee == "expected" else test,
         guarantee=guarantee,
         other_layers=None if powered is not None and powered.bounds is not None else other,
     )
@@ -473,7 +461,7 @@ def certify(
         certificate.unlabelled_rows, certificate.unlabelled_use = unlabelled_note
     if powered is not None:
         powered.fill(certificate, chosen_index, losses_of(chosen_index), confidence)
-    found = rows_needed(points, losses_of, budget, confidence, num_layers, paired=paired)
+    found = rows_needed(points, losses_of, budget, confidence, num_layers, test=test)
     if certified and found is not None and found[1].mean_layers < chosen.mean_layers - 1e-9 and found[0] > rows:
         certificate.more_rows, certificate.more_rows_layers = found[0], found[1].mean_layers
     if not certified:

@@ -142,9 +142,7 @@ class PoweredWalk:
         certificate.bound = float(self.bounds.bound[chosen])
         certificate.predicted_part = float(self.bounds.predicted_part[chosen])
         certificate.error_part = float(self.bounds.error_part[chosen])
-        certificate.labelled_bound = risk_upper_bound(
-            chosen_losses, confidence, paired=True, seed=certificate.order_seed or 0
-        )
+        certificate.labelled_bound = risk_upper_bound(chosen_losses, confidence, test="exact paired")
 
 
 def powered_walk(

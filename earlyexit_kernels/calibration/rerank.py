@@ -39,7 +39,7 @@ from earlyexit_kernels.calibration.losses import missed_top_k, top_k_recall
 from earlyexit_kernels.calibration.record import ExitRecord, replay
 from earlyexit_kernels.calibration.select import select_point
 from earlyexit_kernels.methods.policies import ScoreBand
-from earlyexit_kernels.methods.risk_control import check_confidence, risk_upper_bound
+from earlyexit_kernels.methods.risk_control import check_confidence, risk_upper_bound, test_for
 
 __all__ = [
     "RerankPoint",
@@ -152,7 +152,9 @@ def _certified_rerank(record, groups, full, k, min_recall, confidence, policy) -
         )
         return losses[index]
 
-    last = certified_index(losses_of, len(grid), budget, confidence)
+    # a query's loss is the share of the full model's top k missed: whole (0/1) at k = 1 only
+    test = test_for(paired=False, fractional=k > 1)
+    last = certified_index(losses_of, len(grid), budget, confidence, test=test)
     chosen = points[max(last, 0)]
     num_layers = record.num_layers
     certified = last >= 0 and chosen.mean_layers < num_layers - 1e-9
@@ -163,7 +165,7 @@ def _certified_rerank(record, groups, full, k, min_recall, confidence, policy) -
         risk=f"the full model's top {k} missed (fraction per query)",
         rows=queries,
         observed=float(loss.mean()),
-        bound=risk_upper_bound(loss, confidence, paired=False),
+        bound=risk_upper_bound(loss, confidence, test=test),
         certified=certified,
         tested=len(points),
         mean_layers=chosen.mean_layers,

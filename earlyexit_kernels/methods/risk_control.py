@@ -20,9 +20,10 @@ The p-values:
   labels'), by testing by betting (Waudby-Smith and Ramdas 2024). It reads the rows in an order drawn
   from ``seed``: the seed must be drawn without looking at the rows (:func:`draw_order_seed`), or a
   data-sorted order (length-sorted calibration batches) voids the test.
-- :func:`risk_p_value` picks among them by the risk asked for (``paired``), not by what the rows show:
-  accuracy lost is paired (the exact test for one label a row, betting for several), disagreement
-  is 0/1 for one label a row (the exact binomial) and a fraction for several (Hoeffding-Bentkus).
+- :func:`risk_p_value` runs the one :func:`test_for` names from the risk asked for, never from what the
+  rows show: accuracy lost is paired (the exact test for one label a row, betting where a row averages
+  several), disagreement is 0/1 for one label a row (the exact binomial) and a fraction where a row
+  averages several (Hoeffding-Bentkus).
 
 :func:`upper_bound` is the matching upper confidence bound (Clopper-Pearson for 0/1 losses):
 a candidate is rejected at level ``1 - confidence`` exactly when its bound is at most the
@@ -40,6 +41,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from earlyexit_kernels.methods.paired_exact import counts, paired_exact_p_value, paired_exact_upper_bound
+
 __all__ = [
     "check_confidence",
     "check_budget",
@@ -51,6 +54,8 @@ __all__ = [
     "betting_p_value",
     "betting_p_values",
     "draw_order_seed",
+    "TESTS",
+    "test_for",
     "risk_p_value",
     "upper_bound",
     "paired_upper_bound",
@@ -200,27 +205,39 @@ def count_p_value(losses: float, n: int, budget: float, *, binary: bool = True) 
     return hoeffding_bentkus_p_value(losses / n if n > 0 else 0.0, n, budget)
 
 
-def risk_p_value(losses: torch.Tensor, budget: float, *, paired: bool, seed: int = 0) -> float:
-    """The p-value of "risk > budget" for per-row ``losses`` [n], by the test of the risk asked for.
+#: the tests of "risk > budget", each for the losses of one kind of risk
+TESTS = ("exact binomial", "hoeffding-bentkus", "exact paired", "betting")
 
-    ``paired`` (accuracy lost, losses in [-1, 1]): the exact paired test where every loss is -1, 0 or 1 (one label
-    a row), else betting in the order ``seed`` draws. Not paired (losses in [0, 1]): the exact binomial for 0/1
-    losses (one label a row), else Hoeffding-Bentkus."""
-    n = losses.numel()
+
+def test_for(*, paired: bool, fractional: bool) -> str:
+    """The test of a risk, from what the risk is, never from what its rows showed: ``paired``, the accuracy lost
+    against the full model (losses in [-1, 1]), else a loss in [0, 1]; ``fractional``, a row's loss averages
+    several (a multi-label row's labels, a query's top k), else it is whole (0/1, or -1/0/1 paired)."""
     if paired:
-        if _one_label(losses):
-            from earlyexit_kernels.methods.paired_exact import counts, paired_exact_p_value
+        return "betting" if fractional else "exact paired"
+    return "hoeffding-bentkus" if fractional else "exact binomial"
 
-            return paired_exact_p_value(*counts(losses), budget)
+
+def risk_p_value(losses: torch.Tensor, budget: float, *, test: str, seed: int = 0) -> float:
+    """The p-value of "risk > budget" for per-row ``losses`` [n] by ``test`` (:func:`test_for`): the exact binomial
+    (0/1 losses), Hoeffding-Bentkus (losses in [0, 1]), the exact paired test (-1, 0 or 1) or betting (in [-1, 1],
+    read in the order ``seed`` draws). Losses the test cannot take raise ``ValueError``."""
+    if test == "exact paired":
+        return paired_exact_p_value(*counts(losses), budget)
+    if test == "betting":
         return betting_p_value(losses, budget, seed=seed)
-    if is_binary(losses):
-        return binomial_p_value(int(losses.sum()), n, budget)
-    return hoeffding_bentkus_p_value(float(losses.double().mean()), n, budget)
+    if test == "exact binomial":
+        return binomial_p_value(_whole_count(losses), losses.numel(), budget)
+    if test == "hoeffding-bentkus":
+        return hoeffding_bentkus_p_value(float(losses.double().mean()), losses.numel(), budget)
+    raise ValueError(f"test must be one of {', '.join(TESTS)}, got {test!r}")
 
 
-def _one_label(losses: torch.Tensor) -> bool:
-    """Paired losses of one label a row: each -1, 0 or 1."""
-    return bool(((losses == 1) | (losses == 0) | (losses == -1)).all())
+def _whole_count(losses: torch.Tensor) -> int:
+    """The number of losses of 1 among 0/1 ``losses``; ``ValueError`` for another value."""
+    if not is_binary(losses):
+        raise ValueError("the exact binomial test takes losses of 0 or 1 (one label a row)")
+    return int(losses.sum())
 
 
 def paired_upper_bound(losses: torch.Tensor, confidence: float, *, seed: int = 0) -> float:
@@ -286,16 +303,18 @@ def upper_bound(losses: float, n: int, confidence: float, *, binary: bool = True
     return high
 
 
-def risk_upper_bound(losses: torch.Tensor, confidence: float, *, paired: bool, seed: int = 0) -> float:
-    """The upper ``confidence`` bound on the mean of per-row ``losses`` [n], by the test :func:`risk_p_value` applies
-    to the risk asked for (``paired``: accuracy lost; ``seed``: the order betting reads rows in)."""
-    if paired:
-        if _one_label(losses):
-            from earlyexit_kernels.methods.paired_exact import counts, paired_exact_upper_bound
-
-            return paired_exact_upper_bound(*counts(losses), confidence)
+def risk_upper_bound(losses: torch.Tensor, confidence: float, *, test: str, seed: int = 0) -> float:
+    """The upper ``confidence`` bound on the mean of per-row ``losses`` [n] by ``test`` (:func:`risk_p_value`'s;
+    ``seed``: the order betting reads rows in)."""
+    if test == "exact paired":
+        return paired_exact_upper_bound(*counts(losses), confidence)
+    if test == "betting":
         return paired_upper_bound(losses, confidence, seed=seed)
-    return upper_bound(float(losses.sum()), losses.numel(), confidence, binary=is_binary(losses))
+    if test == "exact binomial":
+        return upper_bound(_whole_count(losses), losses.numel(), confidence, binary=True)
+    if test == "hoeffding-bentkus":
+        return upper_bound(float(losses.sum()), losses.numel(), confidence, binary=False)
+    raise ValueError(f"test must be one of {', '.join(TESTS)}, got {test!r}")
 
 
 def fixed_sequence(p_values: Sequence[float] | Callable[[int], float], count: int, delta: float) -> int:
