@@ -84,7 +84,7 @@ GUARANTEES = {
     "served is within the budget (Learn-then-Test: each candidate's exact test, walked in order)",
     "expected": "over the draw of the calibration rows, the risk of what is served is within the budget on average "
     "(conformal risk control: the walk stops at the first candidate whose (n x observed + 1) / (n + 1) passes the "
-    "budget); any one draw may serve above it, about 40% of them at the limit. A theorem where the loss rises with "
+    "budget); any one draw may serve above it. A theorem where the loss rises with "
     "the threshold (disagreement), measured for paired accuracy lost",
 }
 

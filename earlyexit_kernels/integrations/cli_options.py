@@ -135,6 +135,5 @@ def add_guarantee_option(parser, default: str | None, default_says: str) -> None
         default=default,
         help=f"what the certificate promises (default: {default_says}): 'probable', with probability --confidence "
         "over the draw of the calibration rows, at most --max-drop points are lost; 'expected', at most --max-drop on "
-        "average over that draw (conformal risk control: cheaper, and any one draw may lose more, about 40%% of them "
-        "at the limit)",
+        "average over that draw (conformal risk control: cheaper, and any one draw may lose more)",
     )
