@@ -9,18 +9,13 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         from earlyexit_kernels.bench.commands import main as bench
+        from earlyexit_kernels.integrations.cli import program_name
 
-        return bench(argv[1:], prog=f"{_program()} bench")
+        return bench(argv[1:], prog=f"{program_name()} bench")
     from earlyexit_kernels.bench.commands import HELP as BENCH_HELP
     from earlyexit_kernels.integrations.cli import main as integrations
 
     return integrations(argv, listed={"bench": BENCH_HELP})
-
-
-def _program() -> str:
-    from pathlib import Path
-
-    return "eek" if Path(sys.argv[0]).name == "eek" else "python -m earlyexit_kernels"
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ from earlyexit_kernels.methods.risk_control import (
 __all__ = [
     "GUARANTEES",
     "RISKS",
+    "guarantee_of",
     "Certificate",
     "certified_index",
     "certify",
@@ -279,6 +280,12 @@ def certified_index(losses_of, count: int, budget: float, confidence: float, *, 
     (-1: not even the first). Candidates after the first failure are never scored. ``test``: the risk's
     (:func:`~earlyexit_kernels.methods.risk_control.test_for`); ``seed``: the order a betting test reads rows in."""
     return fixed_sequence(lambda i: risk_p_value(losses_of(i), budget, test=test, seed=seed), count, 1.0 - confidence)
+
+
+def guarantee_of(fields: dict) -> str:
+    """The guarantee of a certificate saved as its fields: ``"probable"`` where they say none (certified before
+    there was a choice)."""
+    return str(fields.get("guarantee") or "probable")
 
 
 def check_guarantee(guarantee: str) -> str:

@@ -31,15 +31,19 @@ from earlyexit_kernels.integrations.model_folder import ModelFolderError, load_m
 from earlyexit_kernels.integrations.recertify_cli import add_recertify_options
 from earlyexit_kernels.integrations.serve_cli import add_serve_command
 
-__all__ = ["CliError", "build_parser", "main"]
+__all__ = ["CliError", "build_parser", "main", "program_name"]
+
+
+def program_name() -> str:
+    """How the user called the command line: ``eek``, or ``python -m earlyexit_kernels``."""
+    return "eek" if Path(sys.argv[0]).name == "eek" else "python -m earlyexit_kernels"
 
 
 def build_parser(listed: dict[str, str] | None = None) -> argparse.ArgumentParser:
     """``listed``: commands of the layers above (``bench``), named in ``--help`` with their line; the ``eek``
     command (``earlyexit_kernels.__main__``) sends them on before this parser reads them."""
-    program = "eek" if Path(sys.argv[0]).name == "eek" else "python -m earlyexit_kernels"
     parser = argparse.ArgumentParser(
-        prog=program, description="Early-exit inference for Hugging Face encoder classifiers."
+        prog=program_name(), description="Early-exit inference for Hugging Face encoder classifiers."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     classify = commands.add_parser(

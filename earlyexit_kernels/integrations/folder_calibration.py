@@ -39,10 +39,10 @@ def saved_budget(path: str) -> tuple[float | None, float | None]:
 def saved_guarantee(path: str) -> str:
     """What the certificate in ``path/eek_fit.json`` promises (``"probable"`` where it says nothing: folders
     certified before there was a choice)."""
+    from earlyexit_kernels.calibration.certify import guarantee_of
     from earlyexit_kernels.integrations.model_folder import fit_certificate
 
-    certificate = fit_certificate(path) or {}
-    return str(certificate.get("guarantee") or "probable")
+    return guarantee_of(fit_certificate(path) or {})
 
 
 def saved_path(path: str) -> list | None:

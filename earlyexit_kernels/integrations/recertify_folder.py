@@ -83,12 +83,13 @@ def resolve_online_certificate(
         return off("no audit runs (give an audit fraction above 0: --audit-fraction 0.05)")
     if folder is None:
         return off("the model was not loaded from an eek fit folder, so it has no certified path")
+    from earlyexit_kernels.calibration.certify import guarantee_of
     from earlyexit_kernels.integrations.model_folder import fit_certificate
 
     saved = fit_certificate(folder)
     if saved is None:
         return off(f"{folder} has no certificate in eek_fit.json (fit it with eek fit, whose default certifies)")
-    if saved.get("guarantee") == "expected":
+    if guarantee_of(saved) == "expected":
         return off(
             "its certificate holds in expectation (--guarantee expected) and online re-certification certifies with "
             "a probability, which would change what the folder promises; re-certify on the audited rows offline "

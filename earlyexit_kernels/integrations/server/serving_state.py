@@ -115,9 +115,9 @@ def held_certificate(fields: dict | None) -> dict | None:
     promises (None where the threshold was not certified)."""
     if not fields:
         return None
-    from earlyexit_kernels.calibration.certify import GUARANTEES
+    from earlyexit_kernels.calibration.certify import GUARANTEES, guarantee_of
 
-    guarantee = str(fields.get("guarantee") or "probable")
+    guarantee = guarantee_of(fields)
     return {
         "risk": fields.get("risk"),
         "budget": fields.get("budget"),
