@@ -56,6 +56,22 @@ def test_remove_drops_by_key_and_counts():
     assert sorted(keys(queue)) == [0, 2]
 
 
+@pytest.mark.parametrize("order", ["fifo", "length"])
+def test_what_the_queue_keeps_stays_bounded_by_what_is_pending_with_no_age_rule(order):
+    # eek serve --max-age off and eek.classify never ask for the oldest entry: what the queue
+    # keeps about arrivals must still be dropped as they are taken (it once grew by one a sequence)
+    queue = PendingQueue(order)
+    rng = np.random.default_rng(0)
+    for key in range(20_000):
+        queue.add(key, np.arange(int(rng.integers(1, 40))), None)
+        if key % 4 == 3:
+            queue.take(3)  # a backlog builds up: a quarter of the arrivals stay pending
+        if key % 1000 == 999:
+            queue.remove(set(range(key - 999, key - 900)))  # clients gone
+        assert len(queue._by_arrival) <= 2 * len(queue) + 64 + 4
+    assert 2_000 < len(queue) < 5_000  # 3,317 (fifo) and 3,491 (length) pending at the end
+
+
 def test_entries_are_tuples_the_garbage_collector_stops_tracking():
     queue = queued("fifo", [3, 4])
     gc.collect()

@@ -74,6 +74,7 @@ class PendingQueue:
             else:
                 kept.append(entry)
         self._entries = kept
+        self._forget_stale()
         return before - len(self._entries)
 
     def oldest(self) -> int | None:
@@ -91,7 +92,18 @@ class PendingQueue:
         taken = self._take(count, overdue_from)
         for entry in taken:
             self._pending_arrivals.discard(entry[1])
+        self._forget_stale()
         return taken
+
+    def _forget_stale(self) -> None:
+        """Drop the arrivals no longer pending from ``_by_arrival``, so that it holds O(pending) entries
+        whether or not an age rule ever asks for the oldest: the front as :meth:`oldest` does, and the
+        whole deque once stale entries are most of it (amortized O(1) a sequence)."""
+        by_arrival, pending = self._by_arrival, self._pending_arrivals
+        while by_arrival and by_arrival[0][0] not in pending:
+            by_arrival.popleft()
+        if len(by_arrival) > 2 * len(pending) + 64:
+            self._by_arrival = deque(item for item in by_arrival if item[0] in pending)
 
     def _take(self, count: int, overdue_from: int | None) -> list[tuple]:
         if self.order == "fifo":
