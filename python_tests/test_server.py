@@ -210,6 +210,18 @@ def test_metrics_hold_each_sequences_queue_and_inference_time(server):
     assert 0 < spent <= 3 * took  # each sequence's queue and inference time lie within the request's
 
 
+def test_metrics_give_the_process_s_memory_and_glibc_s_account_of_its_heap(server):
+    from earlyexit_kernels.integrations.server.memory_trim import heap_account
+
+    resident = server.metric("eek_process_resident_bytes")
+    assert resident > 10 * 1024 * 1024  # a process with torch loaded holds tens of MiB at least
+    if heap_account() is None:
+        pytest.skip("the C library here has no mallinfo2 (not glibc >= 2.33): no heap account")
+    in_use, free = server.metric("eek_heap_in_use_bytes"), server.metric("eek_heap_free_bytes")
+    assert 0 < in_use < resident + server.metric("eek_heap_mapped_bytes") + free
+    assert free >= 0
+
+
 # A model slow enough on this CPU that a request of 64 long texts is in flight for a while
 # (its policy never exits, so all 64 sequences leave together after the last layer).
 @pytest.fixture(scope="module")

@@ -135,7 +135,8 @@ class EekServer(LocalServer):
 
     ``policy`` None serves the folder's saved policy; ``extra`` are more ``eek serve`` options
     (``--dtype int8``); ``cores`` pins the server (the client keeps the others); ``env`` is added
-    to its environment (``OMP_NUM_THREADS``).
+    to its environment (``OMP_NUM_THREADS``); ``launcher`` is what runs ``eek`` (a profiler's
+    wrapper, such as ``benchmarks/profiles/heap_snapshots.py``).
     """
 
     def __init__(
@@ -149,9 +150,10 @@ class EekServer(LocalServer):
         cores: tuple[int, ...] | None = None,
         env: dict[str, str] | None = None,
         name: str = "eek serve",
+        launcher: Sequence[str] = (sys.executable, "-m", "earlyexit_kernels"),
     ):
         port = free_port()
-        command = [sys.executable, "-m", "earlyexit_kernels", "serve", str(model_dir), "--port", str(port)]
+        command = [*launcher, "serve", str(model_dir), "--port", str(port)]
         command += ["--policy", policy] if policy is not None else []
         command += ["--max-batch-size", str(max_batch_size), "--max-queue", "4096"]
         # One thread: the client takes the other core; a 2-thread layer call would wait at each

@@ -44,6 +44,7 @@ __all__ = [
     "process_trim_line",
     "preloaded_allocator",
     "heap_account",
+    "resident_bytes",
     "DEFAULT_INTERVAL",
 ]
 
@@ -118,6 +119,17 @@ def heap_account() -> dict[str, int] | None:
         "mapped": info.hblkhd,
         "mapped_blocks": info.hblks,
     }
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (``VmRSS``) in bytes; None where ``/proc`` does not say."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _glibc_malloc_trim():

@@ -18,6 +18,12 @@
   admission to its exit (histograms, from the engine's :mod:`earlyexit_kernels.engine.timings`;
   a one-text request is one sequence).
 
+The process's memory, read when scraped (:mod:`.memory_trim`): ``eek_process_resident_bytes``
+(``VmRSS``), and where the C library is glibc its own account of the heap:
+``eek_heap_in_use_bytes`` (what the process holds), ``eek_heap_free_bytes`` (what the allocator
+keeps for reuse) and ``eek_heap_mapped_bytes`` (blocks mapped on their own). Resident memory that
+grows while the bytes in use stay flat is the allocator's, not the server's.
+
 With an audit (``eek serve --audit-fraction F``, :mod:`earlyexit_kernels.engine.audit`):
 
 - ``eek_audit_fraction``: F; ``eek_audit_sequences_total``: sequences also run by the full model;
@@ -88,6 +94,7 @@ class ServerMetrics:
             lambda: engine_stats().rows / max(engine_stats().calls, 1)
         )
         self.registry.register(_EngineTimes(engine_stats))
+        self.registry.register(_ProcessMemory())
         if audit is not None:
             self._audit_metrics(audit, Gauge)
         if certificate is not None:  # online re-certification (server/policy_metrics.py)
@@ -221,3 +228,36 @@ class _EngineTimes:
         for name, (attribute, documentation) in self._HISTOGRAMS.items():
             histogram = getattr(stats, attribute)
             yield HistogramMetricFamily(name, documentation, buckets=histogram.cumulative(), sum_value=histogram.total)
+
+
+class _ProcessMemory:
+    """The process's resident memory and glibc's account of its heap, read when scraped."""
+
+    _GAUGES = {
+        "eek_heap_in_use_bytes": ("in_use", "Bytes the process holds on glibc's heap (mallinfo2)"),
+        "eek_heap_free_bytes": ("free", "Free bytes glibc's heap keeps for reuse (mallinfo2)"),
+        "eek_heap_mapped_bytes": ("mapped", "Bytes of the blocks glibc mapped on their own (mallinfo2)"),
+    }
+
+    def describe(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        names = {"eek_process_resident_bytes": "Resident memory of the process (VmRSS)"}
+        names |= {name: documentation for name, (_, documentation) in self._GAUGES.items()}
+        return [GaugeMetricFamily(name, documentation) for name, documentation in names.items()]
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        from earlyexit_kernels.integrations.server.memory_trim import heap_account, resident_bytes
+
+        resident = resident_bytes()
+        if resident is not None:
+            yield GaugeMetricFamily(
+                "eek_process_resident_bytes", "Resident memory of the process (VmRSS)", value=resident
+            )
+        heap = heap_account()
+        if heap is None:  # not glibc, or a glibc before 2.33
+            return
+        for name, (key, documentation) in self._GAUGES.items():
+            yield GaugeMetricFamily(name, documentation, value=heap[key])
