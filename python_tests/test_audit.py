@@ -515,3 +515,22 @@ def test_a_server_without_a_budget_exports_the_disagreement_and_no_budget(patche
         running.close()
     with pytest.raises(ValueError, match="audit fraction"):
         create_app(model, tokenizer, audit_fraction=1.5)
+
+
+def test_the_labelled_rows_kept_stay_within_the_window_and_the_counts_cover_them_all():
+    # a server fed labels for weeks keeps the latest PAIRED_WINDOW paired losses, not every one
+    from earlyexit_kernels.engine.audit import PAIRED_WINDOW
+
+    watch = AuditWatch(0.5)
+    early = [1, 0, 0, -1, 0, 0, 0, 0] * (PAIRED_WINDOW // 8)  # no accuracy lost net: 1/8 - 1/8
+    late = [1, 0, 0, 0] * 4096  # then 25 points lost
+    for chunk in range(0, len(early), 4096):
+        watch.record_labelled(early[chunk : chunk + 4096])
+    assert watch.accuracy_lost == pytest.approx(0.0)
+    watch.record_labelled(late)
+    assert watch.labelled == PAIRED_WINDOW + 4 * 4096
+    assert watch.exit_wrong_full_right == PAIRED_WINDOW // 8 + 4096
+    assert watch.exit_right_full_wrong == PAIRED_WINDOW // 8
+    assert watch.accuracy_window == PAIRED_WINDOW and len(watch._paired) == PAIRED_WINDOW
+    window = early[4 * 4096 :] + late
+    assert watch.accuracy_lost == pytest.approx(sum(window) / PAIRED_WINDOW)

@@ -72,6 +72,24 @@ def test_chunks_of_any_size_give_the_same_numbers_and_moves():
     assert [m.direction for m in whole.moves][-1] == "tighter"  # the 30% tail is seen
 
 
+def test_a_long_running_certificate_keeps_its_latest_moves_and_counts_them_all(monkeypatch):
+    from earlyexit_kernels.calibration import online
+
+    generator = torch.Generator().manual_seed(3)
+    rates = [0.0, 0.01, 0.02, 0.04, 0.2]
+    losses = torch.cat([_bernoulli_losses(rates, 1500, generator), _bernoulli_losses([0.3] * 5, 300, generator)], 1)
+    path = [Entropy(0.1 * i) for i in range(5)]
+    every = OnlineCertificate(path, budget=BUDGET, confidence=0.9, window=0)
+    every.observe(losses)
+    monkeypatch.setattr(online, "KEPT_MOVES", 2)
+    kept = OnlineCertificate(path, budget=BUDGET, confidence=0.9, window=0)
+    kept.observe(losses)
+    assert len(every.moves) > 2, "the stream must move more often than the two moves kept"
+    assert [m.as_dict() for m in kept.moves] == [m.as_dict() for m in every.moves][-2:]
+    assert kept.move_counts == {d: sum(m.direction == d for m in every.moves) for d in ("looser", "tighter")}
+    assert kept.as_dict()["move_counts"] == kept.move_counts
+
+
 def test_a_stream_within_the_budget_loosens_to_the_last_candidate_under_it():
     rates = [0.0, 0.005, 0.01, 0.02, 0.03, 0.08, 0.2]  # the budget (5%) lies between 0.03 and 0.08
     path = [Entropy(0.1 * i) for i in range(len(rates))]

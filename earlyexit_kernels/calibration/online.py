@@ -87,6 +87,8 @@ logger = logging.getLogger("earlyexit_kernels.recertify")
 ALARM = 10_000
 #: the audited rows of the current epoch kept for ``eek calibrate --from-audit``
 WINDOW = 20_000
+#: the latest moves kept for ``/info`` (``move_counts`` counts every one)
+KEPT_MOVES = 1_000
 #: the share of ``1 - confidence`` the first epoch tests at (the later epochs share the rest)
 FIRST_EPOCH_SHARE = 0.9
 
@@ -205,7 +207,9 @@ class OnlineCertificate:
         self.budget, self.confidence = budget, check_confidence(confidence)
         self.fraction, self.seed = check_fraction(fraction), seed
         self.alarm, self.window, self.multi_label = float(alarm), window, multi_label
-        self.moves: list[Move] = []
+        # the latest KEPT_MOVES moves (what /info shows); the counts are of every move since the start
+        self.moves: deque[Move] = deque(maxlen=KEPT_MOVES)
+        self.move_counts = {"looser": 0, "tighter": 0}
         self.audited = 0
         self._lock = threading.Lock()
         self._rows: deque = deque(maxlen=window)  # the epoch's audited rows' logits [L, C], newest last
@@ -292,6 +296,8 @@ class OnlineCertificate:
                 if move is not None:
                     moves.append(move)
             self.moves.extend(moves)
+            for move in moves:
+                self.move_counts[move.direction] += 1
         for move in moves:
             logger.log(logging.INFO if move.direction == "looser" else logging.WARNING, "%s", move.describe())
         return moves
@@ -389,6 +395,7 @@ class OnlineCertificate:
             "bound": self.bound(),
             "mean_layers": self.served_mean_layers(),
             "moves": [move.as_dict() for move in self.moves],
+            "move_counts": dict(self.move_counts),
         }
 
     def describe(self) -> str:
@@ -397,8 +404,8 @@ class OnlineCertificate:
         return (
             f"re-certification: serving {self.served_policy.to_code(4)} (candidate {self._served} of {len(self.path)}, "
             f"the folder's {self.start}); epoch {self._epoch}, {self._safety.rows} audited rows since it began, {seen}; "
-            f"{sum(m.direction == 'looser' for m in self.moves)} moves looser, "
-            f"{sum(m.direction == 'tighter' for m in self.moves)} pulled back; budget {100 * self.budget:g}% at "
+            f"{self.move_counts['looser']} moves looser, "
+            f"{self.move_counts['tighter']} pulled back; budget {100 * self.budget:g}% at "
             f"{100 * self.confidence:g}%"
         )
 

@@ -47,7 +47,9 @@ and bounds its mean, the accuracy points lost, above with the betting bound cali
 with (:func:`~earlyexit_kernels.methods.risk_control.paired_upper_bound`). Against
 ``accuracy_budget`` (the certificate's) it warns by the same rule as the disagreement: when the
 lower bound passes the budget (the betting test of "lost <= budget" on the negated losses), and
-says when the upper bound is back under it. Without labels the disagreement is reported, with no
+says when the upper bound is back under it. The mean, the bound and the warning read the latest
+:data:`PAIRED_WINDOW` labelled rows (65,536: half a MiB, and what the traffic does now rather than
+since the start), the counts every one. Without labels the disagreement is reported, with no
 budget from such a certificate (:func:`earlyexit_kernels.integrations.model_folder.audit_settings`).
 
 The full model is the model's class's own forward (:func:`full_depth_logits`): the same weights,
@@ -62,6 +64,7 @@ import math
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -82,11 +85,15 @@ from earlyexit_kernels.methods.risk_control import (
 __all__ = [
     "AuditRunner",
     "AuditWatch",
+    "PAIRED_WINDOW",
     "full_depth_logits",
     "upper_bound",
 ]
 
 logger = logging.getLogger("earlyexit_kernels.audit")
+
+#: the latest labelled audited rows the accuracy lost is read on (a server keeps no more of them)
+PAIRED_WINDOW = 65_536
 
 
 def _check_confidence(confidence: float) -> float:
@@ -214,7 +221,10 @@ class AuditWatch:
         self.fraction = check_fraction(fraction)
         self.budget = _check_budget(budget)
         self.accuracy_budget = _check_budget(accuracy_budget)
-        self._paired: list[int] = []  # the labelled audited rows' paired losses, in the order recorded
+        # the paired losses of the latest PAIRED_WINDOW labelled audited rows, in the order recorded (the
+        # bound and the warning read them); the counts are over every labelled row
+        self._paired: deque[int] = deque(maxlen=PAIRED_WINDOW)
+        self._labelled = self._wrong_right = self._right_wrong = 0
         self.accuracy_warnings = 0
         self._accuracy_over = False
         self._accuracy_cache: tuple[int, float] | None = None
@@ -278,6 +288,9 @@ class AuditWatch:
             return
         with self._lock:
             self._paired.extend(losses)
+            self._labelled += len(losses)
+            self._wrong_right += losses.count(1)
+            self._right_wrong += losses.count(-1)
             paired = list(self._paired)
         message = self._accuracy_crossing(paired)
         if message is not None:
@@ -286,21 +299,27 @@ class AuditWatch:
 
     @property
     def labelled(self) -> int:
-        """Audited rows whose label is known (counted on accuracy lost)."""
-        return len(self._paired)
+        """Audited rows whose label is known (counted on accuracy lost), since the start."""
+        return self._labelled
 
     @property
     def exit_wrong_full_right(self) -> int:
-        return self._paired.count(1)
+        return self._wrong_right
 
     @property
     def exit_right_full_wrong(self) -> int:
-        return self._paired.count(-1)
+        return self._right_wrong
+
+    @property
+    def accuracy_window(self) -> int:
+        """The labelled audited rows the accuracy lost, its bound and its warning are read on: the latest
+        :data:`PAIRED_WINDOW` (all of them until there are more)."""
+        return len(self._paired)
 
     @property
     def accuracy_lost(self) -> float | None:
-        """The accuracy the early exit lost against the full model on the labelled audited rows (a
-        fraction: 0.01 is one point; negative where it gained); None before any."""
+        """The accuracy the early exit lost against the full model on the latest :data:`PAIRED_WINDOW` labelled
+        audited rows (a fraction: 0.01 is one point; negative where it gained); None before any."""
         with self._lock:
             return sum(self._paired) / len(self._paired) if self._paired else None
 
@@ -309,13 +328,14 @@ class AuditWatch:
         with self._lock:
             paired = list(self._paired)
             cached = self._accuracy_cache
+            seen = self._labelled
         if not paired:
             return 1.0
-        if cached is not None and cached[0] == len(paired):
+        if cached is not None and cached[0] == seen:
             return cached[1]
         value = paired_upper_bound(torch.tensor(paired, dtype=torch.float64), self.confidence)
         with self._lock:
-            self._accuracy_cache = (len(paired), value)
+            self._accuracy_cache = (seen, value)
         return value
 
     @property
@@ -357,11 +377,16 @@ class AuditWatch:
         )
 
     def _accuracy_numbers(self) -> str:
-        n = self.labelled
+        n, window = self.labelled, list(self._paired)
+        on = (
+            f"{n} labelled audited rows"
+            if len(window) == n
+            else f"the latest {len(window)} of {n} labelled audited rows"
+        )
         return (
-            f"{100 * self.accuracy_lost:.2f} points lost on {n} labelled audited rows (the exit wrong where the full "
-            f"model was right on {self.exit_wrong_full_right}, right where it was wrong on "
-            f"{self.exit_right_full_wrong}), upper {100 * self.confidence:g}% bound {100 * self.accuracy_bound():.2f} "
+            f"{100 * self.accuracy_lost:.2f} points lost on {on} (the exit wrong where the full "
+            f"model was right on {window.count(1)}, right where it was wrong on "
+            f"{window.count(-1)}), upper {100 * self.confidence:g}% bound {100 * self.accuracy_bound():.2f} "
             f"points"
         )
 
