@@ -304,13 +304,20 @@ class ServingState:
             raise RequestError(503, "Unhealthy", "the server is shutting down") from None
         answered = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
         gone = asyncio.ensure_future(_disconnected(http_request))
-        await asyncio.wait({answered, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not answered.done():
-            for future in futures:
-                self.worker.cancel(future)
-            answered.cancel()
+        dropped = True
+        try:
+            await asyncio.wait({answered, gone}, return_when=asyncio.FIRST_COMPLETED)
+            dropped = not answered.done()
+        finally:
+            # the client gone, or this handler cancelled (Ray Serve cancels it when the client goes): the
+            # engine drops the sequences and nothing waits on the disconnect any longer
+            gone.cancel()
+            if dropped:
+                for future in futures:
+                    self.worker.cancel(future)
+                answered.cancel()
+        if dropped:
             return None
-        gone.cancel()
         try:
             finished = answered.result()
         except Exception as error:  # the engine failed on a step holding these sequences
