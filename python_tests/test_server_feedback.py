@@ -212,3 +212,37 @@ def test_feedback_says_what_it_counted_and_refuses_what_it_cannot(certified_on_a
         assert answer.status_code == 404 and "--audit-fraction" in answer.json()["error"]
     finally:
         plain.close()
+
+
+def test_what_the_audit_keeps_for_labels_stays_bounded_under_many_requests(certified_on_accuracy, monkeypatch):
+    # the same bounds as a server's (10,000 requests awaiting labels, the latest 65,536 labelled rows), made small
+    from earlyexit_kernels.engine import audit as audit_module
+    from earlyexit_kernels.integrations.server import feedback as feedback_module
+
+    monkeypatch.setattr(feedback_module, "DEFAULT_CAPACITY", 100)
+    monkeypatch.setattr(audit_module, "PAIRED_WINDOW", 50)
+    server, model, tokenizer = _server(certified_on_accuracy, audit_fraction=1.0)
+    try:
+        requests = 300
+        early = []
+        for i in range(requests):
+            answer = httpx.post(
+                server.url + "/predict", json={"inputs": TEXTS[i % len(TEXTS)]}, headers={"x-request-id": f"r{i}"}
+            )
+            assert answer.status_code == 200
+            early.append(answer.json()[0]["label"])
+        _wait(server.url, "eek_audit_sequences_total", requests)
+        statuses = [
+            httpx.post(
+                server.url + "/feedback", json={"request_id": f"r{i}", "input": 0, "label": early[i]}, timeout=10
+            ).status_code
+            for i in range(requests)
+        ]
+        assert statuses == [404] * (requests - 100) + [200] * 100  # the oldest 200 requests forgotten
+        metrics = _wait(server.url, "eek_audit_labelled_total", 100)
+        assert metrics["eek_audit_labelled_total"] == 100  # the counts cover every labelled row
+        state = server.app.state.eek
+        assert len(state.feedback._requests) == 100
+        assert state.audit.accuracy_window == 50  # the bound and warning read the latest 50
+    finally:
+        server.close()

@@ -87,6 +87,8 @@ def soak(args, texts: list[str], setting: str, server_cores, client_cores) -> di
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.update(item.split("=", 1) for item in variables.split())
     launcher = [sys.executable, "-m", "earlyexit_kernels"]
+    if args.wrapper is not None:
+        launcher = [sys.executable, str(args.wrapper), "--"]
     if args.heap is not None:
         args.heap.mkdir(parents=True, exist_ok=True)
         snapshots = args.heap / f"{_file_name(name)}.jsonl"
@@ -152,6 +154,7 @@ def main() -> None:
     )
     parser.add_argument("--heap-every", type=float, default=60.0, help="--heap: seconds between two snapshots")
     parser.add_argument("--tracemalloc", action="store_true", help="--heap: trace Python's allocations too")
+    parser.add_argument("--wrapper", type=Path, help="a Python script that runs eek's command line given after --")
     parser.add_argument("--render", type=Path, nargs="+", help="recorded JSON files: print their table, run nothing")
     parser.add_argument("--readme", type=Path, help="--render: write the table into this Markdown file's section")
     args = parser.parse_args()

@@ -46,8 +46,9 @@ class _Row:
 class FeedbackStore:
     """Audited inputs by (request id, input index) awaiting labels; counts each labelled one in ``watch``."""
 
-    def __init__(self, watch: AuditWatch, label2id: dict[str, int], capacity: int = DEFAULT_CAPACITY):
-        self.watch, self.label2id, self.capacity = watch, dict(label2id), capacity
+    def __init__(self, watch: AuditWatch, label2id: dict[str, int], capacity: int | None = None):
+        self.watch, self.label2id = watch, dict(label2id)
+        self.capacity = DEFAULT_CAPACITY if capacity is None else capacity
         self._requests: OrderedDict[str, tuple[int, dict[int, _Row]]] = OrderedDict()
         self._lock = threading.Lock()
 
