@@ -130,6 +130,27 @@ def test_a_copy_or_a_pickle_makes_its_own_session_and_a_new_thread_count_a_new_o
         torch.set_num_threads(threads)
 
 
+def test_every_session_shares_one_arena_and_keeps_no_memory_pattern_per_shape():
+    # a server sees calls of every shape: per-session arenas extended to the next power of two and a memory
+    # pattern per shape grew its resident memory over a soak (docs/serving.md, "What a server keeps")
+    from earlyexit_kernels.engine.ort_layer import shared_cpu_arena
+
+    model = tiny_model("bert", num_layers=2)
+    layers = [OrtLayer.from_layer(layer, model.config) for layer in model.base_model.encoder.layer]
+    assert shared_cpu_arena() is True
+    for rows, length in ((1, 3), (2, 7), (5, 4), (3, 11)):  # shapes that vary, as served calls do
+        hidden, mask = padded_input(rows, length, seed=rows)
+        expected = hidden
+        for layer, torch_layer in zip(layers, model.base_model.encoder.layer, strict=True):
+            hidden = run(layer, model, hidden, mask)
+            expected = run(torch_layer, model, expected, mask)
+        torch.testing.assert_close(hidden, expected, rtol=0, atol=5e-3)  # int8 against float32: at most 7.3e-4 here
+    for layer in layers:
+        options = layer.session().get_session_options()
+        assert options.enable_mem_pattern is False
+        assert options.get_session_config_entry("session.use_env_allocators") == "1"
+
+
 def test_the_recipe_runs_every_encoder_layer_on_onnx_runtime_and_leaves_the_heads_float():
     model = mlp_head_model(seed=5)
     heads_before = copy.deepcopy(model.early_exit_heads.state_dict())
