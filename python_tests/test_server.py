@@ -26,6 +26,7 @@ httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx")
 from served_models import RunningServer, serving  # noqa: E402
 
 import earlyexit_kernels as eek  # noqa: E402
+from earlyexit_kernels.engine.ort_layer import ort_available  # noqa: E402
 from earlyexit_kernels.integrations.model_folder import load_model  # noqa: E402
 from earlyexit_kernels.integrations.server import create_app  # noqa: E402
 
@@ -177,6 +178,7 @@ def test_health_and_info_describe_the_model(server, loaded_classifier):
     assert info["labels"] == ["neg", "neutral", "pos"]
     assert info["policy"] == repr(eek.policy_of(model))
     assert (info["max_batch_size"], info["max_queue"], info["max_length"]) == (16, 1024, 64)
+    assert info["layers"] == "torch"  # create_app serves the model as given; eek serve --layers decides
 
 
 def test_metrics_count_requests_sequences_and_exit_layers(server):
@@ -308,8 +310,10 @@ def test_sigterm_answers_the_requests_in_flight_then_exits(slow_model_dir):
                 return False
 
         wait_for(up, timeout=60, what="the server to start")
-        memory = httpx.get(url + "/info", timeout=10).json()["memory"]  # eek serve set its allocator behaviour
+        info = httpx.get(url + "/info", timeout=10).json()
+        memory = info["memory"]  # eek serve set its allocator behaviour
         assert "malloc_trim" in memory or "preloaded" in memory or "not glibc" in memory
+        assert info["layers"] == ("onnxruntime" if ort_available() else "torch")  # --layers auto
         with ThreadPoolExecutor(4) as pool:
             requests = [
                 pool.submit(httpx.post, url + "/predict", json={"inputs": [[t] for t in LONG_TEXTS[i::4]]}, timeout=60)
@@ -360,6 +364,7 @@ def test_replicas_on_ray_serve_answer_like_one_server(saved_classifier, loaded_c
 
     assert info["num_layers"] == 4 and info["max_age"] == 3  # the replicas' engines took the app's options
     assert "malloc_trim" in info["memory"] or "preloaded" in info["memory"]  # each replica trims, as eek serve
+    assert info["layers"] == ("onnxruntime" if ort_available() else "torch")  # and runs its layers where it does
     for response, want in zip(responses, expected_answers(model, tokenizer, texts), strict=True):
         assert response.status_code == 200
         assert best_of(response.json())[::2] == want[::2]

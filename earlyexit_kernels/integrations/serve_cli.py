@@ -23,6 +23,9 @@ from earlyexit_kernels.integrations.extras import install_line
 from earlyexit_kernels.integrations.model_folder import load_model
 from earlyexit_kernels.integrations.recertify_cli import add_recertify_options
 
+#: where a float32 model's encoder layers run (:data:`earlyexit_kernels.engine.served_layers.SERVED_LAYERS`)
+SERVED_LAYERS = ("auto", "onnxruntime", "torch")
+
 #: seconds between two trims (earlyexit_kernels.integrations.server.memory_trim.DEFAULT_INTERVAL, written
 #: out: importing the server package here would make `eek --help` load starlette, test_import_time)
 DEFAULT_INTERVAL = 10.0
@@ -156,6 +159,14 @@ def add_serve_command(commands) -> None:
         help="also map blocks of 128 KiB or more on their own (glibc's mmap threshold fixed), so resident memory "
         "stays flat under load, at about a quarter fewer texts/s (docs/serving.md); needs --memory-trim",
     )
+    serve.add_argument(
+        "--layers",
+        choices=SERVED_LAYERS,  # engine.served_layers's, written here: eek --help imports no torch
+        default="auto",
+        help="where a float32 model's encoder layers run: auto (default), ONNX Runtime's float32 graphs where it can run "
+        "them (onnxruntime installed, the model float32 on the CPU, no --compile): its memory stays flat under load "
+        "(docs/serving.md); onnxruntime: those or an error; torch: PyTorch's modules",
+    )
     serve.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
     serve.set_defaults(run=run_serve)
 
@@ -233,6 +244,7 @@ def run_serve(args) -> int:
         return _serve_on_ray(args, options)
     _start_trim(args)  # its line before the model's; --memory-flat's threshold matters for the activations
     model, tokenizer = load_model(args.model, args.policy, args.backend, dtype=args.dtype, device=args.device)
+    _serve_layers(args, model)
     options.update(recertify_options(args, options, local=True, multi_label=is_multi_label(model.config)))
     if args.policy is None:  # the folder's own threshold: its certificate is what /info says it holds
         from earlyexit_kernels.integrations.model_folder import fit_certificate
@@ -256,6 +268,7 @@ def _serve_certified(args, options: dict, name: str) -> int:
     model, tokenizer = load_model(
         args.model, None, args.backend, dtype=args.dtype, device=args.device, certified_here=True
     )
+    _serve_layers(args, model)  # before the certificate: it is made on the layers served
     try:
         data = read_labelled(
             args.calibration,
@@ -283,6 +296,16 @@ def _serve_certified(args, options: dict, name: str) -> int:
     )
     options["certificate"] = served.certificate
     return _run_server(args, model, tokenizer, name, options)
+
+
+def _serve_layers(args, model) -> None:
+    """The model's encoder layers where ``--layers`` says (:mod:`earlyexit_kernels.engine.served_layers`), in place."""
+    from earlyexit_kernels.engine.served_layers import serve_layers
+
+    try:
+        print(serve_layers(model, args.layers, compiled=args.compile), file=sys.stderr, flush=True)
+    except ValueError as error:
+        raise CliError(str(error)) from None
 
 
 def _run_server(args, model, tokenizer, name: str, options: dict) -> int:

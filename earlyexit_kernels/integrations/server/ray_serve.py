@@ -28,6 +28,7 @@ def serve_application(
     ray_actor_options: dict | None = None,
     memory_trim: float = DEFAULT_INTERVAL,
     memory_flat: bool = False,
+    layers: str = "auto",
     **app_options,
 ):
     """A Ray Serve application of ``replicas`` copies of the server for the model in ``model_dir``.
@@ -47,7 +48,8 @@ def serve_application(
     alone. ``audit_record`` with one replica only (one writer per file). ``memory_trim``: each
     replica returns its allocator's free memory every that many seconds, as ``eek serve`` does
     (:mod:`earlyexit_kernels.integrations.server.memory_trim`; 0: off); ``memory_flat``: as
-    ``eek serve --memory-flat``.
+    ``eek serve --memory-flat``. ``layers``: where a float32 model's encoder layers run, as ``eek serve
+    --layers`` (:mod:`earlyexit_kernels.engine.served_layers`; ``"auto"``: ONNX Runtime's graphs where it can).
     """
     try:
         from ray import serve
@@ -61,6 +63,8 @@ def serve_application(
         raise ValueError(f"memory_trim must be a number of seconds >= 0 (0: off), got {memory_trim!r}")
     if memory_flat and memory_trim == 0:
         raise ValueError("memory_flat needs the periodic trim: give memory_trim in seconds")
+    if layers not in ("auto", "onnxruntime", "torch"):
+        raise ValueError(f"layers must be one of auto, onnxruntime, torch; got {layers!r}")
     if "max_age" in app_options:
         from earlyexit_kernels.engine.aging import check_max_age
 
@@ -76,7 +80,10 @@ def serve_application(
         from earlyexit_kernels.patching.patch import policy_of
 
         trim_once_per_process(memory_trim, flat=memory_flat)  # the replica's process, as eek serve's
+        from earlyexit_kernels.engine.served_layers import serve_layers
+
         model, tokenizer = load_model(model_dir, policy, backend, dtype=dtype, device=device)
+        print(serve_layers(model, layers, compiled=bool(app_options.get("compile"))), flush=True)
         options = dict(app_options)
         recertify = options.pop("recertify", None)
         if options.get("audit_fraction"):

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 from earlyexit_kernels.engine.background import BackgroundEngine, QueueFull
 from earlyexit_kernels.engine.engine_config import EngineConfig
+from earlyexit_kernels.engine.served_layers import layers_of
 from earlyexit_kernels.integrations.labels import label_name
 from earlyexit_kernels.integrations.server.body_limit import DEFAULT_MAX_BODY_BYTES, check_max_body_bytes
 from earlyexit_kernels.integrations.server.feedback import FeedbackStore
@@ -248,6 +249,7 @@ class ServingState:
             "policy": repr(policy_of(self.model) if self.certificate is None else self.certificate.served_policy),
             "backend": backend_of(self.model),
             "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "layers": layers_of(self.model),
             "max_batch_size": self.engine_config.max_batch_size,
             "max_client_batch_size": self.max_client_batch_size,
             "max_tokens": self.engine_config.max_tokens,

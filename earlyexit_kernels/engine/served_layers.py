@@ -1,0 +1,92 @@
+"""Where a served float32 model's encoder layers run: PyTorch's modules, or one ONNX Runtime graph each.
+
+    line = serve_layers(model, "auto")   # in place; line: what runs, for the server's start-up log and /info
+
+Why (docs/serving.md, "What a server keeps"): on the CPU a float32 layer call's activations (blocks of
+128 KiB to a few MiB, of a new size at nearly every call) spread glibc's heap, and a served MiniLM-L6
+grew its resident memory by about a tenth over a 300 s soak (25% at its widest) whatever the periodic
+trim returned, while the bytes it held stayed flat. The same layer as an ONNX Runtime float32 graph
+(:class:`~earlyexit_kernels.engine.ort_layer.OrtLayer`, ``int8=False``: equal to the layer up to float
+rounding) takes its activations from ONNX Runtime's one arena, which the calls reuse; its kernels run
+the layer about twice as fast on one thread (``benchmarks/results/amd_epyc/ort_layer_cpu.md``).
+
+``layers``:
+
+- ``"auto"`` (``eek serve``'s default): ONNX Runtime where it can run them: the model float32 on the
+  CPU, ``onnxruntime`` and ``onnx`` installed, every encoder layer one the graph runs (BERT-style and
+  MPNet layers with the erf GELU), no ``torch.compile``; else PyTorch's, the line saying why;
+- ``"onnxruntime"``: ONNX Runtime, or a ``ValueError`` saying why it cannot;
+- ``"torch"``: PyTorch's modules, as ``eek.classify`` and ``eek fit`` run them.
+
+An int8 model is left as its recipe made it (``per-token-ort`` runs on ONNX Runtime already); bfloat16
+and GPU models run PyTorch's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from earlyexit_kernels.engine.ort_layer import ORT_MISSING, OrtLayer, layer_parts, ort_available
+
+__all__ = ["SERVED_LAYERS", "serve_layers", "layers_of"]
+
+#: where a served float32 model's encoder layers run (``eek serve --layers``)
+SERVED_LAYERS = ("auto", "onnxruntime", "torch")
+
+
+def _why_not(model: nn.Module, compiled: bool) -> str | None:
+    """Why the float32 layers of ``model`` cannot run on ONNX Runtime; None when they can."""
+    parameters = list(model.parameters())
+    if any(p.device.type != "cpu" for p in parameters):
+        return "the model is on a GPU"
+    if any(p.dtype.is_floating_point and p.dtype != torch.float32 for p in parameters):
+        return "the model is not float32"
+    if compiled:
+        return "--compile compiles PyTorch's layers"
+    if not ort_available():
+        return ORT_MISSING
+    layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList):
+        return f"{type(model).__name__} has no encoder.layer list"
+    for layer in layers:
+        if isinstance(layer, OrtLayer):
+            continue
+        try:
+            layer_parts(layer, model.config)
+        except ValueError as error:
+            return str(error)
+    return None
+
+
+def serve_layers(model: nn.Module, layers: str = "auto", *, compiled: bool = False) -> str:
+    """Run ``model``'s encoder layers where ``layers`` says (the module docstring), in place; returns the
+    line that says what runs. ``compiled``: the layer calls go through ``torch.compile``."""
+    if layers not in SERVED_LAYERS:
+        raise ValueError(f"layers must be one of {', '.join(SERVED_LAYERS)}; got {layers!r}")
+    recipe = getattr(model, "eek_int8_recipe", None)
+    if recipe is not None:  # the int8 base: its recipe decides
+        where = "ONNX Runtime" if layers_of(model) == "onnxruntime" else "PyTorch's kernels"
+        if layers == "onnxruntime" and where != "ONNX Runtime":
+            raise ValueError(f"--layers onnxruntime: the int8 recipe {recipe} runs on PyTorch's kernels")
+        return f"layers: int8 on {where} (the recipe {recipe})"
+    if layers == "torch":
+        return "layers: PyTorch's modules (--layers torch)"
+    reason = _why_not(model, compiled)
+    if reason is not None:
+        if layers == "onnxruntime":
+            raise ValueError(f"--layers onnxruntime: {reason}; serve with --layers torch")
+        return f"layers: PyTorch's modules ({reason})"
+    encoder_layers = model.base_model.encoder.layer
+    for index, layer in enumerate(encoder_layers):
+        if not isinstance(layer, OrtLayer):
+            encoder_layers[index] = OrtLayer.from_layer(layer, model.config, int8=False)
+    return "layers: float32 on ONNX Runtime, one graph a layer (--layers torch: PyTorch's modules)"
+
+
+def layers_of(model: nn.Module) -> str:
+    """Where ``model``'s encoder layers run now: ``"onnxruntime"`` (every one an :class:`OrtLayer`) or ``"torch"``."""
+    layers = getattr(getattr(getattr(model, "base_model", None), "encoder", None), "layer", None)
+    if isinstance(layers, nn.ModuleList) and len(layers) and all(isinstance(layer, OrtLayer) for layer in layers):
+        return "onnxruntime"
+    return "torch"

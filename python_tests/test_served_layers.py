@@ -1,0 +1,83 @@
+"""Where a served float32 model's encoder layers run (earlyexit_kernels.engine.served_layers).
+
+``auto`` swaps every encoder layer of a float32 CPU model for its ONNX Runtime float32 graph, whose
+every exit's logits are the PyTorch model's up to float rounding; it keeps PyTorch's layers, saying
+why, where the graph cannot run them; ``onnxruntime`` refuses the same cases by name; ``torch``
+leaves the model alone; an int8 model keeps its recipe's layers. ``eek serve --layers`` offers the
+same choices, and a served model's ``/info`` says where its layers run.
+"""
+
+import copy
+
+import pytest
+import torch
+from conftest import mlp_head_model, tiny_batch
+
+from earlyexit_kernels.engine import served_layers
+from earlyexit_kernels.engine.ort_layer import ORT_MISSING, OrtLayer, ort_available
+from earlyexit_kernels.engine.precision import to_base
+from earlyexit_kernels.engine.served_layers import SERVED_LAYERS, layers_of, serve_layers
+
+needs_ort = pytest.mark.skipif(not ort_available(), reason="onnxruntime and onnx are not installed")
+
+
+def all_logits(model):
+    ids, mask, types = tiny_batch(6, 12)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, token_type_ids=types, return_all_exits=True).all_logits
+
+
+@needs_ort
+def test_auto_runs_a_float32_cpu_model_s_layers_on_onnx_runtime_with_the_same_logits():
+    model = mlp_head_model(seed=5)
+    expected = all_logits(model)
+    line = serve_layers(model, "auto")
+    assert "float32 on ONNX Runtime" in line and layers_of(model) == "onnxruntime"
+    assert all(isinstance(layer, OrtLayer) for layer in model.bert.encoder.layer)
+    got = all_logits(model)
+    # every exit's logits, float rounding apart (float32's resolution at these magnitudes: ~1e-7)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert serve_layers(model, "onnxruntime") == line  # already there: nothing to swap
+
+
+@pytest.mark.parametrize(
+    "make, compiled, says",
+    [
+        (lambda m: m.to(torch.bfloat16), False, "not float32"),
+        (lambda m: m, True, "--compile"),
+    ],
+)
+def test_auto_keeps_pytorch_s_layers_saying_why_and_onnxruntime_refuses(make, compiled, says):
+    model = make(mlp_head_model(seed=5))
+    assert says in serve_layers(model, "auto", compiled=compiled)
+    assert layers_of(model) == "torch"
+    with pytest.raises(ValueError, match=f"--layers onnxruntime: .*{says}.*--layers torch"):
+        serve_layers(model, "onnxruntime", compiled=compiled)
+
+
+def test_without_onnx_runtime_auto_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(served_layers, "ort_available", lambda: False)
+    model = mlp_head_model(seed=5)
+    assert ORT_MISSING in serve_layers(model, "auto") and layers_of(model) == "torch"
+
+
+def test_torch_leaves_the_model_alone_and_an_unknown_choice_is_refused():
+    model = mlp_head_model(seed=5)
+    before = copy.deepcopy(model.state_dict())
+    assert "PyTorch's modules" in serve_layers(model, "torch")
+    assert layers_of(model) == "torch" and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="one of auto, onnxruntime, torch"):
+        serve_layers(model, "onnx")
+
+
+def test_an_int8_model_keeps_its_recipe_s_layers():
+    model = to_base(mlp_head_model(seed=5), "int8", "cpu", int8_recipe="per-token")
+    assert serve_layers(model, "auto") == "layers: int8 on PyTorch's kernels (the recipe per-token)"
+    with pytest.raises(ValueError, match="per-token runs on PyTorch's kernels"):
+        serve_layers(model, "onnxruntime")
+
+
+def test_the_command_line_offers_the_engine_s_choices():
+    from earlyexit_kernels.integrations import serve_cli
+
+    assert serve_cli.SERVED_LAYERS == SERVED_LAYERS
