@@ -3,7 +3,8 @@
     python benchmarks/profiles/heap_snapshots.py --every 60 --output heap.jsonl [--tracemalloc] -- \\
         serve FOLDER --port 8080 ...
 
-Everything after ``--`` is ``eek``'s command line, run in this process (the same code as
+``python benchmarks/profiles/heap_snapshots.py --summary FILE.jsonl ...`` prints a recorded file as
+a table. Everything after ``--`` is ``eek``'s command line, run in this process (the same code as
 ``python -m earlyexit_kernels``). Every ``--every`` seconds a daemon thread appends one JSON line
 to ``--output``:
 
@@ -29,6 +30,7 @@ import sys
 import threading
 import time
 import tracemalloc
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -66,10 +68,12 @@ def snapshot(began: float, traced: list[tracemalloc.Snapshot] | None, top: int =
     line["objects"] = len(objects)
     counts = Counter(type(o).__name__ for o in objects)
     line["types"] = dict(counts.most_common(40))
-    long = [o for o in objects if isinstance(o, dict | list | set | tuple) and len(o) >= LONG]
+    with warnings.catch_warnings():  # isinstance reads __class__, which some deprecated objects warn on
+        warnings.simplefilter("ignore")
+        long = [o for o in objects if isinstance(o, dict | list | set | tuple) and len(o) >= LONG]
+        tensors = [o for o in objects if isinstance(o, torch.Tensor)]
     long.sort(key=len, reverse=True)
     line["largest_containers"] = [[len(o), _what(o)] for o in long[:top]]
-    tensors = [o for o in objects if isinstance(o, torch.Tensor)]
     storages = {}
     for tensor in tensors:
         try:
@@ -107,8 +111,30 @@ def record(output: Path, every: float, traced: bool, stop: threading.Event) -> N
                 return
 
 
+def summary(path: Path) -> str:
+    """A Markdown table of a recorded file's snapshots: what the process held at each."""
+    lines = [
+        "| s | resident MiB | glibc: in use / free / mapped MiB | Python objects | tensors (MiB) | largest containers |",
+        "| ---: | ---: | --- | ---: | ---: | --- |",
+    ]
+    for text in path.read_text().splitlines():
+        snap = json.loads(text)
+        heap = snap.get("heap_mib") or {}
+        glibc = " / ".join(str(heap.get(k, "-")) for k in ("in_use", "free", "mapped"))
+        largest = ", ".join(f"{n:,} {what}" for n, what in snap["largest_containers"][:3])
+        lines.append(
+            f"| {snap['t']:.0f} | {snap['resident_mib']} | {glibc} | {snap['objects']:,} | "
+            f"{snap['tensors']} ({snap['tensor_mib']}) | {largest} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--summary"]:
+        for path in argv[1:]:
+            print(f"{path}:\n\n{summary(Path(path))}")
+        return
     at = argv.index("--") if "--" in argv else len(argv)
     ours, command = argv[:at], argv[at + 1 :]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
