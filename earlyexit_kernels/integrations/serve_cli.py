@@ -299,11 +299,12 @@ def _serve_certified(args, options: dict, name: str) -> int:
 
 
 def _serve_layers(args, model) -> None:
-    """The model's encoder layers where ``--layers`` says (:mod:`earlyexit_kernels.engine.served_layers`), in place."""
+    """The model's encoder layers where ``--layers`` says (:mod:`earlyexit_kernels.engine.served_layers`), in place;
+    the line saying so is logged when the server starts (``args.layers_line``)."""
     from earlyexit_kernels.engine.served_layers import serve_layers
 
     try:
-        print(serve_layers(model, args.layers, compiled=args.compile), file=sys.stderr, flush=True)
+        args.layers_line = serve_layers(model, args.layers, compiled=args.compile)
     except ValueError as error:
         raise CliError(str(error)) from None
 
@@ -318,6 +319,7 @@ def _run_server(args, model, tokenizer, name: str, options: dict) -> int:
         app = create_app(model, tokenizer, ServeSettings(model_id=name, **options))  # the settings, made once
     except ValueError as error:
         raise CliError(str(error)) from None
+    print(args.layers_line, file=sys.stderr, flush=True)
     trim = _start_trim(args)
     # uvicorn handles SIGTERM/SIGINT: it stops listening, waits for the requests in flight,
     # then the app's shutdown drains the engine.
