@@ -58,11 +58,16 @@ def test_the_detector_is_the_mean_of_e_cusums_row_by_row():
         assert math.log(sum(cusums) / len(cusums)) == pytest.approx(float(log_detector[0, t]), abs=1e-9)
 
 
-def test_chunks_of_any_size_give_the_same_numbers_and_moves():
+def _drifting_stream() -> tuple[torch.Tensor, list]:
+    """1,500 rows within the budget below the riskiest candidate, then 300 at 30% on every one; a path of 5."""
     generator = torch.Generator().manual_seed(3)
     rates = [0.0, 0.01, 0.02, 0.04, 0.2]
     losses = torch.cat([_bernoulli_losses(rates, 1500, generator), _bernoulli_losses([0.3] * 5, 300, generator)], 1)
-    path = [Entropy(0.1 * i) for i in range(5)]
+    return losses, [Entropy(0.1 * i) for i in range(5)]
+
+
+def test_chunks_of_any_size_give_the_same_numbers_and_moves():
+    losses, path = _drifting_stream()
     whole = OnlineCertificate(path, budget=BUDGET, confidence=0.9, window=0)
     whole.observe(losses)
     pieces = OnlineCertificate(path, budget=BUDGET, confidence=0.9, window=0)
@@ -75,10 +80,7 @@ def test_chunks_of_any_size_give_the_same_numbers_and_moves():
 def test_a_long_running_certificate_keeps_its_latest_moves_and_counts_them_all(monkeypatch):
     from earlyexit_kernels.calibration import online
 
-    generator = torch.Generator().manual_seed(3)
-    rates = [0.0, 0.01, 0.02, 0.04, 0.2]
-    losses = torch.cat([_bernoulli_losses(rates, 1500, generator), _bernoulli_losses([0.3] * 5, 300, generator)], 1)
-    path = [Entropy(0.1 * i) for i in range(5)]
+    losses, path = _drifting_stream()
     every = OnlineCertificate(path, budget=BUDGET, confidence=0.9, window=0)
     every.observe(losses)
     monkeypatch.setattr(online, "KEPT_MOVES", 2)

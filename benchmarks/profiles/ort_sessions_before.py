@@ -24,16 +24,12 @@ from earlyexit_kernels.engine import ort_layer  # noqa: E402
 
 
 def session_before(self):
-    """:meth:`OrtLayer.session` before issue 79 (the same options but the arena and the memory pattern)."""
+    """:meth:`OrtLayer.session` before issue 79: the same options but the memory (``shared_memory=False``)."""
     threads = torch.get_num_threads()
     if self._session is None or self._threads != threads:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options = ort_layer.session_options(threads, shared_memory=False)
         self._session = ort.InferenceSession(
             self.graph, options, providers=["CPUExecutionProvider"], disabled_optimizers=ort_layer._UNFUSED
         )

@@ -40,7 +40,16 @@ from torch import nn
 
 from earlyexit_kernels.engine.int8_linear import cpu_has_vnni
 
-__all__ = ["LayerParts", "OrtLayer", "layer_graph", "layer_parts", "ort_available", "shared_cpu_arena", "ORT_MISSING"]
+__all__ = [
+    "LayerParts",
+    "OrtLayer",
+    "layer_graph",
+    "layer_parts",
+    "ort_available",
+    "shared_cpu_arena",
+    "session_options",
+    "ORT_MISSING",
+]
 
 ORT_MISSING = "onnxruntime and onnx are not installed (pip install 'onnxruntime>=1.17' 'onnx>=1.15': the int8 extra)"
 #: the fusions the sessions leave out: ONNX Runtime's layer norm kernels are slower than the operations (_Graph.norm)
@@ -69,6 +78,29 @@ def shared_cpu_arena() -> bool:
             except Exception:  # noqa: BLE001 -- ONNX Runtime's own error type: an allocator is registered already
                 _arena = False
         return _arena
+
+
+def session_options(threads: int, *, shared_memory: bool = True):
+    """The options of a layer's session on ``threads`` threads. ``shared_memory``: its memory from the process's one
+    arena (:func:`shared_cpu_arena`), with no memory pattern per input shape; else an arena of its own, extended to
+    the next power of two, and a pattern per shape (ONNX Runtime's defaults)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # between layers torch's ops run: ONNX Runtime's threads must not spin waiting for the next call
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if shared_memory:
+        # Memory that stays flat under traffic of every shape (issue 79; docs/serving.md, "What a server keeps"):
+        # each session's own arena, extended to the next power of two and holding a memory pattern per input
+        # shape, grew a served int8 MiniLM-L6 by 70 MiB over a 300 s soak; one arena for every layer, extended by
+        # what a call asks, with no patterns, held it flat and 150 MiB lower.
+        options.enable_mem_pattern = False
+        if shared_cpu_arena():
+            options.add_session_config_entry("session.use_env_allocators", "1")
+    return options
 
 
 def ort_available() -> bool:
@@ -322,21 +354,8 @@ class OrtLayer(nn.Module):
         if self._session is None or self._threads != threads:
             import onnxruntime as ort
 
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            # between layers torch's ops run: ONNX Runtime's threads must not spin waiting for the next call
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            # Memory that stays flat under traffic of every shape (issue 79; docs/serving.md, "What a server
-            # keeps"): each session's own arena, extended to the next power of two and holding a memory
-            # pattern per input shape, grew a served int8 MiniLM-L6 by 70 MiB over a 300 s soak; one arena
-            # for every layer, extended by what a call asks, with no patterns, held it flat and 150 MiB lower.
-            options.enable_mem_pattern = False
-            if shared_cpu_arena():
-                options.add_session_config_entry("session.use_env_allocators", "1")
             self._session = ort.InferenceSession(
-                self.graph, options, providers=["CPUExecutionProvider"], disabled_optimizers=_UNFUSED
+                self.graph, session_options(threads), providers=["CPUExecutionProvider"], disabled_optimizers=_UNFUSED
             )
             self._threads = threads
         return self._session
