@@ -70,7 +70,7 @@ class PeersConfig:
     texts: list[str] = field(repr=False, default_factory=list)
     source: str = ""  # what the texts are, for the notes
     concurrency: tuple[int, ...] = (1, 8, 32, 128)
-    requests: int = 256  # per level (a quarter of it at concurrency 1)
+    requests: int = 1024  # per level (a quarter of it at concurrency 1); 256 moved texts/s by +-20% between runs
     max_seconds: float = 30.0  # per level
     max_batch_size: int = 32
     threads: int = 1
