@@ -59,9 +59,9 @@ def test_the_soak_table_gives_each_setting_s_median_over_its_rounds():
     table = render([record])
     assert table.startswith(START) and table.rstrip().endswith(END)
     row_a = next(line for line in table.splitlines() if line.startswith("| MiniLM-L6 int8 | a |"))
-    assert "| 3 | 102.0 [100 to 104] | 700 to 714 | +2.0% [1 to 3] | 3.0% |" in row_a
+    assert "| 300 s after 30 s | 3 | 102.0 [100 to 104] | 700 to 714 | +2.0% [1 to 3] | 3.0% |" in row_a
     row_b = next(line for line in table.splitlines() if line.startswith("| MiniLM-L6 int8 | b |"))
-    assert "| 3 | 92.0 [90 to 94] | 800 to 860 | +7.5% [5 to 10] | 10.0% |" in row_b
+    assert "| 300 s after 30 s | 3 | 92.0 [90 to 94] | 800 to 860 | +7.5% [5 to 10] | 10.0% |" in row_b
     assert "`python benchmarks/profiles/serve_memory_profile.py F T --rounds 3`" in table
 
 

@@ -8,6 +8,10 @@ Everything after ``--`` is ``eek``'s command line, run in this process. With ``E
 each :class:`~earlyexit_kernels.engine.ort_layer.OrtLayer` session gets its own CPU arena (extended
 to the next power of two) and a memory pattern per input shape, as before; without it, eek runs as
 installed. So the two servers of a comparison start the same way and differ in that alone.
+``EEK_SESSIONS=shared-patterns`` (the one arena, with a pattern per shape) and ``EEK_SESSIONS=own-no-patterns``
+(an arena each, no patterns) take the two changes apart: the A/B of
+``benchmarks/results/amd_epyc/memory_soak_cpu/minilm_int8_sessions_ab.json`` ran an uncommitted script that built
+these same sessions (``/tmp/ortexp.py``: ``EXP_SHARED_ARENA=1`` and ``EXP_MEM_PATTERN=0``).
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ from earlyexit_kernels.engine import ort_layer  # noqa: E402
 
 
 def session_before(self):
-    """:meth:`OrtLayer.session` before issue 79: the same options but the memory (``shared_memory=False``)."""
+    """:meth:`OrtLayer.session` before issue 79, or one of its two changes alone (``EEK_SESSIONS``)."""
     threads = torch.get_num_threads()
     if self._session is None or self._threads != threads:
         import onnxruntime as ort
 
-        options = ort_layer.session_options(threads, shared_memory=False)
+        variant = os.environ.get("EEK_SESSIONS", "before")
+        options = ort_layer.session_options(threads, shared_memory=variant == "shared-patterns")
+        options.enable_mem_pattern = variant != "own-no-patterns"
         self._session = ort.InferenceSession(
             self.graph, options, providers=["CPUExecutionProvider"], disabled_optimizers=ort_layer._UNFUSED
         )
@@ -38,9 +44,13 @@ def session_before(self):
 
 
 def main() -> None:
-    if os.environ.get("EEK_SESSIONS_BEFORE") == "1":
+    variant = os.environ.get("EEK_SESSIONS", "before" if os.environ.get("EEK_SESSIONS_BEFORE") == "1" else None)
+    if variant is not None:
+        if variant not in ("before", "shared-patterns", "own-no-patterns"):
+            raise SystemExit(f"EEK_SESSIONS must be before, shared-patterns or own-no-patterns; got {variant!r}")
+        os.environ["EEK_SESSIONS"] = variant
         ort_layer.OrtLayer.session = session_before
-        print("ONNX Runtime sessions as before issue 79", file=sys.stderr, flush=True)
+        print(f"ONNX Runtime sessions: {variant}", file=sys.stderr, flush=True)
     from earlyexit_kernels.__main__ import main as eek
 
     argv = sys.argv[1:]

@@ -16,6 +16,7 @@ after a ``|`` (``arenas 2:|MALLOC_ARENA_MAX=2``)::
 import argparse
 import asyncio
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -191,16 +192,16 @@ def render(records: list[dict]) -> str:
     cpus = sorted({record["cpu"] for record in records})
     dates = sorted({record["date"] for record in records})
     lines.append(
-        f"{', '.join(cpus)}, {', '.join(dates)}; each soak at concurrency {records[0]['concurrency']} for "
-        f"{records[0]['seconds']:g} s after a {records[0].get('warmup', 30):g} s warm-up, resident memory "
-        f"(VmRSS) read every {records[0].get('every', 15):g} s; texts/s and the change are medians over the "
-        'rounds (range in brackets); "heap in use": glibc\'s own account (mallinfo2) at the first and last reading.'
+        f"{', '.join(cpus)}, {', '.join(dates)}; each soak at concurrency {records[0]['concurrency']} for the seconds "
+        "given after a warm-up, resident memory (VmRSS) read every 10 s; texts/s and the change are medians over the "
+        'rounds, run in alternating order (range in brackets); "heap in use": glibc\'s own account (mallinfo2) at the '
+        "first and last reading."
     )
     lines += [
         "",
-        "| model | setting | rounds | texts/s | resident memory (MiB) | change | largest deviation | heap in use (MiB) |",
+        "| model | setting | soak | rounds | texts/s | resident memory (MiB) | change | largest deviation | heap in use (MiB) |",
     ]
-    lines.append("| --- | --- | ---: | ---: | --- | ---: | ---: | --- |")
+    lines.append("| --- | --- | --- | ---: | ---: | --- | ---: | ---: | --- |")
     for record in records:
         by_setting: dict[str, list[dict]] = {}
         for result in record["results"]:
@@ -214,14 +215,15 @@ def render(records: list[dict]) -> str:
             spread = lambda values: "" if len(values) < 2 else f" [{values[0]:g} to {values[-1]:g}]"  # noqa: E731
             in_use = f"{first.get('in_use', '?')} to {last.get('in_use', '?')}"
             lines.append(
-                f"| {record.get('label') or record['folder']} | {setting} | {len(runs)} | "
+                f"| {record.get('label') or record['folder']} | {setting} | "
+                f"{record['seconds']:g} s after {record.get('warmup', 30):g} s | {len(runs)} | "
                 f"{statistics.median(rates):.1f}{spread(rates)} | {first['total']:.0f} to {last['total']:.0f} | "
                 f"{statistics.median(changes):+.1f}%{spread(changes)} | {largest:.1f}% | {in_use} |"
             )
     lines.append("")
     for record in records:
         if record.get("command"):
-            shown = " ".join(record["command"])
+            shown = shlex.join(record["command"])
             lines.append(
                 f"- {record.get('label') or record['folder']}: `python benchmarks/profiles/serve_memory_profile.py {shown}`"
             )
