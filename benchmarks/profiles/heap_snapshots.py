@@ -46,13 +46,22 @@ LONG = 256
 def _what(container) -> str:
     """A short description of what a container holds: its type and the type of one item."""
     kind = type(container).__name__
+    if type(container) not in (dict, list, set, tuple):  # a subclass may load something when read (lazy mappings)
+        return kind
     try:
         if isinstance(container, dict):
             key, value = next(iter(container.items()))
             return f"{kind}[{type(key).__name__}, {type(value).__name__}]"
         return f"{kind}[{type(next(iter(container))).__name__}]"
-    except (StopIteration, RuntimeError):  # emptied (or changed) by another thread meanwhile
+    except Exception:  # noqa: BLE001 -- emptied by another thread meanwhile, or a mapping that loads on access
         return kind
+
+
+def _length(container) -> int:
+    try:
+        return len(container)
+    except Exception:  # noqa: BLE001 -- a container subclass whose len loads something
+        return 0
 
 
 def snapshot(began: float, traced: list[tracemalloc.Snapshot] | None, top: int = 15) -> dict:
@@ -70,10 +79,10 @@ def snapshot(began: float, traced: list[tracemalloc.Snapshot] | None, top: int =
     line["types"] = dict(counts.most_common(40))
     with warnings.catch_warnings():  # isinstance reads __class__, which some deprecated objects warn on
         warnings.simplefilter("ignore")
-        long = [o for o in objects if isinstance(o, dict | list | set | tuple) and len(o) >= LONG]
+        long = [o for o in objects if isinstance(o, dict | list | set | tuple) and _length(o) >= LONG]
         tensors = [o for o in objects if isinstance(o, torch.Tensor)]
-    long.sort(key=len, reverse=True)
-    line["largest_containers"] = [[len(o), _what(o)] for o in long[:top]]
+    long.sort(key=_length, reverse=True)
+    line["largest_containers"] = [[_length(o), _what(o)] for o in long[:top]]
     storages = {}
     for tensor in tensors:
         try:

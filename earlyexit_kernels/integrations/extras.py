@@ -17,7 +17,15 @@ __all__ = ["EXTRAS", "install_line"]
 EXTRAS: dict[str, tuple[str, ...]] = {
     "cli": ("pyarrow", "pandas"),
     "ray": ("ray[data]>=2.40", "pandas", "pyarrow"),
-    "serve": ("starlette>=0.37", "uvicorn>=0.29", "prometheus_client>=0.20", "swagger-ui-py>=25", "pydantic>=2"),
+    "serve": (
+        "starlette>=0.37",
+        "uvicorn>=0.29",
+        "prometheus_client>=0.20",
+        "swagger-ui-py>=25",
+        "pydantic>=2",
+        "onnxruntime>=1.17",
+        "onnx>=1.15",
+    ),
 }
 
 
