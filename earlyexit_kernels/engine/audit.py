@@ -377,7 +377,8 @@ class AuditWatch:
         )
 
     def _accuracy_numbers(self) -> str:
-        n, window = self.labelled, list(self._paired)
+        with self._lock:  # another thread may be recording labels
+            n, window = self._labelled, list(self._paired)
         on = (
             f"{n} labelled audited rows"
             if len(window) == n

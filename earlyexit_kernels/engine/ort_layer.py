@@ -48,6 +48,8 @@ __all__ = [
     "ort_available",
     "shared_cpu_arena",
     "session_options",
+    "encoder_layers",
+    "run_on_ort",
     "ORT_MISSING",
 ]
 
@@ -101,6 +103,21 @@ def session_options(threads: int, *, shared_memory: bool = True):
         if shared_cpu_arena():
             options.add_session_config_entry("session.use_env_allocators", "1")
     return options
+
+
+def encoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """``model``'s encoder layers (``base_model.encoder.layer``), or None where it has no such list."""
+    layers = getattr(getattr(getattr(model, "base_model", None), "encoder", None), "layer", None)
+    return layers if isinstance(layers, nn.ModuleList) else None
+
+
+def run_on_ort(model: nn.Module, *, int8: bool) -> None:
+    """Each encoder layer of ``model`` (which has the list: :func:`encoder_layers`) its ONNX Runtime graph, in
+    place: int8 per token x per channel, or float32; a layer that is one already is kept."""
+    layers = encoder_layers(model)
+    for index, layer in enumerate(layers):
+        if not isinstance(layer, OrtLayer):
+            layers[index] = OrtLayer.from_layer(layer, model.config, int8=int8)
 
 
 def ort_available() -> bool:

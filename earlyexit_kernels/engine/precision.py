@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from earlyexit_kernels.engine.int8_linear import PerTokenInt8Linear
-from earlyexit_kernels.engine.ort_layer import ORT_MISSING, OrtLayer, ort_available
+from earlyexit_kernels.engine.ort_layer import ORT_MISSING, encoder_layers, ort_available, run_on_ort
 
 __all__ = [
     "DTYPES",
@@ -186,12 +186,9 @@ def _ort_encoder(model: nn.Module) -> nn.Module:
             f"int8 recipe per-token-ort: {ORT_MISSING}; or run the same quantization on PyTorch's kernels, the "
             "per-token recipe (certify it with eek calibrate FOLDER FILE --dtype int8 where ONNX Runtime is not installed)"
         )
-    layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
-    if not isinstance(layers, nn.ModuleList):
+    if encoder_layers(model) is None:
         raise ValueError(f"int8 recipe per-token-ort: {type(model).__name__} has no encoder.layer list; run per-token")
-    for index, layer in enumerate(layers):
-        if not isinstance(layer, OrtLayer):
-            layers[index] = OrtLayer.from_layer(layer, model.config)
+    run_on_ort(model, int8=True)
     model.eek_int8_recipe = "per-token-ort"
     return model
 

@@ -7,8 +7,10 @@ Why (docs/serving.md, "What a server keeps"): on the CPU a float32 layer call's 
 grew its resident memory by about a tenth over a 300 s soak (25% at its widest) whatever the periodic
 trim returned, while the bytes it held stayed flat. The same layer as an ONNX Runtime float32 graph
 (:class:`~earlyexit_kernels.engine.ort_layer.OrtLayer`, ``int8=False``: equal to the layer up to float
-rounding) takes its activations from ONNX Runtime's one arena, which the calls reuse; its kernels run
-the layer about twice as fast on one thread (``benchmarks/results/amd_epyc/ort_layer_cpu.md``).
+rounding) takes its activations from ONNX Runtime's one arena, which the calls reuse, so the memory
+is bounded by the largest call served. One layer alone runs about twice as fast on one thread
+(``benchmarks/results/amd_epyc/ort_layer_cpu.md``); served at concurrency 32 it was ahead in each of
+3 rounds, but ``eek.classify`` in batches of 32 took 10.3 s against 8.7 s on MiniLM-L6 (docs/serving.md).
 
 ``layers``:
 
@@ -27,7 +29,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from earlyexit_kernels.engine.ort_layer import ORT_MISSING, OrtLayer, layer_parts, ort_available
+from earlyexit_kernels.engine.ort_layer import (
+    ORT_MISSING,
+    OrtLayer,
+    encoder_layers,
+    layer_parts,
+    ort_available,
+    run_on_ort,
+)
 
 __all__ = ["SERVED_LAYERS", "serve_layers", "layers_of"]
 
@@ -46,8 +55,8 @@ def _why_not(model: nn.Module, compiled: bool) -> str | None:
         return "--compile compiles PyTorch's layers"
     if not ort_available():
         return ORT_MISSING
-    layers = getattr(getattr(model.base_model, "encoder", None), "layer", None)
-    if not isinstance(layers, nn.ModuleList):
+    layers = encoder_layers(model)
+    if layers is None:
         return f"{type(model).__name__} has no encoder.layer list"
     for layer in layers:
         if isinstance(layer, OrtLayer):
@@ -77,16 +86,13 @@ def serve_layers(model: nn.Module, layers: str = "auto", *, compiled: bool = Fal
         if layers == "onnxruntime":
             raise ValueError(f"--layers onnxruntime: {reason}; serve with --layers torch")
         return f"layers: PyTorch's modules ({reason})"
-    encoder_layers = model.base_model.encoder.layer
-    for index, layer in enumerate(encoder_layers):
-        if not isinstance(layer, OrtLayer):
-            encoder_layers[index] = OrtLayer.from_layer(layer, model.config, int8=False)
+    run_on_ort(model, int8=False)
     return "layers: float32 on ONNX Runtime, one graph a layer (--layers torch: PyTorch's modules)"
 
 
 def layers_of(model: nn.Module) -> str:
     """Where ``model``'s encoder layers run now: ``"onnxruntime"`` (every one an :class:`OrtLayer`) or ``"torch"``."""
-    layers = getattr(getattr(getattr(model, "base_model", None), "encoder", None), "layer", None)
-    if isinstance(layers, nn.ModuleList) and len(layers) and all(isinstance(layer, OrtLayer) for layer in layers):
+    layers = encoder_layers(model)
+    if layers is not None and len(layers) and all(isinstance(layer, OrtLayer) for layer in layers):
         return "onnxruntime"
     return "torch"

@@ -164,8 +164,8 @@ def add_serve_command(commands) -> None:
         choices=SERVED_LAYERS,  # engine.served_layers's, written here: eek --help imports no torch
         default="auto",
         help="where a float32 model's encoder layers run: auto (default), ONNX Runtime's float32 graphs where it can run "
-        "them (onnxruntime installed, the model float32 on the CPU, no --compile): its memory stays flat under load "
-        "(docs/serving.md); onnxruntime: those or an error; torch: PyTorch's modules",
+        "them (onnxruntime installed, the model float32 on the CPU, no --compile): its memory is bounded by the largest "
+        "call served (docs/serving.md); onnxruntime: those or an error; torch: PyTorch's modules",
     )
     serve.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
     serve.set_defaults(run=run_serve)

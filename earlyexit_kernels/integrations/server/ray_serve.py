@@ -63,8 +63,10 @@ def serve_application(
         raise ValueError(f"memory_trim must be a number of seconds >= 0 (0: off), got {memory_trim!r}")
     if memory_flat and memory_trim == 0:
         raise ValueError("memory_flat needs the periodic trim: give memory_trim in seconds")
-    if layers not in ("auto", "onnxruntime", "torch"):
-        raise ValueError(f"layers must be one of auto, onnxruntime, torch; got {layers!r}")
+    from earlyexit_kernels.engine.served_layers import SERVED_LAYERS
+
+    if layers not in SERVED_LAYERS:
+        raise ValueError(f"layers must be one of {', '.join(SERVED_LAYERS)}; got {layers!r}")
     if "max_age" in app_options:
         from earlyexit_kernels.engine.aging import check_max_age
 
