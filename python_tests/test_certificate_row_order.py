@@ -16,7 +16,7 @@ import torch
 
 from earlyexit_kernels.calibration.certify import certify
 from earlyexit_kernels.calibration.record import ExitRecord
-from earlyexit_kernels.methods.paired_exact import paired_exact_p_value
+from earlyexit_kernels.methods.paired_exact import paired_exact_p_value, score_statistic, score_value
 from earlyexit_kernels.methods.policies import Entropy
 from earlyexit_kernels.methods.risk_control import betting_p_values
 from earlyexit_kernels.training.labelled_texts import Encoded, length_order
@@ -61,6 +61,16 @@ def _chance(a: int, b: int, n: int, p1: float, p2: float) -> float:
                 return 0.0
             log += count * math.log(p)
     return math.exp(log)
+
+
+@pytest.mark.parametrize(
+    "a, b, n, budget",
+    [(12, 3, 300, 0.02), (0, 0, 300, 0.02), (30.5, 7.25, 1500, 0.01), (0, 9, 50, -0.1), (5, 0, 5, 0.0)],
+)
+def test_the_score_of_one_pair_of_counts_is_the_tensor_statistic_s(a, b, n, budget):
+    """``score_value`` (plain floats, for the search over row counts) is ``score_statistic`` (tensors)."""
+    expected = float(score_statistic(torch.tensor([a]), torch.tensor([b]), n, budget)[0])
+    assert score_value(a, b, n, budget) == pytest.approx(expected, rel=1e-12, abs=1e-12)
 
 
 def test_the_exact_paired_test_holds_its_level_at_the_boundary_exactly():

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-__all__ = ["score_statistic", "paired_exact_p_value", "paired_exact_upper_bound", "counts"]
+__all__ = ["score_statistic", "score_value", "paired_exact_p_value", "paired_exact_upper_bound", "counts"]
 
 #: the share of the nuisance's confidence interval left out, added to the p-value (Berger and Boos)
 GAMMA = 1e-6
@@ -62,6 +62,21 @@ def score_statistic(a: torch.Tensor, b: torch.Tensor, n: int, budget: float) -> 
     stat = difference / torch.sqrt(safe)
     flat = torch.where(difference > 0, math.inf, torch.where(difference < 0, -math.inf, 0.0))
     return torch.where(variance > 0, stat, flat.to(stat.dtype))
+
+
+def score_value(a: float, b: float, n: int, budget: float) -> float:
+    """:func:`score_statistic` of one pair of counts, in plain floats (the same formula): what a search over the
+    number of rows calls thousands of times, where a tensor of one element costs a hundred times more."""
+    d = float(budget)
+    c = n - a - b
+    big_b = a * (1 - d) + b * (1 - 3 * d) - 2 * c * d
+    big_c = b * d * (1 - d)
+    p2 = (big_b + math.sqrt(max(0.0, big_b**2 + 8 * n * big_c))) / (4 * n)
+    variance = n * (2 * p2 + d - d * d)
+    difference = a - b - n * d
+    if variance > 0:
+        return difference / math.sqrt(variance)
+    return math.inf if difference > 0 else -math.inf if difference < 0 else 0.0
 
 
 def _binomial_log_pmf(k: torch.Tensor, n: int, p: float) -> torch.Tensor:
@@ -110,13 +125,10 @@ def _binomial_lower_limit(b: int, n: int, gamma: float) -> float:
 def _tail_chances(n: int, budget: float, nuisance: list[float], grid) -> list[float]:
     """``P(T <= t_obs)`` at each nuisance ``p2`` of ``nuisance``, summed over the counts ``grid`` holds inside the
     region, plus the marginal tails the grid leaves out (one tensor operation for all of them)."""
-    a, b, inside, a_max, b_max = grid
-    a, b = a[inside], b[inside]
+    a, b, c, base, a_max, b_max = grid
     p2 = torch.tensor(nuisance, dtype=torch.float64).reshape(-1, 1)
     p1 = p2 + budget
     p0 = (1.0 - p1 - p2).clamp(min=0.0)
-    c = n - a - b
-    base = math.lgamma(n + 1) - torch.lgamma(a + 1) - torch.lgamma(b + 1) - torch.lgamma(c + 1)
     log_pmf = base + _xlogy(a, p1) + _xlogy(b, p2) + _xlogy(c, p0)
     chances = torch.logsumexp(log_pmf, 1).exp() if a.numel() else torch.zeros(len(nuisance), dtype=torch.float64)
     left_out = _tails(a_max, n, p1) + _tails(b_max, n, p2)
@@ -133,9 +145,15 @@ def _tails(k: int, n: int, p: torch.Tensor) -> torch.Tensor:
     """``P(Binomial(n, p) > k)`` for each chance of ``p`` [P, 1]: [P]."""
     if k >= n:
         return torch.zeros(p.shape[0], dtype=torch.float64)
+    i, log_choose = _upper_counts(k, n)
+    return torch.logsumexp(log_choose + _xlogy(i, p) + _xlogy(n - i, 1.0 - p), 1).exp()
+
+
+@functools.lru_cache(maxsize=256)  # the same counts for every nuisance value of one p-value, and across a bound
+def _upper_counts(k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The counts ``k + 1 .. n`` and their log binomial coefficients ``log C(n, i)``."""
     i = torch.arange(k + 1, n + 1, dtype=torch.float64)
-    log_pmf = math.lgamma(n + 1) - torch.lgamma(i + 1) - torch.lgamma(n - i + 1) + _xlogy(i, p) + _xlogy(n - i, 1.0 - p)
-    return torch.logsumexp(log_pmf, 1).exp()
+    return i, math.lgamma(n + 1) - torch.lgamma(i + 1) - torch.lgamma(n - i + 1)
 
 
 @functools.lru_cache(maxsize=65536)  # a pure function of five numbers: re-draws and bisections meet the same counts
@@ -164,7 +182,11 @@ def paired_exact_p_value(a: int, b: int, n: int, budget: float, *, gamma: float 
     possible = ka + kb <= n
     a_grid, b_grid = ka[possible], kb[possible]
     inside = score_statistic(a_grid, b_grid, n, budget) <= t_obs + 1e-9
-    grid = (a_grid, b_grid, inside, a_max, b_max)
+    a_in, b_in = a_grid[inside], b_grid[inside]
+    c_in = n - a_in - b_in
+    # the multinomial coefficients of the counts inside, the same at every nuisance value
+    base = math.lgamma(n + 1) - torch.lgamma(a_in + 1) - torch.lgamma(b_in + 1) - torch.lgamma(c_in + 1)
+    grid = (a_in, b_in, c_in, base, a_max, b_max)
     values = torch.linspace(low, high, NUISANCE_GRID, dtype=torch.float64).tolist() if high > low else [low]
     chances = _tail_chances(n, budget, values, grid)
     top = max(chances)

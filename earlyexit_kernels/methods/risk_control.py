@@ -349,14 +349,13 @@ def rows_to_certify(
     if discordant is not None:
         from statistics import NormalDist
 
-        from earlyexit_kernels.methods.paired_exact import score_statistic
+        from earlyexit_kernels.methods.paired_exact import score_value
 
         plus, minus = (discordant + rate) / 2.0, max(0.0, (discordant - rate) / 2.0)
         z = NormalDist().inv_cdf(confidence)
 
         def certifies(n: int) -> bool:
-            stat = score_statistic(torch.tensor([n * plus]), torch.tensor([n * minus]), n, budget)
-            return float(stat[0]) <= -z
+            return score_value(n * plus, n * minus, n, budget) <= -z
 
     elif binary:
 
