@@ -104,7 +104,7 @@ def applies(task: str, setting: str) -> bool:
     return setting not in SUBSET_SETTINGS or task == "rotten_tomatoes"
 
 
-def run_one(backbone: str, task: str, setting: str, seed: int, head: str = "auto") -> dict:
+def run_one(backbone: str, task: str, setting: str, seed: int, head: str = "auto", guarantee: str = "probable") -> dict:
     if not applies(task, setting):
         raise SystemExit(f"error: the setting {setting!r} is measured on rotten_tomatoes only, not on {task}")
     subset = FINE_TUNING_ROWS if setting in SUBSET_SETTINGS else None
@@ -123,6 +123,8 @@ def run_one(backbone: str, task: str, setting: str, seed: int, head: str = "auto
     row = {"backbone": backbone, "task": task, "setting": setting, "seed": seed}
     if head != "auto":  # a form forced (the auto choice's rows carry no key: as they were recorded)
         row["head_asked"] = head
+    if guarantee != "probable":  # the rows recorded before there was a choice carry no key: probable
+        row["guarantee"] = guarantee
     if subset is not None:  # how long the fine-tuning took (0 when the cache had it), on a shared machine
         row.update(fine_tuning_rows=len(seen), fine_tuning_seconds=round(info["seconds"], 1))
     started = time.perf_counter()
@@ -141,6 +143,7 @@ def run_one(backbone: str, task: str, setting: str, seed: int, head: str = "auto
                 seed=seed,
                 unlabelled=unlabelled,
                 head=head,
+                guarantee=guarantee,
             )
     except FitError as error:
         return {**row, "error": str(error), "seconds": round(time.perf_counter() - started, 1)}
@@ -196,23 +199,33 @@ def _test_columns(model, tokenizer, task: str, chosen, path_codes, record_policy
     }
 
 
-def run_folder(folder: Path, backbone: str, task: str) -> dict:
+def run_folder(folder: Path, backbone: str, task: str, setting: str | None = None) -> dict:
     """The first setting's row from ``folder``, written by ``eek fit PLAIN train.csv FOLDER
-    --calibration validation.csv``: its certificate from ``eek_fit.json``, the test columns anew."""
+    --calibration validation.csv`` (and perhaps certified anew by ``eek calibrate FOLDER validation.csv``): its
+    certificate from ``eek_fit.json``, the test columns anew. ``setting``: what the rows given were, where they
+    were not the first setting's (a classifier fine-tuned on fewer rows, say)."""
     from transformers import AutoTokenizer
 
     from earlyexit_kernels.patching.fit_record import FitRecord
 
-    report = FitRecord.load(folder).report
-    if "--calibration" not in (report.get("calibration_source") or ""):
-        raise SystemExit(f"error: {folder} was not certified on a --calibration file (the first setting)")
+    saved = FitRecord.load(folder)
+    report = saved.report
+    source = report.get("calibration_source") or ""
+    if "--calibration" not in source and "eek calibrate" not in source:
+        raise SystemExit(
+            f"error: {folder} was not certified on a --calibration file or by eek calibrate (the first setting)"
+        )
     model = eek.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     certificate = report.get("certificate") or {}
+    guarantee = (
+        {"guarantee": certificate["guarantee"]} if certificate.get("guarantee", "probable") != "probable" else {}
+    )
     return {
         "backbone": backbone,
         "task": task,
-        "setting": SETTINGS[0],
+        "setting": setting or SETTINGS[0],
+        **guarantee,
         "folder": str(folder),
         "seconds": round(report["train_seconds"] + report["calibrate_seconds"], 1),
         "train_rows": report["train_rows"],
@@ -221,6 +234,7 @@ def run_folder(folder: Path, backbone: str, task: str) -> dict:
         "path": certificate.get("path"),
         "path_layers_validation": certificate.get("path_layers"),
         "policy": report["policy"],
+        "heads": f"{report.get('pooling')}, {report.get('head')}",
         "certified_layers_calibration": report["mean_layers"],
         "uncertified_layers_calibration": certificate.get("uncertified_layers"),
         "more_rows": certificate.get("more_rows"),
@@ -228,7 +242,7 @@ def run_folder(folder: Path, backbone: str, task: str) -> dict:
         "bound": certificate.get("bound"),
         **_test_columns(model, tokenizer, task, eek.policy_of(model), report.get("certified_path") or []),
         "warnings": report.get("warnings", []),
-        "fine_tuned": Path(report["source_model"]).name,
+        "fine_tuned": Path(saved.source_model or "").name,
     }
 
 
@@ -240,14 +254,14 @@ def render(results: dict) -> str:
         f"{100 * CONFIDENCE:g}%; `eek fit`'s defaults otherwise. Mean layers on the test split; "
         "price: certified minus path oracle. The seconds are those of a shared machine.",
         "",
-        "| model, task | rows given to `eek fit` | train / certify rows | heads | path | certified (test loss) "
-        "| path oracle | price | global oracle | per-row oracle |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model, task | rows given to `eek fit` | train / certify rows | heads | path | guarantee "
+        "| certified (test loss) | path oracle | price | global oracle | per-row oracle |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results["runs"]:
         name = f"{BACKBONE_NAMES[r['backbone']]}, {TASK_NAMES[r['task']]}"
         if "error" in r:
-            lines.append(f"| {name} | {r['setting']} | cannot certify: {r['error'].split(':')[0]} | | | | | | | |")
+            lines.append(f"| {name} | {r['setting']} | cannot certify: {r['error'].split(':')[0]} | | | | | | | | |")
             continue
         unlabelled = ""
         if r.get("unlabelled_rows"):  # the fit keeps them out where they certify no fewer layers on validation
@@ -258,7 +272,8 @@ def render(results: dict) -> str:
         heads = f"{heads} (asked)" if r.get("head_asked") else heads
         lines.append(
             f"| {name} | {r['setting']} | {r['train_rows']:,} / {r['calibration_rows']:,}{unlabelled} | {heads} | "
-            f"{(r['path'] or 'global').replace('_', '-')} | {r['certified_test_layers']:.2f} of {r['num_layers']} "
+            f"{(r['path'] or 'global').replace('_', '-')} | {r.get('guarantee', 'probable')} | "
+            f"{r['certified_test_layers']:.2f} of {r['num_layers']} "
             f"({r['certified_test_loss_points']:+.2f}) | {r['path_oracle_test_layers']:.2f} | {price:+.2f} | "
             f"{r['global_oracle_test_layers']:.2f} | {r['per_row_oracle_test_layers']:.2f} |"
         )
@@ -289,6 +304,16 @@ def main(argv=None) -> int:
         choices=("auto", "model", "mlp", "cascade"),
         help="the heads' form eek fit is given (--setting rows only; default: auto, eek fit's default)",
     )
+    parser.add_argument(
+        "--guarantee",
+        default="probable",
+        choices=("probable", "expected"),
+        help="the guarantee eek fit certifies (--setting rows only; a --from-folder row reads its folder's)",
+    )
+    parser.add_argument(
+        "--folder-setting",
+        help="what the rows given to the --from-folder folder were, where not the first setting's",
+    )
     parser.add_argument("--readme", type=Path)
     args = parser.parse_args(argv)
     if args.from_json:
@@ -302,18 +327,22 @@ def main(argv=None) -> int:
         for setting in [None] if args.from_folder else args.setting:
             started = time.perf_counter()
             if args.from_folder:
-                row = run_folder(args.from_folder, args.backbones, args.tasks)
+                row = run_folder(args.from_folder, args.backbones, args.tasks, args.folder_setting)
             else:
-                row = run_one(args.backbones, args.tasks, setting, args.seed, args.head)
+                row = run_one(args.backbones, args.tasks, setting, args.seed, args.head, args.guarantee)
             print(json.dumps(row), flush=True)
-            key = (row["backbone"], row["task"], row["setting"], row.get("head_asked"))
-            keys = [(r["backbone"], r["task"], r["setting"], r.get("head_asked")) for r in results["runs"]]
+            key = (row["backbone"], row["task"], row["setting"], row.get("head_asked"), row.get("guarantee"))
+            keys = [
+                (r["backbone"], r["task"], r["setting"], r.get("head_asked"), r.get("guarantee"))
+                for r in results["runs"]
+            ]
             if key in keys:  # measured again: in its place
                 results["runs"][keys.index(key)] = row
             else:
                 results["runs"].append(row)
             name = f"{BACKBONE_NAMES[row['backbone']]}, {TASK_NAMES[row['task']]}, {row['setting']}"
             name += f", head {row['head_asked']}" if row.get("head_asked") else ""
+            name += f", guarantee {row['guarantee']}" if row.get("guarantee") else ""
             results.setdefault("added", []).append({**run_conditions(SCRIPT, argv, started), "row": name})
             write_json(args.output, results)  # each row as it lands
     else:
