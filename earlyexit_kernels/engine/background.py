@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
 
 from earlyexit_kernels.engine.continuous import ContinuousEngine, Finished
 from earlyexit_kernels.engine.engine_config import EngineConfig, engine_config
@@ -27,6 +28,39 @@ __all__ = ["BackgroundEngine", "QueueFull"]
 
 class QueueFull(RuntimeError):
     """``max_queue`` sequences are already waiting or in flight: try again later."""
+
+
+# the commands a caller posts to the engine thread's inbox
+
+
+@dataclass(frozen=True)
+class Submit:
+    """One request's sequences, one future each, admitted together; their queue time runs from ``submitted_at``."""
+
+    futures: list[Future]
+    sequences: list[tuple[list[int], object]]
+    submitted_at: float
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Drop the sequence of ``future`` (its caller cancelled it)."""
+
+    future: Future
+
+
+@dataclass(frozen=True)
+class SetPolicy:
+    """Serve ``policy`` from the next layer call."""
+
+    policy: object
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Take no more; ``drain``: finish what was submitted first, else cancel it."""
+
+    drain: bool
 
 
 class BackgroundEngine:
@@ -100,7 +134,7 @@ class BackgroundEngine:
             future.eek_key = next(self._keys)
             futures.append(future)
         if futures:
-            self._inbox.put(("submit", futures, sequences, submitted_at))
+            self._inbox.put(Submit(futures, sequences, submitted_at))
         return futures
 
     def set_policy(self, policy) -> None:
@@ -108,18 +142,18 @@ class BackgroundEngine:
         is refused here, before it is queued); kept if the engine is started again after a failure."""
         self.engine.check_policy(policy)
         self._policy = policy
-        self._inbox.put(("policy", policy))
+        self._inbox.put(SetPolicy(policy))
 
     def cancel(self, future: Future) -> None:
         """Drop the sequence of ``future`` unless it has finished; the future is cancelled."""
         if future.cancel():
-            self._inbox.put(("cancel", future))
+            self._inbox.put(Cancel(future))
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking sequences; with ``drain`` finish those submitted, else cancel them; join the thread."""
         with self._lock:
             self._closing = True
-        self._inbox.put(("stop", drain))
+        self._inbox.put(Stop(drain))
         self._thread.join(timeout)
 
     def _loop(self) -> None:
@@ -143,30 +177,29 @@ class BackgroundEngine:
                 if future is not None:
                     self._settle(future, result=done)
 
-    def _apply(self, command) -> None:
-        kind, value = command[0], command[1]
-        if kind == "submit":
+    def _apply(self, command: Submit | Cancel | SetPolicy | Stop) -> None:
+        if isinstance(command, Submit):
             taken = time.perf_counter()  # the engine thread took them (between two steps)
-            for future, (ids, types) in zip(value, command[2], strict=True):
+            for future, (ids, types) in zip(command.futures, command.sequences, strict=True):
                 if future.cancelled():
                     self._settle(future)
                     continue
                 future.eek_taken = taken
                 try:
-                    self.engine.submit(future.eek_key, ids, types, submitted_at=command[3])
+                    self.engine.submit(future.eek_key, ids, types, submitted_at=command.submitted_at)
                 except Exception as error:  # this sequence's own fault (a length, a type): it alone fails
                     self._settle(future, error=error)
                     continue
                 self._futures[future.eek_key] = future
-        elif kind == "cancel":
-            if self._futures.pop(value.eek_key, None) is not None:
-                self.engine.cancel([value.eek_key])
-                self._settle(value)
-        elif kind == "policy":
-            self.engine.set_policy(value)
-        elif kind == "stop":
-            self._stopping = value
-            if not value:
+        elif isinstance(command, Cancel):
+            if self._futures.pop(command.future.eek_key, None) is not None:
+                self.engine.cancel([command.future.eek_key])
+                self._settle(command.future)
+        elif isinstance(command, SetPolicy):
+            self.engine.set_policy(command.policy)
+        elif isinstance(command, Stop):
+            self._stopping = command.drain
+            if not command.drain:
                 futures = list(self._futures.values())
                 self.engine.cancel(list(self._futures))
                 self._futures.clear()
