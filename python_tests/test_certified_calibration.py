@@ -17,6 +17,7 @@ from earlyexit_kernels.calibration.record import ExitRecord, replay
 from earlyexit_kernels.calibration.rerank import calibrate_rerank
 from earlyexit_kernels.methods.policies import Entropy, MultiLabelConfidence, Patience, ScoreBand
 from earlyexit_kernels.methods.risk_control import (
+    MOST_ROWS,
     betting_p_value,
     binomial_cdf,
     fixed_sequence,
@@ -57,6 +58,14 @@ def test_a_loss_of_zero_needs_the_rows_the_formula_says():
     rows = rows_to_certify(0.005, 0.01, 0.95)
     losses = torch.tensor([1.0] * round(0.005 * rows) + [0.0] * (rows - round(0.005 * rows)))
     assert risk_p_value(losses, 0.01, test="exact binomial") <= 0.05
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_a_rate_just_under_the_budget_asks_for_no_number_of_rows_past_the_most_a_user_labels(binary):
+    """The search doubled its rows to 2^40, and the exact tail at a rate 1e-7 under the budget then took
+    more memory than the machine had (a multi-label re-draw was killed at 24 GiB)."""
+    assert rows_to_certify(0.05 - 1e-7, 0.05, 0.95, binary=binary) is None
+    assert rows_to_certify(0.049, 0.05, 0.95, binary=binary) <= MOST_ROWS
 
 
 def test_fixed_sequence_stops_at_the_first_candidate_it_cannot_reject():

@@ -35,6 +35,7 @@ bounds without a model.
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from collections.abc import Callable, Sequence
@@ -65,6 +66,7 @@ __all__ = [
     "is_binary",
     "fixed_sequence",
     "rows_to_certify",
+    "MOST_ROWS",
     "least_rows",
     "most_losses",
 ]
@@ -331,12 +333,18 @@ def fixed_sequence(p_values: Sequence[float] | Callable[[int], float], count: in
     return last
 
 
+#: the most rows :func:`rows_to_certify` answers with (about four million)
+MOST_ROWS = 1 << 22
+
+
+@functools.lru_cache(maxsize=65536)  # a pure function of its numbers: re-draws of the same row count meet the same rates
 def rows_to_certify(
     rate: float, budget: float, confidence: float, *, binary: bool = True, discordant: float | None = None
 ) -> int | None:
     """The fewest rows at which a risk observed at ``rate`` certifies ``budget`` at ``confidence``.
 
-    None when no number of rows does (``rate >= budget``). With ``rate == 0`` it is the rows
+    None when no number of rows does (``rate >= budget``), or none up to :data:`MOST_ROWS` (a rate just under the
+    budget: the exact tails over more rows than that would also take gigabytes). With ``rate == 0`` it is the rows
     that a policy making no loss at all needs: ``log(1 - confidence) / log(1 - budget)``.
     ``discordant``: paired losses (accuracy lost), the share of rows whose loss is not 0; the rows are then
     those at which the exact paired test's score statistic, at these shares, passes its normal quantile:
@@ -370,7 +378,7 @@ def rows_to_certify(
     high = 1
     while not certifies(high):
         high *= 2
-        if high > 1 << 40:
+        if high > MOST_ROWS:  # a rate just under the budget would ask for more rows than any user labels
             return None
     low = high // 2
     while high - low > 1:
