@@ -107,6 +107,13 @@ def check_budget(budget: float) -> float:
 
 def binomial_cdf(k: int, n: int, p: float) -> float:
     """``P(Binomial(n, p) <= k)``, exact (a log-space sum in float64)."""
+    return _binomial_cdf(int(k), int(n), float(p))
+
+
+# the caches below are keyed by plain numbers only (a tensor would hash by its identity): their public
+# functions convert first
+@functools.lru_cache(maxsize=65536)  # pure: a walk's tests and a bound's bisection meet the same tails again
+def _binomial_cdf(k: int, n: int, p: float) -> float:
     if k < 0:
         return 0.0
     if k >= n or p <= 0.0:
@@ -251,7 +258,7 @@ def paired_upper_bound(losses: torch.Tensor, confidence: float, *, seed: int = 0
     low, high = float(losses.double().mean()), 1.0
     if betting_p_value(losses, high - 1e-12, seed=seed) > delta:
         return 1.0
-    for _ in range(40):
+    for _ in range(24):  # to 2^-24 of the bracket (at most 2): far below the bound's printed digits
         middle = 0.5 * (low + high)
         if betting_p_value(losses, middle, seed=seed) <= delta:
             high = middle
@@ -269,7 +276,7 @@ def paired_upper_bounds(losses: torch.Tensor, confidence: float, *, seed: int = 
     low = losses.double().mean(1) if losses.shape[1] else torch.full((count,), -1.0, dtype=torch.float64)
     high = torch.ones(count, dtype=torch.float64)
     none = betting_p_values(losses, high - 1e-12, seed=seed) > delta
-    for _ in range(40):
+    for _ in range(24):  # to 2^-24 of the bracket (at most 2): far below the bound's printed digits
         middle = 0.5 * (low + high)
         rejected = betting_p_values(losses, middle, seed=seed) <= delta
         high = torch.where(rejected, middle, high)
@@ -285,6 +292,11 @@ def upper_bound(losses: float, n: int, confidence: float, *, binary: bool = True
     ``losses`` or fewer with probability below ``1 - confidence``. 1.0 without rows.
     """
     check_confidence(confidence)
+    return _upper_bound(float(losses), int(n), float(confidence), bool(binary))
+
+
+@functools.lru_cache(maxsize=16384)  # pure: re-drawn rows and the serving watch meet the same counts again
+def _upper_bound(losses: float, n: int, confidence: float, binary: bool) -> float:
     if n <= 0:
         return 1.0
     delta = 1.0 - confidence
@@ -337,7 +349,6 @@ def fixed_sequence(p_values: Sequence[float] | Callable[[int], float], count: in
 MOST_ROWS = 1 << 22
 
 
-@functools.lru_cache(maxsize=65536)  # a pure function of its numbers: re-draws of the same row count meet the same rates
 def rows_to_certify(
     rate: float, budget: float, confidence: float, *, binary: bool = True, discordant: float | None = None
 ) -> int | None:
@@ -351,6 +362,15 @@ def rows_to_certify(
     its variance is the discordant rows', which a test of the net rate alone ignores.
     """
     check_confidence(confidence)
+    return _rows_to_certify(
+        float(rate), float(budget), float(confidence), bool(binary), None if discordant is None else float(discordant)
+    )
+
+
+@functools.lru_cache(
+    maxsize=65536
+)  # a pure function of its numbers: re-draws of the same row count meet the same rates
+def _rows_to_certify(rate: float, budget: float, confidence: float, binary: bool, discordant: float | None):
     if rate >= budget:
         return None
     delta = 1.0 - confidence
