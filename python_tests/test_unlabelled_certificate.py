@@ -20,6 +20,7 @@ from earlyexit_kernels.calibration.record import ExitRecord, replay
 from earlyexit_kernels.methods.policies import Entropy
 from earlyexit_kernels.methods.risk_control import paired_upper_bound
 from earlyexit_kernels.training.calibration import calibrate
+from earlyexit_kernels.training.labelled_texts import Encoded, length_order
 
 STEPS = 40
 
@@ -53,9 +54,19 @@ def test_each_part_is_bounded_on_its_own_rows_at_its_share_of_the_miss_rate():
     assert float(bounds.bound) == pytest.approx(float(bounds.predicted_part + bounds.error_part))
 
 
+def _production_order(rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``rows`` in the order ``eek fit`` records them: its length-sorted batches, longest first."""
+    encoded = Encoded([[1] * int(n) for n in lengths[rows]], None, 0, int(lengths.max()), 0)
+    return rows[torch.tensor(length_order(encoded))]
+
+
 def test_the_budget_holds_over_many_draws_of_labelled_and_unlabelled_rows():
+    """Each draw's labelled and unlabelled rows recorded as production records them: sorted by length, the rows
+    whose heads are wrong the longest (the bounds read rows one by one, so they must read them in a drawn order)."""
     # no validation rows: the prediction-powered bound on every draw, with the weight N / (N + n)
     population = _confident_full_model(20_000, seed=7)
+    wrong_heads = (population.all_logits[:-1].argmax(-1) != population.labels).sum(0)
+    lengths = 20 + 30 * wrong_heads + torch.randint(0, 10, (20_000,), generator=torch.Generator().manual_seed(8))
     budget, confidence, labelled, unlabelled, draws = 0.05, 0.8, 400, 1200, 100
     grid = certified_candidates(population.policy, 4, 2, steps=STEPS)
     losses = torch.stack([row_losses(replay(p, population).logits, population, "accuracy") for p in grid])
@@ -64,6 +75,7 @@ def test_the_budget_holds_over_many_draws_of_labelled_and_unlabelled_rows():
     over = saving = uncertified_over = 0
     for _ in range(draws):
         rows = torch.randint(0, 20_000, (labelled + unlabelled,), generator=g)
+        rows = torch.cat([_production_order(rows[:labelled], lengths), _production_order(rows[labelled:], lengths)])
         chosen, certificate, _ = certify(
             _rows(population, rows[:labelled]),
             budget,
