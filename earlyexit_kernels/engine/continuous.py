@@ -312,6 +312,12 @@ class ContinuousEngine:
         return self._pending.order
 
     @property
+    def max_age(self) -> int | None:
+        """The bounded-waiting rule's layer calls, ``"auto"`` resolved (None: no age rule)."""
+        aging = self.scheduler.aging
+        return None if aging is None else aging.max_age
+
+    @property
     def pending(self) -> int:
         """Sequences submitted and not embedded yet."""
         return len(self._pending)

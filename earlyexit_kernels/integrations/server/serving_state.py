@@ -273,8 +273,7 @@ class ServingState:
         """The age rule's layer calls, as the engine resolved ``"auto"`` (None: no age rule)."""
         if self.worker is None:
             return self.engine_config.max_age
-        aging = self.worker.engine.scheduler.aging
-        return None if aging is None else aging.max_age
+        return self.worker.engine.max_age
 
     async def run(self, request, http_request, costs: RequestCosts) -> list | None:
         """Each sequence's :class:`Finished` for ``request`` (anything with ``sequences``,
