@@ -23,7 +23,9 @@ end to end on the package's fixed grid (401 entropy thresholds), accuracy lost a
   guarantee (asymptotic only): what any test at this confidence costs on these rows, so the exact test's price
   above it is what exactness costs.
 
-Every walk reads the same draws.
+Every walk reads the same draws. With ``--unlabelled-rows U`` each draw also takes U rows without their
+labels, recorded in production's order too, and certifies ``probable`` with them (prediction-powered, as ``eek
+fit --unlabelled`` does without validation rows): that certificate's re-draw test alone.
 
 Against the population oracle (the fewest mean layers of the grid whose risk on the whole population is
 within the budget): ``price`` = the certified mean layers minus the oracle's, in layers; ``violations`` =
@@ -114,6 +116,8 @@ SHAPES = {"evidence-walk": evidence_walk, "sure-heads": sure_heads}
 
 #: the walks measured on every draw: ``certify``'s two guarantees, and the normal test the exact one is held to
 WALKS = ("probable", "expected", "z test (reference)")
+#: with ``--unlabelled-rows``: the probable certificate with that many unlabelled rows too (prediction-powered)
+POWERED = "probable, prediction-powered"
 
 
 def z_test_index(sample: ExitRecord, grid, budget: float) -> int:
@@ -144,6 +148,13 @@ def main(argv=None) -> int:
         ("--budget", float, 1.0, "accuracy points lost"),
         ("--draws", int, 200, "draws a guarantee"),
         ("--threads", int, 1, "torch's threads"),
+        (
+            "--unlabelled-rows",
+            int,
+            0,
+            "unlabelled rows a draw beside the labelled ones: the prediction-powered "
+            "certificate alone (its labels dropped; 0: the walks above)",
+        ),
     ):
         parser.add_argument(flag, type=kind, default=default, help=f"{says} (default: {default})")
     parser.add_argument("--shape", choices=SHAPES, default="evidence-walk", help="the population's shape")
@@ -167,14 +178,22 @@ def main(argv=None) -> int:
         f"full model right on {100 * full_accuracy:.1f}%"
     )
     g = torch.Generator().manual_seed(1)
-    served = {name: [] for name in WALKS}
-    certified_layers = {name: [] for name in WALKS}
+    walks = (POWERED,) if args.unlabelled_rows else WALKS
+    served = {name: [] for name in walks}
+    certified_layers = {name: [] for name in walks}
     for draw in range(args.draws):  # every walk on the same draws: their prices differ by less noise
         picked = torch.randint(0, args.population, (args.rows,), generator=g)
         sample = record.subset(picked[production_order(lengths[picked])])
-        for name in WALKS:
+        for name in walks:
             if name == "z test (reference)":
                 index = z_test_index(sample, grid, budget)
+            elif name == POWERED:  # the unlabelled rows recorded as production records them too, labels dropped
+                more = torch.randint(0, args.population, (args.unlabelled_rows,), generator=g)
+                more = record.subset(more[production_order(lengths[more])])
+                unlabelled = ExitRecord(more.all_logits, None, None, None, more.policy)
+                chosen, certificate, _ = certify(sample, budget, CONFIDENCE, target="accuracy", unlabelled=unlabelled)
+                assert certificate.unlabelled_use == "powered"  # no validation rows: the bound on every draw
+                index = grid.index(chosen.policy)
             else:
                 chosen = certify(sample, budget, CONFIDENCE, target="accuracy", guarantee=name)[0]
                 index = grid.index(chosen.policy)
@@ -183,7 +202,7 @@ def main(argv=None) -> int:
         if draw % 50 == 49:
             print(f"  {draw + 1} draws, {time.perf_counter() - started:.0f} s", flush=True)
     results = {}
-    for guarantee in WALKS:
+    for guarantee in walks:
         n = args.draws
         over = sum(r > budget for r in served[guarantee])
         mean = sum(served[guarantee]) / n
@@ -213,6 +232,7 @@ def main(argv=None) -> int:
         **({"walk": WALK} if args.shape == "evidence-walk" else {}),
         "population": args.population,
         "rows": args.rows,
+        "unlabelled_rows": args.unlabelled_rows,
         "budget_points": args.budget,
         "draws": args.draws,
         "oracle_layers": round(oracle, 3),
