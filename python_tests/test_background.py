@@ -144,6 +144,34 @@ def test_a_failing_step_fails_the_waiting_sequences_and_the_worker_goes_on():
     worker.close()
 
 
+def test_a_thread_that_cannot_start_a_fresh_engine_fails_every_waiting_sequence_and_refuses_new_ones(monkeypatch):
+    """Were a failed step followed by a fresh engine that cannot be built, the thread ends: every sequence it
+    held or had not taken yet fails (none waits for ever), and a later submit is refused at once (the server
+    answers 503, where it answered 429 once the queue filled with sequences no thread would take)."""
+    import earlyexit_kernels.engine.background as background
+
+    worker = BackgroundEngine(_model(), max_batch_size=4)
+    paused = _Paused(worker.engine)
+    taken = worker.submit([5, 6, 7])
+    assert paused.entered.wait(30)
+    not_taken = worker.submit([8, 9])  # posted while the thread is inside the step
+
+    def no_engine(*args, **kwargs):
+        raise MemoryError("no memory for a fresh engine")
+
+    monkeypatch.setattr(background, "ContinuousEngine", no_engine)
+    paused._step = lambda: (_ for _ in ()).throw(RuntimeError("kernel exploded"))
+    paused.release.set()
+    with pytest.raises(RuntimeError, match="kernel exploded"):
+        taken.result(30)
+    with pytest.raises(RuntimeError, match="engine thread stopped.*no memory"):
+        not_taken.result(30)
+    worker._thread.join(30)
+    assert not worker.alive and worker.outstanding == 0
+    with pytest.raises(RuntimeError, match="engine thread stopped .*restart the server"):
+        worker.submit([5, 6, 7])
+
+
 def test_bad_sequences_are_refused_when_submitted():
     worker = BackgroundEngine(_model(), max_batch_size=4)
     with pytest.raises(ValueError, match="1..64 tokens"):

@@ -181,6 +181,32 @@ def test_health_and_info_describe_the_model(server, loaded_classifier):
     assert info["layers"] == "torch"  # create_app serves the model as given; eek serve --layers decides
 
 
+def test_a_stopped_engine_thread_gets_503_from_health_and_every_request(loaded_classifier, monkeypatch):
+    """An engine thread that ends on an error it cannot recover from (a failed layer call, then no memory for a
+    fresh engine) fails the request it held with 500, and every later one gets 503 at once, where the queue once
+    filled with sequences no thread would take and answered 429."""
+    import earlyexit_kernels.engine.background as background
+
+    model, tokenizer = loaded_classifier
+    with serving(model, tokenizer, model_id="tiny", max_batch_size=4) as running:
+        worker = running.app.state.eek.worker
+
+        def explode():
+            raise RuntimeError("kernel exploded")
+
+        def no_engine(*args, **kwargs):
+            raise MemoryError("no memory for a fresh engine")
+
+        monkeypatch.setattr(worker.engine, "step", explode)
+        monkeypatch.setattr(background, "ContinuousEngine", no_engine)
+        held = httpx.post(running.url + "/predict", json={"inputs": "the film was fine"}, timeout=60)
+        assert held.status_code == 500
+        worker._thread.join(30)
+        assert httpx.get(running.url + "/health").status_code == 503
+        later = httpx.post(running.url + "/predict", json={"inputs": "the film was fine"}, timeout=60)
+        assert later.status_code == 503 and "restart the server" in later.json()["error"]
+
+
 def test_metrics_count_requests_sequences_and_exit_layers(server):
     before_sequences = server.metric("eek_sequences_total")
     before_ok = server.metric('eek_requests_total{status="200"}')

@@ -14,6 +14,7 @@ the thread applies between two steps, so a caller never waits for a layer call.
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -86,10 +87,16 @@ class BackgroundEngine:
         self._lock = threading.Lock()
         self._outstanding = 0
         self._closing = False
+        self._stopped_by: BaseException | None = None  # what ended the thread, where it did not stop as asked
         self._stopping: bool | None = None  # None, or whether to drain before stopping
         self._policy = None  # the policy set since the start (set_policy), else the model's
         self._thread = threading.Thread(target=self._loop, name="eek-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread runs (False once closed, or stopped by an error it could not recover from)."""
+        return self._thread.is_alive()
 
     @property
     def outstanding(self) -> int:
@@ -119,6 +126,11 @@ class BackgroundEngine:
             if not 1 <= len(ids) <= self.engine.max_length:
                 raise ValueError(f"a sequence must have 1..{self.engine.max_length} tokens, got {len(ids)}")
         with self._lock:
+            if self._stopped_by is not None:
+                raise RuntimeError(
+                    f"the engine thread stopped after an error it could not recover from ({self._stopped_by!r}): "
+                    "restart the server"
+                )
             if self._closing:
                 raise RuntimeError("the engine is shutting down and takes no new sequences")
             if self._outstanding + len(sequences) > self.max_queue:
@@ -127,14 +139,14 @@ class BackgroundEngine:
                     f" (max_queue={self.max_queue})"
                 )
             self._outstanding += len(sequences)
-        submitted_at = time.perf_counter()  # each sequence's queue time starts here (engine.stats.queue_seconds)
-        futures = []
-        for _ in sequences:
-            future: Future = Future()
-            future.eek_key = next(self._keys)
-            futures.append(future)
-        if futures:
-            self._inbox.put(Submit(futures, sequences, submitted_at))
+            submitted_at = time.perf_counter()  # each sequence's queue time starts here (engine.stats.queue_seconds)
+            futures = []
+            for _ in sequences:
+                future: Future = Future()
+                future.eek_key = next(self._keys)
+                futures.append(future)
+            if futures:  # posted under the lock: a thread that stops drains the inbox under it (_stop_failing)
+                self._inbox.put(Submit(futures, sequences, submitted_at))
         return futures
 
     def set_policy(self, policy) -> None:
@@ -157,6 +169,30 @@ class BackgroundEngine:
         self._thread.join(timeout)
 
     def _loop(self) -> None:
+        try:
+            self._run()
+        except BaseException as error:  # the thread ends here: nothing may wait on it for ever
+            logging.getLogger("earlyexit_kernels.engine").exception("the engine thread stopped")
+            self._stop_failing(error)
+
+    def _stop_failing(self, error: BaseException) -> None:
+        """The thread is ending on ``error``: refuse new sequences and fail every one submitted and not finished."""
+        with self._lock:
+            self._stopped_by = error
+            waiting = list(self._futures.values())
+            self._futures.clear()
+            while True:
+                try:
+                    command = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(command, Submit):
+                    waiting.extend(command.futures)
+        failure = RuntimeError(f"the engine thread stopped after an error: {error!r}")
+        for future in waiting:
+            self._settle(future, error=failure)
+
+    def _run(self) -> None:
         while True:
             try:
                 # Block only when there is nothing to run.
@@ -223,10 +259,10 @@ class BackgroundEngine:
         """A step raised: fail every sequence waiting and start from a fresh engine."""
         futures = list(self._futures.values())
         self._futures.clear()
+        for future in futures:  # first: were the fresh engine not to start, none would wait on it
+            self._settle(future, error=error)
         stats = self.engine.stats
         self.engine = ContinuousEngine(self._model, self._config)
         self.engine.stats = stats  # the counts (/metrics) run on from the server's start
         if self._policy is not None:
             self.engine.set_policy(self._policy)
-        for future in futures:
-            self._settle(future, error=error)

@@ -228,7 +228,7 @@ class ServingState:
             self.auditor = None
 
     def healthy(self) -> bool:
-        return self.accepting and self.worker is not None and self.worker._thread.is_alive()
+        return self.accepting and self.worker is not None and self.worker.alive
 
     def info(self) -> dict:
         config = self.model.config
@@ -301,8 +301,12 @@ class ServingState:
             raise RequestError(
                 429, "Overloaded", f"the server's queue is full ({self.max_queue} sequences); retry shortly"
             ) from None
-        except RuntimeError:  # closed between the check above and the submit
-            raise RequestError(503, "Unhealthy", "the server is shutting down") from None
+        except RuntimeError:  # closed between the check above and the submit, or the engine thread stopped
+            if self.worker.alive:
+                raise RequestError(503, "Unhealthy", "the server is shutting down") from None
+            raise RequestError(
+                503, "Unhealthy", "the engine stopped after an error (the server's log says which): restart the server"
+            ) from None
         answered = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
         gone = asyncio.ensure_future(_disconnected(http_request))
         dropped = True
