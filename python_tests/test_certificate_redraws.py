@@ -28,7 +28,7 @@ from earlyexit_kernels.calibration.losses import row_losses
 from earlyexit_kernels.calibration.record import ExitRecord, replay
 from earlyexit_kernels.methods.policies import Entropy, MultiLabelConfidence
 from earlyexit_kernels.methods.risk_control import upper_bound
-from earlyexit_kernels.training.labelled_texts import Encoded, length_order
+from earlyexit_kernels.training.labelled_texts import order_by_length
 
 LAYERS, POPULATION, ROWS, DRAWS = 4, 40_000, 300, 2_000
 #: the grid's steps: the multi-label policy is replayed layer by layer, so its grid is coarser
@@ -90,8 +90,7 @@ POPULATIONS = {"one label": _stress_population, "multi-label": _multi_label_popu
 
 def _recorded(population: ExitRecord, lengths: torch.Tensor, picked: torch.Tensor) -> ExitRecord:
     """The drawn rows as a record arrives from production: in ``length_order`` (longest first)."""
-    encoded = Encoded([[1] * int(n) for n in lengths[picked]], None, 0, int(lengths.max()), 0)
-    return population.subset(picked[torch.tensor(length_order(encoded))])
+    return population.subset(picked[torch.tensor(order_by_length(lengths[picked]))])
 
 
 @pytest.fixture(scope="module", params=list(POPULATIONS))

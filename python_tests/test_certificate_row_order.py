@@ -19,7 +19,7 @@ from earlyexit_kernels.calibration.record import ExitRecord
 from earlyexit_kernels.methods.paired_exact import paired_exact_p_value, score_statistic, score_value
 from earlyexit_kernels.methods.policies import Entropy
 from earlyexit_kernels.methods.risk_control import betting_p_values
-from earlyexit_kernels.training.labelled_texts import Encoded, length_order
+from earlyexit_kernels.training.labelled_texts import Encoded, length_sorted_batches, order_by_length
 
 
 def _record(rows: int, seed: int) -> ExitRecord:
@@ -92,8 +92,14 @@ def test_the_exact_paired_test_holds_its_level_at_the_boundary_exactly():
 
 def _production_order(lengths: list[int]) -> torch.Tensor:
     """The order a record's rows arrive in: that of ``eek fit``'s length-sorted batches (``length_order``)."""
-    encoded = Encoded([range(length) for length in lengths], None, 0, max(lengths), 0)
-    return torch.tensor(length_order(encoded))
+    return torch.tensor(order_by_length(lengths))
+
+
+def test_the_production_order_of_token_counts_is_the_order_of_eek_fit_s_length_sorted_batches():
+    lengths = [3, 7, 7, 1, 5, 7, 2]
+    encoded = Encoded([list(range(n)) for n in lengths], None, 0, max(lengths), 0)
+    batched = torch.cat([batch["rows"] for batch in length_sorted_batches(encoded, None, 3)]).tolist()
+    assert order_by_length(lengths) == order_by_length(torch.tensor(lengths)) == batched == [1, 2, 5, 4, 0, 6, 3]
 
 
 def test_betting_over_rows_recorded_as_production_records_them_holds_its_level():

@@ -20,7 +20,7 @@ from earlyexit_kernels.calibration.record import ExitRecord, replay
 from earlyexit_kernels.methods.policies import Entropy
 from earlyexit_kernels.methods.risk_control import paired_upper_bound
 from earlyexit_kernels.training.calibration import calibrate
-from earlyexit_kernels.training.labelled_texts import Encoded, length_order
+from earlyexit_kernels.training.labelled_texts import order_by_length
 
 STEPS = 40
 
@@ -56,8 +56,7 @@ def test_each_part_is_bounded_on_its_own_rows_at_its_share_of_the_miss_rate():
 
 def _production_order(rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """``rows`` in the order ``eek fit`` records them: its length-sorted batches, longest first."""
-    encoded = Encoded([[1] * int(n) for n in lengths[rows]], None, 0, int(lengths.max()), 0)
-    return rows[torch.tensor(length_order(encoded))]
+    return rows[torch.tensor(order_by_length(lengths[rows]))]
 
 
 def test_the_budget_holds_over_many_draws_of_labelled_and_unlabelled_rows():

@@ -59,7 +59,7 @@ from earlyexit_kernels.calibration.record import ExitRecord, replay
 from earlyexit_kernels.methods.paired_exact import score_value
 from earlyexit_kernels.methods.policies import Entropy
 from earlyexit_kernels.methods.risk_control import fixed_sequence, upper_bound
-from earlyexit_kernels.training.labelled_texts import Encoded, length_sorted_batches
+from earlyexit_kernels.training.labelled_texts import order_by_length
 
 #: the evidence walk's shape: the mean and spread of a row's evidence a layer, the walk's noise, and the full
 #: model's own noise (set once, to the study's 12-layer shape; the 6-layer population takes the same)
@@ -135,8 +135,8 @@ def z_test_index(sample: ExitRecord, grid, budget: float) -> int:
 
 
 def production_order(lengths: torch.Tensor) -> torch.Tensor:
-    encoded = Encoded([[1] * int(n) for n in lengths], None, 0, int(lengths.max()), 0)
-    return torch.cat([batch["rows"] for batch in length_sorted_batches(encoded, None, 64)])
+    """The positions of rows of these token counts in the order ``eek fit`` records them (longest first)."""
+    return torch.tensor(order_by_length(lengths))
 
 
 def main(argv=None) -> int:
@@ -207,8 +207,9 @@ def main(argv=None) -> int:
         over = sum(r > budget for r in served[guarantee])
         mean = sum(served[guarantee]) / n
         sd = math.sqrt(sum((r - mean) ** 2 for r in served[guarantee]) / (n - 1))
-        price = sum(certified_layers[guarantee]) / n - oracle
-        price_sd = math.sqrt(sum((x - price - oracle) ** 2 for x in certified_layers[guarantee]) / (n - 1))
+        mean_layers = sum(certified_layers[guarantee]) / n
+        price = mean_layers - oracle
+        price_sd = math.sqrt(sum((x - mean_layers) ** 2 for x in certified_layers[guarantee]) / (n - 1))
         # each guarantee's re-draw test: probable fails where the violations' exact 99% lower bound passes
         # 1 - confidence, expected where the mean served risk passes the budget by 2.6 standard errors
         lower, upper = 1.0 - upper_bound(n - over, n, 0.99), upper_bound(over, n, 0.99)
@@ -216,7 +217,7 @@ def main(argv=None) -> int:
         results[guarantee] = {
             "price_layers": round(price, 3),
             "price_layers_se": round(price_sd / math.sqrt(n), 3),
-            "mean_layers": round(sum(certified_layers[guarantee]) / n, 3),
+            "mean_layers": round(mean_layers, 3),
             "violations": round(over / n, 4),
             "violations_lower_99": round(lower, 4),
             "violations_upper_99": round(upper, 4),

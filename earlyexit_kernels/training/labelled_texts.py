@@ -24,6 +24,8 @@ __all__ = [
     "split_rows",
     "encode",
     "length_sorted_batches",
+    "length_order",
+    "order_by_length",
     "shuffled_batches",
 ]
 
@@ -215,7 +217,14 @@ def length_sorted_batches(
 def length_order(encoded: Encoded) -> list[int]:
     """The order :func:`length_sorted_batches` puts rows in: by token count, longest first, ties in input order.
     A record of calibration rows comes in this order, so any test on it that reads rows in order must draw its own."""
-    return sorted(range(len(encoded)), key=lambda i: (-len(encoded.input_ids[i]), i))
+    return order_by_length([len(ids) for ids in encoded.input_ids])
+
+
+def order_by_length(lengths) -> list[int]:
+    """:func:`length_order` of rows of these token counts (a sequence of ints, or a tensor [N]): what a re-draw of
+    records without texts uses to put its rows in production's order."""
+    counts = [int(n) for n in lengths]
+    return sorted(range(len(counts)), key=lambda i: (-counts[i], i))
 
 
 def shuffled_batches(
