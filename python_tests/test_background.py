@@ -127,6 +127,7 @@ def test_close_without_drain_cancels_what_waits():
     assert any(f.cancelled() for f in futures)
     with pytest.raises(RuntimeError, match="shutting down"):
         worker.submit([5, 6])
+    assert not worker.alive and worker.stopped_by is None  # closed as asked: not an error (the server says so)
 
 
 def test_a_failing_step_fails_the_waiting_sequences_and_the_worker_goes_on():
@@ -168,6 +169,7 @@ def test_a_thread_that_cannot_start_a_fresh_engine_fails_every_waiting_sequence_
         not_taken.result(30)
     worker._thread.join(30)
     assert not worker.alive and worker.outstanding == 0
+    assert isinstance(worker.stopped_by, MemoryError)
     with pytest.raises(RuntimeError, match="engine thread stopped .*restart the server"):
         worker.submit([5, 6, 7])
 

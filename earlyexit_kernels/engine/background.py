@@ -99,6 +99,11 @@ class BackgroundEngine:
         return self._thread.is_alive()
 
     @property
+    def stopped_by(self) -> BaseException | None:
+        """The error the engine thread ended on, where it could not recover (None while it runs, or after close)."""
+        return self._stopped_by
+
+    @property
     def outstanding(self) -> int:
         """Sequences submitted and not finished (queued, embedded or in flight)."""
         return self._outstanding

@@ -367,9 +367,8 @@ def rows_to_certify(
     )
 
 
-@functools.lru_cache(
-    maxsize=65536
-)  # a pure function of its numbers: re-draws of the same row count meet the same rates
+# a pure function of its numbers: re-draws of the same row count meet the same rates
+@functools.lru_cache(maxsize=65536)
 def _rows_to_certify(rate: float, budget: float, confidence: float, binary: bool, discordant: float | None):
     if rate >= budget:
         return None

@@ -302,7 +302,7 @@ class ServingState:
                 429, "Overloaded", f"the server's queue is full ({self.max_queue} sequences); retry shortly"
             ) from None
         except RuntimeError:  # closed between the check above and the submit, or the engine thread stopped
-            if self.worker.alive:
+            if self.worker.stopped_by is None:
                 raise RequestError(503, "Unhealthy", "the server is shutting down") from None
             raise RequestError(
                 503, "Unhealthy", "the engine stopped after an error (the server's log says which): restart the server"
