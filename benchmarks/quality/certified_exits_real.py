@@ -182,6 +182,7 @@ def _test_columns(model, tokenizer, task: str, chosen, path_codes, record_policy
     with torch.no_grad():
         record = record_exits(model, length_sorted_batches(encode(tokenizer, test, 128), ids, 64))
     out = replay(chosen, record)
+    losses = row_losses(out.logits, record, "accuracy").double()
     budget = BUDGET_POINTS / 100
     path = [parse_policy(code) for code in path_codes] or [chosen]
     grid = certified_candidates(eek.Entropy(0.0), record.num_layers, record.all_logits.shape[-1])
@@ -191,7 +192,10 @@ def _test_columns(model, tokenizer, task: str, chosen, path_codes, record_policy
         "test_rows": int(ids.numel()),
         "full_test_accuracy": float((record.all_logits[-1].argmax(-1) == record.labels).double().mean()),
         "certified_test_layers": certified,
-        "certified_test_loss_points": 100 * float(row_losses(out.logits, record, "accuracy").mean()),
+        "certified_test_loss_points": 100 * float(losses.mean()),
+        # the test split's own noise on that loss: its discordant rows, and the mean's standard error
+        "certified_test_discordant": float((losses != 0).double().mean()),
+        "certified_test_loss_se_points": 100 * float(losses.std() / losses.numel() ** 0.5),
         "path_oracle_test_layers": path_oracle,
         "price_test_layers": certified - path_oracle,
         "global_oracle_test_layers": _oracle(grid, record, budget),
