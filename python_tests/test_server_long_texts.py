@@ -24,7 +24,7 @@ httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx")
 
 from served_models import serving  # noqa: E402
 
-from earlyexit_kernels.integrations.server.predict_schema import RequestError  # noqa: E402
+from earlyexit_kernels.integrations.server.errors import RequestError  # noqa: E402
 from earlyexit_kernels.integrations.server.tokenization import CHARS_PER_TOKEN, Tokenization  # noqa: E402
 
 # 660,000 words between two marked ends: 1,980,015 bytes of JSON, just under the 2,000,000-byte limit

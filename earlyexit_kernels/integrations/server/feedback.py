@@ -28,7 +28,7 @@ from collections import OrderedDict
 
 from earlyexit_kernels.calibration.losses import paired_loss
 from earlyexit_kernels.engine.audit import AuditWatch
-from earlyexit_kernels.integrations.server.predict_schema import RequestError
+from earlyexit_kernels.integrations.server.errors import RequestError
 
 __all__ = ["DEFAULT_CAPACITY", "FeedbackStore"]
 

@@ -9,8 +9,8 @@ no model. A request of the OpenAI-style routes may leave ``"model"`` out (or nul
 name gets 404 naming the served one, so a client pointed at the wrong server learns it instead
 of getting another model's answers.
 
-``GET /v1/models`` answers in OpenAI's shape; ``GET /models``, Infinity's route, in Infinity's
-(``infinity_client`` reads ``stats`` and takes ``owned_by`` to be ``"infinity"``, so it says that).
+``GET /v1/models`` answers in OpenAI's shape (:mod:`.routes.openai`); ``GET /models``, Infinity's route,
+in Infinity's (:mod:`.routes.infinity`).
 """
 
 from __future__ import annotations
@@ -18,14 +18,12 @@ from __future__ import annotations
 import json
 from pathlib import Path, PurePosixPath
 
-from earlyexit_kernels.integrations.server.predict_schema import RequestError
+from earlyexit_kernels.integrations.server.errors import RequestError
 
 __all__ = [
     "INFINITY_DEFAULT_MODEL",
     "check_model",
-    "infinity_models_answer",
     "model_field_schema",
-    "models_answer",
     "served_model_name",
     "served_names",
 ]
@@ -82,18 +80,3 @@ def model_field_schema(model_id: str) -> dict:
         "anyOf": [{"enum": served_names(model_id)}, {"type": "null"}],
         "description": "the served model (GET /v1/models); may be left out",
     }
-
-
-def models_answer(model_id: str, created: int) -> dict:
-    """``GET /v1/models``'s answer, in OpenAI's shape (as vLLM and Infinity answer it)."""
-    return {
-        "object": "list",
-        "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "earlyexit_kernels"}],
-    }
-
-
-def infinity_models_answer(model_id: str, created: int, capabilities: list[str]) -> dict:
-    """``GET /models``'s answer, in Infinity's shape (what ``infinity_client``'s ``models`` parses)."""
-    entry = models_answer(model_id, created)["data"][0]
-    entry.update(owned_by="infinity", backend="earlyexit_kernels", capabilities=capabilities, stats={})
-    return {"object": "list", "data": [entry]}

@@ -15,9 +15,9 @@ from earlyexit_kernels.engine.engine_config import EngineConfig
 from earlyexit_kernels.engine.served_layers import layers_of
 from earlyexit_kernels.integrations.labels import label_name
 from earlyexit_kernels.integrations.server.body_limit import DEFAULT_MAX_BODY_BYTES, check_max_body_bytes
+from earlyexit_kernels.integrations.server.errors import RequestError
 from earlyexit_kernels.integrations.server.feedback import FeedbackStore
 from earlyexit_kernels.integrations.server.memory_trim import process_trim_line
-from earlyexit_kernels.integrations.server.predict_schema import RequestError
 from earlyexit_kernels.integrations.server.request_costs import RequestCosts
 from earlyexit_kernels.integrations.server.tokenization import Tokenization
 from earlyexit_kernels.patching.patch import backend_of, policy_of
@@ -143,6 +143,7 @@ class ServingState:
         from earlyexit_kernels.integrations.server.metrics import ServerMetrics
 
         self.settings = settings
+        self.started = int(time.time())  # when the server started, as /v1/models and /models say
         self.model, self.model_id = model.eval(), settings.model_id
         self.max_queue, self.max_client_batch_size = settings.max_queue, settings.max_client_batch_size
         self.engine_config = settings.engine_config()

@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import copy
 
-from earlyexit_kernels.integrations.server.predict_schema import RequestError
+from earlyexit_kernels.integrations.server.errors import RequestError
 
 __all__ = ["CHARS_PER_TOKEN", "Tokenization"]
 

@@ -1,7 +1,8 @@
-"""How a request body is validated by its pydantic model (:mod:`.bodies`) and refused in the server's words.
+"""How a request body is validated by its pydantic model (each in its protocol's module, :mod:`.routes`) and
+refused in the server's words.
 
 :func:`validated` reads a body as JSON (400 for a body that is not) and validates it with a model; a
-:class:`pydantic.ValidationError` becomes one :class:`~.predict_schema.RequestError` in the words the
+:class:`pydantic.ValidationError` becomes one :class:`~.errors.RequestError` in the words the
 hand-written parsers used: a missing field, then unknown fields, 422; an empty text or list 400
 ``"Empty"``; a lone UTF-16 surrogate 400; a wrong value 422 saying what the field must be (the model's
 ``MUST``), an item named as the route names it (``ITEM``: ``documents[0]``, ``input 1``). A field read
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from pydantic_core import PydanticCustomError
 
-from earlyexit_kernels.integrations.server.predict_schema import RequestError, read_json
+from earlyexit_kernels.integrations.server.errors import RequestError, read_json
 
 __all__ = ["checked", "component_schemas", "refused_by", "validated"]
 
