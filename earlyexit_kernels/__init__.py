@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from earlyexit_kernels.engine.audit import AuditWatch
     from earlyexit_kernels.engine.classify import Prediction
     from earlyexit_kernels.engine.rerank import Ranked, rerank
-    from earlyexit_kernels.integrations.recertify_folder import classify
+    from earlyexit_kernels.integrations.classify import classify
     from earlyexit_kernels.methods.policies import (
         DACT,
         Entropy,
@@ -54,7 +54,7 @@ _EXPORTS = {
     "backend_status": "earlyexit_kernels.backends.registry",
     "AuditWatch": "earlyexit_kernels.engine.audit",
     "Prediction": "earlyexit_kernels.engine.classify",
-    "classify": "earlyexit_kernels.integrations.recertify_folder",
+    "classify": "earlyexit_kernels.integrations.classify",
     "Ranked": "earlyexit_kernels.engine.rerank",
     "rerank": "earlyexit_kernels.engine.rerank",
     "SUPPORTED_MODELS": "earlyexit_kernels.patching.patch",

@@ -211,7 +211,7 @@ def _engine(model, config: EngineConfig, *, kept: bool):
 def _online_certificate(model, recertify, audit: AuditWatch | None):
     """The certificate to feed, or None. None / True (re-certify as the model's folder allows) are resolved
     above this layer, where folders are read, by ``eek.classify``
-    (:func:`earlyexit_kernels.integrations.recertify_folder.classify`)."""
+    (:func:`earlyexit_kernels.integrations.classify.classify`)."""
     if recertify is None or recertify is False:
         return None
     if not isinstance(recertify, OnlineCertificate):

@@ -3,23 +3,17 @@
 :func:`certificate_of_folder` builds the
 :class:`~earlyexit_kernels.calibration.online.OnlineCertificate` of a folder;
 :func:`resolve_online_certificate` decides whether a serving path re-certifies (the default of
-``eek serve``, ``eek classify``, ``eek.classify``, Ray Serve and Ray Data) and says why;
-:func:`classify` is ``eek.classify`` as users call it: the engine's
-(:func:`earlyexit_kernels.engine.classify.classify`, which takes a certificate by its type and reads
-no folder), with ``recertify``'s default resolved from the folder the model was loaded from
-(``model.name_or_path``).
+``eek serve``, ``eek classify``, ``eek.classify`` (:mod:`.classify`), Ray Serve and Ray Data) and says why.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 from earlyexit_kernels.calibration.online import OnlineCertificate, RecertifyError
-from earlyexit_kernels.engine import classify as engine_classify
 
-__all__ = ["certificate_of_folder", "classify", "resolve_online_certificate"]
+__all__ = ["certificate_of_folder", "resolve_online_certificate"]
 
 
 def certificate_of_folder(folder: str, served=None, **options) -> OnlineCertificate:
@@ -112,28 +106,4 @@ def resolve_online_certificate(
     return certificate, (
         f"on: from {certificate.served_policy.to_code(4)} (candidate {certificate.start} of {len(certificate.path)}), "
         f"disagreement <= {100 * certificate.budget:g}% at {100 * certificate.confidence:g}%"
-    )
-
-
-@functools.wraps(engine_classify.classify)
-def classify(model, inputs, *, recertify=None, audit=None, audit_fraction: float = 0.0, **options):
-    from earlyexit_kernels.engine.audit import AuditWatch, is_multi_label
-    from earlyexit_kernels.methods.risk_control import check_fraction
-    from earlyexit_kernels.patching.patch import is_patched, policy_of
-
-    fraction = audit.fraction if isinstance(audit, AuditWatch) else check_fraction(audit_fraction)
-    if recertify is None and not fraction > 0 or not is_patched(model):
-        recertify = False  # nothing to re-certify on; the engine says what is wrong with the model
-    if recertify is None or recertify is True:
-        recertify, _ = resolve_online_certificate(
-            getattr(model, "name_or_path", None) or None,
-            policy_of(model),
-            recertify,
-            fraction=fraction,
-            budget=getattr(audit, "budget", None),
-            confidence=None if getattr(audit, "budget", None) is None else audit.confidence,
-            multi_label=is_multi_label(model.config),
-        )
-    return engine_classify.classify(
-        model, inputs, recertify=recertify or False, audit=audit, audit_fraction=audit_fraction, **options
     )
