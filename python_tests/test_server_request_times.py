@@ -130,12 +130,22 @@ def test_a_bad_max_age_is_refused_when_the_app_is_made(loaded_classifier, bad):
         create_app(model, tokenizer, max_age=bad)
 
 
-def test_ray_serve_refuses_a_bad_max_age_before_any_replica_starts(saved_classifier):
+@pytest.mark.parametrize(
+    ("options", "error", "says"),
+    [
+        ({"max_age": -2}, ValueError, "max_age must be 'auto'"),
+        ({"max_batch_size": 0}, ValueError, "max_batch_size"),
+        ({"max_body_bytes": -1}, ValueError, "max_body_bytes"),
+        ({"audit_fraction": 1.5}, ValueError, "fraction"),
+        ({"max_batch": 8}, TypeError, "max_batch"),
+    ],
+)
+def test_ray_serve_refuses_a_bad_setting_before_any_replica_starts(saved_classifier, options, error, says):
     pytest.importorskip("ray.serve", reason="Ray Serve replicas need ray[serve]")
     from earlyexit_kernels.integrations.server.ray_serve import serve_application
 
-    with pytest.raises(ValueError, match="max_age must be 'auto'"):
-        serve_application(saved_classifier, max_age=-2)
+    with pytest.raises(error, match=says):
+        serve_application(saved_classifier, **options)
 
 
 @pytest.mark.parametrize(("given", "passed"), [("auto", "auto"), ("AUTO", "auto"), ("off", None), ("0", 0), ("12", 12)])

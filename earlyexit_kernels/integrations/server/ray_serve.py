@@ -16,6 +16,9 @@ from earlyexit_kernels.integrations.server.memory_trim import DEFAULT_INTERVAL
 
 __all__ = ["serve_application"]
 
+#: ``app_options`` each replica resolves itself (from the folder and its model) before making its settings
+RESOLVED_IN_REPLICA = ("recertify", "served_model_name", "audit_record")
+
 
 def serve_application(
     model_dir: str,
@@ -37,8 +40,8 @@ def serve_application(
     ones); ``dtype``, ``device``: the base each replica runs on, resolved in the replica (``"auto"``:
     the GPU Ray gave it, e.g. with ``ray_actor_options={"num_gpus": 1}``). ``app_options`` go to
     :func:`earlyexit_kernels.integrations.server.create_app` (``max_batch_size``, ``max_tokens``,
-    ``max_queue``, ``max_length``, ``compile``, ``max_age``, ``audit_fraction``, ...; a bad ``max_age``
-    raises here, before any replica starts). With ``audit_fraction`` and no ``audit_budget`` (or
+    ``max_queue``, ``max_length``, ``compile``, ``max_age``, ``audit_fraction``, ...; a bad one, or one
+    that is no setting, raises here, before any replica starts). With ``audit_fraction`` and no ``audit_budget`` (or
     ``audit_confidence``), each replica takes them from the certificate of ``model_dir/eek_fit.json``
     where there is one; each replica audits and exports its own counts. ``recertify`` (None: on where
     an audit runs on a folder whose certificate bounds disagreement; True; False): each replica
@@ -67,10 +70,11 @@ def serve_application(
 
     if layers not in SERVED_LAYERS:
         raise ValueError(f"layers must be one of {', '.join(SERVED_LAYERS)}; got {layers!r}")
-    if "max_age" in app_options:
-        from earlyexit_kernels.engine.aging import check_max_age
+    from earlyexit_kernels.integrations.server.serving_state import ServeSettings
 
-        check_max_age(app_options["max_age"])
+    # every server setting checked here, before any replica starts; each replica then resolves what it reads
+    # from the folder and its model (the audit's budget, re-certification, the served name) and makes its own
+    ServeSettings(**{name: value for name, value in app_options.items() if name not in RESOLVED_IN_REPLICA})
 
     def build_app():
         from earlyexit_kernels.integrations.labels import is_multi_label
