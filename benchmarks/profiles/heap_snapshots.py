@@ -30,7 +30,6 @@ import sys
 import threading
 import time
 import tracemalloc
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -77,10 +76,10 @@ def snapshot(began: float, traced: list[tracemalloc.Snapshot] | None, top: int =
     line["objects"] = len(objects)
     counts = Counter(type(o).__name__ for o in objects)
     line["types"] = dict(counts.most_common(40))
-    with warnings.catch_warnings():  # isinstance reads __class__, which some deprecated objects warn on
-        warnings.simplefilter("ignore")
-        long = [o for o in objects if isinstance(o, dict | list | set | tuple) and _length(o) >= LONG]
-        tensors = [o for o in objects if isinstance(o, torch.Tensor)]
+    # by type(), not isinstance: isinstance reads __class__, which a weak proxy whose object has died raises
+    # ReferenceError on (gc lists such proxies), and some deprecated objects warn on
+    long = [o for o in objects if issubclass(type(o), dict | list | set | tuple) and _length(o) >= LONG]
+    tensors = [o for o in objects if issubclass(type(o), torch.Tensor)]
     long.sort(key=_length, reverse=True)
     line["largest_containers"] = [[_length(o), _what(o)] for o in long[:top]]
     storages = {}
