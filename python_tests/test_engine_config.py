@@ -72,12 +72,12 @@ def test_the_limits_that_need_the_model_are_checked_by_the_engine():
 
 
 def test_the_server_s_settings_check_the_engine_s_limits_before_a_model_is_loaded():
-    from earlyexit_kernels.integrations.server.serving_state import ServeSettings
+    from earlyexit_kernels.integrations.server.serve_settings import ServeSettings
 
     with pytest.raises(ValueError, match="max_tokens must be an integer >= 1 or None"):
-        ServeSettings(max_tokens=0)
+        ServeSettings.from_options(max_tokens=0)
     with pytest.raises(ValueError, match="call_cost must be a number >= 0"):
-        ServeSettings(call_cost=-1)  # eek serve --call-cost
-    config = ServeSettings(max_batch_size=8, max_age=None).engine_config()
+        ServeSettings.from_options(call_cost=-1)  # eek serve --call-cost
+    config = ServeSettings.from_options(max_batch_size=8, max_age=None).engine
     assert config == EngineConfig(max_batch_size=8, admission="fifo", max_age=None)
-    assert ServeSettings(call_cost=12.5).engine_config().call_cost == 12.5
+    assert ServeSettings.from_options(call_cost=12.5).engine.call_cost == 12.5

@@ -65,7 +65,9 @@ def test_serve_certifies_on_the_int8_base_as_eek_calibrate_does_and_leaves_the_f
                 info = httpx.get(url + "/info", timeout=1).json()
             except httpx.TransportError:
                 time.sleep(0.2)
-        assert info is not None, "the server did not start"
+        assert info is not None, "the server did not start: " + (
+            process.communicate(timeout=5)[0].decode()[-3000:] if process.poll() is not None else ""
+        )
         assert info["policy"] == repr(expected)
         assert httpx.post(url + "/predict", json={"inputs": "w1 w2"}, timeout=30).status_code == 200
     finally:

@@ -86,6 +86,8 @@ __all__ = [
     "AuditRunner",
     "AuditWatch",
     "PAIRED_WINDOW",
+    "check_audit_budget",
+    "check_audit_confidence",
     "full_depth_logits",
     "upper_bound",
 ]
@@ -96,7 +98,8 @@ logger = logging.getLogger("earlyexit_kernels.audit")
 PAIRED_WINDOW = 65_536
 
 
-def _check_confidence(confidence: float) -> float:
+def check_audit_confidence(confidence: float) -> float:
+    """``confidence`` as a float, or a ``ValueError`` saying what a valid one is."""
     if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.0 < confidence < 1.0:
         raise ValueError(
             f"the audit confidence must be a probability strictly between 0 and 1 (0.95: the bound holds "
@@ -105,7 +108,8 @@ def _check_confidence(confidence: float) -> float:
     return float(confidence)
 
 
-def _check_budget(budget: float | None) -> float | None:
+def check_audit_budget(budget: float | None) -> float | None:
+    """``budget`` (a fraction, or None) as a float, or a ``ValueError`` saying what a valid one is."""
     if budget is None:
         return None
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 <= budget < 1.0:
@@ -219,8 +223,8 @@ class AuditWatch:
         accuracy_budget: float | None = None,
     ):
         self.fraction = check_fraction(fraction)
-        self.budget = _check_budget(budget)
-        self.accuracy_budget = _check_budget(accuracy_budget)
+        self.budget = check_audit_budget(budget)
+        self.accuracy_budget = check_audit_budget(accuracy_budget)
         # the paired losses of the latest PAIRED_WINDOW labelled audited rows, in the order recorded (the
         # bound and the warning read them); the counts are over every labelled row
         self._paired: deque[int] = deque(maxlen=PAIRED_WINDOW)
@@ -228,7 +232,7 @@ class AuditWatch:
         self.accuracy_warnings = 0
         self._accuracy_over = False
         self._accuracy_cache: tuple[int, float] | None = None
-        self.confidence = _check_confidence(confidence)
+        self.confidence = check_audit_confidence(confidence)
         self.seed = seed
         self._random = random.Random(seed)
         self._lock = threading.Lock()

@@ -1,6 +1,6 @@
 """The continuous engine's limits as one object, checked once where it is built.
 
-``eek.classify``, the server (:class:`earlyexit_kernels.integrations.server.serving_state.ServeSettings`)
+``eek.classify``, the server (:class:`earlyexit_kernels.integrations.server.serve_settings.ServeSettings`)
 and the engine thread each build an :class:`EngineConfig` once from their own options and hand
 it on, as vLLM's command line builds one ``VllmConfig`` that every part reads. What can be
 checked without the model is checked here; what needs it (the longest sequence its positions

@@ -12,6 +12,8 @@ from earlyexit_kernels.integrations.recertify_cli import recertify_options as _r
 __all__ = [
     "CliError",
     "add_audit_options",
+    "audit_given",
+    "audit_line",
     "audit_options",
     "is_multi_label",
     "max_age",
@@ -63,12 +65,9 @@ def add_audit_options(command, what: str, where: str) -> None:
     )
 
 
-def audit_options(args, what: str = "rows", *, labelled: bool = False, **certificate) -> dict:
-    """``--audit-fraction``, ``--audit-budget``, ``--audit-confidence`` as ``create_app``'s options, checked;
-    the budget and confidence not given come from MODEL's eek_fit.json certificate (said on stderr), or
-    from ``certificate`` (``certificate=``, ``where=``: one made at start-up). ``labelled`` (a server,
-    which takes labels of audited inputs): also ``audit_accuracy_budget``, the certificate's budget where
-    it is on accuracy lost."""
+def audit_given(args) -> dict:
+    """``--audit-fraction``, ``--audit-budget``, ``--audit-confidence`` as ``create_app``'s options, checked, as
+    given (the budget a fraction; None where not given); ``{}`` without an audit."""
     fraction, points, confidence = args.audit_fraction, args.audit_budget, args.audit_confidence
     if not (math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
         raise CliError(
@@ -83,24 +82,30 @@ def audit_options(args, what: str = "rows", *, labelled: bool = False, **certifi
         if points is not None or confidence is not None:
             raise CliError("--audit-budget and --audit-confidence set the audit: give --audit-fraction F (> 0) too")
         return {}
+    return {
+        "audit_fraction": fraction,
+        "audit_budget": None if points is None else points / 100.0,
+        "audit_confidence": confidence,
+    }
+
+
+def audit_line(fraction: float, budget: float | None, confidence: float, source: str, what: str) -> str:
+    """What the command line says of its audit, on stderr."""
+    said = "no budget: the disagreement and its bound only" if budget is None else f"budget {100 * budget:g}%"
+    return f"audit: {fraction:g} of the {what} also run by the full model; {said}, confidence {100 * confidence:g}% ({source})"
+
+
+def audit_options(args, what: str = "rows") -> dict:
+    """:func:`audit_given`, with the budget and confidence not given from MODEL's eek_fit.json certificate
+    (said on stderr): ``eek classify``'s audit (``eek serve``'s: :meth:`~.server.serve_settings.ServeSettings.from_folder`)."""
+    options = audit_given(args)
+    if not options:
+        return {}
     from earlyexit_kernels.integrations.model_folder import audit_settings
 
-    budget, confidence, source = audit_settings(
-        args.model, None if points is None else points / 100.0, confidence, **certificate
-    )
-    said = "no budget: the disagreement and its bound only" if budget is None else f"budget {100 * budget:g}%"
-    print(
-        f"audit: {fraction:g} of the {what} also run by the full model; {said}, confidence "
-        f"{100 * confidence:g}% ({source})",
-        file=sys.stderr,
-    )
-    options = {"audit_fraction": fraction, "audit_budget": budget, "audit_confidence": confidence}
-    if labelled:
-        from earlyexit_kernels.integrations.model_folder import accuracy_audit_budget
-
-        given = {"certificate": certificate["certificate"]} if "certificate" in certificate else {}
-        options["audit_accuracy_budget"] = accuracy_audit_budget(args.model, **given)
-    return options
+    budget, confidence, source = audit_settings(args.model, options["audit_budget"], options["audit_confidence"])
+    print(audit_line(options["audit_fraction"], budget, confidence, source, what), file=sys.stderr)
+    return {**options, "audit_budget": budget, "audit_confidence": confidence}
 
 
 def recertify_options(args, audit: dict, **options) -> dict:

@@ -5,6 +5,7 @@ base served (:mod:`earlyexit_kernels.integrations.served_certificate`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -13,7 +14,8 @@ from earlyexit_kernels.integrations.cli_options import (
     CliError,
     add_audit_options,
     add_guarantee_option,
-    audit_options,
+    audit_given,
+    audit_line,
     is_multi_label,
     max_age,
     recertify_options,
@@ -238,19 +240,17 @@ def run_serve(args) -> int:
         return _serve_certified(args, options, name)
     if args.guarantee is not None:
         raise CliError("--guarantee says what --calibration certifies: give --calibration FILE too, or leave it out")
-    options.update(audit_options(args, "sequences", labelled=True))
+    options.update(audit_given(args))
+    settings = _settings(args, options, model_id=name, policy=args.policy)  # the folder read once, before the model
     if args.replicas is not None:
-        options.update(recertify_options(args, options, local=False))
+        # each replica makes the same settings from the same folder; these are checked and said once here
+        options.update(recertify_options(args, _audit_options(settings), local=False))
         return _serve_on_ray(args, options)
     _start_trim(args)  # its line before the model's; --memory-flat's threshold matters for the activations
     model, tokenizer = load_model(args.model, args.policy, args.backend, dtype=args.dtype, device=args.device)
     _serve_layers(args, model)
-    options.update(recertify_options(args, options, local=True, multi_label=is_multi_label(model.config)))
-    if args.policy is None:  # the folder's own threshold: its certificate is what /info says it holds
-        from earlyexit_kernels.integrations.model_folder import fit_certificate
-
-        options["certificate"] = fit_certificate(args.model)
-    return _run_server(args, model, tokenizer, name, options)
+    online = recertify_options(args, _audit_options(settings), local=True, multi_label=is_multi_label(model.config))
+    return _run_server(args, model, tokenizer, dataclasses.replace(settings, **online))
 
 
 def _serve_certified(args, options: dict, name: str) -> int:
@@ -285,17 +285,33 @@ def _serve_certified(args, options: dict, name: str) -> int:
     base = args.dtype or "saved"
     for line in served.lines(args.calibration, base):
         print(line, file=sys.stderr)
-    options.update(
-        audit_options(
-            args,
-            "sequences",
-            labelled=True,
-            certificate=served.certificate,
-            where=f"--calibration {args.calibration}",
-        )
-    )
-    options["certificate"] = served.certificate
-    return _run_server(args, model, tokenizer, name, options)
+    options.update(audit_given(args))
+    where = f"--calibration {args.calibration}"
+    settings = _settings(args, options, model_id=name, certificate=served.certificate, where=where)
+    return _run_server(args, model, tokenizer, settings)
+
+
+def _settings(args, options: dict, **folder):
+    """The server's settings from its options and MODEL's folder (``folder``: ``from_folder``'s keywords), made
+    once; the audit's line said on stderr."""
+    from earlyexit_kernels.integrations.server.serve_settings import ServeSettings
+
+    try:
+        settings = ServeSettings.from_folder(args.model, **folder, **options)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    audit = settings.audit
+    if audit is not None:
+        print(audit_line(audit.fraction, audit.budget, audit.confidence, audit.source, "sequences"), file=sys.stderr)
+    return settings
+
+
+def _audit_options(settings) -> dict:
+    """The audit's fraction, budget and confidence as re-certification reads them (``{}``: no audit)."""
+    audit = settings.audit
+    if audit is None:
+        return {}
+    return {"audit_fraction": audit.fraction, "audit_budget": audit.budget, "audit_confidence": audit.confidence}
 
 
 def _serve_layers(args, model) -> None:
@@ -309,14 +325,13 @@ def _serve_layers(args, model) -> None:
         raise CliError(str(error)) from None
 
 
-def _run_server(args, model, tokenizer, name: str, options: dict) -> int:
+def _run_server(args, model, tokenizer, settings) -> int:
     import uvicorn
 
     from earlyexit_kernels.integrations.server import create_app
-    from earlyexit_kernels.integrations.server.serving_state import ServeSettings
 
     try:
-        app = create_app(model, tokenizer, ServeSettings(model_id=name, **options))  # the settings, made once
+        app = create_app(model, tokenizer, settings)
     except ValueError as error:
         raise CliError(str(error)) from None
     print(args.layers_line, file=sys.stderr, flush=True)

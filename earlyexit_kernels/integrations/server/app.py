@@ -32,7 +32,8 @@ from earlyexit_kernels.integrations.server.body_limit import BodyLimitMiddleware
 from earlyexit_kernels.integrations.server.errors import http_error_handler
 from earlyexit_kernels.integrations.server.routes import OPEN, ROUTES, handlers
 from earlyexit_kernels.integrations.server.routes.handling import guarded
-from earlyexit_kernels.integrations.server.serving_state import ServeSettings, ServingState
+from earlyexit_kernels.integrations.server.serve_settings import ServeSettings
+from earlyexit_kernels.integrations.server.serving_state import ServingState
 
 __all__ = ["create_app"]
 
@@ -40,13 +41,13 @@ __all__ = ["create_app"]
 def create_app(model, tokenizer, settings: ServeSettings | None = None, **options):
     """A Starlette app serving the patched ``model``; the engine starts with the app.
 
-    ``settings``: a :class:`~.serving_state.ServeSettings` (what ``eek serve`` makes once), or its
-    fields as keyword ``options`` (``model_id=``, ``max_batch_size=``, ``audit_fraction=``, ...; each
-    described there), not both. The state the routes serve from is a
+    ``settings``: a :class:`~.serve_settings.ServeSettings` (what ``eek serve`` makes once), or keyword
+    ``options`` (``model_id=``, ``max_batch_size=``, ``audit_fraction=``, ...: each field of its groups, the
+    audit's prefixed ``audit_``; :meth:`~.serve_settings.ServeSettings.from_options`), not both. The state the routes serve from is a
     :class:`~.serving_state.ServingState` built from them (``app.state.eek``).
     """
     if settings is None:
-        settings = ServeSettings(**options)
+        settings = ServeSettings.from_options(**options)
     elif options:
         raise TypeError(f"give settings or options, not both: {', '.join(sorted(options))}")
     return _app(ServingState(model, tokenizer, settings))
@@ -77,7 +78,7 @@ def _app(state: ServingState):
     document = openapi_document(
         state.model_id,
         version=__version__,
-        api_key=state.settings.api_key is not None,
+        api_key=state.settings.http.api_key is not None,
         reranks=state.num_labels == 1,
         max_length=state.max_length,
         labels=state.labels,
@@ -93,7 +94,7 @@ def _app(state: ServingState):
         # the request id outermost, so that a body refused for its size carries one too
         middleware=[
             Middleware(RequestIdMiddleware),
-            Middleware(BodyLimitMiddleware, max_bytes=state.settings.max_body_bytes),
+            Middleware(BodyLimitMiddleware, max_bytes=state.settings.http.max_body_bytes),
         ],
         exception_handlers={HTTPException: http_error_handler(ROUTES)},
     )

@@ -70,15 +70,20 @@ def serve_application(
 
     if layers not in SERVED_LAYERS:
         raise ValueError(f"layers must be one of {', '.join(SERVED_LAYERS)}; got {layers!r}")
-    from earlyexit_kernels.integrations.server.serving_state import ServeSettings
+    from earlyexit_kernels.integrations.server.serve_settings import ServeSettings
 
-    # every server setting checked here, before any replica starts; each replica then resolves what it reads
-    # from the folder and its model (the audit's budget, re-certification, the served name) and makes its own
-    ServeSettings(**{name: value for name, value in app_options.items() if name not in RESOLVED_IN_REPLICA})
+    # every server setting checked here, before any replica starts; each replica then makes its own from the
+    # folder (the audit's budget, the certificate) and its model (re-certification, the served name)
+    ServeSettings.from_options(
+        **{name: value for name, value in app_options.items() if name not in RESOLVED_IN_REPLICA}
+    )
 
     def build_app():
+        import dataclasses
+
+        from earlyexit_kernels.engine.served_layers import serve_layers
         from earlyexit_kernels.integrations.labels import is_multi_label
-        from earlyexit_kernels.integrations.model_folder import accuracy_audit_budget, audit_settings, load_model
+        from earlyexit_kernels.integrations.model_folder import load_model
         from earlyexit_kernels.integrations.recertify_folder import resolve_online_certificate
         from earlyexit_kernels.integrations.server.app import create_app
         from earlyexit_kernels.integrations.server.memory_trim import trim_once_per_process
@@ -86,29 +91,23 @@ def serve_application(
         from earlyexit_kernels.patching.patch import policy_of
 
         trim_once_per_process(memory_trim, flat=memory_flat)  # the replica's process, as eek serve's
-        from earlyexit_kernels.engine.served_layers import serve_layers
-
         model, tokenizer = load_model(model_dir, policy, backend, dtype=dtype, device=device)
         print(serve_layers(model, layers, compiled=bool(app_options.get("compile"))), flush=True)
         options = dict(app_options)
-        recertify = options.pop("recertify", None)
-        if options.get("audit_fraction"):
-            budget, confidence, _ = audit_settings(
-                model_dir, options.get("audit_budget"), options.get("audit_confidence")
-            )
-            options.update(audit_budget=budget, audit_confidence=confidence)
-            options.setdefault("audit_accuracy_budget", accuracy_audit_budget(model_dir))
-        options["recertify"], _ = resolve_online_certificate(
+        recertify, record = options.pop("recertify", None), options.pop("audit_record", None)
+        name = served_model_name(model_dir, options.pop("served_model_name", None))
+        settings = ServeSettings.from_folder(model_dir, policy=policy, model_id=name, **options)
+        audit = settings.audit
+        online, _ = resolve_online_certificate(
             model_dir,
             policy_of(model),
             False if policy is not None else recertify,
-            fraction=options.get("audit_fraction", 0.0),
-            budget=options.get("audit_budget"),
-            confidence=options.get("audit_confidence"),
+            fraction=0.0 if audit is None else audit.fraction,
+            budget=None if audit is None else audit.budget,
+            confidence=None if audit is None else audit.confidence,
             multi_label=is_multi_label(model.config),
         )
-        name = served_model_name(model_dir, options.pop("served_model_name", None))
-        return create_app(model, tokenizer, model_id=name, **options)
+        return create_app(model, tokenizer, dataclasses.replace(settings, recertify=online, audit_record=record))
 
     ingress = serve.ingress(build_app)(type("EarlyExitServer", (), {}))
     deployment = serve.deployment(

@@ -1,6 +1,5 @@
-"""The server's state apart from its routes: :class:`ServeSettings`, made once (``eek serve`` makes it from
-its command line, ``create_app(model, tokenizer, **options)`` from its options), and :class:`ServingState`,
-built from it, which :mod:`.app`'s routes call.
+"""The server's state apart from its routes: :class:`ServingState`, built from one
+:class:`~.serve_settings.ServeSettings`, which :mod:`.routes`' handlers call.
 """
 
 from __future__ import annotations
@@ -8,107 +7,19 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from dataclasses import asdict, dataclass
 
 from earlyexit_kernels.engine.background import BackgroundEngine, QueueFull
-from earlyexit_kernels.engine.engine_config import EngineConfig
 from earlyexit_kernels.engine.served_layers import layers_of
 from earlyexit_kernels.integrations.labels import label_name
-from earlyexit_kernels.integrations.server.body_limit import DEFAULT_MAX_BODY_BYTES, check_max_body_bytes
 from earlyexit_kernels.integrations.server.errors import RequestError
 from earlyexit_kernels.integrations.server.feedback import FeedbackStore
 from earlyexit_kernels.integrations.server.memory_trim import process_trim_line
 from earlyexit_kernels.integrations.server.request_costs import RequestCosts
+from earlyexit_kernels.integrations.server.serve_settings import ServeSettings
 from earlyexit_kernels.integrations.server.tokenization import Tokenization
 from earlyexit_kernels.patching.patch import backend_of, policy_of
 
-__all__ = ["ServeSettings", "ServingState"]
-
-
-@dataclass
-class ServeSettings:
-    """Every setting of one server, checked when made (``ValueError`` saying what a valid one is).
-
-    ``model_id``: the served model's name. ``max_queue``: most sequences submitted and not finished;
-    a request that does not fit gets 429 at once. ``max_client_batch_size``: most inputs (or rerank
-    texts) in one request (default ``max_queue``); a bigger request gets 413 naming the limit, a
-    smaller one is split over as many layer calls as ``max_batch_size`` needs. ``max_length``: most
-    tokens per sequence (default what the model's positions hold); longer texts get 413 unless the
-    request says ``truncate``. ``api_key``: when given, every route but ``/health`` needs
-    ``Authorization: Bearer <api_key>``. ``audit_fraction``: the fraction of the sequences, drawn at
-    random (``audit_seed``), that also run through the full model once answered, their
-    disagreement with the early exit, its upper ``audit_confidence`` bound and ``audit_budget`` (a
-    fraction, or None: no budget, no warning) exported at ``/metrics`` (``eek_audit_*``); 0, the
-    default, audits nothing (:mod:`earlyexit_kernels.engine.audit`, :mod:`.audit_worker`).
-    ``audit_accuracy_budget``: the accuracy lost (a fraction) the labelled audited inputs are watched
-    against (labels sent to ``POST /feedback``, :mod:`.feedback`), usually the certificate's of a
-    folder certified on accuracy lost; None: the accuracy lost is reported, no warning.
-    ``recertify``: an :class:`~earlyexit_kernels.calibration.online.OnlineCertificate`
-    (needs the audit) that moves the served threshold along its certified path from the audited
-    sequences (its moves at ``/metrics``, ``eek_policy_*``), or None; ``audit_record``: a file the
-    audited rows of its epoch are written to, for ``eek calibrate FOLDER --from-audit``.
-    ``max_age``: bounded waiting, the layer calls after which a sequence the engine thread took is
-    served first (:mod:`earlyexit_kernels.engine.aging`): ``"auto"`` (default, 2 x the layers), an
-    integer >= 0 (0: strictly oldest first) or None (no age rule). ``max_body_bytes``: the largest
-    request body taken; a larger one gets 413 before it is read whole (:mod:`.body_limit`, TEI's
-    default of 2,000,000 bytes). ``max_batch_size``, ``max_tokens``, ``compile``, ``call_cost``: as
-    :class:`earlyexit_kernels.engine.continuous.ContinuousEngine`'s. ``certificate``: the fields of the served
-    threshold's certificate (``eek_fit.json``'s, or ``--calibration``'s), what ``/info`` says it promises.
-    """
-
-    model_id: str = "model"
-    max_batch_size: int = 64
-    max_tokens: int | None = None
-    max_queue: int = 1024
-    max_length: int | None = None
-    compile: bool | dict = False
-    api_key: str | None = None
-    max_client_batch_size: int | None = None
-    audit_fraction: float = 0.0
-    audit_budget: float | None = None
-    audit_confidence: float = 0.95
-    audit_seed: int = 0
-    audit_accuracy_budget: float | None = None
-    recertify: object = None
-    audit_record: str | None = None
-    max_age: int | str | None = "auto"
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    call_cost: float | None = None
-    certificate: dict | None = None
-
-    def __post_init__(self):
-        from earlyexit_kernels.methods.risk_control import check_fraction
-
-        self.engine_config()  # the engine's limits checked here, before a model is loaded
-        check_max_body_bytes(self.max_body_bytes)
-        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
-            raise ValueError("api_key must be a non-empty string or None")
-        if self.max_client_batch_size is None:
-            self.max_client_batch_size = self.max_queue
-        batch = self.max_client_batch_size
-        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-            raise ValueError(f"max_client_batch_size must be an integer >= 1, got {batch!r}")
-        self.audit_fraction = check_fraction(self.audit_fraction)
-        if self.recertify is not None and self.audit_fraction == 0:
-            raise ValueError("re-certification reads the audit: give an audit fraction above 0 (--audit-fraction 0.05)")
-        if self.audit_record is not None and self.recertify is None:
-            raise ValueError("the audit record holds what re-certification replays: it needs re-certification on")
-
-    def engine_config(self) -> EngineConfig:
-        """The continuous engine's limits (:class:`~earlyexit_kernels.engine.background.BackgroundEngine`):
-        arrival order, bounded waiting."""
-        return EngineConfig(
-            max_batch_size=self.max_batch_size,
-            max_tokens=self.max_tokens,
-            max_length=self.max_length,
-            compile=self.compile,
-            admission="fifo",
-            max_age=self.max_age,
-            call_cost=self.call_cost,
-        )
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+__all__ = ["ServingState", "held_certificate"]
 
 
 def held_certificate(fields: dict | None) -> dict | None:
@@ -145,8 +56,8 @@ class ServingState:
         self.settings = settings
         self.started = int(time.time())  # when the server started, as /v1/models and /models say
         self.model, self.model_id = model.eval(), settings.model_id
-        self.max_queue, self.max_client_batch_size = settings.max_queue, settings.max_client_batch_size
-        self.engine_config = settings.engine_config()
+        self.max_queue, self.max_client_batch_size = settings.http.max_queue, settings.http.max_client_batch_size
+        self.engine_config = settings.engine
         self.max_length = self.engine_config.max_length or model_max_length(model)
         self.tokenization = Tokenization(tokenizer, self.max_length)
         config = model.config
@@ -157,13 +68,13 @@ class ServingState:
         self.worker: BackgroundEngine | None = None
         self.accepting = False
         audit = None  # the AuditWatch
-        if settings.audit_fraction > 0:
+        if settings.audit is not None:
             audit = AuditWatch(
-                settings.audit_fraction,
-                budget=settings.audit_budget,
-                confidence=settings.audit_confidence,
-                seed=settings.audit_seed,
-                accuracy_budget=settings.audit_accuracy_budget,
+                settings.audit.fraction,
+                budget=settings.audit.budget,
+                confidence=settings.audit.confidence,
+                seed=settings.audit.seed,
+                accuracy_budget=settings.audit.accuracy_budget,
             )
         self.audit = audit
         self.certificate, self.audit_record = settings.recertify, settings.audit_record  # re-certification, or None
@@ -188,7 +99,7 @@ class ServingState:
     def authorized(self, headers) -> bool:
         """Whether a request with ``headers`` may be served: any without an API key, else one that
         sends ``Authorization: Bearer <key>``."""
-        key = self.settings.api_key
+        key = self.settings.http.api_key
         if key is None:
             return True
         scheme, _, token = headers.get("authorization", "").partition(" ")

@@ -1,0 +1,200 @@
+"""One server's settings, made once and checked where they are made (``ValueError`` saying what a valid one is),
+as vLLM's command line builds one config that every part reads.
+
+:class:`ServeSettings` holds three groups and what the served threshold promises:
+
+- ``engine``: the continuous engine's limits, an :class:`~earlyexit_kernels.engine.engine_config.EngineConfig`
+  (arrival order);
+- ``http``: what a request may be and hold, :class:`HttpLimits`;
+- ``audit``: the sequences also run through the full model and what they are watched against,
+  :class:`AuditConfig`, or None (no audit).
+
+:meth:`ServeSettings.from_options` makes them from ``create_app``'s keyword options (each described
+there); :meth:`ServeSettings.from_folder` from the same options and an ``eek fit`` folder, whose certificate
+gives the audit's budget and confidence where none is given and what ``/info`` says is promised. ``eek
+serve`` (with or without ``--calibration``) and each Ray replica call it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from earlyexit_kernels.engine.audit import check_audit_budget, check_audit_confidence
+from earlyexit_kernels.engine.engine_config import EngineConfig
+from earlyexit_kernels.integrations.server.body_limit import DEFAULT_MAX_BODY_BYTES, check_max_body_bytes
+
+__all__ = ["AuditConfig", "HttpLimits", "ServeSettings"]
+
+#: ``create_app``'s options that are the engine's limits (:class:`EngineConfig`'s fields)
+ENGINE_OPTIONS = ("max_batch_size", "max_tokens", "max_length", "compile", "max_age", "call_cost")
+#: ``create_app``'s options that are :class:`HttpLimits`' fields
+HTTP_OPTIONS = ("max_queue", "max_client_batch_size", "max_body_bytes", "api_key")
+#: ``create_app``'s audit options and the :class:`AuditConfig` field each sets
+AUDIT_OPTIONS = {
+    "audit_fraction": "fraction",
+    "audit_budget": "budget",
+    "audit_confidence": "confidence",
+    "audit_seed": "seed",
+    "audit_accuracy_budget": "accuracy_budget",
+}
+#: ``create_app``'s other options: :class:`ServeSettings`' own fields
+OWN_OPTIONS = ("model_id", "recertify", "audit_record", "certificate")
+
+
+def _whole(name: str, value, least: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one request may be and hold.
+
+    ``max_queue`` (>= 1): most sequences submitted and not finished; a request that does not fit gets 429 at
+    once. ``max_client_batch_size`` (>= 1, default ``max_queue``): most inputs (or rerank texts) in one
+    request; a bigger request gets 413 naming the limit, a smaller one is split over as many layer calls as
+    the engine's ``max_batch_size`` needs. ``max_body_bytes`` (>= 1): the largest request body taken; a larger
+    one gets 413 before it is read whole (:mod:`.body_limit`, TEI's default of 2,000,000 bytes). ``api_key``
+    (a non-empty string or None): when given, every route but ``/health`` needs ``Authorization: Bearer
+    <api_key>``.
+    """
+
+    max_queue: int = 1024
+    max_client_batch_size: int | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    api_key: str | None = None
+
+    def __post_init__(self):
+        _whole("max_queue", self.max_queue, 1)
+        if self.max_client_batch_size is None:
+            object.__setattr__(self, "max_client_batch_size", self.max_queue)
+        _whole("max_client_batch_size", self.max_client_batch_size, 1)
+        check_max_body_bytes(self.max_body_bytes)
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
+            raise ValueError("api_key must be a non-empty string or None")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The audit (:mod:`earlyexit_kernels.engine.audit`, :mod:`.audit_worker`): a fraction of the sequences,
+    drawn at random, also run through the full model once answered, and what they are watched against.
+
+    ``fraction`` (in (0, 1]): the share of sequences audited. ``budget`` (a fraction in [0, 1), or None: no
+    budget, no warning): the disagreement with the early exit is watched against it, its upper
+    ``confidence`` bound (in (0, 1)) exported at ``/metrics`` (``eek_audit_*``). ``seed``: of the draw.
+    ``accuracy_budget`` (a fraction in [0, 1), or None: reported, no warning): the accuracy lost the labelled
+    audited inputs are watched against (labels sent to ``POST /feedback``, :mod:`.feedback`), usually the
+    certificate's of a folder certified on accuracy lost. ``source``: where ``budget`` and ``confidence``
+    came from, what ``eek serve``'s audit line says.
+    """
+
+    fraction: float
+    budget: float | None = None
+    confidence: float = 0.95
+    seed: int = 0
+    accuracy_budget: float | None = None
+    source: str = "as given"
+
+    def __post_init__(self):
+        from earlyexit_kernels.methods.risk_control import check_fraction
+
+        object.__setattr__(self, "fraction", check_fraction(self.fraction))
+        if self.fraction == 0:
+            raise ValueError("an audit needs a fraction above 0; no audit is audit=None (audit_fraction=0)")
+        object.__setattr__(self, "budget", check_audit_budget(self.budget))
+        object.__setattr__(self, "confidence", check_audit_confidence(self.confidence))
+        object.__setattr__(self, "accuracy_budget", check_audit_budget(self.accuracy_budget))
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Every setting of one server (the module's docstring): ``engine``, ``http``, ``audit``, and
+
+    ``model_id``: the served model's name. ``recertify``: an
+    :class:`~earlyexit_kernels.calibration.online.OnlineCertificate` (needs the audit) that moves the served
+    threshold along its certified path from the audited sequences (its moves at ``/metrics``,
+    ``eek_policy_*``), or None. ``audit_record``: a file the audited rows of its epoch are written to, for
+    ``eek calibrate FOLDER --from-audit`` (needs ``recertify``). ``certificate``: the fields of the served
+    threshold's certificate (``eek_fit.json``'s, or ``--calibration``'s), what ``/info`` says it promises.
+    """
+
+    engine: EngineConfig = EngineConfig()
+    http: HttpLimits = HttpLimits()
+    audit: AuditConfig | None = None
+    model_id: str = "model"
+    recertify: object = None
+    audit_record: str | None = None
+    certificate: dict | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.engine, EngineConfig) or self.engine.admission != "fifo":
+            raise ValueError("a server's engine is an EngineConfig admitting in arrival order (admission='fifo')")
+        if self.recertify is not None and self.audit is None:
+            raise ValueError("re-certification reads the audit: give an audit fraction above 0 (--audit-fraction 0.05)")
+        if self.audit_record is not None and self.recertify is None:
+            raise ValueError("the audit record holds what re-certification replays: it needs re-certification on")
+
+    @classmethod
+    def from_options(cls, **options) -> ServeSettings:
+        """The settings of ``create_app``'s keyword ``options`` (``max_batch_size=``, ``audit_fraction=``,
+        ...); a ``TypeError`` names one that is none."""
+        known = (*ENGINE_OPTIONS, *HTTP_OPTIONS, *AUDIT_OPTIONS, *OWN_OPTIONS)
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise TypeError(f"unknown server option(s) {', '.join(unknown)}; the options are {', '.join(known)}")
+        from earlyexit_kernels.methods.risk_control import check_fraction
+
+        engine = EngineConfig(admission="fifo", **{name: options[name] for name in ENGINE_OPTIONS if name in options})
+        http = HttpLimits(**{name: options[name] for name in HTTP_OPTIONS if name in options})
+        audit = None
+        if check_fraction(options.get("audit_fraction", 0.0)) > 0:
+            # None: not given (the command line passes what it was not given so), each field's default
+            given = {field: options[name] for name, field in AUDIT_OPTIONS.items() if options.get(name) is not None}
+            audit = AuditConfig(**given)
+        return cls(engine, http, audit, **{name: options[name] for name in OWN_OPTIONS if name in options})
+
+    @classmethod
+    def from_folder(cls, folder: str, *, policy=None, certificate="saved", where=None, **options) -> ServeSettings:
+        """The settings of a server of the ``eek fit`` folder ``folder``, read from it once (``options``: as
+        :meth:`from_options`):
+
+        - the audit's budget and confidence not given: its certificate's
+          (:func:`~earlyexit_kernels.integrations.model_folder.audit_settings`, which says why where it gives
+          none), ``audit.source`` saying where they came from;
+        - the accuracy lost labelled audited inputs are watched against, where not given: the certificate's
+          budget where it is on accuracy lost;
+        - what ``/info`` says the served threshold promises: the certificate, none with ``policy`` (a
+          threshold of the user's own) unless one is given.
+
+        ``certificate`` (with ``where``, what made it): one made at start-up in place of the saved one
+        (``eek serve --calibration``)."""
+        from earlyexit_kernels.integrations.model_folder import (
+            SAVED,
+            accuracy_audit_budget,
+            audit_settings,
+            fit_certificate,
+        )
+
+        settings = cls.from_options(**options)  # every option checked before the folder is read
+        changes = {}
+        if settings.audit is not None:
+            given = {} if certificate == SAVED else {"certificate": certificate, "where": where}
+            budget, confidence, source = audit_settings(
+                folder, options.get("audit_budget"), options.get("audit_confidence"), **given
+            )
+            accuracy = options.get("audit_accuracy_budget")
+            if accuracy is None:
+                accuracy = accuracy_audit_budget(
+                    folder, **({} if certificate == SAVED else {"certificate": certificate})
+                )
+            changes["audit"] = dataclasses.replace(
+                settings.audit, budget=budget, confidence=confidence, accuracy_budget=accuracy, source=source
+            )
+        if "certificate" not in options:
+            if certificate != SAVED:
+                changes["certificate"] = certificate
+            elif policy is None:
+                changes["certificate"] = fit_certificate(folder)
+        return dataclasses.replace(settings, **changes)

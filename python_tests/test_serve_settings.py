@@ -1,0 +1,73 @@
+"""A server's settings, made once: ``ServeSettings`` groups the engine's limits, the HTTP limits and the audit,
+checks each where it is made, and reads an ``eek fit`` folder once for what the folder decides (the audit's
+budget and confidence where none is given, what ``/info`` says the threshold promises)."""
+
+import pytest
+
+pytest.importorskip("starlette", reason="the server needs the serve extra")
+
+from test_recertify_serving import certified_folder  # noqa: E402
+
+from earlyexit_kernels.engine.engine_config import EngineConfig  # noqa: E402
+from earlyexit_kernels.integrations.server.serve_settings import AuditConfig, HttpLimits, ServeSettings  # noqa: E402
+
+
+def test_create_app_s_options_land_in_their_groups():
+    settings = ServeSettings.from_options(
+        model_id="m", max_batch_size=8, max_queue=32, api_key="k", audit_fraction=0.5, audit_budget=0.02
+    )
+    assert settings.engine == EngineConfig(max_batch_size=8, admission="fifo")
+    assert settings.http == HttpLimits(max_queue=32, max_client_batch_size=32, api_key="k")
+    assert settings.audit == AuditConfig(0.5, budget=0.02)
+    assert settings.model_id == "m"
+    assert ServeSettings.from_options().audit is None  # no fraction, no audit
+
+
+def test_a_setting_out_of_bounds_or_unknown_is_refused_when_made():
+    with pytest.raises(ValueError, match="max_queue must be an integer >= 1"):
+        ServeSettings.from_options(max_queue=0)
+    with pytest.raises(ValueError, match="max_client_batch_size must be an integer >= 1"):
+        ServeSettings.from_options(max_client_batch_size=0)
+    with pytest.raises(ValueError, match="the audit budget must be a fraction"):
+        ServeSettings.from_options(audit_fraction=0.1, audit_budget=1.5)
+    with pytest.raises(ValueError, match="the audit confidence must be a probability"):
+        ServeSettings.from_options(audit_fraction=0.1, audit_confidence=1.0)
+    with pytest.raises(ValueError, match="re-certification reads the audit"):
+        ServeSettings.from_options(recertify=object())
+    with pytest.raises(TypeError, match="unknown server option.*max_batch"):
+        ServeSettings.from_options(max_batch=8)
+    with pytest.raises(ValueError, match="admission='fifo'"):
+        ServeSettings(engine=EngineConfig(admission="length"))
+
+
+def test_a_folder_gives_the_audit_what_the_user_did_not(saved_classifier, tmp_path):
+    folder = certified_folder(saved_classifier, tmp_path / "folder", start=1)  # disagreement <= 10% at 90%
+    settings = ServeSettings.from_folder(folder, audit_fraction=0.2)
+    assert (settings.audit.budget, settings.audit.confidence) == (0.1, 0.9)
+    assert settings.audit.source.startswith("from the certificate of")
+    assert settings.certificate["budget"] == 0.1  # what /info says the served threshold promises
+
+    given = ServeSettings.from_folder(folder, audit_fraction=0.2, audit_budget=0.05)
+    assert (given.audit.budget, given.audit.confidence) == (0.05, 0.9)
+    assert given.audit.source.startswith("budget as given")
+
+
+def test_a_threshold_of_the_user_s_own_holds_no_certificate(saved_classifier, tmp_path):
+    folder = certified_folder(saved_classifier, tmp_path / "folder", start=1)
+    assert ServeSettings.from_folder(folder, policy="Entropy(0.5)").certificate is None
+
+
+def test_a_certificate_made_at_start_up_replaces_the_saved_one(saved_classifier, tmp_path):
+    folder = certified_folder(saved_classifier, tmp_path / "folder", start=1)
+    made = {"budget": 0.03, "confidence": 0.95, "risk": "disagreement", "rows": 400, "target": "agreement"}
+    settings = ServeSettings.from_folder(folder, certificate=made, where="--calibration rows.csv", audit_fraction=0.2)
+    assert settings.certificate is made
+    assert (settings.audit.budget, settings.audit.confidence) == (0.03, 0.95)
+    assert "--calibration rows.csv" in settings.audit.source
+
+
+def test_a_folder_certified_on_accuracy_lost_watches_labels_not_disagreement(saved_classifier, tmp_path):
+    folder = certified_folder(saved_classifier, tmp_path / "folder", start=1, target_risk="accuracy")
+    settings = ServeSettings.from_folder(folder, audit_fraction=0.2)
+    assert settings.audit.budget is None and settings.audit.accuracy_budget == 0.1
+    assert settings.audit.source.startswith("no disagreement budget")
