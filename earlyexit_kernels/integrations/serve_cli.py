@@ -5,7 +5,6 @@ base served (:mod:`earlyexit_kernels.integrations.served_certificate`).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
@@ -16,7 +15,6 @@ from earlyexit_kernels.integrations.cli_options import (
     add_guarantee_option,
     audit_given,
     audit_line,
-    is_multi_label,
     max_age,
     recertify_options,
     set_threads,
@@ -240,7 +238,7 @@ def run_serve(args) -> int:
         return _serve_certified(args, options, name)
     if args.guarantee is not None:
         raise CliError("--guarantee says what --calibration certifies: give --calibration FILE too, or leave it out")
-    options.update(audit_given(args))
+    options.update(audit_given(args), recertify=args.recertify, audit_record=args.audit_record)
     settings = _settings(args, options, model_id=name, policy=args.policy)  # the folder read once, before the model
     if args.replicas is not None:
         # each replica makes the same settings from the same folder; these are checked and said once here
@@ -249,8 +247,9 @@ def run_serve(args) -> int:
     _start_trim(args)  # its line before the model's; --memory-flat's threshold matters for the activations
     model, tokenizer = load_model(args.model, args.policy, args.backend, dtype=args.dtype, device=args.device)
     _serve_layers(args, model)
-    online = recertify_options(args, _audit_options(settings), local=True, multi_label=is_multi_label(model.config))
-    return _run_server(args, model, tokenizer, dataclasses.replace(settings, **online))
+    # re-certification is decided on the model served (ServingState): its line said once the app is made
+    says = settings.audit is not None or args.recertify is not None
+    return _run_server(args, model, tokenizer, settings, say_recertify=says)
 
 
 def _serve_certified(args, options: dict, name: str) -> int:
@@ -325,7 +324,7 @@ def _serve_layers(args, model) -> None:
         raise CliError(str(error)) from None
 
 
-def _run_server(args, model, tokenizer, settings) -> int:
+def _run_server(args, model, tokenizer, settings, *, say_recertify: bool = False) -> int:
     import uvicorn
 
     from earlyexit_kernels.integrations.server import create_app
@@ -334,6 +333,8 @@ def _run_server(args, model, tokenizer, settings) -> int:
         app = create_app(model, tokenizer, settings)
     except ValueError as error:
         raise CliError(str(error)) from None
+    if say_recertify:
+        print(f"re-certification: {app.state.eek.recertify_said}", file=sys.stderr)
     print(args.layers_line, file=sys.stderr, flush=True)
     trim = _start_trim(args)
     # uvicorn handles SIGTERM/SIGINT: it stops listening, waits for the requests in flight,

@@ -17,7 +17,7 @@ from earlyexit_kernels.integrations.server.memory_trim import DEFAULT_INTERVAL
 __all__ = ["serve_application"]
 
 #: ``app_options`` each replica resolves itself (from the folder and its model) before making its settings
-RESOLVED_IN_REPLICA = ("recertify", "served_model_name", "audit_record")
+RESOLVED_IN_REPLICA = ("served_model_name", "audit_record")
 
 
 def serve_application(
@@ -72,42 +72,30 @@ def serve_application(
         raise ValueError(f"layers must be one of {', '.join(SERVED_LAYERS)}; got {layers!r}")
     from earlyexit_kernels.integrations.server.serve_settings import ServeSettings
 
+    if policy is not None and app_options.get("recertify") is True:
+        raise ValueError("recertify moves the folder's certified threshold; leave policy out to re-certify")
+
     # every server setting checked here, before any replica starts; each replica then makes its own from the
-    # folder (the audit's budget, the certificate) and its model (re-certification, the served name)
+    # folder (the audit's budget, the certificate, the served name; the record, which needs it)
     ServeSettings.from_options(
         **{name: value for name, value in app_options.items() if name not in RESOLVED_IN_REPLICA}
     )
 
     def build_app():
-        import dataclasses
-
         from earlyexit_kernels.engine.served_layers import serve_layers
-        from earlyexit_kernels.integrations.labels import is_multi_label
         from earlyexit_kernels.integrations.model_folder import load_model
-        from earlyexit_kernels.integrations.recertify_folder import resolve_online_certificate
         from earlyexit_kernels.integrations.server.app import create_app
         from earlyexit_kernels.integrations.server.memory_trim import trim_once_per_process
         from earlyexit_kernels.integrations.server.served_model import served_model_name
-        from earlyexit_kernels.patching.patch import policy_of
 
         trim_once_per_process(memory_trim, flat=memory_flat)  # the replica's process, as eek serve's
         model, tokenizer = load_model(model_dir, policy, backend, dtype=dtype, device=device)
         print(serve_layers(model, layers, compiled=bool(app_options.get("compile"))), flush=True)
         options = dict(app_options)
-        recertify, record = options.pop("recertify", None), options.pop("audit_record", None)
         name = served_model_name(model_dir, options.pop("served_model_name", None))
+        # the replica's own re-certification, on its own audited sequences (ServingState decides it)
         settings = ServeSettings.from_folder(model_dir, policy=policy, model_id=name, **options)
-        audit = settings.audit
-        online, _ = resolve_online_certificate(
-            model_dir,
-            policy_of(model),
-            False if policy is not None else recertify,
-            fraction=0.0 if audit is None else audit.fraction,
-            budget=None if audit is None else audit.budget,
-            confidence=None if audit is None else audit.confidence,
-            multi_label=is_multi_label(model.config),
-        )
-        return create_app(model, tokenizer, dataclasses.replace(settings, recertify=online, audit_record=record))
+        return create_app(model, tokenizer, settings)
 
     ingress = serve.ingress(build_app)(type("EarlyExitServer", (), {}))
     deployment = serve.deployment(

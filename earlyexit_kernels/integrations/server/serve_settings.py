@@ -112,12 +112,17 @@ class AuditConfig:
 class ServeSettings:
     """Every setting of one server (the module's docstring): ``engine``, ``http``, ``audit``, and
 
-    ``model_id``: the served model's name. ``recertify``: an
-    :class:`~earlyexit_kernels.calibration.online.OnlineCertificate` (needs the audit) that moves the served
-    threshold along its certified path from the audited sequences (its moves at ``/metrics``,
-    ``eek_policy_*``), or None. ``audit_record``: a file the audited rows of its epoch are written to, for
-    ``eek calibrate FOLDER --from-audit`` (needs ``recertify``). ``certificate``: the fields of the served
-    threshold's certificate (``eek_fit.json``'s, or ``--calibration``'s), what ``/info`` says it promises.
+    ``model_id``: the served model's name. ``recertify``: whether the served threshold moves along its
+    certified path as the audited sequences certify it (needs the audit; its moves at ``/metrics``,
+    ``eek_policy_*``): an :class:`~earlyexit_kernels.calibration.online.OnlineCertificate` (that one); None (the
+    default: on where an audit runs on an ``eek fit`` folder, ``folder``, whose certificate bounds
+    disagreement with the full model); True (on, or a ``ValueError`` saying what is missing); False (off).
+    :class:`~.serving_state.ServingState` builds it from ``folder`` and the model it serves
+    (:func:`~earlyexit_kernels.integrations.recertify_folder.resolve_online_certificate`). ``audit_record``: a
+    file the audited rows of its epoch are written to, for ``eek calibrate FOLDER --from-audit`` (needs
+    re-certification on). ``certificate``: the fields of the served threshold's certificate
+    (``eek_fit.json``'s, or ``--calibration``'s), what ``/info`` says it promises. ``folder``: the ``eek fit``
+    folder the model was loaded from (:meth:`from_folder` sets it), or None.
     """
 
     engine: EngineConfig = EngineConfig()
@@ -127,13 +132,19 @@ class ServeSettings:
     recertify: object = None
     audit_record: str | None = None
     certificate: dict | None = None
+    folder: str | None = None
 
     def __post_init__(self):
+        from earlyexit_kernels.calibration.online import OnlineCertificate
+
         if not isinstance(self.engine, EngineConfig) or self.engine.admission != "fifo":
             raise ValueError("a server's engine is an EngineConfig admitting in arrival order (admission='fifo')")
-        if self.recertify is not None and self.audit is None:
+        if not (self.recertify in (None, True, False) or isinstance(self.recertify, OnlineCertificate)):
+            raise ValueError(f"recertify must be an OnlineCertificate, None, True or False, got {self.recertify!r}")
+        if self.recertify not in (None, False) and self.audit is None:
             raise ValueError("re-certification reads the audit: give an audit fraction above 0 (--audit-fraction 0.05)")
-        if self.audit_record is not None and self.recertify is None:
+        off = self.recertify is False or (self.recertify is None and self.folder is None)
+        if self.audit_record is not None and off:
             raise ValueError("the audit record holds what re-certification replays: it needs re-certification on")
 
     @classmethod
@@ -169,7 +180,8 @@ class ServeSettings:
           threshold of the user's own) unless one is given.
 
         ``certificate`` (with ``where``, what made it): one made at start-up in place of the saved one
-        (``eek serve --calibration``)."""
+        (``eek serve --calibration``). Re-certification moves the folder's threshold along its certified path:
+        with ``policy`` or a ``certificate`` made at start-up it is off, and asking for it is a ``ValueError``."""
         from earlyexit_kernels.integrations.model_folder import (
             SAVED,
             accuracy_audit_budget,
@@ -177,8 +189,18 @@ class ServeSettings:
             fit_certificate,
         )
 
-        settings = cls.from_options(**options)  # every option checked before the folder is read
-        changes = {}
+        own_threshold = policy is not None or certificate != SAVED
+        if own_threshold and options.get("recertify") is True:
+            raise ValueError(
+                "re-certification (--recertify) moves the folder's certified threshold; leave out the policy "
+                "(--policy) and the start-up certificate (--calibration) to re-certify"
+            )
+        if own_threshold and options.get("recertify") is None:
+            options["recertify"] = False
+        # every option checked before the folder is read; the record with the folder, which decides re-certification
+        record = options.pop("audit_record", None)
+        settings = cls.from_options(**options)
+        changes = {"folder": str(folder), "audit_record": record}
         if settings.audit is not None:
             given = {} if certificate == SAVED else {"certificate": certificate, "where": where}
             budget, confidence, source = audit_settings(

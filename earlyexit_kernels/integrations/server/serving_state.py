@@ -77,7 +77,8 @@ class ServingState:
                 accuracy_budget=settings.audit.accuracy_budget,
             )
         self.audit = audit
-        self.certificate, self.audit_record = settings.recertify, settings.audit_record  # re-certification, or None
+        self.certificate, self.recertify_said = _online_certificate(settings, model, self.multi_label)
+        self.audit_record = settings.audit_record
         self.held_certificate = held_certificate(settings.certificate)
         self.auditor = None  # its AuditWorker, while the app runs
         # labels for audited inputs (POST /feedback): single-label classifiers with an audit
@@ -258,6 +259,30 @@ class ServingState:
                 ]
             )
         return finished
+
+
+def _online_certificate(settings: ServeSettings, model, multi_label: bool):
+    """``(the online certificate or None, why)`` for ``settings`` (:attr:`ServeSettings.recertify`) on ``model``:
+    one given is served as it is (why: None); otherwise decided from the folder's certificate."""
+    from earlyexit_kernels.calibration.online import OnlineCertificate
+    from earlyexit_kernels.integrations.recertify_folder import resolve_online_certificate
+    from earlyexit_kernels.patching.patch import policy_of
+
+    if isinstance(settings.recertify, OnlineCertificate):
+        return settings.recertify, None
+    audit = settings.audit
+    certificate, why = resolve_online_certificate(
+        settings.folder,
+        policy_of(model) if settings.folder is not None and settings.recertify is not False else None,
+        settings.recertify,
+        fraction=0.0 if audit is None else audit.fraction,
+        budget=None if audit is None else audit.budget,
+        confidence=None if audit is None else audit.confidence,
+        multi_label=multi_label,
+    )
+    if settings.audit_record is not None and certificate is None:
+        raise ValueError(f"the audit record (--audit-record) holds what re-certification replays, and it is {why}")
+    return certificate, why
 
 
 async def _disconnected(request) -> None:
