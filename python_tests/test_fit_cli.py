@@ -386,3 +386,29 @@ def test_fit_config_holds_fit_model_s_settings_with_its_defaults():
         assert keywords[field.name].default == field.default, field.name
     rows = {"model", "tokenizer", "train", "validation", "calibration", "unlabelled"}
     assert set(keywords) == rows | {field.name for field in dataclasses.fields(FitConfig)}
+
+
+def test_the_command_line_writes_what_fit_folder_writes(classifier, tmp_path, capsys):
+    """``eek fit`` reads its files and calls ``fit_folder``, which a program calls the same way, with a FitConfig or
+    its fields: the three folders hold the same policy and the same heads, byte for byte."""
+    from earlyexit_kernels.integrations.model_folder import fit_folder
+    from earlyexit_kernels.training.fit_config import FitConfig
+    from earlyexit_kernels.training.labelled_texts import LabelledTexts
+
+    frame = _frame(120, seed=4)
+    train_file = write_table(frame, tmp_path / "train.csv")
+    assert _run("fit", classifier, train_file, tmp_path / "cli", *FAST, "--validation", train_file) == 0
+    capsys.readouterr()
+    rows = LabelledTexts(list(frame.text), None, list(frame.label), str(train_file), "label")
+    settings = dict(epochs=2, confidence=None, seed=0, progress=False)
+    fit_folder(classifier, rows, rows, str(tmp_path / "config"), config=FitConfig(**settings))
+    fit_folder(classifier, rows, rows, str(tmp_path / "options"), **settings)
+    with pytest.raises(TypeError, match="not both"):
+        fit_folder(classifier, rows, rows, str(tmp_path / "both"), config=FitConfig(), seed=1)
+    written = [
+        {p.name: p.read_bytes() for p in (tmp_path / name).iterdir() if p.suffix in (".safetensors", ".json")}
+        for name in ("cli", "config", "options")
+    ]
+    assert written[0]["model.safetensors"] == written[1]["model.safetensors"] == written[2]["model.safetensors"]
+    policies = [json.loads(w["eek_fit.json"])["policy"] for w in written]
+    assert policies[0] == policies[1] == policies[2]

@@ -355,9 +355,9 @@ def _progress_on(args) -> bool:
 
 def _fit(args) -> int:
     from earlyexit_kernels.integrations.labelled_data import read_labelled
-    from earlyexit_kernels.integrations.model_folder import load_classifier, save_fitted
+    from earlyexit_kernels.integrations.model_folder import fit_folder
     from earlyexit_kernels.training.fit_config import FitConfig
-    from earlyexit_kernels.training.fit_texts import FitError, fit_with_config, seeded
+    from earlyexit_kernels.training.fit_texts import FitError
     from earlyexit_kernels.training.labelled_texts import split_rows
 
     _common_checks(args)
@@ -410,23 +410,21 @@ def _fit(args) -> int:
         calibration_fraction=args.calibration_fraction,
         validation_split=None if args.validation is not None else (args.validation_split or 0.1),
     )
-    with seeded(config.seed):  # the heads made at loading are drawn under --seed too
-        model, tokenizer = load_classifier(args.model)
-        if args.dtype is not None or args.device != "cpu":
-            from earlyexit_kernels.engine.precision import to_base
-
-            try:
-                to_base(model, args.dtype, args.device)
-            except ValueError as error:
-                raise FitError(str(error)) from None
-        report = fit_with_config(
-            model, tokenizer, train, validation, config, calibration=calibration, unlabelled=unlabelled
-        )
-    if calibration is not None:
-        report.calibration_source = f"from {args.calibration} (--calibration)"
+    report = fit_folder(
+        args.model,
+        train,
+        validation,
+        str(output),
+        config=config,
+        calibration=calibration,
+        unlabelled=unlabelled,
+        dtype=args.dtype,
+        device=args.device,
+        overwrite=args.overwrite,
+        calibration_source=None if calibration is None else f"from {args.calibration} (--calibration)",
+    )
     for line in report.summary():
         print(line)
-    save_fitted(model, tokenizer, report, output, overwrite=args.overwrite, source=args.model)
     print(f"wrote {output}: eek classify {output} INPUT OUTPUT, eek serve {output}, eek evaluate {output} FILE")
     return 0
 

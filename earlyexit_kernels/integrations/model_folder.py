@@ -340,12 +340,51 @@ def save_fitted(model, tokenizer, report, output: Path, *, overwrite: bool, sour
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def fit_folder(model_path: str, train, validation, output: str, **options):
-    """:func:`~earlyexit_kernels.training.fit_texts.fit_model` on the classifier folder ``model_path``, saved to ``output`` (replaced)."""
-    from earlyexit_kernels.training.fit_texts import fit_model, seeded
+def fit_folder(
+    model_path: str,
+    train,
+    validation,
+    output: str,
+    *,
+    config=None,
+    calibration=None,
+    unlabelled=None,
+    dtype: str | None = None,
+    device: str = "cpu",
+    overwrite: bool = True,
+    calibration_source: str | None = None,
+    **options,
+):
+    """The classifier folder ``model_path`` fitted (:func:`~earlyexit_kernels.training.fit_texts.fit_with_config`) and
+    written to ``output``: what ``eek fit`` does once it has read its files. Returns the
+    :class:`~earlyexit_kernels.training.fit_texts.FitReport`.
 
-    with seeded(options.get("seed", 0)):  # the heads made at loading are drawn under the seed too
+    ``config``: a :class:`~earlyexit_kernels.training.fit_config.FitConfig` (what the command line builds once), or
+    :func:`~earlyexit_kernels.training.fit_texts.fit_model`'s keyword ``options``, not both. ``calibration``,
+    ``unlabelled``: as :func:`~earlyexit_kernels.training.fit_texts.fit_model` takes them. ``dtype``, ``device``:
+    the base the heads are fitted on (``--dtype``, ``--device``). ``overwrite``: replace an ``output`` that holds
+    files (otherwise :class:`~earlyexit_kernels.training.fit_texts.FitError`). ``calibration_source``: where the
+    calibration rows came from, as the report says it."""
+    from earlyexit_kernels.training.fit_config import FitConfig
+    from earlyexit_kernels.training.fit_texts import FitError, fit_with_config, seeded
+
+    if config is None:
+        config = FitConfig(**options)
+    elif options:
+        raise TypeError(f"give a FitConfig or its fields as options, not both: {', '.join(sorted(options))}")
+    with seeded(config.seed):  # the heads made at loading are drawn under the seed too
         model, tokenizer = load_classifier(model_path)
-        report = fit_model(model, tokenizer, train, validation, **options)
-    save_fitted(model, tokenizer, report, Path(output), overwrite=True, source=model_path)
+        if dtype is not None or device != "cpu":
+            from earlyexit_kernels.engine.precision import to_base
+
+            try:
+                to_base(model, dtype, device)
+            except ValueError as error:
+                raise FitError(str(error)) from None
+        report = fit_with_config(
+            model, tokenizer, train, validation, config, calibration=calibration, unlabelled=unlabelled
+        )
+    if calibration_source is not None:
+        report.calibration_source = calibration_source
+    save_fitted(model, tokenizer, report, Path(output), overwrite=overwrite, source=model_path)
     return report
