@@ -217,11 +217,7 @@ def train_and_calibrate(
     from earlyexit_kernels.training.fit import fit_exit_heads
     from earlyexit_kernels.training.labelled_texts import length_sorted_batches, shuffled_batches
 
-    method, pooling, head, max_drop = config.method, config.pooling, config.head, config.max_drop
-    epochs, lr, batch_size, seed = config.epochs, config.lr, config.batch_size, config.seed
-    progress, confidence = config.progress, config.confidence
-
-    train_batches = shuffled_batches(train, train_labels, batch_size, seed)
+    train_batches = shuffled_batches(train, train_labels, config.batch_size, config.seed)
     val_batches = length_sorted_batches(validation, validation_labels, 64)
     calibration_batches = None if calibration is None else length_sorted_batches(calibration, calibration_labels, 64)
     unlabelled_batches = None if unlabelled is None else length_sorted_batches(unlabelled, None, 64)
@@ -232,26 +228,26 @@ def train_and_calibrate(
             model,
             train_batches,
             val_batches,
-            method=method,
+            method=config.method,
             labels=train_labels is not None,
-            max_drop=max_drop,
-            epochs=epochs,
-            lr=lr,
-            progress=progress,
-            seed=seed,
+            max_drop=config.max_drop,
+            epochs=config.epochs,
+            lr=config.lr,
+            progress=config.progress,
+            seed=config.seed,
             calibration_batches=calibration_batches,
-            confidence=confidence,
-            pooling=pooling,
-            head=head,
+            confidence=config.confidence,
+            pooling=config.pooling,
+            head=config.head,
             unlabelled_batches=unlabelled_batches,
             guarantee=config.guarantee,
         )
     model.eval()
     calibration = result.calibration
     digits = distinct_digits([p.policy for p in calibration.curve])
-    config = getattr(model.early_exit_heads, "config", None)
+    heads_config = getattr(model.early_exit_heads, "config", None)  # the pooling and head form the fit chose
     return FitReport(
-        method=method,
+        method=config.method,
         target=calibration.measure,
         policy=describe(calibration.policy, 4),
         accuracy=calibration.accuracy,
@@ -265,11 +261,11 @@ def train_and_calibrate(
         calibrate_seconds=result.seconds - sum(stage.log.seconds for stage in result.stages),
         curve=[(describe(p.policy, digits), p.accuracy, p.mean_layers) for p in calibration.curve],
         warnings=list(result.warnings),
-        pooling=getattr(config, "pooling", pooling),
-        head=getattr(config, "head", head),
+        pooling=getattr(heads_config, "pooling", config.pooling),
+        head=getattr(heads_config, "head", config.head),
         stages=[stage.describe() for stage in result.stages],
         layer_scores=list(calibration.layer_scores),
-        confidence=confidence,
+        confidence=config.confidence,
         calibration_rows=calibration_rows,
         certificate=None if calibration.certificate is None else calibration.certificate.as_dict(),
         head_trials=[vars(trial) for trial in result.head_trials],
@@ -385,61 +381,72 @@ def fit_with_config(model, tokenizer, train, validation, config: FitConfig, *, c
 
 def _fit(model, tokenizer, train, validation, config: FitConfig, calibration, unlabelled) -> FitReport:
     """:func:`fit_with_config`'s body, under its seed."""
-    method, pooling, head, max_drop = config.method, config.pooling, config.head, config.max_drop
-    max_length, seed, confidence = config.max_length, config.seed, config.confidence
-    calibration_fraction, validation_split = config.calibration_fraction, config.validation_split
     from earlyexit_kernels.training.labelled_texts import encode, joined_texts, label_ids, split_unlabelled
 
-    if method not in METHODS:
-        raise FitError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
-    length = max_length_for(max_length, model, tokenizer)
+    if config.method not in METHODS:
+        raise FitError(f"--method must be one of {', '.join(METHODS)}; got {config.method!r}")
+    length = max_length_for(config.max_length, model, tokenizer)
     train_ids = label_ids(train, model.config) if train.labels is not None else None
     val_ids = label_ids(validation, model.config) if validation.labels is not None else None
     if (train_ids is None) != (val_ids is None):
         raise FitError("the training rows and the validation rows must both have labels, or neither")
-    if train_ids is None and method not in UNLABELLED_METHODS:
-        raise FitError(f"--method {method} trains with labels; without labels use --method heads")
+    if train_ids is None and config.method not in UNLABELLED_METHODS:
+        raise FitError(f"--method {config.method} trains with labels; without labels use --method heads")
     calibration_ids = encoded_calibration = encoded_unlabelled = None
     given_calibration = calibration is not None
-    if confidence is not None:
-        check_confidence(confidence)
+    if config.confidence is not None:
+        check_confidence(config.confidence)
     if calibration is not None:
         calibration, partly = split_unlabelled(calibration)
         unlabelled = joined_texts(partly, unlabelled)
     if unlabelled is not None:
-        if confidence is None:
+        if config.confidence is None:
             raise FitError(
                 "unlabelled rows (--unlabelled) join the certificate: give a --confidence, or leave them out"
             )
         unlabelled = joined_texts(unlabelled, None)  # its labels, if any, are not read
         encoded_unlabelled = encode(tokenizer, unlabelled, length)
     if calibration is not None:
-        if confidence is not None:
-            check_enough(len(calibration), max_drop, confidence, "calibration rows (--calibration)", config.guarantee)
+        if config.confidence is not None:
+            check_enough(
+                len(calibration),
+                config.max_drop,
+                config.confidence,
+                "calibration rows (--calibration)",
+                config.guarantee,
+            )
         calibration_ids = label_ids(calibration, model.config) if calibration.labels is not None else None
         if train_ids is None:
             calibration_ids = None  # the heads learn agreement: certify agreement too
     encoded_train, encoded_val = encode(tokenizer, train, length), encode(tokenizer, validation, length)
     share = None
-    if calibration is None and confidence is not None:
-        if calibration_fraction == AUTO_SHARE:
+    if calibration is None and config.confidence is not None:
+        if config.calibration_fraction == AUTO_SHARE:
             from earlyexit_kernels.training.calibration_share import ShareSettings, choose_share
 
             settings = ShareSettings(
-                method=method,
-                pooling=pooling,
-                head=head,
-                least=least_rows_to_certify(max_drop, confidence, config.guarantee),
+                method=config.method,
+                pooling=config.pooling,
+                head=config.head,
+                least=least_rows_to_certify(config.max_drop, config.confidence, config.guarantee),
                 fraction=CALIBRATION_FRACTION,
-                seed=seed,
-                budget=max_drop / 100.0,
-                confidence=confidence,
+                seed=config.seed,
+                budget=config.max_drop / 100.0,
+                confidence=config.confidence,
             )
             share = choose_share(model, encoded_train, train_ids, encoded_val, val_ids, settings)
             rest, held, fraction = share.train, share.calibration, CALIBRATION_FRACTION
         else:
-            rest, held, fraction = _split_for_calibration(len(train), calibration_fraction, seed)
-        check_kept_out(len(rest), len(held), max_drop, confidence, fraction, validation_split, config.guarantee)
+            rest, held, fraction = _split_for_calibration(len(train), config.calibration_fraction, config.seed)
+        check_kept_out(
+            len(rest),
+            len(held),
+            config.max_drop,
+            config.confidence,
+            fraction,
+            config.validation_split,
+            config.guarantee,
+        )
         from earlyexit_kernels.training.calibration_share import encoded_subset
 
         train, calibration = train.subset(rest), train.subset(held)
@@ -466,7 +473,7 @@ def _fit(model, tokenizer, train, validation, config: FitConfig, calibration, un
         report.calibration_share = share.describe()
     if given_calibration:
         report.calibration_source = "given (--calibration)"
-    elif confidence is not None and validation_split is None:
+    elif config.confidence is not None and config.validation_split is None:
         warning = fine_tuning_rows_warning(report)
         if warning is not None:
             report.warnings.append(warning)
