@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["is_multi_label", "label_name", "label_probabilities", "labels_and_scores"]
+__all__ = ["is_multi_label", "label_name", "label_probabilities", "labels_and_scores", "name_in"]
 
 MULTI_LABEL = "multi_label_classification"
 
@@ -16,7 +16,11 @@ def is_multi_label(config) -> bool:
 
 def label_name(config, index: int) -> str:
     """The ``id2label`` name of class ``index`` (``LABEL_i`` where there is none)."""
-    id2label = getattr(config, "id2label", None) or {}
+    return name_in(getattr(config, "id2label", None) or {}, index)
+
+
+def name_in(id2label: dict, index: int) -> str:
+    """Class ``index``'s name in ``id2label`` (keys as integers or, read from JSON, as strings), else ``LABEL_i``."""
     return str(id2label.get(index, id2label.get(str(index), f"LABEL_{index}")))
 
 
@@ -44,6 +48,5 @@ def labels_and_scores(logits: torch.Tensor, config) -> tuple[list, list[float]]:
         return [None] * logits.shape[0], logits[:, 0].tolist()
     probabilities = logits.softmax(dim=-1)
     scores, classes = probabilities.max(dim=-1)
-    id2label = getattr(config, "id2label", None) or {}
-    names = [id2label.get(c, id2label.get(str(c), f"LABEL_{c}")) for c in classes.tolist()]
+    names = [label_name(config, c) for c in classes.tolist()]
     return names, scores.tolist()

@@ -145,7 +145,6 @@ class ServingState:
 
     def info(self) -> dict:
         config = self.model.config
-        labels = config.id2label or {}
         if self.multi_label:
             kind = "multi_label_classification"
         elif config.num_labels == 1:
@@ -158,7 +157,7 @@ class ServingState:
             "architecture": type(self.model).__name__,
             "problem_type": kind,
             "num_layers": config.num_hidden_layers,
-            "labels": [str(labels.get(i, labels.get(str(i), f"LABEL_{i}"))) for i in range(config.num_labels)],
+            "labels": list(self.labels),
             "policy": repr(policy_of(self.model) if self.certificate is None else self.certificate.served_policy),
             "backend": backend_of(self.model),
             "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
@@ -266,7 +265,6 @@ def _online_certificate(settings: ServeSettings, model, multi_label: bool):
     one given is served as it is (why: None); otherwise decided from the folder's certificate."""
     from earlyexit_kernels.calibration.online import OnlineCertificate
     from earlyexit_kernels.integrations.recertify_folder import resolve_online_certificate
-    from earlyexit_kernels.patching.patch import policy_of
 
     if isinstance(settings.recertify, OnlineCertificate):
         return settings.recertify, None

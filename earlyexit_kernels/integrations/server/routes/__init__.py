@@ -42,7 +42,7 @@ ROUTES = [
 ]
 #: the routes that need no API key: the health check, and Swagger UI's public files
 OPEN = ("/health", "/docs/{asset}")
-#: the modules of the protocols served (the server's own routes last)
+#: the modules of the protocols served (the server's own routes, :mod:`.service`, come after them)
 PROTOCOLS = (tei, infinity, cohere, openai, inference_api)
 
 

@@ -22,10 +22,11 @@ from typing import Annotated, ClassVar, Literal
 import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel, StrictBool, WithJsonSchema
 
+from earlyexit_kernels.integrations.labels import name_in
 from earlyexit_kernels.integrations.server.errors import RequestError
 from earlyexit_kernels.integrations.server.routes.handling import answer
 from earlyexit_kernels.integrations.server.routes.operations import Served, post, ref
-from earlyexit_kernels.integrations.server.routes.shared import TEXT_SCHEMA, Count, LabelScore, label_name
+from earlyexit_kernels.integrations.server.routes.shared import TEXT_SCHEMA, Count, LabelScore
 from earlyexit_kernels.integrations.server.validation import checked, refused_by, validated
 
 __all__ = [
@@ -170,7 +171,7 @@ def format_inference_api_answer(request, finished: list, id2label: dict, multi_l
         answers.append(
             [
                 {
-                    "label": label_name(id2label, c),
+                    "label": name_in(id2label, c),
                     "score": values[c],
                     "exit_layer": done.exit_layer,
                     "layers_run": done.layers_run,

@@ -10,6 +10,7 @@ from typing import Annotated
 import torch
 from pydantic import BaseModel, BeforeValidator, Field, Strict, WithJsonSchema, create_model
 
+from earlyexit_kernels.integrations.labels import name_in
 from earlyexit_kernels.integrations.server.errors import RequestError
 from earlyexit_kernels.integrations.server.served_model import model_field_schema
 
@@ -22,7 +23,6 @@ __all__ = [
     "Usage",
     "check_reranks",
     "format_answer",
-    "label_name",
     "named",
     "ranking",
     "usage",
@@ -96,14 +96,9 @@ def format_answer(
     order = torch.argsort(scores, descending=True, stable=True).tolist()
     values = scores.tolist()
     return [
-        {"score": values[c], "label": label_name(id2label, c), "exit_layer": exit_layer, "layers_run": layers_run}
+        {"score": values[c], "label": name_in(id2label, c), "exit_layer": exit_layer, "layers_run": layers_run}
         for c in order
     ]
-
-
-def label_name(id2label: dict, index: int) -> str:
-    """Label ``index``'s name (keys as integers or, read from JSON, as strings), else ``LABEL_<index>``."""
-    return str(id2label.get(index, id2label.get(str(index), f"LABEL_{index}")))
 
 
 def _sigmoid(x: float) -> float:
