@@ -138,6 +138,7 @@ def test_a_bad_max_age_is_refused_when_the_app_is_made(loaded_classifier, bad):
         ({"max_body_bytes": -1}, ValueError, "max_body_bytes"),
         ({"audit_fraction": 1.5}, ValueError, "fraction"),
         ({"max_batch": 8}, TypeError, "max_batch"),
+        ({"policy": "Entropy(0.5)", "recertify": True, "audit_fraction": 0.5}, ValueError, "moves the folder's"),
     ],
 )
 def test_ray_serve_refuses_a_bad_setting_before_any_replica_starts(saved_classifier, options, error, says):

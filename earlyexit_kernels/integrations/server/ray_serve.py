@@ -70,10 +70,9 @@ def serve_application(
 
     if layers not in SERVED_LAYERS:
         raise ValueError(f"layers must be one of {', '.join(SERVED_LAYERS)}; got {layers!r}")
-    from earlyexit_kernels.integrations.server.serve_settings import ServeSettings
+    from earlyexit_kernels.integrations.server.serve_settings import ServeSettings, recertify_on_own_threshold
 
-    if policy is not None and app_options.get("recertify") is True:
-        raise ValueError("recertify moves the folder's certified threshold; leave policy out to re-certify")
+    recertify_on_own_threshold(app_options.get("recertify"), own_threshold=policy is not None)  # each replica's rule
 
     # every server setting checked here, before any replica starts; each replica then makes its own from the
     # folder (the audit's budget, the certificate, the served name; the record, which needs it)

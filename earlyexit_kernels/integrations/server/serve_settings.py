@@ -24,7 +24,7 @@ from earlyexit_kernels.engine.audit import check_audit_budget, check_audit_confi
 from earlyexit_kernels.engine.engine_config import EngineConfig
 from earlyexit_kernels.integrations.server.body_limit import DEFAULT_MAX_BODY_BYTES, check_max_body_bytes
 
-__all__ = ["AuditConfig", "HttpLimits", "ServeSettings"]
+__all__ = ["AuditConfig", "HttpLimits", "ServeSettings", "recertify_on_own_threshold"]
 
 #: ``create_app``'s options that are the engine's limits (:class:`EngineConfig`'s fields)
 ENGINE_OPTIONS = ("max_batch_size", "max_tokens", "max_length", "compile", "max_age", "call_cost")
@@ -40,6 +40,20 @@ AUDIT_OPTIONS = {
 }
 #: ``create_app``'s other options: :class:`ServeSettings`' own fields
 OWN_OPTIONS = ("model_id", "recertify", "audit_record", "certificate")
+
+
+def recertify_on_own_threshold(recertify, *, own_threshold: bool):
+    """``recertify`` for a server whose threshold is the user's own where ``own_threshold`` (a policy given, or a
+    certificate made at start-up): re-certification moves the folder's certified threshold along its path, so it
+    is off there (None becomes False) and asking for it (True) is a ``ValueError``."""
+    if not own_threshold:
+        return recertify
+    if recertify is True:
+        raise ValueError(
+            "re-certification (--recertify) moves the folder's certified threshold; leave out the policy "
+            "(--policy) and the start-up certificate (--calibration) to re-certify"
+        )
+    return False if recertify is None else recertify
 
 
 def _whole(name: str, value, least: int) -> int:
@@ -189,14 +203,8 @@ class ServeSettings:
             fit_certificate,
         )
 
-        own_threshold = policy is not None or certificate != SAVED
-        if own_threshold and options.get("recertify") is True:
-            raise ValueError(
-                "re-certification (--recertify) moves the folder's certified threshold; leave out the policy "
-                "(--policy) and the start-up certificate (--calibration) to re-certify"
-            )
-        if own_threshold and options.get("recertify") is None:
-            options["recertify"] = False
+        own = policy is not None or certificate != SAVED
+        options["recertify"] = recertify_on_own_threshold(options.get("recertify"), own_threshold=own)
         # every option checked before the folder is read; the record with the folder, which decides re-certification
         record = options.pop("audit_record", None)
         settings = cls.from_options(**options)
