@@ -12,9 +12,12 @@ also with what a user who cares about the launch floor would run instead of earl
   before any patching, so that patching and unpatching the measured model never trips a guard
   and recompiles it.
 
-Both get the attention mask only where it masks something: Hugging Face drops an all-ones mask
-after reading it back (which a captured or compiled forward cannot do, and would then run the
-masked, slower attention). The suite times whichever of them is faster as the peer its ratios are
+The captured peer gets the attention mask as a user's tokenizer gives it, all ones included: on an
+H100 (bf16, BERT-base, B = 64, S = 128) its forward captured without a mask ran at 10.35 ms and with
+an all-ones mask at 4.07 ms, the eager model at 5.17 ms (``gpu_session_report.py peer-capture``,
+benchmarks/results/nvidia_h100_80gb_hbm3/gpu_session_2026-11-27b/). The compiled peer gets the mask
+only where it masks something (Hugging Face drops an all-ones mask after reading it back, which a
+compiled forward cannot do; not measured the other way on a GPU). The suite times whichever of them is faster as the peer its ratios are
 taken against (``strongest_peer``, :mod:`.results`). Neither exists without CUDA:
 :func:`unavailable` says why, and the suite writes that in the row.
 """
@@ -64,8 +67,8 @@ def unavailable(peer: str, device: torch.device) -> str | None:
     return None
 
 
-def _inputs(ids: torch.Tensor, mask: torch.Tensor) -> dict:
-    padded = bool((mask == 0).any())
+def _inputs(ids: torch.Tensor, mask: torch.Tensor, *, always_mask: bool = False) -> dict:
+    padded = always_mask or bool((mask == 0).any())
     return {"input_ids": ids, "attention_mask": mask if padded else None}
 
 
@@ -75,7 +78,7 @@ class _Graphed:
 
     def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor):
         self.ids, self.mask = ids, mask
-        inputs = _inputs(ids, mask)
+        inputs = _inputs(ids, mask, always_mask=True)
         self.static = {k: None if v is None else v.clone() for k, v in inputs.items()}
         # The warm-up on the stream that captures, as the graphed step's: cuBLAS keeps a workspace
         # per (handle, stream), and a stream first met inside the capture gets it from the graph's
