@@ -236,6 +236,7 @@ def test_bad_input_is_one_clear_line_and_status_2(classifier, tmp_path, capsys, 
         extra = ["--confidence", "1.5"]
     elif case == "bad calibration fraction":
         extra = ["--confidence", "0.9", "--calibration-fraction", "0"]
+    capsys.readouterr()  # what the set-up printed (a weights' loading bar, where no command has turned it off yet)
     assert _run("fit", model, data, output, *FAST, *extra) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
@@ -324,12 +325,19 @@ def test_fit_as_a_command(classifier, tmp_path, capsys):
 
 
 def test_the_command_line_offers_every_recipe_and_head_form():
+    """The fit methods are named once (``earlyexit_kernels._method_names``, free of torch): the
+    command line, the fit and the training package read that one tuple, one recipe per name."""
+    from earlyexit_kernels import _method_names, training
     from earlyexit_kernels.engine.heads import HEAD_FORMS
     from earlyexit_kernels.integrations.fit_cli import HEAD_CHOICES, METHODS, UNLABELLED_METHODS
+    from earlyexit_kernels.training import fit_texts
     from earlyexit_kernels.training.recipes import RECIPES
 
     assert METHODS == tuple(RECIPES)
     assert UNLABELLED_METHODS == tuple(name for name, r in RECIPES.items() if not r.needs_labels)
+    for module in (fit_texts, training):
+        assert (module.METHODS, module.UNLABELLED_METHODS) == (METHODS, UNLABELLED_METHODS)
+        assert module.METHODS is _method_names.METHODS
     assert HEAD_CHOICES == ("auto", *HEAD_FORMS)
 
 

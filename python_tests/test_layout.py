@@ -30,7 +30,7 @@ LAYERS = {
     "bench": 9,
 }
 #: modules directly in the package folder that sit below every layer (any module may import them)
-BOTTOM_MODULES = {"_version"}
+BOTTOM_MODULES = {"_version", "_method_names"}
 #: what may sit directly in the package folder: the facade, ``python -m earlyexit_kernels``,
 #: ``earlyexit_kernels.ray`` (the public name of the Ray Data integration) and the bottom modules
 TOP_LEVEL_MODULES = {"__init__", "__main__", "ray", *BOTTOM_MODULES}

@@ -67,11 +67,14 @@ from earlyexit_kernels.methods.policy_spec import parse_policy
 from earlyexit_kernels.patching.patch import patch, unpatch
 from earlyexit_kernels.patching.state import drop_detached_heads
 from earlyexit_kernels.training.calibration import calibrate
-from earlyexit_kernels.training.method_training import METHODS, train_method
+from earlyexit_kernels.training.method_training import TRAINING_POLICIES, train_method
 from earlyexit_kernels.training.record_exits import record_exits
 from earlyexit_kernels.training.train import HALTING_LR, train_exit_heads
 
 __all__ = ["METHODS", "DACT_TAUS", "train_method", "train_base", "evaluate_method", "runs_of", "main"]
+#: the methods this benchmark trains side by side: those with a paper's own training (``heads`` and
+#: ``joint`` are the package's recipes, compared in docs/training.md)
+METHODS = tuple(TRAINING_POLICIES)
 
 #: DACT's ponder weights: one training each, the points of its curve
 DACT_TAUS = (0.01, 0.05, 0.1)

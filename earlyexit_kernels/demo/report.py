@@ -364,7 +364,7 @@ def _stream(model, test, device, args) -> None:
 def _methods_side_by_side(base, train_batches, test, device, args) -> None:
     from earlyexit_kernels.calibration.report import describe
     from earlyexit_kernels.training.calibration import calibrate
-    from earlyexit_kernels.training.method_training import METHODS, train_method
+    from earlyexit_kernels.training.method_training import TRAINING_POLICIES, train_method
 
     val = make_split(args.val_size, seed=args.seed + 2)
     val_batches = [{k: v.to(device) for k, v in b.items()} for b in batches(val, 128)]
@@ -372,7 +372,7 @@ def _methods_side_by_side(base, train_batches, test, device, args) -> None:
     start = time.perf_counter()
     rows = []
     cached = 0
-    for method in METHODS:
+    for method in TRAINING_POLICIES:
         folder = cache_dir(args) / METHODS_RECIPE / method
         if (folder / "early_exit_config.json").is_file() and not args.retrain:
             model = from_pretrained(folder).to(device).eval()
@@ -400,7 +400,7 @@ def _methods_side_by_side(base, train_batches, test, device, args) -> None:
         rows.append((f"{method}: {describe(policy)}{'' if met else ' *'}", pred, layers, speedup))
     origin = (
         "loaded from the cache"
-        if cached == len(METHODS)
+        if cached == len(TRAINING_POLICIES)
         else f"trained {len(method_batches)} steps (DACT {len(method_batches) * METHOD_EPOCHS['dact']}) from the backbone"
     )
     print(

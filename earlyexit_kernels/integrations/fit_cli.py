@@ -19,16 +19,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from earlyexit_kernels._method_names import METHODS, UNLABELLED_METHODS
 from earlyexit_kernels.integrations.base_options import add_base_options
 from earlyexit_kernels.integrations.cli_options import add_guarantee_option
 
 __all__ = ["add_commands", "CALIBRATION_FRACTION", "CONFIDENCE", "HEAD_CHOICES", "METHODS", "UNLABELLED_METHODS"]
 
-#: ``--method`` names, those of :data:`earlyexit_kernels.training.recipes.RECIPES` (written out: ``--help`` imports
-#: no torch; a test holds them equal); ``heads`` trains the internal heads of the frozen model (the default)
-METHODS = ("heads", "joint", "fastbert", "deebert", "pabee", "palbert", "ensemble", "dact", "smartbert")
-#: the methods that train without labels (self-distillation from the final classifier)
-UNLABELLED_METHODS = ("heads", "fastbert")
 #: ``--head`` choices, ``"auto"`` and :data:`earlyexit_kernels.engine.heads.HEAD_FORMS` (written out, as above)
 HEAD_CHOICES = ("auto", "model", "mlp", "cascade")
 #: ``--confidence`` and ``--calibration-fraction`` defaults, those of :mod:`earlyexit_kernels.training.fit_texts`

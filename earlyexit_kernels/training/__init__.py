@@ -14,6 +14,7 @@ model). The losses themselves are in :mod:`earlyexit_kernels.methods.losses`; th
 re-exported here.
 """
 
+from earlyexit_kernels._method_names import METHODS, UNLABELLED_METHODS
 from earlyexit_kernels.methods.losses import (
     dact_loss,
     deebert_stage1_loss,
@@ -34,7 +35,7 @@ from earlyexit_kernels.training.train import (
     DEFAULT_EPOCHS,
     DEFAULT_LR,
     HALTING_LR,
-    METHODS,
+    OBJECTIVE_NAMES,
     OPTIMIZERS,
     SCHEDULES,
     TrainingLog,
@@ -64,6 +65,8 @@ __all__ = [
     "split_validation",
     "HALTING_LR",
     "METHODS",
+    "UNLABELLED_METHODS",
+    "OBJECTIVE_NAMES",
     "OPTIMIZERS",
     "SCHEDULES",
     "dact_loss",

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from earlyexit_kernels._method_names import METHODS, UNLABELLED_METHODS
 from earlyexit_kernels.calibration.certify import describe_certificate
 from earlyexit_kernels.training.fit_checks import (
     FitError,
@@ -32,7 +33,6 @@ from earlyexit_kernels.training.fit_checks import (
     least_rows_to_certify,
 )
 from earlyexit_kernels.training.fit_config import AUTO_SHARE, CALIBRATION_FRACTION, CONFIDENCE, FitConfig
-from earlyexit_kernels.training.recipes import RECIPES
 
 __all__ = [
     "AUTO_SHARE",
@@ -47,11 +47,6 @@ __all__ = [
     "fit_with_config",
     "train_and_calibrate",
 ]
-
-#: the methods ``fit_model`` takes: those of :data:`~earlyexit_kernels.training.recipes.RECIPES`
-METHODS = tuple(RECIPES)
-#: the methods that train without labels (self-distillation from the final classifier)
-UNLABELLED_METHODS = tuple(name for name, r in RECIPES.items() if not r.needs_labels)
 
 
 @dataclass

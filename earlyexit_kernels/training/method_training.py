@@ -1,6 +1,6 @@
 """Each exit method trained as its paper trains it, on a copy of a fine-tuned model.
 
-``METHODS`` names the methods and the policy each is patched with; :func:`train_method` runs the
+``TRAINING_POLICIES`` names the methods and the policy each is patched with; :func:`train_method` runs the
 method's loss or losses (DeeBERT's and FastBERT's heads-only stage, SmartBERT's two stages) with
 :func:`earlyexit_kernels.training.train.train_exit_heads`. The exit-quality benchmark and the
 synthetic demo both train the methods side by side with it.
@@ -14,10 +14,10 @@ from earlyexit_kernels.methods.policies import DACT, Entropy, Patience, QExit, S
 from earlyexit_kernels.patching.patch import patch
 from earlyexit_kernels.training.train import HALTING_LR, train_exit_heads
 
-__all__ = ["METHODS", "METHOD_EPOCHS", "train_method"]
+__all__ = ["TRAINING_POLICIES", "METHOD_EPOCHS", "train_method"]
 
 #: method -> the policy it is patched with for training and evaluation
-METHODS = {
+TRAINING_POLICIES = {
     "pabee": lambda: Patience(2),
     "deebert": lambda: Entropy(0.1),
     "fastbert": lambda: Entropy(0.1, normalized=True),
@@ -48,7 +48,7 @@ def train_method(
     ``loss_kwargs`` go to the method's loss (DACT's ``tau``).
     """
     model = copy.deepcopy(base)
-    policy = METHODS[method]()
+    policy = TRAINING_POLICIES[method]()
     patch(model, policy)
     common = dict(epochs=max(epochs, METHOD_EPOCHS.get(method, 1)), halting_lr=halting_lr, progress=False)
     if method in ("deebert", "fastbert"):

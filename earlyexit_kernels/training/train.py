@@ -39,14 +39,16 @@ __all__ = [
     "DEFAULT_EPOCHS",
     "PLATEAU",
     "TrainingWarning",
-    "METHODS",
+    "OBJECTIVE_NAMES",
     "HALTING_LR",
     "OPTIMIZERS",
     "SCHEDULES",
 ]
 
-#: method names accepted by :func:`train_exit_heads` (and their aliases)
-METHODS = tuple(OBJECTIVES) + tuple(ALIASES)
+#: the loss names :func:`train_exit_heads` takes as ``method`` (those of
+#: :data:`~earlyexit_kernels.methods.losses.OBJECTIVES` and their aliases); the fit methods are
+#: :data:`earlyexit_kernels._method_names.METHODS`
+OBJECTIVE_NAMES = tuple(OBJECTIVES) + tuple(ALIASES)
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("linear", "cosine", "constant")
 _TRAINS = ("all", "heads", "backbone", "below")
