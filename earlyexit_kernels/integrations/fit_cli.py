@@ -432,7 +432,7 @@ def _evaluate(args) -> int:
     from earlyexit_kernels.integrations.labelled_data import read_labelled
     from earlyexit_kernels.integrations.model_folder import load_model
     from earlyexit_kernels.patching.patch import policy_of, unpatch
-    from earlyexit_kernels.training.fit_texts import max_length_for, warn_truncated
+    from earlyexit_kernels.training.fit_data import max_length_for, warn_truncated
     from earlyexit_kernels.training.labelled_texts import encode, label_ids, length_sorted_batches
 
     _common_checks(args)

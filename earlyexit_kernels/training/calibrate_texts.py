@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from earlyexit_kernels.calibration.certify import describe_certificate
 from earlyexit_kernels.training.fit_checks import FitError, check_confidence, check_enough
-from earlyexit_kernels.training.fit_texts import CONFIDENCE, max_length_for, warn_truncated
+from earlyexit_kernels.training.fit_data import max_length_for, warn_truncated
+from earlyexit_kernels.training.fit_texts import CONFIDENCE
 
 __all__ = ["BaseChange", "CalibrationReport", "base_change_for", "calibrate_record", "calibrate_texts"]
 

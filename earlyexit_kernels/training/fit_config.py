@@ -4,9 +4,10 @@ The command line (:mod:`earlyexit_kernels.integrations.fit_cli`) builds one from
 :func:`~earlyexit_kernels.training.fit_texts.fit_model`, the library's entry point, builds one from its
 keyword arguments (the way users call it); both hand it to
 :func:`~earlyexit_kernels.training.fit_texts.fit_with_config`, which passes it along (to
-:func:`~earlyexit_kernels.training.fit_texts.train_and_calibrate` and the calibration share) instead of
-a dozen keywords at every step. The rows themselves (training, validation, calibration, unlabelled)
-are data, not settings, and travel beside it.
+:func:`~earlyexit_kernels.training.fit_data.prepare`, the calibration share and
+:func:`~earlyexit_kernels.training.fit_texts.train_and_calibrate`) instead of a dozen keywords at
+every step. The rows themselves (training, validation, calibration, unlabelled) are data, not
+settings: :class:`~earlyexit_kernels.training.fit_data.FitData` carries them beside it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """``eek fit`` as a library: a fine-tuned classifier and texts (labelled or not) to certified exits.
 
-:func:`fit_model` checks the method and the rows, tokenizes them and runs :func:`train_and_calibrate`;
+:func:`fit_model` has the rows prepared (:func:`~earlyexit_kernels.training.fit_data.prepare`: checked,
+tokenized, a share kept out to certify on) and runs :func:`train_and_calibrate` on them;
 the command line (:mod:`earlyexit_kernels.integrations.fit_cli`) only reads the files, calls it
 and writes the folder.
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -25,14 +25,9 @@ import torch
 
 from earlyexit_kernels._method_names import METHODS, UNLABELLED_METHODS
 from earlyexit_kernels.calibration.certify import describe_certificate
-from earlyexit_kernels.training.fit_checks import (
-    FitError,
-    check_confidence,
-    check_enough,
-    check_kept_out,
-    least_rows_to_certify,
-)
+from earlyexit_kernels.training.fit_checks import FitError
 from earlyexit_kernels.training.fit_config import AUTO_SHARE, CALIBRATION_FRACTION, CONFIDENCE, FitConfig
+from earlyexit_kernels.training.fit_data import FitData, prepare
 
 __all__ = [
     "AUTO_SHARE",
@@ -149,7 +144,6 @@ class FitReport:
 
 def seeded(seed: int):
     """A context in which torch's generator starts from ``seed``, given back as it was afterwards."""
-    import torch
 
     @contextlib.contextmanager
     def context():
@@ -184,39 +178,29 @@ def _compact_curve(curve: list[tuple[str, float, float]], rows: int = 8) -> list
     return [f"{name:<{width}}  {100 * acc:6.2f}%  {layers:5.2f} layers" for name, acc, layers in points]
 
 
-def train_and_calibrate(
-    model,
-    train,
-    train_labels: torch.Tensor | None,
-    validation,
-    validation_labels: torch.Tensor | None,
-    config: FitConfig,
-    *,
-    calibration=None,
-    calibration_labels: torch.Tensor | None = None,
-    unlabelled=None,
-) -> FitReport:
-    """Train ``model``'s exit heads with ``config.method``'s recipe on ``train`` (:class:`Encoded` rows) and
-    calibrate on ``validation`` (:func:`earlyexit_kernels.training.fit_exit_heads`); returns a :class:`FitReport`.
-    ``config``: the fit's settings (:class:`~earlyexit_kernels.training.fit_config.FitConfig`; its
-    ``max_length``, ``calibration_fraction`` and ``validation_split`` were spent on the rows already).
-
-    ``train_labels`` / ``validation_labels``: LongTensor [N] of class ids, or both None
-    (self-distillation, calibrated on agreement). ``config.pooling`` / ``config.head``: the internal
-    heads' (None: the family's default, see ``patch``). ``calibration`` / ``calibration_labels``:
-    rows kept out of training for the calibration (default: the validation rows);
-    ``config.confidence``: certify ``config.max_drop`` with it; ``unlabelled``: more calibration rows without
-    labels (:class:`Encoded`).
+def train_and_calibrate(model, data: FitData, config: FitConfig) -> FitReport:
+    """Train ``model``'s exit heads with ``config.method``'s recipe on ``data``'s training rows and
+    calibrate on its validation rows (:func:`earlyexit_kernels.training.fit_exit_heads`); returns a
+    :class:`FitReport`. ``data``: the rows :func:`~earlyexit_kernels.training.fit_data.prepare` made
+    (without labels the heads learn agreement with the full model; its calibration rows, where it
+    holds any, are certified on in place of the validation rows, with its unlabelled rows beside
+    them). ``config``: the fit's settings (:class:`~earlyexit_kernels.training.fit_config.FitConfig`;
+    ``config.pooling`` / ``config.head``: the internal heads', None: the family's default, see
+    ``patch``; ``config.confidence``: certify ``config.max_drop`` with it).
     """
     from earlyexit_kernels.calibration.report import describe, distinct_digits
     from earlyexit_kernels.training.fit import fit_exit_heads
     from earlyexit_kernels.training.labelled_texts import length_sorted_batches, shuffled_batches
 
-    train_batches = shuffled_batches(train, train_labels, config.batch_size, config.seed)
-    val_batches = length_sorted_batches(validation, validation_labels, 64)
-    calibration_batches = None if calibration is None else length_sorted_batches(calibration, calibration_labels, 64)
-    unlabelled_batches = None if unlabelled is None else length_sorted_batches(unlabelled, None, 64)
-    calibration_rows = len(validation if calibration is None else calibration)
+    train_labels = data.train_labels
+    train_batches = shuffled_batches(data.train, train_labels, config.batch_size, config.seed)
+    val_batches = length_sorted_batches(data.validation, data.validation_labels, 64)
+    calibration = data.calibration
+    calibration_batches = (
+        None if calibration is None else length_sorted_batches(calibration, data.calibration_labels, 64)
+    )
+    unlabelled_batches = None if data.unlabelled is None else length_sorted_batches(data.unlabelled, None, 64)
+    calibration_rows = len(data.validation if calibration is None else calibration)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the calibration's warnings are in its result, printed by the report
         result = fit_exit_heads(
@@ -250,8 +234,8 @@ def train_and_calibrate(
         mean_layers=calibration.mean_layers,
         num_layers=model.config.num_hidden_layers,
         met=calibration.met,
-        train_rows=len(train),
-        validation_rows=len(validation),
+        train_rows=len(data.train),
+        validation_rows=len(data.validation),
         train_seconds=sum(stage.log.seconds for stage in result.stages),
         calibrate_seconds=result.seconds - sum(stage.log.seconds for stage in result.stages),
         curve=[(describe(p.policy, digits), p.accuracy, p.mean_layers) for p in calibration.curve],
@@ -268,24 +252,6 @@ def train_and_calibrate(
         validation_full_accuracy=result.validation_full_accuracy,
         certified_path=[policy.to_code() for policy in calibration.path],
     )
-
-
-def max_length_for(asked: int | None, model, tokenizer) -> int:
-    positions = getattr(model.config, "max_position_embeddings", 512)
-    limit = min(positions, tokenizer.model_max_length or positions)
-    if asked is None:
-        return limit
-    if asked > limit:
-        raise FitError(f"--max-length {asked} is more than the model's positions hold ({limit})")
-    return asked
-
-
-def warn_truncated(encoded) -> None:
-    if encoded.truncated:
-        print(
-            f"warning: {encoded.truncated} texts are longer than {encoded.max_length} tokens and were truncated",
-            file=sys.stderr,
-        )
 
 
 def fit_model(
@@ -375,98 +341,12 @@ def fit_with_config(model, tokenizer, train, validation, config: FitConfig, *, c
 
 
 def _fit(model, tokenizer, train, validation, config: FitConfig, calibration, unlabelled) -> FitReport:
-    """:func:`fit_with_config`'s body, under its seed."""
-    from earlyexit_kernels.training.labelled_texts import encode, joined_texts, label_ids, split_unlabelled
-
-    if config.method not in METHODS:
-        raise FitError(f"--method must be one of {', '.join(METHODS)}; got {config.method!r}")
-    length = max_length_for(config.max_length, model, tokenizer)
-    train_ids = label_ids(train, model.config) if train.labels is not None else None
-    val_ids = label_ids(validation, model.config) if validation.labels is not None else None
-    if (train_ids is None) != (val_ids is None):
-        raise FitError("the training rows and the validation rows must both have labels, or neither")
-    if train_ids is None and config.method not in UNLABELLED_METHODS:
-        raise FitError(f"--method {config.method} trains with labels; without labels use --method heads")
-    calibration_ids = encoded_calibration = encoded_unlabelled = None
-    given_calibration = calibration is not None
-    if config.confidence is not None:
-        check_confidence(config.confidence)
-    if calibration is not None:
-        calibration, partly = split_unlabelled(calibration)
-        unlabelled = joined_texts(partly, unlabelled)
-    if unlabelled is not None:
-        if config.confidence is None:
-            raise FitError(
-                "unlabelled rows (--unlabelled) join the certificate: give a --confidence, or leave them out"
-            )
-        unlabelled = joined_texts(unlabelled, None)  # its labels, if any, are not read
-        encoded_unlabelled = encode(tokenizer, unlabelled, length)
-    if calibration is not None:
-        if config.confidence is not None:
-            check_enough(
-                len(calibration),
-                config.max_drop,
-                config.confidence,
-                "calibration rows (--calibration)",
-                config.guarantee,
-            )
-        calibration_ids = label_ids(calibration, model.config) if calibration.labels is not None else None
-        if train_ids is None:
-            calibration_ids = None  # the heads learn agreement: certify agreement too
-    encoded_train, encoded_val = encode(tokenizer, train, length), encode(tokenizer, validation, length)
-    share = None
-    if calibration is None and config.confidence is not None:
-        if config.calibration_fraction == AUTO_SHARE:
-            from earlyexit_kernels.training.calibration_share import ShareSettings, choose_share
-
-            settings = ShareSettings(
-                method=config.method,
-                pooling=config.pooling,
-                head=config.head,
-                least=least_rows_to_certify(config.max_drop, config.confidence, config.guarantee),
-                fraction=CALIBRATION_FRACTION,
-                seed=config.seed,
-                budget=config.max_drop / 100.0,
-                confidence=config.confidence,
-            )
-            share = choose_share(model, encoded_train, train_ids, encoded_val, val_ids, settings)
-            rest, held, fraction = share.train, share.calibration, CALIBRATION_FRACTION
-        else:
-            rest, held, fraction = _split_for_calibration(len(train), config.calibration_fraction, config.seed)
-        check_kept_out(
-            len(rest),
-            len(held),
-            config.max_drop,
-            config.confidence,
-            fraction,
-            config.validation_split,
-            config.guarantee,
-        )
-        from earlyexit_kernels.training.calibration_share import encoded_subset
-
-        train, calibration = train.subset(rest), train.subset(held)
-        encoded_train, encoded_calibration = encoded_subset(encoded_train, rest), encoded_subset(encoded_train, held)
-        train_ids = None if train_ids is None else train_ids[rest]
-        calibration_ids = label_ids(calibration, model.config) if calibration.labels is not None else None
-    elif calibration is not None:
-        encoded_calibration = encode(tokenizer, calibration, length)
-    for encoded in (encoded_train, encoded_val, encoded_calibration):
-        if encoded is not None:
-            warn_truncated(encoded)
-    report = train_and_calibrate(
-        model,
-        encoded_train,
-        train_ids,
-        encoded_val,
-        val_ids,
-        config,
-        calibration=encoded_calibration,
-        calibration_labels=calibration_ids,
-        unlabelled=encoded_unlabelled,
-    )
-    if share is not None:
-        report.calibration_share = share.describe()
-    if given_calibration:
+    """:func:`fit_with_config`'s body, under its seed: the rows prepared, the heads trained and calibrated."""
+    data = prepare(model, tokenizer, train, validation, config, calibration=calibration, unlabelled=unlabelled)
+    report = train_and_calibrate(model, data, config)
+    if data.share is not None:
+        report.calibration_share = data.share.describe()
+    if data.calibration_given:
         report.calibration_source = "given (--calibration)"
     elif config.confidence is not None and config.validation_split is None:
         warning = fine_tuning_rows_warning(report)
@@ -496,13 +376,3 @@ def fine_tuning_rows_warning(report: FitReport) -> str | None:
         f"needs to. Certify on rows it never saw: --calibration FILE (its validation split, or unlabelled rows of "
         f"what it will serve), or eek calibrate FOLDER FILE afterwards"
     )
-
-
-def _split_for_calibration(count: int, fraction, seed: int) -> tuple[list[int], list[int], float]:
-    """``(rest, held, fraction)``: a random ``fraction`` of ``count`` training rows held out to certify on."""
-    from earlyexit_kernels.training.labelled_texts import split_rows
-
-    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool):
-        raise FitError(f"--calibration-fraction must be {AUTO_SHARE} or a number between 0 and 1, got {fraction!r}")
-    rest, held = split_rows(count, fraction, seed + 1, option="--calibration-fraction", held_as="calibration")
-    return rest, held, fraction
