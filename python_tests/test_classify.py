@@ -312,6 +312,31 @@ def test_compiled_layer_calls_do_not_recompile_after_warm_up():
         torch.testing.assert_close(c.logits, a.logits, rtol=0, atol=1e-5)
 
 
+def test_a_fresh_engine_reuses_the_graphs_an_earlier_engine_compiled():
+    """A server starts its engine anew after an error (``BackgroundEngine``): the new engine's
+    compiled layer calls reuse the graphs of the shapes met before instead of compiling them again
+    (a code reading suspected each new engine's ``torch.compile`` recompiled them all)."""
+    from torch._dynamo.utils import counters
+
+    items = _sequences(24, seed=9, longest=14)
+    model = eek.patch(tiny_model("bert", num_layers=2, attn="sdpa"), eek.Patience(1))
+
+    def run_fresh_engine():
+        engine = ContinuousEngine(model, max_batch_size=4, compile=True)
+        for index, item in enumerate(items):
+            engine.submit(index, item["input_ids"])
+        return sorted(engine.run(), key=lambda done: done.key)
+
+    first = run_fresh_engine()
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    second = run_fresh_engine()
+    assert counters["stats"]["unique_graphs"] == graphs, "the fresh engine compiled the same shapes again"
+    for a, b in zip(first, second):
+        assert a.exit_layer == b.exit_layer
+        torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "inputs, kwargs, error, message",
     [
