@@ -1,10 +1,11 @@
 """Where each request's time went, and the age rule's setting, on real local servers (127.0.0.1).
 
 Every answered request is one observation of ``eek_request_tokenization_seconds``,
-``eek_request_queue_seconds``, ``eek_request_inference_seconds`` and
-``eek_request_duration_seconds``; the first three are consecutive spans of the request's
-timeline, so they and the total lie within the client's wall time of the request; its headers
-carry the same spans in milliseconds. ``--max-age`` (``create_app(max_age=...)``) reaches the
+``eek_request_queue_seconds``, ``eek_request_inference_seconds``, ``eek_request_answer_seconds`` and
+``eek_request_duration_seconds``; the first four are consecutive spans of the request's
+timeline, so they and the total lie within the client's wall time of the request; the inference is
+the time in layer calls (``eek_request_layers_seconds``) and the time waiting for one
+(``eek_request_waiting_seconds``); its headers carry the same spans in milliseconds. ``--max-age`` (``create_app(max_age=...)``) reaches the
 engine, ``/info`` reports it, and a bad value is refused in one line.
 """
 
@@ -22,12 +23,15 @@ httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx")
 
 from earlyexit_kernels.integrations.server import create_app  # noqa: E402
 
-SPANS = ("tokenization", "queue", "inference")
+SPANS = ("tokenization", "queue", "inference", "layers", "waiting", "answer")
 HISTOGRAMS = {name: f"eek_request_{name}_seconds" for name in SPANS} | {"total": "eek_request_duration_seconds"}
 HEADERS = {
     "tokenization": "x-tokenization-time",
     "queue": "x-queue-time",
     "inference": "x-inference-time",
+    "layers": "x-layer-time",
+    "waiting": "x-layer-wait-time",
+    "answer": "x-answer-time",
     "total": "x-total-time",
 }
 
@@ -70,9 +74,12 @@ def test_each_request_is_one_observation_of_each_span_within_its_wall_time(serve
         spent[span] = after[name + "_sum"] - before[name + "_sum"]
         assert spent[span] >= 0, name
     # consecutive spans of the request's own timeline: together within the total, itself within the wall time
-    assert spent["tokenization"] + spent["queue"] + spent["inference"] <= spent["total"] + 1e-9
+    assert spent["tokenization"] + spent["queue"] + spent["inference"] + spent["answer"] <= spent["total"] + 1e-9
     assert 0 < spent["total"] <= wall
     assert spent["inference"] > 0  # the layers ran
+    # the inference is its time in layer calls and its time waiting for one
+    assert spent["layers"] > 0 and spent["waiting"] >= 0
+    assert abs(spent["layers"] + spent["waiting"] - spent["inference"]) < 1e-9
 
     # the headers are the same spans, in milliseconds (TEI's names; x-compute-time is TEI's total)
     for span, header in HEADERS.items():
@@ -105,7 +112,7 @@ def test_a_refused_request_is_no_observation_and_still_carries_its_headers(serve
     assert int(response.headers["x-total-time"]) >= 0
     assert response.headers["x-compute-time"] == response.headers["x-total-time"]
     # refused while tokenizing: the spans it never finished are left out
-    assert not {"x-tokenization-time", "x-queue-time", "x-inference-time"} & set(response.headers)
+    assert not {"x-tokenization-time", "x-queue-time", "x-inference-time", "x-layer-time"} & set(response.headers)
 
 
 def test_max_age_reaches_the_engine_and_info_reports_it(server, loaded_classifier):

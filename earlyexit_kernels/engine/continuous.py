@@ -76,13 +76,16 @@ KEPT_OUTPUTS = 16
 @dataclass(slots=True)
 class Finished:
     """A sequence that left the encoder: ``key`` as submitted, ``logits`` [C] on the CPU (model dtype);
-    ``admitted_at``: when it was admitted (embedded into layer 1), ``time.perf_counter()``."""
+    ``admitted_at``: when it was admitted (embedded into layer 1), ``time.perf_counter()``;
+    ``in_calls``: the seconds since then spent in the layer calls that held it (the rest of its
+    inference time it waited for a call: others' rows, admissions, the engine thread's turns)."""
 
     key: object
     logits: torch.Tensor
     exit_layer: int
     layers_run: int
     admitted_at: float = 0.0
+    in_calls: float = 0.0
 
 
 def _token_array(key, name: str, values) -> np.ndarray:
@@ -209,6 +212,7 @@ class ContinuousEngine:
         self._row_lengths = [0] * slots  # the same as Python ints: summed and passed on at every call
         self._runs = [0] * slots
         self._admitted_at = [0.0] * slots  # time.perf_counter() of each slot's admission
+        self._in_calls = [0.0] * slots  # seconds each slot's sequence has spent in layer calls since
         self._keys: list[object] = [None] * slots
         with torch.no_grad():
             template = init_state(
@@ -392,6 +396,7 @@ class ContinuousEngine:
         now = time.perf_counter()
         for slot, entry in zip(admitted, sequences):
             self._admitted_at[slot] = now
+            self._in_calls[slot] = 0.0
             self.stats.queue_seconds.observe(now - entry[6])
         size = self.buckets.max_batch_size
         for start in range(0, len(sequences), size):
@@ -424,6 +429,16 @@ class ContinuousEngine:
         self.stats.admitted += len(sequences)
 
     def _run_call(self, call) -> list[Finished]:
+        started = time.perf_counter()
+        finished = self._layer_call(call, started)
+        elapsed = time.perf_counter() - started
+        in_calls = self._in_calls
+        for slot in call.rows:  # those that left too: their slot's count starts anew at its next admission
+            in_calls[slot] += elapsed
+        return finished
+
+    def _layer_call(self, call, started: float) -> list[Finished]:
+        """One layer call's work (``started``: its ``time.perf_counter()``, for the exits' ``in_calls``)."""
         layer, n = call.layer, len(call.rows)
         inputs = self._call_inputs(call)
         hidden, mask, slot_index = inputs.hidden, inputs.mask, inputs.slot_index
@@ -504,7 +519,8 @@ class ContinuousEngine:
         for row, slot in enumerate(call.rows):
             out = exiting.get(row)
             if out is not None:
-                finished.append(Finished(keys[slot], out, layer, runs[slot], self._admitted_at[slot]))
+                in_calls = self._in_calls[slot] + (now - started)
+                finished.append(Finished(keys[slot], out, layer, runs[slot], self._admitted_at[slot], in_calls))
                 gone.append(slot)
                 self.stats.inference_seconds.observe(now - self._admitted_at[slot])
             else:

@@ -16,8 +16,8 @@ what ``huggingface_hub.InferenceClient(base_url=...).text_classification`` sends
 :mod:`.routes.inference_api`), ``/v1/models`` (:mod:`.routes.openai`), ``/models`` (Infinity's), and the
 server's own (:mod:`.routes.service`): ``/feedback``, ``/health``, ``/info``, ``/metrics``,
 ``/openapi.json`` (:mod:`.openapi`) and ``/docs`` (Swagger UI, :mod:`.docs_ui`). Every answer of the POST routes carries
-``x-total-time`` (and its TEI alias ``x-compute-time``), ``x-tokenization-time``, ``x-queue-time``
-and ``x-inference-time`` headers (milliseconds, see :class:`.request_costs.RequestCosts`; each answered request's
+``x-total-time`` (and its TEI alias ``x-compute-time``), ``x-tokenization-time``, ``x-queue-time``,
+``x-inference-time`` (split into ``x-layer-time`` and ``x-layer-wait-time``) and ``x-answer-time`` headers (milliseconds, see :class:`.request_costs.RequestCosts`; each answered request's
 spans are also the ``eek_request_*_seconds`` histograms at ``/metrics``); every answer at all an ``x-request-id``
 (:mod:`.request_id`). Errors, unknown routes and methods included, are JSON
 ``{"error", "error_type"}`` (:mod:`.errors`). With ``api_key`` every route but ``/health`` needs

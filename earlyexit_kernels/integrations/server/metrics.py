@@ -7,7 +7,10 @@
   ``eek_request_duration_seconds``, from its arrival to its answer (``x-total-time``);
   ``eek_request_tokenization_seconds``, until its texts are tokenized (body read and parsed
   included); ``eek_request_queue_seconds``, from then until the engine admits its first
-  sequence; ``eek_request_inference_seconds``, from then until its last sequence's answer;
+  sequence; ``eek_request_inference_seconds``, from then until its last sequence's answer, split
+  into ``eek_request_layers_seconds`` (in the layer calls that held its sequence longest in calls)
+  and ``eek_request_waiting_seconds`` (the rest: waiting for a call); ``eek_request_answer_seconds``,
+  from its last sequence's answer to its own;
 - ``eek_exit_layer``: exit layers of the sequences (histogram: its ``_sum / _count`` is the
   mean exit layer); ``eek_layers_run_total``: layers computed, summed over sequences;
 - ``eek_queue_depth``: sequences submitted and not finished;
@@ -172,10 +175,12 @@ class ServerMetrics:
         self.layers_run.inc(layers_run)
 
     def record_request(self, spans: dict[str, float]) -> None:
-        """One answered request's ``tokenization``, ``queue``, ``inference`` and ``total`` seconds."""
+        """One answered request's seconds by span (:meth:`~.request_costs.RequestCosts.spans`: ``total`` and
+        each of the ``eek_request_*_seconds`` spans)."""
         self.latency.observe(spans["total"])
         for name, histogram in self.request_spans.items():
-            histogram.observe(spans[name])
+            if name in spans:  # every span of a request whose sequences ran
+                histogram.observe(spans[name])
 
     def exposition(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -184,13 +189,17 @@ class ServerMetrics:
 
 
 def _request_span_histograms(registry, Histogram) -> dict:
-    """``eek_request_{tokenization,queue,inference}_seconds``, by span name (the total is
-    ``eek_request_duration_seconds``)."""
+    """``eek_request_{tokenization,queue,inference,layers,waiting,answer}_seconds``, by span name (the
+    total is ``eek_request_duration_seconds``)."""
     documentation = {
         "tokenization": "Per answered request: from its arrival until its texts are tokenized (body read and parsed "
         "included)",
         "queue": "Per answered request: from its texts tokenized until the engine admits its first sequence",
         "inference": "Per answered request: from the admission of its first sequence until its last sequence's answer",
+        "layers": "Per answered request: of its inference, the seconds its sequence longest in layer calls spent in "
+        "the calls that held it",
+        "waiting": "Per answered request: of its inference, the rest: its sequences waiting for a layer call",
+        "answer": "Per answered request: from its last sequence's answer until its own (handing back, formatting)",
     }
     return {
         name: Histogram(f"eek_request_{name}_seconds", text, buckets=_LATENCY_BUCKETS, registry=registry)

@@ -12,6 +12,9 @@ _HEADERS = {
     "tokenization": "x-tokenization-time",
     "queue": "x-queue-time",
     "inference": "x-inference-time",
+    "layers": "x-layer-time",
+    "waiting": "x-layer-wait-time",
+    "answer": "x-answer-time",
     "total": "x-total-time",
 }
 
@@ -33,6 +36,11 @@ class RequestCosts:
     - ``total``: from its arrival to its answer (the two above plus parsing, handing over and
       formatting).
 
+    The inference splits in two: ``layers``, the seconds the request's slowest sequence (the one
+    longest in calls) spent in the layer calls that held it, and ``waiting``, the rest, when its
+    sequences waited for a call (others' calls, admissions, the engine thread's turn). ``answer``:
+    from its last sequence's answer to its own (handing back, formatting; the total's last part).
+
     As headers, in milliseconds (text-embeddings-inference's names; ``x-compute-time`` is TEI's
     other name for the total); as the ``eek_request_*_seconds`` histograms, in seconds, for each
     answered request. TEI gives a batch the mean of its texts' times instead: here a batch is one
@@ -45,6 +53,7 @@ class RequestCosts:
     done: float | None = None
     answered: float | None = None
     tokens: int = 0
+    in_calls: float | None = None  # seconds: the most any of its sequences spent in layer calls
 
     def spans(self) -> dict[str, float]:
         """Seconds of each span whose ends are known (``total``: until ``answered``, else until now)."""
@@ -55,7 +64,13 @@ class RequestCosts:
             "inference": (self.admitted, self.done),
             "total": (self.arrived, end),
         }
-        return {name: finish - start for name, (start, finish) in marks.items() if None not in (start, finish)}
+        spans = {name: finish - start for name, (start, finish) in marks.items() if None not in (start, finish)}
+        if "inference" in spans and self.in_calls is not None:
+            spans["layers"] = min(self.in_calls, spans["inference"])
+            spans["waiting"] = spans["inference"] - spans["layers"]
+        if self.done is not None and self.answered is not None:
+            spans["answer"] = self.answered - self.done
+        return spans
 
     def headers(self) -> dict[str, str]:
         headers = {_HEADERS[name]: str(round(1000 * seconds)) for name, seconds in self.spans().items()}

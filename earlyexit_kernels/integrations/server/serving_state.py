@@ -241,6 +241,7 @@ class ServingState:
             raise RequestError(500, "Backend", f"the model failed on this request: {error}") from None
         costs.done = time.perf_counter()
         costs.admitted = min(done.admitted_at for done in finished)
+        costs.in_calls = max(done.in_calls for done in finished)
         for done in finished:
             self.metrics.record_sequence(done.exit_layer, done.layers_run)
         if self.auditor is not None:
