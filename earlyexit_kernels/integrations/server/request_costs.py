@@ -27,8 +27,8 @@ class RequestCosts:
     Marks on one clock (``time.perf_counter()``), each no earlier than the one before, so the spans
     between them do not overlap and all lie within the request's wall time:
 
-    - ``tokenization``: from the request's arrival (before its body is read) until its texts are
-      tokenized (reading and parsing the body included);
+    - ``tokenization``: from the request's arrival (the app's receiving it, before any middleware
+      or its body is read) until its texts are tokenized (reading and parsing the body included);
     - ``queue``: from then until the engine admits the request's first sequence (embeds it into the
       first layer): waiting for the engine thread to take the request, then for room in the engine;
     - ``inference``: from then until the server holds its last sequence's answer (every sequence's

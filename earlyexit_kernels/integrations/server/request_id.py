@@ -10,6 +10,7 @@ refused: the id is for tracing, and a request should not fail over it. Handlers 
 from __future__ import annotations
 
 import re
+import time
 import uuid
 
 __all__ = ["HEADER", "RequestIdMiddleware", "request_id_of"]
@@ -36,8 +37,9 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        arrived = time.perf_counter()  # the request's arrival: before any middleware or handler runs
         request_id = request_id_of(scope["headers"])
-        scope.setdefault("state", {})["request_id"] = request_id
+        scope.setdefault("state", {}).update(request_id=request_id, arrived=arrived)
         header = (HEADER.encode(), request_id.encode("ascii"))
 
         async def send_with_id(message):

@@ -39,7 +39,8 @@ async def answer(state, request, parse, formatted):
     ``formatted(parsed, finished, costs)`` makes the answer's body."""
     from starlette.responses import JSONResponse, Response
 
-    costs = RequestCosts(time.perf_counter())
+    # arrived: stamped by the outermost middleware (request_id.py) as the app receives the request
+    costs = RequestCosts(getattr(request.state, "arrived", None) or time.perf_counter())
     try:
         # parsed on a worker thread too: a body of megabytes holds up no other request
         parsed = await asyncio.to_thread(parse, await request.body())
