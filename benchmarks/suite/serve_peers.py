@@ -165,10 +165,10 @@ async def drive(
 
     out = Drive()
     sent = 0
-    stop_at = time.perf_counter() + max_seconds
     body = {} if model is None else {"model": model}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with collector_off(), httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+        stop_at = time.perf_counter() + max_seconds  # after the collection: the run gets all its seconds
 
         async def worker():
             nonlocal sent
