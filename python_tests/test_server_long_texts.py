@@ -165,3 +165,52 @@ def test_the_word_the_cut_splits_is_not_counted(tmp_path):
     for truncate in (False, True):
         ((ids, _),) = cutting.encode([(text, None)], truncate)
         assert ids == tokenizer(text)["input_ids"]
+
+
+def test_a_request_s_texts_tokenized_as_one_batch_are_each_what_one_call_gives(loaded_classifier):
+    """A request's texts go to the tokenizer as one batch (all with a pair, or none with one) and as
+    one call a text where pairs are mixed: either way each text's ids and token types are what
+    encoding it alone gives, truncated or not, either side; and of two texts refused, the first is
+    named, whichever check refuses it (its tokens, or a lone surrogate in the one after it)."""
+    _, tokenizer = loaded_classifier
+    tokenization = Tokenization(tokenizer, 64)
+    rng = random.Random(7)
+    for _ in range(40):
+        texts = [" ".join(rng.choices(WORDS, k=rng.choice([1, 5, 30, 90]))) for _ in range(rng.randint(1, 12))]
+        pairs = rng.choice(
+            [
+                [None] * len(texts),
+                [" ".join(rng.choices(WORDS, k=rng.randint(1, 40))) for _ in texts],
+                [rng.choice([None, "w1 w2"]) for _ in texts],
+            ]
+        )
+        for truncate in (False, True):
+            for direction in ("Right", "Left"):
+                one_by_one = []
+                for index, sequence in enumerate(zip(texts, pairs)):
+                    try:
+                        ((ids, types),) = tokenization.encode([sequence], truncate, direction)
+                    except RequestError as error:
+                        one_by_one = error.message.replace("input 0", f"input {index}")
+                        break
+                    one_by_one.append((ids, types))
+                try:
+                    batch = tokenization.encode(list(zip(texts, pairs)), truncate, direction)
+                except RequestError as error:
+                    assert not truncate and error.message == one_by_one
+                    continue
+                assert batch == one_by_one
+    calls = []
+    real = tokenization._tokenizers["Right", False]
+    tokenization._tokenizers["Right", False] = lambda *args, **kwargs: calls.append(args) or real(*args, **kwargs)
+    tokenization.encode([(text, None) for text in ("w1", "w2 w3", "w4 w5 w6")], False)
+    tokenization.encode([(text, "w7") for text in ("w1", "w2 w3")], False)
+    assert [len(args[0]) for args in calls] == [3, 2]  # one call a request, its texts as a list
+    tokenization._tokenizers["Right", False] = real
+    too_long = " ".join(["w1"] * 100)
+    with pytest.raises(RequestError) as refused:
+        tokenization.encode([("w2", None), (too_long, None), ("w3 \ud800", None)], False)
+    assert refused.value.status == 413 and "input 1 has" in refused.value.message
+    with pytest.raises(RequestError) as refused:
+        tokenization.encode([("w2 \ud800", None), (too_long, None)], False)
+    assert refused.value.status == 400 and "input 0 holds" in refused.value.message
