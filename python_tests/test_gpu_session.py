@@ -30,7 +30,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "scripts/gpu_session.sh"
 FIRST_PLAN = (
-    "probe build_cuda_forced build smoke graphed_key correct_graphed kernels peer_capture compiled_peer graphed_b256_bf16 "
+    "probe build_cuda_forced build smoke graphed_key correct_graphed kernels gaps peer_capture compiled_peer "
+    "graphed_b256_bf16 "
     "graphed_b64_fp32 "
     "stream_bf16 correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck "
     "speed_b32_b256"
@@ -297,3 +298,20 @@ def test_the_digest_merges_the_junit_runs_names_each_failure_and_lists_the_speed
 
     suites = ET.parse(merged).getroot()
     assert [s.get("name") for s in suites] == ["correct_engine", "correct_kernels"]
+
+
+def test_the_gaps_step_counts_the_device_s_idle_time_within_a_call():
+    """``gpu_session_report.py gaps``' arithmetic, on intervals made up: the busy time is the union of
+    the kernels inside the call, the idle time the stretches between them and before the first."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from gpu_session_report import device_gaps
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    kernels = [(10.0, 20.0), (15.0, 25.0), (40.0, 50.0), (49.0, 55.0), (70.0, 80.0), (-5.0, 2.0)]
+    busy, gaps = device_gaps(kernels, 0.0, 80.0)
+    assert busy == 2.0 + 15.0 + 15.0 + 10.0  # [0,2], [10,25], [40,55], [70,80]
+    assert gaps == [(2.0, 8.0), (25.0, 15.0), (55.0, 15.0)]
+    assert busy + sum(length for _, length in gaps) == 80.0
+    assert device_gaps([], 0.0, 10.0) == (0.0, [])
+    assert device_gaps([(3.0, 5.0)], 0.0, 5.0) == (2.0, [(0.0, 3.0)])

@@ -17,7 +17,8 @@
 # CUDA graph; no memory pass; each pattern's rows in bench.csv as they come), then the graphed
 # step's tests (correct_graphed). Where the smoke step saw a capture fail, the key step times
 # --step exact and the tests run before it, to get the reason. Then the kernels per forward from
-# the profiler (kernels), the CUDA-graph peer's warm-up stream timed both ways (peer_capture), the compiled peer
+# the profiler (kernels), where a forward leaves the GPU idle (gaps), the CUDA-graph peer's warm-up
+# stream timed both ways (peer_capture), the compiled peer
 # (torch.compile(mode="reduce-overhead"), its own step: a BERT-base compile), B = 256, fp32,
 # eek.classify over a stream on the GPU in bf16 (stream_bf16: eek bench stream, a
 # random BERT H = 768, 2048 sequences; its table brought back as stream_cuda_bf16.md), and the
@@ -35,7 +36,7 @@ PLAN=${PLAN:-first}
 PY=${PY:-python3}
 DEADLINE_S=${DEADLINE_S:-500}
 case $PLAN in
-first) PLAN_STEPS="probe build smoke graphed_key correct_graphed kernels peer_capture compiled_peer graphed_b256_bf16 graphed_b64_fp32 stream_bf16 correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck speed_b32_b256" ;;
+first) PLAN_STEPS="probe build smoke graphed_key correct_graphed kernels gaps peer_capture compiled_peer graphed_b256_bf16 graphed_b64_fp32 stream_bf16 correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck speed_b32_b256" ;;
 second) PLAN_STEPS="probe build sweep gpu_only defects sanitizers micro" ;;
 *)
     echo "PLAN must be first or second, not $PLAN" >&2
@@ -240,15 +241,16 @@ for s in $STEPS; do
             GRAPHED_LAGS=device,0 graphed graphed_key bf16 64 15 cuda-graphs
         fi
         ;;
-    kernels | peer_capture)
-        # Kernels per forward from the profiler (the exit step's beyond the layer's), and the CUDA-graph
-        # peer's warm-up stream timed both ways: their lines go to the summary.
+    kernels | gaps | peer_capture)
+        # Kernels per forward from the profiler (the exit step's beyond the layer's), where a forward
+        # leaves the GPU idle (the graphed step beside the captured model), and the CUDA-graph peer's
+        # warm-up stream timed both ways: their lines go to the summary.
         if ((!HAVE_CUDA)); then
             skip "$s" "$NO_GPU"
             continue
         fi
         step "$s" 15 60 "$PY" scripts/gpu_session_report.py "${s/_/-}"
-        grep -E '^(kernels|peer-capture)' "$LOGS/$s.log" 2>/dev/null | cut -c1-300 | while read -r line; do record "  $line"; done
+        grep -E '^(kernels|gaps|peer-capture)' "$LOGS/$s.log" 2>/dev/null | cut -c1-300 | while read -r line; do record "  $line"; done
         refresh
         ;;
     # The compiled peer alone (a BERT-base compile, est. 40-120 s), with the graphed step beside it.

@@ -306,6 +306,100 @@ def kernels(batch: int, seq_len: int) -> int:
     return 0
 
 
+def device_gaps(
+    kernels: list[tuple[float, float]], start: float, end: float
+) -> tuple[float, list[tuple[float, float]]]:
+    """``(busy, gaps)`` of the device over ``[start, end]``: ``busy`` the length of the union of the
+    ``kernels``' ``(start, end)`` intervals inside it, ``gaps`` each stretch with no kernel running as
+    ``(start, length)``, in time order (the one before the first kernel included, the one after the
+    last not: the call ends with its last kernel)."""
+    busy, gaps, at = 0.0, [], start
+    for first, last in sorted((max(a, start), min(b, end)) for a, b in kernels if b > start and a < end):
+        if first > at:
+            gaps.append((at, first - at))
+        if last > at:
+            busy += last - max(first, at)
+            at = last
+    return busy, gaps
+
+
+def gaps(batch: int, seq_len: int, calls: int = 5) -> int:
+    """Where a forward leaves the GPU idle (BERT-base, bf16, an unpadded batch): the unpatched model
+    captured in a CUDA graph with its mask, and the graphed step where nobody exits (``Scheduled``,
+    no head; ``Entropy(0.0)``, a head and a decision at every layer). Per call (the median of
+    ``calls``, each timed from the host's start of the call to its last kernel's end): the wall time,
+    the device's busy time, the idle before its first kernel, the idle between kernels, and the three
+    longest gaps with the host op running where each starts: what stands between the graphed step
+    and the captured model."""
+    import statistics
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    import earlyexit_kernels as eek
+    from earlyexit_kernels.bench.models import SIZES, build_model
+    from earlyexit_kernels.bench.peers import PeerModels
+
+    device = torch.device("cuda")
+    size = SIZES["base"]
+    model = build_model("bert", size, seq_len, device="cuda", dtype=torch.bfloat16, attn="sdpa")
+    ids = torch.randint(5, 30000, (batch, seq_len), device=device)
+    mask = torch.ones_like(ids)
+
+    def measured(name: str, fn) -> None:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                with record_function("eek_gaps_call"):
+                    fn()
+                torch.cuda.synchronize()
+        events = list(prof.events())
+        device_events = [e for e in events if e.device_type.name == "CUDA"]
+        host_ops = [e for e in events if e.device_type.name == "CPU" and e.name != "eek_gaps_call"]
+        rows = []
+        for call in (e for e in events if e.name == "eek_gaps_call" and e.device_type.name == "CPU"):
+            start = call.time_range.start
+            inside = [(e.time_range.start, e.time_range.end) for e in device_events if e.time_range.start >= start]
+            inside = [k for k in inside if k[0] <= call.time_range.end + 50_000]  # this call's kernels, not the next's
+            if not inside:
+                continue
+            end = max(b for _, b in inside)
+            busy, idle = device_gaps(inside, start, end)
+            lead = idle[0][1] if idle and idle[0][0] == start else 0.0
+            rows.append((end - start, busy, lead, sum(g for _, g in idle) - lead, idle))
+        if not rows:
+            print(f"gaps: {name}: no device kernel seen by the profiler")
+            return
+        wall, busy, lead, between = (statistics.median(r[i] for r in rows) for i in range(4))
+        longest = sorted(rows[len(rows) // 2][4], key=lambda g: -g[1])[:3]
+
+        def during(at: float) -> str:
+            ops = [e for e in host_ops if e.time_range.start <= at <= e.time_range.end]
+            return min(ops, key=lambda e: e.time_range.end - e.time_range.start).name[:50] if ops else "no host op"
+
+        where = "; ".join(f"{g / 1e3:.3f} ms during {during(a)}" for a, g in longest)
+        print(
+            f"gaps: {name}: wall {wall / 1e3:.2f} ms, device busy {busy / 1e3:.2f} ms, idle before the first kernel "
+            f"{lead / 1e3:.2f} ms, between kernels {between / 1e3:.2f} ms; longest: {where}"
+        )
+
+    with torch.no_grad():
+        captured = PeerModels(model).runner("cuda-graphs", ids, mask)
+        measured("unpatched, captured with its mask", captured)
+        del captured
+        everyone = torch.full((batch,), size.layers, dtype=torch.long, device=device)
+        for label, policy in (("Scheduled", eek.Scheduled(everyone)), ("Entropy(0.0)", eek.Entropy(0.0))):
+            for backend in [b for b in ("cuda", "triton") if eek.backends()[b]]:
+                eek.patch(model, policy, backend=backend, step="graphed")
+                measured(
+                    f"graphed {label} on {backend}, nobody exits", lambda: model(input_ids=ids, attention_mask=mask)
+                )
+        eek.unpatch(model)
+    return 0
+
+
 def _junit(paths: list[Path], merged: Path | None) -> list[str]:
     lines, suites = [], ET.Element("testsuites")
     for path in sorted(paths):
@@ -430,6 +524,9 @@ def main(argv=None) -> int:
     k = sub.add_parser("kernels")
     k.add_argument("--batch", type=int, default=64)
     k.add_argument("--seq-len", type=int, default=128)
+    g = sub.add_parser("gaps")
+    g.add_argument("--batch", type=int, default=64)
+    g.add_argument("--seq-len", type=int, default=128)
     d = sub.add_parser("digest")
     d.add_argument("--junit", type=Path, nargs="*", default=[], help="pytest junit XML files (missing ones ignored)")
     d.add_argument("--merged", type=Path, help="write the junit files' suites here as one file")
@@ -441,6 +538,8 @@ def main(argv=None) -> int:
         return peer_capture(args.batch, args.seq_len, args.repeats)
     if args.command == "kernels":
         return kernels(args.batch, args.seq_len)
+    if args.command == "gaps":
+        return gaps(args.batch, args.seq_len)
     if args.command == "smoke":
         return smoke(args.device, args.size, args.batch, args.seq_len, args.dtype, args.repeats, args.marker)
     return {"probe": probe, "auto": auto, "shared-memory": shared_memory}[args.command]()
