@@ -359,10 +359,12 @@ def gaps(batch: int, seq_len: int, calls: int = 5) -> int:
         device_events = [e for e in events if e.device_type.name == "CUDA"]
         host_ops = [e for e in events if e.device_type.name == "CPU" and e.name != "eek_gaps_call"]
         rows = []
-        for call in (e for e in events if e.name == "eek_gaps_call" and e.device_type.name == "CPU"):
-            start = call.time_range.start
-            inside = [(e.time_range.start, e.time_range.end) for e in device_events if e.time_range.start >= start]
-            inside = [k for k in inside if k[0] <= call.time_range.end + 50_000]  # this call's kernels, not the next's
+        starts = sorted(e.time_range.start for e in events if e.name == "eek_gaps_call" and e.device_type.name == "CPU")
+        for start, following in zip(starts, [*starts[1:], float("inf")]):
+            # this call's kernels: those that start before the next call does (each call is synchronized)
+            inside = [
+                (e.time_range.start, e.time_range.end) for e in device_events if start <= e.time_range.start < following
+            ]
             if not inside:
                 continue
             end = max(b for _, b in inside)

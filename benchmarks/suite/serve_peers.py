@@ -127,8 +127,8 @@ async def collector_off():
     """Python's garbage collector off (after one collection), on again after: a collection of the
     load generator's objects pauses every request in flight, the client's latency, not the
     server's. Against a server that answers every request in 100 ms, at c32 on the AMD EPYC, the
-    client measured a p99 of 210-244 ms with it on and 143 ms with it off
-    (``benchmarks/profiles/load_client_floor.py``)."""
+    client measured a p99 of 230 ms with it on and 135 ms with it off (max 638 against 286 ms;
+    ``benchmarks/profiles/load_client_floor.py``, benchmarks/results/amd_epyc/request_latency_parts_cpu.md)."""
     gc.collect()
     collecting = gc.isenabled()
     gc.disable()

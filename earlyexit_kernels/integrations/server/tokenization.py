@@ -25,9 +25,9 @@ lengths, which the cut does not keep.
 
 Tokenizing runs on a worker thread (:meth:`Tokenization.encode_async`), a request's texts in one
 batch call; Hugging Face's fast tokenizers release the GIL while they work, so the event loop
-answers other requests meanwhile. One call for a request of 32 Rotten Tomatoes snippets took 1.71-1.78
-ms against 2.23-2.36 ms one call a text (MiniLM-L6's tokenizer, one core of the AMD EPYC:
-``benchmarks/micro/request_tokenization.py``). Each
+answers other requests meanwhile. One call for a request of 32 Rotten Tomatoes snippets took 1.69-1.71
+ms against 2.23-2.49 ms one call a text (MiniLM-L6's tokenizer, one core of the AMD EPYC, three runs
+each of ``benchmarks/micro/request_tokenization.py``). Each
 (truncation side, truncate) pair has its own tokenizer copy, set up once: the settings are the
 tokenizer's state, and changing them while another thread encodes fails ("Already borrowed").
 """
