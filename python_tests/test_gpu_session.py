@@ -315,3 +315,20 @@ def test_the_gaps_step_counts_the_device_s_idle_time_within_a_call():
     assert busy + sum(length for _, length in gaps) == 80.0
     assert device_gaps([], 0.0, 10.0) == (0.0, [])
     assert device_gaps([(3.0, 5.0)], 0.0, 5.0) == (2.0, [(0.0, 3.0)])
+
+
+def test_the_gaps_step_names_where_the_busy_time_goes_per_call():
+    """``kernel_times``: each kernel name's launches and device time per call, the largest first."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from gpu_session_report import kernel_times
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+    def kernel(name, start, end):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end))
+
+    events = [kernel("gemm", 0, 30), kernel("copy", 30, 32), kernel("gemm", 40, 70), kernel("copy", 70, 73)]
+    assert kernel_times(events, calls=2) == [("gemm", (1.0, 30.0)), ("copy", (1.0, 2.5))]

@@ -323,6 +323,17 @@ def device_gaps(
     return busy, gaps
 
 
+def kernel_times(device_events, calls: int) -> list[tuple[str, tuple[float, float]]]:
+    """``(name, (launches, microseconds))`` per call of each device kernel name (copies included),
+    the most device time first."""
+    per_name: dict[str, list[float]] = {}
+    for event in device_events:
+        count_spent = per_name.setdefault(event.name, [0.0, 0.0])
+        count_spent[0] += 1 / calls
+        count_spent[1] += (event.time_range.end - event.time_range.start) / calls
+    return sorted(((k, (c, t)) for k, (c, t) in per_name.items()), key=lambda item: -item[1][1])
+
+
 def gaps(batch: int, seq_len: int, calls: int = 5) -> int:
     """Where a forward leaves the GPU idle (BERT-base, bf16, an unpadded batch): the unpatched model
     captured in a CUDA graph with its mask, and the graphed step where nobody exits (``Scheduled``,
@@ -386,6 +397,9 @@ def gaps(batch: int, seq_len: int, calls: int = 5) -> int:
             f"gaps: {name}: wall {wall / 1e3:.2f} ms, device busy {busy / 1e3:.2f} ms, idle before the first kernel "
             f"{lead / 1e3:.2f} ms, between kernels {between / 1e3:.2f} ms; longest: {where}"
         )
+        # where the busy time goes: each kernel name's launches and device time per call, the largest first
+        for kernel, (count, spent) in kernel_times(device_events, calls)[:12]:
+            print(f"gaps-kernel: {name}: {spent / 1e3:.3f} ms in {count:g} x {kernel[:90]}")
 
     with torch.no_grad():
         captured = PeerModels(model).runner("cuda-graphs", ids, mask)
