@@ -367,7 +367,8 @@ def gaps(batch: int, seq_len: int, calls: int = 5) -> int:
                     fn()
                 torch.cuda.synchronize()
         events = list(prof.events())
-        device_events = [e for e in events if e.device_type.name == "CUDA"]
+        # the call's own annotation has a device-side twin spanning the whole call: not a kernel
+        device_events = [e for e in events if e.device_type.name == "CUDA" and e.name != "eek_gaps_call"]
         host_ops = [e for e in events if e.device_type.name == "CPU" and e.name != "eek_gaps_call"]
         rows = []
         starts = sorted(e.time_range.start for e in events if e.name == "eek_gaps_call" and e.device_type.name == "CPU")
@@ -400,6 +401,12 @@ def gaps(batch: int, seq_len: int, calls: int = 5) -> int:
         # where the busy time goes: each kernel name's launches and device time per call, the largest first
         for kernel, (count, spent) in kernel_times(device_events, calls)[:12]:
             print(f"gaps-kernel: {name}: {spent / 1e3:.3f} ms in {count:g} x {kernel[:90]}")
+        # and the host's: the ops (and CUDA runtime calls) with the most self time per call
+        for item in sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:12]:
+            print(
+                f"gaps-host: {name}: {item.self_cpu_time_total / calls / 1e3:.3f} ms self in "
+                f"{item.count / calls:g} x {item.key[:80]}"
+            )
 
     with torch.no_grad():
         captured = PeerModels(model).runner("cuda-graphs", ids, mask)
