@@ -96,7 +96,11 @@ def test_the_bucket_sequence_of_a_forward_follows_the_counts():
     # Scheduled's counts are known on the host: no lag, no dead layer. Layer 2 runs the 44 rows
     # left in a bucket of 48, layers 3 and 4 the 24 left.
     assert sorted(seen) == [(1, 64), (2, 48), (3, 24), (4, 24)]
-    assert out.host_syncs == 2  # once per forward each: the schedule's counts and the mask's extents
+    assert out.host_syncs == 2  # the schedule's counts (its first forward) and the mask's extents
+    with torch.no_grad():
+        again = model(**inputs)
+    assert again.host_syncs == 1  # the counts are kept with the schedule: only the mask's extents now
+    assert torch.equal(again.exit_layer, schedule)
 
 
 def test_device_counts_are_read_a_layer_late_and_the_schedules_at_once():
@@ -113,3 +117,18 @@ def test_device_counts_are_read_a_layer_late_and_the_schedules_at_once():
         buckets.append(lag.bucket_before(layer))
         lag.publish(layer, ReadyCount(lambda n=left: n))
     assert buckets == [64, 64, 48, 24]
+
+
+def test_a_schedule_changed_in_place_is_read_again():
+    """Scheduled's counts are kept on the policy while its tensor's storage and version stay the
+    same: a schedule written in place is read anew, so its rows leave where it now says."""
+    from earlyexit_kernels.engine.batch_loop import _scheduled_exit_counts
+
+    schedule = torch.tensor([1, 2, 2, 4])
+    policy = eek.Scheduled(schedule)
+    assert _scheduled_exit_counts(policy, 4) == ([0, 1, 2, 0, 1], 1)
+    assert _scheduled_exit_counts(policy, 4) == ([0, 1, 2, 0, 1], 0)
+    policy.exit_layers[0] = 3
+    assert _scheduled_exit_counts(policy, 4) == ([0, 0, 2, 1, 1], 1)
+    assert _scheduled_exit_counts(policy, 5) == ([0, 0, 2, 1, 1, 0], 1)  # another depth, counted anew
+    assert _scheduled_exit_counts(eek.Entropy(0.3), 4) == (None, 0)

@@ -249,7 +249,7 @@ for s in $STEPS; do
             skip "$s" "$NO_GPU"
             continue
         fi
-        step "$s" 15 60 "$PY" scripts/gpu_session_report.py "${s/_/-}"
+        EEK_GAPS_TRACE_DIR=$LOGS/gaps_traces step "$s" 15 60 "$PY" scripts/gpu_session_report.py "${s/_/-}"
         grep -E '^(kernels|gaps|peer-capture)' "$LOGS/$s.log" 2>/dev/null | cut -c1-300 | while read -r line; do record "  $line"; done
         refresh
         ;;

@@ -23,6 +23,7 @@ import importlib
 import importlib.util
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -366,6 +367,10 @@ def gaps(batch: int, seq_len: int, calls: int = 5) -> int:
                 with record_function("eek_gaps_call"):
                     fn()
                 torch.cuda.synchronize()
+        if os.environ.get("EEK_GAPS_TRACE_DIR"):  # the timeline, for reading back on a machine without a GPU
+            folder = Path(os.environ["EEK_GAPS_TRACE_DIR"])
+            folder.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(folder / (re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + ".json")))
         events = list(prof.events())
         # the call's own annotation has a device-side twin spanning the whole call: not a kernel
         device_events = [e for e in events if e.device_type.name == "CUDA" and e.name != "eek_gaps_call"]

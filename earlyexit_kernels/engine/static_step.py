@@ -347,9 +347,8 @@ def run_graphed(
     if batch == 0:
         return result
 
-    scheduled_counts = _scheduled_exit_counts(policy, num_layers)
-    if scheduled_counts is not None:
-        result.host_syncs += 1
+    scheduled_counts, read_backs = _scheduled_exit_counts(policy, num_layers)
+    result.host_syncs += read_backs
     length_multiple = getattr(adapter, "length_multiple", 1)
     hidden, mask, _ = trimmed_inputs(hidden, mask, mask_summary, result, length_multiple)
     if mask is not None and on_gpu:
