@@ -451,7 +451,6 @@ def _patched_forward(
             f"(tokenizer(..., return_token_type_ids=False))"
         )
     batch, _ = _check_inputs(input_ids, attention_mask, token_type_ids, inputs_embeds)
-    mask_summary, input_read_backs = _read_input_summary(input_ids, attention_mask, batch, adapter.vocab_size)
     if hasattr(policy, "check_batch"):
         policy.check_batch(batch)
 
@@ -467,6 +466,9 @@ def _patched_forward(
         hidden_size=adapter.hidden_size,
         num_labels=adapter.num_labels,
     )
+    # After the host's work that needs no input values: the read-back waits for the GPU to finish
+    # what is queued (an earlier forward's layers), and the GPU idles from then to the next launch.
+    mask_summary, input_read_backs = _read_input_summary(input_ids, attention_mask, batch, adapter.vocab_size)
     if batch == 0:
         dtype = linear_compute_dtype(adapter.final_classifier)
         hidden = torch.zeros(0, 1, adapter.hidden_size, dtype=dtype, device=device)
