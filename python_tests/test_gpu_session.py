@@ -332,3 +332,41 @@ def test_the_gaps_step_names_where_the_busy_time_goes_per_call():
 
     events = [kernel("gemm", 0, 30), kernel("copy", 30, 32), kernel("gemm", 40, 70), kernel("copy", 70, 73)]
     assert kernel_times(events, calls=2) == [("gemm", (1.0, 30.0)), ("copy", (1.0, 2.5))]
+
+
+def test_the_timeline_reader_finds_the_idle_time_before_and_after_the_first_graph(tmp_path):
+    """``scripts/gpu_timeline.py`` on a made-up trace of two calls: the second call's device idles
+    30 us while the host launches a kernel, 20 us while it launches a graph, and 10 us after."""
+    import gzip
+    import json
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from gpu_timeline import call_timeline, load_events, main
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+    def event(cat, name, ts, dur):
+        return {"cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    events = [
+        event("user_annotation", "eek_gaps_call", 0, 50),
+        event("kernel", "early", 1, 5),
+        event("user_annotation", "eek_gaps_call", 100, 50),
+        event("cuda_runtime", "cudaLaunchKernel", 105, 3),
+        event("kernel", "embed", 130, 10),
+        event("cuda_runtime", "cudaGraphLaunch", 145, 4),
+        event("kernel", "layer", 160, 40),
+        event("kernel", "layer", 210, 40),
+    ]
+    found = call_timeline(events, 1)
+    assert found["gaps"] == [(0, 30, ["cudaLaunchKernel"]), (40, 20, ["cudaGraphLaunch"]), (100, 10, [])]
+    # the idle stretch the graph launch falls in counts before it: the device waits for that launch
+    assert (found["first_graph_launch"], found["idle_before"], found["idle_after"], found["end"]) == (45, 50, 10, 150)
+    with pytest.raises(ValueError, match=r"holds 2 calls; ask for one in 0\.\.1"):
+        call_timeline(events, 2)
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as file:
+        json.dump({"traceEvents": events}, file)
+    assert load_events(path) == events
+    assert main([str(path), "--call", "1"]) == 0
