@@ -307,6 +307,18 @@ def test_graphed_lags_time_the_step_with_each_lag_and_say_which():
     assert lagged["graph_captures"] == 0 and lagged["graph_fallback"] == ""
 
 
+def test_graphed_prologue_times_the_step_with_its_prologue_captured_beside_the_eager_one():
+    """``--graphed-prologue``: a ``graphed-prologue`` row beside ``graphed`` (on the CPU both run
+    uncaptured, and agree)."""
+    assert sweep.parse_args(["--device", "cpu", "--graphed-prologue"]).graphed_prologue is True
+    assert sweep.parse_args(["--device", "cpu"]).graphed_prologue is False
+    pattern = pattern_by_name("geometric-p0.10", 4, TINY.layers, 16)
+    rows = measure(tiny(), pattern, steps=("graphed",), graphed_prologue=True, baselines=False)
+    steps = sorted(r["step"] for r in rows if r["method"] == "eek")
+    assert steps == ["graphed", "graphed-prologue"]
+    assert all(r["check"] == "ok" for r in rows), [r["check"] for r in rows]
+
+
 @pytest.mark.parametrize("f", [0.0, 0.25, 0.5, 0.75, 0.4])
 @pytest.mark.parametrize("layers, batch", [(12, 64), (12, 7), (4, 4)])
 def test_a_pattern_is_described_for_what_it_does(f, layers, batch):

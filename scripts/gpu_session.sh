@@ -153,8 +153,8 @@ graphed() { # graphed NAME DTYPE BATCH REPEATS PEERS [STEPS [MIN_S MAX_S]]: the 
     # peer compiles once per step where it is asked for.
     step "$name" "$min_s" "$max_s" "$PY" -m earlyexit_kernels.bench sweep "${where[@]}" --dtype "$dtype" --models bert \
         --spot-models none --patterns sched-f0.00,sched-f0.50,geometric-p0.10 --policies scheduled,entropy \
-        --step "$steps" --graphed-lags "${GRAPHED_LAGS:-device}" --peers "$peers" --no-baselines --no-micro \
-        --no-memory --no-progress \
+        --step "$steps" --graphed-lags "${GRAPHED_LAGS:-device}" ${GRAPHED_PROLOGUE:+--graphed-prologue} \
+        --peers "$peers" --no-baselines --no-micro --no-memory --no-progress \
         --output-dir "$WORK/logs/bench_$name" --append-csv "$OUT/bench.csv"
 }
 
@@ -210,7 +210,7 @@ for s in $STEPS; do
     correct_graphed)
         [[ -z ${CORRECT_GRAPHED_DONE:-} ]] || continue
         RESERVE=60 correct correct_graphed python_tests/test_graphed_step.py python_tests/test_graphed_calls.py \
-            python_tests/test_graphed_buckets.py python_tests/test_launch_budget.py
+            python_tests/test_graphed_buckets.py python_tests/test_graphed_prologue.py python_tests/test_launch_budget.py
         ;;
     smoke)
         # The graphed step's first check (scripts/gpu_session_report.py smoke): its lines go to the summary.
@@ -237,8 +237,9 @@ for s in $STEPS; do
         if [[ -s "$WORK/capture_failed.txt" ]]; then
             graphed graphed_key bf16 64 15 cuda-graphs exact
         else
-            # lag 0 beside the device's 1: a read-back per layer against a layer run on rows just gone
-            GRAPHED_LAGS=device,0 graphed graphed_key bf16 64 15 cuda-graphs
+            # lag 0 beside the device's 1: a read-back per layer against a layer run on rows just gone;
+            # the prologue captured beside the eager one (the fourth session's finding)
+            GRAPHED_LAGS=device,0 GRAPHED_PROLOGUE=1 graphed graphed_key bf16 64 15 cuda-graphs
         fi
         ;;
     kernels | gaps | peer_capture)
@@ -249,7 +250,7 @@ for s in $STEPS; do
             skip "$s" "$NO_GPU"
             continue
         fi
-        EEK_GAPS_TRACE_DIR=$LOGS/gaps_traces step "$s" 15 60 "$PY" scripts/gpu_session_report.py "${s/_/-}"
+        EEK_GAPS_TRACE_DIR=$LOGS/gaps_traces step "$s" 15 90 "$PY" scripts/gpu_session_report.py "${s/_/-}"
         grep -E '^(kernels|gaps|peer-capture)' "$LOGS/$s.log" 2>/dev/null | cut -c1-300 | while read -r line; do record "  $line"; done
         refresh
         ;;

@@ -338,7 +338,8 @@ def kernel_times(device_events, calls: int) -> list[tuple[str, tuple[float, floa
 def gaps(batch: int, seq_len: int, calls: int = 5) -> int:
     """Where a forward leaves the GPU idle (BERT-base, bf16, an unpadded batch): the unpatched model
     captured in a CUDA graph with its mask, and the graphed step where nobody exits (``Scheduled``,
-    no head; ``Entropy(0.0)``, a head and a decision at every layer). Per call (the median of
+    no head; ``Entropy(0.0)``, a head and a decision at every layer), each with its prologue eager
+    and captured. Per call (the median of
     ``calls``, each timed from the host's start of the call to its last kernel's end): the wall time,
     the device's busy time, the idle before its first kernel, the idle between kernels, and the three
     longest gaps with the host op running where each starts: what stands between the graphed step
@@ -351,6 +352,8 @@ def gaps(batch: int, seq_len: int, calls: int = 5) -> int:
     import earlyexit_kernels as eek
     from earlyexit_kernels.bench.models import SIZES, build_model
     from earlyexit_kernels.bench.peers import PeerModels
+    from earlyexit_kernels.engine.static_step import StaticBatches
+    from earlyexit_kernels.patching.state import state_of
 
     device = torch.device("cuda")
     size = SIZES["base"]
@@ -423,6 +426,12 @@ def gaps(batch: int, seq_len: int, calls: int = 5) -> int:
                 eek.patch(model, policy, backend=backend, step="graphed")
                 measured(
                     f"graphed {label} on {backend}, nobody exits", lambda: model(input_ids=ids, attention_mask=mask)
+                )
+                # the same with the prologue (inputs' summary, embeddings) captured too: what it leaves
+                state_of(model).static_batches = StaticBatches(prologue=True)
+                measured(
+                    f"graphed {label} on {backend}, nobody exits, prologue captured",
+                    lambda: model(input_ids=ids, attention_mask=mask),
                 )
         eek.unpatch(model)
     return 0

@@ -9,7 +9,8 @@ repetitions. For ``e2e`` rows:
   policy's code (``Scheduled`` for the pattern replayed, ``Entropy(0.3)`` for the Entropy
   variant of :mod:`.threshold_pattern`; empty for the unpatched rows); ``step``, the per-layer
   step an ``eek`` row ran, resolved (``exact`` or ``graphed``, never ``auto``; ``graphed-lag<N>``
-  where ``--graphed-lags`` set a lag other than the device's; empty for the others); ``peer``, which unpatched model a ``full`` or ``peer`` row is: ``eager``,
+  where ``--graphed-lags`` set a lag other than the device's, ``graphed-prologue`` with
+  ``--graphed-prologue``; empty for the others); ``peer``, which unpatched model a ``full`` or ``peer`` row is: ``eager``,
   ``cuda-graphs`` (its forward captured in one CUDA graph on fixed inputs) or
   ``compile-reduce-overhead`` (``torch.compile(model, mode="reduce-overhead")``), empty for the
   others;

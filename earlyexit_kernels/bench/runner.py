@@ -78,6 +78,8 @@ class MeasureSettings:
     :data:`POLICIES`. ``peers``: of :data:`~earlyexit_kernels.bench.peers.PEERS`. ``baselines``:
     whether ``naive`` and ``bs1`` run. ``graphed_lags``: the graphed step's lags to time (None: the
     device's plan); a lag other than the device's makes the row's ``step`` read ``graphed-lag<N>``.
+    ``graphed_prologue``: also time the graphed step with its prologue captured
+    (``StaticBatches(prologue=True)``, the device's lag), rows whose ``step`` reads ``graphed-prologue``.
     """
 
     seq_len: int
@@ -93,6 +95,7 @@ class MeasureSettings:
     peers: tuple[str, ...] = ()
     baselines: bool = True
     graphed_lags: tuple[int | None, ...] = (None,)
+    graphed_prologue: bool = False
 
 
 @dataclass(eq=False)
@@ -129,11 +132,11 @@ def resolved_steps(steps, policy: ExitPolicy, device: torch.device) -> list[str]
 
 
 def _patched_prepare(
-    model, policy: ExitPolicy, backend: str, step: str, lag: int | None = None
+    model, policy: ExitPolicy, backend: str, step: str, lag: int | None = None, prologue: bool = False
 ) -> Callable[[str], None]:
     """Patch ``model`` for this method; from the second call of a phase on, with the record kept
     from its first (the graphed step's buffers and graphs are in it). ``lag``: the graphed step's,
-    where not the device's."""
+    where not the device's; ``prologue``: the graphed step's prologue captured too."""
     kept = {}
 
     def prepare(phase: str) -> None:
@@ -141,20 +144,29 @@ def _patched_prepare(
         if phase in kept:
             attach(model, kept[phase])
         else:
-            if lag is not None:
-                state_of(model).static_batches = StaticBatches(lag=lag)
+            if lag is not None or prologue:
+                state_of(model).static_batches = StaticBatches(lag=lag, prologue=prologue)
             kept[phase] = state_of(model)
 
     return prepare
 
 
-def _graphed_lags(step: str, settings: MeasureSettings) -> list[int | None]:
-    """The lags a ``step`` method runs with: the graphed step's asked for (the device's own as
-    None, once), one (None) for the others."""
+def _graphed_variants(step: str, settings: MeasureSettings) -> list[tuple[int | None, bool]]:
+    """The ``(lag, prologue captured)`` a ``step`` method runs with: the graphed step's lags asked
+    for (the device's own as None, once), then the device's lag with the prologue captured where
+    asked for; one, ``(None, False)``, for the others."""
     if step != "graphed":
-        return [None]
+        return [(None, False)]
     _, own = default_plan(settings.device.type)
-    return list(dict.fromkeys(None if lag == own else lag for lag in settings.graphed_lags))
+    variants = [(lag, False) for lag in dict.fromkeys(None if lag == own else lag for lag in settings.graphed_lags)]
+    return variants + ([(None, True)] if settings.graphed_prologue else [])
+
+
+def _step_label(step: str, lag: int | None, prologue: bool) -> str:
+    """The CSV's ``step``: ``graphed-lag<N>`` for a lag not the device's, ``graphed-prologue``."""
+    if prologue:
+        return f"{step}-prologue"
+    return step if lag is None else f"{step}-lag{lag}"
 
 
 def _peer_method(model, peers: PeerModels, peer: str, ids, mask) -> Method:
@@ -182,16 +194,16 @@ def _methods(work: _Workload, variants, settings: MeasureSettings, peers: PeerMo
     methods += [_peer_method(model, peers, peer, ids, mask) for peer in settings.peers]
     for policy in variants:
         for step in resolved_steps(settings.steps, policy, settings.device):
-            for lag in _graphed_lags(step, settings):
+            for lag, prologue in _graphed_variants(step, settings):
                 for backend in settings.eek_backends:
                     methods.append(
                         Method(
                             "eek",
                             backend,
-                            _patched_prepare(model, policy, backend, step, lag),
+                            _patched_prepare(model, policy, backend, step, lag, prologue),
                             lambda: model(input_ids=ids, attention_mask=mask),
                             policy=policy_label(policy),
-                            step=step if lag is None else f"{step}-lag{lag}",
+                            step=_step_label(step, lag, prologue),
                         )
                     )
     if settings.baselines:

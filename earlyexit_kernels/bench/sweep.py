@@ -170,6 +170,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "a lag other than the device's gives rows whose step reads graphed-lag<N> [device]",
     )
     parser.add_argument(
+        "--graphed-prologue",
+        action="store_true",
+        help="also time the graphed step with its prologue (the inputs' summary and the embeddings) captured "
+        "in a CUDA graph too, at the device's lag: rows whose step reads graphed-prologue",
+    )
+    parser.add_argument(
         "--backends",
         type=_backends,
         help="eek backends, comma-separated (those that cannot run on the device are left out); default: every "
@@ -331,6 +337,7 @@ def run(args, on_rows=None) -> list[dict]:
         measure_memory=not args.no_memory,
         steps=tuple(args.step),
         graphed_lags=tuple(args.graphed_lags),
+        graphed_prologue=args.graphed_prologue,
         policies=tuple(args.policies),
         peers=tuple(args.peers),
         baselines=not args.no_baselines,

@@ -52,13 +52,14 @@ from earlyexit_kernels.engine.batch_loop import (
     trimmed_inputs,
 )
 from earlyexit_kernels.engine.buckets import ReadyCount, SurvivorLag, bucket_for, default_plan
+from earlyexit_kernels.engine.graphed_prologue import Prologues
 from earlyexit_kernels.engine.heads import ExitHeads
 from earlyexit_kernels.engine.step_choice import check_graphed_policy
 from earlyexit_kernels.engine.step_graphs import GraphStats, PinnedCount, StepGraphs
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state
 from earlyexit_kernels.methods.policies import ExitPolicy
 
-__all__ = ["StaticBatches", "run_graphed", "weights_fingerprint", "CUDA_LENGTH_STEP"]
+__all__ = ["StaticBatches", "run_graphed", "weights_fingerprint", "capture_by_default", "CUDA_LENGTH_STEP"]
 
 # On a GPU a padded batch's length is rounded up to a multiple of this (masked positions), so
 # that a stream of batches of mixed lengths shares a few captured shapes. Not on the CPU, whose
@@ -171,12 +172,22 @@ class StaticBatches:
     ``"device"`` and None: the device's (:func:`~earlyexit_kernels.engine.buckets.default_plan`).
     ``dead_fill``: a value written over the dead rows' hidden states after every layer (tests: what
     a dead row holds must never reach a live one).
+    ``prologue``: the inputs' summary and the embeddings as one captured step too
+    (:mod:`~earlyexit_kernels.engine.graphed_prologue`); off by default until a GPU has timed it.
     """
 
-    def __init__(self, *, sizes: tuple[int, ...] | None | str = "device", lag: int | None = None, dead_fill=None):
+    def __init__(
+        self,
+        *,
+        sizes: tuple[int, ...] | None | str = "device",
+        lag: int | None = None,
+        dead_fill=None,
+        prologue: bool = False,
+    ):
         self._kept: dict[tuple, StaticBatch] = {}
-        self.sizes, self.lag, self.dead_fill = sizes, lag, dead_fill
+        self.sizes, self.lag, self.dead_fill, self.prologue = sizes, lag, dead_fill, prologue
         self.stats = GraphStats()  # every shape's captures, replays and fallbacks, evicted ones included
+        self.prologues = Prologues(self.stats)
 
     def plan(self, device_type: str) -> tuple[tuple[int, ...] | None, int]:
         sizes, lag = default_plan(device_type)
@@ -198,16 +209,19 @@ class StaticBatches:
 
     def clear(self) -> None:
         self._kept.clear()
+        self.prologues.clear()
 
     # A patched model is pickled, copied and saved with its record: the buffers and graphs are
     # a cache of this process and device, so a copy starts without them.
     def __getstate__(self):
-        return {"sizes": self.sizes, "lag": self.lag, "dead_fill": self.dead_fill}
+        return {"sizes": self.sizes, "lag": self.lag, "dead_fill": self.dead_fill, "prologue": self.prologue}
 
     def __setstate__(self, state):
         self._kept = {}
         self.stats = GraphStats()
+        self.prologues = Prologues(self.stats)
         self.sizes, self.lag, self.dead_fill = state["sizes"], state["lag"], state["dead_fill"]
+        self.prologue = state.get("prologue", False)  # a record saved before the option had none
 
 
 @dataclass
@@ -334,9 +348,7 @@ def run_graphed(
     on_gpu = device.type == "cuda"
     sizes, lag = batches.plan(device.type)
     if capture is None:
-        # Not under autocast: its cache of cast weights lives only as long as the autocast region,
-        # and a graph captured inside it would replay reading freed copies (PyTorch's CUDA-graph notes).
-        capture = on_gpu and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cuda")
+        capture = capture_by_default(device)
     if capture and not on_gpu:
         raise ValueError(f"capture=True needs a CUDA device; the model is on {device.type}")
     result = ExitResult(
@@ -427,6 +439,13 @@ def run_graphed(
             static.done_recorded = True
     result.buckets = survivors.buckets
     return result
+
+
+def capture_by_default(device: torch.device) -> bool:
+    """Whether the graphed step captures its steps here: on CUDA without grad, and not under
+    autocast, whose cache of cast weights lives only as long as the autocast region (a graph
+    captured inside it would replay reading freed copies; PyTorch's CUDA-graph notes)."""
+    return device.type == "cuda" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cuda")
 
 
 def _known_survivors(scheduled_counts: list[int] | None, batch: int, num_layers: int) -> list[int] | None:

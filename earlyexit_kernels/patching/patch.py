@@ -17,9 +17,10 @@ from transformers.utils import ModelOutput
 
 from earlyexit_kernels.backends.registry import check_backend_name, resolve_backend
 from earlyexit_kernels.engine.batch_loop import mask_extents, run_early_exit
+from earlyexit_kernels.engine.graphed_prologue import check_id_range, eligible
 from earlyexit_kernels.engine.heads import MLP_FORMS, ExitHeadConfig, ExitHeads, check_head_choice
 from earlyexit_kernels.engine.module_weights import linear_compute_dtype, linear_device
-from earlyexit_kernels.engine.static_step import StaticBatches, run_graphed
+from earlyexit_kernels.engine.static_step import StaticBatches, capture_by_default, run_graphed
 from earlyexit_kernels.engine.step_choice import check_graphed_policy, check_step_name, resolve_step
 from earlyexit_kernels.methods.losses import Objective, objective
 from earlyexit_kernels.methods.policies import ExitPolicy, SkipGates
@@ -390,9 +391,7 @@ def _read_input_summary(input_ids, attention_mask, batch: int, vocab_size: int):
         return None, 0
     read = torch.stack([v.to(values[0].device, torch.long) for v in values]).tolist()
     if input_ids is not None and input_ids.numel():
-        low, high = read[0], read[1]
-        if low < 0 or high >= vocab_size:
-            raise ValueError(f"input_ids must lie in 0..{vocab_size - 1} (the vocabulary), got values in {low}..{high}")
+        check_id_range(read[0], read[1], vocab_size)
     summary = None if extents is None else (extents, int(read[-2]), int(read[-1]))
     return summary, 1
 
@@ -466,6 +465,28 @@ def _patched_forward(
         hidden_size=adapter.hidden_size,
         num_labels=adapter.num_labels,
     )
+    train_gates = self.training and torch.is_grad_enabled() and isinstance(policy, SkipGates)
+    # The graphed step is for inference: its buffers are written in place (no autograd).
+    graphed = not all_exits and not differentiable and resolve_step(state.step, policy, device) == "graphed"
+    if graphed and state.static_batches is None:
+        state.static_batches = StaticBatches()
+    if graphed and state.static_batches.prologue and eligible(input_ids, inputs_embeds):
+        # The inputs' summary and the embeddings in one captured step, its one read-back after them.
+        with state.static_batches.prologues.run(
+            adapter, input_ids, attention_mask, token_type_ids, position_ids, capture=capture_by_default(device)
+        ) as (hidden, mask_summary):
+            input_read_backs = 1
+            result = run_graphed(
+                adapter,
+                self.early_exit_heads,
+                policy,
+                backend,
+                hidden,
+                attention_mask,
+                batches=state.static_batches,
+                mask_summary=mask_summary,
+            )
+        return _finished(self, state, policy, result, labels, input_read_backs, return_dict)
     # After the host's work that needs no input values: the read-back waits for the GPU to finish
     # what is queued (an earlier forward's layers), and the GPU idles from then to the next launch.
     mask_summary, input_read_backs = _read_input_summary(input_ids, attention_mask, batch, adapter.vocab_size)
@@ -476,11 +497,7 @@ def _patched_forward(
     else:
         hidden = adapter.embed(input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask)
         mask = attention_mask
-    train_gates = self.training and torch.is_grad_enabled() and isinstance(policy, SkipGates)
-    # The graphed step is for inference: its buffers are written in place (no autograd).
-    if not all_exits and not differentiable and resolve_step(state.step, policy, device) == "graphed":
-        if state.static_batches is None:
-            state.static_batches = StaticBatches()
+    if graphed:
         result = run_graphed(
             adapter,
             self.early_exit_heads,
@@ -503,13 +520,19 @@ def _patched_forward(
             train_gates=train_gates,
             mask_summary=mask_summary,
         )
+    return _finished(self, state, policy, result, labels, input_read_backs, return_dict)
+
+
+def _finished(model, state, policy, result, labels, read_backs: int, return_dict):
+    """The forward's output from the engine's result: the loss (a training objective's, or the
+    classification loss where labels are given) beside the exits, and the read-backs counted."""
     loss = None
     chosen = state.objective
-    if self.training and chosen is not None and (labels is not None or not chosen[0].needs_labels):
+    if model.training and chosen is not None and (labels is not None or not chosen[0].needs_labels):
         check_objective_policy(chosen[0], policy)
         loss = chosen[0](result, labels, **chosen[1])
     elif labels is not None:
-        loss = _sequence_classification_loss(self.config, result.logits, labels)
+        loss = _sequence_classification_loss(model.config, result.logits, labels)
     out = EarlyExitOutput(
         loss=loss,
         logits=result.logits,
@@ -521,5 +544,5 @@ def _patched_forward(
         all_halting_logits=result.all_halting_logits,
         all_gates=result.all_gates,
     )
-    out.host_syncs = result.host_syncs + input_read_backs
+    out.host_syncs = result.host_syncs + read_backs
     return out if return_dict is not False else out.to_tuple()
