@@ -8,6 +8,7 @@ moves.
 
 import copy
 import pickle
+import sys
 
 import pytest
 import torch
@@ -149,6 +150,37 @@ def test_every_session_shares_one_arena_and_keeps_no_memory_pattern_per_shape():
         options = layer.session().get_session_options()
         assert options.enable_mem_pattern is False
         assert options.get_session_config_entry("session.use_env_allocators") == "1"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status and glibc's malloc_trim")
+def test_a_shrink_request_hands_back_what_a_large_call_grew_the_arena_by():
+    """The shared arena keeps the largest call's need; after ``request_arena_shrink`` (what the
+    server's memory trim asks every 10 s) the next call hands it back to the system."""
+    from earlyexit_kernels.engine.ort_layer import request_arena_shrink
+    from earlyexit_kernels.integrations.server.memory_trim import _glibc_malloc_trim, resident_bytes
+
+    trim = _glibc_malloc_trim()
+    if trim is None:
+        pytest.skip("the C library is not glibc: its free memory would blur the arena's")
+    model = tiny_model("bert", num_layers=2)
+    layer = OrtLayer.from_layer(model.base_model.encoder.layer[0], model.config)
+
+    def resident_after(rows, length):
+        run(layer, model, *padded_input(rows, length, seed=1))
+        trim(0)
+        return resident_bytes()
+
+    resident_after(2, 8)
+    request_arena_shrink()  # start from an arena without an earlier test's growth
+    before = resident_after(2, 8)
+    grown = resident_after(48, 512) - before  # the attention scores alone: 48 x 2 x 512 x 512 floats
+    kept = resident_after(2, 8) - before
+    request_arena_shrink()
+    after = resident_after(2, 8) - before
+    assert grown > 64 * 2**20, grown  # the premise: a call that grows the arena
+    assert kept > grown / 2, (kept, grown)  # without a request the arena keeps it
+    assert after < grown / 2, (after, grown)
+    assert resident_after(2, 8) - before < grown / 2  # one shrink per request: later calls run as before
 
 
 def test_the_recipe_runs_every_encoder_layer_on_onnx_runtime_and_leaves_the_heads_float():

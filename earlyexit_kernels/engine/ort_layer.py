@@ -48,6 +48,7 @@ __all__ = [
     "ort_available",
     "shared_cpu_arena",
     "session_options",
+    "request_arena_shrink",
     "encoder_layers",
     "run_on_ort",
     "ORT_MISSING",
@@ -80,6 +81,37 @@ def shared_cpu_arena() -> bool:
             except Exception:  # noqa: BLE001 -- ONNX Runtime's own error type: an allocator is registered already
                 _arena = False
         return _arena
+
+
+# Bumped by request_arena_shrink; the first layer call that sees it newer than _shrunk shrinks.
+_shrink_generation = 0
+_shrunk = 0
+
+
+def request_arena_shrink() -> None:
+    """Ask the next layer call to hand the arena's idle regions back to the system when it ends
+    (ONNX Runtime's ``memory.enable_memory_arena_shrinkage``). The arena keeps the largest call's
+    need otherwise: one call of 64 x 256 tokens grew a served int8 MiniLM-L6 from 554 to 1,099 MiB,
+    which a small call with shrinkage brought back to 554 MiB (``benchmarks/profiles/arena_shrink_cost.py``).
+    ``eek serve``'s memory trim asks for it every 10 s (:mod:`~earlyexit_kernels.integrations.server.memory_trim`).
+    One call shrinks, not every layer's: the sessions share one arena (:func:`shared_cpu_arena`), and
+    each shrink makes the calls after it extend the arena again, page by page."""
+    global _shrink_generation
+    _shrink_generation += 1
+
+
+def _run_options() -> object | None:
+    """The run options of a layer's call: shrinkage where asked since the last shrink, else None."""
+    global _shrunk
+    generation = _shrink_generation
+    if _shrunk == generation:
+        return None
+    import onnxruntime as ort
+
+    _shrunk = generation
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
 
 
 def session_options(threads: int, *, shared_memory: bool = True):
@@ -392,7 +424,7 @@ class OrtLayer(nn.Module):
             if position_bias is None:
                 raise ValueError("this MPNet layer takes the position bias its encoder computes")
             feeds["position_bias"] = position_bias.detach().float().contiguous().numpy()
-        tokens = torch.from_numpy(self.session().run(None, feeds)[0])
+        tokens = torch.from_numpy(self.session().run(None, feeds, _run_options())[0])
         if padded:  # zeros at the padding, as the engine's packed layer calls leave it
             output = tokens.new_zeros(n * length, width).index_copy_(0, positions, tokens).view(n, length, width)
         else:

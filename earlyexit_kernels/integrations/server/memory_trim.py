@@ -179,13 +179,19 @@ def start_memory_trim(interval: float = DEFAULT_INTERVAL, *, flat: bool = False,
     trim = _glibc_malloc_trim()
     if trim is None:
         return MemoryTrim("memory: the C library is not glibc; resident memory is left to its allocator")
-    line = f"memory: glibc's free memory returned every {interval:g} s (malloc_trim; --memory-trim off to turn it off)"
+    line = (
+        f"memory: glibc's free memory returned every {interval:g} s (malloc_trim), and ONNX Runtime's arena "
+        f"shrunk at the next layer call (--memory-trim off to turn both off)"
+    )
     if flat and _fix_mmap_threshold():
         line += f"; blocks of {FLAT_MMAP_THRESHOLD // 1024} KiB or more mapped on their own (--memory-flat)"
     state = MemoryTrim(line, interval)
 
     def loop() -> None:
+        from earlyexit_kernels.engine.ort_layer import request_arena_shrink
+
         while not state._stop.wait(interval):
+            request_arena_shrink()  # ONNX Runtime's layers: their arena's free regions, at their next call
             trim(0)
             state.trims += 1
 
