@@ -8,6 +8,8 @@ Everything after ``--`` is ``eek``'s command line, run in this process. With ``E
 each :class:`~earlyexit_kernels.engine.ort_layer.OrtLayer` session gets its own CPU arena (extended
 to the next power of two) and a memory pattern per input shape, as before; without it, eek runs as
 installed. So the two servers of a comparison start the same way and differ in that alone.
+``EEK_ARENA_SHRINK=off`` leaves out the memory trim's shrink of the arena (``ort_layer.request_arena_shrink``),
+the server before that change.
 ``EEK_SESSIONS=shared-patterns`` (the one arena, with a pattern per shape) and ``EEK_SESSIONS=own-no-patterns``
 (an arena each, no patterns) take the two changes apart: the A/B of
 ``benchmarks/results/amd_epyc/memory_soak_cpu/minilm_int8_sessions_ab.json`` ran an uncommitted script that built
@@ -44,6 +46,9 @@ def session_before(self):
 
 
 def main() -> None:
+    if os.environ.get("EEK_ARENA_SHRINK") == "off":  # the memory trim's arena shrink (issue 79) left out
+        ort_layer.request_arena_shrink = lambda: None
+        print("ONNX Runtime's arena: never shrunk", file=sys.stderr, flush=True)
     variant = os.environ.get("EEK_SESSIONS", "before" if os.environ.get("EEK_SESSIONS_BEFORE") == "1" else None)
     if variant is not None:
         if variant not in ("before", "shared-patterns", "own-no-patterns"):
