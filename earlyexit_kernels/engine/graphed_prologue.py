@@ -110,6 +110,7 @@ class Prologues:
 
     def __init__(self, stats: GraphStats | None = None):
         self._kept: dict[tuple, Prologue] = {}
+        self._lock = threading.Lock()  # the lookup, from any thread (each prologue has its own lock for its use)
         self.stats = stats if stats is not None else GraphStats()
 
     @contextlib.contextmanager
@@ -123,14 +124,15 @@ class Prologues:
 
         key = (id(adapter), str(input_ids.device))
         key += tuple(spec(t) for t in (input_ids, attention_mask, token_type_ids, position_ids))
-        prologue = self._kept.pop(key, None)
-        if prologue is None:
-            # Normal tensors even under inference_mode(), as the static batches' (written in place later).
-            with torch.inference_mode(False):
-                prologue = Prologue(adapter, input_ids, attention_mask, token_type_ids, position_ids, self.stats)
-        self._kept[key] = prologue
-        while len(self._kept) > KEPT_PROLOGUES:
-            self._kept.pop(next(iter(self._kept)))
+        with self._lock:
+            prologue = self._kept.pop(key, None)
+            if prologue is None:
+                # Normal tensors even under inference_mode(), as the static batches' (written in place later).
+                with torch.inference_mode(False):
+                    prologue = Prologue(adapter, input_ids, attention_mask, token_type_ids, position_ids, self.stats)
+            self._kept[key] = prologue
+            while len(self._kept) > KEPT_PROLOGUES:
+                self._kept.pop(next(iter(self._kept)))
         with prologue.lock:
             if prologue.done_recorded:
                 torch.cuda.current_stream(input_ids.device).wait_event(prologue.done)
