@@ -470,23 +470,26 @@ def _patched_forward(
     graphed = not all_exits and not differentiable and resolve_step(state.step, policy, device) == "graphed"
     if graphed and state.static_batches is None:
         state.static_batches = StaticBatches()
+
+    def graphed_step(hidden, mask, mask_summary):
+        return run_graphed(
+            adapter,
+            self.early_exit_heads,
+            policy,
+            backend,
+            hidden,
+            mask,
+            batches=state.static_batches,
+            mask_summary=mask_summary,
+        )
+
     if graphed and state.static_batches.prologue and eligible(input_ids, inputs_embeds):
         # The inputs' summary and the embeddings in one captured step, its one read-back after them.
         with state.static_batches.prologues.run(
             adapter, input_ids, attention_mask, token_type_ids, position_ids, capture=capture_by_default(device)
         ) as (hidden, mask_summary):
-            input_read_backs = 1
-            result = run_graphed(
-                adapter,
-                self.early_exit_heads,
-                policy,
-                backend,
-                hidden,
-                attention_mask,
-                batches=state.static_batches,
-                mask_summary=mask_summary,
-            )
-        return _finished(self, state, policy, result, labels, input_read_backs, return_dict)
+            result = graphed_step(hidden, attention_mask, mask_summary)
+        return _finished(self, state, policy, result, labels, 1, return_dict)
     # After the host's work that needs no input values: the read-back waits for the GPU to finish
     # what is queued (an earlier forward's layers), and the GPU idles from then to the next launch.
     mask_summary, input_read_backs = _read_input_summary(input_ids, attention_mask, batch, adapter.vocab_size)
@@ -498,16 +501,7 @@ def _patched_forward(
         hidden = adapter.embed(input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask)
         mask = attention_mask
     if graphed:
-        result = run_graphed(
-            adapter,
-            self.early_exit_heads,
-            policy,
-            backend,
-            hidden,
-            mask,
-            batches=state.static_batches,
-            mask_summary=mask_summary,
-        )
+        result = graphed_step(hidden, mask, mask_summary)
     else:
         result = run_early_exit(
             adapter,
