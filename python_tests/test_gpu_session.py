@@ -363,6 +363,7 @@ def test_the_timeline_reader_finds_the_idle_time_before_and_after_the_first_grap
     assert found["gaps"] == [(0, 30, ["cudaLaunchKernel"]), (40, 20, ["cudaGraphLaunch"]), (100, 10, [])]
     # the idle stretch the graph launch falls in counts before it: the device waits for that launch
     assert (found["first_graph_launch"], found["idle_before"], found["idle_after"], found["end"]) == (45, 50, 10, 150)
+    assert found["eager_launches"] == 1
     with pytest.raises(ValueError, match=r"holds 2 calls; ask for one in 0\.\.1"):
         call_timeline(events, 2)
     path = tmp_path / "trace.json.gz"

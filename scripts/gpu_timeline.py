@@ -24,6 +24,14 @@ from pathlib import Path
 
 DEVICE = ("kernel", "gpu_memcpy", "gpu_memset")
 HOST = ("cpu_op", "cuda_runtime")
+EAGER_LAUNCHES = (
+    "cudaLaunchKernel",
+    "cudaLaunchKernelExC",
+    "cuLaunchKernel",
+    "cuLaunchKernelEx",
+    "cudaMemcpyAsync",
+    "cudaMemsetAsync",
+)
 
 
 def load_events(path: Path) -> list[dict]:
@@ -36,8 +44,9 @@ def call_timeline(events: list[dict], call: int, min_gap_us: float = 5.0) -> dic
     """The ``call``-th (0-based) ``eek_gaps_call`` of ``events``: its device ``gaps`` as
     ``(start, length, host ops starting in it)`` in microseconds from the call's start (those
     shorter than ``min_gap_us`` left out), the ``end`` of its last device event, the start of its
-    first ``cudaGraphLaunch`` (None without one) and the idle time of the gaps that begin before and
-    after it (the gap a launch falls in is the device waiting for that launch)."""
+    first ``cudaGraphLaunch`` (None without one), the idle time of the gaps that begin before and
+    after it (the gap a launch falls in is the device waiting for that launch) and the kernels,
+    copies and memsets launched one by one before it."""
     calls = sorted(
         (e for e in events if e.get("name") == "eek_gaps_call" and e.get("cat") == "user_annotation"),
         key=lambda e: e["ts"],
@@ -62,7 +71,16 @@ def call_timeline(events: list[dict], call: int, min_gap_us: float = 5.0) -> dic
     first = launches[0] if launches else None
     before = sum(length for at_, length, _ in gaps if first is not None and at_ < first)
     after = sum(length for _, length, _ in gaps) - before
-    return {"gaps": gaps, "end": at - start, "first_graph_launch": first, "idle_before": before, "idle_after": after}
+    # kernels, copies and memsets the host launched one by one before the first graph
+    eager = sum(1 for o in host if o["name"] in EAGER_LAUNCHES and (first is None or o["ts"] - start < first))
+    return {
+        "gaps": gaps,
+        "end": at - start,
+        "first_graph_launch": first,
+        "idle_before": before,
+        "idle_after": after,
+        "eager_launches": eager,
+    }
 
 
 def main(argv=None) -> int:
@@ -84,8 +102,8 @@ def main(argv=None) -> int:
         print("no CUDA graph launched in this call")
     else:
         print(
-            f"first cudaGraphLaunch at {found['first_graph_launch']:.0f} us; the device idle "
-            f"{found['idle_before']:.0f} us before it, {found['idle_after']:.0f} us after it"
+            f"first cudaGraphLaunch at {found['first_graph_launch']:.0f} us, after {found['eager_launches']} launches "
+            f"one by one; the device idle {found['idle_before']:.0f} us before it, {found['idle_after']:.0f} us after it"
         )
     return 0
 

@@ -91,8 +91,9 @@ _shrunk = 0
 def request_arena_shrink() -> None:
     """Ask the next layer call to hand the arena's idle regions back to the system when it ends
     (ONNX Runtime's ``memory.enable_memory_arena_shrinkage``). The arena keeps the largest call's
-    need otherwise: one call of 64 x 256 tokens grew a served int8 MiniLM-L6 from 554 to 1,099 MiB,
-    which a small call with shrinkage brought back to 554 MiB (``benchmarks/profiles/arena_shrink_cost.py``).
+    need otherwise: one call of 64 x 256 tokens grew a served int8 MiniLM-L6 from 545 to 1,096 MiB,
+    which a small call with shrinkage brought back to 545 MiB (``benchmarks/profiles/arena_shrink_cost.py``,
+    ``benchmarks/results/amd_epyc/arena_shrink_cost_cpu.txt``).
     ``eek serve``'s memory trim asks for it every 10 s (:mod:`~earlyexit_kernels.integrations.server.memory_trim`).
     One call shrinks, not every layer's: the sessions share one arena (:func:`shared_cpu_arena`), and
     each shrink makes the calls after it extend the arena again, page by page."""
