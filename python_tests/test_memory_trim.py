@@ -146,3 +146,39 @@ def test_flat_memory_maps_the_blocks_that_spread_the_heap_on_their_own(mode, map
 def test_flat_memory_needs_the_trim():
     with pytest.raises(ValueError, match="flat memory needs the periodic trim"):
         start_memory_trim(0, flat=True)
+
+
+def test_the_arena_is_shrunk_only_where_resident_memory_grew():
+    # the trim's readings of resident memory (MiB): the first asks for a shrink, the next is its floor;
+    # then a shrink only past the floor + 2.5%, and the reading after each shrink is the new floor
+    rule = memory_trim.ArenaShrinkRule(growth=0.025)
+    readings = [700, 690, 700, 707, 720, 710, 712, 731, 650, 660]
+    asked = [rule.should_shrink(mib << 20) for mib in readings]
+    # 700: first; 690: floor; 700, 707 (+2.4%): under 690 x 1.025 = 707.25; 720: over; 710: floor;
+    # 712; 731 (+3.0% over 710): over; 650: floor; 660 (+1.5%)
+    assert asked == [True, False, False, False, True, False, False, True, False, False]
+    assert rule.shrinks == 3 and rule.floor == 650 << 20
+    # where /proc does not say, every reading shrinks (as before the rule)
+    unknown = memory_trim.ArenaShrinkRule()
+    assert [unknown.should_shrink(None) for _ in range(3)] == [True, True, True]
+
+
+def test_the_trim_reads_resident_memory_before_asking_for_a_shrink():
+    # the running trim asks ONNX Runtime's arena for a shrink through its rule: once at its first reading,
+    # then not while resident memory holds
+    from earlyexit_kernels.engine import ort_layer
+
+    if not GLIBC:
+        pytest.skip("the periodic trim runs on glibc only")
+    before = ort_layer._shrink_generation  # each ask moves it on
+    trim = start_memory_trim(0.02)
+    try:
+        deadline = time.monotonic() + 10
+        while trim.trims < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        trim.stop()
+    asks = ort_layer._shrink_generation - before
+    assert trim.trims >= 6
+    assert trim.shrink_rule.shrinks == asks >= 1
+    assert asks < trim.trims  # a test process's memory does not grow 2.5% every 20 ms

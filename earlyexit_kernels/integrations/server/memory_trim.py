@@ -46,10 +46,16 @@ __all__ = [
     "heap_account",
     "resident_bytes",
     "DEFAULT_INTERVAL",
+    "SHRINK_GROWTH",
+    "ArenaShrinkRule",
 ]
 
 #: seconds between two trims by default (``eek serve --memory-trim``)
 DEFAULT_INTERVAL = 10.0
+#: ONNX Runtime's arena is shrunk once resident memory has grown by more than this share since the reading after
+#: the last shrink: half the 5% a server's memory may move (issue 79), so that a shrink, which the calls after it
+#: pay for by extending the arena again, comes only where memory grew (:class:`ArenaShrinkRule`)
+SHRINK_GROWTH = 0.025
 #: ``flat``: blocks of this many bytes or more are mapped on their own (glibc's default threshold, fixed)
 FLAT_MMAP_THRESHOLD = 128 * 1024
 #: ``flat``: free() never trims the heap's top itself; the periodic trim does
@@ -132,6 +138,31 @@ def resident_bytes() -> int | None:
     return None
 
 
+@dataclass
+class ArenaShrinkRule:
+    """When the memory trim asks ONNX Runtime's arena to shrink (``ort_layer.request_arena_shrink``): at its first
+    reading, then whenever resident memory (read after glibc's trim) has grown by more than ``growth`` since the
+    reading that followed the last shrink. A shrink every interval held memory within 5% too, but each one makes
+    the layer calls after it extend the arena again; under a steady load the arena's size settles and this rule
+    stops asking."""
+
+    growth: float = SHRINK_GROWTH
+    floor: int | None = None  # resident bytes read after the last shrink
+    asked: bool = False  # a shrink was asked at the last reading: this one is its floor
+    shrinks: int = 0
+
+    def should_shrink(self, resident: int | None) -> bool:
+        """Whether to ask for a shrink, given this reading of resident memory (None: unknown, always shrink)."""
+        if self.asked and resident is not None:
+            self.floor, self.asked = resident, False
+            return False
+        if resident is None or self.floor is None or resident > self.floor * (1 + self.growth):
+            self.asked = True
+            self.shrinks += 1
+            return True
+        return False
+
+
 def _glibc_malloc_trim():
     """glibc's ``malloc_trim``, or None where the C library is not glibc."""
     libc = _glibc()
@@ -150,6 +181,7 @@ class MemoryTrim:
     line: str
     interval: float = 0.0
     trims: int = 0
+    shrink_rule: ArenaShrinkRule = field(default_factory=ArenaShrinkRule)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
 
@@ -181,7 +213,8 @@ def start_memory_trim(interval: float = DEFAULT_INTERVAL, *, flat: bool = False,
         return MemoryTrim("memory: the C library is not glibc; resident memory is left to its allocator")
     line = (
         f"memory: glibc's free memory returned every {interval:g} s (malloc_trim), and ONNX Runtime's arena "
-        f"shrunk at the next layer call (--memory-trim off to turn both off)"
+        f"shrunk at the next layer call where resident memory grew by more than {SHRINK_GROWTH:.1%} since the "
+        f"last shrink (--memory-trim off to turn both off)"
     )
     if flat and _fix_mmap_threshold():
         line += f"; blocks of {FLAT_MMAP_THRESHOLD // 1024} KiB or more mapped on their own (--memory-flat)"
@@ -190,10 +223,12 @@ def start_memory_trim(interval: float = DEFAULT_INTERVAL, *, flat: bool = False,
     def loop() -> None:
         from earlyexit_kernels.engine.ort_layer import request_arena_shrink
 
+        rule = state.shrink_rule
         while not state._stop.wait(interval):
-            request_arena_shrink()  # ONNX Runtime's layers: their arena's free regions, at their next call
             trim(0)
             state.trims += 1
+            if rule.should_shrink(resident_bytes()):
+                request_arena_shrink()  # ONNX Runtime's layers: their arena's free regions, at their next call
 
     state._thread = threading.Thread(target=loop, name="eek-memory-trim", daemon=True)
     state._thread.start()
