@@ -94,7 +94,8 @@ def request_arena_shrink() -> None:
     need otherwise: one call of 64 x 256 tokens grew a served int8 MiniLM-L6 from 545 to 1,096 MiB,
     which a small call with shrinkage brought back to 545 MiB (``benchmarks/profiles/arena_shrink_cost.py``,
     ``benchmarks/results/amd_epyc/arena_shrink_cost_cpu.txt``).
-    ``eek serve``'s memory trim asks for it every 10 s (:mod:`~earlyexit_kernels.integrations.server.memory_trim`).
+    ``eek serve``'s memory trim asks for it where resident memory grew since the last shrink, read every 10 s
+    (:class:`~earlyexit_kernels.integrations.server.memory_trim.ArenaShrinkRule`).
     One call shrinks, not every layer's: the sessions share one arena (:func:`shared_cpu_arena`), and
     each shrink makes the calls after it extend the arena again, page by page."""
     global _shrink_generation
