@@ -28,9 +28,10 @@ BACKBONES = ("minilm", "mpnet")
 
 
 def _certified_copy(int8_model: Path, model: Path) -> bool:
-    """Whether ``int8_model`` is ``model``'s weights certified on the int8 recipe its family takes here: a
-    copy of another fit's weights, or certified on another recipe (ONNX Runtime installed since, or
-    removed), is made again."""
+    """Whether ``int8_model`` is ``model``'s weights certified on the int8 recipe its family takes here, with
+    ``eek calibrate``'s default risk (against the float32 full model): a copy of another fit's weights, one
+    certified on another recipe (ONNX Runtime installed since, or removed) or on another risk (the int8 full
+    depth's, the default before), is made again."""
     from earlyexit_kernels.integrations.model_folder import family_int8_recipe
     from earlyexit_kernels.patching.fit_record import FitRecord, FitRecordError
 
@@ -38,10 +39,15 @@ def _certified_copy(int8_model: Path, model: Path) -> bool:
     if not (int8_model / weights).is_file():
         return False
     try:
-        recipe = FitRecord.load(int8_model).int8_recipe
+        record = FitRecord.load(int8_model)
     except FitRecordError:
         return False
-    return recipe == family_int8_recipe(model) and filecmp.cmp(int8_model / weights, model / weights, shallow=False)
+    risk = (list(record.recalibrations or []) or [{}])[-1].get("risk")
+    return (
+        record.int8_recipe == family_int8_recipe(model)
+        and risk == "reference"
+        and filecmp.cmp(int8_model / weights, model / weights, shallow=False)
+    )
 
 
 def rotten_tomatoes(

@@ -239,7 +239,7 @@ def _entropies(record: ExitRecord, normalized: bool) -> torch.Tensor:
 def _disagrees(record: ExitRecord) -> torch.Tensor:
     """[L - 1, N] bool: each internal head disagrees with the final classifier (:func:`~.losses.disagreement`:
     its class differs)."""
-    full = record.all_logits[-1]
+    full = record.full_logits
     return torch.stack([disagreement(logits, full) > 0 for logits in record.all_logits[:-1]])
 
 

@@ -432,7 +432,7 @@ def certify(
     for index in range(len(grid)):  # the rest of the grid: the uncertified point, and what more rows would do
         losses_of(index)
     points = [(index, _point(grid[index], replays[index], refs)) for index in range(len(grid))]
-    full_score = float(accuracy(record.all_logits[-1].float(), refs))
+    full_score = float(accuracy(record.full_logits.float(), refs))
     within = [p for _, p in points if p.accuracy >= full_score - budget - 1e-12]
     chosen_index = max(last, 0)
     chosen = points[chosen_index][1]
@@ -507,12 +507,16 @@ def _joined(record: ExitRecord, more: ExitRecord) -> ExitRecord:
     def both(a, b):
         return None if a is None or b is None else torch.cat([a, b], dim=1)
 
+    reference = None
+    if record.reference_logits is not None or more.reference_logits is not None:
+        reference = torch.cat([record.full_logits, more.full_logits.to(record.full_logits.dtype)])
     return ExitRecord(
         torch.cat([record.all_logits, more.all_logits.to(record.all_logits.dtype)], dim=1),
         None,
         both(record.all_halting_logits, more.all_halting_logits),
         both(record.all_skipped, more.all_skipped),
         record.policy,
+        reference,
     )
 
 

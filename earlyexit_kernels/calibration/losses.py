@@ -71,7 +71,7 @@ def row_losses(logits: torch.Tensor, record: ExitRecord, target: str) -> torch.T
 
     ``"agreement"``: :func:`disagreement`, in [0, 1]; ``"accuracy"``: :func:`accuracy_lost`, paired, in
     [-1, 1], its mean the accuracy lost."""
-    full, multi_label = record.all_logits[-1], is_multi_label_record(record)
+    full, multi_label = record.full_logits, is_multi_label_record(record)
     if target == "agreement":
         return disagreement(logits, full, multi_label=multi_label)
     return accuracy_lost(logits, full, record.labels, multi_label=multi_label)

@@ -166,9 +166,9 @@ def powered_walk(
     for start in range(0, len(grid), _CHUNK):
         chunk = range(start, min(start + _CHUNK, len(grid)))
         losses = torch.stack([losses_of(i) for i in chunk])
-        mine = torch.stack([predicted_losses(replays[i].logits, record.all_logits[-1]) for i in chunk])
+        mine = torch.stack([predicted_losses(replays[i].logits, record.full_logits) for i in chunk])
         theirs = torch.stack(
-            [predicted_losses(replay(grid[i], unlabelled).logits, unlabelled.all_logits[-1]) for i in chunk]
+            [predicted_losses(replay(grid[i], unlabelled).logits, unlabelled.full_logits) for i in chunk]
         )
         found = powered_bounds(losses, mine, torch.cat([mine, theirs], 1), weight[start : chunk.stop], confidence)
         for name in ("bound", "predicted_part", "error_part", "estimate"):
@@ -188,7 +188,7 @@ def _weigh_on(path_record, grid, budget: float, confidence: float, labelled: int
 
     outs = [replay(candidate, path_record) for candidate in grid]
     losses = torch.stack([row_losses(out.logits, path_record) for out in outs])
-    predicted = torch.stack([predicted_losses(out.logits, path_record.all_logits[-1]) for out in outs])
+    predicted = torch.stack([predicted_losses(out.logits, path_record.full_logits) for out in outs])
     layers = [out.layers_run.double().mean().item() for out in outs]
     weight = powered_weights(losses, predicted, labelled, total)
     rows = path_record.all_logits.shape[1]

@@ -52,6 +52,10 @@ class ExitRecord:
     ``all_halting_logits`` [L, N] float32 (QExit, DACT) or None, ``all_skipped`` [L, N]
     bool (SkipGates) or None, and the ``policy`` they were recorded under (it fixed the
     halting head and the gates).
+
+    ``reference_logits`` [N, C] or None: the full model a risk is measured against where it is not this
+    record's own last layer (a threshold served on an int8 base, certified against the float32 full model the
+    user validated: ``eek calibrate --dtype int8``); :attr:`full_logits` reads it, or the last layer.
     """
 
     all_logits: torch.Tensor
@@ -59,6 +63,19 @@ class ExitRecord:
     all_halting_logits: torch.Tensor | None
     all_skipped: torch.Tensor | None
     policy: ExitPolicy
+    reference_logits: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.reference_logits is not None and self.reference_logits.shape != self.all_logits.shape[1:]:
+            raise ValueError(
+                f"the reference's logits must be one row per recorded row, [N, C] = {list(self.all_logits.shape[1:])}; "
+                f"got {list(self.reference_logits.shape)}"
+            )
+
+    @property
+    def full_logits(self) -> torch.Tensor:
+        """[N, C]: the full model's logits that risks are measured against (the reference's, else the last layer's)."""
+        return self.all_logits[-1] if self.reference_logits is None else self.reference_logits
 
     @property
     def num_layers(self) -> int:
@@ -76,6 +93,7 @@ class ExitRecord:
             pick(self.all_halting_logits),
             pick(self.all_skipped),
             self.policy,
+            pick(self.reference_logits, 0),
         )
 
 
@@ -256,5 +274,5 @@ def references(record: ExitRecord, target: str = "auto") -> torch.Tensor:
     if target == "accuracy":
         return record.labels
     if is_multi_label_record(record):
-        return (record.all_logits[-1].float() > 0).float()
-    return record.all_logits[-1].float().argmax(-1)
+        return (record.full_logits.float() > 0).float()
+    return record.full_logits.float().argmax(-1)

@@ -276,6 +276,8 @@ def choose(
     curve = accuracy_curve(record, candidates(record, goal.policy, count=goal.count), target=measure, metric=metric)
     baseline = static_baseline(record, target=measure, metric=metric)
     full_accuracy = baseline[-1][1]
+    if record.reference_logits is not None:  # the full model measured against is not the last layer's
+        full_accuracy = float((metric or accuracy)(record.full_logits.float(), refs))
     if goal.max_drop is not None:
         floor = full_accuracy - goal.max_drop / 100.0 - 1e-12
         wanted = f"{measure_name} >= {100 * full_accuracy:.2f}% - {goal.max_drop:g} points"

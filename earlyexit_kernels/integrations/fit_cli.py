@@ -262,13 +262,13 @@ def _add_calibrate(commands) -> None:
     add_guarantee_option(calibrate, None, "FOLDER's certificate's, else probable")
     calibrate.add_argument(
         "--risk",
-        choices=("auto", "agreement", "accuracy"),
+        choices=("auto", "reference", "agreement", "accuracy"),
         default="auto",
-        help="what the certificate bounds: 'agreement' (disagreement with the full depth), 'accuracy' (accuracy lost "
-        "against it, on FILE's labels) or 'auto' (default): accuracy where FILE has labels, agreement where not; "
-        "with --dtype int8 or bfloat16, agreement with that base's full depth, labelled rows or not (the base "
-        "itself changes labels: what is bounded is what the exits add), its agreements with the float32 full "
-        "model printed apart",
+        help="what the certificate bounds. 'auto' (default) and 'reference': against the saved float32 full model "
+        "(the one you validated): accuracy lost where FILE has labels, disagreement where not; with --dtype int8 or "
+        "bfloat16 the base's own changes and the exits' count together against the one budget. 'agreement': "
+        "disagreement with the full depth of the base certified on, labelled rows or not (what the exits add to the "
+        "base); 'accuracy': accuracy lost against that full depth, on FILE's labels",
     )
     calibrate.add_argument("--batch-size", type=int, default=64, metavar="N", help="rows per batch (default: 64)")
     add_base_options(calibrate)

@@ -89,6 +89,12 @@ def resolve_online_certificate(
             "a probability, which would change what the folder promises; re-certify on the audited rows offline "
             "instead, which keeps it: eek serve --audit-record FILE, then eek calibrate FOLDER --from-audit FILE"
         )
+    if _against_the_saved_model(folder) and saved.get("target") != "accuracy":
+        return off(
+            "its certificate on another base bounds the disagreement with the saved full model, which the audit "
+            "(the served base's own full depth) does not measure; re-certify offline instead: eek calibrate FOLDER "
+            "FILE --dtype D"
+        )
     if saved.get("target") == "accuracy" and not explicit:
         return off(
             "its certificate bounds the accuracy lost (labelled rows) and the audit measures disagreement, a "
@@ -106,4 +112,16 @@ def resolve_online_certificate(
     return certificate, (
         f"on: from {certificate.served_policy.to_code(4)} (candidate {certificate.start} of {len(certificate.path)}), "
         f"disagreement <= {100 * certificate.budget:g}% at {100 * certificate.confidence:g}%"
+    )
+
+
+def _against_the_saved_model(folder: str) -> bool:
+    """Whether ``folder``'s threshold was last certified on another base against the saved full model (``eek
+    calibrate --dtype D``'s default risk, ``"reference"``), as its ``eek_fit.json`` records."""
+    from earlyexit_kernels.patching.fit_record import FitRecord
+
+    record = FitRecord.read(folder)
+    history = [] if record is None else list(record.recalibrations or [])
+    return (
+        bool(history) and history[-1].get("risk") == "reference" and history[-1].get("base") not in (None, "as saved")
     )

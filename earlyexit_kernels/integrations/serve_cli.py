@@ -276,9 +276,19 @@ def _serve_certified(args, options: dict, name: str) -> int:
             label_column=args.label_column or "label",
             label_required=args.label_column is not None,
         )
+        # on another base, the risk is measured against the saved full model: loaded for the certificate alone
+        reference = None if args.dtype in (None, "float32") else load_model(args.model, None, args.backend)[0]
         served = certify_served(
-            model, tokenizer, args.model, data, max_length=args.max_length, base=args.dtype, guarantee=args.guarantee
+            model,
+            tokenizer,
+            args.model,
+            data,
+            max_length=args.max_length,
+            base=args.dtype,
+            guarantee=args.guarantee,
+            reference=reference,
         )
+        del reference
     except (FitError, ValueError) as error:
         raise CliError(f"--calibration {args.calibration}: {error}") from None
     base = args.dtype or "saved"

@@ -47,16 +47,18 @@ def certify_served(
     max_length: int | None = None,
     base: str | None = None,
     guarantee: str | None = None,
+    reference=None,
 ) -> ServedCertificate:
     """Certify ``model``'s threshold (already on the base it is served on) on ``data``
     (:class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`) with the budget and along the
     path of ``folder``'s certificate (1 point at 0.95 and the family's grid where it has none); the
     model ends patched with the certified policy, as :func:`~earlyexit_kernels.training.calibrate_texts.calibrate_texts`
     leaves it. Too few rows for the budget raise its ``FitError``, saying how many would do. ``base``: the
-    base served (``--dtype``); on another than float32 the risk is disagreement with that base's full
-    depth, labelled rows or not, as ``eek calibrate --dtype`` certifies by default
-    (:class:`~earlyexit_kernels.training.calibrate_texts.BaseChange`; the float32 model is not kept, so the
-    report gives the exits' agreement with the served base's full depth alone). ``guarantee``: ``"probable"`` or
+    base served (``--dtype``). On another than float32, with ``reference`` (the folder's model on its
+    saved base) the risk is measured against its full depth, as ``eek calibrate --dtype`` certifies by default:
+    accuracy lost where ``data`` has labels, else disagreement; without ``reference``, disagreement with the
+    served base's full depth, labelled rows or not
+    (:class:`~earlyexit_kernels.training.calibrate_texts.BaseChange`). ``guarantee``: ``"probable"`` or
     ``"expected"`` (None: the folder's own)."""
     from earlyexit_kernels.integrations.folder_calibration import saved_budget, saved_guarantee, saved_path
     from earlyexit_kernels.patching.patch import policy_of
@@ -73,7 +75,7 @@ def certify_served(
         batch_size=batch_size,
         max_length=max_length,
         path=saved_path(folder),
-        base_change=base_change_for(base),
+        base_change=base_change_for(base, reference, "auto" if reference is not None else "agreement"),
         guarantee=saved_guarantee(folder) if guarantee is None else guarantee,
     )
     certificate = None

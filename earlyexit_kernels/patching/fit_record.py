@@ -157,18 +157,20 @@ class FitRecord:
         (:class:`~earlyexit_kernels.training.calibrate_texts.CalibrationReport`): the threshold's fields of
         :attr:`report` rewritten in place, ``base`` set, and an entry appended to :attr:`recalibrations`."""
         history = list(self.recalibrations or [])
-        history.append(
-            {
-                "when": when,
-                "source": source,
-                "rows": report.rows,
-                "previous_policy": report.previous_policy,
-                "policy": report.policy,
-                "previous_mean_layers": report.previous_mean_layers,
-                "mean_layers": report.mean_layers,
-                "base": base,
-            }
-        )
+        entry = {
+            "when": when,
+            "source": source,
+            "rows": report.rows,
+            "previous_policy": report.previous_policy,
+            "policy": report.policy,
+            "previous_mean_layers": report.previous_mean_layers,
+            "mean_layers": report.mean_layers,
+            "base": base,
+        }
+        if getattr(report, "base_risk", None) is not None:
+            # on another base: what the risk was measured against ("reference": the saved full model)
+            entry["risk"] = report.base_risk
+        history.append(entry)
         self.report.update(
             policy=report.policy,
             target=report.target,

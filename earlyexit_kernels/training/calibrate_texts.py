@@ -23,21 +23,27 @@ from earlyexit_kernels.training.fit_texts import CONFIDENCE
 
 __all__ = ["BaseChange", "CalibrationReport", "base_change_for", "calibrate_record", "calibrate_texts"]
 
-#: the risks a threshold can be certified on where the base changes (``eek calibrate --risk``)
-BASE_RISKS = ("agreement", "accuracy")
+#: the risks a threshold can be certified on where the base changes (``eek calibrate --risk``): ``reference`` (the
+#: default) against the saved base's full model, ``agreement`` and ``accuracy`` against the served base's full depth
+BASE_RISKS = ("reference", "agreement", "accuracy")
 
 
 @dataclass
 class BaseChange:
     """A threshold certified on another base than the model's own (``eek calibrate --dtype int8``).
 
-    ``reference``: the model on its own base (the saved float32 one), whose full depth the report
-    compares against, or None (only the exits' agreement with the base's full depth is reported); ``base``: the name of the base certified on. ``risk``: ``"agreement"``
-    (default): the exits' disagreement with the full depth *of the base certified on*, labelled
-    rows or not: the base itself changes labels (an int8 base agrees with float32 on some 95% of
-    rows), and a certificate of accuracy lost on labels lets the exits' changes cancel against
-    the base's, so what is bounded is what the exits add; ``"accuracy"``: accuracy lost against
-    that full depth, on the labels.
+    ``reference``: the model on its own base (the saved float32 one, which the user validated), whose full
+    depth the report compares against, or None (only the exits' agreement with the base's full depth is
+    reported); ``base``: the name of the base certified on. ``risk``:
+
+    - ``"reference"`` (the default): against the reference's full depth, what the user validated: accuracy
+      lost where the rows have labels, else disagreement with it. The base's own changes and the exits' are
+      counted together, against one budget (an int8 base alone disagrees with float32 on a few rows in a
+      hundred, which can take a whole budget of disagreement; on labels its changes partly cancel). It needs
+      the reference.
+    - ``"agreement"``: the exits' disagreement with the full depth *of the base certified on*, labelled rows
+      or not: what the exits add to the base, the base's own changes left out.
+    - ``"accuracy"``: accuracy lost against that full depth, on the labels.
     """
 
     reference: object
@@ -53,12 +59,13 @@ class BaseChange:
 
 def base_change_for(dtype: str | None, reference=None, risk: str = "auto") -> BaseChange | None:
     """The :class:`BaseChange` of certifying on ``dtype`` (None or ``"float32"``: the model's own base, no
-    change); ``risk`` ``"auto"`` is agreement there. ``reference``: the model on its own base, or None."""
+    change); ``risk`` ``"auto"`` is ``"reference"`` there. ``reference``: the model on its own base (which the
+    ``"reference"`` risk needs: set it on the result before certifying), or None."""
     if risk not in ("auto", *BASE_RISKS):
-        raise FitError(f"--risk must be auto, {' or '.join(BASE_RISKS)}; got {risk!r}")
+        raise FitError(f"--risk must be auto, {', '.join(BASE_RISKS[:-1])} or {BASE_RISKS[-1]}; got {risk!r}")
     if dtype in (None, "float32"):
         return None
-    return BaseChange(reference, dtype, "agreement" if risk == "auto" else risk)
+    return BaseChange(reference, dtype, "reference" if risk == "auto" else risk)
 
 
 @dataclass
@@ -90,6 +97,9 @@ class CalibrationReport:
     #: depth; ``exits_base``: the exits with the base's full depth), fractions
     base: str | None = None
     agreements: dict | None = None
+    #: what the risk was measured against on another base (:class:`BaseChange`'s ``risk``: ``"reference"``, the
+    #: saved full model; ``"agreement"`` / ``"accuracy"``, the base's own full depth)
+    base_risk: str | None = None
 
     def as_dict(self) -> dict:
         return dict(vars(self))
@@ -114,12 +124,20 @@ class CalibrationReport:
         return lines
 
     def _base_lines(self) -> list[str]:
-        risk = (
-            f"the exits' disagreement with the {self.base} full depth (what the exits add to the base; the base "
-            "alone changes labels, below)"
-            if self.target == "agreement"
-            else f"accuracy lost against the {self.base} full depth, on the labels"
-        )
+        if self.base_risk == "reference":
+            risk = (
+                "disagreement with the float32 full model (the base's own changes and the exits' together)"
+                if self.target == "agreement"
+                else "accuracy lost against the float32 full model, on the labels (the base's own changes and the "
+                "exits' together)"
+            )
+        elif self.target == "agreement":
+            risk = (
+                f"the exits' disagreement with the {self.base} full depth (what the exits add to the base; the base "
+                "alone changes labels, below)"
+            )
+        else:
+            risk = f"accuracy lost against the {self.base} full depth, on the labels"
         lines = [f"certified on the {self.base} base: the risk is {risk}"]
         a = self.agreements or {}
         if "base_full" in a:
@@ -200,6 +218,11 @@ def calibrate_texts(
             f"--risk accuracy on the {base_change.base} base needs labelled rows; without labels the risk is "
             "agreement with its full depth"
         )
+    if base_change is not None and base_change.risk == "reference" and base_change.reference is None:
+        raise ValueError(
+            f"certifying on the {base_change.base} base against the saved full model needs that model "
+            "(BaseChange.reference); give it, or the risk 'agreement' (with the served base's full depth)"
+        )
     model.eval()
     batches = length_sorted_batches(encoded, labels, batch_size)
     with torch.no_grad():
@@ -210,14 +233,25 @@ def calibrate_texts(
         reference = None
         if base_change is not None and base_change.reference is not None:
             reference = record_exits(base_change.reference, batches)
+        if extra is not None and base_change is not None and base_change.risk == "reference":
+            more = record_exits(
+                base_change.reference, length_sorted_batches(encode(tokenizer, unlabelled, length), None, batch_size)
+            )
+            extra = dataclasses.replace(extra, reference_logits=more.all_logits[-1].to(extra.all_logits.dtype))
     certified_on = record
     if base_change is not None and base_change.risk == "agreement":
         certified_on = dataclasses.replace(record, labels=None)  # the labels do not enter the risk
+    elif base_change is not None and base_change.risk == "reference":
+        # the full model the risk reads is the saved base's, on the same rows in the same order
+        certified_on = dataclasses.replace(
+            record, reference_logits=reference.all_logits[-1].to(record.all_logits.dtype)
+        )
     report = calibrate_record(
         model, certified_on, max_drop=max_drop, confidence=confidence, path=path, unlabelled=extra, guarantee=guarantee
     )
     if base_change is not None:
         report.base = base_change.base
+        report.base_risk = base_change.risk
         report.agreements = _agreements(model, record, reference)
     return report
 
