@@ -1,0 +1,82 @@
+"""Rounds of the serving benchmark against one another (issue 78's targets): each eek server's texts/s over
+Infinity's best configuration at each level, and its p99 over that configuration's, the median over the rounds
+with their range.
+
+    python -m benchmarks.suite.serve_peers_rounds ROUND.json ROUND.json ROUND.json
+
+Each ROUND.json is one ``serve_peers_cli`` result (``serve_peers_<name>.json``), its servers run in the order
+``--servers`` gave; run the rounds with that order alternating. The best Infinity configuration is taken per
+round and level (the most texts/s), as a user would pick it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+
+def level_name(row: dict) -> str:
+    return f"{row['texts_per_request']} texts a request" if row["texts_per_request"] > 1 else f"c{row['concurrency']}"
+
+
+def ratios(result: dict) -> dict[tuple[str, str], tuple[float, float, str]]:
+    """``(eek server, level) -> (texts/s ratio, p99 ratio, the Infinity configuration)`` of one round."""
+    by_level: dict[str, list[dict]] = {}
+    for row in result["rows"]:
+        by_level.setdefault(level_name(row), []).append(row)
+    out = {}
+    for level, rows in by_level.items():
+        peers = [r for r in rows if r["server"].startswith("infinity")]
+        if not peers:
+            continue
+        best = max(peers, key=lambda r: r["texts_per_s"])
+        for row in rows:
+            if row["server"].startswith("eek"):
+                out[(row["server"], level)] = (
+                    row["texts_per_s"] / best["texts_per_s"],
+                    row["p99_ms"] / best["p99_ms"],
+                    best["server"],
+                )
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("rounds", type=Path, nargs="+", help="serve_peers_cli results, one a round")
+    args = parser.parse_args(argv)
+    results = [json.loads(path.read_text()) for path in args.rounds]
+    per_round = [ratios(result) for result in results]
+    keys = sorted({key for round_ in per_round for key in round_}, key=lambda k: (k[0], k[1]))
+    print(f"{len(results)} rounds ({', '.join(sorted({r['cpu'] for r in results}))}); median [range] over the rounds")
+    print("| server | level | texts/s over Infinity's best | p99 over its p99 | Infinity's best, by round |")
+    print("|---|---|---:|---:|---|")
+    for key in keys:
+        got = [r[key] for r in per_round if key in r]
+        speed, tail = sorted(g[0] for g in got), sorted(g[1] for g in got)
+        print(
+            f"| {key[0]} | {key[1]} | {statistics.median(speed):.2f}x [{speed[0]:.2f}-{speed[-1]:.2f}] | "
+            f"{statistics.median(tail):.2f}x [{tail[0]:.2f}-{tail[-1]:.2f}] | {', '.join(g[2] for g in got)} |"
+        )
+    for result in results:
+        layers = {
+            row["server"]: row.get("mean_exit_layer") for row in result["rows"] if row["server"].startswith("eek")
+        }
+        agreement = {}
+        for row in result["rows"]:
+            if row.get("agree") is not None and row.get("texts"):
+                a = agreement.setdefault(row["server"], [0, 0])
+                a[0] += row["agree"]
+                a[1] += row["texts"]
+        print(
+            f"round {result['command'].split('--name ')[-1].split()[0] if '--name ' in result['command'] else ''}: "
+            + "; ".join(f"{s}: exit layer {v}" for s, v in layers.items())
+            + "; agreement with the full model: "
+            + ", ".join(f"{s} {100 * a / n:.2f}% of {n}" for s, (a, n) in agreement.items())
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
