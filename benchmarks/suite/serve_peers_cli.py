@@ -42,10 +42,9 @@ def _certified_copy(int8_model: Path, model: Path) -> bool:
         record = FitRecord.load(int8_model)
     except FitRecordError:
         return False
-    risk = (list(record.recalibrations or []) or [{}])[-1].get("risk")
     return (
         record.int8_recipe == family_int8_recipe(model)
-        and risk == "reference"
+        and record.base_risk == "reference"
         and filecmp.cmp(int8_model / weights, model / weights, shallow=False)
     )
 

@@ -121,7 +121,4 @@ def _against_the_saved_model(folder: str) -> bool:
     from earlyexit_kernels.patching.fit_record import FitRecord
 
     record = FitRecord.read(folder)
-    history = [] if record is None else list(record.recalibrations or [])
-    return (
-        bool(history) and history[-1].get("risk") == "reference" and history[-1].get("base") not in (None, "as saved")
-    )
+    return record is not None and record.base_risk == "reference"  # recorded only where the base changed

@@ -59,6 +59,13 @@ class FitRecord:
     version: int = VERSION
     int8_recipe: str | None = None
 
+    @property
+    def base_risk(self) -> str | None:
+        """What the last ``eek calibrate`` on another base measured its risk against (``"reference"``: the saved
+        full model; ``"agreement"`` / ``"accuracy"``: the base's own full depth), or None where none recorded one."""
+        last = (self.recalibrations or [{}])[-1]
+        return last.get("risk") if isinstance(last, dict) else None
+
     # ------------------------------------------------------------------------------ reading and writing
 
     @classmethod

@@ -227,16 +227,15 @@ def calibrate_texts(
     batches = length_sorted_batches(encoded, labels, batch_size)
     with torch.no_grad():
         record = record_exits(model, batches)
-        extra = None
+        extra = extra_batches = None
         if unlabelled is not None:
-            extra = record_exits(model, length_sorted_batches(encode(tokenizer, unlabelled, length), None, batch_size))
+            extra_batches = length_sorted_batches(encode(tokenizer, unlabelled, length), None, batch_size)
+            extra = record_exits(model, extra_batches)
         reference = None
         if base_change is not None and base_change.reference is not None:
             reference = record_exits(base_change.reference, batches)
         if extra is not None and base_change is not None and base_change.risk == "reference":
-            more = record_exits(
-                base_change.reference, length_sorted_batches(encode(tokenizer, unlabelled, length), None, batch_size)
-            )
+            more = record_exits(base_change.reference, extra_batches)
             extra = dataclasses.replace(extra, reference_logits=more.all_logits[-1].to(extra.all_logits.dtype))
     certified_on = record
     if base_change is not None and base_change.risk == "agreement":
