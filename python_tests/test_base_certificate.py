@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 import earlyexit_kernels as eek
 from earlyexit_kernels.calibration.candidates import certified_candidates
 from earlyexit_kernels.calibration.losses import disagreement
-from earlyexit_kernels.calibration.record import replay
+from earlyexit_kernels.calibration.record import ExitRecord, replay
 from earlyexit_kernels.engine.precision import to_base
 from earlyexit_kernels.training.calibration import calibrate
 from earlyexit_kernels.training.labelled_texts import LabelledTexts
@@ -193,3 +193,38 @@ def test_risk_accuracy_without_labels_and_an_unknown_risk_are_refused(spread_fol
         calibrate_folder(str(spread_folder), unlabelled, dtype="int8", risk="accuracy")
     with pytest.raises(FitError, match="--risk must be auto, reference, agreement or accuracy"):
         calibrate_folder(str(spread_folder), unlabelled, risk="labels")
+
+
+def test_unlabelled_rows_join_a_certificate_against_the_float32_full_model(spread_folder, tmp_path):
+    # the unlabelled rows' full model is the float32 one too: prediction-powered with labels, more rows without
+    from earlyexit_kernels.integrations.folder_calibration import calibrate_folder
+
+    folder = _copy(spread_folder, tmp_path / "copy")
+    more = LabelledTexts([t or "w1" for t in word_texts(600, seed=9)], None, None, "more.csv")
+    labelled = calibrate_folder(
+        str(folder), _labelled(1_200, 7), max_drop=5.0, confidence=0.9, dtype="int8", unlabelled=more, force=True
+    )
+    assert (labelled.target, labelled.base_risk) == ("accuracy", "reference") and labelled.certificate is not None
+    rows = dataclasses.replace(_labelled(1_200, 7), labels=None)
+    joined = calibrate_folder(
+        str(folder), rows, max_drop=10.0, confidence=0.9, dtype="int8", unlabelled=more, force=True
+    )
+    assert (joined.target, joined.base_risk) == ("agreement", "reference")
+    assert joined.certificate["rows"] == 1_800  # the 600 unlabelled rows joined the 1,200
+
+
+def test_a_record_against_a_reference_keeps_it_through_subsets_and_joins():
+    from earlyexit_kernels.calibration.certify import _joined
+    from earlyexit_kernels.methods.policies import Entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits, reference = torch.randn(3, 5, 2, generator=g), torch.randn(5, 2, generator=g)
+    record = ExitRecord(logits, None, None, None, Entropy(0.1), reference)
+    assert torch.equal(record.full_logits, reference)
+    assert torch.equal(record.subset(torch.tensor([4, 1])).full_logits, reference[[4, 1]])
+    plain = ExitRecord(logits[:, :2], None, None, None, Entropy(0.1))  # its own last layer is its full model
+    joined = _joined(record, plain)
+    assert torch.equal(joined.full_logits, torch.cat([reference, logits[-1, :2]]))
+    assert _joined(plain, plain).reference_logits is None
+    with pytest.raises(ValueError, match="one row per recorded row"):
+        ExitRecord(logits, None, None, None, Entropy(0.1), reference[:4])
