@@ -26,6 +26,7 @@ from earlyexit_kernels.bench.server_process import parse_cores
 
 pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
+pytest.importorskip("aiohttp", reason="the benchmarks' load client is aiohttp (earlyexit_kernels/bench/load_client.py)")
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 INFINITY = os.environ.get("EEK_INFINITY_PYTHON") or str(CHECKOUT / infinity_peer.default_python())

@@ -58,6 +58,7 @@ for package in matplotlib datasets accelerate pytest_benchmark pyarrow pandas st
     has "$package" || optional+=("${package//_/-}")
 done
 has swagger_ui || optional+=("swagger-ui-py>=25")  # its module is swagger_ui
+has aiohttp || optional+=("aiohttp")  # the serving benchmarks' load client (earlyexit_kernels/bench/load_client.py)
 has websockets || optional+=("websockets")  # drives Chromium over DevTools in python_tests/test_docs_page_browser.py
 for package in "${optional[@]}"; do
     echo "setup: installing $package (optional)"

@@ -35,17 +35,29 @@ PARTS = {
 }
 
 
+#: with ``--launcher benchmarks/profiles/clock_marks_launcher.py``: what ``elsewhere`` holds, from the
+#: server's marks on the machine's monotonic clock and the client's own send and receive times
+OUTSIDE = ("before the read", "read to the app", "after the hand-off")
+
+
 def parts_of(run) -> list[dict[str, float]]:
     """Per answered request, its parts in ms: the headers', the server's total and the client's
-    latency, and ``elsewhere``: the client's latency less the server's total."""
+    latency, and ``elsewhere``: the client's latency less the server's total. Where the answer
+    carries the clock marks, ``elsewhere`` splits into :data:`OUTSIDE`: sent until uvicorn reads it,
+    read until the app receives it, and the app's hand-off until the client holds the answer."""
     rows = []
-    for timings, latency in zip(run.timings, run.latency):
+    for timings, latency, sent_at in zip(run.timings, run.latency, run.sent_at, strict=True):
         if not all(header in timings for header in PARTS.values()):
             continue
         row = {part: float(timings[header]) for part, header in PARTS.items()}
         row["server total"] = float(timings["x-total-time"])
         row["client latency"] = 1000 * latency
         row["elsewhere"] = row["client latency"] - row["server total"]
+        if all(mark in timings for mark in ("x-read-at", "x-arrived-at", "x-handed-at")):
+            sent, received = 1e6 * sent_at, 1e6 * (sent_at + latency)  # µs, as the marks
+            row["before the read"] = (timings["x-read-at"] - sent) / 1000
+            row["read to the app"] = (timings["x-arrived-at"] - timings["x-read-at"]) / 1000
+            row["after the hand-off"] = (received - timings["x-handed-at"]) / 1000
         rows.append(row)
     return rows
 
@@ -60,7 +72,8 @@ def table(name: str, concurrency: int, rows: list[dict[str, float]], wall: float
     lines = [f"\n{name}, concurrency {concurrency}: {len(rows)} requests in {wall:.0f} s ({len(rows) / wall:.1f}/s)\n"]
     lines.append("| part | p50 ms | p99 ms | mean ms | mean ms of the slowest 1% |")
     lines.append("|---|---:|---:|---:|---:|")
-    for part in (*PARTS, "server total", "elsewhere", "client latency"):
+    outside = OUTSIDE if rows and OUTSIDE[0] in rows[0] else ()
+    for part in (*PARTS, "server total", "elsewhere", *outside, "client latency"):
         values = [row[part] for row in rows]
         lines.append(
             f"| {part} | {quantile(values, 0.5):.1f} | {quantile(values, 0.99):.1f} | {statistics.fmean(values):.1f} "

@@ -3,7 +3,7 @@
 ``python -m benchmarks.suite.serve_peers_cli --rotten-tomatoes`` (or ``--model MODEL --plain
 PLAIN``) runs, one at a time, on 127.0.0.1, each pinned to the server cores with one thread
 (``taskset``-like affinity, ``OMP_NUM_THREADS=1``), batches of at most ``--max-batch-size`` (32),
-the client (this process, asyncio + httpx, one text per ``POST /classify``) pinned to the others:
+the client (this process, asyncio + aiohttp, one text per ``POST /classify``) pinned to the others:
 
 - ``eek serve``: MODEL (an ``eek fit`` folder) with its saved, certified policy, ``--threads 1``;
 - ``eek serve int8``: ``--dtype int8`` on ``--int8-model`` (with ``--rotten-tomatoes``: a copy of
@@ -115,11 +115,18 @@ class Drive:
 
     index: list[int] = field(default_factory=list)
     latency: list[float] = field(default_factory=list)  # per request
+    sent_at: list[float] = field(default_factory=list)  # per request: time.perf_counter() as it was sent
     timings: list[dict[str, int]] = field(default_factory=list)  # per request
     label: list[str] = field(default_factory=list)
     exit_layer: list[int | None] = field(default_factory=list)
     errors: int = 0
     wall: float = 0.0
+
+
+def _timing_header(name: str) -> bool:
+    """A server's timing header: a span in ms (``x-*-time``) or a mark on the shared monotonic clock in
+    µs (``x-*-at``, which ``benchmarks/profiles/clock_marks_launcher.py`` adds)."""
+    return name.startswith("x-") and (name.endswith("-time") or name.endswith("-at"))
 
 
 @contextlib.asynccontextmanager
@@ -161,13 +168,12 @@ async def drive(
 
     The client's garbage collector is off while it runs (:func:`collector_off`).
     """
-    import httpx
+    from earlyexit_kernels.bench import load_client
 
     out = Drive()
     sent = 0
     body = {} if model is None else {"model": model}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with collector_off(), httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+    async with collector_off(), load_client.session(url, concurrency) as client:
         stop_at = time.perf_counter() + max_seconds  # after the collection: the run gets all its seconds
 
         async def worker():
@@ -178,17 +184,18 @@ async def drive(
                 sent += count
                 started = time.perf_counter()
                 try:
-                    response = await client.post("/classify", json={**body, "input": [texts[i] for i in batch]})
-                except httpx.TransportError:
+                    response = await load_client.post_json(
+                        client, "/classify", {**body, "input": [texts[i] for i in batch]}
+                    )
+                except load_client.TransportError:
                     out.errors += 1
                     return
-                if response.status_code != 200:
+                if response.status != 200:
                     out.errors += 1
                     continue
                 out.latency.append(time.perf_counter() - started)
-                out.timings.append(
-                    {k: int(v) for k, v in response.headers.items() if k.startswith("x-") and k.endswith("-time")}
-                )
+                out.sent_at.append(started)
+                out.timings.append({k: int(v) for k, v in response.headers.items() if _timing_header(k)})
                 for index, answer in zip(batch, response.json()["data"], strict=True):
                     best = max(answer, key=lambda entry: entry["score"])
                     out.index.append(index)

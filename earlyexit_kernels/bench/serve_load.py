@@ -8,7 +8,7 @@ spread over the layers, as in :mod:`earlyexit_kernels.bench.stream`), each a rea
 - ``never_exit``: ``Entropy(0.0)``, which never exits: the same server and engine, every
   sequence runs every layer (what a server without early exit does).
 
-The client (this process, asyncio + httpx) sends one text per request from the stream
+The client (this process, asyncio + aiohttp, :mod:`.load_client`) sends one text per request from the stream
 workload (lengths: log-normal, median 28 tokens, tail to 256) at concurrency 1, 8, 32 and
 128, a bounded number of requests per level (and at most ``--max-seconds`` each), and
 reports requests/s and p50/p99 latency. Then, on each server, easy requests (the quarter of
@@ -79,14 +79,13 @@ def prepare(config: LoadConfig, folder: Path):
 
 async def _load(url: str, texts: list[str], concurrency: int, max_seconds: float):
     """Send each text once, ``concurrency`` at a time; returns (latencies in s, exit layers, wall s)."""
-    import httpx
+    from earlyexit_kernels.bench import load_client
 
     latencies: list[float | None] = [None] * len(texts)
     exits: list[int | None] = [None] * len(texts)
     next_index = 0
     stop_at = time.perf_counter() + max_seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+    async with load_client.session(url, concurrency) as client:
 
         async def worker():
             nonlocal next_index
@@ -94,8 +93,9 @@ async def _load(url: str, texts: list[str], concurrency: int, max_seconds: float
                 index = next_index
                 next_index += 1
                 started = time.perf_counter()
-                response = await client.post("/predict", json={"inputs": texts[index]})
-                response.raise_for_status()
+                response = await load_client.post_json(client, "/predict", {"inputs": texts[index]})
+                if response.status != 200:
+                    raise RuntimeError(f"POST /predict answered {response.status}: {response.body[:200]!r}")
                 latencies[index] = time.perf_counter() - started
                 exits[index] = response.json()[0]["exit_layer"]
 
