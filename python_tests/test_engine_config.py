@@ -81,3 +81,6 @@ def test_the_server_s_settings_check_the_engine_s_limits_before_a_model_is_loade
     config = ServeSettings.from_options(max_batch_size=8, max_age=None).engine
     assert config == EngineConfig(max_batch_size=8, admission="fifo", max_age=None)
     assert ServeSettings.from_options(call_cost=12.5).engine.call_cost == 12.5
+    # a server serves strictly oldest first where no age is given; the engine alone keeps "auto"
+    assert ServeSettings.from_options().engine.max_age == ServeSettings().engine.max_age == 0
+    assert EngineConfig().max_age == "auto"

@@ -16,7 +16,7 @@ def test_create_app_s_options_land_in_their_groups():
     settings = ServeSettings.from_options(
         model_id="m", max_batch_size=8, max_queue=32, api_key="k", audit_fraction=0.5, audit_budget=0.02
     )
-    assert settings.engine == EngineConfig(max_batch_size=8, admission="fifo")
+    assert settings.engine == EngineConfig(max_batch_size=8, admission="fifo", max_age=0)  # a server: oldest first
     assert settings.http == HttpLimits(max_queue=32, max_client_batch_size=32, api_key="k")
     assert settings.audit == AuditConfig(0.5, budget=0.02)
     assert settings.model_id == "m"

@@ -119,8 +119,10 @@ def test_max_age_reaches_the_engine_and_info_reports_it(server, loaded_classifie
     assert httpx.get(server.url + "/info", timeout=10).json()["max_age"] == 3
     assert server.app.state.eek.worker.engine.scheduler.aging.max_age == 3
     model, tokenizer = loaded_classifier
-    for given, engine in (("auto", 8), (None, None), (0, 0)):  # auto: 2 x the 4 layers
-        running = RunningServer(create_app(model, tokenizer, max_age=given))
+    # auto: 2 x the 4 layers; not given: a server's default, strictly oldest first
+    for given, engine in (("auto", 8), (None, None), (0, 0), ("not given", 0)):
+        options = {} if given == "not given" else {"max_age": given}
+        running = RunningServer(create_app(model, tokenizer, **options))
         try:
             assert httpx.get(running.url + "/info", timeout=10).json()["max_age"] == engine
             aging = running.app.state.eek.worker.engine.scheduler.aging
@@ -156,7 +158,9 @@ def test_ray_serve_refuses_a_bad_setting_before_any_replica_starts(saved_classif
         serve_application(saved_classifier, **options)
 
 
-@pytest.mark.parametrize(("given", "passed"), [("auto", "auto"), ("AUTO", "auto"), ("off", None), ("0", 0), ("12", 12)])
+@pytest.mark.parametrize(
+    ("given", "passed"), [("auto", "auto"), ("AUTO", "auto"), ("off", None), ("0", 0), ("12", 12), (None, 0)]
+)
 def test_the_command_line_passes_max_age_to_the_server(saved_classifier, monkeypatch, given, passed):
     import uvicorn
 
@@ -164,7 +168,7 @@ def test_the_command_line_passes_max_age_to_the_server(saved_classifier, monkeyp
 
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(app=app))
-    assert main(["serve", saved_classifier, "--max-age", given]) == 0
+    assert main(["serve", saved_classifier, *([] if given is None else ["--max-age", given])]) == 0
     assert served["app"].state.eek.engine_config.max_age == passed
 
 

@@ -82,12 +82,12 @@ def add_serve_command(commands) -> None:
     serve.add_argument("--compile", action="store_true", help="run the layer calls through torch.compile")
     serve.add_argument(
         "--max-age",
-        default="auto",
+        default="0",
         metavar="auto|off|N",
         help="bounded waiting: once a text has waited N layer calls since the engine took it, the oldest such runs "
         "next (admitted, or its layer call) whatever the batching order, so a text leaves within N + layers x n "
-        "layer calls, n the texts taken no later and still there (docs/serving.md). auto (default): 2 x the "
-        "model's layers; 0: strictly oldest first; off: no age rule (the batching order's own, looser bounds, as "
+        "layer calls, n the texts taken no later and still there (docs/serving.md). 0 (default): strictly "
+        "oldest first; auto: 2 x the model's layers; off: no age rule (the batching order's own, looser bounds, as "
         "eek classify runs)",
     )
     serve.add_argument(
