@@ -9,6 +9,7 @@ keeps the tokens the whole text's truncation keeps. Real server on 127.0.0.1; th
 reads 64 tokens, so its char bound is 16,000 characters.
 """
 
+import asyncio
 import random
 import statistics
 import threading
@@ -214,3 +215,36 @@ def test_a_request_s_texts_tokenized_as_one_batch_are_each_what_one_call_gives(l
     with pytest.raises(RequestError) as refused:
         tokenization.encode([("w2 \ud800", None), (too_long, None)], False)
     assert refused.value.status == 400 and "input 0 holds" in refused.value.message
+
+
+def test_a_few_short_texts_are_tokenized_on_the_event_loop_and_more_on_a_worker_thread(loaded_classifier):
+    """Up to INLINE_CHARS characters a request's texts are tokenized where the request is served (the
+    hand-over to a worker thread costs more than they do); past it on a worker thread, so that the event
+    loop serves others meanwhile. Either way the answer is encode's, refusals included."""
+    from earlyexit_kernels.integrations.server import tokenization as module
+
+    _, tokenizer = loaded_classifier
+    tokenization = Tokenization(tokenizer, 64, chars_per_token=10**6)  # no cut: only the threads differ
+    loop_thread = []
+
+    async def encoded(sequences):
+        loop_thread.append(threading.get_ident())
+        threads = []
+        real = tokenization.encode
+        tokenization.encode = lambda *args: threads.append(threading.get_ident()) or real(*args)
+        try:
+            return await tokenization.encode_async(sequences, True), threads[0]
+        finally:
+            tokenization.encode = real
+
+    short = [("w1 w2 w3", None), ("w4", "w5 w6")]
+    long = [(" ".join(["w1"] * (module.INLINE_CHARS // 2)), None)]  # 3 characters a word: past the bound
+    assert module._chars(short) == 8 + 2 + 5 <= module.INLINE_CHARS < module._chars(long)
+    for sequences, on_the_loop in ((short, True), (long, False)):
+        answer, thread = asyncio.run(encoded(sequences))
+        assert answer == tokenization.encode(sequences, True)
+        assert (thread == loop_thread[-1]) == on_the_loop
+    with pytest.raises(RequestError) as refused:  # refused the same way on the loop
+        asyncio.run(tokenization.encode_async([("w1 \ud800", None)], False))
+    assert refused.value.status == 400 and "input 0 holds" in refused.value.message
+    assert module._chars([("w1", None), (7, None)]) == float("inf")  # not a string: encode refuses it

@@ -86,7 +86,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("texts", type=Path, help="one text per line")
-    parser.add_argument("--setting", nargs="+", default=["eek serve:"], help="NAME:EXTRA OPTIONS of eek serve")
+    parser.add_argument(
+        "--setting",
+        nargs="+",
+        default=["eek serve:"],
+        help="NAME:EXTRA OPTIONS of eek serve, or NAME:EXTRA OPTIONS|LAUNCHER to run it with its own --launcher",
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--output", type=Path, help="also write the tables here (Markdown)")
@@ -103,7 +108,9 @@ def main() -> None:
     ]
     for setting in args.setting:
         name, _, extra = setting.partition(":")
-        launcher = {} if args.launcher is None else {"launcher": (sys.executable, *args.launcher)}
+        extra, _, own_launcher = extra.partition("|")  # NAME:OPTIONS|LAUNCHER: this setting's own
+        script = [own_launcher] if own_launcher else args.launcher
+        launcher = {} if script is None else {"launcher": (sys.executable, *script)}
         server = EekServer(
             args.folder, None, 32, 1, extra=tuple(extra.split()), cores=server_cores, env=env, name=name, **launcher
         )

@@ -23,9 +23,13 @@ texts both hold ``max_length`` tokens or more is truncated to ``max_length`` spl
 tokenizer splits it, but which of the two gets the odd token of an odd budget follows their whole
 lengths, which the cut does not keep.
 
-Tokenizing runs on a worker thread (:meth:`Tokenization.encode_async`), a request's texts in one
-batch call; Hugging Face's fast tokenizers release the GIL while they work, so the event loop
-answers other requests meanwhile. One call for a request of 32 Rotten Tomatoes snippets took 1.69-1.71
+A request's texts are tokenized in one batch call (:meth:`Tokenization.encode_async`): on a worker
+thread where they hold more than :data:`INLINE_CHARS` characters (Hugging Face's fast tokenizers
+release the GIL while they work, so the event loop answers other requests meanwhile), else on the
+event loop, where a few short texts cost less than the hand-over: one-text requests of MiniLM-L6
+int8, alternating, answered with a lower p99 at concurrency 8 in three pairs of three (46-54 ms
+against 55-58) and their tokenizing's p99 fell from 7-13 ms to 1-5 ms
+(``benchmarks/results/amd_epyc/inline_requests_cpu.md``). One call for a request of 32 Rotten Tomatoes snippets took 1.69-1.71
 ms against 2.23-2.49 ms one call a text (MiniLM-L6's tokenizer, one core of the AMD EPYC, three runs
 each of ``benchmarks/micro/request_tokenization.py``). Each
 (truncation side, truncate) pair has its own tokenizer copy, set up once: the settings are the
@@ -45,6 +49,22 @@ __all__ = ["CHARS_PER_TOKEN", "Tokenization"]
 CHARS_PER_TOKEN = 250
 #: characters per token of the first cut (English averages about 4 a word-piece token)
 FIRST_CHARS_PER_TOKEN = 8
+#: a request's texts of at most this many characters in all are tokenized on the event loop: a worker
+#: thread's hand-over costs more than they do (below, :meth:`Tokenization.encode_async`)
+INLINE_CHARS = 2048
+
+
+def _chars(sequences) -> float:
+    """Characters of ``sequences``' texts and pairs; infinite where one is not a string (encode says why)."""
+    total = 0
+    for text, pair in sequences:
+        for part in (text, pair):
+            if part is None:
+                continue
+            if not isinstance(part, str):
+                return float("inf")
+            total += len(part)
+    return total
 
 
 class Tokenization:
@@ -68,7 +88,12 @@ class Tokenization:
         self._counter("warm", add_special_tokens=False)
 
     async def encode_async(self, sequences, truncate: bool, direction: str = "Right"):
-        """:meth:`encode` on a worker thread."""
+        """:meth:`encode`, on a worker thread where the texts hold more than :data:`INLINE_CHARS`
+        characters, else here on the event loop: a few short texts take tens of microseconds to
+        tokenize, less than the thread's hand-over, which waits for the GIL behind the engine's thread
+        and every other hand-over (at 32 concurrent one-text requests the slowest 1% spent 90 ms there)."""
+        if _chars(sequences) <= INLINE_CHARS:
+            return self.encode(sequences, truncate, direction)
         return await asyncio.to_thread(self.encode, sequences, truncate, direction)
 
     def encode(self, sequences, truncate: bool, direction: str = "Right") -> list[tuple[list[int], list[int] | None]]:

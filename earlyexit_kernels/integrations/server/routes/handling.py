@@ -32,6 +32,10 @@ def refused(state, error: RequestError, headers: dict | None = None):
     return error_answer(error, headers)
 
 
+#: bodies of at most this many bytes are parsed on the event loop (:func:`answer`)
+INLINE_BODY_BYTES = 4096
+
+
 async def answer(state, request, parse, formatted):
     """Parse the body, run its sequences, format: the common path of the POST routes.
 
@@ -42,8 +46,10 @@ async def answer(state, request, parse, formatted):
     # arrived: stamped by the outermost middleware (request_id.py) as the app receives the request
     costs = RequestCosts(getattr(request.state, "arrived", None) or time.perf_counter())
     try:
-        # parsed on a worker thread too: a body of megabytes holds up no other request
-        parsed = await asyncio.to_thread(parse, await request.body())
+        # a large body is parsed on a worker thread: a body of megabytes holds up no other request; a
+        # small one here, where parsing costs less than the thread's hand-over (tokenization.INLINE_CHARS)
+        raw = await request.body()
+        parsed = parse(raw) if len(raw) <= INLINE_BODY_BYTES else await asyncio.to_thread(parse, raw)
         finished = await state.run(parsed, request, costs)
         if finished is None:  # the client went away; nobody reads this
             state.metrics.requests.labels("499").inc()
