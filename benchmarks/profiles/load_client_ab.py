@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root: benchmarks.suite
 
+from benchmarks.profiles.request_latency_parts import quantile
 from benchmarks.suite.serve_peers import collector_off, default_cores, drive, pinned
 from earlyexit_kernels.bench.server_process import EekServer
 
@@ -64,11 +65,6 @@ async def aiohttp_drive(url: str, texts: list[str], concurrency: int, seconds: f
 
 
 CLIENTS = {"httpx": httpx_drive, "aiohttp": aiohttp_drive}
-
-
-def quantile(values, q):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> None:
