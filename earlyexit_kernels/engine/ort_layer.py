@@ -63,11 +63,18 @@ _EXACT_GELU = ("gelu",)
 
 _arena_lock = threading.Lock()
 _arena: bool | None = None  # whether this process's shared CPU arena is registered (None: not tried yet)
+#: how the shared arena grows (``OrtArenaCfg``'s ``arena_extend_strategy``): 0, a region twice the last one or the
+#: next power of two a call asks for. Grown by exactly what a call asked (1), regions of every size piled up that
+#: calls of other shapes could not reuse: a served float32 MiniLM-L6 at concurrency 32 sawed between 801 and
+#: 881 MiB as the memory trim's shrinks handed them back, where the regions doubling held it at 751-754 MiB
+#: (``benchmarks/results/amd_epyc/memory_soak_cpu/minilm_float32_arena_ab.json``; docs/serving.md, "What a server
+#: keeps"). A call larger than any before still grows it; the shrink hands that back (:func:`request_arena_shrink`).
+ARENA_EXTEND_STRATEGY = 0
 
 
 def shared_cpu_arena() -> bool:
-    """Register one ONNX Runtime CPU arena for every session of this process (extended by what is asked,
-    ``arena_extend_strategy`` 1), once; whether the sessions can use it. Where the environment refuses it
+    """Register one ONNX Runtime CPU arena for every session of this process (grown as
+    :data:`ARENA_EXTEND_STRATEGY` says), once; whether the sessions can use it. Where the environment refuses it
     (another library of the process registered its own), each session keeps its own arena."""
     global _arena
     with _arena_lock:
@@ -75,8 +82,9 @@ def shared_cpu_arena() -> bool:
             import onnxruntime as ort
 
             memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            config = ort.OrtArenaCfg({"arena_extend_strategy": ARENA_EXTEND_STRATEGY})
             try:
-                ort.create_and_register_allocator(memory, ort.OrtArenaCfg({"arena_extend_strategy": 1}))
+                ort.create_and_register_allocator(memory, config)
                 _arena = True
             except Exception:  # noqa: BLE001 -- ONNX Runtime's own error type: an allocator is registered already
                 _arena = False
@@ -130,9 +138,8 @@ def session_options(threads: int, *, shared_memory: bool = True):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if shared_memory:
         # Memory that stays flat under traffic of every shape (issue 79; docs/serving.md, "What a server keeps"):
-        # each session's own arena, extended to the next power of two and holding a memory pattern per input
-        # shape, grew a served int8 MiniLM-L6 by 70 MiB over a 300 s soak; one arena for every layer, extended by
-        # what a call asks, with no patterns, held it flat and 150 MiB lower.
+        # each session's own arena, holding a memory pattern per input shape, grew a served int8 MiniLM-L6 by
+        # 70 MiB over a 300 s soak; one arena for every layer, with no patterns, held it flat and 150 MiB lower.
         options.enable_mem_pattern = False
         if shared_cpu_arena():
             options.add_session_config_entry("session.use_env_allocators", "1")
