@@ -10,9 +10,9 @@ to the next power of two) and a memory pattern per input shape, as before; witho
 installed. So the two servers of a comparison start the same way and differ in that alone.
 ``EEK_ARENA_SHRINK=off`` leaves out the memory trim's shrink of the arena (``ort_layer.request_arena_shrink``),
 the server before that change.
-``EEK_ARENA_CFG=KEY=VALUE,...`` registers the one shared arena with these ``OrtArenaCfg`` entries instead of
-``arena_extend_strategy`` :data:`~earlyexit_kernels.engine.ort_layer.ARENA_EXTEND_STRATEGY` (0, the next power of
-two): ``EEK_ARENA_CFG=arena_extend_strategy=1`` is the server before that default, its regions grown by exactly
+``EEK_ARENA_CFG=arena_extend_strategy=N`` registers the one shared arena with that strategy instead of
+:data:`~earlyexit_kernels.engine.ort_layer.ARENA_EXTEND_STRATEGY` (0, the next power of two):
+``EEK_ARENA_CFG=arena_extend_strategy=1`` is the server before that default, its regions grown by exactly
 what a call asked.
 ``EEK_SESSIONS=shared-patterns`` (the one arena, with a pattern per shape) and ``EEK_SESSIONS=own-no-patterns``
 (an arena each, no patterns) take the two changes apart: the A/B of
@@ -49,26 +49,12 @@ def session_before(self):
     return self._session
 
 
-def shared_arena_with(entries: dict[str, int]):
-    """:func:`ort_layer.shared_cpu_arena` registering the arena with ``entries`` (``EEK_ARENA_CFG``)."""
-
-    def shared_cpu_arena() -> bool:
-        with ort_layer._arena_lock:
-            if ort_layer._arena is None:
-                import onnxruntime as ort
-
-                memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-                ort.create_and_register_allocator(memory, ort.OrtArenaCfg(entries))
-                ort_layer._arena = True
-            return ort_layer._arena
-
-    return shared_cpu_arena
-
-
 def main() -> None:
     if os.environ.get("EEK_ARENA_CFG"):
         entries = {k: int(v) for k, v in (item.split("=") for item in os.environ["EEK_ARENA_CFG"].split(","))}
-        ort_layer.shared_cpu_arena = shared_arena_with(entries)
+        if set(entries) != {"arena_extend_strategy"}:
+            raise SystemExit(f"EEK_ARENA_CFG sets arena_extend_strategy only; got {sorted(entries)}")
+        ort_layer.ARENA_EXTEND_STRATEGY = entries["arena_extend_strategy"]  # read when the arena is registered
         print(f"ONNX Runtime's shared arena: {entries}", file=sys.stderr, flush=True)
     if os.environ.get("EEK_ARENA_SHRINK") == "off":  # the memory trim's arena shrink (issue 79) left out
         ort_layer.request_arena_shrink = lambda: None
