@@ -25,8 +25,7 @@ def test_the_command_line_names_are_the_engine_s():
     for name in COMMANDS:
         options = {o: a for a in commands.choices[name]._actions for o in a.option_strings}
         assert options["--device"].default == "auto" and options["--device"].choices == precision.DEVICES, name
-        expected = ("float32", "bfloat16") if name == "fit" else precision.DTYPES
-        assert options["--dtype"].default is None and tuple(options["--dtype"].choices) == expected, name
+        assert options["--dtype"].default is None and tuple(options["--dtype"].choices) == precision.DTYPES, name
 
 
 @pytest.fixture(scope="module")

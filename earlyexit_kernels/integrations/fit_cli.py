@@ -174,8 +174,9 @@ def _add_fit(commands) -> None:
         "weights: the same seed on the same rows fits the same heads (default: 0)",
     )
     fit.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
-    # the heads train on float weights; an int8 base is certified afterwards with eek calibrate --dtype int8
-    add_base_options(fit, dtypes=("float32", "bfloat16"))
+    # int8: the heads fitted on the int8 encoder's hidden states and certified on it against the float32 full model
+    # (integrations/int8_fit.py); the folder keeps the float32 weights
+    add_base_options(fit, dtypes=("float32", "bfloat16", "int8"))
     fit.set_defaults(run=_fit_command)
 
 
@@ -421,6 +422,18 @@ def _fit(args) -> int:
     )
     for line in report.summary():
         print(line)
+    if args.dtype == "int8":
+        from earlyexit_kernels.patching.fit_record import FitRecord
+
+        print(
+            f"fitted and certified on the int8 base (recipe {FitRecord.load(output).int8_recipe}) against the float32 "
+            f"full model; the folder holds the float32 weights: serve it on int8 (--dtype int8)"
+        )
+        print(
+            f"wrote {output}: eek classify {output} INPUT OUTPUT --dtype int8, eek serve {output} --dtype int8, "
+            f"eek evaluate {output} FILE --dtype int8"
+        )
+        return 0
     print(f"wrote {output}: eek classify {output} INPUT OUTPUT, eek serve {output}, eek evaluate {output} FILE")
     return 0
 

@@ -94,12 +94,13 @@ def calibrate_folder(
     ``unlabelled`` (``LabelledTexts``): unseen rows without labels, in the certificate beside ``data``'s
     (:func:`~earlyexit_kernels.training.calibrate_texts.calibrate_texts`).
 
-    ``risk``: ``"auto"`` (default): on the saved base, accuracy lost where ``data`` has labels, else
-    disagreement with the full model; on another base (``dtype`` int8 or bfloat16), disagreement with
-    *that base's* full depth, labelled rows or not (the base itself changes labels: what is certified
-    is what the exits add), and the report gives the agreements with the saved float32 full model
-    separately (:class:`~earlyexit_kernels.training.calibrate_texts.BaseChange`). ``"agreement"``:
-    disagreement with the full depth whatever the rows; ``"accuracy"``: accuracy lost on the labels.
+    ``risk``: ``"auto"`` (default): accuracy lost against the saved full model where ``data`` has labels,
+    else disagreement with it; on another base (``dtype`` int8 or bfloat16) that is ``"reference"``, the
+    saved float32 full model still, so that the base's own changes and the exits' count against one budget,
+    and the report gives the agreements with it separately
+    (:class:`~earlyexit_kernels.training.calibrate_texts.BaseChange`). ``"agreement"``: disagreement with the
+    full depth of the base certified on, whatever the rows; ``"accuracy"``: accuracy lost against that full
+    depth, on the labels.
 
     A result that certifies no saving (the target not met, or a policy that runs every layer) is not
     written: the folder keeps its policy and ``report.kept`` says why, unless ``force``. Nothing a

@@ -9,6 +9,7 @@ with it is a :class:`ModelFolderError` whose message says what to change.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -320,9 +321,13 @@ def load_classifier(path: str):
     return model.eval(), tokenizer
 
 
-def save_fitted(model, tokenizer, report, output: Path, *, overwrite: bool, source: str) -> None:
+def save_fitted(
+    model, tokenizer, report, output: Path, *, overwrite: bool, source: str, int8_recipe: str | None = None
+) -> None:
     """Write the fitted model, its tokenizer and ``eek_fit.json`` under a temporary name beside
-    ``output``, then rename it into place."""
+    ``output``, then rename it into place. ``int8_recipe``: the heads were fitted and certified on the
+    int8 base with this recipe (:mod:`earlyexit_kernels.integrations.int8_fit`), recorded as the base the
+    certificate holds for; None: on the model as saved."""
     from earlyexit_kernels.training.fit_texts import FitError
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -330,7 +335,8 @@ def save_fitted(model, tokenizer, report, output: Path, *, overwrite: bool, sour
     try:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
-        FitRecord(report=report.as_dict(), source_model=source).save(partial)
+        base = None if int8_recipe is None else "int8"
+        FitRecord(report=report.as_dict(), source_model=source, base=base, int8_recipe=int8_recipe).save(partial)
         if output.exists():
             if not overwrite and any(output.iterdir()):
                 raise FitError(f"OUTPUT_DIR {output} appeared while fitting; pass --overwrite to replace it")
@@ -362,7 +368,8 @@ def fit_folder(
     ``config``: a :class:`~earlyexit_kernels.training.fit_config.FitConfig` (what the command line builds once), or
     :func:`~earlyexit_kernels.training.fit_texts.fit_model`'s keyword ``options``, not both. ``calibration``,
     ``unlabelled``: as :func:`~earlyexit_kernels.training.fit_texts.fit_model` takes them. ``dtype``, ``device``:
-    the base the heads are fitted on (``--dtype``, ``--device``). ``overwrite``: replace an ``output`` that holds
+    the base the heads are fitted on (``--dtype``, ``--device``); int8 also certifies on it, against the float32
+    full model, and writes the float32 weights (:mod:`earlyexit_kernels.integrations.int8_fit`). ``overwrite``: replace an ``output`` that holds
     files (otherwise :class:`~earlyexit_kernels.training.fit_texts.FitError`). ``calibration_source``: where the
     calibration rows came from, as the report says it."""
     from earlyexit_kernels.training.fit_config import FitConfig
@@ -372,19 +379,34 @@ def fit_folder(
         config = FitConfig(**options)
     elif options:
         raise TypeError(f"give a FitConfig or its fields as options, not both: {', '.join(sorted(options))}")
+    base = contextlib.nullcontext((None, None))  # (the reference, the int8 recipe): the model's own base
+    if dtype == "int8":
+        from earlyexit_kernels.integrations.int8_fit import check_int8_method, int8_base
+
+        check_int8_method(config.method)
     with seeded(config.seed):  # the heads made at loading are drawn under the seed too
         model, tokenizer = load_classifier(model_path)
-        if dtype is not None or device != "cpu":
+        if dtype == "int8":
+            base = int8_base(model, device)  # fitted and certified on int8, written float32
+        elif dtype is not None or device != "cpu":
             from earlyexit_kernels.engine.precision import to_base
 
             try:
                 to_base(model, dtype, device)
             except ValueError as error:
                 raise FitError(str(error)) from None
-        report = fit_with_config(
-            model, tokenizer, train, validation, config, calibration=calibration, unlabelled=unlabelled
-        )
+        with base as (reference, recipe):
+            report = fit_with_config(
+                model,
+                tokenizer,
+                train,
+                validation,
+                config,
+                calibration=calibration,
+                unlabelled=unlabelled,
+                reference=reference,
+            )
     if calibration_source is not None:
         report.calibration_source = calibration_source
-    save_fitted(model, tokenizer, report, Path(output), overwrite=overwrite, source=model_path)
+    save_fitted(model, tokenizer, report, Path(output), overwrite=overwrite, source=model_path, int8_recipe=recipe)
     return report

@@ -62,8 +62,12 @@ class FitRecord:
     @property
     def base_risk(self) -> str | None:
         """What the last ``eek calibrate`` on another base measured its risk against (``"reference"``: the saved
-        full model; ``"agreement"`` / ``"accuracy"``: the base's own full depth), or None where none recorded one."""
-        last = (self.recalibrations or [{}])[-1]
+        full model; ``"agreement"`` / ``"accuracy"``: the base's own full depth), or None where none recorded one.
+        A folder fitted on int8 and not re-certified since (``eek fit --dtype int8``: ``base`` without
+        ``recalibrations``) was certified against the saved full model, the one risk that fit takes."""
+        if not self.recalibrations:
+            return "reference" if self.base == "int8" else None
+        last = self.recalibrations[-1]
         return last.get("risk") if isinstance(last, dict) else None
 
     # ------------------------------------------------------------------------------ reading and writing

@@ -11,6 +11,7 @@ defaults (docs/training.md). The recipes are in :mod:`earlyexit_kernels.training
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from earlyexit_kernels.calibration.candidates import supports_paths
+from earlyexit_kernels.calibration.record import ExitRecord
 from earlyexit_kernels.engine.heads import HEAD_FORMS, HEAD_POOLINGS
 from earlyexit_kernels.methods.policies import SkipGates
 from earlyexit_kernels.patching.patch import patch
@@ -133,6 +135,19 @@ def _without_labels(batches) -> list[dict]:
     return [{k: v for k, v in batch.items() if k != "labels"} for batch in batches]
 
 
+def _against(reference, record: ExitRecord, batches) -> ExitRecord:
+    """``record`` of ``batches``' rows with the full model its risk reads taken from ``reference``'s full depth
+    on the same rows, in the same order (:attr:`~earlyexit_kernels.calibration.record.ExitRecord.reference_logits`)."""
+    from earlyexit_kernels.patching.state import is_patched
+
+    if is_patched(reference):
+        full = record_exits(reference, batches).all_logits[-1]
+    else:  # a plain classifier: its logits are its full depth's
+        with torch.no_grad():
+            full = torch.cat([reference(**{k: v for k, v in b.items() if k != "labels"}).logits for b in batches])
+    return dataclasses.replace(record, reference_logits=full.float().cpu().to(record.all_logits.dtype))
+
+
 def split_validation(batches, fraction: float = 0.15) -> tuple[list, list]:
     """``(train, validation)``: the last ``fraction`` of ``batches`` (at least one batch) held out."""
     batches = list(batches)
@@ -169,6 +184,7 @@ def fit_exit_heads(
     head: str | None = None,
     unlabelled_batches=None,
     guarantee: str = "probable",
+    reference=None,
 ) -> FitResult:
     """Train the exit heads of ``model`` with ``method``'s recipe, calibrate on validation data, patch.
 
@@ -198,6 +214,11 @@ def fit_exit_heads(
     ``"expected"``, what the certificate promises); the guarantee
     assumes calibration rows that no training step saw, so pass ``calibration_batches``;
     ``unlabelled_batches``: more such rows, without labels, in the certificate beside them.
+    ``reference``: where ``model`` runs on another base than the one the user validated (``eek fit --dtype
+    int8``: its encoder layers int8), that model (patched or not, on its own base), whose full depth the calibration
+    measures the risk against: accuracy lost against its answers' accuracy, or disagreement with them; the
+    base's own changes and the exits' count together against ``max_drop``. Head-only recipes only (the
+    base's layers learn nothing). None: ``model``'s own full depth.
     ``pooling`` / ``head``: the heads' (``"cls"``/``"mean"``, ``"model"``/``"mlp"``/``"cascade"``; None: the
     model's, see ``eek.patch``), or ``"auto"``: trained in every configuration on one cached pass
     of the model and chosen on the validation rows
@@ -212,6 +233,11 @@ def fit_exit_heads(
         raise ValueError("give one target: max_drop (accuracy points) or target_layers (mean layers), not both")
     if max_drop is None and target_layers is None:
         max_drop = 1.0
+    if reference is not None and any(stage.trains != "heads" for stage in chosen.stages):
+        raise ValueError(
+            f"the {chosen.name} recipe trains the encoder too, which a model on another base than its reference "
+            "cannot learn: fit it on its own base (reference=None), or use method='heads' or 'fastbert'"
+        )
     train_batches = _as_list(train_batches)
     use_labels = _has_labels(train_batches) if labels is None else bool(labels)
     if use_labels and not _has_labels(train_batches):
@@ -322,6 +348,10 @@ def fit_exit_heads(
         record = cached_record(model, caches["calibration"])
     else:
         record = record_exits(model, calibration_batches)
+    unlabelled = None if unlabelled_batches is None else record_exits(model, unlabelled_batches)
+    if reference is not None:
+        record = _against(reference, record, calibration_batches)
+        unlabelled = None if unlabelled is None else _against(reference, unlabelled, unlabelled_batches)
     path_record = None
     if confidence is not None and calibrated_on == "calibration" and supports_paths(policy):
         # the path of candidates is chosen on the validation rows, apart from the calibration rows
@@ -335,7 +365,7 @@ def fit_exit_heads(
         verbose=verbose,
         confidence=confidence,
         path_record=path_record,
-        unlabelled=None if unlabelled_batches is None else record_exits(model, unlabelled_batches),
+        unlabelled=unlabelled,
         guarantee=guarantee,
     )
     patch(model, calibration.policy, backend)

@@ -178,7 +178,7 @@ def _compact_curve(curve: list[tuple[str, float, float]], rows: int = 8) -> list
     return [f"{name:<{width}}  {100 * acc:6.2f}%  {layers:5.2f} layers" for name, acc, layers in points]
 
 
-def train_and_calibrate(model, data: FitData, config: FitConfig) -> FitReport:
+def train_and_calibrate(model, data: FitData, config: FitConfig, *, reference=None) -> FitReport:
     """Train ``model``'s exit heads with ``config.method``'s recipe on ``data``'s training rows and
     calibrate on its validation rows (:func:`earlyexit_kernels.training.fit_exit_heads`); returns a
     :class:`FitReport`. ``data``: the rows :func:`~earlyexit_kernels.training.fit_data.prepare` made
@@ -186,7 +186,9 @@ def train_and_calibrate(model, data: FitData, config: FitConfig) -> FitReport:
     holds any, are certified on in place of the validation rows, with its unlabelled rows beside
     them). ``config``: the fit's settings (:class:`~earlyexit_kernels.training.fit_config.FitConfig`;
     ``config.pooling`` / ``config.head``: the internal heads', None: the family's default, see
-    ``patch``; ``config.confidence``: certify ``config.max_drop`` with it).
+    ``patch``; ``config.confidence``: certify ``config.max_drop`` with it). ``reference``: where ``model``
+    runs on another base (its encoder int8), the model on the base the user validated, whose full depth the
+    certificate measures against (:func:`~earlyexit_kernels.training.fit_exit_heads`); None: ``model``'s own.
     """
     from earlyexit_kernels.calibration.report import describe, distinct_digits
     from earlyexit_kernels.training.fit import fit_exit_heads
@@ -220,6 +222,7 @@ def train_and_calibrate(model, data: FitData, config: FitConfig) -> FitReport:
             head=config.head,
             unlabelled_batches=unlabelled_batches,
             guarantee=config.guarantee,
+            reference=reference,
         )
     model.eval()
     calibration = result.calibration
@@ -332,18 +335,21 @@ def fit_model(
     return fit_with_config(model, tokenizer, train, validation, config, calibration=calibration, unlabelled=unlabelled)
 
 
-def fit_with_config(model, tokenizer, train, validation, config: FitConfig, *, calibration=None, unlabelled=None):
+def fit_with_config(
+    model, tokenizer, train, validation, config: FitConfig, *, calibration=None, unlabelled=None, reference=None
+):
     """:func:`fit_model` with its settings as one :class:`~earlyexit_kernels.training.fit_config.FitConfig`
     (what the command line builds once), run under ``config.seed`` (:func:`seeded`): the rows as
-    :func:`fit_model` takes them, and the same :class:`FitReport`."""
+    :func:`fit_model` takes them, and the same :class:`FitReport`. ``reference``: the model on the base the
+    user validated, where ``model`` runs on another (:func:`train_and_calibrate`)."""
     with seeded(config.seed):
-        return _fit(model, tokenizer, train, validation, config, calibration, unlabelled)
+        return _fit(model, tokenizer, train, validation, config, calibration, unlabelled, reference)
 
 
-def _fit(model, tokenizer, train, validation, config: FitConfig, calibration, unlabelled) -> FitReport:
+def _fit(model, tokenizer, train, validation, config: FitConfig, calibration, unlabelled, reference) -> FitReport:
     """:func:`fit_with_config`'s body, under its seed: the rows prepared, the heads trained and calibrated."""
     data = prepare(model, tokenizer, train, validation, config, calibration=calibration, unlabelled=unlabelled)
-    report = train_and_calibrate(model, data, config)
+    report = train_and_calibrate(model, data, config, reference=reference)
     if data.share is not None:
         report.calibration_share = data.share.describe()
     if data.calibration_given:

@@ -1,0 +1,81 @@
+"""Exit heads fitted on the int8 base they are served on (``eek fit --dtype int8``).
+
+A head reads the hidden states of the layer below it. Fitted on the float32 model and served on
+the int8 base (``eek calibrate --dtype int8``, then ``eek serve --dtype int8``), it reads other
+hidden states than it learnt from, and its threshold pays for that in layers. Here the model's
+encoder layers run int8 (the family's recipe, :func:`~earlyexit_kernels.engine.precision.to_base`)
+while the heads train on their hidden states (the cached path: one int8 pass over the rows), and
+the threshold is certified on that base against the saved float32 full model, the one the user
+validated: accuracy lost against it where the rows have labels, else disagreement with it. The
+int8 base's own changes and the exits' count together against one budget, as ``eek calibrate
+--dtype int8`` certifies by default.
+
+The folder keeps the float32 weights, as every folder does: the float32 layers are put back
+before it is written, and the int8 base is made from them again at loading, with the recipe the
+certificate holds for recorded in ``eek_fit.json`` (``base``, ``int8_recipe``).
+
+Only head-only recipes (``heads``, ``fastbert``): the int8 layers learn nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+__all__ = ["int8_base", "check_int8_method"]
+
+
+def check_int8_method(method: str) -> None:
+    """A :class:`~earlyexit_kernels.training.fit_checks.FitError` saying what to run instead where
+    ``method``'s recipe trains the encoder, which the int8 layers cannot learn."""
+    from earlyexit_kernels.training.fit_checks import FitError
+    from earlyexit_kernels.training.recipes import recipe
+
+    stages = [stage for stage in recipe(method).stages if stage.trains != "heads"]
+    if stages:
+        raise FitError(
+            f"--dtype int8 fits the exit heads on the frozen int8 encoder; --method {method} trains the encoder too "
+            f"({stages[0].objective}), which its int8 layers cannot learn. Fit --method heads or fastbert on int8, "
+            f"or fit {method} on float32 and certify it on int8 with eek calibrate OUTPUT_DIR FILE --dtype int8"
+        )
+
+
+@contextlib.contextmanager
+def int8_base(model, device: str = "cpu"):
+    """``model``'s encoder layers int8 inside the block, its float32 layers put back after, whatever happens.
+
+    Yields ``(reference, recipe)``: a copy of ``model`` as it was (float32, patched), whose full depth the
+    certificate measures against, and the int8 recipe the layers run
+    (:func:`~earlyexit_kernels.engine.precision.int8_recipe`). ``model`` must be float32 and have an
+    ``encoder.layer`` list, which int8 swaps; a :class:`~earlyexit_kernels.training.fit_checks.FitError`
+    says what runs instead otherwise."""
+    import torch
+
+    from earlyexit_kernels.engine.ort_layer import encoder_layers
+    from earlyexit_kernels.engine.precision import int8_recipe, to_base
+    from earlyexit_kernels.training.fit_checks import FitError
+
+    layers = encoder_layers(model)
+    if layers is None:
+        raise FitError(
+            f"--dtype int8 fits the heads on {type(model).__name__}'s int8 encoder layers, and it has no encoder.layer "
+            "list: fit on float32 and certify on int8 with eek calibrate OUTPUT_DIR FILE --dtype int8"
+        )
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        raise FitError("--dtype int8 starts from the float32 model; this one is not float32")
+    try:
+        recipe = int8_recipe(model)
+    except ValueError as error:
+        raise FitError(str(error)) from None
+    reference = copy.deepcopy(model)  # its layers are the float32 ones put back
+    try:
+        try:
+            to_base(model, "int8", device, int8_recipe=recipe)
+        except ValueError as error:
+            raise FitError(str(error)) from None
+        yield reference, recipe
+    finally:
+        for index, layer in enumerate(encoder_layers(reference)):
+            layers[index] = layer
+        if hasattr(model, "eek_int8_recipe"):
+            del model.eek_int8_recipe
