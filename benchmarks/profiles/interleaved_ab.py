@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root: benchmarks.suite
 
+from benchmarks.profiles.serve_memory_profile import server_setting
 from benchmarks.suite.serve_peers import default_cores, drive, pinned
 from earlyexit_kernels.bench.results import cpu_name, instruction_sets
 from earlyexit_kernels.bench.server_process import EekServer
@@ -69,16 +70,8 @@ def summary(changes: list[float]) -> dict:
 
 
 def _server(args, setting: str, cores) -> EekServer:
-    name, _, rest = setting.partition(":")
-    extra, _, variables = rest.partition("|")
-    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    env.update(item.split("=", 1) for item in variables.split())
-    launcher = [sys.executable, "-m", "earlyexit_kernels"]
-    if args.wrapper is not None:
-        launcher = [sys.executable, str(args.wrapper), "--"]
-    return EekServer(
-        args.folder, None, 32, 1, extra=tuple(extra.split()), cores=cores, env=env, name=name, launcher=launcher
-    )
+    name, extra, env, launcher = server_setting(setting, args.wrapper)
+    return EekServer(args.folder, None, 32, 1, extra=tuple(extra), cores=cores, env=env, name=name, launcher=launcher)
 
 
 def main(argv=None) -> None:

@@ -81,15 +81,22 @@ def _file_name(setting: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in setting).strip("-") or "server"
 
 
-def soak(args, texts: list[str], setting: str, server_cores, client_cores) -> dict:
-    """One ``setting``'s server over a soak: its readings, texts/s and the change of resident memory."""
+def server_setting(setting: str, wrapper: Path | None = None) -> tuple[str, list[str], dict[str, str], list[str]]:
+    """``NAME:EXTRA OPTIONS|ENV=VALUE ...`` as (name, the extra ``eek serve`` options, its environment on one
+    thread, the command that runs ``eek``: ``wrapper`` given, that script with ``eek``'s command line after ``--``)."""
     name, _, rest = setting.partition(":")
     extra, _, variables = rest.partition("|")
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.update(item.split("=", 1) for item in variables.split())
     launcher = [sys.executable, "-m", "earlyexit_kernels"]
-    if args.wrapper is not None:
-        launcher = [sys.executable, str(args.wrapper), "--"]
+    if wrapper is not None:
+        launcher = [sys.executable, str(wrapper), "--"]
+    return name, extra.split(), env, launcher
+
+
+def soak(args, texts: list[str], setting: str, server_cores, client_cores) -> dict:
+    """One ``setting``'s server over a soak: its readings, texts/s and the change of resident memory."""
+    name, extra, env, launcher = server_setting(setting, args.wrapper)
     if args.heap is not None:
         args.heap.mkdir(parents=True, exist_ok=True)
         snapshots = args.heap / f"{_file_name(name)}.jsonl"
@@ -98,7 +105,7 @@ def soak(args, texts: list[str], setting: str, server_cores, client_cores) -> di
         launcher += ["--every", str(args.heap_every), "--output", str(snapshots)]
         launcher += ["--tracemalloc"] * args.tracemalloc + ["--"]
     server = EekServer(
-        args.folder, None, 32, 1, extra=tuple(extra.split()), cores=server_cores, env=env, name=name, launcher=launcher
+        args.folder, None, 32, 1, extra=tuple(extra), cores=server_cores, env=env, name=name, launcher=launcher
     )
     samples = []
     indices = list(range(len(texts)))
@@ -124,8 +131,8 @@ def soak(args, texts: list[str], setting: str, server_cores, client_cores) -> di
     largest = max(abs(s["total"] - first) / first for s in samples)
     result = {
         "setting": name,
-        "options": extra.split(),
-        "env": variables.split(),
+        "options": extra,
+        "env": setting.partition("|")[2].split(),
         "texts_per_s": round(len(run.index) / run.wall, 1),
         "errors": run.errors,
         "change_pct": round(100 * (last - first) / first, 1),
