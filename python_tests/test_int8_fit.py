@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from test_fit_cli import FAST, _frame, _run, classifier  # noqa: F401 - classifier is a fixture
 from test_training_defaults import _data
 
+import earlyexit_kernels as eek
 from earlyexit_kernels.engine import precision
 from earlyexit_kernels.integrations.model_folder import load_model
 from earlyexit_kernels.patching.fit_record import FitRecord
@@ -152,3 +153,13 @@ def test_a_fit_on_int8_re_certified_later_reads_the_risk_of_that_certificate():
     assert FitRecord(base="int8", recalibrations=[{"base": "float32"}]).base_risk is None
     assert FitRecord(base="int8", recalibrations=[{"base": "int8", "risk": "agreement"}]).base_risk == "agreement"
     assert FitRecord().base_risk is None and FitRecord(base="float32").base_risk is None
+
+
+def test_a_model_not_in_float32_is_refused_with_what_to_do():
+    from earlyexit_kernels.integrations.int8_fit import int8_base
+    from earlyexit_kernels.training.fit_checks import FitError
+
+    model = eek.patch(tiny_model("bert"), eek.Entropy(0.3)).to(torch.bfloat16)
+    with pytest.raises(FitError, match=r"saved in bfloat16: save it in float32 first"):
+        with int8_base(model):
+            pass

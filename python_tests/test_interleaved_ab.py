@@ -32,3 +32,16 @@ def test_the_pairs_are_summed_up_in_percent():
     assert out["median_change_pct"] == pytest.approx(0.5)
     assert out["median_95_pct"] == [-2.0, 3.0]
     assert out["mean_change_pct"] == pytest.approx(0.5)
+
+
+def test_a_recorded_run_gives_back_its_pairs_changes_in_order():
+    record = {
+        "settings": ["new:--dtype int8", "old:--dtype int8|EEK_ARENA_CFG=arena_extend_strategy=1"],
+        "blocks": [
+            {"pair": 1, "server": "new", "texts_per_s": 110.0},
+            {"pair": 1, "server": "old", "texts_per_s": 100.0},
+            {"pair": 2, "server": "old", "texts_per_s": 100.0},  # B A: the baseline first
+            {"pair": 2, "server": "new", "texts_per_s": 95.0},
+        ],
+    }
+    assert interleaved_ab.recorded_changes(record) == pytest.approx([0.10, -0.05])

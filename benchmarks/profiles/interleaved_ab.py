@@ -7,7 +7,8 @@ in blocks of ``--block`` seconds, in pairs ordered A B, B A, A B, ... so that a 
 machine falls on both servers of a pair alike. Each pair gives one change, candidate (the first
 ``--setting``) against baseline (the second): ``texts/s A / texts/s B - 1``. Reported: the median
 change with its distribution-free 95% interval (order statistics of the pairs, as the sign test
-gives it), the mean with its standard error, and how many pairs went each way::
+gives it), the mean with its standard error, and how many pairs went each way (``--combine`` sums up the
+pairs of several recorded runs together)::
 
     flock -x /tmp/eek-cpu.lock python benchmarks/profiles/interleaved_ab.py FOLDER TEXTS.txt \\
         --setting "doubling:--dtype int8" "as asked:--dtype int8|EEK_ARENA_CFG=arena_extend_strategy=1" \\
@@ -69,6 +70,15 @@ def summary(changes: list[float]) -> dict:
     }
 
 
+def recorded_changes(record: dict) -> list[float]:
+    """The pairs' changes (candidate against baseline) of a recorded run, in pair order."""
+    candidate, baseline = (setting.partition(":")[0] for setting in record["settings"])
+    rates: dict[int, dict[str, float]] = {}
+    for block in record["blocks"]:
+        rates.setdefault(block["pair"], {})[block["server"]] = block["texts_per_s"]
+    return [pair[candidate] / pair[baseline] - 1 for _, pair in sorted(rates.items())]
+
+
 def _server(args, setting: str, cores) -> EekServer:
     name, extra, env, launcher = server_setting(setting, args.wrapper)
     return EekServer(args.folder, None, 32, 1, extra=tuple(extra), cores=cores, env=env, name=name, launcher=launcher)
@@ -76,9 +86,10 @@ def _server(args, setting: str, cores) -> EekServer:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("texts", type=Path, help="one text per line")
-    parser.add_argument("--setting", nargs=2, required=True, help="candidate and baseline: NAME:OPTIONS|ENV=VALUE")
+    parser.add_argument("folder", type=Path, nargs="?")
+    parser.add_argument("texts", type=Path, nargs="?", help="one text per line")
+    parser.add_argument("--setting", nargs=2, help="candidate and baseline: NAME:OPTIONS|ENV=VALUE")
+    parser.add_argument("--combine", type=Path, nargs="+", help="recorded JSON files: their pairs summed up together")
     parser.add_argument("--wrapper", type=Path, help="a Python script that runs eek's command line given after --")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--pairs", type=int, default=20)
@@ -87,6 +98,12 @@ def main(argv=None) -> None:
     parser.add_argument("--label", default="", help="what is served")
     parser.add_argument("--output", type=Path, help="a JSON file the blocks and the summary are written to")
     args = parser.parse_args(argv)
+    if args.combine:
+        changes = [c for path in args.combine for c in recorded_changes(json.loads(path.read_text()))]
+        print(json.dumps(summary(changes)))
+        return
+    if args.folder is None or args.texts is None or args.setting is None:
+        parser.error("give FOLDER, TEXTS and --setting CANDIDATE BASELINE (or --combine JSON files)")
     texts = [line for line in args.texts.read_text().splitlines() if line.strip()]
     indices = list(range(len(texts)))
     server_cores, client_cores = default_cores()

@@ -62,7 +62,11 @@ def int8_base(model, device: str = "cpu"):
             "list: fit on float32 and certify on int8 with eek calibrate OUTPUT_DIR FILE --dtype int8"
         )
     if any(p.dtype != torch.float32 for p in model.parameters()):
-        raise FitError("--dtype int8 starts from the float32 model; this one is not float32")
+        kinds = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+        raise FitError(
+            f"--dtype int8 fits on the int8 base made from the float32 model, and certifies against that model; "
+            f"this one is saved in {', '.join(kinds)}: save it in float32 first (model.float().save_pretrained(...))"
+        )
     try:
         recipe = int8_recipe(model)
     except ValueError as error:
