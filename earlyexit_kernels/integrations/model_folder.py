@@ -369,9 +369,9 @@ def fit_folder(
     :func:`~earlyexit_kernels.training.fit_texts.fit_model`'s keyword ``options``, not both. ``calibration``,
     ``unlabelled``: as :func:`~earlyexit_kernels.training.fit_texts.fit_model` takes them. ``dtype``, ``device``:
     the base the heads are fitted on (``--dtype``, ``--device``); int8 also certifies on it, against the float32
-    full model, and writes the float32 weights (:mod:`earlyexit_kernels.integrations.int8_fit`). ``overwrite``: replace an ``output`` that holds
-    files (otherwise :class:`~earlyexit_kernels.training.fit_texts.FitError`). ``calibration_source``: where the
-    calibration rows came from, as the report says it."""
+    full model, and writes the float32 weights (:mod:`earlyexit_kernels.integrations.int8_fit`). ``overwrite``:
+    replace an ``output`` that holds files (otherwise :class:`~earlyexit_kernels.training.fit_texts.FitError`).
+    ``calibration_source``: where the calibration rows came from, as the report says it."""
     from earlyexit_kernels.training.fit_config import FitConfig
     from earlyexit_kernels.training.fit_texts import FitError, fit_with_config, seeded
 
