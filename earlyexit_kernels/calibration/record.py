@@ -11,7 +11,7 @@ them. Every other module of :mod:`earlyexit_kernels.calibration` reads it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -80,6 +80,11 @@ class ExitRecord:
     @property
     def num_layers(self) -> int:
         return self.all_logits.shape[0]
+
+    def against(self, full_logits: torch.Tensor) -> ExitRecord:
+        """This record with its risks measured against ``full_logits`` [N, C], another model's full depth on
+        the same rows in the same order (:attr:`reference_logits`, in this record's dtype)."""
+        return replace(self, reference_logits=full_logits.to(self.all_logits.dtype))
 
     def subset(self, rows: torch.Tensor) -> ExitRecord:
         """The record of the sequences selected by ``rows`` (indices or a bool mask [N])."""

@@ -422,6 +422,7 @@ def _fit(args) -> int:
     )
     for line in report.summary():
         print(line)
+    base = ""  # what the commands below add: the base the folder was certified on, where not as saved
     if args.dtype == "int8":
         from earlyexit_kernels.patching.fit_record import FitRecord
 
@@ -429,12 +430,11 @@ def _fit(args) -> int:
             f"fitted and certified on the int8 base (recipe {FitRecord.load(output).int8_recipe}) against the float32 "
             f"full model; the folder holds the float32 weights: serve it on int8 (--dtype int8)"
         )
-        print(
-            f"wrote {output}: eek classify {output} INPUT OUTPUT --dtype int8, eek serve {output} --dtype int8, "
-            f"eek evaluate {output} FILE --dtype int8"
-        )
-        return 0
-    print(f"wrote {output}: eek classify {output} INPUT OUTPUT, eek serve {output}, eek evaluate {output} FILE")
+        base = " --dtype int8"
+    print(
+        f"wrote {output}: eek classify {output} INPUT OUTPUT{base}, eek serve {output}{base}, "
+        f"eek evaluate {output} FILE{base}"
+    )
     return 0
 
 

@@ -31,7 +31,7 @@ def check_int8_method(method: str) -> None:
     from earlyexit_kernels.training.fit_checks import FitError
     from earlyexit_kernels.training.recipes import recipe
 
-    stages = [stage for stage in recipe(method).stages if stage.trains != "heads"]
+    stages = recipe(method).encoder_stages
     if stages:
         raise FitError(
             f"--dtype int8 fits the exit heads on the frozen int8 encoder; --method {method} trains the encoder too "

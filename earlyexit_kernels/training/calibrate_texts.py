@@ -236,15 +236,13 @@ def calibrate_texts(
             reference = record_exits(base_change.reference, batches)
         if extra is not None and base_change is not None and base_change.risk == "reference":
             more = record_exits(base_change.reference, extra_batches)
-            extra = dataclasses.replace(extra, reference_logits=more.all_logits[-1].to(extra.all_logits.dtype))
+            extra = extra.against(more.all_logits[-1])
     certified_on = record
     if base_change is not None and base_change.risk == "agreement":
         certified_on = dataclasses.replace(record, labels=None)  # the labels do not enter the risk
     elif base_change is not None and base_change.risk == "reference":
         # the full model the risk reads is the saved base's, on the same rows in the same order
-        certified_on = dataclasses.replace(
-            record, reference_logits=reference.all_logits[-1].to(record.all_logits.dtype)
-        )
+        certified_on = record.against(reference.all_logits[-1])
     report = calibrate_record(
         model, certified_on, max_drop=max_drop, confidence=confidence, path=path, unlabelled=extra, guarantee=guarantee
     )

@@ -122,7 +122,7 @@ def choose_share(
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed + 1)).tolist()
     chosen = recipe(method)
     stage = chosen.stages[0]
-    if any(s.trains != "heads" for s in chosen.stages):
+    if chosen.encoder_stages:
         # the backbone learns from the training rows too: a heads-only probe cannot tell what it needs
         return _fixed(count, fraction, order, f"--method {method} trains the backbone too: the fixed {fraction:g}")
     sizes, size = [], first

@@ -11,7 +11,6 @@ defaults (docs/training.md). The recipes are in :mod:`earlyexit_kernels.training
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -136,16 +135,8 @@ def _without_labels(batches) -> list[dict]:
 
 
 def _against(reference, record: ExitRecord, batches) -> ExitRecord:
-    """``record`` of ``batches``' rows with the full model its risk reads taken from ``reference``'s full depth
-    on the same rows, in the same order (:attr:`~earlyexit_kernels.calibration.record.ExitRecord.reference_logits`)."""
-    from earlyexit_kernels.patching.state import is_patched
-
-    if is_patched(reference):
-        full = record_exits(reference, batches).all_logits[-1]
-    else:  # a plain classifier: its logits are its full depth's
-        with torch.no_grad():
-            full = torch.cat([reference(**{k: v for k, v in b.items() if k != "labels"}).logits for b in batches])
-    return dataclasses.replace(record, reference_logits=full.float().cpu().to(record.all_logits.dtype))
+    """``record`` of ``batches``' rows with its risks measured against ``reference``'s full depth on the same rows."""
+    return record.against(record_exits(reference, batches).all_logits[-1])
 
 
 def split_validation(batches, fraction: float = 0.15) -> tuple[list, list]:
@@ -215,7 +206,7 @@ def fit_exit_heads(
     assumes calibration rows that no training step saw, so pass ``calibration_batches``;
     ``unlabelled_batches``: more such rows, without labels, in the certificate beside them.
     ``reference``: where ``model`` runs on another base than the one the user validated (``eek fit --dtype
-    int8``: its encoder layers int8), that model (patched or not, on its own base), whose full depth the calibration
+    int8``: its encoder layers int8), that model (patched, on its own base), whose full depth the calibration
     measures the risk against: accuracy lost against its answers' accuracy, or disagreement with them; the
     base's own changes and the exits' count together against ``max_drop``. Head-only recipes only (the
     base's layers learn nothing). None: ``model``'s own full depth.
@@ -233,7 +224,7 @@ def fit_exit_heads(
         raise ValueError("give one target: max_drop (accuracy points) or target_layers (mean layers), not both")
     if max_drop is None and target_layers is None:
         max_drop = 1.0
-    if reference is not None and any(stage.trains != "heads" for stage in chosen.stages):
+    if reference is not None and chosen.encoder_stages:
         raise ValueError(
             f"the {chosen.name} recipe trains the encoder too, which a model on another base than its reference "
             "cannot learn: fit it on its own base (reference=None), or use method='heads' or 'fastbert'"

@@ -55,6 +55,11 @@ class Recipe:
     def needs_labels(self) -> bool:
         return any(stage.unlabelled is None for stage in self.stages)
 
+    @property
+    def encoder_stages(self) -> tuple[Stage, ...]:
+        """The stages that train the encoder too (``trains`` ``"all"`` or ``"backbone"``), in order."""
+        return tuple(stage for stage in self.stages if stage.trains != "heads")
+
 
 # The head-only stage every recipe starts from: cross-entropy of every internal head against
 # the labels (DeeBERT's stage 2), or self-distillation from the final classifier without them.
