@@ -236,8 +236,8 @@ def _about(stage: str, rows: int, first_run_only: bool = False) -> str:
 
 
 def run(args) -> None:
-    from earlyexit_kernels.integrations.model_folder import load_classifier, save_fitted
-    from earlyexit_kernels.training.fit_texts import FitReport, fit_model, seeded
+    from earlyexit_kernels.integrations.model_folder import fit_folder
+    from earlyexit_kernels.training.fit_texts import FitReport
     from earlyexit_kernels.training.labelled_texts import LabelledTexts, split_rows
 
     stages = StageLines(4)
@@ -292,19 +292,16 @@ def run(args) -> None:
         train = labelled(splits["train"])
         rest, held = split_rows(len(train), options["validation_split"], options["seed"])
         fit_options = {k: v for k, v in options.items() if k != "calibration"}
-        with seeded(options["seed"]):  # as eek fit: the heads made at loading are drawn under the seed too
-            model, fit_tokenizer = load_classifier(info["path"])
-            report = fit_model(
-                model,
-                fit_tokenizer,
-                train.subset(rest),
-                train.subset(held),
-                calibration=labelled(splits["validation"]),
-                progress=sys.stderr.isatty(),
-                **fit_options,
-            )
-        report.calibration_source = f"from {files['validation']} (--calibration)"
-        save_fitted(model, fit_tokenizer, report, folder, overwrite=True, source=info["path"])
+        report = fit_folder(  # what eek fit runs once it has read its files
+            info["path"],
+            train.subset(rest),
+            train.subset(held),
+            folder,
+            calibration=labelled(splits["validation"]),
+            calibration_source=f"from {files['validation']} (--calibration)",
+            progress=sys.stderr.isatty(),
+            **fit_options,
+        )
         print(f"2. fitted the exit heads as `{command}` does, in {time.perf_counter() - start:.0f} s:")
     print(
         f"   the careful path: the heads trained on the train split ({len(splits['train'])} rows, a tenth of them "

@@ -372,8 +372,10 @@ def fit_folder(
     full model, and writes the float32 weights (:mod:`earlyexit_kernels.integrations.int8_fit`). ``overwrite``:
     replace an ``output`` that holds files (otherwise :class:`~earlyexit_kernels.training.fit_texts.FitError`).
     ``calibration_source``: where the calibration rows came from, as the report says it."""
+    import torch
+
     from earlyexit_kernels.training.fit_config import FitConfig
-    from earlyexit_kernels.training.fit_texts import FitError, fit_with_config, seeded
+    from earlyexit_kernels.training.fit_texts import FitError, fit_with_config
 
     if config is None:
         config = FitConfig(**options)
@@ -384,28 +386,31 @@ def fit_folder(
         from earlyexit_kernels.integrations.int8_fit import check_int8_method, int8_base
 
         check_int8_method(config.method)
-    with seeded(config.seed):  # the heads made at loading are drawn under the seed too
+    # The seed is set once, by fit_with_config: every head the fit trains is made inside it (the ones made at
+    # loading never reach the folder; scripts/fit_bytes.py draws torch's generator anew before each fit). The
+    # loading's draws come from a fork of torch's generator, which the caller gets back as it was.
+    with torch.random.fork_rng(devices=[]):
         model, tokenizer = load_classifier(model_path)
-        if dtype == "int8":
-            base = int8_base(model, device)  # fitted and certified on int8, written float32
-        elif dtype is not None or device != "cpu":
-            from earlyexit_kernels.engine.precision import to_base
+    if dtype == "int8":
+        base = int8_base(model, device)  # fitted and certified on int8, written float32
+    elif dtype is not None or device != "cpu":
+        from earlyexit_kernels.engine.precision import to_base
 
-            try:
-                to_base(model, dtype, device)
-            except ValueError as error:
-                raise FitError(str(error)) from None
-        with base as (reference, recipe):
-            report = fit_with_config(
-                model,
-                tokenizer,
-                train,
-                validation,
-                config,
-                calibration=calibration,
-                unlabelled=unlabelled,
-                reference=reference,
-            )
+        try:
+            to_base(model, dtype, device)
+        except ValueError as error:
+            raise FitError(str(error)) from None
+    with base as (reference, recipe):
+        report = fit_with_config(
+            model,
+            tokenizer,
+            train,
+            validation,
+            config,
+            calibration=calibration,
+            unlabelled=unlabelled,
+            reference=reference,
+        )
     if calibration_source is not None:
         report.calibration_source = calibration_source
     save_fitted(model, tokenizer, report, Path(output), overwrite=overwrite, source=model_path, int8_recipe=recipe)
