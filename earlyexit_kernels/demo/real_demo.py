@@ -286,8 +286,8 @@ def run(args) -> None:
         )
         start = time.perf_counter()
 
-        def labelled(split):
-            return LabelledTexts(split.texts, None, split.labels, "rotten tomatoes", "label")
+        def labelled(split, path="rotten tomatoes"):  # path: the file the report names the rows by
+            return LabelledTexts(split.texts, None, split.labels, str(path), "label")
 
         train = labelled(splits["train"])
         rest, held = split_rows(len(train), options["validation_split"], options["seed"])
@@ -297,8 +297,7 @@ def run(args) -> None:
             train.subset(rest),
             train.subset(held),
             folder,
-            calibration=labelled(splits["validation"]),
-            calibration_source=f"from {files['validation']} (--calibration)",
+            calibration=labelled(splits["validation"], files["validation"]),
             progress=sys.stderr.isatty(),
             **fit_options,
         )

@@ -418,7 +418,6 @@ def _fit(args) -> int:
         dtype=args.dtype,
         device=args.device,
         overwrite=args.overwrite,
-        calibration_source=None if calibration is None else f"from {args.calibration} (--calibration)",
     )
     for line in report.summary():
         print(line)

@@ -358,7 +358,6 @@ def fit_folder(
     dtype: str | None = None,
     device: str = "cpu",
     overwrite: bool = True,
-    calibration_source: str | None = None,
     **options,
 ):
     """The classifier folder ``model_path`` fitted (:func:`~earlyexit_kernels.training.fit_texts.fit_with_config`) and
@@ -371,7 +370,7 @@ def fit_folder(
     the base the heads are fitted on (``--dtype``, ``--device``); int8 also certifies on it, against the float32
     full model, and writes the float32 weights (:mod:`earlyexit_kernels.integrations.int8_fit`). ``overwrite``:
     replace an ``output`` that holds files (otherwise :class:`~earlyexit_kernels.training.fit_texts.FitError`).
-    ``calibration_source``: where the calibration rows came from, as the report says it."""
+    The report names the calibration rows by their file (``calibration.path``), as ``--calibration`` gave it."""
     import torch
 
     from earlyexit_kernels.training.fit_config import FitConfig
@@ -411,7 +410,7 @@ def fit_folder(
             unlabelled=unlabelled,
             reference=reference,
         )
-    if calibration_source is not None:
-        report.calibration_source = calibration_source
+    if calibration is not None:
+        report.calibration_source = f"from {calibration.path} (--calibration)"
     save_fitted(model, tokenizer, report, Path(output), overwrite=overwrite, source=model_path, int8_recipe=recipe)
     return report
