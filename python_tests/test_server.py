@@ -339,6 +339,7 @@ def test_sigterm_answers_the_requests_in_flight_then_exits(slow_model_dir):
         info = httpx.get(url + "/info", timeout=10).json()
         memory = info["memory"]  # eek serve set its allocator behaviour
         assert "malloc_trim" in memory or "preloaded" in memory or "not glibc" in memory
+        assert info["gc_frozen_objects"] > 10_000  # the start-up heap (torch, the model, the app) frozen
         assert info["layers"] == ("onnxruntime" if ort_available() else "torch")  # --layers auto
         with ThreadPoolExecutor(4) as pool:
             requests = [

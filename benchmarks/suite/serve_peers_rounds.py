@@ -7,6 +7,10 @@ with their range.
 Each ROUND.json is one ``serve_peers_cli`` result (``serve_peers_<name>.json``), its servers run in the order
 ``--servers`` gave; run the rounds with that order alternating. The best Infinity configuration is taken per
 round and level (the most texts/s), as a user would pick it.
+
+A round may be several results joined by ``+`` (``A.json+B.json``: the same round run at two ``--max-batch-size``
+caps, one after the other): their rows are pooled, each server named with its cap where the caps differ
+(``eek serve int8 (batch 16)``), and Infinity's best is the best of every configuration at every cap.
 """
 
 from __future__ import annotations
@@ -42,11 +46,30 @@ def ratios(result: dict) -> dict[tuple[str, str], tuple[float, float, str]]:
     return out
 
 
+def pooled(parts: list[dict]) -> dict:
+    """One round from the results of ``parts`` (run at different caps): their rows together, each server named
+    with its ``--max-batch-size`` where the caps differ; the first part's other fields."""
+    caps = {part["max_batch_size"] for part in parts}
+    rows = []
+    for part in parts:
+        for row in part["rows"]:
+            named = row["server"] if len(caps) == 1 else f"{row['server']} (batch {part['max_batch_size']})"
+            rows.append({**row, "server": named})
+    return {**parts[0], "rows": rows}
+
+
+def read_round(argument: str) -> dict:
+    """A round: one result file, or several joined by ``+`` (:func:`pooled`)."""
+    return pooled([json.loads(Path(path).read_text()) for path in argument.split("+")])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("rounds", type=Path, nargs="+", help="serve_peers_cli results, one a round")
+    parser.add_argument(
+        "rounds", nargs="+", help="serve_peers_cli results, one a round (A.json+B.json: one round at two caps)"
+    )
     args = parser.parse_args(argv)
-    results = [json.loads(path.read_text()) for path in args.rounds]
+    results = [read_round(argument) for argument in args.rounds]
     per_round = [ratios(result) for result in results]
     keys = sorted({key for round_ in per_round for key in round_}, key=lambda k: (k[0], k[1]))
     print(f"{len(results)} rounds ({', '.join(sorted({r['cpu'] for r in results}))}); median [range] over the rounds")

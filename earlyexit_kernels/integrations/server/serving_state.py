@@ -13,6 +13,7 @@ from earlyexit_kernels.engine.served_layers import layers_of
 from earlyexit_kernels.integrations.labels import label_name
 from earlyexit_kernels.integrations.server.errors import RequestError
 from earlyexit_kernels.integrations.server.feedback import FeedbackStore
+from earlyexit_kernels.integrations.server.heap_freeze import frozen_objects
 from earlyexit_kernels.integrations.server.memory_trim import process_trim_line
 from earlyexit_kernels.integrations.server.request_costs import RequestCosts
 from earlyexit_kernels.integrations.server.serve_settings import ServeSettings
@@ -179,6 +180,7 @@ class ServingState:
             "recertify": None if self.certificate is None else self.certificate.as_dict(),
             "certificate": self.held_certificate,
             "memory": process_trim_line(),
+            "gc_frozen_objects": frozen_objects(),
         }
 
     def _max_age(self) -> int | str | None:
