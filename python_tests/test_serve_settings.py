@@ -2,6 +2,8 @@
 checks each where it is made, and reads an ``eek fit`` folder once for what the folder decides (the audit's
 budget and confidence where none is given, what ``/info`` says the threshold promises)."""
 
+import gc
+
 import pytest
 
 pytest.importorskip("starlette", reason="the server needs the serve extra")
@@ -129,6 +131,8 @@ def test_eek_serve_says_its_audit_and_re_certification_once_and_serves_them(
     state = served["app"].state.eek
     assert state.certificate is not None and state.settings.folder == folder
     assert state.info()["certificate"]["budget"] == 0.1
+    # the app asks its start-up to freeze the heap (a process that only serves); never made, nothing is frozen
+    assert served["app"].state.freeze_heap is True and gc.get_freeze_count() == 0
 
     assert main(["serve", folder, "--audit-fraction", "0.5", "--memory-trim", "off", "--policy", "Entropy(0.5)"]) == 0
     assert "re-certification: off (--no-recertify)" in capsys.readouterr().err

@@ -347,10 +347,7 @@ def _run_server(args, model, tokenizer, settings, *, say_recertify: bool = False
         print(f"re-certification: {app.state.eek.recertify_said}", file=sys.stderr)
     print(args.layers_line, file=sys.stderr, flush=True)
     trim = _start_trim(args)
-    from earlyexit_kernels.integrations.server.heap_freeze import freeze_startup_heap
-
-    frozen = freeze_startup_heap()  # the model and the app: no pause of the oldest collections walks them again
-    print(f"garbage collector: {frozen} start-up objects frozen (its oldest collections skip them)", file=sys.stderr)
+    app.state.freeze_heap = True  # this process only serves: its start-up heap is frozen once the app starts
     # uvicorn handles SIGTERM/SIGINT: it stops listening, waits for the requests in flight,
     # then the app's shutdown drains the engine.
     try:

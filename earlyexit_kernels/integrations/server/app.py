@@ -27,9 +27,11 @@ spans are also the ``eek_request_*_seconds`` histograms at ``/metrics``); every 
 from __future__ import annotations
 
 import asyncio
+import sys
 
 from earlyexit_kernels.integrations.server.body_limit import BodyLimitMiddleware
 from earlyexit_kernels.integrations.server.errors import http_error_handler
+from earlyexit_kernels.integrations.server.heap_freeze import freeze_startup_heap
 from earlyexit_kernels.integrations.server.routes import OPEN, ROUTES, handlers
 from earlyexit_kernels.integrations.server.routes.handling import guarded
 from earlyexit_kernels.integrations.server.serve_settings import ServeSettings
@@ -69,6 +71,13 @@ def _app(state: ServingState):
     @asynccontextmanager
     async def lifespan(app):
         state.start()
+        if getattr(app.state, "freeze_heap", False):  # set by eek serve and each Ray replica (heap_freeze.py)
+            frozen = freeze_startup_heap()
+            print(
+                f"garbage collector: {frozen} start-up objects frozen (its oldest collections skip them)",
+                file=sys.stderr,
+                flush=True,
+            )
         try:
             yield
         finally:

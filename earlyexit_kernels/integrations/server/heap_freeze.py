@@ -1,6 +1,7 @@
 """The start-up heap left out of Python's oldest garbage collections: a served process freezes it once.
 
-    frozen = freeze_startup_heap()   # what eek serve and each Ray replica do, the model loaded and the app made
+    app.state.freeze_heap = True     # eek serve and each Ray replica: the app's start-up then freezes
+    frozen = freeze_startup_heap()   # what the app's start-up does, the model loaded and the engine started
 
 A collection of the oldest generation walks every object the collector tracks and holds the GIL while it
 does, so the event loop and the engine's thread both stop. A server holds some 400,000 such objects after
@@ -14,8 +15,9 @@ start-up): the collections that still run see what was made since.
 
 Frozen objects are never collected. A cycle among start-up objects that later becomes garbage stays in
 memory; the collection first run here frees what is already garbage, and a served process keeps its
-start-up objects until it exits. For that reason only server processes call this, never a process that
-makes apps and drops them (tests, notebooks).
+start-up objects until it exits. For that reason only processes that do nothing but serve ask for it (the app's
+``freeze_heap`` state, set by ``eek serve`` and each Ray replica), never an app built from Python in a process
+that goes on (tests, notebooks); ``gc.get_objects()`` leaves frozen objects out.
 """
 
 from __future__ import annotations

@@ -84,7 +84,6 @@ def serve_application(
         from earlyexit_kernels.engine.served_layers import serve_layers
         from earlyexit_kernels.integrations.model_folder import load_model
         from earlyexit_kernels.integrations.server.app import create_app
-        from earlyexit_kernels.integrations.server.heap_freeze import freeze_startup_heap
         from earlyexit_kernels.integrations.server.memory_trim import trim_once_per_process
         from earlyexit_kernels.integrations.server.served_model import served_model_name
 
@@ -96,7 +95,7 @@ def serve_application(
         # the replica's own re-certification, on its own audited sequences (ServingState decides it)
         settings = ServeSettings.from_folder(model_dir, policy=policy, model_id=name, **options)
         app = create_app(model, tokenizer, settings)
-        freeze_startup_heap()  # the replica's process, as eek serve's
+        app.state.freeze_heap = True  # the replica's process only serves, as eek serve's
         return app
 
     ingress = serve.ingress(build_app)(type("EarlyExitServer", (), {}))
