@@ -24,7 +24,8 @@ from earlyexit_kernels.bench.server_process import EekServer
 
 
 def p99_ms(latencies: list[float]) -> float:
-    """The 99th percentile (nearest rank, as the serving benchmark's), in ms."""
+    """The 99th percentile by nearest rank, in ms (the serving benchmark's own p99 interpolates between the two
+    ranks around it: a level's figures here can differ from its by a fraction of a ms)."""
     ordered = sorted(latencies)
     return 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 

@@ -26,19 +26,15 @@ import gc
 
 __all__ = ["freeze_startup_heap", "frozen_objects"]
 
-_frozen: int | None = None  # what this process froze at start-up; None: it froze nothing
-
 
 def freeze_startup_heap() -> int:
     """Collect what is garbage now, then freeze every object still tracked; returns how many are frozen."""
-    global _frozen
     gc.collect()
     gc.freeze()
-    _frozen = gc.get_freeze_count()
-    return _frozen
+    return gc.get_freeze_count()
 
 
 def frozen_objects() -> int | None:
-    """The objects this process froze at start-up (``/info``'s ``gc_frozen_objects``), or None where it froze
-    none (an app built from Python, outside ``eek serve`` and Ray replicas)."""
-    return _frozen
+    """The objects this process froze (``/info``'s ``gc_frozen_objects``), read from the collector, or None where
+    it froze none (an app built from Python, outside ``eek serve`` and Ray replicas)."""
+    return gc.get_freeze_count() or None
