@@ -153,6 +153,9 @@ class Certificate:
     test: str | None = None
     guarantee: str = "probable"
     other_layers: float | None = None
+    changed_budget: float | None = None
+    changed_observed: float | None = None
+    changed_bound: float | None = None
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -170,6 +173,8 @@ class Certificate:
                 f"certified: {self.risk} <= {100 * self.budget:g}% with confidence {100 * self.confidence:g}% "
                 f"(exchangeable {self.unit}) on {self.rows} calibration {self.unit}"
             )
+        if self.changed_budget is not None:
+            head += f" (and answers changed against the full model <= {100 * self.changed_budget:g}%)"
         if not self.certified:
             if self.rows_needed is None:
                 return (
@@ -195,7 +200,17 @@ class Certificate:
         bound = "adjusted risk" if self.guarantee == "expected" else "bound"
         return (
             f"{head}{path}: observed {100 * self.observed:.2f}%, {bound} {100 * self.bound:.2f}%, "
-            f"{self.mean_layers:.2f} of {self.num_layers} mean layers{price}{self._unlabelled()}{self._other()}"
+            f"{self.mean_layers:.2f} of {self.num_layers} mean layers{self._changed()}{price}{self._unlabelled()}"
+            f"{self._other()}"
+        )
+
+    def _changed(self) -> str:
+        """The second budget, on the answers changed, where one was asked for."""
+        if self.changed_budget is None:
+            return ""
+        bound = "adjusted" if self.guarantee == "expected" else "bound"
+        return (
+            f"; answers changed: observed {100 * self.changed_observed:.2f}%, {bound} {100 * self.changed_bound:.2f}%"
         )
 
     def _other(self) -> str:
@@ -330,6 +345,7 @@ def certify(
     unlabelled: ExitRecord | None = None,
     order_seed: int | None = None,
     guarantee: str = "probable",
+    max_changed: float | None = None,
 ) -> tuple[CurvePoint, Certificate, list[CurvePoint]]:
     """The certified point on ``record``: ``(chosen, certificate, curve)``.
 
@@ -363,6 +379,13 @@ def certify(
 
     ``guarantee``: ``"probable"`` (the default) or ``"expected"`` (:data:`GUARANTEES`); under ``"expected"`` the
     ``confidence`` is not used, and ``unlabelled`` rows join an agreement certificate only.
+
+    ``max_changed``: a second budget, a fraction of rows, beside accuracy lost: the rows whose answer differs
+    from the full model's (disagreement, the exact binomial test). Accuracy lost lets an exit's fixes of the full
+    model's errors pay for as many new errors, so it does not bound how many answers change; with ``max_changed``
+    a candidate is certified only where both risks are, at the same confidence (the larger of the two p-values:
+    a valid test of "either risk is over its budget"), or under ``"expected"`` where both adjusted risks are
+    within their budgets. Labelled rows only (``target`` ``"accuracy"``, no ``unlabelled`` rows).
     """
     check_guarantee(guarantee)
     budget, confidence = check_budget(budget), check_confidence(confidence)
@@ -381,6 +404,9 @@ def certify(
     refs = references(record, target)
     num_layers, rows, num_labels = record.all_logits.shape
     require_rows(rows, budget, confidence, hint=", a larger budget", guarantee=guarantee)
+    if max_changed is not None:
+        max_changed = _checked_changed(max_changed, target, unlabelled)
+        require_rows(rows, max_changed, confidence, hint=", a larger max_changed", guarantee=guarantee)
     grid = certified_candidates(record.policy if policy is None else policy, num_layers, num_labels, steps=steps)
     path_name, path_layers = "global", None
     if candidates is not None:
@@ -396,14 +422,43 @@ def certify(
             calibration_rows=rows,
         )
         grid, path_name, path_layers = choice.candidates, choice.name, choice.layers
-    replays, losses = {}, {}
+    replays, losses, changes = {}, {}, {}
     test = test_for(paired=target == "accuracy", fractional=is_multi_label_record(record))
+    changed_test = test_for(paired=False, fractional=is_multi_label_record(record))
 
     def losses_of(index: int) -> torch.Tensor:
         if index not in losses:
             replays[index] = replay(grid[index], record)
             losses[index] = row_losses(replays[index].logits, record, target)
         return losses[index]
+
+    def changed_of(index: int) -> torch.Tensor:
+        if index not in changes:
+            losses_of(index)
+            changes[index] = row_losses(replays[index].logits, record, "agreement")
+        return changes[index]
+
+    def within_changed(index: int) -> bool:
+        """Whether candidate ``index``'s observed changes are within ``max_changed`` (always, without one)."""
+        return max_changed is None or float(changed_of(index).mean()) <= max_changed + 1e-12
+
+    def probable_index() -> int:
+        if max_changed is None:
+            return certified_index(losses_of, len(grid), budget, confidence, test=test, seed=order_seed)
+
+        def p_value(index: int) -> float:
+            p = risk_p_value(losses_of(index), budget, test=test, seed=order_seed)
+            return max(p, risk_p_value(changed_of(index), max_changed, test=changed_test, seed=order_seed))
+
+        return fixed_sequence(p_value, len(grid), 1.0 - confidence)
+
+    def expected_walk() -> int:
+        if max_changed is None:
+            return expected_index(losses_of, len(grid), budget)
+        both = [(losses_of, budget), (changed_of, max_changed)]
+        return fixed_sequence(
+            lambda i: 0.0 if all(_adjusted(of(i)) <= cap for of, cap in both) else 1.0, len(grid), 0.5
+        )
 
     powered = None
     if unlabelled is not None:
@@ -424,26 +479,25 @@ def certify(
         last = fixed_sequence(lambda i: 0.0 if powered.bounds.bound[i] <= budget else 1.0, len(grid), 0.5)
         tested = min(last + 2, len(grid))
     elif guarantee == "expected":
-        last = expected_index(losses_of, len(grid), budget)
+        last = expected_walk()
         tested = len(replays)
     else:
-        last = certified_index(losses_of, len(grid), budget, confidence, test=test, seed=order_seed)
+        last = probable_index()
         tested = len(replays)
     for index in range(len(grid)):  # the rest of the grid: the uncertified point, and what more rows would do
         losses_of(index)
     points = [(index, _point(grid[index], replays[index], refs)) for index in range(len(grid))]
     full_score = float(accuracy(record.full_logits.float(), refs))
-    within = [p for _, p in points if p.accuracy >= full_score - budget - 1e-12]
+    within = [p for i, p in points if p.accuracy >= full_score - budget - 1e-12 and within_changed(i)]
     chosen_index = max(last, 0)
     chosen = points[chosen_index][1]
     chosen_losses = losses_of(chosen_index)
     certified = last >= 0 and chosen.mean_layers < num_layers - 1e-9
     if guarantee == "expected":  # what the probable guarantee would serve on the same rows
-        probable = certified_index(losses_of, len(grid), budget, confidence, test=test, seed=order_seed)
-        other = points[max(probable, 0)][1].mean_layers
+        other = points[max(probable_index(), 0)][1].mean_layers
         bound = _adjusted(chosen_losses)
     else:
-        other = points[max(expected_index(losses_of, len(grid), budget), 0)][1].mean_layers
+        other = points[max(expected_walk(), 0)][1].mean_layers
         bound = risk_upper_bound(chosen_losses, confidence, test=test, seed=order_seed)
     certificate = Certificate(
         budget=budget,
@@ -464,11 +518,20 @@ def certify(
         guarantee=guarantee,
         other_layers=None if powered is not None and powered.bounds is not None else other,
     )
+    if max_changed is not None:
+        changed = changed_of(chosen_index)
+        certificate.changed_budget, certificate.changed_observed = max_changed, float(changed.mean())
+        certificate.changed_bound = (
+            _adjusted(changed)
+            if guarantee == "expected"
+            else risk_upper_bound(changed, confidence, test=changed_test, seed=order_seed)
+        )
     if unlabelled_note is not None:
         certificate.unlabelled_rows, certificate.unlabelled_use = unlabelled_note
     if powered is not None:
         powered.fill(certificate, chosen_index, losses_of(chosen_index), confidence)
-    found = rows_needed(points, losses_of, budget, confidence, num_layers, test=test)
+    changed_points = [(i, p) for i, p in points if within_changed(i)]
+    found = rows_needed(changed_points, losses_of, budget, confidence, num_layers, test=test)
     if certified and found is not None and found[1].mean_layers < chosen.mean_layers - 1e-9 and found[0] > rows:
         certificate.more_rows, certificate.more_rows_layers = found[0], found[1].mean_layers
     if not certified:
@@ -477,6 +540,26 @@ def certify(
             certificate.needed_for = f"{found[1].policy.to_code(4)} ({found[1].mean_layers:.2f} mean layers)"
             certificate.needed_rate = found[2]
     return chosen, certificate, [point for _, point in points]
+
+
+def _checked_changed(max_changed, target: str, unlabelled) -> float:
+    """``max_changed`` (a fraction of rows) where it can be certified, else a ``ValueError`` saying what to do."""
+    if target != "accuracy":
+        raise ValueError(
+            "max_changed bounds the answers changed beside accuracy lost; this certificate's risk is already "
+            "disagreement with the full model: give that budget alone (max_drop), or labelled rows"
+        )
+    if unlabelled is not None:
+        raise ValueError(
+            "max_changed is certified on the labelled rows, and unlabelled rows join accuracy lost by "
+            "prediction-powered inference only: leave the unlabelled rows out, or max_changed"
+        )
+    try:
+        return check_budget(max_changed)
+    except ValueError:
+        raise ValueError(
+            f"max_changed must be a fraction of rows in [0, 1) (0.03: three answers in a hundred), got {max_changed!r}"
+        ) from None
 
 
 def _shuffled(record: ExitRecord, seed: int) -> ExitRecord:

@@ -188,7 +188,8 @@ class Goal:
     family and fixed fields (None: the recorded policy's); ``count``: candidates of the uncertified
     search; ``target``, ``metric``: what is measured; ``min_saving``, ``chance_margin``: when it warns;
     ``confidence``: certify ``max_drop`` with it; ``guarantee``: what the certificate promises, ``"probable"`` or
-    ``"expected"`` (:data:`~earlyexit_kernels.calibration.certify.GUARANTEES`)."""
+    ``"expected"`` (:data:`~earlyexit_kernels.calibration.certify.GUARANTEES`); ``max_changed`` (points, with
+    ``confidence``): the answers changed against the full model, certified beside accuracy lost."""
 
     max_drop: float | None = None
     target_layers: float | None = None
@@ -200,6 +201,7 @@ class Goal:
     chance_margin: float = 0.02
     confidence: float | None = None
     guarantee: str = "probable"
+    max_changed: float | None = None
 
     def checked(self) -> Goal:
         """This goal, or a ``ValueError`` saying what to change."""
@@ -217,6 +219,14 @@ class Goal:
                     "confidence certifies a per-row risk (agreement, or accuracy lost against the full model); a "
                     "custom metric has no per-row loss to bound: drop metric= or confidence="
                 )
+        if self.max_changed is not None and self.confidence is None:
+            raise ValueError(
+                "max_changed is certified beside accuracy lost: give confidence= too, or leave max_changed out"
+            )
+        if self.max_changed is not None and not (
+            isinstance(self.max_changed, (int, float)) and 0 <= self.max_changed < 100
+        ):
+            raise ValueError(f"max_changed must be in [0, 100) points (answers changed), got {self.max_changed!r}")
         if self.max_drop is not None and not self.max_drop >= 0:
             raise ValueError(f"max_drop must be >= 0 accuracy points, got {self.max_drop!r}")
         if not 0.0 <= self.min_saving <= 1.0:
@@ -317,12 +327,15 @@ def _certify_into(result, record, goal: Goal, measure, path_record, path, unlabe
         candidates=path,
         unlabelled=unlabelled,
         guarantee=goal.guarantee,
+        max_changed=None if goal.max_changed is None else goal.max_changed / 100.0,
     )
     result.path = [point.policy for point in walked]
     result.policy, result.accuracy, result.mean_layers = chosen.policy, chosen.accuracy, chosen.mean_layers
     result.met = certificate.certified
     promise = "in expectation" if goal.guarantee == "expected" else f"with confidence {100 * confidence:g}%"
     result.target = f"{certificate.risk} <= {max_drop:g}% {promise}"
+    if goal.max_changed is not None:
+        result.target += f", answers changed <= {goal.max_changed:g}%"
     result.certificate = certificate
     if not certificate.certified:
         result.warnings.append(f"calibrate: {certificate.describe()}")

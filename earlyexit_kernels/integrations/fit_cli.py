@@ -262,6 +262,16 @@ def _add_calibrate(commands) -> None:
     )
     add_guarantee_option(calibrate, None, "FOLDER's certificate's, else probable")
     calibrate.add_argument(
+        "--max-changed",
+        type=_confidence,
+        default=_SAVED,
+        metavar="POINTS",
+        help="also certify that at most POINTS in 100 answers differ from the full model's (the one accuracy lost "
+        "is measured against), beside --max-drop, at the same confidence: accuracy lost lets an exit's fixes of the "
+        "full model's errors pay for as many new errors, so alone it does not bound how many answers change. "
+        "Labelled rows (default: FOLDER's certificate's, else none; 'off': none)",
+    )
+    calibrate.add_argument(
         "--risk",
         choices=("auto", "reference", "agreement", "accuracy"),
         default="auto",
@@ -488,6 +498,11 @@ def _calibrate(args) -> int:
 
         if args.unlabelled is not None:
             raise FitError("--unlabelled joins FILE's rows; an audit record's rows carry no labels: leave it out")
+        if args.max_changed not in (_SAVED, None):
+            raise FitError(
+                "--max-changed is certified beside accuracy lost, on labels; an audit record's rows carry none (its "
+                "risk is the answers changed, at --max-drop): leave it out"
+            )
 
         try:
             report = calibrate_folder(
@@ -528,6 +543,7 @@ def _calibrate(args) -> int:
         force=args.force,
         unlabelled=_unlabelled(args),
         risk=args.risk,
+        max_changed="saved" if args.max_changed is _SAVED else args.max_changed,
     )
     for line in report.summary():
         print(line)

@@ -23,7 +23,7 @@ from earlyexit_kernels.patching.exit_files import CONFIG_FILE, policy_to_dict
 from earlyexit_kernels.patching.fit_record import FitRecord
 from earlyexit_kernels.patching.patch import policy_of
 
-__all__ = ["calibrate_folder", "saved_budget", "saved_path"]
+__all__ = ["calibrate_folder", "saved_budget", "saved_changed", "saved_path"]
 
 
 def saved_budget(path: str) -> tuple[float | None, float | None]:
@@ -34,6 +34,14 @@ def saved_budget(path: str) -> tuple[float | None, float | None]:
     if certificate is None:
         return None, None
     return 100.0 * float(certificate["budget"]), float(certificate["confidence"])
+
+
+def saved_changed(path: str) -> float | None:
+    """The answers-changed budget (points) certified beside accuracy lost in ``path/eek_fit.json``, or None."""
+    from earlyexit_kernels.integrations.model_folder import fit_certificate
+
+    changed = (fit_certificate(path) or {}).get("changed_budget")
+    return None if changed is None else 100.0 * float(changed)
 
 
 def saved_guarantee(path: str) -> str:
@@ -75,6 +83,7 @@ def calibrate_folder(
     unlabelled=None,
     risk: str = "auto",
     guarantee: str = "saved",
+    max_changed: float | None | str = "saved",
 ):
     """Re-certify the folder ``path`` on ``data`` (:class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`)
     and write it back; returns the :class:`~earlyexit_kernels.training.calibrate_texts.CalibrationReport`.
@@ -102,6 +111,11 @@ def calibrate_folder(
     full depth of the base certified on, whatever the rows; ``"accuracy"``: accuracy lost against that full
     depth, on the labels.
 
+    ``max_changed`` (points): the answers changed against the full model the risk reads, certified beside
+    accuracy lost (labelled rows); ``"saved"``: the folder's certificate's (none where it has none), None: none.
+    An audit record (no labels) certifies the answers changed alone, at the smaller of ``max_drop`` and the saved
+    ``max_changed``.
+
     A result that certifies no saving (the target not met, or a policy that runs every layer) is not
     written: the folder keeps its policy and ``report.kept`` says why, unless ``force``. Nothing a
     user saved is replaced by something worse without being asked.
@@ -119,6 +133,8 @@ def calibrate_folder(
         max_drop = 1.0 if saved_drop is None else saved_drop
     if confidence == "saved":
         confidence = CONFIDENCE if saved_confidence is None else saved_confidence
+    if max_changed == "saved":
+        max_changed = saved_changed(path)
     if (data is None) == (from_audit is None):
         raise ValueError("give the rows to certify on (data) or an audit record (from_audit), one of them")
     model, tokenizer = load_model(path)
@@ -126,6 +142,8 @@ def calibrate_folder(
         from earlyexit_kernels.training.calibrate_texts import calibrate_record
 
         record, served = _audit_record(path, from_audit, model)
+        if max_changed is not None:  # the audit's risk is the answers changed: the smaller budget holds for both
+            max_drop = min(max_drop, max_changed)
         report = calibrate_record(
             model, record, max_drop=max_drop, confidence=confidence, path=saved_path(path), guarantee=guarantee
         )
@@ -151,6 +169,7 @@ def calibrate_folder(
         unlabelled=unlabelled,
         base_change=base_change,
         guarantee=guarantee,
+        max_changed=max_changed,
     )
     if _written(path, report, force):
         from earlyexit_kernels.integrations.model_folder import family_int8_recipe

@@ -42,7 +42,10 @@ def certificate_of_folder(folder: str, served=None, **options) -> OnlineCertific
     if served is not None and served not in path:
         raise RecertifyError(f"the model serves {served.to_code(4)}, which is not on the folder's certified path")
     start = next((i for i, candidate in enumerate(path) if candidate == (served or policy)), 0)
-    options.setdefault("budget", float(certificate["budget"]))
+    # the audit's risk is the answers changed: where the folder also certified a smaller budget on them
+    # (``changed_budget``, beside accuracy lost), that one bounds what the audit may loosen to
+    budgets = [float(certificate["budget"]), certificate.get("changed_budget")]
+    options.setdefault("budget", min(float(b) for b in budgets if b is not None))
     options.setdefault("confidence", float(certificate["confidence"]))
     return OnlineCertificate(path, start=start, **options)
 

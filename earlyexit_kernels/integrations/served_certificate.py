@@ -60,23 +60,33 @@ def certify_served(
     served base's full depth, labelled rows or not
     (:class:`~earlyexit_kernels.training.calibrate_texts.BaseChange`). ``guarantee``: ``"probable"`` or
     ``"expected"`` (None: the folder's own)."""
-    from earlyexit_kernels.integrations.folder_calibration import saved_budget, saved_guarantee, saved_path
+    from earlyexit_kernels.integrations.folder_calibration import (
+        saved_budget,
+        saved_changed,
+        saved_guarantee,
+        saved_path,
+    )
     from earlyexit_kernels.patching.patch import policy_of
     from earlyexit_kernels.training.calibrate_texts import base_change_for, calibrate_texts
     from earlyexit_kernels.training.fit_texts import CONFIDENCE
 
     max_drop, confidence = saved_budget(folder)
+    max_drop = 1.0 if max_drop is None else max_drop
+    max_changed = saved_changed(folder)  # beside accuracy lost where the rows have labels and the risk reads them
+    if max_changed is not None and (data.labels is None or (base not in (None, "float32") and reference is None)):
+        max_drop, max_changed = min(max_drop, max_changed), None  # the risk is the answers changed: the smaller
     report = calibrate_texts(
         model,
         tokenizer,
         data,
-        max_drop=1.0 if max_drop is None else max_drop,
+        max_drop=max_drop,
         confidence=CONFIDENCE if confidence is None else confidence,
         batch_size=batch_size,
         max_length=max_length,
         path=saved_path(folder),
         base_change=base_change_for(base, reference, "auto" if reference is not None else "agreement"),
         guarantee=saved_guarantee(folder) if guarantee is None else guarantee,
+        max_changed=max_changed,
     )
     certificate = None
     if report.certificate is not None:

@@ -173,6 +173,7 @@ def calibrate_texts(
     unlabelled=None,
     base_change: BaseChange | None = None,
     guarantee: str = "probable",
+    max_changed: float | None = None,
 ) -> CalibrationReport:
     """Certify ``model``'s threshold anew on ``data``; the model ends patched with the chosen policy.
 
@@ -188,6 +189,8 @@ def calibrate_texts(
     base than its own (:class:`BaseChange`: the risk, by default disagreement with this base's full
     depth, and the agreements reported with the reference's full depth). ``guarantee``: what the certificate
     promises, ``"probable"`` or ``"expected"`` (:data:`~earlyexit_kernels.calibration.certify.GUARANTEES`).
+    ``max_changed`` (points, labelled rows, certified): the answers changed against the full model the risk reads,
+    certified beside accuracy lost (:func:`~earlyexit_kernels.calibration.certify.certify`).
     """
     import torch
 
@@ -223,6 +226,17 @@ def calibrate_texts(
             f"certifying on the {base_change.base} base against the saved full model needs that model "
             "(BaseChange.reference); give it, or the risk 'agreement' (with the served base's full depth)"
         )
+    if max_changed is not None and (
+        confidence is None
+        or labels is None
+        or unlabelled is not None
+        or (base_change is not None and base_change.risk == "agreement")
+    ):
+        raise FitError(
+            "--max-changed is certified beside accuracy lost, on labelled rows alone: give FILE with a label column "
+            "and a --confidence, without unlabelled rows (and not --risk agreement, which certifies the answers "
+            "changed already: give its budget as --max-drop), or --max-changed off"
+        )
     model.eval()
     batches = length_sorted_batches(encoded, labels, batch_size)
     with torch.no_grad():
@@ -244,7 +258,14 @@ def calibrate_texts(
         # the full model the risk reads is the saved base's, on the same rows in the same order
         certified_on = record.against(reference.all_logits[-1])
     report = calibrate_record(
-        model, certified_on, max_drop=max_drop, confidence=confidence, path=path, unlabelled=extra, guarantee=guarantee
+        model,
+        certified_on,
+        max_drop=max_drop,
+        confidence=confidence,
+        path=path,
+        unlabelled=extra,
+        guarantee=guarantee,
+        max_changed=max_changed,
     )
     if base_change is not None:
         report.base = base_change.base
@@ -285,6 +306,7 @@ def calibrate_record(
     path: list | None = None,
     unlabelled=None,
     guarantee: str = "probable",
+    max_changed: float | None = None,
 ) -> CalibrationReport:
     """:func:`calibrate_texts` on rows already recorded (:class:`~earlyexit_kernels.calibration.record.ExitRecord`:
     every head's logits, e.g. the audited rows of ``eek serve --audit-record``); the model ends patched
@@ -311,6 +333,7 @@ def calibrate_record(
             path=path if confidence else None,
             unlabelled=unlabelled,
             guarantee=guarantee,
+            max_changed=max_changed,
         )
     before = replay(previous, record).layers_run.float().mean().item()
     patch(model, result.policy, backend_of(model))

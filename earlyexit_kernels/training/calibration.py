@@ -51,6 +51,7 @@ def calibrate(
     path: list[ExitPolicy] | None = None,
     unlabelled=None,
     guarantee: str = "probable",
+    max_changed: float | None = None,
 ) -> Calibration:
     """Choose the policy's threshold on rows set apart for it (validation or calibration rows) for one target.
 
@@ -90,6 +91,9 @@ def calibrate(
     ``guarantee`` (with ``confidence``): ``"probable"`` (the default: with probability ``confidence``, the risk is
     within the budget) or ``"expected"`` (within it on average over the draw of the rows, conformal risk control:
     cheaper, and any one draw may serve above it); :data:`~earlyexit_kernels.calibration.certify.GUARANTEES`.
+    ``max_changed`` (points, with ``confidence`` and labelled rows): a second budget certified beside accuracy lost,
+    on the answers changed against the full model (accuracy lost lets fixes of the full model's errors pay for new
+    errors, so it alone does not bound how many answers change).
     """
     goal = Goal(
         max_drop=max_drop,
@@ -102,6 +106,7 @@ def calibrate(
         chance_margin=chance_margin,
         confidence=confidence,
         guarantee=guarantee,
+        max_changed=max_changed,
     ).checked()
     record = model_or_record if isinstance(model_or_record, ExitRecord) else record_exits(model_or_record, batches)
     if unlabelled is not None and confidence is None:

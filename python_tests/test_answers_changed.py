@@ -1,0 +1,136 @@
+"""A second budget beside accuracy lost: the answers changed against the full model (``max_changed``,
+``eek calibrate --max-changed``).
+
+Accuracy lost counts a row the exit gets wrong where the full model was right (+1) against one the exit gets
+right where the full model was wrong (-1). Where the heads of early layers are about as accurate as the last
+one, the two cancel: a threshold can lose no accuracy while changing many answers of the model the user
+validated. ``max_changed`` certifies both: a candidate passes where the larger of its two p-values (the exact
+paired test of accuracy lost, the exact binomial of the answers changed) is under ``1 - confidence``.
+"""
+
+import json
+
+import pytest
+import torch
+from conftest import write_table as _write
+from test_fit_cli import FAST, _frame, _run, classifier  # noqa: F401 - classifier is a fixture
+
+from earlyexit_kernels.calibration.candidates import certified_candidates
+from earlyexit_kernels.calibration.certify import certify
+from earlyexit_kernels.calibration.losses import row_losses
+from earlyexit_kernels.calibration.record import ExitRecord, replay
+from earlyexit_kernels.methods.policies import Entropy
+from earlyexit_kernels.methods.risk_control import fixed_sequence, risk_p_value
+from earlyexit_kernels.training.calibration import calibrate
+
+pd = pytest.importorskip("pandas", reason="the data files are written with pandas")
+
+LAYERS, ROWS = 4, 2_000
+
+
+def _cancelling(rows: int = ROWS, seed: int = 0) -> ExitRecord:
+    """Heads whose early answers are as accurate as the last one's, wrong on other rows: exits lose no accuracy
+    and change many answers."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (rows,), generator=g)
+    logits = torch.zeros(LAYERS, rows, 2)
+    for layer in range(LAYERS):
+        right = torch.rand(rows, generator=g) < 0.8  # each head right on 80% of the rows, its own rows
+        answer = torch.where(right, labels, 1 - labels)
+        sure = 0.5 + (layer + 1) * torch.rand(rows, generator=g)
+        logits[layer].scatter_(1, answer.unsqueeze(1), sure.unsqueeze(1))
+    return ExitRecord(logits, labels, None, None, Entropy(0.3))
+
+
+def _reference_index(record, grid, budget, max_changed, confidence) -> int:
+    """The walk written out: the last candidate before the first whose larger p-value is not under the level."""
+
+    def p_value(index: int) -> float:
+        out = replay(grid[index], record)
+        accuracy = risk_p_value(row_losses(out.logits, record, "accuracy"), budget, test="exact paired")
+        changed = risk_p_value(row_losses(out.logits, record, "agreement"), max_changed, test="exact binomial")
+        return max(accuracy, changed)
+
+    return fixed_sequence(p_value, len(grid), 1.0 - confidence)
+
+
+def test_the_answers_changed_are_certified_beside_accuracy_lost():
+    record = _cancelling()
+    grid = certified_candidates(record.policy, LAYERS, 2)
+    alone, alone_certificate, _ = certify(record, 0.02, 0.95, target="accuracy")
+    chosen, certificate, _ = certify(record, 0.02, 0.95, target="accuracy", max_changed=0.05)
+    assert grid.index(chosen.policy) == _reference_index(record, grid, 0.02, 0.05, 0.95)
+    changed = float(row_losses(replay(chosen.policy, record).logits, record, "agreement").mean())
+    alone_changed = float(row_losses(replay(alone.policy, record).logits, record, "agreement").mean())
+    # accuracy lost alone certifies a threshold that changes far more answers than 5%; the pair does not
+    assert alone_changed > 0.10 and alone_certificate.changed_budget is None
+    assert certificate.changed_observed == pytest.approx(changed) and certificate.changed_bound <= 0.05
+    assert chosen.mean_layers > alone.mean_layers
+    assert "(and answers changed against the full model <= 5%)" in certificate.describe()
+    assert f"answers changed: observed {100 * changed:.2f}%" in certificate.describe()
+
+
+def test_under_the_expected_guarantee_both_adjusted_risks_stay_within_their_budgets():
+    record = _cancelling()
+    _, certificate, _ = certify(record, 0.02, 0.95, target="accuracy", max_changed=0.05, guarantee="expected")
+    assert certificate.certified and certificate.changed_bound <= 0.05 and certificate.bound <= 0.02
+    assert "in expectation over the draw" in certificate.describe()
+    assert "(and answers changed against the full model <= 5%)" in certificate.describe()
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("agreement", "this certificate's risk is already disagreement with the full model"),
+        ("unlabelled", "leave the unlabelled rows out, or max_changed"),
+        ("fraction", "max_changed must be a fraction of rows in [0, 1)"),
+    ],
+)
+def test_certify_refuses_a_second_budget_it_cannot_certify(case, message):
+    record = _cancelling(600)
+    options = {"target": "agreement" if case == "agreement" else "accuracy", "max_changed": 0.05}
+    if case == "unlabelled":
+        options["unlabelled"] = _cancelling(600, seed=1)
+    if case == "fraction":
+        options["max_changed"] = 5.0
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        certify(record, 0.01, 0.95, **options)
+
+
+def test_calibrate_takes_the_second_budget_in_points_with_a_confidence_only():
+    record = _cancelling()
+    result = calibrate(record, max_drop=1.0, confidence=0.95, max_changed=5.0)
+    assert result.certificate.changed_budget == pytest.approx(0.05)
+    assert result.target.endswith("answers changed <= 5%")
+    with pytest.raises(ValueError, match="give confidence= too"):
+        calibrate(record, max_drop=1.0, max_changed=5.0)
+
+
+def test_eek_calibrate_max_changed_is_saved_kept_and_dropped(classifier, tmp_path, capsys):  # noqa: F811
+    folder = tmp_path / "model"
+    train = _write(_frame(300, seed=31), tmp_path / "train.csv")
+    assert _run("fit", classifier, train, folder, *FAST) == 0
+    rows = _write(_frame(700, seed=32), tmp_path / "rows.csv")
+
+    def saved() -> dict:
+        return json.loads((folder / "eek_fit.json").read_text())["certificate"]
+
+    capsys.readouterr()
+    command = ("calibrate", folder, rows, "--max-drop", "5", "--force", "--no-progress")
+    assert _run(*command, "--max-changed", "20") == 0
+    assert "(and answers changed against the full model <= 20%)" in capsys.readouterr().out
+    assert saved()["changed_budget"] == pytest.approx(0.2) and saved()["changed_bound"] <= 0.2
+    # the online audit reads the answers changed: it may loosen no further than the smaller budget
+    from earlyexit_kernels.integrations.recertify_folder import certificate_of_folder
+
+    assert certificate_of_folder(str(folder), fraction=0.5).budget == pytest.approx(0.05)
+    assert _run(*command) == 0  # a re-certification keeps the folder's second budget
+    assert saved()["changed_budget"] == pytest.approx(0.2)
+
+    # rows without labels cannot certify accuracy lost: the saved second budget says how to go on
+    unlabelled = _write(_frame(700, seed=33, labels=None), tmp_path / "unlabelled.csv")
+    assert _run("calibrate", folder, unlabelled, "--max-drop", "5", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --max-changed is certified beside accuracy lost") and "--max-changed off" in err
+    assert _run(*command, "--max-changed", "off") == 0
+    assert saved()["changed_budget"] is None
