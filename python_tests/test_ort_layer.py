@@ -96,6 +96,32 @@ def test_each_row_is_what_it_is_alone_and_every_mask_form_is_read(family):
             torch.testing.assert_close(got, batched, rtol=0, atol=0)
 
 
+def test_a_mask_shared_by_a_call_s_layers_is_read_once_and_again_after_an_in_place_write(monkeypatch):
+    """The key mask and the token positions are worked out once for the mask tensor a call's layers share; the
+    same tensor written in place, or another one, is read again, and every layer's output is the uncached one's."""
+    from earlyexit_kernels.engine import ort_layer
+
+    model = MODELS["bert"]()
+    layers = [OrtLayer.from_layer(layer, model.config, int8=False) for layer in model.base_model.encoder.layer]
+    hidden, mask = padded_input(n=6, length=12, seed=5)
+    reads, original = [], ort_layer._key_mask
+    monkeypatch.setattr(ort_layer, "_key_mask", lambda *args: reads.append(args) or original(*args))
+    shared = additive(mask)
+    with torch.no_grad():
+        outputs = [layer(hidden, shared) for layer in layers]
+        assert len(reads) == 1
+        fresh = [layer(hidden, additive(mask)) for layer in layers]  # a new tensor each call: read each time
+        assert len(reads) == 1 + len(layers)
+        for got, expected in zip(outputs, fresh):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        shorter = mask.clone()
+        shorter[:, 6:] = False
+        shared.copy_(additive(shorter))  # written in place: its version moves, so it is read again
+        after = layers[0](hidden, shared)
+        assert len(reads) == 2 + len(layers)
+        torch.testing.assert_close(after, layers[0](hidden, additive(shorter)), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("family", ["bert", "mpnet"])
 def test_the_padding_is_never_read_and_comes_back_as_zeros(family, int8):

@@ -7,7 +7,8 @@ kept only where a thread holds the GIL, and at most one thread holds it at a tim
 samples over the samples taken are the share of the time the GIL is held. Each kept sample is
 put to the part its stack shows first, from the innermost frame out: ONNX Runtime or torch
 calls, the tokenizer, the engine (``earlyexit_kernels/engine``), the server's own code, the HTTP
-stack (uvicorn, starlette, h11/httptools, asyncio), and the rest::
+stack (uvicorn, starlette, h11/httptools, asyncio), and the rest. ``--engine-functions N`` also prints the N
+engine functions most often innermost in the engine's samples (where its own Python holds the GIL)::
 
     flock -x /tmp/eek-cpu.lock python benchmarks/profiles/gil_share.py FOLDER TEXTS.txt --setting "int8:--dtype int8"
 """
@@ -46,6 +47,15 @@ def part_of(stack: str) -> str:
     return "other"
 
 
+def engine_function(stack: str) -> str:
+    """The innermost engine frame of ``stack`` (py-spy's raw frames: ``function (path:line)``), by file and name."""
+    for frame in reversed(stack.split(";")):
+        if "earlyexit_kernels/engine" in frame:
+            function, _, where = frame.partition(" (")
+            return f"{where.split('earlyexit_kernels/engine/')[-1].split(':')[0]}:{function.strip()}"
+    return "?"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
@@ -55,6 +65,7 @@ def main() -> None:
     parser.add_argument("--texts-per-request", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rate", type=int, default=100)
+    parser.add_argument("--engine-functions", type=int, default=0, metavar="N", help="the engine's N busiest functions")
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     texts = [line for line in args.texts.read_text().splitlines() if line.strip()]
@@ -88,10 +99,14 @@ def main() -> None:
             )
             spying.join()
             counts: collections.Counter = collections.Counter()
+            functions: collections.Counter = collections.Counter()
             for line in raw.read_text().splitlines():
                 stack, _, count = line.rpartition(" ")
                 if stack:
-                    counts[part_of(stack)] += int(count)
+                    part = part_of(stack)
+                    counts[part] += int(count)
+                    if part == "engine":
+                        functions[engine_function(stack)] += int(count)
     finally:
         server.stop()
     taken = args.rate * int(args.seconds)
@@ -104,6 +119,10 @@ def main() -> None:
     print("| part | share of the time | share of the GIL's samples |\n|---|---:|---:|")
     for part, count in counts.most_common():
         print(f"| {part} | {100 * count / taken:.1f}% | {100 * count / max(1, held):.1f}% |")
+    if args.engine_functions:
+        print("\n| engine function (innermost) | share of the time |\n|---|---:|")
+        for function, count in functions.most_common(args.engine_functions):
+            print(f"| `{function}` | {100 * count / taken:.1f}% |")
 
 
 if __name__ == "__main__":

@@ -429,6 +429,15 @@ def _package_versions() -> dict:
     }
 
 
+def int8_max_changed(folder: Path | None) -> float | None:
+    """The answers-changed budget (points) ``folder``'s certificate holds beside accuracy lost, or None."""
+    if folder is None:
+        return None
+    from earlyexit_kernels.integrations.folder_calibration import saved_changed
+
+    return saved_changed(str(folder))
+
+
 def run(config: PeersConfig, output_dir: Path, name: str = "cpu", command: str = "", progress=print) -> dict:
     """Measure every server of ``config`` that can run, then the soak; writes the JSON and CSV, returns the result."""
     from earlyexit_kernels.bench.results import cpu_name, instruction_sets
@@ -479,6 +488,7 @@ def run(config: PeersConfig, output_dir: Path, name: str = "cpu", command: str =
         "plain": str(config.plain),
         "section": config.section,
         "int8_model": str(config.int8_model) if config.int8_model is not None else None,
+        "int8_max_changed": int8_max_changed(config.int8_model),
         "source": config.source,
         "texts": len(config.texts),
         "server_cores": list(config.server_cores) if config.server_cores else None,

@@ -41,7 +41,7 @@ def saved_changed(path: str) -> float | None:
     from earlyexit_kernels.integrations.model_folder import fit_certificate
 
     changed = (fit_certificate(path) or {}).get("changed_budget")
-    return None if changed is None else 100.0 * float(changed)
+    return None if changed is None else round(100.0 * float(changed), 9)
 
 
 def saved_guarantee(path: str) -> str:
