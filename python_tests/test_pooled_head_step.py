@@ -229,3 +229,41 @@ def test_a_bfloat16_model_runs_the_fused_step_and_mostly_agrees_with_the_torch_b
     same = got.exit_layer == expected.exit_layer
     assert int(same.sum()) >= 20, "bfloat16 rounding may move a decision near the threshold, not most of them"
     torch.testing.assert_close(got.logits[same].float(), expected.logits[same].float(), rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("kind", ["model", "mlp"])
+@pytest.mark.parametrize("policy", decision_policies(), ids=lambda p: type(p).__name__)
+def test_the_prepared_step_is_the_step_bit_for_bit_at_every_size(kind, policy):
+    """``prepare_pooled_head_exit_step``: the weights and rule made ready once, as an engine calls one layer's head
+    at every layer call. The same exits, outputs and state as the step made at each call, within the fused op's
+    reach and past it (where the step runs PyTorch's head), and with the other pooling."""
+    from pooled_head_cases import DECISION_LAYERS
+
+    head, x, mask, state = decision_case(kind, policy)
+    prepared = cpp_backend.prepare_pooled_head_exit_step(policy, 3, DECISION_LAYERS, head)
+    reach = cpp_backend.CPU_POOLED_HEAD_MAX_WORK // (head.dense_weight.numel() * torch.get_num_threads())
+    wide = torch.randn(reach + 1, 2, x.shape[2], generator=torch.Generator().manual_seed(1))  # past the fused reach
+    assert wide.shape[0] * head.dense_weight.numel() * torch.get_num_threads() > cpp_backend.CPU_POOLED_HEAD_MAX_WORK
+    wide_state = init_state(policy, wide.shape[0], 3, x.shape[2], DECISION_LAYERS, torch.device("cpu"))
+    with torch.no_grad():
+        for hidden, rows_mask, rows_state in ((x, mask, state), (x, None, state), (wide, None, wide_state)):
+            exits, returned, _, expected = cpp_backend.pooled_head_exit_step(
+                policy, 3, DECISION_LAYERS, hidden, rows_mask, head, dict(rows_state)
+            )
+            got = prepared(hidden, rows_mask, dict(rows_state))
+            # bit for bit, NaN where the step reads the NaN padding the cases put where a mask hides it
+            torch.testing.assert_close(got[:2], (exits, returned), rtol=0, atol=0, equal_nan=True)
+            assert got[2].keys() == expected.keys()
+            torch.testing.assert_close(got[2], expected, rtol=0, atol=0, equal_nan=True)
+    cls_head = make_head(kind, "cls", x.shape[2], 32 if kind == "mlp" else x.shape[2], 3, seed=8)
+    cls_step = cpp_backend.prepare_pooled_head_exit_step(policy, 3, DECISION_LAYERS, cls_head)
+    with torch.no_grad():
+        expected = cpp_backend.pooled_head_exit_step(policy, 3, DECISION_LAYERS, x, mask, cls_head, dict(state))
+        got = cls_step(x, mask, dict(state))
+    torch.testing.assert_close(got[:2], expected[:2], rtol=0, atol=0, equal_nan=True)
+
+
+def test_no_prepared_step_where_the_head_s_tensors_are_of_two_dtypes():
+    head = make_head("mlp", "mean", 48, 32, 3, seed=7)
+    mixed = FusedExitHead(**{**vars(head), "out_weight": head.out_weight.double()})
+    assert cpp_backend.prepare_pooled_head_exit_step(eek.Entropy(0.5), 3, L, mixed) is None

@@ -434,6 +434,54 @@ def pooled_head_exit_step(policy, layer, num_layers, hidden, mask, head, state):
     return _pooled_head_op(policy, layer, num_layers, hidden, mask, head, state, None)[:4]
 
 
+def prepare_pooled_head_exit_step(policy, layer, num_layers, head):
+    """:func:`pooled_head_exit_step` of one layer with its weights and rule made ready (the weights as the op
+    takes them, the policy lowered): ``step(hidden [n, S, H], mask [n, S] or None, state) -> (exits, returned,
+    state)``, for an engine that calls the same layer's head at every layer call. The fused C++ step where it runs
+    the call (:func:`_pooled_head_in_cpp`), else :func:`pooled_head_exit_step`. None on a GPU, for heads whose
+    tensors differ in dtype, and for the policies that run the reference step. Weights changed after this are
+    not seen."""
+    dtype = head.dense_weight.dtype
+    if (
+        runs_on_reference(policy)
+        or dtype not in (torch.float32, torch.bfloat16)
+        or any(t.dtype != dtype or t.device.type != "cpu" for t in head.tensors)
+    ):
+        return None
+    lowered = lower_policy(policy, num_layers)
+    weights = (
+        _POOLING_CODES[head.pooling],
+        _as_op_takes(head.norm_weight),
+        _as_op_takes(head.norm_bias),
+        head.norm_eps,
+        _as_op_takes(head.dense_weight, transpose=True),
+        _as_op_takes(head.dense_bias),
+        _ACTIVATION_CODES[head.activation],
+        _as_op_takes(head.out_weight),
+        _as_op_takes(head.out_bias),
+        None,
+    )
+    rule_args = _rule_args(lowered, layer, num_layers, None)
+    mean, work = head.pooling == "mean", head.dense_weight.numel()  # H x M
+    op = torch.ops.earlyexit.cpp_pooled_head_exit_step.default
+
+    def step(hidden, mask, state):
+        if (
+            hidden.dtype != dtype
+            or hidden.device.type != "cpu"
+            or hidden.shape[0] * work * torch.get_num_threads() > CPU_POOLED_HEAD_MAX_WORK
+            or torch.is_grad_enabled()
+        ):
+            exits, returned, _, state = pooled_head_exit_step(policy, layer, num_layers, hidden, mask, head, state)
+            return exits, returned, state
+        exits, returned, _, _, state0, state1, _, _ = op(
+            hidden, mask if mean else None, *weights, [state[k] for k in lowered.state_in], *rule_args
+        )
+        return exits, returned, _updated(state, lowered, state0, state1)
+
+    return step
+
+
 def pooled_head_exit_step_write_back(policy, layer, num_layers, hidden, mask, head, state, target):
     """:func:`earlyexit_kernels.backends.pooled_head.pooled_head_exit_step_write_back` in one C++ op (float32)."""
     exits, _, _, state, order, count = _pooled_head_op(policy, layer, num_layers, hidden, mask, head, state, target)
@@ -463,6 +511,7 @@ _OPS = {
     "prepare_head_exit_step": prepare_head_exit_step,
     "pooled_head_exit_step": pooled_head_exit_step,
     "pooled_head_exit_step_write_back": pooled_head_exit_step_write_back,
+    "prepare_pooled_head_exit_step": prepare_pooled_head_exit_step,
 }
 LOAD_ERROR: str | None = None
 WITH_CUDA = False

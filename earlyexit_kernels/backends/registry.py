@@ -55,7 +55,9 @@ class Backend:
     (``head``: a :class:`~earlyexit_kernels.backends.pooled_head.FusedExitHead`, either form).
     ``pooled_head_devices``: the device types where that step runs as fused code; elsewhere it
     is PyTorch's pooling and head before the backend's rule, and the engine prefers the fused
-    head on the pooled rows where the backend has one.
+    head on the pooled rows where the backend has one. ``prepare_pooled_head_exit_step(policy, layer,
+    num_layers, head)``, where a backend has it, gives that step of one layer with everything but the rows made
+    ready, ``(hidden, mask, state) -> (exits, returned, state)``, or None where it has no such form.
     """
 
     name: str
@@ -69,6 +71,7 @@ class Backend:
     pooled_head_exit_step: Callable | None = None
     pooled_head_exit_step_write_back: Callable | None = None
     pooled_head_devices: tuple[str, ...] = ("cpu",)
+    prepare_pooled_head_exit_step: Callable | None = None
 
 
 _REGISTRY: dict[str, Backend] = {

@@ -821,7 +821,12 @@ def _on_pooled_rows(step, adapter):
 
 
 def _pooled_step(backend, policy, layer: int, num_layers: int, head):
-    """The backend's fused pooled-head step of ``layer`` as a prepared step (see ``_prepared_head_steps``)."""
+    """The backend's fused pooled-head step of ``layer`` as a prepared step (see ``_prepared_head_steps``): its
+    own prepared form where it has one (the weights and rule made ready once, not at every call)."""
+    prepare = backend.prepare_pooled_head_exit_step
+    prepared = prepare(policy, layer, num_layers, head) if prepare is not None else None
+    if prepared is not None:
+        return prepared
 
     def step(hidden, mask, state):
         exits, returned, _, state = backend.pooled_head_exit_step(policy, layer, num_layers, hidden, mask, head, state)
