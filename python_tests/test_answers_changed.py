@@ -116,16 +116,24 @@ def test_eek_calibrate_max_changed_is_saved_kept_and_dropped(classifier, tmp_pat
         return json.loads((folder / "eek_fit.json").read_text())["certificate"]
 
     capsys.readouterr()
-    command = ("calibrate", folder, rows, "--max-drop", "5", "--force", "--no-progress")
-    assert _run(*command, "--max-changed", "20") == 0
-    assert "(and answers changed against the full model <= 20%)" in capsys.readouterr().out
-    assert saved()["changed_budget"] == pytest.approx(0.2) and saved()["changed_bound"] <= 0.2
-    # the online audit reads the answers changed: it may loosen no further than the smaller budget
+    command = ("calibrate", folder, rows, "--max-drop", "20", "--force", "--no-progress")
+    assert _run(*command, "--max-changed", "5") == 0
+    assert "(and answers changed against the full model <= 5%)" in capsys.readouterr().out
+    assert saved()["changed_budget"] == pytest.approx(0.05) and saved()["budget"] == pytest.approx(0.2)
+    # the online audit and a start-up certificate on rows without labels read the answers changed alone: at the
+    # smaller of the two budgets
+    from earlyexit_kernels.integrations.model_folder import load_model
     from earlyexit_kernels.integrations.recertify_folder import certificate_of_folder
+    from earlyexit_kernels.integrations.served_certificate import certify_served
+    from earlyexit_kernels.training.labelled_texts import LabelledTexts
 
     assert certificate_of_folder(str(folder), fraction=0.5).budget == pytest.approx(0.05)
+    model, tokenizer = load_model(str(folder))
+    texts = list(_frame(700, seed=34, labels=None).text)
+    served = certify_served(model, tokenizer, str(folder), LabelledTexts(texts, None, None, "rows.csv"))
+    assert served.report.target == "agreement" and served.report.certificate["budget"] == pytest.approx(0.05)
     assert _run(*command) == 0  # a re-certification keeps the folder's second budget
-    assert saved()["changed_budget"] == pytest.approx(0.2)
+    assert saved()["changed_budget"] == pytest.approx(0.05)
 
     # rows without labels cannot certify accuracy lost: the saved second budget says how to go on
     unlabelled = _write(_frame(700, seed=33, labels=None), tmp_path / "unlabelled.csv")

@@ -50,6 +50,19 @@ def test_no_warning_where_the_base_is_the_certified_one_or_nothing_is_certified(
     assert _loaded_warnings(_folder(saved_classifier, tmp_path, **summary), dtype) == []
 
 
+def test_a_folder_certified_on_int8_run_without_dtype_warns_that_float32_is_not_what_was_certified(
+    saved_classifier, tmp_path
+):
+    folder = _folder(saved_classifier, tmp_path, certificate=CERTIFICATE, base="int8")
+    (message,) = _loaded_warnings(folder, None)
+    assert "certified on the int8 base; without --dtype it runs as saved, on float32" in message
+    assert "give --dtype int8" in message
+    with warnings.catch_warnings(record=True) as caught:  # a caller that certifies it, or loads it as a reference
+        warnings.simplefilter("always")
+        load_model(folder, certified_here=True)
+    assert [str(w.message) for w in caught] == []
+
+
 def test_pytorchs_quantization_deprecation_notices_are_not_shown(saved_classifier):
     model, _ = load_model(saved_classifier)
     with warnings.catch_warnings(record=True) as caught:

@@ -412,6 +412,17 @@ def _pooled_head_op(policy, layer, num_layers, hidden, mask, head, state, target
     exits, returned, logits, _, state0, state1, order, count = torch.ops.earlyexit.cpp_pooled_head_exit_step(
         hidden,
         mask if head.pooling == "mean" else None,
+        *_cpu_op_head(head),
+        [state[k] for k in lowered.state_in],
+        *_rule_args(lowered, layer, num_layers, target),
+    )
+    return exits, returned, logits, _updated(state, lowered, state0, state1), order, count
+
+
+def _cpu_op_head(head) -> tuple:
+    """The head's arguments of the fused op on the CPU, between the mask and the state: its pooling, the
+    weights as the op takes them (float32, the first Linear transposed), its activation, no halting head."""
+    return (
         _POOLING_CODES[head.pooling],
         _as_op_takes(head.norm_weight),
         _as_op_takes(head.norm_bias),
@@ -422,10 +433,7 @@ def _pooled_head_op(policy, layer, num_layers, hidden, mask, head, state, target
         _as_op_takes(head.out_weight),
         _as_op_takes(head.out_bias),
         None,
-        [state[k] for k in lowered.state_in],
-        *_rule_args(lowered, layer, num_layers, target),
     )
-    return exits, returned, logits, _updated(state, lowered, state0, state1), order, count
 
 
 def pooled_head_exit_step(policy, layer, num_layers, hidden, mask, head, state):
@@ -449,18 +457,7 @@ def prepare_pooled_head_exit_step(policy, layer, num_layers, head):
     ):
         return None
     lowered = lower_policy(policy, num_layers)
-    weights = (
-        _POOLING_CODES[head.pooling],
-        _as_op_takes(head.norm_weight),
-        _as_op_takes(head.norm_bias),
-        head.norm_eps,
-        _as_op_takes(head.dense_weight, transpose=True),
-        _as_op_takes(head.dense_bias),
-        _ACTIVATION_CODES[head.activation],
-        _as_op_takes(head.out_weight),
-        _as_op_takes(head.out_bias),
-        None,
-    )
+    weights = _cpu_op_head(head)
     rule_args = _rule_args(lowered, layer, num_layers, None)
     mean, work = head.pooling == "mean", head.dense_weight.numel()  # H x M
     op = torch.ops.earlyexit.cpp_pooled_head_exit_step.default

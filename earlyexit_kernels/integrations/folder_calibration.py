@@ -137,7 +137,7 @@ def calibrate_folder(
         max_changed = saved_changed(path)
     if (data is None) == (from_audit is None):
         raise ValueError("give the rows to certify on (data) or an audit record (from_audit), one of them")
-    model, tokenizer = load_model(path)
+    model, tokenizer = load_model(path, certified_here=True)  # certified here, on the base asked for
     if from_audit is not None:
         from earlyexit_kernels.training.calibrate_texts import calibrate_record
 

@@ -90,8 +90,10 @@ def load_model(
 
     ``dtype`` / ``device``: the base it runs on (:func:`earlyexit_kernels.engine.precision.to_base`;
     None: as saved, on the CPU). On another base than the folder's certificate's, one warning says how
-    to certify it there, unless ``certified_here`` (the caller certifies it, as ``eek serve --calibration``)
-    or ``policy_text`` is given (the folder's certificate does not cover another policy on any base)."""
+    to certify it there, or, without ``dtype``, that the base certified on is not the one run; unless
+    ``certified_here`` (the caller certifies it, as ``eek serve --calibration`` and ``eek calibrate``, or
+    loads it for another use, as a reference) or ``policy_text`` is given (the folder's certificate does not
+    cover another policy on any base)."""
     from transformers import AutoTokenizer
 
     from earlyexit_kernels.methods.policy_spec import parse_policy
@@ -145,8 +147,8 @@ def load_model(
             to_folder_base(folder, model, dtype, "cpu" if device is None else device)
         except ValueError as error:
             raise ModelFolderError(str(error)) from None
-        if not certified_here and policy is None:
-            _warn_uncertified_base(path, folder, dtype)
+    if not certified_here and policy is None:
+        _warn_uncertified_base(path, folder, dtype)
     return model, tokenizer
 
 
@@ -213,7 +215,17 @@ def _warn_uncertified_base(path: str, folder: Path, dtype: str | None) -> None:
     """One warning where ``dtype`` is another base than the one the folder's threshold was certified on:
     its layers then compute other values, which the certificate does not cover."""
     base = certified_base(str(folder))
-    if dtype is None or base is None or dtype == base:
+    if base is None or dtype == base:
+        return
+    if dtype is None:
+        if base != "float32":  # as saved is float32: the weights a folder holds
+            warnings.warn(
+                f"MODEL {path}'s threshold was certified on the {base} base; without --dtype it runs as saved, on "
+                f"float32, whose layers compute other values, which the certificate does not cover: give --dtype "
+                f"{base} to run what was certified",
+                UserWarning,
+                stacklevel=3,
+            )
         return
     warnings.warn(
         f"MODEL {path}'s threshold was certified on {base}; on {dtype} its layers compute other values, which "

@@ -277,7 +277,9 @@ def _serve_certified(args, options: dict, name: str) -> int:
             label_required=args.label_column is not None,
         )
         # on another base, the risk is measured against the saved full model: loaded for the certificate alone
-        reference = None if args.dtype in (None, "float32") else load_model(args.model, None, args.backend)[0]
+        reference = None
+        if args.dtype not in (None, "float32"):
+            reference = load_model(args.model, None, args.backend, certified_here=True)[0]
         served = certify_served(
             model,
             tokenizer,
