@@ -186,6 +186,7 @@ PREAMBLES = {
     ("docs/training.md", "Training the heads", 1): _trainer,
     ("docs/training.md", "Calibration", 0): _with_model,
     ("docs/training.md", "Calibration with a guarantee", 0): _calibration_rows,
+    ("docs/training.md", "Calibration with a guarantee", 1): _calibration_rows,
     ("docs/training.md", "GLUE from local files", 0): _glue,
     **{block: _skip(reason) for block, reason in NOT_RUN.items()},
     **{block: _gpu for block in ON_A_GPU},
