@@ -12,16 +12,20 @@ import json
 
 import pytest
 import torch
+from conftest import word_bert, word_texts
 from conftest import write_table as _write
 from test_fit_cli import FAST, _frame, _run, classifier  # noqa: F401 - classifier is a fixture
 
+import earlyexit_kernels as eek
 from earlyexit_kernels.calibration.candidates import certified_candidates
 from earlyexit_kernels.calibration.certify import certify
 from earlyexit_kernels.calibration.losses import row_losses
 from earlyexit_kernels.calibration.record import ExitRecord, replay
+from earlyexit_kernels.integrations.folder_calibration import calibrate_folder
 from earlyexit_kernels.methods.policies import Entropy
 from earlyexit_kernels.methods.risk_control import fixed_sequence, risk_p_value
 from earlyexit_kernels.training.calibration import calibrate
+from earlyexit_kernels.training.labelled_texts import LabelledTexts
 
 pd = pytest.importorskip("pandas", reason="the data files are written with pandas")
 
@@ -125,7 +129,6 @@ def test_eek_calibrate_max_changed_is_saved_kept_and_dropped(classifier, tmp_pat
     from earlyexit_kernels.integrations.model_folder import load_model
     from earlyexit_kernels.integrations.recertify_folder import certificate_of_folder
     from earlyexit_kernels.integrations.served_certificate import certify_served
-    from earlyexit_kernels.training.labelled_texts import LabelledTexts
 
     assert certificate_of_folder(str(folder), fraction=0.5).budget == pytest.approx(0.05)
     model, tokenizer = load_model(str(folder))
@@ -142,3 +145,24 @@ def test_eek_calibrate_max_changed_is_saved_kept_and_dropped(classifier, tmp_pat
     assert err.startswith("error: --max-changed is certified beside accuracy lost") and "--max-changed off" in err
     assert _run(*command, "--max-changed", "off") == 0
     assert saved()["changed_budget"] is None
+
+
+def test_on_the_int8_base_the_answers_changed_are_counted_against_the_float32_full_model(tmp_path):
+    """``eek calibrate --dtype int8 --max-changed``: both risks read the saved float32 full model, so the int8
+    base's own changes and the exits' count together in the answers changed, as the report's agreement says."""
+    pytest.importorskip("torch.ao.quantization", reason="int8 needs torch's quantized engine")
+    labels = {0: "neg", 1: "neutral", 2: "pos"}
+    model, tokenizer = word_bert(tmp_path, 3, labels=labels, initializer_range=0.3)  # answers vary with the text
+    eek.patch(model, eek.Entropy(0.0))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    texts = [t or "w1" for t in word_texts(1_200, seed=7)]
+    rows = LabelledTexts(texts, None, [labels[len(t.split()) % 3] for t in texts], "rows.csv", "label")
+    report = calibrate_folder(
+        str(tmp_path), rows, max_drop=5.0, confidence=0.9, dtype="int8", max_changed=12.0, force=True
+    )
+    certificate = report.certificate
+    assert (report.base, report.base_risk, certificate["changed_budget"]) == ("int8", "reference", 0.12)
+    assert certificate["changed_observed"] == pytest.approx(1.0 - report.agreements["exits"])
+    assert report.agreements["base_full"] < 1.0  # the int8 base changes answers of its own, counted in
+    assert json.loads((tmp_path / "eek_fit.json").read_text())["certificate"]["changed_budget"] == 0.12
