@@ -337,13 +337,18 @@ def _pooled_head_in_cpp(hidden: torch.Tensor, head) -> bool:
     CPU at inference, up to ``CPU_POOLED_HEAD_MAX_WORK``; else the pooling and head run in PyTorch
     and the rule in C++. Under autocast it runs in the hidden states' dtype, as the fused heads
     of both engines always have (the model's own classifier at the last layer runs autocast's)."""
-    n, _, hidden_size = hidden.shape
-    width = head.dense_weight.shape[0]
+    return _cpu_call_fits(hidden, head.dense_weight.numel()) and all(
+        t.dtype == hidden.dtype and t.device.type == "cpu" for t in head.tensors
+    )
+
+
+def _cpu_call_fits(hidden: torch.Tensor, work: int) -> bool:
+    """The call's part of :func:`_pooled_head_in_cpp`: ``hidden`` [n, S, H] float32 or bfloat16 on the CPU at
+    inference, with n x ``work`` (the head's H x M) x threads up to ``CPU_POOLED_HEAD_MAX_WORK``."""
     return (
         hidden.device.type == "cpu"
         and hidden.dtype in (torch.float32, torch.bfloat16)
-        and all(t.dtype == hidden.dtype and t.device.type == "cpu" for t in head.tensors)
-        and n * hidden_size * width * torch.get_num_threads() <= CPU_POOLED_HEAD_MAX_WORK
+        and hidden.shape[0] * work * torch.get_num_threads() <= CPU_POOLED_HEAD_MAX_WORK
         and not torch.is_grad_enabled()
     )
 
@@ -463,12 +468,7 @@ def prepare_pooled_head_exit_step(policy, layer, num_layers, head):
     op = torch.ops.earlyexit.cpp_pooled_head_exit_step.default
 
     def step(hidden, mask, state):
-        if (
-            hidden.dtype != dtype
-            or hidden.device.type != "cpu"
-            or hidden.shape[0] * work * torch.get_num_threads() > CPU_POOLED_HEAD_MAX_WORK
-            or torch.is_grad_enabled()
-        ):
+        if hidden.dtype != dtype or not _cpu_call_fits(hidden, work):  # the head's tensors were checked above
             exits, returned, _, state = pooled_head_exit_step(policy, layer, num_layers, hidden, mask, head, state)
             return exits, returned, state
         exits, returned, _, _, state0, state1, _, _ = op(
