@@ -18,13 +18,31 @@ On the CPU nothing is captured, and fixed shapes buy nothing; there the plan is 
 own bucket, read at once (``sizes=None``, lag 0): the same step on the exact step's shapes, so
 that it gives the exact step's bits (a small GEMM's rows round differently with the number of
 rows on MKL: a head's Linear on 10 rows against the first 10 of 16).
+
+Sizes from a layer-cost table (:func:`sizes_from_table`): a GPU runs a layer's GEMMs in waves of
+tiles, so a bucket of 40 rows can cost what one of 64 does, and then runs more rows for nothing
+and costs one more capture per layer. From the measured time of one layer at each row count
+(:mod:`earlyexit_kernels.engine.cost_table`), a size is kept only where the layer is faster than at
+the next larger size kept by more than the measurement's own noise.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
-__all__ = ["DEFAULT_SIZES", "bucket_for", "default_plan", "PublishedCount", "ReadyCount", "SurvivorLag"]
+from earlyexit_kernels.engine.cost_table import LayerCostTable
+
+__all__ = [
+    "DEFAULT_SIZES",
+    "bucket_for",
+    "default_plan",
+    "sizes_from_table",
+    "sizes_from_file",
+    "PublishedCount",
+    "ReadyCount",
+    "SurvivorLag",
+]
 
 DEFAULT_SIZES = (1, 2, 4, *range(8, 65, 8), *range(96, 257, 32))
 _STEP_BEYOND = 64  # past the largest listed size, buckets are multiples of this
@@ -47,6 +65,36 @@ def bucket_for(count: int, sizes: tuple[int, ...] | None = DEFAULT_SIZES) -> int
         if size >= count:
             return size
     return -(-count // _STEP_BEYOND) * _STEP_BEYOND
+
+
+def sizes_from_table(table) -> tuple[int, ...]:
+    """Bucket sizes that each cost less than the next larger one, from a layer-cost table.
+
+    ``table``: a :class:`~earlyexit_kernels.engine.cost_table.LayerCostTable` (or anything with its
+    ``seconds`` and ``spread`` by row count). The largest row count timed is kept; then, walking down
+    the row counts, a count is kept where its median time is below that of the last size kept by more
+    than the larger of the two interquartile ranges; the others are dropped, as a bucket that costs
+    about what the next larger one costs saves nothing and costs a capture per layer. The margin is
+    the measurement's own spread: for normal noise of standard deviation ``sd`` per repetition, the
+    difference of two medians over ``r`` repetitions has a standard deviation of about
+    ``1.25 sd sqrt(2 / r)`` and an interquartile range is ``1.35 sd``, so at 15 repetitions the margin
+    is about three standard deviations of the difference. A time that does not fall (noise, a smaller
+    count slower) never keeps a size. Past the largest size, :func:`bucket_for` goes on in multiples of 64."""
+    seconds, spread = table.seconds, table.spread
+    rows = sorted(seconds)
+    if not rows:
+        raise ValueError("an empty layer-cost table chooses no sizes")
+    kept = [rows[-1]]
+    for n in reversed(rows[:-1]):
+        above = kept[-1]
+        if seconds[above] - seconds[n] > max(spread[n], spread[above]):
+            kept.append(n)
+    return tuple(reversed(kept))
+
+
+def sizes_from_file(path: str | Path) -> tuple[int, ...]:
+    """:func:`sizes_from_table` of the layer-cost table saved as JSON at ``path``."""
+    return sizes_from_table(LayerCostTable.load(path))
 
 
 class PublishedCount(Protocol):
