@@ -23,17 +23,37 @@ it when trimming the padding saves more than the row count says. Embeddings, hea
 the exit step are left out of both: they are what the engine must keep small.
 
 The layer times are measured in the same repetitions as the methods (each repetition
-times every method once and every needed layer shape once), so both see the same
-machine load; ``t`` is the median over the repetitions.
+times every method once and every needed layer shape once, :func:`time_probes`), so both
+see the same machine load; ``t`` is the median over the repetitions. On the CPU a shape's
+time is one eager call. On a GPU one eager call of a small layer times the host (its
+launches and the synchronisation around it, about the same from 1 row to 64: timed that way,
+the geometric pattern's shape ideal at B = 64 in bf16 read 0.82-1.15 in the H100 sessions of
+2026-11-26/27, ``benchmarks/results/nvidia_h100_80gb_hbm3/``, against a layer ideal of
+1.67), so there each shape's layer is captured in a CUDA
+graph, as the graphed step runs it, and timed by CUDA events around :data:`GPU_REPLAYS`
+replays (:mod:`.layer_costs`, which also measures a whole table of row counts for the
+bucket plan).
 """
 
 from __future__ import annotations
 
 import torch
 
+from earlyexit_kernels.bench.layer_costs import captured, layer_call, probe_layers, probe_mask, time_round
 from earlyexit_kernels.bench.patterns import ExitPattern
 
-__all__ = ["ideal_layers", "active_shapes", "probe_layers", "layer_probe", "shape_probes", "ideal_shape"]
+__all__ = [
+    "ideal_layers",
+    "active_shapes",
+    "probe_layers",
+    "layer_probe",
+    "shape_probes",
+    "time_probes",
+    "ideal_shape",
+    "GPU_REPLAYS",
+]
+
+GPU_REPLAYS = 10  # graph replays timed together per shape and repetition on CUDA
 
 
 def ideal_layers(pattern: ExitPattern, num_layers: int) -> float:
@@ -53,40 +73,28 @@ def active_shapes(pattern: ExitPattern, num_layers: int, seq_len: int) -> list[t
     return shapes
 
 
-def probe_layers(adapter) -> list[int]:
-    """The encoder layers a probe runs: ``[0]``, or one period of ``config.layer_types`` when they differ."""
-    kinds = list(getattr(adapter.model.config, "layer_types", None) or [])
-    if len(set(kinds)) <= 1:
-        return [0]
-    period = next(p for p in range(1, len(kinds) + 1) if all(k == kinds[i % p] for i, k in enumerate(kinds)))
-    return list(range(period))
-
-
 def layer_probe(adapter, n: int, s: int, padded: bool, device: torch.device, dtype: torch.dtype):
     """A no-argument callable running the :func:`probe_layers` on ``[n, s, H]`` (masked when ``padded``)."""
     hidden = torch.randn(n, s, adapter.hidden_size, device=device, dtype=dtype)
-    mask = None
-    if padded:  # one padded position per row: the masked kernel path, as the engine runs it
-        mask = torch.ones(n, s, dtype=torch.long, device=device)
-        if s > 1:
-            mask[:, -1] = 0
-    layer_mask = adapter.layer_mask(mask, dtype)
-    layers = probe_layers(adapter)
-    if layers == [0]:
-        return lambda: adapter.run_layer(0, hidden, layer_mask)
-
-    def run():
-        for index in layers:  # each on the same input: the time of the layers, not of a chain
-            adapter.run_layer(index, hidden, layer_mask)
-
-    return run
+    mask = probe_mask(n, s, device) if padded else None  # one padded position per row: the masked kernel path
+    return layer_call(adapter, hidden, mask, dtype)
 
 
 def shape_probes(pattern: ExitPattern, num_layers: int, seq_len: int, adapter, device, dtype) -> dict:
-    """``{(n, s): callable}`` for the full shape ``(B, S)`` and every active shape of ``pattern``."""
+    """``{(n, s): callable}`` for the full shape ``(B, S)`` and every active shape of ``pattern``; on
+    CUDA each a replay of its CUDA graph, captured at its first call (:func:`.layer_costs.captured`)."""
     batch = pattern.exit_layers.numel()
     shapes = {(batch, seq_len), *active_shapes(pattern, num_layers, seq_len)}
-    return {shape: layer_probe(adapter, *shape, pattern.padded, device, dtype) for shape in sorted(shapes)}
+    probes = {shape: layer_probe(adapter, *shape, pattern.padded, device, dtype) for shape in sorted(shapes)}
+    return captured(probes, device)
+
+
+def time_probes(probes: dict, device) -> dict:
+    """One repetition of :func:`shape_probes`' probes: ``{(n, s): seconds of one layer}``. On CUDA
+    :data:`GPU_REPLAYS` replays of each graph between two CUDA events; elsewhere one call each,
+    timed by the clock (:func:`.layer_costs.time_round`)."""
+    replays = GPU_REPLAYS if torch.device(device).type == "cuda" else 1
+    return time_round(probes, replays, device)
 
 
 def ideal_shape(pattern: ExitPattern, num_layers: int, seq_len: int, layer_time: dict) -> float:

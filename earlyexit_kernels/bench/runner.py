@@ -16,7 +16,8 @@ The methods are timed interleaved (each repetition runs every method once, in a
 rotating order), so a change of machine load hits all of them alike; each gets one
 untimed warm-up call first, whose outputs are checked against the pattern and the naive
 baseline. Each repetition also times one encoder layer at every shape the shape-aware
-ideal needs (:mod:`.ideal`). Peak memory is measured in a separate, untimed call.
+ideal needs (:mod:`.ideal`; on CUDA captured in a CUDA graph and timed by CUDA events).
+Peak memory is measured in a separate, untimed call.
 
 ``nonlayer_p50_s`` is the same call with every encoder layer replaced by an identity
 (embeddings, heads, exit steps, compaction, write-back and Python only), timed in
@@ -45,7 +46,7 @@ import torch
 from transformers.models.deberta_v2.modeling_deberta_v2 import DebertaV2Layer
 
 from earlyexit_kernels.bench.baselines import batch_size_one, naive_batched, single_sequence_inputs
-from earlyexit_kernels.bench.ideal import ideal_layers, ideal_shape, shape_probes
+from earlyexit_kernels.bench.ideal import ideal_layers, ideal_shape, shape_probes, time_probes
 from earlyexit_kernels.bench.patterns import ExitPattern, make_inputs
 from earlyexit_kernels.bench.peers import PeerModels, PeerUnavailable
 from earlyexit_kernels.bench.threshold_pattern import THRESHOLD, PatternNotReproducible, entropy_variant
@@ -407,8 +408,8 @@ def _measure(work: _Workload, methods: list[Method], settings: MeasureSettings) 
             method.prepare(TIMED)
             seconds, _ = timed_call(method.run, device)
             times[method].append(seconds)
-        for shape, probe in probes.items():
-            layer_times[shape].append(timed_call(probe, device)[0])
+        for shape, seconds in time_probes(probes, device).items():
+            layer_times[shape].append(seconds)
 
     # What the graphed rows captured, replayed and ran uncaptured (and why) in the warm-up and timed calls.
     graphs = {m: _graph_stats(m, work.model) for m in methods if m.name == "eek" and m.step.startswith("graphed")}
