@@ -158,3 +158,23 @@ def test_a_padded_patterns_probes_run_masked_at_their_trimmed_lengths():
     ideal.time_probes(probes, torch.device("cpu"))
     assert seen == {(0, n, s, True): 1 for n, s in probes}
     assert (8, 12) in probes and set(probes) == {(8, 12), *ideal.active_shapes(pattern, 4, 12)}
+
+
+def test_the_benchmark_script_rehearses_on_the_cpu(tmp_path, capsys):
+    """``benchmarks/micro/layer_cost_table.py --rehearse``: the tiny model on the CPU writes the table,
+    which loads back, and the Markdown with the chosen sizes and a row per B, pattern and plan."""
+    from benchmarks.micro import layer_cost_table
+
+    assert layer_cost_table.main(["--rehearse", "--output-dir", str(tmp_path), "--repeats", "2"]) == 0
+    table = LayerCostTable.load(tmp_path / "layer_costs.json")
+    assert table.rows == tuple(range(1, 17)) and (table.seq_len, table.repeats, table.replays) == (16, 2, 2)
+    assert table.notes["sizes_chosen"] == list(sizes_from_table(table))
+    text = (tmp_path / "layer_costs.md").read_text()
+    assert text == capsys.readouterr().out.rstrip("\n") + "\n"
+    assert f"`sizes_from_table`): {', '.join(map(str, sizes_from_table(table)))} (" in text
+    simulated = [line for line in text.splitlines() if line.startswith(("| 8 | ", "| 16 | ")) and "-p0.10" in line]
+    simulated += [line for line in text.splitlines() if line.startswith(("| 8 | ", "| 16 | ")) and "sched-f" in line]
+    assert len(simulated) == 2 * 2 * 2  # B, pattern, plan
+    assert (
+        "| 8 | geometric-p0.10" in text and "| 16 | sched-f0.50: every row exits after layer 2 of 4 | chosen |" in text
+    )
