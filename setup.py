@@ -220,6 +220,7 @@ def _extensions():
         f"{csrc}/cpu/pooler_head_cpu.cpp",
         f"{csrc}/cpu/pooled_head_step_cpu.cpp",
         f"{csrc}/cpu/compact_cpu.cpp",
+        f"{csrc}/cpu/gather_survivors_cpu.cpp",
         f"{csrc}/cpu/token_pool_cpu.cpp",
         f"{csrc}/cpu/bert_layer_cpu.cpp",
     ]
@@ -244,7 +245,7 @@ def _extensions():
         return [], {}
     if why_not is None:
         cuda_sources = [f"{csrc}/bindings_cuda.cpp"]
-        cuda_sources += [f"{csrc}/cuda/{name}.cu" for name in ("exit_step", "compact", "pool_norm")]
+        cuda_sources += [f"{csrc}/cuda/{name}.cu" for name in ("exit_step", "compact", "gather_survivors", "pool_norm")]
         nvcc = ["-O3", "-Xptxas=-warn-spills", *_cuda_arch_flags()]
         ext = CUDAExtension(
             "earlyexit_kernels._C",

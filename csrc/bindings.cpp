@@ -62,6 +62,15 @@ TORCH_LIBRARY_FRAGMENT(earlyexit, m) {
   // Gather rows `index` of hidden [n, S, H] and mask [n, S], keep the first seq_len positions.
   // The second output is an empty tensor when mask is None.
   m.def("cpp_compact(Tensor hidden, Tensor? mask, Tensor index, int seq_len) -> (Tensor hidden, Tensor mask)");
+  // The graphed step's bookkeeping after a layer where rows may leave, in one launch: with order [n]
+  // the exit kernel's survivor permutation, next_rows[i] = dead if exits[order[i]] else
+  // rows[order[i]], count (one int64) = how many of next_rows are not dead, written to host_count
+  // too where given (pinned host memory, which a GPU writes directly), and row i of every
+  // targets[t] = row order[i] of sources[t] (same shape and dtype, rows contiguous; a target never
+  // overlaps a source).
+  m.def(
+      "cpp_gather_survivors(Tensor order, Tensor exits, Tensor rows, int dead, Tensor(a!) next_rows, Tensor(b!) count,"
+      " Tensor[] sources, Tensor(c!)[] targets, Tensor(d!)? host_count=None) -> ()");
   // The continuous engine's paged token pool [T, H] (page_table [slots, pages] and lengths
   // [slots], int64, on the host): a layer call's rows [m, padded_length, H] and their mask
   // [m, padded_length] gathered from it, or, where resident_of[i] >= 0, from row row_of[i] of
@@ -88,6 +97,7 @@ TORCH_LIBRARY_IMPL(earlyexit, CPU, m) {
   m.impl("cpp_packed_head_exit_step", &eek::packed_head_exit_step_cpu);
   m.impl("cpp_pooled_head_exit_step", &eek::pooled_head_exit_step_cpu);
   m.impl("cpp_compact", &eek::compact_cpu);
+  m.impl("cpp_gather_survivors", &eek::gather_survivors_cpu);
   m.impl("cpp_pool_gather", &eek::pool_gather_cpu);
   m.impl("cpp_pool_scatter", &eek::pool_scatter_cpu);
   m.impl("cpp_bert_layer", &eek::bert_layer_cpu);

@@ -253,6 +253,34 @@ std::tuple<at::Tensor, at::Tensor> compact_cuda(const at::Tensor& hidden, const 
   return {out, out_mask};
 }
 
+void gather_survivors_cuda(const at::Tensor& order, const at::Tensor& exits, const at::Tensor& rows, int64_t dead,
+                           const at::Tensor& next_rows, const at::Tensor& count, at::TensorList sources,
+                           at::TensorList targets, const std::optional<at::Tensor>& host_count) {
+  static_assert(cuda::kMaxGatherCopies == kMaxSurvivorCopies, "one limit for both devices");
+  TORCH_CHECK(order.is_cuda(), "cpp_gather_survivors (CUDA): order must be on a GPU");
+  const std::vector<RowCopySpec> copies =
+      survivor_copies(order, exits, rows, next_rows, count, sources, targets, host_count);
+  c10::cuda::CUDAGuard guard(order.device());
+  cuda::SurvivorGather a;
+  a.n = order.size(0);
+  a.order = order.data_ptr<int64_t>();
+  a.exits = exits.data_ptr<bool>();
+  a.rows = rows.data_ptr<int64_t>();
+  a.dead = dead;
+  a.next_rows = next_rows.data_ptr<int64_t>();
+  a.count = count.data_ptr<int64_t>();
+  a.host_count = host_count.has_value() && host_count->defined() ? host_count->data_ptr<int64_t>() : nullptr;
+  a.num_copies = static_cast<int>(copies.size());
+  for (size_t t = 0; t < copies.size(); ++t) {
+    a.copies[t].src = copies[t].src;
+    a.copies[t].dst = copies[t].dst;
+    a.copies[t].src_stride = copies[t].src_stride;
+    a.copies[t].dst_stride = copies[t].dst_stride;
+    a.copies[t].bytes = copies[t].bytes;
+  }
+  check_launch(cuda::launch_gather_survivors(a, c10::cuda::getCurrentCUDAStream().stream()), "cpp_gather_survivors");
+}
+
 }  // namespace
 }  // namespace eek
 
@@ -262,6 +290,7 @@ TORCH_LIBRARY_IMPL(earlyexit, CUDA, m) {
   m.impl("cpp_head_exit_step", &eek::head_exit_step_cuda);
   m.impl("cpp_pooled_head_exit_step", &eek::pooled_head_exit_step_cuda);
   m.impl("cpp_compact", &eek::compact_cuda);
+  m.impl("cpp_gather_survivors", &eek::gather_survivors_cuda);
 }
 
 #endif  // EEK_WITH_CUDA

@@ -47,6 +47,31 @@ std::tuple<at::Tensor, at::Tensor> pool_gather_cpu(const at::Tensor& pool, const
 void pool_scatter_cpu(const at::Tensor& pool, const at::Tensor& page_table, const at::Tensor& lengths,
                       int64_t page_size, at::IntArrayRef slots, const at::Tensor& hidden);
 
+// The graphed step's bookkeeping after an exit layer in one op (cpu/gather_survivors_cpu.cpp):
+// next_rows[i] = dead where exits[order[i]] else rows[order[i]], count = the rows of next_rows
+// that are not dead (also written to host_count, pinned host memory, where given), and row i of
+// every targets[t] = row order[i] of sources[t].
+void gather_survivors_cpu(const at::Tensor& order, const at::Tensor& exits, const at::Tensor& rows, int64_t dead,
+                          const at::Tensor& next_rows, const at::Tensor& count, at::TensorList sources,
+                          at::TensorList targets, const std::optional<at::Tensor>& host_count);
+
+// One tensor's rows moved by cpp_gather_survivors: `bytes` from src + order[i] * src_stride to
+// dst + i * dst_stride.
+struct RowCopySpec {
+  const char* src;
+  char* dst;
+  int64_t src_stride;
+  int64_t dst_stride;
+  int64_t bytes;
+};
+// The most tensors one cpp_gather_survivors call moves (the hidden states, the mask, the extents
+// and a policy's state fit with room): the CUDA kernel takes their copies as one parameter.
+constexpr int64_t kMaxSurvivorCopies = 12;
+// cpp_gather_survivors' arguments checked (the same on every device) and laid out as copies.
+std::vector<RowCopySpec> survivor_copies(const at::Tensor& order, const at::Tensor& exits, const at::Tensor& rows,
+                                         const at::Tensor& next_rows, const at::Tensor& count, at::TensorList sources,
+                                         at::TensorList targets, const std::optional<at::Tensor>& host_count);
+
 // A BERT-style layer on every position, as OpByOpLayer runs it (bert_layer_cpu.cpp).
 at::Tensor bert_layer_cpu(const at::Tensor& hidden, const std::optional<at::Tensor>& mask, at::TensorList weights,
                           double attention_eps, double output_eps, int64_t head_size, double scaling);

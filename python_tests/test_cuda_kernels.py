@@ -27,7 +27,7 @@ import torch
 from threshold_helpers import decision_quantity
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.backends import compaction, cpp_backend
+from earlyexit_kernels.backends import compaction, cpp_backend, survivor_gather
 from earlyexit_kernels.backends.write_back import WriteBack, write_back
 from earlyexit_kernels.methods import exit_rules
 
@@ -355,6 +355,35 @@ def test_compact(ops, dtype):
         assert torch.equal(got_h, ref_h)
         if m is not None:
             assert torch.equal(got_m, ref_m)
+
+
+@pytest.mark.parametrize("hidden, dtype", [(8, torch.bfloat16), (6, torch.float32), (5, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("n", [0, 3, 40])
+def test_gather_survivors(ops, n, hidden, dtype):
+    # 16-byte, 4-byte and 1-byte copies (a row of 8 bf16, of 6 floats, of 5 bf16), rows of a
+    # bucket in the targets' longer buffers, the count also into host memory where given
+    from test_survivor_gather import bucket, outputs
+
+    order, exits, rows, sources, targets = bucket(n=n, hidden=hidden, dtype=dtype, seed=n + hidden)
+    ref_targets = [t.clone() for t in targets]
+    ref_rows, ref_count = outputs(n)
+    survivor_gather.gather_survivors(order, exits, rows, n, ref_rows, ref_count, sources, ref_targets)
+
+    def there(t):
+        return t.to(ops.device)
+
+    bases = [there(t._base) if t._base is not None else there(t) for t in targets]
+    moved = [b.as_strided(t.shape, t.stride(), t.storage_offset()) for b, t in zip(bases, targets)]
+    next_rows, count = (there(t) for t in outputs(n))
+    host_count = torch.full((1,), -7, dtype=torch.long, pin_memory=ops.where == "gpu")
+    ops.ns.cpp_gather_survivors(
+        there(order), there(exits), there(rows), n, next_rows, count, [there(s) for s in sources], moved, host_count
+    )
+    if ops.where == "gpu":
+        torch.cuda.synchronize()
+    assert torch.equal(next_rows.cpu(), ref_rows) and torch.equal(count.cpu(), ref_count)
+    assert torch.equal(host_count, ref_count)
+    assert all(torch.equal(got.cpu(), want) for got, want in zip(moved, ref_targets))
 
 
 # ----------------------------------------------------------------------------- shared memory per architecture

@@ -75,5 +75,29 @@ cudaError_t launch_head_exit(DType dtype, int64_t n, int64_t C, const HeadPtrs* 
 cudaError_t launch_compact(const void* src, int64_t src_row_stride, int64_t n, void* dst, int64_t row_bytes,
                            const int64_t* index, int64_t m, cudaStream_t stream);
 
+// cpp_gather_survivors (bindings.cpp) on the GPU, one launch: rows, live count and every tensor's rows.
+constexpr int kMaxGatherCopies = 12;  // eek::kMaxSurvivorCopies
+struct GatherCopy {
+  const void* src = nullptr;  // row order[i] at src + order[i] * src_stride (bytes)
+  void* dst = nullptr;        // row i at dst + i * dst_stride (bytes)
+  int64_t src_stride = 0;
+  int64_t dst_stride = 0;
+  int64_t bytes = 0;  // of one row
+  int width = 1;      // bytes a thread moves at a time (16, 4 or 1): set by the launcher from the alignment
+};
+struct SurvivorGather {
+  int64_t n = 0;
+  const int64_t* order = nullptr;  // [n], a permutation of 0..n-1
+  const bool* exits = nullptr;     // [n]
+  const int64_t* rows = nullptr;   // [n]
+  int64_t dead = 0;
+  int64_t* next_rows = nullptr;   // [n] out
+  int64_t* count = nullptr;       // [1] out
+  int64_t* host_count = nullptr;  // [1] out in pinned (mapped) host memory, or null
+  int num_copies = 0;
+  GatherCopy copies[kMaxGatherCopies];
+};
+cudaError_t launch_gather_survivors(const SurvivorGather& args, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace eek

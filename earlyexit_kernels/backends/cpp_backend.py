@@ -95,9 +95,13 @@ def _rule_args(lowered: CppPolicyArgs, layer: int, num_layers: int, target: Writ
 
 
 def _survivor_stats(exits: torch.Tensor, count: torch.Tensor, extents: torch.Tensor | None) -> torch.Tensor:
-    """``(count, longest extent of a staying row)`` as in :func:`earlyexit_kernels.backends.write_back.write_back`."""
+    """``(count, longest extent of a staying row)`` as in :func:`earlyexit_kernels.backends.write_back.write_back`;
+    ``(count,)`` alone, a view that launches nothing, where there are no extents: nobody reads a longest
+    there (the graphed step's fixed buckets pass none)."""
     count = count.reshape(1)
-    if extents is None or exits.numel() == 0:
+    if extents is None:
+        return count
+    if exits.numel() == 0:
         return torch.nn.functional.pad(count, (0, 1))
     return torch.cat([count, torch.where(exits, 0, extents).amax().reshape(1)])
 
@@ -485,6 +489,13 @@ def pooled_head_exit_step_write_back(policy, layer, num_layers, hidden, mask, he
     return exits, state, order, _survivor_stats(exits, count, target.extents)
 
 
+def gather_survivors(order, exits, rows, dead, next_rows, count, sources, targets, host_count=None):
+    """:func:`earlyexit_kernels.backends.survivor_gather.gather_survivors` in one C++/CUDA op."""
+    torch.ops.earlyexit.cpp_gather_survivors(
+        order, exits, rows, int(dead), next_rows, count, list(sources), list(targets), host_count
+    )
+
+
 def compact(hidden, mask, index, seq_len):
     """:func:`earlyexit_kernels.backends.compaction.compact` on the C++/CUDA gather kernels.
 
@@ -509,6 +520,7 @@ _OPS = {
     "pooled_head_exit_step": pooled_head_exit_step,
     "pooled_head_exit_step_write_back": pooled_head_exit_step_write_back,
     "prepare_pooled_head_exit_step": prepare_pooled_head_exit_step,
+    "gather_survivors": gather_survivors,
 }
 LOAD_ERROR: str | None = None
 WITH_CUDA = False
@@ -541,7 +553,7 @@ def _load() -> str | None:
             "the C++ extension earlyexit_kernels._C is from an older build (no cpp_packed_head_exit_step); "
             "rebuild with `pip install --no-build-isolation -e .`"
         )
-    for op in ("cpp_pool_gather", "cpp_bert_layer", "cpp_pooled_head_exit_step"):
+    for op in ("cpp_pool_gather", "cpp_bert_layer", "cpp_pooled_head_exit_step", "cpp_gather_survivors"):
         if not hasattr(torch.ops.earlyexit, op):
             return (
                 f"the C++ extension earlyexit_kernels._C is from an older build (no {op}); "

@@ -130,6 +130,10 @@ def register() -> None:
         logits, pooled = hidden.new_empty((n, c)), hidden.new_empty((n if hidden.device.type == "cpu" else 0, h))
         return exits, returned, logits, pooled, state0, state1, survivors, count
 
+    @torch.library.register_fake("earlyexit::cpp_gather_survivors")
+    def _(order, exits, rows, dead, next_rows, count, sources, targets, host_count=None):
+        return None  # writes its outputs in place
+
     @torch.library.register_fake("earlyexit::cpp_compact")
     def _(hidden, mask, index, seq_len):
         m = index.shape[0]

@@ -58,6 +58,10 @@ class Backend:
     head on the pooled rows where the backend has one. ``prepare_pooled_head_exit_step(policy, layer,
     num_layers, head)``, where a backend has it, gives that step of one layer with everything but the rows made
     ready, ``(hidden, mask, state) -> (exits, returned, state)``, or None where it has no such form.
+
+    ``gather_survivors`` (signature of :func:`earlyexit_kernels.backends.survivor_gather.gather_survivors`,
+    its reference, which the graphed step runs where a backend has none): the graphed step's
+    bookkeeping after an exit layer in one kernel.
     """
 
     name: str
@@ -72,6 +76,7 @@ class Backend:
     pooled_head_exit_step_write_back: Callable | None = None
     pooled_head_devices: tuple[str, ...] = ("cpu",)
     prepare_pooled_head_exit_step: Callable | None = None
+    gather_survivors: Callable | None = None
 
 
 _REGISTRY: dict[str, Backend] = {

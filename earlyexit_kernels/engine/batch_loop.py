@@ -291,9 +291,8 @@ def run_early_exit(
         rows_in_order, runs_in_order = rows.index_select(0, order), runs.index_select(0, order)
         state_in_order = {k: v.index_select(0, order) for k, v in state.items()}
         extents_in_order = extents.index_select(0, order) if extents is not None else None
-        survivors, longest = stats.tolist()
-        if extents is None:
-            longest = hidden.shape[1]
+        read = stats.tolist()  # (count, longest), or (count,) alone from a fast backend without extents
+        survivors, longest = read[0], (read[1] if extents is not None else hidden.shape[1])
         result.host_syncs += 1
         if survivors == 0:
             break

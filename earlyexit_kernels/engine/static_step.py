@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from earlyexit_kernels.backends.registry import Backend
+from earlyexit_kernels.backends.survivor_gather import gather_survivors
 from earlyexit_kernels.backends.write_back import WriteBack
 from earlyexit_kernels.engine.batch_loop import (
     ExitResult,
@@ -106,6 +107,9 @@ class StaticBatch:
         # through every layer (no SkipGates), so the write-back reads row l and nothing is carried
         self.runs = torch.arange(num_layers + 1, device=device)[:, None].expand(-1, capacity).contiguous()
         self.counts = torch.zeros(num_layers + 1, dtype=torch.long, device=device)
+        # a layer where nobody can leave gathers its rows in their own order, nobody exiting
+        self.in_place = torch.arange(capacity, device=device)
+        self.nobody_exits = torch.zeros(capacity, dtype=torch.bool, device=device)
         self.longest = torch.zeros(num_layers + 1, dtype=torch.long, device=device)  # of the rows that stay
         self.longest_view = self.longest.numpy() if device.type == "cpu" else None  # read by the CPU's plan
         # where the counts reach the host: pinned memory behind one event per layer on a GPU (made once,
@@ -261,7 +265,7 @@ def _layer_step(step: _Step, static: StaticBatch, layer: int, bucket: int, may_e
     state = {k: v[:bucket] for k, v in src.state.items()}
     out = adapter.run_layer(layer - 1, hidden, adapter.layer_mask(mask, step.dtype))
     pooled_head = step.pooled_heads[layer - 1] if step.pooled_heads is not None and layer < num_layers else None
-    if not may_exit:  # nobody leaves: the rows go on in place
+    if not may_exit:  # nobody leaves: the rows go on in place, gathered in their own order
         if heads_run_where_none_exit(step.policy, adapter):
             *_, state = head_and_exit_step(
                 adapter,
@@ -275,47 +279,53 @@ def _layer_step(step: _Step, static: StaticBatch, layer: int, bucket: int, may_e
                 mask=mask,
                 pooled_head=pooled_head,
             )
-        dst.hidden[:bucket, :length].copy_(out)
-        if mask is not None:
-            dst.mask[:bucket, :length].copy_(mask)
-        dst.rows[:bucket].copy_(rows)
-        if step.trims:
-            dst.extents[:bucket].copy_(extents)
-        for k, v in state.items():
-            dst.state[k][:bucket].copy_(v)
-        return
-    runs = static.runs[layer, :bucket]  # every live row has run every layer so far (no skip gates here)
-    target = WriteBack(rows, runs, extents if step.trims else None, static.logits, static.exit_layer, static.layers_run)
-    exits, state, order, stats = settle_exits(
-        adapter,
-        step.backend,
-        step.policy,
-        layer,
-        out,
-        step.halting_head,
-        state,
-        target,
-        fused=step.fused,
-        mask=mask,
-        pooled_head=pooled_head,
-    )
-    if layer == num_layers:
-        return
-    # The rows that exit now are dead from the next layer on; the order puts the live stayers first.
+        order, exits, stats = static.in_place[:bucket], static.nobody_exits[:bucket], None
+    else:
+        runs = static.runs[layer, :bucket]  # every live row has run every layer so far (no skip gates here)
+        target = WriteBack(
+            rows, runs, extents if step.trims else None, static.logits, static.exit_layer, static.layers_run
+        )
+        exits, state, order, stats = settle_exits(
+            adapter,
+            step.backend,
+            step.policy,
+            layer,
+            out,
+            step.halting_head,
+            state,
+            target,
+            fused=step.fused,
+            mask=mask,
+            pooled_head=pooled_head,
+        )
+        if layer == num_layers:
+            return
+    # The rows that exit now are dead from the next layer on; the order puts the live stayers
+    # first. One op on the fast backends: the rows, their live count (into pinned host memory on a
+    # GPU, no copy after the graph) and every per-row tensor gathered by the order.
+    sources, targets = [out], [dst.hidden[:bucket, :length]]
+    if out.dtype != dst.hidden.dtype:
+        sources[0] = out.to(dst.hidden.dtype)
+    if mask is not None:
+        sources.append(mask)
+        targets.append(dst.mask[:bucket, :length])
+    if step.trims:  # only the CPU's plan reads the extents and the longest (fixed buckets keep the length)
+        sources.append(extents)
+        targets.append(dst.extents[:bucket])
+        if stats is not None:
+            static.longest[layer : layer + 1].copy_(stats[1:2])
+    for k, v in state.items():
+        sources.append(v)
+        targets.append(dst.state[k][:bucket])
+    host_count = None if static.host_counts is None else static.host_counts[layer : layer + 1]
+    gather = step.backend.gather_survivors or gather_survivors
     next_rows = dst.rows[:bucket]
-    torch.index_select(rows.masked_fill(exits, static.capacity), 0, order, out=next_rows)
-    torch.sum(next_rows < static.capacity, dim=0, keepdim=True, out=static.counts[layer : layer + 1])
-    if step.trims:  # only the CPU's plan reads the longest (fixed buckets keep the length); no dead rows there
-        static.longest[layer : layer + 1].copy_(stats[1:2])
-        torch.index_select(extents, 0, order, out=dst.extents[:bucket])
-    torch.index_select(out.to(dst.hidden.dtype), 0, order, out=dst.hidden[:bucket, :length])
+    gather(
+        order, exits, rows, static.capacity, next_rows, static.counts[layer : layer + 1], sources, targets, host_count
+    )
     if step.dead_fill is not None:  # tests: what dead rows hold must never reach a live one
         dead = (next_rows == static.capacity)[:, None, None]
         dst.hidden[:bucket, :length].masked_fill_(dead, step.dead_fill)
-    if mask is not None:
-        torch.index_select(mask, 0, order, out=dst.mask[:bucket, :length])
-    for k, v in state.items():
-        torch.index_select(v, 0, order, out=dst.state[k][:bucket])
 
 
 def run_graphed(
@@ -480,18 +490,12 @@ def weights_fingerprint(heads: ExitHeads, adapter) -> tuple:
 
 
 def _published(static: StaticBatch, layer: int):
-    """The count of ``layer`` on its way to the host: on a GPU copied to pinned memory behind an
-    event (no wait now); on the CPU already there."""
+    """The count of ``layer`` on its way to the host: on a GPU written to pinned memory by the
+    layer's step, behind an event (no wait now); on the CPU already there."""
     if static.host_counts is None:
         view = static.host_view
         return ReadyCount(lambda: view[layer])
-    return PinnedCount(
-        static.counts[layer : layer + 1],
-        static.host_counts[layer : layer + 1],
-        static.count_events[layer],
-        static.host_view,
-        layer,
-    )
+    return PinnedCount(static.count_events[layer], static.host_view, layer)
 
 
 def _load(static: StaticBatch, hidden, mask, state0: dict, batch: int, bucket: int) -> None:

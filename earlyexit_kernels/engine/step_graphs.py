@@ -168,14 +168,15 @@ class StepGraphs:
 
 
 class PinnedCount:
-    """A survivor count copied from the device to pinned host memory without blocking; read when
-    the event behind the copy has passed (:class:`~earlyexit_kernels.engine.buckets.PublishedCount`).
+    """A survivor count in pinned host memory, read when the event recorded after the step that
+    wrote it has passed (:class:`~earlyexit_kernels.engine.buckets.PublishedCount`). The step
+    writes it there itself (the survivor gather's ``host_count``: the CUDA kernel writes the mapped
+    memory directly), so nothing is copied or launched here.
 
     ``event`` and ``host_view`` (a numpy view of the pinned buffer: host memory, no tensor read-back)
     are made once with the buffers; this records the event again."""
 
-    def __init__(self, device_count, host_count, event, host_view, index: int):
-        host_count.copy_(device_count, non_blocking=True)
+    def __init__(self, event, host_view, index: int):
         event.record()
         self._event, self._host, self._index = event, host_view, index
 

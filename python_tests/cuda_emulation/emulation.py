@@ -1,7 +1,7 @@
 """Build csrc/cuda's kernels and CUDA binding for the CPU emulation (include/emu_cuda.h).
 
 ``load()`` returns the ``torch.ops.eek_emu`` namespace: the ops of ``csrc/bindings.cpp``
-(``cpp_head``, ``cpp_exit_step``, ``cpp_head_exit_step``, ``cpp_compact``) implemented by
+(``cpp_head``, ``cpp_exit_step``, ``cpp_head_exit_step``, ``cpp_compact``, ``cpp_gather_survivors``, ...) implemented by
 ``csrc/bindings_cuda.cpp`` and the CUDA kernels, compiled with g++ and run on CPU tensors:
 the same source, with three mechanical rewrites (kernel launches, dynamic shared memory,
 ``is_cuda`` checks) and the registration under ``eek_emu`` for the CPU. Needs g++ and the
@@ -44,7 +44,7 @@ def reason() -> str | None:
     return None
 
 
-KERNEL_FILES = ("exit_step_emu.cpp", "compact_emu.cpp", "pool_norm_emu.cpp")
+KERNEL_FILES = ("exit_step_emu.cpp", "compact_emu.cpp", "gather_survivors_emu.cpp", "pool_norm_emu.cpp")
 LAUNCH = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<(.*?)>>>\(")
 
 
@@ -84,7 +84,10 @@ def load():
     sources = {
         "exit_step_emu.cpp": _rewrite_kernels((CSRC / "cuda" / "exit_step.cu").read_text()),
         "compact_emu.cpp": _rewrite_kernels((CSRC / "cuda" / "compact.cu").read_text()),
+        "gather_survivors_emu.cpp": _rewrite_kernels((CSRC / "cuda" / "gather_survivors.cu").read_text()),
         "pool_norm_emu.cpp": _rewrite_kernels((CSRC / "cuda" / "pool_norm.cu").read_text()),
+        # the argument checks the CUDA binding shares with the CPU op (plain ATen)
+        "gather_survivors_checks_emu.cpp": (CSRC / "cpu" / "gather_survivors_cpu.cpp").read_text(),
         "bindings_cuda_emu.cpp": _rewrite_binding((CSRC / "bindings_cuda.cpp").read_text()),
         "schemas_emu.cpp": _schemas(),
     }
@@ -106,7 +109,8 @@ def load():
         if not target.exists() or target.read_text() != text:
             target.write_text(text)
     paths = [str(build / "cuda" / name) for name in KERNEL_FILES]
-    paths += [str(build / "bindings_cuda_emu.cpp"), str(build / "schemas_emu.cpp")]
+    paths += [str(build / name) for name in ("bindings_cuda_emu.cpp", "gather_survivors_checks_emu.cpp")]
+    paths += [str(build / "schemas_emu.cpp")]
     cpp_extension.load(
         name=f"eek_emu_{digest}",
         sources=paths,
