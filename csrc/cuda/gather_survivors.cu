@@ -89,6 +89,14 @@ int width_of(const GatherCopy& c) {
 cudaError_t launch_gather_survivors(const SurvivorGather& args, cudaStream_t stream) {
   if (args.num_copies < 0 || args.num_copies > kMaxGatherCopies) return cudaErrorInvalidValue;
   SurvivorGather a = args;
+  if (a.host_count != nullptr) {
+    // The device's address of the pinned count: the same pointer under unified addressing, which
+    // every GPU the package runs on has; asked for anyway, and refused clearly where it is not mapped.
+    void* device_count = nullptr;
+    const cudaError_t err = cudaHostGetDevicePointer(&device_count, a.host_count, 0);
+    if (err != cudaSuccess) return err;
+    a.host_count = static_cast<int64_t*>(device_count);
+  }
   int64_t widest = 0;  // words of the widest row share, in its copy's width
   for (int t = 0; t < a.num_copies; ++t) {
     a.copies[t].width = width_of(a.copies[t]);
