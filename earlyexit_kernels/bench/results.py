@@ -11,9 +11,10 @@ repetitions. For ``e2e`` rows:
   step an ``eek`` row ran, resolved (``exact`` or ``graphed``, never ``auto``; ``graphed-lag<N>``
   where ``--graphed-lags`` set a lag other than the device's, ``graphed-prologue`` with
   ``--graphed-prologue``; empty for the others); ``peer``, which unpatched model a ``full`` or ``peer`` row is: ``eager``,
-  ``cuda-graphs`` (its forward captured in one CUDA graph on fixed inputs) or
-  ``compile-reduce-overhead`` (``torch.compile(model, mode="reduce-overhead")``), empty for the
-  others;
+  ``cuda-graphs`` (its forward captured in one CUDA graph on fixed inputs, with the mask as given),
+  ``cuda-graphs-fast-attn`` (the same without a mask where nothing is padded, SDPA held to its fast
+  kernels: :mod:`.peers`) or ``compile-reduce-overhead`` (``torch.compile(model, mode="reduce-overhead")``),
+  empty for the others;
 - ``speedup_vs_full`` = p50 of ``full`` (the eager unpatched model) / p50 of the row (``bs1``:
   over the same B sequences); ``strongest_peer``, the fastest unpatched model of the
   configuration (by p50, among ``eager`` and the peers that ran and agreed with it), and
