@@ -6,13 +6,16 @@
         --patterns sched-f0.00,geometric-p0.10 --policies scheduled,entropy --step exact,graphed --no-baselines
 
 Writes ``<output-dir>/bench.csv`` (schema: :mod:`.results`), ``meta.json`` (command,
-duration, load) and the plots (:mod:`.plots`). In the repository, ``python -m benchmarks.suite.report``
+duration, load, the timing controls and the GPU's clocks before and after, the captured peers' SDPA
+calls, the unpatched models' p20/p50/p80; rewritten after each configuration) and the plots
+(:mod:`.plots`). In the repository, ``python -m benchmarks.suite.report``
 turns the committed CSVs into the results section of ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -34,6 +37,7 @@ from earlyexit_kernels.bench.peers import PEERS, PeerModels, check_peer_names, u
 from earlyexit_kernels.bench.plots import make_plots
 from earlyexit_kernels.bench.results import append_csv, environment, write_csv
 from earlyexit_kernels.bench.runner import POLICIES, MeasureSettings, measure_pattern
+from earlyexit_kernels.bench.timing_controls import gc_paused, timing_controls
 from earlyexit_kernels.engine.step_choice import STEP_NAMES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -184,10 +188,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--peers",
         type=_peers,
-        help=f"unpatched peers beside the eager model, comma-separated: {', '.join(PEERS)} (compile for short), or "
-        "none; the ratios are also taken against the fastest unpatched model. Default: cuda-graphs on CUDA (the "
-        "compiled peer compiles once per shape: asked for by name), none elsewhere (asked for without CUDA, each "
-        "gives a row saying it was skipped and why)",
+        help=f"unpatched peers beside the eager model, comma-separated: {', '.join(PEERS)} (compile, graphs and "
+        "fast-attn for short), or none; the ratios are also taken against the fastest unpatched model. Default: "
+        "cuda-graphs,cuda-graphs-fast-attn on CUDA (the compiled peer compiles once per shape: asked for by name), "
+        "none elsewhere (asked for without CUDA, each gives a row saying it was skipped and why)",
     )
     parser.add_argument(
         "--no-baselines", action="store_true", help="leave out the naive and bs1 baselines (bs1 is slow at large B)"
@@ -209,7 +213,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="default: a new folder bench-results/<device type>-<UTC time> under the current folder "
         "(the repository's committed results are in benchmarks/results/<device folder>, results.device_folder)",
     )
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
+    parser.add_argument(
+        "--threads", type=int, help="torch.set_num_threads (default: torch's own choice; 1 with --timing-controls)"
+    )
+    parser.add_argument(
+        "--timing-controls",
+        action=argparse.BooleanOptionalAction,
+        help="hold the host still while timing (timing_controls.py): the main thread pinned to one CPU, torch on one "
+        "thread (unless --threads says otherwise), no garbage collection inside a configuration (a collection before "
+        "each), nvidia-smi's clocks, clock-event reasons, temperature and power read before and after, into "
+        "meta.json. Default: on with CUDA, off elsewhere",
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
         "--append-csv",
@@ -230,7 +244,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.max_tokens = 4096
     args.output_dir = args.output_dir or _fresh_folder(Path("bench-results"), device.type)
     if args.peers is None:
-        args.peers = ["cuda-graphs"] if device.type == "cuda" else []
+        args.peers = ["cuda-graphs", "cuda-graphs-fast-attn"] if device.type == "cuda" else []
+    if args.timing_controls is None:
+        args.timing_controls = device.type == "cuda"
     return args
 
 
@@ -291,8 +307,9 @@ def eek_backends_for(names: list[str] | None, device: torch.device) -> list[str]
     return kept
 
 
-def run(args, on_rows=None) -> list[dict]:
-    """Every configuration's rows; ``on_rows(rows)`` is called with each configuration's rows as they come."""
+def run(args, on_rows=None, notes: list[dict] | None = None) -> list[dict]:
+    """Every configuration's rows; ``on_rows(rows)`` is called with each configuration's rows as they come.
+    ``notes``: gets what each captured peer's SDPA calls were (``PeerModels.notes``), with its configuration."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     size = SIZES[args.size]
@@ -353,7 +370,14 @@ def run(args, on_rows=None) -> list[dict]:
                 peer_models[arch] = PeerModels(models[arch])
             model = models[arch]
             settings = dataclasses.replace(common_settings, seq_len=s, pad_id=pad_token_id(arch))
-            measured = measure_pattern(model, pattern, settings, peer_models[arch])
+            seen = len(peer_models[arch].notes)
+            with gc_paused() if args.timing_controls else contextlib.nullcontext():
+                measured = measure_pattern(model, pattern, settings, peer_models[arch])
+            for note in peer_models[arch].notes[seen:]:
+                note = {"model": arch, "dtype": args.dtype, "pattern": pattern.name, **note}
+                print(f"peer {note['peer']} {arch} B={b} S={s} {pattern.name}: {_note_line(note)}", file=sys.stderr)
+                if notes is not None:
+                    notes.append(note)
             attn = {"attn": model.config._attn_implementation}  # deberta_v3: eager whatever --attn says
             new = [{**env, **common, **attn, **load, "model": arch, **row} for row in measured]
             rows += new
@@ -361,6 +385,48 @@ def run(args, on_rows=None) -> list[dict]:
                 on_rows(new)
             bar.update()
     return rows
+
+
+def _note_line(note: dict) -> str:
+    how = "captured" if note.get("captured") else "uncaptured"
+    if note.get("refused"):
+        return f"{how}, refused: {note['refused'][:400]}"
+    return f"{how}, {note.get('summary', 'no SDPA call recorded')}"
+
+
+def unpatched_times(rows: list[dict]) -> list[dict]:
+    """Per configuration and unpatched model (eager and each peer): p20, p50 and p80 in seconds, or why it was
+    not timed, and whether it is the configuration's strongest."""
+    out = []
+    for r in rows:
+        if r.get("kind") != "e2e" or not r.get("peer"):
+            continue
+        entry = {k: r.get(k) for k in ("model", "dtype", "B", "S", "pattern", "peer")}
+        if r.get("t_p50_s") is None:
+            entry["check"] = r.get("check")
+        else:
+            entry |= {f"{q}_s": r[f"t_{q}_s"] for q in ("p20", "p50", "p80")}
+            entry["strongest"] = r.get("strongest_peer") == r["peer"]
+        out.append(entry)
+    return out
+
+
+def _unpatched_lines(entries: list[dict]) -> list[str]:
+    """``unpatched bert bf16 B=64 S=128 sched-f0.00: eager p20 4.30 p50 5.35 p80 6.43 ms, ...``."""
+    groups: dict[tuple, list[str]] = {}
+    for e in entries:
+        key = (e["model"], e["dtype"], e["B"], e["S"], e["pattern"])
+        if "p50_s" in e:
+            text = f"{e['peer']} p20 {e['p20_s'] * 1e3:.2f} p50 {e['p50_s'] * 1e3:.2f} p80 {e['p80_s'] * 1e3:.2f} ms"
+            text += " (strongest)" if e["strongest"] else ""
+        else:
+            text = f"{e['peer']} {str(e.get('check'))[:120]}"
+        groups.setdefault(key, []).append(text)
+    return [f"unpatched {m} {d} B={b} S={s} {p}: {', '.join(t)}" for (m, d, b, s, p), t in groups.items()]
+
+
+def _write_meta(path: Path, meta: dict) -> None:
+    path.write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
 
 def main(argv=None) -> int:
@@ -372,31 +438,42 @@ def main(argv=None) -> int:
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     so_far: list[dict] = []
+    notes: list[dict] = []
+    meta = {
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "load_avg_before": [round(v, 2) for v in load_before],
+    }
 
     def keep(new_rows: list[dict]) -> None:
-        # bench.csv rewritten after each configuration: a run killed part-way leaves what it measured
+        # bench.csv and meta.json rewritten after each configuration: a run killed part-way leaves what it measured
         so_far.extend(new_rows)
         write_csv(out / "bench.csv", so_far)
         if args.append_csv is not None:
             append_csv(args.append_csv, new_rows)
+        _write_meta(out / "meta.json", {**meta, "rows": len(so_far), "unpatched": unpatched_times(so_far)})
 
     try:
-        rows = run(args, on_rows=keep)
+        with timing_controls(args.timing_controls, threads=None if args.threads else 1) as controls:
+            meta |= {"timing_controls": controls, "peer_attention": notes}
+            rows = run(args, on_rows=keep, notes=notes)
     finally:
         torch.set_num_threads(threads_before)
     write_csv(out / "bench.csv", rows)
     plots = make_plots(rows, out)
-    meta = {
-        "argv": sys.argv[1:] if argv is None else list(argv),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    meta |= {
         "seconds": round(time.time() - start, 1),
-        "load_avg_before": [round(v, 2) for v in load_before],
         "load_avg_after": [round(v, 2) for v in os.getloadavg()],
         "rows": len(rows),
         "plots": [p.name for p in plots],
+        "unpatched": unpatched_times(rows),
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _write_meta(out / "meta.json", meta)
     print(f"wrote {out / 'bench.csv'} ({len(rows)} rows), {', '.join(p.name for p in plots)} in {meta['seconds']} s")
+    if controls["enabled"]:
+        print(f"timing controls: {_controls_line(controls)}")
+    for line in _unpatched_lines(meta["unpatched"]):
+        print(line)
     failed = 0
     for r in rows:
         check = str(r.get("check") or "ok")
@@ -406,3 +483,21 @@ def main(argv=None) -> int:
             head = "SKIPPED" if check.startswith("skipped") else "CHECK FAILED"
             print(f"{head}: {r['model']} {what} B={r['B']} S={r['S']} {r['pattern']}: {check}")
     return 1 if failed else 0
+
+
+def _controls_line(controls: dict) -> str:
+    """The controls in one line: the core, the threads and the GPU's clocks before and after (or why not read)."""
+    pin = f"CPU {controls['pinned_core']}" if "pinned_core" in controls else controls.get("pinned", "")
+    parts = [f"pinned to {pin}" if "pinned_core" in controls else pin, f"{controls.get('threads')} torch thread(s)"]
+    for when in ("before", "after"):
+        state = controls.get(f"gpu_{when}", {})
+        if "gpus" in state:
+            gpus = "; ".join(
+                f"GPU {g.get('index')} SM {g.get('clocks.sm')}, mem {g.get('clocks.mem')}, "
+                f"{g.get('temperature.gpu')} C, {g.get('power.draw')}, reasons {g.get('clock_event_reasons') or 'none'}"
+                for g in state["gpus"]
+            )
+            parts.append(f"{when}: {gpus}")
+        else:
+            parts.append(f"{when}: nvidia-smi {state.get('nvidia_smi', 'not read')}")
+    return ", ".join(parts)
