@@ -10,11 +10,13 @@ eager prologue's outputs.
 
 import pytest
 import torch
-from test_graphed_step import GPU_PLAN
+from test_graphed_step import GPU_PLAN, GRAPHED_POLICIES, batch_inputs, patched, run
+from test_hf_patch import EVERY_POLICY
 from test_model_families import FAMILIES, spread_heads, tiny_family, tiny_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import earlyexit_kernels as eek
+from earlyexit_kernels.engine import step_graphs
 from earlyexit_kernels.engine.graphed_prologue import KEPT_PROLOGUES, Prologue
 from earlyexit_kernels.engine.step_graphs import GraphStats
 from earlyexit_kernels.patching.patch import current_adapter
@@ -161,8 +163,8 @@ def test_on_a_gpu_the_prologue_is_captured_and_gives_the_eager_prologues_outputs
     with torch.no_grad():
         first = model(**inputs)
         again = model(**inputs)
-    # the layers' graphs and the prologue's one, none run uncaptured
-    assert batches.stats.captures == layer_graphs + 1 and batches.stats.eager == 0, batches.stats
+    # the layers' and the finishing step's graphs, the prologue's and the load's, none run uncaptured
+    assert batches.stats.captures == layer_graphs + 2 and batches.stats.eager == 0, batches.stats
     for out in (first, again):
         assert torch.equal(out.exit_layer, eager.exit_layer)
         torch.testing.assert_close(out.logits, eager.logits)
@@ -181,3 +183,144 @@ def test_a_copied_model_keeps_the_choice_and_starts_without_buffers():
     batches = pickle.loads(pickle.dumps(state_of(model).static_batches))
     assert batches.prologue is True and batches.prologues._kept == {}
     assert batches.prologues.stats is batches.stats
+
+
+# ------------------------------------------------------------------ exactness and what a GPU launches
+
+
+@pytest.mark.exact
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("name", GRAPHED_POLICIES)
+def test_with_the_prologue_the_graphed_step_gives_the_exact_steps_bits_for_every_policy(name, backend):
+    if not eek.backends()[backend]:
+        pytest.skip(f"backend {backend!r}: {eek.backend_status()[backend]}")
+    model = patched(EVERY_POLICY[name](16), backend=backend)
+    inputs = batch_inputs(16)
+    exact = run(model, inputs, "exact")
+    assert 1 < len(set(exact.exit_layer.tolist())), "the test needs exits spread over layers"
+    for plan in (None, GPU_PLAN):  # the CPU's plan gives the exact step's shapes; the GPU's runs dead rows
+        eek.patch(model, state_of(model).policy, backend=backend, step="graphed")
+        state_of(model).static_batches = eek_batches(True, plan)
+        with torch.no_grad():
+            graphed = [model(**inputs) for _ in range(2)]  # the second forward reuses every buffer
+        for out in graphed:
+            assert torch.equal(out.exit_layer, exact.exit_layer) and torch.equal(out.layers_run, exact.layers_run)
+            if plan is None:
+                assert torch.equal(out.logits, exact.logits)
+            else:
+                torch.testing.assert_close(out.logits, exact.logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.exact
+@pytest.mark.parametrize("family", FAMILIES)
+def test_with_the_prologue_the_graphed_step_gives_the_exact_steps_bits_on_every_family(family):
+    model = patched_family(family)
+    policy = state_of(model).policy
+    for padded in (True, False):
+        inputs = tiny_inputs(family, batch=8, padded=padded)
+        stepped = forward(model, inputs, prologue=True)
+        eek.patch(model, policy, backend="torch", step="exact")
+        with torch.no_grad():
+            exact = model(**inputs)
+        eek.patch(model, policy, backend="torch", step="graphed")
+        same(stepped, exact)
+
+
+class _Launches(TorchDispatchMode):
+    """What one forward launches, in order: each op outside a graph, each would-be-captured step as
+    one entry (``("step", key)``, its ops not counted: on a GPU it is one graph replay), each read-back."""
+
+    VIEWS = {"view", "slice", "select", "unsqueeze", "squeeze", "expand", "t", "transpose", "permute", "detach"}
+    VIEWS |= {"alias", "lift_fresh", "_unsafe_view", "as_strided", "_reshape_alias"}
+    ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen, self.paused = [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        out = func(*args, **(kwargs or {}))
+        on_meta = isinstance(out, torch.Tensor) and out.device.type == "meta"  # shapes only: nothing launched
+        if not self.paused and not on_meta and name not in self.VIEWS | self.ALLOCATIONS:
+            self.seen.append(name)
+        return out
+
+
+def launches(model, inputs, monkeypatch) -> list:
+    counting = _Launches()
+
+    def one_launch(graphs, key, step, capture):
+        counting.seen.append(("step", key[0]))
+        counting.paused = True
+        try:
+            step()
+        finally:
+            counting.paused = False
+
+    monkeypatch.setattr(step_graphs, "run_step", one_launch)
+    for method in ("cpu", "item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, method)
+
+        def read_back(self, *args, _original=original, **kwargs):
+            if not counting.paused:  # a CPU tensor's read dispatches nothing: counted at the method
+                counting.seen.append("read-back")
+            counting.paused, paused = True, counting.paused
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                counting.paused = paused
+
+        monkeypatch.setattr(torch.Tensor, method, read_back)
+    with torch.no_grad(), counting:
+        model(**inputs)
+    monkeypatch.undo()
+    return counting.seen
+
+
+@pytest.mark.parametrize("name", ["entropy", "patience"])
+def test_before_the_first_layer_graph_a_forward_launches_three_steps_and_reads_back_once(name, monkeypatch):
+    """Issue 93's target on the GPU plan, counted on the CPU twin: the inputs' copy (one kernel),
+    the prologue's graph and the load's graph, with the summary's one read-back between them; after
+    the layers, the finishing graph (the logits rounded, the outputs packed) and one clone."""
+    model = patched(EVERY_POLICY[name](16), backend="torch")
+    state_of(model).static_batches = eek_batches(True, GPU_PLAN)
+    inputs = batch_inputs(16)
+    with torch.no_grad():
+        model(**inputs)  # the first forward makes the buffers, the start state and the graphs
+    seen = launches(model, inputs, monkeypatch)
+    first_layer = seen.index(("step", 1))
+    before = seen[:first_layer]
+    assert before == ["_foreach_copy_", ("step", "prologue"), "read-back", ("step", "load")], seen
+    last_layer = max(i for i, entry in enumerate(seen) if isinstance(entry, tuple) and isinstance(entry[1], int))
+    assert seen[last_layer + 1 :] == [("step", "finish"), "clone"], seen
+    # between the layers: nothing outside their graphs (the counts are read from host memory)
+    between = [entry for entry in seen[first_layer:last_layer] if not (isinstance(entry, tuple))]
+    assert between == [], seen
+
+
+def test_without_the_prologue_the_load_runs_outside_a_graph_and_the_finish_inside():
+    model = patched(eek.Entropy(0.15), backend="torch")
+    state_of(model).static_batches = eek_batches(False, GPU_PLAN)
+    with torch.no_grad():
+        model(**batch_inputs(16))
+    static = next(iter(state_of(model).static_batches._kept.values()))
+    assert static.templates and static.packed is not None
+
+
+def test_an_evicted_prologues_load_graphs_are_dropped():
+    """A load graph reads its prologue's buffers: once the prologue is no longer kept they are gone,
+    and so must the graphs be (their keys carry the prologue's serial)."""
+    model = patched_family("bert")
+    batches = eek_batches(True)
+    state_of(model).static_batches = batches
+    with torch.no_grad():
+        model(**tiny_inputs("bert", batch=4, seq_len=12))
+        (first,) = batches.prologues._kept.values()
+        for seq_len in range(2, 3 + KEPT_PROLOGUES):
+            model(**tiny_inputs("bert", batch=4, seq_len=seq_len))
+    assert first.serial in batches.prologues.evicted
+    for static in batches._kept.values():
+        static.graphs._graphs[("load", first.serial)] = None  # as a capture would have left it
+        static.graphs.forget(lambda k: k[0] == "load" and k[1] in batches.prologues.evicted)
+        assert ("load", first.serial) not in static.graphs

@@ -20,8 +20,10 @@ from test_model_families import spread_heads as spread_family_heads
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import earlyexit_kernels as eek
+from earlyexit_kernels.engine.batch_loop import mask_extents
 from earlyexit_kernels.engine.buckets import DEFAULT_SIZES
-from earlyexit_kernels.engine.static_step import StaticBatch, StaticBatches, _layer_step, _load, _Step
+from earlyexit_kernels.engine.static_buffers import Loaded, load
+from earlyexit_kernels.engine.static_step import StaticBatch, StaticBatches, _layer_step, _Step
 from earlyexit_kernels.methods.exit_rules import init_state
 from earlyexit_kernels.patching.patch import current_adapter, step_of
 from earlyexit_kernels.patching.state import state_of
@@ -315,7 +317,9 @@ def loaded_step(model, inputs, policy, bucket):
         mask=inputs["attention_mask"],
         state=state0,
     )
-    _load(static, hidden, inputs["attention_mask"], state0, batch, bucket)
+    mask = inputs["attention_mask"]
+    template = static.template(policy, adapter, batch, bucket)
+    load(static, Loaded(hidden, mask, mask_extents(mask), hidden.shape[1]), template, batch, bucket)
     return static, _Step(adapter, _torch_backend(), policy, None, False, None, hidden.dtype, None)
 
 

@@ -13,22 +13,33 @@ the vocabulary, so that an id out of range reaches no gather kernel (a device-si
 would end the CUDA context), and the read-back that follows raises the same error as the eager
 prologue, naming the range found. On the CPU the same step runs uncaptured and gives the eager
 prologue's bits.
+
+Before the first layer graph a forward then launches three things and reads back once: one copy of
+its inputs into the buffers (``torch._foreach_copy_``, one kernel for inputs of one dtype), this
+graph, the read-back, and the static batch's load graph, which reads this prologue's buffers (its
+embeddings, mask and row extents: nothing is computed twice) at the length the summary gave
+(:mod:`~earlyexit_kernels.engine.static_step`). Each prologue has a serial number, which keys the
+load graphs that read its buffers: a prologue made again for the same shape has new buffers, and
+the graphs of an evicted one are dropped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 
 import torch
 
 from earlyexit_kernels.backends.compaction import valid_extent
+from earlyexit_kernels.engine import step_graphs
 from earlyexit_kernels.engine.step_graphs import GraphStats, StepGraphs
 
 __all__ = ["Prologue", "Prologues", "check_id_range", "eligible"]
 
 # Input shapes whose prologue buffers and graph are kept, the most recent first.
 KEPT_PROLOGUES = 4
+_SERIALS = itertools.count(1)
 
 
 def check_id_range(low: int, high: int, vocab_size: int) -> None:
@@ -53,6 +64,7 @@ class Prologue:
             return None if tensor is None else torch.zeros_like(tensor, memory_format=torch.contiguous_format)
 
         self.adapter = adapter
+        self.serial = next(_SERIALS)  # keys the load graphs that read these buffers
         self.ids, self.mask = like(input_ids), like(attention_mask)
         self.types, self.positions = like(token_type_ids), like(position_ids)
         if self.mask is not None:
@@ -83,8 +95,10 @@ class Prologue:
 
     def run(self, input_ids, attention_mask, token_type_ids, position_ids, capture: bool) -> tuple:
         """Load a forward's inputs, run the step (replayed where captured) and read the summary back
-        once. Returns ``(hidden, mask_summary or None)`` as the eager prologue gives them
-        (``hidden`` is this shape's buffer: valid until the next forward of this shape)."""
+        once. Returns ``(hidden, mask, mask_summary or None)`` as the eager prologue gives them, each
+        one of this shape's buffers (valid until the next forward of this shape): the embeddings, the
+        mask and the summary ``(extents, longest, padded)``."""
+        buffers, given = [], []
         for buffer, tensor in (
             (self.ids, input_ids),
             (self.mask, attention_mask),
@@ -92,15 +106,14 @@ class Prologue:
             (self.positions, position_ids),
         ):
             if buffer is not None:
-                buffer.copy_(tensor)
-        if capture:
-            self.graphs.run(("prologue",), self._step)
-        else:
-            self._step()
+                buffers.append(buffer)
+                given.append(tensor)
+        torch._foreach_copy_(buffers, given)  # one kernel where the inputs share a dtype and device
+        step_graphs.run_step(self.graphs, ("prologue",), self._step, capture)
         read = self.summary.tolist()
         check_id_range(read[0], read[1], self.adapter.vocab_size)
         summary = None if self.mask is None else (self.extents, int(read[2]), int(read[3]))
-        return self.hidden, summary
+        return self.hidden, self.mask, summary
 
 
 class Prologues:
@@ -112,12 +125,13 @@ class Prologues:
         self._kept: dict[tuple, Prologue] = {}
         self._lock = threading.Lock()  # the lookup, from any thread (each prologue has its own lock for its use)
         self.stats = stats if stats is not None else GraphStats()
+        self.evicted: set[int] = set()  # serials of prologues no longer kept: their load graphs read freed buffers
 
     @contextlib.contextmanager
     def run(self, adapter, input_ids, attention_mask, token_type_ids, position_ids, *, capture: bool):
-        """``(hidden, mask_summary)`` of a forward's inputs through its shape's prologue (made at its
-        first use), held until the ``with`` block ends: the block hands ``hidden`` to the graphed step,
-        which copies it into its static batch."""
+        """``(hidden, mask, mask_summary, serial)`` of a forward's inputs through its shape's prologue
+        (made at its first use), held until the ``with`` block ends: the block hands them to the graphed
+        step, whose load step reads them into its static batch (captured, keyed by ``serial``)."""
 
         def spec(tensor):
             return None if tensor is None else (tuple(tensor.shape), tensor.dtype)
@@ -132,14 +146,15 @@ class Prologues:
                     prologue = Prologue(adapter, input_ids, attention_mask, token_type_ids, position_ids, self.stats)
             self._kept[key] = prologue
             while len(self._kept) > KEPT_PROLOGUES:
-                self._kept.pop(next(iter(self._kept)))
+                self.evicted.add(self._kept.pop(next(iter(self._kept))).serial)
         with prologue.lock:
             if prologue.done_recorded:
                 torch.cuda.current_stream(input_ids.device).wait_event(prologue.done)
-            yield prologue.run(input_ids, attention_mask, token_type_ids, position_ids, capture)
+            yield (*prologue.run(input_ids, attention_mask, token_type_ids, position_ids, capture), prologue.serial)
             if prologue.done is not None:
                 prologue.done.record()
                 prologue.done_recorded = True
 
     def clear(self) -> None:
+        self.evicted.update(prologue.serial for prologue in self._kept.values())
         self._kept.clear()

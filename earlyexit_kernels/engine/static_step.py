@@ -23,13 +23,14 @@ gives the same state: a CUDA graph can be warmed up, captured and replayed on th
 tests; it gives the exact step's outputs bit for bit.
 
 The buffers are allocated once per shape (and grown for a larger batch); heads, fused weights
-and launch arguments are built once with them, not on every forward.
+and launch arguments are built once with them, not on every forward
+(:mod:`earlyexit_kernels.engine.static_buffers`: the buffers, the start states, and the load and
+finishing steps, each captured as one graph on a GPU).
 """
 
 from __future__ import annotations
 
 import functools
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -37,26 +38,25 @@ import torch
 from earlyexit_kernels.backends.registry import Backend
 from earlyexit_kernels.backends.survivor_gather import gather_survivors
 from earlyexit_kernels.backends.write_back import WriteBack
+from earlyexit_kernels.engine import step_graphs
 from earlyexit_kernels.engine.batch_loop import (
     ExitResult,
     _kept_length,
     _output_dtype,
-    _round_keeping_argmax,
     _scheduled_exit_counts,
     can_fuse_head,
     head_and_exit_step,
     head_state,
     heads_run_where_none_exit,
-    mask_extents,
     pooled_exit_heads,
     settle_exits,
-    trimmed_inputs,
 )
 from earlyexit_kernels.engine.buckets import ReadyCount, SurvivorLag, bucket_for, default_plan
 from earlyexit_kernels.engine.graphed_prologue import Prologues
 from earlyexit_kernels.engine.heads import ExitHeads
+from earlyexit_kernels.engine.static_buffers import Loaded, StaticBatch, _Packed, finish, kept_inputs, load
 from earlyexit_kernels.engine.step_choice import check_graphed_policy
-from earlyexit_kernels.engine.step_graphs import GraphStats, PinnedCount, StepGraphs
+from earlyexit_kernels.engine.step_graphs import GraphStats, PinnedCount
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state
 from earlyexit_kernels.methods.policies import ExitPolicy
 
@@ -69,104 +69,6 @@ CUDA_LENGTH_STEP = 32
 # Shapes (mask or not, dtype, backend, policy, ...) whose buffers and graphs are kept, most recent
 # first; every length up to the longest met shares one shape's buffers.
 KEPT_SHAPES = 4
-
-
-@dataclass
-class _Half:
-    """One half of the double buffer: what the rows of a bucket carry from layer to layer."""
-
-    hidden: torch.Tensor  # [capacity, S, H]
-    mask: torch.Tensor | None  # [capacity, S]
-    rows: torch.Tensor  # [capacity] int64: original position, ``capacity`` (the scratch output row) for a dead row
-    extents: torch.Tensor  # [capacity] int64: one past each row's last attended position (the CPU's plan reads it)
-    state: dict[str, torch.Tensor]  # the policy's state, [capacity, ...] each
-
-
-class StaticBatch:
-    """The buffers of one shape (mask or not, dtype, device), their fused heads and graphs.
-
-    The hidden states and mask are flat allocations of ``capacity`` rows of ``seq_len`` positions,
-    the longest length this batch takes; a forward of a shorter length views their beginning as
-    ``[capacity, length, H]`` (:meth:`use_length`), so that every length's rows are contiguous and
-    the graphs of every length (keyed by it) share one set of buffers, as the continuous engine's
-    calls do."""
-
-    def __init__(
-        self, *, capacity, seq_len, hidden_size, num_labels, num_layers, dtype, wide, device, mask, state, stats=None
-    ):
-        self.capacity, self.max_length, self.hidden_size = capacity, seq_len, hidden_size
-        self._flat = [self._half(capacity, seq_len, hidden_size, dtype, device, mask, state) for _ in range(2)]
-        self.halves = self._flat
-        self.length = seq_len
-        # output rows: one per original position, and a scratch row (index ``capacity``) that
-        # the rows which do not exit write to
-        self.logits = torch.zeros(capacity + 1, num_labels, dtype=wide, device=device)
-        self.exit_layer = torch.zeros(capacity + 1, dtype=torch.long, device=device)
-        self.layers_run = torch.zeros(capacity + 1, dtype=torch.long, device=device)
-        # layers run by a row at layer l, l for every row: the graphed step runs every live row
-        # through every layer (no SkipGates), so the write-back reads row l and nothing is carried
-        self.runs = torch.arange(num_layers + 1, device=device)[:, None].expand(-1, capacity).contiguous()
-        self.counts = torch.zeros(num_layers + 1, dtype=torch.long, device=device)
-        # a layer where nobody can leave gathers its rows in their own order, nobody exiting
-        self.in_place = torch.arange(capacity, device=device)
-        self.nobody_exits = torch.zeros(capacity, dtype=torch.bool, device=device)
-        self.longest = torch.zeros(num_layers + 1, dtype=torch.long, device=device)  # of the rows that stay
-        self.longest_view = self.longest.numpy() if device.type == "cpu" else None  # read by the CPU's plan
-        # where the counts reach the host: pinned memory behind one event per layer on a GPU (made once,
-        # recorded again by every forward), the counts themselves on the CPU; read as numpy, no tensor read-back
-        if device.type == "cuda":
-            self.host_counts = torch.zeros(num_layers + 1, dtype=torch.long, pin_memory=True)
-            self.count_events = [torch.cuda.Event() for _ in range(num_layers + 1)]
-            self.host_view = self.host_counts.numpy()
-        else:
-            self.host_counts, self.count_events, self.host_view = None, None, self.counts.numpy()
-        self.graphs = StepGraphs(device, stats)
-        self.lock = threading.Lock()  # one forward at a time on these buffers
-        # On a GPU, recorded after a forward's last read of the buffers: the next forward, maybe
-        # from another thread on another stream, waits for it before it loads its rows (the lock
-        # covers the host's enqueue only, not the device's work).
-        self.done = torch.cuda.Event() if device.type == "cuda" else None
-        self.done_recorded = False
-        # (whether the heads run fused, the fused per-layer heads): built at the first forward
-        self.heads: tuple[bool, list | None] | None = None
-
-    @staticmethod
-    def _half(capacity, seq_len, hidden_size, dtype, device, mask, state) -> _Half:
-        return _Half(
-            hidden=torch.zeros(capacity, seq_len, hidden_size, dtype=dtype, device=device),
-            mask=None if mask is None else torch.ones(capacity, seq_len, dtype=mask.dtype, device=device),
-            rows=torch.full((capacity,), capacity, dtype=torch.long, device=device),
-            extents=torch.zeros(capacity, dtype=torch.long, device=device),
-            state={k: torch.zeros((capacity, *v.shape[1:]), dtype=v.dtype, device=device) for k, v in state.items()},
-        )
-
-    def use_length(self, length: int) -> None:
-        """Make ``halves`` views of ``length`` positions a row (at most ``max_length``)."""
-        if length == self.length:
-            return
-        if length > self.max_length:
-            raise ValueError(f"a length of {length} exceeds the buffers' {self.max_length}")
-        count = self.capacity * length
-        self.halves = [
-            _Half(
-                hidden=half.hidden.view(-1)[: count * self.hidden_size].view(self.capacity, length, self.hidden_size),
-                mask=None if half.mask is None else half.mask.view(-1)[:count].view(self.capacity, length),
-                rows=half.rows,
-                extents=half.extents,
-                state=half.state,
-            )
-            for half in self._flat
-        ]
-        self.length = length
-
-    def fits(self, bucket: int, state: dict, length: int) -> bool:
-        held = self.halves[0].state
-        return (
-            bucket <= self.capacity
-            and length <= self.max_length
-            and held.keys() == state.keys()
-            and all(held[k].shape[1:] == v.shape[1:] and held[k].dtype == v.dtype for k, v in state.items())
-        )
 
 
 class StaticBatches:
@@ -339,6 +241,7 @@ def run_graphed(
     batches: StaticBatches,
     mask_summary: tuple[torch.Tensor, int, int] | None = None,
     capture: bool | None = None,
+    inputs_serial: int | None = None,
 ) -> ExitResult:
     """:func:`~earlyexit_kernels.engine.batch_loop.run_early_exit` (inference, without ``all_exits``)
     as the graphed step: the same ``logits``, ``exit_layer`` and ``layers_run``.
@@ -348,10 +251,13 @@ def run_graphed(
     ``batches``: where the buffers of each shape are kept between forwards (the patched model's),
     with the bucket plan.
     ``capture``: each (layer, bucket) step in a CUDA graph (default: on CUDA without grad).
+    ``inputs_serial``: where ``hidden``, ``mask`` and ``mask_summary``'s extents are a prologue's fixed
+    buffers (:mod:`~earlyexit_kernels.engine.graphed_prologue`), its serial: the load into the static
+    batch is then a captured step too.
     """
     check_graphed_policy(policy)
     num_layers, num_labels = adapter.num_layers, adapter.num_labels
-    batch, _, hidden_size = hidden.shape
+    batch, in_length, hidden_size = hidden.shape
     device, dtype = hidden.device, hidden.dtype
     out_dtype = _output_dtype(dtype, device)
     wide = torch.float64 if out_dtype == torch.float64 else torch.float32
@@ -361,24 +267,25 @@ def run_graphed(
         capture = capture_by_default(device)
     if capture and not on_gpu:
         raise ValueError(f"capture=True needs a CUDA device; the model is on {device.type}")
-    result = ExitResult(
-        torch.zeros(batch, num_labels, dtype=out_dtype, device=device),
-        torch.full((batch,), num_layers, dtype=torch.long, device=device),
-        torch.zeros(batch, dtype=torch.long, device=device),
-    )
+    result = ExitResult(None, None, None)
     if batch == 0:
+        result.logits = torch.zeros(0, num_labels, dtype=out_dtype, device=device)
+        result.exit_layer = torch.zeros(0, dtype=torch.long, device=device)
+        result.layers_run = torch.zeros(0, dtype=torch.long, device=device)
         return result
 
     scheduled_counts, read_backs = _scheduled_exit_counts(policy, num_layers)
     result.host_syncs += read_backs
     length_multiple = getattr(adapter, "length_multiple", 1)
-    hidden, mask, _ = trimmed_inputs(hidden, mask, mask_summary, result, length_multiple)
-    if mask is not None and on_gpu:
-        hidden, mask = _pad_length(hidden, mask, _lcm(CUDA_LENGTH_STEP, length_multiple))
-    seq_len = hidden.shape[1]
+    mask, extents, kept = kept_inputs(mask, mask_summary, in_length, result, length_multiple)
+    # On a GPU the length is rounded up (masked positions) so that batches of mixed lengths share shapes.
+    seq_len = -(-kept // _lcm(CUDA_LENGTH_STEP, length_multiple)) * _lcm(CUDA_LENGTH_STEP, length_multiple)
+    seq_len = seq_len if mask is not None and on_gpu else kept
 
-    state0 = init_state(policy, batch, num_labels, hidden_size, num_layers, device, pooled_dtype=dtype)
-    state0.update(head_state(adapter, batch, num_labels, device))
+    # The state's shapes, for the buffers: on the meta device, nothing launched.
+    meta = torch.device("meta")
+    state_shapes = init_state(policy, batch, num_labels, hidden_size, num_layers, meta, pooled_dtype=dtype)
+    state_shapes.update(head_state(adapter, batch, num_labels, meta))
     # Not the length: a static batch's buffers hold every length up to the longest it has met.
     key = (backend.name, str(device), dtype, mask is not None, mask.dtype if mask is not None else None)
     key += (id(adapter), type(policy).__name__, weights_fingerprint(heads, adapter))
@@ -386,7 +293,7 @@ def run_graphed(
     static = batches.get(
         key,
         first_bucket,
-        state0,
+        state_shapes,
         seq_len,
         lambda: StaticBatch(
             capacity=first_bucket,
@@ -398,7 +305,7 @@ def run_graphed(
             wide=wide,
             device=device,
             mask=mask,
-            state=state0,
+            state=state_shapes,
             stats=batches.stats,
         ),
     )
@@ -419,7 +326,16 @@ def run_graphed(
         if static.done_recorded:
             torch.cuda.current_stream(device).wait_event(static.done)
         static.use_length(seq_len)
-        _load(static, hidden, mask, state0, batch, first_bucket)
+        template = static.template(policy, adapter, batch, first_bucket)
+        load_rows = functools.partial(load, static, Loaded(hidden, mask, extents, kept), template, batch, first_bucket)
+        if inputs_serial is not None:  # a prologue's buffers: the load reads fixed addresses, so it is captured
+            load_key = ("load", inputs_serial, template.serial, batch, in_length, kept, seq_len, first_bucket)
+            if load_key not in static.graphs:
+                evicted = batches.prologues.evicted
+                static.graphs.forget(lambda k: k[0] == "load" and k[1] in evicted)
+            step_graphs.run_step(static.graphs, load_key, load_rows, capture)
+        else:
+            load_rows()
         survivors = SurvivorLag(batch, lag=0 if known is not None else lag, sizes=sizes)
         for layer in range(1, num_layers + 1):
             bucket = survivors.bucket_before(layer)
@@ -429,10 +345,7 @@ def run_graphed(
                 can_exit_before_last(policy, layer) and (scheduled_counts is None or scheduled_counts[layer] > 0)
             )
             run_step = functools.partial(_layer_step, step, static, layer, bucket, may_exit, length)
-            if capture:
-                static.graphs.run((layer, bucket, may_exit, length), run_step)
-            else:
-                run_step()
+            step_graphs.run_step(static.graphs, (layer, bucket, may_exit, length), run_step, capture)
             if may_exit and layer < num_layers:
                 survivors.publish(
                     layer, _published(static, layer) if known is None else ReadyCount(lambda n=known[layer]: n)
@@ -440,10 +353,18 @@ def run_graphed(
                 if trims:
                     longest = int(static.longest_view[layer])  # host memory: the CPU's step has run
                     length = _kept_length(longest, length, length_multiple)
-        logits = _round_keeping_argmax(static.logits[:batch], out_dtype)  # a new tensor unless the dtype is kept
-        result.logits = logits.clone() if logits.data_ptr() == static.logits.data_ptr() else logits
-        result.exit_layer = static.exit_layer[:batch].clone()
-        result.layers_run = static.layers_run[:batch].clone()
+        # The outputs rounded and packed in one captured step, then the caller's copy: one clone.
+        packed = static.outputs(out_dtype)
+        outputs = functools.partial(finish, static, packed, batch)
+        step_graphs.run_step(static.graphs, ("finish", batch, out_dtype), outputs, capture)
+        logits, result.exit_layer, result.layers_run = _Packed.views(
+            packed.buffer.clone(), static.capacity, num_labels, out_dtype
+        )
+        result.logits, result.exit_layer, result.layers_run = (
+            logits[:batch],
+            result.exit_layer[:batch],
+            result.layers_run[:batch],
+        )
         if static.done is not None:
             static.done.record()
             static.done_recorded = True
@@ -496,40 +417,6 @@ def _published(static: StaticBatch, layer: int):
         view = static.host_view
         return ReadyCount(lambda: view[layer])
     return PinnedCount(static.count_events[layer], static.host_view, layer)
-
-
-def _load(static: StaticBatch, hidden, mask, state0: dict, batch: int, bucket: int) -> None:
-    """Put a forward's rows in the first half (layer 1 reads half 1 % 2) and reset the outputs."""
-    first = static.halves[1]
-    first.hidden[:batch].copy_(hidden)
-    first.hidden[batch:bucket].zero_()
-    if mask is not None:
-        first.mask[:batch].copy_(mask)
-        first.mask[batch:bucket].fill_(1)
-    torch.arange(bucket, out=first.rows[:bucket])
-    first.rows[batch:bucket].fill_(static.capacity)  # dead: their outputs go to the scratch row
-    if mask is not None:
-        first.extents[:batch].copy_(mask_extents(mask))
-    else:
-        first.extents[:batch].fill_(hidden.shape[1])
-    first.extents[batch:bucket].zero_()
-    for k, v in state0.items():
-        first.state[k][:batch].copy_(v)
-        first.state[k][batch:bucket].copy_(v[:1].expand(bucket - batch, *v.shape[1:]))
-    static.logits.zero_()
-    static.exit_layer.zero_()
-    static.layers_run.zero_()
-
-
-def _pad_length(hidden: torch.Tensor, mask: torch.Tensor, multiple: int):
-    """``hidden`` [n, S, H] and ``mask`` [n, S] padded with masked positions to a multiple of ``multiple``."""
-    length = hidden.shape[1]
-    padded = -(-length // multiple) * multiple
-    if padded == length:
-        return hidden, mask
-    hidden = torch.nn.functional.pad(hidden, (0, 0, 0, padded - length))
-    mask = torch.nn.functional.pad(mask, (0, padded - length))
-    return hidden, mask
 
 
 def _lcm(a: int, b: int) -> int:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["StepGraphs", "GraphStats", "PinnedCount", "capture_failure", "capture_stream"]
+__all__ = ["StepGraphs", "GraphStats", "PinnedCount", "capture_failure", "capture_stream", "run_step"]
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 # Why the first failed capture of this process failed: no graph is captured after it.
@@ -94,6 +94,14 @@ class StepGraphs:
 
     def __len__(self) -> int:
         return len(self._graphs)
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._graphs
+
+    def forget(self, stale: Callable[[tuple], bool]) -> None:
+        """Drop the graphs whose key is ``stale`` (they read buffers that are gone)."""
+        for key in [key for key in self._graphs if stale(key)]:
+            del self._graphs[key]
 
     def run(self, key: tuple, step: Callable[[], None]) -> None:
         graph = self._graphs.get(key)
@@ -165,6 +173,16 @@ class StepGraphs:
             RuntimeWarning,
             stacklevel=4,
         )
+
+
+def run_step(graphs: StepGraphs, key: tuple, step: Callable[[], None], capture: bool) -> None:
+    """One step of a graphed forward: replayed from its CUDA graph (captured at the key's first use)
+    where ``capture``, else run as it is (the CPU's twin). Every step the GPU launches as one graph
+    goes through here, so that a test on the CPU can count each as the one launch it is there."""
+    if capture:
+        graphs.run(key, step)
+    else:
+        step()
 
 
 class PinnedCount:

@@ -471,7 +471,7 @@ def _patched_forward(
     if graphed and state.static_batches is None:
         state.static_batches = StaticBatches()
 
-    def graphed_step(hidden, mask, mask_summary):
+    def graphed_step(hidden, mask, mask_summary, inputs_serial=None):
         return run_graphed(
             adapter,
             self.early_exit_heads,
@@ -481,14 +481,16 @@ def _patched_forward(
             mask,
             batches=state.static_batches,
             mask_summary=mask_summary,
+            inputs_serial=inputs_serial,
         )
 
     if graphed and state.static_batches.prologue and eligible(input_ids, inputs_embeds):
-        # The inputs' summary and the embeddings in one captured step, its one read-back after them.
+        # The inputs' summary and the embeddings in one captured step, its one read-back after them;
+        # the static batch's load then reads the prologue's buffers in a captured step too.
         with state.static_batches.prologues.run(
             adapter, input_ids, attention_mask, token_type_ids, position_ids, capture=capture_by_default(device)
-        ) as (hidden, mask_summary):
-            result = graphed_step(hidden, attention_mask, mask_summary)
+        ) as (hidden, mask, mask_summary, serial):
+            result = graphed_step(hidden, mask, mask_summary, serial)
         return _finished(self, state, policy, result, labels, 1, return_dict)
     # After the host's work that needs no input values: the read-back waits for the GPU to finish
     # what is queued (an earlier forward's layers), and the GPU idles from then to the next launch.
