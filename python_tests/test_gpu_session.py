@@ -30,8 +30,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "scripts/gpu_session.sh"
 FIRST_PLAN = (
-    "probe build_cuda_forced build smoke graphed_key correct_graphed kernels gaps peer_capture compiled_peer "
-    "graphed_b256_bf16 "
+    "probe build_cuda_forced build smoke graphed_key gaps layer_costs graphed_b256_bf16 correct_graphed kernels "
+    "peer_capture compiled_peer "
     "graphed_b64_fp32 "
     "stream_bf16 correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck "
     "speed_b32_b256"
@@ -149,7 +149,8 @@ def test_a_graphed_speed_step_rehearsed_on_the_cpu_writes_rows_that_say_what_ran
     assert all(r["check"] == "ok" and r["dtype"] == "bf16" for r in timed)
     assert not any(r["method"] in ("naive", "bs1") for r in rows)
     peers = [r for r in rows if r["method"] == "peer"]
-    assert {r["peer"] for r in peers} == {"cuda-graphs"}  # the compiled peer has its own step, later
+    # both captured peers (with its mask; without, fast attention forced); the compiled one has its own step
+    assert {r["peer"] for r in peers} == {"cuda-graphs", "cuda-graphs-fast-attn"}
     assert all(r["check"].startswith("skipped: no CUDA device") for r in peers)
     # A graphed row says what it captured, replayed and ran uncaptured: nothing captured on the CPU.
     graphed = [r for r in timed if r["step"] == "graphed"]
@@ -162,6 +163,18 @@ def test_a_graphed_speed_step_rehearsed_on_the_cpu_writes_rows_that_say_what_ran
     assert "  smoke: capture ok" in summary
     assert "sched-f0.50 (every row exits after layer 2 of 4): unpatched eager" in summary
     assert re.search(r"  geometric-p0.10 +eek/torch/graphed Entropy\(0.3\) +[0-9.]+x of [0-9.]+x", summary), summary
+    assert_what_comes_back(out)
+
+
+def test_the_layer_cost_step_rehearsed_on_the_cpu_brings_back_its_table(gpu_machine, tmp_path):
+    out = tmp_path / "out"
+    result, _ = run_session(gpu_machine, out, STEPS="layer_costs", REHEARSE_SPEED="1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert step_lines(out)["layer_costs"].startswith("ok"), step_lines(out)
+    table = (out / "layer_costs.md").read_text()
+    assert "geometric-p0.10" in table and "sched-f0.50" in table
+    with tarfile.open(out / "logs.tar.gz") as logs:
+        assert "logs/layer_costs/layer_costs.json" in logs.getnames()
     assert_what_comes_back(out)
 
 
@@ -371,3 +384,51 @@ def test_the_timeline_reader_finds_the_idle_time_before_and_after_the_first_grap
         json.dump({"traceEvents": events}, file)
     assert load_events(path) == events
     assert main([str(path), "--call", "1"]) == 0
+
+
+def test_the_timeline_reader_counts_what_comes_before_the_first_layer(tmp_path):
+    """With the graphed step's ``eek_first_layer`` mark: the launches (the prologue's graph among them)
+    and synchronizations before it, and the device's idle time before it (issue 93's targets)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from gpu_timeline import call_timeline
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+    def event(cat, name, ts, dur):
+        return {"cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    events = [
+        event("user_annotation", "eek_gaps_call", 0, 300),
+        event("cuda_runtime", "cudaLaunchKernel", 2, 3),  # the inputs' copy
+        event("kernel", "multi_tensor_apply", 10, 2),
+        event("cuda_runtime", "cudaGraphLaunch", 12, 4),  # the prologue
+        event("kernel", "embedding", 20, 30),
+        event("cuda_runtime", "cudaStreamSynchronize", 20, 32),  # its read-back
+        event("cuda_runtime", "cudaGraphLaunch", 60, 4),  # the load
+        event("kernel", "copy", 70, 10),
+        event("user_annotation", "eek_first_layer", 85, 5),
+        event("cuda_runtime", "cudaGraphLaunch", 86, 4),
+        event("kernel", "gemm", 100, 100),
+    ]
+    found = call_timeline(events, 0)
+    assert found["first_layer"] == 85
+    assert found["launches_before_first_layer"] == 3 and found["syncs_before_first_layer"] == 1
+    # idle: 0-10, 12-20, 50-70, 80-100 (the last is the device waiting for the layer's launch)
+    assert found["idle_before_first_layer"] == 10 + 8 + 20 + 20
+    without = call_timeline([e for e in events if e["name"] != "eek_first_layer"], 0)
+    assert "first_layer" not in without
+
+
+def test_the_graphed_step_marks_its_first_layer_only_where_a_profiler_runs():
+    import torch
+    from conftest import tiny_batch, tiny_model
+    from torch.profiler import ProfilerActivity, profile
+
+    import earlyexit_kernels as eek
+
+    model = eek.patch(tiny_model("bert", num_layers=4), eek.Entropy(0.1), backend="torch", step="graphed")
+    ids, mask, _ = tiny_batch(4, 8, seed=0)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(input_ids=ids, attention_mask=mask)
+    assert sum(1 for e in prof.events() if e.name == "eek_first_layer") == 1

@@ -9,7 +9,16 @@
 #   OUT=/tmp/out bash scripts/gpu_session.sh                # first run: the graphed step, correctness, speed-ups, ...
 #   OUT=/tmp/out PLAN=second bash scripts/gpu_session.sh    # second run: the sweep, sanitizers, micro
 #
-# The first plan puts the graphed step's key figures first (issue 73): a 30 s smoke step (smoke:
+# The first plan puts issue 93's targets first (issue 94): the smoke step, then the key speed step
+# with the prologue captured against both captured peers (the unpatched model with its mask, and
+# without one, fast attention forced: the strongest is the peer), the gaps step (what is launched,
+# read back and left idle before the first layer graph), the layer-cost table (the bucket sizes it
+# chooses and the fraction of the layers' ideal each plan reaches, geometric-p0.10 and every row
+# after layer 6 at B = 64 and 256), B = 256, then the graphed step's tests with the prologue on.
+# Run it with DEADLINE_S=300 under a limit of about 360 s, so that a second run fits. The build
+# compiles for the lent card's architecture only (EARLYEXIT_CUDA_ARCHS from the probe).
+#
+# Before issue 94 the first plan put the graphed step's key figures first (issue 73): a 30 s smoke step (smoke:
 # BERT-base, B = 64, bf16, the cuda and triton backends; captures, replays, any capture failure's
 # reason, graphed against exact), then the key speed step (graphed_key: BERT-base, S = 128, bf16,
 # B = 64, sched-f0.00, sched-f0.50 and geometric-p0.10 with Scheduled and its Entropy variant, the
@@ -29,14 +38,15 @@
 # REHEARSE_SPEED (set on a machine without CUDA: the graphed_* steps run there anyway, on the
 # CPU with a tiny model, B = 8 and S = 16, so that their command line is rehearsed).
 # $OUT ends with at most 8 files, each refreshed after every step: summary.txt, junit.xml,
-# bench.csv, logs.tar.gz, stream_cuda_bf16.md in the first plan, and micro.json in the second.
+# bench.csv, logs.tar.gz, layer_costs.md and stream_cuda_bf16.md in the first plan, and micro.json
+# in the second.
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder for the results}
 PLAN=${PLAN:-first}
 PY=${PY:-python3}
 DEADLINE_S=${DEADLINE_S:-500}
 case $PLAN in
-first) PLAN_STEPS="probe build smoke graphed_key correct_graphed kernels gaps peer_capture compiled_peer graphed_b256_bf16 graphed_b64_fp32 stream_bf16 correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck speed_b32_b256" ;;
+first) PLAN_STEPS="probe build smoke graphed_key gaps layer_costs graphed_b256_bf16 correct_graphed kernels peer_capture compiled_peer graphed_b64_fp32 stream_bf16 correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck speed_b32_b256" ;;
 second) PLAN_STEPS="probe build sweep gpu_only defects sanitizers micro" ;;
 *)
     echo "PLAN must be first or second, not $PLAN" >&2
@@ -192,6 +202,12 @@ for s in $STEPS; do
         # so that the Triton and PyTorch paths still run.
         # -v: the compile and link lines stay in the log (the first session's CUDA build linked
         # libstdc++ code into _C, and a CPU op's error message with a number then segfaulted).
+        # The lent card's architecture only (half the compile of the default two): its compute capability.
+        if [[ -z ${EARLYEXIT_CUDA_ARCHS:-} ]] && ((HAVE_CUDA)); then
+            EARLYEXIT_CUDA_ARCHS=$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())" 2>/dev/null)
+            [[ -z $EARLYEXIT_CUDA_ARCHS ]] || export EARLYEXIT_CUDA_ARCHS
+        fi
+        record "build for: EARLYEXIT_CUDA_ARCHS=${EARLYEXIT_CUDA_ARCHS:-the default of setup.py}"
         step build_cuda_forced 30 240 env EARLYEXIT_FORCE_CUDA_BUILD=1 "$PY" -m pip install -v --no-build-isolation --no-deps -e .
         if ! grep -q "^build_cuda_forced: ok" "$STEP_LINES"; then
             step build 30 240 "$PY" -m pip install -v --no-build-isolation --no-deps -e .
@@ -210,7 +226,8 @@ for s in $STEPS; do
     correct_graphed)
         [[ -z ${CORRECT_GRAPHED_DONE:-} ]] || continue
         RESERVE=60 correct correct_graphed python_tests/test_graphed_step.py python_tests/test_graphed_calls.py \
-            python_tests/test_graphed_buckets.py python_tests/test_graphed_prologue.py python_tests/test_launch_budget.py
+            python_tests/test_graphed_buckets.py python_tests/test_graphed_prologue.py python_tests/test_launch_budget.py \
+            python_tests/test_survivor_gather.py python_tests/test_cuda_kernels.py::test_gather_survivors
         ;;
     smoke)
         # The graphed step's first check (scripts/gpu_session_report.py smoke): its lines go to the summary.
@@ -237,10 +254,25 @@ for s in $STEPS; do
         if [[ -s "$WORK/capture_failed.txt" ]]; then
             graphed graphed_key bf16 64 15 cuda-graphs exact
         else
-            # lag 0 beside the device's 1: a read-back per layer against a layer run on rows just gone;
-            # the prologue captured beside the eager one (the fourth session's finding)
-            GRAPHED_LAGS=device,0 GRAPHED_PROLOGUE=1 graphed graphed_key bf16 64 15 cuda-graphs
+            # the prologue captured beside the eager one, against both captured peers (issue 93's targets)
+            GRAPHED_PROLOGUE=1 graphed graphed_key bf16 64 15 cuda-graphs,cuda-graphs-fast-attn
         fi
+        ;;
+    # One layer's time at every row count, captured (issue 93 item 3): the bucket sizes it chooses and
+    # what vLLM's sizes and the chosen ones run against the layers' ideal, in layer_costs.md.
+    layer_costs)
+        where=()
+        if ((!HAVE_CUDA)); then
+            if [[ -z ${REHEARSE_SPEED:-} ]]; then
+                skip layer_costs "$NO_GPU"
+                continue
+            fi
+            where=(--rehearse)
+        fi
+        step layer_costs 40 150 "$PY" benchmarks/micro/layer_cost_table.py "${where[@]}" --repeats 9 --replays 10 \
+            --output-dir "$LOGS/layer_costs"
+        [[ ! -f "$LOGS/layer_costs/layer_costs.md" ]] || cp "$LOGS/layer_costs/layer_costs.md" "$OUT/layer_costs.md"
+        refresh
         ;;
     kernels | gaps | peer_capture)
         # Kernels per forward from the profiler (the exit step's beyond the layer's), where a forward
@@ -257,7 +289,7 @@ for s in $STEPS; do
     # The compiled peer alone (a BERT-base compile, est. 40-120 s), with the graphed step beside it.
     compiled_peer) graphed compiled_peer bf16 64 3 compile-reduce-overhead graphed 90 240 ;;
     graphed_b64_fp32) graphed graphed_b64_fp32 fp32 64 3 cuda-graphs ;;
-    graphed_b256_bf16) graphed graphed_b256_bf16 bf16 256 3 cuda-graphs ;;
+    graphed_b256_bf16) GRAPHED_PROLOGUE=1 graphed graphed_b256_bf16 bf16 256 3 cuda-graphs,cuda-graphs-fast-attn ;;
     # eek.classify over a stream in bf16 (issue 60): methods (a)-(d) against the token-layer ideal, half
     # the layers saved (the target's one number; no compile, whose BERT-base warm-up would not fit).
     stream_bf16)

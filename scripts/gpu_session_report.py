@@ -27,6 +27,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -307,6 +308,28 @@ def kernels(batch: int, seq_len: int) -> int:
     return 0
 
 
+def print_first_layer(name: str, trace: Path, calls: int) -> None:
+    """The ``gaps-first-layer`` line of one configuration: what its median call launched, read back and
+    left the device idle for before the graphed step's first layer (``scripts/gpu_timeline.py``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        from gpu_timeline import call_timeline, load_events
+    finally:
+        sys.path.pop(0)
+    try:
+        found = call_timeline(load_events(trace), calls // 2)
+    except (ValueError, OSError, KeyError) as err:
+        print(f"gaps-first-layer: {name}: the timeline could not be read ({err})")
+        return
+    if "first_layer" not in found:
+        return  # not the graphed step
+    print(
+        f"gaps-first-layer: {name}: {found['launches_before_first_layer']} launches (graphs included) and "
+        f"{found['syncs_before_first_layer']} synchronizations before the first layer graph, the device idle "
+        f"{found['idle_before_first_layer'] / 1e3:.3f} ms before it (the profiler slows the host)"
+    )
+
+
 def device_gaps(
     kernels: list[tuple[float, float]], start: float, end: float
 ) -> tuple[float, list[tuple[float, float]]]:
@@ -370,10 +393,13 @@ def gaps(batch: int, seq_len: int, calls: int = 5) -> int:
                 with record_function("eek_gaps_call"):
                     fn()
                 torch.cuda.synchronize()
-        if os.environ.get("EEK_GAPS_TRACE_DIR"):  # the timeline, for reading back on a machine without a GPU
-            folder = Path(os.environ["EEK_GAPS_TRACE_DIR"])
-            folder.mkdir(parents=True, exist_ok=True)
-            prof.export_chrome_trace(str(folder / (re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + ".json")))
+        # the timeline, kept for reading back on a machine without a GPU where EEK_GAPS_TRACE_DIR is set,
+        # and read here for what came before the graphed step's first layer (its eek_first_layer mark)
+        folder = Path(os.environ.get("EEK_GAPS_TRACE_DIR") or tempfile.mkdtemp(prefix="eek_gaps_"))
+        folder.mkdir(parents=True, exist_ok=True)
+        trace = folder / (re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + ".json")
+        prof.export_chrome_trace(str(trace))
+        print_first_layer(name, trace, calls)
         events = list(prof.events())
         # the call's own annotation has a device-side twin spanning the whole call: not a kernel
         device_events = [e for e in events if e.device_type.name == "CUDA" and e.name != "eek_gaps_call"]

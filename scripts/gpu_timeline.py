@@ -73,7 +73,7 @@ def call_timeline(events: list[dict], call: int, min_gap_us: float = 5.0) -> dic
     after = sum(length for _, length, _ in gaps) - before
     # kernels, copies and memsets the host launched one by one before the first graph
     eager = sum(1 for o in host if o["name"] in EAGER_LAUNCHES and (first is None or o["ts"] - start < first))
-    return {
+    found = {
         "gaps": gaps,
         "end": at - start,
         "first_graph_launch": first,
@@ -81,6 +81,21 @@ def call_timeline(events: list[dict], call: int, min_gap_us: float = 5.0) -> dic
         "idle_after": after,
         "eager_launches": eager,
     }
+    # The graphed step marks its first layer's launch (``eek_first_layer``): what came before it, the
+    # prologue's graph among them where it is captured (issue 93's target: 3 launches, 1 read-back,
+    # at most 0.4 ms of device idle).
+    marks = [e["ts"] - start for e in events if e.get("name") == "eek_first_layer" and inside(e)]
+    if marks:
+        layer = min(marks)
+        found["first_layer"] = layer
+        found["idle_before_first_layer"] = sum(length for at_, length, _ in gaps if at_ < layer)
+        found["launches_before_first_layer"] = sum(
+            1 for o in host if o["name"] in (*EAGER_LAUNCHES, "cudaGraphLaunch") and o["ts"] - start < layer
+        )
+        found["syncs_before_first_layer"] = sum(
+            1 for o in host if "Synchronize" in o["name"] and o["ts"] - start < layer
+        )
+    return found
 
 
 def main(argv=None) -> int:
@@ -98,6 +113,12 @@ def main(argv=None) -> int:
     for at, length, ops in found["gaps"]:
         more = f" (+{len(ops) - args.ops})" if len(ops) > args.ops else ""
         print(f"  idle {length:7.1f} us from {at:7.1f} us; host ops starting in it: {', '.join(ops[: args.ops])}{more}")
+    if "first_layer" in found:
+        print(
+            f"first layer launched at {found['first_layer']:.0f} us, after {found['launches_before_first_layer']} "
+            f"launches (graphs included) and {found['syncs_before_first_layer']} synchronizations; the device idle "
+            f"{found['idle_before_first_layer']:.0f} us before it"
+        )
     if found["first_graph_launch"] is None:
         print("no CUDA graph launched in this call")
     else:

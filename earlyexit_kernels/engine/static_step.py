@@ -30,6 +30,7 @@ finishing steps, each captured as one graph on a GPU).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -345,7 +346,8 @@ def run_graphed(
                 can_exit_before_last(policy, layer) and (scheduled_counts is None or scheduled_counts[layer] > 0)
             )
             run_step = functools.partial(_layer_step, step, static, layer, bucket, may_exit, length)
-            step_graphs.run_step(static.graphs, (layer, bucket, may_exit, length), run_step, capture)
+            with _marked("eek_first_layer" if layer == 1 else None):
+                step_graphs.run_step(static.graphs, (layer, bucket, may_exit, length), run_step, capture)
             if may_exit and layer < num_layers:
                 survivors.publish(
                     layer, _published(static, layer) if known is None else ReadyCount(lambda n=known[layer]: n)
@@ -370,6 +372,14 @@ def run_graphed(
             static.done_recorded = True
     result.buckets = survivors.buckets
     return result
+
+
+def _marked(name: str | None):
+    """A profiler annotation named ``name`` where a profiler runs (the GPU session's gaps step reads
+    what was launched before the first layer's), else nothing."""
+    if name is None or not torch.autograd._profiler_enabled():
+        return contextlib.nullcontext()
+    return torch.profiler.record_function(name)
 
 
 def capture_by_default(device: torch.device) -> bool:
