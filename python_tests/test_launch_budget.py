@@ -314,3 +314,21 @@ def test_the_graphed_steps_launches_per_layer_stay_within_budget(name, monkeypat
         budget = exiting if can_exit_before_last(policy, layer) else quiet
         assert launches(ops[layer]) <= budget, (layer, dict(ops[layer]))
         assert per_layer[layer][1] == 0, f"layer {layer} read a value back"
+
+
+# The same on the Triton backend (its interpreter here): the head, the decision with the write-back and
+# the survivor gather (backends/triton_kernels/survivor_gather.py), three kernels on every layer where the
+# heads run, whether rows may leave there or not.
+TRITON_GRAPHED_BUDGET = {"entropy": (0, 3), "patience": (3, 3)}
+
+
+@pytest.mark.parametrize("name", sorted(TRITON_GRAPHED_BUDGET))
+def test_the_graphed_steps_launches_per_layer_on_triton_stay_within_budget(name, monkeypatch):
+    if not eek.backends()["triton"]:
+        pytest.skip(f"backend 'triton': {eek.backend_status()['triton']}")
+    quiet, exiting = TRITON_GRAPHED_BUDGET[name]
+    per_layer, policy, out, ops = measure(name, "triton", monkeypatch, step="graphed", layer_mask_counted=False)
+    for layer in range(1, len(per_layer) - 1):
+        budget = exiting if can_exit_before_last(policy, layer) else quiet
+        assert launches(ops[layer]) <= budget, (layer, dict(ops[layer]))
+        assert "gather_survivors" in ops[layer] and per_layer[layer][1] == 0

@@ -16,7 +16,15 @@ from earlyexit_kernels.backends import cpp_backend
 from earlyexit_kernels.backends.registry import resolve_backend
 from earlyexit_kernels.backends.survivor_gather import MAX_TENSORS, gather_survivors
 
-pytestmark = pytest.mark.skipif(not eek.backends()["cpp"], reason=f"backend 'cpp': {eek.backend_status()['cpp']}")
+
+def fast(name):
+    """The backend's gather, or the test skipped with why it is not here."""
+    if not eek.backends()[name]:
+        pytest.skip(f"backend {name!r}: {eek.backend_status()[name]}")
+    return resolve_backend(name, torch.device("cpu")).gather_survivors
+
+
+FAST = ["cpp", "triton"]
 
 
 def bucket(n=13, length=7, capacity_length=9, hidden=12, seed=0, dtype=torch.bfloat16):
@@ -48,9 +56,11 @@ def outputs(n):
     return torch.full((n,), -7, dtype=torch.long), torch.full((1,), -7, dtype=torch.long)
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("n", [0, 1, 13, 70])
-def test_the_op_writes_the_references_bits(n, dtype):
+def test_the_op_writes_the_references_bits(backend, n, dtype):
+    gather = fast(backend)
     order, exits, rows, sources, targets = bucket(n=n, dtype=dtype, seed=n)
     ref_targets = [t.clone() for t in targets]
     ref_rows, ref_count = outputs(n)
@@ -58,7 +68,7 @@ def test_the_op_writes_the_references_bits(n, dtype):
 
     next_rows, count = outputs(n)
     host_count = torch.full((1,), -7, dtype=torch.long)
-    torch.ops.earlyexit.cpp_gather_survivors(order, exits, rows, n, next_rows, count, sources, targets, host_count)
+    gather(order, exits, rows, n, next_rows, count, sources, targets, host_count)
 
     assert torch.equal(next_rows, ref_rows) and torch.equal(count, ref_count) and torch.equal(host_count, ref_count)
     assert all(torch.equal(got, want) for got, want in zip(targets, ref_targets))
@@ -67,22 +77,48 @@ def test_the_op_writes_the_references_bits(n, dtype):
     assert (next_rows[: int(count)] != n).all() and (next_rows[int(count) :] == n).all()
 
 
-def test_only_the_rows_of_the_bucket_are_written():
+@pytest.mark.parametrize("backend", FAST)
+def test_only_the_rows_of_the_bucket_are_written(backend):
+    gather = fast(backend)
     order, exits, rows, sources, targets = bucket(n=10)
     whole = targets[0]._base.clone()
     next_rows, count = outputs(10)
-    torch.ops.earlyexit.cpp_gather_survivors(order, exits, rows, 10, next_rows, count, sources, targets)
+    gather(order, exits, rows, 10, next_rows, count, sources, targets)
     after = targets[0]._base
     assert torch.equal(after[10:], whole[10:]) and torch.equal(after[:10, 7:], whole[:10, 7:])
 
 
+@pytest.mark.parametrize("backend", FAST)
+def test_odd_sized_rows_and_more_tensors_than_one_triton_launch_takes(backend):
+    # bytes, not words: a row of 5 bf16 (10 bytes) and bool state; 8 tensors (Triton: two launches)
+    gather = fast(backend)
+    order, exits, rows, sources, targets = bucket(n=9, hidden=5, seed=2)
+    g = torch.Generator().manual_seed(7)
+    extra = [
+        torch.rand(9, 3, generator=g) < 0.5,
+        torch.randint(0, 5, (9,), generator=g),
+        torch.randn(9, 2, generator=g),
+    ]
+    extra.append(torch.randn(9, 1, generator=g).half())
+    sources, targets = sources + extra, targets + [torch.zeros_like(t) for t in extra]
+    ref_targets = [t.clone() for t in targets]
+    ref_rows, ref_count = outputs(9)
+    gather_survivors(order, exits, rows, 9, ref_rows, ref_count, sources, ref_targets)
+    next_rows, count = outputs(9)
+    gather(order, exits, rows, 9, next_rows, count, sources, targets)
+    assert torch.equal(next_rows, ref_rows) and torch.equal(count, ref_count)
+    assert all(torch.equal(got, want) for got, want in zip(targets, ref_targets))
+
+
 def test_the_cpp_backend_gathers_with_the_op_and_the_torch_backend_with_the_reference():
+    fast("cpp")
     cpu = torch.device("cpu")
     assert resolve_backend("cpp", cpu).gather_survivors is cpp_backend.gather_survivors
     assert resolve_backend("torch", cpu).gather_survivors is None  # the graphed step runs the reference
 
 
 def call(order, exits, rows, sources, targets, *, n=None, next_rows=None, count=None, host_count=None):
+    fast("cpp")
     n = order.shape[0] if n is None else n
     default_rows, default_count = outputs(order.shape[0])
     torch.ops.earlyexit.cpp_gather_survivors(

@@ -39,6 +39,7 @@ from earlyexit_kernels.backends.triton_kernels import compact as tc  # noqa: E40
 from earlyexit_kernels.backends.triton_kernels import exit_decide as tkd  # noqa: E402
 from earlyexit_kernels.backends.triton_kernels import exit_head as tkh  # noqa: E402
 from earlyexit_kernels.backends.triton_kernels import pool_norm as tpn  # noqa: E402
+from earlyexit_kernels.backends.triton_kernels import survivor_gather as tsg  # noqa: E402
 
 
 def compile_kernel(kernel, types: dict, constexprs: dict, arch: int, num_warps: int = 4):
@@ -218,6 +219,23 @@ def compact_variants():
                     yield "compact", variant, tc._compact_kernel, types, constexprs, arch, warps
 
 
+def gather_variants():
+    # The graphed step's survivor gather: int32 words (aligned rows) and bytes, 1 and every slot used,
+    # BLOCK_N as the launcher takes it for buckets of 64 and 256 rows.
+    for arch in (90, 80):
+        for word in ("i32", "u8"):
+            for num in (1, tsg.SLOTS):
+                for block_n in (64, 256):
+                    types = dict(order_ptr="*i64", exits_ptr="*i1", rows_ptr="*i64", next_rows_ptr="*i64")
+                    types.update(count_ptr="*i64", n="i32", dead="i32")
+                    for k in range(tsg.SLOTS):
+                        types.update({f"s{k}": f"*{word}", f"d{k}": f"*{word}", f"w{k}": "i32"})
+                        types.update({f"ss{k}": "i32", f"ds{k}": "i32"})
+                    constexprs = dict(NUM=num, WRITE_ROWS=True, BLOCK=tsg.BLOCK, BLOCK_N=block_n)
+                    variant = f"{word} words, {num} tensors, BLOCK_N {block_n}, 4 warps"
+                    yield "gather_survivors", variant, tsg._gather_kernel, types, constexprs, arch, 4
+
+
 HEADER = "| kernel | variant | arch | registers | stack (local) bytes | shared bytes | tensor-core instr. |"
 
 
@@ -227,7 +245,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     rows = []
-    for variants in (pool_norm_variants(), head_variants(), decide_variants(), compact_variants()):
+    for variants in (pool_norm_variants(), head_variants(), decide_variants(), compact_variants(), gather_variants()):
         for kernel_name, variant, kernel, types, constexprs, arch, warps in variants:
             try:
                 usage = resource_usage(compile_kernel(kernel, types, constexprs, arch, warps), arch)

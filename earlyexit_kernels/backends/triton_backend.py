@@ -33,6 +33,7 @@ def _register() -> None:
             pooled_head_exit_step,
             pooled_head_exit_step_write_back,
         )
+        from earlyexit_kernels.backends.triton_kernels.survivor_gather import gather_survivors
     except Exception as err:  # an incompatible triton or torch: say why instead of failing the import
         mark_unavailable("triton", f"the Triton kernels could not be loaded ({type(err).__name__}: {err})")
         return
@@ -57,6 +58,7 @@ def _register() -> None:
             pooled_head_exit_step=pooled_head_exit_step,
             pooled_head_exit_step_write_back=pooled_head_exit_step_write_back,
             pooled_head_devices=devices,
+            gather_survivors=gather_survivors,
         )
     )
 
