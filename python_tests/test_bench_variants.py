@@ -347,3 +347,28 @@ def test_write_csv_keeps_the_new_columns(tmp_path):
     write_csv(tmp_path / "b.csv", [{"kind": "e2e", "policy": "Entropy(0.3)", "step": "graphed", "peer": ""}])
     (row,) = read_csv(tmp_path / "b.csv")
     assert (row["policy"], row["step"]) == ("Entropy(0.3)", "graphed")
+
+
+def test_a_bucket_table_times_the_graphed_step_in_the_sizes_it_chooses(tmp_path):
+    """``--bucket-table``: a ``graphed-prologue-buckets`` row in the sizes a layer-cost table chooses
+    beside ``graphed-prologue`` in the device's (on the CPU both uncaptured: they agree)."""
+    from earlyexit_kernels.engine.buckets import sizes_from_file
+    from earlyexit_kernels.engine.cost_table import LayerCostTable
+
+    table = LayerCostTable(
+        seconds={n: 1e-3 * (1 + (n - 1) // 8) for n in range(1, 17)},  # a step every 8 rows
+        spread={n: 1e-5 for n in range(1, 17)},
+        seq_len=16,
+        device="cpu",
+        dtype="float32",
+        torch=torch.__version__,
+    )
+    path = tmp_path / "layer_costs.json"
+    table.save(path)
+    assert sizes_from_file(path) == (8, 16)
+    assert sweep.parse_args(["--device", "cpu", "--bucket-table", str(path)]).bucket_table == path
+    pattern = pattern_by_name("geometric-p0.10", 4, TINY.layers, 16)
+    rows = measure(tiny(), pattern, steps=("graphed",), graphed_prologue=True, bucket_sizes=(8, 16), baselines=False)
+    steps = sorted(r["step"] for r in rows if r["method"] == "eek")
+    assert steps == ["graphed", "graphed-prologue", "graphed-prologue-buckets"]
+    assert all(r["check"] == "ok" for r in rows), [r["check"] for r in rows]

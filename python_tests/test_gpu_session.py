@@ -30,7 +30,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "scripts/gpu_session.sh"
 FIRST_PLAN = (
-    "probe build_cuda_forced build smoke graphed_key gaps layer_costs graphed_b256_bf16 correct_graphed kernels "
+    "probe build_cuda_forced build smoke graphed_key gaps layer_costs graphed_buckets graphed_b256_bf16 "
+    "correct_graphed kernels "
     "peer_capture compiled_peer "
     "graphed_b64_fp32 "
     "stream_bf16 correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck "
@@ -166,11 +167,15 @@ def test_a_graphed_speed_step_rehearsed_on_the_cpu_writes_rows_that_say_what_ran
     assert_what_comes_back(out)
 
 
-def test_the_layer_cost_step_rehearsed_on_the_cpu_brings_back_its_table(gpu_machine, tmp_path):
+def test_the_layer_cost_step_rehearsed_on_the_cpu_brings_back_its_table_and_its_sizes_are_timed(gpu_machine, tmp_path):
     out = tmp_path / "out"
-    result, _ = run_session(gpu_machine, out, STEPS="layer_costs", REHEARSE_SPEED="1")
+    result, _ = run_session(gpu_machine, out, STEPS="layer_costs graphed_buckets", REHEARSE_SPEED="1")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert step_lines(out)["layer_costs"].startswith("ok"), step_lines(out)
+    steps = step_lines(out)
+    assert steps["layer_costs"].startswith("ok") and steps["graphed_buckets"].startswith("ok"), steps
+    with (out / "bench.csv").open(newline="") as f:
+        timed = {r["step"] for r in csv.DictReader(f) if r["method"] == "eek" and r["t_p50_s"]}
+    assert timed == {"graphed", "graphed-prologue", "graphed-prologue-buckets"}
     table = (out / "layer_costs.md").read_text()
     assert "geometric-p0.10" in table and "sched-f0.50" in table
     with tarfile.open(out / "logs.tar.gz") as logs:

@@ -46,7 +46,7 @@ PLAN=${PLAN:-first}
 PY=${PY:-python3}
 DEADLINE_S=${DEADLINE_S:-500}
 case $PLAN in
-first) PLAN_STEPS="probe build smoke graphed_key gaps layer_costs graphed_b256_bf16 correct_graphed kernels peer_capture compiled_peer graphed_b64_fp32 stream_bf16 correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck speed_b32_b256" ;;
+first) PLAN_STEPS="probe build smoke graphed_key gaps layer_costs graphed_buckets graphed_b256_bf16 correct_graphed kernels peer_capture compiled_peer graphed_b64_fp32 stream_bf16 correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck speed_b32_b256" ;;
 second) PLAN_STEPS="probe build sweep gpu_only defects sanitizers micro" ;;
 *)
     echo "PLAN must be first or second, not $PLAN" >&2
@@ -162,8 +162,9 @@ graphed() { # graphed NAME DTYPE BATCH REPEATS PEERS [STEPS [MIN_S MAX_S]]: the 
     # No naive or bs1 (bs1 runs the rows one at a time: by far the slowest at B = 256); the compiled
     # peer compiles once per step where it is asked for.
     step "$name" "$min_s" "$max_s" "$PY" -m earlyexit_kernels.bench sweep "${where[@]}" --dtype "$dtype" --models bert \
-        --spot-models none --patterns sched-f0.00,sched-f0.50,geometric-p0.10 --policies scheduled,entropy \
+        --spot-models none --patterns "${PATTERNS:-sched-f0.00,sched-f0.50,geometric-p0.10}" --policies scheduled,entropy \
         --step "$steps" --graphed-lags "${GRAPHED_LAGS:-device}" ${GRAPHED_PROLOGUE:+--graphed-prologue} \
+        ${BUCKET_TABLE:+--bucket-table "$BUCKET_TABLE"} \
         --peers "$peers" --no-baselines --no-micro --no-memory --no-progress \
         --output-dir "$WORK/logs/bench_$name" --append-csv "$OUT/bench.csv"
 }
@@ -289,7 +290,25 @@ for s in $STEPS; do
     # The compiled peer alone (a BERT-base compile, est. 40-120 s), with the graphed step beside it.
     compiled_peer) graphed compiled_peer bf16 64 3 compile-reduce-overhead graphed 90 240 ;;
     graphed_b64_fp32) graphed graphed_b64_fp32 fp32 64 3 cuda-graphs ;;
-    graphed_b256_bf16) GRAPHED_PROLOGUE=1 graphed graphed_b256_bf16 bf16 256 3 cuda-graphs,cuda-graphs-fast-attn ;;
+    # The graphed step in the bucket sizes the table chose beside the device's (graphed-prologue-buckets rows),
+    # where the exits are gradual or all at one layer.
+    graphed_buckets)
+        if ((!HAVE_CUDA)) && [[ -z ${REHEARSE_SPEED:-} ]]; then
+            skip graphed_buckets "$NO_GPU"
+            continue
+        fi
+        if [[ ! -s "$LOGS/layer_costs/layer_costs.json" ]]; then
+            skip graphed_buckets "no layer-cost table (the layer_costs step did not write one)"
+            continue
+        fi
+        BUCKET_TABLE=$LOGS/layer_costs/layer_costs.json PATTERNS=geometric-p0.10,sched-f0.50 GRAPHED_PROLOGUE=1 \
+            graphed graphed_buckets bf16 64 5 cuda-graphs,cuda-graphs-fast-attn graphed
+        ;;
+    graphed_b256_bf16)
+        table=$LOGS/layer_costs/layer_costs.json
+        [[ -s $table ]] || table=
+        BUCKET_TABLE=$table GRAPHED_PROLOGUE=1 graphed graphed_b256_bf16 bf16 256 3 cuda-graphs,cuda-graphs-fast-attn
+        ;;
     # eek.classify over a stream in bf16 (issue 60): methods (a)-(d) against the token-layer ideal, half
     # the layers saved (the target's one number; no compile, whose BERT-base warm-up would not fit).
     stream_bf16)

@@ -81,6 +81,9 @@ class MeasureSettings:
     device's plan); a lag other than the device's makes the row's ``step`` read ``graphed-lag<N>``.
     ``graphed_prologue``: also time the graphed step with its prologue captured
     (``StaticBatches(prologue=True)``, the device's lag), rows whose ``step`` reads ``graphed-prologue``.
+    ``bucket_sizes``: also time the graphed step, prologue captured, in these bucket sizes (chosen from a
+    layer-cost table, :func:`~earlyexit_kernels.engine.buckets.sizes_from_file`), rows whose ``step``
+    reads ``graphed-prologue-buckets``.
     """
 
     seq_len: int
@@ -97,6 +100,7 @@ class MeasureSettings:
     baselines: bool = True
     graphed_lags: tuple[int | None, ...] = (None,)
     graphed_prologue: bool = False
+    bucket_sizes: tuple[int, ...] | None = None
 
 
 @dataclass(eq=False)
@@ -132,12 +136,27 @@ def resolved_steps(steps, policy: ExitPolicy, device: torch.device) -> list[str]
     return list(dict.fromkeys(resolve_step(step, policy, device) for step in steps))
 
 
-def _patched_prepare(
-    model, policy: ExitPolicy, backend: str, step: str, lag: int | None = None, prologue: bool = False
-) -> Callable[[str], None]:
+@dataclass(frozen=True)
+class GraphedVariant:
+    """How a graphed row's static batches are set: ``lag`` (None: the device's), the prologue captured,
+    ``sizes`` (None: the device's buckets)."""
+
+    lag: int | None = None
+    prologue: bool = False
+    sizes: tuple[int, ...] | None = None
+
+    def label(self, step: str) -> str:
+        """The CSV's ``step``: ``graphed-lag<N>`` for a lag not the device's, ``graphed-prologue``,
+        ``graphed-prologue-buckets`` in sizes from a layer-cost table."""
+        if self.prologue:
+            return f"{step}-prologue" + ("-buckets" if self.sizes is not None else "")
+        return step if self.lag is None else f"{step}-lag{self.lag}"
+
+
+def _patched_prepare(model, policy: ExitPolicy, backend: str, step: str, variant=GraphedVariant()):
     """Patch ``model`` for this method; from the second call of a phase on, with the record kept
-    from its first (the graphed step's buffers and graphs are in it). ``lag``: the graphed step's,
-    where not the device's; ``prologue``: the graphed step's prologue captured too."""
+    from its first (the graphed step's buffers and graphs are in it). ``variant``: the graphed step's
+    lag, prologue and buckets where not the device's."""
     kept = {}
 
     def prepare(phase: str) -> None:
@@ -145,29 +164,28 @@ def _patched_prepare(
         if phase in kept:
             attach(model, kept[phase])
         else:
-            if lag is not None or prologue:
-                state_of(model).static_batches = StaticBatches(lag=lag, prologue=prologue)
+            if variant != GraphedVariant():
+                sizes = "device" if variant.sizes is None else variant.sizes
+                state_of(model).static_batches = StaticBatches(sizes=sizes, lag=variant.lag, prologue=variant.prologue)
             kept[phase] = state_of(model)
 
     return prepare
 
 
-def _graphed_variants(step: str, settings: MeasureSettings) -> list[tuple[int | None, bool]]:
-    """The ``(lag, prologue captured)`` a ``step`` method runs with: the graphed step's lags asked
-    for (the device's own as None, once), then the device's lag with the prologue captured where
-    asked for; one, ``(None, False)``, for the others."""
+def _graphed_variants(step: str, settings: MeasureSettings) -> list[GraphedVariant]:
+    """The variants a ``step`` method runs with: the graphed step's lags asked for (the device's own
+    as None, once), then the device's lag with the prologue captured where asked for, then that in the
+    bucket sizes given; one, the device's plan, for the others."""
     if step != "graphed":
-        return [(None, False)]
+        return [GraphedVariant()]
     _, own = default_plan(settings.device.type)
-    variants = [(lag, False) for lag in dict.fromkeys(None if lag == own else lag for lag in settings.graphed_lags)]
-    return variants + ([(None, True)] if settings.graphed_prologue else [])
-
-
-def _step_label(step: str, lag: int | None, prologue: bool) -> str:
-    """The CSV's ``step``: ``graphed-lag<N>`` for a lag not the device's, ``graphed-prologue``."""
-    if prologue:
-        return f"{step}-prologue"
-    return step if lag is None else f"{step}-lag{lag}"
+    lags = dict.fromkeys(None if lag == own else lag for lag in settings.graphed_lags)
+    variants = [GraphedVariant(lag=lag) for lag in lags]
+    if settings.graphed_prologue:
+        variants.append(GraphedVariant(prologue=True))
+    if settings.bucket_sizes is not None:
+        variants.append(GraphedVariant(prologue=True, sizes=tuple(settings.bucket_sizes)))
+    return variants
 
 
 def _peer_method(model, peers: PeerModels, peer: str, ids, mask) -> Method:
@@ -195,16 +213,16 @@ def _methods(work: _Workload, variants, settings: MeasureSettings, peers: PeerMo
     methods += [_peer_method(model, peers, peer, ids, mask) for peer in settings.peers]
     for policy in variants:
         for step in resolved_steps(settings.steps, policy, settings.device):
-            for lag, prologue in _graphed_variants(step, settings):
+            for variant in _graphed_variants(step, settings):
                 for backend in settings.eek_backends:
                     methods.append(
                         Method(
                             "eek",
                             backend,
-                            _patched_prepare(model, policy, backend, step, lag, prologue),
+                            _patched_prepare(model, policy, backend, step, variant),
                             lambda: model(input_ids=ids, attention_mask=mask),
                             policy=policy_label(policy),
-                            step=_step_label(step, lag, prologue),
+                            step=variant.label(step),
                         )
                     )
     if settings.baselines:

@@ -38,6 +38,7 @@ from earlyexit_kernels.bench.plots import make_plots
 from earlyexit_kernels.bench.results import append_csv, environment, write_csv
 from earlyexit_kernels.bench.runner import POLICIES, MeasureSettings, measure_pattern
 from earlyexit_kernels.bench.timing_controls import gc_paused, timing_controls
+from earlyexit_kernels.engine.buckets import sizes_from_file
 from earlyexit_kernels.engine.step_choice import STEP_NAMES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -172,6 +173,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the graphed step's lag (layers a device-side survivor count waits before the host reads it), "
         "comma-separated to time several interleaved: a number, or device (its default: 1 on CUDA, 0 elsewhere); "
         "a lag other than the device's gives rows whose step reads graphed-lag<N> [device]",
+    )
+    parser.add_argument(
+        "--bucket-table",
+        type=Path,
+        default=None,
+        help="a layer-cost table (benchmarks/micro/layer_cost_table.py's layer_costs.json): also time the graphed "
+        "step, prologue captured, in the bucket sizes it chooses: rows whose step reads graphed-prologue-buckets",
     )
     parser.add_argument(
         "--graphed-prologue",
@@ -355,6 +363,7 @@ def run(args, on_rows=None, notes: list[dict] | None = None) -> list[dict]:
         steps=tuple(args.step),
         graphed_lags=tuple(args.graphed_lags),
         graphed_prologue=args.graphed_prologue,
+        bucket_sizes=None if args.bucket_table is None else sizes_from_file(args.bucket_table),
         policies=tuple(args.policies),
         peers=tuple(args.peers),
         baselines=not args.no_baselines,
