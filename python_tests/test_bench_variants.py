@@ -372,3 +372,14 @@ def test_a_bucket_table_times_the_graphed_step_in_the_sizes_it_chooses(tmp_path)
     steps = sorted(r["step"] for r in rows if r["method"] == "eek")
     assert steps == ["graphed", "graphed-prologue", "graphed-prologue-buckets"]
     assert all(r["check"] == "ok" for r in rows), [r["check"] for r in rows]
+
+
+def test_graphed_torch_heads_times_the_step_with_the_models_head_modules():
+    assert sweep.parse_args(["--device", "cpu", "--graphed-torch-heads"]).graphed_torch_heads is True
+    pattern = pattern_by_name("geometric-p0.10", 4, TINY.layers, 16)
+    rows = measure(
+        tiny(), pattern, steps=("graphed",), graphed_prologue=True, graphed_torch_heads=True, baselines=False
+    )
+    steps = sorted(r["step"] for r in rows if r["method"] == "eek")
+    assert steps == ["graphed", "graphed-prologue", "graphed-prologue-torchheads"]
+    assert all(r["check"] == "ok" for r in rows), [r["check"] for r in rows]

@@ -145,7 +145,9 @@ def test_a_graphed_speed_step_rehearsed_on_the_cpu_writes_rows_that_say_what_ran
     timed = [r for r in rows if r["t_p50_s"]]
     assert {r["pattern"] for r in rows} == {"sched-f0.00", "sched-f0.50", "geometric-p0.10"}
     assert {(r["policy"], r["step"]) for r in timed if r["method"] == "eek"} == {
-        (policy, step) for policy in ("Scheduled", "Entropy(0.3)") for step in ("exact", "graphed", "graphed-prologue")
+        (policy, step)
+        for policy in ("Scheduled", "Entropy(0.3)")
+        for step in ("exact", "graphed", "graphed-prologue", "graphed-prologue-torchheads")
     }  # (the CPU's own lag is 0: graphed-lag0 is the graphed row there)
     assert all(r["check"] == "ok" and r["dtype"] == "bf16" for r in timed)
     assert not any(r["method"] in ("naive", "bs1") for r in rows)

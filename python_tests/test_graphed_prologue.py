@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import earlyexit_kernels as eek
 from earlyexit_kernels.engine import step_graphs
 from earlyexit_kernels.engine.graphed_prologue import KEPT_PROLOGUES, Prologue
+from earlyexit_kernels.engine.static_step import StaticBatches
 from earlyexit_kernels.engine.step_graphs import GraphStats
 from earlyexit_kernels.patching.patch import current_adapter
 from earlyexit_kernels.patching.state import state_of
@@ -324,3 +325,33 @@ def test_an_evicted_prologues_load_graphs_are_dropped():
         static.graphs._graphs[("load", first.serial)] = None  # as a capture would have left it
         static.graphs.forget(lambda k: k[0] == "load" and k[1] in batches.prologues.evicted)
         assert ("load", first.serial) not in static.graphs
+
+
+@pytest.mark.parametrize("name", ["entropy", "patience", "qexit"])
+def test_heads_as_the_models_modules_exit_as_the_fused_head_and_run_no_fused_head(name):
+    """``head_kernels="torch"``: the heads as the model's modules (cuBLAS on a GPU), then the backend's
+    rule; the exits of the fused head, the logits within float rounding, and no fused head launched."""
+    if not eek.backends()["cpp"]:
+        pytest.skip(f"backend 'cpp': {eek.backend_status()['cpp']}")
+    model = patched(EVERY_POLICY[name](16), backend="cpp")
+    inputs = batch_inputs(16)
+    exact = run(model, inputs, "exact")
+    eek.patch(model, state_of(model).policy, backend="cpp", step="graphed")
+    state_of(model).static_batches = StaticBatches(prologue=True, head_kernels="torch", **GPU_PLAN)
+    with torch.no_grad():
+        modules = model(**inputs)
+    assert torch.equal(modules.exit_layer, exact.exit_layer) and torch.equal(modules.layers_run, exact.layers_run)
+    torch.testing.assert_close(modules.logits, exact.logits, rtol=1e-5, atol=1e-6)
+    with torch.no_grad(), _Launches() as ops:  # every op, the steps' own included
+        model(**inputs)
+    assert "cpp_exit_step" in ops.seen and "addmm" in ops.seen  # the rule op after the modules' GEMMs
+    assert not {"cpp_pooled_head_exit_step", "cpp_head_exit_step"} & set(ops.seen)
+    with pytest.raises(ValueError, match=r"head_kernels must be one of \('fused', 'torch'\)"):
+        StaticBatches(head_kernels="cublas")
+
+
+def test_the_head_choice_survives_a_copy():
+    import pickle
+
+    batches = pickle.loads(pickle.dumps(StaticBatches(head_kernels="torch")))
+    assert batches.head_kernels == "torch"

@@ -164,6 +164,7 @@ graphed() { # graphed NAME DTYPE BATCH REPEATS PEERS [STEPS [MIN_S MAX_S]]: the 
     step "$name" "$min_s" "$max_s" "$PY" -m earlyexit_kernels.bench sweep "${where[@]}" --dtype "$dtype" --models bert \
         --spot-models none --patterns "${PATTERNS:-sched-f0.00,sched-f0.50,geometric-p0.10}" --policies scheduled,entropy \
         --step "$steps" --graphed-lags "${GRAPHED_LAGS:-device}" ${GRAPHED_PROLOGUE:+--graphed-prologue} \
+        ${GRAPHED_TORCH_HEADS:+--graphed-torch-heads} \
         ${BUCKET_TABLE:+--bucket-table "$BUCKET_TABLE"} \
         --peers "$peers" --no-baselines --no-micro --no-memory --no-progress \
         --output-dir "$WORK/logs/bench_$name" --append-csv "$OUT/bench.csv"
@@ -256,7 +257,8 @@ for s in $STEPS; do
             graphed graphed_key bf16 64 15 cuda-graphs exact
         else
             # the prologue captured beside the eager one, against both captured peers (issue 93's targets)
-            GRAPHED_PROLOGUE=1 graphed graphed_key bf16 64 15 cuda-graphs,cuda-graphs-fast-attn
+            # and the heads as cuBLAS GEMMs beside the fused head kernel (which read 16.7 us against cuBLAS's 4.5)
+            GRAPHED_PROLOGUE=1 GRAPHED_TORCH_HEADS=1 graphed graphed_key bf16 64 15 cuda-graphs,cuda-graphs-fast-attn
         fi
         ;;
     # One layer's time at every row count, captured (issue 93 item 3): the bucket sizes it chooses and

@@ -83,7 +83,9 @@ class MeasureSettings:
     (``StaticBatches(prologue=True)``, the device's lag), rows whose ``step`` reads ``graphed-prologue``.
     ``bucket_sizes``: also time the graphed step, prologue captured, in these bucket sizes (chosen from a
     layer-cost table, :func:`~earlyexit_kernels.engine.buckets.sizes_from_file`), rows whose ``step``
-    reads ``graphed-prologue-buckets``.
+    reads ``graphed-prologue-buckets``. ``graphed_torch_heads``: also time it, prologue captured, with
+    the heads as the model's modules (cuBLAS on a GPU) before the backend's rule, rows whose ``step``
+    reads ``graphed-prologue-torchheads``.
     """
 
     seq_len: int
@@ -101,6 +103,7 @@ class MeasureSettings:
     graphed_lags: tuple[int | None, ...] = (None,)
     graphed_prologue: bool = False
     bucket_sizes: tuple[int, ...] | None = None
+    graphed_torch_heads: bool = False
 
 
 @dataclass(eq=False)
@@ -144,12 +147,15 @@ class GraphedVariant:
     lag: int | None = None
     prologue: bool = False
     sizes: tuple[int, ...] | None = None
+    head_kernels: str = "fused"
 
     def label(self, step: str) -> str:
         """The CSV's ``step``: ``graphed-lag<N>`` for a lag not the device's, ``graphed-prologue``,
-        ``graphed-prologue-buckets`` in sizes from a layer-cost table."""
+        ``graphed-prologue-buckets`` in sizes from a layer-cost table, ``graphed-prologue-torchheads``
+        with the heads as the model's modules."""
         if self.prologue:
-            return f"{step}-prologue" + ("-buckets" if self.sizes is not None else "")
+            suffix = "-buckets" if self.sizes is not None else ""
+            return f"{step}-prologue{suffix}" + ("-torchheads" if self.head_kernels == "torch" else "")
         return step if self.lag is None else f"{step}-lag{self.lag}"
 
 
@@ -166,7 +172,9 @@ def _patched_prepare(model, policy: ExitPolicy, backend: str, step: str, variant
         else:
             if variant != GraphedVariant():
                 sizes = "device" if variant.sizes is None else variant.sizes
-                state_of(model).static_batches = StaticBatches(sizes=sizes, lag=variant.lag, prologue=variant.prologue)
+                state_of(model).static_batches = StaticBatches(
+                    sizes=sizes, lag=variant.lag, prologue=variant.prologue, head_kernels=variant.head_kernels
+                )
             kept[phase] = state_of(model)
 
     return prepare
@@ -185,6 +193,8 @@ def _graphed_variants(step: str, settings: MeasureSettings) -> list[GraphedVaria
         variants.append(GraphedVariant(prologue=True))
     if settings.bucket_sizes is not None:
         variants.append(GraphedVariant(prologue=True, sizes=tuple(settings.bucket_sizes)))
+    if settings.graphed_torch_heads:
+        variants.append(GraphedVariant(prologue=True, head_kernels="torch"))
     return variants
 
 

@@ -182,6 +182,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "step, prologue captured, in the bucket sizes it chooses: rows whose step reads graphed-prologue-buckets",
     )
     parser.add_argument(
+        "--graphed-torch-heads",
+        action="store_true",
+        help="also time the graphed step, prologue captured, with the exit heads as the model's modules (cuBLAS's "
+        "GEMMs on a GPU) before the backend's rule, instead of its fused head: rows whose step reads "
+        "graphed-prologue-torchheads",
+    )
+    parser.add_argument(
         "--graphed-prologue",
         action="store_true",
         help="also time the graphed step with its prologue (the inputs' summary and the embeddings) captured "
@@ -363,6 +370,7 @@ def run(args, on_rows=None, notes: list[dict] | None = None) -> list[dict]:
         steps=tuple(args.step),
         graphed_lags=tuple(args.graphed_lags),
         graphed_prologue=args.graphed_prologue,
+        graphed_torch_heads=args.graphed_torch_heads,
         bucket_sizes=None if args.bucket_table is None else sizes_from_file(args.bucket_table),
         policies=tuple(args.policies),
         peers=tuple(args.peers),

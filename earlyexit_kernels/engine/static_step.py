@@ -81,7 +81,12 @@ class StaticBatches:
     a dead row holds must never reach a live one).
     ``prologue``: the inputs' summary and the embeddings as one captured step too
     (:mod:`~earlyexit_kernels.engine.graphed_prologue`); off by default until a GPU has timed it.
+    ``head_kernels``: ``"fused"``, the backend's fused head and rule where it has them (one kernel
+    for the pooling, both Linear layers and the rule); ``"torch"``, the heads as the model's modules
+    (cuBLAS's GEMMs on a GPU), then the backend's rule: a GPU measures which is faster at its shape.
     """
+
+    HEAD_KERNELS = ("fused", "torch")
 
     def __init__(
         self,
@@ -90,9 +95,13 @@ class StaticBatches:
         lag: int | None = None,
         dead_fill=None,
         prologue: bool = False,
+        head_kernels: str = "fused",
     ):
+        if head_kernels not in self.HEAD_KERNELS:
+            raise ValueError(f"head_kernels must be one of {self.HEAD_KERNELS}, got {head_kernels!r}")
         self._kept: dict[tuple, StaticBatch] = {}
         self.sizes, self.lag, self.dead_fill, self.prologue = sizes, lag, dead_fill, prologue
+        self.head_kernels = head_kernels
         self.stats = GraphStats()  # every shape's captures, replays and fallbacks, evicted ones included
         self.prologues = Prologues(self.stats)
 
@@ -121,7 +130,13 @@ class StaticBatches:
     # A patched model is pickled, copied and saved with its record: the buffers and graphs are
     # a cache of this process and device, so a copy starts without them.
     def __getstate__(self):
-        return {"sizes": self.sizes, "lag": self.lag, "dead_fill": self.dead_fill, "prologue": self.prologue}
+        return {
+            "sizes": self.sizes,
+            "lag": self.lag,
+            "dead_fill": self.dead_fill,
+            "prologue": self.prologue,
+            "head_kernels": self.head_kernels,
+        }
 
     def __setstate__(self, state):
         self._kept = {}
@@ -129,6 +144,7 @@ class StaticBatches:
         self.prologues = Prologues(self.stats)
         self.sizes, self.lag, self.dead_fill = state["sizes"], state["lag"], state["dead_fill"]
         self.prologue = state.get("prologue", False)  # a record saved before the option had none
+        self.head_kernels = state.get("head_kernels", "fused")
 
 
 @dataclass
@@ -312,8 +328,12 @@ def run_graphed(
     )
     halting_head = heads.halting_head(policy)
     if static.heads is None:  # once per buffers: their key holds the backend, adapter and heads' weights
-        fused = can_fuse_head(backend, adapter)
-        static.heads = (fused, pooled_exit_heads(backend, adapter, device, fused) if halting_head is None else None)
+        if batches.head_kernels == "torch":  # the model's modules, then the backend's rule
+            static.heads = (False, None)
+        else:
+            fused = can_fuse_head(backend, adapter)
+            pooled = pooled_exit_heads(backend, adapter, device, fused) if halting_head is None else None
+            static.heads = (fused, pooled)
     fused, pooled_heads = static.heads
     # The CPU's plan (exact counts, read at once) also trims the padding nobody left needs, as
     # the exact step does: the same shapes, hence its bits. Fixed buckets keep the length.
