@@ -16,11 +16,19 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gather_survivors", "MAX_TENSORS"]
+__all__ = ["gather_survivors", "check_lists", "MAX_TENSORS"]
 
 # The most tensors one call moves (csrc/ops.h kMaxSurvivorCopies): the CUDA kernel takes their
 # row copies as one launch parameter.
 MAX_TENSORS = 12
+
+
+def check_lists(sources: list, targets: list) -> None:
+    """A source for every target, at most :data:`MAX_TENSORS` (what every backend's gather refuses alike)."""
+    if len(sources) != len(targets):
+        raise ValueError(f"gather_survivors: {len(sources)} sources but {len(targets)} targets")
+    if len(sources) > MAX_TENSORS:
+        raise ValueError(f"gather_survivors: at most {MAX_TENSORS} tensors a call, got {len(sources)}")
 
 
 def gather_survivors(
@@ -40,10 +48,7 @@ def gather_survivors(
 
     Shapes: ``order``, ``exits`` (bool), ``rows`` and ``next_rows`` (int64) [n]; each source and
     its target the same shape and dtype, ``n`` rows first. A target never overlaps a source."""
-    if len(sources) != len(targets):
-        raise ValueError(f"gather_survivors: {len(sources)} sources but {len(targets)} targets")
-    if len(sources) > MAX_TENSORS:
-        raise ValueError(f"gather_survivors: at most {MAX_TENSORS} tensors a call, got {len(sources)}")
+    check_lists(sources, targets)
     torch.index_select(rows.masked_fill(exits, dead), 0, order, out=next_rows)
     torch.sum(next_rows != dead, dim=0, keepdim=True, out=count.view(1))
     if host_count is not None:

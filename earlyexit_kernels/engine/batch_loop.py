@@ -308,14 +308,13 @@ def run_early_exit(
     return result
 
 
-def trimmed_inputs(hidden, mask, mask_summary, result: ExitResult, length_multiple: int, *, trims: bool = True):
-    """The layers' first input: ``(hidden, mask, extents)`` from ``hidden`` [n, S, H] and ``mask`` [n, S] (or None),
-    trimmed to [n, S', H] and [n, S'] with ``extents`` [n] (each row's length), with the padding no row needs trimmed
-    (``trims``), and ``mask`` and ``extents`` None where nothing is padded (the layers then run
-    without a mask, as in Hugging Face). Reads the mask's summary back (counted in ``result``)
-    unless ``mask_summary`` gives it."""
+def kept_inputs(mask, mask_summary, length: int, result: ExitResult, multiple: int) -> tuple:
+    """``(mask, extents, kept)``: the mask and each row's extent (None where nothing is padded: the
+    layers then run without a mask, as in Hugging Face) and how many of the ``length`` positions are
+    kept, the padding no row needs left out (rounded up to ``multiple``). Reads the mask's summary
+    back (counted in ``result``) unless ``mask_summary`` gives it."""
     if mask is None:
-        return hidden, None, None
+        return None, None, length
     if mask_summary is None:
         extents = mask_extents(mask)
         longest, padded = (int(v) for v in torch.stack([extents.max(), (mask == 0).sum()]).tolist())
@@ -323,9 +322,17 @@ def trimmed_inputs(hidden, mask, mask_summary, result: ExitResult, length_multip
     else:
         extents, longest, padded = mask_summary
     if padded == 0:
-        return hidden, None, None
-    if trims:
-        hidden, mask = trim(hidden, mask, _kept_length(longest, hidden.shape[1], length_multiple))
+        return None, None, length
+    return mask, extents, _kept_length(longest, length, multiple)
+
+
+def trimmed_inputs(hidden, mask, mask_summary, result: ExitResult, length_multiple: int, *, trims: bool = True):
+    """The layers' first input: ``(hidden, mask, extents)`` from ``hidden`` [n, S, H] and ``mask`` [n, S] (or None),
+    trimmed to [n, S', H] and [n, S'] with ``extents`` [n] (each row's length), with the padding no row needs trimmed
+    (``trims``), and ``mask`` and ``extents`` None where nothing is padded (:func:`kept_inputs`)."""
+    mask, extents, kept = kept_inputs(mask, mask_summary, hidden.shape[1], result, length_multiple)
+    if mask is not None and trims:
+        hidden, mask = trim(hidden, mask, kept)
     return hidden, mask, extents
 
 

@@ -17,17 +17,14 @@ from dataclasses import dataclass
 import torch
 
 from earlyexit_kernels.engine.batch_loop import (
-    ExitResult,
-    _kept_length,
     _round_keeping_argmax,
     head_state,
-    mask_extents,
 )
 from earlyexit_kernels.engine.step_graphs import StepGraphs
 from earlyexit_kernels.methods.exit_rules import init_state
 from earlyexit_kernels.methods.policies import ExitPolicy
 
-__all__ = ["StaticBatch", "Loaded", "load", "finish", "kept_inputs"]
+__all__ = ["StaticBatch", "Loaded", "load", "finish"]
 
 # Start states kept per static batch (one per policy, batch size and bucket met), the oldest dropped first.
 KEPT_TEMPLATES = 16
@@ -254,22 +251,3 @@ def finish(static: StaticBatch, packed: _Packed, batch: int) -> None:
     packed.logits[:batch].copy_(_round_keeping_argmax(static.logits[:batch], packed.dtype))
     packed.exit_layer[:batch].copy_(static.exit_layer[:batch])
     packed.layers_run[:batch].copy_(static.layers_run[:batch])
-
-
-def kept_inputs(mask, mask_summary, length: int, result: ExitResult, multiple: int) -> tuple:
-    """``(mask, extents, kept)``: the mask and each row's extent (None where nothing is padded: the
-    layers then run without a mask, as in Hugging Face) and the positions kept of ``length``, the
-    padding no row needs trimmed, as :func:`~earlyexit_kernels.engine.batch_loop.trimmed_inputs` does
-    (without copying: the load takes the kept positions). Reads the mask's summary back (counted in
-    ``result``) unless ``mask_summary`` gives it."""
-    if mask is None:
-        return None, None, length
-    if mask_summary is None:
-        extents = mask_extents(mask)
-        longest, padded = (int(v) for v in torch.stack([extents.max(), (mask == 0).sum()]).tolist())
-        result.host_syncs += 1
-    else:
-        extents, longest, padded = mask_summary
-    if padded == 0:
-        return None, None, length
-    return mask, extents, _kept_length(longest, length, multiple)

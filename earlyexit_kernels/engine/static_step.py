@@ -49,13 +49,14 @@ from earlyexit_kernels.engine.batch_loop import (
     head_and_exit_step,
     head_state,
     heads_run_where_none_exit,
+    kept_inputs,
     pooled_exit_heads,
     settle_exits,
 )
 from earlyexit_kernels.engine.buckets import ReadyCount, SurvivorLag, bucket_for, default_plan
 from earlyexit_kernels.engine.graphed_prologue import Prologues
 from earlyexit_kernels.engine.heads import ExitHeads
-from earlyexit_kernels.engine.static_buffers import Loaded, StaticBatch, _Packed, finish, kept_inputs, load
+from earlyexit_kernels.engine.static_buffers import Loaded, StaticBatch, _Packed, finish, load
 from earlyexit_kernels.engine.step_choice import check_graphed_policy
 from earlyexit_kernels.engine.step_graphs import GraphStats, PinnedCount
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state

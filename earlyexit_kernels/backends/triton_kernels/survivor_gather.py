@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from earlyexit_kernels.backends.survivor_gather import MAX_TENSORS
+from earlyexit_kernels.backends.survivor_gather import check_lists
 from earlyexit_kernels.backends.triton_kernels._common import (
     cdiv,
     device_guard,
@@ -208,10 +208,7 @@ def _check(order, exits, rows, next_rows, count, sources, targets) -> None:
         raise ValueError(f"gather_survivors: next_rows must be a contiguous [{n}] int64 tensor")
     if count.numel() != 1 or count.dtype != torch.int64:
         raise ValueError("gather_survivors: count must be one int64")
-    if len(sources) != len(targets):
-        raise ValueError(f"gather_survivors: {len(sources)} sources but {len(targets)} targets")
-    if len(sources) > MAX_TENSORS:
-        raise ValueError(f"gather_survivors: at most {MAX_TENSORS} tensors a call, got {len(sources)}")
+    check_lists(sources, targets)
     for k, (src, dst) in enumerate(zip(sources, targets)):
         if src.shape != dst.shape or src.dim() < 1 or src.shape[0] != n:
             raise ValueError(
