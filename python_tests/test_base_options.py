@@ -12,6 +12,7 @@ from conftest import write_table as _write
 from test_fit_cli import FAST, _frame, _run, classifier  # noqa: F401 - classifier is a fixture
 
 from earlyexit_kernels.engine import precision
+from earlyexit_kernels.engine.int8_isa import int8_isa
 from earlyexit_kernels.integrations import base_options
 from earlyexit_kernels.integrations.cli import build_parser
 
@@ -56,6 +57,7 @@ def test_calibrate_certifies_on_the_base_it_is_given_and_records_it(fitted, tmp_
     assert _run("calibrate", fitted, rows, "--dtype", "int8", "--max-drop", "5", "--no-progress") == 0
     summary = json.loads((fitted / "eek_fit.json").read_text())
     assert summary["base"] == "int8" and summary["recalibrations"][-1]["base"] == "int8"
+    assert summary["int8_isa"] == int8_isa()  # the class of CPU the int8 certificate holds for
     assert (fitted / "model.safetensors").read_bytes() == weights  # the saved weights stay float, untouched
     # the int8 recipe the certificate holds for is recorded beside it, and what --dtype int8 loads
     from earlyexit_kernels.integrations.model_folder import load_model
@@ -70,6 +72,9 @@ def test_calibrate_certifies_on_the_base_it_is_given_and_records_it(fitted, tmp_
     # certified on int8 before recipes were recorded: the recipe every int8 base ran then
     (fitted / "eek_fit.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "int8_recipe"}))
     assert load_model(str(fitted), dtype="int8")[0].eek_int8_recipe == "all"
+    # re-certified on float32: no int8 class recorded any more
+    assert _run("calibrate", fitted, rows, "--dtype", "float32", "--max-drop", "5", "--no-progress") == 0
+    assert "int8_isa" not in json.loads((fitted / "eek_fit.json").read_text())
     # the float32 base's folder (no int8 certificate) runs the family's
     summary["base"] = "float32"
     (fitted / "eek_fit.json").write_text(json.dumps(summary))

@@ -8,8 +8,10 @@ import warnings
 import pytest
 import torch
 
+from earlyexit_kernels.engine.int8_isa import isa_class
 from earlyexit_kernels.engine.precision import int8_encoder
 from earlyexit_kernels.integrations.model_folder import certified_base, load_model
+from earlyexit_kernels.patching.fit_record import FitRecord
 
 CERTIFICATE = {"budget": 0.01, "confidence": 0.95, "risk": "accuracy", "rows": 1500, "certified": True}
 
@@ -71,3 +73,59 @@ def test_pytorchs_quantization_deprecation_notices_are_not_shown(saved_classifie
         with torch.no_grad():
             quantized(input_ids=torch.tensor([[2, 5, 6, 3]]))
     assert [str(w.message) for w in caught] == []
+
+
+# ------------------------------------------------------------------- the CPU class an int8 certificate holds for
+
+
+@pytest.mark.parametrize(
+    "flags, machine, expected",
+    [
+        ({"avx2", "avx512bw", "avx512_vnni"}, "x86_64", "vnni"),
+        ({"avx2", "avx_vnni"}, "x86_64", "vnni"),  # Alder Lake and later without AVX-512
+        ({"avx2", "avx512bw"}, "x86_64", "avx512"),  # Skylake-SP: AVX-512 without VNNI
+        ({"avx2", "fma", "f16c"}, "x86_64", "avx2"),  # Zen 2 / Zen 3 EPYC
+        ({"sse4_2"}, "x86_64", "x86"),
+        (set(), "aarch64", "aarch64"),
+    ],
+)
+def test_a_cpu_is_classed_by_how_its_int8_gemms_accumulate(flags, machine, expected):
+    assert isa_class(flags, machine) == expected
+
+
+def _int8_folder(saved_classifier, tmp_path, isa):
+    folder = _folder(saved_classifier, tmp_path, certificate=CERTIFICATE, base="int8", int8_recipe="per-token")
+    if isa is not None:
+        record = json.loads((tmp_path / "folder" / "eek_fit.json").read_text())
+        (tmp_path / "folder" / "eek_fit.json").write_text(json.dumps({**record, "int8_isa": isa}))
+    return folder
+
+
+def test_int8_on_another_cpu_class_than_certified_warns_with_the_command_that_certifies_it_there(
+    saved_classifier, tmp_path, monkeypatch
+):
+    from earlyexit_kernels.integrations import model_folder
+
+    monkeypatch.setattr(model_folder, "int8_isa", lambda: "avx2")
+    folder = _int8_folder(saved_classifier, tmp_path, "vnni")
+    (message,) = _loaded_warnings(folder, "int8")
+    assert "certified on int8 on a vnni CPU; this one is avx2" in message
+    assert "eek calibrate COPY ROWS --dtype int8" in message
+
+
+@pytest.mark.parametrize("recorded, here", [("avx2", "avx2"), (None, "avx2"), ("vnni", "unknown")])
+def test_no_warning_on_the_class_certified_on_or_where_either_is_not_known(
+    saved_classifier, tmp_path, monkeypatch, recorded, here
+):
+    from earlyexit_kernels.integrations import model_folder
+
+    monkeypatch.setattr(model_folder, "int8_isa", lambda: here)
+    assert _loaded_warnings(_int8_folder(saved_classifier, tmp_path, recorded), "int8") == []
+
+
+def test_a_record_keeps_its_int8_class_and_one_without_it_reads_as_before(tmp_path):
+    FitRecord(report={"target": "accuracy"}, base="int8", int8_recipe="per-token", int8_isa="avx2").save(tmp_path)
+    assert FitRecord.read(tmp_path).int8_isa == "avx2"
+    FitRecord(report={"target": "accuracy"}).save(tmp_path)
+    assert FitRecord.read(tmp_path).int8_isa is None
+    assert "int8_isa" not in json.loads((tmp_path / "eek_fit.json").read_text())

@@ -16,6 +16,7 @@ from test_training_defaults import _data
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.engine import precision
+from earlyexit_kernels.engine.int8_isa import int8_isa
 from earlyexit_kernels.integrations.model_folder import load_model
 from earlyexit_kernels.patching.fit_record import FitRecord
 from earlyexit_kernels.training import fit_exit_heads
@@ -132,6 +133,7 @@ def test_the_folder_records_the_int8_base_and_serves_on_it(folders):
     record = FitRecord.load(int8)
     model = load_model(str(int8))[0]
     assert record.base == "int8" and record.int8_recipe == precision.int8_recipe(model)
+    assert record.int8_isa == int8_isa()  # fitted and certified on this CPU's int8 kernels
     assert record.base_risk == "reference"  # against the float32 full model, as eek calibrate --dtype int8's default
     assert "fitted and certified on the int8 base" in printed and f"eek serve {int8} --dtype int8" in printed
     with warnings.catch_warnings():

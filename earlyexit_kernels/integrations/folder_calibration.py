@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from earlyexit_kernels.engine.int8_isa import int8_isa
 from earlyexit_kernels.patching.exit_files import CONFIG_FILE, policy_to_dict
 from earlyexit_kernels.patching.fit_record import FitRecord
 from earlyexit_kernels.patching.patch import policy_of
@@ -244,6 +245,7 @@ def _write_back(folder: Path, model, report, source: str, base: str, int8_recipe
         record.recalibrated(report, when=when, source=source, base=base)
         if base != "as served":
             record.int8_recipe = int8_recipe
+            record.int8_isa = int8_isa() if base == "int8" else None  # the CPU class certified on
         record.save(partial)
         old = folder.with_name(f".{folder.name}-replaced-{os.getpid()}")
         os.replace(folder, old)

@@ -16,6 +16,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from earlyexit_kernels.engine.int8_isa import int8_isa
 from earlyexit_kernels.patching.fit_record import FILE as FIT_FILE
 from earlyexit_kernels.patching.fit_record import FitRecord
 
@@ -149,6 +150,8 @@ def load_model(
             raise ModelFolderError(str(error)) from None
     if not certified_here and policy is None:
         _warn_uncertified_base(path, folder, dtype)
+        if dtype == "int8":
+            _warn_other_int8_isa(path, folder)
     return model, tokenizer
 
 
@@ -232,6 +235,25 @@ def _warn_uncertified_base(path: str, folder: Path, dtype: str | None) -> None:
         f"the certificate does not cover. Certify it on {dtype} first, on a copy of the folder: "
         f"eek calibrate COPY ROWS --dtype {dtype} (ROWS: the calibration rows, e.g. the validation split); "
         f"eek serve certifies at start-up, without changing the folder, when given --calibration ROWS",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _warn_other_int8_isa(path: str, folder: Path) -> None:
+    """One warning where the folder's threshold was certified on int8 on another class of CPU than this one
+    (:mod:`earlyexit_kernels.engine.int8_isa`): its int8 GEMMs accumulate differently here."""
+    record = FitRecord.read(str(folder))
+    if record is None or certified_base(str(folder)) != "int8" or record.int8_isa is None:
+        return
+    here = int8_isa()
+    if here in (record.int8_isa, "unknown"):
+        return
+    warnings.warn(
+        f"MODEL {path}'s threshold was certified on int8 on a {record.int8_isa} CPU; this one is {here}, whose int8 "
+        f"kernels accumulate differently (with or without VNNI), so the certificate may not hold here. Certify it "
+        f"on this machine first, on a copy of the folder: eek calibrate COPY ROWS --dtype int8 (ROWS: the "
+        f"calibration rows); eek serve certifies at start-up, without changing the folder, when given --calibration ROWS",
         UserWarning,
         stacklevel=3,
     )
@@ -348,7 +370,10 @@ def save_fitted(
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         base = None if int8_recipe is None else "int8"
-        FitRecord(report=report.as_dict(), source_model=source, base=base, int8_recipe=int8_recipe).save(partial)
+        isa = None if int8_recipe is None else int8_isa()  # the CPU class the int8 certificate holds for
+        FitRecord(report=report.as_dict(), source_model=source, base=base, int8_recipe=int8_recipe, int8_isa=isa).save(
+            partial
+        )
         if output.exists():
             if not overwrite and any(output.iterdir()):
                 raise FitError(f"OUTPUT_DIR {output} appeared while fitting; pass --overwrite to replace it")

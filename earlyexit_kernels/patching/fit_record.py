@@ -43,12 +43,14 @@ class FitRecord:
     fields in place. ``source_model``: the classifier ``eek fit`` started from. ``base``: what ``eek
     calibrate`` certified on (``float32``, ``bfloat16``, ``int8`` or ``"as saved"``; None: not
     re-certified). ``int8_recipe``: the int8 recipe that certificate holds for, where it was
-    certified on int8 (:mod:`earlyexit_kernels.engine.precision`; None: none recorded).
+    certified on int8 (:mod:`earlyexit_kernels.engine.precision`; None: none recorded). ``int8_isa``: the
+    class of CPU it was certified on there (:mod:`earlyexit_kernels.engine.int8_isa`: ``vnni``, ``avx512``,
+    ``avx2``, ...; None: none recorded, as before the field existed).
     ``recalibrations``: one entry per ``eek calibrate`` (None: none). ``version``:
     the file's format.
 
     Saved as one JSON object: ``version``, ``source_model``, the report's keys, ``base``,
-    ``int8_recipe``, ``recalibrations`` (those that are None left out), indented by 2: a file written before
+    ``int8_recipe``, ``int8_isa``, ``recalibrations`` (those that are None left out), indented by 2: a file written before
     ``version`` existed is saved again with the same keys in the same order, ``version`` added first.
     """
 
@@ -58,6 +60,7 @@ class FitRecord:
     recalibrations: list[dict] | None = None
     version: int = VERSION
     int8_recipe: str | None = None
+    int8_isa: str | None = None
 
     @property
     def base_risk(self) -> str | None:
@@ -116,6 +119,7 @@ class FitRecord:
             source_model=fields.pop("source_model", None),
             base=fields.pop("base", None),
             int8_recipe=fields.pop("int8_recipe", None),
+            int8_isa=fields.pop("int8_isa", None),
             recalibrations=fields.pop("recalibrations", None),
             report=fields,
             version=version,
@@ -131,6 +135,8 @@ class FitRecord:
             saved["base"] = self.base
         if self.int8_recipe is not None:
             saved["int8_recipe"] = self.int8_recipe
+        if self.int8_isa is not None:
+            saved["int8_isa"] = self.int8_isa
         if self.recalibrations is not None:
             saved["recalibrations"] = self.recalibrations
         return saved
