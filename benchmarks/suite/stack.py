@@ -15,7 +15,10 @@ Every configuration classifies the same test texts in the same length-sorted bat
 - peers, where the packages are installed (bench-only, never a dependency of the package):
   ONNX Runtime on the exported graph with its transformer optimizer (BERT fusions), fp32 and
   dynamic int8 (``onnxruntime.quantization.quantize_dynamic``); OpenVINO on the exported graph,
-  fp32 (``INFERENCE_PRECISION_HINT=f32``: on a CPU with bf16 instructions its default is bf16).
+  fp32 (``INFERENCE_PRECISION_HINT=f32``: on a CPU with bf16 instructions its default is bf16), and
+  static int8 where NNCF is installed (``nncf.quantize`` with ``model_type=TRANSFORMER`` on 300
+  validation texts: what optimum-intel's ``OVQuantizer``, which Sentence Transformers'
+  ``export_static_quantized_openvino_model`` calls, runs; the test texts are never calibrated on).
 
 After one warm-up pass of each (compilation, allocations), the timed passes are interleaved:
 repetition ``r`` runs every configuration once over all batches, in an order rotated by ``r``.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -93,7 +97,7 @@ class Config:
 def peer_status() -> dict[str, str]:
     """For each peer package, ``"installed"`` or why the stack skips its rows."""
     status = {}
-    for package in ("onnx", "onnxruntime", "openvino"):
+    for package in ("onnx", "onnxruntime", "openvino", "nncf"):
         status[package] = "installed" if importlib.util.find_spec(package) else f"not installed (pip install {package})"
     return status
 
@@ -159,8 +163,11 @@ def _numpy_inputs(batch: dict) -> dict:
     return {name: batch[name].numpy() for name in INPUTS if name in batch}
 
 
-def peer_configs(full, sample: dict, folder: Path, threads: int) -> tuple[list[Config], dict[str, str]]:
-    """ONNX Runtime fp32 and int8 on the optimized graph, OpenVINO fp32: the peers that are installed.
+def peer_configs(
+    full, sample: dict, folder: Path, threads: int, calibration: list[dict] | None = None
+) -> tuple[list[Config], dict[str, str]]:
+    """ONNX Runtime fp32 and int8 on the optimized graph, OpenVINO fp32 and, with ``calibration`` (batches of
+    texts that are not the test's) and NNCF, static int8: the peers that are installed.
 
     Returns the configurations and, per peer, what was done or why it was skipped.
     """
@@ -210,9 +217,40 @@ def peer_configs(full, sample: dict, folder: Path, threads: int) -> tuple[list[C
         )
         configs.append(Config("OpenVINO fp32", "OpenVINO fp32", False, _openvino_run(compiled)))
         notes["openvino"] = f"openvino {openvino.__version__}: the exported graph, INFERENCE_PRECISION_HINT f32"
+        if status["nncf"] != "installed":
+            notes["openvino int8"] = status["nncf"]
+        elif not calibration:
+            notes["openvino int8"] = "no calibration texts given"
+        else:
+            configs.append(_openvino_int8(core, exported, calibration, threads))
+            notes["openvino int8"] = (
+                f"nncf {importlib.metadata.version('nncf')}: static int8, nncf.quantize(model_type=TRANSFORMER) on "
+                f"{sum(len(b['input_ids']) for b in calibration)} validation texts, INFERENCE_PRECISION_HINT f32"
+            )
     else:
         notes["openvino"] = status["openvino"]
     return configs, notes
+
+
+def _openvino_int8(core, exported: Path, calibration: list[dict], threads: int) -> Config:
+    """OpenVINO static int8: the exported graph quantized by NNCF on ``calibration``'s batches (activations'
+    ranges from them, the transformer preset: attention's softmax and layer norms stay float)."""
+    import nncf
+
+    model = core.read_model(str(exported))
+    dataset = nncf.Dataset(calibration, _numpy_inputs)
+    quantized = nncf.quantize(
+        model,
+        dataset,
+        model_type=nncf.ModelType.TRANSFORMER,
+        subset_size=len(calibration),  # every batch given: the statistics of all its texts
+    )
+    compiled = core.compile_model(
+        quantized,
+        "CPU",
+        {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"},
+    )
+    return Config("OpenVINO int8", "OpenVINO int8", False, _openvino_run(compiled))
 
 
 def _fusions(optimized) -> str:
@@ -379,6 +417,26 @@ def load_task(texts: int | None, folder: Path | None = None):
     return patched, full, batches, labels, str(folder)
 
 
+CALIBRATION_TEXTS = 300  # optimum-intel's and Sentence Transformers' default calibration subset
+
+
+def validation_batches(folder, count: int = CALIBRATION_TEXTS) -> list[dict]:
+    """The first ``count`` Rotten Tomatoes validation texts in length-sorted batches, tokenized by ``folder``'s
+    tokenizer: what a static int8 peer calibrates on, never the test texts it is timed and scored on."""
+    from transformers import AutoTokenizer
+
+    from earlyexit_kernels.demo.real_demo import FIT_OPTIONS
+    from earlyexit_kernels.demo.real_task import load_rotten_tomatoes
+    from earlyexit_kernels.training.labelled_texts import LabelledTexts, encode, length_sorted_batches
+
+    validation = load_rotten_tomatoes()["validation"]
+    count = min(count, len(validation))
+    data = LabelledTexts(validation.texts[:count], None, validation.labels[:count], "validation", "label")
+    labels = torch.tensor(validation.labels[:count])
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return length_sorted_batches(encode(tokenizer, data, FIT_OPTIONS["max_length"]), labels, BATCH)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """The stack's options; they kept their ``--stack-`` names from when the sweep's ``--stack`` ran it (the
     commands recorded with the committed results read the same but for the module)."""
@@ -432,7 +490,8 @@ def run(args) -> int:
     )
     with tempfile.TemporaryDirectory() as scratch:
         try:
-            peers, notes = peer_configs(full, batches[0], Path(scratch), threads)
+            calibration = validation_batches(folder) if peer_status()["nncf"] == "installed" else None
+            peers, notes = peer_configs(full, batches[0], Path(scratch), threads, calibration)
         except Exception as error:  # an exporter or optimizer this version cannot run: the torch rows stay
             peers, notes = [], {"peers": f"failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}"}
         configs += peers
