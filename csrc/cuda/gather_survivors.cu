@@ -90,12 +90,14 @@ cudaError_t launch_gather_survivors(const SurvivorGather& args, cudaStream_t str
   if (args.num_copies < 0 || args.num_copies > kMaxGatherCopies) return cudaErrorInvalidValue;
   SurvivorGather a = args;
   if (a.host_count != nullptr) {
-    // The device's address of the pinned count: the same pointer under unified addressing, which
-    // every GPU the package runs on has; asked for anyway, and refused clearly where it is not mapped.
-    void* device_count = nullptr;
-    const cudaError_t err = cudaHostGetDevicePointer(&device_count, a.host_count, 0);
+    // Under unified addressing pinned host memory has the same address on the device, which the
+    // kernel writes. Checked with the calls the head's launch already makes inside a CUDA graph's
+    // capture (cudaHostGetDevicePointer is not one a capture is known to allow); refused where not.
+    int device = 0, unified = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&unified, cudaDevAttrUnifiedAddressing, device);
     if (err != cudaSuccess) return err;
-    a.host_count = static_cast<int64_t*>(device_count);
+    if (unified == 0) return cudaErrorNotSupported;
   }
   int64_t widest = 0;  // words of the widest row share, in its copy's width
   for (int t = 0; t < a.num_copies; ++t) {
