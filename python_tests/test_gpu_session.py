@@ -134,7 +134,7 @@ def test_a_graphed_speed_step_rehearsed_on_the_cpu_writes_rows_that_say_what_ran
     from earlyexit_kernels.bench.results import COLUMNS
 
     out = tmp_path / "out"
-    result, seconds = run_session(gpu_machine, out, STEPS="smoke graphed_key", REHEARSE_SPEED="1")
+    result, seconds = run_session(gpu_machine, out, STEPS="build smoke graphed_key", REHEARSE_SPEED="1")
     assert result.returncode == 0, result.stdout + result.stderr
     steps = step_lines(out)
     assert steps["smoke"].startswith("ok") and steps["graphed_key"].startswith("ok"), steps
@@ -171,7 +171,7 @@ def test_a_graphed_speed_step_rehearsed_on_the_cpu_writes_rows_that_say_what_ran
 
 def test_the_layer_cost_step_rehearsed_on_the_cpu_brings_back_its_table_and_its_sizes_are_timed(gpu_machine, tmp_path):
     out = tmp_path / "out"
-    result, _ = run_session(gpu_machine, out, STEPS="layer_costs graphed_buckets", REHEARSE_SPEED="1")
+    result, _ = run_session(gpu_machine, out, STEPS="build layer_costs graphed_buckets", REHEARSE_SPEED="1")
     assert result.returncode == 0, result.stdout + result.stderr
     steps = step_lines(out)
     assert steps["layer_costs"].startswith("ok") and steps["graphed_buckets"].startswith("ok"), steps
