@@ -150,8 +150,6 @@ def load_model(
             raise ModelFolderError(str(error)) from None
     if not certified_here and policy is None:
         _warn_uncertified_base(path, folder, dtype)
-        if dtype == "int8":
-            _warn_other_int8_isa(path, folder)
     return model, tokenizer
 
 
@@ -207,7 +205,10 @@ def certified_base(path: str) -> str | None:
     """The base the threshold in ``path/eek_fit.json`` was certified on: ``float32``, ``bfloat16`` or
     ``int8`` (what ``eek calibrate --dtype`` recorded; ``eek fit`` certifies on the saved float32
     model), or None where nothing is certified."""
-    record = FitRecord.read(path)
+    return _certified_base(FitRecord.read(path))
+
+
+def _certified_base(record: FitRecord | None) -> str | None:
     if record is None or usable_certificate(record.certificate, record.target) is None:
         return None
     base = record.base
@@ -216,9 +217,15 @@ def certified_base(path: str) -> str | None:
 
 def _warn_uncertified_base(path: str, folder: Path, dtype: str | None) -> None:
     """One warning where ``dtype`` is another base than the one the folder's threshold was certified on:
-    its layers then compute other values, which the certificate does not cover."""
-    base = certified_base(str(folder))
-    if base is None or dtype == base:
+    its layers then compute other values, which the certificate does not cover. On int8 the base is
+    also the class of CPU it was certified on (:mod:`earlyexit_kernels.engine.int8_isa`), where recorded."""
+    record = FitRecord.read(str(folder))
+    base = _certified_base(record)
+    if base is None:
+        return
+    if dtype == base:
+        if base == "int8":
+            _warn_other_int8_isa(path, record.int8_isa)
         return
     if dtype is None:
         if base != "float32":  # as saved is float32: the weights a folder holds
@@ -240,22 +247,19 @@ def _warn_uncertified_base(path: str, folder: Path, dtype: str | None) -> None:
     )
 
 
-def _warn_other_int8_isa(path: str, folder: Path) -> None:
-    """One warning where the folder's threshold was certified on int8 on another class of CPU than this one
-    (:mod:`earlyexit_kernels.engine.int8_isa`): its int8 GEMMs accumulate differently here."""
-    record = FitRecord.read(str(folder))
-    if record is None or certified_base(str(folder)) != "int8" or record.int8_isa is None:
-        return
+def _warn_other_int8_isa(path: str, certified_on: str | None) -> None:
+    """One warning where the folder's int8 threshold was certified on another class of CPU than this one
+    (``certified_on``; None: not recorded): its int8 GEMMs accumulate differently here."""
     here = int8_isa()
-    if here in (record.int8_isa, "unknown"):
+    if certified_on is None or here in (certified_on, "unknown"):
         return
     warnings.warn(
-        f"MODEL {path}'s threshold was certified on int8 on a {record.int8_isa} CPU; this one is {here}, whose int8 "
+        f"MODEL {path}'s threshold was certified on int8 on a {certified_on} CPU; this one is {here}, whose int8 "
         f"kernels accumulate differently (with or without VNNI), so the certificate may not hold here. Certify it "
         f"on this machine first, on a copy of the folder: eek calibrate COPY ROWS --dtype int8 (ROWS: the "
         f"calibration rows); eek serve certifies at start-up, without changing the folder, when given --calibration ROWS",
         UserWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
 
 
