@@ -52,7 +52,8 @@ class _Template:
     policy: ExitPolicy
 
 
-def _policy_key(policy: ExitPolicy):
+def policy_key(policy: ExitPolicy):
+    """``policy`` where it hashes, else its id (the caller keeps it alive while the key is used)."""
     try:
         hash(policy)
     except TypeError:
@@ -73,7 +74,7 @@ class _Packed:
 
     @classmethod
     def make(cls, capacity: int, num_labels: int, dtype: torch.dtype, device) -> _Packed:
-        logit_bytes = -(-capacity * num_labels * torch.empty((), dtype=dtype).element_size() // 8) * 8
+        logit_bytes = -(-capacity * num_labels * dtype.itemsize // 8) * 8
         buffer = torch.zeros(logit_bytes + 16 * capacity, dtype=torch.uint8, device=device)
         return cls(buffer, dtype, *cls.views(buffer, capacity, num_labels, dtype))
 
@@ -81,7 +82,7 @@ class _Packed:
     def views(buffer: torch.Tensor, capacity: int, num_labels: int, dtype: torch.dtype) -> tuple:
         """``(logits, exit_layer, layers_run)`` of ``buffer`` (the packed one, or the caller's clone of it)."""
         logit_bytes = buffer.numel() - 16 * capacity
-        logits = buffer[: capacity * num_labels * torch.empty((), dtype=dtype).element_size()]
+        logits = buffer[: capacity * num_labels * dtype.itemsize]
         exits = buffer[logit_bytes : logit_bytes + 8 * capacity].view(torch.int64)
         runs = buffer[logit_bytes + 8 * capacity :].view(torch.int64)
         return logits.view(dtype).view(capacity, num_labels), exits, runs
@@ -153,7 +154,7 @@ class StaticBatch:
 
     def template(self, policy: ExitPolicy, adapter, batch: int, bucket: int) -> _Template:
         """The state rows ``0..bucket`` start layer 1 with (the dead rows ``batch..bucket`` a copy of row 0's)."""
-        key = (_policy_key(policy), batch, bucket)
+        key = (policy_key(policy), batch, bucket)
         template = self.templates.get(key)
         if template is None:
             first = self.halves[1]

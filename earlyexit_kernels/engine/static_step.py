@@ -56,7 +56,15 @@ from earlyexit_kernels.engine.batch_loop import (
 from earlyexit_kernels.engine.buckets import ReadyCount, SurvivorLag, bucket_for, default_plan
 from earlyexit_kernels.engine.graphed_prologue import Prologues
 from earlyexit_kernels.engine.heads import ExitHeads
-from earlyexit_kernels.engine.static_buffers import Loaded, StaticBatch, _Packed, finish, load
+from earlyexit_kernels.engine.static_buffers import (
+    KEPT_TEMPLATES,
+    Loaded,
+    StaticBatch,
+    _Packed,
+    finish,
+    load,
+    policy_key,
+)
 from earlyexit_kernels.engine.step_choice import check_graphed_policy
 from earlyexit_kernels.engine.step_graphs import GraphStats, PinnedCount
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state
@@ -101,10 +109,29 @@ class StaticBatches:
         if head_kernels not in self.HEAD_KERNELS:
             raise ValueError(f"head_kernels must be one of {self.HEAD_KERNELS}, got {head_kernels!r}")
         self._kept: dict[tuple, StaticBatch] = {}
+        self._state_shapes: dict[tuple, tuple] = {}
         self.sizes, self.lag, self.dead_fill, self.prologue = sizes, lag, dead_fill, prologue
         self.head_kernels = head_kernels
         self.stats = GraphStats()  # every shape's captures, replays and fallbacks, evicted ones included
         self.prologues = Prologues(self.stats)
+
+    def state_shapes(self, policy: ExitPolicy, adapter, batch: int, dtype: torch.dtype) -> dict:
+        """The start state's tensors of ``batch`` rows on the meta device (their shapes and dtypes, for
+        the buffers), made once per policy, adapter, batch and dtype: between the inputs' read-back and
+        the first launch the host's time is the device's idle time."""
+        key = (policy_key(policy), id(adapter), batch, dtype)
+        entry = self._state_shapes.get(key)
+        if entry is None:
+            meta, labels = torch.device("meta"), adapter.num_labels
+            shapes = init_state(
+                policy, batch, labels, adapter.hidden_size, adapter.num_layers, meta, pooled_dtype=dtype
+            )
+            shapes.update(head_state(adapter, batch, labels, meta))
+            while len(self._state_shapes) >= KEPT_TEMPLATES:
+                self._state_shapes.pop(next(iter(self._state_shapes)))
+            # the policy and adapter kept with their shapes: the key holds ids, which a freed object's successor reuses
+            entry = self._state_shapes[key] = (shapes, policy, adapter)
+        return entry[0]
 
     def plan(self, device_type: str) -> tuple[tuple[int, ...] | None, int]:
         sizes, lag = default_plan(device_type)
@@ -126,6 +153,7 @@ class StaticBatches:
 
     def clear(self) -> None:
         self._kept.clear()
+        self._state_shapes.clear()
         self.prologues.clear()
 
     # A patched model is pickled, copied and saved with its record: the buffers and graphs are
@@ -140,7 +168,7 @@ class StaticBatches:
         }
 
     def __setstate__(self, state):
-        self._kept = {}
+        self._kept, self._state_shapes = {}, {}
         self.stats = GraphStats()
         self.prologues = Prologues(self.stats)
         self.sizes, self.lag, self.dead_fill = state["sizes"], state["lag"], state["dead_fill"]
@@ -237,7 +265,8 @@ def _layer_step(step: _Step, static: StaticBatch, layer: int, bucket: int, may_e
     for k, v in state.items():
         sources.append(v)
         targets.append(dst.state[k][:bucket])
-    host_count = None if static.host_counts is None else static.host_counts[layer : layer + 1]
+    # the host reads the count of a layer where rows may leave (a quiet layer's is never published)
+    host_count = None if static.host_counts is None or not may_exit else static.host_counts[layer : layer + 1]
     gather = step.backend.gather_survivors or gather_survivors
     next_rows = dst.rows[:bucket]
     gather(
@@ -300,10 +329,7 @@ def run_graphed(
     seq_len = -(-kept // _lcm(CUDA_LENGTH_STEP, length_multiple)) * _lcm(CUDA_LENGTH_STEP, length_multiple)
     seq_len = seq_len if mask is not None and on_gpu else kept
 
-    # The state's shapes, for the buffers: on the meta device, nothing launched.
-    meta = torch.device("meta")
-    state_shapes = init_state(policy, batch, num_labels, hidden_size, num_layers, meta, pooled_dtype=dtype)
-    state_shapes.update(head_state(adapter, batch, num_labels, meta))
+    state_shapes = batches.state_shapes(policy, adapter, batch, dtype)
     # Not the length: a static batch's buffers hold every length up to the longest it has met.
     key = (backend.name, str(device), dtype, mask is not None, mask.dtype if mask is not None else None)
     key += (id(adapter), type(policy).__name__, weights_fingerprint(heads, adapter))
