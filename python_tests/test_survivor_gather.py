@@ -178,3 +178,18 @@ def test_the_reference_refuses_the_same_lists():
         gather_survivors(order, exits, rows, 6, next_rows, count, sources, targets[:-1])
     with pytest.raises(ValueError, match=f"at most {MAX_TENSORS} tensors"):
         gather_survivors(order, exits, rows, 6, next_rows, count, sources * 4, targets * 4)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_a_state_whose_rows_are_strided_elements_is_gathered_too(backend):
+    # a 1-D state's row is one element: any row stride (a column of a wider tensor) is a layout the ops take
+    gather = fast(backend)
+    order, exits, rows, sources, targets = bucket(n=7, seed=4)
+    wide = torch.randn(7, 3, generator=torch.Generator().manual_seed(1))
+    sources, targets = [*sources, wide[:, 1]], [*targets, torch.zeros(7, 2)[:, 0]]
+    ref_targets = [t.clone() for t in targets]
+    ref_rows, ref_count = outputs(7)
+    gather_survivors(order, exits, rows, 7, ref_rows, ref_count, sources, ref_targets)
+    next_rows, count = outputs(7)
+    gather(order, exits, rows, 7, next_rows, count, sources, targets)
+    assert torch.equal(next_rows, ref_rows) and all(torch.equal(g, w) for g, w in zip(targets, ref_targets))

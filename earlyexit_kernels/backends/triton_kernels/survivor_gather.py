@@ -121,24 +121,30 @@ def _gather_kernel(
         _copy_share(s5, d5, ss5, ds5, w5, i, j, c, BLOCK)
 
 
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with at least one dimension past the rows (a 1-D state's row is one element, at any stride)."""
+    return tensor.unsqueeze(-1) if tensor.dim() == 1 else tensor
+
+
+def _row_bytes(tensor: torch.Tensor) -> int:
+    n = tensor.shape[0]
+    return (tensor.numel() // n if n else 0) * tensor.element_size()
+
+
 def _as_words(tensor: torch.Tensor, word: torch.dtype) -> tuple[torch.Tensor, int, int]:
     """``(words view, row stride in words, words a row)`` of a tensor whose rows are contiguous."""
-    raw = tensor.view(torch.uint8) if tensor.dtype != torch.uint8 else tensor
+    rows = _rows(tensor)
+    raw = rows.view(torch.uint8) if rows.dtype != torch.uint8 else rows
     if word != torch.uint8:
         raw = raw.view(word)
-    size, per = tensor.element_size(), torch.empty((), dtype=word).element_size()
-    n = tensor.shape[0]
-    row_bytes = (tensor.numel() // n if n else 0) * size
-    return raw, tensor.stride(0) * size // per, row_bytes // per
+    per = word.itemsize
+    return raw, tensor.stride(0) * tensor.element_size() // per, _row_bytes(tensor) // per
 
 
 def _word_for(tensors) -> torch.dtype:
     """int32 where every row, row stride and address is a multiple of 4 bytes, else uint8."""
     for t in tensors:
-        size = t.element_size()
-        n = t.shape[0]
-        row_bytes = (t.numel() // n if n else 0) * size
-        if row_bytes % 4 or (t.stride(0) * size) % 4 or t.data_ptr() % 4 or (t.dim() and t.stride(-1) != 1):
+        if _row_bytes(t) % 4 or (t.stride(0) * t.element_size()) % 4 or t.data_ptr() % 4:
             return torch.uint8
     return torch.int32
 
