@@ -140,9 +140,8 @@ def measure(model, pattern, peer_models=None, **kw):
         device=torch.device("cpu"),
         dtype=torch.float32,
         eek_backends=["torch"],
-        repeats=1,
         measure_memory=False,
-        **kw,
+        **{"repeats": 1, **kw},
     )
     with torch.inference_mode():
         return runner.measure_pattern(model, pattern, settings, peer_models)

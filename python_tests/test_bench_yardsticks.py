@@ -26,35 +26,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers.masking_utils
+from test_bench_variants import TINY, tiny
+from test_bench_variants import measure as measure_variants
 
-from earlyexit_kernels.bench import peer_attention, runner, sweep, timing_controls
-from earlyexit_kernels.bench.models import SIZES, build_model
+from earlyexit_kernels.bench import peer_attention, sweep, timing_controls
 from earlyexit_kernels.bench.patterns import make_inputs, scheduled
 from earlyexit_kernels.bench.peers import PeerModels, check_peer_names
 
-TINY = SIZES["tiny"]
 GRAPHED = ("cuda-graphs", "cuda-graphs-fast-attn")
 
 
-def tiny(dtype=torch.float32):
-    return build_model("bert", TINY, 16, device="cpu", dtype=dtype, attn="sdpa")
-
-
 def measure(model, pattern, peer_models, repeats=3, peers=GRAPHED):
-    settings = runner.MeasureSettings(
-        seq_len=16,
-        vocab=TINY.vocab,
-        pad_id=0,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        eek_backends=["torch"],
-        repeats=repeats,
-        measure_memory=False,
-        peers=peers,
-        baselines=False,
-    )
-    with torch.inference_mode():
-        return runner.measure_pattern(model, pattern, settings, peer_models)
+    return measure_variants(model, pattern, peer_models, repeats=repeats, peers=peers, baselines=False)
 
 
 @pytest.fixture

@@ -94,6 +94,21 @@ def run_session(gpu_machine, out: Path, **env_overrides) -> tuple[subprocess.Com
     return result, time.monotonic() - start
 
 
+def script(name: str):
+    """The module ``scripts/<name>.py`` (the GPU session's readers), imported by its path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def trace_event(cat, name, ts, dur):
+    """One event of a chrome trace as the profiler writes it."""
+    return {"cat": cat, "name": name, "ts": ts, "dur": dur}
+
+
 def step_lines(out: Path) -> dict[str, str]:
     lines = (out / "summary.txt").read_text().splitlines()
     return {m.group(1): m.group(2) for m in (re.match(r"^(\w+): (.*)$", line) for line in lines) if m}
@@ -323,11 +338,7 @@ def test_the_digest_merges_the_junit_runs_names_each_failure_and_lists_the_speed
 def test_the_gaps_step_counts_the_device_s_idle_time_within_a_call():
     """``gpu_session_report.py gaps``' arithmetic, on intervals made up: the busy time is the union of
     the kernels inside the call, the idle time the stretches between them and before the first."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from gpu_session_report import device_gaps
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    device_gaps = script("gpu_session_report").device_gaps
     kernels = [(10.0, 20.0), (15.0, 25.0), (40.0, 50.0), (49.0, 55.0), (70.0, 80.0), (-5.0, 2.0)]
     busy, gaps = device_gaps(kernels, 0.0, 80.0)
     assert busy == 2.0 + 15.0 + 15.0 + 10.0  # [0,2], [10,25], [40,55], [70,80]
@@ -341,11 +352,7 @@ def test_the_gaps_step_names_where_the_busy_time_goes_per_call():
     """``kernel_times``: each kernel name's launches and device time per call, the largest first."""
     from types import SimpleNamespace
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from gpu_session_report import kernel_times
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    kernel_times = script("gpu_session_report").kernel_times
 
     def kernel(name, start, end):
         return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end))
@@ -360,24 +367,18 @@ def test_the_timeline_reader_finds_the_idle_time_before_and_after_the_first_grap
     import gzip
     import json
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from gpu_timeline import call_timeline, load_events, main
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-
-    def event(cat, name, ts, dur):
-        return {"cat": cat, "name": name, "ts": ts, "dur": dur}
+    module = script("gpu_timeline")
+    call_timeline, load_events, main = module.call_timeline, module.load_events, module.main
 
     events = [
-        event("user_annotation", "eek_gaps_call", 0, 50),
-        event("kernel", "early", 1, 5),
-        event("user_annotation", "eek_gaps_call", 100, 50),
-        event("cuda_runtime", "cudaLaunchKernel", 105, 3),
-        event("kernel", "embed", 130, 10),
-        event("cuda_runtime", "cudaGraphLaunch", 145, 4),
-        event("kernel", "layer", 160, 40),
-        event("kernel", "layer", 210, 40),
+        trace_event("user_annotation", "eek_gaps_call", 0, 50),
+        trace_event("kernel", "early", 1, 5),
+        trace_event("user_annotation", "eek_gaps_call", 100, 50),
+        trace_event("cuda_runtime", "cudaLaunchKernel", 105, 3),
+        trace_event("kernel", "embed", 130, 10),
+        trace_event("cuda_runtime", "cudaGraphLaunch", 145, 4),
+        trace_event("kernel", "layer", 160, 40),
+        trace_event("kernel", "layer", 210, 40),
     ]
     found = call_timeline(events, 1)
     assert found["gaps"] == [(0, 30, ["cudaLaunchKernel"]), (40, 20, ["cudaGraphLaunch"]), (100, 10, [])]
@@ -396,27 +397,20 @@ def test_the_timeline_reader_finds_the_idle_time_before_and_after_the_first_grap
 def test_the_timeline_reader_counts_what_comes_before_the_first_layer(tmp_path):
     """With the graphed step's ``eek_first_layer`` mark: the launches (the prologue's graph among them)
     and synchronizations before it, and the device's idle time before it (issue 93's targets)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from gpu_timeline import call_timeline
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-
-    def event(cat, name, ts, dur):
-        return {"cat": cat, "name": name, "ts": ts, "dur": dur}
+    call_timeline = script("gpu_timeline").call_timeline
 
     events = [
-        event("user_annotation", "eek_gaps_call", 0, 300),
-        event("cuda_runtime", "cudaLaunchKernel", 2, 3),  # the inputs' copy
-        event("kernel", "multi_tensor_apply", 10, 2),
-        event("cuda_runtime", "cudaGraphLaunch", 12, 4),  # the prologue
-        event("kernel", "embedding", 20, 30),
-        event("cuda_runtime", "cudaStreamSynchronize", 20, 32),  # its read-back
-        event("cuda_runtime", "cudaGraphLaunch", 60, 4),  # the load
-        event("kernel", "copy", 70, 10),
-        event("user_annotation", "eek_first_layer", 85, 5),
-        event("cuda_runtime", "cudaGraphLaunch", 86, 4),
-        event("kernel", "gemm", 100, 100),
+        trace_event("user_annotation", "eek_gaps_call", 0, 300),
+        trace_event("cuda_runtime", "cudaLaunchKernel", 2, 3),  # the inputs' copy
+        trace_event("kernel", "multi_tensor_apply", 10, 2),
+        trace_event("cuda_runtime", "cudaGraphLaunch", 12, 4),  # the prologue
+        trace_event("kernel", "embedding", 20, 30),
+        trace_event("cuda_runtime", "cudaStreamSynchronize", 20, 32),  # its read-back
+        trace_event("cuda_runtime", "cudaGraphLaunch", 60, 4),  # the load
+        trace_event("kernel", "copy", 70, 10),
+        trace_event("user_annotation", "eek_first_layer", 85, 5),
+        trace_event("cuda_runtime", "cudaGraphLaunch", 86, 4),
+        trace_event("kernel", "gemm", 100, 100),
     ]
     found = call_timeline(events, 0)
     assert found["first_layer"] == 85

@@ -284,51 +284,39 @@ def test_mean_pooled_mlp_heads_stay_within_budget(backend, monkeypatch):
 
 
 # The graphed step's launches per layer beyond the encoder layer's own (its mask included), with
-# the GPU's bucket plan, on the C++ backend (the CUDA backend's twin on the CPU): (a quiet layer,
-# an exiting layer). On an exiting layer, Entropy: the fused head, decision and write-back (1) and
-# the survivor gather (1: the rows that left marked dead, the live rows counted, the hidden states,
-# mask and every state tensor gathered; csrc/cpu/gather_survivors_cpu.cpp). A quiet layer of
-# Patience and Voting: their head (1), the same gather in the rows' own order (1) and, in a
-# model's first forward, the head's weights packed once (1). QExit and DACT run their halting head
-# in PyTorch (its Linear layers). Nothing is read back. Before the one-op gather: 8 for Entropy,
-# 10 for Patience and Voting (issue 93's target: 3 or fewer for a threshold policy).
+# the GPU's bucket plan: (a quiet layer, an exiting layer). On the C++ backend (the CUDA backend's
+# twin on the CPU), an exiting layer of Entropy: the fused head, decision and write-back (1) and the
+# survivor gather (1: the rows that left marked dead, the live rows counted, the hidden states, mask
+# and every state tensor gathered; csrc/cpu/gather_survivors_cpu.cpp). A quiet layer of Patience and
+# Voting: their head (1), the same gather in the rows' own order (1) and, in a model's first
+# forward, the head's weights packed once (1). QExit and DACT run their halting head in PyTorch
+# (its Linear layers). On the Triton backend (its interpreter here): the head, the decision with the
+# write-back and the gather (backends/triton_kernels/survivor_gather.py), three kernels on every
+# layer where the heads run. Nothing is read back. Before the one-op gather: 8 for Entropy, 10 for
+# Patience and Voting (issue 93's target: 3 or fewer for a threshold policy).
 GRAPHED_BUDGET = {
-    "entropy": (0, 2),
-    "maxprob": (0, 2),
-    "patience": (3, 2),
-    "voting": (3, 2),
-    "qexit": (0, 9),
-    "dact": (0, 6),
+    ("entropy", "cpp"): (0, 2),
+    ("maxprob", "cpp"): (0, 2),
+    ("patience", "cpp"): (3, 2),
+    ("voting", "cpp"): (3, 2),
+    ("qexit", "cpp"): (0, 9),
+    ("dact", "cpp"): (0, 6),
+    ("entropy", "triton"): (0, 3),
+    ("patience", "triton"): (3, 3),
 }
+GATHER_OP = {"cpp": "cpp_gather_survivors", "triton": "gather_survivors"}
 
 
-@pytest.mark.parametrize("name", sorted(GRAPHED_BUDGET))
-def test_the_graphed_steps_launches_per_layer_stay_within_budget(name, monkeypatch):
-    if not eek.backends()["cpp"]:
-        pytest.skip(f"backend 'cpp': {eek.backend_status()['cpp']}")
-    quiet, exiting = GRAPHED_BUDGET[name]
-    per_layer, policy, out, ops = measure(name, "cpp", monkeypatch, step="graphed", layer_mask_counted=False)
+@pytest.mark.parametrize("name, backend", sorted(GRAPHED_BUDGET))
+def test_the_graphed_steps_launches_per_layer_stay_within_budget(name, backend, monkeypatch):
+    if not eek.backends()[backend]:
+        pytest.skip(f"backend {backend!r}: {eek.backend_status()[backend]}")
+    quiet, exiting = GRAPHED_BUDGET[name, backend]
+    per_layer, policy, out, ops = measure(name, backend, monkeypatch, step="graphed", layer_mask_counted=False)
     layers = len(per_layer) - 1
     assert 1 < len(set(out.exit_layer.tolist())), "the test needs exits spread over layers"
     for layer in range(1, layers):  # the last layer is the model's own head
         budget = exiting if can_exit_before_last(policy, layer) else quiet
         assert launches(ops[layer]) <= budget, (layer, dict(ops[layer]))
+        assert GATHER_OP[backend] in ops[layer], (layer, dict(ops[layer]))  # the one-op bookkeeping
         assert per_layer[layer][1] == 0, f"layer {layer} read a value back"
-
-
-# The same on the Triton backend (its interpreter here): the head, the decision with the write-back and
-# the survivor gather (backends/triton_kernels/survivor_gather.py), three kernels on every layer where the
-# heads run, whether rows may leave there or not.
-TRITON_GRAPHED_BUDGET = {"entropy": (0, 3), "patience": (3, 3)}
-
-
-@pytest.mark.parametrize("name", sorted(TRITON_GRAPHED_BUDGET))
-def test_the_graphed_steps_launches_per_layer_on_triton_stay_within_budget(name, monkeypatch):
-    if not eek.backends()["triton"]:
-        pytest.skip(f"backend 'triton': {eek.backend_status()['triton']}")
-    quiet, exiting = TRITON_GRAPHED_BUDGET[name]
-    per_layer, policy, out, ops = measure(name, "triton", monkeypatch, step="graphed", layer_mask_counted=False)
-    for layer in range(1, len(per_layer) - 1):
-        budget = exiting if can_exit_before_last(policy, layer) else quiet
-        assert launches(ops[layer]) <= budget, (layer, dict(ops[layer]))
-        assert "gather_survivors" in ops[layer] and per_layer[layer][1] == 0
