@@ -309,22 +309,27 @@ def test_without_the_prologue_the_load_runs_outside_a_graph_and_the_finish_insid
     assert static.templates and static.packed is not None
 
 
-def test_an_evicted_prologues_load_graphs_are_dropped():
-    """A load graph reads its prologue's buffers: once the prologue is no longer kept they are gone,
-    and so must the graphs be (their keys carry the prologue's serial)."""
+def test_the_load_graphs_of_a_prologue_no_longer_kept_are_dropped():
+    """A load graph reads its prologue's buffers and its start state: once either is no longer kept,
+    the forward that captures a new load drops the graphs keyed by it (here, on the CPU, a stand-in
+    entry where a capture would have left the graph)."""
     model = patched_family("bert")
     batches = eek_batches(True)
     state_of(model).static_batches = batches
     with torch.no_grad():
         model(**tiny_inputs("bert", batch=4, seq_len=12))
         (first,) = batches.prologues._kept.values()
-        for seq_len in range(2, 3 + KEPT_PROLOGUES):
+        (static,) = batches._kept.values()
+        (template,) = static.templates.values()
+        kept_key = ("load", first.serial, template.serial)
+        static.graphs._graphs[kept_key] = None
+        static.graphs._graphs[("load", first.serial, -1)] = None  # a start state no longer kept
+        model(**tiny_inputs("bert", batch=4, seq_len=11))  # a new prologue: its load is new
+        assert kept_key in static.graphs and ("load", first.serial, -1) not in static.graphs
+        for seq_len in range(2, 2 + KEPT_PROLOGUES):
             model(**tiny_inputs("bert", batch=4, seq_len=seq_len))
-    assert first.serial in batches.prologues.evicted
-    for static in batches._kept.values():
-        static.graphs._graphs[("load", first.serial)] = None  # as a capture would have left it
-        static.graphs.forget(lambda k: k[0] == "load" and k[1] in batches.prologues.evicted)
-        assert ("load", first.serial) not in static.graphs
+    assert first.serial not in batches.prologues.serials()
+    assert kept_key not in static.graphs
 
 
 @pytest.mark.parametrize("name", ["entropy", "patience", "qexit"])

@@ -20,7 +20,7 @@ graph, the read-back, and the static batch's load graph, which reads this prolog
 embeddings, mask and row extents: nothing is computed twice) at the length the summary gave
 (:mod:`~earlyexit_kernels.engine.static_step`). Each prologue has a serial number, which keys the
 load graphs that read its buffers: a prologue made again for the same shape has new buffers, and
-the graphs of an evicted one are dropped.
+the graphs of one no longer kept are dropped.
 """
 
 from __future__ import annotations
@@ -125,7 +125,6 @@ class Prologues:
         self._kept: dict[tuple, Prologue] = {}
         self._lock = threading.Lock()  # the lookup, from any thread (each prologue has its own lock for its use)
         self.stats = stats if stats is not None else GraphStats()
-        self.evicted: set[int] = set()  # serials of prologues no longer kept: their load graphs read freed buffers
 
     @contextlib.contextmanager
     def run(self, adapter, input_ids, attention_mask, token_type_ids, position_ids, *, capture: bool):
@@ -146,7 +145,7 @@ class Prologues:
                     prologue = Prologue(adapter, input_ids, attention_mask, token_type_ids, position_ids, self.stats)
             self._kept[key] = prologue
             while len(self._kept) > KEPT_PROLOGUES:
-                self.evicted.add(self._kept.pop(next(iter(self._kept))).serial)
+                self._kept.pop(next(iter(self._kept)))
         with prologue.lock:
             if prologue.done_recorded:
                 torch.cuda.current_stream(input_ids.device).wait_event(prologue.done)
@@ -155,6 +154,10 @@ class Prologues:
                 prologue.done.record()
                 prologue.done_recorded = True
 
+    def serials(self) -> set[int]:
+        """The serials of the prologues kept: a load graph keyed by another reads buffers that are gone."""
+        with self._lock:
+            return {prologue.serial for prologue in self._kept.values()}
+
     def clear(self) -> None:
-        self.evicted.update(prologue.serial for prologue in self._kept.values())
         self._kept.clear()

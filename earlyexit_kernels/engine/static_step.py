@@ -379,8 +379,7 @@ def run_graphed(
         if inputs_serial is not None:  # a prologue's buffers: the load reads fixed addresses, so it is captured
             load_key = ("load", inputs_serial, template.serial, batch, in_length, kept, seq_len, first_bucket)
             if load_key not in static.graphs:
-                evicted = batches.prologues.evicted
-                static.graphs.forget(lambda k: k[0] == "load" and k[1] in evicted)
+                _forget_stale_loads(static, batches.prologues.serials())
             step_graphs.run_step(static.graphs, load_key, load_rows, capture)
         else:
             load_rows()
@@ -419,6 +418,13 @@ def run_graphed(
             static.done_recorded = True
     result.buckets = survivors.buckets
     return result
+
+
+def _forget_stale_loads(static: StaticBatch, prologues: set[int]) -> None:
+    """Drop the load graphs whose prologue (a serial not in ``prologues``) or start state is no longer
+    kept: they read buffers that are gone."""
+    templates = {template.serial for template in static.templates.values()}
+    static.graphs.forget(lambda k: k[0] == "load" and (k[1] not in prologues or k[2] not in templates))
 
 
 def _marked(name: str | None):
