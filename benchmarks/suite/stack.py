@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from earlyexit_kernels.bench.results import cpu_name
-from earlyexit_kernels.engine import precision
+from earlyexit_kernels.engine import int8_isa, precision
 from earlyexit_kernels.engine.precision import INT8_RECIPES
 from earlyexit_kernels.patching.state import is_patched
 
@@ -374,10 +374,7 @@ def rows_of(configs: list[Config], results: dict, num_layers: int, texts: int) -
 
 def cpu_flags() -> dict[str, bool]:
     """Whether this CPU has bf16 and int8 matrix instructions (from /proc/cpuinfo; False elsewhere)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split())
-    except (OSError, IndexError):
-        flags = set()
+    flags = int8_isa.cpu_flags()
     return {name: name in flags for name in ("avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni")}
 
 

@@ -52,6 +52,8 @@ from pathlib import Path
 
 import torch
 
+from earlyexit_kernels.engine.int8_isa import cpu_flags
+
 __all__ = ["COLUMNS", "environment", "write_csv", "append_csv", "read_csv"]
 
 COLUMNS = [
@@ -149,13 +151,7 @@ def instruction_sets(flags: str | None = None) -> list[str]:
     """Which of :data:`INSTRUCTION_SETS` this CPU has (its ``/proc/cpuinfo`` flags; ``flags`` to read others').
 
     Empty where /proc/cpuinfo has no flags line (another OS, another architecture)."""
-    if flags is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = next((line.split(":", 1)[1] for line in f if line.startswith("flags")), "")
-        except OSError:
-            flags = ""
-    present = set(flags.split())
+    present = cpu_flags() if flags is None else set(flags.split())
     return [name for name, names in INSTRUCTION_SETS.items() if present.intersection(names)]
 
 

@@ -39,7 +39,9 @@ def isa_class(flags: set[str], machine: str) -> str:
 
 
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (Linux), or an empty set where it cannot be read."""
+    """The CPU's feature flags from ``/proc/cpuinfo`` (Linux), or an empty set where it cannot be read (the
+    one reader: :func:`~earlyexit_kernels.engine.int8_linear.cpu_has_vnni` and the benchmark's
+    ``instruction_sets`` read it too)."""
     try:
         with open("/proc/cpuinfo") as file:
             for line in file:

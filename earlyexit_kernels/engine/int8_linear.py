@@ -31,17 +31,15 @@ import torch
 from torch import nn
 from torch.ao.nn.quantized.modules.linear import LinearPackedParams
 
+from earlyexit_kernels.engine.int8_isa import cpu_flags
+
 __all__ = ["PerTokenInt8Linear", "cpu_has_vnni"]
 
 
 @functools.cache
 def cpu_has_vnni() -> bool:
     """Whether this CPU has an int8 dot product that accumulates in 32 bits (AVX-512 VNNI or AVX-VNNI)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
+    flags = cpu_flags()
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
