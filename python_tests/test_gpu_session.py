@@ -14,6 +14,7 @@ The build installs the package without its C++ extension here (``EARLYEXIT_SKIP_
 compiling the CPU kernels takes a minute on two cores, and ``make setup`` builds them anyway.
 """
 
+import contextlib
 import csv
 import os
 import re
@@ -427,9 +428,13 @@ def test_the_graphed_step_marks_its_first_layer_only_where_a_profiler_runs():
     from torch.profiler import ProfilerActivity, profile
 
     import earlyexit_kernels as eek
+    from earlyexit_kernels.engine import static_step
 
     model = eek.patch(tiny_model("bert", num_layers=4), eek.Entropy(0.1), backend="torch", step="graphed")
     ids, mask, _ = tiny_batch(4, 8, seed=0)
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
         model(input_ids=ids, attention_mask=mask)
+        assert not isinstance(static_step._marked("eek_first_layer"), contextlib.nullcontext)
     assert sum(1 for e in prof.events() if e.name == "eek_first_layer") == 1
+    # without a profiler the mark is nothing at all (no record_function on the hot path)
+    assert isinstance(static_step._marked("eek_first_layer"), contextlib.nullcontext)

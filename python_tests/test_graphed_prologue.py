@@ -300,13 +300,18 @@ def test_before_the_first_layer_graph_a_forward_launches_three_steps_and_reads_b
     assert between == [], seen
 
 
-def test_without_the_prologue_the_load_runs_outside_a_graph_and_the_finish_inside():
+def test_without_the_prologue_the_load_runs_outside_a_graph_and_the_finish_inside(monkeypatch):
+    """The eager prologue hands the step the caller's tensors, whose addresses change from forward to
+    forward: the load then runs op by op; the finishing step reads only the static batch: one graph."""
     model = patched(eek.Entropy(0.15), backend="torch")
     state_of(model).static_batches = eek_batches(False, GPU_PLAN)
+    inputs = batch_inputs(16)
     with torch.no_grad():
-        model(**batch_inputs(16))
-    static = next(iter(state_of(model).static_batches._kept.values()))
-    assert static.templates and static.packed is not None
+        model(**inputs)
+    seen = launches(model, inputs, monkeypatch)
+    before = seen[: seen.index(("step", 1))]
+    assert ("step", "load") not in seen and "copy_" in before, before  # the rows copied in, op by op
+    assert seen[-2:] == [("step", "finish"), "clone"], seen
 
 
 def test_the_load_graphs_of_a_prologue_no_longer_kept_are_dropped():
