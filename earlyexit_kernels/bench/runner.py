@@ -141,13 +141,18 @@ def resolved_steps(steps, policy: ExitPolicy, device: torch.device) -> list[str]
 
 @dataclass(frozen=True)
 class GraphedVariant:
-    """How a graphed row's static batches are set: ``lag`` (None: the device's), the prologue captured,
-    ``sizes`` (None: the device's buckets)."""
+    """How a graphed row's static batches are set where not as :class:`StaticBatches` sets them (None:
+    its default): ``lag``, the prologue captured, the bucket ``sizes``, the ``head_kernels``."""
 
     lag: int | None = None
-    prologue: bool = False
+    prologue: bool | None = None
     sizes: tuple[int, ...] | None = None
-    head_kernels: str = "fused"
+    head_kernels: str | None = None
+
+    def static_batches(self) -> StaticBatches | None:
+        """The static batches of this variant, or None for the device's plan (the patched model's own)."""
+        given = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return StaticBatches(**given) if given else None
 
     def label(self, step: str) -> str:
         """The CSV's ``step``: ``graphed-lag<N>`` for a lag not the device's, ``graphed-prologue``,
@@ -170,11 +175,9 @@ def _patched_prepare(model, policy: ExitPolicy, backend: str, step: str, variant
         if phase in kept:
             attach(model, kept[phase])
         else:
-            if variant != GraphedVariant():
-                sizes = "device" if variant.sizes is None else variant.sizes
-                state_of(model).static_batches = StaticBatches(
-                    sizes=sizes, lag=variant.lag, prologue=variant.prologue, head_kernels=variant.head_kernels
-                )
+            batches = variant.static_batches()
+            if batches is not None:
+                state_of(model).static_batches = batches
             kept[phase] = state_of(model)
 
     return prepare
