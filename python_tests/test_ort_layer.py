@@ -16,7 +16,7 @@ import torch
 from conftest import mlp_head_model, tiny_batch, tiny_model, tiny_mpnet
 
 from earlyexit_kernels.engine import precision
-from earlyexit_kernels.engine.ort_layer import OrtLayer, ort_available
+from earlyexit_kernels.engine.ort_layer import OrtLayer, ort_available, run_on_ort
 from earlyexit_kernels.engine.precision import int8_encoder, int8_recipe, to_base
 
 pytestmark = pytest.mark.skipif(not ort_available(), reason="onnxruntime and onnx are not installed")
@@ -120,6 +120,19 @@ def test_a_mask_shared_by_a_call_s_layers_is_read_once_and_again_after_an_in_pla
         after = layers[0](hidden, shared)
         assert len(reads) == 2 + len(layers)
         torch.testing.assert_close(after, layers[0](hidden, additive(shorter)), rtol=0, atol=0)
+
+
+def test_a_model_run_under_inference_mode_reads_its_mask_at_every_layer():
+    """Tensors made under ``torch.inference_mode`` have no version counter to tell an in-place write by: their
+    mask is read at every layer, and the outputs are those of ``no_grad``."""
+    model = MODELS["bert"]()
+    run_on_ort(model, int8=False)
+    ids, mask, types = tiny_batch(4, 10)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    with torch.inference_mode():
+        got = model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("int8", [False, True])

@@ -393,6 +393,10 @@ def _mask_tables(attention_mask: torch.Tensor | None, n: int, length: int) -> tu
     """``(key mask [n, S] int32, positions [tokens] int64)`` of a layer's mask (:func:`_key_mask`): the flat
     indices of the tokens attended."""
     global _last_mask
+    if attention_mask is not None and attention_mask.is_inference():
+        # made under torch.inference_mode: no version counter to tell an in-place write by, so read every time
+        key_mask = _key_mask(attention_mask, n, length)
+        return key_mask, torch.from_numpy(np.flatnonzero(key_mask))
     cached = _last_mask  # one read: another thread may replace it, never change it
     key = (n, length, None if attention_mask is None else attention_mask._version)
     if cached is not None and cached[0] is attention_mask and cached[1] == key:
