@@ -82,7 +82,7 @@ def test_pytorchs_quantization_deprecation_notices_are_not_shown(saved_classifie
     "flags, machine, expected",
     [
         ({"avx2", "avx512bw", "avx512_vnni"}, "x86_64", "vnni"),
-        ({"avx2", "avx_vnni"}, "x86_64", "vnni"),  # Alder Lake and later without AVX-512
+        ({"avx2", "avx_vnni"}, "x86_64", "avx2"),  # Alder Lake, Sierra Forest: fbgemm has no AVX-VNNI kernels
         ({"avx2", "avx512bw"}, "x86_64", "avx512"),  # Skylake-SP: AVX-512 without VNNI
         ({"avx2", "fma", "f16c"}, "x86_64", "avx2"),  # Zen 2 / Zen 3 EPYC
         ({"sse4_2"}, "x86_64", "x86"),
@@ -91,6 +91,13 @@ def test_pytorchs_quantization_deprecation_notices_are_not_shown(saved_classifie
 )
 def test_a_cpu_is_classed_by_how_its_int8_gemms_accumulate(flags, machine, expected):
     assert isa_class(flags, machine) == expected
+
+
+@pytest.mark.parametrize(
+    "cap, expected", [("AVX2", "avx2"), ("avx512", "avx512"), ("AVX512_E1", "vnni"), ("no-such-cap", "vnni")]
+)
+def test_fbgemms_cap_classes_the_cpu_as_the_kernels_it_leaves(cap, expected):
+    assert isa_class({"avx2", "avx512bw", "avx512_vnni"}, "x86_64", cap) == expected
 
 
 def _int8_folder(saved_classifier, tmp_path, isa):

@@ -18,7 +18,10 @@ one product; the attention is ``MultiHeadAttention`` with the padding as a key m
 relative position bias); GELU is ONNX Runtime's, the norms elementary operations. The graph runs on
 the call's real tokens (packed): the padding is never read, and comes back as zeros (served, MiniLM-L6
 int8: 1.22x the texts/s of the same graph on every padded position at concurrency 32, 1.05x at 8). Where the CPU lacks VNNI the
-weights take 7 bits, as ONNX Runtime's quantizer advises there (``reduce_range``). With
+weights take 7 bits, as ONNX Runtime's quantizer advises there (``reduce_range``), and so do
+``PerTokenInt8Linear``'s: one form per CPU (:mod:`earlyexit_kernels.engine.int8_isa`). A graph made
+with 8-bit weights and run where they would saturate (made on another CPU, then shipped) is kept
+exact by ONNX Runtime's own transformer (``session.x64quantprecision``, on where the form has 7 bits). With
 ``int8=False`` the graph is the float32 layer (equal to it up to float rounding: the tests' check
 of the graph itself).
 
@@ -38,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from earlyexit_kernels.engine.int8_linear import cpu_has_vnni
+from earlyexit_kernels.engine.int8_isa import int8_weight_bits
 
 __all__ = [
     "LayerParts",
@@ -136,6 +139,13 @@ def session_options(threads: int, *, shared_memory: bool = True):
     # between layers torch's ops run: ONNX Runtime's threads must not spin waiting for the next call
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if int8_weight_bits() == 7:
+        # Without VNNI, s8 weights outside [-64, 64] (a graph made on a VNNI CPU) become u8 for an exact kernel,
+        # where the u8s8 one's 16-bit pair sums would saturate; 7-bit weights, the form made here, are left as they
+        # are. Not on the vnni class: there it moved 8-bit weights to the u8 kernel too, at half the speed (an int8
+        # MiniLM-L6 layer on 8 rows of about 40 tokens, Intel Xeon with AMX, the two sessions in turn on a shared
+        # machine: 40.4 ms against 21.2).
+        options.add_session_config_entry("session.x64quantprecision", "1")
     if shared_memory:
         # Memory that stays flat under traffic of every shape (issue 79; docs/serving.md, "What a server keeps"):
         # each session's own arena, holding a memory pattern per input shape, grew a served int8 MiniLM-L6 by
@@ -318,7 +328,7 @@ def layer_graph(parts: LayerParts, *, int8: bool = True, reduce_range: bool | No
     and no row's quantization step depends on another row's padding."""
     from onnx import TensorProto, checker, helper
 
-    reduce_range = (not cpu_has_vnni()) if reduce_range is None else reduce_range
+    reduce_range = int8_weight_bits() == 7 if reduce_range is None else reduce_range
     weight_max = 63 if reduce_range else 127
     hidden_size = parts.qkv_weight.shape[1]
     g = _Graph()
