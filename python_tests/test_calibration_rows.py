@@ -138,7 +138,7 @@ def test_calibrate_certifies_a_folder_anew_and_writes_it_back(fitted, tmp_path, 
         ("not a folder", "is not a folder"),
         ("too few rows", "100 rows cannot certify a drop of at most 1 points with confidence 0.95"),
         ("other labels", "which are neither the model's label names ('neg', 'pos'"),
-        ("bad budget", "--max-drop must be >= 0"),
+        ("bad budget", "max_drop must be >= 0 accuracy points, got -1.0"),
     ],
 )
 def test_calibrate_refuses_what_it_cannot_certify(fitted, tmp_path, capsys, case, message):

@@ -203,8 +203,8 @@ class Goal:
     guarantee: str = "probable"
     max_changed: float | None = None
 
-    def checked(self) -> Goal:
-        """This goal, or a ``ValueError`` saying what to change."""
+    def __post_init__(self) -> None:
+        """Every field checked here, once: a ``ValueError`` naming the field, its bound and what to give."""
         from earlyexit_kernels.calibration.certify import check_guarantee
 
         check_guarantee(self.guarantee)
@@ -223,17 +223,25 @@ class Goal:
             raise ValueError(
                 "max_changed is certified beside accuracy lost: give confidence= too, or leave max_changed out"
             )
-        if self.max_changed is not None and not (
-            isinstance(self.max_changed, (int, float)) and 0 <= self.max_changed < 100
-        ):
-            raise ValueError(f"max_changed must be in [0, 100) points (answers changed), got {self.max_changed!r}")
-        if self.max_drop is not None and not self.max_drop >= 0:
-            raise ValueError(f"max_drop must be >= 0 accuracy points, got {self.max_drop!r}")
+        if self.max_changed is not None and not (_points(self.max_changed) and self.max_changed < 100):
+            raise ValueError(
+                f"max_changed must be in [0, 100) points (answers changed), got {self.max_changed!r}: give a budget "
+                "such as 5 (at most five answers in a hundred differ from the full model's), or None"
+            )
+        if self.max_drop is not None and not _points(self.max_drop):
+            raise ValueError(
+                f"max_drop must be >= 0 accuracy points, got {self.max_drop!r}: give a budget such as 1 (at most one "
+                "point lost)"
+            )
         if not 0.0 <= self.min_saving <= 1.0:
             raise ValueError(f"min_saving must be a fraction of the layers in [0, 1], got {self.min_saving!r}")
         if not self.chance_margin >= 0.0:
             raise ValueError(f"chance_margin must be a fraction >= 0, got {self.chance_margin!r}")
-        return self
+
+
+def _points(value) -> bool:
+    """A finite number of points, at least 0 (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def select_point(curve: Sequence, score: Callable, *, floor: float | None = None, max_layers: float | None = None):
@@ -273,10 +281,9 @@ def choose(
     path: list[ExitPolicy] | None = None,
     unlabelled: ExitRecord | None = None,
 ) -> Chosen:
-    """The operating point of ``record`` for ``goal`` (checked first): the uncertified search, or with
+    """The operating point of ``record`` for ``goal`` (checked when it was made): the uncertified search, or with
     ``goal.confidence`` the certified point along the fixed grid, the path chosen on ``path_record`` or the
     ``path`` given, with the ``unlabelled`` rows in the certificate (:func:`~earlyexit_kernels.calibration.certify.certify`)."""
-    goal = goal.checked()
     if unlabelled is not None and goal.confidence is None:
         raise ValueError("unlabelled rows join a certificate: give confidence= too, or leave them out")
     metric = goal.metric

@@ -343,10 +343,11 @@ def _calibrate_command(args) -> int:
     return _errors_to_exit_status(lambda: _calibrate(args))
 
 
-def _common_checks(args) -> None:
+def _common_checks(args, names=("batch_size", "max_length", "threads", "epochs")) -> None:
+    """``names`` (options' destinations) at least 1 where given; ``eek fit``'s own are checked by its FitConfig."""
     from earlyexit_kernels.training.fit_texts import FitError
 
-    for name in ("batch_size", "max_length", "threads", "epochs"):
+    for name in names:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise FitError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -363,15 +364,28 @@ def _progress_on(args) -> bool:
 def _fit(args) -> int:
     from earlyexit_kernels.integrations.labelled_data import read_labelled
     from earlyexit_kernels.integrations.model_folder import fit_folder
+    from earlyexit_kernels.training.fit_checks import check_method_labels
     from earlyexit_kernels.training.fit_config import FitConfig
     from earlyexit_kernels.training.fit_texts import FitError
     from earlyexit_kernels.training.labelled_texts import split_rows
 
-    _common_checks(args)
-    if args.lr is not None and not args.lr > 0:
-        raise FitError(f"--lr must be positive, got {args.lr}")
-    if not args.max_drop >= 0:
-        raise FitError(f"--max-drop must be >= 0 accuracy points, got {args.max_drop}")
+    _common_checks(args, names=("threads",))
+    config = FitConfig(  # every setting checked here, before a file is read
+        method=args.method,
+        pooling=args.pooling,
+        head=args.head,
+        max_drop=args.max_drop,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+        progress=_progress_on(args),
+        confidence=args.confidence,
+        guarantee=args.guarantee,
+        calibration_fraction=args.calibration_fraction,
+        validation_split=None if args.validation is not None else (args.validation_split or 0.1),
+    )
     output = Path(args.output)
     if output.exists() and not (output.is_dir() and not any(output.iterdir())) and not args.overwrite:
         raise FitError(f"OUTPUT_DIR {output} exists; pass --overwrite to replace it")
@@ -388,35 +402,20 @@ def _fit(args) -> int:
         if train.labels is None and validation.labels is not None:
             validation.labels = None  # the heads learn agreement: calibrate on agreement too
     else:
-        rest, held = split_rows(len(train), args.validation_split or 0.1, args.seed)
+        rest, held = split_rows(len(train), config.validation_split, args.seed)
         train, validation = train.subset(rest), train.subset(held)
     if train.labels is None:
-        if args.method not in UNLABELLED_METHODS:
-            raise FitError(
-                f"--method {args.method} trains with labels and {args.train} has none (no column {label_column!r}); "
-                f"use --method heads, or give the label column with --label-column"
-            )
+        check_method_labels(
+            args.method,
+            False,
+            f"{args.train} has none (no column {label_column!r})",
+            ", or give the label column with --label-column",
+        )
         print(
             f"{args.train} has no column {label_column!r}: the heads learn the model's own predictions and the "
             f"threshold is calibrated on agreement with the full model",
             file=sys.stderr,
         )
-    config = FitConfig(
-        method=args.method,
-        pooling=args.pooling,
-        head=args.head,
-        max_drop=args.max_drop,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        seed=args.seed,
-        progress=_progress_on(args),
-        confidence=args.confidence,
-        guarantee=args.guarantee,
-        calibration_fraction=args.calibration_fraction,
-        validation_split=None if args.validation is not None else (args.validation_split or 0.1),
-    )
     report = fit_folder(
         args.model,
         train,
@@ -486,11 +485,12 @@ def _evaluate(args) -> int:
 def _calibrate(args) -> int:
     from earlyexit_kernels.integrations.folder_calibration import calibrate_folder
     from earlyexit_kernels.integrations.labelled_data import read_labelled
+    from earlyexit_kernels.training.calibrate_texts import calibration_goal
     from earlyexit_kernels.training.fit_texts import FitError
 
     _common_checks(args)
-    if args.max_drop is not None and not args.max_drop >= 0:
-        raise FitError(f"--max-drop must be >= 0 accuracy points, got {args.max_drop}")
+    if args.max_drop is not None:  # checked before FILE is read (the Goal, as calibrate_folder makes it again)
+        calibration_goal(args.max_drop, None, "probable", None)
     if (args.data is None) == (args.from_audit is None):
         raise FitError("give FILE (the rows to certify on) or --from-audit RECORD, one of them")
     if args.from_audit is not None:

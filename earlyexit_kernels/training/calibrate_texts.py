@@ -17,11 +17,31 @@ import warnings
 from dataclasses import dataclass, field
 
 from earlyexit_kernels.calibration.certify import describe_certificate
-from earlyexit_kernels.training.fit_checks import FitError, check_confidence, check_enough
+from earlyexit_kernels.training.fit_checks import FitError, check_enough
 from earlyexit_kernels.training.fit_data import max_length_for, warn_truncated
 from earlyexit_kernels.training.fit_texts import CONFIDENCE
 
-__all__ = ["BaseChange", "CalibrationReport", "base_change_for", "calibrate_record", "calibrate_texts"]
+__all__ = [
+    "BaseChange",
+    "CalibrationReport",
+    "base_change_for",
+    "calibrate_record",
+    "calibrate_texts",
+    "calibration_goal",
+]
+
+
+def calibration_goal(max_drop: float, confidence: float | None, guarantee: str, max_changed: float | None):
+    """The :class:`~earlyexit_kernels.calibration.select.Goal` of a re-certification, whose construction checks each
+    setting (once, there), before any row is read; what it refuses is a :class:`FitError` (``error:`` at the
+    command line)."""
+    from earlyexit_kernels.calibration.select import Goal
+
+    try:
+        return Goal(max_drop=max_drop, confidence=confidence, guarantee=guarantee, max_changed=max_changed)
+    except ValueError as error:
+        raise FitError(str(error)) from None
+
 
 #: the risks a threshold can be certified on where the base changes (``eek calibrate --risk``): ``reference`` (the
 #: default) against the saved base's full model, ``agreement`` and ``accuracy`` against the served base's full depth
@@ -203,14 +223,12 @@ def calibrate_texts(
     )
     from earlyexit_kernels.training.record_exits import record_exits
 
-    if not max_drop >= 0:
-        raise FitError(f"--max-drop must be >= 0 accuracy points, got {max_drop}")
+    calibration_goal(max_drop, confidence, guarantee, max_changed)
     data, partly = split_unlabelled(data)
     unlabelled = joined_texts(partly, joined_texts(unlabelled, None))
     if unlabelled is not None and confidence is None:
         raise FitError("unlabelled rows (--unlabelled) join the certificate: give a --confidence, or leave them out")
     if confidence is not None:
-        check_confidence(confidence)
         check_enough(len(data), max_drop, confidence, "labelled rows" if unlabelled is not None else "rows", guarantee)
     labels = label_ids(data, model.config) if data.labels is not None else None
     length = max_length_for(max_length, model, tokenizer)
@@ -316,11 +334,9 @@ def calibrate_record(
     from earlyexit_kernels.patching.patch import backend_of, patch, policy_of
     from earlyexit_kernels.training.calibration import calibrate
 
-    if not max_drop >= 0:
-        raise FitError(f"--max-drop must be >= 0 accuracy points, got {max_drop}")
+    calibration_goal(max_drop, confidence, guarantee, max_changed)
     rows = record.all_logits.shape[1]
     if confidence is not None:
-        check_confidence(confidence)
         check_enough(rows, max_drop, confidence, "rows", guarantee)
     previous = policy_of(model)
     with warnings.catch_warnings():

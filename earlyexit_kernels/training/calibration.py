@@ -107,7 +107,7 @@ def calibrate(
         confidence=confidence,
         guarantee=guarantee,
         max_changed=max_changed,
-    ).checked()
+    )
     record = model_or_record if isinstance(model_or_record, ExitRecord) else record_exits(model_or_record, batches)
     if unlabelled is not None and confidence is None:
         raise ValueError("unlabelled rows join a certificate: give confidence= too, or leave them out")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+from earlyexit_kernels._method_names import UNLABELLED_METHODS
 from earlyexit_kernels.calibration.certify import least_rows_for
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "check_confidence",
     "check_enough",
     "check_kept_out",
+    "check_method_labels",
     "file_rows_to_certify",
     "held_out_rows",
     "least_rows_to_certify",
@@ -36,6 +38,16 @@ def check_confidence(confidence: float) -> None:
         check(confidence)
     except ValueError as error:
         raise FitError(f"--confidence: {error}") from None
+
+
+def check_method_labels(method: str, labelled: bool, none: str = "the training rows have none", fix: str = "") -> None:
+    """A :class:`FitError` where ``method`` trains with labels and the rows have none (``none``: which, in words;
+    ``fix``: another way out, after the methods that learn without labels)."""
+    if not labelled and method not in UNLABELLED_METHODS:
+        raise FitError(
+            f"--method {method} trains with labels and {none}; without labels use --method "
+            f"{' or '.join(UNLABELLED_METHODS)} (the heads learn the model's own predictions){fix}"
+        )
 
 
 def least_rows_to_certify(max_drop: float, confidence: float, guarantee: str = "probable") -> int:

@@ -12,7 +12,12 @@ settings: :class:`~earlyexit_kernels.training.fit_data.FitData` carries them bes
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
+
+from earlyexit_kernels._method_names import METHODS
+from earlyexit_kernels.training.fit_checks import FitError
 
 __all__ = ["AUTO_SHARE", "CALIBRATION_FRACTION", "CONFIDENCE", "FitConfig"]
 
@@ -51,3 +56,61 @@ class FitConfig:
     calibration_fraction: float | str = AUTO_SHARE
     validation_split: float | None = None
     guarantee: str = "probable"
+
+    def __post_init__(self) -> None:
+        """Every setting checked here, once, before a row is read: a :class:`FitError` (a ``ValueError``) naming
+        the setting as the command line spells it and as :func:`fit_model` does, its bound and what to give."""
+        from earlyexit_kernels.calibration.certify import GUARANTEES
+
+        if self.method not in METHODS:
+            _refuse("method", f"one of {', '.join(METHODS)}", self.method, "")
+        if not (_number(self.max_drop) and self.max_drop >= 0):
+            _refuse("max_drop", ">= 0 accuracy points", self.max_drop, "a budget such as 1 (at most one point lost)")
+        if self.lr is not None and not (_number(self.lr) and self.lr > 0):
+            _refuse("lr", "a positive learning rate", self.lr, "a rate such as 1e-3, or None (the method's recipe)")
+        for name in ("epochs", "batch_size", "max_length"):
+            value = getattr(self, name)
+            if (value is not None or name == "batch_size") and not (_whole(value) and value >= 1):
+                instead = "a number such as 32" + ("" if name == "batch_size" else ", or None (the default)")
+                _refuse(name, "a whole number, at least 1", value, instead)
+        if not _whole(self.seed):
+            _refuse("seed", "a whole number", self.seed, "an integer such as 0")
+        if self.confidence is not None and not (_number(self.confidence) and 0 < self.confidence < 1):
+            _refuse(
+                "confidence",
+                "a probability strictly between 0 and 1",
+                self.confidence,
+                "a probability such as 0.95 (the budget holds with probability 95% over the draw of the "
+                "calibration rows), or None (off: an uncertified threshold)",
+            )
+        if self.guarantee not in GUARANTEES:
+            _refuse("guarantee", f"one of {', '.join(GUARANTEES)}", self.guarantee, "")
+        fraction = self.calibration_fraction
+        if fraction != AUTO_SHARE and not (_number(fraction) and 0 < fraction < 1):
+            _refuse(
+                "calibration_fraction",
+                f"strictly between 0 and 1, or {AUTO_SHARE}",
+                fraction,
+                f"a share such as {CALIBRATION_FRACTION:g}, or {AUTO_SHARE} (measured on the rows)",
+                verb="lie",
+            )
+        if self.validation_split is not None and not (_number(self.validation_split) and 0 < self.validation_split < 1):
+            _refuse(
+                "validation_split", "strictly between 0 and 1", self.validation_split, "a share such as 0.1", verb="lie"
+            )
+
+
+def _number(value) -> bool:
+    """A finite real number (not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(value) -> bool:
+    """An integer (not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _refuse(name: str, bound: str, got, instead: str, verb: str = "be") -> None:
+    """The one form of a refused setting: ``--max-drop must be >= 0 accuracy points (max_drop=), got -1: e.g. 1``."""
+    flag = "--" + name.replace("_", "-")
+    raise FitError(f"{flag} must {verb} {bound} ({name}=), got {got!r}" + (f": give {instead}" if instead else ""))

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from earlyexit_kernels._method_names import METHODS, UNLABELLED_METHODS
 from earlyexit_kernels.training.fit_checks import (
     FitError,
-    check_confidence,
     check_enough,
     check_kept_out,
+    check_method_labels,
     least_rows_to_certify,
 )
 from earlyexit_kernels.training.fit_config import AUTO_SHARE, CALIBRATION_FRACTION, FitConfig
@@ -58,19 +57,14 @@ def prepare(model, tokenizer, train, validation, config: FitConfig, *, calibrati
     Draws (the kept-out share) use ``config.seed``; the measured share trains heads on ``model``."""
     from earlyexit_kernels.training.labelled_texts import encode, joined_texts, label_ids, split_unlabelled
 
-    if config.method not in METHODS:
-        raise FitError(f"--method must be one of {', '.join(METHODS)}; got {config.method!r}")
     length = max_length_for(config.max_length, model, tokenizer)
     train_ids = label_ids(train, model.config) if train.labels is not None else None
     val_ids = label_ids(validation, model.config) if validation.labels is not None else None
     if (train_ids is None) != (val_ids is None):
         raise FitError("the training rows and the validation rows must both have labels, or neither")
-    if train_ids is None and config.method not in UNLABELLED_METHODS:
-        raise FitError(f"--method {config.method} trains with labels; without labels use --method heads")
+    check_method_labels(config.method, train_ids is not None)
     calibration_ids = encoded_calibration = encoded_unlabelled = None
     given_calibration = calibration is not None
-    if config.confidence is not None:
-        check_confidence(config.confidence)
     if calibration is not None:
         calibration, partly = split_unlabelled(calibration)
         unlabelled = joined_texts(partly, unlabelled)
@@ -168,10 +162,9 @@ def warn_truncated(encoded) -> None:
 
 
 def _split_for_calibration(count: int, fraction, seed: int) -> tuple[list[int], list[int], float]:
-    """``(rest, held, fraction)``: a random ``fraction`` of ``count`` training rows held out to certify on."""
+    """``(rest, held, fraction)``: a random ``fraction`` of ``count`` training rows held out to certify on
+    (``fraction`` checked by :class:`~earlyexit_kernels.training.fit_config.FitConfig`)."""
     from earlyexit_kernels.training.labelled_texts import split_rows
 
-    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool):
-        raise FitError(f"--calibration-fraction must be {AUTO_SHARE} or a number between 0 and 1, got {fraction!r}")
     rest, held = split_rows(count, fraction, seed + 1, option="--calibration-fraction", held_as="calibration")
     return rest, held, fraction

@@ -281,7 +281,9 @@ def train_exit_heads(
     Defaults that converge (``docs/training.md`` has the measurements): ``lr=None`` is
     :data:`DEFAULT_LR` of the ``trains`` mode (1e-3 for the heads alone, 2e-5 when the
     backbone learns); ``epochs=None`` is :data:`DEFAULT_EPOCHS` (30 on the cached path, 1
-    through the forward).
+    through the forward). ``lr=0.0`` is the one rate that is not positive: the epochs run without learning, so
+    that the returned losses measure the model as it is (the fits take positive rates only:
+    :class:`~earlyexit_kernels.training.fit_config.FitConfig`).
 
     Cached fast path (:mod:`earlyexit_kernels.training.cached_heads`): when only the exit
     heads learn (``trains="heads"``, or a method whose own mode it is), the frozen model runs
@@ -326,7 +328,10 @@ def train_exit_heads(
     if lr is None:
         lr = default_lr(trains)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"lr must be a number >= 0 (None: the default of the trains mode); got {lr!r}")
+        raise ValueError(
+            f"lr must be a positive learning rate, e.g. 1e-3 (None: the default of the trains mode; 0, explicitly: "
+            f"the epochs run without learning, to measure the loss as it is); got {lr!r}"
+        )
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
     for name, rate in (("halting_lr", halting_lr), ("heads_lr", heads_lr)):
