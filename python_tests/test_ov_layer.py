@@ -11,10 +11,10 @@ import pickle
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_mpnet
+from conftest import mlp_head_model, tiny_batch, tiny_model, tiny_mpnet
 
 from earlyexit_kernels.engine.ov_layer import OV_MISSING, OvLayer, ov_available
-from earlyexit_kernels.engine.precision import int8_encoder
+from earlyexit_kernels.engine.precision import int8_encoder, to_base
 
 pytestmark = pytest.mark.skipif(not ov_available(), reason=OV_MISSING)
 
@@ -167,9 +167,10 @@ def test_8_bit_weights_are_refused_where_the_cpu_s_int8_kernels_would_saturate(m
     from earlyexit_kernels.engine import ov_layer
 
     model = tiny_model("bert", num_layers=1)
-    monkeypatch.setattr(ov_layer, "int8_isa", lambda: "vnni")
+    monkeypatch.setattr(ov_layer, "int8_weight_bits", lambda: 8)
     shipped = OvLayer.from_layer(model.base_model.encoder.layer[0], model.config)
     assert shipped.weight_bits == 8
+    monkeypatch.setattr(ov_layer, "int8_weight_bits", lambda: 7)
     monkeypatch.setattr(ov_layer, "int8_isa", lambda: "avx2")
     made_here = OvLayer.from_layer(model.base_model.encoder.layer[0], model.config)
     float_layer = OvLayer.from_layer(model.base_model.encoder.layer[0], model.config, int8=False)
@@ -179,3 +180,23 @@ def test_8_bit_weights_are_refused_where_the_cpu_s_int8_kernels_would_saturate(m
     run(float_layer, model, hidden, mask)
     with pytest.raises(ValueError, match=r"8-bit weights, made on a CPU with VNNI; this CPU's int8 class is avx2"):
         run(shipped, model, hidden, mask)
+
+
+def test_the_recipe_runs_every_encoder_layer_on_openvino_and_leaves_the_heads_float():
+    model = mlp_head_model(seed=5)
+    heads_before = copy.deepcopy(model.early_exit_heads.state_dict())
+    ids, mask, types = tiny_batch(6, 12)
+    inputs = dict(input_ids=ids, attention_mask=mask, token_type_ids=types, return_all_exits=True)
+    with torch.no_grad():
+        exact = model(**inputs).all_logits
+        per_token = int8_encoder(model, "per-token")(**inputs).all_logits
+    to_base(model, "int8", "cpu", int8_recipe="per-token-ov")
+    assert model.eek_int8_recipe == "per-token-ov"
+    assert all(isinstance(layer, OvLayer) for layer in model.bert.encoder.layer)
+    assert all(torch.equal(v, heads_before[k]) for k, v in model.early_exit_heads.state_dict().items())
+    with torch.no_grad():
+        got = model(**inputs).all_logits
+    # every layer's logits: the same quantization, two kernels' rounding apart (measured over seeds 5-7: 0.0009-0.034
+    # of what int8 moves them, fbgemm capped at AVX2 or not), where another quantization moves them about as much
+    # as int8 does (1.4x on the AVX2-only EPYC, issue 95)
+    assert float((got - per_token).abs().max()) < 0.2 * float((per_token - exact).abs().max())

@@ -4,10 +4,12 @@
 every exit's logits are the PyTorch model's up to float rounding; it keeps PyTorch's layers, saying
 why, where the graph cannot run them; ``onnxruntime`` refuses the same cases by name; ``torch``
 leaves the model alone; an int8 model keeps its recipe's layers. ``eek serve --layers`` offers the
-same choices, and a served model's ``/info`` says where its layers run.
+same choices, and a served model's ``/info`` says where its layers run. ``openvino`` runs the same
+graphs on OpenVINO where it is installed, and the ``per-token-ov`` int8 recipe its int8 form.
 """
 
 import copy
+import re
 
 import pytest
 import torch
@@ -15,10 +17,12 @@ from conftest import mlp_head_model, tiny_batch
 
 from earlyexit_kernels.engine import served_layers
 from earlyexit_kernels.engine.ort_layer import ORT_MISSING, OrtLayer, ort_available
+from earlyexit_kernels.engine.ov_layer import OV_MISSING, ov_available
 from earlyexit_kernels.engine.precision import to_base
 from earlyexit_kernels.engine.served_layers import SERVED_LAYERS, layers_of, serve_layers
 
 needs_ort = pytest.mark.skipif(not ort_available(), reason="onnxruntime and onnx are not installed")
+needs_ov = pytest.mark.skipif(not ov_available(), reason=OV_MISSING)
 
 
 def all_logits(model):
@@ -66,7 +70,7 @@ def test_torch_leaves_the_model_alone_and_an_unknown_choice_is_refused():
     before = copy.deepcopy(model.state_dict())
     assert "PyTorch's modules" in serve_layers(model, "torch")
     assert layers_of(model) == "torch" and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    with pytest.raises(ValueError, match="one of auto, onnxruntime, torch"):
+    with pytest.raises(ValueError, match="one of auto, onnxruntime, openvino, torch"):
         serve_layers(model, "onnx")
 
 
@@ -81,3 +85,35 @@ def test_the_command_line_offers_the_engine_s_choices():
     from earlyexit_kernels.integrations import serve_cli
 
     assert serve_cli.SERVED_LAYERS == SERVED_LAYERS
+
+
+@needs_ov
+def test_openvino_runs_a_float32_model_s_layers_with_the_same_logits():
+    from earlyexit_kernels.engine.ov_layer import OvLayer
+
+    model = mlp_head_model(seed=5)
+    expected = all_logits(model)
+    line = serve_layers(model, "openvino")
+    assert "float32 on OpenVINO" in line and layers_of(model) == "openvino"
+    assert all(isinstance(layer, OvLayer) for layer in model.bert.encoder.layer)
+    # every exit's logits, float rounding apart
+    torch.testing.assert_close(all_logits(model), expected, rtol=0, atol=1e-5)
+
+
+def test_without_openvino_its_layers_are_refused_saying_what_to_install(monkeypatch):
+    from earlyexit_kernels.engine import ov_layer
+
+    monkeypatch.setattr(ov_layer, "ov_available", lambda: False)
+    with pytest.raises(ValueError, match=re.escape(f"--layers openvino: {OV_MISSING}; serve with --layers torch")):
+        serve_layers(mlp_head_model(seed=5), "openvino")
+    with pytest.raises(ValueError, match="per-token-ov: openvino and onnx are not installed .* per-token-ort"):
+        to_base(mlp_head_model(seed=5), "int8", "cpu", int8_recipe="per-token-ov")
+
+
+@needs_ov
+def test_the_openvino_int8_recipe_runs_every_layer_there_and_keeps_its_runtime_when_served():
+    model = to_base(mlp_head_model(seed=5), "int8", "cpu", int8_recipe="per-token-ov")
+    assert layers_of(model) == "openvino" and model.eek_int8_recipe == "per-token-ov"
+    assert serve_layers(model, "auto") == "layers: int8 on OpenVINO (the recipe per-token-ov)"
+    with pytest.raises(ValueError, match="--layers onnxruntime: the int8 recipe per-token-ov runs on OpenVINO"):
+        serve_layers(model, "onnxruntime")

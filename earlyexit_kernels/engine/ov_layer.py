@@ -74,10 +74,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from earlyexit_kernels.engine.int8_isa import int8_isa
-from earlyexit_kernels.engine.ort_layer import LayerParts, _mask_tables, layer_graph, layer_parts
+from earlyexit_kernels.engine.int8_isa import int8_isa, int8_weight_bits
+from earlyexit_kernels.engine.ort_layer import LayerParts, _mask_tables, encoder_layers, layer_graph, layer_parts
 
-__all__ = ["OvLayer", "ov_model", "ov_available", "compile_config", "OV_MISSING"]
+__all__ = ["OvLayer", "ov_model", "ov_available", "compile_config", "run_on_ov", "OV_MISSING"]
 
 OV_MISSING = "openvino and onnx are not installed (pip install 'openvino>=2025.1' 'onnx>=1.15')"
 #: the products the layer's graph has: query-key-value, attention output, feed-forward up and down
@@ -90,6 +90,15 @@ _core = None
 def ov_available() -> bool:
     """Whether OpenVINO and the ``onnx`` package (which builds the graph OpenVINO reads) are importable."""
     return importlib.util.find_spec("openvino") is not None and importlib.util.find_spec("onnx") is not None
+
+
+def run_on_ov(model: nn.Module, *, int8: bool) -> None:
+    """Each encoder layer of ``model`` (which has the list: :func:`~earlyexit_kernels.engine.ort_layer.encoder_layers`)
+    its OpenVINO model, in place: int8 per token x per channel, or float32; a layer that is one already is kept."""
+    layers = encoder_layers(model)
+    for index, layer in enumerate(layers):
+        if not isinstance(layer, OvLayer):
+            layers[index] = OvLayer.from_layer(layer, model.config, int8=int8)
 
 
 def _ov_core():
@@ -164,7 +173,7 @@ def ov_model(parts: LayerParts, *, int8: bool = True, reduce_range: bool | None 
 
     model = ov.convert_model(io.BytesIO(layer_graph(parts, int8=False)))
     if int8:
-        reduce_range = int8_isa() != "vnni" if reduce_range is None else reduce_range
+        reduce_range = int8_weight_bits() == 7 if reduce_range is None else reduce_range
         products = [
             op
             for op in model.get_ordered_ops()
@@ -210,7 +219,7 @@ class OvLayer(nn.Module):
         """``layer`` (a float BERT-style or MPNet layer) as an OpenVINO model; int8 per token x per channel unless
         not ``int8``."""
         parts = layer_parts(layer, config)
-        reduce_range = int8_isa() != "vnni" if reduce_range is None else reduce_range
+        reduce_range = int8_weight_bits() == 7 if reduce_range is None else reduce_range
         with torch.no_grad():  # what the layer hands back: a tensor, or a tuple whose first item is the output
             probe = layer(torch.zeros(1, 1, parts.qkv_weight.shape[1], dtype=parts.qkv_weight.dtype))
         return cls(
@@ -224,7 +233,7 @@ class OvLayer(nn.Module):
         """The compiled model for torch's thread count now."""
         threads = torch.get_num_threads()
         if self._compiled is None or self._threads != threads:
-            if self.weight_bits == 8 and int8_isa() != "vnni":
+            if self.weight_bits == 8 and int8_weight_bits() == 7:
                 raise ValueError(
                     f"this OpenVINO layer has 8-bit weights, made on a CPU with VNNI; this CPU's int8 class is "
                     f"{int8_isa()}, whose u8 x s8 kernels add pairs of products in saturating 16-bit sums. Make the "

@@ -72,6 +72,8 @@ INT8_RECIPES = {
     "int8 with one activation scale per token and one weight scale per output channel",
     "per-token-ort": "every Linear layer of the encoder int8 per token x per channel, as per-token, each encoder layer "
     "run by ONNX Runtime (one graph per layer, OrtLayer)",
+    "per-token-ov": "every Linear layer of the encoder int8 per token x per channel, as per-token, each encoder layer "
+    "run by OpenVINO (OvLayer; where openvino is installed)",
 }
 #: the recipe of each family (``model_type``) whose int8 base was measured against its float32 model
 #: (agreement and speed at full depth, ``benchmarks/micro/int8_recipes.py``; docs/serving.md, "The int8 base")
@@ -150,6 +152,8 @@ def int8_encoder(model: nn.Module, recipe: str = "auto", *, inplace: bool = Fals
     quantized = model if inplace else copy.deepcopy(model)
     if recipe == "per-token-ort":
         return _ort_encoder(quantized)
+    if recipe == "per-token-ov":
+        return _ov_encoder(quantized)
     linears = _encoder_linears(quantized)
     if not linears:
         raise ValueError(f"int8: {type(model).__name__} has no Linear layer in its encoder to quantize")
@@ -190,6 +194,20 @@ def _ort_encoder(model: nn.Module) -> nn.Module:
         raise ValueError(f"int8 recipe per-token-ort: {type(model).__name__} has no encoder.layer list; run per-token")
     run_on_ort(model, int8=True)
     model.eek_int8_recipe = "per-token-ort"
+    return model
+
+
+def _ov_encoder(model: nn.Module) -> nn.Module:
+    """``model`` with each encoder layer an :class:`~earlyexit_kernels.engine.ov_layer.OvLayer` (int8 per token x
+    per channel), in place."""
+    from earlyexit_kernels.engine.ov_layer import OV_MISSING, ov_available, run_on_ov
+
+    if not ov_available():
+        raise ValueError(f"int8 recipe per-token-ov: {OV_MISSING}; or run the per-token-ort recipe (ONNX Runtime)")
+    if encoder_layers(model) is None:
+        raise ValueError(f"int8 recipe per-token-ov: {type(model).__name__} has no encoder.layer list; run per-token")
+    run_on_ov(model, int8=True)
+    model.eek_int8_recipe = "per-token-ov"
     return model
 
 

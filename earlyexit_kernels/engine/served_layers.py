@@ -18,10 +18,15 @@ is bounded by the largest call served. One layer alone runs about twice as fast 
   CPU, ``onnxruntime`` and ``onnx`` installed, every encoder layer one the graph runs (BERT-style and
   MPNet layers with the erf GELU), no ``torch.compile``; else PyTorch's, the line saying why;
 - ``"onnxruntime"``: ONNX Runtime, or a ``ValueError`` saying why it cannot;
+- ``"openvino"``: the same float32 graphs read by OpenVINO
+  (:class:`~earlyexit_kernels.engine.ov_layer.OvLayer`, ``int8=False``), or a ``ValueError`` saying why
+  it cannot. One MiniLM-L6 layer on 32 rows of about 40 tokens took 41 ms there against 47 on ONNX
+  Runtime and 57 in PyTorch (one thread, Intel Xeon; ``benchmarks/micro/ov_layer.py``); its memory
+  under traffic was not measured, so ``auto`` stays ONNX Runtime;
 - ``"torch"``: PyTorch's modules, as ``eek.classify`` and ``eek fit`` run them.
 
-An int8 model is left as its recipe made it (``per-token-ort`` runs on ONNX Runtime already); bfloat16
-and GPU models run PyTorch's.
+An int8 model is left as its recipe made it (``per-token-ort`` runs on ONNX Runtime already,
+``per-token-ov`` on OpenVINO); bfloat16 and GPU models run PyTorch's.
 """
 
 from __future__ import annotations
@@ -41,11 +46,31 @@ from earlyexit_kernels.engine.ort_layer import (
 __all__ = ["SERVED_LAYERS", "serve_layers", "layers_of"]
 
 #: where a served float32 model's encoder layers run (``eek serve --layers``)
-SERVED_LAYERS = ("auto", "onnxruntime", "torch")
+SERVED_LAYERS = ("auto", "onnxruntime", "openvino", "torch")
+#: the runtimes' names, as the start-up line says them
+_NAMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO", "torch": "PyTorch's kernels"}
 
 
-def _why_not(model: nn.Module, compiled: bool) -> str | None:
-    """Why the float32 layers of ``model`` cannot run on ONNX Runtime; None when they can."""
+def _runtime_layer(runtime: str) -> type:
+    if runtime == "openvino":
+        from earlyexit_kernels.engine.ov_layer import OvLayer
+
+        return OvLayer
+    return OrtLayer
+
+
+def _missing(runtime: str) -> str | None:
+    """What is not installed for ``runtime``'s layers, or None."""
+    if runtime == "openvino":
+        from earlyexit_kernels.engine.ov_layer import OV_MISSING, ov_available
+
+        return None if ov_available() else OV_MISSING
+    return None if ort_available() else ORT_MISSING
+
+
+def _why_not(model: nn.Module, compiled: bool, runtime: str = "onnxruntime") -> str | None:
+    """Why the float32 layers of ``model`` cannot run on ``runtime`` (``onnxruntime`` or ``openvino``); None when
+    they can."""
     parameters = list(model.parameters())
     if any(p.device.type != "cpu" for p in parameters):
         return "the model is on a GPU"
@@ -53,13 +78,14 @@ def _why_not(model: nn.Module, compiled: bool) -> str | None:
         return "the model is not float32"
     if compiled:
         return "--compile compiles PyTorch's layers"
-    if not ort_available():
-        return ORT_MISSING
+    missing = _missing(runtime)
+    if missing is not None:
+        return missing
     layers = encoder_layers(model)
     if layers is None:
         return f"{type(model).__name__} has no encoder.layer list"
     for layer in layers:
-        if isinstance(layer, OrtLayer):
+        if isinstance(layer, _runtime_layer(runtime)):
             continue
         try:
             layer_parts(layer, model.config)
@@ -75,24 +101,34 @@ def serve_layers(model: nn.Module, layers: str = "auto", *, compiled: bool = Fal
         raise ValueError(f"layers must be one of {', '.join(SERVED_LAYERS)}; got {layers!r}")
     recipe = getattr(model, "eek_int8_recipe", None)
     if recipe is not None:  # the int8 base: its recipe decides
-        where = "ONNX Runtime" if layers_of(model) == "onnxruntime" else "PyTorch's kernels"
-        if layers == "onnxruntime" and where != "ONNX Runtime":
-            raise ValueError(f"--layers onnxruntime: the int8 recipe {recipe} runs on PyTorch's kernels")
-        return f"layers: int8 on {where} (the recipe {recipe})"
+        where = layers_of(model)
+        if layers in ("onnxruntime", "openvino") and where != layers:
+            raise ValueError(
+                f"--layers {layers}: the int8 recipe {recipe} runs on {_NAMES[where]}, as its certificate was made"
+            )
+        return f"layers: int8 on {_NAMES[where]} (the recipe {recipe})"
     if layers == "torch":
         return "layers: PyTorch's modules (--layers torch)"
-    reason = _why_not(model, compiled)
+    runtime = "openvino" if layers == "openvino" else "onnxruntime"
+    reason = _why_not(model, compiled, runtime)
     if reason is not None:
-        if layers == "onnxruntime":
-            raise ValueError(f"--layers onnxruntime: {reason}; serve with --layers torch")
+        if layers != "auto":
+            raise ValueError(f"--layers {layers}: {reason}; serve with --layers torch")
         return f"layers: PyTorch's modules ({reason})"
+    if runtime == "openvino":
+        from earlyexit_kernels.engine.ov_layer import run_on_ov
+
+        run_on_ov(model, int8=False)
+        return "layers: float32 on OpenVINO, one model a layer (--layers torch: PyTorch's modules)"
     run_on_ort(model, int8=False)
     return "layers: float32 on ONNX Runtime, one graph a layer (--layers torch: PyTorch's modules)"
 
 
 def layers_of(model: nn.Module) -> str:
-    """Where ``model``'s encoder layers run now: ``"onnxruntime"`` (every one an :class:`OrtLayer`) or ``"torch"``."""
+    """Where ``model``'s encoder layers run now: ``"onnxruntime"`` (every one an :class:`OrtLayer`), ``"openvino"``
+    (every one an ``OvLayer``) or ``"torch"``."""
     layers = encoder_layers(model)
-    if layers is not None and len(layers) and all(isinstance(layer, OrtLayer) for layer in layers):
-        return "onnxruntime"
-    return "torch"
+    if layers is None or not len(layers):
+        return "torch"
+    kinds = {type(layer).__name__ for layer in layers}  # by name: naming OvLayer imports nothing of OpenVINO
+    return {frozenset({"OrtLayer"}): "onnxruntime", frozenset({"OvLayer"}): "openvino"}.get(frozenset(kinds), "torch")

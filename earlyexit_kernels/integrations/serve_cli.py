@@ -24,7 +24,7 @@ from earlyexit_kernels.integrations.model_folder import load_model
 from earlyexit_kernels.integrations.recertify_cli import add_recertify_options
 
 #: where a float32 model's encoder layers run (:data:`earlyexit_kernels.engine.served_layers.SERVED_LAYERS`)
-SERVED_LAYERS = ("auto", "onnxruntime", "torch")
+SERVED_LAYERS = ("auto", "onnxruntime", "openvino", "torch")
 
 #: seconds between two trims (earlyexit_kernels.integrations.server.memory_trim.DEFAULT_INTERVAL, written
 #: out: importing the server package here would make `eek --help` load starlette, test_import_time)
@@ -165,7 +165,8 @@ def add_serve_command(commands) -> None:
         default="auto",
         help="where a float32 model's encoder layers run: auto (default), ONNX Runtime's float32 graphs where it can run "
         "them (onnxruntime installed, the model float32 on the CPU, no --compile): its memory is bounded by the largest "
-        "call served (docs/serving.md); onnxruntime: those or an error; torch: PyTorch's modules",
+        "call served (docs/serving.md); onnxruntime: those or an error; openvino: the same graphs on OpenVINO (openvino "
+        "installed) or an error; torch: PyTorch's modules",
     )
     serve.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
     serve.set_defaults(run=run_serve)
