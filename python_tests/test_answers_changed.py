@@ -166,3 +166,38 @@ def test_on_the_int8_base_the_answers_changed_are_counted_against_the_float32_fu
     assert certificate["changed_observed"] == pytest.approx(1.0 - report.agreements["exits"])
     assert report.agreements["base_full"] < 1.0  # the int8 base changes answers of its own, counted in
     assert json.loads((tmp_path / "eek_fit.json").read_text())["certificate"]["changed_budget"] == 0.12
+
+
+def test_eek_fit_max_changed_is_certified_and_recorded_and_a_bad_one_refused(classifier, tmp_path, capsys):  # noqa: F811
+    """``eek fit --max-changed``: the budget ``eek calibrate`` takes, carried by the FitConfig to the certificate
+    (``eek_fit.json`` records it); a value out of bounds, without a confidence or without labels is one line."""
+    train = _write(_frame(300, seed=35), tmp_path / "train.csv")
+    fit = ("fit", classifier, train, tmp_path / "model", "--epochs", "2", "--no-progress", "--max-drop", "20")
+    kept = ("--confidence", "0.95", "--calibration-fraction", "0.25")
+    assert _run(*fit, *kept, "--max-changed", "5") == 0
+    certificate = json.loads((tmp_path / "model" / "eek_fit.json").read_text())["certificate"]
+    assert certificate["changed_budget"] == pytest.approx(0.05) and certificate["budget"] == pytest.approx(0.2)
+    unlabelled = _write(_frame(300, seed=36, labels=None), tmp_path / "unlabelled.csv")
+    for extra, message in (
+        (("--max-changed", "150"), "max_changed must be in [0, 100) points (answers changed), got 150.0"),
+        (("--max-changed", "5", "--confidence", "off"), "max_changed is certified beside accuracy lost"),
+        (("--unlabelled", str(unlabelled), "--max-changed", "5"), "--max-changed is certified beside accuracy lost"),
+    ):
+        capsys.readouterr()
+        assert _run(*fit, "--overwrite", *kept[:2], *extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+
+
+def test_fit_model_and_fit_exit_heads_take_max_changed_with_the_same_bound():
+    from earlyexit_kernels.training.fit import fit_exit_heads
+    from earlyexit_kernels.training.fit_config import FitConfig
+    from earlyexit_kernels.training.fit_texts import FitError
+
+    assert FitConfig(max_changed=5.0).max_changed == 5.0 and FitConfig().max_changed is None
+    with pytest.raises(FitError, match=r"max_changed must be in \[0, 100\) points"):
+        FitConfig(max_changed=-1.0)
+    with pytest.raises(ValueError, match=r"max_changed must be in \[0, 100\) points"):  # before anything trains
+        fit_exit_heads(None, [], max_changed=150.0, confidence=0.95)
+    with pytest.raises(ValueError, match="give confidence= too"):
+        fit_exit_heads(None, [], max_changed=5.0)

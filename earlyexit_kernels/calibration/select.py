@@ -209,7 +209,10 @@ class Goal:
 
         check_guarantee(self.guarantee)
         if (self.max_drop is None) == (self.target_layers is None):
-            raise ValueError("give exactly one target: max_drop (accuracy points) or target_layers (mean layers)")
+            which = "neither was given" if self.max_drop is None else "not both"
+            raise ValueError(
+                f"give exactly one target: max_drop (accuracy points) or target_layers (mean layers), {which}"
+            )
         if self.confidence is not None:
             check_confidence(self.confidence)
             if self.target_layers is not None:

@@ -129,6 +129,13 @@ def _add_fit(commands) -> None:
     )
     add_guarantee_option(fit, "probable", "probable")
     fit.add_argument(
+        "--max-changed",
+        type=_confidence,
+        default=None,
+        metavar="POINTS",
+        help=f"{_MAX_CHANGED_HELP}. Labelled rows (default: none; 'off': none)",
+    )
+    fit.add_argument(
         "--calibration",
         default=None,
         metavar="FILE",
@@ -179,6 +186,13 @@ def _add_fit(commands) -> None:
     add_base_options(fit, dtypes=("float32", "bfloat16", "int8"))
     fit.set_defaults(run=_fit_command)
 
+
+#: ``--max-changed``, as ``eek fit`` and ``eek calibrate`` say it (their defaults differ: a fitted folder's is saved)
+_MAX_CHANGED_HELP = (
+    "also certify that at most POINTS in 100 answers differ from the full model's (the one accuracy lost is "
+    "measured against), beside --max-drop, at the same confidence: accuracy lost lets an exit's fixes of the full "
+    "model's errors pay for as many new errors, so alone it does not bound how many answers change"
+)
 
 #: ``eek calibrate --confidence``'s default: the folder's certificate's (not a string: argparse would parse it)
 _SAVED = object()
@@ -266,10 +280,7 @@ def _add_calibrate(commands) -> None:
         type=_confidence,
         default=_SAVED,
         metavar="POINTS",
-        help="also certify that at most POINTS in 100 answers differ from the full model's (the one accuracy lost "
-        "is measured against), beside --max-drop, at the same confidence: accuracy lost lets an exit's fixes of the "
-        "full model's errors pay for as many new errors, so alone it does not bound how many answers change. "
-        "Labelled rows (default: FOLDER's certificate's, else none; 'off': none)",
+        help=f"{_MAX_CHANGED_HELP}. Labelled rows (default: FOLDER's certificate's, else none; 'off': none)",
     )
     calibrate.add_argument(
         "--risk",
@@ -383,6 +394,7 @@ def _fit(args) -> int:
         progress=_progress_on(args),
         confidence=args.confidence,
         guarantee=args.guarantee,
+        max_changed=args.max_changed,
         calibration_fraction=args.calibration_fraction,
         validation_split=None if args.validation is not None else (args.validation_split or 0.1),
     )

@@ -20,6 +20,7 @@ import torch
 
 from earlyexit_kernels.calibration.candidates import supports_paths
 from earlyexit_kernels.calibration.record import ExitRecord
+from earlyexit_kernels.calibration.select import Goal
 from earlyexit_kernels.engine.heads import HEAD_FORMS, HEAD_POOLINGS
 from earlyexit_kernels.methods.policies import SkipGates
 from earlyexit_kernels.patching.patch import patch
@@ -175,6 +176,7 @@ def fit_exit_heads(
     head: str | None = None,
     unlabelled_batches=None,
     guarantee: str = "probable",
+    max_changed: float | None = None,
     reference=None,
 ) -> FitResult:
     """Train the exit heads of ``model`` with ``method``'s recipe, calibrate on validation data, patch.
@@ -205,6 +207,8 @@ def fit_exit_heads(
     ``"expected"``, what the certificate promises); the guarantee
     assumes calibration rows that no training step saw, so pass ``calibration_batches``;
     ``unlabelled_batches``: more such rows, without labels, in the certificate beside them.
+    ``max_changed`` (points, with ``confidence`` and labelled rows): the answers changed against the full model,
+    certified beside ``max_drop`` (:func:`~earlyexit_kernels.training.calibration.calibrate`).
     ``reference``: where ``model`` runs on another base than the one the user validated (``eek fit --dtype
     int8``: its encoder layers int8), that model (patched, on its own base), whose full depth the calibration
     measures the risk against: accuracy lost against its answers' accuracy, or disagreement with them; the
@@ -220,10 +224,18 @@ def fit_exit_heads(
     """
     started = time.perf_counter()
     chosen: Recipe = recipe(method)
-    if max_drop is not None and target_layers is not None:
-        raise ValueError("give one target: max_drop (accuracy points) or target_layers (mean layers), not both")
     if max_drop is None and target_layers is None:
         max_drop = 1.0
+    # the calibration's settings checked by its Goal before anything trains (calibrate makes it again at the end)
+    Goal(
+        max_drop=max_drop,
+        target_layers=target_layers,
+        target=target,
+        min_saving=min_saving,
+        confidence=confidence,
+        guarantee=guarantee,
+        max_changed=max_changed,
+    )
     if reference is not None and chosen.encoder_stages:
         raise ValueError(
             f"the {chosen.name} recipe trains the encoder too, which a model on another base than its reference "
@@ -358,6 +370,7 @@ def fit_exit_heads(
         path_record=path_record,
         unlabelled=unlabelled,
         guarantee=guarantee,
+        max_changed=max_changed,
     )
     patch(model, calibration.policy, backend)
     return FitResult(

@@ -40,7 +40,8 @@ class FitConfig:
     ``progress``: bars; ``confidence``: of the certificate (None: uncertified); ``calibration_fraction``:
     the training rows kept out to certify on (``"auto"``: measured); ``validation_split``: the share of
     the user's file the validation rows were split from (None: they came from elsewhere); ``guarantee``: what
-    the certificate promises, ``"probable"`` or ``"expected"``."""
+    the certificate promises, ``"probable"`` or ``"expected"``; ``max_changed``: the answers changed against the full
+    model, in points, certified beside ``max_drop`` (labelled rows, with a ``confidence``; None: not bounded)."""
 
     method: str = "heads"
     pooling: str | None = "auto"
@@ -56,16 +57,15 @@ class FitConfig:
     calibration_fraction: float | str = AUTO_SHARE
     validation_split: float | None = None
     guarantee: str = "probable"
+    max_changed: float | None = None
 
     def __post_init__(self) -> None:
         """Every setting checked here, once, before a row is read: a :class:`FitError` (a ``ValueError``) naming
         the setting as the command line spells it and as :func:`fit_model` does, its bound and what to give."""
-        from earlyexit_kernels.calibration.certify import GUARANTEES
+        from earlyexit_kernels.calibration.select import Goal
 
         if self.method not in METHODS:
             _refuse("method", f"one of {', '.join(METHODS)}", self.method, "")
-        if not (_number(self.max_drop) and self.max_drop >= 0):
-            _refuse("max_drop", ">= 0 accuracy points", self.max_drop, "a budget such as 1 (at most one point lost)")
         if self.lr is not None and not (_number(self.lr) and self.lr > 0):
             _refuse("lr", "a positive learning rate", self.lr, "a rate such as 1e-3, or None (the method's recipe)")
         for name in ("epochs", "batch_size", "max_length"):
@@ -75,16 +75,15 @@ class FitConfig:
                 _refuse(name, "a whole number, at least 1", value, instead)
         if not _whole(self.seed):
             _refuse("seed", "a whole number", self.seed, "an integer such as 0")
-        if self.confidence is not None and not (_number(self.confidence) and 0 < self.confidence < 1):
-            _refuse(
-                "confidence",
-                "a probability strictly between 0 and 1",
-                self.confidence,
-                "a probability such as 0.95 (the budget holds with probability 95% over the draw of the "
-                "calibration rows), or None (off: an uncertified threshold)",
+        try:  # the calibration's settings: its Goal checks them, as for eek calibrate
+            Goal(
+                max_drop=self.max_drop,
+                confidence=self.confidence,
+                guarantee=self.guarantee,
+                max_changed=self.max_changed,
             )
-        if self.guarantee not in GUARANTEES:
-            _refuse("guarantee", f"one of {', '.join(GUARANTEES)}", self.guarantee, "")
+        except ValueError as error:
+            raise FitError(str(error)) from None
         fraction = self.calibration_fraction
         if fraction != AUTO_SHARE and not (_number(fraction) and 0 < fraction < 1):
             _refuse(
@@ -111,6 +110,6 @@ def _whole(value) -> bool:
 
 
 def _refuse(name: str, bound: str, got, instead: str, verb: str = "be") -> None:
-    """The one form of a refused setting: ``--max-drop must be >= 0 accuracy points (max_drop=), got -1: e.g. 1``."""
+    """The one form of a refused setting: ``--lr must be a positive learning rate (lr=), got 0: give ...``."""
     flag = "--" + name.replace("_", "-")
     raise FitError(f"{flag} must {verb} {bound} ({name}=), got {got!r}" + (f": give {instead}" if instead else ""))

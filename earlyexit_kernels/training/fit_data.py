@@ -68,6 +68,13 @@ def prepare(model, tokenizer, train, validation, config: FitConfig, *, calibrati
     if calibration is not None:
         calibration, partly = split_unlabelled(calibration)
         unlabelled = joined_texts(partly, unlabelled)
+    if config.max_changed is not None and (
+        train_ids is None or unlabelled is not None or (calibration is not None and calibration.labels is None)
+    ):
+        raise FitError(
+            "--max-changed is certified beside accuracy lost, on labelled rows alone: give labelled training rows "
+            "(and a labelled --calibration FILE, if any), without unlabelled rows, or leave --max-changed out"
+        )
     if unlabelled is not None:
         if config.confidence is None:
             raise FitError(

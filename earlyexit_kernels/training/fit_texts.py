@@ -222,6 +222,7 @@ def train_and_calibrate(model, data: FitData, config: FitConfig, *, reference=No
             head=config.head,
             unlabelled_batches=unlabelled_batches,
             guarantee=config.guarantee,
+            max_changed=config.max_changed,
             reference=reference,
         )
     model.eval()
@@ -279,6 +280,7 @@ def fit_model(
     validation_split: float | None = None,
     unlabelled=None,
     guarantee: str = "probable",
+    max_changed: float | None = None,
 ):
     """Train and calibrate the exit heads of ``model`` in place; what ``eek fit`` does between reading and writing.
 
@@ -312,6 +314,9 @@ def fit_model(
     ``guarantee``: what the certificate promises, ``"probable"`` (the default: with probability ``confidence``)
     or ``"expected"`` (on average over the draw of the calibration rows, conformal risk control; cheaper, and
     any one draw may serve above the budget): :data:`~earlyexit_kernels.calibration.certify.GUARANTEES`.
+    ``max_changed`` (points; with ``confidence`` and labelled calibration rows, without unlabelled ones): also
+    certify that at most that many answers in 100 differ from the full model's, beside ``max_drop``
+    (``eek fit --max-changed``, as ``eek calibrate`` takes it); None: not bounded.
 
     ``seed`` fixes everything drawn: the splits, the order of the rows, and the heads' initial
     weights (torch's generator is seeded inside, and given back as it was).
@@ -331,6 +336,7 @@ def fit_model(
         calibration_fraction=calibration_fraction,
         validation_split=validation_split,
         guarantee=guarantee,
+        max_changed=max_changed,
     )
     return fit_with_config(model, tokenizer, train, validation, config, calibration=calibration, unlabelled=unlabelled)
 
