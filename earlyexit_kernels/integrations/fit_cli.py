@@ -22,6 +22,7 @@ from pathlib import Path
 from earlyexit_kernels._method_names import METHODS, UNLABELLED_METHODS
 from earlyexit_kernels.integrations.base_options import add_base_options
 from earlyexit_kernels.integrations.cli_options import add_guarantee_option
+from earlyexit_kernels.patching.fit_record import SAVED
 
 __all__ = ["add_commands", "CALIBRATION_FRACTION", "CONFIDENCE", "HEAD_CHOICES", "METHODS", "UNLABELLED_METHODS"]
 
@@ -194,9 +195,6 @@ _MAX_CHANGED_HELP = (
     "model's errors pay for as many new errors, so alone it does not bound how many answers change"
 )
 
-#: ``eek calibrate --confidence``'s default: the folder's certificate's (not a string: argparse would parse it)
-_SAVED = object()
-
 
 def _share(text: str) -> float | str:
     if text.strip().lower() == "auto":
@@ -214,6 +212,12 @@ def _confidence(text: str) -> float | None:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"a probability such as 0.95, or off; got {text!r}") from None
+
+
+def _confidence_or_saved(text: str) -> float | str | None:
+    """``eek calibrate``'s ``--confidence`` / ``--max-changed``: as :func:`_confidence`, or :data:`SAVED` (their
+    default, which argparse passes through here: the folder's certificate's)."""
+    return SAVED if text.strip().lower() == SAVED else _confidence(text)
 
 
 def _add_calibrate(commands) -> None:
@@ -268,8 +272,8 @@ def _add_calibrate(commands) -> None:
     )
     calibrate.add_argument(
         "--confidence",
-        type=_confidence,
-        default=_SAVED,
+        type=_confidence_or_saved,
+        default=SAVED,
         metavar="P",
         help=f"certify --max-drop with this probability (default: FOLDER's certificate's, else {CONFIDENCE:g}); "
         "'off': the fewest layers within --max-drop on FILE's rows, uncertified",
@@ -277,8 +281,8 @@ def _add_calibrate(commands) -> None:
     add_guarantee_option(calibrate, None, "FOLDER's certificate's, else probable")
     calibrate.add_argument(
         "--max-changed",
-        type=_confidence,
-        default=_SAVED,
+        type=_confidence_or_saved,
+        default=SAVED,
         metavar="POINTS",
         help=f"{_MAX_CHANGED_HELP}. Labelled rows (default: FOLDER's certificate's, else none; 'off': none)",
     )
@@ -510,7 +514,7 @@ def _calibrate(args) -> int:
 
         if args.unlabelled is not None:
             raise FitError("--unlabelled joins FILE's rows; an audit record's rows carry no labels: leave it out")
-        if args.max_changed not in (_SAVED, None):
+        if args.max_changed not in (SAVED, None):
             raise FitError(
                 "--max-changed is certified beside accuracy lost, on labels; an audit record's rows carry none (its "
                 "risk is the answers changed, at --max-drop): leave it out"
@@ -520,8 +524,8 @@ def _calibrate(args) -> int:
             report = calibrate_folder(
                 args.folder,
                 max_drop=args.max_drop,
-                confidence="saved" if args.confidence is _SAVED else args.confidence,
-                guarantee=args.guarantee or "saved",
+                confidence=args.confidence,
+                guarantee=args.guarantee or SAVED,
                 from_audit=args.from_audit,
                 force=args.force,
             )
@@ -545,8 +549,8 @@ def _calibrate(args) -> int:
         args.folder,
         data,
         max_drop=args.max_drop,
-        confidence="saved" if args.confidence is _SAVED else args.confidence,
-        guarantee=args.guarantee or "saved",
+        confidence=args.confidence,
+        guarantee=args.guarantee or SAVED,
         batch_size=args.batch_size,
         max_length=args.max_length,
         source=str(args.data),
@@ -555,7 +559,7 @@ def _calibrate(args) -> int:
         force=args.force,
         unlabelled=_unlabelled(args),
         risk=args.risk,
-        max_changed="saved" if args.max_changed is _SAVED else args.max_changed,
+        max_changed=args.max_changed,
     )
     for line in report.summary():
         print(line)

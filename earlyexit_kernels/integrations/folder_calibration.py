@@ -21,7 +21,7 @@ from pathlib import Path
 
 from earlyexit_kernels.engine.int8_isa import int8_isa
 from earlyexit_kernels.patching.exit_files import CONFIG_FILE, policy_to_dict
-from earlyexit_kernels.patching.fit_record import FitRecord
+from earlyexit_kernels.patching.fit_record import SAVED, FitRecord
 from earlyexit_kernels.patching.patch import policy_of
 
 __all__ = ["calibrate_folder", "saved_budget", "saved_changed", "saved_path"]
@@ -73,7 +73,7 @@ def calibrate_folder(
     data=None,
     *,
     max_drop: float | None = None,
-    confidence: float | None | str = "saved",
+    confidence: float | None | str = SAVED,
     batch_size: int = 64,
     max_length: int | None = None,
     source: str | None = None,
@@ -83,8 +83,8 @@ def calibrate_folder(
     force: bool = False,
     unlabelled=None,
     risk: str = "auto",
-    guarantee: str = "saved",
-    max_changed: float | None | str = "saved",
+    guarantee: str = SAVED,
+    max_changed: float | None | str = SAVED,
 ):
     """Re-certify the folder ``path`` on ``data`` (:class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`)
     and write it back; returns the :class:`~earlyexit_kernels.training.calibrate_texts.CalibrationReport`.
@@ -128,13 +128,13 @@ def calibrate_folder(
     from earlyexit_kernels.training.fit_texts import CONFIDENCE
 
     saved_drop, saved_confidence = saved_budget(path)
-    if guarantee == "saved":
+    if guarantee == SAVED:
         guarantee = saved_guarantee(path)
     if max_drop is None:
         max_drop = 1.0 if saved_drop is None else saved_drop
-    if confidence == "saved":
+    if confidence == SAVED:
         confidence = CONFIDENCE if saved_confidence is None else saved_confidence
-    if max_changed == "saved":
+    if max_changed == SAVED:
         max_changed = saved_changed(path)
     if (data is None) == (from_audit is None):
         raise ValueError("give the rows to certify on (data) or an audit record (from_audit), one of them")

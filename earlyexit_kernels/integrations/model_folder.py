@@ -18,7 +18,7 @@ from pathlib import Path
 
 from earlyexit_kernels.engine.int8_isa import int8_isa
 from earlyexit_kernels.patching.fit_record import FILE as FIT_FILE
-from earlyexit_kernels.patching.fit_record import FitRecord
+from earlyexit_kernels.patching.fit_record import SAVED, FitRecord  # SAVED: audit_settings' default
 
 __all__ = [
     "ModelFolderError",
@@ -280,10 +280,6 @@ def usable_certificate(certificate, target) -> dict | None:
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (budget, confidence)):
         return None
     return {**certificate, "target": target}
-
-
-#: :func:`audit_settings`' default: the certificate saved in the folder
-SAVED = "saved"
 
 
 def accuracy_audit_budget(path: str, *, certificate: dict | None | str = SAVED) -> float | None:

@@ -21,12 +21,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["FILE", "VERSION", "FitRecord", "FitRecordError"]
+__all__ = ["FILE", "SAVED", "VERSION", "FitRecord", "FitRecordError"]
 
 #: the record's file name inside a model folder
 FILE = "eek_fit.json"
 #: the version this code reads and writes; files without the field are version 1
 VERSION = 1
+#: a setting's value that means "as the certificate saved in the folder's record says" (``eek calibrate``'s
+#: defaults, :func:`~earlyexit_kernels.integrations.model_folder.audit_settings`'): the one such sentinel
+SAVED = "saved"
 
 
 class FitRecordError(ValueError):
