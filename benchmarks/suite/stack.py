@@ -6,9 +6,11 @@ Tomatoes, its exit heads fitted and the exit threshold calibrated on the validat
 ``make demo`` does (:data:`earlyexit_kernels.demo.real_demo.FIT_OPTIONS`, the same cached folder).
 Every configuration classifies the same test texts in the same length-sorted batches of 32:
 
-- ``fp32``, ``int8`` (``torch.ao.quantization.quantize_dynamic`` of the encoder's Linear layers:
-  the classifier and the exit heads, a few thousandths of the work, stay float, so the heads run
-  the backend's fused per-layer step; docs/usage.md, "int8"), ``bf16`` (``model.to(torch.bfloat16)``)
+- ``fp32``, ``int8`` (``torch.ao.quantization.quantize_dynamic`` of the encoder's Linear layers, or
+  another int8 recipe with ``--stack-int8``: ``per-token-ort`` runs the ONNX Runtime layers
+  ``eek serve --dtype int8`` runs, ``per-token-ov`` OpenVINO's; the classifier and the exit heads, a
+  few thousandths of the work, stay float, so the heads run the backend's fused per-layer step;
+  docs/usage.md, "int8"), ``bf16`` (``model.to(torch.bfloat16)``)
   and ``compile`` (``torch.compile(model, dynamic=True)``, inductor), each as the unpatched model
   and with early exit (the fitted model, quantized, cast or compiled the same way: patch, then
   quantize);
@@ -447,10 +449,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--stack-int8",
-        choices=("all", "ffn-out-float"),
+        choices=("all", "ffn-out-float", "per-token", "per-token-ort", "per-token-ov"),
         default="all",
-        help="the encoder's Linear layers int8 quantizes: all (default), or all but the feed-forward "
-        "output projections (ffn-out-float), which keeps MPNet-base within 2 points",
+        help="the int8 recipe of the int8 rows (earlyexit_kernels.engine.precision.INT8_RECIPES): all (default), "
+        "all but the feed-forward output projections (ffn-out-float), which keeps MPNet-base within 2 points, or "
+        "per token x per channel on PyTorch's kernels (per-token), ONNX Runtime's layers (per-token-ort, what "
+        "--dtype int8 serves) or OpenVINO's (per-token-ov)",
     )
     parser.add_argument(
         "--stack-folder",
@@ -510,7 +514,7 @@ def run(args) -> int:
         ),
         "fitted_folder": Path(folder).name,
         "policy": policy_of(patched).to_code(4),
-        "int8": f"torch.ao.quantization.quantize_dynamic of {INT8_RECIPES[int8_recipe]}",
+        "int8": f"the int8 recipe {int8_recipe}: {INT8_RECIPES[int8_recipe]}",
         "batches": f"{len(batches)} length-sorted batches of {BATCH}",
         "threads": threads,
         "repeats": args.repeats,
