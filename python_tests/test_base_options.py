@@ -81,6 +81,40 @@ def test_calibrate_certifies_on_the_base_it_is_given_and_records_it(fitted, tmp_
     assert load_model(str(fitted), dtype="int8")[0].eek_int8_recipe == recorded
 
 
+@pytest.mark.parametrize("layers, recipe", list(precision.INT8_LAYERS.items()))
+def test_calibrate_certifies_int8_on_the_layers_asked_for_and_serving_runs_them(
+    fitted, tmp_path, capsys, layers, recipe
+):
+    import shutil
+
+    from earlyexit_kernels.engine.ort_layer import ort_available
+    from earlyexit_kernels.engine.ov_layer import ov_available
+    from earlyexit_kernels.integrations.model_folder import load_model
+
+    if (layers == "openvino" and not ov_available()) or (layers == "onnxruntime" and not ort_available()):
+        pytest.skip(f"{layers} is not installed")
+    folder = tmp_path / "model"
+    shutil.copytree(fitted, folder)
+    rows = _write(_frame(400, seed=43), tmp_path / "rows.csv")
+    argv = ("calibrate", folder, rows, "--dtype", "int8", "--layers", layers, "--max-drop", "5", "--no-progress")
+    assert _run(*argv) == 0
+    assert f"int8 recipe: {recipe} (recorded in eek_fit.json)" in capsys.readouterr().out
+    assert json.loads((folder / "eek_fit.json").read_text())["int8_recipe"] == recipe
+    assert load_model(str(folder), dtype="int8")[0].eek_int8_recipe == recipe
+
+
+def test_layers_without_int8_or_with_an_audit_record_is_one_clear_line(fitted, tmp_path, capsys):
+    rows = _write(_frame(50, seed=46), tmp_path / "rows.csv")
+    assert _run("calibrate", fitted, rows, "--layers", "torch", "--no-progress") == 2
+    assert "--layers torch says where the int8 layers run: give --dtype int8 with it" in capsys.readouterr().err
+    assert _run("calibrate", fitted, "--from-audit", tmp_path / "audit.pt", "--layers", "openvino") == 2
+    assert "--layers chooses the int8 layers; an audit record is certified as it was served" in capsys.readouterr().err
+
+
+def test_the_int8_layers_named_on_the_command_line_are_the_engine_s():
+    assert set(base_options.INT8_LAYERS) == {"auto", *precision.INT8_LAYERS}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where there is no CUDA device")
 @pytest.mark.parametrize("command", ["classify", "evaluate"])
 def test_cuda_without_a_gpu_is_one_clear_line(fitted, tmp_path, capsys, command):

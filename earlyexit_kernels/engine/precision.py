@@ -49,9 +49,11 @@ __all__ = [
     "DTYPES",
     "DEVICES",
     "INT8_RECIPES",
+    "INT8_LAYERS",
     "FAMILY_INT8_RECIPES",
     "resolve_device",
     "int8_recipe",
+    "int8_recipe_on",
     "legacy_int8_recipe",
     "int8_encoder",
     "to_base",
@@ -78,6 +80,9 @@ INT8_RECIPES = {
 #: the recipe of each family (``model_type``) whose int8 base was measured against its float32 model
 #: (agreement and speed at full depth, ``benchmarks/micro/int8_recipes.py``; docs/serving.md, "The int8 base")
 FAMILY_INT8_RECIPES = {"bert": "per-token-ort", "mpnet": "per-token-ort"}
+#: where the int8 layers run (``eek calibrate --dtype int8 --layers``) and the per-token recipe that runs them there
+#: (``auto``: the family's, :func:`int8_recipe`); the same quantization, on each runtime's kernels
+INT8_LAYERS = {"onnxruntime": "per-token-ort", "openvino": "per-token-ov", "torch": "per-token"}
 #: the recipe a family takes instead where ONNX Runtime is not installed (the same quantization on PyTorch's kernels)
 WITHOUT_ORT = {"per-token-ort": "per-token"}
 #: the recipe every family's int8 base had before recipes were chosen per family and recorded in the folder
@@ -116,6 +121,18 @@ def int8_recipe(model: nn.Module) -> str:
         )
     recipe = FAMILY_INT8_RECIPES[family]
     return recipe if ort_available() else WITHOUT_ORT.get(recipe, recipe)
+
+
+def int8_recipe_on(model: nn.Module, layers: str = "auto") -> str:
+    """The int8 recipe of ``model`` with its int8 layers on ``layers`` (``auto``, or a key of :data:`INT8_LAYERS`):
+    the family's where ``auto``; a ``ValueError`` for a family never measured (:func:`int8_recipe`) or another
+    choice."""
+    recipe = int8_recipe(model)  # the family was measured on int8, or this says what runs instead
+    if layers == "auto":
+        return recipe
+    if layers not in INT8_LAYERS:
+        raise ValueError(f"the int8 layers run on auto or one of {', '.join(INT8_LAYERS)}; got {layers!r}")
+    return INT8_LAYERS[layers]
 
 
 def legacy_int8_recipe(model: nn.Module) -> str:

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from earlyexit_kernels._method_names import METHODS, UNLABELLED_METHODS
-from earlyexit_kernels.integrations.base_options import add_base_options
+from earlyexit_kernels.integrations.base_options import add_base_options, add_int8_layers_option
 from earlyexit_kernels.integrations.cli_options import add_guarantee_option
 from earlyexit_kernels.patching.fit_record import SAVED
 
@@ -298,6 +298,7 @@ def _add_calibrate(commands) -> None:
     )
     calibrate.add_argument("--batch-size", type=int, default=64, metavar="N", help="rows per batch (default: 64)")
     add_base_options(calibrate)
+    add_int8_layers_option(calibrate)
     calibrate.set_defaults(run=_calibrate_command)
 
 
@@ -514,6 +515,11 @@ def _calibrate(args) -> int:
 
         if args.unlabelled is not None:
             raise FitError("--unlabelled joins FILE's rows; an audit record's rows carry no labels: leave it out")
+        if args.layers != "auto":
+            raise FitError(
+                "--layers chooses the int8 layers; an audit record is certified as it was served (its logits as "
+                "recorded): leave it out"
+            )
         if args.max_changed not in (SAVED, None):
             raise FitError(
                 "--max-changed is certified beside accuracy lost, on labels; an audit record's rows carry none (its "
@@ -560,6 +566,7 @@ def _calibrate(args) -> int:
         unlabelled=_unlabelled(args),
         risk=args.risk,
         max_changed=args.max_changed,
+        int8_layers=args.layers,
     )
     for line in report.summary():
         print(line)

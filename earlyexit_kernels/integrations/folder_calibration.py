@@ -85,6 +85,7 @@ def calibrate_folder(
     risk: str = "auto",
     guarantee: str = SAVED,
     max_changed: float | None | str = SAVED,
+    int8_layers: str = "auto",
 ):
     """Re-certify the folder ``path`` on ``data`` (:class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`)
     and write it back; returns the :class:`~earlyexit_kernels.training.calibrate_texts.CalibrationReport`.
@@ -99,7 +100,9 @@ def calibrate_folder(
     (else 1 point and 0.95); ``confidence=None`` given explicitly: uncertified. ``source``: what
     the rows were (a file name), recorded in ``eek_fit.json``. ``dtype`` / ``device``: the base the
     threshold is certified on (:func:`~earlyexit_kernels.engine.precision.to_base`; None: as saved),
-    recorded in ``eek_fit.json`` as ``base``: certify on the base you serve.
+    recorded in ``eek_fit.json`` as ``base``: certify on the base you serve. ``int8_layers``: with ``dtype`` int8,
+    where the int8 layers run (``auto``: the family's recipe; ``onnxruntime``, ``openvino``, ``torch``:
+    :data:`~earlyexit_kernels.engine.precision.INT8_LAYERS`), the recipe recorded beside the certificate.
 
     ``unlabelled`` (``LabelledTexts``): unseen rows without labels, in the certificate beside ``data``'s
     (:func:`~earlyexit_kernels.training.calibrate_texts.calibrate_texts`).
@@ -121,7 +124,7 @@ def calibrate_folder(
     written: the folder keeps its policy and ``report.kept`` says why, unless ``force``. Nothing a
     user saved is replaced by something worse without being asked.
     """
-    from earlyexit_kernels.engine.precision import to_base
+    from earlyexit_kernels.engine.precision import int8_recipe_on, to_base
     from earlyexit_kernels.integrations.model_folder import load_model
     from earlyexit_kernels.training.calibrate_texts import calibrate_texts
     from earlyexit_kernels.training.fit_checks import FitError
@@ -157,7 +160,18 @@ def calibrate_folder(
         data = dataclasses.replace(data, labels=None)  # disagreement with the full model, labels or not
     elif risk == "accuracy" and data.labels is None:
         raise FitError("--risk accuracy needs FILE's labels (a label column); without labels the risk is agreement")
-    to_base(model, dtype, device)
+    recipe = None
+    if dtype == "int8":  # the int8 base the certificate holds for, which load_model runs again
+        try:
+            recipe = int8_recipe_on(model, int8_layers)
+        except ValueError as error:
+            raise FitError(str(error)) from None
+    elif int8_layers != "auto":
+        raise FitError(f"--layers {int8_layers} says where the int8 layers run: give --dtype int8 with it")
+    try:
+        to_base(model, dtype, device, int8_recipe=recipe or "auto")
+    except ValueError as error:
+        raise FitError(str(error)) from None
     report = calibrate_texts(
         model,
         tokenizer,
@@ -173,10 +187,6 @@ def calibrate_folder(
         max_changed=max_changed,
     )
     if _written(path, report, force):
-        from earlyexit_kernels.integrations.model_folder import family_int8_recipe
-
-        # the int8 base the certificate holds for, which load_model runs again (none on another base)
-        recipe = family_int8_recipe(path) if dtype == "int8" else None
         _write_back(Path(path), model, report, source or "rows given to eek calibrate", dtype or "as saved", recipe)
     return report
 
