@@ -19,7 +19,7 @@ import torch
 from conftest import word_bert, word_texts
 
 import earlyexit_kernels as eek
-from benchmarks.suite import infinity_peer, serve_peers, serve_peers_cli, serve_peers_report
+from benchmarks.suite import infinity_peer, openvino_peer, serve_peers, serve_peers_cli, serve_peers_report
 from benchmarks.suite.serve_peers import END, START, PeersConfig
 from earlyexit_kernels.bench import serve_load
 from earlyexit_kernels.bench.server_process import parse_cores
@@ -79,8 +79,12 @@ def test_the_real_mode_runs_eek_serve_and_skips_an_absent_infinity(folders, tmp_
     config = tiny_config(folders, infinity_python=tmp_path / "absent" / "python")
     result = serve_peers.run(config, tmp_path / "out", name="tiny", progress=lambda message: None)
     peers = [p.name for p in infinity_peer.PEERS]
-    assert set(result["skipped"]) == set(peers)
-    assert all("does not exist" in why for why in result["skipped"].values())
+    assert set(result["skipped"]) == {*peers, openvino_peer.NAME}
+    assert all("does not exist" in result["skipped"][peer] for peer in peers)
+    assert result["skipped"][openvino_peer.NAME] in (
+        "no calibration texts given (they are what NNCF quantizes on)",
+        openvino_peer.missing(),
+    )
     rows = {(r["server"], r["concurrency"], r["texts_per_request"]): r for r in result["rows"]}
     levels = {(1, 1): (2, 2), (2, 1): (8, 8), (1, 4): (3, 10)}  # (concurrency, texts a request): requests, texts
     assert set(rows) == {(s, *level) for s in ("eek serve", "eek serve int8") for level in levels}
@@ -102,6 +106,28 @@ def test_the_real_mode_runs_eek_serve_and_skips_an_absent_infinity(folders, tmp_
     assert "then each text once in requests of 4 (1 at a time: a corpus job" in section
     assert "| eek serve | " in section and "100.00% of 20" in section
     assert "Skipped infinity onnx int8: Infinity is not installed" in section
+
+
+@pytest.mark.skipif(openvino_peer.missing() is not None, reason=f"OpenVINO's peer: {openvino_peer.missing()}")
+def test_openvino_int8_runs_the_corpus_job_s_batches_beside_the_servers(folders, tmp_path):
+    """Infinity serves no OpenVINO: its static int8 of the plain classifier runs the corpus job's batches in the
+    benchmark's process, quantized on calibration texts that are not the ones timed."""
+    calibration = [text for text in word_texts(60, seed=4, longest=20) if text][:40]
+    config = tiny_config(
+        folders, calibration_texts=calibration, servers=(openvino_peer.NAME,), infinity_python=tmp_path / "absent"
+    )
+    result = serve_peers.run(config, tmp_path / "out", name="tiny", progress=lambda message: None)
+    (row,) = result["rows"]
+    assert (row["server"], row["concurrency"], row["texts_per_request"]) == (openvino_peer.NAME, 1, 4)
+    assert (row["requests"], row["texts"], row["errors"]) == (3, 10, 0) and row["texts_per_s"] > 0
+    assert row["agreement"] > 0.5  # int8 of a tiny random model whose labels sit far from ties
+    assert (
+        "static int8, nncf.quantize(model_type=TRANSFORMER) on 40 calibration texts" in result["notes"][row["server"]]
+    )
+    without = serve_peers.run(
+        tiny_config(folders, servers=(openvino_peer.NAME,)), tmp_path / "out2", name="tiny", progress=lambda m: None
+    )
+    assert without["rows"] == [] and "no calibration texts" in without["skipped"][openvino_peer.NAME]
 
 
 def test_the_soak_reads_the_server_s_memory_before_during_and_after(folders):

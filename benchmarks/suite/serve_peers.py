@@ -11,7 +11,10 @@ the client (this process, asyncio + aiohttp, one text per ``POST /classify``) pi
   calibration rows), or on MODEL with its own threshold where none is given;
 - Infinity's four configurations of PLAIN, the plain classifier with the same weights
   (:mod:`benchmarks.suite.infinity_peer`), when Infinity is installed in its own
-  environment (``--infinity-python``); skipped with the reason when it is not.
+  environment (``--infinity-python``); skipped with the reason when it is not;
+- OpenVINO static int8 of PLAIN, which Infinity does not serve: the corpus job's batches timed in this
+  process (:mod:`benchmarks.suite.openvino_peer`), quantized on ``calibration_texts``; skipped with the
+  reason where openvino or nncf is missing, no calibration texts are given or there is no corpus job.
 
 Each server gets the same texts at each concurrency (a bounded number of requests per level, at
 most ``--max-seconds`` each): texts/s, p50/p99 latency, and the agreement of its labels with
@@ -42,7 +45,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from benchmarks.suite import infinity_peer
+from benchmarks.suite import infinity_peer, openvino_peer
 from benchmarks.suite.serve_peers_report import END, START, render, write_readme
 from earlyexit_kernels.bench.server_process import EekServer, resident_kib
 
@@ -50,7 +53,7 @@ COLUMNS = ["server", "concurrency", "texts_per_request", "requests", "texts", "t
 COLUMNS += ["agreement", "agree"]
 COLUMNS += ["mean_exit_layer", "errors", "rss_mib", "peak_rss_mib"]
 EEK_SERVERS = {"eek serve": (), "eek serve int8": ("--dtype", "int8")}
-SERVERS = (*EEK_SERVERS, *(peer.name for peer in infinity_peer.PEERS))
+SERVERS = (*EEK_SERVERS, *(peer.name for peer in infinity_peer.PEERS), openvino_peer.NAME)
 TOLERANCE = 0.05  # the soak's target: resident memory within +-5% of its value after the warm-up
 __all__ = ["PeersConfig", "run", "soak", "full_model_labels", "render", "write_readme", "START", "END"]
 
@@ -69,6 +72,7 @@ class PeersConfig:
     plain: Path  # the plain classifier with the same weights
     int8_model: Path | None = None  # MODEL certified again on the int8 base (None: MODEL's own threshold)
     texts: list[str] = field(repr=False, default_factory=list)
+    calibration_texts: list[str] = field(repr=False, default_factory=list)  # OpenVINO int8's, never the texts timed
     source: str = ""  # what the texts are, for the notes
     concurrency: tuple[int, ...] = (1, 8, 32, 128)
     requests: int = 1024  # per level (a quarter of it at concurrency 1); 256 moved texts/s by +-20% between runs
@@ -456,6 +460,17 @@ def run(config: PeersConfig, output_dir: Path, name: str = "cpu", command: str =
     )
     skipped: dict[str, str] = {}
     servers = list(config.servers)
+    openvino = openvino_peer.NAME in servers
+    servers = [s for s in servers if s != openvino_peer.NAME]  # no server: its batches run in this process
+    if openvino:
+        why = openvino_peer.missing()
+        if why is None and not config.calibration_texts:
+            why = "no calibration texts given (they are what NNCF quantizes on)"
+        if why is None and config.texts_per_request < 2:
+            why = "no corpus job (--texts-per-request 0): its batches are the corpus job's"
+        if why is not None:
+            skipped[openvino_peer.NAME] = why
+            openvino = False
     wanted_peers = [s for s in servers if s not in EEK_SERVERS]
     infinity, why = (None, "")
     if wanted_peers:
@@ -478,6 +493,21 @@ def run(config: PeersConfig, output_dir: Path, name: str = "cpu", command: str =
                 servers = [s for s in servers if s not in failed]
         rows, notes, failed = measure(replace(config, servers=tuple(servers)), full, scratch, onnx, progress)
         skipped.update(failed)
+        if openvino:
+            progress(
+                f"{openvino_peer.NAME}: NNCF on {len(config.calibration_texts)} calibration texts, then the batches"
+            )
+            row, notes[openvino_peer.NAME] = openvino_peer.measure(
+                config.plain,
+                config.texts,
+                config.calibration_texts,
+                full,
+                batch=config.texts_per_request,
+                threads=config.threads,
+                cores=config.server_cores,
+            )
+            rows.append(row)
+            progress(f"{openvino_peer.NAME}: {row}")
     result = {
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "cpu": cpu_name(),

@@ -30,6 +30,8 @@ BACKBONES = ("minilm", "mpnet")
 #: ``docs/serving.md`` on 11-28 and 11-26), rounded down to half a point, so that the certificate promises at least
 #: the peer's agreement beside its 1 point of accuracy lost
 MAX_CHANGED = {"minilm": 3.5, "mpnet": 5.5}
+#: the texts OpenVINO static int8 is quantized on (NNCF), as the stack benchmark's
+CALIBRATION_TEXTS = 300
 
 
 def _certified_copy(int8_model: Path, model: Path, max_changed: float) -> bool:
@@ -121,6 +123,12 @@ def add_arguments(parser) -> None:
         help="MODEL certified on the int8 base (`eek calibrate --dtype int8`), for `eek serve int8` (default: MODEL)",
     )
     real.add_argument("--texts", type=Path, help="one text per line (--rotten-tomatoes: the test split)")
+    real.add_argument(
+        "--calibration-texts",
+        type=Path,
+        help="one text per line, never among --texts: what OpenVINO int8 is quantized on (--rotten-tomatoes: the "
+        f"first {CALIBRATION_TEXTS} of the validation split); without them that peer is skipped",
+    )
     real.add_argument("--models-dir", type=Path, default=Path("bench-results/serve-peers"), help="--rotten-tomatoes")
     real.add_argument("--infinity-python", type=Path, default=None, help="default .venv-infinity/bin/python")
     real.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS), metavar="SERVER")
@@ -197,8 +205,15 @@ def _run(args, argv: list[str]) -> int:
                 args.backbone = backbone
                 _run(args, _one_backbone(argv, backbone))
             return 0
+        calibration = []
+        if args.calibration_texts is not None:
+            calibration = [line for line in args.calibration_texts.read_text().splitlines() if line.strip()]
         if args.rotten_tomatoes:
             model, plain, int8_model, texts, source = rotten_tomatoes(args.models_dir, args.backbone)
+            if not calibration:  # the validation split: what eek fit calibrated on, never the texts timed
+                from earlyexit_kernels.demo import real_task
+
+                calibration = real_task.load_rotten_tomatoes()["validation"].texts[:CALIBRATION_TEXTS]
         else:
             int8_model = args.int8_model
             if args.plain is None or args.texts is None:
@@ -212,6 +227,7 @@ def _run(args, argv: list[str]) -> int:
             plain=plain,
             int8_model=int8_model,
             texts=texts,
+            calibration_texts=calibration,
             source=source,
             concurrency=tuple(args.concurrency),
             requests=args.requests,
