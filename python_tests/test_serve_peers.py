@@ -114,7 +114,10 @@ def test_openvino_int8_runs_the_corpus_job_s_batches_beside_the_servers(folders,
     benchmark's process, quantized on calibration texts that are not the ones timed."""
     calibration = [text for text in word_texts(60, seed=4, longest=20) if text][:40]
     config = tiny_config(
-        folders, calibration_texts=calibration, servers=(openvino_peer.NAME,), infinity_python=tmp_path / "absent"
+        folders,
+        calibration_texts=lambda: calibration,
+        servers=(openvino_peer.NAME,),
+        infinity_python=tmp_path / "absent",
     )
     result = serve_peers.run(config, tmp_path / "out", name="tiny", progress=lambda message: None)
     (row,) = result["rows"]

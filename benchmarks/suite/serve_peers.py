@@ -42,6 +42,7 @@ import platform
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -72,7 +73,8 @@ class PeersConfig:
     plain: Path  # the plain classifier with the same weights
     int8_model: Path | None = None  # MODEL certified again on the int8 base (None: MODEL's own threshold)
     texts: list[str] = field(repr=False, default_factory=list)
-    calibration_texts: list[str] = field(repr=False, default_factory=list)  # OpenVINO int8's, never the texts timed
+    # OpenVINO int8's calibration texts, never the texts timed: read only where that peer runs (None: none given)
+    calibration_texts: Callable[[], list[str]] | None = field(repr=False, default=None)
     source: str = ""  # what the texts are, for the notes
     concurrency: tuple[int, ...] = (1, 8, 32, 128)
     requests: int = 1024  # per level (a quarter of it at concurrency 1); 256 moved texts/s by +-20% between runs
@@ -464,7 +466,7 @@ def run(config: PeersConfig, output_dir: Path, name: str = "cpu", command: str =
     servers = [s for s in servers if s != openvino_peer.NAME]  # no server: its batches run in this process
     if openvino:
         why = openvino_peer.missing()
-        if why is None and not config.calibration_texts:
+        if why is None and config.calibration_texts is None:
             why = "no calibration texts given (they are what NNCF quantizes on)"
         if why is None and config.texts_per_request < 2:
             why = "no corpus job (--texts-per-request 0): its batches are the corpus job's"
@@ -494,13 +496,12 @@ def run(config: PeersConfig, output_dir: Path, name: str = "cpu", command: str =
         rows, notes, failed = measure(replace(config, servers=tuple(servers)), full, scratch, onnx, progress)
         skipped.update(failed)
         if openvino:
-            progress(
-                f"{openvino_peer.NAME}: NNCF on {len(config.calibration_texts)} calibration texts, then the batches"
-            )
+            calibration = config.calibration_texts()
+            progress(f"{openvino_peer.NAME}: NNCF on {len(calibration)} calibration texts, then the batches")
             row, notes[openvino_peer.NAME] = openvino_peer.measure(
                 config.plain,
                 config.texts,
-                config.calibration_texts,
+                calibration,
                 full,
                 batch=config.texts_per_request,
                 threads=config.threads,

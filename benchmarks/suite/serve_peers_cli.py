@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import filecmp
+import functools
 import json
 import shutil
 import subprocess
@@ -57,6 +58,17 @@ def _certified_copy(int8_model: Path, model: Path, max_changed: float) -> bool:
         and abs(100 * changed - max_changed) < 1e-9
         and filecmp.cmp(int8_model / weights, model / weights, shallow=False)
     )
+
+
+def _lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def _validation_texts() -> list[str]:
+    """The first :data:`CALIBRATION_TEXTS` of Rotten Tomatoes' validation split: what OpenVINO int8 is quantized on."""
+    from earlyexit_kernels.demo import real_task
+
+    return real_task.load_rotten_tomatoes()["validation"].texts[:CALIBRATION_TEXTS]
 
 
 def rotten_tomatoes(
@@ -205,15 +217,13 @@ def _run(args, argv: list[str]) -> int:
                 args.backbone = backbone
                 _run(args, _one_backbone(argv, backbone))
             return 0
-        calibration = []
+        calibration = None  # read where the OpenVINO peer runs (openvino installed), not before
         if args.calibration_texts is not None:
-            calibration = [line for line in args.calibration_texts.read_text().splitlines() if line.strip()]
+            calibration = functools.partial(_lines, args.calibration_texts)
         if args.rotten_tomatoes:
             model, plain, int8_model, texts, source = rotten_tomatoes(args.models_dir, args.backbone)
-            if not calibration:  # the validation split: what eek fit calibrated on, never the texts timed
-                from earlyexit_kernels.demo import real_task
-
-                calibration = real_task.load_rotten_tomatoes()["validation"].texts[:CALIBRATION_TEXTS]
+            if calibration is None:  # the validation split: what eek fit calibrated on, never the texts timed
+                calibration = _validation_texts
         else:
             int8_model = args.int8_model
             if args.plain is None or args.texts is None:
