@@ -46,6 +46,7 @@ from earlyexit_kernels.engine.int8_isa import int8_weight_bits
 __all__ = [
     "LayerParts",
     "OrtLayer",
+    "PackedGraphLayer",
     "layer_graph",
     "layer_parts",
     "ort_available",
@@ -417,11 +418,58 @@ def _mask_tables(attention_mask: torch.Tensor | None, n: int, length: int) -> tu
     return key_mask, positions
 
 
-class OrtLayer(nn.Module):
+def returns_tuple(layer: nn.Module, parts: LayerParts) -> bool:
+    """Whether ``layer`` hands back a tuple whose first item is the output (else a tensor), asked with one token."""
+    with torch.no_grad():
+        return isinstance(layer(torch.zeros(1, 1, parts.qkv_weight.shape[1], dtype=parts.qkv_weight.dtype)), tuple)
+
+
+class PackedGraphLayer(nn.Module):
+    """An encoder layer a runtime runs from its graph on the call's real tokens (:func:`layer_graph`'s inputs),
+    called as the layer was: the packing of the call's tokens and the padding's zeros after, once for every
+    runtime. A runtime gives :attr:`runtime` (its name, for errors) and :meth:`run_tokens`."""
+
+    runtime = "the runtime"
+    position_bias: bool
+    returns_tuple: bool
+
+    def run_tokens(self, feeds: dict) -> np.ndarray:
+        """The graph's ``output`` [T, H] on ``feeds`` (numpy arrays by input name)."""
+        raise NotImplementedError
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_bias=None, *args, **kwargs):
+        if hidden_states.device.type != "cpu":
+            raise ValueError(
+                f"the {self.runtime} layer runs on the CPU; the hidden states are on {hidden_states.device}"
+            )
+        hidden = hidden_states.detach().float()
+        n, length, width = hidden.shape
+        key_mask, positions = _mask_tables(attention_mask, n, length)
+        grid = hidden.reshape(n * length, width)
+        padded = len(positions) < n * length
+        tokens = grid.index_select(0, positions) if padded else grid.contiguous()  # no padding: the grid's own
+        feeds = {"tokens": tokens.numpy(), "positions": positions.numpy(), "key_mask": key_mask}
+        if self.position_bias:
+            if position_bias is None:
+                raise ValueError("this MPNet layer takes the position bias its encoder computes")
+            feeds["position_bias"] = position_bias.detach().float().contiguous().numpy()
+        tokens = torch.from_numpy(self.run_tokens(feeds))
+        if padded:  # zeros at the padding, as the engine's packed layer calls leave it
+            output = tokens.new_zeros(n * length, width).index_copy_(0, positions, tokens).view(n, length, width)
+        else:
+            output = tokens.view(n, length, width)
+        if hidden_states.dtype != torch.float32:
+            output = output.to(hidden_states.dtype)
+        return (output,) if self.returns_tuple else output
+
+
+class OrtLayer(PackedGraphLayer):
     """An encoder layer run by ONNX Runtime from its graph (:func:`layer_graph`), called as the layer was.
 
     The session is made at the first call, with as many threads as torch has then (made again when
     that changes), and is not copied or pickled: a copy makes its own."""
+
+    runtime = "ONNX Runtime"
 
     def __init__(self, graph: bytes, *, position_bias: bool, returns_tuple: bool, description: str):
         super().__init__()
@@ -434,12 +482,10 @@ class OrtLayer(nn.Module):
     def from_layer(cls, layer: nn.Module, config, *, int8: bool = True, reduce_range: bool | None = None) -> OrtLayer:
         """``layer`` (a float BERT-style or MPNet layer) as a graph; int8 per token x per channel unless not ``int8``."""
         parts = layer_parts(layer, config)
-        with torch.no_grad():  # what the layer hands back: a tensor, or a tuple whose first item is the output
-            probe = layer(torch.zeros(1, 1, parts.qkv_weight.shape[1], dtype=parts.qkv_weight.dtype))
         return cls(
             layer_graph(parts, int8=int8, reduce_range=reduce_range),
             position_bias=parts.position_bias,
-            returns_tuple=isinstance(probe, tuple),
+            returns_tuple=returns_tuple(layer, parts),
             description="int8 per token x per channel" if int8 else "float32",
         )
 
@@ -454,28 +500,8 @@ class OrtLayer(nn.Module):
             self._threads = threads
         return self._session
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_bias=None, *args, **kwargs):
-        if hidden_states.device.type != "cpu":
-            raise ValueError(f"the ONNX Runtime layer runs on the CPU; the hidden states are on {hidden_states.device}")
-        hidden = hidden_states.detach().float()
-        n, length, width = hidden.shape
-        key_mask, positions = _mask_tables(attention_mask, n, length)
-        grid = hidden.reshape(n * length, width)
-        padded = len(positions) < n * length
-        tokens = grid.index_select(0, positions) if padded else grid.contiguous()  # no padding: the grid's own
-        feeds = {"tokens": tokens.numpy(), "positions": positions.numpy(), "key_mask": key_mask}
-        if self.position_bias:
-            if position_bias is None:
-                raise ValueError("this MPNet layer takes the position bias its encoder computes")
-            feeds["position_bias"] = position_bias.detach().float().contiguous().numpy()
-        tokens = torch.from_numpy(self.session().run(None, feeds, _run_options())[0])
-        if padded:  # zeros at the padding, as the engine's packed layer calls leave it
-            output = tokens.new_zeros(n * length, width).index_copy_(0, positions, tokens).view(n, length, width)
-        else:
-            output = tokens.view(n, length, width)
-        if hidden_states.dtype != torch.float32:
-            output = output.to(hidden_states.dtype)
-        return (output,) if self.returns_tuple else output
+    def run_tokens(self, feeds: dict) -> np.ndarray:
+        return self.session().run(None, feeds, _run_options())[0]
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -75,7 +75,14 @@ import torch
 from torch import nn
 
 from earlyexit_kernels.engine.int8_isa import int8_isa, int8_weight_bits
-from earlyexit_kernels.engine.ort_layer import LayerParts, _mask_tables, encoder_layers, layer_graph, layer_parts
+from earlyexit_kernels.engine.ort_layer import (
+    LayerParts,
+    PackedGraphLayer,
+    encoder_layers,
+    layer_graph,
+    layer_parts,
+    returns_tuple,
+)
 
 __all__ = ["OvLayer", "ov_model", "ov_available", "compile_config", "run_on_ov", "OV_MISSING"]
 
@@ -198,12 +205,14 @@ def _serialized(model) -> tuple[bytes, bytes]:
         return xml.read_bytes(), weights.read_bytes()
 
 
-class OvLayer(nn.Module):
+class OvLayer(PackedGraphLayer):
     """An encoder layer run by OpenVINO's CPU plugin from its model (:func:`ov_model`), called as the layer was.
 
     The model is compiled at the first call, with as many threads as torch has then (compiled again when
     that changes); a thread calling it has its own infer request. The compiled model is not copied or
     pickled: a copy compiles its own from the IR it keeps."""
+
+    runtime = "OpenVINO"
 
     def __init__(self, ir: tuple[bytes, bytes], *, position_bias: bool, returns_tuple: bool, weight_bits: int | None):
         """``weight_bits``: the int8 weights' bits (8, or 7: reduced range), None for the float32 model."""
@@ -220,12 +229,10 @@ class OvLayer(nn.Module):
         not ``int8``."""
         parts = layer_parts(layer, config)
         reduce_range = int8_weight_bits() == 7 if reduce_range is None else reduce_range
-        with torch.no_grad():  # what the layer hands back: a tensor, or a tuple whose first item is the output
-            probe = layer(torch.zeros(1, 1, parts.qkv_weight.shape[1], dtype=parts.qkv_weight.dtype))
         return cls(
             _serialized(ov_model(parts, int8=int8, reduce_range=reduce_range)),
             position_bias=parts.position_bias,
-            returns_tuple=isinstance(probe, tuple),
+            returns_tuple=returns_tuple(layer, parts),
             weight_bits=(7 if reduce_range else 8) if int8 else None,
         )
 
@@ -252,29 +259,9 @@ class OvLayer(nn.Module):
             held = self._requests.held = (compiled, compiled.create_infer_request())
         return held[1]
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_bias=None, *args, **kwargs):
-        if hidden_states.device.type != "cpu":
-            raise ValueError(f"the OpenVINO layer runs on the CPU; the hidden states are on {hidden_states.device}")
-        hidden = hidden_states.detach().float()
-        n, length, width = hidden.shape
-        key_mask, positions = _mask_tables(attention_mask, n, length)
-        grid = hidden.reshape(n * length, width)
-        padded = len(positions) < n * length
-        tokens = grid.index_select(0, positions) if padded else grid.contiguous()  # no padding: the grid's own
-        feeds = {"tokens": tokens.numpy(), "positions": positions.numpy(), "key_mask": key_mask}
-        if self.position_bias:
-            if position_bias is None:
-                raise ValueError("this MPNet layer takes the position bias its encoder computes")
-            feeds["position_bias"] = position_bias.detach().float().contiguous().numpy()
+    def run_tokens(self, feeds: dict) -> np.ndarray:
         # the inputs read in place (the call waits for the result); the output copied out of the request's memory
-        tokens = torch.from_numpy(self._request().infer(feeds, share_inputs=True)[0])
-        if padded:  # zeros at the padding, as the engine's packed layer calls leave it
-            output = tokens.new_zeros(n * length, width).index_copy_(0, positions, tokens).view(n, length, width)
-        else:
-            output = tokens.view(n, length, width)
-        if hidden_states.dtype != torch.float32:
-            output = output.to(hidden_states.dtype)
-        return (output,) if self.returns_tuple else output
+        return self._request().infer(feeds, share_inputs=True)[0]
 
     def __getstate__(self):
         state = self.__dict__.copy()
