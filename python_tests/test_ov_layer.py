@@ -11,39 +11,13 @@ import pickle
 
 import pytest
 import torch
-from conftest import mlp_head_model, tiny_batch, tiny_model, tiny_mpnet
+from conftest import mlp_head_model, tiny_batch, tiny_model
+from layer_calls import MODELS, additive, padded_input, run
 
 from earlyexit_kernels.engine.ov_layer import OV_MISSING, OvLayer, ov_available
 from earlyexit_kernels.engine.precision import int8_encoder, to_base
 
 pytestmark = pytest.mark.skipif(not ov_available(), reason=OV_MISSING)
-
-
-def padded_input(n=5, length=11, hidden=32, seed=0):
-    """Hidden states [n, S, H] and the 2-D mask of rows of lengths 3..S (the first full)."""
-    generator = torch.Generator().manual_seed(seed)
-    hidden_states = torch.randn(n, length, hidden, generator=generator)
-    lengths = torch.randint(3, length + 1, (n,), generator=generator)
-    lengths[0] = length
-    return hidden_states, torch.arange(length)[None] < lengths[:, None]
-
-
-def additive(mask):
-    return torch.where(mask, 0.0, torch.finfo(torch.float32).min)[:, None, None, :]
-
-
-def run(layer, model, hidden, mask):
-    """The layer's output on ``hidden`` with ``mask``, as its encoder calls it; padding zeroed."""
-    with torch.no_grad():
-        if model.config.model_type == "mpnet":
-            bias = model.base_model.encoder.compute_position_bias(hidden)
-            out = layer(hidden, additive(mask), bias)[0]
-        else:
-            out = layer(hidden, additive(mask))
-    return out * mask[..., None]
-
-
-MODELS = {"bert": lambda: tiny_model("bert", num_layers=2), "bert-sdpa": lambda: tiny_model("bert", num_layers=2, attn="sdpa"), "mpnet": tiny_mpnet}  # fmt: skip
 
 
 @pytest.mark.parametrize("family", MODELS)
