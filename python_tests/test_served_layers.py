@@ -31,17 +31,25 @@ def all_logits(model):
         return model(input_ids=ids, attention_mask=mask, token_type_ids=types, return_all_exits=True).all_logits
 
 
-@needs_ort
-def test_auto_runs_a_float32_cpu_model_s_layers_on_onnx_runtime_with_the_same_logits():
+@pytest.mark.parametrize(
+    "asked, runtime, says",
+    [
+        pytest.param("auto", "onnxruntime", "float32 on ONNX Runtime", marks=needs_ort),
+        pytest.param("openvino", "openvino", "float32 on OpenVINO", marks=needs_ov),
+    ],
+)
+def test_a_float32_cpu_model_s_layers_run_on_the_runtime_asked_with_the_same_logits(asked, runtime, says):
+    from earlyexit_kernels.engine.ov_layer import OvLayer
+
     model = mlp_head_model(seed=5)
     expected = all_logits(model)
-    line = serve_layers(model, "auto")
-    assert "float32 on ONNX Runtime" in line and layers_of(model) == "onnxruntime"
-    assert all(isinstance(layer, OrtLayer) for layer in model.bert.encoder.layer)
-    got = all_logits(model)
+    line = serve_layers(model, asked)
+    assert says in line and layers_of(model) == runtime
+    kind = {"onnxruntime": OrtLayer, "openvino": OvLayer}[runtime]
+    assert all(isinstance(layer, kind) for layer in model.bert.encoder.layer)
     # every exit's logits, float rounding apart (float32's resolution at these magnitudes: ~1e-7)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    assert serve_layers(model, "onnxruntime") == line  # already there: nothing to swap
+    torch.testing.assert_close(all_logits(model), expected, rtol=0, atol=1e-5)
+    assert serve_layers(model, runtime) == line  # already there: nothing to swap
 
 
 @pytest.mark.parametrize(
@@ -85,19 +93,6 @@ def test_the_command_line_offers_the_engine_s_choices():
     from earlyexit_kernels.integrations import serve_cli
 
     assert serve_cli.SERVED_LAYERS == SERVED_LAYERS
-
-
-@needs_ov
-def test_openvino_runs_a_float32_model_s_layers_with_the_same_logits():
-    from earlyexit_kernels.engine.ov_layer import OvLayer
-
-    model = mlp_head_model(seed=5)
-    expected = all_logits(model)
-    line = serve_layers(model, "openvino")
-    assert "float32 on OpenVINO" in line and layers_of(model) == "openvino"
-    assert all(isinstance(layer, OvLayer) for layer in model.bert.encoder.layer)
-    # every exit's logits, float rounding apart
-    torch.testing.assert_close(all_logits(model), expected, rtol=0, atol=1e-5)
 
 
 def test_without_openvino_its_layers_are_refused_saying_what_to_install(monkeypatch):
