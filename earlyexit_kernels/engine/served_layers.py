@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from earlyexit_kernels.engine import ov_layer  # imports no OpenVINO: it reads it where a layer is compiled
 from earlyexit_kernels.engine.ort_layer import (
     ORT_MISSING,
     OrtLayer,
@@ -51,20 +52,14 @@ SERVED_LAYERS = ("auto", "onnxruntime", "openvino", "torch")
 _NAMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO", "torch": "PyTorch's kernels"}
 
 
-def _runtime_layer(runtime: str) -> type:
-    if runtime == "openvino":
-        from earlyexit_kernels.engine.ov_layer import OvLayer
-
-        return OvLayer
-    return OrtLayer
+def _layer_class(runtime: str) -> type:
+    return ov_layer.OvLayer if runtime == "openvino" else OrtLayer
 
 
 def _missing(runtime: str) -> str | None:
     """What is not installed for ``runtime``'s layers, or None."""
     if runtime == "openvino":
-        from earlyexit_kernels.engine.ov_layer import OV_MISSING, ov_available
-
-        return None if ov_available() else OV_MISSING
+        return None if ov_layer.ov_available() else ov_layer.OV_MISSING
     return None if ort_available() else ORT_MISSING
 
 
@@ -85,7 +80,7 @@ def _why_not(model: nn.Module, compiled: bool, runtime: str = "onnxruntime") -> 
     if layers is None:
         return f"{type(model).__name__} has no encoder.layer list"
     for layer in layers:
-        if isinstance(layer, _runtime_layer(runtime)):
+        if isinstance(layer, _layer_class(runtime)):
             continue
         try:
             layer_parts(layer, model.config)
@@ -116,9 +111,7 @@ def serve_layers(model: nn.Module, layers: str = "auto", *, compiled: bool = Fal
             raise ValueError(f"--layers {layers}: {reason}; serve with --layers torch")
         return f"layers: PyTorch's modules ({reason})"
     if runtime == "openvino":
-        from earlyexit_kernels.engine.ov_layer import run_on_ov
-
-        run_on_ov(model, int8=False)
+        ov_layer.run_on_ov(model, int8=False)
         return "layers: float32 on OpenVINO, one model a layer (--layers torch: PyTorch's modules)"
     run_on_ort(model, int8=False)
     return "layers: float32 on ONNX Runtime, one graph a layer (--layers torch: PyTorch's modules)"
@@ -130,5 +123,7 @@ def layers_of(model: nn.Module) -> str:
     layers = encoder_layers(model)
     if layers is None or not len(layers):
         return "torch"
-    kinds = {type(layer).__name__ for layer in layers}  # by name: naming OvLayer imports nothing of OpenVINO
-    return {frozenset({"OrtLayer"}): "onnxruntime", frozenset({"OvLayer"}): "openvino"}.get(frozenset(kinds), "torch")
+    for runtime in ("onnxruntime", "openvino"):
+        if all(isinstance(layer, _layer_class(runtime)) for layer in layers):
+            return runtime
+    return "torch"
