@@ -166,10 +166,7 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList | None:
 def run_on_ort(model: nn.Module, *, int8: bool) -> None:
     """Each encoder layer of ``model`` (which has the list: :func:`encoder_layers`) its ONNX Runtime graph, in
     place: int8 per token x per channel, or float32; a layer that is one already is kept."""
-    layers = encoder_layers(model)
-    for index, layer in enumerate(layers):
-        if not isinstance(layer, OrtLayer):
-            layers[index] = OrtLayer.from_layer(layer, model.config, int8=int8)
+    OrtLayer.run_encoder_on(model, int8=int8)
 
 
 def ort_available() -> bool:
@@ -436,6 +433,15 @@ class PackedGraphLayer(nn.Module):
     def run_tokens(self, feeds: dict) -> np.ndarray:
         """The graph's ``output`` [T, H] on ``feeds`` (numpy arrays by input name)."""
         raise NotImplementedError
+
+    @classmethod
+    def run_encoder_on(cls, model: nn.Module, *, int8: bool) -> None:
+        """Each encoder layer of ``model`` (which has the list: :func:`encoder_layers`) this runtime's layer, in
+        place: int8 per token x per channel, or float32; a layer that is one already is kept."""
+        layers = encoder_layers(model)
+        for index, layer in enumerate(layers):
+            if not isinstance(layer, cls):
+                layers[index] = cls.from_layer(layer, model.config, int8=int8)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_bias=None, *args, **kwargs):
         if hidden_states.device.type != "cpu":

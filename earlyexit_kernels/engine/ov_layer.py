@@ -78,7 +78,6 @@ from earlyexit_kernels.engine.int8_isa import int8_isa, int8_weight_bits
 from earlyexit_kernels.engine.ort_layer import (
     LayerParts,
     PackedGraphLayer,
-    encoder_layers,
     layer_graph,
     layer_parts,
     returns_tuple,
@@ -102,10 +101,7 @@ def ov_available() -> bool:
 def run_on_ov(model: nn.Module, *, int8: bool) -> None:
     """Each encoder layer of ``model`` (which has the list: :func:`~earlyexit_kernels.engine.ort_layer.encoder_layers`)
     its OpenVINO model, in place: int8 per token x per channel, or float32; a layer that is one already is kept."""
-    layers = encoder_layers(model)
-    for index, layer in enumerate(layers):
-        if not isinstance(layer, OvLayer):
-            layers[index] = OvLayer.from_layer(layer, model.config, int8=int8)
+    OvLayer.run_encoder_on(model, int8=int8)
 
 
 def _ov_core():

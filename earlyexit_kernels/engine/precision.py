@@ -167,10 +167,8 @@ def int8_encoder(model: nn.Module, recipe: str = "auto", *, inplace: bool = Fals
     if recipe not in INT8_RECIPES:
         raise ValueError(f"int8 recipe must be auto or one of {', '.join(INT8_RECIPES)}; got {recipe!r}")
     quantized = model if inplace else copy.deepcopy(model)
-    if recipe == "per-token-ort":
-        return _ort_encoder(quantized)
-    if recipe == "per-token-ov":
-        return _ov_encoder(quantized)
+    if recipe in ("per-token-ort", "per-token-ov"):  # each encoder layer one graph, on ONNX Runtime or OpenVINO
+        return _graph_encoder(quantized, recipe)
     linears = _encoder_linears(quantized)
     if not linears:
         raise ValueError(f"int8: {type(model).__name__} has no Linear layer in its encoder to quantize")
@@ -200,31 +198,27 @@ def int8_encoder(model: nn.Module, recipe: str = "auto", *, inplace: bool = Fals
     return quantized
 
 
-def _ort_encoder(model: nn.Module) -> nn.Module:
-    """``model`` with each encoder layer an :class:`OrtLayer` (int8 per token x per channel), in place."""
-    if not ort_available():
-        raise ValueError(
-            f"int8 recipe per-token-ort: {ORT_MISSING}; or run the same quantization on PyTorch's kernels, the "
-            "per-token recipe (certify it with eek calibrate FOLDER FILE --dtype int8 where ONNX Runtime is not installed)"
+def _graph_encoder(model: nn.Module, recipe: str) -> nn.Module:
+    """``model`` with each encoder layer its runtime's graph layer (``per-token-ort``: :class:`OrtLayer`,
+    ``per-token-ov``: :class:`~earlyexit_kernels.engine.ov_layer.OvLayer`; int8 per token x per channel), in place."""
+    from earlyexit_kernels.engine import ov_layer
+
+    if recipe == "per-token-ort":
+        missing = None if ort_available() else ORT_MISSING
+        instead = (
+            "or run the same quantization on PyTorch's kernels, the per-token recipe (certify it with eek calibrate "
+            "FOLDER FILE --dtype int8 where ONNX Runtime is not installed)"
         )
+        run_on = run_on_ort
+    else:
+        missing = None if ov_layer.ov_available() else ov_layer.OV_MISSING
+        instead, run_on = "or run the per-token-ort recipe (ONNX Runtime)", ov_layer.run_on_ov
+    if missing is not None:
+        raise ValueError(f"int8 recipe {recipe}: {missing}; {instead}")
     if encoder_layers(model) is None:
-        raise ValueError(f"int8 recipe per-token-ort: {type(model).__name__} has no encoder.layer list; run per-token")
-    run_on_ort(model, int8=True)
-    model.eek_int8_recipe = "per-token-ort"
-    return model
-
-
-def _ov_encoder(model: nn.Module) -> nn.Module:
-    """``model`` with each encoder layer an :class:`~earlyexit_kernels.engine.ov_layer.OvLayer` (int8 per token x
-    per channel), in place."""
-    from earlyexit_kernels.engine.ov_layer import OV_MISSING, ov_available, run_on_ov
-
-    if not ov_available():
-        raise ValueError(f"int8 recipe per-token-ov: {OV_MISSING}; or run the per-token-ort recipe (ONNX Runtime)")
-    if encoder_layers(model) is None:
-        raise ValueError(f"int8 recipe per-token-ov: {type(model).__name__} has no encoder.layer list; run per-token")
-    run_on_ov(model, int8=True)
-    model.eek_int8_recipe = "per-token-ov"
+        raise ValueError(f"int8 recipe {recipe}: {type(model).__name__} has no encoder.layer list; run per-token")
+    run_on(model, int8=True)
+    model.eek_int8_recipe = recipe
     return model
 
 
