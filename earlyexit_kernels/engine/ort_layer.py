@@ -144,8 +144,7 @@ def session_options(threads: int, *, shared_memory: bool = True):
         # Without VNNI, s8 weights outside [-64, 64] (a graph made on a VNNI CPU) become u8 for an exact kernel,
         # where the u8s8 one's 16-bit pair sums would saturate; 7-bit weights, the form made here, are left as they
         # are. Not on the vnni class: there it moved 8-bit weights to the u8 kernel too, at half the speed (an int8
-        # MiniLM-L6 layer on 8 rows of about 40 tokens, Intel Xeon with AMX, the two sessions in turn on a shared
-        # machine: 40.4 ms against 21.2).
+        # MiniLM-L6 layer on 8 rows: 12.7 ms against 6.5, benchmarks/micro/ort_exact_kernel.py, Intel Xeon with AMX).
         options.add_session_config_entry("session.x64quantprecision", "1")
     if shared_memory:
         # Memory that stays flat under traffic of every shape (issue 79; docs/serving.md, "What a server keeps"):

@@ -22,13 +22,14 @@ transformations make that a u8 x s8 ``FullyConnected`` (``brgemm_avx512_amx_I8``
 zero point's share (``zero point x the weight's column sums``) is subtracted after it, the row
 magnitudes multiplied back.
 
-Speed (``benchmarks/micro/ov_layer.py``, one thread, a brief run on an Intel Xeon with AMX, 2 cores
-shared with another job; ONNX Runtime 1.32 as committed, without ``session.x64quantprecision``): on calls
-of 32 x 54, 8 x 54 and 64 x 128 padded tokens, MiniLM-L6's first layer int8 took 18.7 / 5.1 / 112 ms here
-against 28.0 / 6.6 / 189 on ONNX Runtime (1.50x / 1.29x / 1.68x), an MPNet-base-shaped one 44 / 10.2 / 246
-against 56 / 14.5 / 408 (1.27x / 1.43x / 1.66x). The gain is AMX's: with oneDNN capped to AVX-512 VNNI
+Speed (``python benchmarks/micro/ov_layer.py --calls 32x54 8x54 64x128``, one thread, alone, Intel Xeon
+with AMX; ``benchmarks/results/intel_xeon/ov_layer_cpu.md``): on calls of 32 x 54, 8 x 54 and 64 x 128
+padded tokens, MiniLM-L6's first layer int8 took 22.7 / 5.4 / 118 ms here against 32.8 / 7.1 / 202 on ONNX
+Runtime (1.45x / 1.32x / 1.71x), an MPNet-base-shaped one 44.6 / 10.0 / 244 against 64.1 / 15.2 / 396
+(1.44x / 1.53x / 1.62x). The gain is AMX's: with oneDNN capped to AVX-512 VNNI
 (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI``, the instructions of the AMD EPYC the other results were measured
-on) the same calls gave 0.96-1.36x.
+on) the same calls gave 0.96-1.36x in a brief run beside another job. A whole model gains less
+(docs/benchmarks.md, "minilm-xeon-int8-layers"), and served calls lose (docs/serving.md).
 
 The forms measured before this one was chosen (MiniLM-L6's first layer, 32 rows of 20-40 tokens, 1,002
 tokens, a scratch comparison on the same machine):

@@ -20,8 +20,9 @@ is bounded by the largest call served. One layer alone runs about twice as fast 
 - ``"onnxruntime"``: ONNX Runtime, or a ``ValueError`` saying why it cannot;
 - ``"openvino"``: the same float32 graphs read by OpenVINO
   (:class:`~earlyexit_kernels.engine.ov_layer.OvLayer`, ``int8=False``), or a ``ValueError`` saying why
-  it cannot. One MiniLM-L6 layer on 32 rows of about 40 tokens took 41 ms there against 47 on ONNX
-  Runtime and 57 in PyTorch (one thread, Intel Xeon; ``benchmarks/micro/ov_layer.py``); its memory
+  it cannot. One MiniLM-L6 layer on 32 rows of about 40 tokens took 48.6 ms there against 58.5 on ONNX
+  Runtime and 71.1 in PyTorch (one thread, alone, Intel Xeon; ``benchmarks/micro/ov_layer.py``,
+  ``benchmarks/results/intel_xeon/ov_layer_cpu.md``); its memory
   under traffic was not measured, so ``auto`` stays ONNX Runtime;
 - ``"torch"``: PyTorch's modules, as ``eek.classify`` and ``eek fit`` run them.
 
