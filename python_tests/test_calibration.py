@@ -10,7 +10,7 @@ import earlyexit_kernels as eek
 from earlyexit_kernels.calibration.candidates import candidates
 from earlyexit_kernels.calibration.record import replay
 from earlyexit_kernels.calibration.report import plot_curve, print_curve
-from earlyexit_kernels.calibration.select import accuracy_curve, interpolate_baseline, static_baseline
+from earlyexit_kernels.calibration.select import Goal, accuracy_curve, interpolate_baseline, static_baseline
 from earlyexit_kernels.training.calibration import calibrate
 from earlyexit_kernels.training.record_exits import record_exits
 
@@ -101,6 +101,23 @@ def test_calibrate_from_a_model_prints_and_plots(tmp_path, capsys):
     assert isinstance(result.policy, eek.Entropy)
     with pytest.raises(ValueError, match="exactly one target"):
         calibrate(model, _data(), max_drop=1.0, target_layers=2.0)
+
+
+def test_calibrate_takes_a_goal_or_its_fields_once():
+    record = record_exits(_model(eek.Entropy(0.5)), _data())
+    by_goal = calibrate(record, goal=Goal(max_drop=5.0, min_saving=0.0))
+    by_fields = calibrate(record, max_drop=5.0, min_saving=0.0)
+    assert (by_goal.policy, by_goal.mean_layers, by_goal.target) == (
+        by_fields.policy,
+        by_fields.mean_layers,
+        by_fields.target,
+    )
+    with pytest.raises(TypeError, match="goal= or its fields as keywords \\(max_drop\\), not both"):
+        calibrate(record, goal=Goal(max_drop=5.0), max_drop=1.0)
+    with pytest.raises(TypeError, match="unexpected keyword\\(s\\) max_dorp: its goal's fields are"):
+        calibrate(record, max_dorp=1.0)
+    with pytest.raises(TypeError, match="goal must be a calibration.select.Goal, got dict"):
+        calibrate(record, goal={"max_drop": 1.0})
 
 
 def test_plot_is_skipped_cleanly_without_matplotlib(tmp_path, monkeypatch):

@@ -182,14 +182,32 @@ def interpolate_baseline(baseline: Sequence[tuple[int, float]], mean_layers: flo
 
 @dataclass(frozen=True)
 class Goal:
-    """What a calibration is asked for (:func:`earlyexit_kernels.training.calibration.calibrate` says each field).
+    """What a calibration is asked for: the settings of
+    :func:`earlyexit_kernels.training.calibration.calibrate` (which takes one) and of :func:`choose`.
 
-    Exactly one target: ``max_drop`` (points) or ``target_layers`` (mean layers); ``policy``: the
-    family and fixed fields (None: the recorded policy's); ``count``: candidates of the uncertified
-    search; ``target``, ``metric``: what is measured; ``min_saving``, ``chance_margin``: when it warns;
-    ``confidence``: certify ``max_drop`` with it; ``guarantee``: what the certificate promises, ``"probable"`` or
-    ``"expected"`` (:data:`~earlyexit_kernels.calibration.certify.GUARANTEES`); ``max_changed`` (points, with
-    ``confidence``): the answers changed against the full model, certified beside accuracy lost."""
+    Exactly one target: ``max_drop`` (accuracy points): the fewest mean layers run with a score at least
+    ``full - max_drop``; ``target_layers``: the best score with at most that many mean layers run. Ties go to the
+    more accurate, then the cheaper candidate. ``policy``: the family and fixed fields (None: the recorded
+    policy's); ``count``: candidates of the uncertified search.
+
+    ``target``: ``"accuracy"`` (against the labels), ``"agreement"`` (against the full model's predictions: no
+    labels needed, the full model scores 1.0) or ``"auto"`` (accuracy when the rows have labels, else agreement).
+    ``metric``: a function ``metric(logits [N, C] float32, references [N]) -> float`` (higher is better) used in
+    place of accuracy; references are the labels or the full model's predicted classes.
+
+    ``min_saving`` (a fraction, default 0.10): warn when the chosen policy saves less of the layers;
+    ``chance_margin`` (a fraction, default 0.02): warn of internal heads that score at most that much above always
+    predicting the most frequent class.
+
+    ``confidence`` (in (0, 1), with ``max_drop``): certify the budget instead of meeting it on the rows: the most
+    aggressive policy of a fixed grid whose risk is at most ``max_drop`` points with probability ``confidence``
+    over the draw of the rows (:mod:`earlyexit_kernels.calibration.certify`). ``guarantee`` (with
+    ``confidence``): ``"probable"`` (the default: with probability ``confidence``, the risk is within the budget)
+    or ``"expected"`` (within it on average over the draw of the rows, conformal risk control: cheaper, and any one
+    draw may serve above it); :data:`~earlyexit_kernels.calibration.certify.GUARANTEES`. ``max_changed`` (points,
+    with ``confidence`` and labelled rows): a second budget certified beside accuracy lost, on the answers changed
+    against the full model (accuracy lost lets fixes of the full model's errors pay for new errors, so it alone
+    does not bound how many answers change)."""
 
     max_drop: float | None = None
     target_layers: float | None = None

@@ -143,14 +143,13 @@ def calibrate_folder(
         raise ValueError("give the rows to certify on (data) or an audit record (from_audit), one of them")
     model, tokenizer = load_model(path, certified_here=True)  # certified here, on the base asked for
     if from_audit is not None:
-        from earlyexit_kernels.training.calibrate_texts import calibrate_record
+        from earlyexit_kernels.training.calibrate_texts import calibrate_record, calibration_goal
 
         record, served = _audit_record(path, from_audit, model)
         if max_changed is not None:  # the audit's risk is the answers changed: the smaller budget holds for both
             max_drop = min(max_drop, max_changed)
-        report = calibrate_record(
-            model, record, max_drop=max_drop, confidence=confidence, path=saved_path(path), guarantee=guarantee
-        )
+        goal = calibration_goal(max_drop, confidence, guarantee, None)
+        report = calibrate_record(model, record, goal, path=saved_path(path))
         source = source or f"{record.all_logits.shape[1]} audited rows of {from_audit} (served: {served})"
         if _written(path, report, force):
             _write_back(Path(path), model, report, source, "as served")

@@ -223,7 +223,7 @@ def calibrate_texts(
     )
     from earlyexit_kernels.training.record_exits import record_exits
 
-    calibration_goal(max_drop, confidence, guarantee, max_changed)
+    goal = calibration_goal(max_drop, confidence, guarantee, max_changed)
     data, partly = split_unlabelled(data)
     unlabelled = joined_texts(partly, joined_texts(unlabelled, None))
     if unlabelled is not None and confidence is None:
@@ -275,16 +275,7 @@ def calibrate_texts(
     elif base_change is not None and base_change.risk == "reference":
         # the full model the risk reads is the saved base's, on the same rows in the same order
         certified_on = record.against(reference.all_logits[-1])
-    report = calibrate_record(
-        model,
-        certified_on,
-        max_drop=max_drop,
-        confidence=confidence,
-        path=path,
-        unlabelled=extra,
-        guarantee=guarantee,
-        max_changed=max_changed,
-    )
+    report = calibrate_record(model, certified_on, goal, path=path, unlabelled=extra)
     if base_change is not None:
         report.base = base_change.base
         report.base_risk = base_change.risk
@@ -315,41 +306,27 @@ def _agreements(model, record, reference) -> dict:
     }
 
 
-def calibrate_record(
-    model,
-    record,
-    *,
-    max_drop: float = 1.0,
-    confidence: float | None = CONFIDENCE,
-    path: list | None = None,
-    unlabelled=None,
-    guarantee: str = "probable",
-    max_changed: float | None = None,
-) -> CalibrationReport:
+def calibrate_record(model, record, goal, *, path: list | None = None, unlabelled=None) -> CalibrationReport:
     """:func:`calibrate_texts` on rows already recorded (:class:`~earlyexit_kernels.calibration.record.ExitRecord`:
-    every head's logits, e.g. the audited rows of ``eek serve --audit-record``); the model ends patched
-    with the chosen policy."""
+    every head's logits, e.g. the audited rows of ``eek serve --audit-record``) for ``goal`` (what
+    :func:`calibration_goal` made: ``max_drop``, ``confidence``, ``guarantee``, ``max_changed``), along ``path``
+    where certified; the model ends patched with the chosen policy."""
     from earlyexit_kernels.calibration.record import replay
     from earlyexit_kernels.calibration.report import describe
     from earlyexit_kernels.patching.patch import backend_of, patch, policy_of
     from earlyexit_kernels.training.calibration import calibrate
 
-    calibration_goal(max_drop, confidence, guarantee, max_changed)
     rows = record.all_logits.shape[1]
-    if confidence is not None:
-        check_enough(rows, max_drop, confidence, "rows", guarantee)
+    if goal.confidence is not None:
+        check_enough(rows, goal.max_drop, goal.confidence, "rows", goal.guarantee)
     previous = policy_of(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # kept in the result and printed by the report
         result = calibrate(
             record,
-            max_drop=max_drop,
-            confidence=confidence,
-            policy=previous,
-            path=path if confidence else None,
+            goal=dataclasses.replace(goal, policy=previous),
+            path=path if goal.confidence else None,
             unlabelled=unlabelled,
-            guarantee=guarantee,
-            max_changed=max_changed,
         )
     before = replay(previous, record).layers_run.float().mean().item()
     patch(model, result.policy, backend_of(model))
@@ -363,8 +340,8 @@ def calibrate_record(
         previous_mean_layers=before,
         num_layers=record.num_layers,
         rows=rows,
-        max_drop=max_drop,
-        confidence=confidence,
+        max_drop=goal.max_drop,
+        confidence=goal.confidence,
         met=result.met,
         certificate=None if result.certificate is None else result.certificate.as_dict(),
         warnings=list(result.warnings),

@@ -11,6 +11,7 @@ defaults (docs/training.md). The recipes are in :mod:`earlyexit_kernels.training
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -226,8 +227,8 @@ def fit_exit_heads(
     chosen: Recipe = recipe(method)
     if max_drop is None and target_layers is None:
         max_drop = 1.0
-    # the calibration's settings checked by its Goal before anything trains (calibrate makes it again at the end)
-    Goal(
+    # the calibration's settings checked by its Goal before anything trains; the calibration at the end takes it
+    goal = Goal(
         max_drop=max_drop,
         target_layers=target_layers,
         target=target,
@@ -263,6 +264,7 @@ def fit_exit_heads(
         calibration_batches = _without_labels(calibration_batches)
         if target == "auto":
             target = "agreement"
+            goal = dataclasses.replace(goal, target=target)
 
     for name, value in (("pooling", pooling), ("head", head)):
         allowed = {"pooling": HEAD_POOLINGS, "head": HEAD_FORMS}[name]
@@ -359,30 +361,18 @@ def fit_exit_heads(
     if confidence is not None and calibrated_on == "calibration" and supports_paths(policy):
         # the path of candidates is chosen on the validation rows, apart from the calibration rows
         path_record = cached_record(model, caches["val"]) if "val" in caches else record_exits(model, val_batches)
-    calibration = calibrate(
-        record,
-        max_drop=max_drop,
-        target_layers=target_layers,
-        target=target,
-        min_saving=min_saving,
-        verbose=verbose,
-        confidence=confidence,
-        path_record=path_record,
-        unlabelled=unlabelled,
-        guarantee=guarantee,
-        max_changed=max_changed,
-    )
+    calibration = calibrate(record, goal=goal, verbose=verbose, path_record=path_record, unlabelled=unlabelled)
     patch(model, calibration.policy, backend)
     return FitResult(
-        chosen.name,
-        calibration.policy,
-        calibration,
-        stages,
-        use_labels,
-        validation,
-        time.perf_counter() - started,
-        calibrated_on,
-        trials,
-        head_choice,
-        validation_full_accuracy,
+        method=chosen.name,
+        policy=calibration.policy,
+        calibration=calibration,
+        stages=stages,
+        labels=use_labels,
+        validation=validation,
+        seconds=time.perf_counter() - started,
+        calibrated_on=calibrated_on,
+        head_trials=trials,
+        head_choice=head_choice,
+        validation_full_accuracy=validation_full_accuracy,
     )

@@ -147,9 +147,12 @@ def choose_heads(
     ``(chosen, trials, log)``: the model is left patched with the chosen configuration and its
     trained heads, ``log`` is the chosen heads' training log.
     """
+    from earlyexit_kernels.calibration.select import Goal
     from earlyexit_kernels.patching.patch import current_adapter, patch
     from earlyexit_kernels.training.calibration import calibrate
 
+    # each trial's point, uncertified, at the target asked (a trial that saves little is still a row)
+    trial_goal = Goal(max_drop=max_drop, target_layers=target_layers, target=target, min_saving=0.0)
     trials, states, logs, records = [], [], [], []
     for pooling, head in candidates:
         patch(model, policy, pooling=pooling, head=head)
@@ -169,7 +172,7 @@ def choose_heads(
         records.append(record)
         with warnings.catch_warnings():  # a trial that saves little is a row of the table, not a warning
             warnings.simplefilter("ignore")
-            result = calibrate(record, max_drop=max_drop, target_layers=target_layers, target=target, min_saving=0.0)
+            result = calibrate(record, goal=trial_goal)
         trials.append(
             HeadTrial(
                 pooling, head, result.accuracy, result.mean_layers, list(result.layer_scores), log.epochs_run, seconds
