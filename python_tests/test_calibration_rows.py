@@ -17,7 +17,7 @@ from transformers import BertForSequenceClassification, BertTokenizerFast
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.integrations.labelled_data import read_labelled
-from earlyexit_kernels.training.calibrate_texts import calibrate_texts
+from earlyexit_kernels.training.calibrate_texts import calibrate_texts, calibration_goal
 from earlyexit_kernels.training.calibration_share import ShareSettings, choose_share
 from earlyexit_kernels.training.fit_checks import file_rows_to_certify, least_rows_to_certify
 from earlyexit_kernels.training.labelled_texts import label_ids, split_rows
@@ -122,7 +122,8 @@ def test_calibrate_certifies_a_folder_anew_and_writes_it_back(fitted, tmp_path, 
     # the command is the library call on the same rows: the same threshold
     fresh = eek.from_pretrained(str(fitted))
     eek.patch(fresh, eek.Entropy(0.0))  # any threshold of the family: calibration replaces it
-    report = calibrate_texts(fresh, BertTokenizerFast.from_pretrained(str(fitted)), read_labelled(data), max_drop=5.0)
+    goal = calibration_goal(5.0, 0.95, "probable", None)
+    report = calibrate_texts(fresh, BertTokenizerFast.from_pretrained(str(fitted)), read_labelled(data), goal)
     assert report.policy == after["policy"] and report.rows == 700
     assert eek.policy_of(fresh).to_code(4) == after["policy"]
 

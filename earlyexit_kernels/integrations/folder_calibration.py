@@ -126,7 +126,7 @@ def calibrate_folder(
     """
     from earlyexit_kernels.engine.precision import int8_recipe_on, to_base
     from earlyexit_kernels.integrations.model_folder import load_model
-    from earlyexit_kernels.training.calibrate_texts import calibrate_texts
+    from earlyexit_kernels.training.calibrate_texts import calibrate_texts, calibration_goal
     from earlyexit_kernels.training.fit_checks import FitError
     from earlyexit_kernels.training.fit_texts import CONFIDENCE
 
@@ -143,7 +143,7 @@ def calibrate_folder(
         raise ValueError("give the rows to certify on (data) or an audit record (from_audit), one of them")
     model, tokenizer = load_model(path, certified_here=True)  # certified here, on the base asked for
     if from_audit is not None:
-        from earlyexit_kernels.training.calibrate_texts import calibrate_record, calibration_goal
+        from earlyexit_kernels.training.calibrate_texts import calibrate_record
 
         record, served = _audit_record(path, from_audit, model)
         if max_changed is not None:  # the audit's risk is the answers changed: the smaller budget holds for both
@@ -175,15 +175,12 @@ def calibrate_folder(
         model,
         tokenizer,
         data,
-        max_drop=max_drop,
-        confidence=confidence,
+        calibration_goal(max_drop, confidence, guarantee, max_changed),
         batch_size=batch_size,
         max_length=max_length,
         path=saved_path(path),
         unlabelled=unlabelled,
         base_change=base_change,
-        guarantee=guarantee,
-        max_changed=max_changed,
     )
     if _written(path, report, force):
         _write_back(Path(path), model, report, source or "rows given to eek calibrate", dtype or "as saved", recipe)

@@ -67,7 +67,7 @@ def certify_served(
         saved_path,
     )
     from earlyexit_kernels.patching.patch import policy_of
-    from earlyexit_kernels.training.calibrate_texts import base_change_for, calibrate_texts
+    from earlyexit_kernels.training.calibrate_texts import base_change_for, calibrate_texts, calibration_goal
     from earlyexit_kernels.training.fit_texts import CONFIDENCE
 
     max_drop, confidence = saved_budget(folder)
@@ -75,18 +75,21 @@ def certify_served(
     max_changed = saved_changed(folder)  # beside accuracy lost where the rows have labels and the risk reads them
     if max_changed is not None and (data.labels is None or (base not in (None, "float32") and reference is None)):
         max_drop, max_changed = min(max_drop, max_changed), None  # the risk is the answers changed: the smaller
+    goal = calibration_goal(
+        max_drop,
+        CONFIDENCE if confidence is None else confidence,
+        saved_guarantee(folder) if guarantee is None else guarantee,
+        max_changed,
+    )
     report = calibrate_texts(
         model,
         tokenizer,
         data,
-        max_drop=max_drop,
-        confidence=CONFIDENCE if confidence is None else confidence,
+        goal,
         batch_size=batch_size,
         max_length=max_length,
         path=saved_path(folder),
         base_change=base_change_for(base, reference, "auto" if reference is not None else "agreement"),
-        guarantee=saved_guarantee(folder) if guarantee is None else guarantee,
-        max_changed=max_changed,
     )
     certificate = None
     if report.certificate is not None:

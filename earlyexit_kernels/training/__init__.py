@@ -29,7 +29,16 @@ from earlyexit_kernels.methods.losses import (
     smartbert_stage2_loss,
 )
 from earlyexit_kernels.training.cached_heads import ExitInputCache, cache_exit_inputs, cached_exits, cached_record
-from earlyexit_kernels.training.fit import FitResult, StageResult, fit_exit_heads, split_validation
+from earlyexit_kernels.training.fit import (
+    FitResult,
+    HeadBatches,
+    HeadsFit,
+    StageResult,
+    fit_exit_heads,
+    fit_heads,
+    split_validation,
+)
+from earlyexit_kernels.training.fit_config import Training
 from earlyexit_kernels.training.recipes import RECIPES, Recipe, Stage, recipe
 from earlyexit_kernels.training.train import (
     DEFAULT_EPOCHS,
@@ -51,16 +60,20 @@ __all__ = [
     "DEFAULT_LR",
     "ExitInputCache",
     "FitResult",
+    "HeadBatches",
+    "HeadsFit",
     "RECIPES",
     "Recipe",
     "Stage",
     "StageResult",
+    "Training",
     "TrainingLog",
     "cache_exit_inputs",
     "cached_exits",
     "cached_record",
     "default_lr",
     "fit_exit_heads",
+    "fit_heads",
     "recipe",
     "split_validation",
     "HALTING_LR",

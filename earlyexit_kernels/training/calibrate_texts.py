@@ -43,6 +43,9 @@ def calibration_goal(max_drop: float, confidence: float | None, guarantee: str, 
         raise FitError(str(error)) from None
 
 
+#: the goal :func:`calibrate_texts` certifies where none is given: 1 point lost at most, at confidence 0.95
+DEFAULT_GOAL = calibration_goal(1.0, CONFIDENCE, "probable", None)
+
 #: the risks a threshold can be certified on where the base changes (``eek calibrate --risk``): ``reference`` (the
 #: default) against the saved base's full model, ``agreement`` and ``accuracy`` against the served base's full depth
 BASE_RISKS = ("reference", "agreement", "accuracy")
@@ -184,33 +187,33 @@ def calibrate_texts(
     model,
     tokenizer,
     data,
+    goal=None,
     *,
-    max_drop: float = 1.0,
-    confidence: float | None = CONFIDENCE,
     batch_size: int = 64,
     max_length: int | None = None,
     path: list | None = None,
     unlabelled=None,
     base_change: BaseChange | None = None,
-    guarantee: str = "probable",
-    max_changed: float | None = None,
 ) -> CalibrationReport:
     """Certify ``model``'s threshold anew on ``data``; the model ends patched with the chosen policy.
 
     ``model``: a patched classifier (e.g. ``eek.from_pretrained`` of an ``eek fit`` folder);
     ``data``: :class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`, with labels
     (the risk is accuracy lost against the full model) or without (disagreement with it).
-    ``confidence`` None: the fewest mean layers within ``max_drop`` points on these rows,
-    uncertified. Rows too few for any certificate raise :class:`FitError` saying how many would do.
+    ``goal``: what is certified, a :class:`~earlyexit_kernels.calibration.select.Goal` made by
+    :func:`calibration_goal` (``calibration_goal(max_drop, confidence, guarantee, max_changed)``: its refusals are
+    :class:`FitError`); None: :data:`DEFAULT_GOAL`, 1 point at 0.95. ``goal.confidence`` None: the fewest mean
+    layers within ``goal.max_drop`` points on these rows, uncertified. Rows too few for any certificate raise
+    :class:`FitError` saying how many would do.
     ``path``: the ordered candidates to certify along (the folder's saved path, policies); None:
     the family's fixed grid. ``unlabelled`` (``LabelledTexts``, labels ignored): more rows without
     labels in the certificate (:func:`~earlyexit_kernels.calibration.certify.certify`); the
     rows of ``data`` whose label cell is empty join them. ``base_change``: ``model`` runs on another
     base than its own (:class:`BaseChange`: the risk, by default disagreement with this base's full
-    depth, and the agreements reported with the reference's full depth). ``guarantee``: what the certificate
+    depth, and the agreements reported with the reference's full depth). ``goal.guarantee``: what the certificate
     promises, ``"probable"`` or ``"expected"`` (:data:`~earlyexit_kernels.calibration.certify.GUARANTEES`).
-    ``max_changed`` (points, labelled rows, certified): the answers changed against the full model the risk reads,
-    certified beside accuracy lost (:func:`~earlyexit_kernels.calibration.certify.certify`).
+    ``goal.max_changed`` (points, labelled rows, certified): the answers changed against the full model the risk
+    reads, certified beside accuracy lost (:func:`~earlyexit_kernels.calibration.certify.certify`).
     """
     import torch
 
@@ -223,13 +226,15 @@ def calibrate_texts(
     )
     from earlyexit_kernels.training.record_exits import record_exits
 
-    goal = calibration_goal(max_drop, confidence, guarantee, max_changed)
+    goal = DEFAULT_GOAL if goal is None else goal
+    max_drop, confidence, max_changed = goal.max_drop, goal.confidence, goal.max_changed
     data, partly = split_unlabelled(data)
     unlabelled = joined_texts(partly, joined_texts(unlabelled, None))
     if unlabelled is not None and confidence is None:
         raise FitError("unlabelled rows (--unlabelled) join the certificate: give a --confidence, or leave them out")
     if confidence is not None:
-        check_enough(len(data), max_drop, confidence, "labelled rows" if unlabelled is not None else "rows", guarantee)
+        rows = "labelled rows" if unlabelled is not None else "rows"
+        check_enough(len(data), max_drop, confidence, rows, goal.guarantee)
     labels = label_ids(data, model.config) if data.labels is not None else None
     length = max_length_for(max_length, model, tokenizer)
     encoded = encode(tokenizer, data, length)

@@ -22,11 +22,11 @@ import torch
 from earlyexit_kernels.calibration.candidates import supports_paths
 from earlyexit_kernels.calibration.record import ExitRecord
 from earlyexit_kernels.calibration.select import Goal
-from earlyexit_kernels.engine.heads import HEAD_FORMS, HEAD_POOLINGS
 from earlyexit_kernels.methods.policies import SkipGates
 from earlyexit_kernels.patching.patch import patch
 from earlyexit_kernels.training.cached_heads import ExitInputCache, cache_exit_inputs, cached_record
 from earlyexit_kernels.training.calibration import Calibration, calibrate
+from earlyexit_kernels.training.fit_config import Training
 from earlyexit_kernels.training.head_choice import (
     AUTO,
     candidates_for,
@@ -39,7 +39,7 @@ from earlyexit_kernels.training.recipes import Recipe, recipe
 from earlyexit_kernels.training.record_exits import record_exits
 from earlyexit_kernels.training.train import TrainingLog, train_exit_heads
 
-__all__ = ["StageResult", "FitResult", "fit_exit_heads", "split_validation"]
+__all__ = ["FitResult", "HeadBatches", "HeadsFit", "StageResult", "fit_exit_heads", "fit_heads", "split_validation"]
 
 
 @dataclass
@@ -115,6 +115,35 @@ class FitResult:
         lines.append(self.calibration.summary())
         lines.append(f"fit took {self.seconds:.1f} s")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class HeadsFit:
+    """The settings of one :func:`fit_exit_heads`, one object: the ``training``
+    (:class:`~earlyexit_kernels.training.fit_config.Training`: the recipe, the heads, epochs, lr, seed, progress), the
+    calibration's ``goal`` (:class:`~earlyexit_kernels.calibration.select.Goal`), each checked where it is made, and
+    ``labels`` (None: used where the batches have them), ``validation_fraction`` (held out of the training batches
+    where no validation batches come), ``backend`` (``eek.patch``'s) and ``verbose`` (the calibration's curve
+    printed); :func:`fit_exit_heads` says what each does."""
+
+    training: Training = Training(pooling=None, head=None, progress=True)
+    goal: Goal = Goal(max_drop=1.0)
+    labels: bool | None = None
+    validation_fraction: float = 0.15
+    backend: str = "auto"
+    verbose: bool = False
+
+
+@dataclass(frozen=True)
+class HeadBatches:
+    """The rows of one :func:`fit_exit_heads`: ``train`` and ``validation`` (None: split from ``train``),
+    ``calibration`` (None: the validation rows) and ``unlabelled`` (more calibration rows, without labels), each a
+    list or ``DataLoader`` of batches, or None."""
+
+    train: object
+    validation: object = None
+    calibration: object = None
+    unlabelled: object = None
 
 
 def _as_list(batches) -> list[Mapping[str, torch.Tensor]]:
@@ -223,36 +252,56 @@ def fit_exit_heads(
     Returns a :class:`FitResult`; the model is left patched with the calibrated policy, in
     eval mode.
     """
-    started = time.perf_counter()
-    chosen: Recipe = recipe(method)
     if max_drop is None and target_layers is None:
         max_drop = 1.0
-    # the calibration's settings checked by its Goal before anything trains; the calibration at the end takes it
-    goal = Goal(
-        max_drop=max_drop,
-        target_layers=target_layers,
-        target=target,
-        min_saving=min_saving,
-        confidence=confidence,
-        guarantee=guarantee,
-        max_changed=max_changed,
+    settings = HeadsFit(  # every setting checked here, before anything trains
+        training=Training(
+            method=method, pooling=pooling, head=head, epochs=epochs, lr=lr, seed=seed, progress=progress
+        ),
+        goal=Goal(
+            max_drop=max_drop,
+            target_layers=target_layers,
+            target=target,
+            min_saving=min_saving,
+            confidence=confidence,
+            guarantee=guarantee,
+            max_changed=max_changed,
+        ),
+        labels=labels,
+        validation_fraction=validation_fraction,
+        backend=backend,
+        verbose=verbose,
     )
+    batches = HeadBatches(train_batches, val_batches, calibration_batches, unlabelled_batches)
+    return fit_heads(model, batches, settings, reference=reference)
+
+
+def fit_heads(model, batches: HeadBatches, settings: HeadsFit, *, reference=None) -> FitResult:
+    """:func:`fit_exit_heads` with its settings as one :class:`HeadsFit` and its rows as :class:`HeadBatches`
+    (what :func:`~earlyexit_kernels.training.fit_texts.train_and_calibrate` builds from a
+    :class:`~earlyexit_kernels.training.fit_config.FitConfig`); ``reference`` as there."""
+    started = time.perf_counter()
+    training, goal = settings.training, settings.goal
+    chosen: Recipe = recipe(training.method)
+    pooling, head, progress, seed = training.pooling, training.head, training.progress, training.seed
     if reference is not None and chosen.encoder_stages:
         raise ValueError(
             f"the {chosen.name} recipe trains the encoder too, which a model on another base than its reference "
             "cannot learn: fit it on its own base (reference=None), or use method='heads' or 'fastbert'"
         )
-    train_batches = _as_list(train_batches)
+    train_batches = _as_list(batches.train)
+    labels = settings.labels
     use_labels = _has_labels(train_batches) if labels is None else bool(labels)
     if use_labels and not _has_labels(train_batches):
         raise ValueError("labels=True but the training batches have no 'labels'")
     validation = "given"
+    val_batches = batches.validation
     if val_batches is None:
-        train_batches, val_batches = split_validation(train_batches, validation_fraction)
+        train_batches, val_batches = split_validation(train_batches, settings.validation_fraction)
         validation = "split"
     val_batches = _as_list(val_batches)
-    calibrated_on = "validation" if calibration_batches is None else "calibration"
-    calibration_batches = val_batches if calibration_batches is None else _as_list(calibration_batches)
+    calibrated_on = "validation" if batches.calibration is None else "calibration"
+    calibration_batches = val_batches if batches.calibration is None else _as_list(batches.calibration)
     if not use_labels:
         if chosen.needs_labels:
             stage = next(s for s in chosen.stages if s.unlabelled is None)
@@ -262,18 +311,13 @@ def fit_exit_heads(
             )
         train_batches, val_batches = _without_labels(train_batches), _without_labels(val_batches)
         calibration_batches = _without_labels(calibration_batches)
-        if target == "auto":
-            target = "agreement"
-            goal = dataclasses.replace(goal, target=target)
+        if goal.target == "auto":
+            goal = dataclasses.replace(goal, target="agreement")
 
-    for name, value in (("pooling", pooling), ("head", head)):
-        allowed = {"pooling": HEAD_POOLINGS, "head": HEAD_FORMS}[name]
-        if value is not None and value != AUTO and value not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(allowed)}, 'auto' or None; got {value!r}")
     policy = chosen.make_policy()
     given = {k: v for k, v in (("pooling", pooling), ("head", head)) if v not in (None, AUTO)}
     # a patched model keeps its heads (pooling, form) unless told otherwise, and takes the recipe's policy
-    patch(model, policy, backend, **given)
+    patch(model, policy, settings.backend, **given)
     trying = candidates_for(pooling, head)
     head_choice = "given"
     if trying:
@@ -289,8 +333,8 @@ def fit_exit_heads(
     for index, stage in enumerate(chosen.stages):
         name = stage.objective if use_labels else stage.unlabelled
         head_only = stage.trains == "heads"
-        stage_lr = lr if (lr is not None and head_only) else stage.lr
-        stage_epochs = epochs if (epochs is not None and head_only) else stage.epochs
+        stage_lr = training.lr if (training.lr is not None and head_only) else stage.lr
+        stage_epochs = training.epochs if (training.epochs is not None and head_only) else stage.epochs
         if head_only and "train" not in caches:
             # one pass of the frozen model serves the head-only stage and the calibration after it
             both = bool(trying) and index == 0
@@ -332,9 +376,9 @@ def fit_exit_heads(
                 caches["val"],
                 candidates=trying,
                 train_heads=train,
-                max_drop=max_drop,
-                target_layers=target_layers,
-                target=target,
+                max_drop=goal.max_drop,
+                target_layers=goal.target_layers,
+                target=goal.target,
             )
             caches = {key: inputs_for(model, cache, picked.pooling, picked.head) for key, cache in caches.items()}
         elif head_only:
@@ -353,16 +397,17 @@ def fit_exit_heads(
         record = cached_record(model, caches["calibration"])
     else:
         record = record_exits(model, calibration_batches)
+    unlabelled_batches = batches.unlabelled
     unlabelled = None if unlabelled_batches is None else record_exits(model, unlabelled_batches)
     if reference is not None:
         record = _against(reference, record, calibration_batches)
         unlabelled = None if unlabelled is None else _against(reference, unlabelled, unlabelled_batches)
     path_record = None
-    if confidence is not None and calibrated_on == "calibration" and supports_paths(policy):
+    if goal.confidence is not None and calibrated_on == "calibration" and supports_paths(policy):
         # the path of candidates is chosen on the validation rows, apart from the calibration rows
         path_record = cached_record(model, caches["val"]) if "val" in caches else record_exits(model, val_batches)
-    calibration = calibrate(record, goal=goal, verbose=verbose, path_record=path_record, unlabelled=unlabelled)
-    patch(model, calibration.policy, backend)
+    calibration = calibrate(record, goal=goal, verbose=settings.verbose, path_record=path_record, unlabelled=unlabelled)
+    patch(model, calibration.policy, settings.backend)
     return FitResult(
         method=chosen.name,
         policy=calibration.policy,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from earlyexit_kernels._method_names import METHODS
 from earlyexit_kernels.training.fit_checks import FitError
 
-__all__ = ["AUTO_SHARE", "CALIBRATION_FRACTION", "CONFIDENCE", "FitConfig"]
+__all__ = ["AUTO_SHARE", "CALIBRATION_FRACTION", "CONFIDENCE", "FitConfig", "Training"]
 
 #: the confidence ``eek fit`` certifies its budget with unless told otherwise
 CONFIDENCE = 0.95
@@ -27,6 +27,41 @@ CONFIDENCE = 0.95
 CALIBRATION_FRACTION = 0.25
 #: ``calibration_fraction`` that measures the share on the rows (:mod:`~earlyexit_kernels.training.calibration_share`)
 AUTO_SHARE = "auto"
+
+
+@dataclass(frozen=True)
+class Training:
+    """How a fit trains the heads, one object: the part of :class:`FitConfig` that
+    :func:`~earlyexit_kernels.training.fit.fit_exit_heads` takes too (its ``training``).
+
+    ``method``: the recipe (:data:`~earlyexit_kernels._method_names.METHODS`); ``pooling`` / ``head``: the heads'
+    (``"cls"``/``"mean"``, ``"model"``/``"mlp"``/``"cascade"``; ``"auto"``: tried and chosen; None: the model's);
+    ``epochs``, ``lr``: every head-only stage's (None: the recipe's); ``seed``: everything drawn; ``progress``:
+    bars. Each field checked here, once, in the words of :class:`FitConfig`'s refusals."""
+
+    method: str = "heads"
+    pooling: str | None = "auto"
+    head: str | None = "auto"
+    epochs: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        from earlyexit_kernels.engine.heads import HEAD_FORMS, HEAD_POOLINGS
+
+        if self.method not in METHODS:
+            _refuse("method", f"one of {', '.join(METHODS)}", self.method, "")
+        for name, allowed in (("pooling", HEAD_POOLINGS), ("head", HEAD_FORMS)):
+            value = getattr(self, name)
+            if value is not None and value != "auto" and value not in allowed:
+                raise FitError(f"{name} must be one of {', '.join(allowed)}, 'auto' or None; got {value!r}")
+        if self.lr is not None and not (_number(self.lr) and self.lr > 0):
+            _refuse("lr", "a positive learning rate", self.lr, "a rate such as 1e-3, or None (the method's recipe)")
+        if self.epochs is not None and not (_whole(self.epochs) and self.epochs >= 1):
+            _refuse("epochs", "a whole number, at least 1", self.epochs, "a number such as 32, or None (the default)")
+        if not _whole(self.seed):
+            _refuse("seed", "a whole number", self.seed, "an integer such as 0")
 
 
 @dataclass(frozen=True)
@@ -61,29 +96,16 @@ class FitConfig:
 
     def __post_init__(self) -> None:
         """Every setting checked here, once, before a row is read: a :class:`FitError` (a ``ValueError``) naming
-        the setting as the command line spells it and as :func:`fit_model` does, its bound and what to give."""
-        from earlyexit_kernels.calibration.select import Goal
-
-        if self.method not in METHODS:
-            _refuse("method", f"one of {', '.join(METHODS)}", self.method, "")
-        if self.lr is not None and not (_number(self.lr) and self.lr > 0):
-            _refuse("lr", "a positive learning rate", self.lr, "a rate such as 1e-3, or None (the method's recipe)")
-        for name in ("epochs", "batch_size", "max_length"):
+        the setting as the command line spells it and as :func:`fit_model` does, its bound and what to give.
+        The training's settings are checked by their :class:`Training`, the calibration's by their
+        :class:`~earlyexit_kernels.calibration.select.Goal` (as for ``eek calibrate``)."""
+        _ = self.training  # made, so checked
+        for name in ("batch_size", "max_length"):
             value = getattr(self, name)
             if (value is not None or name == "batch_size") and not (_whole(value) and value >= 1):
                 instead = "a number such as 32" + ("" if name == "batch_size" else ", or None (the default)")
                 _refuse(name, "a whole number, at least 1", value, instead)
-        if not _whole(self.seed):
-            _refuse("seed", "a whole number", self.seed, "an integer such as 0")
-        try:  # the calibration's settings: its Goal checks them, as for eek calibrate
-            Goal(
-                max_drop=self.max_drop,
-                confidence=self.confidence,
-                guarantee=self.guarantee,
-                max_changed=self.max_changed,
-            )
-        except ValueError as error:
-            raise FitError(str(error)) from None
+        _ = self.goal  # made, so checked
         fraction = self.calibration_fraction
         if fraction != AUTO_SHARE and not (_number(fraction) and 0 < fraction < 1):
             _refuse(
@@ -97,6 +119,35 @@ class FitConfig:
             _refuse(
                 "validation_split", "strictly between 0 and 1", self.validation_split, "a share such as 0.1", verb="lie"
             )
+
+    @property
+    def training(self) -> Training:
+        """How the heads train: this config's :class:`Training` (what ``fit_exit_heads`` takes)."""
+        return Training(
+            method=self.method,
+            pooling=self.pooling,
+            head=self.head,
+            epochs=self.epochs,
+            lr=self.lr,
+            seed=self.seed,
+            progress=self.progress,
+        )
+
+    @property
+    def goal(self):
+        """What the calibration is asked for: this config's :class:`~earlyexit_kernels.calibration.select.Goal`;
+        what it refuses is a :class:`FitError`."""
+        from earlyexit_kernels.calibration.select import Goal
+
+        try:
+            return Goal(
+                max_drop=self.max_drop,
+                confidence=self.confidence,
+                guarantee=self.guarantee,
+                max_changed=self.max_changed,
+            )
+        except ValueError as error:
+            raise FitError(str(error)) from None
 
 
 def _number(value) -> bool:

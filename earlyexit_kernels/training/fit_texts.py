@@ -180,7 +180,8 @@ def _compact_curve(curve: list[tuple[str, float, float]], rows: int = 8) -> list
 
 def train_and_calibrate(model, data: FitData, config: FitConfig, *, reference=None) -> FitReport:
     """Train ``model``'s exit heads with ``config.method``'s recipe on ``data``'s training rows and
-    calibrate on its validation rows (:func:`earlyexit_kernels.training.fit_exit_heads`); returns a
+    calibrate on its validation rows (:func:`~earlyexit_kernels.training.fit.fit_heads`, with the config's
+    :class:`~earlyexit_kernels.training.fit_config.Training` and ``Goal``); returns a
     :class:`FitReport`. ``data``: the rows :func:`~earlyexit_kernels.training.fit_data.prepare` made
     (without labels the heads learn agreement with the full model; its calibration rows, where it
     holds any, are certified on in place of the validation rows, with its unlabelled rows beside
@@ -191,7 +192,7 @@ def train_and_calibrate(model, data: FitData, config: FitConfig, *, reference=No
     certificate measures against (:func:`~earlyexit_kernels.training.fit_exit_heads`); None: ``model``'s own.
     """
     from earlyexit_kernels.calibration.report import describe, distinct_digits
-    from earlyexit_kernels.training.fit import fit_exit_heads
+    from earlyexit_kernels.training.fit import HeadBatches, HeadsFit, fit_heads
     from earlyexit_kernels.training.labelled_texts import length_sorted_batches, shuffled_batches
 
     train_labels = data.train_labels
@@ -205,24 +206,10 @@ def train_and_calibrate(model, data: FitData, config: FitConfig, *, reference=No
     calibration_rows = len(data.validation if calibration is None else calibration)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the calibration's warnings are in its result, printed by the report
-        result = fit_exit_heads(
+        result = fit_heads(
             model,
-            train_batches,
-            val_batches,
-            method=config.method,
-            labels=train_labels is not None,
-            max_drop=config.max_drop,
-            epochs=config.epochs,
-            lr=config.lr,
-            progress=config.progress,
-            seed=config.seed,
-            calibration_batches=calibration_batches,
-            confidence=config.confidence,
-            pooling=config.pooling,
-            head=config.head,
-            unlabelled_batches=unlabelled_batches,
-            guarantee=config.guarantee,
-            max_changed=config.max_changed,
+            HeadBatches(train_batches, val_batches, calibration_batches, unlabelled_batches),
+            HeadsFit(training=config.training, goal=config.goal, labels=train_labels is not None),
             reference=reference,
         )
     model.eval()
