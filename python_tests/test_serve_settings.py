@@ -11,6 +11,7 @@ pytest.importorskip("starlette", reason="the server needs the serve extra")
 from test_recertify_serving import certified_folder  # noqa: E402
 
 from earlyexit_kernels.engine.engine_config import EngineConfig  # noqa: E402
+from earlyexit_kernels.integrations.recertify_choice import Recertify  # noqa: E402
 from earlyexit_kernels.integrations.server.serve_settings import AuditConfig, HttpLimits, ServeSettings  # noqa: E402
 
 
@@ -38,6 +39,11 @@ def test_a_setting_out_of_bounds_or_unknown_is_refused_when_made():
         ServeSettings.from_options(recertify=True)
     with pytest.raises(ValueError, match="recertify must be an OnlineCertificate, None, True or False"):
         ServeSettings.from_options(recertify="yes")
+    # None, True and False are held as the Recertify of that value, one type whichever way it came
+    assert ServeSettings.from_options().recertify is Recertify.AUTO
+    assert ServeSettings.from_options(recertify=False).recertify is Recertify.OFF
+    assert ServeSettings.from_options(audit_fraction=0.5, recertify=True).recertify is Recertify.ON
+    assert ServeSettings.from_options(audit_fraction=0.5, recertify=Recertify.ON).recertify is Recertify.ON
     with pytest.raises(ValueError, match="the audit record holds what re-certification replays"):
         ServeSettings.from_options(audit_fraction=0.5, audit_record="r.pt")  # no folder, no re-certification
     with pytest.raises(TypeError, match="unknown server option.*max_batch"):
@@ -81,9 +87,9 @@ def test_a_folder_certified_on_accuracy_lost_watches_labels_not_disagreement(sav
 
 def test_a_threshold_of_the_user_s_own_is_not_re_certified(saved_classifier, tmp_path):
     folder = certified_folder(saved_classifier, tmp_path / "folder", start=1)
-    assert ServeSettings.from_folder(folder, policy="Entropy(0.5)", audit_fraction=0.5).recertify is False
+    assert ServeSettings.from_folder(folder, policy="Entropy(0.5)", audit_fraction=0.5).recertify is Recertify.OFF
     made = {"budget": 0.03, "confidence": 0.95, "risk": "disagreement", "rows": 400, "target": "agreement"}
-    assert ServeSettings.from_folder(folder, certificate=made, audit_fraction=0.5).recertify is False
+    assert ServeSettings.from_folder(folder, certificate=made, audit_fraction=0.5).recertify is Recertify.OFF
     with pytest.raises(ValueError, match="moves the folder's certified threshold"):
         ServeSettings.from_folder(folder, policy="Entropy(0.5)", audit_fraction=0.5, recertify=True)
 

@@ -1,6 +1,7 @@
 """``eek.classify`` as users call it: the engine's (:func:`earlyexit_kernels.engine.classify.classify`, which
 takes a certificate by its type and reads no folder), with ``recertify``'s default resolved from the folder the
-model was loaded from (``model.name_or_path``, :func:`.recertify_folder.resolve_online_certificate`).
+model was loaded from (``model.name_or_path``, :func:`.recertify_folder.resolve_online_certificate`): ``recertify``
+is taken as :class:`.recertify_choice.Recertify` takes it (None, True, False or an ``OnlineCertificate``).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import functools
 
 from earlyexit_kernels.engine import classify as engine_classify
+from earlyexit_kernels.integrations.recertify_choice import Recertify
 from earlyexit_kernels.integrations.recertify_folder import resolve_online_certificate
 
 __all__ = ["classify"]
@@ -20,18 +22,20 @@ def classify(model, inputs, *, recertify=None, audit=None, audit_fraction: float
     from earlyexit_kernels.patching.patch import is_patched, policy_of
 
     fraction = audit.fraction if isinstance(audit, AuditWatch) else check_fraction(audit_fraction)
-    if recertify is None and not fraction > 0 or not is_patched(model):
-        recertify = False  # nothing to re-certify on; the engine says what is wrong with the model
-    if recertify is None or recertify is True:
+    recertify = Recertify.of(recertify)  # None, True, False or a certificate, refused here if none of them
+    if recertify is Recertify.AUTO and not fraction > 0 or not is_patched(model):
+        recertify = Recertify.OFF  # nothing to re-certify on; the engine says what is wrong with the model
+    if recertify in (Recertify.AUTO, Recertify.ON):
         recertify, _ = resolve_online_certificate(
             getattr(model, "name_or_path", None) or None,
             policy_of(model),
-            recertify,
+            recertify.value,
             fraction=fraction,
             budget=getattr(audit, "budget", None),
             confidence=None if getattr(audit, "budget", None) is None else audit.confidence,
             multi_label=is_multi_label(model.config),
         )
+    certificate = None if isinstance(recertify, Recertify) else recertify  # the engine takes the certificate or False
     return engine_classify.classify(
-        model, inputs, recertify=recertify or False, audit=audit, audit_fraction=audit_fraction, **options
+        model, inputs, recertify=certificate or False, audit=audit, audit_fraction=audit_fraction, **options
     )

@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from earlyexit_kernels.engine.audit import check_audit_budget, check_audit_confidence
 from earlyexit_kernels.engine.engine_config import EngineConfig
+from earlyexit_kernels.integrations.recertify_choice import Recertify
 from earlyexit_kernels.integrations.server.body_limit import DEFAULT_MAX_BODY_BYTES, check_max_body_bytes
 
-__all__ = ["AuditConfig", "HttpLimits", "ServeSettings", "recertify_on_own_threshold"]
+if TYPE_CHECKING:
+    from earlyexit_kernels.calibration.online import OnlineCertificate
+
+__all__ = ["AuditConfig", "HttpLimits", "Recertify", "ServeSettings", "recertify_on_own_threshold"]
 
 #: ``create_app``'s options that are the engine's limits (:class:`EngineConfig`'s fields)
 ENGINE_OPTIONS = ("max_batch_size", "max_tokens", "max_length", "compile", "max_age", "call_cost")
@@ -49,17 +54,19 @@ OWN_OPTIONS = ("model_id", "recertify", "audit_record", "certificate")
 
 
 def recertify_on_own_threshold(recertify, *, own_threshold: bool):
-    """``recertify`` for a server whose threshold is the user's own where ``own_threshold`` (a policy given, or a
-    certificate made at start-up): re-certification moves the folder's certified threshold along its path, so it
-    is off there (None becomes False) and asking for it (True) is a ``ValueError``."""
+    """``recertify`` (as :meth:`Recertify.of` takes it) as a :class:`Recertify` (or the certificate given) for a
+    server whose threshold is the user's own where ``own_threshold`` (a policy given, or a certificate made at
+    start-up): re-certification moves the folder's certified threshold along its path, so it is off there
+    (``AUTO`` becomes ``OFF``) and asking for it (``ON``, True) is a ``ValueError``."""
+    recertify = Recertify.of(recertify)
     if not own_threshold:
         return recertify
-    if recertify is True:
+    if recertify is Recertify.ON:
         raise ValueError(
             "re-certification (--recertify) moves the folder's certified threshold; leave out the policy "
             "(--policy) and the start-up certificate (--calibration) to re-certify"
         )
-    return False if recertify is None else recertify
+    return Recertify.OFF if recertify is Recertify.AUTO else recertify
 
 
 def _whole(name: str, value, least: int) -> int:
@@ -134,9 +141,11 @@ class ServeSettings:
 
     ``model_id``: the served model's name. ``recertify``: whether the served threshold moves along its
     certified path as the audited sequences certify it (needs the audit; its moves at ``/metrics``,
-    ``eek_policy_*``): an :class:`~earlyexit_kernels.calibration.online.OnlineCertificate` (that one); None (the
-    default: on where an audit runs on an ``eek fit`` folder, ``folder``, whose certificate bounds
-    disagreement with the full model); True (on, or a ``ValueError`` saying what is missing); False (off).
+    ``eek_policy_*``): an :class:`~earlyexit_kernels.calibration.online.OnlineCertificate` (that one), or a
+    :class:`~earlyexit_kernels.integrations.recertify_choice.Recertify`: ``AUTO`` (the default: on where an audit
+    runs on an ``eek fit`` folder, ``folder``, whose certificate bounds disagreement with the full model), ``ON``
+    (on, or a ``ValueError`` saying what is missing), ``OFF``; None, True and False are taken for them and held
+    as the member (:meth:`~earlyexit_kernels.integrations.recertify_choice.Recertify.of`).
     :class:`~.serving_state.ServingState` builds it from ``folder`` and the model it serves
     (:func:`~earlyexit_kernels.integrations.recertify_folder.resolve_online_certificate`). ``audit_record``: a
     file the audited rows of its epoch are written to, for ``eek calibrate FOLDER --from-audit`` (needs
@@ -149,21 +158,18 @@ class ServeSettings:
     http: HttpLimits = HttpLimits()
     audit: AuditConfig | None = None
     model_id: str = "model"
-    recertify: object = None
+    recertify: Recertify | OnlineCertificate = Recertify.AUTO
     audit_record: str | None = None
     certificate: dict | None = None
     folder: str | None = None
 
     def __post_init__(self):
-        from earlyexit_kernels.calibration.online import OnlineCertificate
-
         if not isinstance(self.engine, EngineConfig) or self.engine.admission != "fifo":
             raise ValueError("a server's engine is an EngineConfig admitting in arrival order (admission='fifo')")
-        if not (self.recertify in (None, True, False) or isinstance(self.recertify, OnlineCertificate)):
-            raise ValueError(f"recertify must be an OnlineCertificate, None, True or False, got {self.recertify!r}")
-        if self.recertify not in (None, False) and self.audit is None:
+        object.__setattr__(self, "recertify", Recertify.of(self.recertify))
+        if self.recertify not in (Recertify.AUTO, Recertify.OFF) and self.audit is None:
             raise ValueError("re-certification reads the audit: give an audit fraction above 0 (--audit-fraction 0.05)")
-        off = self.recertify is False or (self.recertify is None and self.folder is None)
+        off = self.recertify is Recertify.OFF or (self.recertify is Recertify.AUTO and self.folder is None)
         if self.audit_record is not None and off:
             raise ValueError("the audit record holds what re-certification replays: it needs re-certification on")
 

@@ -266,16 +266,16 @@ class ServingState:
 def _online_certificate(settings: ServeSettings, model, multi_label: bool):
     """``(the online certificate or None, why)`` for ``settings`` (:attr:`ServeSettings.recertify`) on ``model``:
     one given is served as it is (why: None); otherwise decided from the folder's certificate."""
-    from earlyexit_kernels.calibration.online import OnlineCertificate
+    from earlyexit_kernels.integrations.recertify_choice import Recertify
     from earlyexit_kernels.integrations.recertify_folder import resolve_online_certificate
 
-    if isinstance(settings.recertify, OnlineCertificate):
+    if not isinstance(settings.recertify, Recertify):  # the certificate given, served as it is
         return settings.recertify, None
     audit = settings.audit
     certificate, why = resolve_online_certificate(
         settings.folder,
-        policy_of(model) if settings.folder is not None and settings.recertify is not False else None,
-        settings.recertify,
+        policy_of(model) if settings.folder is not None and settings.recertify is not Recertify.OFF else None,
+        settings.recertify.value,
         fraction=0.0 if audit is None else audit.fraction,
         budget=None if audit is None else audit.budget,
         confidence=None if audit is None else audit.confidence,
