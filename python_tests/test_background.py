@@ -160,7 +160,7 @@ def test_a_thread_that_cannot_start_a_fresh_engine_fails_every_waiting_sequence_
     def no_engine(*args, **kwargs):
         raise MemoryError("no memory for a fresh engine")
 
-    monkeypatch.setattr(background, "ContinuousEngine", no_engine)
+    monkeypatch.setattr(background, "make_engine", no_engine)
     paused._step = lambda: (_ for _ in ()).throw(RuntimeError("kernel exploded"))
     paused.release.set()
     with pytest.raises(RuntimeError, match="kernel exploded"):

@@ -30,17 +30,22 @@ def test_the_stream_benchmark_writes_its_csv_table_and_plot(tmp_path):
         saved=(0.5, 0.0),
         compile=False,
         threads=1,
+        cohort_tokens=256,
     )
     rows = run(config, tmp_path, name="stream_test", progress=lambda message: None)
     with open(tmp_path / "stream_test.csv") as file:
         written = list(csv.DictReader(file))
     assert list(written[0]) == COLUMNS
-    assert len(written) == len(rows) == 4 + 3  # (a)-(d) on the main policy, (b)-(d) on the other
+    assert len(written) == len(rows) == 5 + 4  # (a)-(d), (f) on the main policy, (b)-(d), (f) on the other
     main = {r["method"][:3]: r for r in written if r["target_saved"] == "0.5"}
-    assert set(main) == {"(a)", "(b)", "(c)", "(d)"}
-    d, c = main["(d)"], main["(c)"]
-    # (d)'s predictions equal (c)'s: the same exit layers, logits within rounding.
+    assert set(main) == {"(a)", "(b)", "(c)", "(d)", "(f)"}
+    d, c, f = main["(d)"], main["(c)"], main["(f)"]
+    # (d)'s and (f)'s predictions equal (c)'s: the same exit layers, logits within rounding.
     assert int(d["exit_mismatches_vs_c"]) == 0 and float(d["max_logit_diff_vs_c"]) < 1e-4
+    assert int(f["exit_mismatches_vs_c"]) == 0 and float(f["max_logit_diff_vs_c"]) < 1e-4
+    # (f): cohorts sized by tokens, no row fill (not sized by max_batch_size); on the CPU the model runs
+    # the exact step, which reads survivors back (none on the graphed step: test_cohort_engine.py)
+    assert float(f["host_syncs_per_call"]) <= 1.0 and f["fill"] == "" and 0.0 < float(f["token_fill"]) <= 1.0
     assert 0.0 < float(d["fill"]) <= 1.0 and 0.0 < float(c["fill"]) <= 1.0
     assert float(d["host_syncs_per_call"]) <= 1.0
     assert float(d["seq_per_s"]) > 0 and float(d["ideal_seq_per_s"]) > 0
@@ -101,7 +106,7 @@ def test_bf16_runs_end_to_end_on_the_cpu_and_the_report_names_the_dtype(tmp_path
     with open(tmp_path / "stream_cpu_bf16.csv") as file:
         written = list(csv.DictReader(file))
     assert list(written[0]) == COLUMNS
-    assert {r["method"][:3] for r in written} == {"(a)", "(b)", "(c)", "(d)"}
+    assert {r["method"][:3] for r in written} == {"(a)", "(b)", "(c)", "(d)", "(f)"}
     assert all(r["device"] == "cpu" and r["model"].endswith(" in bf16") for r in written)
     table = (tmp_path / "stream_cpu_bf16.md").read_text()
     assert "random BERT H32 L4 heads 1 in bf16" in table and "--dtype bf16" in table

@@ -45,8 +45,8 @@ def test_a_config_or_keywords_not_both_and_no_unknown_limit():
 @pytest.mark.parametrize(
     ("limits", "message"),
     [
-        ({"max_batch_size": 0}, "max_batch_size must be an integer >= 1, got 0"),
-        ({"max_batch_size": True}, "max_batch_size must be an integer >= 1, got True"),
+        ({"max_batch_size": 0}, "max_batch_size must be an integer >= 1 or None, got 0"),
+        ({"max_batch_size": True}, "max_batch_size must be an integer >= 1 or None, got True"),
         ({"max_tokens": 0}, "max_tokens must be an integer >= 1 or None"),
         ({"max_length": -3}, "max_length must be an integer >= 1 or None"),
         ({"length_step": 2.5}, "length_step must be an integer >= 1 or None"),

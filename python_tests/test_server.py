@@ -198,7 +198,7 @@ def test_a_stopped_engine_thread_gets_503_from_health_and_every_request(loaded_c
             raise MemoryError("no memory for a fresh engine")
 
         monkeypatch.setattr(worker.engine, "step", explode)
-        monkeypatch.setattr(background, "ContinuousEngine", no_engine)
+        monkeypatch.setattr(background, "make_engine", no_engine)
         held = httpx.post(running.url + "/predict", json={"inputs": "the film was fine"}, timeout=60)
         assert held.status_code == 500
         worker._thread.join(30)

@@ -38,7 +38,13 @@ rotates from one repetition to the next):
 (d) ``eek.classify(model, texts, tokenizer=tok, max_batch_size=...)`` (tokenising included);
 (e) the same with ``compile=True``, after a warm-up pass over the same stream, timed
     and reported apart; Dynamo's ``unique_graphs`` counter is read before and after the
-    measured passes.
+    measured passes;
+(f) ``eek.classify(..., engine="cohorts", max_batch_size=None, max_tokens=16384)``: the GPU's
+    engine (:mod:`earlyexit_kernels.engine.cohort_engine`), length-sorted cohorts sized by a
+    token budget (``--cohort-tokens``) through the model's step, read back a cohort late (on
+    CUDA, the engine ``eek.classify`` takes by default, with the token budget of a call
+    where (d) has ``max_batch_size`` rows). Its fill is left blank: its calls are not sized by
+    ``max_batch_size``.
 
 **The figures.** Sequences/s: the p50 of the repetitions (p20 and p80 beside it). The
 ideal: (b)'s time per real token-layer (its time over the stream's tokens times ``L``)
@@ -96,6 +102,7 @@ METHODS = {
     "c": "(c) per-batch early exit",
     "d": "(d) eek.classify",
     "e": "(e) eek.classify(compile=True)",
+    "f": "(f) eek.classify, token-budget cohorts",
 }
 
 COLUMNS = [
@@ -153,6 +160,7 @@ class StreamConfig:
     seed: int = 0
     device: str = "cpu"  # or "cuda": see stream_device
     dtype: str = "fp32"  # "bf16", "fp16": the models' dtype once calibrated (in float32)
+    cohort_tokens: int = 16384  # (f)'s token budget per cohort; 0 leaves (f) out
 
 
 # ---------------------------------------------------------------------------- workload
@@ -362,22 +370,22 @@ def recorded_engines():
 
     classify_module = importlib.import_module("earlyexit_kernels.engine.classify")  # the package's name is the function
 
-    original = getattr(classify_module, "ContinuousEngine", None)
+    original = getattr(classify_module, "make_engine", None)
     made: list = []
     if original is None:
         yield made
         return
 
-    class Recording(original):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
+    def recording(*args, **kwargs):
+        engine = original(*args, **kwargs)
+        made.append(engine)
+        return engine
 
-    classify_module.ContinuousEngine = Recording
+    classify_module.make_engine = recording
     try:
         yield made
     finally:
-        classify_module.ContinuousEngine = original
+        classify_module.make_engine = original
 
 
 def _quantile(samples, q):
@@ -470,7 +478,29 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
 
             return method
 
-        runners = {"a": method_a, "b": method_b, "c": method_c, "d": streamed(False), "e": streamed(True)}
+        def method_f():
+            with recorded_engines() as made:
+                out = list(
+                    classify(
+                        model,
+                        texts,
+                        tokenizer=tokenizer,
+                        engine="cohorts",
+                        max_batch_size=None,
+                        max_tokens=config.cohort_tokens,
+                    )
+                )
+            engines["f"] = [engine.stats for engine in made]
+            return out
+
+        runners = {
+            "a": method_a,
+            "b": method_b,
+            "c": method_c,
+            "d": streamed(False),
+            "e": streamed(True),
+            "f": method_f,
+        }
         runners = {key: synced(fn, device) for key, fn in runners.items()}  # on cuda: each ends with a sync
         rows: list[dict] = []
         first = True
@@ -482,6 +512,8 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
             keys = ["a", "b", "c", "d"] if first else ["b", "c", "d"]
             if config.compile:
                 keys.append("e")
+            if config.cohort_tokens:
+                keys.append("f")
             load_before = os.getloadavg()[0]
             progress(f"stream: {policy!r}, target saved {saved}: {', '.join(keys)}")
             if first:  # first-call costs (thread pools, allocator) are no method's
@@ -493,6 +525,11 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
                         model(input_ids=i, attention_mask=m)
                 list(classify(model, texts[:256], tokenizer=tokenizer, max_batch_size=config.max_batch_size))
                 if device.type == "cuda":
+                    # The graphed step captures a graph per (layer, bucket, length) at its first meeting:
+                    # one untimed pass of the engines over the whole stream meets their shapes.
+                    for key in ("d", "f"):
+                        if key in keys:
+                            runners[key]()
                     torch.cuda.synchronize(device)
             warmup = graphs_warmup = None
             if "e" in keys:
@@ -584,17 +621,22 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
                         token_fill=round(real_c / slots_c, 4),
                         host_syncs_per_call=round(syncs_c / calls_c, 4),
                     )
-                if key in ("d", "e"):
+                if key in ("d", "e", "f"):
                     stats = engines.get(key) or []
                     if stats:
                         calls = sum(s.calls for s in stats)
                         row.update(
                             layer_calls=calls,
-                            fill=round(sum(s.rows for s in stats) / calls / config.max_batch_size, 4),
-                            padded_row_fill=round(sum(s.padded_rows for s in stats) / calls / config.max_batch_size, 4),
                             token_fill=round(sum(s.tokens for s in stats) / sum(s.slots for s in stats), 4),
                             host_syncs_per_call=round(sum(s.host_syncs for s in stats) / calls, 4),
                         )
+                        if key != "f":  # (f)'s calls are sized by tokens, not max_batch_size rows
+                            row.update(
+                                fill=round(sum(s.rows for s in stats) / calls / config.max_batch_size, 4),
+                                padded_row_fill=round(
+                                    sum(s.padded_rows for s in stats) / calls / config.max_batch_size, 4
+                                ),
+                            )
                     predictions = results[key]
                     exit_k = torch.tensor([int(p.exit_layer) for p in predictions])
                     logits_k = torch.stack([p.logits.float().cpu() for p in predictions])
@@ -652,6 +694,7 @@ def _argv(config: StreamConfig) -> list[str]:
         ("max_batch_size", "--max-batch-size"),
         ("device", "--device"),
         ("dtype", "--dtype"),
+        ("cohort_tokens", "--cohort-tokens"),
     ):
         value = getattr(config, field_name)
         if value != getattr(defaults, field_name):
@@ -801,6 +844,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--saved", default=",".join(map(str, StreamConfig.saved)), help="shares of layers saved; the first: main run"
     )
+    parser.add_argument(
+        "--cohort-tokens",
+        type=int,
+        default=StreamConfig.cohort_tokens,
+        help="(f)'s token budget per cohort (default 16384; 0 leaves (f) out)",
+    )
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
@@ -825,6 +874,7 @@ def main(argv=None) -> int:
         threads=args.threads,
         device=args.device,
         dtype=args.dtype,
+        cohort_tokens=args.cohort_tokens,
     )
     name = args.name or default_name(args.device, args.dtype)
     run(config, args.output_dir, name=name)

@@ -84,12 +84,14 @@ class PendingQueue:
             by_arrival.popleft()
         return by_arrival[0][1] if by_arrival else None
 
-    def take(self, count: int, overdue_from: int | None = None) -> list[tuple]:
+    def take(self, count: int, overdue_from: int | None = None, fits=None) -> list[tuple]:
         """The next ``count`` entries (or all, where fewer are pending), removed from the queue.
 
         ``overdue_from``: entries submitted at this clock or before are overdue and taken first,
-        oldest first (fifo takes the oldest first anyway)."""
-        taken = self._take(count, overdue_from)
+        oldest first (fifo takes the oldest first anyway). ``fits``: ``fits(lengths) -> k``, how many
+        of the next ``count`` entries' lengths (in the order they would be taken) to take: the first
+        ``k`` are taken and the others stay, as if ``count`` had been ``k`` (a token budget)."""
+        taken = self._take(count, overdue_from, fits)
         for entry in taken:
             self._pending_arrivals.discard(entry[1])
         self._forget_stale()
@@ -105,8 +107,10 @@ class PendingQueue:
         if len(by_arrival) > 2 * len(pending) + 64:
             self._by_arrival = deque(item for item in by_arrival if item[0] in pending)
 
-    def _take(self, count: int, overdue_from: int | None) -> list[tuple]:
+    def _take(self, count: int, overdue_from: int | None, fits=None) -> list[tuple]:
         if self.order == "fifo":
+            if fits is not None:
+                count = _fitting(fits, [entry[0] for entry in self._entries[:count]])
             taken, self._entries = self._entries[:count], self._entries[count:]
             return taken
         if not self._sorted:  # a sorted run and the submissions since: timsort merges them
@@ -124,14 +128,19 @@ class PendingQueue:
                 break
             if pending[position][1] < self._cutoff and position not in taken_overdue:
                 chosen.append(position)
+        wrapped = None  # how many were chosen when the sweep wrapped to the shortest
         if len(chosen) < count:  # the sweep is over: the next one begins at the shortest
-            self._cutoff = self._next_arrival
+            wrapped = len(chosen)
             in_sweep = set(chosen)
             for position in range(len(pending)):
                 if len(chosen) == count:
                     break
                 if position not in in_sweep:
                     chosen.append(position)
+        if fits is not None:
+            chosen = chosen[: _fitting(fits, [pending[position][0] for position in chosen])]
+        if wrapped is not None and (len(chosen) > wrapped or len(chosen) == len(pending)):
+            self._cutoff = self._next_arrival
         if len(chosen) > overdue_taken:  # the sweep goes on from the last it took
             self._sweep = pending[chosen[-1]][:2]
         taken = [pending[position] for position in chosen]
@@ -145,3 +154,15 @@ class PendingQueue:
         for begin, end in reversed(runs):
             del pending[begin:end]
         return taken
+
+
+def _fitting(fits, lengths: list[int]) -> int:
+    """``fits(lengths)``, checked: between 1 and ``len(lengths)`` (0 where nothing is offered)."""
+    if not lengths:
+        return 0
+    k = fits(lengths)
+    if not isinstance(k, int) or not 1 <= k <= len(lengths):
+        raise ValueError(
+            f"fits must return how many of the {len(lengths)} lengths to take (1..{len(lengths)}), got {k!r}"
+        )
+    return k

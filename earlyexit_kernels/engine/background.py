@@ -21,8 +21,9 @@ import time
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
-from earlyexit_kernels.engine.continuous import ContinuousEngine, Finished
+from earlyexit_kernels.engine.continuous import Finished
 from earlyexit_kernels.engine.engine_config import EngineConfig, engine_config
+from earlyexit_kernels.engine.engine_kind import make_engine
 
 __all__ = ["BackgroundEngine", "QueueFull"]
 
@@ -79,7 +80,7 @@ class BackgroundEngine:
         if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 1:
             raise ValueError(f"max_queue must be an integer >= 1, got {max_queue!r}")
         self._model, self._config = model, engine_config(config, limits)
-        self.engine = ContinuousEngine(model, self._config)
+        self.engine = make_engine(model, self._config)
         self.max_queue = max_queue
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._futures: dict[int, Future] = {}  # touched by the engine thread only
@@ -267,7 +268,7 @@ class BackgroundEngine:
         for future in futures:  # first: were the fresh engine not to start, none would wait on it
             self._settle(future, error=error)
         stats = self.engine.stats
-        self.engine = ContinuousEngine(self._model, self._config)
+        self.engine = make_engine(self._model, self._config)
         self.engine.stats = stats  # the counts (/metrics) run on from the server's start
         if self._policy is not None:
             self.engine.set_policy(self._policy)

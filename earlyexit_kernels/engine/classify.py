@@ -7,8 +7,11 @@
     list(predictions); predictions.audit.rate, predictions.audit.bound()   # 5% also run at full depth
     predictions.certificate.served_policy    # an eek fit folder's threshold, re-certified on the audit
 
-The stream runs on :class:`earlyexit_kernels.engine.continuous.ContinuousEngine`: every layer
-call is full and of a fixed shape, and a sequence leaves as soon as its policy says so.
+The stream runs on :class:`earlyexit_kernels.engine.continuous.ContinuousEngine` (every layer
+call refilled, a sequence leaves as soon as its policy says so) or, on CUDA where the model runs
+the graphed step, on :class:`earlyexit_kernels.engine.cohort_engine.CohortEngine` (length-sorted
+cohorts sized by a token budget through the graphed step, read back a cohort late;
+:mod:`earlyexit_kernels.engine.engine_kind`).
 Inputs are consumed lazily, a bounded number ahead of the engine.
 """
 
@@ -23,8 +26,8 @@ import torch
 
 from earlyexit_kernels.calibration.online import OnlineCertificate
 from earlyexit_kernels.engine.audit import AuditRunner, AuditWatch
-from earlyexit_kernels.engine.continuous import ContinuousEngine
 from earlyexit_kernels.engine.engine_config import EngineConfig
+from earlyexit_kernels.engine.engine_kind import engine_kind, make_engine
 from earlyexit_kernels.engine.kept_engines import KeptEngines
 from earlyexit_kernels.engine.patched_state import patched_state
 from earlyexit_kernels.engine.static_step import weights_fingerprint
@@ -80,7 +83,7 @@ def classify(
     inputs: Iterable,
     *,
     tokenizer=None,
-    max_batch_size: int = 64,
+    max_batch_size: int | None = None,
     max_tokens: int | None = None,
     max_length: int | None = None,
     ordered: bool = True,
@@ -96,14 +99,16 @@ def classify(
     recertify=None,
     dtype: str | None = None,
     device: str | None = None,
+    engine: str = "auto",
 ) -> Predictions:
     """Classify every item of ``inputs`` with the patched ``model``; an iterator of :class:`Prediction`.
 
     ``inputs``: an iterable of ``str``, ``(str, str)`` pairs, or dicts with ``input_ids``
     (list or 1-D tensor, special tokens included) and optionally ``token_type_ids`` and a
     right-padding ``attention_mask``; read lazily. Texts need ``tokenizer``.
-    ``max_batch_size``: most rows per layer call. ``max_tokens``: most rows x padded
-    length per layer call. ``max_length``: longer sequences are truncated (one warning
+    ``max_batch_size``: most rows per layer call (None: 64 on the continuous engine; on a GPU's
+    cohort engine as many as ``max_tokens`` allows). ``max_tokens``: most rows x padded
+    length per layer call (None: no limit on the continuous engine, 16,384 on the cohort engine). ``max_length``: longer sequences are truncated (one warning
     says so); default what the model's positions hold. ``ordered``: yield in input order
     (True) or as sequences exit (False). ``progress``: a tqdm bar. ``compile``: layer
     calls through ``torch.compile`` (True, or a dict of its options, e.g.
@@ -140,6 +145,9 @@ def classify(
     ``"cuda"``): run a copy of ``model`` on that base (:func:`earlyexit_kernels.engine.precision.to_base`;
     int8 with the family's recipe, the exit heads fused on it); ``model`` itself is left as it is.
     To keep a base across calls, convert the model once with ``to_base`` instead.
+
+    ``engine``: ``"auto"`` (the cohort engine on CUDA where the model runs the graphed step, else the
+    continuous engine), ``"continuous"`` or ``"cohorts"`` (:mod:`earlyexit_kernels.engine.engine_kind`).
     """
     if dtype is not None or device is not None:
         import copy
@@ -157,11 +165,12 @@ def classify(
         admission=admission,
         packed=packed,
         max_age=None,  # throughput first: the admission order's and the queues' own bounds
+        engine=engine,
     )
     engine, give_back = _engine(model, config, kept=dtype is None and device is None and not compile)
     if read_ahead is None:
         # Wide: the length sweep's batches pad less and exit together more the more it sees.
-        read_ahead = 32 * engine.scheduler.max_in_flight
+        read_ahead = 32 * engine.max_in_flight
     if not isinstance(read_ahead, int) or isinstance(read_ahead, bool) or read_ahead < 1:
         raise ValueError(f"read_ahead must be an integer >= 1, got {read_ahead!r}")
     audit_fraction = check_fraction(audit_fraction)
@@ -177,7 +186,9 @@ def classify(
         engine.set_policy(certificate.served_policy)
     auditor = None
     if audit is not None:
-        auditor = _Auditor(model, audit, engine.buckets.max_batch_size, max_tokens, certificate, engine)
+        auditor = _Auditor(
+            model, audit, engine.max_batch_size, max_tokens or getattr(engine, "max_tokens", None), certificate, engine
+        )
     return Predictions(
         _predictions(engine, inputs, tokenizer, ordered, progress, read_ahead, auditor, give_back), audit, certificate
     )
@@ -190,8 +201,13 @@ def _engine(model, config: EngineConfig, *, kept: bool):
     and ``give_back`` does nothing."""
     state = patched_state(model, "eek.classify")
     device = next(model.parameters()).device
-    if not kept or resolve_step(state.step, state.policy, device) != "graphed":
-        return ContinuousEngine(model, config), lambda: None
+    if (
+        not kept
+        or resolve_step(state.step, state.policy, device) != "graphed"
+        or engine_kind(model, config) != "continuous"
+    ):
+        # the cohort engine keeps nothing of its own: its graphs live in the patched model's static batches
+        return make_engine(model, config), lambda: None
     if state.kept_engines is None:
         state.kept_engines = KeptEngines()
     engines = state.kept_engines
@@ -202,7 +218,7 @@ def _engine(model, config: EngineConfig, *, kept: bool):
         id(state.adapter),
         weights_fingerprint(state.adapter.heads, state.adapter),
     )
-    engine = engines.take(key, lambda: ContinuousEngine(model, config))
+    engine = engines.take(key, lambda: make_engine(model, config))
     if engine.policy is not state.policy:  # a certificate moved the threshold in the call that gave it back
         engine.set_policy(state.policy)
     return engine, lambda: engines.give_back(key, engine)
@@ -280,7 +296,7 @@ class _Auditor:
 
 
 def _predictions(
-    engine: ContinuousEngine,
+    engine,
     inputs,
     tokenizer,
     ordered: bool,
@@ -295,10 +311,10 @@ def _predictions(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, unit="seq", desc="eek.classify")
-    encoded = _encode(iter(inputs), tokenizer, engine.max_length, chunk=engine.buckets.max_batch_size)
+    encoded = _encode(iter(inputs), tokenizer, engine.max_length, chunk=engine.max_batch_size)
     # Read ahead: up to read_ahead pending, and no more than read_ahead + max_in_flight inputs
     # read and not yet yielded (pending, in flight, or exited and waiting for their turn).
-    limit = read_ahead + engine.scheduler.max_in_flight
+    limit = read_ahead + engine.max_in_flight
     waiting: dict[int, Prediction] = {}
     next_index = 0
     exhausted = False

@@ -65,12 +65,14 @@ from earlyexit_kernels.engine.token_pool import TokenPool
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state
 from earlyexit_kernels.methods.policies import Scheduled, SkipGates
 
-__all__ = ["ContinuousEngine", "Finished", "model_max_length"]
+__all__ = ["ContinuousEngine", "Finished", "checked_policy_swap", "checked_tokens", "model_max_length"]
 
 # Outputs of recent layer calls kept out of the pool, their rows read from them by later calls: the
 # survivors of an exit wait a few calls for their next layer, and written to the pool and gathered
 # back they cost two copies. At most this many, holding at most as many states as the pool.
 KEPT_OUTPUTS = 16
+# Most rows per layer call where max_batch_size is None.
+DEFAULT_ROWS = 64
 
 
 @dataclass(slots=True)
@@ -99,6 +101,47 @@ def _token_array(key, name: str, values) -> np.ndarray:
             f"got {array.dtype} of shape {array.shape}"
         )
     return array.astype(np.int64, copy=False)
+
+
+def checked_tokens(engine, key, input_ids, token_type_ids) -> tuple[np.ndarray, np.ndarray | None]:
+    """A submitted sequence's ``(input_ids, token_type_ids)`` as int64 arrays, checked against ``engine``'s
+    ``max_length`` and whether its model takes token types (a ``ValueError`` or ``TypeError`` naming the
+    sequence otherwise)."""
+    input_ids = _token_array(key, "input_ids", input_ids)
+    if not 1 <= len(input_ids) <= engine.max_length:
+        raise ValueError(
+            f"sequence {key!r} has {len(input_ids)} tokens; it must have 1..{engine.max_length} (max_length)"
+        )
+    if token_type_ids is not None and not getattr(engine.adapter, "uses_token_type_ids", True):
+        raise TypeError(f"sequence {key!r}: {type(engine.model).__name__} takes no token_type_ids; leave them out")
+    if token_type_ids is not None:
+        token_type_ids = _token_array(key, "token_type_ids", token_type_ids)
+        if len(token_type_ids) != len(input_ids):
+            raise ValueError(
+                f"sequence {key!r}: token_type_ids has {len(token_type_ids)} entries for {len(input_ids)} tokens"
+            )
+    return input_ids, token_type_ids
+
+
+def _state_shapes(engine, policy) -> dict:
+    with torch.no_grad():
+        template = init_state(
+            policy, 1, engine.num_labels, engine.adapter.hidden_size, engine.num_layers, engine.device, engine.dtype
+        )
+        template.update(head_state(engine.adapter, 1, engine.num_labels, engine.device))
+    return {key: tuple(value.shape) for key, value in template.items()}
+
+
+def checked_policy_swap(engine, policy) -> None:
+    """A ``ValueError`` unless ``engine`` can serve ``policy`` in place of its own: the same family,
+    fitting the model, keeping the same per-sequence state."""
+    if type(policy) is not type(engine.policy):
+        raise ValueError(
+            f"set_policy moves a {type(engine.policy).__name__} policy's thresholds; got a {type(policy).__name__}"
+        )
+    policy.check_fits(engine.num_layers, engine.num_labels)
+    if _state_shapes(engine, policy) != _state_shapes(engine, engine.policy):
+        raise ValueError(f"set_policy: {policy!r} keeps another per-sequence state than {engine.policy!r}")
 
 
 def model_max_length(model) -> int:
@@ -148,7 +191,11 @@ class ContinuousEngine:
     def __init__(self, model, config: EngineConfig | None = None, **limits):
         config = engine_config(config, limits)
         self.config = config
-        max_batch_size, max_tokens, max_length = config.max_batch_size, config.max_tokens, config.max_length
+        max_batch_size, max_tokens, max_length = (
+            config.max_batch_size or DEFAULT_ROWS,
+            config.max_tokens,
+            config.max_length,
+        )
         length_step, max_in_flight, compile = config.length_step, config.max_in_flight, config.compile
         call_cost, packed, max_age = config.call_cost, config.packed, config.max_age
         state = patched_state(model, "the continuous engine")  # its adapter rebuilt if the model was quantized since
@@ -282,19 +329,7 @@ class ContinuousEngine:
 
         ``submitted_at``: when it was submitted (``time.perf_counter()``; default now), where its
         queue time starts (``stats.queue_seconds``)."""
-        input_ids = _token_array(key, "input_ids", input_ids)
-        if not 1 <= len(input_ids) <= self.max_length:
-            raise ValueError(
-                f"sequence {key!r} has {len(input_ids)} tokens; it must have 1..{self.max_length} (max_length)"
-            )
-        if token_type_ids is not None and not getattr(self.adapter, "uses_token_type_ids", True):
-            raise TypeError(f"sequence {key!r}: {type(self.model).__name__} takes no token_type_ids; leave them out")
-        if token_type_ids is not None:
-            token_type_ids = _token_array(key, "token_type_ids", token_type_ids)
-            if len(token_type_ids) != len(input_ids):
-                raise ValueError(
-                    f"sequence {key!r}: token_type_ids has {len(token_type_ids)} entries for {len(input_ids)} tokens"
-                )
+        input_ids, token_type_ids = checked_tokens(self, key, input_ids, token_type_ids)
         at = time.perf_counter() if submitted_at is None else submitted_at
         self._pending.add(key, input_ids, token_type_ids, self.scheduler.calls, at)
 
@@ -320,6 +355,16 @@ class ContinuousEngine:
         """The bounded-waiting rule's layer calls, ``"auto"`` resolved (None: no age rule)."""
         aging = self.scheduler.aging
         return None if aging is None else aging.max_age
+
+    @property
+    def max_batch_size(self) -> int:
+        """Most rows per layer call."""
+        return self.buckets.max_batch_size
+
+    @property
+    def max_in_flight(self) -> int:
+        """Most sequences embedded at a time."""
+        return self.scheduler.max_in_flight
 
     @property
     def pending(self) -> int:
@@ -348,19 +393,7 @@ class ContinuousEngine:
 
     def check_policy(self, policy) -> None:
         """A ``ValueError`` unless :meth:`set_policy` can take ``policy``; reads the engine, changes nothing."""
-        if type(policy) is not type(self.policy):
-            raise ValueError(
-                f"set_policy moves a {type(self.policy).__name__} policy's thresholds; got a {type(policy).__name__}"
-            )
-        policy.check_fits(self.num_layers, self.num_labels)
-        with torch.no_grad():
-            template = init_state(
-                policy, 1, self.num_labels, self.adapter.hidden_size, self.num_layers, self.device, self.dtype
-            )
-            template.update(head_state(self.adapter, 1, self.num_labels, self.device))
-        shapes = {key: tuple(value.shape) for key, value in template.items()}
-        if shapes != {key: tuple(value.shape) for key, value in self._state_template.items()}:
-            raise ValueError(f"set_policy: {policy!r} keeps another per-sequence state than {self.policy!r}")
+        checked_policy_swap(self, policy)
 
     # ------------------------------------------------------------------ stepping
 

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from earlyexit_kernels.engine.admission import ADMISSION_ORDERS
 from earlyexit_kernels.engine.aging import check_max_age
 
-__all__ = ["EngineConfig", "engine_config"]
+__all__ = ["ENGINE_KINDS", "EngineConfig", "engine_config"]
+
+ENGINE_KINDS = ("auto", "continuous", "cohorts")
 
 
 def _whole(name: str, value, *, least: int = 1, optional: bool = False) -> None:
@@ -38,10 +40,14 @@ class EngineConfig:
     ``torch.compile`` (``True`` or a dict of its options). ``admission``: ``"fifo"`` or ``"length"``.
     ``call_cost``: a call's cost beyond its tokens, in tokens. ``packed``: ``None`` (where it pays),
     ``True`` or ``False``. ``max_age``: layer calls after which a sequence is served first,
-    ``"auto"`` or ``None`` (off).
+    ``"auto"`` or ``None`` (off). ``engine``: which engine runs the stream
+    (:mod:`earlyexit_kernels.engine.engine_kind`): ``"auto"`` (the cohort engine on CUDA where the
+    model runs the graphed step, else the continuous engine), ``"continuous"`` or ``"cohorts"``.
+    ``max_batch_size`` None: the engine's own (64 rows for the continuous engine; for the cohort
+    engine as many as ``max_tokens`` allows, up to 1,024).
     """
 
-    max_batch_size: int = 64
+    max_batch_size: int | None = 64
     max_tokens: int | None = None
     max_length: int | None = None
     length_step: int | None = None
@@ -52,9 +58,12 @@ class EngineConfig:
     call_cost: float | None = None
     packed: bool | None = None
     max_age: int | str | None = "auto"
+    engine: str = "auto"
 
     def __post_init__(self):
-        _whole("max_batch_size", self.max_batch_size)
+        _whole("max_batch_size", self.max_batch_size, optional=True)
+        if self.engine not in ENGINE_KINDS:
+            raise ValueError(f"engine must be {', '.join(map(repr, ENGINE_KINDS))}, got {self.engine!r}")
         for name in ("max_tokens", "max_length", "length_step", "max_in_flight"):
             _whole(name, getattr(self, name), optional=True)
         _whole("max_wait", self.max_wait, optional=True)

@@ -80,10 +80,18 @@ def build_parser(listed: dict[str, str] | None = None) -> argparse.ArgumentParse
     classify.add_argument("--backend", default=None, help="auto, torch, cpp, triton or cuda (default: the saved one)")
     add_base_options(classify)
     classify.add_argument(
-        "--max-batch-size", type=int, default=64, metavar="N", help="most rows per layer call (default: 64)"
+        "--max-batch-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most rows per layer call (default: 64; on CUDA's cohort engine, what --max-tokens allows)",
     )
     classify.add_argument(
-        "--max-tokens", type=int, default=None, metavar="N", help="most rows x padded length per layer call"
+        "--max-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most rows x padded length per layer call (default: none; 16384 on CUDA's cohort engine)",
     )
     classify.add_argument(
         "--max-length",
@@ -163,7 +171,7 @@ def _classify(args) -> int:
     from earlyexit_kernels.integrations.table_io import TableError, need_pyarrow, table_format
 
     for name in ("max_batch_size", "chunk_rows", "workers"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be at least 1")
     args.audit = audit_options(args)
     if args.engine == "ray":  # reads files or folders; OUTPUT is a folder (Parquet unless named .csv / .jsonl)

@@ -1,0 +1,359 @@
+"""The GPU's stream engine: length-sorted cohorts through the graphed step, their exits read a cohort late.
+
+On a GPU a layer call of the continuous engine (:mod:`earlyexit_kernels.engine.continuous`) costs
+launches and syncs, not rows: token indices built on the host, the state gathered and written
+back, the hidden states copied in and out of the pool, and a blocking read-back, for some 70 us
+of GPU work. Per-batch early exit on length-sorted batches, the patched model's graphed step
+(:mod:`earlyexit_kernels.engine.static_step`), ran at 1.02 of the token-layer ideal on an H100
+where that engine ran at 0.27 (issue 96). This engine is that path, fed by a stream:
+
+- a **cohort** is the next pending sequences in the admission order (``"length"``: a sweep over
+  lengths, so a cohort's rows have similar lengths; ``"fifo"``: arrival order), as many as fit
+  ``max_batch_size`` rows and ``max_tokens`` padded tokens (rows x the longest length, rounded up
+  to the graphed step's length step): calls sized by a token budget, as text-embeddings-inference's
+  ``--max-batch-tokens`` (16,384 by default, as there);
+- its token ids, types and mask are built on the host and copied from pinned memory without a
+  wait; the mask's summary (each row's extent, the longest, the padded count) and the ids' range
+  are known on the host, so the forward reads nothing back before its first layer;
+- the embeddings and the graphed step run the cohort: every layer in a fixed bucket of rows,
+  exited rows dropped to the tail, the buckets shrinking as survivor counts arrive a layer late,
+  each (layer, bucket, length) step captured once in a CUDA graph;
+- its outputs (logits, exit layer, layers run) are copied to pinned memory behind an event, and
+  read only after the next cohort has been launched: at most ``COHORTS_IN_FLIGHT`` cohorts are in
+  flight, so the GPU runs one while the host reads the other's exits and builds the next.
+
+The exit decisions and the compaction stay on the device; the host waits only for a cohort
+launched before the one the GPU is running. On the CPU (``engine="cohorts"``) the same engine runs
+the step uncaptured: the CPU twin the tests read, whose outputs equal the patched model's on the
+same cohort bit for bit. ``engine="auto"`` (:mod:`earlyexit_kernels.engine.engine_kind`) takes it
+on CUDA where the model runs the graphed step, and the continuous engine elsewhere.
+
+Not built here: E3's segments (layers split into stages that each refill their batch from the
+rows leaving the stage below). Exited rows leave a cohort's bucket instead; a GPU has to measure
+whether refilling pays beyond that.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from earlyexit_kernels.backends.registry import resolve_backend
+from earlyexit_kernels.engine.admission import PendingQueue
+from earlyexit_kernels.engine.batch_loop import run_early_exit
+from earlyexit_kernels.engine.continuous import (
+    EngineStats,
+    Finished,
+    checked_policy_swap,
+    checked_tokens,
+    model_max_length,
+)
+from earlyexit_kernels.engine.engine_config import EngineConfig, engine_config
+from earlyexit_kernels.engine.graphed_prologue import check_id_range
+from earlyexit_kernels.engine.module_weights import linear_compute_dtype
+from earlyexit_kernels.engine.patched_state import patched_state
+from earlyexit_kernels.engine.static_step import CUDA_LENGTH_STEP, StaticBatches, run_graphed
+from earlyexit_kernels.engine.step_choice import resolve_step
+from earlyexit_kernels.methods.policies import Scheduled
+
+__all__ = ["CohortEngine", "COHORT_TOKENS", "COHORT_ROWS", "COHORTS_IN_FLIGHT", "cohort_size"]
+
+# A cohort's token budget (rows x padded length) where none is given: text-embeddings-inference's
+# --max-batch-tokens default, which fills an H100 with BERT-base at these lengths.
+COHORT_TOKENS = 16384
+# Most rows of a cohort where max_batch_size is None: a bound on the buckets (and graphs) a
+# cohort of very short texts would need.
+COHORT_ROWS = 1024
+# Cohorts launched and not read back: the GPU runs the newest while the host reads the oldest.
+COHORTS_IN_FLIGHT = 2
+
+
+def cohort_size(lengths: list[int], max_rows: int, max_tokens: int, length_step: int) -> int:
+    """How many of ``lengths`` (the next pending sequences, in the order they would be taken) one
+    cohort holds: the most that fit ``max_rows`` rows and ``max_tokens`` tokens, padded to the longest
+    rounded up to a multiple of ``length_step``; at least one (a sequence longer than the budget runs
+    alone)."""
+    longest = 0
+    for count, length in enumerate(lengths, 1):
+        longest = max(longest, length)
+        padded = -(-longest // length_step) * length_step
+        if count > max_rows or count * padded > max_tokens:
+            return max(count - 1, 1)
+    return len(lengths)
+
+
+@dataclass(eq=False, slots=True)
+class _Cohort:
+    """A cohort launched and not read back: its sequences' ``keys`` and ``lengths`` (host), its
+    outputs (on the host once ``ready`` has passed), when it was launched."""
+
+    keys: list
+    lengths: np.ndarray
+    logits: torch.Tensor
+    exit_layer: torch.Tensor
+    layers_run: torch.Tensor
+    ready: torch.cuda.Event | None
+    launched_at: float
+    padded_length: int
+    buckets: list[int]
+
+
+class CohortEngine:
+    """Early exit over a stream of sequences in length-sorted cohorts, on the patched model's step.
+
+    The same interface as :class:`~earlyexit_kernels.engine.continuous.ContinuousEngine`
+    (``submit``, ``step``, ``run``, ``cancel``, ``set_policy``, ``pending``, ``in_flight``,
+    ``idle``, ``stats``), so that ``eek.classify`` and the server run either. The limits come as
+    one :class:`~earlyexit_kernels.engine.engine_config.EngineConfig` or keywords of its names:
+    ``max_batch_size``: most rows of a cohort (None: ``COHORT_ROWS``); ``max_tokens``: most rows x
+    padded length (None: ``COHORT_TOKENS``); ``max_length``; ``length_step`` (None: the graphed
+    step's on CUDA, 32, else 1); ``admission``; ``max_in_flight``: most sequences in launched
+    cohorts (None: two full cohorts). ``compile`` and ``packed`` belong to the continuous engine
+    and are refused; ``max_wait``, ``call_cost`` and ``max_age`` are its scheduler's and not read.
+
+    ``step`` launches the next cohort where fewer than ``COHORTS_IN_FLIGHT`` are in flight, then,
+    where that many are (or nothing is left to launch), reads the oldest back and returns its
+    sequences as :class:`~earlyexit_kernels.engine.continuous.Finished`.
+    """
+
+    def __init__(self, model, config: EngineConfig | None = None, **limits):
+        config = engine_config(config, limits)
+        if config.compile:
+            raise ValueError(
+                "compile is the continuous engine's (engine='continuous'); the cohort engine runs the graphed step"
+            )
+        if config.packed:
+            raise ValueError("packed is the continuous engine's (engine='continuous'); leave it at None")
+        self.config = config
+        state = patched_state(model, "the cohort engine")
+        if model.training:
+            raise ValueError("the model is in training mode; call model.eval() before classifying")
+        self.policy = state.policy
+        if isinstance(self.policy, Scheduled):
+            raise ValueError(
+                "Scheduled replays exit layers given per batch position and has no meaning over a stream; "
+                "use a threshold policy (e.g. eek.Entropy(0.3)) or call the model on batches"
+            )
+        self.model, self.adapter, self.heads = model, state.adapter, model.early_exit_heads
+        self.num_layers, self.num_labels = self.adapter.num_layers, self.adapter.num_labels
+        self.device = next(model.parameters()).device
+        self.dtype = linear_compute_dtype(self.adapter.final_classifier)
+        self.backend = resolve_backend(
+            state.backend,
+            self.device,
+            dtype=self.dtype,
+            hidden_size=self.adapter.hidden_size,
+            num_labels=self.num_labels,
+        )
+        self.graphed = resolve_step(state.step, self.policy, self.device) == "graphed"
+        if self.graphed and state.static_batches is None:
+            state.static_batches = StaticBatches()
+        self._state = state
+        limit = model_max_length(model)
+        self.max_length = limit if config.max_length is None else config.max_length
+        if self.max_length > limit:
+            raise ValueError(
+                f"max_length must be an integer in 1..{limit} (the model's positions), got {self.max_length!r}"
+            )
+        on_gpu = self.device.type == "cuda"
+        self.length_step = config.length_step or (CUDA_LENGTH_STEP if on_gpu and self.graphed else 1)
+        self.max_batch_size = COHORT_ROWS if config.max_batch_size is None else config.max_batch_size
+        self.max_tokens = COHORT_TOKENS if config.max_tokens is None else config.max_tokens
+        self.max_in_flight = config.max_in_flight or COHORTS_IN_FLIGHT * self.max_batch_size
+        if self.max_in_flight < self.max_batch_size:
+            raise ValueError(
+                f"max_in_flight must be an integer >= max_batch_size={self.max_batch_size}, got {self.max_in_flight!r}"
+            )
+        self.pad_token_id = getattr(model.config, "pad_token_id", None) or 0
+        self._pending = PendingQueue(config.admission)
+        self._cohorts: deque[_Cohort] = deque()
+        self._rows_in_flight = 0
+        self._cancelled: set = set()
+        self._pinned = on_gpu  # host buffers pinned, copies without a wait
+        self.stats = EngineStats()
+
+    # ------------------------------------------------------------------ submission
+
+    def submit(self, key, input_ids, token_type_ids=None, submitted_at: float | None = None) -> None:
+        """Queue one sequence (token ids, special tokens included, at most ``max_length``)."""
+        input_ids, token_type_ids = checked_tokens(self, key, input_ids, token_type_ids)
+        # Checked here, on the host: an id out of range would otherwise fail in a kernel.
+        check_id_range(int(input_ids.min()), int(input_ids.max()), self.adapter.vocab_size)
+        at = time.perf_counter() if submitted_at is None else submitted_at
+        self._pending.add(key, input_ids, token_type_ids, self.stats.calls, at)
+
+    def cancel(self, keys) -> int:
+        """Drop the sequences with these keys, pending or in a launched cohort (their outputs are not
+        returned). Returns how many were found."""
+        keys = set(keys)
+        dropped = self._pending.remove(keys)
+        launched = {key for cohort in self._cohorts for key in cohort.keys} & keys
+        self._cancelled |= launched
+        return dropped + len(launched)
+
+    @property
+    def admission(self) -> str:
+        return self._pending.order
+
+    @property
+    def pending(self) -> int:
+        """Sequences submitted and not launched yet."""
+        return len(self._pending)
+
+    @property
+    def in_flight(self) -> int:
+        """Sequences in launched cohorts not read back yet."""
+        return self._rows_in_flight
+
+    @property
+    def idle(self) -> bool:
+        return not self._pending and not self._cohorts
+
+    def set_policy(self, policy) -> None:
+        """Decide exits with ``policy`` from the next cohort on (the same family and state)."""
+        checked_policy_swap(self, policy)
+        self.policy = policy
+
+    def check_policy(self, policy) -> None:
+        """A ``ValueError`` unless :meth:`set_policy` can take ``policy``."""
+        checked_policy_swap(self, policy)
+
+    # ------------------------------------------------------------------ stepping
+
+    @torch.no_grad()
+    def step(self) -> list[Finished]:
+        """Launch the next cohort where there is room; read the oldest back where the cohorts in flight are
+        ``COHORTS_IN_FLIGHT`` or nothing is left to launch. Returns the sequences read back."""
+        if self._pending and len(self._cohorts) < COHORTS_IN_FLIGHT:
+            room = self.max_in_flight - self._rows_in_flight
+            if room > 0:
+                self._launch(room)
+        if self._cohorts and (len(self._cohorts) >= COHORTS_IN_FLIGHT or not self._pending):
+            return self._read_back(self._cohorts.popleft())
+        return []
+
+    def run(self):
+        """Step until every submitted sequence has exited, yielding them as they do."""
+        while not self.idle:
+            yield from self.step()
+
+    # ------------------------------------------------------------------ internals
+
+    def _launch(self, room: int) -> None:
+        def fits(lengths: list[int]) -> int:
+            return cohort_size(lengths, self.max_batch_size, self.max_tokens, self.length_step)
+
+        entries = self._pending.take(min(room, self.max_batch_size), fits=fits)
+        launched_at = time.perf_counter()
+        for entry in entries:
+            self.stats.queue_seconds.observe(launched_at - entry[6])
+        lengths = np.fromiter((entry[0] for entry in entries), dtype=np.int64, count=len(entries))
+        rows, longest = len(entries), int(lengths.max())
+        valid = np.arange(longest) < lengths[:, None]
+        ids = np.full((rows, longest), self.pad_token_id, dtype=np.int64)
+        ids[valid] = np.concatenate([entry[3] for entry in entries])
+        types = None
+        if any(entry[4] is not None for entry in entries):
+            types = np.zeros((rows, longest), dtype=np.int64)
+            types[valid] = np.concatenate([e[4] if e[4] is not None else np.zeros_like(e[3]) for e in entries])
+        mask = valid.astype(np.int64)
+        # The mask's summary from the host's lengths: each row's extent, the longest, the padded count.
+        summary = (self._to_device(lengths), longest, int(rows * longest - lengths.sum()))
+        ids_d, mask_d = self._to_device(ids), self._to_device(mask)
+        types_d = None if types is None else self._to_device(types)
+        hidden = self.adapter.embed(ids_d, types_d, None, None, mask_d)
+        if self.graphed:
+            result = run_graphed(
+                self.adapter,
+                self.heads,
+                self.policy,
+                self.backend,
+                hidden,
+                mask_d,
+                batches=self._state.static_batches,
+                mask_summary=summary,
+            )
+        else:
+            result = run_early_exit(
+                self.adapter, self.heads, self.policy, self.backend, hidden, mask_d, mask_summary=summary
+            )
+        self.stats.host_syncs += result.host_syncs
+        self.stats.admitted += rows
+        logits, exit_layer, layers_run, ready = self._outputs_to_host(result)
+        buckets = list(getattr(result, "buckets", None) or [])
+        self._cohorts.append(
+            _Cohort(
+                [entry[2] for entry in entries],
+                lengths,
+                logits,
+                exit_layer,
+                layers_run,
+                ready,
+                launched_at,
+                longest,
+                buckets,
+            )
+        )
+        self._rows_in_flight += rows
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cpu":
+            return tensor
+        if self._pinned:  # the caching host allocator keeps the pinned block until the copy has run
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=self._pinned)
+
+    def _outputs_to_host(self, result) -> tuple:
+        """The cohort's outputs on the host: copies queued behind the step and an event after them on a
+        GPU (read at :meth:`_read_back`), the tensors themselves on the CPU."""
+        outputs = (result.logits, result.exit_layer, result.layers_run)
+        if self.device.type == "cpu":
+            return (*outputs, None)
+        copies = []
+        for tensor in outputs:
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor, non_blocking=True)
+            copies.append(host)
+        ready = torch.cuda.Event()
+        ready.record()
+        return (*copies, ready)
+
+    def _read_back(self, cohort: _Cohort) -> list[Finished]:
+        if cohort.ready is not None:
+            cohort.ready.synchronize()  # a cohort launched before the one the GPU runs now
+        now = time.perf_counter()
+        self._rows_in_flight -= len(cohort.keys)
+        exit_layers = cohort.exit_layer.tolist()
+        layers_run = cohort.layers_run.tolist()
+        self._record_layer_calls(cohort, np.asarray(exit_layers))
+        finished = []
+        seconds = now - cohort.launched_at
+        for row, key in enumerate(cohort.keys):
+            if key in self._cancelled:
+                self._cancelled.discard(key)
+                continue
+            self.stats.inference_seconds.observe(seconds)
+            finished.append(
+                Finished(key, cohort.logits[row], exit_layers[row], layers_run[row], cohort.launched_at, seconds)
+            )
+        return finished
+
+    def _record_layer_calls(self, cohort: _Cohort, exit_layers: np.ndarray) -> None:
+        """The cohort's layer calls in the engine's counts: per layer run, the rows still in it, its bucket
+        (padded rows) and the tokens of those rows; known once its exits are on the host."""
+        stats = self.stats
+        buckets = cohort.buckets or [len(cohort.keys)] * int(exit_layers.max(initial=0))
+        for layer, bucket in enumerate(buckets, 1):
+            alive = exit_layers >= layer
+            rows = int(alive.sum())
+            stats.calls += 1
+            stats.rows += rows
+            stats.padded_rows += bucket
+            stats.slots += bucket * cohort.padded_length
+            stats.tokens += int(cohort.lengths[alive].sum())
+            stats.largest_call = max(stats.largest_call, bucket * cohort.padded_length)
