@@ -200,6 +200,12 @@ class CohortEngine:
         return self._pending.order
 
     @property
+    def max_age(self) -> None:
+        """No age rule (None): cohorts launch in the admission order, a server's the arrival order,
+        so the oldest pending sequence is always in the next cohort."""
+        return None
+
+    @property
     def pending(self) -> int:
         """Sequences submitted and not launched yet."""
         return len(self._pending)

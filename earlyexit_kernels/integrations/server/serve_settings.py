@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["AuditConfig", "HttpLimits", "Recertify", "ServeSettings", "recertify_on_own_threshold"]
 
 #: ``create_app``'s options that are the engine's limits (:class:`EngineConfig`'s fields)
-ENGINE_OPTIONS = ("max_batch_size", "max_tokens", "max_length", "compile", "max_age", "call_cost")
+ENGINE_OPTIONS = ("max_batch_size", "max_tokens", "max_length", "compile", "max_age", "call_cost", "engine")
 
 #: a server's bounded waiting where none is given: strictly oldest first. Against ``"auto"`` (2 x the
 #: layers, the engine's own default, which leaves the batching order room), alternating on one thread of
