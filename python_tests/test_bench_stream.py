@@ -123,8 +123,9 @@ def test_bf16_runs_end_to_end_on_the_cpu_and_the_report_names_the_dtype(tmp_path
         writer.writerows(written)
     table = stream.markdown(gpu_csv, targets=issue_targets)
     assert "cuda (NVIDIA H200) (1 host threads)" in table and "Peak: not measured on cuda." in table
-    assert "Targets (issues 10 and 60)" in table
+    assert "Targets (issues 10, 60 and 96)" in table
     assert "- (d) >= 0.85 of the token-layer ideal on the GPU (issue 60): " in table
+    assert "- (f) >= 0.85 of the token-layer ideal on the GPU (issue 96): " in table
 
 
 def test_the_models_are_calibrated_in_float32_then_cast():

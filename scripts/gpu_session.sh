@@ -311,14 +311,15 @@ for s in $STEPS; do
         [[ -s $table ]] || table=
         BUCKET_TABLE=$table GRAPHED_PROLOGUE=1 graphed graphed_b256_bf16 bf16 256 3 cuda-graphs,cuda-graphs-fast-attn
         ;;
-    # eek.classify over a stream in bf16 (issue 60): methods (a)-(d) against the token-layer ideal, half
+    # eek.classify over a stream in bf16 (issue 60): methods (a)-(d) and (f), the cohort engine on a
+    # 16,384-token budget (issue 96), against the token-layer ideal, half
     # the layers saved (the target's one number; no compile, whose BERT-base warm-up would not fit).
     stream_bf16)
         if ((!HAVE_CUDA)); then
             skip stream_bf16 "$NO_GPU"
             continue
         fi
-        step stream_bf16 60 150 "$PY" -m earlyexit_kernels.bench stream --device cuda --dtype bf16 --hidden 768 \
+        step stream_bf16 60 210 "$PY" -m earlyexit_kernels.bench stream --device cuda --dtype bf16 --hidden 768 \
             --layers 12 --sequences 2048 --max-batch-size 64 --repeats 3 --no-memory --no-compile --saved 0.5 \
             --output-dir "$LOGS/stream_bf16" --name stream_cuda_bf16
         if [[ -f "$LOGS/stream_bf16/stream_cuda_bf16.csv" ]]; then
@@ -326,6 +327,7 @@ for s in $STEPS; do
             "$PY" -m benchmarks.suite.stream_grid --from-csv "$LOGS/stream_bf16/stream_cuda_bf16.csv" \
                 --write "$OUT/stream_cuda_bf16.md" >/dev/null
             record "stream_bf16 $(grep -m 1 'issue 60' "$OUT/stream_cuda_bf16.md" || echo '- no (d) row')"
+            record "stream_bf16 $(grep 'issue 96' "$OUT/stream_cuda_bf16.md" | tr '\n' ' ' || echo '- no (f) row')"
             refresh
         fi
         ;;
