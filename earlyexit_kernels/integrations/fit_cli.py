@@ -360,12 +360,16 @@ def _calibrate_command(args) -> int:
 
 
 def _common_checks(args, names=("batch_size", "max_length", "threads", "epochs")) -> None:
-    """``names`` (options' destinations) at least 1 where given; ``eek fit``'s own are checked by its FitConfig."""
+    """``names`` (options' destinations) at least 1 where given, in the words of ``eek fit``'s FitConfig (which
+    checks ``eek fit``'s own)."""
+    from earlyexit_kernels.training.fit_config import check_count
     from earlyexit_kernels.training.fit_texts import FitError
 
     for name in names:
         value = getattr(args, name, None)
-        if value is not None and value < 1:
+        if name != "threads":
+            check_count(name, value)
+        elif value is not None and value < 1:
             raise FitError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.threads is not None:
         import torch
@@ -506,8 +510,15 @@ def _calibrate(args) -> int:
     from earlyexit_kernels.training.fit_texts import FitError
 
     _common_checks(args)
-    if args.max_drop is not None:  # checked before FILE is read (the Goal, as calibrate_folder makes it again)
-        calibration_goal(args.max_drop, None, "probable", None)
+    # the settings given checked before FILE is read (the Goal, as calibrate_folder makes it again with the saved
+    # ones where these say 'saved')
+    given = {name: getattr(args, name) for name in ("confidence", "guarantee", "max_changed")}
+    calibration_goal(
+        1.0 if args.max_drop is None else args.max_drop,
+        0.95 if given["confidence"] == SAVED else given["confidence"],
+        "probable" if given["guarantee"] in (SAVED, None) else given["guarantee"],
+        None if given["max_changed"] == SAVED else given["max_changed"],
+    )
     if (args.data is None) == (args.from_audit is None):
         raise FitError("give FILE (the rows to certify on) or --from-audit RECORD, one of them")
     if args.from_audit is not None:

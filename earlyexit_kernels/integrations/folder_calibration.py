@@ -141,7 +141,10 @@ def calibrate_folder(
         max_changed = saved_changed(path)
     if (data is None) == (from_audit is None):
         raise ValueError("give the rows to certify on (data) or an audit record (from_audit), one of them")
-    model, tokenizer = load_model(path, certified_here=True)  # certified here, on the base asked for
+    goal = None if from_audit is not None else calibration_goal(max_drop, confidence, guarantee, max_changed)
+    model, tokenizer = load_model(
+        path, certified_here=True
+    )  # the settings checked (the goal) before it loads  # certified here, on the base asked for
     if from_audit is not None:
         from earlyexit_kernels.training.calibrate_texts import calibrate_record
 
@@ -175,7 +178,7 @@ def calibrate_folder(
         model,
         tokenizer,
         data,
-        calibration_goal(max_drop, confidence, guarantee, max_changed),
+        goal,
         batch_size=batch_size,
         max_length=max_length,
         path=saved_path(path),

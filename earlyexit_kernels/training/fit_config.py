@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from earlyexit_kernels._method_names import METHODS
 from earlyexit_kernels.training.fit_checks import FitError
 
-__all__ = ["AUTO_SHARE", "CALIBRATION_FRACTION", "CONFIDENCE", "FitConfig", "Training"]
+__all__ = ["AUTO_SHARE", "CALIBRATION_FRACTION", "CONFIDENCE", "FitConfig", "Training", "check_count"]
 
 #: the confidence ``eek fit`` certifies its budget with unless told otherwise
 CONFIDENCE = 0.95
@@ -58,8 +58,7 @@ class Training:
                 raise FitError(f"{name} must be one of {', '.join(allowed)}, 'auto' or None; got {value!r}")
         if self.lr is not None and not (_number(self.lr) and self.lr > 0):
             _refuse("lr", "a positive learning rate", self.lr, "a rate such as 1e-3, or None (the method's recipe)")
-        if self.epochs is not None and not (_whole(self.epochs) and self.epochs >= 1):
-            _refuse("epochs", "a whole number, at least 1", self.epochs, "a number such as 32, or None (the default)")
+        check_count("epochs", self.epochs)
         if not _whole(self.seed):
             _refuse("seed", "a whole number", self.seed, "an integer such as 0")
 
@@ -100,11 +99,8 @@ class FitConfig:
         The training's settings are checked by their :class:`Training`, the calibration's by their
         :class:`~earlyexit_kernels.calibration.select.Goal` (as for ``eek calibrate``)."""
         _ = self.training  # made, so checked
-        for name in ("batch_size", "max_length"):
-            value = getattr(self, name)
-            if (value is not None or name == "batch_size") and not (_whole(value) and value >= 1):
-                instead = "a number such as 32" + ("" if name == "batch_size" else ", or None (the default)")
-                _refuse(name, "a whole number, at least 1", value, instead)
+        check_count("batch_size", self.batch_size, optional=False)
+        check_count("max_length", self.max_length)
         _ = self.goal  # made, so checked
         fraction = self.calibration_fraction
         if fraction != AUTO_SHARE and not (_number(fraction) and 0 < fraction < 1):
@@ -148,6 +144,14 @@ class FitConfig:
             )
         except ValueError as error:
             raise FitError(str(error)) from None
+
+
+def check_count(name: str, value, *, optional: bool = True) -> None:
+    """``value`` of the setting ``name`` (``epochs``, ``batch_size``, ``max_length``) a whole number at least 1
+    (or None where ``optional``), else the one refusal of it, for ``eek fit``, ``eek calibrate`` and the library."""
+    if (value is not None or not optional) and not (_whole(value) and value >= 1):
+        instead = "a number such as 32" + (", or None (the default)" if optional else "")
+        _refuse(name, "a whole number, at least 1", value, instead)
 
 
 def _number(value) -> bool:
