@@ -38,7 +38,7 @@
 # REHEARSE_SPEED (set on a machine without CUDA: the graphed_* steps run there anyway, on the
 # CPU with a tiny model, B = 8 and S = 16, so that their command line is rehearsed).
 # $OUT ends with at most 8 files, each refreshed after every step: summary.txt, junit.xml,
-# bench.csv, logs.tar.gz, layer_costs.md and stream_cuda_bf16.md in the first plan, and micro.json
+# bench.csv, logs.tar.gz, layer_costs.md, stream_cuda_bf16.md and serve_gpu.md in the first plan, and micro.json
 # in the second.
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder for the results}
@@ -46,7 +46,7 @@ PLAN=${PLAN:-first}
 PY=${PY:-python3}
 DEADLINE_S=${DEADLINE_S:-500}
 case $PLAN in
-first) PLAN_STEPS="probe build smoke graphed_key gaps layer_costs graphed_buckets graphed_b256_bf16 correct_graphed kernels peer_capture compiled_peer graphed_b64_fp32 stream_bf16 correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck speed_b32_b256" ;;
+first) PLAN_STEPS="probe build smoke graphed_key gaps layer_costs graphed_buckets graphed_b256_bf16 correct_graphed kernels peer_capture compiled_peer graphed_b64_fp32 stream_bf16 serve_gpu correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck speed_b32_b256" ;;
 second) PLAN_STEPS="probe build sweep gpu_only defects sanitizers micro" ;;
 *)
     echo "PLAN must be first or second, not $PLAN" >&2
@@ -328,6 +328,22 @@ for s in $STEPS; do
                 --write "$OUT/stream_cuda_bf16.md" >/dev/null
             record "stream_bf16 $(grep -m 1 'issue 60' "$OUT/stream_cuda_bf16.md" || echo '- no (d) row')"
             record "stream_bf16 $(grep 'issue 96' "$OUT/stream_cuda_bf16.md" | tr '\n' ' ' || echo '- no (f) row')"
+            refresh
+        fi
+        ;;
+    # Serving on the GPU (issue 96): eek's engine thread (the cohort engine) against Infinity's way
+    # (length-sorted padded batches of 32, captured per bucket) and TEI's way (packed tokens, varlen
+    # attention, a 16,384-token budget), in-process, BERT-base shape in bf16, c1, c32 and 32-text requests.
+    serve_gpu)
+        if ((!HAVE_CUDA)); then
+            skip serve_gpu "$NO_GPU"
+            continue
+        fi
+        step serve_gpu 60 150 "$PY" -m earlyexit_kernels.bench.gpu_serving --device cuda --dtype bf16 \
+            --requests 192 --output-dir "$LOGS/serve_gpu" --name serve_gpu
+        if [[ -f "$LOGS/serve_gpu/serve_gpu.md" ]]; then
+            cp "$LOGS/serve_gpu/serve_gpu.md" "$OUT/serve_gpu.md"
+            record "serve_gpu $(grep '^- ' "$OUT/serve_gpu.md" | tr '\n' ' ')"
             refresh
         fi
         ;;
