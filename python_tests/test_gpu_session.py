@@ -33,9 +33,9 @@ SCRIPT = "scripts/gpu_session.sh"
 FIRST_PLAN = (
     "probe build_cuda_forced build smoke graphed_key gaps layer_costs graphed_buckets graphed_b256_bf16 "
     "correct_graphed kernels "
-    "peer_capture compiled_peer "
+    "peer_capture stream_bf16 serve_gpu compiled_peer "
     "graphed_b64_fp32 "
-    "stream_bf16 serve_gpu correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck "
+    "correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck "
     "speed_b32_b256"
 ).split()
 NEEDS_GPU = [s for s in FIRST_PLAN if s not in ("probe", "build_cuda_forced", "build")]

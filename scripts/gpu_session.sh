@@ -27,11 +27,12 @@
 # step's tests (correct_graphed). Where the smoke step saw a capture fail, the key step times
 # --step exact and the tests run before it, to get the reason. Then the kernels per forward from
 # the profiler (kernels), where a forward leaves the GPU idle (gaps), the CUDA-graph peer's warm-up
-# stream timed both ways (peer_capture), the compiled peer
-# (torch.compile(mode="reduce-overhead"), its own step: a BERT-base compile), B = 256, fp32,
-# eek.classify over a stream on the GPU in bf16 (stream_bf16: eek bench stream, a
-# random BERT H = 768, 2048 sequences; its table brought back as stream_cuda_bf16.md), and the
-# older steps.
+# stream timed both ways (peer_capture); then issue 96's two steps, right after the key steps of the
+# captured-step issue: eek.classify over a stream on the GPU in bf16 (stream_bf16: eek bench stream, a
+# random BERT H = 768, 2048 sequences, (f) the cohort engine on a 16,384-token budget; its table
+# brought back as stream_cuda_bf16.md) and serving against Infinity's and TEI's ways in-process
+# (serve_gpu: serve_gpu.md); then the compiled peer (torch.compile(mode="reduce-overhead"), its own
+# step: a BERT-base compile), B = 256, fp32, and the older steps.
 #
 # PY (python3), DEADLINE_S (500: seconds from the start after which no step runs), STEPS (some
 # of the plan's steps, in the plan's order), WORK (logs, default a new folder under /tmp),
@@ -46,7 +47,7 @@ PLAN=${PLAN:-first}
 PY=${PY:-python3}
 DEADLINE_S=${DEADLINE_S:-500}
 case $PLAN in
-first) PLAN_STEPS="probe build smoke graphed_key gaps layer_costs graphed_buckets graphed_b256_bf16 correct_graphed kernels peer_capture compiled_peer graphed_b64_fp32 stream_bf16 serve_gpu correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck speed_b32_b256" ;;
+first) PLAN_STEPS="probe build smoke graphed_key gaps layer_costs graphed_buckets graphed_b256_bf16 correct_graphed kernels peer_capture stream_bf16 serve_gpu compiled_peer graphed_b64_fp32 correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck speed_b32_b256" ;;
 second) PLAN_STEPS="probe build sweep gpu_only defects sanitizers micro" ;;
 *)
     echo "PLAN must be first or second, not $PLAN" >&2
