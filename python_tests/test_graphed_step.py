@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import earlyexit_kernels as eek
 from earlyexit_kernels.engine.batch_loop import mask_extents
 from earlyexit_kernels.engine.buckets import DEFAULT_SIZES
-from earlyexit_kernels.engine.static_buffers import Loaded, load
+from earlyexit_kernels.engine.static_buffers import BatchShape, Loaded, load
 from earlyexit_kernels.engine.static_step import StaticBatch, StaticBatches, _layer_step, _Step
 from earlyexit_kernels.methods.exit_rules import init_state
 from earlyexit_kernels.patching.patch import current_adapter, step_of
@@ -306,14 +306,7 @@ def loaded_step(model, inputs, policy, bucket):
     hidden = adapter.embed(inputs["input_ids"], inputs["token_type_ids"], None, None, inputs["attention_mask"])
     state0 = init_state(policy, batch, 3, 32, 4, hidden.device)
     static = StaticBatch(
-        capacity=bucket,
-        seq_len=hidden.shape[1],
-        hidden_size=32,
-        num_labels=3,
-        num_layers=4,
-        dtype=hidden.dtype,
-        wide=torch.float32,
-        device=hidden.device,
+        BatchShape(bucket, hidden.shape[1], 32, 3, 4, hidden.dtype, torch.float32, hidden.device),
         mask=inputs["attention_mask"],
         state=state0,
     )

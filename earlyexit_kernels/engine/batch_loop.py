@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -244,12 +244,10 @@ def run_early_exit(
                 policy,
                 layer,
                 hidden,
-                halting_head,
                 state,
                 target,
-                fused=fused,
-                mask=mask,
-                pooled_head=pooled_head,
+                HeadRoute(fused, halting_head, pooled_head),
+                mask,
             )
         else:
             exits, returned, logits, halting, new_state = head_and_exit_step(
@@ -459,28 +457,35 @@ def head_and_exit_step(
     return exits, returned, logits, halting, state
 
 
+class HeadRoute(NamedTuple):
+    """Which head a layer's exit step runs: ``fused`` (the backend's fused head and rule, where it has
+    them), ``halting_head`` (QExit's and DACT's, else None), ``pooled_head`` (a layer of
+    :func:`pooled_exit_heads`, never with a halting head), as :func:`head_and_exit_step` picks them."""
+
+    fused: bool
+    halting_head: object = None
+    pooled_head: object = None
+
+
 def settle_exits(
     adapter: EncoderAdapter,
     backend: Backend,
     policy: ExitPolicy,
     layer: int,
     hidden: torch.Tensor,
-    halting_head,
     state: dict,
     target: WriteBack,
-    *,
-    fused: bool,
+    route: HeadRoute,
     mask: torch.Tensor | None = None,
-    pooled_head=None,
 ) -> tuple:
     """:func:`head_and_exit_step` of 1-based ``layer`` on ``hidden`` [n, S, H] (``mask`` [n, S]), then the exiting
     rows' logits [C] written to ``target``'s rows
     and the survivors put in order, in the backend's fused kernel where it has one (one launch for
     the head, the decision, the write-back, the count and the order); else PyTorch's write-back.
-    ``pooled_head`` (a layer of :func:`pooled_exit_heads`, never with a halting head) and ``fused``
-    pick the head as :func:`head_and_exit_step` does.
+    ``route``: the head it runs (:class:`HeadRoute`).
     Returns ``(exits [n] bool, state, order [n] int64, stats [2] int64)`` as
     :func:`earlyexit_kernels.backends.write_back.exit_step_write_back`."""
+    fused, halting_head, pooled_head = route
     num_layers = adapter.num_layers
     if pooled_head is not None:
         return backend.pooled_head_exit_step_write_back(

@@ -88,6 +88,22 @@ class _Packed:
         return logits.view(dtype).view(capacity, num_labels), exits, runs
 
 
+@dataclass(frozen=True, slots=True)
+class BatchShape:
+    """What a static batch's buffers are sized by: ``capacity`` rows of ``seq_len`` positions of
+    ``hidden_size`` in ``dtype``; outputs of ``num_labels`` logits (in ``wide``) for ``num_layers`` layers;
+    on ``device``."""
+
+    capacity: int
+    seq_len: int
+    hidden_size: int
+    num_labels: int
+    num_layers: int
+    dtype: torch.dtype
+    wide: torch.dtype
+    device: torch.device
+
+
 class StaticBatch:
     """The buffers of one shape (mask or not, dtype, device), their fused heads and graphs.
 
@@ -97,9 +113,15 @@ class StaticBatch:
     the graphs of every length (keyed by it) share one set of buffers, as the continuous engine's
     calls do."""
 
-    def __init__(
-        self, *, capacity, seq_len, hidden_size, num_labels, num_layers, dtype, wide, device, mask, state, stats=None
-    ):
+    def __init__(self, shape: BatchShape, *, mask, state, stats=None):
+        capacity, seq_len, hidden_size = shape.capacity, shape.seq_len, shape.hidden_size
+        num_labels, num_layers, dtype, wide, device = (
+            shape.num_labels,
+            shape.num_layers,
+            shape.dtype,
+            shape.wide,
+            shape.device,
+        )
         self.capacity, self.max_length, self.hidden_size = capacity, seq_len, hidden_size
         self._flat = [self._half(capacity, seq_len, hidden_size, dtype, device, mask, state) for _ in range(2)]
         self.halves = self._flat

@@ -42,6 +42,7 @@ from earlyexit_kernels.backends.write_back import WriteBack
 from earlyexit_kernels.engine import step_graphs
 from earlyexit_kernels.engine.batch_loop import (
     ExitResult,
+    HeadRoute,
     _kept_length,
     _output_dtype,
     _scheduled_exit_counts,
@@ -58,6 +59,7 @@ from earlyexit_kernels.engine.graphed_prologue import Prologues
 from earlyexit_kernels.engine.heads import ExitHeads
 from earlyexit_kernels.engine.static_buffers import (
     KEPT_TEMPLATES,
+    BatchShape,
     Loaded,
     StaticBatch,
     _Packed,
@@ -233,18 +235,9 @@ def _layer_step(step: _Step, static: StaticBatch, layer: int, bucket: int, may_e
         target = WriteBack(
             rows, runs, extents if step.trims else None, static.logits, static.exit_layer, static.layers_run
         )
+        route = HeadRoute(step.fused, step.halting_head, pooled_head)
         exits, state, order, stats = settle_exits(
-            adapter,
-            step.backend,
-            step.policy,
-            layer,
-            out,
-            step.halting_head,
-            state,
-            target,
-            fused=step.fused,
-            mask=mask,
-            pooled_head=pooled_head,
+            adapter, step.backend, step.policy, layer, out, state, target, route, mask
         )
         if layer == num_layers:
             return
@@ -340,14 +333,7 @@ def run_graphed(
         state_shapes,
         seq_len,
         lambda: StaticBatch(
-            capacity=first_bucket,
-            seq_len=seq_len,
-            hidden_size=hidden_size,
-            num_labels=num_labels,
-            num_layers=num_layers,
-            dtype=dtype,
-            wide=wide,
-            device=device,
+            BatchShape(first_bucket, seq_len, hidden_size, num_labels, num_layers, dtype, wide, device),
             mask=mask,
             state=state_shapes,
             stats=batches.stats,
