@@ -8,8 +8,10 @@ fetched there; each is reproduced in-process, on the same model's weights, behin
 request queue as eek's engine thread:
 
 - **eek**: :class:`~earlyexit_kernels.engine.background.BackgroundEngine` on the patched model, the
-  engine ``eek serve`` runs (on CUDA the cohort engine: length-sorted, token-budget cohorts through
-  the graphed step, :mod:`earlyexit_kernels.engine.cohort_engine`), arrival order;
+  engine ``eek serve`` runs (on CUDA the cohort engine: token-budget cohorts through the graphed
+  step, :mod:`earlyexit_kernels.engine.cohort_engine`), arrival order; on CUDA also
+  **eek-continuous**, the same on the continuous engine, so that the two designs are measured
+  side by side;
 - **Infinity's way**: batches of up to 32 texts, sorted by length where more wait, padded to the
   longest rounded up to 32, the unpatched model captured in a CUDA graph per (rows, length) bucket;
 - **TEI's way**: texts taken in arrival order until a 16,384-token budget, packed without padding,
@@ -218,13 +220,18 @@ class ShapeGraphs:
 
 
 class _Eek:
-    """eek's engine thread on the patched model, behind the same ``submit`` as the peers."""
+    """eek's engine thread on the patched model, behind the same ``submit`` as the peers; ``engine``:
+    ``"auto"`` (what eek serve runs: the cohort engine on CUDA) or ``"continuous"``."""
 
-    def __init__(self, model, config: GpuServingConfig):
+    def __init__(self, model, config: GpuServingConfig, engine: str = "auto"):
         from earlyexit_kernels.engine.background import BackgroundEngine
 
         self.worker = BackgroundEngine(
-            model, max_batch_size=config.max_batch_size, max_tokens=config.token_budget, admission="fifo"
+            model,
+            max_batch_size=config.max_batch_size,
+            max_tokens=config.token_budget,
+            admission="fifo",
+            engine=engine,
         )
 
     def submit(self, sequences: list[list[int]]) -> Future:
@@ -258,8 +265,10 @@ def make_servers(unpatched, patched, config: GpuServingConfig, device: torch.dev
         ids, positions, cu, longest = pack(sequences, device)
         return packed_logits(unpatched, ids, positions, cu, longest)
 
-    return {
-        "eek": _Eek(patched, config),
+    servers = {"eek": _Eek(patched, config)}
+    if device.type == "cuda":  # the engine eek serve ran on CUDA before the cohort engine, measured beside it
+        servers["eek-continuous"] = _Eek(patched, config, engine="continuous")
+    return servers | {
         "infinity-way": _Batching(ShapeGraphs(unpatched, device), take_like_infinity),
         "tei-way": _Batching(tei_batch, take_like_tei(config.token_budget)),
     }
@@ -430,7 +439,7 @@ def markdown(rows: list[dict], attention: str = "") -> str:
                 f"| {level} | {server} | {m['texts_per_s']:.1f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | "
                 f"{m['agreement']:.2%} | {m['same_as_per_batch']:.2%} |"
             )
-        peers = {k: v for k, v in medians.items() if k != "eek"}
+        peers = {k: v for k, v in medians.items() if not k.startswith("eek")}
         if "eek" in medians and peers:
             best = max(peers, key=lambda k: peers[k]["texts_per_s"])
             eek, peer = medians["eek"], peers[best]

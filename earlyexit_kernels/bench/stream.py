@@ -35,7 +35,8 @@ rotates from one repetition to the next):
     model, the texts in stream order (tokenising included);
 (b) the unpatched model on length-sorted batches of ``max_batch_size`` (tensors ready);
 (c) the per-batch early exit: the patched ``model(...)`` on the same batches as (b);
-(d) ``eek.classify(model, texts, tokenizer=tok, max_batch_size=...)`` (tokenising included);
+(d) ``eek.classify(model, texts, tokenizer=tok, max_batch_size=...)`` (tokenising included; on
+    CUDA the cohort engine in cohorts of ``max_batch_size`` rows, elsewhere the continuous engine);
 (e) the same with ``compile=True``, after a warm-up pass over the same stream, timed
     and reported apart; Dynamo's ``unique_graphs`` counter is read before and after the
     measured passes;
@@ -44,7 +45,9 @@ rotates from one repetition to the next):
     token budget (``--cohort-tokens``) through the model's step, read back a cohort late (on
     CUDA, the engine ``eek.classify`` takes by default, with the token budget of a call
     where (d) has ``max_batch_size`` rows). Its fill is left blank: its calls are not sized by
-    ``max_batch_size``.
+    ``max_batch_size``;
+(g) on CUDA only, ``eek.classify(..., engine="continuous")``: the continuous engine, which (d)
+    was on CUDA before the cohort engine, measured beside it (on the CPU (d) is that engine).
 
 **The figures.** Sequences/s: the p50 of the repetitions (p20 and p80 beside it). The
 ideal: (b)'s time per real token-layer (its time over the stream's tokens times ``L``)
@@ -103,6 +106,7 @@ METHODS = {
     "d": "(d) eek.classify",
     "e": "(e) eek.classify(compile=True)",
     "f": "(f) eek.classify, token-budget cohorts",
+    "g": "(g) eek.classify, the continuous engine",
 }
 
 COLUMNS = [
@@ -465,15 +469,20 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
         def method_c():
             return run_on_batches(model, batches)
 
-        def streamed(compiled: bool):
+        def streamed(compiled: bool, engine: str = "auto"):
             def method():
                 with recorded_engines() as made:
                     out = list(
                         classify(
-                            model, texts, tokenizer=tokenizer, max_batch_size=config.max_batch_size, compile=compiled
+                            model,
+                            texts,
+                            tokenizer=tokenizer,
+                            max_batch_size=config.max_batch_size,
+                            compile=compiled,
+                            engine=engine,
                         )
                     )
-                engines["e" if compiled else "d"] = [engine.stats for engine in made]
+                engines["e" if compiled else "g" if engine == "continuous" else "d"] = [e.stats for e in made]
                 return out
 
             return method
@@ -500,6 +509,7 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
             "d": streamed(False),
             "e": streamed(True),
             "f": method_f,
+            "g": streamed(False, "continuous"),
         }
         runners = {key: synced(fn, device) for key, fn in runners.items()}  # on cuda: each ends with a sync
         rows: list[dict] = []
@@ -514,6 +524,8 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
                 keys.append("e")
             if config.cohort_tokens:
                 keys.append("f")
+            if device.type == "cuda":  # on the CPU (d) is the continuous engine already
+                keys.append("g")
             load_before = os.getloadavg()[0]
             progress(f"stream: {policy!r}, target saved {saved}: {', '.join(keys)}")
             if first:  # first-call costs (thread pools, allocator) are no method's
@@ -527,7 +539,7 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
                 if device.type == "cuda":
                     # The graphed step captures a graph per (layer, bucket, length) at its first meeting:
                     # one untimed pass of the engines over the whole stream meets their shapes.
-                    for key in ("d", "f"):
+                    for key in ("d", "f", "g"):
                         if key in keys:
                             runners[key]()
                     torch.cuda.synchronize(device)
@@ -621,7 +633,7 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
                         token_fill=round(real_c / slots_c, 4),
                         host_syncs_per_call=round(syncs_c / calls_c, 4),
                     )
-                if key in ("d", "e", "f"):
+                if key in ("d", "e", "f", "g"):
                     stats = engines.get(key) or []
                     if stats:
                         calls = sum(s.calls for s in stats)
