@@ -182,6 +182,7 @@ PREAMBLES = {
     ("docs/usage.md", "Combining with int8, bf16 and torch.compile", 0): _with_model,
     ("docs/serving.md", "Many sequences: `eek.classify` and the continuous engine", 0): _with_model,
     ("docs/training.md", "Fit in one call", 0): _with_model,
+    ("docs/training.md", "Fit in one call", 1): _with_model,
     ("docs/training.md", "Training the heads", 0): _with_model,
     ("docs/training.md", "Training the heads", 1): _trainer,
     ("docs/training.md", "Calibration", 0): _with_model,

@@ -17,9 +17,11 @@ from earlyexit_kernels.training import (
     fit_exit_heads,
     train_exit_heads,
 )
+from earlyexit_kernels.training.fit_checks import FitError
 from earlyexit_kernels.training.head_choice import CANDIDATES
 from earlyexit_kernels.training.record_exits import record_exits
 from earlyexit_kernels.training.train import PLATEAU, TrainingWarning
+from earlyexit_kernels.training.train_settings import TrainSettings
 
 
 def _data(batches=3, size=8, seed=0, labels=True):
@@ -221,6 +223,30 @@ def test_training_arguments_are_checked_before_any_work():
     assert isinstance(cache, ExitInputCache) and cache.nbytes() > 0
     with pytest.raises(ValueError, match="cached path only"):
         train_exit_heads(model, cache, method="deebert", cached=False, progress=False)
+
+
+def test_the_training_settings_are_one_object_its_fields_the_keywords():
+    """train_exit_heads takes one TrainSettings, checked when made; its fields as keywords make the same one."""
+    model = _patched(eek.Entropy(0.3))
+    settings = TrainSettings(method="deebert", epochs=2, lr=1e-3, progress=False)
+    torch.manual_seed(0)
+    given = train_exit_heads(model, _data(), settings)
+    torch.manual_seed(0)
+    spread = train_exit_heads(_patched(eek.Entropy(0.3)), _data(), method="deebert", epochs=2, lr=1e-3, progress=False)
+    assert list(given) == list(spread) and given.epochs_run == spread.epochs_run == 2
+    with pytest.raises(TypeError, match="takes its settings once: settings= or its fields as keywords \\(epochs\\)"):
+        train_exit_heads(model, _data(), settings, epochs=3)
+    with pytest.raises(TypeError, match="unexpected keyword\\(s\\) epoch: its settings's fields are"):
+        train_exit_heads(model, _data(), epoch=3)
+    with pytest.raises(TypeError, match="settings must be a training.train_settings.TrainSettings, got dict"):
+        train_exit_heads(model, _data(), {"epochs": 3})
+    # the bounds are FitConfig's, written once (lr=0.0 alone of the rates not positive: measure without learning)
+    assert TrainSettings(lr=0.0).lr == 0.0
+    for field, value in (("lr", -1.0), ("epochs", 0), ("batch_size", 0)):
+        with pytest.raises(FitError, match=f"--{field.replace('_', '-')} must be .* \\({field}=\\), got {value}"):
+            TrainSettings(**{field: value})
+    with pytest.raises(ValueError, match="method must be one of"):
+        TrainSettings(method="no-such-method")
 
 
 def test_fit_exit_heads_trains_calibrates_and_patches():

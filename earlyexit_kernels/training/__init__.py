@@ -54,6 +54,7 @@ from earlyexit_kernels.training.train import (
     select_trainable,
     train_exit_heads,
 )
+from earlyexit_kernels.training.train_settings import TrainSettings
 
 __all__ = [
     "DEFAULT_EPOCHS",
@@ -97,4 +98,5 @@ __all__ = [
     "smartbert_stage1_loss",
     "smartbert_stage2_loss",
     "train_exit_heads",
+    "TrainSettings",
 ]

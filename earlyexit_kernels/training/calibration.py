@@ -22,13 +22,13 @@ Classification heads only (num_labels >= 2): for a regression head,
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 from earlyexit_kernels.calibration.record import ExitRecord
 from earlyexit_kernels.calibration.report import compact_curve, plot_curve, print_curve
 from earlyexit_kernels.calibration.select import Calibration, CalibrationWarning, Goal, choose
 from earlyexit_kernels.methods.policies import ExitPolicy
+from earlyexit_kernels.training.keyword_settings import settings_of
 from earlyexit_kernels.training.record_exits import record_exits
 
 __all__ = ["Calibration", "CalibrationWarning", "Goal", "calibrate"]
@@ -73,7 +73,7 @@ def calibrate(
     (an ``ExitRecord``, or batches the model runs), in the certificate beside these
     (:func:`~earlyexit_kernels.calibration.certify.certify`).
     """
-    goal = _goal_of(goal, goal_fields)
+    goal = settings_of(Goal, goal, goal_fields, who="calibrate", what="goal")
     record = model_or_record if isinstance(model_or_record, ExitRecord) else record_exits(model_or_record, batches)
     if unlabelled is not None and goal.confidence is None:
         raise ValueError("unlabelled rows join a certificate: give confidence= too, or leave them out")
@@ -95,24 +95,3 @@ def calibrate(
             result.curve, plot, full_accuracy=result.full_accuracy, baseline=chosen.baseline, chosen=chosen.point
         )
     return result
-
-
-def _goal_of(goal: Goal | None, fields: dict) -> Goal:
-    """``goal``, or the :class:`Goal` made of ``fields`` (its keywords); a ``TypeError`` naming what to give where
-    both come, where ``goal`` is not a ``Goal``, or where a keyword is none of its fields."""
-    if goal is not None and fields:
-        raise TypeError(
-            f"calibrate takes its goal once: goal= or its fields as keywords ({', '.join(sorted(fields))}), "
-            "not both; put them in the Goal (dataclasses.replace(goal, ...))"
-        )
-    if goal is not None:
-        if not isinstance(goal, Goal):
-            raise TypeError(f"goal must be a calibration.select.Goal, got {type(goal).__name__}")
-        return goal
-    known = {field.name for field in dataclasses.fields(Goal)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise TypeError(
-            f"calibrate got unexpected keyword(s) {', '.join(unknown)}: its goal's fields are {', '.join(sorted(known))}"
-        )
-    return Goal(**fields)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from earlyexit_kernels._method_names import METHODS
 from earlyexit_kernels.training.fit_checks import FitError
 
-__all__ = ["AUTO_SHARE", "CALIBRATION_FRACTION", "CONFIDENCE", "FitConfig", "Training", "check_count"]
+__all__ = ["AUTO_SHARE", "CALIBRATION_FRACTION", "CONFIDENCE", "FitConfig", "Training", "check_count", "check_rate"]
 
 #: the confidence ``eek fit`` certifies its budget with unless told otherwise
 CONFIDENCE = 0.95
@@ -56,8 +56,7 @@ class Training:
             value = getattr(self, name)
             if value is not None and value != "auto" and value not in allowed:
                 raise FitError(f"{name} must be one of {', '.join(allowed)}, 'auto' or None; got {value!r}")
-        if self.lr is not None and not (_number(self.lr) and self.lr > 0):
-            _refuse("lr", "a positive learning rate", self.lr, "a rate such as 1e-3, or None (the method's recipe)")
+        check_rate("lr", self.lr)
         check_count("epochs", self.epochs)
         if not _whole(self.seed):
             _refuse("seed", "a whole number", self.seed, "an integer such as 0")
@@ -152,6 +151,14 @@ def check_count(name: str, value, *, optional: bool = True) -> None:
     if (value is not None or not optional) and not (_whole(value) and value >= 1):
         instead = "a number such as 32" + (", or None (the default)" if optional else "")
         _refuse(name, "a whole number, at least 1", value, instead)
+
+
+def check_rate(name: str, value, *, zero: bool = False) -> None:
+    """``value`` of the learning rate ``name`` positive and finite, or None (the recipe's), else the one refusal of
+    it. ``zero``: ``0.0`` taken too (:class:`~earlyexit_kernels.training.train_settings.TrainSettings`: epochs run
+    without learning, to measure the loss as it is)."""
+    if value is not None and not (_number(value) and (value > 0 or (zero and value == 0))):
+        _refuse(name, "a positive learning rate", value, "a rate such as 1e-3, or None (the method's recipe)")
 
 
 def _number(value) -> bool:

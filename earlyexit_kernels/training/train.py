@@ -27,6 +27,9 @@ from torch import nn
 from earlyexit_kernels.methods.losses import ALIASES, OBJECTIVES, objective
 from earlyexit_kernels.patching.patch import check_objective_policy, is_patched, policy_of
 from earlyexit_kernels.training.cached_heads import ExitInputCache, cache_exit_inputs, cache_reason, cached_exits
+from earlyexit_kernels.training.keyword_settings import settings_of
+from earlyexit_kernels.training.train_settings import HALTING_LR, OPTIMIZERS, SCHEDULES, TrainSettings
+from earlyexit_kernels.training.train_settings import TRAINS as _TRAINS
 
 __all__ = [
     "freeze_backbone",
@@ -43,21 +46,13 @@ __all__ = [
     "HALTING_LR",
     "OPTIMIZERS",
     "SCHEDULES",
+    "TrainSettings",
 ]
 
 #: the loss names :func:`train_exit_heads` takes as ``method`` (those of
 #: :data:`~earlyexit_kernels.methods.losses.OBJECTIVES` and their aliases); the fit methods are
 #: :data:`earlyexit_kernels._method_names.METHODS`
 OBJECTIVE_NAMES = tuple(OBJECTIVES) + tuple(ALIASES)
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("linear", "cosine", "constant")
-_TRAINS = ("all", "heads", "backbone", "below")
-#: default learning rate of the halting heads (QExit, DACT) and SmartBERT's gates. They
-#: start from a constant output (zero weights), far from where they must end: DACT's
-#: halting logit starts at 2.2 and must move by 2-4 before any sequence can leave before
-#: the last layers, which the backbone's learning rate (1e-5 to 1e-3) does not do in a
-#: few hundred steps.
-HALTING_LR = 3e-3
 #: the learning rate of each ``trains`` mode when none is given. The heads alone start from
 #: the final classifier's weights on inputs they were not trained for and must move far:
 #: at 2e-5 (a fine-tuning rate) the internal heads of a fine-tuned MiniLM-L6 stayed at
@@ -241,27 +236,17 @@ def default_lr(trains: str) -> float:
 def train_exit_heads(
     model: nn.Module,
     batches,
+    settings: TrainSettings | None = None,
     *,
-    method: str = "pabee",
-    epochs: int | None = None,
-    lr: float | None = None,
-    halting_lr: float | None = HALTING_LR,
-    heads_lr: float | None = None,
-    weight_decay: float = 0.01,
-    warmup_fraction: float = 0.1,
-    max_grad_norm: float = 1.0,
-    optimizer: str = "adamw",
-    schedule: str = "linear",
-    trains: str | None = None,
-    loss_kwargs: Mapping | None = None,
-    progress: bool = True,
     val_batches=None,
-    early_stopping: int | None = 3,
-    cached: bool | None = None,
-    batch_size: int | None = None,
-    seed: int = 0,
+    **fields,
 ) -> TrainingLog:
     """Train a patched model with one method's loss; returns the loss of every step (a :class:`TrainingLog`).
+
+    ``settings``: a :class:`~earlyexit_kernels.training.train_settings.TrainSettings` (every field below, checked
+    once when it is made); its fields may be given as keywords instead
+    (``train_exit_heads(model, batches, method="pabee", epochs=3)`` is
+    ``train_exit_heads(model, batches, TrainSettings(method="pabee", epochs=3))``), not both.
 
     ``batches``: a re-iterable of dicts with ``input_ids``, ``labels`` and optionally
     ``attention_mask`` and ``token_type_ids`` (a list or a ``DataLoader``; ``labels`` may be
@@ -315,41 +300,22 @@ def train_exit_heads(
     ``progress``: a tqdm bar on a terminal.
     """
     started = time.perf_counter()
-    chosen = objective(method)
+    settings = settings_of(TrainSettings, settings, fields, who="train_exit_heads", what="settings")
+    chosen = objective(settings.method)
     if not is_patched(model):
         raise ValueError("train_exit_heads needs a model patched with eek.patch")
     chosen.check_head(model.config.num_labels)
     check_objective_policy(chosen, policy_of(model))
-    trains = trains or chosen.trains
-    if trains not in _TRAINS:
-        raise ValueError(f"trains must be one of {', '.join(_TRAINS)}; got {trains!r}")
-    if epochs is not None and epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if lr is None:
-        lr = default_lr(trains)
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-        raise ValueError(
-            f"lr must be a positive learning rate, e.g. 1e-3 (None: the default of the trains mode; 0, explicitly: "
-            f"the epochs run without learning, to measure the loss as it is); got {lr!r}"
-        )
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
-    for name, rate in (("halting_lr", halting_lr), ("heads_lr", heads_lr)):
-        if rate is not None and not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
-            raise ValueError(f"{name} must be a positive number or None (the same as lr); got {rate!r}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
-    if early_stopping is not None and early_stopping < 1:
-        raise ValueError(f"early_stopping must be >= 1 epochs or None (never stop early); got {early_stopping!r}")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1 rows; got {batch_size!r}")
+    trains = settings.trains or chosen.trains
+    epochs, cached, progress = settings.epochs, settings.cached, settings.progress
+    lr = default_lr(trains) if settings.lr is None else settings.lr
     one_shot = isinstance(batches, Iterator)
     if one_shot:
         batches = list(batches)  # a generator can be read once: held in memory
     if isinstance(val_batches, Iterator):
         val_batches = list(val_batches)
     requires_grad = {p: p.requires_grad for p in model.parameters()}
-    loss_kwargs = dict(loss_kwargs or {})
+    loss_kwargs = dict(settings.loss_kwargs or {})
     was_training = model.training
     log = TrainingLog()
     log.lr = lr
@@ -373,26 +339,28 @@ def train_exit_heads(
                 f"(re-iterable), or epochs=1"
             )
         if log.cached:
-            source = _CachedSource(model, batches, val_batches, batch_size, seed, progress)
+            source = _CachedSource(model, batches, val_batches, settings.batch_size, settings.seed, progress)
         else:
             source = _ForwardSource(model, batches, val_batches)
         steps_per_epoch = source.steps_per_epoch
         if steps_per_epoch == 0:
             raise ValueError("train_exit_heads got no batches: batches is empty (or an iterable already read)")
         total = max(1, steps_per_epoch * epochs)
-        opt = _optimizer(optimizer, parameter_groups(model, lr, halting_lr, parameters, heads_lr), weight_decay)
+        groups = parameter_groups(model, lr, settings.halting_lr, parameters, settings.heads_lr)
+        opt = _optimizer(settings.optimizer, groups, settings.weight_decay)
         if log.until_plateau:  # warm-up over a tenth of an epoch, then constant, cut on plateaus
-            warmup = int(steps_per_epoch * warmup_fraction)
+            warmup = int(steps_per_epoch * settings.warmup_fraction)
             scheduler = torch.optim.lr_scheduler.LambdaLR(opt, _schedule("constant", total, warmup))
         else:
-            scheduler = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(schedule, total, int(total * warmup_fraction)))
+            warmup = int(total * settings.warmup_fraction)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(settings.schedule, total, warmup))
         threads = torch.get_num_threads()
         if log.cached and next(model.parameters()).device.type == "cpu":
             # the heads' steps are small matrix products: on the CPU more threads only add
             # synchronisation: on the shared 2-core machine (load 6.5) a step of MLP heads on 32 rows
             # took 460-505 ms with 2 threads and 33 ms with one
             torch.set_num_threads(1)
-        loop = EpochLoop(loss_kwargs, epochs, max_grad_norm, early_stopping, progress)
+        loop = EpochLoop(loss_kwargs, epochs, settings.max_grad_norm, settings.early_stopping, progress)
         try:
             _train_epochs(model, chosen, source, (opt, scheduler, parameters), log, loop)
         finally:
