@@ -47,6 +47,21 @@ def test_a_round_at_two_caps_names_each_server_with_its_cap_and_takes_infinity_s
     assert [r["server"] for r in pooled([at_32])["rows"]] == ["eek serve int8", "infinity onnx int8"]  # one cap
 
 
+def test_openvino_per_batch_is_the_strongest_peer_where_it_is_fastest():
+    result = _result(
+        32,
+        [
+            _row("eek serve int8", 1, 360.0, 130.0, texts_per_request=32),
+            _row("infinity onnx int8", 1, 270.0, 130.0, texts_per_request=32),
+            _row("openvino int8 (per batch, in process)", 1, 300.0, 260.0, texts_per_request=32),
+        ],
+        "r1",
+    )
+    assert ratios(result) == {
+        ("eek serve int8", "32 texts a request"): (1.2, 0.5, "openvino int8 (per batch, in process)")
+    }
+
+
 def test_the_command_line_reads_rounds_joined_by_plus(tmp_path, capsys):
     paths = []
     for index, (eek_p99, peer_p99) in enumerate([(150.0, 250.0), (160.0, 200.0), (140.0, 300.0)]):

@@ -1,16 +1,17 @@
-"""Rounds of the serving benchmark against one another (issue 78's targets): each eek server's texts/s over
-Infinity's best configuration at each level, and its p99 over that configuration's, the median over the rounds
-with their range.
+"""Rounds of the serving benchmark against one another (issues 78 and 95's targets): each eek server's texts/s over
+the strongest peer's at each level (Infinity's best configuration, or OpenVINO's static int8 per batch where the
+round has it and it is faster: issue 95's "whichever is faster on that machine"), and its p99 over that peer's,
+the median over the rounds with their range.
 
     python -m benchmarks.suite.serve_peers_rounds ROUND.json ROUND.json ROUND.json
 
 Each ROUND.json is one ``serve_peers_cli`` result (``serve_peers_<name>.json``), its servers run in the order
-``--servers`` gave; run the rounds with that order alternating. The best Infinity configuration is taken per
+``--servers`` gave; run the rounds with that order alternating. The strongest peer is taken per
 round and level (the most texts/s), as a user would pick it.
 
 A round may be several results joined by ``+`` (``A.json+B.json``: the same round run at two ``--max-batch-size``
 caps, one after the other): their rows are pooled, each server named with its cap where the caps differ
-(``eek serve int8 (batch 16)``), and Infinity's best is the best of every configuration at every cap.
+(``eek serve int8 (batch 16)``), and the strongest peer is the best of every configuration at every cap.
 """
 
 from __future__ import annotations
@@ -20,19 +21,22 @@ import json
 import statistics
 from pathlib import Path
 
+# the servers a user would run instead: Infinity's configurations and OpenVINO's static int8
+PEERS = ("infinity", "openvino")
+
 
 def level_name(row: dict) -> str:
     return f"{row['texts_per_request']} texts a request" if row["texts_per_request"] > 1 else f"c{row['concurrency']}"
 
 
 def ratios(result: dict) -> dict[tuple[str, str], tuple[float, float, str]]:
-    """``(eek server, level) -> (texts/s ratio, p99 ratio, the Infinity configuration)`` of one round."""
+    """``(eek server, level) -> (texts/s ratio, p99 ratio, the strongest peer)`` of one round."""
     by_level: dict[str, list[dict]] = {}
     for row in result["rows"]:
         by_level.setdefault(level_name(row), []).append(row)
     out = {}
     for level, rows in by_level.items():
-        peers = [r for r in rows if r["server"].startswith("infinity")]
+        peers = [r for r in rows if r["server"].startswith(PEERS)]
         if not peers:
             continue
         best = max(peers, key=lambda r: r["texts_per_s"])
@@ -73,7 +77,7 @@ def main(argv=None) -> int:
     per_round = [ratios(result) for result in results]
     keys = sorted({key for round_ in per_round for key in round_}, key=lambda k: (k[0], k[1]))
     print(f"{len(results)} rounds ({', '.join(sorted({r['cpu'] for r in results}))}); median [range] over the rounds")
-    print("| server | level | texts/s over Infinity's best | p99 over its p99 | Infinity's best, by round |")
+    print("| server | level | texts/s over the strongest peer | p99 over its p99 | the strongest peer, by round |")
     print("|---|---|---:|---:|---|")
     for key in keys:
         got = [r[key] for r in per_round if key in r]
