@@ -1,5 +1,6 @@
 """Every bad value of each fit setting is refused in the same words by every entry point that takes it: ``eek fit``
-and ``eek calibrate`` (run in-process, through the command line's main), ``fit_model`` and ``fit_exit_heads``; and
+and ``eek calibrate`` (run in-process, through the command line's main), ``fit_model`` and ``fit_exit_heads`` (and
+``calibrate_folder`` and ``train_exit_heads`` where they take the setting); and
 each keyword entry point's defaults are its settings object's (issue 97).
 
 The words are those of the settings object (:class:`FitConfig`, whose parts :class:`Training` and the calibration's
@@ -12,11 +13,13 @@ import inspect
 import pytest
 
 from earlyexit_kernels.integrations.cli import main
+from earlyexit_kernels.integrations.folder_calibration import calibrate_folder
 from earlyexit_kernels.training.calibrate_texts import calibrate_texts
 from earlyexit_kernels.training.fit import HeadsFit, fit_exit_heads
 from earlyexit_kernels.training.fit_checks import FitError
 from earlyexit_kernels.training.fit_config import FitConfig, Training
 from earlyexit_kernels.training.fit_texts import fit_model
+from earlyexit_kernels.training.train import train_exit_heads
 
 # (setting, bad value, the entry points that take it); the parser's own choices refuse a bad --guarantee at the
 # command line (argparse's words), so the command lines are left out of its row
@@ -24,14 +27,14 @@ BAD = [
     ("max_drop", -1.0, {"eek fit", "eek calibrate", "fit_model", "fit_exit_heads"}),
     ("max_drop", float("nan"), {"fit_model", "fit_exit_heads"}),
     ("lr", 0.0, {"eek fit", "fit_model", "fit_exit_heads"}),
-    ("lr", -1e-3, {"eek fit", "fit_model", "fit_exit_heads"}),
-    ("epochs", 0, {"eek fit", "fit_model", "fit_exit_heads"}),
-    ("epochs", 2.5, {"fit_model", "fit_exit_heads"}),
+    ("lr", -1e-3, {"eek fit", "fit_model", "fit_exit_heads", "train_exit_heads"}),
+    ("epochs", 0, {"eek fit", "fit_model", "fit_exit_heads", "train_exit_heads"}),
+    ("epochs", 2.5, {"fit_model", "fit_exit_heads", "train_exit_heads"}),
     ("confidence", 1.5, {"eek fit", "eek calibrate", "fit_model", "fit_exit_heads"}),
     ("confidence", 0.0, {"eek fit", "eek calibrate", "fit_model", "fit_exit_heads"}),
-    ("batch_size", 0, {"eek fit", "eek calibrate", "fit_model"}),
-    ("max_length", 0, {"eek fit", "eek calibrate", "fit_model"}),
-    ("max_length", -5, {"eek fit", "eek calibrate", "fit_model"}),
+    ("batch_size", 0, {"eek fit", "eek calibrate", "fit_model", "calibrate_folder", "train_exit_heads"}),
+    ("max_length", 0, {"eek fit", "eek calibrate", "fit_model", "calibrate_folder"}),
+    ("max_length", -5, {"eek fit", "eek calibrate", "fit_model", "calibrate_folder"}),
     ("guarantee", "sure", {"fit_model", "fit_exit_heads"}),
     ("max_changed", 100.0, {"eek fit", "eek calibrate", "fit_model", "fit_exit_heads"}),
     ("max_changed", -1.0, {"eek fit", "eek calibrate", "fit_model", "fit_exit_heads"}),
@@ -59,6 +62,10 @@ def _refusal(entry, name, value, tmp_path, capsys) -> str:
         return _command(capsys, "calibrate", tmp_path / "folder", tmp_path / "rows.csv", flag, value)
     if entry == "fit_model":
         call = lambda: fit_model(None, None, None, None, **{name: value})  # noqa: E731
+    elif entry == "calibrate_folder":  # its Recalibration, before the folder is read
+        call = lambda: calibrate_folder(str(tmp_path / "folder"), None, **{name: value})  # noqa: E731
+    elif entry == "train_exit_heads":  # its TrainSettings, before the model is looked at
+        call = lambda: train_exit_heads(None, [], **{name: value})  # noqa: E731
     else:  # max_changed is certified beside a confidence, which fit_exit_heads leaves off by default
         extra = {"confidence": 0.95} if name == "max_changed" else {}
         call = lambda: fit_exit_heads(None, [], **{name: value}, **extra)  # noqa: E731

@@ -504,7 +504,7 @@ def _evaluate(args) -> int:
 
 
 def _calibrate(args) -> int:
-    from earlyexit_kernels.integrations.folder_calibration import calibrate_folder
+    from earlyexit_kernels.integrations.folder_calibration import Recalibration, calibrate_folder
     from earlyexit_kernels.integrations.labelled_data import read_labelled
     from earlyexit_kernels.training.calibrate_texts import calibration_goal
     from earlyexit_kernels.training.fit_texts import FitError
@@ -521,6 +521,9 @@ def _calibrate(args) -> int:
     )
     if (args.data is None) == (args.from_audit is None):
         raise FitError("give FILE (the rows to certify on) or --from-audit RECORD, one of them")
+    asked = dict(
+        max_drop=args.max_drop, confidence=args.confidence, guarantee=args.guarantee or SAVED, force=args.force
+    )
     if args.from_audit is not None:
         from earlyexit_kernels.calibration.online import RecertifyError
 
@@ -538,14 +541,7 @@ def _calibrate(args) -> int:
             )
 
         try:
-            report = calibrate_folder(
-                args.folder,
-                max_drop=args.max_drop,
-                confidence=args.confidence,
-                guarantee=args.guarantee or SAVED,
-                from_audit=args.from_audit,
-                force=args.force,
-            )
+            report = calibrate_folder(args.folder, settings=Recalibration(**asked), from_audit=args.from_audit)
         except RecertifyError as error:
             raise FitError(str(error)) from None
         for line in report.summary():
@@ -562,23 +558,9 @@ def _calibrate(args) -> int:
         label_column=args.label_column or "label",
         label_required=args.label_column is not None,
     )
-    report = calibrate_folder(
-        args.folder,
-        data,
-        max_drop=args.max_drop,
-        confidence=args.confidence,
-        guarantee=args.guarantee or SAVED,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        source=str(args.data),
-        dtype=args.dtype,
-        device=args.device,
-        force=args.force,
-        unlabelled=_unlabelled(args),
-        risk=args.risk,
-        max_changed=args.max_changed,
-        int8_layers=args.layers,
-    )
+    names = ("batch_size", "max_length", "dtype", "device", "risk", "max_changed")
+    settings = Recalibration(**asked, **{name: getattr(args, name) for name in names}, int8_layers=args.layers)
+    report = calibrate_folder(args.folder, data, settings, unlabelled=_unlabelled(args), source=str(args.data))
     for line in report.summary():
         print(line)
     if report.kept is None:

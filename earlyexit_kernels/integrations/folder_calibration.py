@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from earlyexit_kernels.engine.int8_isa import int8_isa
@@ -24,7 +25,7 @@ from earlyexit_kernels.patching.exit_files import CONFIG_FILE, policy_to_dict
 from earlyexit_kernels.patching.fit_record import SAVED, FitRecord
 from earlyexit_kernels.patching.patch import policy_of
 
-__all__ = ["calibrate_folder", "saved_budget", "saved_changed", "saved_path"]
+__all__ = ["Recalibration", "calibrate_folder", "saved_budget", "saved_changed", "saved_path"]
 
 
 def saved_budget(path: str) -> tuple[float | None, float | None]:
@@ -68,27 +69,49 @@ def saved_path(path: str) -> list | None:
         return None
 
 
+@dataclass(frozen=True)
+class Recalibration:
+    """What one re-certification of a folder is asked for (:func:`calibrate_folder`'s docstring says each field;
+    ``eek calibrate``'s options): the target, ``max_drop``, ``confidence``, ``guarantee``, ``max_changed`` (each
+    :data:`~earlyexit_kernels.patching.fit_record.SAVED` or None where the folder's certificate gives it, made into
+    the calibration's ``Goal`` once the folder is read); the ``risk``; the base certified on, ``dtype``,
+    ``device``, ``int8_layers``; how the rows are read, ``batch_size``, ``max_length``; and ``force``.
+    ``batch_size`` and ``max_length`` are checked here, once, in ``eek fit``'s words."""
+
+    max_drop: float | None = None
+    confidence: float | None | str = SAVED
+    guarantee: str = SAVED
+    max_changed: float | None | str = SAVED
+    risk: str = "auto"
+    dtype: str | None = None
+    device: str = "auto"
+    int8_layers: str = "auto"
+    batch_size: int = 64
+    max_length: int | None = None
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        from earlyexit_kernels.training.fit_config import check_count
+
+        check_count("batch_size", self.batch_size, optional=False)
+        check_count("max_length", self.max_length)
+
+
 def calibrate_folder(
     path: str,
     data=None,
+    settings: Recalibration | None = None,
     *,
-    max_drop: float | None = None,
-    confidence: float | None | str = SAVED,
-    batch_size: int = 64,
-    max_length: int | None = None,
-    source: str | None = None,
-    dtype: str | None = None,
-    device: str = "auto",
-    from_audit: str | None = None,
-    force: bool = False,
     unlabelled=None,
-    risk: str = "auto",
-    guarantee: str = SAVED,
-    max_changed: float | None | str = SAVED,
-    int8_layers: str = "auto",
+    from_audit: str | None = None,
+    source: str | None = None,
+    **fields,
 ):
     """Re-certify the folder ``path`` on ``data`` (:class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`)
     and write it back; returns the :class:`~earlyexit_kernels.training.calibrate_texts.CalibrationReport`.
+    ``settings``: a :class:`Recalibration` (the settings below); its fields may be given as keywords instead
+    (``calibrate_folder(path, rows, max_drop=2.0)`` is ``calibrate_folder(path, rows, Recalibration(max_drop=2.0))``),
+    not both.
 
     ``from_audit`` instead of ``data``: the file ``eek serve --audit-record`` (or
     :meth:`~earlyexit_kernels.calibration.online.OnlineCertificate.save_audit`) wrote, the
@@ -129,7 +152,11 @@ def calibrate_folder(
     from earlyexit_kernels.training.calibrate_texts import calibrate_texts, calibration_goal
     from earlyexit_kernels.training.fit_checks import FitError
     from earlyexit_kernels.training.fit_texts import CONFIDENCE
+    from earlyexit_kernels.training.keyword_settings import settings_of
 
+    asked = settings_of(Recalibration, settings, fields, who="calibrate_folder", what="settings")
+    max_drop, confidence, guarantee, max_changed = asked.max_drop, asked.confidence, asked.guarantee, asked.max_changed
+    dtype, risk, int8_layers = asked.dtype, asked.risk, asked.int8_layers
     saved_drop, saved_confidence = saved_budget(path)
     if guarantee == SAVED:
         guarantee = saved_guarantee(path)
@@ -154,7 +181,7 @@ def calibrate_folder(
         goal = calibration_goal(max_drop, confidence, guarantee, None)
         report = calibrate_record(model, record, goal, path=saved_path(path))
         source = source or f"{record.all_logits.shape[1]} audited rows of {from_audit} (served: {served})"
-        if _written(path, report, force):
+        if _written(path, report, asked.force):
             _write_back(Path(path), model, report, source, "as served")
         return report
     base_change = _base_change(model, dtype, risk)
@@ -171,7 +198,7 @@ def calibrate_folder(
     elif int8_layers != "auto":
         raise FitError(f"--layers {int8_layers} says where the int8 layers run: give --dtype int8 with it")
     try:
-        to_base(model, dtype, device, int8_recipe=recipe or "auto")
+        to_base(model, dtype, asked.device, int8_recipe=recipe or "auto")
     except ValueError as error:
         raise FitError(str(error)) from None
     report = calibrate_texts(
@@ -179,13 +206,13 @@ def calibrate_folder(
         tokenizer,
         data,
         goal,
-        batch_size=batch_size,
-        max_length=max_length,
+        batch_size=asked.batch_size,
+        max_length=asked.max_length,
         path=saved_path(path),
         unlabelled=unlabelled,
         base_change=base_change,
     )
-    if _written(path, report, force):
+    if _written(path, report, asked.force):
         _write_back(Path(path), model, report, source or "rows given to eek calibrate", dtype or "as saved", recipe)
     return report
 
