@@ -9,10 +9,19 @@
 from earlyexit_kernels.integrations.ray_data import (
     AUDIT_COLUMN,
     OUTPUT_COLUMNS,
+    ClassifierSettings,
     EarlyExitClassifier,
     classify_files,
     input_files,
     read_dataset,
 )
 
-__all__ = ["EarlyExitClassifier", "classify_files", "input_files", "read_dataset", "AUDIT_COLUMN", "OUTPUT_COLUMNS"]
+__all__ = [
+    "ClassifierSettings",
+    "EarlyExitClassifier",
+    "classify_files",
+    "input_files",
+    "read_dataset",
+    "AUDIT_COLUMN",
+    "OUTPUT_COLUMNS",
+]

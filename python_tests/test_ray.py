@@ -20,7 +20,7 @@ import earlyexit_kernels as eek
 pd = pytest.importorskip("pandas", reason="the Ray integration works on pandas batches")
 pa = pytest.importorskip("pyarrow", reason="the Ray integration reads and writes files through pyarrow")
 
-from earlyexit_kernels.ray import EarlyExitClassifier  # noqa: E402
+from earlyexit_kernels.ray import ClassifierSettings, EarlyExitClassifier  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,19 @@ def test_int8_runs_the_recipe_the_folders_int8_certificate_recorded(model_dir, t
     assert recorded.model.eek_int8_recipe == "per-token"
     as_float, as_int8 = EarlyExitClassifier(model_dir)(frame), recorded(frame)
     assert (as_float.label == as_int8.label).mean() > 0.8
+
+
+def test_the_classifier_takes_one_settings_object_its_fields_the_keywords_ray_passes(model_dir):
+    frame = pd.DataFrame({"text": ["w1 w2", "w1 " * 20]})
+    given = EarlyExitClassifier(model_dir, ClassifierSettings(max_length=8, truncation=False))
+    spread = EarlyExitClassifier(model_dir, max_length=8, truncation=False)  # fn_constructor_kwargs' form
+    assert given.options == spread.options and given(frame).equals(spread(frame))
+    with pytest.raises(TypeError, match="takes its settings once"):
+        EarlyExitClassifier(model_dir, ClassifierSettings(), max_length=8)
+    with pytest.raises(TypeError, match="unexpected keyword\\(s\\) max_len"):
+        EarlyExitClassifier(model_dir, max_len=8)
+    with pytest.raises(ValueError, match="recertify=True reads the audit: give audit_fraction too"):
+        ClassifierSettings(recertify=True)  # refused when made, before a model is loaded
 
 
 def test_null_text_is_classified_as_empty_and_a_bad_row_gets_an_error(model_dir):

@@ -14,9 +14,18 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["EarlyExitClassifier", "classify_files", "input_files", "read_dataset", "AUDIT_COLUMN", "OUTPUT_COLUMNS"]
+__all__ = [
+    "ClassifierSettings",
+    "EarlyExitClassifier",
+    "classify_files",
+    "input_files",
+    "read_dataset",
+    "AUDIT_COLUMN",
+    "OUTPUT_COLUMNS",
+]
 
 OUTPUT_COLUMNS = ("label", "score", "exit_layer", "layers_run", "error")
 #: the column an audit adds: each audited row's disagreement with the full model, null elsewhere
@@ -30,9 +39,41 @@ READERS = {
 }
 
 
+@dataclass(frozen=True)
+class ClassifierSettings:
+    """The settings of one :class:`EarlyExitClassifier` (its docstring says each), checked once when made: the
+    columns (``text_column``, ``pair_column``, ``truncation``), the model (``policy``, ``backend``, ``device``,
+    ``dtype``), the engine (``max_batch_size``, ``max_length``, ``compile``) and the audit (``audit_fraction``,
+    ``audit_budget``, ``audit_confidence``, ``audit_seed``, ``recertify``). Ray hands the classifier its fields as
+    keywords (``fn_constructor_kwargs``), which make one."""
+
+    text_column: str = "text"
+    pair_column: str | None = None
+    policy: object = None
+    max_batch_size: int = 64
+    max_length: int | None = None
+    backend: str | None = None
+    compile: bool = False
+    device: str | None = None
+    dtype: str | None = None
+    truncation: bool = True
+    audit_fraction: float = 0.0
+    audit_budget: float | None = None
+    audit_confidence: float | None = None
+    audit_seed: int = 0
+    recertify: bool | None = None
+
+    def __post_init__(self) -> None:
+        from earlyexit_kernels.methods.risk_control import check_fraction
+
+        if check_fraction(self.audit_fraction) == 0 and self.recertify:
+            raise ValueError("recertify=True reads the audit: give audit_fraction too")
+
+
 class EarlyExitClassifier:
     """Callable class for ``map_batches``: adds ``label``, ``score``, ``exit_layer``, ``layers_run``, ``error``
     (and ``scores`` for a multi-label model, see :func:`earlyexit_kernels.integrations.labels.labels_and_scores`).
+    Its settings: one :class:`ClassifierSettings`, or its fields as keywords (``fn_constructor_kwargs``), not both.
 
     ``model``: a ``save_pretrained`` directory of a patched model, or a plain Hugging Face
     classifier directory with ``policy`` (an ``eek`` policy or a string such as
@@ -64,45 +105,31 @@ class EarlyExitClassifier:
     result has the same form.
     """
 
-    def __init__(
-        self,
-        model,
-        *,
-        text_column: str = "text",
-        pair_column: str | None = None,
-        policy=None,
-        max_batch_size: int = 64,
-        max_length: int | None = None,
-        backend: str | None = None,
-        compile: bool = False,
-        device: str | None = None,
-        dtype: str | None = None,
-        truncation: bool = True,
-        audit_fraction: float = 0.0,
-        audit_budget: float | None = None,
-        audit_confidence: float | None = None,
-        audit_seed: int = 0,
-        recertify: bool | None = None,
-    ):
+    def __init__(self, model, settings: ClassifierSettings | None = None, **fields):
+        from earlyexit_kernels.training.keyword_settings import settings_of
+
+        settings = settings_of(ClassifierSettings, settings, fields, who="EarlyExitClassifier", what="settings")
+        policy, recertify = settings.policy, settings.recertify
         from transformers import AutoTokenizer
 
         from earlyexit_kernels.engine.audit import AuditWatch
         from earlyexit_kernels.integrations.model_folder import audit_settings, to_folder_base
-        from earlyexit_kernels.methods.risk_control import check_fraction
         from earlyexit_kernels.patching.loading import from_pretrained
 
         self.audit = None
-        if check_fraction(audit_fraction) > 0:
-            budget, confidence, _ = audit_settings(str(model), audit_budget, audit_confidence)
-            self.audit = AuditWatch(audit_fraction, budget=budget, confidence=confidence, seed=audit_seed)
+        if settings.audit_fraction > 0:
+            budget, confidence, _ = audit_settings(str(model), settings.audit_budget, settings.audit_confidence)
+            self.audit = AuditWatch(
+                settings.audit_fraction, budget=budget, confidence=confidence, seed=settings.audit_seed
+            )
 
         if isinstance(policy, str):
             from earlyexit_kernels.methods.policy_spec import parse_policy
 
             policy = parse_policy(policy)
-        self.model = from_pretrained(model, policy, backend=backend)
+        self.model = from_pretrained(model, policy, backend=settings.backend)
         # in the actor: the GPU Ray gave it; int8 with the recipe the folder's int8 certificate holds for
-        to_folder_base(model, self.model, dtype, "auto" if device is None else device)
+        to_folder_base(model, self.model, settings.dtype, "auto" if settings.device is None else settings.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.certificate = None
         if self.audit is not None:
@@ -119,11 +146,11 @@ class EarlyExitClassifier:
                 confidence=self.audit.confidence,
                 multi_label=is_multi_label(self.model.config),
             )
-        elif recertify:
-            raise ValueError("recertify=True reads the audit: give audit_fraction too")
-        self.text_column, self.pair_column = text_column, pair_column
-        self.options = dict(max_batch_size=max_batch_size, max_length=max_length, compile=compile)
-        self.truncation = truncation
+        self.text_column, self.pair_column = settings.text_column, settings.pair_column
+        self.options = dict(
+            max_batch_size=settings.max_batch_size, max_length=settings.max_length, compile=settings.compile
+        )
+        self.truncation = settings.truncation
 
     def __call__(self, batch):
         import pandas as pd
