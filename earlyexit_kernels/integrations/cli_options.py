@@ -68,6 +68,8 @@ def add_audit_options(command, what: str, where: str) -> None:
 def audit_given(args) -> dict:
     """``--audit-fraction``, ``--audit-budget``, ``--audit-confidence`` as ``create_app``'s options, checked, as
     given (the budget a fraction; None where not given); ``{}`` without an audit."""
+    from earlyexit_kernels.methods.risk_control import check_confidence
+
     fraction, points, confidence = args.audit_fraction, args.audit_budget, args.audit_confidence
     if not (math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
         raise CliError(
@@ -76,8 +78,13 @@ def audit_given(args) -> dict:
         )
     if points is not None and not (math.isfinite(points) and 0.0 <= points < 100.0):
         raise CliError(f"--audit-budget is in percentage points of sequences, in [0, 100) (1: 1%), got {points:g}")
-    if confidence is not None and not (0.0 < confidence < 1.0):
-        raise CliError(f"--audit-confidence must be strictly between 0 and 1 (e.g. 0.95), got {confidence:g}")
+    if confidence is not None:
+        try:
+            check_confidence(confidence)  # the bound, written once
+        except ValueError:
+            raise CliError(
+                f"--audit-confidence must be strictly between 0 and 1 (e.g. 0.95), got {confidence:g}"
+            ) from None
     if fraction == 0.0:
         if points is not None or confidence is not None:
             raise CliError("--audit-budget and --audit-confidence set the audit: give --audit-fraction F (> 0) too")
