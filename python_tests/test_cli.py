@@ -330,7 +330,7 @@ def test_usage_errors_exit_with_status_2(capsys):
         (lambda m, s, t: ("classify", m, s + ".missing.csv", t), "does not exist"),
         (lambda m, s, t: ("classify", Path(m).parent, s, t), "has no config.json"),
         (lambda m, s, t: ("classify", Path(m) / "config.json", s, t), "is not a folder"),
-        (lambda m, s, t: ("classify", m, s, t, "--max-batch-size", 0), "--max-batch-size must be at least 1"),
+        (lambda m, s, t: ("classify", m, s, t, "--max-batch-size", 0), "--max-batch-size: max_batch_size must be"),
         (lambda m, s, t: ("classify", m, s, t, "--max-tokens", 0), "max_tokens must be an integer >= 1"),
         (lambda m, s, t: ("classify", m, s, t, "--max-length", 65), r"max_length must be an integer in 1\.\.64"),
         (lambda m, s, t: ("classify", m, s, t, "--backend", "gpu"), "backend must be one of 'auto'"),

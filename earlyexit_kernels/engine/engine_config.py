@@ -11,7 +11,7 @@ hold, whether its layers can be packed or compiled) is checked by
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from earlyexit_kernels.engine.admission import ADMISSION_ORDERS
 from earlyexit_kernels.engine.aging import check_max_age
@@ -19,6 +19,11 @@ from earlyexit_kernels.engine.aging import check_max_age
 __all__ = ["ENGINE_KINDS", "EngineConfig", "engine_config"]
 
 ENGINE_KINDS = ("auto", "continuous", "cohorts")
+
+
+def _option(help: str, metavar: str | None = None, *, none: str | None = None, choices=None) -> dict:
+    """A field's command-line metadata: its help line, its metavar, what None means, its choices."""
+    return {"help": help, "metavar": metavar, "none": none, "choices": choices}
 
 
 def _whole(name: str, value, *, least: int = 1, optional: bool = False) -> None:
@@ -47,18 +52,53 @@ class EngineConfig:
     engine as many as ``max_tokens`` allows, up to 1,024).
     """
 
-    max_batch_size: int | None = 64
-    max_tokens: int | None = None
-    max_length: int | None = None
+    # The fields with ``help`` in their metadata are command-line options of eek classify and eek serve
+    # (earlyexit_kernels/integrations/engine_options.py): their help line, and what None means, once here.
+    max_batch_size: int | None = field(
+        default=64,
+        metadata=_option("most rows per layer call", "N", none="64; on CUDA's cohort engine what --max-tokens allows"),
+    )
+    max_tokens: int | None = field(
+        default=None,
+        metadata=_option("most rows x padded length per layer call", "N", none="none; 16384 on CUDA's cohort engine"),
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata=_option("most tokens per text; longer texts are truncated", "N", none="the model's positions"),
+    )
     length_step: int | None = None
     max_in_flight: int | None = None
     max_wait: int | None = None
-    compile: bool | dict = False
+    compile: bool | dict = field(default=False, metadata=_option("run the layer calls through torch.compile"))
     admission: str = "fifo"
-    call_cost: float | None = None
+    call_cost: float | None = field(
+        default=None,
+        metadata=_option(
+            "what a layer call costs beyond its tokens, in tokens, for the continuous engine's merges of waiting rows",
+            "TOKENS",
+            none="32 x (128 / hidden size)^2, measured on a CPU in float32",
+        ),
+    )
     packed: bool | None = None
-    max_age: int | str | None = "auto"
-    engine: str = "auto"
+    max_age: int | str | None = field(
+        default="auto",
+        metadata=_option(
+            "bounded waiting: once a text has waited N layer calls since the engine took it, the oldest such runs "
+            "next (admitted, or its layer call) whatever the batching order, so a text leaves within N + layers x n "
+            "layer calls, n the texts taken no later and still there (docs/serving.md). 0: strictly oldest first; "
+            "auto: 2 x the model's layers; off: no age rule (the batching order's own, looser bounds)",
+            "auto|off|N",
+            none="off",
+        ),
+    )
+    engine: str = field(
+        default="auto",
+        metadata=_option(
+            "which engine runs the stream: auto (the cohort engine on CUDA where the model runs the graphed step, "
+            "else the continuous engine), continuous or cohorts (docs/serving.md)",
+            choices=ENGINE_KINDS,
+        ),
+    )
 
     def __post_init__(self):
         _whole("max_batch_size", self.max_batch_size, optional=True)

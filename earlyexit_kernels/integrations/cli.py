@@ -25,6 +25,7 @@ from earlyexit_kernels.integrations.cli_options import (
     recertify_options,
     set_threads,
 )
+from earlyexit_kernels.integrations.engine_options import add_engine_options, checked_engine, engine_keywords
 from earlyexit_kernels.integrations.extras import install_line
 from earlyexit_kernels.integrations.fit_cli import add_commands as add_fit_commands
 from earlyexit_kernels.integrations.model_folder import ModelFolderError, load_model
@@ -32,6 +33,11 @@ from earlyexit_kernels.integrations.recertify_cli import add_recertify_options
 from earlyexit_kernels.integrations.serve_cli import add_serve_command
 
 __all__ = ["CliError", "build_parser", "main", "program_name"]
+
+#: eek classify's engine options (EngineConfig fields; its --engine is where the rows run, local or Ray) and
+#: their defaults, eek.classify's (python_tests/test_engine_options.py holds them equal)
+CLASSIFY_ENGINE_FLAGS = ("max_batch_size", "max_tokens", "max_length", "compile")
+CLASSIFY_ENGINE_DEFAULTS = {"max_batch_size": None, "max_tokens": None, "max_length": None, "compile": False}
 
 
 def program_name() -> str:
@@ -79,28 +85,7 @@ def build_parser(listed: dict[str, str] | None = None) -> argparse.ArgumentParse
     )
     classify.add_argument("--backend", default=None, help="auto, torch, cpp, triton or cuda (default: the saved one)")
     add_base_options(classify)
-    classify.add_argument(
-        "--max-batch-size",
-        type=int,
-        default=None,
-        metavar="N",
-        help="most rows per layer call (default: 64; on CUDA's cohort engine, what --max-tokens allows)",
-    )
-    classify.add_argument(
-        "--max-tokens",
-        type=int,
-        default=None,
-        metavar="N",
-        help="most rows x padded length per layer call (default: none; 16384 on CUDA's cohort engine)",
-    )
-    classify.add_argument(
-        "--max-length",
-        type=int,
-        default=None,
-        metavar="N",
-        help="longer texts are truncated (default: what the model's positions hold)",
-    )
-    classify.add_argument("--compile", action="store_true", help="run the layer calls through torch.compile")
+    add_engine_options(classify, CLASSIFY_ENGINE_DEFAULTS, CLASSIFY_ENGINE_FLAGS)
     classify.add_argument(
         "--resume",
         action="store_true",
@@ -170,9 +155,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def _classify(args) -> int:
     from earlyexit_kernels.integrations.table_io import TableError, need_pyarrow, table_format
 
-    for name in ("max_batch_size", "chunk_rows", "workers"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
+    for name in ("chunk_rows", "workers"):
+        if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be at least 1")
+    checked_engine(engine_keywords(args, CLASSIFY_ENGINE_FLAGS))  # EngineConfig's words, before anything is read
     args.audit = audit_options(args)
     if args.engine == "ray":  # reads files or folders; OUTPUT is a folder (Parquet unless named .csv / .jsonl)
         if args.threads is not None:
@@ -231,10 +217,7 @@ def _classify_locally(args) -> int:
             model,
             inputs(),
             tokenizer=tokenizer,
-            max_batch_size=args.max_batch_size,
-            max_tokens=args.max_tokens,
-            max_length=args.max_length,
-            compile=args.compile,
+            **engine_keywords(args, CLASSIFY_ENGINE_FLAGS),
             progress=show_progress,
             audit=watch,
             recertify=online["recertify"] or False,

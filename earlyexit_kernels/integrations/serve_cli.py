@@ -15,10 +15,10 @@ from earlyexit_kernels.integrations.cli_options import (
     add_guarantee_option,
     audit_given,
     audit_line,
-    max_age,
     recertify_options,
     set_threads,
 )
+from earlyexit_kernels.integrations.engine_options import add_engine_options, checked_engine, engine_keywords
 from earlyexit_kernels.integrations.extras import install_line
 from earlyexit_kernels.integrations.model_folder import load_model
 from earlyexit_kernels.integrations.recertify_cli import add_recertify_options
@@ -29,6 +29,19 @@ SERVED_LAYERS = ("auto", "onnxruntime", "openvino", "torch")
 #: seconds between two trims (earlyexit_kernels.integrations.server.memory_trim.DEFAULT_INTERVAL, written
 #: out: importing the server package here would make `eek --help` load starlette, test_import_time)
 DEFAULT_INTERVAL = 10.0
+
+#: eek serve's engine options (EngineConfig fields) and their defaults: ServeSettings' engine's, written out as
+#: DEFAULT_INTERVAL is (python_tests/test_engine_options.py holds them equal); --max-age as its text
+SERVE_ENGINE_FLAGS = ("max_batch_size", "max_tokens", "max_length", "compile", "max_age", "call_cost", "engine")
+SERVE_ENGINE_DEFAULTS = {
+    "max_batch_size": 64,
+    "max_tokens": None,
+    "max_length": None,
+    "compile": False,
+    "max_age": "0",
+    "call_cost": None,
+    "engine": "auto",
+}
 
 __all__ = ["add_serve_command", "run_serve", "memory_trim_interval"]
 
@@ -59,44 +72,13 @@ def add_serve_command(commands) -> None:
     serve.add_argument("--policy", default=None, help='exit policy, e.g. "Entropy(0.3)" (default: the saved one)')
     serve.add_argument("--backend", default=None, help="auto, torch, cpp, triton or cuda (default: the saved one)")
     add_base_options(serve)
-    serve.add_argument(
-        "--max-batch-size", type=int, default=64, metavar="N", help="most rows per layer call (default: 64)"
-    )
-    serve.add_argument(
-        "--max-tokens", type=int, default=None, metavar="N", help="most rows x padded length per layer call"
-    )
+    add_engine_options(serve, SERVE_ENGINE_DEFAULTS, SERVE_ENGINE_FLAGS)
     serve.add_argument(
         "--max-queue",
         type=int,
         default=1024,
         metavar="N",
         help="most sequences waiting or in flight; beyond it requests get 429 at once (default: 1024)",
-    )
-    serve.add_argument(
-        "--max-length",
-        type=int,
-        default=None,
-        metavar="N",
-        help="most tokens per text (default: the model's positions)",
-    )
-    serve.add_argument("--compile", action="store_true", help="run the layer calls through torch.compile")
-    serve.add_argument(
-        "--max-age",
-        default="0",
-        metavar="auto|off|N",
-        help="bounded waiting: once a text has waited N layer calls since the engine took it, the oldest such runs "
-        "next (admitted, or its layer call) whatever the batching order, so a text leaves within N + layers x n "
-        "layer calls, n the texts taken no later and still there (docs/serving.md). 0 (default): strictly "
-        "oldest first; auto: 2 x the model's layers; off: no age rule (the batching order's own, looser bounds, as "
-        "eek classify runs)",
-    )
-    serve.add_argument(
-        "--call-cost",
-        type=float,
-        default=None,
-        metavar="TOKENS",
-        help="what a layer call costs beyond its tokens, in tokens, for the engine's merges of waiting rows "
-        "(default: 32 x (128 / hidden size)^2, measured on a CPU in float32; docs/serving.md)",
     )
     serve.add_argument(
         "--replicas",
@@ -207,21 +189,18 @@ def run_serve(args) -> int:
         raise CliError(
             f"serving needs starlette, uvicorn and prometheus_client (the serve extra): {install_line('serve')} ({error})"
         ) from None
-    for name in ("max_batch_size", "max_queue", "port"):
+    for name in ("max_queue", "port"):
         value = getattr(args, name)
         if value < 1:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    engine = engine_keywords(args, SERVE_ENGINE_FLAGS)
+    checked_engine(engine, admission="fifo")  # each bad value in EngineConfig's words, before the model loads
     options = dict(
-        max_batch_size=args.max_batch_size,
-        max_tokens=args.max_tokens,
-        max_age=max_age(args.max_age),
+        **engine,
         max_queue=args.max_queue,
-        max_length=args.max_length,
-        compile=args.compile,
         api_key=args.api_key if args.api_key is not None else os.environ.get("EEK_API_KEY") or None,
         max_client_batch_size=args.max_client_batch_size,
         max_body_bytes=args.max_body_bytes,
-        call_cost=args.call_cost,
     )
     if args.max_client_batch_size is not None and args.max_client_batch_size < 1:
         raise CliError(f"--max-client-batch-size must be >= 1, got {args.max_client_batch_size}")
