@@ -36,7 +36,9 @@ def test_the_defaults_are_the_entry_points_own_settings():
     from earlyexit_kernels.integrations.server.serve_settings import ServeSettings
 
     served = ServeSettings().engine
-    serve_defaults = engine_keywords(argparse.Namespace(**serve_cli.SERVE_ENGINE_DEFAULTS), serve_cli.SERVE_ENGINE_FLAGS)
+    serve_defaults = engine_keywords(
+        argparse.Namespace(**serve_cli.SERVE_ENGINE_DEFAULTS), serve_cli.SERVE_ENGINE_FLAGS
+    )
     assert serve_defaults == {name: getattr(served, name) for name in serve_cli.SERVE_ENGINE_FLAGS}
     signature = inspect.signature(classify).parameters
     assert cli.CLASSIFY_ENGINE_DEFAULTS == {name: signature[name].default for name in cli.CLASSIFY_ENGINE_FLAGS}
