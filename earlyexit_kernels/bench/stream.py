@@ -469,47 +469,24 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
         def method_c():
             return run_on_batches(model, batches)
 
-        def streamed(compiled: bool, engine: str = "auto"):
+        def streamed(key: str, **options):
             def method():
                 with recorded_engines() as made:
-                    out = list(
-                        classify(
-                            model,
-                            texts,
-                            tokenizer=tokenizer,
-                            max_batch_size=config.max_batch_size,
-                            compile=compiled,
-                            engine=engine,
-                        )
-                    )
-                engines["e" if compiled else "g" if engine == "continuous" else "d"] = [e.stats for e in made]
+                    out = list(classify(model, texts, tokenizer=tokenizer, **options))
+                engines[key] = [engine.stats for engine in made]
                 return out
 
             return method
 
-        def method_f():
-            with recorded_engines() as made:
-                out = list(
-                    classify(
-                        model,
-                        texts,
-                        tokenizer=tokenizer,
-                        engine="cohorts",
-                        max_batch_size=None,
-                        max_tokens=config.cohort_tokens,
-                    )
-                )
-            engines["f"] = [engine.stats for engine in made]
-            return out
-
+        rows_cap = config.max_batch_size
         runners = {
             "a": method_a,
             "b": method_b,
             "c": method_c,
-            "d": streamed(False),
-            "e": streamed(True),
-            "f": method_f,
-            "g": streamed(False, "continuous"),
+            "d": streamed("d", max_batch_size=rows_cap),
+            "e": streamed("e", max_batch_size=rows_cap, compile=True),
+            "f": streamed("f", engine="cohorts", max_batch_size=None, max_tokens=config.cohort_tokens),
+            "g": streamed("g", max_batch_size=rows_cap, engine="continuous"),
         }
         runners = {key: synced(fn, device) for key, fn in runners.items()}  # on cuda: each ends with a sync
         rows: list[dict] = []

@@ -51,6 +51,7 @@ from earlyexit_kernels.engine.continuous import (
     checked_policy_swap,
     checked_tokens,
     model_max_length,
+    stream_policy,
 )
 from earlyexit_kernels.engine.engine_config import EngineConfig, engine_config
 from earlyexit_kernels.engine.graphed_prologue import check_id_range
@@ -58,7 +59,6 @@ from earlyexit_kernels.engine.module_weights import linear_compute_dtype
 from earlyexit_kernels.engine.patched_state import patched_state
 from earlyexit_kernels.engine.static_step import CUDA_LENGTH_STEP, StaticBatches, run_graphed
 from earlyexit_kernels.engine.step_choice import resolve_step
-from earlyexit_kernels.methods.policies import Scheduled
 
 __all__ = ["CohortEngine", "COHORT_TOKENS", "COHORT_ROWS", "COHORTS_IN_FLIGHT", "cohort_size"]
 
@@ -130,14 +130,7 @@ class CohortEngine:
             raise ValueError("packed is the continuous engine's (engine='continuous'); leave it at None")
         self.config = config
         state = patched_state(model, "the cohort engine")
-        if model.training:
-            raise ValueError("the model is in training mode; call model.eval() before classifying")
-        self.policy = state.policy
-        if isinstance(self.policy, Scheduled):
-            raise ValueError(
-                "Scheduled replays exit layers given per batch position and has no meaning over a stream; "
-                "use a threshold policy (e.g. eek.Entropy(0.3)) or call the model on batches"
-            )
+        self.policy = stream_policy(model, state)
         self.model, self.adapter, self.heads = model, state.adapter, model.early_exit_heads
         self.num_layers, self.num_labels = self.adapter.num_layers, self.adapter.num_labels
         self.device = next(model.parameters()).device

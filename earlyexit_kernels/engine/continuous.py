@@ -65,7 +65,14 @@ from earlyexit_kernels.engine.token_pool import TokenPool
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last, init_state
 from earlyexit_kernels.methods.policies import Scheduled, SkipGates
 
-__all__ = ["ContinuousEngine", "Finished", "checked_policy_swap", "checked_tokens", "model_max_length"]
+__all__ = [
+    "ContinuousEngine",
+    "Finished",
+    "checked_policy_swap",
+    "checked_tokens",
+    "model_max_length",
+    "stream_policy",
+]
 
 # Outputs of recent layer calls kept out of the pool, their rows read from them by later calls: the
 # survivors of an exit wait a few calls for their next layer, and written to the pool and gathered
@@ -130,6 +137,19 @@ def _state_shapes(engine, policy) -> dict:
         )
         template.update(head_state(engine.adapter, 1, engine.num_labels, engine.device))
     return {key: tuple(value.shape) for key, value in template.items()}
+
+
+def stream_policy(model, state):
+    """The patched ``model``'s policy, for a stream engine: refused in training mode, and where it is
+    ``Scheduled`` (exit layers per batch position mean nothing over a stream)."""
+    if model.training:
+        raise ValueError("the model is in training mode; call model.eval() before classifying")
+    if isinstance(state.policy, Scheduled):
+        raise ValueError(
+            "Scheduled replays exit layers given per batch position and has no meaning over a stream; "
+            "use a threshold policy (e.g. eek.Entropy(0.3)) or call the model on batches"
+        )
+    return state.policy
 
 
 def checked_policy_swap(engine, policy) -> None:
@@ -199,14 +219,7 @@ class ContinuousEngine:
         length_step, max_in_flight, compile = config.length_step, config.max_in_flight, config.compile
         call_cost, packed, max_age = config.call_cost, config.packed, config.max_age
         state = patched_state(model, "the continuous engine")  # its adapter rebuilt if the model was quantized since
-        if model.training:
-            raise ValueError("the model is in training mode; call model.eval() before classifying")
-        self.policy = state.policy
-        if isinstance(self.policy, Scheduled):
-            raise ValueError(
-                "Scheduled replays exit layers given per batch position and has no meaning over a stream; "
-                "use a threshold policy (e.g. eek.Entropy(0.3)) or call the model on batches"
-            )
+        self.policy = stream_policy(model, state)
         self.model = model
         self.adapter = state.adapter
         self.heads = model.early_exit_heads
