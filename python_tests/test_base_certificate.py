@@ -186,7 +186,7 @@ def test_eek_calibrate_risk_agreement_certifies_against_the_int8_full_depth_and_
 
 def test_risk_accuracy_without_labels_and_an_unknown_risk_are_refused(spread_folder):
     from earlyexit_kernels.integrations.folder_calibration import calibrate_folder
-    from earlyexit_kernels.training.fit_checks import FitError
+    from earlyexit_kernels.training.fit_config import FitError
 
     unlabelled = LabelledTexts(word_texts(50, seed=1), None, None, "rows.csv")
     with pytest.raises(FitError, match="--risk accuracy needs"):

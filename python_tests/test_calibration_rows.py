@@ -19,7 +19,7 @@ import earlyexit_kernels as eek
 from earlyexit_kernels.integrations.labelled_data import read_labelled
 from earlyexit_kernels.training.calibrate_texts import calibrate_texts, calibration_goal
 from earlyexit_kernels.training.calibration_share import ShareSettings, choose_share
-from earlyexit_kernels.training.fit_checks import file_rows_to_certify, least_rows_to_certify
+from earlyexit_kernels.training.fit_config import file_rows_to_certify, least_rows_to_certify
 from earlyexit_kernels.training.labelled_texts import label_ids, split_rows
 
 pd = pytest.importorskip("pandas", reason="the data files are written with pandas")

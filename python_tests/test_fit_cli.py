@@ -379,23 +379,6 @@ def test_fit_with_the_expected_guarantee_records_it_and_calibrate_keeps_it(class
     assert json.loads((out / "eek_fit.json").read_text())["certificate"]["guarantee"] == "probable"
 
 
-def test_fit_config_holds_fit_model_s_settings_with_its_defaults():
-    """``eek fit`` builds one FitConfig and passes it along; ``fit_model`` builds the same from its keywords:
-    every setting is a keyword of ``fit_model`` with the same default, so the two ways cannot drift apart."""
-    import dataclasses
-    import inspect
-
-    from earlyexit_kernels.training.fit_config import FitConfig
-    from earlyexit_kernels.training.fit_texts import fit_model
-
-    keywords = inspect.signature(fit_model).parameters
-    for field in dataclasses.fields(FitConfig):
-        assert field.name in keywords, f"FitConfig.{field.name} is not a keyword of fit_model"
-        assert keywords[field.name].default == field.default, field.name
-    rows = {"model", "tokenizer", "train", "validation", "calibration", "unlabelled"}
-    assert set(keywords) == rows | {field.name for field in dataclasses.fields(FitConfig)}
-
-
 def test_the_command_line_writes_what_fit_folder_writes(classifier, tmp_path, capsys):
     """``eek fit`` reads its files and calls ``fit_folder``, which a program calls the same way, with a FitConfig or
     its fields: the three folders hold the same policy and the same heads, byte for byte."""

@@ -164,7 +164,7 @@ def test_a_fit_on_int8_re_certified_later_reads_the_risk_of_that_certificate():
 
 def test_a_model_not_in_float32_is_refused_with_what_to_do():
     from earlyexit_kernels.integrations.int8_fit import int8_base
-    from earlyexit_kernels.training.fit_checks import FitError
+    from earlyexit_kernels.training.fit_config import FitError
 
     model = eek.patch(tiny_model("bert"), eek.Entropy(0.3)).to(torch.bfloat16)
     with pytest.raises(FitError, match=r"saved in bfloat16: save it in float32 first"):

@@ -19,8 +19,7 @@ SETTINGS = {"max_drop", "lr", "epochs", "confidence", "batch_size", "max_length"
 #: written through helpers over a generic ``value`` (check_count, check_rate, _points, _whole), which this scan
 #: does not see by name; test_settings_errors holds the refusals themselves
 BOUNDS = {
-    ("training/fit_config.py", None),  # FitConfig, Training, check_count, check_rate
-    ("training/train_settings.py", "TrainSettings"),
+    ("training/fit_config.py", None),  # FitConfig, Training, TrainSettings, check_count, check_rate
     ("calibration/select.py", "Goal"),
     ("engine/engine_config.py", None),
     ("methods/risk_control.py", "check_confidence"),  # what Goal and certify call

@@ -16,8 +16,7 @@ from earlyexit_kernels.integrations.cli import main
 from earlyexit_kernels.integrations.folder_calibration import calibrate_folder
 from earlyexit_kernels.training.calibrate_texts import calibrate_texts
 from earlyexit_kernels.training.fit import HeadsFit, fit_exit_heads
-from earlyexit_kernels.training.fit_checks import FitError
-from earlyexit_kernels.training.fit_config import FitConfig, Training
+from earlyexit_kernels.training.fit_config import FitConfig, FitError, Training
 from earlyexit_kernels.training.fit_texts import fit_model
 from earlyexit_kernels.training.train import train_exit_heads
 
@@ -107,10 +106,14 @@ def _fields(settings) -> dict:
 
 
 def test_fit_model_defaults_are_fit_configs():
-    fields, defaults = _fields(FitConfig), _defaults(fit_model)
-    assert set(fields) <= set(defaults), set(fields) - set(defaults)  # every setting is a keyword
-    assert {name: defaults[name] for name in fields} == fields
-    assert set(defaults) - set(fields) == {"calibration", "unlabelled"}  # rows, not settings
+    """fit_model takes one FitConfig or its fields as keywords: its defaults are the object's, written once there."""
+    parameters = inspect.signature(fit_model).parameters
+    assert _defaults(fit_model) == {"config": None, "calibration": None, "unlabelled": None, "reference": None}
+    assert parameters["fields"].kind is inspect.Parameter.VAR_KEYWORD
+    with pytest.raises(TypeError, match="fit_model got unexpected keyword\\(s\\) max_drops: its config's fields are"):
+        fit_model(None, None, None, None, max_drops=1.0)
+    with pytest.raises(TypeError, match="fit_model takes its config once"):
+        fit_model(None, None, None, None, FitConfig(), seed=1)
 
 
 def test_fit_exit_heads_defaults_are_its_settings_objects():

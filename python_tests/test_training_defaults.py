@@ -17,11 +17,10 @@ from earlyexit_kernels.training import (
     fit_exit_heads,
     train_exit_heads,
 )
-from earlyexit_kernels.training.fit_checks import FitError
+from earlyexit_kernels.training.fit_config import FitError, TrainSettings
 from earlyexit_kernels.training.head_choice import CANDIDATES
 from earlyexit_kernels.training.record_exits import record_exits
 from earlyexit_kernels.training.train import PLATEAU, TrainingWarning
-from earlyexit_kernels.training.train_settings import TrainSettings
 
 
 def _data(batches=3, size=8, seed=0, labels=True):
@@ -238,7 +237,7 @@ def test_the_training_settings_are_one_object_its_fields_the_keywords():
         train_exit_heads(model, _data(), settings, epochs=3)
     with pytest.raises(TypeError, match="unexpected keyword\\(s\\) epoch: its settings's fields are"):
         train_exit_heads(model, _data(), epoch=3)
-    with pytest.raises(TypeError, match="settings must be a training.train_settings.TrainSettings, got dict"):
+    with pytest.raises(TypeError, match="settings must be a training.fit_config.TrainSettings, got dict"):
         train_exit_heads(model, _data(), {"epochs": 3})
     # the bounds are FitConfig's, written once (lr=0.0 alone of the rates not positive: measure without learning)
     assert TrainSettings(lr=0.0).lr == 0.0

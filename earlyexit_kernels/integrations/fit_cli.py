@@ -384,8 +384,7 @@ def _progress_on(args) -> bool:
 def _fit(args) -> int:
     from earlyexit_kernels.integrations.labelled_data import read_labelled
     from earlyexit_kernels.integrations.model_folder import fit_folder
-    from earlyexit_kernels.training.fit_checks import check_method_labels
-    from earlyexit_kernels.training.fit_config import FitConfig
+    from earlyexit_kernels.training.fit_config import FitConfig, check_method_labels
     from earlyexit_kernels.training.fit_texts import FitError
     from earlyexit_kernels.training.labelled_texts import split_rows
 

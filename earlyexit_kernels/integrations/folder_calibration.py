@@ -150,9 +150,8 @@ def calibrate_folder(
     from earlyexit_kernels.engine.precision import int8_recipe_on, to_base
     from earlyexit_kernels.integrations.model_folder import load_model
     from earlyexit_kernels.training.calibrate_texts import calibrate_texts, calibration_goal
-    from earlyexit_kernels.training.fit_checks import FitError
+    from earlyexit_kernels.training.fit_config import FitError, settings_of
     from earlyexit_kernels.training.fit_texts import CONFIDENCE
-    from earlyexit_kernels.training.keyword_settings import settings_of
 
     asked = settings_of(Recalibration, settings, fields, who="calibrate_folder", what="settings")
     max_drop, confidence, guarantee, max_changed = asked.max_drop, asked.confidence, asked.guarantee, asked.max_changed

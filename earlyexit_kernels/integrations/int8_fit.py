@@ -26,9 +26,9 @@ __all__ = ["int8_base", "check_int8_method"]
 
 
 def check_int8_method(method: str) -> None:
-    """A :class:`~earlyexit_kernels.training.fit_checks.FitError` saying what to run instead where
+    """A :class:`~earlyexit_kernels.training.fit_config.FitError` saying what to run instead where
     ``method``'s recipe trains the encoder, which the int8 layers cannot learn."""
-    from earlyexit_kernels.training.fit_checks import FitError
+    from earlyexit_kernels.training.fit_config import FitError
     from earlyexit_kernels.training.recipes import recipe
 
     stages = recipe(method).encoder_stages
@@ -47,13 +47,13 @@ def int8_base(model, device: str = "cpu"):
     Yields ``(reference, recipe)``: a copy of ``model`` as it was (float32, patched), whose full depth the
     certificate measures against, and the int8 recipe the layers run
     (:func:`~earlyexit_kernels.engine.precision.int8_recipe`). ``model`` must be float32 and have an
-    ``encoder.layer`` list, which int8 swaps; a :class:`~earlyexit_kernels.training.fit_checks.FitError`
+    ``encoder.layer`` list, which int8 swaps; a :class:`~earlyexit_kernels.training.fit_config.FitError`
     says what runs instead otherwise."""
     import torch
 
     from earlyexit_kernels.engine.ort_layer import encoder_layers
     from earlyexit_kernels.engine.precision import int8_recipe, to_base
-    from earlyexit_kernels.training.fit_checks import FitError
+    from earlyexit_kernels.training.fit_config import FitError
 
     layers = encoder_layers(model)
     if layers is None:

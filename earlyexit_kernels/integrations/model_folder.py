@@ -397,7 +397,7 @@ def fit_folder(
     overwrite: bool = True,
     **options,
 ):
-    """The classifier folder ``model_path`` fitted (:func:`~earlyexit_kernels.training.fit_texts.fit_with_config`) and
+    """The classifier folder ``model_path`` fitted (:func:`~earlyexit_kernels.training.fit_texts.fit_model`) and
     written to ``output``: what ``eek fit`` does once it has read its files. Returns the
     :class:`~earlyexit_kernels.training.fit_texts.FitReport`.
 
@@ -410,19 +410,16 @@ def fit_folder(
     The report names the calibration rows by their file (``calibration.path``), as ``--calibration`` gave it."""
     import torch
 
-    from earlyexit_kernels.training.fit_config import FitConfig
-    from earlyexit_kernels.training.fit_texts import FitError, fit_with_config
+    from earlyexit_kernels.training.fit_config import FitConfig, settings_of
+    from earlyexit_kernels.training.fit_texts import FitError, fit_model
 
-    if config is None:
-        config = FitConfig(**options)
-    elif options:
-        raise TypeError(f"give a FitConfig or its fields as options, not both: {', '.join(sorted(options))}")
+    config = settings_of(FitConfig, config, options, who="fit_folder", what="config")
     base = contextlib.nullcontext((None, None))  # (the reference, the int8 recipe): the model's own base
     if dtype == "int8":
         from earlyexit_kernels.integrations.int8_fit import check_int8_method, int8_base
 
         check_int8_method(config.method)
-    # The seed is set once, by fit_with_config: every head the fit trains is made inside it (the ones made at
+    # The seed is set once, by fit_model: every head the fit trains is made inside it (the ones made at
     # loading never reach the folder; scripts/fit_bytes.py draws torch's generator anew before each fit). The
     # loading's draws come from a fork of torch's generator, which the caller gets back as it was.
     with torch.random.fork_rng(devices=[]):
@@ -437,7 +434,7 @@ def fit_folder(
         except ValueError as error:
             raise FitError(str(error)) from None
     with base as (reference, recipe):
-        report = fit_with_config(
+        report = fit_model(
             model,
             tokenizer,
             train,

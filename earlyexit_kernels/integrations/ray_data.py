@@ -106,7 +106,7 @@ class EarlyExitClassifier:
     """
 
     def __init__(self, model, settings: ClassifierSettings | None = None, **fields):
-        from earlyexit_kernels.training.keyword_settings import settings_of
+        from earlyexit_kernels.training.fit_config import settings_of
 
         settings = settings_of(ClassifierSettings, settings, fields, who="EarlyExitClassifier", what="settings")
         policy, recertify = settings.policy, settings.recertify

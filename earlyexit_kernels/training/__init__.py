@@ -38,7 +38,7 @@ from earlyexit_kernels.training.fit import (
     fit_heads,
     split_validation,
 )
-from earlyexit_kernels.training.fit_config import Training
+from earlyexit_kernels.training.fit_config import Training, TrainSettings
 from earlyexit_kernels.training.recipes import RECIPES, Recipe, Stage, recipe
 from earlyexit_kernels.training.train import (
     DEFAULT_EPOCHS,
@@ -54,7 +54,6 @@ from earlyexit_kernels.training.train import (
     select_trainable,
     train_exit_heads,
 )
-from earlyexit_kernels.training.train_settings import TrainSettings
 
 __all__ = [
     "DEFAULT_EPOCHS",

@@ -17,7 +17,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from earlyexit_kernels.calibration.certify import describe_certificate
-from earlyexit_kernels.training.fit_checks import FitError, check_enough
+from earlyexit_kernels.training.fit_config import FitError, check_enough
 from earlyexit_kernels.training.fit_data import max_length_for, warn_truncated
 from earlyexit_kernels.training.fit_texts import CONFIDENCE
 

@@ -28,7 +28,7 @@ from earlyexit_kernels.calibration.record import ExitRecord
 from earlyexit_kernels.calibration.report import compact_curve, plot_curve, print_curve
 from earlyexit_kernels.calibration.select import Calibration, CalibrationWarning, Goal, choose
 from earlyexit_kernels.methods.policies import ExitPolicy
-from earlyexit_kernels.training.keyword_settings import settings_of
+from earlyexit_kernels.training.fit_config import settings_of
 from earlyexit_kernels.training.record_exits import record_exits
 
 __all__ = ["Calibration", "CalibrationWarning", "Goal", "calibrate"]

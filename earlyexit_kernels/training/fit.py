@@ -278,7 +278,7 @@ def fit_exit_heads(
 
 def fit_heads(model, batches: HeadBatches, settings: HeadsFit, *, reference=None) -> FitResult:
     """:func:`fit_exit_heads` with its settings as one :class:`HeadsFit` and its rows as :class:`HeadBatches`
-    (what :func:`~earlyexit_kernels.training.fit_texts.train_and_calibrate` builds from a
+    (what :func:`~earlyexit_kernels.training.fit_texts.fit_model` builds from a
     :class:`~earlyexit_kernels.training.fit_config.FitConfig`); ``reference`` as there."""
     started = time.perf_counter()
     training, goal = settings.training, settings.goal

@@ -6,7 +6,7 @@ head trains, :func:`prepare` checks the method against the labels and the rows a
 certificate's needs, tokenizes every part once, and, where no calibration rows are given but a
 certificate is asked for, keeps a share of the training rows out to certify on (a measured share,
 :mod:`earlyexit_kernels.training.calibration_share`, or a fixed fraction).
-:func:`~earlyexit_kernels.training.fit_texts.train_and_calibrate` reads the result and nothing else.
+:func:`~earlyexit_kernels.training.fit_texts.fit_model` reads the result and nothing else.
 """
 
 from __future__ import annotations
@@ -16,14 +16,16 @@ from dataclasses import dataclass
 
 import torch
 
-from earlyexit_kernels.training.fit_checks import (
+from earlyexit_kernels.training.fit_config import (
+    AUTO_SHARE,
+    CALIBRATION_FRACTION,
+    FitConfig,
     FitError,
     check_enough,
     check_kept_out,
     check_method_labels,
     least_rows_to_certify,
 )
-from earlyexit_kernels.training.fit_config import AUTO_SHARE, CALIBRATION_FRACTION, FitConfig
 
 __all__ = ["FitData", "prepare", "max_length_for", "warn_truncated"]
 
@@ -49,11 +51,28 @@ class FitData:
     share: object | None = None
     calibration_given: bool = False
 
+    def batches(self, batch_size: int, seed: int):
+        """The rows as :func:`~earlyexit_kernels.training.fit.fit_heads` takes them
+        (:class:`~earlyexit_kernels.training.fit.HeadBatches`): the training rows shuffled with ``seed`` in batches of
+        ``batch_size``, the others length-sorted in batches of 64."""
+        from earlyexit_kernels.training.fit import HeadBatches
+        from earlyexit_kernels.training.labelled_texts import length_sorted_batches, shuffled_batches
+
+        def sorted_batches(rows, labels):
+            return None if rows is None else length_sorted_batches(rows, labels, 64)
+
+        return HeadBatches(
+            shuffled_batches(self.train, self.train_labels, batch_size, seed),
+            sorted_batches(self.validation, self.validation_labels),
+            sorted_batches(self.calibration, self.calibration_labels),
+            sorted_batches(self.unlabelled, None),
+        )
+
 
 def prepare(model, tokenizer, train, validation, config: FitConfig, *, calibration=None, unlabelled=None) -> FitData:
     """The rows of a fit (:class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`, as
     :func:`~earlyexit_kernels.training.fit_texts.fit_model` takes them) checked, tokenized and split
-    for ``config``. Raises :class:`~earlyexit_kernels.training.fit_checks.FitError` with what to fix.
+    for ``config``. Raises :class:`~earlyexit_kernels.training.fit_config.FitError` with what to fix.
     Draws (the kept-out share) use ``config.seed``; the measured share trains heads on ``model``."""
     from earlyexit_kernels.training.labelled_texts import encode, joined_texts, label_ids, split_unlabelled
 

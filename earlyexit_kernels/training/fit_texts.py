@@ -1,12 +1,13 @@
 """``eek fit`` as a library: a fine-tuned classifier and texts (labelled or not) to certified exits.
 
-:func:`fit_model` has the rows prepared (:func:`~earlyexit_kernels.training.fit_data.prepare`: checked,
-tokenized, a share kept out to certify on) and runs :func:`train_and_calibrate` on them;
-the command line (:mod:`earlyexit_kernels.integrations.fit_cli`) only reads the files, calls it
-and writes the folder.
+:func:`fit_model` takes the fit's settings as one :class:`~earlyexit_kernels.training.fit_config.FitConfig` (or its
+fields as keywords), has the rows prepared (:func:`~earlyexit_kernels.training.fit_data.prepare`: checked,
+tokenized, a share kept out to certify on) and fits the heads on them, under the config's seed; the command line
+(:mod:`earlyexit_kernels.integrations.fit_cli`) only reads the files, calls it (through
+:func:`~earlyexit_kernels.integrations.model_folder.fit_folder`) and writes the folder.
 
-:func:`train_and_calibrate` patches the model with the method's policy family (and the
-heads' pooling and form), then :func:`earlyexit_kernels.training.fit_exit_heads` trains it with
+:func:`~earlyexit_kernels.training.fit.fit_heads` patches the model with the method's policy family (and the
+heads' pooling and form), trains it with
 the method's recipe (:mod:`earlyexit_kernels.training.recipes`), certifies the threshold on
 calibration rows no training step saw (a share of the training rows kept out, or the rows the
 user gives) and re-patches the model with it; :class:`FitReport` is what ``eek fit`` prints and
@@ -16,7 +17,6 @@ saves (``eek_fit.json``). Without labels the heads learn the final classifier's 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -25,8 +25,14 @@ import torch
 
 from earlyexit_kernels._method_names import METHODS, UNLABELLED_METHODS
 from earlyexit_kernels.calibration.certify import describe_certificate
-from earlyexit_kernels.training.fit_checks import FitError
-from earlyexit_kernels.training.fit_config import AUTO_SHARE, CALIBRATION_FRACTION, CONFIDENCE, FitConfig
+from earlyexit_kernels.training.fit_config import (
+    AUTO_SHARE,
+    CALIBRATION_FRACTION,
+    CONFIDENCE,
+    FitConfig,
+    FitError,
+    settings_of,
+)
 from earlyexit_kernels.training.fit_data import FitData, prepare
 
 __all__ = [
@@ -39,8 +45,6 @@ __all__ = [
     "METHODS",
     "UNLABELLED_METHODS",
     "fit_model",
-    "fit_with_config",
-    "train_and_calibrate",
 ]
 
 
@@ -84,6 +88,45 @@ class FitReport:
     validation_full_accuracy: float | None = None
     certified_path: list[str] = field(default_factory=list)
     calibration_share: str | None = None
+
+    @classmethod
+    def of(cls, result, model, data: FitData, config: FitConfig) -> FitReport:
+        """The report of :func:`~earlyexit_kernels.training.fit.fit_heads`' ``result`` on ``data``'s rows for
+        ``config``, ``model`` patched with the calibrated policy (the pooling and head form the fit chose)."""
+        from earlyexit_kernels.calibration.report import describe, distinct_digits
+
+        calibration = result.calibration
+        digits = distinct_digits([p.policy for p in calibration.curve])
+        heads_config = getattr(model.early_exit_heads, "config", None)
+        train_seconds = sum(stage.log.seconds for stage in result.stages)
+        return cls(
+            method=config.method,
+            target=calibration.measure,
+            policy=describe(calibration.policy, 4),
+            accuracy=calibration.accuracy,
+            full_accuracy=calibration.full_accuracy,
+            mean_layers=calibration.mean_layers,
+            num_layers=model.config.num_hidden_layers,
+            met=calibration.met,
+            train_rows=len(data.train),
+            validation_rows=len(data.validation),
+            train_seconds=train_seconds,
+            calibrate_seconds=result.seconds - train_seconds,
+            curve=[(describe(p.policy, digits), p.accuracy, p.mean_layers) for p in calibration.curve],
+            warnings=list(result.warnings),
+            pooling=getattr(heads_config, "pooling", config.pooling),
+            head=getattr(heads_config, "head", config.head),
+            stages=[stage.describe() for stage in result.stages],
+            layer_scores=list(calibration.layer_scores),
+            confidence=config.confidence,
+            calibration_rows=len(data.validation if data.calibration is None else data.calibration),
+            certificate=None if calibration.certificate is None else calibration.certificate.as_dict(),
+            head_trials=[vars(trial) for trial in result.head_trials],
+            head_choice=result.head_choice,
+            validation_full_accuracy=result.validation_full_accuracy,
+            certified_path=[policy.to_code() for policy in calibration.path],
+            calibration_share=None if data.share is None else data.share.describe(),
+        )
 
     def as_dict(self) -> dict:
         return {k: v for k, v in vars(self).items()}
@@ -142,18 +185,6 @@ class FitReport:
         return lines
 
 
-def seeded(seed: int):
-    """A context in which torch's generator starts from ``seed``, given back as it was afterwards."""
-
-    @contextlib.contextmanager
-    def context():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            yield
-
-    return context()
-
-
 def _describe_paths(certificate: dict, rows: int) -> str:
     """Which path was certified along, and what each needed on the held-out half of the validation rows."""
     needed = ", ".join(
@@ -178,106 +209,31 @@ def _compact_curve(curve: list[tuple[str, float, float]], rows: int = 8) -> list
     return [f"{name:<{width}}  {100 * acc:6.2f}%  {layers:5.2f} layers" for name, acc, layers in points]
 
 
-def train_and_calibrate(model, data: FitData, config: FitConfig, *, reference=None) -> FitReport:
-    """Train ``model``'s exit heads with ``config.method``'s recipe on ``data``'s training rows and
-    calibrate on its validation rows (:func:`~earlyexit_kernels.training.fit.fit_heads`, with the config's
-    :class:`~earlyexit_kernels.training.fit_config.Training` and ``Goal``); returns a
-    :class:`FitReport`. ``data``: the rows :func:`~earlyexit_kernels.training.fit_data.prepare` made
-    (without labels the heads learn agreement with the full model; its calibration rows, where it
-    holds any, are certified on in place of the validation rows, with its unlabelled rows beside
-    them). ``config``: the fit's settings (:class:`~earlyexit_kernels.training.fit_config.FitConfig`;
-    ``config.pooling`` / ``config.head``: the internal heads', None: the family's default, see
-    ``patch``; ``config.confidence``: certify ``config.max_drop`` with it). ``reference``: where ``model``
-    runs on another base (its encoder int8), the model on the base the user validated, whose full depth the
-    certificate measures against (:func:`~earlyexit_kernels.training.fit_exit_heads`); None: ``model``'s own.
-    """
-    from earlyexit_kernels.calibration.report import describe, distinct_digits
-    from earlyexit_kernels.training.fit import HeadBatches, HeadsFit, fit_heads
-    from earlyexit_kernels.training.labelled_texts import length_sorted_batches, shuffled_batches
-
-    train_labels = data.train_labels
-    train_batches = shuffled_batches(data.train, train_labels, config.batch_size, config.seed)
-    val_batches = length_sorted_batches(data.validation, data.validation_labels, 64)
-    calibration = data.calibration
-    calibration_batches = (
-        None if calibration is None else length_sorted_batches(calibration, data.calibration_labels, 64)
-    )
-    unlabelled_batches = None if data.unlabelled is None else length_sorted_batches(data.unlabelled, None, 64)
-    calibration_rows = len(data.validation if calibration is None else calibration)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the calibration's warnings are in its result, printed by the report
-        result = fit_heads(
-            model,
-            HeadBatches(train_batches, val_batches, calibration_batches, unlabelled_batches),
-            HeadsFit(training=config.training, goal=config.goal, labels=train_labels is not None),
-            reference=reference,
-        )
-    model.eval()
-    calibration = result.calibration
-    digits = distinct_digits([p.policy for p in calibration.curve])
-    heads_config = getattr(model.early_exit_heads, "config", None)  # the pooling and head form the fit chose
-    return FitReport(
-        method=config.method,
-        target=calibration.measure,
-        policy=describe(calibration.policy, 4),
-        accuracy=calibration.accuracy,
-        full_accuracy=calibration.full_accuracy,
-        mean_layers=calibration.mean_layers,
-        num_layers=model.config.num_hidden_layers,
-        met=calibration.met,
-        train_rows=len(data.train),
-        validation_rows=len(data.validation),
-        train_seconds=sum(stage.log.seconds for stage in result.stages),
-        calibrate_seconds=result.seconds - sum(stage.log.seconds for stage in result.stages),
-        curve=[(describe(p.policy, digits), p.accuracy, p.mean_layers) for p in calibration.curve],
-        warnings=list(result.warnings),
-        pooling=getattr(heads_config, "pooling", config.pooling),
-        head=getattr(heads_config, "head", config.head),
-        stages=[stage.describe() for stage in result.stages],
-        layer_scores=list(calibration.layer_scores),
-        confidence=config.confidence,
-        calibration_rows=calibration_rows,
-        certificate=None if calibration.certificate is None else calibration.certificate.as_dict(),
-        head_trials=[vars(trial) for trial in result.head_trials],
-        head_choice=result.head_choice,
-        validation_full_accuracy=result.validation_full_accuracy,
-        certified_path=[policy.to_code() for policy in calibration.path],
-    )
-
-
 def fit_model(
     model,
     tokenizer,
     train,
     validation,
+    config: FitConfig | None = None,
     *,
-    method: str = "heads",
-    pooling: str | None = "auto",
-    head: str | None = "auto",
-    max_drop: float = 1.0,
-    epochs: int | None = None,
-    lr: float | None = None,
-    batch_size: int = 32,
-    max_length: int | None = None,
-    seed: int = 0,
-    progress: bool = False,
-    confidence: float | None = CONFIDENCE,
-    calibration_fraction: float | str = AUTO_SHARE,
     calibration=None,
-    validation_split: float | None = None,
     unlabelled=None,
-    guarantee: str = "probable",
-    max_changed: float | None = None,
-):
+    reference=None,
+    **fields,
+) -> FitReport:
     """Train and calibrate the exit heads of ``model`` in place; what ``eek fit`` does between reading and writing.
 
     ``model``: a patched classifier (any policy; it is re-patched with the method's).
     ``train``, ``validation``: :class:`~earlyexit_kernels.training.labelled_texts.LabelledTexts`;
     without labels the heads learn the final classifier's predictions and the threshold is
     calibrated on agreement with it. Returns the :class:`FitReport`; the model ends patched
-    with the calibrated policy, in eval mode. ``pooling`` / ``head``: ``"auto"`` (the default)
-    tries every configuration on one pass of the model and keeps the one that runs the fewest
-    layers within the budget on the validation rows (:mod:`earlyexit_kernels.training.head_choice`).
+    with the calibrated policy, in eval mode.
+
+    ``config``: the fit's settings, one :class:`~earlyexit_kernels.training.fit_config.FitConfig` (what the command
+    line builds once; its docstring gives each field's default), or its fields as keywords
+    (``fit_model(..., max_drop=2.0)`` is ``fit_model(..., FitConfig(max_drop=2.0))``), not both. ``pooling`` /
+    ``head``: ``"auto"`` (the default) tries every configuration on one pass of the model and keeps the one that
+    runs the fewest layers within the budget on the validation rows (:mod:`earlyexit_kernels.training.head_choice`).
 
     ``confidence`` (in (0, 1); None: uncertified, on the validation rows): keep rows of ``train``
     out of head training and early stopping, and certify on them that the policy loses at most
@@ -305,46 +261,29 @@ def fit_model(
     certify that at most that many answers in 100 differ from the full model's, beside ``max_drop``
     (``eek fit --max-changed``, as ``eek calibrate`` takes it); None: not bounded.
 
+    ``reference``: where ``model`` runs on another base (its encoder int8), the model on the base the user
+    validated, whose full depth the certificate measures against
+    (:func:`~earlyexit_kernels.training.fit_exit_heads`); None: ``model``'s own.
+
     ``seed`` fixes everything drawn: the splits, the order of the rows, and the heads' initial
     weights (torch's generator is seeded inside, and given back as it was).
     """
-    config = FitConfig(
-        method=method,
-        pooling=pooling,
-        head=head,
-        max_drop=max_drop,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        max_length=max_length,
-        seed=seed,
-        progress=progress,
-        confidence=confidence,
-        calibration_fraction=calibration_fraction,
-        validation_split=validation_split,
-        guarantee=guarantee,
-        max_changed=max_changed,
-    )
-    return fit_with_config(model, tokenizer, train, validation, config, calibration=calibration, unlabelled=unlabelled)
+    from earlyexit_kernels.training.fit import HeadsFit, fit_heads
 
-
-def fit_with_config(
-    model, tokenizer, train, validation, config: FitConfig, *, calibration=None, unlabelled=None, reference=None
-):
-    """:func:`fit_model` with its settings as one :class:`~earlyexit_kernels.training.fit_config.FitConfig`
-    (what the command line builds once), run under ``config.seed`` (:func:`seeded`): the rows as
-    :func:`fit_model` takes them, and the same :class:`FitReport`. ``reference``: the model on the base the
-    user validated, where ``model`` runs on another (:func:`train_and_calibrate`)."""
-    with seeded(config.seed):
-        return _fit(model, tokenizer, train, validation, config, calibration, unlabelled, reference)
-
-
-def _fit(model, tokenizer, train, validation, config: FitConfig, calibration, unlabelled, reference) -> FitReport:
-    """:func:`fit_with_config`'s body, under its seed: the rows prepared, the heads trained and calibrated."""
-    data = prepare(model, tokenizer, train, validation, config, calibration=calibration, unlabelled=unlabelled)
-    report = train_and_calibrate(model, data, config, reference=reference)
-    if data.share is not None:
-        report.calibration_share = data.share.describe()
+    config = settings_of(FitConfig, config, fields, who="fit_model", what="config")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        data = prepare(model, tokenizer, train, validation, config, calibration=calibration, unlabelled=unlabelled)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the calibration's warnings are in its result, printed by the report
+            result = fit_heads(
+                model,
+                data.batches(config.batch_size, config.seed),
+                HeadsFit(training=config.training, goal=config.goal, labels=data.train_labels is not None),
+                reference=reference,
+            )
+    model.eval()
+    report = FitReport.of(result, model, data, config)
     if data.calibration_given:
         report.calibration_source = "given (--calibration)"
     elif config.confidence is not None and config.validation_split is None:

@@ -27,9 +27,8 @@ from torch import nn
 from earlyexit_kernels.methods.losses import ALIASES, OBJECTIVES, objective
 from earlyexit_kernels.patching.patch import check_objective_policy, is_patched, policy_of
 from earlyexit_kernels.training.cached_heads import ExitInputCache, cache_exit_inputs, cache_reason, cached_exits
-from earlyexit_kernels.training.keyword_settings import settings_of
-from earlyexit_kernels.training.train_settings import HALTING_LR, OPTIMIZERS, SCHEDULES, TrainSettings
-from earlyexit_kernels.training.train_settings import TRAINS as _TRAINS
+from earlyexit_kernels.training.fit_config import HALTING_LR, OPTIMIZERS, SCHEDULES, TrainSettings, settings_of
+from earlyexit_kernels.training.fit_config import TRAINS as _TRAINS
 
 __all__ = [
     "freeze_backbone",
@@ -243,7 +242,7 @@ def train_exit_heads(
 ) -> TrainingLog:
     """Train a patched model with one method's loss; returns the loss of every step (a :class:`TrainingLog`).
 
-    ``settings``: a :class:`~earlyexit_kernels.training.train_settings.TrainSettings` (every field below, checked
+    ``settings``: a :class:`~earlyexit_kernels.training.fit_config.TrainSettings` (every field below, checked
     once when it is made); its fields may be given as keywords instead
     (``train_exit_heads(model, batches, method="pabee", epochs=3)`` is
     ``train_exit_heads(model, batches, TrainSettings(method="pabee", epochs=3))``), not both.
