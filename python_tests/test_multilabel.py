@@ -86,6 +86,14 @@ def spread_threshold(model, ids, mask) -> float:
     return 1.0 / (1.0 + math.exp(-margin))
 
 
+def _sharpened(model):
+    """``model`` (patched) with its exit heads' weights 8 times larger: decided labels on some rows, not on others."""
+    with torch.no_grad():
+        for head in model.early_exit_heads.classifiers:
+            head.weight.mul_(8.0)
+    return model
+
+
 @pytest.mark.exact
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 def test_every_backend_decides_as_the_reference_and_is_exact_at_full_depth(backend):
@@ -95,10 +103,8 @@ def test_every_backend_decides_as_the_reference_and_is_exact_at_full_depth(backe
     model = multi_label_model()
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
-    eek.patch(model, eek.MultiLabelConfidence(1.0), backend=backend)
+    _sharpened(eek.patch(model, eek.MultiLabelConfidence(1.0), backend=backend))
     with torch.no_grad():
-        for head in model.early_exit_heads.classifiers:
-            head.weight.mul_(8.0)  # decided labels on some rows, not on others
         never = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
         assert torch.equal(never.logits, full), "at full depth the logits are the unpatched model's"
         assert (never.exit_layer == 4).all()
@@ -118,10 +124,8 @@ def test_every_backend_decides_as_the_reference_and_is_exact_at_full_depth(backe
 
 def test_eek_classify_gives_the_forward_on_each_input():
     ids, mask, _ = tiny_batch(8, 10, seed=5)
-    model = eek.patch(multi_label_model(), eek.MultiLabelConfidence(1.0))
+    model = _sharpened(eek.patch(multi_label_model(), eek.MultiLabelConfidence(1.0)))
     with torch.no_grad():
-        for head in model.early_exit_heads.classifiers:
-            head.weight.mul_(8.0)
         eek.patch(model, eek.MultiLabelConfidence(spread_threshold(model, ids, mask)))
         rows = [{"input_ids": ids[b, : int(mask[b].sum())]} for b in range(8)]
         for b, prediction in enumerate(eek.classify(model, rows)):
@@ -163,10 +167,8 @@ def test_a_patched_multi_label_model_trains_with_the_pabee_objective():
 
 def test_calibration_measures_micro_f1_and_picks_a_multi_label_threshold():
     ids, mask, _ = tiny_batch(40, 10, seed=4)
-    model = eek.patch(multi_label_model(), eek.MultiLabelConfidence(0.9))
+    model = _sharpened(eek.patch(multi_label_model(), eek.MultiLabelConfidence(0.9)))
     with torch.no_grad():
-        for head in model.early_exit_heads.classifiers:
-            head.weight.mul_(8.0)
         full = model(input_ids=ids, attention_mask=mask, return_all_exits=True).all_logits[-1]
     labels = (full > 0).float()
     labels[::5, 0] = 1 - labels[::5, 0]  # the full model is not perfect

@@ -22,18 +22,10 @@ pytest.importorskip("prometheus_client", reason="the server needs prometheus_cli
 httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx")
 
 from earlyexit_kernels.integrations.server import create_app  # noqa: E402
+from earlyexit_kernels.integrations.server.request_costs import HEADERS  # noqa: E402
 
 SPANS = ("tokenization", "queue", "inference", "layers", "waiting", "answer")
 HISTOGRAMS = {name: f"eek_request_{name}_seconds" for name in SPANS} | {"total": "eek_request_duration_seconds"}
-HEADERS = {
-    "tokenization": "x-tokenization-time",
-    "queue": "x-queue-time",
-    "inference": "x-inference-time",
-    "layers": "x-layer-time",
-    "waiting": "x-layer-wait-time",
-    "answer": "x-answer-time",
-    "total": "x-total-time",
-}
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-__all__ = ["RequestCosts"]
+__all__ = ["HEADERS", "RequestCosts"]
 
-_HEADERS = {
+#: the answer's header of each span (milliseconds; text-embeddings-inference's names)
+HEADERS = {
     "tokenization": "x-tokenization-time",
     "queue": "x-queue-time",
     "inference": "x-inference-time",
@@ -73,7 +74,7 @@ class RequestCosts:
         return spans
 
     def headers(self) -> dict[str, str]:
-        headers = {_HEADERS[name]: str(round(1000 * seconds)) for name, seconds in self.spans().items()}
+        headers = {HEADERS[name]: str(round(1000 * seconds)) for name, seconds in self.spans().items()}
         headers["x-compute-time"] = headers["x-total-time"]
         if self.tokenized is not None:
             headers["x-compute-tokens"] = str(self.tokens)
