@@ -27,8 +27,6 @@ BOUNDS = {
 }
 #: the ones left, each for a reason; this list only shrinks (a stale entry fails too)
 KNOWN = {
-    # the audit's own confidence, in engine/ (another's work: issue 97 leaves engine/ to it)
-    ("engine/audit.py", "check_audit_confidence", "0.0 < confidence < 1.0"),
     # a use, not a bound: a one-shot iterator trains one epoch through the forward
     ("training/train.py", "train_exit_heads", "epochs > 1"),
 }

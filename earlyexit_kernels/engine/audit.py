@@ -75,6 +75,7 @@ from earlyexit_kernels.methods.policies import MULTI_LABEL
 from earlyexit_kernels.methods.risk_control import (
     betting_p_value,
     binomial_cdf,
+    check_confidence,
     check_fraction,
     count_p_value,
     kl_bernoulli,
@@ -99,13 +100,15 @@ PAIRED_WINDOW = 65_536
 
 
 def check_audit_confidence(confidence: float) -> float:
-    """``confidence`` as a float, or a ``ValueError`` saying what a valid one is."""
-    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.0 < confidence < 1.0:
+    """``confidence`` as a float, or a ``ValueError`` saying what a valid one is (the bound is
+    :func:`~earlyexit_kernels.methods.risk_control.check_confidence`'s; the words say what it is for here)."""
+    try:
+        return check_confidence(confidence)
+    except ValueError:
         raise ValueError(
             f"the audit confidence must be a probability strictly between 0 and 1 (0.95: the bound holds "
             f"with probability 95%), got {confidence!r}"
-        )
-    return float(confidence)
+        ) from None
 
 
 def check_audit_budget(budget: float | None) -> float | None:
