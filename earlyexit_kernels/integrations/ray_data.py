@@ -50,7 +50,7 @@ class ClassifierSettings:
     text_column: str = "text"
     pair_column: str | None = None
     policy: object = None
-    max_batch_size: int = 64
+    max_batch_size: int | None = None  # eek.classify's: 64 on the CPU, the cohorts' token budget on CUDA
     max_length: int | None = None
     backend: str | None = None
     compile: bool = False
