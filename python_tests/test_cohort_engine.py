@@ -10,7 +10,7 @@ from test_classify import _sequences, spread_model
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.engine.background import BackgroundEngine
-from earlyexit_kernels.engine.cohort_engine import COHORTS_IN_FLIGHT, CohortEngine, cohort_size
+from earlyexit_kernels.engine.cohort_engine import COHORTS_IN_FLIGHT, CohortEngine, cohort_size, copy_to_host
 from earlyexit_kernels.engine.continuous import ContinuousEngine
 from earlyexit_kernels.engine.engine_config import EngineConfig
 from earlyexit_kernels.engine.engine_kind import engine_kind
@@ -174,3 +174,21 @@ def test_classify_and_the_engine_thread_run_on_the_cohorts():
         worker.close()
     assert [r.exit_layer for r in results] == [expected[i].exit_layer for i in range(30)]
     assert state_of(model).policy is policy
+
+
+def test_outputs_packed_in_one_buffer_come_back_in_one_copy_as_the_same_views():
+    from earlyexit_kernels.engine.static_buffers import _Packed
+
+    packed = _Packed.make(5, 3, torch.bfloat16, "cpu")
+    packed.logits.copy_(torch.randn(5, 3))
+    packed.exit_layer.copy_(torch.arange(5))
+    packed.layers_run.copy_(torch.arange(5) * 2)
+    logits, exit_layer, layers_run = _Packed.views(packed.buffer.clone(), 5, 3, torch.bfloat16)
+    outputs = (logits[:4], exit_layer[:4], layers_run[:4])  # as run_graphed returns a batch of 4
+    copies = copy_to_host(outputs, pin=False)
+    assert len({c.untyped_storage().data_ptr() for c in copies}) == 1  # one buffer, one copy
+    assert copies[0].untyped_storage().data_ptr() != outputs[0].untyped_storage().data_ptr()
+    for copy, output in zip(copies, outputs):
+        assert copy.shape == output.shape and torch.equal(copy, output)
+    apart = (torch.randn(4, 3), torch.arange(4), torch.arange(4))  # the exact step's: three tensors
+    assert all(torch.equal(c, o) for c, o in zip(copy_to_host(apart, pin=False), apart))

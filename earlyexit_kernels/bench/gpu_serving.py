@@ -50,7 +50,14 @@ from pathlib import Path
 import torch
 
 from earlyexit_kernels.bench.packed_bert import fused_varlen_available, pack, packed_logits
-from earlyexit_kernels.bench.stream import StreamConfig, calibrate, make_corpus, make_models, sorted_batches
+from earlyexit_kernels.bench.stream import (
+    StreamConfig,
+    _quantile,
+    calibrate,
+    make_corpus,
+    make_models,
+    sorted_batches,
+)
 from earlyexit_kernels.bench.stream_device import device_label, on_device, torch_dtype, unavailable
 
 __all__ = ["GpuServingConfig", "run", "markdown", "LEVELS"]
@@ -316,11 +323,6 @@ def drive(server, ids: list[list[int]], clients: int, per_request: int, requests
     return wall, latencies, answers
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
 def run(config: GpuServingConfig, output_dir: Path, name: str = "serve_gpu", progress=print) -> list[dict]:
     """Run the benchmark; writes ``<name>.csv`` and ``<name>.md`` under ``output_dir``."""
     from earlyexit_kernels.methods.policies import Entropy
@@ -389,7 +391,7 @@ def run(config: GpuServingConfig, output_dir: Path, name: str = "serve_gpu", pro
                         "texts": texts,
                         "texts_per_s": round(texts / wall, 1),
                         "p50_ms": round(1000 * statistics.median(latencies), 2),
-                        "p99_ms": round(1000 * _percentile(latencies, 0.99), 2),
+                        "p99_ms": round(1000 * _quantile(latencies, 0.99), 2),
                         "agreement": round(agree / len(answers), 4),
                         "same_as_per_batch": round(same / len(answers), 4),
                     }

@@ -50,7 +50,7 @@ from earlyexit_kernels.engine.continuous import (
     Finished,
     checked_policy_swap,
     checked_tokens,
-    model_max_length,
+    stream_max_length,
     stream_policy,
 )
 from earlyexit_kernels.engine.engine_config import EngineConfig, engine_config
@@ -60,7 +60,7 @@ from earlyexit_kernels.engine.patched_state import patched_state
 from earlyexit_kernels.engine.static_step import CUDA_LENGTH_STEP, StaticBatches, run_graphed
 from earlyexit_kernels.engine.step_choice import resolve_step
 
-__all__ = ["CohortEngine", "COHORT_TOKENS", "COHORT_ROWS", "COHORTS_IN_FLIGHT", "cohort_size"]
+__all__ = ["CohortEngine", "COHORT_TOKENS", "COHORT_ROWS", "COHORTS_IN_FLIGHT", "cohort_size", "copy_to_host"]
 
 # A cohort's token budget (rows x padded length) where none is given: text-embeddings-inference's
 # --max-batch-tokens default, which fills an H100 with BERT-base at these lengths.
@@ -84,6 +84,25 @@ def cohort_size(lengths: list[int], max_rows: int, max_tokens: int, length_step:
         if count > max_rows or count * padded > max_tokens:
             return max(count - 1, 1)
     return len(lengths)
+
+
+def copy_to_host(outputs: tuple, *, pin: bool) -> list[torch.Tensor]:
+    """Host copies of ``outputs`` (device tensors), queued without a wait (``pin``: into pinned memory, as
+    the GPU's copies must be). Where they are views of one buffer (the graphed step packs its logits, exit
+    layers and layers run so), the buffer is copied once and the same views are made of the copy."""
+    storage = outputs[0].untyped_storage()
+    if all(t.untyped_storage().data_ptr() == storage.data_ptr() for t in outputs):
+        host = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=pin)
+        source = torch.empty(0, dtype=torch.uint8, device=outputs[0].device).set_(storage)
+        host.copy_(source, non_blocking=pin)
+        return [
+            torch.empty(0, dtype=t.dtype).set_(host.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+            for t in outputs
+        ]
+    copies = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in outputs]
+    for host, tensor in zip(copies, outputs):
+        host.copy_(tensor, non_blocking=pin)
+    return copies
 
 
 @dataclass(eq=False, slots=True)
@@ -146,12 +165,7 @@ class CohortEngine:
         if self.graphed and state.static_batches is None:
             state.static_batches = StaticBatches()
         self._state = state
-        limit = model_max_length(model)
-        self.max_length = limit if config.max_length is None else config.max_length
-        if self.max_length > limit:
-            raise ValueError(
-                f"max_length must be an integer in 1..{limit} (the model's positions), got {self.max_length!r}"
-            )
+        self.max_length = stream_max_length(model, config.max_length)
         on_gpu = self.device.type == "cuda"
         self.length_step = config.length_step or (CUDA_LENGTH_STEP if on_gpu and self.graphed else 1)
         self.max_batch_size = COHORT_ROWS if config.max_batch_size is None else config.max_batch_size
@@ -252,19 +266,24 @@ class CohortEngine:
             self.stats.queue_seconds.observe(launched_at - entry[6])
         lengths = np.fromiter((entry[0] for entry in entries), dtype=np.int64, count=len(entries))
         rows, longest = len(entries), int(lengths.max())
+        typed = any(entry[4] is not None for entry in entries)
+        # The cohort's inputs in one host array, copied to the device at once: ids, mask, types where
+        # given, then the lengths (each row's extent, the mask's summary).
+        planes = 3 if typed else 2
+        block = np.zeros(planes * rows * longest + rows, dtype=np.int64)
+        grids = block[: planes * rows * longest].reshape(planes, rows, longest)
         valid = np.arange(longest) < lengths[:, None]
-        ids = np.full((rows, longest), self.pad_token_id, dtype=np.int64)
-        ids[valid] = np.concatenate([entry[3] for entry in entries])
-        types = None
-        if any(entry[4] is not None for entry in entries):
-            types = np.zeros((rows, longest), dtype=np.int64)
-            types[valid] = np.concatenate([e[4] if e[4] is not None else np.zeros_like(e[3]) for e in entries])
-        mask = valid.astype(np.int64)
+        grids[0].fill(self.pad_token_id)
+        grids[0][valid] = np.concatenate([entry[3] for entry in entries])
+        grids[1][valid] = 1
+        if typed:
+            grids[2][valid] = np.concatenate([e[4] if e[4] is not None else np.zeros_like(e[3]) for e in entries])
+        block[planes * rows * longest :] = lengths
+        on_device = self._to_device(block)
+        ids_d, mask_d, *types_d = on_device[: planes * rows * longest].view(planes, rows, longest).unbind(0)
         # The mask's summary from the host's lengths: each row's extent, the longest, the padded count.
-        summary = (self._to_device(lengths), longest, int(rows * longest - lengths.sum()))
-        ids_d, mask_d = self._to_device(ids), self._to_device(mask)
-        types_d = None if types is None else self._to_device(types)
-        hidden = self.adapter.embed(ids_d, types_d, None, None, mask_d)
+        summary = (on_device[planes * rows * longest :], longest, int(rows * longest - lengths.sum()))
+        hidden = self.adapter.embed(ids_d, types_d[0] if typed else None, None, None, mask_d)
         if self.graphed:
             result = run_graphed(
                 self.adapter,
@@ -313,11 +332,7 @@ class CohortEngine:
         outputs = (result.logits, result.exit_layer, result.layers_run)
         if self.device.type == "cpu":
             return (*outputs, None)
-        copies = []
-        for tensor in outputs:
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            host.copy_(tensor, non_blocking=True)
-            copies.append(host)
+        copies = copy_to_host(outputs, pin=True)
         ready = torch.cuda.Event()
         ready.record()
         return (*copies, ready)

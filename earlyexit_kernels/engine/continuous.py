@@ -71,6 +71,7 @@ __all__ = [
     "checked_policy_swap",
     "checked_tokens",
     "model_max_length",
+    "stream_max_length",
     "stream_policy",
 ]
 
@@ -164,6 +165,17 @@ def checked_policy_swap(engine, policy) -> None:
         raise ValueError(f"set_policy: {policy!r} keeps another per-sequence state than {engine.policy!r}")
 
 
+def stream_max_length(model, max_length: int | None) -> int:
+    """A stream engine's ``max_length``: the model's positions where None, refused past them (its type and
+    sign are EngineConfig's)."""
+    limit = model_max_length(model)
+    if max_length is None:
+        return limit
+    if max_length > limit:
+        raise ValueError(f"max_length must be an integer in 1..{limit} (the model's positions), got {max_length!r}")
+    return max_length
+
+
 def model_max_length(model) -> int:
     """The longest sequence the model's position embeddings hold."""
     config = model.config
@@ -232,11 +244,7 @@ class ContinuousEngine:
         self.backend = resolve_backend(
             state.backend, self.device, dtype=self.dtype, hidden_size=hidden_size, num_labels=self.num_labels
         )
-        limit = model_max_length(model)
-        if max_length is None:
-            max_length = limit
-        if max_length > limit:  # its type and sign checked by EngineConfig
-            raise ValueError(f"max_length must be an integer in 1..{limit} (the model's positions), got {max_length!r}")
+        max_length = stream_max_length(model, max_length)
         # The model's step (eek.patch's step=): graphed calls run as static steps, captured in CUDA
         # graphs on CUDA (engine/call_graphs.py); torch.compile, when asked for, runs instead.
         self.graphed = not compile and resolve_step(state.step, self.policy, self.device) == "graphed"

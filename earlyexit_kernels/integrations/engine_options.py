@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from earlyexit_kernels.engine.aging import parse_max_age
 from earlyexit_kernels.engine.engine_config import EngineConfig
-from earlyexit_kernels.integrations.cli_options import CliError
+from earlyexit_kernels.integrations.cli_options import CliError, max_age
 
 __all__ = ["add_engine_options", "engine_keywords", "checked_engine", "flag_of"]
 
@@ -27,19 +26,9 @@ def flag_of(name: str) -> str:
 
 
 def _parse(name: str):
-    """The argparse type of a field: a whole number, a number of tokens, ``--max-age``'s words."""
-    if name == "max_age":
-        return _max_age
-    if name == "call_cost":
-        return float
-    return int
-
-
-def _max_age(text: str):
-    try:
-        return parse_max_age(text)
-    except ValueError as error:
-        raise CliError(str(error)) from None
+    """The argparse type of a numeric field: a number of tokens for ``call_cost``, else a whole number
+    (``--max-age``'s words are parsed by :func:`engine_keywords`)."""
+    return float if name == "call_cost" else int
 
 
 def _shown(name: str, value) -> str:
@@ -70,7 +59,7 @@ def engine_keywords(args, names: tuple[str, ...]) -> dict:
     """The parsed flags of ``names`` as EngineConfig keywords (``--max-age``'s text turned into its value)."""
     out = {name: getattr(args, name) for name in names}
     if "max_age" in out and isinstance(out["max_age"], str):
-        out["max_age"] = _max_age(out["max_age"])
+        out["max_age"] = max_age(out["max_age"])
     return out
 
 
