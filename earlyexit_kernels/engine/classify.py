@@ -107,9 +107,10 @@ def classify(
     (list or 1-D tensor, special tokens included) and optionally ``token_type_ids`` and a
     right-padding ``attention_mask``; read lazily. Texts need ``tokenizer``.
     ``max_batch_size``: most rows per layer call (None: 64 on the continuous engine; on a GPU's
-    cohort engine as many as ``max_tokens`` allows). ``max_tokens``: most rows x padded
-    length per layer call (None: no limit on the continuous engine, 16,384 on the cohort engine). ``max_length``: longer sequences are truncated (one warning
-    says so); default what the model's positions hold. ``ordered``: yield in input order
+    cohort engine as many as ``max_tokens`` allows). ``max_tokens``: most rows x padded length per
+    layer call (None: no limit on the continuous engine, 16,384 on the cohort engine).
+    ``max_length``: longer sequences are truncated (one warning says so); default what the model's
+    positions hold. ``ordered``: yield in input order
     (True) or as sequences exit (False). ``progress``: a tqdm bar. ``compile``: layer
     calls through ``torch.compile`` (True, or a dict of its options, e.g.
     ``{"mode": "reduce-overhead"}`` on a GPU). ``max_in_flight``, ``length_step``,
