@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from earlyexit_kernels._fit_fields import fit_field
 from earlyexit_kernels.calibration.candidates import candidates
 from earlyexit_kernels.calibration.certify import certify
 from earlyexit_kernels.calibration.record import CurvePoint, ExitRecord, accuracy, references, replay, resolve_target
@@ -209,7 +210,7 @@ class Goal:
     against the full model (accuracy lost lets fixes of the full model's errors pay for new errors, so it alone
     does not bound how many answers change)."""
 
-    max_drop: float | None = None
+    max_drop: float | None = fit_field("max_drop", None)
     target_layers: float | None = None
     policy: ExitPolicy | None = None
     count: int = 60
@@ -217,9 +218,9 @@ class Goal:
     metric: Callable | None = None
     min_saving: float = 0.10
     chance_margin: float = 0.02
-    confidence: float | None = None
-    guarantee: str = "probable"
-    max_changed: float | None = None
+    confidence: float | None = fit_field("confidence", None)
+    guarantee: str = fit_field("guarantee", "probable")
+    max_changed: float | None = fit_field("max_changed", None)
 
     def __post_init__(self) -> None:
         """Every field checked here, once: a ``ValueError`` naming the field, its bound and what to give."""

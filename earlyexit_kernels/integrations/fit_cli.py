@@ -15,22 +15,55 @@ as for the other commands (:mod:`earlyexit_kernels.integrations.cli`).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from earlyexit_kernels._fit_fields import HEAD_CHOICES
 from earlyexit_kernels._method_names import METHODS, UNLABELLED_METHODS
 from earlyexit_kernels.integrations.base_options import add_base_options, add_int8_layers_option
-from earlyexit_kernels.integrations.cli_options import add_guarantee_option
+from earlyexit_kernels.integrations.fit_options import FIT_DEFAULTS, add_fit_options, checked
 from earlyexit_kernels.patching.fit_record import SAVED
 
-__all__ = ["add_commands", "CALIBRATION_FRACTION", "CONFIDENCE", "HEAD_CHOICES", "METHODS", "UNLABELLED_METHODS"]
+__all__ = [
+    "add_commands",
+    "CALIBRATE_DEFAULTS",
+    "CALIBRATE_SHOWN",
+    "FIT_FLAGS",
+    "HEAD_CHOICES",
+    "METHODS",
+    "UNLABELLED_METHODS",
+]
 
-#: ``--head`` choices, ``"auto"`` and :data:`earlyexit_kernels.engine.heads.HEAD_FORMS` (written out, as above)
-HEAD_CHOICES = ("auto", "model", "mlp", "cascade")
-#: ``--confidence`` and ``--calibration-fraction`` defaults, those of :mod:`earlyexit_kernels.training.fit_texts`
-CONFIDENCE = 0.95
-CALIBRATION_FRACTION = 0.25
+#: the fit settings ``eek fit`` takes as options (their help, bound and default: the fields',
+#: :mod:`~earlyexit_kernels.integrations.fit_options`), in the order ``--help`` lists them
+FIT_FLAGS = (
+    "max_length",
+    "progress",
+    "method",
+    "pooling",
+    "head",
+    "max_drop",
+    "confidence",
+    "guarantee",
+    "max_changed",
+    "calibration_fraction",
+    "validation_split",
+    "epochs",
+    "lr",
+    "batch_size",
+    "seed",
+)
+#: ``eek calibrate``'s defaults for the calibration's goal: the folder's saved values
+#: (``Recalibration``'s defaults, the settings object of ``calibrate_folder``; ``max_drop`` None: the saved
+#: one), and what they are said to be where the folder has no certificate (the library's ``DEFAULT_GOAL``);
+#: ``python_tests/test_fit_options.py`` holds both to the objects
+CALIBRATE_DEFAULTS = {"max_drop": None, "confidence": SAVED, "guarantee": SAVED, "max_changed": SAVED}
+CALIBRATE_SHOWN = {
+    "max_drop": "FOLDER's certificate's, else 1",
+    "confidence": "FOLDER's certificate's, else 0.95",
+    "guarantee": "FOLDER's certificate's, else probable",
+    "max_changed": "FOLDER's certificate's, else none",
+}
 
 # -- the command line ---------------------------------------------------------------------------
 
@@ -55,18 +88,11 @@ def _add_data_options(parser, *, for_fit: bool) -> None:
             else "the file has it; without labels, agreement with the full model is measured)"
         ),
     )
-    parser.add_argument(
-        "--max-length", type=int, default=None, metavar="N", help="longer texts are truncated (default: the model's)"
-    )
+    add_fit_options(parser, ("max_length",), FIT_DEFAULTS)
     parser.add_argument(
         "--threads", type=int, default=None, metavar="N", help="torch's CPU threads (default: torch's choice)"
     )
-    parser.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bars (default: when stderr is a terminal)",
-    )
+    add_fit_options(parser, ("progress",), FIT_DEFAULTS)
 
 
 def _add_fit(commands) -> None:
@@ -90,51 +116,8 @@ def _add_fit(commands) -> None:
     fit.add_argument("train", metavar="TRAIN_FILE", help="the training rows (.csv, .tsv, .jsonl, .parquet)")
     fit.add_argument("output", metavar="OUTPUT_DIR", help="the folder to write the patched model to")
     _add_data_options(fit, for_fit=True)
-    fit.add_argument(
-        "--method",
-        choices=METHODS,
-        default="heads",
-        help="heads (default): train only the internal heads of the frozen model, fast; joint: then backbone and "
-        "heads together for an epoch of the model (docs/training.md); the others train the backbone too with "
-        "their paper's loss (docs/exit_methods.md); all but heads and fastbert need labels",
-    )
-    fit.add_argument(
-        "--pooling",
-        choices=("auto", "cls", "mean"),
-        default="auto",
-        help="what the heads read: auto (default) trains each and keeps the one running the fewest layers within "
-        "--max-drop on the validation rows",
-    )
-    fit.add_argument(
-        "--head",
-        choices=HEAD_CHOICES,
-        default="auto",
-        help="the heads' form: model, mlp, or cascade (an MLP that also reads the head below's logits); "
-        "default: auto, as --pooling",
-    )
-    fit.add_argument(
-        "--max-drop",
-        type=float,
-        default=1.0,
-        metavar="POINTS",
-        help="most accuracy (or agreement) points lost against the full model (default: 1)",
-    )
-    fit.add_argument(
-        "--confidence",
-        type=_confidence,
-        default=CONFIDENCE,
-        metavar="P",
-        help=f"certify --max-drop with this probability over the draw of the calibration rows (default: "
-        f"{CONFIDENCE:g}); 'off': an uncertified threshold, the fewest layers within --max-drop on the calibration "
-        f"rows (or, without --calibration, the validation rows)",
-    )
-    add_guarantee_option(fit, "probable", "probable")
-    fit.add_argument(
-        "--max-changed",
-        type=_confidence,
-        default=None,
-        metavar="POINTS",
-        help=f"{_MAX_CHANGED_HELP}. Labelled rows (default: none; 'off': none)",
+    add_fit_options(
+        fit, ("method", "pooling", "head", "max_drop", "confidence", "guarantee", "max_changed"), FIT_DEFAULTS
     )
     fit.add_argument(
         "--calibration",
@@ -152,72 +135,16 @@ def _add_fit(commands) -> None:
         "validation rows say it certifies fewer layers, else the labelled rows alone, said in the report; "
         "agreement: as more calibration rows). A --calibration file's rows with an empty label cell count the same",
     )
-    fit.add_argument(
-        "--calibration-fraction",
-        type=_share,
-        default="auto",
-        metavar="FRACTION",
-        help=f"without --calibration: the part of the training rows (TRAIN_FILE less its validation split) kept "
-        f"out of training to certify the threshold on; auto (default): all but the rows the heads need, measured by "
-        f"training them on 256, 512, ... rows until a doubling no longer gains measurably on the validation rows (else "
-        f"{CALIBRATION_FRACTION:g})",
-    )
+    add_fit_options(fit, ("calibration_fraction",), FIT_DEFAULTS)
     held = fit.add_mutually_exclusive_group()
     held.add_argument("--validation", default=None, metavar="FILE", help="validation rows, same columns")
-    held.add_argument(
-        "--validation-split",
-        type=float,
-        default=None,
-        metavar="FRACTION",
-        help="hold out this fraction of TRAIN_FILE for validation (default: 0.1 without --validation)",
-    )
-    fit.add_argument("--epochs", type=int, default=None, help="training epochs (default: the method's recipe)")
-    fit.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's recipe)")
-    fit.add_argument("--batch-size", type=int, default=32, metavar="N", help="rows per training step (default: 32)")
-    fit.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the validation split, the calibration split, the training order and the heads' initial "
-        "weights: the same seed on the same rows fits the same heads (default: 0)",
-    )
+    add_fit_options(held, ("validation_split",), FIT_DEFAULTS)
+    add_fit_options(fit, ("epochs", "lr", "batch_size", "seed"), FIT_DEFAULTS)
     fit.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
     # int8: the heads fitted on the int8 encoder's hidden states and certified on it against the float32 full model
     # (integrations/int8_fit.py); the folder keeps the float32 weights
     add_base_options(fit, dtypes=("float32", "bfloat16", "int8"))
     fit.set_defaults(run=_fit_command)
-
-
-#: ``--max-changed``, as ``eek fit`` and ``eek calibrate`` say it (their defaults differ: a fitted folder's is saved)
-_MAX_CHANGED_HELP = (
-    "also certify that at most POINTS in 100 answers differ from the full model's (the one accuracy lost is "
-    "measured against), beside --max-drop, at the same confidence: accuracy lost lets an exit's fixes of the full "
-    "model's errors pay for as many new errors, so alone it does not bound how many answers change"
-)
-
-
-def _share(text: str) -> float | str:
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"auto or a fraction such as 0.25; got {text!r}") from None
-
-
-def _confidence(text: str) -> float | None:
-    if text.strip().lower() in ("off", "none"):
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a probability such as 0.95, or off; got {text!r}") from None
-
-
-def _confidence_or_saved(text: str) -> float | str | None:
-    """``eek calibrate``'s ``--confidence`` / ``--max-changed``: as :func:`_confidence`, or :data:`SAVED` (their
-    default, which argparse passes through here: the folder's certificate's)."""
-    return SAVED if text.strip().lower() == SAVED else _confidence(text)
 
 
 def _add_calibrate(commands) -> None:
@@ -262,29 +189,8 @@ def _add_calibrate(commands) -> None:
         "(accuracy lost: by prediction-powered inference; agreement: as more rows). FILE's rows with an empty "
         "label cell count the same",
     )
-    calibrate.add_argument(
-        "--max-drop",
-        type=float,
-        default=None,
-        metavar="POINTS",
-        help="most accuracy (or agreement) points lost against the full model (default: FOLDER's certificate's, "
-        "else 1)",
-    )
-    calibrate.add_argument(
-        "--confidence",
-        type=_confidence_or_saved,
-        default=SAVED,
-        metavar="P",
-        help=f"certify --max-drop with this probability (default: FOLDER's certificate's, else {CONFIDENCE:g}); "
-        "'off': the fewest layers within --max-drop on FILE's rows, uncertified",
-    )
-    add_guarantee_option(calibrate, None, "FOLDER's certificate's, else probable")
-    calibrate.add_argument(
-        "--max-changed",
-        type=_confidence_or_saved,
-        default=SAVED,
-        metavar="POINTS",
-        help=f"{_MAX_CHANGED_HELP}. Labelled rows (default: FOLDER's certificate's, else none; 'off': none)",
+    add_fit_options(
+        calibrate, ("max_drop", "confidence", "guarantee", "max_changed"), CALIBRATE_DEFAULTS, CALIBRATE_SHOWN
     )
     calibrate.add_argument(
         "--risk",
@@ -389,23 +295,10 @@ def _fit(args) -> int:
     from earlyexit_kernels.training.labelled_texts import split_rows
 
     _common_checks(args, names=("threads",))
-    config = FitConfig(  # every setting checked here, before a file is read
-        method=args.method,
-        pooling=args.pooling,
-        head=args.head,
-        max_drop=args.max_drop,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        seed=args.seed,
-        progress=_progress_on(args),
-        confidence=args.confidence,
-        guarantee=args.guarantee,
-        max_changed=args.max_changed,
-        calibration_fraction=args.calibration_fraction,
-        validation_split=None if args.validation is not None else (args.validation_split or 0.1),
-    )
+    given = {name: getattr(args, name) for name in FIT_FLAGS}
+    given["progress"] = _progress_on(args)
+    given["validation_split"] = None if args.validation is not None else (args.validation_split or 0.1)
+    config = checked(FitConfig, given)  # every setting checked by the object, before a file is read
     output = Path(args.output)
     if output.exists() and not (output.is_dir() and not any(output.iterdir())) and not args.overwrite:
         raise FitError(f"OUTPUT_DIR {output} exists; pass --overwrite to replace it")
@@ -503,26 +396,26 @@ def _evaluate(args) -> int:
 
 
 def _calibrate(args) -> int:
+    from earlyexit_kernels.calibration.select import Goal
     from earlyexit_kernels.integrations.folder_calibration import Recalibration, calibrate_folder
     from earlyexit_kernels.integrations.labelled_data import read_labelled
-    from earlyexit_kernels.training.calibrate_texts import calibration_goal
+    from earlyexit_kernels.training.calibrate_texts import DEFAULT_GOAL
     from earlyexit_kernels.training.fit_texts import FitError
 
-    _common_checks(args)
-    # the settings given checked before FILE is read (the Goal, as calibrate_folder makes it again with the saved
-    # ones where these say 'saved')
-    given = {name: getattr(args, name) for name in ("confidence", "guarantee", "max_changed")}
-    calibration_goal(
-        1.0 if args.max_drop is None else args.max_drop,
-        0.95 if given["confidence"] == SAVED else given["confidence"],
-        "probable" if given["guarantee"] in (SAVED, None) else given["guarantee"],
-        None if given["max_changed"] == SAVED else given["max_changed"],
+    _common_checks(args, names=("threads",))
+    # each setting given checked by its object before FILE is read: the Recalibration's, and the Goal, where these
+    # say 'saved' with a folder's without a certificate (DEFAULT_GOAL; calibrate_folder makes it again with the
+    # folder's own)
+    asked = dict(max_drop=args.max_drop, confidence=args.confidence, guarantee=args.guarantee, force=args.force)
+    names = ("batch_size", "max_length", "dtype", "device", "risk", "max_changed")
+    settings = checked(
+        Recalibration, {**asked, **{name: getattr(args, name) for name in names}}, int8_layers=args.layers
     )
+    goal = {name: getattr(args, name) for name in CALIBRATE_DEFAULTS}
+    saved = {name for name, value in goal.items() if value == SAVED or (name == "max_drop" and value is None)}
+    checked(Goal, {name: getattr(DEFAULT_GOAL, name) if name in saved else value for name, value in goal.items()})
     if (args.data is None) == (args.from_audit is None):
         raise FitError("give FILE (the rows to certify on) or --from-audit RECORD, one of them")
-    asked = dict(
-        max_drop=args.max_drop, confidence=args.confidence, guarantee=args.guarantee or SAVED, force=args.force
-    )
     if args.from_audit is not None:
         from earlyexit_kernels.calibration.online import RecertifyError
 
@@ -557,8 +450,6 @@ def _calibrate(args) -> int:
         label_column=args.label_column or "label",
         label_required=args.label_column is not None,
     )
-    names = ("batch_size", "max_length", "dtype", "device", "risk", "max_changed")
-    settings = Recalibration(**asked, **{name: getattr(args, name) for name in names}, int8_layers=args.layers)
     report = calibrate_folder(args.folder, data, settings, unlabelled=_unlabelled(args), source=str(args.data))
     for line in report.summary():
         print(line)

@@ -35,6 +35,7 @@ import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from earlyexit_kernels._fit_fields import fit_field
 from earlyexit_kernels._method_names import METHODS, UNLABELLED_METHODS
 from earlyexit_kernels.calibration.certify import least_rows_for
 from earlyexit_kernels.methods.losses import objective
@@ -168,13 +169,13 @@ class Training:
     ``epochs``, ``lr``: every head-only stage's (None: the recipe's); ``seed``: everything drawn; ``progress``:
     bars. Each field checked here, once, in the words of :class:`FitConfig`'s refusals."""
 
-    method: str = "heads"
-    pooling: str | None = "auto"
-    head: str | None = "auto"
-    epochs: int | None = None
-    lr: float | None = None
-    seed: int = 0
-    progress: bool = False
+    method: str = fit_field("method", "heads")
+    pooling: str | None = fit_field("pooling", "auto")
+    head: str | None = fit_field("head", "auto")
+    epochs: int | None = fit_field("epochs", None)
+    lr: float | None = fit_field("lr", None)
+    seed: int = fit_field("seed", 0)
+    progress: bool = fit_field("progress", False)
 
     def __post_init__(self) -> None:
         from earlyexit_kernels.engine.heads import HEAD_FORMS, HEAD_POOLINGS
@@ -205,21 +206,24 @@ class FitConfig:
     the certificate promises, ``"probable"`` or ``"expected"``; ``max_changed``: the answers changed against the full
     model, in points, certified beside ``max_drop`` (labelled rows, with a ``confidence``; None: not bounded)."""
 
-    method: str = "heads"
-    pooling: str | None = "auto"
-    head: str | None = "auto"
-    max_drop: float = 1.0
-    epochs: int | None = None
-    lr: float | None = None
-    batch_size: int = 32
-    max_length: int | None = None
-    seed: int = 0
-    progress: bool = False
-    confidence: float | None = CONFIDENCE
-    calibration_fraction: float | str = AUTO_SHARE
-    validation_split: float | None = None
-    guarantee: str = "probable"
-    max_changed: float | None = None
+    # each field's command-line metadata (help line, metavar, choices, what None means) is its entry of
+    # _fit_fields.FIT_FIELDS, the same on Training's and the Goal's field of the setting: eek fit's and eek
+    # calibrate's options are made from it (integrations/fit_options.py); the bounds are checked below, once
+    method: str = fit_field("method", "heads")
+    pooling: str | None = fit_field("pooling", "auto")
+    head: str | None = fit_field("head", "auto")
+    max_drop: float = fit_field("max_drop", 1.0)
+    epochs: int | None = fit_field("epochs", None)
+    lr: float | None = fit_field("lr", None)
+    batch_size: int = fit_field("batch_size", 32)
+    max_length: int | None = fit_field("max_length", None)
+    seed: int = fit_field("seed", 0)
+    progress: bool = fit_field("progress", False)
+    confidence: float | None = fit_field("confidence", CONFIDENCE)
+    calibration_fraction: float | str = fit_field("calibration_fraction", AUTO_SHARE)
+    validation_split: float | None = fit_field("validation_split", None)
+    guarantee: str = fit_field("guarantee", "probable")
+    max_changed: float | None = fit_field("max_changed", None)
 
     def __post_init__(self) -> None:
         """Every setting checked here, once, before a row is read: a :class:`FitError` (a ``ValueError``) naming
