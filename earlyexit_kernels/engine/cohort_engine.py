@@ -28,9 +28,10 @@ the step uncaptured: the CPU twin the tests read, whose outputs equal the patche
 same cohort bit for bit. ``engine="auto"`` (:mod:`earlyexit_kernels.engine.engine_kind`) takes it
 on CUDA where the model runs the graphed step, and the continuous engine elsewhere.
 
-Not built here: E3's segments (layers split into stages that each refill their batch from the
-rows leaving the stage below). Exited rows leave a cohort's bucket instead; a GPU has to measure
-whether refilling pays beyond that.
+E3's segments (layers split into stages that each refill their batch from the rows leaving the
+stage below) are the segment engine's (:mod:`earlyexit_kernels.engine.segment_engine`,
+``engine="segments"``, opt-in): here exited rows leave a cohort's bucket instead; a GPU has to
+measure whether refilling pays beyond that.
 """
 
 from __future__ import annotations
@@ -60,7 +61,15 @@ from earlyexit_kernels.engine.patched_state import patched_state
 from earlyexit_kernels.engine.static_step import CUDA_LENGTH_STEP, StaticBatches, run_graphed
 from earlyexit_kernels.engine.step_choice import resolve_step
 
-__all__ = ["CohortEngine", "COHORT_TOKENS", "COHORT_ROWS", "COHORTS_IN_FLIGHT", "cohort_size", "copy_to_host"]
+__all__ = [
+    "CohortEngine",
+    "COHORT_TOKENS",
+    "COHORT_ROWS",
+    "COHORTS_IN_FLIGHT",
+    "cohort_inputs",
+    "cohort_size",
+    "copy_to_host",
+]
 
 # A cohort's token budget (rows x padded length) where none is given: text-embeddings-inference's
 # --max-batch-tokens default, which fills an H100 with BERT-base at these lengths.
@@ -103,6 +112,32 @@ def copy_to_host(outputs: tuple, *, pin: bool) -> list[torch.Tensor]:
     for host, tensor in zip(copies, outputs):
         host.copy_(tensor, non_blocking=pin)
     return copies
+
+
+def cohort_inputs(engine, entries: list[tuple]) -> tuple:
+    """A cohort's ``(lengths, hidden, mask, summary)`` from pending ``entries`` (:class:`PendingQueue`'s):
+    each row's length (host, int64), the embeddings [B, S, H] and mask [B, S] on ``engine``'s device and the
+    mask's summary ``(extents on the device, longest, padded count)``, known on the host. The ids, mask,
+    types (where given) and lengths are built in one host array and copied at once (``engine._to_device``),
+    so nothing is read back before the first layer."""
+    lengths = np.fromiter((entry[0] for entry in entries), dtype=np.int64, count=len(entries))
+    rows, longest = len(entries), int(lengths.max())
+    typed = any(entry[4] is not None for entry in entries)
+    planes = 3 if typed else 2
+    block = np.zeros(planes * rows * longest + rows, dtype=np.int64)
+    grids = block[: planes * rows * longest].reshape(planes, rows, longest)
+    valid = np.arange(longest) < lengths[:, None]
+    grids[0].fill(engine.pad_token_id)
+    grids[0][valid] = np.concatenate([entry[3] for entry in entries])
+    grids[1][valid] = 1
+    if typed:
+        grids[2][valid] = np.concatenate([e[4] if e[4] is not None else np.zeros_like(e[3]) for e in entries])
+    block[planes * rows * longest :] = lengths
+    on_device = engine._to_device(block)
+    ids_d, mask_d, *types_d = on_device[: planes * rows * longest].view(planes, rows, longest).unbind(0)
+    summary = (on_device[planes * rows * longest :], longest, int(rows * longest - lengths.sum()))
+    hidden = engine.adapter.embed(ids_d, types_d[0] if typed else None, None, None, mask_d)
+    return lengths, hidden, mask_d, summary
 
 
 @dataclass(eq=False, slots=True)
@@ -264,26 +299,8 @@ class CohortEngine:
         launched_at = time.perf_counter()
         for entry in entries:
             self.stats.queue_seconds.observe(launched_at - entry[6])
-        lengths = np.fromiter((entry[0] for entry in entries), dtype=np.int64, count=len(entries))
-        rows, longest = len(entries), int(lengths.max())
-        typed = any(entry[4] is not None for entry in entries)
-        # The cohort's inputs in one host array, copied to the device at once: ids, mask, types where
-        # given, then the lengths (each row's extent, the mask's summary).
-        planes = 3 if typed else 2
-        block = np.zeros(planes * rows * longest + rows, dtype=np.int64)
-        grids = block[: planes * rows * longest].reshape(planes, rows, longest)
-        valid = np.arange(longest) < lengths[:, None]
-        grids[0].fill(self.pad_token_id)
-        grids[0][valid] = np.concatenate([entry[3] for entry in entries])
-        grids[1][valid] = 1
-        if typed:
-            grids[2][valid] = np.concatenate([e[4] if e[4] is not None else np.zeros_like(e[3]) for e in entries])
-        block[planes * rows * longest :] = lengths
-        on_device = self._to_device(block)
-        ids_d, mask_d, *types_d = on_device[: planes * rows * longest].view(planes, rows, longest).unbind(0)
-        # The mask's summary from the host's lengths: each row's extent, the longest, the padded count.
-        summary = (on_device[planes * rows * longest :], longest, int(rows * longest - lengths.sum()))
-        hidden = self.adapter.embed(ids_d, types_d[0] if typed else None, None, None, mask_d)
+        lengths, hidden, mask_d, summary = cohort_inputs(self, entries)
+        rows = len(entries)
         if self.graphed:
             result = run_graphed(
                 self.adapter,
@@ -312,7 +329,7 @@ class CohortEngine:
                 layers_run,
                 ready,
                 launched_at,
-                longest,
+                summary[1],
                 buckets,
             )
         )

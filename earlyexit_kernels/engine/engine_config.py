@@ -18,7 +18,7 @@ from earlyexit_kernels.engine.aging import check_max_age
 
 __all__ = ["ENGINE_KINDS", "EngineConfig", "engine_config"]
 
-ENGINE_KINDS = ("auto", "continuous", "cohorts")
+ENGINE_KINDS = ("auto", "continuous", "cohorts", "segments")
 
 
 def _option(help: str, metavar: str | None = None, *, none: str | None = None, choices=None) -> dict:
@@ -47,7 +47,9 @@ class EngineConfig:
     ``True`` or ``False``. ``max_age``: layer calls after which a sequence is served first,
     ``"auto"`` or ``None`` (off). ``engine``: which engine runs the stream
     (:mod:`earlyexit_kernels.engine.engine_kind`): ``"auto"`` (the cohort engine on CUDA where the
-    model runs the graphed step, else the continuous engine), ``"continuous"`` or ``"cohorts"``.
+    model runs the graphed step, else the continuous engine), ``"continuous"``, ``"cohorts"`` or
+    ``"segments"`` (opt-in: :mod:`earlyexit_kernels.engine.segment_engine`, E3's segments).
+    ``segments``: how many segments of consecutive layers the segment engine splits the model into.
     ``max_batch_size`` None: the engine's own (64 rows for the continuous engine; for the cohort
     engine as many as ``max_tokens`` allows, up to 1,024).
     """
@@ -95,8 +97,18 @@ class EngineConfig:
         default="auto",
         metadata=_option(
             "which engine runs the stream: auto (the cohort engine on CUDA where the model runs the graphed step, "
-            "else the continuous engine), continuous or cohorts (docs/serving.md)",
+            "else the continuous engine), continuous, cohorts or segments (opt-in, E3's layer segments; "
+            "docs/serving.md)",
             choices=ENGINE_KINDS,
+        ),
+    )
+    segments: int | None = field(
+        default=None,
+        metadata=_option(
+            "the segment engine's (engine segments) number of segments of consecutive layers, each refilled to "
+            "the token budget from the rows leaving the one below",
+            "N",
+            none="3, equal thirds of the layers (one a layer, where the model has fewer)",
         ),
     )
 
@@ -118,6 +130,7 @@ class EngineConfig:
         if self.packed not in (None, True, False):
             raise ValueError(f"packed must be None (where it pays), True or False, got {self.packed!r}")
         check_max_age(self.max_age)
+        _whole("segments", self.segments, optional=True)  # at most the model's layers: checked by the engine
 
     def replace(self, **changes) -> EngineConfig:
         """A copy with ``changes``, checked again."""

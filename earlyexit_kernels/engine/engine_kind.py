@@ -5,7 +5,10 @@ per-layer queues; on a CPU a call costs its rows, and that pays. On a GPU a call
 and syncs: there the cohort engine (:mod:`earlyexit_kernels.engine.cohort_engine`) runs
 length-sorted cohorts through the graphed step, read back a cohort late. ``"auto"`` takes the
 cohort engine where the model runs on CUDA on the graphed step (with ``compile`` or ``packed``,
-which only the continuous engine has, the continuous engine).
+which only the continuous engine has, the continuous engine). ``"segments"``
+(:mod:`earlyexit_kernels.engine.segment_engine`, E3's layer segments, each refilled to the token
+budget) is only ever chosen by name: it becomes ``"auto"``'s choice only once a GPU measures it
+faster than the cohorts.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ __all__ = ["engine_kind", "make_engine"]
 
 
 def engine_kind(model, config: EngineConfig) -> str:
-    """``"continuous"`` or ``"cohorts"``: ``config.engine``, with ``"auto"`` resolved for ``model``."""
+    """``"continuous"``, ``"cohorts"`` or ``"segments"``: ``config.engine``, with ``"auto"`` resolved for ``model``."""
     if config.engine != "auto":
         return config.engine
     if config.compile or config.packed:
@@ -31,7 +34,12 @@ def engine_kind(model, config: EngineConfig) -> str:
 
 def make_engine(model, config: EngineConfig):
     """The engine ``config`` asks for (:func:`engine_kind`), built on ``model``."""
-    if engine_kind(model, config) == "cohorts":
+    kind = engine_kind(model, config)
+    if kind == "segments":
+        from earlyexit_kernels.engine.segment_engine import SegmentEngine
+
+        return SegmentEngine(model, config)
+    if kind == "cohorts":
         from earlyexit_kernels.engine.cohort_engine import CohortEngine
 
         return CohortEngine(model, config)

@@ -1,7 +1,9 @@
-"""Calibrate an exit policy on rows set apart for it: pick the threshold (patience, q, votes) for a target.
+"""The library's calibration of a patched model: its heads recorded on rows set apart, then the threshold chosen.
+
+The policy's threshold (patience, q, votes) is picked for a target.
 
 Every head runs once on the rows (``return_all_exits=True``,
-:func:`~earlyexit_kernels.training.record_exits.record_exits`); each candidate policy is then
+:func:`record_exits`, below); each candidate policy is then
 replayed offline on the recorded logits and halting logits with
 :func:`earlyexit_kernels.methods.exit_rules.exit_step`, the step the engine applies, in the same
 order and with the same state, so the replay makes exactly the decisions of the patched model's
@@ -17,21 +19,82 @@ says what is measured and when it warns); this module runs the model and reports
 
 Classification heads only (num_labels >= 2): for a regression head,
 :func:`~earlyexit_kernels.calibration.record.replay` candidate policies on one
-:func:`~earlyexit_kernels.training.record_exits.record_exits` and choose by hand.
+:func:`record_exits`, below and choose by hand.
+
+:func:`calibrate` is the library's entry (``eek.calibrate``); the certificate's statistics are
+:mod:`earlyexit_kernels.calibration.certify`, ``eek calibrate``'s re-certification of a saved folder is
+:mod:`earlyexit_kernels.integrations.recertify_folder`, and the same from texts and a tokenizer is
+:mod:`earlyexit_kernels.training.calibrate_texts`.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Mapping
+
+import torch
 
 from earlyexit_kernels.calibration.record import ExitRecord
 from earlyexit_kernels.calibration.report import compact_curve, plot_curve, print_curve
 from earlyexit_kernels.calibration.select import Calibration, CalibrationWarning, Goal, choose
-from earlyexit_kernels.methods.policies import ExitPolicy
+from earlyexit_kernels.methods.policies import ExitPolicy, Scheduled
 from earlyexit_kernels.training.fit_config import settings_of
-from earlyexit_kernels.training.record_exits import record_exits
 
-__all__ = ["Calibration", "CalibrationWarning", "Goal", "calibrate"]
+__all__ = ["Calibration", "CalibrationWarning", "Goal", "calibrate", "each_batch", "record_exits"]
+
+
+def each_batch(data) -> Iterable[Mapping[str, torch.Tensor]]:
+    """The batches of ``data``: one batch (a dict) alone, or each of a list, a ``DataLoader`` or a generator."""
+    if isinstance(data, Mapping):
+        yield data
+    else:
+        yield from data
+
+
+@torch.no_grad()
+def record_exits(model, batches) -> ExitRecord:
+    """Run every layer and head of a patched model on ``batches`` once (eval mode) and record them.
+
+    ``batches``: dicts with ``input_ids`` and optionally ``attention_mask``,
+    ``token_type_ids``, ``labels``. The record is kept on the CPU.
+    """
+    from earlyexit_kernels.patching.state import is_patched, state_of
+
+    if not is_patched(model):
+        raise ValueError("record_exits needs a model patched with eek.patch")
+    policy = state_of(model).policy
+    if isinstance(policy, Scheduled):
+        raise ValueError("a Scheduled policy cannot be calibrated; patch the model with the policy to calibrate")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    logits, halting, skipped, labels = [], [], [], []
+    try:
+        for batch in each_batch(batches):
+            out = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=None if batch.get("attention_mask") is None else batch["attention_mask"].to(device),
+                token_type_ids=None if batch.get("token_type_ids") is None else batch["token_type_ids"].to(device),
+                return_all_exits=True,
+            )
+            logits.append(out.all_logits.cpu())
+            if out.all_halting_logits is not None:
+                halting.append(out.all_halting_logits.cpu())
+            if out.all_skipped is not None:
+                skipped.append(out.all_skipped.cpu())
+            if batch.get("labels") is not None:
+                labels.append(batch["labels"].cpu())
+    finally:
+        model.train(was_training)
+    if not logits:
+        raise ValueError("record_exits got no batches")
+    return ExitRecord(
+        torch.cat(logits, dim=1),
+        torch.cat(labels) if labels else None,
+        torch.cat(halting, dim=1) if halting else None,
+        torch.cat(skipped, dim=1) if skipped else None,
+        policy,
+    )
 
 
 def calibrate(
