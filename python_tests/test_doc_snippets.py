@@ -183,6 +183,7 @@ PREAMBLES = {
     ("docs/serving.md", "Many sequences: `eek.classify` and the continuous engine", 0): _with_model,
     ("docs/training.md", "Fit in one call", 0): _with_model,
     ("docs/training.md", "Fit in one call", 1): _with_model,
+    ("docs/training.md", "Fit in one call", 2): _with_model,
     ("docs/training.md", "Training the heads", 0): _with_model,
     ("docs/training.md", "Training the heads", 1): _trainer,
     ("docs/training.md", "Calibration", 0): _with_model,

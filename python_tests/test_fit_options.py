@@ -17,7 +17,7 @@ from earlyexit_kernels.engine.heads import HEAD_FORMS, HEAD_POOLINGS
 from earlyexit_kernels.integrations import fit_cli
 from earlyexit_kernels.integrations.cli import build_parser, main
 from earlyexit_kernels.integrations.fit_options import FIT_DEFAULTS, checked
-from earlyexit_kernels.integrations.folder_calibration import Recalibration
+from earlyexit_kernels.integrations.recertify_folder import Recalibration
 from earlyexit_kernels.patching.fit_record import SAVED
 from earlyexit_kernels.training.calibrate_texts import DEFAULT_GOAL
 from earlyexit_kernels.training.fit_config import FitConfig, FitError, Training
