@@ -19,12 +19,12 @@ from test_fit_cli import FAST, _frame, _run, classifier  # noqa: F401 - classifi
 import earlyexit_kernels as eek
 from earlyexit_kernels.calibration.candidates import certified_candidates
 from earlyexit_kernels.calibration.certify import certify
-from earlyexit_kernels.calibration.losses import row_losses
 from earlyexit_kernels.calibration.record import ExitRecord, replay
-from earlyexit_kernels.integrations.folder_calibration import calibrate_folder
+from earlyexit_kernels.calibration.row_losses import row_losses
+from earlyexit_kernels.integrations.recertify_folder import calibrate_folder
 from earlyexit_kernels.methods.policies import Entropy
 from earlyexit_kernels.methods.risk_control import fixed_sequence, risk_p_value
-from earlyexit_kernels.training.calibration import calibrate
+from earlyexit_kernels.training.calibrate_model import calibrate
 from earlyexit_kernels.training.labelled_texts import LabelledTexts
 
 pd = pytest.importorskip("pandas", reason="the data files are written with pandas")
@@ -127,7 +127,7 @@ def test_eek_calibrate_max_changed_is_saved_kept_and_dropped(classifier, tmp_pat
     # the online audit and a start-up certificate on rows without labels read the answers changed alone: at the
     # smaller of the two budgets
     from earlyexit_kernels.integrations.model_folder import load_model
-    from earlyexit_kernels.integrations.recertify_folder import certificate_of_folder
+    from earlyexit_kernels.integrations.online_certificate import certificate_of_folder
     from earlyexit_kernels.integrations.served_certificate import certify_served
 
     assert certificate_of_folder(str(folder), fraction=0.5).budget == pytest.approx(0.05)

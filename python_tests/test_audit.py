@@ -20,7 +20,7 @@ import torch
 from conftest import VOCAB, tiny_model, word_texts
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.calibration.losses import accuracy_lost, disagreement, paired_loss
+from earlyexit_kernels.calibration.row_losses import accuracy_lost, disagreement, paired_loss
 from earlyexit_kernels.engine import audit as audit_module
 from earlyexit_kernels.engine.audit import AuditWatch, full_depth_logits
 from earlyexit_kernels.methods import risk_control

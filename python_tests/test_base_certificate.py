@@ -20,12 +20,11 @@ from transformers import AutoTokenizer
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.calibration.candidates import certified_candidates
-from earlyexit_kernels.calibration.losses import disagreement
 from earlyexit_kernels.calibration.record import ExitRecord, replay
+from earlyexit_kernels.calibration.row_losses import disagreement
 from earlyexit_kernels.engine.precision import to_base
-from earlyexit_kernels.training.calibration import calibrate
+from earlyexit_kernels.training.calibrate_model import calibrate, record_exits
 from earlyexit_kernels.training.labelled_texts import LabelledTexts
-from earlyexit_kernels.training.record_exits import record_exits
 
 pytest.importorskip("torch.ao.quantization", reason="int8 needs torch's quantized engine")
 
@@ -119,7 +118,7 @@ def _copy(spread_folder, folder):
 
 
 def test_eek_calibrate_dtype_int8_certifies_against_the_float32_full_model_by_default(spread_folder, tmp_path):
-    from earlyexit_kernels.integrations.folder_calibration import calibrate_folder
+    from earlyexit_kernels.integrations.recertify_folder import calibrate_folder
 
     folder = _copy(spread_folder, tmp_path / "copy")
     rows = _labelled(1_200, 7)
@@ -150,7 +149,7 @@ def test_eek_calibrate_dtype_int8_certifies_against_the_float32_full_model_by_de
     assert FitRecord.load(folder).base_risk == "reference"
 
     # the audit runs the served base's own full depth, not the float32 model: no online re-certification
-    from earlyexit_kernels.integrations.recertify_folder import resolve_online_certificate
+    from earlyexit_kernels.integrations.online_certificate import resolve_online_certificate
 
     served = eek.policy_of(eek.from_pretrained(str(folder)))
     certificate, why = resolve_online_certificate(str(folder), served, None, fraction=0.5)
@@ -160,7 +159,7 @@ def test_eek_calibrate_dtype_int8_certifies_against_the_float32_full_model_by_de
 def test_eek_calibrate_risk_agreement_certifies_against_the_int8_full_depth_and_reports_float32_apart(
     spread_folder, tmp_path
 ):
-    from earlyexit_kernels.integrations.folder_calibration import calibrate_folder
+    from earlyexit_kernels.integrations.recertify_folder import calibrate_folder
 
     folder = _copy(spread_folder, tmp_path / "copy")
     report = calibrate_folder(
@@ -185,7 +184,7 @@ def test_eek_calibrate_risk_agreement_certifies_against_the_int8_full_depth_and_
 
 
 def test_risk_accuracy_without_labels_and_an_unknown_risk_are_refused(spread_folder):
-    from earlyexit_kernels.integrations.folder_calibration import calibrate_folder
+    from earlyexit_kernels.integrations.recertify_folder import calibrate_folder
     from earlyexit_kernels.training.fit_config import FitError
 
     unlabelled = LabelledTexts(word_texts(50, seed=1), None, None, "rows.csv")
@@ -197,7 +196,7 @@ def test_risk_accuracy_without_labels_and_an_unknown_risk_are_refused(spread_fol
 
 def test_unlabelled_rows_join_a_certificate_against_the_float32_full_model(spread_folder, tmp_path):
     # the unlabelled rows' full model is the float32 one too: prediction-powered with labels, more rows without
-    from earlyexit_kernels.integrations.folder_calibration import calibrate_folder
+    from earlyexit_kernels.integrations.recertify_folder import calibrate_folder
 
     folder = _copy(spread_folder, tmp_path / "copy")
     more = LabelledTexts([t or "w1" for t in word_texts(600, seed=9)], None, None, "more.csv")

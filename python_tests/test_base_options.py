@@ -13,7 +13,7 @@ from test_fit_cli import FAST, _frame, _run, classifier  # noqa: F401 - classifi
 
 from earlyexit_kernels.engine import precision
 from earlyexit_kernels.engine.int8_isa import int8_isa
-from earlyexit_kernels.integrations import base_options
+from earlyexit_kernels.integrations import cli_options
 from earlyexit_kernels.integrations.cli import build_parser
 
 pd = pytest.importorskip("pandas", reason="the data files are written with pandas")
@@ -21,7 +21,7 @@ COMMANDS = ("classify", "serve", "evaluate", "fit", "calibrate")
 
 
 def test_the_command_line_names_are_the_engine_s():
-    assert base_options.DEVICES == precision.DEVICES and base_options.DTYPES == precision.DTYPES
+    assert cli_options.DEVICES == precision.DEVICES and cli_options.DTYPES == precision.DTYPES
     commands = next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices and "fit" in a.choices)
     for name in COMMANDS:
         options = {o: a for a in commands.choices[name]._actions for o in a.option_strings}
@@ -112,7 +112,7 @@ def test_layers_without_int8_or_with_an_audit_record_is_one_clear_line(fitted, t
 
 
 def test_the_int8_layers_named_on_the_command_line_are_the_engine_s():
-    assert set(base_options.INT8_LAYERS) == {"auto", *precision.INT8_LAYERS}
+    assert set(cli_options.INT8_LAYERS) == {"auto", *precision.INT8_LAYERS}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where there is no CUDA device")

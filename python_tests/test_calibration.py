@@ -7,12 +7,10 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.calibration.candidates import candidates
+from earlyexit_kernels.calibration.candidates import candidates, plot_curve, print_curve
 from earlyexit_kernels.calibration.record import replay
-from earlyexit_kernels.calibration.report import plot_curve, print_curve
 from earlyexit_kernels.calibration.select import Goal, accuracy_curve, interpolate_baseline, static_baseline
-from earlyexit_kernels.training.calibration import calibrate
-from earlyexit_kernels.training.record_exits import record_exits
+from earlyexit_kernels.training.calibrate_model import calibrate, record_exits
 
 POLICIES = [
     eek.Entropy(0.9),

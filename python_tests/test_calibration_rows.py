@@ -16,11 +16,11 @@ from test_fit_cli import FAST, _frame, _run, classifier  # noqa: F401 - classifi
 from transformers import BertForSequenceClassification, BertTokenizerFast
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.integrations.labelled_data import read_labelled
+from earlyexit_kernels.integrations.table_io import read_labelled
 from earlyexit_kernels.training.calibrate_texts import calibrate_texts, calibration_goal
-from earlyexit_kernels.training.calibration_share import ShareSettings, choose_share
 from earlyexit_kernels.training.fit_config import file_rows_to_certify, least_rows_to_certify
 from earlyexit_kernels.training.labelled_texts import label_ids, split_rows
+from earlyexit_kernels.training.share_probe import ShareSettings, choose_share
 
 pd = pytest.importorskip("pandas", reason="the data files are written with pandas")
 

@@ -14,8 +14,8 @@ import torch
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.calibration.candidates import certified_candidates
-from earlyexit_kernels.calibration.losses import row_losses
 from earlyexit_kernels.calibration.record import ExitRecord, replay
+from earlyexit_kernels.calibration.row_losses import row_losses
 from earlyexit_kernels.calibration.share import (
     MIN_GAIN_LAYERS,
     CandidateTable,

@@ -8,10 +8,9 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 import earlyexit_kernels as eek
+from earlyexit_kernels.calibration.candidates import compact_curve, print_curve
 from earlyexit_kernels.calibration.record import ExitRecord, replay
-from earlyexit_kernels.calibration.report import compact_curve, print_curve
-from earlyexit_kernels.training.calibration import CalibrationWarning, calibrate
-from earlyexit_kernels.training.record_exits import record_exits
+from earlyexit_kernels.training.calibrate_model import CalibrationWarning, calibrate, record_exits
 
 LAYERS, ROWS = 4, 400
 

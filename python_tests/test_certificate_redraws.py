@@ -24,8 +24,8 @@ import torch
 
 from earlyexit_kernels.calibration.candidates import certified_candidates
 from earlyexit_kernels.calibration.certify import certify
-from earlyexit_kernels.calibration.losses import row_losses
 from earlyexit_kernels.calibration.record import ExitRecord, replay
+from earlyexit_kernels.calibration.row_losses import row_losses
 from earlyexit_kernels.methods.policies import Entropy, MultiLabelConfidence
 from earlyexit_kernels.methods.risk_control import upper_bound
 from earlyexit_kernels.training.labelled_texts import order_by_length

@@ -12,9 +12,9 @@ import torch
 
 from earlyexit_kernels.calibration.candidates import certified_candidates
 from earlyexit_kernels.calibration.certify import certify
-from earlyexit_kernels.calibration.losses import query_recalls, row_losses
 from earlyexit_kernels.calibration.record import ExitRecord, replay
 from earlyexit_kernels.calibration.rerank import calibrate_rerank
+from earlyexit_kernels.calibration.row_losses import query_recalls, row_losses
 from earlyexit_kernels.methods.policies import Entropy, MultiLabelConfidence, Patience, ScoreBand
 from earlyexit_kernels.methods.risk_control import (
     MOST_ROWS,
@@ -27,7 +27,7 @@ from earlyexit_kernels.methods.risk_control import (
     rows_to_certify,
     upper_bound,
 )
-from earlyexit_kernels.training.calibration import calibrate
+from earlyexit_kernels.training.calibrate_model import calibrate
 
 
 def _brute_binomial_cdf(k, n, p):

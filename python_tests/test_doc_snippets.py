@@ -115,7 +115,7 @@ def _with_model(ns):
 
 def _calibration_rows(ns):
     """A patched model and 320 calibration rows: enough to certify a 1-point budget at 95% (299 at least)."""
-    from earlyexit_kernels.training.calibration import calibrate
+    from earlyexit_kernels.training.calibrate_model import calibrate
 
     _with_model(ns)
     ns["calibrate"] = calibrate

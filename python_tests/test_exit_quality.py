@@ -8,7 +8,7 @@ from benchmarks.suite import exit_quality
 from earlyexit_kernels.calibration.candidates import candidates
 from earlyexit_kernels.calibration.record import replay
 from earlyexit_kernels.demo.task import batches, make_split
-from earlyexit_kernels.training.record_exits import record_exits
+from earlyexit_kernels.training.calibrate_model import record_exits
 
 LAYERS = 4
 # DACT is left out here: its halting head learns to stop where more layers stop paying off, and

@@ -16,7 +16,7 @@ import torch
 from earlyexit_kernels.calibration.certify import GUARANTEES, certify, expected_index
 from earlyexit_kernels.calibration.record import ExitRecord
 from earlyexit_kernels.methods.policies import Entropy
-from earlyexit_kernels.training.calibration import calibrate
+from earlyexit_kernels.training.calibrate_model import calibrate
 
 
 def _population(rows: int, seed: int) -> ExitRecord:
@@ -66,7 +66,7 @@ def test_calibrate_takes_the_guarantee_and_names_it_in_its_target():
 def test_a_folder_certified_in_expectation_is_not_re_certified_online(tmp_path):
     """Online re-certification certifies with a probability: it would change what the folder promises, so the
     serving paths leave it off and say how to keep the guarantee (offline, on the audited rows)."""
-    from earlyexit_kernels.integrations.recertify_folder import resolve_online_certificate
+    from earlyexit_kernels.integrations.online_certificate import resolve_online_certificate
     from earlyexit_kernels.patching.fit_record import FitRecord
 
     folder = tmp_path / "folder"

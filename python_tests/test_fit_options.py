@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from earlyexit_kernels._fit_fields import FIT_FIELDS, HEAD_CHOICES, POOLING_CHOICES
+from earlyexit_kernels._fit_fields import FIT_FIELDS, HEAD_CHOICES, POOLING_CHOICES, RISK_CHOICES
 from earlyexit_kernels.calibration.certificate import GUARANTEES
 from earlyexit_kernels.calibration.select import Goal
 from earlyexit_kernels.engine.heads import HEAD_FORMS, HEAD_POOLINGS
@@ -19,7 +19,7 @@ from earlyexit_kernels.integrations.cli import build_parser, main
 from earlyexit_kernels.integrations.fit_options import FIT_DEFAULTS, checked
 from earlyexit_kernels.integrations.recertify_folder import Recalibration
 from earlyexit_kernels.patching.fit_record import SAVED
-from earlyexit_kernels.training.calibrate_texts import DEFAULT_GOAL
+from earlyexit_kernels.training.calibrate_texts import BASE_RISKS, DEFAULT_GOAL
 from earlyexit_kernels.training.fit_config import FitConfig, FitError, Training
 
 COMMANDS = next(a.choices for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
@@ -53,6 +53,7 @@ DEFAULTS = [
     ("calibrate", "guarantee", Recalibration, None),
     ("calibrate", "max_changed", Recalibration, None),
     ("calibrate", "max_length", Recalibration, None),
+    ("calibrate", "risk", Recalibration, None),
     ("calibrate", "batch_size", Recalibration, None),  # its own option: rows per batch
 ]
 
@@ -101,13 +102,14 @@ def test_one_help_line_per_setting_across_the_commands():
 
 
 def test_the_fields_carry_the_metadata_the_options_are_made_from():
-    """Each field of a fit setting (FitConfig's, Training's, the Goal's) carries its FIT_FIELDS entry; each entry
-    is a FitConfig field's, the object eek fit builds."""
-    for settings in (FitConfig, Training, Goal):
+    """Each field of a fit setting (FitConfig's, Training's, the Goal's, Recalibration's) carries its FIT_FIELDS
+    entry, but Recalibration's batch_size (rows per batch, another setting than FitConfig's); each entry is a field
+    of FitConfig, the object eek fit builds, or of Recalibration, eek calibrate's."""
+    for settings in (FitConfig, Training, Goal, Recalibration):
         for field in dataclasses.fields(settings):
-            if field.name in FIT_FIELDS:
+            if field.name in FIT_FIELDS and (settings, field.name) != (Recalibration, "batch_size"):
                 assert dict(field.metadata) == FIT_FIELDS[field.name], (settings.__name__, field.name)
-    assert set(FIT_FIELDS) <= {field.name for field in dataclasses.fields(FitConfig)}
+    assert set(FIT_FIELDS) <= {field.name for kind in (FitConfig, Recalibration) for field in dataclasses.fields(kind)}
 
 
 def test_the_choices_are_the_objects():
@@ -116,6 +118,7 @@ def test_the_choices_are_the_objects():
     assert FIT_FIELDS["method"]["choices"] == METHODS
     assert POOLING_CHOICES == ("auto", *HEAD_POOLINGS) and HEAD_CHOICES == ("auto", *HEAD_FORMS)
     assert FIT_FIELDS["guarantee"]["choices"] == tuple(GUARANTEES)
+    assert RISK_CHOICES == ("auto", *BASE_RISKS) == FIT_FIELDS["risk"]["choices"]
 
 
 def test_eek_calibrate_says_a_folder_without_a_certificate_gets_the_library_s_goal():

@@ -12,8 +12,8 @@ import pytest
 from conftest import write_table as _write
 from test_fit_cli import FAST, _frame, _run, classifier  # noqa: F401 - classifier is a fixture
 
-from earlyexit_kernels.integrations.folder_calibration import saved_path
 from earlyexit_kernels.integrations.model_folder import certified_base, fit_certificate
+from earlyexit_kernels.integrations.recertify_folder import saved_path
 from earlyexit_kernels.patching.fit_record import FILE, VERSION, FitRecord, FitRecordError
 
 BEFORE = Path(__file__).parent / "data" / "fitted_before_record"

@@ -16,9 +16,9 @@ import torch
 from transformers import AutoTokenizer
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.integrations.folder_calibration import saved_budget, saved_path
 from earlyexit_kernels.integrations.model_folder import audit_settings, certified_base, fit_certificate
-from earlyexit_kernels.integrations.recertify_folder import certificate_of_folder
+from earlyexit_kernels.integrations.online_certificate import certificate_of_folder
+from earlyexit_kernels.integrations.recertify_folder import saved_budget, saved_path
 
 FOLDER = Path(__file__).parent / "data" / "fitted_before_record"
 CLASSIFIED = Path(__file__).parent / "data" / "fitted_before_record_classified.json"

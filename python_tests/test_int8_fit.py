@@ -20,7 +20,7 @@ from earlyexit_kernels.engine.int8_isa import int8_isa
 from earlyexit_kernels.integrations.model_folder import load_model
 from earlyexit_kernels.patching.fit_record import FitRecord
 from earlyexit_kernels.training import fit_exit_heads
-from earlyexit_kernels.training.record_exits import record_exits
+from earlyexit_kernels.training.calibrate_model import record_exits
 
 pd = pytest.importorskip("pandas", reason="the data files are written with pandas")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

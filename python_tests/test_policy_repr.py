@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import earlyexit_kernels as eek
+from earlyexit_kernels.calibration.candidates import describe, distinct_digits, print_curve
 from earlyexit_kernels.calibration.record import CurvePoint
-from earlyexit_kernels.calibration.report import describe, distinct_digits, print_curve
 from earlyexit_kernels.methods.policy_spec import parse_policy
 
 POLICIES = [

@@ -114,7 +114,7 @@ def test_the_demo_takes_the_careful_path_on_files_eek_fit_reads_and_fits_alike(t
     import shlex
 
     from earlyexit_kernels.integrations.cli import main as eek_main
-    from earlyexit_kernels.integrations.labelled_data import read_labelled
+    from earlyexit_kernels.integrations.table_io import read_labelled
 
     exported = tmp_path / "files"
     real_demo.main(["--cache-dir", str(tiny_task), "--export", str(exported), "--max-drop", "10"])

@@ -26,7 +26,7 @@ from conftest import word_texts
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.calibration.online import OnlineCertificate, RecertifyError
-from earlyexit_kernels.integrations.recertify_folder import certificate_of_folder, resolve_online_certificate
+from earlyexit_kernels.integrations.online_certificate import certificate_of_folder, resolve_online_certificate
 from earlyexit_kernels.patching.exit_files import CONFIG_FILE, policy_to_dict
 
 # layer 1's entropies lie near 0.0008, layer 2's near 0.72, layer 3's near 0.67 (conftest's saved_classifier)

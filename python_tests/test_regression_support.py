@@ -8,8 +8,7 @@ import earlyexit_kernels as eek
 from earlyexit_kernels.calibration.record import replay
 from earlyexit_kernels.methods.losses import OBJECTIVES
 from earlyexit_kernels.training import train_exit_heads
-from earlyexit_kernels.training.calibration import calibrate
-from earlyexit_kernels.training.record_exits import record_exits
+from earlyexit_kernels.training.calibrate_model import calibrate, record_exits
 
 
 def _batches(count=2):

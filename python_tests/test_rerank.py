@@ -15,12 +15,12 @@ from model_comparison import assert_same_function
 from served_models import cross_encoder_folder, spread
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.calibration.losses import top_k_recall
 from earlyexit_kernels.calibration.record import replay
 from earlyexit_kernels.calibration.rerank import calibrate_rerank, ndcg_at
+from earlyexit_kernels.calibration.row_losses import top_k_recall
 from earlyexit_kernels.integrations.model_folder import load_model
 from earlyexit_kernels.methods.exit_rules import exit_step
-from earlyexit_kernels.training.record_exits import record_exits
+from earlyexit_kernels.training.calibrate_model import record_exits
 
 
 @pytest.fixture(scope="module")

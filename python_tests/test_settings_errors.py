@@ -13,7 +13,7 @@ import inspect
 import pytest
 
 from earlyexit_kernels.integrations.cli import main
-from earlyexit_kernels.integrations.folder_calibration import calibrate_folder
+from earlyexit_kernels.integrations.recertify_folder import calibrate_folder
 from earlyexit_kernels.training.calibrate_texts import calibrate_texts
 from earlyexit_kernels.training.fit import HeadsFit, fit_exit_heads
 from earlyexit_kernels.training.fit_config import FitConfig, FitError, Training

@@ -17,9 +17,9 @@ from earlyexit_kernels.training import (
     fit_exit_heads,
     train_exit_heads,
 )
+from earlyexit_kernels.training.calibrate_model import record_exits
 from earlyexit_kernels.training.fit_config import FitError, TrainSettings
 from earlyexit_kernels.training.head_choice import CANDIDATES
-from earlyexit_kernels.training.record_exits import record_exits
 from earlyexit_kernels.training.train import PLATEAU, TrainingWarning
 
 

@@ -14,12 +14,12 @@ from test_certified_calibration import _population
 
 from earlyexit_kernels.calibration.candidates import certified_candidates
 from earlyexit_kernels.calibration.certify import certify
-from earlyexit_kernels.calibration.losses import row_losses
 from earlyexit_kernels.calibration.prediction_powered import powered_bounds, predicted_losses
 from earlyexit_kernels.calibration.record import ExitRecord, replay
+from earlyexit_kernels.calibration.row_losses import row_losses
 from earlyexit_kernels.methods.policies import Entropy
 from earlyexit_kernels.methods.risk_control import paired_upper_bound
-from earlyexit_kernels.training.calibration import calibrate
+from earlyexit_kernels.training.calibrate_model import calibrate
 from earlyexit_kernels.training.labelled_texts import order_by_length
 
 STEPS = 40

@@ -40,7 +40,7 @@ from benchmarks.suite.script_results import run_conditions
 from earlyexit_kernels.calibration.candidates import certified_candidates
 from earlyexit_kernels.demo import real_task
 from earlyexit_kernels.training.cached_heads import ExitInputCache, cached_record
-from earlyexit_kernels.training.calibration import calibrate
+from earlyexit_kernels.training.calibrate_model import calibrate
 from earlyexit_kernels.training.train import train_exit_heads
 
 sys.path.insert(0, str(Path(__file__).parent))  # cascade_heads_probe, archived beside it

@@ -53,13 +53,13 @@ import torch
 import earlyexit_kernels as eek
 from benchmarks.suite.script_results import run_conditions, write_json, write_section
 from earlyexit_kernels.calibration.candidates import certified_candidates
-from earlyexit_kernels.calibration.losses import row_losses
 from earlyexit_kernels.calibration.record import replay
+from earlyexit_kernels.calibration.row_losses import row_losses
 from earlyexit_kernels.demo import real_task
 from earlyexit_kernels.methods.policy_spec import parse_policy
+from earlyexit_kernels.training.calibrate_model import record_exits
 from earlyexit_kernels.training.fit_texts import FitError, fit_model
 from earlyexit_kernels.training.labelled_texts import LabelledTexts, encode, length_sorted_batches, split_rows
-from earlyexit_kernels.training.record_exits import record_exits
 
 START, END = "<!-- certified-exits-real:start -->", "<!-- certified-exits-real:end -->"
 BUDGET_POINTS, CONFIDENCE = 1.0, 0.95

@@ -36,8 +36,7 @@ from earlyexit_kernels.training import (
     fit_exit_heads,
     train_exit_heads,
 )
-from earlyexit_kernels.training.calibration import calibrate
-from earlyexit_kernels.training.record_exits import record_exits
+from earlyexit_kernels.training.calibrate_model import calibrate, record_exits
 
 
 def batches(tokenizer, split, size: int, *, shuffle: bool = False, seed: int = 0, max_length: int = 128):

@@ -54,8 +54,8 @@ import torch
 from benchmarks.suite.script_results import run_conditions, write_json
 from earlyexit_kernels.calibration.candidates import certified_candidates
 from earlyexit_kernels.calibration.certify import certify
-from earlyexit_kernels.calibration.losses import row_losses
 from earlyexit_kernels.calibration.record import ExitRecord, replay
+from earlyexit_kernels.calibration.row_losses import row_losses
 from earlyexit_kernels.methods.paired_exact import score_value
 from earlyexit_kernels.methods.policies import Entropy
 from earlyexit_kernels.methods.risk_control import fixed_sequence, upper_bound

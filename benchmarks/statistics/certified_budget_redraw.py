@@ -50,8 +50,8 @@ from earlyexit_kernels.calibration.record import replay
 from earlyexit_kernels.demo import real_task
 from earlyexit_kernels.methods.risk_control import betting_p_values, binomial_cdf
 from earlyexit_kernels.training import fit_exit_heads
+from earlyexit_kernels.training.calibrate_model import record_exits
 from earlyexit_kernels.training.labelled_texts import LabelledTexts, encode, length_sorted_batches, shuffled_batches
-from earlyexit_kernels.training.record_exits import record_exits
 
 BUDGETS = (0.5, 1.0, 2.0)  # points
 CONFIDENCES = (0.9, 0.95)

@@ -41,8 +41,8 @@ from certified_budget_redraw import pool_record  # the same heads on the same po
 
 from benchmarks.suite.script_results import run_conditions, write_json, write_section
 from earlyexit_kernels.calibration.certify import certify
-from earlyexit_kernels.calibration.losses import row_losses
 from earlyexit_kernels.calibration.record import replay
+from earlyexit_kernels.calibration.row_losses import row_losses
 
 START, END = "<!-- certified-paths-redraw:start -->", "<!-- certified-paths-redraw:end -->"
 UNLABELLED_START, UNLABELLED_END = (

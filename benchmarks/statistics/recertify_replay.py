@@ -77,7 +77,7 @@ from benchmarks.suite.certificate_replay import (
 )
 from benchmarks.suite.script_results import run_conditions, write_json, write_section
 from earlyexit_kernels.calibration.online import candidate_losses
-from earlyexit_kernels.integrations.recertify_folder import certificate_of_folder
+from earlyexit_kernels.integrations.online_certificate import certificate_of_folder
 
 FIT_ROWS = 1500
 TRUNCATED_WORDS = (3, 6)
@@ -129,8 +129,8 @@ def _subset_pools(splits, logits: torch.Tensor) -> list[tuple[str, str, list[int
 
 def _record(model, tokenizer, texts: list[str], path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each candidate's losses and layers on ``texts`` in their order, and every head's logits [L, n, C]."""
+    from earlyexit_kernels.training.calibrate_model import record_exits
     from earlyexit_kernels.training.labelled_texts import LabelledTexts, encode, length_sorted_batches
-    from earlyexit_kernels.training.record_exits import record_exits
 
     data = LabelledTexts(list(texts), None, None, "pool", "label")
     batches = length_sorted_batches(encode(tokenizer, data, 128), None, 64)

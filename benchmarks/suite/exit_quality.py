@@ -28,7 +28,7 @@ trades accuracy for layers through the ponder weight ``tau`` of its loss, so it 
 once per ``--dact-taus`` value (rows ``dact(tau=...)``) and its curve joins those points.
 
 For every method every candidate value of its knob is replayed on the recorded exits of
-the held-out test split (:mod:`earlyexit_kernels.training.calibration`): the accuracy-vs-mean-layers
+the held-out test split (:mod:`earlyexit_kernels.training.calibrate_model`): the accuracy-vs-mean-layers
 curve. The static baseline is the same model cut after layer ``k`` for every sequence
 (the accuracy of head ``k``), interpolated linearly at the curve's mean layers; a point
 *beats* it when its accuracy is higher at equal mean layers. The operating point of each
@@ -57,18 +57,16 @@ import time
 import torch
 
 from earlyexit_kernels._version import __version__
-from earlyexit_kernels.calibration.candidates import candidates
+from earlyexit_kernels.calibration.candidates import candidates, plot_curve
 from earlyexit_kernels.calibration.record import ExitRecord, replay
-from earlyexit_kernels.calibration.report import plot_curve
 from earlyexit_kernels.calibration.select import accuracy_curve, interpolate_baseline, static_baseline
 from earlyexit_kernels.demo.task import batches, make_split
 from earlyexit_kernels.methods.policies import Patience
 from earlyexit_kernels.methods.policy_spec import parse_policy
 from earlyexit_kernels.patching.patch import patch, unpatch
 from earlyexit_kernels.patching.state import drop_detached_heads
-from earlyexit_kernels.training.calibration import calibrate
+from earlyexit_kernels.training.calibrate_model import calibrate, record_exits
 from earlyexit_kernels.training.method_training import TRAINING_POLICIES, train_method
-from earlyexit_kernels.training.record_exits import record_exits
 from earlyexit_kernels.training.train import HALTING_LR, train_exit_heads
 
 __all__ = ["METHODS", "DACT_TAUS", "train_method", "train_base", "evaluate_method", "runs_of", "main"]

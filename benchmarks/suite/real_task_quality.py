@@ -18,7 +18,7 @@ run short on a CPU.
 On the test split (2,500 snippets, never seen by training or calibration):
 
 - the curve: every candidate threshold of the method's policy replayed on the recorded exits
-  (:mod:`earlyexit_kernels.training.calibration`), against the static cut (the same model's
+  (:mod:`earlyexit_kernels.training.calibrate_model`), against the static cut (the same model's
   head of layer ``k`` for every sequence), interpolated at equal mean layers;
 - the calibrated point: accuracy, mean layers, and the drop from the full model;
 - wall-clock: the patched model and the unpatched one on the same length-sorted batches of
@@ -139,17 +139,16 @@ def _folder_name(run: str) -> str:
 
 def run(args, save=None) -> list[dict]:
     """Fit, calibrate and measure every run of ``args.runs``; ``save(rows)`` after each run."""
-    from earlyexit_kernels.calibration.candidates import candidates
+    from earlyexit_kernels.calibration.candidates import candidates, describe, distinct_digits
     from earlyexit_kernels.calibration.record import replay
-    from earlyexit_kernels.calibration.report import describe, distinct_digits
     from earlyexit_kernels.calibration.select import accuracy_curve, interpolate_baseline, static_baseline
     from earlyexit_kernels.demo.real_task import fine_tuned_model, load_task
     from earlyexit_kernels.integrations.evaluation import evaluate
     from earlyexit_kernels.patching.patch import head_config, patch, unpatch
+    from earlyexit_kernels.training.calibrate_model import record_exits
     from earlyexit_kernels.training.fit import fit_exit_heads
     from earlyexit_kernels.training.labelled_texts import length_sorted_batches, shuffled_batches
     from earlyexit_kernels.training.recipes import recipe
-    from earlyexit_kernels.training.record_exits import record_exits
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -257,7 +256,7 @@ def run(args, save=None) -> list[dict]:
         if operating["why"]:
             print(f"{'':<20} why: {operating['why']}", flush=True)
     if args.plot and curves:
-        from earlyexit_kernels.calibration.report import plot_curve
+        from earlyexit_kernels.calibration.candidates import plot_curve
 
         title = f"{outputs(args.backbone, args.task)[3]}, test split"
         plot_curve(curves, args.plot, baseline=baseline, title=title)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from earlyexit_kernels.calibration.losses import top_k_recall
 from earlyexit_kernels.calibration.rerank import ndcg_at
+from earlyexit_kernels.calibration.row_losses import top_k_recall
 
 __all__ = ["K", "full_top_k", "mrr", "quality"]
 

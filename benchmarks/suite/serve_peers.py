@@ -439,7 +439,7 @@ def int8_max_changed(folder: Path | None) -> float | None:
     """The answers-changed budget (points) ``folder``'s certificate holds beside accuracy lost, or None."""
     if folder is None:
         return None
-    from earlyexit_kernels.integrations.folder_calibration import saved_changed
+    from earlyexit_kernels.integrations.recertify_folder import saved_changed
 
     return saved_changed(str(folder))
 

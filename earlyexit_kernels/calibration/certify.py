@@ -47,7 +47,6 @@ from earlyexit_kernels.calibration.certificate import (  # re-exported: certify'
     describe_certificate,
     guarantee_of,
 )
-from earlyexit_kernels.calibration.losses import row_losses
 from earlyexit_kernels.calibration.record import (
     CurvePoint,
     ExitRecord,
@@ -57,6 +56,7 @@ from earlyexit_kernels.calibration.record import (
     replay,
     resolve_target,
 )
+from earlyexit_kernels.calibration.row_losses import row_losses
 from earlyexit_kernels.methods.policies import ExitPolicy
 from earlyexit_kernels.methods.risk_control import (
     check_budget,

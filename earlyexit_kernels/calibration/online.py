@@ -1,6 +1,6 @@
 """The served threshold re-certified online from the audit: looser while the traffic allows it, pulled back under drift.
 
-    certificate = certificate_of_folder("out/", fraction=0.05)     # earlyexit_kernels.integrations.recertify_folder
+    certificate = certificate_of_folder("out/", fraction=0.05)     # earlyexit_kernels.integrations.online_certificate
     predictions = eek.classify(model, texts, tokenizer=tok, audit_fraction=0.05, recertify=certificate)
     certificate.served_policy, certificate.moves, certificate.describe()
 
@@ -53,8 +53,8 @@ from pathlib import Path
 
 import torch
 
-from earlyexit_kernels.calibration.losses import disagreement
 from earlyexit_kernels.calibration.record import ExitRecord, replay
+from earlyexit_kernels.calibration.row_losses import disagreement
 from earlyexit_kernels.methods.anytime_risk import (
     AlarmState,
     SafetyState,

@@ -1,7 +1,7 @@
 """What calibration replays: every head's logits on the calibration rows, recorded once, and the engine's decisions on them.
 
 :class:`ExitRecord` holds every layer's logits, halting logits, skips and labels, as a patched
-model's all-exits forward returns them (:func:`earlyexit_kernels.training.record_exits.record_exits`
+model's all-exits forward returns them (:func:`earlyexit_kernels.training.calibrate_model.record_exits`
 records it); :func:`replay` makes a policy's decisions on it with
 :func:`earlyexit_kernels.methods.exit_rules.exit_step`, in the engine's order and state, so they are
 exactly the patched model's; :func:`references` and :func:`accuracy` (micro-F1 for multi-label) score

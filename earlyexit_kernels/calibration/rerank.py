@@ -35,8 +35,8 @@ import torch
 
 from earlyexit_kernels.calibration.candidates import certified_rerank_candidates, rerank_candidates
 from earlyexit_kernels.calibration.certify import Certificate, certified_index, require_rows
-from earlyexit_kernels.calibration.losses import missed_top_k, top_k_recall
 from earlyexit_kernels.calibration.record import ExitRecord, replay
+from earlyexit_kernels.calibration.row_losses import missed_top_k, top_k_recall
 from earlyexit_kernels.calibration.select import select_point
 from earlyexit_kernels.methods.policies import ScoreBand
 from earlyexit_kernels.methods.risk_control import check_confidence, risk_upper_bound, test_for
@@ -110,7 +110,7 @@ def calibrate_rerank(
     if record.all_logits.shape[-1] != 1:
         raise ValueError(
             f"calibrate_rerank is for one-output cross-encoders (num_labels == 1); the record has "
-            f"{record.all_logits.shape[-1]} outputs: use earlyexit_kernels.training.calibration.calibrate"
+            f"{record.all_logits.shape[-1]} outputs: use earlyexit_kernels.training.calibrate_model.calibrate"
         )
     groups = torch.as_tensor(groups).reshape(-1)
     if groups.numel() != record.all_logits.shape[1]:

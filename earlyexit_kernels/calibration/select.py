@@ -6,7 +6,7 @@ operating-point selector, for classifiers and rerankers alike: the fewest mean l
 is at least a floor, or the best score within a number of layers. :func:`choose` composes them for
 one :class:`Goal` on one record (with ``confidence``, the certified point of
 :func:`~earlyexit_kernels.calibration.certify.certify` instead) into a :class:`Calibration`;
-:func:`earlyexit_kernels.training.calibration.calibrate` records the rows from a model and calls it.
+:func:`earlyexit_kernels.training.calibrate_model.calibrate` records the rows from a model and calls it.
 
 The family of candidates is that of the model's current policy (an ``Entropy`` model is
 calibrated over entropy thresholds, ``Patience`` over ``1..L-1``, ``QExit`` over ``q``,
@@ -40,10 +40,9 @@ from dataclasses import dataclass
 import torch
 
 from earlyexit_kernels._fit_fields import fit_field
-from earlyexit_kernels.calibration.candidates import candidates
+from earlyexit_kernels.calibration.candidates import candidates, describe, distinct_digits
 from earlyexit_kernels.calibration.certify import certify
 from earlyexit_kernels.calibration.record import CurvePoint, ExitRecord, accuracy, references, replay, resolve_target
-from earlyexit_kernels.calibration.report import describe, distinct_digits
 from earlyexit_kernels.methods.policies import ExitPolicy
 from earlyexit_kernels.methods.risk_control import check_confidence
 
@@ -184,7 +183,7 @@ def interpolate_baseline(baseline: Sequence[tuple[int, float]], mean_layers: flo
 @dataclass(frozen=True)
 class Goal:
     """What a calibration is asked for: the settings of
-    :func:`earlyexit_kernels.training.calibration.calibrate` (which takes one) and of :func:`choose`.
+    :func:`earlyexit_kernels.training.calibrate_model.calibrate` (which takes one) and of :func:`choose`.
 
     Exactly one target: ``max_drop`` (accuracy points): the fewest mean layers run with a score at least
     ``full - max_drop``; ``target_layers``: the best score with at most that many mean layers run. Ties go to the

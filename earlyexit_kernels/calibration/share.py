@@ -41,7 +41,7 @@ validation rows could not tell.
 This module holds what is computed on the validation rows' recorded logits: each candidate's predicted
 certificate (:class:`CandidateTable`, :func:`predicted_layers`), the bootstrap re-draws and the verdict of a
 doubling (:func:`doubling_verdict`). The probe itself, which trains heads on a copy of the model, is
-:func:`earlyexit_kernels.training.calibration_share.choose_share`.
+:func:`earlyexit_kernels.training.share_probe.choose_share`.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ from dataclasses import dataclass
 import torch
 
 from earlyexit_kernels.calibration.candidates import certified_candidates
-from earlyexit_kernels.calibration.losses import row_losses
 from earlyexit_kernels.calibration.predicted_walk import WalkTable, point_weights
+from earlyexit_kernels.calibration.row_losses import row_losses
 
 __all__ = [
     "MIN_GAIN_LAYERS",

@@ -17,7 +17,7 @@ per-batch early exit, sequences/s in the same run.
 Then the methods side by side: from the trained backbone, with fresh exit heads, each
 method (PABEE, DeeBERT, FastBERT, PALBERT, ensemble voting, DACT, SmartBERT) trains
 briefly with its own loss, its threshold is calibrated on a validation split (fewest
-layers within 1 accuracy point of the full model, :mod:`earlyexit_kernels.training.calibration`),
+layers within 1 accuracy point of the full model, :mod:`earlyexit_kernels.training.calibrate_model`),
 it is cached like the backbone, and it classifies the held-out set, timed like the rows
 above. Runs on a CUDA GPU when there is one, else on the CPU.
 """
@@ -362,8 +362,8 @@ def _stream(model, test, device, args) -> None:
 
 
 def _methods_side_by_side(base, train_batches, test, device, args) -> None:
-    from earlyexit_kernels.calibration.report import describe
-    from earlyexit_kernels.training.calibration import calibrate
+    from earlyexit_kernels.calibration.candidates import describe
+    from earlyexit_kernels.training.calibrate_model import calibrate
     from earlyexit_kernels.training.method_training import TRAINING_POLICIES, train_method
 
     val = make_split(args.val_size, seed=args.seed + 2)

@@ -14,7 +14,7 @@ that; the watch measures the disagreement on what is served instead.
   :class:`random.Random` (:meth:`AuditWatch.choose`): the audited sequences are a uniform sample
   of what is served, whatever their content, so the counts estimate the served risk.
 - **What is counted.** Per audited sequence, the loss of calibration's ``"agreement"`` risk
-  (:func:`~earlyexit_kernels.calibration.losses.disagreement`): 1 when the early exit predicts another class than the full model
+  (:func:`~earlyexit_kernels.calibration.row_losses.disagreement`): 1 when the early exit predicts another class than the full model
   (argmax), else 0; multi-label (``problem_type="multi_label_classification"``): the fraction of
   labels decided otherwise (logit above or below 0), as calibration counts it; one output
   (``num_labels == 1``, a cross-encoder): whether the score falls on the other side of 0
@@ -41,7 +41,7 @@ that; the watch measures the disagreement on what is served instead.
 **With labels.** Disagreement is not what a certificate on accuracy lost (``eek fit`` with labels)
 bounds: disagreements that cancel (the exit right where the full model is wrong, and the reverse)
 cost no accuracy. Where a label is known for an audited row (the server's ``POST /feedback``), the
-watch counts that row's paired accuracy loss (:func:`~earlyexit_kernels.calibration.losses.paired_loss`: 1 where the exit is
+watch counts that row's paired accuracy loss (:func:`~earlyexit_kernels.calibration.row_losses.paired_loss`: 1 where the exit is
 wrong and the full model right, -1 for the reverse, else 0), the very loss calibration certified,
 and bounds its mean, the accuracy points lost, above with the betting bound calibration certifies
 with (:func:`~earlyexit_kernels.methods.risk_control.paired_upper_bound`). Against
@@ -69,8 +69,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from earlyexit_kernels.calibration.losses import disagreement
 from earlyexit_kernels.calibration.online import OnlineCertificate
+from earlyexit_kernels.calibration.row_losses import disagreement
 from earlyexit_kernels.methods.policies import MULTI_LABEL
 from earlyexit_kernels.methods.risk_control import (
     betting_p_value,
@@ -286,7 +286,7 @@ class AuditWatch:
             logger.log(level, text)
 
     def record_labelled(self, losses: Iterable[int]) -> None:
-        """Count the paired accuracy losses (:func:`~earlyexit_kernels.calibration.losses.paired_loss`: -1, 0 or 1) of audited rows
+        """Count the paired accuracy losses (:func:`~earlyexit_kernels.calibration.row_losses.paired_loss`: -1, 0 or 1) of audited rows
         whose labels are known. Warns or says it is back under ``accuracy_budget`` where the bound crosses it."""
         losses = [int(loss) for loss in losses]
         if any(loss not in (-1, 0, 1) for loss in losses):

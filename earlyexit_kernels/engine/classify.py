@@ -45,7 +45,7 @@ class Prediction:
     ``exit_layer``: 1..L. ``layers_run``: layers computed (differs only with SkipGates).
     ``disagreement``: for a sequence the audit also ran through the full model, its disagreement
     with it (1.0 or 0.0: another class or the same; multi-label: the fraction of labels decided
-    otherwise, see :func:`earlyexit_kernels.calibration.losses.disagreement`); None when not audited.
+    otherwise, see :func:`earlyexit_kernels.calibration.row_losses.disagreement`); None when not audited.
     """
 
     index: int

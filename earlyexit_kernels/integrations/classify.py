@@ -9,8 +9,8 @@ from __future__ import annotations
 import functools
 
 from earlyexit_kernels.engine import classify as engine_classify
+from earlyexit_kernels.integrations.online_certificate import resolve_online_certificate
 from earlyexit_kernels.integrations.recertify_choice import Recertify
-from earlyexit_kernels.integrations.recertify_folder import resolve_online_certificate
 
 __all__ = ["classify"]
 

@@ -15,11 +15,11 @@ import warnings
 from collections import deque
 from pathlib import Path
 
-from earlyexit_kernels.integrations.base_options import add_base_options
 from earlyexit_kernels.integrations.classified_table import ColumnError, InputColumns, with_predictions
 from earlyexit_kernels.integrations.cli_options import (
     CliError,
     add_audit_options,
+    add_base_options,
     audit_options,
     is_multi_label,
     recertify_options,
@@ -45,13 +45,25 @@ def program_name() -> str:
     return "eek" if Path(sys.argv[0]).name == "eek" else "python -m earlyexit_kernels"
 
 
-def build_parser(listed: dict[str, str] | None = None) -> argparse.ArgumentParser:
+def build_parser(listed: dict[str, str] | None = None, *, only: str | None = None) -> argparse.ArgumentParser:
     """``listed``: commands of the layers above (``bench``), named in ``--help`` with their line; the ``eek``
-    command (``earlyexit_kernels.__main__``) sends them on before this parser reads them."""
+    command (``earlyexit_kernels.__main__``) sends them on before this parser reads them. ``only``: a command's
+    name, to build only the options of the module that owns it (what :func:`main` parses ``eek fit ...`` with);
+    None: every command, as ``eek --help`` lists them."""
     parser = argparse.ArgumentParser(
         prog=program_name(), description="Early-exit inference for Hugging Face encoder classifiers."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for names, add in _COMMANDS:
+        if only is None or only in names:
+            add(commands)
+    for name, line in (listed or {}).items():
+        if only is None or only == name:
+            commands.add_parser(name, help=line, add_help=False).set_defaults(run=_run_through_eek)
+    return parser
+
+
+def _add_classify(commands) -> None:
     classify = commands.add_parser(
         "classify",
         help="classify the texts of a file",
@@ -120,11 +132,20 @@ def build_parser(listed: dict[str, str] | None = None) -> argparse.ArgumentParse
     add_audit_options(classify, "rows", "on stderr (each audited row's in a last column, audit_disagreement)")
     add_recertify_options(classify, "rows")
     classify.set_defaults(run=_classify)
-    add_serve_command(commands)
-    add_fit_commands(commands)  # fit, evaluate
-    for name, line in (listed or {}).items():
-        commands.add_parser(name, help=line, add_help=False).set_defaults(run=_run_through_eek)
-    return parser
+
+
+#: each module's commands and the function that adds their parsers, in the order ``--help`` lists them
+_COMMANDS = (
+    (("classify",), _add_classify),
+    (("serve",), add_serve_command),
+    (("fit", "calibrate", "evaluate"), add_fit_commands),
+)
+
+
+def _command_of(argv) -> str | None:
+    """The command ``argv`` names (its first word, where it is not an option such as ``--help``), else None."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return str(argv[0]) if argv and not str(argv[0]).startswith("-") else None
 
 
 def _run_through_eek(args) -> int:
@@ -132,7 +153,11 @@ def _run_through_eek(args) -> int:
 
 
 def main(argv=None, listed: dict[str, str] | None = None) -> int:
-    args = build_parser(listed).parse_args(argv)
+    # Only the named command's options are built (``eek fit`` builds no server options); a name no module owns
+    # gets the whole parser, whose error lists every command.
+    command = _command_of(argv)
+    known = {name for names, _ in _COMMANDS for name in names} | set(listed or {})
+    args = build_parser(listed, only=command if command in known else None).parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the weights' loading bar is not ours to show

@@ -1,5 +1,9 @@
-"""The options ``eek classify`` and ``eek serve`` share, checked: ``--threads``, ``--max-age``, the audit's
-flags and their settings, online re-certification; and :class:`CliError`, the one-line error both raise.
+"""The options the commands share, checked: ``--device``, ``--dtype`` and ``--layers`` (every command that loads a
+model), and ``eek classify``'s and ``eek serve``'s ``--threads``, ``--max-age``, the audit's flags and their
+settings, online re-certification; and :class:`CliError`, the one-line error they raise.
+
+The devices and dtypes are written out here, not imported from :mod:`earlyexit_kernels.engine.precision`, so that
+``--help`` imports no torch; a test holds the two equal.
 """
 
 from __future__ import annotations
@@ -10,7 +14,12 @@ import sys
 from earlyexit_kernels.integrations.recertify_cli import recertify_options as _recertify_options
 
 __all__ = [
+    "DEVICES",
+    "DTYPES",
+    "INT8_LAYERS",
     "CliError",
+    "add_base_options",
+    "add_int8_layers_option",
     "add_audit_options",
     "audit_given",
     "audit_line",
@@ -20,6 +29,47 @@ __all__ = [
     "recertify_options",
     "set_threads",
 ]
+
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "int8")
+#: where the int8 layers run (``engine.precision.INT8_LAYERS``'s keys, and auto)
+INT8_LAYERS = ("auto", "onnxruntime", "openvino", "torch")
+
+
+def add_base_options(parser, *, dtypes: tuple[str, ...] = DTYPES) -> None:
+    """Add ``--device`` (default auto) and ``--dtype`` (default: as saved) to ``parser``."""
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where the model runs: auto (default: the GPU where torch sees one, else the CPU), cpu or cuda",
+    )
+    int8 = (
+        "; int8: the encoder's Linear layers dynamically quantized with the recipe the family needs (CPU only)"
+        if "int8" in dtypes
+        else ""
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=dtypes,
+        default=None,
+        help=f"the base the layers run in: {', '.join(dtypes)} (default: as saved){int8}; the exit heads run fused "
+        f"on it",
+    )
+
+
+def add_int8_layers_option(parser) -> None:
+    """Add ``--layers`` (default auto): where the int8 layers run, the recipe the certificate is made on."""
+    parser.add_argument(
+        "--layers",
+        choices=INT8_LAYERS,
+        default="auto",
+        help="with --dtype int8, where the int8 layers run, one activation scale per token and one weight scale per "
+        "output channel: auto (default: ONNX Runtime where it is installed, else PyTorch), onnxruntime, openvino "
+        "(openvino installed; faster on the CPUs measured with AMX: docs/serving.md) or torch. The certificate is "
+        "made on those layers and recorded with them; eek serve runs them",
+    )
 
 
 class CliError(Exception):

@@ -21,8 +21,8 @@ def certificate_of_folder(folder: str, served=None, **options) -> OnlineCertific
     its certified policy as the start (``served``: the policy served instead, which must be on the path),
     its certificate's budget and confidence (``options`` override)."""
     from earlyexit_kernels.calibration.candidates import certified_candidates
-    from earlyexit_kernels.integrations.folder_calibration import saved_path
     from earlyexit_kernels.integrations.model_folder import fit_certificate
+    from earlyexit_kernels.integrations.recertify_folder import saved_path
     from earlyexit_kernels.patching.exit_files import CONFIG_FILE, policy_from_dict
 
     certificate = fit_certificate(folder)

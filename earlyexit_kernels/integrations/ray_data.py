@@ -134,7 +134,7 @@ class EarlyExitClassifier:
         self.certificate = None
         if self.audit is not None:
             from earlyexit_kernels.integrations.labels import is_multi_label
-            from earlyexit_kernels.integrations.recertify_folder import resolve_online_certificate
+            from earlyexit_kernels.integrations.online_certificate import resolve_online_certificate
             from earlyexit_kernels.patching.patch import policy_of
 
             self.certificate, _ = resolve_online_certificate(

@@ -19,7 +19,7 @@ class Recertify(enum.Enum):
     ``AUTO`` (None, the default of every serving path): on where an audit runs on an ``eek fit`` folder whose
     certificate bounds disagreement with the full model, off otherwise, saying why; ``ON`` (True): on, or an error
     saying what is missing; ``OFF`` (False): off. Each member's ``value`` is what
-    :func:`~earlyexit_kernels.integrations.recertify_folder.resolve_online_certificate` takes."""
+    :func:`~earlyexit_kernels.integrations.online_certificate.resolve_online_certificate` takes."""
 
     AUTO = None
     ON = True

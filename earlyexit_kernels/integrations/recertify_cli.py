@@ -39,7 +39,7 @@ def recertify_options(args, audit: dict, *, local: bool, multi_label: bool = Fal
     replica or actor builds its own) True / False."""
     from earlyexit_kernels.calibration.online import RecertifyError
     from earlyexit_kernels.integrations.model_folder import resolve_model
-    from earlyexit_kernels.integrations.recertify_folder import resolve_online_certificate
+    from earlyexit_kernels.integrations.online_certificate import resolve_online_certificate
     from earlyexit_kernels.methods.policy_spec import parse_policy
 
     if args.policy is not None and args.recertify:

@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from earlyexit_kernels._fit_fields import fit_field
 from earlyexit_kernels.engine.int8_isa import int8_isa
 from earlyexit_kernels.patching.exit_files import CONFIG_FILE, policy_to_dict
 from earlyexit_kernels.patching.fit_record import SAVED, FitRecord
@@ -82,7 +83,7 @@ class Recalibration:
     confidence: float | None | str = SAVED
     guarantee: str = SAVED
     max_changed: float | None | str = SAVED
-    risk: str = "auto"
+    risk: str = fit_field("risk", "auto")  # its eek calibrate option's help line: _fit_fields.FIT_FIELDS
     dtype: str | None = None
     device: str = "auto"
     int8_layers: str = "auto"

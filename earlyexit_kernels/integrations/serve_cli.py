@@ -8,10 +8,10 @@ from __future__ import annotations
 import os
 import sys
 
-from earlyexit_kernels.integrations.base_options import add_base_options
 from earlyexit_kernels.integrations.cli_options import (
     CliError,
     add_audit_options,
+    add_base_options,
     add_guarantee_option,
     audit_given,
     audit_line,
@@ -234,8 +234,8 @@ def run_serve(args) -> int:
 
 def _serve_certified(args, options: dict, name: str) -> int:
     """``eek serve --calibration FILE``: the threshold certified on FILE's rows on the served base, then served."""
-    from earlyexit_kernels.integrations.labelled_data import read_labelled
     from earlyexit_kernels.integrations.served_certificate import certify_served
+    from earlyexit_kernels.integrations.table_io import read_labelled
     from earlyexit_kernels.training.fit_texts import FitError
 
     for flag, given in (("--policy", args.policy), ("--replicas", args.replicas), ("--recertify", args.recertify)):

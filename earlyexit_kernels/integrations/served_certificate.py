@@ -60,7 +60,7 @@ def certify_served(
     served base's full depth, labelled rows or not
     (:class:`~earlyexit_kernels.training.calibrate_texts.BaseChange`). ``guarantee``: ``"probable"`` or
     ``"expected"`` (None: the folder's own)."""
-    from earlyexit_kernels.integrations.folder_calibration import (
+    from earlyexit_kernels.integrations.recertify_folder import (
         saved_budget,
         saved_changed,
         saved_guarantee,

@@ -67,7 +67,7 @@ class EarlyExitOutput(ModelOutput):
         the host. It stays out of the output's fields so that ``pipeline`` unbatching and
         ``Trainer``'s gathering, which treat every field as a per-row tensor, never see an int.
     all_halting_logits: [L, B] float32, the halting head's logits before the sigmoid (what
-        the exit rule reads; for an exact offline replay, see :mod:`earlyexit_kernels.training.calibration`).
+        the exit rule reads; for an exact offline replay, see :mod:`earlyexit_kernels.training.calibrate_model`).
     all_gates: [L, B] float32, SmartBERT's gate probabilities (0 on layers 1 and L).
     loss: with ``labels``: in training mode the loss of the objective chosen with
         :func:`set_training_objective` (when one is set), else Hugging Face's loss on ``logits``.

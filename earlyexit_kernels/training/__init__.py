@@ -7,8 +7,8 @@
 :mod:`.fit` trains with a method's recipe (:mod:`.recipes`), calibrates and patches;
 :mod:`.fit_texts` is ``eek fit`` as a library (texts in, via :mod:`.labelled_texts`);
 :mod:`.train` is the training loop, :mod:`.cached_heads` its fast path for head-only
-training, :mod:`.record_exits` runs every head once on some rows, :mod:`.calibration` picks
-thresholds from them, :mod:`.glue` reads GLUE tasks from local files. What is chosen and
+training, :mod:`.calibrate_model` runs every head once on some rows and picks
+thresholds from them (:mod:`.calibrate_texts`: the same from texts), :mod:`.glue` reads GLUE tasks from local files. What is chosen and
 certified from the recorded logits is :mod:`earlyexit_kernels.calibration` (tensor code, no
 model). The losses themselves are in :mod:`earlyexit_kernels.methods.losses`; they are
 re-exported here.

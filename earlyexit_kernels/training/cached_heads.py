@@ -33,7 +33,7 @@ from earlyexit_kernels.methods.losses import Objective
 from earlyexit_kernels.methods.policies import QExit
 from earlyexit_kernels.models.base import masked_mean
 from earlyexit_kernels.patching.state import is_patched, state_of, using_backend
-from earlyexit_kernels.training.record_exits import each_batch
+from earlyexit_kernels.training.calibrate_model import each_batch
 
 __all__ = ["ExitInputCache", "CachedExits", "cache_exit_inputs", "cached_exits", "cached_record", "cache_reason"]
 
@@ -262,7 +262,7 @@ def cached_exits(model, cache: ExitInputCache, rows: torch.Tensor | None = None)
 def cached_record(model, cache: ExitInputCache, chunk: int = 4096):
     """The :class:`earlyexit_kernels.calibration.record.ExitRecord` of ``cache`` without a forward.
 
-    What :func:`earlyexit_kernels.training.record_exits.record_exits` records on the batches the
+    What :func:`earlyexit_kernels.training.calibrate_model.record_exits` records on the batches the
     cache was made from (the heads in eval mode), for calibrating right after training on
     cached inputs. Not for ``SkipGates`` (the cache has no skips): record that one with a forward.
     """

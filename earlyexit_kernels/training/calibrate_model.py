@@ -19,7 +19,7 @@ says what is measured and when it warns); this module runs the model and reports
 
 Classification heads only (num_labels >= 2): for a regression head,
 :func:`~earlyexit_kernels.calibration.record.replay` candidate policies on one
-:func:`record_exits`, below and choose by hand.
+:func:`record_exits` and choose by hand.
 
 :func:`calibrate` is the library's entry (``eek.calibrate``); the certificate's statistics are
 :mod:`earlyexit_kernels.calibration.certify`, ``eek calibrate``'s re-certification of a saved folder is
@@ -34,8 +34,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from earlyexit_kernels.calibration.candidates import compact_curve, plot_curve, print_curve
 from earlyexit_kernels.calibration.record import ExitRecord
-from earlyexit_kernels.calibration.report import compact_curve, plot_curve, print_curve
 from earlyexit_kernels.calibration.select import Calibration, CalibrationWarning, Goal, choose
 from earlyexit_kernels.methods.policies import ExitPolicy, Scheduled
 from earlyexit_kernels.training.fit_config import settings_of
@@ -118,7 +118,7 @@ def calibrate(
     certificate's ``guarantee`` and ``max_changed``), checked once when it is made. Its fields may be given as
     keywords instead (``calibrate(record, max_drop=1.0)`` is ``calibrate(record, goal=Goal(max_drop=1.0))``), not
     both. When no candidate meets an uncertified target, the closest one is returned with ``met=False`` and a
-    warning. ``verbose`` prints a compact curve (:func:`~earlyexit_kernels.calibration.report.compact_curve`) and
+    warning. ``verbose`` prints a compact curve (:func:`~earlyexit_kernels.calibration.candidates.compact_curve`) and
     the summary, ``plot`` saves the curve.
 
     It warns (:class:`CalibrationWarning`, message with the numbers, also kept in

@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 
 from earlyexit_kernels.calibration.certify import describe_certificate
 from earlyexit_kernels.training.fit_config import FitError, check_enough
-from earlyexit_kernels.training.fit_data import max_length_for, warn_truncated
-from earlyexit_kernels.training.fit_texts import CONFIDENCE
+from earlyexit_kernels.training.fit_texts import CONFIDENCE, max_length_for, warn_truncated
 
 __all__ = [
     "BaseChange",
@@ -217,6 +216,7 @@ def calibrate_texts(
     """
     import torch
 
+    from earlyexit_kernels.training.calibrate_model import record_exits
     from earlyexit_kernels.training.labelled_texts import (
         encode,
         joined_texts,
@@ -224,7 +224,6 @@ def calibrate_texts(
         length_sorted_batches,
         split_unlabelled,
     )
-    from earlyexit_kernels.training.record_exits import record_exits
 
     goal = DEFAULT_GOAL if goal is None else goal
     max_drop, confidence, max_changed = goal.max_drop, goal.confidence, goal.max_changed
@@ -291,8 +290,8 @@ def calibrate_texts(
 def _agreements(model, record, reference) -> dict:
     """The agreements of a threshold certified on another base: its full depth and its exits (the policy
     ``model`` ends patched with) with the reference's full depth, and its exits with its own full depth."""
-    from earlyexit_kernels.calibration.losses import disagreement
     from earlyexit_kernels.calibration.record import replay
+    from earlyexit_kernels.calibration.row_losses import disagreement
     from earlyexit_kernels.patching.patch import policy_of
 
     multi_label = getattr(model.config, "problem_type", None) == "multi_label_classification"
@@ -316,10 +315,10 @@ def calibrate_record(model, record, goal, *, path: list | None = None, unlabelle
     every head's logits, e.g. the audited rows of ``eek serve --audit-record``) for ``goal`` (what
     :func:`calibration_goal` made: ``max_drop``, ``confidence``, ``guarantee``, ``max_changed``), along ``path``
     where certified; the model ends patched with the chosen policy."""
+    from earlyexit_kernels.calibration.candidates import describe
     from earlyexit_kernels.calibration.record import replay
-    from earlyexit_kernels.calibration.report import describe
     from earlyexit_kernels.patching.patch import backend_of, patch, policy_of
-    from earlyexit_kernels.training.calibration import calibrate
+    from earlyexit_kernels.training.calibrate_model import calibrate
 
     rows = record.all_logits.shape[1]
     if goal.confidence is not None:

@@ -25,7 +25,7 @@ from earlyexit_kernels.calibration.select import Goal
 from earlyexit_kernels.methods.policies import SkipGates
 from earlyexit_kernels.patching.patch import patch
 from earlyexit_kernels.training.cached_heads import ExitInputCache, cache_exit_inputs, cached_record
-from earlyexit_kernels.training.calibration import Calibration, calibrate
+from earlyexit_kernels.training.calibrate_model import Calibration, calibrate, record_exits
 from earlyexit_kernels.training.fit_config import Training
 from earlyexit_kernels.training.head_choice import (
     AUTO,
@@ -36,7 +36,6 @@ from earlyexit_kernels.training.head_choice import (
     why_not_auto,
 )
 from earlyexit_kernels.training.recipes import Recipe, recipe
-from earlyexit_kernels.training.record_exits import record_exits
 from earlyexit_kernels.training.train import TrainingLog, train_exit_heads
 
 __all__ = ["FitResult", "HeadBatches", "HeadsFit", "StageResult", "fit_exit_heads", "fit_heads", "split_validation"]
@@ -73,7 +72,7 @@ class FitResult:
     """What :func:`fit_exit_heads` did.
 
     ``method``: the recipe's name; ``policy``: the calibrated policy the model is now patched
-    with; ``calibration``: the :class:`~earlyexit_kernels.training.calibration.Calibration`
+    with; ``calibration``: the :class:`~earlyexit_kernels.training.calibrate_model.Calibration`
     on the validation data (its ``curve``, ``accuracy``, ``mean_layers``, ``full_accuracy``,
     ``warnings``, ``heads_at_chance``, ``saves_little``); ``stages``: one
     :class:`StageResult` per training stage; ``labels``: whether labels were used (False:
@@ -228,17 +227,17 @@ def fit_exit_heads(
     the full model; a recipe with a stage that needs labels raises ``ValueError``.
     ``max_drop`` (points; 1.0 when neither is given) or ``target_layers`` chooses the calibrated point;
     ``target``: ``"auto"``, ``"accuracy"`` or ``"agreement"`` (see
-    :func:`~earlyexit_kernels.training.calibration.calibrate`, like ``min_saving``). ``epochs``
+    :func:`~earlyexit_kernels.training.calibrate_model.calibrate`, like ``min_saving``). ``epochs``
     and ``lr`` override every head-only stage's defaults (None: the recipe's). Early stopping
     on the validation loss applies to every stage. ``backend``: passed to ``eek.patch``.
     ``calibration_batches``: rows for the calibration only (default: the validation rows,
     which early stopping has also seen); ``confidence``: certify ``max_drop`` with that
-    confidence (:func:`~earlyexit_kernels.training.calibration.calibrate`; ``guarantee``: ``"probable"`` or
+    confidence (:func:`~earlyexit_kernels.training.calibrate_model.calibrate`; ``guarantee``: ``"probable"`` or
     ``"expected"``, what the certificate promises); the guarantee
     assumes calibration rows that no training step saw, so pass ``calibration_batches``;
     ``unlabelled_batches``: more such rows, without labels, in the certificate beside them.
     ``max_changed`` (points, with ``confidence`` and labelled rows): the answers changed against the full model,
-    certified beside ``max_drop`` (:func:`~earlyexit_kernels.training.calibration.calibrate`).
+    certified beside ``max_drop`` (:func:`~earlyexit_kernels.training.calibrate_model.calibrate`).
     ``reference``: where ``model`` runs on another base than the one the user validated (``eek fit --dtype
     int8``: its encoder layers int8), that model (patched, on its own base), whose full depth the calibration
     measures the risk against: accuracy lost against its answers' accuracy, or disagreement with them; the

@@ -4,10 +4,10 @@ a frozen dataclass checked once where it is made, and what is checked of the row
 - :class:`FitConfig`: the settings of one ``eek fit``. The command line
   (:mod:`earlyexit_kernels.integrations.fit_cli`) builds one from its options, once;
   :func:`~earlyexit_kernels.training.fit_texts.fit_model`, the library's entry point, takes one or its fields as
-  keywords, and passes it along (to :func:`~earlyexit_kernels.training.fit_data.prepare`, the calibration share and
+  keywords, and passes it along (to :func:`~earlyexit_kernels.training.fit_texts.prepare`, the calibration share and
   :func:`~earlyexit_kernels.training.fit.fit_heads`) instead of a dozen keywords at every step. The rows themselves
   (training, validation, calibration, unlabelled) are data, not settings:
-  :class:`~earlyexit_kernels.training.fit_data.FitData` carries them beside it.
+  :class:`~earlyexit_kernels.training.fit_texts.FitData` carries them beside it.
 - :class:`Training`: how a fit trains the heads (the part :func:`~earlyexit_kernels.training.fit.fit_exit_heads`
   takes too).
 - :class:`TrainSettings`: one :func:`~earlyexit_kernels.training.train.train_exit_heads` call; the data (the
@@ -17,8 +17,8 @@ a frozen dataclass checked once where it is made, and what is checked of the row
       train_exit_heads(model, batches, method="pabee", epochs=3, lr=2e-5)   # the same: the fields as keywords
 
 - :func:`settings_of`: a settings object, or its fields given as keywords: the one way an entry point
-  (:func:`~earlyexit_kernels.training.calibration.calibrate`'s ``Goal``, ``train_exit_heads``, ``fit_model``,
-  :func:`~earlyexit_kernels.integrations.folder_calibration.calibrate_folder`, the Ray Data classifier) turns either
+  (:func:`~earlyexit_kernels.training.calibrate_model.calibrate`'s ``Goal``, ``train_exit_heads``, ``fit_model``,
+  :func:`~earlyexit_kernels.integrations.recertify_folder.calibrate_folder`, the Ray Data classifier) turns either
   into the object; the object's fields stay accepted as keywords, not beside it.
 - The checks ``eek fit`` and ``eek calibrate`` make before they run (:class:`FitError`, the command line prints it as
   one ``error:`` line): the confidence, the method against the labels, and enough rows to certify. How many rows a
@@ -155,7 +155,7 @@ def check_kept_out(
 CONFIDENCE = 0.95
 #: the part of the training rows ``eek fit`` keeps out to certify on where the share is not measured
 CALIBRATION_FRACTION = 0.25
-#: ``calibration_fraction`` that measures the share on the rows (:mod:`~earlyexit_kernels.training.calibration_share`)
+#: ``calibration_fraction`` that measures the share on the rows (:mod:`~earlyexit_kernels.training.share_probe`)
 AUTO_SHARE = "auto"
 
 

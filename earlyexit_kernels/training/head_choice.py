@@ -149,7 +149,7 @@ def choose_heads(
     """
     from earlyexit_kernels.calibration.select import Goal
     from earlyexit_kernels.patching.patch import current_adapter, patch
-    from earlyexit_kernels.training.calibration import calibrate
+    from earlyexit_kernels.training.calibrate_model import calibrate
 
     # each trial's point, uncertified, at the target asked (a trial that saves little is still a row)
     trial_goal = Goal(max_drop=max_drop, target_layers=target_layers, target=target, min_saving=0.0)

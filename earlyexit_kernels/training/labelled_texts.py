@@ -7,7 +7,7 @@
 
 Labels are the model's label names (``config.id2label``, e.g. ``fresh``) or class ids
 ``0..C-1``; anything else is a :class:`DataError` naming the values it found. Reading the
-rows from a data file is :func:`earlyexit_kernels.integrations.labelled_data.read_labelled`.
+rows from a data file is :func:`earlyexit_kernels.integrations.table_io.read_labelled`.
 """
 
 from __future__ import annotations

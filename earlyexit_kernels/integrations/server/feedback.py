@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-from earlyexit_kernels.calibration.losses import paired_loss
+from earlyexit_kernels.calibration.row_losses import paired_loss
 from earlyexit_kernels.engine.audit import AuditWatch
 from earlyexit_kernels.integrations.server.errors import RequestError
 

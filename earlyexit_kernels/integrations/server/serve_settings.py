@@ -147,7 +147,7 @@ class ServeSettings:
     (on, or a ``ValueError`` saying what is missing), ``OFF``; None, True and False are taken for them and held
     as the member (:meth:`~earlyexit_kernels.integrations.recertify_choice.Recertify.of`).
     :class:`~.serving_state.ServingState` builds it from ``folder`` and the model it serves
-    (:func:`~earlyexit_kernels.integrations.recertify_folder.resolve_online_certificate`). ``audit_record``: a
+    (:func:`~earlyexit_kernels.integrations.online_certificate.resolve_online_certificate`). ``audit_record``: a
     file the audited rows of its epoch are written to, for ``eek calibrate FOLDER --from-audit`` (needs
     re-certification on). ``certificate``: the fields of the served threshold's certificate
     (``eek_fit.json``'s, or ``--calibration``'s), what ``/info`` says it promises. ``folder``: the ``eek fit``

@@ -266,8 +266,8 @@ class ServingState:
 def _online_certificate(settings: ServeSettings, model, multi_label: bool):
     """``(the online certificate or None, why)`` for ``settings`` (:attr:`ServeSettings.recertify`) on ``model``:
     one given is served as it is (why: None); otherwise decided from the folder's certificate."""
+    from earlyexit_kernels.integrations.online_certificate import resolve_online_certificate
     from earlyexit_kernels.integrations.recertify_choice import Recertify
-    from earlyexit_kernels.integrations.recertify_folder import resolve_online_certificate
 
     if not isinstance(settings.recertify, Recertify):  # the certificate given, served as it is
         return settings.recertify, None
