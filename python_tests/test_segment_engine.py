@@ -12,12 +12,15 @@ from test_cohort_engine import _padded, _run, _sorted_cohorts
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.engine.background import BackgroundEngine
+from earlyexit_kernels.engine.buckets import DEFAULT_SIZES
 from earlyexit_kernels.engine.cohort_engine import COHORTS_IN_FLIGHT, CohortEngine
 from earlyexit_kernels.engine.continuous import ContinuousEngine
 from earlyexit_kernels.engine.engine_config import EngineConfig
 from earlyexit_kernels.engine.engine_kind import engine_kind, make_engine
 from earlyexit_kernels.engine.segment_engine import SegmentEngine, default_segments
 from earlyexit_kernels.engine.segment_step import segment_bounds
+from earlyexit_kernels.engine.static_step import StaticBatches
+from earlyexit_kernels.patching.state import state_of
 
 
 @pytest.mark.parametrize("name", ["entropy", "patience", "qexit"])
@@ -64,6 +67,24 @@ def test_a_batch_alone_in_the_segments_gives_the_exact_steps_bits(name):
             assert done.exit_layer == int(exact.exit_layer[row]) and done.layers_run == int(exact.layers_run[row])
             exits.add(done.exit_layer)
     assert len(exits) > 1 and max(exits) > engine.bounds[0][1], "the test needs rows handed on across segments"
+
+
+def test_on_the_gpus_plan_the_same_exits_and_no_dead_row_reaches_a_live_one():
+    """The CUDA plan on the CPU: fixed buckets, survivor counts read a layer late, so calls hold dead rows (and
+    hand them on past their survivors); dead rows poisoned with NaN after every layer must never reach a live one."""
+    items = _sequences(48, seed=9, longest=30)
+    model, policy = spread_model("bert", "entropy", items)
+    eek.patch(model, policy, step="graphed")
+    with torch.no_grad():
+        exact = model(**_padded(items))
+    state_of(model).static_batches = StaticBatches(sizes=DEFAULT_SIZES, lag=1, dead_fill=float("nan"))
+    engine = SegmentEngine(model, max_batch_size=12)
+    finished = _run(engine, items)
+    assert engine.stats.padded_rows > engine.stats.rows  # buckets larger than the rows alive: dead rows ran
+    assert engine.stats.refilled_calls > 0
+    for index, done in finished.items():
+        assert done.exit_layer == int(exact.exit_layer[index]) and done.layers_run == int(exact.layers_run[index])
+        torch.testing.assert_close(done.logits, exact.logits[index], rtol=1e-5, atol=1e-5)  # NaN fails here
 
 
 def test_later_segments_are_refilled_from_several_first_segment_calls():
@@ -205,8 +226,6 @@ def test_concurrent_clients_on_the_segment_engine_get_eek_classify_s_answers(loa
     httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx")
     from conftest import word_texts
     from served_models import serving
-
-    from earlyexit_kernels.patching.state import state_of
 
     model, tokenizer = loaded_classifier
     eek.patch(model, state_of(model).policy, step="graphed")

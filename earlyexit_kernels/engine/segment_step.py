@@ -118,7 +118,6 @@ class SegmentSteps:
         self.adapter, self.heads, self.backend, self.batches = adapter, heads, backend, batches
         self.device, self.dtype = device, dtype
         self.sizes, self.lag = batches.plan(device.type)
-        self.capture = capture_by_default(device)
         self.length_multiple = getattr(adapter, "length_multiple", 1)
         self._statics: dict[tuple, StaticBatch] = {}
         self._no_mask = torch.empty(0, dtype=torch.long)  # the mask's dtype, for the buffers
@@ -198,6 +197,7 @@ class SegmentSteps:
     def _run(self, policy, bounds, batch: int, seq_len: int, masked: bool, load_rows) -> SegmentCall:
         check_graphed_policy(policy)
         adapter, batches = self.adapter, self.batches
+        capture = capture_by_default(self.device)  # per call, as run_graphed: not with grad, not under autocast
         first, last = bounds
         num_layers = adapter.num_layers
         out_dtype = _output_dtype(self.dtype, self.device)
@@ -228,7 +228,7 @@ class SegmentSteps:
                 break
             may_exit = layer == num_layers or can_exit_before_last(policy, layer)
             run_step = functools.partial(_layer_step, step, static, layer, bucket, may_exit, length)
-            step_graphs.run_step(static.graphs, (layer, bucket, may_exit, length), run_step, self.capture)
+            step_graphs.run_step(static.graphs, (layer, bucket, may_exit, length), run_step, capture)
             ran = layer
             if may_exit and layer < last:
                 survivors.publish(layer - first + 1, _published(static, layer))
@@ -236,7 +236,7 @@ class SegmentSteps:
                     length = _kept_length(int(static.longest_view[layer]), length, self.length_multiple)
         packed = static.outputs(out_dtype)
         step_graphs.run_step(
-            static.graphs, ("finish", batch, out_dtype), functools.partial(finish, static, packed, batch), self.capture
+            static.graphs, ("finish", batch, out_dtype), functools.partial(finish, static, packed, batch), capture
         )
         logits, exit_layer, layers_run = _Packed.views(
             packed.buffer.clone(), static.capacity, adapter.num_labels, out_dtype
