@@ -31,21 +31,25 @@ def test_the_stream_benchmark_writes_its_csv_table_and_plot(tmp_path):
         compile=False,
         threads=1,
         cohort_tokens=256,
+        segments=True,
     )
     rows = run(config, tmp_path, name="stream_test", progress=lambda message: None)
     with open(tmp_path / "stream_test.csv") as file:
         written = list(csv.DictReader(file))
     assert list(written[0]) == COLUMNS
-    assert len(written) == len(rows) == 5 + 4  # (a)-(d), (f) on the main policy, (b)-(d), (f) on the other
+    assert len(written) == len(rows) == 6 + 5  # (a)-(d), (f), (h) on the main policy, (b)-(d), (f), (h) on the other
     main = {r["method"][:3]: r for r in written if r["target_saved"] == "0.5"}
-    assert set(main) == {"(a)", "(b)", "(c)", "(d)", "(f)"}
-    d, c, f = main["(d)"], main["(c)"], main["(f)"]
+    assert set(main) == {"(a)", "(b)", "(c)", "(d)", "(f)", "(h)"}
+    d, c, f, h = main["(d)"], main["(c)"], main["(f)"], main["(h)"]
     # (d)'s and (f)'s predictions equal (c)'s: the same exit layers, logits within rounding.
     assert int(d["exit_mismatches_vs_c"]) == 0 and float(d["max_logit_diff_vs_c"]) < 1e-4
     assert int(f["exit_mismatches_vs_c"]) == 0 and float(f["max_logit_diff_vs_c"]) < 1e-4
     # (f): cohorts sized by tokens, no row fill (not sized by max_batch_size); on the CPU the model runs
     # the exact step, which reads survivors back (none on the graphed step: test_cohort_engine.py)
     assert float(f["host_syncs_per_call"]) <= 1.0 and f["fill"] == "" and 0.0 < float(f["token_fill"]) <= 1.0
+    # (h): the segment engine on the same budget, the same exits; its layers run the graphed step's, no read-back
+    assert int(h["exit_mismatches_vs_c"]) == 0 and float(h["max_logit_diff_vs_c"]) < 1e-4
+    assert float(h["host_syncs_per_call"]) == 0.0 and h["fill"] == "" and 0.0 < float(h["token_fill"]) <= 1.0
     assert 0.0 < float(d["fill"]) <= 1.0 and 0.0 < float(c["fill"]) <= 1.0
     assert float(d["host_syncs_per_call"]) <= 1.0
     assert float(d["seq_per_s"]) > 0 and float(d["ideal_seq_per_s"]) > 0
@@ -101,15 +105,17 @@ def test_the_cli_refuses_cuda_without_it_and_an_unknown_dtype(monkeypatch, capsy
 
 
 def test_bf16_runs_end_to_end_on_the_cpu_and_the_report_names_the_dtype(tmp_path, capsys):
-    argv = "--dtype bf16 --sequences 64 --hidden 32 --layers 4 --repeats 1 --saved 0.5 --no-compile --no-memory"
+    argv = (
+        "--dtype bf16 --sequences 64 --hidden 32 --layers 4 --repeats 1 --saved 0.5 --no-compile --no-memory --segments"
+    )
     assert stream.main([*argv.split(), "--output-dir", str(tmp_path), "--threads", "1"]) == 0
     with open(tmp_path / "stream_cpu_bf16.csv") as file:
         written = list(csv.DictReader(file))
     assert list(written[0]) == COLUMNS
-    assert {r["method"][:3] for r in written} == {"(a)", "(b)", "(c)", "(d)", "(f)"}
+    assert {r["method"][:3] for r in written} == {"(a)", "(b)", "(c)", "(d)", "(f)", "(h)"}
     assert all(r["device"] == "cpu" and r["model"].endswith(" in bf16") for r in written)
     table = (tmp_path / "stream_cpu_bf16.md").read_text()
-    assert "random BERT H32 L4 heads 1 in bf16" in table and "--dtype bf16" in table
+    assert "random BERT H32 L4 heads 1 in bf16" in table and "--dtype bf16" in table and "--segments" in table
     assert "issue 60" not in table  # the GPU's target only on the GPU
     assert "\nStream of 64 sequences" in capsys.readouterr().out  # the table, printed after the progress
 
@@ -126,6 +132,21 @@ def test_bf16_runs_end_to_end_on_the_cpu_and_the_report_names_the_dtype(tmp_path
     assert "Targets (issues 10, 60 and 96)" in table
     assert "- (d) >= 0.85 of the token-layer ideal on the GPU (issue 60): " in table
     assert "- (f) >= 0.85 of the token-layer ideal on the GPU (issue 96): " in table
+    assert "- (h) segments / (f) cohorts (issue 96): " in table  # which design is faster, said by the GPU run
+
+
+def test_the_gpu_sessions_stream_step_runs_the_segments_beside_the_cohorts(capsys):
+    """scripts/gpu_session.sh's stream_bf16 step passes --segments, and every flag it passes is one the
+    benchmark's command line takes (parsed here up to --from-csv, which stops before any work)."""
+    import shlex
+
+    script = (Path(__file__).resolve().parents[1] / "scripts" / "gpu_session.sh").read_text()
+    command = script.split("step stream_bf16 ", 1)[1].split("\n        if ", 1)[0].replace("\\\n", " ")
+    argv = shlex.split(command.split(" stream ", 1)[1])
+    assert "--segments" in argv and "--cohort-tokens" not in argv  # (f) at its default 16,384 tokens, (h) beside it
+    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "unknown_cpu" / "stream_cpu.csv"
+    assert stream.main([*argv, "--from-csv", str(committed)]) == 0
+    assert "| (d) eek.classify |" in capsys.readouterr().out
 
 
 def test_the_models_are_calibrated_in_float32_then_cast():

@@ -107,6 +107,10 @@ def _targets(by_key: dict, gpu: bool = False) -> list[str]:
     c_fill = value("(c)", "fill")
     if c_fill is not None:
         out.append(f"- (c)'s fill, for comparison: {c_fill:.1%}")
+    segments, cohorts = value("(h)", "seq_per_s"), value("(f)", "seq_per_s")
+    if segments is not None and cohorts is not None:  # which design the GPU's engine takes (issue 96)
+        faster = "the segments" if segments > cohorts else "the cohorts"
+        out.append(f"- (h) segments / (f) cohorts (issue 96): {segments / cohorts:.3g}x, {faster} faster here")
     return out
 
 

@@ -47,7 +47,11 @@ rotates from one repetition to the next):
     where (d) has ``max_batch_size`` rows). Its fill is left blank: its calls are not sized by
     ``max_batch_size``;
 (g) on CUDA only, ``eek.classify(..., engine="continuous")``: the continuous engine, which (d)
-    was on CUDA before the cohort engine, measured beside it (on the CPU (d) is that engine).
+    was on CUDA before the cohort engine, measured beside it (on the CPU (d) is that engine);
+(h) with ``--segments``, ``eek.classify(..., engine="segments", max_batch_size=None, max_tokens=...)``:
+    the segment engine (:mod:`earlyexit_kernels.engine.segment_engine`, E3's layer segments, equal
+    thirds, each refilled to (f)'s token budget from the rows leaving the one below), beside (f) on
+    the same texts, so that a GPU run says which design is faster. Its fill is left blank, as (f)'s.
 
 **The figures.** Sequences/s: the p50 of the repetitions (p20 and p80 beside it). The
 ideal: (b)'s time per real token-layer (its time over the stream's tokens times ``L``)
@@ -107,6 +111,7 @@ METHODS = {
     "e": "(e) eek.classify(compile=True)",
     "f": "(f) eek.classify, token-budget cohorts",
     "g": "(g) eek.classify, the continuous engine",
+    "h": "(h) eek.classify, token-budget segments",
 }
 
 COLUMNS = [
@@ -165,6 +170,7 @@ class StreamConfig:
     device: str = "cpu"  # or "cuda": see stream_device
     dtype: str = "fp32"  # "bf16", "fp16": the models' dtype once calibrated (in float32)
     cohort_tokens: int = 16384  # (f)'s token budget per cohort; 0 leaves (f) out
+    segments: bool = False  # (h): the segment engine on (f)'s token budget (16384 where (f) is out)
 
 
 # ---------------------------------------------------------------------------- workload
@@ -487,6 +493,7 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
             "e": streamed("e", max_batch_size=rows_cap, compile=True),
             "f": streamed("f", engine="cohorts", max_batch_size=None, max_tokens=config.cohort_tokens),
             "g": streamed("g", max_batch_size=rows_cap, engine="continuous"),
+            "h": streamed("h", engine="segments", max_batch_size=None, max_tokens=config.cohort_tokens or 16384),
         }
         runners = {key: synced(fn, device) for key, fn in runners.items()}  # on cuda: each ends with a sync
         rows: list[dict] = []
@@ -501,6 +508,8 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
                 keys.append("e")
             if config.cohort_tokens:
                 keys.append("f")
+            if config.segments:
+                keys.append("h")
             if device.type == "cuda":  # on the CPU (d) is the continuous engine already
                 keys.append("g")
             load_before = os.getloadavg()[0]
@@ -516,7 +525,7 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
                 if device.type == "cuda":
                     # The graphed step captures a graph per (layer, bucket, length) at its first meeting:
                     # one untimed pass of the engines over the whole stream meets their shapes.
-                    for key in ("d", "f", "g"):
+                    for key in ("d", "f", "g", "h"):
                         if key in keys:
                             runners[key]()
                     torch.cuda.synchronize(device)
@@ -610,7 +619,7 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
                         token_fill=round(real_c / slots_c, 4),
                         host_syncs_per_call=round(syncs_c / calls_c, 4),
                     )
-                if key in ("d", "e", "f", "g"):
+                if key in ("d", "e", "f", "g", "h"):
                     stats = engines.get(key) or []
                     if stats:
                         calls = sum(s.calls for s in stats)
@@ -619,7 +628,7 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
                             token_fill=round(sum(s.tokens for s in stats) / sum(s.slots for s in stats), 4),
                             host_syncs_per_call=round(sum(s.host_syncs for s in stats) / calls, 4),
                         )
-                        if key != "f":  # (f)'s calls are sized by tokens, not max_batch_size rows
+                        if key not in ("f", "h"):  # (f)'s and (h)'s calls are sized by tokens, not max_batch_size rows
                             row.update(
                                 fill=round(sum(s.rows for s in stats) / calls / config.max_batch_size, 4),
                                 padded_row_fill=round(
@@ -688,6 +697,7 @@ def _argv(config: StreamConfig) -> list[str]:
         value = getattr(config, field_name)
         if value != getattr(defaults, field_name):
             out += [flag, str(value)]
+    out += ["--segments"] * config.segments
     out += ["--no-compile"] * (not config.compile) + ["--no-memory"] * (not config.memory)
     return out
 
@@ -839,6 +849,11 @@ def main(argv=None) -> int:
         default=StreamConfig.cohort_tokens,
         help="(f)'s token budget per cohort (default 16384; 0 leaves (f) out)",
     )
+    parser.add_argument(
+        "--segments",
+        action="store_true",
+        help="(h): the segment engine (equal thirds of the layers) on (f)'s token budget, beside (f)",
+    )
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
@@ -864,6 +879,7 @@ def main(argv=None) -> int:
         device=args.device,
         dtype=args.dtype,
         cohort_tokens=args.cohort_tokens,
+        segments=args.segments,
     )
     name = args.name or default_name(args.device, args.dtype)
     run(config, args.output_dir, name=name)
