@@ -6,22 +6,5 @@
                         concurrency=2, batch_format="pandas")
 """
 
-from earlyexit_kernels.integrations.ray_data import (
-    AUDIT_COLUMN,
-    OUTPUT_COLUMNS,
-    ClassifierSettings,
-    EarlyExitClassifier,
-    classify_files,
-    input_files,
-    read_dataset,
-)
-
-__all__ = [
-    "ClassifierSettings",
-    "EarlyExitClassifier",
-    "classify_files",
-    "input_files",
-    "read_dataset",
-    "AUDIT_COLUMN",
-    "OUTPUT_COLUMNS",
-]
+from earlyexit_kernels.integrations.ray_data import *  # noqa: F403 - its public names (its __all__), here
+from earlyexit_kernels.integrations.ray_data import __all__  # noqa: F401

@@ -30,6 +30,8 @@ from earlyexit_kernels.backends.write_back import WriteBack  # noqa: E402
 
 VOCAB = 97
 ARCHITECTURES = ("bert", "albert", "roberta")
+#: the sizes every tiny random model of the tests shares (conftest's and test_model_families' families)
+TINY_SIZES = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=2, max_position_embeddings=64)
 
 
 def tiny_model(
@@ -37,18 +39,9 @@ def tiny_model(
 ):
     """A small random sequence classifier in eval mode (hidden 32, 2 heads); ``config`` adds to its config."""
     torch.manual_seed(seed)
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=num_labels,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        **config,
-    )
+    common = dict(**TINY_SIZES, num_hidden_layers=num_layers, intermediate_size=64, num_labels=num_labels, **config)
+    common.setdefault("hidden_dropout_prob", 0.0)
+    common.setdefault("attention_probs_dropout_prob", 0.0)
     if arch == "bert":
         model = BertForSequenceClassification._from_config(BertConfig(**common), attn_implementation=attn)
     elif arch == "albert":

@@ -1,5 +1,9 @@
 """An encoder layer called as its encoder calls it, on padded rows: what the tests of the layers a runtime runs
-from its graph (``test_ort_layer.py``, ``test_ov_layer.py``) compare against the torch layer."""
+from its graph (``test_ort_layer.py``, ``test_ov_layer.py``) compare against the torch layer, and the checks both
+runtimes' layers pass alike (each row as alone, every mask form, padding never read, copies that rebuild)."""
+
+import copy
+import pickle
 
 import torch
 from conftest import tiny_model, tiny_mpnet
@@ -29,3 +33,60 @@ def run(layer, model, hidden, mask):
         else:
             out = layer(hidden, additive(mask))
     return out * mask[..., None]
+
+
+def assert_rows_alone_and_every_mask_form(layer_class, family) -> None:
+    """Each row of a padded call is what it is alone; a BERT layer reads every mask form it is handed (additive,
+    SDPA's boolean, 2-D, or none) alike."""
+    model = MODELS[family]()
+    layer = layer_class.from_layer(model.base_model.encoder.layer[0], model.config, int8=False)
+    hidden, mask = padded_input(seed=3)
+    batched = run(layer, model, hidden, mask)
+    for row in range(len(hidden)):
+        length = int(mask[row].sum())
+        alone = run(layer, model, hidden[row : row + 1, :length], mask[row : row + 1, :length])
+        torch.testing.assert_close(batched[row, :length], alone[0], rtol=1e-4, atol=1e-5)
+    if family == "bert":
+        with torch.no_grad():
+            forms = [layer(hidden, form) * mask[..., None] for form in (mask[:, None, None, :], mask)]
+            full = torch.ones_like(mask)
+            torch.testing.assert_close(layer(hidden, None), layer(hidden, additive(full)), rtol=0, atol=0)
+        for got in forms:
+            torch.testing.assert_close(got, batched, rtol=0, atol=0)
+
+
+def assert_padding_never_read(layer_class, family, int8) -> None:
+    """The layer runs on the real tokens only: what the padded positions hold changes nothing, not even the int8
+    quantization step of the call, and they come back as zeros."""
+    model = MODELS[family]()
+    layer = layer_class.from_layer(model.base_model.encoder.layer[0], model.config, int8=int8)
+    hidden, mask = padded_input(n=6, length=12, seed=4)
+    garbage = torch.where(mask[..., None], hidden, torch.full_like(hidden, 1e4))
+    clean, noisy = run(layer, model, hidden, mask), run(layer, model, garbage, mask)
+    torch.testing.assert_close(noisy, clean, rtol=0, atol=0)
+    with torch.no_grad():
+        out = layer(hidden, additive(mask), model.base_model.encoder.compute_position_bias(hidden)) if family == "mpnet" else layer(hidden, additive(mask))  # fmt: skip
+    out = out[0] if isinstance(out, tuple) else out
+    assert not out[~mask].any()
+
+
+def assert_copies_rebuild(layer_class, runtime: str):
+    """A copy or a pickle of the layer builds its own runtime object (``runtime``: the attribute holding it) and
+    gives the same outputs; a new thread count makes a new one. Returns the layer, its thread count changed."""
+    model = tiny_model("bert", num_layers=1)
+    layer = layer_class.from_layer(model.base_model.encoder.layer[0], model.config)
+    hidden, mask = padded_input()
+    expected = run(layer, model, hidden, mask)
+    first = getattr(layer, runtime)
+    for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert getattr(other, runtime) is None
+        torch.testing.assert_close(run(other, model, hidden, mask), expected, rtol=0, atol=0)
+        assert getattr(other, runtime) is not first and getattr(layer, runtime) is first
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        torch.testing.assert_close(run(layer, model, hidden, mask), expected, rtol=0, atol=0)
+        assert getattr(layer, runtime) is not first and layer._threads == torch.get_num_threads()
+        return layer, torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)

@@ -11,7 +11,7 @@ engine; save/load keeps the choice and the heads; the training loss reaches the 
 import pytest
 import torch
 from model_comparison import assert_same_function, assert_same_weights
-from test_model_families import NUM_LAYERS, tiny_family, tiny_inputs
+from test_model_families import NUM_LAYERS, assert_continuous_as_per_batch, tiny_family, tiny_inputs
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.engine.heads import ExitHeadConfig, MLPExitHead
@@ -184,23 +184,6 @@ def test_the_continuous_engine_gives_the_per_batch_results(family, pooling, head
     assert_continuous_as_per_batch(
         patched_with_spread_exits(family, pooling, head, inputs, seed=8, backend=backend), inputs
     )
-
-
-def assert_continuous_as_per_batch(model, inputs) -> None:
-    """``eek.classify`` (the continuous engine, small calls) gives the per-batch forward's exits and logits."""
-    lengths = inputs["attention_mask"].sum(1).tolist()
-    items = []
-    for row, length in enumerate(lengths):
-        item = {"input_ids": inputs["input_ids"][row, :length].tolist()}
-        if "token_type_ids" in inputs:
-            item["token_type_ids"] = inputs["token_type_ids"][row, :length].tolist()
-        items.append(item)
-    with torch.no_grad():
-        batched = model(**inputs)
-    predictions = list(eek.classify(model, items, max_batch_size=4, max_in_flight=8))
-    assert [p.exit_layer for p in predictions] == batched.exit_layer.tolist()
-    torch.testing.assert_close(torch.stack([p.logits for p in predictions]), batched.logits, rtol=1e-4, atol=1e-5)
-    assert len({p.exit_layer for p in predictions}) >= 2
 
 
 @pytest.mark.parametrize("family", ["bert", "modernbert"])

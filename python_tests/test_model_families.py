@@ -8,6 +8,7 @@ gives the per-batch engine's labels and exit layers; (f) the training loss has g
 
 import pytest
 import torch
+from conftest import TINY_SIZES, VOCAB
 from model_comparison import assert_same_function, assert_same_weights
 from threshold_helpers import assert_clear_of_threshold, midway
 from transformers import (
@@ -38,7 +39,6 @@ from earlyexit_kernels.methods.exit_rules import entropy
 from earlyexit_kernels.models import SUPPORTED_MODELS, TanhPoolerHead, adapter_class
 from earlyexit_kernels.patching.patch import current_adapter
 
-VOCAB = 97
 NUM_LAYERS = 3
 FAMILIES = (
     "bert",
@@ -62,27 +62,12 @@ WITH_TOKEN_TYPES = {"bert", "albert", "electra", "deberta_v2"}  # RoBERTa-likes 
 def tiny_family(family: str, *, attn: str = "eager", seed: int = 0, num_labels: int = 3):
     """A small random classifier of ``family`` in eval mode (hidden 32, 2 heads, 3 layers)."""
     torch.manual_seed(seed)
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        num_labels=num_labels,
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1,
-    )
+    sizes = dict(**TINY_SIZES, num_hidden_layers=NUM_LAYERS, intermediate_size=48, num_labels=num_labels)
+    common = dict(**sizes, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 
     def modernbert(pooling):
         config = ModernBertConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            num_hidden_layers=NUM_LAYERS,
-            num_attention_heads=2,
-            intermediate_size=48,
-            max_position_embeddings=64,
-            num_labels=num_labels,
+            **sizes,
             pad_token_id=0,
             bos_token_id=2,
             eos_token_id=2,
@@ -309,6 +294,12 @@ def test_the_continuous_engine_gives_the_per_batch_labels_and_exit_layers(family
     eek.patch(model, eek.Entropy(0.0), backend="torch")
     spread_heads(model, seed=8)
     eek.patch(model, eek.Entropy(spread_threshold(model, inputs)), backend=backend)
+    assert_continuous_as_per_batch(model, inputs)
+
+
+def assert_continuous_as_per_batch(model, inputs) -> None:
+    """``eek.classify`` (the continuous engine, small calls) gives the per-batch forward's labels, exits and
+    logits; the rows leave at two layers at least."""
     lengths = inputs["attention_mask"].sum(1).tolist()
     items = []
     for row, length in enumerate(lengths):

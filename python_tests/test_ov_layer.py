@@ -7,12 +7,18 @@ kernels, far below what int8 itself moves and far below what another int8 grid w
 """
 
 import copy
-import pickle
 
 import pytest
 import torch
 from conftest import mlp_head_model, tiny_batch, tiny_model
-from layer_calls import MODELS, additive, padded_input, run
+from layer_calls import (
+    MODELS,
+    assert_copies_rebuild,
+    assert_padding_never_read,
+    assert_rows_alone_and_every_mask_form,
+    padded_input,
+    run,
+)
 
 from earlyexit_kernels.engine.ov_layer import OV_MISSING, OvLayer, ov_available
 from earlyexit_kernels.engine.precision import int8_encoder, to_base
@@ -70,58 +76,18 @@ def test_one_compiled_model_serves_calls_of_every_shape():
 
 @pytest.mark.parametrize("family", ["bert", "mpnet"])
 def test_each_row_is_what_it_is_alone_and_every_mask_form_is_read(family):
-    model = MODELS[family]()
-    layer = OvLayer.from_layer(model.base_model.encoder.layer[0], model.config, int8=False)
-    hidden, mask = padded_input(seed=3)
-    batched = run(layer, model, hidden, mask)
-    for row in range(len(hidden)):
-        length = int(mask[row].sum())
-        alone = run(layer, model, hidden[row : row + 1, :length], mask[row : row + 1, :length])
-        torch.testing.assert_close(batched[row, :length], alone[0], rtol=1e-4, atol=1e-5)
-    if family == "bert":  # the masks a BERT layer is handed: additive, SDPA's boolean, 2-D, or none
-        with torch.no_grad():
-            forms = [layer(hidden, form) * mask[..., None] for form in (mask[:, None, None, :], mask)]
-            full = torch.ones_like(mask)
-            torch.testing.assert_close(layer(hidden, None), layer(hidden, additive(full)), rtol=0, atol=0)
-        for got in forms:
-            torch.testing.assert_close(got, batched, rtol=0, atol=0)
+    assert_rows_alone_and_every_mask_form(OvLayer, family)
 
 
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("family", ["bert", "mpnet"])
 def test_the_padding_is_never_read_and_comes_back_as_zeros(family, int8):
-    """The model runs on the real tokens only: what the padded positions hold changes nothing, not
-    even the int8 quantization step of the call."""
-    model = MODELS[family]()
-    layer = OvLayer.from_layer(model.base_model.encoder.layer[0], model.config, int8=int8)
-    hidden, mask = padded_input(n=6, length=12, seed=4)
-    garbage = torch.where(mask[..., None], hidden, torch.full_like(hidden, 1e4))
-    clean, noisy = run(layer, model, hidden, mask), run(layer, model, garbage, mask)
-    torch.testing.assert_close(noisy, clean, rtol=0, atol=0)
-    with torch.no_grad():
-        out = layer(hidden, additive(mask), model.base_model.encoder.compute_position_bias(hidden)) if family == "mpnet" else layer(hidden, additive(mask))  # fmt: skip
-    out = out[0] if isinstance(out, tuple) else out
-    assert not out[~mask].any()
+    assert_padding_never_read(OvLayer, family, int8)
 
 
 def test_a_copy_or_a_pickle_compiles_its_own_model_and_a_new_thread_count_a_new_one():
-    model = tiny_model("bert", num_layers=1)
-    layer = OvLayer.from_layer(model.base_model.encoder.layer[0], model.config)
-    hidden, mask = padded_input()
-    expected = run(layer, model, hidden, mask)
-    first = layer._compiled
-    for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
-        assert other._compiled is None
-        torch.testing.assert_close(run(other, model, hidden, mask), expected, rtol=0, atol=0)
-        assert other._compiled is not first and layer._compiled is first
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1 if threads > 1 else 2)
-        torch.testing.assert_close(run(layer, model, hidden, mask), expected, rtol=0, atol=0)
-        assert layer._compiled is not first and layer._threads == torch.get_num_threads()
-        assert layer._compiled.get_property("INFERENCE_NUM_THREADS") == torch.get_num_threads()
-    finally:
-        torch.set_num_threads(threads)
+    layer, threads = assert_copies_rebuild(OvLayer, "_compiled")
+    assert layer._compiled.get_property("INFERENCE_NUM_THREADS") == threads
 
 
 def test_layers_the_graph_cannot_run_are_refused_with_what_runs_instead():
