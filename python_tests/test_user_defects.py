@@ -172,13 +172,7 @@ def test_an_all_padding_row_that_runs_every_layer_gets_the_unpatched_logits_with
     ids, mask, _ = tiny_batch(6, 12)
     mask[:, 7:] = 0  # every row shorter than the batch: the engine trims
     mask[2] = 0
-    schedule = torch.tensor([1, 2, 4, 3, 4, 1])
-    with torch.no_grad():
-        reference = model(input_ids=ids, attention_mask=mask).logits
-        eek.patch(model, eek.Scheduled(schedule), backend="torch")
-        out = model(input_ids=ids, attention_mask=mask)
-    full = schedule == 4
-    torch.testing.assert_close(out.logits[full], reference[full], rtol=1e-5, atol=1e-6)
+    assert_full_depth_rows_as_unpatched(model, ids, mask, torch.tensor([1, 2, 4, 3, 4, 1]))
 
 
 def test_feed_forward_chunking_runs_with_any_padding_and_matches_the_unpatched_model():
@@ -186,12 +180,17 @@ def test_feed_forward_chunking_runs_with_any_padding_and_matches_the_unpatched_m
     ids, mask, _ = tiny_batch(6, 12)
     mask[:, 7:] = 0  # trimmed to 7 (not a multiple of 4), then to the survivors' lengths
     mask[3:, 5:] = 0
-    schedule = torch.tensor([4, 1, 2, 4, 3, 4])
+    assert_full_depth_rows_as_unpatched(model, ids, mask, torch.tensor([4, 1, 2, 4, 3, 4]))
+
+
+def assert_full_depth_rows_as_unpatched(model, ids, mask, schedule) -> None:
+    """Patched with ``Scheduled(schedule)``, the rows that run every layer give the unpatched model's logits."""
     with torch.no_grad():
         reference = model(input_ids=ids, attention_mask=mask).logits
         eek.patch(model, eek.Scheduled(schedule), backend="torch")
         out = model(input_ids=ids, attention_mask=mask)
-    full = schedule == 4
+    full = schedule == model.config.num_hidden_layers
+    assert full.any()
     torch.testing.assert_close(out.logits[full], reference[full], rtol=1e-5, atol=1e-6)
 
 
