@@ -22,6 +22,21 @@ from earlyexit_kernels.engine.segment_step import segment_bounds
 from earlyexit_kernels.engine.static_step import StaticBatches
 from earlyexit_kernels.patching.state import state_of
 
+ITEMS = _sequences(48, seed=6, longest=30)
+
+
+@pytest.fixture(scope="module")
+def entropy_model():
+    """A tiny BERT whose Entropy policy spreads ``ITEMS``' exits over its 5 layers (made once: its calibration
+    runs every item alone), patched on the graphed step for each test."""
+    model, policy = spread_model("bert", "entropy", ITEMS)
+
+    def patched():
+        eek.patch(model, policy, step="graphed")
+        return model
+
+    return patched
+
 
 @pytest.mark.parametrize("name", ["entropy", "patience", "qexit"])
 def test_each_sequence_exits_where_the_exact_step_makes_it_exit(name):
@@ -69,17 +84,19 @@ def test_a_batch_alone_in_the_segments_gives_the_exact_steps_bits(name):
     assert len(exits) > 1 and max(exits) > engine.bounds[0][1], "the test needs rows handed on across segments"
 
 
-def test_on_the_gpus_plan_the_same_exits_and_no_dead_row_reaches_a_live_one():
+def test_on_the_gpus_plan_the_same_exits_and_no_dead_row_reaches_a_live_one(entropy_model):
     """The CUDA plan on the CPU: fixed buckets, survivor counts read a layer late, so calls hold dead rows (and
     hand them on past their survivors); dead rows poisoned with NaN after every layer must never reach a live one."""
-    items = _sequences(48, seed=9, longest=30)
-    model, policy = spread_model("bert", "entropy", items)
-    eek.patch(model, policy, step="graphed")
+    model, items = entropy_model(), ITEMS
     with torch.no_grad():
         exact = model(**_padded(items))
-    state_of(model).static_batches = StaticBatches(sizes=DEFAULT_SIZES, lag=1, dead_fill=float("nan"))
-    engine = SegmentEngine(model, max_batch_size=12)
-    finished = _run(engine, items)
+    state = state_of(model)
+    kept, state.static_batches = state.static_batches, StaticBatches(sizes=DEFAULT_SIZES, lag=1, dead_fill=float("nan"))
+    try:
+        engine = SegmentEngine(model, max_batch_size=12)
+        finished = _run(engine, items)
+    finally:
+        state.static_batches = kept
     assert engine.stats.padded_rows > engine.stats.rows  # buckets larger than the rows alive: dead rows ran
     assert engine.stats.refilled_calls > 0
     for index, done in finished.items():
@@ -87,25 +104,20 @@ def test_on_the_gpus_plan_the_same_exits_and_no_dead_row_reaches_a_live_one():
         torch.testing.assert_close(done.logits, exact.logits[index], rtol=1e-5, atol=1e-5)  # NaN fails here
 
 
-def test_later_segments_are_refilled_from_several_first_segment_calls():
-    items = _sequences(64, seed=6, longest=30)
-    model, policy = spread_model("bert", "entropy", items)
-    eek.patch(model, policy, step="graphed")
-    engine = SegmentEngine(model, max_batch_size=8, admission="fifo", segments=2)  # 5 layers: 1-3, 4-5
-    finished = _run(engine, items)
-    assert len(finished) == 64
+def test_later_segments_are_refilled_from_several_first_segment_calls(entropy_model):
+    engine = SegmentEngine(entropy_model(), max_batch_size=8, admission="fifo", segments=2)  # 5 layers: 1-3, 4-5
+    finished = _run(engine, ITEMS)
+    assert len(finished) == 48
     stats = engine.stats
-    # 8 first-segment calls of 8 rows; their survivors (fewer than 8 each) share the second segment's calls
-    assert stats.segment_calls[0] == 8
+    # 6 first-segment calls of 8 rows; their survivors (fewer than 8 each) share the second segment's calls
+    assert stats.segment_calls[0] == 6
     assert stats.refilled_calls >= 1
     assert stats.segment_calls[1] < sum(done.exit_layer > 3 for done in finished.values()) / 4
     assert stats.segment_calls[1] < stats.segment_calls[0]
 
 
-def test_no_read_back_stalls_a_layer_one_read_per_call_hands_the_survivors_on():
-    items = _sequences(48, seed=2, longest=30)
-    model, policy = spread_model("bert", "entropy", items)
-    eek.patch(model, policy, step="graphed")
+def test_no_read_back_stalls_a_layer_one_read_per_call_hands_the_survivors_on(entropy_model):
+    model, items = entropy_model(), ITEMS
     engine = SegmentEngine(model, max_batch_size=8)
     _run(engine, items)
     stats = engine.stats
@@ -117,11 +129,9 @@ def test_no_read_back_stalls_a_layer_one_read_per_call_hands_the_survivors_on():
     assert continuous.stats.host_syncs / continuous.stats.calls > 0.5  # the contrast: the check can fail
 
 
-def test_a_calls_outputs_are_read_after_the_next_call_is_launched():
-    items = _sequences(24, seed=3, longest=20)
-    model, policy = spread_model("bert", "entropy", items)
-    eek.patch(model, policy, step="graphed")
-    engine = SegmentEngine(model, max_batch_size=8, admission="fifo")
+def test_a_calls_outputs_are_read_after_the_next_call_is_launched(entropy_model):
+    items = ITEMS[:24]
+    engine = SegmentEngine(entropy_model(), max_batch_size=8, admission="fifo")
     for index, item in enumerate(items):
         engine.submit(index, item["input_ids"], item["token_type_ids"])
     with torch.no_grad():
@@ -133,12 +143,10 @@ def test_a_calls_outputs_are_read_after_the_next_call_is_launched():
     assert engine.idle and engine.in_flight == 0 and len(rest) <= 24
 
 
-def test_every_call_holds_what_the_token_budget_allows():
-    items = _sequences(40, seed=5, longest=30)
-    model, policy = spread_model("bert", "entropy", items)
-    eek.patch(model, policy, step="graphed")
-    engine = SegmentEngine(model, max_batch_size=None, max_tokens=64)
-    assert len(_run(engine, items)) == 40
+def test_every_call_holds_what_the_token_budget_allows(entropy_model):
+    items = ITEMS
+    engine = SegmentEngine(entropy_model(), max_batch_size=None, max_tokens=64)
+    assert len(_run(engine, items)) == 48
     assert engine.stats.largest_call <= 64 or engine.stats.largest_call == max(len(i["input_ids"]) for i in items)
 
 
@@ -181,11 +189,9 @@ def test_bad_settings_and_input_are_refused_with_what_to_fix():
         SegmentEngine(model)
 
 
-def test_cancelled_sequences_are_not_returned_pending_queued_or_launched():
-    items = _sequences(32, seed=6, longest=20)
-    model, policy = spread_model("bert", "entropy", items)
-    eek.patch(model, policy, step="graphed")
-    engine = SegmentEngine(model, max_batch_size=8, admission="fifo")
+def test_cancelled_sequences_are_not_returned_pending_queued_or_launched(entropy_model):
+    items = ITEMS
+    engine = SegmentEngine(entropy_model(), max_batch_size=8, max_in_flight=16, admission="fifo")
     for index, item in enumerate(items):
         engine.submit(index, item["input_ids"], item["token_type_ids"])
     returned = []
@@ -198,14 +204,13 @@ def test_cancelled_sequences_are_not_returned_pending_queued_or_launched():
         cancel = [queued, launched, pending, 99]
         assert engine.cancel(cancel) == 3
         returned += [done.key for done in engine.run()]
-    assert sorted(returned) == [k for k in range(32) if k not in cancel]
+    assert sorted(returned) == [k for k in range(48) if k not in cancel]
     assert engine.in_flight == 0
 
 
-def test_auto_never_takes_the_segments_they_run_by_name_in_classify_and_the_engine_thread():
-    items = _sequences(30, seed=8, longest=24)
-    model, policy = spread_model("bert", "entropy", items)
-    eek.patch(model, policy, step="graphed")
+def test_auto_never_takes_the_segments_they_run_by_name_in_classify_and_the_engine_thread(entropy_model):
+    items = ITEMS[:30]
+    model = entropy_model()
     assert engine_kind(model, EngineConfig()) == "continuous"  # on the CPU; on CUDA the cohorts
     assert engine_kind(model, EngineConfig(engine="segments")) == "segments"
     assert isinstance(make_engine(model, EngineConfig(engine="segments", segments=2)), SegmentEngine)

@@ -267,7 +267,11 @@ class SegmentEngine:
             self._launch(segment)
             if len(self._unread) < COHORTS_IN_FLIGHT:
                 return []
-        return self._read_back(self._unread.popleft()) if self._unread else []
+        if self._unread:
+            return self._read_back(self._unread.popleft())
+        if not self.idle:  # every admitted row is in a queue or a call: one of them can always run
+            raise RuntimeError(f"the segment engine has {self._rows_in_flight} rows in flight and none to run")
+        return []
 
     def run(self):
         """Step until every submitted sequence has exited, yielding them as they do."""
