@@ -148,7 +148,9 @@ def classify(
     To keep a base across calls, convert the model once with ``to_base`` instead.
 
     ``engine``: ``"auto"`` (the cohort engine on CUDA where the model runs the graphed step, else the
-    continuous engine), ``"continuous"`` or ``"cohorts"`` (:mod:`earlyexit_kernels.engine.engine_kind`).
+    continuous engine), ``"continuous"``, ``"cohorts"`` or ``"segments"`` (opt-in, E3's layer segments
+    with the default three, :mod:`earlyexit_kernels.engine.segment_engine`; see
+    :mod:`earlyexit_kernels.engine.engine_kind`).
     """
     if dtype is not None or device is not None:
         import copy
