@@ -1,9 +1,8 @@
 """The fit's settings as the command line shows them, free of torch: each setting's help line, metavar, what None
 means and its choices, written once here and attached as ``metadata`` to the fields that hold the setting:
-:class:`~earlyexit_kernels.training.fit_config.FitConfig`'s and :class:`~earlyexit_kernels.training.fit_config.Training`'s
-(``training/fit_config.py``) and the calibration :class:`~earlyexit_kernels.calibration.select.Goal`'s
-(``calibration/select.py``), as :class:`~earlyexit_kernels.engine.engine_config.EngineConfig`'s fields carry the
-engine's.
+``FitConfig``'s and ``Training``'s (``training/fit_config.py``), the calibration ``Goal``'s
+(``calibration/select.py``) and ``eek calibrate``'s ``Recalibration``'s (``integrations/recertify_folder.py``), as
+:class:`~earlyexit_kernels.engine.engine_config.EngineConfig`'s fields carry the engine's.
 
 :mod:`earlyexit_kernels.integrations.fit_options` makes ``eek fit``'s and ``eek calibrate``'s options from it. The
 settings' modules import torch, which ``eek --help`` does not; so the text sits here, beside
@@ -18,12 +17,14 @@ import dataclasses
 
 from earlyexit_kernels._method_names import METHODS
 
-__all__ = ["FIT_FIELDS", "HEAD_CHOICES", "POOLING_CHOICES", "fit_field", "option"]
+__all__ = ["FIT_FIELDS", "HEAD_CHOICES", "POOLING_CHOICES", "RISK_CHOICES", "fit_field", "option"]
 
 #: ``--pooling`` and ``--head``: ``"auto"`` and :data:`earlyexit_kernels.engine.heads.HEAD_POOLINGS` /
 #: ``HEAD_FORMS`` (written out, free of torch; ``python_tests/test_fit_cli.py`` holds them equal)
 POOLING_CHOICES = ("auto", "cls", "mean")
 HEAD_CHOICES = ("auto", "model", "mlp", "cascade")
+#: ``eek calibrate --risk``: ``"auto"`` and :data:`earlyexit_kernels.training.calibrate_texts.BASE_RISKS`
+RISK_CHOICES = ("auto", "reference", "agreement", "accuracy")
 
 
 def option(help: str, metavar: str | None = None, *, none: str | None = None, choices=None) -> dict:
@@ -91,6 +92,14 @@ FIT_FIELDS = {
         "N",
     ),
     "progress": option("progress bars", none="when stderr is a terminal"),
+    "risk": option(
+        "what the certificate bounds. 'auto' and 'reference': against the saved float32 full model (the one you "
+        "validated): accuracy lost where FILE has labels, disagreement where not; with --dtype int8 or bfloat16 the "
+        "base's own changes and the exits' count together against the one budget. 'agreement': disagreement with the "
+        "full depth of the base certified on, labelled rows or not (what the exits add to the base); 'accuracy': "
+        "accuracy lost against that full depth, on FILE's labels",
+        choices=RISK_CHOICES,
+    ),
 }
 
 

@@ -53,11 +53,11 @@ FIT_FLAGS = (
     "batch_size",
     "seed",
 )
-#: ``eek calibrate``'s defaults for the calibration's goal: the folder's saved values
-#: (``Recalibration``'s defaults, the settings object of ``calibrate_folder``; ``max_drop`` None: the saved
-#: one), and what they are said to be where the folder has no certificate (the library's ``DEFAULT_GOAL``);
-#: ``python_tests/test_fit_options.py`` holds both to the objects
-CALIBRATE_DEFAULTS = {"max_drop": None, "confidence": SAVED, "guarantee": SAVED, "max_changed": SAVED}
+#: ``eek calibrate``'s defaults: ``Recalibration``'s, the settings object of ``calibrate_folder`` (the calibration
+#: goal's: the folder's saved values; ``max_drop`` None: the saved one), and what the goal's are said to be where the
+#: folder has no certificate (the library's ``DEFAULT_GOAL``); ``python_tests/test_fit_options.py`` holds both to
+#: the objects
+CALIBRATE_DEFAULTS = {"max_drop": None, "confidence": SAVED, "guarantee": SAVED, "max_changed": SAVED, "risk": "auto"}
 CALIBRATE_SHOWN = {
     "max_drop": "FOLDER's certificate's, else 1",
     "confidence": "FOLDER's certificate's, else 0.95",
@@ -192,16 +192,7 @@ def _add_calibrate(commands) -> None:
     add_fit_options(
         calibrate, ("max_drop", "confidence", "guarantee", "max_changed"), CALIBRATE_DEFAULTS, CALIBRATE_SHOWN
     )
-    calibrate.add_argument(
-        "--risk",
-        choices=("auto", "reference", "agreement", "accuracy"),
-        default="auto",
-        help="what the certificate bounds. 'auto' (default) and 'reference': against the saved float32 full model "
-        "(the one you validated): accuracy lost where FILE has labels, disagreement where not; with --dtype int8 or "
-        "bfloat16 the base's own changes and the exits' count together against the one budget. 'agreement': "
-        "disagreement with the full depth of the base certified on, labelled rows or not (what the exits add to the "
-        "base); 'accuracy': accuracy lost against that full depth, on FILE's labels",
-    )
+    add_fit_options(calibrate, ("risk",), CALIBRATE_DEFAULTS)
     calibrate.add_argument("--batch-size", type=int, default=64, metavar="N", help="rows per batch (default: 64)")
     add_base_options(calibrate)
     add_int8_layers_option(calibrate)
@@ -411,7 +402,7 @@ def _calibrate(args) -> int:
     settings = checked(
         Recalibration, {**asked, **{name: getattr(args, name) for name in names}}, int8_layers=args.layers
     )
-    goal = {name: getattr(args, name) for name in CALIBRATE_DEFAULTS}
+    goal = {name: getattr(args, name) for name in CALIBRATE_SHOWN}
     saved = {name for name, value in goal.items() if value == SAVED or (name == "max_drop" and value is None)}
     checked(Goal, {name: getattr(DEFAULT_GOAL, name) if name in saved else value for name, value in goal.items()})
     if (args.data is None) == (args.from_audit is None):

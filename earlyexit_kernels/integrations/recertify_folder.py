@@ -79,16 +79,18 @@ class Recalibration:
     ``device``, ``int8_layers``; how the rows are read, ``batch_size``, ``max_length``; and ``force``.
     ``batch_size`` and ``max_length`` are checked here, once, in ``eek fit``'s words."""
 
-    max_drop: float | None = None
-    confidence: float | None | str = SAVED
-    guarantee: str = SAVED
-    max_changed: float | None | str = SAVED
-    risk: str = fit_field("risk", "auto")  # its eek calibrate option's help line: _fit_fields.FIT_FIELDS
+    # the fields of a fit setting carry its eek calibrate option's metadata (_fit_fields.FIT_FIELDS, eek fit's help
+    # lines); batch_size, rows per batch here, is another setting than eek fit's
+    max_drop: float | None = fit_field("max_drop", None)
+    confidence: float | None | str = fit_field("confidence", SAVED)
+    guarantee: str = fit_field("guarantee", SAVED)
+    max_changed: float | None | str = fit_field("max_changed", SAVED)
+    risk: str = fit_field("risk", "auto")
     dtype: str | None = None
     device: str = "auto"
     int8_layers: str = "auto"
     batch_size: int = 64
-    max_length: int | None = None
+    max_length: int | None = fit_field("max_length", None)
     force: bool = False
 
     def __post_init__(self) -> None:
