@@ -1,6 +1,7 @@
 """The audit watch: a random fraction of the sequences served also run at full depth, and their disagreement is watched.
 
     watch = AuditWatch(0.05, budget=0.01, confidence=0.95)   # 5% of the sequences, a 1% budget
+    watch = AuditWatch(AuditConfig(0.05, budget=0.01))        # the same, from its settings object
     predictions = eek.classify(model, texts, tokenizer=tok, audit=watch)
     ...
     watch.audited, watch.disagreements, watch.rate, watch.bound()
@@ -66,6 +67,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -84,6 +86,7 @@ from earlyexit_kernels.methods.risk_control import (
 )
 
 __all__ = [
+    "AuditConfig",
     "AuditRunner",
     "AuditWatch",
     "PAIRED_WINDOW",
@@ -97,6 +100,8 @@ logger = logging.getLogger("earlyexit_kernels.audit")
 
 #: the latest labelled audited rows the accuracy lost is read on (a server keeps no more of them)
 PAIRED_WINDOW = 65_536
+#: AuditWatch's config not given: its fields are (``AuditWatch(fraction=0.05)``)
+_FIELDS = object()
 
 
 def check_audit_confidence(confidence: float) -> float:
@@ -120,6 +125,35 @@ def check_audit_budget(budget: float | None) -> float | None:
             f"the audit budget must be a fraction of sequences in [0, 1) (0.01: one in a hundred), got {budget!r}"
         )
     return float(budget)
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The audit's settings, each checked here once (a ``ValueError`` saying what a valid one is): what
+    :class:`AuditWatch` watches with, and what a server's settings hold
+    (:class:`~earlyexit_kernels.integrations.server.serve_settings.ServeSettings`' ``audit``).
+
+    ``fraction`` (in [0, 1]): the share of sequences, drawn at random, also run through the full model (0: none
+    is drawn; a server's audit is None for no audit). ``budget`` (a fraction in [0, 1), or None: no budget, no
+    warning): the disagreement with the early exit is watched against it, with its upper ``confidence`` bound
+    (in (0, 1)). ``seed``: of the draw. ``accuracy_budget`` (a fraction in [0, 1), or None: reported, no warning):
+    the accuracy lost the labelled audited rows are watched against (a server's ``POST /feedback``), usually the
+    certificate's of a folder certified on accuracy lost. ``source``: where ``budget`` and ``confidence`` came
+    from, what ``eek serve``'s audit line says.
+    """
+
+    fraction: float
+    budget: float | None = None
+    confidence: float = 0.95
+    seed: int = 0
+    accuracy_budget: float | None = None
+    source: str = "as given"
+
+    def __post_init__(self):
+        object.__setattr__(self, "fraction", check_fraction(self.fraction))
+        object.__setattr__(self, "budget", check_audit_budget(self.budget))
+        object.__setattr__(self, "confidence", check_audit_confidence(self.confidence))
+        object.__setattr__(self, "accuracy_budget", check_audit_budget(self.accuracy_budget))
 
 
 # ---------------------------------------------------------------------------------- the loss
@@ -207,6 +241,9 @@ def full_depth_logits(
 class AuditWatch:
     """The policy of the audit: which sequences run at full depth too, what they show, when to warn.
 
+    Its settings: one :class:`AuditConfig` (``AuditWatch(AuditConfig(0.05, budget=0.01))``), or its fields
+    as keywords, the fraction first (``AuditWatch(0.05, budget=0.01)``), which make one; ``config`` is
+    that object, and ``fraction``, ``budget``, ``confidence``, ``seed`` and ``accuracy_budget`` read it.
     ``fraction``: the probability that a sequence is audited, in [0, 1]. ``budget``: the risk
     budget, a fraction (0.01: 1%), usually the certificate's of ``eek_fit.json``; None: no budget,
     the watch counts and bounds but never warns. ``confidence``: of the bound (0.95). ``seed``:
@@ -216,18 +253,13 @@ class AuditWatch:
     crossings warned; ``full_seconds``: the time the full model took for them (as recorded).
     """
 
-    def __init__(
-        self,
-        fraction: float,
-        *,
-        budget: float | None = None,
-        confidence: float = 0.95,
-        seed: int = 0,
-        accuracy_budget: float | None = None,
-    ):
-        self.fraction = check_fraction(fraction)
-        self.budget = check_audit_budget(budget)
-        self.accuracy_budget = check_audit_budget(accuracy_budget)
+    def __init__(self, config: AuditConfig | float = _FIELDS, /, **fields):
+        if isinstance(config, AuditConfig):
+            if fields:
+                raise TypeError("AuditWatch takes its config once: an AuditConfig or its fields, not both")
+        else:
+            config = AuditConfig(**fields) if config is _FIELDS else AuditConfig(config, **fields)
+        self.config = config
         # the paired losses of the latest PAIRED_WINDOW labelled audited rows, in the order recorded (the
         # bound and the warning read them); the counts are over every labelled row
         self._paired: deque[int] = deque(maxlen=PAIRED_WINDOW)
@@ -235,9 +267,7 @@ class AuditWatch:
         self.accuracy_warnings = 0
         self._accuracy_over = False
         self._accuracy_cache: tuple[int, float] | None = None
-        self.confidence = check_audit_confidence(confidence)
-        self.seed = seed
-        self._random = random.Random(seed)
+        self._random = random.Random(config.seed)
         self._lock = threading.Lock()
         self.audited = 0
         self.disagreements = 0.0
@@ -247,6 +277,26 @@ class AuditWatch:
         self.warnings = 0
         self._over = False  # warned, and the bound not back at or under the budget since
         self._bound_cache: tuple[tuple, float] | None = None
+
+    @property
+    def fraction(self) -> float:
+        return self.config.fraction
+
+    @property
+    def budget(self) -> float | None:
+        return self.config.budget
+
+    @property
+    def confidence(self) -> float:
+        return self.config.confidence
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def accuracy_budget(self) -> float | None:
+        return self.config.accuracy_budget
 
     def __repr__(self) -> str:
         budget = "none" if self.budget is None else f"{100 * self.budget:g}%"

@@ -7,7 +7,8 @@ as vLLM's command line builds one config that every part reads.
   (arrival order);
 - ``http``: what a request may be and hold, :class:`HttpLimits`;
 - ``audit``: the sequences also run through the full model and what they are watched against,
-  :class:`AuditConfig`, or None (no audit).
+  :class:`~earlyexit_kernels.engine.audit.AuditConfig` (the watch's own settings object, checked there), or None
+  (no audit).
 
 :meth:`ServeSettings.from_options` makes them from ``create_app``'s keyword options (each described
 there); :meth:`ServeSettings.from_folder` from the same options and an ``eek fit`` folder, whose certificate
@@ -21,7 +22,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from earlyexit_kernels.engine.audit import check_audit_budget, check_audit_confidence
+from earlyexit_kernels.engine.audit import AuditConfig
 from earlyexit_kernels.engine.engine_config import EngineConfig
 from earlyexit_kernels.integrations.recertify_choice import Recertify
 from earlyexit_kernels.integrations.server.body_limit import DEFAULT_MAX_BODY_BYTES, check_max_body_bytes
@@ -104,38 +105,6 @@ class HttpLimits:
 
 
 @dataclass(frozen=True)
-class AuditConfig:
-    """The audit (:mod:`earlyexit_kernels.engine.audit`, :mod:`.audit_worker`): a fraction of the sequences,
-    drawn at random, also run through the full model once answered, and what they are watched against.
-
-    ``fraction`` (in (0, 1]): the share of sequences audited. ``budget`` (a fraction in [0, 1), or None: no
-    budget, no warning): the disagreement with the early exit is watched against it, its upper
-    ``confidence`` bound (in (0, 1)) exported at ``/metrics`` (``eek_audit_*``). ``seed``: of the draw.
-    ``accuracy_budget`` (a fraction in [0, 1), or None: reported, no warning): the accuracy lost the labelled
-    audited inputs are watched against (labels sent to ``POST /feedback``, :mod:`.feedback`), usually the
-    certificate's of a folder certified on accuracy lost. ``source``: where ``budget`` and ``confidence``
-    came from, what ``eek serve``'s audit line says.
-    """
-
-    fraction: float
-    budget: float | None = None
-    confidence: float = 0.95
-    seed: int = 0
-    accuracy_budget: float | None = None
-    source: str = "as given"
-
-    def __post_init__(self):
-        from earlyexit_kernels.methods.risk_control import check_fraction
-
-        object.__setattr__(self, "fraction", check_fraction(self.fraction))
-        if self.fraction == 0:
-            raise ValueError("an audit needs a fraction above 0; no audit is audit=None (audit_fraction=0)")
-        object.__setattr__(self, "budget", check_audit_budget(self.budget))
-        object.__setattr__(self, "confidence", check_audit_confidence(self.confidence))
-        object.__setattr__(self, "accuracy_budget", check_audit_budget(self.accuracy_budget))
-
-
-@dataclass(frozen=True)
 class ServeSettings:
     """Every setting of one server (the module's docstring): ``engine``, ``http``, ``audit``, and
 
@@ -166,6 +135,8 @@ class ServeSettings:
     def __post_init__(self):
         if not isinstance(self.engine, EngineConfig) or self.engine.admission != "fifo":
             raise ValueError("a server's engine is an EngineConfig admitting in arrival order (admission='fifo')")
+        if self.audit is not None and self.audit.fraction == 0:
+            raise ValueError("an audit needs a fraction above 0; no audit is audit=None (audit_fraction=0)")
         object.__setattr__(self, "recertify", Recertify.of(self.recertify))
         if self.recertify not in (Recertify.AUTO, Recertify.OFF) and self.audit is None:
             raise ValueError("re-certification reads the audit: give an audit fraction above 0 (--audit-fraction 0.05)")

@@ -68,15 +68,7 @@ class ServingState:
         self.labels = [label_name(config, i) for i in range(self.num_labels)]
         self.worker: BackgroundEngine | None = None
         self.accepting = False
-        audit = None  # the AuditWatch
-        if settings.audit is not None:
-            audit = AuditWatch(
-                settings.audit.fraction,
-                budget=settings.audit.budget,
-                confidence=settings.audit.confidence,
-                seed=settings.audit.seed,
-                accuracy_budget=settings.audit.accuracy_budget,
-            )
+        audit = None if settings.audit is None else AuditWatch(settings.audit)  # the watch of the audit's settings
         self.audit = audit
         self.certificate, self.recertify_said = _online_certificate(settings, model, self.multi_label)
         self.audit_record = settings.audit_record
