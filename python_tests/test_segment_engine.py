@@ -116,6 +116,19 @@ def test_later_segments_are_refilled_from_several_first_segment_calls(entropy_mo
     assert stats.segment_calls[1] < stats.segment_calls[0]
 
 
+def test_engines_made_one_after_another_replay_the_buffers_and_graphs_the_first_made(entropy_model):
+    """eek.classify makes an engine per call: the segments' buffers (and on CUDA their graphs) are the patched
+    model's, kept with its static batches, so that a second call captures nothing anew."""
+    model = entropy_model()
+    first = SegmentEngine(model, max_batch_size=8)
+    _run(first, ITEMS)
+    buffers = dict(first._steps._statics)
+    second = SegmentEngine(model, max_batch_size=8, segments=2)  # other segments, the same layers' steps
+    assert second._steps is first._steps
+    _run(SegmentEngine(model, max_batch_size=8), ITEMS)
+    assert all(first._steps._statics[key] is static for key, static in buffers.items())
+
+
 def test_no_read_back_stalls_a_layer_one_read_per_call_hands_the_survivors_on(entropy_model):
     model, items = entropy_model(), ITEMS
     engine = SegmentEngine(model, max_batch_size=8)

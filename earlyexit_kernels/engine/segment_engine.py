@@ -75,7 +75,7 @@ from earlyexit_kernels.engine.engine_config import EngineConfig, engine_config
 from earlyexit_kernels.engine.graphed_prologue import check_id_range
 from earlyexit_kernels.engine.module_weights import linear_compute_dtype
 from earlyexit_kernels.engine.patched_state import patched_state
-from earlyexit_kernels.engine.segment_step import Carried, Piece, SegmentSteps, segment_bounds
+from earlyexit_kernels.engine.segment_step import Carried, Piece, segment_bounds, segment_steps
 from earlyexit_kernels.engine.static_step import CUDA_LENGTH_STEP, StaticBatches
 from earlyexit_kernels.engine.step_choice import check_graphed_policy
 
@@ -172,11 +172,11 @@ class SegmentEngine:
             hidden_size=self.adapter.hidden_size,
             num_labels=self.num_labels,
         )
-        plan = state.static_batches or StaticBatches()  # its plan, not its buffers: a segment's are its own
-        batches = StaticBatches(
-            sizes=plan.sizes, lag=plan.lag, dead_fill=plan.dead_fill, head_kernels=plan.head_kernels
+        if state.static_batches is None:  # where the graphed step keeps its buffers; the segments keep theirs beside
+            state.static_batches = StaticBatches()
+        self._steps = segment_steps(
+            state.static_batches, self.adapter, self.heads, self.backend, self.device, self.dtype
         )
-        self._steps = SegmentSteps(self.adapter, self.heads, self.backend, batches, self.device, self.dtype)
         self.max_length = stream_max_length(model, config.max_length)
         on_gpu = self.device.type == "cuda"
         self.length_step = config.length_step or (CUDA_LENGTH_STEP if on_gpu else 1)

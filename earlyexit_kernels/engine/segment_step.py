@@ -21,6 +21,11 @@ graphs per segment and bucket). What differs from :func:`~earlyexit_kernels.engi
   (:class:`Carried`, the segment's buffers are free for its next call) and their load positions
   and count are returned on the device, for the engine to read a call late.
 
+The buffers (and graphs) of every segment are kept with the patched model's static batches
+(:func:`segment_steps`): each eek.classify call makes an engine, and the second replays what the
+first captured. A segment's buffers grow to the most rows and the longest length met, never
+shrink: a new set of buffers is a new set of graphs.
+
 No host read happens inside a call beyond the graphed step's own (its survivor counts, published
 behind events and read a layer late on CUDA, read at once from host memory on the CPU): the exit
 decisions stay on the device. On the CPU the plan is the exact step's (every count its bucket,
@@ -31,6 +36,8 @@ its first layer gives that batch's bits.
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -48,11 +55,18 @@ from earlyexit_kernels.engine.static_step import (
     _published,
     _Step,
     capture_by_default,
+    weights_fingerprint,
 )
 from earlyexit_kernels.engine.step_choice import check_graphed_policy
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last
 
-__all__ = ["Carried", "Piece", "SegmentCall", "SegmentSteps", "segment_bounds"]
+__all__ = ["Carried", "Piece", "SegmentCall", "SegmentSteps", "segment_bounds", "segment_steps"]
+
+# The segment steps kept per patched model (by its static batches) and key, the most recent last: each holds
+# its segments' buffers and graphs.
+KEPT_STEPS = 2
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_KEPT_LOCK = threading.Lock()
 
 
 def segment_bounds(num_layers: int, segments: int) -> list[tuple[int, int]]:
@@ -68,6 +82,26 @@ def segment_bounds(num_layers: int, segments: int) -> list[tuple[int, int]]:
         bounds.append((first, last))
         first = last + 1
     return bounds
+
+
+def segment_steps(batches: StaticBatches, adapter, heads: ExitHeads, backend, device, dtype) -> SegmentSteps:
+    """The :class:`SegmentSteps` a patched model keeps with its static ``batches`` for this adapter, backend,
+    device, dtype and heads' weights (where they are and their versions, as ``run_graphed`` keys its buffers):
+    made at the first engine, so that the engines ``eek.classify`` makes call after call replay the graphs the
+    first one captured, as the cohort engine's live in the model's static batches. Their plan is ``batches``'."""
+    key = (backend.name, str(device), dtype, id(adapter), weights_fingerprint(heads, adapter))
+    with _KEPT_LOCK:
+        kept = _KEPT.setdefault(batches, {})
+        steps = kept.pop(key, None)
+        if steps is None:
+            plan = StaticBatches(
+                sizes=batches.sizes, lag=batches.lag, dead_fill=batches.dead_fill, head_kernels=batches.head_kernels
+            )
+            steps = SegmentSteps(adapter, heads, backend, plan, device, dtype)  # holds the adapter: its id stays its
+        kept[key] = steps
+        while len(kept) > KEPT_STEPS:
+            kept.pop(next(iter(kept)))
+    return steps
 
 
 @dataclass(eq=False, slots=True)
@@ -121,6 +155,11 @@ class SegmentSteps:
         self.length_multiple = getattr(adapter, "length_multiple", 1)
         self._statics: dict[tuple, StaticBatch] = {}
         self._no_mask = torch.empty(0, dtype=torch.long)  # the mask's dtype, for the buffers
+        # One call at a time on the buffers (engines on several threads share them); on a GPU, recorded after a
+        # call's last use of them: the next call, maybe on another stream, waits for it before its load.
+        self.lock = threading.Lock()
+        self._done = torch.cuda.Event() if device.type == "cuda" else None
+        self._done_recorded = False
 
     def padded_length(self, longest: int) -> int:
         """The length a call whose longest row has ``longest`` tokens runs at: rounded up to the graphed
@@ -196,6 +235,16 @@ class SegmentSteps:
 
     def _run(self, policy, bounds, batch: int, seq_len: int, masked: bool, load_rows) -> SegmentCall:
         check_graphed_policy(policy)
+        with self.lock:
+            if self._done_recorded:
+                torch.cuda.current_stream(self.device).wait_event(self._done)
+            call = self._locked_run(policy, bounds, batch, seq_len, masked, load_rows)
+            if self._done is not None:
+                self._done.record()
+                self._done_recorded = True
+        return call
+
+    def _locked_run(self, policy, bounds, batch: int, seq_len: int, masked: bool, load_rows) -> SegmentCall:
         adapter, batches = self.adapter, self.batches
         capture = capture_by_default(self.device)  # per call, as run_graphed: not with grad, not under autocast
         first, last = bounds
