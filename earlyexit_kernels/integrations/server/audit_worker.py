@@ -24,10 +24,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from typing import TYPE_CHECKING
 
 import torch
 
 from earlyexit_kernels.engine.audit import AuditRunner, AuditWatch
+
+if TYPE_CHECKING:
+    from earlyexit_kernels.integrations.server.serve_settings import ServeSettings
 
 __all__ = ["RECORD_EVERY", "AuditWorker"]
 
@@ -40,36 +44,38 @@ logger = logging.getLogger("earlyexit_kernels.audit")
 class AuditWorker:
     """Run the full model on audited sequences on a daemon thread and feed ``watch``.
 
+    ``settings``: the server's :class:`~.serve_settings.ServeSettings`, read for the full model's batches (its
+    engine's ``max_batch_size`` and ``max_tokens``), the most sequences waiting (``http.max_queue``) and the
+    audit record (``audit_record``). The rest are what the server made at start-up, not settings:
+    ``multi_label``: how a loss is counted (:func:`earlyexit_kernels.engine.audit.disagreement`);
+    ``certificate``, ``on_move``: online re-certification (module docstring); ``feedback``: a
+    :class:`~.feedback.FeedbackStore`, or None.
+
     ``submit(items)``: ``(input_ids, token_type_ids, early_logits, key)`` per audited sequence, ``key``
-    its (request id, input index) for ``feedback`` (a :class:`~.feedback.FeedbackStore`), or None.
-    ``multi_label``: how a loss is counted (:func:`earlyexit_kernels.engine.audit.disagreement`).
-    ``certificate``, ``on_move``, ``audit_record``: online re-certification (module docstring).
+    its (request id, input index) for ``feedback``, or None.
     """
 
     def __init__(
         self,
         model,
         watch: AuditWatch,
+        settings: ServeSettings,
         *,
         multi_label: bool,
-        max_batch_size: int = 64,
-        max_tokens: int | None = None,
-        max_queue: int = 1024,
         certificate=None,
         on_move=None,
-        audit_record: str | None = None,
         feedback=None,
     ):
         self.model, self.watch, self.multi_label = model, watch, multi_label
         self.feedback = feedback  # a FeedbackStore told the full model's classes, or None
-        self.certificate, self.on_move, self.audit_record = certificate, on_move, audit_record
+        self.certificate, self.on_move, self.audit_record = certificate, on_move, settings.audit_record
         self._recorded_at = 0  # the certificate's audited rows at the last write of the record
-        self.max_queue = max_queue
+        self.max_queue = settings.http.max_queue
         self.runner = AuditRunner(
             model,
             watch,
-            max_batch_size=max_batch_size,
-            max_tokens=max_tokens,
+            max_batch_size=settings.engine.max_batch_size,
+            max_tokens=settings.engine.max_tokens,
             certificate=certificate,
             on_move=on_move,
             multi_label=multi_label,

@@ -71,7 +71,6 @@ class ServingState:
         audit = None if settings.audit is None else AuditWatch(settings.audit)  # the watch of the audit's settings
         self.audit = audit
         self.certificate, self.recertify_said = _online_certificate(settings, model, self.multi_label)
-        self.audit_record = settings.audit_record
         self.held_certificate = held_certificate(settings.certificate)
         self.auditor = None  # its AuditWorker, while the app runs
         # labels for audited inputs (POST /feedback): single-label classifiers with an audit
@@ -110,13 +109,10 @@ class ServingState:
             self.auditor = AuditWorker(
                 self.model,
                 self.audit,
+                self.settings,
                 multi_label=self.multi_label,
-                max_batch_size=self.engine_config.max_batch_size,
-                max_tokens=self.engine_config.max_tokens,
-                max_queue=self.max_queue,
                 certificate=self.certificate,
                 on_move=self._serve_policy,
-                audit_record=self.audit_record,
                 feedback=self.feedback,
             )
         self.accepting = True
