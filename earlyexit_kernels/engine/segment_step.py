@@ -46,7 +46,15 @@ from earlyexit_kernels.engine import step_graphs
 from earlyexit_kernels.engine.batch_loop import _kept_length, _output_dtype, can_fuse_head, pooled_exit_heads
 from earlyexit_kernels.engine.buckets import SurvivorLag, bucket_for
 from earlyexit_kernels.engine.heads import ExitHeads
-from earlyexit_kernels.engine.static_buffers import BatchShape, Loaded, StaticBatch, _Packed, finish, load
+from earlyexit_kernels.engine.static_buffers import (
+    BatchShape,
+    Loaded,
+    StaticBatch,
+    _Packed,
+    finish,
+    load,
+    policy_key,
+)
 from earlyexit_kernels.engine.static_step import (
     CUDA_LENGTH_STEP,
     StaticBatches,
@@ -158,6 +166,9 @@ class SegmentSteps:
         # One call at a time on the buffers (engines on several threads share them); on a GPU, recorded after a
         # call's last use of them: the next call, maybe on another stream, waits for it before its load.
         self.lock = threading.Lock()
+        # The policy the captured graphs decide with: a kernel takes its thresholds as arguments, so a graph
+        # captured under one policy would replay its decisions under another; a new one forgets them.
+        self._policy = None
         self._done = torch.cuda.Event() if device.type == "cuda" else None
         self._done_recorded = False
 
@@ -253,6 +264,10 @@ class SegmentSteps:
         state_shapes = batches.state_shapes(policy, adapter, batch, self.dtype)
         first_bucket = bucket_for(batch, self.sizes)
         static = self._static(first, masked, first_bucket, seq_len, state_shapes)
+        if policy_key(policy) != self._policy:
+            for kept in self._statics.values():
+                kept.graphs.forget(lambda key: True)
+            self._policy = policy_key(policy)
         halting_head = self.heads.halting_head(policy)
         if static.heads is None:
             if batches.head_kernels == "torch":
