@@ -336,11 +336,17 @@ def test_a_certificate_on_accuracy_lost_gives_the_audit_no_disagreement_budget(s
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--audit-fraction", "1.5"], "error: --audit-fraction must be a fraction in [0, 1]"),
-        (["--audit-fraction", "-0.1"], "error: --audit-fraction must be a fraction in [0, 1]"),
-        (["--audit-fraction", "nan"], "error: --audit-fraction must be a fraction in [0, 1]"),
-        (["--audit-fraction", "0.1", "--audit-budget", "100"], "error: --audit-budget is in percentage points"),
-        (["--audit-fraction", "0.1", "--audit-confidence", "95"], "error: --audit-confidence must be"),
+        (["--audit-fraction", "1.5"], "error: --audit-fraction 1.5: the audit fraction must be a number in [0, 1]"),
+        (["--audit-fraction", "-0.1"], "error: --audit-fraction -0.1: the audit fraction must be a number in [0, 1]"),
+        (["--audit-fraction", "nan"], "error: --audit-fraction nan: the audit fraction must be a number in [0, 1]"),
+        (
+            ["--audit-fraction", "0.1", "--audit-budget", "100"],
+            "error: --audit-budget 100 percentage points: the audit budget must be a fraction of sequences in [0, 1)",
+        ),
+        (
+            ["--audit-fraction", "0.1", "--audit-confidence", "95"],
+            "error: --audit-confidence 95: the audit confidence must be a probability strictly between 0 and 1",
+        ),
         (["--audit-budget", "1"], "error: --audit-budget and --audit-confidence set the audit"),
     ],
 )
@@ -375,7 +381,12 @@ def test_the_command_line_classifies_a_file_with_an_audit(saved_classifier, tmp_
 
 def test_ray_datas_class_adds_each_audited_rows_disagreement(saved_classifier):
     pd = pytest.importorskip("pandas", reason="the Ray integration works on pandas batches")
-    from earlyexit_kernels.integrations.ray_data import AUDIT_COLUMN, EarlyExitClassifier, _audit_summary
+    from earlyexit_kernels.integrations.ray_data import (
+        AUDIT_COLUMN,
+        ClassifierSettings,
+        EarlyExitClassifier,
+        _audit_summary,
+    )
 
     frame = pd.DataFrame({"text": [t or "w0" for t in word_texts(40, seed=10)]})
     assert AUDIT_COLUMN not in EarlyExitClassifier(saved_classifier)(frame).columns
@@ -394,7 +405,8 @@ def test_ray_datas_class_adds_each_audited_rows_disagreement(saved_classifier):
     draws = random.Random(0)
     assert classifier.audit.audited == sum(draws.random() < 0.5 for _ in range(80))
     assert classifier.audit.budget == 0.2
-    summary = _audit_summary(out[AUDIT_COLUMN], saved_classifier, {"audit_fraction": 0.5, "audit_budget": 0.2})
+    settings = ClassifierSettings(audit_fraction=0.5, audit_budget=0.2)
+    summary = _audit_summary(out[AUDIT_COLUMN], saved_classifier, settings)
     audited = out[AUDIT_COLUMN].dropna()
     assert summary["audited"] == len(audited) and summary["disagreements"] == audited.sum()
     assert summary["bound"] == risk_control.upper_bound(float(audited.sum()), len(audited), 0.95)

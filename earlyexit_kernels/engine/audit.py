@@ -66,7 +66,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -86,10 +86,12 @@ from earlyexit_kernels.methods.risk_control import (
 )
 
 __all__ = [
+    "AUDIT_OPTIONS",
     "AuditConfig",
     "AuditRunner",
     "AuditWatch",
     "PAIRED_WINDOW",
+    "audit_config",
     "check_audit_budget",
     "check_audit_confidence",
     "full_depth_logits",
@@ -154,6 +156,27 @@ class AuditConfig:
         object.__setattr__(self, "budget", check_audit_budget(self.budget))
         object.__setattr__(self, "confidence", check_audit_confidence(self.confidence))
         object.__setattr__(self, "accuracy_budget", check_audit_budget(self.accuracy_budget))
+
+
+#: the audit's options as the entry points name them (``eek.classify``'s ``audit_fraction``, ``create_app``'s and
+#: ``eek serve``'s, Ray's ``ClassifierSettings``), and the :class:`AuditConfig` field each sets
+AUDIT_OPTIONS = {
+    "audit_fraction": "fraction",
+    "audit_budget": "budget",
+    "audit_confidence": "confidence",
+    "audit_seed": "seed",
+    "audit_accuracy_budget": "accuracy_budget",
+}
+
+
+def audit_config(options: Mapping, **fields) -> AuditConfig | None:
+    """The :class:`AuditConfig` of ``options`` named as :data:`AUDIT_OPTIONS` names them (others are not read; None:
+    not given, the field's default), with ``fields`` (the config's own names) set over them; None where
+    ``audit_fraction`` is 0 or not given: no audit."""
+    if check_fraction(options.get("audit_fraction", 0.0)) == 0:
+        return None
+    given = {field: options[name] for name, field in AUDIT_OPTIONS.items() if options.get(name) is not None}
+    return AuditConfig(**{**given, **fields})
 
 
 # ---------------------------------------------------------------------------------- the loss

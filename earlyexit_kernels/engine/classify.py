@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from earlyexit_kernels.calibration.online import OnlineCertificate
-from earlyexit_kernels.engine.audit import AuditRunner, AuditWatch
+from earlyexit_kernels.engine.audit import AuditConfig, AuditRunner, AuditWatch
 from earlyexit_kernels.engine.engine_config import EngineConfig
 from earlyexit_kernels.engine.engine_kind import engine_kind, make_engine
 from earlyexit_kernels.engine.kept_engines import KeptEngines
@@ -183,7 +183,7 @@ def classify(
         if not isinstance(audit, AuditWatch):
             raise TypeError(f"audit must be an earlyexit_kernels AuditWatch, got {type(audit).__name__}")
     elif audit_fraction > 0:
-        audit = AuditWatch(audit_fraction)
+        audit = AuditWatch(AuditConfig(audit_fraction))
     certificate = _online_certificate(model, recertify, audit)
     if certificate is not None:
         engine.set_policy(certificate.served_policy)

@@ -222,11 +222,9 @@ def _classify_locally(args) -> int:
     watch = None
     online = recertify_options(args, args.audit, local=True, multi_label=is_multi_label(model.config))
     if args.audit:
-        from earlyexit_kernels.engine.audit import AuditWatch
+        from earlyexit_kernels.engine.audit import AuditWatch, audit_config
 
-        watch = AuditWatch(
-            args.audit["audit_fraction"], budget=args.audit["audit_budget"], confidence=args.audit["audit_confidence"]
-        )
+        watch = AuditWatch(audit_config(args.audit))  # the options as create_app takes them, one AuditConfig
     tables: deque = deque()  # input chunks whose rows are being classified, in order
 
     def inputs():  # read from the first row not yet written, once iterated (after the writer exists)

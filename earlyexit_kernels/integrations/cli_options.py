@@ -8,7 +8,6 @@ The devices and dtypes are written out here, not imported from :mod:`earlyexit_k
 
 from __future__ import annotations
 
-import math
 import sys
 
 from earlyexit_kernels.integrations.recertify_cli import recertify_options as _recertify_options
@@ -117,33 +116,33 @@ def add_audit_options(command, what: str, where: str) -> None:
 
 def audit_given(args) -> dict:
     """``--audit-fraction``, ``--audit-budget``, ``--audit-confidence`` as ``create_app``'s options, checked, as
-    given (the budget a fraction; None where not given); ``{}`` without an audit."""
-    from earlyexit_kernels.methods.risk_control import check_confidence
+    given (the budget a fraction; None where not given); ``{}`` without an audit. Each is checked by the audit's
+    settings object (:class:`~earlyexit_kernels.engine.audit.AuditConfig`), whose words the one-line error gives
+    after the flag."""
+    import dataclasses
+
+    from earlyexit_kernels.engine.audit import AuditConfig
 
     fraction, points, confidence = args.audit_fraction, args.audit_budget, args.audit_confidence
-    if not (math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
-        raise CliError(
-            f"--audit-fraction must be a fraction in [0, 1] (0.05: one sequence in twenty also runs the full "
-            f"model), got {fraction:g}"
-        )
-    if points is not None and not (math.isfinite(points) and 0.0 <= points < 100.0):
-        raise CliError(f"--audit-budget is in percentage points of sequences, in [0, 100) (1: 1%), got {points:g}")
-    if confidence is not None:
+    budget = None if points is None else points / 100.0
+    config = None
+    for flag, given, field, value in (
+        ("--audit-fraction", fraction, "fraction", fraction),
+        ("--audit-budget", points, "budget", budget),
+        ("--audit-confidence", confidence, "confidence", confidence),
+    ):
+        if given is None:
+            continue
         try:
-            check_confidence(confidence)  # the bound, written once
-        except ValueError:
-            raise CliError(
-                f"--audit-confidence must be strictly between 0 and 1 (e.g. 0.95), got {confidence:g}"
-            ) from None
+            config = AuditConfig(value) if config is None else dataclasses.replace(config, **{field: value})
+        except ValueError as error:
+            said = f"{given:g} percentage points" if field == "budget" else f"{given:g}"
+            raise CliError(f"{flag} {said}: {error}") from None
     if fraction == 0.0:
         if points is not None or confidence is not None:
             raise CliError("--audit-budget and --audit-confidence set the audit: give --audit-fraction F (> 0) too")
         return {}
-    return {
-        "audit_fraction": fraction,
-        "audit_budget": None if points is None else points / 100.0,
-        "audit_confidence": confidence,
-    }
+    return {"audit_fraction": fraction, "audit_budget": budget, "audit_confidence": confidence}
 
 
 def audit_line(fraction: float, budget: float | None, confidence: float, source: str, what: str) -> str:

@@ -64,10 +64,23 @@ class ClassifierSettings:
     recertify: bool | None = None
 
     def __post_init__(self) -> None:
-        from earlyexit_kernels.methods.risk_control import check_fraction
+        from earlyexit_kernels.engine.audit import audit_config
 
-        if check_fraction(self.audit_fraction) == 0 and self.recertify:
+        # the audit's fields checked by its settings object (AuditConfig), as given
+        if audit_config(vars(self)) is None and self.recertify:
             raise ValueError("recertify=True reads the audit: give audit_fraction too")
+
+    def audit(self, model: str):
+        """The audit's :class:`~earlyexit_kernels.engine.audit.AuditConfig` for the folder ``model``: the fields as
+        given, the budget and confidence not given its certificate's
+        (:func:`~earlyexit_kernels.integrations.model_folder.audit_settings`); None without an audit."""
+        from earlyexit_kernels.engine.audit import audit_config
+        from earlyexit_kernels.integrations.model_folder import audit_settings
+
+        if self.audit_fraction == 0:
+            return None
+        budget, confidence, source = audit_settings(str(model), self.audit_budget, self.audit_confidence)
+        return audit_config(vars(self), budget=budget, confidence=confidence, source=source)
 
 
 class EarlyExitClassifier:
@@ -113,15 +126,11 @@ class EarlyExitClassifier:
         from transformers import AutoTokenizer
 
         from earlyexit_kernels.engine.audit import AuditWatch
-        from earlyexit_kernels.integrations.model_folder import audit_settings, to_folder_base
+        from earlyexit_kernels.integrations.model_folder import to_folder_base
         from earlyexit_kernels.patching.loading import from_pretrained
 
-        self.audit = None
-        if settings.audit_fraction > 0:
-            budget, confidence, _ = audit_settings(str(model), settings.audit_budget, settings.audit_confidence)
-            self.audit = AuditWatch(
-                settings.audit_fraction, budget=budget, confidence=confidence, seed=settings.audit_seed
-            )
+        audit = settings.audit(model)
+        self.audit = None if audit is None else AuditWatch(audit)
 
         if isinstance(policy, str):
             from earlyexit_kernels.methods.policy_spec import parse_policy
@@ -313,6 +322,12 @@ def classify_files(
     import ray
     import ray.data
 
+    from earlyexit_kernels.training.fit_config import settings_of
+
+    given = dict(classifier_kwargs)  # the actors' settings, checked here before Ray starts one
+    settings = settings_of(
+        ClassifierSettings, given.pop("settings", None), given, who="classify_files", what="settings"
+    )
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False)  # None: a local instance on this machine
     context = ray.data.DataContext.get_current()
@@ -335,21 +350,19 @@ def classify_files(
     suffix = Path(output_path).suffix.lower()
     writer = {".csv": "write_csv", ".jsonl": "write_json"}.get(suffix, "write_parquet")
     getattr(classified, writer)(output_path)
-    auditing = bool(classifier_kwargs.get("audit_fraction"))
+    auditing = settings.audit_fraction > 0
     written = _read_written(output_path, writer, ["error", AUDIT_COLUMN] if auditing else ["error"])
     summary = {"rows": len(written), "errors": int(written["error"].notna().sum()), "output": output_path}
     if auditing:
-        summary["audit"] = _audit_summary(written[AUDIT_COLUMN], model, classifier_kwargs)
+        summary["audit"] = _audit_summary(written[AUDIT_COLUMN], model, settings)
     return summary
 
 
-def _audit_summary(column, model: str, options: dict) -> dict:
+def _audit_summary(column, model: str, settings: ClassifierSettings) -> dict:
     """The audit over every written row: one watch fed the column's values (it warns here, once, where due)."""
     from earlyexit_kernels.engine.audit import AuditWatch
-    from earlyexit_kernels.integrations.model_folder import audit_settings
 
-    budget, confidence, _ = audit_settings(model, options.get("audit_budget"), options.get("audit_confidence"))
-    watch = AuditWatch(options["audit_fraction"], budget=budget, confidence=confidence)
+    watch = AuditWatch(settings.audit(model))
     watch.record(float(v) for v in column.dropna())
     return watch.as_dict()
 

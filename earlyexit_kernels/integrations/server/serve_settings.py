@@ -22,7 +22,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from earlyexit_kernels.engine.audit import AuditConfig
+from earlyexit_kernels.engine.audit import AUDIT_OPTIONS, AuditConfig, audit_config
 from earlyexit_kernels.engine.engine_config import EngineConfig
 from earlyexit_kernels.integrations.recertify_choice import Recertify
 from earlyexit_kernels.integrations.server.body_limit import DEFAULT_MAX_BODY_BYTES, check_max_body_bytes
@@ -42,14 +42,6 @@ ENGINE_OPTIONS = ("max_batch_size", "max_tokens", "max_length", "compile", "max_
 SERVING_MAX_AGE = 0
 #: ``create_app``'s options that are :class:`HttpLimits`' fields
 HTTP_OPTIONS = ("max_queue", "max_client_batch_size", "max_body_bytes", "api_key")
-#: ``create_app``'s audit options and the :class:`AuditConfig` field each sets
-AUDIT_OPTIONS = {
-    "audit_fraction": "fraction",
-    "audit_budget": "budget",
-    "audit_confidence": "confidence",
-    "audit_seed": "seed",
-    "audit_accuracy_budget": "accuracy_budget",
-}
 #: ``create_app``'s other options: :class:`ServeSettings`' own fields
 OWN_OPTIONS = ("model_id", "recertify", "audit_record", "certificate")
 
@@ -152,16 +144,11 @@ class ServeSettings:
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise TypeError(f"unknown server option(s) {', '.join(unknown)}; the options are {', '.join(known)}")
-        from earlyexit_kernels.methods.risk_control import check_fraction
-
         engine_given = {name: options[name] for name in ENGINE_OPTIONS if name in options}
         engine = EngineConfig(admission="fifo", **{"max_age": SERVING_MAX_AGE, **engine_given})
         http = HttpLimits(**{name: options[name] for name in HTTP_OPTIONS if name in options})
-        audit = None
-        if check_fraction(options.get("audit_fraction", 0.0)) > 0:
-            # None: not given (the command line passes what it was not given so), each field's default
-            given = {field: options[name] for name, field in AUDIT_OPTIONS.items() if options.get(name) is not None}
-            audit = AuditConfig(**given)
+        # None: not given (the command line passes what it was not given so), each field's default
+        audit = audit_config(options)
         return cls(engine, http, audit, **{name: options[name] for name in OWN_OPTIONS if name in options})
 
     @classmethod
