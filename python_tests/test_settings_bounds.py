@@ -1,11 +1,14 @@
 """Each setting's bound is written once in the package (issue 97): ``max_drop``, ``lr``, ``epochs``, ``confidence``,
-``batch_size``, ``max_length`` and ``guarantee`` are compared with their bounds only inside the settings objects
+``batch_size``, ``max_length``, ``guarantee`` and the audit's ``fraction`` are compared with their bounds only inside
+the settings objects
 and the checks those call; a comparison of one of them with a number (``lr > 0``, ``0.0 < confidence < 1.0``)
 or of ``guarantee`` with its choices anywhere else is a second bound, which can drift from the first.
 
 A new one fails here: route it through the settings object (:class:`FitConfig`, :class:`Training`,
-:class:`TrainSettings`, the calibration's ``Goal``, :class:`EngineConfig`, or the check each calls), keeping the
-words users see."""
+:class:`TrainSettings`, the calibration's ``Goal``, :class:`EngineConfig`, the audit's :class:`AuditConfig`, or the
+check each calls), keeping the words users see. The audit's ``budget`` is not scanned by name: ``budget`` is also the
+argument of the bounds' arithmetic in ``methods/`` (``budget <= 0.0`` there is a case of the formula, not a check);
+its bound is :func:`check_audit_budget`'s, which :class:`AuditConfig` calls, as ``eek serve``'s flags do."""
 
 import ast
 from pathlib import Path
@@ -13,7 +16,17 @@ from pathlib import Path
 import earlyexit_kernels as eek
 
 PACKAGE_DIR = Path(eek.__file__).resolve().parent
-SETTINGS = {"max_drop", "lr", "epochs", "confidence", "batch_size", "max_length", "guarantee"}
+SETTINGS = {
+    "max_drop",
+    "lr",
+    "epochs",
+    "confidence",
+    "batch_size",
+    "max_length",
+    "guarantee",
+    "fraction",
+    "audit_fraction",
+}
 
 #: where the bounds may be written: (module, its top-level function or class; None: the whole module); most are
 #: written through helpers over a generic ``value`` (check_count, check_rate, _points, _whole), which this scan
@@ -24,11 +37,17 @@ BOUNDS = {
     ("engine/engine_config.py", None),
     ("methods/risk_control.py", "check_confidence"),  # what Goal and certify call
     ("calibration/certificate.py", "check_guarantee"),  # what Goal and certify call
+    ("methods/risk_control.py", "check_fraction"),  # the audit's fraction: what AuditConfig and the online tests call
 }
 #: the ones left, each for a reason; this list only shrinks (a stale entry fails too)
 KNOWN = {
     # a use, not a bound: a one-shot iterator trains one epoch through the forward
     ("training/train.py", "train_exit_heads", "epochs > 1"),
+    # uses, not bounds: whether an audit runs, on a fraction checked already
+    ("integrations/classify.py", "classify", "fraction > 0"),
+    ("integrations/online_certificate.py", "resolve_online_certificate", "fraction > 0"),
+    # the calibration and validation splits' fraction, checked by FitConfig and again where the rows are split
+    ("training/labelled_texts.py", "split_rows", "0.0 < fraction < 1.0"),
 }
 
 

@@ -5,13 +5,17 @@ each keyword entry point's defaults are its settings object's (issue 97).
 
 The words are those of the settings object (:class:`FitConfig`, whose parts :class:`Training` and the calibration's
 ``Goal`` check each field once); every entry point refuses before it reads a row or loads a model, so the rows and
-models given here are never opened."""
+models given here are never opened.
+
+The audit's settings likewise: :class:`AuditConfig`'s words come from ``AuditWatch``, ``ServeSettings`` and ``eek
+serve``'s flags."""
 
 import dataclasses
 import inspect
 
 import pytest
 
+from earlyexit_kernels.engine.audit import AuditConfig, AuditWatch
 from earlyexit_kernels.integrations.cli import main
 from earlyexit_kernels.integrations.recertify_folder import calibrate_folder
 from earlyexit_kernels.training.calibrate_texts import calibrate_texts
@@ -139,3 +143,38 @@ def test_calibrate_texts_default_goal_is_eek_calibrates():
     from earlyexit_kernels.training.calibrate_texts import DEFAULT_GOAL
 
     assert (DEFAULT_GOAL.max_drop, DEFAULT_GOAL.confidence) == (1.0, FitConfig().confidence)
+
+
+# ------------------------------------------------------------------------------ the audit's settings
+
+# (AuditConfig's field, a bad value, eek serve's flags that give it: the budget in percentage points)
+AUDIT_BAD = [
+    ("fraction", 1.5, ["--audit-fraction", "1.5"]),
+    ("fraction", float("nan"), ["--audit-fraction", "nan"]),
+    ("budget", 1.5, ["--audit-fraction", "0.1", "--audit-budget", "150"]),
+    ("confidence", 1.0, ["--audit-fraction", "0.1", "--audit-confidence", "1"]),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "flags"), AUDIT_BAD, ids=[f"{f}={v}" for f, v, _ in AUDIT_BAD])
+def test_a_bad_audit_setting_is_refused_in_the_audit_configs_words_everywhere(
+    field, value, flags, saved_classifier, capsys
+):
+    pytest.importorskip("starlette", reason="the server needs the serve extra")
+    from earlyexit_kernels.integrations.server.serve_settings import ServeSettings
+
+    fields = {"fraction": 0.1, field: value}
+    with pytest.raises(ValueError) as refused:
+        AuditConfig(**fields)
+    words = str(refused.value)
+    assert f"the audit {field} must be" in words and f"got {value!r}" in words, words
+
+    fraction = fields.pop("fraction")
+    with pytest.raises(ValueError) as by_the_watch:
+        AuditWatch(fraction, **fields)
+    with pytest.raises(ValueError) as by_the_server:
+        ServeSettings.from_options(audit_fraction=fraction, **{f"audit_{name}": v for name, v in fields.items()})
+    by_the_command_line = _command(capsys, "serve", saved_classifier, *flags)
+    assert str(by_the_watch.value) == words
+    assert str(by_the_server.value) == words
+    assert words in by_the_command_line and flags[-2] in by_the_command_line, by_the_command_line

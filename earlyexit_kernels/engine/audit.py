@@ -1,5 +1,8 @@
 """The audit watch: a random fraction of the sequences served also run at full depth, and their disagreement is watched.
 
+(Past 600 lines: the audit's settings, the watch that counts and bounds with them and the runner that feeds it are
+one idea, read together; most of it is the watch's two bounds and their warnings.)
+
     watch = AuditWatch(0.05, budget=0.01, confidence=0.95)   # 5% of the sequences, a 1% budget
     watch = AuditWatch(AuditConfig(0.05, budget=0.01))        # the same, from its settings object
     predictions = eek.classify(model, texts, tokenizer=tok, audit=watch)
@@ -330,7 +333,7 @@ class AuditWatch:
 
     def choose(self) -> bool:
         """Whether the next sequence is audited (a draw of the seeded generator)."""
-        if self.fraction <= 0.0:
+        if not self.fraction:  # 0: none is drawn
             return False
         with self._lock:
             return self._random.random() < self.fraction

@@ -182,7 +182,7 @@ def classify(
             raise ValueError("give audit_fraction or a watch of your own (audit=AuditWatch(...)), not both")
         if not isinstance(audit, AuditWatch):
             raise TypeError(f"audit must be an earlyexit_kernels AuditWatch, got {type(audit).__name__}")
-    elif audit_fraction > 0:
+    elif audit_fraction:
         audit = AuditWatch(AuditConfig(audit_fraction))
     certificate = _online_certificate(model, recertify, audit)
     if certificate is not None:

@@ -350,7 +350,7 @@ def classify_files(
     suffix = Path(output_path).suffix.lower()
     writer = {".csv": "write_csv", ".jsonl": "write_json"}.get(suffix, "write_parquet")
     getattr(classified, writer)(output_path)
-    auditing = settings.audit_fraction > 0
+    auditing = bool(settings.audit_fraction)
     written = _read_written(output_path, writer, ["error", AUDIT_COLUMN] if auditing else ["error"])
     summary = {"rows": len(written), "errors": int(written["error"].notna().sum()), "output": output_path}
     if auditing:
