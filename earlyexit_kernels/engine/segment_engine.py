@@ -292,9 +292,12 @@ class SegmentEngine:
         return lengths
 
     def _full(self, segment: int) -> bool:
-        """Whether ``segment``'s queue holds a full call: more rows than one call takes."""
+        """Whether ``segment``'s queue holds a full call: ``max_batch_size`` rows, or more than the token budget takes."""
         lengths = self._queued_lengths(segment, self.max_batch_size + 1)
-        return bool(lengths) and self._fits(lengths) < len(lengths)
+        if not lengths:
+            return False
+        taken = self._fits(lengths)
+        return taken < len(lengths) or taken >= self.max_batch_size
 
     def _choose(self) -> int | None:
         """The segment to run next, or None (read a call back first)."""
