@@ -192,3 +192,22 @@ def test_outputs_packed_in_one_buffer_come_back_in_one_copy_as_the_same_views():
         assert copy.shape == output.shape and torch.equal(copy, output)
     apart = (torch.randn(4, 3), torch.arange(4), torch.arange(4))  # the exact step's: three tensors
     assert all(torch.equal(c, o) for c, o in zip(copy_to_host(apart, pin=False), apart))
+
+
+def test_a_streams_buffers_settle_where_rows_and_lengths_trade_places_under_the_budget():
+    """Under a token budget a length sweep makes many short rows, then a few long ones: the static batch is made
+    anew only while either dimension still grows (its graphs go with it on a GPU), then serves every later pass."""
+    from test_graphed_step import GPU_PLAN
+
+    from earlyexit_kernels.engine.static_step import StaticBatches
+
+    items = _sequences(96, seed=8, longest=60)
+    model, policy = spread_model("bert", "entropy", items)
+    eek.patch(model, policy, step="graphed")
+    batches = state_of(model).static_batches = StaticBatches(**GPU_PLAN)
+    first = _run(CohortEngine(model, max_batch_size=None, max_tokens=512), items)
+    made = batches.made
+    again = _run(CohortEngine(model, max_batch_size=None, max_tokens=512), items)
+    assert 1 <= made <= 3  # grown to the most rows and the longest length (sized to each cohort: 9, then 8 a pass)
+    assert batches.made == made, "a second pass over the same stream makes no buffers"
+    assert {k: v.exit_layer for k, v in again.items()} == {k: v.exit_layer for k, v in first.items()}

@@ -116,6 +116,7 @@ class StaticBatches:
         self.head_kernels = head_kernels
         self.stats = GraphStats()  # every shape's captures, replays and fallbacks, evicted ones included
         self.prologues = Prologues(self.stats)
+        self.made = 0  # static batches made (each with its own graphs): a stream's shapes should settle
 
     def state_shapes(self, policy: ExitPolicy, adapter, batch: int, dtype: torch.dtype) -> dict:
         """The start state's tensors of ``batch`` rows on the meta device (their shapes and dtypes, for
@@ -141,13 +142,24 @@ class StaticBatches:
 
     def get(self, key: tuple, bucket: int, state: dict, length: int, make) -> StaticBatch:
         """The static batch of ``key`` that holds ``bucket`` rows of ``length`` positions, made anew
-        (by ``make``) where the one kept is too small (the forward views it at ``length`` under its lock)."""
+        (by ``make(rows, longest)``) where the one kept is too small (the forward views it at ``length``
+        under its lock).
+
+        A new one takes the larger of each dimension, the kept one's and the asked one's: under a token budget
+        rows and length trade places (many short rows, then a few long ones, then many short ones again), and
+        buffers sized to the last batch alone were made anew, their graphs dropped, whenever either grew (on the CPU with
+        the GPU's plan: 8 times a pass over a 96-text length sweep, every pass); grown to both, they are made a few
+        times in the first pass and never after (``made``)."""
         static = self._kept.pop(key, None)
         if static is None or not static.fits(bucket, state, length):
+            rows, longest = bucket, length
+            if static is not None:
+                rows, longest = max(rows, static.capacity), max(longest, static.max_length)
             # Normal tensors even under inference_mode(): an inference tensor cannot be written in
             # place outside it, and a later forward under no_grad() loads its rows into these buffers.
             with torch.inference_mode(False):
-                static = make()
+                static = make(rows, longest)
+            self.made += 1
         self._kept[key] = static
         while len(self._kept) > KEPT_SHAPES:
             self._kept.pop(next(iter(self._kept)))
@@ -172,6 +184,7 @@ class StaticBatches:
     def __setstate__(self, state):
         self._kept, self._state_shapes = {}, {}
         self.stats = GraphStats()
+        self.made = 0
         self.prologues = Prologues(self.stats)
         self.sizes, self.lag, self.dead_fill = state["sizes"], state["lag"], state["dead_fill"]
         self.prologue = state.get("prologue", False)  # a record saved before the option had none
@@ -332,8 +345,8 @@ def run_graphed(
         first_bucket,
         state_shapes,
         seq_len,
-        lambda: StaticBatch(
-            BatchShape(first_bucket, seq_len, hidden_size, num_labels, num_layers, dtype, wide, device),
+        lambda rows, longest: StaticBatch(
+            BatchShape(rows, longest, hidden_size, num_labels, num_layers, dtype, wide, device),
             mask=mask,
             state=state_shapes,
             stats=batches.stats,
