@@ -29,8 +29,10 @@ LAYERS = {
     "demo": 8,
     "bench": 9,
 }
-#: modules directly in the package folder that sit below every layer (any module may import them)
-BOTTOM_MODULES = {"_version", "_method_names"}
+#: modules directly in the package folder that sit below every layer (any module may import them); _fit_fields:
+#: the fit settings' command-line metadata, free of torch, that fields in calibration/, training/ and integrations/
+#: carry, as _method_names is the methods' names
+BOTTOM_MODULES = {"_version", "_method_names", "_fit_fields"}
 #: what may sit directly in the package folder: the facade, ``python -m earlyexit_kernels``,
 #: ``earlyexit_kernels.ray`` (the public name of the Ray Data integration) and the bottom modules
 TOP_LEVEL_MODULES = {"__init__", "__main__", "ray", *BOTTOM_MODULES}
