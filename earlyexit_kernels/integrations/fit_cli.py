@@ -20,7 +20,7 @@ from pathlib import Path
 
 from earlyexit_kernels._fit_fields import HEAD_CHOICES
 from earlyexit_kernels._method_names import METHODS, UNLABELLED_METHODS
-from earlyexit_kernels.integrations.base_options import add_base_options, add_int8_layers_option
+from earlyexit_kernels.integrations.cli_options import add_base_options, add_int8_layers_option
 from earlyexit_kernels.integrations.fit_options import FIT_DEFAULTS, add_fit_options, checked
 from earlyexit_kernels.patching.fit_record import SAVED
 
@@ -279,8 +279,8 @@ def _progress_on(args) -> bool:
 
 
 def _fit(args) -> int:
-    from earlyexit_kernels.integrations.labelled_data import read_labelled
     from earlyexit_kernels.integrations.model_folder import fit_folder
+    from earlyexit_kernels.integrations.table_io import read_labelled
     from earlyexit_kernels.training.fit_config import FitConfig, check_method_labels
     from earlyexit_kernels.training.fit_texts import FitError
     from earlyexit_kernels.training.labelled_texts import split_rows
@@ -354,10 +354,10 @@ def _evaluate(args) -> int:
     import copy
 
     from earlyexit_kernels.integrations.evaluation import evaluate
-    from earlyexit_kernels.integrations.labelled_data import read_labelled
     from earlyexit_kernels.integrations.model_folder import load_model
+    from earlyexit_kernels.integrations.table_io import read_labelled
     from earlyexit_kernels.patching.patch import policy_of, unpatch
-    from earlyexit_kernels.training.fit_data import max_length_for, warn_truncated
+    from earlyexit_kernels.training.fit_texts import max_length_for, warn_truncated
     from earlyexit_kernels.training.labelled_texts import encode, label_ids, length_sorted_batches
 
     _common_checks(args)
@@ -388,8 +388,8 @@ def _evaluate(args) -> int:
 
 def _calibrate(args) -> int:
     from earlyexit_kernels.calibration.select import Goal
-    from earlyexit_kernels.integrations.folder_calibration import Recalibration, calibrate_folder
-    from earlyexit_kernels.integrations.labelled_data import read_labelled
+    from earlyexit_kernels.integrations.recertify_folder import Recalibration, calibrate_folder
+    from earlyexit_kernels.integrations.table_io import read_labelled
     from earlyexit_kernels.training.calibrate_texts import DEFAULT_GOAL
     from earlyexit_kernels.training.fit_texts import FitError
 
@@ -455,7 +455,7 @@ def _calibrate(args) -> int:
 
 def _unlabelled(args):
     """``--unlabelled FILE``'s rows (their labels, if any, not read), or None."""
-    from earlyexit_kernels.integrations.labelled_data import read_labelled
+    from earlyexit_kernels.integrations.table_io import read_labelled
     from earlyexit_kernels.training.fit_texts import FitError
     from earlyexit_kernels.training.labelled_texts import DataError
 
