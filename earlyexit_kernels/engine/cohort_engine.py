@@ -46,20 +46,13 @@ import torch
 from earlyexit_kernels.backends.registry import resolve_backend
 from earlyexit_kernels.engine.admission import PendingQueue
 from earlyexit_kernels.engine.batch_loop import run_early_exit
-from earlyexit_kernels.engine.continuous import (
-    EngineStats,
-    Finished,
-    checked_policy_swap,
-    checked_tokens,
-    stream_max_length,
-    stream_policy,
-)
+from earlyexit_kernels.engine.continuous import EngineStats, Finished
 from earlyexit_kernels.engine.engine_config import EngineConfig, engine_config
-from earlyexit_kernels.engine.graphed_prologue import check_id_range
 from earlyexit_kernels.engine.module_weights import linear_compute_dtype
 from earlyexit_kernels.engine.patched_state import patched_state
 from earlyexit_kernels.engine.static_step import CUDA_LENGTH_STEP, StaticBatches, run_graphed
 from earlyexit_kernels.engine.step_choice import resolve_step
+from earlyexit_kernels.engine.stream_surface import LaunchedStream, stream_max_length, stream_policy
 
 __all__ = [
     "CohortEngine",
@@ -156,7 +149,7 @@ class _Cohort:
     buckets: list[int]
 
 
-class CohortEngine:
+class CohortEngine(LaunchedStream):
     """Early exit over a stream of sequences in length-sorted cohorts, on the patched model's step.
 
     The same interface as :class:`~earlyexit_kernels.engine.continuous.ContinuousEngine`
@@ -220,14 +213,6 @@ class CohortEngine:
 
     # ------------------------------------------------------------------ submission
 
-    def submit(self, key, input_ids, token_type_ids=None, submitted_at: float | None = None) -> None:
-        """Queue one sequence (token ids, special tokens included, at most ``max_length``)."""
-        input_ids, token_type_ids = checked_tokens(self, key, input_ids, token_type_ids)
-        # Checked here, on the host: an id out of range would otherwise fail in a kernel.
-        check_id_range(int(input_ids.min()), int(input_ids.max()), self.adapter.vocab_size)
-        at = time.perf_counter() if submitted_at is None else submitted_at
-        self._pending.add(key, input_ids, token_type_ids, self.stats.calls, at)
-
     def cancel(self, keys) -> int:
         """Drop the sequences with these keys, pending or in a launched cohort (their outputs are not
         returned). Returns how many were found."""
@@ -238,21 +223,6 @@ class CohortEngine:
         return dropped + len(launched)
 
     @property
-    def admission(self) -> str:
-        return self._pending.order
-
-    @property
-    def max_age(self) -> None:
-        """No age rule (None): cohorts launch in the admission order, a server's the arrival order,
-        so the oldest pending sequence is always in the next cohort."""
-        return None
-
-    @property
-    def pending(self) -> int:
-        """Sequences submitted and not launched yet."""
-        return len(self._pending)
-
-    @property
     def in_flight(self) -> int:
         """Sequences in launched cohorts not read back yet."""
         return self._rows_in_flight
@@ -260,15 +230,6 @@ class CohortEngine:
     @property
     def idle(self) -> bool:
         return not self._pending and not self._cohorts
-
-    def set_policy(self, policy) -> None:
-        """Decide exits with ``policy`` from the next cohort on (the same family and state)."""
-        checked_policy_swap(self, policy)
-        self.policy = policy
-
-    def check_policy(self, policy) -> None:
-        """A ``ValueError`` unless :meth:`set_policy` can take ``policy``."""
-        checked_policy_swap(self, policy)
 
     # ------------------------------------------------------------------ stepping
 
@@ -283,11 +244,6 @@ class CohortEngine:
         if self._cohorts and (len(self._cohorts) >= COHORTS_IN_FLIGHT or not self._pending):
             return self._read_back(self._cohorts.popleft())
         return []
-
-    def run(self):
-        """Step until every submitted sequence has exited, yielding them as they do."""
-        while not self.idle:
-            yield from self.step()
 
     # ------------------------------------------------------------------ internals
 

@@ -63,21 +63,14 @@ from earlyexit_kernels.engine.cohort_engine import (
     cohort_size,
     copy_to_host,
 )
-from earlyexit_kernels.engine.continuous import (
-    EngineStats,
-    Finished,
-    checked_policy_swap,
-    checked_tokens,
-    stream_max_length,
-    stream_policy,
-)
+from earlyexit_kernels.engine.continuous import EngineStats, Finished
 from earlyexit_kernels.engine.engine_config import EngineConfig, engine_config
-from earlyexit_kernels.engine.graphed_prologue import check_id_range
 from earlyexit_kernels.engine.module_weights import linear_compute_dtype
 from earlyexit_kernels.engine.patched_state import patched_state
 from earlyexit_kernels.engine.segment_step import Carried, Piece, segment_bounds, segment_steps
 from earlyexit_kernels.engine.static_step import CUDA_LENGTH_STEP, StaticBatches
 from earlyexit_kernels.engine.step_choice import check_graphed_policy
+from earlyexit_kernels.engine.stream_surface import LaunchedStream, stream_max_length, stream_policy
 
 __all__ = ["SegmentEngine", "SegmentStats", "SEGMENTS", "default_segments"]
 
@@ -132,7 +125,7 @@ class _Call:
     length: int
 
 
-class SegmentEngine:
+class SegmentEngine(LaunchedStream):
     """Early exit over a stream of sequences with the layers in segments, each refilled to the token budget.
 
     The same interface as :class:`~earlyexit_kernels.engine.cohort_engine.CohortEngine` (``submit``,
@@ -199,13 +192,6 @@ class SegmentEngine:
 
     # ------------------------------------------------------------------ submission
 
-    def submit(self, key, input_ids, token_type_ids=None, submitted_at: float | None = None) -> None:
-        """Queue one sequence (token ids, special tokens included, at most ``max_length``)."""
-        input_ids, token_type_ids = checked_tokens(self, key, input_ids, token_type_ids)
-        check_id_range(int(input_ids.min()), int(input_ids.max()), self.adapter.vocab_size)
-        at = time.perf_counter() if submitted_at is None else submitted_at
-        self._pending.add(key, input_ids, token_type_ids, self.stats.calls, at)
-
     def cancel(self, keys) -> int:
         """Drop the sequences with these keys, pending, queued at a segment or in a call in flight (their
         outputs are not returned). Returns how many were found."""
@@ -225,20 +211,6 @@ class SegmentEngine:
         return found + len(launched)
 
     @property
-    def admission(self) -> str:
-        return self._pending.order
-
-    @property
-    def max_age(self) -> None:
-        """No age rule (None): the first segment takes the pending texts in the admission order."""
-        return None
-
-    @property
-    def pending(self) -> int:
-        """Sequences submitted and not admitted yet."""
-        return len(self._pending)
-
-    @property
     def in_flight(self) -> int:
         """Sequences admitted and not finished: in a segment's queue or in a call not read back."""
         return self._rows_in_flight
@@ -246,15 +218,6 @@ class SegmentEngine:
     @property
     def idle(self) -> bool:
         return not self._pending and not self._unread and not any(self._queues)
-
-    def set_policy(self, policy) -> None:
-        """Decide exits with ``policy`` from the next call on (the same family and state)."""
-        checked_policy_swap(self, policy)
-        self.policy = policy
-
-    def check_policy(self, policy) -> None:
-        """A ``ValueError`` unless :meth:`set_policy` can take ``policy``."""
-        checked_policy_swap(self, policy)
 
     # ------------------------------------------------------------------ stepping
 
@@ -272,11 +235,6 @@ class SegmentEngine:
         if not self.idle:  # every admitted row is in a queue or a call: one of them can always run
             raise RuntimeError(f"the segment engine has {self._rows_in_flight} rows in flight and none to run")
         return []
-
-    def run(self):
-        """Step until every submitted sequence has exited, yielding them as they do."""
-        while not self.idle:
-            yield from self.step()
 
     # ------------------------------------------------------------------ choosing a call
 

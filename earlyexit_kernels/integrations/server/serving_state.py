@@ -50,7 +50,7 @@ class ServingState:
 
     def __init__(self, model, tokenizer, settings: ServeSettings):
         from earlyexit_kernels.engine.audit import AuditWatch
-        from earlyexit_kernels.engine.continuous import model_max_length
+        from earlyexit_kernels.engine.stream_surface import model_max_length
         from earlyexit_kernels.integrations.labels import is_multi_label
         from earlyexit_kernels.integrations.server.metrics import ServerMetrics
 

@@ -1,0 +1,178 @@
+"""What every stream engine shows its callers alike, one module: a sequence checked when it is submitted, the
+admission order and the counts, the policy moved in place, and :meth:`run`.
+
+The continuous engine (:mod:`.continuous`, the CPU's), the cohort engine (:mod:`.cohort_engine`) and the segment
+engine (:mod:`.segment_engine`) differ in how they run their calls; :class:`StreamSurface` is the part a caller
+(``eek.classify``, the engine thread, the server) sees the same on each, and :class:`LaunchedStream` adds what the
+two engines whose calls are launched and read back a call late share (no age rule, a policy swap that needs
+nothing made again). The checks a submission and a policy swap make, and the stream's ``max_length``, are the
+functions below, so that every engine refuses bad input in the same words before anything runs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from earlyexit_kernels.engine.batch_loop import head_state
+from earlyexit_kernels.engine.graphed_prologue import check_id_range
+from earlyexit_kernels.methods.exit_rules import init_state
+from earlyexit_kernels.methods.policies import Scheduled
+
+__all__ = [
+    "LaunchedStream",
+    "StreamSurface",
+    "checked_policy_swap",
+    "checked_tokens",
+    "model_max_length",
+    "stream_max_length",
+    "stream_policy",
+]
+
+
+class StreamSurface:
+    """The members every stream engine has alike. An engine sets ``model``, ``adapter``, ``policy``,
+    ``max_length``, ``_pending`` (its :class:`~earlyexit_kernels.engine.admission.PendingQueue`) and ``idle``,
+    and says in :attr:`calls_made` how many calls it has made (where a submitted sequence's age starts)."""
+
+    @property
+    def calls_made(self) -> int:
+        raise NotImplementedError
+
+    def submit(self, key, input_ids, token_type_ids=None, submitted_at: float | None = None) -> None:
+        """Queue one sequence (token ids, special tokens included, at most ``max_length``).
+
+        ``submitted_at``: when it was submitted (``time.perf_counter()``; default now), where its
+        queue time starts (``stats.queue_seconds``)."""
+        input_ids, token_type_ids = checked_tokens(self, key, input_ids, token_type_ids)
+        # Checked here, on the host: an id out of range would otherwise fail in a kernel.
+        check_id_range(int(input_ids.min()), int(input_ids.max()), self.adapter.vocab_size)
+        at = time.perf_counter() if submitted_at is None else submitted_at
+        self._pending.add(key, input_ids, token_type_ids, self.calls_made, at)
+
+    @property
+    def admission(self) -> str:
+        """The admission order, ``"fifo"`` or ``"length"`` (see :mod:`earlyexit_kernels.engine.admission`)."""
+        return self._pending.order
+
+    @property
+    def pending(self) -> int:
+        """Sequences submitted and not admitted yet."""
+        return len(self._pending)
+
+    def check_policy(self, policy) -> None:
+        """A ``ValueError`` unless :meth:`set_policy` can take ``policy``; reads the engine, changes nothing."""
+        checked_policy_swap(self, policy)
+
+    def run(self):
+        """Step until every submitted sequence has exited, yielding them as they do."""
+        while not self.idle:
+            yield from self.step()
+
+
+class LaunchedStream(StreamSurface):
+    """A stream engine whose calls are launched and read back a call late (cohorts, segments)."""
+
+    @property
+    def calls_made(self) -> int:
+        return self.stats.calls
+
+    @property
+    def max_age(self) -> None:
+        """No age rule (None): the calls take the pending texts in the admission order, a server's the arrival
+        order, so the oldest pending sequence is always in the next call."""
+        return None
+
+    def set_policy(self, policy) -> None:
+        """Decide exits with ``policy`` from the next call on (the same family and per-sequence state)."""
+        checked_policy_swap(self, policy)
+        self.policy = policy
+
+
+def _token_array(key, name: str, values) -> np.ndarray:
+    """``values`` (a list, tuple, array or 1-D tensor of integers) as a 1-D int64 array."""
+    array = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values)
+    if array.size == 0:
+        return array.astype(np.int64).reshape(-1)
+    if array.ndim != 1 or array.dtype.kind not in "iu":
+        raise TypeError(
+            f"sequence {key!r}: {name} must be a flat sequence of integers (token ids), "
+            f"got {array.dtype} of shape {array.shape}"
+        )
+    return array.astype(np.int64, copy=False)
+
+
+def checked_tokens(engine, key, input_ids, token_type_ids) -> tuple[np.ndarray, np.ndarray | None]:
+    """A submitted sequence's ``(input_ids, token_type_ids)`` as int64 arrays, checked against ``engine``'s
+    ``max_length`` and whether its model takes token types (a ``ValueError`` or ``TypeError`` naming the
+    sequence otherwise)."""
+    input_ids = _token_array(key, "input_ids", input_ids)
+    if not 1 <= len(input_ids) <= engine.max_length:
+        raise ValueError(
+            f"sequence {key!r} has {len(input_ids)} tokens; it must have 1..{engine.max_length} (max_length)"
+        )
+    if token_type_ids is not None and not getattr(engine.adapter, "uses_token_type_ids", True):
+        raise TypeError(f"sequence {key!r}: {type(engine.model).__name__} takes no token_type_ids; leave them out")
+    if token_type_ids is not None:
+        token_type_ids = _token_array(key, "token_type_ids", token_type_ids)
+        if len(token_type_ids) != len(input_ids):
+            raise ValueError(
+                f"sequence {key!r}: token_type_ids has {len(token_type_ids)} entries for {len(input_ids)} tokens"
+            )
+    return input_ids, token_type_ids
+
+
+def _state_shapes(engine, policy) -> dict:
+    with torch.no_grad():
+        template = init_state(
+            policy, 1, engine.num_labels, engine.adapter.hidden_size, engine.num_layers, engine.device, engine.dtype
+        )
+        template.update(head_state(engine.adapter, 1, engine.num_labels, engine.device))
+    return {key: tuple(value.shape) for key, value in template.items()}
+
+
+def stream_policy(model, state):
+    """The patched ``model``'s policy, for a stream engine: refused in training mode, and where it is
+    ``Scheduled`` (exit layers per batch position mean nothing over a stream)."""
+    if model.training:
+        raise ValueError("the model is in training mode; call model.eval() before classifying")
+    if isinstance(state.policy, Scheduled):
+        raise ValueError(
+            "Scheduled replays exit layers given per batch position and has no meaning over a stream; "
+            "use a threshold policy (e.g. eek.Entropy(0.3)) or call the model on batches"
+        )
+    return state.policy
+
+
+def checked_policy_swap(engine, policy) -> None:
+    """A ``ValueError`` unless ``engine`` can serve ``policy`` in place of its own: the same family,
+    fitting the model, keeping the same per-sequence state."""
+    if type(policy) is not type(engine.policy):
+        raise ValueError(
+            f"set_policy moves a {type(engine.policy).__name__} policy's thresholds; got a {type(policy).__name__}"
+        )
+    policy.check_fits(engine.num_layers, engine.num_labels)
+    if _state_shapes(engine, policy) != _state_shapes(engine, engine.policy):
+        raise ValueError(f"set_policy: {policy!r} keeps another per-sequence state than {engine.policy!r}")
+
+
+def stream_max_length(model, max_length: int | None) -> int:
+    """A stream engine's ``max_length``: the model's positions where None, refused past them (its type and
+    sign are EngineConfig's)."""
+    limit = model_max_length(model)
+    if max_length is None:
+        return limit
+    if max_length > limit:
+        raise ValueError(f"max_length must be an integer in 1..{limit} (the model's positions), got {max_length!r}")
+    return max_length
+
+
+def model_max_length(model) -> int:
+    """The longest sequence the model's position embeddings hold."""
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None) or 512
+    if type(model).__name__.startswith(("Roberta", "XLMRoberta", "Camembert")):
+        limit -= (config.pad_token_id or 0) + 1  # positions start after the padding index
+    return int(limit)
