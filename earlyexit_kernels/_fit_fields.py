@@ -4,7 +4,7 @@ means and its choices, written once here and attached as ``metadata`` to the fie
 (``calibration/select.py``) and ``eek calibrate``'s ``Recalibration``'s (``integrations/recertify_folder.py``), as
 :class:`~earlyexit_kernels.engine.engine_config.EngineConfig`'s fields carry the engine's.
 
-:mod:`earlyexit_kernels.integrations.fit_options` makes ``eek fit``'s and ``eek calibrate``'s options from it. The
+:mod:`earlyexit_kernels.integrations.cli_options` makes ``eek fit``'s and ``eek calibrate``'s options from it. The
 settings' modules import torch, which ``eek --help`` does not; so the text sits here, beside
 :mod:`earlyexit_kernels._method_names`, and the fields point at it (``python_tests/test_fit_options.py`` holds each
 field's metadata to be this table's entry, and each command line's help, bound and default to be the field's).

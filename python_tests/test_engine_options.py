@@ -1,4 +1,4 @@
-"""The engine's command-line options are made from EngineConfig's fields (integrations/engine_options.py):
+"""The engine's command-line options are made from EngineConfig's fields (integrations/cli_options.py):
 eek classify and eek serve show one help line per setting, take their defaults from their own settings
 objects, and refuse a bad value in EngineConfig's words with the flag named."""
 
@@ -12,7 +12,7 @@ from earlyexit_kernels.engine.classify import classify
 from earlyexit_kernels.engine.engine_config import EngineConfig
 from earlyexit_kernels.integrations import cli, serve_cli
 from earlyexit_kernels.integrations.cli import build_parser, main
-from earlyexit_kernels.integrations.engine_options import checked_engine, engine_keywords
+from earlyexit_kernels.integrations.cli_options import checked_engine, engine_keywords
 
 
 def _subcommand(name: str) -> argparse.ArgumentParser:

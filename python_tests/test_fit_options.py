@@ -1,5 +1,5 @@
 """``eek fit``'s and ``eek calibrate``'s options are made from the fit settings' fields (issue 97 item 3,
-integrations/fit_options.py): one help line per setting (the field's metadata, ``_fit_fields.FIT_FIELDS``, shared by
+integrations/cli_options.py): one help line per setting (the field's metadata, ``_fit_fields.FIT_FIELDS``, shared by
 every command that takes it), one bound (the settings object's check, its words with the flag named) and one
 default (the object's; where a command's differs, the table below says why)."""
 
@@ -16,7 +16,7 @@ from earlyexit_kernels.calibration.select import Goal
 from earlyexit_kernels.engine.heads import HEAD_FORMS, HEAD_POOLINGS
 from earlyexit_kernels.integrations import fit_cli
 from earlyexit_kernels.integrations.cli import build_parser, main
-from earlyexit_kernels.integrations.fit_options import FIT_DEFAULTS, checked
+from earlyexit_kernels.integrations.cli_options import FIT_DEFAULTS, checked
 from earlyexit_kernels.integrations.recertify_folder import Recalibration
 from earlyexit_kernels.patching.fit_record import SAVED
 from earlyexit_kernels.training.calibrate_texts import BASE_RISKS, DEFAULT_GOAL

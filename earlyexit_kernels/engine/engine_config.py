@@ -55,7 +55,7 @@ class EngineConfig:
     """
 
     # The fields with ``help`` in their metadata are command-line options of eek classify and eek serve
-    # (earlyexit_kernels/integrations/engine_options.py): their help line, and what None means, once here.
+    # (earlyexit_kernels/integrations/cli_options.py): their help line, and what None means, once here.
     max_batch_size: int | None = field(
         default=64,
         metadata=_option("most rows per layer call", "N", none="64; on CUDA's cohort engine what --max-tokens allows"),

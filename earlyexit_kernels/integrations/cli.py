@@ -20,12 +20,14 @@ from earlyexit_kernels.integrations.cli_options import (
     CliError,
     add_audit_options,
     add_base_options,
+    add_engine_options,
     audit_options,
+    checked_engine,
+    engine_keywords,
     is_multi_label,
     recertify_options,
     set_threads,
 )
-from earlyexit_kernels.integrations.engine_options import add_engine_options, checked_engine, engine_keywords
 from earlyexit_kernels.integrations.extras import install_line
 from earlyexit_kernels.integrations.fit_cli import add_commands as add_fit_commands
 from earlyexit_kernels.integrations.model_folder import ModelFolderError, load_model

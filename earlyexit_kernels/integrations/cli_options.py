@@ -4,15 +4,43 @@ settings, online re-certification; and :class:`CliError`, the one-line error the
 
 The devices and dtypes are written out here, not imported from :mod:`earlyexit_kernels.engine.precision`, so that
 ``--help`` imports no torch; a test holds the two equal.
+
+The options made from the settings objects' fields, the same way for each object: each flag's help line,
+metavar, choices and what None means come from the field's metadata, its default from the entry point, and a
+bad value is refused by the object alone, in its own words with the flag named, on every entry point:
+
+- the engine's (:class:`~earlyexit_kernels.engine.engine_config.EngineConfig`; :func:`add_engine_options`,
+  :func:`engine_keywords`, :func:`checked_engine`), for ``eek classify`` and ``eek serve`` with their defaults
+  (``eek serve``'s :class:`~earlyexit_kernels.integrations.server.serve_settings.ServeSettings`, ``eek classify``'s
+  ``eek.classify``);
+- the fit's (:data:`earlyexit_kernels._fit_fields.FIT_FIELDS`, attached to
+  :class:`~earlyexit_kernels.training.fit_config.FitConfig`'s, ``Training``'s and the calibration ``Goal``'s
+  fields; :func:`add_fit_options`, :func:`checked`), for ``eek fit`` (:data:`FIT_DEFAULTS`: ``FitConfig``'s) and
+  ``eek calibrate`` (the folder's saved values, ``Recalibration``'s); a test holds each entry point's defaults
+  equal to its object's. Free of torch: ``eek --help`` builds these parsers.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import sys
 
+from earlyexit_kernels._fit_fields import FIT_FIELDS
+from earlyexit_kernels.engine.engine_config import EngineConfig
 from earlyexit_kernels.integrations.recertify_cli import recertify_options as _recertify_options
+from earlyexit_kernels.patching.fit_record import SAVED
 
 __all__ = [
+    "FIT_DEFAULTS",
+    "add_engine_options",
+    "add_fit_options",
+    "checked",
+    "checked_engine",
+    "engine_keywords",
+    "flag_of",
+    "probability_or_off",
+    "share_or_auto",
     "DEVICES",
     "DTYPES",
     "INT8_LAYERS",
@@ -198,3 +226,171 @@ def add_guarantee_option(parser, default: str | None, default_says: str) -> None
         "over the draw of the calibration rows, at most --max-drop points are lost; 'expected', at most --max-drop on "
         "average over that draw (conformal risk control: cheaper, and any one draw may lose more)",
     )
+
+
+# ------------------------------------------------------------------ the engine's options, from EngineConfig's fields
+
+_ENGINE_FIELDS = {f.name: f for f in dataclasses.fields(EngineConfig) if f.metadata.get("help")}
+
+
+def _engine_parse(name: str):
+    """The argparse type of a numeric field: a number of tokens for ``call_cost``, else a whole number
+    (``--max-age``'s words are parsed by :func:`engine_keywords`)."""
+    return float if name == "call_cost" else int
+
+
+def _engine_shown(name: str, value) -> str:
+    return _ENGINE_FIELDS[name].metadata["none"] if value is None else str(value)
+
+
+def add_engine_options(parser, defaults: dict, names: tuple[str, ...]) -> None:
+    """Add the flags of ``names`` (EngineConfig fields) to ``parser``, each with ``defaults[name]`` (the entry
+    point's default, as the parser's; ``max_age`` as its text, e.g. ``"0"``)."""
+    for name in names:
+        meta = _ENGINE_FIELDS[name].metadata
+        default = defaults[name]
+        if name == "compile":
+            parser.add_argument(flag_of(name), action="store_true", help=meta["help"])
+            continue
+        shown = default if name == "max_age" else _engine_shown(name, default)
+        kwargs = {"default": default, "help": f"{meta['help']} (default: {shown})"}
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        else:
+            kwargs["metavar"] = meta["metavar"]
+            if name != "max_age":  # its default is text, parsed by engine_keywords
+                kwargs["type"] = _engine_parse(name)
+        parser.add_argument(flag_of(name), **kwargs)
+
+
+def engine_keywords(args, names: tuple[str, ...]) -> dict:
+    """The parsed flags of ``names`` as EngineConfig keywords (``--max-age``'s text turned into its value)."""
+    out = {name: getattr(args, name) for name in names}
+    if "max_age" in out and isinstance(out["max_age"], str):
+        out["max_age"] = max_age(out["max_age"])
+    return out
+
+
+def checked_engine(keywords: dict, **fixed) -> EngineConfig:
+    """``EngineConfig(**keywords, **fixed)``; a bad value is a :class:`CliError` naming its flag in the
+    object's own words (``--max-batch-size: max_batch_size must be an integer >= 1 or None, got 0``)."""
+    try:
+        return EngineConfig(**keywords, **fixed)
+    except ValueError as error:
+        name = next((n for n in keywords if str(error).startswith(n + " ")), None)
+        raise CliError(f"{flag_of(name)}: {error}" if name else str(error)) from None
+
+
+# ------------------------------------------------------------------ the fit's options, from the fit settings' fields
+
+#: ``eek fit``'s defaults: :class:`~earlyexit_kernels.training.fit_config.FitConfig`'s, but ``progress`` (None: on
+#: when stderr is a terminal) and ``validation_split`` (None: 0.1 without ``--validation``), which the command
+#: decides (``python_tests/test_fit_options.py`` holds the rest equal to the object's)
+FIT_DEFAULTS = {
+    "method": "heads",
+    "pooling": "auto",
+    "head": "auto",
+    "max_drop": 1.0,
+    "confidence": 0.95,
+    "guarantee": "probable",
+    "max_changed": None,
+    "calibration_fraction": "auto",
+    "validation_split": None,
+    "epochs": None,
+    "lr": None,
+    "batch_size": 32,
+    "max_length": None,
+    "seed": 0,
+    "progress": None,
+}
+
+
+def flag_of(name: str) -> str:
+    """A settings field's flag: ``max_batch_size`` -> ``--max-batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def share_or_auto(text: str) -> float | str:
+    """``--calibration-fraction``: ``auto`` or a number (its bound: ``FitConfig``'s)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"auto or a fraction such as 0.25; got {text!r}") from None
+
+
+def probability_or_off(text: str) -> float | None:
+    """``--confidence`` and ``--max-changed``: ``off`` (None) or a number (their bounds: the ``Goal``'s)."""
+    if text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a probability such as 0.95, or off; got {text!r}") from None
+
+
+def _or_saved(parse):
+    """``parse``, or :data:`SAVED` (``eek calibrate``'s default, which argparse passes through here: the folder's
+    certificate's)."""
+
+    def parsed(text: str):
+        return SAVED if text.strip().lower() == SAVED else parse(text)
+
+    parsed.__name__ = parse.__name__  # argparse names the type in its refusal
+    return parsed
+
+
+#: how each numeric setting's text is read (its bound is the settings object's, not the parser's)
+_FIT_PARSE = {
+    "max_drop": float,
+    "lr": float,
+    "validation_split": float,
+    "epochs": int,
+    "batch_size": int,
+    "max_length": int,
+    "seed": int,
+    "confidence": probability_or_off,
+    "max_changed": probability_or_off,
+    "calibration_fraction": share_or_auto,
+}
+
+
+def _fit_shown(name: str, value) -> str:
+    if value is None:
+        return FIT_FIELDS[name]["none"]
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def add_fit_options(parser, names: tuple[str, ...], defaults: dict, shown: dict | None = None) -> None:
+    """Add the flags of ``names`` (fit settings' fields) to ``parser`` (or an argument group), each with
+    ``defaults[name]`` as the parser's default and its help line said ``(default: ...)``: ``shown[name]`` where
+    given (the entry point's words, e.g. ``eek calibrate``'s "FOLDER's certificate's, else 1"), else the value
+    (None: what the field's metadata says None means). A default of :data:`SAVED` is read as the folder's."""
+    for name in names:
+        meta = FIT_FIELDS[name]
+        default = defaults[name]
+        said = (shown or {}).get(name) or _fit_shown(name, default)
+        kwargs = {"default": default, "help": f"{meta['help']} (default: {said})"}
+        if name == "progress":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        else:
+            kwargs["metavar"] = meta["metavar"]
+            kwargs["type"] = _or_saved(_FIT_PARSE[name]) if default == SAVED else _FIT_PARSE[name]
+        parser.add_argument(flag_of(name), **kwargs)
+
+
+def checked(kind: type, keywords: dict, **fixed):
+    """``kind(**keywords, **fixed)`` (a fit settings object: ``FitConfig``, ``Goal``, ``Recalibration``); a bad
+    value is a :class:`~earlyexit_kernels.training.fit_config.FitError` in the object's own words, the flag named
+    where they name the field (``--max-drop: max_drop must be >= 0 accuracy points, got -1.0: ...``; the words of
+    ``FitConfig``'s own checks name it already: ``--lr must be a positive learning rate (lr=), got 0.0: ...``)."""
+    from earlyexit_kernels.training.fit_config import FitError
+
+    try:
+        return kind(**keywords, **fixed)
+    except ValueError as error:
+        name = next((n for n in keywords if str(error).startswith(n + " ")), None)
+        raise FitError(f"{flag_of(name)}: {error}" if name else str(error)) from None

@@ -20,8 +20,13 @@ from pathlib import Path
 
 from earlyexit_kernels._fit_fields import HEAD_CHOICES
 from earlyexit_kernels._method_names import METHODS, UNLABELLED_METHODS
-from earlyexit_kernels.integrations.cli_options import add_base_options, add_int8_layers_option
-from earlyexit_kernels.integrations.fit_options import FIT_DEFAULTS, add_fit_options, checked
+from earlyexit_kernels.integrations.cli_options import (
+    FIT_DEFAULTS,
+    add_base_options,
+    add_fit_options,
+    add_int8_layers_option,
+    checked,
+)
 from earlyexit_kernels.patching.fit_record import SAVED
 
 __all__ = [
@@ -35,7 +40,7 @@ __all__ = [
 ]
 
 #: the fit settings ``eek fit`` takes as options (their help, bound and default: the fields',
-#: :mod:`~earlyexit_kernels.integrations.fit_options`), in the order ``--help`` lists them
+#: :mod:`~earlyexit_kernels.integrations.cli_options`), in the order ``--help`` lists them
 FIT_FLAGS = (
     "max_length",
     "progress",

@@ -12,13 +12,15 @@ from earlyexit_kernels.integrations.cli_options import (
     CliError,
     add_audit_options,
     add_base_options,
+    add_engine_options,
     add_guarantee_option,
     audit_given,
     audit_line,
+    checked_engine,
+    engine_keywords,
     recertify_options,
     set_threads,
 )
-from earlyexit_kernels.integrations.engine_options import add_engine_options, checked_engine, engine_keywords
 from earlyexit_kernels.integrations.extras import install_line
 from earlyexit_kernels.integrations.model_folder import load_model
 from earlyexit_kernels.integrations.recertify_cli import add_recertify_options

@@ -208,7 +208,7 @@ class FitConfig:
 
     # each field's command-line metadata (help line, metavar, choices, what None means) is its entry of
     # _fit_fields.FIT_FIELDS, the same on Training's and the Goal's field of the setting: eek fit's and eek
-    # calibrate's options are made from it (integrations/fit_options.py); the bounds are checked below, once
+    # calibrate's options are made from it (integrations/cli_options.py); the bounds are checked below, once
     method: str = fit_field("method", "heads")
     pooling: str | None = fit_field("pooling", "auto")
     head: str | None = fit_field("head", "auto")
