@@ -164,16 +164,21 @@ def test_classify_and_the_engine_thread_run_on_the_cohorts():
     items = _sequences(30, seed=8, longest=24)
     model, policy = spread_model("bert", "entropy", items)
     eek.patch(model, policy, step="graphed")
+    assert_engine_thread_runs(model, items, "cohorts", CohortEngine)
+    assert state_of(model).policy is policy
+
+
+def assert_engine_thread_runs(model, items, engine: str, engine_class) -> None:
+    """The engine thread (``eek serve``'s) runs ``engine`` and gives the cohort engine's exits, in order."""
     expected = _run(CohortEngine(model, max_batch_size=8, admission="fifo"), items)
-    worker = BackgroundEngine(model, max_batch_size=8, admission="fifo", engine="cohorts")
+    worker = BackgroundEngine(model, max_batch_size=8, admission="fifo", engine=engine)
     try:
-        assert isinstance(worker.engine, CohortEngine)
+        assert isinstance(worker.engine, engine_class)
         futures = worker.submit_many([(item["input_ids"], item["token_type_ids"]) for item in items])
         results = [future.result(timeout=60) for future in futures]
     finally:
         worker.close()
-    assert [r.exit_layer for r in results] == [expected[i].exit_layer for i in range(30)]
-    assert state_of(model).policy is policy
+    assert [r.exit_layer for r in results] == [expected[i].exit_layer for i in range(len(items))]
 
 
 def test_outputs_packed_in_one_buffer_come_back_in_one_copy_as_the_same_views():

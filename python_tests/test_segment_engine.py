@@ -8,12 +8,11 @@ refilled from several first-segment calls; no read-back stalls a layer; bad sett
 import pytest
 import torch
 from test_classify import _sequences, spread_model
-from test_cohort_engine import _padded, _run, _sorted_cohorts
+from test_cohort_engine import _padded, _run, _sorted_cohorts, assert_engine_thread_runs
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.engine.background import BackgroundEngine
 from earlyexit_kernels.engine.buckets import DEFAULT_SIZES
-from earlyexit_kernels.engine.cohort_engine import COHORTS_IN_FLIGHT, CohortEngine
+from earlyexit_kernels.engine.cohort_engine import COHORTS_IN_FLIGHT
 from earlyexit_kernels.engine.continuous import ContinuousEngine
 from earlyexit_kernels.engine.engine_config import EngineConfig
 from earlyexit_kernels.engine.engine_kind import engine_kind, make_engine
@@ -227,15 +226,7 @@ def test_auto_never_takes_the_segments_they_run_by_name_in_classify_and_the_engi
     assert engine_kind(model, EngineConfig()) == "continuous"  # on the CPU; on CUDA the cohorts
     assert engine_kind(model, EngineConfig(engine="segments")) == "segments"
     assert isinstance(make_engine(model, EngineConfig(engine="segments", segments=2)), SegmentEngine)
-    expected = _run(CohortEngine(model, max_batch_size=8, admission="fifo"), items)
-    worker = BackgroundEngine(model, max_batch_size=8, admission="fifo", engine="segments")
-    try:
-        assert isinstance(worker.engine, SegmentEngine)
-        futures = worker.submit_many([(item["input_ids"], item["token_type_ids"]) for item in items])
-        results = [future.result(timeout=60) for future in futures]
-    finally:
-        worker.close()
-    assert [r.exit_layer for r in results] == [expected[i].exit_layer for i in range(30)]
+    assert_engine_thread_runs(model, items, "segments", SegmentEngine)
 
 
 def test_concurrent_clients_on_the_segment_engine_get_eek_classify_s_answers(loaded_classifier):

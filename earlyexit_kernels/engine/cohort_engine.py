@@ -43,16 +43,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from earlyexit_kernels.backends.registry import resolve_backend
-from earlyexit_kernels.engine.admission import PendingQueue
 from earlyexit_kernels.engine.batch_loop import run_early_exit
 from earlyexit_kernels.engine.continuous import EngineStats, Finished
 from earlyexit_kernels.engine.engine_config import EngineConfig, engine_config
-from earlyexit_kernels.engine.module_weights import linear_compute_dtype
-from earlyexit_kernels.engine.patched_state import patched_state
 from earlyexit_kernels.engine.static_step import CUDA_LENGTH_STEP, StaticBatches, run_graphed
 from earlyexit_kernels.engine.step_choice import resolve_step
-from earlyexit_kernels.engine.stream_surface import LaunchedStream, stream_max_length, stream_policy
+from earlyexit_kernels.engine.stream_surface import LaunchedStream
 
 __all__ = [
     "CohortEngine",
@@ -168,32 +164,12 @@ class CohortEngine(LaunchedStream):
     """
 
     def __init__(self, model, config: EngineConfig | None = None, **limits):
-        config = engine_config(config, limits)
-        if config.compile:
-            raise ValueError(
-                "compile is the continuous engine's (engine='continuous'); the cohort engine runs the graphed step"
-            )
-        if config.packed:
-            raise ValueError("packed is the continuous engine's (engine='continuous'); leave it at None")
-        self.config = config
-        state = patched_state(model, "the cohort engine")
-        self.policy = stream_policy(model, state)
-        self.model, self.adapter, self.heads = model, state.adapter, model.early_exit_heads
-        self.num_layers, self.num_labels = self.adapter.num_layers, self.adapter.num_labels
-        self.device = next(model.parameters()).device
-        self.dtype = linear_compute_dtype(self.adapter.final_classifier)
-        self.backend = resolve_backend(
-            state.backend,
-            self.device,
-            dtype=self.dtype,
-            hidden_size=self.adapter.hidden_size,
-            num_labels=self.num_labels,
-        )
+        state = self._open(model, engine_config(config, limits), "the cohort engine")
+        config = self.config
         self.graphed = resolve_step(state.step, self.policy, self.device) == "graphed"
         if self.graphed and state.static_batches is None:
             state.static_batches = StaticBatches()
         self._state = state
-        self.max_length = stream_max_length(model, config.max_length)
         on_gpu = self.device.type == "cuda"
         self.length_step = config.length_step or (CUDA_LENGTH_STEP if on_gpu and self.graphed else 1)
         self.max_batch_size = COHORT_ROWS if config.max_batch_size is None else config.max_batch_size
@@ -203,11 +179,7 @@ class CohortEngine(LaunchedStream):
             raise ValueError(
                 f"max_in_flight must be an integer >= max_batch_size={self.max_batch_size}, got {self.max_in_flight!r}"
             )
-        self.pad_token_id = getattr(model.config, "pad_token_id", None) or 0
-        self._pending = PendingQueue(config.admission)
         self._cohorts: deque[_Cohort] = deque()
-        self._rows_in_flight = 0
-        self._cancelled: set = set()
         self._pinned = on_gpu  # host buffers pinned, copies without a wait
         self.stats = EngineStats()
 
@@ -221,11 +193,6 @@ class CohortEngine(LaunchedStream):
         launched = {key for cohort in self._cohorts for key in cohort.keys} & keys
         self._cancelled |= launched
         return dropped + len(launched)
-
-    @property
-    def in_flight(self) -> int:
-        """Sequences in launched cohorts not read back yet."""
-        return self._rows_in_flight
 
     @property
     def idle(self) -> bool:

@@ -53,8 +53,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from earlyexit_kernels.backends.registry import resolve_backend
-from earlyexit_kernels.engine.admission import PendingQueue
 from earlyexit_kernels.engine.cohort_engine import (
     COHORT_ROWS,
     COHORT_TOKENS,
@@ -65,12 +63,10 @@ from earlyexit_kernels.engine.cohort_engine import (
 )
 from earlyexit_kernels.engine.continuous import EngineStats, Finished
 from earlyexit_kernels.engine.engine_config import EngineConfig, engine_config
-from earlyexit_kernels.engine.module_weights import linear_compute_dtype
-from earlyexit_kernels.engine.patched_state import patched_state
 from earlyexit_kernels.engine.segment_step import Carried, Piece, segment_bounds, segment_steps
 from earlyexit_kernels.engine.static_step import CUDA_LENGTH_STEP, StaticBatches
 from earlyexit_kernels.engine.step_choice import check_graphed_policy
-from earlyexit_kernels.engine.stream_surface import LaunchedStream, stream_max_length, stream_policy
+from earlyexit_kernels.engine.stream_surface import LaunchedStream
 
 __all__ = ["SegmentEngine", "SegmentStats", "SEGMENTS", "default_segments"]
 
@@ -140,37 +136,17 @@ class SegmentEngine(LaunchedStream):
     """
 
     def __init__(self, model, config: EngineConfig | None = None, **limits):
-        config = engine_config(config, limits)
-        if config.compile:
-            raise ValueError(
-                "compile is the continuous engine's (engine='continuous'); the segment engine runs the graphed step"
-            )
-        if config.packed:
-            raise ValueError("packed is the continuous engine's (engine='continuous'); leave it at None")
-        self.config = config
-        state = patched_state(model, "the segment engine")
-        self.policy = stream_policy(model, state)
+        state = self._open(model, engine_config(config, limits), "the segment engine")
+        config = self.config
         check_graphed_policy(self.policy)
-        self.model, self.adapter, self.heads = model, state.adapter, model.early_exit_heads
-        self.num_layers, self.num_labels = self.adapter.num_layers, self.adapter.num_labels
         self.bounds = segment_bounds(
             self.num_layers, default_segments(self.num_layers) if config.segments is None else config.segments
-        )
-        self.device = next(model.parameters()).device
-        self.dtype = linear_compute_dtype(self.adapter.final_classifier)
-        self.backend = resolve_backend(
-            state.backend,
-            self.device,
-            dtype=self.dtype,
-            hidden_size=self.adapter.hidden_size,
-            num_labels=self.num_labels,
         )
         if state.static_batches is None:  # where the graphed step keeps its buffers; the segments keep theirs beside
             state.static_batches = StaticBatches()
         self._steps = segment_steps(
             state.static_batches, self.adapter, self.heads, self.backend, self.device, self.dtype
         )
-        self.max_length = stream_max_length(model, config.max_length)
         on_gpu = self.device.type == "cuda"
         self.length_step = config.length_step or (CUDA_LENGTH_STEP if on_gpu else 1)
         self.max_batch_size = COHORT_ROWS if config.max_batch_size is None else config.max_batch_size
@@ -180,12 +156,8 @@ class SegmentEngine(LaunchedStream):
             raise ValueError(
                 f"max_in_flight must be an integer >= max_batch_size={self.max_batch_size}, got {self.max_in_flight!r}"
             )
-        self.pad_token_id = getattr(model.config, "pad_token_id", None) or 0
-        self._pending = PendingQueue(config.admission)
         self._queues: list[deque[_Rows]] = [deque() for _ in self.bounds]  # [0] unused: the pending texts feed it
         self._unread: deque[_Call] = deque()
-        self._rows_in_flight = 0
-        self._cancelled: set = set()
         self._first_calls = 0
         self._pinned = on_gpu
         self.stats = SegmentStats(segment_calls=[0] * len(self.bounds))
@@ -209,11 +181,6 @@ class SegmentEngine(LaunchedStream):
         launched = {key for call in self._unread for key in call.keys} & keys
         self._cancelled |= launched
         return found + len(launched)
-
-    @property
-    def in_flight(self) -> int:
-        """Sequences admitted and not finished: in a segment's queue or in a call not read back."""
-        return self._rows_in_flight
 
     @property
     def idle(self) -> bool:

@@ -16,8 +16,12 @@ import time
 import numpy as np
 import torch
 
+from earlyexit_kernels.backends.registry import resolve_backend
+from earlyexit_kernels.engine.admission import PendingQueue
 from earlyexit_kernels.engine.batch_loop import head_state
 from earlyexit_kernels.engine.graphed_prologue import check_id_range
+from earlyexit_kernels.engine.module_weights import linear_compute_dtype
+from earlyexit_kernels.engine.patched_state import patched_state
 from earlyexit_kernels.methods.exit_rules import init_state
 from earlyexit_kernels.methods.policies import Scheduled
 
@@ -75,9 +79,42 @@ class StreamSurface:
 class LaunchedStream(StreamSurface):
     """A stream engine whose calls are launched and read back a call late (cohorts, segments)."""
 
+    def _open(self, model, config, name: str):
+        """What both engines take alike from the patched ``model`` and their ``config`` (``name``: the engine, in
+        its refusals); returns the model's patched state. ``compile`` and ``packed`` are the continuous engine's."""
+        if config.compile:
+            raise ValueError(f"compile is the continuous engine's (engine='continuous'); {name} runs the graphed step")
+        if config.packed:
+            raise ValueError("packed is the continuous engine's (engine='continuous'); leave it at None")
+        self.config = config
+        state = patched_state(model, name)
+        self.policy = stream_policy(model, state)
+        self.model, self.adapter, self.heads = model, state.adapter, model.early_exit_heads
+        self.num_layers, self.num_labels = self.adapter.num_layers, self.adapter.num_labels
+        self.device = next(model.parameters()).device
+        self.dtype = linear_compute_dtype(self.adapter.final_classifier)
+        self.backend = resolve_backend(
+            state.backend,
+            self.device,
+            dtype=self.dtype,
+            hidden_size=self.adapter.hidden_size,
+            num_labels=self.num_labels,
+        )
+        self.max_length = stream_max_length(model, config.max_length)
+        self.pad_token_id = getattr(model.config, "pad_token_id", None) or 0
+        self._pending = PendingQueue(config.admission)
+        self._cancelled: set = set()
+        self._rows_in_flight = 0
+        return state
+
     @property
     def calls_made(self) -> int:
         return self.stats.calls
+
+    @property
+    def in_flight(self) -> int:
+        """Sequences admitted and not read back yet (in a call, or queued between calls)."""
+        return self._rows_in_flight
 
     @property
     def max_age(self) -> None:
