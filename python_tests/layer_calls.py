@@ -90,3 +90,56 @@ def assert_copies_rebuild(layer_class, runtime: str):
         return layer, torch.get_num_threads()
     finally:
         torch.set_num_threads(threads)
+
+
+def assert_float_layer_is_the_layer(layer_class, family) -> None:
+    """The runtime's float32 layer gives each of a tiny ``family`` model's layers' outputs, up to float32 rounding
+    of the same products summed in another order."""
+    model = MODELS[family]()
+    hidden, mask = padded_input()
+    for layer in model.base_model.encoder.layer:
+        expected = run(layer, model, hidden, mask)
+        got = run(layer_class.from_layer(layer, model.config, int8=False), model, hidden, mask)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def int8_layer_errors(layer_class, family):
+    """For each layer of a tiny ``family`` model, the runtime's int8 layer against the ``per-token`` recipe's (the
+    same quantization on PyTorch's kernels), as norms: ``(kernel_difference, int8_error, output, from_float)`` (the
+    runtime's layer from the per-token one's, the per-token one's from the float layer, the float layer's output,
+    the runtime's from the float layer)."""
+    from earlyexit_kernels.engine.precision import int8_encoder
+
+    model = MODELS[family]()
+    reference = int8_encoder(model, "per-token")
+    hidden, mask = padded_input(n=8, length=16, seed=2)
+    for layer, per_token in zip(model.base_model.encoder.layer, reference.base_model.encoder.layer):
+        exact = run(layer, model, hidden, mask)
+        expected = run(per_token, reference, hidden, mask)
+        got = run(layer_class.from_layer(layer, model.config), model, hidden, mask)
+        norm = lambda x: float(x.norm())  # noqa: E731
+        yield norm(got - expected), norm(expected - exact), norm(exact), norm(got - exact)
+
+
+def recipe_logits(recipe: str, layer_class):
+    """A tiny model with MLP heads put on the int8 ``recipe`` whose encoder layers are ``layer_class``'s: every
+    layer's logits ``(got, per_token, exact)`` (the recipe's, the ``per-token`` recipe's on PyTorch's kernels, the
+    float model's), once the recipe is checked to run every encoder layer and leave the heads as they were."""
+    from conftest import mlp_head_model, tiny_batch
+
+    from earlyexit_kernels.engine.precision import int8_encoder, to_base
+
+    model = mlp_head_model(seed=5)
+    heads_before = copy.deepcopy(model.early_exit_heads.state_dict())
+    ids, mask, types = tiny_batch(6, 12)
+    inputs = dict(input_ids=ids, attention_mask=mask, token_type_ids=types, return_all_exits=True)
+    with torch.no_grad():
+        exact = model(**inputs).all_logits
+        per_token = int8_encoder(model, "per-token")(**inputs).all_logits
+    to_base(model, "int8", "cpu", int8_recipe=recipe)
+    assert model.eek_int8_recipe == recipe
+    assert all(isinstance(layer, layer_class) for layer in model.bert.encoder.layer)
+    assert all(torch.equal(v, heads_before[k]) for k, v in model.early_exit_heads.state_dict().items())
+    with torch.no_grad():
+        got = model(**inputs).all_logits
+    return got, per_token, exact

@@ -6,64 +6,42 @@ PyTorch's kernels), up to the rounding of two int8 kernels, which is far below w
 moves.
 """
 
-import copy
 import subprocess
 import sys
 
+import layer_calls
 import pytest
 import torch
-from conftest import mlp_head_model, tiny_batch, tiny_model, tiny_mpnet
-from layer_calls import (
-    MODELS,
-    additive,
-    assert_copies_rebuild,
-    assert_padding_never_read,
-    assert_rows_alone_and_every_mask_form,
-    padded_input,
-    run,
-)
+from conftest import tiny_batch, tiny_model, tiny_mpnet
+from layer_calls import MODELS, additive, padded_input, run
 
 from earlyexit_kernels.engine import precision
 from earlyexit_kernels.engine.ort_layer import OrtLayer, ort_available, run_on_ort
-from earlyexit_kernels.engine.precision import int8_encoder, int8_recipe, to_base
+from earlyexit_kernels.engine.precision import int8_encoder, int8_recipe
 
 pytestmark = pytest.mark.skipif(not ort_available(), reason="onnxruntime and onnx are not installed")
 
 
 @pytest.mark.parametrize("family", MODELS)
 def test_the_float_graph_is_the_layer(family):
-    model = MODELS[family]()
-    hidden, mask = padded_input()
-    for layer in model.base_model.encoder.layer:
-        expected = run(layer, model, hidden, mask)
-        got = run(OrtLayer.from_layer(layer, model.config, int8=False), model, hidden, mask)
-        # float32 rounding of the same products summed in another order
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    layer_calls.assert_float_layer_is_the_layer(OrtLayer, family)
 
 
 @pytest.mark.int8_kernels
 @pytest.mark.parametrize("family", ["bert", "mpnet"])
 def test_the_int8_graph_is_the_per_token_layer_up_to_the_kernels_rounding(family):
-    model = MODELS[family]()
-    reference = int8_encoder(model, "per-token")
-    hidden, mask = padded_input(n=8, length=16, seed=2)
-    for layer, per_token in zip(model.base_model.encoder.layer, reference.base_model.encoder.layer):
-        exact = run(layer, model, hidden, mask)
-        expected = run(per_token, reference, hidden, mask)
-        got = run(OrtLayer.from_layer(layer, model.config), model, hidden, mask)
-        int8_error = float((expected - exact).norm())
-        kernel_difference = float((got - expected).norm())
+    for kernel_difference, int8_error, output, _ in layer_calls.int8_layer_errors(OrtLayer, family):
         # Both take this CPU's one form and accumulate it exactly (32-bit sums with VNNI; without it, 7-bit weights
         # that no 16-bit pair sum can overflow: python_tests/test_int8_form.py), so they differ by float rounding
         # alone, on every x86 CPU. Measured on these layers: 0.0007-0.024 of what int8 moves (VNNI), 0.0005
         # (fbgemm capped at AVX2); int8 moves 0.011% of the output's norm (the layer norm dominates a tiny layer).
         assert kernel_difference < 0.2 * int8_error
-        assert 0 < int8_error < 1e-3 * float(exact.norm())
+        assert 0 < int8_error < 1e-3 * output
 
 
 @pytest.mark.parametrize("family", ["bert", "mpnet"])
 def test_each_row_is_what_it_is_alone_and_every_mask_form_is_read(family):
-    assert_rows_alone_and_every_mask_form(OrtLayer, family)
+    layer_calls.assert_rows_alone_and_every_mask_form(OrtLayer, family)
 
 
 def test_a_mask_shared_by_a_call_s_layers_is_read_once_and_again_after_an_in_place_write(monkeypatch):
@@ -108,11 +86,11 @@ def test_a_model_run_under_inference_mode_reads_its_mask_at_every_layer():
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("family", ["bert", "mpnet"])
 def test_the_padding_is_never_read_and_comes_back_as_zeros(family, int8):
-    assert_padding_never_read(OrtLayer, family, int8)
+    layer_calls.assert_padding_never_read(OrtLayer, family, int8)
 
 
 def test_a_copy_or_a_pickle_makes_its_own_session_and_a_new_thread_count_a_new_one():
-    assert_copies_rebuild(OrtLayer, "_session")
+    layer_calls.assert_copies_rebuild(OrtLayer, "_session")
 
 
 def test_every_session_shares_one_arena_and_keeps_no_memory_pattern_per_shape():
@@ -218,19 +196,7 @@ def test_served_calls_of_every_shape_hold_resident_memory_flat_under_the_memory_
 
 @pytest.mark.int8_kernels
 def test_the_recipe_runs_every_encoder_layer_on_onnx_runtime_and_leaves_the_heads_float():
-    model = mlp_head_model(seed=5)
-    heads_before = copy.deepcopy(model.early_exit_heads.state_dict())
-    ids, mask, types = tiny_batch(6, 12)
-    inputs = dict(input_ids=ids, attention_mask=mask, token_type_ids=types, return_all_exits=True)
-    with torch.no_grad():
-        exact = model(**inputs).all_logits
-        per_token = int8_encoder(model, "per-token")(**inputs).all_logits
-    to_base(model, "int8", "cpu", int8_recipe="per-token-ort")
-    assert model.eek_int8_recipe == "per-token-ort"
-    assert all(isinstance(layer, OrtLayer) for layer in model.bert.encoder.layer)
-    assert all(torch.equal(v, heads_before[k]) for k, v in model.early_exit_heads.state_dict().items())
-    with torch.no_grad():
-        got = model(**inputs).all_logits
+    got, per_token, exact = layer_calls.recipe_logits("per-token-ort", OrtLayer)
     # every layer's logits: the same quantization, two kernels' rounding apart, far less than int8 moves them
     # (measured: 1.9e-6 against 1.1e-3 at most)
     assert float((got - per_token).abs().max()) < 0.05 * float((per_token - exact).abs().max())

@@ -6,22 +6,14 @@ is the layer itself; in int8 it is the layer with its Linear layers ``PerTokenIn
 kernels, far below what int8 itself moves and far below what another int8 grid would move it.
 """
 
-import copy
-
+import layer_calls
 import pytest
 import torch
-from conftest import mlp_head_model, tiny_batch, tiny_model
-from layer_calls import (
-    MODELS,
-    assert_copies_rebuild,
-    assert_padding_never_read,
-    assert_rows_alone_and_every_mask_form,
-    padded_input,
-    run,
-)
+from conftest import tiny_model
+from layer_calls import MODELS, padded_input, run
 
 from earlyexit_kernels.engine.ov_layer import OV_MISSING, OvLayer, ov_available
-from earlyexit_kernels.engine.precision import int8_encoder, to_base
+from earlyexit_kernels.engine.precision import int8_encoder
 
 pytestmark = pytest.mark.skipif(not ov_available(), reason=OV_MISSING)
 
@@ -29,34 +21,20 @@ pytestmark = pytest.mark.skipif(not ov_available(), reason=OV_MISSING)
 @pytest.mark.parametrize("family", MODELS)
 def test_the_float_model_is_the_layer(family):
     """Float32 throughout, also on a CPU with bfloat16, where the plugin's default precision is bfloat16."""
-    model = MODELS[family]()
-    hidden, mask = padded_input()
-    for layer in model.base_model.encoder.layer:
-        expected = run(layer, model, hidden, mask)
-        got = run(OvLayer.from_layer(layer, model.config, int8=False), model, hidden, mask)
-        # float32 rounding of the same products summed in another order
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    layer_calls.assert_float_layer_is_the_layer(OvLayer, family)
 
 
 @pytest.mark.parametrize("family", ["bert", "mpnet"])
 def test_the_int8_model_is_the_per_token_layer_up_to_the_kernels_rounding(family):
-    model = MODELS[family]()
-    reference = int8_encoder(model, "per-token")
-    hidden, mask = padded_input(n=8, length=16, seed=2)
-    for layer, per_token in zip(model.base_model.encoder.layer, reference.base_model.encoder.layer):
-        exact = run(layer, model, hidden, mask)
-        expected = run(per_token, reference, hidden, mask)
-        got = run(OvLayer.from_layer(layer, model.config), model, hidden, mask)
-        int8_error = float((expected - exact).norm())
-        kernel_difference = float((got - expected).norm())
+    for kernel_difference, int8_error, output, from_float in layer_calls.int8_layer_errors(OvLayer, family):
         # measured on these layers: the two kernels differ by 0.0006-0.024 of what int8 moves (ONNX Runtime's
         # graph: 0.0007-0.024); the rows quantized symmetrically instead (s8 on [-1, 1], another grid of the same
         # step) differ by 0.91-0.95 of it. The bound is midway: the same quantization, not just an int8 one.
         assert kernel_difference < 0.47 * int8_error
         # int8 moves 0.011% of the output's norm (the layer norm's output dominates a tiny random layer); this
         # layer moves it as much (0.9999-1.0002 of the per-token layer's error measured)
-        assert 0 < int8_error < 1e-3 * float(exact.norm())
-        assert float((got - exact).norm()) < 1.1 * int8_error
+        assert 0 < int8_error < 1e-3 * output
+        assert from_float < 1.1 * int8_error
 
 
 def test_one_compiled_model_serves_calls_of_every_shape():
@@ -76,17 +54,17 @@ def test_one_compiled_model_serves_calls_of_every_shape():
 
 @pytest.mark.parametrize("family", ["bert", "mpnet"])
 def test_each_row_is_what_it_is_alone_and_every_mask_form_is_read(family):
-    assert_rows_alone_and_every_mask_form(OvLayer, family)
+    layer_calls.assert_rows_alone_and_every_mask_form(OvLayer, family)
 
 
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("family", ["bert", "mpnet"])
 def test_the_padding_is_never_read_and_comes_back_as_zeros(family, int8):
-    assert_padding_never_read(OvLayer, family, int8)
+    layer_calls.assert_padding_never_read(OvLayer, family, int8)
 
 
 def test_a_copy_or_a_pickle_compiles_its_own_model_and_a_new_thread_count_a_new_one():
-    layer, threads = assert_copies_rebuild(OvLayer, "_compiled")
+    layer, threads = layer_calls.assert_copies_rebuild(OvLayer, "_compiled")
     assert layer._compiled.get_property("INFERENCE_NUM_THREADS") == threads
 
 
@@ -123,19 +101,7 @@ def test_8_bit_weights_are_refused_where_the_cpu_s_int8_kernels_would_saturate(m
 
 
 def test_the_recipe_runs_every_encoder_layer_on_openvino_and_leaves_the_heads_float():
-    model = mlp_head_model(seed=5)
-    heads_before = copy.deepcopy(model.early_exit_heads.state_dict())
-    ids, mask, types = tiny_batch(6, 12)
-    inputs = dict(input_ids=ids, attention_mask=mask, token_type_ids=types, return_all_exits=True)
-    with torch.no_grad():
-        exact = model(**inputs).all_logits
-        per_token = int8_encoder(model, "per-token")(**inputs).all_logits
-    to_base(model, "int8", "cpu", int8_recipe="per-token-ov")
-    assert model.eek_int8_recipe == "per-token-ov"
-    assert all(isinstance(layer, OvLayer) for layer in model.bert.encoder.layer)
-    assert all(torch.equal(v, heads_before[k]) for k, v in model.early_exit_heads.state_dict().items())
-    with torch.no_grad():
-        got = model(**inputs).all_logits
+    got, per_token, exact = layer_calls.recipe_logits("per-token-ov", OvLayer)
     # every layer's logits: the same quantization, two kernels' rounding apart (measured over seeds 5-7: 0.0009-0.034
     # of what int8 moves them, fbgemm capped at AVX2 or not), where another quantization moves them about as much
     # as int8 does (1.4x on the AVX2-only EPYC, issue 95)
