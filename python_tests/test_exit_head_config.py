@@ -11,7 +11,13 @@ engine; save/load keeps the choice and the heads; the training loss reaches the 
 import pytest
 import torch
 from model_comparison import assert_same_function, assert_same_weights
-from test_model_families import NUM_LAYERS, assert_continuous_as_per_batch, tiny_family, tiny_inputs
+from test_model_families import (
+    NUM_LAYERS,
+    assert_continuous_as_per_batch,
+    assert_rows_leave_as_alone,
+    tiny_family,
+    tiny_inputs,
+)
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.engine.heads import ExitHeadConfig, MLPExitHead
@@ -97,20 +103,6 @@ def test_compaction_and_trimming_give_what_each_row_alone_gives(family, pooling,
     assert_rows_leave_as_alone(
         patched_with_spread_exits(family, pooling, head, inputs, seed=4, backend=backend), inputs
     )
-
-
-def assert_rows_leave_as_alone(model, inputs) -> None:
-    """Every row of the padded batch leaves where it leaves run alone (its own length), with the
-    same logits; the batch has rows leaving at different layers and mixed lengths."""
-    with torch.no_grad():
-        out = model(**inputs)
-        lengths = inputs["attention_mask"].sum(1).tolist()
-        for row, length in enumerate(lengths):
-            alone = model(**{k: v[row : row + 1, :length] for k, v in inputs.items()})
-            assert int(alone.exit_layer) == int(out.exit_layer[row]), row
-            torch.testing.assert_close(out.logits[row], alone.logits[0], rtol=1e-4, atol=1e-5)
-    assert len(set(out.exit_layer.tolist())) >= 2, "the test needs rows leaving at different layers"
-    assert len(set(lengths)) >= 3, "the test needs mixed lengths"
 
 
 @pytest.mark.parametrize("family", ["bert", "distilbert"])

@@ -255,6 +255,12 @@ def assert_each_row_as_alone(model, inputs, backend):
     eek.patch(model, eek.Entropy(0.0), backend="torch")
     spread_heads(model, seed=4)
     eek.patch(model, eek.Entropy(spread_threshold(model, inputs)), backend=backend)
+    assert_rows_leave_as_alone(model, inputs)
+
+
+def assert_rows_leave_as_alone(model, inputs) -> None:
+    """Every row of the padded batch leaves where it leaves run alone (its own length), with the
+    same logits; the batch has rows leaving at different layers and mixed lengths."""
     with torch.no_grad():
         out = model(**inputs)
         lengths = inputs["attention_mask"].sum(1).tolist()
