@@ -412,6 +412,13 @@ def pooled_exit_heads(backend: Backend, adapter: EncoderAdapter, device: torch.d
     return heads if any(head is not None for head in heads) else None
 
 
+def _fused_head_inputs(adapter, policy, layer: int, hidden, mask, state, halting_head) -> tuple:
+    """The arguments of the backend's fused head-and-exit step for 1-based ``layer``: the policy and layer, the
+    pooled hidden states, the layer's head weights, the state and the halting head."""
+    pooled = adapter.pooled_hidden(hidden, mask)
+    return (policy, layer, adapter.num_layers, pooled, *adapter.head_weights(layer), state, halting_head)
+
+
 def head_and_exit_step(
     adapter: EncoderAdapter,
     backend: Backend,
@@ -443,15 +450,7 @@ def head_and_exit_step(
         )
         return exits, returned, logits, None, state
     if fused and layer < num_layers:
-        return backend.head_exit_step(
-            policy,
-            layer,
-            num_layers,
-            adapter.pooled_hidden(hidden, mask),
-            *adapter.head_weights(layer),
-            state,
-            halting_head,
-        )
+        return backend.head_exit_step(*_fused_head_inputs(adapter, policy, layer, hidden, mask, state, halting_head))
     logits, halting = _head_outputs(adapter, layer, hidden, halting_head, state, mask)
     exits, returned, state = backend.exit_step(policy, layer, num_layers, logits, halting, state)
     return exits, returned, logits, halting, state
@@ -492,16 +491,8 @@ def settle_exits(
             policy, layer, num_layers, hidden, mask, pooled_head, state, target
         )
     if fused and layer < num_layers and backend.head_exit_step_write_back is not None:
-        return backend.head_exit_step_write_back(
-            policy,
-            layer,
-            num_layers,
-            adapter.pooled_hidden(hidden, mask),
-            *adapter.head_weights(layer),
-            state,
-            halting_head,
-            target,
-        )
+        fused_inputs = _fused_head_inputs(adapter, policy, layer, hidden, mask, state, halting_head)
+        return backend.head_exit_step_write_back(*fused_inputs, target)
     logits, halting = _head_outputs(adapter, layer, hidden, halting_head, state, mask)
     if backend.exit_step_write_back is not None:
         return backend.exit_step_write_back(policy, layer, num_layers, logits, halting, state, target)

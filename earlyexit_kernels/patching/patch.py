@@ -471,17 +471,11 @@ def _patched_forward(
     if graphed and state.static_batches is None:
         state.static_batches = StaticBatches()
 
+    runs = (adapter, self.early_exit_heads, policy, backend)  # what either step runs the layers with
+
     def graphed_step(hidden, mask, mask_summary, inputs_serial=None):
         return run_graphed(
-            adapter,
-            self.early_exit_heads,
-            policy,
-            backend,
-            hidden,
-            mask,
-            batches=state.static_batches,
-            mask_summary=mask_summary,
-            inputs_serial=inputs_serial,
+            *runs, hidden, mask, batches=state.static_batches, mask_summary=mask_summary, inputs_serial=inputs_serial
         )
 
     if graphed and state.static_batches.prologue and eligible(input_ids, inputs_embeds):
@@ -506,15 +500,7 @@ def _patched_forward(
         result = graphed_step(hidden, mask, mask_summary)
     else:
         result = run_early_exit(
-            adapter,
-            self.early_exit_heads,
-            policy,
-            backend,
-            hidden,
-            mask,
-            all_exits=all_exits,
-            train_gates=train_gates,
-            mask_summary=mask_summary,
+            *runs, hidden, mask, all_exits=all_exits, train_gates=train_gates, mask_summary=mask_summary
         )
     return _finished(self, state, policy, result, labels, input_read_backs, return_dict)
 
