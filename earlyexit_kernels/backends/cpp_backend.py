@@ -268,19 +268,8 @@ def head_exit_step(
     head gives the pooled vector the halting head (a Python module) reads, then the rule
     runs; on the CPU that head, and float16/bfloat16 heads, are torch's GEMM.
     """
-    return _head_exit_step(
-        None,
-        policy,
-        layer,
-        num_layers,
-        cls_hidden,
-        pooler_weight,
-        pooler_bias,
-        head_weight,
-        head_bias,
-        state,
-        halting_fn,
-    )[:5]
+    weights = (pooler_weight, pooler_bias, head_weight, head_bias)
+    return _head_exit_step(None, policy, layer, num_layers, cls_hidden, *weights, state, halting_fn)[:5]
 
 
 def prepare_head_exit_step(policy, layer, num_layers, pooler_weight, pooler_bias, head_weight, head_bias):
@@ -315,18 +304,9 @@ def head_exit_step_write_back(
     policy, layer, num_layers, cls_hidden, pooler_weight, pooler_bias, head_weight, head_bias, state, halting_fn, target
 ):
     """:func:`earlyexit_kernels.backends.write_back.head_exit_step_write_back` on the C++/CUDA kernels."""
+    weights = (pooler_weight, pooler_bias, head_weight, head_bias)
     exits, _, _, _, state, order, count = _head_exit_step(
-        target,
-        policy,
-        layer,
-        num_layers,
-        cls_hidden,
-        pooler_weight,
-        pooler_bias,
-        head_weight,
-        head_bias,
-        state,
-        halting_fn,
+        target, policy, layer, num_layers, cls_hidden, *weights, state, halting_fn
     )
     return exits, state, order, _survivor_stats(exits, count, target.extents)
 
