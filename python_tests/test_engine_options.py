@@ -67,3 +67,26 @@ def test_checked_engine_names_the_flag_of_a_bad_value():
     assert checked_engine({"max_batch_size": 8}, admission="fifo").max_batch_size == 8
     with pytest.raises(Exception, match="^--call-cost: call_cost must be a number >= 0"):
         checked_engine({"call_cost": -1.0})
+
+
+@pytest.mark.parametrize(
+    "flags,words",
+    [
+        (["--max-queue", "0"], "--max-queue: max_queue must be an integer >= 1, got 0"),
+        (["--max-client-batch-size", "0"], "--max-client-batch-size: max_client_batch_size must be an integer >= 1"),
+        (["--max-body-bytes", "0"], "--max-body-bytes: max_body_bytes must be an integer >= 1 (bytes), got 0"),
+    ],
+)
+def test_eek_serve_s_request_limits_are_http_limits_fields_and_refused_in_its_words(flags, words, capsys):
+    """--max-queue, --max-client-batch-size and --max-body-bytes: the help line HttpLimits' field carries, its
+    default, and its refusal with the flag named, before any model is read (the model here does not exist)."""
+    pytest.importorskip("starlette", reason="the server needs the serve extra")
+    from earlyexit_kernels.integrations.server.serve_settings import HttpLimits
+
+    serve = _options(_subcommand("serve"))
+    for field in dataclasses.fields(HttpLimits):
+        if field.metadata:
+            assert serve[field.name].help.startswith(field.metadata["help"])
+            assert serve[field.name].default == field.default
+    assert main(["serve", "/nonexistent/model", *flags]) == 2
+    assert f"error: {words}" in capsys.readouterr().err

@@ -32,6 +32,11 @@ from earlyexit_kernels.integrations.recertify_cli import recertify_options as _r
 from earlyexit_kernels.patching.fit_record import SAVED
 
 __all__ = [
+    "HTTP_FIELDS",
+    "SERVE_HTTP_DEFAULTS",
+    "add_http_options",
+    "checked_http",
+    "flagged",
     "FIT_DEFAULTS",
     "add_engine_options",
     "add_fit_options",
@@ -277,8 +282,57 @@ def checked_engine(keywords: dict, **fixed) -> EngineConfig:
     try:
         return EngineConfig(**keywords, **fixed)
     except ValueError as error:
-        name = next((n for n in keywords if str(error).startswith(n + " ")), None)
-        raise CliError(f"{flag_of(name)}: {error}" if name else str(error)) from None
+        raise CliError(flagged(error, keywords)) from None
+
+
+def flagged(error: ValueError, keywords: dict) -> str:
+    """A settings object's refusal with the flag of the field it names in front (``--max-queue: max_queue must
+    be ...``); as it is where it names none of ``keywords``."""
+    name = next((n for n in keywords if str(error).startswith(n + " ")), None)
+    return f"{flag_of(name)}: {error}" if name else str(error)
+
+
+# ------------------------------------------------------------------ eek serve's request limits, from HttpLimits' fields
+
+#: what each of ``eek serve``'s request limits says, attached as metadata to
+#: :class:`~earlyexit_kernels.integrations.server.serve_settings.HttpLimits`' fields (written here: the server
+#: package loads starlette, which ``eek --help`` does not); their bounds are the object's
+HTTP_FIELDS = {
+    "max_queue": {"help": "most sequences waiting or in flight; beyond it requests get 429 at once", "metavar": "N"},
+    "max_client_batch_size": {
+        "help": "most inputs (or rerank texts) in one request; more get 413 naming this limit",
+        "metavar": "N",
+        "none": "--max-queue",
+    },
+    "max_body_bytes": {
+        "help": "the largest request body taken; a larger one gets 413 before it is read whole (TEI's payload limit "
+        "by default)",
+        "metavar": "N",
+    },
+}
+#: ``eek serve``'s defaults for them: ``HttpLimits``' (``python_tests/test_engine_options.py`` holds them equal)
+SERVE_HTTP_DEFAULTS = {"max_queue": 1024, "max_client_batch_size": None, "max_body_bytes": 2_000_000}
+
+
+def add_http_options(parser, defaults: dict = SERVE_HTTP_DEFAULTS) -> None:
+    """Add ``--max-queue``, ``--max-client-batch-size`` and ``--max-body-bytes`` from :data:`HTTP_FIELDS`."""
+    for name, meta in HTTP_FIELDS.items():
+        default = defaults[name]
+        shown = meta["none"] if default is None else default
+        parser.add_argument(
+            flag_of(name), type=int, default=default, metavar=meta["metavar"], help=f"{meta['help']} (default: {shown})"
+        )
+
+
+def checked_http(keywords: dict):
+    """``HttpLimits(**keywords)``, checked before the model loads; a bad value is a :class:`CliError` in the
+    object's own words, its flag named. Imports the server package (``eek serve`` has, by then)."""
+    from earlyexit_kernels.integrations.server.serve_settings import HttpLimits
+
+    try:
+        return HttpLimits(**keywords)
+    except ValueError as error:
+        raise CliError(flagged(error, keywords)) from None
 
 
 # ------------------------------------------------------------------ the fit's options, from the fit settings' fields
@@ -392,5 +446,4 @@ def checked(kind: type, keywords: dict, **fixed):
     try:
         return kind(**keywords, **fixed)
     except ValueError as error:
-        name = next((n for n in keywords if str(error).startswith(n + " ")), None)
-        raise FitError(f"{flag_of(name)}: {error}" if name else str(error)) from None
+        raise FitError(flagged(error, keywords)) from None

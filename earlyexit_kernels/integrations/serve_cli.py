@@ -9,14 +9,17 @@ import os
 import sys
 
 from earlyexit_kernels.integrations.cli_options import (
+    HTTP_FIELDS,
     CliError,
     add_audit_options,
     add_base_options,
     add_engine_options,
     add_guarantee_option,
+    add_http_options,
     audit_given,
     audit_line,
     checked_engine,
+    checked_http,
     engine_keywords,
     recertify_options,
     set_threads,
@@ -75,13 +78,7 @@ def add_serve_command(commands) -> None:
     serve.add_argument("--backend", default=None, help="auto, torch, cpp, triton or cuda (default: the saved one)")
     add_base_options(serve)
     add_engine_options(serve, SERVE_ENGINE_DEFAULTS, SERVE_ENGINE_FLAGS)
-    serve.add_argument(
-        "--max-queue",
-        type=int,
-        default=1024,
-        metavar="N",
-        help="most sequences waiting or in flight; beyond it requests get 429 at once (default: 1024)",
-    )
+    add_http_options(serve)
     serve.add_argument(
         "--replicas",
         type=int,
@@ -104,27 +101,11 @@ def add_serve_command(commands) -> None:
         "EEK_API_KEY environment variable, else no key",
     )
     serve.add_argument(
-        "--max-client-batch-size",
-        type=int,
-        default=None,
-        help="most inputs (or rerank texts) in one request; more get 413 naming this limit (default: --max-queue)",
-    )
-    serve.add_argument(
         "--served-model-name",
         default=None,
         metavar="NAME",
         help="the model's name in answers, /info and GET /models, and what requests' \"model\" may say (default: "
         "MODEL's folder name, never its path; a Hub id as given)",
-    )
-    serve.add_argument(
-        "--max-body-bytes",
-        type=int,
-        # server.body_limit.DEFAULT_MAX_BODY_BYTES, written out: importing the server package here would
-        # make `eek --help` load starlette (test_import_time); test_server_body_limit checks they agree
-        default=2_000_000,
-        metavar="N",
-        help="the largest request body taken; a larger one gets 413 before it is read whole (default: 2000000, "
-        "TEI's payload limit)",
     )
     _add_served_certificate_options(serve)
     add_audit_options(serve, "sequences", "at /metrics (eek_audit_*)")
@@ -191,23 +172,17 @@ def run_serve(args) -> int:
         raise CliError(
             f"serving needs starlette, uvicorn and prometheus_client (the serve extra): {install_line('serve')} ({error})"
         ) from None
-    for name in ("max_queue", "port"):
-        value = getattr(args, name)
-        if value < 1:
-            raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.port < 1:
+        raise CliError(f"--port must be >= 1, got {args.port}")
+    http = {name: getattr(args, name) for name in HTTP_FIELDS}
+    checked_http(http)  # each bad limit in HttpLimits' words, before the model loads
     engine = engine_keywords(args, SERVE_ENGINE_FLAGS)
     checked_engine(engine, admission="fifo")  # each bad value in EngineConfig's words, before the model loads
     options = dict(
         **engine,
-        max_queue=args.max_queue,
+        **http,
         api_key=args.api_key if args.api_key is not None else os.environ.get("EEK_API_KEY") or None,
-        max_client_batch_size=args.max_client_batch_size,
-        max_body_bytes=args.max_body_bytes,
     )
-    if args.max_client_batch_size is not None and args.max_client_batch_size < 1:
-        raise CliError(f"--max-client-batch-size must be >= 1, got {args.max_client_batch_size}")
-    if args.max_body_bytes < 1:
-        raise CliError(f"--max-body-bytes must be >= 1 (bytes), got {args.max_body_bytes}")
     try:
         name = served_model_name(args.model, args.served_model_name)
     except ValueError as error:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from earlyexit_kernels.engine.audit import AUDIT_OPTIONS, AuditConfig, audit_config
 from earlyexit_kernels.engine.engine_config import EngineConfig
+from earlyexit_kernels.integrations.cli_options import HTTP_FIELDS
 from earlyexit_kernels.integrations.recertify_choice import Recertify
 from earlyexit_kernels.integrations.server.body_limit import DEFAULT_MAX_BODY_BYTES, check_max_body_bytes
 
@@ -81,9 +82,9 @@ class HttpLimits:
     <api_key>``.
     """
 
-    max_queue: int = 1024
-    max_client_batch_size: int | None = None
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_queue: int = dataclasses.field(default=1024, metadata=HTTP_FIELDS["max_queue"])
+    max_client_batch_size: int | None = dataclasses.field(default=None, metadata=HTTP_FIELDS["max_client_batch_size"])
+    max_body_bytes: int = dataclasses.field(default=DEFAULT_MAX_BODY_BYTES, metadata=HTTP_FIELDS["max_body_bytes"])
     api_key: str | None = None
 
     def __post_init__(self):
