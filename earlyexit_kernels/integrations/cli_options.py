@@ -35,7 +35,6 @@ __all__ = [
     "HTTP_FIELDS",
     "SERVE_HTTP_DEFAULTS",
     "add_http_options",
-    "checked_http",
     "flagged",
     "FIT_DEFAULTS",
     "add_engine_options",
@@ -221,18 +220,6 @@ def max_age(text: str):
         raise CliError(str(error)) from None
 
 
-def add_guarantee_option(parser, default: str | None, default_says: str) -> None:
-    """``--guarantee probable|expected``: what a certificate promises (``default_says``: the default, in words)."""
-    parser.add_argument(
-        "--guarantee",
-        choices=("probable", "expected"),
-        default=default,
-        help=f"what the certificate promises (default: {default_says}): 'probable', with probability --confidence "
-        "over the draw of the calibration rows, at most --max-drop points are lost; 'expected', at most --max-drop on "
-        "average over that draw (conformal risk control: cheaper, and any one draw may lose more)",
-    )
-
-
 # ------------------------------------------------------------------ the engine's options, from EngineConfig's fields
 
 _ENGINE_FIELDS = {f.name: f for f in dataclasses.fields(EngineConfig) if f.metadata.get("help")}
@@ -322,17 +309,6 @@ def add_http_options(parser, defaults: dict = SERVE_HTTP_DEFAULTS) -> None:
         parser.add_argument(
             flag_of(name), type=int, default=default, metavar=meta["metavar"], help=f"{meta['help']} (default: {shown})"
         )
-
-
-def checked_http(keywords: dict):
-    """``HttpLimits(**keywords)``, checked before the model loads; a bad value is a :class:`CliError` in the
-    object's own words, its flag named. Imports the server package (``eek serve`` has, by then)."""
-    from earlyexit_kernels.integrations.server.serve_settings import HttpLimits
-
-    try:
-        return HttpLimits(**keywords)
-    except ValueError as error:
-        raise CliError(flagged(error, keywords)) from None
 
 
 # ------------------------------------------------------------------ the fit's options, from the fit settings' fields

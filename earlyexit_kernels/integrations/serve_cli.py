@@ -14,13 +14,13 @@ from earlyexit_kernels.integrations.cli_options import (
     add_audit_options,
     add_base_options,
     add_engine_options,
-    add_guarantee_option,
+    add_fit_options,
     add_http_options,
     audit_given,
     audit_line,
     checked_engine,
-    checked_http,
     engine_keywords,
+    flagged,
     recertify_options,
     set_threads,
 )
@@ -151,7 +151,10 @@ def _add_served_certificate_options(serve) -> None:
         "unseen rows, labelled (accuracy lost against the full model on that base) or not (disagreement with it); "
         "e.g. --dtype int8 on a folder certified on float32",
     )
-    add_guarantee_option(group, None, "--calibration: the folder's certificate's")
+    # the Goal's field, said as eek calibrate says it; None: the folder's certificate's
+    add_fit_options(
+        group, ("guarantee",), {"guarantee": None}, {"guarantee": "--calibration: the folder's certificate's"}
+    )
     group.add_argument("--text-column", default="text", help="--calibration: the texts' column (default: text)")
     group.add_argument("--pair-column", default=None, help="--calibration: the second texts' column (optional)")
     group.add_argument(
@@ -167,6 +170,7 @@ def run_serve(args) -> int:
         import uvicorn  # noqa: F401
 
         from earlyexit_kernels.integrations.server import create_app  # noqa: F401
+        from earlyexit_kernels.integrations.server.serve_settings import HttpLimits
         from earlyexit_kernels.integrations.server.served_model import served_model_name
     except ImportError as error:
         raise CliError(
@@ -175,7 +179,10 @@ def run_serve(args) -> int:
     if args.port < 1:
         raise CliError(f"--port must be >= 1, got {args.port}")
     http = {name: getattr(args, name) for name in HTTP_FIELDS}
-    checked_http(http)  # each bad limit in HttpLimits' words, before the model loads
+    try:  # each bad limit in HttpLimits' words, before the model loads
+        HttpLimits(**http)
+    except ValueError as error:
+        raise CliError(flagged(error, http)) from None
     engine = engine_keywords(args, SERVE_ENGINE_FLAGS)
     checked_engine(engine, admission="fifo")  # each bad value in EngineConfig's words, before the model loads
     options = dict(
