@@ -180,7 +180,6 @@ class CohortEngine(LaunchedStream):
                 f"max_in_flight must be an integer >= max_batch_size={self.max_batch_size}, got {self.max_in_flight!r}"
             )
         self._cohorts: deque[_Cohort] = deque()
-        self._pinned = on_gpu  # host buffers pinned, copies without a wait
         self.stats = EngineStats()
 
     # ------------------------------------------------------------------ submission
@@ -218,10 +217,7 @@ class CohortEngine(LaunchedStream):
         def fits(lengths: list[int]) -> int:
             return cohort_size(lengths, self.max_batch_size, self.max_tokens, self.length_step)
 
-        entries = self._pending.take(min(room, self.max_batch_size), fits=fits)
-        launched_at = time.perf_counter()
-        for entry in entries:
-            self.stats.queue_seconds.observe(launched_at - entry[6])
+        entries, launched_at = self._admit(min(room, self.max_batch_size), fits)
         lengths, hidden, mask_d, summary = cohort_inputs(self, entries)
         rows = len(entries)
         if self.graphed:
@@ -257,14 +253,6 @@ class CohortEngine(LaunchedStream):
             )
         )
         self._rows_in_flight += rows
-
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
-        if self.device.type == "cpu":
-            return tensor
-        if self._pinned:  # the caching host allocator keeps the pinned block until the copy has run
-            tensor = tensor.pin_memory()
-        return tensor.to(self.device, non_blocking=self._pinned)
 
     def _outputs_to_host(self, result) -> tuple:
         """The cohort's outputs on the host: copies queued behind the step and an event after them on a

@@ -159,7 +159,6 @@ class SegmentEngine(LaunchedStream):
         self._queues: list[deque[_Rows]] = [deque() for _ in self.bounds]  # [0] unused: the pending texts feed it
         self._unread: deque[_Call] = deque()
         self._first_calls = 0
-        self._pinned = on_gpu
         self.stats = SegmentStats(segment_calls=[0] * len(self.bounds))
 
     # ------------------------------------------------------------------ submission
@@ -251,10 +250,7 @@ class SegmentEngine(LaunchedStream):
 
     def _launch_first(self) -> _Call:
         room = self.max_in_flight - self._rows_in_flight
-        entries = self._pending.take(min(room, self.max_batch_size), fits=self._fits)
-        launched_at = time.perf_counter()
-        for entry in entries:
-            self.stats.queue_seconds.observe(launched_at - entry[6])
+        entries, launched_at = self._admit(min(room, self.max_batch_size), self._fits)
         lengths, hidden, mask, summary = cohort_inputs(self, entries)
         result = self._steps.run_first(self.policy, self.bounds[0], hidden, mask, summary)
         rows = len(entries)
@@ -326,14 +322,6 @@ class SegmentEngine(LaunchedStream):
             result.buckets,
             result.length,
         )
-
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
-        if self.device.type == "cpu":
-            return tensor
-        if self._pinned:
-            tensor = tensor.pin_memory()
-        return tensor.to(self.device, non_blocking=self._pinned)
 
     # ------------------------------------------------------------------ reading back
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from earlyexit_kernels.engine import step_graphs
-from earlyexit_kernels.engine.batch_loop import _kept_length, _output_dtype, can_fuse_head, pooled_exit_heads
+from earlyexit_kernels.engine.batch_loop import _kept_length, _output_dtype
 from earlyexit_kernels.engine.buckets import SurvivorLag, bucket_for
 from earlyexit_kernels.engine.heads import ExitHeads
 from earlyexit_kernels.engine.static_buffers import (
@@ -63,6 +63,7 @@ from earlyexit_kernels.engine.static_step import (
     _published,
     _Step,
     capture_by_default,
+    static_heads,
     weights_fingerprint,
 )
 from earlyexit_kernels.engine.step_choice import check_graphed_policy
@@ -269,14 +270,9 @@ class SegmentSteps:
                 kept.graphs.forget(lambda key: True)
             self._policy = policy_key(policy)
         halting_head = self.heads.halting_head(policy)
-        if static.heads is None:
-            if batches.head_kernels == "torch":
-                static.heads = (False, None)
-            else:
-                fused = can_fuse_head(self.backend, adapter)
-                pooled = pooled_exit_heads(self.backend, adapter, self.device, fused) if halting_head is None else None
-                static.heads = (fused, pooled)
-        fused, pooled_heads = static.heads
+        fused, pooled_heads = static_heads(
+            static, batches.head_kernels, self.backend, adapter, self.device, halting_head
+        )
         trims = self.sizes is None and self.lag == 0 and masked
         step = _Step(
             adapter, self.backend, policy, halting_head, fused, pooled_heads, self.dtype, batches.dead_fill, trims

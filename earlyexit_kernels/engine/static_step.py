@@ -353,14 +353,7 @@ def run_graphed(
         ),
     )
     halting_head = heads.halting_head(policy)
-    if static.heads is None:  # once per buffers: their key holds the backend, adapter and heads' weights
-        if batches.head_kernels == "torch":  # the model's modules, then the backend's rule
-            static.heads = (False, None)
-        else:
-            fused = can_fuse_head(backend, adapter)
-            pooled = pooled_exit_heads(backend, adapter, device, fused) if halting_head is None else None
-            static.heads = (fused, pooled)
-    fused, pooled_heads = static.heads
+    fused, pooled_heads = static_heads(static, batches.head_kernels, backend, adapter, device, halting_head)
     # The CPU's plan (exact counts, read at once) also trims the padding nobody left needs, as
     # the exact step does: the same shapes, hence its bits. Fixed buckets keep the length.
     trims = sizes is None and lag == 0 and mask is not None
@@ -417,6 +410,21 @@ def run_graphed(
             static.done_recorded = True
     result.buckets = survivors.buckets
     return result
+
+
+def static_heads(static: StaticBatch, head_kernels: str, backend, adapter, device, halting_head) -> tuple:
+    """``(fused, pooled heads)`` of a static batch's steps, made at its first forward and kept with it (its key
+    holds the backend, adapter and heads' weights): with ``head_kernels`` ``"torch"`` the model's modules, then the
+    backend's rule; else the backend's fused head where it can run it, pooled in the same kernel without a
+    halting head."""
+    if static.heads is None:
+        if head_kernels == "torch":
+            static.heads = (False, None)
+        else:
+            fused = can_fuse_head(backend, adapter)
+            pooled = pooled_exit_heads(backend, adapter, device, fused) if halting_head is None else None
+            static.heads = (fused, pooled)
+    return static.heads
 
 
 def _forget_stale_loads(static: StaticBatch, prologues: set[int]) -> None:

@@ -105,7 +105,27 @@ class LaunchedStream(StreamSurface):
         self._pending = PendingQueue(config.admission)
         self._cancelled: set = set()
         self._rows_in_flight = 0
+        self._pinned = self.device.type == "cuda"  # host buffers pinned, copies without a wait
         return state
+
+    def _admit(self, most: int, fits) -> tuple[list, float]:
+        """The next pending entries (at most ``most``, as many as ``fits`` takes) and when they are launched, their
+        time in the queue observed."""
+        entries = self._pending.take(most, fits=fits)
+        launched_at = time.perf_counter()
+        for entry in entries:
+            self.stats.queue_seconds.observe(launched_at - entry[6])
+        return entries, launched_at
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """``array`` on the engine's device: on a GPU through pinned memory without a wait (the caching host
+        allocator keeps the pinned block until the copy has run)."""
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cpu":
+            return tensor
+        if self._pinned:
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=self._pinned)
 
     @property
     def calls_made(self) -> int:
