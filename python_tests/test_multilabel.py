@@ -172,13 +172,17 @@ def test_calibration_measures_micro_f1_and_picks_a_multi_label_threshold():
         full = model(input_ids=ids, attention_mask=mask, return_all_exits=True).all_logits[-1]
     labels = (full > 0).float()
     labels[::5, 0] = 1 - labels[::5, 0]  # the full model is not perfect
-    result = calibrate_model.calibrate(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, max_drop=100.0)
+    result = calibrate_model.calibrate(
+        model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, max_drop=100.0
+    )
     predicted, true = full > 0, labels > 0.5
     tp, wrong = (predicted & true).sum().item(), (predicted ^ true).sum().item()
     assert result.full_accuracy == pytest.approx(2 * tp / (2 * tp + wrong))
     assert isinstance(result.policy, eek.MultiLabelConfidence)
     assert result.mean_layers == pytest.approx(1.0), "any drop allowed: the cheapest candidate exits at layer 1"
-    strict = calibrate_model.calibrate(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, max_drop=0.0)
+    strict = calibrate_model.calibrate(
+        model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, max_drop=0.0
+    )
     assert strict.accuracy >= strict.full_accuracy - 1e-12
 
 
