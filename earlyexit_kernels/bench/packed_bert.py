@@ -18,18 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from earlyexit_kernels.engine.varlen_attention import fused_varlen_available
+
 __all__ = ["pack", "packed_logits", "varlen_attention", "varlen_attention_reference", "fused_varlen_available"]
-
-
-def fused_varlen_available(device: torch.device) -> bool:
-    """Whether torch's varlen flash attention runs on ``device`` (CUDA, torch >= 2.10)."""
-    if device.type != "cuda":
-        return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def pack(sequences: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -56,7 +47,7 @@ def varlen_attention_reference(q, k, v, cu_seqlens: torch.Tensor, longest: int) 
 
 def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, longest: int) -> torch.Tensor:
     """The fused varlen kernel where :func:`fused_varlen_available`, else the reference."""
-    if fused_varlen_available(q.device):
+    if fused_varlen_available(q.device, q.dtype):
         from torch.nn.attention.varlen import varlen_attn
 
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest)

@@ -247,6 +247,25 @@ class OpByOpLayer:
             mixed = mixed.reshape(n, length, -1).contiguous()
         else:
             mixed = mixed.reshape(n * length, -1).index_select(0, positions)
+        out = self._after_attention(mixed, tokens, inplace)
+        if positions is None:
+            return out
+        return out.new_zeros(n * length, width).index_copy_(0, positions, out).view(n, length, width)
+
+    def on_tokens(self, tokens: torch.Tensor, attend) -> torch.Tensor:
+        """The layer on packed tokens [T, H] (sequences one after another, no padding): the projections,
+        the feed-forward and the norms on the T tokens, the attention by ``attend(q, k, v, scaling)``
+        ([T, heads, head_size] each, a varlen attention: :mod:`earlyexit_kernels.engine.varlen_attention`)."""
+        inplace = not torch.is_grad_enabled() and not torch.is_autocast_enabled(tokens.device.type)
+        count = tokens.shape[0]
+        query, key, value = (
+            _linear(projection, tokens).view(count, -1, self.head_size) for projection in self.projections
+        )
+        mixed = attend(query, key, value, self.scaling).reshape(count, -1)
+        return self._after_attention(mixed, tokens, inplace)
+
+    def _after_attention(self, mixed: torch.Tensor, tokens: torch.Tensor, inplace: bool) -> torch.Tensor:
+        """The attention's output block, the feed-forward and the output block, token by token."""
         attended = self._add_norm(self.attention_output, self.stock_attention_output, mixed, tokens, inplace)
         if self.stock_intermediate:
             inner = _linear(self.intermediate.dense, attended)
@@ -254,10 +273,7 @@ class OpByOpLayer:
             inner = torch._C._nn.gelu_(inner) if self.activation is F.gelu and inplace else self.activation(inner)
         else:
             inner = self.intermediate(attended)
-        out = self._add_norm(self.output, self.stock_output, inner, attended, inplace)
-        if positions is None:
-            return out
-        return out.new_zeros(n * length, width).index_copy_(0, positions, out).view(n, length, width)
+        return self._add_norm(self.output, self.stock_output, inner, attended, inplace)
 
     @staticmethod
     def _add_norm(
