@@ -143,6 +143,7 @@ class _Cohort:
     launched_at: float
     padded_length: int
     buckets: list[int]
+    token_buckets: list[int]  # the packed-token step's token bucket per layer call; empty where padded
 
 
 class CohortEngine(LaunchedStream):
@@ -213,15 +214,14 @@ class CohortEngine(LaunchedStream):
 
     # ------------------------------------------------------------------ internals
 
-    def _launch(self, room: int) -> None:
-        def fits(lengths: list[int]) -> int:
-            return cohort_size(lengths, self.max_batch_size, self.max_tokens, self.length_step)
+    def _fits(self, lengths: list[int]) -> int:
+        """How many of the next pending ``lengths`` one cohort takes (:func:`cohort_size`)."""
+        return cohort_size(lengths, self.max_batch_size, self.max_tokens, self.length_step)
 
-        entries, launched_at = self._admit(min(room, self.max_batch_size), fits)
-        lengths, hidden, mask_d, summary = cohort_inputs(self, entries)
-        rows = len(entries)
+    def _run(self, lengths: np.ndarray, hidden, mask_d, summary):
+        """The cohort through the patched model's step: the graphed step's, else the exact step's."""
         if self.graphed:
-            result = run_graphed(
+            return run_graphed(
                 self.adapter,
                 self.heads,
                 self.policy,
@@ -231,10 +231,13 @@ class CohortEngine(LaunchedStream):
                 batches=self._state.static_batches,
                 mask_summary=summary,
             )
-        else:
-            result = run_early_exit(
-                self.adapter, self.heads, self.policy, self.backend, hidden, mask_d, mask_summary=summary
-            )
+        return run_early_exit(self.adapter, self.heads, self.policy, self.backend, hidden, mask_d, mask_summary=summary)
+
+    def _launch(self, room: int) -> None:
+        entries, launched_at = self._admit(min(room, self.max_batch_size), self._fits)
+        lengths, hidden, mask_d, summary = cohort_inputs(self, entries)
+        rows = len(entries)
+        result = self._run(lengths, hidden, mask_d, summary)
         self.stats.host_syncs += result.host_syncs
         self.stats.admitted += rows
         logits, exit_layer, layers_run, ready = self._outputs_to_host(result)
@@ -250,6 +253,7 @@ class CohortEngine(LaunchedStream):
                 launched_at,
                 summary[1],
                 buckets,
+                list(getattr(result, "token_buckets", None) or []),
             )
         )
         self._rows_in_flight += rows
@@ -293,9 +297,11 @@ class CohortEngine(LaunchedStream):
         for layer, bucket in enumerate(buckets, 1):
             alive = exit_layers >= layer
             rows = int(alive.sum())
+            # the positions the call ran: its rows padded to the cohort's longest, or its packed token bucket
+            slots = cohort.token_buckets[layer - 1] if cohort.token_buckets else bucket * cohort.padded_length
             stats.calls += 1
             stats.rows += rows
             stats.padded_rows += bucket
-            stats.slots += bucket * cohort.padded_length
+            stats.slots += slots
             stats.tokens += int(cohort.lengths[alive].sum())
-            stats.largest_call = max(stats.largest_call, bucket * cohort.padded_length)
+            stats.largest_call = max(stats.largest_call, slots)

@@ -18,7 +18,7 @@ from earlyexit_kernels.engine.aging import check_max_age
 
 __all__ = ["ENGINE_KINDS", "EngineConfig", "engine_config"]
 
-ENGINE_KINDS = ("auto", "continuous", "cohorts", "segments")
+ENGINE_KINDS = ("auto", "continuous", "cohorts", "segments", "varlen")
 
 
 def _option(help: str, metavar: str | None = None, *, none: str | None = None, choices=None) -> dict:
@@ -48,7 +48,8 @@ class EngineConfig:
     ``"auto"`` or ``None`` (off). ``engine``: which engine runs the stream
     (:mod:`earlyexit_kernels.engine.engine_kind`): ``"auto"`` (the cohort engine on CUDA where the
     model runs the graphed step, else the continuous engine), ``"continuous"``, ``"cohorts"`` or
-    ``"segments"`` (opt-in: :mod:`earlyexit_kernels.engine.segment_engine`, E3's segments).
+    ``"segments"`` (opt-in: :mod:`earlyexit_kernels.engine.segment_engine`, E3's segments) or ``"varlen"``
+    (opt-in: :mod:`earlyexit_kernels.engine.varlen_engine`, cohorts of packed tokens, varlen attention).
     ``segments``: how many segments of consecutive layers the segment engine splits the model into.
     ``max_batch_size`` None: the engine's own (64 rows for the continuous engine; for the cohort
     engine as many as ``max_tokens`` allows, up to 1,024).
@@ -97,8 +98,8 @@ class EngineConfig:
         default="auto",
         metadata=_option(
             "which engine runs the stream: auto (the cohort engine on CUDA where the model runs the graphed step, "
-            "else the continuous engine), continuous, cohorts or segments (opt-in, E3's layer segments; "
-            "docs/serving.md)",
+            "else the continuous engine), continuous, cohorts, segments (opt-in, E3's layer segments) or varlen "
+            "(opt-in, cohorts of packed tokens with varlen attention; docs/serving.md)",
             choices=ENGINE_KINDS,
         ),
     )

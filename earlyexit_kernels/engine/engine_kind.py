@@ -8,7 +8,8 @@ cohort engine where the model runs on CUDA on the graphed step (with ``compile``
 which only the continuous engine has, the continuous engine). ``"segments"``
 (:mod:`earlyexit_kernels.engine.segment_engine`, E3's layer segments, each refilled to the token
 budget) is only ever chosen by name: it becomes ``"auto"``'s choice only once a GPU measures it
-faster than the cohorts.
+faster than the cohorts. ``"varlen"`` (:mod:`earlyexit_kernels.engine.varlen_engine`, cohorts of
+packed tokens with varlen attention) likewise.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ __all__ = ["engine_kind", "make_engine"]
 
 
 def engine_kind(model, config: EngineConfig) -> str:
-    """``"continuous"``, ``"cohorts"`` or ``"segments"``: ``config.engine``, with ``"auto"`` resolved for ``model``."""
+    """``"continuous"``, ``"cohorts"``, ``"segments"`` or ``"varlen"``: ``config.engine``, with ``"auto"`` resolved for ``model``."""
     if config.engine != "auto":
         return config.engine
     if config.compile or config.packed:
@@ -35,6 +36,10 @@ def engine_kind(model, config: EngineConfig) -> str:
 def make_engine(model, config: EngineConfig):
     """The engine ``config`` asks for (:func:`engine_kind`), built on ``model``."""
     kind = engine_kind(model, config)
+    if kind == "varlen":
+        from earlyexit_kernels.engine.varlen_engine import VarlenEngine
+
+        return VarlenEngine(model, config)
     if kind == "segments":
         from earlyexit_kernels.engine.segment_engine import SegmentEngine
 

@@ -1,0 +1,183 @@
+"""The packed-token step (engine/token_step.py) and its engine (engine/varlen_engine.py), on the CPU twin.
+
+A cohort's sequences run as concatenated tokens with a varlen attention: each sequence exits where
+the exact step on the padded batch makes it exit, with its logits up to rounding; no read-back
+stalls a layer; the tokens a layer runs are the survivors' tokens, no padding; the packed attention
+equals SDPA one sequence at a time; what the tokens of no row hold never reaches a live one; a model
+the step cannot run is refused with what to use instead."""
+
+import pytest
+import torch
+from test_classify import _sequences, spread_model
+from test_cohort_engine import _padded, _run, assert_engine_thread_runs
+from test_model_families import tiny_family
+
+import earlyexit_kernels as eek
+from earlyexit_kernels.bench.packed_bert import varlen_attention_reference
+from earlyexit_kernels.engine.buckets import DEFAULT_SIZES
+from earlyexit_kernels.engine.engine_config import EngineConfig
+from earlyexit_kernels.engine.engine_kind import engine_kind, make_engine
+from earlyexit_kernels.engine.packed_layer import OpByOpLayer
+from earlyexit_kernels.engine.static_step import StaticBatches
+from earlyexit_kernels.engine.token_step import TOKEN_SIZES, PackedInputs, run_tokens
+from earlyexit_kernels.engine.varlen_attention import (
+    fused_varlen_available,
+    grid_attention,
+    token_layout,
+)
+from earlyexit_kernels.engine.varlen_engine import VarlenEngine, packed_cohort_size
+from earlyexit_kernels.patching.state import state_of
+
+
+def _assert_exact_steps_exits(model, items, engine) -> dict:
+    """Every item's exit layer and layers run are the exact step's on the padded batch of all items, its
+    logits within 1e-12 (float64: the packed rows meet other rows in each GEMM and the attention runs
+    on another grid, which the CPU's kernels round differently, never by more than a few ulps)."""
+    finished = _run(engine, items)
+    assert sorted(finished) == list(range(len(items)))
+    with torch.no_grad():
+        exact = model(**_padded(items))
+    for index, done in finished.items():
+        assert done.exit_layer == int(exact.exit_layer[index]), index
+        assert done.layers_run == int(exact.layers_run[index]), index
+        torch.testing.assert_close(done.logits, exact.logits[index], rtol=0, atol=1e-12)
+    return finished
+
+
+@pytest.mark.parametrize("name", ["entropy", "patience", "qexit"])
+def test_each_sequence_exits_where_the_exact_step_makes_it_exit(name):
+    items = _sequences(48, seed=4, longest=30)
+    model, policy = spread_model("bert", name, items)
+    model.to(torch.float64)
+    eek.patch(model, policy, step="exact")
+    engine = VarlenEngine(model, max_batch_size=8, admission="length")
+    finished = _assert_exact_steps_exits(model, items, engine)
+    assert len({done.exit_layer for done in finished.values()}) > 2, "the test needs exits spread over layers"
+    assert engine.stats.host_syncs == 0 and engine.stats.calls >= 6  # no read-back stalls a layer
+
+
+@pytest.mark.parametrize("name", ["entropy", "qexit"])
+def test_the_gpus_plan_buckets_and_a_late_count_change_no_exit_and_no_garbage_reaches_a_live_row(name):
+    """The GPU's plan on the CPU: rows and tokens in fixed buckets, the counts read a layer late, so calls
+    hold dead rows and tokens of no row; NaN written over those after every layer never reaches an output."""
+    items = _sequences(48, seed=4, longest=30)
+    model, policy = spread_model("bert", name, items)
+    model.to(torch.float64)
+    eek.patch(model, policy, step="exact")
+    state_of(model).static_batches = StaticBatches(sizes=DEFAULT_SIZES, lag=1, dead_fill=float("nan"))
+    engine = VarlenEngine(model, max_batch_size=8, admission="length")
+    _assert_exact_steps_exits(model, items, engine)
+    assert engine.stats.slots > engine.stats.tokens  # the buckets held tokens of no row
+
+
+def test_each_layer_runs_the_survivors_tokens_and_no_padding():
+    items = _sequences(24, seed=3, longest=30)
+    model, policy = spread_model("bert", "entropy", items)
+    eek.patch(model, policy, step="exact")
+    state = state_of(model)
+    padded = _padded(items)
+    lengths = padded["attention_mask"].sum(1)
+    with torch.no_grad():
+        exact = model(**padded)
+        hidden = state.adapter.embed(padded["input_ids"], padded["token_type_ids"], None, None)
+        inputs = PackedInputs(hidden, lengths, int(lengths.max()), int(lengths.sum()))
+        backend = VarlenEngine(model).backend  # the backend the engine resolves for the model
+        result = run_tokens(state.adapter, model.early_exit_heads, policy, backend, inputs, batches=StaticBatches())
+    assert torch.equal(result.exit_layer, exact.exit_layer)
+    survivors = [int(lengths[exact.exit_layer >= layer].sum()) for layer in range(1, len(result.token_buckets) + 1)]
+    assert result.token_buckets == survivors and survivors[-1] < survivors[0]  # every call its survivors' tokens
+    assert result.buckets == [int((exact.exit_layer >= layer).sum()) for layer in range(1, len(result.buckets) + 1)]
+
+
+def test_the_packed_attention_equals_sdpa_one_sequence_at_a_time():
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([5, 0, 1, 9, 3])  # an empty row among them
+    tokens = int(lengths.sum()) + 6  # tokens of no row after the last
+    q, k, v = (torch.randn(tokens, 2, 8, generator=generator, dtype=torch.float64) for _ in range(3))
+    layout = token_layout(lengths, tokens, longest=12)
+    out = grid_attention(q, k, v, layout, scale=8**-0.5)
+    cu = layout.cu.to(torch.int32)
+    real = int(lengths.sum())
+    expected = varlen_attention_reference(q[:real], k[:real], v[:real], cu, 9)
+    torch.testing.assert_close(out[:real], expected, rtol=0, atol=1e-12)
+    assert torch.equal(out[real:], torch.zeros_like(out[real:]))
+    assert layout.row.tolist() == [0] * 5 + [2] + [3] * 9 + [4] * 3 + [5] * 6  # the empty row holds no token
+    assert not fused_varlen_available(torch.device("cpu"))
+
+
+def test_a_layer_on_packed_tokens_is_the_layer_on_each_sequence_alone():
+    model = tiny_family("bert").double()
+    layer = model.bert.encoder.layer[0]
+    lengths = [4, 7, 1]
+    generator = torch.Generator().manual_seed(1)
+    alone = [torch.randn(1, n, 32, generator=generator, dtype=torch.float64) for n in lengths]
+    layout = token_layout(torch.tensor(lengths), sum(lengths), max(lengths))
+    with torch.no_grad():
+        packed = OpByOpLayer(layer).on_tokens(
+            torch.cat([x[0] for x in alone]), lambda q, k, v, scale: grid_attention(q, k, v, layout, scale)
+        )
+        outputs = [layer(x) for x in alone]  # a tuple in older transformers
+        expected = torch.cat([(out[0] if isinstance(out, tuple) else out)[0] for out in outputs])
+    torch.testing.assert_close(packed, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "family, options",
+    [
+        ("bert", {"pooling": "mean", "head": "mlp", "mlp_hidden": 16}),
+        ("bert", {"pooling": "mean", "head": "cascade", "mlp_hidden": 16}),
+        ("roberta", {}),
+        ("xlm_roberta", {}),
+        ("electra", {}),
+    ],
+)
+def test_head_forms_and_bert_style_families_exit_where_the_exact_step_does(family, options):
+    model = tiny_family(family).double()
+    model.eval()
+    _scramble(model)
+    eek.patch(model, eek.Patience(1), step="exact", **options)
+    _scramble(model.early_exit_heads)
+    items = _sequences(32, seed=9, longest=24, pairs=family == "bert")
+    for item in items:  # the RoBERTa-likes' padding index is 1: ids from 3 on
+        item.setdefault("token_type_ids", [0] * len(item["input_ids"]))
+    finished = _assert_exact_steps_exits(model, items, VarlenEngine(model, max_batch_size=8, admission="length"))
+    assert len({done.exit_layer for done in finished.values()}) > 1, "the test needs exits at several layers"
+
+
+def _scramble(module, scale=0.5, seed=5):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            if parameter.dim() == 2:
+                parameter.add_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * scale)
+
+
+@pytest.mark.parametrize("family", ["distilbert", "mpnet", "modernbert"])
+def test_a_model_the_packed_step_cannot_run_is_refused_naming_the_engine_to_use(family):
+    model = tiny_family(family)
+    eek.patch(model, eek.Entropy(0.5))
+    with pytest.raises(ValueError, match="engine='varlen' cannot run this model: .*Use engine='cohorts'"):
+        VarlenEngine(model)
+
+
+def test_a_packed_cohort_holds_what_the_budget_of_real_tokens_allows():
+    assert packed_cohort_size([5, 6, 7, 8, 9], max_rows=100, max_tokens=18) == 3  # 5 + 6 + 7, not padded to 7s
+    assert packed_cohort_size([5, 6, 7], max_rows=2, max_tokens=10**6) == 2
+    assert packed_cohort_size([300, 2], max_rows=8, max_tokens=256) == 1  # alone, over the budget
+    items = _sequences(40, seed=5, longest=30)
+    model, policy = spread_model("bert", "entropy", items)
+    eek.patch(model, policy, step="exact")
+    engine = VarlenEngine(model, max_batch_size=None, max_tokens=96)
+    assert len(_run(engine, items)) == 40
+    assert engine.stats.largest_call <= 96
+    assert TOKEN_SIZES[:4] == (256, 384, 512, 768)
+
+
+def test_varlen_is_chosen_by_name_in_classify_and_the_engine_thread():
+    items = _sequences(30, seed=6, longest=30)
+    model, policy = spread_model("bert", "entropy", items)
+    eek.patch(model, policy, step="graphed")
+    assert engine_kind(model, EngineConfig()) == "continuous"  # on the CPU; "auto" never takes it
+    assert engine_kind(model, EngineConfig(engine="varlen")) == "varlen"
+    assert isinstance(make_engine(model, EngineConfig(engine="varlen")), VarlenEngine)
+    assert_engine_thread_runs(model, items, "varlen", VarlenEngine)
