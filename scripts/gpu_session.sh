@@ -325,7 +325,7 @@ for s in $STEPS; do
         fi
         step stream_bf16 60 270 "$PY" -m earlyexit_kernels.bench stream --device cuda --dtype bf16 --hidden 768 \
             --layers 12 --sequences 2048 --max-batch-size 64 --repeats 3 --no-memory --no-compile --saved 0.5 \
-            --segments --output-dir "$LOGS/stream_bf16" --name stream_cuda_bf16
+            --segments --varlen --output-dir "$LOGS/stream_bf16" --name stream_cuda_bf16
         if [[ -f "$LOGS/stream_bf16/stream_cuda_bf16.csv" ]]; then
             # the table with issues 10 and 60's checks under it (the repository's, benchmarks/suite/stream_grid.py)
             "$PY" -m benchmarks.suite.stream_grid --from-csv "$LOGS/stream_bf16/stream_cuda_bf16.csv" \

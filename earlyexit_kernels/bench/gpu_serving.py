@@ -11,7 +11,8 @@ request queue as eek's engine thread:
   engine ``eek serve`` runs (on CUDA the cohort engine: token-budget cohorts through the graphed
   step, :mod:`earlyexit_kernels.engine.cohort_engine`), arrival order; on CUDA also
   **eek-continuous**, the same on the continuous engine, so that the two designs are measured
-  side by side;
+  side by side; and **eek-varlen**, the same on packed-token cohorts (no padding, varlen attention:
+  :mod:`earlyexit_kernels.engine.varlen_engine`), TEI's batching with early exit;
 - **Infinity's way**: batches of up to 32 texts, sorted by length where more wait, padded to the
   longest rounded up to 32, the unpatched model captured in a CUDA graph per (rows, length) bucket;
 - **TEI's way**: texts taken in arrival order until a 16,384-token budget, packed without padding,
@@ -228,7 +229,7 @@ class ShapeGraphs:
 
 class _Eek:
     """eek's engine thread on the patched model, behind the same ``submit`` as the peers; ``engine``:
-    ``"auto"`` (what eek serve runs: the cohort engine on CUDA) or ``"continuous"``."""
+    ``"auto"`` (what eek serve runs: the cohort engine on CUDA), ``"continuous"`` or ``"varlen"``."""
 
     def __init__(self, model, config: GpuServingConfig, engine: str = "auto"):
         from earlyexit_kernels.engine.background import BackgroundEngine
@@ -272,7 +273,7 @@ def make_servers(unpatched, patched, config: GpuServingConfig, device: torch.dev
         ids, positions, cu, longest = pack(sequences, device)
         return packed_logits(unpatched, ids, positions, cu, longest)
 
-    servers = {"eek": _Eek(patched, config)}
+    servers = {"eek": _Eek(patched, config), "eek-varlen": _Eek(patched, config, engine="varlen")}
     if device.type == "cuda":  # the engine eek serve ran on CUDA before the cohort engine, measured beside it
         servers["eek-continuous"] = _Eek(patched, config, engine="continuous")
     return servers | {
@@ -360,7 +361,10 @@ def run(config: GpuServingConfig, output_dir: Path, name: str = "serve_gpu", pro
     servers = make_servers(unpatched, patched, config, device)
     label = device_label(device)
     model = f"random BERT H{config.hidden} L{config.layers} in {config.dtype}, Entropy saving ~{config.saved:.0%}"
-    attention = "varlen flash attention" if fused_varlen_available(device) else "varlen reference (SDPA per text)"
+    dtype = next(unpatched.parameters()).dtype
+    attention = (
+        "varlen flash attention" if fused_varlen_available(device, dtype) else "varlen reference (SDPA per text)"
+    )
     progress(f"serve_gpu: {len(ids)} texts on {label}; TEI's way runs {attention}")
     rows: list[dict] = []
     try:

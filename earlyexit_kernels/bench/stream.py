@@ -51,7 +51,12 @@ rotates from one repetition to the next):
 (h) with ``--segments``, ``eek.classify(..., engine="segments", max_batch_size=None, max_tokens=...)``:
     the segment engine (:mod:`earlyexit_kernels.engine.segment_engine`, E3's layer segments, equal
     thirds, each refilled to (f)'s token budget from the rows leaving the one below), beside (f) on
-    the same texts, so that a GPU run says which design is faster. Its fill is left blank, as (f)'s.
+    the same texts, so that a GPU run says which design is faster. Its fill is left blank, as (f)'s;
+(i) with ``--varlen``, ``eek.classify(..., engine="varlen", max_batch_size=None, max_tokens=...)``: the
+    cohort engine on packed tokens (:mod:`earlyexit_kernels.engine.varlen_engine`: cohorts filled to
+    (f)'s budget of real tokens, no padding, varlen attention: flash attention's kernel in fp16/bf16
+    on CUDA, a padded grid elsewhere), beside (f), so that a GPU run says whether unpadded layers pay.
+    Its fill is left blank, as (f)'s.
 
 **The figures.** Sequences/s: the p50 of the repetitions (p20 and p80 beside it). The
 ideal: (b)'s time per real token-layer (its time over the stream's tokens times ``L``)
@@ -112,6 +117,7 @@ METHODS = {
     "f": "(f) eek.classify, token-budget cohorts",
     "g": "(g) eek.classify, the continuous engine",
     "h": "(h) eek.classify, token-budget segments",
+    "i": "(i) eek.classify, packed-token cohorts",
 }
 
 COLUMNS = [
@@ -171,6 +177,7 @@ class StreamConfig:
     dtype: str = "fp32"  # "bf16", "fp16": the models' dtype once calibrated (in float32)
     cohort_tokens: int = 16384  # (f)'s token budget per cohort; 0 leaves (f) out
     segments: bool = False  # (h): the segment engine on (f)'s token budget (16384 where (f) is out)
+    varlen: bool = False  # (i): the packed-token cohorts on (f)'s budget of real tokens (16384 where (f) is out)
 
 
 # ---------------------------------------------------------------------------- workload
@@ -494,6 +501,7 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
             "f": streamed("f", engine="cohorts", max_batch_size=None, max_tokens=config.cohort_tokens),
             "g": streamed("g", max_batch_size=rows_cap, engine="continuous"),
             "h": streamed("h", engine="segments", max_batch_size=None, max_tokens=config.cohort_tokens or 16384),
+            "i": streamed("i", engine="varlen", max_batch_size=None, max_tokens=config.cohort_tokens or 16384),
         }
         runners = {key: synced(fn, device) for key, fn in runners.items()}  # on cuda: each ends with a sync
         rows: list[dict] = []
@@ -510,6 +518,8 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
                 keys.append("f")
             if config.segments:
                 keys.append("h")
+            if config.varlen:
+                keys.append("i")
             if device.type == "cuda":  # on the CPU (d) is the continuous engine already
                 keys.append("g")
             load_before = os.getloadavg()[0]
@@ -525,7 +535,7 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
                 if device.type == "cuda":
                     # The graphed step captures a graph per (layer, bucket, length) at its first meeting:
                     # one untimed pass of the engines over the whole stream meets their shapes.
-                    for key in ("d", "f", "g", "h"):
+                    for key in ("d", "f", "g", "h", "i"):
                         if key in keys:
                             runners[key]()
                     torch.cuda.synchronize(device)
@@ -619,7 +629,7 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
                         token_fill=round(real_c / slots_c, 4),
                         host_syncs_per_call=round(syncs_c / calls_c, 4),
                     )
-                if key in ("d", "e", "f", "g", "h"):
+                if key in ("d", "e", "f", "g", "h", "i"):
                     stats = engines.get(key) or []
                     if stats:
                         calls = sum(s.calls for s in stats)
@@ -628,7 +638,7 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
                             token_fill=round(sum(s.tokens for s in stats) / sum(s.slots for s in stats), 4),
                             host_syncs_per_call=round(sum(s.host_syncs for s in stats) / calls, 4),
                         )
-                        if key not in ("f", "h"):  # (f)'s and (h)'s calls are sized by tokens, not max_batch_size rows
+                        if key not in ("f", "h", "i"):  # (f), (h) and (i)'s calls are sized by tokens, not rows
                             row.update(
                                 fill=round(sum(s.rows for s in stats) / calls / config.max_batch_size, 4),
                                 padded_row_fill=round(
@@ -697,7 +707,7 @@ def _argv(config: StreamConfig) -> list[str]:
         value = getattr(config, field_name)
         if value != getattr(defaults, field_name):
             out += [flag, str(value)]
-    out += ["--segments"] * config.segments
+    out += ["--segments"] * config.segments + ["--varlen"] * config.varlen
     out += ["--no-compile"] * (not config.compile) + ["--no-memory"] * (not config.memory)
     return out
 
@@ -854,6 +864,11 @@ def main(argv=None) -> int:
         action="store_true",
         help="(h): the segment engine (equal thirds of the layers) on (f)'s token budget, beside (f)",
     )
+    parser.add_argument(
+        "--varlen",
+        action="store_true",
+        help="(i): the packed-token cohorts (no padding, varlen attention) on (f)'s budget of real tokens, beside (f)",
+    )
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
@@ -880,6 +895,7 @@ def main(argv=None) -> int:
         dtype=args.dtype,
         cohort_tokens=args.cohort_tokens,
         segments=args.segments,
+        varlen=args.varlen,
     )
     name = args.name or default_name(args.device, args.dtype)
     run(config, args.output_dir, name=name)
