@@ -105,6 +105,20 @@ def test_the_packed_attention_equals_sdpa_one_sequence_at_a_time():
     assert not fused_varlen_available(torch.device("cpu"))
 
 
+def test_the_fused_varlen_call_takes_the_layouts_tensors_on_the_meta_device():
+    """Flash attention's varlen kernel runs only on CUDA; its fake (meta) implementation checks the call the
+    GPU's step makes: int32 offsets, the longest as the bound, [t, heads, d] in and out, in bf16."""
+    from dataclasses import replace
+
+    from earlyexit_kernels.engine.varlen_attention import fused_attention
+
+    pytest.importorskip("torch.nn.attention.varlen", reason="torch < 2.10 has no varlen attention")
+    layout = token_layout(torch.tensor([3, 0, 5]), 10, longest=32)
+    query = torch.empty(10, 2, 64, dtype=torch.bfloat16, device="meta")
+    out = fused_attention(query, query, query, replace(layout, cu=layout.cu.to("meta")), 0.125)
+    assert out.shape == (10, 2, 64) and out.dtype == torch.bfloat16
+
+
 def test_a_layer_on_packed_tokens_is_the_layer_on_each_sequence_alone():
     model = tiny_family("bert").double()
     layer = model.bert.encoder.layer[0]

@@ -132,8 +132,10 @@ def pooled_rows(adapter, layer: int, out: torch.Tensor, layout: TokenLayout) -> 
     first token, or (internal heads pooling by mean) the mean of the row's tokens."""
     n = layout.lengths.shape[0]
     if layer < adapter.num_layers and adapter.head_pooling == "mean":
-        sums = out.new_zeros(n + 1, out.shape[1]).index_add_(0, layout.row, out)  # tokens of no row: row n
-        return (sums[:n] / layout.lengths.clamp(min=1)[:, None].to(out.dtype))[:, None]
+        # summed in float32 for half precision, as masked_mean does; the tokens of no row into row n
+        wide = torch.float64 if out.dtype == torch.float64 else torch.float32
+        sums = torch.zeros(n + 1, out.shape[1], dtype=wide, device=out.device).index_add_(0, layout.row, out.to(wide))
+        return (sums[:n] / layout.lengths.clamp(min=1)[:, None].to(wide)).to(out.dtype)[:, None]
     first = layout.cu[:n].clamp(max=out.shape[0] - 1)  # an empty row's index may be one past the tokens
     return out.index_select(0, first)[:, None]
 
