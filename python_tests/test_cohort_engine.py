@@ -168,6 +168,21 @@ def test_classify_and_the_engine_thread_run_on_the_cohorts():
     assert state_of(model).policy is policy
 
 
+def assert_exact_steps_exits(model, items, engine) -> dict:
+    """``engine`` runs ``items``; every item's exit layer and layers run are the exact step's on the padded batch
+    of all items, its logits within 1e-12 (float64: an engine's rows meet other rows in each GEMM, and the packed
+    attention runs on another grid, which the CPU's kernels round differently, by a few ulps)."""
+    finished = _run(engine, items)
+    assert sorted(finished) == list(range(len(items)))
+    with torch.no_grad():
+        exact = model(**_padded(items))
+    for index, done in finished.items():
+        assert done.exit_layer == int(exact.exit_layer[index]), index
+        assert done.layers_run == int(exact.layers_run[index]), index
+        torch.testing.assert_close(done.logits, exact.logits[index], rtol=0, atol=1e-12)
+    return finished
+
+
 def assert_engine_thread_runs(model, items, engine: str, engine_class) -> None:
     """The engine thread (``eek serve``'s) runs ``engine`` and gives the cohort engine's exits, in order."""
     expected = _run(CohortEngine(model, max_batch_size=8, admission="fifo"), items)

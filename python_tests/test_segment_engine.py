@@ -8,7 +8,7 @@ refilled from several first-segment calls; no read-back stalls a layer; bad sett
 import pytest
 import torch
 from test_classify import _sequences, spread_model
-from test_cohort_engine import _padded, _run, _sorted_cohorts, assert_engine_thread_runs
+from test_cohort_engine import _padded, _run, _sorted_cohorts, assert_engine_thread_runs, assert_exact_steps_exits
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.engine.buckets import DEFAULT_SIZES
@@ -48,13 +48,7 @@ def test_each_sequence_exits_where_the_exact_step_makes_it_exit(name):
     model.to(torch.float64)
     eek.patch(model, policy, step="exact")
     engine = SegmentEngine(model, max_batch_size=8, admission="length")
-    finished = _run(engine, items)
-    assert sorted(finished) == list(range(len(items)))
-    with torch.no_grad():
-        exact = model(**_padded(items))
-    for index, done in finished.items():
-        assert done.exit_layer == int(exact.exit_layer[index]) and done.layers_run == int(exact.layers_run[index])
-        torch.testing.assert_close(done.logits, exact.logits[index], rtol=0, atol=1e-12)
+    finished = assert_exact_steps_exits(model, items, engine)
     assert len({done.exit_layer for done in finished.values()}) > 2, "the test needs exits in several segments"
     assert engine.stats.refilled_calls > 0  # the refilling was exercised, not only one batch at a time
 

@@ -9,7 +9,7 @@ the step cannot run is refused with what to use instead."""
 import pytest
 import torch
 from test_classify import _sequences, spread_model
-from test_cohort_engine import _padded, _run, assert_engine_thread_runs
+from test_cohort_engine import _padded, _run, assert_engine_thread_runs, assert_exact_steps_exits
 from test_model_families import tiny_family
 
 import earlyexit_kernels as eek
@@ -29,21 +29,6 @@ from earlyexit_kernels.engine.varlen_engine import VarlenEngine, packed_cohort_s
 from earlyexit_kernels.patching.state import state_of
 
 
-def _assert_exact_steps_exits(model, items, engine) -> dict:
-    """Every item's exit layer and layers run are the exact step's on the padded batch of all items, its
-    logits within 1e-12 (float64: the packed rows meet other rows in each GEMM and the attention runs
-    on another grid, which the CPU's kernels round differently, never by more than a few ulps)."""
-    finished = _run(engine, items)
-    assert sorted(finished) == list(range(len(items)))
-    with torch.no_grad():
-        exact = model(**_padded(items))
-    for index, done in finished.items():
-        assert done.exit_layer == int(exact.exit_layer[index]), index
-        assert done.layers_run == int(exact.layers_run[index]), index
-        torch.testing.assert_close(done.logits, exact.logits[index], rtol=0, atol=1e-12)
-    return finished
-
-
 @pytest.mark.parametrize("name", ["entropy", "patience", "qexit"])
 def test_each_sequence_exits_where_the_exact_step_makes_it_exit(name):
     items = _sequences(48, seed=4, longest=30)
@@ -51,7 +36,7 @@ def test_each_sequence_exits_where_the_exact_step_makes_it_exit(name):
     model.to(torch.float64)
     eek.patch(model, policy, step="exact")
     engine = VarlenEngine(model, max_batch_size=8, admission="length")
-    finished = _assert_exact_steps_exits(model, items, engine)
+    finished = assert_exact_steps_exits(model, items, engine)
     assert len({done.exit_layer for done in finished.values()}) > 2, "the test needs exits spread over layers"
     assert engine.stats.host_syncs == 0 and engine.stats.calls >= 6  # no read-back stalls a layer
 
@@ -66,7 +51,7 @@ def test_the_gpus_plan_buckets_and_a_late_count_change_no_exit_and_no_garbage_re
     eek.patch(model, policy, step="exact")
     state_of(model).static_batches = StaticBatches(sizes=DEFAULT_SIZES, lag=1, dead_fill=float("nan"))
     engine = VarlenEngine(model, max_batch_size=8, admission="length")
-    _assert_exact_steps_exits(model, items, engine)
+    assert_exact_steps_exits(model, items, engine)
     assert engine.stats.slots > engine.stats.tokens  # the buckets held tokens of no row
 
 
@@ -154,7 +139,7 @@ def test_head_forms_and_bert_style_families_exit_where_the_exact_step_does(famil
     items = _sequences(32, seed=9, longest=24, pairs=family == "bert")
     for item in items:  # the RoBERTa-likes' padding index is 1: ids from 3 on
         item.setdefault("token_type_ids", [0] * len(item["input_ids"]))
-    finished = _assert_exact_steps_exits(model, items, VarlenEngine(model, max_batch_size=8, admission="length"))
+    finished = assert_exact_steps_exits(model, items, VarlenEngine(model, max_batch_size=8, admission="length"))
     assert len({done.exit_layer for done in finished.values()}) > 1, "the test needs exits at several layers"
 
 

@@ -316,16 +316,10 @@ def run_graphed(
     wide = torch.float64 if out_dtype == torch.float64 else torch.float32
     on_gpu = device.type == "cuda"
     sizes, lag = batches.plan(device.type)
-    if capture is None:
-        capture = capture_by_default(device)
-    if capture and not on_gpu:
-        raise ValueError(f"capture=True needs a CUDA device; the model is on {device.type}")
+    capture = resolve_capture(capture, device)
     result = ExitResult(None, None, None)
     if batch == 0:
-        result.logits = torch.zeros(0, num_labels, dtype=out_dtype, device=device)
-        result.exit_layer = torch.zeros(0, dtype=torch.long, device=device)
-        result.layers_run = torch.zeros(0, dtype=torch.long, device=device)
-        return result
+        return empty_result(result, num_labels, out_dtype, device)
 
     scheduled_counts, read_backs = _scheduled_exit_counts(policy, num_layers)
     result.host_syncs += read_backs
@@ -393,23 +387,40 @@ def run_graphed(
                 if trims:
                     longest = int(static.longest_view[layer])  # host memory: the CPU's step has run
                     length = _kept_length(longest, length, length_multiple)
-        # The outputs rounded and packed in one captured step, then the caller's copy: one clone.
-        packed = static.outputs(out_dtype)
-        outputs = functools.partial(finish, static, packed, batch)
-        step_graphs.run_step(static.graphs, ("finish", batch, out_dtype), outputs, capture)
-        logits, result.exit_layer, result.layers_run = _Packed.views(
-            packed.buffer.clone(), static.capacity, num_labels, out_dtype
-        )
-        result.logits, result.exit_layer, result.layers_run = (
-            logits[:batch],
-            result.exit_layer[:batch],
-            result.layers_run[:batch],
-        )
-        if static.done is not None:
-            static.done.record()
-            static.done_recorded = True
+        finish_forward(static, result, batch, out_dtype, capture)
     result.buckets = survivors.buckets
     return result
+
+
+def resolve_capture(capture: bool | None, device: torch.device) -> bool:
+    """Whether a forward on ``device`` captures its steps: ``capture``, or where None :func:`capture_by_default`."""
+    if capture is None:
+        capture = capture_by_default(device)
+    if capture and device.type != "cuda":
+        raise ValueError(f"capture=True needs a CUDA device; the model is on {device.type}")
+    return capture
+
+
+def empty_result(result: ExitResult, num_labels: int, out_dtype: torch.dtype, device) -> ExitResult:
+    """``result`` with the outputs of a batch of no rows."""
+    result.logits = torch.zeros(0, num_labels, dtype=out_dtype, device=device)
+    result.exit_layer = torch.zeros(0, dtype=torch.long, device=device)
+    result.layers_run = torch.zeros(0, dtype=torch.long, device=device)
+    return result
+
+
+def finish_forward(static: StaticBatch, result: ExitResult, batch: int, out_dtype: torch.dtype, capture: bool):
+    """A forward's last step (under ``static``'s lock): the outputs rounded and packed in one captured step,
+    then the caller's copy (one clone) into ``result``, and on a GPU the event the next forward waits for."""
+    num_labels = static.logits.shape[1]
+    packed = static.outputs(out_dtype)
+    outputs = functools.partial(finish, static, packed, batch)
+    step_graphs.run_step(static.graphs, ("finish", batch, out_dtype), outputs, capture)
+    logits, exit_layer, layers_run = _Packed.views(packed.buffer.clone(), static.capacity, num_labels, out_dtype)
+    result.logits, result.exit_layer, result.layers_run = logits[:batch], exit_layer[:batch], layers_run[:batch]
+    if static.done is not None:
+        static.done.record()
+        static.done_recorded = True
 
 
 def static_heads(static: StaticBatch, head_kernels: str, backend, adapter, device, halting_head) -> tuple:

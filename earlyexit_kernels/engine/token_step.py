@@ -54,8 +54,15 @@ from earlyexit_kernels.engine.batch_loop import (
 from earlyexit_kernels.engine.buckets import ReadyCount, SurvivorLag, bucket_for
 from earlyexit_kernels.engine.heads import ExitHeads
 from earlyexit_kernels.engine.packed_layer import OpByOpLayer, splits_into_token_parts
-from earlyexit_kernels.engine.static_buffers import BatchShape, StaticBatch, _Packed, finish
-from earlyexit_kernels.engine.static_step import StaticBatches, capture_by_default, static_heads, weights_fingerprint
+from earlyexit_kernels.engine.static_buffers import BatchShape, StaticBatch
+from earlyexit_kernels.engine.static_step import (
+    StaticBatches,
+    empty_result,
+    finish_forward,
+    resolve_capture,
+    static_heads,
+    weights_fingerprint,
+)
 from earlyexit_kernels.engine.step_choice import check_graphed_policy
 from earlyexit_kernels.engine.step_graphs import PinnedCount
 from earlyexit_kernels.engine.varlen_attention import TokenLayout, attention_for, token_layout
@@ -265,16 +272,10 @@ def run_tokens(
     num_layers, num_labels = adapter.num_layers, adapter.num_labels
     out_dtype = _output_dtype(dtype, device)
     wide = torch.float64 if out_dtype == torch.float64 else torch.float32
-    if capture is None:
-        capture = capture_by_default(device)
-    if capture and device.type != "cuda":
-        raise ValueError(f"capture=True needs a CUDA device; the model is on {device.type}")
+    capture = resolve_capture(capture, device)
     result = ExitResult(None, None, None)
     if batch == 0:
-        result.logits = torch.zeros(0, num_labels, dtype=out_dtype, device=device)
-        result.exit_layer = torch.zeros(0, dtype=torch.long, device=device)
-        result.layers_run = torch.zeros(0, dtype=torch.long, device=device)
-        return result
+        return empty_result(result, num_labels, out_dtype, device)
     sizes, lag = batches.plan(device.type)
     token_sizes = TOKEN_SIZES if sizes is not None else None
     longest = inputs.longest
@@ -324,15 +325,7 @@ def run_tokens(
                     layer,
                     _published(token_batch.host_tokens, token_batch.token_events, token_batch.host_token_view, layer),
                 )
-        packed = static.outputs(out_dtype)
-        step_graphs.run_step(
-            static.graphs, ("finish", batch, out_dtype), functools.partial(finish, static, packed, batch), capture
-        )
-        logits, exit_layer, layers_run = _Packed.views(packed.buffer.clone(), static.capacity, num_labels, out_dtype)
-        result.logits, result.exit_layer, result.layers_run = logits[:batch], exit_layer[:batch], layers_run[:batch]
-        if static.done is not None:
-            static.done.record()
-            static.done_recorded = True
+        finish_forward(static, result, batch, out_dtype, capture)
     result.buckets = survivors.buckets
     result.token_buckets = tokens_left.buckets
     return result
