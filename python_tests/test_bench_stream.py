@@ -32,15 +32,18 @@ def test_the_stream_benchmark_writes_its_csv_table_and_plot(tmp_path):
         threads=1,
         cohort_tokens=256,
         segments=True,
+        varlen=True,
     )
     rows = run(config, tmp_path, name="stream_test", progress=lambda message: None)
     with open(tmp_path / "stream_test.csv") as file:
         written = list(csv.DictReader(file))
     assert list(written[0]) == COLUMNS
-    assert len(written) == len(rows) == 6 + 5  # (a)-(d), (f), (h) on the main policy, (b)-(d), (f), (h) on the other
+    assert (
+        len(written) == len(rows) == 7 + 6
+    )  # (a)-(d), (f), (h), (i) on the main policy, (b)-(d), (f)-(i) on the other
     main = {r["method"][:3]: r for r in written if r["target_saved"] == "0.5"}
-    assert set(main) == {"(a)", "(b)", "(c)", "(d)", "(f)", "(h)"}
-    d, c, f, h = main["(d)"], main["(c)"], main["(f)"], main["(h)"]
+    assert set(main) == {"(a)", "(b)", "(c)", "(d)", "(f)", "(h)", "(i)"}
+    d, c, f, h, i = main["(d)"], main["(c)"], main["(f)"], main["(h)"], main["(i)"]
     # (d)'s and (f)'s predictions equal (c)'s: the same exit layers, logits within rounding.
     assert int(d["exit_mismatches_vs_c"]) == 0 and float(d["max_logit_diff_vs_c"]) < 1e-4
     assert int(f["exit_mismatches_vs_c"]) == 0 and float(f["max_logit_diff_vs_c"]) < 1e-4
@@ -50,6 +53,9 @@ def test_the_stream_benchmark_writes_its_csv_table_and_plot(tmp_path):
     # (h): the segment engine on the same budget, the same exits; its layers run the graphed step's, no read-back
     assert int(h["exit_mismatches_vs_c"]) == 0 and float(h["max_logit_diff_vs_c"]) < 1e-4
     assert float(h["host_syncs_per_call"]) == 0.0 and h["fill"] == "" and 0.0 < float(h["token_fill"]) <= 1.0
+    # (i): the packed-token cohorts, the same exits; every position a real token (the CPU's plan: exact counts)
+    assert int(i["exit_mismatches_vs_c"]) == 0 and float(i["max_logit_diff_vs_c"]) < 1e-4
+    assert float(i["host_syncs_per_call"]) == 0.0 and i["fill"] == "" and float(i["token_fill"]) == 1.0
     assert 0.0 < float(d["fill"]) <= 1.0 and 0.0 < float(c["fill"]) <= 1.0
     assert float(d["host_syncs_per_call"]) <= 1.0
     assert float(d["seq_per_s"]) > 0 and float(d["ideal_seq_per_s"]) > 0
@@ -106,13 +112,14 @@ def test_the_cli_refuses_cuda_without_it_and_an_unknown_dtype(monkeypatch, capsy
 
 def test_bf16_runs_end_to_end_on_the_cpu_and_the_report_names_the_dtype(tmp_path, capsys):
     argv = (
-        "--dtype bf16 --sequences 64 --hidden 32 --layers 4 --repeats 1 --saved 0.5 --no-compile --no-memory --segments"
+        "--dtype bf16 --sequences 64 --hidden 32 --layers 4 --repeats 1 --saved 0.5 --no-compile --no-memory --segments "
+        "--varlen"
     )
     assert stream.main([*argv.split(), "--output-dir", str(tmp_path), "--threads", "1"]) == 0
     with open(tmp_path / "stream_cpu_bf16.csv") as file:
         written = list(csv.DictReader(file))
     assert list(written[0]) == COLUMNS
-    assert {r["method"][:3] for r in written} == {"(a)", "(b)", "(c)", "(d)", "(f)", "(h)"}
+    assert {r["method"][:3] for r in written} == {"(a)", "(b)", "(c)", "(d)", "(f)", "(h)", "(i)"}
     assert all(r["device"] == "cpu" and r["model"].endswith(" in bf16") for r in written)
     table = (tmp_path / "stream_cpu_bf16.md").read_text()
     assert "random BERT H32 L4 heads 1 in bf16" in table and "--dtype bf16" in table and "--segments" in table
@@ -133,17 +140,19 @@ def test_bf16_runs_end_to_end_on_the_cpu_and_the_report_names_the_dtype(tmp_path
     assert "- (d) >= 0.85 of the token-layer ideal on the GPU (issue 60): " in table
     assert "- (f) >= 0.85 of the token-layer ideal on the GPU (issue 96): " in table
     assert "- (h) segments / (f) cohorts (issue 96): " in table  # which design is faster, said by the GPU run
+    assert "- (i) packed-token cohorts / (f) cohorts (issue 96): " in table
 
 
-def test_the_gpu_sessions_stream_step_runs_the_segments_beside_the_cohorts(capsys):
-    """scripts/gpu_session.sh's stream_bf16 step passes --segments, and every flag it passes is one the
+def test_the_gpu_sessions_stream_step_runs_the_segments_and_packed_cohorts_beside_the_cohorts(capsys):
+    """scripts/gpu_session.sh's stream_bf16 step passes --segments and --varlen, and every flag it passes is one the
     benchmark's command line takes (parsed here up to --from-csv, which stops before any work)."""
     import shlex
 
     script = (Path(__file__).resolve().parents[1] / "scripts" / "gpu_session.sh").read_text()
-    command = script.split("step stream_bf16 ", 1)[1].split("\n        if ", 1)[0].replace("\\\n", " ")
+    command = script.split("step stream_bf16 ", 1)[1].replace("\\\n", " ").split("\n", 1)[0]  # the CUDA one, first
     argv = shlex.split(command.split(" stream ", 1)[1])
-    assert "--segments" in argv and "--cohort-tokens" not in argv  # (f) at its default 16,384 tokens, (h) beside it
+    assert "--segments" in argv and "--varlen" in argv  # (h) and (i) beside (f)
+    assert "--cohort-tokens" not in argv  # (f) at its default 16,384 tokens
     committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "unknown_cpu" / "stream_cpu.csv"
     assert stream.main([*argv, "--from-csv", str(committed)]) == 0
     assert "| (d) eek.classify |" in capsys.readouterr().out

@@ -66,7 +66,7 @@ def test_the_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
         else:  # the unmodified model, batched otherwise: the same classes
             assert row["agreement"] == 1.0
     table = (tmp_path / "serve_test.md").read_text()
-    assert "| b32 | tei-way |" in table and "- b32: eek " in table
+    assert "| b32 | tei-way |" in table and "- b32: eek " in table and "- b32: eek-varlen " in table
 
 
 def test_bad_settings_are_refused_before_any_work(tmp_path):

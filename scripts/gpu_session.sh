@@ -36,8 +36,8 @@
 #
 # PY (python3), DEADLINE_S (500: seconds from the start after which no step runs), STEPS (some
 # of the plan's steps, in the plan's order), WORK (logs, default a new folder under /tmp),
-# REHEARSE_SPEED (set on a machine without CUDA: the graphed_* steps run there anyway, on the
-# CPU with a tiny model, B = 8 and S = 16, so that their command line is rehearsed).
+# REHEARSE_SPEED (set on a machine without CUDA: the graphed_* steps, stream_bf16 and serve_gpu run there anyway, on
+# the CPU with a tiny model, B = 8 and S = 16, so that their command line is rehearsed).
 # $OUT ends with at most 8 files, each refreshed after every step: summary.txt, junit.xml,
 # bench.csv, logs.tar.gz, layer_costs.md, stream_cuda_bf16.md and serve_gpu.md in the first plan, and micro.json
 # in the second.
@@ -319,13 +319,18 @@ for s in $STEPS; do
     # (segment, bucket, length) in the untimed warm-up pass: the limit raised from 210 s to 270 s for it
     # (a guess, not measured).
     stream_bf16)
-        if ((!HAVE_CUDA)); then
+        if ((HAVE_CUDA)); then
+            step stream_bf16 60 270 "$PY" -m earlyexit_kernels.bench stream --device cuda --dtype bf16 --hidden 768 \
+                --layers 12 --sequences 2048 --max-batch-size 64 --repeats 3 --no-memory --no-compile --saved 0.5 \
+                --segments --varlen --output-dir "$LOGS/stream_bf16" --name stream_cuda_bf16
+        elif [[ -n ${REHEARSE_SPEED:-} ]]; then  # the same step on the CPU, a tiny model: its wiring rehearsed
+            step stream_bf16 20 120 "$PY" -m earlyexit_kernels.bench stream --device cpu --dtype bf16 --hidden 32 \
+                --layers 4 --sequences 128 --max-batch-size 16 --repeats 1 --no-memory --no-compile --saved 0.5 \
+                --segments --varlen --output-dir "$LOGS/stream_bf16" --name stream_cuda_bf16
+        else
             skip stream_bf16 "$NO_GPU"
             continue
         fi
-        step stream_bf16 60 270 "$PY" -m earlyexit_kernels.bench stream --device cuda --dtype bf16 --hidden 768 \
-            --layers 12 --sequences 2048 --max-batch-size 64 --repeats 3 --no-memory --no-compile --saved 0.5 \
-            --segments --varlen --output-dir "$LOGS/stream_bf16" --name stream_cuda_bf16
         if [[ -f "$LOGS/stream_bf16/stream_cuda_bf16.csv" ]]; then
             # the table with issues 10 and 60's checks under it (the repository's, benchmarks/suite/stream_grid.py)
             "$PY" -m benchmarks.suite.stream_grid --from-csv "$LOGS/stream_bf16/stream_cuda_bf16.csv" \
@@ -335,16 +340,22 @@ for s in $STEPS; do
             refresh
         fi
         ;;
-    # Serving on the GPU (issue 96): eek's engine thread (the cohort engine) against Infinity's way
-    # (length-sorted padded batches of 32, captured per bucket) and TEI's way (packed tokens, varlen
-    # attention, a 16,384-token budget), in-process, BERT-base shape in bf16, c1, c32 and 32-text requests.
+    # Serving on the GPU (issue 96): eek's engine thread (the cohort engine; the continuous engine and the
+    # packed-token cohorts, eek-varlen, beside it) against Infinity's way (length-sorted padded batches of
+    # 32, captured per bucket) and TEI's way (packed tokens, varlen attention, a 16,384-token budget),
+    # in-process, BERT-base shape in bf16, c1, c32 and 32-text requests. The limit raised from 150 s to
+    # 190 s for eek-varlen's server (a guess, not measured).
     serve_gpu)
-        if ((!HAVE_CUDA)); then
+        if ((HAVE_CUDA)); then
+            step serve_gpu 60 190 "$PY" -m earlyexit_kernels.bench.gpu_serving --device cuda --dtype bf16 \
+                --requests 192 --output-dir "$LOGS/serve_gpu" --name serve_gpu
+        elif [[ -n ${REHEARSE_SPEED:-} ]]; then  # the same step on the CPU, a tiny model
+            step serve_gpu 20 120 "$PY" -m earlyexit_kernels.bench.gpu_serving --device cpu --dtype fp32 --hidden 32 \
+                --layers 3 --sequences 96 --requests 6 --output-dir "$LOGS/serve_gpu" --name serve_gpu
+        else
             skip serve_gpu "$NO_GPU"
             continue
         fi
-        step serve_gpu 60 150 "$PY" -m earlyexit_kernels.bench.gpu_serving --device cuda --dtype bf16 \
-            --requests 192 --output-dir "$LOGS/serve_gpu" --name serve_gpu
         if [[ -f "$LOGS/serve_gpu/serve_gpu.md" ]]; then
             cp "$LOGS/serve_gpu/serve_gpu.md" "$OUT/serve_gpu.md"
             record "serve_gpu $(grep '^- ' "$OUT/serve_gpu.md" | tr '\n' ' ')"
