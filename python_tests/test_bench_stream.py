@@ -171,3 +171,23 @@ def test_the_models_are_calibrated_in_float32_then_cast():
     )
     assert torch.equal(entropies, fp32_entropies)  # the calibration does not see the dtype
     assert torch.equal(reference.classifier.weight.to(torch.bfloat16), unpatched.classifier.weight)
+
+
+def test_an_opt_in_engine_whose_first_pass_fails_costs_its_own_row_not_the_run():
+    """On a GPU the engines no GPU has run yet, (h) and (i), may fail their first pass: they are left out with
+    why, in the table's note, and the other methods go on; (d), (f) and (g) failing still stops the run."""
+    ran = []
+
+    def fails():
+        raise RuntimeError("varlen_attn: no kernel for this device")
+
+    runners = {key: (lambda key=key: ran.append(key)) for key in "dfgh"} | {"i": fails}
+    keys, left_out, said = ["b", "c", "d", "f", "h", "i"], {}, []
+    stream.first_passes(runners, keys, left_out, said.append)
+    assert ran == ["d", "f", "h"] and keys == ["b", "c", "d", "f", "h"]
+    assert left_out == {"i": "RuntimeError: varlen_attn: no kernel for this device"}
+    assert said == ["  (i) eek.classify, packed-token cohorts left out, its first pass failed: " + left_out["i"]]
+    note = stream._note(StreamConfig(varlen=True), 10.0, 0.1, left_out=left_out)
+    assert "--varlen" in note and "Left out: (i) eek.classify, packed-token cohorts, whose first pass failed" in note
+    with pytest.raises(RuntimeError):
+        stream.first_passes({"d": fails}, ["d"], {}, said.append)

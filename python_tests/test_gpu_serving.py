@@ -75,3 +75,44 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
     with pytest.raises(SystemExit):
         gpu_serving.main(["--device", "cpu", "--requests", "0"])
     assert not list(tmp_path.iterdir())
+
+
+def test_an_opt_in_engine_whose_warm_up_fails_is_left_out_with_why_and_the_others_serve():
+    class Server:
+        def __init__(self, fails=False):
+            self.fails, self.closed = fails, False
+
+        def close(self):
+            self.closed = True
+
+    def run(server):
+        if server.fails:
+            raise RuntimeError("no varlen kernel")
+
+    varlen = Server(fails=True)
+    servers, left_out, said = {"eek": Server(), "eek-varlen": varlen, "tei-way": Server()}, {}, []
+    gpu_serving.warm_up(servers, run, left_out, said.append)
+    assert list(servers) == ["eek", "tei-way"] and varlen.closed
+    assert left_out == {"eek-varlen": "RuntimeError: no varlen kernel"}
+    assert said == [
+        "  eek: warmed up",
+        "  eek-varlen: left out, its warm-up failed: RuntimeError: no varlen kernel",
+        "  tei-way: warmed up",
+    ]
+    with pytest.raises(RuntimeError):  # eek serve's own engine failing stops the run
+        gpu_serving.warm_up({"eek": Server(fails=True)}, run, {}, said.append)
+    row = {
+        "model": "m",
+        "device": "d",
+        "server": "eek",
+        "level": "c1",
+        "round": 1,
+        "texts_per_s": 1.0,
+        "p50_ms": 1.0,
+        "p99_ms": 1.0,
+        "agreement": 1.0,
+        "same_as_per_batch": 1.0,
+    }
+    assert "eek-varlen left out: its warm-up failed (RuntimeError: no varlen kernel)." in gpu_serving.markdown(
+        [row], "x", left_out
+    )

@@ -367,10 +367,9 @@ def run(config: GpuServingConfig, output_dir: Path, name: str = "serve_gpu", pro
     )
     progress(f"serve_gpu: {len(ids)} texts on {label}; TEI's way runs {attention}")
     rows: list[dict] = []
+    left_out: dict[str, str] = {}
     try:
-        for server_name, server in servers.items():  # untimed: graphs captured, allocator warm
-            drive(server, ids, 8, 32, -(-len(ids) // 32))
-            progress(f"  {server_name}: warmed up")
+        warm_up(servers, lambda server: drive(server, ids, 8, 32, -(-len(ids) // 32)), left_out, progress)
         names = list(servers)
         for round_index in range(config.rounds):
             for level in config.levels:
@@ -413,18 +412,39 @@ def run(config: GpuServingConfig, output_dir: Path, name: str = "serve_gpu", pro
         writer = csv.DictWriter(file, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    (output_dir / f"{name}.md").write_text(markdown(rows, attention))
+    (output_dir / f"{name}.md").write_text(markdown(rows, attention, left_out))
     return rows
 
 
-def markdown(rows: list[dict], attention: str = "") -> str:
+# The engines no GPU has served on yet: where one fails its warm-up, its rows are left out, not the run's.
+OPT_IN_SERVERS = ("eek-varlen",)
+
+
+def warm_up(servers: dict, run, left_out: dict[str, str], progress) -> None:
+    """``run(server)`` once for each of ``servers`` (untimed: graphs captured, allocator warm); a server of
+    ``OPT_IN_SERVERS`` whose warm-up fails is closed and removed, with why in ``left_out``."""
+    for server_name in list(servers):
+        try:
+            run(servers[server_name])
+        except Exception as error:  # noqa: BLE001 - re-raised but for the opt-in engines
+            if server_name not in OPT_IN_SERVERS:
+                raise
+            servers.pop(server_name).close()
+            left_out[server_name] = f"{type(error).__name__}: {error}"[:300]
+            progress(f"  {server_name}: left out, its warm-up failed: {left_out[server_name]}")
+            continue
+        progress(f"  {server_name}: warmed up")
+
+
+def markdown(rows: list[dict], attention: str = "", left_out: dict | None = None) -> str:
     """The medians over rounds per server and level, and eek against the stronger peer."""
     if not rows:
         return "No rows.\n"
     first = rows[0]
+    failed = "".join(f" {server} left out: its warm-up failed ({why})." for server, why in (left_out or {}).items())
     lines = [
         f"{first['model']}, {first['device']}; TEI's way on {attention}. Medians over "
-        f"{max(int(r['round']) for r in rows)} round(s).",
+        f"{max(int(r['round']) for r in rows)} round(s).{failed}",
         "",
         "| level | server | texts/s | p50 ms | p99 ms | agreement | same as per-batch exit |",
         "| --- | --- | --- | --- | --- | --- | --- |",

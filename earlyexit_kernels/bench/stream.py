@@ -505,6 +505,9 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
         }
         runners = {key: synced(fn, device) for key, fn in runners.items()}  # on cuda: each ends with a sync
         rows: list[dict] = []
+        # The opt-in engines no GPU has run yet, left out where their first pass fails (with why), so that
+        # one of them failing on a GPU costs its own row, not the others'.
+        left_out: dict[str, str] = {}
         first = True
         for saved in config.saved:
             threshold = calibrate(entropies, saved)
@@ -516,9 +519,9 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
                 keys.append("e")
             if config.cohort_tokens:
                 keys.append("f")
-            if config.segments:
+            if config.segments and "h" not in left_out:
                 keys.append("h")
-            if config.varlen:
+            if config.varlen and "i" not in left_out:
                 keys.append("i")
             if device.type == "cuda":  # on the CPU (d) is the continuous engine already
                 keys.append("g")
@@ -535,9 +538,7 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
                 if device.type == "cuda":
                     # The graphed step captures a graph per (layer, bucket, length) at its first meeting:
                     # one untimed pass of the engines over the whole stream meets their shapes.
-                    for key in ("d", "f", "g", "h", "i"):
-                        if key in keys:
-                            runners[key]()
+                    first_passes(runners, keys, left_out, progress)
                     torch.cuda.synchronize(device)
             warmup = graphs_warmup = None
             if "e" in keys:
@@ -663,14 +664,32 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
                 )
             first = False
             if saved != config.saved[-1]:  # what is measured so far, should the run be cut short
-                _write(rows, output_dir, name, _note(config, time.perf_counter() - start, tokenize_s, partial=True))
+                note = _note(config, time.perf_counter() - start, tokenize_s, partial=True, left_out=left_out)
+                _write(rows, output_dir, name, note)
         seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(threads_before)
-    csv_path = _write(rows, output_dir, name, _note(config, seconds, tokenize_s))
+    csv_path = _write(rows, output_dir, name, _note(config, seconds, tokenize_s, left_out=left_out))
     with contextlib.suppress(ImportError):
         plot(csv_path, output_dir / f"{name}.png")
     return rows
+
+
+def first_passes(runners: dict, keys: list[str], left_out: dict[str, str], progress) -> None:
+    """One untimed pass of each engine in ``keys`` (on a GPU: the graphs of their shapes captured). The opt-in
+    engines no GPU has run yet, (h) and (i), are left out where theirs fails: removed from ``keys``, with why
+    in ``left_out``, so that one of them failing costs its own row, not the run."""
+    for key in ("d", "f", "g"):
+        if key in keys:
+            runners[key]()
+    for key in ("h", "i"):
+        if key in keys:
+            try:
+                runners[key]()
+            except Exception as error:  # noqa: BLE001 - its row is left out, the run goes on
+                keys.remove(key)
+                left_out[key] = f"{type(error).__name__}: {error}"[:300]
+                progress(f"  {METHODS[key]} left out, its first pass failed: {left_out[key]}")
 
 
 def _write(rows: list[dict], output_dir: Path, name: str, note: str) -> Path:
@@ -683,11 +702,17 @@ def _write(rows: list[dict], output_dir: Path, name: str, note: str) -> Path:
     return csv_path
 
 
-def _note(config: StreamConfig, seconds: float, tokenize_s: float, partial: bool = False) -> str:
+def _note(
+    config: StreamConfig, seconds: float, tokenize_s: float, partial: bool = False, left_out: dict | None = None
+) -> str:
     done = f"partial: {seconds:.0f} s in, the run goes on" if partial else f"{seconds:.0f} s in all"
+    failed = "".join(
+        f" Left out: {METHODS[key]}, whose first pass failed ({why})." for key, why in (left_out or {}).items()
+    )
     return (
         f"Command: `eek bench stream {' '.join(_argv(config))}`".rstrip()
         + f" ({done}; tokenising the stream alone: {tokenize_s:.2f} s)."
+        + failed
     )
 
 
