@@ -180,3 +180,35 @@ def test_varlen_is_chosen_by_name_in_classify_and_the_engine_thread():
     assert engine_kind(model, EngineConfig(engine="varlen")) == "varlen"
     assert isinstance(make_engine(model, EngineConfig(engine="varlen")), VarlenEngine)
     assert_engine_thread_runs(model, items, "varlen", VarlenEngine)
+
+
+def test_concurrent_clients_of_a_server_on_the_varlen_engine_get_eek_classify_s_answers(loaded_classifier):
+    """A real server on 127.0.0.1 (eek serve --engine varlen), 8 clients at once: each text's exit layer is
+    the continuous engine's and its scores are within float32 rounding of it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pytest.importorskip("starlette", reason="the server needs starlette (the serve extra)")
+    pytest.importorskip("uvicorn", reason="the server needs uvicorn (the serve extra)")
+    httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx")
+    from conftest import word_texts
+    from served_models import serving
+
+    model, tokenizer = loaded_classifier
+    texts = [t or "w1" for t in word_texts(48, seed=23)]
+    expected = list(eek.classify(model, texts, tokenizer=tokenizer, engine="continuous"))
+    assert len({r.exit_layer for r in expected}) > 1, "the test needs exits at several layers"
+    with serving(model, tokenizer, max_batch_size=16, engine="varlen") as running:
+        assert isinstance(running.app.state.eek.worker.engine, VarlenEngine)
+
+        def ask(i):
+            return httpx.post(running.url + "/predict", json={"inputs": [[texts[i]]], "raw_scores": True}, timeout=60)
+
+        with ThreadPoolExecutor(8) as clients:
+            responses = list(clients.map(ask, range(len(texts))))
+    for i, response in enumerate(responses):
+        assert response.status_code == 200
+        answer = response.json()[0]
+        assert answer[0]["exit_layer"] == expected[i].exit_layer
+        scores = sorted(item["score"] for item in answer)
+        reference = sorted(expected[i].logits.tolist())
+        assert scores == pytest.approx(reference, abs=1e-5)
