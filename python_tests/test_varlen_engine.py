@@ -88,6 +88,7 @@ def test_the_packed_attention_equals_sdpa_one_sequence_at_a_time():
     assert torch.equal(out[real:], torch.zeros_like(out[real:]))
     assert layout.row.tolist() == [0] * 5 + [2] + [3] * 9 + [4] * 3 + [5] * 6  # the empty row holds no token
     assert not fused_varlen_available(torch.device("cpu"))
+    assert not fused_varlen_available(torch.device("cpu"), torch.bfloat16, 64)  # flash attention is CUDA's
 
 
 def test_the_fused_varlen_call_takes_the_layouts_tensors_on_the_meta_device():
@@ -212,3 +213,51 @@ def test_concurrent_clients_of_a_server_on_the_varlen_engine_get_eek_classify_s_
         scores = sorted(item["score"] for item in answer)
         reference = sorted(expected[i].logits.tolist())
         assert scores == pytest.approx(reference, abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["cohorts", "segments", "varlen"])
+def test_a_new_threshold_never_replays_graphs_captured_under_the_old_one(kind, monkeypatch):
+    """The kernels take a policy's thresholds as launch arguments, so a CUDA graph replays the thresholds it
+    was captured with. After set_policy (online re-certification), each static batch the GPU's stream engines
+    use drops its graphs before its next step; the same thresholds again keep them. Counted on the CPU, where
+    nothing is captured, by the calls that drop them."""
+    from earlyexit_kernels.engine.step_graphs import StepGraphs
+
+    items = _sequences(24, seed=8, longest=20)
+    model, policy = spread_model("bert", "entropy", items)
+    eek.patch(model, policy, step="graphed")
+    dropped = []
+    monkeypatch.setattr(StepGraphs, "forget", lambda graphs, stale: dropped.append(stale(("any", "key"))))
+    engine = make_engine(model, EngineConfig(engine=kind, max_batch_size=8))
+    _run(engine, items)
+    first = len(dropped)  # each static batch's first use, under no policy yet
+    assert first > 0 and all(dropped)
+    engine.set_policy(eek.Entropy(policy.threshold))  # the same thresholds: the graphs stay
+    _run(engine, items)
+    assert len(dropped) == first
+    engine.set_policy(eek.Entropy(policy.threshold / 2))
+    _run(engine, items)
+    assert len(dropped) > first
+
+
+@pytest.mark.parametrize(
+    "capability, dtype, head_size, fused",
+    [
+        ((9, 0), torch.bfloat16, 64, True),  # an H100 or H200, BERT-base's heads
+        ((8, 0), torch.float16, 32, True),  # an A100, MiniLM's heads
+        ((7, 5), torch.bfloat16, 64, False),  # a T4: flash attention needs Ampere or later
+        ((9, 0), torch.float32, 64, False),  # flash attention takes half precision only
+        ((9, 0), torch.bfloat16, 20, False),  # a head size flash attention has no kernel for
+        ((9, 0), torch.bfloat16, 512, False),
+    ],
+)
+def test_the_fused_kernel_is_taken_only_where_flash_attention_runs(capability, dtype, head_size, fused, monkeypatch):
+    """Elsewhere the step takes the grid: a fused kernel that raised would fail the first capture, which stops
+    capture for every engine in the process."""
+    pytest.importorskip("torch.nn.attention.varlen", reason="torch < 2.10 has no varlen attention")
+    from earlyexit_kernels.engine.varlen_attention import attention_for, fused_attention
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda", 0)
+    assert fused_varlen_available(cuda, dtype, head_size) is fused
+    assert (attention_for(cuda, dtype, head_size) is fused_attention) is fused

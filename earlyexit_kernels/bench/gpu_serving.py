@@ -363,7 +363,9 @@ def run(config: GpuServingConfig, output_dir: Path, name: str = "serve_gpu", pro
     model = f"random BERT H{config.hidden} L{config.layers} in {config.dtype}, Entropy saving ~{config.saved:.0%}"
     dtype = next(unpatched.parameters()).dtype
     attention = (
-        "varlen flash attention" if fused_varlen_available(device, dtype) else "varlen reference (SDPA per text)"
+        "varlen flash attention"
+        if fused_varlen_available(device, dtype, unpatched.config.hidden_size // unpatched.config.num_attention_heads)
+        else "varlen reference (SDPA per text)"
     )
     progress(f"serve_gpu: {len(ids)} texts on {label}; TEI's way runs {attention}")
     rows: list[dict] = []

@@ -47,7 +47,7 @@ def varlen_attention_reference(q, k, v, cu_seqlens: torch.Tensor, longest: int) 
 
 def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, longest: int) -> torch.Tensor:
     """The fused varlen kernel where :func:`fused_varlen_available`, else the reference."""
-    if fused_varlen_available(q.device, q.dtype):
+    if fused_varlen_available(q.device, q.dtype, q.shape[-1]):
         from torch.nn.attention.varlen import varlen_attn
 
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest)

@@ -53,7 +53,6 @@ from earlyexit_kernels.engine.static_buffers import (
     _Packed,
     finish,
     load,
-    policy_key,
 )
 from earlyexit_kernels.engine.static_step import (
     CUDA_LENGTH_STEP,
@@ -167,9 +166,6 @@ class SegmentSteps:
         # One call at a time on the buffers (engines on several threads share them); on a GPU, recorded after a
         # call's last use of them: the next call, maybe on another stream, waits for it before its load.
         self.lock = threading.Lock()
-        # The policy the captured graphs decide with: a kernel takes its thresholds as arguments, so a graph
-        # captured under one policy would replay its decisions under another; a new one forgets them.
-        self._policy = None
         self._done = torch.cuda.Event() if device.type == "cuda" else None
         self._done_recorded = False
 
@@ -265,10 +261,7 @@ class SegmentSteps:
         state_shapes = batches.state_shapes(policy, adapter, batch, self.dtype)
         first_bucket = bucket_for(batch, self.sizes)
         static = self._static(first, masked, first_bucket, seq_len, state_shapes)
-        if policy_key(policy) != self._policy:
-            for kept in self._statics.values():
-                kept.graphs.forget(lambda key: True)
-            self._policy = policy_key(policy)
+        static.forget_other_policy(policy)  # graphs captured under other thresholds replay those
         halting_head = self.heads.halting_head(policy)
         fused, pooled_heads = static_heads(
             static, batches.head_kernels, self.backend, adapter, self.device, halting_head

@@ -163,6 +163,17 @@ class StaticBatch:
         # The outputs of a forward, packed in one buffer that the finishing step writes (the logits
         # rounded, the exit layers, the layers run), so that the caller's copy is one clone.
         self.packed: _Packed | None = None
+        # The policy (its ``policy_key``) the graphs decide with: the kernels take its thresholds as launch
+        # arguments, so a graph captured under one policy replays that policy's decisions (forget_other_policy).
+        self.policy = None
+
+    def forget_other_policy(self, policy: ExitPolicy) -> None:
+        """Drop the graphs captured under another policy than ``policy`` (a stream engine's ``set_policy``
+        moves the thresholds of the model's batches), so that its steps are captured again with its thresholds."""
+        key = policy_key(policy)
+        if key != self.policy:
+            self.graphs.forget(lambda _: True)
+            self.policy = key
 
     @staticmethod
     def _half(capacity, seq_len, hidden_size, dtype, device, mask, state) -> _Half:

@@ -359,6 +359,7 @@ def run_graphed(
     with static.lock:
         if static.done_recorded:
             torch.cuda.current_stream(device).wait_event(static.done)
+        static.forget_other_policy(policy)
         static.use_length(seq_len)
         template = static.template(policy, adapter, batch, first_bucket)
         load_rows = functools.partial(load, static, Loaded(hidden, mask, extents, kept), template, batch, first_bucket)

@@ -298,11 +298,12 @@ def run_tokens(
     static = token_batch.rows
     halting_head = heads.halting_head(policy)
     fused, pooled_heads = static_heads(static, batches.head_kernels, backend, adapter, device, halting_head)
-    attend = attention_for(device, dtype)
+    attend = attention_for(device, dtype, token_batch.layers[0].head_size)
     step = _TokenStep(adapter, backend, policy, halting_head, fused, pooled_heads, attend, batches.dead_fill)
     with static.lock:
         if static.done_recorded:
             torch.cuda.current_stream(device).wait_event(static.done)
+        static.forget_other_policy(policy)
         template = static.template(policy, adapter, batch, first_bucket)
         # the load reads the caller's tensors, at new addresses each forward: run, not captured
         _load_tokens(token_batch, hidden, inputs.lengths, template, batch, first_bucket, first_tokens, longest)

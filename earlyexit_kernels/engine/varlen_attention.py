@@ -66,16 +66,22 @@ def token_layout(lengths: torch.Tensor, tokens: int, longest: int) -> TokenLayou
     return TokenLayout(lengths, cu, row, offset, longest)
 
 
-def fused_varlen_available(device: torch.device, dtype: torch.dtype | None = None) -> bool:
-    """Whether torch's varlen flash attention runs on ``device`` (CUDA, torch >= 2.10) for ``dtype``
-    (fp16 or bf16; None: whether it runs at all)."""
-    if torch.device(device).type != "cuda" or (dtype is not None and dtype not in FUSED_DTYPES):
+def fused_varlen_available(
+    device: torch.device, dtype: torch.dtype | None = None, head_size: int | None = None
+) -> bool:
+    """Whether torch's varlen flash attention runs on ``device`` (CUDA, torch >= 2.10) for ``dtype`` (fp16 or
+    bf16) and heads of ``head_size`` (None: whichever). Flash attention's kernels need an Ampere or later GPU
+    (compute capability 8.0) and a head size that is a multiple of 8, at most 256; elsewhere the grid runs."""
+    device = torch.device(device)
+    if device.type != "cuda" or (dtype is not None and dtype not in FUSED_DTYPES):
+        return False
+    if head_size is not None and (head_size > 256 or head_size % 8):
         return False
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
         return False
-    return True
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def fused_attention(q, k, v, layout: TokenLayout, scale: float) -> torch.Tensor:
@@ -104,6 +110,7 @@ def grid_attention(q, k, v, layout: TokenLayout, scale: float) -> torch.Tensor:
     return mixed.index_select(0, slot)
 
 
-def attention_for(device: torch.device, dtype: torch.dtype):
-    """The packed attention a step on ``device`` in ``dtype`` runs: the fused kernel where it can, else the grid."""
-    return fused_attention if fused_varlen_available(device, dtype) else grid_attention
+def attention_for(device: torch.device, dtype: torch.dtype, head_size: int):
+    """The packed attention a step on ``device`` in ``dtype`` with heads of ``head_size`` runs: the fused kernel
+    where it can, else the grid."""
+    return fused_attention if fused_varlen_available(device, dtype, head_size) else grid_attention
