@@ -172,6 +172,9 @@ class StaticBatch:
         moves the thresholds of the model's batches), so that its steps are captured again with its thresholds."""
         key = policy_key(policy)
         if key != self.policy:
+            if len(self.graphs) and self.done is not None:
+                # a replay may still run on the device: its graphs' memory goes back to the pool only after it
+                torch.cuda.synchronize(self.graphs.device)
             self.graphs.forget(lambda _: True)
             self.policy = key
 
