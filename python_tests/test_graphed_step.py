@@ -532,3 +532,33 @@ def test_new_head_weights_get_new_buffers_and_the_outputs_follow_them():
         exact = model(**inputs)
     assert torch.equal(after.exit_layer, exact.exit_layer)
     assert not torch.equal(after.exit_layer, before.exit_layer)
+
+
+def test_an_unpadded_batch_at_a_length_off_the_step_is_masked_so_its_length_rounds_up():
+    """On a GPU an unpadded batch (one row, rows of one length) would run at its exact length, and every length
+    met would capture its own graphs of every layer; it is given a mask of ones so that its length rounds up to
+    the step as a padded batch's does. A padded batch, or one at a multiple of the step, is left as it is."""
+    from earlyexit_kernels.engine.static_step import masked_to_step
+
+    mask, extents = masked_to_step(None, None, 3, 45, 32, "cpu")
+    assert torch.equal(mask, torch.ones(3, 45, dtype=torch.long)) and extents.tolist() == [45, 45, 45]
+    assert masked_to_step(None, None, 3, 64, 32, "cpu") == (None, None)
+    given = (torch.ones(2, 5), torch.tensor([5, 3]))
+    assert masked_to_step(*given, 2, 5, 32, "cpu") == given
+
+
+def test_the_packed_outputs_are_kept_per_dtype_for_the_finishing_steps_captured_with_them():
+    """A captured finishing step writes the buffer it was captured with: a forward under autocast (bf16 outputs)
+    between two in float32 must not replace the float32 buffer the first one's graph writes."""
+    shape = BatchShape(4, 8, 16, 3, 2, torch.float32, torch.float32, torch.device("cpu"))
+    static = StaticBatch(shape, mask=None, state={})
+    float32 = static.outputs(torch.float32)
+    assert static.outputs(torch.bfloat16) is not float32
+    assert static.outputs(torch.float32) is float32
+
+
+def test_on_the_cpu_the_device_context_is_nothing():
+    from earlyexit_kernels.engine.step_graphs import on_device
+
+    with on_device(torch.device("cpu")):
+        assert torch.ones(1).device.type == "cpu"

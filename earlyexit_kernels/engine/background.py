@@ -21,6 +21,8 @@ import time
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
+import torch
+
 from earlyexit_kernels.engine.continuous import Finished
 from earlyexit_kernels.engine.engine_config import EngineConfig, engine_config
 from earlyexit_kernels.engine.engine_kind import make_engine
@@ -176,6 +178,10 @@ class BackgroundEngine:
 
     def _loop(self) -> None:
         try:
+            device = getattr(self.engine, "device", None)
+            if device is not None and device.type == "cuda":
+                # a new thread's current device is cuda:0; events and the continuous engine's graphs go on the current one
+                torch.cuda.set_device(device)
             self._run()
         except BaseException as error:  # the thread ends here: nothing may wait on it for ever
             logging.getLogger("earlyexit_kernels.engine").exception("the engine thread stopped")

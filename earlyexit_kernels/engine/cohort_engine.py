@@ -266,7 +266,7 @@ class CohortEngine(LaunchedStream):
             return (*outputs, None)
         copies = copy_to_host(outputs, pin=True)
         ready = torch.cuda.Event()
-        ready.record()
+        ready.record(torch.cuda.current_stream(self.device))  # the model's device's
         return (*copies, ready)
 
     def _read_back(self, cohort: _Cohort) -> list[Finished]:

@@ -306,7 +306,7 @@ class SegmentEngine(LaunchedStream):
             if result.survivors is not None:
                 outputs += copy_to_host((result.survivors,), pin=True)
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(self.device))  # the model's device's
         elif result.survivors is not None:
             outputs.append(result.survivors)
         return _Call(

@@ -62,6 +62,7 @@ from earlyexit_kernels.engine.static_step import (
     _published,
     _Step,
     capture_by_default,
+    masked_to_step,
     static_heads,
     weights_fingerprint,
 )
@@ -185,6 +186,10 @@ class SegmentSteps:
         extents, longest, padded = summary
         masked = padded > 0
         kept = _kept_length(longest, in_length, self.length_multiple) if masked else in_length
+        if self.device.type == "cuda" and not masked:  # rounded up to the step as padded calls are
+            step = _lcm(CUDA_LENGTH_STEP, self.length_multiple)
+            mask, extents = masked_to_step(None, None, batch, kept, step, self.device)
+            masked = mask is not None
         seq_len = self.padded_length(kept) if masked else kept
         loaded = Loaded(hidden, mask if masked else None, extents if masked else None, kept)
 
@@ -243,7 +248,7 @@ class SegmentSteps:
 
     def _run(self, policy, bounds, batch: int, seq_len: int, masked: bool, load_rows) -> SegmentCall:
         check_graphed_policy(policy)
-        with self.lock:
+        with self.lock, step_graphs.on_device(self.device):
             if self._done_recorded:
                 torch.cuda.current_stream(self.device).wait_event(self._done)
             call = self._locked_run(policy, bounds, batch, seq_len, masked, load_rows)

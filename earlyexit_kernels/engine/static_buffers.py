@@ -162,7 +162,8 @@ class StaticBatch:
         self.templates: dict[tuple, _Template] = {}
         # The outputs of a forward, packed in one buffer that the finishing step writes (the logits
         # rounded, the exit layers, the layers run), so that the caller's copy is one clone.
-        self.packed: _Packed | None = None
+        # One per output dtype met, never replaced: a captured finishing step writes the buffer it was captured with.
+        self.packed: dict[torch.dtype, _Packed] = {}
         # The policy (its ``policy_key``) the graphs decide with: the kernels take its thresholds as launch
         # arguments, so a graph captured under one policy replays that policy's decisions (forget_other_policy).
         self.policy = None
@@ -206,11 +207,15 @@ class StaticBatch:
         return template
 
     def outputs(self, out_dtype: torch.dtype) -> _Packed:
-        """The packed output buffer of this batch's capacity in ``out_dtype`` (made at the first use)."""
-        if self.packed is None or self.packed.dtype != out_dtype:
+        """The packed output buffer of this batch's capacity in ``out_dtype`` (made at its first use and kept: a
+        forward under autocast and one without alternate between two, each with its own captured finishing step)."""
+        packed = self.packed.get(out_dtype)
+        if packed is None:
             with torch.inference_mode(False):  # a normal tensor, written in place by later forwards
-                self.packed = _Packed.make(self.capacity, self.logits.shape[1], out_dtype, self.logits.device)
-        return self.packed
+                packed = self.packed[out_dtype] = _Packed.make(
+                    self.capacity, self.logits.shape[1], out_dtype, self.logits.device
+                )
+        return packed
 
     def use_length(self, length: int) -> None:
         """Make ``halves`` views of ``length`` positions a row (at most ``max_length``)."""

@@ -283,7 +283,13 @@ def _layer_step(step: _Step, static: StaticBatch, layer: int, bucket: int, may_e
         dst.hidden[:bucket, :length].masked_fill_(dead, step.dead_fill)
 
 
-def run_graphed(
+def run_graphed(adapter, heads: ExitHeads, policy: ExitPolicy, backend: Backend, hidden, mask, **options) -> ExitResult:
+    """:func:`_run_graphed` with the model's device the current CUDA device (:func:`step_graphs.on_device`)."""
+    with step_graphs.on_device(hidden.device):
+        return _run_graphed(adapter, heads, policy, backend, hidden, mask, **options)
+
+
+def _run_graphed(
     adapter,
     heads: ExitHeads,
     policy: ExitPolicy,
@@ -325,6 +331,8 @@ def run_graphed(
     result.host_syncs += read_backs
     length_multiple = getattr(adapter, "length_multiple", 1)
     mask, extents, kept = kept_inputs(mask, mask_summary, in_length, result, length_multiple)
+    if on_gpu and inputs_serial is None:  # (a prologue's load reads fixed buffers: never a mask made here)
+        mask, extents = masked_to_step(mask, extents, batch, kept, _lcm(CUDA_LENGTH_STEP, length_multiple), device)
     # On a GPU the length is rounded up (masked positions) so that batches of mixed lengths share shapes.
     seq_len = -(-kept // _lcm(CUDA_LENGTH_STEP, length_multiple)) * _lcm(CUDA_LENGTH_STEP, length_multiple)
     seq_len = seq_len if mask is not None and on_gpu else kept
@@ -391,6 +399,17 @@ def run_graphed(
         finish_forward(static, result, batch, out_dtype, capture)
     result.buckets = survivors.buckets
     return result
+
+
+def masked_to_step(mask, extents, batch: int, kept: int, step: int, device) -> tuple:
+    """``(mask, extents)`` of a batch of ``kept`` positions: as they are, but where nothing is padded (``mask``
+    None) and ``kept`` is not a multiple of ``step``, a mask of ones and full extents, so that the length is
+    rounded up to the step as a padded batch's is. Unpadded batches (one row, rows of one length) otherwise run
+    at their exact length, and each length met captures its own graphs of every layer."""
+    if mask is not None or kept % step == 0:
+        return mask, extents
+    ones = torch.ones(batch, kept, dtype=torch.long, device=device)
+    return ones, torch.full((batch,), kept, dtype=torch.long, device=device)
 
 
 def resolve_capture(capture: bool | None, device: torch.device) -> bool:

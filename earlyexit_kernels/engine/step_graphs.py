@@ -25,6 +25,7 @@ run eagerly, and why, is counted in :class:`GraphStats` (the benchmark's rows re
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import warnings
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["StepGraphs", "GraphStats", "PinnedCount", "capture_failure", "capture_stream", "run_step"]
+__all__ = ["StepGraphs", "GraphStats", "PinnedCount", "capture_failure", "capture_stream", "on_device", "run_step"]
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 # Why the first failed capture of this process failed: no graph is captured after it.
@@ -52,6 +53,14 @@ def capture_stream(device: torch.device) -> torch.cuda.Stream:
     if stream is None:
         stream = _STREAMS[device] = torch.cuda.Stream(device)
     return stream
+
+
+def on_device(device: torch.device):
+    """``device`` made the current CUDA device for a block (nothing elsewhere). Events recorded without a stream,
+    the pinned counts' among them, go on the current device's stream: with a model on ``cuda:1`` and the current
+    device ``cuda:0`` (a server's thread starts there) an event would pass at once and a count be read stale."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def capture_failure() -> str | None:

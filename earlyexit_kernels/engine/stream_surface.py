@@ -4,8 +4,9 @@ admission order and the counts, the policy moved in place, and :meth:`run`.
 The continuous engine (:mod:`.continuous`, the CPU's), the cohort engine (:mod:`.cohort_engine`) and the segment
 engine (:mod:`.segment_engine`) differ in how they run their calls; :class:`StreamSurface` is the part a caller
 (``eek.classify``, the engine thread, the server) sees the same on each, and :class:`LaunchedStream` adds what the
-two engines whose calls are launched and read back a call late share (no age rule, a policy swap that needs
-nothing made again). The checks a submission and a policy swap make, and the stream's ``max_length``, are the
+engines whose calls are launched and read back a call late share (no age rule, a policy swap that keeps the
+buffers: on a GPU each static batch captures its steps again under the new thresholds at its next use,
+``StaticBatch.forget_other_policy``). The checks a submission and a policy swap make, and the stream's ``max_length``, are the
 functions below, so that every engine refuses bad input in the same words before anything runs.
 """
 

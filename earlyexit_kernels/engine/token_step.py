@@ -247,7 +247,13 @@ class PackedInputs:
     tokens: int
 
 
-def run_tokens(
+def run_tokens(adapter, heads: ExitHeads, policy: ExitPolicy, backend, inputs: PackedInputs, **options) -> ExitResult:
+    """:func:`_run_tokens` with the model's device the current CUDA device (:func:`step_graphs.on_device`)."""
+    with step_graphs.on_device(inputs.hidden.device):
+        return _run_tokens(adapter, heads, policy, backend, inputs, **options)
+
+
+def _run_tokens(
     adapter,
     heads: ExitHeads,
     policy: ExitPolicy,

@@ -22,6 +22,7 @@ from earlyexit_kernels.engine.heads import MLP_FORMS, ExitHeadConfig, ExitHeads,
 from earlyexit_kernels.engine.module_weights import linear_compute_dtype, linear_device
 from earlyexit_kernels.engine.static_step import StaticBatches, capture_by_default, run_graphed
 from earlyexit_kernels.engine.step_choice import check_graphed_policy, check_step_name, resolve_step
+from earlyexit_kernels.engine.step_graphs import on_device
 from earlyexit_kernels.methods.losses import Objective, objective
 from earlyexit_kernels.methods.policies import ExitPolicy, SkipGates
 from earlyexit_kernels.models import SUPPORTED_MODELS, EncoderAdapterBase, adapter_class
@@ -481,9 +482,12 @@ def _patched_forward(
     if graphed and state.static_batches.prologue and eligible(input_ids, inputs_embeds):
         # The inputs' summary and the embeddings in one captured step, its one read-back after them;
         # the static batch's load then reads the prologue's buffers in a captured step too.
-        with state.static_batches.prologues.run(
-            adapter, input_ids, attention_mask, token_type_ids, position_ids, capture=capture_by_default(device)
-        ) as (hidden, mask, mask_summary, serial):
+        with (
+            on_device(device),
+            state.static_batches.prologues.run(
+                adapter, input_ids, attention_mask, token_type_ids, position_ids, capture=capture_by_default(device)
+            ) as (hidden, mask, mask_summary, serial),
+        ):
             result = graphed_step(hidden, mask, mask_summary, serial)
         return _finished(self, state, policy, result, labels, 1, return_dict)
     # After the host's work that needs no input values: the read-back waits for the GPU to finish
