@@ -535,9 +535,10 @@ def test_new_head_weights_get_new_buffers_and_the_outputs_follow_them():
 
 
 def test_an_unpadded_batch_at_a_length_off_the_step_is_masked_so_its_length_rounds_up():
-    """On a GPU an unpadded batch (one row, rows of one length) would run at its exact length, and every length
-    met would capture its own graphs of every layer; it is given a mask of ones so that its length rounds up to
-    the step as a padded batch's does. A padded batch, or one at a multiple of the step, is left as it is."""
+    """On a GPU a stream engine's unpadded batch (one row, rows of one length) would run at its exact length, and
+    every length met would capture its own graphs of every layer; it is given a mask of ones so that its length
+    rounds up to the step as a padded batch's does (run_graphed's align_unpadded; the model's own forward keeps the
+    unpatched model's shapes). A padded batch, or one at a multiple of the step, is left as it is."""
     from earlyexit_kernels.engine.static_step import masked_to_step
 
     mask, extents = masked_to_step(None, None, 3, 45, 32, "cpu")

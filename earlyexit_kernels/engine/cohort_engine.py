@@ -230,6 +230,7 @@ class CohortEngine(LaunchedStream):
                 mask_d,
                 batches=self._state.static_batches,
                 mask_summary=summary,
+                align_unpadded=True,
             )
         return run_early_exit(self.adapter, self.heads, self.policy, self.backend, hidden, mask_d, mask_summary=summary)
 

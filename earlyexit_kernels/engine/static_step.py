@@ -301,6 +301,7 @@ def _run_graphed(
     mask_summary: tuple[torch.Tensor, int, int] | None = None,
     capture: bool | None = None,
     inputs_serial: int | None = None,
+    align_unpadded: bool = False,
 ) -> ExitResult:
     """:func:`~earlyexit_kernels.engine.batch_loop.run_early_exit` (inference, without ``all_exits``)
     as the graphed step: the same ``logits``, ``exit_layer`` and ``layers_run``.
@@ -313,6 +314,10 @@ def _run_graphed(
     ``inputs_serial``: where ``hidden``, ``mask`` and ``mask_summary``'s extents are a prologue's fixed
     buffers (:mod:`~earlyexit_kernels.engine.graphed_prologue`), its serial: the load into the static
     batch is then a captured step too.
+    ``align_unpadded``: on CUDA, an unpadded batch at a length off the step masked so that its length rounds up
+    (:func:`masked_to_step`): the stream engines' (a server's single texts would otherwise capture graphs for
+    every length met); not the model's own forward, whose unpadded batches keep the unpatched model's shapes
+    and bits when nobody exits.
     """
     check_graphed_policy(policy)
     num_layers, num_labels = adapter.num_layers, adapter.num_labels
@@ -331,7 +336,7 @@ def _run_graphed(
     result.host_syncs += read_backs
     length_multiple = getattr(adapter, "length_multiple", 1)
     mask, extents, kept = kept_inputs(mask, mask_summary, in_length, result, length_multiple)
-    if on_gpu and inputs_serial is None:  # (a prologue's load reads fixed buffers: never a mask made here)
+    if on_gpu and align_unpadded and inputs_serial is None:  # (a prologue's load reads fixed buffers)
         mask, extents = masked_to_step(mask, extents, batch, kept, _lcm(CUDA_LENGTH_STEP, length_multiple), device)
     # On a GPU the length is rounded up (masked positions) so that batches of mixed lengths share shapes.
     seq_len = -(-kept // _lcm(CUDA_LENGTH_STEP, length_multiple)) * _lcm(CUDA_LENGTH_STEP, length_multiple)
