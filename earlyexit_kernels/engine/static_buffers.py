@@ -177,7 +177,8 @@ class StaticBatch:
                 # a replay may still run on the device: its graphs' memory goes back to the pool only after it
                 torch.cuda.synchronize(self.graphs.device)
             self.graphs.forget(lambda _: True)
-            self.policy = key
+            # the policy itself held too: an unhashable one is keyed by its id, which a freed object's successor reuses
+            self.policy, self._policy_held = key, policy
 
     @staticmethod
     def _half(capacity, seq_len, hidden_size, dtype, device, mask, state) -> _Half:
