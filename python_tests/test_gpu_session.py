@@ -31,8 +31,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "scripts/gpu_session.sh"
 FIRST_PLAN = (
-    "probe build_cuda_forced build smoke graphed_key gaps layer_costs graphed_buckets graphed_b256_bf16 "
-    "correct_graphed kernels "
+    "probe build_cuda_forced build smoke graphed_key gaps correct_graphed layer_costs graphed_buckets "
+    "graphed_b256_bf16 kernels "
     "peer_capture stream_bf16 serve_gpu compiled_peer "
     "graphed_b64_fp32 "
     "correct_kernels correct_engine correct_families speed_b64_bf16 speed_b64_fp32 auto host memcheck "

@@ -27,6 +27,7 @@ from threshold_helpers import midway
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import earlyexit_kernels as eek
+from earlyexit_kernels.engine import static_step
 from earlyexit_kernels.engine.buckets import DEFAULT_SIZES
 from earlyexit_kernels.engine.static_step import StaticBatches
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last
@@ -86,6 +87,9 @@ def measure(name: str, backend: str, monkeypatch, *, step="exact", layer_mask_co
     eek.patch(model.to(backend_device(backend)), policy, backend=backend, step=step)
     if step == "graphed":
         state_of(model).static_batches = StaticBatches(sizes=DEFAULT_SIZES, lag=1)
+        # Uncaptured on a GPU too: a capture runs each step twice at its first meeting (the warm-up, then the
+        # recording), which would count every op twice; what a step launches is what its graph holds.
+        monkeypatch.setattr(static_step, "capture_by_default", lambda device: False)
     longest = max(len(item["input_ids"]) for item in items)
     ids = torch.zeros(len(items), longest, dtype=torch.long)
     mask = torch.zeros(len(items), longest, dtype=torch.long)
@@ -156,7 +160,7 @@ BUDGET = {
     ("patience", "torch"): (26, 18, 48, 4),
     ("patience", "cpp"): (26, 5, 19, 4),
     ("patience", "triton"): (26, 3, 13, 4),
-    ("voting", "torch"): (26, 33, 63, 4),
+    ("voting", "torch"): (26, 34, 63, 4),  # a quiet layer: 33 ops under torch 2.13, 34 under 2.11 (the GPU machine's)
     ("voting", "cpp"): (26, 5, 19, 4),
     ("voting", "triton"): (26, 3, 13, 4),
     ("qexit", "torch"): (27, 0, 58, 5),

@@ -10,6 +10,7 @@ what it cannot do with a message that says what to fix.
 
 import pytest
 import torch
+from conftest import _moved, backend_device
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.backends import cpp_backend
@@ -18,10 +19,35 @@ from earlyexit_kernels.backends.survivor_gather import MAX_TENSORS, gather_survi
 
 
 def fast(name):
-    """The backend's gather, or the test skipped with why it is not here."""
+    """The backend's gather, or the test skipped with why it is not here. Where the backend's kernels run on
+    another device than the CPU (compiled Triton on a GPU: :func:`conftest.backend_device`), the gather is
+    called there on copies of the tensors (views kept views of their moved buffers, the host count pinned)
+    and what it wrote is copied back, whole buffers included, so that the tests read it on the CPU."""
     if not eek.backends()[name]:
         pytest.skip(f"backend {name!r}: {eek.backend_status()[name]}")
-    return resolve_backend(name, torch.device("cpu")).gather_survivors
+    device = backend_device(name)
+    gather = resolve_backend(name, device).gather_survivors
+    if device.type == "cpu":
+        return gather
+
+    def on_device(order, exits, rows, dead, next_rows, count, sources, targets, host_count=None):
+        moved = [_moved(t, device) for t in (order, exits, rows, next_rows, count)]
+        sources_d = [_moved(t, device) for t in sources]
+        targets_d = [_moved(t, device) for t in targets]
+        pinned = None if host_count is None else host_count.pin_memory()
+        gather(*moved[:3], dead, moved[3], moved[4], sources_d, targets_d, pinned)
+        torch.cuda.synchronize(device)
+        next_rows.copy_(moved[3].cpu())
+        count.copy_(moved[4].cpu())
+        for target, written in zip(targets, targets_d):
+            if target._base is not None and written._base is not None:
+                target._base.copy_(written._base.cpu())  # the whole buffer: writes outside the view show
+            else:
+                target.copy_(written.cpu())
+        if host_count is not None:
+            host_count.copy_(pinned)
+
+    return on_device
 
 
 FAST = ["cpp", "triton"]
