@@ -21,7 +21,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import backend_device, mlp_head_model, tiny_batch, tiny_model
+from conftest import TRITON_COMPILED, backend_device, mlp_head_model, tiny_batch, tiny_model
 from test_classify import _sequences, spread_model
 from threshold_helpers import midway
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -160,7 +160,8 @@ BUDGET = {
     ("patience", "torch"): (26, 18, 48, 4),
     ("patience", "cpp"): (26, 5, 19, 4),
     ("patience", "triton"): (26, 3, 13, 4),
-    ("voting", "torch"): (26, 34, 63, 4),  # a quiet layer: 33 ops under torch 2.13, 34 under 2.11 (the GPU machine's)
+    # 33 ops a quiet layer and 63 an exiting one under torch 2.13; one more each under 2.11 (the GPU machine's)
+    ("voting", "torch"): (26, 34, 64, 4),
     ("voting", "cpp"): (26, 5, 19, 4),
     ("voting", "triton"): (26, 3, 13, 4),
     ("qexit", "torch"): (27, 0, 58, 5),
@@ -298,6 +299,9 @@ def test_mean_pooled_mlp_heads_stay_within_budget(backend, monkeypatch):
 # write-back and the gather (backends/triton_kernels/survivor_gather.py), three kernels on every
 # layer where the heads run. Nothing is read back. Before the one-op gather: 8 for Entropy, 10 for
 # Patience and Voting (issue 93's target: 3 or fewer for a threshold policy).
+# On a GPU the Triton gather also copies the live count into the pinned host count (one launch the CUDA
+# kernel saves by writing it itself); on the CPU there is no host count to copy.
+TRITON_EXITING = 4 if TRITON_COMPILED else 3
 GRAPHED_BUDGET = {
     ("entropy", "cpp"): (0, 2),
     ("maxprob", "cpp"): (0, 2),
@@ -305,8 +309,8 @@ GRAPHED_BUDGET = {
     ("voting", "cpp"): (3, 2),
     ("qexit", "cpp"): (0, 9),
     ("dact", "cpp"): (0, 6),
-    ("entropy", "triton"): (0, 3),
-    ("patience", "triton"): (3, 3),
+    ("entropy", "triton"): (0, TRITON_EXITING),
+    ("patience", "triton"): (3, TRITON_EXITING),
 }
 GATHER_OP = {"cpp": "cpp_gather_survivors", "triton": "gather_survivors"}
 
