@@ -30,7 +30,9 @@ run the unpatched model). This model's exit heads read random directions of each
 state, so its early exits agree with the unpatched model near chance by construction: the
 column checks the peers (1.0), and the accuracy a certificate promises is measured on trained
 models (the CPU's serving benchmark, ``benchmarks/suite/serve_peers.py``). Each server runs the whole
-stream once untimed first (graphs captured, allocator warm); the servers take turns within a
+stream once untimed first (graphs captured, allocator warm), then each level's requests of the first round
+(a single text or 32 clients' queue makes batch shapes the stream in batches of 32 does not: captured
+there, inside a timed round, they would cost the peer that captures dearest); the servers take turns within a
 level, in an order that rotates from one round to the next. No HTTP: the engine and its queue,
 the same for all three.
 """
@@ -371,7 +373,14 @@ def run(config: GpuServingConfig, output_dir: Path, name: str = "serve_gpu", pro
     rows: list[dict] = []
     left_out: dict[str, str] = {}
     try:
-        warm_up(servers, lambda server: drive(server, ids, 8, 32, -(-len(ids) // 32)), left_out, progress)
+
+        def warm(server):
+            drive(server, ids, 8, 32, -(-len(ids) // 32))  # the stream once: graphs captured, allocator warm
+            for level in config.levels:  # each level's first-round requests: the timed rounds meet no new shape
+                clients, per_request = LEVELS[level]
+                drive(server, ids, clients, per_request, config.requests, 0)
+
+        warm_up(servers, warm, left_out, progress)
         names = list(servers)
         for round_index in range(config.rounds):
             for level in config.levels:
