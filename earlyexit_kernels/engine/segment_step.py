@@ -50,8 +50,6 @@ from earlyexit_kernels.engine.static_buffers import (
     BatchShape,
     Loaded,
     StaticBatch,
-    _Packed,
-    finish,
     load,
 )
 from earlyexit_kernels.engine.static_step import (
@@ -62,6 +60,7 @@ from earlyexit_kernels.engine.static_step import (
     _published,
     _Step,
     capture_by_default,
+    finished_outputs,
     masked_to_step,
     static_heads,
     weights_fingerprint,
@@ -292,13 +291,7 @@ class SegmentSteps:
                 survivors.publish(layer - first + 1, _published(static, layer))
                 if trims:
                     length = _kept_length(int(static.longest_view[layer]), length, self.length_multiple)
-        packed = static.outputs(out_dtype)
-        step_graphs.run_step(
-            static.graphs, ("finish", batch, out_dtype), functools.partial(finish, static, packed, batch), capture
-        )
-        logits, exit_layer, layers_run = _Packed.views(
-            packed.buffer.clone(), static.capacity, adapter.num_labels, out_dtype
-        )
+        logits, exit_layer, layers_run = finished_outputs(static, batch, out_dtype, capture)
         if last == num_layers:
             carried = handed = None
         elif ran < last:  # every row left before the segment's end: nobody is handed on
@@ -310,9 +303,7 @@ class SegmentSteps:
             handed = torch.cat([half.rows[:bucket], static.counts[last : last + 1]])
             hidden = half.hidden[:bucket, :length].clone()
             carried = Carried(hidden, {k: v[:bucket].clone() for k, v in half.state.items()}, masked)
-        return SegmentCall(
-            logits[:batch], exit_layer[:batch], layers_run[:batch], handed, carried, list(survivors.buckets), seq_len
-        )
+        return SegmentCall(logits, exit_layer, layers_run, handed, carried, list(survivors.buckets), seq_len)
 
 
 def _load_carried(static: StaticBatch, first: int, pieces: list[Piece], extents, template, batch: int, bucket: int):

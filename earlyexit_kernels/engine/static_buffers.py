@@ -24,7 +24,7 @@ from earlyexit_kernels.engine.step_graphs import StepGraphs
 from earlyexit_kernels.methods.exit_rules import init_state
 from earlyexit_kernels.methods.policies import ExitPolicy
 
-__all__ = ["StaticBatch", "Loaded", "load", "finish"]
+__all__ = ["StaticBatch", "Loaded", "load", "finish", "host_side"]
 
 # Start states kept per static batch (one per policy, batch size and bucket met), the oldest dropped first.
 KEPT_TEMPLATES = 16
@@ -142,12 +142,7 @@ class StaticBatch:
         self.longest_view = self.longest.numpy() if device.type == "cpu" else None  # read by the CPU's plan
         # where the counts reach the host: pinned memory behind one event per layer on a GPU (made once,
         # recorded again by every forward), the counts themselves on the CPU; read as numpy, no tensor read-back
-        if device.type == "cuda":
-            self.host_counts = torch.zeros(num_layers + 1, dtype=torch.long, pin_memory=True)
-            self.count_events = [torch.cuda.Event() for _ in range(num_layers + 1)]
-            self.host_view = self.host_counts.numpy()
-        else:
-            self.host_counts, self.count_events, self.host_view = None, None, self.counts.numpy()
+        self.host_counts, self.count_events, self.host_view = host_side(self.counts)
         self.graphs = StepGraphs(device, stats)
         self.lock = threading.Lock()  # one forward at a time on these buffers
         # On a GPU, recorded after a forward's last read of the buffers: the next forward, maybe
@@ -245,6 +240,16 @@ class StaticBatch:
             and held.keys() == state.keys()
             and all(held[k].shape[1:] == v.shape[1:] and held[k].dtype == v.dtype for k, v in state.items())
         )
+
+
+def host_side(counts: torch.Tensor) -> tuple:
+    """How per-layer ``counts`` (on the device) reach the host: ``(pinned host copy, one event per entry, its numpy
+    view)`` on a GPU, where a step writes the copy and records nothing else; on the CPU ``(None, None, the counts'
+    own numpy view)``. Read through :func:`~earlyexit_kernels.engine.static_step.published_count`."""
+    if counts.device.type != "cuda":
+        return None, None, counts.numpy()
+    host = torch.zeros(counts.shape, dtype=counts.dtype, pin_memory=True)
+    return host, [torch.cuda.Event() for _ in range(counts.shape[0])], host.numpy()
 
 
 @dataclass

@@ -437,15 +437,21 @@ def empty_result(result: ExitResult, num_labels: int, out_dtype: torch.dtype, de
 def finish_forward(static: StaticBatch, result: ExitResult, batch: int, out_dtype: torch.dtype, capture: bool):
     """A forward's last step (under ``static``'s lock): the outputs rounded and packed in one captured step,
     then the caller's copy (one clone) into ``result``, and on a GPU the event the next forward waits for."""
+    result.logits, result.exit_layer, result.layers_run = finished_outputs(static, batch, out_dtype, capture)
+    if static.done is not None:
+        static.done.record()
+        static.done_recorded = True
+
+
+def finished_outputs(static: StaticBatch, batch: int, out_dtype: torch.dtype, capture: bool) -> tuple:
+    """``(logits [batch, C], exit_layer [batch], layers_run [batch])`` of the ``batch`` rows of a forward whose layers
+    have run: rounded and packed in one captured step, then one clone, the caller's."""
     num_labels = static.logits.shape[1]
     packed = static.outputs(out_dtype)
     outputs = functools.partial(finish, static, packed, batch)
     step_graphs.run_step(static.graphs, ("finish", batch, out_dtype), outputs, capture)
     logits, exit_layer, layers_run = _Packed.views(packed.buffer.clone(), static.capacity, num_labels, out_dtype)
-    result.logits, result.exit_layer, result.layers_run = logits[:batch], exit_layer[:batch], layers_run[:batch]
-    if static.done is not None:
-        static.done.record()
-        static.done_recorded = True
+    return logits[:batch], exit_layer[:batch], layers_run[:batch]
 
 
 def static_heads(static: StaticBatch, head_kernels: str, backend, adapter, device, halting_head) -> tuple:
@@ -517,12 +523,16 @@ def weights_fingerprint(heads: ExitHeads, adapter) -> tuple:
 
 
 def _published(static: StaticBatch, layer: int):
-    """The count of ``layer`` on its way to the host: on a GPU written to pinned memory by the
-    layer's step, behind an event (no wait now); on the CPU already there."""
-    if static.host_counts is None:
-        view = static.host_view
+    """The survivor count of ``layer`` on its way to the host (:func:`published_count`)."""
+    return published_count(static.host_counts, static.count_events, static.host_view, layer)
+
+
+def published_count(host: torch.Tensor | None, events, view, layer: int):
+    """A count of ``layer`` (of :func:`~earlyexit_kernels.engine.static_buffers.host_side`'s) on its way to the host:
+    on a GPU written to pinned memory by the layer's step, behind an event (no wait now); on the CPU already there."""
+    if host is None:
         return ReadyCount(lambda: view[layer])
-    return PinnedCount(static.count_events[layer], static.host_view, layer)
+    return PinnedCount(events[layer], view, layer)
 
 
 def _lcm(a: int, b: int) -> int:

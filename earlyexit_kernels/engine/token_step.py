@@ -37,7 +37,6 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from earlyexit_kernels.backends.survivor_gather import gather_survivors
@@ -51,20 +50,21 @@ from earlyexit_kernels.engine.batch_loop import (
     heads_run_where_none_exit,
     settle_exits,
 )
-from earlyexit_kernels.engine.buckets import ReadyCount, SurvivorLag, bucket_for
+from earlyexit_kernels.engine.buckets import SurvivorLag, bucket_for
 from earlyexit_kernels.engine.heads import ExitHeads
 from earlyexit_kernels.engine.packed_layer import OpByOpLayer, splits_into_token_parts
-from earlyexit_kernels.engine.static_buffers import BatchShape, StaticBatch
+from earlyexit_kernels.engine.static_buffers import BatchShape, StaticBatch, host_side
 from earlyexit_kernels.engine.static_step import (
     StaticBatches,
+    _published,
     empty_result,
     finish_forward,
+    published_count,
     resolve_capture,
     static_heads,
     weights_fingerprint,
 )
 from earlyexit_kernels.engine.step_choice import check_graphed_policy
-from earlyexit_kernels.engine.step_graphs import PinnedCount
 from earlyexit_kernels.engine.varlen_attention import TokenLayout, attention_for, token_layout
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last
 from earlyexit_kernels.methods.policies import ExitPolicy
@@ -107,14 +107,8 @@ class TokenBatch:
         self.capacity, self.max_length = rows.capacity, tokens
         hidden = rows.halves[0].hidden
         self.tokens = [hidden.new_zeros(tokens, hidden.shape[-1]) for _ in range(2)]
-        num_layers = rows.runs.shape[0] - 1
-        self.token_counts = torch.zeros(num_layers + 1, dtype=torch.long, device=hidden.device)
-        if hidden.device.type == "cuda":
-            self.host_tokens = torch.zeros(num_layers + 1, dtype=torch.long, pin_memory=True)
-            self.token_events = [torch.cuda.Event() for _ in range(num_layers + 1)]
-            self.host_token_view = self.host_tokens.numpy()
-        else:
-            self.host_tokens, self.token_events, self.host_token_view = None, None, self.token_counts.numpy()
+        self.token_counts = torch.zeros_like(rows.counts)  # the survivors' tokens after each layer
+        self.host_tokens, self.token_events, self.host_token_view = host_side(self.token_counts)
 
     def fits(self, bucket: int, state: dict, tokens: int) -> bool:
         return tokens <= self.max_length and self.rows.fits(bucket, state, 1)
@@ -202,8 +196,9 @@ def _token_layer_step(step: _TokenStep, batch: TokenBatch, layer: int, n: int, t
     torch.index_select(out, 0, source, out=following)
     if step.dead_fill is not None:  # tests: what the tokens of no row hold must never reach a live one
         following.masked_fill_(~packed.valid[:, None], step.dead_fill)
-    batch.token_counts[layer : layer + 1].copy_(packed.cu[n:])
-    if batch.host_tokens is not None:
+    if batch.host_tokens is None:  # the CPU: the counts are their own host view
+        batch.token_counts[layer : layer + 1].copy_(packed.cu[n:])
+    else:  # a GPU reads only the pinned copy: one copy, straight there
         batch.host_tokens[layer : layer + 1].copy_(packed.cu[n:], non_blocking=True)
 
 
@@ -327,20 +322,14 @@ def _run_tokens(
                 static.graphs, ("tokens", layer, bucket, token_bucket, may_exit, longest), run_step, capture
             )
             if may_exit and layer < num_layers:
-                survivors.publish(layer, _published(static.host_counts, static.count_events, static.host_view, layer))
+                survivors.publish(layer, _published(static, layer))
                 tokens_left.publish(
                     layer,
-                    _published(token_batch.host_tokens, token_batch.token_events, token_batch.host_token_view, layer),
+                    published_count(
+                        token_batch.host_tokens, token_batch.token_events, token_batch.host_token_view, layer
+                    ),
                 )
         finish_forward(static, result, batch, out_dtype, capture)
     result.buckets = survivors.buckets
     result.token_buckets = tokens_left.buckets
     return result
-
-
-def _published(host: torch.Tensor | None, events, view: np.ndarray, layer: int):
-    """A count of ``layer`` on its way to the host: pinned memory behind an event on a GPU, the count
-    itself on the CPU."""
-    if host is None:
-        return ReadyCount(lambda: view[layer])
-    return PinnedCount(events[layer], view, layer)
