@@ -9,6 +9,7 @@ fbgemm capped at AVX2 (``FBGEMM_ENABLE_INSTRUCTIONS``), as on an AVX2-only CPU.
 
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import warnings
@@ -17,13 +18,17 @@ import pytest
 import torch
 from torch import nn
 
-from earlyexit_kernels.engine.int8_isa import cpu_flags, int8_weight_bits, isa_class
+from earlyexit_kernels.engine import int8_isa as int8_isa_module
+from earlyexit_kernels.engine.int8_isa import int8_weight_bits, isa_class, kernel_flags
 from earlyexit_kernels.engine.int8_linear import PerTokenInt8Linear
 
 pytestmark = pytest.mark.int8_kernels
 warnings.filterwarnings("ignore", message=r".*quantize_per_(tensor|channel).*")
 
-needs_avx2 = pytest.mark.skipif("avx2" not in cpu_flags(), reason="fbgemm's int8 kernels need AVX2")
+needs_avx2 = pytest.mark.skipif("avx2" not in kernel_flags(), reason="fbgemm's int8 kernels need AVX2")
+#: the emulator this process runs under, if any (``make test-cpu-kinds``' emulated level sets it): a subprocess
+#: started without it would run on the host's CPU
+EMULATOR = shlex.split(os.environ.get("EEK_TEST_EMULATOR", ""))
 
 
 def integer_reference(layer: PerTokenInt8Linear, x: torch.Tensor, *, reduce_activations: bool) -> torch.Tensor:
@@ -71,7 +76,8 @@ def run_capped(cap: str) -> dict:
     import json
 
     env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": cap, "PYTHONPATH": os.path.dirname(__file__)}
-    out = subprocess.run([sys.executable, "-c", _CAPPED], env=env, capture_output=True, text=True, check=True)
+    command = [*EMULATOR, sys.executable, "-c", _CAPPED]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.splitlines()[-1])
 
 
@@ -98,7 +104,7 @@ def test_without_vnni_the_7_bit_form_is_exact_where_full_range_operands_saturate
 @needs_avx2
 def test_fbgemms_cap_sets_the_class_and_an_unknown_cap_leaves_the_cpus_own():
     assert run_capped("avx512")["isa"] in ("avx512", "avx2")  # AVX-512 without VNNI, where the CPU has AVX-512
-    assert run_capped("no-such-cap")["isa"] == isa_class(cpu_flags(), platform.machine())  # the CPU's own
+    assert run_capped("no-such-cap")["isa"] == isa_class(kernel_flags(), platform.machine())  # the CPU's own
 
 
 def test_a_layer_with_8_bit_weights_takes_7_bit_activations_where_the_cpu_lacks_vnni(monkeypatch):
@@ -130,3 +136,28 @@ def test_onnx_runtime_moves_8_bit_weights_to_its_exact_kernel_only_without_vnni(
     except RuntimeError:  # ONNX Runtime's way of saying the key was never set
         entry = None
     assert entry == exact_kernel
+
+
+#: what the cpuinfo library reports on an AMD Zen 2 EPYC (the CPU of issue 95), in torch's names
+ZEN2 = {"avx2": True, "fma3": True, "f16c": True, "avx512_f": False, "avx512_bw": False, "avx512_vnni": False}
+
+
+def test_the_class_is_read_from_cpuid_as_the_kernels_read_it(monkeypatch):
+    """fbgemm (through cpuinfo) and MLAS choose their kernels by CPUID; ``/proc/cpuinfo`` is the kernel's list,
+    which an emulated CPU leaves as the host's. Read from there, the class gave 8-bit weights to AVX2 kernels that
+    saturate on them (issue 95's failing test, reproduced under ``qemu-x86_64 -cpu EPYC-Rome`` on a VNNI host)."""
+    monkeypatch.delenv("FBGEMM_ENABLE_INSTRUCTIONS", raising=False)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: ZEN2)
+    monkeypatch.setattr(int8_isa_module, "cpu_flags", lambda: {"avx2", "avx512bw", "avx512_vnni"})  # the host's
+    int8_isa_module.int8_isa.cache_clear()
+    try:
+        assert kernel_flags() == {"avx2"}
+        assert (int8_isa_module.int8_isa(), int8_weight_bits()) == ("avx2", 7)
+    finally:
+        int8_isa_module.int8_isa.cache_clear()
+
+
+def test_without_torchs_cpuid_reader_the_class_reads_proc_cpuinfo(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "get_capabilities")
+    monkeypatch.setattr(int8_isa_module, "cpu_flags", lambda: {"avx2", "fma"})
+    assert kernel_flags() == {"avx2", "fma"}

@@ -24,7 +24,9 @@ but no AVX-512 VNNI (Alder Lake, Sierra Forest) runs its AVX2 kernels and takes 
 environment variable ``FBGEMM_ENABLE_INSTRUCTIONS`` caps fbgemm's kernels (``AVX2``, ``AVX512``:
 without VNNI); the class follows the cap, which is how ``make test-cpu-kinds`` runs the int8 tests as
 on an AVX2-only CPU. ONNX Runtime's MLAS takes its kernel from CPUID, with no cap: on a capped VNNI
-machine it runs the 7-bit form on its exact VNNI kernel.
+machine it runs the 7-bit form on its exact VNNI kernel. Its AVX2 kernels (and OpenVINO's) run in
+``make test-cpu-kinds``' last level, on an emulated AVX2-only CPU (``qemu-x86_64 -cpu EPYC-Rome``); the class
+is read from CPUID (:func:`kernel_flags`) so that it is the one those kernels see.
 
 Before this form, an AVX2-only AMD EPYC ran PyTorch's 8-bit weights with 7-bit activations and ONNX
 Runtime's 7-bit weights with 8-bit activations: two quantizations, which differed by 1.4x what int8
@@ -40,7 +42,9 @@ import functools
 import os
 import platform
 
-__all__ = ["int8_isa", "isa_class", "int8_weight_bits", "cpu_flags", "CLASSES", "FBGEMM_CAP"]
+import torch
+
+__all__ = ["int8_isa", "isa_class", "int8_weight_bits", "cpu_flags", "kernel_flags", "CLASSES", "FBGEMM_CAP"]
 
 #: the classes, each a way the int8 GEMMs accumulate: ``vnni`` (exact 32-bit sums), ``avx512`` and
 #: ``avx2`` (16-bit pair sums that saturate on full-range operands), else the machine's name (``aarch64``, ...)
@@ -82,11 +86,31 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+#: the flags :func:`isa_class` reads, by their names in the cpuinfo library (``torch.cpu.get_capabilities``)
+_CPUINFO_NAMES = {"avx512_vnni": "avx512_vnni", "avx512_bw": "avx512bw", "avx2": "avx2"}
+
+
+def kernel_flags() -> set[str]:
+    """The flags the int8 kernels choose by, in ``/proc/cpuinfo``'s names: CPUID as the cpuinfo library reads it
+    (``torch.cpu.get_capabilities``, the library fbgemm decides with; ONNX Runtime's MLAS reads CPUID too), else
+    :func:`cpu_flags` where this torch has no such function.
+
+    Not ``/proc/cpuinfo`` first: it is the kernel's list, and an emulated CPU (``qemu-x86_64 -cpu EPYC-Rome``, how
+    ``make test-avx2-emulated`` runs the int8 tests on an AVX2-only CPU) shows the host's list there while CPUID,
+    and so every kernel, sees the emulated one. A class read from the host's list gave 8-bit weights to AVX2 kernels
+    that saturate on them."""
+    try:
+        capabilities = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):
+        return cpu_flags()
+    return {name for key, name in _CPUINFO_NAMES.items() if capabilities.get(key)}
+
+
 @functools.lru_cache(maxsize=1)
 def int8_isa() -> str:
-    """This CPU's int8 class (:func:`isa_class`, with fbgemm's cap as this process has it); ``unknown`` where an
-    x86 CPU's flags cannot be read."""
-    flags, machine = cpu_flags(), platform.machine()
+    """This CPU's int8 class (:func:`isa_class` of :func:`kernel_flags`, with fbgemm's cap as this process has it);
+    ``unknown`` where an x86 CPU's flags cannot be read."""
+    flags, machine = kernel_flags(), platform.machine()
     if not flags and machine.lower() in ("x86_64", "amd64"):
         return "unknown"
     return isa_class(flags, machine, os.environ.get(FBGEMM_CAP))
