@@ -17,6 +17,16 @@ OpenVINO int8's speed-up over ONNX Runtime int8; then each layer's RMS differenc
 on the 8-row call, and the two int8 layers' from each other::
 
     flock -x /tmp/eek-cpu.lock python benchmarks/micro/ov_layer.py --calls 32x54 8x54 64x128
+
+``--varied N``: calls whose shape changes from call to call, as a server's do (each batch's rows, each layer's
+survivors, each packing's token count): N calls of 1..32 rows padded to 16..64 tokens, drawn once. Each layer
+runs the sequence twice, the first time on shapes it has never seen (the server's case: its token counts
+rarely repeat), then again on the shapes it has seen; OpenVINO's layer both with its calls padded to few
+shapes (its default: :mod:`earlyexit_kernels.engine.packed_call_shapes`) and at each call's own shape;
+and the longest call repeated, one shape. Milliseconds per 1,000 real tokens; a runtime that prepares each
+new shape pays it in the first column only::
+
+    flock -x /tmp/eek-cpu.lock python benchmarks/micro/ov_layer.py --varied 200 --calls
 """
 
 import argparse
@@ -121,9 +131,50 @@ def table(model, origin: str, shapes: list[tuple[int, int]], args) -> None:
           f"{rms('OpenVINO int8', 'ONNX Runtime int8'):.2e}")  # fmt: skip
 
 
+def varied_calls(count: int, hidden: int, seed: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` calls of 1..32 rows padded to 16..64 tokens (:func:`padded_call`), drawn with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randint(1, 33, (count,), generator=generator).tolist()
+    lengths = torch.randint(16, 65, (count,), generator=generator).tolist()
+    return [padded_call(n, length, hidden, seed=seed + i) for i, (n, length) in enumerate(zip(rows, lengths))]
+
+
+def varied_table(model, origin: str, count: int) -> None:
+    """ms per 1,000 real tokens on :func:`varied_calls`: new shapes, seen shapes, and one shape repeated."""
+    layer = model.encoder.layer[0]
+    layers = {}
+    for form, int8 in (("int8", True), ("float32", False)):
+        layers[f"ONNX Runtime {form}"] = OrtLayer.from_layer(layer, model.config, int8=int8)
+        layers[f"OpenVINO {form}, padded calls"] = OvLayer.from_layer(layer, model.config, int8=int8)
+        layers[f"OpenVINO {form}, each call's shape"] = own = OvLayer.from_layer(layer, model.config, int8=int8)
+        own.padded_shapes = False
+    calls = varied_calls(count, model.config.hidden_size)
+    tokens = sum(int(mask.sum()) for _, mask in calls)
+    print(f"\n{model.config.model_type} layer, {origin}; {count} calls of varied shape, {tokens} real tokens; "
+          "1 thread, ms per 1,000 real tokens")  # fmt: skip
+    print("| layer | new shapes | the same shapes again | one shape repeated | new over seen |")
+    print("|---|---:|---:|---:|---:|")
+    with torch.inference_mode():
+        for name, m in layers.items():
+            sequence = [layer_call(m, model, hidden, mask) for hidden, mask in calls]
+            layer_call(m, model, *padded_call(3, 9, model.config.hidden_size, seed=1))()  # compiled, off the sequence
+            passes = []
+            for _ in range(2):
+                start = time.perf_counter()
+                for call in sequence:
+                    call()
+                passes.append((time.perf_counter() - start) * 1e6 / tokens)
+            longest = max(range(count), key=lambda i: int(calls[i][1].sum()))
+            hidden, mask = calls[longest]
+            repeated = milliseconds(layer_call(m, model, hidden, mask), 3, 0.5) * 1e3 / int(mask.sum())
+            print(f"| {name} | {passes[0]:.1f} | {passes[1]:.1f} | {repeated:.1f} | {passes[0] / passes[1]:.2f}x |",
+                  flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", nargs="+", default=["32x54", "8x54", "64x128"], help="ROWSxLENGTH, padded")
+    parser.add_argument("--calls", nargs="*", default=["32x54", "8x54", "64x128"], help="ROWSxLENGTH, padded")
+    parser.add_argument("--varied", type=int, default=0, help="also N calls of varied shape (the docstring)")
     parser.add_argument("--models", nargs="+", default=["minilm", "mpnet"], choices=["minilm", "mpnet"])
     parser.add_argument("--repeats", type=int, default=5, help="timed loops; the median is reported")
     parser.add_argument("--loop-seconds", type=float, default=0.5, help="about how long each timed loop runs")
@@ -131,7 +182,11 @@ def main() -> None:
     shapes = [tuple(int(v) for v in call.split("x")) for call in args.calls]
     torch.set_num_threads(1)
     for name in args.models:
-        table(*(minilm() if name == "minilm" else mpnet_base()), shapes, args)
+        model, origin = minilm() if name == "minilm" else mpnet_base()
+        if shapes:
+            table(model, origin, shapes, args)
+        if args.varied:
+            varied_table(model, origin, args.varied)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ from earlyexit_kernels.engine.ort_layer import (
     layer_parts,
     returns_tuple,
 )
+from earlyexit_kernels.engine.packed_call_shapes import padded_call
 
 __all__ = ["OvLayer", "ov_model", "ov_available", "compile_config", "run_on_ov", "OV_MISSING"]
 
@@ -207,15 +208,25 @@ class OvLayer(PackedGraphLayer):
 
     The model is compiled at the first call, with as many threads as torch has then (compiled again when
     that changes); a thread calling it has its own infer request. The compiled model is not copied or
-    pickled: a copy compiles its own from the IR it keeps."""
+    pickled: a copy compiles its own from the IR it keeps. Each call is padded to a shape from a short list
+    (:mod:`~earlyexit_kernels.engine.packed_call_shapes`), since the plugin prepares every new shape again."""
 
     runtime = "OpenVINO"
 
-    def __init__(self, ir: tuple[bytes, bytes], *, position_bias: bool, returns_tuple: bool, weight_bits: int | None):
-        """``weight_bits``: the int8 weights' bits (8, or 7: reduced range), None for the float32 model."""
+    def __init__(
+        self,
+        ir: tuple[bytes, bytes],
+        *,
+        position_bias: bool,
+        returns_tuple: bool,
+        weight_bits: int | None,
+        padded_shapes: bool = True,
+    ):
+        """``weight_bits``: the int8 weights' bits (8, or 7: reduced range), None for the float32 model.
+        ``padded_shapes``: each call padded to a multiple of 32 tokens (False: run at its own shape)."""
         super().__init__()
         self.ir, self.position_bias, self.returns_tuple = ir, position_bias, returns_tuple
-        self.weight_bits = weight_bits
+        self.weight_bits, self.padded_shapes = weight_bits, padded_shapes
         self._compiled = None
         self._threads = None
         self._requests = threading.local()
@@ -257,8 +268,11 @@ class OvLayer(PackedGraphLayer):
         return held[1]
 
     def run_tokens(self, feeds: dict) -> np.ndarray:
+        count = len(feeds["tokens"])
+        if self.padded_shapes:
+            feeds = padded_call(feeds)
         # the inputs read in place (the call waits for the result); the output copied out of the request's memory
-        return self._request().infer(feeds, share_inputs=True)[0]
+        return self._request().infer(feeds, share_inputs=True)[0][:count]
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -266,12 +280,17 @@ class OvLayer(PackedGraphLayer):
         return state
 
     def __setstate__(self, state):
+        state.setdefault("padded_shapes", True)  # pickled before calls were padded
         super().__setstate__(state)
         self._requests = threading.local()
 
     def __deepcopy__(self, memo):
         copied = OvLayer(
-            self.ir, position_bias=self.position_bias, returns_tuple=self.returns_tuple, weight_bits=self.weight_bits
+            self.ir,
+            position_bias=self.position_bias,
+            returns_tuple=self.returns_tuple,
+            weight_bits=self.weight_bits,
+            padded_shapes=self.padded_shapes,
         )
         copied.train(self.training)
         return copied
@@ -280,4 +299,5 @@ class OvLayer(PackedGraphLayer):
         form = (
             "float32" if self.weight_bits is None else f"int8 per token x per channel, {self.weight_bits}-bit weights"
         )
-        return f"OpenVINO, {form}, {len(self.ir[1]) / 2**20:.1f} MiB weights"
+        shapes = "calls padded to 32 tokens" if self.padded_shapes else "each call's own shape"
+        return f"OpenVINO, {form}, {len(self.ir[1]) / 2**20:.1f} MiB weights, {shapes}"
