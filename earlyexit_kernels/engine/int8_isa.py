@@ -42,8 +42,6 @@ import functools
 import os
 import platform
 
-import torch
-
 __all__ = ["int8_isa", "isa_class", "int8_weight_bits", "cpu_flags", "kernel_flags", "CLASSES", "FBGEMM_CAP"]
 
 #: the classes, each a way the int8 GEMMs accumulate: ``vnni`` (exact 32-bit sums), ``avx512`` and
@@ -100,8 +98,10 @@ def kernel_flags() -> set[str]:
     and so every kernel, sees the emulated one. A class read from the host's list gave 8-bit weights to AVX2 kernels
     that saturate on them."""
     try:
+        import torch  # here: the command line's help and fit options read this module without importing torch
+
         capabilities = torch.cpu.get_capabilities()
-    except (AttributeError, RuntimeError):
+    except (ImportError, AttributeError, RuntimeError):
         return cpu_flags()
     return {name for key, name in _CPUINFO_NAMES.items() if capabilities.get(key)}
 
