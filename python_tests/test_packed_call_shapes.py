@@ -72,3 +72,9 @@ def test_a_stream_of_varied_calls_falls_on_few_token_counts():
         padded.add(len(padded_call(feeds)["tokens"]))
     # measured: 35 token counts of 249
     assert len(padded) < len(own) / 3, (len(padded), len(own))
+
+
+def test_a_call_on_the_steps_already_is_handed_back_as_it_is():
+    feeds = feeds_of(4, 16)
+    feeds = {**feeds, "tokens": np.zeros((32, 32), np.float32), "positions": np.arange(32)}
+    assert padded_call(feeds) is feeds
