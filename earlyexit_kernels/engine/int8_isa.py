@@ -93,8 +93,8 @@ def kernel_flags() -> set[str]:
     (``torch.cpu.get_capabilities``, the library fbgemm decides with; ONNX Runtime's MLAS reads CPUID too), else
     :func:`cpu_flags` where this torch has no such function.
 
-    Not ``/proc/cpuinfo`` first: it is the kernel's list, and an emulated CPU (``qemu-x86_64 -cpu EPYC-Rome``, how
-    ``make test-avx2-emulated`` runs the int8 tests on an AVX2-only CPU) shows the host's list there while CPUID,
+    Not ``/proc/cpuinfo`` first: it is the kernel's list, and an emulated CPU (``qemu-x86_64 -cpu EPYC-Rome``, where
+    ``make test-cpu-kinds``' last level runs the int8 tests) shows the host's list there while CPUID,
     and so every kernel, sees the emulated one. A class read from the host's list gave 8-bit weights to AVX2 kernels
     that saturate on them."""
     try:
