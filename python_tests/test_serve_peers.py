@@ -8,6 +8,7 @@ equal the full model's. Infinity's part runs where it is installed (``EEK_INFINI
 with the reason, where it is not.
 """
 
+import ast
 import csv
 import json
 import os
@@ -419,3 +420,28 @@ def test_backbone_all_runs_each_model_with_the_command_that_measures_it_alone(mo
     )
     text = doc.read_text()
     assert text.count(START) == 1 and text.count("<!-- serve-peers-mpnet:start -->") == 1
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, anywhere in it (inside functions too), as a dotted name; a
+    ``from PACKAGE import NAME`` counts as both PACKAGE and PACKAGE.NAME (NAME may be a module)."""
+    package = "benchmarks.suite"  # what a relative import in benchmarks/suite/ is relative to
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(filter(None, [package if node.level else "", node.module or ""]))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_openvino_peer_imports_nothing_from_serve_peers():
+    """serve_peers imports openvino_peer; the client pieces both use live in serve_drive, so no circle."""
+    suite = CHECKOUT / "benchmarks" / "suite"
+    openvino = _imported_modules(suite / "openvino_peer.py")
+    assert "benchmarks.suite.serve_peers" not in openvino
+    assert "benchmarks.suite.serve_drive" in openvino  # Drive, pinned, summarize: where they are now
+    drive = _imported_modules(suite / "serve_drive.py")
+    assert not {"benchmarks.suite.serve_peers", "benchmarks.suite.openvino_peer"} & drive

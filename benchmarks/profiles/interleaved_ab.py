@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root: benchmarks.suite
 
 from benchmarks.profiles.serve_memory_profile import server_setting
-from benchmarks.suite.serve_peers import default_cores, drive, pinned
+from benchmarks.suite.serve_drive import default_cores, drive, pinned
 from earlyexit_kernels.bench.results import cpu_name, instruction_sets
 from earlyexit_kernels.bench.server_process import EekServer
 

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root: benchmarks.suite
 
 from benchmarks.profiles.request_latency_parts import quantile
-from benchmarks.suite.serve_peers import collector_off, default_cores, drive, pinned
+from benchmarks.suite.serve_drive import collector_off, default_cores, drive, pinned
 from earlyexit_kernels.bench.server_process import EekServer
 
 #: with ``--trace-pool``: per httpx request, seconds from its call until httpcore began writing its headers
@@ -28,7 +28,7 @@ POOL_WAITS: list[float] = []
 
 
 async def httpx_drive(url: str, texts: list[str], concurrency: int, seconds: float, trace_pool: bool = False):
-    """The client before (serve_peers.drive up to this change): latencies (s) and the server's totals (ms)."""
+    """The client before (serve_drive.drive up to this change): latencies (s) and the server's totals (ms)."""
     import httpx
 
     latency, total, sent = [], [], 0

@@ -2,7 +2,7 @@
 
 A server that does nothing but wait (``--delay`` seconds a request, then the answer
 ``/classify`` gives: Starlette under uvicorn, on the server's core as ``eek serve`` runs) is driven
-by the benchmark's own client (``benchmarks.suite.serve_peers.drive``, on the other core) at each
+by the benchmark's own client (``benchmarks.suite.serve_drive.drive``, on the other core) at each
 concurrency. Every request should take the delay: what the client measures beyond it, at the
 median, the p99 and the maximum, is the load generator's and the HTTP stack's, the floor under
 any server's tail in the serving tables. ``--collector on`` drives with the client's garbage
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root: benchmarks.suite
 
-import benchmarks.suite.serve_peers as serve_peers
+import benchmarks.suite.serve_drive as serve_drive
 from earlyexit_kernels.bench.server_process import LocalServer
 
 APP = """
@@ -56,8 +56,8 @@ def main() -> None:
     parser.add_argument("--collector", choices=["off", "on"], default="off", help="the client's garbage collector")
     args = parser.parse_args()
     if args.collector == "on":
-        serve_peers.collector_off = _collector_on  # drive() reads it when it runs
-    server_cores, client_cores = serve_peers.default_cores()
+        serve_drive.collector_off = _collector_on  # drive() reads it when it runs
+    server_cores, client_cores = serve_drive.default_cores()
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "fixed_delay_app.py").write_text(textwrap.dedent(APP.format(delay=args.delay)))
         with socket.socket() as probe:
@@ -71,11 +71,11 @@ def main() -> None:
                 f"client's collector {args.collector}) |"
             )
             print("|---:|---:|---:|---:|---:|---|")
-            with serve_peers.pinned(client_cores):
+            with serve_drive.pinned(client_cores):
                 for concurrency in args.concurrency:
                     texts = ["a text"] * 64
                     run = asyncio.run(
-                        serve_peers.drive(server.url, texts, list(range(64)), concurrency, args.seconds, cycle=True)
+                        serve_drive.drive(server.url, texts, list(range(64)), concurrency, args.seconds, cycle=True)
                     )
                     latency = sorted(run.latency)
                     p50, p99 = (1000 * latency[min(len(latency) - 1, int(q * len(latency)))] for q in (0.5, 0.99))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root: benchmarks.suite
 
-from benchmarks.suite.serve_peers import default_cores, drive, pinned
+from benchmarks.suite.serve_drive import default_cores, drive, pinned
 from earlyexit_kernels.bench.server_process import EekServer
 
 #: the parts, from each answer's headers (ms), in the order of the request's timeline

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's
 
 import httpx
 
-from benchmarks.suite.serve_peers import default_cores, drive, pinned
+from benchmarks.suite.serve_drive import default_cores, drive, pinned
 from earlyexit_kernels.bench.server_process import EekServer
 
 SPANS = ("tokenization", "queue", "inference")

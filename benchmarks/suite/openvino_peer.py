@@ -43,7 +43,7 @@ def measure(
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from benchmarks.suite.serve_peers import Drive, pinned, summarize
+    from benchmarks.suite.serve_drive import Drive, pinned, summarize
     from benchmarks.suite.stack import _export_onnx, _openvino_int8
 
     tokenizer = AutoTokenizer.from_pretrained(plain)

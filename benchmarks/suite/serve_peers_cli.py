@@ -18,7 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.suite.serve_peers import SERVERS, PeersConfig, default_cores, render, run, write_readme
+from benchmarks.suite.serve_drive import default_cores
+from benchmarks.suite.serve_peers import SERVERS, PeersConfig, render, run, write_readme
 from earlyexit_kernels.bench.serve_load import add_level_arguments
 from earlyexit_kernels.bench.server_process import parse_cores
 
