@@ -5,6 +5,12 @@
     out = model(input_ids=ids, attention_mask=mask)
     out.logits, out.exit_layer, out.layers_run
 
+Many sequences run through a stream engine (``eek.classify``, ``eek serve``), chosen once per call: the
+continuous engine on the CPU (layer calls refilled from per-layer queues), the cohort engine on CUDA
+(length-sorted cohorts through the graphed step, captured in CUDA graphs), and two opt-in GPU engines,
+layer segments and packed tokens (``engine="segments"``, ``engine="varlen"``) that no GPU has measured yet.
+They live in ``earlyexit_kernels.engine``'s wings (entry, engines, stream, graphed, step, layers).
+
 The public API is described in ``docs/api.md``; the semantics of each exit method in
 ``docs/exit_methods.md``; the package's layout in ``docs/architecture.md``.
 """
@@ -15,9 +21,9 @@ from earlyexit_kernels._version import __version__ as __version__
 
 if TYPE_CHECKING:
     from earlyexit_kernels.backends.registry import backend_status
-    from earlyexit_kernels.engine.audit import AuditWatch
-    from earlyexit_kernels.engine.classify import Prediction
-    from earlyexit_kernels.engine.rerank import Ranked, rerank
+    from earlyexit_kernels.engine.entry.audit import AuditWatch
+    from earlyexit_kernels.engine.entry.classify import Prediction
+    from earlyexit_kernels.engine.entry.rerank import Ranked, rerank
     from earlyexit_kernels.integrations.classify import classify
     from earlyexit_kernels.methods.policies import (
         DACT,
@@ -52,11 +58,11 @@ if TYPE_CHECKING:
 # name goes here and in __all__.
 _EXPORTS = {
     "backend_status": "earlyexit_kernels.backends.registry",
-    "AuditWatch": "earlyexit_kernels.engine.audit",
-    "Prediction": "earlyexit_kernels.engine.classify",
+    "AuditWatch": "earlyexit_kernels.engine.entry.audit",
+    "Prediction": "earlyexit_kernels.engine.entry.classify",
     "classify": "earlyexit_kernels.integrations.classify",
-    "Ranked": "earlyexit_kernels.engine.rerank",
-    "rerank": "earlyexit_kernels.engine.rerank",
+    "Ranked": "earlyexit_kernels.engine.entry.rerank",
+    "rerank": "earlyexit_kernels.engine.entry.rerank",
     "SUPPORTED_MODELS": "earlyexit_kernels.patching.patch",
     "EarlyExitOutput": "earlyexit_kernels.patching.patch",
     "backend_of": "earlyexit_kernels.patching.patch",

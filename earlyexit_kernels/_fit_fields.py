@@ -2,7 +2,7 @@
 means and its choices, written once here and attached as ``metadata`` to the fields that hold the setting:
 ``FitConfig``'s and ``Training``'s (``training/fit_config.py``), the calibration ``Goal``'s
 (``calibration/select.py``) and ``eek calibrate``'s ``Recalibration``'s (``integrations/recertify_folder.py``), as
-:class:`~earlyexit_kernels.engine.engine_config.EngineConfig`'s fields carry the engine's.
+:class:`~earlyexit_kernels.engine.stream.engine_config.EngineConfig`'s fields carry the engine's.
 
 :mod:`earlyexit_kernels.integrations.cli_options` makes ``eek fit``'s and ``eek calibrate``'s options from it. The
 settings' modules import torch, which ``eek --help`` does not; so the text sits here, beside
@@ -19,7 +19,7 @@ from earlyexit_kernels._method_names import METHODS
 
 __all__ = ["FIT_FIELDS", "HEAD_CHOICES", "POOLING_CHOICES", "RISK_CHOICES", "fit_field", "option"]
 
-#: ``--pooling`` and ``--head``: ``"auto"`` and :data:`earlyexit_kernels.engine.heads.HEAD_POOLINGS` /
+#: ``--pooling`` and ``--head``: ``"auto"`` and :data:`earlyexit_kernels.engine.step.heads.HEAD_POOLINGS` /
 #: ``HEAD_FORMS`` (written out, free of torch; ``python_tests/test_fit_cli.py`` holds them equal)
 POOLING_CHOICES = ("auto", "cls", "mean")
 HEAD_CHOICES = ("auto", "model", "mlp", "cascade")
@@ -29,7 +29,7 @@ RISK_CHOICES = ("auto", "reference", "agreement", "accuracy")
 
 def option(help: str, metavar: str | None = None, *, none: str | None = None, choices=None) -> dict:
     """A field's command-line metadata: its help line, its metavar, what None means, its choices (the shape of
-    :class:`~earlyexit_kernels.engine.engine_config.EngineConfig`'s)."""
+    :class:`~earlyexit_kernels.engine.stream.engine_config.EngineConfig`'s)."""
     return {"help": help, "metavar": metavar, "none": none, "choices": choices}
 
 

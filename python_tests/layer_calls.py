@@ -108,7 +108,7 @@ def int8_layer_errors(layer_class, family):
     same quantization on PyTorch's kernels), as norms: ``(kernel_difference, int8_error, output, from_float)`` (the
     runtime's layer from the per-token one's, the per-token one's from the float layer, the float layer's output,
     the runtime's from the float layer)."""
-    from earlyexit_kernels.engine.precision import int8_encoder
+    from earlyexit_kernels.engine.layers.precision import int8_encoder
 
     model = MODELS[family]()
     reference = int8_encoder(model, "per-token")
@@ -127,7 +127,7 @@ def recipe_logits(recipe: str, layer_class):
     float model's), once the recipe is checked to run every encoder layer and leave the heads as they were."""
     from conftest import mlp_head_model, tiny_batch
 
-    from earlyexit_kernels.engine.precision import int8_encoder, to_base
+    from earlyexit_kernels.engine.layers.precision import int8_encoder, to_base
 
     model = mlp_head_model(seed=5)
     heads_before = copy.deepcopy(model.early_exit_heads.state_dict())

@@ -6,14 +6,14 @@ import math
 import numpy as np
 import pytest
 
-from earlyexit_kernels.engine.admission import PendingQueue
-from earlyexit_kernels.engine.scheduler import (
+from earlyexit_kernels.engine.engines.continuous.scheduler import (
     PACK_BELOW_FILL,
     PackingRule,
     default_call_cost,
     default_length_step,
     default_max_in_flight,
 )
+from earlyexit_kernels.engine.stream.admission import PendingQueue
 
 
 def queued(order: str, lengths: list[int]) -> PendingQueue:

@@ -1,7 +1,7 @@
 """Bounded waiting, on its own (no model, no tensors): the age rule, and the scheduler and the
 admission order driven as the engine thread drives them through adversarial arrivals.
 
-The bound under test (earlyexit_kernels/engine/aging.py): a sequence submitted at clock ``t``
+The bound under test (earlyexit_kernels/engine/stream/aging.py): a sequence submitted at clock ``t``
 (the layer calls run so far) has left by ``t + max_age + L x n`` (``+ 2 L x n`` where the
 engine may be full: ``max_in_flight`` sequences in flight while it is overdue and pending) and
 been admitted within ``n`` admissions after ``t + max_age``, ``n`` the sequences submitted at
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from earlyexit_kernels.engine.admission import PendingQueue
-from earlyexit_kernels.engine.aging import ADMIT_OVERDUE, AgeRule, default_max_age
-from earlyexit_kernels.engine.scheduler import Admit, LayerScheduler, ShapeBuckets
+from earlyexit_kernels.engine.engines.continuous.scheduler import Admit, LayerScheduler, ShapeBuckets
+from earlyexit_kernels.engine.stream.admission import PendingQueue
+from earlyexit_kernels.engine.stream.aging import ADMIT_OVERDUE, AgeRule, default_max_age
 
 # ------------------------------------------------------------------ the rule alone
 

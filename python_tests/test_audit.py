@@ -21,8 +21,8 @@ from conftest import VOCAB, tiny_model, word_texts
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.calibration.row_losses import accuracy_lost, disagreement, paired_loss
-from earlyexit_kernels.engine import audit as audit_module
-from earlyexit_kernels.engine.audit import AuditWatch, full_depth_logits
+from earlyexit_kernels.engine.entry import audit as audit_module
+from earlyexit_kernels.engine.entry.audit import AuditWatch, full_depth_logits
 from earlyexit_kernels.methods import risk_control
 
 LOGGER = "earlyexit_kernels.audit"
@@ -531,7 +531,7 @@ def test_a_server_without_a_budget_exports_the_disagreement_and_no_budget(patche
 
 def test_the_labelled_rows_kept_stay_within_the_window_and_the_counts_cover_them_all():
     # a server fed labels for weeks keeps the latest PAIRED_WINDOW paired losses, not every one
-    from earlyexit_kernels.engine.audit import PAIRED_WINDOW
+    from earlyexit_kernels.engine.entry.audit import PAIRED_WINDOW
 
     watch = AuditWatch(0.5)
     early = [1, 0, 0, -1, 0, 0, 0, 0] * (PAIRED_WINDOW // 8)  # no accuracy lost net: 1/8 - 1/8

@@ -9,8 +9,8 @@ from conftest import tiny_model
 from test_classify import _alone, _sequences
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.engine.background import BackgroundEngine, QueueFull
-from earlyexit_kernels.engine.continuous import ContinuousEngine
+from earlyexit_kernels.engine.engines.continuous.engine import ContinuousEngine
+from earlyexit_kernels.engine.entry.background import BackgroundEngine, QueueFull
 
 
 def _model():
@@ -149,7 +149,7 @@ def test_a_thread_that_cannot_start_a_fresh_engine_fails_every_waiting_sequence_
     """Were a failed step followed by a fresh engine that cannot be built, the thread ends: every sequence it
     held or had not taken yet fails (none waits for ever), and a later submit is refused at once (the server
     answers 503, where it answered 429 once the queue filled with sequences no thread would take)."""
-    import earlyexit_kernels.engine.background as background
+    import earlyexit_kernels.engine.entry.background as background
 
     worker = BackgroundEngine(_model(), max_batch_size=4)
     paused = _Paused(worker.engine)

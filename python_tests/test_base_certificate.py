@@ -22,7 +22,7 @@ import earlyexit_kernels as eek
 from earlyexit_kernels.calibration.candidates import certified_candidates
 from earlyexit_kernels.calibration.record import ExitRecord, replay
 from earlyexit_kernels.calibration.row_losses import disagreement
-from earlyexit_kernels.engine.precision import to_base
+from earlyexit_kernels.engine.layers.precision import to_base
 from earlyexit_kernels.training.calibrate_model import calibrate, record_exits
 from earlyexit_kernels.training.labelled_texts import LabelledTexts
 

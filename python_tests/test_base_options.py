@@ -11,8 +11,8 @@ import torch
 from conftest import write_table as _write
 from test_fit_cli import FAST, _frame, _run, classifier  # noqa: F401 - classifier is a fixture
 
-from earlyexit_kernels.engine import precision
-from earlyexit_kernels.engine.int8_isa import int8_isa
+from earlyexit_kernels.engine.layers import precision
+from earlyexit_kernels.engine.layers.int8_isa import int8_isa
 from earlyexit_kernels.integrations import cli_options
 from earlyexit_kernels.integrations.cli import build_parser
 
@@ -87,8 +87,8 @@ def test_calibrate_certifies_int8_on_the_layers_asked_for_and_serving_runs_them(
 ):
     import shutil
 
-    from earlyexit_kernels.engine.ort_layer import ort_available
-    from earlyexit_kernels.engine.ov_layer import ov_available
+    from earlyexit_kernels.engine.layers.ort_layer import ort_available
+    from earlyexit_kernels.engine.layers.ov_layer import ov_available
     from earlyexit_kernels.integrations.model_folder import load_model
 
     if (layers == "openvino" and not ov_available()) or (layers == "onnxruntime" and not ort_available()):

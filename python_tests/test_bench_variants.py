@@ -351,8 +351,8 @@ def test_write_csv_keeps_the_new_columns(tmp_path):
 def test_a_bucket_table_times_the_graphed_step_in_the_sizes_it_chooses(tmp_path):
     """``--bucket-table``: a ``graphed-prologue-buckets`` row in the sizes a layer-cost table chooses
     beside ``graphed-prologue`` in the device's (on the CPU both uncaptured: they agree)."""
-    from earlyexit_kernels.engine.buckets import sizes_from_file
-    from earlyexit_kernels.engine.cost_table import LayerCostTable
+    from earlyexit_kernels.engine.graphed.buckets import sizes_from_file
+    from earlyexit_kernels.engine.graphed.cost_table import LayerCostTable
 
     table = LayerCostTable(
         seconds={n: 1e-3 * (1 + (n - 1) // 8) for n in range(1, 17)},  # a step every 8 rows

@@ -1,4 +1,4 @@
-"""Bucket sizes chosen from a layer-cost table (engine/buckets.py) and what a plan runs and costs (bench/bucket_plans.py).
+"""Bucket sizes chosen from a layer-cost table (engine/graphed/buckets.py) and what a plan runs and costs (bench/bucket_plans.py).
 
 The tables here are made up, shaped as a GPU's are (a layer costs the same from one row count to
 the next until its GEMMs need one more wave of tiles) or as a CPU's (a cost per row); each
@@ -15,9 +15,9 @@ from conftest import tiny_batch, tiny_model
 import earlyexit_kernels as eek
 from earlyexit_kernels.bench.bucket_plans import plan_cost
 from earlyexit_kernels.bench.patterns import geometric, scheduled
-from earlyexit_kernels.engine.buckets import DEFAULT_SIZES, sizes_from_table
-from earlyexit_kernels.engine.cost_table import LayerCostTable
-from earlyexit_kernels.engine.static_step import StaticBatches
+from earlyexit_kernels.engine.graphed.buckets import DEFAULT_SIZES, sizes_from_table
+from earlyexit_kernels.engine.graphed.cost_table import LayerCostTable
+from earlyexit_kernels.engine.graphed.static_step import StaticBatches
 from earlyexit_kernels.patching.patch import current_adapter
 from earlyexit_kernels.patching.state import state_of
 

@@ -29,7 +29,7 @@ from test_model_families import NUM_LAYERS, tiny_family, tiny_inputs
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.calibration.record import ExitRecord
-from earlyexit_kernels.engine.heads import CascadeExitHead, ExitHeadConfig, MLPExitHead
+from earlyexit_kernels.engine.step.heads import CascadeExitHead, ExitHeadConfig, MLPExitHead
 from earlyexit_kernels.patching.patch import current_adapter
 from earlyexit_kernels.training.cached_heads import ExitInputCache, cache_exit_inputs, cached_exits
 from earlyexit_kernels.training.head_choice import (

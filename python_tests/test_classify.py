@@ -15,7 +15,7 @@ import torch
 from conftest import VOCAB, tiny_model, word_vocab
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.engine.continuous import ContinuousEngine
+from earlyexit_kernels.engine.engines.continuous.engine import ContinuousEngine
 from earlyexit_kernels.methods.exit_rules import entropy
 from earlyexit_kernels.patching.patch import current_adapter
 
@@ -252,7 +252,7 @@ def test_eager_calls_run_their_exact_rows_and_lengths_with_at_most_one_read_back
 
 
 def test_outputs_kept_for_later_calls_stay_bounded_and_are_gone_when_the_stream_is():
-    from earlyexit_kernels.engine.continuous import KEPT_OUTPUTS
+    from earlyexit_kernels.engine.engines.continuous.engine import KEPT_OUTPUTS
 
     items = _sequences(96, seed=9)
     model, _ = spread_model("bert", "entropy", items)

@@ -263,7 +263,7 @@ def test_the_module_runs_as_a_program(saved_classifier, tmp_path):
 
 
 def test_engine_options_reach_the_engine(saved_classifier, tmp_path, monkeypatch):
-    classify_module = sys.modules["earlyexit_kernels.engine.classify"]  # eek.classify is the function
+    classify_module = sys.modules["earlyexit_kernels.engine.entry.classify"]  # eek.classify is the function
     real, seen = classify_module.classify, {}
 
     def recording(model, inputs, **options):
@@ -286,7 +286,7 @@ def test_engine_options_reach_the_engine(saved_classifier, tmp_path, monkeypatch
 
 
 def test_threads_sets_torch_s_threads_for_the_run(saved_classifier, tmp_path, monkeypatch):
-    classify_module = sys.modules["earlyexit_kernels.engine.classify"]
+    classify_module = sys.modules["earlyexit_kernels.engine.entry.classify"]
     real, seen = classify_module.classify, []
 
     def recording(model, inputs, **options):

@@ -1,4 +1,4 @@
-"""The cohort engine (engine/cohort_engine.py), the GPU's stream engine, on its CPU twin.
+"""The cohort engine (engine/engines/cohort_engine.py), the GPU's stream engine, on its CPU twin.
 
 Sequences run in length-sorted cohorts through the patched model's step; each cohort's outputs
 are the patched model's on that cohort, bit for bit; no read-back stalls a layer; a cohort's
@@ -9,11 +9,12 @@ import torch
 from test_classify import _sequences, spread_model
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.engine.background import BackgroundEngine
-from earlyexit_kernels.engine.cohort_engine import COHORTS_IN_FLIGHT, CohortEngine, cohort_size, copy_to_host
-from earlyexit_kernels.engine.continuous import ContinuousEngine
-from earlyexit_kernels.engine.engine_config import EngineConfig
-from earlyexit_kernels.engine.engine_kind import engine_kind
+from earlyexit_kernels.engine.engines.choice import engine_kind
+from earlyexit_kernels.engine.engines.cohort_engine import CohortEngine
+from earlyexit_kernels.engine.engines.continuous.engine import ContinuousEngine
+from earlyexit_kernels.engine.engines.launched import COHORTS_IN_FLIGHT, cohort_size, copy_to_host
+from earlyexit_kernels.engine.entry.background import BackgroundEngine
+from earlyexit_kernels.engine.stream.engine_config import EngineConfig
 from earlyexit_kernels.patching.state import state_of
 
 
@@ -197,13 +198,13 @@ def assert_engine_thread_runs(model, items, engine: str, engine_class) -> None:
 
 
 def test_outputs_packed_in_one_buffer_come_back_in_one_copy_as_the_same_views():
-    from earlyexit_kernels.engine.static_buffers import _Packed
+    from earlyexit_kernels.engine.graphed.static_buffers import PackedOutputs
 
-    packed = _Packed.make(5, 3, torch.bfloat16, "cpu")
+    packed = PackedOutputs.make(5, 3, torch.bfloat16, "cpu")
     packed.logits.copy_(torch.randn(5, 3))
     packed.exit_layer.copy_(torch.arange(5))
     packed.layers_run.copy_(torch.arange(5) * 2)
-    logits, exit_layer, layers_run = _Packed.views(packed.buffer.clone(), 5, 3, torch.bfloat16)
+    logits, exit_layer, layers_run = PackedOutputs.views(packed.buffer.clone(), 5, 3, torch.bfloat16)
     outputs = (logits[:4], exit_layer[:4], layers_run[:4])  # as run_graphed returns a batch of 4
     copies = copy_to_host(outputs, pin=False)
     assert len({c.untyped_storage().data_ptr() for c in copies}) == 1  # one buffer, one copy
@@ -219,7 +220,7 @@ def test_a_streams_buffers_settle_where_rows_and_lengths_trade_places_under_the_
     anew only while either dimension still grows (its graphs go with it on a GPU), then serves every later pass."""
     from test_graphed_step import GPU_PLAN
 
-    from earlyexit_kernels.engine.static_step import StaticBatches
+    from earlyexit_kernels.engine.graphed.static_step import StaticBatches
 
     items = _sequences(96, seed=8, longest=60)
     model, policy = spread_model("bert", "entropy", items)

@@ -14,7 +14,7 @@ from test_classify import _sequences, spread_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.engine.continuous import ContinuousEngine
+from earlyexit_kernels.engine.engines.continuous.engine import ContinuousEngine
 from earlyexit_kernels.patching.patch import current_adapter
 
 VIEWS = {"view", "slice", "select", "unsqueeze", "squeeze", "expand", "t", "transpose", "permute", "detach", "alias"}

@@ -15,7 +15,7 @@ import pytest
 from test_model_families import FAMILIES, tiny_family
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.engine.packed_layer import splits_into_token_parts
+from earlyexit_kernels.engine.layers.packed_layer import splits_into_token_parts
 from earlyexit_kernels.integrations.model_folder import ModelFolderError, load_model
 from earlyexit_kernels.models import TanhPoolerHead
 from earlyexit_kernels.patching.patch import current_adapter

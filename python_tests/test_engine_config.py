@@ -5,8 +5,8 @@ import torch
 from conftest import tiny_model
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.engine.continuous import ContinuousEngine
-from earlyexit_kernels.engine.engine_config import EngineConfig
+from earlyexit_kernels.engine.engines.continuous.engine import ContinuousEngine
+from earlyexit_kernels.engine.stream.engine_config import EngineConfig
 
 
 def _finished(engine, sequences):

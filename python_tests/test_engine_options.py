@@ -8,8 +8,8 @@ import inspect
 
 import pytest
 
-from earlyexit_kernels.engine.classify import classify
-from earlyexit_kernels.engine.engine_config import EngineConfig
+from earlyexit_kernels.engine.entry.classify import classify
+from earlyexit_kernels.engine.stream.engine_config import EngineConfig
 from earlyexit_kernels.integrations import cli, serve_cli
 from earlyexit_kernels.integrations.cli import build_parser, main
 from earlyexit_kernels.integrations.cli_options import checked_engine, engine_keywords

@@ -7,9 +7,9 @@ import pytest
 from conftest import mlp_head_model
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.engine.continuous import ContinuousEngine
-from earlyexit_kernels.engine.scheduler import default_call_cost
-from earlyexit_kernels.engine.timings import SecondsHistogram
+from earlyexit_kernels.engine.engines.continuous.engine import ContinuousEngine
+from earlyexit_kernels.engine.engines.continuous.scheduler import default_call_cost
+from earlyexit_kernels.engine.stream.timings import SecondsHistogram
 
 LAYERS = 6
 

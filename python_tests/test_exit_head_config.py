@@ -20,7 +20,7 @@ from test_model_families import (
 )
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.engine.heads import ExitHeadConfig, MLPExitHead
+from earlyexit_kernels.engine.step.heads import ExitHeadConfig, MLPExitHead
 from earlyexit_kernels.methods.exit_rules import entropy
 from earlyexit_kernels.models.base import masked_mean
 from earlyexit_kernels.patching.patch import current_adapter

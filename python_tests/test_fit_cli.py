@@ -328,7 +328,7 @@ def test_the_command_line_offers_every_recipe_and_head_form():
     """The fit methods are named once (``earlyexit_kernels._method_names``, free of torch): the
     command line, the fit and the training package read that one tuple, one recipe per name."""
     from earlyexit_kernels import _method_names, training
-    from earlyexit_kernels.engine.heads import HEAD_FORMS
+    from earlyexit_kernels.engine.step.heads import HEAD_FORMS
     from earlyexit_kernels.integrations.fit_cli import HEAD_CHOICES, METHODS, UNLABELLED_METHODS
     from earlyexit_kernels.training import fit_texts
     from earlyexit_kernels.training.recipes import RECIPES

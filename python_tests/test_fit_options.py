@@ -13,7 +13,7 @@ import pytest
 from earlyexit_kernels._fit_fields import FIT_FIELDS, HEAD_CHOICES, POOLING_CHOICES, RISK_CHOICES
 from earlyexit_kernels.calibration.certificate import GUARANTEES
 from earlyexit_kernels.calibration.select import Goal
-from earlyexit_kernels.engine.heads import HEAD_FORMS, HEAD_POOLINGS
+from earlyexit_kernels.engine.step.heads import HEAD_FORMS, HEAD_POOLINGS
 from earlyexit_kernels.integrations import fit_cli
 from earlyexit_kernels.integrations.cli import build_parser, main
 from earlyexit_kernels.integrations.cli_options import FIT_DEFAULTS, checked

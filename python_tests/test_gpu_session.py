@@ -428,7 +428,7 @@ def test_the_graphed_step_marks_its_first_layer_only_where_a_profiler_runs():
     from torch.profiler import ProfilerActivity, profile
 
     import earlyexit_kernels as eek
-    from earlyexit_kernels.engine import static_step
+    from earlyexit_kernels.engine.graphed import static_step
 
     model = eek.patch(tiny_model("bert", num_layers=4), eek.Entropy(0.1), backend="torch", step="graphed")
     ids, mask, _ = tiny_batch(4, 8, seed=0)

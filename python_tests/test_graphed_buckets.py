@@ -1,4 +1,4 @@
-"""The graphed step's buckets and its late survivor count (engine/buckets.py), alone and in a forward."""
+"""The graphed step's buckets and its late survivor count (engine/graphed/buckets.py), alone and in a forward."""
 
 import collections
 
@@ -7,8 +7,8 @@ import torch
 from test_graphed_step import GPU_PLAN, batch_inputs, patched
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.engine.buckets import DEFAULT_SIZES, ReadyCount, SurvivorLag, bucket_for, default_plan
-from earlyexit_kernels.engine.static_step import StaticBatches
+from earlyexit_kernels.engine.graphed.buckets import DEFAULT_SIZES, ReadyCount, SurvivorLag, bucket_for, default_plan
+from earlyexit_kernels.engine.graphed.static_step import StaticBatches
 from earlyexit_kernels.patching.patch import current_adapter
 from earlyexit_kernels.patching.state import state_of
 
@@ -107,7 +107,7 @@ def test_device_counts_are_read_a_layer_late_and_the_schedules_at_once():
     """A threshold policy's counts come from the device: with the GPU's plan (lag 1) the bucket of
     layer l follows the count of layer l - 2, so a layer may run on rows that have just left.
     Scheduled's survivors are known on the host before the forward."""
-    from earlyexit_kernels.engine.static_step import _known_survivors
+    from earlyexit_kernels.engine.graphed.static_step import _known_survivors
 
     assert _known_survivors([0, 20, 20, 0, 24], 64, 4) == [64, 44, 24, 24, 0]
     assert _known_survivors(None, 64, 4) is None
@@ -122,13 +122,13 @@ def test_device_counts_are_read_a_layer_late_and_the_schedules_at_once():
 def test_a_schedule_changed_in_place_is_read_again():
     """Scheduled's counts are kept on the policy while its tensor's storage and version stay the
     same: a schedule written in place is read anew, so its rows leave where it now says."""
-    from earlyexit_kernels.engine.batch_loop import _scheduled_exit_counts
+    from earlyexit_kernels.engine.step.batch_loop import scheduled_exit_counts
 
     schedule = torch.tensor([1, 2, 2, 4])
     policy = eek.Scheduled(schedule)
-    assert _scheduled_exit_counts(policy, 4) == ([0, 1, 2, 0, 1], 1)
-    assert _scheduled_exit_counts(policy, 4) == ([0, 1, 2, 0, 1], 0)
+    assert scheduled_exit_counts(policy, 4) == ([0, 1, 2, 0, 1], 1)
+    assert scheduled_exit_counts(policy, 4) == ([0, 1, 2, 0, 1], 0)
     policy.exit_layers[0] = 3
-    assert _scheduled_exit_counts(policy, 4) == ([0, 0, 2, 1, 1], 1)
-    assert _scheduled_exit_counts(policy, 5) == ([0, 0, 2, 1, 1, 0], 1)  # another depth, counted anew
-    assert _scheduled_exit_counts(eek.Entropy(0.3), 4) == (None, 0)
+    assert scheduled_exit_counts(policy, 4) == ([0, 0, 2, 1, 1], 1)
+    assert scheduled_exit_counts(policy, 5) == ([0, 0, 2, 1, 1, 0], 1)  # another depth, counted anew
+    assert scheduled_exit_counts(eek.Entropy(0.3), 4) == (None, 0)

@@ -1,4 +1,4 @@
-"""The continuous engine's layer calls under the graphed step (engine/call_graphs.py): fixed shapes,
+"""The continuous engine's layer calls under the graphed step (engine/engines/continuous/call_graphs.py): fixed shapes,
 one static step per (layer, rows, length), captured in a CUDA graph on CUDA and uncaptured on the CPU."""
 
 import pytest
@@ -7,7 +7,7 @@ from test_classify import _sequences, spread_model
 from test_graphed_step import needs_cuda
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.engine.continuous import ContinuousEngine
+from earlyexit_kernels.engine.engines.continuous.engine import ContinuousEngine
 from earlyexit_kernels.patching.state import state_of
 
 
@@ -115,7 +115,7 @@ def test_classify_keeps_its_engine_and_graphs_between_calls_on_the_graphed_step(
     call stopped part-way gives back nothing; other settings, or a copy of the model, make their own."""
     import copy
 
-    from earlyexit_kernels.engine.classify import classify
+    from earlyexit_kernels.engine.entry.classify import classify
 
     items = _sequences(24, seed=3, longest=30)
     model, _ = spread_model("bert", "entropy", items)
@@ -146,7 +146,7 @@ def test_classify_on_the_exact_step_makes_an_engine_per_call():
     items = _sequences(8, seed=3, longest=20)
     model, _ = spread_model("bert", "entropy", items)
     eek.patch(model, state_of(model).policy, step="exact")
-    from earlyexit_kernels.engine.classify import classify
+    from earlyexit_kernels.engine.entry.classify import classify
 
     with torch.no_grad():
         list(classify(model, items, max_batch_size=8))

@@ -16,10 +16,10 @@ from test_model_families import FAMILIES, spread_heads, tiny_family, tiny_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.engine import step_graphs
-from earlyexit_kernels.engine.graphed_prologue import KEPT_PROLOGUES, Prologue
-from earlyexit_kernels.engine.static_step import StaticBatches
-from earlyexit_kernels.engine.step_graphs import GraphStats
+from earlyexit_kernels.engine.graphed import step_graphs
+from earlyexit_kernels.engine.graphed.prologue import KEPT_PROLOGUES, Prologue
+from earlyexit_kernels.engine.graphed.static_step import StaticBatches
+from earlyexit_kernels.engine.graphed.step_graphs import GraphStats
 from earlyexit_kernels.patching.patch import current_adapter
 from earlyexit_kernels.patching.state import state_of
 
@@ -47,7 +47,7 @@ def forward(model, inputs, *, prologue: bool, plan=None):
 
 
 def eek_batches(prologue: bool, plan=None):
-    from earlyexit_kernels.engine.static_step import StaticBatches
+    from earlyexit_kernels.engine.graphed.static_step import StaticBatches
 
     return StaticBatches(prologue=prologue, **(plan or {}))
 

@@ -20,10 +20,10 @@ from test_model_families import spread_heads as spread_family_heads
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.engine.batch_loop import mask_extents
-from earlyexit_kernels.engine.buckets import DEFAULT_SIZES
-from earlyexit_kernels.engine.static_buffers import BatchShape, Loaded, load
-from earlyexit_kernels.engine.static_step import StaticBatch, StaticBatches, _layer_step, _Step
+from earlyexit_kernels.engine.graphed.buckets import DEFAULT_SIZES
+from earlyexit_kernels.engine.graphed.static_buffers import BatchShape, Loaded, load
+from earlyexit_kernels.engine.graphed.static_step import GraphedStep, StaticBatch, StaticBatches, layer_step
+from earlyexit_kernels.engine.step.batch_loop import mask_extents
 from earlyexit_kernels.methods.exit_rules import init_state
 from earlyexit_kernels.patching.patch import current_adapter, step_of
 from earlyexit_kernels.patching.state import state_of
@@ -211,7 +211,7 @@ def test_after_a_failed_capture_nothing_is_captured_in_the_process_and_the_count
     """A failed capture can leave torch's capture state broken for every later capture in the
     process: the graphed step then runs every step uncaptured, warns once per owner, and its
     counts carry the reason (the benchmark's rows report them)."""
-    from earlyexit_kernels.engine import step_graphs
+    from earlyexit_kernels.engine.graphed import step_graphs
 
     monkeypatch.setattr(step_graphs, "_FAILURE", "RuntimeError: operation not permitted when stream is capturing")
     stats = step_graphs.GraphStats()
@@ -228,7 +228,7 @@ def test_after_a_failed_capture_nothing_is_captured_in_the_process_and_the_count
 
 def test_a_models_graph_counts_add_up_over_its_shapes():
     """Every shape's graphs count into the patched model's one GraphStats (evicted shapes too)."""
-    from earlyexit_kernels.engine.step_graphs import GraphStats
+    from earlyexit_kernels.engine.graphed.step_graphs import GraphStats
 
     model = patched(eek.Entropy(0.15))
     run(model, batch_inputs(8), "graphed")
@@ -313,7 +313,7 @@ def loaded_step(model, inputs, policy, bucket):
     mask = inputs["attention_mask"]
     template = static.template(policy, adapter, batch, bucket)
     load(static, Loaded(hidden, mask, mask_extents(mask), hidden.shape[1]), template, batch, bucket)
-    return static, _Step(adapter, _torch_backend(), policy, None, False, None, hidden.dtype, None)
+    return static, GraphedStep(adapter, _torch_backend(), policy, None, False, None, hidden.dtype, None)
 
 
 def step_ops(model, inputs, schedule, layer, bucket):
@@ -324,9 +324,9 @@ def step_ops(model, inputs, schedule, layer, bucket):
         shapes = _Shapes()
         with shapes:
             for previous in range(1, layer):
-                _layer_step(step, static, previous, bucket, True, length)
+                layer_step(step, static, previous, bucket, True, length)
             shapes.ops.clear()
-            _layer_step(step, static, layer, bucket, True, length)
+            layer_step(step, static, layer, bucket, True, length)
     return shapes.ops
 
 
@@ -352,9 +352,9 @@ def test_torch_compile_traces_a_step_without_a_graph_break():
         static, step = loaded_step(model, batch_inputs(8), eek.Entropy(0.15), 8)
 
         def layer_two():
-            _layer_step(step, static, 2, 8, True, 12)
+            layer_step(step, static, 2, 8, True, 12)
 
-        _layer_step(step, static, 1, 8, True, 12)
+        layer_step(step, static, 1, 8, True, 12)
         layer_two()
         expected = (static.halves[1].hidden.clone(), static.counts.clone(), static.logits.clone())
         torch._dynamo.reset()
@@ -539,7 +539,7 @@ def test_an_unpadded_batch_at_a_length_off_the_step_is_masked_so_its_length_roun
     every length met would capture its own graphs of every layer; it is given a mask of ones so that its length
     rounds up to the step as a padded batch's does (run_graphed's align_unpadded; the model's own forward keeps the
     unpatched model's shapes). A padded batch, or one at a multiple of the step, is left as it is."""
-    from earlyexit_kernels.engine.static_step import masked_to_step
+    from earlyexit_kernels.engine.graphed.static_step import masked_to_step
 
     mask, extents = masked_to_step(None, None, 3, 45, 32, "cpu")
     assert torch.equal(mask, torch.ones(3, 45, dtype=torch.long)) and extents.tolist() == [45, 45, 45]
@@ -559,7 +559,7 @@ def test_the_packed_outputs_are_kept_per_dtype_for_the_finishing_steps_captured_
 
 
 def test_on_the_cpu_the_device_context_is_nothing():
-    from earlyexit_kernels.engine.step_graphs import on_device
+    from earlyexit_kernels.engine.graphed.step_graphs import on_device
 
     with on_device(torch.device("cpu")):
         assert torch.ones(1).device.type == "cpu"

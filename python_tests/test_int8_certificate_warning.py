@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
-from earlyexit_kernels.engine.int8_isa import isa_class
-from earlyexit_kernels.engine.precision import int8_encoder
+from earlyexit_kernels.engine.layers.int8_isa import isa_class
+from earlyexit_kernels.engine.layers.precision import int8_encoder
 from earlyexit_kernels.integrations.model_folder import certified_base, load_model
 from earlyexit_kernels.patching.fit_record import FitRecord
 

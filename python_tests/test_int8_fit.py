@@ -15,8 +15,8 @@ from test_fit_cli import FAST, _frame, _run, classifier  # noqa: F401 - classifi
 from test_training_defaults import _data
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.engine import precision
-from earlyexit_kernels.engine.int8_isa import int8_isa
+from earlyexit_kernels.engine.layers import precision
+from earlyexit_kernels.engine.layers.int8_isa import int8_isa
 from earlyexit_kernels.integrations.model_folder import load_model
 from earlyexit_kernels.patching.fit_record import FitRecord
 from earlyexit_kernels.training import fit_exit_heads

@@ -1,4 +1,4 @@
-"""The int8 form each CPU takes, and why it is exact there (issue 95; :mod:`earlyexit_kernels.engine.int8_isa`).
+"""The int8 form each CPU takes, and why it is exact there (issue 95; :mod:`earlyexit_kernels.engine.layers.int8_isa`).
 
 Without VNNI, fbgemm's and ONNX Runtime's u8 x s8 GEMMs add each pair of products in a saturating 16-bit
 sum; full-range operands overflow it. The form there is 7-bit weights and 8-bit activations, which no
@@ -18,9 +18,9 @@ import pytest
 import torch
 from torch import nn
 
-from earlyexit_kernels.engine import int8_isa as int8_isa_module
-from earlyexit_kernels.engine.int8_isa import int8_weight_bits, isa_class, kernel_flags
-from earlyexit_kernels.engine.int8_linear import PerTokenInt8Linear
+from earlyexit_kernels.engine.layers import int8_isa as int8_isa_module
+from earlyexit_kernels.engine.layers.int8_isa import int8_weight_bits, isa_class, kernel_flags
+from earlyexit_kernels.engine.layers.int8_linear import PerTokenInt8Linear
 
 pytestmark = pytest.mark.int8_kernels
 warnings.filterwarnings("ignore", message=r".*quantize_per_(tensor|channel).*")
@@ -66,7 +66,7 @@ _CAPPED = """
 import json, warnings
 warnings.filterwarnings("ignore")
 import test_int8_form as t
-from earlyexit_kernels.engine.int8_isa import int8_isa, int8_weight_bits
+from earlyexit_kernels.engine.layers.int8_isa import int8_isa, int8_weight_bits
 print(json.dumps({"isa": int8_isa(), "bits": int8_weight_bits(), **t.kernel_and_reference_gaps()}))
 """
 
@@ -110,7 +110,7 @@ def test_fbgemms_cap_sets_the_class_and_an_unknown_cap_leaves_the_cpus_own():
 def test_a_layer_with_8_bit_weights_takes_7_bit_activations_where_the_cpu_lacks_vnni(monkeypatch):
     """A layer made on a VNNI CPU and loaded on another (a pickle sent to a Ray worker, say) does not saturate:
     its activations take fbgemm's 7 bits there."""
-    from earlyexit_kernels.engine import int8_linear
+    from earlyexit_kernels.engine.layers import int8_linear
 
     torch.manual_seed(1)
     linear, x = nn.Linear(64, 32), torch.randn(8, 64)
@@ -127,7 +127,7 @@ def test_onnx_runtime_moves_8_bit_weights_to_its_exact_kernel_only_without_vnni(
     """Without VNNI a graph made elsewhere with 8-bit weights runs exact; with VNNI the option would move them to
     the slower u8 kernel for nothing (half the speed on an AMX Xeon), so it is left off."""
     pytest.importorskip("onnxruntime")
-    from earlyexit_kernels.engine import ort_layer
+    from earlyexit_kernels.engine.layers import ort_layer
 
     monkeypatch.setattr(ort_layer, "int8_weight_bits", lambda: bits)
     options = ort_layer.session_options(1)

@@ -27,9 +27,9 @@ from threshold_helpers import midway
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.engine import static_step
-from earlyexit_kernels.engine.buckets import DEFAULT_SIZES
-from earlyexit_kernels.engine.static_step import StaticBatches
+from earlyexit_kernels.engine.graphed import static_step
+from earlyexit_kernels.engine.graphed.buckets import DEFAULT_SIZES
+from earlyexit_kernels.engine.graphed.static_step import StaticBatches
 from earlyexit_kernels.methods.exit_rules import can_exit_before_last
 from earlyexit_kernels.patching.patch import current_adapter
 from earlyexit_kernels.patching.state import state_of

@@ -1,4 +1,4 @@
-"""The layer-cost table (bench/layer_costs.py, engine/cost_table.py) and the shape ideal's layer timings (bench/ideal.py).
+"""The layer-cost table (bench/layer_costs.py, engine/graphed/cost_table.py) and the shape ideal's layer timings (bench/ideal.py).
 
 On the CPU the table's calls run eagerly; the GPU's path (each call a CUDA graph replay timed by
 CUDA events) shares every line with it but the capture and the clock, whose bookkeeping is checked
@@ -15,8 +15,8 @@ from conftest import tiny_model
 from earlyexit_kernels.bench import ideal, layer_costs
 from earlyexit_kernels.bench.layer_costs import measure_layer_costs, time_round
 from earlyexit_kernels.bench.patterns import geometric, padded_geometric
-from earlyexit_kernels.engine.buckets import sizes_from_file, sizes_from_table
-from earlyexit_kernels.engine.cost_table import LayerCostTable
+from earlyexit_kernels.engine.graphed.buckets import sizes_from_file, sizes_from_table
+from earlyexit_kernels.engine.graphed.cost_table import LayerCostTable
 from earlyexit_kernels.models import adapter_class
 
 

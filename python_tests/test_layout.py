@@ -230,3 +230,69 @@ def test_calibration_reads_recorded_logits_only(module):
         if target.split(".")[1:2] and target.split(".")[1] in CALIBRATION_NEVER_IMPORTS
     )
     assert not reached, f"{module} imports {reached}: calibration/ reads recorded logits only"
+
+
+# engine/ in wings: each wing and its level; a module of engine/ imports (lazily included) from its own wing or a
+# lower level, and two wings on one level (stream/ and graphed/) never import each other
+ENGINE = f"{ROOT}.engine"
+ENGINE_WINGS = {"layers": 0, "step": 1, "stream": 2, "graphed": 2, "engines": 3, "entry": 4}
+#: the CPU's engine and the GPU's inside engines/: neither group imports the other (engines.choice builds either)
+CPU_ENGINE = (f"{ENGINE}.engines.continuous",)
+GPU_ENGINES = tuple(f"{ENGINE}.engines.{name}" for name in ("cohort_engine", "launched", "segments", "varlen"))
+
+
+def engine_wing(module: str) -> str | None:
+    """The wing of a module of ``engine/`` (``earlyexit_kernels.engine.step.batch_loop`` -> ``"step"``), else None."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == [ROOT, "engine"] else None
+
+
+def wing_arrows_back(module: str, targets: set[str]) -> list[str]:
+    """The imports of ``targets`` that run back up from ``module``'s wing, or sideways to the other wing of its level."""
+    own = engine_wing(module)
+    return sorted(
+        target
+        for target in targets
+        if (wing := engine_wing(target)) is not None and wing != own and (ENGINE_WINGS[wing] >= ENGINE_WINGS[own])
+    )
+
+
+def in_group(module: str, group: tuple[str, ...]) -> bool:
+    return any(module == prefix or module.startswith(prefix + ".") for prefix in group)
+
+
+ENGINE_MODULES = sorted(m for m in MODULES if engine_wing(m) is not None)
+
+
+def test_engine_holds_at_most_six_wings_and_nothing_beside_them():
+    engine_dir = PACKAGE_DIR / "engine"
+    assert {p.stem for p in engine_dir.glob("*.py")} == {"__init__"}
+    wings = {p.parent.name for p in engine_dir.glob("*/__init__.py")}
+    assert wings == set(ENGINE_WINGS)
+    assert len(wings) <= 6
+
+
+def test_the_wing_rule_finds_an_arrow_up_and_one_sideways():
+    """The rule itself, on imports written for it: graphed/ importing stream/ (sideways), step/ importing engines/
+    (up); entry/ importing layers/ (down) passes."""
+    graphed = f"{ENGINE}.graphed.static_step"
+    assert wing_arrows_back(graphed, {f"{ENGINE}.stream.admission"}) == [f"{ENGINE}.stream.admission"]
+    assert wing_arrows_back(f"{ENGINE}.step.heads", {f"{ENGINE}.engines.choice"}) == [f"{ENGINE}.engines.choice"]
+    assert wing_arrows_back(f"{ENGINE}.entry.classify", {f"{ENGINE}.layers.precision", graphed}) == []
+    lazy_up = "def f():\n    from earlyexit_kernels.engine.entry.classify import classify\n"
+    found = imports_of(MODULES[f"{ENGINE}.step.heads"], lazy=True, text=lazy_up)
+    assert wing_arrows_back(f"{ENGINE}.step.heads", found) == [f"{ENGINE}.entry", f"{ENGINE}.entry.classify"]
+
+
+@pytest.mark.parametrize("module", ENGINE_MODULES)
+def test_engine_wings_import_one_way(module):
+    """entry -> engines -> stream and graphed -> step -> layers, lazy imports included."""
+    back = wing_arrows_back(module, imports_of(MODULES[module], lazy=True))
+    assert not back, f"{module} imports {back}: against the wings' direction ({ENGINE_WINGS})"
+
+
+@pytest.mark.parametrize("module", [m for m in ENGINE_MODULES if in_group(m, CPU_ENGINE + GPU_ENGINES)])
+def test_the_cpu_engine_and_the_gpu_engines_do_not_import_each_other(module):
+    other = GPU_ENGINES if in_group(module, CPU_ENGINE) else CPU_ENGINE
+    reached = sorted(t for t in imports_of(MODULES[module], lazy=True) if in_group(t, other))
+    assert not reached, f"{module} imports {reached}"

@@ -166,7 +166,7 @@ def test_the_arena_is_shrunk_only_where_resident_memory_grew():
 def test_the_trim_reads_resident_memory_before_asking_for_a_shrink():
     # the running trim asks ONNX Runtime's arena for a shrink through its rule: once at its first reading,
     # then not while resident memory holds
-    from earlyexit_kernels.engine import ort_layer
+    from earlyexit_kernels.engine.layers import ort_layer
 
     if not GLIBC:
         pytest.skip("the periodic trim runs on glibc only")

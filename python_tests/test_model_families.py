@@ -360,7 +360,7 @@ def test_an_attention_implementation_the_adapter_cannot_run_is_refused_at_patch(
 
 @pytest.mark.parametrize("family", ["deberta_v2", "modernbert", "mpnet"])
 def test_the_continuous_engine_refuses_to_compile_layers_that_take_more_than_a_mask(family):
-    from earlyexit_kernels.engine.continuous import ContinuousEngine
+    from earlyexit_kernels.engine.engines.continuous.engine import ContinuousEngine
 
     model = tiny_family(family)
     eek.patch(model, eek.Entropy(0.0))

@@ -15,9 +15,9 @@ import torch
 from conftest import tiny_batch, tiny_model, tiny_mpnet
 from layer_calls import MODELS, additive, padded_input, run
 
-from earlyexit_kernels.engine import precision
-from earlyexit_kernels.engine.ort_layer import OrtLayer, ort_available, run_on_ort
-from earlyexit_kernels.engine.precision import int8_encoder, int8_recipe
+from earlyexit_kernels.engine.layers import precision
+from earlyexit_kernels.engine.layers.ort_layer import OrtLayer, ort_available, run_on_ort
+from earlyexit_kernels.engine.layers.precision import int8_encoder, int8_recipe
 
 pytestmark = pytest.mark.skipif(not ort_available(), reason="onnxruntime and onnx are not installed")
 
@@ -47,7 +47,7 @@ def test_each_row_is_what_it_is_alone_and_every_mask_form_is_read(family):
 def test_a_mask_shared_by_a_call_s_layers_is_read_once_and_again_after_an_in_place_write(monkeypatch):
     """The key mask and the token positions are worked out once for the mask tensor a call's layers share; the
     same tensor written in place, or another one, is read again, and every layer's output is the uncached one's."""
-    from earlyexit_kernels.engine import ort_layer
+    from earlyexit_kernels.engine.layers import ort_layer
 
     model = MODELS["bert"]()
     layers = [OrtLayer.from_layer(layer, model.config, int8=False) for layer in model.base_model.encoder.layer]
@@ -96,7 +96,7 @@ def test_a_copy_or_a_pickle_makes_its_own_session_and_a_new_thread_count_a_new_o
 def test_every_session_shares_one_arena_and_keeps_no_memory_pattern_per_shape():
     # a server sees calls of every shape: per-session arenas extended to the next power of two and a memory
     # pattern per shape grew its resident memory over a soak (docs/serving.md, "What a server keeps")
-    from earlyexit_kernels.engine.ort_layer import shared_cpu_arena
+    from earlyexit_kernels.engine.layers.ort_layer import shared_cpu_arena
 
     model = tiny_model("bert", num_layers=2)
     layers = [OrtLayer.from_layer(layer, model.config) for layer in model.base_model.encoder.layer]
@@ -118,7 +118,7 @@ def test_every_session_shares_one_arena_and_keeps_no_memory_pattern_per_shape():
 def test_a_shrink_request_hands_back_what_a_large_call_grew_the_arena_by():
     """The shared arena keeps the largest call's need; after ``request_arena_shrink`` (what the
     server's memory trim asks every 10 s) the next call hands it back to the system."""
-    from earlyexit_kernels.engine.ort_layer import request_arena_shrink
+    from earlyexit_kernels.engine.layers.ort_layer import request_arena_shrink
     from earlyexit_kernels.integrations.server.memory_trim import _glibc_malloc_trim, resident_bytes
 
     trim = _glibc_malloc_trim()
@@ -153,7 +153,7 @@ import random, sys
 import torch
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertLayer
-from earlyexit_kernels.engine.ort_layer import OrtLayer, request_arena_shrink
+from earlyexit_kernels.engine.layers.ort_layer import OrtLayer, request_arena_shrink
 from earlyexit_kernels.integrations.server.memory_trim import ArenaShrinkRule, _glibc_malloc_trim, resident_bytes
 
 torch.set_num_threads(1)

@@ -12,8 +12,8 @@ import torch
 from conftest import tiny_model
 from layer_calls import MODELS, padded_input, run
 
-from earlyexit_kernels.engine.ov_layer import OV_MISSING, OvLayer, ov_available
-from earlyexit_kernels.engine.precision import int8_encoder
+from earlyexit_kernels.engine.layers.ov_layer import OV_MISSING, OvLayer, ov_available
+from earlyexit_kernels.engine.layers.precision import int8_encoder
 
 pytestmark = pytest.mark.skipif(not ov_available(), reason=OV_MISSING)
 
@@ -100,7 +100,7 @@ def test_8_bit_weights_are_refused_where_the_cpu_s_int8_kernels_would_saturate(m
     random layer with 8-bit weights moved 13x further from float32 than with 7 (oneDNN capped to AVX2 or
     AVX-512 without VNNI, ``ONEDNN_MAX_CPU_ISA``), where 7-bit weights gave what the uncapped CPU gives. A layer
     made here takes this CPU's form; one made with 8-bit weights elsewhere is refused at its compilation."""
-    from earlyexit_kernels.engine import ov_layer
+    from earlyexit_kernels.engine.layers import ov_layer
 
     model = tiny_model("bert", num_layers=1)
     monkeypatch.setattr(ov_layer, "int8_weight_bits", lambda: 8)

@@ -1,4 +1,4 @@
-"""A packed layer call padded to few shapes (``engine/packed_call_shapes.py``): the real tokens keep their
+"""A packed layer call padded to few shapes (``engine/layers/packed_call_shapes.py``): the real tokens keep their
 place and their outputs, the added ones attend only to each other, and a stream of varied calls falls on few
 shapes. The reference beside the padding is the same graph run at the call's own shape (ONNX Runtime here,
 which has no per-shape preparation to hide a difference; OpenVINO's layer in ``test_ov_layer.py``)."""
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from layer_calls import MODELS, padded_input
 
-from earlyexit_kernels.engine.ort_layer import OrtLayer, _mask_tables, ort_available
-from earlyexit_kernels.engine.packed_call_shapes import LENGTH_STEP, TOKEN_STEP, padded_call
+from earlyexit_kernels.engine.layers.ort_layer import OrtLayer, _mask_tables, ort_available
+from earlyexit_kernels.engine.layers.packed_call_shapes import LENGTH_STEP, TOKEN_STEP, padded_call
 
 
 def feeds_of(n, length, hidden=32, seed=0, bias_rows=None, heads=4):

@@ -1,6 +1,6 @@
 """Packed execution: a BERT-style layer run on its valid tokens only equals the layer on the padded batch.
 
-:func:`earlyexit_kernels.engine.packed_layer.run_packed` is the fast path, the layer module itself the
+:func:`earlyexit_kernels.engine.layers.packed_layer.run_packed` is the fast path, the layer module itself the
 reference (on every position, op by op, it is the module bit for bit); the continuous engine runs it where a call pads much (``packed=None``), on every padded
 call (``packed=True``) or never (``packed=False``), with the same predictions as each sequence alone.
 """
@@ -12,8 +12,8 @@ from test_classify import _alone, _sequences, spread_model
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.backends.compaction import layer_attention_mask
-from earlyexit_kernels.engine.continuous import ContinuousEngine
-from earlyexit_kernels.engine.packed_layer import OpByOpLayer, run_packed, splits_into_token_parts
+from earlyexit_kernels.engine.engines.continuous.engine import ContinuousEngine
+from earlyexit_kernels.engine.layers.packed_layer import OpByOpLayer, run_packed, splits_into_token_parts
 
 pytestmark = pytest.mark.exact  # same ops, order and inputs: bit for bit on any CPU (make test-cpu-kinds)
 

@@ -11,10 +11,10 @@ from conftest import mlp_head_model, tiny_batch, tiny_model, tiny_mpnet
 from torch import nn
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.engine import precision
-from earlyexit_kernels.engine.int8_linear import PerTokenInt8Linear
-from earlyexit_kernels.engine.ort_layer import ort_available
-from earlyexit_kernels.engine.precision import (
+from earlyexit_kernels.engine.layers import precision
+from earlyexit_kernels.engine.layers.int8_linear import PerTokenInt8Linear
+from earlyexit_kernels.engine.layers.ort_layer import ort_available
+from earlyexit_kernels.engine.layers.precision import (
     FAMILY_INT8_RECIPES,
     INT8_RECIPES,
     int8_encoder,

@@ -20,7 +20,7 @@ from torch import nn
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.backends.registry import resolve_backend
-from earlyexit_kernels.engine.batch_loop import can_fuse_head
+from earlyexit_kernels.engine.step.batch_loop import can_fuse_head
 from earlyexit_kernels.methods.exit_rules import entropy
 from earlyexit_kernels.patching.patch import current_adapter
 

@@ -48,7 +48,7 @@ def test_the_class_adds_the_columns_each_equal_to_the_model_alone(model_dir):
 def test_int8_runs_the_recipe_the_folders_int8_certificate_recorded(model_dir, tmp_path):
     import shutil
 
-    from earlyexit_kernels.engine.precision import int8_recipe
+    from earlyexit_kernels.engine.layers.precision import int8_recipe
     from earlyexit_kernels.patching.fit_record import FitRecord
 
     frame = pd.DataFrame({"text": word_texts(300, seed=2)[:20]})

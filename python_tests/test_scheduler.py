@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from earlyexit_kernels.engine.scheduler import Admit, Call, LayerScheduler, ShapeBuckets
+from earlyexit_kernels.engine.engines.continuous.scheduler import Admit, Call, LayerScheduler, ShapeBuckets
 
 
 def test_shapes_come_from_two_fixed_sets():

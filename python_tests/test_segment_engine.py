@@ -1,4 +1,4 @@
-"""The segment engine (engine/segment_engine.py): E3's layer segments, each refilled to the token budget.
+"""The segment engine (engine/engines/segments/engine.py): E3's layer segments, each refilled to the token budget.
 
 The layers run in segments; the rows that leave a segment alive wait in the next one's queue, where
 the survivors of several calls fill one call. Each sequence exits where the exact step makes it exit;
@@ -11,14 +11,14 @@ from test_classify import _sequences, spread_model
 from test_cohort_engine import _padded, _run, _sorted_cohorts, assert_engine_thread_runs, assert_exact_steps_exits
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.engine.buckets import DEFAULT_SIZES
-from earlyexit_kernels.engine.cohort_engine import COHORTS_IN_FLIGHT
-from earlyexit_kernels.engine.continuous import ContinuousEngine
-from earlyexit_kernels.engine.engine_config import EngineConfig
-from earlyexit_kernels.engine.engine_kind import engine_kind, make_engine
-from earlyexit_kernels.engine.segment_engine import SegmentEngine, default_segments
-from earlyexit_kernels.engine.segment_step import segment_bounds
-from earlyexit_kernels.engine.static_step import StaticBatches
+from earlyexit_kernels.engine.engines.choice import engine_kind, make_engine
+from earlyexit_kernels.engine.engines.continuous.engine import ContinuousEngine
+from earlyexit_kernels.engine.engines.launched import COHORTS_IN_FLIGHT
+from earlyexit_kernels.engine.engines.segments.engine import SegmentEngine, default_segments
+from earlyexit_kernels.engine.engines.segments.step import segment_bounds
+from earlyexit_kernels.engine.graphed.buckets import DEFAULT_SIZES
+from earlyexit_kernels.engine.graphed.static_step import StaticBatches
+from earlyexit_kernels.engine.stream.engine_config import EngineConfig
 from earlyexit_kernels.patching.state import state_of
 
 ITEMS = _sequences(48, seed=6, longest=30)

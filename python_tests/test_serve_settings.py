@@ -10,7 +10,7 @@ pytest.importorskip("starlette", reason="the server needs the serve extra")
 
 from test_recertify_serving import certified_folder  # noqa: E402
 
-from earlyexit_kernels.engine.engine_config import EngineConfig  # noqa: E402
+from earlyexit_kernels.engine.stream.engine_config import EngineConfig  # noqa: E402
 from earlyexit_kernels.integrations.recertify_choice import Recertify  # noqa: E402
 from earlyexit_kernels.integrations.server.serve_settings import AuditConfig, HttpLimits, ServeSettings  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Where a served float32 model's encoder layers run (earlyexit_kernels.engine.served_layers).
+"""Where a served float32 model's encoder layers run (earlyexit_kernels.engine.layers.served_layers).
 
 ``auto`` swaps every encoder layer of a float32 CPU model for its ONNX Runtime float32 graph, whose
 every exit's logits are the PyTorch model's up to float rounding; it keeps PyTorch's layers, saying
@@ -15,11 +15,11 @@ import pytest
 import torch
 from conftest import mlp_head_model, tiny_batch
 
-from earlyexit_kernels.engine import served_layers
-from earlyexit_kernels.engine.ort_layer import ORT_MISSING, OrtLayer, ort_available
-from earlyexit_kernels.engine.ov_layer import OV_MISSING, ov_available
-from earlyexit_kernels.engine.precision import to_base
-from earlyexit_kernels.engine.served_layers import SERVED_LAYERS, layers_of, serve_layers
+from earlyexit_kernels.engine.layers import served_layers
+from earlyexit_kernels.engine.layers.ort_layer import ORT_MISSING, OrtLayer, ort_available
+from earlyexit_kernels.engine.layers.ov_layer import OV_MISSING, ov_available
+from earlyexit_kernels.engine.layers.precision import to_base
+from earlyexit_kernels.engine.layers.served_layers import SERVED_LAYERS, layers_of, serve_layers
 
 needs_ort = pytest.mark.skipif(not ort_available(), reason="onnxruntime and onnx are not installed")
 needs_ov = pytest.mark.skipif(not ov_available(), reason=OV_MISSING)
@@ -39,7 +39,7 @@ def all_logits(model):
     ],
 )
 def test_a_float32_cpu_model_s_layers_run_on_the_runtime_asked_with_the_same_logits(asked, runtime, says):
-    from earlyexit_kernels.engine.ov_layer import OvLayer
+    from earlyexit_kernels.engine.layers.ov_layer import OvLayer
 
     model = mlp_head_model(seed=5)
     expected = all_logits(model)
@@ -96,7 +96,7 @@ def test_the_command_line_offers_the_engine_s_choices():
 
 
 def test_without_openvino_its_layers_are_refused_saying_what_to_install(monkeypatch):
-    from earlyexit_kernels.engine import ov_layer
+    from earlyexit_kernels.engine.layers import ov_layer
 
     monkeypatch.setattr(ov_layer, "ov_available", lambda: False)
     with pytest.raises(ValueError, match=re.escape(f"--layers openvino: {OV_MISSING}; serve with --layers torch")):

@@ -26,7 +26,7 @@ httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx")
 from served_models import RunningServer, serving  # noqa: E402
 
 import earlyexit_kernels as eek  # noqa: E402
-from earlyexit_kernels.engine.ort_layer import ort_available  # noqa: E402
+from earlyexit_kernels.engine.layers.ort_layer import ort_available  # noqa: E402
 from earlyexit_kernels.integrations.model_folder import load_model  # noqa: E402
 from earlyexit_kernels.integrations.server import create_app  # noqa: E402
 
@@ -185,7 +185,7 @@ def test_a_stopped_engine_thread_gets_503_from_health_and_every_request(loaded_c
     """An engine thread that ends on an error it cannot recover from (a failed layer call, then no memory for a
     fresh engine) fails the request it held with 500, and every later one gets 503 at once, where the queue once
     filled with sequences no thread would take and answered 429."""
-    import earlyexit_kernels.engine.background as background
+    import earlyexit_kernels.engine.entry.background as background
 
     model, tokenizer = loaded_classifier
     with serving(model, tokenizer, model_id="tiny", max_batch_size=4) as running:

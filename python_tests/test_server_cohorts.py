@@ -14,7 +14,7 @@ httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx")
 from served_models import serving  # noqa: E402
 
 import earlyexit_kernels as eek  # noqa: E402
-from earlyexit_kernels.engine.cohort_engine import CohortEngine  # noqa: E402
+from earlyexit_kernels.engine.engines.cohort_engine import CohortEngine  # noqa: E402
 from earlyexit_kernels.patching.state import state_of  # noqa: E402
 
 

@@ -26,7 +26,7 @@ pytest.importorskip("prometheus_client", reason="the server needs prometheus_cli
 httpx = pytest.importorskip("httpx", reason="the tests' HTTP client is httpx")
 
 import earlyexit_kernels as eek  # noqa: E402
-from earlyexit_kernels.engine.audit import AuditWatch  # noqa: E402
+from earlyexit_kernels.engine.entry.audit import AuditWatch  # noqa: E402
 from earlyexit_kernels.integrations.model_folder import (  # noqa: E402
     accuracy_audit_budget,
     audit_settings,
@@ -216,7 +216,7 @@ def test_feedback_says_what_it_counted_and_refuses_what_it_cannot(certified_on_a
 
 def test_what_the_audit_keeps_for_labels_stays_bounded_under_many_requests(certified_on_accuracy, monkeypatch):
     # the same bounds as a server's (10,000 requests awaiting labels, the latest 65,536 labelled rows), made small
-    from earlyexit_kernels.engine import audit as audit_module
+    from earlyexit_kernels.engine.entry import audit as audit_module
     from earlyexit_kernels.integrations.server import feedback as feedback_module
 
     monkeypatch.setattr(feedback_module, "DEFAULT_CAPACITY", 100)

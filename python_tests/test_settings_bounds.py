@@ -34,7 +34,7 @@ SETTINGS = {
 BOUNDS = {
     ("training/fit_config.py", None),  # FitConfig, Training, TrainSettings, check_count, check_rate
     ("calibration/select.py", "Goal"),
-    ("engine/engine_config.py", None),
+    ("engine/stream/engine_config.py", None),
     ("methods/risk_control.py", "check_confidence"),  # what Goal and certify call
     ("calibration/certificate.py", "check_guarantee"),  # what Goal and certify call
     ("methods/risk_control.py", "check_fraction"),  # the audit's fraction: what AuditConfig and the online tests call

@@ -15,7 +15,7 @@ import inspect
 
 import pytest
 
-from earlyexit_kernels.engine.audit import AuditConfig, AuditWatch
+from earlyexit_kernels.engine.entry.audit import AuditConfig, AuditWatch
 from earlyexit_kernels.integrations.cli import main
 from earlyexit_kernels.integrations.recertify_folder import calibrate_folder
 from earlyexit_kernels.training.calibrate_texts import calibrate_texts

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.engine.token_pool import TokenPool
+from earlyexit_kernels.engine.engines.continuous.token_pool import TokenPool
 
 pytestmark = pytest.mark.exact  # same ops, order and inputs: bit for bit on any CPU (make test-cpu-kinds)
 

@@ -37,7 +37,7 @@ from earlyexit_kernels.backends.triton_kernels import exit_head as tkh  # noqa: 
 from earlyexit_kernels.backends.triton_kernels import exit_step as tk  # noqa: E402
 from earlyexit_kernels.backends.triton_kernels._common import poisoned_outputs  # noqa: E402
 from earlyexit_kernels.backends.write_back import WriteBack  # noqa: E402
-from earlyexit_kernels.engine.heads import LambdaHaltingHead  # noqa: E402
+from earlyexit_kernels.engine.step.heads import LambdaHaltingHead  # noqa: E402
 from earlyexit_kernels.methods import exit_rules  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: masked -inf lanes

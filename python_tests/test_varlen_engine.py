@@ -1,4 +1,4 @@
-"""The packed-token step (engine/token_step.py) and its engine (engine/varlen_engine.py), on the CPU twin.
+"""The packed-token step (engine/engines/varlen/token_step.py) and its engine (engine/engines/varlen/engine.py), on the CPU twin.
 
 A cohort's sequences run as concatenated tokens with a varlen attention: each sequence exits where
 the exact step on the padded batch makes it exit, with its logits up to rounding; no read-back
@@ -14,18 +14,18 @@ from test_model_families import tiny_family
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.bench.packed_bert import varlen_attention_reference
-from earlyexit_kernels.engine.buckets import DEFAULT_SIZES
-from earlyexit_kernels.engine.engine_config import EngineConfig
-from earlyexit_kernels.engine.engine_kind import engine_kind, make_engine
-from earlyexit_kernels.engine.packed_layer import OpByOpLayer
-from earlyexit_kernels.engine.static_step import StaticBatches
-from earlyexit_kernels.engine.token_step import TOKEN_SIZES, PackedInputs, run_tokens
-from earlyexit_kernels.engine.varlen_attention import (
+from earlyexit_kernels.engine.engines.choice import engine_kind, make_engine
+from earlyexit_kernels.engine.engines.varlen.engine import VarlenEngine, packed_cohort_size
+from earlyexit_kernels.engine.engines.varlen.token_step import TOKEN_SIZES, PackedInputs, run_tokens
+from earlyexit_kernels.engine.graphed.buckets import DEFAULT_SIZES
+from earlyexit_kernels.engine.graphed.static_step import StaticBatches
+from earlyexit_kernels.engine.layers.packed_layer import OpByOpLayer
+from earlyexit_kernels.engine.layers.varlen_attention import (
     fused_varlen_available,
     grid_attention,
     token_layout,
 )
-from earlyexit_kernels.engine.varlen_engine import VarlenEngine, packed_cohort_size
+from earlyexit_kernels.engine.stream.engine_config import EngineConfig
 from earlyexit_kernels.patching.state import state_of
 
 
@@ -96,7 +96,7 @@ def test_the_fused_varlen_call_takes_the_layouts_tensors_on_the_meta_device():
     GPU's step makes: int32 offsets, the longest as the bound, [t, heads, d] in and out, in bf16."""
     from dataclasses import replace
 
-    from earlyexit_kernels.engine.varlen_attention import fused_attention
+    from earlyexit_kernels.engine.layers.varlen_attention import fused_attention
 
     pytest.importorskip("torch.nn.attention.varlen", reason="torch < 2.10 has no varlen attention")
     layout = token_layout(torch.tensor([3, 0, 5]), 10, longest=32)
@@ -221,7 +221,7 @@ def test_a_new_threshold_never_replays_graphs_captured_under_the_old_one(kind, m
     was captured with. After set_policy (online re-certification), each static batch the GPU's stream engines
     use drops its graphs before its next step; the same thresholds again keep them. Counted on the CPU, where
     nothing is captured, by the calls that drop them."""
-    from earlyexit_kernels.engine.step_graphs import StepGraphs
+    from earlyexit_kernels.engine.graphed.step_graphs import StepGraphs
 
     items = _sequences(24, seed=8, longest=20)
     model, policy = spread_model("bert", "entropy", items)
@@ -255,7 +255,7 @@ def test_the_fused_kernel_is_taken_only_where_flash_attention_runs(capability, d
     """Elsewhere the step takes the grid: a fused kernel that raised would fail the first capture, which stops
     capture for every engine in the process."""
     pytest.importorskip("torch.nn.attention.varlen", reason="torch < 2.10 has no varlen attention")
-    from earlyexit_kernels.engine.varlen_attention import attention_for, fused_attention
+    from earlyexit_kernels.engine.layers.varlen_attention import attention_for, fused_attention
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     cuda = torch.device("cuda", 0)

@@ -11,7 +11,7 @@ from conftest import KERNEL_DEVICE, on_device
 import earlyexit_kernels as eek
 from earlyexit_kernels.backends import registry as backend_registry
 from earlyexit_kernels.backends.write_back import WriteBack, exit_step_write_back, head_exit_step_write_back, write_back
-from earlyexit_kernels.engine.heads import LambdaHaltingHead
+from earlyexit_kernels.engine.step.heads import LambdaHaltingHead
 from earlyexit_kernels.methods import exit_rules
 
 pytestmark = [

@@ -115,7 +115,7 @@ def smoke(device_name: str, size_name: str, batch: int, seq_len: int, dtype_name
     from earlyexit_kernels.bench.patterns import geometric, make_inputs
     from earlyexit_kernels.bench.threshold_pattern import entropy_variant
     from earlyexit_kernels.bench.timing import synchronize, timed_call
-    from earlyexit_kernels.engine.step_graphs import capture_failure
+    from earlyexit_kernels.engine.graphed.step_graphs import capture_failure
     from earlyexit_kernels.patching.patch import current_adapter
     from earlyexit_kernels.patching.state import attach, state_of
 
@@ -204,7 +204,7 @@ def peer_capture(batch: int, seq_len: int, repeats: int) -> int:
 
     from earlyexit_kernels.bench.models import SIZES, build_model
     from earlyexit_kernels.bench.timing import timed_call
-    from earlyexit_kernels.engine.step_graphs import capture_stream
+    from earlyexit_kernels.engine.graphed.step_graphs import capture_stream
 
     device = torch.device("cuda")
     model = build_model("bert", SIZES["base"], seq_len, device="cuda", dtype=torch.bfloat16, attn="sdpa")
@@ -375,7 +375,7 @@ def gaps(batch: int, seq_len: int, calls: int = 5) -> int:
     import earlyexit_kernels as eek
     from earlyexit_kernels.bench.models import SIZES, build_model
     from earlyexit_kernels.bench.peers import PeerModels
-    from earlyexit_kernels.engine.static_step import StaticBatches
+    from earlyexit_kernels.engine.graphed.static_step import StaticBatches
     from earlyexit_kernels.patching.state import state_of
 
     device = torch.device("cuda")

@@ -49,7 +49,7 @@ optional=()
 has ruff || command -v ruff >/dev/null 2>&1 || optional+=("ruff")
 has ray.data || optional+=("ray[data]>=2.40")  # earlyexit_kernels.ray; its tests are skipped without it
 has ray.serve || optional+=("ray[serve]>=2.40")  # `eek serve --replicas`
-has onnxruntime || optional+=("onnxruntime>=1.17")  # --dtype int8 on ONNX Runtime's kernels (engine/ort_layer.py)
+has onnxruntime || optional+=("onnxruntime>=1.17")  # --dtype int8 on ONNX Runtime's kernels (engine/layers/ort_layer.py)
 has onnx || optional+=("onnx>=1.15")  # builds its graphs
 has xdist || optional+=("pytest-xdist")  # make test runs the suite on every core (scripts/run_tests.sh)
 # the server (earlyexit_kernels.integrations.server; swagger_ui: Swagger UI 5, the files of its /docs), its tests' HTTP client and the fuzzer of its

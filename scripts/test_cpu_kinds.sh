@@ -55,10 +55,10 @@ else
     export QEMU_CPU=$emulated_cpu OMP_NUM_THREADS=1 EEK_TEST_EMULATOR="$emulator"
     # qemu's warnings about CPUID bits its translator lacks (rdseed, sha-ni, ...) say nothing of the kernels
     quiet() { "$@" 2> >(grep -v "TCG doesn't support requested feature" >&2); }
-    class=$(quiet "$emulator" "$PY" -c 'from earlyexit_kernels.engine.int8_isa import int8_isa; print(int8_isa())')
+    class=$(quiet "$emulator" "$PY" -c 'from earlyexit_kernels.engine.layers.int8_isa import int8_isa; print(int8_isa())')
     if [[ "$class" != avx2 ]]; then
         echo "test-cpu-kinds: under qemu-x86_64 -cpu $emulated_cpu the package sees int8 class '$class', not avx2:" \
-             "the int8 class must come from CPUID, as the kernels read it (earlyexit_kernels/engine/int8_isa.py)" >&2
+             "the int8 class must come from CPUID, as the kernels read it (earlyexit_kernels/engine/layers/int8_isa.py)" >&2
         exit 1
     fi
     echo "test-cpu-kinds: the tests marked int8_kernels on an emulated AVX2-only CPU (qemu-x86_64 -cpu $emulated_cpu)"

@@ -18,7 +18,7 @@ import time
 from audit_model import model_and_stream
 
 import earlyexit_kernels as eek
-from earlyexit_kernels.engine.audit import full_depth_logits
+from earlyexit_kernels.engine.entry.audit import full_depth_logits
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 2048
 model, items, policy = model_and_stream(N)

@@ -14,7 +14,7 @@ sequences, each a disagreement with that probability, recorded 16 at a time into
   under it (``watch.bound()`` crossing upward), once per crossing.
 
 A rule that warns of a healthy model (risk at half the budget) cries wolf; one that never warns
-at twice the budget watches nothing. The figures in docs/serving.md and engine/audit.py came from
+at twice the budget watches nothing. The figures in docs/serving.md and engine/entry/audit.py came from
 
     .venv/bin/python benchmarks/archive/audit_warning_rule.py
 """
@@ -23,7 +23,7 @@ import argparse
 import logging
 import random
 
-from earlyexit_kernels.engine.audit import AuditWatch
+from earlyexit_kernels.engine.entry.audit import AuditWatch
 
 MULTIPLES = (0.5, 0.9, 1.5, 2.0)
 

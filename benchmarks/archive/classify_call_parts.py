@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's
 
 import earlyexit_kernels as eek
 from benchmarks.suite.stream_grid import add_stream_arguments, grid_stream
-from earlyexit_kernels.engine.continuous import ContinuousEngine
-from earlyexit_kernels.engine.packed_layer import OpByOpLayer
-from earlyexit_kernels.engine.scheduler import LayerScheduler
-from earlyexit_kernels.engine.token_pool import TokenPool
+from earlyexit_kernels.engine.engines.continuous.engine import ContinuousEngine
+from earlyexit_kernels.engine.engines.continuous.scheduler import LayerScheduler
+from earlyexit_kernels.engine.engines.continuous.token_pool import TokenPool
+from earlyexit_kernels.engine.layers.packed_layer import OpByOpLayer
 
 PARTS = {
     "layer (op by op)": (OpByOpLayer, "__call__"),

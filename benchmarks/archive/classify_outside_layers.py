@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's
 import earlyexit_kernels as eek
 from benchmarks.suite.stream_grid import add_stream_arguments, grid_stream
 from earlyexit_kernels.bench.stream import recorded_engines, run_on_batches
-from earlyexit_kernels.engine.packed_layer import OpByOpLayer
+from earlyexit_kernels.engine.layers.packed_layer import OpByOpLayer
 
 
 def main() -> None:

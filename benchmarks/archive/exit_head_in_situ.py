@@ -40,7 +40,7 @@ import earlyexit_kernels as eek
 from earlyexit_kernels.backends import cpp_backend
 from earlyexit_kernels.backends.registry import resolve_backend
 from earlyexit_kernels.bench.timing import median_us
-from earlyexit_kernels.engine.batch_loop import can_fuse_head, head_and_exit_step
+from earlyexit_kernels.engine.step.batch_loop import can_fuse_head, head_and_exit_step
 from earlyexit_kernels.methods.exit_rules import init_state
 from earlyexit_kernels.patching.patch import current_adapter
 

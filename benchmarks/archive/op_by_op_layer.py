@@ -7,7 +7,7 @@ Finished investigation: op by op, one layer runs 1.07-1.18x faster at hidden 128
 
 A random BERT layer (4 x hidden feed-forward, SDPA) on [rows, 36, hidden] with one padded row:
 ``module``: ``layer(hidden, mask)``, what the unpatched model runs; ``op by op``:
-:func:`earlyexit_kernels.engine.packed_layer.run_packed` without positions, which the continuous
+:func:`earlyexit_kernels.engine.layers.packed_layer.run_packed` without positions, which the continuous
 engine runs on every call it does not pack (the same operations on the same weights, without
 the modules' Python; with the C++ extension built, this SDPA layer is one C++ operator; the outputs are compared bit for bit). Median of 15 interleaved rounds
 of ``--calls`` calls each.
@@ -24,7 +24,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from earlyexit_kernels.backends.compaction import layer_attention_mask
-from earlyexit_kernels.engine.packed_layer import run_packed
+from earlyexit_kernels.engine.layers.packed_layer import run_packed
 
 LENGTH = 36
 

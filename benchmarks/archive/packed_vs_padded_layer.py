@@ -8,7 +8,7 @@ Finished investigation: packed runs 1.62-3.54x faster at 39-14% real tokens, 1.0
 A random BERT layer (hidden 128 and 384, 4 x hidden feed-forward, SDPA), 32 rows: 31 of one
 length and one longest row, so the real-token share goes from 0.96 (lengths close to the
 longest) down to 0.14 (one 256-token row among 28-token rows). ``padded``: the layer module on
-[32, S, H] with its mask; ``packed``: :func:`earlyexit_kernels.engine.packed_layer.run_packed`.
+[32, S, H] with its mask; ``packed``: :func:`earlyexit_kernels.engine.layers.packed_layer.run_packed`.
 Best of 3 rounds of 10 calls each, the two interleaved, on 1 and 2 threads. The continuous
 engine packs a call below ``PACK_BELOW_FILL`` real tokens; this is where that number comes from.
 """
@@ -23,8 +23,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from earlyexit_kernels.backends.compaction import layer_attention_mask
-from earlyexit_kernels.engine.packed_layer import run_packed
-from earlyexit_kernels.engine.scheduler import PACK_BELOW_FILL
+from earlyexit_kernels.engine.engines.continuous.scheduler import PACK_BELOW_FILL
+from earlyexit_kernels.engine.layers.packed_layer import run_packed
 
 SHAPES = [(48, 40), (48, 44), (48, 46), (64, 24), (128, 30), (256, 28)]  # (longest, the other rows' length)
 ROWS = 32

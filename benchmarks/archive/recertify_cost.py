@@ -23,7 +23,7 @@ from audit_model import model_and_stream
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.calibration.online import OnlineCertificate
-from earlyexit_kernels.engine.audit import AuditWatch, full_depth_logits
+from earlyexit_kernels.engine.entry.audit import AuditWatch, full_depth_logits
 
 FRACTION, CANDIDATES = 0.05, 401
 

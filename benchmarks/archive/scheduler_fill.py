@@ -4,7 +4,7 @@ Finished investigation: with nothing exiting the engine runs the per-batch loop'
 at 64k sequences); with half the layers saved 13-27% fewer layer calls (docs/benchmarks.md, "Benchmarks";
 docs/serving.md, "Bounded waiting").
 
-Drives :class:`earlyexit_kernels.engine.scheduler.LayerScheduler` exactly as the runner does
+Drives :class:`earlyexit_kernels.engine.engines.continuous.scheduler.LayerScheduler` exactly as the runner does
 under ``eek.classify`` (read-ahead of ``32 * max_in_flight`` inputs, the length sweep, whole
 cohorts admitted, survivors requeued, exits released) over streams of the stream
 benchmark's lengths (``bench.stream.stream_lengths``), with exit layers drawn from a
@@ -23,7 +23,7 @@ import random
 from bisect import bisect_left
 
 from earlyexit_kernels.bench.stream import stream_lengths
-from earlyexit_kernels.engine.scheduler import Admit, LayerScheduler, ShapeBuckets
+from earlyexit_kernels.engine.engines.continuous.scheduler import Admit, LayerScheduler, ShapeBuckets
 
 # Sequences exiting at layers 1..12 in a committed stream run (benchmarks/results/unknown_cpu/stream_cpu.md).
 EXITS_PER_LAYER = (0, 25, 73, 124, 204, 231, 122, 127, 114, 0, 4, 0)

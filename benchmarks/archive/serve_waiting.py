@@ -5,8 +5,8 @@ Finished investigation: admitting new texts behind the longest waiting group too
 
 ``eek serve`` one text per request, ``C`` clients each sending its next request as soon as
 (about 1 ms after) the last was answered. The engine is driven exactly as its thread drives
-it (:class:`~earlyexit_kernels.engine.scheduler.LayerScheduler` and the runner's fifo
-:class:`~earlyexit_kernels.engine.admission.PendingQueue`, new sequences taken between two
+it (:class:`~earlyexit_kernels.engine.engines.continuous.scheduler.LayerScheduler` and the runner's fifo
+:class:`~earlyexit_kernels.engine.stream.admission.PendingQueue`, new sequences taken between two
 steps), eager shapes, ``max_batch_size`` 64; each step's time comes from a cost model of
 one CPU thread running a MiniLM-L6-sized layer (hidden 384): ``0.25 ms + 70 us`` per token of
 the call (its real tokens where the call runs packed, below 0.75 fill). Texts: 4-120 tokens,
@@ -15,7 +15,7 @@ lognormal around 27; exit layers drawn so that 3.6 of 6 layers run on average, 3
 
 For each concurrency and ``max_age`` (None: the rule off, the engine before issue 53): the
 requests' p50, p99 and longest latency, and the longest wait in layer calls against the
-stated bound (``max_age + L x n``, :mod:`earlyexit_kernels.engine.aging`).
+stated bound (``max_age + L x n``, :mod:`earlyexit_kernels.engine.stream.aging`).
 
     python benchmarks/archive/serve_waiting.py [--requests 4000]
 """
@@ -29,8 +29,8 @@ import random
 
 import numpy as np
 
-from earlyexit_kernels.engine.admission import PendingQueue
-from earlyexit_kernels.engine.scheduler import Admit, LayerScheduler, ShapeBuckets, default_call_cost
+from earlyexit_kernels.engine.engines.continuous.scheduler import Admit, LayerScheduler, ShapeBuckets, default_call_cost
+from earlyexit_kernels.engine.stream.admission import PendingQueue
 
 LAYERS = 6
 EXIT_SHARES = (0.25, 0.15, 0.10, 0.10, 0.05, 0.35)  # of the sequences leaving at layers 1..6

@@ -1,6 +1,6 @@
 """The package's int8 model on two CPUs: are its logits the same where its form is the same?
 
-The int8 form follows the CPU's class (:mod:`earlyexit_kernels.engine.int8_isa`): 7-bit weights wherever the
+The int8 form follows the CPU's class (:mod:`earlyexit_kernels.engine.layers.int8_isa`): 7-bit weights wherever the
 GEMMs lack VNNI, so that no 16-bit pair sum saturates and the integer products are exact on every kernel. Then
 an AVX2-only CPU should give what a VNNI CPU running the same 7-bit form gives, up to float rounding, and its
 agreement with float32 should be that CPU's. Full-depth agreement on an emulated CPU is out of reach (the
@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from int8_recipes import batches  # noqa: E402
 
 from earlyexit_kernels.demo.real_task import load_rotten_tomatoes  # noqa: E402
-from earlyexit_kernels.engine.int8_isa import FBGEMM_CAP, int8_isa, int8_weight_bits  # noqa: E402
-from earlyexit_kernels.engine.precision import int8_encoder, int8_recipe  # noqa: E402
+from earlyexit_kernels.engine.layers.int8_isa import FBGEMM_CAP, int8_isa, int8_weight_bits  # noqa: E402
+from earlyexit_kernels.engine.layers.precision import int8_encoder, int8_recipe  # noqa: E402
 
 warnings.filterwarnings("ignore", message=r".*(quantize_per_tensor|torch\.ao\.quantization).*")
 

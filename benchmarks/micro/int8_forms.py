@@ -1,7 +1,7 @@
 """The int8 forms of each CPU class at full depth: agreement with the float32 model, PyTorch's and ONNX Runtime's layers.
 
 Without VNNI, fbgemm's and ONNX Runtime's u8 x s8 GEMMs add each pair of products in a saturating
-16-bit sum (:mod:`earlyexit_kernels.engine.int8_isa`). The forms, each on every encoder Linear with one
+16-bit sum (:mod:`earlyexit_kernels.engine.layers.int8_isa`). The forms, each on every encoder Linear with one
 activation scale per token and one weight scale per output channel:
 
 - ``8w8a``: 8-bit weights and activations, the form of the ``vnni`` class (its sums are exact);
@@ -38,10 +38,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from int8_recipes import batches, encoder_linears, predictions, replace  # noqa: E402
 
 from earlyexit_kernels.demo.real_task import load_rotten_tomatoes  # noqa: E402
-from earlyexit_kernels.engine.int8_isa import FBGEMM_CAP, int8_isa, int8_weight_bits  # noqa: E402
-from earlyexit_kernels.engine.int8_linear import PerTokenInt8Linear  # noqa: E402
-from earlyexit_kernels.engine.ort_layer import OrtLayer, encoder_layers, ort_available  # noqa: E402
-from earlyexit_kernels.engine.precision import int8_encoder  # noqa: E402
+from earlyexit_kernels.engine.layers.int8_isa import FBGEMM_CAP, int8_isa, int8_weight_bits  # noqa: E402
+from earlyexit_kernels.engine.layers.int8_linear import PerTokenInt8Linear  # noqa: E402
+from earlyexit_kernels.engine.layers.ort_layer import OrtLayer, encoder_layers, ort_available  # noqa: E402
+from earlyexit_kernels.engine.layers.precision import int8_encoder  # noqa: E402
 
 warnings.filterwarnings("ignore", message=r".*(quantize_per_tensor|torch\.ao\.quantization).*")
 

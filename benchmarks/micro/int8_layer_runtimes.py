@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from int8_recipes import batches  # noqa: E402
 
 from earlyexit_kernels.demo.real_task import load_rotten_tomatoes  # noqa: E402
-from earlyexit_kernels.engine.precision import int8_encoder  # noqa: E402
+from earlyexit_kernels.engine.layers.precision import int8_encoder  # noqa: E402
 
 warnings.filterwarnings("ignore", message=r".*(quantize_per_tensor|torch\.ao\.quantization).*")
 RECIPES = ("per-token-ort", "per-token-ov")

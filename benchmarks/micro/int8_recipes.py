@@ -8,10 +8,10 @@ test texts, in the length-sorted batches of 32 the stack benchmarks use (128 tok
 - ``dynamic, FFN output float``: the same but the feed-forward output projections kept float32;
 - ``dynamic, FFN output per-token``: the same but those projections int8 with one activation
   scale per token and one weight scale per output channel
-  (:class:`earlyexit_kernels.engine.int8_linear.PerTokenInt8Linear`);
+  (:class:`earlyexit_kernels.engine.layers.int8_linear.PerTokenInt8Linear`);
 - ``per-token``: every encoder Linear so;
 - ``per-token, ONNX Runtime layers``: the same quantization, each encoder layer one ONNX Runtime graph
-  (:class:`earlyexit_kernels.engine.ort_layer.OrtLayer`, recipe ``per-token-ort``), where onnxruntime is installed;
+  (:class:`earlyexit_kernels.engine.layers.ort_layer.OrtLayer`, recipe ``per-token-ort``), where onnxruntime is installed;
 - ``dynamic, FFN output smoothed``: SmoothQuant's migration (alpha 0.5) on the feed-forward output
   projections, calibrated on the largest input of each channel over 256 train texts, then dynamic;
 - ``torchao``: torchao's ``Int8DynamicActivationInt8WeightConfig`` on every encoder Linear
@@ -35,8 +35,8 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from earlyexit_kernels.demo.real_task import load_rotten_tomatoes, tokenize
-from earlyexit_kernels.engine.int8_linear import PerTokenInt8Linear
-from earlyexit_kernels.engine.precision import int8_encoder
+from earlyexit_kernels.engine.layers.int8_linear import PerTokenInt8Linear
+from earlyexit_kernels.engine.layers.precision import int8_encoder
 
 warnings.filterwarnings("ignore", message=r".*(quantize_per_tensor|torch\.ao\.quantization).*")
 

@@ -4,7 +4,7 @@ On a GPU (issue 93): BERT-base's shape (12 layers, hidden 768, 12 heads, FFN 307
 from a transformers config), bf16, S = 128, every row count 1..256. Each count's layer is captured
 in a CUDA graph and timed by CUDA events around 20 replays, 15 rounds with every count in each
 (``earlyexit_kernels/bench/layer_costs.py``): the table, with each count's median and interquartile
-range. From it, the bucket sizes the table chooses (``engine/buckets.py``'s ``sizes_from_table``: a
+range. From it, the bucket sizes the table chooses (``engine/graphed/buckets.py``'s ``sizes_from_table``: a
 size kept only where the layer is faster than at the next larger kept size by more than the noise)
 and, for ``geometric-p0.10`` and ``sched-f0.50`` (every row exits after layer 6) at B = 64 and 256,
 what the graphed step runs with vLLM's sizes and with the chosen ones, the count read a layer late
@@ -18,7 +18,7 @@ Only the encoder layers are counted: the exit step, the gather and their launche
 S = 16, B = 8 and 16, 3 rounds of 2 calls: it times nothing worth keeping, it checks the script runs.
 ``--rows buckets``: only vLLM's sizes and every multiple of 8 (the ideal, which needs every exact
 count, is then left blank). The JSON is the table (``LayerCostTable``), which
-``earlyexit_kernels.engine.buckets.sizes_from_file`` reads.
+``earlyexit_kernels.engine.graphed.buckets.sizes_from_file`` reads.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from earlyexit_kernels.bench.layer_costs import REPEATS, REPLAYS, measure_layer_
 from earlyexit_kernels.bench.models import SIZES, build_model
 from earlyexit_kernels.bench.pattern_names import describe_pattern
 from earlyexit_kernels.bench.patterns import pattern_by_name
-from earlyexit_kernels.engine.buckets import DEFAULT_SIZES, sizes_from_table
+from earlyexit_kernels.engine.graphed.buckets import DEFAULT_SIZES, sizes_from_table
 from earlyexit_kernels.models import adapter_class
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

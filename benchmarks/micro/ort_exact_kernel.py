@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from ov_layer import minilm, padded_call  # noqa: E402
 
-from earlyexit_kernels.engine import ort_layer  # noqa: E402
-from earlyexit_kernels.engine.int8_isa import int8_isa, int8_weight_bits  # noqa: E402
+from earlyexit_kernels.engine.layers import ort_layer  # noqa: E402
+from earlyexit_kernels.engine.layers.int8_isa import int8_isa, int8_weight_bits  # noqa: E402
 
 warnings.filterwarnings("ignore")
 

@@ -28,8 +28,8 @@ import time
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from earlyexit_kernels.engine.ort_layer import _UNFUSED, OrtLayer, _Graph
-from earlyexit_kernels.engine.precision import int8_encoder
+from earlyexit_kernels.engine.layers.ort_layer import _UNFUSED, OrtLayer, _Graph
+from earlyexit_kernels.engine.layers.precision import int8_encoder
 
 
 def layer_call(layer, model, hidden, mask):

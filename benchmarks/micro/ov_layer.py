@@ -22,7 +22,7 @@ on the 8-row call, and the two int8 layers' from each other::
 survivors, each packing's token count): N calls of 1..32 rows padded to 16..64 tokens, drawn once. Each layer
 runs the sequence twice, the first time on shapes it has never seen (the server's case: its token counts
 rarely repeat), then again on the shapes it has seen; OpenVINO's layer both with its calls padded to few
-shapes (its default: :mod:`earlyexit_kernels.engine.packed_call_shapes`) and at each call's own shape;
+shapes (its default: :mod:`earlyexit_kernels.engine.layers.packed_call_shapes`) and at each call's own shape;
 and the longest call repeated, one shape. Milliseconds per 1,000 real tokens; a runtime that prepares each
 new shape pays it in the first column only::
 
@@ -37,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-from earlyexit_kernels.engine.ort_layer import OrtLayer
-from earlyexit_kernels.engine.ov_layer import OvLayer
+from earlyexit_kernels.engine.layers.ort_layer import OrtLayer
+from earlyexit_kernels.engine.layers.ov_layer import OvLayer
 
 
 def minilm():

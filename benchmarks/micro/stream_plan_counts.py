@@ -36,12 +36,12 @@ import torch
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.bench import stream
-from earlyexit_kernels.engine import step_graphs
-from earlyexit_kernels.engine.buckets import DEFAULT_SIZES
-from earlyexit_kernels.engine.cohort_engine import CohortEngine
-from earlyexit_kernels.engine.segment_engine import SegmentEngine
-from earlyexit_kernels.engine.static_step import CUDA_LENGTH_STEP, StaticBatches
-from earlyexit_kernels.engine.varlen_engine import VarlenEngine
+from earlyexit_kernels.engine.engines.cohort_engine import CohortEngine
+from earlyexit_kernels.engine.engines.segments.engine import SegmentEngine
+from earlyexit_kernels.engine.engines.varlen.engine import VarlenEngine
+from earlyexit_kernels.engine.graphed import step_graphs
+from earlyexit_kernels.engine.graphed.buckets import DEFAULT_SIZES
+from earlyexit_kernels.engine.graphed.static_step import CUDA_LENGTH_STEP, StaticBatches
 from earlyexit_kernels.patching.state import state_of
 
 ENGINES = {

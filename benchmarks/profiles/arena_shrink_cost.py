@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from earlyexit_kernels.engine.ort_layer import encoder_layers, request_arena_shrink, run_on_ort
+from earlyexit_kernels.engine.layers.ort_layer import encoder_layers, request_arena_shrink, run_on_ort
 from earlyexit_kernels.integrations.server.memory_trim import _glibc_malloc_trim, resident_bytes
 
 INTERVAL_S = 10.0  # the memory trim's default

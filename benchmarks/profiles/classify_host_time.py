@@ -28,7 +28,7 @@ import transformers.models.bert.modeling_bert as modeling_bert
 import earlyexit_kernels as eek
 from benchmarks.suite.stream_grid import sorted_stream
 from earlyexit_kernels.bench.stream import StreamConfig, run_on_batches
-from earlyexit_kernels.engine.packed_layer import OpByOpLayer
+from earlyexit_kernels.engine.layers.packed_layer import OpByOpLayer
 
 
 def main() -> None:

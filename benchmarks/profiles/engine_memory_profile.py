@@ -1,7 +1,7 @@
 """Is the served process's growing memory live, or free memory its allocator holds? (issue 64, item 3)
 
 The server's load without HTTP: ``--clients`` threads each submit one text at a time to a
-:class:`~earlyexit_kernels.engine.background.BackgroundEngine` (one torch thread, as ``eek serve``
+:class:`~earlyexit_kernels.engine.entry.background.BackgroundEngine` (one torch thread, as ``eek serve``
 runs under the serving benchmark), with ``eek serve``'s memory trim running every ``--trim``
 seconds. Every 10 s: texts answered, resident memory (``VmRSS``), glibc's own account of its heap
 (``mallinfo2``: the heap's size, the bytes in use, the free bytes it holds, what is ``mmap``'d),
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from earlyexit_kernels.engine.background import BackgroundEngine
+from earlyexit_kernels.engine.entry.background import BackgroundEngine
 from earlyexit_kernels.integrations.model_folder import load_model
 from earlyexit_kernels.integrations.server.memory_trim import heap_account, start_memory_trim
 

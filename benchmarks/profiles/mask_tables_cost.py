@@ -16,7 +16,7 @@ sys.path.insert(0, sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).reso
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from earlyexit_kernels.engine import ort_layer  # noqa: E402
+from earlyexit_kernels.engine.layers import ort_layer  # noqa: E402
 
 ROWS, LENGTH, REAL = 8, 40, 30
 

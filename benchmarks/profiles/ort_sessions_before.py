@@ -5,13 +5,13 @@
         --wrapper benchmarks/profiles/ort_sessions_before.py
 
 Everything after ``--`` is ``eek``'s command line, run in this process. With ``EEK_SESSIONS_BEFORE=1``
-each :class:`~earlyexit_kernels.engine.ort_layer.OrtLayer` session gets its own CPU arena (extended
+each :class:`~earlyexit_kernels.engine.layers.ort_layer.OrtLayer` session gets its own CPU arena (extended
 to the next power of two) and a memory pattern per input shape, as before; without it, eek runs as
 installed. So the two servers of a comparison start the same way and differ in that alone.
 ``EEK_ARENA_SHRINK=off`` leaves out the memory trim's shrink of the arena (``ort_layer.request_arena_shrink``),
 the server before that change.
 ``EEK_ARENA_CFG=arena_extend_strategy=N`` registers the one shared arena with that strategy instead of
-:data:`~earlyexit_kernels.engine.ort_layer.ARENA_EXTEND_STRATEGY` (0, the next power of two):
+:data:`~earlyexit_kernels.engine.layers.ort_layer.ARENA_EXTEND_STRATEGY` (0, the next power of two):
 ``EEK_ARENA_CFG=arena_extend_strategy=1`` is the server before that default, its regions grown by exactly
 what a call asked.
 ``EEK_SESSIONS=shared-patterns`` (the one arena, with a pattern per shape) and ``EEK_SESSIONS=own-no-patterns``
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's
 
 import torch  # noqa: E402
 
-from earlyexit_kernels.engine import ort_layer  # noqa: E402
+from earlyexit_kernels.engine.layers import ort_layer  # noqa: E402
 
 
 def session_before(self):

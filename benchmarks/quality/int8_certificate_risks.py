@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 import earlyexit_kernels as eek  # noqa: E402
 from earlyexit_kernels.demo import real_task  # noqa: E402
-from earlyexit_kernels.engine.classify import classify  # noqa: E402
+from earlyexit_kernels.engine.entry.classify import classify  # noqa: E402
 from earlyexit_kernels.integrations.model_folder import load_model  # noqa: E402
 from earlyexit_kernels.patching.fit_record import FitRecord  # noqa: E402
 

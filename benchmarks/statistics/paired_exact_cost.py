@@ -1,7 +1,7 @@
 """What the exact paired test costs at the serving audit's window sizes (issue 77): the seconds of one p-value and
 of one upper bound, by rows.
 
-The serving audit (``earlyexit_kernels.engine.audit``) bounds the accuracy lost on its latest ``PAIRED_WINDOW``
+The serving audit (``earlyexit_kernels.engine.entry.audit``) bounds the accuracy lost on its latest ``PAIRED_WINDOW``
 labelled rows with the betting test after labels arrive; calibration certifies with the exact paired test
 (``earlyexit_kernels.methods.paired_exact``). This times the exact test where the audit would read it: rows a
 share ``--plus`` at +1 and ``--minus`` at -1, the p-value of "lost <= ``--budget`` points" (the test whose

@@ -148,7 +148,7 @@ def engine_run(folder: Path, texts: list[str], drift_texts: list[str], sizes: tu
     ``sizes[0]`` texts re-drawn from ``texts``, then (the same certificate and watch) ``sizes[1]`` from
     ``drift_texts``: what it served, its moves and when it pulled back."""
     import earlyexit_kernels as eek
-    from earlyexit_kernels.engine.audit import AuditWatch
+    from earlyexit_kernels.engine.entry.audit import AuditWatch
     from earlyexit_kernels.integrations.model_folder import load_model
 
     model, tokenizer = load_model(str(folder))

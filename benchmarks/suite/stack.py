@@ -48,8 +48,8 @@ import torch
 from torch import nn
 
 from earlyexit_kernels.bench.results import cpu_name
-from earlyexit_kernels.engine import int8_isa, precision
-from earlyexit_kernels.engine.precision import INT8_RECIPES
+from earlyexit_kernels.engine.layers import int8_isa, precision
+from earlyexit_kernels.engine.layers.precision import INT8_RECIPES
 from earlyexit_kernels.patching.state import is_patched
 
 __all__ = ["Config", "measure", "peer_configs", "peer_status", "rows_of", "run", "torch_configs"]
@@ -117,7 +117,7 @@ def _torch_config(name: str, base: str, model) -> Config:
 
 def int8_encoder(model: nn.Module, recipe: str = "all") -> nn.Module:
     """A copy of ``model`` with its encoder's Linear layers dynamically quantized to int8 (``recipe``: a key of
-    :data:`~earlyexit_kernels.engine.precision.INT8_RECIPES`; ``--stack-int8``), as ``--dtype int8`` serves it."""
+    :data:`~earlyexit_kernels.engine.layers.precision.INT8_RECIPES`; ``--stack-int8``), as ``--dtype int8`` serves it."""
     return precision.int8_encoder(model, recipe)
 
 
@@ -451,7 +451,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--stack-int8",
         choices=("all", "ffn-out-float", "per-token", "per-token-ort", "per-token-ov"),
         default="all",
-        help="the int8 recipe of the int8 rows (earlyexit_kernels.engine.precision.INT8_RECIPES): all (default), "
+        help="the int8 recipe of the int8 rows (earlyexit_kernels.engine.layers.precision.INT8_RECIPES): all (default), "
         "all but the feed-forward output projections (ffn-out-float), which keeps MPNet-base within 2 points, or "
         "per token x per channel on PyTorch's kernels (per-token), ONNX Runtime's layers (per-token-ort, what "
         "--dtype int8 serves) or OpenVINO's (per-token-ov)",

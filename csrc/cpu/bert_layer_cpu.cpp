@@ -1,5 +1,5 @@
 // A BERT-style encoder layer (post-norm, SDPA attention, GELU feed-forward) as one operator:
-// the same ATen calls, in the same order, as earlyexit_kernels.engine.packed_layer.OpByOpLayer
+// the same ATen calls, in the same order, as earlyexit_kernels.engine.layers.packed_layer.OpByOpLayer
 // on every position (so the same result, bit for bit), without Python between them.
 #include <ATen/ATen.h>
 

@@ -1,11 +1,11 @@
 """An internal exit head as one fused per-layer step reads it, and that step's reference.
 
-Both head forms of :mod:`earlyexit_kernels.engine.heads` are one shape: a pooling of the layer's
+Both head forms of :mod:`earlyexit_kernels.engine.step.heads` are one shape: a pooling of the layer's
 token vectors (``"cls"``: the first; ``"mean"``: the mean of the valid ones), an optional
 LayerNorm, a first Linear ``[M, H]`` with an activation, and a last Linear ``[C, M]``:
 
 - the model's form: the model's pooler ``tanh(W_p x + b_p)`` (M = H), then the layer's Linear;
-- the MLP form (:class:`~earlyexit_kernels.engine.heads.MLPExitHead`): LayerNorm, Linear, GELU, Linear.
+- the MLP form (:class:`~earlyexit_kernels.engine.step.heads.MLPExitHead`): LayerNorm, Linear, GELU, Linear.
 
 :func:`pooled_head_exit_step` is the PyTorch reference of the backends' fused step (the C++
 ``cpp_pooled_head_exit_step``): same signature, pooled as :func:`masked_mean` pools, then the

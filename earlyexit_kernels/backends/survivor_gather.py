@@ -2,7 +2,7 @@
 
 After the exit kernel has written the exiting rows' outputs and given the survivor order
 (``order`` [n], a permutation: the rows that stay first, in order), the graphed step
-(:mod:`earlyexit_kernels.engine.static_step`) puts every per-row tensor of its bucket in that
+(:mod:`earlyexit_kernels.engine.graphed.static_step`) puts every per-row tensor of its bucket in that
 order in the other half of its double buffer, marks the rows that left dead and counts the live
 ones. Written as PyTorch ops that is a masked fill, an index_select and a compare-and-sum for the
 rows and one index_select per tensor (the hidden states, the mask, each state tensor): 7 to 10

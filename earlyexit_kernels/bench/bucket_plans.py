@@ -1,7 +1,7 @@
 """What a bucket plan makes the graphed step run for an exit pattern, and what it costs by a layer-cost table.
 
 The graphed step runs layer ``l`` on a bucket of rows chosen by
-:class:`~earlyexit_kernels.engine.buckets.SurvivorLag` from the survivor counts published
+:class:`~earlyexit_kernels.engine.graphed.buckets.SurvivorLag` from the survivor counts published
 ``lag`` layers before. :func:`plan_cost` drives that same object with the counts an exit pattern
 gives (the rows with ``exit_layer > l`` stay after layer ``l``), published after every layer but
 the last, as a policy that may let rows leave at every layer does (a threshold: ``Entropy``,
@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from earlyexit_kernels.engine.buckets import DEFAULT_SIZES, ReadyCount, SurvivorLag
+from earlyexit_kernels.engine.graphed.buckets import DEFAULT_SIZES, ReadyCount, SurvivorLag
 
 __all__ = ["PlanCost", "plan_cost"]
 

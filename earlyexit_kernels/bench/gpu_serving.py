@@ -7,12 +7,12 @@ The GPU machine reaches no network, so neither Infinity nor text-embeddings-infe
 fetched there; each is reproduced in-process, on the same model's weights, behind the same
 request queue as eek's engine thread:
 
-- **eek**: :class:`~earlyexit_kernels.engine.background.BackgroundEngine` on the patched model, the
+- **eek**: :class:`~earlyexit_kernels.engine.entry.background.BackgroundEngine` on the patched model, the
   engine ``eek serve`` runs (on CUDA the cohort engine: token-budget cohorts through the graphed
-  step, :mod:`earlyexit_kernels.engine.cohort_engine`), arrival order; on CUDA also
+  step, :mod:`earlyexit_kernels.engine.engines.cohort_engine`), arrival order; on CUDA also
   **eek-continuous**, the same on the continuous engine, so that the two designs are measured
   side by side; and **eek-varlen**, the same on packed-token cohorts (no padding, varlen attention:
-  :mod:`earlyexit_kernels.engine.varlen_engine`), TEI's batching with early exit;
+  :mod:`earlyexit_kernels.engine.engines.varlen.engine`), TEI's batching with early exit;
 - **Infinity's way**: batches of up to 32 texts, sorted by length where more wait, padded to the
   longest rounded up to 32, the unpatched model captured in a CUDA graph per (rows, length) bucket;
 - **TEI's way**: texts taken in arrival order until a 16,384-token budget, packed without padding,
@@ -234,7 +234,7 @@ class _Eek:
     ``"auto"`` (what eek serve runs: the cohort engine on CUDA), ``"continuous"`` or ``"varlen"``."""
 
     def __init__(self, model, config: GpuServingConfig, engine: str = "auto"):
-        from earlyexit_kernels.engine.background import BackgroundEngine
+        from earlyexit_kernels.engine.entry.background import BackgroundEngine
 
         self.worker = BackgroundEngine(
             model,

@@ -3,7 +3,7 @@
 The layer runs through the family's adapter (its ``layer_mask``, its ``run_layer``), as the
 engine runs it, on random hidden states ``[n, S, H]`` (one padded position per row when
 ``padded``: the masked kernel path). On a GPU each row count's call is captured once in a CUDA
-graph (the graphed step's :class:`~earlyexit_kernels.engine.step_graphs.StepGraphs`: warm-up on
+graph (the graphed step's :class:`~earlyexit_kernels.engine.graphed.step_graphs.StepGraphs`: warm-up on
 the capture stream, one memory pool for all) and timed by CUDA events around ``replays``
 back-to-back replays, the queue kept ahead by an untimed lead-in, so what is timed is the device's
 time per layer, not the host's launch of one call and its synchronisation (a single eager call of
@@ -11,7 +11,7 @@ a small layer times the host). On the CPU the same calls run eagerly, timed by t
 ``replays`` calls. Each repetition times every row count once, in an order rotated from one
 repetition to the next, so that a change of machine load or clock hits all counts alike; a
 count's time is the median over the repetitions and its spread their interquartile range
-(:class:`~earlyexit_kernels.engine.cost_table.LayerCostTable`).
+(:class:`~earlyexit_kernels.engine.graphed.cost_table.LayerCostTable`).
 
 For a family whose layers differ (ModernBERT's global and sliding-window layers), a call runs one
 period of the layer types (:func:`probe_layers`), each on the same input.
@@ -28,7 +28,7 @@ import torch
 
 from earlyexit_kernels.bench.results import cpu_name
 from earlyexit_kernels.bench.timing import synchronize
-from earlyexit_kernels.engine.cost_table import LayerCostTable
+from earlyexit_kernels.engine.graphed.cost_table import LayerCostTable
 
 __all__ = [
     "REPEATS",
@@ -83,7 +83,7 @@ def captured(calls: dict, device: torch.device) -> dict:
     A call that cannot be captured runs eagerly, with one warning saying why (:func:`all_captured`)."""
     if torch.device(device).type != "cuda":
         return dict(calls)
-    from earlyexit_kernels.engine.step_graphs import StepGraphs
+    from earlyexit_kernels.engine.graphed.step_graphs import StepGraphs
 
     graphs = StepGraphs(torch.device(device))
     return {key: _Replay(graphs, key, call) for key, call in calls.items()}

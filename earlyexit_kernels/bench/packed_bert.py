@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from earlyexit_kernels.engine.varlen_attention import fused_varlen_available
+from earlyexit_kernels.engine.layers.varlen_attention import fused_varlen_available
 
 __all__ = ["pack", "packed_logits", "varlen_attention", "varlen_attention_reference", "fused_varlen_available"]
 

@@ -51,7 +51,7 @@ from earlyexit_kernels.bench.peer_attention import (
     refused,
 )
 from earlyexit_kernels.bench.timing import synchronize
-from earlyexit_kernels.engine.step_graphs import capture_stream
+from earlyexit_kernels.engine.graphed.step_graphs import capture_stream
 
 __all__ = ["PEERS", "GRAPHED_PEERS", "PeerUnavailable", "unavailable", "PeerModels", "check_peer_names"]
 

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from earlyexit_kernels.engine.int8_isa import cpu_flags
+from earlyexit_kernels.engine.layers.int8_isa import cpu_flags
 
 __all__ = ["COLUMNS", "environment", "write_csv", "append_csv", "read_csv"]
 

@@ -51,10 +51,10 @@ from earlyexit_kernels.bench.patterns import ExitPattern, make_inputs
 from earlyexit_kernels.bench.peers import PeerModels, PeerUnavailable
 from earlyexit_kernels.bench.threshold_pattern import THRESHOLD, PatternNotReproducible, entropy_variant
 from earlyexit_kernels.bench.timing import peak_memory, percentiles, timed_call
-from earlyexit_kernels.engine.buckets import default_plan
-from earlyexit_kernels.engine.static_step import StaticBatches
-from earlyexit_kernels.engine.step_choice import resolve_step
-from earlyexit_kernels.engine.step_graphs import GraphStats
+from earlyexit_kernels.engine.graphed.buckets import default_plan
+from earlyexit_kernels.engine.graphed.static_step import StaticBatches
+from earlyexit_kernels.engine.graphed.step_graphs import GraphStats
+from earlyexit_kernels.engine.step.step_choice import resolve_step
 from earlyexit_kernels.methods.policies import Entropy, ExitPolicy, Scheduled
 from earlyexit_kernels.models import adapter_class
 from earlyexit_kernels.patching.patch import current_adapter, is_patched, patch, unpatch
@@ -82,7 +82,7 @@ class MeasureSettings:
     ``graphed_prologue``: also time the graphed step with its prologue captured
     (``StaticBatches(prologue=True)``, the device's lag), rows whose ``step`` reads ``graphed-prologue``.
     ``bucket_sizes``: also time the graphed step, prologue captured, in these bucket sizes (chosen from a
-    layer-cost table, :func:`~earlyexit_kernels.engine.buckets.sizes_from_file`), rows whose ``step``
+    layer-cost table, :func:`~earlyexit_kernels.engine.graphed.buckets.sizes_from_file`), rows whose ``step``
     reads ``graphed-prologue-buckets``. ``graphed_torch_heads``: also time it, prologue captured, with
     the heads as the model's modules (cuBLAS on a GPU) before the backend's rule, rows whose ``step``
     reads ``graphed-prologue-torchheads``.

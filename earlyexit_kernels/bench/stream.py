@@ -41,7 +41,7 @@ rotates from one repetition to the next):
     and reported apart; Dynamo's ``unique_graphs`` counter is read before and after the
     measured passes;
 (f) ``eek.classify(..., engine="cohorts", max_batch_size=None, max_tokens=16384)``: the GPU's
-    engine (:mod:`earlyexit_kernels.engine.cohort_engine`), length-sorted cohorts sized by a
+    engine (:mod:`earlyexit_kernels.engine.engines.cohort_engine`), length-sorted cohorts sized by a
     token budget (``--cohort-tokens``) through the model's step, read back a cohort late (on
     CUDA, the engine ``eek.classify`` takes by default, with the token budget of a call
     where (d) has ``max_batch_size`` rows). Its fill is left blank: its calls are not sized by
@@ -49,11 +49,11 @@ rotates from one repetition to the next):
 (g) on CUDA only, ``eek.classify(..., engine="continuous")``: the continuous engine, which (d)
     was on CUDA before the cohort engine, measured beside it (on the CPU (d) is that engine);
 (h) with ``--segments``, ``eek.classify(..., engine="segments", max_batch_size=None, max_tokens=...)``:
-    the segment engine (:mod:`earlyexit_kernels.engine.segment_engine`, E3's layer segments, equal
+    the segment engine (:mod:`earlyexit_kernels.engine.engines.segments.engine`, E3's layer segments, equal
     thirds, each refilled to (f)'s token budget from the rows leaving the one below), beside (f) on
     the same texts, so that a GPU run says which design is faster. Its fill is left blank, as (f)'s;
 (i) with ``--varlen``, ``eek.classify(..., engine="varlen", max_batch_size=None, max_tokens=...)``: the
-    cohort engine on packed tokens (:mod:`earlyexit_kernels.engine.varlen_engine`: cohorts filled to
+    cohort engine on packed tokens (:mod:`earlyexit_kernels.engine.engines.varlen.engine`: cohorts filled to
     (f)'s budget of real tokens, no padding, varlen attention: flash attention's kernel in fp16/bf16
     on CUDA, a padded grid elsewhere), beside (f), so that a GPU run says whether unpadded layers pay.
     Its fill is left blank, as (f)'s.
@@ -385,7 +385,8 @@ def recorded_engines():
     """The engines ``eek.classify`` builds inside the block (for their counts; nothing else changes)."""
     import importlib
 
-    classify_module = importlib.import_module("earlyexit_kernels.engine.classify")  # the package's name is the function
+    # by its path: the package's name ``classify`` is the function
+    classify_module = importlib.import_module("earlyexit_kernels.engine.entry.classify")
 
     original = getattr(classify_module, "make_engine", None)
     made: list = []
@@ -431,7 +432,7 @@ def run(config: StreamConfig, output_dir: Path, name: str | None = None, progres
     from transformers import pipeline
     from transformers.utils import logging as hf_logging
 
-    from earlyexit_kernels.engine.classify import classify
+    from earlyexit_kernels.engine.entry.classify import classify
     from earlyexit_kernels.methods.policies import Entropy
     from earlyexit_kernels.patching.patch import patch
 

@@ -38,8 +38,8 @@ from earlyexit_kernels.bench.plots import make_plots
 from earlyexit_kernels.bench.results import append_csv, environment, write_csv
 from earlyexit_kernels.bench.runner import POLICIES, MeasureSettings, measure_pattern
 from earlyexit_kernels.bench.timing_controls import gc_paused, timing_controls
-from earlyexit_kernels.engine.buckets import sizes_from_file
-from earlyexit_kernels.engine.step_choice import STEP_NAMES
+from earlyexit_kernels.engine.graphed.buckets import sizes_from_file
+from earlyexit_kernels.engine.step.step_choice import STEP_NAMES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from earlyexit_kernels.bench.patterns import ExitPattern
-from earlyexit_kernels.engine.heads import MLPExitHead
+from earlyexit_kernels.engine.step.heads import MLPExitHead
 from earlyexit_kernels.methods.policies import Entropy
 
 __all__ = ["THRESHOLD", "MARGIN", "PatternNotReproducible", "entropy_variant"]

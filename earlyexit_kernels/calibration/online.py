@@ -7,7 +7,7 @@
 ``eek fit`` certifies a threshold once, on its calibration rows, walking an ordered path of
 candidates (``certified_path`` in ``eek_fit.json``, from never exiting early to the most
 aggressive). The audit runs a uniform random sample of what is served at full depth; with every
-head's logits recorded on those rows (:func:`~earlyexit_kernels.engine.audit.full_depth_logits`
+head's logits recorded on those rows (:func:`~earlyexit_kernels.engine.entry.audit.full_depth_logits`
 with ``all_exits``), every candidate of the path can be replayed on them without running the model
 again. This module turns them into moves along the path:
 

@@ -81,7 +81,7 @@ def query_recalls(scores: torch.Tensor, full_scores: torch.Tensor, groups: torch
     """Each query's recall of the full model's top ``k`` (float64 [queries], in the order of ``unique(groups)``).
 
     ``scores``, ``full_scores``: [N]; ``groups``: [N] query of each row. Ties in a top k go to the earlier
-    row, as :func:`earlyexit_kernels.engine.rerank.rank_order` does."""
+    row, as :func:`earlyexit_kernels.engine.entry.rerank.rank_order` does."""
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     groups = torch.as_tensor(groups).reshape(-1)

@@ -62,7 +62,7 @@ from earlyexit_kernels.demo.real_task import (
     fine_tuned_path,
     load_rotten_tomatoes,
 )
-from earlyexit_kernels.engine.classify import classify
+from earlyexit_kernels.engine.entry.classify import classify
 from earlyexit_kernels.patching.fit_record import FitRecord
 from earlyexit_kernels.patching.loading import from_pretrained
 from earlyexit_kernels.patching.patch import policy_of, unpatch

@@ -42,7 +42,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from earlyexit_kernels._version import __version__
 from earlyexit_kernels.demo.task import VOCAB_SIZE, batches, make_split
-from earlyexit_kernels.engine.classify import classify
+from earlyexit_kernels.engine.entry.classify import classify
 from earlyexit_kernels.methods.policies import Entropy, MaxProb, Patience
 from earlyexit_kernels.patching.loading import from_pretrained
 from earlyexit_kernels.patching.patch import is_patched, patch, policy_of, unpatch

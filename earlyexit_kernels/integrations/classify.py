@@ -1,4 +1,4 @@
-"""``eek.classify`` as users call it: the engine's (:func:`earlyexit_kernels.engine.classify.classify`, which
+"""``eek.classify`` as users call it: the engine's (:func:`earlyexit_kernels.engine.entry.classify.classify`, which
 takes a certificate by its type and reads no folder), with ``recertify``'s default resolved from the folder the
 model was loaded from (``model.name_or_path``, :func:`.recertify_folder.resolve_online_certificate`): ``recertify``
 is taken as :class:`.recertify_choice.Recertify` takes it (None, True, False or an ``OnlineCertificate``).
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 
-from earlyexit_kernels.engine import classify as engine_classify
+from earlyexit_kernels.engine.entry import classify as engine_classify
 from earlyexit_kernels.integrations.online_certificate import resolve_online_certificate
 from earlyexit_kernels.integrations.recertify_choice import Recertify
 
@@ -17,7 +17,7 @@ __all__ = ["classify"]
 
 @functools.wraps(engine_classify.classify)
 def classify(model, inputs, *, recertify=None, audit=None, audit_fraction: float = 0.0, **options):
-    from earlyexit_kernels.engine.audit import AuditWatch, is_multi_label
+    from earlyexit_kernels.engine.entry.audit import AuditWatch, is_multi_label
     from earlyexit_kernels.methods.risk_control import check_fraction
     from earlyexit_kernels.patching.patch import is_patched, policy_of
 

@@ -209,7 +209,7 @@ def _classify(args) -> int:
 
 
 def _classify_locally(args) -> int:
-    from earlyexit_kernels.engine.classify import classify
+    from earlyexit_kernels.engine.entry.classify import classify
     from earlyexit_kernels.integrations.table_io import ChunkWriter, check_writable, read_chunks
 
     # The input is checked before the (slower) model is loaded and before OUTPUT is touched.
@@ -224,7 +224,7 @@ def _classify_locally(args) -> int:
     watch = None
     online = recertify_options(args, args.audit, local=True, multi_label=is_multi_label(model.config))
     if args.audit:
-        from earlyexit_kernels.engine.audit import AuditWatch, audit_config
+        from earlyexit_kernels.engine.entry.audit import AuditWatch, audit_config
 
         watch = AuditWatch(audit_config(args.audit))  # the options as create_app takes them, one AuditConfig
     tables: deque = deque()  # input chunks whose rows are being classified, in order

@@ -2,14 +2,14 @@
 model), and ``eek classify``'s and ``eek serve``'s ``--threads``, ``--max-age``, the audit's flags and their
 settings, online re-certification; and :class:`CliError`, the one-line error they raise.
 
-The devices and dtypes are written out here, not imported from :mod:`earlyexit_kernels.engine.precision`, so that
+The devices and dtypes are written out here, not imported from :mod:`earlyexit_kernels.engine.layers.precision`, so that
 ``--help`` imports no torch; a test holds the two equal.
 
 The options made from the settings objects' fields, the same way for each object: each flag's help line,
 metavar, choices and what None means come from the field's metadata, its default from the entry point, and a
 bad value is refused by the object alone, in its own words with the flag named, on every entry point:
 
-- the engine's (:class:`~earlyexit_kernels.engine.engine_config.EngineConfig`; :func:`add_engine_options`,
+- the engine's (:class:`~earlyexit_kernels.engine.stream.engine_config.EngineConfig`; :func:`add_engine_options`,
   :func:`engine_keywords`, :func:`checked_engine`), for ``eek classify`` and ``eek serve`` with their defaults
   (``eek serve``'s :class:`~earlyexit_kernels.integrations.server.serve_settings.ServeSettings`, ``eek classify``'s
   ``eek.classify``);
@@ -27,7 +27,7 @@ import dataclasses
 import sys
 
 from earlyexit_kernels._fit_fields import FIT_FIELDS
-from earlyexit_kernels.engine.engine_config import EngineConfig
+from earlyexit_kernels.engine.stream.engine_config import EngineConfig
 from earlyexit_kernels.integrations.recertify_cli import recertify_options as _recertify_options
 from earlyexit_kernels.patching.fit_record import SAVED
 
@@ -149,11 +149,11 @@ def add_audit_options(command, what: str, where: str) -> None:
 def audit_given(args) -> dict:
     """``--audit-fraction``, ``--audit-budget``, ``--audit-confidence`` as ``create_app``'s options, checked, as
     given (the budget a fraction; None where not given); ``{}`` without an audit. Each is checked by the audit's
-    settings object (:class:`~earlyexit_kernels.engine.audit.AuditConfig`), whose words the one-line error gives
+    settings object (:class:`~earlyexit_kernels.engine.entry.audit.AuditConfig`), whose words the one-line error gives
     after the flag."""
     import dataclasses
 
-    from earlyexit_kernels.engine.audit import AuditConfig
+    from earlyexit_kernels.engine.entry.audit import AuditConfig
 
     fraction, points, confidence = args.audit_fraction, args.audit_budget, args.audit_confidence
     budget = None if points is None else points / 100.0
@@ -212,7 +212,7 @@ def is_multi_label(config) -> bool:
 
 def max_age(text: str):
     """``--max-age`` as ``create_app``'s ``max_age``; a bad value is a one-line error."""
-    from earlyexit_kernels.engine.aging import parse_max_age
+    from earlyexit_kernels.engine.stream.aging import parse_max_age
 
     try:
         return parse_max_age(text)

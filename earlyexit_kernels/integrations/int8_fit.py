@@ -3,7 +3,7 @@
 A head reads the hidden states of the layer below it. Fitted on the float32 model and served on
 the int8 base (``eek calibrate --dtype int8``, then ``eek serve --dtype int8``), it reads other
 hidden states than it learnt from, and its threshold pays for that in layers. Here the model's
-encoder layers run int8 (the family's recipe, :func:`~earlyexit_kernels.engine.precision.to_base`)
+encoder layers run int8 (the family's recipe, :func:`~earlyexit_kernels.engine.layers.precision.to_base`)
 while the heads train on their hidden states (the cached path: one int8 pass over the rows), and
 the threshold is certified on that base against the saved float32 full model, the one the user
 validated: accuracy lost against it where the rows have labels, else disagreement with it. The
@@ -46,13 +46,13 @@ def int8_base(model, device: str = "cpu"):
 
     Yields ``(reference, recipe)``: a copy of ``model`` as it was (float32, patched), whose full depth the
     certificate measures against, and the int8 recipe the layers run
-    (:func:`~earlyexit_kernels.engine.precision.int8_recipe`). ``model`` must be float32 and have an
+    (:func:`~earlyexit_kernels.engine.layers.precision.int8_recipe`). ``model`` must be float32 and have an
     ``encoder.layer`` list, which int8 swaps; a :class:`~earlyexit_kernels.training.fit_config.FitError`
     says what runs instead otherwise."""
     import torch
 
-    from earlyexit_kernels.engine.ort_layer import encoder_layers
-    from earlyexit_kernels.engine.precision import int8_recipe, to_base
+    from earlyexit_kernels.engine.layers.ort_layer import encoder_layers
+    from earlyexit_kernels.engine.layers.precision import int8_recipe, to_base
     from earlyexit_kernels.training.fit_config import FitError
 
     layers = encoder_layers(model)

@@ -16,7 +16,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from earlyexit_kernels.engine.int8_isa import int8_isa
+from earlyexit_kernels.engine.layers.int8_isa import int8_isa
 from earlyexit_kernels.patching.fit_record import FILE as FIT_FILE
 from earlyexit_kernels.patching.fit_record import SAVED, FitRecord  # SAVED: audit_settings' default
 
@@ -89,7 +89,7 @@ def load_model(
 ):
     """A patched model and its tokenizer from ``path``; ``ModelFolderError`` saying what is wrong otherwise.
 
-    ``dtype`` / ``device``: the base it runs on (:func:`earlyexit_kernels.engine.precision.to_base`;
+    ``dtype`` / ``device``: the base it runs on (:func:`earlyexit_kernels.engine.layers.precision.to_base`;
     None: as saved, on the CPU). On another base than the folder's certificate's, one warning says how
     to certify it there, or, without ``dtype``, that the base certified on is not the one run; unless
     ``certified_here`` (the caller certifies it, as ``eek serve --calibration`` and ``eek calibrate``, or
@@ -167,9 +167,9 @@ def _architectures(config_path: Path) -> list[str]:
 
 
 def to_folder_base(folder: str | Path, model, dtype: str | None, device):
-    """:func:`earlyexit_kernels.engine.precision.to_base` for ``folder``'s model: int8 with the recipe its
+    """:func:`earlyexit_kernels.engine.layers.precision.to_base` for ``folder``'s model: int8 with the recipe its
     int8 certificate holds for (:func:`int8_recipe_of`)."""
-    from earlyexit_kernels.engine.precision import to_base
+    from earlyexit_kernels.engine.layers.precision import to_base
 
     return to_base(model, dtype, device, int8_recipe=int8_recipe_of(folder, model) if dtype == "int8" else "auto")
 
@@ -180,7 +180,7 @@ def int8_recipe_of(folder: str | Path, model) -> str:
     (``int8_recipe`` in ``eek_fit.json``, written by ``eek calibrate --dtype int8``); for a folder
     certified on int8 before recipes were recorded, the recipe every int8 base ran then; else
     ``"auto"`` (the family's)."""
-    from earlyexit_kernels.engine.precision import INT8_RECIPES, legacy_int8_recipe
+    from earlyexit_kernels.engine.layers.precision import INT8_RECIPES, legacy_int8_recipe
 
     record = FitRecord.read(str(folder))
     recorded = None if record is None else record.int8_recipe
@@ -190,13 +190,13 @@ def int8_recipe_of(folder: str | Path, model) -> str:
 
 
 def family_int8_recipe(folder: str | Path) -> str:
-    """The int8 recipe ``to_base`` gives ``folder``'s family (:func:`earlyexit_kernels.engine.precision.int8_recipe`),
+    """The int8 recipe ``to_base`` gives ``folder``'s family (:func:`earlyexit_kernels.engine.layers.precision.int8_recipe`),
     read from its config alone."""
     from types import SimpleNamespace
 
     from transformers import AutoConfig
 
-    from earlyexit_kernels.engine.precision import int8_recipe
+    from earlyexit_kernels.engine.layers.precision import int8_recipe
 
     return int8_recipe(SimpleNamespace(config=AutoConfig.from_pretrained(str(folder))))
 
@@ -218,7 +218,7 @@ def _certified_base(record: FitRecord | None) -> str | None:
 def _warn_uncertified_base(path: str, folder: Path, dtype: str | None) -> None:
     """One warning where ``dtype`` is another base than the one the folder's threshold was certified on:
     its layers then compute other values, which the certificate does not cover. On int8 the base is
-    also the class of CPU it was certified on (:mod:`earlyexit_kernels.engine.int8_isa`), where recorded."""
+    also the class of CPU it was certified on (:mod:`earlyexit_kernels.engine.layers.int8_isa`), where recorded."""
     record = FitRecord.read(str(folder))
     base = _certified_base(record)
     if base is None:
@@ -427,7 +427,7 @@ def fit_folder(
     if dtype == "int8":
         base = int8_base(model, device)  # fitted and certified on int8, written float32
     elif dtype is not None or device != "cpu":
-        from earlyexit_kernels.engine.precision import to_base
+        from earlyexit_kernels.engine.layers.precision import to_base
 
         try:
             to_base(model, dtype, device)

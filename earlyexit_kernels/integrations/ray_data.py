@@ -64,17 +64,17 @@ class ClassifierSettings:
     recertify: bool | None = None
 
     def __post_init__(self) -> None:
-        from earlyexit_kernels.engine.audit import audit_config
+        from earlyexit_kernels.engine.entry.audit import audit_config
 
         # the audit's fields checked by its settings object (AuditConfig), as given
         if audit_config(vars(self)) is None and self.recertify:
             raise ValueError("recertify=True reads the audit: give audit_fraction too")
 
     def audit(self, model: str):
-        """The audit's :class:`~earlyexit_kernels.engine.audit.AuditConfig` for the folder ``model``: the fields as
+        """The audit's :class:`~earlyexit_kernels.engine.entry.audit.AuditConfig` for the folder ``model``: the fields as
         given, the budget and confidence not given its certificate's
         (:func:`~earlyexit_kernels.integrations.model_folder.audit_settings`); None without an audit."""
-        from earlyexit_kernels.engine.audit import audit_config
+        from earlyexit_kernels.engine.entry.audit import audit_config
         from earlyexit_kernels.integrations.model_folder import audit_settings
 
         if self.audit_fraction == 0:
@@ -95,15 +95,15 @@ class EarlyExitClassifier:
     ``compile``: as in :func:`eek.classify`; ``backend`` replaces the saved one.
     ``device``: default ``"auto"``, the GPU when the actor sees one (``num_gpus=1`` in
     ``map_batches``), else the CPU; ``dtype``: the base the layers run in (``"float32"``,
-    ``"bfloat16"``, ``"int8"``; default as saved; :func:`earlyexit_kernels.engine.precision.to_base`).
+    ``"bfloat16"``, ``"int8"``; default as saved; :func:`earlyexit_kernels.engine.layers.precision.to_base`).
     ``truncation=False`` refuses texts over
     ``max_length`` instead of truncating them.
 
     ``audit_fraction``: a fraction of the rows, drawn at random (``audit_seed``), that also run
-    through the full model (:mod:`earlyexit_kernels.engine.audit`); the result then has one more
+    through the full model (:mod:`earlyexit_kernels.engine.entry.audit`); the result then has one more
     column, ``audit_disagreement``: 1.0 where the full model predicts another class, 0.0 where
     the same (multi-label: the fraction of labels decided otherwise), null where not audited.
-    Each actor keeps an :class:`~earlyexit_kernels.engine.audit.AuditWatch` (``self.audit``) over
+    Each actor keeps an :class:`~earlyexit_kernels.engine.entry.audit.AuditWatch` (``self.audit``) over
     every batch it runs, with ``audit_budget`` (a fraction) and ``audit_confidence``, by default
     the certificate's of ``model/eek_fit.json``, and logs its warning; :func:`classify_files` sums
     the column over the whole output. ``recertify`` (None: on where an audit runs on a folder whose
@@ -125,7 +125,7 @@ class EarlyExitClassifier:
         policy, recertify = settings.policy, settings.recertify
         from transformers import AutoTokenizer
 
-        from earlyexit_kernels.engine.audit import AuditWatch
+        from earlyexit_kernels.engine.entry.audit import AuditWatch
         from earlyexit_kernels.integrations.model_folder import to_folder_base
         from earlyexit_kernels.patching.loading import from_pretrained
 
@@ -177,7 +177,7 @@ class EarlyExitClassifier:
         every_label = [None] * len(frame)
         audited = [None] * len(frame)
         if rows:
-            from earlyexit_kernels.engine.classify import classify
+            from earlyexit_kernels.engine.entry.classify import classify
             from earlyexit_kernels.integrations.labels import label_probabilities, labels_and_scores
 
             positions, items = zip(*rows)
@@ -315,7 +315,7 @@ def classify_files(
     holding every CPU would wait forever for their input).
 
     With ``audit_fraction`` (see :class:`EarlyExitClassifier`) the summary's ``audit`` holds the
-    audit over every row written (:meth:`earlyexit_kernels.engine.audit.AuditWatch.as_dict`: the
+    audit over every row written (:meth:`earlyexit_kernels.engine.entry.audit.AuditWatch.as_dict`: the
     rows audited, their disagreements, its rate, its upper bound, the budget), and a warning is
     logged here when the disagreements show the budget passed.
     """
@@ -360,7 +360,7 @@ def classify_files(
 
 def _audit_summary(column, model: str, settings: ClassifierSettings) -> dict:
     """The audit over every written row: one watch fed the column's values (it warns here, once, where due)."""
-    from earlyexit_kernels.engine.audit import AuditWatch
+    from earlyexit_kernels.engine.entry.audit import AuditWatch
 
     watch = AuditWatch(settings.audit(model))
     watch.record(float(v) for v in column.dropna())

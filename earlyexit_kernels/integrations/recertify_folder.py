@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from earlyexit_kernels._fit_fields import fit_field
-from earlyexit_kernels.engine.int8_isa import int8_isa
+from earlyexit_kernels.engine.layers.int8_isa import int8_isa
 from earlyexit_kernels.patching.exit_files import CONFIG_FILE, policy_to_dict
 from earlyexit_kernels.patching.fit_record import SAVED, FitRecord
 from earlyexit_kernels.patching.patch import policy_of
@@ -125,10 +125,10 @@ def calibrate_folder(
     ``max_drop`` (points) and ``confidence``: None / ``"saved"`` take the folder's certificate's
     (else 1 point and 0.95); ``confidence=None`` given explicitly: uncertified. ``source``: what
     the rows were (a file name), recorded in ``eek_fit.json``. ``dtype`` / ``device``: the base the
-    threshold is certified on (:func:`~earlyexit_kernels.engine.precision.to_base`; None: as saved),
+    threshold is certified on (:func:`~earlyexit_kernels.engine.layers.precision.to_base`; None: as saved),
     recorded in ``eek_fit.json`` as ``base``: certify on the base you serve. ``int8_layers``: with ``dtype`` int8,
     where the int8 layers run (``auto``: the family's recipe; ``onnxruntime``, ``openvino``, ``torch``:
-    :data:`~earlyexit_kernels.engine.precision.INT8_LAYERS`), the recipe recorded beside the certificate.
+    :data:`~earlyexit_kernels.engine.layers.precision.INT8_LAYERS`), the recipe recorded beside the certificate.
 
     ``unlabelled`` (``LabelledTexts``): unseen rows without labels, in the certificate beside ``data``'s
     (:func:`~earlyexit_kernels.training.calibrate_texts.calibrate_texts`).
@@ -150,7 +150,7 @@ def calibrate_folder(
     written: the folder keeps its policy and ``report.kept`` says why, unless ``force``. Nothing a
     user saved is replaced by something worse without being asked.
     """
-    from earlyexit_kernels.engine.precision import int8_recipe_on, to_base
+    from earlyexit_kernels.engine.layers.precision import int8_recipe_on, to_base
     from earlyexit_kernels.integrations.model_folder import load_model
     from earlyexit_kernels.training.calibrate_texts import calibrate_texts, calibration_goal
     from earlyexit_kernels.training.fit_config import FitError, settings_of

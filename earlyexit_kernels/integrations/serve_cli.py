@@ -28,7 +28,7 @@ from earlyexit_kernels.integrations.extras import install_line
 from earlyexit_kernels.integrations.model_folder import load_model
 from earlyexit_kernels.integrations.recertify_cli import add_recertify_options
 
-#: where a float32 model's encoder layers run (:data:`earlyexit_kernels.engine.served_layers.SERVED_LAYERS`)
+#: where a float32 model's encoder layers run (:data:`earlyexit_kernels.engine.layers.served_layers.SERVED_LAYERS`)
 SERVED_LAYERS = ("auto", "onnxruntime", "openvino", "torch")
 
 #: seconds between two trims (earlyexit_kernels.integrations.server.memory_trim.DEFAULT_INTERVAL, written
@@ -290,9 +290,9 @@ def _audit_options(settings) -> dict:
 
 
 def _serve_layers(args, model) -> None:
-    """The model's encoder layers where ``--layers`` says (:mod:`earlyexit_kernels.engine.served_layers`), in place;
+    """The model's encoder layers where ``--layers`` says (:mod:`earlyexit_kernels.engine.layers.served_layers`), in place;
     the line saying so is logged when the server starts (``args.layers_line``)."""
-    from earlyexit_kernels.engine.served_layers import serve_layers
+    from earlyexit_kernels.engine.layers.served_layers import serve_layers
 
     try:
         args.layers_line = serve_layers(model, args.layers, compiled=args.compile)

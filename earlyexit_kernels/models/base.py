@@ -1,6 +1,6 @@
 """The shared part of the architecture adapters.
 
-An adapter tells the engine (:mod:`earlyexit_kernels.engine.batch_loop`, :mod:`earlyexit_kernels.engine.continuous`)
+An adapter tells the engine (:mod:`earlyexit_kernels.engine.step.batch_loop`, :mod:`earlyexit_kernels.engine.engines.continuous.engine`)
 how to embed a batch, build the mask a layer takes, run encoder layer ``i``, pool and classify,
 for one Hugging Face family, exactly as that family's own forward does.
 
@@ -8,7 +8,7 @@ Fused heads: the fast backends (cpp, triton, cuda) fuse the exit head with the e
 their kernels implement one head only: ``logits = W_i tanh(W_p x + b_p) + b_i`` on the [CLS]
 row ``x`` (BERT's and ALBERT's pooler, RoBERTa's classification head). A family whose head has
 exactly that form mixes in :class:`TanhPoolerHead`, which provides ``head_weights``; the engine
-fuses only when an adapter has ``head_weights`` (:func:`earlyexit_kernels.engine.batch_loop.can_fuse_head`).
+fuses only when an adapter has ``head_weights`` (:func:`earlyexit_kernels.engine.step.batch_loop.can_fuse_head`).
 Every other head (DistilBERT's ReLU, ELECTRA's GELU) has no ``head_weights``: its head runs in
 PyTorch (``pool`` then ``classify``) and the backend's ``exit_step`` takes the decision, which
 every backend has. Giving such a family ``head_weights`` would silently compute a tanh pooler
@@ -32,8 +32,8 @@ from torch import nn
 
 from earlyexit_kernels.backends.compaction import layer_attention_mask
 from earlyexit_kernels.backends.pooled_head import FusedExitHead, masked_mean
-from earlyexit_kernels.engine.heads import CascadeExitHead, ExitHeads, MLPExitHead
-from earlyexit_kernels.engine.module_weights import plain_float
+from earlyexit_kernels.engine.layers.module_weights import plain_float
+from earlyexit_kernels.engine.step.heads import CascadeExitHead, ExitHeads, MLPExitHead
 
 __all__ = ["EncoderAdapterBase", "TanhPoolerHead", "masked_mean"]
 
@@ -43,7 +43,7 @@ def _plain_linear(module) -> bool:
 
 
 class EncoderAdapterBase:
-    """Shared part of the architecture adapters (see :class:`earlyexit_kernels.engine.batch_loop.EncoderAdapter`).
+    """Shared part of the architecture adapters (see :class:`earlyexit_kernels.engine.step.batch_loop.EncoderAdapter`).
 
     A subclass sets ``final_classifier`` (the model's own last linear layer) and
     ``classifier_dropout`` and defines ``embed(input_ids, token_type_ids, position_ids,
@@ -108,7 +108,7 @@ class EncoderAdapterBase:
 
     @property
     def head_pooling(self) -> str:
-        """``"cls"`` or ``"mean"``: what the internal exit heads pool (see :class:`~earlyexit_kernels.engine.heads.ExitHeads`)."""
+        """``"cls"`` or ``"mean"``: what the internal exit heads pool (see :class:`~earlyexit_kernels.engine.step.heads.ExitHeads`)."""
         return self.heads.pooling if self.heads is not None else self.default_pooling(self.model.config)
 
     @property

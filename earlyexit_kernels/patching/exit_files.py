@@ -22,8 +22,8 @@ import os
 
 import torch
 
-from earlyexit_kernels.engine.heads import ExitHeads
-from earlyexit_kernels.engine.patched_state import PatchedState
+from earlyexit_kernels.engine.step.heads import ExitHeads
+from earlyexit_kernels.engine.step.patched_state import PatchedState
 from earlyexit_kernels.methods import policies as _policies
 from earlyexit_kernels.methods.policies import ExitPolicy
 

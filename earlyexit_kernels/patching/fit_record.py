@@ -46,8 +46,8 @@ class FitRecord:
     fields in place. ``source_model``: the classifier ``eek fit`` started from. ``base``: what ``eek
     calibrate`` certified on (``float32``, ``bfloat16``, ``int8`` or ``"as saved"``; None: not
     re-certified). ``int8_recipe``: the int8 recipe that certificate holds for, where it was
-    certified on int8 (:mod:`earlyexit_kernels.engine.precision`; None: none recorded). ``int8_isa``: the
-    class of CPU it was certified on there (:mod:`earlyexit_kernels.engine.int8_isa`: ``vnni``, ``avx512``,
+    certified on int8 (:mod:`earlyexit_kernels.engine.layers.precision`; None: none recorded). ``int8_isa``: the
+    class of CPU it was certified on there (:mod:`earlyexit_kernels.engine.layers.int8_isa`: ``vnni``, ``avx512``,
     ``avx2``, ...; None: none recorded, as before the field existed).
     ``recalibrations``: one entry per ``eek calibrate`` (None: none). ``version``:
     the file's format.

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from earlyexit_kernels.engine.heads import ExitHeads
+from earlyexit_kernels.engine.step.heads import ExitHeads
 from earlyexit_kernels.methods.policies import ExitPolicy
 from earlyexit_kernels.patching.exit_files import CONFIG_FILE, FORMAT_VERSION, HEADS_FILE, policy_from_dict
 from earlyexit_kernels.patching.patch import _adapter_class, patch, set_training_objective

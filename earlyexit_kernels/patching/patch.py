@@ -16,13 +16,14 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from earlyexit_kernels.backends.registry import check_backend_name, resolve_backend
-from earlyexit_kernels.engine.batch_loop import mask_extents, run_early_exit
-from earlyexit_kernels.engine.graphed_prologue import check_id_range, eligible
-from earlyexit_kernels.engine.heads import MLP_FORMS, ExitHeadConfig, ExitHeads, check_head_choice
-from earlyexit_kernels.engine.module_weights import linear_compute_dtype, linear_device
-from earlyexit_kernels.engine.static_step import StaticBatches, capture_by_default, run_graphed
-from earlyexit_kernels.engine.step_choice import check_graphed_policy, check_step_name, resolve_step
-from earlyexit_kernels.engine.step_graphs import on_device
+from earlyexit_kernels.engine.graphed.prologue import eligible
+from earlyexit_kernels.engine.graphed.static_step import capture_by_default, run_graphed, static_batches_of
+from earlyexit_kernels.engine.graphed.step_graphs import on_device
+from earlyexit_kernels.engine.layers.module_weights import linear_compute_dtype, linear_device
+from earlyexit_kernels.engine.step.batch_loop import mask_extents, run_early_exit
+from earlyexit_kernels.engine.step.heads import MLP_FORMS, ExitHeadConfig, ExitHeads, check_head_choice
+from earlyexit_kernels.engine.step.inputs import check_id_range
+from earlyexit_kernels.engine.step.step_choice import check_graphed_policy, check_step_name, resolve_step
 from earlyexit_kernels.methods.losses import Objective, objective
 from earlyexit_kernels.methods.policies import ExitPolicy, SkipGates
 from earlyexit_kernels.models import SUPPORTED_MODELS, EncoderAdapterBase, adapter_class
@@ -136,7 +137,7 @@ def patch(
     the last (each (layer, bucket) step captured in a CUDA graph on a GPU; on the CPU the same step
     runs uncaptured), ``"auto"`` is ``"graphed"`` on CUDA and ``"exact"`` elsewhere (and for a policy
     the graphed step cannot run). Both give the same outputs (bit for bit on the CPU); see
-    :mod:`earlyexit_kernels.engine.step_choice`.
+    :mod:`earlyexit_kernels.engine.step.step_choice`.
     ``objective`` (optional) is a training method name, as in
     :func:`set_training_objective`. ``model.save_pretrained(path)`` of a patched model
     also writes the exit heads and the policy (see :func:`earlyexit_kernels.from_pretrained`).
@@ -146,7 +147,7 @@ def patch(
     model's own head form, a Linear per layer initialised from its classifier), ``"mlp"``
     (an untrained ``LayerNorm -> Linear(H, mlp_hidden) -> GELU -> Linear(mlp_hidden, C)`` per
     layer, ``mlp_hidden`` defaulting to H) or ``"cascade"`` (that MLP plus a ``C x C`` map of the
-    head below's logits, :class:`~earlyexit_kernels.engine.heads.CascadeExitHead`). None keeps what a patched model has, else the
+    head below's logits, :class:`~earlyexit_kernels.engine.step.heads.CascadeExitHead`). None keeps what a patched model has, else the
     family's default (the model's own pooling, ``"model"``). A new form (or MLP width) builds
     new heads for layers ``1..L-1``. Layer ``L`` always runs the model's own pooling and classifier.
     """
@@ -469,8 +470,8 @@ def _patched_forward(
     train_gates = self.training and torch.is_grad_enabled() and isinstance(policy, SkipGates)
     # The graphed step is for inference: its buffers are written in place (no autograd).
     graphed = not all_exits and not differentiable and resolve_step(state.step, policy, device) == "graphed"
-    if graphed and state.static_batches is None:
-        state.static_batches = StaticBatches()
+    if graphed:
+        static_batches_of(state)
 
     runs = (adapter, self.early_exit_heads, policy, backend)  # what either step runs the layers with
 

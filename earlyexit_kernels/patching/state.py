@@ -1,10 +1,10 @@
 """The one record a patched model carries, and the only code that reads or writes it on a model.
 
-``eek.patch`` attaches a :class:`~earlyexit_kernels.engine.patched_state.PatchedState` (policy,
+``eek.patch`` attaches a :class:`~earlyexit_kernels.engine.step.patched_state.PatchedState` (policy,
 backend, adapter, training objective) under one private attribute; the exit heads are the
 model's ``early_exit_heads`` module (saved with it); ``eek.unpatch`` removes the record and keeps
 the heads aside for a later ``patch``. Every other module asks the functions here (or, below
-this package, :func:`earlyexit_kernels.engine.patched_state.patched_state`).
+this package, :func:`earlyexit_kernels.engine.step.patched_state.patched_state`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from earlyexit_kernels.engine import patched_state as engine_record
-from earlyexit_kernels.engine.module_weights import module_paths, replaced_modules
-from earlyexit_kernels.engine.patched_state import PatchedState
+from earlyexit_kernels.engine.layers.module_weights import module_paths, replaced_modules
+from earlyexit_kernels.engine.step import patched_state as engine_record
+from earlyexit_kernels.engine.step.patched_state import PatchedState
 
 __all__ = [
     "PatchedState",

@@ -178,7 +178,7 @@ class Training:
     progress: bool = fit_field("progress", False)
 
     def __post_init__(self) -> None:
-        from earlyexit_kernels.engine.heads import HEAD_FORMS, HEAD_POOLINGS
+        from earlyexit_kernels.engine.step.heads import HEAD_FORMS, HEAD_POOLINGS
 
         if self.method not in METHODS:
             _refuse("method", f"one of {', '.join(METHODS)}", self.method, "")

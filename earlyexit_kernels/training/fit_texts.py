@@ -471,7 +471,7 @@ def prepare(model, tokenizer, train, validation, config: FitConfig, *, calibrati
 def max_length_for(asked: int | None, model, tokenizer) -> int:
     """The tokens a row keeps: ``asked`` (``--max-length``), at most what the model's positions and the
     tokenizer hold (None: that limit)."""
-    from earlyexit_kernels.engine.stream_surface import model_max_length
+    from earlyexit_kernels.engine.stream.stream_surface import model_max_length
 
     positions = model_max_length(model)  # the serving engines' rule: RoBERTa's positions start after the padding
     limit = min(positions, tokenizer.model_max_length or positions)

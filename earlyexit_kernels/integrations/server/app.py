@@ -4,7 +4,7 @@ The app is Starlette (a small, well-kept ASGI toolkit: no request-model layer to
 for, and the same app runs under uvicorn or inside Ray Serve). The event loop only
 reads bodies and waits: parsing and tokenizing (a long text cut by characters first,
 :mod:`.tokenization`) run on worker threads, the layer calls on the
-:class:`earlyexit_kernels.engine.background.BackgroundEngine` thread, whose continuous engine
+:class:`earlyexit_kernels.engine.entry.background.BackgroundEngine` thread, whose continuous engine
 batches the sequences of every request in flight. Each sequence is answered as soon as
 it exits; a request is answered when its last sequence has.
 

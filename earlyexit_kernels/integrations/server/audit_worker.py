@@ -1,10 +1,10 @@
 """The server's audit: the full model on the audited sequences, on a thread of its own, after their answers went out.
 
-The app chooses the sequences (:meth:`earlyexit_kernels.engine.audit.AuditWatch.choose`) when a
+The app chooses the sequences (:meth:`earlyexit_kernels.engine.entry.audit.AuditWatch.choose`) when a
 request arrives and hands each chosen one, with the logits its answer had, to :class:`AuditWorker`
 once the request is answered; so no answer waits for the full model and none changes. The
 worker takes what is queued (up to 16 x ``max_batch_size`` sequences at a time, run sorted by
-length in batches of ``max_batch_size``), runs the full model on it (:func:`earlyexit_kernels.engine.audit.full_depth_logits`: the model's own forward on the
+length in batches of ``max_batch_size``), runs the full model on it (:func:`earlyexit_kernels.engine.entry.audit.full_depth_logits`: the model's own forward on the
 same weights, no copy) and records the losses and the seconds in the watch, which warns.
 
 It shares the device (and on a CPU, the cores) with the engine thread: F of the sequences cost
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from earlyexit_kernels.engine.audit import AuditRunner, AuditWatch
+from earlyexit_kernels.engine.entry.audit import AuditRunner, AuditWatch
 
 if TYPE_CHECKING:
     from earlyexit_kernels.integrations.server.serve_settings import ServeSettings
@@ -47,7 +47,7 @@ class AuditWorker:
     ``settings``: the server's :class:`~.serve_settings.ServeSettings`, read for the full model's batches (its
     engine's ``max_batch_size`` and ``max_tokens``), the most sequences waiting (``http.max_queue``) and the
     audit record (``audit_record``). The rest are what the server made at start-up, not settings:
-    ``multi_label``: how a loss is counted (:func:`earlyexit_kernels.engine.audit.disagreement`);
+    ``multi_label``: how a loss is counted (:func:`earlyexit_kernels.engine.entry.audit.disagreement`);
     ``certificate``, ``on_move``: online re-certification (module docstring); ``feedback``: a
     :class:`~.feedback.FeedbackStore`, or None.
 

@@ -1,7 +1,7 @@
 """Labels for audited rows: ``POST /feedback``, so that a folder certified on accuracy lost is watched on accuracy lost.
 
 The audit runs a random fraction of the served inputs through the full model too
-(:mod:`earlyexit_kernels.engine.audit`). Without labels it can only count disagreement, which a
+(:mod:`earlyexit_kernels.engine.entry.audit`). Without labels it can only count disagreement, which a
 certificate on accuracy lost does not bound. A client that learns an input's label later (a
 reviewer, a click, a ticket's outcome) sends it::
 
@@ -27,7 +27,7 @@ import threading
 from collections import OrderedDict
 
 from earlyexit_kernels.calibration.row_losses import paired_loss
-from earlyexit_kernels.engine.audit import AuditWatch
+from earlyexit_kernels.engine.entry.audit import AuditWatch
 from earlyexit_kernels.integrations.server.errors import RequestError
 
 __all__ = ["DEFAULT_CAPACITY", "FeedbackStore"]

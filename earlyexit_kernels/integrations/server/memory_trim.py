@@ -221,7 +221,7 @@ def start_memory_trim(interval: float = DEFAULT_INTERVAL, *, flat: bool = False,
     state = MemoryTrim(line, interval)
 
     def loop() -> None:
-        from earlyexit_kernels.engine.ort_layer import request_arena_shrink
+        from earlyexit_kernels.engine.layers.ort_layer import request_arena_shrink
 
         rule = state.shrink_rule
         while not state._stop.wait(interval):

@@ -18,7 +18,7 @@
   the engine's layer calls, the real rows they held, and their mean;
 - ``eek_sequence_queue_seconds``: per sequence, from its submission to the engine to its
   admission (embedded into the first layer); ``eek_sequence_inference_seconds``: from its
-  admission to its exit (histograms, from the engine's :mod:`earlyexit_kernels.engine.timings`;
+  admission to its exit (histograms, from the engine's :mod:`earlyexit_kernels.engine.stream.timings`;
   a one-text request is one sequence).
 
 The process's memory, read when scraped (:mod:`.memory_trim`): ``eek_process_resident_bytes``
@@ -27,7 +27,7 @@ The process's memory, read when scraped (:mod:`.memory_trim`): ``eek_process_res
 keeps for reuse) and ``eek_heap_mapped_bytes`` (blocks mapped on their own). Resident memory that
 grows while the bytes in use stay flat is the allocator's, not the server's.
 
-With an audit (``eek serve --audit-fraction F``, :mod:`earlyexit_kernels.engine.audit`):
+With an audit (``eek serve --audit-fraction F``, :mod:`earlyexit_kernels.engine.entry.audit`):
 
 - ``eek_audit_fraction``: F; ``eek_audit_sequences_total``: sequences also run by the full model;
   ``eek_audit_disagreements_total``: their disagreements with it (multi-label: the fractions of
@@ -106,7 +106,7 @@ class ServerMetrics:
             self.registry.register(PolicyMetrics(certificate, num_layers))
 
     def _audit_metrics(self, audit, Gauge) -> None:
-        """Read from the :class:`~earlyexit_kernels.engine.audit.AuditWatch` ``audit`` when scraped."""
+        """Read from the :class:`~earlyexit_kernels.engine.entry.audit.AuditWatch` ``audit`` when scraped."""
         gauges = {
             "eek_audit_fraction": ("Fraction of the sequences also run by the full model", lambda: audit.fraction),
             "eek_audit_sequences_total": ("Sequences also run by the full model", lambda: audit.audited),

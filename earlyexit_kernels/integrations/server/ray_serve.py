@@ -52,7 +52,7 @@ def serve_application(
     replica returns its allocator's free memory every that many seconds, as ``eek serve`` does
     (:mod:`earlyexit_kernels.integrations.server.memory_trim`; 0: off); ``memory_flat``: as
     ``eek serve --memory-flat``. ``layers``: where a float32 model's encoder layers run, as ``eek serve
-    --layers`` (:mod:`earlyexit_kernels.engine.served_layers`; ``"auto"``: ONNX Runtime's graphs where it can).
+    --layers`` (:mod:`earlyexit_kernels.engine.layers.served_layers`; ``"auto"``: ONNX Runtime's graphs where it can).
     """
     try:
         from ray import serve
@@ -66,7 +66,7 @@ def serve_application(
         raise ValueError(f"memory_trim must be a number of seconds >= 0 (0: off), got {memory_trim!r}")
     if memory_flat and memory_trim == 0:
         raise ValueError("memory_flat needs the periodic trim: give memory_trim in seconds")
-    from earlyexit_kernels.engine.served_layers import SERVED_LAYERS
+    from earlyexit_kernels.engine.layers.served_layers import SERVED_LAYERS
 
     if layers not in SERVED_LAYERS:
         raise ValueError(f"layers must be one of {', '.join(SERVED_LAYERS)}; got {layers!r}")
@@ -81,7 +81,7 @@ def serve_application(
     )
 
     def build_app():
-        from earlyexit_kernels.engine.served_layers import serve_layers
+        from earlyexit_kernels.engine.layers.served_layers import serve_layers
         from earlyexit_kernels.integrations.model_folder import load_model
         from earlyexit_kernels.integrations.server.app import create_app
         from earlyexit_kernels.integrations.server.memory_trim import trim_once_per_process

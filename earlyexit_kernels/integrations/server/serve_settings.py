@@ -3,11 +3,11 @@ as vLLM's command line builds one config that every part reads.
 
 :class:`ServeSettings` holds three groups and what the served threshold promises:
 
-- ``engine``: the continuous engine's limits, an :class:`~earlyexit_kernels.engine.engine_config.EngineConfig`
+- ``engine``: the continuous engine's limits, an :class:`~earlyexit_kernels.engine.stream.engine_config.EngineConfig`
   (arrival order);
 - ``http``: what a request may be and hold, :class:`HttpLimits`;
 - ``audit``: the sequences also run through the full model and what they are watched against,
-  :class:`~earlyexit_kernels.engine.audit.AuditConfig` (the watch's own settings object, checked there), or None
+  :class:`~earlyexit_kernels.engine.entry.audit.AuditConfig` (the watch's own settings object, checked there), or None
   (no audit).
 
 :meth:`ServeSettings.from_options` makes them from ``create_app``'s keyword options (each described
@@ -22,8 +22,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from earlyexit_kernels.engine.audit import AUDIT_OPTIONS, AuditConfig, audit_config
-from earlyexit_kernels.engine.engine_config import EngineConfig
+from earlyexit_kernels.engine.entry.audit import AUDIT_OPTIONS, AuditConfig, audit_config
+from earlyexit_kernels.engine.stream.engine_config import EngineConfig
 from earlyexit_kernels.integrations.cli_options import HTTP_FIELDS
 from earlyexit_kernels.integrations.recertify_choice import Recertify
 from earlyexit_kernels.integrations.server.body_limit import DEFAULT_MAX_BODY_BYTES, check_max_body_bytes

@@ -8,8 +8,8 @@ import asyncio
 import hmac
 import time
 
-from earlyexit_kernels.engine.background import BackgroundEngine, QueueFull
-from earlyexit_kernels.engine.served_layers import layers_of
+from earlyexit_kernels.engine.entry.background import BackgroundEngine, QueueFull
+from earlyexit_kernels.engine.layers.served_layers import layers_of
 from earlyexit_kernels.integrations.labels import label_name
 from earlyexit_kernels.integrations.server.errors import RequestError
 from earlyexit_kernels.integrations.server.feedback import FeedbackStore
@@ -49,8 +49,8 @@ class ServingState:
     :class:`ServeSettings`. :meth:`run` takes a parsed request's sequences to their answers."""
 
     def __init__(self, model, tokenizer, settings: ServeSettings):
-        from earlyexit_kernels.engine.audit import AuditWatch
-        from earlyexit_kernels.engine.stream_surface import model_max_length
+        from earlyexit_kernels.engine.entry.audit import AuditWatch
+        from earlyexit_kernels.engine.stream.stream_surface import model_max_length
         from earlyexit_kernels.integrations.labels import is_multi_label
         from earlyexit_kernels.integrations.server.metrics import ServerMetrics
 
