@@ -20,7 +20,7 @@ import torch
 
 from earlyexit_kernels.backends.registry import resolve_backend
 from earlyexit_kernels.engine.layers.module_weights import linear_compute_dtype
-from earlyexit_kernels.engine.step.inputs import check_id_range
+from earlyexit_kernels.engine.step.inputs import check_ids
 from earlyexit_kernels.engine.step.patched_state import patched_state
 from earlyexit_kernels.engine.step.start_state import start_state
 from earlyexit_kernels.engine.step.step_choice import resolve_step
@@ -123,7 +123,7 @@ class StreamSurface:
         queue time starts (``stats.queue_seconds``)."""
         input_ids, token_type_ids = checked_tokens(self, key, input_ids, token_type_ids)
         # Checked here, on the host: an id out of range would otherwise fail in a kernel.
-        check_id_range(int(input_ids.min()), int(input_ids.max()), self.adapter.vocab_size)
+        check_ids(input_ids, self.adapter.vocab_size)
         at = time.perf_counter() if submitted_at is None else submitted_at
         self._pending.add(key, input_ids, token_type_ids, self.calls_made, at)
 
