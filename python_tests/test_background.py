@@ -55,11 +55,18 @@ class _Paused:
         return self._step()
 
 
-def test_a_full_queue_is_refused_at_once():
-    worker = BackgroundEngine(_model(), max_batch_size=4, max_queue=2)
+def _held_worker(**limits):
+    """``(worker, paused, first)``: a worker whose engine thread is held inside the step that took its ``first``
+    sequence ([5, 6, 7]); what is submitted now waits in the queue until ``paused.release`` is set."""
+    worker = BackgroundEngine(_model(), max_batch_size=4, **limits)
     paused = _Paused(worker.engine)
     first = worker.submit([5, 6, 7])
     assert paused.entered.wait(30)
+    return worker, paused, first
+
+
+def test_a_full_queue_is_refused_at_once():
+    worker, paused, first = _held_worker(max_queue=2)
     second = worker.submit([5, 6])
     with pytest.raises(QueueFull, match="max_queue=2"):
         worker.submit([8, 9])
@@ -70,10 +77,7 @@ def test_a_full_queue_is_refused_at_once():
 
 
 def test_a_requests_sequences_are_taken_together_between_the_same_two_steps():
-    worker = BackgroundEngine(_model(), max_batch_size=4, max_queue=8)
-    paused = _Paused(worker.engine)
-    first = worker.submit([5, 6, 7])
-    assert paused.entered.wait(30)
+    worker, paused, first = _held_worker(max_queue=8)
     request = worker.submit_many([([5, 6], None), ([7, 8, 9], [0, 0, 1]), ([4], None)])
     paused.release.set()
     assert [f.result(30).exit_layer >= 1 for f in [first, *request]] == [True] * 4
@@ -83,10 +87,7 @@ def test_a_requests_sequences_are_taken_together_between_the_same_two_steps():
 
 
 def test_a_request_that_does_not_fit_is_refused_whole():
-    worker = BackgroundEngine(_model(), max_batch_size=4, max_queue=4)
-    paused = _Paused(worker.engine)
-    first = worker.submit([5, 6, 7])
-    assert paused.entered.wait(30)
+    worker, paused, first = _held_worker(max_queue=4)
     with pytest.raises(QueueFull, match="1 sequences are already queued and 4 more do not fit"):
         worker.submit_many([([5, 6], None)] * 4)
     with pytest.raises(ValueError, match="a sequence must have 1..64 tokens, got 0"):
@@ -99,10 +100,7 @@ def test_a_request_that_does_not_fit_is_refused_whole():
 
 
 def test_a_cancelled_sequence_is_dropped_and_frees_its_place():
-    worker = BackgroundEngine(_model(), max_batch_size=4, max_queue=8)
-    paused = _Paused(worker.engine)
-    kept = worker.submit([5, 6, 7])
-    assert paused.entered.wait(30)
+    worker, paused, kept = _held_worker(max_queue=8)
     dropped = worker.submit([5, 6, 7, 8])
     worker.cancel(dropped)
     paused.release.set()
@@ -131,11 +129,8 @@ def test_close_without_drain_cancels_what_waits():
 
 
 def test_a_failing_step_fails_the_waiting_sequences_and_the_worker_goes_on():
-    worker = BackgroundEngine(_model(), max_batch_size=4)
-    paused = _Paused(worker.engine)
+    worker, paused, doomed = _held_worker()
     stats = worker.engine.stats
-    doomed = worker.submit([5, 6, 7])
-    assert paused.entered.wait(30)
     paused._step = lambda: (_ for _ in ()).throw(RuntimeError("kernel exploded"))
     paused.release.set()
     with pytest.raises(RuntimeError, match="kernel exploded"):
@@ -151,10 +146,7 @@ def test_a_thread_that_cannot_start_a_fresh_engine_fails_every_waiting_sequence_
     answers 503, where it answered 429 once the queue filled with sequences no thread would take)."""
     import earlyexit_kernels.engine.entry.background as background
 
-    worker = BackgroundEngine(_model(), max_batch_size=4)
-    paused = _Paused(worker.engine)
-    taken = worker.submit([5, 6, 7])
-    assert paused.entered.wait(30)
+    worker, paused, taken = _held_worker()
     not_taken = worker.submit([8, 9])  # posted while the thread is inside the step
 
     def no_engine(*args, **kwargs):

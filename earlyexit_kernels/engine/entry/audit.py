@@ -264,6 +264,28 @@ def full_depth_logits(
 # ---------------------------------------------------------------------------------- the watch
 
 
+class _Alarm:
+    """One bound's warning, with hysteresis: raised once when the audited rows come to show the risk over its budget,
+    then quiet until the bound is back at or under the budget (an info line says so), and so on."""
+
+    def __init__(self):
+        self.over = False  # raised, and the bound not back at or under the budget since
+        self.raised = 0
+
+    def crossing(self, still_over, shown_over) -> str | None:
+        """``"raised"``, ``"back"`` or None: ``still_over()`` (the bound still over the budget) is asked while raised,
+        ``shown_over()`` (the test rejects the budget) otherwise."""
+        if self.over:
+            if still_over():
+                return None
+            self.over = False
+            return "back"
+        if not shown_over():
+            return None
+        self.over, self.raised = True, self.raised + 1
+        return "raised"
+
+
 class AuditWatch:
     """The policy of the audit: which sequences run at full depth too, what they show, when to warn.
 
@@ -290,8 +312,7 @@ class AuditWatch:
         # bound and the warning read them); the counts are over every labelled row
         self._paired: deque[int] = deque(maxlen=PAIRED_WINDOW)
         self._labelled = self._wrong_right = self._right_wrong = 0
-        self.accuracy_warnings = 0
-        self._accuracy_over = False
+        self._accuracy_alarm = _Alarm()
         self._accuracy_cache: tuple[int, float] | None = None
         self._random = random.Random(config.seed)
         self._lock = threading.Lock()
@@ -300,8 +321,7 @@ class AuditWatch:
         self.binary = True  # every loss so far 0 or 1 (then the bound is Clopper-Pearson's)
         self.full_seconds = 0.0
         self.skipped = 0
-        self.warnings = 0
-        self._over = False  # warned, and the bound not back at or under the budget since
+        self._alarm = _Alarm()
         self._bound_cache: tuple[tuple, float] | None = None
 
     @property
@@ -422,6 +442,16 @@ class AuditWatch:
         return value
 
     @property
+    def warnings(self) -> int:
+        """The disagreement's crossings over the budget warned."""
+        return self._alarm.raised
+
+    @property
+    def accuracy_warnings(self) -> int:
+        """The accuracy lost's crossings over its budget warned."""
+        return self._accuracy_alarm.raised
+
+    @property
     def accuracy_over_budget(self) -> bool | None:
         """Whether the labelled rows show the accuracy lost over ``accuracy_budget`` (its lower
         ``confidence`` bound above it: what the warning says); None without that budget."""
@@ -442,15 +472,13 @@ class AuditWatch:
         budget = self.accuracy_budget
         if budget is None:
             return None
-        if self._accuracy_over:
-            if self.accuracy_bound() > budget:
-                return None
-            self._accuracy_over = False
-            return logging.INFO, f"audit: accuracy lost back within the budget: {self._accuracy_numbers()}"
-        if not self._accuracy_shown_over(paired):
+        crossing = self._accuracy_alarm.crossing(
+            lambda: self.accuracy_bound() > budget, lambda: self._accuracy_shown_over(paired)
+        )
+        if crossing is None:
             return None
-        self._accuracy_over = True
-        self.accuracy_warnings += 1
+        if crossing == "back":
+            return logging.INFO, f"audit: accuracy lost back within the budget: {self._accuracy_numbers()}"
         return (
             logging.WARNING,
             f"audit: the early exit loses more accuracy against the full model than its certificate's budget of "
@@ -578,15 +606,11 @@ class AuditWatch:
         budget = self.budget
         if budget is None:
             return None
-        if self._over:
-            if self._bound_over(budget):
-                return None
-            self._over = False
-            return logging.INFO, f"audit: back within the budget: {self._numbers()}"
-        if not self._shown_over(budget):
+        crossing = self._alarm.crossing(lambda: self._bound_over(budget), lambda: self._shown_over(budget))
+        if crossing is None:
             return None
-        self._over = True
-        self.warnings += 1
+        if crossing == "back":
+            return logging.INFO, f"audit: back within the budget: {self._numbers()}"
         return (
             logging.WARNING,
             f"audit: the early exit disagrees with the full model more often than its budget of {100 * budget:g}% "
