@@ -5,6 +5,7 @@ it; ``eek calibrate --dtype int8`` certifies the threshold on that base and says
 """
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -79,6 +80,40 @@ def test_calibrate_certifies_on_the_base_it_is_given_and_records_it(fitted, tmp_
     summary["base"] = "float32"
     (fitted / "eek_fit.json").write_text(json.dumps(summary))
     assert load_model(str(fitted), dtype="int8")[0].eek_int8_recipe == recorded
+
+
+def test_a_folder_certified_on_a_runtime_missing_here_runs_on_the_next_saying_so(fitted, tmp_path, monkeypatch):
+    """Where the runtime a folder's int8 certificate was made on is not installed, the folder still loads (a server
+    still starts) on the next runtime's recipe, OpenVINO -> ONNX Runtime -> PyTorch's kernels, with a warning that
+    names the missing runtime, what installs it, and that the certificate does not cover what runs instead."""
+    import shutil
+
+    from earlyexit_kernels.engine.layers import ov_layer
+    from earlyexit_kernels.engine.layers.ort_layer import ort_available
+    from earlyexit_kernels.integrations.model_folder import load_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(fitted, folder)
+    summary = json.loads((folder / "eek_fit.json").read_text())
+    (folder / "eek_fit.json").write_text(json.dumps({**summary, "int8_recipe": "per-token-ov"}))
+    monkeypatch.setattr(ov_layer, "ov_available", lambda: False)
+    next_one = "per-token-ort" if ort_available() else "per-token"
+    with pytest.warns(UserWarning) as caught:
+        model = load_model(str(folder), dtype="int8")[0]
+    assert model.eek_int8_recipe == next_one
+    said = [str(w.message) for w in caught if "whose runtime is missing here" in str(w.message)]
+    assert len(said) == 1 and "made on the per-token-ov recipe" in said[0] and f"runs on {next_one} instead" in said[0]
+    assert "openvino and onnx are not installed" in said[0] and "'.[openvino]'" in said[0]
+    assert "does not cover" in said[0] and "eek calibrate COPY ROWS --dtype int8" in said[0]
+    monkeypatch.setattr(precision, "ort_available", lambda: False)  # neither runtime: PyTorch's kernels
+    with pytest.warns(UserWarning, match=r"per-token-ov recipe, whose runtime is missing .* runs on per-token instead"):
+        assert load_model(str(folder), dtype="int8")[0].eek_int8_recipe == "per-token"
+    # a folder whose runtime is here runs what was certified, without that warning
+    (folder / "eek_fit.json").write_text(json.dumps({**summary, "int8_recipe": "per-token"}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_model(str(folder), dtype="int8")[0].eek_int8_recipe == "per-token"
+    assert not [w for w in caught if "whose runtime is missing here" in str(w.message)]
 
 
 @pytest.mark.parametrize("layers, recipe", list(precision.INT8_LAYERS.items()))

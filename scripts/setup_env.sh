@@ -51,6 +51,10 @@ has ray.data || optional+=("ray[data]>=2.40")  # earlyexit_kernels.ray; its test
 has ray.serve || optional+=("ray[serve]>=2.40")  # `eek serve --replicas`
 has onnxruntime || optional+=("onnxruntime>=1.17")  # --dtype int8 on ONNX Runtime's kernels (engine/layers/ort_layer.py)
 has onnx || optional+=("onnx>=1.15")  # builds its graphs
+# the openvino extra: OpenVINO's layers (engine/layers/ov_layer.py: the per-token-ov recipe, --layers openvino) and
+# NNCF's static int8 (the benchmarks' OpenVINO peer), so that make test runs their tests where wheels exist
+has openvino || optional+=("openvino>=2025.1")
+has nncf || optional+=("nncf>=2.14")
 has xdist || optional+=("pytest-xdist")  # make test runs the suite on every core (scripts/run_tests.sh)
 # the server (earlyexit_kernels.integrations.server; swagger_ui: Swagger UI 5, the files of its /docs), its tests' HTTP client and the fuzzer of its
 # routes (schemathesis: python_tests/test_server_fuzz.py)

@@ -16,6 +16,7 @@ __all__ = ["EXTRAS", "install_line"]
 #: extra -> its requirements, as pyproject.toml's [project.optional-dependencies] lists them
 EXTRAS: dict[str, tuple[str, ...]] = {
     "cli": ("pyarrow", "pandas"),
+    "openvino": ("openvino>=2025.1", "nncf>=2.14", "onnx>=1.15"),
     "ray": ("ray[data]>=2.40", "pandas", "pyarrow"),
     "serve": (
         "starlette>=0.37",

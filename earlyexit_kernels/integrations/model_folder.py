@@ -169,9 +169,22 @@ def _architectures(config_path: Path) -> list[str]:
 def to_folder_base(folder: str | Path, model, dtype: str | None, device):
     """:func:`earlyexit_kernels.engine.layers.precision.to_base` for ``folder``'s model: int8 with the recipe its
     int8 certificate holds for (:func:`int8_recipe_of`)."""
-    from earlyexit_kernels.engine.layers.precision import to_base
+    from earlyexit_kernels.engine.layers.precision import runnable_int8_recipe, to_base
 
-    return to_base(model, dtype, device, int8_recipe=int8_recipe_of(folder, model) if dtype == "int8" else "auto")
+    recipe = int8_recipe_of(folder, model) if dtype == "int8" else "auto"
+    if recipe != "auto":
+        runs, why = runnable_int8_recipe(recipe)
+        if why is not None:  # a server still starts, on the next runtime, and says why and what it costs
+            warnings.warn(
+                f"MODEL {folder}'s int8 certificate was made on the {recipe} recipe, whose runtime is missing here "
+                f"({why}): it runs on {runs} instead, whose layers compute other values, which the certificate does "
+                f"not cover. Install the missing runtime to run what was certified, or certify this form on a copy "
+                f"of the folder: eek calibrate COPY ROWS --dtype int8",
+                UserWarning,
+                stacklevel=3,
+            )
+            recipe = runs
+    return to_base(model, dtype, device, int8_recipe=recipe)
 
 
 #: the file of a folder certified on int8 that names the int8 recipe the certificate holds for

@@ -60,7 +60,7 @@ The float parts (attention, GELU, norms) run in float32: the CPU plugin's defaul
 (AMX, AVX-512 BF16) is bfloat16 (``INFERENCE_PRECISION_HINT``). With ``int8=False`` the model is the float32
 layer (equal to it up to float rounding: the tests' check of the model itself).
 
-Needs ``openvino`` and ``onnx`` (not among the project's requirements: ``pip install openvino onnx``).
+Needs ``openvino`` and ``onnx``: the package's ``openvino`` extra (with NNCF), which ``make setup`` installs where wheels exist.
 """
 
 from __future__ import annotations
@@ -87,7 +87,10 @@ from earlyexit_kernels.engine.layers.packed_call_shapes import padded_call
 
 __all__ = ["OvLayer", "ov_model", "ov_available", "compile_config", "run_on_ov", "OV_MISSING"]
 
-OV_MISSING = "openvino and onnx are not installed (pip install 'openvino>=2025.1' 'onnx>=1.15')"
+OV_MISSING = (
+    "openvino and onnx are not installed (pip install 'openvino>=2025.1' 'onnx>=1.15', or the package's openvino "
+    "extra from its repository: pip install --no-build-isolation '.[openvino]')"
+)
 #: the products the layer's graph has: query-key-value, attention output, feed-forward up and down
 _PRODUCTS = 4
 

@@ -54,6 +54,7 @@ __all__ = [
     "resolve_device",
     "int8_recipe",
     "int8_recipe_on",
+    "runnable_int8_recipe",
     "legacy_int8_recipe",
     "int8_encoder",
     "to_base",
@@ -83,8 +84,9 @@ FAMILY_INT8_RECIPES = {"bert": "per-token-ort", "mpnet": "per-token-ort"}
 #: where the int8 layers run (``eek calibrate --dtype int8 --layers``) and the per-token recipe that runs them there
 #: (``auto``: the family's, :func:`int8_recipe`); the same quantization, on each runtime's kernels
 INT8_LAYERS = {"onnxruntime": "per-token-ort", "openvino": "per-token-ov", "torch": "per-token"}
-#: the recipe a family takes instead where ONNX Runtime is not installed (the same quantization on PyTorch's kernels)
-WITHOUT_ORT = {"per-token-ort": "per-token"}
+#: where a recipe's runtime is not installed, the recipe that runs in its place, on the next runtime (the same
+#: quantization: OpenVINO's layers on ONNX Runtime's, ONNX Runtime's on PyTorch's kernels)
+NEXT_RUNTIME = {"per-token-ov": "per-token-ort", "per-token-ort": "per-token"}
 #: the recipe every family's int8 base had before recipes were chosen per family and recorded in the folder
 #: (a folder certified on int8 then holds no record: :func:`legacy_int8_recipe`)
 _LEGACY_FFN_OUT_FLOAT = frozenset({"mpnet"})
@@ -119,8 +121,24 @@ def int8_recipe(model: nn.Module) -> str:
             "choose a recipe yourself (earlyexit_kernels.engine.layers.precision.int8_encoder(model, recipe), one of "
             f"{', '.join(INT8_RECIPES)})"
         )
-    recipe = FAMILY_INT8_RECIPES[family]
-    return recipe if ort_available() else WITHOUT_ORT.get(recipe, recipe)
+    return runnable_int8_recipe(FAMILY_INT8_RECIPES[family])[0]
+
+
+def runnable_int8_recipe(recipe: str) -> tuple[str, str | None]:
+    """``(recipe, None)`` where ``recipe``'s runtime is installed; else the recipe of the next runtime that is
+    (:data:`NEXT_RUNTIME`) and why ``recipe`` does not run (the missing runtime and what installs it)."""
+    from earlyexit_kernels.engine.layers import ov_layer
+
+    why = None
+    while True:
+        if recipe == "per-token-ov" and not ov_layer.ov_available():
+            missing = ov_layer.OV_MISSING
+        elif recipe == "per-token-ort" and not ort_available():
+            missing = ORT_MISSING
+        else:
+            return recipe, why
+        why = why or f"{recipe}: {missing}"
+        recipe = NEXT_RUNTIME[recipe]
 
 
 def int8_recipe_on(model: nn.Module, layers: str = "auto") -> str:
