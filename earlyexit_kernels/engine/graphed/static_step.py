@@ -341,10 +341,11 @@ def _run_graphed(
     result.host_syncs += read_backs
     length_multiple = getattr(adapter, "length_multiple", 1)
     mask, extents, kept = kept_inputs(mask, mask_summary, in_length, result, length_multiple)
+    length_step = math.lcm(CUDA_LENGTH_STEP, length_multiple)
     if on_gpu and align_unpadded and inputs_serial is None:  # (a prologue's load reads fixed buffers)
-        mask, extents = masked_to_step(mask, extents, batch, kept, math.lcm(CUDA_LENGTH_STEP, length_multiple), device)
+        mask, extents = masked_to_step(mask, extents, batch, kept, length_step, device)
     # On a GPU the length is rounded up (masked positions) so that batches of mixed lengths share shapes.
-    seq_len = -(-kept // math.lcm(CUDA_LENGTH_STEP, length_multiple)) * math.lcm(CUDA_LENGTH_STEP, length_multiple)
+    seq_len = -(-kept // length_step) * length_step
     seq_len = seq_len if mask is not None and on_gpu else kept
 
     state_shapes = batches.state_shapes(policy, adapter, batch, dtype)

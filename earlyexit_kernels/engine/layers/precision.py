@@ -127,18 +127,22 @@ def int8_recipe(model: nn.Module) -> str:
 def runnable_int8_recipe(recipe: str) -> tuple[str, str | None]:
     """``(recipe, None)`` where ``recipe``'s runtime is installed; else the recipe of the next runtime that is
     (:data:`NEXT_RUNTIME`) and why ``recipe`` does not run (the missing runtime and what installs it)."""
-    from earlyexit_kernels.engine.layers import ov_layer
-
     why = None
-    while True:
-        if recipe == "per-token-ov" and not ov_layer.ov_available():
-            missing = ov_layer.OV_MISSING
-        elif recipe == "per-token-ort" and not ort_available():
-            missing = ORT_MISSING
-        else:
-            return recipe, why
+    while (missing := _missing_runtime(recipe)) is not None:
         why = why or f"{recipe}: {missing}"
         recipe = NEXT_RUNTIME[recipe]
+    return recipe, why
+
+
+def _missing_runtime(recipe: str) -> str | None:
+    """Which packages ``recipe``'s runtime needs and this environment lacks (what installs them), or None."""
+    from earlyexit_kernels.engine.layers import ov_layer
+
+    if recipe == "per-token-ov":
+        return None if ov_layer.ov_available() else ov_layer.OV_MISSING
+    if recipe == "per-token-ort":
+        return None if ort_available() else ORT_MISSING
+    return None
 
 
 def int8_recipe_on(model: nn.Module, layers: str = "auto") -> str:
@@ -221,15 +225,14 @@ def _graph_encoder(model: nn.Module, recipe: str) -> nn.Module:
     ``per-token-ov``: :class:`~earlyexit_kernels.engine.layers.ov_layer.OvLayer`; int8 per token x per channel), in place."""
     from earlyexit_kernels.engine.layers import ov_layer
 
+    missing = _missing_runtime(recipe)
     if recipe == "per-token-ort":
-        missing = None if ort_available() else ORT_MISSING
         instead = (
             "or run the same quantization on PyTorch's kernels, the per-token recipe (certify it with eek calibrate "
             "FOLDER FILE --dtype int8 where ONNX Runtime is not installed)"
         )
         run_on = run_on_ort
     else:
-        missing = None if ov_layer.ov_available() else ov_layer.OV_MISSING
         instead, run_on = "or run the per-token-ort recipe (ONNX Runtime)", ov_layer.run_on_ov
     if missing is not None:
         raise ValueError(f"int8 recipe {recipe}: {missing}; {instead}")
