@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_model
 from layer_calls import MODELS, padded_input, run
 
+from earlyexit_kernels.engine.layers.ort_layer import ORT_MISSING, OrtLayer, ort_available
 from earlyexit_kernels.engine.layers.ov_layer import OV_MISSING, OvLayer, ov_available
 from earlyexit_kernels.engine.layers.precision import int8_encoder
 
@@ -124,3 +125,26 @@ def test_the_recipe_runs_every_encoder_layer_on_openvino_and_leaves_the_heads_fl
     # of what int8 moves them, fbgemm capped at AVX2 or not), where another quantization moves them about as much
     # as int8 does (1.4x on the AVX2-only EPYC, issue 95)
     assert float((got - per_token).abs().max()) < 0.2 * float((per_token - exact).abs().max())
+
+
+@pytest.mark.skipif(not ort_available(), reason=ORT_MISSING)
+def test_a_call_openvino_fails_runs_on_onnx_runtime_s_graph_of_the_layer_logged_once(caplog):
+    """A model OpenVINO cannot compile (here its IR broken, so the plugin's own reader fails): the call is
+    answered by ONNX Runtime's graph of the same layer, the same quantization, and the reason logged once."""
+    model = tiny_model("bert", num_layers=1)
+    source = model.base_model.encoder.layer[0]
+    layer = OvLayer.from_layer(source, model.config)
+    same_graph = OrtLayer.from_layer(source, model.config, reduce_range=layer.weight_bits == 7)
+    layer.ir = (b"<net>not an OpenVINO model</net>", layer.ir[1])
+    hidden, mask = padded_input()
+    with caplog.at_level("WARNING", logger="earlyexit_kernels.layers"):
+        first = run(layer, model, hidden, mask)
+        second = run(layer, model, hidden[:2], mask[:2])
+    assert torch.equal(first, run(same_graph, model, hidden, mask))
+    assert torch.equal(second, run(same_graph, model, hidden[:2], mask[:2]))
+    failures = [r for r in caplog.records if "OpenVINO failed a layer call" in r.getMessage()]
+    assert len(failures) == 1 and "ran on ONNX Runtime's layer" in failures[0].getMessage()
+    without = OvLayer.from_layer(source, model.config)
+    without.fallback_graph, without.ir = None, layer.ir
+    with pytest.raises(RuntimeError, match="has no ONNX Runtime graph to run it instead"):
+        run(without, model, hidden, mask)

@@ -90,16 +90,16 @@ def add_base_options(parser, *, dtypes: tuple[str, ...] = DTYPES) -> None:
     )
 
 
-def add_int8_layers_option(parser) -> None:
-    """Add ``--layers`` (default auto): where the int8 layers run, the recipe the certificate is made on."""
+def add_int8_layers_option(parser, auto: str) -> None:
+    """Add ``--layers`` (default auto, which ``auto`` explains): where the int8 layers run, the recipe the
+    certificate is made on."""
     parser.add_argument(
         "--layers",
         choices=INT8_LAYERS,
         default="auto",
-        help="with --dtype int8, where the int8 layers run, one activation scale per token and one weight scale per "
-        "output channel: auto (default: ONNX Runtime where it is installed, else PyTorch), onnxruntime, openvino "
-        "(openvino installed; faster on the CPUs measured with AMX: docs/serving.md) or torch. The certificate is "
-        "made on those layers and recorded with them; eek serve runs them",
+        help=f"with --dtype int8, where the int8 layers run, one activation scale per token and one weight scale per "
+        f"output channel: auto (default: {auto}), onnxruntime, openvino (openvino installed) or torch. The "
+        "certificate is made on those layers and recorded with them; eek serve runs them",
     )
 
 

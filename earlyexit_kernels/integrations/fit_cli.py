@@ -149,6 +149,11 @@ def _add_fit(commands) -> None:
     # int8: the heads fitted on the int8 encoder's hidden states and certified on it against the float32 full model
     # (integrations/int8_fit.py); the folder keeps the float32 weights
     add_base_options(fit, dtypes=("float32", "bfloat16", "int8"))
+    add_int8_layers_option(
+        fit,
+        "each installed runtime timed on a few training rows on this CPU, the fastest kept and recorded with "
+        "its timings",
+    )
     fit.set_defaults(run=_fit_command)
 
 
@@ -200,7 +205,11 @@ def _add_calibrate(commands) -> None:
     add_fit_options(calibrate, ("risk",), CALIBRATE_DEFAULTS)
     calibrate.add_argument("--batch-size", type=int, default=64, metavar="N", help="rows per batch (default: 64)")
     add_base_options(calibrate)
-    add_int8_layers_option(calibrate)
+    add_int8_layers_option(
+        calibrate,
+        "the layers the folder's record names where they run here, else ONNX Runtime where it is "
+        "installed, else PyTorch",
+    )
     calibrate.set_defaults(run=_calibrate_command)
 
 
@@ -336,6 +345,7 @@ def _fit(args) -> int:
         dtype=args.dtype,
         device=args.device,
         overwrite=args.overwrite,
+        int8_layers=args.layers,
     )
     for line in report.summary():
         print(line)
@@ -343,8 +353,11 @@ def _fit(args) -> int:
     if args.dtype == "int8":
         from earlyexit_kernels.patching.fit_record import FitRecord
 
+        record = FitRecord.load(output)
+        if record.int8_layers is not None:
+            print(record.int8_layers["reason"])
         print(
-            f"fitted and certified on the int8 base (recipe {FitRecord.load(output).int8_recipe}) against the float32 "
+            f"fitted and certified on the int8 base (recipe {record.int8_recipe}) against the float32 "
             f"full model; the folder holds the float32 weights: serve it on int8 (--dtype int8)"
         )
         base = " --dtype int8"

@@ -14,6 +14,10 @@ The folder keeps the float32 weights, as every folder does: the float32 layers a
 before it is written, and the int8 base is made from them again at loading, with the recipe the
 certificate holds for recorded in ``eek_fit.json`` (``base``, ``int8_recipe``).
 
+Which runtime runs the int8 layers is measured on the fitting CPU (``--layers auto``): the installed runtimes
+are timed on a few training rows (:mod:`~earlyexit_kernels.engine.layers.runtime_choice`), the fastest kept,
+and the choice recorded with the CPU class and the timings (``int8_layers``); ``--layers`` names one instead.
+
 Only head-only recipes (``heads``, ``fastbert``): the int8 layers learn nothing.
 """
 
@@ -22,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 
-__all__ = ["int8_base", "check_int8_method"]
+__all__ = ["TIMING_ROWS", "int8_base", "check_int8_method", "timing_batches"]
 
 
 def check_int8_method(method: str) -> None:
@@ -40,23 +44,45 @@ def check_int8_method(method: str) -> None:
         )
 
 
+#: how many of the training rows the int8 runtimes are timed on (``eek fit --dtype int8 --layers auto``): a few
+#: seconds per runtime on a MiniLM at one thread, small beside the fit
+TIMING_ROWS = 64
+
+
+def timing_batches(tokenizer, train, *, batch_size: int, max_length: int, seed: int) -> list[dict]:
+    """Up to :data:`TIMING_ROWS` of the training rows ``train`` (drawn with ``seed``), tokenized into the
+    length-sorted batches every engine runs: what the int8 runtimes are timed on. Training rows, never the rows
+    that certify: the choice depends on what these rows showed."""
+    import torch
+
+    from earlyexit_kernels.training.labelled_texts import encode, length_sorted_batches
+
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    return length_sorted_batches(encode(tokenizer, train.subset(order[:TIMING_ROWS]), max_length), None, batch_size)
+
+
 @contextlib.contextmanager
-def int8_base(model, device: str = "cpu"):
+def int8_base(model, device: str = "cpu", *, layers: str = "auto", batches: list[dict] | None = None):
     """``model``'s encoder layers int8 inside the block, its float32 layers put back after, whatever happens.
 
-    Yields ``(reference, recipe)``: a copy of ``model`` as it was (float32, patched), whose full depth the
-    certificate measures against, and the int8 recipe the layers run
-    (:func:`~earlyexit_kernels.engine.layers.precision.int8_recipe`). ``model`` must be float32 and have an
-    ``encoder.layer`` list, which int8 swaps; a :class:`~earlyexit_kernels.training.fit_config.FitError`
-    says what runs instead otherwise."""
+    Yields ``(reference, choice)``: a copy of ``model`` as it was (float32, patched), whose full depth the
+    certificate measures against, and the
+    :class:`~earlyexit_kernels.engine.layers.runtime_choice.LayersChoice` of the int8 layers that run: with
+    ``layers`` ``"auto"`` and ``batches`` (:func:`timing_batches`), the installed runtime that was fastest on
+    them (:func:`~earlyexit_kernels.engine.layers.runtime_choice.choose_int8_layers`); ``"auto"`` without
+    batches, the family's recipe (:func:`~earlyexit_kernels.engine.layers.precision.int8_recipe`); a key of
+    :data:`~earlyexit_kernels.engine.layers.precision.INT8_LAYERS`, those layers. ``model`` must be float32
+    and have an ``encoder.layer`` list, which int8 swaps; a
+    :class:`~earlyexit_kernels.training.fit_config.FitError` says what runs instead otherwise."""
     import torch
 
     from earlyexit_kernels.engine.layers.ort_layer import encoder_layers
-    from earlyexit_kernels.engine.layers.precision import int8_recipe, to_base
+    from earlyexit_kernels.engine.layers.precision import int8_recipe, int8_recipe_on, to_base
+    from earlyexit_kernels.engine.layers.runtime_choice import LayersChoice, choose_int8_layers
     from earlyexit_kernels.training.fit_config import FitError
 
-    layers = encoder_layers(model)
-    if layers is None:
+    layer_list = encoder_layers(model)
+    if layer_list is None:
         raise FitError(
             f"--dtype int8 fits the heads on {type(model).__name__}'s int8 encoder layers, and it has no encoder.layer "
             "list: fit on float32 and certify on int8 with eek calibrate OUTPUT_DIR FILE --dtype int8"
@@ -68,18 +94,27 @@ def int8_base(model, device: str = "cpu"):
             f"this one is saved in {', '.join(kinds)}: save it in float32 first (model.float().save_pretrained(...))"
         )
     try:
-        recipe = int8_recipe(model)
+        default = int8_recipe(model)
+        recipe = int8_recipe_on(model, layers)
     except ValueError as error:
         raise FitError(str(error)) from None
     reference = copy.deepcopy(model)  # its layers are the float32 ones put back
+    if layers != "auto":
+        choice = LayersChoice(recipe, default, f"int8 layers: {layers}, as --layers asked", by="asked")
+    elif batches:
+        choice = choose_int8_layers(model, batches, default=default, reference=reference)
+    else:
+        choice = LayersChoice(
+            default, default, f"int8 layers: the family's recipe {default} (nothing timed)", by="family"
+        )
     try:
         try:
-            to_base(model, "int8", device, int8_recipe=recipe)
+            to_base(model, "int8", device, int8_recipe=choice.recipe)
         except ValueError as error:
             raise FitError(str(error)) from None
-        yield reference, recipe
+        yield reference, choice
     finally:
         for index, layer in enumerate(encoder_layers(reference)):
-            layers[index] = layer
+            layer_list[index] = layer
         if hasattr(model, "eek_int8_recipe"):
             del model.eek_int8_recipe

@@ -369,12 +369,21 @@ def load_classifier(path: str):
 
 
 def save_fitted(
-    model, tokenizer, report, output: Path, *, overwrite: bool, source: str, int8_recipe: str | None = None
+    model,
+    tokenizer,
+    report,
+    output: Path,
+    *,
+    overwrite: bool,
+    source: str,
+    int8_recipe: str | None = None,
+    choice=None,
 ) -> None:
     """Write the fitted model, its tokenizer and ``eek_fit.json`` under a temporary name beside
     ``output``, then rename it into place. ``int8_recipe``: the heads were fitted and certified on the
     int8 base with this recipe (:mod:`earlyexit_kernels.integrations.int8_fit`), recorded as the base the
-    certificate holds for; None: on the model as saved."""
+    certificate holds for; None: on the model as saved. ``choice``: how those layers were chosen
+    (:class:`~earlyexit_kernels.engine.layers.runtime_choice.LayersChoice`), recorded as ``int8_layers``."""
     from earlyexit_kernels.training.fit_texts import FitError
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -384,9 +393,15 @@ def save_fitted(
         tokenizer.save_pretrained(partial)
         base = None if int8_recipe is None else "int8"
         isa = None if int8_recipe is None else int8_isa()  # the CPU class the int8 certificate holds for
-        FitRecord(report=report.as_dict(), source_model=source, base=base, int8_recipe=int8_recipe, int8_isa=isa).save(
-            partial
-        )
+        layers = None if choice is None else choice.as_dict()
+        FitRecord(
+            report=report.as_dict(),
+            source_model=source,
+            base=base,
+            int8_recipe=int8_recipe,
+            int8_isa=isa,
+            int8_layers=layers,
+        ).save(partial)
         if output.exists():
             if not overwrite and any(output.iterdir()):
                 raise FitError(f"OUTPUT_DIR {output} appeared while fitting; pass --overwrite to replace it")
@@ -408,6 +423,7 @@ def fit_folder(
     dtype: str | None = None,
     device: str = "cpu",
     overwrite: bool = True,
+    int8_layers: str = "auto",
     **options,
 ):
     """The classifier folder ``model_path`` fitted (:func:`~earlyexit_kernels.training.fit_texts.fit_model`) and
@@ -418,7 +434,9 @@ def fit_folder(
     :func:`~earlyexit_kernels.training.fit_texts.fit_model`'s keyword ``options``, not both. ``calibration``,
     ``unlabelled``: as :func:`~earlyexit_kernels.training.fit_texts.fit_model` takes them. ``dtype``, ``device``:
     the base the heads are fitted on (``--dtype``, ``--device``); int8 also certifies on it, against the float32
-    full model, and writes the float32 weights (:mod:`earlyexit_kernels.integrations.int8_fit`). ``overwrite``:
+    full model, and writes the float32 weights (:mod:`earlyexit_kernels.integrations.int8_fit`); ``int8_layers``
+    (``--layers``): where its int8 layers run, ``"auto"`` the runtime timed fastest here on training rows, recorded
+    with the timings (``int8_layers`` in ``eek_fit.json``). ``overwrite``:
     replace an ``output`` that holds files (otherwise :class:`~earlyexit_kernels.training.fit_texts.FitError`).
     The report names the calibration rows by their file (``calibration.path``), as ``--calibration`` gave it."""
     import torch
@@ -427,18 +445,29 @@ def fit_folder(
     from earlyexit_kernels.training.fit_texts import FitError, fit_model
 
     config = settings_of(FitConfig, config, options, who="fit_folder", what="config")
-    base = contextlib.nullcontext((None, None))  # (the reference, the int8 recipe): the model's own base
+    base = contextlib.nullcontext((None, None))  # (the reference, the int8 layers' choice): the model's own base
     if dtype == "int8":
-        from earlyexit_kernels.integrations.int8_fit import check_int8_method, int8_base
+        from earlyexit_kernels.integrations.int8_fit import check_int8_method, int8_base, timing_batches
 
         check_int8_method(config.method)
+    elif int8_layers != "auto":
+        raise FitError(f"--layers {int8_layers} says where the int8 layers run: give --dtype int8 with it")
     # The seed is set once, by fit_model: every head the fit trains is made inside it (the ones made at
     # loading never reach the folder; scripts/fit_bytes.py draws torch's generator anew before each fit). The
     # loading's draws come from a fork of torch's generator, which the caller gets back as it was.
     with torch.random.fork_rng(devices=[]):
         model, tokenizer = load_classifier(model_path)
     if dtype == "int8":
-        base = int8_base(model, device)  # fitted and certified on int8, written float32
+        # fitted and certified on int8, on the runtime timed fastest on training rows, written float32
+        batches = None
+        if int8_layers == "auto":
+            from earlyexit_kernels.training.fit_texts import max_length_for
+
+            length = max_length_for(config.max_length, model, tokenizer)
+            batches = timing_batches(
+                tokenizer, train, batch_size=config.batch_size, max_length=length, seed=config.seed
+            )
+        base = int8_base(model, device, layers=int8_layers, batches=batches)
     elif dtype is not None or device != "cpu":
         from earlyexit_kernels.engine.layers.precision import to_base
 
@@ -446,7 +475,7 @@ def fit_folder(
             to_base(model, dtype, device)
         except ValueError as error:
             raise FitError(str(error)) from None
-    with base as (reference, recipe):
+    with base as (reference, choice):
         report = fit_model(
             model,
             tokenizer,
@@ -459,5 +488,15 @@ def fit_folder(
         )
     if calibration is not None:
         report.calibration_source = f"from {calibration.path} (--calibration)"
-    save_fitted(model, tokenizer, report, Path(output), overwrite=overwrite, source=model_path, int8_recipe=recipe)
+    recipe = None if choice is None else choice.recipe
+    save_fitted(
+        model,
+        tokenizer,
+        report,
+        Path(output),
+        overwrite=overwrite,
+        source=model_path,
+        int8_recipe=recipe,
+        choice=choice,
+    )
     return report

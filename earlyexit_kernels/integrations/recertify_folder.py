@@ -194,7 +194,8 @@ def calibrate_folder(
     recipe = None
     if dtype == "int8":  # the int8 base the certificate holds for, which load_model runs again
         try:
-            recipe = int8_recipe_on(model, int8_layers)
+            recipe = _recorded_recipe(path) if int8_layers == "auto" else None
+            recipe = recipe or int8_recipe_on(model, int8_layers)
         except ValueError as error:
             raise FitError(str(error)) from None
     elif int8_layers != "auto":
@@ -217,6 +218,19 @@ def calibrate_folder(
     if _written(path, report, asked.force):
         _write_back(Path(path), model, report, source or "rows given to eek calibrate", dtype or "as saved", recipe)
     return report
+
+
+def _recorded_recipe(folder: str) -> str | None:
+    """The per-token int8 recipe ``folder``'s record names (chosen by ``eek fit``'s timing, or an earlier
+    ``--layers``), where its runtime is installed here: ``--layers auto`` certifies those layers again rather
+    than the family's. None where the record names none, or another recipe, or one that cannot run here."""
+    from earlyexit_kernels.engine.layers.precision import INT8_LAYERS, runnable_int8_recipe
+
+    record = FitRecord.read(folder)
+    recorded = None if record is None else record.int8_recipe
+    if recorded not in INT8_LAYERS.values() or runnable_int8_recipe(recorded)[1] is not None:
+        return None
+    return recorded
 
 
 def _base_change(model, dtype: str | None, risk: str):
@@ -282,6 +296,8 @@ def _write_back(folder: Path, model, report, source: str, base: str, int8_recipe
         when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         record.recalibrated(report, when=when, source=source, base=base)
         if base != "as served":
+            if record.int8_layers is not None and record.int8_layers.get("recipe") != int8_recipe:
+                record.int8_layers = None  # the fit's choice of runtime no longer names the layers certified
             record.int8_recipe = int8_recipe
             record.int8_isa = int8_isa() if base == "int8" else None  # the CPU class certified on
         record.save(partial)

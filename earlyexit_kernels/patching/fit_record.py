@@ -48,12 +48,15 @@ class FitRecord:
     re-certified). ``int8_recipe``: the int8 recipe that certificate holds for, where it was
     certified on int8 (:mod:`earlyexit_kernels.engine.layers.precision`; None: none recorded). ``int8_isa``: the
     class of CPU it was certified on there (:mod:`earlyexit_kernels.engine.layers.int8_isa`: ``vnni``, ``avx512``,
-    ``avx2``, ...; None: none recorded, as before the field existed).
+    ``avx2``, ...; None: none recorded, as before the field existed). ``int8_layers``: how ``eek fit --dtype
+    int8`` chose the runtime of those layers (:meth:`~earlyexit_kernels.engine.layers.runtime_choice.LayersChoice.as_dict`:
+    the recipe, ``by`` ``timed``/``asked``/``family``/``only``, the CPU class, each runtime's seconds per round and
+    the reason; None: not chosen by a fit, as before the field existed).
     ``recalibrations``: one entry per ``eek calibrate`` (None: none). ``version``:
     the file's format.
 
     Saved as one JSON object: ``version``, ``source_model``, the report's keys, ``base``,
-    ``int8_recipe``, ``int8_isa``, ``recalibrations`` (those that are None left out), indented by 2: a file written before
+    ``int8_recipe``, ``int8_isa``, ``int8_layers``, ``recalibrations`` (those that are None left out), indented by 2: a file written before
     ``version`` existed is saved again with the same keys in the same order, ``version`` added first.
     """
 
@@ -64,6 +67,7 @@ class FitRecord:
     version: int = VERSION
     int8_recipe: str | None = None
     int8_isa: str | None = None
+    int8_layers: dict | None = None
 
     @property
     def base_risk(self) -> str | None:
@@ -123,6 +127,7 @@ class FitRecord:
             base=fields.pop("base", None),
             int8_recipe=fields.pop("int8_recipe", None),
             int8_isa=fields.pop("int8_isa", None),
+            int8_layers=fields.pop("int8_layers", None),
             recalibrations=fields.pop("recalibrations", None),
             report=fields,
             version=version,
@@ -140,6 +145,8 @@ class FitRecord:
             saved["int8_recipe"] = self.int8_recipe
         if self.int8_isa is not None:
             saved["int8_isa"] = self.int8_isa
+        if self.int8_layers is not None:
+            saved["int8_layers"] = self.int8_layers
         if self.recalibrations is not None:
             saved["recalibrations"] = self.recalibrations
         return saved

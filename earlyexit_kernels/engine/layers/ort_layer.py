@@ -420,6 +420,20 @@ def returns_tuple(layer: nn.Module, parts: LayerParts) -> bool:
         return isinstance(layer(torch.zeros(1, 1, parts.qkv_weight.shape[1], dtype=parts.qkv_weight.dtype)), tuple)
 
 
+def layer_session(graph: bytes, threads: int):
+    """ONNX Runtime's session of a layer's ``graph`` (:func:`layer_graph`) on ``threads`` threads."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(
+        graph, session_options(threads), providers=["CPUExecutionProvider"], disabled_optimizers=_UNFUSED
+    )
+
+
+def run_session(session, feeds: dict) -> np.ndarray:
+    """A layer session's ``output`` [T, H] on ``feeds``."""
+    return session.run(None, feeds, _run_options())[0]
+
+
 class PackedGraphLayer(nn.Module):
     """An encoder layer a runtime runs from its graph on the call's real tokens (:func:`layer_graph`'s inputs),
     called as the layer was: the packing of the call's tokens and the padding's zeros after, once for every
@@ -432,6 +446,11 @@ class PackedGraphLayer(nn.Module):
     def run_tokens(self, feeds: dict) -> np.ndarray:
         """The graph's ``output`` [T, H] on ``feeds`` (numpy arrays by input name)."""
         raise NotImplementedError
+
+    def fallback_tokens(self, feeds: dict, error: RuntimeError) -> np.ndarray:
+        """What a call gives where :meth:`run_tokens` failed in the runtime with ``error`` (compiling the call's
+        shape, its memory): another runtime's output of the same graph, or ``error`` raised (the default)."""
+        raise error
 
     @classmethod
     def run_encoder_on(cls, model: nn.Module, *, int8: bool) -> None:
@@ -458,7 +477,10 @@ class PackedGraphLayer(nn.Module):
             if position_bias is None:
                 raise ValueError("this MPNet layer takes the position bias its encoder computes")
             feeds["position_bias"] = position_bias.detach().float().contiguous().numpy()
-        tokens = torch.from_numpy(self.run_tokens(feeds))
+        try:
+            tokens = torch.from_numpy(self.run_tokens(feeds))
+        except RuntimeError as error:  # the runtime's own failure, not the call's input (checked above)
+            tokens = torch.from_numpy(self.fallback_tokens(feeds, error))
         if padded:  # zeros at the padding, as the engine's packed layer calls leave it
             output = tokens.new_zeros(n * length, width).index_copy_(0, positions, tokens).view(n, length, width)
         else:
@@ -497,16 +519,12 @@ class OrtLayer(PackedGraphLayer):
     def session(self):
         threads = torch.get_num_threads()
         if self._session is None or self._threads != threads:
-            import onnxruntime as ort
-
-            self._session = ort.InferenceSession(
-                self.graph, session_options(threads), providers=["CPUExecutionProvider"], disabled_optimizers=_UNFUSED
-            )
+            self._session = layer_session(self.graph, threads)
             self._threads = threads
         return self._session
 
     def run_tokens(self, feeds: dict) -> np.ndarray:
-        return self.session().run(None, feeds, _run_options())[0]
+        return run_session(self.session(), feeds)
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -60,6 +60,12 @@ The float parts (attention, GELU, norms) run in float32: the CPU plugin's defaul
 (AMX, AVX-512 BF16) is bfloat16 (``INFERENCE_PRECISION_HINT``). With ``int8=False`` the model is the float32
 layer (equal to it up to float rounding: the tests' check of the model itself).
 
+A call OpenVINO fails (compiling its shape, its memory: a ``RuntimeError`` from the plugin) is answered by ONNX
+Runtime's graph of the same layer (:func:`~earlyexit_kernels.engine.layers.ort_layer.layer_graph`, the same
+quantization and weight bits), made with the layer where onnxruntime is installed and kept beside the IR (the
+int8 weights a second time: 0.9 MiB a MiniLM-L6 layer); the reason is logged once per process
+(``earlyexit_kernels.layers``), and the request is not lost.
+
 Needs ``openvino`` and ``onnx``: the package's ``openvino`` extra (with NNCF), which ``make setup`` installs where wheels exist.
 """
 
@@ -67,6 +73,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import logging
 import tempfile
 import threading
 from pathlib import Path
@@ -81,7 +88,10 @@ from earlyexit_kernels.engine.layers.ort_layer import (
     PackedGraphLayer,
     layer_graph,
     layer_parts,
+    layer_session,
+    ort_available,
     returns_tuple,
+    run_session,
 )
 from earlyexit_kernels.engine.layers.packed_call_shapes import padded_call
 
@@ -96,6 +106,11 @@ _PRODUCTS = 4
 
 _core_lock = threading.Lock()
 _core = None
+
+
+logger = logging.getLogger("earlyexit_kernels.layers")
+#: the reasons of OpenVINO's failed calls logged so far (each once per process)
+_logged_failures: set[str] = set()
 
 
 def ov_available() -> bool:
@@ -224,15 +239,20 @@ class OvLayer(PackedGraphLayer):
         returns_tuple: bool,
         weight_bits: int | None,
         padded_shapes: bool = True,
+        fallback_graph: bytes | None = None,
     ):
         """``weight_bits``: the int8 weights' bits (8, or 7: reduced range), None for the float32 model.
-        ``padded_shapes``: each call padded to a multiple of 32 tokens (False: run at its own shape)."""
+        ``padded_shapes``: each call padded to a multiple of 32 tokens (False: run at its own shape).
+        ``fallback_graph``: the ONNX Runtime graph of the same layer (:func:`layer_graph`, the same quantization)
+        that runs a call OpenVINO fails (:meth:`fallback_tokens`); None: such a call raises."""
         super().__init__()
         self.ir, self.position_bias, self.returns_tuple = ir, position_bias, returns_tuple
         self.weight_bits, self.padded_shapes = weight_bits, padded_shapes
+        self.fallback_graph = fallback_graph
         self._compiled = None
         self._threads = None
         self._requests = threading.local()
+        self._fallback = None  # (threads, ONNX Runtime's session of fallback_graph), made at the first failure
 
     @classmethod
     def from_layer(cls, layer: nn.Module, config, *, int8: bool = True, reduce_range: bool | None = None) -> OvLayer:
@@ -245,6 +265,7 @@ class OvLayer(PackedGraphLayer):
             position_bias=parts.position_bias,
             returns_tuple=returns_tuple(layer, parts),
             weight_bits=(7 if reduce_range else 8) if int8 else None,
+            fallback_graph=layer_graph(parts, int8=int8, reduce_range=reduce_range) if ort_available() else None,
         )
 
     def compiled(self):
@@ -277,15 +298,40 @@ class OvLayer(PackedGraphLayer):
         # the inputs read in place (the call waits for the result); the output copied out of the request's memory
         return self._request().infer(feeds, share_inputs=True)[0][:count]
 
+    def fallback_tokens(self, feeds: dict, error: RuntimeError) -> np.ndarray:
+        """A call OpenVINO failed (compiling its shape, its memory) run by ONNX Runtime on the same layer's graph,
+        the same quantization, so the call is answered; the reason logged once per process. Without the graph
+        (onnxruntime missing when the layer was made) the error is raised, saying so."""
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if self.fallback_graph is None:
+            raise RuntimeError(
+                f"OpenVINO failed a layer call of {len(feeds['tokens'])} tokens ({reason}), and the layer has no "
+                "ONNX Runtime graph to run it instead (onnxruntime was not installed when it was made)"
+            ) from error
+        threads = torch.get_num_threads()
+        if self._fallback is None or self._fallback[0] != threads:
+            self._fallback = (threads, layer_session(self.fallback_graph, threads))
+        if reason not in _logged_failures:
+            _logged_failures.add(reason)
+            logger.warning(
+                "OpenVINO failed a layer call of %d tokens (%s): that call ran on ONNX Runtime's layer, the same "
+                "quantization (logged once per reason)",
+                len(feeds["tokens"]),
+                reason,
+            )
+        return run_session(self._fallback[1], feeds)
+
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_compiled"] = state["_threads"] = state["_requests"] = None
+        state["_compiled"] = state["_threads"] = state["_requests"] = state["_fallback"] = None
         return state
 
     def __setstate__(self, state):
         state.setdefault("padded_shapes", True)  # pickled before calls were padded
+        state.setdefault("fallback_graph", None)  # pickled before a failed call fell back
         super().__setstate__(state)
         self._requests = threading.local()
+        self._fallback = None
 
     def __deepcopy__(self, memo):
         copied = OvLayer(
@@ -294,6 +340,7 @@ class OvLayer(PackedGraphLayer):
             returns_tuple=self.returns_tuple,
             weight_bits=self.weight_bits,
             padded_shapes=self.padded_shapes,
+            fallback_graph=self.fallback_graph,
         )
         copied.train(self.training)
         return copied

@@ -1,0 +1,207 @@
+"""Which runtime runs the int8 layers on this CPU, chosen by timing them on the user's own rows.
+
+    choice = choose_int8_layers(model, batches, reference=float_model)
+    choice.recipe     # "per-token-ort", "per-token-ov" or "per-token": the layers the certificate is then made on
+    choice.reason     # one line: each runtime's time, and why this one
+
+Why: the per-token int8 quantization (one activation scale per token, one weight scale per output channel) runs
+on three runtimes' kernels (:data:`~earlyexit_kernels.engine.layers.precision.INT8_LAYERS`): ONNX Runtime's
+``DynamicQuantizeMatMul``, OpenVINO's oneDNN brgemm and PyTorch's fbgemm. Which is fastest depends on the CPU:
+OpenVINO's layers were 1.3-1.7x ONNX Runtime's on an AMX Xeon (``benchmarks/results/intel_xeon/ov_layer_cpu.md``)
+and 0.96-1.36x with oneDNN capped to AVX-512 VNNI. A family's recipe is one guess for every CPU; this times the
+installed runtimes on the machine that fits and serves.
+
+How: each candidate is the model with its encoder on that runtime
+(:func:`~earlyexit_kernels.engine.layers.precision.int8_encoder`); one untimed pass over ``batches`` each (shapes
+compiled, caches warm), then up to ``rounds`` rounds, each timing the default and every candidate still in over
+all of ``batches`` at full depth (the model's own forward, exit heads included), the order rotated every round so
+none always runs first. The family's recipe (``default``) stays unless another candidate is faster in **every**
+one of the rounds: with five, a candidate no faster than the default wins all five with probability 1/32 at most
+(a sign test), so a difference inside the timings' noise never moves the choice. A candidate is out at its first
+lost round, and the timing stops when none is left (on a CPU where the default is fastest, after one round).
+Among the candidates that won every round, the lowest median wins.
+
+Agreement: every candidate computes the same quantization, so their answers differ from each other only by float
+rounding and by what the CPU's int8 sums do. Where ``reference`` (the float32 model) is given, each candidate's
+full-depth answers on the timed rows are compared with it; a candidate that changes significantly more answers
+than the default (an exact one-sided binomial test on the rows where exactly one of the two changed the
+answer, p < 0.05) is not chosen, however fast. The certificate is then made on the chosen layers, as on any int8
+base: the agreement it states is that layers'.
+
+The rows are ones the fit trains on, never ones that certify (the choice depends on what they showed).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from earlyexit_kernels.engine.layers.int8_isa import int8_isa
+
+__all__ = ["ROUNDS", "LayersChoice", "candidate_recipes", "choose_int8_layers", "changed_answers_worse"]
+
+#: rounds of alternating timings: a candidate moves the choice only by winning all of them (p = 1 / 2**ROUNDS)
+ROUNDS = 5
+#: the one-sided level at which a candidate's extra changed answers over the default's refuse it
+_AGREEMENT_LEVEL = 0.05
+
+
+@dataclass
+class LayersChoice:
+    """The int8 layers chosen on this CPU (``recipe``) and the measurement that chose them.
+
+    ``seconds``: each candidate recipe's time per round over the timed batches; ``changed``: each
+    candidate's full-depth answers that differ from the float32 model's on the timed rows (empty where no
+    reference was given); ``rows``: how many rows were timed; ``cpu``: this CPU's int8 class
+    (:func:`~earlyexit_kernels.engine.layers.int8_isa.int8_isa`); ``default``: the family's recipe, kept
+    unless beaten; ``reason``: one line saying what was picked and why; ``by``: ``"timed"``, or ``"only"``
+    where one runtime is installed (nothing timed)."""
+
+    recipe: str
+    default: str
+    reason: str
+    by: str = "timed"
+    cpu: str = field(default_factory=int8_isa)
+    rows: int = 0
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+    changed: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """What a folder records of the choice (``eek_fit.json``'s ``int8_layers``)."""
+        saved = {"recipe": self.recipe, "by": self.by, "cpu": self.cpu, "default": self.default, "reason": self.reason}
+        if self.seconds:
+            saved["rows"] = self.rows
+            saved["seconds"] = {name: [round(s, 6) for s in times] for name, times in self.seconds.items()}
+        if self.changed:
+            saved["changed_answers"] = dict(self.changed)
+        return saved
+
+
+def candidate_recipes(default: str) -> list[str]:
+    """The per-token recipes whose runtime is installed here, ``default`` first (each runtime once)."""
+    from earlyexit_kernels.engine.layers.precision import INT8_LAYERS, _missing_runtime
+
+    found = [default] + [recipe for recipe in INT8_LAYERS.values() if recipe != default]
+    return [recipe for recipe in dict.fromkeys(found) if _missing_runtime(recipe) is None]
+
+
+def changed_answers_worse(candidate: list[bool], default: list[bool], level: float = _AGREEMENT_LEVEL) -> bool:
+    """Whether ``candidate`` changes significantly more answers than ``default`` (each a flag per row: the answer
+    differs from the float32 model's): an exact one-sided binomial test on the discordant rows (changed by one of
+    the two only), p < ``level``. Rows both changed, or neither, say nothing about which is worse."""
+    if len(candidate) != len(default):
+        raise ValueError(f"the flags cover {len(candidate)} and {len(default)} rows; give both on the same rows")
+    only_candidate = sum(c and not d for c, d in zip(candidate, default))
+    discordant = only_candidate + sum(d and not c for c, d in zip(candidate, default))
+    if only_candidate == 0:
+        return False
+    # P(X >= only_candidate) for X ~ Binomial(discordant, 1/2): the chance of this many or more if neither is worse
+    tail = sum(math.comb(discordant, k) for k in range(only_candidate, discordant + 1)) / 2**discordant
+    return tail < level
+
+
+#: the keys of a batch that are the model's inputs (a fit's batches also carry ``rows`` and ``labels``)
+_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _inputs(batch: dict) -> dict:
+    return {name: value for name, value in batch.items() if name in _INPUTS}
+
+
+def _answers(model: nn.Module, batches: list[dict]) -> list[int]:
+    """The full-depth class of every row of ``batches``, in order."""
+    answers: list[int] = []
+    with torch.inference_mode():
+        for batch in batches:
+            answers += model(**_inputs(batch)).logits.argmax(-1).tolist()
+    return answers
+
+
+def _seconds(model: nn.Module, batches: list[dict]) -> float:
+    inputs = [_inputs(batch) for batch in batches]
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch in inputs:
+            model(**batch)
+    return time.perf_counter() - start
+
+
+def choose_int8_layers(
+    model: nn.Module,
+    batches: list[dict],
+    *,
+    default: str,
+    reference: nn.Module | None = None,
+    rounds: int = ROUNDS,
+) -> LayersChoice:
+    """Time the int8 layers of every installed runtime on ``batches`` (dicts of the model's inputs:
+    ``input_ids``, ``attention_mask``, ...) and choose one (the module docstring). ``model`` (float32) is left
+    as it is; ``default``: the family's recipe, kept unless another wins every round; ``reference``: the
+    float32 model whose full-depth answers the candidates' are compared with (None: no agreement check)."""
+    from earlyexit_kernels.engine.layers.precision import int8_encoder
+
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1; got {rounds}")
+    if not batches:
+        raise ValueError("the runtimes are timed on rows: give at least one batch")
+    recipes = candidate_recipes(default)
+    if default not in recipes:
+        raise ValueError(f"the default int8 recipe {default} cannot run here: its runtime is not installed")
+    if len(recipes) == 1:
+        return LayersChoice(default, default, f"int8 layers: {_runtime(default)}, the one runtime installed", by="only")
+    rows = sum(len(batch["input_ids"]) for batch in batches)
+    candidates = {recipe: int8_encoder(model, recipe) for recipe in recipes}  # copies: model stays float32
+    changed: dict[str, list[bool]] = {}
+    expected = None if reference is None else _answers(reference, batches)
+    for recipe, candidate in candidates.items():  # the untimed pass: shapes compiled, and the answers
+        answers = _answers(candidate, batches)
+        if expected is not None:
+            changed[recipe] = [a != b for a, b in zip(answers, expected)]
+    refused = {r for r in recipes if r != default and changed and changed_answers_worse(changed[r], changed[default])}
+    # a candidate stays in while it has been faster than the default in every round so far; the timing stops
+    # once none is left, as none of them could then be chosen (most CPUs: after the first round)
+    alive = [recipe for recipe in recipes if recipe != default and recipe not in refused]
+    seconds: dict[str, list[float]] = {recipe: [] for recipe in recipes}
+    timed = 0
+    while alive and timed < rounds:
+        order = [default, *alive]
+        shift = timed % len(order)
+        for recipe in order[shift:] + order[:shift]:
+            seconds[recipe].append(_seconds(candidates[recipe], batches))
+        timed += 1
+        alive = [recipe for recipe in alive if seconds[recipe][-1] < seconds[default][-1]]
+    del candidates
+    chosen = min(alive, key=lambda r: statistics.median(seconds[r]), default=default)
+    return LayersChoice(
+        chosen,
+        default,
+        _reason(chosen, default, seconds, refused, rows, timed),
+        cpu=int8_isa(),
+        rows=rows,
+        seconds={recipe: times for recipe, times in seconds.items() if times},
+        changed={recipe: sum(flags) for recipe, flags in changed.items()},
+    )
+
+
+def _runtime(recipe: str) -> str:
+    from earlyexit_kernels.engine.layers.precision import INT8_LAYERS
+
+    return next((name for name, made in INT8_LAYERS.items() if made == recipe), recipe)
+
+
+def _reason(chosen: str, default: str, seconds, refused, rows: int, timed: int) -> str:
+    ranked = sorted((recipe for recipe in seconds if seconds[recipe]), key=lambda r: statistics.median(seconds[r]))
+    times = ", ".join(f"{_runtime(recipe)} {statistics.median(seconds[recipe]) * 1e3:.0f} ms" for recipe in ranked)
+    rounds = f"{timed} round" + ("s" if timed != 1 else "")
+    measured = f"{rows} rows at full depth on this {int8_isa()} CPU, the median of {rounds}: {times}"
+    if chosen != default:
+        return f"int8 layers: {_runtime(chosen)}, faster than {_runtime(default)} in each of {rounds} ({measured})"
+    why = "no other runtime was faster in every round"
+    if refused:
+        why += f"; {', '.join(_runtime(r) for r in sorted(refused))} changed significantly more answers"
+    return f"int8 layers: {_runtime(default)}, the family's: {why} ({measured})"

@@ -1,0 +1,172 @@
+"""Which runtime runs the int8 layers, chosen by timing the installed ones on the user's rows: the family's
+recipe stays unless another runtime is faster in every round, and never for one that changes significantly more
+answers; ``eek fit --dtype int8`` records the choice, its timings and the CPU class, and says why."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+from conftest import write_table as _write
+from test_fit_cli import FAST, _frame, _run, classifier  # noqa: F401 - classifier is a fixture
+
+import earlyexit_kernels as eek
+from earlyexit_kernels.engine.layers import runtime_choice
+from earlyexit_kernels.engine.layers.int8_isa import int8_isa
+from earlyexit_kernels.engine.layers.ort_layer import ort_available
+from earlyexit_kernels.engine.layers.precision import int8_recipe
+from earlyexit_kernels.engine.layers.runtime_choice import changed_answers_worse, choose_int8_layers
+from earlyexit_kernels.integrations.int8_fit import int8_base
+from earlyexit_kernels.patching.fit_record import FitRecord
+
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.skipif(not ort_available(), reason="the family's int8 recipe runs on ONNX Runtime (onnxruntime)"),
+]
+
+
+def _model():
+    return eek.patch(tiny_model("bert", num_layers=2, seed=4), eek.Entropy(0.0))  # never exits: full depth
+
+
+def _batches(count: int = 2, rows: int = 8, width: int = 12) -> list[dict]:
+    generator = torch.Generator().manual_seed(3)
+    return [
+        {
+            "input_ids": torch.randint(5, 90, (rows, width), generator=generator),
+            "attention_mask": torch.ones(rows, width, dtype=torch.long),
+        }
+        for _ in range(count)
+    ]
+
+
+# -------------------------------------------------------------------------- agreement: a noise-aware refusal
+
+
+def test_more_changed_answers_refuse_a_runtime_only_where_the_exact_test_says_so():
+    default = [False] * 40
+    # 5 rows changed by the candidate alone: P(>= 5 of 5 | no difference) = 1/32 < 0.05
+    assert changed_answers_worse([True] * 5 + [False] * 35, default)
+    # 4 of 4: 1/16, inside the noise
+    assert not changed_answers_worse([True] * 4 + [False] * 36, default)
+    # the rows both changed say nothing about which is worse
+    both = [True] * 10 + [False] * 30
+    assert not changed_answers_worse(both, both)
+    # 6 changed by the candidate alone against 1 by the default: P(>= 6 of 7) = 8/128 = 0.0625
+    assert not changed_answers_worse([True] * 6 + [False] * 34, [False] * 39 + [True])
+    with pytest.raises(ValueError, match="on the same rows"):
+        changed_answers_worse([True], [True, False])
+
+
+# ------------------------------------------------------------------------------- the timing on real runtimes
+
+
+def test_every_installed_runtime_is_timed_and_the_model_is_left_float32():
+    model = _model()
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    choice = choose_int8_layers(model, _batches(), default=int8_recipe(model), reference=model)
+    assert choice.by == "timed" and choice.cpu == int8_isa() and choice.rows == 16
+    assert choice.recipe in runtime_choice.candidate_recipes(choice.default)
+    assert set(choice.seconds) <= set(runtime_choice.candidate_recipes(choice.default))
+    assert choice.default in choice.seconds and all(s > 0 for times in choice.seconds.values() for s in times)
+    assert set(choice.changed) == set(runtime_choice.candidate_recipes(choice.default))
+    assert choice.reason.startswith("int8 layers: ") and "on this" in choice.reason
+    saved = choice.as_dict()
+    assert json.loads(json.dumps(saved)) == saved and saved["recipe"] == choice.recipe
+    assert not hasattr(model, "eek_int8_recipe")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_nothing_to_time_on_is_refused():
+    with pytest.raises(ValueError, match="at least one batch"):
+        choose_int8_layers(_model(), [], default="per-token-ort")
+    with pytest.raises(ValueError, match="rounds must be at least 1"):
+        choose_int8_layers(_model(), _batches(), default="per-token-ort", rounds=0)
+
+
+# ----------------------------------------------------------------- the rule, on timings given by the test
+
+
+@pytest.fixture
+def timings(monkeypatch):
+    """Each candidate's seconds per round, as the test gives them (the runtimes still built and run once)."""
+    table: dict[str, list[float]] = {}
+    calls: list[str] = []
+
+    def seconds(model, batches):
+        recipe = model.eek_int8_recipe
+        calls.append(recipe)
+        return table[recipe][sum(c == recipe for c in calls) - 1]
+
+    monkeypatch.setattr(runtime_choice, "_seconds", seconds)
+    monkeypatch.setattr(runtime_choice, "candidate_recipes", lambda default: [default, "per-token"])
+    return table, calls
+
+
+def test_a_runtime_faster_in_every_round_is_chosen(timings):
+    table, calls = timings
+    table.update({"per-token-ort": [1.0] * 5, "per-token": [0.9, 0.8, 0.95, 0.9, 0.99]})
+    choice = choose_int8_layers(_model(), _batches(), default="per-token-ort")
+    assert choice.recipe == "per-token" and len(choice.seconds["per-token"]) == 5
+    assert choice.reason.startswith("int8 layers: torch, faster than onnxruntime in each of 5 rounds")
+
+
+def test_one_lost_round_keeps_the_family_s_recipe_and_stops_the_timing(timings):
+    table, calls = timings
+    table.update({"per-token-ort": [1.0] * 5, "per-token": [0.5, 0.5, 0.5, 1.01, 0.5]})
+    choice = choose_int8_layers(_model(), _batches(), default="per-token-ort")
+    assert choice.recipe == "per-token-ort" and len(calls) == 8  # 4 rounds of 2: out at its first lost round
+    assert "no other runtime was faster in every round" in choice.reason
+    table.update({"per-token-ort": [1.0] * 5, "per-token": [1.2] * 5})
+    calls.clear()
+    assert choose_int8_layers(_model(), _batches(), default="per-token-ort").recipe == "per-token-ort"
+    assert len(calls) == 2  # slower from the first round: timed once
+
+
+def test_a_faster_runtime_that_changes_more_answers_is_not_chosen(timings, monkeypatch):
+    table, _ = timings
+    table.update({"per-token-ort": [1.0] * 5, "per-token": [0.5] * 5})
+    monkeypatch.setattr(runtime_choice, "changed_answers_worse", lambda candidate, default: True)
+    choice = choose_int8_layers(_model(), _batches(), default="per-token-ort", reference=_model())
+    assert choice.recipe == "per-token-ort" and "torch changed significantly more answers" in choice.reason
+
+
+# ------------------------------------------------------------------------------------ where eek fit asks
+
+
+def test_asked_layers_are_not_timed_and_unknown_ones_are_refused():
+    model = _model()
+    with int8_base(model, layers="torch", batches=_batches()) as (_, choice):
+        assert choice.recipe == "per-token" and choice.by == "asked" and not choice.seconds
+        assert model.eek_int8_recipe == "per-token"
+    with int8_base(model) as (_, choice):  # nothing to time on: the family's
+        assert choice.by == "family" and choice.recipe == int8_recipe(model)
+
+
+def test_eek_fit_records_the_choice_and_says_why(classifier, tmp_path, capsys):  # noqa: F811
+    train = _write(_frame(120, seed=42), tmp_path / "train.csv")
+    assert _run("fit", classifier, train, tmp_path / "out", *FAST, "--dtype", "int8", "--device", "cpu") == 0
+    printed = capsys.readouterr().out
+    record = FitRecord.load(tmp_path / "out")
+    assert record.int8_layers["by"] == "timed" and record.int8_layers["recipe"] == record.int8_recipe
+    assert record.int8_layers["cpu"] == record.int8_isa == int8_isa()
+    assert record.int8_layers["rows"] == 64 and record.int8_layers["reason"] in printed
+    assert _run("fit", classifier, train, tmp_path / "asked", *FAST, "--dtype", "int8", "--layers", "torch") == 0
+    assert FitRecord.load(tmp_path / "asked").int8_recipe == "per-token"
+    # certified anew with --layers auto: on the layers the folder names, not the family's
+    rows = _write(_frame(80, seed=44), tmp_path / "rows.csv")
+    assert _run("calibrate", tmp_path / "asked", rows, "--dtype", "int8", "--confidence", "off", "--force") == 0
+    again = FitRecord.load(tmp_path / "asked")
+    assert again.int8_recipe == "per-token" and again.int8_layers["by"] == "asked"
+    argv = ("--dtype", "int8", "--layers", "onnxruntime", "--confidence", "off", "--force")
+    assert _run("calibrate", tmp_path / "asked", rows, *argv) == 0
+    moved = FitRecord.load(tmp_path / "asked")  # the fit's choice no longer names the layers certified: dropped
+    assert moved.int8_recipe == "per-token-ort" and moved.int8_layers is None
+
+
+def test_layers_without_int8_are_refused_before_any_work(classifier, tmp_path, capsys):  # noqa: F811
+    train = _write(_frame(60, seed=42), tmp_path / "train.csv")
+    assert _run("fit", classifier, train, tmp_path / "out", *FAST, "--layers", "torch") == 2
+    assert "--layers torch says where the int8 layers run: give --dtype int8" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
