@@ -1,0 +1,398 @@
+"""Would a learned exit score certify fewer layers than ``eek fit``'s default? An offline study (issue 108).
+
+On MiniLM-L6 fine-tuned on Rotten Tomatoes (``.cache/demo/model``, ``make demo``'s export, with
+``.cache/demo/train.csv``, ``validation.csv`` and ``test.csv``), as ``eek fit MODEL train.csv FOLDER
+--calibration validation.csv`` does it: :func:`~earlyexit_kernels.training.fit_texts.fit_model` with ``eek
+fit``'s defaults (heads recipe, pooling and form ``auto``, 1 point of accuracy lost, 95%, the paired exact test,
+``--validation-split 0.1`` of train.csv held out as the validation rows, seed 0). Then every head's logits and
+the mean-pooled hidden state of every layer are recorded on four sets of rows: the heads' training rows (train.csv
+less the held-out tenth), the validation rows (that tenth), the calibration rows (validation.csv) and the test
+rows (test.csv).
+
+The scores compared, per internal layer ``k`` (the last layer always exits):
+
+- ``default``: what ``eek fit`` certified (its heads' entropy along the path it chose); ``default recertified
+  here``: the same record put through this script's own ``certify`` call, a check that the call is the fit's;
+- ``logistic``: a logistic regression per layer, and ``mlp``: an MLP of 16 hidden units per layer (scikit-learn),
+  each predicting whether layer ``k``'s class equals the full model's, from the features of issue 108: the head's
+  top probability, margin and entropy; whether its class is layer ``k - 1``'s and for how many layers in a row it
+  has been; the total-variation distance of its distribution from layer ``k - 1``'s; the cosine of the
+  mean-pooled hidden state to layer ``k - 1``'s (layer 1: to the embeddings'). Trained on the heads' training
+  rows only, target agreement with the full model (no gold label read); never on the calibration or test rows.
+
+How a learned score is certified with the package's own machinery, unchanged. The certificate walks ``Entropy``
+policies, which threshold each head's entropy per layer. For each row and internal layer a surrogate head is
+written whose class is the real head's class and whose logits are ``m`` for that class and 0 for the others,
+``m = softplus(u) + 0.01`` (clipped at 60), ``u`` the learned score's log-odds: its entropy falls strictly as the
+score rises, so ``Entropy`` thresholds on the surrogate are thresholds on the learned score, one per layer, and
+the class served at an exit (hence every row's loss) is the real head's. The last layer keeps the full model's
+logits. That record goes to :func:`earlyexit_kernels.calibration.certify.certify` exactly as ``eek fit``'s
+calibration calls it (risk accuracy lost, budget 1 point, confidence 95%, the path chosen by
+:func:`~earlyexit_kernels.calibration.candidates.choose_path` on the validation rows, certified on the
+calibration rows; ``order_seed`` fixed to 0, which the paired exact test does not read). The policy certified is
+replayed on the test rows' surrogate record: mean layers and accuracy lost (points, against the full model).
+
+Also on test: ``path oracle`` (the fewest mean layers of the score's certified path whose test loss is within
+the budget), the per-row oracle (the first layer from which every head agrees with the final classifier), and
+each score's ROC AUC per layer for predicting agreement (the default's: minus the head's entropy), and each
+feature's alone.
+
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/quality/learned_exit_score_study.py \\
+        --output benchmarks/results/amd_epyc/learned_exit_score_study_cpu.json
+
+The fit and the records are cached in ``--cache`` (default ``/tmp/learned_score_cache``); a rerun only trains
+the scores and certifies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root: benchmarks.suite
+
+import numpy as np
+import torch
+
+import earlyexit_kernels as eek
+from benchmarks.quality.certified_exits_real import _oracle, per_row_oracle
+from benchmarks.suite.script_results import run_conditions, write_json
+from earlyexit_kernels.calibration.candidates import describe
+from earlyexit_kernels.calibration.certify import certify
+from earlyexit_kernels.calibration.record import ExitRecord, replay
+from earlyexit_kernels.calibration.row_losses import row_losses
+from earlyexit_kernels.methods.policies import Entropy
+from earlyexit_kernels.methods.policy_spec import parse_policy
+from earlyexit_kernels.training.labelled_texts import encode, label_ids, length_sorted_batches, split_rows
+
+SCRIPT = "benchmarks/quality/learned_exit_score_study.py"
+BUDGET_POINTS, CONFIDENCE = 1.0, 0.95
+DEMO = Path(__file__).resolve().parents[2] / ".cache" / "demo"
+SPLITS = ("heads_train", "validation", "calibration", "test")
+FEATURES = ("top_prob", "margin", "entropy", "agrees_prev", "agree_run", "moved_tv", "hidden_cosine")
+MAX_LENGTH = 128
+
+
+# ------------------------------------------------------------------------------------------ the fit and records
+
+
+@torch.no_grad()
+def _hidden_cosines(encoder, batches) -> torch.Tensor:
+    """[L, N]: cosine of each layer's mean-pooled hidden state to the layer below's (layer 1: the embeddings')."""
+    out = []
+    for batch in batches:
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        states = encoder(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch.get("token_type_ids"),
+            output_hidden_states=True,
+        ).hidden_states
+        pooled = torch.stack([(h * mask).sum(1) / mask.sum(1) for h in states])  # [L + 1, B, H]
+        out.append(torch.nn.functional.cosine_similarity(pooled[1:], pooled[:-1], dim=-1))
+    return torch.cat(out, 1)
+
+
+def fit_and_record(seed: int, cache: Path) -> dict:
+    """``eek fit``'s defaults on the demo model, then every split's record; cached in ``cache``."""
+    target = cache / f"records_seed{seed}.pt"
+    if target.is_file():
+        return {**torch.load(target, weights_only=False), "from_cache": str(target)}
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    from earlyexit_kernels.integrations.table_io import read_labelled
+    from earlyexit_kernels.training.calibrate_model import record_exits
+    from earlyexit_kernels.training.fit_texts import fit_model
+
+    model_dir = DEMO / "model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    train_file = read_labelled(str(DEMO / "train.csv"))
+    calibration = read_labelled(str(DEMO / "validation.csv"))
+    test = read_labelled(str(DEMO / "test.csv"))
+    rest, held = split_rows(len(train_file), 0.1, seed)  # eek fit's --validation-split 0.1, as the CLI draws it
+    train, validation = train_file.subset(rest), train_file.subset(held)
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = fit_model(
+            model,
+            tokenizer,
+            train,
+            validation,
+            max_drop=BUDGET_POINTS,
+            confidence=CONFIDENCE,
+            calibration=calibration,
+            validation_split=0.1,
+            seed=seed,
+        )
+    fit_seconds = time.perf_counter() - started
+    encoder = AutoModel.from_pretrained(model_dir).eval()  # the same backbone, unpatched: its hidden states
+    records = {}
+    for name, rows in zip(SPLITS, (train, validation, calibration, test)):
+        ids = label_ids(rows, model.config)
+        batches = list(length_sorted_batches(encode(tokenizer, rows, MAX_LENGTH), ids, 64))
+        record = record_exits(model, batches)
+        cosines = _hidden_cosines(encoder, batches)
+        assert torch.equal(record.labels, torch.cat([b["labels"] for b in batches]))
+        records[name] = {"logits": record.all_logits.float(), "labels": record.labels, "cosines": cosines}
+        print(f"recorded {name}: {record.all_logits.shape[1]} rows", flush=True)
+    certificate = report.certificate or {}
+    result = {
+        "records": records,
+        "policy": describe(eek.policy_of(model), None),
+        "certified_path": report.certified_path,
+        "fit": {
+            "seconds": round(fit_seconds, 1),
+            "heads": f"{report.pooling}, {report.head}",
+            "policy": report.policy,
+            "train_rows": report.train_rows,
+            "validation_rows": report.validation_rows,
+            "calibration_rows": report.calibration_rows,
+            "path": certificate.get("path"),
+            "path_layers_validation": certificate.get("path_layers"),
+            "certified_layers_calibration": report.mean_layers,
+            "bound": certificate.get("bound"),
+        },
+    }
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(result, target)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ features and scores
+
+
+def features(logits: torch.Tensor, cosines: torch.Tensor) -> np.ndarray:
+    """[L, N, F] float64: the features of :data:`FEATURES` for each layer and row."""
+    probs = torch.softmax(logits.double(), -1)
+    top2 = probs.topk(2, -1).values
+    entropy = -(probs * torch.log(probs.clamp_min(1e-300))).sum(-1)
+    classes = probs.argmax(-1)
+    agrees = torch.zeros_like(classes, dtype=torch.float64)
+    agrees[1:] = (classes[1:] == classes[:-1]).double()
+    run = torch.zeros_like(agrees)
+    for k in range(1, len(run)):
+        run[k] = (run[k - 1] + 1) * agrees[k]
+    moved = torch.zeros_like(agrees)
+    moved[1:] = 0.5 * (probs[1:] - probs[:-1]).abs().sum(-1)
+    stacked = [top2[..., 0], top2[..., 0] - top2[..., 1], entropy, agrees, run, moved, cosines.double()]
+    return torch.stack(stacked, -1).numpy()
+
+
+def agreement(logits: torch.Tensor) -> np.ndarray:
+    """[L, N] int: each layer's class is the full model's (the last layer's)."""
+    classes = logits.argmax(-1)
+    return (classes == classes[-1]).int().numpy()
+
+
+def make_model(kind: str, seed: int):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if kind == "logistic":
+        return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
+    return make_pipeline(
+        StandardScaler(),
+        MLPClassifier(hidden_layer_sizes=(16,), alpha=1e-3, max_iter=1000, early_stopping=False, random_state=seed),
+    )
+
+
+class LearnedScore:
+    """One small model per internal layer, trained on the heads' training rows to predict agreement."""
+
+    def __init__(self, kind: str, seed: int):
+        self.kind, self.seed, self.models = kind, seed, []
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> LearnedScore:
+        for k in range(x.shape[0] - 1):
+            if y[k].min() == y[k].max():  # one class only: a constant score
+                self.models.append(float(y[k][0]))
+            else:
+                self.models.append(make_model(self.kind, self.seed).fit(x[k], y[k]))
+        return self
+
+    def log_odds(self, x: np.ndarray) -> np.ndarray:
+        """[L - 1, N]: the score's log-odds of agreement at each internal layer."""
+        out = []
+        for k, model in enumerate(self.models):
+            if isinstance(model, float):
+                out.append(np.full(x.shape[1], 30.0 if model else -30.0))
+            else:
+                p = model.predict_proba(x[k])[:, 1].clip(1e-12, 1 - 1e-12)
+                out.append(np.log(p) - np.log1p(-p))
+        return np.stack(out)
+
+
+def surrogate(logits: torch.Tensor, labels: torch.Tensor, log_odds: np.ndarray, policy) -> ExitRecord:
+    """The record whose internal heads keep their class and whose entropy falls as the learned score rises."""
+    num_layers, rows, num_labels = logits.shape
+    out = logits.clone().float()
+    m = torch.nn.functional.softplus(torch.as_tensor(log_odds, dtype=torch.float64)) + 0.01
+    m = m.clamp(max=60.0).float()
+    classes = logits[:-1].argmax(-1)
+    inner = torch.zeros(num_layers - 1, rows, num_labels)
+    inner.scatter_(-1, classes.unsqueeze(-1), m.unsqueeze(-1))
+    out[:-1] = inner
+    assert torch.equal(out[:-1].argmax(-1), classes)
+    return ExitRecord(out, labels, None, None, policy)
+
+
+def record_of(split: dict, policy) -> ExitRecord:
+    return ExitRecord(split["logits"], split["labels"], None, None, policy)
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+
+def on_test(policy, path, record: ExitRecord) -> dict:
+    out = replay(policy, record)
+    losses = row_losses(out.logits, record, "accuracy").double()
+    return {
+        "certified_test_layers": out.layers_run.float().mean().item(),
+        "certified_test_loss_points": 100 * float(losses.mean()),
+        "certified_test_loss_se_points": 100 * float(losses.std() / losses.numel() ** 0.5),
+        "path_oracle_test_layers": _oracle(path, record, BUDGET_POINTS / 100),
+    }
+
+
+def aucs(scores: np.ndarray, y: np.ndarray) -> list[float | None]:
+    from sklearn.metrics import roc_auc_score
+
+    return [
+        None if y[k].min() == y[k].max() else round(float(roc_auc_score(y[k], scores[k])), 4)
+        for k in range(scores.shape[0])
+    ]
+
+
+def certified(cal: ExitRecord, path_record: ExitRecord, family) -> tuple:
+    chosen, certificate, walked = certify(
+        cal,
+        BUDGET_POINTS / 100,
+        CONFIDENCE,
+        target="accuracy",
+        policy=family,
+        path_record=path_record,
+        order_seed=0,
+    )
+    return chosen, certificate, [point.policy for point in walked]
+
+
+def run(seed: int, cache: Path) -> dict:
+    data = fit_and_record(seed, cache)
+    records, fit = data["records"], data["fit"]
+    default_policy = parse_policy(data["policy"])
+    family = Entropy(0.0, normalized=getattr(default_policy, "normalized", False))
+    x = {name: features(r["logits"], r["cosines"]) for name, r in records.items()}
+    y = {name: agreement(r["logits"]) for name, r in records.items()}
+    test = record_of(records["test"], family)
+    budget = BUDGET_POINTS / 100
+    full_accuracy = float((records["test"]["logits"][-1].argmax(-1) == records["test"]["labels"]).double().mean())
+    default_path = [parse_policy(code) for code in data["certified_path"]] or [default_policy]
+    rows = {
+        "default (eek fit's certificate)": {
+            "policy": fit["policy"],
+            "path": fit["path"],
+            "certified_layers_calibration": fit["certified_layers_calibration"],
+            **on_test(default_policy, default_path, test),
+            "test_auc_per_layer": aucs(-x["test"][:-1, :, FEATURES.index("entropy")], y["test"][:-1]),
+        }
+    }
+    # the default recertified by this script's own call, as a check that the call is the fit's
+    chosen, certificate, path = certified(
+        record_of(records["calibration"], family), record_of(records["validation"], family), family
+    )
+    rows["default recertified here"] = {
+        "policy": describe(chosen.policy, 4),
+        "path": certificate.path,
+        "path_layers_validation": certificate.path_layers,
+        "certified_layers_calibration": certificate.mean_layers,
+        "bound": certificate.bound,
+        **on_test(chosen.policy, path, test),
+    }
+    for kind in ("logistic", "mlp"):
+        started = time.perf_counter()
+        score = LearnedScore(kind, seed).fit(x["heads_train"], y["heads_train"])
+        train_seconds = time.perf_counter() - started
+        odds = {name: score.log_odds(x[name]) for name in ("validation", "calibration", "test")}
+        made = {
+            name: surrogate(records[name]["logits"], records[name]["labels"], odds[name], family)
+            for name in ("validation", "calibration", "test")
+        }
+        chosen, certificate, path = certified(made["calibration"], made["validation"], family)
+        rows[kind] = {
+            "train_seconds": round(train_seconds, 1),
+            "policy": describe(chosen.policy, 4),
+            "path": certificate.path,
+            "path_layers_validation": certificate.path_layers,
+            "certified_layers_calibration": certificate.mean_layers,
+            "bound": certificate.bound,
+            **on_test(chosen.policy, path, made["test"]),
+            "test_auc_per_layer": aucs(odds["test"], y["test"][:-1]),
+        }
+        print(kind, json.dumps({k: v for k, v in rows[kind].items() if "auc" not in k}), flush=True)
+    # each feature alone (test rows, per internal layer): ROC AUC for agreement with the full model; below 0.5,
+    # the lower values agree (entropy, the distance moved)
+    feature_aucs = {
+        name: aucs(x["test"][:-1, :, i], y["test"][:-1]) for i, name in enumerate(FEATURES) if name != "agrees_prev"
+    }
+    feature_aucs["agrees_prev"] = aucs(x["test"][:-1, :, FEATURES.index("agrees_prev")], y["test"][:-1])
+    return {
+        "seed": seed,
+        "records_from_cache": data.get("from_cache"),
+        "test_auc_per_feature": feature_aucs,
+        "budget_points": BUDGET_POINTS,
+        "confidence": CONFIDENCE,
+        "features": list(FEATURES),
+        "fit": fit,
+        "rows": {name: len(r["labels"]) for name, r in records.items()},
+        "agreement_with_full_per_layer": {
+            name: [round(float(v), 4) for v in y[name].mean(1)] for name in ("heads_train", "calibration", "test")
+        },
+        "num_layers": int(test.num_layers),
+        "full_test_accuracy": full_accuracy,
+        "per_row_oracle_test_layers": per_row_oracle(test),
+        "budget_on_test": budget,
+        "scores": rows,
+    }
+
+
+def render(results: dict) -> str:
+    lines = [
+        f"per-row oracle on test: {results['per_row_oracle_test_layers']:.2f} of {results['num_layers']}",
+        "| score | path | certified on calibration | certified on test (loss, points) | path oracle on test |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, r in results["scores"].items():
+        lines.append(
+            f"| {name} | {r['path']} | {r['certified_layers_calibration']:.2f} | "
+            f"{r['certified_test_layers']:.2f} ({r['certified_test_loss_points']:+.2f}) | "
+            f"{r['path_oracle_test_layers']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/learned_score_cache"))
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # a shared 2-core machine
+    started = time.perf_counter()
+    results = run(args.seed, args.cache)
+    results = {**run_conditions(SCRIPT, argv, started), **results}
+    if args.output:
+        write_json(args.output, results)
+    print(render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
