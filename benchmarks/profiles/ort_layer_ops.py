@@ -1,0 +1,90 @@
+"""Where an int8 ONNX Runtime layer's time goes, by operator type: ONNX Runtime's own profiler on one session.
+
+The ``per-token-ort`` layer (:func:`earlyexit_kernels.engine.layers.ort_layer.layer_graph`) of a classifier
+folder's first encoder layer, int8, run as the engine runs it (the session options and the fusions left off) on
+the packed tokens of length-sorted batches of Rotten Tomatoes test texts; the hidden states drawn at random (an
+operator's time does not read their values). Each batch is run ``--repeats`` times; the kernel time of every
+node is summed by operator type::
+
+    .venv/bin/python benchmarks/profiles/ort_layer_ops.py .cache/demo/model --texts .cache/demo/test.csv \\
+        --count 320 --repeats 5 --threads 1
+
+Prints each operator type's share of the kernels' time. Read with issue 107's per-layer target (the layer against
+ONNX Runtime int8's whole model): the shares of the per-token quantization's own operators (``Abs``,
+``ReduceMax``, ``Max``, ``Div``, the ``Mul`` after the product) and of the packing for the attention
+(``ConstantOfShape``, ``ScatterND``, ``Split``, ``Gather``) are what the whole-model graph does not run.
+"""
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", help="a BERT-style classifier folder")
+    parser.add_argument("--texts", type=Path, required=True, help="a .csv with a text column")
+    parser.add_argument("--count", type=int, default=320, help="texts, in length-sorted batches of 32")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    import onnxruntime as ort
+    import pandas as pd
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from earlyexit_kernels.engine.layers import ort_layer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.folder)
+    model = AutoModelForSequenceClassification.from_pretrained(args.folder).eval()
+    parts = ort_layer.layer_parts(model.base_model.encoder.layer[0], model.config)
+    options = ort_layer.session_options(args.threads)
+    options.enable_profiling = True
+    scratch = tempfile.mkdtemp(prefix="eek-ort-layer-ops-")
+    options.profile_file_prefix = os.path.join(scratch, "profile")
+    session = ort.InferenceSession(
+        ort_layer.layer_graph(parts, int8=True),
+        options,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=ort_layer._UNFUSED,
+    )
+    texts = [str(t) for t in pd.read_csv(args.texts)["text"].tolist()[: args.count]]
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=512)["input_ids"]]
+    texts = [texts[i] for i in sorted(range(len(texts)), key=lambda i: -lengths[i])]
+    generator = np.random.default_rng(0)
+    tokens = 0
+    for start in range(0, len(texts), 32):
+        mask = tokenizer(texts[start : start + 32], padding=True, truncation=True, max_length=512)["attention_mask"]
+        key_mask = np.asarray(mask, np.int32)
+        positions = np.flatnonzero(key_mask)
+        hidden = generator.standard_normal((len(positions), parts.qkv_weight.shape[1])).astype(np.float32)
+        feeds = {"tokens": hidden, "positions": positions, "key_mask": key_mask}
+        tokens += len(positions)
+        for _ in range(args.repeats):
+            session.run(None, feeds)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    by_type: collections.Counter = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            by_type[event["args"]["op_name"]] += event["dur"]
+    total = sum(by_type.values())
+    print(
+        f"{len(texts)} texts, {tokens} tokens, {args.repeats} runs each, {args.threads} thread(s): {total / 1e3:.1f} ms"
+    )
+    for name, micros in by_type.most_common():
+        print(f"{name:<24} {100 * micros / total:5.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
