@@ -170,3 +170,15 @@ def test_layers_without_int8_are_refused_before_any_work(classifier, tmp_path, c
     assert _run("fit", classifier, train, tmp_path / "out", *FAST, "--layers", "torch") == 2
     assert "--layers torch says where the int8 layers run: give --dtype int8" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_choice_round_trips_through_the_record_and_an_older_record_holds_none(tmp_path):
+    choice = runtime_choice.LayersChoice(
+        "per-token-ort", "per-token-ort", "int8 layers: onnxruntime", rows=64, seconds={"per-token-ort": [0.5]}
+    )
+    FitRecord(base="int8", int8_recipe="per-token-ort", int8_layers=choice.as_dict()).save(tmp_path)
+    assert FitRecord.load(tmp_path).int8_layers == choice.as_dict()
+    saved = json.loads((tmp_path / "eek_fit.json").read_text())
+    del saved["int8_layers"]  # a folder fitted before the choice was recorded
+    (tmp_path / "eek_fit.json").write_text(json.dumps(saved))
+    assert FitRecord.load(tmp_path).int8_layers is None
