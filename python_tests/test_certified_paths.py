@@ -6,14 +6,19 @@ where layer 2's is right: one global threshold cannot tell them apart and must s
 a threshold per layer lets layer 2 exit and holds layer 1 back.
 """
 
+import math
+
 import pytest
 import torch
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.calibration.candidates import (
+    MAX_LEVEL,
     RAMP_STEPS,
+    _disagreement_odds,
     certified_candidates,
     choose_path,
+    marginal_path,
     per_layer_path,
     per_layer_rows_needed,
 )
@@ -23,6 +28,8 @@ from earlyexit_kernels.calibration.share import predicted_layers
 from earlyexit_kernels.methods.exit_rules import entropy
 
 BUDGET, CONFIDENCE = 0.02, 0.95
+#: the paths with a threshold per layer: on these constructed records they need about as many layers (within 0.05)
+PER_LAYER_PATHS = ("per_layer", "marginal")
 
 
 def record_of(rows: int, seed: int, *, layer_one_wrong: float = 0.5, layer_two_sure: float = 0.8) -> ExitRecord:
@@ -97,7 +104,7 @@ def test_too_few_path_rows_to_see_the_budget_keep_the_global_path():
     few = choose_path(record_of(298, seed=6), candidates, BUDGET, disagreement)
     assert few.name == "global" and few.layers == {}  # not tried
     enough = choose_path(record_of(1000, seed=6), candidates, BUDGET, disagreement)
-    assert enough.name == "per_layer"  # the same heads, rows enough: it wins
+    assert enough.name in PER_LAYER_PATHS  # the same heads, rows enough: a threshold per layer wins
 
 
 def test_each_path_scores_what_its_certificate_would_keep_on_the_calibration_rows():
@@ -106,7 +113,7 @@ def test_each_path_scores_what_its_certificate_would_keep_on_the_calibration_row
     path_rows = smooth_record(600, seed=2)
     grid = certified_candidates(eek.Entropy(0.0), 3, 2, steps=100)
     uncertified = choose_path(path_rows, grid, 0.01, disagreement)
-    assert uncertified.name == "per_layer" and uncertified.layers["per_layer"] < 2.4
+    assert uncertified.name in PER_LAYER_PATHS and uncertified.layers[uncertified.name] < 2.4
     few = choose_path(path_rows, grid, 0.01, disagreement, confidence=CONFIDENCE, calibration_rows=250)
     assert few.name == "global" and min(few.layers.values()) > 2.999
     enough = choose_path(path_rows, grid, 0.01, disagreement, confidence=CONFIDENCE, calibration_rows=1000)
@@ -199,3 +206,32 @@ def test_the_predicted_certified_layers_fall_as_more_rows_certify():
     ]
     assert layers == sorted(layers, reverse=True) and layers[0] > layers[-1] + 0.1
     assert layers[0] == 3.0  # 30 rows certify nothing
+
+
+# ------------------------------------------------------------------------------------ the marginal path
+
+
+def test_each_layer_s_chance_of_disagreeing_is_fitted_from_its_entropy():
+    """The logistic fit of one layer recovers the chance it was drawn from (20,000 rows: its slope's standard
+    error is about 0.2 here); a chance that does not grow with the entropy gives no fit."""
+    g = torch.Generator().manual_seed(11)
+    values = torch.rand(20_000, generator=g, dtype=torch.float64) * 0.69
+    wrong = (torch.rand(20_000, generator=g, dtype=torch.float64) < torch.sigmoid(8 * values - 5)).double()
+    a, b = _disagreement_odds(values, wrong)
+    assert abs(a - 8) < 1.0 and abs(b + 5) < 0.5
+    flat = (torch.rand(20_000, generator=g, dtype=torch.float64) < 0.3).double()
+    assert _disagreement_odds(values, flat) is None or _disagreement_odds(values, flat)[0] < 0.5
+    assert _disagreement_odds(values, 1 - wrong) is None  # falls as the entropy grows: no threshold can use it
+
+
+def test_the_marginal_path_opens_each_layer_where_its_next_row_would_risk_the_common_level():
+    path = marginal_path(smooth_record(2000, seed=8), eek.Entropy(0.0), steps=200)
+    assert path[0].threshold == (0.0, 0.0, 0.0)
+    for before, after in zip(path, path[1:]):
+        assert all(a >= b for a, b in zip(after.threshold, before.threshold)) and after != before
+    # layer 2's risk falls with its margin: opened a little at a time from the lowest levels; layer 1 is wrong on
+    # 30% of its rows whatever its entropy (its fitted slope is the rows' noise): shut all the while layer 2 opens
+    # (layer 2's thresholds up to 0.6 here hold levels up to about 0.2), then opened whole within the grid
+    opening = [p for p in path if 0.0 < p.threshold[1] < 0.6]
+    assert len(opening) > 20 and all(p.threshold[0] == 0.0 for p in opening)
+    assert path[-1].threshold[0] == pytest.approx(math.log(2), rel=1e-3) and MAX_LEVEL > 0.3
