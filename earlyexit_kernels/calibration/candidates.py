@@ -298,14 +298,19 @@ def per_layer_path(path_record: ExitRecord, policy: Entropy, *, steps: int = 400
     per_layer = torch.cummax(per_layer, 0).values
     factors = torch.tensor([(i / RAMP_STEPS) ** 2 for i in range(1, RAMP_STEPS)], dtype=per_layer.dtype)
     per_layer = torch.cat([factors[:, None] * per_layer[:1], per_layer])
-    num_layers = path_record.num_layers
-    candidates, seen = [Entropy((0.0,) * num_layers, normalized=policy.normalized)], set()
-    seen.add((0.0,) * (num_layers - 1))
+    return _path_of(per_layer, policy.normalized)
+
+
+def _path_of(per_layer: torch.Tensor, normalized: bool) -> list[Entropy]:
+    """The candidates of a path whose internal layers' thresholds are the rows of ``per_layer`` [steps, L - 1], in
+    order: never exiting early first, each row then once (the last layer always exits)."""
+    num_layers = per_layer.shape[1] + 1
+    candidates, seen = [Entropy((0.0,) * num_layers, normalized=normalized)], {(0.0,) * (num_layers - 1)}
     for row in per_layer.tolist():
         key = tuple(float(v) for v in row)
         if key not in seen:
             seen.add(key)
-            candidates.append(Entropy((*key, 0.0), normalized=policy.normalized))
+            candidates.append(Entropy((*key, 0.0), normalized=normalized))
     return candidates
 
 
@@ -351,14 +356,7 @@ def marginal_path(path_record: ExitRecord, policy: Entropy, *, steps: int = 400)
             a, b = odds
             columns.append(((torch.logit(levels) - b) / a).clamp(0.0, most))
     per_layer = torch.cummax(torch.stack(columns, 1), 0).values  # a later level never lowers a threshold
-    num_layers = path_record.num_layers
-    candidates, seen = [Entropy((0.0,) * num_layers, normalized=policy.normalized)], {(0.0,) * (num_layers - 1)}
-    for row in per_layer.tolist():
-        key = tuple(float(v) for v in row)
-        if key not in seen:
-            seen.add(key)
-            candidates.append(Entropy((*key, 0.0), normalized=policy.normalized))
-    return candidates
+    return _path_of(per_layer, policy.normalized)
 
 
 _PATH_BUILDERS = {"per_layer": per_layer_path, "marginal": marginal_path}
