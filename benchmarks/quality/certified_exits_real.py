@@ -104,6 +104,25 @@ def applies(task: str, setting: str) -> bool:
     return setting not in SUBSET_SETTINGS or task == "rotten_tomatoes"
 
 
+def fit_as_eek_fit(model, tokenizer, train, validation, calibration, seed: int, **options):
+    """:func:`~earlyexit_kernels.training.fit_texts.fit_model` as ``eek fit`` runs it with its defaults here (1 point,
+    95%, ``--validation-split 0.1``), its warnings silenced; ``options``: the row's other settings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fit_model(
+            model,
+            tokenizer,
+            train,
+            validation,
+            max_drop=BUDGET_POINTS,
+            confidence=CONFIDENCE,
+            calibration=calibration,
+            validation_split=0.1,
+            seed=seed,
+            **options,
+        )
+
+
 def run_one(backbone: str, task: str, setting: str, seed: int, head: str = "auto", guarantee: str = "probable") -> dict:
     if not applies(task, setting):
         raise SystemExit(f"error: the setting {setting!r} is measured on rotten_tomatoes only, not on {task}")
@@ -129,22 +148,17 @@ def run_one(backbone: str, task: str, setting: str, seed: int, head: str = "auto
         row.update(fine_tuning_rows=len(seen), fine_tuning_seconds=round(info["seconds"], 1))
     started = time.perf_counter()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            report = fit_model(
-                model,
-                tokenizer,
-                train,
-                validation,
-                max_drop=BUDGET_POINTS,
-                confidence=CONFIDENCE,
-                calibration=calibration,
-                validation_split=0.1,
-                seed=seed,
-                unlabelled=unlabelled,
-                head=head,
-                guarantee=guarantee,
-            )
+        report = fit_as_eek_fit(
+            model,
+            tokenizer,
+            train,
+            validation,
+            calibration,
+            seed,
+            unlabelled=unlabelled,
+            head=head,
+            guarantee=guarantee,
+        )
     except FitError as error:
         return {**row, "error": str(error), "seconds": round(time.perf_counter() - started, 1)}
     certificate = report.certificate or {}

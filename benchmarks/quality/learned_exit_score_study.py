@@ -67,7 +67,6 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root: benchmarks.suite
@@ -76,7 +75,7 @@ import numpy as np
 import torch
 
 import earlyexit_kernels as eek
-from benchmarks.quality.certified_exits_real import _oracle, per_row_oracle
+from benchmarks.quality.certified_exits_real import BUDGET_POINTS, CONFIDENCE, _oracle, fit_as_eek_fit, per_row_oracle
 from benchmarks.suite.script_results import run_conditions, write_json
 from earlyexit_kernels.calibration.candidates import describe
 from earlyexit_kernels.calibration.certify import certify
@@ -87,7 +86,6 @@ from earlyexit_kernels.methods.policy_spec import parse_policy
 from earlyexit_kernels.training.labelled_texts import encode, label_ids, length_sorted_batches, split_rows
 
 SCRIPT = "benchmarks/quality/learned_exit_score_study.py"
-BUDGET_POINTS, CONFIDENCE = 1.0, 0.95
 DEMO = Path(__file__).resolve().parents[2] / ".cache" / "demo"
 SPLITS = ("heads_train", "validation", "calibration", "test")
 FEATURES = ("top_prob", "margin", "entropy", "agrees_prev", "agree_run", "moved_tv", "hidden_cosine")
@@ -159,7 +157,6 @@ def fit_and_record(seed: int, cache: Path, source: str = "demo") -> dict:
     from transformers import AutoModel
 
     from earlyexit_kernels.training.calibrate_model import record_exits
-    from earlyexit_kernels.training.fit_texts import fit_model
 
     model, tokenizer, model_dir, train_file, calibration, test, extra = (
         _demo_task() if source == "demo" else _benchmark_task()
@@ -167,19 +164,7 @@ def fit_and_record(seed: int, cache: Path, source: str = "demo") -> dict:
     rest, held = split_rows(len(train_file), 0.1, seed)  # eek fit's --validation-split 0.1, as the CLI draws it
     train, validation = train_file.subset(rest), train_file.subset(held)
     started = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        report = fit_model(
-            model,
-            tokenizer,
-            train,
-            validation,
-            max_drop=BUDGET_POINTS,
-            confidence=CONFIDENCE,
-            calibration=calibration,
-            validation_split=0.1,
-            seed=seed,
-        )
+    report = fit_as_eek_fit(model, tokenizer, train, validation, calibration, seed)
     fit_seconds = time.perf_counter() - started
     encoder = AutoModel.from_pretrained(model_dir).eval()  # the same backbone, unpatched: its hidden states
     records = {}

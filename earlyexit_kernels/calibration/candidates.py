@@ -32,8 +32,8 @@ read. Two paths of the ``Entropy`` family:
   this one equalizes the risk of the next row each layer would let go, the allocation that spends a
   risk budget on the rows that cost least of it, wherever they are (a learned exit score over the
   entropy, issue 108; ``benchmarks/quality/learned_exit_score_study.py``). On MiniLM-L6 Rotten Tomatoes
-  at 1 point, 95%, it certified 2.46-2.52 of 6 layers on the test split where the per-layer path
-  certified 2.78.
+  at 1 point, 95%, ``eek fit`` took it and certified 2.49 of 6 layers on the test split, where the per-layer
+  path had certified 2.78 (``benchmarks/results/amd_epyc/certified_exits_real_marginal_cpu.json``).
 
 :func:`choose_path` builds the per-layer and the marginal paths on half of the path rows, scores the three
 paths on the other half (the mean layers each path's walk would keep certified on as many calibration rows

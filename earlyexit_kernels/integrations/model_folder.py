@@ -376,14 +376,13 @@ def save_fitted(
     *,
     overwrite: bool,
     source: str,
-    int8_recipe: str | None = None,
     choice=None,
 ) -> None:
     """Write the fitted model, its tokenizer and ``eek_fit.json`` under a temporary name beside
-    ``output``, then rename it into place. ``int8_recipe``: the heads were fitted and certified on the
-    int8 base with this recipe (:mod:`earlyexit_kernels.integrations.int8_fit`), recorded as the base the
-    certificate holds for; None: on the model as saved. ``choice``: how those layers were chosen
-    (:class:`~earlyexit_kernels.engine.layers.runtime_choice.LayersChoice`), recorded as ``int8_layers``."""
+    ``output``, then rename it into place. ``choice``: the heads were fitted and certified on the int8 base
+    with the layers it chose (:class:`~earlyexit_kernels.engine.layers.runtime_choice.LayersChoice`,
+    :mod:`earlyexit_kernels.integrations.int8_fit`), its recipe recorded as the base the certificate holds for
+    and the choice as ``int8_layers``; None: on the model as saved."""
     from earlyexit_kernels.training.fit_texts import FitError
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -391,16 +390,14 @@ def save_fitted(
     try:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
-        base = None if int8_recipe is None else "int8"
-        isa = None if int8_recipe is None else int8_isa()  # the CPU class the int8 certificate holds for
-        layers = None if choice is None else choice.as_dict()
+        on_int8 = choice is not None
         FitRecord(
             report=report.as_dict(),
             source_model=source,
-            base=base,
-            int8_recipe=int8_recipe,
-            int8_isa=isa,
-            int8_layers=layers,
+            base="int8" if on_int8 else None,
+            int8_recipe=choice.recipe if on_int8 else None,
+            int8_isa=int8_isa() if on_int8 else None,  # the CPU class the int8 certificate holds for
+            int8_layers=choice.as_dict() if on_int8 else None,
         ).save(partial)
         if output.exists():
             if not overwrite and any(output.iterdir()):
@@ -488,15 +485,5 @@ def fit_folder(
         )
     if calibration is not None:
         report.calibration_source = f"from {calibration.path} (--calibration)"
-    recipe = None if choice is None else choice.recipe
-    save_fitted(
-        model,
-        tokenizer,
-        report,
-        Path(output),
-        overwrite=overwrite,
-        source=model_path,
-        int8_recipe=recipe,
-        choice=choice,
-    )
+    save_fitted(model, tokenizer, report, Path(output), overwrite=overwrite, source=model_path, choice=choice)
     return report

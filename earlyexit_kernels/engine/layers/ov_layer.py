@@ -63,7 +63,7 @@ layer (equal to it up to float rounding: the tests' check of the model itself).
 A call OpenVINO fails (compiling its shape, its memory: a ``RuntimeError`` from the plugin) is answered by ONNX
 Runtime's graph of the same layer (:func:`~earlyexit_kernels.engine.layers.ort_layer.layer_graph`, the same
 quantization and weight bits), made with the layer where onnxruntime is installed and kept beside the IR (the
-int8 weights a second time: 0.9 MiB a MiniLM-L6 layer); the reason is logged once per process
+int8 weights a second time, as large as the IR's; ``print(layer)`` and an ``OrtLayer``'s give the sizes); the reason is logged once per process
 (``earlyexit_kernels.layers``), and the request is not lost.
 
 Needs ``openvino`` and ``onnx``: the package's ``openvino`` extra (with NNCF), which ``make setup`` installs where wheels exist.

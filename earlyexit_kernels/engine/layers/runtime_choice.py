@@ -84,10 +84,10 @@ class LayersChoice:
 
 def candidate_recipes(default: str) -> list[str]:
     """The per-token recipes whose runtime is installed here, ``default`` first (each runtime once)."""
-    from earlyexit_kernels.engine.layers.precision import INT8_LAYERS, _missing_runtime
+    from earlyexit_kernels.engine.layers.precision import INT8_LAYERS, runnable_int8_recipe
 
     found = [default] + [recipe for recipe in INT8_LAYERS.values() if recipe != default]
-    return [recipe for recipe in dict.fromkeys(found) if _missing_runtime(recipe) is None]
+    return [recipe for recipe in dict.fromkeys(found) if runnable_int8_recipe(recipe)[1] is None]
 
 
 def changed_answers_worse(candidate: list[bool], default: list[bool], level: float = _AGREEMENT_LEVEL) -> bool:
@@ -180,8 +180,8 @@ def choose_int8_layers(
     return LayersChoice(
         chosen,
         default,
-        _reason(chosen, default, seconds, refused, rows, timed),
-        cpu=int8_isa(),
+        _reason(chosen, default, seconds, refused, rows, timed, cpu := int8_isa()),
+        cpu=cpu,
         rows=rows,
         seconds={recipe: times for recipe, times in seconds.items() if times},
         changed={recipe: sum(flags) for recipe, flags in changed.items()},
@@ -194,11 +194,11 @@ def _runtime(recipe: str) -> str:
     return next((name for name, made in INT8_LAYERS.items() if made == recipe), recipe)
 
 
-def _reason(chosen: str, default: str, seconds, refused, rows: int, timed: int) -> str:
+def _reason(chosen: str, default: str, seconds, refused, rows: int, timed: int, cpu: str) -> str:
     ranked = sorted((recipe for recipe in seconds if seconds[recipe]), key=lambda r: statistics.median(seconds[r]))
     times = ", ".join(f"{_runtime(recipe)} {statistics.median(seconds[recipe]) * 1e3:.0f} ms" for recipe in ranked)
     rounds = f"{timed} round" + ("s" if timed != 1 else "")
-    measured = f"{rows} rows at full depth on this {int8_isa()} CPU, the median of {rounds}: {times}"
+    measured = f"{rows} rows at full depth on this {cpu} CPU, the median of {rounds}: {times}"
     if chosen != default:
         return f"int8 layers: {_runtime(chosen)}, faster than {_runtime(default)} in each of {rounds} ({measured})"
     why = "no other runtime was faster in every round"
