@@ -1,0 +1,174 @@
+"""One int8 encoder layer, eek's against ONNX Runtime int8's whole model per layer, at the same shapes (issue 107).
+
+Issue 107's per-layer target: "one layer on eek's fastest runtime, per token, at least 0.9x the same runtime's
+full model, per layer, at the same shapes". The stack benchmark reads it from whole passes, where eek's base
+also runs its embeddings and head in PyTorch; here the layers alone:
+
+- the peer: ONNX Runtime int8 as the stack benchmark builds it (transformer optimizer, then
+  ``quantize_dynamic``: :func:`benchmarks.suite.stack.peer_configs`), once at the classifier's full depth L and
+  once cut to its first layer; one layer costs ``(T_L - T_1) / (L - 1)``, the embeddings and the classifier
+  cancelling out;
+- eek: the same classifier's encoder layers as the ``per-token-ort`` int8 layers
+  (:class:`~earlyexit_kernels.engine.layers.ort_layer.OrtLayer`, what ``eek serve --dtype int8`` and
+  ``eek classify --dtype int8`` run), called as the engine calls them (the hidden states of the embeddings,
+  the model's additive mask, one mask for every layer of a batch), the packing of each call included;
+  one layer costs ``T / L``;
+- for the whole-model reading beside it: the classifier's own forward (transformers' embeddings, masks and
+  head) on eek's layers, against the peer at full depth.
+
+Both on the same texts in length-sorted batches of ``--batch`` (longest first), tokenized before the timing.
+One untimed pass each, then ``--rounds`` rounds in rotated order; the ratio (peer's time per layer / eek's,
+above 1 where eek's layer is faster) is paired within a round, its median and range reported::
+
+    python benchmarks/micro/ort_layer_per_layer.py .cache/demo/model --texts .cache/demo/test.csv \\
+        --count 640 --rounds 7 --threads 1 --output FILE.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root: benchmarks.suite
+
+import torch
+
+from benchmarks.suite.corpus_peers import read_texts, sorted_batches
+from benchmarks.suite.script_results import run_conditions, write_json
+from benchmarks.suite.stack import peer_configs
+from earlyexit_kernels.engine.layers.int8_isa import int8_isa
+
+PEER = "ONNX Runtime int8"
+
+
+def cut_to(model, depth: int):
+    """A copy of ``model`` with its first ``depth`` encoder layers only."""
+    cut = copy.deepcopy(model)
+    cut.base_model.encoder.layer = cut.base_model.encoder.layer[:depth]
+    cut.config.num_hidden_layers = depth
+    return cut
+
+
+def peer_session(model, sample: dict, threads: int):
+    """ONNX Runtime int8's run of ``model`` (the stack benchmark's peer), built in a scratch folder."""
+    with tempfile.TemporaryDirectory(prefix="eek-layer-peer-") as scratch:
+        configs, notes = peer_configs(model, sample, Path(scratch), threads)
+        found = [config for config in configs if config.name == PEER]
+        if not found:
+            raise SystemExit(f"error: {PEER} is not available here: {notes.get('onnxruntime')}")
+        return found[0].run, notes["onnxruntime"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="a fine-tuned BERT-style classifier folder")
+    parser.add_argument("--texts", type=Path, required=True, help="a .csv with a text column, or a .txt")
+    parser.add_argument("--count", type=int, default=640, help="how many texts (default 640)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.count < args.batch:
+        parser.error("--rounds must be at least 1 and --count at least one --batch")
+    started = time.perf_counter()
+    torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from earlyexit_kernels.engine.layers.ort_layer import OrtLayer, encoder_layers
+
+    tokenizer = AutoTokenizer.from_pretrained(args.folder)
+    model = AutoModelForSequenceClassification.from_pretrained(args.folder, dtype=torch.float32).eval()
+    depth = model.config.num_hidden_layers
+    if depth < 2:
+        raise SystemExit(f"error: {args.folder} has {depth} layer; the peer's layer is a difference of two depths")
+    limit = min(model.config.max_position_embeddings, tokenizer.model_max_length or 512)
+    texts = read_texts(args.texts)[: args.count]
+    batches = [
+        dict(tokenizer(chunk, padding=True, truncation=True, max_length=limit, return_tensors="pt"))
+        for _, chunk in sorted_batches(tokenizer, texts, args.batch, limit)
+    ]
+    runs = {}
+    for name, cut in ((f"{PEER}, {depth} layers", model), (f"{PEER}, 1 layer", cut_to(model, 1))):
+        run, note = peer_session(cut, batches[0], args.threads)
+        runs[name] = lambda run=run: [run(batch) for batch in batches]
+
+    eek_model = copy.deepcopy(model)
+    OrtLayer.run_encoder_on(eek_model, int8=True)
+    layers = encoder_layers(eek_model)
+    with torch.no_grad():  # as the engines run (no_grad: the layers' mask tables are made once a batch)
+        # the engine's inputs to its layers: the embeddings' hidden states and one additive mask a batch
+        inputs = [
+            (
+                eek_model.base_model.embeddings(input_ids=b["input_ids"], token_type_ids=b.get("token_type_ids")),
+                torch.where(b["attention_mask"].bool(), 0.0, torch.finfo(torch.float32).min)[:, None, None, :],
+            )
+            for b in batches
+        ]
+
+    def eek_layers():
+        for hidden, mask in inputs:
+            for layer in layers:
+                out = layer(hidden, mask)
+                hidden = out[0] if isinstance(out, tuple) else out
+
+    runs["eek per-token-ort layers"] = eek_layers
+    # the same layers in the classifier's own forward (transformers' embeddings, masks and head around them)
+    runs[f"the classifier on eek's layers, {depth} layers"] = lambda: [eek_model(**batch) for batch in batches]
+    names = list(runs)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    with torch.no_grad():
+        for name in names:  # untimed: sessions' first calls, allocations
+            runs[name]()
+        for round_ in range(args.rounds):
+            shift = round_ % len(names)
+            for name in names[shift:] + names[:shift]:
+                start = time.perf_counter()
+                runs[name]()
+                seconds[name].append(time.perf_counter() - start)
+    full, one, eek, whole = (seconds[name] for name in names)
+    peer_layer = [(a - b) / (depth - 1) for a, b in zip(full, one, strict=True)]
+    eek_layer = [t / depth for t in eek]
+    ratios = [p / e for p, e in zip(peer_layer, eek_layer, strict=True)]
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    result = {
+        **run_conditions("benchmarks/micro/ort_layer_per_layer.py", argv, started),
+        "what": "one int8 layer: eek's per-token-ort layer against ONNX Runtime int8's whole model per layer "
+        "((T_L - T_1) / (L - 1)), the same length-sorted batches",
+        "isa": int8_isa(),
+        "folder": str(args.folder),
+        "texts": len(texts),
+        "tokens": tokens,
+        "batch": args.batch,
+        "layers": depth,
+        "peer": note,
+        "pass_seconds": seconds,  # each configuration's passes, round by round
+        "ms_per_layer": {
+            "peer": [round(t * 1e3, 2) for t in peer_layer],
+            "eek": [round(t * 1e3, 2) for t in eek_layer],
+        },
+        "ratio_per_round": [round(r, 4) for r in ratios],
+        "ratio_median": round(statistics.median(ratios), 4),
+        "whole_model_ratio_per_round": [round(a / b, 4) for a, b in zip(full, whole, strict=True)],
+    }
+    write_json(args.output, result)
+    print(
+        f"{len(texts)} texts, {tokens} tokens, {depth} layers, {args.rounds} rounds, {args.threads} thread(s), "
+        f"{int8_isa()} CPU\n"
+        f"{PEER}, one layer of the whole model: {statistics.median(peer_layer) * 1e3:.1f} ms a pass\n"
+        f"eek's per-token-ort layer: {statistics.median(eek_layer) * 1e3:.1f} ms a pass\n"
+        f"peer / eek per layer: {statistics.median(ratios):.3f} (rounds {min(ratios):.3f}-{max(ratios):.3f})\n"
+        f"whole model, {PEER} / the classifier's forward on eek's layers: "
+        f"{statistics.median(a / b for a, b in zip(full, whole, strict=True)):.3f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""The per-layer benchmark of issue 107 (benchmarks/micro/ort_layer_per_layer.py) on a tiny saved classifier: the
+peer's layer is the difference of its two depths, eek's the layers' time over their count, each ratio paired
+within its round; a one-layer classifier, which has no difference to take, is refused."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import word_bert, word_texts
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),  # the script sets torch's threads: given back after the module
+]
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "micro"))
+
+
+def saved(folder: Path, layers: int) -> Path:
+    folder.mkdir()
+    model, tokenizer = word_bert(folder, 2, num_hidden_layers=layers)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_each_round_pairs_the_peers_layer_with_eeks_and_records_every_pass(tmp_path):
+    for package in ("onnx", "onnxruntime"):
+        pytest.importorskip(package, reason=f"{package} is not installed (the int8 extra)")
+    import ort_layer_per_layer
+
+    folder = saved(tmp_path / "model", layers=3)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(t or "w1" for t in word_texts(24, seed=2)) + "\n")
+    out = tmp_path / "per_layer.json"
+    argv = [str(folder), "--texts", str(texts), "--count", "24", "--batch", "8", "--rounds", "2", "--output", str(out)]
+    assert ort_layer_per_layer.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["layers"] == 3 and result["texts"] == 24 and result["batch"] == 8
+    passes = result["pass_seconds"]
+    full, one, eek, whole = passes.values()
+    assert all(len(v) == 2 and min(v) > 0 for v in passes.values())
+    peer = [(a - b) / 2 for a, b in zip(full, one)]  # (T_3 - T_1) / (3 - 1)
+    assert result["ms_per_layer"]["peer"] == [round(t * 1e3, 2) for t in peer]
+    assert result["ms_per_layer"]["eek"] == [round(t / 3 * 1e3, 2) for t in eek]
+    assert result["ratio_per_round"] == [round(p / (t / 3), 4) for p, t in zip(peer, eek)]
+    assert result["whole_model_ratio_per_round"] == [round(a / b, 4) for a, b in zip(full, whole)]
+    assert "quantize_dynamic" in result["peer"] and result["command"].startswith("benchmarks/micro/")
+
+
+def test_a_one_layer_classifier_is_refused_with_the_reason(tmp_path):
+    import ort_layer_per_layer
+
+    folder = saved(tmp_path / "model", layers=1)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("w1 w2\n" * 8)
+    with pytest.raises(SystemExit, match="difference of two depths"):
+        ort_layer_per_layer.main([str(folder), "--texts", str(texts), "--count", "8", "--batch", "8",
+                                  "--output", str(tmp_path / "x.json")])  # fmt: skip
