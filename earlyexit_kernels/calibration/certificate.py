@@ -44,9 +44,7 @@ class Certificate:
     which the cheapest promising candidate would be (None: no candidate's observed risk is
     under the budget); ``needed_for``: that candidate; ``path``: the ordered candidates
     walked (:mod:`~earlyexit_kernels.calibration.candidates`: ``"global"``, ``"per_layer"``,
-    or ``"saved"``: a folder's own), ``path_layers``: what each path needed on the path rows, ``path_wins``: for
-    each path with a threshold per layer, the share of re-draws of those rows in which it needed fewer than the
-    global one (a path is kept only where that share is at least ``GAIN_CONFIDENCE``);
+    or ``"saved"``: a folder's own), ``path_layers``: what each path needed on the path rows;
     ``more_rows`` / ``more_rows_layers``: when certified, about how many rows like these would
     certify a cheaper candidate of the path, and its mean layers (the cheapest whose observed
     risk is at most half the budget; None where none is cheaper than the certified one).
@@ -76,7 +74,6 @@ class Certificate:
     unit: str = "rows"
     path: str = "global"
     path_layers: dict | None = None
-    path_wins: dict | None = None
     more_rows: int | None = None
     more_rows_layers: float | None = None
     unlabelled_rows: int | None = None

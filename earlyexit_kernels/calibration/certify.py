@@ -247,7 +247,7 @@ def certify(
         max_changed = _checked_changed(max_changed, target, unlabelled)
         require_rows(rows, max_changed, confidence, hint=", a larger max_changed", guarantee=guarantee)
     grid = certified_candidates(record.policy if policy is None else policy, num_layers, num_labels, steps=steps)
-    path_name, path_layers, path_wins = "global", None, None
+    path_name, path_layers = "global", None
     if candidates is not None:
         grid, path_name = list(candidates), "saved"
     elif path_record is not None:
@@ -261,7 +261,6 @@ def certify(
             calibration_rows=rows,
         )
         grid, path_name, path_layers = choice.candidates, choice.name, choice.layers
-        path_wins = choice.wins or None
     replays, losses, changes = {}, {}, {}
     test = test_for(paired=target == "accuracy", fractional=is_multi_label_record(record))
     changed_test = test_for(paired=False, fractional=is_multi_label_record(record))
@@ -352,7 +351,6 @@ def certify(
         uncertified_layers=min(p.mean_layers for p in within) if within else None,
         path=path_name,
         path_layers=path_layers,
-        path_wins=path_wins,
         order_seed=order_seed,
         test="conformal risk control" if guarantee == "expected" else test,
         guarantee=guarantee,

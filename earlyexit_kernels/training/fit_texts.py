@@ -202,23 +202,14 @@ class FitReport:
 
 
 def _describe_paths(certificate: dict, rows: int) -> str:
-    """Which path was certified along, what each needed on the held-out half of the validation rows, and how
-    often re-draws of that half confirmed each per-layer path's saving."""
-    from earlyexit_kernels.calibration.candidates import GAIN_CONFIDENCE, GAIN_DRAWS
-
+    """Which path was certified along, and what each needed on the held-out half of the validation rows."""
     needed = ", ".join(
         f"{name.replace('_', '-')} {'none within the budget' if layers is None else f'{layers:.2f} layers'}"
         for name, layers in certificate["path_layers"].items()
     )
-    wins = certificate.get("path_wins") or {}
-    confirmed = "; ".join(
-        f"{name.replace('_', '-')} fewer than the global one in {share:.0%} of {GAIN_DRAWS} re-draws of that half"
-        for name, share in wins.items()
-    )
-    confirmed = f"; {confirmed} ({GAIN_CONFIDENCE:.0%} keeps it)" if confirmed else ""
     return (
         f"path: {certificate['path'].replace('_', '-')} (the mean layers each path's certificate would keep on "
-        f"calibration rows like half of the {rows} validation rows: {needed}{confirmed})"
+        f"calibration rows like half of the {rows} validation rows: {needed})"
     )
 
 
