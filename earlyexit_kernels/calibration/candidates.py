@@ -40,8 +40,8 @@ paths on the other half (the mean layers each path's walk would keep certified o
 like those: the walk stops at the first candidate the rows fail, so a path that jumps early from
 never exiting to exiting many rows keeps nothing past the jump) and keeps the
 per-layer or marginal path, the one that needs fewer, only where it saves at least :data:`MIN_GAIN` layers
-over the global one and saves some in :data:`GAIN_CONFIDENCE` of bootstrap re-draws of the held-out half (the
-simplest path otherwise), rebuilt on every path row. The path rows are the validation rows (early stopping,
+over the global one (the simplest path
+otherwise), rebuilt on every path row. The path rows are the validation rows (early stopping,
 the head choice), never the calibration rows: the path is fixed before the test, so the
 certificate stays exact. The per-layer path is tried only where the path rows can resolve the
 budget (:func:`per_layer_rows_needed`): on fewer, its first candidate after "never exit" admits
@@ -90,8 +90,6 @@ __all__ = [
     "rerank_candidates",
     "PATHS",
     "MIN_GAIN",
-    "GAIN_DRAWS",
-    "GAIN_CONFIDENCE",
     "BUILD_ROWS_PER_BUDGET",
     "PathChoice",
     "per_layer_path",
@@ -109,15 +107,8 @@ CERTIFIED_LOWS = (-1e9, *(round(-20.0 + 0.05 * i, 2) for i in range(801)))
 
 #: the paths, simplest first
 PATHS = ("global", "per_layer", "marginal")
-#: the mean layers the per-layer or marginal path must save on the held-out path rows to be preferred
+#: the mean layers the per-layer path must save on the held-out path rows to be preferred
 MIN_GAIN = 0.05
-#: bootstrap re-draws of the held-out path rows that tell a path's saving over the global one from its noise
-GAIN_DRAWS = 400
-#: the share of those re-draws in which a path must keep fewer layers than the global one to be preferred:
-#: a one-sided 95% test of its saving. Without it the marginal path, predicted 0.19 layers under the global one
-#: on the 1,982-row calibration of MiniLM-L6 RT's 'train only' row, certified 3.26 of 6 on the test split where
-#: the global path had certified 3.11 (``benchmarks/results/intel_xeon/certified_exits_real_cpu.json``).
-GAIN_CONFIDENCE = 0.95
 #: the largest per-exit disagreement level of the per-layer grid (past it every head lets every row go)
 MAX_LEVEL = 0.5
 #: the rows the per-layer thresholds are set on, in units of 1 / budget: three errors expected at the budget
@@ -246,24 +237,12 @@ def per_layer_rows_needed(budget: float) -> int:
 class PathChoice:
     """The path kept (``name``), its candidates in order, and each path's score on the held-out half of the
     path rows (``layers``: path name -> the mean layers its certificate would keep there, or, where the
-    calibration rows were not given, the fewest of any candidate within the budget, None where none was);
-    ``wins``: for the per-layer and marginal paths, the share of bootstrap re-draws of that half in which the path
-    keeps fewer layers than the global one (given the calibration rows; empty otherwise)."""
+    calibration rows were not given, the fewest of any candidate within the budget, None where none was)."""
 
     name: str
     candidates: list[ExitPolicy]
     layers: dict[str, float | None]
     rows: int
-    wins: dict[str, float] = dataclasses.field(default_factory=dict)
-
-
-def bootstrap_weights(rows: int, draws: int, generator: torch.Generator) -> torch.Tensor:
-    """``draws`` bootstrap re-draws of ``rows`` rows as weights [draws, rows] (each row's count / rows)."""
-    picks = torch.randint(rows, (draws, rows), generator=generator)
-    counts = torch.zeros(draws, rows, dtype=torch.float64).scatter_add_(
-        1, picks, torch.ones(draws, rows, dtype=torch.float64)
-    )
-    return counts / rows
 
 
 def supports_paths(policy: ExitPolicy) -> bool:
@@ -410,10 +389,8 @@ def choose_path(
     a fraction. Both paths are scored on a random half of the path rows, the per-layer one built on
     the other half. Given the certificate's ``confidence`` and ``calibration_rows``, each path scores the
     mean layers its walk would keep certified on that many rows like the held-out half's (a path whose
-    early candidate those rows would fail keeps nothing past it), and the per-layer or marginal path is kept
-    only where it also keeps fewer layers than the global one in :data:`GAIN_CONFIDENCE` of
-    :data:`GAIN_DRAWS` bootstrap re-draws of that half; without them, the fewest mean layers of any of its
-    candidates within the budget there."""
+    early candidate those rows would fail keeps nothing past it); without them, the fewest mean layers of
+    any of its candidates within the budget there."""
     policy = global_candidates[0]
     rows = path_record.all_logits.shape[1]
     if not supports_paths(policy) or rows < max(20, per_layer_rows_needed(budget)):
@@ -421,19 +398,15 @@ def choose_path(
     order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
     build, score = path_record.subset(order[: rows // 2]), path_record.subset(order[rows // 2 :])
     paths = {"global": global_candidates, **{name: made(build, policy) for name, made in _PATH_BUILDERS.items()}}
-    wins: dict[str, float] = {}
     if confidence is not None and calibration_rows is not None:
-        held_out = score.all_logits.shape[1]
-        generator = torch.Generator().manual_seed(seed + 1)
-        weights = torch.cat([point_weights(held_out), bootstrap_weights(held_out, GAIN_DRAWS, generator)])
-        predicted = {
-            name: WalkTable.of_path(path, score, lambda z: loss_of(z, score)).predicted(
-                weights, budget, confidence, calibration_rows
+        layers = {
+            name: float(
+                WalkTable.of_path(path, score, lambda z: loss_of(z, score)).predicted(
+                    point_weights(score.all_logits.shape[1]), budget, confidence, calibration_rows
+                )[0]
             )
             for name, path in paths.items()
         }
-        layers = {name: float(values[0]) for name, values in predicted.items()}
-        wins = {name: float((predicted[name][1:] < predicted["global"][1:]).double().mean()) for name in PATHS[1:]}
     else:
         layers = {
             name: _fewest_layers_within(path, score, budget, lambda z: loss_of(z, score))
@@ -443,10 +416,9 @@ def choose_path(
     # the fewest layers of the paths that save MIN_GAIN over the global one; ties to the simpler (PATHS' order)
     needed = {name: full if value is None else value for name, value in layers.items()}
     best = min(PATHS[1:], key=lambda name: (needed[name], PATHS.index(name)))
-    # a saving the re-draws of the held-out half do not confirm is noise (GAIN_CONFIDENCE)
-    if needed["global"] - needed[best] >= MIN_GAIN and wins.get(best, 1.0) >= GAIN_CONFIDENCE:
-        return PathChoice(best, _PATH_BUILDERS[best](path_record, policy, steps=steps), layers, rows, wins)
-    return PathChoice("global", list(global_candidates), layers, rows, wins)
+    if needed["global"] - needed[best] >= MIN_GAIN:
+        return PathChoice(best, _PATH_BUILDERS[best](path_record, policy, steps=steps), layers, rows)
+    return PathChoice("global", list(global_candidates), layers, rows)
 
 
 def describe(policy: ExitPolicy, digits: int | None = 4) -> str:
