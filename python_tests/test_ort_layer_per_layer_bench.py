@@ -1,13 +1,13 @@
 """The per-layer benchmark of issue 107 (benchmarks/micro/ort_layer_per_layer.py) on a tiny saved classifier: the
 peer's layer is the difference of its two depths, eek's the layers' time over their count, each ratio paired
-within its round; a one-layer classifier, which has no difference to take, is refused."""
+within its round; a one-layer classifier, which has no difference to take, and an MPNet one are refused."""
 
 import json
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import word_bert, word_texts
+from conftest import tiny_mpnet, word_bert, word_texts
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -59,3 +59,13 @@ def test_a_one_layer_classifier_is_refused_with_the_reason(tmp_path):
     with pytest.raises(SystemExit, match="difference of two depths"):
         ort_layer_per_layer.main([str(folder), "--texts", str(texts), "--count", "8", "--batch", "8",
                                   "--output", str(tmp_path / "x.json")])  # fmt: skip
+
+
+def test_an_mpnet_folder_is_refused_before_any_work(tmp_path):
+    import ort_layer_per_layer
+
+    tiny_mpnet().save_pretrained(tmp_path / "mpnet")
+    with pytest.raises(SystemExit, match="MPNet model; this benchmark calls BERT-style layers only"):
+        ort_layer_per_layer.main(
+            [str(tmp_path / "mpnet"), "--texts", "unused.txt", "--output", str(tmp_path / "x.json")]
+        )

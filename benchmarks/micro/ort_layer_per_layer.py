@@ -79,10 +79,13 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
 
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     from earlyexit_kernels.engine.layers.ort_layer import OrtLayer, encoder_layers
 
+    model_type = AutoConfig.from_pretrained(args.folder).model_type
+    if model_type == "mpnet":  # its layers take the encoder's relative position bias, which this loop does not make
+        raise SystemExit(f"error: {args.folder} is an MPNet model; this benchmark calls BERT-style layers only")
     tokenizer = AutoTokenizer.from_pretrained(args.folder)
     model = AutoModelForSequenceClassification.from_pretrained(args.folder, dtype=torch.float32).eval()
     depth = model.config.num_hidden_layers
