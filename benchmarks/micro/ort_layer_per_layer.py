@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's
 
 import torch
 
-from benchmarks.suite.corpus_peers import read_texts, sorted_batches
+from benchmarks.suite.corpus_peers import read_texts, rotated_rounds, sorted_batches
 from benchmarks.suite.script_results import run_conditions, write_json
 from benchmarks.suite.stack import peer_configs
 from earlyexit_kernels.engine.layers.int8_isa import int8_isa
@@ -97,10 +97,11 @@ def main(argv=None) -> int:
         dict(tokenizer(chunk, padding=True, truncation=True, max_length=limit, return_tensors="pt"))
         for _, chunk in sorted_batches(tokenizer, texts, args.batch, limit)
     ]
-    runs = {}
+    runs, notes = {}, []
     for name, cut in ((f"{PEER}, {depth} layers", model), (f"{PEER}, 1 layer", cut_to(model, 1))):
         run, note = peer_session(cut, batches[0], args.threads)
         runs[name] = lambda run=run: [run(batch) for batch in batches]
+        notes.append(note)
 
     eek_model = copy.deepcopy(model)
     OrtLayer.run_encoder_on(eek_model, int8=True)
@@ -124,18 +125,11 @@ def main(argv=None) -> int:
     runs["eek per-token-ort layers"] = eek_layers
     # the same layers in the classifier's own forward (transformers' embeddings, masks and head around them)
     runs[f"the classifier on eek's layers, {depth} layers"] = lambda: [eek_model(**batch) for batch in batches]
-    names = list(runs)
-    seconds: dict[str, list[float]] = {name: [] for name in names}
     with torch.no_grad():
-        for name in names:  # untimed: sessions' first calls, allocations
-            runs[name]()
-        for round_ in range(args.rounds):
-            shift = round_ % len(names)
-            for name in names[shift:] + names[:shift]:
-                start = time.perf_counter()
-                runs[name]()
-                seconds[name].append(time.perf_counter() - start)
-    full, one, eek, whole = (seconds[name] for name in names)
+        for run in runs.values():  # untimed: sessions' first calls, allocations
+            run()
+        seconds = rotated_rounds(runs, args.rounds)
+    full, one, eek, whole = seconds.values()
     peer_layer = [(a - b) / (depth - 1) for a, b in zip(full, one, strict=True)]
     eek_layer = [t / depth for t in eek]
     ratios = [p / e for p, e in zip(peer_layer, eek_layer, strict=True)]
@@ -150,7 +144,7 @@ def main(argv=None) -> int:
         "tokens": tokens,
         "batch": args.batch,
         "layers": depth,
-        "peer": note,
+        "peer": notes[0],  # the full depth's build (the cut model's fusions count one layer)
         "pass_seconds": seconds,  # each configuration's passes, round by round
         "ms_per_layer": {
             "peer": [round(t * 1e3, 2) for t in peer_layer],

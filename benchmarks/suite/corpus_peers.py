@@ -59,6 +59,20 @@ def sorted_batches(tokenizer, texts: list[str], batch: int, limit: int):
     return [(order[s : s + batch], [texts[i] for i in order[s : s + batch]]) for s in range(0, len(order), batch)]
 
 
+def rotated_rounds(runs: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each of ``runs`` (name -> a call of no arguments) in each of ``rounds`` rounds, every round
+    calling them all once in an order rotated by the round, so that a drift of the machine falls on each alike."""
+    names = list(runs)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            runs[name]()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
 def peer_runner(config, tokenizer, batches, limit: int):
     """Classify the corpus with a peer configuration: the labels in corpus order."""
 
@@ -129,14 +143,8 @@ def main(argv=None) -> int:
             answers = {}
             for name, run in runners.items():  # the untimed pass: compilation, and the answers
                 answers[name] = run()
-            seconds: dict[str, list[float]] = {name: [] for name in runners}
+            seconds = rotated_rounds(runners, args.rounds)
             names = list(runners)
-            for round_ in range(args.rounds):
-                shift = round_ % len(names)
-                for name in names[shift:] + names[:shift]:
-                    start = time.perf_counter()
-                    runners[name]()
-                    seconds[name].append(time.perf_counter() - start)
     rows = []
     for name in names:
         agreement = sum(a == b for a, b in zip(answers[name], full)) / len(full)
