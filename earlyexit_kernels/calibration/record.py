@@ -167,6 +167,36 @@ def entropy_replay(policy: Entropy, record: ExitRecord) -> Replay:
     return Replay(logits.float(), exit_layer, exit_layer.clone())
 
 
+#: entropy candidates :func:`entropy_replays` compares at once (bounds its [candidates, L, N] masks)
+_REPLAY_CHUNK = 64
+
+
+def entropy_replays(policies: list[Entropy], record: ExitRecord):
+    """:func:`entropy_replay` of many plain ``Entropy`` policies with the same ``normalized`` at once, in order: a
+    path's hundreds of candidates compared with the record's entropies in a few calls. Yields
+    ``(logits [N, C] float32, layers_run [N])`` per policy: the same decisions (the same float32 entropies against
+    the same thresholds)."""
+    num_layers, batch, _ = record.all_logits.shape
+    normalized = policies[0].normalized if policies else False
+    if any(type(policy) is not Entropy or policy.normalized != normalized for policy in policies):
+        raise ValueError("entropy_replays takes plain Entropy policies that all share one normalized")
+    values, finite = _layer_entropies(record, normalized)
+    rows = torch.arange(batch, device=values.device)
+    for start in range(0, len(policies), _REPLAY_CHUNK):
+        chunk = policies[start : start + _REPLAY_CHUNK]
+        for policy in chunk:
+            policy.check_fits(num_layers, record.all_logits.shape[-1])
+        thresholds = torch.tensor(
+            [[layer_value(policy.threshold, layer) for layer in range(1, num_layers + 1)] for policy in chunk],
+            dtype=values.dtype,
+        ).to(values.device)
+        exits = finite[None] & (values[None] < thresholds[:, :, None])  # [chunk, L, N]
+        exits[:, -1] = True
+        exit_layers = exits.to(torch.uint8).argmax(1) + 1  # [chunk, N]: the first layer that exits
+        for exit_layer in exit_layers:
+            yield record.all_logits[exit_layer - 1, rows].float(), exit_layer
+
+
 def stepwise_replay(policy: ExitPolicy, record: ExitRecord) -> Replay:
     """:func:`replay` layer by layer with :func:`~earlyexit_kernels.methods.exit_rules.exit_step`, in the
     engine's order and state: any policy (the reference of :func:`entropy_replay`)."""

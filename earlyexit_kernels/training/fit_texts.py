@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from earlyexit_kernels._method_names import METHODS, UNLABELLED_METHODS
+from earlyexit_kernels.calibration.candidates import PATH_SPLITS
 from earlyexit_kernels.calibration.certify import describe_certificate
 from earlyexit_kernels.training.fit_config import (
     AUTO_SHARE,
@@ -202,14 +203,15 @@ class FitReport:
 
 
 def _describe_paths(certificate: dict, rows: int) -> str:
-    """Which path was certified along, and what each needed on the held-out half of the validation rows."""
+    """Which path was certified along, and what each needed on the held-out halves of the validation rows."""
     needed = ", ".join(
         f"{name.replace('_', '-')} {'none within the budget' if layers is None else f'{layers:.2f} layers'}"
         for name, layers in certificate["path_layers"].items()
     )
     return (
         f"path: {certificate['path'].replace('_', '-')} (the mean layers each path's certificate would keep on "
-        f"calibration rows like half of the {rows} validation rows: {needed})"
+        f"calibration rows like half of the {rows} validation rows, the mean over {2 * PATH_SPLITS} held-out halves: "
+        f"{needed})"
     )
 
 
