@@ -106,6 +106,9 @@ def simulate(record, *, budget: float, confidence: float, calibration_rows: int,
                 "saved_vs_global": float(saved.mean()),
                 "saved_vs_global_se": float(saved.std() / n**0.5) if n > 1 else None,
                 "draws_worse_than_global": int((saved < -1e-9).sum()),
+                # per draw, in draw order: another rule's run with the same --seed draws the same rows, so the
+                # two rules' savings pair by draw
+                "saved_per_draw": [round(float(v), 6) for v in saved],
             }
         )
     return out
@@ -190,6 +193,35 @@ def render_unlabelled(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_against(rows: list[dict], other: dict) -> list[dict]:
+    """Per risk, this run's saving against the global grid minus ``other``'s (a run of another rule with the same
+    --seed, pool and settings, so the same rows each draw): its mean, standard error and the draws either way."""
+    theirs = {(r["risk"], r["confidence"]): r for r in other["rows"]}
+    out = []
+    for r in rows:
+        them = theirs.get((r["risk"], r["confidence"]))
+        if them is None or "saved_per_draw" not in them or len(them["saved_per_draw"]) != len(r["saved_per_draw"]):
+            raise SystemExit(f"error: --against has no per-draw savings of {r['risk']} over {r['draws']} draws")
+        if (them["path_rows"], them["calibration_rows"]) != (r["path_rows"], r["calibration_rows"]):
+            raise SystemExit(
+                "error: --against drew other path or calibration row counts; pair runs of the same settings"
+            )
+        gain = torch.tensor(r["saved_per_draw"], dtype=torch.float64) - torch.tensor(
+            them["saved_per_draw"], dtype=torch.float64
+        )
+        out.append(
+            {
+                "risk": r["risk"],
+                "confidence": r["confidence"],
+                "gain": float(gain.mean()),
+                "gain_se": float(gain.std() / len(gain) ** 0.5),
+                "draws_better": int((gain > 1e-9).sum()),
+                "draws_worse": int((gain < -1e-9).sum()),
+            }
+        )
+    return out
+
+
 def render(results: dict) -> str:
     lines = [
         START,
@@ -214,6 +246,19 @@ def render(results: dict) -> str:
             f"{100 * r['certified_rate']:.1f}% | {r['certified_layers']:.2f} | {saved} | "
             f"{100 * r['uncertified_rate']:.1f}% |"
         )
+    against = results.get("against")
+    if against:
+        lines.append("")
+        lines.append(
+            f"Against {against['note']} (`{against['file']}`, the same draws): the layers this rule saved minus "
+            "what that one saved, per draw: "
+            + "; ".join(
+                f"{g['risk']} {g['gain']:+.3f} ± {g['gain_se']:.3f} (better on {g['draws_better']} draws, "
+                f"worse on {g['draws_worse']})"
+                for g in against["rows"]
+            )
+            + "."
+        )
     lines.append(END)
     return "\n".join(lines) + "\n"
 
@@ -235,6 +280,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--confidence", type=float, nargs="+", default=[0.95])
     parser.add_argument("--pool", type=Path, help="keep the pool's record in this file (reused when it exists)")
+    parser.add_argument(
+        "--against",
+        type=Path,
+        help="another rule's result file of a run with the same --seed, pool and settings: the savings paired by draw",
+    )
+    parser.add_argument("--against-note", default="the other rule", help="what --against's run was, for the text")
     args = parser.parse_args(argv)
     if args.from_json:
         results = json.loads(args.from_json.read_text())
@@ -260,8 +311,15 @@ def main(argv=None) -> int:
             "unlabelled_rows": args.unlabelled_rows,
             "rows": rows,
         }
-        if args.output:
-            write_json(args.output, results)
+    if args.against is not None:
+        other = json.loads(args.against.read_text())
+        results["against"] = {
+            "file": str(args.against),
+            "note": args.against_note,
+            "rows": paired_against(results["rows"], other),
+        }
+    if args.output and (args.against is not None or not args.from_json):
+        write_json(args.output, results)
     if results.get("unlabelled_rows"):
         text, start, end, title = render_unlabelled(results), UNLABELLED_START, UNLABELLED_END, "with unlabelled rows"
     else:

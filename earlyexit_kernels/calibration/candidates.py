@@ -109,9 +109,10 @@ CERTIFIED_LOWS = (-1e9, *(round(-20.0 + 0.05 * i, 2) for i in range(801)))
 PATHS = ("global", "per_layer", "marginal")
 #: the mean layers the per-layer path must save on the held-out path rows to be preferred
 MIN_GAIN = 0.05
-#: the random splits of the path rows in halves :func:`choose_path` scores the paths on, each both ways. One
-#: half's score moves with the split more than the savings at stake (three splits of MiniLM-L6 RT's 881 path rows
-#: put the marginal path at 2.43, 2.80 and 3.69 layers); the mean over the folds of several splits moves less.
+#: the random splits of the path rows in halves :func:`choose_path` scores the paths on, each both ways: one
+#: half's score moves with the split; the mean over 4 splits about half as much. On the RT pool's re-draws it saved
+#: 0.035 +- 0.015 layers (disagreement) and 0.041 +- 0.021 (accuracy lost) more than one split's half, paired by
+#: draw (``benchmarks/results/amd_epyc/certified_paths_redraw_splits_cpu.json``)
 PATH_SPLITS = 4
 #: the largest per-exit disagreement level of the per-layer grid (past it every head lets every row go)
 MAX_LEVEL = 0.5
