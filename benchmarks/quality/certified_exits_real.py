@@ -295,8 +295,11 @@ def render(results: dict) -> str:
             f"({r['certified_test_loss_points']:+.2f}) | {r['path_oracle_test_layers']:.2f} | {price:+.2f} | "
             f"{r['global_oracle_test_layers']:.2f} | {r['per_row_oracle_test_layers']:.2f} |"
         )
+    # each row's latest measurement (the file keeps every one, in order; a row measured again replaced its run)
+    latest = {added["row"]: added for added in results.get("added", [])}
     for added in results.get("added", []):
-        lines += ["", f"Row {added['row']}: added {added['date']} on {added['cpu']} (`{added['command']}`)."]
+        if latest[added["row"]] is added:
+            lines += ["", f"Row {added['row']}: added {added['date']} on {added['cpu']} (`{added['command']}`)."]
     lines.append(END)
     return "\n".join(lines) + "\n"
 
