@@ -240,9 +240,10 @@ def per_layer_rows_needed(budget: float) -> int:
 
 @dataclass
 class PathChoice:
-    """The path kept (``name``), its candidates in order, and each path's score on the held-out half of the
-    path rows (``layers``: path name -> the mean layers its certificate would keep there, or, where the
-    calibration rows were not given, the fewest of any candidate within the budget, None where none was)."""
+    """The path kept (``name``), its candidates in order, and each path's score on the held-out halves of the
+    path rows (``layers``: path name -> the mean over the folds of the mean layers its certificate would keep
+    there, or, where the calibration rows were not given, of the fewest of any candidate within the budget, a
+    fold without one counting every layer; None where no fold had one)."""
 
     name: str
     candidates: list[ExitPolicy]
