@@ -26,8 +26,8 @@ from earlyexit_kernels.calibration.certify import certify
 from earlyexit_kernels.calibration.record import (
     ExitRecord,
     entropy_replay,
-    entropy_replays,
     replay,
+    replays,
     stepwise_replay,
 )
 from earlyexit_kernels.calibration.share import predicted_layers
@@ -236,11 +236,13 @@ def test_the_entropy_replay_makes_the_stepwise_replay_s_decisions(normalized, dt
     policies = [eek.Entropy(float(v), normalized=normalized) for v in values[values.isfinite()][::13]]
     policies[3] = eek.Entropy((float(values[100]), 0.0, float(values[800]), 0.0), normalized=normalized)
     assert len(policies) > 64
-    for policy, (logits, layers_run) in zip(policies, entropy_replays(policies, record), strict=True):
-        alone = entropy_replay(policy, record)
-        assert torch.equal(logits, alone.logits) and torch.equal(layers_run, alone.layers_run)
-    with pytest.raises(ValueError, match="share one normalized"):
-        list(entropy_replays([eek.Entropy(0.1), eek.Entropy(0.1, normalized=True)], record))
+    # a list of other families, or of Entropy with both normalizations, is replayed one policy at a time
+    mixed = [eek.Entropy(0.1), eek.Entropy(0.1, normalized=True), eek.MaxProb(0.9)]
+    for candidates in (policies, mixed):
+        for policy, out in zip(candidates, replays(candidates, record), strict=True):
+            alone = stepwise_replay(policy, record)
+            assert torch.equal(out.exit_layer, alone.exit_layer) and torch.equal(out.layers_run, alone.layers_run)
+            assert torch.equal(out.logits, alone.logits)
 
 
 def test_the_predicted_certified_layers_fall_as_more_rows_certify():

@@ -89,7 +89,7 @@ def simulate(record, *, budget: float, confidence: float, calibration_rows: int,
             global_chosen, _, _ = certify(calibration, budget, confidence, target=risk)
             tally["saved"].append(replay(global_chosen.policy, record).layers_run.float().mean().item() - layers)
         n = tally["draws"]
-        saved = torch.tensor(tally["saved"], dtype=torch.float64)
+        saved = per_draw(tally["saved"])
         out.append(
             {
                 "risk": risk,
@@ -97,18 +97,19 @@ def simulate(record, *, budget: float, confidence: float, calibration_rows: int,
                 "confidence": confidence,
                 "calibration_rows": calibration_rows,
                 "path_rows": path_rows,
+                "seed": seed,
                 "draws": n,
                 "certified_rate": tally["certified_over"] / n,
                 "uncertified_rate": tally["uncertified_over"] / n,
                 "certified_layers": tally["layers"] / n,
                 "paths": tally["paths"],
                 # paired, per draw: the global grid's layers on the pool minus the chosen path's (> 0: it saved)
-                "saved_vs_global": float(saved.mean()),
-                "saved_vs_global_se": float(saved.std() / n**0.5) if n > 1 else None,
-                "draws_worse_than_global": int((saved < -1e-9).sum()),
+                "saved_vs_global": saved["mean"],
+                "saved_vs_global_se": saved["se"],
+                "draws_worse_than_global": saved["draws_below"],
                 # per draw, in draw order: another rule's run with the same --seed draws the same rows, so the
                 # two rules' savings pair by draw
-                "saved_per_draw": [round(float(v), 6) for v in saved],
+                "saved_per_draw": [round(v, 6) for v in tally["saved"]],
             }
         )
     return out
@@ -193,7 +194,20 @@ def render_unlabelled(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def paired_against(rows: list[dict], other: dict) -> list[dict]:
+def per_draw(values) -> dict:
+    """A per-draw difference's ``mean``, its standard error ``se`` (None from one draw) and the draws on either
+    side of 0 (``draws_above``, ``draws_below``)."""
+    values = torch.tensor(values, dtype=torch.float64)
+    n = len(values)
+    return {
+        "mean": float(values.mean()),
+        "se": float(values.std() / n**0.5) if n > 1 else None,
+        "draws_above": int((values > 1e-9).sum()),
+        "draws_below": int((values < -1e-9).sum()),
+    }
+
+
+def paired_against(rows: list[dict], pool_rows: int, other: dict) -> list[dict]:
     """Per risk, this run's saving against the global grid minus ``other``'s (a run of another rule with the same
     --seed, pool and settings, so the same rows each draw): its mean, standard error and the draws either way."""
     theirs = {(r["risk"], r["confidence"]): r for r in other["rows"]}
@@ -202,21 +216,21 @@ def paired_against(rows: list[dict], other: dict) -> list[dict]:
         them = theirs.get((r["risk"], r["confidence"]))
         if them is None or "saved_per_draw" not in them or len(them["saved_per_draw"]) != len(r["saved_per_draw"]):
             raise SystemExit(f"error: --against has no per-draw savings of {r['risk']} over {r['draws']} draws")
-        if (them["path_rows"], them["calibration_rows"]) != (r["path_rows"], r["calibration_rows"]):
+        drawn = ("seed", "path_rows", "calibration_rows", "budget")
+        if [them.get(k) for k in drawn] != [r.get(k) for k in drawn] or other["pool_rows"] != pool_rows:
             raise SystemExit(
-                "error: --against drew other path or calibration row counts; pair runs of the same settings"
+                "error: --against drew other rows (its seed, pool, budget or path or calibration row counts differ); "
+                "pair runs of the same settings"
             )
-        gain = torch.tensor(r["saved_per_draw"], dtype=torch.float64) - torch.tensor(
-            them["saved_per_draw"], dtype=torch.float64
-        )
+        gain = per_draw([a - b for a, b in zip(r["saved_per_draw"], them["saved_per_draw"], strict=True)])
         out.append(
             {
                 "risk": r["risk"],
                 "confidence": r["confidence"],
-                "gain": float(gain.mean()),
-                "gain_se": float(gain.std() / len(gain) ** 0.5),
-                "draws_better": int((gain > 1e-9).sum()),
-                "draws_worse": int((gain < -1e-9).sum()),
+                "gain": gain["mean"],
+                "gain_se": gain["se"],
+                "draws_better": gain["draws_above"],
+                "draws_worse": gain["draws_below"],
             }
         )
     return out
@@ -316,7 +330,7 @@ def main(argv=None) -> int:
         results["against"] = {
             "file": str(args.against),
             "note": args.against_note,
-            "rows": paired_against(results["rows"], other),
+            "rows": paired_against(results["rows"], results["pool_rows"], other),
         }
     if args.output and (args.against is not None or not args.from_json):
         write_json(args.output, results)

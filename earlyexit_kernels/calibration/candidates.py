@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import torch
 
 from earlyexit_kernels.calibration.predicted_walk import WalkTable, point_weights
-from earlyexit_kernels.calibration.record import CurvePoint, ExitRecord, replay
+from earlyexit_kernels.calibration.record import CurvePoint, ExitRecord, replays
 from earlyexit_kernels.calibration.row_losses import disagreement
 from earlyexit_kernels.methods.exit_rules import entropy
 from earlyexit_kernels.methods.policies import (
@@ -370,8 +370,7 @@ _PATH_BUILDERS = {"per_layer": per_layer_path, "marginal": marginal_path}
 
 def _fewest_layers_within(candidates, record: ExitRecord, budget: float, loss_of) -> float | None:
     best = None
-    for candidate in candidates:
-        out = replay(candidate, record)
+    for out in replays(candidates, record):
         if float(loss_of(out.logits).mean()) <= budget + 1e-12:
             layers = out.layers_run.float().mean().item()
             best = layers if best is None else min(best, layers)

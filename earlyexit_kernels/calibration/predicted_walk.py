@@ -20,8 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from earlyexit_kernels.calibration.record import entropy_replays, replay
-from earlyexit_kernels.methods.policies import Entropy
+from earlyexit_kernels.calibration.record import replays
 from earlyexit_kernels.methods.risk_control import is_binary, least_rows, most_losses
 
 __all__ = ["WalkTable", "point_weights"]
@@ -54,16 +53,9 @@ class WalkTable:
     @classmethod
     def of_path(cls, candidates, record, loss_of) -> WalkTable:
         """The table of ``candidates`` (in walk order) on ``record``; ``loss_of(logits [N, C]) -> [N]``."""
-        if (
-            candidates
-            and all(type(candidate) is Entropy for candidate in candidates)
-            and (len({candidate.normalized for candidate in candidates}) == 1)
-        ):  # a path of the entropy family: its candidates replayed together
-            outs = list(entropy_replays(candidates, record))
-        else:
-            outs = [(out.logits, out.layers_run) for out in (replay(candidate, record) for candidate in candidates)]
-        losses = torch.stack([loss_of(logits).double() for logits, _ in outs])
-        layers = torch.stack([layers_run.double() for _, layers_run in outs])
+        outs = list(replays(candidates, record))
+        losses = torch.stack([loss_of(out.logits).double() for out in outs])
+        layers = torch.stack([out.layers_run.double() for out in outs])
         return cls(losses, layers, is_binary(losses), record.all_logits.shape[0])
 
     def predicted(self, weights: torch.Tensor, budget: float, confidence: float, calibration_rows: int):

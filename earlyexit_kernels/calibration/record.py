@@ -31,6 +31,7 @@ __all__ = [
     "Replay",
     "CurvePoint",
     "replay",
+    "replays",
     "accuracy",
     "micro_f1",
     "references",
@@ -155,46 +156,45 @@ def _layer_entropies(record: ExitRecord, normalized: bool) -> tuple[torch.Tensor
 def entropy_replay(policy: Entropy, record: ExitRecord) -> Replay:
     """:func:`stepwise_replay` of a stateless ``Entropy`` policy, all layers at once from the record's
     entropies: the same decisions (the same float32 entropies against the same thresholds)."""
-    num_layers, batch, _ = record.all_logits.shape
-    values, finite = _layer_entropies(record, policy.normalized)
-    thresholds = torch.tensor(
-        [layer_value(policy.threshold, layer) for layer in range(1, num_layers + 1)], dtype=values.dtype
-    )
-    exits = finite & (values < thresholds[:, None].to(values.device))
-    exits[-1] = True
-    exit_layer = exits.long().argmax(0) + 1
-    logits = record.all_logits[exit_layer - 1, torch.arange(batch, device=exit_layer.device)]
-    return Replay(logits.float(), exit_layer, exit_layer.clone())
+    return _entropy_replays([policy], record, policy.normalized)[0]
 
 
-#: entropy candidates :func:`entropy_replays` compares at once (bounds its [candidates, L, N] masks)
+#: policies :func:`replays` decides at once (bounds the [policies, L, N] masks of an entropy path)
 _REPLAY_CHUNK = 64
 
 
-def entropy_replays(policies: list[Entropy], record: ExitRecord):
-    """:func:`entropy_replay` of many plain ``Entropy`` policies with the same ``normalized`` at once, in order: a
-    path's hundreds of candidates compared with the record's entropies in a few calls. Yields
-    ``(logits [N, C] float32, layers_run [N])`` per policy: the same decisions (the same float32 entropies against
-    the same thresholds)."""
-    num_layers, batch, _ = record.all_logits.shape
-    normalized = policies[0].normalized if policies else False
-    if any(type(policy) is not Entropy or policy.normalized != normalized for policy in policies):
-        raise ValueError("entropy_replays takes plain Entropy policies that all share one normalized")
-    values, finite = _layer_entropies(record, normalized)
-    rows = torch.arange(batch, device=values.device)
+def replays(policies, record: ExitRecord):
+    """:func:`replay` of each of ``policies``, in order (a generator). A path's plain ``Entropy`` candidates sharing
+    one ``normalized`` are compared with the record's entropies together, ``_REPLAY_CHUNK`` at a time: the same
+    decisions as one at a time, in a few calls for hundreds of candidates."""
+    policies = list(policies)
     for start in range(0, len(policies), _REPLAY_CHUNK):
         chunk = policies[start : start + _REPLAY_CHUNK]
-        for policy in chunk:
-            policy.check_fits(num_layers, record.all_logits.shape[-1])
-        thresholds = torch.tensor(
-            [[layer_value(policy.threshold, layer) for layer in range(1, num_layers + 1)] for policy in chunk],
-            dtype=values.dtype,
-        ).to(values.device)
-        exits = finite[None] & (values[None] < thresholds[:, :, None])  # [chunk, L, N]
-        exits[:, -1] = True
-        exit_layers = exits.to(torch.uint8).argmax(1) + 1  # [chunk, N]: the first layer that exits
-        for exit_layer in exit_layers:
-            yield record.all_logits[exit_layer - 1, rows].float(), exit_layer
+        if all(type(policy) is Entropy for policy in chunk) and len({policy.normalized for policy in chunk}) == 1:
+            num_layers, _, num_labels = record.all_logits.shape
+            for policy in chunk:
+                policy.check_fits(num_layers, num_labels)
+            yield from _entropy_replays(chunk, record, chunk[0].normalized)
+        else:
+            yield from (replay(policy, record) for policy in chunk)
+
+
+def _entropy_replays(policies: list[Entropy], record: ExitRecord, normalized: bool) -> list[Replay]:
+    """:func:`entropy_replay` of each of ``policies`` (plain ``Entropy``, all ``normalized`` as given), decided at
+    once: each layer's entropy against each policy's threshold there, [policies, L, N]; the first layer that exits."""
+    num_layers, batch, _ = record.all_logits.shape
+    values, finite = _layer_entropies(record, normalized)
+    thresholds = torch.tensor(
+        [[layer_value(policy.threshold, layer) for layer in range(1, num_layers + 1)] for policy in policies],
+        dtype=values.dtype,
+    ).to(values.device)
+    exits = finite[None] & (values[None] < thresholds[:, :, None])
+    exits[:, -1] = True
+    rows = torch.arange(batch, device=values.device)
+    out = []
+    for exit_layer in exits.to(torch.uint8).argmax(1) + 1:
+        out.append(Replay(record.all_logits[exit_layer - 1, rows].float(), exit_layer, exit_layer.clone()))
+    return out
 
 
 def stepwise_replay(policy: ExitPolicy, record: ExitRecord) -> Replay:
