@@ -57,6 +57,12 @@ commit: the same policy, 2.78 of 6 on test, path oracle 2.17, per-row oracle 1.6
 heads, is 1.6996 against 1.6856 here. ``make demo``'s model is that same classifier (hard-linked) and its csv files
 the same texts (labels by name), so both sources gave the same figures.
 
+``--backbone mpnet`` (with ``--task-source benchmark``) runs it on that script's MPNet-base row instead (12 layers,
+fine-tuned first where the cache lacks it; ``--threads 2`` where the machine is free):
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality/learned_exit_score_study.py --task-source benchmark \\
+        --backbone mpnet --threads 2 --output benchmarks/results/amd_epyc/learned_exit_score_study_rt_mpnet_cpu.json
+
 The fit and the records are cached in ``--cache`` (default ``/tmp/learned_score_cache``; one file per task source
 and seed); a rerun only trains the scores and certifies.
 """
@@ -90,8 +96,8 @@ DEMO = Path(__file__).resolve().parents[2] / ".cache" / "demo"
 SPLITS = ("heads_train", "validation", "calibration", "test")
 FEATURES = ("top_prob", "margin", "entropy", "agrees_prev", "agree_run", "moved_tv", "hidden_cosine")
 MAX_LENGTH = 128
-#: ``--task-source benchmark``: the row of ``certified_exits_real.py`` measured
-BENCHMARK_BACKBONE, BENCHMARK_TASK, BENCHMARK_SETTING = "minilm", "rotten_tomatoes", "train + validation file"
+#: ``--task-source benchmark``: the row of ``certified_exits_real.py`` measured (``--backbone``: its backbone)
+BENCHMARK_TASK, BENCHMARK_SETTING = "rotten_tomatoes", "train + validation file"
 
 
 # ------------------------------------------------------------------------------------------ the fit and records
@@ -128,19 +134,19 @@ def _demo_task():
     return model, tokenizer, model_dir, *files, {}
 
 
-def _benchmark_task():
-    """``certified_exits_real.py``'s MiniLM-L6 Rotten Tomatoes row ``train + validation file``: the classifier
-    fine-tuned on the train split (cached, ``make demo``'s recipe), the train split as TRAIN_FILE, the validation
-    split as ``--calibration``, the test split measured, read as that script reads them."""
+def _benchmark_task(backbone: str = "minilm"):
+    """``certified_exits_real.py``'s Rotten Tomatoes row ``train + validation file`` of ``backbone`` (``minilm``,
+    ``mpnet``): the classifier fine-tuned on the train split (cached, ``make demo``'s recipe), the train split as
+    TRAIN_FILE, the validation split as ``--calibration``, the test split measured, read as that script reads them."""
     from benchmarks.quality.certified_exits_real import _rows
     from earlyexit_kernels.demo import real_task
 
-    model, tokenizer, info = real_task.fine_tuned_model(BENCHMARK_BACKBONE, task=BENCHMARK_TASK, progress="lines")
+    model, tokenizer, info = real_task.fine_tuned_model(backbone, task=BENCHMARK_TASK, progress="lines")
     splits = real_task.load_task(BENCHMARK_TASK)
     names = ("train split", "validation split", "test split")
     files = [_rows(splits[split], name) for split, name in zip(("train", "validation", "test"), names)]
     extra = {
-        "backbone": BENCHMARK_BACKBONE,
+        "backbone": backbone,
         "task": BENCHMARK_TASK,
         "setting": BENCHMARK_SETTING,
         "fine_tuned": Path(info["path"]).name,
@@ -148,10 +154,39 @@ def _benchmark_task():
     return model, tokenizer, Path(info["path"]), *files, extra
 
 
-def fit_and_record(seed: int, cache: Path, source: str = "demo") -> dict:
+def _folder_fit(folder: Path) -> tuple:
+    """``(patched model, report fields)`` of the fit ``eek fit MODEL train.csv FOLDER --calibration
+    validation.csv`` already wrote (``--from-folder``), in the keys :func:`fit_and_record` reads of a fit's
+    report."""
+    from earlyexit_kernels.patching.fit_record import FitRecord
+
+    report = FitRecord.load(folder).report
+    if "--calibration" not in (report.get("calibration_source") or ""):
+        raise SystemExit(f"error: {folder} was not certified on a --calibration file (the benchmark's row)")
+    fields = {
+        "seconds": round(report["train_seconds"] + report["calibrate_seconds"], 1),
+        "heads": f"{report.get('pooling')}, {report.get('head')}",
+        "policy": report["policy"],
+        "train_rows": report["train_rows"],
+        "validation_rows": report.get("validation_rows"),
+        "calibration_rows": report["calibration_rows"],
+        "certificate": report.get("certificate") or {},
+        "certified_layers_calibration": report["mean_layers"],
+        "certified_path": report.get("certified_path") or [],
+        "folder": str(folder),
+    }
+    return eek.from_pretrained(str(folder)).eval(), fields
+
+
+def fit_and_record(
+    seed: int, cache: Path, source: str = "demo", backbone: str = "minilm", folder: Path | None = None
+) -> dict:
     """``eek fit``'s defaults on ``source``'s model and rows (``demo``: :func:`_demo_task`; ``benchmark``:
-    :func:`_benchmark_task`), then every split's record; cached in ``cache``."""
-    target = cache / (f"records_seed{seed}.pt" if source == "demo" else f"records_{source}_seed{seed}.pt")
+    :func:`_benchmark_task` of ``backbone``), then every split's record; cached in ``cache``. ``folder``: the
+    fit an ``eek fit`` run on the same rows wrote there, read instead of fitting again."""
+    # the MiniLM-L6 benchmark's file keeps the name it had before there was a choice of backbone
+    name = "" if source == "demo" else f"_{source}" + ("" if backbone == "minilm" else f"_{backbone}")
+    target = cache / f"records{name}_seed{seed}.pt"
     if target.is_file():
         return {**torch.load(target, weights_only=False), "from_cache": str(target)}
     from transformers import AutoModel
@@ -159,12 +194,26 @@ def fit_and_record(seed: int, cache: Path, source: str = "demo") -> dict:
     from earlyexit_kernels.training.calibrate_model import record_exits
 
     model, tokenizer, model_dir, train_file, calibration, test, extra = (
-        _demo_task() if source == "demo" else _benchmark_task()
+        _demo_task() if source == "demo" else _benchmark_task(backbone)
     )
     rest, held = split_rows(len(train_file), 0.1, seed)  # eek fit's --validation-split 0.1, as the CLI draws it
     train, validation = train_file.subset(rest), train_file.subset(held)
     started = time.perf_counter()
-    report = fit_as_eek_fit(model, tokenizer, train, validation, calibration, seed)
+    if folder is not None:
+        model, fields = _folder_fit(folder)
+        certificate = fields.pop("certificate")
+    else:
+        report = fit_as_eek_fit(model, tokenizer, train, validation, calibration, seed)
+        certificate = report.certificate or {}
+        fields = {
+            "heads": f"{report.pooling}, {report.head}",
+            "policy": report.policy,
+            "train_rows": report.train_rows,
+            "validation_rows": report.validation_rows,
+            "calibration_rows": report.calibration_rows,
+            "certified_layers_calibration": report.mean_layers,
+            "certified_path": report.certified_path,
+        }
     fit_seconds = time.perf_counter() - started
     encoder = AutoModel.from_pretrained(model_dir).eval()  # the same backbone, unpatched: its hidden states
     records = {}
@@ -176,22 +225,17 @@ def fit_and_record(seed: int, cache: Path, source: str = "demo") -> dict:
         assert torch.equal(record.labels, torch.cat([b["labels"] for b in batches]))
         records[name] = {"logits": record.all_logits.float(), "labels": record.labels, "cosines": cosines}
         print(f"recorded {name}: {record.all_logits.shape[1]} rows", flush=True)
-    certificate = report.certificate or {}
+    certified_path = fields.pop("certified_path")
     result = {
         "records": records,
         "policy": describe(eek.policy_of(model), None),
-        "certified_path": report.certified_path,
+        "certified_path": certified_path,
         "fit": {
             **extra,
-            "seconds": round(fit_seconds, 1),
-            "heads": f"{report.pooling}, {report.head}",
-            "policy": report.policy,
-            "train_rows": report.train_rows,
-            "validation_rows": report.validation_rows,
-            "calibration_rows": report.calibration_rows,
+            "seconds": fields.pop("seconds", round(fit_seconds, 1)),
+            **fields,
             "path": certificate.get("path"),
             "path_layers_validation": certificate.get("path_layers"),
-            "certified_layers_calibration": report.mean_layers,
             "bound": certificate.get("bound"),
         },
     }
@@ -320,8 +364,8 @@ def certified(cal: ExitRecord, path_record: ExitRecord, family) -> tuple:
     return chosen, certificate, [point.policy for point in walked]
 
 
-def run(seed: int, cache: Path, source: str = "demo") -> dict:
-    data = fit_and_record(seed, cache, source)
+def run(seed: int, cache: Path, source: str = "demo", backbone: str = "minilm", folder: Path | None = None) -> dict:
+    data = fit_and_record(seed, cache, source, backbone, folder)
     records, fit = data["records"], data["fit"]
     default_policy = parse_policy(data["policy"])
     family = Entropy(0.0, normalized=getattr(default_policy, "normalized", False))
@@ -423,14 +467,32 @@ def main(argv=None) -> int:
         "--task-source",
         choices=("demo", "benchmark"),
         default="demo",
-        help="demo: make demo's export and csv files (the default); benchmark: certified_exits_real.py's MiniLM-L6 "
-        "Rotten Tomatoes 'train + validation file' row (its cached classifier and splits)",
+        help="demo: make demo's export and csv files (the default); benchmark: certified_exits_real.py's "
+        "Rotten Tomatoes 'train + validation file' row of --backbone (its cached classifier and splits)",
+    )
+    parser.add_argument(
+        "--backbone",
+        choices=("minilm", "mpnet"),
+        default="minilm",
+        help="--task-source benchmark only: MiniLM-L6 (the default) or MPNet-base (fine-tuned when not cached)",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared 2-core machine)")
+    parser.add_argument(
+        "--from-folder",
+        type=Path,
+        help="--task-source benchmark only: the fit `eek fit MODEL train.csv FOLDER --calibration validation.csv` "
+        "wrote on the same classifier and splits (make demo's csv files are the task's splits, row for row), read "
+        "instead of fitting again",
     )
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # a shared 2-core machine
+    if args.backbone != "minilm" and args.task_source != "benchmark":
+        parser.error("--backbone picks the benchmark's row: give --task-source benchmark with it")
+    if args.from_folder is not None and args.task_source != "benchmark":
+        parser.error("--from-folder stands for the benchmark row's fit: give --task-source benchmark with it")
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    results = run(args.seed, args.cache, args.task_source)
+    results = run(args.seed, args.cache, args.task_source, args.backbone, args.from_folder)
     results = {**run_conditions(SCRIPT, argv, started), **results}
     if args.output:
         write_json(args.output, results)
