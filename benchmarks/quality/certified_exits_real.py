@@ -217,6 +217,20 @@ def _test_columns(model, tokenizer, task: str, chosen, path_codes, record_policy
     }
 
 
+def saved_fit(folder: Path):
+    """The :class:`~earlyexit_kernels.patching.fit_record.FitRecord` of ``folder``, refused (``SystemExit``) unless it
+    was certified on a ``--calibration`` file or by ``eek calibrate`` (the first setting's rows)."""
+    from earlyexit_kernels.patching.fit_record import FitRecord
+
+    saved = FitRecord.load(folder)
+    source = saved.report.get("calibration_source") or ""
+    if "--calibration" not in source and "eek calibrate" not in source:
+        raise SystemExit(
+            f"error: {folder} was not certified on a --calibration file or by eek calibrate (the first setting)"
+        )
+    return saved
+
+
 def run_folder(folder: Path, backbone: str, task: str, setting: str | None = None) -> dict:
     """The first setting's row from ``folder``, written by ``eek fit PLAIN train.csv FOLDER
     --calibration validation.csv`` (and perhaps certified anew by ``eek calibrate FOLDER validation.csv``): its
@@ -224,15 +238,8 @@ def run_folder(folder: Path, backbone: str, task: str, setting: str | None = Non
     were not the first setting's (a classifier fine-tuned on fewer rows, say)."""
     from transformers import AutoTokenizer
 
-    from earlyexit_kernels.patching.fit_record import FitRecord
-
-    saved = FitRecord.load(folder)
+    saved = saved_fit(folder)
     report = saved.report
-    source = report.get("calibration_source") or ""
-    if "--calibration" not in source and "eek calibrate" not in source:
-        raise SystemExit(
-            f"error: {folder} was not certified on a --calibration file or by eek calibrate (the first setting)"
-        )
     model = eek.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     certificate = report.get("certificate") or {}

@@ -58,10 +58,15 @@ heads, is 1.6996 against 1.6856 here. ``make demo``'s model is that same classif
 the same texts (labels by name), so both sources gave the same figures.
 
 ``--backbone mpnet`` (with ``--task-source benchmark``) runs it on that script's MPNet-base row instead (12 layers,
-fine-tuned first where the cache lacks it; ``--threads 2`` where the machine is free):
+fine-tuned first where the cache lacks it; ``--threads 2`` where the machine is free). ``--from-folder FOLDER`` reads
+the fit ``eek fit`` wrote on the row's classifier and rows (``make demo``'s csv files are the task's splits, row for
+row) instead of fitting again; the committed MPNet-base run:
 
+    .venv/bin/eek fit .cache/mpnet-rt-99bf4a38db09 .cache/demo/train.csv .cache/mpnet-rt-99bf4a38db09-eekfit \\
+        --calibration .cache/demo/validation.csv --threads 1
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality/learned_exit_score_study.py --task-source benchmark \\
-        --backbone mpnet --threads 2 --output benchmarks/results/amd_epyc/learned_exit_score_study_rt_mpnet_cpu.json
+        --backbone mpnet --threads 2 --from-folder .cache/mpnet-rt-99bf4a38db09-eekfit \\
+        --output benchmarks/results/amd_epyc/learned_exit_score_study_rt_mpnet_cpu.json
 
 The fit and the records are cached in ``--cache`` (default ``/tmp/learned_score_cache``; one file per task source
 and seed); a rerun only trains the scores and certifies.
@@ -81,7 +86,14 @@ import numpy as np
 import torch
 
 import earlyexit_kernels as eek
-from benchmarks.quality.certified_exits_real import BUDGET_POINTS, CONFIDENCE, _oracle, fit_as_eek_fit, per_row_oracle
+from benchmarks.quality.certified_exits_real import (
+    BUDGET_POINTS,
+    CONFIDENCE,
+    _oracle,
+    fit_as_eek_fit,
+    per_row_oracle,
+    saved_fit,
+)
 from benchmarks.suite.script_results import run_conditions, write_json
 from earlyexit_kernels.calibration.candidates import describe
 from earlyexit_kernels.calibration.certify import certify
@@ -154,15 +166,17 @@ def _benchmark_task(backbone: str = "minilm"):
     return model, tokenizer, Path(info["path"]), *files, extra
 
 
-def _folder_fit(folder: Path) -> tuple:
+def _folder_fit(folder: Path, model_dir: Path) -> tuple:
     """``(patched model, report fields)`` of the fit ``eek fit MODEL train.csv FOLDER --calibration
     validation.csv`` already wrote (``--from-folder``), in the keys :func:`fit_and_record` reads of a fit's
-    report."""
-    from earlyexit_kernels.patching.fit_record import FitRecord
-
-    report = FitRecord.load(folder).report
-    if "--calibration" not in (report.get("calibration_source") or ""):
-        raise SystemExit(f"error: {folder} was not certified on a --calibration file (the benchmark's row)")
+    report; refused unless MODEL was ``model_dir``'s classifier (the row's)."""
+    saved = saved_fit(folder)
+    if Path(saved.source_model or "").name != model_dir.name:
+        raise SystemExit(
+            f"error: {folder} was fitted on {saved.source_model}, not on the row's classifier {model_dir}: "
+            "give --backbone the folder's backbone, or a folder fitted on that classifier"
+        )
+    report = saved.report
     fields = {
         "seconds": round(report["train_seconds"] + report["calibrate_seconds"], 1),
         "heads": f"{report.get('pooling')}, {report.get('head')}",
@@ -184,8 +198,10 @@ def fit_and_record(
     """``eek fit``'s defaults on ``source``'s model and rows (``demo``: :func:`_demo_task`; ``benchmark``:
     :func:`_benchmark_task` of ``backbone``), then every split's record; cached in ``cache``. ``folder``: the
     fit an ``eek fit`` run on the same rows wrote there, read instead of fitting again."""
-    # the MiniLM-L6 benchmark's file keeps the name it had before there was a choice of backbone
+    # the MiniLM-L6 benchmark's file keeps the name it had before there was a choice of backbone or folder; a
+    # folder's records are its own (another fit's heads give other records)
     name = "" if source == "demo" else f"_{source}" + ("" if backbone == "minilm" else f"_{backbone}")
+    name += "" if folder is None else f"_from_{Path(folder).resolve().name}"
     target = cache / f"records{name}_seed{seed}.pt"
     if target.is_file():
         return {**torch.load(target, weights_only=False), "from_cache": str(target)}
@@ -200,7 +216,7 @@ def fit_and_record(
     train, validation = train_file.subset(rest), train_file.subset(held)
     started = time.perf_counter()
     if folder is not None:
-        model, fields = _folder_fit(folder)
+        model, fields = _folder_fit(folder, model_dir)
         certificate = fields.pop("certificate")
     else:
         report = fit_as_eek_fit(model, tokenizer, train, validation, calibration, seed)
