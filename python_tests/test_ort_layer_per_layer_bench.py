@@ -1,13 +1,15 @@
 """The per-layer benchmark of issue 107 (benchmarks/micro/ort_layer_per_layer.py) on a tiny saved classifier: the
 peer's layer is the difference of its two depths, eek's the layers' time over their count, each ratio paired
-within its round; a one-layer classifier, which has no difference to take, and an MPNet one are refused."""
+within its round; an MPNet classifier's layers take its encoder's position bias; a one-layer classifier, which
+has no difference to take, is refused."""
 
 import json
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_mpnet, word_bert, word_texts
+import torch
+from conftest import SPECIAL, WORDS, word_bert, word_texts, word_vocab
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -61,11 +63,32 @@ def test_a_one_layer_classifier_is_refused_with_the_reason(tmp_path):
                                   "--output", str(tmp_path / "x.json")])  # fmt: skip
 
 
-def test_an_mpnet_folder_is_refused_before_any_work(tmp_path):
+def saved_mpnet(folder: Path, layers: int) -> Path:
+    """A tiny random MPNet classifier over the word vocabulary, its [PAD] (id 0) MPNet's padding index."""
+    from transformers import BertTokenizerFast, MPNetConfig, MPNetForSequenceClassification
+
+    folder.mkdir()
+    vocab = word_vocab(folder)
+    torch.manual_seed(0)
+    config = MPNetConfig(
+        vocab_size=len(SPECIAL) + len(WORDS), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=66, pad_token_id=0, num_labels=2,
+    )  # fmt: skip
+    MPNetForSequenceClassification(config).eval().save_pretrained(folder)
+    BertTokenizerFast(vocab=str(vocab), model_max_length=64).save_pretrained(folder)
+    return folder
+
+
+def test_an_mpnet_classifier_runs_its_layers_with_the_encoders_position_bias(tmp_path):
+    for package in ("onnx", "onnxruntime"):
+        pytest.importorskip(package, reason=f"{package} is not installed (the int8 extra)")
     import ort_layer_per_layer
 
-    tiny_mpnet().save_pretrained(tmp_path / "mpnet")
-    with pytest.raises(SystemExit, match="MPNet model; this benchmark calls BERT-style layers only"):
-        ort_layer_per_layer.main(
-            [str(tmp_path / "mpnet"), "--texts", "unused.txt", "--output", str(tmp_path / "x.json")]
-        )
+    folder = saved_mpnet(tmp_path / "mpnet", layers=3)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(t or "w1" for t in word_texts(16, seed=3)) + "\n")
+    out = tmp_path / "per_layer.json"
+    argv = [str(folder), "--texts", str(texts), "--count", "16", "--batch", "8", "--rounds", "1", "--output", str(out)]
+    assert ort_layer_per_layer.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["layers"] == 3 and len(result["ratio_per_round"]) == 1 and result["ratio_median"] > 0

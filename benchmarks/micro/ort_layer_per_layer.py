@@ -66,7 +66,7 @@ def peer_session(model, sample: dict, threads: int):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", type=Path, help="a fine-tuned BERT-style classifier folder")
+    parser.add_argument("folder", type=Path, help="a fine-tuned BERT-style or MPNet classifier folder")
     parser.add_argument("--texts", type=Path, required=True, help="a .csv with a text column, or a .txt")
     parser.add_argument("--count", type=int, default=640, help="how many texts (default 640)")
     parser.add_argument("--batch", type=int, default=32)
@@ -83,9 +83,7 @@ def main(argv=None) -> int:
 
     from earlyexit_kernels.engine.layers.ort_layer import OrtLayer, encoder_layers
 
-    model_type = AutoConfig.from_pretrained(args.folder).model_type
-    if model_type == "mpnet":  # its layers take the encoder's relative position bias, which this loop does not make
-        raise SystemExit(f"error: {args.folder} is an MPNet model; this benchmark calls BERT-style layers only")
+    mpnet = AutoConfig.from_pretrained(args.folder).model_type == "mpnet"  # its layers take a position bias
     tokenizer = AutoTokenizer.from_pretrained(args.folder)
     model = AutoModelForSequenceClassification.from_pretrained(args.folder, dtype=torch.float32).eval()
     depth = model.config.num_hidden_layers
@@ -107,19 +105,25 @@ def main(argv=None) -> int:
     OrtLayer.run_encoder_on(eek_model, int8=True)
     layers = encoder_layers(eek_model)
     with torch.no_grad():  # as the engines run (no_grad: the layers' mask tables are made once a batch)
-        # the engine's inputs to its layers: the embeddings' hidden states and one additive mask a batch
-        inputs = [
-            (
-                eek_model.base_model.embeddings(input_ids=b["input_ids"], token_type_ids=b.get("token_type_ids")),
-                torch.where(b["attention_mask"].bool(), 0.0, torch.finfo(torch.float32).min)[:, None, None, :],
-            )
-            for b in batches
-        ]
+        # the engine's inputs to its layers: the embeddings' hidden states, one additive mask a batch and, for
+        # MPNet, the encoder's relative position bias of the batch's length (made once a batch, as the engine keeps it)
+        inputs = []
+        for b in batches:
+            if mpnet:
+                hidden = eek_model.base_model.embeddings(input_ids=b["input_ids"])
+                extra = {"position_bias": eek_model.base_model.encoder.compute_position_bias(hidden[:1])}
+            else:
+                hidden = eek_model.base_model.embeddings(
+                    input_ids=b["input_ids"], token_type_ids=b.get("token_type_ids")
+                )
+                extra = {}
+            mask = torch.where(b["attention_mask"].bool(), 0.0, torch.finfo(torch.float32).min)[:, None, None, :]
+            inputs.append((hidden, mask, extra))
 
     def eek_layers():
-        for hidden, mask in inputs:
+        for hidden, mask, extra in inputs:
             for layer in layers:
-                out = layer(hidden, mask)
+                out = layer(hidden, mask, **extra)
                 hidden = out[0] if isinstance(out, tuple) else out
 
     runs["eek per-token-ort layers"] = eek_layers
