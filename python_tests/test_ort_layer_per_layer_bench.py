@@ -28,18 +28,21 @@ def saved(folder: Path, layers: int) -> Path:
     return folder
 
 
-def test_each_round_pairs_the_peers_layer_with_eeks_and_records_every_pass(tmp_path):
+def run_script(folder: Path, count: int, rounds: int, seed: int) -> dict:
+    """The script on ``count`` word texts of ``folder``'s vocabulary in batches of 8: its JSON."""
     for package in ("onnx", "onnxruntime"):
         pytest.importorskip(package, reason=f"{package} is not installed (the int8 extra)")
     import ort_layer_per_layer
 
-    folder = saved(tmp_path / "model", layers=3)
-    texts = tmp_path / "texts.txt"
-    texts.write_text("\n".join(t or "w1" for t in word_texts(24, seed=2)) + "\n")
-    out = tmp_path / "per_layer.json"
-    argv = [str(folder), "--texts", str(texts), "--count", "24", "--batch", "8", "--rounds", "2", "--output", str(out)]
-    assert ort_layer_per_layer.main(argv) == 0
-    result = json.loads(out.read_text())
+    texts, out = folder.parent / "texts.txt", folder.parent / "per_layer.json"
+    texts.write_text("\n".join(t or "w1" for t in word_texts(count, seed=seed)) + "\n")
+    argv = [str(folder), "--texts", str(texts), "--count", str(count), "--batch", "8", "--rounds", str(rounds)]
+    assert ort_layer_per_layer.main([*argv, "--output", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_each_round_pairs_the_peers_layer_with_eeks_and_records_every_pass(tmp_path):
+    result = run_script(saved(tmp_path / "model", layers=3), count=24, rounds=2, seed=2)
     assert result["layers"] == 3 and result["texts"] == 24 and result["batch"] == 8
     passes = result["pass_seconds"]
     full, one, eek, whole = passes.values()
@@ -80,15 +83,8 @@ def saved_mpnet(folder: Path, layers: int) -> Path:
 
 
 def test_an_mpnet_classifier_runs_its_layers_with_the_encoders_position_bias(tmp_path):
-    for package in ("onnx", "onnxruntime"):
-        pytest.importorskip(package, reason=f"{package} is not installed (the int8 extra)")
-    import ort_layer_per_layer
-
-    folder = saved_mpnet(tmp_path / "mpnet", layers=3)
-    texts = tmp_path / "texts.txt"
-    texts.write_text("\n".join(t or "w1" for t in word_texts(16, seed=3)) + "\n")
-    out = tmp_path / "per_layer.json"
-    argv = [str(folder), "--texts", str(texts), "--count", "16", "--batch", "8", "--rounds", "1", "--output", str(out)]
-    assert ort_layer_per_layer.main(argv) == 0
-    result = json.loads(out.read_text())
+    # without the bias, the MPNet layer refuses the call ("takes the position bias its encoder computes")
+    result = run_script(saved_mpnet(tmp_path / "mpnet", layers=3), count=16, rounds=1, seed=3)
     assert result["layers"] == 3 and len(result["ratio_per_round"]) == 1 and result["ratio_median"] > 0
+    eek = result["pass_seconds"]["eek per-token-ort layers"]  # all 3 layers ran: their time over 3 is one layer's
+    assert result["ms_per_layer"]["eek"] == [round(t / 3 * 1e3, 2) for t in eek]

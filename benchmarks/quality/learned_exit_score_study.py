@@ -166,10 +166,25 @@ def _benchmark_task(backbone: str = "minilm"):
     return model, tokenizer, Path(info["path"]), *files, extra
 
 
+def _fit_fields(report: dict) -> dict:
+    """What the study keeps of a fit's report: ``FitReport.as_dict()`` of a fit it ran, or the report an ``eek fit``
+    folder saved (``eek_fit.json``), which holds the same fields."""
+    return {
+        "heads": f"{report.get('pooling')}, {report.get('head')}",
+        "policy": report["policy"],
+        "train_rows": report["train_rows"],
+        "validation_rows": report.get("validation_rows"),
+        "calibration_rows": report["calibration_rows"],
+        "certificate": report.get("certificate") or {},
+        "certified_layers_calibration": report["mean_layers"],
+        "certified_path": report.get("certified_path") or [],
+    }
+
+
 def _folder_fit(folder: Path, model_dir: Path) -> tuple:
     """``(patched model, report fields)`` of the fit ``eek fit MODEL train.csv FOLDER --calibration
-    validation.csv`` already wrote (``--from-folder``), in the keys :func:`fit_and_record` reads of a fit's
-    report; refused unless MODEL was ``model_dir``'s classifier (the row's)."""
+    validation.csv`` already wrote (``--from-folder``), as :func:`_fit_fields` gives them; refused unless MODEL was
+    ``model_dir``'s classifier (the row's)."""
     saved = saved_fit(folder)
     if Path(saved.source_model or "").name != model_dir.name:
         raise SystemExit(
@@ -179,14 +194,7 @@ def _folder_fit(folder: Path, model_dir: Path) -> tuple:
     report = saved.report
     fields = {
         "seconds": round(report["train_seconds"] + report["calibrate_seconds"], 1),
-        "heads": f"{report.get('pooling')}, {report.get('head')}",
-        "policy": report["policy"],
-        "train_rows": report["train_rows"],
-        "validation_rows": report.get("validation_rows"),
-        "calibration_rows": report["calibration_rows"],
-        "certificate": report.get("certificate") or {},
-        "certified_layers_calibration": report["mean_layers"],
-        "certified_path": report.get("certified_path") or [],
+        **_fit_fields(report),
         "folder": str(folder),
     }
     return eek.from_pretrained(str(folder)).eval(), fields
@@ -217,19 +225,9 @@ def fit_and_record(
     started = time.perf_counter()
     if folder is not None:
         model, fields = _folder_fit(folder, model_dir)
-        certificate = fields.pop("certificate")
     else:
-        report = fit_as_eek_fit(model, tokenizer, train, validation, calibration, seed)
-        certificate = report.certificate or {}
-        fields = {
-            "heads": f"{report.pooling}, {report.head}",
-            "policy": report.policy,
-            "train_rows": report.train_rows,
-            "validation_rows": report.validation_rows,
-            "calibration_rows": report.calibration_rows,
-            "certified_layers_calibration": report.mean_layers,
-            "certified_path": report.certified_path,
-        }
+        fields = _fit_fields(fit_as_eek_fit(model, tokenizer, train, validation, calibration, seed).as_dict())
+    certificate = fields.pop("certificate")
     fit_seconds = time.perf_counter() - started
     encoder = AutoModel.from_pretrained(model_dir).eval()  # the same backbone, unpatched: its hidden states
     records = {}
