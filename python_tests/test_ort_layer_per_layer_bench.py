@@ -85,6 +85,11 @@ def saved_mpnet(folder: Path, layers: int) -> Path:
 def test_an_mpnet_classifier_runs_its_layers_with_the_encoders_position_bias(tmp_path):
     # without the bias, the MPNet layer refuses the call ("takes the position bias its encoder computes")
     result = run_script(saved_mpnet(tmp_path / "mpnet", layers=3), count=16, rounds=1, seed=3)
-    assert result["layers"] == 3 and len(result["ratio_per_round"]) == 1 and result["ratio_median"] > 0
-    eek = result["pass_seconds"]["eek per-token-ort layers"]  # all 3 layers ran: their time over 3 is one layer's
-    assert result["ms_per_layer"]["eek"] == [round(t / 3 * 1e3, 2) for t in eek]
+    assert result["layers"] == 3 and len(result["ratio_per_round"]) == 1
+    # the peer's layer is a difference of two passes (T_3 - T_1) / 2: on a 3-layer toy model at 16 texts its
+    # sign is noise, so the test checks how the ratio is made, never its value
+    full, one, eek, _ = result["pass_seconds"].values()
+    assert all(min(v) > 0 for v in result["pass_seconds"].values())
+    assert result["ms_per_layer"]["eek"] == [round(t / 3 * 1e3, 2) for t in eek]  # all 3 layers ran
+    peer = [(a - b) / 2 for a, b in zip(full, one)]
+    assert result["ratio_per_round"] == [round(p / (t / 3), 4) for p, t in zip(peer, eek)]

@@ -159,6 +159,12 @@ def main(argv=None) -> int:
         "whole_model_ratio_per_round": [round(a / b, 4) for a, b in zip(full, whole, strict=True)],
     }
     write_json(args.output, result)
+    if min(peer_layer) <= 0:  # T_L - T_1 within the passes' noise: the ratio says nothing about the layers
+        print(
+            f"warning: in {sum(t <= 0 for t in peer_layer)} of {args.rounds} rounds the full model ran no slower "
+            f"than its first layer alone; the per-layer ratio there is noise (give more --count or --rounds)",
+            file=sys.stderr,
+        )
     print(
         f"{len(texts)} texts, {tokens} tokens, {depth} layers, {args.rounds} rounds, {args.threads} thread(s), "
         f"{int8_isa()} CPU\n"
