@@ -32,6 +32,18 @@ calibration calls it (risk accuracy lost, budget 1 point, confidence 95%, the pa
 calibration rows; ``order_seed`` fixed to 0, which the paired exact test does not read). The policy certified is
 replayed on the test rows' surrogate record: mean layers and accuracy lost (points, against the full model).
 
+``--hidden-probe`` adds two scores that also read the layer's mean-pooled hidden state itself (H inputs beside
+the features), as BERxiT's learning-to-exit module reads the layer's hidden state: ``probe``, a logistic
+regression whose L2 penalty is chosen among :data:`PROBE_CS` by 5-fold log loss on the heads' training rows, and
+``probe_mlp``, an MLP of 16 hidden units (early stopping on a tenth of those rows). Trained, certified and measured
+as the others. The states are recorded once per task source (``pooled*.pt`` in ``--cache``). The committed runs:
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality/learned_exit_score_study.py --task-source benchmark \\
+        --hidden-probe --threads 2 --output benchmarks/results/amd_epyc/learned_exit_score_study_rt_benchmark_probe_cpu.json
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality/learned_exit_score_study.py --task-source benchmark \\
+        --backbone mpnet --threads 2 --from-folder .cache/mpnet-rt-99bf4a38db09-eekfit --hidden-probe \\
+        --output benchmarks/results/amd_epyc/learned_exit_score_study_rt_mpnet_probe_cpu.json
+
 Also on test: ``path oracle`` (the fewest mean layers of the score's certified path whose test loss is within
 the budget), the per-row oracle (the first layer from which every head agrees with the final classifier), and
 each score's ROC AUC per layer for predicting agreement (the default's: minus the head's entropy), and each
@@ -108,6 +120,8 @@ DEMO = Path(__file__).resolve().parents[2] / ".cache" / "demo"
 SPLITS = ("heads_train", "validation", "calibration", "test")
 FEATURES = ("top_prob", "margin", "entropy", "agrees_prev", "agree_run", "moved_tv", "hidden_cosine")
 MAX_LENGTH = 128
+#: ``--hidden-probe``: the logistic probe's inverse penalties tried
+PROBE_CS = (1e-3, 1e-2, 1e-1, 1.0)
 #: ``--task-source benchmark``: the row of ``certified_exits_real.py`` measured (``--backbone``: its backbone)
 BENCHMARK_TASK, BENCHMARK_SETTING = "rotten_tomatoes", "train + validation file"
 
@@ -116,8 +130,8 @@ BENCHMARK_TASK, BENCHMARK_SETTING = "rotten_tomatoes", "train + validation file"
 
 
 @torch.no_grad()
-def _hidden_cosines(encoder, batches) -> torch.Tensor:
-    """[L, N]: cosine of each layer's mean-pooled hidden state to the layer below's (layer 1: the embeddings')."""
+def _pooled(encoder, batches) -> torch.Tensor:
+    """[L + 1, N, H]: each layer's mean-pooled hidden state (0: the embeddings'), the rows in the batches' order."""
     out = []
     for batch in batches:
         mask = batch["attention_mask"].unsqueeze(-1).float()
@@ -127,9 +141,17 @@ def _hidden_cosines(encoder, batches) -> torch.Tensor:
             token_type_ids=batch.get("token_type_ids"),
             output_hidden_states=True,
         ).hidden_states
-        pooled = torch.stack([(h * mask).sum(1) / mask.sum(1) for h in states])  # [L + 1, B, H]
-        out.append(torch.nn.functional.cosine_similarity(pooled[1:], pooled[:-1], dim=-1))
+        out.append(torch.stack([(h * mask).sum(1) / mask.sum(1) for h in states]))
     return torch.cat(out, 1)
+
+
+def _cosines(pooled: torch.Tensor) -> torch.Tensor:
+    """[L, N]: cosine of each layer's mean-pooled hidden state to the layer below's (layer 1: the embeddings')."""
+    return torch.nn.functional.cosine_similarity(pooled[1:], pooled[:-1], dim=-1)
+
+
+def _hidden_cosines(encoder, batches) -> torch.Tensor:
+    return _cosines(_pooled(encoder, batches))
 
 
 def _demo_task():
@@ -231,9 +253,7 @@ def fit_and_record(
     fit_seconds = time.perf_counter() - started
     encoder = AutoModel.from_pretrained(model_dir).eval()  # the same backbone, unpatched: its hidden states
     records = {}
-    for name, rows in zip(SPLITS, (train, validation, calibration, test)):
-        ids = label_ids(rows, model.config)
-        batches = list(length_sorted_batches(encode(tokenizer, rows, MAX_LENGTH), ids, 64))
+    for name, batches in _split_batches(model, tokenizer, (train, validation, calibration, test)):
         record = record_exits(model, batches)
         cosines = _hidden_cosines(encoder, batches)
         assert torch.equal(record.labels, torch.cat([b["labels"] for b in batches]))
@@ -256,6 +276,41 @@ def fit_and_record(
     cache.mkdir(parents=True, exist_ok=True)
     torch.save(result, target)
     return result
+
+
+def _split_batches(model, tokenizer, splits) -> list:
+    """``(name, batches)`` of each of :data:`SPLITS`' rows, length-sorted as the records read them."""
+    out = []
+    for name, rows in zip(SPLITS, splits, strict=True):
+        ids = label_ids(rows, model.config)
+        out.append((name, list(length_sorted_batches(encode(tokenizer, rows, MAX_LENGTH), ids, 64))))
+    return out
+
+
+def pooled_states(seed: int, cache: Path, source: str, backbone: str, records: dict) -> dict[str, torch.Tensor]:
+    """``--hidden-probe``: each split's [L + 1, N, H] mean-pooled hidden states (float16), the rows in ``records``'
+    order (checked: their cosines are the records'); cached beside the records. They do not depend on the fit."""
+    name = "" if source == "demo" else f"_{source}" + ("" if backbone == "minilm" else f"_{backbone}")
+    target = cache / f"pooled{name}_seed{seed}.pt"
+    if target.is_file():
+        pooled = torch.load(target, weights_only=False)
+    else:
+        from transformers import AutoModel
+
+        model, tokenizer, model_dir, train_file, calibration, test, _ = (
+            _demo_task() if source == "demo" else _benchmark_task(backbone)
+        )
+        rest, held = split_rows(len(train_file), 0.1, seed)
+        encoder = AutoModel.from_pretrained(model_dir).eval()
+        splits = (train_file.subset(rest), train_file.subset(held), calibration, test)
+        pooled = {name: _pooled(encoder, batches).half() for name, batches in _split_batches(model, tokenizer, splits)}
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.save(pooled, target)
+    for name, states in pooled.items():
+        gap = (_cosines(states.float()) - records[name]["cosines"]).abs().max()
+        if gap > 1e-2:  # float16 states: cosines within about 1e-3 of the records' float32 ones
+            raise SystemExit(f"error: {target}'s {name} rows are not the records' (cosines apart by {gap:.3g})")
+    return pooled
 
 
 # ------------------------------------------------------------------------------------------ features and scores
@@ -285,13 +340,22 @@ def agreement(logits: torch.Tensor) -> np.ndarray:
 
 
 def make_model(kind: str, seed: int):
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     if kind == "logistic":
         return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
+    if kind == "probe":  # hundreds of inputs: the L2 penalty chosen by 5-fold log loss on the training rows
+        return make_pipeline(
+            StandardScaler(), LogisticRegressionCV(Cs=PROBE_CS, cv=5, scoring="neg_log_loss", max_iter=2000)
+        )
+    if kind == "probe_mlp":
+        return make_pipeline(
+            StandardScaler(),
+            MLPClassifier(hidden_layer_sizes=(16,), alpha=1e-2, early_stopping=True, max_iter=500, random_state=seed),
+        )
     return make_pipeline(
         StandardScaler(),
         MLPClassifier(hidden_layer_sizes=(16,), alpha=1e-3, max_iter=1000, early_stopping=False, random_state=seed),
@@ -378,7 +442,14 @@ def certified(cal: ExitRecord, path_record: ExitRecord, family) -> tuple:
     return chosen, certificate, [point.policy for point in walked]
 
 
-def run(seed: int, cache: Path, source: str = "demo", backbone: str = "minilm", folder: Path | None = None) -> dict:
+def run(
+    seed: int,
+    cache: Path,
+    source: str = "demo",
+    backbone: str = "minilm",
+    folder: Path | None = None,
+    hidden_probe: bool = False,
+) -> dict:
     data = fit_and_record(seed, cache, source, backbone, folder)
     records, fit = data["records"], data["fit"]
     default_policy = parse_policy(data["policy"])
@@ -410,11 +481,16 @@ def run(seed: int, cache: Path, source: str = "demo", backbone: str = "minilm", 
         "bound": certificate.bound,
         **on_test(chosen.policy, path, test),
     }
-    for kind in ("logistic", "mlp"):
+    inputs = {"logistic": x, "mlp": x}
+    if hidden_probe:  # BERxiT's learning-to-exit reads the layer's hidden state: here its mean-pooled one
+        pooled = pooled_states(seed, cache, source, backbone, records)
+        probe_x = {name: np.concatenate([x[name], pooled[name][1:].float().numpy()], -1) for name in x}
+        inputs |= {"probe": probe_x, "probe_mlp": probe_x}
+    for kind, kind_x in inputs.items():
         started = time.perf_counter()
-        score = LearnedScore(kind, seed).fit(x["heads_train"], y["heads_train"])
+        score = LearnedScore(kind, seed).fit(kind_x["heads_train"], y["heads_train"])
         train_seconds = time.perf_counter() - started
-        odds = {name: score.log_odds(x[name]) for name in ("validation", "calibration", "test")}
+        odds = {name: score.log_odds(kind_x[name]) for name in ("validation", "calibration", "test")}
         made = {
             name: surrogate(records[name]["logits"], records[name]["labels"], odds[name], family)
             for name in ("validation", "calibration", "test")
@@ -498,6 +574,12 @@ def main(argv=None) -> int:
         "wrote on the same classifier and splits (make demo's csv files are the task's splits, row for row), read "
         "instead of fitting again",
     )
+    parser.add_argument(
+        "--hidden-probe",
+        action="store_true",
+        help="also score with each layer's mean-pooled hidden state beside the features (BERxiT's learning-to-exit "
+        "input): a logistic probe (penalty chosen by 5-fold log loss) and an MLP of 16 units",
+    )
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     if args.backbone != "minilm" and args.task_source != "benchmark":
@@ -506,7 +588,7 @@ def main(argv=None) -> int:
         parser.error("--from-folder stands for the benchmark row's fit: give --task-source benchmark with it")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    results = run(args.seed, args.cache, args.task_source, args.backbone, args.from_folder)
+    results = run(args.seed, args.cache, args.task_source, args.backbone, args.from_folder, args.hidden_probe)
     results = {**run_conditions(SCRIPT, argv, started), **results}
     if args.output:
         write_json(args.output, results)
