@@ -1,5 +1,8 @@
 """Would a learned exit score certify fewer layers than ``eek fit``'s default? An offline study (issue 108).
 
+(Past 600 lines: one study read top to bottom, its fit and records, the scores, their certificates and the report; a
+sixth of it is this docstring's committed commands.)
+
 On MiniLM-L6 fine-tuned on Rotten Tomatoes (``.cache/demo/model``, ``make demo``'s export, with
 ``.cache/demo/train.csv``, ``validation.csv`` and ``test.csv``), as ``eek fit MODEL train.csv FOLDER
 --calibration validation.csv`` does it: :func:`~earlyexit_kernels.training.fit_texts.fit_model` with ``eek
@@ -43,6 +46,13 @@ as the others. The states are recorded once per task source (``pooled*.pt`` in `
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality/learned_exit_score_study.py --task-source benchmark \\
         --backbone mpnet --threads 2 --from-folder .cache/mpnet-rt-99bf4a38db09-eekfit --hidden-probe \\
         --output benchmarks/results/amd_epyc/learned_exit_score_study_rt_mpnet_probe_cpu.json
+
+``--score-rows validation`` trains the learned scores on the validation rows instead, which the heads never saw (and
+which choose the path: a score that learns them is chosen on its own training rows):
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quality/learned_exit_score_study.py --task-source benchmark \\
+        --hidden-probe --score-rows validation \\
+        --output benchmarks/results/amd_epyc/learned_exit_score_study_rt_benchmark_validation_rows_cpu.json
 
 Also on test: ``path oracle`` (the fewest mean layers of the score's certified path whose test loss is within
 the budget), the per-row oracle (the first layer from which every head agrees with the final classifier), and
@@ -449,6 +459,7 @@ def run(
     backbone: str = "minilm",
     folder: Path | None = None,
     hidden_probe: bool = False,
+    score_rows: str = "heads_train",
 ) -> dict:
     data = fit_and_record(seed, cache, source, backbone, folder)
     records, fit = data["records"], data["fit"]
@@ -488,7 +499,7 @@ def run(
         inputs |= {"probe": probe_x, "probe_mlp": probe_x}
     for kind, kind_x in inputs.items():
         started = time.perf_counter()
-        score = LearnedScore(kind, seed).fit(kind_x["heads_train"], y["heads_train"])
+        score = LearnedScore(kind, seed).fit(kind_x[score_rows], y[score_rows])
         train_seconds = time.perf_counter() - started
         odds = {name: score.log_odds(kind_x[name]) for name in ("validation", "calibration", "test")}
         made = {
@@ -516,6 +527,7 @@ def run(
     return {
         **({} if source == "demo" else {"task_source": source}),
         "seed": seed,
+        "score_rows": score_rows,
         "records_from_cache": data.get("from_cache"),
         "test_auc_per_feature": feature_aucs,
         "budget_points": BUDGET_POINTS,
@@ -523,9 +535,7 @@ def run(
         "features": list(FEATURES),
         "fit": fit,
         "rows": {name: len(r["labels"]) for name, r in records.items()},
-        "agreement_with_full_per_layer": {
-            name: [round(float(v), 4) for v in y[name].mean(1)] for name in ("heads_train", "calibration", "test")
-        },
+        "agreement_with_full_per_layer": {name: [round(float(v), 4) for v in y[name].mean(1)] for name in SPLITS},
         "num_layers": int(test.num_layers),
         "full_test_accuracy": full_accuracy,
         "per_row_oracle_test_layers": per_row_oracle(test),
@@ -580,6 +590,13 @@ def main(argv=None) -> int:
         help="also score with each layer's mean-pooled hidden state beside the features (BERxiT's learning-to-exit "
         "input): a logistic probe (penalty chosen by 5-fold log loss) and an MLP of 16 units",
     )
+    parser.add_argument(
+        "--score-rows",
+        choices=("heads_train", "validation"),
+        default="heads_train",
+        help="the rows the learned scores train on: the heads' training rows (the default, issue 108's), or the "
+        "validation rows, which the heads never saw (and which also choose the path)",
+    )
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     if args.backbone != "minilm" and args.task_source != "benchmark":
@@ -588,7 +605,9 @@ def main(argv=None) -> int:
         parser.error("--from-folder stands for the benchmark row's fit: give --task-source benchmark with it")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    results = run(args.seed, args.cache, args.task_source, args.backbone, args.from_folder, args.hidden_probe)
+    results = run(
+        args.seed, args.cache, args.task_source, args.backbone, args.from_folder, args.hidden_probe, args.score_rows
+    )
     results = {**run_conditions(SCRIPT, argv, started), **results}
     if args.output:
         write_json(args.output, results)
