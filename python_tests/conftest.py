@@ -55,20 +55,24 @@ def tiny_model(
     return model.eval()
 
 
-def tiny_mpnet(num_layers: int = 2, seed: int = 0):
-    """A small random MPNet classifier in eval mode (hidden 32, 2 heads, 2 labels)."""
+def tiny_mpnet(num_layers: int = 2, seed: int = 0, **config):
+    """A small random MPNet classifier in eval mode (hidden 32, 2 heads, 2 labels); ``config`` overrides the rest
+    (``vocab_size``, ``max_position_embeddings``, ``pad_token_id``, ...)."""
     from transformers import MPNetConfig, MPNetForSequenceClassification
 
     torch.manual_seed(seed)
     config = MPNetConfig(
-        vocab_size=50,
-        hidden_size=32,
-        num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        **{
+            "vocab_size": 50,
+            "hidden_size": 32,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "num_labels": 2,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+            **config,
+        }
     )
     return MPNetForSequenceClassification(config).eval()
 

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import SPECIAL, WORDS, word_bert, word_texts, word_vocab
+from conftest import SPECIAL, WORDS, tiny_mpnet, word_bert, word_texts, word_vocab
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -68,16 +67,12 @@ def test_a_one_layer_classifier_is_refused_with_the_reason(tmp_path):
 
 def saved_mpnet(folder: Path, layers: int) -> Path:
     """A tiny random MPNet classifier over the word vocabulary, its [PAD] (id 0) MPNet's padding index."""
-    from transformers import BertTokenizerFast, MPNetConfig, MPNetForSequenceClassification
+    from transformers import BertTokenizerFast
 
     folder.mkdir()
     vocab = word_vocab(folder)
-    torch.manual_seed(0)
-    config = MPNetConfig(
-        vocab_size=len(SPECIAL) + len(WORDS), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=66, pad_token_id=0, num_labels=2,
-    )  # fmt: skip
-    MPNetForSequenceClassification(config).eval().save_pretrained(folder)
+    model = tiny_mpnet(layers, vocab_size=len(SPECIAL) + len(WORDS), max_position_embeddings=66, pad_token_id=0)
+    model.save_pretrained(folder)
     BertTokenizerFast(vocab=str(vocab), model_max_length=64).save_pretrained(folder)
     return folder
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's
 import torch
 
 import earlyexit_kernels as eek
-from benchmarks.suite.corpus_peers import read_texts
+from benchmarks.suite.corpus_peers import read_texts, rotated_rounds
 from benchmarks.suite.script_results import run_conditions, write_json
 from earlyexit_kernels.engine.layers.int8_isa import int8_isa
 from earlyexit_kernels.engine.layers.ort_layer import PackedGraphLayer, encoder_layers
@@ -73,34 +73,37 @@ def measure(model, tokenizer, texts: list[str], sizes=SIZES, rounds: int = 3) ->
     """For each size: the wall, runtime and call counts of ``eek.classify`` over ``texts`` at that many rows a call,
     round by round (one untimed pass first, the sizes' order rotated each round), and their medians."""
     clock = RuntimeClock(model)
+    counted = {size: [] for size in sizes}  # each pass's runtime seconds, calls and row-layers, in order
 
-    def once(size: int) -> dict:
-        clock.reset()
-        started = time.perf_counter()
-        predictions = list(eek.classify(model, texts, tokenizer=tokenizer, max_batch_size=size))
-        wall = time.perf_counter() - started
-        layers = sum(p.layers_run for p in predictions)  # row-layers computed
-        return {"wall": wall, "runtime": clock.seconds, "calls": clock.calls, "layers": layers}
+    def at(size: int):
+        def run():
+            clock.reset()
+            predictions = list(eek.classify(model, texts, tokenizer=tokenizer, max_batch_size=size))
+            layers = sum(p.layers_run for p in predictions)  # row-layers computed
+            counted[size].append({"runtime": clock.seconds, "calls": clock.calls, "layers": layers})
 
-    for size in sizes:
-        once(size)  # untimed: the sessions' first calls, the pool's allocation
-    passes = {size: [] for size in sizes}
-    for r in range(rounds):
-        for size in sizes[r % len(sizes) :] + sizes[: r % len(sizes)]:
-            passes[size].append(once(size))
+        return run
+
+    runs = {size: at(size) for size in sizes}
+    for run in runs.values():
+        run()  # untimed: the sessions' first calls, the pool's allocation
+    for passes in counted.values():
+        passes.clear()
+    walls = rotated_rounds(runs, rounds)
+    passes = {size: [{**c, "wall": w} for c, w in zip(counted[size], walls[size], strict=True)] for size in sizes}
     out = {}
-    for size, runs in passes.items():
-        runtime = [p["runtime"] / p["calls"] * 1e3 for p in runs]
-        outside = [(p["wall"] - p["runtime"]) / p["calls"] * 1e3 for p in runs]
+    for size, done in passes.items():
+        runtime = [p["runtime"] / p["calls"] * 1e3 for p in done]
+        outside = [(p["wall"] - p["runtime"]) / p["calls"] * 1e3 for p in done]
         out[str(size)] = {
-            "calls": [p["calls"] for p in runs],
-            "rows_per_call": round(statistics.median(p["layers"] / p["calls"] for p in runs), 2),
-            "texts_per_s": [round(len(texts) / p["wall"], 1) for p in runs],
+            "calls": [p["calls"] for p in done],
+            "rows_per_call": round(statistics.median(p["layers"] / p["calls"] for p in done), 2),
+            "texts_per_s": [round(len(texts) / p["wall"], 1) for p in done],
             "runtime_ms_per_call": round(statistics.median(runtime), 3),
             "outside_ms_per_call": round(statistics.median(outside), 3),
-            "outside_share": round(statistics.median((p["wall"] - p["runtime"]) / p["wall"] for p in runs), 4),
-            "pass_seconds": [round(p["wall"], 4) for p in runs],
-            "runtime_seconds": [round(p["runtime"], 4) for p in runs],
+            "outside_share": round(statistics.median((p["wall"] - p["runtime"]) / p["wall"] for p in done), 4),
+            "pass_seconds": [round(p["wall"], 4) for p in done],
+            "runtime_seconds": [round(p["runtime"], 4) for p in done],
         }
     return out
 

@@ -160,10 +160,6 @@ def _cosines(pooled: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(pooled[1:], pooled[:-1], dim=-1)
 
 
-def _hidden_cosines(encoder, batches) -> torch.Tensor:
-    return _cosines(_pooled(encoder, batches))
-
-
 def _demo_task():
     """``make demo``'s export and its csv files: the model, its tokenizer, its folder, the three files, and no
     extra columns for the result."""
@@ -196,6 +192,23 @@ def _benchmark_task(backbone: str = "minilm"):
         "fine_tuned": Path(info["path"]).name,
     }
     return model, tokenizer, Path(info["path"]), *files, extra
+
+
+def _task(source: str, backbone: str, seed: int) -> tuple:
+    """``(model, tokenizer, model_dir, rows of each of SPLITS, extra)`` of ``source`` (``demo``: :func:`_demo_task`;
+    ``benchmark``: :func:`_benchmark_task` of ``backbone``); the validation rows are the held-out tenth of TRAIN_FILE,
+    drawn as ``eek fit``'s ``--validation-split 0.1`` draws them."""
+    model, tokenizer, model_dir, train_file, calibration, test, extra = (
+        _demo_task() if source == "demo" else _benchmark_task(backbone)
+    )
+    rest, held = split_rows(len(train_file), 0.1, seed)
+    return model, tokenizer, model_dir, (train_file.subset(rest), train_file.subset(held), calibration, test), extra
+
+
+def _cache_name(source: str, backbone: str) -> str:
+    """The part of a cache file's name that says its task source (the MiniLM-L6 benchmark's keeps the name it had
+    before there was a choice of backbone)."""
+    return "" if source == "demo" else f"_{source}" + ("" if backbone == "minilm" else f"_{backbone}")
 
 
 def _fit_fields(report: dict) -> dict:
@@ -238,10 +251,8 @@ def fit_and_record(
     """``eek fit``'s defaults on ``source``'s model and rows (``demo``: :func:`_demo_task`; ``benchmark``:
     :func:`_benchmark_task` of ``backbone``), then every split's record; cached in ``cache``. ``folder``: the
     fit an ``eek fit`` run on the same rows wrote there, read instead of fitting again."""
-    # the MiniLM-L6 benchmark's file keeps the name it had before there was a choice of backbone or folder; a
-    # folder's records are its own (another fit's heads give other records)
-    name = "" if source == "demo" else f"_{source}" + ("" if backbone == "minilm" else f"_{backbone}")
-    name += "" if folder is None else f"_from_{Path(folder).resolve().name}"
+    # a folder's records are its own (another fit's heads give other records)
+    name = _cache_name(source, backbone) + ("" if folder is None else f"_from_{Path(folder).resolve().name}")
     target = cache / f"records{name}_seed{seed}.pt"
     if target.is_file():
         return {**torch.load(target, weights_only=False), "from_cache": str(target)}
@@ -249,11 +260,7 @@ def fit_and_record(
 
     from earlyexit_kernels.training.calibrate_model import record_exits
 
-    model, tokenizer, model_dir, train_file, calibration, test, extra = (
-        _demo_task() if source == "demo" else _benchmark_task(backbone)
-    )
-    rest, held = split_rows(len(train_file), 0.1, seed)  # eek fit's --validation-split 0.1, as the CLI draws it
-    train, validation = train_file.subset(rest), train_file.subset(held)
+    model, tokenizer, model_dir, (train, validation, calibration, test), extra = _task(source, backbone, seed)
     started = time.perf_counter()
     if folder is not None:
         model, fields = _folder_fit(folder, model_dir)
@@ -265,7 +272,7 @@ def fit_and_record(
     records = {}
     for name, batches in _split_batches(model, tokenizer, (train, validation, calibration, test)):
         record = record_exits(model, batches)
-        cosines = _hidden_cosines(encoder, batches)
+        cosines = _cosines(_pooled(encoder, batches))
         assert torch.equal(record.labels, torch.cat([b["labels"] for b in batches]))
         records[name] = {"logits": record.all_logits.float(), "labels": record.labels, "cosines": cosines}
         print(f"recorded {name}: {record.all_logits.shape[1]} rows", flush=True)
@@ -300,19 +307,14 @@ def _split_batches(model, tokenizer, splits) -> list:
 def pooled_states(seed: int, cache: Path, source: str, backbone: str, records: dict) -> dict[str, torch.Tensor]:
     """``--hidden-probe``: each split's [L + 1, N, H] mean-pooled hidden states (float16), the rows in ``records``'
     order (checked: their cosines are the records'); cached beside the records. They do not depend on the fit."""
-    name = "" if source == "demo" else f"_{source}" + ("" if backbone == "minilm" else f"_{backbone}")
-    target = cache / f"pooled{name}_seed{seed}.pt"
+    target = cache / f"pooled{_cache_name(source, backbone)}_seed{seed}.pt"
     if target.is_file():
         pooled = torch.load(target, weights_only=False)
     else:
         from transformers import AutoModel
 
-        model, tokenizer, model_dir, train_file, calibration, test, _ = (
-            _demo_task() if source == "demo" else _benchmark_task(backbone)
-        )
-        rest, held = split_rows(len(train_file), 0.1, seed)
+        model, tokenizer, model_dir, splits, _ = _task(source, backbone, seed)
         encoder = AutoModel.from_pretrained(model_dir).eval()
-        splits = (train_file.subset(rest), train_file.subset(held), calibration, test)
         pooled = {name: _pooled(encoder, batches).half() for name, batches in _split_batches(model, tokenizer, splits)}
         cache.mkdir(parents=True, exist_ok=True)
         torch.save(pooled, target)
