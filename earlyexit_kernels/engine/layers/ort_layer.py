@@ -437,7 +437,7 @@ def run_session(session, feeds: dict) -> np.ndarray:
 class PackedGraphLayer(nn.Module):
     """An encoder layer a runtime runs from its graph on the call's real tokens (:func:`layer_graph`'s inputs),
     called as the layer was: the packing of the call's tokens and the padding's zeros after, once for every
-    runtime. A runtime gives :attr:`runtime` (its name, for errors) and :meth:`run_tokens`."""
+    runtime. A runtime gives :attr:`runtime` (its name, for errors), :meth:`run_tokens` and :meth:`prepare`."""
 
     runtime = "the runtime"
     position_bias: bool
@@ -445,6 +445,12 @@ class PackedGraphLayer(nn.Module):
 
     def run_tokens(self, feeds: dict) -> np.ndarray:
         """The graph's ``output`` [T, H] on ``feeds`` (numpy arrays by input name)."""
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Make now what the layer's first call would make first (the runtime's session or compiled model, for
+        torch's thread count now), so that no call pays for it: a server does so before its first request
+        (:func:`~earlyexit_kernels.engine.layers.served_layers.prepare_layers`)."""
         raise NotImplementedError
 
     def fallback_tokens(self, feeds: dict, error: RuntimeError) -> np.ndarray:
@@ -525,6 +531,9 @@ class OrtLayer(PackedGraphLayer):
 
     def run_tokens(self, feeds: dict) -> np.ndarray:
         return run_session(self.session(), feeds)
+
+    def prepare(self) -> None:
+        self.session()
 
     def __getstate__(self):
         state = self.__dict__.copy()

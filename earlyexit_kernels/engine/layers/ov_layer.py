@@ -284,6 +284,9 @@ class OvLayer(PackedGraphLayer):
             self._threads = threads
         return self._compiled
 
+    def prepare(self) -> None:
+        self.compiled()  # the infer request is each thread's own, made at its first call (cheap beside this)
+
     def _request(self):
         compiled = self.compiled()
         held = getattr(self._requests, "held", None)

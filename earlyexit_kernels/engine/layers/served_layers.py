@@ -28,6 +28,12 @@ is bounded by the largest call served. One layer alone runs about twice as fast 
 
 An int8 model is left as its recipe made it (``per-token-ort`` runs on ONNX Runtime already,
 ``per-token-ov`` on OpenVINO); bfloat16 and GPU models run PyTorch's.
+
+A runtime layer makes its session (OpenVINO: its compiled model) at its first call: MPNet-base int8's 12 took
+0.66 s on the AMD EPYC. A server calls :func:`prepare_layers` before it takes requests, or the first
+requests to reach each layer pay for it: to a just-started ``eek serve --dtype int8`` of MPNet-base, the first
+request took 128 ms and the slowest of the first 8 682 ms, against 19 and 90 ms prepared (medians of 3 rounds;
+docs/serving.md, "The first request").
 """
 
 from __future__ import annotations
@@ -39,13 +45,14 @@ from earlyexit_kernels.engine.layers import ov_layer  # imports no OpenVINO: it 
 from earlyexit_kernels.engine.layers.ort_layer import (
     ORT_MISSING,
     OrtLayer,
+    PackedGraphLayer,
     encoder_layers,
     layer_parts,
     ort_available,
     run_on_ort,
 )
 
-__all__ = ["SERVED_LAYERS", "serve_layers", "layers_of"]
+__all__ = ["SERVED_LAYERS", "serve_layers", "layers_of", "prepare_layers"]
 
 #: where a served float32 model's encoder layers run (``eek serve --layers``)
 SERVED_LAYERS = ("auto", "onnxruntime", "openvino", "torch")
@@ -128,3 +135,16 @@ def layers_of(model: nn.Module) -> str:
         if all(isinstance(layer, _layer_class(runtime)) for layer in layers):
             return runtime
     return "torch"
+
+
+def prepare_layers(model: nn.Module) -> int:
+    """Make every runtime layer of ``model`` make its session or compiled model now (:meth:`PackedGraphLayer.prepare
+    <earlyexit_kernels.engine.layers.ort_layer.PackedGraphLayer.prepare>`), for torch's thread count now; returns how
+    many it prepared (0 where the layers are PyTorch's)."""
+    layers = encoder_layers(model)
+    prepared = 0
+    for layer in layers if layers is not None else ():
+        if isinstance(layer, PackedGraphLayer):
+            layer.prepare()
+            prepared += 1
+    return prepared

@@ -71,6 +71,8 @@ def _app(state: ServingState):
     @asynccontextmanager
     async def lifespan(app):
         state.start()
+        if state.prepared_line:
+            print(state.prepared_line, file=sys.stderr, flush=True)
         if getattr(app.state, "freeze_heap", False):  # set by eek serve and each Ray replica (heap_freeze.py)
             frozen = freeze_startup_heap()
             print(

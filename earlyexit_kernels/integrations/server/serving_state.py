@@ -9,7 +9,7 @@ import hmac
 import time
 
 from earlyexit_kernels.engine.entry.background import BackgroundEngine, QueueFull
-from earlyexit_kernels.engine.layers.served_layers import layers_of
+from earlyexit_kernels.engine.layers.served_layers import layers_of, prepare_layers
 from earlyexit_kernels.integrations.labels import label_name
 from earlyexit_kernels.integrations.server.errors import RequestError
 from earlyexit_kernels.integrations.server.feedback import FeedbackStore
@@ -67,6 +67,7 @@ class ServingState:
         self.multi_label = is_multi_label(config)
         self.labels = [label_name(config, i) for i in range(self.num_labels)]
         self.worker: BackgroundEngine | None = None
+        self.prepared_line: str | None = None  # what start() prepared of the runtime layers, said at start-up
         self.accepting = False
         audit = None if settings.audit is None else AuditWatch(settings.audit)  # the watch of the audit's settings
         self.audit = audit
@@ -100,6 +101,14 @@ class ServingState:
 
     def start(self) -> None:
         if self.worker is None:
+            # the runtime layers' sessions made here, before the first request, not by the first requests
+            began = time.perf_counter()
+            prepared = prepare_layers(self.model)
+            if prepared:
+                self.prepared_line = (
+                    f"layers: {prepared} runtime sessions made at start-up in {time.perf_counter() - began:.2f} s, "
+                    "before the first request"
+                )
             self.worker = BackgroundEngine(self.model, self.engine_config, max_queue=self.max_queue)
             if self.certificate is not None:
                 self.worker.set_policy(self.certificate.served_policy)
