@@ -50,13 +50,15 @@ def one_server(folder: Path, setting: str, texts: list[str], threads: int, extra
     import httpx
 
     from earlyexit_kernels.bench.server_process import EekServer
+    from earlyexit_kernels.integrations.serve_cli import SERVE_ENGINE_DEFAULTS
 
     launcher = (sys.executable, "-m", "earlyexit_kernels")
     if setting == SETTINGS[1]:
         launcher = (sys.executable, str(Path(__file__).resolve()), "--unprepared", "--")
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     began = time.perf_counter()
-    server = EekServer(folder, None, 64, threads, extra=tuple(extra), env=env, name=setting, launcher=launcher)
+    rows = SERVE_ENGINE_DEFAULTS["max_batch_size"]  # eek serve's own default: EekServer passes it on
+    server = EekServer(folder, None, rows, threads, extra=tuple(extra), env=env, name=setting, launcher=launcher)
     ready = time.perf_counter() - began
     try:
         wall, layer = [], []

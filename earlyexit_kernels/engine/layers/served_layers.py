@@ -30,7 +30,7 @@ An int8 model is left as its recipe made it (``per-token-ort`` runs on ONNX Runt
 ``per-token-ov`` on OpenVINO); bfloat16 and GPU models run PyTorch's.
 
 A runtime layer makes its session (OpenVINO: its compiled model) at its first call: MPNet-base int8's 12 took
-0.66 s on the AMD EPYC. A server calls :func:`prepare_layers` before it takes requests, or the first
+0.64-0.77 s on the AMD EPYC. A server calls :func:`prepare_layers` before it takes requests, or the first
 requests to reach each layer pay for it: to a just-started ``eek serve --dtype int8`` of MPNet-base, the first
 request took 128 ms and the slowest of the first 8 682 ms, against 19 and 90 ms prepared (medians of 3 rounds;
 docs/serving.md, "The first request").
