@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--output", type=Path, help="a JSON file for the shares and microseconds per token")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
     if args.rows < 1 or args.count < 1 or args.repeats < 1:
         parser.error("--rows, --count and --repeats must be >= 1")
     torch.set_num_threads(args.threads)
@@ -93,25 +95,15 @@ def main(argv=None) -> int:
             by_type[event["args"]["op_name"]] += event["dur"]
     total = sum(by_type.values())
     runs = tokens * args.repeats
-    print(
-        f"{len(texts)} texts in calls of {args.rows} ({args.order}), {tokens} tokens in {slots} padded positions, "
-        f"{args.repeats} runs each, {args.threads} thread(s): {total / 1e3:.1f} ms, {total / runs:.3f} us a token"
-    )
-    for name, micros in by_type.most_common():
-        print(f"{name:<24} {100 * micros / total:5.1f}%  {micros / runs:.4f} us a token")
-    if args.output is not None:
-        from earlyexit_kernels.bench.results import cpu_name, instruction_sets
+    if args.output is not None:  # written before the table is printed: a closed pipe (| head) loses no result
+        from benchmarks.suite.script_results import run_conditions, write_json
+        from earlyexit_kernels.bench.results import instruction_sets
 
         record = {
-            "command": [
-                "python",
-                "benchmarks/profiles/ort_layer_ops.py",
-                *(argv if argv is not None else sys.argv[1:]),
-            ],
-            "cpu": cpu_name(),
+            **run_conditions("benchmarks/profiles/ort_layer_ops.py", argv, started),
             "instruction_sets": instruction_sets(),
             "onnxruntime": ort.__version__,
-            **{key: getattr(args, key) for key in ("count", "repeats", "threads", "rows", "order")},
+            **{key: getattr(args, key) for key in ("count", "repeats", "rows", "order")},
             "tokens": tokens,
             "padded_positions": slots,
             "us_per_token": total / runs,
@@ -119,8 +111,13 @@ def main(argv=None) -> int:
                 name: {"share": micros / total, "us_per_token": micros / runs} for name, micros in by_type.most_common()
             },
         }
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(record, indent=1) + "\n")
+        write_json(args.output, record)
+    print(
+        f"{len(texts)} texts in calls of {args.rows} ({args.order}), {tokens} tokens in {slots} padded positions, "
+        f"{args.repeats} runs each, {args.threads} thread(s): {total / 1e3:.1f} ms, {total / runs:.3f} us a token"
+    )
+    for name, micros in by_type.most_common():
+        print(f"{name:<24} {100 * micros / total:5.1f}%  {micros / runs:.4f} us a token")
     return 0
 
 
