@@ -54,6 +54,12 @@ which choose the path: a score that learns them is chosen on its own training ro
         --hidden-probe --score-rows validation \\
         --output benchmarks/results/amd_epyc/learned_exit_score_study_rt_benchmark_validation_rows_cpu.json
 
+``--length`` adds each text's log length in tokens as an eighth feature (records made before it lack the lengths and
+are refused); the committed run (``make demo``'s source, so it fits and records afresh):
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality/learned_exit_score_study.py --threads 2 --length \\
+        --output benchmarks/results/amd_epyc/learned_exit_score_study_rt_length_cpu.json
+
 Also on test: ``path oracle`` (the fewest mean layers of the score's certified path whose test loss is within
 the budget), the per-row oracle (the first layer from which every head agrees with the final classifier), and
 each score's ROC AUC per layer for predicting agreement (the default's: minus the head's entropy), and each
@@ -274,7 +280,13 @@ def fit_and_record(
         record = record_exits(model, batches)
         cosines = _cosines(_pooled(encoder, batches))
         assert torch.equal(record.labels, torch.cat([b["labels"] for b in batches]))
-        records[name] = {"logits": record.all_logits.float(), "labels": record.labels, "cosines": cosines}
+        tokens = torch.cat([b["attention_mask"].sum(-1) for b in batches])  # each row's length, for --length
+        records[name] = {
+            "logits": record.all_logits.float(),
+            "labels": record.labels,
+            "cosines": cosines,
+            "tokens": tokens,
+        }
         print(f"recorded {name}: {record.all_logits.shape[1]} rows", flush=True)
     certified_path = fields.pop("certified_path")
     result = {
@@ -343,6 +355,12 @@ def features(logits: torch.Tensor, cosines: torch.Tensor) -> np.ndarray:
     moved[1:] = 0.5 * (probs[1:] - probs[:-1]).abs().sum(-1)
     stacked = [top2[..., 0], top2[..., 0] - top2[..., 1], entropy, agrees, run, moved, cosines.double()]
     return torch.stack(stacked, -1).numpy()
+
+
+def with_log_tokens(x: np.ndarray, tokens: torch.Tensor) -> np.ndarray:
+    """``x`` ([L, N, F]) with each row's log length in tokens as one more feature at every layer."""
+    column = np.broadcast_to(np.log(tokens.double().numpy())[None, :, None], (*x.shape[:2], 1))
+    return np.concatenate([x, column], -1)
 
 
 def agreement(logits: torch.Tensor) -> np.ndarray:
@@ -462,12 +480,19 @@ def run(
     folder: Path | None = None,
     hidden_probe: bool = False,
     score_rows: str = "heads_train",
+    length: bool = False,
 ) -> dict:
     data = fit_and_record(seed, cache, source, backbone, folder)
     records, fit = data["records"], data["fit"]
     default_policy = parse_policy(data["policy"])
     family = Entropy(0.0, normalized=getattr(default_policy, "normalized", False))
     x = {name: features(r["logits"], r["cosines"]) for name, r in records.items()}
+    names = list(FEATURES)
+    if length:  # the text's length in tokens, the same at every layer (a score that reads it ranks rows by it too)
+        if any("tokens" not in r for r in records.values()):
+            raise SystemExit(f"error: {data.get('from_cache')} was recorded without the rows' lengths: delete it")
+        x = {name: with_log_tokens(x[name], records[name]["tokens"]) for name in x}
+        names.append("log_tokens")
     y = {name: agreement(r["logits"]) for name, r in records.items()}
     test = record_of(records["test"], family)
     budget = BUDGET_POINTS / 100
@@ -523,9 +548,9 @@ def run(
     # each feature alone (test rows, per internal layer): ROC AUC for agreement with the full model; below 0.5,
     # the lower values agree (entropy, the distance moved)
     feature_aucs = {
-        name: aucs(x["test"][:-1, :, i], y["test"][:-1]) for i, name in enumerate(FEATURES) if name != "agrees_prev"
+        name: aucs(x["test"][:-1, :, i], y["test"][:-1]) for i, name in enumerate(names) if name != "agrees_prev"
     }
-    feature_aucs["agrees_prev"] = aucs(x["test"][:-1, :, FEATURES.index("agrees_prev")], y["test"][:-1])
+    feature_aucs["agrees_prev"] = aucs(x["test"][:-1, :, names.index("agrees_prev")], y["test"][:-1])
     return {
         **({} if source == "demo" else {"task_source": source}),
         "seed": seed,
@@ -534,7 +559,7 @@ def run(
         "test_auc_per_feature": feature_aucs,
         "budget_points": BUDGET_POINTS,
         "confidence": CONFIDENCE,
-        "features": list(FEATURES),
+        "features": names,
         "fit": fit,
         "rows": {name: len(r["labels"]) for name, r in records.items()},
         "agreement_with_full_per_layer": {name: [round(float(v), 4) for v in y[name].mean(1)] for name in SPLITS},
@@ -599,6 +624,12 @@ def main(argv=None) -> int:
         help="the rows the learned scores train on: the heads' training rows (the default, issue 108's), or the "
         "validation rows, which the heads never saw (and which also choose the path)",
     )
+    parser.add_argument(
+        "--length",
+        action="store_true",
+        help="add each text's log length in tokens to the learned scores' features (records made with it: a cache "
+        "made before it is refused)",
+    )
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     if args.backbone != "minilm" and args.task_source != "benchmark":
@@ -608,7 +639,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     results = run(
-        args.seed, args.cache, args.task_source, args.backbone, args.from_folder, args.hidden_probe, args.score_rows
+        args.seed,
+        args.cache,
+        args.task_source,
+        args.backbone,
+        args.from_folder,
+        args.hidden_probe,
+        args.score_rows,
+        args.length,
     )
     results = {**run_conditions(SCRIPT, argv, started), **results}
     if args.output:
