@@ -60,6 +60,14 @@ are refused); the committed run (``make demo``'s source, so it fits and records 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality/learned_exit_score_study.py --threads 2 --length \\
         --output benchmarks/results/amd_epyc/learned_exit_score_study_rt_length_cpu.json
 
+``--oracle-blend W ...`` certifies, beside them, scores read from the truth (not servable): each layer's entropy as
+log-odds of agreement (a logistic regression on it alone), pushed ``W`` of its standard deviations towards each row's
+own agreement; how good a score would have to be for a target. The committed run (from the ``--length`` run's cache):
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality/learned_exit_score_study.py --threads 2 \\
+        --oracle-blend 0 0.1 0.2 0.3 0.4 0.6 1 \\
+        --output benchmarks/results/amd_epyc/learned_exit_score_study_rt_oracle_blend_cpu.json
+
 Also on test: ``path oracle`` (the fewest mean layers of the score's certified path whose test loss is within
 the budget), the per-row oracle (the first layer from which every head agrees with the final classifier), and
 each score's ROC AUC per layer for predicting agreement (the default's: minus the head's entropy), and each
@@ -459,6 +467,26 @@ def aucs(scores: np.ndarray, y: np.ndarray) -> list[float | None]:
     ]
 
 
+def certified_score(records: dict, odds: dict, family, test_agreement: np.ndarray) -> dict:
+    """A score's row: ``odds`` (each of the validation, calibration and test splits' [L - 1, N] log-odds of
+    agreement) certified through the surrogate records as ``eek fit`` certifies (path on the validation rows,
+    certificate on the calibration rows), then replayed on the test rows, with its test AUC per layer."""
+    made = {
+        name: surrogate(records[name]["logits"], records[name]["labels"], odds[name], family)
+        for name in ("validation", "calibration", "test")
+    }
+    chosen, certificate, path = certified(made["calibration"], made["validation"], family)
+    return {
+        "policy": describe(chosen.policy, 4),
+        "path": certificate.path,
+        "path_layers_validation": certificate.path_layers,
+        "certified_layers_calibration": certificate.mean_layers,
+        "bound": certificate.bound,
+        **on_test(chosen.policy, path, made["test"]),
+        "test_auc_per_layer": aucs(odds["test"], test_agreement[:-1]),
+    }
+
+
 def certified(cal: ExitRecord, path_record: ExitRecord, family) -> tuple:
     chosen, certificate, walked = certify(
         cal,
@@ -481,6 +509,7 @@ def run(
     hidden_probe: bool = False,
     score_rows: str = "heads_train",
     length: bool = False,
+    oracle_blend: tuple[float, ...] = (),
 ) -> dict:
     data = fit_and_record(seed, cache, source, backbone, folder)
     records, fit = data["records"], data["fit"]
@@ -529,22 +558,19 @@ def run(
         score = LearnedScore(kind, seed).fit(kind_x[score_rows], y[score_rows])
         train_seconds = time.perf_counter() - started
         odds = {name: score.log_odds(kind_x[name]) for name in ("validation", "calibration", "test")}
-        made = {
-            name: surrogate(records[name]["logits"], records[name]["labels"], odds[name], family)
-            for name in ("validation", "calibration", "test")
-        }
-        chosen, certificate, path = certified(made["calibration"], made["validation"], family)
-        rows[kind] = {
-            "train_seconds": round(train_seconds, 1),
-            "policy": describe(chosen.policy, 4),
-            "path": certificate.path,
-            "path_layers_validation": certificate.path_layers,
-            "certified_layers_calibration": certificate.mean_layers,
-            "bound": certificate.bound,
-            **on_test(chosen.policy, path, made["test"]),
-            "test_auc_per_layer": aucs(odds["test"], y["test"][:-1]),
-        }
+        rows[kind] = {"train_seconds": round(train_seconds, 1), **certified_score(records, odds, family, y["test"])}
         print(kind, json.dumps({k: v for k, v in rows[kind].items() if "auc" not in k}), flush=True)
+    # How good a score would have to be: the entropy as log-odds of agreement (a logistic regression on it alone per
+    # layer, so the surrogate heads spread as a learned score's do), pushed towards each row's own agreement (read
+    # from the truth, so not a score anyone can serve), certified the same way.
+    entropy_only = {name: x[name][..., FEATURES.index("entropy") :][..., :1] for name in x}
+    base = LearnedScore("logistic", seed).fit(entropy_only[score_rows], y[score_rows])
+    base_odds = {name: base.log_odds(entropy_only[name]) for name in ("validation", "calibration", "test")}
+    scale = base.log_odds(entropy_only[score_rows]).std(1, keepdims=True)
+    for weight in oracle_blend:
+        odds = {name: base_odds[name] + weight * scale * (2 * y[name][:-1] - 1) for name in base_odds}
+        rows[f"oracle blend {weight:g}"] = certified_score(records, odds, family, y["test"])
+        print(weight, json.dumps({k: v for k, v in rows[f"oracle blend {weight:g}"].items()}), flush=True)
     # each feature alone (test rows, per internal layer): ROC AUC for agreement with the full model; below 0.5,
     # the lower values agree (entropy, the distance moved)
     feature_aucs = {
@@ -630,6 +656,15 @@ def main(argv=None) -> int:
         help="add each text's log length in tokens to the learned scores' features (records made with it: a cache "
         "made before it is refused)",
     )
+    parser.add_argument(
+        "--oracle-blend",
+        type=float,
+        nargs="*",
+        default=(),
+        metavar="W",
+        help="also certify, for each weight W, the entropy pushed W standard deviations towards each row's own "
+        "agreement with the full model (read from the truth: how good a score would have to be, not a score)",
+    )
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     if args.backbone != "minilm" and args.task_source != "benchmark":
@@ -647,6 +682,7 @@ def main(argv=None) -> int:
         args.hidden_probe,
         args.score_rows,
         args.length,
+        tuple(args.oracle_blend),
     )
     results = {**run_conditions(SCRIPT, argv, started), **results}
     if args.output:
