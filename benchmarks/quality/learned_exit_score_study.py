@@ -563,14 +563,15 @@ def run(
     # How good a score would have to be: the entropy as log-odds of agreement (a logistic regression on it alone per
     # layer, so the surrogate heads spread as a learned score's do), pushed towards each row's own agreement (read
     # from the truth, so not a score anyone can serve), certified the same way.
-    entropy_only = {name: x[name][..., FEATURES.index("entropy") :][..., :1] for name in x}
-    base = LearnedScore("logistic", seed).fit(entropy_only[score_rows], y[score_rows])
-    base_odds = {name: base.log_odds(entropy_only[name]) for name in ("validation", "calibration", "test")}
-    scale = base.log_odds(entropy_only[score_rows]).std(1, keepdims=True)
+    if oracle_blend:
+        entropy_only = {name: x[name][..., [FEATURES.index("entropy")]] for name in x}
+        base = LearnedScore("logistic", seed).fit(entropy_only[score_rows], y[score_rows])
+        base_odds = {name: base.log_odds(entropy_only[name]) for name in ("validation", "calibration", "test")}
+        scale = base.log_odds(entropy_only[score_rows]).std(1, keepdims=True)
     for weight in oracle_blend:
         odds = {name: base_odds[name] + weight * scale * (2 * y[name][:-1] - 1) for name in base_odds}
         rows[f"oracle blend {weight:g}"] = certified_score(records, odds, family, y["test"])
-        print(weight, json.dumps({k: v for k, v in rows[f"oracle blend {weight:g}"].items()}), flush=True)
+        print(f"oracle blend {weight:g}", json.dumps(rows[f"oracle blend {weight:g}"]), flush=True)
     # each feature alone (test rows, per internal layer): ROC AUC for agreement with the full model; below 0.5,
     # the lower values agree (entropy, the distance moved)
     feature_aucs = {
