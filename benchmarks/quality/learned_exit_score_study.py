@@ -67,6 +67,9 @@ own agreement; how good a score would have to be for a target. The committed run
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality/learned_exit_score_study.py --threads 2 \\
         --oracle-blend 0 0.1 0.2 0.3 0.4 0.6 1 \\
         --output benchmarks/results/amd_epyc/learned_exit_score_study_rt_oracle_blend_cpu.json
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality/learned_exit_score_study.py --task-source benchmark \\
+        --backbone mpnet --threads 2 --oracle-blend 0 0.1 0.2 0.3 0.4 0.6 1 \\
+        --output benchmarks/results/amd_epyc/learned_exit_score_study_rt_mpnet_oracle_blend_cpu.json
 
 Also on test: ``path oracle`` (the fewest mean layers of the score's certified path whose test loss is within
 the budget), the per-row oracle (the first layer from which every head agrees with the final classifier), and
