@@ -663,7 +663,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--oracle-blend",
         type=float,
-        nargs="*",
+        nargs="+",
         default=(),
         metavar="W",
         help="also certify, for each weight W, the entropy pushed W standard deviations towards each row's own "
