@@ -245,6 +245,29 @@ def test_the_entropy_replay_makes_the_stepwise_replay_s_decisions(normalized, dt
             assert torch.equal(out.logits, alone.logits)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_the_multi_label_replay_of_a_path_makes_the_stepwise_replay_s_decisions(dtype):
+    """A path's MultiLabelConfidence candidates replayed together (the smallest |z| of a row against each margin)
+    decide as each alone does layer by layer (exit_step): same exits, logits; non-finite rows never exit early."""
+    g = torch.Generator().manual_seed(9)
+    logits = (torch.randn(4, 300, 3, generator=g) * 3).to(dtype)
+    logits[0, 5, 1] = float("nan")
+    logits[1, 6, 0] = float("inf")
+    logits[2, 7] = float("-inf")
+    record = ExitRecord(logits, None, None, None, eek.MultiLabelConfidence(0.9))
+    smallest = logits[:3].float().abs().amin(-1).flatten()
+    probabilities = torch.sigmoid(smallest[smallest.isfinite()]).sort().values
+    thresholds = [float(p) for p in probabilities[::7]] + [0.5, 1.0, (0.97, 0.5, 1.0, 0.5), (1.0, 0.8, 0.9, 1.0)]
+    # a threshold exactly on a row's margin: exits (>=), as exit_step decides
+    thresholds.append(float(torch.sigmoid(logits[1, 9].float().abs().amin())))
+    policies = [eek.MultiLabelConfidence(t) for t in thresholds]
+    assert len(policies) > 64  # more than one chunk
+    for policy, out in zip(policies, replays(policies, record), strict=True):
+        alone = stepwise_replay(policy, record)
+        assert torch.equal(out.exit_layer, alone.exit_layer) and torch.equal(out.layers_run, alone.layers_run)
+        assert torch.equal(out.logits, alone.logits)
+
+
 def test_the_predicted_certified_layers_fall_as_more_rows_certify():
     """What the calibration share's probe weighs: the same heads, more calibration rows, a tighter bound."""
     record = smooth_record(2000, seed=9)

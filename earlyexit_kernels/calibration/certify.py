@@ -53,7 +53,7 @@ from earlyexit_kernels.calibration.record import (
     accuracy,
     is_multi_label_record,
     references,
-    replay,
+    replays,
     resolve_target,
 )
 from earlyexit_kernels.calibration.row_losses import row_losses
@@ -261,20 +261,22 @@ def certify(
             calibration_rows=rows,
         )
         grid, path_name, path_layers = choice.candidates, choice.name, choice.layers
-    replays, losses, changes = {}, {}, {}
+    # every candidate's decisions at once (a path's entropy thresholds in a few batched comparisons): the curve
+    # reads them all anyway; the walk still scores them lazily, so ``tested`` counts what it read
+    decided = dict(enumerate(replays(grid, record)))
+    losses, changes = {}, {}
     test = test_for(paired=target == "accuracy", fractional=is_multi_label_record(record))
     changed_test = test_for(paired=False, fractional=is_multi_label_record(record))
 
     def losses_of(index: int) -> torch.Tensor:
         if index not in losses:
-            replays[index] = replay(grid[index], record)
-            losses[index] = row_losses(replays[index].logits, record, target)
+            losses[index] = row_losses(decided[index].logits, record, target)
         return losses[index]
 
     def changed_of(index: int) -> torch.Tensor:
         if index not in changes:
             losses_of(index)
-            changes[index] = row_losses(replays[index].logits, record, "agreement")
+            changes[index] = row_losses(decided[index].logits, record, "agreement")
         return changes[index]
 
     def within_changed(index: int) -> bool:
@@ -307,7 +309,7 @@ def certify(
             unlabelled,
             grid,
             losses_of,
-            replays,
+            decided,
             budget,
             confidence,
             path_record,
@@ -318,13 +320,13 @@ def certify(
         tested = min(last + 2, len(grid))
     elif guarantee == "expected":
         last = expected_walk()
-        tested = len(replays)
+        tested = len(losses)
     else:
         last = probable_index()
-        tested = len(replays)
+        tested = len(losses)
     for index in range(len(grid)):  # the rest of the grid: the uncertified point, and what more rows would do
         losses_of(index)
-    points = [(index, _point(grid[index], replays[index], refs)) for index in range(len(grid))]
+    points = [(index, _point(grid[index], decided[index], refs)) for index in range(len(grid))]
     full_score = float(accuracy(record.full_logits.float(), refs))
     within = [p for i, p in points if p.accuracy >= full_score - budget - 1e-12 and within_changed(i)]
     chosen_index = max(last, 0)

@@ -149,10 +149,10 @@ def powered_walk(
     record, unlabelled, grid, losses_of, replays, budget, confidence, path_record, row_losses
 ) -> PoweredWalk:
     """The bounds of the path ``grid`` on the labelled ``record`` and the ``unlabelled`` rows (ExitRecords),
-    ``losses_of(i)``: candidate ``i``'s accuracy lost per labelled row (filling ``replays[i]``). The weight
+    ``losses_of(i)``: candidate ``i``'s accuracy lost per labelled row, ``replays[i]`` its decisions there. The weight
     and the choice against the labelled rows alone are made on ``path_record`` (labelled validation rows)
     where there is one, its losses by ``row_losses(logits, record)`` (the certificate's own)."""
-    from earlyexit_kernels.calibration.record import replay
+    from earlyexit_kernels.calibration.record import replays as replay_all
 
     labelled, extra = record.all_logits.shape[1], unlabelled.all_logits.shape[1]
     total = labelled + extra
@@ -168,7 +168,10 @@ def powered_walk(
         losses = torch.stack([losses_of(i) for i in chunk])
         mine = torch.stack([predicted_losses(replays[i].logits, record.full_logits) for i in chunk])
         theirs = torch.stack(
-            [predicted_losses(replay(grid[i], unlabelled).logits, unlabelled.full_logits) for i in chunk]
+            [
+                predicted_losses(out.logits, unlabelled.full_logits)
+                for out in replay_all([grid[i] for i in chunk], unlabelled)
+            ]
         )
         found = powered_bounds(losses, mine, torch.cat([mine, theirs], 1), weight[start : chunk.stop], confidence)
         for name in ("bound", "predicted_part", "error_part", "estimate"):
@@ -183,10 +186,10 @@ def _weigh_on(path_record, grid, budget: float, confidence: float, labelled: int
     them). Both certificates are computed on a draw of the validation rows as large as the calibration
     rows (``labelled`` with labels, ``total`` in all; seeded, the same rows for both), and the mean layers
     each keeps along ``grid`` compared."""
-    from earlyexit_kernels.calibration.record import replay
+    from earlyexit_kernels.calibration.record import replays as replay_all
     from earlyexit_kernels.methods.risk_control import paired_upper_bounds
 
-    outs = [replay(candidate, path_record) for candidate in grid]
+    outs = list(replay_all(grid, path_record))
     losses = torch.stack([row_losses(out.logits, path_record) for out in outs])
     predicted = torch.stack([predicted_losses(out.logits, path_record.full_logits) for out in outs])
     layers = [out.layers_run.double().mean().item() for out in outs]

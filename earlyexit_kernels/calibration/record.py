@@ -165,16 +165,21 @@ _REPLAY_CHUNK = 64
 
 def replays(policies, record: ExitRecord):
     """:func:`replay` of each of ``policies``, in order (a generator). A path's plain ``Entropy`` candidates sharing
-    one ``normalized`` are compared with the record's entropies together, ``_REPLAY_CHUNK`` at a time: the same
-    decisions as one at a time, in a few calls for hundreds of candidates."""
+    one ``normalized``, or its ``MultiLabelConfidence`` candidates, are compared with the record's per-layer values
+    together, ``_REPLAY_CHUNK`` at a time: the same decisions as one at a time, in a few calls for hundreds of
+    candidates."""
     policies = list(policies)
+    num_layers, _, num_labels = record.all_logits.shape
     for start in range(0, len(policies), _REPLAY_CHUNK):
         chunk = policies[start : start + _REPLAY_CHUNK]
         if all(type(policy) is Entropy for policy in chunk) and len({policy.normalized for policy in chunk}) == 1:
-            num_layers, _, num_labels = record.all_logits.shape
             for policy in chunk:
                 policy.check_fits(num_layers, num_labels)
             yield from _entropy_replays(chunk, record, chunk[0].normalized)
+        elif all(type(policy) is MultiLabelConfidence for policy in chunk):
+            for policy in chunk:
+                policy.check_fits(num_layers, num_labels)
+            yield from _margin_replays(chunk, record)
         else:
             yield from (replay(policy, record) for policy in chunk)
 
@@ -182,15 +187,42 @@ def replays(policies, record: ExitRecord):
 def _entropy_replays(policies: list[Entropy], record: ExitRecord, normalized: bool) -> list[Replay]:
     """:func:`entropy_replay` of each of ``policies`` (plain ``Entropy``, all ``normalized`` as given), decided at
     once: each layer's entropy against each policy's threshold there, [policies, L, N]; the first layer that exits."""
-    num_layers, batch, _ = record.all_logits.shape
+    num_layers = record.all_logits.shape[0]
     values, finite = _layer_entropies(record, normalized)
     thresholds = torch.tensor(
         [[layer_value(policy.threshold, layer) for layer in range(1, num_layers + 1)] for policy in policies],
         dtype=values.dtype,
     ).to(values.device)
-    exits = finite[None] & (values[None] < thresholds[:, :, None])
+    return _first_exits(record, finite[None] & (values[None] < thresholds[:, :, None]))
+
+
+def _layer_margins(record: ExitRecord) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(smallest |z| over the labels [L, N], finite [L, N])`` of a multi-label record, in float32 as
+    :func:`exit_step` compares them; kept on the record like :func:`_layer_entropies`."""
+    cache = record.__dict__.setdefault("_margins", {})
+    if "margins" not in cache:
+        z = record.all_logits.float()
+        cache["margins"] = (z.abs().amin(dim=-1), torch.isfinite(z).all(dim=-1))
+    return cache["margins"]
+
+
+def _margin_replays(policies: list[MultiLabelConfidence], record: ExitRecord) -> list[Replay]:
+    """:func:`stepwise_replay` of each ``MultiLabelConfidence`` of ``policies``, decided at once: every label's
+    ``|z| >= margin`` is the smallest ``|z|`` against the margin (a finite row), [policies, L, N]."""
+    num_layers = record.all_logits.shape[0]
+    margins, finite = _layer_margins(record)
+    thresholds = torch.tensor(
+        [[policy.margin(layer) for layer in range(1, num_layers + 1)] for policy in policies], dtype=margins.dtype
+    ).to(margins.device)
+    return _first_exits(record, finite[None] & (margins[None] >= thresholds[:, :, None]))
+
+
+def _first_exits(record: ExitRecord, exits: torch.Tensor) -> list[Replay]:
+    """One :class:`Replay` per policy from its exits [policies, L, N] (the last layer always exits): each row
+    leaves at the first layer that exits, with that layer's logits."""
+    batch = record.all_logits.shape[1]
     exits[:, -1] = True
-    rows = torch.arange(batch, device=values.device)
+    rows = torch.arange(batch, device=exits.device)
     out = []
     for exit_layer in exits.to(torch.uint8).argmax(1) + 1:
         out.append(Replay(record.all_logits[exit_layer - 1, rows].float(), exit_layer, exit_layer.clone()))
