@@ -66,15 +66,15 @@ def _server(folder, **options):
     return RunningServer(app), model, tokenizer
 
 
-def _metrics(url: str) -> dict[str, float]:
-    text = httpx.get(url + "/metrics", timeout=10).text
+def _metrics(server) -> dict[str, float]:
+    text = server.http.get("/metrics", timeout=10).text
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(eek_audit_\w+) (\S+)$", text, re.MULTILINE)}
 
 
-def _wait(url: str, name: str, count: int) -> dict[str, float]:
+def _wait(server, name: str, count: int) -> dict[str, float]:
     deadline = time.monotonic() + 60
     while True:
-        metrics = _metrics(url)
+        metrics = _metrics(server)
         if metrics.get(name, 0) >= count or time.monotonic() > deadline:
             return metrics
         time.sleep(0.05)
@@ -82,8 +82,8 @@ def _wait(url: str, name: str, count: int) -> dict[str, float]:
 
 def _classes(server, model, tokenizer):
     """The early exit's class (as answered) and the full model's, per text of ``TEXTS``."""
-    answer = httpx.post(
-        server.url + "/predict", json={"inputs": [[t] for t in TEXTS]}, headers={"x-request-id": "batch-1"}, timeout=60
+    answer = server.http.post(
+        "/predict", json={"inputs": [[t] for t in TEXTS]}, headers={"x-request-id": "batch-1"}, timeout=60
     )
     assert answer.status_code == 200 and answer.headers["x-request-id"] == "batch-1"
     early = [model.config.label2id[labels[0]["label"]] for labels in answer.json()]
@@ -95,8 +95,8 @@ def _classes(server, model, tokenizer):
 
 def _send_labels(server, model, labels) -> None:
     for index, label in enumerate(labels):
-        answer = httpx.post(
-            server.url + "/feedback",
+        answer = server.http.post(
+            "/feedback",
             json={"request_id": "batch-1", "input": index, "label": model.config.id2label[label]},
             timeout=10,
         )
@@ -118,9 +118,9 @@ def test_the_certificate_on_accuracy_gives_no_disagreement_budget_and_labels_tha
         labels = list(full)
         for turn, index in enumerate(disagreeing):
             labels[index] = early[index] if turn % 2 else full[index]
-        _wait(server.url, "eek_audit_sequences_total", len(TEXTS))
+        _wait(server, "eek_audit_sequences_total", len(TEXTS))
         _send_labels(server, model, labels)
-        metrics = _wait(server.url, "eek_audit_labelled_total", len(TEXTS))
+        metrics = _wait(server, "eek_audit_labelled_total", len(TEXTS))
     finally:
         server.close()
 
@@ -153,9 +153,9 @@ def test_labelled_audited_rows_that_lose_accuracy_raise_the_alarm_saying_what_wa
     server, model, tokenizer = _server(certified_on_accuracy, audit_fraction=1.0)
     try:
         early, full = _classes(server, model, tokenizer)
-        _wait(server.url, "eek_audit_sequences_total", len(TEXTS))
+        _wait(server, "eek_audit_sequences_total", len(TEXTS))
         _send_labels(server, model, full)  # the full model always right: every disagreement is a loss
-        metrics = _wait(server.url, "eek_audit_labelled_total", len(TEXTS))
+        metrics = _wait(server, "eek_audit_labelled_total", len(TEXTS))
         deadline = time.monotonic() + 10
         while not caplog.records and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -182,12 +182,12 @@ def test_feedback_says_what_it_counted_and_refuses_what_it_cannot(certified_on_a
     server, model, _ = _server(certified_on_accuracy, audit_fraction=0.5, audit_seed=3)
     try:
         texts = {"inputs": [["w1 w2"], ["w3"], ["w4 w5 w6"], ["w7"], ["w8 w9"], ["w10"]]}
-        answered = httpx.post(server.url + "/predict", json=texts, timeout=30)
+        answered = server.http.post("/predict", json=texts, timeout=30)
         request_id = answered.headers["x-request-id"]
         label = model.config.id2label[0]
 
         def feedback(**body):
-            return httpx.post(server.url + "/feedback", json={"request_id": request_id, "label": label, **body})
+            return server.http.post("/feedback", json={"request_id": request_id, "label": label, **body})
 
         answers = [feedback(input=i).json() for i in range(6)]
         audited = [a["audited"] for a in answers]
@@ -197,18 +197,18 @@ def test_feedback_says_what_it_counted_and_refuses_what_it_cannot(certified_on_a
         again = feedback(input=audited.index(True)).json()
         assert again["counted"] is False and "the first label counts" in again["note"]
         assert feedback(input=6).status_code == 404
-        gone = httpx.post(server.url + "/feedback", json={"request_id": "never", "label": label})
+        gone = server.http.post("/feedback", json={"request_id": "never", "label": label})
         assert gone.status_code == 404 and gone.json()["error_type"] == "NotFound"
         wrong = feedback(label="no-such-label")
         assert wrong.status_code == 422 and "neg" in wrong.json()["error"]
         assert feedback(input=-1).status_code == 422 and feedback(extra=1).status_code == 422
-        assert httpx.post(server.url + "/feedback", content=b"{").status_code == 400
-        assert httpx.get(server.url + "/info").json()["audit"]["accuracy_budget"] == 0.01
+        assert server.http.post("/feedback", content=b"{").status_code == 400
+        assert server.http.get("/info").json()["audit"]["accuracy_budget"] == 0.01
     finally:
         server.close()
     plain, _, _ = _server(saved_classifier)
     try:
-        answer = httpx.post(plain.url + "/feedback", json={"request_id": "x", "label": label})
+        answer = plain.http.post("/feedback", json={"request_id": "x", "label": label})
         assert answer.status_code == 404 and "--audit-fraction" in answer.json()["error"]
     finally:
         plain.close()
@@ -226,20 +226,18 @@ def test_what_the_audit_keeps_for_labels_stays_bounded_under_many_requests(certi
         requests = 300
         early = []
         for i in range(requests):
-            answer = httpx.post(
-                server.url + "/predict", json={"inputs": TEXTS[i % len(TEXTS)]}, headers={"x-request-id": f"r{i}"}
+            answer = server.http.post(
+                "/predict", json={"inputs": TEXTS[i % len(TEXTS)]}, headers={"x-request-id": f"r{i}"}
             )
             assert answer.status_code == 200
             early.append(answer.json()[0]["label"])
-        _wait(server.url, "eek_audit_sequences_total", requests)
+        _wait(server, "eek_audit_sequences_total", requests)
         statuses = [
-            httpx.post(
-                server.url + "/feedback", json={"request_id": f"r{i}", "input": 0, "label": early[i]}, timeout=10
-            ).status_code
+            server.http.post("/feedback", json={"request_id": f"r{i}", "input": 0, "label": early[i]}).status_code
             for i in range(requests)
         ]
         assert statuses == [404] * (requests - 100) + [200] * 100  # the oldest 200 requests forgotten
-        metrics = _wait(server.url, "eek_audit_labelled_total", 100)
+        metrics = _wait(server, "eek_audit_labelled_total", 100)
         assert metrics["eek_audit_labelled_total"] == 100  # the counts cover every labelled row
         state = server.app.state.eek
         assert len(state.feedback._requests) == 100
