@@ -171,6 +171,33 @@ def test_betting_rejects_a_budget_below_the_mean_rarely_and_one_far_above_it_sur
     assert float(losses.mean()) < paired_upper_bound(losses, 0.95) < 0.01
 
 
+def _bisected_bound(losses, confidence, seed):
+    """The reference of ``paired_upper_bound``: the bisection one step a call, 24 steps."""
+    delta = 1.0 - confidence
+    low, high = float(losses.double().mean()), 1.0
+    if betting_p_value(losses, high - 1e-12, seed=seed) > delta:
+        return 1.0
+    for _ in range(24):
+        middle = 0.5 * (low + high)
+        if betting_p_value(losses, middle, seed=seed) <= delta:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def test_the_betting_bound_tests_several_bisection_steps_a_call_and_lands_where_one_step_a_call_lands():
+    g = torch.Generator().manual_seed(13)
+    for trial in range(120):
+        rows = int(torch.randint(1, 700, (1,), generator=g))
+        shares = torch.rand(3, generator=g)
+        losses = torch.multinomial(shares / shares.sum(), rows, replacement=True, generator=g).double() - 1.0
+        if trial % 3 == 0:  # a fractional loss (a multi-label row's)
+            losses = losses * torch.rand(rows, generator=g, dtype=torch.float64)
+        confidence = (0.8, 0.9, 0.95, 0.99)[trial % 4]
+        assert paired_upper_bound(losses, confidence, seed=trial) == _bisected_bound(losses, confidence, trial)
+
+
 def test_rows_that_cannot_certify_anything_say_how_many_would():
     record = _population(4_000, seed=6)
     few = record.subset(torch.arange(320))

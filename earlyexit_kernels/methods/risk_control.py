@@ -258,13 +258,44 @@ def paired_upper_bound(losses: torch.Tensor, confidence: float, *, seed: int = 0
     low, high = float(losses.double().mean()), 1.0
     if betting_p_value(losses, high - 1e-12, seed=seed) > delta:
         return 1.0
-    for _ in range(24):  # to 2^-24 of the bracket (at most 2): far below the bound's printed digits
-        middle = 0.5 * (low + high)
-        if betting_p_value(losses, middle, seed=seed) <= delta:
-            high = middle
-        else:
-            low = middle
+    n = losses.numel()
+    ordered = losses.double().reshape(1, -1)
+    if seed is not None:  # the order betting_p_value draws, drawn once for every step
+        ordered = ordered[:, torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+    # to 2^-24 of the bracket (at most 2): far below the bound's printed digits. The bisection's next _LEVELS
+    # midpoints, whichever way each step goes, are tested in one call, then walked as the steps would walk them
+    for _ in range(24 // _LEVELS):
+        nodes = _midpoints(low, high, _LEVELS)
+        rejected = (
+            betting_p_values(ordered.expand(len(nodes), n), torch.tensor(nodes, dtype=torch.float64), seed=None)
+            <= delta
+        ).tolist()
+        node = 0
+        for _ in range(_LEVELS):
+            if rejected[node]:
+                high, node = nodes[node], 2 * node + 1
+            else:
+                low, node = nodes[node], 2 * node + 2
     return high
+
+
+#: bisection steps :func:`paired_upper_bound` tests in one call (2^_LEVELS - 1 budgets); divides 24
+_LEVELS = 4
+
+
+def _midpoints(low: float, high: float, levels: int) -> list[float]:
+    """The midpoints a bisection of ``[low, high]`` may test in its next ``levels`` steps, each computed as the
+    step computes it (``0.5 * (low + high)``), in heap order: node ``i``'s children ``2i + 1`` (the lower half,
+    where ``i`` was rejected) and ``2i + 2`` (the upper half)."""
+    nodes, intervals = [], [(low, high)]
+    for _ in range(levels):
+        halves = []
+        for a, b in intervals:
+            middle = 0.5 * (a + b)
+            nodes.append(middle)
+            halves += [(a, middle), (middle, b)]
+        intervals = halves
+    return nodes
 
 
 def paired_upper_bounds(losses: torch.Tensor, confidence: float, *, seed: int = 0) -> torch.Tensor:
