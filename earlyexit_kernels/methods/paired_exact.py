@@ -137,6 +137,8 @@ def _tail_chances(n: int, budget: float, nuisance: list[float], grid) -> list[fl
 
 def _xlogy(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """``x * log(p)`` with ``0 * log(0) = 0``, ``x`` [G] against ``p`` [P, 1]: [P, G]."""
+    if bool((p > 0).all()):  # the usual case: the same products without the [P, G] masks
+        return x * torch.log(p)
     safe = torch.where(p > 0, p, torch.ones_like(p))
     return torch.where(p > 0, x * torch.log(safe), torch.where(x == 0, 0.0, -math.inf).double())
 
