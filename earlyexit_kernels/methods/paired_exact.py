@@ -105,11 +105,14 @@ def _binomial_upper_limit(b: int, n: int, gamma: float) -> float:
     """The exact (Clopper-Pearson) one-sided ``1 - gamma`` upper limit of a proportion seen ``b`` times in ``n``."""
     if b >= n:
         return 1.0
-    k = torch.arange(b + 1)
+    k = torch.arange(b + 1).double()
+    # _binomial_log_pmf's terms in its order, the coefficients once for the 60 steps (every middle is in (0, 1))
+    log_choose = math.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
     low, high = b / n, 1.0
     for _ in range(60):
         middle = 0.5 * (low + high)
-        if float(torch.logsumexp(_binomial_log_pmf(k, n, middle), 0).exp()) > gamma:
+        log_pmf = log_choose + k * math.log(middle) + (n - k) * math.log1p(-middle)
+        if float(torch.logsumexp(log_pmf, 0).exp()) > gamma:
             low = middle
         else:
             high = middle
