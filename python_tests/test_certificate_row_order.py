@@ -16,6 +16,7 @@ import torch
 
 from earlyexit_kernels.calibration.certify import certify
 from earlyexit_kernels.calibration.record import ExitRecord
+from earlyexit_kernels.methods import paired_exact
 from earlyexit_kernels.methods.paired_exact import paired_exact_p_value, score_statistic, score_value
 from earlyexit_kernels.methods.policies import Entropy
 from earlyexit_kernels.methods.risk_control import betting_p_values
@@ -71,6 +72,23 @@ def test_the_score_of_one_pair_of_counts_is_the_tensor_statistic_s(a, b, n, budg
     """``score_value`` (plain floats, for the search over row counts) is ``score_statistic`` (tensors)."""
     expected = float(score_statistic(torch.tensor([a]), torch.tensor([b]), n, budget)[0])
     assert score_value(a, b, n, budget) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("b, n", [(0, 1), (0, 300), (7, 300), (80, 1200), (1120, 1200), (2999, 3000)])
+def test_the_clopper_pearson_limit_is_the_bisection_of_the_binomial_tail(b, n):
+    """``_binomial_upper_limit`` (the coefficients computed once) is the bisection of ``P(Binomial(n, p) <= b)``
+    from ``_binomial_log_pmf`` at every step, bit for bit."""
+    gamma = 5e-7
+    k = torch.arange(b + 1)
+    low, high = b / n, 1.0
+    for _ in range(60):
+        middle = 0.5 * (low + high)
+        if float(torch.logsumexp(paired_exact._binomial_log_pmf(k, n, middle), 0).exp()) > gamma:
+            low = middle
+        else:
+            high = middle
+    paired_exact._binomial_upper_limit.cache_clear()
+    assert paired_exact._binomial_upper_limit(b, n, gamma) == high
 
 
 def test_the_exact_paired_test_holds_its_level_at_the_boundary_exactly():
