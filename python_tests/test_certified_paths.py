@@ -216,15 +216,21 @@ def test_redrawn_calibration_rows_violate_the_budget_no_more_often_than_the_conf
     assert uncertified_violations >= 6, uncertified_violations
 
 
+def _logits_with_non_finite_rows(seed: int, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Logits [4 layers, 300 rows, 3] with a NaN, an inf and a row of -inf at layers 1-3, where those rows may not exit."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(4, 300, 3, generator=g) * scale).to(dtype)
+    logits[0, 5, 1] = float("nan")
+    logits[1, 6, 0] = float("inf")
+    logits[2, 7] = float("-inf")
+    return logits
+
+
 @pytest.mark.parametrize("normalized", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 def test_the_entropy_replay_makes_the_stepwise_replay_s_decisions(normalized, dtype):
     """The all-layers-at-once replay of Entropy is the layer-by-layer one (exit_step): same exits, logits."""
-    g = torch.Generator().manual_seed(8)
-    logits = (torch.randn(4, 300, 3, generator=g) * 2).to(dtype)
-    logits[0, 5, 1] = float("nan")
-    logits[1, 6, 0] = float("inf")
-    logits[2, 7] = float("-inf")
+    logits = _logits_with_non_finite_rows(seed=8, scale=2.0, dtype=dtype)
     record = ExitRecord(logits, None, None, None, eek.Entropy(0.0))
     values = entropy(logits[:3].float()).flatten().sort().values
     for threshold in (0.0, float(values[400]), (float(values[100]), 0.0, float(values[800]), 0.0), 1e9):
@@ -249,11 +255,7 @@ def test_the_entropy_replay_makes_the_stepwise_replay_s_decisions(normalized, dt
 def test_the_multi_label_replay_of_a_path_makes_the_stepwise_replay_s_decisions(dtype):
     """A path's MultiLabelConfidence candidates replayed together (the smallest |z| of a row against each margin)
     decide as each alone does layer by layer (exit_step): same exits, logits; non-finite rows never exit early."""
-    g = torch.Generator().manual_seed(9)
-    logits = (torch.randn(4, 300, 3, generator=g) * 3).to(dtype)
-    logits[0, 5, 1] = float("nan")
-    logits[1, 6, 0] = float("inf")
-    logits[2, 7] = float("-inf")
+    logits = _logits_with_non_finite_rows(seed=9, scale=3.0, dtype=dtype)
     record = ExitRecord(logits, None, None, None, eek.MultiLabelConfidence(0.9))
     smallest = logits[:3].float().abs().amin(-1).flatten()
     probabilities = torch.sigmoid(smallest[smallest.isfinite()]).sort().values
