@@ -73,7 +73,10 @@ def gpu_machine(tmp_path_factory):
         text=True,
         check=True,
     ).stdout.strip()
-    ours = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    # every folder of packages this interpreter reads: a venv made with --system-site-packages (setup_env.sh's,
+    # where python3 already holds torch) reads the system's too, and the packages it did not install are there
+    folders = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
+    ours = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *folders])
     Path(site, "preinstalled_torch.pth").write_text("\n".join(ours) + "\n")
     return tree, python
 
