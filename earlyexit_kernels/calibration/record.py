@@ -199,11 +199,10 @@ def _entropy_replays(policies: list[Entropy], record: ExitRecord, normalized: bo
 def _layer_margins(record: ExitRecord) -> tuple[torch.Tensor, torch.Tensor]:
     """``(smallest |z| over the labels [L, N], finite [L, N])`` of a multi-label record, in float32 as
     :func:`exit_step` compares them; kept on the record like :func:`_layer_entropies`."""
-    cache = record.__dict__.setdefault("_margins", {})
-    if "margins" not in cache:
+    if "_margins" not in record.__dict__:
         z = record.all_logits.float()
-        cache["margins"] = (z.abs().amin(dim=-1), torch.isfinite(z).all(dim=-1))
-    return cache["margins"]
+        record.__dict__["_margins"] = (z.abs().amin(dim=-1), torch.isfinite(z).all(dim=-1))
+    return record.__dict__["_margins"]
 
 
 def _margin_replays(policies: list[MultiLabelConfidence], record: ExitRecord) -> list[Replay]:

@@ -177,10 +177,7 @@ def betting_p_values(losses: torch.Tensor, budget, *, seed: int | None = 0, cap:
         return torch.full((count,), 1.0 if budget < 1.0 else 0.0, dtype=torch.float64)
     if n == 0:
         return torch.ones(count, dtype=torch.float64)
-    if seed is None:
-        z = (losses.double() + 1.0) / 2.0
-    else:
-        z = (losses.double()[:, torch.randperm(n, generator=torch.Generator().manual_seed(seed))] + 1.0) / 2.0
+    z = (_in_seed_order(losses.double(), seed) + 1.0) / 2.0
     m = (torch.as_tensor(budget, dtype=torch.float64).reshape(-1, 1) + 1.0) / 2.0
     t = torch.arange(1, n + 1, dtype=torch.float64)
     mean = (0.5 + torch.cumsum(z, 1)) / (t + 1)
@@ -193,6 +190,13 @@ def betting_p_values(losses: torch.Tensor, budget, *, seed: int | None = 0, cap:
     lam = torch.minimum(torch.sqrt(2.0 * math.log(20.0) / (before * n)), cap / torch.maximum(m, 1.0 - m))
     log_capital = torch.cumsum(torch.log1p(lam * (m - z)), 1)
     return torch.exp(-log_capital.amax(1).clamp(min=0.0)).clamp(max=1.0)
+
+
+def _in_seed_order(losses: torch.Tensor, seed: int | None) -> torch.Tensor:
+    """The columns (calibration rows) of ``losses`` [K, n] in the order ``seed`` draws; None: as given."""
+    if seed is None:
+        return losses
+    return losses[:, torch.randperm(losses.shape[1], generator=torch.Generator().manual_seed(seed))]
 
 
 def draw_order_seed() -> int:
@@ -256,12 +260,10 @@ def paired_upper_bound(losses: torch.Tensor, confidence: float, *, seed: int = 0
     check_confidence(confidence)
     delta = 1.0 - confidence
     low, high = float(losses.double().mean()), 1.0
-    if betting_p_value(losses, high - 1e-12, seed=seed) > delta:
-        return 1.0
     n = losses.numel()
-    ordered = losses.double().reshape(1, -1)
-    if seed is not None:  # the order betting_p_value draws, drawn once for every step
-        ordered = ordered[:, torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+    ordered = _in_seed_order(losses.double().reshape(1, -1), seed)  # the order betting reads, drawn once
+    if float(betting_p_values(ordered, high - 1e-12, seed=None)[0]) > delta:
+        return 1.0
     # to 2^-24 of the bracket (at most 2): far below the bound's printed digits. The bisection's next _LEVELS
     # midpoints, whichever way each step goes, are tested in one call, then walked as the steps would walk them
     for _ in range(24 // _LEVELS):
