@@ -82,13 +82,6 @@ FIT_FIELDS = {
     "validation_split": option(
         "hold out this fraction of TRAIN_FILE for validation", "FRACTION", none="0.1 without --validation"
     ),
-    "rewrites": option(
-        "rewritten copies of every training row that also train the heads (words dropped, a span kept, or halves of "
-        "two rows joined), each labelled with the full model's own answer on it; never a validation or calibration "
-        "row. Each copy costs the fit about one more pass of the model over the training rows. Heads-only recipes "
-        "(heads, fastbert) on single texts; 0: none",
-        "N",
-    ),
     "epochs": option("training epochs", "N", none="the method's recipe"),
     "lr": option("learning rate", "LR", none="the method's recipe"),
     "batch_size": option("rows per training step", "N"),

@@ -41,7 +41,6 @@ DEFAULTS = [
     ("fit", "guarantee", FitConfig, None),
     ("fit", "max_changed", FitConfig, None),
     ("fit", "calibration_fraction", FitConfig, None),
-    ("fit", "rewrites", FitConfig, None),
     ("fit", "epochs", FitConfig, None),
     ("fit", "lr", FitConfig, None),
     ("fit", "batch_size", FitConfig, None),

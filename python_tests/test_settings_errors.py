@@ -41,9 +41,6 @@ BAD = [
     ("guarantee", "sure", {"fit_model", "fit_exit_heads"}),
     ("max_changed", 100.0, {"eek fit", "eek calibrate", "fit_model", "fit_exit_heads"}),
     ("max_changed", -1.0, {"eek fit", "eek calibrate", "fit_model", "fit_exit_heads"}),
-    ("rewrites", -1, {"eek fit", "fit_model"}),
-    ("rewrites", 17, {"eek fit", "fit_model"}),
-    ("rewrites", 2.5, {"fit_model"}),
 ]
 
 

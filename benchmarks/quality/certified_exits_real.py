@@ -182,13 +182,13 @@ def run_one(backbone: str, task: str, setting: str, seed: int, head: str = "auto
         "bound": certificate.get("bound"),
         "unlabelled_rows": certificate.get("unlabelled_rows"),
         "unlabelled_use": certificate.get("unlabelled_use"),
-        **columns_on_test(model, tokenizer, task, eek.policy_of(model), report.certified_path),
+        **_test_columns(model, tokenizer, task, eek.policy_of(model), report.certified_path),
         "warnings": report.warnings,
         "fine_tuned": info["path"].split("/")[-1],
     }
 
 
-def columns_on_test(model, tokenizer, task: str, chosen, path_codes, record_policy=None) -> dict:
+def _test_columns(model, tokenizer, task: str, chosen, path_codes, record_policy=None) -> dict:
     """The test split's columns of a row: certified layers and loss, the oracles."""
     splits = real_task.load_task(task)
     test = _rows(splits["test"], "test split")
@@ -265,7 +265,7 @@ def run_folder(folder: Path, backbone: str, task: str, setting: str | None = Non
         "more_rows": certificate.get("more_rows"),
         "more_rows_layers": certificate.get("more_rows_layers"),
         "bound": certificate.get("bound"),
-        **columns_on_test(model, tokenizer, task, eek.policy_of(model), report.get("certified_path") or []),
+        **_test_columns(model, tokenizer, task, eek.policy_of(model), report.get("certified_path") or []),
         "warnings": report.get("warnings", []),
         "fine_tuned": Path(saved.source_model or "").name,
     }

@@ -53,7 +53,6 @@ FIT_FLAGS = (
     "max_changed",
     "calibration_fraction",
     "validation_split",
-    "rewrites",
     "epochs",
     "lr",
     "batch_size",
@@ -145,7 +144,7 @@ def _add_fit(commands) -> None:
     held = fit.add_mutually_exclusive_group()
     held.add_argument("--validation", default=None, metavar="FILE", help="validation rows, same columns")
     add_fit_options(held, ("validation_split",), FIT_DEFAULTS)
-    add_fit_options(fit, ("rewrites", "epochs", "lr", "batch_size", "seed"), FIT_DEFAULTS)
+    add_fit_options(fit, ("epochs", "lr", "batch_size", "seed"), FIT_DEFAULTS)
     fit.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
     # int8: the heads fitted on the int8 encoder's hidden states and certified on it against the float32 full model
     # (integrations/int8_fit.py); the folder keeps the float32 weights

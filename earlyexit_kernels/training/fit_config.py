@@ -45,7 +45,6 @@ __all__ = [
     "CALIBRATION_FRACTION",
     "CONFIDENCE",
     "HALTING_LR",
-    "MAX_REWRITES",
     "OPTIMIZERS",
     "SCHEDULES",
     "TRAINS",
@@ -59,7 +58,6 @@ __all__ = [
     "check_kept_out",
     "check_method_labels",
     "check_rate",
-    "check_rewrites",
     "file_rows_to_certify",
     "held_out_rows",
     "least_rows_to_certify",
@@ -226,7 +224,6 @@ class FitConfig:
     validation_split: float | None = fit_field("validation_split", None)
     guarantee: str = fit_field("guarantee", "probable")
     max_changed: float | None = fit_field("max_changed", None)
-    rewrites: int = fit_field("rewrites", 0)
 
     def __post_init__(self) -> None:
         """Every setting checked here, once, before a row is read: a :class:`FitError` (a ``ValueError``) naming
@@ -250,7 +247,6 @@ class FitConfig:
             _refuse(
                 "validation_split", "strictly between 0 and 1", self.validation_split, "a share such as 0.1", verb="lie"
             )
-        check_rewrites(self.rewrites, self.method)
 
     @property
     def training(self) -> Training:
@@ -288,27 +284,6 @@ def check_count(name: str, value, *, optional: bool = True) -> None:
     if (value is not None or not optional) and not (_whole(value) and value >= 1):
         instead = "a number such as 32" + (", or None (the default)" if optional else "")
         _refuse(name, "a whole number, at least 1", value, instead)
-
-
-#: the most rewritten copies of a row ``--rewrites`` takes (:mod:`~earlyexit_kernels.training.rewritten_rows`): each
-#: copy costs the fit about one more pass of the model over the training rows
-MAX_REWRITES = 16
-
-
-def check_rewrites(rewrites, method: str) -> None:
-    """``--rewrites``: a whole number from 0 to :data:`MAX_REWRITES`, with a
-    recipe that trains the heads alone (the copies are labelled by the full model, which a recipe that trains the
-    backbone changes), else the one refusal of it."""
-    from earlyexit_kernels.training.recipes import RECIPES
-
-    if not (_whole(rewrites) and 0 <= rewrites <= MAX_REWRITES):
-        _refuse("rewrites", f"a whole number from 0 to {MAX_REWRITES}", rewrites, "a number such as 3, or 0 (none)")
-    if rewrites and method in RECIPES and RECIPES[method].encoder_stages:
-        heads_only = [name for name in METHODS if not RECIPES[name].encoder_stages]
-        raise FitError(
-            f"--rewrites trains the heads on copies labelled by the full model, which --method {method} trains too: "
-            f"use --method {' or '.join(heads_only)}, or leave --rewrites out"
-        )
 
 
 def check_rate(name: str, value, *, zero: bool = False) -> None:

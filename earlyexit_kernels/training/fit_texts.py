@@ -25,7 +25,6 @@ nothing else.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import warnings
@@ -106,8 +105,6 @@ class FitReport:
     validation_full_accuracy: float | None = None
     certified_path: list[str] = field(default_factory=list)
     calibration_share: str | None = None
-    rewritten_rows: int = 0
-    rewritten: str | None = None
 
     @classmethod
     def of(cls, result, model, data: FitData, config: FitConfig) -> FitReport:
@@ -128,7 +125,7 @@ class FitReport:
             mean_layers=calibration.mean_layers,
             num_layers=model.config.num_hidden_layers,
             met=calibration.met,
-            train_rows=len(data.train) - data.rewritten_rows,
+            train_rows=len(data.train),
             validation_rows=len(data.validation),
             train_seconds=train_seconds,
             calibrate_seconds=result.seconds - train_seconds,
@@ -146,8 +143,6 @@ class FitReport:
             validation_full_accuracy=result.validation_full_accuracy,
             certified_path=[policy.to_code() for policy in calibration.path],
             calibration_share=None if data.share is None else data.share.describe(),
-            rewritten_rows=data.rewritten_rows,
-            rewritten=data.describe_rewritten(config.rewrites),
         )
 
     def as_dict(self) -> dict:
@@ -171,8 +166,6 @@ class FitReport:
         ]
         if self.calibration_share:
             lines.append(self.calibration_share)
-        if self.rewritten:
-            lines.append(self.rewritten)
         lines += [f"  stage {i}: {stage}" for i, stage in enumerate(self.stages, start=1)]
         if self.head_trials:
             from earlyexit_kernels.training.head_choice import HeadTrial, describe_trials
@@ -299,7 +292,6 @@ def fit_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         data = prepare(model, tokenizer, train, validation, config, calibration=calibration, unlabelled=unlabelled)
-        data = data.with_rewritten(model if reference is None else reference)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the calibration's warnings are in its result, printed by the report
             result = fit_heads(
@@ -362,44 +354,6 @@ class FitData:
     unlabelled: object | None = None
     share: object | None = None
     calibration_given: bool = False
-    rewritten: object | None = None
-    rewritten_rows: int = 0
-    rewritten_kept_label: float | None = None
-
-    def with_rewritten(self, full_model) -> FitData:
-        """The rewritten copies (``rewritten``, of ``eek fit --rewrites``) moved into the training rows, labelled
-        with ``full_model``'s class on each where the rows have labels
-        (:mod:`~earlyexit_kernels.training.rewritten_rows`); unchanged where there are none."""
-        from earlyexit_kernels.training.rewritten_rows import full_model_classes, with_rows
-
-        if self.rewritten is None:
-            return self
-        copies = len(self.rewritten.input_ids)
-        labels, kept = None, None
-        if self.train_labels is not None:
-            classes = full_model_classes(full_model, self.rewritten)
-            source = self.train_labels[torch.arange(copies) % len(self.train_labels)]
-            labels, kept = torch.cat([self.train_labels, classes]), (classes == source).double().mean().item()
-        return dataclasses.replace(
-            self,
-            train=with_rows(self.train, self.rewritten),
-            train_labels=labels,
-            rewritten=None,
-            rewritten_rows=copies,
-            rewritten_kept_label=kept,
-        )
-
-    def describe_rewritten(self, rewrites: int) -> str | None:
-        """The report's line on the rewritten copies (None: there were none)."""
-        if not self.rewritten_rows:
-            return None
-        line = (
-            f"the heads also trained on {self.rewritten_rows} rewritten copies of the training rows (--rewrites "
-            f"{rewrites}), labelled by the full model"
-        )
-        if self.rewritten_kept_label is not None:
-            line += f": {100 * self.rewritten_kept_label:.1f}% of them kept their row's label"
-        return line
 
     def batches(self, batch_size: int, seed: int):
         """The rows as :func:`~earlyexit_kernels.training.fit.fit_heads` takes them
@@ -424,18 +378,8 @@ def prepare(model, tokenizer, train, validation, config: FitConfig, *, calibrati
     :func:`~earlyexit_kernels.training.fit_texts.fit_model` takes them) checked, tokenized and split
     for ``config``. Raises :class:`~earlyexit_kernels.training.fit_config.FitError` with what to fix.
     Draws (the kept-out share) use ``config.seed``; the measured share trains heads on ``model``."""
-    from earlyexit_kernels.training.labelled_texts import (
-        LabelledTexts,
-        encode,
-        joined_texts,
-        label_ids,
-        split_unlabelled,
-    )
+    from earlyexit_kernels.training.labelled_texts import encode, joined_texts, label_ids, split_unlabelled
 
-    if config.rewrites and train.pairs is not None:
-        raise FitError(
-            "--rewrites rewrites single texts, and the training rows are pairs (--pair-column): leave --rewrites out"
-        )
     length = max_length_for(config.max_length, model, tokenizer)
     train_ids = label_ids(train, model.config) if train.labels is not None else None
     val_ids = label_ids(validation, model.config) if validation.labels is not None else None
@@ -513,12 +457,6 @@ def prepare(model, tokenizer, train, validation, config: FitConfig, *, calibrati
     for encoded in (encoded_train, encoded_val, encoded_calibration):
         if encoded is not None:
             warn_truncated(encoded)
-    rewritten = None
-    if config.rewrites:  # of the rows that train the heads, after every split: no other row is rewritten
-        from earlyexit_kernels.training.rewritten_rows import rewritten_texts
-
-        texts = rewritten_texts(train.texts, config.rewrites, config.seed)
-        rewritten = encode(tokenizer, LabelledTexts(texts, None, None, f"{train.path} (rewritten)"), length)
     return FitData(
         train=encoded_train,
         train_labels=train_ids,
@@ -529,7 +467,6 @@ def prepare(model, tokenizer, train, validation, config: FitConfig, *, calibrati
         unlabelled=encoded_unlabelled,
         share=share,
         calibration_given=given_calibration,
-        rewritten=rewritten,
     )
 
 
