@@ -79,15 +79,18 @@ def score_value(a: float, b: float, n: int, budget: float) -> float:
     return math.inf if difference > 0 else -math.inf if difference < 0 else 0.0
 
 
+def _log_choose(k: torch.Tensor, n: int) -> torch.Tensor:
+    """``log C(n, k)`` for each count of ``k`` (float64 [K]), the one way every binomial term here is computed."""
+    return math.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
+
+
 def _binomial_log_pmf(k: torch.Tensor, n: int, p: float) -> torch.Tensor:
     if p <= 0.0:
         return torch.where(k == 0, 0.0, -math.inf).double()
     if p >= 1.0:
         return torch.where(k == n, 0.0, -math.inf).double()
     k = k.double()
-    return (
-        math.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1) + k * math.log(p) + (n - k) * math.log1p(-p)
-    )
+    return _log_choose(k, n) + k * math.log(p) + (n - k) * math.log1p(-p)
 
 
 def _upper_count(n: int, p: float) -> int:
@@ -107,7 +110,7 @@ def _binomial_upper_limit(b: int, n: int, gamma: float) -> float:
         return 1.0
     k = torch.arange(b + 1).double()
     # _binomial_log_pmf's terms in its order, the coefficients once for the 60 steps (every middle is in (0, 1))
-    log_choose = math.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
+    log_choose = _log_choose(k, n)
     low, high = b / n, 1.0
     for _ in range(60):
         middle = 0.5 * (low + high)
@@ -158,7 +161,7 @@ def _tails(k: int, n: int, p: torch.Tensor) -> torch.Tensor:
 def _upper_counts(k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The counts ``k + 1 .. n`` and their log binomial coefficients ``log C(n, i)``."""
     i = torch.arange(k + 1, n + 1, dtype=torch.float64)
-    return i, math.lgamma(n + 1) - torch.lgamma(i + 1) - torch.lgamma(n - i + 1)
+    return i, _log_choose(i, n)
 
 
 @functools.lru_cache(maxsize=65536)  # a pure function of five numbers: re-draws and bisections meet the same counts
