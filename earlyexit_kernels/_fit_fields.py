@@ -82,6 +82,13 @@ FIT_FIELDS = {
     "validation_split": option(
         "hold out this fraction of TRAIN_FILE for validation", "FRACTION", none="0.1 without --validation"
     ),
+    "tries": option(
+        "fit N times, at seeds SEED, SEED+1, ... (each draws its own validation split, rows kept out, first weights "
+        "and order), certify each try at a Bonferroni share of --confidence (1 - (1 - C) / N) and keep the one that "
+        "certifies the fewest layers: the choice holds at --confidence. Costs N fits' time; the probable guarantee "
+        "only",
+        "N",
+    ),
     "epochs": option("training epochs", "N", none="the method's recipe"),
     "lr": option("learning rate", "LR", none="the method's recipe"),
     "batch_size": option("rows per training step", "N"),

@@ -41,6 +41,7 @@ DEFAULTS = [
     ("fit", "guarantee", FitConfig, None),
     ("fit", "max_changed", FitConfig, None),
     ("fit", "calibration_fraction", FitConfig, None),
+    ("fit", "tries", FitConfig, None),
     ("fit", "epochs", FitConfig, None),
     ("fit", "lr", FitConfig, None),
     ("fit", "batch_size", FitConfig, None),

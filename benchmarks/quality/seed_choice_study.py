@@ -18,6 +18,10 @@ alone)::
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality/seed_choice_study.py --seeds 0 1 2 --threads 2 \\
         --output benchmarks/results/amd_epyc/seed_choice_study_rt_cpu.json
+
+``--tries-fit K`` also runs what ships from the study on each run of K consecutive seeds of ``--seeds``, ``eek fit ...
+--seed FIRST --tries K`` (each try fitted anew, its path chosen at the share, :mod:`earlyexit_kernels.training.fit_tries`),
+and replays the folder it writes on the test rows, beside the study's choice among the same seeds.
 """
 
 from __future__ import annotations
@@ -34,13 +38,14 @@ BUDGET = 0.01
 ALPHA = 0.05
 
 
-def fit(demo: Path, folder: Path, seed: int, threads: int) -> float | None:
-    """``eek fit`` at ``seed`` into ``folder`` (its wall seconds), or None where the folder holds a fit already."""
+def fit(demo: Path, folder: Path, seed: int, threads: int, tries: int = 1) -> float | None:
+    """``eek fit`` at ``seed`` (``tries`` of them from there) into ``folder`` (its wall seconds), or None where the
+    folder holds a fit already."""
     if (folder / "eek_fit.json").exists():
         return None
     argv = [sys.executable, "-m", "earlyexit_kernels", "fit", str(demo / "model"), str(demo / "train.csv"), str(folder)]
     argv += ["--calibration", str(demo / "validation.csv"), "--seed", str(seed), "--max-length", "128"]
-    argv += ["--threads", str(threads), "--no-progress"]
+    argv += ["--threads", str(threads), "--no-progress", "--tries", str(tries)]
     started = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
@@ -87,6 +92,50 @@ def certified_at(folder: Path, demo: Path, ks: list[int]) -> dict:
     return out
 
 
+def on_test(folder: Path, demo: Path) -> dict:
+    """The folder's policy, as saved, on the test rows: mean layers and accuracy lost against the full model."""
+    import torch
+    from transformers import AutoTokenizer
+
+    import earlyexit_kernels as eek
+    from earlyexit_kernels.calibration.record import replay
+    from earlyexit_kernels.calibration.row_losses import row_losses
+    from earlyexit_kernels.integrations.table_io import read_labelled
+    from earlyexit_kernels.training.calibrate_model import record_exits
+    from earlyexit_kernels.training.labelled_texts import encode, label_ids, length_sorted_batches
+
+    model = eek.from_pretrained(str(folder)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    rows = read_labelled(str(demo / "test.csv"), label_required=True)
+    with torch.no_grad():
+        record = record_exits(
+            model, length_sorted_batches(encode(tokenizer, rows, 128), label_ids(rows, model.config), 64)
+        )
+    out = replay(eek.policy_of(model), record)
+    lost = float(row_losses(out.logits, record, "accuracy").double().mean())
+    return {"test_layers": out.layers_run.float().mean().item(), "test_accuracy_lost_points": 100 * lost}
+
+
+def tries_fit(args, seeds: list[int], choices: list[dict]) -> dict:
+    """``eek fit --seed FIRST --tries K`` over ``seeds`` (consecutive), its folder on the test rows, and the study's
+    choice among the same seeds beside it."""
+    first, k = seeds[0], len(seeds)
+    folder = args.work / f"tries{k}_seed{first}"
+    seconds = fit(args.demo, folder, first, args.threads, tries=k)
+    saved = json.loads((folder / "eek_fit.json").read_text())
+    return {
+        "command": f"eek fit MODEL train.csv OUT --calibration validation.csv --max-length 128 --seed {first} --tries {k}",
+        "folder": str(folder),
+        "fit_seconds": seconds,
+        "tries": saved["tries"],
+        "certified_layers": saved["mean_layers"],
+        "certificate_confidence": saved["certificate"]["confidence"],
+        "chosen_among": saved["certificate"].get("chosen_among"),
+        **on_test(folder, args.demo),
+        "study_choice": next(c for c in choices if c["seeds"] == seeds),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", type=Path, default=Path(".cache/demo"), help="make demo's folder (model, csv files)")
@@ -94,9 +143,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path)
+    parser.add_argument(
+        "--tries-fit", type=int, default=0, metavar="K", help="also run eek fit --tries K on each K consecutive seeds"
+    )
     args = parser.parse_args()
     if len(set(args.seeds)) < 2:
         parser.error("--seeds: give at least two different seeds to choose among")
+    groups = [args.seeds[i : i + args.tries_fit] for i in range(0, len(args.seeds), args.tries_fit or len(args.seeds))]
+    if args.tries_fit and any(g != list(range(g[0], g[0] + args.tries_fit)) for g in groups):
+        parser.error("--tries-fit K: eek fit --tries K fits K consecutive seeds; give --seeds such as 3 4 5 6 7 8")
     import torch
 
     from earlyexit_kernels.bench.results import cpu_name
@@ -127,6 +182,8 @@ def main() -> None:
         "choices": choices,
         "mean_test_layers_by_k": mean_test,
     }
+    if args.tries_fit:
+        record["tries_fits"] = [tries_fit(args, group, choices) for group in groups]
     text = json.dumps(record, indent=1)
     if args.output:
         args.output.write_text(text + "\n")

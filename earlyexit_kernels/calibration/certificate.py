@@ -55,6 +55,9 @@ class Certificate:
     (:data:`GUARANTEES`); ``other_layers``: the mean layers the other guarantee would serve on the same rows.
     ``changed_budget``, ``changed_observed``, ``changed_bound``: with ``certify(..., max_changed=)``, the budget on the
     answers changed against the full model, their share on the calibration rows and its bound (None without one).
+    ``chosen_among``: ``eek fit --tries``' count of fits this one was kept from, each certified at a Bonferroni share
+    ``1 - (1 - confidence) / chosen_among`` (which ``bound`` is at), so that the kept one holds at ``confidence``
+    (:mod:`~earlyexit_kernels.training.fit_tries`; None: no choice).
     """
 
     budget: float
@@ -88,6 +91,7 @@ class Certificate:
     changed_budget: float | None = None
     changed_observed: float | None = None
     changed_bound: float | None = None
+    chosen_among: int | None = None
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -105,6 +109,9 @@ class Certificate:
                 f"certified: {self.risk} <= {100 * self.budget:g}% with confidence {100 * self.confidence:g}% "
                 f"(exchangeable {self.unit}) on {self.rows} calibration {self.unit}"
             )
+            if self.chosen_among is not None:
+                share = 1 - (1 - self.confidence) / self.chosen_among
+                head += f", kept among {self.chosen_among} tries each bounded at {100 * share:.4g}%"
         if self.changed_budget is not None:
             head += f" (and answers changed against the full model <= {100 * self.changed_budget:g}%)"
         if not self.certified:

@@ -53,6 +53,7 @@ FIT_FLAGS = (
     "max_changed",
     "calibration_fraction",
     "validation_split",
+    "tries",
     "epochs",
     "lr",
     "batch_size",
@@ -144,7 +145,7 @@ def _add_fit(commands) -> None:
     held = fit.add_mutually_exclusive_group()
     held.add_argument("--validation", default=None, metavar="FILE", help="validation rows, same columns")
     add_fit_options(held, ("validation_split",), FIT_DEFAULTS)
-    add_fit_options(fit, ("epochs", "lr", "batch_size", "seed"), FIT_DEFAULTS)
+    add_fit_options(fit, ("tries", "epochs", "lr", "batch_size", "seed"), FIT_DEFAULTS)
     fit.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
     # int8: the heads fitted on the int8 encoder's hidden states and certified on it against the float32 full model
     # (integrations/int8_fit.py); the folder keeps the float32 weights
@@ -315,13 +316,13 @@ def _fit(args) -> int:
     if args.calibration is not None:
         calibration = read_labelled(args.calibration, **columns, label_required=False)
     unlabelled = _unlabelled(args)
+    validation = None  # split from train by fit_folder, at each try's seed
     if args.validation is not None:
         validation = read_labelled(args.validation, **columns, label_required=train.labels is not None)
         if train.labels is None and validation.labels is not None:
             validation.labels = None  # the heads learn agreement: calibrate on agreement too
     else:
-        rest, held = split_rows(len(train), config.validation_split, args.seed)
-        train, validation = train.subset(rest), train.subset(held)
+        split_rows(len(train), config.validation_split, args.seed)  # a file too small to split: said before loading
     if train.labels is None:
         check_method_labels(
             args.method,

@@ -10,8 +10,10 @@ with it is a :class:`ModelFolderError` whose message says what to change.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -428,27 +430,102 @@ def fit_folder(
     :class:`~earlyexit_kernels.training.fit_texts.FitReport`.
 
     ``config``: a :class:`~earlyexit_kernels.training.fit_config.FitConfig` (what the command line builds once), or
-    :func:`~earlyexit_kernels.training.fit_texts.fit_model`'s keyword ``options``, not both. ``calibration``,
+    :func:`~earlyexit_kernels.training.fit_texts.fit_model`'s keyword ``options``, not both. ``validation``: the
+    validation rows, or None: a share ``config.validation_split`` (0.1 where None) of ``train`` held out, drawn
+    with the seed. ``calibration``,
     ``unlabelled``: as :func:`~earlyexit_kernels.training.fit_texts.fit_model` takes them. ``dtype``, ``device``:
     the base the heads are fitted on (``--dtype``, ``--device``); int8 also certifies on it, against the float32
     full model, and writes the float32 weights (:mod:`earlyexit_kernels.integrations.int8_fit`); ``int8_layers``
     (``--layers``): where its int8 layers run, ``"auto"`` the runtime timed fastest here on training rows, recorded
     with the timings (``int8_layers`` in ``eek_fit.json``). ``overwrite``:
     replace an ``output`` that holds files (otherwise :class:`~earlyexit_kernels.training.fit_texts.FitError`).
-    The report names the calibration rows by their file (``calibration.path``), as ``--calibration`` gave it."""
-    import torch
+    The report names the calibration rows by their file (``calibration.path``), as ``--calibration`` gave it.
 
+    ``config.tries`` above 1: the model is loaded and fitted that many times, at seeds ``seed``, ``seed + 1``, ...
+    (each with its own validation split where ``validation`` is None), each certified at a Bonferroni share of the
+    confidence, and the try that certifies the fewest layers is written (:mod:`~earlyexit_kernels.training.fit_tries`;
+    the report's ``tries`` says what each certified)."""
     from earlyexit_kernels.training.fit_config import FitConfig, settings_of
-    from earlyexit_kernels.training.fit_texts import FitError, fit_model
+    from earlyexit_kernels.training.fit_texts import FitError
+    from earlyexit_kernels.training.fit_tries import describe_try, kept_try, try_config, try_summary
 
     config = settings_of(FitConfig, config, options, who="fit_folder", what="config")
-    base = contextlib.nullcontext((None, None))  # (the reference, the int8 layers' choice): the model's own base
     if dtype == "int8":
-        from earlyexit_kernels.integrations.int8_fit import check_int8_method, int8_base, timing_batches
+        from earlyexit_kernels.integrations.int8_fit import check_int8_method
 
         check_int8_method(config.method)
     elif int8_layers != "auto":
         raise FitError(f"--layers {int8_layers} says where the int8 layers run: give --dtype int8 with it")
+    if validation is None and config.validation_split is None:
+        config = dataclasses.replace(config, validation_split=0.1)
+    rows = _Rows(train, validation, calibration, unlabelled, config.validation_split)
+    if config.tries == 1:
+        model, tokenizer, report, choice = _fitted(model_path, rows, config, dtype, device, int8_layers)
+    else:
+        kept, summaries, first_choice = None, [], None
+        for index in range(config.tries):
+            each = try_config(config, index)
+            # every try on the int8 layers the first one chose (timed once)
+            layers = int8_layers if first_choice is None else _layers_of(first_choice)
+            fitted = _fitted(model_path, rows, each, dtype, device, layers, timed=first_choice is None)
+            first_choice = first_choice or fitted[3]
+            summaries.append(try_summary(fitted[2], each.seed))
+            if config.progress:
+                print(f"try {index + 1} of {config.tries}: {describe_try(summaries[-1])}", file=sys.stderr)
+            if kept_try(summaries) == index:
+                kept = fitted  # the try kept so far; the others are let go as the loop goes on
+        model, tokenizer, report, _ = kept
+        choice = first_choice
+        report.tries, report.confidence = summaries, config.confidence
+        if report.certificate is not None:
+            # the kept try's certificate holds at the asked confidence (Bonferroni over the tries), which a later
+            # eek calibrate or the server's re-certification of its one path asks for again
+            report.certificate.update(confidence=config.confidence, chosen_among=config.tries)
+    if calibration is not None:
+        report.calibration_source = f"from {calibration.path} (--calibration)"
+    save_fitted(model, tokenizer, report, Path(output), overwrite=overwrite, source=model_path, choice=choice)
+    return report
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+    """The rows of a :func:`fit_folder`: ``validation`` None is split from ``train`` at each try's seed."""
+
+    train: object
+    validation: object
+    calibration: object
+    unlabelled: object
+    validation_split: float | None
+
+    def split(self, seed: int) -> tuple[object, object]:
+        if self.validation is not None:
+            return self.train, self.validation
+        from earlyexit_kernels.training.labelled_texts import split_rows
+
+        rest, held = split_rows(len(self.train), self.validation_split, seed)
+        return self.train.subset(rest), self.train.subset(held)
+
+
+def _layers_of(choice) -> str:
+    """The ``int8_layers`` that run ``choice``'s recipe again without timing: its runtime's key of
+    :data:`~earlyexit_kernels.engine.layers.precision.INT8_LAYERS`, or ``"auto"`` (untimed: the family's recipe)."""
+    from earlyexit_kernels.engine.layers.precision import INT8_LAYERS
+
+    return next((key for key, recipe in INT8_LAYERS.items() if recipe == choice.recipe), "auto")
+
+
+def _fitted(
+    model_path: str, rows: _Rows, config, dtype: str | None, device: str, int8_layers: str, *, timed: bool = True
+):
+    """``(model, tokenizer, report, choice)``: ``model_path`` loaded and fitted once, at ``config``'s seed, on
+    ``rows``; ``choice``: the int8 layers' :class:`~earlyexit_kernels.engine.layers.runtime_choice.LayersChoice`
+    (None off int8); ``timed``: ``int8_layers`` ``"auto"`` times the runtimes (False: the family's recipe)."""
+    import torch
+
+    from earlyexit_kernels.training.fit_texts import FitError, fit_model
+
+    train, validation = rows.split(config.seed)
+    base = contextlib.nullcontext((None, None))  # (the reference, the int8 layers' choice): the model's own base
     # The seed is set once, by fit_model: every head the fit trains is made inside it (the ones made at
     # loading never reach the folder; scripts/fit_bytes.py draws torch's generator anew before each fit). The
     # loading's draws come from a fork of torch's generator, which the caller gets back as it was.
@@ -456,8 +533,10 @@ def fit_folder(
         model, tokenizer = load_classifier(model_path)
     if dtype == "int8":
         # fitted and certified on int8, on the runtime timed fastest on training rows, written float32
+        from earlyexit_kernels.integrations.int8_fit import int8_base, timing_batches
+
         batches = None
-        if int8_layers == "auto":
+        if int8_layers == "auto" and timed:
             from earlyexit_kernels.training.fit_texts import max_length_for
 
             length = max_length_for(config.max_length, model, tokenizer)
@@ -479,11 +558,8 @@ def fit_folder(
             train,
             validation,
             config,
-            calibration=calibration,
-            unlabelled=unlabelled,
+            calibration=rows.calibration,
+            unlabelled=rows.unlabelled,
             reference=reference,
         )
-    if calibration is not None:
-        report.calibration_source = f"from {calibration.path} (--calibration)"
-    save_fitted(model, tokenizer, report, Path(output), overwrite=overwrite, source=model_path, choice=choice)
-    return report
+    return model, tokenizer, report, choice

@@ -42,8 +42,8 @@ class FitRecord:
 
     ``report``: the fit's report, the keys of :meth:`earlyexit_kernels.training.fit_texts.FitReport.as_dict`
     in their order (``method``, ``target``, ``policy``, ``accuracy``, ..., ``certificate``,
-    ``certified_path``, ``calibration_share``), as saved; ``eek calibrate`` rewrites its threshold's
-    fields in place. ``source_model``: the classifier ``eek fit`` started from. ``base``: what ``eek
+    ``certified_path``, ``calibration_share``, and ``tries`` where ``--tries`` fitted more than one), as saved;
+    ``eek calibrate`` rewrites its threshold's fields in place. ``source_model``: the classifier ``eek fit`` started from. ``base``: what ``eek
     calibrate`` certified on (``float32``, ``bfloat16``, ``int8`` or ``"as saved"``; None: not
     re-certified). ``int8_recipe``: the int8 recipe that certificate holds for, where it was
     certified on int8 (:mod:`earlyexit_kernels.engine.layers.precision`; None: none recorded). ``int8_isa``: the

@@ -39,6 +39,7 @@ from earlyexit_kernels._fit_fields import fit_field
 from earlyexit_kernels._method_names import METHODS, UNLABELLED_METHODS
 from earlyexit_kernels.calibration.certify import least_rows_for
 from earlyexit_kernels.methods.losses import objective
+from earlyexit_kernels.training.fit_tries import MAX_TRIES
 
 __all__ = [
     "AUTO_SHARE",
@@ -58,6 +59,7 @@ __all__ = [
     "check_kept_out",
     "check_method_labels",
     "check_rate",
+    "check_tries",
     "file_rows_to_certify",
     "held_out_rows",
     "least_rows_to_certify",
@@ -204,7 +206,10 @@ class FitConfig:
     the training rows kept out to certify on (``"auto"``: measured); ``validation_split``: the share of
     the user's file the validation rows were split from (None: they came from elsewhere); ``guarantee``: what
     the certificate promises, ``"probable"`` or ``"expected"``; ``max_changed``: the answers changed against the full
-    model, in points, certified beside ``max_drop`` (labelled rows, with a ``confidence``; None: not bounded)."""
+    model, in points, certified beside ``max_drop`` (labelled rows, with a ``confidence``; None: not bounded); ``tries``:
+    fits at seeds ``seed``, ``seed + 1``, ..., each certified at a Bonferroni share of ``confidence``, the one of the
+    fewest certified layers kept (:mod:`~earlyexit_kernels.training.fit_tries`; run by
+    :func:`~earlyexit_kernels.integrations.model_folder.fit_folder`, which loads the model anew for each)."""
 
     # each field's command-line metadata (help line, metavar, choices, what None means) is its entry of
     # _fit_fields.FIT_FIELDS, the same on Training's and the Goal's field of the setting: eek fit's and eek
@@ -224,6 +229,7 @@ class FitConfig:
     validation_split: float | None = fit_field("validation_split", None)
     guarantee: str = fit_field("guarantee", "probable")
     max_changed: float | None = fit_field("max_changed", None)
+    tries: int = fit_field("tries", 1)
 
     def __post_init__(self) -> None:
         """Every setting checked here, once, before a row is read: a :class:`FitError` (a ``ValueError``) naming
@@ -247,6 +253,7 @@ class FitConfig:
             _refuse(
                 "validation_split", "strictly between 0 and 1", self.validation_split, "a share such as 0.1", verb="lie"
             )
+        check_tries(self.tries, self.confidence, self.guarantee)
 
     @property
     def training(self) -> Training:
@@ -284,6 +291,24 @@ def check_count(name: str, value, *, optional: bool = True) -> None:
     if (value is not None or not optional) and not (_whole(value) and value >= 1):
         instead = "a number such as 32" + (", or None (the default)" if optional else "")
         _refuse(name, "a whole number, at least 1", value, instead)
+
+
+def check_tries(tries, confidence: float | None, guarantee: str) -> None:
+    """``--tries``: a whole number from 1 to :data:`~earlyexit_kernels.training.fit_tries.MAX_TRIES`; above 1 only
+    with a ``probable`` certificate (it certifies the choice), else the one refusal of it saying what to change."""
+    if not (_whole(tries) and 1 <= tries <= MAX_TRIES):
+        _refuse("tries", f"a whole number from 1 to {MAX_TRIES}", tries, "a number such as 3, or 1 (one fit)")
+    if tries > 1 and confidence is None:
+        raise FitError(
+            f"--tries {tries} keeps the try that certifies the fewest layers, which needs a certificate: give a "
+            "--confidence (each try is certified at a share of it), or leave --tries out"
+        )
+    if tries > 1 and guarantee != "probable":
+        raise FitError(
+            f"--tries {tries} keeps the try whose calibration rows certified the fewest layers, which the "
+            f"{guarantee} guarantee (a mean over the draw of those rows) does not cover: use --guarantee probable, "
+            "or leave --tries out"
+        )
 
 
 def check_rate(name: str, value, *, zero: bool = False) -> None:

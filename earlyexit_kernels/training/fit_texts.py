@@ -75,7 +75,9 @@ class FitReport:
     frozen model's passes over the rows, the calibration). With ``confidence``: the policy is
     certified on ``calibration_rows`` rows kept out of training, and ``certificate`` holds
     :class:`~earlyexit_kernels.calibration.certify.Certificate`'s fields (budget,
-    bound reached, uncertified point's layers, rows needed when nothing was certified).
+    bound reached, uncertified point's layers, rows needed when nothing was certified). ``tries``: with
+    ``--tries`` above 1, what each try certified (:func:`~earlyexit_kernels.training.fit_tries.try_summary`), the
+    kept one's report being this one (empty: one fit).
     """
 
     method: str
@@ -105,6 +107,7 @@ class FitReport:
     validation_full_accuracy: float | None = None
     certified_path: list[str] = field(default_factory=list)
     calibration_share: str | None = None
+    tries: list[dict] = field(default_factory=list)
 
     @classmethod
     def of(cls, result, model, data: FitData, config: FitConfig) -> FitReport:
@@ -146,7 +149,9 @@ class FitReport:
         )
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in vars(self).items()}
+        """The fields as ``eek_fit.json`` saves them: ``tries`` only where there were (a one-try fit's record is
+        what it was before there were tries)."""
+        return {k: v for k, v in vars(self).items() if k != "tries" or v}
 
     def summary(self) -> list[str]:
         """The lines ``eek fit`` prints: the compact curve, then the chosen point."""
@@ -196,6 +201,10 @@ class FitReport:
                     f"path: global (the per-layer path sets its thresholds on half the validation rows and needs "
                     f"{needed} of them at this budget to see its errors; there are {self.validation_rows})"
                 )
+        if self.tries:
+            from earlyexit_kernels.training.fit_tries import describe_tries, kept_try
+
+            lines.append(describe_tries(self.tries, kept_try(self.tries), self.confidence, self.num_layers))
         if self.certificate is not None and self.certificate["certified"]:  # else it is one of the warnings
             lines.append(describe_certificate(self.certificate))
         lines += [f"warning: {w}" for w in self.warnings]
@@ -289,6 +298,11 @@ def fit_model(
     from earlyexit_kernels.training.fit import HeadsFit, fit_heads
 
     config = settings_of(FitConfig, config, fields, who="fit_model", what="config")
+    if config.tries != 1:
+        raise FitError(
+            f"tries={config.tries}: fit_model fits the model it is given once; fit_folder (what eek fit runs), which "
+            "loads the model anew for each try, runs the tries"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         data = prepare(model, tokenizer, train, validation, config, calibration=calibration, unlabelled=unlabelled)
