@@ -203,3 +203,27 @@ def test_eek_fit_tries_writes_the_kept_try_as_one_fit_at_its_seed_and_share_writ
 def test_a_fit_without_a_certificate_refuses_tries_before_reading_a_row(classifier, tmp_path, capsys):  # noqa: F811
     assert _run("fit", classifier, tmp_path / "missing.csv", tmp_path / "out", *FAST, "--tries", "3") == 2
     assert "--tries 3 keeps the try that certifies the fewest layers" in capsys.readouterr().err
+
+
+def test_tries_on_int8_time_the_runtimes_once_and_fit_every_try_on_the_layers_chosen(
+    classifier,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    from earlyexit_kernels.engine.layers import runtime_choice
+    from earlyexit_kernels.patching.fit_record import FitRecord
+
+    timed = []
+    choose = runtime_choice.choose_int8_layers
+
+    def counted(*args, **kwargs):
+        timed.append(choose(*args, **kwargs))
+        return timed[-1]
+
+    monkeypatch.setattr(runtime_choice, "choose_int8_layers", counted)
+    train = write_table(_frame(800, seed=11, labels=None), tmp_path / "train.parquet")
+    settings = ("--max-drop", "5", "--epochs", "2", "--no-progress", "--calibration-fraction", "0.25")
+    assert _run("fit", classifier, train, tmp_path / "int8", *settings, "--tries", "2", "--dtype", "int8") == 0
+    record = FitRecord.load(tmp_path / "int8")
+    assert len(timed) == 1 and [entry["seed"] for entry in record.report["tries"]] == [0, 1]
+    assert record.int8_layers["by"] == "timed" and record.int8_recipe == timed[0].recipe
