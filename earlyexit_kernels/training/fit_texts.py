@@ -293,7 +293,9 @@ def fit_model(
     (:func:`~earlyexit_kernels.training.fit_exit_heads`); None: ``model``'s own.
 
     ``seed`` fixes everything drawn: the splits, the order of the rows, and the heads' initial
-    weights (torch's generator is seeded inside, and given back as it was).
+    weights (torch's generator is seeded inside, and given back as it was). ``tries``: 1 here, which fits the model
+    it is given once; :func:`~earlyexit_kernels.integrations.model_folder.fit_folder` (``eek fit --tries N``) loads
+    the model anew for each of N tries and keeps one (:mod:`~earlyexit_kernels.training.fit_tries`).
     """
     from earlyexit_kernels.training.fit import HeadsFit, fit_heads
 
