@@ -227,3 +227,18 @@ def test_tries_on_int8_time_the_runtimes_once_and_fit_every_try_on_the_layers_ch
     record = FitRecord.load(tmp_path / "int8")
     assert len(timed) == 1 and [entry["seed"] for entry in record.report["tries"]] == [0, 1]
     assert record.int8_layers["by"] == "timed" and record.int8_recipe == timed[0].recipe
+
+
+def test_calibration_rows_too_few_for_the_share_say_that_the_tries_ask_for_more(classifier, tmp_path, capsys):  # noqa: F811
+    from earlyexit_kernels.training.fit_config import least_rows_to_certify
+
+    # enough rows to certify at 95%, too few at the 97.5% each of two tries is certified at
+    rows = (least_rows_to_certify(5.0, 0.95) + least_rows_to_certify(5.0, 0.975)) // 2
+    train = write_table(_frame(300, seed=11, labels=None), tmp_path / "train.parquet")
+    calibration = write_table(_frame(rows, seed=12, labels=None), tmp_path / "calibration.parquet")
+    argv = ("--max-drop", "5", "--epochs", "2", "--no-progress", "--calibration", calibration)
+    assert _run("fit", classifier, train, tmp_path / "one", *argv) == 0
+    assert _run("fit", classifier, train, tmp_path / "tries", *argv, "--tries", "2") == 2
+    error = capsys.readouterr().err
+    assert f"{rows} calibration rows (--calibration) cannot certify" in error
+    assert "(--tries 2 certifies each try at confidence 0.975, so that the one kept holds at 0.95" in error

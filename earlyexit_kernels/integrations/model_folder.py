@@ -467,7 +467,13 @@ def fit_folder(
             each = try_config(config, index)
             # every try on the int8 layers the first one chose (timed once)
             layers = int8_layers if first_choice is None else _layers_of(first_choice)
-            fitted = _fitted(model_path, rows, each, dtype, device, layers, timed=first_choice is None)
+            try:
+                fitted = _fitted(model_path, rows, each, dtype, device, layers, timed=first_choice is None)
+            except FitError as error:  # too few rows for the share, most likely: say where the share comes from
+                raise FitError(
+                    f"{error} (--tries {config.tries} certifies each try at confidence {each.confidence:.4g}, so that "
+                    f"the one kept holds at {config.confidence:g}: fewer tries need fewer rows)"
+                ) from None
             first_choice = first_choice or fitted[3]
             summaries.append(try_summary(fitted[2], each.seed))
             if config.progress:
