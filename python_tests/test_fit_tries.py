@@ -198,6 +198,12 @@ def test_eek_fit_tries_writes_the_kept_try_as_one_fit_at_its_seed_and_share_writ
     written = [(tmp_path / name / "model.safetensors").read_bytes() for name in ("tries", "one")]
     assert written[0] == written[1]
     assert json.loads((tmp_path / "one" / "eek_fit.json").read_text())["policy"] == summary["policy"]
+    # certified anew on other rows, its one path fixed: at the confidence asked, no choice any more
+    rows = write_table(_frame(400, seed=12, labels=None), tmp_path / "rows.csv")
+    assert _run("calibrate", tmp_path / "tries", rows, "--force", "--no-progress") == 0
+    assert "with confidence 95% (exchangeable rows) on 400 calibration rows" in capsys.readouterr().out
+    again = json.loads((tmp_path / "tries" / "eek_fit.json").read_text())["certificate"]
+    assert again["confidence"] == 0.95 and again["chosen_among"] is None
 
 
 def test_a_fit_without_a_certificate_refuses_tries_before_reading_a_row(classifier, tmp_path, capsys):  # noqa: F811
