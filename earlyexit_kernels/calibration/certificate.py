@@ -7,7 +7,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["GUARANTEES", "RISKS", "Certificate", "check_guarantee", "describe_certificate", "guarantee_of"]
+__all__ = [
+    "GUARANTEES",
+    "RISKS",
+    "Certificate",
+    "check_guarantee",
+    "describe_certificate",
+    "guarantee_of",
+    "share_confidence",
+]
 
 #: what each guarantee promises, in the certificate's words
 GUARANTEES = {
@@ -110,7 +118,7 @@ class Certificate:
                 f"(exchangeable {self.unit}) on {self.rows} calibration {self.unit}"
             )
             if self.chosen_among is not None:
-                share = 1 - (1 - self.confidence) / self.chosen_among
+                share = share_confidence(self.confidence, self.chosen_among)
                 head += f", kept among {self.chosen_among} tries each bounded at {100 * share:.4g}%"
         if self.changed_budget is not None:
             head += f" (and answers changed against the full model <= {100 * self.changed_budget:g}%)"
@@ -171,6 +179,13 @@ class Certificate:
                 f"{100 * self.error_part:.2f}%; the labelled rows alone bound it at {100 * self.labelled_bound:.2f}%"
             )
         return f"; the {self.unlabelled_rows} unlabelled rows were not used: {self.unlabelled_use}"
+
+
+def share_confidence(confidence: float, among: int) -> float:
+    """The confidence each of ``among`` certificates is made at, so that any one chosen among them by what they
+    certified holds at ``confidence``: ``1 - (1 - confidence) / among`` (Bonferroni; ``confidence`` itself for one).
+    ``eek fit --tries`` certifies each try at it (:mod:`~earlyexit_kernels.training.fit_tries`)."""
+    return 1.0 - (1.0 - confidence) / among
 
 
 def guarantee_of(fields: dict) -> str:

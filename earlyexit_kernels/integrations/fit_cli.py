@@ -296,14 +296,14 @@ def _progress_on(args) -> bool:
 def _fit(args) -> int:
     from earlyexit_kernels.integrations.model_folder import fit_folder
     from earlyexit_kernels.integrations.table_io import read_labelled
-    from earlyexit_kernels.training.fit_config import FitConfig, check_method_labels
+    from earlyexit_kernels.training.fit_config import VALIDATION_SPLIT, FitConfig, check_method_labels
     from earlyexit_kernels.training.fit_texts import FitError
     from earlyexit_kernels.training.labelled_texts import split_rows
 
     _common_checks(args, names=("threads",))
     given = {name: getattr(args, name) for name in FIT_FLAGS}
     given["progress"] = _progress_on(args)
-    given["validation_split"] = None if args.validation is not None else (args.validation_split or 0.1)
+    given["validation_split"] = None if args.validation is not None else (args.validation_split or VALIDATION_SPLIT)
     config = checked(FitConfig, given)  # every setting checked by the object, before a file is read
     output = Path(args.output)
     if output.exists() and not (output.is_dir() and not any(output.iterdir())) and not args.overwrite:

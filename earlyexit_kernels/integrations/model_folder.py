@@ -445,7 +445,7 @@ def fit_folder(
     (each with its own validation split where ``validation`` is None), each certified at a Bonferroni share of the
     confidence, and the try that certifies the fewest layers is written (:mod:`~earlyexit_kernels.training.fit_tries`;
     the report's ``tries`` says what each certified)."""
-    from earlyexit_kernels.training.fit_config import FitConfig, settings_of
+    from earlyexit_kernels.training.fit_config import VALIDATION_SPLIT, FitConfig, settings_of
     from earlyexit_kernels.training.fit_texts import FitError
     from earlyexit_kernels.training.fit_tries import describe_try, kept_try, try_config, try_summary
 
@@ -457,7 +457,7 @@ def fit_folder(
     elif int8_layers != "auto":
         raise FitError(f"--layers {int8_layers} says where the int8 layers run: give --dtype int8 with it")
     if validation is None and config.validation_split is None:
-        config = dataclasses.replace(config, validation_split=0.1)
+        config = dataclasses.replace(config, validation_split=VALIDATION_SPLIT)
     rows = _Rows(train, validation, calibration, unlabelled, config.validation_split)
     if config.tries == 1:
         model, tokenizer, report, choice = _fitted(model_path, rows, config, dtype, device, int8_layers)

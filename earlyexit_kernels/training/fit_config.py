@@ -49,6 +49,7 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "TRAINS",
+    "VALIDATION_SPLIT",
     "FitConfig",
     "FitError",
     "TrainSettings",
@@ -155,6 +156,8 @@ def check_kept_out(
 
 #: the confidence ``eek fit`` certifies its budget with unless told otherwise
 CONFIDENCE = 0.95
+#: the part of TRAIN_FILE ``eek fit`` holds out for validation where no ``--validation`` file is given
+VALIDATION_SPLIT = 0.1
 #: the part of the training rows ``eek fit`` keeps out to certify on where the share is not measured
 CALIBRATION_FRACTION = 0.25
 #: ``calibration_fraction`` that measures the share on the rows (:mod:`~earlyexit_kernels.training.share_probe`)

@@ -7,7 +7,8 @@ order, and on MiniLM-L6 Rotten Tomatoes it alone moved the certified layers by 0
 certificate:
 
 - each try fixes its path of candidates on its own training and validation rows, before it reads its calibration
-  rows, and certifies along it at confidence ``1 - (1 - confidence) / N`` (:func:`try_confidence`);
+  rows, and certifies along it at confidence ``1 - (1 - confidence) / N`` (``try_confidence``:
+  :func:`~earlyexit_kernels.calibration.certificate.share_confidence`);
 - so the chance that any try's certified policy is over the budget is at most ``1 - confidence`` (Bonferroni: a
   union bound, which needs no independence between the tries, as Learn then Test takes it over its families);
 - so whichever certified try is kept (:func:`kept_try`: the fewest mean layers) holds at ``confidence``.
@@ -25,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from earlyexit_kernels.calibration.certificate import share_confidence as try_confidence
+
 __all__ = ["MAX_TRIES", "describe_try", "describe_tries", "kept_try", "try_config", "try_confidence", "try_summary"]
 
 #: the most tries ``--tries`` takes: each costs one fit's time, and each halving of the share a try is certified at
@@ -32,15 +35,10 @@ __all__ = ["MAX_TRIES", "describe_try", "describe_tries", "kept_try", "try_confi
 MAX_TRIES = 8
 
 
-def try_confidence(confidence: float, tries: int) -> float:
-    """The confidence each of ``tries`` tries is certified at, so that the kept one holds at ``confidence``:
-    ``1 - (1 - confidence) / tries`` (``confidence`` itself for one try)."""
-    return 1.0 - (1.0 - confidence) / tries
-
-
 def try_config(config, index: int):
     """The :class:`~earlyexit_kernels.training.fit_config.FitConfig` of try ``index`` (from 0) of ``config``: seed
-    ``config.seed + index``, certified at :func:`try_confidence`, one try."""
+    ``config.seed + index``, certified at ``try_confidence`` (the calibration's
+    :func:`~earlyexit_kernels.calibration.certificate.share_confidence`), one try."""
     return dataclasses.replace(
         config, seed=config.seed + index, confidence=try_confidence(config.confidence, config.tries), tries=1
     )
