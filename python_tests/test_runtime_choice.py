@@ -100,7 +100,7 @@ def timings(monkeypatch):
         return table[recipe][sum(c == recipe for c in calls) - 1]
 
     monkeypatch.setattr(runtime_choice, "_seconds", seconds)
-    monkeypatch.setattr(runtime_choice, "candidate_recipes", lambda default: [default, "per-token"])
+    monkeypatch.setattr(runtime_choice, "candidate_recipes", lambda default, calibrated: [default, "per-token"])
     return table, calls
 
 

@@ -115,21 +115,43 @@ def _torch_config(name: str, base: str, model) -> Config:
     return Config(name, base, early, run)
 
 
-def int8_encoder(model: nn.Module, recipe: str = "all") -> nn.Module:
+def _recipe_description(recipe: str) -> str:
+    if recipe == "static-ov":
+        return (
+            "each encoder layer NNCF's static int8 on OpenVINO (nncf.quantize, model_type=TRANSFORMER), calibrated "
+            f"on the first {CALIBRATION_TEXTS} validation texts (earlyexit_kernels.engine.layers.ov_static)"
+        )
+    return INT8_RECIPES[recipe]
+
+
+def int8_encoder(model: nn.Module, recipe: str = "all", calibration: list[dict] | None = None) -> nn.Module:
     """A copy of ``model`` with its encoder's Linear layers dynamically quantized to int8 (``recipe``: a key of
-    :data:`~earlyexit_kernels.engine.layers.precision.INT8_RECIPES`; ``--stack-int8``), as ``--dtype int8`` serves it."""
+    :data:`~earlyexit_kernels.engine.layers.precision.INT8_RECIPES`; ``--stack-int8``), as ``--dtype int8`` serves it;
+    ``static-ov`` calibrated on ``calibration`` (the batches OpenVINO's static int8 peer calibrates on)."""
+    if recipe == "static-ov":
+        from earlyexit_kernels.engine.layers.ov_static import static_int8_encoder
+
+        if not calibration:
+            raise SystemExit("--stack-int8 static-ov calibrates on validation texts: none were read")
+        return static_int8_encoder(copy.deepcopy(model), calibration)
     return precision.int8_encoder(model, recipe)
 
 
 def torch_configs(
-    patched, full, *, compile_models: bool = True, bf16: bool = True, int8_recipe: str = "all"
+    patched,
+    full,
+    *,
+    compile_models: bool = True,
+    bf16: bool = True,
+    int8_recipe: str = "all",
+    calibration: list[dict] | None = None,
 ) -> list[Config]:
     """fp32, int8, bf16 and compile, each without and with early exit (``patched``: the fitted model)."""
     configs = [
         _torch_config("fp32", "fp32", full),
         _torch_config("fp32 + early exit", "fp32", patched),
-        _torch_config("int8", "int8", int8_encoder(full, int8_recipe)),
-        _torch_config("int8 + early exit", "int8", int8_encoder(patched, int8_recipe)),
+        _torch_config("int8", "int8", int8_encoder(full, int8_recipe, calibration)),
+        _torch_config("int8 + early exit", "int8", int8_encoder(patched, int8_recipe, calibration)),
     ]
     if bf16:
         configs += [
@@ -449,12 +471,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--stack-int8",
-        choices=("all", "ffn-out-float", "per-token", "per-token-ort", "per-token-ov"),
+        choices=("all", "ffn-out-float", "per-token", "per-token-ort", "per-token-ov", "static-ov"),
         default="all",
         help="the int8 recipe of the int8 rows (earlyexit_kernels.engine.layers.precision.INT8_RECIPES): all (default), "
         "all but the feed-forward output projections (ffn-out-float), which keeps MPNet-base within 2 points, or "
         "per token x per channel on PyTorch's kernels (per-token), ONNX Runtime's layers (per-token-ort, what "
-        "--dtype int8 serves) or OpenVINO's (per-token-ov)",
+        "--dtype int8 serves), OpenVINO's (per-token-ov) or NNCF's static int8 layers on OpenVINO, calibrated on the "
+        "validation texts OpenVINO's static int8 peer calibrates on (static-ov)",
     )
     parser.add_argument(
         "--stack-folder",
@@ -482,16 +505,17 @@ def run(args) -> int:
     start, load_before = time.time(), os.getloadavg()
     patched, full, batches, labels, folder = load_task(args.stack_texts, getattr(args, "stack_folder", None))
     int8_recipe = getattr(args, "stack_int8", None) or "all"
+    calibration = validation_batches(folder) if peer_status()["nncf"] == "installed" else None
     configs = torch_configs(
         patched,
         full,
         compile_models=not args.stack_no_compile,
         bf16=not getattr(args, "stack_no_bf16", False),
         int8_recipe=int8_recipe,
+        calibration=calibration,
     )
     with tempfile.TemporaryDirectory() as scratch:
         try:
-            calibration = validation_batches(folder) if peer_status()["nncf"] == "installed" else None
             peers, notes = peer_configs(full, batches[0], Path(scratch), threads, calibration)
         except Exception as error:  # an exporter or optimizer this version cannot run: the torch rows stay
             peers, notes = [], {"peers": f"failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}"}
@@ -514,7 +538,7 @@ def run(args) -> int:
         ),
         "fitted_folder": Path(folder).name,
         "policy": policy_of(patched).to_code(4),
-        "int8": f"the int8 recipe {int8_recipe}: {INT8_RECIPES[int8_recipe]}",
+        "int8": f"the int8 recipe {int8_recipe}: {_recipe_description(int8_recipe)}",
         "batches": f"{len(batches)} length-sorted batches of {BATCH}",
         "threads": threads,
         "repeats": args.repeats,

@@ -65,7 +65,7 @@ __all__ = [
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "int8")
 #: where the int8 layers run (``engine.precision.INT8_LAYERS``'s keys, and auto)
-INT8_LAYERS = ("auto", "onnxruntime", "openvino", "torch")
+INT8_LAYERS = ("auto", "onnxruntime", "openvino", "torch", "openvino-static")
 
 
 def add_base_options(parser, *, dtypes: tuple[str, ...] = DTYPES) -> None:
@@ -98,8 +98,10 @@ def add_int8_layers_option(parser, auto: str) -> None:
         choices=INT8_LAYERS,
         default="auto",
         help=f"with --dtype int8, where the int8 layers run, one activation scale per token and one weight scale per "
-        f"output channel: auto (default: {auto}), onnxruntime, openvino (openvino installed) or torch. The "
-        "certificate is made on those layers and recorded with them; eek serve runs them",
+        f"output channel: auto (default: {auto}), onnxruntime, openvino (openvino installed) or torch; or "
+        "openvino-static: NNCF's static int8 on OpenVINO (one scale per activation tensor, set by eek fit on "
+        "training rows and saved in the folder; openvino and nncf installed). The certificate is made on those "
+        "layers and recorded with them; eek serve runs them",
     )
 
 

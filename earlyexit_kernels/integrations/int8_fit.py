@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 
-__all__ = ["TIMING_ROWS", "int8_base", "check_int8_method", "timing_batches"]
+__all__ = ["TIMING_ROWS", "CALIBRATION_ROWS", "int8_base", "check_int8_method", "timing_batches", "calibration_batches"]
 
 
 def check_int8_method(method: str) -> None:
@@ -43,6 +43,11 @@ def check_int8_method(method: str) -> None:
             f"or fit {method} on float32 and certify it on int8 with eek calibrate OUTPUT_DIR FILE --dtype int8"
         )
 
+
+#: how many of the training rows the static int8 layers set their scales on (``--layers auto`` where OpenVINO and
+#: NNCF are installed, or ``--layers openvino-static``): optimum-intel's and Sentence Transformers' default
+#: calibration subset for OpenVINO's static int8
+CALIBRATION_ROWS = 300
 
 #: how many of the training rows the int8 runtimes are timed on (``eek fit --dtype int8 --layers auto``): a few
 #: seconds per runtime on a MiniLM at one thread, small beside the fit
@@ -61,8 +66,28 @@ def timing_batches(tokenizer, train, *, batch_size: int, max_length: int, seed: 
     return length_sorted_batches(encode(tokenizer, train.subset(order[:TIMING_ROWS]), max_length), None, batch_size)
 
 
+def calibration_batches(tokenizer, train, *, batch_size: int, max_length: int, seed: int) -> list[dict]:
+    """Up to :data:`CALIBRATION_ROWS` of the training rows ``train`` (drawn with ``seed``, as
+    :func:`timing_batches`), in length-sorted batches: what the static int8 layers set their scales on. Training
+    rows, never the rows that certify."""
+    import torch
+
+    from earlyexit_kernels.training.labelled_texts import encode, length_sorted_batches
+
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows = train.subset(order[:CALIBRATION_ROWS])
+    return length_sorted_batches(encode(tokenizer, rows, max_length), None, batch_size)
+
+
 @contextlib.contextmanager
-def int8_base(model, device: str = "cpu", *, layers: str = "auto", batches: list[dict] | None = None):
+def int8_base(
+    model,
+    device: str = "cpu",
+    *,
+    layers: str = "auto",
+    batches: list[dict] | None = None,
+    calibration: list[dict] | None = None,
+):
     """``model``'s encoder layers int8 inside the block, its float32 layers put back after, whatever happens.
 
     Yields ``(reference, choice)``: a copy of ``model`` as it was (float32, patched), whose full depth the
@@ -71,13 +96,16 @@ def int8_base(model, device: str = "cpu", *, layers: str = "auto", batches: list
     ``layers`` ``"auto"`` and ``batches`` (:func:`timing_batches`), the installed runtime that was fastest on
     them (:func:`~earlyexit_kernels.engine.layers.runtime_choice.choose_int8_layers`); ``"auto"`` without
     batches, the family's recipe (:func:`~earlyexit_kernels.engine.layers.precision.int8_recipe`); a key of
-    :data:`~earlyexit_kernels.engine.layers.precision.INT8_LAYERS`, those layers. ``model`` must be float32
+    :data:`~earlyexit_kernels.engine.layers.precision.INT8_LAYERS`, those layers. ``calibration``
+    (:func:`calibration_batches`): the rows static int8 layers set their scales on; without it static int8 is no
+    candidate, and ``--layers openvino-static`` is refused. Where static int8 layers run, the choice keeps them
+    (``choice.static_layers``) after the float32 layers are put back, for the folder to save. ``model`` must be float32
     and have an ``encoder.layer`` list, which int8 swaps; a
     :class:`~earlyexit_kernels.training.fit_config.FitError` says what runs instead otherwise."""
     import torch
 
     from earlyexit_kernels.engine.layers.ort_layer import encoder_layers
-    from earlyexit_kernels.engine.layers.precision import int8_recipe, int8_recipe_on, to_base
+    from earlyexit_kernels.engine.layers.precision import CALIBRATED_RECIPES, int8_recipe, int8_recipe_on, to_base
     from earlyexit_kernels.engine.layers.runtime_choice import LayersChoice, choose_int8_layers
     from earlyexit_kernels.training.fit_config import FitError
 
@@ -98,22 +126,26 @@ def int8_base(model, device: str = "cpu", *, layers: str = "auto", batches: list
         recipe = int8_recipe_on(model, layers)
     except ValueError as error:
         raise FitError(str(error)) from None
+    if recipe in CALIBRATED_RECIPES and not calibration:
+        raise FitError(f"--layers {layers} sets its scales on training rows: none were given")
     reference = copy.deepcopy(model)  # its layers are the float32 ones put back
     if layers != "auto":
         choice = LayersChoice(recipe, default, f"int8 layers: {layers}, as --layers asked", by="asked")
     elif batches:
-        choice = choose_int8_layers(model, batches, default=default, reference=reference)
+        choice = choose_int8_layers(model, batches, default=default, reference=reference, calibration=calibration)
     else:
         choice = LayersChoice(
             default, default, f"int8 layers: the family's recipe {default} (nothing timed)", by="family"
         )
     try:
         try:
-            to_base(model, "int8", device, int8_recipe=choice.recipe)
+            to_base(model, "int8", device, int8_recipe=choice.recipe, calibration=calibration)
         except ValueError as error:
             raise FitError(str(error)) from None
         yield reference, choice
     finally:
+        if getattr(model, "eek_int8_recipe", None) in CALIBRATED_RECIPES:
+            choice.static_layers = list(encoder_layers(model))  # what the folder saves: they cannot be made again
         for index, layer in enumerate(encoder_layers(reference)):
             layer_list[index] = layer
         if hasattr(model, "eek_int8_recipe"):

@@ -171,7 +171,7 @@ def _architectures(config_path: Path) -> list[str]:
 def to_folder_base(folder: str | Path, model, dtype: str | None, device):
     """:func:`earlyexit_kernels.engine.layers.precision.to_base` for ``folder``'s model: int8 with the recipe its
     int8 certificate holds for (:func:`int8_recipe_of`)."""
-    from earlyexit_kernels.engine.layers.precision import runnable_int8_recipe, to_base
+    from earlyexit_kernels.engine.layers.precision import CALIBRATED_RECIPES, runnable_int8_recipe, to_base
 
     recipe = int8_recipe_of(folder, model) if dtype == "int8" else "auto"
     if recipe != "auto":
@@ -186,6 +186,13 @@ def to_folder_base(folder: str | Path, model, dtype: str | None, device):
                 stacklevel=3,
             )
             recipe = runs
+    if dtype == "int8" and recipe in CALIBRATED_RECIPES:  # set on the fit's training rows, saved in the folder
+        from earlyexit_kernels.engine.layers.ov_static import load_static_layers
+
+        to_base(model, "float32", device)  # the device checked as for any int8 base: the CPU
+        if model.device.type != "cpu":
+            raise ValueError(f"dtype int8 runs on the CPU only (its int8 kernels are the CPU's); got {device}")
+        return load_static_layers(model, folder)
     return to_base(model, dtype, device, int8_recipe=recipe)
 
 
@@ -401,6 +408,10 @@ def save_fitted(
             int8_isa=int8_isa() if on_int8 else None,  # the CPU class the int8 certificate holds for
             int8_layers=choice.as_dict() if on_int8 else None,
         ).save(partial)
+        if on_int8 and choice.static_layers is not None:  # set on training rows: saved, as they cannot be remade
+            from earlyexit_kernels.engine.layers.ov_static import save_static_layers
+
+            save_static_layers(choice.static_layers, partial)
         if output.exists():
             if not overwrite and any(output.iterdir()):
                 raise FitError(f"OUTPUT_DIR {output} appeared while fitting; pass --overwrite to replace it")
@@ -539,17 +550,19 @@ def _fitted(
         model, tokenizer = load_classifier(model_path)
     if dtype == "int8":
         # fitted and certified on int8, on the runtime timed fastest on training rows, written float32
-        from earlyexit_kernels.integrations.int8_fit import int8_base, timing_batches
+        from earlyexit_kernels.engine.layers.precision import INT8_LAYERS, runnable_int8_recipe
+        from earlyexit_kernels.integrations.int8_fit import calibration_batches, int8_base, timing_batches
+        from earlyexit_kernels.training.fit_texts import max_length_for
 
-        batches = None
+        batches = calibration = None
+        length = max_length_for(config.max_length, model, tokenizer)
+        shape = {"batch_size": config.batch_size, "max_length": length, "seed": config.seed}
         if int8_layers == "auto" and timed:
-            from earlyexit_kernels.training.fit_texts import max_length_for
-
-            length = max_length_for(config.max_length, model, tokenizer)
-            batches = timing_batches(
-                tokenizer, train, batch_size=config.batch_size, max_length=length, seed=config.seed
-            )
-        base = int8_base(model, device, layers=int8_layers, batches=batches)
+            batches = timing_batches(tokenizer, train, **shape)
+        static = INT8_LAYERS["openvino-static"]
+        if int8_layers == "openvino-static" or (batches and runnable_int8_recipe(static)[1] is None):
+            calibration = calibration_batches(tokenizer, train, **shape)
+        base = int8_base(model, device, layers=int8_layers, batches=batches, calibration=calibration)
     elif dtype is not None or device != "cpu":
         from earlyexit_kernels.engine.layers.precision import to_base
 

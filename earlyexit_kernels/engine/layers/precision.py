@@ -50,6 +50,7 @@ __all__ = [
     "DEVICES",
     "INT8_RECIPES",
     "INT8_LAYERS",
+    "CALIBRATED_RECIPES",
     "FAMILY_INT8_RECIPES",
     "resolve_device",
     "int8_recipe",
@@ -77,16 +78,28 @@ INT8_RECIPES = {
     "run by ONNX Runtime (one graph per layer, OrtLayer)",
     "per-token-ov": "every Linear layer of the encoder int8 per token x per channel, as per-token, each encoder layer "
     "run by OpenVINO (OvLayer; where openvino is installed)",
+    "static-ov": "every Linear layer of the encoder static int8 (NNCF's quantize with the transformer preset: one "
+    "scale per activation tensor, set on calibration rows, one per output channel for the weights), each encoder "
+    "layer run by OpenVINO (ov_static; where openvino and nncf are installed; made by eek fit --dtype int8 on "
+    "training rows and saved in the folder)",
 }
 #: the recipe of each family (``model_type``) whose int8 base was measured against its float32 model
 #: (agreement and speed at full depth, ``benchmarks/micro/int8_recipes.py``; docs/serving.md, "The int8 base")
 FAMILY_INT8_RECIPES = {"bert": "per-token-ort", "mpnet": "per-token-ort"}
 #: where the int8 layers run (``eek calibrate --dtype int8 --layers``) and the per-token recipe that runs them there
 #: (``auto``: the family's, :func:`int8_recipe`); the same quantization, on each runtime's kernels
-INT8_LAYERS = {"onnxruntime": "per-token-ort", "openvino": "per-token-ov", "torch": "per-token"}
+INT8_LAYERS = {
+    "onnxruntime": "per-token-ort",
+    "openvino": "per-token-ov",
+    "torch": "per-token",
+    "openvino-static": "static-ov",
+}
+#: the recipes whose layers are calibrated on rows (:func:`int8_encoder`'s ``calibration``), not made from the
+#: weights alone
+CALIBRATED_RECIPES = frozenset({"static-ov"})
 #: where a recipe's runtime is not installed, the recipe that runs in its place, on the next runtime (the same
 #: quantization: OpenVINO's layers on ONNX Runtime's, ONNX Runtime's on PyTorch's kernels)
-NEXT_RUNTIME = {"per-token-ov": "per-token-ort", "per-token-ort": "per-token"}
+NEXT_RUNTIME = {"static-ov": "per-token-ort", "per-token-ov": "per-token-ort", "per-token-ort": "per-token"}
 #: the recipe every family's int8 base had before recipes were chosen per family and recorded in the folder
 #: (a folder certified on int8 then holds no record: :func:`legacy_int8_recipe`)
 _LEGACY_FFN_OUT_FLOAT = frozenset({"mpnet"})
@@ -138,6 +151,10 @@ def _missing_runtime(recipe: str) -> str | None:
     """Which packages ``recipe``'s runtime needs and this environment lacks (what installs them), or None."""
     from earlyexit_kernels.engine.layers import ov_layer
 
+    if recipe == "static-ov":
+        from earlyexit_kernels.engine.layers import ov_static
+
+        return None if ov_static.static_available() else ov_static.STATIC_MISSING
     if recipe == "per-token-ov":
         return None if ov_layer.ov_available() else ov_layer.OV_MISSING
     if recipe == "per-token-ort":
@@ -180,14 +197,30 @@ def _encoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     ]
 
 
-def int8_encoder(model: nn.Module, recipe: str = "auto", *, inplace: bool = False) -> nn.Module:
+def int8_encoder(
+    model: nn.Module, recipe: str = "auto", *, inplace: bool = False, calibration: list[dict] | None = None
+) -> nn.Module:
     """``model`` (a copy unless ``inplace``) with its encoder's Linear layers int8, as ``recipe`` says.
 
     ``recipe``: ``"auto"`` (:func:`int8_recipe`, the family's) or a key of :data:`INT8_RECIPES`. The
-    model records it as ``model.eek_int8_recipe``."""
+    model records it as ``model.eek_int8_recipe``. ``calibration``: the batches (the model's inputs) a recipe of
+    :data:`CALIBRATED_RECIPES` sets its scales on; rows that never certify."""
     recipe = int8_recipe(model) if recipe == "auto" else recipe
     if recipe not in INT8_RECIPES:
         raise ValueError(f"int8 recipe must be auto or one of {', '.join(INT8_RECIPES)}; got {recipe!r}")
+    if recipe in CALIBRATED_RECIPES:
+        if not calibration:
+            raise ValueError(
+                f"int8 recipe {recipe} sets its scales on calibration rows: eek fit --dtype int8 makes its layers on "
+                "training rows and saves them in the folder, which then serves them (in Python: "
+                "earlyexit_kernels.engine.layers.ov_static.static_int8_encoder(model, batches))"
+            )
+        from earlyexit_kernels.engine.layers import ov_static
+
+        missing = _missing_runtime(recipe)
+        if missing is not None:
+            raise ValueError(f"int8 recipe {recipe}: {missing}; or run the per-token-ort recipe (ONNX Runtime)")
+        return ov_static.static_int8_encoder(model if inplace else copy.deepcopy(model), calibration)
     quantized = model if inplace else copy.deepcopy(model)
     if recipe in ("per-token-ort", "per-token-ov"):  # each encoder layer one graph, on ONNX Runtime or OpenVINO
         return _graph_encoder(quantized, recipe)
@@ -244,12 +277,17 @@ def _graph_encoder(model: nn.Module, recipe: str) -> nn.Module:
 
 
 def to_base(
-    model: nn.Module, dtype: str | None = None, device: str | torch.device = "auto", *, int8_recipe: str = "auto"
+    model: nn.Module,
+    dtype: str | None = None,
+    device: str | torch.device = "auto",
+    *,
+    int8_recipe: str = "auto",
+    calibration: list[dict] | None = None,
 ) -> nn.Module:
     """``model`` on ``device`` at ``dtype`` (None: as saved), in place where it can be (int8 swaps the
     encoder's Linear modules for quantized ones in place too, with ``int8_recipe``: ``"auto"``, the
-    family's, or a key of :data:`INT8_RECIPES`, e.g. the one a folder's int8 certificate recorded).
-    Returns the model."""
+    family's, or a key of :data:`INT8_RECIPES`, e.g. the one a folder's int8 certificate recorded;
+    ``calibration``: :func:`int8_encoder`'s). Returns the model."""
     target = resolve_device(device)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
@@ -261,7 +299,7 @@ def to_base(
             )
         recipe = _int8_recipe_of(model) if int8_recipe == "auto" else int8_recipe  # fails before any change
         model.float()
-        return int8_encoder(model, recipe, inplace=True).to(target)
+        return int8_encoder(model, recipe, inplace=True, calibration=calibration).to(target)
     if dtype == "bfloat16":
         return model.to(device=target, dtype=torch.bfloat16)
     if dtype == "float32":

@@ -70,6 +70,9 @@ class LayersChoice:
     rows: int = 0
     seconds: dict[str, list[float]] = field(default_factory=dict)
     changed: dict[str, int] = field(default_factory=dict)
+    #: the static int8 layers that ran where ``recipe`` is set on calibration rows (kept for the folder to save;
+    #: not recorded in ``eek_fit.json``)
+    static_layers: list | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
         """What a folder records of the choice (``eek_fit.json``'s ``int8_layers``)."""
@@ -82,12 +85,17 @@ class LayersChoice:
         return saved
 
 
-def candidate_recipes(default: str) -> list[str]:
-    """The per-token recipes whose runtime is installed here, ``default`` first (each runtime once)."""
-    from earlyexit_kernels.engine.layers.precision import INT8_LAYERS, runnable_int8_recipe
+def candidate_recipes(default: str, *, calibrated: bool = False) -> list[str]:
+    """The int8 recipes whose runtime is installed here, ``default`` first (each runtime once); the ones set on
+    calibration rows (static int8) only where ``calibrated`` (rows to set them on were given)."""
+    from earlyexit_kernels.engine.layers.precision import CALIBRATED_RECIPES, INT8_LAYERS, runnable_int8_recipe
 
     found = [default] + [recipe for recipe in INT8_LAYERS.values() if recipe != default]
-    return [recipe for recipe in dict.fromkeys(found) if runnable_int8_recipe(recipe)[1] is None]
+    return [
+        recipe
+        for recipe in dict.fromkeys(found)
+        if runnable_int8_recipe(recipe)[1] is None and (calibrated or recipe not in CALIBRATED_RECIPES)
+    ]
 
 
 def changed_answers_worse(candidate: list[bool], default: list[bool], level: float = _AGREEMENT_LEVEL) -> bool:
@@ -138,24 +146,29 @@ def choose_int8_layers(
     default: str,
     reference: nn.Module | None = None,
     rounds: int = ROUNDS,
+    calibration: list[dict] | None = None,
 ) -> LayersChoice:
     """Time the int8 layers of every installed runtime on ``batches`` (dicts of the model's inputs:
     ``input_ids``, ``attention_mask``, ...) and choose one (the module docstring). ``model`` (float32) is left
     as it is; ``default``: the family's recipe, kept unless another wins every round; ``reference``: the
-    float32 model whose full-depth answers the candidates' are compared with (None: no agreement check)."""
+    float32 model whose full-depth answers the candidates' are compared with (None: no agreement check);
+    ``calibration``: the batches the static int8 layers set their scales on (None: static int8 is no candidate).
+    The timed batches and the calibration batches are training rows; a static candidate's agreement is read on
+    the timed rows, which may be among its calibration rows (as its scales were set on the training split)."""
     from earlyexit_kernels.engine.layers.precision import int8_encoder
 
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1; got {rounds}")
     if not batches:
         raise ValueError("the runtimes are timed on rows: give at least one batch")
-    recipes = candidate_recipes(default)
+    recipes = candidate_recipes(default, calibrated=bool(calibration))
     if default not in recipes:
         raise ValueError(f"the default int8 recipe {default} cannot run here: its runtime is not installed")
     if len(recipes) == 1:
         return LayersChoice(default, default, f"int8 layers: {_runtime(default)}, the one runtime installed", by="only")
     rows = sum(len(batch["input_ids"]) for batch in batches)
-    candidates = {recipe: int8_encoder(model, recipe) for recipe in recipes}  # copies: model stays float32
+    # copies: model stays float32
+    candidates = {recipe: int8_encoder(model, recipe, calibration=calibration) for recipe in recipes}
     changed: dict[str, list[bool]] = {}
     expected = None if reference is None else _answers(reference, batches)
     for recipe, candidate in candidates.items():  # the untimed pass: shapes compiled, and the answers

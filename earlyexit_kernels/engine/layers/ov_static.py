@@ -1,0 +1,435 @@
+"""Static int8 encoder layers on OpenVINO: each layer's graph quantized by NNCF on the activations of calibration rows.
+
+    calibration = [tokenizer(texts, padding=True, return_tensors="pt") for texts in batches]
+    static_int8_encoder(model, calibration)      # in place: each encoder layer an OvLayer of NNCF's static int8
+
+Why: OpenVINO's static int8 model (``nncf.quantize`` with the transformer preset, what optimum-intel's
+``OVQuantizer`` runs for Sentence Transformers' static int8 export) is the fastest CPU peer on an AMX Xeon: it
+ran all six of MiniLM-L6's layers about as fast as early exit ran 2.45 on the per-token layers (docs/benchmarks.md,
+"minilm-xeon-openvino"). Its layers know each activation's range before the call, so a product reads its
+u8 inputs at once, where the per-token layers (:mod:`~earlyexit_kernels.engine.layers.ov_layer`,
+:mod:`~earlyexit_kernels.engine.layers.ort_layer`) find each row's range and the call's range first. Early exit on
+the same static layers runs the layers the fastest runtime runs, fewer of them.
+
+How: the float32 graph of each layer on its real tokens (:func:`~earlyexit_kernels.engine.layers.ov_layer.ov_model`
+with ``int8=False``; packed tokens in, as every graph layer) is quantized by ``nncf.quantize`` with
+``model_type=TRANSFORMER`` on the inputs that layer met while the float32 model ran the calibration batches (the
+activations NNCF would record at that point of the whole model: the float layers before it). NNCF puts a
+``FakeQuantize`` before each product with one scale per tensor for the activations and one per output channel for
+the weights; the plugin runs them as u8 x s8 products (AMX or VNNI). Without VNNI the weights take 7 bits
+(NNCF's ``OverflowFix.ENABLE``), as every int8 layer of this package does there
+(:mod:`~earlyexit_kernels.engine.layers.int8_isa`).
+
+A static scale does not depend on the call: each token's output is the same whatever rows share its call, and the
+padding a call adds (:mod:`~earlyexit_kernels.engine.layers.packed_call_shapes`) changes nothing.
+
+The calibration rows are the caller's: ``eek fit`` gives rows of its training split, never the rows that certify.
+Needs ``openvino``, ``onnx`` and ``nncf`` (the package's ``openvino`` extra).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import io
+import json
+import logging
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from earlyexit_kernels.engine.layers.int8_isa import int8_isa, int8_weight_bits
+from earlyexit_kernels.engine.layers.ort_layer import (
+    _key_mask,
+    encoder_layers,
+    layer_graph,
+    layer_parts,
+    layer_session,
+    ort_available,
+    returns_tuple,
+    run_session,
+)
+from earlyexit_kernels.engine.layers.ov_layer import (
+    OV_MISSING,
+    _logged_failures,
+    _ov_core,
+    _serialized,
+    compile_config,
+    ov_available,
+)
+from earlyexit_kernels.engine.layers.packed_call_shapes import LENGTH_STEP
+
+__all__ = [
+    "STATIC_RECIPE",
+    "FOLDER",
+    "STATIC_MISSING",
+    "static_available",
+    "calibration_feeds",
+    "static_layer_ir",
+    "StaticOvLayer",
+    "layer_model",
+    "static_int8_encoder",
+    "save_static_layers",
+    "load_static_layers",
+]
+
+#: the int8 recipe name of these layers (``eek_fit.json``'s ``int8_recipe``)
+STATIC_RECIPE = "static-ov"
+#: the folder, inside a model folder, that holds the layers' IR
+FOLDER = "static_int8"
+
+STATIC_MISSING = OV_MISSING.replace("openvino and onnx are", "openvino, onnx and nncf are") + " (with nncf)"
+
+logger = logging.getLogger("earlyexit_kernels.layers")
+
+
+def static_available() -> bool:
+    """Whether OpenVINO, ``onnx`` and NNCF are importable."""
+    return ov_available() and importlib.util.find_spec("nncf") is not None
+
+
+class _Wrapped(nn.Module):
+    """A float encoder layer called with the graph's inputs: the padded grid, a 0/1 key mask [n, S] (turned into
+    the additive mask the layer takes) and, for MPNet, the position bias."""
+
+    def __init__(self, layer: nn.Module, position_bias: bool):
+        super().__init__()
+        self.layer, self.position_bias = layer, position_bias
+
+    def forward(self, hidden, key_mask, position_bias=None):
+        additive = (1.0 - key_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        out = self.layer(hidden, additive, position_bias) if self.position_bias else self.layer(hidden, additive)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _inputs(hidden: torch.Tensor, key_mask: np.ndarray, position_bias: torch.Tensor | None) -> dict:
+    """The graph's inputs (numpy arrays by name), the grid padded to a length of a multiple of
+    :data:`~earlyexit_kernels.engine.layers.packed_call_shapes.LENGTH_STEP` (masked out): the plugin prepares each new
+    shape again, and the length of a batch's survivors is the batch's."""
+    n, length, width = hidden.shape
+    padded = -(-length // LENGTH_STEP) * LENGTH_STEP
+    grid = hidden.detach().float().contiguous().numpy()
+    if padded != length:
+        grid = np.concatenate([grid, np.zeros((n, padded - length, width), np.float32)], axis=1)
+        key_mask = np.concatenate([key_mask, np.zeros((n, padded - length), key_mask.dtype)], axis=1)
+    feeds = {"hidden": grid, "key_mask": np.ascontiguousarray(key_mask, np.int32)}
+    if position_bias is not None:
+        bias = position_bias.detach().float().numpy()
+        if padded != length:
+            bias = np.pad(bias, ((0, 0), (0, 0), (0, padded - length), (0, padded - length)))
+        feeds["position_bias"] = np.ascontiguousarray(bias)
+    return feeds
+
+
+def layer_model(layer: nn.Module, config, sample: dict):
+    """The ``openvino.Model`` of ``layer`` (float32) on the padded grid, converted from the torch layer as OpenVINO
+    converts a whole model (the attention is the torch layer's own, which the plugin fuses as in the whole model):
+    inputs ``hidden`` [n, S, H], ``key_mask`` [n, S] int32 and, for MPNet, ``position_bias`` [n or 1, heads, S, S];
+    output [n, S, H]. ``sample``: one call's inputs (:func:`_inputs`), to trace the layer with."""
+    import openvino as ov
+
+    position_bias = "position_bias" in sample
+    width = config.hidden_size
+    shapes = [("hidden", [-1, -1, width]), ("key_mask", [-1, -1])]
+    if position_bias:
+        shapes.append(("position_bias", [-1, config.num_attention_heads, -1, -1]))
+    example = {name: torch.from_numpy(sample[name]) for name, _ in shapes}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the tracer's notes on the layer's Python branches
+        model = ov.convert_model(_Wrapped(copy.deepcopy(layer).float().eval(), position_bias), example_input=example,
+                                 input=shapes)  # fmt: skip
+    for port, (name, _) in zip(model.inputs, shapes):
+        port.get_tensor().set_names({name})
+    return model
+
+
+def calibration_feeds(model: nn.Module, batches: list[dict]) -> list[list[dict]]:
+    """For each encoder layer of ``model``, the graph inputs (:func:`_inputs`) it met while a float32 copy of the
+    model ran ``batches`` (the tokenizer's outputs: ``input_ids``, ``attention_mask``, ...) at full depth: the
+    activations NNCF records at that point of the whole model. A patched model runs its class's own forward
+    (``eek.patch`` sets the early-exit one on the instance), so every row reaches every layer."""
+    plain = copy.deepcopy(model).float().eval()
+    layers = encoder_layers(plain)
+    if layers is None:
+        raise ValueError(f"static int8: {type(model).__name__} has no encoder.layer list")
+    recorded: list[list[dict]] = [[] for _ in layers]
+
+    def hook(index):
+        def record(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+            bias = args[2] if len(args) > 2 else kwargs.get("position_bias")
+            key_mask = _key_mask(mask, hidden.shape[0], hidden.shape[1])
+            recorded[index].append(_inputs(hidden.clone(), key_mask, None if bias is None else bias.clone()))
+
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                type(plain).forward(plain, **{name: batch[name] for name in names if name in batch})
+    finally:
+        for handle in handles:
+            handle.remove()
+    return recorded
+
+
+def static_layer_ir(layer: nn.Module, config, feeds: list[dict], *, reduce_range: bool | None = None):
+    """``layer`` (a float BERT-style or MPNet layer) as NNCF's static int8 model on the graph inputs ``feeds``:
+    ``(ir, weight bits)``."""
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+    if not feeds:
+        raise ValueError("static int8 needs calibration rows: no layer inputs were recorded")
+    reduce_range = int8_weight_bits() == 7 if reduce_range is None else reduce_range
+    model = layer_model(layer, config, feeds[0])
+    nncf_logger = logging.getLogger("nncf")
+    level = nncf_logger.level
+    nncf_logger.setLevel(logging.WARNING)  # NNCF's progress lines, once per layer
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # and its progress bars (rich, on stdout)
+            quantized = nncf.quantize(
+                model,
+                nncf.Dataset(feeds),
+                model_type=nncf.ModelType.TRANSFORMER,
+                subset_size=len(feeds),  # every call recorded: the statistics of all the calibration rows
+                advanced_parameters=AdvancedQuantizationParameters(
+                    # 7-bit weights where the CPU's u8 x s8 kernels add pairs in saturating 16-bit sums
+                    overflow_fix=OverflowFix.ENABLE if reduce_range else OverflowFix.DISABLE
+                ),
+            )
+    finally:
+        nncf_logger.setLevel(level)
+    return _serialized(quantized), 7 if reduce_range else 8
+
+
+class StaticOvLayer(nn.Module):
+    """An encoder layer run by OpenVINO's CPU plugin from NNCF's static int8 model of it (:func:`static_layer_ir`),
+    called as the layer was: the padded grid in and out, zeros at the padding.
+
+    Compiled at the first call for torch's thread count then (again when it changes); a thread calling it has its
+    own infer request; a copy or a pickle compiles its own from the IR it keeps. A call OpenVINO fails (compiling its
+    shape, its memory) runs on ONNX Runtime's per-token int8 graph of the same layer where onnxruntime was installed
+    when the layer was made (another quantization: logged once per reason), else raises."""
+
+    runtime = "OpenVINO"
+    static = True
+
+    def __init__(
+        self,
+        ir: tuple[bytes, bytes],
+        *,
+        position_bias: bool,
+        returns_tuple: bool,
+        weight_bits: int,
+        fallback_graph: bytes | None = None,
+        calibration_rows: int | None = None,
+    ):
+        super().__init__()
+        self.ir, self.position_bias, self.returns_tuple = ir, position_bias, returns_tuple
+        self.weight_bits, self.fallback_graph, self.calibration_rows = weight_bits, fallback_graph, calibration_rows
+        self._compiled = self._threads = self._fallback = None
+        self._requests = threading.local()
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module, config, feeds: list[dict], *, reduce_range: bool | None = None):
+        """``layer`` (a float BERT-style or MPNet layer) quantized by NNCF on the graph inputs ``feeds``."""
+        parts = layer_parts(layer, config)
+        ir, bits = static_layer_ir(layer, config, feeds, reduce_range=reduce_range)
+        return cls(
+            ir,
+            position_bias=parts.position_bias,
+            returns_tuple=returns_tuple(layer, parts),
+            weight_bits=bits,
+            fallback_graph=layer_graph(parts, int8=True, reduce_range=bits == 7) if ort_available() else None,
+        )
+
+    def compiled(self):
+        """The compiled model for torch's thread count now."""
+        threads = torch.get_num_threads()
+        if self._compiled is None or self._threads != threads:
+            if self.weight_bits == 8 and int8_weight_bits() == 7:
+                raise ValueError(
+                    f"this static int8 layer has 8-bit weights, made on a CPU with VNNI; this CPU's int8 class is "
+                    f"{int8_isa()}, whose u8 x s8 kernels add pairs of products in saturating 16-bit sums. Fit the "
+                    "folder again on this CPU (eek fit --dtype int8: 7-bit weights)"
+                )
+            core = _ov_core()
+            xml, weights = self.ir
+            self._compiled = core.compile_model(core.read_model(xml, weights), "CPU", compile_config(threads))
+            self._threads = threads
+        return self._compiled
+
+    def prepare(self) -> None:
+        """Compile now, so that no call pays for it (a server, before its first request)."""
+        self.compiled()
+
+    def _request(self):
+        compiled = self.compiled()
+        held = getattr(self._requests, "held", None)
+        if held is None or held[0] is not compiled:
+            held = self._requests.held = (compiled, compiled.create_infer_request())
+        return held[1]
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_bias=None, *args, **kwargs):
+        if hidden_states.device.type != "cpu":
+            raise ValueError(f"the OpenVINO layer runs on the CPU; the hidden states are on {hidden_states.device}")
+        n, length, width = hidden_states.shape
+        key_mask = _key_mask(attention_mask, n, length)
+        if self.position_bias and position_bias is None:
+            raise ValueError("this MPNet layer takes the position bias its encoder computes")
+        feeds = _inputs(hidden_states, key_mask, position_bias if self.position_bias else None)
+        try:
+            # the inputs read in place (the call waits for the result); the output copied out of the request's memory
+            grid = self._request().infer(feeds, share_inputs=True)[0][:, :length]
+            output = torch.from_numpy(np.array(grid, copy=True))
+        except RuntimeError as error:  # the runtime's own failure, not the call's input (checked above)
+            output = self._fallback_call(hidden_states, key_mask, position_bias, error)
+        output = output * torch.from_numpy(key_mask[..., None]).to(output.dtype)  # zeros at the padding
+        if hidden_states.dtype != torch.float32:
+            output = output.to(hidden_states.dtype)
+        return (output,) if self.returns_tuple else output
+
+    def _fallback_call(self, hidden_states, key_mask, position_bias, error: RuntimeError) -> torch.Tensor:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if self.fallback_graph is None:
+            raise RuntimeError(
+                f"OpenVINO failed a static int8 layer call ({reason}), and the layer has no ONNX Runtime graph to run "
+                "it instead (onnxruntime was not installed when it was made)"
+            ) from error
+        threads = torch.get_num_threads()
+        if self._fallback is None or self._fallback[0] != threads:
+            self._fallback = (threads, layer_session(self.fallback_graph, threads))
+        if reason not in _logged_failures:
+            _logged_failures.add(reason)
+            logger.warning(
+                "OpenVINO failed a static int8 layer call (%s): that call ran on ONNX Runtime's per-token int8 layer "
+                "(logged once per reason)",
+                reason,
+            )
+        n, length, width = hidden_states.shape
+        positions = np.flatnonzero(key_mask)
+        grid = hidden_states.detach().float().reshape(n * length, width)
+        feeds = {"tokens": grid[positions].numpy(), "positions": positions, "key_mask": key_mask}
+        if self.position_bias:
+            feeds["position_bias"] = position_bias.detach().float().contiguous().numpy()
+        tokens = torch.from_numpy(run_session(self._fallback[1], feeds))
+        return (
+            grid.new_zeros(n * length, width).index_copy_(0, torch.from_numpy(positions), tokens).view(n, length, width)
+        )
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_compiled"] = state["_threads"] = state["_requests"] = state["_fallback"] = None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._requests = threading.local()
+
+    def __deepcopy__(self, memo):
+        copied = StaticOvLayer(
+            self.ir,
+            position_bias=self.position_bias,
+            returns_tuple=self.returns_tuple,
+            weight_bits=self.weight_bits,
+            fallback_graph=self.fallback_graph,
+            calibration_rows=self.calibration_rows,
+        )
+        copied.train(self.training)
+        return copied
+
+    def extra_repr(self) -> str:
+        rows = f", calibrated on {self.calibration_rows} rows" if self.calibration_rows else ""
+        return f"OpenVINO, static int8 (NNCF), {self.weight_bits}-bit weights, {len(self.ir[1]) / 2**20:.1f} MiB{rows}"
+
+
+def static_int8_encoder(model: nn.Module, batches: list[dict], *, reduce_range: bool | None = None) -> nn.Module:
+    """``model`` with each encoder layer NNCF's static int8 layer on OpenVINO, calibrated on ``batches``, in place."""
+    if not static_available():
+        raise ValueError(f"static int8 layers: {STATIC_MISSING}")
+    layers = encoder_layers(model)
+    if layers is None:
+        raise ValueError(f"static int8: {type(model).__name__} has no encoder.layer list")
+    feeds = calibration_feeds(model, batches)
+    rows = sum(len(batch["input_ids"]) for batch in batches)
+    for index, layer in enumerate(layers):
+        layers[index] = StaticOvLayer.from_layer(layer, model.config, feeds[index], reduce_range=reduce_range)
+        layers[index].calibration_rows = rows
+    model.eek_int8_recipe = STATIC_RECIPE
+    return model
+
+
+def save_static_layers(model: nn.Module | list, folder: str | Path) -> None:
+    """Write ``model``'s static int8 layers (or the list of them) as OpenVINO IR to ``folder``/:data:`FOLDER`, with a
+    record of their weight bits and calibration rows: what a folder certified on them serves
+    (:func:`load_static_layers`)."""
+    layers = model if isinstance(model, list) else encoder_layers(model)
+    if not layers or not all(isinstance(layer, StaticOvLayer) for layer in layers):
+        raise ValueError("the model's encoder layers are not static int8 layers (static_int8_encoder) to save")
+    target = Path(folder) / FOLDER
+    target.mkdir(parents=True, exist_ok=True)
+    for index, layer in enumerate(layers):
+        xml, weights = layer.ir
+        (target / f"layer_{index:02d}.xml").write_bytes(xml)
+        (target / f"layer_{index:02d}.bin").write_bytes(weights)
+    record = {
+        "layers": len(layers),
+        "weight_bits": sorted({layer.weight_bits for layer in layers}),
+        "calibration_rows": getattr(layers[0], "calibration_rows", None),
+        "form": "nncf.quantize(model_type=TRANSFORMER) of each encoder layer's graph on OpenVINO",
+    }
+    (target / "layers.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def load_static_layers(model: nn.Module, folder: str | Path) -> nn.Module:
+    """``model`` (the folder's float32 model) with each encoder layer the static int8 layer ``folder`` saved
+    (:func:`save_static_layers`), in place; a ``ValueError`` saying what to do where the files are missing or are
+    another model's."""
+    if not static_available():
+        raise ValueError(f"static int8 layers: {STATIC_MISSING}")
+    source = Path(folder) / FOLDER
+    layers = encoder_layers(model)
+    if layers is None:
+        raise ValueError(f"static int8: {type(model).__name__} has no encoder.layer list")
+    try:
+        record = json.loads((source / "layers.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{folder} names static int8 layers but {source}/layers.json cannot be read ({error}): fit the folder "
+            "again with eek fit --dtype int8, or certify another int8 form on it (eek calibrate FOLDER ROWS --dtype "
+            "int8 --layers onnxruntime)"
+        ) from None
+    if record.get("layers") != len(layers):
+        raise ValueError(
+            f"{source} holds {record.get('layers')} static int8 layers and the model has {len(layers)}: they are "
+            "another model's; fit the folder again with eek fit --dtype int8"
+        )
+    bits = 7 if record.get("weight_bits") == [7] else 8
+    for index, layer in enumerate(layers):
+        name = source / f"layer_{index:02d}"
+        try:
+            ir = (name.with_suffix(".xml").read_bytes(), name.with_suffix(".bin").read_bytes())
+        except OSError as error:
+            raise ValueError(
+                f"{source} lacks layer {index}'s files ({error}): fit the folder again with eek fit --dtype int8"
+            ) from None
+        parts = layer_parts(layer, model.config)
+        layers[index] = StaticOvLayer(
+            ir,
+            position_bias=parts.position_bias,
+            returns_tuple=returns_tuple(layer, parts),
+            weight_bits=bits,
+            fallback_graph=layer_graph(parts, int8=True, reduce_range=bits == 7) if ort_available() else None,
+            calibration_rows=record.get("calibration_rows"),
+        )
+    model.eek_int8_recipe = STATIC_RECIPE
+    return model

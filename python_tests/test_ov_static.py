@@ -1,0 +1,180 @@
+"""Static int8 encoder layers on OpenVINO (``ov_static``: each layer's graph quantized by NNCF on calibration rows).
+
+The reference beside them is the float32 layer: a static layer moves from it by what int8 moves (of the order of
+the per-token layer's move, never a wrong graph's), each token's output does not depend on the other rows of its
+call (the scales are set before the call), and a folder's saved layers run bit for bit as the fit's.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_mpnet
+from test_fit_cli import classifier  # noqa: F401 - a fixture
+
+from earlyexit_kernels.engine.layers import ov_static
+from earlyexit_kernels.engine.layers.precision import int8_encoder
+
+pytestmark = pytest.mark.skipif(not ov_static.static_available(), reason=ov_static.STATIC_MISSING)
+
+
+def _batches(model, count=4, rows=8, length=12, seed=0):
+    """Random calibration batches of the model's vocabulary, rows of unequal length."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(5, model.config.vocab_size, (rows, length), generator=generator)
+        lengths = torch.randint(3, length + 1, (rows,), generator=generator)
+        mask = (torch.arange(length)[None] < lengths[:, None]).long()
+        batches.append({"input_ids": ids * mask, "attention_mask": mask})
+    return batches
+
+
+MODELS = {"bert": lambda: tiny_model("bert", num_layers=2), "mpnet": tiny_mpnet}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def static_pair(request):
+    """(float32 model, its static int8 copy), calibrated on random rows of its vocabulary."""
+    model = MODELS[request.param]()
+    return model, int8_encoder(model, "static-ov", calibration=_batches(model))
+
+
+def _norm(x):
+    return float(x.norm())
+
+
+def test_every_encoder_layer_is_a_static_openvino_layer_and_the_rest_stays_float(static_pair):
+    model, static = static_pair
+    layers = static.base_model.encoder.layer
+    assert all(isinstance(layer, ov_static.StaticOvLayer) and layer.weight_bits in (7, 8) for layer in layers)
+    assert static.eek_int8_recipe == "static-ov"
+    assert "static int8 (NNCF)" in repr(layers[0])
+    torch.testing.assert_close(static.classifier.state_dict(), model.classifier.state_dict(), rtol=0, atol=0)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the float32 model is left as it was
+
+
+def _layer_out(layer, feeds: dict) -> torch.Tensor:
+    """``layer``'s output on one call's recorded graph inputs, called as its encoder calls it; padding zeroed."""
+    hidden, mask = torch.from_numpy(feeds["hidden"]), torch.from_numpy(feeds["key_mask"]).bool()
+    additive = torch.where(mask, 0.0, torch.finfo(torch.float32).min)[:, None, None, :]
+    bias = (torch.from_numpy(feeds["position_bias"]),) if "position_bias" in feeds else ()
+    with torch.no_grad():
+        out = layer(hidden, additive, *bias)
+    return (out[0] if isinstance(out, tuple) else out) * mask[..., None]
+
+
+def test_a_static_layer_moves_from_the_float_layer_as_int8_does(static_pair):
+    """On hidden states the model makes from rows the scales were not set on: measured on these tiny layers, the
+    static layer's distance from the float layer is 2.2-3.6x the per-token layer's (one scale per tensor against
+    one per token). A layer left float would sit near 0x, a wrong scale or graph at the output's own norm."""
+    model, static = static_pair
+    per_token = int8_encoder(model, "per-token")
+    held_out = ov_static.calibration_feeds(model, _batches(model, count=2, rows=16, seed=7))
+    for index, layer in enumerate(model.base_model.encoder.layer):
+        for feeds in held_out[index]:
+            exact = _layer_out(layer, feeds)
+            moved = _norm(_layer_out(static.base_model.encoder.layer[index], feeds) - exact)
+            per_token_moved = _norm(_layer_out(per_token.base_model.encoder.layer[index], feeds) - exact)
+            assert 1.0 < moved / per_token_moved < 10, (moved, per_token_moved)
+
+
+def test_each_token_s_output_does_not_depend_on_the_rows_beside_it(static_pair):
+    model, static = static_pair
+    layer = static.base_model.encoder.layer[0]
+    feeds = ov_static.calibration_feeds(model, _batches(model, count=1, rows=6, seed=3))[0][0]
+    batched = _layer_out(layer, feeds)
+    for row in range(len(feeds["hidden"])):
+        length = int(feeds["key_mask"][row].sum())
+        alone = {
+            name: value[row : row + 1, ..., :length, :] if name == "hidden" else value for name, value in feeds.items()
+        }
+        alone["key_mask"] = feeds["key_mask"][row : row + 1, :length]
+        if "position_bias" in feeds:
+            alone["position_bias"] = feeds["position_bias"][:1, :, :length, :length]
+        torch.testing.assert_close(_layer_out(layer, alone)[0], batched[row, :length], rtol=1e-4, atol=1e-4)
+
+
+def test_the_whole_model_keeps_the_float_model_s_logits_to_int8_s_rounding(static_pair):
+    """Measured: 1e-4 at most on these tiny models' logits, on rows the scales were not set on."""
+    model, static = static_pair
+    with torch.no_grad():
+        for batch in _batches(model, count=2, rows=16, seed=7):
+            torch.testing.assert_close(static(**batch).logits, model(**batch).logits, rtol=0, atol=1e-3)
+
+
+def test_saved_layers_load_and_run_bit_for_bit(static_pair, tmp_path):
+    model, static = static_pair
+    ov_static.save_static_layers(static, tmp_path)
+    record = json.loads((tmp_path / ov_static.FOLDER / "layers.json").read_text())
+    assert record["layers"] == model.config.num_hidden_layers and record["calibration_rows"] == 32
+    loaded = ov_static.load_static_layers(_copy(model), tmp_path)
+    batch = _batches(model, count=1, seed=9)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, static(**batch).logits, rtol=0, atol=0)
+
+
+def _copy(model):
+    return copy.deepcopy(model)
+
+
+def test_missing_or_foreign_layer_files_are_one_clear_error(static_pair, tmp_path):
+    model, static = static_pair
+    with pytest.raises(
+        ValueError,
+        match="names static int8 layers but .* cannot be read .*: fit the folder again with eek fit --dtype int8",
+    ):
+        ov_static.load_static_layers(_copy(model), tmp_path)
+    ov_static.save_static_layers(static, tmp_path)
+    record = tmp_path / ov_static.FOLDER / "layers.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "layers": 5}))
+    with pytest.raises(ValueError, match="holds 5 static int8 layers and the model has 2: they are another model's"):
+        ov_static.load_static_layers(_copy(model), tmp_path)
+
+
+def test_the_recipe_without_calibration_rows_says_how_its_layers_are_made():
+    model = tiny_model("bert", num_layers=2)
+    with pytest.raises(ValueError, match="sets its scales on calibration rows: eek fit --dtype int8 makes its layers"):
+        int8_encoder(model, "static-ov")
+    with pytest.raises(ValueError, match="not static int8 layers"):
+        ov_static.save_static_layers(model, "/nonexistent")
+
+
+# ------------------------------------------------------------------------------ eek fit, calibrate and serve
+
+
+def test_eek_fit_saves_the_static_layers_it_certified_and_the_folder_serves_them(classifier, tmp_path, capsys):  # noqa: F811
+    from conftest import write_table
+    from test_fit_cli import FAST, _frame, _run
+
+    from earlyexit_kernels.integrations.model_folder import load_model
+    from earlyexit_kernels.patching.fit_record import FitRecord
+
+    train = write_table(_frame(160, seed=42), tmp_path / "train.csv")
+    out = tmp_path / "out"
+    argv = (*FAST, "--dtype", "int8", "--layers", "openvino-static", "--device", "cpu")
+    assert _run("fit", classifier, train, out, *argv) == 0
+    record = FitRecord.load(out)
+    assert record.int8_recipe == "static-ov" and record.int8_layers["by"] == "asked"
+    saved = json.loads((out / ov_static.FOLDER / "layers.json").read_text())
+    assert saved["calibration_rows"] == 144  # the training rows (160 less the 0.1 validation split), at most 300
+    model, tokenizer = load_model(str(out), dtype="int8")
+    assert model.eek_int8_recipe == "static-ov"
+    assert all(isinstance(layer, ov_static.StaticOvLayer) for layer in model.base_model.encoder.layer)
+    # certified anew with --layers auto: on the static layers the folder holds
+    rows = write_table(_frame(80, seed=44), tmp_path / "rows.csv")
+    assert _run("calibrate", out, rows, "--dtype", "int8", "--confidence", "off", "--force") == 0
+    assert FitRecord.load(out).int8_recipe == "static-ov" and (out / ov_static.FOLDER / "layer_00.xml").is_file()
+
+
+def test_static_layers_asked_of_a_folder_without_them_are_one_clear_line(classifier, tmp_path, capsys):  # noqa: F811
+    from conftest import write_table
+    from test_fit_cli import FAST, _frame, _run
+
+    train = write_table(_frame(120, seed=42), tmp_path / "train.csv")
+    assert _run("fit", classifier, train, tmp_path / "out", *FAST) == 0
+    capsys.readouterr()
+    rows = write_table(_frame(60, seed=44), tmp_path / "rows.csv")
+    assert _run("calibrate", tmp_path / "out", rows, "--dtype", "int8", "--layers", "openvino-static") == 2
+    assert "cannot be read" in capsys.readouterr().err
