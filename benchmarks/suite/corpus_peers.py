@@ -109,6 +109,14 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32, help="the peers' batch size (default 32)")
     parser.add_argument("--output", type=Path, required=True, help="the JSON written")
+    parser.add_argument(
+        "--also",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="more early-exit folders timed in the same rounds (e.g. one fitted on other int8 layers), each a row "
+        "named by its int8 recipe, with its own paired speed-ups",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -130,6 +138,13 @@ def main(argv=None) -> int:
     model, folder_tokenizer = load_model(str(args.folder), dtype="int8")
     layers: list[float] = []
     runners = {EEK: eek_runner(model, folder_tokenizer, texts, layers)}
+    also = {}  # the other folders' rows: name -> (model, its exit layers)
+    for folder in args.also:
+        other, other_tokenizer = load_model(str(folder), dtype="int8")
+        name = f"{EEK} ({getattr(other, 'eek_int8_recipe', folder.name)})"
+        also[name] = (other, [])
+        runners[name] = eek_runner(other, other_tokenizer, texts, also[name][1])
+    eeks = [EEK, *also]
     with tempfile.TemporaryDirectory(prefix="eek-corpus-peers-") as scratch:
         configs, notes = peer_configs(plain, calibration[0], Path(scratch), args.threads, calibration)
         for config in configs:
@@ -154,10 +169,17 @@ def main(argv=None) -> int:
             "texts_per_s_median": len(texts) / statistics.median(seconds[name]),
             "agreement_with_fp32": agreement,
         }
-        if name != EEK:
+        if name not in eeks:
             paired = [peer / mine for peer, mine in zip(seconds[name], seconds[EEK])]
             row["eek_speedup_per_round"] = paired
             row["eek_speedup_median"] = statistics.median(paired)
+            for other in also:  # each other folder's paired speed-up over this peer
+                paired = [peer / mine for peer, mine in zip(seconds[name], seconds[other])]
+                row.setdefault("also_speedup_per_round", {})[other] = paired
+                row.setdefault("also_speedup_median", {})[other] = statistics.median(paired)
+        elif name in also:
+            row["mean_layers"] = statistics.fmean(also[name][1])
+            row["int8_recipe"] = getattr(also[name][0], "eek_int8_recipe", None)
         rows.append(row)
     result = {
         "command": "python -m benchmarks.suite.corpus_peers " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -178,6 +200,7 @@ def main(argv=None) -> int:
     args.output.write_text(json.dumps(result, indent=2))
     for row in rows:
         ratio = f"  eek {row['eek_speedup_median']:.2f}x" if "eek_speedup_median" in row else ""
+        ratio += "".join(f"  {other} {value:.2f}x" for other, value in row.get("also_speedup_median", {}).items())
         print(
             f"{row['name']:<22} {row['texts_per_s_median']:7.1f} texts/s  agreement {row['agreement_with_fp32']:.4f}{ratio}"
         )

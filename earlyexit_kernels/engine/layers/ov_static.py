@@ -1,29 +1,43 @@
-"""Static int8 encoder layers on OpenVINO: each layer's graph quantized by NNCF on the activations of calibration rows.
+"""Static int8 encoder layers on OpenVINO: each layer quantized by NNCF on the activations of calibration rows.
 
-    calibration = [tokenizer(texts, padding=True, return_tensors="pt") for texts in batches]
-    static_int8_encoder(model, calibration)      # in place: each encoder layer an OvLayer of NNCF's static int8
+    calibration = [dict(tokenizer(texts, padding=True, return_tensors="pt")) for texts in batches]
+    static_int8_encoder(model, calibration)      # in place: each encoder layer a StaticOvLayer
 
 Why: OpenVINO's static int8 model (``nncf.quantize`` with the transformer preset, what optimum-intel's
 ``OVQuantizer`` runs for Sentence Transformers' static int8 export) is the fastest CPU peer on an AMX Xeon: it
 ran all six of MiniLM-L6's layers about as fast as early exit ran 2.45 on the per-token layers (docs/benchmarks.md,
-"minilm-xeon-openvino"). Its layers know each activation's range before the call, so a product reads its
-u8 inputs at once, where the per-token layers (:mod:`~earlyexit_kernels.engine.layers.ov_layer`,
-:mod:`~earlyexit_kernels.engine.layers.ort_layer`) find each row's range and the call's range first. Early exit on
-the same static layers runs the layers the fastest runtime runs, fewer of them.
+"minilm-xeon-openvino"). Its products read activations whose scales were set before the call, where the
+per-token layers (:mod:`~earlyexit_kernels.engine.layers.ov_layer`, :mod:`~earlyexit_kernels.engine.layers.ort_layer`)
+find each row's range and the call's first. Early exit on the same static layers runs the layers the fastest
+runtime runs, fewer of them.
 
-How: the float32 graph of each layer on its real tokens (:func:`~earlyexit_kernels.engine.layers.ov_layer.ov_model`
-with ``int8=False``; packed tokens in, as every graph layer) is quantized by ``nncf.quantize`` with
-``model_type=TRANSFORMER`` on the inputs that layer met while the float32 model ran the calibration batches (the
-activations NNCF would record at that point of the whole model: the float layers before it). NNCF puts a
-``FakeQuantize`` before each product with one scale per tensor for the activations and one per output channel for
-the weights; the plugin runs them as u8 x s8 products (AMX or VNNI). Without VNNI the weights take 7 bits
-(NNCF's ``OverflowFix.ENABLE``), as every int8 layer of this package does there
-(:mod:`~earlyexit_kernels.engine.layers.int8_isa`).
+How: each encoder layer is converted from its torch module by OpenVINO (``openvino.convert_model``, as a whole
+model is converted) on the padded grid: inputs ``hidden`` [n, S, H], a 0/1 ``key_mask`` [n, S] and, for MPNet, the
+``position_bias``. The attention is then the torch layer's own, which the plugin fuses as it fuses the whole
+model's. ``nncf.quantize`` with ``model_type=TRANSFORMER`` then quantizes it on the inputs that layer met while the
+float32 model ran the calibration batches at full depth (the activations NNCF records at that point of the whole
+model): one scale per activation tensor, one per output channel for the weights, u8 x s8 products on the plugin's
+int8 kernels (AMX or VNNI). Without VNNI the weights take 7 bits (NNCF's ``OverflowFix.ENABLE``), as every int8
+layer of this package does there (:mod:`~earlyexit_kernels.engine.layers.int8_isa`).
 
-A static scale does not depend on the call: each token's output is the same whatever rows share its call, and the
-padding a call adds (:mod:`~earlyexit_kernels.engine.layers.packed_call_shapes`) changes nothing.
+A first form quantized the per-token layers' graph on packed tokens
+(:func:`~earlyexit_kernels.engine.layers.ov_layer.ov_model`, ``int8=False``): the scatter onto the grid for the
+attention, the split of the fused query-key-value product and the quantization of the graph's own input ran
+unfused there, and the grid form was the faster in a scratch comparison on MiniLM-L6's layers (not committed). The
+grid computes the padding's positions too; the engines call the layers on rows of close lengths (the length-sorted
+batches, the continuous engine's cohorts), and splitting a call's rows by length into two calls was slower on
+padded batches in a scratch comparison, so a call runs as it comes.
 
-The calibration rows are the caller's: ``eek fit`` gives rows of its training split, never the rows that certify.
+A static scale does not depend on the call: each token's output is the same whatever rows share its call.
+
+Measured (docs/benchmarks.md, "Early exit on static int8 layers on the Intel Xeon"): on the Intel Xeon with AMX,
+MiniLM-L6 fine-tuned on Rotten Tomatoes, one thread, 600 test texts in length-sorted batches of 32, these layers
+ran the whole model in 1.31 s a pass against 1.16 s for OpenVINO's own static int8 model, and early exit on them
+(2.49 of 6 layers) in 0.71 s, 1.63x OpenVINO's static int8
+(``benchmarks/results/intel_xeon/stack_int8_static_ov_cpu``).
+
+The calibration rows are the caller's: ``eek fit`` gives rows of its training split, never the rows that certify;
+the folder keeps the layers (:func:`save_static_layers`), since they cannot be made from the weights alone.
 Needs ``openvino``, ``onnx`` and ``nncf`` (the package's ``openvino`` extra).
 """
 
@@ -286,17 +300,21 @@ class StaticOvLayer(nn.Module):
         key_mask = _key_mask(attention_mask, n, length)
         if self.position_bias and position_bias is None:
             raise ValueError("this MPNet layer takes the position bias its encoder computes")
-        feeds = _inputs(hidden_states, key_mask, position_bias if self.position_bias else None)
-        try:
-            # the inputs read in place (the call waits for the result); the output copied out of the request's memory
-            grid = self._request().infer(feeds, share_inputs=True)[0][:, :length]
-            output = torch.from_numpy(np.array(grid, copy=True))
-        except RuntimeError as error:  # the runtime's own failure, not the call's input (checked above)
-            output = self._fallback_call(hidden_states, key_mask, position_bias, error)
+        output = self._call(hidden_states, key_mask, position_bias if self.position_bias else None)
         output = output * torch.from_numpy(key_mask[..., None]).to(output.dtype)  # zeros at the padding
         if hidden_states.dtype != torch.float32:
             output = output.to(hidden_states.dtype)
         return (output,) if self.returns_tuple else output
+
+    def _call(self, hidden_states, key_mask: np.ndarray, position_bias) -> torch.Tensor:
+        """One call of the compiled model: the float32 output [n, S, H] (a failed call: :meth:`_fallback_call`)."""
+        feeds = _inputs(hidden_states, key_mask, position_bias)
+        try:
+            # the inputs read in place (the call waits for the result); the output copied out of the request's memory
+            grid = self._request().infer(feeds, share_inputs=True)[0][:, : hidden_states.shape[1]]
+            return torch.from_numpy(np.array(grid, copy=True))
+        except RuntimeError as error:  # the runtime's own failure, not the call's input (checked in forward)
+            return self._fallback_call(hidden_states, key_mask, position_bias, error)
 
     def _fallback_call(self, hidden_states, key_mask, position_bias, error: RuntimeError) -> torch.Tensor:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
