@@ -65,6 +65,7 @@ def _layer_out(layer, feeds: dict) -> torch.Tensor:
     return (out[0] if isinstance(out, tuple) else out) * mask[..., None]
 
 
+@pytest.mark.int8_kernels
 def test_a_static_layer_moves_from_the_float_layer_as_int8_does(static_pair):
     """On hidden states the model makes from rows the scales were not set on: measured on these tiny layers, the
     static layer's distance from the float layer is 2.2-3.6x the per-token layer's (one scale per tensor against
@@ -131,6 +132,18 @@ def test_missing_or_foreign_layer_files_are_one_clear_error(static_pair, tmp_pat
     record.write_text(json.dumps({**json.loads(record.read_text()), "layers": 5}))
     with pytest.raises(ValueError, match="holds 5 static int8 layers and the model has 2: they are another model's"):
         ov_static.load_static_layers(_copy(model), tmp_path)
+
+
+def test_8_bit_weights_are_refused_where_the_cpu_s_int8_kernels_would_saturate(static_pair, monkeypatch):
+    """A layer made on a CPU with VNNI has 8-bit weights; without VNNI the u8 x s8 kernels add pairs of products in
+    saturating 16-bit sums, so such a layer is refused at its compilation there, saying to fit again (7 bits)."""
+    model, static = static_pair
+    layer = copy.deepcopy(static.base_model.encoder.layer[0])
+    layer.weight_bits = 8
+    monkeypatch.setattr(ov_static, "int8_weight_bits", lambda: 7)
+    monkeypatch.setattr(ov_static, "int8_isa", lambda: "avx2")
+    with pytest.raises(ValueError, match="8-bit weights, made on a CPU with VNNI; this CPU's int8 class is avx2"):
+        layer.compiled()
 
 
 def test_the_recipe_without_calibration_rows_says_how_its_layers_are_made():
