@@ -14,6 +14,7 @@ from conftest import tiny_model, tiny_mpnet
 from test_fit_cli import classifier  # noqa: F401 - a fixture
 
 from earlyexit_kernels.engine.layers import ov_static
+from earlyexit_kernels.engine.layers.ort_layer import ORT_MISSING, OrtLayer, ort_available
 from earlyexit_kernels.engine.layers.precision import int8_encoder
 
 pytestmark = pytest.mark.skipif(not ov_static.static_available(), reason=ov_static.STATIC_MISSING)
@@ -140,9 +141,11 @@ def test_8_bit_weights_are_refused_where_the_cpu_s_int8_kernels_would_saturate(s
     model, static = static_pair
     layer = copy.deepcopy(static.base_model.encoder.layer[0])
     layer.weight_bits = 8
-    monkeypatch.setattr(ov_static, "int8_weight_bits", lambda: 7)
-    monkeypatch.setattr(ov_static, "int8_isa", lambda: "avx2")
-    with pytest.raises(ValueError, match="8-bit weights, made on a CPU with VNNI; this CPU's int8 class is avx2"):
+    from earlyexit_kernels.engine.layers import ov_layer
+
+    monkeypatch.setattr(ov_layer, "int8_weight_bits", lambda: 7)
+    monkeypatch.setattr(ov_layer, "int8_isa", lambda: "avx2")
+    with pytest.raises(ValueError, match="this CPU's int8 class is avx2, .* Fit the folder again on this CPU"):
         layer.compiled()
 
 
@@ -191,3 +194,25 @@ def test_static_layers_asked_of_a_folder_without_them_are_one_clear_line(classif
     rows = write_table(_frame(60, seed=44), tmp_path / "rows.csv")
     assert _run("calibrate", tmp_path / "out", rows, "--dtype", "int8", "--layers", "openvino-static") == 2
     assert "cannot be read" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not ort_available(), reason=ORT_MISSING)
+def test_a_call_openvino_fails_runs_on_onnx_runtime_s_per_token_layer_logged_once(static_pair, caplog, monkeypatch):
+    """A model OpenVINO cannot compile (its IR broken): the call is answered by ONNX Runtime's per-token graph of the
+    same layer, another quantization, which the log line says, once."""
+    from earlyexit_kernels.engine.layers import ov_layer
+
+    monkeypatch.setattr(ov_layer, "_logged_failures", set())  # once per process: this test's own
+    model, static = static_pair
+    layer = copy.deepcopy(static.base_model.encoder.layer[0])
+    layer.ir = (b"<net>not an OpenVINO model</net>", layer.ir[1])
+    per_token = OrtLayer.from_layer(
+        model.base_model.encoder.layer[0], model.config, reduce_range=layer.weight_bits == 7
+    )
+    feeds = ov_static.calibration_feeds(model, _batches(model, count=1, rows=6, seed=5))[0][0]
+    with caplog.at_level("WARNING", logger="earlyexit_kernels.layers"):
+        first, second = _layer_out(layer, feeds), _layer_out(layer, feeds)
+    torch.testing.assert_close(first, _layer_out(per_token, feeds), rtol=0, atol=0)
+    assert torch.equal(first, second)
+    failures = [r.getMessage() for r in caplog.records if "OpenVINO failed a layer call" in r.getMessage()]
+    assert len(failures) == 1 and "int8 per token, not the static layer's scales" in failures[0]

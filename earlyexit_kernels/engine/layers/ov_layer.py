@@ -230,6 +230,10 @@ class OvLayer(PackedGraphLayer):
     (:mod:`~earlyexit_kernels.engine.layers.packed_call_shapes`), since the plugin prepares every new shape again."""
 
     runtime = "OpenVINO"
+    #: what a layer with 8-bit weights refused on a CPU without VNNI is told to do
+    remake = "Make the layer again here (OvLayer.from_layer: 7-bit weights)"
+    #: what the ONNX Runtime graph a failed call runs on computes, beside this layer
+    fallback_form = "the same quantization"
 
     def __init__(
         self,
@@ -275,8 +279,8 @@ class OvLayer(PackedGraphLayer):
             if self.weight_bits == 8 and int8_weight_bits() == 7:
                 raise ValueError(
                     f"this OpenVINO layer has 8-bit weights, made on a CPU with VNNI; this CPU's int8 class is "
-                    f"{int8_isa()}, whose u8 x s8 kernels add pairs of products in saturating 16-bit sums. Make the "
-                    "layer again here (OvLayer.from_layer: 7-bit weights)"
+                    f"{int8_isa()}, whose u8 x s8 kernels add pairs of products in saturating 16-bit sums. "
+                    f"{self.remake}"
                 )
             core = _ov_core()
             xml, weights = self.ir
@@ -317,10 +321,11 @@ class OvLayer(PackedGraphLayer):
         if reason not in _logged_failures:
             _logged_failures.add(reason)
             logger.warning(
-                "OpenVINO failed a layer call of %d tokens (%s): that call ran on ONNX Runtime's layer, the same "
-                "quantization (logged once per reason)",
+                "OpenVINO failed a layer call of %d tokens (%s): that call ran on ONNX Runtime's layer, %s (logged "
+                "once per reason)",
                 len(feeds["tokens"]),
                 reason,
+                self.fallback_form,
             )
         return run_session(self._fallback[1], feeds)
 

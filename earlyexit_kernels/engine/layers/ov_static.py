@@ -49,7 +49,6 @@ import importlib.util
 import io
 import json
 import logging
-import threading
 import warnings
 from pathlib import Path
 
@@ -57,25 +56,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from earlyexit_kernels.engine.layers.int8_isa import int8_isa, int8_weight_bits
+from earlyexit_kernels.engine.layers.int8_isa import int8_weight_bits
 from earlyexit_kernels.engine.layers.ort_layer import (
     _key_mask,
     encoder_layers,
     layer_graph,
     layer_parts,
-    layer_session,
     ort_available,
     returns_tuple,
-    run_session,
 )
-from earlyexit_kernels.engine.layers.ov_layer import (
-    OV_MISSING,
-    _logged_failures,
-    _ov_core,
-    _serialized,
-    compile_config,
-    ov_available,
-)
+from earlyexit_kernels.engine.layers.ov_layer import OV_MISSING, OvLayer, _serialized, ov_available
 from earlyexit_kernels.engine.layers.packed_call_shapes import LENGTH_STEP
 
 __all__ = [
@@ -98,8 +88,6 @@ STATIC_RECIPE = "static-ov"
 FOLDER = "static_int8"
 
 STATIC_MISSING = OV_MISSING.replace("openvino and onnx are", "openvino, onnx and nncf are") + " (with nncf)"
-
-logger = logging.getLogger("earlyexit_kernels.layers")
 
 
 def static_available() -> bool:
@@ -225,17 +213,17 @@ def static_layer_ir(layer: nn.Module, config, feeds: list[dict], *, reduce_range
     return _serialized(quantized), 7 if reduce_range else 8
 
 
-class StaticOvLayer(nn.Module):
+class StaticOvLayer(OvLayer):
     """An encoder layer run by OpenVINO's CPU plugin from NNCF's static int8 model of it (:func:`static_layer_ir`),
     called as the layer was: the padded grid in and out, zeros at the padding.
 
-    Compiled at the first call for torch's thread count then (again when it changes); a thread calling it has its
-    own infer request; a copy or a pickle compiles its own from the IR it keeps. A call OpenVINO fails (compiling its
-    shape, its memory) runs on ONNX Runtime's per-token int8 graph of the same layer where onnxruntime was installed
-    when the layer was made (another quantization: logged once per reason), else raises."""
+    :class:`~earlyexit_kernels.engine.layers.ov_layer.OvLayer`'s compilation, infer requests, copies and fallback,
+    on the grid: a call OpenVINO fails (compiling its shape, its memory) runs on ONNX Runtime's per-token int8 graph
+    of the same layer where onnxruntime was installed when the layer was made (another quantization: logged once
+    per reason), else raises."""
 
-    runtime = "OpenVINO"
-    static = True
+    remake = "Fit the folder again on this CPU (eek fit --dtype int8: 7-bit weights)"
+    fallback_form = "int8 per token, not the static layer's scales"
 
     def __init__(
         self,
@@ -247,111 +235,71 @@ class StaticOvLayer(nn.Module):
         fallback_graph: bytes | None = None,
         calibration_rows: int | None = None,
     ):
-        super().__init__()
-        self.ir, self.position_bias, self.returns_tuple = ir, position_bias, returns_tuple
-        self.weight_bits, self.fallback_graph, self.calibration_rows = weight_bits, fallback_graph, calibration_rows
-        self._compiled = self._threads = self._fallback = None
-        self._requests = threading.local()
+        super().__init__(
+            ir,
+            position_bias=position_bias,
+            returns_tuple=returns_tuple,
+            weight_bits=weight_bits,
+            padded_shapes=False,  # the grid's length is padded by _inputs
+            fallback_graph=fallback_graph,
+        )
+        self.calibration_rows = calibration_rows
 
     @classmethod
     def from_layer(cls, layer: nn.Module, config, feeds: list[dict], *, reduce_range: bool | None = None):
         """``layer`` (a float BERT-style or MPNet layer) quantized by NNCF on the graph inputs ``feeds``."""
-        parts = layer_parts(layer, config)
         ir, bits = static_layer_ir(layer, config, feeds, reduce_range=reduce_range)
+        return cls.of_ir(layer, config, ir, bits)
+
+    @classmethod
+    def of_ir(cls, layer: nn.Module, config, ir: tuple[bytes, bytes], bits: int, calibration_rows: int | None = None):
+        """The layer of the static model ``ir`` made of ``layer`` (the float layer: its family's inputs, and the
+        fallback graph's weights)."""
+        parts = layer_parts(layer, config)
         return cls(
             ir,
             position_bias=parts.position_bias,
             returns_tuple=returns_tuple(layer, parts),
             weight_bits=bits,
             fallback_graph=layer_graph(parts, int8=True, reduce_range=bits == 7) if ort_available() else None,
+            calibration_rows=calibration_rows,
         )
-
-    def compiled(self):
-        """The compiled model for torch's thread count now."""
-        threads = torch.get_num_threads()
-        if self._compiled is None or self._threads != threads:
-            if self.weight_bits == 8 and int8_weight_bits() == 7:
-                raise ValueError(
-                    f"this static int8 layer has 8-bit weights, made on a CPU with VNNI; this CPU's int8 class is "
-                    f"{int8_isa()}, whose u8 x s8 kernels add pairs of products in saturating 16-bit sums. Fit the "
-                    "folder again on this CPU (eek fit --dtype int8: 7-bit weights)"
-                )
-            core = _ov_core()
-            xml, weights = self.ir
-            self._compiled = core.compile_model(core.read_model(xml, weights), "CPU", compile_config(threads))
-            self._threads = threads
-        return self._compiled
-
-    def prepare(self) -> None:
-        """Compile now, so that no call pays for it (a server, before its first request)."""
-        self.compiled()
-
-    def _request(self):
-        compiled = self.compiled()
-        held = getattr(self._requests, "held", None)
-        if held is None or held[0] is not compiled:
-            held = self._requests.held = (compiled, compiled.create_infer_request())
-        return held[1]
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_bias=None, *args, **kwargs):
         if hidden_states.device.type != "cpu":
             raise ValueError(f"the OpenVINO layer runs on the CPU; the hidden states are on {hidden_states.device}")
-        n, length, width = hidden_states.shape
+        n, length, _ = hidden_states.shape
         key_mask = _key_mask(attention_mask, n, length)
         if self.position_bias and position_bias is None:
             raise ValueError("this MPNet layer takes the position bias its encoder computes")
-        output = self._call(hidden_states, key_mask, position_bias if self.position_bias else None)
+        bias = position_bias if self.position_bias else None
+        feeds = _inputs(hidden_states, key_mask, bias)
+        try:
+            # the inputs read in place (the call waits for the result); the output copied out of the request's memory
+            grid = self._request().infer(feeds, share_inputs=True)[0][:, :length]
+            output = torch.from_numpy(np.array(grid, copy=True))
+        except RuntimeError as error:  # the runtime's own failure, not the call's input (checked above)
+            output = self._packed_fallback(hidden_states, key_mask, bias, error)
         output = output * torch.from_numpy(key_mask[..., None]).to(output.dtype)  # zeros at the padding
         if hidden_states.dtype != torch.float32:
             output = output.to(hidden_states.dtype)
         return (output,) if self.returns_tuple else output
 
-    def _call(self, hidden_states, key_mask: np.ndarray, position_bias) -> torch.Tensor:
-        """One call of the compiled model: the float32 output [n, S, H] (a failed call: :meth:`_fallback_call`)."""
-        feeds = _inputs(hidden_states, key_mask, position_bias)
-        try:
-            # the inputs read in place (the call waits for the result); the output copied out of the request's memory
-            grid = self._request().infer(feeds, share_inputs=True)[0][:, : hidden_states.shape[1]]
-            return torch.from_numpy(np.array(grid, copy=True))
-        except RuntimeError as error:  # the runtime's own failure, not the call's input (checked in forward)
-            return self._fallback_call(hidden_states, key_mask, position_bias, error)
-
-    def _fallback_call(self, hidden_states, key_mask, position_bias, error: RuntimeError) -> torch.Tensor:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if self.fallback_graph is None:
-            raise RuntimeError(
-                f"OpenVINO failed a static int8 layer call ({reason}), and the layer has no ONNX Runtime graph to run "
-                "it instead (onnxruntime was not installed when it was made)"
-            ) from error
-        threads = torch.get_num_threads()
-        if self._fallback is None or self._fallback[0] != threads:
-            self._fallback = (threads, layer_session(self.fallback_graph, threads))
-        if reason not in _logged_failures:
-            _logged_failures.add(reason)
-            logger.warning(
-                "OpenVINO failed a static int8 layer call (%s): that call ran on ONNX Runtime's per-token int8 layer "
-                "(logged once per reason)",
-                reason,
-            )
+    def _packed_fallback(self, hidden_states, key_mask: np.ndarray, position_bias, error: RuntimeError):
+        """A failed call's rows packed as the per-token graph takes them, run by :meth:`fallback_tokens`."""
         n, length, width = hidden_states.shape
         positions = np.flatnonzero(key_mask)
         grid = hidden_states.detach().float().reshape(n * length, width)
         feeds = {"tokens": grid[positions].numpy(), "positions": positions, "key_mask": key_mask}
-        if self.position_bias:
+        if position_bias is not None:
             feeds["position_bias"] = position_bias.detach().float().contiguous().numpy()
-        tokens = torch.from_numpy(run_session(self._fallback[1], feeds))
-        return (
-            grid.new_zeros(n * length, width).index_copy_(0, torch.from_numpy(positions), tokens).view(n, length, width)
-        )
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_compiled"] = state["_threads"] = state["_requests"] = state["_fallback"] = None
-        return state
+        tokens = torch.from_numpy(self.fallback_tokens(feeds, error))
+        output = grid.new_zeros(n * length, width).index_copy_(0, torch.from_numpy(positions), tokens)
+        return output.view(n, length, width)
 
     def __setstate__(self, state):
+        state.setdefault("calibration_rows", None)
         super().__setstate__(state)
-        self._requests = threading.local()
 
     def __deepcopy__(self, memo):
         copied = StaticOvLayer(
@@ -440,14 +388,6 @@ def load_static_layers(model: nn.Module, folder: str | Path) -> nn.Module:
             raise ValueError(
                 f"{source} lacks layer {index}'s files ({error}): fit the folder again with eek fit --dtype int8"
             ) from None
-        parts = layer_parts(layer, model.config)
-        layers[index] = StaticOvLayer(
-            ir,
-            position_bias=parts.position_bias,
-            returns_tuple=returns_tuple(layer, parts),
-            weight_bits=bits,
-            fallback_graph=layer_graph(parts, int8=True, reduce_range=bits == 7) if ort_available() else None,
-            calibration_rows=record.get("calibration_rows"),
-        )
+        layers[index] = StaticOvLayer.of_ir(layer, model.config, ir, bits, record.get("calibration_rows"))
     model.eek_int8_recipe = STATIC_RECIPE
     return model

@@ -141,12 +141,10 @@ def prepare_layers(model: nn.Module) -> int:
     """Make every runtime layer of ``model`` make its session or compiled model now (:meth:`PackedGraphLayer.prepare
     <earlyexit_kernels.engine.layers.ort_layer.PackedGraphLayer.prepare>`), for torch's thread count now; returns how
     many it prepared (0 where the layers are PyTorch's)."""
-    from earlyexit_kernels.engine.layers.ov_static import StaticOvLayer
-
     layers = encoder_layers(model)
     prepared = 0
     for layer in layers if layers is not None else ():
-        if isinstance(layer, (PackedGraphLayer, StaticOvLayer)):
+        if isinstance(layer, PackedGraphLayer):
             layer.prepare()
             prepared += 1
     return prepared
