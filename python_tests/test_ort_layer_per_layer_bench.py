@@ -27,8 +27,9 @@ def saved(folder: Path, layers: int) -> Path:
     return folder
 
 
-def run_script(folder: Path, count: int, rounds: int, seed: int) -> dict:
-    """The script on ``count`` word texts of ``folder``'s vocabulary in batches of 8: its JSON."""
+def run_script(folder: Path, count: int, rounds: int, seed: int, *extra: str) -> dict:
+    """The script on ``count`` word texts of ``folder``'s vocabulary in batches of 8 (``extra``: more options): its
+    JSON."""
     for package in ("onnx", "onnxruntime"):
         pytest.importorskip(package, reason=f"{package} is not installed (the int8 extra)")
     import ort_layer_per_layer
@@ -36,7 +37,7 @@ def run_script(folder: Path, count: int, rounds: int, seed: int) -> dict:
     texts, out = folder.parent / "texts.txt", folder.parent / "per_layer.json"
     texts.write_text("\n".join(t or "w1" for t in word_texts(count, seed=seed)) + "\n")
     argv = [str(folder), "--texts", str(texts), "--count", str(count), "--batch", "8", "--rounds", str(rounds)]
-    assert ort_layer_per_layer.main([*argv, "--output", str(out)]) == 0
+    assert ort_layer_per_layer.main([*argv, *extra, "--output", str(out)]) == 0
     return json.loads(out.read_text())
 
 
@@ -88,3 +89,16 @@ def test_an_mpnet_classifier_runs_its_layers_with_the_encoders_position_bias(tmp
     assert result["ms_per_layer"]["eek"] == [round(t / 3 * 1e3, 2) for t in eek]  # all 3 layers ran
     peer = [(a - b) / 2 for a, b in zip(full, one)]
     assert result["ratio_per_round"] == [round(p / (t / 3), 4) for p, t in zip(peer, eek)]
+
+
+def test_the_static_layers_are_read_against_openvino_s_static_int8_whole_model(tmp_path):
+    from earlyexit_kernels.engine.layers.ov_static import STATIC_MISSING, static_available
+
+    if not static_available():
+        pytest.skip(STATIC_MISSING)
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text("\n".join(t or "w2" for t in word_texts(16, seed=9)) + "\n")
+    extra = ("--recipe", "static-ov", "--calibration", str(calibration))
+    result = run_script(saved(tmp_path / "model", layers=3), 16, 1, 4, *extra)
+    assert result["recipe"] == "static-ov" and "OpenVINO int8" in result["what"]
+    assert list(result["pass_seconds"])[2] == "eek static-ov layers" and "nncf" in result["peer"]

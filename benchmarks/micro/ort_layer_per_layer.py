@@ -16,6 +16,11 @@ also runs its embeddings and head in PyTorch; here the layers alone:
 - for the whole-model reading beside it: the classifier's own forward (transformers' embeddings, masks and
   head) on eek's layers, against the peer at full depth.
 
+With ``--recipe static-ov`` the same reading for the static int8 layers
+(:class:`~earlyexit_kernels.engine.layers.ov_static.StaticOvLayer`, NNCF's quantization of each layer) against
+OpenVINO's static int8 whole model (NNCF, transformer preset: the stack's peer), both calibrated on the first
+``--calibration-count`` texts of ``--calibration``, never the timed ones.
+
 Both on the same texts in length-sorted batches of ``--batch`` (longest first), tokenized before the timing.
 One untimed pass each, then ``--rounds`` rounds in rotated order; the ratio (peer's time per layer / eek's,
 above 1 where eek's layer is faster) is paired within a round, its median and range reported::
@@ -43,7 +48,8 @@ from benchmarks.suite.script_results import run_conditions, write_json
 from benchmarks.suite.stack import peer_configs
 from earlyexit_kernels.engine.layers.int8_isa import int8_isa
 
-PEER = "ONNX Runtime int8"
+#: the whole model each recipe's layers are read against, and the key of its build's note
+PEERS = {"per-token-ort": ("ONNX Runtime int8", "onnxruntime"), "static-ov": ("OpenVINO int8", "openvino int8")}
 
 
 def cut_to(model, depth: int):
@@ -54,14 +60,16 @@ def cut_to(model, depth: int):
     return cut
 
 
-def peer_session(model, sample: dict, threads: int):
-    """ONNX Runtime int8's run of ``model`` (the stack benchmark's peer), built in a scratch folder."""
+def peer_session(model, sample: dict, threads: int, recipe: str = "per-token-ort", calibration=None):
+    """The whole-model peer of ``recipe``'s layers (:data:`PEERS`) run on ``model`` (the stack benchmark's), built
+    in a scratch folder."""
+    name, note = PEERS[recipe]
     with tempfile.TemporaryDirectory(prefix="eek-layer-peer-") as scratch:
-        configs, notes = peer_configs(model, sample, Path(scratch), threads)
-        found = [config for config in configs if config.name == PEER]
+        configs, notes = peer_configs(model, sample, Path(scratch), threads, calibration)
+        found = [config for config in configs if config.name == name]
         if not found:
-            raise SystemExit(f"error: {PEER} is not available here: {notes.get('onnxruntime')}")
-        return found[0].run, notes["onnxruntime"]
+            raise SystemExit(f"error: {name} is not available here: {notes.get(note)}")
+        return found[0].run, notes[note]
 
 
 def main(argv=None) -> int:
@@ -73,9 +81,15 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--recipe", choices=tuple(PEERS), default="per-token-ort", help="eek's int8 layers")
+    parser.add_argument("--calibration", type=Path, help="static-ov: the texts both sides calibrate on (not --texts)")
+    parser.add_argument("--calibration-count", type=int, default=300)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.count < args.batch:
         parser.error("--rounds must be at least 1 and --count at least one --batch")
+    if args.recipe == "static-ov" and args.calibration is None:
+        parser.error("--recipe static-ov calibrates on --calibration texts")
+    peer = PEERS[args.recipe][0]
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
 
@@ -95,14 +109,26 @@ def main(argv=None) -> int:
         dict(tokenizer(chunk, padding=True, truncation=True, max_length=limit, return_tensors="pt"))
         for _, chunk in sorted_batches(tokenizer, texts, args.batch, limit)
     ]
+    calibration = None
+    if args.calibration is not None:
+        chosen = read_texts(args.calibration)[: args.calibration_count]
+        calibration = [
+            dict(tokenizer(chunk, padding=True, truncation=True, max_length=limit, return_tensors="pt"))
+            for _, chunk in sorted_batches(tokenizer, chosen, args.batch, limit)
+        ]
     runs, notes = {}, []
-    for name, cut in ((f"{PEER}, {depth} layers", model), (f"{PEER}, 1 layer", cut_to(model, 1))):
-        run, note = peer_session(cut, batches[0], args.threads)
+    for name, cut in ((f"{peer}, {depth} layers", model), (f"{peer}, 1 layer", cut_to(model, 1))):
+        run, note = peer_session(cut, batches[0], args.threads, args.recipe, calibration)
         runs[name] = lambda run=run: [run(batch) for batch in batches]
         notes.append(note)
 
     eek_model = copy.deepcopy(model)
-    OrtLayer.run_encoder_on(eek_model, int8=True)
+    if args.recipe == "static-ov":
+        from earlyexit_kernels.engine.layers.ov_static import static_int8_encoder
+
+        static_int8_encoder(eek_model, calibration)
+    else:
+        OrtLayer.run_encoder_on(eek_model, int8=True)
     layers = encoder_layers(eek_model)
     with torch.no_grad():  # as the engines run (no_grad: the layers' mask tables are made once a batch)
         # the engine's inputs to its layers: the embeddings' hidden states, one additive mask a batch and, for
@@ -126,7 +152,7 @@ def main(argv=None) -> int:
                 out = layer(hidden, mask, **extra)
                 hidden = out[0] if isinstance(out, tuple) else out
 
-    runs["eek per-token-ort layers"] = eek_layers
+    runs[f"eek {args.recipe} layers"] = eek_layers
     # the same layers in the classifier's own forward (transformers' embeddings, masks and head around them)
     runs[f"the classifier on eek's layers, {depth} layers"] = lambda: [eek_model(**batch) for batch in batches]
     with torch.no_grad():
@@ -140,8 +166,9 @@ def main(argv=None) -> int:
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     result = {
         **run_conditions("benchmarks/micro/ort_layer_per_layer.py", argv, started),
-        "what": "one int8 layer: eek's per-token-ort layer against ONNX Runtime int8's whole model per layer "
+        "what": f"one int8 layer: eek's {args.recipe} layer against {peer}'s whole model per layer "
         "((T_L - T_1) / (L - 1)), the same length-sorted batches",
+        "recipe": args.recipe,
         "isa": int8_isa(),
         "folder": str(args.folder),
         "texts": len(texts),
@@ -168,10 +195,10 @@ def main(argv=None) -> int:
     print(
         f"{len(texts)} texts, {tokens} tokens, {depth} layers, {args.rounds} rounds, {args.threads} thread(s), "
         f"{int8_isa()} CPU\n"
-        f"{PEER}, one layer of the whole model: {statistics.median(peer_layer) * 1e3:.1f} ms a pass\n"
-        f"eek's per-token-ort layer: {statistics.median(eek_layer) * 1e3:.1f} ms a pass\n"
+        f"{peer}, one layer of the whole model: {statistics.median(peer_layer) * 1e3:.1f} ms a pass\n"
+        f"eek's {args.recipe} layer: {statistics.median(eek_layer) * 1e3:.1f} ms a pass\n"
         f"peer / eek per layer: {statistics.median(ratios):.3f} (rounds {min(ratios):.3f}-{max(ratios):.3f})\n"
-        f"whole model, {PEER} / the classifier's forward on eek's layers: "
+        f"whole model, {peer} / the classifier's forward on eek's layers: "
         f"{statistics.median(a / b for a, b in zip(full, whole, strict=True)):.3f}"
     )
     return 0
