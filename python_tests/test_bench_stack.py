@@ -72,7 +72,8 @@ def test_int8_keeps_the_feed_forward_output_projections_float_when_asked(arch):
     torch.testing.assert_close(int8.logits, full, rtol=0.1, atol=0.05)
     with pytest.raises(
         ValueError,
-        match="int8 recipe must be auto or one of all, ffn-out-float, per-token, ffn-out-per-token, per-token-ort, per-token-ov; "
+        match="int8 recipe must be auto or one of all, ffn-out-float, per-token, ffn-out-per-token, per-token-ort, per-token-ov, "
+        "static-ov; "
         "got 'half'",
     ):
         stack.int8_encoder(model, "half")
