@@ -275,12 +275,12 @@ class StaticOvLayer(OvLayer):
         bias = position_bias if self.position_bias else None
         feeds = _inputs(hidden_states, key_mask, bias)
         try:
-            # the inputs read in place (the call waits for the result); the output copied out of the request's memory
-            grid = self._request().infer(feeds, share_inputs=True)[0][:, :length]
-            output = torch.from_numpy(np.array(grid, copy=True))
+            # the inputs read in place (the call waits for the result); the output read once out of the request's
+            # memory, which the next call reuses, by the product below that zeroes the padding
+            output = torch.from_numpy(self._request().infer(feeds, share_inputs=True)[0][:, :length])
         except RuntimeError as error:  # the runtime's own failure, not the call's input (checked above)
             output = self._packed_fallback(hidden_states, key_mask, bias, error)
-        output = output * torch.from_numpy(key_mask[..., None]).to(output.dtype)  # zeros at the padding
+        output = output * torch.from_numpy(key_mask[..., None]).to(output.dtype)  # zeros at the padding: a new tensor
         if hidden_states.dtype != torch.float32:
             output = output.to(hidden_states.dtype)
         return (output,) if self.returns_tuple else output
