@@ -128,13 +128,7 @@ def int8_encoder(model: nn.Module, recipe: str = "all", calibration: list[dict] 
     """A copy of ``model`` with its encoder's Linear layers dynamically quantized to int8 (``recipe``: a key of
     :data:`~earlyexit_kernels.engine.layers.precision.INT8_RECIPES`; ``--stack-int8``), as ``--dtype int8`` serves it;
     ``static-ov`` calibrated on ``calibration`` (the batches OpenVINO's static int8 peer calibrates on)."""
-    if recipe == "static-ov":
-        from earlyexit_kernels.engine.layers.ov_static import static_int8_encoder
-
-        if not calibration:
-            raise SystemExit("--stack-int8 static-ov calibrates on validation texts: none were read")
-        return static_int8_encoder(copy.deepcopy(model), calibration)
-    return precision.int8_encoder(model, recipe)
+    return precision.int8_encoder(model, recipe, calibration=calibration)
 
 
 def torch_configs(

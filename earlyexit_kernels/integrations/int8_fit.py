@@ -54,29 +54,30 @@ CALIBRATION_ROWS = 300
 TIMING_ROWS = 64
 
 
-def timing_batches(tokenizer, train, *, batch_size: int, max_length: int, seed: int) -> list[dict]:
-    """Up to :data:`TIMING_ROWS` of the training rows ``train`` (drawn with ``seed``), tokenized into the
-    length-sorted batches every engine runs: what the int8 runtimes are timed on. Training rows, never the rows
-    that certify: the choice depends on what these rows showed."""
+def _training_batches(tokenizer, train, count: int, *, batch_size: int, max_length: int, seed: int) -> list[dict]:
+    """Up to ``count`` of the training rows ``train``, the first of one draw with ``seed``, tokenized into the
+    length-sorted batches every engine runs. Training rows, never the rows that certify: what is chosen or set on
+    them depends on what they showed."""
     import torch
 
     from earlyexit_kernels.training.labelled_texts import encode, length_sorted_batches
 
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-    return length_sorted_batches(encode(tokenizer, train.subset(order[:TIMING_ROWS]), max_length), None, batch_size)
+    return length_sorted_batches(encode(tokenizer, train.subset(order[:count]), max_length), None, batch_size)
+
+
+def timing_batches(tokenizer, train, *, batch_size: int, max_length: int, seed: int) -> list[dict]:
+    """Up to :data:`TIMING_ROWS` of the training rows (:func:`_training_batches`): what the int8 runtimes are
+    timed on."""
+    return _training_batches(tokenizer, train, TIMING_ROWS, batch_size=batch_size, max_length=max_length, seed=seed)
 
 
 def calibration_batches(tokenizer, train, *, batch_size: int, max_length: int, seed: int) -> list[dict]:
-    """Up to :data:`CALIBRATION_ROWS` of the training rows ``train`` (drawn with ``seed``, as
-    :func:`timing_batches`), in length-sorted batches: what the static int8 layers set their scales on. Training
-    rows, never the rows that certify."""
-    import torch
-
-    from earlyexit_kernels.training.labelled_texts import encode, length_sorted_batches
-
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-    rows = train.subset(order[:CALIBRATION_ROWS])
-    return length_sorted_batches(encode(tokenizer, rows, max_length), None, batch_size)
+    """Up to :data:`CALIBRATION_ROWS` of the training rows (:func:`_training_batches`, the same draw as
+    :func:`timing_batches`, whose rows are among them): what the static int8 layers set their scales on."""
+    return _training_batches(
+        tokenizer, train, CALIBRATION_ROWS, batch_size=batch_size, max_length=max_length, seed=seed
+    )
 
 
 @contextlib.contextmanager

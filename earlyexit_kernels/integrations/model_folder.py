@@ -171,7 +171,7 @@ def _architectures(config_path: Path) -> list[str]:
 def to_folder_base(folder: str | Path, model, dtype: str | None, device):
     """:func:`earlyexit_kernels.engine.layers.precision.to_base` for ``folder``'s model: int8 with the recipe its
     int8 certificate holds for (:func:`int8_recipe_of`)."""
-    from earlyexit_kernels.engine.layers.precision import CALIBRATED_RECIPES, runnable_int8_recipe, to_base
+    from earlyexit_kernels.engine.layers.precision import runnable_int8_recipe, to_base
 
     recipe = int8_recipe_of(folder, model) if dtype == "int8" else "auto"
     if recipe != "auto":
@@ -186,14 +186,8 @@ def to_folder_base(folder: str | Path, model, dtype: str | None, device):
                 stacklevel=3,
             )
             recipe = runs
-    if dtype == "int8" and recipe in CALIBRATED_RECIPES:  # set on the fit's training rows, saved in the folder
-        from earlyexit_kernels.engine.layers.ov_static import load_static_layers
-
-        to_base(model, "float32", device)  # the device checked as for any int8 base: the CPU
-        if model.device.type != "cpu":
-            raise ValueError(f"dtype int8 runs on the CPU only (its int8 kernels are the CPU's); got {device}")
-        return load_static_layers(model, folder)
-    return to_base(model, dtype, device, int8_recipe=recipe)
+    # static int8 layers were set on the fit's training rows and saved in the folder: they run from there
+    return to_base(model, dtype, device, int8_recipe=recipe, saved=folder)
 
 
 #: the file of a folder certified on int8 that names the int8 recipe the certificate holds for

@@ -150,8 +150,7 @@ def calibrate_folder(
     written: the folder keeps its policy and ``report.kept`` says why, unless ``force``. Nothing a
     user saved is replaced by something worse without being asked.
     """
-    from earlyexit_kernels.engine.layers.ov_static import load_static_layers
-    from earlyexit_kernels.engine.layers.precision import CALIBRATED_RECIPES, int8_recipe_on, to_base
+    from earlyexit_kernels.engine.layers.precision import int8_recipe_on, to_base
     from earlyexit_kernels.integrations.model_folder import load_model
     from earlyexit_kernels.training.calibrate_texts import calibrate_texts, calibration_goal
     from earlyexit_kernels.training.fit_config import FitError, settings_of
@@ -202,11 +201,8 @@ def calibrate_folder(
     elif int8_layers != "auto":
         raise FitError(f"--layers {int8_layers} says where the int8 layers run: give --dtype int8 with it")
     try:
-        if recipe in CALIBRATED_RECIPES:  # the static layers eek fit set on its training rows, saved in the folder
-            to_base(model, "float32", asked.device)
-            load_static_layers(model, path)
-        else:
-            to_base(model, dtype, asked.device, int8_recipe=recipe or "auto")
+        # static int8 layers: the ones eek fit set on its training rows and saved in the folder
+        to_base(model, dtype, asked.device, int8_recipe=recipe or "auto", saved=path)
     except ValueError as error:
         raise FitError(str(error)) from None
     report = calibrate_texts(

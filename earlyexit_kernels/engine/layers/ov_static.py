@@ -246,10 +246,11 @@ class StaticOvLayer(OvLayer):
         self.calibration_rows = calibration_rows
 
     @classmethod
-    def from_layer(cls, layer: nn.Module, config, feeds: list[dict], *, reduce_range: bool | None = None):
-        """``layer`` (a float BERT-style or MPNet layer) quantized by NNCF on the graph inputs ``feeds``."""
+    def from_layer(cls, layer: nn.Module, config, feeds: list[dict], *, reduce_range: bool | None = None, rows=None):
+        """``layer`` (a float BERT-style or MPNet layer) quantized by NNCF on the graph inputs ``feeds`` (``rows``:
+        how many calibration rows they hold, recorded)."""
         ir, bits = static_layer_ir(layer, config, feeds, reduce_range=reduce_range)
-        return cls.of_ir(layer, config, ir, bits)
+        return cls.of_ir(layer, config, ir, bits, rows)
 
     @classmethod
     def of_ir(cls, layer: nn.Module, config, ir: tuple[bytes, bytes], bits: int, calibration_rows: int | None = None):
@@ -328,8 +329,9 @@ def static_int8_encoder(model: nn.Module, batches: list[dict], *, reduce_range: 
     feeds = calibration_feeds(model, batches)
     rows = sum(len(batch["input_ids"]) for batch in batches)
     for index, layer in enumerate(layers):
-        layers[index] = StaticOvLayer.from_layer(layer, model.config, feeds[index], reduce_range=reduce_range)
-        layers[index].calibration_rows = rows
+        layers[index] = StaticOvLayer.from_layer(
+            layer, model.config, feeds[index], reduce_range=reduce_range, rows=rows
+        )
     model.eek_int8_recipe = STATIC_RECIPE
     return model
 

@@ -198,29 +198,38 @@ def _encoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 
 
 def int8_encoder(
-    model: nn.Module, recipe: str = "auto", *, inplace: bool = False, calibration: list[dict] | None = None
+    model: nn.Module,
+    recipe: str = "auto",
+    *,
+    inplace: bool = False,
+    calibration: list[dict] | None = None,
+    saved=None,
 ) -> nn.Module:
     """``model`` (a copy unless ``inplace``) with its encoder's Linear layers int8, as ``recipe`` says.
 
     ``recipe``: ``"auto"`` (:func:`int8_recipe`, the family's) or a key of :data:`INT8_RECIPES`. The
-    model records it as ``model.eek_int8_recipe``. ``calibration``: the batches (the model's inputs) a recipe of
-    :data:`CALIBRATED_RECIPES` sets its scales on; rows that never certify."""
+    model records it as ``model.eek_int8_recipe``. A recipe of :data:`CALIBRATED_RECIPES` runs the layers a model
+    folder ``saved`` (:func:`~earlyexit_kernels.engine.layers.ov_static.save_static_layers`), else sets its scales on
+    ``calibration`` (batches of the model's inputs; rows that never certify)."""
     recipe = int8_recipe(model) if recipe == "auto" else recipe
     if recipe not in INT8_RECIPES:
         raise ValueError(f"int8 recipe must be auto or one of {', '.join(INT8_RECIPES)}; got {recipe!r}")
     if recipe in CALIBRATED_RECIPES:
-        if not calibration:
-            raise ValueError(
-                f"int8 recipe {recipe} sets its scales on calibration rows: eek fit --dtype int8 makes its layers on "
-                "training rows and saves them in the folder, which then serves them (in Python: "
-                "earlyexit_kernels.engine.layers.ov_static.static_int8_encoder(model, batches))"
-            )
         from earlyexit_kernels.engine.layers import ov_static
 
         missing = _missing_runtime(recipe)
         if missing is not None:
             raise ValueError(f"int8 recipe {recipe}: {missing}; or run the per-token-ort recipe (ONNX Runtime)")
-        return ov_static.static_int8_encoder(model if inplace else copy.deepcopy(model), calibration)
+        if not calibration and saved is None:
+            raise ValueError(
+                f"int8 recipe {recipe} sets its scales on calibration rows: eek fit --dtype int8 makes its layers on "
+                "training rows and saves them in the folder, which then serves them (in Python: "
+                "earlyexit_kernels.engine.layers.ov_static.static_int8_encoder(model, batches))"
+            )
+        quantized = model if inplace else copy.deepcopy(model)
+        if saved is not None:
+            return ov_static.load_static_layers(quantized, saved)
+        return ov_static.static_int8_encoder(quantized, calibration)
     quantized = model if inplace else copy.deepcopy(model)
     if recipe in ("per-token-ort", "per-token-ov"):  # each encoder layer one graph, on ONNX Runtime or OpenVINO
         return _graph_encoder(quantized, recipe)
@@ -283,11 +292,12 @@ def to_base(
     *,
     int8_recipe: str = "auto",
     calibration: list[dict] | None = None,
+    saved=None,
 ) -> nn.Module:
     """``model`` on ``device`` at ``dtype`` (None: as saved), in place where it can be (int8 swaps the
     encoder's Linear modules for quantized ones in place too, with ``int8_recipe``: ``"auto"``, the
     family's, or a key of :data:`INT8_RECIPES`, e.g. the one a folder's int8 certificate recorded;
-    ``calibration``: :func:`int8_encoder`'s). Returns the model."""
+    ``calibration`` and ``saved``: :func:`int8_encoder`'s). Returns the model."""
     target = resolve_device(device)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
@@ -299,7 +309,7 @@ def to_base(
             )
         recipe = _int8_recipe_of(model) if int8_recipe == "auto" else int8_recipe  # fails before any change
         model.float()
-        return int8_encoder(model, recipe, inplace=True, calibration=calibration).to(target)
+        return int8_encoder(model, recipe, inplace=True, calibration=calibration, saved=saved).to(target)
     if dtype == "bfloat16":
         return model.to(device=target, dtype=torch.bfloat16)
     if dtype == "float32":
