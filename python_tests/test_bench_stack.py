@@ -163,6 +163,7 @@ def test_openvino_static_int8_is_calibrated_on_other_texts_and_gives_the_model_l
     configs, notes = stack.peer_configs(full, batches[0], tmp_path, threads=1, calibration=calibration)
     assert [c.name for c in configs][-2:] == ["OpenVINO fp32", "OpenVINO int8"]
     assert "static int8" in notes["openvino int8"] and "validation texts" in notes["openvino int8"]
+    assert "setting kept" in notes["openvino int8"] and "setting kept" in notes["openvino"]
     with torch.no_grad():
         expected = full(**{k: batches[1][k] for k in stack.INPUTS}).logits
     got = configs[-1].run(batches[1])[0]
@@ -172,3 +173,24 @@ def test_openvino_static_int8_is_calibrated_on_other_texts_and_gives_the_model_l
     assert not torch.equal(got, configs[-2].run(batches[1])[0])  # quantized: not the fp32 graph's bits
     _, without = stack.peer_configs(full, batches[0], tmp_path, threads=1)
     assert without["openvino int8"] == "no calibration texts given"
+
+
+def test_an_openvino_peer_is_compiled_at_the_faster_of_its_fused_subgraph_settings(tmp_path):
+    """The OpenVINO peers run at their best setting on this CPU: compiled with the plugin's fused-subgraph code
+    generation on and off, both timed on the texts given, the faster kept and said; either computes the model."""
+    for package in ("onnx", "openvino"):
+        pytest.importorskip(package, reason=f"{package} is not installed (bench-only, optional)")
+    import openvino
+
+    full = tiny_model("bert", num_labels=2)
+    batches, _ = batches_and_labels()
+    exported = stack._export_onnx(full, batches[0], tmp_path)
+    core = openvino.Core()
+    compiled, setting = stack.openvino_compiled(core, core.read_model(str(exported)), 1, batches[:2])
+    kept = setting.split("setting kept: ")[1].split(" (")[0]
+    assert kept in ("default", "fused-subgraph code generation off")
+    assert "default" in setting.split("(")[1] and "code generation off" in setting.split("(")[1]  # both timings
+    with torch.no_grad():
+        expected = full(**{k: batches[1][k] for k in stack.INPUTS}).logits
+    got = torch.from_numpy(compiled(stack._numpy_inputs(batches[1]))[compiled.output(0)])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)  # float32 either way: the model's logits

@@ -7,7 +7,7 @@ length by hand (longest first) in batches of ``--batch``:
 
 - ``OpenVINO int8``: static int8 by NNCF (``nncf.quantize``, transformer preset) on ``--calibration``
   texts, never the corpus (:func:`benchmarks.suite.stack._openvino_int8`: latency hint, float32 for what
-  stays float);
+  stays float, the plugin's fused-subgraph code generation on or off as timed faster on those texts);
 - ``ONNX Runtime int8``: ONNX Runtime's transformer optimizer, then ``quantize_dynamic``
   (:func:`benchmarks.suite.stack.peer_configs`);
 - ``OpenVINO fp32`` and ``ONNX Runtime fp32`` where installed, for scale.

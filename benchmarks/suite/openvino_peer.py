@@ -57,7 +57,8 @@ def measure(
     calibration_batches = [encode(calibration[s : s + batch]) for s in range(0, len(calibration), batch)]
     with tempfile.TemporaryDirectory(prefix="eek-openvino-peer-") as folder:
         exported = _export_onnx(model, calibration_batches[0], Path(folder))
-        run = _openvino_int8(openvino.Core(), exported, calibration_batches, threads).run
+        config, setting = _openvino_int8(openvino.Core(), exported, calibration_batches, threads)
+        run = config.run
         drive = Drive()
         with pinned(cores):
             run(encode(texts[:batch]))  # warm-up: the first inference compiles its shapes
@@ -72,8 +73,8 @@ def measure(
     row = summarize(NAME, 1, drive, full, batch)
     note = (
         f"openvino {openvino.__version__}, nncf {_version('nncf')}: static int8, "
-        f"nncf.quantize(model_type=TRANSFORMER) on {len(calibration)} calibration texts, {threads} thread(s); "
-        "batches timed in the benchmark's process, no HTTP"
+        f"nncf.quantize(model_type=TRANSFORMER) on {len(calibration)} calibration texts, {threads} thread(s), "
+        f"{setting}; batches timed in the benchmark's process, no HTTP"
     )
     return row, note
 

@@ -37,6 +37,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -228,31 +229,72 @@ def peer_configs(
         import openvino
 
         core = openvino.Core()
-        compiled = core.compile_model(
-            core.read_model(str(exported)),
-            "CPU",
-            {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"},
-        )
+        compiled, setting = openvino_compiled(core, core.read_model(str(exported)), threads, calibration or [sample])
         configs.append(Config("OpenVINO fp32", "OpenVINO fp32", False, _openvino_run(compiled)))
-        notes["openvino"] = f"openvino {openvino.__version__}: the exported graph, INFERENCE_PRECISION_HINT f32"
+        notes["openvino"] = (
+            f"openvino {openvino.__version__}: the exported graph, INFERENCE_PRECISION_HINT f32, LATENCY hint; {setting}"
+        )
         if status["nncf"] != "installed":
             notes["openvino int8"] = status["nncf"]
         elif not calibration:
             notes["openvino int8"] = "no calibration texts given"
         else:
-            configs.append(_openvino_int8(core, exported, calibration, threads))
+            config, setting = _openvino_int8(core, exported, calibration, threads)
+            configs.append(config)
             notes["openvino int8"] = (
                 f"nncf {importlib.metadata.version('nncf')}: static int8, nncf.quantize(model_type=TRANSFORMER) on "
-                f"{sum(len(b['input_ids']) for b in calibration)} validation texts, INFERENCE_PRECISION_HINT f32"
+                f"{sum(len(b['input_ids']) for b in calibration)} validation texts, INFERENCE_PRECISION_HINT f32, "
+                f"LATENCY hint; {setting}"
             )
     else:
         notes["openvino"] = status["openvino"]
     return configs, notes
 
 
-def _openvino_int8(core, exported: Path, calibration: list[dict], threads: int) -> Config:
+#: the CPU plugin's code generation of fused subgraphs (attention, chains of element-wise ops), on by default.
+#: Off, OpenVINO's static int8 MiniLM-L6 ran its calibration batches in 460 ms against 496 on the Intel Xeon with AMX
+#: (benchmarks/results/intel_xeon/stack_int8_static_ov_best_peer_cpu), so each OpenVINO peer is compiled both ways
+#: and the faster kept: a peer at its best setting on the CPU it runs on.
+SNIPPETS_OFF = {"SNIPPETS_MODE": "DISABLE"}
+#: alternating passes over the timing batches that choose an OpenVINO peer's setting
+SETTING_ROUNDS = 3
+
+
+def openvino_compiled(core, model, threads: int, batches: list[dict]):
+    """``(compiled model, what was chosen and why)``: ``model`` compiled for ``threads`` threads with the latency
+    hint and float32 where it stays float, with the plugin's fused-subgraph code generation on (its default) and off
+    (:data:`SNIPPETS_OFF`), the faster kept: a peer at its best setting on this CPU. Both are timed in
+    :data:`SETTING_ROUNDS` alternating passes over ``batches`` (after one untimed pass each: its shapes), the
+    setting of the smaller median kept. ``batches``: the texts timed (the calibration's where there are some: a
+    setting is chosen on texts that are never the ones scored)."""
+    base = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    candidates = {"default": core.compile_model(model, "CPU", base)}
+    try:
+        candidates["fused-subgraph code generation off"] = core.compile_model(model, "CPU", {**base, **SNIPPETS_OFF})
+    except RuntimeError as error:  # a version without the property: the default is all there is
+        return candidates["default"], f"the plugin's default (SNIPPETS_MODE not accepted: {str(error).splitlines()[0]})"
+    feeds = [_numpy_inputs(batch) for batch in batches]
+    seconds = {name: [] for name in candidates}
+    for round_ in range(SETTING_ROUNDS + 1):
+        names = list(candidates) if round_ % 2 == 0 else list(reversed(candidates))
+        for name in names:
+            start = time.perf_counter()
+            for feed in feeds:
+                candidates[name](feed)
+            if round_:  # the first round compiles the batches' shapes
+                seconds[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    kept = min(medians, key=medians.get)
+    timings = ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in medians.items())
+    return candidates[
+        kept
+    ], f"setting kept: {kept} (median of {SETTING_ROUNDS} passes over {len(feeds)} calibration batches: {timings})"
+
+
+def _openvino_int8(core, exported: Path, calibration: list[dict], threads: int) -> tuple[Config, str]:
     """OpenVINO static int8: the exported graph quantized by NNCF on ``calibration``'s batches (activations'
-    ranges from them, the transformer preset: attention's softmax and layer norms stay float)."""
+    ranges from them, the transformer preset: attention's softmax and layer norms stay float), compiled at its
+    best setting on this CPU (:func:`openvino_compiled`, timed on the same batches). ``(config, setting note)``."""
     import nncf
 
     model = core.read_model(str(exported))
@@ -263,12 +305,8 @@ def _openvino_int8(core, exported: Path, calibration: list[dict], threads: int) 
         model_type=nncf.ModelType.TRANSFORMER,
         subset_size=len(calibration),  # every batch given: the statistics of all its texts
     )
-    compiled = core.compile_model(
-        quantized,
-        "CPU",
-        {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"},
-    )
-    return Config("OpenVINO int8", "OpenVINO int8", False, _openvino_run(compiled))
+    compiled, setting = openvino_compiled(core, quantized, threads, calibration)
+    return Config("OpenVINO int8", "OpenVINO int8", False, _openvino_run(compiled)), setting
 
 
 def _fusions(optimized) -> str:
