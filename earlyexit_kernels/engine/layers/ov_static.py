@@ -34,7 +34,9 @@ Measured (docs/benchmarks.md, "Early exit on static int8 layers on the Intel Xeo
 MiniLM-L6 fine-tuned on Rotten Tomatoes, one thread, 600 test texts in length-sorted batches of 32, these layers
 ran the whole model in 1.31 s a pass against 1.16 s for OpenVINO's own static int8 model, and early exit on them
 (2.49 of 6 layers) in 0.71 s, 1.63x OpenVINO's static int8
-(``benchmarks/results/intel_xeon/stack_int8_static_ov_cpu``).
+(``benchmarks/results/intel_xeon/stack_int8_static_ov_cpu``); against OpenVINO compiled at its faster setting
+there (its fused-subgraph code generation off), 1.30x and 1.55x in two runs
+(``benchmarks/results/intel_xeon/stack_int8_static_ov_best_peer_cpu``).
 
 The calibration rows are the caller's: ``eek fit`` gives rows of its training split, never the rows that certify;
 the folder keeps the layers (:func:`save_static_layers`), since they cannot be made from the weights alone.
