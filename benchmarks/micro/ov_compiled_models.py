@@ -57,9 +57,10 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
 
+    import openvino
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from earlyexit_kernels.engine.layers.ov_layer import _ov_core, compile_config
+    from earlyexit_kernels.engine.layers.ov_layer import compile_config
     from earlyexit_kernels.engine.layers.ov_static import calibration_feeds, static_int8_encoder
 
     tokenizer = AutoTokenizer.from_pretrained(args.folder)
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
     feeds = calibration_feeds(model, batches)  # [layer][batch]: each layer's inputs at full depth, as its calls
     layers = static_int8_encoder(model, calibration).base_model.encoder.layer
     depth = len(layers)
-    core, config = _ov_core(), compile_config(args.threads)
+    core, config = openvino.Core(), compile_config(args.threads)  # the layers' own compilation options
 
     def compiled(ir):
         return core.compile_model(core.read_model(*ir), "CPU", config).create_infer_request()

@@ -286,9 +286,8 @@ def openvino_compiled(core, model, threads: int, batches: list[dict]):
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     kept = min(medians, key=medians.get)
     timings = ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in medians.items())
-    return candidates[
-        kept
-    ], f"setting kept: {kept} (median of {SETTING_ROUNDS} passes over {len(feeds)} calibration batches: {timings})"
+    note = f"setting kept: {kept} (median of {SETTING_ROUNDS} passes over {len(feeds)} calibration batches: {timings})"
+    return candidates[kept], note
 
 
 def _openvino_int8(core, exported: Path, calibration: list[dict], threads: int) -> tuple[Config, str]:

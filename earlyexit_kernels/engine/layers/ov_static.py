@@ -278,9 +278,11 @@ class StaticOvLayer(OvLayer):
         bias = position_bias if self.position_bias else None
         feeds = _inputs(hidden_states, key_mask, bias)
         try:
-            # the inputs read in place (the call waits for the result); the output read once out of the request's
-            # memory, which the next call reuses, by the product below that zeroes the padding
-            output = torch.from_numpy(self._request().infer(feeds, share_inputs=True)[0][:, :length])
+            # the inputs read in place (the call waits for the result); the output read in place too
+            # (share_outputs: infer would copy it otherwise), once, by the product below that zeroes the padding
+            # into a new tensor before the request's next call reuses its memory
+            result = self._request().infer(feeds, share_inputs=True, share_outputs=True)
+            output = torch.from_numpy(result[0][:, :length])
         except RuntimeError as error:  # the runtime's own failure, not the call's input (checked above)
             output = self._packed_fallback(hidden_states, key_mask, bias, error)
         output = output * torch.from_numpy(key_mask[..., None]).to(output.dtype)  # zeros at the padding: a new tensor
