@@ -23,6 +23,7 @@ from earlyexit_kernels.engine.layers.module_weights import linear_compute_dtype,
 from earlyexit_kernels.engine.step.batch_loop import mask_extents, run_early_exit
 from earlyexit_kernels.engine.step.heads import MLP_FORMS, ExitHeadConfig, ExitHeads, check_head_choice
 from earlyexit_kernels.engine.step.inputs import check_id_range
+from earlyexit_kernels.engine.step.ov_exit_graph import run_exit_graph
 from earlyexit_kernels.engine.step.step_choice import check_graphed_policy, check_step_name, resolve_step
 from earlyexit_kernels.methods.losses import Objective, objective
 from earlyexit_kernels.methods.policies import ExitPolicy, SkipGates
@@ -137,7 +138,11 @@ def patch(
     the last (each (layer, bucket) step captured in a CUDA graph on a GPU; on the CPU the same step
     runs uncaptured), ``"auto"`` is ``"graphed"`` on CUDA and ``"exact"`` elsewhere (and for a policy
     the graphed step cannot run). Both give the same outputs (bit for bit on the CPU); see
-    :mod:`earlyexit_kernels.engine.step.step_choice`.
+    :mod:`earlyexit_kernels.engine.step.step_choice`. On the CPU, ``"auto"`` runs a model whose layers
+    are static int8 layers on OpenVINO (``--layers openvino-static``) with an ``Entropy`` or ``MaxProb``
+    policy in one OpenVINO call a batch: the layers, heads and rule in one compiled model
+    (:mod:`earlyexit_kernels.engine.step.ov_exit_graph`; the same exits up to the heads' float rounding),
+    ``"exact"`` layer by layer.
     ``objective`` (optional) is a training method name, as in
     :func:`set_training_objective`. ``model.save_pretrained(path)`` of a patched model
     also writes the exit heads and the policy (see :func:`earlyexit_kernels.from_pretrained`).
@@ -501,9 +506,13 @@ def _patched_forward(
     else:
         hidden = adapter.embed(input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask)
         mask = attention_mask
+    result = None
     if graphed:
         result = graphed_step(hidden, mask, mask_summary)
-    else:
+    elif state.step == "auto" and not all_exits and not differentiable and device.type == "cpu" and batch:
+        # static int8 layers on OpenVINO: the layers, heads and rule in one call (None: this loop's own way)
+        result = run_exit_graph(self, adapter, self.early_exit_heads, policy, hidden, mask)
+    if result is None:
         result = run_early_exit(
             *runs, hidden, mask, all_exits=all_exits, train_gates=train_gates, mask_summary=mask_summary
         )

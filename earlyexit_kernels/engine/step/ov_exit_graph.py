@@ -1,0 +1,358 @@
+"""Early exit in one OpenVINO call: the static int8 layers, each layer's exit head and exit rule, and the batch
+compacted between layers, all inside one compiled model.
+
+    graph = exit_graph(adapter, heads, policy)         # None where it cannot run this model and policy
+    result = graph.run(hidden, mask)                   # an ExitResult, as run_early_exit's
+
+Why: each :class:`~earlyexit_kernels.engine.layers.ov_static.StaticOvLayer` is a compiled model of its own, and
+separate compiled models keep their own scratch memory and generated kernels, met cold at each call: on the Intel
+Xeon with AMX six compilations of one layer ran 1.12x one compilation called six times on the same inputs
+(``benchmarks/results/intel_xeon/ov_compiled_models_cpu.json``). Between the layer calls the host ran the heads,
+the rule and the compaction in torch and copied the grid in and out of OpenVINO's memory. Here the six layers share
+one compiled model, whose plugin plans their memory together, and the host makes one call a batch: the embeddings
+in, each layer's head logits, decisions and row indices out.
+
+How: the layers are the static layers' own IR (the same scales and weights, so the same hidden states), wired one
+into the next. After layer ``i < L`` a small torch module, converted by OpenVINO, computes what the exact loop
+computes (:mod:`earlyexit_kernels.engine.step.batch_loop`): the head's input (``adapter.exit_input``), its logits
+(``adapter.classify``), the rule of :func:`earlyexit_kernels.methods.exit_rules.exit_step` for entropy and top
+probability (a row with a non-finite logit never leaves), then gathers the rows that go on. The thresholds (and
+temperatures) are inputs of the graph, so a new policy of the same kind runs on the same compiled model. After
+layer ``L`` the model's own head. The host writes each row's logits from the first layer whose rule let it leave.
+
+OpenVINO's CPU plugin fails on an empty batch (every later output came back empty, then the process aborted, with
+2026.4), so the first row of each layer's survivors always goes on: where every row has left, one row runs the
+remaining layers for nothing and the host keeps its first exit. The grid keeps the batch's padded length (the exact
+loop also trims the padding no survivor needs: on length-sorted batches there is little).
+
+The decisions are the exact loop's up to float rounding of the heads (OpenVINO's float32 products against torch's):
+a row whose entropy lies within that rounding of its threshold may leave a layer apart. ``eek.patch(...,
+step="exact")`` runs the layer-by-layer loop instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import warnings
+import weakref
+
+import numpy as np
+import torch
+from torch import nn
+
+from earlyexit_kernels.engine.layers.ort_layer import encoder_layers
+from earlyexit_kernels.engine.layers.ov_layer import _ov_core, compile_config
+from earlyexit_kernels.engine.layers.ov_static import StaticOvLayer, _inputs
+from earlyexit_kernels.engine.step.batch_loop import ExitResult
+from earlyexit_kernels.engine.step.heads import weights_fingerprint
+from earlyexit_kernels.methods.policies import Entropy, ExitPolicy, MaxProb, layer_value
+
+__all__ = ["exit_graph_refusal", "ExitGraph", "exit_graph", "exit_graph_values", "run_exit_graph"]
+
+_log = logging.getLogger(__name__)
+#: each model's exit graph with what it was built of (kept apart from the model: a copy of it builds its own)
+_graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_graphs_lock = threading.Lock()
+
+
+def exit_graph_refusal(model: nn.Module, adapter, heads, policy: ExitPolicy) -> str | None:
+    """Why the exit graph cannot run ``model`` (a patched model) with ``policy``, or None where it can."""
+    layers = encoder_layers(model)
+    if not layers or not all(isinstance(layer, StaticOvLayer) for layer in layers):
+        return "its encoder layers are not static int8 layers on OpenVINO"
+    if any(layer.position_bias for layer in layers):
+        return "its layers take a position bias (MPNet), which the graph does not compute"
+    if type(policy) not in (Entropy, MaxProb):
+        return f"{type(policy).__name__} is not a threshold on one head's distribution (Entropy, MaxProb)"
+    if heads is None or heads.form not in ("model", "mlp"):
+        return "its exit heads read more than their own layer (the cascade form)"
+    if any(p.dtype != torch.float32 for p in heads.parameters()):
+        return "its exit heads are not float32"
+    return None
+
+
+def exit_graph_values(policy: ExitPolicy, num_layers: int) -> dict[str, np.ndarray]:
+    """The graph's policy inputs: per layer (1..L-1) the threshold and, for MaxProb, the temperature."""
+    before = range(1, num_layers)
+    values = {"thresholds": np.array([layer_value(policy.threshold, i) for i in before], np.float32)}
+    if isinstance(policy, MaxProb):
+        temperature = policy.temperature
+        values["temperatures"] = np.array(
+            [1.0 if temperature is None else layer_value(temperature, i) for i in before], np.float32
+        )
+    return values
+
+
+class _ExitStep(nn.Module):
+    """After layer ``layer`` (1-based, < L): the head's logits, the rule's decisions, and the rows that go on."""
+
+    def __init__(self, adapter, heads: nn.Module, layer: int, kind: str, normalized: bool):
+        super().__init__()
+        self.adapter, self.heads = adapter, heads  # heads: registered, so the trace reads its weights as constants
+        self.layer, self.kind, self.normalized = layer, kind, normalized
+
+    def forward(self, hidden, key_mask, rows, thresholds, temperatures=None):
+        z = self.adapter.classify(self.layer, self.adapter.exit_input(self.layer, hidden, key_mask)).float()
+        finite = torch.isfinite(z).all(dim=-1)
+        threshold = thresholds[self.layer - 1]
+        if self.kind == "entropy":  # exit_rules.entropy, _entropy_exits
+            log_p = torch.log_softmax(z, dim=-1)
+            h = -(log_p.exp() * log_p).sum(-1)
+            if self.normalized:
+                h = h / math.log(z.shape[-1])
+            exits = finite & (h < threshold)
+        else:  # MaxProb
+            max_p = torch.softmax(z / temperatures[self.layer - 1], dim=-1).amax(dim=-1)
+            exits = finite & (max_p >= threshold)
+        # the plugin fails on an empty batch: the first survivor always goes on (the host keeps its first exit)
+        keep = torch.nonzero(~exits | (rows == rows[0])).squeeze(-1)
+        return z, exits, hidden.index_select(0, keep), key_mask.index_select(0, keep), rows.index_select(0, keep)
+
+
+class _FinalHead(nn.Module):
+    """After layer ``L``: the model's own head."""
+
+    def __init__(self, adapter, heads: nn.Module, num_layers: int):
+        super().__init__()
+        self.adapter, self.heads, self.num_layers = adapter, heads, num_layers
+        self.classifier = adapter.final_classifier  # registered for the trace, as the heads
+
+    def forward(self, hidden, key_mask):
+        return self.adapter.classify(
+            self.num_layers, self.adapter.exit_input(self.num_layers, hidden, key_mask)
+        ).float()
+
+
+class _AllSteps(nn.Module):
+    """Every layer's step in one module, so that one trace converts them all (a conversion costs about a second):
+    inputs ``hidden_i, key_mask_i, rows_i`` for each layer ``i < L``, ``hidden_L, key_mask_L``, then the policy's
+    values; outputs each step's five, then the final logits."""
+
+    def __init__(self, adapter, heads: nn.Module, num_layers: int, kind: str, normalized: bool):
+        super().__init__()
+        self.steps = nn.ModuleList(_ExitStep(adapter, heads, i, kind, normalized) for i in range(1, num_layers))
+        self.final = _FinalHead(adapter, heads, num_layers)
+
+    def forward(self, *inputs):
+        count = len(self.steps)
+        values = inputs[3 * count + 2 :]
+        outputs = []
+        for index, step in enumerate(self.steps):
+            outputs += step(*inputs[3 * index : 3 * index + 3], *values)
+        outputs.append(self.final(*inputs[3 * count : 3 * count + 2]))
+        return tuple(outputs)
+
+
+def _converted(module: nn.Module, model: nn.Module, example: dict, shapes: list):
+    """``module`` converted by OpenVINO, the weights it reads from ``model`` as constants (the tracer refuses a
+    constant that requires grad: the flags are off during the trace and set back after)."""
+    import openvino as ov
+
+    flagged = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for parameter in flagged:
+            parameter.requires_grad_(False)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return ov.convert_model(module.eval(), example_input=tuple(example.values()), input=shapes)
+    finally:
+        for parameter in flagged:
+            parameter.requires_grad_(True)
+
+
+def _prefixed(model, prefix: str):
+    """``model`` with every node's and tensor's name prefixed: the parts of one graph must not share a name."""
+    for node in model.get_ops():
+        node.set_friendly_name(prefix + node.get_friendly_name())
+        for output in node.outputs():
+            output.get_tensor().set_names({prefix + name for name in output.get_names()})
+    return model
+
+
+def _wire(model, prefix: str, sources: dict) -> list:
+    """Feed ``model``'s inputs from ``sources`` (by input name) and return its outputs, now part of one graph."""
+    from openvino import opset13 as ops
+
+    for parameter in model.get_parameters():
+        (name,) = {n[len(prefix) :] for n in parameter.output(0).get_names()} & set(sources)
+        source = sources[name]
+        if parameter.get_element_type() != source.get_element_type():
+            source = ops.convert(source, parameter.get_element_type()).output(0)
+        parameter.output(0).replace(source)
+    return [result.input_value(0) for result in model.get_results()]
+
+
+def exit_graph_model(model: nn.Module, adapter, heads, policy: ExitPolicy):
+    """The ``openvino.Model`` of the whole early-exit encoder of ``model``: inputs ``hidden`` [n, S, H] (the
+    embeddings on a grid padded as the static layers pad it), ``key_mask`` [n, S] int32, ``rows`` [n] int64 and the
+    policy's values (:func:`exit_graph_values`); outputs, per layer ``i < L``, its rows' logits, decisions and row
+    indices, then layer ``L``'s logits and rows."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    layers = encoder_layers(model)
+    num_layers, width = len(layers), adapter.hidden_size
+    kind = "entropy" if isinstance(policy, Entropy) else "max_prob"
+    normalized = bool(getattr(policy, "normalized", False))
+    core = _ov_core()
+    inputs = {
+        "hidden": ops.parameter([-1, -1, width], ov.Type.f32, name="hidden"),
+        "key_mask": ops.parameter([-1, -1], ov.Type.i32, name="key_mask"),
+        "rows": ops.parameter([-1], ov.Type.i64, name="rows"),
+        "thresholds": ops.parameter([num_layers - 1], ov.Type.f32, name="thresholds"),
+    }
+    if kind == "max_prob":
+        inputs["temperatures"] = ops.parameter([num_layers - 1], ov.Type.f32, name="temperatures")
+    for name, parameter in inputs.items():
+        parameter.output(0).get_tensor().set_names({name})
+    example, shapes = {}, []
+    for index in range(1, num_layers + 1):
+        example.update(
+            {f"hidden_{index}": torch.zeros(2, 8, width), f"key_mask_{index}": torch.ones(2, 8, dtype=torch.int32)}
+        )
+        shapes += [(f"hidden_{index}", [-1, -1, width]), (f"key_mask_{index}", [-1, -1])]
+        if index < num_layers:
+            example[f"rows_{index}"] = torch.arange(2)
+            shapes.append((f"rows_{index}", [-1]))
+    example["thresholds"] = torch.zeros(num_layers - 1)
+    shapes.append(("thresholds", [num_layers - 1]))
+    if kind == "max_prob":
+        example["temperatures"] = torch.ones(num_layers - 1)
+        shapes.append(("temperatures", [num_layers - 1]))
+    # positional inputs (the module takes *inputs): the parameters come in the example's order
+    steps = _prefixed(
+        _converted(_AllSteps(adapter, heads, num_layers, kind, normalized), model, example, [s for _, s in shapes]),
+        "exit/",
+    )
+    step_inputs = dict(zip(example, steps.get_parameters(), strict=True))
+    step_outputs = [result.input_value(0) for result in steps.get_results()]
+
+    def feed(name: str, source) -> None:
+        parameter = step_inputs[name]
+        if parameter.get_element_type() != source.get_element_type():
+            source = ops.convert(source, parameter.get_element_type()).output(0)
+        parameter.output(0).replace(source)
+
+    for name in ("thresholds", "temperatures"):
+        if name in step_inputs:
+            feed(name, inputs[name].output(0))
+    current = {name: inputs[name].output(0) for name in ("hidden", "key_mask", "rows")}
+    outputs = []
+    for index, layer in enumerate(layers, start=1):
+        prefix = f"layer{index}/"
+        (hidden,) = _wire(_prefixed(core.read_model(*layer.ir), prefix), prefix, current)
+        feed(f"hidden_{index}", hidden)
+        feed(f"key_mask_{index}", current["key_mask"])
+        if index == num_layers:
+            outputs += [step_outputs[-1], current["rows"]]
+        else:
+            feed(f"rows_{index}", current["rows"])
+            logits, exits, hidden, key_mask, rows = step_outputs[5 * (index - 1) : 5 * index]
+            outputs += [logits, exits, current["rows"]]
+            current = {"hidden": hidden, "key_mask": key_mask, "rows": rows}
+    return ov.Model(outputs, list(inputs.values()), "early_exit_encoder")
+
+
+class ExitGraph:
+    """The compiled exit graph of one patched model, for one policy kind (its values are inputs)."""
+
+    def __init__(self, model: nn.Module, adapter, heads, policy: ExitPolicy):
+        self.num_layers = len(encoder_layers(model))
+        self.kind = (type(policy), bool(getattr(policy, "normalized", False)))
+        self._model = exit_graph_model(model, adapter, heads, policy)
+        self._compiled, self._threads = None, None
+        self._requests = threading.local()
+
+    def compiled(self):
+        """The compiled model for torch's thread count now (the static layers' settings)."""
+        threads = torch.get_num_threads()
+        if self._compiled is None or self._threads != threads:
+            self._compiled = _ov_core().compile_model(self._model, "CPU", compile_config(threads))
+            self._threads = threads
+        return self._compiled
+
+    def _request(self):
+        compiled = self.compiled()
+        held = getattr(self._requests, "held", None)
+        if held is None or held[0] is not compiled:
+            held = self._requests.held = (compiled, compiled.create_infer_request())
+        return held[1]
+
+    def run(self, hidden: torch.Tensor, mask: torch.Tensor | None, policy: ExitPolicy):
+        """``(logits [B, C] float32, exit layer [B] int64)`` of the embeddings ``hidden`` [B, S, H] with the
+        2-D ``mask`` (or None: no padding) under ``policy`` (of this graph's kind)."""
+        n, length, _ = hidden.shape
+        key_mask = np.ones((n, length), np.int32) if mask is None else mask.detach().to(torch.int32).cpu().numpy()
+        feeds = _inputs(hidden, key_mask, None)
+        feeds["rows"] = np.arange(n, dtype=np.int64)
+        feeds.update(exit_graph_values(policy, self.num_layers))
+        # inputs read in place (the call waits); outputs copied out (a few numbers a row)
+        request = self._request()
+        result = request.infer(feeds, share_inputs=True)
+        values = result.to_tuple()  # in the outputs' order
+        logits = np.empty((n, values[0].shape[-1]), np.float32)
+        exit_layer = np.full(n, self.num_layers, np.int64)
+        done = np.zeros(n, bool)
+        for layer in range(1, self.num_layers):
+            z, exits, rows = values[3 * (layer - 1) : 3 * layer]
+            first = exits & ~done[rows]  # a row kept past its exit (the first survivor) keeps its first one
+            logits[rows[first]] = z[first]
+            exit_layer[rows[first]] = layer
+            done[rows[first]] = True
+        z, rows = values[-2:]
+        last = ~done[rows]
+        logits[rows[last]] = z[last]
+        return torch.from_numpy(logits), torch.from_numpy(exit_layer)
+
+
+def exit_graph(model: nn.Module, adapter, heads, policy: ExitPolicy) -> ExitGraph | None:
+    """The model's exit graph for ``policy``'s kind, built once and kept on the model while its layers and heads'
+    weights stay the same; None where it cannot run them (:func:`exit_graph_refusal`) or failed to build (logged
+    once with the reason: the layer-by-layer loop runs instead)."""
+    if exit_graph_refusal(model, adapter, heads, policy) is not None:
+        return None
+    key = (
+        tuple(id(layer) for layer in encoder_layers(model)),
+        weights_fingerprint(heads, adapter),
+        type(policy),
+        bool(getattr(policy, "normalized", False)),
+    )
+    with _graphs_lock:
+        kept = _graphs.get(model)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    try:
+        graph = ExitGraph(model, adapter, heads, policy)
+    except Exception as error:  # a converter or plugin that cannot build it: the exact loop is right too
+        graph = None
+        _log.warning(
+            "the exit graph could not be built (%s: %s); the layers run one call each",
+            type(error).__name__,
+            str(error).splitlines()[0][:300] if str(error) else "",
+        )
+    with _graphs_lock:
+        _graphs[model] = (key, graph)
+    return graph
+
+
+_failures: set[str] = set()
+
+
+def run_exit_graph(model: nn.Module, adapter, heads, policy: ExitPolicy, hidden: torch.Tensor, mask):
+    """``model``'s early exit on the embeddings ``hidden`` [B, S, H] (2-D ``mask`` or None) in one call of its exit
+    graph: an :class:`~earlyexit_kernels.engine.step.batch_loop.ExitResult`, or None where the graph cannot run
+    them or the call failed (the reason logged once): the caller runs the layer-by-layer loop."""
+    graph = exit_graph(model, adapter, heads, policy)
+    if graph is None:
+        return None
+    try:
+        logits, exit_layer = graph.run(hidden, mask, policy)
+    except RuntimeError as error:  # the plugin's own failure (a shape, its memory): this call runs layer by layer
+        reason = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+        if reason not in _failures:
+            _failures.add(reason)
+            _log.warning("the exit graph failed a call (%s); that call ran its layers one call each", reason)
+        return None
+    return ExitResult(logits=logits.to(hidden.dtype), exit_layer=exit_layer, layers_run=exit_layer.clone())

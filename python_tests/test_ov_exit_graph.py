@@ -1,0 +1,177 @@
+"""Early exit in one OpenVINO call (engine/step/ov_exit_graph.py): on static int8 layers a patched model's CPU forward
+runs its layers, heads and exit rule in one compiled model, and answers as the layer-by-layer loop does."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_mpnet
+
+import earlyexit_kernels as eek
+from earlyexit_kernels.engine.layers import ov_static
+from earlyexit_kernels.engine.layers.precision import int8_encoder
+from earlyexit_kernels.engine.step import ov_exit_graph
+from earlyexit_kernels.methods.exit_rules import entropy
+from earlyexit_kernels.patching.patch import current_adapter, policy_of
+
+pytestmark = pytest.mark.skipif(not ov_static.static_available(), reason=ov_static.STATIC_MISSING)
+
+LAYERS = 3
+
+
+def _batch(model, rows=24, length=14, seed=0):
+    """Random rows of the model's vocabulary, of unequal lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, model.config.vocab_size, (rows, length), generator=generator)
+    lengths = torch.randint(3, length + 1, (rows,), generator=generator)
+    mask = (torch.arange(length)[None] < lengths[:, None]).long()
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+def _heads_apart(model) -> None:
+    torch.manual_seed(1)
+    with torch.no_grad():  # heads apart from one another, so the rows' scores spread
+        for parameter in model.early_exit_heads.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    """A patched tiny BERT on static int8 layers, quantized once for the module (NNCF takes seconds a layer)."""
+    model = tiny_model("bert", num_layers=LAYERS)
+    eek.patch(model, eek.Entropy(0.0), head="mlp", pooling="mean")
+    return int8_encoder(model, "static-ov", calibration=[_batch(model, seed=s) for s in (1, 2)])
+
+
+def _static(quantized, policy, *, head="mlp", pooling="mean"):
+    """A copy of ``quantized`` with ``policy`` and heads of ``head`` and ``pooling``."""
+    static = copy.deepcopy(quantized)
+    eek.patch(static, policy, head=head, pooling=pooling)
+    _heads_apart(static)
+    return static
+
+
+def _midway_thresholds(static, batch, score) -> tuple[float, ...]:
+    """Per layer 1..L-1, a threshold midway between the two scores of the widest gap in the middle half of the
+    rows' sorted scores at that layer (never on a row's score): some rows leave at every layer, some stay."""
+    with torch.inference_mode():
+        all_logits = static(**batch, return_all_exits=True).all_logits
+    thresholds = []
+    for layer in range(LAYERS - 1):
+        values = score(all_logits[layer].float()).sort().values
+        quarter = len(values) // 4
+        middle = values[quarter : len(values) - quarter]
+        gap = int((middle[1:] - middle[:-1]).argmax())
+        thresholds.append(float(middle[gap] + middle[gap + 1]) / 2)
+    return (*thresholds, 0.0)
+
+
+def _exact_copy(static):
+    exact = copy.deepcopy(static)
+    eek.patch(exact, policy_of(static), step="exact")
+    return exact
+
+
+def _answers(model, batch):
+    with torch.inference_mode():
+        out = model(**batch)
+    return out.logits, out.exit_layer, out.layers_run
+
+
+def _assert_same_answers(graph_model, exact_model, batch):
+    logits, exits, layers_run = _answers(graph_model, batch)
+    logits_exact, exits_exact, layers_exact = _answers(exact_model, batch)
+    assert torch.equal(exits, exits_exact) and torch.equal(layers_run, layers_exact)
+    # OpenVINO's float32 heads against torch's: the same products summed in another order
+    torch.testing.assert_close(logits, logits_exact, rtol=1e-5, atol=1e-5)
+    return exits
+
+
+def _graph_of(static):
+    adapter = current_adapter(static)
+    return ov_exit_graph.exit_graph(static, adapter, static.early_exit_heads, policy_of(static))
+
+
+@pytest.mark.parametrize(
+    "kind, head, pooling",
+    [("entropy", "mlp", "mean"), ("entropy-normalized", "model", "cls"), ("max-prob", "mlp", "cls")],
+)
+def test_the_exit_graph_answers_as_the_layer_by_layer_loop(quantized, kind, head, pooling):
+    static = _static(quantized, eek.Entropy(0.0), head=head, pooling=pooling)
+    batch = _batch(static, rows=32, seed=7)
+    if kind == "max-prob":
+        thresholds = _midway_thresholds(static, batch, lambda z: torch.softmax(z / 1.5, dim=-1).amax(-1))
+        policy = eek.MaxProb(thresholds[:-1] + (1.0,), temperature=1.5)
+    else:
+        normalized = kind == "entropy-normalized"
+        scale = torch.log(torch.tensor(3.0)) if normalized else 1.0
+        policy = eek.Entropy(_midway_thresholds(static, batch, lambda z: entropy(z) / scale), normalized=normalized)
+    eek.patch(static, policy)
+    assert _graph_of(static) is not None
+    exits = _assert_same_answers(static, _exact_copy(static), batch)
+    assert len(set(exits.tolist())) >= 3  # rows left at several layers: the compaction ran between them
+
+
+def test_a_batch_every_row_of_which_leaves_at_the_first_layer_is_answered(quantized):
+    """The plugin fails on an empty batch: the first row goes on alone, and every row keeps its first exit."""
+    static = _static(quantized, eek.Entropy(10.0))
+    batch = _batch(static, rows=9, seed=3)
+    exits = _assert_same_answers(static, _exact_copy(static), batch)
+    assert exits.tolist() == [1] * 9
+
+
+def test_new_thresholds_run_on_the_same_compiled_graph(quantized):
+    static = _static(quantized, eek.Entropy(0.0))
+    first = _graph_of(static)
+    eek.patch(static, eek.Entropy((0.9, 0.8, 0.0)))
+    assert _graph_of(static) is first
+    eek.patch(static, eek.MaxProb(0.9))
+    assert _graph_of(static) is not first  # another rule: another graph
+
+
+@pytest.mark.parametrize(
+    "case, reason",
+    [
+        ("patience", "not a threshold on one head's distribution"),
+        ("cascade", "cascade form"),
+        ("mpnet", "position bias"),
+        ("float", "not static int8 layers"),
+    ],
+)
+def test_what_the_graph_cannot_run_takes_the_layer_by_layer_loop(quantized, case, reason):
+    if case == "float":
+        static = tiny_model("bert", num_layers=LAYERS)
+        eek.patch(static, eek.Entropy(0.5), head="mlp", pooling="mean")
+    elif case == "mpnet":
+        static = tiny_mpnet(num_layers=2)
+        eek.patch(static, eek.Entropy(0.5), head="mlp", pooling="mean")
+        static = int8_encoder(static, "static-ov", calibration=[_batch(static, seed=1)])
+    else:
+        patience = case == "patience"
+        policy = eek.Patience(1) if patience else eek.Entropy(1.05)
+        static = _static(quantized, policy, head="mlp" if patience else "cascade")
+    adapter = current_adapter(static)
+    refusal = ov_exit_graph.exit_graph_refusal(static, adapter, static.early_exit_heads, policy_of(static))
+    assert refusal is not None and reason in refusal
+    assert _graph_of(static) is None
+    _assert_same_answers(static, _exact_copy(static), _batch(static, seed=4))
+
+
+def test_a_call_the_plugin_fails_runs_layer_by_layer_logged_once(quantized, monkeypatch, caplog):
+    static = _static(quantized, eek.Entropy(1.05))
+    batch = _batch(static, seed=5)
+    expected = _answers(_exact_copy(static), batch)
+
+    def fail(self, hidden, mask, policy):
+        raise RuntimeError("Exception from the CPU plugin: no memory for this shape")
+
+    monkeypatch.setattr(ov_exit_graph.ExitGraph, "run", fail)
+    monkeypatch.setattr(ov_exit_graph, "_failures", set())
+    with caplog.at_level(logging.WARNING, logger=ov_exit_graph.__name__):
+        first, second = _answers(static, batch), _answers(static, batch)
+    for answers in (first, second):
+        assert torch.equal(answers[1], expected[1])
+        torch.testing.assert_close(answers[0], expected[0], rtol=1e-5, atol=1e-5)
+    failures = [r.getMessage() for r in caplog.records if "exit graph failed a call" in r.getMessage()]
+    assert len(failures) == 1 and "no memory for this shape" in failures[0]
