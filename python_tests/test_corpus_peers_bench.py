@@ -33,7 +33,7 @@ def test_each_row_has_its_rounds_its_first_pass_and_the_paired_speed_ups(tmp_pat
     texts.write_text("\n".join(t or "w1" for t in word_texts(20, seed=4)) + "\n")
     calibration.write_text("\n".join(t or "w2" for t in word_texts(16, seed=9)) + "\n")
     argv = [str(patched), str(plain), "--texts", str(texts), "--calibration", str(calibration), "--batch", "8"]
-    assert corpus_peers.main([*argv, "--rounds", "2", "--output", str(out)]) == 0
+    assert corpus_peers.main([*argv, "--rounds", "2", "--also-engine", "cohorts", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["texts"] == 20 and result["rounds"] == 2
     rows = {row["name"]: row for row in result["rows"]}
@@ -45,4 +45,9 @@ def test_each_row_has_its_rounds_its_first_pass_and_the_paired_speed_ups(tmp_pat
     peer = rows["ONNX Runtime int8"]
     assert peer["eek_speedup_per_round"] == pytest.approx(
         [m / p for m, p in zip(mine["texts_per_s"], peer["texts_per_s"])]  # peer's seconds over eek's, per round
+    )
+    cohorts = f"{corpus_peers.EEK} (engine cohorts)"  # the folder again on another stream engine, paired alike
+    assert rows[cohorts]["agreement_with_fp32"] == mine["agreement_with_fp32"]  # Entropy(0): every row at depth
+    assert peer["also_speedup_per_round"][cohorts] == pytest.approx(
+        [m / p for m, p in zip(rows[cohorts]["texts_per_s"], peer["texts_per_s"])]
     )

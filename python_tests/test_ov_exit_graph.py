@@ -175,3 +175,26 @@ def test_a_call_the_plugin_fails_runs_layer_by_layer_logged_once(quantized, monk
         torch.testing.assert_close(answers[0], expected[0], rtol=1e-5, atol=1e-5)
     failures = [r.getMessage() for r in caplog.records if "exit graph failed a call" in r.getMessage()]
     assert len(failures) == 1 and "no memory for this shape" in failures[0]
+
+
+def test_the_cohort_engine_runs_each_cohort_in_one_call_as_the_loop_answers(quantized):
+    """``eek classify --engine cohorts`` on static int8 layers: each cohort through the exit graph, every sequence
+    answered as the exact step answers it alone."""
+    from earlyexit_kernels.engine.engines.cohort_engine import CohortEngine
+
+    static = _static(quantized, eek.Entropy(0.0))
+    batch = _batch(static, rows=40, seed=9)
+    eek.patch(static, eek.Entropy(_midway_thresholds(static, batch, entropy)))
+    exact = _exact_copy(static)
+    engine = CohortEngine(static, max_batch_size=16, admission="length")
+    sequences = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    for key, ids in enumerate(sequences):
+        engine.submit(key, ids)
+    with torch.no_grad():
+        finished = {done.key: done for done in engine.run()}
+    assert sorted(finished) == list(range(len(sequences)))
+    assert _graph_of(static) is not None
+    for key, ids in enumerate(sequences):
+        logits, exits, _ = _answers(exact, {"input_ids": torch.tensor([ids])})
+        assert finished[key].exit_layer == int(exits[0])
+        torch.testing.assert_close(finished[key].logits.float(), logits[0].float(), rtol=1e-5, atol=1e-5)

@@ -88,11 +88,11 @@ def peer_runner(config, tokenizer, batches, limit: int):
     return classify_all
 
 
-def eek_runner(model, tokenizer, texts: list[str], layers: list[float]):
+def eek_runner(model, tokenizer, texts: list[str], layers: list[float], engine: str = "auto"):
     import earlyexit_kernels as eek
 
     def classify_all() -> list[int]:
-        predictions = list(eek.classify(model, texts, tokenizer=tokenizer))
+        predictions = list(eek.classify(model, texts, tokenizer=tokenizer, engine=engine))
         layers[:] = [p.exit_layer for p in predictions]
         return [int(p.logits.argmax()) for p in predictions]
 
@@ -117,6 +117,14 @@ def main(argv=None) -> int:
         default=[],
         help="more early-exit folders timed in the same rounds (e.g. one fitted on other int8 layers), each a row "
         "named by its int8 recipe, with its own paired speed-ups",
+    )
+    parser.add_argument(
+        "--also-engine",
+        nargs="*",
+        default=[],
+        choices=("continuous", "cohorts"),
+        help="the folder again on these stream engines (eek classify --engine), each a row with its own paired "
+        "speed-ups (e.g. cohorts: length-sorted cohorts, in one OpenVINO call each on static int8 layers)",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -145,6 +153,10 @@ def main(argv=None) -> int:
         name = f"{EEK} ({getattr(other, 'eek_int8_recipe', folder.name)})"
         also[name] = (other, [])
         runners[name] = eek_runner(other, other_tokenizer, texts, also[name][1])
+    for engine in args.also_engine:
+        name = f"{EEK} (engine {engine})"
+        also[name] = (model, [])
+        runners[name] = eek_runner(model, folder_tokenizer, texts, also[name][1], engine)
     eeks = [EEK, *also]
     with tempfile.TemporaryDirectory(prefix="eek-corpus-peers-") as scratch:
         configs, notes = peer_configs(plain, calibration[0], Path(scratch), args.threads, calibration)

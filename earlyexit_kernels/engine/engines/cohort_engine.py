@@ -52,6 +52,7 @@ from earlyexit_kernels.engine.engines.launched import (
 )
 from earlyexit_kernels.engine.graphed.static_step import CUDA_LENGTH_STEP, run_graphed, static_batches_of
 from earlyexit_kernels.engine.step.batch_loop import run_early_exit
+from earlyexit_kernels.engine.step.ov_exit_graph import run_exit_graph
 from earlyexit_kernels.engine.stream.engine_config import EngineChoice, EngineConfig, engine_config
 from earlyexit_kernels.engine.stream.stream_surface import EngineStats, Finished, LaunchedStream
 
@@ -147,7 +148,8 @@ class CohortEngine(LaunchedStream):
         return cohort_size(lengths, self.max_batch_size, self.max_tokens, self.length_step)
 
     def _run(self, lengths: np.ndarray, hidden, mask_d, summary):
-        """The cohort through the patched model's step: the graphed step's, else the exact step's."""
+        """The cohort through the patched model's step: the graphed step's, else (on the CPU, static int8 layers on
+        OpenVINO) the exit graph's, else the exact step's."""
         if self.graphed:
             return run_graphed(
                 self.adapter,
@@ -160,6 +162,11 @@ class CohortEngine(LaunchedStream):
                 mask_summary=summary,
                 align_unpadded=True,
             )
+        if self.device.type == "cpu" and self._state.step == "auto":
+            # static int8 layers on OpenVINO: the cohort's layers, heads and rule in one call (None: the exact step)
+            result = run_exit_graph(self.model, self.adapter, self.heads, self.policy, hidden, mask_d)
+            if result is not None:
+                return result
         return run_early_exit(self.adapter, self.heads, self.policy, self.backend, hidden, mask_d, mask_summary=summary)
 
     def _launch(self, room: int) -> None:
