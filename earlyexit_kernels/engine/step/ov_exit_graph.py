@@ -27,8 +27,9 @@ loop also trims the padding no survivor needs: on length-sorted batches there is
 
 Measured (docs/benchmarks.md, "minilm-xeon-static-ov-exit-graph"): on the Intel Xeon with AMX, MiniLM-L6 fine-tuned
 on Rotten Tomatoes, one thread, 600 test texts in length-sorted batches of 32, early exit at 2.49 of 6 layers ran
-2.00x the same static layers at full depth (paired; 1.84x layer by layer in the two runs before it) and 1.35x
-OpenVINO's static int8 model at its faster setting (``benchmarks/results/intel_xeon/stack_int8_static_ov_exit_graph_cpu``).
+2.00x the same static layers at full depth in two runs (paired; 1.84x layer by layer in the two runs before it), and
+1.35x and 1.52x OpenVINO's static int8 model at its faster setting
+(``benchmarks/results/intel_xeon/stack_int8_static_ov_exit_graph_cpu``, ``..._run2``).
 On a corpus the cohort engine on the graph ran 0.99x the continuous engine's layer calls
 (``benchmarks/results/intel_xeon/corpus_peers_exit_graph_cpu.json``), so ``eek classify`` keeps that engine.
 
