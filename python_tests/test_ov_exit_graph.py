@@ -198,3 +198,23 @@ def test_the_cohort_engine_runs_each_cohort_in_one_call_as_the_loop_answers(quan
         logits, exits, _ = _answers(exact, {"input_ids": torch.tensor([ids])})
         assert finished[key].exit_layer == int(exits[0])
         torch.testing.assert_close(finished[key].logits.float(), logits[0].float(), rtol=1e-5, atol=1e-5)
+
+
+def test_8_bit_layers_on_a_cpu_whose_int8_kernels_saturate_are_refused_as_the_layers_refuse_them(
+    quantized, monkeypatch
+):
+    """The graph reads the layers' IR without compiling them: it must not run 8-bit weights where the layers
+    themselves refuse to, so the forward takes the loop, whose layers say to fit again."""
+    from earlyexit_kernels.engine.layers import ov_layer
+
+    static = _static(quantized, eek.Entropy(1.05))
+    for layer in static.base_model.encoder.layer:
+        layer.weight_bits = 8
+    for module in (ov_layer, ov_exit_graph):
+        monkeypatch.setattr(module, "int8_weight_bits", lambda: 7)
+    monkeypatch.setattr(ov_layer, "int8_isa", lambda: "avx2")
+    adapter = current_adapter(static)
+    refusal = ov_exit_graph.exit_graph_refusal(static, adapter, static.early_exit_heads, policy_of(static))
+    assert refusal is not None and "8-bit weights" in refusal
+    with pytest.raises(ValueError, match="Fit the folder again on this CPU"):
+        _answers(static, _batch(static, seed=6))

@@ -95,7 +95,7 @@ from earlyexit_kernels.engine.layers.ort_layer import (
 )
 from earlyexit_kernels.engine.layers.packed_call_shapes import padded_call
 
-__all__ = ["OvLayer", "ov_model", "ov_available", "compile_config", "run_on_ov", "OV_MISSING"]
+__all__ = ["OvLayer", "ov_model", "ov_available", "compile_config", "thread_request", "run_on_ov", "OV_MISSING"]
 
 OV_MISSING = (
     "openvino and onnx are not installed (pip install 'openvino>=2025.1' 'onnx>=1.15', or the package's openvino "
@@ -133,6 +133,15 @@ def _ov_core():
 
             _core = ov.Core()
         return _core
+
+
+def thread_request(requests: threading.local, compiled):
+    """This thread's infer request of ``compiled``, kept in ``requests`` (made at the thread's first call, and again
+    after a recompilation): a request serves one call at a time."""
+    held = getattr(requests, "held", None)
+    if held is None or held[0] is not compiled:
+        held = requests.held = (compiled, compiled.create_infer_request())
+    return held[1]
 
 
 def compile_config(threads: int) -> dict:
@@ -292,11 +301,7 @@ class OvLayer(PackedGraphLayer):
         self.compiled()  # the infer request is each thread's own, made at its first call (cheap beside this)
 
     def _request(self):
-        compiled = self.compiled()
-        held = getattr(self._requests, "held", None)
-        if held is None or held[0] is not compiled:
-            held = self._requests.held = (compiled, compiled.create_infer_request())
-        return held[1]
+        return thread_request(self._requests, self.compiled())
 
     def run_tokens(self, feeds: dict) -> np.ndarray:
         count = len(feeds["tokens"])

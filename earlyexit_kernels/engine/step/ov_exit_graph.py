@@ -50,8 +50,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from earlyexit_kernels.engine.layers.int8_isa import int8_weight_bits
 from earlyexit_kernels.engine.layers.ort_layer import encoder_layers
-from earlyexit_kernels.engine.layers.ov_layer import _ov_core, compile_config
+from earlyexit_kernels.engine.layers.ov_layer import _ov_core, compile_config, thread_request
 from earlyexit_kernels.engine.layers.ov_static import StaticOvLayer, _inputs
 from earlyexit_kernels.engine.step.batch_loop import ExitResult
 from earlyexit_kernels.engine.step.heads import weights_fingerprint
@@ -70,6 +71,8 @@ def exit_graph_refusal(model: nn.Module, adapter, heads, policy: ExitPolicy) -> 
     layers = encoder_layers(model)
     if not layers or not all(isinstance(layer, StaticOvLayer) for layer in layers):
         return "its encoder layers are not static int8 layers on OpenVINO"
+    if int8_weight_bits() == 7 and any(layer.weight_bits == 8 for layer in layers):
+        return "its layers' 8-bit weights would saturate this CPU's int8 kernels (the layers say what to do)"
     if any(layer.position_bias for layer in layers):
         return "its layers take a position bias (MPNet), which the graph does not compute"
     if type(policy) not in (Entropy, MaxProb):
@@ -282,11 +285,7 @@ class ExitGraph:
         return self._compiled
 
     def _request(self):
-        compiled = self.compiled()
-        held = getattr(self._requests, "held", None)
-        if held is None or held[0] is not compiled:
-            held = self._requests.held = (compiled, compiled.create_infer_request())
-        return held[1]
+        return thread_request(self._requests, self.compiled())
 
     def run(self, hidden: torch.Tensor, mask: torch.Tensor | None, policy: ExitPolicy):
         """``(logits [B, C] float32, exit layer [B] int64)`` of the embeddings ``hidden`` [B, S, H] with the
