@@ -95,7 +95,16 @@ from earlyexit_kernels.engine.layers.ort_layer import (
 )
 from earlyexit_kernels.engine.layers.packed_call_shapes import padded_call
 
-__all__ = ["OvLayer", "ov_model", "ov_available", "compile_config", "thread_request", "run_on_ov", "OV_MISSING"]
+__all__ = [
+    "OvLayer",
+    "ov_model",
+    "ov_available",
+    "compile_config",
+    "ov_core",
+    "thread_request",
+    "run_on_ov",
+    "OV_MISSING",
+]
 
 OV_MISSING = (
     "openvino and onnx are not installed (pip install 'openvino>=2025.1' 'onnx>=1.15', or the package's openvino "
@@ -124,7 +133,7 @@ def run_on_ov(model: nn.Module, *, int8: bool) -> None:
     OvLayer.run_encoder_on(model, int8=int8)
 
 
-def _ov_core():
+def ov_core():
     """This process's one ``openvino.Core``."""
     global _core
     with _core_lock:
@@ -291,7 +300,7 @@ class OvLayer(PackedGraphLayer):
                     f"{int8_isa()}, whose u8 x s8 kernels add pairs of products in saturating 16-bit sums. "
                     f"{self.remake}"
                 )
-            core = _ov_core()
+            core = ov_core()
             xml, weights = self.ir
             self._compiled = core.compile_model(core.read_model(xml, weights), "CPU", compile_config(threads))
             self._threads = threads

@@ -76,6 +76,7 @@ __all__ = [
     "STATIC_MISSING",
     "static_available",
     "calibration_feeds",
+    "grid_inputs",
     "static_layer_ir",
     "StaticOvLayer",
     "layer_model",
@@ -111,7 +112,7 @@ class _Wrapped(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
-def _inputs(hidden: torch.Tensor, key_mask: np.ndarray, position_bias: torch.Tensor | None) -> dict:
+def grid_inputs(hidden: torch.Tensor, key_mask: np.ndarray, position_bias: torch.Tensor | None) -> dict:
     """The graph's inputs (numpy arrays by name), the grid padded to a length of a multiple of
     :data:`~earlyexit_kernels.engine.layers.packed_call_shapes.LENGTH_STEP` (masked out): the plugin prepares each new
     shape again, and the length of a batch's survivors is the batch's."""
@@ -134,7 +135,7 @@ def layer_model(layer: nn.Module, config, sample: dict):
     """The ``openvino.Model`` of ``layer`` (float32) on the padded grid, converted from the torch layer as OpenVINO
     converts a whole model (the attention is the torch layer's own, which the plugin fuses as in the whole model):
     inputs ``hidden`` [n, S, H], ``key_mask`` [n, S] int32 and, for MPNet, ``position_bias`` [n or 1, heads, S, S];
-    output [n, S, H]. ``sample``: one call's inputs (:func:`_inputs`), to trace the layer with."""
+    output [n, S, H]. ``sample``: one call's inputs (:func:`grid_inputs`), to trace the layer with."""
     import openvino as ov
 
     position_bias = "position_bias" in sample
@@ -153,7 +154,7 @@ def layer_model(layer: nn.Module, config, sample: dict):
 
 
 def calibration_feeds(model: nn.Module, batches: list[dict]) -> list[list[dict]]:
-    """For each encoder layer of ``model``, the graph inputs (:func:`_inputs`) it met while a float32 copy of the
+    """For each encoder layer of ``model``, the graph inputs (:func:`grid_inputs`) it met while a float32 copy of the
     model ran ``batches`` (the tokenizer's outputs: ``input_ids``, ``attention_mask``, ...) at full depth: the
     activations NNCF records at that point of the whole model. A patched model runs its class's own forward
     (``eek.patch`` sets the early-exit one on the instance), so every row reaches every layer."""
@@ -169,7 +170,7 @@ def calibration_feeds(model: nn.Module, batches: list[dict]) -> list[list[dict]]
             mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
             bias = args[2] if len(args) > 2 else kwargs.get("position_bias")
             key_mask = _key_mask(mask, hidden.shape[0], hidden.shape[1])
-            recorded[index].append(_inputs(hidden.clone(), key_mask, None if bias is None else bias.clone()))
+            recorded[index].append(grid_inputs(hidden.clone(), key_mask, None if bias is None else bias.clone()))
 
         return record
 
@@ -242,7 +243,7 @@ class StaticOvLayer(OvLayer):
             position_bias=position_bias,
             returns_tuple=returns_tuple,
             weight_bits=weight_bits,
-            padded_shapes=False,  # the grid's length is padded by _inputs
+            padded_shapes=False,  # the grid's length is padded by grid_inputs
             fallback_graph=fallback_graph,
         )
         self.calibration_rows = calibration_rows
@@ -276,7 +277,7 @@ class StaticOvLayer(OvLayer):
         if self.position_bias and position_bias is None:
             raise ValueError("this MPNet layer takes the position bias its encoder computes")
         bias = position_bias if self.position_bias else None
-        feeds = _inputs(hidden_states, key_mask, bias)
+        feeds = grid_inputs(hidden_states, key_mask, bias)
         try:
             # the inputs read in place (the call waits for the result); the output read in place too
             # (share_outputs: infer would copy it otherwise), once, by the product below that zeroes the padding

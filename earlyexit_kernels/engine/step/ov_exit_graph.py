@@ -52,8 +52,8 @@ from torch import nn
 
 from earlyexit_kernels.engine.layers.int8_isa import int8_weight_bits
 from earlyexit_kernels.engine.layers.ort_layer import encoder_layers
-from earlyexit_kernels.engine.layers.ov_layer import _ov_core, compile_config, thread_request
-from earlyexit_kernels.engine.layers.ov_static import StaticOvLayer, _inputs
+from earlyexit_kernels.engine.layers.ov_layer import compile_config, ov_core, thread_request
+from earlyexit_kernels.engine.layers.ov_static import StaticOvLayer, grid_inputs
 from earlyexit_kernels.engine.step.batch_loop import ExitResult
 from earlyexit_kernels.engine.step.heads import weights_fingerprint
 from earlyexit_kernels.methods.policies import Entropy, ExitPolicy, MaxProb, layer_value
@@ -137,7 +137,7 @@ class _FinalHead(nn.Module):
 
 
 class _AllSteps(nn.Module):
-    """Every layer's step in one module, so that one trace converts them all (a conversion costs about a second):
+    """Every layer's step in one module, so that one trace converts them all (each conversion traces anew):
     inputs ``hidden_i, key_mask_i, rows_i`` for each layer ``i < L``, ``hidden_L, key_mask_L``, then the policy's
     values; outputs each step's five, then the final logits."""
 
@@ -182,16 +182,20 @@ def _prefixed(model, prefix: str):
     return model
 
 
-def _wire(model, prefix: str, sources: dict) -> list:
-    """Feed ``model``'s inputs from ``sources`` (by input name) and return its outputs, now part of one graph."""
+def _feed(parameter, source) -> None:
+    """Put ``source`` (an output of the graph being built) where ``parameter`` was, converted to its type."""
     from openvino import opset13 as ops
 
+    if parameter.get_element_type() != source.get_element_type():
+        source = ops.convert(source, parameter.get_element_type()).output(0)
+    parameter.output(0).replace(source)
+
+
+def _wire(model, prefix: str, sources: dict) -> list:
+    """Feed ``model``'s inputs from ``sources`` (by input name) and return its outputs, now part of one graph."""
     for parameter in model.get_parameters():
         (name,) = {n[len(prefix) :] for n in parameter.output(0).get_names()} & set(sources)
-        source = sources[name]
-        if parameter.get_element_type() != source.get_element_type():
-            source = ops.convert(source, parameter.get_element_type()).output(0)
-        parameter.output(0).replace(source)
+        _feed(parameter, sources[name])
     return [result.input_value(0) for result in model.get_results()]
 
 
@@ -207,7 +211,7 @@ def exit_graph_model(model: nn.Module, adapter, heads, policy: ExitPolicy):
     num_layers, width = len(layers), adapter.hidden_size
     kind = "entropy" if isinstance(policy, Entropy) else "max_prob"
     normalized = bool(getattr(policy, "normalized", False))
-    core = _ov_core()
+    core = ov_core()
     inputs = {
         "hidden": ops.parameter([-1, -1, width], ov.Type.f32, name="hidden"),
         "key_mask": ops.parameter([-1, -1], ov.Type.i32, name="key_mask"),
@@ -241,10 +245,7 @@ def exit_graph_model(model: nn.Module, adapter, heads, policy: ExitPolicy):
     step_outputs = [result.input_value(0) for result in steps.get_results()]
 
     def feed(name: str, source) -> None:
-        parameter = step_inputs[name]
-        if parameter.get_element_type() != source.get_element_type():
-            source = ops.convert(source, parameter.get_element_type()).output(0)
-        parameter.output(0).replace(source)
+        _feed(step_inputs[name], source)
 
     for name in ("thresholds", "temperatures"):
         if name in step_inputs:
@@ -271,7 +272,6 @@ class ExitGraph:
 
     def __init__(self, model: nn.Module, adapter, heads, policy: ExitPolicy):
         self.num_layers = len(encoder_layers(model))
-        self.kind = (type(policy), bool(getattr(policy, "normalized", False)))
         self._model = exit_graph_model(model, adapter, heads, policy)
         self._compiled, self._threads = None, None
         self._requests = threading.local()
@@ -280,7 +280,7 @@ class ExitGraph:
         """The compiled model for torch's thread count now (the static layers' settings)."""
         threads = torch.get_num_threads()
         if self._compiled is None or self._threads != threads:
-            self._compiled = _ov_core().compile_model(self._model, "CPU", compile_config(threads))
+            self._compiled = ov_core().compile_model(self._model, "CPU", compile_config(threads))
             self._threads = threads
         return self._compiled
 
@@ -292,7 +292,7 @@ class ExitGraph:
         2-D ``mask`` (or None: no padding) under ``policy`` (of this graph's kind)."""
         n, length, _ = hidden.shape
         key_mask = np.ones((n, length), np.int32) if mask is None else mask.detach().to(torch.int32).cpu().numpy()
-        feeds = _inputs(hidden, key_mask, None)
+        feeds = grid_inputs(hidden, key_mask, None)
         feeds["rows"] = np.arange(n, dtype=np.int64)
         feeds.update(exit_graph_values(policy, self.num_layers))
         # inputs read in place (the call waits); outputs copied out (a few numbers a row)
