@@ -113,6 +113,22 @@ def test_the_exit_graph_answers_as_the_layer_by_layer_loop(quantized, kind, head
     assert len(set(exits.tolist())) >= 3  # rows left at several layers: the compaction ran between them
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_mpnet_runs_in_the_graph_with_its_position_bias_broadcast_over_the_rows_left(pooling):
+    """MPNet's layers take the encoder's relative position bias: one [1, heads, S, S] input of the graph, the same
+    for every row whichever rows are left, so its answers are the loop's at every layer."""
+    static = tiny_mpnet(num_layers=LAYERS)
+    eek.patch(static, eek.Entropy(0.0), head="mlp", pooling=pooling)
+    static = int8_encoder(static, "static-ov", calibration=[_batch(static, seed=s) for s in (1, 2)])
+    _heads_apart(static)
+    batch = _batch(static, rows=32, seed=7)
+    eek.patch(static, eek.Entropy(_midway_thresholds(static, batch, entropy)))
+    graph = _graph_of(static)
+    assert graph is not None and graph.position_bias
+    exits = _assert_same_answers(static, _exact_copy(static), batch)
+    assert len(set(exits.tolist())) >= 3
+
+
 def test_a_batch_every_row_of_which_leaves_at_the_first_layer_is_answered(quantized):
     """The plugin fails on an empty batch: the first row goes on alone, and every row keeps its first exit."""
     static = _static(quantized, eek.Entropy(10.0))
@@ -135,7 +151,6 @@ def test_new_thresholds_run_on_the_same_compiled_graph(quantized):
     [
         ("patience", "not a threshold on one head's distribution"),
         ("cascade", "cascade form"),
-        ("mpnet", "position bias"),
         ("float", "not static int8 layers"),
     ],
 )
@@ -143,10 +158,6 @@ def test_what_the_graph_cannot_run_takes_the_layer_by_layer_loop(quantized, case
     if case == "float":
         static = tiny_model("bert", num_layers=LAYERS)
         eek.patch(static, eek.Entropy(0.5), head="mlp", pooling="mean")
-    elif case == "mpnet":
-        static = tiny_mpnet(num_layers=2)
-        eek.patch(static, eek.Entropy(0.5), head="mlp", pooling="mean")
-        static = int8_encoder(static, "static-ov", calibration=[_batch(static, seed=1)])
     else:
         patience = case == "patience"
         policy = eek.Patience(1) if patience else eek.Entropy(1.05)
@@ -163,7 +174,7 @@ def test_a_call_the_plugin_fails_runs_layer_by_layer_logged_once(quantized, monk
     batch = _batch(static, seed=5)
     expected = _answers(_exact_copy(static), batch)
 
-    def fail(self, hidden, mask, policy):
+    def fail(self, hidden, mask, policy, position_bias=None):
         raise RuntimeError("Exception from the CPU plugin: no memory for this shape")
 
     monkeypatch.setattr(ov_exit_graph.ExitGraph, "run", fail)

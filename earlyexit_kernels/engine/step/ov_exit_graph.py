@@ -18,7 +18,9 @@ in between the layers) computes what the exact loop computes (:mod:`earlyexit_ke
 (``adapter.classify``), the rule of :func:`earlyexit_kernels.methods.exit_rules.exit_step` for entropy and top
 probability (a row with a non-finite logit never leaves), then gathers the rows that go on. The thresholds (and
 temperatures) are inputs of the graph, so a new policy of the same kind runs on the same compiled model. After
-layer ``L`` the model's own head. The host writes each row's logits from the first layer whose rule let it leave.
+layer ``L`` the model's own head. MPNet's layers read the encoder's relative position bias: it depends on the
+positions only, so it is one more input, ``[1, heads, S, S]``, that every layer reads and that broadcasts over
+whichever rows are left. The host writes each row's logits from the first layer whose rule let it leave.
 
 OpenVINO's CPU plugin fails on an empty batch (every later output came back empty, then the process aborted, with
 2026.4), so the first row of each layer's survivors always goes on: where every row has left, one row runs the
@@ -73,8 +75,6 @@ def exit_graph_refusal(model: nn.Module, adapter, heads, policy: ExitPolicy) -> 
         return "its encoder layers are not static int8 layers on OpenVINO"
     if int8_weight_bits() == 7 and any(layer.weight_bits == 8 for layer in layers):
         return "its layers' 8-bit weights would saturate this CPU's int8 kernels (the layers say what to do)"
-    if any(layer.position_bias for layer in layers):
-        return "its layers take a position bias (MPNet), which the graph does not compute"
     if type(policy) not in (Entropy, MaxProb):
         return f"{type(policy).__name__} is not a threshold on one head's distribution (Entropy, MaxProb)"
     if heads is None or heads.form not in ("model", "mlp"):
@@ -218,6 +218,11 @@ def exit_graph_model(model: nn.Module, adapter, heads, policy: ExitPolicy):
         "rows": ops.parameter([-1], ov.Type.i64, name="rows"),
         "thresholds": ops.parameter([num_layers - 1], ov.Type.f32, name="thresholds"),
     }
+    if layers[0].position_bias:
+        # MPNet's relative position bias: one [1, heads, S, S] for every row (it depends on positions only), so it
+        # broadcasts over whichever rows are left, and every layer reads the same
+        heads = model.config.num_attention_heads
+        inputs["position_bias"] = ops.parameter([1, heads, -1, -1], ov.Type.f32, name="position_bias")
     if kind == "max_prob":
         inputs["temperatures"] = ops.parameter([num_layers - 1], ov.Type.f32, name="temperatures")
     for name, parameter in inputs.items():
@@ -251,10 +256,11 @@ def exit_graph_model(model: nn.Module, adapter, heads, policy: ExitPolicy):
         if name in step_inputs:
             feed(name, inputs[name].output(0))
     current = {name: inputs[name].output(0) for name in ("hidden", "key_mask", "rows")}
+    shared = {"position_bias": inputs["position_bias"].output(0)} if "position_bias" in inputs else {}
     outputs = []
     for index, layer in enumerate(layers, start=1):
         prefix = f"layer{index}/"
-        (hidden,) = _wire(_prefixed(core.read_model(*layer.ir), prefix), prefix, current)
+        (hidden,) = _wire(_prefixed(core.read_model(*layer.ir), prefix), prefix, {**current, **shared})
         feed(f"hidden_{index}", hidden)
         feed(f"key_mask_{index}", current["key_mask"])
         if index == num_layers:
@@ -272,6 +278,8 @@ class ExitGraph:
 
     def __init__(self, model: nn.Module, adapter, heads, policy: ExitPolicy):
         self.num_layers = len(encoder_layers(model))
+        #: whether the graph takes the encoder's relative position bias (MPNet): :meth:`run`'s ``position_bias``
+        self.position_bias = bool(encoder_layers(model)[0].position_bias)
         self._model = exit_graph_model(model, adapter, heads, policy)
         self._compiled, self._threads = None, None
         self._requests = threading.local()
@@ -287,12 +295,15 @@ class ExitGraph:
     def _request(self):
         return thread_request(self._requests, self.compiled())
 
-    def run(self, hidden: torch.Tensor, mask: torch.Tensor | None, policy: ExitPolicy):
+    def run(self, hidden: torch.Tensor, mask: torch.Tensor | None, policy: ExitPolicy, position_bias=None):
         """``(logits [B, C] float32, exit layer [B] int64)`` of the embeddings ``hidden`` [B, S, H] with the
-        2-D ``mask`` (or None: no padding) under ``policy`` (of this graph's kind)."""
+        2-D ``mask`` (or None: no padding) under ``policy`` (of this graph's kind); ``position_bias``: the
+        encoder's [1, heads, S, S] where the graph takes it (:attr:`position_bias`)."""
         n, length, _ = hidden.shape
+        if self.position_bias and (position_bias is None or position_bias.shape[0] != 1):
+            raise ValueError("this exit graph takes the encoder's position bias, [1, heads, S, S]")
         key_mask = np.ones((n, length), np.int32) if mask is None else mask.detach().to(torch.int32).cpu().numpy()
-        feeds = grid_inputs(hidden, key_mask, None)
+        feeds = grid_inputs(hidden, key_mask, position_bias if self.position_bias else None)
         feeds["rows"] = np.arange(n, dtype=np.int64)
         feeds.update(exit_graph_values(policy, self.num_layers))
         # inputs read in place (the call waits); outputs copied out (a few numbers a row)
@@ -355,7 +366,8 @@ def run_exit_graph(model: nn.Module, adapter, heads, policy: ExitPolicy, hidden:
     if graph is None:
         return None
     try:
-        logits, exit_layer = graph.run(hidden, mask, policy)
+        bias = adapter.position_bias(hidden) if graph.position_bias else None
+        logits, exit_layer = graph.run(hidden, mask, policy, bias)
     except RuntimeError as error:  # the plugin's own failure (a shape, its memory): this call runs layer by layer
         reason = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
         if reason not in _failures:
