@@ -15,11 +15,15 @@ How: each candidate is the model with its encoder on that runtime
 (:func:`~earlyexit_kernels.engine.layers.precision.int8_encoder`); one untimed pass over ``batches`` each (shapes
 compiled, caches warm), then up to ``rounds`` rounds, each timing the default and every candidate still in over
 all of ``batches`` at full depth (the model's own forward, exit heads included), the order rotated every round so
-none always runs first. The family's recipe (``default``) stays unless another candidate is faster in **every**
-one of the rounds: with five, a candidate no faster than the default wins all five with probability 1/32 at most
-(a sign test), so a difference inside the timings' noise never moves the choice. A candidate is out at its first
-lost round, and the timing stops when none is left (on a CPU where the default is fastest, after one round).
-Among the candidates that won every round, the lowest median wins.
+none always runs first. The family's recipe (``default``) stays unless another candidate is faster in at least
+:func:`wins_needed` of the ``rounds`` (:data:`ROUNDS`: 10 of 12), the fewest wins that a candidate no faster than
+the default reaches with probability under 5% (a one-sided sign test), so a difference inside the timings' noise
+never moves the choice. A first rule asked for every one of 5 rounds (p = 1/32): on a shared 2-core machine,
+whose timings move by a tenth from one second to the next, one round lost to such a burst kept a clearly slower
+runtime; here a candidate may lose two rounds of twelve. A candidate is out as soon as it can no longer reach the wins it needs, and the
+timing stops when every candidate left has them or none is left (on a CPU where the default is fastest, after
+three rounds); stopping early for either never changes what the full rounds would decide. Among the candidates
+with the wins, the lowest median wins.
 
 Agreement: every candidate computes the same quantization, so their answers differ from each other only by float
 rounding and by what the CPU's int8 sums do. Where ``reference`` (the float32 model) is given, each candidate's
@@ -43,10 +47,19 @@ from torch import nn
 
 from earlyexit_kernels.engine.layers.int8_isa import int8_isa
 
-__all__ = ["ROUNDS", "LayersChoice", "candidate_recipes", "choose_int8_layers", "changed_answers_worse"]
+__all__ = [
+    "ROUNDS",
+    "LayersChoice",
+    "candidate_recipes",
+    "choose_int8_layers",
+    "changed_answers_worse",
+    "wins_needed",
+]
 
-#: rounds of alternating timings: a candidate moves the choice only by winning all of them (p = 1 / 2**ROUNDS)
-ROUNDS = 5
+#: rounds of alternating timings at most: a candidate moves the choice by winning :func:`wins_needed` of them
+ROUNDS = 12
+#: the one-sided level of the sign test a candidate's wins over the default must pass to move the choice
+_SPEED_LEVEL = 0.05
 #: the one-sided level at which a candidate's extra changed answers over the default's refuse it
 _AGREEMENT_LEVEL = 0.05
 
@@ -98,6 +111,18 @@ def candidate_recipes(default: str, *, calibrated: bool = False) -> list[str]:
     ]
 
 
+def _upper_tail(successes: int, trials: int) -> float:
+    """P(X >= ``successes``) for X ~ Binomial(``trials``, 1/2)."""
+    return sum(math.comb(trials, k) for k in range(successes, trials + 1)) / 2**trials
+
+
+def wins_needed(rounds: int, level: float = _SPEED_LEVEL) -> int | None:
+    """The fewest of ``rounds`` alternating rounds a candidate must be faster than the default in to be chosen:
+    the smallest ``k`` that a candidate no faster than the default reaches with probability under ``level`` (a
+    one-sided sign test); None where even all ``rounds`` would not (fewer than 5 at 5%)."""
+    return next((k for k in range(rounds + 1) if _upper_tail(k, rounds) < level), None)
+
+
 def changed_answers_worse(candidate: list[bool], default: list[bool], level: float = _AGREEMENT_LEVEL) -> bool:
     """Whether ``candidate`` changes significantly more answers than ``default`` (each a flag per row: the answer
     differs from the float32 model's): an exact one-sided binomial test on the discordant rows (changed by one of
@@ -108,9 +133,8 @@ def changed_answers_worse(candidate: list[bool], default: list[bool], level: flo
     discordant = only_candidate + sum(d and not c for c, d in zip(candidate, default))
     if only_candidate == 0:
         return False
-    # P(X >= only_candidate) for X ~ Binomial(discordant, 1/2): the chance of this many or more if neither is worse
-    tail = sum(math.comb(discordant, k) for k in range(only_candidate, discordant + 1)) / 2**discordant
-    return tail < level
+    # the chance of this many or more if neither is worse
+    return _upper_tail(only_candidate, discordant) < level
 
 
 #: the keys of a batch that are the model's inputs (a fit's batches also carry ``rows`` and ``labels``)
@@ -150,15 +174,20 @@ def choose_int8_layers(
 ) -> LayersChoice:
     """Time the int8 layers of every installed runtime on ``batches`` (dicts of the model's inputs:
     ``input_ids``, ``attention_mask``, ...) and choose one (the module docstring). ``model`` (float32) is left
-    as it is; ``default``: the family's recipe, kept unless another wins every round; ``reference``: the
+    as it is; ``default``: the family's recipe, kept unless another wins enough rounds; ``reference``: the
     float32 model whose full-depth answers the candidates' are compared with (None: no agreement check);
     ``calibration``: the batches the static int8 layers set their scales on (None: static int8 is no candidate).
     The timed batches and the calibration batches are training rows; a static candidate's agreement is read on
     the timed rows, which may be among its calibration rows (as its scales were set on the training split)."""
     from earlyexit_kernels.engine.layers.precision import int8_encoder
 
-    if rounds < 1:
-        raise ValueError(f"rounds must be at least 1; got {rounds}")
+    needed = wins_needed(rounds)
+    if needed is None:
+        fewest = next(n for n in range(1, 64) if wins_needed(n) is not None)
+        raise ValueError(
+            f"rounds must be at least {fewest}: in fewer, a runtime no faster than the family's wins every round "
+            f"too often to tell it apart (a sign test at {_SPEED_LEVEL:.0%}); got {rounds}"
+        )
     if not batches:
         raise ValueError("the runtimes are timed on rows: give at least one batch")
     recipes = candidate_recipes(default, calibrated=bool(calibration))
@@ -176,24 +205,28 @@ def choose_int8_layers(
         if expected is not None:
             changed[recipe] = [a != b for a, b in zip(answers, expected)]
     refused = {r for r in recipes if r != default and changed and changed_answers_worse(changed[r], changed[default])}
-    # a candidate stays in while it has been faster than the default in every round so far; the timing stops
-    # once none is left, as none of them could then be chosen (most CPUs: after the first round)
+    # a candidate stays in while it can still be faster than the default in ``needed`` of the rounds; the timing
+    # stops once every candidate left has its wins or none is left (most CPUs: after rounds - needed + 1 rounds)
     alive = [recipe for recipe in recipes if recipe != default and recipe not in refused]
     seconds: dict[str, list[float]] = {recipe: [] for recipe in recipes}
+    wins = dict.fromkeys(alive, 0)
     timed = 0
-    while alive and timed < rounds:
+    while timed < rounds and any(wins[recipe] < needed for recipe in alive):
         order = [default, *alive]
         shift = timed % len(order)
         for recipe in order[shift:] + order[:shift]:
             seconds[recipe].append(_seconds(candidates[recipe], batches))
         timed += 1
-        alive = [recipe for recipe in alive if seconds[recipe][-1] < seconds[default][-1]]
+        for recipe in alive:
+            wins[recipe] += seconds[recipe][-1] < seconds[default][-1]
+        alive = [recipe for recipe in alive if wins[recipe] + rounds - timed >= needed]
     del candidates
-    chosen = min(alive, key=lambda r: statistics.median(seconds[r]), default=default)
+    faster = [recipe for recipe in alive if wins[recipe] >= needed]
+    chosen = min(faster, key=lambda r: statistics.median(seconds[r]), default=default)
     return LayersChoice(
         chosen,
         default,
-        _reason(chosen, default, seconds, refused, rows, timed, cpu := int8_isa()),
+        _reason(chosen, default, seconds, refused, rows, (wins.get(chosen, 0), timed, needed, rounds), cpu := int8_isa()),
         cpu=cpu,
         rows=rows,
         seconds={recipe: times for recipe, times in seconds.items() if times},
@@ -207,14 +240,16 @@ def _runtime(recipe: str) -> str:
     return next((name for name, made in INT8_LAYERS.items() if made == recipe), recipe)
 
 
-def _reason(chosen: str, default: str, seconds, refused, rows: int, timed: int, cpu: str) -> str:
+def _reason(chosen: str, default: str, seconds, refused, rows: int, counts: tuple, cpu: str) -> str:
+    """``counts``: the chosen candidate's wins, the rounds timed, the wins needed and the rounds at most."""
+    won, timed, needed, rounds = counts
     ranked = sorted((recipe for recipe in seconds if seconds[recipe]), key=lambda r: statistics.median(seconds[r]))
     times = ", ".join(f"{_runtime(recipe)} {statistics.median(seconds[recipe]) * 1e3:.0f} ms" for recipe in ranked)
-    rounds = f"{timed} round" + ("s" if timed != 1 else "")
-    measured = f"{rows} rows at full depth on this {cpu} CPU, the median of {rounds}: {times}"
+    spent = f"{timed} round" + ("s" if timed != 1 else "")
+    measured = f"{rows} rows at full depth on this {cpu} CPU, the median of {spent}: {times}"
     if chosen != default:
-        return f"int8 layers: {_runtime(chosen)}, faster than {_runtime(default)} in each of {rounds} ({measured})"
-    why = "no other runtime was faster in every round"
+        return f"int8 layers: {_runtime(chosen)}, faster than {_runtime(default)} in {won} of {spent} ({measured})"
+    why = f"no other runtime was faster in {needed} of {rounds} rounds (a sign test at {_SPEED_LEVEL:.0%})"
     if refused:
         why += f"; {', '.join(_runtime(r) for r in sorted(refused))} changed significantly more answers"
     return f"int8 layers: {_runtime(default)}, the family's: {why} ({measured})"
