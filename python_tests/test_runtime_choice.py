@@ -97,12 +97,20 @@ def test_the_wins_needed_are_the_sign_test_s_at_5_percent():
 
 @pytest.fixture
 def timings(monkeypatch):
-    """Each candidate's seconds per round, as the test gives them (the runtimes still built and run once)."""
-    table: dict[str, list[float]] = {}
+    """Each candidate's seconds per round on the batches (``table[recipe]``) and on the single rows
+    (``table[recipe, "single"]``, the batches' where not given), as the test gives them (the runtimes still built
+    and run once); ``calls``: the recipes timed on the batches, in order."""
+    table: dict = {}
     calls: list[str] = []
+    singles: list[str] = []
 
     def seconds(model, batches):
         recipe = model.eek_int8_recipe
+        if batches[0]["input_ids"].shape[0] == 1:  # a single row
+            if len(singles) < len(calls):  # not the untimed pass
+                singles.append(recipe)
+                return table.get((recipe, "single"), table[recipe])[sum(c == recipe for c in singles) - 1]
+            return 0.0
         calls.append(recipe)
         return table[recipe][sum(c == recipe for c in calls) - 1]
 
@@ -127,13 +135,35 @@ def test_a_round_or_two_lost_to_a_burst_of_noise_does_not_hide_a_faster_runtime(
     assert choice.recipe == "per-token" and "in 10 of 12 rounds" in choice.reason
 
 
+def test_a_runtime_faster_on_batches_but_slower_on_single_rows_is_not_chosen(timings):
+    """A fixed cost per call loses single-text traffic: a folder serves either, so the choice asks for both."""
+    table, calls = timings
+    table.update({"per-token-ort": [1.0] * 12, "per-token": [0.6] * 12})
+    table["per-token-ort", "single"], table["per-token", "single"] = [0.1] * 12, [0.15] * 12
+    choice = choose_int8_layers(_model(), _batches(), default="per-token-ort")
+    assert choice.recipe == "per-token-ort" and len(calls) == 6  # no win in three rounds: out
+    assert "faster on both the batches and the single rows" in choice.reason
+    assert "onnxruntime 1000 / 100 ms" in choice.reason and "torch 600 / 150 ms" in choice.reason
+    assert choice.single_rows == 16 and choice.as_dict()["single_seconds"]["per-token"] == [0.15] * 3
+
+
+def test_the_single_rows_are_the_batches_first_rows_without_their_padding():
+    batch = {
+        "input_ids": torch.tensor([[7, 8, 9, 0], [0, 5, 6, 4]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]]),
+    }
+    rows = runtime_choice._single_rows([batch, batch], count=3)
+    assert [r["input_ids"].tolist() for r in rows] == [[[7, 8, 9]], [[5, 6, 4]], [[7, 8, 9]]]
+    assert all(r["attention_mask"].all() for r in rows)
+
+
 def test_three_lost_rounds_keep_the_family_s_recipe_and_stop_the_timing(timings):
     table, calls = timings
     table.update({"per-token-ort": [1.0] * 12, "per-token": [0.5, 1.01, 0.5, 1.01, 0.5, 0.5, 1.01] + [0.5] * 5})
     choice = choose_int8_layers(_model(), _batches(), default="per-token-ort")
     # out at its third lost round (7 rounds of 2): 10 wins of 12 can no longer be reached
     assert choice.recipe == "per-token-ort" and len(calls) == 14
-    assert "no other runtime was faster in 10 of 12 rounds" in choice.reason
+    assert "in 10 of 12 rounds" in choice.reason and "faster on both" in choice.reason
     table.update({"per-token-ort": [1.0] * 12, "per-token": [1.2] * 12})
     calls.clear()
     assert choose_int8_layers(_model(), _batches(), default="per-token-ort").recipe == "per-token-ort"

@@ -14,16 +14,20 @@ installed runtimes on the machine that fits and serves.
 How: each candidate is the model with its encoder on that runtime
 (:func:`~earlyexit_kernels.engine.layers.precision.int8_encoder`); one untimed pass over ``batches`` each (shapes
 compiled, caches warm), then up to ``rounds`` rounds, each timing the default and every candidate still in over
-all of ``batches`` at full depth (the model's own forward, exit heads included), the order rotated every round so
-none always runs first. The family's recipe (``default``) stays unless another candidate is faster in at least
-:func:`wins_needed` of the ``rounds`` (:data:`ROUNDS`: 10 of 12), the fewest wins that a candidate no faster than
-the default reaches with probability under 5% (a one-sided sign test), so a difference inside the timings' noise
-never moves the choice. A first rule asked for every one of 5 rounds (p = 1/32): on a shared 2-core machine,
-whose timings move by a tenth from one second to the next, one round lost to such a burst kept a clearly slower
-runtime; here a candidate may lose two rounds of twelve. A candidate is out as soon as it can no longer reach the wins it needs, and the
-timing stops when every candidate left has them or none is left (on a CPU where the default is fastest, after
-three rounds); stopping early for either never changes what the full rounds would decide. Among the candidates
-with the wins, the lowest median wins.
+all of ``batches`` and over the first :data:`SINGLE_ROWS` of their rows called one at a time, at full depth (the
+model's own forward, exit heads included), the order rotated every round so none always runs first. The single
+rows are single-text traffic: a runtime with a fixed cost per call can win the batches and lose there (the static
+int8 layers on the Intel Xeon with AMX served single texts at 0.63-0.78x ONNX Runtime's layers, docs/serving.md),
+and a folder is fitted once for whatever it serves. The family's recipe (``default``) stays unless another
+candidate is faster on both in at least :func:`wins_needed` of the ``rounds`` (:data:`ROUNDS`: 10 of 12), the
+fewest wins that a candidate no faster than the default reaches with probability under 5% (a one-sided sign
+test), so a difference inside the timings' noise never moves the choice. A first rule asked for a win in every
+one of 5 rounds (p = 1/32): on a shared 2-core machine, whose timings move by a tenth from one second to the next,
+one round lost to such a burst kept a clearly slower runtime; here a candidate may lose two rounds of twelve. A
+candidate is out as soon as it can no longer reach the wins it needs, and the timing stops when every candidate
+left has them or none is left (on a CPU where the default is fastest, after three rounds); stopping early for
+either never changes what the full rounds would decide. Among the candidates with the wins, the lowest sum of the
+two medians wins.
 
 Agreement: every candidate computes the same quantization, so their answers differ from each other only by float
 rounding and by what the CPU's int8 sums do. Where ``reference`` (the float32 model) is given, each candidate's
@@ -62,13 +66,16 @@ ROUNDS = 12
 _SPEED_LEVEL = 0.05
 #: the one-sided level at which a candidate's extra changed answers over the default's refuse it
 _AGREEMENT_LEVEL = 0.05
+#: rows of the timed batches also timed one at a time each round: the calls of single-text traffic
+SINGLE_ROWS = 16
 
 
 @dataclass
 class LayersChoice:
     """The int8 layers chosen on this CPU (``recipe``) and the measurement that chose them.
 
-    ``seconds``: each candidate recipe's time per round over the timed batches; ``changed``: each
+    ``seconds``: each candidate recipe's time per round over the timed batches; ``single_seconds``: over
+    ``single_rows`` of their rows called one at a time (:data:`SINGLE_ROWS`); ``changed``: each
     candidate's full-depth answers that differ from the float32 model's on the timed rows (empty where no
     reference was given); ``rows``: how many rows were timed; ``cpu``: this CPU's int8 class
     (:func:`~earlyexit_kernels.engine.layers.int8_isa.int8_isa`); ``default``: the family's recipe, kept
@@ -83,6 +90,8 @@ class LayersChoice:
     rows: int = 0
     seconds: dict[str, list[float]] = field(default_factory=dict)
     changed: dict[str, int] = field(default_factory=dict)
+    single_rows: int = 0
+    single_seconds: dict[str, list[float]] = field(default_factory=dict)
     #: the static int8 layers that ran where ``recipe`` is set on calibration rows (kept for the folder to save;
     #: not recorded in ``eek_fit.json``)
     static_layers: list | None = field(default=None, repr=False, compare=False)
@@ -93,6 +102,9 @@ class LayersChoice:
         if self.seconds:
             saved["rows"] = self.rows
             saved["seconds"] = {name: [round(s, 6) for s in times] for name, times in self.seconds.items()}
+        if self.single_seconds:
+            saved["single_rows"] = self.single_rows
+            saved["single_seconds"] = {n: [round(s, 6) for s in times] for n, times in self.single_seconds.items()}
         if self.changed:
             saved["changed_answers"] = dict(self.changed)
         return saved
@@ -154,6 +166,21 @@ def _answers(model: nn.Module, batches: list[dict]) -> list[int]:
     return answers
 
 
+def _single_rows(batches: list[dict], count: int = SINGLE_ROWS) -> list[dict]:
+    """The first ``count`` rows of ``batches``, each a batch of its own without its padding (the positions its mask
+    keeps, whichever side the tokenizer padded): what a server calls the layers with for one text."""
+    rows = []
+    for batch in batches:
+        inputs = _inputs(batch)
+        mask = inputs.get("attention_mask")
+        for index in range(len(inputs["input_ids"])):
+            if len(rows) == count:
+                return rows
+            keep = slice(None) if mask is None else mask[index].bool()
+            rows.append({name: value[index][keep][None] for name, value in inputs.items()})
+    return rows
+
+
 def _seconds(model: nn.Module, batches: list[dict]) -> float:
     inputs = [_inputs(batch) for batch in batches]
     start = time.perf_counter()
@@ -196,6 +223,7 @@ def choose_int8_layers(
     if len(recipes) == 1:
         return LayersChoice(default, default, f"int8 layers: {_runtime(default)}, the one runtime installed", by="only")
     rows = sum(len(batch["input_ids"]) for batch in batches)
+    singles = _single_rows(batches)
     # copies: model stays float32
     candidates = {recipe: int8_encoder(model, recipe, calibration=calibration) for recipe in recipes}
     changed: dict[str, list[bool]] = {}
@@ -205,10 +233,14 @@ def choose_int8_layers(
         if expected is not None:
             changed[recipe] = [a != b for a, b in zip(answers, expected)]
     refused = {r for r in recipes if r != default and changed and changed_answers_worse(changed[r], changed[default])}
-    # a candidate stays in while it can still be faster than the default in ``needed`` of the rounds; the timing
-    # stops once every candidate left has its wins or none is left (most CPUs: after rounds - needed + 1 rounds)
+    for candidate in candidates.values():  # and the single rows' shapes
+        _seconds(candidate, singles)
+    # a candidate stays in while it can still be faster than the default in ``needed`` of the rounds, on the
+    # batches and on the single rows both (a folder serves either); the timing stops once every candidate left
+    # has its wins or none is left (most CPUs: after rounds - needed + 1 rounds)
     alive = [recipe for recipe in recipes if recipe != default and recipe not in refused]
     seconds: dict[str, list[float]] = {recipe: [] for recipe in recipes}
+    single: dict[str, list[float]] = {recipe: [] for recipe in recipes}
     wins = dict.fromkeys(alive, 0)
     timed = 0
     while timed < rounds and any(wins[recipe] < needed for recipe in alive):
@@ -216,21 +248,26 @@ def choose_int8_layers(
         shift = timed % len(order)
         for recipe in order[shift:] + order[:shift]:
             seconds[recipe].append(_seconds(candidates[recipe], batches))
+            single[recipe].append(_seconds(candidates[recipe], singles))
         timed += 1
         for recipe in alive:
-            wins[recipe] += seconds[recipe][-1] < seconds[default][-1]
+            wins[recipe] += seconds[recipe][-1] < seconds[default][-1] and single[recipe][-1] < single[default][-1]
         alive = [recipe for recipe in alive if wins[recipe] + rounds - timed >= needed]
     del candidates
     faster = [recipe for recipe in alive if wins[recipe] >= needed]
-    chosen = min(faster, key=lambda r: statistics.median(seconds[r]), default=default)
+    chosen = min(faster, key=lambda r: statistics.median(seconds[r]) + statistics.median(single[r]), default=default)
+    timings = ({r: t for r, t in seconds.items() if t}, {r: t for r, t in single.items() if t})
+    counts = (wins.get(chosen, 0), timed, needed, rounds)
     return LayersChoice(
         chosen,
         default,
-        _reason(chosen, default, seconds, refused, rows, (wins.get(chosen, 0), timed, needed, rounds), cpu := int8_isa()),
+        _reason(chosen, default, timings, refused, (rows, len(singles)), counts, cpu := int8_isa()),
         cpu=cpu,
         rows=rows,
-        seconds={recipe: times for recipe, times in seconds.items() if times},
+        seconds=timings[0],
         changed={recipe: sum(flags) for recipe, flags in changed.items()},
+        single_rows=len(singles),
+        single_seconds=timings[1],
     )
 
 
@@ -240,16 +277,27 @@ def _runtime(recipe: str) -> str:
     return next((name for name, made in INT8_LAYERS.items() if made == recipe), recipe)
 
 
-def _reason(chosen: str, default: str, seconds, refused, rows: int, counts: tuple, cpu: str) -> str:
-    """``counts``: the chosen candidate's wins, the rounds timed, the wins needed and the rounds at most."""
+def _reason(chosen: str, default: str, timings: tuple, refused, rows: tuple, counts: tuple, cpu: str) -> str:
+    """``timings``: each recipe's seconds per round on the batches and on the single rows; ``rows``: how many of
+    each; ``counts``: the chosen candidate's wins, the rounds timed, the wins needed and the rounds at most."""
+    (batched, single), (rows, singles) = timings, rows
     won, timed, needed, rounds = counts
-    ranked = sorted((recipe for recipe in seconds if seconds[recipe]), key=lambda r: statistics.median(seconds[r]))
-    times = ", ".join(f"{_runtime(recipe)} {statistics.median(seconds[recipe]) * 1e3:.0f} ms" for recipe in ranked)
+    ranked = sorted(batched, key=lambda r: statistics.median(batched[r]))
+    times = ", ".join(
+        f"{_runtime(r)} {statistics.median(batched[r]) * 1e3:.0f} / {statistics.median(single[r]) * 1e3:.0f} ms"
+        for r in ranked
+    )
     spent = f"{timed} round" + ("s" if timed != 1 else "")
-    measured = f"{rows} rows at full depth on this {cpu} CPU, the median of {spent}: {times}"
+    measured = (
+        f"{rows} rows in batches / {singles} of them one at a time, at full depth on this {cpu} CPU, the median of "
+        f"{spent}: {times}"
+    )
     if chosen != default:
         return f"int8 layers: {_runtime(chosen)}, faster than {_runtime(default)} in {won} of {spent} ({measured})"
-    why = f"no other runtime was faster in {needed} of {rounds} rounds (a sign test at {_SPEED_LEVEL:.0%})"
+    why = (
+        f"no other runtime was faster on both the batches and the single rows in {needed} of {rounds} rounds (a sign "
+        f"test at {_SPEED_LEVEL:.0%})"
+    )
     if refused:
         why += f"; {', '.join(_runtime(r) for r in sorted(refused))} changed significantly more answers"
     return f"int8 layers: {_runtime(default)}, the family's: {why} ({measured})"
