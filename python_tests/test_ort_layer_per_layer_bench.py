@@ -102,3 +102,7 @@ def test_the_static_layers_are_read_against_openvino_s_static_int8_whole_model(t
     result = run_script(saved(tmp_path / "model", layers=3), 16, 1, 4, *extra)
     assert result["recipe"] == "static-ov" and "OpenVINO int8" in result["what"]
     assert list(result["pass_seconds"])[2] == "eek static-ov layers" and "nncf" in result["peer"]
+    # the same layers in one call a batch, as the early-exit forward runs them, every row at full depth
+    assert list(result["pass_seconds"])[4].startswith("eek static-ov layers in one call")
+    assert len(result["exit_graph_ratio_per_round"]) == 1 and result["exit_graph_ratio_median"] > 0
+    assert all(t > 0 for t in result["ms_per_layer"]["eek_exit_graph"])

@@ -19,7 +19,11 @@ also runs its embeddings and head in PyTorch; here the layers alone:
 With ``--recipe static-ov`` the same reading for the static int8 layers
 (:class:`~earlyexit_kernels.engine.layers.ov_static.StaticOvLayer`, NNCF's quantization of each layer) against
 OpenVINO's static int8 whole model (NNCF, transformer preset: the stack's peer), both calibrated on the first
-``--calibration-count`` texts of ``--calibration``, never the timed ones.
+``--calibration-count`` texts of ``--calibration``, never the timed ones. There a fifth reading: the same static
+layers as the early-exit forward runs them on the CPU, in one OpenVINO call a batch
+(:mod:`~earlyexit_kernels.engine.step.ov_exit_graph`), with a threshold no row passes, so every row runs every layer
+(exit heads of the mean-pooled MLP form after each layer included, untrained: their cost does not depend on their
+weights); one layer costs ``T / L``.
 
 Both on the same texts in length-sorted batches of ``--batch`` (longest first), tokenized before the timing.
 One untimed pass each, then ``--rounds`` rounds in rotated order; the ratio (peer's time per layer / eek's,
@@ -155,11 +159,15 @@ def main(argv=None) -> int:
     runs[f"eek {args.recipe} layers"] = eek_layers
     # the same layers in the classifier's own forward (transformers' embeddings, masks and head around them)
     runs[f"the classifier on eek's layers, {depth} layers"] = lambda: [eek_model(**batch) for batch in batches]
+    if args.recipe == "static-ov":
+        runs["eek static-ov layers in one call (the exit graph, no row leaving)"] = exit_graph_run(
+            eek_model, batches, inputs
+        )
     with torch.no_grad():
         for run in runs.values():  # untimed: sessions' first calls, allocations
             run()
         seconds = rotated_rounds(runs, args.rounds)
-    full, one, eek, whole = seconds.values()
+    full, one, eek, whole, *graphed = seconds.values()
     peer_layer = [(a - b) / (depth - 1) for a, b in zip(full, one, strict=True)]
     eek_layer = [t / depth for t in eek]
     ratios = [p / e for p, e in zip(peer_layer, eek_layer, strict=True)]
@@ -185,6 +193,12 @@ def main(argv=None) -> int:
         "ratio_median": round(statistics.median(ratios), 4),
         "whole_model_ratio_per_round": [round(a / b, 4) for a, b in zip(full, whole, strict=True)],
     }
+    if graphed:
+        graph_layer = [t / depth for t in graphed[0]]
+        graph_ratios = [p / g for p, g in zip(peer_layer, graph_layer, strict=True)]
+        result["ms_per_layer"]["eek_exit_graph"] = [round(t * 1e3, 2) for t in graph_layer]
+        result["exit_graph_ratio_per_round"] = [round(r, 4) for r in graph_ratios]
+        result["exit_graph_ratio_median"] = round(statistics.median(graph_ratios), 4)
     write_json(args.output, result)
     if min(peer_layer) <= 0:  # T_L - T_1 within the passes' noise: the ratio says nothing about the layers
         print(
@@ -201,7 +215,38 @@ def main(argv=None) -> int:
         f"whole model, {peer} / the classifier's forward on eek's layers: "
         f"{statistics.median(a / b for a, b in zip(full, whole, strict=True)):.3f}"
     )
+    if graphed:
+        print(
+            f"peer / eek's layers in one call (the exit graph, heads included) per layer: "
+            f"{result['exit_graph_ratio_median']:.3f} (rounds {min(graph_ratios):.3f}-{max(graph_ratios):.3f})"
+        )
     return 0
+
+
+def exit_graph_run(model, batches: list[dict], inputs: list[tuple]):
+    """A pass of ``model``'s static int8 layers (a float classifier whose layers
+    :func:`~earlyexit_kernels.engine.layers.ov_static.static_int8_encoder` swapped) through the exit graph, every row
+    at full depth: the embeddings' hidden states of ``inputs`` (as the layers' reading takes them), the batches' 2-D
+    masks and, for MPNet, the position bias."""
+    import earlyexit_kernels as eek
+    from earlyexit_kernels.engine.step.ov_exit_graph import exit_graph
+    from earlyexit_kernels.patching.patch import current_adapter, policy_of
+
+    patched = eek.patch(copy.deepcopy(model), eek.Entropy(0.0), head="mlp", pooling="mean")  # entropy < 0: never
+    adapter, policy = current_adapter(patched), policy_of(patched)
+    graph = exit_graph(patched, adapter, patched.early_exit_heads, policy)
+    if graph is None:
+        raise SystemExit("error: the exit graph cannot run these layers (see the log above)")
+    calls = [
+        (hidden, batch["attention_mask"], extra.get("position_bias"))
+        for (hidden, _, extra), batch in zip(inputs, batches, strict=True)
+    ]
+
+    def run():
+        for hidden, mask, bias in calls:
+            graph.run(hidden, mask, policy, bias)
+
+    return run
 
 
 if __name__ == "__main__":
