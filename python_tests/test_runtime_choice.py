@@ -102,17 +102,14 @@ def timings(monkeypatch):
     and run once); ``calls``: the recipes timed on the batches, in order."""
     table: dict = {}
     calls: list[str] = []
-    singles: list[str] = []
 
     def seconds(model, batches):
         recipe = model.eek_int8_recipe
-        if batches[0]["input_ids"].shape[0] == 1:  # a single row
-            if len(singles) < len(calls):  # not the untimed pass
-                singles.append(recipe)
-                return table.get((recipe, "single"), table[recipe])[sum(c == recipe for c in singles) - 1]
-            return 0.0
+        timed = sum(c == recipe for c in calls)  # this recipe's rounds so far: each times its batches first
+        if batches[0]["input_ids"].shape[0] == 1:  # the single rows: untimed before the first round
+            return table.get((recipe, "single"), table[recipe])[timed - 1] if timed else 0.0
         calls.append(recipe)
-        return table[recipe][sum(c == recipe for c in calls) - 1]
+        return table[recipe][timed]
 
     monkeypatch.setattr(runtime_choice, "_seconds", seconds)
     monkeypatch.setattr(runtime_choice, "candidate_recipes", lambda default, calibrated: [default, "per-token"])

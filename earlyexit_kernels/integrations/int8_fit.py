@@ -17,7 +17,8 @@ certificate holds for recorded in ``eek_fit.json`` (``base``, ``int8_recipe``).
 Which runtime runs the int8 layers is measured on the fitting CPU (``--layers auto``): the installed runtimes
 are timed on a few training rows, in batches and one at a time
 (:mod:`~earlyexit_kernels.engine.layers.runtime_choice`), the family's kept unless another is faster on both in
-enough rounds for a sign test, and the choice recorded with the CPU class and the timings (``int8_layers``); ``--layers`` names one instead.
+enough rounds for a sign test, and the choice recorded with the CPU class and the timings (``int8_layers``);
+``--layers`` names one instead.
 
 Only head-only recipes (``heads``, ``fastbert``): the int8 layers learn nothing.
 """

@@ -221,8 +221,8 @@ def exit_graph_model(model: nn.Module, adapter, heads, policy: ExitPolicy):
     if layers[0].position_bias:
         # MPNet's relative position bias: one [1, heads, S, S] for every row (it depends on positions only), so it
         # broadcasts over whichever rows are left, and every layer reads the same
-        heads = model.config.num_attention_heads
-        inputs["position_bias"] = ops.parameter([1, heads, -1, -1], ov.Type.f32, name="position_bias")
+        num_heads = model.config.num_attention_heads  # (``heads`` is the exit heads, traced below)
+        inputs["position_bias"] = ops.parameter([1, num_heads, -1, -1], ov.Type.f32, name="position_bias")
     if kind == "max_prob":
         inputs["temperatures"] = ops.parameter([num_layers - 1], ov.Type.f32, name="temperatures")
     for name, parameter in inputs.items():
@@ -277,9 +277,10 @@ class ExitGraph:
     """The compiled exit graph of one patched model, for one policy kind (its values are inputs)."""
 
     def __init__(self, model: nn.Module, adapter, heads, policy: ExitPolicy):
-        self.num_layers = len(encoder_layers(model))
+        layers = encoder_layers(model)
+        self.num_layers = len(layers)
         #: whether the graph takes the encoder's relative position bias (MPNet): :meth:`run`'s ``position_bias``
-        self.position_bias = bool(encoder_layers(model)[0].position_bias)
+        self.position_bias = bool(layers[0].position_bias)
         self._model = exit_graph_model(model, adapter, heads, policy)
         self._compiled, self._threads = None, None
         self._requests = threading.local()
