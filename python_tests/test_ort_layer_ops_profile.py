@@ -2,6 +2,7 @@
 calls of a given size, length-sorted or in the file's order, each operator type's time per real token recorded."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _profile(folder: str, texts: Path, output: Path, order: str) -> dict:
+def _profile(folder: str, texts: Path, output: Path, order: str, scratch: Path) -> dict:
     script = ROOT / "benchmarks" / "profiles" / "ort_layer_ops.py"
     command = [sys.executable, str(script), folder, "--texts", str(texts), "--count", "12", "--rows", "4"]
     command += ["--repeats", "1", "--order", order, "--output", str(output)]
-    subprocess.run(command, check=True, cwd=ROOT, timeout=240, capture_output=True)
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    subprocess.run(command, check=True, cwd=ROOT, timeout=240, capture_output=True, env=env)
     return json.loads(output.read_text())
 
 
@@ -26,8 +28,12 @@ def test_the_profile_counts_every_real_token_and_sorting_pads_less_than_the_file
     lines = [" ".join(f"w{j}" for j in range(2 + (i % 2) * 9)) for i in range(12)]
     texts = tmp_path / "texts.csv"
     texts.write_text("text\n" + "".join(f"{line}\n" for line in lines))
-    sorted_ = _profile(saved_classifier, texts, tmp_path / "sorted.json", "sorted")
-    in_file = _profile(saved_classifier, texts, tmp_path / "file.json", "file")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    sorted_ = _profile(saved_classifier, texts, tmp_path / "sorted.json", "sorted", scratch)
+    in_file = _profile(saved_classifier, texts, tmp_path / "file.json", "file", scratch)
+    # the profiler's files are read back and removed, not left in the temp folder
+    assert not [path.name for path in scratch.iterdir() if path.name.startswith("eek-")]
     for record in (sorted_, in_file):
         assert (record["rows"], record["count"], record["repeats"]) == (4, 12, 1)
         assert 0 < record["tokens"] <= record["padded_positions"]

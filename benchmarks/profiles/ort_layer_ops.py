@@ -61,8 +61,9 @@ def main(argv=None) -> int:
     parts = ort_layer.layer_parts(model.base_model.encoder.layer[0], model.config)
     options = ort_layer.session_options(args.threads)
     options.enable_profiling = True
-    scratch = tempfile.mkdtemp(prefix="eek-ort-layer-ops-")
-    options.profile_file_prefix = os.path.join(scratch, "profile")
+    # The profiler writes its JSON to a file; read back below, then removed with its folder.
+    scratch = tempfile.TemporaryDirectory(prefix="eek-ort-layer-ops-")
+    options.profile_file_prefix = os.path.join(scratch.name, "profile")
     session = ort.InferenceSession(
         ort_layer.layer_graph(parts, int8=True),
         options,
@@ -88,7 +89,8 @@ def main(argv=None) -> int:
         slots += key_mask.size
         for _ in range(args.repeats):
             session.run(None, feeds)
-    events = json.loads(Path(session.end_profiling()).read_text())
+    with scratch:
+        events = json.loads(Path(session.end_profiling()).read_text())
     by_type: collections.Counter = collections.Counter()
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
