@@ -129,6 +129,64 @@ def test_mpnet_runs_in_the_graph_with_its_position_bias_broadcast_over_the_rows_
     assert len(set(exits.tolist())) >= 3
 
 
+def _expected_lengths(exits: torch.Tensor, mask: torch.Tensor, grid: int) -> list[int]:
+    """The grid's length at each layer as the exact loop trims it: the longest row still going on, rounded up to the
+    plugin's length step (at most the grid's); one position where every row has left (the row kept for the plugin)."""
+    extents = mask.sum(-1)  # right-padded rows: the last attended position + 1
+    lengths = [grid]
+    for layer in range(1, LAYERS):
+        going_on = extents[exits > layer]
+        step = ov_static.LENGTH_STEP
+        lengths.append(min(-(-int(going_on.max()) // step) * step, grid) if len(going_on) else 1)
+    return lengths
+
+
+def test_each_later_layer_runs_on_the_grid_its_rows_need_and_a_row_kept_for_the_plugin_on_one_position(quantized):
+    """Between layers the grid is trimmed to the longest row going on (as the exact loop trims it), so short rows
+    left behind by long ones run on fewer positions; where every row has left, the one row the plugin needs runs the
+    later layers on one position. The answers stay the loop's."""
+    static = _static(quantized, eek.Entropy(0.0))
+    generator = torch.Generator().manual_seed(11)
+    ids = torch.randint(5, static.config.vocab_size, (32, 40), generator=generator)
+    lengths = torch.cat([torch.full((4,), 40), torch.randint(3, 21, (28,), generator=generator)])
+    mask = (torch.arange(40)[None] < lengths[:, None]).long()
+    batch = {"input_ids": ids * mask, "attention_mask": mask}
+    with torch.inference_mode():
+        scores = entropy(static(**batch, return_all_exits=True).all_logits[0].float())
+    # the four long rows leave at the first layer, with the short rows of lower scores; those of higher scores stay
+    above = scores[scores > scores[:4].max()]
+    assert len(above) >= 4
+    policy = eek.Entropy((float(scores[:4].max() + above.min()) / 2, 0.0, 0.0))
+    eek.patch(static, policy)
+    exits = _assert_same_answers(static, _exact_copy(static), batch)
+    graph = _graph_of(static)
+    adapter = current_adapter(static)
+    with torch.inference_mode():
+        hidden = adapter.embed(batch["input_ids"], None, None, None, batch["attention_mask"])
+        _, graph_exits, grid_lengths = graph.run(hidden, batch["attention_mask"], policy)
+    assert torch.equal(graph_exits, exits)
+    assert grid_lengths == _expected_lengths(exits, batch["attention_mask"], 40)
+    assert grid_lengths[1] <= 24 < grid_lengths[0] == 40  # trimmed to the short rows
+    # every row leaves at the first layer: the row kept for the plugin runs the second and third on one position
+    everyone = eek.Entropy((10.0, 0.0, 0.0))
+    eek.patch(static, everyone)
+    with torch.inference_mode():
+        _, graph_exits, grid_lengths = graph.run(hidden, batch["attention_mask"], everyone)
+    assert graph_exits.tolist() == [1] * 32 and grid_lengths == [40, 1, 1]
+
+
+def test_the_graph_s_row_lengths_are_the_exact_loop_s():
+    """Each row's length the graph trims to is :func:`mask_extents`': the last attended position + 1 on either side of
+    the padding, and the grid's whole length for a row with no attended position."""
+    from earlyexit_kernels.engine.step.batch_loop import mask_extents
+
+    mask = torch.tensor(
+        [[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 1, 0, 0, 0, 0]]
+    )
+    extents = ov_exit_graph._extents(mask.to(torch.int32).numpy())
+    assert extents.tolist() == mask_extents(mask).tolist() == [3, 5, 6, 6, 2]
+
+
 def test_a_batch_every_row_of_which_leaves_at_the_first_layer_is_answered(quantized):
     """The plugin fails on an empty batch: the first row goes on alone, and every row keeps its first exit."""
     static = _static(quantized, eek.Entropy(10.0))

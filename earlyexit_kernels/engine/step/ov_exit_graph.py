@@ -1,8 +1,8 @@
 """Early exit in one OpenVINO call: the static int8 layers, each layer's exit head and exit rule, and the batch
 compacted between layers, all inside one compiled model.
 
-    graph = exit_graph(adapter, heads, policy)         # None where it cannot run this model and policy
-    result = graph.run(hidden, mask)                   # an ExitResult, as run_early_exit's
+    graph = exit_graph(model, adapter, heads, policy)  # None where it cannot run this model and policy
+    logits, exit_layer, lengths = graph.run(hidden, mask, policy)  # lengths: the grid at each layer
 
 Why: each :class:`~earlyexit_kernels.engine.layers.ov_static.StaticOvLayer` is a compiled model of its own, and
 separate compiled models keep their own scratch memory and generated kernels, met cold at each call: on the Intel
@@ -16,16 +16,20 @@ How: the layers are the static layers' own IR (the same scales and weights, so t
 into the next. After layer ``i < L`` a small torch step (all of them converted by OpenVINO in one trace, then wired
 in between the layers) computes what the exact loop computes (:mod:`earlyexit_kernels.engine.step.batch_loop`): the head's input (``adapter.exit_input``), its logits
 (``adapter.classify``), the rule of :func:`earlyexit_kernels.methods.exit_rules.exit_step` for entropy and top
-probability (a row with a non-finite logit never leaves), then gathers the rows that go on. The thresholds (and
-temperatures) are inputs of the graph, so a new policy of the same kind runs on the same compiled model. After
-layer ``L`` the model's own head. MPNet's layers read the encoder's relative position bias: it depends on the
-positions only, so it is one more input, ``[1, heads, S, S]``, that every layer reads and that broadcasts over
-whichever rows are left. The host writes each row's logits from the first layer whose rule let it leave.
+probability (a row with a non-finite logit never leaves), then gathers the rows that go on and trims the grid to
+the positions they need, as the exact loop trims it (the longest row going on, rounded up to
+:data:`~earlyexit_kernels.engine.layers.packed_call_shapes.LENGTH_STEP`; each row's length is an input, carried
+with the rows). The thresholds (and temperatures) are inputs of the graph, so a new policy of the same kind runs on
+the same compiled model. After layer ``L`` the model's own head. MPNet's layers read the encoder's relative
+position bias: it depends on the positions only, so it is one more input, ``[1, heads, S, S]``, that every layer
+reads (trimmed with the grid) and that broadcasts over whichever rows are left. The host writes each row's logits
+from the first layer whose rule let it leave.
 
 OpenVINO's CPU plugin fails on an empty batch (every later output came back empty, then the process aborted, with
-2026.4), so the first row of each layer's survivors always goes on: where every row has left, one row runs the
-remaining layers for nothing and the host keeps its first exit. The grid keeps the batch's padded length (the exact
-loop also trims the padding no survivor needs: on length-sorted batches there is little).
+2026.4), so the first row of each layer's survivors always goes on. Where every row has left, that row (its length
+set to 0: it has left) runs the remaining layers on a grid of one position, and the host keeps its first exit.
+Before, it ran them at its full length: a single text (a served call at c1) ran every layer whatever layer it left
+at.
 
 Measured (docs/benchmarks.md, "minilm-xeon-static-ov-exit-graph"): on the Intel Xeon with AMX, MiniLM-L6 fine-tuned
 on Rotten Tomatoes, one thread, 600 test texts in length-sorted batches of 32, early exit at 2.49 of 6 layers ran
@@ -56,6 +60,7 @@ from earlyexit_kernels.engine.layers.int8_isa import int8_weight_bits
 from earlyexit_kernels.engine.layers.ort_layer import encoder_layers
 from earlyexit_kernels.engine.layers.ov_layer import compile_config, ov_core, thread_request
 from earlyexit_kernels.engine.layers.ov_static import StaticOvLayer, grid_inputs
+from earlyexit_kernels.engine.layers.packed_call_shapes import LENGTH_STEP
 from earlyexit_kernels.engine.step.batch_loop import ExitResult
 from earlyexit_kernels.engine.step.heads import weights_fingerprint
 from earlyexit_kernels.methods.policies import Entropy, ExitPolicy, MaxProb, layer_value
@@ -104,7 +109,7 @@ class _ExitStep(nn.Module):
         self.adapter, self.heads = adapter, heads  # heads: registered, so the trace reads its weights as constants
         self.layer, self.kind, self.normalized = layer, kind, normalized
 
-    def forward(self, hidden, key_mask, rows, thresholds, temperatures=None):
+    def forward(self, hidden, key_mask, rows, extents, thresholds, temperatures=None):
         z = self.adapter.classify(self.layer, self.adapter.exit_input(self.layer, hidden, key_mask)).float()
         finite = torch.isfinite(z).all(dim=-1)
         threshold = thresholds[self.layer - 1]
@@ -117,9 +122,25 @@ class _ExitStep(nn.Module):
         else:  # MaxProb
             max_p = torch.softmax(z / temperatures[self.layer - 1], dim=-1).amax(dim=-1)
             exits = finite & (max_p >= threshold)
-        # the plugin fails on an empty batch: the first survivor always goes on (the host keeps its first exit)
-        keep = torch.nonzero(~exits | (rows == rows[0])).squeeze(-1)
-        return z, exits, hidden.index_select(0, keep), key_mask.index_select(0, keep), rows.index_select(0, keep)
+        # the plugin fails on an empty batch: the first survivor always goes on (the host keeps its first exit);
+        # ``extents``: each row's length (its last attended position + 1), 0 for a row that has left (the row kept
+        # only for the plugin)
+        going_on = (extents > 0) & ~exits
+        keep = torch.nonzero(going_on | (rows == rows[0])).squeeze(-1)
+        extents = torch.where(going_on, extents, torch.zeros_like(extents)).index_select(0, keep)
+        kept = (hidden.index_select(0, keep), key_mask.index_select(0, keep), rows.index_select(0, keep), extents)
+        return z, exits, *kept, _kept_length(extents)
+
+
+def _kept_length(extents: torch.Tensor) -> torch.Tensor:
+    """[1] int64: the grid length the rows of ``extents`` need, as the exact loop trims it: the longest rounded up to
+    :data:`~earlyexit_kernels.engine.layers.packed_call_shapes.LENGTH_STEP` (:func:`~earlyexit_kernels.engine.step.
+    batch_loop.kept_length`; never past the grid, whose length :func:`grid_inputs` rounds up the same way); 1 where
+    none goes on (every extent 0), so that the row kept only for the plugin runs the later layers on one position.
+    Few operations: each costs the plugin a few microseconds a call whatever its size."""
+    longest = extents.amax(0, keepdim=True)
+    rounded = torch.div(longest + (LENGTH_STEP - 1), LENGTH_STEP, rounding_mode="floor") * LENGTH_STEP
+    return torch.where(longest > 0, rounded, torch.ones_like(longest))
 
 
 class _FinalHead(nn.Module):
@@ -138,8 +159,8 @@ class _FinalHead(nn.Module):
 
 class _AllSteps(nn.Module):
     """Every layer's step in one module, so that one trace converts them all (each conversion traces anew):
-    inputs ``hidden_i, key_mask_i, rows_i`` for each layer ``i < L``, ``hidden_L, key_mask_L``, then the policy's
-    values; outputs each step's five, then the final logits."""
+    inputs ``hidden_i, key_mask_i, rows_i, extents_i`` for each layer ``i < L``, ``hidden_L, key_mask_L``, then the
+    policy's values; outputs each step's seven, then the final logits."""
 
     def __init__(self, adapter, heads: nn.Module, num_layers: int, kind: str, normalized: bool):
         super().__init__()
@@ -148,11 +169,11 @@ class _AllSteps(nn.Module):
 
     def forward(self, *inputs):
         count = len(self.steps)
-        values = inputs[3 * count + 2 :]
+        values = inputs[4 * count + 2 :]
         outputs = []
         for index, step in enumerate(self.steps):
-            outputs += step(*inputs[3 * index : 3 * index + 3], *values)
-        outputs.append(self.final(*inputs[3 * count : 3 * count + 2]))
+            outputs += step(*inputs[4 * index : 4 * index + 4], *values)
+        outputs.append(self.final(*inputs[4 * count : 4 * count + 2]))
         return tuple(outputs)
 
 
@@ -201,9 +222,10 @@ def _wire(model, prefix: str, sources: dict) -> list:
 
 def exit_graph_model(model: nn.Module, adapter, heads, policy: ExitPolicy):
     """The ``openvino.Model`` of the whole early-exit encoder of ``model``: inputs ``hidden`` [n, S, H] (the
-    embeddings on a grid padded as the static layers pad it), ``key_mask`` [n, S] int32, ``rows`` [n] int64 and the
-    policy's values (:func:`exit_graph_values`); outputs, per layer ``i < L``, its rows' logits, decisions and row
-    indices, then layer ``L``'s logits and rows."""
+    embeddings on a grid padded as the static layers pad it), ``key_mask`` [n, S] int32, ``rows`` [n] int64,
+    ``extents`` [n] int64 (each row's length, :func:`_extents`) and the policy's values (:func:`exit_graph_values`);
+    outputs, per layer ``i < L``, its rows' logits, decisions and row indices and the next layer's grid length [1],
+    then layer ``L``'s logits and rows."""
     import openvino as ov
     from openvino import opset13 as ops
 
@@ -216,6 +238,7 @@ def exit_graph_model(model: nn.Module, adapter, heads, policy: ExitPolicy):
         "hidden": ops.parameter([-1, -1, width], ov.Type.f32, name="hidden"),
         "key_mask": ops.parameter([-1, -1], ov.Type.i32, name="key_mask"),
         "rows": ops.parameter([-1], ov.Type.i64, name="rows"),
+        "extents": ops.parameter([-1], ov.Type.i64, name="extents"),
         "thresholds": ops.parameter([num_layers - 1], ov.Type.f32, name="thresholds"),
     }
     if layers[0].position_bias:
@@ -235,7 +258,8 @@ def exit_graph_model(model: nn.Module, adapter, heads, policy: ExitPolicy):
         shapes += [(f"hidden_{index}", [-1, -1, width]), (f"key_mask_{index}", [-1, -1])]
         if index < num_layers:
             example[f"rows_{index}"] = torch.arange(2)
-            shapes.append((f"rows_{index}", [-1]))
+            example[f"extents_{index}"] = torch.full((2,), 8)
+            shapes += [(f"rows_{index}", [-1]), (f"extents_{index}", [-1])]
     example["thresholds"] = torch.zeros(num_layers - 1)
     shapes.append(("thresholds", [num_layers - 1]))
     if kind == "max_prob":
@@ -255,22 +279,40 @@ def exit_graph_model(model: nn.Module, adapter, heads, policy: ExitPolicy):
     for name in ("thresholds", "temperatures"):
         if name in step_inputs:
             feed(name, inputs[name].output(0))
-    current = {name: inputs[name].output(0) for name in ("hidden", "key_mask", "rows")}
-    shared = {"position_bias": inputs["position_bias"].output(0)} if "position_bias" in inputs else {}
+    names = ("hidden", "key_mask", "rows", "extents", "position_bias")
+    current = {name: inputs[name].output(0) for name in names if name in inputs}
     outputs = []
     for index, layer in enumerate(layers, start=1):
         prefix = f"layer{index}/"
-        (hidden,) = _wire(_prefixed(core.read_model(*layer.ir), prefix), prefix, {**current, **shared})
+        (hidden,) = _wire(_prefixed(core.read_model(*layer.ir), prefix), prefix, current)
         feed(f"hidden_{index}", hidden)
         feed(f"key_mask_{index}", current["key_mask"])
         if index == num_layers:
             outputs += [step_outputs[-1], current["rows"]]
         else:
             feed(f"rows_{index}", current["rows"])
-            logits, exits, hidden, key_mask, rows = step_outputs[5 * (index - 1) : 5 * index]
-            outputs += [logits, exits, current["rows"]]
-            current = {"hidden": hidden, "key_mask": key_mask, "rows": rows}
+            feed(f"extents_{index}", current["extents"])
+            logits, exits, hidden, key_mask, rows, extents, length = step_outputs[7 * (index - 1) : 7 * index]
+            outputs += [logits, exits, current["rows"], length]
+            # the next layer's grid: its rows, trimmed to the positions they need (the bias: both its last axes)
+            current = {
+                "hidden": _trimmed(hidden, length, [1]),
+                "key_mask": _trimmed(key_mask, length, [1]),
+                "rows": rows,
+                "extents": extents,
+            }
+            if "position_bias" in inputs:
+                current["position_bias"] = _trimmed(inputs["position_bias"].output(0), length, [2, 3])
     return ov.Model(outputs, list(inputs.values()), "early_exit_encoder")
+
+
+def _trimmed(source, length, axes: list[int]):
+    """``source``'s first ``length`` ([1] int64) positions along each of ``axes``."""
+    from openvino import opset13 as ops
+
+    stop = length if len(axes) == 1 else ops.concat([length] * len(axes), 0).output(0)
+    zeros, ones = np.zeros(len(axes), np.int64), np.ones(len(axes), np.int64)
+    return ops.slice(source, zeros, stop, ones, np.array(axes, np.int64)).output(0)
 
 
 class ExitGraph:
@@ -297,15 +339,17 @@ class ExitGraph:
         return thread_request(self._requests, self.compiled())
 
     def run(self, hidden: torch.Tensor, mask: torch.Tensor | None, policy: ExitPolicy, position_bias=None):
-        """``(logits [B, C] float32, exit layer [B] int64)`` of the embeddings ``hidden`` [B, S, H] with the
+        """``(logits [B, C] float32, exit layer [B] int64, lengths)`` of the embeddings ``hidden`` [B, S, H] with the
         2-D ``mask`` (or None: no padding) under ``policy`` (of this graph's kind); ``position_bias``: the
-        encoder's [1, heads, S, S] where the graph takes it (:attr:`position_bias`)."""
+        encoder's [1, heads, S, S] where the graph takes it (:attr:`position_bias`). ``lengths``: the grid's length
+        at each layer (the first the padded batch's, each later one trimmed to what its rows need)."""
         n, length, _ = hidden.shape
         if self.position_bias and (position_bias is None or position_bias.shape[0] != 1):
             raise ValueError("this exit graph takes the encoder's position bias, [1, heads, S, S]")
         key_mask = np.ones((n, length), np.int32) if mask is None else mask.detach().to(torch.int32).cpu().numpy()
         feeds = grid_inputs(hidden, key_mask, position_bias if self.position_bias else None)
         feeds["rows"] = np.arange(n, dtype=np.int64)
+        feeds["extents"] = _extents(feeds["key_mask"])
         feeds.update(exit_graph_values(policy, self.num_layers))
         # inputs read in place (the call waits); outputs copied out (a few numbers a row)
         request = self._request()
@@ -314,8 +358,10 @@ class ExitGraph:
         logits = np.empty((n, values[0].shape[-1]), np.float32)
         exit_layer = np.full(n, self.num_layers, np.int64)
         done = np.zeros(n, bool)
+        lengths = [feeds["key_mask"].shape[1]]
         for layer in range(1, self.num_layers):
-            z, exits, rows = values[3 * (layer - 1) : 3 * layer]
+            z, exits, rows, length = values[4 * (layer - 1) : 4 * layer]
+            lengths.append(int(length[0]))
             first = exits & ~done[rows]  # a row kept past its exit (the first survivor) keeps its first one
             logits[rows[first]] = z[first]
             exit_layer[rows[first]] = layer
@@ -323,7 +369,15 @@ class ExitGraph:
         z, rows = values[-2:]
         last = ~done[rows]
         logits[rows[last]] = z[last]
-        return torch.from_numpy(logits), torch.from_numpy(exit_layer)
+        return torch.from_numpy(logits), torch.from_numpy(exit_layer), lengths
+
+
+def _extents(key_mask: np.ndarray) -> np.ndarray:
+    """Each row's last attended position + 1 on the grid (the grid's length for a row with none, as
+    :func:`~earlyexit_kernels.engine.step.batch_loop.mask_extents` keeps it): int64 [n]."""
+    length = key_mask.shape[1]
+    last = length - np.argmax(key_mask[:, ::-1] > 0, axis=1)
+    return np.where(key_mask.any(axis=1), last, length).astype(np.int64)
 
 
 def exit_graph(model: nn.Module, adapter, heads, policy: ExitPolicy) -> ExitGraph | None:
@@ -368,7 +422,7 @@ def run_exit_graph(model: nn.Module, adapter, heads, policy: ExitPolicy, hidden:
         return None
     try:
         bias = adapter.position_bias(hidden) if graph.position_bias else None
-        logits, exit_layer = graph.run(hidden, mask, policy, bias)
+        logits, exit_layer, _ = graph.run(hidden, mask, policy, bias)
     except RuntimeError as error:  # the plugin's own failure (a shape, its memory): this call runs layer by layer
         reason = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
         if reason not in _failures:
