@@ -88,6 +88,20 @@ def _assert_same_answers(graph_model, exact_model, batch):
     return exits
 
 
+@pytest.fixture
+def graph_calls(monkeypatch):
+    """The rows of each call the exit graph ran (ExitGraph.run spied on)."""
+    calls = []
+    run = ov_exit_graph.ExitGraph.run
+
+    def spied(self, hidden, *args, **kwargs):
+        calls.append(hidden.shape[0])
+        return run(self, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(ov_exit_graph.ExitGraph, "run", spied)
+    return calls
+
+
 def _graph_of(static):
     adapter = current_adapter(static)
     return ov_exit_graph.exit_graph(static, adapter, static.early_exit_heads, policy_of(static))
@@ -97,9 +111,9 @@ def _graph_of(static):
     "kind, head, pooling",
     [("entropy", "mlp", "mean"), ("entropy-normalized", "model", "cls"), ("max-prob", "mlp", "cls")],
 )
-def test_the_exit_graph_answers_as_the_layer_by_layer_loop(quantized, kind, head, pooling):
+def test_the_exit_graph_answers_as_the_layer_by_layer_loop(quantized, kind, head, pooling, graph_calls):
     static = _static(quantized, eek.Entropy(0.0), head=head, pooling=pooling)
-    batch = _batch(static, rows=32, seed=7)
+    batch = _batch(static, rows=40, seed=7)
     if kind == "max-prob":
         thresholds = _midway_thresholds(static, batch, lambda z: torch.softmax(z / 1.5, dim=-1).amax(-1))
         policy = eek.MaxProb(thresholds[:-1] + (1.0,), temperature=1.5)
@@ -110,23 +124,24 @@ def test_the_exit_graph_answers_as_the_layer_by_layer_loop(quantized, kind, head
     eek.patch(static, policy)
     assert _graph_of(static) is not None
     exits = _assert_same_answers(static, _exact_copy(static), batch)
+    assert graph_calls == [40]  # the forward ran the graph (the exact copy, the loop)
     assert len(set(exits.tolist())) >= 3  # rows left at several layers: the compaction ran between them
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
-def test_mpnet_runs_in_the_graph_with_its_position_bias_broadcast_over_the_rows_left(pooling):
+def test_mpnet_runs_in_the_graph_with_its_position_bias_broadcast_over_the_rows_left(pooling, graph_calls):
     """MPNet's layers take the encoder's relative position bias: one [1, heads, S, S] input of the graph, the same
     for every row whichever rows are left, so its answers are the loop's at every layer."""
     static = tiny_mpnet(num_layers=LAYERS)
     eek.patch(static, eek.Entropy(0.0), head="mlp", pooling=pooling)
     static = int8_encoder(static, "static-ov", calibration=[_batch(static, seed=s) for s in (1, 2)])
     _heads_apart(static)
-    batch = _batch(static, rows=32, seed=7)
+    batch = _batch(static, rows=40, seed=7)
     eek.patch(static, eek.Entropy(_midway_thresholds(static, batch, entropy)))
     graph = _graph_of(static)
     assert graph is not None and graph.position_bias
     exits = _assert_same_answers(static, _exact_copy(static), batch)
-    assert len(set(exits.tolist())) >= 3
+    assert graph_calls == [40] and len(set(exits.tolist())) >= 3
 
 
 def _expected_lengths(exits: torch.Tensor, mask: torch.Tensor, grid: int) -> list[int]:
@@ -187,12 +202,25 @@ def test_the_graph_s_row_lengths_are_the_exact_loop_s():
     assert extents.tolist() == mask_extents(mask).tolist() == [3, 5, 6, 6, 2]
 
 
-def test_a_batch_every_row_of_which_leaves_at_the_first_layer_is_answered(quantized):
+def test_a_batch_every_row_of_which_leaves_at_the_first_layer_is_answered(quantized, graph_calls):
     """The plugin fails on an empty batch: the first row goes on alone, and every row keeps its first exit."""
     static = _static(quantized, eek.Entropy(10.0))
-    batch = _batch(static, rows=9, seed=3)
+    batch = _batch(static, rows=40, seed=3)
     exits = _assert_same_answers(static, _exact_copy(static), batch)
-    assert exits.tolist() == [1] * 9
+    assert graph_calls == [40] and exits.tolist() == [1] * 40
+
+
+def test_a_call_too_small_to_earn_the_graph_s_cost_back_runs_layer_by_layer(quantized, graph_calls):
+    """The graph's fixed cost a call is earned back from GRAPH_MIN_POSITIONS grid positions (rows x padded length):
+    a smaller call runs the layer-by-layer loop, a larger one the graph, with the same answers."""
+    static = _static(quantized, eek.Entropy(1.05))
+    exact = _exact_copy(static)
+    small, large = _batch(static, rows=8, seed=12), _batch(static, rows=40, seed=12)  # 14 positions a row
+    assert 8 * 14 < ov_exit_graph.GRAPH_MIN_POSITIONS <= 40 * 14
+    _assert_same_answers(static, exact, small)
+    assert graph_calls == []
+    _assert_same_answers(static, exact, large)
+    assert graph_calls == [40]
 
 
 def test_new_thresholds_run_on_the_same_compiled_graph(quantized):
@@ -229,7 +257,7 @@ def test_what_the_graph_cannot_run_takes_the_layer_by_layer_loop(quantized, case
 
 def test_a_call_the_plugin_fails_runs_layer_by_layer_logged_once(quantized, monkeypatch, caplog):
     static = _static(quantized, eek.Entropy(1.05))
-    batch = _batch(static, seed=5)
+    batch = _batch(static, rows=40, seed=5)
     expected = _answers(_exact_copy(static), batch)
 
     def fail(self, hidden, mask, policy, position_bias=None):
@@ -246,7 +274,7 @@ def test_a_call_the_plugin_fails_runs_layer_by_layer_logged_once(quantized, monk
     assert len(failures) == 1 and "no memory for this shape" in failures[0]
 
 
-def test_the_cohort_engine_runs_each_cohort_in_one_call_as_the_loop_answers(quantized):
+def test_the_cohort_engine_runs_each_cohort_in_one_call_as_the_loop_answers(quantized, graph_calls):
     """``eek classify --engine cohorts`` on static int8 layers: each cohort through the exit graph, every sequence
     answered as the exact step answers it alone."""
     from earlyexit_kernels.engine.engines.cohort_engine import CohortEngine
@@ -255,14 +283,14 @@ def test_the_cohort_engine_runs_each_cohort_in_one_call_as_the_loop_answers(quan
     batch = _batch(static, rows=40, seed=9)
     eek.patch(static, eek.Entropy(_midway_thresholds(static, batch, entropy)))
     exact = _exact_copy(static)
-    engine = CohortEngine(static, max_batch_size=16, admission="length")
+    engine = CohortEngine(static, max_batch_size=40, admission="length")
     sequences = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
     for key, ids in enumerate(sequences):
         engine.submit(key, ids)
     with torch.no_grad():
         finished = {done.key: done for done in engine.run()}
     assert sorted(finished) == list(range(len(sequences)))
-    assert _graph_of(static) is not None
+    assert graph_calls and sum(graph_calls) == len(sequences)  # every cohort in one call of the graph
     for key, ids in enumerate(sequences):
         logits, exits, _ = _answers(exact, {"input_ids": torch.tensor([ids])})
         assert finished[key].exit_layer == int(exits[0])
@@ -287,3 +315,27 @@ def test_8_bit_layers_on_a_cpu_whose_int8_kernels_saturate_are_refused_as_the_la
     assert refusal is not None and "8-bit weights" in refusal
     with pytest.raises(ValueError, match="Fit the folder again on this CPU"):
         _answers(static, _batch(static, seed=6))
+
+
+def test_the_call_size_benchmark_times_the_graph_on_every_call_and_the_loop_on_the_same_calls(quantized, graph_calls):
+    """benchmarks/micro/exit_graph_call_size.py: per call size, the graph forced on every call (also below the rule's
+    size) against the loop on the same calls, paired, with the same exits; the rule is left as it was."""
+    import importlib.util
+    from pathlib import Path
+
+    from earlyexit_kernels.patching.state import read
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "micro" / "exit_graph_call_size.py"
+    spec = importlib.util.spec_from_file_location("call_size", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    static = _static(quantized, eek.Entropy(1.05))
+    batch = _batch(static, rows=4, seed=13)
+    single_rows = [{name: batch[name][i : i + 1] for name in batch} for i in range(4)]
+    reading = bench.measure(static, single_rows, rounds=2)
+    assert graph_calls == [1] * 4 * 3  # one untimed pass and two rounds, every call on the graph
+    assert (reading["calls"], reading["texts"], reading["mean_positions"]) == (4, 4, 14)
+    assert len(reading["graph_ms_per_text"]) == len(reading["loop_ms_per_text"]) == 2
+    low, high = reading["loop_over_graph_range"]
+    assert 0 < low <= reading["loop_over_graph_median"] <= high and reading["same_exits"]
+    assert ov_exit_graph.GRAPH_MIN_POSITIONS == 512 and read(static).step == "auto"  # as they were

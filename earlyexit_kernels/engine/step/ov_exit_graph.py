@@ -65,7 +65,14 @@ from earlyexit_kernels.engine.step.batch_loop import ExitResult
 from earlyexit_kernels.engine.step.heads import weights_fingerprint
 from earlyexit_kernels.methods.policies import Entropy, ExitPolicy, MaxProb, layer_value
 
-__all__ = ["exit_graph_refusal", "ExitGraph", "exit_graph", "exit_graph_values", "run_exit_graph"]
+__all__ = [
+    "GRAPH_MIN_POSITIONS",
+    "exit_graph_refusal",
+    "ExitGraph",
+    "exit_graph",
+    "exit_graph_values",
+    "run_exit_graph",
+]
 
 _log = logging.getLogger(__name__)
 #: each model's exit graph with what it was built of (kept apart from the model: a copy of it builds its own)
@@ -413,10 +420,22 @@ def exit_graph(model: nn.Module, adapter, heads, policy: ExitPolicy) -> ExitGrap
 _failures: set[str] = set()
 
 
+#: The fewest grid positions (rows x padded length) a call runs on the exit graph; a smaller one runs layer by layer.
+#: The graph pays a fixed cost a call (its few hundred operations prepared for the call's shapes, whatever the rows),
+#: which a small call does not earn back. On the Intel Xeon with AMX, MiniLM-L6 RT on its static layers at 3.06 of 6
+#: layers, one thread, texts in arrival order, the loop's time over the graph's (paired median of 16 rounds) was 0.80
+#: for single texts (27 positions a call), 0.89 for 2 (67), 0.93 for 4 (158), 1.01 for 8 (362), 1.06 for 16 (768)
+#: and 32 (1,672) (``benchmarks/results/intel_xeon/exit_graph_call_size_cpu.json``). 512: between 362 and 768.
+GRAPH_MIN_POSITIONS = 512
+
+
 def run_exit_graph(model: nn.Module, adapter, heads, policy: ExitPolicy, hidden: torch.Tensor, mask):
     """``model``'s early exit on the embeddings ``hidden`` [B, S, H] (2-D ``mask`` or None) in one call of its exit
     graph: an :class:`~earlyexit_kernels.engine.step.batch_loop.ExitResult`, or None where the graph cannot run
-    them or the call failed (the reason logged once): the caller runs the layer-by-layer loop."""
+    them, the call is smaller than :data:`GRAPH_MIN_POSITIONS` or the call failed (the reason logged once): the
+    caller runs the layer-by-layer loop."""
+    if hidden.shape[0] * hidden.shape[1] < GRAPH_MIN_POSITIONS:
+        return None
     graph = exit_graph(model, adapter, heads, policy)
     if graph is None:
         return None
