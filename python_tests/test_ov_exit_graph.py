@@ -128,14 +128,21 @@ def test_the_exit_graph_answers_as_the_layer_by_layer_loop(quantized, kind, head
     assert len(set(exits.tolist())) >= 3  # rows left at several layers: the compaction ran between them
 
 
+@pytest.fixture(scope="module")
+def quantized_mpnet():
+    """A patched tiny MPNet on static int8 layers, quantized once for the module."""
+    model = tiny_mpnet(num_layers=LAYERS)
+    eek.patch(model, eek.Entropy(0.0), head="mlp", pooling="mean")
+    return int8_encoder(model, "static-ov", calibration=[_batch(model, seed=s) for s in (1, 2)])
+
+
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
-def test_mpnet_runs_in_the_graph_with_its_position_bias_broadcast_over_the_rows_left(pooling, graph_calls):
+def test_mpnet_runs_in_the_graph_with_its_position_bias_broadcast_over_the_rows_left(
+    quantized_mpnet, pooling, graph_calls
+):
     """MPNet's layers take the encoder's relative position bias: one [1, heads, S, S] input of the graph, the same
     for every row whichever rows are left, so its answers are the loop's at every layer."""
-    static = tiny_mpnet(num_layers=LAYERS)
-    eek.patch(static, eek.Entropy(0.0), head="mlp", pooling=pooling)
-    static = int8_encoder(static, "static-ov", calibration=[_batch(static, seed=s) for s in (1, 2)])
-    _heads_apart(static)
+    static = _static(quantized_mpnet, eek.Entropy(0.0), pooling=pooling)
     batch = _batch(static, rows=40, seed=7)
     eek.patch(static, eek.Entropy(_midway_thresholds(static, batch, entropy)))
     graph = _graph_of(static)
