@@ -113,19 +113,23 @@ def _fits(rows: int, seed: int) -> tuple[list[ExitRecord], torch.Tensor]:
     return records, lengths
 
 
-def _kept(records: list[ExitRecord], picked: torch.Tensor, confidence: float, grid: list) -> tuple[int, int, float]:
-    """``(fit, grid index, mean layers)`` of the try kept among the fits, each certified at ``confidence`` on the
-    rows ``picked`` (in production's order), kept as ``fit_folder`` keeps one."""
-    tries, indices = [], []
+def _tries(records: list[ExitRecord], picked: torch.Tensor, confidence: float, grid: list) -> list[tuple[dict, int]]:
+    """Each fit certified at ``confidence`` on the rows ``picked`` (in production's order): ``(its summary as
+    fit_folder writes it, the grid index of its policy)``."""
+    tries = []
     for seed, record in enumerate(records):
         chosen, certificate, _ = certify(record.subset(picked), BUDGET, confidence, target="accuracy", steps=12)
         report = types.SimpleNamespace(
             certificate=certificate.as_dict(), confidence=confidence, mean_layers=chosen.mean_layers, calibration_rows=0
         )
-        tries.append(try_summary(report, seed))
-        indices.append(grid.index(chosen.policy))
-    kept = kept_try(tries)
-    return kept, indices[kept], tries[kept]["mean_layers"]
+        tries.append((try_summary(report, seed), grid.index(chosen.policy)))
+    return tries
+
+
+def _kept(tries: list[tuple[dict, int]]) -> tuple[int, int, float]:
+    """``(fit, grid index, mean layers)`` of the try kept among ``tries``, as ``fit_folder`` keeps one."""
+    kept = kept_try([summary for summary, _ in tries])
+    return kept, tries[kept][1], tries[kept][0]["mean_layers"]
 
 
 #: the figures when written (500 draws): kept at the share, 2.00% of the draws over the budget (99% lower bound
@@ -149,12 +153,13 @@ def test_the_kept_try_holds_the_confidence_over_500_draws_and_a_choice_without_t
     for _ in range(DRAWS):
         picked = torch.randint(0, POPULATION, (ROWS,), generator=g)
         picked = picked[torch.tensor(order_by_length(lengths[picked]))]  # as production records them: longest first
-        for name, confidence, fits in (
-            ("share", try_confidence(CONFIDENCE, FITS), records),
-            ("full", CONFIDENCE, records),
-            ("one fit", CONFIDENCE, records[:1]),
+        at_full = _tries(records, picked, CONFIDENCE, grid)
+        for name, tries in (
+            ("share", _tries(records, picked, try_confidence(CONFIDENCE, FITS), grid)),
+            ("full", at_full),
+            ("one fit", at_full[:1]),  # the first fit alone: its certificate at the full confidence, as above
         ):
-            fit, index, mean_layers = _kept(fits, picked, confidence, grid)
+            fit, index, mean_layers = _kept(tries)
             over[name] += bool(risks[fit][index] > BUDGET)
             layers[name] += mean_layers / DRAWS
     lower = 1.0 - upper_bound(DRAWS - over["share"], DRAWS, 0.99)  # the exact 99% lower bound of the violation rate
