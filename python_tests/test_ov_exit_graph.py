@@ -12,6 +12,7 @@ import earlyexit_kernels as eek
 from earlyexit_kernels.engine.layers import ov_static
 from earlyexit_kernels.engine.layers.precision import int8_encoder
 from earlyexit_kernels.engine.step import ov_exit_graph
+from earlyexit_kernels.engine.step.batch_loop import kept_length, mask_extents
 from earlyexit_kernels.methods.exit_rules import entropy
 from earlyexit_kernels.patching.patch import current_adapter, policy_of
 
@@ -152,14 +153,14 @@ def test_mpnet_runs_in_the_graph_with_its_position_bias_broadcast_over_the_rows_
 
 
 def _expected_lengths(exits: torch.Tensor, mask: torch.Tensor, grid: int) -> list[int]:
-    """The grid's length at each layer as the exact loop trims it: the longest row still going on, rounded up to the
-    plugin's length step (at most the grid's); one position where every row has left (the row kept for the plugin)."""
-    extents = mask.sum(-1)  # right-padded rows: the last attended position + 1
+    """The grid's length at each layer as the exact loop trims it (batch_loop's ``mask_extents`` and ``kept_length``):
+    the longest row still going on, rounded up to the plugin's length step, at most the grid's; one position where
+    every row has left (the row kept for the plugin)."""
+    extents = mask_extents(mask)
     lengths = [grid]
     for layer in range(1, LAYERS):
         going_on = extents[exits > layer]
-        step = ov_static.LENGTH_STEP
-        lengths.append(min(-(-int(going_on.max()) // step) * step, grid) if len(going_on) else 1)
+        lengths.append(kept_length(int(going_on.max()), grid, ov_static.LENGTH_STEP) if len(going_on) else 1)
     return lengths
 
 
@@ -195,18 +196,6 @@ def test_each_later_layer_runs_on_the_grid_its_rows_need_and_a_row_kept_for_the_
     with torch.inference_mode():
         _, graph_exits, grid_lengths = graph.run(hidden, batch["attention_mask"], everyone)
     assert graph_exits.tolist() == [1] * 32 and grid_lengths == [40, 1, 1]
-
-
-def test_the_graph_s_row_lengths_are_the_exact_loop_s():
-    """Each row's length the graph trims to is :func:`mask_extents`': the last attended position + 1 on either side of
-    the padding, and the grid's whole length for a row with no attended position."""
-    from earlyexit_kernels.engine.step.batch_loop import mask_extents
-
-    mask = torch.tensor(
-        [[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 1, 0, 0, 0, 0]]
-    )
-    extents = ov_exit_graph._extents(mask.to(torch.int32).numpy())
-    assert extents.tolist() == mask_extents(mask).tolist() == [3, 5, 6, 6, 2]
 
 
 def test_a_batch_every_row_of_which_leaves_at_the_first_layer_is_answered(quantized, graph_calls):

@@ -61,7 +61,7 @@ from earlyexit_kernels.engine.layers.ort_layer import encoder_layers
 from earlyexit_kernels.engine.layers.ov_layer import compile_config, ov_core, thread_request
 from earlyexit_kernels.engine.layers.ov_static import StaticOvLayer, grid_inputs
 from earlyexit_kernels.engine.layers.packed_call_shapes import LENGTH_STEP
-from earlyexit_kernels.engine.step.batch_loop import ExitResult
+from earlyexit_kernels.engine.step.batch_loop import ExitResult, mask_extents
 from earlyexit_kernels.engine.step.heads import weights_fingerprint
 from earlyexit_kernels.methods.policies import Entropy, ExitPolicy, MaxProb, layer_value
 
@@ -230,7 +230,7 @@ def _wire(model, prefix: str, sources: dict) -> list:
 def exit_graph_model(model: nn.Module, adapter, heads, policy: ExitPolicy):
     """The ``openvino.Model`` of the whole early-exit encoder of ``model``: inputs ``hidden`` [n, S, H] (the
     embeddings on a grid padded as the static layers pad it), ``key_mask`` [n, S] int32, ``rows`` [n] int64,
-    ``extents`` [n] int64 (each row's length, :func:`_extents`) and the policy's values (:func:`exit_graph_values`);
+    ``extents`` [n] int64 (each row's length, :func:`~earlyexit_kernels.engine.step.batch_loop.mask_extents`) and the policy's values (:func:`exit_graph_values`);
     outputs, per layer ``i < L``, its rows' logits, decisions and row indices and the next layer's grid length [1],
     then layer ``L``'s logits and rows."""
     import openvino as ov
@@ -356,7 +356,7 @@ class ExitGraph:
         key_mask = np.ones((n, length), np.int32) if mask is None else mask.detach().to(torch.int32).cpu().numpy()
         feeds = grid_inputs(hidden, key_mask, position_bias if self.position_bias else None)
         feeds["rows"] = np.arange(n, dtype=np.int64)
-        feeds["extents"] = _extents(feeds["key_mask"])
+        feeds["extents"] = mask_extents(torch.from_numpy(feeds["key_mask"])).numpy()  # as the exact loop trims
         feeds.update(exit_graph_values(policy, self.num_layers))
         # inputs read in place (the call waits); outputs copied out (a few numbers a row)
         request = self._request()
@@ -377,14 +377,6 @@ class ExitGraph:
         last = ~done[rows]
         logits[rows[last]] = z[last]
         return torch.from_numpy(logits), torch.from_numpy(exit_layer), lengths
-
-
-def _extents(key_mask: np.ndarray) -> np.ndarray:
-    """Each row's last attended position + 1 on the grid (the grid's length for a row with none, as
-    :func:`~earlyexit_kernels.engine.step.batch_loop.mask_extents` keeps it): int64 [n]."""
-    length = key_mask.shape[1]
-    last = length - np.argmax(key_mask[:, ::-1] > 0, axis=1)
-    return np.where(key_mask.any(axis=1), last, length).astype(np.int64)
 
 
 def exit_graph(model: nn.Module, adapter, heads, policy: ExitPolicy) -> ExitGraph | None:
