@@ -335,3 +335,38 @@ def test_the_call_size_benchmark_times_the_graph_on_every_call_and_the_loop_on_t
     low, high = reading["loop_over_graph_range"]
     assert 0 < low <= reading["loop_over_graph_median"] <= high and reading["same_exits"]
     assert ov_exit_graph.GRAPH_MIN_POSITIONS == 512 and read(static).step == "auto"  # as they were
+
+
+def test_the_trim_benchmark_times_the_graph_against_one_built_without_the_cut(quantized, graph_calls):
+    """benchmarks/micro/exit_graph_grid_trim.py: a second graph of the same model whose later layers keep the first
+    layer's grid (two slices fewer a later layer: hidden and key mask), timed against the model's own graph on the
+    same calls with the same exits; the cut, the graph lookup and the size rule are left as they were."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "micro" / "exit_graph_grid_trim.py"
+    spec = importlib.util.spec_from_file_location("grid_trim", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    static = _static(quantized, eek.Entropy(0.0))
+    batch = _batch(static, rows=40, seed=7)
+    eek.patch(static, eek.Entropy(_midway_thresholds(static, batch, entropy)))
+    calls = [{name: batch[name][i : i + 10] for name in batch} for i in range(0, 40, 10)]
+    kept = (ov_exit_graph._trimmed, ov_exit_graph.exit_graph, ov_exit_graph.GRAPH_MIN_POSITIONS)
+    untrimmed = bench.untrimmed_graph(static, calls[0])
+    assert (ov_exit_graph._trimmed, ov_exit_graph.exit_graph, ov_exit_graph.GRAPH_MIN_POSITIONS) == kept
+
+    def slices(graph):
+        return sum(op.get_type_name() == "Slice" for op in graph._model.get_ops())
+
+    assert slices(_graph_of(static)) - slices(untrimmed) == 2 * (LAYERS - 1)
+    graph_calls.clear()
+    reading = bench.measure(static, untrimmed, calls, rounds=2)
+    assert graph_calls == [10] * 4 * 3 * 2  # each graph: one untimed pass and two rounds, every call on a graph
+    assert (ov_exit_graph._trimmed, ov_exit_graph.exit_graph, ov_exit_graph.GRAPH_MIN_POSITIONS) == kept
+    assert reading["same_exits"] and reading["max_logit_difference"] < 1e-4
+    assert 1 < reading["mean_layers"] < LAYERS  # rows left early
+    lengths = reading["mean_trimmed_length_by_layer"]
+    assert len(lengths) == LAYERS and lengths[0] == 16 and min(lengths) < 16  # the cut moved some grid
+    low, high = reading["untrimmed_over_trimmed_range"]
+    assert 0 < low <= reading["untrimmed_over_trimmed_median"] <= high
