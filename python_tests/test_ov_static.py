@@ -216,3 +216,50 @@ def test_a_call_openvino_fails_runs_on_onnx_runtime_s_per_token_layer_logged_onc
     assert torch.equal(first, second)
     failures = [r.getMessage() for r in caplog.records if "OpenVINO failed a layer call" in r.getMessage()]
     assert len(failures) == 1 and "int8 per token, not the static layer's scales" in failures[0]
+
+
+def test_a_fit_s_tries_each_set_their_own_static_layers_and_the_folder_keeps_the_kept_try_s(
+    classifier,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    capsys,
+):
+    """--tries: every try sets its static layers' scales on its own draw of rows; the folder serves the layers of
+    the try it keeps, the ones its certificate was made on (it served the first try's)."""
+    import contextlib
+
+    from conftest import write_table
+    from test_fit_cli import _frame, _run
+
+    from earlyexit_kernels.integrations import int8_fit
+    from earlyexit_kernels.training import fit_tries
+
+    made = []
+    original = int8_fit.int8_base
+
+    @contextlib.contextmanager
+    def recorded(*args, **kwargs):
+        with original(*args, **kwargs) as (reference, choice):
+            yield reference, choice
+        made.append(choice)
+
+    monkeypatch.setattr(int8_fit, "int8_base", recorded)
+    draw = int8_fit.calibration_batches
+
+    # the first try sets its scales on 8 rows of its draw, the second on all of its own: the layers saved say
+    # which try's they are by their calibration rows
+    def drawn(*args, **kwargs):
+        batches = draw(*args, **kwargs)
+        return batches if made else [{name: value[:8] for name, value in batches[0].items()}]
+
+    monkeypatch.setattr(int8_fit, "calibration_batches", drawn)
+    monkeypatch.setattr(fit_tries, "kept_try", lambda summaries: len(summaries) - 1)  # the last try kept
+    # without labels, as test_fit_tries' int8 tries: enough rows to certify each try at its share
+    train = write_table(_frame(800, seed=11, labels=None), tmp_path / "train.parquet")
+    out = tmp_path / "out"
+    settings = ("--max-drop", "5", "--epochs", "2", "--no-progress", "--calibration-fraction", "0.25")
+    argv = (*settings, "--dtype", "int8", "--layers", "openvino-static", "--tries", "2")
+    assert _run("fit", classifier, train, out, *argv) == 0, capsys.readouterr().err
+    saved = json.loads((out / ov_static.FOLDER / "layers.json").read_text())["calibration_rows"]
+    rows = [choice.static_layers[0].calibration_rows for choice in made]  # each try's, as it left int8_base
+    assert rows[0] < rows[1] and saved == rows[1]  # the kept try's layers, not the first's

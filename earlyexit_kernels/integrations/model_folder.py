@@ -485,8 +485,12 @@ def fit_folder(
                 print(f"try {index + 1} of {config.tries}: {describe_try(summaries[-1])}", file=sys.stderr)
             if kept_try(summaries) == index:
                 kept = fitted  # the try kept so far; the others are let go as the loop goes on
-        model, tokenizer, report, _ = kept
+        model, tokenizer, report, kept_choice = kept
         choice = first_choice
+        if choice is not None:
+            # each try sets its static layers' scales on its own draw of rows: the folder serves the kept try's, on
+            # which its certificate was made (the first try's choice of runtime, recorded)
+            choice = dataclasses.replace(first_choice, static_layers=kept_choice.static_layers)
         report.tries, report.confidence = summaries, config.confidence
         if report.certificate is not None:
             # the kept try's certificate holds at the asked confidence (Bonferroni over the tries), which a later
