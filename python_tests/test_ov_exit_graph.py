@@ -370,3 +370,79 @@ def test_the_trim_benchmark_times_the_graph_against_one_built_without_the_cut(qu
     assert len(lengths) == LAYERS and lengths[0] == 16 and min(lengths) < 16  # the cut moved some grid
     low, high = reading["untrimmed_over_trimmed_range"]
     assert 0 < low <= reading["untrimmed_over_trimmed_median"] <= high
+
+
+# ------------------------------------------------------------------------------ the graph's compilation, timed by eek fit
+
+SNIPPETS_OFF = (("SNIPPETS_MODE", "DISABLE"),)
+
+
+def test_the_graph_compiles_with_its_layers_settings_and_a_change_builds_it_again(quantized, graph_calls, caplog):
+    """The static layers carry the plugin's options for their exit graph: a graph with them answers as the loop
+    does, a change of them builds the graph again, and an option the plugin refuses fails the call over to the loop
+    (the reason logged once), never the answers."""
+    from earlyexit_kernels.engine.layers.runtime_choice import use_exit_graph_settings
+
+    static = _static(quantized, eek.Entropy(0.0))
+    batch = _batch(static, rows=40, seed=7)
+    eek.patch(static, eek.Entropy(_midway_thresholds(static, batch, entropy)))
+    own = _graph_of(static)
+    assert own.settings == ()
+    use_exit_graph_settings(static, SNIPPETS_OFF)
+    chosen = _graph_of(static)
+    assert chosen is not own and chosen.settings == SNIPPETS_OFF
+    _assert_same_answers(static, _exact_copy(static), batch)
+    assert graph_calls == [40]
+    use_exit_graph_settings(static, (("NOT_AN_OPTION", "X"),))
+    with caplog.at_level(logging.WARNING):
+        _assert_same_answers(static, _exact_copy(static), batch)  # the loop ran it
+    assert graph_calls == [40, 40] and "the exit graph failed a call" in caplog.text
+
+
+@pytest.fixture
+def graph_timings(monkeypatch):
+    """Each setting's seconds per round on the batches (``table[name]``), as the test gives them; the copies are
+    still built, compiled and run once."""
+    from earlyexit_kernels.engine.layers import runtime_choice
+
+    table: dict = {}
+    names = {(): "default", **{s: n for n, s in runtime_choice.EXIT_GRAPH_CANDIDATES.items()}}
+
+    def seconds(model, batches):
+        name = names[model.base_model.encoder.layer[0].exit_graph_settings]
+        model.rounds_timed = getattr(model, "rounds_timed", -1) + 1  # each copy's untimed pass is its call 0
+        return table[name][model.rounds_timed - 1] if model.rounds_timed else 0.0
+
+    monkeypatch.setattr(runtime_choice, "_seconds", seconds)
+    return table
+
+
+def test_a_graph_setting_faster_in_enough_rounds_is_chosen_and_a_slower_one_keeps_the_layers(quantized, graph_timings):
+    from earlyexit_kernels.engine.layers.runtime_choice import choose_exit_graph_settings
+
+    static = _static(quantized, eek.Entropy(0.3))
+    batches = [_batch(static, rows=40, seed=s) for s in (1, 2)]
+    name = "fused-subgraph code generation off"
+    graph_timings.update({"default": [1.0] * 12, name: [0.95, 1.1, 0.95, 0.95, 1.2] + [0.95] * 7})
+    choice = choose_exit_graph_settings(static, batches, _graph_of)
+    assert choice.settings == SNIPPETS_OFF and choice.name == name
+    assert choice.reason.startswith(f"the exit graph: {name}, faster in 10 of 12 rounds (80 rows in batches")
+    assert all(layer.exit_graph_settings == () for layer in static.base_model.encoder.layer)  # left as it was
+    assert choice.as_dict()["settings"] == {"SNIPPETS_MODE": "DISABLE"}
+    graph_timings.clear()
+    graph_timings.update({"default": [1.0] * 12, name: [1.05] * 12})
+    kept = choose_exit_graph_settings(static, batches, _graph_of)
+    assert kept.settings == () and kept.name == "default" and len(kept.seconds[name]) == 3  # out after 3 losses
+    assert kept.reason.startswith("the exit graph: the layers' settings, no other faster in 10 of 12 rounds")
+
+
+def test_a_graph_setting_the_plugin_refuses_is_left_out_with_its_reason(quantized, monkeypatch):
+    from earlyexit_kernels.engine.layers import runtime_choice
+
+    static = _static(quantized, eek.Entropy(0.3))
+    monkeypatch.setattr(runtime_choice, "EXIT_GRAPH_CANDIDATES", {"an unknown option": (("NOT_AN_OPTION", "X"),)})
+    choice = runtime_choice.choose_exit_graph_settings(static, [_batch(static, rows=40, seed=1)], _graph_of)
+    assert choice.settings == () and "NOT_AN_OPTION" in choice.refused["an unknown option"] and not choice.seconds
+    assert choice.reason.startswith("the layers' settings: the plugin refused the others: an unknown option")
+    with pytest.raises(ValueError, match="a patched model on the static int8 layers"):
+        runtime_choice.choose_exit_graph_settings(tiny_model("bert", num_layers=2), [_batch(static, seed=1)], _graph_of)

@@ -121,6 +121,28 @@ def _copy(model):
     return copy.deepcopy(model)
 
 
+def test_the_exit_graph_s_settings_are_saved_with_the_layers_and_an_older_folder_loads_none(static_pair, tmp_path):
+    model, static = static_pair
+    chosen = _copy(static)
+    for layer in chosen.base_model.encoder.layer:
+        layer.exit_graph_settings = (("SNIPPETS_MODE", "DISABLE"),)
+    ov_static.save_static_layers(chosen, tmp_path)
+    path = tmp_path / ov_static.FOLDER / "layers.json"
+    record = json.loads(path.read_text())
+    assert record["exit_graph_settings"] == {"SNIPPETS_MODE": "DISABLE"}
+    loaded = ov_static.load_static_layers(_copy(model), tmp_path)
+    assert all(
+        layer.exit_graph_settings == (("SNIPPETS_MODE", "DISABLE"),) for layer in loaded.base_model.encoder.layer
+    )
+    assert _copy(loaded.base_model.encoder.layer[0]).exit_graph_settings == (("SNIPPETS_MODE", "DISABLE"),)
+    path.write_text(json.dumps({k: v for k, v in record.items() if k != "exit_graph_settings"}))
+    older = ov_static.load_static_layers(_copy(model), tmp_path)
+    assert all(layer.exit_graph_settings == () for layer in older.base_model.encoder.layer)
+    path.write_text(json.dumps({**record, "exit_graph_settings": ["SNIPPETS_MODE"]}))
+    with pytest.raises(ValueError, match="exit_graph_settings is .* not options and their text values: fit the"):
+        ov_static.load_static_layers(_copy(model), tmp_path)
+
+
 def test_missing_or_foreign_layer_files_are_one_clear_error(static_pair, tmp_path):
     model, static = static_pair
     with pytest.raises(
@@ -175,9 +197,17 @@ def test_eek_fit_saves_the_static_layers_it_certified_and_the_folder_serves_them
     assert record.int8_recipe == "static-ov" and record.int8_layers["by"] == "asked"
     saved = json.loads((out / ov_static.FOLDER / "layers.json").read_text())
     assert saved["calibration_rows"] == 144  # the training rows (160 less the 0.1 validation split), at most 300
+    # the exit graph's compilation timed at the fitted policy on training rows (whichever won), kept with the layers
+    graph = record.int8_layers["exit_graph_settings"]
+    assert (
+        graph["name"] in ("default", "fused-subgraph code generation off")
+        and saved["exit_graph_settings"] == (graph["settings"])
+    )
+    assert graph["reason"].startswith("the exit graph: ") and graph["seconds"]["default"]  # timed on the graph
     model, tokenizer = load_model(str(out), dtype="int8")
     assert model.eek_int8_recipe == "static-ov"
     assert all(isinstance(layer, ov_static.StaticOvLayer) for layer in model.base_model.encoder.layer)
+    assert all(dict(layer.exit_graph_settings) == graph["settings"] for layer in model.base_model.encoder.layer)
     # certified anew with --layers auto: on the static layers the folder holds
     rows = write_table(_frame(80, seed=44), tmp_path / "rows.csv")
     assert _run("calibrate", out, rows, "--dtype", "int8", "--confidence", "off", "--force") == 0
@@ -263,3 +293,9 @@ def test_a_fit_s_tries_each_set_their_own_static_layers_and_the_folder_keeps_the
     saved = json.loads((out / ov_static.FOLDER / "layers.json").read_text())["calibration_rows"]
     rows = [choice.static_layers[0].calibration_rows for choice in made]  # each try's, as it left int8_base
     assert rows[0] < rows[1] and saved == rows[1]  # the kept try's layers, not the first's
+    # the exit graph's compilation, timed by the first try only, is the kept layers' too
+    first = made[0].exit_graph
+    assert first is not None and made[1].exit_graph is None
+    assert json.loads((out / ov_static.FOLDER / "layers.json").read_text())["exit_graph_settings"] == dict(
+        first.settings
+    )

@@ -28,7 +28,15 @@ from __future__ import annotations
 import contextlib
 import copy
 
-__all__ = ["TIMING_ROWS", "CALIBRATION_ROWS", "int8_base", "check_int8_method", "timing_batches", "calibration_batches"]
+__all__ = [
+    "TIMING_ROWS",
+    "CALIBRATION_ROWS",
+    "int8_base",
+    "check_int8_method",
+    "timing_batches",
+    "calibration_batches",
+    "time_exit_graph",
+]
 
 
 def check_int8_method(method: str) -> None:
@@ -153,3 +161,24 @@ def int8_base(
             layer_list[index] = layer
         if hasattr(model, "eek_int8_recipe"):
             del model.eek_int8_recipe
+
+
+def time_exit_graph(model, batches: list[dict], choice, *, progress: bool = False) -> None:
+    """The fitted ``model`` (patched at its certified policy, on the static int8 layers) with its exit graph
+    compiled as timed fastest on ``batches`` (training rows) on this CPU
+    (:func:`~earlyexit_kernels.engine.layers.runtime_choice.choose_exit_graph_settings`), in place: the layers carry
+    the settings into the folder, and ``choice.exit_graph`` records the timing; its line printed where
+    ``progress``."""
+    import sys
+
+    from earlyexit_kernels.engine.layers.runtime_choice import choose_exit_graph_settings, use_exit_graph_settings
+    from earlyexit_kernels.engine.step.ov_exit_graph import exit_graph
+    from earlyexit_kernels.patching.patch import current_adapter, policy_of
+
+    def graph_of(fitted):
+        return exit_graph(fitted, current_adapter(fitted), fitted.early_exit_heads, policy_of(fitted))
+
+    choice.exit_graph = choose_exit_graph_settings(model, batches, graph_of)
+    use_exit_graph_settings(model, choice.exit_graph.settings)
+    if progress:
+        print(choice.exit_graph.reason, file=sys.stderr)

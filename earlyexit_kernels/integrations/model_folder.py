@@ -491,6 +491,9 @@ def fit_folder(
             # each try sets its static layers' scales on its own draw of rows: the folder serves the kept try's, on
             # which its certificate was made (the first try's choice of runtime, recorded)
             choice = dataclasses.replace(first_choice, static_layers=kept_choice.static_layers)
+            if choice.exit_graph is not None:  # timed by the first try: the kept try's layers run its graph so
+                for layer in choice.static_layers or []:
+                    layer.exit_graph_settings = choice.exit_graph.settings
         report.tries, report.confidence = summaries, config.confidence
         if report.certificate is not None:
             # the kept try's certificate holds at the asked confidence (Bonferroni over the tries), which a later
@@ -534,13 +537,16 @@ def _fitted(
 ):
     """``(model, tokenizer, report, choice)``: ``model_path`` loaded and fitted once, at ``config``'s seed, on
     ``rows``; ``choice``: the int8 layers' :class:`~earlyexit_kernels.engine.layers.runtime_choice.LayersChoice`
-    (None off int8); ``timed``: ``int8_layers`` ``"auto"`` times the runtimes (False: the family's recipe)."""
+    (None off int8); ``timed``: ``int8_layers`` ``"auto"`` times the runtimes (False: the family's recipe), and on
+    the static int8 layers the fitted model's exit graph is timed with the plugin's options (``choice.exit_graph``;
+    False: a later try, which the first try's choice covers)."""
     import torch
 
     from earlyexit_kernels.training.fit_texts import FitError, fit_model
 
     train, validation = rows.split(config.seed)
     base = contextlib.nullcontext((None, None))  # (the reference, the int8 layers' choice): the model's own base
+    batches = None  # the training rows the int8 runtimes (and the static layers' exit graph) are timed on
     # The seed is set once, by fit_model: every head the fit trains is made inside it (the ones made at
     # loading never reach the folder; scripts/fit_bytes.py draws torch's generator anew before each fit). The
     # loading's draws come from a fork of torch's generator, which the caller gets back as it was.
@@ -555,7 +561,7 @@ def _fitted(
         batches = calibration = None
         length = max_length_for(config.max_length, model, tokenizer)
         shape = {"batch_size": config.batch_size, "max_length": length, "seed": config.seed}
-        if int8_layers == "auto" and timed:
+        if timed and int8_layers in ("auto", "openvino-static"):  # the runtimes; the static layers' exit graph
             batches = timing_batches(tokenizer, train, **shape)
         static = INT8_LAYERS["openvino-static"]
         if int8_layers == "openvino-static" or (batches and runnable_int8_recipe(static)[1] is None):
@@ -579,4 +585,8 @@ def _fitted(
             unlabelled=rows.unlabelled,
             reference=reference,
         )
+        if batches and getattr(model, "eek_int8_recipe", None) == "static-ov":
+            from earlyexit_kernels.integrations.int8_fit import time_exit_graph
+
+            time_exit_graph(model, batches, choice, progress=config.progress)
     return model, tokenizer, report, choice

@@ -153,8 +153,9 @@ def thread_request(requests: threading.local, compiled):
     return held[1]
 
 
-def compile_config(threads: int) -> dict:
-    """The CPU plugin's options for a layer on ``threads`` threads."""
+def compile_config(threads: int, settings: tuple = ()) -> dict:
+    """The CPU plugin's options for a layer on ``threads`` threads, with ``settings`` (pairs of option and value,
+    such as the exit graph's, chosen by timing where ``eek fit`` chose them) over them."""
     return {
         "INFERENCE_NUM_THREADS": threads,
         "PERFORMANCE_HINT": "LATENCY",
@@ -165,7 +166,7 @@ def compile_config(threads: int) -> dict:
         "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
         # between layers torch's threads run on the same cores: OpenVINO's are not bound to any
         "ENABLE_CPU_PINNING": False,
-    }
+    } | dict(settings)
 
 
 def _int8_product(product, weight_max: int) -> None:

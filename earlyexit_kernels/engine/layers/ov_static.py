@@ -247,6 +247,10 @@ class StaticOvLayer(OvLayer):
             fallback_graph=fallback_graph,
         )
         self.calibration_rows = calibration_rows
+        #: the CPU plugin's options the exit graph of these layers is compiled with over :func:`compile_config`'s,
+        #: pairs of option and value (``eek fit`` times them: :func:`~earlyexit_kernels.engine.layers.
+        #: runtime_choice.choose_exit_graph_settings`); the layers' own calls keep the defaults
+        self.exit_graph_settings: tuple = ()
 
     @classmethod
     def from_layer(cls, layer: nn.Module, config, feeds: list[dict], *, reduce_range: bool | None = None, rows=None):
@@ -305,6 +309,7 @@ class StaticOvLayer(OvLayer):
 
     def __setstate__(self, state):
         state.setdefault("calibration_rows", None)
+        state.setdefault("exit_graph_settings", ())  # pickled before the exit graph's settings were chosen
         super().__setstate__(state)
 
     def __deepcopy__(self, memo):
@@ -316,6 +321,7 @@ class StaticOvLayer(OvLayer):
             fallback_graph=self.fallback_graph,
             calibration_rows=self.calibration_rows,
         )
+        copied.exit_graph_settings = self.exit_graph_settings
         copied.train(self.training)
         return copied
 
@@ -359,6 +365,8 @@ def save_static_layers(model: nn.Module | list, folder: str | Path) -> None:
         "weight_bits": sorted({layer.weight_bits for layer in layers}),
         "calibration_rows": getattr(layers[0], "calibration_rows", None),
         "form": "nncf.quantize(model_type=TRANSFORMER) of each encoder layer's graph on OpenVINO",
+        # the plugin's options the exit graph is compiled with, timed by eek fit on this CPU (none: the defaults)
+        "exit_graph_settings": dict(getattr(layers[0], "exit_graph_settings", ())),
     }
     (target / "layers.json").write_text(json.dumps(record, indent=2) + "\n")
 
@@ -387,6 +395,12 @@ def load_static_layers(model: nn.Module, folder: str | Path) -> nn.Module:
             "another model's; fit the folder again with eek fit --dtype int8"
         )
     bits = 7 if record.get("weight_bits") == [7] else 8
+    graph_settings = record.get("exit_graph_settings", {})  # a folder from before the choice: the defaults
+    if not isinstance(graph_settings, dict) or not all(isinstance(v, str) for v in graph_settings.values()):
+        raise ValueError(
+            f"{source}/layers.json's exit_graph_settings is {graph_settings!r}, not options and their text values: "
+            "fit the folder again with eek fit --dtype int8"
+        )
     for index, layer in enumerate(layers):
         name = source / f"layer_{index:02d}"
         try:
@@ -396,5 +410,6 @@ def load_static_layers(model: nn.Module, folder: str | Path) -> nn.Module:
                 f"{source} lacks layer {index}'s files ({error}): fit the folder again with eek fit --dtype int8"
             ) from None
         layers[index] = StaticOvLayer.of_ir(layer, model.config, ir, bits, record.get("calibration_rows"))
+        layers[index].exit_graph_settings = tuple(graph_settings.items())
     model.eek_int8_recipe = STATIC_RECIPE
     return model

@@ -41,6 +41,7 @@ The rows are ones the fit trains on, never ones that certify (the choice depends
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
@@ -53,10 +54,16 @@ from earlyexit_kernels.engine.layers.int8_isa import int8_isa
 
 __all__ = [
     "ROUNDS",
+    "EXIT_GRAPH_CANDIDATES",
+    "GraphSettingsChoice",
     "LayersChoice",
+    "Race",
     "candidate_recipes",
     "choose_int8_layers",
     "changed_answers_worse",
+    "choose_exit_graph_settings",
+    "timed_race",
+    "use_exit_graph_settings",
     "wins_needed",
 ]
 
@@ -95,6 +102,8 @@ class LayersChoice:
     #: the static int8 layers that ran where ``recipe`` is set on calibration rows (kept for the folder to save;
     #: not recorded in ``eek_fit.json``)
     static_layers: list | None = field(default=None, repr=False, compare=False)
+    #: on the static layers, the plugin's options their exit graph runs with (:func:`choose_exit_graph_settings`)
+    exit_graph: GraphSettingsChoice | None = None
 
     def as_dict(self) -> dict:
         """What a folder records of the choice (``eek_fit.json``'s ``int8_layers``)."""
@@ -107,6 +116,8 @@ class LayersChoice:
             saved["single_seconds"] = {n: [round(s, 6) for s in times] for n, times in self.single_seconds.items()}
         if self.changed:
             saved["changed_answers"] = dict(self.changed)
+        if self.exit_graph is not None:
+            saved["exit_graph_settings"] = self.exit_graph.as_dict()
         return saved
 
 
@@ -235,26 +246,10 @@ def choose_int8_layers(
     refused = {r for r in recipes if r != default and changed and changed_answers_worse(changed[r], changed[default])}
     for candidate in candidates.values():  # and the single rows' shapes
         _seconds(candidate, singles)
-    # a candidate stays in while it can still be faster than the default in ``needed`` of the rounds, on the
-    # batches and on the single rows both (a folder serves either); the timing stops once every candidate left
-    # has its wins or none is left (most CPUs: after rounds - needed + 1 rounds)
     alive = [recipe for recipe in recipes if recipe != default and recipe not in refused]
-    seconds: dict[str, list[float]] = {recipe: [] for recipe in recipes}
-    single: dict[str, list[float]] = {recipe: [] for recipe in recipes}
-    wins = dict.fromkeys(alive, 0)
-    timed = 0
-    while timed < rounds and any(wins[recipe] < needed for recipe in alive):
-        order = [default, *alive]
-        shift = timed % len(order)
-        for recipe in order[shift:] + order[:shift]:
-            seconds[recipe].append(_seconds(candidates[recipe], batches))
-            single[recipe].append(_seconds(candidates[recipe], singles))
-        timed += 1
-        for recipe in alive:
-            wins[recipe] += seconds[recipe][-1] < seconds[default][-1] and single[recipe][-1] < single[default][-1]
-        alive = [recipe for recipe in alive if wins[recipe] + rounds - timed >= needed]
+    race = timed_race(candidates, default, alive, batches, singles, rounds)
     del candidates
-    faster = [recipe for recipe in alive if wins[recipe] >= needed]
+    seconds, single, wins, timed, faster = race.seconds, race.single, race.wins, race.timed, race.faster
     chosen = min(faster, key=lambda r: statistics.median(seconds[r]) + statistics.median(single[r]), default=default)
     timings = ({r: t for r, t in seconds.items() if t}, {r: t for r, t in single.items() if t})
     counts = (wins.get(chosen, 0), timed, needed, rounds)
@@ -269,6 +264,143 @@ def choose_int8_layers(
         single_rows=len(singles),
         single_seconds=timings[1],
     )
+
+
+@dataclass
+class Race:
+    """Alternating timings of candidates against a default (:func:`timed_race`): each one's seconds per round over
+    the batches (``seconds``) and the single rows (``single``), each candidate's rounds won, the rounds timed, the
+    wins a candidate needed, and the candidates that have them (``faster``)."""
+
+    seconds: dict[str, list[float]]
+    single: dict[str, list[float]]
+    wins: dict[str, int]
+    timed: int
+    needed: int
+    faster: list[str]
+
+
+def timed_race(models: dict, default: str, candidates: list[str], batches, singles, rounds: int = ROUNDS) -> Race:
+    """Time ``models`` (by name; each already run once on ``batches`` and ``singles``, so shapes are prepared) in
+    up to ``rounds`` rounds, the order rotated every round: ``default`` and every one of ``candidates`` still in,
+    over all of ``batches`` and over the single rows ``singles`` (none: the batches alone decide), at the models'
+    own forward. A candidate wins a round where it is faster on both, and stays in while it can still win
+    :func:`wins_needed` of ``rounds`` (a folder serves either); the timing stops once every candidate left has its
+    wins or none is left (most CPUs: after rounds - needed + 1 rounds), which never changes what the full rounds
+    would decide."""
+    needed = wins_needed(rounds)
+    if needed is None:
+        raise ValueError(f"{rounds} rounds cannot tell a faster candidate apart (a sign test at {_SPEED_LEVEL:.0%})")
+    alive = list(candidates)
+    seconds: dict[str, list[float]] = {name: [] for name in (default, *candidates)}
+    single: dict[str, list[float]] = {name: [] for name in (default, *candidates)}
+    wins = dict.fromkeys(alive, 0)
+    timed = 0
+    while timed < rounds and any(wins[name] < needed for name in alive):
+        order = [default, *alive]
+        shift = timed % len(order)
+        for name in order[shift:] + order[:shift]:
+            seconds[name].append(_seconds(models[name], batches))
+            if singles:
+                single[name].append(_seconds(models[name], singles))
+        timed += 1
+        for name in alive:
+            faster_singles = not singles or single[name][-1] < single[default][-1]
+            wins[name] += seconds[name][-1] < seconds[default][-1] and faster_singles
+        alive = [name for name in alive if wins[name] + rounds - timed >= needed]
+    return Race(seconds, single, wins, timed, needed, [name for name in alive if wins[name] >= needed])
+
+
+#: the CPU plugin's options tried for the static layers' exit graph beside the layers' own, by name: its code
+#: generation for fused subgraphs (the attention, chains of element-wise operations) off. On the Intel Xeon with AMX
+#: the exit graph of MiniLM-L6 RT's static layers ran 4-11% faster so on calls of 32 texts (docs/benchmarks.md,
+#: "the exit graph's compilation"); the stack benchmark's OpenVINO peer is compiled at the faster of the two on the
+#: machine for the same reason. Another CPU may differ, so ``eek fit`` times them there.
+EXIT_GRAPH_CANDIDATES = {"fused-subgraph code generation off": (("SNIPPETS_MODE", "DISABLE"),)}
+
+
+@dataclass
+class GraphSettingsChoice:
+    """The plugin's options chosen for the exit graph (``settings``: pairs of option and value, empty for the
+    layers' own; ``name``: the candidate's, or ``"default"``), the timings that chose them, and each candidate the
+    plugin would not compile with its reason (``refused``)."""
+
+    settings: tuple
+    name: str
+    reason: str
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        saved = {"settings": dict(self.settings), "name": self.name, "reason": self.reason}
+        if self.seconds:
+            saved["seconds"] = {name: [round(s, 6) for s in times] for name, times in self.seconds.items()}
+        if self.refused:
+            saved["refused"] = dict(self.refused)
+        return saved
+
+
+def use_exit_graph_settings(model: nn.Module, settings: tuple) -> None:
+    """The exit graph of ``model`` (on static int8 layers) compiled with ``settings`` from its next call on."""
+    from earlyexit_kernels.engine.layers.ort_layer import encoder_layers
+
+    for layer in encoder_layers(model):
+        layer.exit_graph_settings = tuple(settings)
+
+
+def choose_exit_graph_settings(
+    model: nn.Module, batches: list[dict], graph_of, *, rounds: int = ROUNDS
+) -> GraphSettingsChoice:
+    """Time ``model`` (patched, on the static int8 layers, at its policy) with its exit graph compiled with the
+    layers' options and with each of :data:`EXIT_GRAPH_CANDIDATES` over them, on ``batches`` (training rows), by
+    :func:`timed_race`'s rule on the batches alone (single texts run the layers one call each, never the graph): a
+    candidate is chosen only where it is faster in :func:`wins_needed` of ``rounds``. ``model`` is left as it is
+    (each setting times its own copy). The same computation either way, the plugin's code for it chosen otherwise.
+    A candidate the plugin refuses to compile is left out with its reason. ``graph_of(model)``: a model's exit
+    graph, or None where it does not run its policy or heads (the caller reads them from the patched model:
+    :func:`~earlyexit_kernels.engine.step.ov_exit_graph.exit_graph` of its adapter, heads and policy)."""
+    if getattr(model, "eek_int8_recipe", None) != "static-ov" or getattr(model, "early_exit_heads", None) is None:
+        raise ValueError("the exit graph's settings are chosen for a patched model on the static int8 layers")
+    if not batches:
+        raise ValueError("the exit graph's settings are timed on rows: give at least one batch")
+    inputs = [_inputs(batch) for batch in batches]
+    models, refused = {}, {}
+    for name, settings in {"default": (), **EXIT_GRAPH_CANDIDATES}.items():
+        copied = copy.deepcopy(model)
+        use_exit_graph_settings(copied, settings)
+        graph = graph_of(copied)
+        if graph is None:  # a policy or heads the graph does not run: nothing to choose
+            return GraphSettingsChoice((), "default", "the exit graph does not run this policy or these heads")
+        try:  # compiled here, where a failure raises (a call would run the layers one call each instead)
+            graph.compiled()
+        except RuntimeError as error:
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]  # the plugin's words last
+            refused[name] = lines[-1][:200] if lines else type(error).__name__
+            continue
+        _seconds(copied, inputs)  # the untimed pass: shapes prepared
+        models[name] = copied
+    if "default" not in models:
+        raise RuntimeError(f"OpenVINO could not compile the exit graph: {refused['default']}")
+    if len(models) == 1:
+        why = "; ".join(f"{name} ({reason})" for name, reason in refused.items())
+        return GraphSettingsChoice((), "default", f"the layers' settings: the plugin refused the others: {why}",
+                                   refused=refused)  # fmt: skip
+    race = timed_race(models, "default", [n for n in models if n != "default"], inputs, [], rounds)
+    del models
+    chosen = min(race.faster, key=lambda n: statistics.median(race.seconds[n]), default=None)
+    rows = sum(len(batch["input_ids"]) for batch in inputs)
+    timings = ", ".join(f"{n} {statistics.median(t) * 1e3:.0f} ms" for n, t in race.seconds.items() if t)
+    measured = f"{rows} rows in batches at the fitted policy, the median of {race.timed} rounds: {timings}"
+    if chosen is None:
+        reason = f"the exit graph: the layers' settings, no other faster in {race.needed} of {rounds} rounds"
+        chosen, settings = "default", ()
+    else:
+        reason = f"the exit graph: {chosen}, faster in {race.wins[chosen]} of {race.timed} rounds"
+        settings = EXIT_GRAPH_CANDIDATES[chosen]
+    if refused:
+        reason += "; " + "; ".join(f"{name} refused by the plugin ({why})" for name, why in refused.items())
+    seconds = {n: t for n, t in race.seconds.items() if t}
+    return GraphSettingsChoice(settings, chosen, f"{reason} ({measured})", seconds=seconds, refused=refused)
 
 
 def _runtime(recipe: str) -> str:

@@ -330,6 +330,8 @@ class ExitGraph:
         self.num_layers = len(layers)
         #: whether the graph takes the encoder's relative position bias (MPNet): :meth:`run`'s ``position_bias``
         self.position_bias = bool(layers[0].position_bias)
+        #: the plugin's options over the layers' (the static layers' ``exit_graph_settings``: chosen by timing)
+        self.settings = tuple(layers[0].exit_graph_settings)
         self._model = exit_graph_model(model, adapter, heads, policy)
         self._compiled, self._threads = None, None
         self._requests = threading.local()
@@ -338,7 +340,7 @@ class ExitGraph:
         """The compiled model for torch's thread count now (the static layers' settings)."""
         threads = torch.get_num_threads()
         if self._compiled is None or self._threads != threads:
-            self._compiled = ov_core().compile_model(self._model, "CPU", compile_config(threads))
+            self._compiled = ov_core().compile_model(self._model, "CPU", compile_config(threads, self.settings))
             self._threads = threads
         return self._compiled
 
@@ -390,6 +392,7 @@ def exit_graph(model: nn.Module, adapter, heads, policy: ExitPolicy) -> ExitGrap
         weights_fingerprint(heads, adapter),
         type(policy),
         bool(getattr(policy, "normalized", False)),
+        tuple(encoder_layers(model)[0].exit_graph_settings),
     )
     with _graphs_lock:
         kept = _graphs.get(model)
