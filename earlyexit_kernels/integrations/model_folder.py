@@ -584,7 +584,7 @@ def _fitted(
             unlabelled=rows.unlabelled,
             reference=reference,
         )
-        if batches and calibration and getattr(model, "eek_int8_recipe", None) == "static-ov":
+        if batches and calibration and getattr(model, "eek_int8_recipe", None) == INT8_LAYERS["openvino-static"]:
             from earlyexit_kernels.integrations.int8_fit import time_exit_graph
 
             # on the 300 rows the layers were set on, not the 64 timing rows: a round of two batches moved by more

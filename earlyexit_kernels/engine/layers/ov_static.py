@@ -366,7 +366,7 @@ def save_static_layers(model: nn.Module | list, folder: str | Path) -> None:
         "calibration_rows": getattr(layers[0], "calibration_rows", None),
         "form": "nncf.quantize(model_type=TRANSFORMER) of each encoder layer's graph on OpenVINO",
         # the plugin's options the exit graph is compiled with, timed by eek fit on this CPU (none: the defaults)
-        "exit_graph_settings": dict(getattr(layers[0], "exit_graph_settings", ())),
+        "exit_graph_settings": dict(layers[0].exit_graph_settings),
     }
     (target / "layers.json").write_text(json.dumps(record, indent=2) + "\n")
 

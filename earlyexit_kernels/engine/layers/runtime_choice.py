@@ -359,7 +359,9 @@ def choose_exit_graph_settings(
     A candidate the plugin refuses to compile is left out with its reason. ``graph_of(model)``: a model's exit
     graph, or None where it does not run its policy or heads (the caller reads them from the patched model:
     :func:`~earlyexit_kernels.engine.step.ov_exit_graph.exit_graph` of its adapter, heads and policy)."""
-    if getattr(model, "eek_int8_recipe", None) != "static-ov" or getattr(model, "early_exit_heads", None) is None:
+    from earlyexit_kernels.engine.layers.ov_static import STATIC_RECIPE
+
+    if getattr(model, "eek_int8_recipe", None) != STATIC_RECIPE or getattr(model, "early_exit_heads", None) is None:
         raise ValueError("the exit graph's settings are chosen for a patched model on the static int8 layers")
     if not batches:
         raise ValueError("the exit graph's settings are timed on rows: give at least one batch")
