@@ -152,15 +152,15 @@ def test_mpnet_runs_in_the_graph_with_its_position_bias_broadcast_over_the_rows_
     assert graph_calls == [40] and len(set(exits.tolist())) >= 3
 
 
-def _expected_lengths(exits: torch.Tensor, mask: torch.Tensor, grid: int) -> list[int]:
+def _expected_lengths(exits: torch.Tensor, mask: torch.Tensor, grid: int, step: int = ov_static.LENGTH_STEP):
     """The grid's length at each layer as the exact loop trims it (batch_loop's ``mask_extents`` and ``kept_length``):
-    the longest row still going on, rounded up to the plugin's length step, at most the grid's; one position where
+    the longest row still going on, rounded up to the graph's length ``step``, at most the grid's; one position where
     every row has left (the row kept for the plugin)."""
     extents = mask_extents(mask)
     lengths = [grid]
     for layer in range(1, LAYERS):
         going_on = extents[exits > layer]
-        lengths.append(kept_length(int(going_on.max()), grid, ov_static.LENGTH_STEP) if len(going_on) else 1)
+        lengths.append(kept_length(int(going_on.max()), grid, step) if len(going_on) else 1)
     return lengths
 
 
@@ -196,6 +196,37 @@ def test_each_later_layer_runs_on_the_grid_its_rows_need_and_a_row_kept_for_the_
     with torch.inference_mode():
         _, graph_exits, grid_lengths = graph.run(hidden, batch["attention_mask"], everyone)
     assert graph_exits.tolist() == [1] * 32 and grid_lengths == [40, 1, 1]
+
+
+def test_with_the_plugin_s_code_generation_off_the_graph_runs_its_grid_unpadded_with_the_loop_s_answers(quantized):
+    """The grid is padded to multiples of 8 for the plugin's generated attention; compiled with that generation off
+    (the setting ``eek fit`` may time faster), the graph pads nothing: the first layer runs the batch's own 37
+    positions, each later one its rows' longest, and the answers stay the loop's."""
+    from earlyexit_kernels.engine.layers.runtime_choice import use_exit_graph_settings
+
+    static = _static(quantized, eek.Entropy(0.0))
+    generator = torch.Generator().manual_seed(12)
+    ids = torch.randint(5, static.config.vocab_size, (32, 37), generator=generator)
+    lengths = torch.cat([torch.full((4,), 37), torch.randint(3, 22, (28,), generator=generator)])
+    mask = (torch.arange(37)[None] < lengths[:, None]).long()
+    batch = {"input_ids": ids * mask, "attention_mask": mask}
+    with torch.inference_mode():
+        scores = entropy(static(**batch, return_all_exits=True).all_logits[0].float())
+    above = scores[scores > scores[:4].max()]
+    policy = eek.Entropy((float(scores[:4].max() + above.min()) / 2, 0.0, 0.0))  # the long rows leave first
+    eek.patch(static, policy)
+    use_exit_graph_settings(static, (ov_exit_graph.SNIPPETS_OFF,))
+    exits = _assert_same_answers(static, _exact_copy(static), batch)
+    graph = _graph_of(static)
+    assert graph.settings == (ov_exit_graph.SNIPPETS_OFF,) and graph.length_step == 1
+    with torch.inference_mode():
+        hidden = current_adapter(static).embed(batch["input_ids"], None, None, None, batch["attention_mask"])
+        _, graph_exits, grid_lengths = graph.run(hidden, batch["attention_mask"], policy)
+    assert torch.equal(graph_exits, exits)
+    assert grid_lengths == _expected_lengths(exits, batch["attention_mask"], 37, step=1)
+    assert grid_lengths[0] == 37 and grid_lengths[1] == int(lengths[exits > 1].max())  # no position added
+    # the layers' own options keep the padded grid
+    assert ov_exit_graph.graph_length_step(()) == ov_static.LENGTH_STEP == 8
 
 
 def test_a_batch_every_row_of_which_leaves_at_the_first_layer_is_answered(quantized, graph_calls):

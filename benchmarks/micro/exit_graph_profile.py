@@ -29,7 +29,6 @@ on, each side's overhead its own::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import statistics
 import sys
@@ -117,22 +116,6 @@ def peer_model(model, sample: dict, calibration: list[dict], scratch: Path):
     )
 
 
-@contextlib.contextmanager
-def length_step(step: int):
-    """The static layers' grid padded to multiples of ``step`` (the shipped
-    :data:`~earlyexit_kernels.engine.layers.packed_call_shapes.LENGTH_STEP` put back after): the grid the feeds pad
-    and the exit graph's trimming rounds to (read when the graph is converted, and at each call)."""
-    from earlyexit_kernels.engine.layers import ov_static
-    from earlyexit_kernels.engine.step import ov_exit_graph
-
-    kept = ov_static.LENGTH_STEP, ov_exit_graph.LENGTH_STEP
-    ov_static.LENGTH_STEP = ov_exit_graph.LENGTH_STEP = step
-    try:
-        yield
-    finally:
-        ov_static.LENGTH_STEP, ov_exit_graph.LENGTH_STEP = kept
-
-
 def peer_pass(quantized, batches: list[dict], threads: int, settings: dict):
     """``(one pass, its request)``: the peer compiled as the stack compiles it, with ``settings`` and profiling."""
     from benchmarks.suite.stack import _numpy_inputs
@@ -142,7 +125,7 @@ def peer_pass(quantized, batches: list[dict], threads: int, settings: dict):
     compiled = ov_core().compile_model(quantized, "CPU", {**config, **settings, "PERF_COUNT": True})
     request = compiled.create_infer_request()
     feeds = [_numpy_inputs(batch) for batch in batches]
-    return _profiled(lambda feed: request.infer(feed), request, feeds, contextlib.nullcontext), request
+    return _profiled(lambda feed: request.infer(feed), request, feeds), request
 
 
 def graph_pass(eek_model, batches: list[dict], inputs: list, settings: dict, step: int):
@@ -150,27 +133,27 @@ def graph_pass(eek_model, batches: list[dict], inputs: list, settings: dict, ste
     ``step``, every row at full depth, compiled with the layers' options, ``settings`` and profiling."""
     import earlyexit_kernels as eek
     from earlyexit_kernels.engine.layers.ov_layer import compile_config, ov_core
-    from earlyexit_kernels.engine.step.ov_exit_graph import ExitGraph
+    from earlyexit_kernels.engine.step.ov_exit_graph import ExitGraph, exit_graph_model
     from earlyexit_kernels.patching.patch import current_adapter, policy_of
 
     patched = eek.patch(copy.deepcopy(eek_model), eek.Entropy(0.0), head="mlp", pooling="mean")  # never exits
     adapter, policy = current_adapter(patched), policy_of(patched)
-    with length_step(step):
-        graph = ExitGraph(patched, adapter, patched.early_exit_heads, policy)
+    graph = ExitGraph(patched, adapter, patched.early_exit_heads, policy)
+    if step != graph.length_step:  # the grid's step set apart from the compilation's (ExitGraph ties them)
+        graph.length_step = step
+        graph._model = exit_graph_model(patched, adapter, patched.early_exit_heads, policy, step)
     threads = torch.get_num_threads()
     config = {**compile_config(threads, graph.settings), **settings, "PERF_COUNT": True}
     graph._compiled, graph._threads = ov_core().compile_model(graph._model, "CPU", config), threads
     request = graph._request()
     calls = [(hidden, batch["attention_mask"]) for hidden, batch in zip(inputs, batches, strict=True)]
-    return _profiled(
-        lambda call: graph.run(call[0], call[1], policy), request, calls, lambda: length_step(step)
-    ), request
+    return _profiled(lambda call: graph.run(call[0], call[1], policy), request, calls), request
 
 
-def _profiled(call, request, items: list, context):
+def _profiled(call, request, items: list):
     def one_pass() -> tuple[list, float]:
         infos = []
-        with context(), torch.no_grad():
+        with torch.no_grad():
             start = time.perf_counter()
             for item in items:
                 call(item)

@@ -112,12 +112,14 @@ class _Wrapped(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
-def grid_inputs(hidden: torch.Tensor, key_mask: np.ndarray, position_bias: torch.Tensor | None) -> dict:
-    """The graph's inputs (numpy arrays by name), the grid padded to a length of a multiple of
-    :data:`~earlyexit_kernels.engine.layers.packed_call_shapes.LENGTH_STEP` (masked out): the plugin prepares each new
-    shape again, and the length of a batch's survivors is the batch's."""
+def grid_inputs(
+    hidden: torch.Tensor, key_mask: np.ndarray, position_bias: torch.Tensor | None, step: int = LENGTH_STEP
+) -> dict:
+    """The graph's inputs (numpy arrays by name), the grid padded to a length of a multiple of ``step`` (masked out;
+    :data:`~earlyexit_kernels.engine.layers.packed_call_shapes.LENGTH_STEP` for the layers): the plugin prepares each
+    new shape again, and the length of a batch's survivors is the batch's."""
     n, length, width = hidden.shape
-    padded = -(-length // LENGTH_STEP) * LENGTH_STEP
+    padded = -(-length // step) * step
     grid = hidden.detach().float().contiguous().numpy()
     if padded != length:
         grid = np.concatenate([grid, np.zeros((n, padded - length, width), np.float32)], axis=1)

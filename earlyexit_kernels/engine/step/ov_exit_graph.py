@@ -17,9 +17,10 @@ into the next. After layer ``i < L`` a small torch step (all of them converted b
 in between the layers) computes what the exact loop computes (:mod:`earlyexit_kernels.engine.step.batch_loop`): the head's input (``adapter.exit_input``), its logits
 (``adapter.classify``), the rule of :func:`earlyexit_kernels.methods.exit_rules.exit_step` for entropy and top
 probability (a row with a non-finite logit never leaves), then gathers the rows that go on and trims the grid to
-the positions they need, as the exact loop trims it (the longest row going on, rounded up to
-:data:`~earlyexit_kernels.engine.layers.packed_call_shapes.LENGTH_STEP`; each row's length is an input, carried
-with the rows). The thresholds (and temperatures) are inputs of the graph, so a new policy of the same kind runs on
+the positions they need, as the exact loop trims it (the longest row going on, rounded up to the graph's length
+step, :func:`graph_length_step`: the layers' :data:`~earlyexit_kernels.engine.layers.packed_call_shapes.LENGTH_STEP`,
+or 1 where the plugin's fused-subgraph code generation is off; each row's length is an input, carried with the
+rows). The thresholds (and temperatures) are inputs of the graph, so a new policy of the same kind runs on
 the same compiled model. After layer ``L`` the model's own head. MPNet's layers read the encoder's relative
 position bias: it depends on the positions only, so it is one more input, ``[1, heads, S, S]``, that every layer
 reads (trimmed with the grid) and that broadcasts over whichever rows are left. The host writes each row's logits
@@ -111,10 +112,10 @@ def exit_graph_values(policy: ExitPolicy, num_layers: int) -> dict[str, np.ndarr
 class _ExitStep(nn.Module):
     """After layer ``layer`` (1-based, < L): the head's logits, the rule's decisions, and the rows that go on."""
 
-    def __init__(self, adapter, heads: nn.Module, layer: int, kind: str, normalized: bool):
+    def __init__(self, adapter, heads: nn.Module, layer: int, kind: str, normalized: bool, length_step: int):
         super().__init__()
         self.adapter, self.heads = adapter, heads  # heads: registered, so the trace reads its weights as constants
-        self.layer, self.kind, self.normalized = layer, kind, normalized
+        self.layer, self.kind, self.normalized, self.length_step = layer, kind, normalized, length_step
 
     def forward(self, hidden, key_mask, rows, extents, thresholds, temperatures=None):
         z = self.adapter.classify(self.layer, self.adapter.exit_input(self.layer, hidden, key_mask)).float()
@@ -136,17 +137,19 @@ class _ExitStep(nn.Module):
         keep = torch.nonzero(going_on | (rows == rows[0])).squeeze(-1)
         extents = torch.where(going_on, extents, torch.zeros_like(extents)).index_select(0, keep)
         kept = (hidden.index_select(0, keep), key_mask.index_select(0, keep), rows.index_select(0, keep), extents)
-        return z, exits, *kept, _kept_length(extents)
+        return z, exits, *kept, _kept_length(extents, self.length_step)
 
 
-def _kept_length(extents: torch.Tensor) -> torch.Tensor:
+def _kept_length(extents: torch.Tensor, step: int) -> torch.Tensor:
     """[1] int64: the grid length the rows of ``extents`` need, as the exact loop trims it: the longest rounded up to
-    :data:`~earlyexit_kernels.engine.layers.packed_call_shapes.LENGTH_STEP` (:func:`~earlyexit_kernels.engine.step.
+    a multiple of ``step`` (the graph's :func:`graph_length_step`; :func:`~earlyexit_kernels.engine.step.
     batch_loop.kept_length`; never past the grid, whose length :func:`grid_inputs` rounds up the same way); 1 where
     none goes on (every extent 0), so that the row kept only for the plugin runs the later layers on one position.
     Few operations: each costs the plugin a few microseconds a call whatever its size."""
     longest = extents.amax(0, keepdim=True)
-    rounded = torch.div(longest + (LENGTH_STEP - 1), LENGTH_STEP, rounding_mode="floor") * LENGTH_STEP
+    if step == 1:
+        return torch.where(longest > 0, longest, torch.ones_like(longest))
+    rounded = torch.div(longest + (step - 1), step, rounding_mode="floor") * step
     return torch.where(longest > 0, rounded, torch.ones_like(longest))
 
 
@@ -169,9 +172,11 @@ class _AllSteps(nn.Module):
     inputs ``hidden_i, key_mask_i, rows_i, extents_i`` for each layer ``i < L``, ``hidden_L, key_mask_L``, then the
     policy's values; outputs each step's seven, then the final logits."""
 
-    def __init__(self, adapter, heads: nn.Module, num_layers: int, kind: str, normalized: bool):
+    def __init__(self, adapter, heads: nn.Module, num_layers: int, kind: str, normalized: bool, length_step: int):
         super().__init__()
-        self.steps = nn.ModuleList(_ExitStep(adapter, heads, i, kind, normalized) for i in range(1, num_layers))
+        self.steps = nn.ModuleList(
+            _ExitStep(adapter, heads, i, kind, normalized, length_step) for i in range(1, num_layers)
+        )
         self.final = _FinalHead(adapter, heads, num_layers)
 
     def forward(self, *inputs):
@@ -227,7 +232,7 @@ def _wire(model, prefix: str, sources: dict) -> list:
     return [result.input_value(0) for result in model.get_results()]
 
 
-def exit_graph_model(model: nn.Module, adapter, heads, policy: ExitPolicy):
+def exit_graph_model(model: nn.Module, adapter, heads, policy: ExitPolicy, length_step: int = LENGTH_STEP):
     """The ``openvino.Model`` of the whole early-exit encoder of ``model``: inputs ``hidden`` [n, S, H] (the
     embeddings on a grid padded as the static layers pad it), ``key_mask`` [n, S] int32, ``rows`` [n] int64,
     ``extents`` [n] int64 (each row's length, :func:`~earlyexit_kernels.engine.step.batch_loop.mask_extents`) and the policy's values (:func:`exit_graph_values`);
@@ -274,7 +279,12 @@ def exit_graph_model(model: nn.Module, adapter, heads, policy: ExitPolicy):
         shapes.append(("temperatures", [num_layers - 1]))
     # positional inputs (the module takes *inputs): the parameters come in the example's order
     steps = _prefixed(
-        _converted(_AllSteps(adapter, heads, num_layers, kind, normalized), model, example, [s for _, s in shapes]),
+        _converted(
+            _AllSteps(adapter, heads, num_layers, kind, normalized, length_step),
+            model,
+            example,
+            [s for _, s in shapes],
+        ),
         "exit/",
     )
     step_inputs = dict(zip(example, steps.get_parameters(), strict=True))
@@ -322,6 +332,23 @@ def _trimmed(source, length, axes: list[int]):
     return ops.slice(source, zeros, stop, ones, np.array(axes, np.int64)).output(0)
 
 
+#: the plugin setting that turns its fused-subgraph code generation off (the exit graph's timed candidate)
+SNIPPETS_OFF = ("SNIPPETS_MODE", "DISABLE")
+
+
+def graph_length_step(settings: tuple) -> int:
+    """The multiple the exit graph pads its grid's length to, compiled with ``settings``: the layers'
+    :data:`~earlyexit_kernels.engine.layers.packed_call_shapes.LENGTH_STEP` where the plugin generates code for fused
+    subgraphs (its default), 1 (no padding) where that is off. The padding is for the generated attention, which
+    runs slower on a length not a multiple of 8 and is generated again for each new shape; without it the padding
+    only adds positions. On the Intel Xeon with AMX, MiniLM-L6 RT at full depth, the texts sorted by length (18,688
+    positions, 20,992 padded to 8): the fully connected products ran 12% longer padded, the generated attention 24%
+    shorter (230 against 286 ms), and the shipped graph's time over the others' was 1.020 unpadded with the default
+    code generation, 1.036 padded with it off, 1.129 unpadded with it off (paired, 8 rounds;
+    ``benchmarks/results/intel_xeon/exit_graph_profile_cpu.json``)."""
+    return 1 if SNIPPETS_OFF in tuple(settings) else LENGTH_STEP
+
+
 class ExitGraph:
     """The compiled exit graph of one patched model, for one policy kind (its values are inputs)."""
 
@@ -332,7 +359,9 @@ class ExitGraph:
         self.position_bias = bool(layers[0].position_bias)
         #: the plugin's options over the layers' (the static layers' ``exit_graph_settings``: chosen by timing)
         self.settings = tuple(layers[0].exit_graph_settings)
-        self._model = exit_graph_model(model, adapter, heads, policy)
+        #: the grid's lengths are multiples of this (:func:`graph_length_step`)
+        self.length_step = graph_length_step(self.settings)
+        self._model = exit_graph_model(model, adapter, heads, policy, self.length_step)
         self._compiled, self._threads = None, None
         self._requests = threading.local()
 
@@ -356,7 +385,7 @@ class ExitGraph:
         if self.position_bias and (position_bias is None or position_bias.shape[0] != 1):
             raise ValueError("this exit graph takes the encoder's position bias, [1, heads, S, S]")
         key_mask = np.ones((n, length), np.int32) if mask is None else mask.detach().to(torch.int32).cpu().numpy()
-        feeds = grid_inputs(hidden, key_mask, position_bias if self.position_bias else None)
+        feeds = grid_inputs(hidden, key_mask, position_bias if self.position_bias else None, self.length_step)
         feeds["rows"] = np.arange(n, dtype=np.int64)
         feeds["extents"] = mask_extents(torch.from_numpy(feeds["key_mask"])).numpy()  # as the exact loop trims
         feeds.update(exit_graph_values(policy, self.num_layers))
