@@ -100,6 +100,7 @@ __all__ = [
     "ov_model",
     "ov_available",
     "compile_config",
+    "SNIPPETS_OFF",
     "ov_core",
     "thread_request",
     "run_on_ov",
@@ -151,6 +152,11 @@ def thread_request(requests: threading.local, compiled):
     if held is None or held[0] is not compiled:
         held = requests.held = (compiled, compiled.create_infer_request())
     return held[1]
+
+
+#: the CPU plugin's option that turns its code generation for fused subgraphs off (its default: on); the exit graph's
+#: timed candidate (:data:`~earlyexit_kernels.engine.layers.runtime_choice.EXIT_GRAPH_CANDIDATES`)
+SNIPPETS_OFF = ("SNIPPETS_MODE", "DISABLE")
 
 
 def compile_config(threads: int, settings: tuple = ()) -> dict:

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from earlyexit_kernels.engine.layers.int8_isa import int8_isa
+from earlyexit_kernels.engine.layers.ov_layer import SNIPPETS_OFF
 
 __all__ = [
     "ROUNDS",
@@ -316,7 +317,7 @@ def timed_race(models: dict, default: str, candidates: list[str], batches, singl
 #: the exit graph of MiniLM-L6 RT's static layers ran 4-11% faster so on calls of 32 texts (docs/benchmarks.md,
 #: "the exit graph's compilation"); the stack benchmark's OpenVINO peer is compiled at the faster of the two on the
 #: machine for the same reason. Another CPU may differ, so ``eek fit`` times them there.
-EXIT_GRAPH_CANDIDATES = {"fused-subgraph code generation off": (("SNIPPETS_MODE", "DISABLE"),)}
+EXIT_GRAPH_CANDIDATES = {"fused-subgraph code generation off": (SNIPPETS_OFF,)}
 
 
 @dataclass

@@ -59,7 +59,7 @@ from torch import nn
 
 from earlyexit_kernels.engine.layers.int8_isa import int8_weight_bits
 from earlyexit_kernels.engine.layers.ort_layer import encoder_layers
-from earlyexit_kernels.engine.layers.ov_layer import compile_config, ov_core, thread_request
+from earlyexit_kernels.engine.layers.ov_layer import SNIPPETS_OFF, compile_config, ov_core, thread_request
 from earlyexit_kernels.engine.layers.ov_static import StaticOvLayer, grid_inputs
 from earlyexit_kernels.engine.layers.packed_call_shapes import LENGTH_STEP
 from earlyexit_kernels.engine.step.batch_loop import ExitResult, mask_extents
@@ -332,20 +332,17 @@ def _trimmed(source, length, axes: list[int]):
     return ops.slice(source, zeros, stop, ones, np.array(axes, np.int64)).output(0)
 
 
-#: the plugin setting that turns its fused-subgraph code generation off (the exit graph's timed candidate)
-SNIPPETS_OFF = ("SNIPPETS_MODE", "DISABLE")
-
-
 def graph_length_step(settings: tuple) -> int:
     """The multiple the exit graph pads its grid's length to, compiled with ``settings``: the layers'
     :data:`~earlyexit_kernels.engine.layers.packed_call_shapes.LENGTH_STEP` where the plugin generates code for fused
     subgraphs (its default), 1 (no padding) where that is off. The padding is for the generated attention, which
     runs slower on a length not a multiple of 8 and is generated again for each new shape; without it the padding
-    only adds positions. On the Intel Xeon with AMX, MiniLM-L6 RT at full depth, the texts sorted by length (18,688
-    positions, 20,992 padded to 8): the fully connected products ran 12% longer padded, the generated attention 24%
-    shorter (230 against 286 ms), and the shipped graph's time over the others' was 1.020 unpadded with the default
-    code generation, 1.036 padded with it off, 1.129 unpadded with it off (paired, 8 rounds;
-    ``benchmarks/results/intel_xeon/exit_graph_profile_cpu.json``)."""
+    only adds positions. On the Intel Xeon with AMX, MiniLM-L6 RT at full depth, 640 texts sorted by length in
+    batches of 32 (18,688 positions, 20,992 padded to 8), one thread: padded, the int8 products ran 591 ms a pass
+    against 533 unpadded and the generated attention 230 against 286; unpadded, the first pass (new shapes) took
+    1,709 ms against 1,275 with the generation on, 987 with it off. The shipped graph's time over the others' (paired,
+    8 rounds): 1.019 unpadded with the generation on, 1.033 padded with it off, 1.122 unpadded with it off
+    (``benchmarks/micro/exit_graph_profile.py``, ``benchmarks/results/intel_xeon/exit_graph_profile_cpu.json``)."""
     return 1 if SNIPPETS_OFF in tuple(settings) else LENGTH_STEP
 
 
