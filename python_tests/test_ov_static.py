@@ -204,6 +204,7 @@ def test_eek_fit_saves_the_static_layers_it_certified_and_the_folder_serves_them
         and saved["exit_graph_settings"] == (graph["settings"])
     )
     assert graph["reason"].startswith("the exit graph: ") and graph["seconds"]["default"]  # timed on the graph
+    assert graph["reason"] in capsys.readouterr().out.splitlines()  # said, beside the layers' line
     model, tokenizer = load_model(str(out), dtype="int8")
     assert model.eek_int8_recipe == "static-ov"
     assert all(isinstance(layer, ov_static.StaticOvLayer) for layer in model.base_model.encoder.layer)

@@ -357,6 +357,8 @@ def _fit(args) -> int:
         record = FitRecord.load(output)
         if record.int8_layers is not None:
             print(record.int8_layers["reason"])
+            if "exit_graph_settings" in record.int8_layers:  # static layers: how their exit graph is compiled
+                print(record.int8_layers["exit_graph_settings"]["reason"])
         print(
             f"fitted and certified on the int8 base (recipe {record.int8_recipe}) against the float32 "
             f"full model; the folder holds the float32 weights: serve it on int8 (--dtype int8)"
