@@ -142,11 +142,17 @@ def torch_configs(
     calibration: list[dict] | None = None,
 ) -> list[Config]:
     """fp32, int8, bf16 and compile, each without and with early exit (``patched``: the fitted model)."""
+    early_int8 = int8_encoder(patched, int8_recipe, calibration)
+    if int8_recipe == "static-ov" and calibration:
+        # the exit graph compiled as `eek fit` compiles it for this CPU: timed on the calibration batches
+        from earlyexit_kernels.integrations.int8_fit import exit_graph_choice
+
+        print(f"int8 + early exit: {exit_graph_choice(early_int8, calibration).reason}", file=sys.stderr)
     configs = [
         _torch_config("fp32", "fp32", full),
         _torch_config("fp32 + early exit", "fp32", patched),
         _torch_config("int8", "int8", int8_encoder(full, int8_recipe, calibration)),
-        _torch_config("int8 + early exit", "int8", int8_encoder(patched, int8_recipe, calibration)),
+        _torch_config("int8 + early exit", "int8", early_int8),
     ]
     if bf16:
         configs += [

@@ -171,6 +171,15 @@ def time_exit_graph(model, batches: list[dict], choice, *, progress: bool = Fals
     ``progress``."""
     import sys
 
+    choice.exit_graph = exit_graph_choice(model, batches)
+    if progress:
+        print(choice.exit_graph.reason, file=sys.stderr)
+
+
+def exit_graph_choice(model, batches: list[dict]):
+    """``model``'s exit graph (patched, on the static int8 layers) compiled from now on with the settings timed
+    fastest on ``batches`` on this CPU; the :class:`~earlyexit_kernels.engine.layers.runtime_choice.
+    GraphSettingsChoice`."""
     from earlyexit_kernels.engine.layers.runtime_choice import choose_exit_graph_settings, use_exit_graph_settings
     from earlyexit_kernels.engine.step.ov_exit_graph import exit_graph
     from earlyexit_kernels.patching.patch import current_adapter, policy_of
@@ -178,7 +187,6 @@ def time_exit_graph(model, batches: list[dict], choice, *, progress: bool = Fals
     def graph_of(fitted):
         return exit_graph(fitted, current_adapter(fitted), fitted.early_exit_heads, policy_of(fitted))
 
-    choice.exit_graph = choose_exit_graph_settings(model, batches, graph_of)
-    use_exit_graph_settings(model, choice.exit_graph.settings)
-    if progress:
-        print(choice.exit_graph.reason, file=sys.stderr)
+    chosen = choose_exit_graph_settings(model, batches, graph_of)
+    use_exit_graph_settings(model, chosen.settings)
+    return chosen
