@@ -1,32 +1,30 @@
 """``python -m benchmarks.suite.stack``: early exit on top of int8, bf16 and torch.compile, beside
 ONNX Runtime and OpenVINO.
 
-The real task (:mod:`earlyexit_kernels.demo.real_task`): all-MiniLM-L6-v2 fine-tuned on Rotten
-Tomatoes, its exit heads fitted and the exit threshold calibrated on the validation split as
-``make demo`` does (:data:`earlyexit_kernels.demo.real_demo.FIT_OPTIONS`, the same cached folder).
-Every configuration classifies the same test texts in the same length-sorted batches of 32:
+The real task (:mod:`earlyexit_kernels.demo.real_task`): all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes, its exit
+heads fitted and the exit threshold calibrated on the validation split as ``make demo`` does
+(:data:`earlyexit_kernels.demo.real_demo.FIT_OPTIONS`, the same cached folder). Every configuration classifies the
+same test texts in the same length-sorted batches of 32:
 
-- ``fp32``, ``int8`` (``torch.ao.quantization.quantize_dynamic`` of the encoder's Linear layers, or
-  another int8 recipe with ``--stack-int8``: ``per-token-ort`` runs the ONNX Runtime layers
-  ``eek serve --dtype int8`` runs, ``per-token-ov`` OpenVINO's; the classifier and the exit heads, a
-  few thousandths of the work, stay float, so the heads run the backend's fused per-layer step;
-  docs/usage.md, "int8"), ``bf16`` (``model.to(torch.bfloat16)``)
-  and ``compile`` (``torch.compile(model, dynamic=True)``, inductor), each as the unpatched model
-  and with early exit (the fitted model, quantized, cast or compiled the same way: patch, then
-  quantize);
+- ``fp32``, ``int8`` (``torch.ao.quantization.quantize_dynamic`` of the encoder's Linear layers, or another int8
+  recipe with ``--stack-int8``: ``per-token-ort`` runs the ONNX Runtime layers ``eek serve --dtype int8`` runs,
+  ``per-token-ov`` OpenVINO's, ``static-ov`` the static layers, their exit graph compiled as ``eek fit`` compiles it;
+  the classifier and the exit heads, a few thousandths of the work, stay float, so the heads run the backend's fused
+  per-layer step; docs/usage.md, "int8"), ``bf16`` (``model.to(torch.bfloat16)``) and ``compile``
+  (``torch.compile(model, dynamic=True)``, inductor), each as the unpatched model and with early exit (the fitted
+  model, quantized, cast or compiled the same way: patch, then quantize);
 - peers, where the packages are installed (bench-only, never a dependency of the package):
-  ONNX Runtime on the exported graph with its transformer optimizer (BERT fusions), fp32 and
-  dynamic int8 (``onnxruntime.quantization.quantize_dynamic``); OpenVINO on the exported graph,
-  fp32 (``INFERENCE_PRECISION_HINT=f32``: on a CPU with bf16 instructions its default is bf16), and
-  static int8 where NNCF is installed (``nncf.quantize`` with ``model_type=TRANSFORMER`` on 300
-  validation texts: what optimum-intel's ``OVQuantizer``, which Sentence Transformers'
-  ``export_static_quantized_openvino_model`` calls, runs; the test texts are never calibrated on).
+  ONNX Runtime on the exported graph with its transformer optimizer (BERT fusions), fp32 and dynamic int8
+  (``onnxruntime.quantization.quantize_dynamic``); OpenVINO on the exported graph, fp32
+  (``INFERENCE_PRECISION_HINT=f32``: on a CPU with bf16 instructions its default is bf16), and static int8 where
+  NNCF is installed (``nncf.quantize`` with ``model_type=TRANSFORMER`` on 300 validation texts: what optimum-intel's
+  ``OVQuantizer``, which Sentence Transformers' ``export_static_quantized_openvino_model`` calls, runs; the test
+  texts are never calibrated on).
 
-After one warm-up pass of each (compilation, allocations), the timed passes are interleaved:
-repetition ``r`` runs every configuration once over all batches, in an order rotated by ``r``.
-Ratios are paired within a repetition and reported as p20 / p50 / p80 over the repetitions.
-Accuracy, mean layers and the layer ideal (L / mean layers) come from the warm-up pass.
-:mod:`benchmarks.suite.stack_report` turns the CSV into the section of ``docs/benchmarks.md``.
+After one warm-up pass of each (compilation, allocations), the timed passes are interleaved: repetition ``r`` runs
+every configuration once over all batches, in an order rotated by ``r``. Ratios are paired within a repetition and
+reported as p20 / p50 / p80 over the repetitions. Accuracy, mean layers and the layer ideal (L / mean layers) come
+from the warm-up pass. :mod:`benchmarks.suite.stack_report` turns the CSV into the section of ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -51,6 +49,7 @@ from torch import nn
 from earlyexit_kernels.bench.results import cpu_name
 from earlyexit_kernels.engine.layers import int8_isa, precision
 from earlyexit_kernels.engine.layers.precision import INT8_RECIPES
+from earlyexit_kernels.integrations.int8_fit import exit_graph_choice
 from earlyexit_kernels.patching.state import is_patched
 
 __all__ = ["Config", "measure", "peer_configs", "peer_status", "rows_of", "run", "torch_configs"]
@@ -143,10 +142,7 @@ def torch_configs(
 ) -> list[Config]:
     """fp32, int8, bf16 and compile, each without and with early exit (``patched``: the fitted model)."""
     early_int8 = int8_encoder(patched, int8_recipe, calibration)
-    if int8_recipe == "static-ov" and calibration:
-        # the exit graph compiled as `eek fit` compiles it for this CPU: timed on the calibration batches
-        from earlyexit_kernels.integrations.int8_fit import exit_graph_choice
-
+    if int8_recipe == "static-ov" and calibration:  # its exit graph compiled as `eek fit` compiles it on this CPU
         print(f"int8 + early exit: {exit_graph_choice(early_int8, calibration).reason}", file=sys.stderr)
     configs = [
         _torch_config("fp32", "fp32", full),
