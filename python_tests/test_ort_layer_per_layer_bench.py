@@ -106,3 +106,4 @@ def test_the_static_layers_are_read_against_openvino_s_static_int8_whole_model(t
     assert list(result["pass_seconds"])[4].startswith("eek static-ov layers in one call")
     assert len(result["exit_graph_ratio_per_round"]) == 1 and result["exit_graph_ratio_median"] > 0
     assert all(t > 0 for t in result["ms_per_layer"]["eek_exit_graph"])
+    assert result["exit_graph_setting"].startswith("the exit graph: ")  # compiled as eek fit compiles it

@@ -23,7 +23,8 @@ OpenVINO's static int8 whole model (NNCF, transformer preset: the stack's peer),
 layers as the early-exit forward runs them on the CPU, in one OpenVINO call a batch
 (:mod:`~earlyexit_kernels.engine.step.ov_exit_graph`), with a threshold no row passes, so every row runs every layer
 (exit heads of the mean-pooled MLP form after each layer included, untrained: their cost does not depend on their
-weights); one layer costs ``T / L``.
+weights), compiled as ``eek fit`` compiles it on this CPU (timed on the calibration texts; ``exit_graph_setting``
+in the result); one layer costs ``T / L``.
 
 Both on the same texts in length-sorted batches of ``--batch`` (longest first), tokenized before the timing.
 One untimed pass each, then ``--rounds`` rounds in rotated order; the ratio (peer's time per layer / eek's,
@@ -160,8 +161,8 @@ def main(argv=None) -> int:
     # the same layers in the classifier's own forward (transformers' embeddings, masks and head around them)
     runs[f"the classifier on eek's layers, {depth} layers"] = lambda: [eek_model(**batch) for batch in batches]
     if args.recipe == "static-ov":
-        runs["eek static-ov layers in one call (the exit graph, no row leaving)"] = exit_graph_run(
-            eek_model, batches, inputs
+        runs["eek static-ov layers in one call (the exit graph, no row leaving)"], graph_setting = exit_graph_run(
+            eek_model, batches, inputs, calibration
         )
     with torch.no_grad():
         for run in runs.values():  # untimed: sessions' first calls, allocations
@@ -194,6 +195,7 @@ def main(argv=None) -> int:
         "whole_model_ratio_per_round": [round(a / b, 4) for a, b in zip(full, whole, strict=True)],
     }
     if graphed:
+        result["exit_graph_setting"] = graph_setting
         graph_layer = [t / depth for t in graphed[0]]
         graph_ratios = [p / g for p, g in zip(peer_layer, graph_layer, strict=True)]
         result["ms_per_layer"]["eek_exit_graph"] = [round(t * 1e3, 2) for t in graph_layer]
@@ -223,16 +225,19 @@ def main(argv=None) -> int:
     return 0
 
 
-def exit_graph_run(model, batches: list[dict], inputs: list[tuple]):
-    """A pass of ``model``'s static int8 layers (a float classifier whose layers
+def exit_graph_run(model, batches: list[dict], inputs: list[tuple], calibration: list[dict]):
+    """``(a pass, how the graph is compiled and why)``: ``model``'s static int8 layers (a float classifier whose layers
     :func:`~earlyexit_kernels.engine.layers.ov_static.static_int8_encoder` swapped) through the exit graph, every row
     at full depth: the embeddings' hidden states of ``inputs`` (as the layers' reading takes them), the batches' 2-D
-    masks and, for MPNet, the position bias."""
+    masks and, for MPNet, the position bias. The graph compiled as ``eek fit`` compiles it on this CPU, timed on the
+    ``calibration`` batches (:func:`~earlyexit_kernels.integrations.int8_fit.exit_graph_choice`)."""
     import earlyexit_kernels as eek
     from earlyexit_kernels.engine.step.ov_exit_graph import exit_graph
+    from earlyexit_kernels.integrations.int8_fit import exit_graph_choice
     from earlyexit_kernels.patching.patch import current_adapter, policy_of
 
     patched = eek.patch(copy.deepcopy(model), eek.Entropy(0.0), head="mlp", pooling="mean")  # entropy < 0: never
+    setting = exit_graph_choice(patched, calibration).reason
     adapter, policy = current_adapter(patched), policy_of(patched)
     graph = exit_graph(patched, adapter, patched.early_exit_heads, policy)
     if graph is None:
@@ -246,7 +251,7 @@ def exit_graph_run(model, batches: list[dict], inputs: list[tuple]):
         for hidden, mask, bias in calls:
             graph.run(hidden, mask, policy, bias)
 
-    return run
+    return run, setting
 
 
 if __name__ == "__main__":
