@@ -35,7 +35,7 @@ __all__ = [
     "check_int8_method",
     "timing_batches",
     "calibration_batches",
-    "time_exit_graph",
+    "exit_graph_choice",
 ]
 
 
@@ -163,23 +163,11 @@ def int8_base(
             del model.eek_int8_recipe
 
 
-def time_exit_graph(model, batches: list[dict], choice, *, progress: bool = False) -> None:
-    """The fitted ``model`` (patched at its certified policy, on the static int8 layers) with its exit graph
-    compiled as timed fastest on ``batches`` (training rows) on this CPU
-    (:func:`~earlyexit_kernels.engine.layers.runtime_choice.choose_exit_graph_settings`), in place: the layers carry
-    the settings into the folder, and ``choice.exit_graph`` records the timing; its line printed where
-    ``progress``."""
-    import sys
-
-    choice.exit_graph = exit_graph_choice(model, batches)
-    if progress:
-        print(choice.exit_graph.reason, file=sys.stderr)
-
-
 def exit_graph_choice(model, batches: list[dict]):
     """``model``'s exit graph (patched, on the static int8 layers) compiled from now on with the settings timed
-    fastest on ``batches`` on this CPU; the :class:`~earlyexit_kernels.engine.layers.runtime_choice.
-    GraphSettingsChoice`."""
+    fastest on ``batches`` on this CPU (:func:`~earlyexit_kernels.engine.layers.runtime_choice.
+    choose_exit_graph_settings`; the layers carry them into a folder); the :class:`~earlyexit_kernels.engine.layers.
+    runtime_choice.GraphSettingsChoice`, whose reason ``eek fit`` prints."""
     from earlyexit_kernels.engine.layers.runtime_choice import choose_exit_graph_settings, use_exit_graph_settings
     from earlyexit_kernels.engine.step.ov_exit_graph import exit_graph
     from earlyexit_kernels.patching.patch import current_adapter, policy_of

@@ -585,9 +585,9 @@ def _fitted(
             reference=reference,
         )
         if batches and calibration and getattr(model, "eek_int8_recipe", None) == INT8_LAYERS["openvino-static"]:
-            from earlyexit_kernels.integrations.int8_fit import time_exit_graph
+            from earlyexit_kernels.integrations.int8_fit import exit_graph_choice
 
             # on the 300 rows the layers were set on, not the 64 timing rows: a round of two batches moved by more
             # than the few percent the graph's options differ by (RT on the Intel Xeon: 7 wins of 10, 109 / 108 ms)
-            time_exit_graph(model, calibration, choice, progress=config.progress)
+            choice.exit_graph = exit_graph_choice(model, calibration)  # said by eek fit beside the layers' line
     return model, tokenizer, report, choice
