@@ -10,6 +10,7 @@ the client (this process, asyncio + aiohttp, one text per ``POST /classify``;
 - ``eek serve int8``: ``--dtype int8`` on ``--int8-model`` (with ``--rotten-tomatoes``: a copy of
   MODEL whose threshold ``eek calibrate --dtype int8`` certified on the int8 base, on the same
   calibration rows), or on MODEL with its own threshold where none is given;
+- ``eek serve int8, cohort engine``: the same with ``--engine cohorts`` (opt-in: only where named);
 - Infinity's four configurations of PLAIN, the plain classifier with the same weights
   (:mod:`benchmarks.suite.infinity_peer`), when Infinity is installed in its own
   environment (``--infinity-python``); skipped with the reason when it is not;
@@ -53,10 +54,28 @@ from earlyexit_kernels.bench.server_process import EekServer, resident_kib
 COLUMNS = ["server", "concurrency", "texts_per_request", "requests", "texts", "texts_per_s", "p50_ms", "p99_ms"]
 COLUMNS += ["agreement", "agree"]
 COLUMNS += ["mean_exit_layer", "errors", "rss_mib", "peak_rss_mib"]
-EEK_SERVERS = {"eek serve": (), "eek serve int8": ("--dtype", "int8")}
+#: eek's servers by name: ``eek serve``'s arguments over the folder's (the cohort engine's: where the int8 layers are the
+#: static ones, it runs each cohort in one call of their exit graph, where the default engine calls a layer at a time)
+EEK_SERVERS = {
+    "eek serve": (),
+    "eek serve int8": ("--dtype", "int8"),
+    "eek serve int8, cohort engine": ("--dtype", "int8", "--engine", "cohorts"),
+}
 SERVERS = (*EEK_SERVERS, *(peer.name for peer in infinity_peer.PEERS), openvino_peer.NAME)
+#: what runs where no servers are named: every server but the cohort engine's
+DEFAULT_SERVERS = tuple(name for name in SERVERS if name != "eek serve int8, cohort engine")
 TOLERANCE = 0.05  # the soak's target: resident memory within +-5% of its value after the warm-up
-__all__ = ["PeersConfig", "run", "soak", "full_model_labels", "render", "write_readme", "START", "END"]
+__all__ = [
+    "DEFAULT_SERVERS",
+    "PeersConfig",
+    "run",
+    "soak",
+    "full_model_labels",
+    "render",
+    "write_readme",
+    "START",
+    "END",
+]
 
 
 @dataclass
@@ -75,7 +94,7 @@ class PeersConfig:
     threads: int = 1
     server_cores: tuple[int, ...] | None = None
     client_cores: tuple[int, ...] | None = None
-    servers: tuple[str, ...] = SERVERS
+    servers: tuple[str, ...] = DEFAULT_SERVERS
     infinity_python: Path | None = None
     texts_per_request: int = 32  # the corpus job: every text once, in requests of this many (0 or 1: none)
     corpus_concurrency: int = 1  # the corpus job's requests at a time
@@ -116,7 +135,8 @@ def _peak_kib(pid: int) -> int | None:
 def _start(name: str, config: PeersConfig, scratch: Path, onnx: dict | None):
     env = {"OMP_NUM_THREADS": str(config.threads), "MKL_NUM_THREADS": str(config.threads)}
     if name in EEK_SERVERS:
-        folder = config.int8_model if name == "eek serve int8" and config.int8_model is not None else config.model
+        int8 = name.startswith("eek serve int8")
+        folder = config.int8_model if int8 and config.int8_model is not None else config.model
         return EekServer(
             folder,
             None,

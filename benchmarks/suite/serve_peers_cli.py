@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.suite.serve_drive import default_cores
-from benchmarks.suite.serve_peers import SERVERS, PeersConfig, render, run, write_readme
+from benchmarks.suite.serve_peers import DEFAULT_SERVERS, SERVERS, PeersConfig, render, run, write_readme
 from earlyexit_kernels.bench.serve_load import add_level_arguments
 from earlyexit_kernels.bench.server_process import parse_cores
 
@@ -144,7 +144,14 @@ def add_arguments(parser) -> None:
     )
     real.add_argument("--models-dir", type=Path, default=Path("bench-results/serve-peers"), help="--rotten-tomatoes")
     real.add_argument("--infinity-python", type=Path, default=None, help="default .venv-infinity/bin/python")
-    real.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS), metavar="SERVER")
+    real.add_argument(
+        "--servers",
+        nargs="+",
+        choices=SERVERS,
+        default=list(DEFAULT_SERVERS),
+        metavar="SERVER",
+        help=f"of {', '.join(SERVERS)} (default: all but the cohort engine's)",
+    )
     real.add_argument("--max-batch-size", type=int, default=PeersConfig.max_batch_size)
     real.add_argument(
         "--texts-per-request",
