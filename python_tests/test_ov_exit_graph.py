@@ -324,6 +324,27 @@ def test_the_cohort_engine_runs_each_cohort_in_one_call_as_the_loop_answers(quan
         torch.testing.assert_close(finished[key].logits.float(), logits[0].float(), rtol=1e-5, atol=1e-5)
 
 
+def test_the_cohort_engine_compiles_the_exit_graph_when_it_is_made_not_in_its_first_cohort(quantized, monkeypatch):
+    """A server made with ``--engine cohorts`` on static int8 layers builds and compiles the graph before it takes a
+    request: its first cohort compiles nothing."""
+    from earlyexit_kernels.engine.engines.cohort_engine import CohortEngine
+
+    static = _static(quantized, eek.Entropy(0.0))
+    engine = CohortEngine(static, max_batch_size=40, admission="fifo")
+    graph = _graph_of(static)  # the one the engine built (kept on the model)
+    assert graph is not None and graph._compiled is not None
+
+    def no_compile(self):
+        raise AssertionError("the first cohort compiled the exit graph")
+
+    monkeypatch.setattr(ov_exit_graph.ov_core().__class__, "compile_model", no_compile, raising=True)
+    batch = _batch(static, rows=40, seed=11)
+    for key, (ids, mask) in enumerate(zip(batch["input_ids"], batch["attention_mask"])):
+        engine.submit(key, ids[mask.bool()].tolist())
+    with torch.no_grad():
+        assert len(list(engine.run())) == 40
+
+
 def test_8_bit_layers_on_a_cpu_whose_int8_kernels_saturate_are_refused_as_the_layers_refuse_them(
     quantized, monkeypatch
 ):

@@ -52,7 +52,7 @@ from earlyexit_kernels.engine.engines.launched import (
 )
 from earlyexit_kernels.engine.graphed.static_step import CUDA_LENGTH_STEP, run_graphed, static_batches_of
 from earlyexit_kernels.engine.step.batch_loop import run_early_exit
-from earlyexit_kernels.engine.step.ov_exit_graph import run_exit_graph
+from earlyexit_kernels.engine.step.ov_exit_graph import exit_graph, run_exit_graph
 from earlyexit_kernels.engine.stream.engine_config import EngineChoice, EngineConfig, engine_config
 from earlyexit_kernels.engine.stream.stream_surface import EngineStats, Finished, LaunchedStream
 
@@ -111,6 +111,17 @@ class CohortEngine(LaunchedStream):
             )
         self._cohorts: deque[_Cohort] = deque()
         self.stats = EngineStats()
+        if self.device.type == "cpu" and state.step == "auto":
+            self._prepare_exit_graph()
+
+    def _prepare_exit_graph(self) -> None:
+        """Build and compile the model's exit graph now, where :meth:`_run` will run it (static int8 layers on
+        OpenVINO), not in the first cohort large enough to take it: its conversion and compilation take seconds
+        (MiniLM-L6 on the Intel Xeon with AMX: a server's first 640 texts in 32-text requests at 74 texts/s, the
+        next 640 at 366), which a server would otherwise spend inside a request. Nothing where it cannot run."""
+        graph = exit_graph(self.model, self.adapter, self.heads, self.policy)
+        if graph is not None:
+            graph.compiled()
 
     # ------------------------------------------------------------------ submission
 
