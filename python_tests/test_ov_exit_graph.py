@@ -198,16 +198,27 @@ def test_each_later_layer_runs_on_the_grid_its_rows_need_and_a_row_kept_for_the_
     assert graph_exits.tolist() == [1] * 32 and grid_lengths == [40, 1, 1]
 
 
-def test_with_the_plugin_s_code_generation_off_the_graph_runs_its_grid_unpadded_with_the_loop_s_answers(quantized):
-    """The grid is padded to multiples of 8 for the plugin's generated attention; compiled with that generation off
-    (the setting ``eek fit`` may time faster), the graph pads nothing: the first layer runs the batch's own 37
-    positions, each later one its rows' longest, and the answers stay the loop's."""
+def _rows_run(graph) -> list[int]:
+    """The rows each layer of ``graph``'s last call ran (its outputs: per layer ``i < L`` logits, decisions, rows and
+    the next grid's length, then the last layer's logits and rows)."""
+    request = graph._request()
+    outputs = [request.get_output_tensor(i).data for i in range(len(graph.compiled().outputs))]
+    return [len(outputs[4 * i + 2]) for i in range(graph.num_layers - 1)] + [len(outputs[-1])]
+
+
+@pytest.mark.parametrize("settings", [(), (("SNIPPETS_MODE", "DISABLE"),)])
+def test_after_a_compaction_the_rows_are_padded_to_the_row_step_with_rows_that_left_and_the_answers_stay_the_loop_s(
+    quantized, settings
+):
+    """The plugin prepares every operation again for each shape it has not met: each later layer runs its rows padded
+    up to a multiple of ROW_STEP with rows that have left (never past the rows there are), on a grid whose length is a
+    multiple of LENGTH_STEP, with either plugin setting; the host reads no answer of a padding row."""
     from earlyexit_kernels.engine.layers.runtime_choice import use_exit_graph_settings
 
     static = _static(quantized, eek.Entropy(0.0))
     generator = torch.Generator().manual_seed(12)
-    ids = torch.randint(5, static.config.vocab_size, (32, 37), generator=generator)
-    lengths = torch.cat([torch.full((4,), 37), torch.randint(3, 22, (28,), generator=generator)])
+    ids = torch.randint(5, static.config.vocab_size, (30, 37), generator=generator)
+    lengths = torch.cat([torch.full((4,), 37), torch.randint(3, 22, (26,), generator=generator)])
     mask = (torch.arange(37)[None] < lengths[:, None]).long()
     batch = {"input_ids": ids * mask, "attention_mask": mask}
     with torch.inference_mode():
@@ -215,18 +226,20 @@ def test_with_the_plugin_s_code_generation_off_the_graph_runs_its_grid_unpadded_
     above = scores[scores > scores[:4].max()]
     policy = eek.Entropy((float(scores[:4].max() + above.min()) / 2, 0.0, 0.0))  # the long rows leave first
     eek.patch(static, policy)
-    use_exit_graph_settings(static, (ov_exit_graph.SNIPPETS_OFF,))
+    if settings:
+        use_exit_graph_settings(static, settings)
     exits = _assert_same_answers(static, _exact_copy(static), batch)
     graph = _graph_of(static)
-    assert graph.settings == (ov_exit_graph.SNIPPETS_OFF,) and graph.length_step == 1
+    assert graph.settings == settings and graph.length_step == ov_static.LENGTH_STEP == 8
     with torch.inference_mode():
         hidden = current_adapter(static).embed(batch["input_ids"], None, None, None, batch["attention_mask"])
         _, graph_exits, grid_lengths = graph.run(hidden, batch["attention_mask"], policy)
     assert torch.equal(graph_exits, exits)
-    assert grid_lengths == _expected_lengths(exits, batch["attention_mask"], 37, step=1)
-    assert grid_lengths[0] == 37 and grid_lengths[1] == int(lengths[exits > 1].max())  # no position added
-    # the layers' own options keep the padded grid
-    assert ov_exit_graph.graph_length_step(()) == ov_static.LENGTH_STEP == 8
+    assert grid_lengths == _expected_lengths(exits, batch["attention_mask"], 40)
+    going_on = int((exits > 1).sum())
+    assert 0 < going_on % ov_exit_graph.ROW_STEP  # the rows going on are not a multiple of the step: padded
+    padded = -(-going_on // ov_exit_graph.ROW_STEP) * ov_exit_graph.ROW_STEP
+    assert _rows_run(graph)[:2] == [30, padded]
 
 
 def test_a_batch_every_row_of_which_leaves_at_the_first_layer_is_answered(quantized, graph_calls):

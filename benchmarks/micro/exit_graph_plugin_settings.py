@@ -37,18 +37,16 @@ SETTINGS = {"SNIPPETS_MODE": "DISABLE"}
 
 def recompiled(model, call: dict, settings: dict):
     """A copy of ``model``'s exit graph (one ``call`` run first, to build it) compiled with ``settings`` over the
-    graph's own options, for torch's thread count now, on the grid those settings pad to
-    (:func:`~earlyexit_kernels.engine.step.ov_exit_graph.graph_length_step`: the graph converted again where that
-    differs), as ``eek fit`` times it; the model's own graph is left as it is."""
+    graph's own options, for torch's thread count now, as ``eek fit`` times it; the model's own graph is left as it
+    is."""
     from earlyexit_kernels.engine.layers.ov_layer import compile_config, ov_core
     from earlyexit_kernels.engine.step import ov_exit_graph
 
-    seen, built = [], []  # the graphs built, and what each was built from
+    seen = []  # the graphs built
     original = ov_exit_graph.exit_graph
 
     def spy(*args):
         seen.append(original(*args))
-        built.append(args)
         return seen[-1]
 
     ov_exit_graph.exit_graph = spy
@@ -60,10 +58,6 @@ def recompiled(model, call: dict, settings: dict):
     if not seen or seen[0] is None:
         raise SystemExit("the forward did not reach the exit graph: is the folder on the static int8 layers?")
     other = copy.copy(seen[0])  # the same converted model, its own compilation and requests
-    step = ov_exit_graph.graph_length_step(tuple(settings.items()))
-    if step != other.length_step:  # its own grid: the graph converted again
-        other.length_step = step
-        other._model = ov_exit_graph.exit_graph_model(*built[0], step)
     threads = torch.get_num_threads()
     other._compiled = ov_core().compile_model(other._model, "CPU", {**compile_config(threads), **settings})
     other._threads, other._requests = threads, threading.local()

@@ -313,8 +313,7 @@ def timed_race(models: dict, default: str, candidates: list[str], batches, singl
 
 
 #: the CPU plugin's options tried for the static layers' exit graph beside the layers' own, by name: its code
-#: generation for fused subgraphs (the attention, chains of element-wise operations) off, on a grid then unpadded
-#: (:func:`~earlyexit_kernels.engine.step.ov_exit_graph.graph_length_step`). On the Intel Xeon with AMX the exit
+#: generation for fused subgraphs (the attention, chains of element-wise operations) off. On the Intel Xeon with AMX the exit
 #: graph of MiniLM-L6 RT's static layers ran 7-12% faster so on calls of 32 texts at the folder's policy
 #: (docs/benchmarks.md, "Where the exit graph's time goes"); the stack benchmark's OpenVINO peer is compiled at the
 #: faster of the two on the machine for the same reason. Another CPU may differ, so ``eek fit`` times them there.

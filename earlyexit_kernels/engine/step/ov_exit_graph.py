@@ -17,10 +17,11 @@ into the next. After layer ``i < L`` a small torch step (all of them converted b
 in between the layers) computes what the exact loop computes (:mod:`earlyexit_kernels.engine.step.batch_loop`): the head's input (``adapter.exit_input``), its logits
 (``adapter.classify``), the rule of :func:`earlyexit_kernels.methods.exit_rules.exit_step` for entropy and top
 probability (a row with a non-finite logit never leaves), then gathers the rows that go on and trims the grid to
-the positions they need, as the exact loop trims it (the longest row going on, rounded up to the graph's length
-step, :func:`graph_length_step`: the layers' :data:`~earlyexit_kernels.engine.layers.packed_call_shapes.LENGTH_STEP`,
-or 1 where the plugin's fused-subgraph code generation is off; each row's length is an input, carried with the
-rows). The thresholds (and temperatures) are inputs of the graph, so a new policy of the same kind runs on
+the positions they need, as the exact loop trims it (the longest row going on, rounded up to the layers'
+:data:`~earlyexit_kernels.engine.layers.packed_call_shapes.LENGTH_STEP`; each row's length is an input, carried with
+the rows). The rows gathered are padded up to a multiple of :data:`ROW_STEP` with rows that have left (never past the
+rows there are), which the host ignores: the plugin prepares each operation again for every shape it has not met,
+and a compacted batch of any row count and length would almost always be one. The thresholds (and temperatures) are inputs of the graph, so a new policy of the same kind runs on
 the same compiled model. After layer ``L`` the model's own head. MPNet's layers read the encoder's relative
 position bias: it depends on the positions only, so it is one more input, ``[1, heads, S, S]``, that every layer
 reads (trimmed with the grid) and that broadcasts over whichever rows are left. The host writes each row's logits
@@ -59,7 +60,7 @@ from torch import nn
 
 from earlyexit_kernels.engine.layers.int8_isa import int8_weight_bits
 from earlyexit_kernels.engine.layers.ort_layer import encoder_layers
-from earlyexit_kernels.engine.layers.ov_layer import SNIPPETS_OFF, compile_config, ov_core, thread_request
+from earlyexit_kernels.engine.layers.ov_layer import compile_config, ov_core, thread_request
 from earlyexit_kernels.engine.layers.ov_static import StaticOvLayer, grid_inputs
 from earlyexit_kernels.engine.layers.packed_call_shapes import LENGTH_STEP
 from earlyexit_kernels.engine.step.batch_loop import ExitResult, mask_extents
@@ -68,6 +69,7 @@ from earlyexit_kernels.methods.policies import Entropy, ExitPolicy, MaxProb, lay
 
 __all__ = [
     "GRAPH_MIN_POSITIONS",
+    "ROW_STEP",
     "exit_graph_refusal",
     "ExitGraph",
     "exit_graph",
@@ -79,6 +81,12 @@ _log = logging.getLogger(__name__)
 #: each model's exit graph with what it was built of (kept apart from the model: a copy of it builds its own)
 _graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _graphs_lock = threading.Lock()
+
+#: The rows a later layer of the graph runs are padded up to a multiple of this (with rows that have left), as its
+#: length is to :data:`~earlyexit_kernels.engine.layers.packed_call_shapes.LENGTH_STEP`: the CPU plugin prepares
+#: every operation again for each shape it has not met (shape inference, kernels made for the sizes), and after a
+#: compaction the rows and length are nearly always new (``benchmarks/micro/exit_graph_fresh_shapes.py``).
+ROW_STEP = 8
 
 
 def exit_graph_refusal(model: nn.Module, adapter, heads, policy: ExitPolicy) -> str | None:
@@ -112,10 +120,11 @@ def exit_graph_values(policy: ExitPolicy, num_layers: int) -> dict[str, np.ndarr
 class _ExitStep(nn.Module):
     """After layer ``layer`` (1-based, < L): the head's logits, the rule's decisions, and the rows that go on."""
 
-    def __init__(self, adapter, heads: nn.Module, layer: int, kind: str, normalized: bool, length_step: int):
+    def __init__(self, adapter, heads: nn.Module, layer: int, kind: str, normalized: bool, steps: tuple[int, int]):
         super().__init__()
         self.adapter, self.heads = adapter, heads  # heads: registered, so the trace reads its weights as constants
-        self.layer, self.kind, self.normalized, self.length_step = layer, kind, normalized, length_step
+        self.layer, self.kind, self.normalized = layer, kind, normalized
+        self.length_step, self.row_step = steps
 
     def forward(self, hidden, key_mask, rows, extents, thresholds, temperatures=None):
         z = self.adapter.classify(self.layer, self.adapter.exit_input(self.layer, hidden, key_mask)).float()
@@ -134,15 +143,25 @@ class _ExitStep(nn.Module):
         # ``extents``: each row's length (its last attended position + 1), 0 for a row that has left (the row kept
         # only for the plugin)
         going_on = (extents > 0) & ~exits
-        keep = torch.nonzero(going_on | (rows == rows[0])).squeeze(-1)
+        wanted = going_on | (rows == rows[0])
+        keep = torch.nonzero(wanted | _fillers(wanted, self.row_step)).squeeze(-1)
         extents = torch.where(going_on, extents, torch.zeros_like(extents)).index_select(0, keep)
         kept = (hidden.index_select(0, keep), key_mask.index_select(0, keep), rows.index_select(0, keep), extents)
         return z, exits, *kept, _kept_length(extents, self.length_step)
 
 
+def _fillers(wanted: torch.Tensor, step: int) -> torch.Tensor:
+    """[n] bool: the first rows not ``wanted`` that pad the wanted ones up to a multiple of ``step`` rows (never past
+    the n there are). They have left (or are rows kept past their exit): their extents go on as 0, their decisions
+    are not read (the host keeps each row's first exit)."""
+    count = wanted.sum(0, keepdim=True)
+    padded = torch.div(count + (step - 1), step, rounding_mode="floor") * step
+    return torch.cumsum((~wanted).long(), 0) <= (padded - count)
+
+
 def _kept_length(extents: torch.Tensor, step: int) -> torch.Tensor:
     """[1] int64: the grid length the rows of ``extents`` need, as the exact loop trims it: the longest rounded up to
-    a multiple of ``step`` (the graph's :func:`graph_length_step`; :func:`~earlyexit_kernels.engine.step.
+    a multiple of ``step`` (the graph's :attr:`ExitGraph.length_step`; :func:`~earlyexit_kernels.engine.step.
     batch_loop.kept_length`; never past the grid, whose length :func:`grid_inputs` rounds up the same way); 1 where
     none goes on (every extent 0), so that the row kept only for the plugin runs the later layers on one position.
     Few operations: each costs the plugin a few microseconds a call whatever its size."""
@@ -172,11 +191,9 @@ class _AllSteps(nn.Module):
     inputs ``hidden_i, key_mask_i, rows_i, extents_i`` for each layer ``i < L``, ``hidden_L, key_mask_L``, then the
     policy's values; outputs each step's seven, then the final logits."""
 
-    def __init__(self, adapter, heads: nn.Module, num_layers: int, kind: str, normalized: bool, length_step: int):
+    def __init__(self, adapter, heads: nn.Module, num_layers: int, kind: str, normalized: bool, steps: tuple[int, int]):
         super().__init__()
-        self.steps = nn.ModuleList(
-            _ExitStep(adapter, heads, i, kind, normalized, length_step) for i in range(1, num_layers)
-        )
+        self.steps = nn.ModuleList(_ExitStep(adapter, heads, i, kind, normalized, steps) for i in range(1, num_layers))
         self.final = _FinalHead(adapter, heads, num_layers)
 
     def forward(self, *inputs):
@@ -232,7 +249,9 @@ def _wire(model, prefix: str, sources: dict) -> list:
     return [result.input_value(0) for result in model.get_results()]
 
 
-def exit_graph_model(model: nn.Module, adapter, heads, policy: ExitPolicy, length_step: int = LENGTH_STEP):
+def exit_graph_model(
+    model: nn.Module, adapter, heads, policy: ExitPolicy, length_step: int = LENGTH_STEP, row_step: int = ROW_STEP
+):
     """The ``openvino.Model`` of the whole early-exit encoder of ``model``: inputs ``hidden`` [n, S, H] (the
     embeddings on a grid padded as the static layers pad it), ``key_mask`` [n, S] int32, ``rows`` [n] int64,
     ``extents`` [n] int64 (each row's length, :func:`~earlyexit_kernels.engine.step.batch_loop.mask_extents`) and the policy's values (:func:`exit_graph_values`);
@@ -280,7 +299,7 @@ def exit_graph_model(model: nn.Module, adapter, heads, policy: ExitPolicy, lengt
     # positional inputs (the module takes *inputs): the parameters come in the example's order
     steps = _prefixed(
         _converted(
-            _AllSteps(adapter, heads, num_layers, kind, normalized, length_step),
+            _AllSteps(adapter, heads, num_layers, kind, normalized, (length_step, row_step)),
             model,
             example,
             [s for _, s in shapes],
@@ -332,20 +351,6 @@ def _trimmed(source, length, axes: list[int]):
     return ops.slice(source, zeros, stop, ones, np.array(axes, np.int64)).output(0)
 
 
-def graph_length_step(settings: tuple) -> int:
-    """The multiple the exit graph pads its grid's length to, compiled with ``settings``: the layers'
-    :data:`~earlyexit_kernels.engine.layers.packed_call_shapes.LENGTH_STEP` where the plugin generates code for fused
-    subgraphs (its default), 1 (no padding) where that is off. The padding is for the generated attention, which
-    runs slower on a length not a multiple of 8 and is generated again for each new shape; without it the padding
-    only adds positions. On the Intel Xeon with AMX, MiniLM-L6 RT at full depth, 640 texts sorted by length in
-    batches of 32 (18,688 positions, 20,992 padded to 8), one thread: padded, the int8 products ran 591 ms a pass
-    against 533 unpadded and the generated attention 230 against 286; unpadded, the first pass (new shapes) took
-    1,709 ms against 1,275 with the generation on, 987 with it off. The shipped graph's time over the others' (paired,
-    8 rounds): 1.019 unpadded with the generation on, 1.033 padded with it off, 1.122 unpadded with it off
-    (``benchmarks/micro/exit_graph_profile.py``, ``benchmarks/results/intel_xeon/exit_graph_profile_cpu.json``)."""
-    return 1 if SNIPPETS_OFF in tuple(settings) else LENGTH_STEP
-
-
 class ExitGraph:
     """The compiled exit graph of one patched model, for one policy kind (its values are inputs)."""
 
@@ -356,8 +361,8 @@ class ExitGraph:
         self.position_bias = bool(layers[0].position_bias)
         #: the plugin's options over the layers' (the static layers' ``exit_graph_settings``: chosen by timing)
         self.settings = tuple(layers[0].exit_graph_settings)
-        #: the grid's lengths are multiples of this (:func:`graph_length_step`)
-        self.length_step = graph_length_step(self.settings)
+        #: the grid's lengths are multiples of this, its rows after a compaction of :data:`ROW_STEP`
+        self.length_step = LENGTH_STEP
         self._model = exit_graph_model(model, adapter, heads, policy, self.length_step)
         self._compiled, self._threads = None, None
         self._requests = threading.local()
