@@ -85,7 +85,12 @@ _graphs_lock = threading.Lock()
 #: The rows a later layer of the graph runs are padded up to a multiple of this (with rows that have left), as its
 #: length is to :data:`~earlyexit_kernels.engine.layers.packed_call_shapes.LENGTH_STEP`: the CPU plugin prepares
 #: every operation again for each shape it has not met (shape inference, kernels made for the sizes), and after a
-#: compaction the rows and length are nearly always new (``benchmarks/micro/exit_graph_fresh_shapes.py``).
+#: compaction the rows and length are nearly always new. On the Intel Xeon with AMX, MiniLM-L6 RT's static layers at
+#: 3.06 of 6 layers (an unlabelled fit), 1,280 test texts in arrival order in calls of 32, one thread: on shapes it had
+#: not met the graph took 3.88 s a pass padded so (rows and length), 5.04 s with the length alone padded, 6.95 s with
+#: neither; once met, 3.48, 3.20 and 2.98 s (``benchmarks/micro/exit_graph_fresh_shapes.py``,
+#: ``benchmarks/results/intel_xeon/exit_graph_fresh_shapes_cpu.json``). Served traffic meets new shapes; few padded
+#: shapes are soon all met, where unpadded ones almost never are.
 ROW_STEP = 8
 
 
