@@ -19,7 +19,8 @@ in between the layers) computes what the exact loop computes (:mod:`earlyexit_ke
 probability (a row with a non-finite logit never leaves), then gathers the rows that go on and trims the grid to
 the positions they need, as the exact loop trims it (the longest row going on, rounded up to the layers'
 :data:`~earlyexit_kernels.engine.layers.packed_call_shapes.LENGTH_STEP`; each row's length is an input, carried with
-the rows). The rows gathered are padded up to a multiple of :data:`ROW_STEP` with rows that have left (never past the
+the rows). The rows gathered are padded up to a multiple of
+:data:`~earlyexit_kernels.engine.layers.packed_call_shapes.ROW_STEP` with rows that have left (never past the
 rows there are), which the host ignores: the plugin prepares each operation again for every shape it has not met,
 and a compacted batch of any row count and length would almost always be one. The thresholds (and temperatures) are inputs of the graph, so a new policy of the same kind runs on
 the same compiled model. After layer ``L`` the model's own head. MPNet's layers read the encoder's relative
@@ -62,7 +63,7 @@ from earlyexit_kernels.engine.layers.int8_isa import int8_weight_bits
 from earlyexit_kernels.engine.layers.ort_layer import encoder_layers
 from earlyexit_kernels.engine.layers.ov_layer import compile_config, ov_core, thread_request
 from earlyexit_kernels.engine.layers.ov_static import StaticOvLayer, grid_inputs
-from earlyexit_kernels.engine.layers.packed_call_shapes import LENGTH_STEP
+from earlyexit_kernels.engine.layers.packed_call_shapes import LENGTH_STEP, ROW_STEP
 from earlyexit_kernels.engine.step.batch_loop import ExitResult, mask_extents
 from earlyexit_kernels.engine.step.heads import weights_fingerprint
 from earlyexit_kernels.methods.policies import Entropy, ExitPolicy, MaxProb, layer_value
@@ -81,17 +82,6 @@ _log = logging.getLogger(__name__)
 #: each model's exit graph with what it was built of (kept apart from the model: a copy of it builds its own)
 _graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _graphs_lock = threading.Lock()
-
-#: The rows a later layer of the graph runs are padded up to a multiple of this (with rows that have left), as its
-#: length is to :data:`~earlyexit_kernels.engine.layers.packed_call_shapes.LENGTH_STEP`: the CPU plugin prepares
-#: every operation again for each shape it has not met (shape inference, kernels made for the sizes), and after a
-#: compaction the rows and length are nearly always new. On the Intel Xeon with AMX, MiniLM-L6 RT's static layers at
-#: 3.06 of 6 layers (an unlabelled fit), 1,280 test texts in arrival order in calls of 32, one thread: on shapes it had
-#: not met the graph took 3.88 s a pass padded so (rows and length), 5.04 s with the length alone padded, 6.95 s with
-#: neither; once met, 3.48, 3.20 and 2.98 s (``benchmarks/micro/exit_graph_fresh_shapes.py``,
-#: ``benchmarks/results/intel_xeon/exit_graph_fresh_shapes_cpu.json``). Served traffic meets new shapes; few padded
-#: shapes are soon all met, where unpadded ones almost never are.
-ROW_STEP = 8
 
 
 def exit_graph_refusal(model: nn.Module, adapter, heads, policy: ExitPolicy) -> str | None:
