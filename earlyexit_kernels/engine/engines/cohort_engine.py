@@ -116,9 +116,10 @@ class CohortEngine(LaunchedStream):
 
     def _prepare_exit_graph(self) -> None:
         """Build and compile the model's exit graph now, where :meth:`_run` will run it (static int8 layers on
-        OpenVINO), not in the first cohort large enough to take it: its conversion and compilation take seconds
-        (MiniLM-L6 on the Intel Xeon with AMX: a server's first 640 texts in 32-text requests at 74 texts/s, the
-        next 640 at 366), which a server would otherwise spend inside a request. Nothing where it cannot run."""
+        OpenVINO), not in the first cohort large enough to take it: its conversion and compilation take seconds, which
+        a server would otherwise spend inside a request (MiniLM-L6 on the Intel Xeon with AMX, served at c32: a p99
+        of 6.8 s, ``benchmarks/results/intel_xeon/serve_cohorts_2026-12-02/serve_peers_xeon_cohorts_round1.json``).
+        Nothing where it cannot run."""
         graph = exit_graph(self.model, self.adapter, self.heads, self.policy)
         if graph is not None:
             graph.compiled()

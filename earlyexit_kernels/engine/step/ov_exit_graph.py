@@ -22,15 +22,16 @@ the positions they need, as the exact loop trims it (the longest row going on, r
 the rows). The rows gathered are padded up to a multiple of
 :data:`~earlyexit_kernels.engine.layers.packed_call_shapes.ROW_STEP` with rows that have left (never past the
 rows there are), which the host ignores: the plugin prepares each operation again for every shape it has not met,
-and a compacted batch of any row count and length would almost always be one. The thresholds (and temperatures) are inputs of the graph, so a new policy of the same kind runs on
-the same compiled model. After layer ``L`` the model's own head. MPNet's layers read the encoder's relative
+and a compacted batch of any row count and length would almost always be one. The thresholds (and temperatures)
+are inputs of the graph, so a new policy of the same kind runs on the same compiled model. After layer ``L`` the model's own head. MPNet's layers read the encoder's relative
 position bias: it depends on the positions only, so it is one more input, ``[1, heads, S, S]``, that every layer
 reads (trimmed with the grid) and that broadcasts over whichever rows are left. The host writes each row's logits
 from the first layer whose rule let it leave.
 
 OpenVINO's CPU plugin fails on an empty batch (every later output came back empty, then the process aborted, with
 2026.4), so the first row of each layer's survivors always goes on. Where every row has left, that row (its length
-set to 0: it has left) runs the remaining layers on a grid of one position, and the host keeps its first exit.
+set to 0: it has left), with the rows that pad it to ``ROW_STEP``, runs the remaining layers on a grid of one
+position, and the host keeps each row's first exit.
 Before, it ran them at its full length: a single text (a served call at c1) ran every layer whatever layer it left
 at.
 
