@@ -10,6 +10,7 @@ from conftest import tiny_model, tiny_mpnet
 
 import earlyexit_kernels as eek
 from earlyexit_kernels.engine.layers import ov_static
+from earlyexit_kernels.engine.layers.packed_call_shapes import ROW_STEP
 from earlyexit_kernels.engine.layers.precision import int8_encoder
 from earlyexit_kernels.engine.step import ov_exit_graph
 from earlyexit_kernels.engine.step.batch_loop import kept_length, mask_extents
@@ -237,8 +238,8 @@ def test_after_a_compaction_the_rows_are_padded_to_the_row_step_with_rows_that_l
     assert torch.equal(graph_exits, exits)
     assert grid_lengths == _expected_lengths(exits, batch["attention_mask"], 40)
     going_on = int((exits > 1).sum())
-    assert 0 < going_on % ov_exit_graph.ROW_STEP  # the rows going on are not a multiple of the step: padded
-    padded = -(-going_on // ov_exit_graph.ROW_STEP) * ov_exit_graph.ROW_STEP
+    assert 0 < going_on % ROW_STEP  # the rows going on are not a multiple of the step: padded
+    padded = -(-going_on // ROW_STEP) * ROW_STEP
     assert _rows_run(graph)[:2] == [30, padded]
 
 
@@ -337,7 +338,9 @@ def test_the_cohort_engine_runs_each_cohort_in_one_call_as_the_loop_answers(quan
         torch.testing.assert_close(finished[key].logits.float(), logits[0].float(), rtol=1e-5, atol=1e-5)
 
 
-def test_the_cohort_engine_compiles_the_exit_graph_when_it_is_made_not_in_its_first_cohort(quantized, monkeypatch):
+def test_the_cohort_engine_compiles_the_exit_graph_when_it_is_made_not_in_its_first_cohort(
+    quantized, monkeypatch, graph_calls
+):
     """A server made with ``--engine cohorts`` on static int8 layers builds and compiles the graph before it takes a
     request: its first cohort compiles nothing."""
     from earlyexit_kernels.engine.engines.cohort_engine import CohortEngine
@@ -347,7 +350,7 @@ def test_the_cohort_engine_compiles_the_exit_graph_when_it_is_made_not_in_its_fi
     graph = _graph_of(static)  # the one the engine built (kept on the model)
     assert graph is not None and graph._compiled is not None
 
-    def no_compile(self):
+    def no_compile(self, *args, **kwargs):
         raise AssertionError("the first cohort compiled the exit graph")
 
     monkeypatch.setattr(ov_exit_graph.ov_core().__class__, "compile_model", no_compile, raising=True)
@@ -356,6 +359,7 @@ def test_the_cohort_engine_compiles_the_exit_graph_when_it_is_made_not_in_its_fi
         engine.submit(key, ids[mask.bool()].tolist())
     with torch.no_grad():
         assert len(list(engine.run())) == 40
+    assert graph_calls == [40]  # the cohort ran on the graph compiled before it
 
 
 def test_8_bit_layers_on_a_cpu_whose_int8_kernels_saturate_are_refused_as_the_layers_refuse_them(

@@ -313,10 +313,11 @@ def timed_race(models: dict, default: str, candidates: list[str], batches, singl
 
 
 #: the CPU plugin's options tried for the static layers' exit graph beside the layers' own, by name: its code
-#: generation for fused subgraphs (the attention, chains of element-wise operations) off. On the Intel Xeon with AMX the exit
-#: graph of MiniLM-L6 RT's static layers ran 7-12% faster so on calls of 32 texts at the folder's policy
-#: (docs/benchmarks.md, "Where the exit graph's time goes"); the stack benchmark's OpenVINO peer is compiled at the
-#: faster of the two on the machine for the same reason. Another CPU may differ, so ``eek fit`` times them there.
+#: generation for fused subgraphs (the attention, chains of element-wise operations) off. On the Intel Xeon with AMX
+#: the exit graph of MiniLM-L6 RT's static layers, on its grid padded to multiples of 8 (as it runs now), ran 4-11%
+#: faster so on calls of 32 texts (docs/benchmarks.md, "the exit graph's compilation"); the stack benchmark's OpenVINO
+#: peer is compiled at the faster of the two on the machine for the same reason. Another CPU may differ, so
+#: ``eek fit`` times them there.
 EXIT_GRAPH_CANDIDATES = {"fused-subgraph code generation off": (SNIPPETS_OFF,)}
 
 

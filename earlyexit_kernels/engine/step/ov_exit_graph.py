@@ -71,7 +71,6 @@ from earlyexit_kernels.methods.policies import Entropy, ExitPolicy, MaxProb, lay
 
 __all__ = [
     "GRAPH_MIN_POSITIONS",
-    "ROW_STEP",
     "exit_graph_refusal",
     "ExitGraph",
     "exit_graph",
