@@ -444,6 +444,7 @@ def test_the_trim_benchmark_times_the_graph_against_one_built_without_the_cut(qu
 # ------------------------------------------------------------------------------ the graph's compilation, timed by eek fit
 
 SNIPPETS_OFF = (("SNIPPETS_MODE", "DISABLE"),)
+LOOP = "the layer loop"
 
 
 def test_the_graph_compiles_with_its_layers_settings_and_a_change_builds_it_again(quantized, graph_calls, caplog):
@@ -478,7 +479,8 @@ def graph_timings(monkeypatch):
     names = {(): "default", **{s: n for n, s in runtime_choice.EXIT_GRAPH_CANDIDATES.items()}}
 
     def seconds(model, batches):
-        name = names[model.base_model.encoder.layer[0].exit_graph_settings]
+        layer = model.base_model.encoder.layer[0]
+        name = names[layer.exit_graph_settings] if layer.exit_graph_on else runtime_choice.LAYER_LOOP
         model.rounds_timed = getattr(model, "rounds_timed", -1) + 1  # each copy's untimed pass is its call 0
         return table[name][model.rounds_timed - 1] if model.rounds_timed else 0.0
 
@@ -492,26 +494,56 @@ def test_a_graph_setting_faster_in_enough_rounds_is_chosen_and_a_slower_one_keep
     static = _static(quantized, eek.Entropy(0.3))
     batches = [_batch(static, rows=40, seed=s) for s in (1, 2)]
     name = "fused-subgraph code generation off"
-    graph_timings.update({"default": [1.0] * 12, name: [0.95, 1.1, 0.95, 0.95, 1.2] + [0.95] * 7})
+    graph_timings.update({"default": [1.0] * 12, name: [0.95, 1.1, 0.95, 0.95, 1.2] + [0.95] * 7, LOOP: [1.05] * 12})
     choice = choose_exit_graph_settings(static, batches, _graph_of)
-    assert choice.settings == SNIPPETS_OFF and choice.name == name
+    assert choice.settings == SNIPPETS_OFF and choice.name == name and choice.graph
     assert choice.reason.startswith(f"the exit graph: {name}, faster in 10 of 12 rounds (80 rows in batches")
     assert all(layer.exit_graph_settings == () for layer in static.base_model.encoder.layer)  # left as it was
     assert choice.as_dict()["settings"] == {"SNIPPETS_MODE": "DISABLE"}
     graph_timings.clear()
-    graph_timings.update({"default": [1.0] * 12, name: [1.05] * 12})
+    graph_timings.update({"default": [1.0] * 12, name: [1.05] * 12, LOOP: [1.05] * 12})
     kept = choose_exit_graph_settings(static, batches, _graph_of)
     assert kept.settings == () and kept.name == "default" and len(kept.seconds[name]) == 3  # out after 3 losses
     assert kept.reason.startswith("the exit graph: the layers' settings, no other faster in 10 of 12 rounds")
+    assert kept.graph and kept.as_dict()["graph"] is True
 
 
-def test_a_graph_setting_the_plugin_refuses_is_left_out_with_its_reason(quantized, monkeypatch):
+def test_layers_one_call_each_timed_faster_than_the_graph_run_without_it(quantized, graph_timings, graph_calls):
+    """Where the layer loop beats every compilation of the exit graph in enough rounds (the AVX-512 AMD EPYC's case),
+    the choice is no graph: the model it is set on never builds one and answers as the loop does."""
+    from earlyexit_kernels.engine.layers.runtime_choice import choose_exit_graph_settings, use_exit_graph_settings
+
+    static = _static(quantized, eek.Entropy(0.0))
+    batch = _batch(static, rows=40, seed=7)
+    eek.patch(static, eek.Entropy(_midway_thresholds(static, batch, entropy)))
+    name = "fused-subgraph code generation off"
+    graph_timings.update({"default": [1.0] * 12, name: [1.05] * 12, LOOP: [0.8] * 12})
+    choice = choose_exit_graph_settings(static, [batch], _graph_of)
+    assert choice.name == LOOP and not choice.graph and choice.settings == ()
+    assert choice.reason.startswith("no exit graph: the layer loop, faster than the graph in 10 of 10 rounds")
+    assert choice.as_dict()["graph"] is False
+    assert _graph_of(static) is not None  # the model it was timed on is left as it was
+    use_exit_graph_settings(static, choice.settings, choice.graph)
+    assert _graph_of(static) is None
+    refusal = ov_exit_graph.exit_graph_refusal(
+        static, current_adapter(static), static.early_exit_heads, eek.Entropy(0.3)
+    )
+    assert refusal.startswith("eek fit timed its layers one call each faster than the exit graph")
+    graph_calls.clear()
+    _assert_same_answers(static, _exact_copy(static), batch)
+    assert graph_calls == []
+
+
+def test_a_graph_setting_the_plugin_refuses_is_left_out_with_its_reason(quantized, monkeypatch, graph_timings):
     from earlyexit_kernels.engine.layers import runtime_choice
 
     static = _static(quantized, eek.Entropy(0.3))
     monkeypatch.setattr(runtime_choice, "EXIT_GRAPH_CANDIDATES", {"an unknown option": (("NOT_AN_OPTION", "X"),)})
+    graph_timings.update({"default": [1.0] * 12, LOOP: [1.05] * 12})  # the loop still timed against the graph
     choice = runtime_choice.choose_exit_graph_settings(static, [_batch(static, rows=40, seed=1)], _graph_of)
-    assert choice.settings == () and "NOT_AN_OPTION" in choice.refused["an unknown option"] and not choice.seconds
-    assert choice.reason.startswith("the layers' settings: the plugin refused the others: an unknown option")
+    assert choice.settings == () and choice.graph and "NOT_AN_OPTION" in choice.refused["an unknown option"]
+    assert set(choice.seconds) == {"default", LOOP}
+    assert choice.reason.startswith("the exit graph: the layers' settings, no other faster in 10 of 12 rounds")
+    assert "; an unknown option refused by the plugin (" in choice.reason
     with pytest.raises(ValueError, match="a patched model on the static int8 layers"):
         runtime_choice.choose_exit_graph_settings(tiny_model("bert", num_layers=2), [_batch(static, seed=1)], _graph_of)

@@ -129,17 +129,37 @@ def test_the_exit_graph_s_settings_are_saved_with_the_layers_and_an_older_folder
     ov_static.save_static_layers(chosen, tmp_path)
     path = tmp_path / ov_static.FOLDER / "layers.json"
     record = json.loads(path.read_text())
-    assert record["exit_graph_settings"] == {"SNIPPETS_MODE": "DISABLE"}
+    assert record["exit_graph_settings"] == {"SNIPPETS_MODE": "DISABLE"} and record["exit_graph"] is True
     loaded = ov_static.load_static_layers(_copy(model), tmp_path)
     assert all(
-        layer.exit_graph_settings == (("SNIPPETS_MODE", "DISABLE"),) for layer in loaded.base_model.encoder.layer
+        layer.exit_graph_settings == (("SNIPPETS_MODE", "DISABLE"),) and layer.exit_graph_on
+        for layer in loaded.base_model.encoder.layer
     )
     assert _copy(loaded.base_model.encoder.layer[0]).exit_graph_settings == (("SNIPPETS_MODE", "DISABLE"),)
-    path.write_text(json.dumps({k: v for k, v in record.items() if k != "exit_graph_settings"}))
+    path.write_text(json.dumps({k: v for k, v in record.items() if k not in ("exit_graph_settings", "exit_graph")}))
     older = ov_static.load_static_layers(_copy(model), tmp_path)
-    assert all(layer.exit_graph_settings == () for layer in older.base_model.encoder.layer)
+    assert all(layer.exit_graph_settings == () and layer.exit_graph_on for layer in older.base_model.encoder.layer)
     path.write_text(json.dumps({**record, "exit_graph_settings": ["SNIPPETS_MODE"]}))
     with pytest.raises(ValueError, match="exit_graph_settings is .* not options and their text values: fit the"):
+        ov_static.load_static_layers(_copy(model), tmp_path)
+
+
+def test_layers_timed_faster_one_call_each_than_their_exit_graph_keep_that_in_the_folder(static_pair, tmp_path):
+    """eek fit's choice of the layer loop over the exit graph (runtime_choice.LAYER_LOOP) travels with the layers:
+    saved, loaded, copied; a value that is not true or false is refused with what to do."""
+    model, static = static_pair
+    chosen = _copy(static)
+    for layer in chosen.base_model.encoder.layer:
+        layer.exit_graph_on = False
+    ov_static.save_static_layers(chosen, tmp_path)
+    path = tmp_path / ov_static.FOLDER / "layers.json"
+    record = json.loads(path.read_text())
+    assert record["exit_graph"] is False
+    loaded = ov_static.load_static_layers(_copy(model), tmp_path)
+    assert not any(layer.exit_graph_on for layer in loaded.base_model.encoder.layer)
+    assert not _copy(loaded.base_model.encoder.layer[0]).exit_graph_on
+    path.write_text(json.dumps({**record, "exit_graph": "off"}))
+    with pytest.raises(ValueError, match="exit_graph is 'off', not true or false: fit the folder again"):
         ov_static.load_static_layers(_copy(model), tmp_path)
 
 
@@ -200,15 +220,19 @@ def test_eek_fit_saves_the_static_layers_it_certified_and_the_folder_serves_them
     # the exit graph's compilation timed at the fitted policy on training rows (whichever won), kept with the layers
     graph = record.int8_layers["exit_graph_settings"]
     assert (
-        graph["name"] in ("default", "fused-subgraph code generation off")
+        graph["name"] in ("default", "fused-subgraph code generation off", "the layer loop")
         and saved["exit_graph_settings"] == (graph["settings"])
+        and saved["exit_graph"] is graph["graph"] is (graph["name"] != "the layer loop")
     )
-    assert graph["reason"].startswith("the exit graph: ") and graph["seconds"]["default"]  # timed on the graph
+    assert graph["reason"].startswith(("the exit graph: ", "no exit graph: ")) and graph["seconds"]["default"]
     assert graph["reason"] in capsys.readouterr().out.splitlines()  # said, beside the layers' line
     model, tokenizer = load_model(str(out), dtype="int8")
     assert model.eek_int8_recipe == "static-ov"
     assert all(isinstance(layer, ov_static.StaticOvLayer) for layer in model.base_model.encoder.layer)
-    assert all(dict(layer.exit_graph_settings) == graph["settings"] for layer in model.base_model.encoder.layer)
+    assert all(
+        dict(layer.exit_graph_settings) == graph["settings"] and layer.exit_graph_on is graph["graph"]
+        for layer in model.base_model.encoder.layer
+    )
     # certified anew with --layers auto: on the static layers the folder holds
     rows = write_table(_frame(80, seed=44), tmp_path / "rows.csv")
     assert _run("calibrate", out, rows, "--dtype", "int8", "--confidence", "off", "--force") == 0

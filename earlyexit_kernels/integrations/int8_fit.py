@@ -165,9 +165,10 @@ def int8_base(
 
 def exit_graph_choice(model, batches: list[dict]):
     """``model``'s exit graph (patched, on the static int8 layers) compiled from now on with the settings timed
-    fastest on ``batches`` on this CPU (:func:`~earlyexit_kernels.engine.layers.runtime_choice.
-    choose_exit_graph_settings`; the layers carry them into a folder); the :class:`~earlyexit_kernels.engine.layers.
-    runtime_choice.GraphSettingsChoice`, whose reason ``eek fit`` prints."""
+    fastest on ``batches`` on this CPU, or no graph where its layers one call each were faster
+    (:func:`~earlyexit_kernels.engine.layers.runtime_choice.choose_exit_graph_settings`; the layers carry the choice
+    into a folder); the :class:`~earlyexit_kernels.engine.layers.runtime_choice.GraphSettingsChoice`, whose reason
+    ``eek fit`` prints."""
     from earlyexit_kernels.engine.layers.runtime_choice import choose_exit_graph_settings, use_exit_graph_settings
     from earlyexit_kernels.engine.step.ov_exit_graph import exit_graph
     from earlyexit_kernels.patching.patch import current_adapter, policy_of
@@ -176,5 +177,5 @@ def exit_graph_choice(model, batches: list[dict]):
         return exit_graph(fitted, current_adapter(fitted), fitted.early_exit_heads, policy_of(fitted))
 
     chosen = choose_exit_graph_settings(model, batches, graph_of)
-    use_exit_graph_settings(model, chosen.settings)
+    use_exit_graph_settings(model, chosen.settings, chosen.graph)
     return chosen

@@ -494,6 +494,7 @@ def fit_folder(
             if choice.exit_graph is not None:  # timed by the first try: the kept try's layers run its graph so
                 for layer in choice.static_layers or []:
                     layer.exit_graph_settings = choice.exit_graph.settings
+                    layer.exit_graph_on = choice.exit_graph.graph
         report.tries, report.confidence = summaries, config.confidence
         if report.certificate is not None:
             # the kept try's certificate holds at the asked confidence (Bonferroni over the tries), which a later

@@ -253,6 +253,9 @@ class StaticOvLayer(OvLayer):
         #: pairs of option and value (``eek fit`` times them: :func:`~earlyexit_kernels.engine.layers.
         #: runtime_choice.choose_exit_graph_settings`); the layers' own calls keep the defaults
         self.exit_graph_settings: tuple = ()
+        #: False where ``eek fit`` timed the layers one call each faster than their exit graph on its CPU
+        #: (:data:`~earlyexit_kernels.engine.layers.runtime_choice.LAYER_LOOP`): the graph is then never built
+        self.exit_graph_on: bool = True
 
     @classmethod
     def from_layer(cls, layer: nn.Module, config, feeds: list[dict], *, reduce_range: bool | None = None, rows=None):
@@ -312,6 +315,7 @@ class StaticOvLayer(OvLayer):
     def __setstate__(self, state):
         state.setdefault("calibration_rows", None)
         state.setdefault("exit_graph_settings", ())  # pickled before the exit graph's settings were chosen
+        state.setdefault("exit_graph_on", True)  # pickled before the graph was timed against the loop
         super().__setstate__(state)
 
     def __deepcopy__(self, memo):
@@ -324,6 +328,7 @@ class StaticOvLayer(OvLayer):
             calibration_rows=self.calibration_rows,
         )
         copied.exit_graph_settings = self.exit_graph_settings
+        copied.exit_graph_on = self.exit_graph_on
         copied.train(self.training)
         return copied
 
@@ -369,6 +374,8 @@ def save_static_layers(model: nn.Module | list, folder: str | Path) -> None:
         "form": "nncf.quantize(model_type=TRANSFORMER) of each encoder layer's graph on OpenVINO",
         # the plugin's options the exit graph is compiled with, timed by eek fit on this CPU (none: the defaults)
         "exit_graph_settings": dict(layers[0].exit_graph_settings),
+        # false where eek fit timed the layers one call each faster than the exit graph on this CPU
+        "exit_graph": bool(layers[0].exit_graph_on),
     }
     (target / "layers.json").write_text(json.dumps(record, indent=2) + "\n")
 
@@ -403,6 +410,12 @@ def load_static_layers(model: nn.Module, folder: str | Path) -> nn.Module:
             f"{source}/layers.json's exit_graph_settings is {graph_settings!r}, not options and their text values: "
             "fit the folder again with eek fit --dtype int8"
         )
+    graph_on = record.get("exit_graph", True)  # a folder from before the graph was timed against the loop: the graph
+    if not isinstance(graph_on, bool):
+        raise ValueError(
+            f"{source}/layers.json's exit_graph is {graph_on!r}, not true or false: fit the folder again with eek fit "
+            "--dtype int8"
+        )
     for index, layer in enumerate(layers):
         name = source / f"layer_{index:02d}"
         try:
@@ -413,5 +426,6 @@ def load_static_layers(model: nn.Module, folder: str | Path) -> nn.Module:
             ) from None
         layers[index] = StaticOvLayer.of_ir(layer, model.config, ir, bits, record.get("calibration_rows"))
         layers[index].exit_graph_settings = tuple(graph_settings.items())
+        layers[index].exit_graph_on = graph_on
     model.eek_int8_recipe = STATIC_RECIPE
     return model

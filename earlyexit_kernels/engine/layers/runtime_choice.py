@@ -56,6 +56,7 @@ from earlyexit_kernels.engine.layers.ov_layer import SNIPPETS_OFF
 __all__ = [
     "ROUNDS",
     "EXIT_GRAPH_CANDIDATES",
+    "LAYER_LOOP",
     "GraphSettingsChoice",
     "LayersChoice",
     "Race",
@@ -319,6 +320,13 @@ def timed_race(models: dict, default: str, candidates: list[str], batches, singl
 #: peer is compiled at the faster of the two on the machine for the same reason. Another CPU may differ, so
 #: ``eek fit`` times them there.
 EXIT_GRAPH_CANDIDATES = {"fused-subgraph code generation off": (SNIPPETS_OFF,)}
+#: the candidate that runs the layers one call each, beside the exit graph's compilations: the exact loop
+#: (:mod:`~earlyexit_kernels.engine.step.batch_loop`), whose calls the graph's fixed cost a call does not weigh on. On
+#: the AVX-512 AMD EPYC the loop's time over the graph's was 0.65-0.89 at every call size from 1 to 32 texts (MiniLM-L6
+#: RT, one thread; ``benchmarks/results/amd_epyc/exit_graph_call_size_cpu.json``), where on the Intel Xeon with AMX the
+#: graph won from 8 texts a call (:data:`~earlyexit_kernels.engine.step.ov_exit_graph.GRAPH_MIN_POSITIONS`), so
+#: ``eek fit`` times the two on the CPU it fits on.
+LAYER_LOOP = "the layer loop"
 
 
 @dataclass
@@ -332,9 +340,11 @@ class GraphSettingsChoice:
     reason: str
     seconds: dict[str, list[float]] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
+    #: False where :data:`LAYER_LOOP` was timed faster: the layers then run one call each, never the graph
+    graph: bool = True
 
     def as_dict(self) -> dict:
-        saved = {"settings": dict(self.settings), "name": self.name, "reason": self.reason}
+        saved = {"settings": dict(self.settings), "name": self.name, "reason": self.reason, "graph": self.graph}
         if self.seconds:
             saved["seconds"] = {name: [round(s, 6) for s in times] for name, times in self.seconds.items()}
         if self.refused:
@@ -342,22 +352,26 @@ class GraphSettingsChoice:
         return saved
 
 
-def use_exit_graph_settings(model: nn.Module, settings: tuple) -> None:
-    """The exit graph of ``model`` (on static int8 layers) compiled with ``settings`` from its next call on."""
+def use_exit_graph_settings(model: nn.Module, settings: tuple, graph: bool = True) -> None:
+    """The exit graph of ``model`` (on static int8 layers) compiled with ``settings`` from its next call on; with
+    ``graph`` False its layers run one call each instead (the exact loop), the graph never built."""
     from earlyexit_kernels.engine.layers.ort_layer import encoder_layers
 
     for layer in encoder_layers(model):
         layer.exit_graph_settings = tuple(settings)
+        layer.exit_graph_on = bool(graph)
 
 
 def choose_exit_graph_settings(
     model: nn.Module, batches: list[dict], graph_of, *, rounds: int = ROUNDS
 ) -> GraphSettingsChoice:
     """Time ``model`` (patched, on the static int8 layers, at its policy) with its exit graph compiled with the
-    layers' options and with each of :data:`EXIT_GRAPH_CANDIDATES` over them, on ``batches`` (training rows), by
-    :func:`timed_race`'s rule on the batches alone (single texts run the layers one call each, never the graph): a
-    candidate is chosen only where it is faster in :func:`wins_needed` of ``rounds``. ``model`` is left as it is
-    (each setting times its own copy). The same computation either way, the plugin's code for it chosen otherwise.
+    layers' options, with each of :data:`EXIT_GRAPH_CANDIDATES` over them, and with no graph (:data:`LAYER_LOOP`: the
+    layers one call each), on ``batches`` (training rows), by :func:`timed_race`'s rule on the batches alone (single
+    texts run the layers one call each, never the graph): a candidate is chosen only where it is faster in
+    :func:`wins_needed` of ``rounds``. ``model`` is left as it is (each setting times its own copy). The same
+    computation every way, the plugin's code for it chosen otherwise (the loop's decisions are the graph's up to the
+    float rounding of the heads, :mod:`~earlyexit_kernels.engine.step.ov_exit_graph`).
     A candidate the plugin refuses to compile is left out with its reason. ``graph_of(model)``: a model's exit
     graph, or None where it does not run its policy or heads (the caller reads them from the patched model:
     :func:`~earlyexit_kernels.engine.step.ov_exit_graph.exit_graph` of its adapter, heads and policy)."""
@@ -385,10 +399,10 @@ def choose_exit_graph_settings(
         models[name] = copied
     if "default" not in models:
         raise RuntimeError(f"OpenVINO could not compile the exit graph: {refused['default']}")
-    if len(models) == 1:
-        why = "; ".join(f"{name} ({reason})" for name, reason in refused.items())
-        return GraphSettingsChoice((), "default", f"the layers' settings: the plugin refused the others: {why}",
-                                   refused=refused)  # fmt: skip
+    loop = copy.deepcopy(model)
+    use_exit_graph_settings(loop, (), graph=False)
+    _seconds(loop, inputs)
+    models[LAYER_LOOP] = loop
     race = timed_race(models, "default", [n for n in models if n != "default"], inputs, [], rounds)
     del models
     chosen = min(race.faster, key=lambda n: statistics.median(race.seconds[n]), default=None)
@@ -398,13 +412,18 @@ def choose_exit_graph_settings(
     if chosen is None:
         reason = f"the exit graph: the layers' settings, no other faster in {race.needed} of {rounds} rounds"
         chosen, settings = "default", ()
+    elif chosen == LAYER_LOOP:
+        reason = f"no exit graph: {LAYER_LOOP}, faster than the graph in {race.wins[chosen]} of {race.timed} rounds"
+        settings = ()
     else:
         reason = f"the exit graph: {chosen}, faster in {race.wins[chosen]} of {race.timed} rounds"
         settings = EXIT_GRAPH_CANDIDATES[chosen]
     if refused:
         reason += "; " + "; ".join(f"{name} refused by the plugin ({why})" for name, why in refused.items())
     seconds = {n: t for n, t in race.seconds.items() if t}
-    return GraphSettingsChoice(settings, chosen, f"{reason} ({measured})", seconds=seconds, refused=refused)
+    return GraphSettingsChoice(
+        settings, chosen, f"{reason} ({measured})", seconds=seconds, refused=refused, graph=chosen != LAYER_LOOP
+    )
 
 
 def _runtime(recipe: str) -> str:

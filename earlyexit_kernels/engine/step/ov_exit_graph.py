@@ -43,6 +43,9 @@ on Rotten Tomatoes, one thread, 600 test texts in length-sorted batches of 32, e
 On a corpus the cohort engine on the graph ran 0.99x the continuous engine's layer calls
 (``benchmarks/results/intel_xeon/corpus_peers_exit_graph_cpu.json``), so ``eek classify`` keeps that engine.
 
+Whether the graph runs at all is timed on the user's CPU: ``eek fit`` races it against the layers one call each
+(:func:`~earlyexit_kernels.engine.layers.runtime_choice.choose_exit_graph_settings`) and keeps the faster.
+
 The decisions are the exact loop's up to float rounding of the heads (OpenVINO's float32 products against torch's):
 a row whose entropy lies within that rounding of its threshold may leave a layer apart. ``eek.patch(...,
 step="exact")`` runs the layer-by-layer loop instead.
@@ -89,6 +92,8 @@ def exit_graph_refusal(model: nn.Module, adapter, heads, policy: ExitPolicy) -> 
     layers = encoder_layers(model)
     if not layers or not all(isinstance(layer, StaticOvLayer) for layer in layers):
         return "its encoder layers are not static int8 layers on OpenVINO"
+    if not all(layer.exit_graph_on for layer in layers):
+        return "eek fit timed its layers one call each faster than the exit graph on the CPU it fitted on"
     if int8_weight_bits() == 7 and any(layer.weight_bits == 8 for layer in layers):
         return "its layers' 8-bit weights would saturate this CPU's int8 kernels (the layers say what to do)"
     if type(policy) not in (Entropy, MaxProb):
@@ -447,6 +452,9 @@ _failures: set[str] = set()
 #: layers, one thread, texts in arrival order, the loop's time over the graph's (paired median of 16 rounds) was 0.80
 #: for single texts (27 positions a call), 0.89 for 2 (67), 0.93 for 4 (158), 1.01 for 8 (362), 1.06 for 16 (768)
 #: and 32 (1,672) (``benchmarks/results/intel_xeon/exit_graph_call_size_cpu.json``). 512: between 362 and 768.
+#: One constant for every CPU: on the AVX-512 AMD EPYC the loop won at every size (0.65-0.89, ``benchmarks/results/
+#: amd_epyc/exit_graph_call_size_cpu.json``), so ``eek fit`` times the loop against the graph on the CPU it fits on
+#: and, where the loop wins, turns the graph off for the folder (the layers' ``exit_graph_on``; :func:`exit_graph_refusal`).
 GRAPH_MIN_POSITIONS = 512
 
 
