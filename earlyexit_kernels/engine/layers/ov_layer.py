@@ -159,20 +159,32 @@ def thread_request(requests: threading.local, compiled):
 SNIPPETS_OFF = ("SNIPPETS_MODE", "DISABLE")
 
 
+#: entries of the CPU plugin's runtime cache (the operations it prepared for each shape met) a compiled model keeps,
+#: or None for the plugin's own default (5,000); read at each compilation. A served process meets new call shapes for
+#: minutes, and what the cache keeps for them is most of its resident memory's growth under load
+#: (``benchmarks/profiles/serve_memory_profile.py``; ``benchmarks/profiles/ov_runtime_cache.py`` sets this per server).
+RUNTIME_CACHE_CAPACITY: int | None = None
+
+
 def compile_config(threads: int, settings: tuple = ()) -> dict:
     """The CPU plugin's options for a layer on ``threads`` threads, with ``settings`` (pairs of option and value,
     such as the exit graph's, chosen by timing where ``eek fit`` chose them) over them."""
-    return {
-        "INFERENCE_NUM_THREADS": threads,
-        "PERFORMANCE_HINT": "LATENCY",
-        "NUM_STREAMS": 1,
-        # float32 where it is not int8: on a CPU with bfloat16 the plugin's default would be bfloat16
-        "INFERENCE_PRECISION_HINT": "f32",
-        # the quantization is the model's own (_int8_product), not the plugin's of compressed weights
-        "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
-        # between layers torch's threads run on the same cores: OpenVINO's are not bound to any
-        "ENABLE_CPU_PINNING": False,
-    } | dict(settings)
+    cache = {} if RUNTIME_CACHE_CAPACITY is None else {"CPU_RUNTIME_CACHE_CAPACITY": RUNTIME_CACHE_CAPACITY}
+    return (
+        cache
+        | {
+            "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+            # float32 where it is not int8: on a CPU with bfloat16 the plugin's default would be bfloat16
+            "INFERENCE_PRECISION_HINT": "f32",
+            # the quantization is the model's own (_int8_product), not the plugin's of compressed weights
+            "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0,
+            # between layers torch's threads run on the same cores: OpenVINO's are not bound to any
+            "ENABLE_CPU_PINNING": False,
+        }
+        | dict(settings)
+    )
 
 
 def _int8_product(product, weight_max: int) -> None:
