@@ -406,6 +406,40 @@ def test_the_call_size_benchmark_times_the_graph_on_every_call_and_the_loop_on_t
     assert ov_exit_graph.GRAPH_MIN_POSITIONS == 512 and read(static).step == "auto"  # as they were
 
 
+def test_the_shape_memory_benchmark_reads_the_bytes_in_use_after_each_pass_in_order(quantized):
+    """benchmarks/micro/ov_shape_memory.py: two sets of calls drawn from their own seeds, run A, A, B, A, B, each
+    pass's seconds and glibc's bytes in use after it, a set's first pass marked."""
+    import importlib.util
+    from pathlib import Path
+
+    from earlyexit_kernels.integrations.server.memory_trim import heap_account
+
+    if heap_account() is None:
+        pytest.skip("this C library has no mallinfo2: the benchmark reads glibc's bytes in use")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "micro" / "ov_shape_memory.py"
+    spec = importlib.util.spec_from_file_location("shape_memory", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    texts = [f"text {i}" for i in range(12)]
+    first, again = bench.draw_calls(texts, 5, 4, seed=1), bench.draw_calls(texts, 5, 4, seed=1)
+    assert first == again and all(1 <= len(call) <= 4 for call in first)
+    assert bench.draw_calls(texts, 5, 4, seed=2) != first
+    static = _static(quantized, eek.Entropy(0.3))
+    seen = []
+
+    def tokenize(call, **options):  # the model's inputs for a call: its rows, the length of its longest text
+        seen.append(len(call))
+        return _batch(static, rows=len(call), length=6 + len(call), seed=len(seen))
+
+    sets = {"A": first, "B": bench.draw_calls(texts, 5, 4, seed=2)}
+    readings = bench.run_passes(static, tokenize, sets, max_length=32)
+    assert [(r["pass"], r["first"]) for r in readings] == [
+        ("A", True), ("A", False), ("B", True), ("A", False), ("B", False)
+    ]  # fmt: skip
+    assert seen == [len(c) for name in bench.PASSES for c in sets[name]]
+    assert all(r["seconds"] > 0 and r["in_use_mib"] > 0 for r in readings)
+
+
 def test_the_trim_benchmark_times_the_graph_against_one_built_without_the_cut(quantized, graph_calls):
     """benchmarks/micro/exit_graph_grid_trim.py: a second graph of the same model whose later layers keep the first
     layer's grid (two slices fewer a later layer: hidden and key mask), timed against the model's own graph on the
@@ -522,7 +556,7 @@ def test_layers_one_call_each_timed_faster_than_the_graph_run_without_it(quantiz
     assert choice.name == LOOP and not choice.graph and choice.settings == ()
     assert choice.reason.startswith("no exit graph: the layer loop, faster than the graph in 10 of 10 rounds")
     assert choice.as_dict()["graph"] is False
-    assert _graph_of(static) is not None  # the model it was timed on is left as it was
+    assert all(layer.exit_graph_on for layer in static.base_model.encoder.layer)  # the model timed: left as it was
     use_exit_graph_settings(static, choice.settings, choice.graph)
     assert _graph_of(static) is None
     refusal = ov_exit_graph.exit_graph_refusal(
