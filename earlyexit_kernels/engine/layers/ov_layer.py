@@ -160,9 +160,10 @@ SNIPPETS_OFF = ("SNIPPETS_MODE", "DISABLE")
 
 
 #: entries of the CPU plugin's runtime cache (the operations it prepared for each shape met) a compiled model keeps,
-#: or None for the plugin's own default (5,000); read at each compilation. A served process meets new call shapes for
-#: minutes, and what the cache keeps for them is most of its resident memory's growth under load
-#: (``benchmarks/profiles/serve_memory_profile.py``; ``benchmarks/profiles/ov_runtime_cache.py`` sets this per server).
+#: or None for the plugin's own default (5,000); read at each compilation. In one process about two thirds of what a
+#: pass over new call shapes kept was this cache's (``benchmarks/results/amd_epyc/ov_shape_memory/``), yet held to 1,000
+#: entries it left a served soak's growth as it was (``memory_soak_cpu/minilm_static_ov_runtime_cache.json``), so the
+#: plugin's default stays; ``benchmarks/profiles/ov_runtime_cache.py`` sets it per server for such soaks.
 RUNTIME_CACHE_CAPACITY: int | None = None
 
 
@@ -171,8 +172,7 @@ def compile_config(threads: int, settings: tuple = ()) -> dict:
     such as the exit graph's, chosen by timing where ``eek fit`` chose them) over them."""
     cache = {} if RUNTIME_CACHE_CAPACITY is None else {"CPU_RUNTIME_CACHE_CAPACITY": RUNTIME_CACHE_CAPACITY}
     return (
-        cache
-        | {
+        {
             "INFERENCE_NUM_THREADS": threads,
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
@@ -183,6 +183,7 @@ def compile_config(threads: int, settings: tuple = ()) -> dict:
             # between layers torch's threads run on the same cores: OpenVINO's are not bound to any
             "ENABLE_CPU_PINNING": False,
         }
+        | cache
         | dict(settings)
     )
 
