@@ -324,3 +324,36 @@ def test_a_fit_s_tries_each_set_their_own_static_layers_and_the_folder_keeps_the
     assert json.loads((out / ov_static.FOLDER / "layers.json").read_text())["exit_graph_settings"] == dict(
         first.settings
     )
+
+
+def test_the_row_padding_benchmark_adds_rows_no_real_row_reads(static_pair):
+    """benchmarks/micro/static_row_padding.py: a call's rows padded to a multiple of the step with zero rows whose keys
+    are all masked; through every layer the real tokens' outputs are the unpadded call's (to the rounding of rows run
+    beside other rows, as above), and each pass reads its seconds and the bytes in use."""
+    import importlib.util
+    from pathlib import Path
+
+    model, static = static_pair
+    layers = list(static.base_model.encoder.layer)
+    if layers[0].position_bias:
+        pytest.skip("the benchmark times BERT-style layers (MPNet's take the encoder's position bias)")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "micro" / "static_row_padding.py"
+    spec = importlib.util.spec_from_file_location("static_row_padding", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    batch = _batches(model, count=1, rows=5, seed=4)[0]
+    mask = batch["attention_mask"]
+    with torch.inference_mode():
+        hidden = static.base_model.embeddings(input_ids=batch["input_ids"])
+        padded_hidden, padded_mask = bench.padded_rows(hidden, mask, 8)
+        assert padded_hidden.shape[0] == padded_mask.shape[0] == 8 and int(padded_mask[5:].sum()) == 0
+        assert torch.equal(padded_hidden[:5], hidden) and int(padded_hidden[5:].abs().sum()) == 0
+        assert bench.padded_rows(hidden, mask, 5)[0] is hidden  # on the step already: nothing added
+        plain, padded = bench.full_depth(layers, hidden, mask, 1), bench.full_depth(layers, hidden, mask, 8)
+    assert padded.shape == plain.shape == hidden.shape
+    real = mask.bool()
+    torch.testing.assert_close(padded[real], plain[real], rtol=1e-4, atol=1e-4)
+    readings = bench.run_passes(layers, [(hidden, mask)], 8, passes=2)
+    assert [r["first"] for r in readings] == [True, False, False]
+    assert all(r["seconds"] > 0 and r["in_use_mib"] > 0 for r in readings)
+    assert bench.draw_calls([f"t{i}" for i in range(9)], 4, 3) == bench.draw_calls([f"t{i}" for i in range(9)], 4, 3)
