@@ -106,4 +106,8 @@ def test_the_static_layers_are_read_against_openvino_s_static_int8_whole_model(t
     assert list(result["pass_seconds"])[4].startswith("eek static-ov layers in one call")
     assert len(result["exit_graph_ratio_per_round"]) == 1 and result["exit_graph_ratio_median"] > 0
     assert all(t > 0 for t in result["ms_per_layer"]["eek_exit_graph"])
-    assert result["exit_graph_setting"].startswith("the exit graph: ")  # compiled as eek fit compiles it
+    setting = result["exit_graph_setting"]  # compiled as eek fit compiles it, and read even where the fit's race
+    assert setting.startswith("the exit graph: ") or (  # would run the layers one call each
+        setting.startswith("no exit graph: ")
+        and setting.endswith("read here all the same: the exit graph at the layers' settings")
+    )

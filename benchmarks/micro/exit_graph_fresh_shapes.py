@@ -76,6 +76,9 @@ def main(argv=None) -> int:
     from earlyexit_kernels.patching.patch import current_adapter, policy_of
 
     model, tokenizer = load_model(str(args.folder), dtype="int8")[:2]
+    from earlyexit_kernels.engine.layers.runtime_choice import graph_on
+
+    graph_on(model)  # the graph is what this reads, whichever way eek fit chose on the CPU it fitted on
     adapter, policy = current_adapter(model), policy_of(model)
     texts = read_texts(args.texts)[: args.count]
     calls = []

@@ -159,6 +159,9 @@ def main(argv=None) -> int:
     model, tokenizer = load_model(args.folder, dtype="int8")
     if getattr(model, "eek_int8_recipe", None) != "static-ov":
         raise SystemExit(f"{args.folder} is not served on the static int8 layers: fit it with --layers openvino-static")
+    from earlyexit_kernels.engine.layers.runtime_choice import graph_on
+
+    graph_on(model)  # the graph is what this reads, whichever way eek fit chose on the CPU it fitted on
     texts = _texts(args.texts, args.count)
     orders = {}
     for order in args.orders:

@@ -232,12 +232,17 @@ def exit_graph_run(model, batches: list[dict], inputs: list[tuple], calibration:
     masks and, for MPNet, the position bias. The graph compiled as ``eek fit`` compiles it on this CPU, timed on the
     ``calibration`` batches (:func:`~earlyexit_kernels.integrations.int8_fit.exit_graph_choice`)."""
     import earlyexit_kernels as eek
+    from earlyexit_kernels.engine.layers.runtime_choice import graph_on
     from earlyexit_kernels.engine.step.ov_exit_graph import exit_graph
     from earlyexit_kernels.integrations.int8_fit import exit_graph_choice
     from earlyexit_kernels.patching.patch import current_adapter, policy_of
 
     patched = eek.patch(copy.deepcopy(model), eek.Entropy(0.0), head="mlp", pooling="mean")  # entropy < 0: never
-    setting = exit_graph_choice(patched, calibration).reason
+    chosen = exit_graph_choice(patched, calibration)
+    setting = chosen.reason
+    if not chosen.graph:  # eek fit would run these layers one call each here; this reads the graph itself
+        graph_on(patched)
+        setting += "; read here all the same: the exit graph at the layers' settings"
     adapter, policy = current_adapter(patched), policy_of(patched)
     graph = exit_graph(patched, adapter, patched.early_exit_heads, policy)
     if graph is None:

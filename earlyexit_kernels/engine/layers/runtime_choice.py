@@ -64,6 +64,7 @@ __all__ = [
     "choose_int8_layers",
     "changed_answers_worse",
     "choose_exit_graph_settings",
+    "graph_on",
     "timed_race",
     "use_exit_graph_settings",
     "wins_needed",
@@ -360,6 +361,16 @@ def use_exit_graph_settings(model: nn.Module, settings: tuple, graph: bool = Tru
     for layer in encoder_layers(model):
         layer.exit_graph_settings = tuple(settings)
         layer.exit_graph_on = bool(graph)
+
+
+def graph_on(model: nn.Module) -> None:
+    """``model``'s exit graph run again where ``eek fit`` chose the layer loop (its compilation options kept): for the
+    benchmarks that read the graph itself."""
+    from earlyexit_kernels.engine.layers.ort_layer import encoder_layers
+
+    for layer in encoder_layers(model) or []:
+        if hasattr(layer, "exit_graph_on"):
+            layer.exit_graph_on = True
 
 
 def choose_exit_graph_settings(
