@@ -356,4 +356,5 @@ def test_the_row_padding_benchmark_adds_rows_no_real_row_reads(static_pair):
     readings = bench.run_passes(layers, [(hidden, mask)], 8, passes=2)
     assert [r["first"] for r in readings] == [True, False, False]
     assert all(r["seconds"] > 0 and r["in_use_mib"] > 0 for r in readings)
-    assert bench.draw_calls([f"t{i}" for i in range(9)], 4, 3) == bench.draw_calls([f"t{i}" for i in range(9)], 4, 3)
+    texts = [f"t{i}" for i in range(9)]
+    assert bench.draw_calls(texts, 4, 3, seed=1) == bench.draw_calls(texts, 4, 3, seed=1)  # the same calls every run

@@ -20,7 +20,6 @@ per ``--pad-rows`` and alternate the runs::
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 from pathlib import Path
@@ -29,11 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root
 
-
-def draw_calls(texts: list[str], count: int, max_rows: int, seed: int = 1) -> list[list[str]]:
-    """``count`` calls of 1 to ``max_rows`` texts each, drawn with ``seed``."""
-    rng = random.Random(seed)
-    return [rng.sample(texts, rng.randint(1, min(max_rows, len(texts)))) for _ in range(count)]
+from benchmarks.micro.ov_shape_memory import draw_calls, in_use_mib  # noqa: E402  (the calls drawn as it draws them)
 
 
 def padded_rows(hidden: torch.Tensor, mask: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,15 +52,6 @@ def full_depth(layers, hidden: torch.Tensor, mask: torch.Tensor, step: int) -> t
         out = layer(hidden, mask)
         hidden = out[0] if isinstance(out, tuple) else out
     return hidden[:rows]
-
-
-def in_use_mib() -> float:
-    from earlyexit_kernels.integrations.server.memory_trim import heap_account
-
-    account = heap_account()
-    if account is None:
-        raise SystemExit("this C library has no mallinfo2 (glibc >= 2.33): nothing to read")
-    return account["in_use"] / 2**20
 
 
 def run_passes(layers, inputs: list[tuple[torch.Tensor, torch.Tensor]], step: int, passes: int) -> list[dict]:
@@ -109,7 +95,7 @@ def main(argv=None) -> int:
     if any(layer.position_bias for layer in layers):
         raise SystemExit(f"{args.folder}'s layers read a relative position bias (MPNet): this times BERT-style layers")
     texts = [line.strip() for line in args.texts.read_text().splitlines() if line.strip()]
-    calls = draw_calls(texts, args.calls, args.max_rows)
+    calls = draw_calls(texts, args.calls, args.max_rows, seed=1)
     inputs = []
     with torch.inference_mode():
         for call in calls:

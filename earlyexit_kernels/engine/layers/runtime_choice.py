@@ -368,9 +368,7 @@ def graph_on(model: nn.Module) -> None:
     benchmarks that read the graph itself."""
     from earlyexit_kernels.engine.layers.ort_layer import encoder_layers
 
-    for layer in encoder_layers(model) or []:
-        if hasattr(layer, "exit_graph_on"):
-            layer.exit_graph_on = True
+    use_exit_graph_settings(model, encoder_layers(model)[0].exit_graph_settings, graph=True)
 
 
 def choose_exit_graph_settings(
