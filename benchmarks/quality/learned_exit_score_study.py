@@ -117,6 +117,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root: benchmarks.suite
@@ -128,6 +129,8 @@ import earlyexit_kernels as eek
 from benchmarks.quality.certified_exits_real import (
     BUDGET_POINTS,
     CONFIDENCE,
+    FINE_TUNING_ROWS,
+    SUBSET_SETTINGS,
     _oracle,
     fit_as_eek_fit,
     per_row_oracle,
@@ -149,8 +152,27 @@ FEATURES = ("top_prob", "margin", "entropy", "agrees_prev", "agree_run", "moved_
 MAX_LENGTH = 128
 #: ``--hidden-probe``: the logistic probe's inverse penalties tried
 PROBE_CS = (1e-3, 1e-2, 1e-1, 1.0)
-#: ``--task-source benchmark``: the row of ``certified_exits_real.py`` measured (``--backbone``: its backbone)
+#: ``--task-source benchmark``: the row of ``certified_exits_real.py`` measured (``--backbone``: its backbone,
+#: ``--setting``: its setting)
 BENCHMARK_TASK, BENCHMARK_SETTING = "rotten_tomatoes", "train + validation file"
+#: the settings of that script the study reads: its classifier fine-tuned on the whole train split, or on its first
+#: 6,000 rows only (TRAIN_FILE then those rows: issue 108's second target)
+BENCHMARK_SETTINGS = (BENCHMARK_SETTING, SUBSET_SETTINGS[0])
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """Whose model and rows the study reads: ``source`` ``demo`` (``make demo``'s) or ``benchmark`` (the row of
+    ``certified_exits_real.py`` of ``backbone`` and ``setting``)."""
+
+    source: str = "demo"
+    backbone: str = "minilm"
+    setting: str = BENCHMARK_SETTING
+
+    @property
+    def fine_tuning_rows(self) -> int | None:
+        """The train rows the classifier was fine-tuned on and the fit reads (None: the whole train split)."""
+        return FINE_TUNING_ROWS if self.setting in SUBSET_SETTINGS else None
 
 
 # ------------------------------------------------------------------------------------------ the fit and records
@@ -191,41 +213,53 @@ def _demo_task():
     return model, tokenizer, model_dir, *files, {}
 
 
-def _benchmark_task(backbone: str = "minilm"):
-    """``certified_exits_real.py``'s Rotten Tomatoes row ``train + validation file`` of ``backbone`` (``minilm``,
-    ``mpnet``): the classifier fine-tuned on the train split (cached, ``make demo``'s recipe), the train split as
-    TRAIN_FILE, the validation split as ``--calibration``, the test split measured, read as that script reads them."""
+def _benchmark_task(row: TaskRow):
+    """``certified_exits_real.py``'s Rotten Tomatoes row of ``row.backbone`` (``minilm``, ``mpnet``) and
+    ``row.setting``: the classifier fine-tuned on the train split (cached, ``make demo``'s recipe), or on its first
+    6,000 rows, those rows as TRAIN_FILE, the validation split as ``--calibration``, the test split measured, read as
+    that script reads them."""
     from benchmarks.quality.certified_exits_real import _rows
     from earlyexit_kernels.demo import real_task
 
-    model, tokenizer, info = real_task.fine_tuned_model(backbone, task=BENCHMARK_TASK, progress="lines")
+    subset = row.fine_tuning_rows
+    model, tokenizer, info = real_task.fine_tuned_model(
+        row.backbone, task=BENCHMARK_TASK, progress="lines", train_rows=subset
+    )
     splits = real_task.load_task(BENCHMARK_TASK)
-    names = ("train split", "validation split", "test split")
-    files = [_rows(splits[split], name) for split, name in zip(("train", "validation", "test"), names)]
+    seen, _ = real_task.train_subset(splits["train"], subset)
+    files = [
+        _rows(seen, "train split" if subset is None else f"first {subset:,} train rows"),
+        _rows(splits["validation"], "validation split"),
+        _rows(splits["test"], "test split"),
+    ]
     extra = {
-        "backbone": backbone,
+        "backbone": row.backbone,
         "task": BENCHMARK_TASK,
-        "setting": BENCHMARK_SETTING,
+        "setting": row.setting,
         "fine_tuned": Path(info["path"]).name,
     }
     return model, tokenizer, Path(info["path"]), *files, extra
 
 
-def _task(source: str, backbone: str, seed: int) -> tuple:
-    """``(model, tokenizer, model_dir, rows of each of SPLITS, extra)`` of ``source`` (``demo``: :func:`_demo_task`;
-    ``benchmark``: :func:`_benchmark_task` of ``backbone``); the validation rows are the held-out tenth of TRAIN_FILE,
-    drawn as ``eek fit``'s ``--validation-split 0.1`` draws them."""
+def _task(row: TaskRow, seed: int) -> tuple:
+    """``(model, tokenizer, model_dir, rows of each of SPLITS, extra)`` of ``row`` (source ``demo``:
+    :func:`_demo_task`; ``benchmark``: :func:`_benchmark_task`); the validation rows are the held-out tenth of
+    TRAIN_FILE, drawn as ``eek fit``'s ``--validation-split 0.1`` draws them."""
     model, tokenizer, model_dir, train_file, calibration, test, extra = (
-        _demo_task() if source == "demo" else _benchmark_task(backbone)
+        _demo_task() if row.source == "demo" else _benchmark_task(row)
     )
     rest, held = split_rows(len(train_file), 0.1, seed)
     return model, tokenizer, model_dir, (train_file.subset(rest), train_file.subset(held), calibration, test), extra
 
 
-def _cache_name(source: str, backbone: str) -> str:
-    """The part of a cache file's name that says its task source (the MiniLM-L6 benchmark's keeps the name it had
-    before there was a choice of backbone)."""
-    return "" if source == "demo" else f"_{source}" + ("" if backbone == "minilm" else f"_{backbone}")
+def _cache_name(row: TaskRow) -> str:
+    """The part of a cache file's name that says its task source (the MiniLM-L6 benchmark's whole-train row keeps
+    the name it had before there was a choice of backbone or setting)."""
+    if row.source == "demo":
+        return ""
+    backbone = "" if row.backbone == "minilm" else f"_{row.backbone}"
+    subset = "" if row.fine_tuning_rows is None else f"_first{row.fine_tuning_rows}"
+    return f"_{row.source}{backbone}{subset}"
 
 
 def _fit_fields(report: dict) -> dict:
@@ -262,14 +296,12 @@ def _folder_fit(folder: Path, model_dir: Path) -> tuple:
     return eek.from_pretrained(str(folder)).eval(), fields
 
 
-def fit_and_record(
-    seed: int, cache: Path, source: str = "demo", backbone: str = "minilm", folder: Path | None = None
-) -> dict:
-    """``eek fit``'s defaults on ``source``'s model and rows (``demo``: :func:`_demo_task`; ``benchmark``:
-    :func:`_benchmark_task` of ``backbone``), then every split's record; cached in ``cache``. ``folder``: the
-    fit an ``eek fit`` run on the same rows wrote there, read instead of fitting again."""
+def fit_and_record(seed: int, cache: Path, row: TaskRow = TaskRow(), folder: Path | None = None) -> dict:
+    """``eek fit``'s defaults on ``row``'s model and rows (source ``demo``: :func:`_demo_task`; ``benchmark``:
+    :func:`_benchmark_task`), then every split's record; cached in ``cache``. ``folder``: the fit an ``eek fit``
+    run on the same rows wrote there, read instead of fitting again."""
     # a folder's records are its own (another fit's heads give other records)
-    name = _cache_name(source, backbone) + ("" if folder is None else f"_from_{Path(folder).resolve().name}")
+    name = _cache_name(row) + ("" if folder is None else f"_from_{Path(folder).resolve().name}")
     target = cache / f"records{name}_seed{seed}.pt"
     if target.is_file():
         return {**torch.load(target, weights_only=False), "from_cache": str(target)}
@@ -277,7 +309,7 @@ def fit_and_record(
 
     from earlyexit_kernels.training.calibrate_model import record_exits
 
-    model, tokenizer, model_dir, (train, validation, calibration, test), extra = _task(source, backbone, seed)
+    model, tokenizer, model_dir, (train, validation, calibration, test), extra = _task(row, seed)
     started = time.perf_counter()
     if folder is not None:
         model, fields = _folder_fit(folder, model_dir)
@@ -327,16 +359,16 @@ def _split_batches(model, tokenizer, splits) -> list:
     return out
 
 
-def pooled_states(seed: int, cache: Path, source: str, backbone: str, records: dict) -> dict[str, torch.Tensor]:
+def pooled_states(seed: int, cache: Path, row: TaskRow, records: dict) -> dict[str, torch.Tensor]:
     """``--hidden-probe``: each split's [L + 1, N, H] mean-pooled hidden states (float16), the rows in ``records``'
     order (checked: their cosines are the records'); cached beside the records. They do not depend on the fit."""
-    target = cache / f"pooled{_cache_name(source, backbone)}_seed{seed}.pt"
+    target = cache / f"pooled{_cache_name(row)}_seed{seed}.pt"
     if target.is_file():
         pooled = torch.load(target, weights_only=False)
     else:
         from transformers import AutoModel
 
-        model, tokenizer, model_dir, splits, _ = _task(source, backbone, seed)
+        model, tokenizer, model_dir, splits, _ = _task(row, seed)
         encoder = AutoModel.from_pretrained(model_dir).eval()
         pooled = {name: _pooled(encoder, batches).half() for name, batches in _split_batches(model, tokenizer, splits)}
         cache.mkdir(parents=True, exist_ok=True)
@@ -506,15 +538,14 @@ def certified(cal: ExitRecord, path_record: ExitRecord, family) -> tuple:
 def run(
     seed: int,
     cache: Path,
-    source: str = "demo",
-    backbone: str = "minilm",
+    row: TaskRow = TaskRow(),
     folder: Path | None = None,
     hidden_probe: bool = False,
     score_rows: str = "heads_train",
     length: bool = False,
     oracle_blend: tuple[float, ...] = (),
 ) -> dict:
-    data = fit_and_record(seed, cache, source, backbone, folder)
+    data = fit_and_record(seed, cache, row, folder)
     records, fit = data["records"], data["fit"]
     default_policy = parse_policy(data["policy"])
     family = Entropy(0.0, normalized=getattr(default_policy, "normalized", False))
@@ -553,7 +584,7 @@ def run(
     }
     inputs = {"logistic": x, "mlp": x}
     if hidden_probe:  # BERxiT's learning-to-exit reads the layer's hidden state: here its mean-pooled one
-        pooled = pooled_states(seed, cache, source, backbone, records)
+        pooled = pooled_states(seed, cache, row, records)
         probe_x = {name: np.concatenate([x[name], pooled[name][1:].float().numpy()], -1) for name in x}
         inputs |= {"probe": probe_x, "probe_mlp": probe_x}
     for kind, kind_x in inputs.items():
@@ -582,7 +613,7 @@ def run(
     }
     feature_aucs["agrees_prev"] = aucs(x["test"][:-1, :, names.index("agrees_prev")], y["test"][:-1])
     return {
-        **({} if source == "demo" else {"task_source": source}),
+        **({} if row.source == "demo" else {"task_source": row.source}),
         "seed": seed,
         "score_rows": score_rows,
         "records_from_cache": data.get("from_cache"),
@@ -633,6 +664,14 @@ def main(argv=None) -> int:
         default="minilm",
         help="--task-source benchmark only: MiniLM-L6 (the default) or MPNet-base (fine-tuned when not cached)",
     )
+    parser.add_argument(
+        "--setting",
+        choices=BENCHMARK_SETTINGS,
+        default=BENCHMARK_SETTING,
+        help="--task-source benchmark only: the row's setting in certified_exits_real.py: the classifier "
+        f"fine-tuned on the whole train split (the default), or on its first {FINE_TUNING_ROWS:,} rows, those rows "
+        "the fit's TRAIN_FILE",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared 2-core machine)")
     parser.add_argument(
         "--from-folder",
@@ -673,6 +712,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.backbone != "minilm" and args.task_source != "benchmark":
         parser.error("--backbone picks the benchmark's row: give --task-source benchmark with it")
+    if args.setting != BENCHMARK_SETTING and args.task_source != "benchmark":
+        parser.error("--setting picks the benchmark's row: give --task-source benchmark with it")
     if args.from_folder is not None and args.task_source != "benchmark":
         parser.error("--from-folder stands for the benchmark row's fit: give --task-source benchmark with it")
     torch.set_num_threads(args.threads)
@@ -680,8 +721,7 @@ def main(argv=None) -> int:
     results = run(
         args.seed,
         args.cache,
-        args.task_source,
-        args.backbone,
+        TaskRow(args.task_source, args.backbone, args.setting),
         args.from_folder,
         args.hidden_probe,
         args.score_rows,
