@@ -492,9 +492,10 @@ def fit_folder(
             # which its certificate was made (the first try's choice of runtime, recorded)
             choice = dataclasses.replace(first_choice, static_layers=kept_choice.static_layers)
             if choice.exit_graph is not None:  # timed by the first try: the kept try's layers run its graph so
-                for layer in choice.static_layers or []:
-                    layer.exit_graph_settings = choice.exit_graph.settings
-                    layer.exit_graph_on = choice.exit_graph.graph
+                from earlyexit_kernels.engine.layers.runtime_choice import set_exit_graph_choice
+
+                graph = choice.exit_graph
+                set_exit_graph_choice(choice.static_layers or [], graph.settings, graph.graph)
         report.tries, report.confidence = summaries, config.confidence
         if report.certificate is not None:
             # the kept try's certificate holds at the asked confidence (Bonferroni over the tries), which a later

@@ -425,7 +425,8 @@ def load_static_layers(model: nn.Module, folder: str | Path) -> nn.Module:
                 f"{source} lacks layer {index}'s files ({error}): fit the folder again with eek fit --dtype int8"
             ) from None
         layers[index] = StaticOvLayer.of_ir(layer, model.config, ir, bits, record.get("calibration_rows"))
-        layers[index].exit_graph_settings = tuple(graph_settings.items())
-        layers[index].exit_graph_on = graph_on
+    from earlyexit_kernels.engine.layers.runtime_choice import set_exit_graph_choice
+
+    set_exit_graph_choice(layers, tuple(graph_settings.items()), graph_on)
     model.eek_int8_recipe = STATIC_RECIPE
     return model

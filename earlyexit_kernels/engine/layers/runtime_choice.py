@@ -65,6 +65,7 @@ __all__ = [
     "changed_answers_worse",
     "choose_exit_graph_settings",
     "graph_on",
+    "set_exit_graph_choice",
     "timed_race",
     "use_exit_graph_settings",
     "wins_needed",
@@ -358,7 +359,13 @@ def use_exit_graph_settings(model: nn.Module, settings: tuple, graph: bool = Tru
     ``graph`` False its layers run one call each instead (the exact loop), the graph never built."""
     from earlyexit_kernels.engine.layers.ort_layer import encoder_layers
 
-    for layer in encoder_layers(model):
+    set_exit_graph_choice(encoder_layers(model), settings, graph)
+
+
+def set_exit_graph_choice(layers, settings: tuple, graph: bool = True) -> None:
+    """The static int8 ``layers`` (a model's, or the ones a folder is about to save) carry how their exit graph is
+    compiled (``settings``) and whether it runs at all (``graph``): the one place both are set."""
+    for layer in layers:
         layer.exit_graph_settings = tuple(settings)
         layer.exit_graph_on = bool(graph)
 
