@@ -492,7 +492,7 @@ def fit_folder(
             # which its certificate was made (the first try's choice of runtime, recorded)
             choice = dataclasses.replace(first_choice, static_layers=kept_choice.static_layers)
             if choice.exit_graph is not None:  # timed by the first try: the kept try's layers run its graph so
-                from earlyexit_kernels.engine.layers.runtime_choice import set_exit_graph_choice
+                from earlyexit_kernels.engine.layers.ov_static import set_exit_graph_choice
 
                 graph = choice.exit_graph
                 set_exit_graph_choice(choice.static_layers or [], graph.settings, graph.graph)

@@ -83,6 +83,7 @@ __all__ = [
     "static_int8_encoder",
     "save_static_layers",
     "load_static_layers",
+    "set_exit_graph_choice",
 ]
 
 #: the int8 recipe name of these layers (``eek_fit.json``'s ``int8_recipe``)
@@ -380,6 +381,14 @@ def save_static_layers(model: nn.Module | list, folder: str | Path) -> None:
     (target / "layers.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
+def set_exit_graph_choice(layers, settings: tuple, graph: bool = True) -> None:
+    """The static int8 ``layers`` (a model's, or the ones a folder is about to save) carry how their exit graph is
+    compiled (``settings``) and whether it runs at all (``graph``): the one place both are set."""
+    for layer in layers:
+        layer.exit_graph_settings = tuple(settings)
+        layer.exit_graph_on = bool(graph)
+
+
 def load_static_layers(model: nn.Module, folder: str | Path) -> nn.Module:
     """``model`` (the folder's float32 model) with each encoder layer the static int8 layer ``folder`` saved
     (:func:`save_static_layers`), in place; a ``ValueError`` saying what to do where the files are missing or are
@@ -425,8 +434,6 @@ def load_static_layers(model: nn.Module, folder: str | Path) -> nn.Module:
                 f"{source} lacks layer {index}'s files ({error}): fit the folder again with eek fit --dtype int8"
             ) from None
         layers[index] = StaticOvLayer.of_ir(layer, model.config, ir, bits, record.get("calibration_rows"))
-    from earlyexit_kernels.engine.layers.runtime_choice import set_exit_graph_choice
-
     set_exit_graph_choice(layers, tuple(graph_settings.items()), graph_on)
     model.eek_int8_recipe = STATIC_RECIPE
     return model

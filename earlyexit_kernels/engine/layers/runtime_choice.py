@@ -65,7 +65,6 @@ __all__ = [
     "changed_answers_worse",
     "choose_exit_graph_settings",
     "graph_on",
-    "set_exit_graph_choice",
     "timed_race",
     "use_exit_graph_settings",
     "wins_needed",
@@ -358,16 +357,9 @@ def use_exit_graph_settings(model: nn.Module, settings: tuple, graph: bool = Tru
     """The exit graph of ``model`` (on static int8 layers) compiled with ``settings`` from its next call on; with
     ``graph`` False its layers run one call each instead (the exact loop), the graph never built."""
     from earlyexit_kernels.engine.layers.ort_layer import encoder_layers
+    from earlyexit_kernels.engine.layers.ov_static import set_exit_graph_choice
 
     set_exit_graph_choice(encoder_layers(model), settings, graph)
-
-
-def set_exit_graph_choice(layers, settings: tuple, graph: bool = True) -> None:
-    """The static int8 ``layers`` (a model's, or the ones a folder is about to save) carry how their exit graph is
-    compiled (``settings``) and whether it runs at all (``graph``): the one place both are set."""
-    for layer in layers:
-        layer.exit_graph_settings = tuple(settings)
-        layer.exit_graph_on = bool(graph)
 
 
 def graph_on(model: nn.Module) -> None:
