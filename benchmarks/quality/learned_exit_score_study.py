@@ -107,6 +107,15 @@ row) instead of fitting again; the committed MPNet-base run:
         --backbone mpnet --threads 2 --from-folder .cache/mpnet-rt-99bf4a38db09-eekfit \\
         --output benchmarks/results/amd_epyc/learned_exit_score_study_rt_mpnet_cpu.json
 
+``--setting '6,000 fine-tuning rows + validation file'`` (with ``--task-source benchmark``) reads that script's row of
+the same name instead (issue 108's second target): the classifier fine-tuned on the train split's first 6,000 rows
+only (cached as ``minilm-rt-first6000-*``, fine-tuned first where missing), those rows the fit's TRAIN_FILE, the
+validation split ``--calibration``; the committed run:
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality/learned_exit_score_study.py --task-source benchmark \\
+        --setting '6,000 fine-tuning rows + validation file' --threads 2 \\
+        --output benchmarks/results/amd_epyc/learned_exit_score_study_rt_first6000_cpu.json
+
 The fit and the records are cached in ``--cache`` (default ``/tmp/learned_score_cache``; one file per task source
 and seed); a rerun only trains the scores and certifies.
 """
