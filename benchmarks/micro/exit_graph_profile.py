@@ -17,6 +17,9 @@ on its grid padded to multiples of each ``--length-steps`` (8: the shipped
 :data:`~earlyexit_kernels.engine.layers.packed_call_shapes.LENGTH_STEP`, the shapes the plugin meets fewer; 1: no
 padding, the peer's grid), and runs every configuration on the same length-sorted batches of ``--batch`` (longest
 first): a first pass each (its shapes' preparation, recorded apart), then ``--passes`` passes in alternating order.
+``--layers-alone`` adds, at each length step and setting, the same static layers' IR wired one into the next with
+no exit step or head between them: what the exit graph costs beyond its layers (its heads, its exit steps, the
+shapes it computes inside), and what the layers cost in one compiled model against the peer's whole model.
 Per configuration: the summed node time a pass (median over passes) by node type, by kernel and, for the products,
 by role (query, key, value, attention output, intermediate, output, exit heads); the wall time a pass, and the shipped
 graph's (the first step, the default setting) over it, paired within a round. Timings with the plugin's profiling
@@ -150,6 +153,44 @@ def graph_pass(eek_model, batches: list[dict], inputs: list, settings: dict, ste
     return _profiled(lambda call: graph.run(call[0], call[1], policy), request, calls), request
 
 
+def layers_alone_pass(eek_model, batches: list[dict], inputs: list, settings: dict, step: int):
+    """``(one pass, its request)``: ``--layers-alone``: the same static layers' IR wired one into the next in one
+    compiled model, with no exit step and no head between them (every row at full depth, the grid as it came in), on a
+    grid padded to multiples of ``step``, compiled with the layers' options, ``settings`` and profiling: what the exit
+    graph costs beyond its layers, and what the layers cost in one compiled model against the peer's."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    from earlyexit_kernels.engine.layers.ort_layer import encoder_layers
+    from earlyexit_kernels.engine.layers.ov_layer import compile_config, ov_core
+    from earlyexit_kernels.engine.layers.ov_static import grid_inputs
+    from earlyexit_kernels.engine.step.ov_exit_graph import _prefixed, _wire
+
+    width = eek_model.config.hidden_size
+    parameters = {
+        "hidden": ops.parameter([-1, -1, width], ov.Type.f32, name="hidden"),
+        "key_mask": ops.parameter([-1, -1], ov.Type.i32, name="key_mask"),
+    }
+    for name, parameter in parameters.items():
+        parameter.output(0).get_tensor().set_names({name})
+    current = {name: parameter.output(0) for name, parameter in parameters.items()}
+    for index, layer in enumerate(encoder_layers(eek_model), start=1):
+        prefix = f"layer{index}/"
+        (hidden,) = _wire(_prefixed(ov_core().read_model(*layer.ir), prefix), prefix, current)
+        current = {"hidden": hidden, "key_mask": current["key_mask"]}
+    model = ov.Model([current["hidden"]], list(parameters.values()), "static_layers_alone")
+    threads = torch.get_num_threads()
+    compiled = ov_core().compile_model(model, "CPU", {**compile_config(threads, ()), **settings, "PERF_COUNT": True})
+    request = compiled.create_infer_request()
+
+    def call(item):  # the grid made per call, as the exit graph's run makes it
+        hidden, mask = item
+        request.infer(grid_inputs(hidden, mask.to(torch.int32).numpy(), None, step), share_inputs=True)
+
+    calls = [(hidden, batch["attention_mask"]) for hidden, batch in zip(inputs, batches, strict=True)]
+    return _profiled(call, request, calls), request
+
+
 def _profiled(call, request, items: list):
     def one_pass() -> tuple[list, float]:
         infos = []
@@ -179,6 +220,12 @@ def main(argv=None) -> int:
         nargs="+",
         default=[8, 1],
         help="the exit graph's grid padded to multiples of each (default 8, the shipped step, and 1: no padding)",
+    )
+    parser.add_argument(
+        "--layers-alone",
+        action="store_true",
+        help="also the static layers wired one into the next with no exit step or head between them, at each length "
+        "step and setting: what the graph costs beyond its layers",
     )
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -220,6 +267,11 @@ def main(argv=None) -> int:
     for step in args.length_steps:
         for name, settings in SETTINGS.items():
             passes[f"eek exit graph, length step {step}, {name}"] = graph_pass(
+                eek_model, batches, inputs, settings, step
+            )[0]
+    for step in args.length_steps if args.layers_alone else ():
+        for name, settings in SETTINGS.items():
+            passes[f"eek static layers alone, length step {step}, {name}"] = layers_alone_pass(
                 eek_model, batches, inputs, settings, step
             )[0]
     for name, settings in SETTINGS.items():
