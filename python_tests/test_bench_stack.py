@@ -117,6 +117,13 @@ def test_ratios_are_paired_within_a_repetition_and_the_report_states_the_targets
     assert "int8 0.250 s of 1.50 s (31.25 ms per layer call of a batch, 8 calls)" in section
     assert "bf16 instructions: yes" in section
     assert "Where that time goes" not in section
+    assert "timed on this CPU" not in section  # a run without the static layers' choice says nothing of it
+    meta = {"cpu_flags": {}, "command": "cmd", "int8_exit_graph": "no exit graph: the layer loop, faster in 10 of 11"}
+    (folder / "stack_meta.json").write_text(json.dumps(meta))
+    assert "\nint8 + early exit, timed on this CPU: no exit graph: the layer loop, faster in 10 of 11.\n" in (
+        stack_report.render(folder / "stack.csv")
+    )
+    (folder / "stack_meta.json").write_text(json.dumps({"cpu_flags": {"amx_bf16": True}, "command": "cmd"}))
     (folder / stack_report.PROFILE_NAME).write_text(
         "# python benchmarks/profiles/early_exit_profile.py\nlayers 0.8 s\n"
     )
@@ -194,3 +201,36 @@ def test_an_openvino_peer_is_compiled_at_the_faster_of_its_fused_subgraph_settin
         expected = full(**{k: batches[1][k] for k in stack.INPUTS}).logits
     got = torch.from_numpy(compiled(stack._numpy_inputs(batches[1]))[compiled.output(0)])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)  # float32 either way: the model's logits
+
+
+def test_the_static_layers_exit_graph_choice_goes_into_the_run_s_record(monkeypatch):
+    """On the static int8 layers the stack compiles the early-exit model's exit graph as eek fit does (graph or layer
+    loop, timed on this CPU); what was chosen, and why, is handed to the run's meta, not only printed."""
+    from earlyexit_kernels.engine.layers import ov_static, runtime_choice
+
+    if not ov_static.static_available():
+        pytest.skip(ov_static.STATIC_MISSING)
+    # each candidate's seconds given (the copies are built, not timed): the layer loop faster
+    monkeypatch.setattr(
+        runtime_choice,
+        "_seconds",
+        lambda model, batches: 0.5 if not model.base_model.encoder.layer[0].exit_graph_on else 1.0,
+    )
+    calibration = []
+    for seed, (rows, length) in enumerate([(8, 12), (8, 9)]):
+        ids, mask, types = tiny_batch(rows, length, seed=seed)
+        calibration.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
+    full = tiny_model("bert", num_layers=2)
+    patched = eek.patch(tiny_model("bert", num_layers=2), eek.Entropy(0.3))
+    choices: dict = {}
+    configs = stack.torch_configs(
+        patched,
+        full,
+        compile_models=False,
+        bf16=False,
+        int8_recipe="static-ov",
+        calibration=calibration,
+        choices=choices,
+    )
+    assert [c.name for c in configs] == ["fp32", "fp32 + early exit", "int8", "int8 + early exit"]
+    assert choices["exit_graph"].startswith("no exit graph: the layer loop, faster than the graph in")

@@ -139,11 +139,17 @@ def torch_configs(
     bf16: bool = True,
     int8_recipe: str = "all",
     calibration: list[dict] | None = None,
+    choices: dict | None = None,
 ) -> list[Config]:
-    """fp32, int8, bf16 and compile, each without and with early exit (``patched``: the fitted model)."""
+    """fp32, int8, bf16 and compile, each without and with early exit (``patched``: the fitted model); ``choices``
+    (optional) receives what was chosen by timing on this CPU (``"exit_graph"``: the static layers' exit graph or
+    loop, :func:`~earlyexit_kernels.integrations.int8_fit.exit_graph_choice`'s reason), for the run's meta."""
     early_int8 = int8_encoder(patched, int8_recipe, calibration)
     if int8_recipe == "static-ov" and calibration:  # its exit graph compiled as `eek fit` compiles it on this CPU
-        print(f"int8 + early exit: {exit_graph_choice(early_int8, calibration).reason}", file=sys.stderr)
+        reason = exit_graph_choice(early_int8, calibration).reason
+        print(f"int8 + early exit: {reason}", file=sys.stderr)
+        if choices is not None:
+            choices["exit_graph"] = reason
     configs = [
         _torch_config("fp32", "fp32", full),
         _torch_config("fp32 + early exit", "fp32", patched),
@@ -539,6 +545,7 @@ def run(args) -> int:
     patched, full, batches, labels, folder = load_task(args.stack_texts, getattr(args, "stack_folder", None))
     int8_recipe = getattr(args, "stack_int8", None) or "all"
     calibration = validation_batches(folder) if peer_status()["nncf"] == "installed" else None
+    choices: dict = {}
     configs = torch_configs(
         patched,
         full,
@@ -546,6 +553,7 @@ def run(args) -> int:
         bf16=not getattr(args, "stack_no_bf16", False),
         int8_recipe=int8_recipe,
         calibration=calibration,
+        choices=choices,
     )
     with tempfile.TemporaryDirectory() as scratch:
         try:
@@ -572,6 +580,7 @@ def run(args) -> int:
         "fitted_folder": Path(folder).name,
         "policy": policy_of(patched).to_code(4),
         "int8": f"the int8 recipe {int8_recipe}: {_recipe_description(int8_recipe)}",
+        **({"int8_exit_graph": choices["exit_graph"]} if "exit_graph" in choices else {}),
         "batches": f"{len(batches)} length-sorted batches of {BATCH}",
         "threads": threads,
         "repeats": args.repeats,

@@ -86,6 +86,8 @@ def render(csv_path: str | Path, relative_to: Path | None = None) -> str:
         )
     if "int8" in meta:
         out.append(f"\nint8: {meta['int8']}.")
+    if "int8_exit_graph" in meta:  # the static layers' exit graph or loop, timed as eek fit times it
+        out.append(f"\nint8 + early exit, timed on this CPU: {meta['int8_exit_graph']}.")
     for peer, note in meta.get("peers", {}).items():
         out.append(f"\n{peer}: {note}.")
     out += ["", "| target | measured | |", "|---|---|---|"]
