@@ -1,5 +1,7 @@
 """``python -m benchmarks.suite.stack``: early exit on top of int8, bf16 and torch.compile, beside
 ONNX Runtime and OpenVINO.
+(Past 600 lines: one benchmark run as one: its configurations, the peers' export and compilation, their interleaved
+measurement, the rows and the run's meta; the peers are the part to move into a module of their own next.)
 
 The real task (:mod:`earlyexit_kernels.demo.real_task`): all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes, its exit
 heads fitted and the exit threshold calibrated on the validation split as ``make demo`` does
