@@ -3,6 +3,7 @@ configuration runs, paired ratios, the targets table; the ONNX Runtime / OpenVIN
 
 import csv
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -205,23 +206,19 @@ def test_an_openvino_peer_is_compiled_at_the_faster_of_its_fused_subgraph_settin
 
 def test_the_static_layers_exit_graph_choice_goes_into_the_run_s_record(monkeypatch):
     """On the static int8 layers the stack compiles the early-exit model's exit graph as eek fit does (graph or layer
-    loop, timed on this CPU); what was chosen, and why, is handed to the run's meta, not only printed."""
-    from earlyexit_kernels.engine.layers import ov_static, runtime_choice
+    loop, timed on this CPU: test_ov_exit_graph times that choice); what was chosen, and why, is handed to the run's
+    meta, not only printed. The bookkeeping alone here: the layers and the choice stand in."""
+    chosen = []
 
-    if not ov_static.static_available():
-        pytest.skip(ov_static.STATIC_MISSING)
-    # each candidate's seconds given (the copies are built, not timed): the layer loop faster
-    monkeypatch.setattr(
-        runtime_choice,
-        "_seconds",
-        lambda model, batches: 0.5 if not model.base_model.encoder.layer[0].exit_graph_on else 1.0,
-    )
-    calibration = []
-    for seed, (rows, length) in enumerate([(8, 12), (8, 9)]):
-        ids, mask, types = tiny_batch(rows, length, seed=seed)
-        calibration.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
+    def choice(model, calibration):
+        chosen.append(model)
+        return SimpleNamespace(reason="no exit graph: the layer loop, faster than the graph in 10 of 10 rounds")
+
+    monkeypatch.setattr(stack, "int8_encoder", lambda model, recipe, calibration=None: model)
+    monkeypatch.setattr(stack, "exit_graph_choice", choice)
     full = tiny_model("bert", num_layers=2)
-    patched = eek.patch(tiny_model("bert", num_layers=2), eek.Entropy(0.3))
+    patched = eek.patch(tiny_model("bert", num_layers=2), eek.Entropy(0.3), backend="torch")
+    calibration = batches_and_labels()[0]
     choices: dict = {}
     configs = stack.torch_configs(
         patched,
@@ -233,4 +230,8 @@ def test_the_static_layers_exit_graph_choice_goes_into_the_run_s_record(monkeypa
         choices=choices,
     )
     assert [c.name for c in configs] == ["fp32", "fp32 + early exit", "int8", "int8 + early exit"]
-    assert choices["exit_graph"].startswith("no exit graph: the layer loop, faster than the graph in")
+    assert chosen == [patched]  # the early-exit model's choice, once
+    assert choices == {"exit_graph": "no exit graph: the layer loop, faster than the graph in 10 of 10 rounds"}
+    other: dict = {}
+    stack.torch_configs(patched, full, compile_models=False, bf16=False, int8_recipe="all", choices=other)
+    assert other == {} and len(chosen) == 1  # no static layers: nothing chosen
