@@ -164,7 +164,7 @@ def layers_alone_pass(eek_model, batches: list[dict], inputs: list, settings: di
     from earlyexit_kernels.engine.layers.ort_layer import encoder_layers
     from earlyexit_kernels.engine.layers.ov_layer import compile_config, ov_core
     from earlyexit_kernels.engine.layers.ov_static import grid_inputs
-    from earlyexit_kernels.engine.step.ov_exit_graph import _prefixed, _wire
+    from earlyexit_kernels.engine.step.ov_exit_graph import wired_layer
 
     width = eek_model.config.hidden_size
     parameters = {
@@ -174,10 +174,8 @@ def layers_alone_pass(eek_model, batches: list[dict], inputs: list, settings: di
     for name, parameter in parameters.items():
         parameter.output(0).get_tensor().set_names({name})
     current = {name: parameter.output(0) for name, parameter in parameters.items()}
-    for index, layer in enumerate(encoder_layers(eek_model), start=1):
-        prefix = f"layer{index}/"
-        (hidden,) = _wire(_prefixed(ov_core().read_model(*layer.ir), prefix), prefix, current)
-        current = {"hidden": hidden, "key_mask": current["key_mask"]}
+    for index, layer in enumerate(encoder_layers(eek_model), start=1):  # as the exit graph wires them, nothing between
+        current = {"hidden": wired_layer(layer, index, current), "key_mask": current["key_mask"]}
     model = ov.Model([current["hidden"]], list(parameters.values()), "static_layers_alone")
     threads = torch.get_num_threads()
     compiled = ov_core().compile_model(model, "CPU", {**compile_config(threads, ()), **settings, "PERF_COUNT": True})

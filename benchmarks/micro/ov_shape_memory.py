@@ -47,6 +47,40 @@ def in_use_mib() -> float:
     return account["in_use"] / 2**20
 
 
+def add_call_arguments(parser: argparse.ArgumentParser, calls_help: str) -> None:
+    """The folder and the calls drawn from ``--texts``, as this script and ``static_row_padding.py`` take them."""
+    parser.add_argument("folder", help="an eek fit folder fitted on the static int8 layers (--layers openvino-static)")
+    parser.add_argument("--texts", type=Path, required=True, help="texts one a line")
+    parser.add_argument("--calls", type=int, default=300, help=calls_help)
+    parser.add_argument("--max-rows", type=int, default=40, help="texts a call at most (default 40)")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens a text at most (default 128)")
+
+
+def static_folder(folder: str):
+    """``(model, tokenizer)``: ``folder`` loaded as served (``--dtype int8``), refused unless on the static
+    int8 layers."""
+    from earlyexit_kernels.integrations.model_folder import load_model
+
+    model, tokenizer = load_model(folder, dtype="int8")
+    if getattr(model, "eek_int8_recipe", None) != "static-ov":
+        raise SystemExit(f"{folder} is not served on the static int8 layers: fit it with --layers openvino-static")
+    return model, tokenizer
+
+
+def read_lines(path: Path) -> list[str]:
+    """``path``'s non-empty lines, stripped."""
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def with_growth(readings: list[dict], loaded: float) -> list[dict]:
+    """``readings`` with each one's ``grew_mib`` since the one before (the first: since ``loaded``), MiB rounded."""
+    before = loaded
+    for reading in readings:
+        reading["grew_mib"] = round(reading["in_use_mib"] - before, 1)
+        before = reading["in_use_mib"] = round(reading["in_use_mib"], 1)
+    return readings
+
+
 def run_passes(model, tokenizer, sets: dict[str, list[list[str]]], max_length: int) -> list[dict]:
     """Each of :data:`PASSES` over its set's calls: its seconds and the bytes in use after it."""
     readings = []
@@ -66,11 +100,7 @@ def run_passes(model, tokenizer, sets: dict[str, list[list[str]]], max_length: i
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", help="an eek fit folder fitted on the static int8 layers (--layers openvino-static)")
-    parser.add_argument("--texts", type=Path, required=True, help="texts one a line")
-    parser.add_argument("--calls", type=int, default=300, help="calls in each set (default 300)")
-    parser.add_argument("--max-rows", type=int, default=40, help="texts a call at most (default 40)")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens a text at most (default 128)")
+    add_call_arguments(parser, "calls in each set (default 300)")
     parser.add_argument("--runtime-cache", type=int, help="the CPU plugin's runtime cache entries (default: its own)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, help="a JSON file for the readings")
@@ -83,21 +113,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     from earlyexit_kernels.engine.layers import ov_layer
-    from earlyexit_kernels.integrations.model_folder import load_model
 
     ov_layer.RUNTIME_CACHE_CAPACITY = args.runtime_cache
-    model, tokenizer = load_model(args.folder, dtype="int8")
-    if getattr(model, "eek_int8_recipe", None) != "static-ov":
-        raise SystemExit(f"{args.folder} is not served on the static int8 layers: fit it with --layers openvino-static")
-    texts = [line.strip() for line in args.texts.read_text().splitlines() if line.strip()]
+    model, tokenizer = static_folder(args.folder)
+    texts = read_lines(args.texts)
     sets = {name: draw_calls(texts, args.calls, args.max_rows, seed) for seed, name in enumerate("AB", start=1)}
     loaded = in_use_mib()
-    readings = run_passes(model.eval(), tokenizer, sets, args.max_length)
-    before = loaded
+    readings = with_growth(run_passes(model.eval(), tokenizer, sets, args.max_length), loaded)
     for reading in readings:
-        reading["grew_mib"] = round(reading["in_use_mib"] - before, 1)
-        reading["in_use_mib"] = round(reading["in_use_mib"], 1)
-        before = reading["in_use_mib"]
         print(
             f"{reading['pass']} ({'first' if reading['first'] else 'again'}): {reading['seconds']:.1f} s, in use "
             f"{reading['in_use_mib']:.1f} MiB ({reading['grew_mib']:+.1f})",

@@ -28,7 +28,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's root
 
-from benchmarks.micro.ov_shape_memory import draw_calls, in_use_mib  # noqa: E402  (the calls drawn as it draws them)
+from benchmarks.micro.ov_shape_memory import (  # noqa: E402  (the calls drawn and the folder read as it does)
+    add_call_arguments,
+    draw_calls,
+    in_use_mib,
+    read_lines,
+    static_folder,
+    with_growth,
+)
 
 
 def padded_rows(hidden: torch.Tensor, mask: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,12 +77,8 @@ def run_passes(layers, inputs: list[tuple[torch.Tensor, torch.Tensor]], step: in
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", help="an eek fit folder fitted on the static int8 layers (--layers openvino-static)")
-    parser.add_argument("--texts", type=Path, required=True, help="texts one a line")
+    add_call_arguments(parser, "calls (default 300)")
     parser.add_argument("--pad-rows", type=int, default=1, help="rows padded to a multiple of this (1: as they come)")
-    parser.add_argument("--calls", type=int, default=300, help="calls (default 300)")
-    parser.add_argument("--max-rows", type=int, default=40, help="texts a call at most (default 40)")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens a text at most (default 128)")
     parser.add_argument("--passes", type=int, default=3, help="passes after the first (default 3)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, help="a JSON file for the readings")
@@ -86,15 +89,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     from earlyexit_kernels.engine.layers.ort_layer import encoder_layers
-    from earlyexit_kernels.integrations.model_folder import load_model
+    from earlyexit_kernels.engine.layers.packed_call_shapes import LENGTH_STEP
 
-    model, tokenizer = load_model(args.folder, dtype="int8")
-    if getattr(model, "eek_int8_recipe", None) != "static-ov":
-        raise SystemExit(f"{args.folder} is not served on the static int8 layers: fit it with --layers openvino-static")
+    model, tokenizer = static_folder(args.folder)
     layers = list(encoder_layers(model))
     if any(layer.position_bias for layer in layers):
         raise SystemExit(f"{args.folder}'s layers read a relative position bias (MPNet): this times BERT-style layers")
-    texts = [line.strip() for line in args.texts.read_text().splitlines() if line.strip()]
+    texts = read_lines(args.texts)
     calls = draw_calls(texts, args.calls, args.max_rows, seed=1)
     inputs = []
     with torch.inference_mode():
@@ -103,11 +104,8 @@ def main(argv=None) -> int:
             hidden = model.base_model.embeddings(input_ids=encoded["input_ids"])
             inputs.append((hidden, encoded["attention_mask"]))
     loaded = in_use_mib()
-    readings = run_passes(layers, inputs, args.pad_rows, args.passes)
-    before = loaded
+    readings = with_growth(run_passes(layers, inputs, args.pad_rows, args.passes), loaded)
     for reading in readings:
-        reading["grew_mib"] = round(reading["in_use_mib"] - before, 1)
-        before = reading["in_use_mib"] = round(reading["in_use_mib"], 1)
         print(
             f"{'first' if reading['first'] else 'again'}: {reading['seconds']:.2f} s, in use "
             f"{reading['in_use_mib']:.1f} MiB ({reading['grew_mib']:+.1f})",
@@ -125,7 +123,9 @@ def main(argv=None) -> int:
             "calls": args.calls,
             "rows": rows,
             "rows_run": padded,
-            "shapes": len({(-(-h.shape[0] // args.pad_rows) * args.pad_rows, -(-h.shape[1] // 8)) for h, _ in inputs}),
+            "shapes": len(
+                {(-(-h.shape[0] // args.pad_rows) * args.pad_rows, -(-h.shape[1] // LENGTH_STEP)) for h, _ in inputs}
+            ),
             "in_use_after_load_mib": round(loaded, 1),
             "passes": readings,
         }

@@ -79,6 +79,7 @@ __all__ = [
     "exit_graph",
     "exit_graph_values",
     "run_exit_graph",
+    "wired_layer",
 ]
 
 _log = logging.getLogger(__name__)
@@ -249,6 +250,15 @@ def _wire(model, prefix: str, sources: dict) -> list:
     return [result.input_value(0) for result in model.get_results()]
 
 
+def wired_layer(layer: nn.Module, index: int, sources: dict):
+    """Static layer ``index``'s (1-based) IR, its names prefixed ``layer{index}/``, fed from ``sources`` (the graph's
+    outputs by input name: ``hidden``, ``key_mask``, MPNet's ``position_bias``): its hidden output, now part of the
+    graph being built."""
+    prefix = f"layer{index}/"
+    (hidden,) = _wire(_prefixed(ov_core().read_model(*layer.ir), prefix), prefix, sources)
+    return hidden
+
+
 def exit_graph_model(
     model: nn.Module, adapter, heads, policy: ExitPolicy, length_step: int = LENGTH_STEP, row_step: int = ROW_STEP
 ):
@@ -264,7 +274,6 @@ def exit_graph_model(
     num_layers, width = len(layers), adapter.hidden_size
     kind = "entropy" if isinstance(policy, Entropy) else "max_prob"
     normalized = bool(getattr(policy, "normalized", False))
-    core = ov_core()
     inputs = {
         "hidden": ops.parameter([-1, -1, width], ov.Type.f32, name="hidden"),
         "key_mask": ops.parameter([-1, -1], ov.Type.i32, name="key_mask"),
@@ -319,8 +328,7 @@ def exit_graph_model(
     current = {name: inputs[name].output(0) for name in names if name in inputs}
     outputs = []
     for index, layer in enumerate(layers, start=1):
-        prefix = f"layer{index}/"
-        (hidden,) = _wire(_prefixed(core.read_model(*layer.ir), prefix), prefix, current)
+        hidden = wired_layer(layer, index, current)
         feed(f"hidden_{index}", hidden)
         feed(f"key_mask_{index}", current["key_mask"])
         if index == num_layers:
