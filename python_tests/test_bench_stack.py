@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 import earlyexit_kernels as eek
-from benchmarks.suite import stack, stack_report
+from benchmarks.suite import stack, stack_peers, stack_report
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -45,7 +45,7 @@ def test_each_torch_configuration_classifies_and_counts_the_layers_its_rows_ran(
     results = stack.measure(configs, batches, labels, repeats=2, num_layers=4)
     with torch.no_grad():
         expected = sum(
-            int((full(**{k: b[k] for k in stack.INPUTS}).logits.argmax(-1) == b["labels"]).sum()) for b in batches
+            int((full(**{k: b[k] for k in stack_peers.INPUTS}).logits.argmax(-1) == b["labels"]).sum()) for b in batches
         )
     assert results["fp32"]["accuracy"] == results["fp32 + early exit"]["accuracy"] == expected / len(labels)
     assert results["fp32 + early exit"]["mean_layers"] == 4.0  # Entropy(0) never exits
@@ -82,10 +82,10 @@ def test_int8_keeps_the_feed_forward_output_projections_float_when_asked(arch):
 
 def test_ratios_are_paired_within_a_repetition_and_the_report_states_the_targets(tmp_path):
     configs = [
-        stack.Config("fp32", "fp32", False, None),
-        stack.Config("int8", "int8", False, None),
-        stack.Config("int8 + early exit", "int8", True, None),
-        stack.Config("ONNX Runtime int8", "ONNX Runtime int8", False, None),
+        stack_peers.Config("fp32", "fp32", False, None),
+        stack_peers.Config("int8", "int8", False, None),
+        stack_peers.Config("int8 + early exit", "int8", True, None),
+        stack_peers.Config("ONNX Runtime int8", "ONNX Runtime int8", False, None),
     ]
     # repetition 2 ran everything twice as slow: paired ratios do not move
     seconds = {"fp32": [4.0, 8.0], "int8": [2.0, 4.0], "int8 + early exit": [1.0, 2.0], "ONNX Runtime int8": [1.5, 3.0]}
@@ -148,11 +148,11 @@ def test_peers_give_the_model_logits(tmp_path):
         pytest.importorskip(package, reason=f"{package} is not installed (bench-only, optional)")
     full = tiny_model("bert", num_labels=2)
     batches, _ = batches_and_labels()
-    configs, notes = stack.peer_configs(full, batches[0], tmp_path, threads=1)
+    configs, notes = stack_peers.peer_configs(full, batches[0], tmp_path, threads=1)
     assert [c.name for c in configs] == ["ONNX Runtime fp32", "ONNX Runtime int8", "OpenVINO fp32"]
     assert "Attention" in notes["onnxruntime"]  # the optimizer fused the attention
     with torch.no_grad():
-        expected = full(**{k: batches[1][k] for k in stack.INPUTS}).logits
+        expected = full(**{k: batches[1][k] for k in stack_peers.INPUTS}).logits
     for config, atol in zip(configs, (1e-5, 2e-2, 1e-5)):
         torch.testing.assert_close(config.run(batches[1])[0], expected, rtol=0, atol=atol)
 
@@ -168,18 +168,18 @@ def test_openvino_static_int8_is_calibrated_on_other_texts_and_gives_the_model_l
     for seed in (7, 8, 9):  # other texts than the ones scored
         ids, mask, types = tiny_batch(6, 9, seed=seed)
         calibration.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
-    configs, notes = stack.peer_configs(full, batches[0], tmp_path, threads=1, calibration=calibration)
+    configs, notes = stack_peers.peer_configs(full, batches[0], tmp_path, threads=1, calibration=calibration)
     assert [c.name for c in configs][-2:] == ["OpenVINO fp32", "OpenVINO int8"]
     assert "static int8" in notes["openvino int8"] and "validation texts" in notes["openvino int8"]
     assert "setting kept" in notes["openvino int8"] and "setting kept" in notes["openvino"]
     with torch.no_grad():
-        expected = full(**{k: batches[1][k] for k in stack.INPUTS}).logits
+        expected = full(**{k: batches[1][k] for k in stack_peers.INPUTS}).logits
     got = configs[-1].run(batches[1])[0]
     # measured here: static int8 moved this tiny model's logits by 0.0029 where they reach 0.0198 (dynamic int8
     # of ONNX Runtime: 0.0003); a broken quantization moves them by their own size: the bound sits between
     assert float((got - expected).abs().max()) < 0.5 * float(expected.abs().max())
     assert not torch.equal(got, configs[-2].run(batches[1])[0])  # quantized: not the fp32 graph's bits
-    _, without = stack.peer_configs(full, batches[0], tmp_path, threads=1)
+    _, without = stack_peers.peer_configs(full, batches[0], tmp_path, threads=1)
     assert without["openvino int8"] == "no calibration texts given"
 
 
@@ -192,15 +192,15 @@ def test_an_openvino_peer_is_compiled_at_the_faster_of_its_fused_subgraph_settin
 
     full = tiny_model("bert", num_labels=2)
     batches, _ = batches_and_labels()
-    exported = stack._export_onnx(full, batches[0], tmp_path)
+    exported = stack_peers.export_onnx(full, batches[0], tmp_path)
     core = openvino.Core()
-    compiled, setting = stack.openvino_compiled(core, core.read_model(str(exported)), 1, batches[:2])
+    compiled, setting = stack_peers.openvino_compiled(core, core.read_model(str(exported)), 1, batches[:2])
     kept = setting.split("setting kept: ")[1].split(" (")[0]
     assert kept in ("default", "fused-subgraph code generation off")
     assert "default" in setting.split("(")[1] and "code generation off" in setting.split("(")[1]  # both timings
     with torch.no_grad():
-        expected = full(**{k: batches[1][k] for k in stack.INPUTS}).logits
-    got = torch.from_numpy(compiled(stack._numpy_inputs(batches[1]))[compiled.output(0)])
+        expected = full(**{k: batches[1][k] for k in stack_peers.INPUTS}).logits
+    got = torch.from_numpy(compiled(stack_peers.numpy_inputs(batches[1]))[compiled.output(0)])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)  # float32 either way: the model's logits
 
 

@@ -5,7 +5,7 @@ full model, per layer, at the same shapes". The stack benchmark reads it from wh
 also runs its embeddings and head in PyTorch; here the layers alone:
 
 - the peer: ONNX Runtime int8 as the stack benchmark builds it (transformer optimizer, then
-  ``quantize_dynamic``: :func:`benchmarks.suite.stack.peer_configs`), once at the classifier's full depth L and
+  ``quantize_dynamic``: :func:`benchmarks.suite.stack_peers.peer_configs`), once at the classifier's full depth L and
   once cut to its first layer; one layer costs ``(T_L - T_1) / (L - 1)``, the embeddings and the classifier
   cancelling out;
 - eek: the same classifier's encoder layers as the ``per-token-ort`` int8 layers
@@ -50,7 +50,7 @@ import torch
 
 from benchmarks.suite.corpus_peers import read_texts, rotated_rounds, sorted_batches
 from benchmarks.suite.script_results import run_conditions, write_json
-from benchmarks.suite.stack import peer_configs
+from benchmarks.suite.stack_peers import peer_configs
 from earlyexit_kernels.engine.layers.int8_isa import int8_isa
 
 #: the whole model each recipe's layers are read against, and the key of its build's note

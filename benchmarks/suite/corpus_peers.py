@@ -6,10 +6,10 @@ engine sorting by length as it does), or the plain classifier on a faster runtim
 length by hand (longest first) in batches of ``--batch``:
 
 - ``OpenVINO int8``: static int8 by NNCF (``nncf.quantize``, transformer preset) on ``--calibration``
-  texts, never the corpus (:func:`benchmarks.suite.stack._openvino_int8`: latency hint, float32 for what
+  texts, never the corpus (:func:`benchmarks.suite.stack_peers.openvino_int8`: latency hint, float32 for what
   stays float, the plugin's fused-subgraph code generation on or off as timed faster on those texts);
 - ``ONNX Runtime int8``: ONNX Runtime's transformer optimizer, then ``quantize_dynamic``
-  (:func:`benchmarks.suite.stack.peer_configs`);
+  (:func:`benchmarks.suite.stack_peers.peer_configs`);
 - ``OpenVINO fp32`` and ``ONNX Runtime fp32`` where installed, for scale.
 
 Every timing runs from the texts to the labels (tokenization included), after one pass of each, timed
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's
 
 import torch
 
-from benchmarks.suite.stack import peer_configs
+from benchmarks.suite.stack_peers import peer_configs
 from earlyexit_kernels.bench.results import cpu_name
 from earlyexit_kernels.engine.layers.int8_isa import int8_isa
 

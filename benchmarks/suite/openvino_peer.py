@@ -44,7 +44,7 @@ def measure(
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from benchmarks.suite.serve_drive import Drive, pinned, summarize
-    from benchmarks.suite.stack import _export_onnx, _openvino_int8
+    from benchmarks.suite.stack_peers import export_onnx, openvino_int8
 
     tokenizer = AutoTokenizer.from_pretrained(plain)
     model = AutoModelForSequenceClassification.from_pretrained(plain, dtype=torch.float32).eval()
@@ -56,8 +56,8 @@ def measure(
 
     calibration_batches = [encode(calibration[s : s + batch]) for s in range(0, len(calibration), batch)]
     with tempfile.TemporaryDirectory(prefix="eek-openvino-peer-") as folder:
-        exported = _export_onnx(model, calibration_batches[0], Path(folder))
-        config, setting = _openvino_int8(openvino.Core(), exported, calibration_batches, threads)
+        exported = export_onnx(model, calibration_batches[0], Path(folder))
+        config, setting = openvino_int8(openvino.Core(), exported, calibration_batches, threads)
         run = config.run
         drive = Drive()
         with pinned(cores):

@@ -1,7 +1,6 @@
 """``python -m benchmarks.suite.stack``: early exit on top of int8, bf16 and torch.compile, beside
 ONNX Runtime and OpenVINO.
-(Past 600 lines: one benchmark run as one: its configurations, the peers' export and compilation, their interleaved
-measurement, the rows and the run's meta; the peers are the part to move into a module of their own next.)
+(The peers, ONNX Runtime and OpenVINO at their best settings: :mod:`benchmarks.suite.stack_peers`.)
 
 The real task (:mod:`earlyexit_kernels.demo.real_task`): all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes, its exit
 heads fitted and the exit threshold calibrated on the validation split as ``make demo`` does
@@ -33,31 +32,26 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.metadata
-import importlib.util
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from benchmarks.suite.stack_peers import INPUTS, Config, peer_configs, peer_status
 from earlyexit_kernels.bench.results import cpu_name
 from earlyexit_kernels.engine.layers import int8_isa, precision
 from earlyexit_kernels.engine.layers.precision import INT8_RECIPES
 from earlyexit_kernels.integrations.int8_fit import exit_graph_choice
 from earlyexit_kernels.patching.state import is_patched
 
-__all__ = ["Config", "measure", "peer_configs", "peer_status", "rows_of", "run", "torch_configs"]
+__all__ = ["measure", "rows_of", "run", "torch_configs"]
 
 BATCH = 32
-INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 FIELDS = [
     "config",
     "base",
@@ -83,27 +77,6 @@ FIELDS = [
     "vs_ort_int8_p80",
     "repeats",
 ]
-
-
-@dataclass
-class Config:
-    """One way to classify a batch: ``run(batch) -> (logits [n, C] float32, layers run [n] or None)``.
-
-    ``base``: the configuration without early exit that this one adds early exit to (itself otherwise).
-    """
-
-    name: str
-    base: str
-    early_exit: bool
-    run: Callable[[dict], tuple[torch.Tensor, torch.Tensor | None]]
-
-
-def peer_status() -> dict[str, str]:
-    """For each peer package, ``"installed"`` or why the stack skips its rows."""
-    status = {}
-    for package in ("onnx", "onnxruntime", "openvino", "nncf"):
-        status[package] = "installed" if importlib.util.find_spec(package) else f"not installed (pip install {package})"
-    return status
 
 
 def _torch_config(name: str, base: str, model) -> Config:
@@ -169,174 +142,6 @@ def torch_configs(
             _torch_config("compile + early exit", "compile", torch.compile(copy.deepcopy(patched), dynamic=True)),
         ]
     return configs
-
-
-def _export_onnx(full, batch: dict, folder: Path) -> Path:
-    path = folder / "model.onnx"
-    names = [name for name in INPUTS if name in batch]
-    axes = {name: {0: "batch", 1: "sequence"} for name in names}
-    axes["logits"] = {0: "batch"}
-    inputs = tuple(batch[name][:2] for name in names)
-    kwargs = dict(input_names=names, output_names=["logits"], dynamic_axes=axes, opset_version=17)
-    # ONNX Runtime's optimizer fuses the attention of the eager graph (not of SDPA's)
-    full = copy.deepcopy(full)
-    full.set_attn_implementation("eager")
-    try:
-        torch.onnx.export(full, inputs, str(path), dynamo=False, **kwargs)
-    except TypeError:  # a torch whose exporter has no dynamo= switch
-        torch.onnx.export(full, inputs, str(path), **kwargs)
-    return path
-
-
-def _numpy_inputs(batch: dict) -> dict:
-    return {name: batch[name].numpy() for name in INPUTS if name in batch}
-
-
-def peer_configs(
-    full, sample: dict, folder: Path, threads: int, calibration: list[dict] | None = None
-) -> tuple[list[Config], dict[str, str]]:
-    """ONNX Runtime fp32 and int8 on the optimized graph, OpenVINO fp32 and, with ``calibration`` (batches of
-    texts that are not the test's) and NNCF, static int8: the peers that are installed.
-
-    Returns the configurations and, per peer, what was done or why it was skipped.
-    """
-    status = peer_status()
-    notes, configs = {}, []
-    if status["onnx"] != "installed":
-        return [], {"onnxruntime": status["onnx"], "openvino": status["onnx"]}
-    exported = _export_onnx(full, sample, folder)
-    config = full.config
-    if status["onnxruntime"] == "installed":
-        import onnxruntime
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-        from onnxruntime.transformers import optimizer
-
-        optimized = folder / "model-optimized.onnx"
-        fused = optimizer.optimize_model(
-            str(exported), model_type="bert", num_heads=config.num_attention_heads, hidden_size=config.hidden_size
-        )
-        fused.save_model_to_file(str(optimized))
-        quantized = folder / "model-optimized-int8.onnx"
-        import onnx
-
-        # (the fused ops are of another domain: shape inference cannot type their outputs)
-        extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
-        quantize_dynamic(str(optimized), str(quantized), weight_type=QuantType.QInt8, extra_options=extra)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        # Its threads would otherwise spin after each run and take the cores from the next configuration.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        for name, path in (("ONNX Runtime fp32", optimized), ("ONNX Runtime int8", quantized)):
-            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            configs.append(Config(name, name, False, _ort_run(session)))
-        notes["onnxruntime"] = (
-            f"onnxruntime {onnxruntime.__version__}: transformers optimizer (model_type bert, fusions: "
-            f"{_fusions(fused)}), int8 by quantize_dynamic (QInt8 weights)"
-        )
-    else:
-        notes["onnxruntime"] = status["onnxruntime"]
-    if status["openvino"] == "installed":
-        import openvino
-
-        core = openvino.Core()
-        compiled, setting = openvino_compiled(core, core.read_model(str(exported)), threads, calibration or [sample])
-        configs.append(Config("OpenVINO fp32", "OpenVINO fp32", False, _openvino_run(compiled)))
-        notes["openvino"] = (
-            f"openvino {openvino.__version__}: the exported graph, INFERENCE_PRECISION_HINT f32, LATENCY hint; {setting}"
-        )
-        if status["nncf"] != "installed":
-            notes["openvino int8"] = status["nncf"]
-        elif not calibration:
-            notes["openvino int8"] = "no calibration texts given"
-        else:
-            config, setting = _openvino_int8(core, exported, calibration, threads)
-            configs.append(config)
-            notes["openvino int8"] = (
-                f"nncf {importlib.metadata.version('nncf')}: static int8, nncf.quantize(model_type=TRANSFORMER) on "
-                f"{sum(len(b['input_ids']) for b in calibration)} validation texts, INFERENCE_PRECISION_HINT f32, "
-                f"LATENCY hint; {setting}"
-            )
-    else:
-        notes["openvino"] = status["openvino"]
-    return configs, notes
-
-
-#: the CPU plugin's code generation of fused subgraphs (attention, chains of element-wise ops), on by default.
-#: Off, OpenVINO's static int8 MiniLM-L6 ran its calibration batches in 460 ms against 496 on the Intel Xeon with AMX
-#: (benchmarks/results/intel_xeon/stack_int8_static_ov_best_peer_cpu), so each OpenVINO peer is compiled both ways
-#: and the faster kept: a peer at its best setting on the CPU it runs on.
-SNIPPETS_OFF = {"SNIPPETS_MODE": "DISABLE"}
-#: alternating passes over the timing batches that choose an OpenVINO peer's setting
-SETTING_ROUNDS = 3
-
-
-def openvino_compiled(core, model, threads: int, batches: list[dict]):
-    """``(compiled model, what was chosen and why)``: ``model`` compiled for ``threads`` threads with the latency
-    hint and float32 where it stays float, with the plugin's fused-subgraph code generation on (its default) and off
-    (:data:`SNIPPETS_OFF`), the faster kept: a peer at its best setting on this CPU. Both are timed in
-    :data:`SETTING_ROUNDS` alternating passes over ``batches`` (after one untimed pass each: its shapes), the
-    setting of the smaller median kept. ``batches``: the texts timed (the calibration's where there are some: a
-    setting is chosen on texts that are never the ones scored)."""
-    base = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
-    candidates = {"default": core.compile_model(model, "CPU", base)}
-    try:
-        candidates["fused-subgraph code generation off"] = core.compile_model(model, "CPU", {**base, **SNIPPETS_OFF})
-    except RuntimeError as error:  # a version without the property: the default is all there is
-        return candidates["default"], f"the plugin's default (SNIPPETS_MODE not accepted: {str(error).splitlines()[0]})"
-    feeds = [_numpy_inputs(batch) for batch in batches]
-    seconds = {name: [] for name in candidates}
-    for round_ in range(SETTING_ROUNDS + 1):
-        names = list(candidates) if round_ % 2 == 0 else list(reversed(candidates))
-        for name in names:
-            start = time.perf_counter()
-            for feed in feeds:
-                candidates[name](feed)
-            if round_:  # the first round compiles the batches' shapes
-                seconds[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(values) for name, values in seconds.items()}
-    kept = min(medians, key=medians.get)
-    timings = ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in medians.items())
-    note = f"setting kept: {kept} (median of {SETTING_ROUNDS} passes over {len(feeds)} calibration batches: {timings})"
-    return candidates[kept], note
-
-
-def _openvino_int8(core, exported: Path, calibration: list[dict], threads: int) -> tuple[Config, str]:
-    """OpenVINO static int8: the exported graph quantized by NNCF on ``calibration``'s batches (activations'
-    ranges from them, the transformer preset: attention's softmax and layer norms stay float), compiled at its
-    best setting on this CPU (:func:`openvino_compiled`, timed on the same batches). ``(config, setting note)``."""
-    import nncf
-
-    model = core.read_model(str(exported))
-    dataset = nncf.Dataset(calibration, _numpy_inputs)
-    quantized = nncf.quantize(
-        model,
-        dataset,
-        model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=len(calibration),  # every batch given: the statistics of all its texts
-    )
-    compiled, setting = openvino_compiled(core, quantized, threads, calibration)
-    return Config("OpenVINO int8", "OpenVINO int8", False, _openvino_run(compiled)), setting
-
-
-def _fusions(optimized) -> str:
-    counts = optimized.get_fused_operator_statistics()
-    return ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "none"
-
-
-def _ort_run(session):
-    def run(batch):
-        return torch.from_numpy(session.run(["logits"], _numpy_inputs(batch))[0]).float(), None
-
-    return run
-
-
-def _openvino_run(compiled):
-    output = compiled.output(0)
-
-    def run(batch):
-        return torch.from_numpy(compiled(_numpy_inputs(batch))[output]).float(), None
-
-    return run
 
 
 def measure(configs: list[Config], batches: list[dict], labels: torch.Tensor, repeats: int, num_layers: int):
