@@ -1,5 +1,7 @@
 """Early exit in one OpenVINO call (engine/step/ov_exit_graph.py): on static int8 layers a patched model's CPU forward
-runs its layers, heads and exit rule in one compiled model, and answers as the layer-by-layer loop does."""
+runs its layers, heads and exit rule in one compiled model, and answers as the layer-by-layer loop does.
+(Past 600 lines: the graph's answers and the benchmarks that read the graph itself share one module-scoped model on
+static int8 layers, which NNCF takes seconds a layer to quantize: a second file would quantize it again.)"""
 
 import copy
 import logging
@@ -197,6 +199,26 @@ def test_each_later_layer_runs_on_the_grid_its_rows_need_and_a_row_kept_for_the_
     with torch.inference_mode():
         _, graph_exits, grid_lengths = graph.run(hidden, batch["attention_mask"], everyone)
     assert graph_exits.tolist() == [1] * 32 and grid_lengths == [40, 1, 1]
+
+
+def test_a_graph_built_without_compaction_answers_as_the_shipped_one_with_every_row_on_its_first_grid(quantized):
+    """``compact=False`` (the profile's ``--without-compaction``): every row runs every layer on its first grid, the
+    answers still the shipped graph's, so the heads' and decisions' cost reads apart from the compaction's."""
+    static = _static(quantized, eek.Entropy(0.0))
+    batch = _batch(static, rows=40, seed=7)
+    policy = eek.Entropy(_midway_thresholds(static, batch, entropy))
+    eek.patch(static, policy)
+    adapter, heads, shipped = current_adapter(static), static.early_exit_heads, _graph_of(static)
+    whole = ov_exit_graph.ExitGraph(static, adapter, heads, policy)
+    whole._model = ov_exit_graph.exit_graph_model(static, adapter, heads, policy, compact=False)
+    with torch.inference_mode():
+        hidden = adapter.embed(batch["input_ids"], None, None, None, batch["attention_mask"])
+        (logits, exits, lengths), (logits_whole, exits_whole, lengths_whole) = (
+            graph.run(hidden, batch["attention_mask"], policy) for graph in (shipped, whole)
+        )
+    assert len(set(exits.tolist())) >= 3 and torch.equal(exits_whole, exits)  # rows left at every layer
+    torch.testing.assert_close(logits_whole, logits, rtol=1e-5, atol=1e-5)  # the heads on other row counts
+    assert lengths_whole == [lengths[0]] * LAYERS
 
 
 def _rows_run(graph) -> list[int]:

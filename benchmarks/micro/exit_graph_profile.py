@@ -7,7 +7,7 @@ time, its type (after the plugin's fusions) and the kernel it ran (``exec_type``
 ``jit_avx512_f32``, ...). This compiles, both with profiling on:
 
 - the peer: the classifier exported to ONNX and quantized by NNCF (transformer preset), as the stack benchmark
-  builds its OpenVINO static int8 (:func:`benchmarks.suite.stack._export_onnx`), on ``--calibration``'s texts;
+  builds its OpenVINO static int8 (:func:`benchmarks.suite.stack_peers.export_onnx`), on ``--calibration``'s texts;
 - eek: the same classifier's static int8 layers (NNCF on each layer, on the same texts) in one exit graph, every row
   at full depth (a threshold no row passes), each layer's mean-pooled MLP exit head included (untrained: its cost
   does not depend on its weights), the embeddings fed from torch as the forward feeds them;
@@ -17,6 +17,8 @@ on its grid padded to multiples of each ``--length-steps`` (8: the shipped
 :data:`~earlyexit_kernels.engine.layers.packed_call_shapes.LENGTH_STEP`, the shapes the plugin meets fewer; 1: no
 padding, the peer's grid), and runs every configuration on the same length-sorted batches of ``--batch`` (longest
 first): a first pass each (its shapes' preparation, recorded apart), then ``--passes`` passes in alternating order.
+``--without-compaction`` adds, at each length step and setting, the exit graph built without its compaction (its
+heads and decisions, every row on the grid it came in on: no data-dependent shape; at full depth the same work).
 ``--layers-alone`` adds, at each length step and setting, the same static layers' IR wired one into the next with
 no exit step or head between them: what the exit graph costs beyond its layers (its heads, its exit steps, the
 shapes it computes inside), and what the layers cost in one compiled model against the peer's whole model.
@@ -106,11 +108,11 @@ def peer_model(model, sample: dict, calibration: list[dict], scratch: Path):
     """The stack's OpenVINO static int8 peer, uncompiled: ``model`` exported to ONNX and quantized by NNCF."""
     import nncf
 
-    from benchmarks.suite.stack import _export_onnx, _numpy_inputs
+    from benchmarks.suite.stack_peers import export_onnx, numpy_inputs
     from earlyexit_kernels.engine.layers.ov_layer import ov_core
 
-    exported = _export_onnx(model, sample, scratch)
-    dataset = nncf.Dataset(calibration, _numpy_inputs)
+    exported = export_onnx(model, sample, scratch)
+    dataset = nncf.Dataset(calibration, numpy_inputs)
     return nncf.quantize(
         ov_core().read_model(str(exported)),
         dataset,
@@ -121,19 +123,21 @@ def peer_model(model, sample: dict, calibration: list[dict], scratch: Path):
 
 def peer_pass(quantized, batches: list[dict], threads: int, settings: dict):
     """``(one pass, its request)``: the peer compiled as the stack compiles it, with ``settings`` and profiling."""
-    from benchmarks.suite.stack import _numpy_inputs
+    from benchmarks.suite.stack_peers import numpy_inputs
     from earlyexit_kernels.engine.layers.ov_layer import ov_core
 
     config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
     compiled = ov_core().compile_model(quantized, "CPU", {**config, **settings, "PERF_COUNT": True})
     request = compiled.create_infer_request()
-    feeds = [_numpy_inputs(batch) for batch in batches]
+    feeds = [numpy_inputs(batch) for batch in batches]
     return _profiled(lambda feed: request.infer(feed), request, feeds), request
 
 
-def graph_pass(eek_model, batches: list[dict], inputs: list, settings: dict, step: int):
+def graph_pass(eek_model, batches: list[dict], inputs: list, settings: dict, step: int, compact: bool = True):
     """``(one pass, its request)``: ``eek_model``'s static layers in one exit graph on a grid padded to multiples of
-    ``step``, every row at full depth, compiled with the layers' options, ``settings`` and profiling."""
+    ``step``, every row at full depth, compiled with the layers' options, ``settings`` and profiling;
+    ``compact=False``: the graph built without its compaction (``exit_graph_model(compact=False)``: the same heads
+    and decisions, every row on the grid it came in on, no data-dependent shape)."""
     import earlyexit_kernels as eek
     from earlyexit_kernels.engine.layers.ov_layer import compile_config, ov_core
     from earlyexit_kernels.engine.step.ov_exit_graph import ExitGraph, exit_graph_model
@@ -142,9 +146,10 @@ def graph_pass(eek_model, batches: list[dict], inputs: list, settings: dict, ste
     patched = eek.patch(copy.deepcopy(eek_model), eek.Entropy(0.0), head="mlp", pooling="mean")  # never exits
     adapter, policy = current_adapter(patched), policy_of(patched)
     graph = ExitGraph(patched, adapter, patched.early_exit_heads, policy)
-    if step != graph.length_step:  # the grid's step set apart from the compilation's (ExitGraph ties them)
+    # the grid's step set apart from the compilation's (ExitGraph ties them), or the graph built without compaction
+    if step != graph.length_step or not compact:
         graph.length_step = step
-        graph._model = exit_graph_model(patched, adapter, patched.early_exit_heads, policy, step)
+        graph._model = exit_graph_model(patched, adapter, patched.early_exit_heads, policy, step, compact=compact)
     threads = torch.get_num_threads()
     config = {**compile_config(threads, graph.settings), **settings, "PERF_COUNT": True}
     graph._compiled, graph._threads = ov_core().compile_model(graph._model, "CPU", config), threads
@@ -225,6 +230,12 @@ def main(argv=None) -> int:
         help="also the static layers wired one into the next with no exit step or head between them, at each length "
         "step and setting: what the graph costs beyond its layers",
     )
+    parser.add_argument(
+        "--without-compaction",
+        action="store_true",
+        help="also the exit graph built without its compaction (its heads and decisions, every row on the grid it came "
+        "in on), at each length step and setting: the exit steps' cost apart from the compaction's",
+    )
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.passes < 1 or args.count < args.batch:
@@ -266,6 +277,11 @@ def main(argv=None) -> int:
         for name, settings in SETTINGS.items():
             passes[f"eek exit graph, length step {step}, {name}"] = graph_pass(
                 eek_model, batches, inputs, settings, step
+            )[0]
+    for step in args.length_steps if args.without_compaction else ():
+        for name, settings in SETTINGS.items():
+            passes[f"eek exit graph without compaction, length step {step}, {name}"] = graph_pass(
+                eek_model, batches, inputs, settings, step, compact=False
             )[0]
     for step in args.length_steps if args.layers_alone else ():
         for name, settings in SETTINGS.items():

@@ -260,13 +260,25 @@ def wired_layer(layer: nn.Module, index: int, sources: dict):
 
 
 def exit_graph_model(
-    model: nn.Module, adapter, heads, policy: ExitPolicy, length_step: int = LENGTH_STEP, row_step: int = ROW_STEP
+    model: nn.Module,
+    adapter,
+    heads,
+    policy: ExitPolicy,
+    length_step: int = LENGTH_STEP,
+    row_step: int = ROW_STEP,
+    *,
+    compact: bool = True,
 ):
     """The ``openvino.Model`` of the whole early-exit encoder of ``model``: inputs ``hidden`` [n, S, H] (the
     embeddings on a grid padded as the static layers pad it), ``key_mask`` [n, S] int32, ``rows`` [n] int64,
     ``extents`` [n] int64 (each row's length, :func:`~earlyexit_kernels.engine.step.batch_loop.mask_extents`) and the policy's values (:func:`exit_graph_values`);
     outputs, per layer ``i < L``, its rows' logits, decisions and row indices and the next layer's grid length [1],
-    then layer ``L``'s logits and rows."""
+    then layer ``L``'s logits and rows.
+
+    ``compact=False``: every row runs every layer on the grid it came in on (the heads and decisions still computed,
+    each row's first exit still the answer): the same answers without the data-dependent shapes, a form no path runs;
+    ``benchmarks/micro/exit_graph_profile.py --without-compaction`` times it to split the exit steps' cost from the
+    compaction's."""
     import openvino as ov
     from openvino import opset13 as ops
 
@@ -328,8 +340,8 @@ def exit_graph_model(
     current = {name: inputs[name].output(0) for name in names if name in inputs}
     outputs = []
     for index, layer in enumerate(layers, start=1):
-        hidden = wired_layer(layer, index, current)
-        feed(f"hidden_{index}", hidden)
+        hidden_out = wired_layer(layer, index, current)
+        feed(f"hidden_{index}", hidden_out)
         feed(f"key_mask_{index}", current["key_mask"])
         if index == num_layers:
             outputs += [step_outputs[-1], current["rows"]]
@@ -337,6 +349,11 @@ def exit_graph_model(
             feed(f"rows_{index}", current["rows"])
             feed(f"extents_{index}", current["extents"])
             logits, exits, hidden, key_mask, rows, extents, length = step_outputs[7 * (index - 1) : 7 * index]
+            if not compact:  # every row goes on, on the same grid: the layer's output feeds the next as it is
+                grid = ops.gather(ops.shape_of(current["key_mask"]), np.array([1], np.int64), np.int64(0)).output(0)
+                outputs += [logits, exits, current["rows"], grid]
+                current = {**current, "hidden": hidden_out}
+                continue
             outputs += [logits, exits, current["rows"], length]
             # the next layer's grid: its rows, trimmed to the positions they need (the bias: both its last axes)
             current = {
