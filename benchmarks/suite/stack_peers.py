@@ -63,6 +63,8 @@ def peer_status() -> dict[str, str]:
 
 
 def export_onnx(full, batch: dict, folder: Path) -> Path:
+    """``full`` (an unpatched classifier) exported to ``folder/model.onnx`` with its eager attention, rows and length
+    dynamic, traced on two rows of ``batch``: the graph every ONNX Runtime and OpenVINO peer starts from."""
     path = folder / "model.onnx"
     names = [name for name in INPUTS if name in batch]
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
@@ -80,6 +82,7 @@ def export_onnx(full, batch: dict, folder: Path) -> Path:
 
 
 def numpy_inputs(batch: dict) -> dict:
+    """``batch``'s tokenizer outputs the exported graph reads, as numpy arrays (a runtime's feed)."""
     return {name: batch[name].numpy() for name in INPUTS if name in batch}
 
 
