@@ -209,8 +209,7 @@ def test_a_graph_built_without_compaction_answers_as_the_shipped_one_with_every_
     policy = eek.Entropy(_midway_thresholds(static, batch, entropy))
     eek.patch(static, policy)
     adapter, heads, shipped = current_adapter(static), static.early_exit_heads, _graph_of(static)
-    whole = ov_exit_graph.ExitGraph(static, adapter, heads, policy)
-    whole._model = ov_exit_graph.exit_graph_model(static, adapter, heads, policy, compact=False)
+    whole = ov_exit_graph.ExitGraph(static, adapter, heads, policy, compact=False)
     with torch.inference_mode():
         hidden = adapter.embed(batch["input_ids"], None, None, None, batch["attention_mask"])
         (logits, exits, lengths), (logits_whole, exits_whole, lengths_whole) = (

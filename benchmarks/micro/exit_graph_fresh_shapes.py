@@ -39,15 +39,14 @@ from benchmarks.suite.script_results import run_conditions, write_json
 def graph_with(model, steps: tuple[int, int]):
     """``model``'s exit graph (its policy's kind, its layers' plugin settings) built with ``steps`` (length, rows),
     compiled for torch's thread count now: its own compiled model, so its own prepared shapes."""
-    from earlyexit_kernels.engine.layers.packed_call_shapes import ROW_STEP
     from earlyexit_kernels.engine.step import ov_exit_graph
     from earlyexit_kernels.patching.patch import current_adapter, policy_of
 
     adapter, policy = current_adapter(model), policy_of(model)
-    graph = ov_exit_graph.ExitGraph(model, adapter, model.early_exit_heads, policy)
-    if steps != (graph.length_step, ROW_STEP):
-        graph.length_step = steps[0]
-        graph._model = ov_exit_graph.exit_graph_model(model, adapter, model.early_exit_heads, policy, *steps)
+    length_step, row_step = steps
+    graph = ov_exit_graph.ExitGraph(
+        model, adapter, model.early_exit_heads, policy, length_step=length_step, row_step=row_step
+    )
     graph.compiled()
     return graph
 

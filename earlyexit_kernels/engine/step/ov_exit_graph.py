@@ -377,18 +377,31 @@ def _trimmed(source, length, axes: list[int]):
 
 
 class ExitGraph:
-    """The compiled exit graph of one patched model, for one policy kind (its values are inputs)."""
+    """The compiled exit graph of one patched model, for one policy kind (its values are inputs).
 
-    def __init__(self, model: nn.Module, adapter, heads, policy: ExitPolicy):
+    ``length_step``, ``row_step`` and ``compact``: :func:`exit_graph_model`'s, the shipped ones by default (the
+    benchmarks that read the graph itself build it with others)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter,
+        heads,
+        policy: ExitPolicy,
+        *,
+        length_step: int = LENGTH_STEP,
+        row_step: int = ROW_STEP,
+        compact: bool = True,
+    ):
         layers = encoder_layers(model)
         self.num_layers = len(layers)
         #: whether the graph takes the encoder's relative position bias (MPNet): :meth:`run`'s ``position_bias``
         self.position_bias = bool(layers[0].position_bias)
         #: the plugin's options over the layers' (the static layers' ``exit_graph_settings``: chosen by timing)
         self.settings = tuple(layers[0].exit_graph_settings)
-        #: the grid's lengths are multiples of this, its rows after a compaction of :data:`ROW_STEP`
-        self.length_step = LENGTH_STEP
-        self._model = exit_graph_model(model, adapter, heads, policy, self.length_step)
+        #: the grid's lengths are multiples of this, its rows after a compaction of ``row_step``
+        self.length_step = length_step
+        self._model = exit_graph_model(model, adapter, heads, policy, length_step, row_step, compact=compact)
         self._compiled, self._threads = None, None
         self._requests = threading.local()
 
