@@ -158,6 +158,12 @@ def test_the_int8_layers_named_on_the_command_line_are_the_engine_s():
     assert set(cli_options.INT8_LAYERS) == {"auto", *precision.INT8_LAYERS}
 
 
+def test_the_traffic_named_on_the_command_line_is_the_runtime_choice_s():
+    from earlyexit_kernels.engine.layers import runtime_choice
+
+    assert tuple(cli_options.INT8_TRAFFIC) == runtime_choice.TRAFFIC
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where there is no CUDA device")
 @pytest.mark.parametrize("command", ["classify", "evaluate"])
 def test_cuda_without_a_gpu_is_one_clear_line(fitted, tmp_path, capsys, command):

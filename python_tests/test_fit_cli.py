@@ -382,7 +382,7 @@ def test_fit_with_the_expected_guarantee_records_it_and_calibrate_keeps_it(class
 def test_the_command_line_writes_what_fit_folder_writes(classifier, tmp_path, capsys):
     """``eek fit`` reads its files and calls ``fit_folder``, which a program calls the same way, with a FitConfig or
     its fields: the three folders hold the same policy and the same heads, byte for byte."""
-    from earlyexit_kernels.integrations.model_folder import fit_folder
+    from earlyexit_kernels.integrations.fit_folder import fit_folder
     from earlyexit_kernels.training.fit_config import FitConfig
     from earlyexit_kernels.training.labelled_texts import LabelledTexts
 

@@ -102,12 +102,15 @@ def timings(monkeypatch):
     and run once); ``calls``: the recipes timed on the batches, in order."""
     table: dict = {}
     calls: list[str] = []
+    single_calls: list[str] = []
 
     def seconds(model, batches):
         recipe = model.eek_int8_recipe
-        timed = sum(c == recipe for c in calls)  # this recipe's rounds so far: each times its batches first
-        if batches[0]["input_ids"].shape[0] == 1:  # the single rows: untimed before the first round
-            return table.get((recipe, "single"), table[recipe])[timed - 1] if timed else 0.0
+        if batches[0]["input_ids"].shape[0] == 1:  # the single rows: untimed once before the first round
+            single_calls.append(recipe)
+            rounds = sum(c == recipe for c in single_calls) - 1
+            return table.get((recipe, "single"), table[recipe])[rounds - 1] if rounds else 0.0
+        timed = sum(c == recipe for c in calls)  # this recipe's rounds so far
         calls.append(recipe)
         return table[recipe][timed]
 
@@ -142,6 +145,44 @@ def test_a_runtime_faster_on_batches_but_slower_on_single_rows_is_not_chosen(tim
     assert "faster on both the batches and the single rows" in choice.reason
     assert "onnxruntime 1000 / 100 ms" in choice.reason and "torch 600 / 150 ms" in choice.reason
     assert choice.single_rows == 16 and choice.as_dict()["single_seconds"]["per-token"] == [0.15] * 3
+
+
+def test_a_folder_fitted_for_batches_times_the_batches_alone_and_keeps_their_faster_runtime(timings):
+    """eek fit --traffic batches (a corpus, requests of many texts): the single rows are neither timed nor asked."""
+    table, calls = timings
+    table.update({"per-token-ort": [1.0] * 12, "per-token": [0.6] * 12})
+    table["per-token-ort", "single"], table["per-token", "single"] = [0.1] * 12, [0.15] * 12
+    choice = choose_int8_layers(_model(), _batches(), default="per-token-ort", traffic="batches")
+    assert choice.recipe == "per-token" and len(calls) == 20  # its 10th win of 10 rounds: decided
+    assert choice.reason.startswith("int8 layers: torch, faster than onnxruntime in 10 of 10 rounds")
+    assert "(16 rows in batches, at full depth" in choice.reason and "one at a time" not in choice.reason
+    assert choice.single_rows == 0 and not choice.single_seconds
+    assert choice.as_dict()["traffic"] == "batches" and "single_seconds" not in choice.as_dict()
+
+
+def test_a_folder_fitted_for_single_texts_times_them_alone(timings):
+    """eek fit --traffic texts: the same runtimes timed one row at a time, where the batches' winner loses."""
+    table, calls = timings
+    table.update({"per-token-ort": [1.0] * 12, "per-token": [0.6] * 12})
+    table["per-token-ort", "single"], table["per-token", "single"] = [0.1] * 12, [0.15] * 12
+    kept = choose_int8_layers(_model(), _batches(), default="per-token-ort", traffic="texts")
+    assert kept.recipe == "per-token-ort" and calls == []  # the batches never timed
+    assert "no other runtime was faster one row at a time in 10 of 12 rounds" in kept.reason
+    assert "(16 rows one at a time, at full depth" in kept.reason and "onnxruntime 100 ms" in kept.reason
+    assert not kept.seconds and kept.single_seconds["per-token"] == [0.15] * 3 and kept.rows == 0
+
+
+def test_a_folder_fitted_for_single_texts_keeps_their_faster_runtime_whatever_the_batches_say(timings):
+    table, calls = timings
+    table.update({"per-token-ort": [0.6] * 12, "per-token": [1.0] * 12})
+    table["per-token-ort", "single"], table["per-token", "single"] = [0.15] * 12, [0.1] * 12
+    choice = choose_int8_layers(_model(), _batches(), default="per-token-ort", traffic="texts")
+    assert choice.recipe == "per-token" and calls == [] and choice.as_dict()["traffic"] == "texts"
+
+
+def test_traffic_is_one_of_three_and_said_before_any_timing():
+    with pytest.raises(ValueError, match="traffic must be one of both, batches, texts"):
+        choose_int8_layers(_model(), _batches(), default="per-token-ort", traffic="corpus")
 
 
 def test_the_single_rows_are_the_batches_first_rows_without_their_padding():
@@ -213,6 +254,22 @@ def test_layers_without_int8_are_refused_before_any_work(classifier, tmp_path, c
     assert _run("fit", classifier, train, tmp_path / "out", *FAST, "--layers", "torch") == 2
     assert "--layers torch says where the int8 layers run: give --dtype int8" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_eek_fit_for_batches_records_its_traffic_and_refuses_it_where_nothing_is_timed(
+    classifier,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    train = _write(_frame(120, seed=42), tmp_path / "train.csv")
+    assert _run("fit", classifier, train, tmp_path / "out", *FAST, "--dtype", "int8", "--traffic", "batches") == 0
+    saved = FitRecord.load(tmp_path / "out").int8_layers
+    assert saved["traffic"] == "batches" and saved["rows"] == 64 and "single_seconds" not in saved
+    assert saved["reason"] in capsys.readouterr().out
+    for asked in (("--traffic", "texts"), ("--dtype", "int8", "--layers", "torch", "--traffic", "texts")):
+        assert _run("fit", classifier, train, tmp_path / "refused", *FAST, *asked) == 2
+        assert "--traffic texts says which calls the int8 runtimes are timed on" in capsys.readouterr().err
+        assert not (tmp_path / "refused").exists()
 
 
 def test_the_choice_round_trips_through_the_record_and_an_older_record_holds_none(tmp_path):

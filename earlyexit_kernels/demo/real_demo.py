@@ -236,7 +236,7 @@ def _about(stage: str, rows: int, first_run_only: bool = False) -> str:
 
 
 def run(args) -> None:
-    from earlyexit_kernels.integrations.model_folder import fit_folder
+    from earlyexit_kernels.integrations.fit_folder import fit_folder
     from earlyexit_kernels.training.fit_texts import FitReport
     from earlyexit_kernels.training.labelled_texts import LabelledTexts, split_rows
 

@@ -48,15 +48,18 @@ __all__ = [
     "DEVICES",
     "DTYPES",
     "INT8_LAYERS",
+    "INT8_TRAFFIC",
     "CliError",
     "add_base_options",
     "add_int8_layers_option",
+    "add_int8_traffic_option",
     "add_audit_options",
     "audit_given",
     "audit_line",
     "audit_options",
     "is_multi_label",
     "max_age",
+    "add_int8_traffic_option",
     "recertify_options",
     "set_threads",
 ]
@@ -66,6 +69,13 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "int8")
 #: where the int8 layers run (``engine.precision.INT8_LAYERS``'s keys, and auto)
 INT8_LAYERS = ("auto", "onnxruntime", "openvino", "torch", "openvino-static")
+#: the calls ``eek fit --dtype int8`` times the int8 runtimes on (``engine.layers.runtime_choice.TRAFFIC``), each
+#: with what it is for
+INT8_TRAFFIC = {
+    "both": "batches and single texts, a runtime chosen only where it is faster on both",
+    "batches": "batches alone, for a corpus (eek classify) or requests of many texts",
+    "texts": "single texts alone, for requests of one text",
+}
 
 
 def add_base_options(parser, *, dtypes: tuple[str, ...] = DTYPES) -> None:
@@ -102,6 +112,19 @@ def add_int8_layers_option(parser, auto: str) -> None:
         "openvino-static: NNCF's static int8 on OpenVINO (one scale per activation tensor, set by eek fit on "
         "training rows and saved in the folder; openvino and nncf installed). The certificate is made on those "
         "layers and recorded with them; eek serve runs them",
+    )
+
+
+def add_int8_traffic_option(parser) -> None:
+    """Add ``--traffic`` (default both): the calls the int8 runtimes are timed on, as the folder will be used."""
+    parser.add_argument(
+        "--traffic",
+        choices=INT8_TRAFFIC,
+        default="both",
+        help="with --dtype int8 and --layers auto, the calls the runtimes are timed on, as the folder will be used: "
+        + "; ".join(f"{name}: {what}" for name, what in INT8_TRAFFIC.items())
+        + " (default: both). A runtime with a fixed cost a call can win batches and lose single texts; the choice and "
+        "its timings are recorded in the folder",
     )
 
 

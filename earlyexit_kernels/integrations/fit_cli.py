@@ -25,6 +25,7 @@ from earlyexit_kernels.integrations.cli_options import (
     add_base_options,
     add_fit_options,
     add_int8_layers_option,
+    add_int8_traffic_option,
     checked,
 )
 from earlyexit_kernels.patching.fit_record import SAVED
@@ -152,9 +153,10 @@ def _add_fit(commands) -> None:
     add_base_options(fit, dtypes=("float32", "bfloat16", "int8"))
     add_int8_layers_option(
         fit,
-        "each installed runtime timed on a few training rows on this CPU, in batches and one at a time; the "
-        "family's kept unless another is faster on both in 10 of up to 12 rounds; recorded with its timings",
+        "each installed runtime timed on a few training rows on this CPU, in batches and one at a time (--traffic); "
+        "the family's kept unless another is faster in 10 of up to 12 rounds; recorded with its timings",
     )
+    add_int8_traffic_option(fit)
     fit.set_defaults(run=_fit_command)
 
 
@@ -294,7 +296,7 @@ def _progress_on(args) -> bool:
 
 
 def _fit(args) -> int:
-    from earlyexit_kernels.integrations.model_folder import fit_folder
+    from earlyexit_kernels.integrations.fit_folder import fit_folder
     from earlyexit_kernels.integrations.table_io import read_labelled
     from earlyexit_kernels.training.fit_config import VALIDATION_SPLIT, FitConfig, check_method_labels
     from earlyexit_kernels.training.fit_texts import FitError
@@ -347,6 +349,7 @@ def _fit(args) -> int:
         device=args.device,
         overwrite=args.overwrite,
         int8_layers=args.layers,
+        int8_traffic=args.traffic,
     )
     for line in report.summary():
         print(line)

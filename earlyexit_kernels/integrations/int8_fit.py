@@ -98,6 +98,7 @@ def int8_base(
     layers: str = "auto",
     batches: list[dict] | None = None,
     calibration: list[dict] | None = None,
+    traffic: str = "both",
 ):
     """``model``'s encoder layers int8 inside the block, its float32 layers put back after, whatever happens.
 
@@ -105,7 +106,8 @@ def int8_base(
     certificate measures against, and the
     :class:`~earlyexit_kernels.engine.layers.runtime_choice.LayersChoice` of the int8 layers that run: with
     ``layers`` ``"auto"`` and ``batches`` (:func:`timing_batches`), the installed runtime that was fastest on
-    them (:func:`~earlyexit_kernels.engine.layers.runtime_choice.choose_int8_layers`); ``"auto"`` without
+    them (:func:`~earlyexit_kernels.engine.layers.runtime_choice.choose_int8_layers`, on the calls of ``traffic``:
+    :data:`~earlyexit_kernels.engine.layers.runtime_choice.TRAFFIC`); ``"auto"`` without
     batches, the family's recipe (:func:`~earlyexit_kernels.engine.layers.precision.int8_recipe`); a key of
     :data:`~earlyexit_kernels.engine.layers.precision.INT8_LAYERS`, those layers. ``calibration``
     (:func:`calibration_batches`): the rows static int8 layers set their scales on; without it static int8 is no
@@ -143,7 +145,9 @@ def int8_base(
     if layers != "auto":
         choice = LayersChoice(recipe, default, f"int8 layers: {layers}, as --layers asked", by="asked")
     elif batches:
-        choice = choose_int8_layers(model, batches, default=default, reference=reference, calibration=calibration)
+        choice = choose_int8_layers(
+            model, batches, default=default, reference=reference, calibration=calibration, traffic=traffic
+        )
     else:
         choice = LayersChoice(
             default, default, f"int8 layers: the family's recipe {default} (nothing timed)", by="family"

@@ -212,7 +212,7 @@ class FitConfig:
     model, in points, certified beside ``max_drop`` (labelled rows, with a ``confidence``; None: not bounded); ``tries``:
     fits at seeds ``seed``, ``seed + 1``, ..., each certified at a Bonferroni share of ``confidence``, the one of the
     fewest certified layers kept (:mod:`~earlyexit_kernels.training.fit_tries`; run by
-    :func:`~earlyexit_kernels.integrations.model_folder.fit_folder`, which loads the model anew for each)."""
+    :func:`~earlyexit_kernels.integrations.fit_folder.fit_folder`, which loads the model anew for each)."""
 
     # each field's command-line metadata (help line, metavar, choices, what None means) is its entry of
     # _fit_fields.FIT_FIELDS, the same on Training's and the Goal's field of the setting: eek fit's and eek

@@ -4,7 +4,7 @@
 fields as keywords), has the rows prepared (:func:`prepare`, below: checked,
 tokenized, a share kept out to certify on) and fits the heads on them, under the config's seed; the command line
 (:mod:`earlyexit_kernels.integrations.fit_cli`) only reads the files, calls it (through
-:func:`~earlyexit_kernels.integrations.model_folder.fit_folder`) and writes the folder.
+:func:`~earlyexit_kernels.integrations.fit_folder.fit_folder`) and writes the folder.
 
 :func:`~earlyexit_kernels.training.fit.fit_heads` patches the model with the method's policy family (and the
 heads' pooling and form), trains it with
@@ -294,7 +294,7 @@ def fit_model(
 
     ``seed`` fixes everything drawn: the splits, the order of the rows, and the heads' initial
     weights (torch's generator is seeded inside, and given back as it was). ``tries``: 1 here, which fits the model
-    it is given once; :func:`~earlyexit_kernels.integrations.model_folder.fit_folder` (``eek fit --tries N``) loads
+    it is given once; :func:`~earlyexit_kernels.integrations.fit_folder.fit_folder` (``eek fit --tries N``) loads
     the model anew for each of N tries and keeps one (:mod:`~earlyexit_kernels.training.fit_tries`).
     """
     from earlyexit_kernels.training.fit import HeadsFit, fit_heads

@@ -17,7 +17,7 @@ The rule is for the ``probable`` guarantee only: the ``expected`` one bounds a m
 fewest layers is the one whose draw looked best, which a mean does not cover. Each try's calibration rows need only
 be unseen by that try's training (the union bound holds whatever the tries share), so the rows kept out of the
 training file may differ from try to try. The functions here are stateless: ``fit_folder`` runs the tries
-(:func:`~earlyexit_kernels.integrations.model_folder.fit_folder`), and the re-draw test
+(:func:`~earlyexit_kernels.integrations.fit_folder.fit_folder`), and the re-draw test
 (``python_tests/test_fit_tries.py``) runs the same two functions on drawn rows.
 """
 

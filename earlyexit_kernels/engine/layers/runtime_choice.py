@@ -18,7 +18,9 @@ all of ``batches`` and over the first :data:`SINGLE_ROWS` of their rows called o
 model's own forward, exit heads included), the order rotated every round so none always runs first. The single
 rows are single-text traffic: a runtime with a fixed cost per call can win the batches and lose there (the static
 int8 layers on the Intel Xeon with AMX served single texts at 0.63-0.78x ONNX Runtime's layers, docs/serving.md),
-and a folder is fitted once for whatever it serves. The family's recipe (``default``) stays unless another
+and a folder is fitted once for whatever it serves. Where the user knows what it serves (``eek fit --traffic``,
+:data:`TRAFFIC`), the race times those calls alone: ``batches`` for a corpus (``eek classify``) or requests of many
+texts, ``texts`` for requests of one text; ``both`` (the default) asks a runtime to win on both. The family's recipe (``default``) stays unless another
 candidate is faster on both in at least :func:`wins_needed` of the ``rounds`` (:data:`ROUNDS`: 10 of 12), the
 fewest wins that a candidate no faster than the default reaches with probability under 5% (a one-sided sign
 test), so a difference inside the timings' noise never moves the choice. A first rule asked for a win in every
@@ -55,6 +57,7 @@ from earlyexit_kernels.engine.layers.ov_layer import SNIPPETS_OFF
 
 __all__ = [
     "ROUNDS",
+    "TRAFFIC",
     "EXIT_GRAPH_CANDIDATES",
     "LAYER_LOOP",
     "GraphSettingsChoice",
@@ -78,6 +81,9 @@ _SPEED_LEVEL = 0.05
 _AGREEMENT_LEVEL = 0.05
 #: rows of the timed batches also timed one at a time each round: the calls of single-text traffic
 SINGLE_ROWS = 16
+#: the traffic a folder is fitted for (``eek fit --traffic``, whose help says each): the calls its int8 runtimes are
+#: timed on, batches and single texts (a runtime chosen only where faster on both), or either alone
+TRAFFIC = ("both", "batches", "texts")
 
 
 @dataclass
@@ -102,6 +108,8 @@ class LayersChoice:
     changed: dict[str, int] = field(default_factory=dict)
     single_rows: int = 0
     single_seconds: dict[str, list[float]] = field(default_factory=dict)
+    #: the calls timed (:data:`TRAFFIC`): ``"both"``, ``"batches"`` or ``"texts"``
+    traffic: str = "both"
     #: the static int8 layers that ran where ``recipe`` is set on calibration rows (kept for the folder to save;
     #: not recorded in ``eek_fit.json``)
     static_layers: list | None = field(default=None, repr=False, compare=False)
@@ -119,6 +127,8 @@ class LayersChoice:
             saved["single_seconds"] = {n: [round(s, 6) for s in times] for n, times in self.single_seconds.items()}
         if self.changed:
             saved["changed_answers"] = dict(self.changed)
+        if self.traffic != "both":  # a record without it timed both, as every folder did before the option
+            saved["traffic"] = self.traffic
         if self.exit_graph is not None:
             saved["exit_graph_settings"] = self.exit_graph.as_dict()
         return saved
@@ -212,6 +222,7 @@ def choose_int8_layers(
     reference: nn.Module | None = None,
     rounds: int = ROUNDS,
     calibration: list[dict] | None = None,
+    traffic: str = "both",
 ) -> LayersChoice:
     """Time the int8 layers of every installed runtime on ``batches`` (dicts of the model's inputs:
     ``input_ids``, ``attention_mask``, ...) and choose one (the module docstring). ``model`` (float32) is left
@@ -219,8 +230,15 @@ def choose_int8_layers(
     float32 model whose full-depth answers the candidates' are compared with (None: no agreement check);
     ``calibration``: the batches the static int8 layers set their scales on (None: static int8 is no candidate).
     The timed batches and the calibration batches are training rows; a static candidate's agreement is read on
-    the timed rows, which may be among its calibration rows (as its scales were set on the training split)."""
+    the timed rows, which may be among its calibration rows (as its scales were set on the training split).
+    ``traffic`` (:data:`TRAFFIC`): the calls timed, the batches and their first rows one at a time (``"both"``), or
+    either alone."""
     from earlyexit_kernels.engine.layers.precision import int8_encoder
+
+    if traffic not in TRAFFIC:
+        raise ValueError(
+            f"traffic must be one of {', '.join(TRAFFIC)} (the calls the runtimes are timed on), got {traffic!r}"
+        )
 
     needed = wins_needed(rounds)
     if needed is None:
@@ -237,7 +255,7 @@ def choose_int8_layers(
     if len(recipes) == 1:
         return LayersChoice(default, default, f"int8 layers: {_runtime(default)}, the one runtime installed", by="only")
     rows = sum(len(batch["input_ids"]) for batch in batches)
-    singles = _single_rows(batches)
+    singles = [] if traffic == "batches" else _single_rows(batches)
     # copies: model stays float32
     candidates = {recipe: int8_encoder(model, recipe, calibration=calibration) for recipe in recipes}
     changed: dict[str, list[bool]] = {}
@@ -247,25 +265,35 @@ def choose_int8_layers(
         if expected is not None:
             changed[recipe] = [a != b for a, b in zip(answers, expected)]
     refused = {r for r in recipes if r != default and changed and changed_answers_worse(changed[r], changed[default])}
-    for candidate in candidates.values():  # and the single rows' shapes
+    for candidate in candidates.values() if singles else ():  # and the single rows' shapes
         _seconds(candidate, singles)
     alive = [recipe for recipe in recipes if recipe != default and recipe not in refused]
-    race = timed_race(candidates, default, alive, batches, singles, rounds)
+    if traffic == "texts":  # the single rows are what is timed, in the race's place of the batches
+        race = timed_race(candidates, default, alive, singles, [], rounds)
+        race.seconds, race.single = {}, race.seconds
+    else:
+        race = timed_race(candidates, default, alive, batches, singles, rounds)
     del candidates
     seconds, single, wins, timed, faster = race.seconds, race.single, race.wins, race.timed, race.faster
-    chosen = min(faster, key=lambda r: statistics.median(seconds[r]) + statistics.median(single[r]), default=default)
+
+    def total(recipe: str) -> float:  # the two medians' sum, of the calls timed
+        return sum(statistics.median(times[recipe]) for times in (seconds, single) if times.get(recipe))
+
+    chosen = min(faster, key=total, default=default)
     timings = ({r: t for r, t in seconds.items() if t}, {r: t for r, t in single.items() if t})
     counts = (wins.get(chosen, 0), timed, needed, rounds)
+    timed_rows = (rows if traffic != "texts" else 0, len(singles))
     return LayersChoice(
         chosen,
         default,
-        _reason(chosen, default, timings, refused, (rows, len(singles)), counts, cpu := int8_isa()),
+        _reason(chosen, default, timings, refused, timed_rows, counts, cpu := int8_isa()),
         cpu=cpu,
-        rows=rows,
+        rows=timed_rows[0],
         seconds=timings[0],
         changed={recipe: sum(flags) for recipe, flags in changed.items()},
         single_rows=len(singles),
         single_seconds=timings[1],
+        traffic=traffic,
     )
 
 
@@ -442,25 +470,28 @@ def _runtime(recipe: str) -> str:
 
 def _reason(chosen: str, default: str, timings: tuple, refused, rows: tuple, counts: tuple, cpu: str) -> str:
     """``timings``: each recipe's seconds per round on the batches and on the single rows; ``rows``: how many of
-    each; ``counts``: the chosen candidate's wins, the rounds timed, the wins needed and the rounds at most."""
+    each were timed (0: that traffic was not); ``counts``: the chosen candidate's wins, the rounds timed, the
+    wins needed and the rounds at most."""
     (batched, single), (rows, singles) = timings, rows
     won, timed, needed, rounds = counts
-    ranked = sorted(batched, key=lambda r: statistics.median(batched[r]))
+    kinds = [times for times in (batched, single) if times]
+    ranked = sorted(kinds[0], key=lambda r: statistics.median(kinds[0][r])) if kinds else []  # none raced
     times = ", ".join(
-        f"{_runtime(r)} {statistics.median(batched[r]) * 1e3:.0f} / {statistics.median(single[r]) * 1e3:.0f} ms"
-        for r in ranked
+        f"{_runtime(r)} " + " / ".join(f"{statistics.median(t[r]) * 1e3:.0f}" for t in kinds) + " ms" for r in ranked
     )
     spent = f"{timed} round" + ("s" if timed != 1 else "")
-    measured = (
-        f"{rows} rows in batches / {singles} of them one at a time, at full depth on this {cpu} CPU, the median of "
-        f"{spent}: {times}"
+    calls = " / ".join(
+        ([f"{rows} rows in batches"] if rows else [])
+        + ([f"{singles}{' of them' if rows else ' rows'} one at a time"] if singles else [])
     )
+    measured = f"{calls}, at full depth on this {cpu} CPU, the median of {spent}: {times}"
     if chosen != default:
         return f"int8 layers: {_runtime(chosen)}, faster than {_runtime(default)} in {won} of {spent} ({measured})"
-    why = (
-        f"no other runtime was faster on both the batches and the single rows in {needed} of {rounds} rounds (a sign "
-        f"test at {_SPEED_LEVEL:.0%})"
-    )
+    if rows and singles:
+        where = "on both the batches and the single rows"
+    else:
+        where = "on the batches" if rows else "one row at a time"
+    why = f"no other runtime was faster {where} in {needed} of {rounds} rounds (a sign test at {_SPEED_LEVEL:.0%})"
     if refused:
         why += f"; {', '.join(_runtime(r) for r in sorted(refused))} changed significantly more answers"
     return f"int8 layers: {_runtime(default)}, the family's: {why} ({measured})"
