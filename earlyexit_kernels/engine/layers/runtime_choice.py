@@ -20,10 +20,10 @@ rows are single-text traffic: a runtime with a fixed cost per call can win the b
 int8 layers on the Intel Xeon with AMX served single texts at 0.63-0.78x ONNX Runtime's layers, docs/serving.md),
 and a folder is fitted once for whatever it serves. Where the user knows what it serves (``eek fit --traffic``,
 :data:`TRAFFIC`), the race times those calls alone: ``batches`` for a corpus (``eek classify``) or requests of many
-texts, ``texts`` for requests of one text; ``both`` (the default) asks a runtime to win on both. The family's recipe (``default``) stays unless another
-candidate is faster on both in at least :func:`wins_needed` of the ``rounds`` (:data:`ROUNDS`: 10 of 12), the
-fewest wins that a candidate no faster than the default reaches with probability under 5% (a one-sided sign
-test), so a difference inside the timings' noise never moves the choice. A first rule asked for a win in every
+texts, ``texts`` for requests of one text; ``both`` (the default) asks a runtime to win on both. The family's
+recipe (``default``) stays unless another candidate is faster on the calls timed in at least :func:`wins_needed`
+of the ``rounds`` (:data:`ROUNDS`: 10 of 12), the fewest wins that a candidate no faster than the default reaches
+with probability under 5% (a one-sided sign test), so a difference inside the timings' noise never moves the choice. A first rule asked for a win in every
 one of 5 rounds (p = 1/32): on a shared 2-core machine, whose timings move by a tenth from one second to the next,
 one round lost to such a burst kept a clearly slower runtime; here a candidate may lose two rounds of twelve. A
 candidate is out as soon as it can no longer reach the wins it needs, and the timing stops when every candidate
@@ -270,11 +270,12 @@ def choose_int8_layers(
     alive = [recipe for recipe in recipes if recipe != default and recipe not in refused]
     if traffic == "texts":  # the single rows are what is timed, in the race's place of the batches
         race = timed_race(candidates, default, alive, singles, [], rounds)
-        race.seconds, race.single = {}, race.seconds
+        seconds, single = {}, race.seconds
     else:
         race = timed_race(candidates, default, alive, batches, singles, rounds)
+        seconds, single = race.seconds, race.single
     del candidates
-    seconds, single, wins, timed, faster = race.seconds, race.single, race.wins, race.timed, race.faster
+    wins, timed, faster = race.wins, race.timed, race.faster
 
     def total(recipe: str) -> float:  # the two medians' sum, of the calls timed
         return sum(statistics.median(times[recipe]) for times in (seconds, single) if times.get(recipe))
