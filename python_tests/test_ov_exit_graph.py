@@ -223,7 +223,7 @@ def test_a_graph_built_without_compaction_answers_as_the_shipped_one_with_every_
 def _rows_run(graph) -> list[int]:
     """The rows each layer of ``graph``'s last call ran (its outputs: per layer ``i < L`` logits, decisions, rows and
     the next grid's length, then the last layer's logits and rows)."""
-    request = graph._request()
+    request = graph.request()
     outputs = [request.get_output_tensor(i).data for i in range(len(graph.compiled().outputs))]
     return [len(outputs[4 * i + 2]) for i in range(graph.num_layers - 1)] + [len(outputs[-1])]
 

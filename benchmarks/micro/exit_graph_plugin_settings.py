@@ -17,10 +17,8 @@ default's time / the other's, above 1 where the setting pays) is paired within a
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -39,7 +37,6 @@ def recompiled(model, call: dict, settings: dict):
     """A copy of ``model``'s exit graph (one ``call`` run first, to build it) compiled with ``settings`` over the
     graph's own options, for torch's thread count now, as ``eek fit`` times it; the model's own graph is left as it
     is."""
-    from earlyexit_kernels.engine.layers.ov_layer import compile_config, ov_core
     from earlyexit_kernels.engine.step import ov_exit_graph
 
     seen = []  # the graphs built
@@ -57,10 +54,8 @@ def recompiled(model, call: dict, settings: dict):
         ov_exit_graph.exit_graph = original
     if not seen or seen[0] is None:
         raise SystemExit("the forward did not reach the exit graph: is the folder on the static int8 layers?")
-    other = copy.copy(seen[0])  # the same converted model, its own compilation and requests
-    threads = torch.get_num_threads()
-    other._compiled = ov_core().compile_model(other._model, "CPU", {**compile_config(threads), **settings})
-    other._threads, other._requests = threads, threading.local()
+    other = seen[0].with_settings(tuple(settings.items()))  # the same converted model, its own compilation
+    other.compiled()
     return other
 
 

@@ -139,17 +139,14 @@ def graph_pass(eek_model, batches: list[dict], inputs: list, settings: dict, ste
     ``compact=False``: the graph built without its compaction (``exit_graph_model(compact=False)``: the same heads
     and decisions, every row on the grid it came in on, no data-dependent shape)."""
     import earlyexit_kernels as eek
-    from earlyexit_kernels.engine.layers.ov_layer import compile_config, ov_core
     from earlyexit_kernels.engine.step.ov_exit_graph import ExitGraph
     from earlyexit_kernels.patching.patch import current_adapter, policy_of
 
     patched = eek.patch(copy.deepcopy(eek_model), eek.Entropy(0.0), head="mlp", pooling="mean")  # never exits
     adapter, policy = current_adapter(patched), policy_of(patched)
     graph = ExitGraph(patched, adapter, patched.early_exit_heads, policy, length_step=step, compact=compact)
-    threads = torch.get_num_threads()
-    config = {**compile_config(threads, graph.settings), **settings, "PERF_COUNT": True}
-    graph._compiled, graph._threads = ov_core().compile_model(graph._model, "CPU", config), threads
-    request = graph._request()
+    graph = graph.with_settings((*graph.settings, *settings.items(), ("PERF_COUNT", True)))
+    request = graph.request()
     calls = [(hidden, batch["attention_mask"]) for hidden, batch in zip(inputs, batches, strict=True)]
     return _profiled(lambda call: graph.run(call[0], call[1], policy), request, calls), request
 

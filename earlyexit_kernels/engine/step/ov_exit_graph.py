@@ -53,6 +53,7 @@ step="exact")`` runs the layer-by-layer loop instead.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import threading
@@ -413,7 +414,18 @@ class ExitGraph:
             self._threads = threads
         return self._compiled
 
-    def _request(self):
+    def with_settings(self, settings: tuple) -> ExitGraph:
+        """The same converted graph compiled with the plugin's options ``settings`` (pairs of option and value) in
+        place of this one's, with its own compilation and requests; this graph is left as it is (the benchmarks that
+        time or profile the graph under other options)."""
+        other = copy.copy(self)
+        other.settings = tuple(settings)
+        other._compiled, other._threads, other._requests = None, None, threading.local()
+        return other
+
+    def request(self):
+        """The calling thread's infer request on :meth:`compiled` (its profiling, where ``PERF_COUNT`` is among the
+        settings)."""
         return thread_request(self._requests, self.compiled())
 
     def run(self, hidden: torch.Tensor, mask: torch.Tensor | None, policy: ExitPolicy, position_bias=None):
@@ -430,7 +442,7 @@ class ExitGraph:
         feeds["extents"] = mask_extents(torch.from_numpy(feeds["key_mask"])).numpy()  # as the exact loop trims
         feeds.update(exit_graph_values(policy, self.num_layers))
         # inputs read in place (the call waits); outputs copied out (a few numbers a row)
-        request = self._request()
+        request = self.request()
         result = request.infer(feeds, share_inputs=True)
         values = result.to_tuple()  # in the outputs' order
         logits = np.empty((n, values[0].shape[-1]), np.float32)
